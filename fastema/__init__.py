@@ -1,0 +1,21 @@
+"""fastema: moving averages of model weights and metrics with compiled kernels.
+
+Numba CPU and CUDA kernels update flat shadow buffers in place: many tensors in
+one launch, several decays in one pass, bfloat16 with stochastic rounding, an
+exact in-place swap for evaluation, and an on-device non-finite guard.
+
+Array level (NumPy arrays, torch tensors, CUDA-array-interface objects)::
+
+    fastema.ema_update_(shadow, src, decay=0.999)
+
+Many tensors::
+
+    shadow = fastema.FlatShadow(list(model.parameters()))
+    shadow.update(decay=0.999)      # after optimizer.step(): one launch per (device, dtype)
+"""
+from .flat import FlatShadow
+from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_multi_, flag_nonfinite_, swap_
+
+__all__ = ["FlatShadow", "MAX_DECAYS", "copy_", "ema_update_", "ema_update_multi_",
+           "flag_nonfinite_", "swap_"]
+__version__ = "0.1.0"

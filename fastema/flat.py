@@ -1,0 +1,288 @@
+"""FlatShadow: shadow copies of many tensors, one flat buffer per (device, dtype) group."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _launch
+from ._arrays import Buf, describe, empty, zero_
+from .kernels import ema_cpu
+from .kernels._bits import BF16, F16, F32, KIND_NAMES
+from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
+
+__all__ = ["FlatShadow"]
+
+_DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16}
+
+
+class _Group:
+    """Sources of one (device, source dtype, shadow dtype) and their flat shadow."""
+
+    def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
+        first = bufs[0]
+        self.members = members                       # positions in FlatShadow's source list
+        self.device = first.device
+        self.src_kind = first.kind
+        self.shadow_kind = shadow_kind
+        self.framework = first.framework
+        self.shapes = [b.shape for b in bufs]
+        self.counts = [b.numel for b in bufs]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.n = int(self.offsets[-1])
+        self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
+        self.bits = _launch.bits_view(describe(self.buffer.reshape(-1) if self.n else self.buffer,
+                                               "shadow")) if self.n else None
+        self.stream = _launch.stream_for(first)
+        self.addresses = [b.address for b in bufs]
+        self.tables = _launch.tables(self.addresses, self.counts, self.device, self.stream)
+        self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
+        self.keep: list[Any] = []                      # storages kept alive so addresses stay unique
+
+
+class FlatShadow:
+    """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
+
+    The shadow is owned by fastema; the sources stay where their framework keeps them.
+    Each operation makes one launch per group, walking every source through a segment
+    table (address, element count, offset), so thousands of tensors cost one launch.
+
+    Before every operation the sources' addresses are compared with the table (one
+    ``data_ptr()`` per torch tensor). A source re-allocated in place with the same
+    dtype, shape and device (``param.data = new_tensor``) gets its new address; any
+    other change (``model.to(other device)``, a dtype cast, a reshape) raises before
+    anything is written. To follow sources replaced by new objects
+    (``load_state_dict(assign=True)``), pass them again: ``update(..., sources=...)``.
+
+    Args:
+        sources: a sequence of arrays/tensors, or a mapping ``name -> array``.
+        rows: number of shadows K (one per decay), 1 to 8.
+        dtype: shadow dtype, ``"float32"`` (default, safe for bfloat16/float16 sources),
+            ``"bfloat16"``, ``"float16"``, or ``"same"`` (each source's own dtype).
+        init: ``"copy"`` (every row starts as the sources) or ``"zeros"``.
+    """
+
+    def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
+                 init: str = "copy"):
+        if isinstance(sources, Mapping):
+            names, tensors = [str(k) for k in sources.keys()], list(sources.values())
+        else:
+            tensors = list(sources)
+            names = [str(i) for i in range(len(tensors))]
+        if not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
+            raise ValueError(f"rows must be an int from 1 to {MAX_DECAYS}, got {rows!r}")
+        if dtype != "same" and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'same', got {dtype!r}")
+        if init not in ("copy", "zeros"):
+            raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}")
+        bufs = [describe(t, f"source {n!r}") for n, t in zip(names, tensors)]
+        self.names = names
+        self.rows = rows
+        self._sources = tensors
+        self._index = {n: i for i, n in enumerate(names)}
+        keys: dict[tuple, list[int]] = {}
+        for i, b in enumerate(bufs):
+            sk = b.kind if dtype == "same" else _DTYPES[dtype]
+            keys.setdefault((b.device, b.kind, sk), []).append(i)
+        self._groups = [_Group(m, [bufs[i] for i in m], sk, rows) for (_, _, sk), m in keys.items()]
+        self._where = {}                                # source position -> (group, slot)
+        for g in self._groups:
+            for slot, i in enumerate(g.members):
+                self._where[i] = (g, slot)
+        self._swapped_row: int | None = None
+        self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
+        if init == "copy":
+            self.copy_from_sources()
+        else:
+            for g in self._groups:
+                zero_(g.buffer)
+
+    # ------------------------------------------------------------ introspection
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{g.device}:{KIND_NAMES[g.src_kind]}->{KIND_NAMES[g.shadow_kind]}"
+                          f"x{len(g.members)}" for g in self._groups)
+        return f"FlatShadow({len(self)} sources, rows={self.rows}, groups=[{parts}])"
+
+    @property
+    def groups(self) -> list[dict]:
+        """One dict per group: device, dtypes, number of sources, elements per row, buffer."""
+        return [dict(device=g.device, src_dtype=KIND_NAMES[g.src_kind],
+                     shadow_dtype=KIND_NAMES[g.shadow_kind], sources=len(g.members), numel=g.n,
+                     buffer=g.buffer) for g in self._groups]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.n * self.rows * (4 if g.shadow_kind == F32 else 2) for g in self._groups)
+
+    @property
+    def swapped(self) -> bool:
+        """True while a shadow row sits in the sources (between two :meth:`swap` calls)."""
+        return self._swapped_row is not None
+
+    def view(self, source: int | str, row: int = 0):
+        """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype."""
+        i = self._index[source] if isinstance(source, str) else int(source)
+        g, slot = self._where[i]
+        self._check_row(row)
+        lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
+        return g.buffer[row, lo:hi].reshape(g.shapes[slot])
+
+    def views(self, row: int = 0) -> dict:
+        """``name -> view(name, row)`` for every source, in source order."""
+        return {n: self.view(i, row) for i, n in enumerate(self.names)}
+
+    # ------------------------------------------------------------ operations
+
+    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
+               rounding: str = "nearest", seed: int = 0, step: int = 0,
+               skip_nonfinite: bool = False, sources: Sequence | Mapping | None = None) -> None:
+        """``shadow[k] <- decay[k] * shadow[k] + (1 - decay[k]) * source`` for every row, in place.
+
+        Args:
+            decay: a float (one row) or K floats in ``[0, 1]``.
+            weight: instead of ``decay``: ``1 - decay`` as floats, or a K-element float32
+                array on the (single) device, read by the kernel without a host sync.
+            rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows).
+            seed, step: stochastic-rounding key; pass the training step.
+            skip_nonfinite: first scan the sources for inf/NaN on the device and skip the
+                update of that device if any is found; the flag stays in ``self.skipped``.
+            sources: the current sources (same order or names), when they may have been
+                replaced by new objects since the last call.
+        """
+        self._not_swapped("update()")
+        if not isinstance(decay, (list, tuple)) and decay is not None:
+            decay = [decay]
+        weights_by_device = {}
+        for g in self._groups:                          # every check before any write
+            if g.device not in weights_by_device:
+                weights_by_device[g.device] = resolve_weights(decay, weight, self.rows, g.device)
+            stochastic_rounding(rounding, g.shadow_kind)
+        if stochastic_rounding(rounding, BF16):
+            sr_key(seed, step)
+        if sources is not None:
+            self._adopt(sources)
+        self._refresh()
+        flags = {}
+        if skip_nonfinite:
+            for g in self._groups:
+                if g.device not in flags:
+                    flags[g.device] = self._zeroed_flag(g)
+                _launch.nonfinite(g.device, g.src_kind, g.tables, flags[g.device][1], g.stream)
+            self.skipped = {d: f[0] for d, f in flags.items()}
+        stochastic = rounding == "stochastic"
+        for gi, g in enumerate(self._groups):
+            key = sr_key(seed + (gi << 32), step) if stochastic else 0
+            _launch.lerp(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, weights_by_device[g.device],
+                         flags[g.device][1] if skip_nonfinite else None, key, stochastic, g.stream)
+
+    def copy_from_sources(self) -> None:
+        """Every shadow row <- the sources (rounded to the shadow dtype)."""
+        self._not_swapped("copy_from_sources()")
+        self._refresh()
+        for g in self._groups:
+            _launch.copy(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream)
+
+    def copy_to_sources(self, row: int = 0) -> None:
+        """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
+        self._not_swapped("copy_to_sources()")
+        self._check_row(row)
+        self._refresh()
+        for g in self._groups:
+            _launch.copy(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, False, row, row + 1, g.stream)
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Exchange shadow row ``row`` and the sources in place; call again to swap back.
+
+        Exact when the dtypes match, and for a float32 shadow with bfloat16 sources (the
+        sources get the shadow rounded to nearest, the shadow keeps both values bit for
+        bit). Other dtype pairs round one side and need ``lossy=True``. No temporary the
+        size of the model is allocated.
+        """
+        if self._swapped_row is not None and row != self._swapped_row:
+            raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
+        self._check_row(row)
+        modes = []
+        for g in self._groups:
+            if g.shadow_kind == g.src_kind:
+                modes.append(ema_cpu.EXCHANGE)
+            elif g.shadow_kind == F32 and g.src_kind == BF16:
+                modes.append(ema_cpu.UNPACK if self.swapped else ema_cpu.PACK)
+            elif lossy:
+                modes.append(ema_cpu.EXCHANGE)
+            else:
+                raise ValueError(
+                    f"swapping a {KIND_NAMES[g.shadow_kind]} shadow with {KIND_NAMES[g.src_kind]} sources "
+                    f"rounds one side and cannot be undone exactly; pass lossy=True to accept it, or "
+                    f"use copy_to_sources() on a copy of the model")
+        self._refresh()
+        for g, mode in zip(self._groups, modes):
+            _launch.swap(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, mode, row, g.stream)
+        self._swapped_row = None if self.swapped else row
+
+    # ------------------------------------------------------------ source tracking
+
+    def _refresh(self) -> None:
+        # One data_ptr() per torch source: the per-step price of never reading a stale address.
+        for g in self._groups:
+            if g.track:
+                src = self._sources
+                ptrs = [src[i].data_ptr() for i in g.members]
+                if ptrs != g.addresses:
+                    self._rebind(g)
+
+    def _rebind(self, g: _Group) -> None:
+        bufs = []
+        for slot, i in enumerate(g.members):
+            b = describe(self._sources[i], f"source {self.names[i]!r}")
+            if (b.device, b.kind, b.shape) != (g.device, g.src_kind, g.shapes[slot]):
+                raise ValueError(
+                    f"source {self.names[i]!r} was {KIND_NAMES[g.src_kind]} {g.shapes[slot]} on {g.device} "
+                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device} "
+                    f"(model.to(), a dtype cast or a reshape?); make a new shadow after changing the model, "
+                    f"or change it back. Nothing was updated.")
+            bufs.append(b)
+        g.addresses = [b.address for b in bufs]
+        # keep the storages alive: a freed block could be handed to an unrelated tensor at the same address
+        g.keep = [b.obj.untyped_storage() for b in bufs] if g.track else []
+        g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)
+
+    def _adopt(self, sources) -> None:
+        new = [sources[n] for n in self.names] if isinstance(sources, Mapping) else list(sources)
+        if len(new) != len(self._sources):
+            raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")
+        if all(a is b for a, b in zip(new, self._sources)):
+            return
+        old = self._sources
+        self._sources = new
+        try:
+            for g in self._groups:
+                self._rebind(g)
+        except Exception:
+            self._sources = old
+            for g in self._groups:
+                self._rebind(g)
+            raise
+
+    # ------------------------------------------------------------ helpers
+
+    def _zeroed_flag(self, g: _Group):
+        flag = self.skipped.get(g.device)
+        if flag is None:
+            flag = _launch.new_flag(describe(g.buffer, "shadow"))
+        zero_(flag)                               # on the device, stream-ordered: no sync
+        return flag, _launch.aux_view(flag, "flag", np.int32, 1, g.device, writable=True)
+
+    def _check_row(self, row: int) -> None:
+        if not isinstance(row, int) or not 0 <= row < self.rows:
+            raise IndexError(f"row must be an int in [0, {self.rows}), got {row!r}")
+
+    def _not_swapped(self, what: str) -> None:
+        if self._swapped_row is not None:
+            raise RuntimeError(f"{what} while shadow row {self._swapped_row} is swapped into the sources; "
+                               f"call swap() again first")

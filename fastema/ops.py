@@ -1,0 +1,216 @@
+"""Array-level operations: one buffer against one buffer, in place.
+
+Each function accepts NumPy arrays, torch tensors (CPU or CUDA) and other
+array-interface / DLPack producers, checks everything before writing anything,
+and makes one kernel launch on the buffers' device (on torch's current stream
+for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow`.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _launch
+from ._arrays import Buf, describe, overlaps
+from .kernels import _bits, ema_cpu
+from .kernels._bits import BF16, KIND_NAMES
+
+__all__ = ["ema_update_", "ema_update_multi_", "copy_", "swap_", "flag_nonfinite_", "MAX_DECAYS"]
+
+MAX_DECAYS = 8
+
+
+def _float32_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(
+                f"{what} must be a Python float in [0, 1], got {type(v).__name__}; to pass a value that "
+                f"lives on the device (no host sync, CUDA-graph friendly) use weight= with a float32 "
+                f"array holding 1 - decay")
+        v = float(v)
+        if not 0.0 <= v <= 1.0:              # also refuses NaN
+            raise ValueError(f"{what} must be in [0, 1], got {v!r}")
+        out.append(np.float32(1.0 - v if is_decay else v))
+    return tuple(out)
+
+
+def resolve_weights(decays, weights, count: int, device: str):
+    """The kernels' ``weights``: a tuple of float32 (host values) or a device array view.
+
+    Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
+    ``count`` elements on ``device``) must be given.
+    """
+    if (decays is None) == (weights is None):
+        raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
+    if decays is not None:
+        w = _float32_weights(decays, "decay", True)
+    elif isinstance(weights, (list, tuple, numbers.Real)):
+        w = _float32_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
+    else:
+        return _launch.aux_view(weights, "weight", np.float32, count, device, writable=False)
+    if len(w) != count:
+        raise ValueError(f"expected {count} decay value(s) (one per shadow row), got {len(w)}")
+    return w
+
+
+def stochastic_rounding(rounding: str, shadow_kind: int) -> bool:
+    """Validate ``rounding`` for a shadow of ``shadow_kind``; True for stochastic."""
+    if rounding == "nearest":
+        return False
+    if rounding != "stochastic":
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if shadow_kind != BF16:
+        raise ValueError(f"stochastic rounding is for bfloat16 shadows; this shadow is "
+                         f"{KIND_NAMES[shadow_kind]}, use rounding='nearest'")
+    return True
+
+
+def sr_key(seed: int, step: int) -> int:
+    """uint32 stochastic-rounding key of (seed, step); the same on every device and rank."""
+    if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
+    return int(_bits.sr_noise(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32((seed >> 32) & 0xFFFFFFFF),
+                              np.int64(step)))
+
+
+def _pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, Buf]:
+    s, x = describe(a, a_name), describe(b, b_name)
+    for buf, name, write in ((s, a_name, True), (x, b_name, write_b)):
+        if write and not buf.writable:
+            raise ValueError(f"{name} is read-only; pass a writable array (it is updated in place)")
+    if s.device != x.device:
+        raise ValueError(f"{a_name} is on {s.device} but {b_name} is on {x.device}; "
+                         f"put both on one device")
+    if overlaps(s, x):
+        raise ValueError(f"{a_name} and {b_name} share memory; give the shadow a buffer of its own")
+    return s, x
+
+
+def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
+    if s.shape != expected:
+        raise ValueError(f"{b_name} has shape {x.shape} so {a_name} must have shape {expected}, "
+                         f"got {s.shape}")
+
+
+@functools.lru_cache(maxsize=256)
+def _single_tables(device: str, address: int, numel: int):
+    # A flat source is a group of one segment; cached so CUDA uploads once per buffer.
+    return _launch.tables([address], [numel], device)
+
+
+def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
+    s, x = _pair(shadow, src, "shadow", "src")
+    _same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
+    rows = rows or 1
+    if not 1 <= rows <= MAX_DECAYS:
+        raise ValueError(f"at most {MAX_DECAYS} decays in one pass, got {rows}; split them")
+    w = resolve_weights(decays, weights, rows, s.device)
+    stochastic = stochastic_rounding(rounding, s.kind)
+    key = sr_key(seed, step) if stochastic else 0
+    flag = None if skip_if is None else _launch.aux_view(skip_if, "skip_if", np.int32, 1, s.device, False)
+    t = _single_tables(x.device, x.address, x.numel)
+    _launch.lerp(s.device, _launch.bits_view(s), s.kind, x.kind, t, w, flag, key, stochastic,
+                 _launch.stream_for(s))
+    return shadow
+
+
+def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
+                rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
+    """Exponential moving average in place: ``shadow <- decay * shadow + (1 - decay) * src``.
+
+    Computed in float32 as ``torch.lerp`` does (``shadow + w * (src - shadow)`` with
+    ``w = 1 - decay``, one FMA), so a float32 result equals ``shadow.lerp_(src, w)`` bit
+    for bit on the CPU. bfloat16/float16 values are widened exactly and the result is
+    rounded to nearest even (or stochastically).
+
+    Args:
+        shadow: float32, bfloat16 or float16 array or tensor, updated in place.
+        src: the new values: same shape and device, any of the three dtypes.
+        decay: Python float in ``[0, 1]``.
+        weight: instead of ``decay``, ``w = 1 - decay``: a float, or a 1-element float32
+            array/tensor on the shadow's device that the kernel reads (no host sync;
+            a CUDA graph that captured the call replays the current value).
+        rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows): adds 16 random
+            bits before truncating, so updates far below bfloat16's resolution still
+            move the shadow on average.
+        seed, step: key of the stochastic rounding; equal keys give equal bits on every
+            device and rank.
+        skip_if: optional int32 1-element flag on the device; when it is non-zero the
+            kernel writes nothing (see :func:`flag_nonfinite_`).
+
+    Returns:
+        ``shadow``.
+    """
+    return _update(shadow, src, None if decay is None else [decay], weight, 0, rounding, seed, step,
+                   skip_if)
+
+
+def ema_update_multi_(shadow, src, decays: Sequence[float] | None = None, *, weights: Any = None,
+                      rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
+    """K moving averages of one source in one pass: ``shadow[k] <- lerp(shadow[k], src, 1 - decays[k])``.
+
+    ``shadow`` has shape ``(K, *src.shape)`` with ``1 <= K <= 8``; the source is read once.
+    ``weights`` may be K floats or a K-element float32 device array. Other arguments as in
+    :func:`ema_update_`. Returns ``shadow``.
+    """
+    if decays is not None and not isinstance(decays, (list, tuple)):
+        raise TypeError(f"decays must be a list or tuple of floats, got {type(decays).__name__}")
+    rows = len(decays) if decays is not None else (
+        len(weights) if isinstance(weights, (list, tuple)) else _leading(shadow))
+    return _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if)
+
+
+def _leading(a) -> int:
+    shape = describe(a, "shadow").shape
+    if not shape:
+        raise ValueError("shadow must have a leading dimension of K rows, got a 0-d array")
+    return shape[0]
+
+
+def copy_(dst, src):
+    """``dst <- src`` with conversion (round to nearest even); equal dtypes copy bits exactly.
+
+    Same shape and device; returns ``dst``.
+    """
+    d, x = _pair(dst, src, "dst", "src")
+    _same_shape(d, x, x.shape, "dst", "src")
+    t = _single_tables(x.device, x.address, x.numel)
+    _launch.copy(d.device, _launch.bits_view(d), d.kind, x.kind, t, True, 0, 1, _launch.stream_for(d))
+    return dst
+
+
+def swap_(a, b, *, lossy: bool = False):
+    """Exchange the contents of ``a`` and ``b`` in place, element by element (no temporary).
+
+    Equal dtypes swap bits exactly. Different dtypes are converted both ways, which
+    rounds the wider side and cannot be undone: that needs ``lossy=True``.
+    (:meth:`fastema.FlatShadow.swap` keeps a float32 shadow exact against bfloat16.)
+    """
+    s, x = _pair(a, b, "a", "b", write_b=True)
+    _same_shape(s, x, x.shape, "a", "b")
+    if s.kind != x.kind and not lossy:
+        raise ValueError(
+            f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
+            f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
+            f"whose swap() is exact for a float32 shadow and bfloat16 sources")
+    t = _single_tables(x.device, x.address, x.numel)
+    _launch.swap(s.device, _launch.bits_view(s), s.kind, x.kind, t, ema_cpu.EXCHANGE, 0,
+                 _launch.stream_for(s))
+
+
+def flag_nonfinite_(flag, src):
+    """Set ``flag[0] = 1`` (on the device, no host sync) if ``src`` holds any inf or NaN.
+
+    ``flag`` is a 1-element int32 array or tensor on ``src``'s device; it is never
+    cleared here (zero it yourself, e.g. ``flag.zero_()``), so several sources can
+    share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
+    """
+    x = describe(src, "src")
+    f = _launch.aux_view(flag, "flag", np.int32, 1, x.device, writable=True)
+    t = _single_tables(x.device, x.address, x.numel)
+    _launch.nonfinite(x.device, x.kind, t, f, _launch.stream_for(x))
+    return flag
