@@ -103,11 +103,12 @@ def _single_tables(device: str, address: int, numel: int):
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
+    if rows and not 1 <= rows <= MAX_DECAYS:
+        raise ValueError(f"1 to {MAX_DECAYS} decays in one pass (at most {MAX_DECAYS}), got {rows}; "
+                         f"split them over several shadows")
     s, x = _pair(shadow, src, "shadow", "src")
     _same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
     rows = rows or 1
-    if not 1 <= rows <= MAX_DECAYS:
-        raise ValueError(f"at most {MAX_DECAYS} decays in one pass, got {rows}; split them")
     w = resolve_weights(decays, weights, rows, s.device)
     stochastic = stochastic_rounding(rounding, s.kind)
     key = sr_key(seed, step) if stochastic else 0

@@ -1,0 +1,106 @@
+"""The scalar bit helpers, as compiled into the CPU kernels and as plain Python
+(what the CUDA simulator runs): conversions equal torch/NumPy, packing is exact."""
+import numpy as np
+import pytest
+import torch
+
+import fastema
+from fastema.kernels import _bits
+from fastema.kernels._bits import BF16, F16, F32
+
+
+def special_f32():
+    v = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 65536,
+                  2 ** -14, 2 ** -24, 2 ** -25, 1.5 * 2 ** -25, 3e-8, 1e-40, -1e-45,
+                  np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).tiny],
+                 np.float32)
+    return v
+
+
+def random_f32(rng, n):
+    bits = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+    scaled = (rng.standard_normal(n) * 10.0 ** rng.integers(-12, 8, n)).astype(np.float32)
+    return np.concatenate([bits.view(np.float32), scaled, special_f32()])
+
+
+def test_float32_to_bfloat16_equals_torch(rng):
+    x = random_f32(rng, 1_000_000)
+    dst = torch.empty(x.size, dtype=torch.bfloat16)
+    fastema.copy_(dst, x)                           # compiled encode(…, BF16)
+    ref = torch.from_numpy(x).bfloat16()
+    nan = np.isnan(x)          # torch's own NaN bits differ between its paths (0x7FC0, 0xFFFF)
+    assert torch.isnan(dst[torch.from_numpy(nan)]).all()
+    assert torch.equal(dst[torch.from_numpy(~nan)].view(torch.int16), ref[torch.from_numpy(~nan)].view(torch.int16))
+
+
+def test_float32_to_float16_equals_numpy(rng):
+    x = random_f32(rng, 1_000_000)
+    dst = np.empty(x.size, np.float16)
+    fastema.copy_(dst, x)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    nan = np.isnan(ref)
+    assert np.isnan(dst[nan]).all()
+    assert np.array_equal(dst[~nan].view(np.uint16), ref[~nan].view(np.uint16))
+
+
+@pytest.mark.parametrize("kind,dtype", [(F16, np.float16), (BF16, None)])
+def test_every_16_bit_pattern_widens_exactly(kind, dtype):
+    h = np.arange(65536, dtype=np.uint16)
+    if kind == F16:
+        src, ref = h.view(np.float16), h.view(np.float16).astype(np.float32)
+    else:
+        src = torch.from_numpy(h.view(np.int16)).view(torch.bfloat16)
+        ref = src.float().numpy()
+    dst = np.empty(65536, np.float32)
+    fastema.copy_(dst, src)
+    nan = np.isnan(ref)
+    assert np.isnan(dst[nan]).all()
+    assert np.array_equal(dst[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+def test_python_helpers_match_compiled(rng):
+    # The simulator runs the plain-Python helpers; they must agree with the compiled ones.
+    x = random_f32(rng, 3000)
+    for kind, dst in ((BF16, torch.empty(x.size, dtype=torch.bfloat16)), (F16, np.empty(x.size, np.float16))):
+        fastema.copy_(dst, x)
+        compiled = (dst.view(torch.int16).numpy() if kind == BF16 else dst).view(np.uint16)
+        python = np.array([_bits.encode(b, kind) for b in x.view(np.uint32)], np.uint16)
+        assert np.array_equal(compiled, python)
+        widened = np.array([_bits.decode(h, kind) for h in python], np.uint32)
+        back = np.empty(x.size, np.float32)
+        fastema.copy_(back, dst)
+        assert np.array_equal(back.view(np.uint32), widened)
+    assert all(_bits.decode(b, F32) == b and _bits.encode(b, F32) == b for b in x.view(np.uint32)[:50])
+
+
+def test_pack_unpack_round_trip_and_rounding(rng):
+    e = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    e[:6] = [0x7F7FFFFF, 0x7F800000, 0x3F808000, 0x3F818000, 0x7FC00001, 0xFF800001]
+    r = rng.integers(0, 2 ** 16, e.size).astype(np.uint16)
+    for ei, ri in zip(e[:20000], r):
+        slot, out = _bits.pack_bf16(ei, ri)
+        e2, r2 = _bits.unpack_bf16(slot, out)
+        assert r2 == ri
+        ef = np.uint32(ei).view(np.float32)
+        if np.isnan(ef):
+            assert np.isnan(np.uint32(e2).view(np.float32))
+            assert np.isnan((np.uint32(out) << 16).view(np.float32))
+        else:
+            assert e2 == ei
+            if abs(ef) < 3.38e38:
+                # out is a nearest bfloat16: no farther than torch's round-to-nearest-even
+                o = float((np.uint32(out) << 16).view(np.float32))
+                rne = float((np.uint32(_bits.encode(ei, BF16)) << 16).view(np.float32))
+                assert abs(o - float(ef)) <= abs(rne - float(ef))
+
+
+def test_sr_noise_is_deterministic_and_spread():
+    a = np.array([_bits.sr_noise(np.uint32(7), i) for i in range(4096)], np.uint32)
+    b = np.array([_bits.sr_noise(np.uint32(7), i) for i in range(4096)], np.uint32)
+    c = np.array([_bits.sr_noise(np.uint32(8), i) for i in range(4096)], np.uint32)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    low = a & 0xFFFF
+    # uniform on [0, 65536): mean 32767.5, sd of the mean 18918/sqrt(4096) ~ 296
+    assert abs(low.mean() - 32767.5) < 5 * 296
+    assert len(np.unique(a)) == a.size

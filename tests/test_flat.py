@@ -1,0 +1,236 @@
+"""FlatShadow: many tensors per launch, views, swap, stale addresses, a real training loop."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastema
+from conftest import assert_close_to_reference, naive_ema
+
+
+def mixed_sources(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (7,), (1,), (0,), (64, 33), (2, 2, 2), (20_000,)]
+    out = {}
+    for i, shape in enumerate(shapes):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out[f"t{i}.{str(dtype)[6:]}"] = torch.randn(shape, generator=g).to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "same", "bfloat16"])
+def test_update_equals_per_tensor_updates(dtype):
+    src = mixed_sources()
+    flat = fastema.FlatShadow(src, dtype=dtype)
+    refs = {n: v.clone() if dtype == "same" else v.to(getattr(torch, dtype), copy=True) for n, v in src.items()}
+    for step in range(3):
+        for v in src.values():
+            v.add_(0.1 * torch.randn(v.shape).to(v.dtype))
+        flat.update(decay=0.9)
+        for n, v in src.items():
+            fastema.ema_update_(refs[n], v, decay=0.9)
+    for n, view in flat.views().items():
+        assert view.shape == src[n].shape
+        assert torch.equal(view, refs[n]), n
+
+
+def test_groups_and_views_share_the_flat_buffer():
+    src = mixed_sources()
+    flat = fastema.FlatShadow(src, dtype="same")
+    assert len(flat.groups) == 3 and {g["src_dtype"] for g in flat.groups} == {"float32", "bfloat16", "float16"}
+    v = flat.view("t0.float32")
+    v.fill_(7.0)                                                     # a view, not a copy
+    assert (flat.groups[0]["buffer"][0, :15] == 7.0).all()
+    assert flat.nbytes == sum(t.numel() * t.element_size() for t in src.values())
+
+
+def test_float32_default_shadow_is_exact_copy_of_half_sources():
+    src = mixed_sources()
+    flat = fastema.FlatShadow(src)
+    for n, v in flat.views().items():
+        assert v.dtype == torch.float32 and torch.equal(v, src[n].float())
+
+
+def test_rows_hold_several_decays():
+    src = mixed_sources()
+    decays = [0.5, 0.9, 0.99]
+    flat = fastema.FlatShadow(src, rows=3)
+    singles = [fastema.FlatShadow(src) for _ in decays]
+    for _ in range(4):
+        for v in src.values():
+            v.mul_(0.9).add_(0.5)
+        flat.update(decays)
+        for s, d in zip(singles, decays):
+            s.update(d)
+    for r, s in enumerate(singles):
+        for n in src:
+            assert torch.equal(flat.view(n, r), s.view(n))
+
+
+def test_zero_init_and_debiasing_closed_form():
+    x = torch.full((10,), 3.0)
+    flat = fastema.FlatShadow([x], init="zeros")
+    for _ in range(20):
+        flat.update(0.8)
+    np.testing.assert_allclose(flat.view(0).numpy(), 3.0 * (1 - 0.8 ** 20), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,sources", [("float32", "float32"), ("float32", "bfloat16"),
+                                           ("same", "float16"), ("bfloat16", "bfloat16")])
+def test_swap_twice_restores_everything_bit_for_bit(dtype, sources):
+    src = {n: v.to(getattr(torch, sources)) for n, v in mixed_sources(1).items()}
+    flat = fastema.FlatShadow(src, dtype=dtype)
+    for v in src.values():
+        v.add_(1.0)
+    flat.update(0.7)
+    raw = {n: v.clone() for n, v in src.items()}
+    shadow = {n: v.clone() for n, v in flat.views().items()}
+    flat.swap()
+    assert flat.swapped
+    for n, v in src.items():                # the model now holds the shadow, rounded to nearest
+        nearest = shadow[n].to(v.dtype).float()          # torch's round-to-nearest-even
+        assert ((v.float() - shadow[n]).abs() <= (nearest - shadow[n]).abs()).all()
+    with pytest.raises(RuntimeError, match="swap"):
+        flat.update(0.5)
+    flat.swap()
+    assert not flat.swapped
+    for n in src:
+        assert torch.equal(src[n].view(torch.int16 if src[n].element_size() == 2 else torch.int32),
+                           raw[n].view(torch.int16 if raw[n].element_size() == 2 else torch.int32)), n
+        assert torch.equal(flat.view(n), shadow[n]), n
+
+
+def test_lossy_swap_needs_consent():
+    src = [torch.randn(10, dtype=torch.float16)]
+    flat = fastema.FlatShadow(src)
+    before = src[0].clone()
+    with pytest.raises(ValueError, match="lossy=True"):
+        flat.swap()
+    assert torch.equal(src[0], before) and not flat.swapped
+    flat.swap(lossy=True)
+    flat.swap(lossy=True)
+    assert torch.equal(src[0], before)
+
+
+def test_copy_to_sources_writes_the_average():
+    src = [torch.randn(100), torch.randn(50, dtype=torch.bfloat16)]
+    flat = fastema.FlatShadow(src)
+    flat.update(0.0)
+    for v in src:
+        v.zero_()
+    flat.copy_to_sources()
+    assert torch.equal(src[0], flat.view(0)) and torch.equal(src[1], flat.view(1).bfloat16())
+
+
+def test_replaced_storage_same_layout_is_followed():
+    p = nn.Parameter(torch.zeros(1000))
+    flat = fastema.FlatShadow([p])
+    with torch.no_grad():
+        p.data = torch.full((1000,), 4.0)   # new storage under the same Parameter
+    flat.update(0.5)
+    assert torch.equal(flat.view(0), torch.full((1000,), 2.0))
+
+
+@pytest.mark.parametrize("change", [lambda p: p.double(), lambda p: p.view(10, 100).t().contiguous().view(100, 10),
+                                    lambda p: torch.zeros(999)])
+def test_changed_source_is_refused_and_nothing_changes(change):
+    p = nn.Parameter(torch.randn(1000))
+    flat = fastema.FlatShadow([p])
+    before = flat.view(0).clone()
+    with torch.no_grad():
+        p.data = change(p.data)
+    with pytest.raises((ValueError, TypeError), match="make a new shadow|dtype torch.float64"):
+        flat.update(0.5)
+    assert torch.equal(flat.view(0), before)
+
+
+def test_new_source_objects_are_adopted_or_refused():
+    model = nn.Linear(4, 3)
+    flat = fastema.FlatShadow(dict(model.named_parameters()))
+    model.load_state_dict({"weight": torch.ones(3, 4), "bias": torch.ones(3)}, assign=True)
+    flat.update(0.0, sources=dict(model.named_parameters()))
+    assert torch.equal(flat.view("weight"), torch.ones(3, 4))
+    before = flat.view("weight").clone()
+    with pytest.raises(ValueError, match="make a new shadow"):
+        flat.update(0.0, sources={"weight": torch.ones(5, 4), "bias": torch.ones(3)})
+    assert torch.equal(flat.view("weight"), before)
+    flat.update(0.0)                                   # still bound to the adopted model
+    assert torch.equal(flat.view("bias"), torch.ones(3))
+
+
+def test_skip_nonfinite_keeps_the_shadow():
+    src = [torch.randn(100), torch.randn(30_000, dtype=torch.bfloat16)]
+    flat = fastema.FlatShadow(src)
+    flat.update(0.5, skip_nonfinite=True)
+    assert flat.skipped["cpu"].item() == 0
+    src[1][123] = float("nan")
+    before = {n: v.clone() for n, v in flat.views().items()}
+    flat.update(0.5, skip_nonfinite=True)
+    assert flat.skipped["cpu"].item() == 1
+    assert all(torch.equal(before[n], v) for n, v in flat.views().items())
+    src[1][123] = 0.0
+    flat.update(0.5, skip_nonfinite=True)
+    assert flat.skipped["cpu"].item() == 0
+
+
+def test_numpy_sources():
+    src = [np.arange(10, dtype=np.float32), np.ones((3, 3), np.float16)]
+    flat = fastema.FlatShadow(src)
+    src[0] += 10
+    flat.update(0.5)
+    np.testing.assert_array_equal(flat.view(0), np.arange(10) + 5.0)
+    assert isinstance(flat.view(1), np.ndarray) and flat.view(1).dtype == np.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rows=0), "rows must be"), (dict(rows=9), "rows must be"), (dict(dtype="float64"), "dtype must be"),
+    (dict(init="ones"), "init must be"),
+])
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastema.FlatShadow([torch.zeros(3)], **kwargs)
+
+
+def test_bad_update_changes_nothing():
+    src = [torch.randn(10)]
+    flat = fastema.FlatShadow(src, rows=2)
+    before = flat.groups[0]["buffer"].clone()
+    for kwargs in (dict(decay=0.9), dict(decay=[0.9, 1.1]), dict(decay=[0.9, 0.9], rounding="stochastic"),
+                   dict(decay=[0.9, 0.9], sources=[torch.randn(10), torch.randn(10)])):
+        with pytest.raises((ValueError, TypeError)):
+            flat.update(**kwargs)
+    with pytest.raises(IndexError):
+        flat.copy_to_sources(row=2)
+    assert torch.equal(flat.groups[0]["buffer"], before)
+
+
+def test_training_loop_matches_float64_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(256, 8)
+    y = (x[:, :1] * 2 - x[:, 1:2]).tanh()
+    params = dict(model.named_parameters())
+    flat = fastema.FlatShadow(params)
+    ref = {n: p.detach().double().clone() for n, p in params.items()}
+    decay = 0.95
+    for step in range(200):
+        idx = torch.randint(0, 256, (32,))
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        flat.update(decay)
+        for n, p in params.items():
+            ref[n] = naive_ema(ref[n], p.detach().double(), decay)
+    for n, v in flat.views().items():
+        assert_close_to_reference(v.double().numpy(), ref[n].numpy(), "float32",
+                                  100 * np.abs(ref[n].numpy()) + 1e-3)   # 200 steps of float32 rounding
+    # the averaged weights really are a model: swap them in and evaluate
+    with torch.no_grad():
+        raw_loss = nn.functional.mse_loss(model(x), y).item()
+        flat.swap()
+        ema_loss = nn.functional.mse_loss(model(x), y).item()
+        flat.swap()
+        assert nn.functional.mse_loss(model(x), y).item() == raw_loss
+    assert np.isfinite(ema_loss) and ema_loss < 1.0

@@ -1,0 +1,251 @@
+"""Array-level kernels on the CPU: against a float64 reference, torch, and closed forms."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastema
+from fastema import _launch
+from conftest import DTYPES, assert_close_to_reference, naive_ema, torch_dtype
+
+SIZES = st.one_of(st.integers(0, 3), st.integers(4, 300), st.integers(5000, 70000))
+DECAYS = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.999, 0.9999, 1.0]), st.floats(0, 1))
+
+
+def rand(n, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(torch_dtype(dtype))
+
+
+@given(n=SIZES, decay=DECAYS, sd=st.sampled_from(DTYPES), xd=st.sampled_from(DTYPES), seed=st.integers(0, 99))
+def test_ema_matches_float64_reference(n, decay, sd, xd, seed):
+    shadow, src = rand(n, sd, seed), rand(n, xd, seed + 1, scale=3.0)
+    e64, x64 = shadow.double().numpy(), src.double().numpy()
+    fastema.ema_update_(shadow, src, decay=decay)
+    assert_close_to_reference(shadow.double().numpy(), naive_ema(e64, x64, decay), sd, np.abs(e64) + np.abs(x64))
+
+
+@pytest.mark.parametrize("n", [1, 31, 4097, 1 << 17, 3 * (1 << 20) + 5])   # serial and parallel kernels
+@pytest.mark.parametrize("w", [1e-4, 1e-3, 0.3, 0.4999, 0.5, 0.75, 1.0])
+def test_float32_equals_torch_lerp_bit_for_bit(n, w):
+    shadow, src = rand(n, "float32", 1), rand(n, "float32", 2)
+    ref = shadow.clone().lerp_(src, w)
+    fastema.ema_update_(shadow, src, weight=w)
+    assert torch.equal(shadow.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_dtypes_equal_torch_lerp(dtype):
+    shadow, src = rand(100_003, dtype, 3), rand(100_003, dtype, 4)
+    ref = shadow.clone().lerp_(src, 0.01)          # torch: float32 opmath, rounded to nearest even
+    fastema.ema_update_(shadow, src, decay=0.99)
+    assert torch.equal(shadow.view(torch.int16), ref.view(torch.int16))
+
+
+def test_decay_equals_weight_one_minus_decay():
+    a, b, src = rand(1000, "float32", 5), rand(1000, "float32", 5), rand(1000, "float32", 6)
+    fastema.ema_update_(a, src, decay=0.999)
+    fastema.ema_update_(b, src, weight=1 - 0.999)
+    assert torch.equal(a, b)
+
+
+def test_weight_array_is_read_on_device():
+    shadow, src = rand(5000, "float32", 7), rand(5000, "float32", 8)
+    ref = shadow.clone().lerp_(src, 0.25)
+    fastema.ema_update_(shadow, src, weight=torch.tensor([0.25]))
+    assert torch.equal(shadow, ref)
+
+
+@given(k=st.integers(1, 8), n=SIZES, sd=st.sampled_from(DTYPES), xd=st.sampled_from(DTYPES))
+def test_multi_decay_equals_k_single_updates(k, n, sd, xd):
+    decays = [0.5 + 0.5 * i / 8 for i in range(k)]
+    shadow = torch.stack([rand(n, sd, 10 + i) for i in range(k)])
+    src = rand(n, xd, 9)
+    singles = [shadow[i].clone() for i in range(k)]
+    for s, d in zip(singles, decays):
+        fastema.ema_update_(s, src, decay=d)
+    fastema.ema_update_multi_(shadow, src, decays)
+    for i in range(k):
+        assert torch.equal(shadow[i], singles[i])
+
+
+def test_closed_form_constant_source():
+    # A constant source x from shadow 0: after t steps shadow = x * (1 - decay**t).
+    shadow = np.zeros(64, np.float32)
+    src = np.full(64, 2.0, np.float32)
+    for _ in range(50):
+        fastema.ema_update_(shadow, src, decay=0.9)
+    np.testing.assert_allclose(shadow, 2.0 * (1 - 0.9 ** 50), rtol=1e-6)
+
+
+def test_stochastic_rounding_is_unbiased():
+    # Each update is ~1/50 of a bfloat16 ulp: round-to-nearest never moves, stochastic
+    # rounding moves by one ulp with probability ~1/50; the mean over 2**20 elements must
+    # match the exact float32 result to within 5 standard errors.
+    n = 1 << 20
+    start = torch.full((n,), 1.0, dtype=torch.bfloat16)
+    src = torch.full((n,), 1.0 + 2 ** -7 * 0.4, dtype=torch.float32)  # 0.4 ulp above
+    decay = 0.95                                     # update = 0.05 * 0.4 ulp = 0.02 ulp
+    nearest = start.clone()
+    fastema.ema_update_(nearest, src, decay=decay)
+    assert torch.equal(nearest, start)               # frozen
+    sr = start.clone()
+    fastema.ema_update_(sr, src, decay=decay, rounding="stochastic", seed=3, step=1)
+    exact = 1.0 + (1 - decay) * 2 ** -7 * 0.4
+    p = (exact - 1.0) / 2 ** -7                      # probability of rounding up
+    mean = sr.double().mean().item()
+    se = 2 ** -7 * np.sqrt(p * (1 - p) / n)
+    assert abs(mean - exact) < 5 * se, (mean, exact, se)
+    assert set(torch.unique(sr.float()).tolist()) == {1.0, 1.0 + 2 ** -7}
+
+
+def test_stochastic_rounding_moves_a_frozen_shadow_over_time():
+    n, steps, decay = 4096, 400, 0.999
+    target = torch.full((n,), 1.0 + 2 ** -6, dtype=torch.float32)   # two bf16 ulps above
+    rne = torch.ones(n, dtype=torch.bfloat16)
+    sr = torch.ones(n, dtype=torch.bfloat16)
+    ref = torch.ones(n, dtype=torch.float64)
+    for t in range(steps):
+        fastema.ema_update_(rne, target, decay=decay)
+        fastema.ema_update_(sr, target, decay=decay, rounding="stochastic", seed=0, step=t)
+        ref = decay * ref + (1 - decay) * target.double()
+    assert torch.equal(rne, torch.ones(n, dtype=torch.bfloat16))       # round-to-nearest froze
+    assert abs(sr.double().mean().item() - ref[0].item()) < 2e-4       # SR tracks the float64 EMA
+
+
+def test_stochastic_rounding_is_reproducible():
+    src = rand(10_000, "float32", 11)
+    runs = []
+    for seed, step in ((1, 5), (1, 5), (1, 6), (2, 5)):
+        s = torch.zeros(10_000, dtype=torch.bfloat16)
+        fastema.ema_update_(s, src, decay=0.3, rounding="stochastic", seed=seed, step=step)
+        runs.append(s.view(torch.int16))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swap_same_dtype_round_trips_exactly(dtype):
+    a, b = rand(70_001, dtype, 12), rand(70_001, dtype, 13)
+    a0, b0 = a.clone(), b.clone()
+    fastema.swap_(a, b)
+    assert torch.equal(a, b0) and torch.equal(b, a0)
+    fastema.swap_(a, b)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_swap_mixed_dtypes_needs_lossy():
+    a, b = rand(100, "float32", 14), rand(100, "bfloat16", 15)
+    a0, b0 = a.clone(), b.clone()
+    with pytest.raises(ValueError, match="lossy=True"):
+        fastema.swap_(a, b)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    fastema.swap_(a, b, lossy=True)
+    assert torch.equal(a, b0.float()) and torch.equal(b, a0.bfloat16())
+
+
+@pytest.mark.parametrize("sd", DTYPES)
+@pytest.mark.parametrize("xd", DTYPES)
+def test_copy_converts_like_torch(sd, xd):
+    src = rand(20_000, xd, 16, scale=100.0)
+    dst = torch.empty(20_000, dtype=torch_dtype(sd))
+    fastema.copy_(dst, src)
+    ref = src.to(torch_dtype(sd))
+    assert torch.equal(dst.view(torch.int16 if sd != "float32" else torch.int32),
+                       ref.view(torch.int16 if sd != "float32" else torch.int32))
+
+
+@pytest.mark.parametrize("xd", DTYPES)
+def test_nonfinite_guard_skips_on_device(xd):
+    shadow, src = rand(50_000, "float32", 17), rand(50_000, xd, 18)
+    flag = torch.zeros(1, dtype=torch.int32)
+    fastema.flag_nonfinite_(flag, src)
+    assert flag.item() == 0
+    before = shadow.clone()
+    fastema.ema_update_(shadow, src, decay=0.5, skip_if=flag)
+    assert not torch.equal(shadow, before)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        src2 = src.clone()
+        src2[31_337] = bad
+        flag.zero_()
+        fastema.flag_nonfinite_(flag, src2)
+        assert flag.item() == 1
+        kept = shadow.clone()
+        fastema.ema_update_(shadow, src2, decay=0.5, skip_if=flag)
+        assert torch.equal(shadow, kept)
+
+
+def test_numpy_arrays_work_like_tensors():
+    shadow = np.linspace(-1, 1, 1001, dtype=np.float32)
+    src = np.cos(np.arange(1001, dtype=np.float32))
+    ref = torch.from_numpy(shadow.copy()).lerp_(torch.from_numpy(src), 0.1).numpy()
+    fastema.ema_update_(shadow, src, decay=0.9)
+    assert np.array_equal(shadow, ref)
+
+
+def test_table_cache_does_not_leak_across_buffers():
+    # Same size, different buffers: each call must read its own source.
+    outs = []
+    for v in (1.0, 2.0, 3.0):
+        shadow = np.zeros(10, np.float32)
+        fastema.ema_update_(shadow, np.full(10, v, np.float32), decay=0.0)
+        outs.append(shadow[0])
+    assert outs == [1.0, 2.0, 3.0]
+    assert _launch.CPU_CHUNK > 0
+
+
+# ------------------------------------------------------------------ bad input
+
+def _untouched(*arrays):
+    return [a.clone() if isinstance(a, torch.Tensor) else a.copy() for a in arrays]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s, x: fastema.ema_update_(s, x[:-1], decay=0.9), r"src has shape \(99,\) so shadow must have shape"),
+    (lambda s, x: fastema.ema_update_(s, x.double(), decay=0.9), "dtype torch.float64"),
+    (lambda s, x: fastema.ema_update_(s.double(), x, decay=0.9), "dtype torch.float64"),
+    (lambda s, x: fastema.ema_update_(s, x.int(), decay=0.9), "dtype torch.int32"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=1.5), r"decay must be in \[0, 1\], got 1.5"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=-0.1), r"decay must be in \[0, 1\]"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=float("nan")), r"decay must be in \[0, 1\], got nan"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=torch.tensor(0.9)), "weight= with a float32"),
+    (lambda s, x: fastema.ema_update_(s, x), "exactly one of decay= and weight="),
+    (lambda s, x: fastema.ema_update_(s, x, decay=0.9, weight=0.1), "exactly one of"),
+    (lambda s, x: fastema.ema_update_(s, x, weight=torch.tensor([0.1, 0.2])), "1 element"),
+    (lambda s, x: fastema.ema_update_(s, x, weight=torch.tensor([0.1], dtype=torch.float64)), "float32"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=0.9, rounding="stochastic"), "bfloat16 shadows"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=0.9, rounding="up"), "'nearest' or 'stochastic'"),
+    (lambda s, x: fastema.ema_update_(s, x, decay=0.9, skip_if=torch.zeros(1)), "int32"),
+    (lambda s, x: fastema.ema_update_(s, [1.0] * 100, decay=0.9), "must be an array"),
+    (lambda s, x: fastema.ema_update_(s.view(10, 10).t(), x.view(10, 10), decay=0.9), "not contiguous"),
+    (lambda s, x: fastema.ema_update_(s, s, decay=0.9), "share memory"),
+    (lambda s, x: fastema.ema_update_multi_(s.view(1, 100), x, [0.9] * 9), "at most 8"),
+    (lambda s, x: fastema.ema_update_multi_(s.view(2, 50), x[:50], [0.9]), r"shape \(1, 50\)"),
+    (lambda s, x: fastema.ema_update_(s.to("meta"), x, decay=0.9), "meta"),
+])
+def test_bad_input_is_refused_and_changes_nothing(call, match):
+    s, x = rand(100, "float32", 20), rand(100, "float32", 21)
+    s0, x0 = _untouched(s, x)
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(s, x)
+    assert torch.equal(s, s0) and torch.equal(x, x0)
+
+
+def test_read_only_numpy_shadow_is_refused():
+    s = np.zeros(10, np.float32)
+    s.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastema.ema_update_(s, np.ones(10, np.float32), decay=0.5)
+    assert not s.any()
+
+
+def test_device_mismatch_is_refused():
+    s = np.zeros(10, np.float32)
+
+    class FakeCuda:
+        __cuda_array_interface__ = {"shape": (10,), "typestr": "<f4", "data": (1 << 40, False), "version": 3}
+
+    with pytest.raises(ValueError, match="is on cpu but src is on cuda:0"):
+        fastema.ema_update_(s, FakeCuda(), decay=0.5)
+    assert not s.any()
