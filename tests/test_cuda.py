@@ -1,0 +1,247 @@
+"""CUDA kernels and the CUDA dispatch path.
+
+Runs in the Numba CUDA simulator in CI (``NUMBA_ENABLE_CUDASIM=1``, set before
+numba is imported, so in its own process) and unchanged on a real GPU. Arrays stay
+small: the simulator runs each thread in Python. Tunables are shrunk so that tails,
+several blocks and the grid-stride loop over chunks all run on tiny inputs.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from numba import cuda
+
+pytestmark = pytest.mark.cuda
+
+if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
+    pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
+
+import fastema                                              # noqa: E402
+from fastema import _launch                                 # noqa: E402
+from fastema.kernels import _bits, ema_cpu, ema_cuda        # noqa: E402
+from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
+from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+KINDS = (F32, BF16, F16)
+UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16}
+
+
+@pytest.fixture(autouse=True)
+def small_launches(monkeypatch):
+    monkeypatch.setattr(_launch, "CUDA_CHUNK", 16)
+    monkeypatch.setattr(_launch, "CUDA_THREADS", 8)
+    monkeypatch.setattr(_launch, "CUDA_MAX_BLOCKS", 3)    # fewer blocks than chunks: grid-stride
+
+
+def random_bits(kind, n, rng, scale=1.0):
+    v = (rng.standard_normal(n) * scale).astype(np.float32)
+    if kind == F32:
+        return v.view(np.uint32)
+    return np.array([_bits.encode(b, kind) for b in v.view(np.uint32)], np.uint16)
+
+
+def host_tables(counts, chunk=16):
+    off = segment_offsets(counts)
+    cs, cb = chunk_table(off, chunk)
+    return off, cs, cb
+
+
+def sources(kind, counts, rng):
+    return [random_bits(kind, c, rng, 2.0) for c in counts]
+
+
+def cuda_sources(srcs):
+    dev = [cuda.to_device(s) for s in srcs]
+    addr = [s._ary.ctypes.data if SIM else s.device_ctypes_pointer.value for s in dev]
+    return dev, np.array(addr or [0], np.int64)[:len(srcs)]
+
+
+@pytest.mark.parametrize("sk", KINDS)
+@pytest.mark.parametrize("xk", KINDS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_lerp_kernel_matches_cpu_kernel(sk, xk, rows):
+    rng = np.random.default_rng(sk * 10 + xk)
+    counts = [5, 0, 40, 1, 17]
+    srcs = sources(xk, counts, rng)
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    shadow = random_bits(sk, rows * n, rng)
+    weights = tuple(np.float32(w) for w in (0.1, 0.6, 1.0)[:rows])
+    flag = np.zeros(1, np.int32)
+    expected = shadow.copy()
+    host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
+    ema_cpu.lerp_kernel(sk, xk, False, False)(expected, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
+    dev_srcs, addr = cuda_sources(srcs)
+    d = cuda.to_device(shadow)
+    args = [cuda.to_device(a) for a in (addr, off, cs, cb)]
+    ema_cuda.lerp_kernel(sk, xk, False)[2, 8](d, n, *args, weights, cuda.to_device(flag), np.uint32(0))
+    got = d.copy_to_host()
+    assert np.array_equal(got, expected)
+
+
+def test_stochastic_rounding_identical_to_cpu():
+    rng = np.random.default_rng(5)
+    counts = [50, 33]
+    srcs = sources(F32, counts, rng)
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    shadow = random_bits(BF16, 2 * n, rng)
+    w = (np.float32(0.01), np.float32(0.001))
+    key = np.uint32(fastema.ops.sr_key(7, 123))
+    flag = np.zeros(1, np.int32)
+    expected = shadow.copy()
+    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected, n, np.array([s.ctypes.data for s in srcs], np.int64),
+                                                off, cs, cb, w, flag, key)
+    _, addr = cuda_sources(srcs)
+    d = cuda.to_device(shadow)
+    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](d, n, *[cuda.to_device(a) for a in (addr, off, cs, cb)], w,
+                                               cuda.to_device(flag), key)
+    assert np.array_equal(d.copy_to_host(), expected)
+
+
+@pytest.mark.parametrize("sk,xk,mode", [(F32, F32, ema_cpu.EXCHANGE), (BF16, BF16, ema_cpu.EXCHANGE),
+                                        (F32, BF16, ema_cpu.PACK), (F32, F16, ema_cpu.EXCHANGE)])
+def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
+    rng = np.random.default_rng(3)
+    counts = [9, 30]
+    srcs = sources(xk, counts, rng)
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    shadow = random_bits(sk, 2 * n, rng)
+    cpu_srcs = [s.copy() for s in srcs]
+    cpu_shadow = shadow.copy()
+    cpu_addr = np.array([s.ctypes.data for s in cpu_srcs], np.int64)
+    ema_cpu.swap_kernel(sk, xk, mode, False)(cpu_shadow, n, cpu_addr, off, cs, cb, 1)
+    dev_srcs, addr = cuda_sources(srcs)
+    tabs = [cuda.to_device(a) for a in (addr, off, cs, cb)]
+    d = cuda.to_device(shadow)
+    ema_cuda.swap_kernel(sk, xk, mode)[2, 8](d, n, *tabs, 1)
+    assert np.array_equal(d.copy_to_host(), cpu_shadow)
+    for ds, cs_ in zip(dev_srcs, cpu_srcs):
+        assert np.array_equal(ds.copy_to_host(), cs_)
+    # copy: sources -> both rows, then row 0 -> sources
+    ema_cuda.copy_kernel(sk, xk, True)[2, 8](d, n, *tabs, 0, 2)
+    ema_cpu.copy_kernel(sk, xk, True, False)(cpu_shadow, n, cpu_addr, off, cs, cb, 0, 2)
+    assert np.array_equal(d.copy_to_host(), cpu_shadow)
+
+
+@pytest.mark.parametrize("xk", KINDS)
+def test_nonfinite_kernel(xk):
+    rng = np.random.default_rng(4)
+    srcs = sources(xk, [20, 20], rng)
+    off, cs, cb = host_tables([20, 20])
+    bad = {F32: 0x7FC00000, BF16: 0x7F80, F16: 0xFC00}[xk]
+    for poison in (False, True):
+        if poison:
+            srcs[1][13] = bad
+        _, addr = cuda_sources(srcs)
+        flag = cuda.to_device(np.zeros(1, np.int32))
+        ema_cuda.nonfinite_kernel(xk)[2, 8](*[cuda.to_device(a) for a in (addr, off, cs, cb)], flag)
+        assert flag.copy_to_host()[0] == int(poison)
+
+
+# ------------------------------------------------------------- through the public API
+
+def test_ema_update_on_device_arrays_matches_cpu():
+    rng = np.random.default_rng(6)
+    shadow = rng.standard_normal(100).astype(np.float32)
+    src = rng.standard_normal(100).astype(np.float32)
+    expected = shadow.copy()
+    fastema.ema_update_(expected, src, decay=0.9)
+    d_shadow, d_src = cuda.to_device(shadow), cuda.to_device(src)
+    fastema.ema_update_(d_shadow, d_src, decay=0.9)
+    assert np.array_equal(d_shadow.copy_to_host(), expected)
+    w = cuda.to_device(np.array([0.1], np.float32))                 # weight read on the device
+    fastema.ema_update_(d_shadow, d_src, weight=w)
+    fastema.ema_update_(expected, src, weight=0.1)
+    assert np.array_equal(d_shadow.copy_to_host(), expected)
+
+
+def test_flat_shadow_on_device_arrays():
+    rng = np.random.default_rng(7)
+    host = [rng.standard_normal(s).astype(np.float32) for s in (7, 40, 1, 25)]
+    dev = [cuda.to_device(h) for h in host]
+    flat = fastema.FlatShadow(dev, rows=2)
+    ref = fastema.FlatShadow(host, rows=2)            # the same values, on the CPU
+    for step in range(2):
+        for h, d in zip(host, dev):
+            h += 1.0
+            d.copy_to_device(h)
+        flat.update([0.5, 0.9], skip_nonfinite=True)
+        ref.update([0.5, 0.9])
+    for i in range(4):
+        for r in range(2):
+            assert np.array_equal(np.asarray(flat.view(i, r).copy_to_host()), ref.view(i, r))
+    flat.swap()
+    flat.swap()
+    assert all(np.array_equal(d.copy_to_host(), h) for d, h in zip(dev, host))
+
+
+def test_device_and_host_mixed_is_refused():
+    d = cuda.to_device(np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="cuda:0 but src is on cpu"):
+        fastema.ema_update_(d, np.ones(10, np.float32), decay=0.5)
+    assert not d.copy_to_host().any()
+
+
+@pytest.mark.skipif(SIM, reason="torch CUDA tensors need a GPU")
+def test_torch_cuda_tensors_on_the_current_stream():
+    import torch
+
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda", dtype=dt) for s, dt in
+              [((1000,), torch.float32), ((33, 7), torch.bfloat16), ((5,), torch.float16)]]
+    ref = [p.float().clone() for p in params]
+    flat = fastema.FlatShadow(params)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for p in params:
+            p.add_(1.0)
+        flat.update(0.9)
+        for r, p in zip(ref, params):
+            r.lerp_(p.float(), 0.1)
+    torch.cuda.synchronize()
+    for r, v in zip(ref, flat.views().values()):
+        torch.testing.assert_close(v, r, rtol=1e-6, atol=1e-6)
+    shadow = torch.zeros(4096, device="cuda")
+    src = torch.randn(4096, device="cuda")
+    expected = shadow.clone().lerp_(src, 0.001)
+    fastema.ema_update_(shadow, src, decay=0.999)
+    assert torch.equal(shadow, expected)
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+def test_no_host_sync_and_cuda_graph_capture():
+    import torch
+
+    params = [torch.randn(4096, device="cuda") for _ in range(10)]
+    flat = fastema.FlatShadow(params)
+    weight = torch.full((1,), 0.1, device="cuda")
+    flat.update(weight=weight)                                # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flat.update(weight=weight)
+        flat.update(0.99)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    before = [v.clone() for v in flat.views().values()]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            flat.update(weight=weight)          # recorded, not run
+    torch.cuda.synchronize()
+    for b, v in zip(before, flat.views().values()):
+        assert torch.equal(b, v)
+    expected = before
+    for w in (0.5, 0.25):                       # the graph reads the weight from device memory
+        weight.fill_(w)
+        g.replay()
+        expected = [e.lerp(p, w) for e, p in zip(expected, params)]
+    torch.cuda.synchronize()
+    for e, v in zip(expected, flat.views().values()):
+        torch.testing.assert_close(v, e, rtol=1e-6, atol=1e-6)
