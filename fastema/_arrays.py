@@ -19,7 +19,6 @@ from .kernels._bits import BF16, F16, F32, KIND_NAMES
 
 SUPPORTED = "float32, bfloat16 and float16"
 _NP_KINDS = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
-_UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16}
 ITEMSIZE = {F32: 4, BF16: 2, F16: 2}
 
 
@@ -32,7 +31,6 @@ class Buf(NamedTuple):
     address: int             # first element; 0 for an empty buffer
     writable: bool
     framework: str           # "numpy", "torch", "cuda" (array interface), "cudasim"
-    host: Any                # CPU: flat uint32/uint16 NumPy view of the bits; CUDA: None
 
     @property
     def numel(self) -> int:
@@ -73,9 +71,7 @@ def _from_numpy(a: np.ndarray, what: str) -> Buf:
         raise _unsupported_dtype(what, a.dtype)
     if not a.flags.c_contiguous:
         raise _not_contiguous(what, a.shape, a.strides)
-    host = a.reshape(-1).view(_UINT[kind])
-    return Buf(a, kind, "cpu", a.shape, a.ctypes.data if a.size else 0, bool(a.flags.writeable),
-               "numpy", host)
+    return Buf(a, kind, "cpu", a.shape, a.ctypes.data if a.size else 0, bool(a.flags.writeable), "numpy")
 
 
 def _from_torch(t, what: str) -> Buf:
@@ -88,14 +84,11 @@ def _from_torch(t, what: str) -> Buf:
         raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
     if not t.is_contiguous():
         raise _not_contiguous(what, t.shape, t.stride())
-    shape = tuple(t.shape)
-    if t.device.type == "cpu":
-        u = torch.uint32 if kind == F32 else torch.uint16
-        host = t.detach().view(u).numpy().reshape(-1)
-        return Buf(t, kind, "cpu", shape, t.data_ptr() if t.numel() else 0, True, "torch", host)
-    if t.device.type == "cuda":
-        return Buf(t, kind, f"cuda:{t.device.index}", shape, t.data_ptr() if t.numel() else 0,
-                   True, "torch", None)
+    dev = t.device
+    if dev.type == "cpu":
+        return Buf(t, kind, "cpu", tuple(t.shape), t.data_ptr(), True, "torch")
+    if dev.type == "cuda":
+        return Buf(t, kind, f"cuda:{dev.index}", tuple(t.shape), t.data_ptr(), True, "torch")
     raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs")
 
 
@@ -111,7 +104,7 @@ def _from_cai(x, what: str) -> Buf:
         raise _not_contiguous(what, shape, strides)
     address, readonly = cai["data"]
     device = getattr(getattr(x, "device", None), "id", 0)
-    return Buf(x, kind, f"cuda:{int(device)}", shape, int(address or 0), not readonly, "cuda", None)
+    return Buf(x, kind, f"cuda:{int(device)}", shape, int(address or 0), not readonly, "cuda")
 
 
 def _from_cudasim(x, what: str) -> Buf:
@@ -119,7 +112,7 @@ def _from_cudasim(x, what: str) -> Buf:
     # no __cuda_array_interface__; their "device" memory is that host array.
     a = x._ary
     b = _from_numpy(a, what)
-    return b._replace(obj=x, device="cuda:0", framework="cudasim", host=None)
+    return b._replace(obj=x, device="cuda:0", framework="cudasim")
 
 
 def _is_cudasim(x) -> bool:

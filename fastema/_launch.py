@@ -115,9 +115,10 @@ def nonfinite(device, src_kind, t: Tables, flag, stream=0):
 # ---------------------------------------------------------------- views
 
 def bits_view(buf):
-    """The kernels' view of a floating buffer: flat unsigned integers of its width."""
+    """The kernels' handle on a floating buffer: its address on the CPU, a flat
+    unsigned-integer device array of its width on CUDA."""
     if not is_cuda(buf.device):
-        return buf.host
+        return buf.address
     return _cuda().view(buf, _UINT[buf.kind])
 
 

@@ -3,9 +3,9 @@
 Every kernel walks a group of source tensors through the tables of
 :mod:`fastema.kernels.layout`; a flat source is a group of one segment.
 
-Shared arguments (all 1-D, C-contiguous):
-    shadow:      uint32[K * n] (float32 bits) or uint16[K * n] (bfloat16/float16 bits),
-                 K rows of ``n`` elements; written in place.
+Shared arguments (arrays 1-D, C-contiguous):
+    shadow:      int64 address of the shadow: K rows of ``n`` elements of float32,
+                 bfloat16 or float16 (stored as uint32/uint16 bits); written in place.
     n:           elements per shadow row.
     seg_addr:    int64[S] address of each source tensor's first element.
     seg_offset:  int64[S + 1] where each source starts in a shadow row.
@@ -14,8 +14,11 @@ Shared arguments (all 1-D, C-contiguous):
 
 Kernels are built per (storage kinds, mode, parallel) by the ``*_kernel``
 factories below; the kinds are closure constants, so the branches fold away.
-Inner loops index raw pointers from 0: LLVM vectorises those (array stores
-mixed with offset pointer loads it does not).
+Each kernel is a loop over chunks (``prange`` in the parallel twin) calling a
+separately compiled per-chunk function whose loop indexes raw pointers from 0:
+LLVM vectorises that form, and keeps it vectorised inside numba's parallel
+region (a loop written inline in the ``prange`` body lost vectorisation there
+and ran no faster on two threads than on one).
 """
 import functools
 
@@ -47,6 +50,10 @@ def _compile(fn, parallel):
     return njit(parallel=parallel, fastmath={"contract"}, cache=True)(fn)
 
 
+def _chunk(fn):
+    return njit(fastmath={"contract"}, cache=True)(fn)
+
+
 @functools.cache
 def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     """``shadow[k] <- shadow[k] + w[k] * (src - shadow[k])`` for every row k, in float32.
@@ -63,29 +70,33 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     xptr, XB = _pointer(src_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
 
+    @_chunk
+    def chunk(q_addr, p_addr, m, w, first, key):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        small = abs(w) < np.float32(0.5)
+        coeff = w if small else w - np.float32(1.0)
+        for j in range(m):
+            e = as_float(decode(q[j], SK))
+            x = as_float(decode(p[j], XK))
+            y = as_bits((e if small else x) + coeff * (x - e))
+            if SR:
+                q[j] = encode_bf16_sr(y, sr_noise(key, first + j))
+            else:
+                q[j] = encode(y, SK)
+
     def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
             return
-        base_addr = shadow.ctypes.data
+        base = shadow
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             m = chunk_begin[c + 1] - begin
-            p = xptr(seg_addr[s] + (begin - seg_offset[s]) * XB, m)
-            for k in range(len(weights)):
-                w = np.float32(weights[k])
-                small = abs(w) < np.float32(0.5)
-                coeff = w if small else w - np.float32(1.0)
+            p_addr = seg_addr[s] + (begin - seg_offset[s]) * XB
+            for k in range(len(weights)):          # rows after the first re-read the chunk from cache
                 first = k * n + begin
-                q = sptr(base_addr + first * SB, m)
-                for j in range(m):
-                    e = as_float(decode(q[j], SK))
-                    x = as_float(decode(p[j], XK))
-                    y = as_bits((e if small else x) + coeff * (x - e))
-                    if SR:
-                        q[j] = encode_bf16_sr(y, sr_noise(key, first + j))
-                    else:
-                        q[j] = encode(y, SK)
+                chunk(base + first * SB, p_addr, m, np.float32(weights[k]), first, key)
 
     return _compile(kernel, parallel)
 
@@ -102,22 +113,26 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
     SK, XK, TO = shadow_kind, src_kind, to_shadow
     SAME = shadow_kind == src_kind
 
+    @_chunk
+    def chunk(q_addr, p_addr, m):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        for j in range(m):
+            if TO:
+                q[j] = p[j] if SAME else encode(decode(p[j], XK), SK)
+            else:
+                p[j] = q[j] if SAME else encode(decode(q[j], SK), XK)
+
     def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
-        base_addr = shadow.ctypes.data
+        base = shadow
+        last = row_hi if TO else row_lo + 1
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             m = chunk_begin[c + 1] - begin
-            p = xptr(seg_addr[s] + (begin - seg_offset[s]) * XB, m)
-            if TO:
-                for k in range(row_lo, row_hi):
-                    q = sptr(base_addr + (k * n + begin) * SB, m)
-                    for j in range(m):
-                        q[j] = p[j] if SAME else encode(decode(p[j], XK), SK)
-            else:
-                q = sptr(base_addr + (row_lo * n + begin) * SB, m)
-                for j in range(m):
-                    p[j] = q[j] if SAME else encode(decode(q[j], SK), XK)
+            p_addr = seg_addr[s] + (begin - seg_offset[s]) * XB
+            for k in range(row_lo, last):
+                chunk(base + (k * n + begin) * SB, p_addr, m)
 
     return _compile(kernel, parallel)
 
@@ -134,24 +149,28 @@ def swap_kernel(shadow_kind, src_kind, mode, parallel):
     xptr, XB = _pointer(src_kind)
     SK, XK, MODE = shadow_kind, src_kind, mode
 
+    @_chunk
+    def chunk(q_addr, p_addr, m):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        for j in range(m):
+            a = q[j]
+            b = p[j]
+            if MODE == PACK:
+                q[j], p[j] = pack_bf16(a, b)
+            elif MODE == UNPACK:
+                q[j], p[j] = unpack_bf16(a, b)
+            else:
+                q[j] = encode(decode(b, XK), SK)
+                p[j] = encode(decode(a, SK), XK)
+
     def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
-        base_addr = shadow.ctypes.data
+        base = shadow
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             m = chunk_begin[c + 1] - begin
-            p = xptr(seg_addr[s] + (begin - seg_offset[s]) * XB, m)
-            q = sptr(base_addr + (row * n + begin) * SB, m)
-            for j in range(m):
-                a = q[j]
-                b = p[j]
-                if MODE == PACK:
-                    q[j], p[j] = pack_bf16(a, b)
-                elif MODE == UNPACK:
-                    q[j], p[j] = unpack_bf16(a, b)
-                else:
-                    q[j] = encode(decode(b, XK), SK)
-                    p[j] = encode(decode(a, SK), XK)
+            chunk(base + (row * n + begin) * SB, seg_addr[s] + (begin - seg_offset[s]) * XB, m)
 
     return _compile(kernel, parallel)
 
@@ -162,16 +181,19 @@ def nonfinite_kernel(src_kind, parallel):
     xptr, XB = _pointer(src_kind)
     XK = src_kind
 
+    @_chunk
+    def chunk(p_addr, m):
+        p = xptr(p_addr, m)
+        bad = False
+        for j in range(m):
+            bad |= is_nonfinite(p[j], XK)
+        return bad
+
     def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
-            m = chunk_begin[c + 1] - begin
-            p = xptr(seg_addr[s] + (begin - seg_offset[s]) * XB, m)
-            bad = False
-            for j in range(m):
-                bad |= is_nonfinite(p[j], XK)
-            if bad:
+            if chunk(seg_addr[s] + (begin - seg_offset[s]) * XB, chunk_begin[c + 1] - begin):
                 flag[0] = 1
 
     return _compile(kernel, parallel)

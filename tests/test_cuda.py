@@ -72,7 +72,7 @@ def test_lerp_kernel_matches_cpu_kernel(sk, xk, rows):
     flag = np.zeros(1, np.int32)
     expected = shadow.copy()
     host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
-    ema_cpu.lerp_kernel(sk, xk, False, False)(expected, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
+    ema_cpu.lerp_kernel(sk, xk, False, False)(expected.ctypes.data, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
     dev_srcs, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     args = [cuda.to_device(a) for a in (addr, off, cs, cb)]
@@ -92,7 +92,7 @@ def test_stochastic_rounding_identical_to_cpu():
     key = np.uint32(fastema.ops.sr_key(7, 123))
     flag = np.zeros(1, np.int32)
     expected = shadow.copy()
-    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected, n, np.array([s.ctypes.data for s in srcs], np.int64),
+    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected.ctypes.data, n, np.array([s.ctypes.data for s in srcs], np.int64),
                                                 off, cs, cb, w, flag, key)
     _, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
@@ -113,7 +113,7 @@ def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
     cpu_srcs = [s.copy() for s in srcs]
     cpu_shadow = shadow.copy()
     cpu_addr = np.array([s.ctypes.data for s in cpu_srcs], np.int64)
-    ema_cpu.swap_kernel(sk, xk, mode, False)(cpu_shadow, n, cpu_addr, off, cs, cb, 1)
+    ema_cpu.swap_kernel(sk, xk, mode, False)(cpu_shadow.ctypes.data, n, cpu_addr, off, cs, cb, 1)
     dev_srcs, addr = cuda_sources(srcs)
     tabs = [cuda.to_device(a) for a in (addr, off, cs, cb)]
     d = cuda.to_device(shadow)
@@ -123,7 +123,7 @@ def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
         assert np.array_equal(ds.copy_to_host(), cs_)
     # copy: sources -> both rows, then row 0 -> sources
     ema_cuda.copy_kernel(sk, xk, True)[2, 8](d, n, *tabs, 0, 2)
-    ema_cpu.copy_kernel(sk, xk, True, False)(cpu_shadow, n, cpu_addr, off, cs, cb, 0, 2)
+    ema_cpu.copy_kernel(sk, xk, True, False)(cpu_shadow.ctypes.data, n, cpu_addr, off, cs, cb, 0, 2)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
 
 

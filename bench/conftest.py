@@ -1,0 +1,51 @@
+"""Benchmark helpers: steady-state timing (compile excluded), synchronised devices.
+
+Each benchmark records in ``extra_info`` the scenario ``case``, the implementation
+``impl`` and the bytes one call must move; ``bench/report.py`` turns the JSON into
+GB/s and speed-ups against the baselines measured in the same run.
+``FASTEMA_BENCH_QUICK=1`` keeps sizes and rounds small (CI).
+"""
+import os
+
+import pytest
+
+QUICK = os.environ.get("FASTEMA_BENCH_QUICK") == "1"
+
+
+def devices():
+    out = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out.append("cuda")
+    except ImportError:
+        pass
+    return out
+
+
+def sync(device):
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def run(benchmark):
+    """``run(fn, device, impl=..., case=..., nbytes=..., rounds=...)``: warm up, then time ``fn``."""
+
+    def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None):
+        def timed():
+            fn()
+            sync(device)
+
+        timed()                      # compile / allocate outside the timing
+        timed()
+        if rounds is None:
+            rounds = 5 if QUICK else 20
+        benchmark.extra_info.update(impl=impl, case=case, bytes=nbytes, device=device,
+                                    elements=elements)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+
+    return _run
