@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: set up .venv with the dev extra, then
+#   1. CPU tests (kernels, API, FlatShadow, a training loop),
+#   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
+#      (the simulator must be switched on before numba is imported),
+#      and on the real GPU as well when one is present,
+#   3. a quick benchmark pass whose table is printed (timings never fail the run).
+# A pytest run that collects no test exits 5, which fails this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+py=.venv/bin/python
+export PYTHONUNBUFFERED=1
+
+echo "== CPU tests"
+"$py" -m pytest tests -m "not cuda" -q
+
+echo "== CUDA kernels in the Numba CUDA simulator"
+NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider
+
+if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() else 1)" 2>/dev/null; then
+  echo "== CUDA tests on the GPU"
+  "$py" -m pytest tests -m cuda -q
+fi
+
+echo "== quick benchmarks"
+mkdir -p bench/out
+FASTEMA_BENCH_QUICK=1 "$py" -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/out/quick.json
+"$py" bench/report.py bench/out/quick.json --out bench/out/quick.md
