@@ -1,7 +1,6 @@
 """FlatShadow: shadow copies of many tensors, one flat buffer per (device, dtype) group."""
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Sequence
 

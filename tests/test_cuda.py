@@ -72,7 +72,8 @@ def test_lerp_kernel_matches_cpu_kernel(sk, xk, rows):
     flag = np.zeros(1, np.int32)
     expected = shadow.copy()
     host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
-    ema_cpu.lerp_kernel(sk, xk, False, False)(expected.ctypes.data, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
+    cpu_kernel = ema_cpu.lerp_kernel(sk, xk, False, False)
+    cpu_kernel(expected.ctypes.data, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
     dev_srcs, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     args = [cuda.to_device(a) for a in (addr, off, cs, cb)]
@@ -92,8 +93,8 @@ def test_stochastic_rounding_identical_to_cpu():
     key = np.uint32(fastema.ops.sr_key(7, 123))
     flag = np.zeros(1, np.int32)
     expected = shadow.copy()
-    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected.ctypes.data, n, np.array([s.ctypes.data for s in srcs], np.int64),
-                                                off, cs, cb, w, flag, key)
+    host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
+    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected.ctypes.data, n, host_addr, off, cs, cb, w, flag, key)
     _, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](d, n, *[cuda.to_device(a) for a in (addr, off, cs, cb)], w,
