@@ -32,8 +32,7 @@ class _Group:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.n = int(self.offsets[-1])
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        self.bits = _launch.bits_view(describe(self.buffer.reshape(-1) if self.n else self.buffer,
-                                               "shadow")) if self.n else None
+        self.bits = _launch.bits_view(describe(self.buffer, "shadow")) if self.n else None
         self.stream = _launch.stream_for(first)
         self.addresses = [b.address for b in bufs]
         self.tables = _launch.tables(self.addresses, self.counts, self.device, self.stream)
@@ -162,8 +161,8 @@ class FlatShadow:
             if g.device not in weights_by_device:
                 weights_by_device[g.device] = resolve_weights(decay, weight, self.rows, g.device)
             stochastic_rounding(rounding, g.shadow_kind)
-        if stochastic_rounding(rounding, BF16):
-            sr_key(seed, step)
+        if rounding == "stochastic":
+            sr_key(seed, step)                          # validates seed and step
         if sources is not None:
             self._adopt(sources)
         self._refresh()

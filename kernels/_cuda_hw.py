@@ -33,51 +33,14 @@ if SIMULATOR:
         return np.ctypeslib.as_array((ctypes.c_uint16 * max(int(count), 1)).from_address(int(address)))
 
 else:
-    from llvmlite import ir
     from numba import cuda
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
+    from ._intrinsics import build
+
+    as_float, as_bits, u32_pointer, u16_pointer = build(intrinsic, types)
+
     @cuda.jit(device=True, inline="always")
     def fma(a, b, c):
         return cuda.fma(a, b, c)   # the stub is typed only when reached through `cuda.`
-
-    @intrinsic
-    def as_float(typingctx, bits):
-        if not isinstance(bits, types.Integer):
-            return None
-        sig = types.float32(bits)
-
-        def codegen(context, builder, signature, args):
-            u32 = context.cast(builder, args[0], bits, types.uint32)
-            return builder.bitcast(u32, ir.FloatType())
-
-        return sig, codegen
-
-    @intrinsic
-    def as_bits(typingctx, value):
-        if value != types.float32:
-            return None
-        sig = types.uint32(value)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return sig, codegen
-
-    def _pointer(dtype):
-        @intrinsic
-        def pointer(typingctx, address, count):
-            if not isinstance(address, types.Integer):
-                return None
-            sig = types.CPointer(dtype)(address, count)
-
-            def codegen(context, builder, signature, args):
-                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-            return sig, codegen
-
-        return pointer
-
-    u32_pointer = _pointer(types.uint32)
-    u16_pointer = _pointer(types.uint16)
