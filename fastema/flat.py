@@ -37,7 +37,9 @@ class _Group:
         self.addresses = [b.address for b in bufs]
         self.tables = _launch.tables(self.addresses, self.counts, self.device, self.stream)
         self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
-        self.keep: list[Any] = []                      # storages kept alive so addresses stay unique
+        # Keep the sources' storages alive: a freed block could otherwise come back at a
+        # recorded address under another tensor (another dtype) and pass the address check.
+        self.keep: list[Any] = [b.obj.untyped_storage() for b in bufs] if self.track else []
 
 
 class FlatShadow:
