@@ -166,7 +166,7 @@ class FlatShadow:
         if rounding == "stochastic":
             sr_key(seed, step)                          # validates seed and step
         if sources is not None:
-            self._adopt(sources)
+            self.rebind(sources)
         self._refresh()
         flags = {}
         if skip_nonfinite:
@@ -252,7 +252,9 @@ class FlatShadow:
         g.keep = [b.obj.untyped_storage() for b in bufs] if g.track else []
         g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)
 
-    def _adopt(self, sources) -> None:
+    def rebind(self, sources: Sequence | Mapping) -> None:
+        """Track new source objects (same names/order, dtypes, shapes, devices); refuses and keeps
+        the old ones if any differs."""
         new = [sources[n] for n in self.names] if isinstance(sources, Mapping) else list(sources)
         if len(new) != len(self._sources):
             raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")

@@ -1,0 +1,424 @@
+"""PyTorch model EMA over fastema's flat kernels.
+
+``fastema.torch.EMA(model, decay)`` keeps averaged copies of a model's weights in
+flat buffers (one per device and dtype) and updates all of them with one kernel
+launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
+``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import os
+import tempfile
+import weakref
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .. import schedules as S
+from ..flat import FlatShadow
+
+__all__ = ["EMA", "normalize_name"]
+
+FORMAT = "fastema.torch.EMA"
+VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
+
+
+def normalize_name(name: str) -> str:
+    """Strip the wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, stripped = name[len(p):], True
+    return name
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
+                                                      if type(model).__name__ in ("DistributedDataParallel",
+                                                                                  "DataParallel") else None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# Models are watched for parameters/buffers re-registered after the EMA was made
+# (load_state_dict(assign=True), module.weight = nn.Parameter(...)): torch calls
+# these global hooks, which mark the EMA stale at O(1) cost per step.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_HOOKS_INSTALLED = False
+
+
+def _on_registration(module, name, value):
+    emas = _WATCHED.get(module)
+    if emas:
+        for ema in emas:
+            ema._stale = True
+    return None
+
+
+def _watch(model: nn.Module, ema: "EMA") -> None:
+    global _HOOKS_INSTALLED
+    if not _HOOKS_INSTALLED:
+        from torch.nn.modules import module as M
+
+        M.register_module_parameter_registration_hook(_on_registration)
+        M.register_module_buffer_registration_hook(_on_registration)
+        _HOOKS_INSTALLED = True
+    for m in model.modules():
+        _WATCHED.setdefault(m, weakref.WeakSet()).add(ema)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class EMA:
+    """Exponential moving average of a PyTorch model's weights.
+
+    ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
+    every floating parameter (and buffer, if asked), in one kernel launch per
+    (device, dtype) group, on torch's current stream, with no host sync.
+
+    Args:
+        model: the model (bare, DDP- or torch.compile-wrapped; names are normalised).
+        decay: a float, or up to 8 floats for several averages kept in one pass.
+        warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
+            torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
+            ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
+        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
+        update_every: update on every k-th call of ``update()`` (the first call updates).
+        compensate: with ``update_every=k``, use ``decay**k`` so the average spans the same time.
+        debias: start the average from zero and divide out the bias (optax ``debias=True``,
+            pandas ``ewm(adjust=True)``); the first update then copies the weights.
+        shadow_dtype: ``"float32"`` (default: bfloat16/float16 weights keep moving),
+            ``"same"`` or ``"bfloat16"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed; with the step it gives the same bits on every rank.
+        buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
+            or ``"ignore"``. Integer buffers are always copied.
+        exclude: name patterns (fnmatch, normalised names) left out entirely.
+        copy: name patterns copied instead of averaged.
+        skip_nonfinite: skip an update (on the device, no sync) when a weight is inf/NaN.
+    """
+
+    def __init__(self, model: nn.Module, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
+                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
+                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
+        if warmup not in (None, "num_updates", "power"):
+            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
+        if buffers not in ("copy", "average", "ignore"):
+            raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and shadow_dtype != "bfloat16":
+            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+        self.schedules = [self._schedule(d, warmup, min_decay, inv_gamma, power, update_after_step) for d in decays]
+        self.update_every, self.compensate, self.debias = update_every, compensate, debias
+        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
+        self.buffers, self.exclude, self.copy_patterns = buffers, tuple(exclude), tuple(copy)
+        self.skip_nonfinite = skip_nonfinite
+        self.model = model
+        self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
+        averaged, copied = self._select(model)
+        if not averaged:
+            raise ValueError("the model has no floating-point parameters to average "
+                             "(check exclude= and copy=)")
+        self._names = (list(averaged), list(copied))
+        self._avg = FlatShadow(averaged, rows=len(decays), dtype=shadow_dtype)
+        self._copy = FlatShadow(copied, dtype="same") if copied else None
+        self.calls = 0                          # update() calls
+        self.updates = 0                        # updates made (calls that were not skipped by update_every)
+        self.norms = [0.0] * len(decays)        # debiasing normalisers c
+        self._decays = [0.0] * len(decays)      # the decays of the last update
+        self._stale = False
+        self._backup = None                     # raw weights during a lossy swap (float16 models)
+        self._swapped_row: int | None = None
+        _watch(_unwrap(model), self)
+
+    # ------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _schedule(decay, warmup, min_decay, inv_gamma, power, update_after_step):
+        if warmup is None:
+            return S.Constant(decay)
+        if warmup == "num_updates":
+            return S.NumUpdates(decay)
+        return S.PowerWarmup(decay, min_decay, inv_gamma, power, update_after_step)
+
+    def _select(self, model):
+        averaged, copied = {}, {}
+        for name, p in model.named_parameters():
+            name = normalize_name(name)
+            if _matches(name, self.exclude):
+                continue
+            (copied if _matches(name, self.copy_patterns) or not p.is_floating_point() else averaged)[name] = p
+        for name, b in model.named_buffers():
+            name = normalize_name(name)
+            if _matches(name, self.exclude) or (b.is_floating_point() and self.buffers == "ignore"):
+                continue
+            if b.is_floating_point() and self.buffers == "average" and not _matches(name, self.copy_patterns):
+                averaged[name] = b
+            elif b.is_floating_point():
+                copied[name] = b
+            else:
+                self._int_buffers[name] = (b, b.detach().clone())
+        return averaged, copied
+
+    # ------------------------------------------------------------ state readable without a sync
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        d = [self._decay_at(i, self.updates + 1) for i in range(len(self.schedules))]
+        return d[0] if len(d) == 1 else d
+
+    @property
+    def swapped(self) -> bool:
+        return self._swapped_row is not None
+
+    def _decay_at(self, i: int, n: int) -> float:
+        d = self.schedules[i](n)
+        return S.compensated(d, self.update_every) if self.compensate else d
+
+    # ------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Update the averages from the model's current weights (call after ``optimizer.step()``).
+
+        Args:
+            step: the training step for the schedule; defaults to the number of updates made.
+        """
+        if self._swapped_row is not None:
+            raise RuntimeError("update() while the EMA weights are swapped into the model; "
+                               "leave average_parameters() (or call swap() again) first")
+        self.calls += 1
+        if (self.calls - 1) % self.update_every:
+            return
+        n = self.updates + 1 if step is None else int(step)
+        weights, decays, norms = [], [], list(self.norms)
+        for i in range(len(self.schedules)):
+            d = self._decay_at(i, n)
+            if self.debias:
+                w, norms[i] = S.debiased_weight(d, norms[i])
+            else:
+                w = 1.0 - d
+            weights.append(w)
+            decays.append(d)
+        if self._stale:
+            self._rebind()
+        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+                         skip_nonfinite=self.skip_nonfinite)
+        if self._copy is not None:
+            self._copy.copy_from_sources()
+        for src, dst in self._int_buffers.values():
+            dst.copy_(src)
+        self._stale = False
+        self.updates += 1
+        self.norms, self._decays = norms, decays
+
+    def _rebind(self) -> None:
+        # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
+        # follow the new tensors if they fit the shadow, else refuse before writing anything.
+        named = {normalize_name(n): t for n, t in
+                 list(self.model.named_parameters()) + list(self.model.named_buffers())}
+        wanted = self._names[0] + self._names[1] + list(self._int_buffers)
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
+                             f"make a new EMA for the new model. Nothing was updated.")
+        self._avg.rebind({n: named[n] for n in self._names[0]})
+        if self._copy is not None:
+            self._copy.rebind({n: named[n] for n in self._names[1]})
+        for n, (_, copy_) in list(self._int_buffers.items()):
+            if named[n].shape != copy_.shape:
+                raise ValueError(f"buffer {n!r} changed shape from {tuple(copy_.shape)} to "
+                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
+            self._int_buffers[n] = (named[n], copy_)
+
+    # ------------------------------------------------------------ evaluation
+
+    def swap(self, row: int = 0) -> None:
+        """Put average ``row`` into the model in place; call again to put the raw weights back.
+
+        In place with no model-sized temporary when the shadow keeps an exact swap
+        (equal dtypes, or float32 shadow and bfloat16 weights). float16 weights with a
+        float32 shadow are backed up once instead (a float16-sized buffer), so the
+        float32 average is never rounded.
+        """
+        if self._swapped_row is not None and row != self._swapped_row:
+            raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
+        swapping_in = self._swapped_row is None
+        if self._lossy_swap():
+            if swapping_in:
+                if self._backup is None:
+                    self._backup = FlatShadow(dict(zip(self._avg.names, self._avg._sources)), dtype="same")
+                else:
+                    self._backup.copy_from_sources()
+                self._avg.copy_to_sources(row)
+            else:
+                self._backup.copy_to_sources()
+        else:
+            self._avg.swap(row)
+        if self._copy is not None:
+            self._copy.swap()
+        self._swapped_row = row if swapping_in else None
+
+    def _lossy_swap(self) -> bool:
+        return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
+                                                                 g["src_dtype"] == "bfloat16")
+                   for g in self._avg.groups)
+
+    @contextlib.contextmanager
+    def average_parameters(self, row: int = 0) -> Iterator[nn.Module]:
+        """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
+        (also when the block raises)."""
+        self.swap(row)
+        try:
+            yield self.model
+        finally:
+            self.swap(row)
+
+    def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
+        """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training."""
+        if model is None or model is self.model:
+            self._avg.copy_to_sources(row)
+            if self._copy is not None:
+                self._copy.copy_to_sources()
+            return
+        model.load_state_dict(self.ema_state_dict(row), strict=False)
+
+    def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """A model-style state dict of the averaged weights (the model's dtypes and names,
+        prefixes stripped): what ``model.load_state_dict`` takes."""
+        out = {}
+        for name, t in self._raw_named():
+            if name in self._avg._index:
+                out[name] = self._avg.view(name, row).to(t.dtype, copy=True)
+            elif self._copy is not None and name in self._copy._index:
+                out[name] = self._copy.view(name).clone()
+            elif name in self._int_buffers:
+                out[name] = self._int_buffers[name][1].clone()
+            else:
+                out[name] = t.detach().clone()                     # excluded: the model's own value
+        return out
+
+    def _raw_named(self):
+        m = _unwrap(self.model)
+        return list(m.state_dict(keep_vars=True).items())
+
+    def module(self, row: int = 0) -> nn.Module:
+        """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        clone = copy.deepcopy(_unwrap(self.model))
+        clone.load_state_dict(self.ema_state_dict(row))
+        return clone
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: averages keyed by name, counters, schedule, dtypes."""
+        rows = self._avg.rows
+        return {
+            "format": FORMAT, "version": VERSION,
+            "calls": self.calls, "updates": self.updates, "norms": list(self.norms),
+            "schedules": [s.state() for s in self.schedules],
+            "update_every": self.update_every, "compensate": self.compensate, "debias": self.debias,
+            "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed,
+            "averaged": {n: torch.stack([self._avg.view(n, r) for r in range(rows)]) for n in self._avg.names},
+            "copied": {n: self._copy.view(n) for n in self._copy.names} if self._copy is not None else {},
+            "int_buffers": {n: v[1] for n, v in self._int_buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a {FORMAT} state dict (format={found!r}); a model checkpoint goes to "
+                             f"model.load_state_dict, an EMA checkpoint (ema.state_dict()) here")
+        if state.get("version") != VERSION:
+            raise ValueError(f"EMA checkpoint version {state.get('version')!r} is not supported (expected {VERSION})")
+        if self._swapped_row is not None:
+            raise RuntimeError("load_state_dict() while the EMA weights are swapped in; swap back first")
+        rows = self._avg.rows
+        problems = []
+        copied_names = self._copy.names if self._copy else []
+        for key, names, shape_of in (("averaged", self._avg.names, lambda n: (rows, *self._avg.view(n).shape)),
+                                     ("copied", copied_names, lambda n: tuple(self._copy.view(n).shape))):
+            saved = {normalize_name(k): v for k, v in state.get(key, {}).items()}
+            missing = [n for n in names if n not in saved]
+            extra = [n for n in saved if n not in names]
+            if missing:
+                problems.append(f"{key} missing {missing[:5]}")
+            if extra and strict:
+                problems.append(f"{key} unexpected {extra[:5]}")
+            for n in names:
+                if n in saved and tuple(saved[n].shape) != tuple(shape_of(n)):
+                    problems.append(f"{key} {n!r} has shape {tuple(saved[n].shape)}, expected {tuple(shape_of(n))}")
+        if len(state.get("schedules", [])) != rows:
+            problems.append(f"checkpoint has {len(state.get('schedules', []))} decay(s), this EMA {rows}")
+        if problems:
+            raise ValueError("EMA checkpoint does not match this model: " + "; ".join(problems) +
+                             ". Nothing was loaded.")
+        schedules = [S.from_state(s) for s in state["schedules"]]
+        averaged = {normalize_name(k): v for k, v in state["averaged"].items()}
+        for n in self._avg.names:
+            for r in range(rows):
+                self._avg.view(n, r).copy_(averaged[n][r])
+        copied = {normalize_name(k): v for k, v in state.get("copied", {}).items()}
+        for n in (self._copy.names if self._copy else []):
+            self._copy.view(n).copy_(copied[n])
+        for n, v in state.get("int_buffers", {}).items():
+            if n in self._int_buffers:
+                self._int_buffers[n][1].copy_(v)
+        self.schedules = schedules
+        self.calls, self.updates, self.norms = int(state["calls"]), int(state["updates"]), list(state["norms"])
+        self.update_every, self.compensate, self.debias = state["update_every"], state["compensate"], state["debias"]
+        self.rounding, self.seed = state["rounding"], state["seed"]
+
+    def save(self, path: str | os.PathLike, row: int = 0) -> None:
+        """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
+
+        ``model.load_state_dict(torch.load(path))`` loads it; a ``.safetensors`` path is
+        written with safetensors (which must be installed).
+        """
+        path = os.fspath(path)
+        weights = {k: v.detach().contiguous() for k, v in self.ema_state_dict(row).items()}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".fastema-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if path.endswith(".safetensors"):
+                    try:
+                        from safetensors.torch import save
+                    except ImportError:
+                        raise ImportError("saving .safetensors needs the safetensors package "
+                                          "(pip install safetensors)") from None
+                    f.write(save({k: v.cpu() for k, v in weights.items()}))
+                else:
+                    torch.save(weights, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def __repr__(self) -> str:
+        return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
+                f"copied={len(self._copy) if self._copy else 0}, shadow={self._avg!r})")
