@@ -49,9 +49,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-# Models are watched for parameters/buffers re-registered after the EMA was made
-# (load_state_dict(assign=True), module.weight = nn.Parameter(...)): torch calls
-# these global hooks, which mark the EMA stale at O(1) cost per step.
+# Models are watched for parameters, buffers or submodules registered after the EMA
+# was made (load_state_dict(assign=True), module.weight = nn.Parameter(...),
+# model[0] = nn.Linear(...)): torch calls these global hooks, which mark the EMA
+# stale; update() then re-reads the model. The per-step cost is one flag check.
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 _HOOKS_INSTALLED = False
 
@@ -71,6 +72,7 @@ def _watch(model: nn.Module, ema: "EMA") -> None:
 
         M.register_module_parameter_registration_hook(_on_registration)
         M.register_module_buffer_registration_hook(_on_registration)
+        M.register_module_module_registration_hook(_on_registration)
         _HOOKS_INSTALLED = True
     for m in model.modules():
         _WATCHED.setdefault(m, weakref.WeakSet()).add(ema)
@@ -204,9 +206,7 @@ class EMA:
         Args:
             step: the training step for the schedule; defaults to the number of updates made.
         """
-        if self._swapped_row is not None:
-            raise RuntimeError("update() while the EMA weights are swapped into the model; "
-                               "leave average_parameters() (or call swap() again) first")
+        self._not_swapped("update()")
         self.calls += 1
         if (self.calls - 1) % self.update_every:
             return
@@ -250,6 +250,7 @@ class EMA:
                 raise ValueError(f"buffer {n!r} changed shape from {tuple(copy_.shape)} to "
                                  f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
             self._int_buffers[n] = (named[n], copy_)
+        _watch(_unwrap(self.model), self)               # new submodules are watched too
 
     # ------------------------------------------------------------ evaluation
 
@@ -279,6 +280,11 @@ class EMA:
             self._copy.swap()
         self._swapped_row = row if swapping_in else None
 
+    def _not_swapped(self, what: str) -> None:
+        if self._swapped_row is not None:
+            raise RuntimeError(f"{what} while the EMA weights are swapped into the model (the shadow holds the "
+                               f"raw weights then); call it outside average_parameters() or after swap()")
+
     def _lossy_swap(self) -> bool:
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
@@ -306,6 +312,7 @@ class EMA:
     def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes and names,
         prefixes stripped): what ``model.load_state_dict`` takes."""
+        self._not_swapped("ema_state_dict()")
         out = {}
         for name, t in self._raw_named():
             if name in self._avg._index:
@@ -332,6 +339,7 @@ class EMA:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: averages keyed by name, counters, schedule, dtypes."""
+        self._not_swapped("state_dict()")
         rows = self._avg.rows
         return {
             "format": FORMAT, "version": VERSION,
@@ -352,8 +360,7 @@ class EMA:
                              f"model.load_state_dict, an EMA checkpoint (ema.state_dict()) here")
         if state.get("version") != VERSION:
             raise ValueError(f"EMA checkpoint version {state.get('version')!r} is not supported (expected {VERSION})")
-        if self._swapped_row is not None:
-            raise RuntimeError("load_state_dict() while the EMA weights are swapped in; swap back first")
+        self._not_swapped("load_state_dict()")
         rows = self._avg.rows
         problems = []
         copied_names = self._copy.names if self._copy else []

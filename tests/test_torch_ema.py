@@ -1,0 +1,395 @@
+"""fastema.torch.EMA on real training loops, schedules, swap, checkpoints, bad input."""
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastema import schedules as S
+from fastema.torch import EMA, normalize_name
+from conftest import assert_close_to_reference
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 3))
+
+
+def batches(model, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        if isinstance(model[0], nn.Conv2d):
+            x = torch.randn(16, 1, 8, 8, generator=g)
+            yield x, torch.randint(0, 3, (16,), generator=g)
+        else:
+            x = torch.randn(32, 6, generator=g)
+            yield x, x[:, :1].sin()
+
+
+def train(model, ema, steps, seed=1, start=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss() if isinstance(model[0], nn.Conv2d) else nn.MSELoss()
+    for i, (x, y) in enumerate(batches(model, start + steps, seed)):
+        if i < start:
+            continue
+        dtype = next(model.parameters()).dtype
+        x = x.to(dtype)
+        y = y.to(dtype) if y.is_floating_point() else y
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update()
+    return opt
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("warmup", [None, "num_updates", "power"])
+def test_training_loop_matches_float64_reference(make, warmup):
+    model = make()
+    ema = EMA(model, 0.99, warmup=warmup, update_after_step=3)
+    sched = ema.schedules[0]
+    ref = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss() if make is cnn else nn.MSELoss()
+    for n, (x, y) in enumerate(batches(model, 60), start=1):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update()
+        d = sched(n)
+        for name, p in model.named_parameters():
+            ref[name] = d * ref[name] + (1 - d) * p.detach().double()
+    state = ema.state_dict()
+    for name, r in ref.items():
+        assert_close_to_reference(state["averaged"][name][0].double().numpy(), r.numpy(), "float32",
+                                  60 * (np.abs(r.numpy()) + 1e-3))
+    if make is cnn:                       # BatchNorm statistics are copied by default
+        bn = dict(model.named_buffers())
+        assert torch.equal(state["copied"]["1.running_mean"], bn["1.running_mean"])
+        assert torch.equal(state["int_buffers"]["1.num_batches_tracked"], bn["1.num_batches_tracked"])
+
+
+def test_schedules_closed_forms():
+    assert S.Constant(0.99)(1) == 0.99
+    assert [S.NumUpdates(0.999)(n) for n in (1, 10, 10 ** 6)] == [2 / 11, 11 / 20, 0.999]
+    p = S.PowerWarmup(0.9999, min_decay=0.1, update_after_step=5)
+    assert p(6) == 0.0 and p(7) == pytest.approx(max(1 - 2 ** (-2 / 3), 0.1))
+    assert p(10 ** 9) == 0.9999
+    assert S.PowerWarmup(0.9, warmup=False, update_after_step=2)(3) == 0.0
+    assert S.PowerWarmup(0.9, warmup=False, update_after_step=2)(4) == 0.9
+    for s in (S.Constant(0.5), S.NumUpdates(0.9), p):
+        assert S.from_state(s.state()) == s
+    with pytest.raises(ValueError, match=r"decay must be a float in \[0, 1\]"):
+        S.Constant(1.5)
+
+
+def test_debias_equals_pandas_adjusted_ewm():
+    pd = pytest.importorskip("pandas")
+    values = np.random.default_rng(0).standard_normal(40).astype(np.float32)
+    param = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.p = param
+    ema = EMA(model, 0.9, debias=True)
+    out = []
+    for v in values:
+        with torch.no_grad():
+            param.fill_(float(v))
+        ema.update()
+        out.append(ema.state_dict()["averaged"]["p"][0, 0].item())
+    expected = pd.Series(values.astype(np.float64)).ewm(alpha=0.1, adjust=True).mean().to_numpy()
+    np.testing.assert_allclose(out, expected, rtol=2e-6)
+
+
+def test_update_every_with_compensation():
+    model = mlp()
+    ema = EMA(model, 0.9, update_every=3, compensate=True)
+    assert ema.decay == pytest.approx(0.729)
+    before = ema.state_dict()["averaged"]["0.weight"].clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()                                     # call 1 updates
+    after1 = ema.state_dict()["averaged"]["0.weight"].clone()
+    assert not torch.equal(before, after1)
+    ema.update()
+    ema.update()                                     # calls 2, 3 skip
+    assert torch.equal(ema.state_dict()["averaged"]["0.weight"], after1)
+    assert ema.calls == 3 and ema.updates == 1
+
+
+def test_several_decays_in_one_pass():
+    model = mlp()
+    ema = EMA(model, [0.9, 0.99])
+    singles = [EMA(model, 0.9), EMA(model, 0.99)]
+    train(model, None, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches(model, 20):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        for s in singles:
+            s.update()
+    for r, s in enumerate(singles):
+        for n, v in s.state_dict()["averaged"].items():
+            assert torch.equal(ema.state_dict()["averaged"][n][r], v[0])
+    assert ema.decay == [0.9, 0.99]
+
+
+def test_average_parameters_restores_on_exception():
+    model = cnn()
+    ema = EMA(model, 0.9, buffers="average")
+    train(model, ema, 10)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    averaged = ema.state_dict()["averaged"]["0.weight"][0].clone()
+    with pytest.raises(ZeroDivisionError):
+        with ema.average_parameters() as m:
+            assert m is model
+            assert torch.equal(model[0].weight, averaged)
+            with pytest.raises(RuntimeError, match="swapped"):
+                ema.state_dict()
+            1 / 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    assert not ema.swapped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_models_swap_exactly_and_keep_float32_shadow(dtype):
+    model = mlp().to(dtype)
+    ema = EMA(model, 0.9)
+    train(model, ema, 5)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    assert ema.state_dict()["averaged"]["0.weight"].dtype == torch.float32
+    for _ in range(3):
+        with ema.average_parameters():
+            for name, p in model.named_parameters():
+                assert torch.allclose(p.float(), shadow[name][0], rtol=2 ** -7, atol=0)
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, shadow[k]) for k, v in ema.state_dict()["averaged"].items())
+
+
+def test_bfloat16_model_float32_shadow_keeps_moving():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    model = nn.Module()
+    model.p = p
+    f32 = EMA(model, 0.999)
+    rne = EMA(model, 0.999, shadow_dtype="same")
+    sr = EMA(model, 0.999, shadow_dtype="bfloat16", rounding="stochastic")
+    with torch.no_grad():
+        p.fill_(1.0 + 2 ** -6)                       # two bfloat16 ulps up, then hold
+    for _ in range(300):
+        for e in (f32, rne, sr):
+            e.update()
+    target = 1.0 + 2 ** -6 * (1 - 0.999 ** 300)
+    assert torch.equal(rne.state_dict()["averaged"]["p"], torch.ones(1, 1000, dtype=torch.bfloat16))   # frozen
+    assert f32.state_dict()["averaged"]["p"].double().mean().item() == pytest.approx(target, rel=1e-6)
+    assert sr.state_dict()["averaged"]["p"].double().mean().item() == pytest.approx(target, abs=2e-4)
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    model = cnn()
+    ema = EMA(model, [0.9, 0.99], warmup="power", debias=False)
+    opt = train(model, ema, 15)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}, tmp_path / "c.pt")
+    # uninterrupted
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    for x, y in list(batches(model, 25))[15:]:
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+        ema.update()
+    # resumed in a fresh model
+    ck = torch.load(tmp_path / "c.pt")
+    model_b = cnn()
+    model_b.load_state_dict(ck["model"])
+    ema_b = EMA(model_b, [0.5, 0.5])                  # schedule and counters come from the checkpoint
+    ema_b.load_state_dict(ck["ema"])
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9)
+    opt_b.load_state_dict(ck["opt"])
+    for x, y in list(batches(model_b, 25))[15:]:
+        loss = nn.CrossEntropyLoss()(model_b(x), y)
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+        ema_b.update()
+    a, b = ema.state_dict(), ema_b.state_dict()
+    for k in ("averaged", "copied", "int_buffers"):
+        for n in a[k]:
+            assert torch.equal(a[k][n], b[k][n]), (k, n)
+    assert (a["calls"], a["updates"]) == (b["calls"], b["updates"])
+
+
+def test_save_writes_a_model_checkpoint_atomically(tmp_path):
+    model = cnn()
+    ema = EMA(model, 0.9)
+    train(model, ema, 5)
+    ema.save(tmp_path / "ema.pt")
+    fresh = cnn()
+    fresh.load_state_dict(torch.load(tmp_path / "ema.pt"))
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, ema.state_dict()["averaged"][n][0])
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".fastema-")] == []
+    standalone = ema.module()
+    assert torch.equal(standalone[0].weight, fresh[0].weight) and standalone is not model
+
+
+def test_save_failure_leaves_no_file(tmp_path, monkeypatch):
+    model = mlp()
+    ema = EMA(model, 0.9)
+    (tmp_path / "ema.pt").write_bytes(b"previous")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ema.save(tmp_path / "ema.pt")
+    assert (tmp_path / "ema.pt").read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["ema.pt"]
+
+
+def test_safetensors_save(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    model = mlp()
+    ema = EMA(model, 0.9)
+    ema.save(tmp_path / "ema.safetensors")
+    model.load_state_dict(st.load_file(tmp_path / "ema.safetensors"))
+
+
+def test_compiled_model_names_and_checkpoints_move_between_wrappers():
+    model = mlp()
+    compiled = torch.compile(model)                 # names carry the _orig_mod. prefix
+    ema_c = EMA(compiled, 0.9)
+    assert sorted(ema_c.state_dict()["averaged"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    ema_b = EMA(mlp(), 0.9)
+    ema_b.load_state_dict(ema_c.state_dict())
+    assert normalize_name("_orig_mod.module.layer.weight") == "layer.weight"
+
+
+def test_ddp_wrapped_model():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ema = EMA(ddp, 0.9)
+        train(ddp.module, ema, 3)
+        assert "0.weight" in ema.state_dict()["averaged"]
+        bare = EMA(mlp(), 0.9)
+        bare.load_state_dict(ema.state_dict())
+        fresh = mlp()
+        fresh.load_state_dict(ema.ema_state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exclude_copy_and_buffer_modes():
+    model = cnn()
+    ema = EMA(model, 0.5, exclude=["4.*"], copy=["0.bias"], buffers="ignore")
+    names = ema.state_dict()
+    assert sorted(names["averaged"]) == ["0.weight", "1.bias", "1.weight"]
+    assert sorted(names["copied"]) == ["0.bias"]
+    assert "1.num_batches_tracked" in names["int_buffers"]
+    avg = EMA(model, 0.5, buffers="average")
+    assert "1.running_var" in avg.state_dict()["averaged"]
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_model_changed_after_ema_is_refused_and_nothing_changes():
+    model = mlp()
+    ema = EMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    model[0] = nn.Linear(6, 16)                       # a new layer with other shapes
+    with pytest.raises(ValueError, match="make a new"):
+        ema.update()
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict()["averaged"].items())
+
+
+def test_assign_load_is_followed():
+    model = mlp()
+    ema = EMA(model, 0.0)
+    new = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)          # new Parameter objects
+    ema.update()
+    assert all((v == 3.0).all() for v in ema.state_dict()["averaged"].values())
+
+
+def test_model_moved_or_cast_is_refused():
+    model = mlp()
+    ema = EMA(model, 0.9)
+    before = ema.state_dict()["averaged"]["0.weight"].clone()
+    model.double()
+    with pytest.raises((ValueError, TypeError), match="float64"):
+        ema.update()
+    assert torch.equal(ema.state_dict()["averaged"]["0.weight"], before)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.pop("format"), "not a fastema.torch.EMA state dict"),
+    (lambda s: s.update(version=99), "version 99"),
+    (lambda s: s["averaged"].pop("0.weight"), r"missing \['0.weight'\]"),
+    (lambda s: s["averaged"].update(extra=torch.zeros(1, 1)), r"unexpected \['extra'\]"),
+    (lambda s: s["averaged"].update({"0.bias": torch.zeros(1, 7)}), r"'0.bias' has shape \(1, 7\)"),
+    (lambda s: s.update(schedules=s["schedules"] * 2), "2 decay"),
+])
+def test_wrong_checkpoint_is_refused_and_nothing_changes(mutate, match):
+    model = mlp()
+    ema = EMA(model, 0.9)
+    train(model, ema, 3)
+    good = ema.state_dict()
+    bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in good.items()}
+    mutate(bad)
+    other = EMA(mlp(), 0.5)
+    before = {k: v.clone() for k, v in other.state_dict()["averaged"].items()}
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict()["averaged"].items())
+    assert other.updates == 0
+
+
+def test_model_state_dict_is_not_an_ema_checkpoint():
+    ema = EMA(mlp(), 0.9)
+    with pytest.raises(ValueError, match="model.load_state_dict"):
+        ema.load_state_dict(mlp().state_dict())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(decay=1.1), r"decay must be"), (dict(warmup="linear"), "warmup must be"),
+    (dict(buffers="keep"), "buffers must be"), (dict(update_every=0), "update_every"),
+    (dict(rounding="stochastic"), "shadow_dtype='bfloat16'"), (dict(exclude=["*"]), "no floating-point"),
+    (dict(decay=[0.9] * 9), "rows must be"),
+])
+def test_bad_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EMA(mlp(), **kwargs)
+
+
+def test_update_while_swapped_is_refused():
+    model = mlp()
+    ema = EMA(model, 0.9)
+    with ema.average_parameters():
+        with pytest.raises(RuntimeError, match="swapped"):
+            ema.update()
+    assert math.isfinite(ema.decay)
