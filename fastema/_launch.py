@@ -25,36 +25,43 @@ CUDA_THREADS = 256
 CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
-_UINT = {0: np.uint32, 1: np.uint16, 2: np.uint16}
 
 
 class Tables(NamedTuple):
     """Segment and chunk tables of one group, on the group's device."""
-    seg_addr: Any       # int64[S]
+    shadow_addr: Any    # int64[S] where each segment's shadow (row 0) lives
+    seg_addr: Any       # int64[S] where each source lives
     seg_offset: Any     # int64[S + 1]
     chunk_seg: Any      # int32[C]
     chunk_begin: Any    # int64[C + 1]
-    n: int              # elements per shadow row
+    n: int              # elements per shadow row (the row stride)
     chunks: int         # C
 
     def args(self):
-        return self.n, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
+        return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
 
 def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def tables(addresses, counts, device: str, stream=0) -> Tables:
-    """Build the tables for sources at ``addresses`` with element ``counts`` on ``device``."""
+def tables(src_addresses, counts, shadow_addresses, device: str, stream=0) -> Tables:
+    """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
+    into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer)."""
     seg_offset = segment_offsets(counts)
     chunk = CUDA_CHUNK if is_cuda(device) else CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
-    seg_addr = np.asarray(addresses, np.int64).reshape(-1)
-    host = Tables(seg_addr, seg_offset, chunk_seg, chunk_begin, int(seg_offset[-1]), len(chunk_seg))
+    as_i64 = lambda a: np.asarray(a, np.int64).reshape(-1)  # noqa: E731
+    host = Tables(as_i64(shadow_addresses), as_i64(src_addresses), seg_offset, chunk_seg, chunk_begin,
+                  int(seg_offset[-1]), len(chunk_seg))
     if not is_cuda(device):
         return host
     return _cuda().upload(host, device, stream)
+
+
+def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
+    """Per-segment shadow addresses of one flat buffer at ``base``."""
+    return base + segment_offsets(counts)[:-1] * itemsize
 
 
 def update_addresses(t: Tables, addresses, device: str, stream=0) -> Tables:
@@ -71,36 +78,33 @@ def _cpu_parallel(t: Tables, rows: int) -> bool:
     return t.n * rows >= CPU_SERIAL_BELOW and t.chunks > 1
 
 
-def lerp(device, shadow_bits, shadow_kind, src_kind, t: Tables, weights, flag=None, key=0,
-         stochastic=False, stream=0):
+def lerp(device, shadow_kind, src_kind, t: Tables, weights, flag=None, key=0, stochastic=False, stream=0):
     """shadow[k] <- lerp(shadow[k], src, weights[k]) for each row k (see ema_cpu.lerp_kernel)."""
     if t.chunks == 0:
         return
     if is_cuda(device):
-        return _cuda().lerp(device, shadow_bits, shadow_kind, src_kind, t, weights, flag, key,
-                            stochastic, stream)
+        return _cuda().lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream)
     k = ema_cpu.lerp_kernel(shadow_kind, src_kind, stochastic, _cpu_parallel(t, len(weights)))
-    k(shadow_bits, *t.args(), weights, _NO_FLAG if flag is None else flag, np.uint32(key))
+    k(*t.args(), weights, _NO_FLAG if flag is None else flag, np.uint32(key))
 
 
-def copy(device, shadow_bits, shadow_kind, src_kind, t: Tables, to_shadow, row_lo, row_hi, stream=0):
+def copy(device, shadow_kind, src_kind, t: Tables, to_shadow, row_lo, row_hi, stream=0):
     """Sources -> shadow rows [row_lo, row_hi) (``to_shadow``), or shadow row ``row_lo`` -> sources."""
     if t.chunks == 0:
         return
     if is_cuda(device):
-        return _cuda().copy(device, shadow_bits, shadow_kind, src_kind, t, to_shadow, row_lo,
-                            row_hi, stream)
+        return _cuda().copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream)
     k = ema_cpu.copy_kernel(shadow_kind, src_kind, to_shadow, _cpu_parallel(t, row_hi - row_lo))
-    k(shadow_bits, *t.args(), row_lo, row_hi)
+    k(*t.args(), row_lo, row_hi)
 
 
-def swap(device, shadow_bits, shadow_kind, src_kind, t: Tables, mode, row, stream=0):
+def swap(device, shadow_kind, src_kind, t: Tables, mode, row, stream=0):
     """Exchange shadow row ``row`` with the sources (mode: ema_cpu.EXCHANGE / PACK / UNPACK)."""
     if t.chunks == 0:
         return
     if is_cuda(device):
-        return _cuda().swap(device, shadow_bits, shadow_kind, src_kind, t, mode, row, stream)
-    ema_cpu.swap_kernel(shadow_kind, src_kind, mode, _cpu_parallel(t, 1))(shadow_bits, *t.args(), row)
+        return _cuda().swap(device, shadow_kind, src_kind, t, mode, row, stream)
+    ema_cpu.swap_kernel(shadow_kind, src_kind, mode, _cpu_parallel(t, 1))(*t.args(), row)
 
 
 def nonfinite(device, src_kind, t: Tables, flag, stream=0):
@@ -109,17 +113,10 @@ def nonfinite(device, src_kind, t: Tables, flag, stream=0):
         return
     if is_cuda(device):
         return _cuda().nonfinite(device, src_kind, t, flag, stream)
-    ema_cpu.nonfinite_kernel(src_kind, _cpu_parallel(t, 1))(*t.args()[1:], flag)
+    ema_cpu.nonfinite_kernel(src_kind, _cpu_parallel(t, 1))(*t.args()[2:], flag)
 
 
 # ---------------------------------------------------------------- views
-
-def bits_view(buf):
-    """The kernels' handle on a floating buffer: its address on the CPU, a flat
-    unsigned-integer device array of its width on CUDA."""
-    if not is_cuda(buf.device):
-        return buf.address
-    return _cuda().view(buf, _UINT[buf.kind])
 
 
 def aux_view(x, what: str, dtype, size: int, device: str, writable: bool):

@@ -29,12 +29,6 @@ def raw_view(address: int, size: int, dtype, owner):
     return cuda.from_cuda_array_interface(desc, owner=owner, sync=False)
 
 
-def view(buf, uint):
-    if buf.framework == "cudasim":
-        return buf.obj._ary.reshape(-1).view(uint)
-    return raw_view(buf.address, buf.numel, uint, buf.obj)
-
-
 @functools.lru_cache(maxsize=64)
 def external_stream(ptr: int):
     return cuda.external_stream(ptr)
@@ -47,7 +41,7 @@ def to_device(a: np.ndarray, device: str, stream=0):
 
 def upload(t, device: str, stream=0):
     d = functools.partial(to_device, device=device, stream=stream)
-    return t._replace(seg_addr=d(t.seg_addr), seg_offset=d(t.seg_offset),
+    return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=d(t.seg_addr), seg_offset=d(t.seg_offset),
                       chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin))
 
 
@@ -69,21 +63,19 @@ def _launch(kernel, device, t, stream, *args):
             kernel[grid, block, stream](*args)
 
 
-def lerp(device, shadow_bits, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream):
+def lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream):
     k = ema_cuda.lerp_kernel(shadow_kind, src_kind, stochastic)
-    _launch(k, device, t, stream, shadow_bits, *t.args(), weights,
-            _zero_flag(device) if flag is None else flag, np.uint32(key))
+    _launch(k, device, t, stream, *t.args(), weights, _zero_flag(device) if flag is None else flag,
+            np.uint32(key))
 
 
-def copy(device, shadow_bits, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream):
-    k = ema_cuda.copy_kernel(shadow_kind, src_kind, to_shadow)
-    _launch(k, device, t, stream, shadow_bits, *t.args(), row_lo, row_hi)
+def copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream):
+    _launch(ema_cuda.copy_kernel(shadow_kind, src_kind, to_shadow), device, t, stream, *t.args(), row_lo, row_hi)
 
 
-def swap(device, shadow_bits, shadow_kind, src_kind, t, mode, row, stream):
-    _launch(ema_cuda.swap_kernel(shadow_kind, src_kind, mode), device, t, stream, shadow_bits,
-            *t.args(), row)
+def swap(device, shadow_kind, src_kind, t, mode, row, stream):
+    _launch(ema_cuda.swap_kernel(shadow_kind, src_kind, mode), device, t, stream, *t.args(), row)
 
 
 def nonfinite(device, src_kind, t, flag, stream):
-    _launch(ema_cuda.nonfinite_kernel(src_kind), device, t, stream, *t.args()[1:], flag)
+    _launch(ema_cuda.nonfinite_kernel(src_kind), device, t, stream, *t.args()[2:], flag)

@@ -32,10 +32,12 @@ class _Group:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.n = int(self.offsets[-1])
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        self.bits = _launch.bits_view(describe(self.buffer, "shadow")) if self.n else None
+        base = describe(self.buffer, "shadow").address
         self.stream = _launch.stream_for(first)
         self.addresses = [b.address for b in bufs]
-        self.tables = _launch.tables(self.addresses, self.counts, self.device, self.stream)
+        self.tables = _launch.tables(self.addresses, self.counts,
+                                     _launch.flat_shadow(base, self.counts, 4 if shadow_kind == F32 else 2),
+                                     self.device, self.stream)
         self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
         # Keep the sources' storages alive: a freed block could otherwise come back at a
         # recorded address under another tensor (another dtype) and pass the address check.
@@ -178,7 +180,7 @@ class FlatShadow:
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self._groups):
             key = sr_key(seed + (gi << 32), step) if stochastic else 0
-            _launch.lerp(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, weights_by_device[g.device],
+            _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights_by_device[g.device],
                          flags[g.device][1] if skip_nonfinite else None, key, stochastic, g.stream)
 
     def copy_from_sources(self) -> None:
@@ -186,7 +188,7 @@ class FlatShadow:
         self._not_swapped("copy_from_sources()")
         self._refresh()
         for g in self._groups:
-            _launch.copy(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream)
+            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream)
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
@@ -194,7 +196,7 @@ class FlatShadow:
         self._check_row(row)
         self._refresh()
         for g in self._groups:
-            _launch.copy(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, False, row, row + 1, g.stream)
+            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, False, row, row + 1, g.stream)
 
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Exchange shadow row ``row`` and the sources in place; call again to swap back.
@@ -222,7 +224,7 @@ class FlatShadow:
                     f"use copy_to_sources() on a copy of the model")
         self._refresh()
         for g, mode in zip(self._groups, modes):
-            _launch.swap(g.device, g.bits, g.shadow_kind, g.src_kind, g.tables, mode, row, g.stream)
+            _launch.swap(g.device, g.shadow_kind, g.src_kind, g.tables, mode, row, g.stream)
         self._swapped_row = None if self.swapped else row
 
     # ------------------------------------------------------------ source tracking

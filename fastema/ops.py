@@ -97,9 +97,9 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
 
 
 @functools.lru_cache(maxsize=256)
-def _single_tables(device: str, address: int, numel: int):
-    # A flat source is a group of one segment; cached so CUDA uploads once per buffer.
-    return _launch.tables([address], [numel], device)
+def _single_tables(device: str, shadow_address: int, src_address: int, numel: int):
+    # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair.
+    return _launch.tables([src_address], [numel], [shadow_address], device)
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
@@ -113,9 +113,8 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     stochastic = stochastic_rounding(rounding, s.kind)
     key = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _launch.aux_view(skip_if, "skip_if", np.int32, 1, s.device, False)
-    t = _single_tables(x.device, x.address, x.numel)
-    _launch.lerp(s.device, _launch.bits_view(s), s.kind, x.kind, t, w, flag, key, stochastic,
-                 _launch.stream_for(s))
+    t = _single_tables(x.device, s.address, x.address, x.numel)
+    _launch.lerp(s.device, s.kind, x.kind, t, w, flag, key, stochastic, _launch.stream_for(s))
     return shadow
 
 
@@ -179,8 +178,8 @@ def copy_(dst, src):
     """
     d, x = _pair(dst, src, "dst", "src")
     _same_shape(d, x, x.shape, "dst", "src")
-    t = _single_tables(x.device, x.address, x.numel)
-    _launch.copy(d.device, _launch.bits_view(d), d.kind, x.kind, t, True, 0, 1, _launch.stream_for(d))
+    t = _single_tables(x.device, d.address, x.address, x.numel)
+    _launch.copy(d.device, d.kind, x.kind, t, True, 0, 1, _launch.stream_for(d))
     return dst
 
 
@@ -198,9 +197,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
-    t = _single_tables(x.device, x.address, x.numel)
-    _launch.swap(s.device, _launch.bits_view(s), s.kind, x.kind, t, ema_cpu.EXCHANGE, 0,
-                 _launch.stream_for(s))
+    t = _single_tables(x.device, s.address, x.address, x.numel)
+    _launch.swap(s.device, s.kind, x.kind, t, ema_cpu.EXCHANGE, 0, _launch.stream_for(s))
 
 
 def flag_nonfinite_(flag, src):
@@ -212,6 +210,6 @@ def flag_nonfinite_(flag, src):
     """
     x = describe(src, "src")
     f = _launch.aux_view(flag, "flag", np.int32, 1, x.device, writable=True)
-    t = _single_tables(x.device, x.address, x.numel)
+    t = _single_tables(x.device, 0, x.address, x.numel)
     _launch.nonfinite(x.device, x.kind, t, f, _launch.stream_for(x))
     return flag

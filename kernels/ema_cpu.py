@@ -4,9 +4,12 @@ Every kernel walks a group of source tensors through the tables of
 :mod:`fastema.kernels.layout`; a flat source is a group of one segment.
 
 Shared arguments (arrays 1-D, C-contiguous):
-    shadow:      int64 address of the shadow: K rows of ``n`` elements of float32,
-                 bfloat16 or float16 (stored as uint32/uint16 bits); written in place.
-    n:           elements per shadow row.
+    n:           elements per shadow row (the row stride).
+    shadow_addr: int64[S] address of each segment's shadow (row 0); row k lies
+                 ``k * n`` elements further. Elements are float32, bfloat16 or
+                 float16 bits (uint32/uint16); written in place. A flat shadow gives
+                 ``base + seg_offset[s] * itemsize``; a scattered one (another model's
+                 tensors) gives each tensor's own address, with K = 1.
     seg_addr:    int64[S] address of each source tensor's first element.
     seg_offset:  int64[S + 1] where each source starts in a shadow row.
     chunk_seg:   int32[C] segment of each chunk.
@@ -85,18 +88,18 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
             else:
                 q[j] = encode(y, SK)
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
             return
-        base = shadow
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             m = chunk_begin[c + 1] - begin
-            p_addr = seg_addr[s] + (begin - seg_offset[s]) * XB
+            within = begin - seg_offset[s]
+            p_addr = seg_addr[s] + within * XB
             for k in range(len(weights)):          # rows after the first re-read the chunk from cache
-                first = k * n + begin
-                chunk(base + first * SB, p_addr, m, np.float32(weights[k]), first, key)
+                first = k * n + begin              # the noise index: position in the (K, n) layout
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, np.float32(weights[k]), first, key)
 
     return _compile(kernel, parallel)
 
@@ -123,16 +126,16 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
             else:
                 p[j] = q[j] if SAME else encode(decode(q[j], SK), XK)
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
-        base = shadow
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
         last = row_hi if TO else row_lo + 1
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             m = chunk_begin[c + 1] - begin
-            p_addr = seg_addr[s] + (begin - seg_offset[s]) * XB
+            within = begin - seg_offset[s]
+            p_addr = seg_addr[s] + within * XB
             for k in range(row_lo, last):
-                chunk(base + (k * n + begin) * SB, p_addr, m)
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m)
 
     return _compile(kernel, parallel)
 
@@ -164,13 +167,12 @@ def swap_kernel(shadow_kind, src_kind, mode, parallel):
                 q[j] = encode(decode(b, XK), SK)
                 p[j] = encode(decode(a, SK), XK)
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
-        base = shadow
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
-            m = chunk_begin[c + 1] - begin
-            chunk(base + (row * n + begin) * SB, seg_addr[s] + (begin - seg_offset[s]) * XB, m)
+            within = begin - seg_offset[s]
+            chunk(shadow_addr[s] + (row * n + within) * SB, seg_addr[s] + within * XB, chunk_begin[c + 1] - begin)
 
     return _compile(kernel, parallel)
 

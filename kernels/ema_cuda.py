@@ -30,31 +30,36 @@ def _pointer(kind):
     return u32_pointer if kind == F32 else u16_pointer
 
 
+# Shadow pointers cover K rows of ``n`` (the simulator's fallback needs the length).
+
+
 @functools.cache
 def lerp_kernel(shadow_kind, src_kind, stochastic):
     """See :func:`fastema.kernels.ema_cpu.lerp_kernel`; each thread reads a source element once."""
-    xptr = _pointer(src_kind)
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
             return
+        rows = len(weights)
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
             p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], (rows - 1) * n + seg_offset[s + 1] - off)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 x = as_float(decode(p[i - off], XK))
-                for k in range(len(weights)):
+                for k in range(rows):
                     w = np.float32(weights[k])
                     small = abs(w) < np.float32(0.5)
-                    j = k * n + i
-                    e = as_float(decode(shadow[j], SK))
+                    j = k * n + i - off
+                    e = as_float(decode(q[j], SK))
                     y = as_bits(fma(w if small else w - np.float32(1.0), x - e, e if small else x))
                     if SR:
-                        shadow[j] = encode_bf16_sr(y, sr_noise(key, j))
+                        q[j] = encode_bf16_sr(y, sr_noise(key, k * n + i))
                     else:
-                        shadow[j] = encode(y, SK)
+                        q[j] = encode(y, SK)
 
     return cuda.jit(kernel)
 
@@ -62,22 +67,24 @@ def lerp_kernel(shadow_kind, src_kind, stochastic):
 @functools.cache
 def copy_kernel(shadow_kind, src_kind, to_shadow):
     """See :func:`fastema.kernels.ema_cpu.copy_kernel`."""
-    xptr = _pointer(src_kind)
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, TO = shadow_kind, src_kind, to_shadow
     SAME = shadow_kind == src_kind
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
+        last = row_hi if TO else row_lo + 1
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
             p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], (last - 1) * n + seg_offset[s + 1] - off)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 if TO:
                     v = p[i - off]
                     for k in range(row_lo, row_hi):
-                        shadow[k * n + i] = v if SAME else encode(decode(v, XK), SK)
+                        q[k * n + i - off] = v if SAME else encode(decode(v, XK), SK)
                 else:
-                    v = shadow[row_lo * n + i]
+                    v = q[row_lo * n + i - off]
                     p[i - off] = v if SAME else encode(decode(v, SK), XK)
 
     return cuda.jit(kernel)
@@ -86,24 +93,25 @@ def copy_kernel(shadow_kind, src_kind, to_shadow):
 @functools.cache
 def swap_kernel(shadow_kind, src_kind, mode):
     """See :func:`fastema.kernels.ema_cpu.swap_kernel`."""
-    xptr = _pointer(src_kind)
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, MODE = shadow_kind, src_kind, mode
 
-    def kernel(shadow, n, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
             p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], row * n + seg_offset[s + 1] - off)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                j = row * n + i
-                a = shadow[j]
+                j = row * n + i - off
+                a = q[j]
                 b = p[i - off]
                 if MODE == PACK:
-                    shadow[j], p[i - off] = pack_bf16(a, b)
+                    q[j], p[i - off] = pack_bf16(a, b)
                 elif MODE == UNPACK:
-                    shadow[j], p[i - off] = unpack_bf16(a, b)
+                    q[j], p[i - off] = unpack_bf16(a, b)
                 else:
-                    shadow[j] = encode(decode(b, XK), SK)
+                    q[j] = encode(decode(b, XK), SK)
                     p[i - off] = encode(decode(a, SK), XK)
 
     return cuda.jit(kernel)

@@ -52,10 +52,17 @@ def sources(kind, counts, rng):
     return [random_bits(kind, c, rng, 2.0) for c in counts]
 
 
+def dev_addr(d):
+    return d._ary.ctypes.data if SIM else d.device_ctypes_pointer.value
+
+
 def cuda_sources(srcs):
     dev = [cuda.to_device(s) for s in srcs]
-    addr = [s._ary.ctypes.data if SIM else s.device_ctypes_pointer.value for s in dev]
-    return dev, np.array(addr or [0], np.int64)[:len(srcs)]
+    return dev, np.array([dev_addr(s) for s in dev], np.int64)
+
+
+def shadow_table(address, counts, kind):
+    return _launch.flat_shadow(address, counts, 4 if kind == F32 else 2)
 
 
 @pytest.mark.parametrize("sk", KINDS)
@@ -73,11 +80,12 @@ def test_lerp_kernel_matches_cpu_kernel(sk, xk, rows):
     expected = shadow.copy()
     host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
     cpu_kernel = ema_cpu.lerp_kernel(sk, xk, False, False)
-    cpu_kernel(expected.ctypes.data, n, host_addr, off, cs, cb, weights, flag, np.uint32(0))
+    cpu_kernel(n, shadow_table(expected.ctypes.data, counts, sk), host_addr, off, cs, cb, weights, flag,
+               np.uint32(0))
     dev_srcs, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
-    args = [cuda.to_device(a) for a in (addr, off, cs, cb)]
-    ema_cuda.lerp_kernel(sk, xk, False)[2, 8](d, n, *args, weights, cuda.to_device(flag), np.uint32(0))
+    args = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, sk), addr, off, cs, cb)]
+    ema_cuda.lerp_kernel(sk, xk, False)[2, 8](n, *args, weights, cuda.to_device(flag), np.uint32(0))
     got = d.copy_to_host()
     assert np.array_equal(got, expected)
 
@@ -94,11 +102,12 @@ def test_stochastic_rounding_identical_to_cpu():
     flag = np.zeros(1, np.int32)
     expected = shadow.copy()
     host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
-    ema_cpu.lerp_kernel(BF16, F32, True, False)(expected.ctypes.data, n, host_addr, off, cs, cb, w, flag, key)
+    ema_cpu.lerp_kernel(BF16, F32, True, False)(n, shadow_table(expected.ctypes.data, counts, BF16), host_addr,
+                                                off, cs, cb, w, flag, key)
     _, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
-    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](d, n, *[cuda.to_device(a) for a in (addr, off, cs, cb)], w,
-                                               cuda.to_device(flag), key)
+    tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, BF16), addr, off, cs, cb)]
+    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](n, *tabs, w, cuda.to_device(flag), key)
     assert np.array_equal(d.copy_to_host(), expected)
 
 
@@ -114,17 +123,18 @@ def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
     cpu_srcs = [s.copy() for s in srcs]
     cpu_shadow = shadow.copy()
     cpu_addr = np.array([s.ctypes.data for s in cpu_srcs], np.int64)
-    ema_cpu.swap_kernel(sk, xk, mode, False)(cpu_shadow.ctypes.data, n, cpu_addr, off, cs, cb, 1)
+    cpu_tab = shadow_table(cpu_shadow.ctypes.data, counts, sk)
+    ema_cpu.swap_kernel(sk, xk, mode, False)(n, cpu_tab, cpu_addr, off, cs, cb, 1)
     dev_srcs, addr = cuda_sources(srcs)
-    tabs = [cuda.to_device(a) for a in (addr, off, cs, cb)]
     d = cuda.to_device(shadow)
-    ema_cuda.swap_kernel(sk, xk, mode)[2, 8](d, n, *tabs, 1)
+    tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, sk), addr, off, cs, cb)]
+    ema_cuda.swap_kernel(sk, xk, mode)[2, 8](n, *tabs, 1)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
     for ds, cs_ in zip(dev_srcs, cpu_srcs):
         assert np.array_equal(ds.copy_to_host(), cs_)
     # copy: sources -> both rows, then row 0 -> sources
-    ema_cuda.copy_kernel(sk, xk, True)[2, 8](d, n, *tabs, 0, 2)
-    ema_cpu.copy_kernel(sk, xk, True, False)(cpu_shadow.ctypes.data, n, cpu_addr, off, cs, cb, 0, 2)
+    ema_cuda.copy_kernel(sk, xk, True)[2, 8](n, *tabs, 0, 2)
+    ema_cpu.copy_kernel(sk, xk, True, False)(n, cpu_tab, cpu_addr, off, cs, cb, 0, 2)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
 
 

@@ -24,11 +24,7 @@ from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
 
 KINDS = (F32, BF16, F16)
 A = lambda t: T.Array(t, 1, "C")  # noqa: E731
-TABLES = (T.int64, A(T.int64), A(T.int64), A(T.int32), A(T.int64))
-
-
-def shadow_type(kind):
-    return A(T.uint32 if kind == F32 else T.uint16)
+TABLES = (T.int64, A(T.int64), A(T.int64), A(T.int64), A(T.int32), A(T.int64))   # n, shadow, src, offsets, chunks
 
 
 def compile_(fn, sig):
@@ -42,16 +38,16 @@ def compile_(fn, sig):
 def test_lerp_compiles(sk, xk):
     for weights in (T.UniTuple(T.float32, 1), T.UniTuple(T.float32, 4), A(T.float32)):
         ptx = compile_(ema_cuda.lerp_kernel(sk, xk, False),
-                       (shadow_type(sk),) + TABLES + (weights, A(T.int32), T.uint32))
+                       TABLES + (weights, A(T.int32), T.uint32))
         assert "fma.rn.f32" in ptx
     if sk == BF16:
-        compile_(ema_cuda.lerp_kernel(sk, xk, True), (shadow_type(sk),) + TABLES + (A(T.float32), A(T.int32), T.uint32))
+        compile_(ema_cuda.lerp_kernel(sk, xk, True), TABLES + (A(T.float32), A(T.int32), T.uint32))
 
 
 @pytest.mark.parametrize("sk,xk,mode", [(F32, F32, ema_cpu.EXCHANGE), (F32, BF16, ema_cpu.PACK),
                                         (F32, BF16, ema_cpu.UNPACK), (F16, F32, ema_cpu.EXCHANGE)])
 def test_swap_copy_nonfinite_compile(sk, xk, mode):
-    compile_(ema_cuda.swap_kernel(sk, xk, mode), (shadow_type(sk),) + TABLES + (T.int64,))
+    compile_(ema_cuda.swap_kernel(sk, xk, mode), TABLES + (T.int64,))
     for to_shadow in (True, False):
-        compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), (shadow_type(sk),) + TABLES + (T.int64, T.int64))
-    compile_(ema_cuda.nonfinite_kernel(xk), TABLES[1:] + (A(T.int32),))
+        compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64))
+    compile_(ema_cuda.nonfinite_kernel(xk), TABLES[2:] + (A(T.int32),))
