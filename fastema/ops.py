@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,7 +19,8 @@ from ._arrays import Buf, describe, overlaps
 from .kernels import _bits, ema_cpu
 from .kernels._bits import BF16, KIND_NAMES
 
-__all__ = ["ema_update_", "ema_update_multi_", "copy_", "swap_", "flag_nonfinite_", "MAX_DECAYS"]
+__all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swap_", "flag_nonfinite_",
+           "MAX_DECAYS"]
 
 MAX_DECAYS = 8
 
@@ -213,3 +215,73 @@ def flag_nonfinite_(flag, src):
     t = _single_tables(x.device, 0, x.address, x.numel)
     _launch.nonfinite(x.device, x.kind, t, f, _launch.stream_for(x))
     return flag
+
+
+# ------------------------------------------------------------------ many pairs, caller-owned shadows
+
+class _PairGroup:
+    """One (device, shadow dtype, source dtype) group of a list of (shadow, source) pairs."""
+
+    def __init__(self, device, shadow_kind, src_kind, shadows, sources):
+        self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
+        self.stream = _launch.stream_for(shadows[0])
+        self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
+                                     [s.address for s in shadows], device, self.stream)
+
+
+_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PAIRS_MAX = 32
+
+
+def _address(x) -> int:
+    from ._arrays import _is_torch
+
+    return x.data_ptr() if _is_torch(x) else describe(x, "tensor").address
+
+
+def _pair_groups(shadows, sources) -> list:
+    # Layouts are cached by the tensors' addresses; each entry keeps the storages alive,
+    # so an address in the cache can never be handed to another tensor meanwhile.
+    key = (tuple(_address(s) for s in shadows), tuple(_address(x) for x in sources))
+    entry = _PAIRS.get(key)
+    if entry is not None:
+        _PAIRS.move_to_end(key)
+        return entry[0]
+    if len(shadows) != len(sources):
+        raise ValueError(f"got {len(shadows)} shadows but {len(sources)} sources; pass them pairwise")
+    groups: dict = {}
+    keep = []
+    for i, (a, b) in enumerate(zip(shadows, sources)):
+        s, x = _pair(a, b, f"shadows[{i}]", f"sources[{i}]")
+        _same_shape(s, x, x.shape, f"shadows[{i}]", f"sources[{i}]")
+        groups.setdefault((s.device, s.kind, x.kind), ([], []))
+        groups[(s.device, s.kind, x.kind)][0].append(s)
+        groups[(s.device, s.kind, x.kind)][1].append(x)
+        keep += [getattr(a, "untyped_storage", lambda: a)(), getattr(b, "untyped_storage", lambda: b)()]
+    built = [_PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
+    _PAIRS[key] = (built, keep)
+    while len(_PAIRS) > _PAIRS_MAX:
+        _PAIRS.popitem(last=False)
+    return built
+
+
+def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None = None, *, weight: Any = None,
+                     rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
+    """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` for every pair, one launch per
+    (device, dtype) group: a drop-in for ``torch._foreach_lerp_(shadows, sources, 1 - decay)``
+    where the shadows belong to the caller (another model's parameters, say).
+
+    The pairs' layout is validated once and cached by the tensors' addresses; later calls
+    with the same tensors cost one address read per tensor. Other arguments as in
+    :func:`ema_update_`.
+    """
+    groups = _pair_groups(list(shadows), list(sources))
+    weights = {}
+    for g in groups:                                  # every check before any launch
+        if g.device not in weights:
+            weights[g.device] = resolve_weights(None if decay is None else [decay], weight, 1, g.device)
+        stochastic_rounding(rounding, g.shadow_kind)
+    key = sr_key(seed, step) if rounding == "stochastic" else 0
+    for g in groups:
+        _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights[g.device], None, key,
+                     rounding == "stochastic", g.stream)
