@@ -17,6 +17,12 @@ __all__ = ["FlatShadow"]
 _DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16}
 
 
+def _data_ptr():
+    import torch
+
+    return torch.Tensor.data_ptr
+
+
 class _Group:
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow."""
 
@@ -35,6 +41,7 @@ class _Group:
         base = describe(self.buffer, "shadow").address
         self.stream = _launch.stream_for(first)
         self.addresses = [b.address for b in bufs]
+        self.tensors = [b.obj for b in bufs]              # the sources, for the per-step address check
         self.tables = _launch.tables(self.addresses, self.counts,
                                      _launch.flat_shadow(base, self.counts, 4 if shadow_kind == F32 else 2),
                                      self.device, self.stream)
@@ -232,11 +239,8 @@ class FlatShadow:
     def _refresh(self) -> None:
         # One data_ptr() per torch source: the per-step price of never reading a stale address.
         for g in self._groups:
-            if g.track:
-                src = self._sources
-                ptrs = [src[i].data_ptr() for i in g.members]
-                if ptrs != g.addresses:
-                    self._rebind(g)
+            if g.track and list(map(_data_ptr(), g.tensors)) != g.addresses:
+                self._rebind(g)
 
     def _rebind(self, g: _Group) -> None:
         bufs = []
@@ -250,6 +254,7 @@ class FlatShadow:
                     f"or change it back. Nothing was updated.")
             bufs.append(b)
         g.addresses = [b.address for b in bufs]
+        g.tensors = [b.obj for b in bufs]
         # keep the storages alive: a freed block could be handed to an unrelated tensor at the same address
         g.keep = [b.obj.untyped_storage() for b in bufs] if g.track else []
         g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)

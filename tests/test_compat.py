@@ -1,5 +1,6 @@
 """fastema.torch.compat against the libraries it replaces."""
-import copy
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn as torch_m
 
 import fastema
 from fastema.torch import compat
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+from baselines import TimmModelEmaV3Reference  # noqa: E402
 
 
 def model_and_data(seed=0, dtype=torch.float32):
@@ -101,44 +105,6 @@ def test_exponential_moving_average_to_dtype():
 
 
 # ------------------------------------------------------------------ timm ModelEmaV3
-
-class TimmModelEmaV3Reference:
-    """timm.utils.model_ema.ModelEmaV3 (timm 1.0), reduced to its arithmetic."""
-
-    def __init__(self, model, decay, min_decay=0.0, update_after_step=0, use_warmup=False, warmup_gamma=1.0,
-                 warmup_power=2 / 3, exclude_buffers=False):
-        self.module = copy.deepcopy(model).eval()
-        self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
-        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
-        self.exclude_buffers = exclude_buffers
-
-    def get_decay(self, step=None):
-        if step is None:
-            return self.decay
-        step = max(0, step - self.update_after_step - 1)
-        if step <= 0:
-            return 0.0
-        if self.use_warmup:
-            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
-            return max(min(decay, self.decay), self.min_decay)
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model, step=None):
-        decay = self.get_decay(step)
-        if self.exclude_buffers:
-            pairs = zip(self.module.parameters(), model.parameters())
-        else:
-            pairs = zip(self.module.state_dict().values(), model.state_dict().values())
-        ema_l, model_l = [], []
-        for e, m in pairs:
-            if e.is_floating_point():
-                ema_l.append(e)
-                model_l.append(m)
-            else:
-                e.copy_(m)
-        torch._foreach_lerp_(ema_l, model_l, weight=1.0 - decay)
-
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_warmup=True, update_after_step=3, min_decay=0.5),
                                     dict(exclude_buffers=True)])

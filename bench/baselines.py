@@ -1,0 +1,55 @@
+"""Baselines: what users run today, written out where the package cannot be installed here.
+
+``TimmModelEmaV3Reference`` is timm 1.0's ``timm.utils.model_ema.ModelEmaV3`` reduced to
+its arithmetic (timm itself needs torchvision, which does not import beside the CPU
+torch build these machines use). The tests check fastema's compat class against it
+bit for bit; the benchmarks time it.
+"""
+import copy
+
+import torch
+
+
+class TimmModelEmaV3Reference:
+    """timm.utils.model_ema.ModelEmaV3 (timm 1.0), reduced to its arithmetic."""
+
+    def __init__(self, model, decay, min_decay=0.0, update_after_step=0, use_warmup=False, warmup_gamma=1.0,
+                 warmup_power=2 / 3, exclude_buffers=False, dtype=None):
+        self.module = copy.deepcopy(model).eval()
+        if dtype is not None:
+            self.module.to(dtype=dtype)
+        self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
+        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
+        self.exclude_buffers = exclude_buffers
+
+    def get_decay(self, step=None):
+        if step is None:
+            return self.decay
+        step = max(0, step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if self.use_warmup:
+            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
+            return max(min(decay, self.decay), self.min_decay)
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model, step=None):
+        decay = self.get_decay(step)
+        if self.exclude_buffers:
+            pairs = zip(self.module.parameters(), model.parameters())
+        else:
+            pairs = zip(self.module.state_dict().values(), model.state_dict().values())
+        ema_l, model_l = [], []
+        for e, m in pairs:
+            if e.is_floating_point():
+                ema_l.append(e)
+                model_l.append(m)
+            else:
+                e.copy_(m)
+        if ema_l and any(e.dtype != m.dtype for e, m in zip(ema_l, model_l)):
+            torch._foreach_mul_(ema_l, decay)                      # timm's mixed-dtype path
+            torch._foreach_add_(ema_l, model_l, alpha=1.0 - decay)
+            return
+        torch._foreach_lerp_(ema_l, model_l, weight=1.0 - decay)
+

@@ -1,0 +1,79 @@
+"""fastema.torch.EMA.update against the model EMAs users run today (issue #3).
+
+Baselines in the same run: torch.optim.swa_utils.AveragedModel with torch's
+get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic
+(bench/baselines.py) and the torch_ema package (per-tensor loop).
+"""
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from baselines import TimmModelEmaV3Reference
+from conftest import QUICK, devices
+from fastema.torch import EMA
+from shapes import gpt2_small, many_small
+
+DECAY = 0.999
+SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}
+
+
+class Params(nn.Module):
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        g = torch.Generator(device=device).manual_seed(0)
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(s, device=device, generator=g).to(dtype))
+                                    for s in shapes])
+
+
+def updater(impl, model, shadow_dtype):
+    if impl == "fastema":
+        ema = EMA(model, DECAY, shadow_dtype=shadow_dtype)
+        return ema.update
+    if impl == "AveragedModel(foreach)":
+        avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+        avg.update_parameters(model)                    # the first call copies; time the EMA calls
+        return lambda: avg.update_parameters(model)
+    if impl == "timm ModelEmaV3":
+        ref = TimmModelEmaV3Reference(model, DECAY, dtype=torch.float32 if shadow_dtype == "float32" else None)
+        return lambda: ref.update(model)
+    if impl == "torch_ema":
+        torch_ema = pytest.importorskip("torch_ema")
+        ema = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY, use_num_updates=False)
+        return ema.update
+    raise ValueError(impl)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema", "AveragedModel(foreach)", "timm ModelEmaV3", "torch_ema"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_model_ema_float32(run, benchmark, device, impl, scenario):
+    if QUICK and scenario == "gpt2-small":
+        pytest.skip("full mode only")
+    benchmark.group = f"EMA.update, float32 model ({device})"
+    model = Params(SCENARIOS[scenario](), torch.float32, device)
+    n = sum(p.numel() for p in model.parameters())
+    run(updater(impl, model, "same"), device, impl=impl, case=scenario, nbytes=12 * n, elements=n,
+        rounds=5 if scenario == "gpt2-small" else None)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_model_ema_bfloat16_model_float32_shadow(run, benchmark, device, impl, scenario):
+    if QUICK and scenario == "gpt2-small":
+        pytest.skip("full mode only")
+    benchmark.group = f"EMA.update, bfloat16 model, float32 shadow ({device})"
+    model = Params(SCENARIOS[scenario](), torch.bfloat16, device)
+    n = sum(p.numel() for p in model.parameters())
+    run(updater(impl, model, "float32"), device, impl=impl, case=scenario, nbytes=10 * n, elements=n,
+        rounds=5 if scenario == "gpt2-small" else None)
+
+
+@pytest.mark.parametrize("count", [50, 148, 3000])
+def test_ema_update_host_overhead(run, benchmark, count):
+    """Host-side cost of EMA.update() (tiny tensors: the kernel time is negligible)."""
+    benchmark.group = "EMA.update host overhead (cpu)"
+    model = Params([(4,)] * count, torch.float32, "cpu")
+    ema = EMA(model, DECAY)
+    run(ema.update, "cpu", impl="fastema", case=f"{count} tensors", nbytes=0, elements=count, rounds=300)
