@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from torch import nn
 
     import fastema
+    from fastema.torch import EMA
 
     torch.manual_seed(args.seed)
     dim, hidden = 32, 256
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
                           nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     params = dict(model.named_parameters())
-    ema = fastema.FlatShadow(params)                  # float32 shadow, starts as the weights
+    ema = EMA(model, decay=args.decay)                # float32 shadow, starts as the weights
 
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -51,14 +52,13 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema.update(args.decay)                        # one launch for every tensor
+        ema.update()                                  # one launch for every tensor
     train_s = time.perf_counter() - t0
 
     with torch.no_grad():
         raw = nn.functional.mse_loss(model(x_val), y_val).item()
-        ema.swap()                                    # EMA weights into the model, in place
-        avg = nn.functional.mse_loss(model(x_val), y_val).item()
-        ema.swap()                                    # raw weights back, bit for bit
+        with ema.average_parameters():                # EMA weights in place; raw weights back on exit
+            avg = nn.functional.mse_loss(model(x_val), y_val).item()
     n_params = sum(p.numel() for p in params.values())
     print(f"fastema {fastema.__version__} demo: MLP with {n_params:,} parameters in {len(params)} tensors, "
           f"{args.steps} SGD steps on noisy data ({train_s:.1f} s)")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         for s, p in zip(shadows, plist):
             s.mul_(args.decay).add_(p, alpha=1 - args.decay)
 
-    ours, theirs = _timed(lambda: ema.update(args.decay), 200), _timed(loop_update, 200)
+    ours, theirs = _timed(ema.update, 200), _timed(loop_update, 200)
     print(f"EMA update, this model:        fastema {ours * 1e6:8.1f} us   per-parameter loop "
           f"{theirs * 1e6:8.1f} us   ({theirs / ours:.1f}x)")
     many = [torch.randn(4096) for _ in range(2000)]
