@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: set up .venv with the dev extra, then
-#   1. CPU tests (kernels, API, FlatShadow, a training loop),
+# The whole test suite: set up .venv with the dev and cuda extras (numba-cuda's compilers:
+# no GPU needed), then
+#   1. CPU tests (kernels, API, FlatShadow, EMA, compat, training loops, and every CUDA
+#      kernel compiled to sm_90 PTX through the real numba-cuda pipeline),
 #   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
 #      (the simulator must be switched on before numba is imported),
 #      and on the real GPU as well when one is present,
@@ -8,7 +10,7 @@
 # A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,cuda
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 

@@ -2,7 +2,8 @@
 
 The simulator runs the kernels' Python; this checks the other half: numba-cuda's
 real typing and lowering, the bit-cast and pointer intrinsics included. Needs
-NVVM (``pip install "fastema[cuda]"``); skipped where it is absent or under the simulator.
+NVVM and NVRTC (``pip install "fastema[cuda]"``, which CI installs); skipped where they
+are absent or under the simulator.
 """
 import os
 
@@ -13,11 +14,14 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 try:
     from numba import cuda
     from numba.cuda import types as T
-    from numba.cuda.cudadrv.nvvm import NVVM
 
-    NVVM()
-except Exception as err:                                    # numba-cuda or NVVM missing
-    pytest.skip(f"needs numba-cuda with NVVM ({err.__class__.__name__})", allow_module_level=True)
+    def _probe(a):
+        a[0] = 1
+
+    cuda.compile_ptx(_probe, (T.Array(T.int32, 1, "C"),), cc=(9, 0))   # needs NVVM and NVRTC
+except Exception as err:                                    # numba-cuda or its compilers missing
+    pytest.skip(f"needs numba-cuda with NVVM and NVRTC, pip install 'fastema[cuda]' "
+                f"({err.__class__.__name__})", allow_module_level=True)
 
 from fastema.kernels import ema_cpu, ema_cuda               # noqa: E402
 from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
