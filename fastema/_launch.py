@@ -133,8 +133,9 @@ def aux_view(x, what: str, dtype, size: int, device: str, writable: bool):
             raise ValueError(f"{what} is read-only; pass a writable array")
     elif _is_torch(x):
         dev = "cpu" if x.device.type == "cpu" else f"{x.device.type}:{x.device.index}"
-        dt, n = np.dtype(str(x.dtype).replace("torch.", "")), x.numel()
-        view = x.detach().numpy() if dev == "cpu" and dt == dtype else None
+        name = str(x.dtype).replace("torch.", "")
+        dt, n = (np.dtype(name) if name in ("float32", "int32") else name), x.numel()
+        view = x.detach().numpy() if dev == "cpu" and dt == dtype and x.is_contiguous() else None
     elif _is_cudasim(x):
         dev, dt, n, view = "cuda:0", x._ary.dtype, x._ary.size, x._ary
     elif hasattr(x, "__cuda_array_interface__"):

@@ -134,12 +134,17 @@ class FlatShadow:
         """True while a shadow row sits in the sources (between two :meth:`swap` calls)."""
         return self._swapped_row is not None
 
-    def view(self, source: int | str, row: int = 0):
-        """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype."""
+    def view(self, source: int | str, row: int | None = 0):
+        """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype.
+
+        ``row=None`` gives every row at once, shape ``(rows, *source.shape)`` (still a view).
+        """
         i = self._index[source] if isinstance(source, str) else int(source)
         g, slot = self._where[i]
-        self._check_row(row)
         lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
+        if row is None:
+            return g.buffer[:, lo:hi].reshape((self.rows,) + tuple(g.shapes[slot]))
+        self._check_row(row)
         return g.buffer[row, lo:hi].reshape(g.shapes[slot])
 
     def views(self, row: int = 0) -> dict:

@@ -272,7 +272,9 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     where the shadows belong to the caller (another model's parameters, say).
 
     The pairs' layout is validated once and cached by the tensors' addresses; later calls
-    with the same tensors cost one address read per tensor. Other arguments as in
+    with the same tensors cost one address read per tensor. The cache holds the last 32
+    layouts and keeps their tensors' storages alive (so no cached address can be reused by
+    another tensor); ``fastema.ops._PAIRS.clear()`` releases them. Other arguments as in
     :func:`ema_update_`.
     """
     groups = _pair_groups(list(shadows), list(sources))

@@ -340,14 +340,14 @@ class EMA:
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: averages keyed by name, counters, schedule, dtypes."""
         self._not_swapped("state_dict()")
-        rows = self._avg.rows
         return {
             "format": FORMAT, "version": VERSION,
             "calls": self.calls, "updates": self.updates, "norms": list(self.norms),
             "schedules": [s.state() for s in self.schedules],
             "update_every": self.update_every, "compensate": self.compensate, "debias": self.debias,
             "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed,
-            "averaged": {n: torch.stack([self._avg.view(n, r) for r in range(rows)]) for n in self._avg.names},
+            # views of the flat buffers, as nn.Module.state_dict() returns views: no model-sized copy
+            "averaged": {n: self._avg.view(n, None) for n in self._avg.names},
             "copied": {n: self._copy.view(n) for n in self._copy.names} if self._copy is not None else {},
             "int_buffers": {n: v[1] for n, v in self._int_buffers.items()},
         }
