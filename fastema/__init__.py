@@ -14,8 +14,9 @@ Many tensors::
     shadow.update(decay=0.999)      # after optimizer.step(): one launch per (device, dtype)
 """
 from .flat import FlatShadow
+from .smooth import Smoother
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 
-__all__ = ["FlatShadow", "MAX_DECAYS", "copy_", "ema_update_", "ema_update_many_", "ema_update_multi_",
+__all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "copy_", "ema_update_", "ema_update_many_", "ema_update_multi_",
            "flag_nonfinite_", "swap_"]
 __version__ = "0.1.0"

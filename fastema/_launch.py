@@ -134,7 +134,7 @@ def aux_view(x, what: str, dtype, size: int, device: str, writable: bool):
     elif _is_torch(x):
         dev = "cpu" if x.device.type == "cpu" else f"{x.device.type}:{x.device.index}"
         name = str(x.dtype).replace("torch.", "")
-        dt, n = (np.dtype(name) if name in ("float32", "int32") else name), x.numel()
+        dt, n = (np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name), x.numel()
         view = x.detach().numpy() if dev == "cpu" and dt == dtype and x.is_contiguous() else None
     elif _is_cudasim(x):
         dev, dt, n, view = "cuda:0", x._ary.dtype, x._ary.size, x._ary

@@ -14,7 +14,7 @@ from .kernels._cuda_hw import SIMULATOR
 from . import _launch as L
 
 _TYPESTR = {np.dtype(np.uint32): "<u4", np.dtype(np.uint16): "<u2", np.dtype(np.float32): "<f4",
-            np.dtype(np.int32): "<i4", np.dtype(np.int64): "<i8"}
+            np.dtype(np.float64): "<f8", np.dtype(np.int32): "<i4", np.dtype(np.int64): "<i8"}
 
 
 def _index(device: str) -> int:

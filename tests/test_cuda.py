@@ -314,3 +314,62 @@ def test_torch_ema_on_gpu_without_host_sync_and_in_a_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(graphed._avg.views().values(), eager._avg.views().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", [F32, BF16, 3])             # 3: float64 values
+@pytest.mark.parametrize("skip", [True, False])
+def test_smoother_kernels_match_cpu(kind, skip):
+    from fastema.kernels import _smooth, smooth_cpu, smooth_cuda
+
+    rng = np.random.default_rng(9)
+    k, window = 37, 4
+    cpu = {n: np.zeros(k) for n in ("a", "b", "s", "comp", "ws", "wcomp")}
+    cpu.update(ring_v=np.zeros(window * k), ring_w=np.zeros(window * k), n=np.zeros(k, np.int64),
+               bad=np.zeros(k, np.int64))
+    dev = {n: cuda.to_device(v) for n, v in cpu.items()}
+    weights = rng.integers(1, 5, k).astype(np.float64)
+    for step in range(7):
+        vals = rng.standard_normal(k)
+        vals[step] = np.nan
+        if kind == 3:
+            y = vals
+        elif kind == F32:
+            y = vals.astype(np.float32).view(np.uint32)
+        else:
+            y = np.array([_bits.encode(b, BF16) for b in vals.astype(np.float32).view(np.uint32)], np.uint16)
+        per_stream = step % 2 == 1
+        mode = _smooth.DEBIASED
+        smooth_cpu.ema_kernel(kind, mode, skip, False)(y, 2.0, weights, per_stream, cpu["a"], cpu["b"], 0.8)
+        smooth_cuda.ema_kernel(kind, mode, skip)[2, 8](cuda.to_device(y), 2.0, cuda.to_device(weights),
+                                                       per_stream, dev["a"], dev["b"], 0.8)
+        args = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
+        smooth_cpu.sma_kernel(kind, skip, False)(y, 2.0, weights, per_stream, *[cpu[n] for n in args],
+                                                 step % window)
+        smooth_cuda.sma_kernel(kind, skip)[2, 8](cuda.to_device(y), 2.0, cuda.to_device(weights), per_stream,
+                                                 *[dev[n] for n in args], step % window)
+    for n, v in cpu.items():
+        np.testing.assert_allclose(dev[n].copy_to_host(), v, rtol=1e-15, atol=0, err_msg=n)
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+def test_smoother_on_gpu_without_host_sync():
+    import torch
+
+    from fastema.smooth import Smoother
+
+    s = Smoother(span=10, window=5)
+    ref = Smoother(span=10, window=5)
+    vals = torch.randn(20, 1000, device="cuda")
+    s.update(vals[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for v in vals[1:]:
+            s.update(v, weight=3.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref.update(vals[0].cpu())
+    for v in vals[1:]:
+        ref.update(v.cpu(), weight=3.0)
+    torch.testing.assert_close(s.ema.cpu(), ref.ema, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.sma.cpu(), ref.sma, rtol=1e-12, atol=1e-12)

@@ -55,3 +55,15 @@ def test_swap_copy_nonfinite_compile(sk, xk, mode):
     for to_shadow in (True, False):
         compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64))
     compile_(ema_cuda.nonfinite_kernel(xk), TABLES[2:] + (A(T.int32),))
+
+
+@pytest.mark.parametrize("kind", [F32, BF16, 3])                 # 3: float64 metric values
+def test_smoother_kernels_compile(kind):
+    from fastema.kernels import _smooth, smooth_cuda
+
+    y = A(T.float64 if kind == 3 else T.uint32 if kind == F32 else T.uint16)
+    f64 = A(T.float64)
+    for mode in (_smooth.DEBIASED, _smooth.SEEDED, _smooth.ZEROS):
+        compile_(smooth_cuda.ema_kernel(kind, mode, True), (y, T.float64, f64, T.boolean, f64, f64, T.float64))
+    compile_(smooth_cuda.sma_kernel(kind, False),
+             (y, T.float64, f64, T.boolean) + (f64,) * 6 + (A(T.int64), A(T.int64), T.int64))

@@ -1,0 +1,299 @@
+"""Smoothed metrics: moving averages of K streams (a scalar loss is K = 1), on the device.
+
+``Smoother(span=20, window=50).update(loss)`` keeps an EMA and a windowed SMA of every
+element of ``loss``. The state lives where the first values live (NumPy, torch CPU or
+CUDA); updates are one kernel launch and never read a value back to the host; reading
+returns arrays/tensors of the values' shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import _launch
+from ._arrays import _is_cudasim, _is_torch
+from .kernels import _smooth
+from .kernels._bits import BF16, F16, F32
+
+__all__ = ["Smoother", "alpha_from"]
+
+_MODES = {"debiased": _smooth.DEBIASED, "seeded": _smooth.SEEDED, "zeros": _smooth.ZEROS}
+
+
+def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) -> float:
+    """The EMA weight ``alpha = 1 - decay`` from exactly one of pandas' parameters.
+
+    ``alpha = 1 - decay = 2 / (span + 1) = 1 / (1 + com) = 1 - exp(-ln 2 / halflife)``.
+    """
+    given = {k: v for k, v in dict(decay=decay, alpha=alpha, span=span, halflife=halflife, com=com).items()
+             if v is not None}
+    if len(given) != 1:
+        raise TypeError(f"give exactly one of decay, alpha, span, halflife, com; got {sorted(given) or 'none'}")
+    (name, v), = given.items()
+    v = float(v)
+    if name == "decay" and 0.0 <= v < 1.0:
+        return 1.0 - v
+    if name == "alpha" and 0.0 < v <= 1.0:
+        return v
+    if name == "span" and v >= 1.0:
+        return 2.0 / (v + 1.0)
+    if name == "com" and v >= 0.0:
+        return 1.0 / (1.0 + v)
+    if name == "halflife" and v > 0.0:
+        return 1.0 - math.exp(-math.log(2.0) / v)
+    ranges = dict(decay="[0, 1)", alpha="(0, 1]", span=">= 1", com=">= 0", halflife="> 0")
+    raise ValueError(f"{name} must be {ranges[name]}, got {v!r}")
+
+
+def _values_view(x, what: str):
+    """(kind, flat kernel view, framework info) of K metric values; float64 allowed."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        x = np.asarray([x], np.float64)
+    if _is_torch(x):
+        import torch
+
+        kinds = {torch.float64: _smooth.F64, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
+        if x.dtype not in kinds:
+            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        kind = kinds[x.dtype]
+        flat = x.detach().reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        view_dtype = {_smooth.F64: torch.float64, F32: torch.uint32}.get(kind, torch.uint16)
+        bits = flat.view(view_dtype)
+        if x.device.type == "cpu":
+            return kind, bits.numpy(), ("torch", x.device), tuple(x.shape)
+        typ = {_smooth.F64: np.float64, F32: np.uint32}.get(kind, np.uint16)
+        return kind, _launch._cuda().raw_view(bits.data_ptr(), bits.numel(), typ, bits), \
+            ("torch", x.device), tuple(x.shape)
+    if _is_cudasim(x):
+        x = x._ary
+        kind, bits, _, shape = _values_view(x, what)
+        return kind, bits, ("cudasim", "cuda:0"), shape
+    if isinstance(x, np.ndarray):
+        kinds = {np.dtype(np.float64): _smooth.F64, np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+        if x.dtype not in kinds:
+            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        kind = kinds[x.dtype]
+        flat = np.ascontiguousarray(x).reshape(-1)
+        return kind, flat if kind == _smooth.F64 else flat.view(np.uint32 if kind == F32 else np.uint16), \
+            ("numpy", "cpu"), x.shape
+    raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+class Smoother:
+    """Exponential and simple moving averages of metric streams, updated without a host sync.
+
+    Args:
+        decay, alpha, span, halflife, com: the EMA's weight, one of them (pandas' meanings);
+            leave all out for no EMA.
+        mode: ``"debiased"`` (default: TensorBoard's smoothing, pandas ``ewm(adjust=True)``),
+            ``"seeded"`` (the first value seeds it: ``adjust=False``) or ``"zeros"``
+            (from zero, uncorrected).
+        window: the SMA's window W (mean of the last W updates, pandas ``rolling(W)``); None for no SMA.
+        min_periods: the SMA reads NaN until this many finite values are in the window.
+        nonfinite: ``"skip"`` (TensorBoard: inf/NaN leave the stream alone; pandas
+            ``ignore_na=True`` for the EMA, a missing value for the SMA) or ``"propagate"``
+            (the average becomes NaN: for the SMA while the value is in the window).
+    """
+
+    def __init__(self, *, decay=None, alpha=None, span=None, halflife=None, com=None, mode: str = "debiased",
+                 window: int | None = None, min_periods: int = 1, nonfinite: str = "skip"):
+        has_ema = any(v is not None for v in (decay, alpha, span, halflife, com))
+        self.alpha = alpha_from(decay=decay, alpha=alpha, span=span, halflife=halflife, com=com) if has_ema else None
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if not isinstance(min_periods, int) or min_periods < 1 or (window is not None and min_periods > window):
+            raise ValueError(f"min_periods must be an int in [1, window], got {min_periods!r}")
+        if nonfinite not in ("skip", "propagate"):
+            raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}")
+        if not has_ema and window is None:
+            raise TypeError("give an EMA parameter (decay, alpha, span, halflife or com), window=, or both")
+        self.mode, self.window, self.min_periods, self.nonfinite = mode, window, min_periods, nonfinite
+        self.count = 0                           # updates so far (host counter: the ring position)
+        self.shape: tuple | None = None
+        self._state: dict[str, Any] = {}
+        self._where = None
+
+    # ------------------------------------------------------------ state
+
+    def _alloc(self, where, shape):
+        framework, device = where
+        k = int(np.prod(shape)) if shape else 1
+        sizes = {}
+        if self.alpha is not None:
+            sizes.update(a=k, b=k)
+        if self.window is not None:
+            sizes.update(ring_v=self.window * k, ring_w=self.window * k, s=k, comp=k, ws=k, wcomp=k)
+        ints = {"n": k, "bad": k} if self.window is not None else {}
+        if framework == "torch":
+            import torch
+
+            st = {n: torch.zeros(m, dtype=torch.float64, device=device) for n, m in sizes.items()}
+            st.update({n: torch.zeros(m, dtype=torch.int64, device=device) for n, m in ints.items()})
+        elif framework == "cudasim":
+            from numba import cuda
+
+            st = {n: cuda.to_device(np.zeros(m, np.float64)) for n, m in sizes.items()}
+            st.update({n: cuda.to_device(np.zeros(m, np.int64)) for n, m in ints.items()})
+        else:
+            st = {n: np.zeros(m, np.float64) for n, m in sizes.items()}
+            st.update({n: np.zeros(m, np.int64) for n, m in ints.items()})
+        self._state, self._where, self.shape = st, where, shape
+
+    def _kernel_view(self, a):
+        if isinstance(a, np.ndarray):
+            return a
+        if self._where[0] == "cudasim":
+            return a._ary
+        if a.device.type == "cpu":
+            return a.numpy()
+        typ = np.float64 if a.dtype.is_floating_point else np.int64
+        return _launch._cuda().raw_view(a.data_ptr(), a.numel(), typ, a)
+
+    # ------------------------------------------------------------ update / read
+
+    def update(self, values, weight=None) -> None:
+        """Add one value per stream (``values`` of the smoother's shape), with an optional
+        sample weight (a float, or one weight per stream), e.g. the batch size."""
+        kind, y, where, shape = _values_view(values, "values")
+        if self._where is None:
+            self._alloc(where, shape)
+            self._unused = None
+        elif where != self._where or shape != self.shape:
+            raise ValueError(f"values are {shape} on {where[1]} but this smoother holds {self.shape} on "
+                             f"{self._where[1]}; use one smoother per stream shape and device")
+        w0, c, per_stream = self._weights(weight, y.size)
+        cuda = _launch.is_cuda(_dev(where[1]))
+        skip = self.nonfinite == "skip"
+        st = {n: self._kernel_view(a) for n, a in self._state.items()}
+        mode = _MODES[self.mode]
+        if cuda:
+            from .kernels import smooth_cuda as K
+
+            ema_k = K.ema_kernel(kind, mode, skip) if self.alpha is not None else None
+            sma_k = K.sma_kernel(kind, skip) if self.window is not None else None
+            run = self._launch_cuda
+        else:
+            from .kernels import smooth_cpu as K
+
+            big = y.size >= 1 << 16                       # parallel only where threads pay off
+            ema_k = K.ema_kernel(kind, mode, skip, big) if self.alpha is not None else None
+            sma_k = K.sma_kernel(kind, skip, big) if self.window is not None else None
+            run = _call
+        if ema_k is not None:
+            run(ema_k, y, w0, c, per_stream, st["a"], st["b"], 1.0 - self.alpha)
+        if sma_k is not None:
+            run(sma_k, y, w0, c, per_stream, st["ring_v"], st["ring_w"], st["s"], st["comp"], st["ws"],
+                st["wcomp"], st["n"], st["bad"], self.count % self.window)
+        self.count += 1
+
+    def _weights(self, weight, k):
+        """(scalar weight, per-stream weight view, per_stream): scalars travel as kernel arguments."""
+        if weight is None:
+            return 1.0, self._dummy(), False
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            if not weight >= 0:
+                raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+            return float(weight), self._dummy(), False
+        view = _launch.aux_view(weight, "weight", np.float64, k, _dev(self._where[1]), writable=False)
+        return 1.0, view, True
+
+    def _dummy(self):
+        if self.__dict__.get("_unused") is None:
+            st = self._state[next(iter(self._state))]
+            self._unused = self._kernel_view(st)            # any float64 array on the device: never read
+        return self._unused
+
+    def _launch_cuda(self, kernel, *args):
+        k = args[0].size
+        threads = 256
+        blocks = max(1, min((k + threads - 1) // threads, 4096))
+        if self._where[0] == "torch":
+            import torch
+
+            stream = _launch._cuda().external_stream(torch.cuda.current_stream(self._where[1]).cuda_stream)
+            kernel[blocks, threads, stream](*args)
+        else:
+            kernel[blocks, threads](*args)
+
+    @property
+    def ema(self):
+        """The EMA of every stream, shaped like the values (NaN where a stream has no value yet)."""
+        if self.alpha is None:
+            raise AttributeError("this smoother keeps no EMA (give decay, alpha, span, halflife or com)")
+        self._started()
+        a, b = self._state["a"], self._state["b"]
+        if self.mode == "zeros":
+            out = a * 1.0
+        else:
+            out = _where(b != 0, a / _nonzero(b), math.nan) if self.mode == "debiased" else \
+                _where(b != 0, a * 1.0, math.nan)
+        return out.reshape(self.shape)
+
+    @property
+    def sma(self):
+        """The windowed mean of every stream, NaN until ``min_periods`` finite values are in the window."""
+        if self.window is None:
+            raise AttributeError("this smoother keeps no SMA (give window=)")
+        self._started()
+        st = self._state
+        ok = (st["n"] >= self.min_periods) & (st["bad"] == 0)
+        mean = (st["s"] + st["comp"]) / _nonzero(st["ws"] + st["wcomp"])
+        return _where(ok, mean, math.nan).reshape(self.shape)
+
+    def _started(self):
+        if self._where is None:
+            raise RuntimeError("no values yet: call update() first")
+        if self._where[0] == "cudasim":
+            raise RuntimeError("reading a smoother under the CUDA simulator is not supported; "
+                               "use state_dict()")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {"format": "fastema.Smoother", "version": 1, "alpha": self.alpha, "mode": self.mode,
+                "window": self.window, "min_periods": self.min_periods, "nonfinite": self.nonfinite,
+                "count": self.count, "shape": self.shape, "state": dict(self._state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != "fastema.Smoother" or state.get("version") != 1:
+            raise ValueError("not a fastema.Smoother state dict (version 1)")
+        mine = (self.alpha, self.mode, self.window)
+        theirs = (state["alpha"], state["mode"], state["window"])
+        if mine != theirs:
+            raise ValueError(f"checkpoint smoother has (alpha, mode, window) = {theirs}, this one {mine}")
+        if self._where is None:
+            like = next(iter(state["state"].values()))
+            where = ("torch", like.device) if _is_torch(like) else ("numpy", "cpu")
+            self._alloc(where, tuple(state["shape"]) if state["shape"] is not None else ())
+        if set(state["state"]) != set(self._state) or any(
+                tuple(state["state"][n].shape) != tuple(a.shape) for n, a in self._state.items()):
+            raise ValueError("checkpoint smoother state does not match this smoother's streams")
+        for n, a in self._state.items():
+            a[...] = state["state"][n] if isinstance(a, np.ndarray) else state["state"][n]
+        self.count = int(state["count"])
+
+
+def _call(kernel, *args):
+    kernel(*args)
+
+
+def _dev(d) -> str:
+    return str(d) if ":" in str(d) or str(d) == "cpu" else f"{d}:0"
+
+
+def _nonzero(x):
+    return x + (x == 0)
+
+
+def _where(cond, a, fill):
+    if _is_torch(a):
+        import torch
+
+        return torch.where(cond, a, torch.full_like(a, fill))
+    return np.where(cond, a, fill)

@@ -1,0 +1,39 @@
+"""Per-stream arithmetic of the metric smoothers, shared by the CPU and CUDA kernels.
+
+Plain Python over float64 scalars; each target compiles it (see ``_bits`` for the pattern).
+State per stream (float64): EMA ``a``, ``b``; SMA a compensated window sum, the window's
+weight, and counts. Modes are compile-time constants of the kernels.
+"""
+import math
+
+DEBIASED, SEEDED, ZEROS = 0, 1, 2      # EMA modes: pandas adjust=True / adjust=False / zero-init
+F64 = 3                                # value kind beyond _bits' storage kinds: float64 metrics
+
+
+def ema_step(a, b, v, w, d, mode):
+    """One EMA update of stream state ``(a, b)`` with value ``v`` of weight ``w``; returns ``(a, b)``.
+
+    DEBIASED: ``a <- d a + w v``, ``b <- d b + w``; the mean is ``a / b`` (TensorBoard's
+    smoothing, pandas ``ewm(adjust=True)``, weighted by sample counts).
+    SEEDED:   the first value seeds ``a`` (``b = 1`` marks it); then ``a <- a + (1 - d)(v - a)``
+    (pandas ``adjust=False``). ZEROS: ``a <- a + (1 - d)(v - a)`` from 0, no correction.
+    """
+    if mode == DEBIASED:
+        return d * a + w * v, d * b + w
+    if mode == SEEDED and b == 0.0:
+        return v, 1.0
+    return a + (1.0 - d) * (v - a), 1.0
+
+
+def neumaier(s, c, x):
+    """Add ``x`` to the compensated sum ``(s, c)`` (Neumaier); the value is ``s + c``."""
+    t = s + x
+    if abs(s) >= abs(x):
+        c += (s - t) + x
+    else:
+        c += (x - t) + s
+    return t, c
+
+
+def finite(v):
+    return not (math.isnan(v) or math.isinf(v))
