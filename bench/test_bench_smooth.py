@@ -1,0 +1,48 @@
+"""Metric smoothers (issue #4): fastema.Smoother against a plain torch implementation.
+
+The torch baseline keeps the same debiased EMA and a window ring in float64 with
+the usual tensor ops (NaN skipping included), as users write it by hand.
+"""
+import pytest
+import torch
+
+from conftest import devices
+from fastema.smooth import Smoother
+
+
+class TorchSmoother:
+    def __init__(self, decay, window, shape, device):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.d, self.window, self.i = decay, window, 0
+        self.num, self.den = z(shape), z(shape)
+        self.ring, self.valid = z(window, shape), z(window, shape)
+
+    def update(self, v):
+        v = v.double()
+        ok = torch.isfinite(v)
+        v0 = torch.where(ok, v, torch.zeros_like(v))
+        self.num = torch.where(ok, self.d * self.num + v0, self.num)
+        self.den = torch.where(ok, self.d * self.den + 1, self.den)
+        self.ring[self.i % self.window] = v0
+        self.valid[self.i % self.window] = ok.double()
+        self.i += 1
+
+    def read(self):
+        return self.num / self.den, self.ring.sum(0) / self.valid.sum(0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("k", [1, 10 ** 6])
+@pytest.mark.parametrize("impl", ["fastema", "torch ops"])
+def test_smoother_update(run, benchmark, device, k, impl):
+    benchmark.group = f"Smoother.update, EMA + SMA(50) ({device})"
+    values = torch.randn(k, device=device)
+    if impl == "fastema":
+        s = Smoother(decay=0.99, window=50)
+        fn = lambda: s.update(values)  # noqa: E731
+    else:
+        t = TorchSmoother(0.99, 50, k, device)
+        fn = lambda: t.update(values)  # noqa: E731
+    # bytes: read the value (4) and the EMA state (16) and write it (16), plus the SMA slot and sums (40)
+    run(fn, device, impl=impl, case=f"K={k}", nbytes=76 * k if k > 1 else 0, elements=k,
+        rounds=100 if k == 1 else 10)
