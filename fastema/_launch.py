@@ -107,6 +107,16 @@ def swap(device, shadow_kind, src_kind, t: Tables, mode, row, stream=0):
     ema_cpu.swap_kernel(shadow_kind, src_kind, mode, _cpu_parallel(t, 1))(*t.args(), row)
 
 
+def window(device, ring_kind, src_kind, t: Tables, ring_addr, slot, full, count, recompute, stream=0):
+    """Push the sources into ring row ``slot`` and refresh the window mean (ema_cpu.window_kernel)."""
+    if t.chunks == 0:
+        return
+    if is_cuda(device):
+        return _cuda().window(device, ring_kind, src_kind, t, ring_addr, slot, full, count, recompute, stream)
+    ema_cpu.window_kernel(ring_kind, src_kind, _cpu_parallel(t, 3))(*t.args(), ring_addr, slot, full, count,
+                                                                    recompute)
+
+
 def nonfinite(device, src_kind, t: Tables, flag, stream=0):
     """flag[0] <- 1 if any source element is inf or NaN."""
     if t.chunks == 0:

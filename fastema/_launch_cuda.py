@@ -79,3 +79,8 @@ def swap(device, shadow_kind, src_kind, t, mode, row, stream):
 
 def nonfinite(device, src_kind, t, flag, stream):
     _launch(ema_cuda.nonfinite_kernel(src_kind), device, t, stream, *t.args()[2:], flag)
+
+
+def window(device, ring_kind, src_kind, t, ring_addr, slot, full, count, recompute, stream):
+    _launch(ema_cuda.window_kernel(ring_kind, src_kind), device, t, stream, *t.args(), ring_addr, slot, full,
+            count, recompute)

@@ -12,7 +12,7 @@ from .kernels import ema_cpu
 from .kernels._bits import BF16, F16, F32, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 
-__all__ = ["FlatShadow"]
+__all__ = ["FlatShadow", "WindowShadow"]
 
 _DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16}
 
@@ -300,3 +300,59 @@ class FlatShadow:
         if self._swapped_row is not None:
             raise RuntimeError(f"{what} while shadow row {self._swapped_row} is swapped into the sources; "
                                f"call swap() again first")
+
+
+class WindowShadow(FlatShadow):
+    """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
+
+    A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory) and a
+    compensated float32 running sum per element: each :meth:`push` adds the new snapshot
+    (as stored), subtracts the one it evicts (every W pushes the sum is rebuilt from the
+    ring in float64, so the mean stays within 2 ulp) and writes the mean into row 0, which is what
+    :meth:`view`, :meth:`swap` and :meth:`copy_to_sources` use. Rows 1 and 2 hold the sum.
+    The construction pushes the sources once.
+    """
+
+    def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32"):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if ring_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
+        super().__init__(sources, rows=3, dtype="float32", init="zeros")
+        self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
+        kind = _DTYPES[ring_dtype]
+        for g in self._groups:
+            g.ring = empty(describe(g.buffer, "shadow"), kind, (window, g.n))
+            base = describe(g.ring, "ring").address
+            g.ring_addr = _launch.tables([0] * len(g.counts), g.counts,
+                                         _launch.flat_shadow(base, g.counts, 4 if kind == F32 else 2),
+                                         g.device, g.stream).shadow_addr
+        self.push()
+
+    @property
+    def count(self) -> int:
+        """Snapshots in the window now (at most ``window``)."""
+        return min(self.pushes, self.window)
+
+    def push(self) -> None:
+        """Add the sources' current values as the newest snapshot, evicting the oldest when full."""
+        self._not_swapped("push()")
+        self._refresh()
+        slot, full = self.pushes % self.window, self.pushes >= self.window
+        count = min(self.pushes + 1, self.window)
+        recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
+        kind = _DTYPES[self.ring_dtype]
+        for g in self._groups:
+            _launch.window(g.device, kind, g.src_kind, g.tables, g.ring_addr, slot, full, count, recompute,
+                           g.stream)
+        self.pushes += 1
+
+    def update(self, *args, **kwargs) -> None:
+        raise TypeError("a WindowShadow is advanced with push(), not update()")
+
+    def ring_view(self, source: int | str):
+        """The stored snapshots of one source, shape ``(window, *shape)`` (slot order, not time order)."""
+        i = self._index[source] if isinstance(source, str) else int(source)
+        g, slot = self._where[i]
+        lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
+        return g.ring[:, lo:hi].reshape((self.window,) + tuple(g.shapes[slot]))

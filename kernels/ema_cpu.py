@@ -28,7 +28,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from . import _bits
+from . import _bits, _smooth
 from ._bits import F32
 from ._cpu_hw import as_bits, as_float, u16_pointer, u32_pointer
 
@@ -42,6 +42,7 @@ sr_noise = _scalar(_bits.sr_noise)
 pack_bf16 = _scalar(_bits.pack_bf16)
 unpack_bf16 = _scalar(_bits.unpack_bf16)
 is_nonfinite = _scalar(_bits.is_nonfinite)
+neumaier = _scalar(_smooth.neumaier)
 
 
 def _pointer(kind):
@@ -197,5 +198,61 @@ def nonfinite_kernel(src_kind, parallel):
             begin = chunk_begin[c]
             if chunk(seg_addr[s] + (begin - seg_offset[s]) * XB, chunk_begin[c + 1] - begin):
                 flag[0] = 1
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def window_kernel(ring_kind, src_kind, parallel):
+    """Push the sources into a window of W snapshots and refresh its mean.
+
+    The shadow has 3 float32 rows: 0 the mean, 1 and 2 a compensated (Neumaier) running
+    sum of the snapshots in the window. The ring holds W rows of ``ring_kind`` (float32
+    or bfloat16) at ``ring_addr`` (same layout as the shadow); row ``slot`` is replaced.
+    The sum adds exactly what the ring stores and subtracts the evicted snapshot when
+    ``full``; ``count`` is the number of snapshots after the push. With ``recompute`` the
+    sum is rebuilt from the ``count`` ring rows in compensated float64 instead: a running
+    sum's error grows with the pushes relative to the values' size, not the mean's, so
+    the caller recomputes every W pushes and the mean stays within 2 ulp.
+    """
+    rptr, RB = _pointer(ring_kind)
+    xptr, XB = _pointer(src_kind)
+    fptr = u32_pointer
+    RK, XK = ring_kind, src_kind
+
+    @_chunk
+    def chunk(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count, recompute):
+        q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
+        r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+        cnt = np.float32(count)
+        for j in range(m):
+            stored = encode(decode(p[j], XK), RK)
+            old = r[slot * n + j]
+            r[slot * n + j] = stored
+            if recompute:
+                s64, c64 = 0.0, 0.0
+                for row in range(count):
+                    s64, c64 = neumaier(s64, c64, np.float64(as_float(decode(r[row * n + j], RK))))
+                total = s64 + c64
+                s = np.float32(total)
+                c = np.float32(total - np.float64(s))
+                q[j] = as_bits(np.float32(total / count))
+            else:
+                s, c = neumaier(as_float(sm[j]), as_float(cm[j]), as_float(decode(stored, RK)))
+                if full:
+                    s, c = neumaier(s, c, -as_float(decode(old, RK)))
+                q[j] = as_bits((s + c) / cnt)
+            sm[j] = as_bits(s)
+            cm[j] = as_bits(c)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
+               recompute):
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            within = begin - seg_offset[s]
+            base = shadow_addr[s] + within * 4
+            chunk(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
+                  seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count, recompute)
 
     return _compile(kernel, parallel)

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from . import _bits
+from . import _bits, _smooth
 from ._bits import F32
 from ._cuda_hw import as_bits, as_float, fma, u16_pointer, u32_pointer
 from .ema_cpu import EXCHANGE, PACK, UNPACK  # noqa: F401  (one definition of the modes)
@@ -24,6 +24,7 @@ sr_noise = _device(_bits.sr_noise)
 pack_bf16 = _device(_bits.pack_bf16)
 unpack_bf16 = _device(_bits.unpack_bf16)
 is_nonfinite = _device(_bits.is_nonfinite)
+neumaier = _device(_smooth.neumaier)
 
 
 def _pointer(kind):
@@ -131,5 +132,45 @@ def nonfinite_kernel(src_kind):
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 if is_nonfinite(p[i - off], XK):
                     flag[0] = 1
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def window_kernel(ring_kind, src_kind):
+    """See :func:`fastema.kernels.ema_cpu.window_kernel`."""
+    rptr, xptr = _pointer(ring_kind), _pointer(src_kind)
+    RK, XK = ring_kind, src_kind
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
+               recompute):
+        cnt = np.float32(count)
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            length = seg_offset[s + 1] - off
+            p = xptr(seg_addr[s], length)
+            q = u32_pointer(shadow_addr[s], 2 * n + length)
+            r = rptr(ring_addr[s], (count if count > slot + 1 else slot + 1) * n)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                j = i - off
+                stored = encode(decode(p[j], XK), RK)
+                old = r[slot * n + j]
+                r[slot * n + j] = stored
+                if recompute:
+                    s64, c64 = 0.0, 0.0
+                    for row in range(count):
+                        s64, c64 = neumaier(s64, c64, np.float64(as_float(decode(r[row * n + j], RK))))
+                    total = s64 + c64
+                    sm = np.float32(total)
+                    cm = np.float32(total - np.float64(sm))
+                    q[j] = as_bits(np.float32(total / count))
+                else:
+                    sm, cm = neumaier(as_float(q[n + j]), as_float(q[2 * n + j]), as_float(decode(stored, RK)))
+                    if full:
+                        sm, cm = neumaier(sm, cm, -as_float(decode(old, RK)))
+                    q[j] = as_bits((sm + cm) / cnt)
+                q[n + j] = as_bits(sm)
+                q[2 * n + j] = as_bits(cm)
 
     return cuda.jit(kernel)

@@ -373,3 +373,28 @@ def test_smoother_on_gpu_without_host_sync():
         ref.update(v.cpu(), weight=3.0)
     torch.testing.assert_close(s.ema.cpu(), ref.ema, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s.sma.cpu(), ref.sma, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ring_kind", [F32, BF16])
+def test_window_kernel_matches_cpu(ring_kind):
+    rng = np.random.default_rng(11)
+    counts, window = [9, 30], 3
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    rb = 4 if ring_kind == F32 else 2
+    cpu_sh, cpu_ring = np.zeros(3 * n, np.float32), np.zeros(window * n, UINT[ring_kind])
+    d_sh, d_ring = cuda.to_device(cpu_sh), cuda.to_device(cpu_ring)
+    cpu_tabs = (shadow_table(cpu_sh.ctypes.data, counts, F32), _launch.flat_shadow(cpu_ring.ctypes.data, counts, rb))
+    dev_ring_tab = cuda.to_device(_launch.flat_shadow(dev_addr(d_ring), counts, rb))
+    for push in range(7):
+        srcs = [rng.standard_normal(c).astype(np.float32) for c in counts]
+        slot, full, count = push % window, push >= window, min(push + 1, window)
+        recompute = slot == window - 1
+        host_addr = np.array([s.ctypes.data for s in srcs], np.int64)
+        ema_cpu.window_kernel(ring_kind, F32, False)(n, cpu_tabs[0], host_addr, off, cs, cb, cpu_tabs[1], slot,
+                                                     full, count, recompute)
+        _, addr = cuda_sources(srcs)
+        tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d_sh), counts, F32), addr, off, cs, cb)]
+        ema_cuda.window_kernel(ring_kind, F32)[2, 8](n, *tabs, dev_ring_tab, slot, full, count, recompute)
+    np.testing.assert_array_equal(d_ring.copy_to_host(), cpu_ring)
+    np.testing.assert_allclose(d_sh.copy_to_host(), cpu_sh, rtol=2e-7, atol=1e-7)

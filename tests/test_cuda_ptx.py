@@ -67,3 +67,9 @@ def test_smoother_kernels_compile(kind):
         compile_(smooth_cuda.ema_kernel(kind, mode, True), (y, T.float64, f64, T.boolean, f64, f64, T.float64))
     compile_(smooth_cuda.sma_kernel(kind, False),
              (y, T.float64, f64, T.boolean) + (f64,) * 6 + (A(T.int64), A(T.int64), T.int64))
+
+
+@pytest.mark.parametrize("ring_kind", [F32, BF16])
+def test_window_kernel_compiles(ring_kind):
+    compile_(ema_cuda.window_kernel(ring_kind, BF16),
+             TABLES + (A(T.int64), T.int64, T.boolean, T.int64, T.boolean))

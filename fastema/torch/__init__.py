@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .. import schedules as S
-from ..flat import FlatShadow
+from ..flat import FlatShadow, WindowShadow
 
-__all__ = ["EMA", "normalize_name"]
+__all__ = ["EMA", "WindowAverage", "normalize_name"]
 
 FORMAT = "fastema.torch.EMA"
 VERSION = 1
@@ -65,7 +65,7 @@ def _on_registration(module, name, value):
     return None
 
 
-def _watch(model: nn.Module, ema: "EMA") -> None:
+def _watch(model: nn.Module, ema) -> None:
     global _HOOKS_INSTALLED
     if not _HOOKS_INSTALLED:
         from torch.nn.modules import module as M
@@ -82,58 +82,20 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-class EMA:
-    """Exponential moving average of a PyTorch model's weights.
+class _ModelAverage:
+    """What every model-level average shares: which tensors are averaged or copied, the flat
+    shadow, following a changed model, swap / copy-out / export, and checkpoints. Subclasses
+    make the shadow and define ``update()`` and their extra checkpoint state."""
 
-    ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
-    every floating parameter (and buffer, if asked), in one kernel launch per
-    (device, dtype) group, on torch's current stream, with no host sync.
+    _format = ""
 
-    Args:
-        model: the model (bare, DDP- or torch.compile-wrapped; names are normalised).
-        decay: a float, or up to 8 floats for several averages kept in one pass.
-        warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
-            torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
-            ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
-        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
-        update_every: update on every k-th call of ``update()`` (the first call updates).
-        compensate: with ``update_every=k``, use ``decay**k`` so the average spans the same time.
-        debias: start the average from zero and divide out the bias (optax ``debias=True``,
-            pandas ``ewm(adjust=True)``); the first update then copies the weights.
-        shadow_dtype: ``"float32"`` (default: bfloat16/float16 weights keep moving),
-            ``"same"`` or ``"bfloat16"``.
-        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
-        seed: stochastic-rounding seed; with the step it gives the same bits on every rank.
-        buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
-            or ``"ignore"``. Integer buffers are always copied.
-        exclude: name patterns (fnmatch, normalised names) left out entirely.
-        copy: name patterns copied instead of averaged.
-        skip_nonfinite: skip an update (on the device, no sync) when a weight is inf/NaN.
-    """
-
-    def __init__(self, model: nn.Module, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
-                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
-                 update_every: int = 1, compensate: bool = False, debias: bool = False,
-                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
-                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
+    def __init__(self, model: nn.Module, make_shadow, *, buffers: str, exclude: Sequence[str],
+                 copy: Sequence[str]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
-        if warmup not in (None, "num_updates", "power"):
-            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and shadow_dtype != "bfloat16":
-            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
-        self.schedules = [self._schedule(d, warmup, min_decay, inv_gamma, power, update_after_step) for d in decays]
-        self.update_every, self.compensate, self.debias = update_every, compensate, debias
-        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
         self.buffers, self.exclude, self.copy_patterns = buffers, tuple(exclude), tuple(copy)
-        self.skip_nonfinite = skip_nonfinite
         self.model = model
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
         averaged, copied = self._select(model)
@@ -141,26 +103,28 @@ class EMA:
             raise ValueError("the model has no floating-point parameters to average "
                              "(check exclude= and copy=)")
         self._names = (list(averaged), list(copied))
-        self._avg = FlatShadow(averaged, rows=len(decays), dtype=shadow_dtype)
+        self._avg = make_shadow(averaged)
         self._copy = FlatShadow(copied, dtype="same") if copied else None
         self.calls = 0                          # update() calls
-        self.updates = 0                        # updates made (calls that were not skipped by update_every)
-        self.norms = [0.0] * len(decays)        # debiasing normalisers c
-        self._decays = [0.0] * len(decays)      # the decays of the last update
         self._stale = False
         self._backup = None                     # raw weights during a lossy swap (float16 models)
         self._swapped_row: int | None = None
         _watch(_unwrap(model), self)
 
-    # ------------------------------------------------------------ construction helpers
+    def _copy_buffers(self) -> None:
+        if self._copy is not None:
+            self._copy.copy_from_sources()
+        for src, dst in self._int_buffers.values():
+            dst.copy_(src)
 
-    @staticmethod
-    def _schedule(decay, warmup, min_decay, inv_gamma, power, update_after_step):
-        if warmup is None:
-            return S.Constant(decay)
-        if warmup == "num_updates":
-            return S.NumUpdates(decay)
-        return S.PowerWarmup(decay, min_decay, inv_gamma, power, update_after_step)
+    def _due(self, every: int) -> bool:
+        """Count a call of update(); True when this one updates (the first, then every k-th)."""
+        self._not_swapped("update()")
+        due = self.calls % every == 0
+        if due and self._stale:
+            self._rebind()                      # may refuse: then nothing is counted or written
+        self.calls += 1
+        return due
 
     def _select(self, model):
         averaged, copied = {}, {}
@@ -181,56 +145,9 @@ class EMA:
                 self._int_buffers[name] = (b, b.detach().clone())
         return averaged, copied
 
-    # ------------------------------------------------------------ state readable without a sync
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        d = [self._decay_at(i, self.updates + 1) for i in range(len(self.schedules))]
-        return d[0] if len(d) == 1 else d
-
     @property
     def swapped(self) -> bool:
         return self._swapped_row is not None
-
-    def _decay_at(self, i: int, n: int) -> float:
-        d = self.schedules[i](n)
-        return S.compensated(d, self.update_every) if self.compensate else d
-
-    # ------------------------------------------------------------ update
-
-    @torch.no_grad()
-    def update(self, step: int | None = None) -> None:
-        """Update the averages from the model's current weights (call after ``optimizer.step()``).
-
-        Args:
-            step: the training step for the schedule; defaults to the number of updates made.
-        """
-        self._not_swapped("update()")
-        self.calls += 1
-        if (self.calls - 1) % self.update_every:
-            return
-        n = self.updates + 1 if step is None else int(step)
-        weights, decays, norms = [], [], list(self.norms)
-        for i in range(len(self.schedules)):
-            d = self._decay_at(i, n)
-            if self.debias:
-                w, norms[i] = S.debiased_weight(d, norms[i])
-            else:
-                w = 1.0 - d
-            weights.append(w)
-            decays.append(d)
-        if self._stale:
-            self._rebind()
-        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
-                         skip_nonfinite=self.skip_nonfinite)
-        if self._copy is not None:
-            self._copy.copy_from_sources()
-        for src, dst in self._int_buffers.values():
-            dst.copy_(src)
-        self._stale = False
-        self.updates += 1
-        self.norms, self._decays = norms, decays
 
     def _rebind(self) -> None:
         # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
@@ -251,8 +168,6 @@ class EMA:
                                  f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
             self._int_buffers[n] = (named[n], copy_)
         _watch(_unwrap(self.model), self)               # new submodules are watched too
-
-    # ------------------------------------------------------------ evaluation
 
     def swap(self, row: int = 0) -> None:
         """Put average ``row`` into the model in place; call again to put the raw weights back.
@@ -307,12 +222,12 @@ class EMA:
             if self._copy is not None:
                 self._copy.copy_to_sources()
             return
-        model.load_state_dict(self.ema_state_dict(row), strict=False)
+        model.load_state_dict(self.averaged_state_dict(row), strict=False)
 
-    def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+    def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes and names,
         prefixes stripped): what ``model.load_state_dict`` takes."""
-        self._not_swapped("ema_state_dict()")
+        self._not_swapped("averaged_state_dict()")
         out = {}
         for name, t in self._raw_named():
             if name in self._avg._index:
@@ -332,20 +247,14 @@ class EMA:
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
         clone = copy.deepcopy(_unwrap(self.model))
-        clone.load_state_dict(self.ema_state_dict(row))
+        clone.load_state_dict(self.averaged_state_dict(row))
         return clone
 
-    # ------------------------------------------------------------ checkpoints
-
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: averages keyed by name, counters, schedule, dtypes."""
+        """Everything needed to resume exactly: averages keyed by name, counters, settings."""
         self._not_swapped("state_dict()")
         return {
-            "format": FORMAT, "version": VERSION,
-            "calls": self.calls, "updates": self.updates, "norms": list(self.norms),
-            "schedules": [s.state() for s in self.schedules],
-            "update_every": self.update_every, "compensate": self.compensate, "debias": self.debias,
-            "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed,
+            "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             # views of the flat buffers, as nn.Module.state_dict() returns views: no model-sized copy
             "averaged": {n: self._avg.view(n, None) for n in self._avg.names},
             "copied": {n: self._copy.view(n) for n in self._copy.names} if self._copy is not None else {},
@@ -354,12 +263,14 @@ class EMA:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        kind = type(self).__name__
+        if not isinstance(state, dict) or state.get("format") != self._format:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a {FORMAT} state dict (format={found!r}); a model checkpoint goes to "
-                             f"model.load_state_dict, an EMA checkpoint (ema.state_dict()) here")
+            raise ValueError(f"not a {self._format} state dict (format={found!r}); a model checkpoint goes to "
+                             f"model.load_state_dict, a {kind} checkpoint ({kind}.state_dict()) here")
         if state.get("version") != VERSION:
-            raise ValueError(f"EMA checkpoint version {state.get('version')!r} is not supported (expected {VERSION})")
+            raise ValueError(f"{kind} checkpoint version {state.get('version')!r} is not supported "
+                             f"(expected {VERSION})")
         self._not_swapped("load_state_dict()")
         rows = self._avg.rows
         problems = []
@@ -376,12 +287,10 @@ class EMA:
             for n in names:
                 if n in saved and tuple(saved[n].shape) != tuple(shape_of(n)):
                     problems.append(f"{key} {n!r} has shape {tuple(saved[n].shape)}, expected {tuple(shape_of(n))}")
-        if len(state.get("schedules", [])) != rows:
-            problems.append(f"checkpoint has {len(state.get('schedules', []))} decay(s), this EMA {rows}")
+        self._check_extra(state, problems)
         if problems:
-            raise ValueError("EMA checkpoint does not match this model: " + "; ".join(problems) +
+            raise ValueError(f"{kind} checkpoint does not match this model: " + "; ".join(problems) +
                              ". Nothing was loaded.")
-        schedules = [S.from_state(s) for s in state["schedules"]]
         averaged = {normalize_name(k): v for k, v in state["averaged"].items()}
         for n in self._avg.names:
             for r in range(rows):
@@ -392,10 +301,17 @@ class EMA:
         for n, v in state.get("int_buffers", {}).items():
             if n in self._int_buffers:
                 self._int_buffers[n][1].copy_(v)
-        self.schedules = schedules
-        self.calls, self.updates, self.norms = int(state["calls"]), int(state["updates"]), list(state["norms"])
-        self.update_every, self.compensate, self.debias = state["update_every"], state["compensate"], state["debias"]
-        self.rounding, self.seed = state["rounding"], state["seed"]
+        self.calls = int(state["calls"])
+        self._load_extra(state)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        pass
+
+    def _load_extra(self, state: dict) -> None:
+        pass
 
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
@@ -404,7 +320,7 @@ class EMA:
         written with safetensors (which must be installed).
         """
         path = os.fspath(path)
-        weights = {k: v.detach().contiguous() for k, v in self.ema_state_dict(row).items()}
+        weights = {k: v.detach().contiguous() for k, v in self.averaged_state_dict(row).items()}
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".fastema-", suffix=".tmp", dir=directory)
         try:
@@ -426,6 +342,209 @@ class EMA:
                 os.unlink(tmp)
             raise
 
+
+class EMA(_ModelAverage):
+    """Exponential moving average of a PyTorch model's weights.
+
+    ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
+    every floating parameter (and buffer, if asked), in one kernel launch per
+    (device, dtype) group, on torch's current stream, with no host sync.
+
+    Args:
+        model: the model (bare, DDP- or torch.compile-wrapped; names are normalised).
+        decay: a float, or up to 8 floats for several averages kept in one pass.
+        warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
+            torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
+            ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
+        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
+        update_every: update on every k-th call of ``update()`` (the first call updates).
+        compensate: with ``update_every=k``, use ``decay**k`` so the average spans the same time.
+        debias: start the average from zero and divide out the bias (optax ``debias=True``,
+            pandas ``ewm(adjust=True)``); the first update then copies the weights.
+        shadow_dtype: ``"float32"`` (default: bfloat16/float16 weights keep moving),
+            ``"same"`` or ``"bfloat16"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed; with the step it gives the same bits on every rank.
+        buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
+            or ``"ignore"``. Integer buffers are always copied.
+        exclude: name patterns (fnmatch, normalised names) left out entirely.
+        copy: name patterns copied instead of averaged.
+        skip_nonfinite: skip an update (on the device, no sync) when a weight is inf/NaN.
+    """
+
+    _format = FORMAT
+
+    def __init__(self, model: nn.Module, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
+                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
+                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
+        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
+        if warmup not in (None, "num_updates", "power"):
+            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and shadow_dtype != "bfloat16":
+            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+        self.schedules = [self._schedule(d, warmup, min_decay, inv_gamma, power, update_after_step) for d in decays]
+        self.update_every, self.compensate, self.debias = update_every, compensate, debias
+        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
+        self.skip_nonfinite = skip_nonfinite
+        super().__init__(model, lambda avg: FlatShadow(avg, rows=len(decays), dtype=shadow_dtype),
+                         buffers=buffers, exclude=exclude, copy=copy)
+        self.updates = 0                        # updates made (calls that were not skipped by update_every)
+        self.norms = [0.0] * len(decays)        # debiasing normalisers c
+        self._decays = [0.0] * len(decays)      # the decays of the last update
+
+    @staticmethod
+    def _schedule(decay, warmup, min_decay, inv_gamma, power, update_after_step):
+        if warmup is None:
+            return S.Constant(decay)
+        if warmup == "num_updates":
+            return S.NumUpdates(decay)
+        return S.PowerWarmup(decay, min_decay, inv_gamma, power, update_after_step)
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        d = [self._decay_at(i, self.updates + 1) for i in range(len(self.schedules))]
+        return d[0] if len(d) == 1 else d
+
+    def _decay_at(self, i: int, n: int) -> float:
+        d = self.schedules[i](n)
+        return S.compensated(d, self.update_every) if self.compensate else d
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Update the averages from the model's current weights (call after ``optimizer.step()``).
+
+        Args:
+            step: the training step for the schedule; defaults to the number of updates made.
+        """
+        if not self._due(self.update_every):
+            return
+        n = self.updates + 1 if step is None else int(step)
+        weights, decays, norms = [], [], list(self.norms)
+        for i in range(len(self.schedules)):
+            d = self._decay_at(i, n)
+            if self.debias:
+                w, norms[i] = S.debiased_weight(d, norms[i])
+            else:
+                w = 1.0 - d
+            weights.append(w)
+            decays.append(d)
+        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+                         skip_nonfinite=self.skip_nonfinite)
+        self._copy_buffers()
+        self.updates += 1
+        self.norms, self._decays = norms, decays
+
+    def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """Alias of :meth:`averaged_state_dict`."""
+        return self.averaged_state_dict(row)
+
+    def _extra_state(self) -> dict:
+        return {"updates": self.updates, "norms": list(self.norms),
+                "schedules": [s.state() for s in self.schedules],
+                "update_every": self.update_every, "compensate": self.compensate, "debias": self.debias,
+                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        if len(state.get("schedules", [])) != self._avg.rows:
+            problems.append(f"checkpoint has {len(state.get('schedules', []))} decay(s), this EMA {self._avg.rows}")
+
+    def _load_extra(self, state: dict) -> None:
+        self.schedules = [S.from_state(s) for s in state["schedules"]]
+        self.updates, self.norms = int(state["updates"]), list(state["norms"])
+        self.update_every, self.compensate, self.debias = state["update_every"], state["compensate"], state["debias"]
+        self.rounding, self.seed = state["rounding"], state["seed"]
+
     def __repr__(self) -> str:
         return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
                 f"copied={len(self._copy) if self._copy else 0}, shadow={self._avg!r})")
+
+
+class WindowAverage(_ModelAverage):
+    """The mean of the last ``window`` snapshots of a model's weights, or of all of them (SWA).
+
+    ``window=W``: a ring of W flat snapshots per (device, dtype) group and a compensated
+    float32 running sum; each snapshot is one kernel launch, and the mean stays within
+    2 ulp of an exact recomputation over the ring however many snapshots pass.
+    ``window=None``: the cumulative mean of every snapshot (stochastic weight averaging,
+    ``avg <- avg + (w - avg) / (n + 1)``), no ring. The weights at construction are the
+    first snapshot. Swap, ``average_parameters()``, ``copy_to``, checkpoints and ``save``
+    behave as in :class:`EMA`.
+
+    Args:
+        model: the model (bare, DDP- or torch.compile-wrapped).
+        window: snapshots in the window, or None for the cumulative mean.
+        every: take a snapshot on every k-th call of ``update()`` (the first call snapshots).
+        ring_dtype: ``"float32"`` or ``"bfloat16"`` snapshots (half the memory; each snapshot
+            is rounded to bfloat16, the mean and the sum stay float32).
+        buffers, exclude, copy: as in :class:`EMA`.
+    """
+
+    _format = "fastema.torch.WindowAverage"
+
+    def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
+                 buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = ()):
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if ring_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
+        self.window, self.every, self.ring_dtype = window, every, ring_dtype
+        make = (lambda avg: FlatShadow(avg, dtype="float32")) if window is None else \
+            (lambda avg: WindowShadow(avg, window, ring_dtype=ring_dtype))
+        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
+        self.snapshots = 1                      # snapshots taken (the construction is the first)
+
+    @property
+    def count(self) -> int:
+        """Snapshots in the average now."""
+        return self.snapshots if self.window is None else min(self.snapshots, self.window)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Take a snapshot of the model's weights (on every ``every``-th call)."""
+        if not self._due(self.every):
+            return
+        if self.window is None:
+            self._avg.update(weight=1.0 / (self.snapshots + 1))
+        else:
+            self._avg.push()
+        self._copy_buffers()
+        self.snapshots += 1
+
+    def _extra_state(self) -> dict:
+        state = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
+                 "ring_dtype": self.ring_dtype}
+        if self.window is not None:
+            state["ring"] = {n: self._avg.ring_view(n) for n in self._avg.names}
+            state["pushes"] = self._avg.pushes
+        return state
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        if (state.get("window"), state.get("ring_dtype")) != (self.window, self.ring_dtype):
+            problems.append(f"checkpoint window/ring_dtype {state.get('window')!r}/{state.get('ring_dtype')!r}, "
+                            f"this average {self.window!r}/{self.ring_dtype!r}")
+        elif self.window is not None:
+            ring = {normalize_name(k): v for k, v in state.get("ring", {}).items()}
+            for n in self._avg.names:
+                if n not in ring or tuple(ring[n].shape) != tuple(self._avg.ring_view(n).shape):
+                    problems.append(f"ring {n!r} missing or of another shape")
+
+    def _load_extra(self, state: dict) -> None:
+        self.snapshots, self.every = int(state["snapshots"]), int(state["every"])
+        if self.window is not None:
+            ring = {normalize_name(k): v for k, v in state["ring"].items()}
+            for n in self._avg.names:
+                self._avg.ring_view(n).copy_(ring[n])
+            self._avg.pushes = int(state["pushes"])
+
+    def __repr__(self) -> str:
+        kind = "cumulative" if self.window is None else f"window={self.window}"
+        return f"WindowAverage({kind}, snapshots={self.snapshots}, averaged={len(self._avg)} tensors)"
