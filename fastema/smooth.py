@@ -272,7 +272,7 @@ class Smoother:
                 tuple(state["state"][n].shape) != tuple(a.shape) for n, a in self._state.items()):
             raise ValueError("checkpoint smoother state does not match this smoother's streams")
         for n, a in self._state.items():
-            a[...] = state["state"][n] if isinstance(a, np.ndarray) else state["state"][n]
+            a[...] = state["state"][n]
         self.count = int(state["count"])
 
 

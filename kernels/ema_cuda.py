@@ -31,9 +31,6 @@ def _pointer(kind):
     return u32_pointer if kind == F32 else u16_pointer
 
 
-# Shadow pointers cover K rows of ``n`` (the simulator's fallback needs the length).
-
-
 @functools.cache
 def lerp_kernel(shadow_kind, src_kind, stochastic):
     """See :func:`fastema.kernels.ema_cpu.lerp_kernel`; each thread reads a source element once."""
