@@ -132,7 +132,10 @@ class _ModelAverage:
             name = normalize_name(name)
             if _matches(name, self.exclude):
                 continue
-            (copied if _matches(name, self.copy_patterns) or not p.is_floating_point() else averaged)[name] = p
+            if not p.is_floating_point():
+                self._int_buffers[name] = (p, p.detach().clone())
+            else:
+                (copied if _matches(name, self.copy_patterns) else averaged)[name] = p
         for name, b in model.named_buffers():
             name = normalize_name(name)
             if _matches(name, self.exclude) or (b.is_floating_point() and self.buffers == "ignore"):

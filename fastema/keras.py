@@ -1,0 +1,222 @@
+"""Keras 3 callbacks: smoothed per-batch metrics and an EMA of the weights.
+
+``MovingAverageLogs`` adds ``loss_raw``, ``loss_ema`` and ``loss_sma`` to the logs::
+
+    model.fit(x, y, callbacks=[fastema.keras.MovingAverageLogs(ema=0.9, sma=50)])
+
+Keras logs ``loss`` as the running mean since the start of the epoch. ``loss_raw`` is the
+loss of each batch alone, recovered exactly from the running mean's state (its sum and
+cumulative sample count), so an uneven last batch, ``steps_per_execution > 1`` and the
+reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
+epochs: no staircase at epoch boundaries.
+
+``WeightEMA`` keeps an EMA of the weights (through :class:`fastema.torch.EMA`), swaps it in
+for validation and back after it, and can write it into the model when ``fit`` ends.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+try:
+    import keras
+except ImportError as e:                                    # pragma: no cover - depends on the environment
+    raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
+
+from .track import Tracker
+
+__all__ = ["MovingAverageLogs", "WeightEMA"]
+
+
+def _running_means(model) -> dict:
+    """Every metric of ``model`` that is a running mean (Keras ``Mean``-type: total and count), by name."""
+    found, todo = {}, list(model.metrics)
+    while todo:
+        m = todo.pop(0)
+        if hasattr(m, "total") and hasattr(m, "count") and isinstance(m.count, keras.Variable):
+            found.setdefault(m.name, m)
+        inner = getattr(m, "metrics", None)                 # CompileMetrics / CompileLoss containers
+        if isinstance(inner, (list, tuple)):
+            todo.extend(inner)
+    return found
+
+
+class _MeanState:
+    """Reads (total, count) of several Keras running means in one device-to-host transfer."""
+
+    def __init__(self, model, metrics: Sequence):
+        self.model = model
+        self.variables = [v for m in metrics for v in (m.total, m.count)]
+        if keras.backend.backend() == "jax":
+            # JAX keeps the training state outside the Variables between syncs; read it there
+            # (a full sync every batch would be slow and is what Keras avoids).
+            paths = [v.path for v in model.metrics_variables]
+            self._jax_index = [paths.index(v.path) for v in self.variables]
+
+    def read(self) -> np.ndarray:
+        values = list(self.variables)
+        state = getattr(self.model, "_jax_state", None) if keras.backend.backend() == "jax" else None
+        if state and state.get("metrics_variables") is not None:
+            values = [state["metrics_variables"][i] for i in self._jax_index]
+        stacked = keras.ops.stack([keras.ops.cast(v, "float32") for v in values])   # Keras keeps them in float32
+        return np.asarray(keras.ops.convert_to_numpy(stacked), np.float64).reshape(-1, 2)
+
+
+class MovingAverageLogs(keras.callbacks.Callback):
+    """Add the per-batch value and its EMA and SMA of chosen metrics to Keras's logs.
+
+    For each metric ``m`` in ``metrics``, the batch logs and the epoch logs get ``m_raw``
+    (the value of the last batch alone, with ``raw=True``), ``m_ema`` and ``m_sma``: History,
+    TensorBoard, CSVLogger and the progress bar of later callbacks see them. The epoch logs
+    carry the values after the epoch's last batch.
+
+    Args:
+        ema: EMA decay per batch (``0.9``; TensorBoard's smoothing weight), a dict of
+            :class:`fastema.Smoother` parameters (``{"span": 50}``), or None.
+        sma: window (batches) of the simple moving average, or None.
+        raw: also log ``m_raw``.
+        metrics: names of metrics the model reports as running means (``"loss"``, and
+            compiled metrics such as ``"mae"`` or ``"accuracy"``).
+
+    The averages run over the reported batches (with ``steps_per_execution=k``, Keras
+    reports every k-th batch and ``m_raw`` is the sample-weighted mean of those k), keep
+    going across epochs and restart at each ``fit``. Non-finite values are skipped.
+    """
+
+    def __init__(self, ema=0.9, sma: int | None = 50, raw: bool = True, metrics: Sequence[str] = ("loss",)):
+        super().__init__()
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        self.metrics = tuple(metrics)
+        self.ema, self.sma, self.raw = ema, sma, raw
+        self.tracker = Tracker(self.metrics, ema=ema, sma=sma)    # checks the arguments now
+        self._reader: _MeanState | None = None
+        self._prev = None
+        self._row: dict[str, float] = {}
+
+    def on_train_begin(self, logs=None):
+        means = _running_means(self.model)
+        missing = [m for m in self.metrics if m not in means]
+        if missing:
+            raise ValueError(f"MovingAverageLogs: the model reports no running-mean metric {missing}; "
+                             f"it has {sorted(means)}. Only metrics Keras averages over the epoch "
+                             f"(loss and mean-type metrics such as mae or accuracy) have a per-batch value.")
+        self._reader = _MeanState(self.model, [means[m] for m in self.metrics])
+        self.tracker = Tracker(self.metrics, ema=self.ema, sma=self.sma)
+        self._row = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._prev = np.zeros((len(self.metrics), 2))          # Keras resets its metrics at each epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._reader is None:
+            return
+        if self._prev is None:
+            self._prev = np.zeros((len(self.metrics), 2))
+        now = self._reader.read()
+        d_total, d_count = (now - self._prev).T
+        self._prev = now
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = np.where(d_count > 0, d_total / np.where(d_count > 0, d_count, 1.0), np.nan)
+        self.tracker.update(raw)
+        row = self.tracker.read()
+        if self.raw:
+            row = {**{f"{m}_raw": float(v) for m, v in zip(self.metrics, raw)}, **row}
+        self._row = row
+        if logs is not None:
+            logs.update(row)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._row)
+
+
+class WeightEMA(keras.callbacks.Callback):
+    """Keep an EMA of a Keras model's weights during ``fit`` and validate with it.
+
+    The EMA covers the trainable variables; non-trainable ones (BatchNorm statistics) are
+    copied along, so the swapped-in model is consistent. Keras's optimizer ``use_ema`` does
+    the same averaging; this callback adds the swap for validation, debiasing/warm-ups, a
+    float32 shadow for low-precision weights, and checkpoints.
+
+    Args:
+        decay: the EMA decay (or a list of decays; the first is swapped in).
+        validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
+        write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
+            default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
+        **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup=``, ``debias=``,
+            ``update_every=``, ``shadow_dtype=``...).
+
+    Needs the torch backend (``KERAS_BACKEND=torch``), where Keras layers are torch modules.
+    The EMA lives on across ``fit`` calls; :meth:`state_dict` / :meth:`load_state_dict`
+    save and restore it.
+    """
+
+    def __init__(self, decay=0.999, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
+        super().__init__()
+        self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
+        self.ema_kwargs = ema_kwargs
+        self.ema = None
+        self._pending = None
+        self._fitting = False
+
+    def _make(self):
+        if keras.backend.backend() != "torch":
+            raise RuntimeError(f"fastema.keras.WeightEMA needs the torch backend (KERAS_BACKEND=torch); "
+                               f"this Keras runs on {keras.backend.backend()!r}")
+        from .torch import EMA, normalize_name
+
+        model = self.model
+        named = {normalize_name(n): p for n, p in model.named_parameters()}
+        by_id = {id(p): n for n, p in named.items()}
+        frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
+        escaped = [_escape(n) for n in frozen]
+        kwargs = dict(self.ema_kwargs)
+        kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(escaped)
+        self.ema = EMA(model, self.decay, **kwargs)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.ema.load_state_dict(state)
+
+    def on_train_begin(self, logs=None):
+        if self.ema is None:
+            self._make()
+        elif self.ema.model is not self.model:
+            raise RuntimeError("this WeightEMA follows another model; make one callback per model")
+        self._fitting = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ema.update()
+
+    def on_test_begin(self, logs=None):
+        if self._fitting and self.validate_with_ema and not self.ema.swapped:
+            self.ema.swap()
+
+    def on_test_end(self, logs=None):
+        if self._fitting and self.ema.swapped:
+            self.ema.swap()
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+        if self.ema.swapped:                                 # validation was cut short
+            self.ema.swap()
+        if self.write_at_end:
+            self.ema.copy_to()
+
+    def state_dict(self) -> dict:
+        if self.ema is None:
+            raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; before the first ``fit`` it is applied when the EMA is made."""
+        if self.ema is None:
+            self._pending = state
+        else:
+            self.ema.load_state_dict(state)
+
+
+def _escape(name: str) -> str:
+    """An fnmatch pattern matching exactly ``name``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

@@ -1,0 +1,220 @@
+"""fastema.keras on real Keras 3 ``model.fit`` runs (torch backend, CPU)."""
+import copy
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+pd = pytest.importorskip("pandas")
+if keras.backend.backend() != "torch":                      # pragma: no cover
+    pytest.skip("these tests drive Keras on the torch backend", allow_module_level=True)
+
+from fastema.keras import MovingAverageLogs, WeightEMA  # noqa: E402
+
+
+def make_model(batchnorm=False, optimizer="adam"):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((4,)), keras.layers.Dense(16, activation="tanh")]
+    if batchnorm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(1))
+    model = keras.Sequential(layers)
+    opt = keras.optimizers.SGD(0.05) if optimizer == "sgd" else keras.optimizers.Adam(0.01)
+    model.compile(opt, "mse", metrics=["mae"])
+    return model
+
+
+def data(n=100, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (np.sin(x).sum(1, keepdims=True) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
+    return x, y
+
+
+class BatchLosses(keras.callbacks.Callback):
+    """The loss and MAE of each batch, computed independently before the step, in float64."""
+
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.bs = x, y, batch_size
+        self.loss, self.mae = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        xb, yb = self.x[batch * self.bs:(batch + 1) * self.bs], self.y[batch * self.bs:(batch + 1) * self.bs]
+        pred = keras.ops.convert_to_numpy(self.model(xb, training=True)).astype(np.float64)
+        err = pred - yb.astype(np.float64)
+        self.loss.append(float(np.mean(err ** 2)))
+        self.mae.append(float(np.mean(np.abs(err))))
+
+
+class BatchLogs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append(dict(logs))
+
+
+def test_raw_loss_is_each_batch_alone_and_smoothing_crosses_epochs():
+    x, y = data(100)                          # batches of 32, 32, 32 and an uneven 4
+    model = make_model()
+    truth, seen = BatchLosses(x, y, 32), BatchLogs()
+    cb = MovingAverageLogs(ema=0.8, sma=5, metrics=("loss", "mae"))
+    hist = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[truth, cb, seen])
+    raw = [r["loss_raw"] for r in seen.rows]
+    assert len(raw) == 12
+    np.testing.assert_allclose(raw, truth.loss, rtol=2e-6)
+    np.testing.assert_allclose([r["mae_raw"] for r in seen.rows], truth.mae, rtol=2e-6)
+    # Keras's own 'loss' is the running mean; ours differs from it after the first batch of an epoch
+    assert not np.allclose(raw, [r["loss"] for r in seen.rows])
+    # smoothing continues across the epoch boundaries: pandas over the whole series
+    series = pd.Series(truth.loss)
+    np.testing.assert_allclose([r["loss_ema"] for r in seen.rows], series.ewm(alpha=0.2, adjust=True).mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose([r["loss_sma"] for r in seen.rows], series.rolling(5, min_periods=1).mean(),
+                               rtol=1e-5)
+    # the epoch logs (History) carry the values after each epoch's last batch
+    for key in ("loss_raw", "loss_ema", "loss_sma", "mae_ema"):
+        assert hist.history[key] == pytest.approx([seen.rows[i][key] for i in (3, 7, 11)])
+    assert "val_loss" not in hist.history and "loss" in hist.history
+
+
+def test_steps_per_execution_reports_the_mean_of_the_executed_batches():
+    # The torch backend runs one step per execution, so drive the callback the way Keras does
+    # with steps_per_execution=3: the loss tracker takes three batches, then one callback.
+    model = make_model()
+    model.fit(*data(8), batch_size=8, epochs=1, verbose=0)          # builds the metrics
+    cb = MovingAverageLogs(ema=0.5, sma=None)
+    cb.set_model(model)
+    cb.on_train_begin()
+    tracker = model.metrics[0]
+    assert tracker.name == "loss"
+    tracker.reset_state()
+    cb.on_epoch_begin(0)
+    batches = [(1.0, 32), (2.0, 32), (4.0, 16)]
+    for v, n in batches:
+        tracker.update_state(v, sample_weight=n)
+    logs = {}
+    cb.on_train_batch_end(2, logs)
+    assert logs["loss_raw"] == pytest.approx((32 * 1 + 32 * 2 + 16 * 4) / 80)
+    tracker.update_state(3.0, sample_weight=10)
+    cb.on_train_batch_end(3, logs)
+    assert logs["loss_raw"] == pytest.approx(3.0)
+    # epoch reset: Keras zeroes the tracker, the callback forgets its previous reading
+    tracker.reset_state()
+    cb.on_epoch_begin(1)
+    tracker.update_state(7.0, sample_weight=5)
+    cb.on_train_batch_end(0, logs)
+    assert logs["loss_raw"] == pytest.approx(7.0)
+    assert logs["loss_ema"] == pytest.approx(pd.Series([2.0, 3.0, 7.0]).ewm(alpha=0.5).mean().iloc[-1])
+
+
+def test_unknown_or_non_mean_metric_is_refused_clearly():
+    model = make_model()
+    x, y = data(40)
+    with pytest.raises(ValueError, match=r"no running-mean metric \['accuracy'\].*has \['loss', 'mae'\]"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[MovingAverageLogs(metrics=("loss", "accuracy"))])
+    with pytest.raises(TypeError, match="ema must be"):
+        MovingAverageLogs(ema="fast")
+    with pytest.raises(ValueError, match="window"):
+        MovingAverageLogs(sma=0)
+
+
+def snapshot(model):
+    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
+
+
+class Probe(keras.callbacks.Callback):
+    """Weights after each step, and the weights the validation runs with."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.validated, self.epoch_end = [], [], []
+
+    def on_train_begin(self, logs=None):
+        self.initial = snapshot(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append(snapshot(self.model))
+
+    def on_test_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self.validated.append(snapshot(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_end.append(snapshot(self.model))
+
+
+def naive_ema(initial, steps, decay):
+    ema = [w.copy() for w in initial]               # the EMA starts from the weights when fit starts
+    for ws in steps:
+        ema = [decay * e + (1 - decay) * w for e, w in zip(ema, ws)]
+    return ema
+
+
+def test_weight_ema_validates_with_the_average_and_restores_the_raw_weights():
+    x, y = data(96)
+    model = make_model(batchnorm=True)
+    probe = Probe()
+    cb = WeightEMA(decay=0.9)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=data(32, seed=1),
+              callbacks=[cb, probe])
+    assert cb.ema.updates == 12
+    for epoch in range(2):
+        expected = naive_ema(probe.initial, probe.steps[:6 * (epoch + 1)], 0.9)
+        for got, ref in zip(probe.validated[epoch], expected):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        for got, raw in zip(probe.epoch_end[epoch], probe.steps[6 * (epoch + 1) - 1]):
+            np.testing.assert_array_equal(got, raw)                 # raw weights back, bit for bit
+    # BatchNorm statistics are copied, not averaged: the averaged model carries the current ones
+    averaged = cb.ema.averaged_state_dict()
+    bn = [v for v in model.non_trainable_variables if "moving_mean" in v.path][0]
+    key = [k for k in averaged if k.endswith("." + bn.path)][0]
+    np.testing.assert_array_equal(averaged[key].numpy(), bn.numpy())
+
+
+def test_weight_ema_written_at_end_and_resumed_from_state():
+    x, y = data(64)
+    model = make_model(optimizer="sgd")
+    cb = WeightEMA(decay=0.8, write_at_end=True)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    averaged = cb.ema.averaged_state_dict()
+    for v in model.trainable_variables:
+        keys = [k for k in averaged if k.endswith("." + v.path)]     # Keras registers aliases
+        assert keys
+        for key in keys:
+            np.testing.assert_array_equal(v.numpy(), averaged[key].numpy())
+    assert not cb.ema.swapped
+
+    # resume: the same run continued, against a fresh callback restored from a checkpoint
+    model = make_model(optimizer="sgd")
+    first = WeightEMA(decay=0.8)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[first])
+    saved_state = copy.deepcopy(first.state_dict())
+    saved_weights = model.get_weights()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[first])
+    model.set_weights(saved_weights)                # SGD keeps no state: the second epoch replays exactly
+    second = WeightEMA(decay=0.8)
+    second.load_state_dict(saved_state)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[second])
+    assert second.ema.updates == first.ema.updates == 8
+    for k, v in first.ema.averaged_state_dict().items():
+        np.testing.assert_array_equal(second.ema.averaged_state_dict()[k].numpy(), v.numpy())
+
+
+def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
+    cb = WeightEMA()
+    with pytest.raises(RuntimeError, match="no EMA yet"):
+        cb.state_dict()
+    x, y = data(32)
+    make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    with pytest.raises(RuntimeError, match="another model"):
+        make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    other = WeightEMA()
+    other.set_model(make_model())
+    monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
+    with pytest.raises(RuntimeError, match="needs the torch backend.*'tensorflow'"):
+        other.on_train_begin()
