@@ -43,13 +43,14 @@ class Tracker:
             (``{"span": 50}``, ``{"halflife": 20}``), or None for none.
         sma: the SMA's window (number of updates), or None for none.
         every: :meth:`update` reads the smoothed values to the host every ``every`` updates
-            (one transfer) and returns them, showing them on ``bar`` if one is set.
+            (one transfer) and returns them, showing them on ``bar`` if one is set; None
+            (default) never reads on its own.
         mode, min_periods, nonfinite: as in :class:`Smoother` (by default inf/NaN values
             are skipped, TensorBoard's rule).
         bar: a tqdm progress bar (or anything with ``set_postfix``) to show the values on.
     """
 
-    def __init__(self, names: Sequence[str] = ("loss",), *, ema=0.9, sma: int | None = 50, every: int = 1,
+    def __init__(self, names: Sequence[str] = ("loss",), *, ema=0.9, sma: int | None = 50, every: int | None = None,
                  mode: str = "debiased", min_periods: int = 1, nonfinite: str = "skip", bar=None):
         if isinstance(names, str):
             names = (names,)
@@ -57,8 +58,8 @@ class Tracker:
         if not self.names or len(set(self.names)) != len(self.names) or \
                 not all(isinstance(n, str) and n for n in self.names):
             raise ValueError(f"names must be distinct non-empty strings, got {names!r}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
         self.smoother = Smoother(**_ema_kwargs(ema), window=sma, mode=mode,
                                  min_periods=min(min_periods, sma) if sma else min_periods, nonfinite=nonfinite)
         self.every, self.bar = every, bar
@@ -113,10 +114,10 @@ class Tracker:
         """Add one value of each metric (tensors stay on their device; no host sync).
 
         Returns the smoothed values as host floats every ``every`` updates (one transfer),
-        else None. ``weight`` weighs this update (e.g. its sample count) in both averages.
+        else None (always None with ``every=None``). ``weight`` weighs this update (e.g. its sample count) in both averages.
         """
         self.smoother.update(self._stack(values, named), weight=weight)
-        if self.smoother.count % self.every == 0:
+        if self.every is not None and self.smoother.count % self.every == 0:
             return self.read()
         return None
 

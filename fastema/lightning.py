@@ -1,0 +1,196 @@
+"""PyTorch Lightning callbacks: an EMA of the weights, and smoothed metric logging.
+
+::
+
+    trainer = Trainer(callbacks=[fastema.lightning.WeightEMA(decay=0.999),
+                                 fastema.lightning.MovingAverageLogs(metrics=("loss",))])
+
+``WeightEMA`` updates a :class:`fastema.torch.EMA` after every optimizer step, validates and
+tests with the averaged weights (swapped in place, and back afterwards), and saves the EMA
+in Lightning's checkpoints so that ``trainer.fit(ckpt_path=...)`` resumes it exactly.
+
+``MovingAverageLogs`` logs ``<metric>_ema`` and ``<metric>_sma`` of the training loss (and of
+any metric the module logs per step). The averages are kept on the device and handed to
+``self.log`` as tensors: the callback itself never syncs; values reach the host when
+Lightning writes its logs (every ``log_every_n_steps``).
+
+Works with ``lightning`` (``lightning.pytorch``) or the ``pytorch-lightning`` package.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    try:
+        import pytorch_lightning as pl
+    except ImportError as e:                                # pragma: no cover - depends on the environment
+        raise ImportError("fastema.lightning needs PyTorch Lightning (pip install 'fastema[lightning]')") from e
+
+from .torch import EMA
+from .track import Tracker
+
+__all__ = ["MovingAverageLogs", "WeightEMA"]
+
+
+class WeightEMA(pl.Callback):
+    """An EMA of the LightningModule's weights, used for validation and test.
+
+    Args:
+        decay: the EMA decay (or a list of decays; the first is used for evaluation).
+        validate_with_ema: swap the EMA in for validation (and back after it).
+        test_with_ema: swap the EMA in for ``trainer.test`` / ``trainer.predict``.
+        **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
+            ``update_every=``, ``shadow_dtype=``, ``exclude=`` ...).
+
+    The EMA is made when fitting (or testing) starts, after Lightning has moved the model
+    to its device; it updates once per optimizer step (gradient accumulation respected).
+    Checkpoints hold the raw weights as the model's ``state_dict`` and the EMA under this
+    callback's state, even when saved while the EMA is swapped in. :attr:`ema` is the
+    :class:`fastema.torch.EMA` (``callback.ema.save(path)`` writes the averaged weights).
+    """
+
+    def __init__(self, decay=0.9999, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
+        super().__init__()
+        self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
+        self.ema_kwargs = ema_kwargs
+        self.ema: EMA | None = None
+        self._pending: dict | None = None
+        self._step_seen: int | None = None
+
+    def _ensure(self, pl_module) -> None:
+        if self.ema is None:
+            self.ema = EMA(pl_module, self.decay, **self.ema_kwargs)
+        elif self.ema.model is not pl_module:
+            raise RuntimeError("this WeightEMA follows another LightningModule; make one callback per model")
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.ema.load_state_dict(state)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._ensure(pl_module)
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._step_seen:          # an optimizer step happened
+            self._step_seen = trainer.global_step
+            self.ema.update()
+
+    def _swap_in(self, pl_module, wanted: bool) -> None:
+        if not wanted:
+            return
+        self._ensure(pl_module)
+        if not self.ema.swapped:
+            self.ema.swap()
+
+    def _swap_out(self) -> None:
+        if self.ema is not None and self.ema.swapped:
+            self.ema.swap()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._swap_in(pl_module, self.validate_with_ema)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._swap_out()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._swap_in(pl_module, self.test_with_ema)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._swap_out()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._swap_in(pl_module, self.test_with_ema)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._swap_out()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._swap_out()                                     # never leave the user with the EMA in place
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ema is None:
+            return dict(self._pending) if self._pending is not None else {}
+        # A checkpoint written during validation (ModelCheckpoint, on_validation_end) must hold
+        # the raw weights as the model and the average here: put them back first. Validation
+        # is over by then; the model's state_dict holds references, saved after this returns.
+        self._swap_out()
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.ema is None:
+            self._pending = state_dict                       # applied when the EMA is made
+        else:
+            self.ema.load_state_dict(state_dict)
+
+
+class MovingAverageLogs(pl.Callback):
+    """Log the EMA and SMA of training metrics per step, with no host sync of its own.
+
+    Args:
+        ema: EMA decay per step (``0.9``), a dict of :class:`fastema.Smoother` parameters
+            (``{"span": 50}``), or None.
+        sma: SMA window in steps, or None.
+        metrics: what to smooth: ``"loss"`` is the loss ``training_step`` returns; other
+            names are values the module logs per step (``self.log(name, value)``) or
+            returns in its output dict.
+        prog_bar: also show the averages in the progress bar (the bar reads them to the
+            host at each refresh).
+
+    Logged as ``<metric>_ema`` and ``<metric>_sma`` on every training batch (Lightning
+    writes them every ``log_every_n_steps``). The averages continue across epochs and are
+    saved in checkpoints.
+    """
+
+    def __init__(self, ema=0.9, sma: int | None = 50, metrics: Sequence[str] = ("loss",), prog_bar: bool = False):
+        super().__init__()
+        self.metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        self.tracker = Tracker(self.metrics, ema=ema, sma=sma)
+        self.prog_bar = prog_bar
+        self._pending: dict | None = None
+
+    def _value(self, trainer, outputs, name):
+        if isinstance(outputs, torch.Tensor) and name == "loss":
+            return outputs
+        if isinstance(outputs, dict) and name in outputs:
+            return outputs[name]
+        logged = trainer.callback_metrics
+        for key in (name, f"{name}_step"):
+            if key in logged:
+                return logged[key]
+        raise KeyError(f"MovingAverageLogs: no training metric {name!r} this step; training_step returned "
+                       f"{sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__} and logged "
+                       f"{sorted(logged)}. Log it with self.log({name!r}, value) in training_step.")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        values = [self._value(trainer, outputs, n) for n in self.metrics]
+        values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=pl_module.device) for v in values]
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.tracker.load_state_dict(_to_device(state, values[0].device))
+        self.tracker.update(*values)
+        for key, value in self.tracker.smoothed().items():
+            pl_module.log(key, value.float(), on_step=True, on_epoch=False, prog_bar=self.prog_bar,
+                          batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker.count == 0:
+            return dict(self._pending) if self._pending is not None else {}
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._pending = state_dict                       # moved to the metrics' device at the next step
+
+
+def _to_device(state, device):
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    return state

@@ -1,0 +1,209 @@
+"""fastema.lightning with real ``Trainer.fit`` runs on the CPU: EMA, swap for evaluation, resume, logs."""
+import contextlib
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("pytorch_lightning")
+pd = pytest.importorskip("pandas")
+
+from fastema.lightning import MovingAverageLogs, WeightEMA  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.BatchNorm1d(16), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_mae", (self.net(x) - y).abs().mean().detach(), on_step=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def loader(n=64, seed=0, bs=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.sin(x).sum(1, keepdim=True)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, **kw):
+    opts = dict(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=tmp_path)
+    opts.update(kw)
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def weights(module):
+    return {n: p.detach().double().clone() for n, p in module.named_parameters()}
+
+
+class Probe(pl.Callback):
+    def __init__(self):
+        self.start, self.steps, self.validated, self.after_val, self.losses = None, [], [], [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = weights(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((trainer.global_step, weights(pl_module)))
+        self.losses.append(float(outputs["loss"]))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.validated.append(weights(pl_module))
+
+    def on_validation_end(self, trainer, pl_module):
+        self.after_val.append(weights(pl_module))
+
+
+def test_ema_follows_optimizer_steps_and_is_used_for_validation(tmp_path):
+    probe = Probe()
+    cb = WeightEMA(decay=0.8)
+    model = Regressor()
+    # accumulate 2 batches per optimizer step: the EMA updates 4 times per epoch, not 8
+    trainer(tmp_path, [cb, probe], accumulate_grad_batches=2).fit(model, loader(), loader(32, seed=1))
+    assert cb.ema.updates == 8
+    ema, seen, after = dict(probe.start), 0, {}
+    for step, w in probe.steps:
+        if step != seen:                           # the weights right after optimizer step `step`
+            seen = step
+            ema = {n: 0.8 * ema[n] + 0.2 * w[n] for n in ema}
+            after[step] = ema
+    assert sorted(after) == list(range(1, 9))
+    for validated, step in zip(probe.validated, (4, 8)):         # validation ran with the EMA
+        for n in validated:
+            torch.testing.assert_close(validated[n], after[step][n], rtol=1e-5, atol=1e-6)
+    # after each validation the raw weights are back, bit for bit
+    for i, epoch_end_step in enumerate((7, 15)):
+        raw = probe.steps[epoch_end_step][1]
+        for n in raw:
+            assert torch.equal(probe.after_val[i][n], raw[n])
+    # trainer.test uses the EMA too, and leaves the raw weights in place
+    before = weights(model)
+    with_ema = trainer(tmp_path, [cb]).test(model, loader(32, seed=1), verbose=False)[0]["test_loss"]
+    plain = trainer(tmp_path, []).test(model, loader(32, seed=1), verbose=False)[0]["test_loss"]
+    assert with_ema != plain
+    with cb.ema.average_parameters():
+        again = trainer(tmp_path, []).test(model, loader(32, seed=1), verbose=False)[0]["test_loss"]
+    assert again == pytest.approx(with_ema, rel=1e-6)
+    assert all(torch.equal(before[n], w) for n, w in weights(model).items())
+
+
+def test_checkpoint_resume_is_exact_and_holds_raw_weights(tmp_path):
+    full = WeightEMA(decay=0.9)
+    model = Regressor()
+    trainer(tmp_path / "full", [full], max_epochs=4).fit(model, loader(), loader(32, seed=1))
+    final_raw, final_ema = weights(model), full.ema.averaged_state_dict()
+
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1,
+                                           save_top_k=-1)
+    first = WeightEMA(decay=0.9)
+    model = Regressor()
+    trainer(tmp_path / "a", [first, ckpt_cb], max_epochs=2, enable_checkpointing=True).fit(
+        model, loader(), loader(32, seed=1))
+    raw_at_2 = weights(model)
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    # written in on_validation_end: the model part holds the raw weights, the callback the EMA
+    for n, w in raw_at_2.items():
+        assert torch.equal(ckpt["state_dict"][n].double(), w)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "WeightEMA" in k]
+    assert state["format"] == "fastema.torch.EMA" and state["calls"] == 16
+
+    resumed = WeightEMA(decay=0.9)
+    model = Regressor()
+    trainer(tmp_path / "b", [resumed], max_epochs=4).fit(model, loader(), loader(32, seed=1),
+                                                         ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert resumed.ema.updates == full.ema.updates == 32
+    for n, w in weights(model).items():
+        assert torch.equal(w, final_raw[n])
+    for n, v in resumed.ema.averaged_state_dict().items():
+        assert torch.equal(v, final_ema[n]), n
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor value by the host (item, float, bool, tolist): each syncs a GPU."""
+    def boom(*a, **k):
+        raise AssertionError("host sync in the callback")
+
+    saved = {n: getattr(torch.Tensor, n) for n in ("item", "tolist", "__float__", "__bool__")}
+    for n in saved:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+class SyncCheckedLogs(MovingAverageLogs):
+    def on_train_batch_end(self, *args, **kwargs):
+        with no_host_reads():
+            super().on_train_batch_end(*args, **kwargs)
+
+
+def read_csv_metrics(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoothed_logs_match_pandas_and_never_sync(tmp_path):
+    probe = Probe()
+    logs = SyncCheckedLogs(ema=0.7, sma=4, metrics=("loss", "train_mae"))
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, [probe, logs], logger=logger, log_every_n_steps=1).fit(Regressor(), loader())
+    rows = [r for r in read_csv_metrics(logger.log_dir + "/metrics.csv") if r.get("loss_ema")]
+    assert len(rows) == 16                                  # every step, across both epochs
+    series = pd.Series(probe.losses)
+    np.testing.assert_allclose([float(r["loss_ema"]) for r in rows], series.ewm(alpha=0.3).mean(), rtol=1e-6)
+    np.testing.assert_allclose([float(r["loss_sma"]) for r in rows], series.rolling(4, min_periods=1).mean(),
+                               rtol=1e-6)
+    assert all(r["train_mae_ema"] for r in rows)
+
+    # at a coarser logging interval the logger writes every 5th step only
+    logger = pl.loggers.CSVLogger(tmp_path, name="coarse")
+    trainer(tmp_path, [MovingAverageLogs(metrics=("loss",))], logger=logger, log_every_n_steps=5).fit(
+        Regressor(), loader())
+    steps = [int(r["step"]) for r in read_csv_metrics(logger.log_dir + "/metrics.csv") if r.get("loss_ema")]
+    assert steps == [4, 9, 14]
+
+
+def test_smoothed_logs_resume_from_checkpoint(tmp_path):
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    first = MovingAverageLogs(ema=0.5, sma=3)
+    trainer(tmp_path, [first, ckpt_cb], enable_checkpointing=True, max_epochs=1).fit(Regressor(), loader())
+    count = first.tracker.count
+    second = MovingAverageLogs(ema=0.5, sma=3)
+    trainer(tmp_path, [second], max_epochs=2).fit(Regressor(), loader(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert count == 8 and second.tracker.count == 16
+    whole = MovingAverageLogs(ema=0.5, sma=3)
+    trainer(tmp_path, [whole], max_epochs=2).fit(Regressor(), loader())
+    assert second.tracker.read() == pytest.approx(whole.tracker.read(), rel=1e-12)
+
+
+def test_missing_metric_is_named():
+    with pytest.raises(KeyError, match="no training metric 'accuracy'.*self.log"):
+        trainer(None, [MovingAverageLogs(metrics=("accuracy",))], max_epochs=1).fit(Regressor(), loader())
