@@ -221,7 +221,7 @@ def window_kernel(ring_kind, src_kind, parallel):
     RK, XK = ring_kind, src_kind
 
     @_chunk
-    def chunk(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count, recompute):
+    def push(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count):
         q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
         r, p = rptr(ring0_addr, m), xptr(p_addr, m)
         cnt = np.float32(count)
@@ -229,21 +229,32 @@ def window_kernel(ring_kind, src_kind, parallel):
             stored = encode(decode(p[j], XK), RK)
             old = r[slot * n + j]
             r[slot * n + j] = stored
-            if recompute:
-                s64, c64 = 0.0, 0.0
-                for row in range(count):
-                    s64, c64 = neumaier(s64, c64, np.float64(as_float(decode(r[row * n + j], RK))))
-                total = s64 + c64
-                s = np.float32(total)
-                c = np.float32(total - np.float64(s))
-                q[j] = as_bits(np.float32(total / count))
-            else:
-                s, c = neumaier(as_float(sm[j]), as_float(cm[j]), as_float(decode(stored, RK)))
-                if full:
-                    s, c = neumaier(s, c, -as_float(decode(old, RK)))
-                q[j] = as_bits((s + c) / cnt)
+            s, c = neumaier(as_float(sm[j]), as_float(cm[j]), as_float(decode(stored, RK)))
+            if full:
+                s, c = neumaier(s, c, -as_float(decode(old, RK)))
+            q[j] = as_bits((s + c) / cnt)
             sm[j] = as_bits(s)
             cm[j] = as_bits(c)
+
+    @_chunk
+    def recompute_(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, count):
+        # rows outer, elements inner: contiguous, vectorisable loops over float64 scratch sums
+        q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
+        r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+        for j in range(m):
+            r[slot * n + j] = encode(decode(p[j], XK), RK)
+        s64 = np.zeros(m)
+        c64 = np.zeros(m)
+        for row in range(count):
+            base = row * n
+            for j in range(m):
+                s64[j], c64[j] = neumaier(s64[j], c64[j], np.float64(as_float(decode(r[base + j], RK))))
+        for j in range(m):
+            total = s64[j] + c64[j]
+            s = np.float32(total)
+            q[j] = as_bits(np.float32(total / count))
+            sm[j] = as_bits(s)
+            cm[j] = as_bits(np.float32(total - np.float64(s)))
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
                recompute):
@@ -252,7 +263,11 @@ def window_kernel(ring_kind, src_kind, parallel):
             begin = chunk_begin[c]
             within = begin - seg_offset[s]
             base = shadow_addr[s] + within * 4
-            chunk(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
-                  seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count, recompute)
+            if recompute:
+                recompute_(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
+                           seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, count)
+            else:
+                push(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
+                     seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count)
 
     return _compile(kernel, parallel)
