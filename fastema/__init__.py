@@ -15,8 +15,9 @@ Many tensors::
 """
 from .flat import FlatShadow
 from .smooth import Smoother
+from .track import Tracker
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 
 __all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "copy_", "ema_update_", "ema_update_many_", "ema_update_multi_",
-           "flag_nonfinite_", "swap_"]
+           "flag_nonfinite_", "swap_", "Tracker"]
 __version__ = "0.1.0"

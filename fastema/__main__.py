@@ -1,18 +1,27 @@
-"""``python -m fastema COMMAND``: ``demo`` trains a small model with EMA (see fastema.demo)."""
+"""``python -m fastema COMMAND``.
+
+Commands:
+    demo    train a small model with an EMA of its weights (fastema.demo)
+    plot    draw raw, SMA and EMA curves of a logged metric to a PNG (fastema.plot)
+    bench   run the benchmark suite and write its report (fastema.bench)
+"""
 import sys
+
+COMMANDS = {"demo": "demo", "plot": "plot", "bench": "bench"}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m fastema demo [--steps N] [--decay D] [--seed S]")
+        print(__doc__.strip())
         return 0 if argv else 2
-    if argv[0] == "demo":
-        from .demo import main as demo
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    import importlib
 
-        return demo(argv[1:])
-    print(f"unknown command {argv[0]!r}; try: python -m fastema demo", file=sys.stderr)
-    return 2
+    module = importlib.import_module(f"fastema.{COMMANDS[argv[0]]}")
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":

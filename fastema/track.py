@@ -114,7 +114,8 @@ class Tracker:
         """Add one value of each metric (tensors stay on their device; no host sync).
 
         Returns the smoothed values as host floats every ``every`` updates (one transfer),
-        else None (always None with ``every=None``). ``weight`` weighs this update (e.g. its sample count) in both averages.
+        else None (always None with ``every=None``). ``weight`` weighs this update (e.g. its
+        sample count) in both averages.
         """
         self.smoother.update(self._stack(values, named), weight=weight)
         if self.every is not None and self.smoother.count % self.every == 0:

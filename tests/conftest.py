@@ -1,4 +1,5 @@
 """Shared test helpers: naive float64 references and dtype round-trips."""
+import contextlib
 import os
 
 import numpy as np
@@ -49,3 +50,21 @@ def assert_close_to_reference(got, ref64, dtype, scale64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor value by the host (item, float, bool, tolist): each syncs a GPU."""
+    import torch
+
+    def boom(*a, **k):
+        raise AssertionError("a tensor value was read by the host (a host sync on a GPU)")
+
+    saved = {n: getattr(torch.Tensor, n) for n in ("item", "tolist", "__float__", "__bool__")}
+    for n in saved:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

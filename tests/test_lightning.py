@@ -1,5 +1,4 @@
 """fastema.lightning with real ``Trainer.fit`` runs on the CPU: EMA, swap for evaluation, resume, logs."""
-import contextlib
 import csv
 import warnings
 
@@ -11,6 +10,7 @@ from torch import nn
 pl = pytest.importorskip("pytorch_lightning")
 pd = pytest.importorskip("pandas")
 
+from conftest import no_host_reads  # noqa: E402
 from fastema.lightning import MovingAverageLogs, WeightEMA  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -141,22 +141,6 @@ def test_checkpoint_resume_is_exact_and_holds_raw_weights(tmp_path):
         assert torch.equal(w, final_raw[n])
     for n, v in resumed.ema.averaged_state_dict().items():
         assert torch.equal(v, final_ema[n]), n
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Fail on any read of a tensor value by the host (item, float, bool, tolist): each syncs a GPU."""
-    def boom(*a, **k):
-        raise AssertionError("host sync in the callback")
-
-    saved = {n: getattr(torch.Tensor, n) for n in ("item", "tolist", "__float__", "__bool__")}
-    for n in saved:
-        setattr(torch.Tensor, n, boom)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 class SyncCheckedLogs(MovingAverageLogs):
