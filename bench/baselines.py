@@ -53,3 +53,16 @@ class TimmModelEmaV3Reference:
             return
         torch._foreach_lerp_(ema_l, model_l, weight=1.0 - decay)
 
+
+
+@torch.no_grad()
+def timm_bfloat16_stochastic_update(ema_params, model_params, decay):
+    """timm's bfloat16 shadow with stochastic rounding: concatenate to float32, lerp, add random
+    low 16 bits, truncate, copy back into the bfloat16 tensors."""
+    ema32 = torch.cat([e.float().reshape(-1) for e in ema_params])
+    cur32 = torch.cat([m.float().reshape(-1) for m in model_params])
+    ema32.lerp_(cur32, 1.0 - decay)
+    bits = ema32.view(torch.int32)
+    bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)
+    rounded = bits.view(torch.float32).bfloat16()               # exact: the low 16 bits are zero
+    torch._foreach_copy_(ema_params, list(rounded.split([e.numel() for e in ema_params])))

@@ -1,7 +1,7 @@
 """Benchmark helpers: steady-state timing (compile excluded), synchronised devices.
 
 Each benchmark records in ``extra_info`` the scenario ``case``, the implementation
-``impl`` and the bytes one call must move; ``bench/report.py`` turns the JSON into
+``impl`` and the bytes one call must move; ``python -m fastema bench`` turns the JSON into
 GB/s and speed-ups against the baselines measured in the same run.
 ``FASTEMA_BENCH_QUICK=1`` keeps sizes and rounds small (CI).
 """
@@ -29,6 +29,25 @@ def sync(device):
         import torch
 
         torch.cuda.synchronize()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Name the GPU and the versions in the results: a table is read with them."""
+    versions = []
+    try:
+        import torch
+
+        versions.append(f"torch {torch.__version__}")
+        if torch.cuda.is_available():
+            machine_info["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    import numba
+
+    import fastema
+
+    versions += [f"numba {numba.__version__}", f"fastema {fastema.__version__}"]
+    machine_info["fastema_versions"] = ", ".join(versions)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Core kernels against what users run today: torch.lerp_, torch._foreach_*.
 
-Scenarios (issue #2): flat float32 sweep; 3000 tensors of 4096; bfloat16 sources into
-a float32 shadow; the per-update host cost (address check) of FlatShadow.
+Scenarios: flat float32 sweep (with the device's copy bandwidth, the ceiling, in the same
+run); GPT-2-small shapes and 3000 tensors of 4096; two decays in one pass; bfloat16 sources
+into a float32 shadow; the per-update host cost (address check) of FlatShadow.
 """
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import QUICK, devices
 from shapes import gpt2_small, many_small
 
 DECAY = 0.999
-SIZES = [16, 20, 24] if QUICK else [16, 18, 20, 22, 24, 26, 27]
+SIZES = [16, 20, 24] if QUICK else [16, 18, 20, 22, 24, 26, 27, 28]
 FLAT_CASES = [2 ** p for p in SIZES] + ([] if QUICK else [10 ** 8])
 
 
@@ -26,7 +27,7 @@ def flat_pair(n, device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("n", FLAT_CASES, ids=case_name)
-@pytest.mark.parametrize("impl", ["fastema", "torch.lerp_", "torch._foreach_lerp_"])
+@pytest.mark.parametrize("impl", ["fastema", "torch.lerp_", "torch._foreach_lerp_", "copy (ceiling)"])
 def test_flat_float32(run, benchmark, device, n, impl):
     benchmark.group = f"flat float32 ({device})"
     shadow, src = flat_pair(n, device)
@@ -34,9 +35,12 @@ def test_flat_float32(run, benchmark, device, n, impl):
         "fastema": lambda: fastema.ema_update_(shadow, src, decay=DECAY),
         "torch.lerp_": lambda: shadow.lerp_(src, 1 - DECAY),
         "torch._foreach_lerp_": lambda: torch._foreach_lerp_([shadow], [src], 1 - DECAY),
+        "copy (ceiling)": lambda: shadow.copy_(src),
     }[impl]
     rounds = 3 if n >= 2 ** 26 and QUICK else (8 if n >= 2 ** 26 else None)
-    run(fn, device, impl=impl, case=case_name(n), nbytes=12 * n, elements=n, rounds=rounds)
+    # the copy moves 8 B/element (read + write): its GB/s is the machine's bandwidth ceiling
+    run(fn, device, impl=impl, case=case_name(n), nbytes=(8 if impl == "copy (ceiling)" else 12) * n, elements=n,
+        rounds=rounds)
 
 
 def make_params(shapes, dtype, device):
@@ -44,11 +48,17 @@ def make_params(shapes, dtype, device):
     return [torch.randn(s, device=device, generator=g).to(dtype) for s in shapes]
 
 
+SHAPES = {"gpt2-small": gpt2_small, "3000x4096": many_small}
+
+
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("impl", ["fastema", "torch._foreach_lerp_", "per-tensor lerp_"])
-def test_many_small_tensors(run, benchmark, device, impl):
-    benchmark.group = f"3000 x 4096 float32 ({device})"
-    params = make_params(many_small(), torch.float32, device)
+@pytest.mark.parametrize("impl", ["fastema", "torch._foreach_lerp_", "per-tensor lerp_", "per-tensor mul_+add_"])
+@pytest.mark.parametrize("scenario", list(SHAPES))
+def test_many_tensors(run, benchmark, device, impl, scenario):
+    if QUICK and scenario == "gpt2-small":
+        pytest.skip("full mode only")
+    benchmark.group = f"many float32 tensors, FlatShadow ({device})"
+    params = make_params(SHAPES[scenario](), torch.float32, device)
     n = sum(p.numel() for p in params)
     if impl == "fastema":
         flat = fastema.FlatShadow(params)
@@ -57,11 +67,35 @@ def test_many_small_tensors(run, benchmark, device, impl):
         shadows = [p.clone() for p in params]
         if impl == "torch._foreach_lerp_":
             fn = lambda: torch._foreach_lerp_(shadows, params, 1 - DECAY)  # noqa: E731
-        else:
+        elif impl == "per-tensor lerp_":
             def fn():
                 for s, p in zip(shadows, params):
                     s.lerp_(p, 1 - DECAY)
-    run(fn, device, impl=impl, case="3000x4096", nbytes=12 * n, elements=n)
+        else:
+            def fn():                           # the textbook loop: shadow = d * shadow + (1 - d) * p
+                for s, p in zip(shadows, params):
+                    s.mul_(DECAY).add_(p, alpha=1 - DECAY)
+    run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n,
+        rounds=5 if scenario == "gpt2-small" else None)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema (one pass)", "torch._foreach_lerp_ x2"])
+def test_two_decays(run, benchmark, device, impl):
+    benchmark.group = f"two decays (0.999, 0.9999), 3000 x 4096 ({device})"
+    params = make_params(many_small(), torch.float32, device)
+    n = sum(p.numel() for p in params)
+    if impl.startswith("fastema"):
+        flat = fastema.FlatShadow(params, rows=2)
+        fn = lambda: flat.update([0.999, 0.9999])  # noqa: E731
+    else:
+        a, b = [p.clone() for p in params], [p.clone() for p in params]
+
+        def fn():
+            torch._foreach_lerp_(a, params, 1 - 0.999)
+            torch._foreach_lerp_(b, params, 1 - 0.9999)
+    # one pass: read the weights once, read + write two shadows
+    run(fn, device, impl=impl, case="3000x4096, K=2", nbytes=20 * n, elements=n)
 
 
 @pytest.mark.parametrize("device", devices())

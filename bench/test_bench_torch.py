@@ -1,15 +1,17 @@
 """fastema.torch.EMA.update against the model EMAs users run today (issue #3).
 
 Baselines in the same run: torch.optim.swa_utils.AveragedModel with torch's
-get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic
-(bench/baselines.py) and the torch_ema package (per-tensor loop).
+get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bfloat16
+stochastic-rounding path (bench/baselines.py), and the torch_ema and ema-pytorch packages
+(per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
+store / copy_to / restore.
 """
 import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from baselines import TimmModelEmaV3Reference
+from baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 from conftest import QUICK, devices
 from fastema.torch import EMA
 from shapes import gpt2_small, many_small
@@ -41,11 +43,17 @@ def updater(impl, model, shadow_dtype):
         torch_ema = pytest.importorskip("torch_ema")
         ema = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY, use_num_updates=False)
         return ema.update
+    if impl == "ema-pytorch":
+        ema_pytorch = pytest.importorskip("ema_pytorch")
+        ema = ema_pytorch.EMA(model, beta=DECAY, update_after_step=0, update_every=1, power=1.0,
+                              inv_gamma=1e-9, allow_different_devices=True)
+        ema.update()
+        return ema.update
     raise ValueError(impl)
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("impl", ["fastema", "AveragedModel(foreach)", "timm ModelEmaV3", "torch_ema"])
+@pytest.mark.parametrize("impl", ["fastema", "AveragedModel(foreach)", "timm ModelEmaV3", "torch_ema", "ema-pytorch"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_model_ema_float32(run, benchmark, device, impl, scenario):
     if QUICK and scenario == "gpt2-small":
@@ -77,3 +85,50 @@ def test_ema_update_host_overhead(run, benchmark, count):
     model = Params([(4,)] * count, torch.float32, "cpu")
     ema = EMA(model, DECAY)
     run(ema.update, "cpu", impl="fastema", case=f"{count} tensors", nbytes=0, elements=count, rounds=300)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3 (stochastic)"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bfloat16_shadow_stochastic_rounding(run, benchmark, device, impl, scenario):
+    if QUICK and scenario == "gpt2-small":
+        pytest.skip("full mode only")
+    benchmark.group = f"EMA.update, bfloat16 model, bfloat16 shadow, stochastic rounding ({device})"
+    model = Params(SCENARIOS[scenario](), torch.bfloat16, device)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    if impl == "fastema":
+        fn = EMA(model, DECAY, shadow_dtype="bfloat16", rounding="stochastic").update
+    else:
+        shadow = [p.detach().clone() for p in params]
+        fn = lambda: timm_bfloat16_stochastic_update(shadow, params, DECAY)  # noqa: E731
+    run(fn, device, impl=impl, case=scenario, nbytes=6 * n, elements=n,
+        rounds=5 if scenario == "gpt2-small" else None)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema swap (in + out)", "torch_ema store/copy_to/restore"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_swap_for_evaluation(run, benchmark, device, impl, scenario):
+    if QUICK and scenario == "gpt2-small":
+        pytest.skip("full mode only")
+    benchmark.group = f"EMA weights in for evaluation and back, float32 ({device})"
+    model = Params(SCENARIOS[scenario](), torch.float32, device)
+    n = sum(p.numel() for p in model.parameters())
+    if impl.startswith("fastema"):
+        ema = EMA(model, DECAY)
+
+        def fn():
+            ema.swap()
+            ema.swap()
+    else:
+        torch_ema = pytest.importorskip("torch_ema")
+        ema = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY)
+
+        def fn():
+            ema.store()
+            ema.copy_to()
+            ema.restore()
+    # an exchange reads and writes both buffers: 16 B/element for the round trip (in + out)
+    run(fn, device, impl=impl, case=scenario, nbytes=16 * n, elements=n,
+        rounds=5 if scenario == "gpt2-small" else None)

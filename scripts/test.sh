@@ -6,11 +6,12 @@
 #   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
 #      (the simulator must be switched on before numba is imported),
 #      and on the real GPU as well when one is present,
-#   3. a quick benchmark pass whose table is printed (timings never fail the run).
+#   3. the benchmark suite in quick mode (python -m fastema bench --quick): its table is
+#      printed; timings never fail the run, errors do.
 # A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,cuda
+bash scripts/setup.sh dev,cuda,bench
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 
@@ -25,7 +26,5 @@ if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() e
   "$py" -m pytest tests -m cuda -q
 fi
 
-echo "== quick benchmarks"
-mkdir -p bench/out
-FASTEMA_BENCH_QUICK=1 "$py" -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/out/quick.json
-"$py" bench/report.py bench/out/quick.json --out bench/out/quick.md
+echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png)"
+"$py" -m fastema bench --quick --out bench/out
