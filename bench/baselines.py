@@ -65,4 +65,5 @@ def timm_bfloat16_stochastic_update(ema_params, model_params, decay):
     bits = ema32.view(torch.int32)
     bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)
     rounded = bits.view(torch.float32).bfloat16()               # exact: the low 16 bits are zero
-    torch._foreach_copy_(ema_params, list(rounded.split([e.numel() for e in ema_params])))
+    torch._foreach_copy_(ema_params, [c.view_as(e) for c, e in zip(rounded.split([e.numel() for e in ema_params]),
+                                                                   ema_params)])
