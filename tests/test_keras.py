@@ -218,3 +218,45 @@ def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
     with pytest.raises(RuntimeError, match="needs the torch backend.*'tensorflow'"):
         other.on_train_begin()
+
+
+JAX_FIT = r"""
+import json, os
+os.environ["KERAS_BACKEND"] = "jax"
+import keras, numpy as np
+from fastema.keras import MovingAverageLogs
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+model.compile(keras.optimizers.SGD(0.05), "mse", steps_per_execution=2)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(100, 4)).astype("float32")
+y = np.sin(x).sum(1, keepdims=True).astype("float32")
+rows = []
+class Rec(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        rows.append([batch, logs["loss"], logs["loss_raw"], logs["loss_ema"]])
+model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+          callbacks=[MovingAverageLogs(ema=0.5, sma=None), Rec()])
+print(json.dumps(rows))
+"""
+
+
+def test_steps_per_execution_on_the_jax_backend():
+    """A real fit with steps_per_execution=2 (the JAX backend runs several steps per call)."""
+    pytest.importorskip("jax")
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", JAX_FIT], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    # 100 samples in batches of 32, 32, 32, 4: two reports per epoch, after batches 1 and 3
+    assert [r[0] for r in rows] == [1, 3, 1, 3]
+    for epoch in range(2):
+        (_, m1, raw1, _), (_, m2, raw2, _) = rows[2 * epoch:2 * epoch + 2]
+        assert raw1 == pytest.approx(m1, rel=1e-6)                       # first execution: the mean itself
+        assert raw2 == pytest.approx((m2 * 100 - m1 * 64) / 36, rel=1e-4)  # batches of 32 and 4
+    raws = pd.Series([r[2] for r in rows])
+    assert [r[3] for r in rows] == pytest.approx(list(raws.ewm(alpha=0.5).mean()), rel=1e-9)
