@@ -81,6 +81,23 @@ def test_training_loop_matches_float64_reference(make, warmup):
         assert torch.equal(state["int_buffers"]["1.num_batches_tracked"], bn["1.num_batches_tracked"])
 
 
+def test_integer_parameters_are_copied_not_refused():
+    # e.g. an RNG state or a step counter kept as a frozen nn.Parameter (Keras does this)
+    model = nn.Linear(3, 2)
+    model.seed = nn.Parameter(torch.tensor([7, 11], dtype=torch.int32), requires_grad=False)
+    ema = EMA(model, 0.5)
+    with torch.no_grad():
+        model.seed.add_(1)
+        model.weight.add_(1.0)
+    ema.update()
+    avg = ema.averaged_state_dict()
+    assert torch.equal(avg["seed"], torch.tensor([8, 12], dtype=torch.int32))
+    assert ema.state_dict()["int_buffers"]["seed"].tolist() == [8, 12]
+    ema.swap()                                   # averaged floats in; the integer tensor is left alone
+    assert model.seed.tolist() == [8, 12]
+    ema.swap()
+
+
 def test_schedules_closed_forms():
     assert S.Constant(0.99)(1) == 0.99
     assert [S.NumUpdates(0.999)(n) for n in (1, 10, 10 ** 6)] == [2 / 11, 11 / 20, 0.999]

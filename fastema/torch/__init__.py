@@ -132,7 +132,7 @@ class _ModelAverage:
             name = normalize_name(name)
             if _matches(name, self.exclude):
                 continue
-            if not p.is_floating_point():
+            if not p.is_floating_point():           # integer parameters travel with the integer buffers
                 self._int_buffers[name] = (p, p.detach().clone())
             else:
                 (copied if _matches(name, self.copy_patterns) else averaged)[name] = p
