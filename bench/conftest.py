@@ -24,6 +24,18 @@ def devices():
     return out
 
 
+LARGE = {"gpt2-small"}          # 124M parameters: full mode only, fewer rounds
+
+
+def scenario_rounds(scenario, large_rounds=5):
+    """Skip a large scenario in quick mode; the rounds to time it with (None: the default)."""
+    if scenario in LARGE:
+        if QUICK:
+            pytest.skip("full mode only")
+        return large_rounds
+    return None
+
+
 def sync(device):
     if device == "cuda":
         import torch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastema
-from conftest import QUICK, devices
+from conftest import QUICK, devices, scenario_rounds
 from shapes import gpt2_small, many_small
 
 DECAY = 0.999
@@ -55,8 +55,7 @@ SHAPES = {"gpt2-small": gpt2_small, "3000x4096": many_small}
 @pytest.mark.parametrize("impl", ["fastema", "torch._foreach_lerp_", "per-tensor lerp_", "per-tensor mul_+add_"])
 @pytest.mark.parametrize("scenario", list(SHAPES))
 def test_many_tensors(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"many float32 tensors, FlatShadow ({device})"
     params = make_params(SHAPES[scenario](), torch.float32, device)
     n = sum(p.numel() for p in params)
@@ -76,7 +75,7 @@ def test_many_tensors(run, benchmark, device, impl, scenario):
                 for s, p in zip(shadows, params):
                     s.mul_(DECAY).add_(p, alpha=1 - DECAY)
     run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -102,8 +101,7 @@ def test_two_decays(run, benchmark, device, impl):
 @pytest.mark.parametrize("impl", ["fastema", "torch._foreach_mul_+_foreach_add_"])
 @pytest.mark.parametrize("scenario", ["gpt2-small", "3000x4096"])
 def test_bfloat16_sources_float32_shadow(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"bfloat16 sources, float32 shadow ({device})"
     params = make_params(gpt2_small() if scenario == "gpt2-small" else many_small(), torch.bfloat16, device)
     n = sum(p.numel() for p in params)
@@ -117,7 +115,7 @@ def test_bfloat16_sources_float32_shadow(run, benchmark, device, impl, scenario)
             torch._foreach_mul_(shadows, DECAY)
             torch._foreach_add_(shadows, params, alpha=1 - DECAY)
     run(fn, device, impl=impl, case=scenario, nbytes=10 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)
 
 
 @pytest.mark.parametrize("count", [50, 148, 3000])

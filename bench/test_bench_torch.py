@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
-from conftest import QUICK, devices
+from conftest import devices, scenario_rounds
 from fastema.torch import EMA
 from shapes import gpt2_small, many_small
 
@@ -56,26 +56,24 @@ def updater(impl, model, shadow_dtype):
 @pytest.mark.parametrize("impl", ["fastema", "AveragedModel(foreach)", "timm ModelEmaV3", "torch_ema", "ema-pytorch"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_model_ema_float32(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"EMA.update, float32 model ({device})"
     model = Params(SCENARIOS[scenario](), torch.float32, device)
     n = sum(p.numel() for p in model.parameters())
     run(updater(impl, model, "same"), device, impl=impl, case=scenario, nbytes=12 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_model_ema_bfloat16_model_float32_shadow(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"EMA.update, bfloat16 model, float32 shadow ({device})"
     model = Params(SCENARIOS[scenario](), torch.bfloat16, device)
     n = sum(p.numel() for p in model.parameters())
     run(updater(impl, model, "float32"), device, impl=impl, case=scenario, nbytes=10 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)
 
 
 @pytest.mark.parametrize("count", [50, 148, 3000])
@@ -91,8 +89,7 @@ def test_ema_update_host_overhead(run, benchmark, count):
 @pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3 (stochastic)"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_bfloat16_shadow_stochastic_rounding(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"EMA.update, bfloat16 model, bfloat16 shadow, stochastic rounding ({device})"
     model = Params(SCENARIOS[scenario](), torch.bfloat16, device)
     params = list(model.parameters())
@@ -103,15 +100,14 @@ def test_bfloat16_shadow_stochastic_rounding(run, benchmark, device, impl, scena
         shadow = [p.detach().clone() for p in params]
         fn = lambda: timm_bfloat16_stochastic_update(shadow, params, DECAY)  # noqa: E731
     run(fn, device, impl=impl, case=scenario, nbytes=6 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema swap (in + out)", "torch_ema store/copy_to/restore"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_swap_for_evaluation(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario)
     benchmark.group = f"EMA weights in for evaluation and back, float32 ({device})"
     model = Params(SCENARIOS[scenario](), torch.float32, device)
     n = sum(p.numel() for p in model.parameters())
@@ -131,4 +127,4 @@ def test_swap_for_evaluation(run, benchmark, device, impl, scenario):
             ema.restore()
     # an exchange reads and writes both buffers: 16 B/element for the round trip (in + out)
     run(fn, device, impl=impl, case=scenario, nbytes=16 * n, elements=n,
-        rounds=5 if scenario == "gpt2-small" else None)
+        rounds=rounds)

@@ -7,7 +7,7 @@ users write it: per tensor (``sum += p - ring[i]; ring[i].copy_(p)``) and with t
 import pytest
 import torch
 
-from conftest import QUICK, devices
+from conftest import devices, scenario_rounds
 from fastema.torch import WindowAverage
 from shapes import gpt2_small, many_small
 from test_bench_torch import Params
@@ -39,8 +39,7 @@ class TorchWindow:
 @pytest.mark.parametrize("impl", ["fastema", "torch _foreach", "torch per-tensor"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_window_push(run, benchmark, device, impl, scenario):
-    if QUICK and scenario == "gpt2-small":
-        pytest.skip("full mode only")
+    rounds = scenario_rounds(scenario, large_rounds=3)
     shapes, window = SCENARIOS[scenario]
     benchmark.group = f"WindowAverage.update, W pushes per round, float32 ({device})"
     model = Params(shapes(), torch.float32, device)
@@ -55,4 +54,4 @@ def test_window_push(run, benchmark, device, impl, scenario):
 
     # per push: read the weight and the evicted snapshot, write the snapshot, read+write sum and compensation
     run(fn, device, impl=impl, case=f"{scenario}, W={window}, {window} pushes", nbytes=28 * n * window,
-        elements=n, rounds=3 if scenario == "gpt2-small" else None)
+        elements=n, rounds=rounds)
