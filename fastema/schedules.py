@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["Constant", "NumUpdates", "PowerWarmup", "from_state", "debiased_weight"]
+__all__ = ["Constant", "NumUpdates", "PowerWarmup", "Plan", "from_state", "debiased_weight"]
 
 
 def _check_decay(name, value):
@@ -115,3 +115,111 @@ def compensated(decay: float, every: int) -> float:
     return decay ** every if every > 1 else decay
 
 
+
+
+class Plan:
+    """The decay side of a model EMA, shared by the framework bridges.
+
+    Holds the schedules (one per average), the update count, ``update_every`` with its
+    optional compensation, and the debiasing normalisers, and turns "update now" into
+    the kernels' weights ``w = 1 - decay`` (or the debiased weights). Everything is a
+    Python number: no device is read. :meth:`state` / :meth:`load_state` carry it
+    through checkpoints.
+
+    Args:
+        decay: a float, or up to 8 floats (one per average).
+        warmup: ``None``, ``"num_updates"`` or ``"power"`` (see :class:`PowerWarmup`).
+        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
+        update_every: update on every k-th call (the first call updates).
+        compensate: with ``update_every=k``, use ``decay ** k``.
+        debias: zero-init debiasing (:func:`debiased_weight`).
+    """
+
+    def __init__(self, decay=0.9999, *, warmup: str | None = None, min_decay: float = 0.0,
+                 inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False):
+        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
+        if not 1 <= len(decays) <= 8:
+            raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
+        if warmup not in (None, "num_updates", "power"):
+            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if warmup is None:
+            self.schedules = [Constant(d) for d in decays]
+        elif warmup == "num_updates":
+            self.schedules = [NumUpdates(d) for d in decays]
+        else:
+            self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
+        self.update_every, self.compensate, self.debias = update_every, bool(compensate), bool(debias)
+        self.calls = 0                      # update() calls, skipped ones included
+        self.updates = 0                    # updates made
+        self.norms = [0.0] * len(decays)    # debiasing normalisers
+        self.last_decays = [0.0] * len(decays)
+
+    @property
+    def rows(self) -> int:
+        return len(self.schedules)
+
+    def decay_at(self, i: int, n: int) -> float:
+        d = self.schedules[i](n)
+        return compensated(d, self.update_every) if self.compensate else d
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next update will use."""
+        d = [self.decay_at(i, self.updates + 1) for i in range(self.rows)]
+        return d[0] if len(d) == 1 else d
+
+    def due(self) -> bool:
+        """True when the next call updates (the first call, then every ``update_every``-th)."""
+        return self.calls % self.update_every == 0
+
+    def count_call(self) -> None:
+        self.calls += 1
+
+    def weights(self, step: int | None = None) -> tuple[int, list[float], tuple]:
+        """``(n, weights, pending)`` for the update about to be made; ``n`` is the schedule's
+        step (``step`` if given, else the update count). Pass ``pending`` to :meth:`commit`
+        once the update has been launched, so a refused update changes nothing."""
+        n = self.updates + 1 if step is None else int(step)
+        weights, decays, norms = [], [], list(self.norms)
+        for i in range(self.rows):
+            d = self.decay_at(i, n)
+            if self.debias:
+                w, norms[i] = debiased_weight(d, norms[i])
+            else:
+                w = 1.0 - d
+            weights.append(w)
+            decays.append(d)
+        return n, weights, (decays, norms)
+
+    def commit(self, pending: tuple) -> None:
+        """Record an update made with :meth:`weights`' ``pending`` (the call is counted apart)."""
+        self.last_decays, self.norms = pending
+        self.updates += 1
+
+    def state(self) -> dict:
+        return {"calls": self.calls, "updates": self.updates, "norms": list(self.norms),
+                "schedules": [s.state() for s in self.schedules], "update_every": self.update_every,
+                "compensate": self.compensate, "debias": self.debias}
+
+    def check_state(self, state: dict, problems: list) -> None:
+        """Append to ``problems`` what keeps ``state`` from loading here."""
+        saved = state.get("schedules")
+        if not isinstance(saved, list) or len(saved) != self.rows:
+            n = len(saved) if isinstance(saved, list) else saved
+            problems.append(f"checkpoint has {n} decay(s), this EMA {self.rows}")
+            return
+        try:
+            [from_state(s) for s in saved]
+            int(state["updates"]), int(state["calls"]), [float(x) for x in state["norms"]]
+        except (KeyError, TypeError, ValueError) as err:
+            problems.append(f"schedule state unreadable ({err})")
+
+    def load_state(self, state: dict) -> None:
+        self.schedules = [from_state(s) for s in state["schedules"]]
+        self.calls, self.updates = int(state["calls"]), int(state["updates"])
+        self.norms = [float(x) for x in state["norms"]]
+        self.update_every = int(state["update_every"])
+        self.compensate, self.debias = bool(state["compensate"]), bool(state["debias"])

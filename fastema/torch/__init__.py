@@ -382,42 +382,31 @@ class EMA(_ModelAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
-        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
-        if warmup not in (None, "num_updates", "power"):
-            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
         if rounding == "stochastic" and shadow_dtype != "bfloat16":
             raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
-        self.schedules = [self._schedule(d, warmup, min_decay, inv_gamma, power, update_after_step) for d in decays]
-        self.update_every, self.compensate, self.debias = update_every, compensate, debias
+        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
+                           update_after_step=update_after_step, update_every=update_every,
+                           compensate=compensate, debias=debias)
         self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
         self.skip_nonfinite = skip_nonfinite
-        super().__init__(model, lambda avg: FlatShadow(avg, rows=len(decays), dtype=shadow_dtype),
+        super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
                          buffers=buffers, exclude=exclude, copy=copy)
-        self.updates = 0                        # updates made (calls that were not skipped by update_every)
-        self.norms = [0.0] * len(decays)        # debiasing normalisers c
-        self._decays = [0.0] * len(decays)      # the decays of the last update
 
-    @staticmethod
-    def _schedule(decay, warmup, min_decay, inv_gamma, power, update_after_step):
-        if warmup is None:
-            return S.Constant(decay)
-        if warmup == "num_updates":
-            return S.NumUpdates(decay)
-        return S.PowerWarmup(decay, min_decay, inv_gamma, power, update_after_step)
+    # The counters and settings live in the plan (shared with fastema.jax and fastema.tensorflow).
+    calls = property(lambda self: self.plan.calls, lambda self, v: setattr(self.plan, "calls", v))
+    updates = property(lambda self: self.plan.updates, lambda self, v: setattr(self.plan, "updates", v))
+    norms = property(lambda self: self.plan.norms)
+    schedules = property(lambda self: self.plan.schedules)
+    update_every = property(lambda self: self.plan.update_every)
+    compensate = property(lambda self: self.plan.compensate)
+    debias = property(lambda self: self.plan.debias)
 
     @property
     def decay(self) -> float | list[float]:
         """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        d = [self._decay_at(i, self.updates + 1) for i in range(len(self.schedules))]
-        return d[0] if len(d) == 1 else d
-
-    def _decay_at(self, i: int, n: int) -> float:
-        d = self.schedules[i](n)
-        return S.compensated(d, self.update_every) if self.compensate else d
+        return self.plan.decay
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
@@ -428,40 +417,24 @@ class EMA(_ModelAverage):
         """
         if not self._due(self.update_every):
             return
-        n = self.updates + 1 if step is None else int(step)
-        weights, decays, norms = [], [], list(self.norms)
-        for i in range(len(self.schedules)):
-            d = self._decay_at(i, n)
-            if self.debias:
-                w, norms[i] = S.debiased_weight(d, norms[i])
-            else:
-                w = 1.0 - d
-            weights.append(w)
-            decays.append(d)
+        n, weights, pending = self.plan.weights(step)
         self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
                          skip_nonfinite=self.skip_nonfinite)
         self._copy_buffers()
-        self.updates += 1
-        self.norms, self._decays = norms, decays
+        self.plan.commit(pending)
 
     def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """Alias of :meth:`averaged_state_dict`."""
         return self.averaged_state_dict(row)
 
     def _extra_state(self) -> dict:
-        return {"updates": self.updates, "norms": list(self.norms),
-                "schedules": [s.state() for s in self.schedules],
-                "update_every": self.update_every, "compensate": self.compensate, "debias": self.debias,
-                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+        return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
     def _check_extra(self, state: dict, problems: list) -> None:
-        if len(state.get("schedules", [])) != self._avg.rows:
-            problems.append(f"checkpoint has {len(state.get('schedules', []))} decay(s), this EMA {self._avg.rows}")
+        self.plan.check_state(state, problems)
 
     def _load_extra(self, state: dict) -> None:
-        self.schedules = [S.from_state(s) for s in state["schedules"]]
-        self.updates, self.norms = int(state["updates"]), list(state["norms"])
-        self.update_every, self.compensate, self.debias = state["update_every"], state["compensate"], state["debias"]
+        self.plan.load_state(state)
         self.rounding, self.seed = state["rounding"], state["seed"]
 
     def __repr__(self) -> str:
