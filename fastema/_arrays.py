@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _dlpack as _dl
 from .kernels._bits import BF16, F16, F32, KIND_NAMES
 
 SUPPORTED = "float32, bfloat16 and float16"
@@ -30,7 +31,8 @@ class Buf(NamedTuple):
     shape: tuple
     address: int             # first element; 0 for an empty buffer
     writable: bool
-    framework: str           # "numpy", "torch", "cuda" (array interface), "cudasim"
+    framework: str           # "numpy", "torch", "cuda" (array interface), "cudasim", "jax",
+                             # "tensorflow", "dlpack" (other producers; obj is then a _dlpack.Imported)
 
     @property
     def numel(self) -> int:
@@ -120,6 +122,64 @@ def _is_cudasim(x) -> bool:
     return mod.startswith("numba") and "simulator" in mod and hasattr(x, "_ary")
 
 
+_DL_KINDS = {(_dl.FLOAT, 32): F32, (_dl.FLOAT, 16): F16, (_dl.BFLOAT, 16): BF16}
+_DL_NAMES = {(_dl.INT, 8): "int8", (_dl.INT, 16): "int16", (_dl.INT, 32): "int32", (_dl.INT, 64): "int64",
+             (_dl.UINT, 8): "uint8", (_dl.FLOAT, 64): "float64", (_dl.UINT, 1): "bool", (6, 8): "bool"}
+_FRAMEWORKS = {"jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow", "keras": "keras"}
+
+# Where to go instead when an in-place write reaches an array its framework keeps immutable.
+READ_ONLY_HINTS = {
+    "jax": "JAX arrays are immutable; keep the average of JAX parameters in fastema.jax.EMA, "
+           "which owns the shadow and hands back new arrays with shadow()",
+    "tensorflow": "TensorFlow tensors cannot be written in place; keep the average of tf.Variables in "
+                  "fastema.tensorflow.EMA, which owns the shadow and writes the variables with assign()",
+}
+
+
+def _framework_of(x) -> str | None:
+    return _FRAMEWORKS.get(type(x).__module__.partition(".")[0])
+
+
+def _from_framework(x, what: str, framework: str) -> Buf:
+    if framework == "keras":                       # a keras.Variable: describe the backend's value
+        value = getattr(x, "value", None)
+        if value is None or value is x:
+            raise TypeError(f"{what} is a {type(x).__name__} without an array value")
+        return describe(value, what)
+    if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
+        x = x.value()                              # a tf.Variable: its current tensor (no copy)
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
+                        f"pass an array or tensor")
+    return _from_dlpack(x, what, framework)
+
+
+def _from_dlpack(x, what: str, framework: str) -> Buf:
+    dev = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else (_dl.CPU, 0)
+    on_gpu = int(dev[0]) in (_dl.CUDA, _dl.CUDA_MANAGED)
+    try:
+        # CUDA producers order their writes before the legacy default stream (1), where
+        # fastema launches for arrays it does not know the stream of.
+        im = _dl.import_(x, stream=1 if on_gpu else None)
+    except (BufferError, TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what}: could not read it through DLPack ({err})") from err
+    kind = _DL_KINDS.get((im.code, im.bits)) if im.lanes == 1 else None
+    if kind is None:
+        raise _unsupported_dtype(what, _DL_NAMES.get((im.code, im.bits), f"DLPack code {im.code}/{im.bits} bits"))
+    if not im.contiguous:
+        raise _not_contiguous(what, im.shape, im.strides)
+    if im.device_type in (_dl.CPU, _dl.CUDA_HOST):
+        device = "cpu"
+    elif im.device_type in (_dl.CUDA, _dl.CUDA_MANAGED):
+        device = f"cuda:{im.device_id}"
+    else:
+        raise ValueError(f"{what} is on DLPack device type {im.device_type}; fastema runs on the CPU "
+                         f"and on CUDA GPUs")
+    writable = framework not in READ_ONLY_HINTS and not im.read_only
+    address = im.address if math.prod(im.shape) else 0
+    return Buf(im, kind, device, im.shape, address, writable, framework)
+
+
 def describe(x, what: str) -> Buf:
     """Describe ``x`` as a :class:`Buf`, or raise ``TypeError``/``ValueError`` naming ``what``."""
     if isinstance(x, np.ndarray):
@@ -128,19 +188,13 @@ def describe(x, what: str) -> Buf:
         return _from_torch(x, what)
     if _is_cudasim(x):
         return _from_cudasim(x, what)
+    framework = _framework_of(x)
+    if framework is not None:                      # JAX, TensorFlow, Keras variables
+        return _from_framework(x, what, framework)
     if hasattr(x, "__cuda_array_interface__"):
         return _from_cai(x, what)
     if hasattr(x, "__dlpack__"):
-        dev = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else 1
-        if dev == 1:                               # kDLCPU
-            try:
-                a = np.from_dlpack(x)
-            except (BufferError, TypeError, RuntimeError) as err:
-                raise TypeError(f"{what}: NumPy cannot import this DLPack array ({err}); "
-                                f"pass a NumPy array or a torch tensor") from err
-            return _from_numpy(a, what)._replace(obj=x)
-        raise TypeError(f"{what} is a DLPack array on device type {dev} without "
-                        f"__cuda_array_interface__; pass a torch tensor or a CuPy array")
+        return _from_dlpack(x, what, _framework_of(x) or "dlpack")
     if isinstance(x, (bool, int, float, complex, list, tuple)):
         raise TypeError(f"{what} must be an array (NumPy, torch, CuPy, ...), got {type(x).__name__}; "
                         f"wrap Python numbers with np.asarray(..., dtype=np.float32)")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _launch
-from ._arrays import Buf, describe, overlaps
+from ._arrays import READ_ONLY_HINTS, Buf, describe, overlaps
 from .kernels import _bits, ema_cpu
 from .kernels._bits import BF16, KIND_NAMES
 
@@ -83,7 +83,8 @@ def _pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, B
     s, x = describe(a, a_name), describe(b, b_name)
     for buf, name, write in ((s, a_name, True), (x, b_name, write_b)):
         if write and not buf.writable:
-            raise ValueError(f"{name} is read-only; pass a writable array (it is updated in place)")
+            hint = READ_ONLY_HINTS.get(buf.framework, "pass a writable array (it is updated in place)")
+            raise ValueError(f"{name} is read-only: {hint}")
     if s.device != x.device:
         raise ValueError(f"{a_name} is on {s.device} but {b_name} is on {x.device}; "
                          f"put both on one device")
