@@ -64,6 +64,12 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
     return base + segment_offsets(counts)[:-1] * itemsize
 
 
+def retire(device: str, stream, previous):
+    """An event recorded on ``stream`` now; waits for ``previous`` (an earlier one) first if it
+    has not passed yet, so what was kept alive with it can go."""
+    return _cuda().retire(device, stream, previous)
+
+
 def update_addresses(t: Tables, addresses, device: str, stream=0) -> Tables:
     """Same layout, new source addresses (a source was re-allocated in place)."""
     seg_addr = np.asarray(addresses, np.int64).reshape(-1)

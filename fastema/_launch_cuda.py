@@ -84,3 +84,14 @@ def nonfinite(device, src_kind, t, flag, stream):
 def window(device, ring_kind, src_kind, t, ring_addr, slot, full, count, recompute, stream):
     _launch(ema_cuda.window_kernel(ring_kind, src_kind), device, t, stream, *t.args(), ring_addr, slot, full,
             count, recompute)
+
+
+def retire(device, stream, previous):
+    if SIMULATOR:                     # the simulator runs every launch to completion
+        return None
+    if previous is not None and not previous.query():
+        previous.synchronize()        # rare: the launch before the last one is still running
+    with cuda.gpus[_index(device)]:
+        event = cuda.event(timing=False)
+        event.record(stream or 0)
+    return event

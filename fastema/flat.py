@@ -46,6 +46,11 @@ class _Group:
                                      _launch.flat_shadow(base, self.counts, 4 if shadow_kind == F32 else 2),
                                      self.device, self.stream)
         self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
+        # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
+        # nothing of fastema's launches: replaced sources are released only once an event
+        # recorded after those launches has passed (checked without blocking, one rebind later).
+        self.deferred = _launch.is_cuda(self.device) and self.framework in ("jax", "tensorflow", "dlpack")
+        self.retired: tuple = (None, [])
         # Keep the sources' storages alive: a freed block could otherwise come back at a
         # recorded address under another tensor (another dtype) and pass the address check.
         self.keep: list[Any] = [b.obj.untyped_storage() for b in bufs] if self.track else []
@@ -258,6 +263,8 @@ class FlatShadow:
                     f"(model.to(), a dtype cast or a reshape?); make a new shadow after changing the model, "
                     f"or change it back. Nothing was updated.")
             bufs.append(b)
+        if g.deferred:
+            g.retired = (_launch.retire(g.device, g.stream, g.retired[0]), g.tensors)
         g.addresses = [b.address for b in bufs]
         g.tensors = [b.obj for b in bufs]
         # keep the storages alive: a freed block could be handed to an unrelated tensor at the same address

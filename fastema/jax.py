@@ -1,0 +1,225 @@
+"""JAX bridge: an EMA of a pytree of parameters in fastema's flat shadow.
+
+JAX arrays are immutable, so the average lives in buffers fastema owns; each
+``update(params)`` reads the new parameters through DLPack (no copy of the model)
+and makes one kernel launch per (device, dtype) group. Call it between the steps of
+an ordinary jit-compiled training loop::
+
+    ema = fastema.jax.EMA(params, decay=0.999)
+    for batch in data:
+        params, opt_state = train_step(params, opt_state, batch)   # jax.jit
+        ema.update(params)
+    eval_params = ema.shadow()          # same pytree structure, shapes and dtypes
+
+On the CPU the update waits for ``params`` to be computed (the kernel runs on the
+host); on a GPU the read is ordered on the device through DLPack's stream argument.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from . import schedules as S
+from .flat import FlatShadow
+
+__all__ = ["EMA"]
+
+FORMAT = "fastema.jax.EMA"
+VERSION = 1
+_FLOATS = ("float32", "bfloat16", "float16")
+
+
+def _flatten(params):
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
+
+
+class EMA:
+    """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
+
+    Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
+    counters) are carried as the latest value. ``shadow()`` returns a new pytree with the
+    structure, shapes, dtypes and devices of ``params``.
+
+    Args:
+        params: the pytree to average; its values start the average.
+        decay: a float, or up to 8 floats for several averages kept in one pass.
+        warmup, min_decay, inv_gamma, power, update_after_step, update_every, compensate,
+            debias: the schedule, as in :class:`fastema.torch.EMA` (:class:`fastema.schedules.Plan`).
+        shadow_dtype: ``"float32"`` (default; bfloat16 parameters keep moving), ``"same"``
+            or ``"bfloat16"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed.
+        skip_nonfinite: skip an update (decided on the device) when a parameter is inf/NaN.
+    """
+
+    def __init__(self, params, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
+                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
+                 skip_nonfinite: bool = False):
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and shadow_dtype != "bfloat16":
+            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
+                           update_after_step=update_after_step, update_every=update_every,
+                           compensate=compensate, debias=debias)
+        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
+        self.skip_nonfinite = skip_nonfinite
+        names, leaves, self._treedef = _flatten(params)
+        self.names = names
+        self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
+        self._float = [i for i, x in enumerate(self._leaves) if x.dtype.name in _FLOATS]
+        if not self._float:
+            raise ValueError("params has no float32/bfloat16/float16 leaves to average")
+        self._specs = [(x.shape, x.dtype, getattr(x, "sharding", None)) for x in self._leaves]
+        self._flat = FlatShadow({names[i]: self._leaves[i] for i in self._float}, rows=self.plan.rows,
+                                dtype=shadow_dtype)
+
+    @staticmethod
+    def _check_leaf(name: str, x):
+        if isinstance(x, np.ndarray):
+            x = jnp.asarray(x)
+        if not isinstance(x, jax.Array):
+            raise TypeError(f"leaf {name} is a {type(x).__name__}; fastema.jax.EMA averages pytrees of JAX "
+                            f"arrays (use jnp.asarray)")
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(f"leaf {name} is a tracer: EMA.update() runs outside jax.jit; call it on the "
+                            f"parameters the jitted step returns")
+        return x
+
+    # ------------------------------------------------------------ the schedule
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use."""
+        return self.plan.decay
+
+    @property
+    def updates(self) -> int:
+        return self.plan.updates
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    # ------------------------------------------------------------ operations
+
+    def update(self, params, step: int | None = None) -> None:
+        """Fold ``params`` (a pytree like the one the EMA was made with) into the average.
+
+        Args:
+            params: the current parameters, e.g. what the jitted train step returned.
+            step: the training step for the schedule; defaults to the number of updates made.
+        """
+        if not self.plan.due():
+            self.plan.count_call()
+            return
+        leaves = self._match(params)
+        n, weights, pending = self.plan.weights(step)
+        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+                          skip_nonfinite=self.skip_nonfinite, sources=[leaves[i] for i in self._float])
+        self._leaves = leaves
+        self.plan.count_call()
+        self.plan.commit(pending)
+
+    def _match(self, params) -> list:
+        names, leaves, treedef = _flatten(params)
+        if treedef != self._treedef:
+            missing = sorted(set(self.names) - set(names))[:5]
+            extra = sorted(set(names) - set(self.names))[:5]
+            raise ValueError(f"params does not have the structure the EMA was made for (missing {missing}, "
+                             f"unexpected {extra}; expected {self._treedef}); make a new EMA for a new model. "
+                             f"Nothing was updated.")
+        leaves = [self._check_leaf(nm, x) for nm, x in zip(names, leaves)]
+        for nm, x, (shape, dtype, _) in zip(names, leaves, self._specs):
+            if x.shape != shape or x.dtype != dtype:
+                raise ValueError(f"leaf {nm} was {dtype}{list(shape)} when the EMA was made and is now "
+                                 f"{x.dtype}{list(x.shape)}; make a new EMA after changing the model. "
+                                 f"Nothing was updated.")
+        return leaves
+
+    def shadow(self, row: int = 0):
+        """The average as a new pytree: the structure, shapes, dtypes and shardings of ``params``.
+
+        Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
+        the values of the last ``update()``.
+        """
+        self._flat._check_row(row)
+        out = list(self._leaves)
+        for slot, i in enumerate(self._float):
+            shape, dtype, sharding = self._specs[i]
+            value = jnp.array(self._flat.view(slot, row), dtype=dtype)          # a copy, never a view
+            out[i] = jax.device_put(value, sharding) if sharding is not None else value
+        return jax.tree_util.tree_unflatten(self._treedef, out)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
+        ``(rows, *leaf.shape)``), counters and settings. Plain Python and NumPy: it goes
+        through pickle, ``np.savez``, orbax or flax serialization."""
+        averaged = {}
+        for slot, i in enumerate(self._float):
+            view = self._flat.view(slot, None)
+            averaged[self.names[i]] = (np.array(view, copy=True) if isinstance(view, np.ndarray)
+                                       else view.copy_to_host())
+        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged,
+                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a {FORMAT} state dict (format={found!r}); pass what EMA.state_dict() returned")
+        if state.get("version") != VERSION:
+            raise ValueError(f"{FORMAT} checkpoint version {state.get('version')!r} is not supported "
+                             f"(expected {VERSION})")
+        problems: list[str] = []
+        self.plan.check_state(state, problems)
+        saved = state.get("averaged")
+        if not isinstance(saved, dict):
+            problems.append("no 'averaged' arrays")
+            saved = {}
+        wanted = [self.names[i] for i in self._float]
+        missing = [n for n in wanted if n not in saved]
+        extra = [n for n in saved if n not in wanted]
+        if missing:
+            problems.append(f"missing {missing[:5]}")
+        if extra:
+            problems.append(f"unexpected {extra[:5]}")
+        arrays = {}
+        for slot, n in enumerate(wanted):
+            if n not in saved:
+                continue
+            a = np.asarray(saved[n])
+            expected = (self.rows, *self._specs[self._float[slot]][0])
+            if a.shape != expected:
+                problems.append(f"{n} has shape {a.shape}, expected {expected}")
+            elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+                problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
+            elif not np.all(np.isfinite(a.astype(np.float32))):
+                problems.append(f"{n} holds inf or NaN")
+            arrays[slot] = a
+        if problems:
+            raise ValueError("fastema.jax.EMA checkpoint does not match: " + "; ".join(problems) +
+                             ". Nothing was loaded.")
+        for slot, a in arrays.items():
+            for r in range(self.rows):
+                dst = self._flat.view(slot, r)
+                src = np.ascontiguousarray(a[r]).astype(dst.dtype if isinstance(dst, np.ndarray) else np.float32)
+                if isinstance(dst, np.ndarray):
+                    dst[...] = src
+                else:
+                    dst.copy_to_device(src)
+        self.plan.load_state(state)
+        self.rounding, self.seed = state["rounding"], state["seed"]
+
+    def __repr__(self) -> str:
+        return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "
+                f"shadow={self._flat!r})")

@@ -1,0 +1,248 @@
+"""fastema.jax.EMA and JAX arrays at the array level, on the CPU: float64 references, a jitted
+training loop, pytree structure and dtypes, checkpoints, bad input."""
+import pickle
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import fastema  # noqa: E402
+from fastema import schedules as S  # noqa: E402
+from fastema.jax import EMA  # noqa: E402
+from conftest import ULP, assert_close_to_reference  # noqa: E402
+
+
+class Block(NamedTuple):
+    w: object
+    b: object
+
+
+def init_params(key, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    return {"layers": [Block(jax.random.normal(k1, (6, 32), dtype) * 0.3, jnp.zeros(32, dtype)),
+                       Block(jax.random.normal(k2, (32, 1), dtype) * 0.3, jnp.zeros(1, dtype))],
+            "step": jnp.array(0, jnp.int32)}
+
+
+def forward(params, x):
+    h = x.astype(params["layers"][0].w.dtype)
+    for i, layer in enumerate(params["layers"]):
+        h = h @ layer.w + layer.b
+        if i == 0:
+            h = jnp.tanh(h)
+    return h.astype(jnp.float32)
+
+
+@jax.jit
+def train_step(params, x, y):
+    def loss_fn(p):
+        return jnp.mean((forward(p, x) - y) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params)
+    new_layers = jax.tree_util.tree_map(lambda p, g: (p - 0.1 * g.astype(jnp.float32)).astype(p.dtype),
+                                        params["layers"], grads["layers"])
+    return {"layers": new_layers, "step": params["step"] + 1}, loss
+
+
+def batches(steps, seed=1):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.standard_normal((32, 6)).astype(np.float32)
+        yield jnp.asarray(x), jnp.asarray(np.sin(x[:, :1]))
+
+
+def float_leaves(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree) if x.dtype != jnp.int32]
+
+
+@pytest.mark.parametrize("warmup", [None, "num_updates", "power"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_jitted_training_loop_matches_float64_reference(warmup, dtype):
+    params = init_params(jax.random.PRNGKey(0), dtype)
+    ema = EMA(params, 0.95, warmup=warmup, update_after_step=3)
+    ref = float_leaves(params)
+    losses = []
+    for n, (x, y) in enumerate(batches(60), start=1):
+        params, loss = train_step(params, x, y)
+        losses.append(loss)
+        ema.update(params)
+        d = S.Plan(0.95, warmup=warmup, update_after_step=3).schedules[0](n)
+        ref = [d * r + (1 - d) * p for r, p in zip(ref, float_leaves(params))]
+    assert float(losses[-1]) < float(losses[0])            # it trained
+    state = ema.state_dict()
+    names = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if x.dtype != jnp.int32]
+    for name, r in zip(names, ref):
+        assert_close_to_reference(state["averaged"][name][0], r, "float32", 60 * (np.abs(r) + 1e-3))
+    assert len(state["averaged"]) == len(ref)
+    shadow = ema.shadow()
+    assert jax.tree_util.tree_structure(shadow) == jax.tree_util.tree_structure(params)
+    for s, p in zip(jax.tree_util.tree_leaves(shadow), jax.tree_util.tree_leaves(params)):
+        assert (s.dtype, s.shape) == (p.dtype, p.shape)
+    assert int(shadow["step"]) == 60                          # integer leaves: the latest value
+    for s, r in zip(float_leaves(shadow), ref):               # rounded once to the parameter dtype
+        assert_close_to_reference(s, r, np.dtype(dtype).name, 60 * (np.abs(r) + 1e-3))
+
+
+def test_matches_the_jax_native_tree_map_lerp():
+    params = init_params(jax.random.PRNGKey(1))
+    shadow_ref = params
+    lerp = jax.jit(lambda s, p: jax.tree_util.tree_map(
+        lambda a, b: a + (1 - 0.9) * (b - a) if a.dtype != jnp.int32 else b, s, p))
+    ema = EMA(params, 0.9)
+    for x, y in batches(20):
+        params, _ = train_step(params, x, y)
+        ema.update(params)
+        shadow_ref = lerp(shadow_ref, params)
+    for a, b in zip(jax.tree_util.tree_leaves(ema.shadow()), jax.tree_util.tree_leaves(shadow_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=4 * ULP["float32"], atol=1e-7)
+
+
+def test_several_decays_debias_and_update_every():
+    p = {"a": jnp.ones(5), "b": jnp.full((2, 3), 2.0)}
+    ema = EMA(p, [0.5, 0.9], debias=True, update_every=2)
+    ref = {k: np.zeros((2,) + v.shape) for k, v in p.items()}
+    norms = [0.0, 0.0]
+    for i in range(7):
+        p = jax.tree_util.tree_map(lambda x: x * 1.5 + 1, p)
+        ema.update(p)
+        if i % 2 == 0:                                       # the first call updates, then every 2nd
+            for r, d in enumerate((0.5, 0.9)):
+                norms[r] = d * norms[r] + (1 - d)
+                for k in ref:
+                    ref[k][r] = d * ref[k][r] + (1 - d) * np.asarray(p[k], np.float64)
+    assert ema.updates == 4 and ema.plan.calls == 7
+    for r in range(2):
+        shadow = ema.shadow(r)
+        for k in ref:                                        # debiased: e / c
+            np.testing.assert_allclose(np.asarray(shadow[k]), ref[k][r] / norms[r], rtol=1e-6)
+
+
+def test_shadow_is_a_copy_and_bfloat16_stays_bfloat16():
+    p = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+    ema = EMA(p, 0.999)
+    first = ema.shadow()
+    for _ in range(200):                                    # 1e-3 steps vanish in bfloat16, not in float32
+        ema.update({"w": jnp.full((4, 4), 2.0, jnp.bfloat16)})
+    later = ema.shadow()
+    assert float(first["w"][0, 0]) == 1.0
+    assert later["w"].dtype == jnp.bfloat16
+    expected = 2.0 - 0.999 ** 200                           # float32 shadow: it moved
+    assert abs(float(later["w"][0, 0]) - expected) <= ULP["bfloat16"] * expected
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    def run(steps, ema=None, params=None, start=0):
+        params = init_params(jax.random.PRNGKey(2)) if params is None else params
+        ema = EMA(params, 0.9, warmup="power") if ema is None else ema
+        for i, (x, y) in enumerate(batches(start + steps)):
+            if i < start:
+                continue
+            params, _ = train_step(params, x, y)
+            ema.update(params)
+        return ema, params
+
+    full, _ = run(20)
+    half, params = run(10)
+    path = tmp_path / "ema.pkl"
+    path.write_bytes(pickle.dumps(half.state_dict()))
+    resumed = EMA(params, 0.5)                               # settings come from the checkpoint
+    resumed.load_state_dict(pickle.loads(path.read_bytes()))
+    run(10, resumed, params, start=10)
+    assert resumed.updates == full.updates == 20
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.shadow()), jax.tree_util.tree_leaves(full.shadow())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_corrupt_checkpoints_are_refused_and_change_nothing():
+    p = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    ema = EMA(p, 0.9)
+    ema.update({"w": jnp.full((2, 3), 3.0), "b": jnp.ones(3)})
+    before = ema.state_dict()
+    good = ema.state_dict()
+    bad_cases = [
+        ({**good, "format": "fastema.torch.EMA"}, "not a fastema.jax.EMA"),
+        ({**good, "version": 99}, "version"),
+        ({**good, "averaged": {"['w']": good["averaged"]["['w']"]}}, "missing"),
+        ({**good, "averaged": {**good["averaged"], "['w']": np.zeros((1, 3, 2), np.float32)}}, "shape"),
+        ({**good, "averaged": {**good["averaged"], "['b']": np.full((1, 3), np.nan, np.float32)}}, "NaN"),
+        ({**good, "schedules": []}, "decay"),
+        ("not a dict", "not a fastema.jax.EMA"),
+    ]
+    for state, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            ema.load_state_dict(state)
+    after = ema.state_dict()
+    for k in before["averaged"]:
+        np.testing.assert_array_equal(after["averaged"][k], before["averaged"][k])
+    assert after["updates"] == before["updates"]
+
+
+def test_bad_inputs_get_clear_errors_and_change_nothing():
+    p = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
+    ema = EMA(p, 0.9)
+    with pytest.raises(ValueError, match="structure"):
+        ema.update({"w": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"\['b'\] was bfloat16\[3\].*now float32\[3\]"):
+        ema.update({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"now float32\[3, 2\]"):
+        ema.update({"w": jnp.ones((3, 2)), "b": jnp.zeros(3, jnp.bfloat16)})
+    with pytest.raises(TypeError, match="tracer"):
+        jax.jit(lambda q: ema.update(q) or 0)(p)
+    with pytest.raises(TypeError, match="JAX arrays"):
+        ema.update({"w": 1.0, "b": jnp.zeros(3, jnp.bfloat16)})
+    assert ema.updates == 0 and ema.plan.calls == 0
+    np.testing.assert_array_equal(np.asarray(ema.shadow()["w"]), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="no float32"):
+        EMA({"n": jnp.arange(3)})
+    with pytest.raises(ValueError, match="decay must be"):
+        EMA(p, 1.5)
+    with pytest.raises(ValueError, match="shadow_dtype='bfloat16'"):
+        EMA(p, rounding="stochastic")
+
+
+def test_skip_nonfinite_leaves_the_average_alone():
+    p = {"w": jnp.ones(4)}
+    ema = EMA(p, 0.5, skip_nonfinite=True)
+    ema.update({"w": jnp.array([1.0, jnp.nan, 3.0, 4.0])})
+    np.testing.assert_array_equal(np.asarray(ema.shadow()["w"]), np.ones(4))
+    ema.update({"w": jnp.full(4, 3.0)})
+    np.testing.assert_array_equal(np.asarray(ema.shadow()["w"]), np.full(4, 2.0))
+
+
+def test_bfloat16_shadow_with_stochastic_rounding_moves_on_average():
+    p = {"w": jnp.ones(4096, jnp.bfloat16)}
+    ema = EMA(p, 0.999, shadow_dtype="bfloat16", rounding="stochastic", seed=3)
+    for _ in range(100):
+        ema.update({"w": jnp.full(4096, 2.0, jnp.bfloat16)})
+    mean = float(jnp.mean(ema.shadow()["w"].astype(jnp.float32)))
+    expected = 2.0 - 0.999 ** 100
+    assert abs(mean - expected) < 0.01                      # nearest rounding would stay at 1.0
+
+
+# ------------------------------------------------------------------ the array level
+
+@given(st.integers(1, 3000), st.floats(0.0, 1.0), st.sampled_from(["float32", "bfloat16", "float16"]))
+def test_ema_update_reads_jax_arrays_of_every_dtype(n, decay, dtype):
+    rng = np.random.default_rng(n)
+    shadow = rng.standard_normal(n).astype(np.float32)
+    src = jnp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dtype)
+    ref = (decay * shadow.astype(np.float64) + (1 - decay) * np.asarray(src, np.float64))
+    scale = np.abs(shadow.astype(np.float64)) + np.abs(np.asarray(src, np.float64))
+    fastema.ema_update_(shadow, src, decay)
+    assert_close_to_reference(shadow, ref, "float32", scale)
+
+
+def test_writing_into_a_jax_array_points_to_fastema_jax():
+    x = jnp.ones(3)
+    with pytest.raises(ValueError, match="fastema.jax.EMA"):
+        fastema.ema_update_(x, np.zeros(3, np.float32), 0.5)
+    with pytest.raises(ValueError, match="fastema.jax.EMA"):
+        fastema.copy_(x, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(np.asarray(x), np.ones(3))
+    with pytest.raises(TypeError, match="int32"):
+        fastema.ema_update_(np.zeros(3, np.float32), jnp.arange(3), 0.5)
