@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from . import schedules as S
+from ._bridge import averaged_arrays, load_averages
 from .flat import FlatShadow
 
 __all__ = ["EMA"]
@@ -164,61 +165,12 @@ class EMA:
         """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
         ``(rows, *leaf.shape)``), counters and settings. Plain Python and NumPy: it goes
         through pickle, ``np.savez``, orbax or flax serialization."""
-        averaged = {}
-        for slot, i in enumerate(self._float):
-            view = self._flat.view(slot, None)
-            averaged[self.names[i]] = (np.array(view, copy=True) if isinstance(view, np.ndarray)
-                                       else view.copy_to_host())
-        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged,
+        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged_arrays(self._flat),
                 "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a {FORMAT} state dict (format={found!r}); pass what EMA.state_dict() returned")
-        if state.get("version") != VERSION:
-            raise ValueError(f"{FORMAT} checkpoint version {state.get('version')!r} is not supported "
-                             f"(expected {VERSION})")
-        problems: list[str] = []
-        self.plan.check_state(state, problems)
-        saved = state.get("averaged")
-        if not isinstance(saved, dict):
-            problems.append("no 'averaged' arrays")
-            saved = {}
-        wanted = [self.names[i] for i in self._float]
-        missing = [n for n in wanted if n not in saved]
-        extra = [n for n in saved if n not in wanted]
-        if missing:
-            problems.append(f"missing {missing[:5]}")
-        if extra:
-            problems.append(f"unexpected {extra[:5]}")
-        arrays = {}
-        for slot, n in enumerate(wanted):
-            if n not in saved:
-                continue
-            a = np.asarray(saved[n])
-            expected = (self.rows, *self._specs[self._float[slot]][0])
-            if a.shape != expected:
-                problems.append(f"{n} has shape {a.shape}, expected {expected}")
-            elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
-                problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
-            elif not np.all(np.isfinite(a.astype(np.float32))):
-                problems.append(f"{n} holds inf or NaN")
-            arrays[slot] = a
-        if problems:
-            raise ValueError("fastema.jax.EMA checkpoint does not match: " + "; ".join(problems) +
-                             ". Nothing was loaded.")
-        for slot, a in arrays.items():
-            for r in range(self.rows):
-                dst = self._flat.view(slot, r)
-                src = np.ascontiguousarray(a[r]).astype(dst.dtype if isinstance(dst, np.ndarray) else np.float32)
-                if isinstance(dst, np.ndarray):
-                    dst[...] = src
-                else:
-                    dst.copy_to_device(src)
-        self.plan.load_state(state)
-        self.rounding, self.seed = state["rounding"], state["seed"]
+        load_averages(self, state, FORMAT, VERSION, [self._specs[i][0] for i in self._float])
 
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "

@@ -10,7 +10,7 @@ cumulative sample count), so an uneven last batch, ``steps_per_execution > 1`` a
 reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
 epochs: no staircase at epoch boundaries.
 
-``WeightEMA`` keeps an EMA of the weights (through :class:`fastema.torch.EMA`), swaps it in
+``WeightEMA`` keeps an EMA of the weights (fastema.torch, .tensorflow or .jax by backend), swaps it in
 for validation and back after it, and can write it into the model when ``fit`` ends.
 """
 from __future__ import annotations
@@ -145,12 +145,14 @@ class WeightEMA(keras.callbacks.Callback):
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
-        **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup=``, ``debias=``,
-            ``update_every=``, ``shadow_dtype=``...).
+        **ema_kwargs: the schedule and shadow settings of the backend's EMA (``warmup=``,
+            ``debias=``, ``update_every=``, ``shadow_dtype=``...).
 
-    Needs the torch backend (``KERAS_BACKEND=torch``), where Keras layers are torch modules.
-    The EMA lives on across ``fit`` calls; :meth:`state_dict` / :meth:`load_state_dict`
-    save and restore it.
+    Works on the three Keras backends: torch (:class:`fastema.torch.EMA`; Keras layers are
+    torch modules there), TensorFlow (:class:`fastema.tensorflow.EMA` over the variables)
+    and JAX (:class:`fastema.jax.EMA` over the trainable state that ``fit`` carries from
+    step to step, read without a sync of the model). The EMA lives on across ``fit``
+    calls; :meth:`state_dict` / :meth:`load_state_dict` save and restore it.
     """
 
     def __init__(self, decay=0.999, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
@@ -158,31 +160,44 @@ class WeightEMA(keras.callbacks.Callback):
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.ema_kwargs = ema_kwargs
         self.ema = None
+        self._owner = None
         self._pending = None
         self._fitting = False
 
     def _make(self):
-        if keras.backend.backend() != "torch":
-            raise RuntimeError(f"fastema.keras.WeightEMA needs the torch backend (KERAS_BACKEND=torch); "
-                               f"this Keras runs on {keras.backend.backend()!r}")
+        backend = keras.backend.backend()
+        if backend == "torch":
+            self.ema = self._torch_ema()
+        elif backend == "tensorflow":
+            from .tensorflow import EMA
+
+            self.ema = EMA(self.model.trainable_variables, self.decay, **self.ema_kwargs)
+        elif backend == "jax":
+            self.ema = _JaxModelEMA(self.model, self.decay, **self.ema_kwargs)
+        else:
+            raise RuntimeError(f"fastema.keras.WeightEMA runs on the torch, tensorflow and jax backends; "
+                               f"this Keras runs on {backend!r}")
+        self._owner = self.model
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.ema.load_state_dict(state)
+
+    def _torch_ema(self):
+        # Keras layers are torch modules here: average the trainable variables, copy the others along.
         from .torch import EMA, normalize_name
 
         model = self.model
         named = {normalize_name(n): p for n, p in model.named_parameters()}
         by_id = {id(p): n for n, p in named.items()}
         frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
-        escaped = [_escape(n) for n in frozen]
         kwargs = dict(self.ema_kwargs)
-        kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(escaped)
-        self.ema = EMA(model, self.decay, **kwargs)
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.ema.load_state_dict(state)
+        kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(_escape(n) for n in frozen)
+        return EMA(model, self.decay, **kwargs)
 
     def on_train_begin(self, logs=None):
         if self.ema is None:
             self._make()
-        elif self.ema.model is not self.model:
+        elif self._owner is not self.model:
             raise RuntimeError("this WeightEMA follows another model; make one callback per model")
         self._fitting = True
 
@@ -220,3 +235,53 @@ class WeightEMA(keras.callbacks.Callback):
 def _escape(name: str) -> str:
     """An fnmatch pattern matching exactly ``name``."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+class _JaxModelEMA:
+    """fastema.jax.EMA over a Keras model's trainable variables on the JAX backend, with the
+    swap the callback needs. During ``fit`` the newest weights live in the trainer's state
+    (``model._jax_state``), not in the variables, and are read from there."""
+
+    def __init__(self, model, decay, **kwargs):
+        from .jax import EMA
+
+        self.model = model
+        self.variables = list(model.trainable_variables)
+        self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
+        self._raw = None
+
+    updates = property(lambda self: self.inner.updates)
+    swapped = property(lambda self: self._raw is not None)
+
+    def _current(self) -> list:
+        state = getattr(self.model, "_jax_state", None)
+        if state and not getattr(self.model, "_jax_state_synced", True) and state.get("trainable_variables"):
+            return list(state["trainable_variables"])
+        return [v.value for v in self.variables]
+
+    def update(self) -> None:
+        if self._raw is not None:
+            raise RuntimeError("update() while the average is swapped into the model; swap() back first")
+        self.inner.update(self._current())
+
+    def swap(self) -> None:
+        if self._raw is None:
+            sync = getattr(self.model, "jax_state_sync", None)
+            if sync is not None:
+                sync()                             # the newest weights into the variables first
+            self._raw = [v.value for v in self.variables]      # JAX arrays are immutable: an exact stash
+            values = self.inner.shadow()
+        else:
+            values, self._raw = self._raw, None
+        for v, a in zip(self.variables, values):
+            v.assign(a)
+
+    def copy_to(self) -> None:
+        for v, a in zip(self.variables, self.inner.shadow()):
+            v.assign(a)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

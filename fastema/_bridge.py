@@ -1,0 +1,62 @@
+"""What the framework EMAs (fastema.jax, fastema.tensorflow) share: checkpoints of a FlatShadow's
+averages as NumPy arrays, validated before anything is loaded."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_host(view) -> np.ndarray:
+    """A NumPy copy of a shadow view (NumPy on the CPU, a Numba device array on a GPU)."""
+    return np.array(view, copy=True) if isinstance(view, np.ndarray) else view.copy_to_host()
+
+
+def averaged_arrays(flat) -> dict:
+    """``name -> (rows, *shape)`` NumPy copy of every source's averages."""
+    return {name: to_host(flat.view(i, None)) for i, name in enumerate(flat.names)}
+
+
+def load_averages(ema, state, fmt: str, version: int, shapes: list) -> None:
+    """Validate a framework EMA's state dict (format, version, plan, every average's shape, dtype
+    and finiteness), then load it into ``ema._flat`` and ``ema.plan``. Nothing changes on error."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a {fmt} state dict (format={found!r}); pass what EMA.state_dict() returned")
+    if state.get("version") != version:
+        raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported (expected {version})")
+    problems: list[str] = []
+    ema.plan.check_state(state, problems)
+    saved = state.get("averaged")
+    if not isinstance(saved, dict):
+        problems.append("no 'averaged' arrays")
+        saved = {}
+    wanted = list(ema._flat.names)
+    missing = [n for n in wanted if n not in saved]
+    extra = [n for n in saved if n not in wanted]
+    if missing:
+        problems.append(f"missing {missing[:5]}")
+    if extra:
+        problems.append(f"unexpected {extra[:5]}")
+    arrays = {}
+    for slot, (n, shape) in enumerate(zip(wanted, shapes)):
+        if n not in saved:
+            continue
+        a = np.asarray(saved[n])
+        expected = (ema.rows, *shape)
+        if a.shape != expected:
+            problems.append(f"{n} has shape {a.shape}, expected {expected}")
+        elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+            problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
+        elif not np.all(np.isfinite(a.astype(np.float32))):
+            problems.append(f"{n} holds inf or NaN")
+        arrays[slot] = a
+    if problems:
+        raise ValueError(f"{fmt} checkpoint does not match: " + "; ".join(problems) + ". Nothing was loaded.")
+    for slot, a in arrays.items():
+        for r in range(ema.rows):
+            dst = ema._flat.view(slot, r)
+            if isinstance(dst, np.ndarray):
+                dst[...] = np.asarray(a[r]).astype(dst.dtype)
+            else:
+                dst.copy_to_device(np.ascontiguousarray(np.asarray(a[r]).astype(dst.dtype)))
+    ema.plan.load_state(state)
+    ema.rounding, ema.seed = state["rounding"], state["seed"]

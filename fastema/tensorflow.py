@@ -1,0 +1,205 @@
+"""TensorFlow bridge: an EMA of ``tf.Variable``s (a Keras model's weights) in fastema's flat shadow.
+
+TensorFlow tensors cannot be written in place, so the average lives in buffers fastema
+owns. ``update()`` reads every variable's current value through DLPack (on the CPU the
+tensor a variable read returns is the variable's own buffer: no copy) and makes one
+kernel launch per (device, dtype) group. The variables are written only by ``assign``:
+when the average is swapped in for evaluation, and back::
+
+    ema = fastema.tensorflow.EMA(model.trainable_variables, decay=0.999)
+    for x, y in data:
+        train_step(x, y)                # a tf.function with optimizer.apply_gradients
+        ema.update()
+    with ema.average_weights():
+        model.evaluate(val_data)        # the average in, the raw weights back after
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import tensorflow as tf
+
+from . import schedules as S
+from ._bridge import averaged_arrays, load_averages, to_host
+from .flat import FlatShadow
+
+__all__ = ["EMA"]
+
+FORMAT = "fastema.tensorflow.EMA"
+VERSION = 1
+_FLOATS = (tf.float32, tf.bfloat16, tf.float16)
+
+
+def _as_tf_variable(v, i: int):
+    inner = getattr(v, "value", None)                 # a keras.Variable on the TensorFlow backend
+    if type(v).__module__.startswith("keras") and isinstance(inner, tf.Variable):
+        return inner, getattr(v, "path", None) or v.name
+    if isinstance(v, tf.Variable):
+        return v, v.name
+    raise TypeError(f"variables[{i}] is a {type(v).__module__}.{type(v).__name__}; fastema.tensorflow.EMA "
+                    f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
+
+
+class EMA:
+    """Exponential moving average of ``tf.Variable``s.
+
+    Args:
+        variables: the variables (``model.trainable_variables``, a ``tf.Module``'s
+            ``trainable_variables``, or keras Variables on the TensorFlow backend), or a
+            ``tf.Module`` / Keras model, whose trainable variables are taken.
+        decay: a float, or up to 8 floats for several averages kept in one pass.
+        warmup, min_decay, inv_gamma, power, update_after_step, update_every, compensate,
+            debias: the schedule, as in :class:`fastema.torch.EMA` (:class:`fastema.schedules.Plan`).
+        shadow_dtype: ``"float32"`` (default: float16/bfloat16 variables keep moving),
+            ``"same"`` or ``"bfloat16"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed.
+        skip_nonfinite: skip an update (decided on the device) when a variable holds inf/NaN.
+    """
+
+    def __init__(self, variables, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
+                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
+                 skip_nonfinite: bool = False):
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and shadow_dtype != "bfloat16":
+            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+        if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
+            variables = variables.trainable_variables
+        pairs = [_as_tf_variable(v, i) for i, v in enumerate(variables)]
+        if not pairs:
+            raise ValueError("no variables to average")
+        bad = [n for (v, n) in pairs if v.dtype not in _FLOATS]
+        if bad:
+            raise TypeError(f"variables {bad[:5]} are not float32/bfloat16/float16; leave them out "
+                            f"(e.g. pass model.trainable_variables)")
+        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
+                           update_after_step=update_after_step, update_every=update_every,
+                           compensate=compensate, debias=debias)
+        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
+        self.skip_nonfinite = skip_nonfinite
+        self.variables = [v for v, _ in pairs]
+        self.names = _unique([n for _, n in pairs])
+        self._specs = [(tuple(v.shape), v.dtype) for v in self.variables]
+        self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
+        self._flat = FlatShadow(dict(zip(self.names, self._values())), rows=self.plan.rows, dtype=shadow_dtype)
+        self._raw: list | None = None                    # the variables' own values while swapped
+
+    def _values(self) -> list:
+        values = self._read()
+        for name, v, (shape, dtype) in zip(self.names, values, self._specs):
+            if tuple(v.shape) != shape or v.dtype != dtype:
+                raise ValueError(f"variable {name!r} was {dtype.name}{list(shape)} when the EMA was made and is "
+                                 f"now {v.dtype.name}{list(v.shape)}; make a new EMA after changing the model. "
+                                 f"Nothing was updated.")
+        return values
+
+    # ------------------------------------------------------------ the schedule
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use."""
+        return self.plan.decay
+
+    @property
+    def updates(self) -> int:
+        return self.plan.updates
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    @property
+    def swapped(self) -> bool:
+        return self._raw is not None
+
+    # ------------------------------------------------------------ operations
+
+    def update(self, step: int | None = None) -> None:
+        """Fold the variables' current values into the average (call after the optimizer step)."""
+        self._not_swapped("update()")
+        if not self.plan.due():
+            self.plan.count_call()
+            return
+        values = self._values()
+        n, weights, pending = self.plan.weights(step)
+        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+                          skip_nonfinite=self.skip_nonfinite, sources=values)
+        self.plan.count_call()
+        self.plan.commit(pending)
+
+    def averages(self, row: int = 0) -> list:
+        """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
+        self._flat._check_row(row)
+        out = []
+        for i, (shape, dtype) in enumerate(self._specs):
+            with tf.device(self.variables[i].device):             # to_host copies: TF may alias NumPy memory
+                out.append(tf.cast(tf.constant(to_host(self._flat.view(i, row))), dtype))
+        return out
+
+    def swap(self, row: int = 0) -> None:
+        """Assign average ``row`` to the variables; call again to put their own values back.
+
+        The variables' values are kept as TensorFlow tensors while swapped (a variable read
+        is a snapshot: later assigns do not change it), so the swap back is bit for bit.
+        """
+        if self._raw is None:
+            averages = self.averages(row)
+            self._raw = [v.value() for v in self.variables]
+            self._swapped_row = row
+            for v, a in zip(self.variables, averages):
+                v.assign(a)
+        else:
+            if row != self._swapped_row:
+                raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
+            for v, raw in zip(self.variables, self._raw):
+                v.assign(raw)
+            self._raw = None
+
+    @contextlib.contextmanager
+    def average_weights(self, row: int = 0) -> Iterator[None]:
+        """``with ema.average_weights(): evaluate()``: the average in, the variables' values back on exit."""
+        self.swap(row)
+        try:
+            yield
+        finally:
+            self.swap(row)
+
+    def copy_to(self, row: int = 0) -> None:
+        """Assign average ``row`` to the variables for good (e.g. when training ends)."""
+        self._not_swapped("copy_to()")
+        for v, a in zip(self.variables, self.averages(row)):
+            v.assign(a)
+
+    def _not_swapped(self, what: str) -> None:
+        if self._raw is not None:
+            raise RuntimeError(f"{what} while the average is swapped into the variables; swap() back first")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Averages keyed by variable name (NumPy copies, ``(rows, *shape)``), counters, settings."""
+        self._not_swapped("state_dict()")
+        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged_arrays(self._flat),
+                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        self._not_swapped("load_state_dict()")
+        load_averages(self, state, FORMAT, VERSION, [s[0] for s in self._specs])
+
+    def __repr__(self) -> str:
+        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._flat!r})"
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}#{k}")
+    return out
