@@ -83,9 +83,10 @@ class EMA:
         self.skip_nonfinite = skip_nonfinite
         self.variables = [v for v, _ in pairs]
         self.names = _unique([n for _, n in pairs])
-        self._specs = [(tuple(v.shape), v.dtype) for v in self.variables]
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
-        self._flat = FlatShadow(dict(zip(self.names, self._values())), rows=self.plan.rows, dtype=shadow_dtype)
+        first = self._read()
+        self._specs = [(tuple(t.shape), t.dtype) for t in first]
+        self._flat = FlatShadow(dict(zip(self.names, first)), rows=self.plan.rows, dtype=shadow_dtype)
         self._raw: list | None = None                    # the variables' own values while swapped
 
     def _values(self) -> list:
