@@ -4,7 +4,8 @@ Numba CPU and CUDA kernels update flat shadow buffers in place: many tensors in
 one launch, several decays in one pass, bfloat16 with stochastic rounding, an
 exact in-place swap for evaluation, and an on-device non-finite guard.
 
-Array level (NumPy arrays, torch tensors, CUDA-array-interface objects)::
+Array level (NumPy arrays, torch tensors, CuPy arrays, and any DLPack producer as a
+source: JAX arrays, TensorFlow tensors)::
 
     fastema.ema_update_(shadow, src, decay=0.999)
 
@@ -12,6 +13,9 @@ Many tensors::
 
     shadow = fastema.FlatShadow(list(model.parameters()))
     shadow.update(decay=0.999)      # after optimizer.step(): one launch per (device, dtype)
+
+Framework models: ``fastema.torch.EMA``, ``fastema.jax.EMA``, ``fastema.tensorflow.EMA``,
+``fastema.keras.WeightEMA`` (imported on demand; each needs its framework).
 """
 from .flat import FlatShadow
 from .smooth import Smoother
