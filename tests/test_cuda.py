@@ -398,3 +398,47 @@ def test_window_kernel_matches_cpu(ring_kind):
         ema_cuda.window_kernel(ring_kind, F32)[2, 8](n, *tabs, dev_ring_tab, slot, full, count, recompute)
     np.testing.assert_array_equal(d_ring.copy_to_host(), cpu_ring)
     np.testing.assert_allclose(d_sh.copy_to_host(), cpu_sh, rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.skipif(SIM, reason="CuPy arrays need a GPU")
+def test_cupy_arrays_on_cupys_current_stream():
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(s).astype(np.float32) for s in (1000, (33, 7), 5)]
+    params = [cp.asarray(h) for h in host]
+    ref = [h.astype(np.float64) for h in host]
+    flat = fastema.FlatShadow(params)
+    side = cp.cuda.Stream(non_blocking=True)
+    with side:                                               # fastema launches on CuPy's current stream
+        for p in params:
+            p += 1.0
+        flat.update(0.9)
+    side.synchronize()
+    for r, h, v in zip(ref, host, flat.views().values()):
+        np.testing.assert_allclose(v.copy_to_host(), 0.9 * r + 0.1 * (h + 1.0), rtol=1e-6, atol=1e-6)
+    shadow, src = cp.zeros(4096, cp.float32), cp.asarray(rng.standard_normal(4096).astype(np.float32))
+    fastema.ema_update_(shadow, src, decay=0.999)
+    np.testing.assert_allclose(cp.asnumpy(shadow), 0.001 * cp.asnumpy(src).astype(np.float64), rtol=1e-6)
+
+
+@pytest.mark.skipif(SIM, reason="JAX GPU arrays need a GPU")
+def test_jax_ema_on_gpu_arrays():
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this JAX has no GPU backend")
+    import jax.numpy as jnp
+    from fastema.jax import EMA
+
+    params = {"w": jnp.ones((300, 7)), "b": jnp.zeros(33, jnp.bfloat16)}
+    ema = EMA(params, 0.9)
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x + 1, p))
+    ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for _ in range(50):                                   # new arrays every step: old ones are freed
+        params = step(params)
+        ema.update(params)
+        ref = {k: 0.9 * ref[k] + 0.1 * np.asarray(params[k], np.float64) for k in ref}
+    shadow = ema.shadow()
+    assert {k: (v.dtype, v.shape, v.devices()) for k, v in shadow.items()} == \
+        {k: (v.dtype, v.shape, v.devices()) for k, v in params.items()}
+    np.testing.assert_allclose(np.asarray(shadow["w"]), ref["w"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(shadow["b"], np.float64), ref["b"], rtol=2 ** -7)
