@@ -78,7 +78,10 @@ class EMA:
         self._float = [i for i, x in enumerate(self._leaves) if x.dtype.name in _FLOATS]
         if not self._float:
             raise ValueError("params has no float32/bfloat16/float16 leaves to average")
-        self._specs = [(x.shape, x.dtype, getattr(x, "sharding", None)) for x in self._leaves]
+        self._specs = [(x.shape, x.dtype, x.sharding) for x in self._leaves]
+        self._array_type = type(self._leaves[self._float[0]])
+        self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \
+            all(len(self._leaves[i].devices()) == 1 for i in self._float)
         self._flat = FlatShadow({names[i]: self._leaves[i] for i in self._float}, rows=self.plan.rows,
                                 dtype=shadow_dtype)
 
@@ -122,27 +125,39 @@ class EMA:
             self.plan.count_call()
             return
         leaves = self._match(params)
+        sources = [leaves[i] for i in self._float]
+        if self._on_cpu:
+            # The kernel runs on the host, so it waits for the step that makes params (as a
+            # DLPack export would); the arrays' own addresses then cost 0.1 us a leaf, not ~9.
+            jax.block_until_ready(sources)
+            self._flat._adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
+            sources = None
         n, weights, pending = self.plan.weights(step)
         self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
-                          skip_nonfinite=self.skip_nonfinite, sources=[leaves[i] for i in self._float])
+                          skip_nonfinite=self.skip_nonfinite, sources=sources)
         self._leaves = leaves
         self.plan.count_call()
         self.plan.commit(pending)
 
     def _match(self, params) -> list:
-        names, leaves, treedef = _flatten(params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
         if treedef != self._treedef:
+            names = _flatten(params)[0]
             missing = sorted(set(self.names) - set(names))[:5]
             extra = sorted(set(names) - set(self.names))[:5]
             raise ValueError(f"params does not have the structure the EMA was made for (missing {missing}, "
                              f"unexpected {extra}; expected {self._treedef}); make a new EMA for a new model. "
                              f"Nothing was updated.")
-        leaves = [self._check_leaf(nm, x) for nm, x in zip(names, leaves)]
-        for nm, x, (shape, dtype, _) in zip(names, leaves, self._specs):
+        for k, (nm, x, (shape, dtype, sharding)) in enumerate(zip(self.names, leaves, self._specs)):
+            if type(x) is not self._array_type:
+                x = leaves[k] = self._check_leaf(nm, x)
             if x.shape != shape or x.dtype != dtype:
                 raise ValueError(f"leaf {nm} was {dtype}{list(shape)} when the EMA was made and is now "
                                  f"{x.dtype}{list(x.shape)}; make a new EMA after changing the model. "
                                  f"Nothing was updated.")
+            if x.sharding is not sharding and x.sharding != sharding:
+                raise ValueError(f"leaf {nm} was on {sharding} when the EMA was made and is now on "
+                                 f"{x.sharding}; make a new EMA after moving the model. Nothing was updated.")
         return leaves
 
     def shadow(self, row: int = 0):
@@ -156,7 +171,7 @@ class EMA:
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
             value = jnp.array(self._flat.view(slot, row), dtype=dtype)          # a copy, never a view
-            out[i] = jax.device_put(value, sharding) if sharding is not None else value
+            out[i] = jax.device_put(value, sharding)
         return jax.tree_util.tree_unflatten(self._treedef, out)
 
     # ------------------------------------------------------------ checkpoints
