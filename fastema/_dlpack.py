@@ -2,8 +2,8 @@
 
 fastema's kernels need only an address and a layout. NumPy's ``from_dlpack`` refuses
 bfloat16 and every GPU array, and Numba cannot import DLPack at all, so this module
-reads the capsule's ``DLTensor`` with ctypes (the structs are those of ``dlpack.h``,
-legacy and versioned). The capsule is not consumed: it stays with the returned
+reads the capsule's ``DLTensor`` (the structs of ``dlpack.h``, legacy and versioned;
+64-bit layout). The capsule is not consumed: it stays with the returned
 :class:`Imported`, and dropping it runs the producer's deleter, which releases the
 producer's hold on the memory. Keep the :class:`Imported` as long as the address is used.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import struct
 from typing import Any, NamedTuple
 
 CPU, CUDA, CUDA_HOST, CUDA_MANAGED = 1, 2, 3, 13           # DLDeviceType
@@ -18,31 +19,11 @@ INT, UINT, FLOAT, BFLOAT = 0, 1, 2, 4                      # DLDataTypeCode
 READ_ONLY = 1                                              # DLPACK_FLAG_BITMASK_READ_ONLY
 
 
-class _Device(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _Tensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _Device), ("ndim", ctypes.c_int32),
-                ("dtype", _DataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
-
-
-class _Managed(ctypes.Structure):
-    _fields_ = [("dl_tensor", _Tensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
-
-
-class _Version(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
-
-
-class _ManagedVersioned(ctypes.Structure):
-    _fields_ = [("version", _Version), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p),
-                ("flags", ctypes.c_uint64), ("dl_tensor", _Tensor)]
+# struct DLTensor on a 64-bit machine: data, device {type, id}, ndim, dtype {code, bits, lanes},
+# shape*, strides*, byte_offset. Unpacked from raw bytes (one C call, unlike ctypes field access).
+_TENSOR = struct.Struct("<QiiiBBHQQQ")
+_VERSIONED_FLAGS = 24        # DLManagedTensorVersioned: version, manager_ctx, deleter, flags, dl_tensor
+_VERSIONED_TENSOR = 32
 
 
 _get_name = ctypes.pythonapi.PyCapsule_GetName
@@ -89,15 +70,15 @@ def import_(x, stream: int | None = None) -> Imported:
         capsule = x.__dlpack__(**kwargs)
     name = _get_name(capsule)
     if name == b"dltensor_versioned":
-        managed = _ManagedVersioned.from_address(_get_pointer(capsule, name))
-        t, read_only = managed.dl_tensor, bool(managed.flags & READ_ONLY)
+        base = _get_pointer(capsule, name)
+        flags = struct.unpack_from("<Q", ctypes.string_at(base + _VERSIONED_FLAGS, 8))[0]
+        at, read_only = base + _VERSIONED_TENSOR, bool(flags & READ_ONLY)
     elif name == b"dltensor":
-        t, read_only = _Managed.from_address(_get_pointer(capsule, name)).dl_tensor, False
+        at, read_only = _get_pointer(capsule, name), False   # DLManagedTensor starts with its DLTensor
     else:
         raise BufferError(f"__dlpack__ returned a capsule named {name!r}, not a DLPack tensor")
-    ndim = t.ndim
-    shape = tuple(t.shape[i] for i in range(ndim))
-    strides = tuple(t.strides[i] for i in range(ndim)) if t.strides else None
-    address = (t.data or 0) + t.byte_offset
-    return Imported(x, capsule, t.device.device_type, t.device.device_id, t.dtype.code, t.dtype.bits,
-                    t.dtype.lanes, shape, strides, address, read_only)
+    data, dev_type, dev_id, ndim, code, bits, lanes, shape_p, strides_p, offset = \
+        _TENSOR.unpack(ctypes.string_at(at, _TENSOR.size))
+    shape = struct.unpack(f"<{ndim}q", ctypes.string_at(shape_p, 8 * ndim)) if ndim else ()
+    strides = struct.unpack(f"<{ndim}q", ctypes.string_at(strides_p, 8 * ndim)) if ndim and strides_p else None
+    return Imported(x, capsule, dev_type, dev_id, code, bits, lanes, shape, strides, data + offset, read_only)

@@ -89,15 +89,6 @@ class EMA:
         self._flat = FlatShadow(dict(zip(self.names, first)), rows=self.plan.rows, dtype=shadow_dtype)
         self._raw: list | None = None                    # the variables' own values while swapped
 
-    def _values(self) -> list:
-        values = self._read()
-        for name, v, (shape, dtype) in zip(self.names, values, self._specs):
-            if tuple(v.shape) != shape or v.dtype != dtype:
-                raise ValueError(f"variable {name!r} was {dtype.name}{list(shape)} when the EMA was made and is "
-                                 f"now {v.dtype.name}{list(v.shape)}; make a new EMA after changing the model. "
-                                 f"Nothing was updated.")
-        return values
-
     # ------------------------------------------------------------ the schedule
 
     @property
@@ -125,7 +116,7 @@ class EMA:
         if not self.plan.due():
             self.plan.count_call()
             return
-        values = self._values()
+        values = self._read()       # FlatShadow checks their dtypes, shapes and devices before any write
         n, weights, pending = self.plan.weights(step)
         self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
                           skip_nonfinite=self.skip_nonfinite, sources=values)
