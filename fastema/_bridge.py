@@ -1,8 +1,66 @@
-"""What the framework EMAs (fastema.jax, fastema.tensorflow) share: checkpoints of a FlatShadow's
-averages as NumPy arrays, validated before anything is loaded."""
+"""What the model EMAs share: option checks and the decay plan (fastema.torch, .jax,
+.tensorflow), and for the framework EMAs (fastema.jax, fastema.tensorflow) the update
+step and checkpoints of a FlatShadow's averages as NumPy arrays, validated before
+anything is loaded."""
 from __future__ import annotations
 
 import numpy as np
+
+from . import schedules as S
+
+
+def init_plan(ema, decay, *, shadow_dtype: str, rounding: str, seed: int, skip_nonfinite: bool, **plan) -> None:
+    """Check the shadow options and give ``ema`` its :class:`fastema.schedules.Plan` and settings."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and shadow_dtype != "bfloat16":
+        raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+    ema.plan = S.Plan(decay, **plan)
+    ema.shadow_dtype, ema.rounding, ema.seed = shadow_dtype, rounding, seed
+    ema.skip_nonfinite = skip_nonfinite
+
+
+class FrameworkEMA:
+    """Base of fastema.jax.EMA and fastema.tensorflow.EMA: ``self._flat`` holds the averages of
+    the floating sources in order; subclasses set ``_format`` and ``_shapes``."""
+
+    _format = ""
+    _version = 1
+    _flat = None
+    _shapes: list = []
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use."""
+        return self.plan.decay
+
+    @property
+    def updates(self) -> int:
+        return self.plan.updates
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    def _fold(self, step, sources=None) -> None:
+        """One update of every average from the sources (new objects, or None: as adopted)."""
+        n, weights, pending = self.plan.weights(step)
+        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+                          skip_nonfinite=self.skip_nonfinite, sources=sources)
+        self.plan.count_call()
+        self.plan.commit(pending)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: averages keyed by name (NumPy copies, shape
+        ``(rows, *shape)``), counters and settings. Plain Python and NumPy: it goes through
+        pickle, ``np.savez``, orbax or flax serialization."""
+        return {"format": self._format, "version": self._version, **self.plan.state(),
+                "averaged": averaged_arrays(self._flat), "shadow_dtype": self.shadow_dtype,
+                "rounding": self.rounding, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        load_averages(self, state, self._format, self._version, self._shapes)
 
 
 def to_host(view) -> np.ndarray:

@@ -23,14 +23,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import schedules as S
-from ._bridge import averaged_arrays, load_averages
+from ._bridge import FrameworkEMA, init_plan
 from .flat import FlatShadow
 
 __all__ = ["EMA"]
 
-FORMAT = "fastema.jax.EMA"
-VERSION = 1
 _FLOATS = ("float32", "bfloat16", "float16")
 
 
@@ -39,7 +36,7 @@ def _flatten(params):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
 
 
-class EMA:
+class EMA(FrameworkEMA):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
@@ -58,20 +55,17 @@ class EMA:
         skip_nonfinite: skip an update (decided on the device) when a parameter is inf/NaN.
     """
 
+    _format = "fastema.jax.EMA"
+
     def __init__(self, params, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
                  min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
                  skip_nonfinite: bool = False):
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and shadow_dtype != "bfloat16":
-            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
-        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
-                           update_after_step=update_after_step, update_every=update_every,
-                           compensate=compensate, debias=debias)
-        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
-        self.skip_nonfinite = skip_nonfinite
+        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
+                  power=power, update_after_step=update_after_step, update_every=update_every,
+                  compensate=compensate, debias=debias)
         names, leaves, self._treedef = _flatten(params)
         self.names = names
         self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
@@ -84,6 +78,7 @@ class EMA:
             all(len(self._leaves[i].devices()) == 1 for i in self._float)
         self._flat = FlatShadow({names[i]: self._leaves[i] for i in self._float}, rows=self.plan.rows,
                                 dtype=shadow_dtype)
+        self._shapes = [self._specs[i][0] for i in self._float]
 
     @staticmethod
     def _check_leaf(name: str, x):
@@ -96,21 +91,6 @@ class EMA:
             raise TypeError(f"leaf {name} is a tracer: EMA.update() runs outside jax.jit; call it on the "
                             f"parameters the jitted step returns")
         return x
-
-    # ------------------------------------------------------------ the schedule
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use."""
-        return self.plan.decay
-
-    @property
-    def updates(self) -> int:
-        return self.plan.updates
-
-    @property
-    def rows(self) -> int:
-        return self.plan.rows
 
     # ------------------------------------------------------------ operations
 
@@ -132,12 +112,8 @@ class EMA:
             jax.block_until_ready(sources)
             self._flat._adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
             sources = None
-        n, weights, pending = self.plan.weights(step)
-        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
-                          skip_nonfinite=self.skip_nonfinite, sources=sources)
+        self._fold(step, sources)
         self._leaves = leaves
-        self.plan.count_call()
-        self.plan.commit(pending)
 
     def _match(self, params) -> list:
         leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -173,19 +149,6 @@ class EMA:
             value = jnp.array(self._flat.view(slot, row), dtype=dtype)          # a copy, never a view
             out[i] = jax.device_put(value, sharding)
         return jax.tree_util.tree_unflatten(self._treedef, out)
-
-    # ------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
-        ``(rows, *leaf.shape)``), counters and settings. Plain Python and NumPy: it goes
-        through pickle, ``np.savez``, orbax or flax serialization."""
-        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged_arrays(self._flat),
-                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
-        load_averages(self, state, FORMAT, VERSION, [self._specs[i][0] for i in self._float])
 
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "

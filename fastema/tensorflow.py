@@ -20,14 +20,11 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
-from . import schedules as S
-from ._bridge import averaged_arrays, load_averages, to_host
+from ._bridge import FrameworkEMA, init_plan, to_host
 from .flat import FlatShadow
 
 __all__ = ["EMA"]
 
-FORMAT = "fastema.tensorflow.EMA"
-VERSION = 1
 _FLOATS = (tf.float32, tf.bfloat16, tf.float16)
 
 
@@ -41,7 +38,7 @@ def _as_tf_variable(v, i: int):
                     f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
 
 
-class EMA:
+class EMA(FrameworkEMA):
     """Exponential moving average of ``tf.Variable``s.
 
     Args:
@@ -58,15 +55,13 @@ class EMA:
         skip_nonfinite: skip an update (decided on the device) when a variable holds inf/NaN.
     """
 
+    _format = "fastema.tensorflow.EMA"
+
     def __init__(self, variables, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
                  min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
                  skip_nonfinite: bool = False):
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and shadow_dtype != "bfloat16":
-            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
         if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
             variables = variables.trainable_variables
         pairs = [_as_tf_variable(v, i) for i, v in enumerate(variables)]
@@ -76,39 +71,24 @@ class EMA:
         if bad:
             raise TypeError(f"variables {bad[:5]} are not float32/bfloat16/float16; leave them out "
                             f"(e.g. pass model.trainable_variables)")
-        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
-                           update_after_step=update_after_step, update_every=update_every,
-                           compensate=compensate, debias=debias)
-        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
-        self.skip_nonfinite = skip_nonfinite
+        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
+                  power=power, update_after_step=update_after_step, update_every=update_every,
+                  compensate=compensate, debias=debias)
         self.variables = [v for v, _ in pairs]
         self.names = _unique([n for _, n in pairs])
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
         first = self._read()
         self._specs = [(tuple(t.shape), t.dtype) for t in first]
+        self._shapes = [shape for shape, _ in self._specs]
         self._flat = FlatShadow(dict(zip(self.names, first)), rows=self.plan.rows, dtype=shadow_dtype)
         self._raw: list | None = None                    # the variables' own values while swapped
 
-    # ------------------------------------------------------------ the schedule
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use."""
-        return self.plan.decay
-
-    @property
-    def updates(self) -> int:
-        return self.plan.updates
-
-    @property
-    def rows(self) -> int:
-        return self.plan.rows
+    # ------------------------------------------------------------ operations
 
     @property
     def swapped(self) -> bool:
         return self._raw is not None
-
-    # ------------------------------------------------------------ operations
 
     def update(self, step: int | None = None) -> None:
         """Fold the variables' current values into the average (call after the optimizer step)."""
@@ -116,12 +96,7 @@ class EMA:
         if not self.plan.due():
             self.plan.count_call()
             return
-        values = self._read()       # FlatShadow checks their dtypes, shapes and devices before any write
-        n, weights, pending = self.plan.weights(step)
-        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
-                          skip_nonfinite=self.skip_nonfinite, sources=values)
-        self.plan.count_call()
-        self.plan.commit(pending)
+        self._fold(step, self._read())   # FlatShadow checks dtypes, shapes and devices before any write
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
@@ -173,15 +148,12 @@ class EMA:
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Averages keyed by variable name (NumPy copies, ``(rows, *shape)``), counters, settings."""
         self._not_swapped("state_dict()")
-        return {"format": FORMAT, "version": VERSION, **self.plan.state(), "averaged": averaged_arrays(self._flat),
-                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+        return super().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
         self._not_swapped("load_state_dict()")
-        load_averages(self, state, FORMAT, VERSION, [s[0] for s in self._specs])
+        super().load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._flat!r})"

@@ -2,6 +2,10 @@
 import contextlib
 import os
 
+# Keras picks its backend when first imported, by whichever test module gets there first
+# (TensorFlow may import it); the in-process Keras tests run on torch, others use subprocesses.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import schedules as S
+from .._bridge import init_plan
 from ..flat import FlatShadow, WindowShadow
 
 __all__ = ["EMA", "WindowAverage", "normalize_name"]
@@ -382,15 +382,10 @@ class EMA(_ModelAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and shadow_dtype != "bfloat16":
-            raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
-        self.plan = S.Plan(decay, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
-                           update_after_step=update_after_step, update_every=update_every,
-                           compensate=compensate, debias=debias)
-        self.shadow_dtype, self.rounding, self.seed = shadow_dtype, rounding, seed
-        self.skip_nonfinite = skip_nonfinite
+        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
+                  power=power, update_after_step=update_after_step, update_every=update_every,
+                  compensate=compensate, debias=debias)
         super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
                          buffers=buffers, exclude=exclude, copy=copy)
 
