@@ -143,6 +143,13 @@ class EMA(FrameworkEMA):
         the values of the last ``update()``.
         """
         self._flat._check_row(row)
+        if not self._on_cpu:
+            # JAX imports the shadow through its CUDA array interface and reads it on its own
+            # stream: let fastema's launches (legacy default stream) finish first. An
+            # evaluation-time read, not a per-step one.
+            from numba import cuda
+
+            cuda.default_stream().synchronize()
         out = list(self._leaves)
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
