@@ -88,20 +88,23 @@ def lerp(device, shadow_kind, src_kind, t: Tables, weights, flag=None, key=0, st
     """shadow[k] <- lerp(shadow[k], src, weights[k]) for each row k (see ema_cpu.lerp_kernel)."""
     if t.chunks == 0:
         return
+    if isinstance(weights, tuple):               # host values: the kernel's arithmetic type
+        weights = tuple(map(np.float64 if ema_cpu.wide(shadow_kind, src_kind) else np.float32, weights))
     if is_cuda(device):
         return _cuda().lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream)
     k = ema_cpu.lerp_kernel(shadow_kind, src_kind, stochastic, _cpu_parallel(t, len(weights)))
     k(*t.args(), weights, _NO_FLAG if flag is None else flag, np.uint32(key))
 
 
-def copy(device, shadow_kind, src_kind, t: Tables, to_shadow, row_lo, row_hi, stream=0):
-    """Sources -> shadow rows [row_lo, row_hi) (``to_shadow``), or shadow row ``row_lo`` -> sources."""
+def copy(device, shadow_kind, src_kind, t: Tables, to_shadow, row_lo, row_hi, stream=0, flag=None):
+    """Sources -> shadow rows [row_lo, row_hi) (``to_shadow``), or shadow row ``row_lo`` -> sources;
+    nothing is copied when ``flag[0] != 0`` (the non-finite guard)."""
     if t.chunks == 0:
         return
     if is_cuda(device):
-        return _cuda().copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream)
+        return _cuda().copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream, flag)
     k = ema_cpu.copy_kernel(shadow_kind, src_kind, to_shadow, _cpu_parallel(t, row_hi - row_lo))
-    k(*t.args(), row_lo, row_hi)
+    k(*t.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
 
 
 def swap(device, shadow_kind, src_kind, t: Tables, mode, row, stream=0):

@@ -69,8 +69,9 @@ def lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, strea
             np.uint32(key))
 
 
-def copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream):
-    _launch(ema_cuda.copy_kernel(shadow_kind, src_kind, to_shadow), device, t, stream, *t.args(), row_lo, row_hi)
+def copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream, flag=None):
+    _launch(ema_cuda.copy_kernel(shadow_kind, src_kind, to_shadow), device, t, stream, *t.args(), row_lo, row_hi,
+            _zero_flag(device) if flag is None else flag)
 
 
 def swap(device, shadow_kind, src_kind, t, mode, row, stream):

@@ -7,14 +7,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _launch
-from ._arrays import Buf, describe, empty, zero_
+from ._arrays import Buf, describe, disjoint, empty, zero_
 from .kernels import ema_cpu
-from .kernels._bits import BF16, F16, F32, KIND_NAMES
+from .kernels._bits import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 
 __all__ = ["FlatShadow", "WindowShadow"]
 
-_DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16}
+_DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
+
+
+def _strided(v, shape, order):
+    """A view of the flat slice ``v`` with ``shape`` and canonical element strides ``order``
+    (() for C order): the shadow of a channels_last source is laid out as the source is."""
+    if not order:
+        return v.reshape(shape)
+    if isinstance(v, np.ndarray):
+        return np.lib.stride_tricks.as_strided(v, shape, tuple(st * v.itemsize for st in order))
+    return v.as_strided(shape, order)
 
 
 def _data_ptr():
@@ -34,6 +44,7 @@ class _Group:
         self.shadow_kind = shadow_kind
         self.framework = first.framework
         self.shapes = [b.shape for b in bufs]
+        self.orders = [b.strides for b in bufs]          # () for C order, else the source's dense layout
         self.counts = [b.numel for b in bufs]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.n = int(self.offsets[-1])
@@ -43,7 +54,7 @@ class _Group:
         self.addresses = [b.address for b in bufs]
         self.tensors = [b.obj for b in bufs]              # the sources, for the per-step address check
         self.tables = _launch.tables(self.addresses, self.counts,
-                                     _launch.flat_shadow(base, self.counts, 4 if shadow_kind == F32 else 2),
+                                     _launch.flat_shadow(base, self.counts, ITEMSIZE[shadow_kind]),
                                      self.device, self.stream)
         self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
         # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
@@ -65,16 +76,24 @@ class FlatShadow:
 
     Before every operation the sources' addresses are compared with the table (one
     ``data_ptr()`` per torch tensor). A source re-allocated in place with the same
-    dtype, shape and device (``param.data = new_tensor``) gets its new address; any
-    other change (``model.to(other device)``, a dtype cast, a reshape) raises before
-    anything is written. To follow sources replaced by new objects
-    (``load_state_dict(assign=True)``), pass them again: ``update(..., sources=...)``.
+    dtype, shape, layout and device (``param.data = new_tensor``) gets its new address;
+    any other change (``model.to(other device)``, a dtype cast, a reshape, a freed
+    storage) raises before anything is written. A change that keeps the address (an
+    in-place ``.data = p.data.view(...)``) is caught by the shape check of
+    :meth:`swap`, :meth:`copy_to_sources` and :meth:`check_sources`. To follow sources
+    replaced by new objects (``load_state_dict(assign=True)``), pass them again:
+    ``update(..., sources=...)``.
+
+    Sources may have any dense layout (C order, channels_last, ...): the shadow of a
+    source walks its memory in storage order and :meth:`view` gives it the source's
+    strides. Sources must not share memory with each other.
 
     Args:
-        sources: a sequence of arrays/tensors, or a mapping ``name -> array``.
+        sources: a non-empty sequence of arrays/tensors, or a mapping ``name -> array``.
         rows: number of shadows K (one per decay), 1 to 8.
         dtype: shadow dtype, ``"float32"`` (default, safe for bfloat16/float16 sources),
-            ``"bfloat16"``, ``"float16"``, or ``"same"`` (each source's own dtype).
+            ``"bfloat16"``, ``"float16"``, ``"float64"``, or ``"same"`` (each source's own
+            dtype). float64 sources always get a float64 shadow.
         init: ``"copy"`` (every row starts as the sources) or ``"zeros"``.
     """
 
@@ -82,23 +101,30 @@ class FlatShadow:
                  init: str = "copy"):
         if isinstance(sources, Mapping):
             names, tensors = [str(k) for k in sources.keys()], list(sources.values())
+        elif isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__") or hasattr(sources, "shape"):
+            one = " (one array: pass [x])" if hasattr(sources, "shape") else ""
+            raise TypeError(f"sources must be a sequence of arrays/tensors or a mapping name -> array, "
+                            f"got {type(sources).__name__}{one}")
         else:
             tensors = list(sources)
             names = [str(i) for i in range(len(tensors))]
-        if not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
+        if not tensors:
+            raise ValueError("sources is empty: give the arrays/tensors to average")
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
             raise ValueError(f"rows must be an int from 1 to {MAX_DECAYS}, got {rows!r}")
         if dtype != "same" and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'same', got {dtype!r}")
         if init not in ("copy", "zeros"):
             raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}")
         bufs = [describe(t, f"source {n!r}") for n, t in zip(names, tensors)]
+        disjoint(bufs, [f"source {n!r}" for n in names])
         self.names = names
         self.rows = rows
         self._sources = tensors
         self._index = {n: i for i, n in enumerate(names)}
         keys: dict[tuple, list[int]] = {}
         for i, b in enumerate(bufs):
-            sk = b.kind if dtype == "same" else _DTYPES[dtype]
+            sk = b.kind if dtype == "same" or b.kind == F64 else _DTYPES[dtype]
             keys.setdefault((b.device, b.kind, sk), []).append(i)
         self._groups = [_Group(m, [bufs[i] for i in m], sk, rows) for (_, _, sk), m in keys.items()]
         self._where = {}                                # source position -> (group, slot)
@@ -132,7 +158,7 @@ class FlatShadow:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.n * self.rows * (4 if g.shadow_kind == F32 else 2) for g in self._groups)
+        return sum(g.n * self.rows * ITEMSIZE[g.shadow_kind] for g in self._groups)
 
     @property
     def swapped(self) -> bool:
@@ -143,14 +169,16 @@ class FlatShadow:
         """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype.
 
         ``row=None`` gives every row at once, shape ``(rows, *source.shape)`` (still a view).
+        The view has the source's layout (channels_last stays channels_last).
         """
         i = self._index[source] if isinstance(source, str) else int(source)
         g, slot = self._where[i]
         lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
+        shape, order = tuple(g.shapes[slot]), g.orders[slot]
         if row is None:
-            return g.buffer[:, lo:hi].reshape((self.rows,) + tuple(g.shapes[slot]))
+            return _strided(g.buffer[:, lo:hi], (self.rows,) + shape, (g.n,) + order if order else ())
         self._check_row(row)
-        return g.buffer[row, lo:hi].reshape(g.shapes[slot])
+        return _strided(g.buffer[row, lo:hi], shape, order)
 
     def views(self, row: int = 0) -> dict:
         """``name -> view(name, row)`` for every source, in source order."""
@@ -160,7 +188,8 @@ class FlatShadow:
 
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
                rounding: str = "nearest", seed: int = 0, step: int = 0,
-               skip_nonfinite: bool = False, sources: Sequence | Mapping | None = None) -> None:
+               skip_nonfinite: bool = False, skip_if: Mapping | None = None,
+               sources: Sequence | Mapping | None = None) -> None:
         """``shadow[k] <- decay[k] * shadow[k] + (1 - decay[k]) * source`` for every row, in place.
 
         Args:
@@ -171,6 +200,8 @@ class FlatShadow:
             seed, step: stochastic-rounding key; pass the training step.
             skip_nonfinite: first scan the sources for inf/NaN on the device and skip the
                 update of that device if any is found; the flag stays in ``self.skipped``.
+            skip_if: flags from :meth:`scan_nonfinite` (``device -> int32[1]``), e.g. shared
+                with another shadow, so one diverged step skips both; instead of ``skip_nonfinite``.
             sources: the current sources (same order or names), when they may have been
                 replaced by new objects since the last call.
         """
@@ -187,45 +218,49 @@ class FlatShadow:
         if sources is not None:
             self.rebind(sources)
         self._refresh()
-        flags = {}
-        if skip_nonfinite:
-            for g in self._groups:
-                if g.device not in flags:
-                    flags[g.device] = self._zeroed_flag(g)
-                _launch.nonfinite(g.device, g.src_kind, g.tables, flags[g.device][1], g.stream)
-            self.skipped = {d: f[0] for d, f in flags.items()}
+        if skip_nonfinite and skip_if is None:
+            skip_if = self.scan_nonfinite()
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self._groups):
             key = sr_key(seed + (gi << 32), step) if stochastic else 0
             _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights_by_device[g.device],
-                         flags[g.device][1] if skip_nonfinite else None, key, stochastic, g.stream)
+                         self._flag_view(skip_if, g), key, stochastic, g.stream)
 
-    def copy_from_sources(self) -> None:
-        """Every shadow row <- the sources (rounded to the shadow dtype)."""
+    def scan_nonfinite(self, flags: dict | None = None) -> dict:
+        """Scan every source for inf/NaN on its device, with no host sync.
+
+        Returns ``device -> int32[1]`` flags (1 where one was found), also kept in
+        ``self.skipped``. Without ``flags`` they start at zero; pass the flags of an
+        earlier scan (another shadow's) to add this shadow's sources to them.
+        """
+        self._refresh()
+        flags = dict(flags or {})
+        for g in self._groups:
+            if g.device not in flags:
+                flags[g.device] = self._zeroed_flag(g)
+            _launch.nonfinite(g.device, g.src_kind, g.tables, self._flag_view(flags, g), g.stream)
+        self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in self._groups)}
+        return flags
+
+    def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
+        """Every shadow row <- the sources (rounded to the shadow dtype); nothing is copied on a
+        device whose ``skip_if`` flag (see :meth:`scan_nonfinite`) is set."""
         self._not_swapped("copy_from_sources()")
         self._refresh()
         for g in self._groups:
-            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream)
+            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream,
+                         self._flag_view(skip_if, g))
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
         self._not_swapped("copy_to_sources()")
         self._check_row(row)
-        self._refresh()
+        self.check_sources()
         for g in self._groups:
             _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, False, row, row + 1, g.stream)
 
-    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
-        """Exchange shadow row ``row`` and the sources in place; call again to swap back.
-
-        Exact when the dtypes match, and for a float32 shadow with bfloat16 sources (the
-        sources get the shadow rounded to nearest, the shadow keeps both values bit for
-        bit). Other dtype pairs round one side and need ``lossy=True``. No temporary the
-        size of the model is allocated.
-        """
-        if self._swapped_row is not None and row != self._swapped_row:
-            raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
-        self._check_row(row)
+    def swap_modes(self, lossy: bool = False) -> list:
+        """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
         modes = []
         for g in self._groups:
             if g.shadow_kind == g.src_kind:
@@ -239,12 +274,34 @@ class FlatShadow:
                     f"swapping a {KIND_NAMES[g.shadow_kind]} shadow with {KIND_NAMES[g.src_kind]} sources "
                     f"rounds one side and cannot be undone exactly; pass lossy=True to accept it, or "
                     f"use copy_to_sources() on a copy of the model")
-        self._refresh()
+        return modes
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Exchange shadow row ``row`` and the sources in place; call again to swap back.
+
+        Exact when the dtypes match, and for a float32 shadow with bfloat16 sources (the
+        sources get the shadow rounded to nearest, the shadow keeps both values bit for
+        bit). Other dtype pairs round one side and need ``lossy=True``. No temporary the
+        size of the model is allocated. The sources keep their layout.
+        """
+        if self._swapped_row is not None and row != self._swapped_row:
+            raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
+        self._check_row(row)
+        modes = self.swap_modes(lossy)
+        self.check_sources()
         for g, mode in zip(self._groups, modes):
             _launch.swap(g.device, g.shadow_kind, g.src_kind, g.tables, mode, row, g.stream)
         self._swapped_row = None if self.swapped else row
 
     # ------------------------------------------------------------ source tracking
+
+    def check_sources(self) -> None:
+        """Follow moved sources and check that every source still has the dtype, shape, layout and
+        device it had when the shadow was made (also a change that kept the address); raises
+        naming the first that does not. Called before every swap and copy into the sources."""
+        self._refresh()
+        for g in self._groups:
+            self._checked(g)
 
     def _refresh(self) -> None:
         # One data_ptr() per torch source: the per-step price of never reading a stale address.
@@ -252,17 +309,24 @@ class FlatShadow:
             if g.track and list(map(_data_ptr(), g.tensors)) != g.addresses:
                 self._rebind(g)
 
-    def _rebind(self, g: _Group) -> None:
+    def _checked(self, g: _Group) -> list[Buf]:
+        """The group's sources described now; ValueError if any differs from construction."""
         bufs = []
         for slot, i in enumerate(g.members):
             b = describe(self._sources[i], f"source {self.names[i]!r}")
-            if (b.device, b.kind, b.shape) != (g.device, g.src_kind, g.shapes[slot]):
+            if (b.device, b.kind, b.shape, b.strides) != (g.device, g.src_kind, g.shapes[slot], g.orders[slot]):
+                now = "" if b.strides == g.orders[slot] else f" with strides {b.strides or 'C order'}"
                 raise ValueError(
                     f"source {self.names[i]!r} was {KIND_NAMES[g.src_kind]} {g.shapes[slot]} on {g.device} "
-                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device} "
-                    f"(model.to(), a dtype cast or a reshape?); make a new shadow after changing the model, "
-                    f"or change it back. Nothing was updated.")
+                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device}{now} "
+                    f"(model.to(), a dtype cast, a reshape or another memory format?); make a new shadow after "
+                    f"changing the model, or change it back. Nothing was updated.")
             bufs.append(b)
+        disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
+        return bufs
+
+    def _rebind(self, g: _Group) -> None:
+        bufs = self._checked(g)
         if g.deferred:
             g.retired = (_launch.retire(g.device, g.stream, g.retired[0]), g.tensors)
         g.addresses = [b.address for b in bufs]
@@ -272,8 +336,8 @@ class FlatShadow:
         g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)
 
     def rebind(self, sources: Sequence | Mapping) -> None:
-        """Track new source objects (same names/order, dtypes, shapes, devices); refuses and keeps
-        the old ones if any differs."""
+        """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
+        and keeps the old ones if any differs."""
         new = [sources[n] for n in self.names] if isinstance(sources, Mapping) else list(sources)
         if len(new) != len(self._sources):
             raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")
@@ -282,13 +346,13 @@ class FlatShadow:
         old = self._sources
         self._sources = new
         try:
-            for g in self._groups:
-                self._rebind(g)
+            checked = [self._checked(g) for g in self._groups]      # every group checked before any change
+            disjoint([b for bufs in checked for b in bufs], [f"source {n!r}" for n in self.names])
         except Exception:
             self._sources = old
-            for g in self._groups:
-                self._rebind(g)
             raise
+        for g in self._groups:
+            self._rebind(g)
 
     def _adopt(self, sources: list, addresses: list) -> None:
         """Follow new sources that the caller has checked already (same dtypes, shapes and
@@ -307,7 +371,13 @@ class FlatShadow:
         if flag is None:
             flag = _launch.new_flag(describe(g.buffer, "shadow"))
         zero_(flag)                               # on the device, stream-ordered: no sync
-        return flag, _launch.aux_view(flag, "flag", np.int32, 1, g.device, writable=True)
+        return flag
+
+    @staticmethod
+    def _flag_view(flags: Mapping | None, g: _Group):
+        if flags is None or g.device not in flags:
+            return None
+        return _launch.aux_view(flags[g.device], "skip_if flag", np.int32, 1, g.device, writable=True)
 
     def _check_row(self, row: int) -> None:
         if not isinstance(row, int) or not 0 <= row < self.rows:
@@ -322,8 +392,8 @@ class FlatShadow:
 class WindowShadow(FlatShadow):
     """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
 
-    A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory) and a
-    compensated float32 running sum per element: each :meth:`push` adds the new snapshot
+    A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory; float64
+    for float64 sources, whose sums are float64 too) and a compensated float32 running sum per element: each :meth:`push` adds the new snapshot
     (as stored), subtracts the one it evicts (every W pushes the sum is rebuilt from the
     ring in float64, so the mean stays within 2 ulp) and writes the mean into row 0, which is what
     :meth:`view`, :meth:`swap` and :meth:`copy_to_sources` use. Rows 1 and 2 hold the sum.
@@ -337,12 +407,12 @@ class WindowShadow(FlatShadow):
             raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
         super().__init__(sources, rows=3, dtype="float32", init="zeros")
         self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
-        kind = _DTYPES[ring_dtype]
         for g in self._groups:
-            g.ring = empty(describe(g.buffer, "shadow"), kind, (window, g.n))
+            g.ring_kind = F64 if g.src_kind == F64 else _DTYPES[ring_dtype]    # float64 stays float64
+            g.ring = empty(describe(g.buffer, "shadow"), g.ring_kind, (window, g.n))
             base = describe(g.ring, "ring").address
             g.ring_addr = _launch.tables([0] * len(g.counts), g.counts,
-                                         _launch.flat_shadow(base, g.counts, 4 if kind == F32 else 2),
+                                         _launch.flat_shadow(base, g.counts, ITEMSIZE[g.ring_kind]),
                                          g.device, g.stream).shadow_addr
         self.push()
 
@@ -358,9 +428,8 @@ class WindowShadow(FlatShadow):
         slot, full = self.pushes % self.window, self.pushes >= self.window
         count = min(self.pushes + 1, self.window)
         recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
-        kind = _DTYPES[self.ring_dtype]
         for g in self._groups:
-            _launch.window(g.device, kind, g.src_kind, g.tables, g.ring_addr, slot, full, count, recompute,
+            _launch.window(g.device, g.ring_kind, g.src_kind, g.tables, g.ring_addr, slot, full, count, recompute,
                            g.stream)
         self.pushes += 1
 
@@ -372,4 +441,5 @@ class WindowShadow(FlatShadow):
         i = self._index[source] if isinstance(source, str) else int(source)
         g, slot = self._where[i]
         lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
-        return g.ring[:, lo:hi].reshape((self.window,) + tuple(g.shapes[slot]))
+        order = g.orders[slot]
+        return _strided(g.ring[:, lo:hi], (self.window,) + tuple(g.shapes[slot]), (g.n,) + order if order else ())

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _launch
-from ._arrays import READ_ONLY_HINTS, Buf, describe, overlaps
+from ._arrays import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
 from .kernels import _bits, ema_cpu
 from .kernels._bits import BF16, KIND_NAMES
 
@@ -25,10 +25,10 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
 MAX_DECAYS = 8
 
 
-def _float32_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
+def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating, np.integer)):
             raise TypeError(
                 f"{what} must be a Python float in [0, 1], got {type(v).__name__}; to pass a value that "
                 f"lives on the device (no host sync, CUDA-graph friendly) use weight= with a float32 "
@@ -36,12 +36,12 @@ def _float32_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
         v = float(v)
         if not 0.0 <= v <= 1.0:              # also refuses NaN
             raise ValueError(f"{what} must be in [0, 1], got {v!r}")
-        out.append(np.float32(1.0 - v if is_decay else v))
+        out.append(1.0 - v if is_decay else v)      # rounded to the kernel's type at launch
     return tuple(out)
 
 
 def resolve_weights(decays, weights, count: int, device: str):
-    """The kernels' ``weights``: a tuple of float32 (host values) or a device array view.
+    """The kernels' ``weights``: a tuple of Python floats (host values) or a device array view.
 
     Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
     ``count`` elements on ``device``) must be given.
@@ -49,9 +49,9 @@ def resolve_weights(decays, weights, count: int, device: str):
     if (decays is None) == (weights is None):
         raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
     if decays is not None:
-        w = _float32_weights(decays, "decay", True)
+        w = _host_weights(decays, "decay", True)
     elif isinstance(weights, (list, tuple, numbers.Real)):
-        w = _float32_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
+        w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
     else:
         return _launch.aux_view(weights, "weight", np.float32, count, device, writable=False)
     if len(w) != count:
@@ -97,6 +97,14 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
     if s.shape != expected:
         raise ValueError(f"{b_name} has shape {x.shape} so {a_name} must have shape {expected}, "
                          f"got {s.shape}")
+    rows = len(expected) - len(x.shape)              # 1 for a (K, *shape) shadow of K rows
+    order = layout(expected, (x.numel,) + x.order) if rows else x.order
+    if s.order != order:
+        raise ValueError(
+            f"{a_name} and {b_name} are laid out differently in memory ({a_name} strides "
+            f"{s.strides or 'C order'}, {b_name} strides {x.strides or 'C order'}): fastema walks both in "
+            f"storage order, so give {a_name} the layout of {b_name} (torch.empty_like(src) or "
+            f".to(memory_format=...) keeps it)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -230,55 +238,37 @@ class _PairGroup:
                                      [s.address for s in shadows], device, self.stream)
 
 
-_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_PAIRS_MAX = 32
-
-
-def _address(x) -> int:
-    from ._arrays import _is_torch
-
-    return x.data_ptr() if _is_torch(x) else describe(x, "tensor").address
-
-
-def _pair_groups(shadows, sources) -> list:
-    # Layouts are cached by the tensors' addresses; each entry keeps the storages alive,
-    # so an address in the cache can never be handed to another tensor meanwhile.
-    key = (tuple(_address(s) for s in shadows), tuple(_address(x) for x in sources))
-    entry = _PAIRS.get(key)
-    if entry is not None:
-        _PAIRS.move_to_end(key)
-        return entry[0]
+def pair_groups(shadows: list, sources: list) -> list:
+    """Validate ``(shadows[i], sources[i])`` pairs and group them for one launch per (device,
+    dtype) group. A pair given twice (a tied weight listed under two names) is kept once, so
+    its shadow is averaged once; shadows that otherwise share memory are refused."""
     if len(shadows) != len(sources):
         raise ValueError(f"got {len(shadows)} shadows but {len(sources)} sources; pass them pairwise")
     groups: dict = {}
-    keep = []
+    seen: dict = {}
+    kept, names = [], []
     for i, (a, b) in enumerate(zip(shadows, sources)):
         s, x = _pair(a, b, f"shadows[{i}]", f"sources[{i}]")
         _same_shape(s, x, x.shape, f"shadows[{i}]", f"sources[{i}]")
+        key = (s.device, s.address, s.kind, s.shape, s.order)
+        if s.numel and key in seen:
+            j, first = seen[key]
+            if (x.address, x.kind, x.order) != (first.address, first.kind, first.order):
+                raise ValueError(f"shadows[{i}] is shadows[{j}] again but with another source "
+                                 f"(sources[{i}] is not sources[{j}]); pass each shadow once")
+            continue                                  # the same pair again: averaged once
+        seen[key] = (i, x)
+        kept.append(s)
+        names.append(f"shadows[{i}]")
         groups.setdefault((s.device, s.kind, x.kind), ([], []))
         groups[(s.device, s.kind, x.kind)][0].append(s)
         groups[(s.device, s.kind, x.kind)][1].append(x)
-        keep += [getattr(a, "untyped_storage", lambda: a)(), getattr(b, "untyped_storage", lambda: b)()]
-    built = [_PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
-    _PAIRS[key] = (built, keep)
-    while len(_PAIRS) > _PAIRS_MAX:
-        _PAIRS.popitem(last=False)
-    return built
+    disjoint(kept, names)
+    return [_PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
 
 
-def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None = None, *, weight: Any = None,
-                     rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
-    """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` for every pair, one launch per
-    (device, dtype) group: a drop-in for ``torch._foreach_lerp_(shadows, sources, 1 - decay)``
-    where the shadows belong to the caller (another model's parameters, say).
-
-    The pairs' layout is validated once and cached by the tensors' addresses; later calls
-    with the same tensors cost one address read per tensor. The cache holds the last 32
-    layouts and keeps their tensors' storages alive (so no cached address can be reused by
-    another tensor); ``fastema.ops._PAIRS.clear()`` releases them. Other arguments as in
-    :func:`ema_update_`.
-    """
-    groups = _pair_groups(list(shadows), list(sources))
+def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: int) -> None:
+    """One lerp launch per group of :func:`pair_groups`; every argument is checked first."""
     weights = {}
     for g in groups:                                  # every check before any launch
         if g.device not in weights:
@@ -288,3 +278,50 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     for g in groups:
         _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights[g.device], None, key,
                      rounding == "stochastic", g.stream)
+
+
+# Layouts of recent ema_update_many_ calls, keyed by every tensor's (address, element count,
+# dtype): a hit means the same memory in the same shapes, so the cached tables are right for
+# the tensors passed now. The cache holds numbers only, never a tensor or a storage.
+_PAIRS: "OrderedDict[tuple, list]" = OrderedDict()
+_PAIRS_MAX = 32
+
+
+def _key(tensors) -> tuple:
+    from ._arrays import _is_torch
+
+    if tensors and all(map(_is_torch, tensors)):
+        import torch
+
+        return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
+                tuple(t.dtype for t in tensors))
+    return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
+                 (describe(t, "tensor") for t in tensors))
+
+
+def _pair_groups(shadows, sources) -> list:
+    key = (_key(shadows), _key(sources))
+    groups = _PAIRS.get(key)
+    if groups is not None:
+        _PAIRS.move_to_end(key)
+        return groups
+    groups = pair_groups(shadows, sources)
+    _PAIRS[key] = groups
+    while len(_PAIRS) > _PAIRS_MAX:
+        _PAIRS.popitem(last=False)
+    return groups
+
+
+def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None = None, *, weight: Any = None,
+                     rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
+    """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` for every pair, one launch per
+    (device, dtype) group: a drop-in for ``torch._foreach_lerp_(shadows, sources, 1 - decay)``
+    where the shadows belong to the caller (another model's parameters, say).
+
+    The pairs' layout is validated once and cached by every tensor's address, element
+    count and dtype (the last 32 layouts; numbers only, no tensor is kept alive), so later
+    calls with the same tensors cost three reads per tensor. A pair listed twice (tied
+    weights) is averaged once; shadows that otherwise overlap are refused. Other arguments
+    as in :func:`ema_update_`.
+    """
+    launch_pairs(_pair_groups(list(shadows), list(sources)), decay, weight, rounding, seed, step)

@@ -5,13 +5,15 @@ its own decorator (``njit`` on the CPU, ``cuda.jit(device=True)`` on CUDA), so
 the CPU, the GPU and the CUDA simulator run the same arithmetic.
 
 Every value travels as the bit pattern of a float32 (``uint32``). Storage kinds:
-``F32`` is stored as uint32, ``BF16`` and ``F16`` as uint16. Only unsigned
+``F32`` is stored as uint32, ``BF16`` and ``F16`` as uint16. ``F64`` (float64) is not
+a bit pattern: kernels that meet it read and write float64 values directly. Only unsigned
 constants are used: numba types ``uint64 op int64`` as float64.
 """
 import numpy as np
 
-F32, BF16, F16 = 0, 1, 2          # storage kinds; values are part of the kernel cache key
-KIND_NAMES = ("float32", "bfloat16", "float16")
+F32, BF16, F16, F64 = 0, 1, 2, 3  # storage kinds; values are part of the kernel cache key
+KIND_NAMES = ("float32", "bfloat16", "float16", "float64")
+ITEMSIZE = (4, 2, 2, 8)
 
 _U16 = np.uint32(16)
 _U13 = np.uint32(13)

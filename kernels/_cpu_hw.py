@@ -4,4 +4,4 @@ from numba.extending import intrinsic
 
 from ._intrinsics import build
 
-as_float, as_bits, u32_pointer, u16_pointer = build(intrinsic, types)
+as_float, as_bits, u32_pointer, u16_pointer, f64_pointer = build(intrinsic, types)

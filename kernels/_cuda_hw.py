@@ -32,6 +32,9 @@ if SIMULATOR:
     def u16_pointer(address, count):
         return np.ctypeslib.as_array((ctypes.c_uint16 * max(int(count), 1)).from_address(int(address)))
 
+    def f64_pointer(address, count):
+        return np.ctypeslib.as_array((ctypes.c_double * max(int(count), 1)).from_address(int(address)))
+
 else:
     from numba import cuda
     from numba.cuda import types
@@ -39,7 +42,7 @@ else:
 
     from ._intrinsics import build
 
-    as_float, as_bits, u32_pointer, u16_pointer = build(intrinsic, types)
+    as_float, as_bits, u32_pointer, u16_pointer, f64_pointer = build(intrinsic, types)
 
     @cuda.jit(device=True, inline="always")
     def fma(a, b, c):

@@ -3,7 +3,7 @@
 ``build(intrinsic, types)`` takes the target's ``intrinsic`` decorator and types
 module (``numba.extending``/``numba.core.types`` for the CPU,
 ``numba.cuda.extending``/``numba.cuda.types`` for CUDA) and returns
-``(as_float, as_bits, u32_pointer, u16_pointer)``; each is one LLVM instruction.
+``(as_float, as_bits, u32_pointer, u16_pointer, f64_pointer)``; each is one LLVM instruction.
 """
 from llvmlite import ir
 
@@ -49,4 +49,4 @@ def build(intrinsic, types):
 
         return typed_pointer
 
-    return as_float, as_bits, pointer(types.uint32), pointer(types.uint16)
+    return as_float, as_bits, pointer(types.uint32), pointer(types.uint16), pointer(types.float64)

@@ -7,7 +7,7 @@ weight, and counts. Modes are compile-time constants of the kernels.
 import math
 
 DEBIASED, SEEDED, ZEROS = 0, 1, 2      # EMA modes: pandas adjust=True / adjust=False / zero-init
-F64 = 3                                # value kind beyond _bits' storage kinds: float64 metrics
+from ._bits import F64  # noqa: F401  (float64 metrics: the storage kind of _bits)
 
 
 def ema_step(a, b, v, w, d, mode):

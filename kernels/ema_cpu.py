@@ -29,8 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import _bits, _smooth
-from ._bits import F32
-from ._cpu_hw import as_bits, as_float, u16_pointer, u32_pointer
+from ._bits import F32, F64, ITEMSIZE
+from ._cpu_hw import as_bits, as_float, f64_pointer, u16_pointer, u32_pointer
 
 EXCHANGE, PACK, UNPACK = 0, 1, 2      # swap modes, see _bits.pack_bf16
 
@@ -47,7 +47,35 @@ neumaier = _scalar(_smooth.neumaier)
 
 def _pointer(kind):
     """(pointer intrinsic, bytes per element) for a storage kind."""
-    return (u32_pointer, 4) if kind == F32 else (u16_pointer, 2)
+    return {F32: u32_pointer, F64: f64_pointer}.get(kind, u16_pointer), ITEMSIZE[kind]
+
+
+def wide(*kinds) -> bool:
+    """True when a kernel over these storage kinds computes in float64 (any of them is float64)."""
+    return F64 in kinds
+
+
+@functools.cache
+def _access(kind):
+    """``(load, store)`` of one element of storage ``kind`` as a float64 value (the wide path).
+
+    float64 is read and written as is; narrower kinds are widened exactly on load and
+    rounded to nearest even on store (through float32, as every kernel rounds).
+    """
+    K = kind
+    if kind == F64:
+        def load(p, j):
+            return p[j]
+
+        def store(p, j, v):
+            p[j] = v
+    else:
+        def load(p, j):
+            return np.float64(as_float(decode(p[j], K)))
+
+        def store(p, j, v):
+            p[j] = encode(as_bits(np.float32(v)), K)
+    return _scalar(load), _scalar(store)
 
 
 def _compile(fn, parallel):
@@ -66,7 +94,8 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     else from the source) with one FMA, so float32 results equal ``torch.lerp_``.
 
     Extra arguments:
-        weights: float32[K] array or tuple, ``w = 1 - decay`` per row.
+        weights: float32[K] array or tuple, ``w = 1 - decay`` per row (float64 for a
+                 float64 kernel, which also widens a float32 array's values).
         flag:    int32[>=1]; when ``flag[0] != 0`` nothing is written (non-finite guard).
         key:     uint32 stochastic-rounding key (ignored unless ``stochastic``).
     """
@@ -89,6 +118,22 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
             else:
                 q[j] = encode(y, SK)
 
+    if wide(SK, XK):                                   # float64 on either side: compute in float64
+        sload, sstore = _access(SK)
+        xload, _ = _access(XK)
+
+        @_chunk
+        def chunk(q_addr, p_addr, m, w, first, key):  # noqa: F811
+            q = sptr(q_addr, m)
+            p = xptr(p_addr, m)
+            w = np.float64(w)
+            small = abs(w) < 0.5
+            coeff = w if small else w - 1.0
+            for j in range(m):
+                e = sload(q, j)
+                x = xload(p, j)
+                sstore(q, j, (e if small else x) + coeff * (x - e))
+
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
             return
@@ -100,7 +145,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
             p_addr = seg_addr[s] + within * XB
             for k in range(len(weights)):          # rows after the first re-read the chunk from cache
                 first = k * n + begin              # the noise index: position in the (K, n) layout
-                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, np.float32(weights[k]), first, key)
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, weights[k], first, key)
 
     return _compile(kernel, parallel)
 
@@ -111,6 +156,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
 
     ``to_shadow``: every row in ``[row_lo, row_hi)`` receives the sources; else the
     sources receive row ``row_lo`` (``row_hi`` unused). Same kinds copy bits exactly.
+    Nothing is written when ``flag[0] != 0`` (int32[>=1], the non-finite guard).
     """
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
@@ -127,7 +173,23 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
             else:
                 p[j] = q[j] if SAME else encode(decode(q[j], SK), XK)
 
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
+    if wide(SK, XK) and not SAME:
+        sload, sstore = _access(SK)
+        xload, xstore = _access(XK)
+
+        @_chunk
+        def chunk(q_addr, p_addr, m):  # noqa: F811
+            q = sptr(q_addr, m)
+            p = xptr(p_addr, m)
+            for j in range(m):
+                if TO:
+                    sstore(q, j, xload(p, j))
+                else:
+                    xstore(p, j, sload(q, j))
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
+        if flag[0] != 0:
+            return
         last = row_hi if TO else row_lo + 1
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
@@ -168,6 +230,20 @@ def swap_kernel(shadow_kind, src_kind, mode, parallel):
                 q[j] = encode(decode(b, XK), SK)
                 p[j] = encode(decode(a, SK), XK)
 
+    if wide(SK, XK):                                   # EXCHANGE only: exact when both are float64
+        sload, sstore = _access(SK)
+        xload, xstore = _access(XK)
+
+        @_chunk
+        def chunk(q_addr, p_addr, m):  # noqa: F811
+            q = sptr(q_addr, m)
+            p = xptr(p_addr, m)
+            for j in range(m):
+                a = sload(q, j)
+                b = xload(p, j)
+                sstore(q, j, b)
+                xstore(p, j, a)
+
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
@@ -192,6 +268,15 @@ def nonfinite_kernel(src_kind, parallel):
             bad |= is_nonfinite(p[j], XK)
         return bad
 
+    if XK == F64:
+        @_chunk
+        def chunk(p_addr, m):  # noqa: F811
+            p = xptr(p_addr, m)
+            bad = False
+            for j in range(m):
+                bad |= (p[j] - p[j]) != 0.0            # inf - inf and NaN - NaN are NaN
+            return bad
+
     def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
@@ -213,12 +298,14 @@ def window_kernel(ring_kind, src_kind, parallel):
     ``full``; ``count`` is the number of snapshots after the push. With ``recompute`` the
     sum is rebuilt from the ``count`` ring rows in compensated float64 instead: a running
     sum's error grows with the pushes relative to the values' size, not the mean's, so
-    the caller recomputes every W pushes and the mean stays within 2 ulp.
+    the caller recomputes every W pushes and the mean stays within 2 ulp. A float64 ring
+    (float64 sources) keeps the three rows and the arithmetic in float64.
     """
     rptr, RB = _pointer(ring_kind)
     xptr, XB = _pointer(src_kind)
     fptr = u32_pointer
     RK, XK = ring_kind, src_kind
+    FB = 8 if RK == F64 else 4                         # bytes per element of the shadow rows
 
     @_chunk
     def push(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count):
@@ -256,18 +343,53 @@ def window_kernel(ring_kind, src_kind, parallel):
             sm[j] = as_bits(s)
             cm[j] = as_bits(np.float32(total - np.float64(s)))
 
+    if RK == F64:                                      # float64 sources: float64 ring, mean and sum
+        rload, rstore = _access(RK)
+        xload, _ = _access(XK)
+
+        @_chunk
+        def push(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count):  # noqa: F811
+            q, sm, cm = f64_pointer(mean_addr, m), f64_pointer(sum_addr, m), f64_pointer(comp_addr, m)
+            r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+            for j in range(m):
+                old = rload(r, slot * n + j)
+                rstore(r, slot * n + j, xload(p, j))
+                s, c = neumaier(sm[j], cm[j], rload(r, slot * n + j))
+                if full:
+                    s, c = neumaier(s, c, -old)
+                q[j] = (s + c) / count
+                sm[j] = s
+                cm[j] = c
+
+        @_chunk
+        def recompute_(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, count):  # noqa: F811
+            q, sm, cm = f64_pointer(mean_addr, m), f64_pointer(sum_addr, m), f64_pointer(comp_addr, m)
+            r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+            for j in range(m):
+                rstore(r, slot * n + j, xload(p, j))
+            s64 = np.zeros(m)
+            c64 = np.zeros(m)
+            for row in range(count):
+                base = row * n
+                for j in range(m):
+                    s64[j], c64[j] = neumaier(s64[j], c64[j], rload(r, base + j))
+            for j in range(m):
+                q[j] = (s64[j] + c64[j]) / count
+                sm[j] = s64[j]
+                cm[j] = c64[j]
+
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
                recompute):
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
             within = begin - seg_offset[s]
-            base = shadow_addr[s] + within * 4
+            base = shadow_addr[s] + within * FB
             if recompute:
-                recompute_(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
+                recompute_(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
                            seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, count)
             else:
-                push(base, base + n * 4, base + 2 * n * 4, ring_addr[s] + within * RB, n, slot,
+                push(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
                      seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count)
 
     return _compile(kernel, parallel)

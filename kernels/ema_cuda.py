@@ -69,7 +69,9 @@ def copy_kernel(shadow_kind, src_kind, to_shadow):
     SK, XK, TO = shadow_kind, src_kind, to_shadow
     SAME = shadow_kind == src_kind
 
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
+        if flag[0] != 0:
+            return
         last = row_hi if TO else row_lo + 1
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]

@@ -133,8 +133,9 @@ def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
     for ds, cs_ in zip(dev_srcs, cpu_srcs):
         assert np.array_equal(ds.copy_to_host(), cs_)
     # copy: sources -> both rows, then row 0 -> sources
-    ema_cuda.copy_kernel(sk, xk, True)[2, 8](n, *tabs, 0, 2)
-    ema_cpu.copy_kernel(sk, xk, True, False)(n, cpu_tab, cpu_addr, off, cs, cb, 0, 2)
+    no_flag = np.zeros(1, np.int32)
+    ema_cuda.copy_kernel(sk, xk, True)[2, 8](n, *tabs, 0, 2, cuda.to_device(no_flag))
+    ema_cpu.copy_kernel(sk, xk, True, False)(n, cpu_tab, cpu_addr, off, cs, cb, 0, 2, no_flag)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
 
 

@@ -53,7 +53,7 @@ def test_lerp_compiles(sk, xk):
 def test_swap_copy_nonfinite_compile(sk, xk, mode):
     compile_(ema_cuda.swap_kernel(sk, xk, mode), TABLES + (T.int64,))
     for to_shadow in (True, False):
-        compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64))
+        compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64, A(T.int32)))
     compile_(ema_cuda.nonfinite_kernel(xk), TABLES[2:] + (A(T.int32),))
 
 

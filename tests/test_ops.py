@@ -203,8 +203,8 @@ def _untouched(*arrays):
 
 @pytest.mark.parametrize("call,match", [
     (lambda s, x: fastema.ema_update_(s, x[:-1], decay=0.9), r"src has shape \(99,\) so shadow must have shape"),
-    (lambda s, x: fastema.ema_update_(s, x.double(), decay=0.9), "dtype torch.float64"),
-    (lambda s, x: fastema.ema_update_(s.double(), x, decay=0.9), "dtype torch.float64"),
+    (lambda s, x: fastema.ema_update_(s, x.to(torch.complex64), decay=0.9), "dtype torch.complex64"),
+    (lambda s, x: fastema.ema_update_(s.to(torch.complex64), x, decay=0.9), "dtype torch.complex64"),
     (lambda s, x: fastema.ema_update_(s, x.int(), decay=0.9), "dtype torch.int32"),
     (lambda s, x: fastema.ema_update_(s, x, decay=1.5), r"decay must be in \[0, 1\], got 1.5"),
     (lambda s, x: fastema.ema_update_(s, x, decay=-0.1), r"decay must be in \[0, 1\]"),
@@ -218,7 +218,8 @@ def _untouched(*arrays):
     (lambda s, x: fastema.ema_update_(s, x, decay=0.9, rounding="up"), "'nearest' or 'stochastic'"),
     (lambda s, x: fastema.ema_update_(s, x, decay=0.9, skip_if=torch.zeros(1)), "int32"),
     (lambda s, x: fastema.ema_update_(s, [1.0] * 100, decay=0.9), "must be an array"),
-    (lambda s, x: fastema.ema_update_(s.view(10, 10).t(), x.view(10, 10), decay=0.9), "not contiguous"),
+    (lambda s, x: fastema.ema_update_(s.view(10, 10).t(), x.view(10, 10), decay=0.9), "laid out differently"),
+    (lambda s, x: fastema.ema_update_(s[::2], x[::2], decay=0.9), "not dense"),
     (lambda s, x: fastema.ema_update_(s, s, decay=0.9), "share memory"),
     (lambda s, x: fastema.ema_update_multi_(s.view(1, 100), x, [0.9] * 9), "at most 8"),
     (lambda s, x: fastema.ema_update_multi_(s.view(2, 50), x[:50], [0.9]), r"shape \(1, 50\)"),

@@ -128,6 +128,12 @@ class _ModelAverage:
 
     def _select(self, model):
         averaged, copied = {}, {}
+        wrapped = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module." in n]
+        if wrapped:
+            raise TypeError(f"the model is wrapped by FSDP1 (FullyShardedDataParallel; {wrapped[0]!r}): its "
+                            f"parameters are rank-dependent pieces of flat parameters. Use FSDP2 "
+                            f"(torch.distributed.fsdp.fully_shard), or make the EMA of an unwrapped copy of "
+                            f"the model. Nothing was written.")
         for name, p in model.named_parameters():
             name = normalize_name(name)
             if _matches(name, self.exclude):
