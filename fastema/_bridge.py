@@ -4,6 +4,8 @@ step and checkpoints of a FlatShadow's averages as NumPy arrays, validated befor
 anything is loaded."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from . import schedules as S
@@ -11,13 +13,25 @@ from . import schedules as S
 
 def init_plan(ema, decay, *, shadow_dtype: str, rounding: str, seed: int, skip_nonfinite: bool, **plan) -> None:
     """Check the shadow options and give ``ema`` its :class:`fastema.schedules.Plan` and settings."""
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and shadow_dtype != "bfloat16":
-        raise ValueError("rounding='stochastic' is for shadow_dtype='bfloat16'")
+    problems = []
+    check_shadow_settings(shadow_dtype, rounding, seed, problems)
+    if problems:
+        raise ValueError(problems[0])
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
     ema.plan = S.Plan(decay, **plan)
     ema.shadow_dtype, ema.rounding, ema.seed = shadow_dtype, rounding, seed
     ema.skip_nonfinite = skip_nonfinite
+
+
+def check_shadow_settings(shadow_dtype, rounding, seed, problems: list) -> None:
+    """Append what is wrong with a shadow dtype / rounding / seed combination to ``problems``."""
+    if rounding not in ("nearest", "stochastic"):
+        problems.append(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    elif rounding == "stochastic" and shadow_dtype != "bfloat16":
+        problems.append("rounding='stochastic' is for shadow_dtype='bfloat16'")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+        problems.append(f"seed must be an int in [0, 2**64), got {seed!r}")
 
 
 class FrameworkEMA:
@@ -83,6 +97,10 @@ def load_averages(ema, state, fmt: str, version: int, shapes: list) -> None:
         raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported (expected {version})")
     problems: list[str] = []
     ema.plan.check_state(state, problems)
+    if "rounding" not in state or "seed" not in state:
+        problems.append("no 'rounding' or 'seed'")
+    else:
+        check_shadow_settings(ema.shadow_dtype, state["rounding"], state["seed"], problems)
     saved = state.get("averaged")
     if not isinstance(saved, dict):
         problems.append("no 'averaged' arrays")

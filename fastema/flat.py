@@ -416,6 +416,14 @@ class WindowShadow(FlatShadow):
                                          g.device, g.stream).shadow_addr
         self.push()
 
+    def restart(self) -> None:
+        """Empty the window and push the sources as its first snapshot."""
+        self._not_swapped("restart()")
+        for g in self._groups:
+            zero_(g.buffer)
+        self.pushes = 0
+        self.push()
+
     @property
     def count(self) -> int:
         """Snapshots in the window now (at most ``window``)."""

@@ -184,10 +184,10 @@ class WeightEMA(keras.callbacks.Callback):
 
     def _torch_ema(self):
         # Keras layers are torch modules here: average the trainable variables, copy the others along.
-        from .torch import EMA, normalize_name
+        from .torch import EMA
 
         model = self.model
-        named = {normalize_name(n): p for n, p in model.named_parameters()}
+        named = dict(model.named_parameters())
         by_id = {id(p): n for n, p in named.items()}
         frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
         kwargs = dict(self.ema_kwargs)

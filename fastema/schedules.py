@@ -6,14 +6,26 @@ syncs a device. Every schedule has ``state()`` and ``from_state()`` for checkpoi
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 __all__ = ["Constant", "NumUpdates", "PowerWarmup", "Plan", "from_state", "debiased_weight"]
 
 
 def _check_decay(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+
+
+def _check_count(name, value, least=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+def check_step(step) -> int:
+    """A training step given to update(): an int >= 0."""
+    _check_count("step", step)
+    return int(step)
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,7 @@ class PowerWarmup:
     warmup: bool = True
 
     def __post_init__(self):
-        _check_decay("decay", self.decay)
-        _check_decay("min_decay", self.min_decay)
-        if not self.inv_gamma > 0 or not self.power > 0:
-            raise ValueError(f"inv_gamma and power must be > 0, got {self.inv_gamma!r}, {self.power!r}")
-        if self.update_after_step < 0:
-            raise ValueError(f"update_after_step must be >= 0, got {self.update_after_step!r}")
+        check_power_args(self.decay, self.min_decay, self.inv_gamma, self.power, self.update_after_step)
 
     def __call__(self, n: int) -> float:
         s = max(0, n - self.update_after_step - 1)
@@ -84,6 +91,16 @@ class PowerWarmup:
 
     def state(self) -> dict:
         return {"kind": "power_warmup", **asdict(self)}
+
+
+def check_power_args(decay, min_decay, inv_gamma, power, update_after_step) -> None:
+    """The arguments of :class:`PowerWarmup`, checked whatever the warm-up (a typo is an error)."""
+    _check_decay("decay", decay)
+    _check_decay("min_decay", min_decay)
+    for name, v in (("inv_gamma", inv_gamma), ("power", power)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) > 0 or v != v or v == float("inf"):
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+    _check_count("update_after_step", update_after_step)
 
 
 _KINDS = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup}
@@ -143,8 +160,10 @@ class Plan:
             raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
         if warmup not in (None, "num_updates", "power"):
             raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        _check_count("update_every", update_every, 1)
+        for d in decays:
+            _check_decay("decay", d)
+        check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
         if warmup is None:
             self.schedules = [Constant(d) for d in decays]
         elif warmup == "num_updates":
@@ -182,7 +201,7 @@ class Plan:
         """``(n, weights, pending)`` for the update about to be made; ``n`` is the schedule's
         step (``step`` if given, else the update count). Pass ``pending`` to :meth:`commit`
         once the update has been launched, so a refused update changes nothing."""
-        n = self.updates + 1 if step is None else int(step)
+        n = self.updates + 1 if step is None else check_step(step)
         weights, decays, norms = [], [], list(self.norms)
         for i in range(self.rows):
             d = self.decay_at(i, n)
@@ -213,8 +232,18 @@ class Plan:
             return
         try:
             [from_state(s) for s in saved]
-            int(state["updates"]), int(state["calls"]), [float(x) for x in state["norms"]]
-        except (KeyError, TypeError, ValueError) as err:
+            _check_count("updates", state["updates"])
+            _check_count("calls", state["calls"])
+            _check_count("update_every", state["update_every"], 1)
+            norms = [float(x) for x in state["norms"]]
+            if len(norms) != self.rows:
+                raise ValueError(f"{len(norms)} norms for {self.rows} decays")
+            for key in ("compensate", "debias"):
+                if not isinstance(state[key], bool):
+                    raise ValueError(f"{key} must be a bool, got {state[key]!r}")
+        except KeyError as err:
+            problems.append(f"schedule state has no {err.args[0]!r}")
+        except (TypeError, ValueError) as err:
             problems.append(f"schedule state unreadable ({err})")
 
     def load_state(self, state: dict) -> None:

@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import io
+import operator
 import os
+import shutil
 import tempfile
+import warnings
 import weakref
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .._bridge import init_plan
+from .._bridge import check_shadow_settings, init_plan
 from ..flat import FlatShadow, WindowShadow
 
 __all__ = ["EMA", "WindowAverage", "normalize_name"]
@@ -62,7 +66,26 @@ def _on_registration(module, name, value):
     if emas:
         for ema in emas:
             ema._stale = True
+    if name == "module" and isinstance(value, nn.Module) and type(module).__name__ == "DistributedDataParallel":
+        _wrapped_in_ddp(value)
     return None
+
+
+def _wrapped_in_ddp(model: nn.Module) -> None:
+    # DistributedDataParallel(model) broadcasts rank 0's weights into the model in place right
+    # after this registration. An average made before that holds this rank's own initial
+    # weights, so the ranks' averages would differ for good: start them over from the
+    # broadcast weights before the next read. After updates were made, the averages are kept
+    # and a warning says the ranks may differ.
+    for m in model.modules():
+        for ema in list(_WATCHED.get(m, ())):
+            if ema._fresh():
+                ema._resync = True
+            else:
+                warnings.warn(f"{type(ema).__name__} was made and updated before the model was wrapped in "
+                              f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
+                              f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
+                              stacklevel=4)
 
 
 def _watch(model: nn.Module, ema) -> None:
@@ -82,10 +105,50 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _patterns(what: str, value) -> tuple[str, ...]:
+    """``exclude=`` / ``copy=`` as a tuple of fnmatch patterns; a single str is one pattern."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of name patterns, e.g. {what}=['head.*'], "
+                        f"got {type(value).__name__}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{what} must hold name patterns (str), got {bad[0]!r}")
+    return patterns
+
+
+def _storage_key(t: torch.Tensor):
+    """Where a tensor's elements are: equal keys mean the same memory in the same layout (a tied
+    or aliased tensor under another name). None for a tensor with no memory to compare."""
+    if not t.numel() or t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter):
+        return None
+    return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
+
+
+def _match_names(saved: dict, wanted: Sequence[str]) -> tuple[dict, list[str]]:
+    """``wanted name -> saved value``: exact names first, then names with DDP / torch.compile
+    prefixes stripped (checkpoints of a wrapped model). Returns ``(matched, unused saved keys)``."""
+    matched = {n: saved[n] for n in wanted if n in saved}
+    unused = [k for k in saved if k not in matched]
+    for k in list(unused):
+        n = normalize_name(k)
+        if n != k and n in wanted and n not in matched:
+            matched[n] = saved[k]
+            unused.remove(k)
+    return matched, unused
+
+
 class _ModelAverage:
     """What every model-level average shares: which tensors are averaged or copied, the flat
     shadow, following a changed model, swap / copy-out / export, and checkpoints. Subclasses
-    make the shadow and define ``update()`` and their extra checkpoint state."""
+    make the shadow and define ``update()``, ``_restart()`` and their extra checkpoint state."""
 
     _format = ""
 
@@ -95,36 +158,28 @@ class _ModelAverage:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
-        self.buffers, self.exclude, self.copy_patterns = buffers, tuple(exclude), tuple(copy)
+        self.buffers = buffers
+        self.exclude, self.copy_patterns = _patterns("exclude", exclude), _patterns("copy", copy)
         self.model = model
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
-        averaged, copied = self._select(model)
+        averaged, copied = self._select(_unwrap(model))
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average "
                              "(check exclude= and copy=)")
         self._names = (list(averaged), list(copied))
         self._avg = make_shadow(averaged)
         self._copy = FlatShadow(copied, dtype="same") if copied else None
+        if self._copy is not None:                     # no memory in both groups (a buffer viewing a weight)
+            _disjoint_groups(self._avg, self._copy)
         self.calls = 0                          # update() calls
         self._stale = False
+        self._resync = False                    # the model was wrapped in DDP after construction
         self._backup = None                     # raw weights during a lossy swap (float16 models)
         self._swapped_row: int | None = None
+        self._slots = self._owner_slots()
         _watch(_unwrap(model), self)
 
-    def _copy_buffers(self) -> None:
-        if self._copy is not None:
-            self._copy.copy_from_sources()
-        for src, dst in self._int_buffers.values():
-            dst.copy_(src)
-
-    def _due(self, every: int) -> bool:
-        """Count a call of update(); True when this one updates (the first, then every k-th)."""
-        self._not_swapped("update()")
-        due = self.calls % every == 0
-        if due and self._stale:
-            self._rebind()                      # may refuse: then nothing is counted or written
-        self.calls += 1
-        return due
+    # ------------------------------------------------------------ which tensors
 
     def _select(self, model):
         averaged, copied = {}, {}
@@ -134,25 +189,104 @@ class _ModelAverage:
                             f"parameters are rank-dependent pieces of flat parameters. Use FSDP2 "
                             f"(torch.distributed.fsdp.fully_shard), or make the EMA of an unwrapped copy of "
                             f"the model. Nothing was written.")
-        for name, p in model.named_parameters():
-            name = normalize_name(name)
-            if _matches(name, self.exclude):
-                continue
-            if not p.is_floating_point():           # integer parameters travel with the integer buffers
-                self._int_buffers[name] = (p, p.detach().clone())
-            else:
-                (copied if _matches(name, self.copy_patterns) else averaged)[name] = p
-        for name, b in model.named_buffers():
-            name = normalize_name(name)
-            if _matches(name, self.exclude) or (b.is_floating_point() and self.buffers == "ignore"):
-                continue
-            if b.is_floating_point() and self.buffers == "average" and not _matches(name, self.copy_patterns):
-                averaged[name] = b
-            elif b.is_floating_point():
-                copied[name] = b
-            else:
-                self._int_buffers[name] = (b, b.detach().clone())
+        seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if _matches(name, self.exclude):
+                    continue
+                key = _storage_key(t)
+                if key is not None and key in seen:
+                    continue                    # the same memory under another name: exported under both
+                if key is not None:
+                    seen[key] = name
+                if t.is_complex():
+                    if not _matches(name, self.copy_patterns):
+                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages real "
+                                        f"floating tensors; list it in copy= to carry its latest value, or "
+                                        f"exclude= it")
+                    self._int_buffers[name] = (t, t.detach().clone())
+                elif not t.is_floating_point():   # integer tensors travel as copies
+                    self._int_buffers[name] = (t, t.detach().clone())
+                elif kind == "buffer" and self.buffers == "ignore":
+                    continue
+                elif _matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
+                    copied[name] = t
+                else:
+                    averaged[name] = t
         return averaged, copied
+
+    def _owner_slots(self):
+        """(the owning module's _parameters or _buffers dict, key, tensor) of every tracked tensor, for
+        the per-step check that the model still holds the tensors the shadow reads (H3)."""
+        inner = _unwrap(self.model)
+        params = {n for n, _ in inner.named_parameters()}
+        named = dict(inner.named_parameters())
+        named.update(inner.named_buffers())
+        slots = []
+        for name in self._names[0] + self._names[1] + list(self._int_buffers):
+            prefix, _, key = name.rpartition(".")
+            owner = inner.get_submodule(prefix) if prefix else inner
+            table = owner._parameters if name in params else owner._buffers
+            slots.append((table, key, named[name]))
+        return tuple(zip(*slots)) if slots else ((), (), ())
+
+    def _model_changed(self) -> bool:
+        # One dict lookup per tensor (~70 ns): parameters written into _parameters without torch's
+        # registration hooks (model.to("meta"), overwrite-on-conversion, direct writes) are seen here.
+        tables, keys, tensors = self._slots
+        return self._stale or not all(map(operator.is_, map(dict.get, tables, keys), tensors))
+
+    def _follow(self) -> None:
+        """Before reading or writing the model: follow re-registered tensors (or refuse before
+        anything is written), and start over from the model after a DDP wrap (see _on_registration)."""
+        if self._model_changed():
+            self._rebind()
+        if self._resync:
+            self._resync = False
+            self._restart()
+
+    def _restart(self) -> None:
+        """Start the averages over from the model's current weights (the model was wrapped in DDP,
+        which broadcast rank 0's weights into it)."""
+        raise NotImplementedError
+
+    def _fresh(self) -> bool:
+        """True while nothing but the construction went into the averages (a restart loses nothing)."""
+        return self.calls == 0 and not self.swapped
+
+    def _copy_buffers(self, flags: dict | None = None) -> None:
+        if self._copy is not None:
+            self._copy.copy_from_sources(skip_if=flags)
+        for src, dst in self._int_buffers.values():
+            flag = flags.get(_device_name(dst)) if flags else None
+            if flag is None:
+                dst.copy_(src)
+            else:                               # the guard: keep the old value on a diverged step, no sync
+                dst.copy_(torch.where(flag.to(dst.device) != 0, dst, src))
+
+    def _scan(self) -> dict:
+        """Non-finite flags over every averaged and copied floating tensor (device values, no sync)."""
+        flags = self._avg.scan_nonfinite()
+        if self._copy is not None:
+            flags = self._copy.scan_nonfinite(flags)
+        return flags
+
+    def _begin(self, every: int) -> bool:
+        """Checks before an update; True when this call updates (the first, then every k-th). The call
+        is counted by _end(), so a refused update changes nothing."""
+        self._not_swapped("update()")
+        due = self.calls % every == 0
+        if due:
+            self._follow()                      # may refuse: then nothing is counted or written
+            self._avg._refresh()                # every group checked before the first launch
+            if self._copy is not None:
+                self._copy._refresh()
+        else:
+            self.calls += 1
+        return due
+
+    def _end(self) -> None:
+        self.calls += 1
 
     @property
     def swapped(self) -> bool:
@@ -161,22 +295,34 @@ class _ModelAverage:
     def _rebind(self) -> None:
         # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
         # follow the new tensors if they fit the shadow, else refuse before writing anything.
-        named = {normalize_name(n): t for n, t in
-                 list(self.model.named_parameters()) + list(self.model.named_buffers())}
+        inner = _unwrap(self.model)
+        named = dict(inner.named_parameters())
+        named.update(inner.named_buffers())
         wanted = self._names[0] + self._names[1] + list(self._int_buffers)
         missing = [n for n in wanted if n not in named]
         if missing:
             raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
                              f"make a new EMA for the new model. Nothing was updated.")
+        for n, (_, copy_) in self._int_buffers.items():
+            if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
+                raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
+                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
+        old = self._avg._sources
         self._avg.rebind({n: named[n] for n in self._names[0]})
         if self._copy is not None:
-            self._copy.rebind({n: named[n] for n in self._names[1]})
+            try:
+                self._copy.rebind({n: named[n] for n in self._names[1]})
+                _disjoint_groups(self._avg, self._copy)
+            except Exception:
+                self._avg.rebind(old)
+                raise
         for n, (_, copy_) in list(self._int_buffers.items()):
-            if named[n].shape != copy_.shape:
-                raise ValueError(f"buffer {n!r} changed shape from {tuple(copy_.shape)} to "
-                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
             self._int_buffers[n] = (named[n], copy_)
-        _watch(_unwrap(self.model), self)               # new submodules are watched too
+        self._slots = self._owner_slots()
+        self._stale = False
+        _watch(inner, self)                      # new submodules are watched too
+
+    # ------------------------------------------------------------ swap and export
 
     def swap(self, row: int = 0) -> None:
         """Put average ``row`` into the model in place; call again to put the raw weights back.
@@ -184,16 +330,27 @@ class _ModelAverage:
         In place with no model-sized temporary when the shadow keeps an exact swap
         (equal dtypes, or float32 shadow and bfloat16 weights). float16 weights with a
         float32 shadow are backed up once instead (a float16-sized buffer), so the
-        float32 average is never rounded.
+        float32 average is never rounded. Every tensor is checked before the first one is
+        written, so a refused swap leaves the model and the averages as they were.
         """
         if self._swapped_row is not None and row != self._swapped_row:
             raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
         swapping_in = self._swapped_row is None
-        if self._lossy_swap():
+        if swapping_in:
+            self._avg._check_row(row)
+            self._follow()
+        lossy = self._lossy_swap()
+        if not lossy:
+            self._avg.swap_modes()
+        self._avg.check_sources()                      # every group checked before any write
+        if self._copy is not None:
+            self._copy.check_sources()
+        if lossy:
             if swapping_in:
                 if self._backup is None:
                     self._backup = FlatShadow(dict(zip(self._avg.names, self._avg._sources)), dtype="same")
                 else:
+                    self._backup.rebind(dict(zip(self._avg.names, self._avg._sources)))
                     self._backup.copy_from_sources()
                 self._avg.copy_to_sources(row)
             else:
@@ -201,7 +358,14 @@ class _ModelAverage:
         else:
             self._avg.swap(row)
         if self._copy is not None:
-            self._copy.swap()
+            try:
+                self._copy.swap()
+            except BaseException:                      # put the averaged group back as it was
+                if lossy:
+                    self._backup.copy_to_sources() if swapping_in else self._avg.copy_to_sources(row)
+                else:
+                    self._avg.swap(row)
+                raise
         self._swapped_row = row if swapping_in else None
 
     def _not_swapped(self, what: str) -> None:
@@ -217,7 +381,14 @@ class _ModelAverage:
     @contextlib.contextmanager
     def average_parameters(self, row: int = 0) -> Iterator[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
-        (also when the block raises)."""
+        (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
+        row it leaves the weights as they are, and the outer one swaps back."""
+        if self._swapped_row is not None:
+            if row != self._swapped_row:
+                raise RuntimeError(f"average {self._swapped_row} is swapped in; average {row} cannot be "
+                                   f"swapped in inside that block")
+            yield self.model
+            return
         self.swap(row)
         try:
             yield self.model
@@ -225,43 +396,79 @@ class _ModelAverage:
             self.swap(row)
 
     def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
-        """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training."""
+        """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
+
+        Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
+        are looked through); anything else raises before a tensor is written.
+        """
         if model is None or model is self.model:
+            self._not_swapped("copy_to()")
+            self._follow()
+            self._avg.check_sources()
+            if self._copy is not None:
+                self._copy.check_sources()
             self._avg.copy_to_sources(row)
             if self._copy is not None:
                 self._copy.copy_to_sources()
             return
-        model.load_state_dict(self.averaged_state_dict(row), strict=False)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        state = self.averaged_state_dict(row)
+        target = _unwrap(model)
+        theirs = target.state_dict(keep_vars=True)
+        missing = [k for k in theirs if k not in state]
+        extra = [k for k in state if k not in theirs]
+        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(theirs[k].shape)}" for k in state
+                 if k in theirs and tuple(state[k].shape) != tuple(theirs[k].shape)]
+        if missing or extra or wrong:
+            raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
+        target.load_state_dict(state, strict=True)
 
     def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
-        """A model-style state dict of the averaged weights (the model's dtypes and names,
-        prefixes stripped): what ``model.load_state_dict`` takes."""
+        """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
+        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
+        of a tied or aliased tensor gets its average."""
         self._not_swapped("averaged_state_dict()")
+        self._avg._check_row(row)
+        self._follow()
+        self._avg.check_sources()                       # a same-address reshape or cast is named here
+        if self._copy is not None:
+            self._copy.check_sources()
+        tracked = {}
+        for n in self._avg.names:
+            tracked[n] = lambda n=n: self._avg.view(n, row)
+        for n in (self._copy.names if self._copy is not None else []):
+            tracked[n] = lambda n=n: self._copy.view(n)
+        for n in self._int_buffers:
+            tracked[n] = lambda n=n: self._int_buffers[n][1]
+        inner = _unwrap(self.model)
+        own = dict(inner.named_parameters(remove_duplicate=False))
+        own.update(inner.named_buffers(remove_duplicate=False))
+        by_key = {_storage_key(own[n]): n for n in tracked if n in own and _storage_key(own[n]) is not None}
         out = {}
-        for name, t in self._raw_named():
-            if name in self._avg._index:
-                out[name] = self._avg.view(name, row).to(t.dtype, copy=True)
-            elif self._copy is not None and name in self._copy._index:
-                out[name] = self._copy.view(name).clone()
-            elif name in self._int_buffers:
-                out[name] = self._int_buffers[name][1].clone()
+        for name, t in inner.state_dict(keep_vars=True).items():
+            source = name if name in tracked else by_key.get(_storage_key(t))
+            if source is None:
+                out[name] = t.detach().clone()             # excluded: the model's own value
             else:
-                out[name] = t.detach().clone()                     # excluded: the model's own value
+                out[name] = tracked[source]().to(t.dtype, copy=True)
         return out
-
-    def _raw_named(self):
-        m = _unwrap(self.model)
-        return list(m.state_dict(keep_vars=True).items())
 
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        state = self.averaged_state_dict(row)
         clone = copy.deepcopy(_unwrap(self.model))
-        clone.load_state_dict(self.averaged_state_dict(row))
+        clone.load_state_dict(state)
         return clone
+
+    # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: averages keyed by name, counters, settings."""
         self._not_swapped("state_dict()")
+        if self._resync:                                 # a DDP wrap since construction: start over first
+            self._follow()
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             # views of the flat buffers, as nn.Module.state_dict() returns views: no model-sized copy
@@ -283,33 +490,46 @@ class _ModelAverage:
         self._not_swapped("load_state_dict()")
         rows = self._avg.rows
         problems = []
+        loads = []                                   # (destination view, value), written only if all is well
         copied_names = self._copy.names if self._copy else []
-        for key, names, shape_of in (("averaged", self._avg.names, lambda n: (rows, *self._avg.view(n).shape)),
-                                     ("copied", copied_names, lambda n: tuple(self._copy.view(n).shape))):
-            saved = {normalize_name(k): v for k, v in state.get(key, {}).items()}
-            missing = [n for n in names if n not in saved]
-            extra = [n for n in saved if n not in names]
+        groups = (("averaged", self._avg.names, lambda n: self._avg.view(n, None), True),
+                  ("copied", copied_names, lambda n: self._copy.view(n), False),
+                  ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False))
+        for key, names, view_of, finite in groups:
+            saved = state.get(key, {})
+            if not isinstance(saved, dict):
+                problems.append(f"{key} is a {type(saved).__name__}, expected a dict of tensors")
+                continue
+            matched, unused = _match_names(saved, names)
+            missing = [n for n in names if n not in matched]
             if missing:
                 problems.append(f"{key} missing {missing[:5]}")
-            if extra and strict:
-                problems.append(f"{key} unexpected {extra[:5]}")
-            for n in names:
-                if n in saved and tuple(saved[n].shape) != tuple(shape_of(n)):
-                    problems.append(f"{key} {n!r} has shape {tuple(saved[n].shape)}, expected {tuple(shape_of(n))}")
+            if unused and strict:
+                problems.append(f"{key} unexpected {unused[:5]}")
+            for n, value in matched.items():
+                dst = view_of(n)
+                if not isinstance(value, torch.Tensor):
+                    problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
+                elif tuple(value.shape) != tuple(dst.shape):
+                    problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(dst.shape)}")
+                elif value.device.type == "meta":
+                    problems.append(f"{key} {n!r} is a meta tensor (no values)")
+                elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
+                    problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
+                elif finite and not bool(torch.isfinite(value).all()):
+                    problems.append(f"{key} {n!r} holds inf or NaN")
+                else:
+                    loads.append((dst, value))
+        calls = state.get("calls")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            problems.append(f"calls must be an int >= 0, got {calls!r}")
         self._check_extra(state, problems)
         if problems:
             raise ValueError(f"{kind} checkpoint does not match this model: " + "; ".join(problems) +
                              ". Nothing was loaded.")
-        averaged = {normalize_name(k): v for k, v in state["averaged"].items()}
-        for n in self._avg.names:
-            for r in range(rows):
-                self._avg.view(n, r).copy_(averaged[n][r])
-        copied = {normalize_name(k): v for k, v in state.get("copied", {}).items()}
-        for n in (self._copy.names if self._copy else []):
-            self._copy.view(n).copy_(copied[n])
-        for n, v in state.get("int_buffers", {}).items():
-            if n in self._int_buffers:
-                self._int_buffers[n][1].copy_(v)
+        with torch.no_grad():
+            for dst, value in loads:
+                dst.copy_(value)
         self.calls = int(state["calls"])
         self._load_extra(state)
 
@@ -326,30 +546,84 @@ class _ModelAverage:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
 
         ``model.load_state_dict(torch.load(path))`` loads it; a ``.safetensors`` path is
-        written with safetensors (which must be installed).
+        written with safetensors (which must be installed). The file gets the mode
+        ``torch.save`` would give it (0666 less the umask); temporary files left by a save
+        that was killed are removed by the next save to the same path.
         """
         path = os.fspath(path)
         weights = {k: v.detach().contiguous() for k, v in self.averaged_state_dict(row).items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".fastema-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if path.endswith(".safetensors"):
-                    try:
-                        from safetensors.torch import save
-                    except ImportError:
-                        raise ImportError("saving .safetensors needs the safetensors package "
-                                          "(pip install safetensors)") from None
-                    f.write(save({k: v.cpu() for k, v in weights.items()}))
-                else:
-                    torch.save(weights, f)
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import save as to_bytes
+            except ImportError:
+                raise ImportError("saving .safetensors needs the safetensors package "
+                                  "(pip install safetensors)") from None
+            data = to_bytes({k: v.cpu() for k, v in weights.items()})
+        else:
+            buf = io.BytesIO()
+            torch.save(weights, buf)
+            data = buf.getbuffer()
+        _atomic_write(path, data)
+
+
+_TMP_PREFIX = ".fastema-"
+
+
+def _atomic_write(path: str, data) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    _remove_stale_temporaries(directory, base)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{base}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            try:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            except OSError as err:
+                free = shutil.disk_usage(directory).free
+                raise OSError(err.errno, f"could not write {path!r} ({len(data)} bytes, {free} bytes free on "
+                                         f"its disk): {err.strerror}; the previous file is unchanged") from err
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_stale_temporaries(directory: str, base: str) -> None:
+    # Saves killed mid-write leave .fastema-<name>.<pid>.*.tmp behind; remove those whose process is gone.
+    prefix = f"{_TMP_PREFIX}{base}."
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+                continue
+            pid = entry[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
+    from .._arrays import describe, disjoint
+
+    bufs = [describe(t, n) for n, t in zip(a.names, a._sources)] + \
+           [describe(t, n) for n, t in zip(b.names, b._sources)]
+    disjoint(bufs, [repr(n) for n in a.names] + [repr(n) for n in b.names])
 
 
 class EMA(_ModelAverage):
@@ -416,13 +690,18 @@ class EMA(_ModelAverage):
         Args:
             step: the training step for the schedule; defaults to the number of updates made.
         """
-        if not self._due(self.update_every):
+        n, weights, pending = self.plan.weights(step)     # checks step before anything else
+        if not self._begin(self.update_every):
             return
-        n, weights, pending = self.plan.weights(step)
-        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
-                         skip_nonfinite=self.skip_nonfinite)
-        self._copy_buffers()
+        flags = self._scan() if self.skip_nonfinite else None
+        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n, skip_if=flags)
+        self._copy_buffers(flags)
         self.plan.commit(pending)
+        self._end()
+
+    def _restart(self) -> None:
+        self._avg.copy_from_sources()
+        self._copy_buffers()
 
     def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """Alias of :meth:`averaged_state_dict`."""
@@ -433,6 +712,10 @@ class EMA(_ModelAverage):
 
     def _check_extra(self, state: dict, problems: list) -> None:
         self.plan.check_state(state, problems)
+        if "rounding" not in state or "seed" not in state:
+            problems.append("no 'rounding' or 'seed'")
+        else:
+            check_shadow_settings(self.shadow_dtype, state["rounding"], state["seed"], problems)
 
     def _load_extra(self, state: dict) -> None:
         self.plan.load_state(state)
@@ -487,7 +770,7 @@ class WindowAverage(_ModelAverage):
     @torch.no_grad()
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
-        if not self._due(self.every):
+        if not self._begin(self.every):
             return
         if self.window is None:
             self._avg.update(weight=1.0 / (self.snapshots + 1))
@@ -495,6 +778,15 @@ class WindowAverage(_ModelAverage):
             self._avg.push()
         self._copy_buffers()
         self.snapshots += 1
+        self._end()
+
+    def _restart(self) -> None:
+        if self.window is None:
+            self._avg.copy_from_sources()
+        else:
+            self._avg.restart()
+        self._copy_buffers()
+        self.snapshots = 1
 
     def _extra_state(self) -> dict:
         state = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
@@ -508,18 +800,27 @@ class WindowAverage(_ModelAverage):
         if (state.get("window"), state.get("ring_dtype")) != (self.window, self.ring_dtype):
             problems.append(f"checkpoint window/ring_dtype {state.get('window')!r}/{state.get('ring_dtype')!r}, "
                             f"this average {self.window!r}/{self.ring_dtype!r}")
-        elif self.window is not None:
-            ring = {normalize_name(k): v for k, v in state.get("ring", {}).items()}
+            return
+        counts = [("snapshots", 1), ("every", 1)] + ([("pushes", 1)] if self.window is not None else [])
+        for key, least in counts:
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                problems.append(f"{key} must be an int >= {least}, got {v!r}")
+        if self.window is not None:
+            ring = state.get("ring")
+            matched = _match_names(ring, self._avg.names)[0] if isinstance(ring, dict) else {}
             for n in self._avg.names:
-                if n not in ring or tuple(ring[n].shape) != tuple(self._avg.ring_view(n).shape):
+                v = matched.get(n)
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(self._avg.ring_view(n).shape):
                     problems.append(f"ring {n!r} missing or of another shape")
 
     def _load_extra(self, state: dict) -> None:
         self.snapshots, self.every = int(state["snapshots"]), int(state["every"])
         if self.window is not None:
-            ring = {normalize_name(k): v for k, v in state["ring"].items()}
-            for n in self._avg.names:
-                self._avg.ring_view(n).copy_(ring[n])
+            ring = _match_names(state["ring"], self._avg.names)[0]
+            with torch.no_grad():
+                for n in self._avg.names:
+                    self._avg.ring_view(n).copy_(ring[n])
             self._avg.pushes = int(state["pushes"])
 
     def __repr__(self) -> str:
