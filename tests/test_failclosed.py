@@ -4,6 +4,7 @@ name with what to do, before anything is written, at construction and at every r
 
 Each former crash (a segfault at 3c5c42b) runs in its own process: a regression fails the
 test instead of killing the test run."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,10 @@ CASES = {
         "m = nn.Linear(512, 512); e = EMA(m, 0.9); avg = e.state_dict()['averaged']['weight']\n"
         "with torch.no_grad(): m.weight.untyped_storage().resize_(16)\n"
         "refused(e.swap, avg)", "holds 16 bytes"),
+    "registered_replacement_with_freed_storage": (
+        "m = nn.Linear(8, 8); e = EMA(m, 0.5); avg = e.state_dict()['averaged']['weight']\n"
+        "m.weight = nn.Parameter(torch.zeros(8, 8)); m.weight.untyped_storage().resize_(0)\n"
+        "refused(e.update, avg); assert e.calls == 0 and e.updates == 0", "was freed"),
     "views_of_a_freed_flat_buffer": (
         "flat = torch.zeros(4 * 64 + 64); w = nn.Parameter(flat[:256].view(4, 64)); b = nn.Parameter(flat[256:])\n"
         "f = fastema.FlatShadow([w, b]); flat.untyped_storage().resize_(0)\n"
@@ -111,20 +116,6 @@ def test_fsdp1_parameters_and_names_are_refused():
 
     with pytest.raises(TypeError, match="FSDP1"):
         EMA(Wrapped(), 0.9)
-
-
-def test_rebind_to_a_freed_or_foreign_tensor_is_refused_and_nothing_changes():
-    m = nn.Linear(8, 8)
-    ema = EMA(m, 0.5)
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
-    m.weight = nn.Parameter(torch.zeros(8, 8))
-    m.weight.untyped_storage().resize_(0)              # a registered replacement with no memory
-    with pytest.raises(ValueError, match="was freed"):
-        ema.update()
-    assert all(torch.equal(before[k], v) for k, v in ema.state_dict()["averaged"].items())
-    assert ema.calls == 0 and ema.updates == 0
 
 
 @pytest.mark.parametrize("make,match", [
@@ -184,19 +175,24 @@ def test_layout_cache_follows_length_and_dtype_at_one_address():
     assert torch.equal(ub, ref)
 
 
-def test_layout_cache_keeps_no_model_alive():
-    # M7: deleted models' storages are freed; the cache holds numbers only
-    import gc
-    import weakref
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
-    refs = []
-    for _ in range(5):
-        m = nn.Linear(256, 256)
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
+def test_layout_cache_keeps_no_model_alive():
+    # M7: ModelEmaV3 / ema_update_many_ over models that are then deleted: their memory goes back
+    # (at 3c5c42b the cache pinned the last 32 models' storages: +400 MiB here)
+    import gc
+
+    gc.collect()
+    before = _rss_mib()
+    for _ in range(10):
+        m = nn.Linear(3200, 3200)                      # 40 MiB of weights, twice with the EMA copy
         ema = ModelEmaV3(m, decay=0.9)
         ema.update(m)
-        a = [torch.zeros(64)]
-        fastema.ema_update_many_(a, [torch.ones(64)], 0.5)
-        refs += [weakref.ref(m.weight), weakref.ref(ema.module.weight), weakref.ref(a[0])]
-        del m, ema, a
-    gc.collect()
-    assert all(r() is None for r in refs)
+        fastema.ema_update_many_(list(ema.module.parameters()), list(m.parameters()), 0.5)
+        del m, ema
+        gc.collect()
+    assert _rss_mib() - before < 150

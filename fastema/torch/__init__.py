@@ -262,7 +262,7 @@ class _ModelAverage:
             if flag is None:
                 dst.copy_(src)
             else:                               # the guard: keep the old value on a diverged step, no sync
-                dst.copy_(torch.where(flag.to(dst.device) != 0, dst, src))
+                dst.copy_(torch.where(flag[0].to(dst.device) != 0, dst, src))
 
     def _scan(self) -> dict:
         """Non-finite flags over every averaged and copied floating tensor (device values, no sync)."""
