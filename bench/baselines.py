@@ -1,7 +1,7 @@
 """Baselines: what users run today, written out where the package cannot be installed here.
 
-``TimmModelEmaV3Reference`` is timm 1.0's ``timm.utils.model_ema.ModelEmaV3`` reduced to
-its arithmetic (timm itself needs torchvision, which does not import beside the CPU
+``TimmModelEmaV3Reference`` is timm 1.0.31's ``timm.utils.model_ema.ModelEmaV3`` reduced to
+its round-to-nearest arithmetic (``stochastic_rounding`` touches bfloat16 EMA tensors only) (timm itself needs torchvision, which does not import beside the CPU
 torch build these machines use). The tests check fastema's compat class against it
 bit for bit; the benchmarks time it.
 """
@@ -36,8 +36,10 @@ class TimmModelEmaV3Reference:
     @torch.no_grad()
     def update(self, model, step=None):
         decay = self.get_decay(step)
-        if self.exclude_buffers:
+        if self.exclude_buffers:                # timm 1.0.31: average the parameters, copy every buffer
             pairs = zip(self.module.parameters(), model.parameters())
+            for e, m in zip(self.module.buffers(), model.buffers()):
+                e.copy_(m)
         else:
             pairs = zip(self.module.state_dict().values(), model.state_dict().values())
         ema_l, model_l = [], []

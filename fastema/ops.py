@@ -268,16 +268,21 @@ def pair_groups(shadows: list, sources: list) -> list:
 
 
 def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: int) -> None:
-    """One lerp launch per group of :func:`pair_groups`; every argument is checked first."""
+    """One lerp launch per group of :func:`pair_groups`; every argument is checked first.
+
+    ``rounding="stochastic_bf16"`` rounds the bfloat16 shadows stochastically and the others
+    to nearest (timm's ``stochastic_rounding=True``)."""
     weights = {}
     for g in groups:                                  # every check before any launch
         if g.device not in weights:
             weights[g.device] = resolve_weights(None if decay is None else [decay], weight, 1, g.device)
-        stochastic_rounding(rounding, g.shadow_kind)
-    key = sr_key(seed, step) if rounding == "stochastic" else 0
+        if rounding != "stochastic_bf16":
+            stochastic_rounding(rounding, g.shadow_kind)
+    key = sr_key(seed, step) if rounding != "nearest" else 0
     for g in groups:
+        stochastic = rounding == "stochastic" or (rounding == "stochastic_bf16" and g.shadow_kind == BF16)
         _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights[g.device], None, key,
-                     rounding == "stochastic", g.stream)
+                     stochastic, g.stream)
 
 
 # Layouts of recent ema_update_many_ calls, keyed by every tensor's (address, element count,

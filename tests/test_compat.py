@@ -152,3 +152,128 @@ def test_ema_update_many_validates_and_refuses_mismatches():
     assert all((t == 0).all() for t in a)
     with pytest.raises(ValueError, match="2 shadows but 1 sources"):
         fastema.ema_update_many_(a, b[:1], 0.5)
+
+
+# ------------------------------------------------------------------ drop-in behaviours (torch_ema 0.3, timm 1.0.31)
+
+def test_torch_ema_explicit_parameters_act_for_that_call_only():
+    torch_ema = pytest.importorskip("torch_ema")
+    model, eval_model = nn.Linear(4, 4), nn.Linear(4, 4)
+    ours = compat.ExponentialMovingAverage(model.parameters(), 0.9, use_num_updates=False)
+    theirs = torch_ema.ExponentialMovingAverage(model.parameters(), 0.9, use_num_updates=False)
+    for ema in (ours, theirs):
+        ema.copy_to(eval_model.parameters())          # evaluation copy: must not rebind the EMA
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        eval_model.weight.fill_(-5.0)
+    for ema in (ours, theirs):
+        ema.update()                                   # averages `model`, not `eval_model`
+    assert torch.allclose(ours.shadow_params[0], theirs.shadow_params[0], atol=1e-6)
+    other = nn.Linear(4, 4)
+    with torch.no_grad():
+        other.weight.fill_(1.0)
+    for ema in (ours, theirs):
+        ema.update(other.parameters())                 # explicit: for this call
+        ema.update()                                   # and back to `model`
+    assert torch.allclose(ours.shadow_params[0], theirs.shadow_params[0], atol=1e-6)
+
+
+def test_torch_ema_store_keeps_whatever_it_gets_and_to_casts():
+    m = nn.Linear(11, 3)
+    ema = compat.ExponentialMovingAverage(m.parameters(), decay=0.9)
+    ema.to(dtype=torch.float16)
+    assert ema.shadow_params[0].dtype == torch.float16
+    ema.store()
+    assert ema.collected_params[0].dtype == torch.float32
+    m16 = nn.Linear(11, 3).half()
+    ema.store(m16.parameters())
+    assert ema.collected_params[0].dtype == torch.float16
+    ema.to(dtype=torch.float64)
+    assert ema.collected_params[0].dtype == torch.float64 and ema.shadow_params[0].dtype == torch.float64
+    ref = ema.shadow_params[0].clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update()                                        # a float64 shadow of float32 parameters
+    decay = min(0.9, 2 / 11)
+    assert torch.allclose(ema.shadow_params[0], ref + (1 - decay) * (m.weight.double() - ref), rtol=0,
+                          atol=1e-12)
+    with pytest.raises(ValueError, match="beside the parameters"):
+        ema.to(device="meta")
+
+
+def test_model_ema_v3_rounds_bfloat16_stochastically_by_default():
+    model = nn.Linear(256, 256).bfloat16()
+    with torch.no_grad():
+        model.weight.fill_(1.0)                        # bfloat16 ulp 2**-7 here
+    ema = compat.ModelEmaV3(model, decay=0.999)
+    nearest = compat.ModelEmaV3(model, decay=0.999, stochastic_rounding=False)
+    assert ema.stochastic_rounding and ema.stochastic_rounding_seed == 0
+    with torch.no_grad():
+        model.weight.fill_(1.5)                        # each update moves 0.0005: below half an ulp
+    n = 200
+    for _ in range(n):
+        ema.update(model)
+        nearest.update(model)
+    exact = 1.5 - 0.5 * 0.999 ** n                    # the EMA in exact arithmetic
+    assert torch.equal(nearest.module.weight, torch.ones(256, 256, dtype=torch.bfloat16))
+    mean = ema.module.weight.float().mean().item()
+    assert abs(mean - exact) < 0.002 and mean - 1.0 > 0.08
+
+
+def test_model_ema_v3_stochastic_rounding_is_keyed_by_seed():
+    runs = {}
+    for seed in (0, 0, 1):
+        model = nn.Linear(64, 64).bfloat16()
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema = compat.ModelEmaV3(model, decay=0.99, stochastic_rounding_seed=seed)
+        with torch.no_grad():
+            model.weight.add_(0.3)
+        for _ in range(5):
+            ema.update(model)
+        runs.setdefault(seed, []).append(ema.module.weight.detach().clone())
+    assert torch.equal(runs[0][0], runs[0][1]) and not torch.equal(runs[0][0], runs[1][0])
+
+
+def test_model_ema_v3_attributes_and_float32_copy_of_a_bfloat16_model():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).bfloat16()
+    ema = compat.ModelEmaV3(model, decay=0.5, dtype=torch.float32)
+    assert ema.device is None and ema.dtype == torch.float32
+    assert ema.module[0].weight.dtype == torch.float32
+    ref = ema.module[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    assert torch.equal(ema.module[0].weight, ref.lerp(model[0].weight.float(), 0.5))
+
+
+def test_model_ema_v3_exclude_buffers_copies_the_buffers():
+    model, data = model_and_data()
+    ema = compat.ModelEmaV3(model, decay=0.99, exclude_buffers=True)
+    sgd_steps(model, data[:3], lambda i: ema.update(model, step=i))
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
+    assert torch.equal(ema.module[1].num_batches_tracked, model[1].num_batches_tracked)
+
+
+def test_model_ema_v3_attribute_changes_take_effect():
+    model = nn.Linear(4, 4)
+    ema = compat.ModelEmaV3(model, decay=0.9)
+    ema.decay = 0.5                                    # e.g. a schedule written by the training script
+    ema.use_warmup, ema.update_after_step = True, 2
+    assert ema.get_decay(2) == 0.0 and 0.0 < ema.get_decay(10) <= 0.5
+    ref = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.equal(ema.module.weight, ref.lerp(model.weight.detach(), 0.5))
+
+
+def test_model_ema_v3_follows_a_reregistered_parameter_of_its_module():
+    model = nn.Linear(4, 4)
+    ema = compat.ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    ema.module.weight = nn.Parameter(torch.zeros(4, 4))   # e.g. loading EMA weights with assign=True
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model)
+    assert torch.equal(ema.module.weight, torch.ones(4, 4))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import schedules as S
 from ..flat import FlatShadow
-from ..ops import ema_update_many_
+from ..ops import ema_update_many_, launch_pairs, pair_groups
 from . import _unwrap, _watch
 
 __all__ = ["ExponentialMovingAverage", "ModelEmaV3", "get_ema_multi_avg_fn"]
@@ -30,15 +30,19 @@ class ExponentialMovingAverage:
     """torch_ema's ``ExponentialMovingAverage(parameters, decay, use_num_updates=True)``.
 
     ``shadow_params`` are views into one flat buffer per (device, dtype), in the
-    parameters' own dtype (as in torch_ema). As in torch_ema, ``average_parameters()``
-    stores the raw weights, copies the averages in and restores on exit, so
-    ``shadow_params`` keep the averages inside the block; ``store()`` copies into a flat
-    buffer that is reused (one launch). For an in-place swap with no stored copy, use
+    parameters' own dtype (as in torch_ema), laid out as the parameters are (channels_last
+    stays channels_last). As in torch_ema, ``average_parameters()`` stores the raw
+    weights, copies the averages in and restores on exit, so ``shadow_params`` keep the
+    averages inside the block. Parameters passed to ``update``, ``copy_to``, ``store`` or
+    ``restore`` act for that call only; without them the parameters given at
+    construction are used. For an in-place swap with no stored copy, use
     :class:`fastema.torch.EMA`.
 
-    One difference: torch_ema holds weak references and raises once the parameters are
-    garbage collected; the kernels read the parameters by address, so this class keeps
-    them alive instead (drop the EMA with the model).
+    Differences from torch_ema: the kernels read the parameters by address, so this
+    class keeps them alive (torch_ema holds weak references and raises once they are
+    collected); ``to(device)`` must name the parameters' device (the shadow lives beside
+    them); ``load_state_dict`` refuses a state dict whose shapes do not match these
+    parameters, before anything is loaded (torch_ema fails later, in ``copy_to``).
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], decay: float, use_num_updates: bool = True):
@@ -49,11 +53,13 @@ class ExponentialMovingAverage:
         self.num_updates = 0 if use_num_updates else None
         self._flat = FlatShadow(params, dtype="same")
         self._refs = [weakref.ref(p) for p in params]
-        self._stored: FlatShadow | None = None     # store() target, reused
+        self._stored: FlatShadow | list | None = None     # store(): a flat copy, or clones of what it got
 
     @property
     def collected_params(self) -> list[torch.Tensor] | None:
-        return None if self._stored is None else list(self._stored.views().values())
+        if isinstance(self._stored, FlatShadow):
+            return list(self._stored.views().values())
+        return self._stored
 
     @property
     def shadow_params(self) -> list[torch.Tensor]:
@@ -73,37 +79,60 @@ class ExponentialMovingAverage:
                              "parameters maintained by this ExponentialMovingAverage")
         return params
 
-    def _bind(self, parameters) -> None:
-        if parameters is not None:
-            self._flat.rebind(self._params(parameters))
+    def _own(self, params: list) -> bool:
+        """True when ``params`` are the tracked parameters (the fast path of one flat launch)."""
+        return all(a is b for a, b in zip(params, self._flat._sources))
 
+    @torch.no_grad()
     def update(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
         """``shadow -= (1 - decay) * (shadow - param)`` with torch_ema's num_updates warm-up."""
-        self._bind(parameters)
+        params = self._params(parameters)
         decay = self.decay
         if self.num_updates is not None:
+            decay = S.NumUpdates(decay)(self.num_updates + 1)
+        if parameters is None or self._own(params):
+            self._flat.update(decay)
+        else:                                    # other parameters, for this call only
+            ema_update_many_(self.shadow_params, params, decay)
+        if self.num_updates is not None:
             self.num_updates += 1
-            decay = S.NumUpdates(decay)(self.num_updates)
-        self._flat.update(decay)
 
+    @torch.no_grad()
     def copy_to(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
-        self._bind(parameters)
-        self._flat.copy_to_sources()
-
-    def store(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
-        """Save the current parameters (a copy, as torch_ema) for :meth:`restore`."""
         params = self._params(parameters)
-        if self._stored is None:
-            self._stored = FlatShadow(params, dtype="same")
+        if parameters is None or self._own(params):
+            self._flat.copy_to_sources()
         else:
-            self._stored.rebind(params)
-            self._stored.copy_from_sources()
+            for s, p in zip(self.shadow_params, params):
+                p.data.copy_(s.data)
 
+    @torch.no_grad()
+    def store(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        """Save the current parameters (a copy, as torch_ema) for :meth:`restore`; whatever is
+        given is stored, in its own dtype."""
+        params = self._params(parameters)
+        if isinstance(self._stored, FlatShadow):
+            try:
+                self._stored.rebind(params)
+                self._stored.copy_from_sources()
+                return
+            except (TypeError, ValueError):
+                pass                             # other shapes or dtypes: store them as they are
+        try:
+            self._stored = FlatShadow(params, dtype="same")
+        except (TypeError, ValueError):
+            self._stored = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
     def restore(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
         if self._stored is None:
             raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
-        self._stored.rebind(self._params(parameters))
-        self._stored.copy_to_sources()
+        params = self._params(parameters)
+        if isinstance(self._stored, FlatShadow) and all(a is b for a, b in zip(params, self._stored._sources)):
+            self._stored.copy_to_sources()
+        else:
+            for c, p in zip(self.collected_params, params):
+                p.data.copy_(c.data)
 
     @contextlib.contextmanager
     def average_parameters(self, parameters: Iterable[torch.Tensor] | None = None):
@@ -117,25 +146,31 @@ class ExponentialMovingAverage:
             self.restore(params)
 
     def to(self, device=None, dtype=None) -> None:
-        """Follow parameters moved to ``device`` (after ``model.to(device)``); ``dtype`` casts the shadow."""
+        """Cast the shadow (and stored) copies to ``dtype`` as torch_ema does (float64 included);
+        ``device`` must be the parameters' own device (after ``model.to(device)``)."""
         params = self._params(None)
-        old = self.shadow_params
-        name = {None: "same", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        name = {None: "same", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
         if dtype not in name:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise ValueError(f"dtype must be float64, float32, bfloat16 or float16, got {dtype}")
         if device is not None and any(p.device != torch.device(device) for p in params):
             raise ValueError(f"the parameters are on {params[0].device}, not {device}: fastema keeps the shadow "
                              f"beside the parameters; move the model first, then call ema.to({device!r})")
+        old = self.shadow_params
         flat = FlatShadow(params, dtype=name[dtype])
-        for new, o in zip(flat.views().values(), old):
-            new.copy_(o)
+        with torch.no_grad():
+            for new, o in zip(flat.views().values(), old):
+                new.copy_(o)
         self._flat = flat
+        if dtype is not None and self._stored is not None:
+            self._stored = [c.to(dtype=dtype) if c.is_floating_point() else c.clone() for c in self.collected_params]
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params,
                 "collected_params": self.collected_params}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch_ema's format; everything is checked before anything is loaded."""
         state_dict = _copy.copy(state_dict)
         decay = state_dict["decay"]
         if decay < 0.0 or decay > 1.0:
@@ -153,59 +188,94 @@ class ExponentialMovingAverage:
             if s.shape != m.shape:
                 raise ValueError(f"shadow_params[{i}] has shape {tuple(s.shape)}, expected {tuple(m.shape)}")
         collected = state_dict["collected_params"]
-        if collected is not None and (not isinstance(collected, list) or len(collected) != len(mine)):
-            raise ValueError("collected_params must be None or a list of one tensor per parameter")
+        if collected is not None:
+            if not isinstance(collected, list) or len(collected) != len(mine) or \
+                    not all(isinstance(c, torch.Tensor) for c in collected):
+                raise ValueError("collected_params must be None or a list of one tensor per parameter")
+            for i, (c, m) in enumerate(zip(collected, mine)):
+                if c.shape != m.shape:
+                    raise ValueError(f"collected_params[{i}] has shape {tuple(c.shape)}, expected {tuple(m.shape)}")
         with torch.no_grad():
             for s, m in zip(shadow, mine):
                 m.copy_(s)
-            if collected is None:
-                self._stored = None
-            else:
-                if self._stored is None:
-                    self._stored = FlatShadow(self._params(None), dtype="same")
-                for c, v in zip(collected, self._stored.views().values()):
-                    v.copy_(c)
+            self._stored = None if collected is None else [c.detach().clone() for c in collected]
         self.decay, self.num_updates = decay, num_updates
 
 
 class ModelEmaV3(nn.Module):
-    """timm's ``ModelEmaV3``: ``module`` is an averaged copy of the model, updated in one launch
-    per (device, dtype) group. Float tensors of ``state_dict()`` are averaged (only parameters
-    with ``exclude_buffers=True``), the others copied."""
+    """timm's ``ModelEmaV3`` (timm 1.0.31): ``module`` is an averaged copy of the model, updated in
+    one launch per (device, dtype) group.
+
+    As in timm, floating tensors of ``state_dict()`` are averaged and the others copied; with
+    ``exclude_buffers=True`` the parameters are averaged and every buffer copied. ``decay``,
+    ``min_decay``, ``update_after_step``, ``use_warmup``, ``warmup_gamma`` and ``warmup_power``
+    are read at every update, so changing them takes effect. bfloat16 EMA tensors are rounded
+    stochastically by default (``stochastic_rounding=True``), so updates far below bfloat16's
+    resolution accumulate in expectation; the random bits come from fastema's counter-based
+    hash of ``stochastic_rounding_seed`` and the update count (the same on every rank), not
+    from a torch Generator, so the bits differ from timm's while the expectation is the same.
+    ``dtype=torch.float32`` keeps a float32 EMA of a low-precision model.
+
+    Differences from timm: ``device`` must be the model's device (fastema averages where the
+    weights are); a tied weight (listed twice by ``state_dict()``) is averaged once per
+    update, where timm's foreach path averages it twice.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
                  update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
-                 warmup_power: float = 2 / 3, device=None, dtype=None, foreach: bool = True,
-                 exclude_buffers: bool = False):
+                 warmup_power: float = 2 / 3, device=None, dtype=None, stochastic_rounding: bool = True,
+                 stochastic_rounding_seed: int = 0, foreach: bool = True, exclude_buffers: bool = False):
         super().__init__()
+        S.check_power_args(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
+        if isinstance(stochastic_rounding_seed, bool) or not isinstance(stochastic_rounding_seed, int) or \
+                stochastic_rounding_seed < 0:
+            raise ValueError(f"stochastic_rounding_seed must be an int >= 0, got {stochastic_rounding_seed!r}")
+        model_device = next(iter(model.parameters())).device
+        if device is not None and torch.device(device) != model_device:
+            raise ValueError(f"device={device!r} differs from the model's {model_device}: fastema updates the "
+                             f"EMA where the weights are; keep device=None (offloading is not supported yet)")
         self.module = _copy.deepcopy(model)
         self.module.eval()
         self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
         self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
         self.foreach, self.exclude_buffers = foreach, exclude_buffers
-        model_device = next(iter(model.parameters())).device
-        if device is not None and torch.device(device) != model_device:
-            raise ValueError(f"device={device!r} differs from the model's {model_device}: fastema updates the "
-                             f"EMA where the weights are; keep device=None (offloading is not supported yet)")
+        self.device, self.dtype = device, dtype
+        self.stochastic_rounding, self.stochastic_rounding_seed = stochastic_rounding, stochastic_rounding_seed
         if dtype is not None:
             self.module.to(dtype=dtype)
-        self._warmup = S.PowerWarmup(decay, min_decay, warmup_gamma, warmup_power, update_after_step,
-                                     warmup=use_warmup)
-        self._cached = None          # (model, pairs) of the last update; dropped when the model re-registers
+        self._cached = None          # (model, tensors, addresses, groups, copies) of the last update
         self._stale = False
+        self._resync = False         # the model was wrapped in DDP after construction
+        self._updates = 0            # updates made: the stochastic-rounding counter
+        _watch(self.module, self)
+        _watch(_unwrap(model), self)
 
     def get_decay(self, step: int | None = None) -> float:
+        """timm's decay: ``decay`` without a step; with one, 0 until ``update_after_step``, then the
+        warm-up ``1 - (1 + s / warmup_gamma) ** -warmup_power`` clamped to [min_decay, decay]."""
         if step is None:
             return self.decay
-        return self._warmup(step)
+        step = max(0, step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if self.use_warmup:
+            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
+            return max(min(decay, self.decay), self.min_decay)
+        return self.decay
+
+    def _fresh(self) -> bool:
+        return self._updates == 0
 
     def _pairs(self, model):
-        # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached
-        # and rebuilt when the model registers a new parameter, buffer or submodule.
-        if self._cached is not None and self._cached[0] is model and not self._stale:
-            return self._cached[1]
+        # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached and
+        # rebuilt when either model registers a new tensor or a tensor moves to other memory.
+        cached = self._cached
+        if cached is not None and cached[0] is model and not self._stale and \
+                list(map(torch.Tensor.data_ptr, cached[1])) == cached[2]:
+            return cached[3], cached[4]
         if self.exclude_buffers:
-            pairs = (list(self.module.parameters()), list(model.parameters()), [], [])
+            ema_f, model_f = list(self.module.parameters()), list(model.parameters())
+            copies = list(zip(self.module.buffers(), model.buffers()))
         else:
             ema_vals = list(self.module.state_dict(keep_vars=True).values())
             model_vals = list(model.state_dict(keep_vars=True).values())
@@ -213,18 +283,30 @@ class ModelEmaV3(nn.Module):
                 raise ValueError(f"the model has {len(model_vals)} state tensors but the EMA copy has "
                                  f"{len(ema_vals)}: it is not the model this ModelEmaV3 was made from")
             fl = [(e, m) for e, m in zip(ema_vals, model_vals) if e.is_floating_point()]
-            other = [(e, m) for e, m in zip(ema_vals, model_vals) if not e.is_floating_point()]
-            pairs = ([e for e, _ in fl], [m for _, m in fl], [e for e, _ in other], [m for _, m in other])
+            copies = [(e, m) for e, m in zip(ema_vals, model_vals) if not e.is_floating_point()]
+            ema_f, model_f = [e for e, _ in fl], [m for _, m in fl]
+        if len(ema_f) != len(model_f):
+            raise ValueError(f"the model has {len(model_f)} parameters but the EMA copy has {len(ema_f)}")
+        groups = pair_groups(ema_f, model_f)
+        tensors = ema_f + model_f
         _watch(_unwrap(model), self)
-        self._cached, self._stale = (model, pairs), False
-        return pairs
+        _watch(self.module, self)
+        self._cached = (model, tensors, list(map(torch.Tensor.data_ptr, tensors)), groups, copies)
+        self._stale = False
+        return groups, copies
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
-        ema_f, model_f, ema_o, model_o = self._pairs(model)
-        ema_update_many_(ema_f, model_f, self.get_decay(step))
-        for e, m in zip(ema_o, model_o):
+        if self._resync:                         # DDP broadcast rank 0's weights after construction
+            self._resync = False
+            self.set(model)
+        groups, copies = self._pairs(model)
+        decay = self.get_decay(step)
+        rounding = "stochastic_bf16" if self.stochastic_rounding else "nearest"
+        launch_pairs(groups, decay, None, rounding, self.stochastic_rounding_seed, self._updates)
+        for e, m in copies:
             e.copy_(m)
+        self._updates += 1
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
