@@ -75,17 +75,34 @@ def _wrapped_in_ddp(model: nn.Module) -> None:
     # DistributedDataParallel(model) broadcasts rank 0's weights into the model in place right
     # after this registration. An average made before that holds this rank's own initial
     # weights, so the ranks' averages would differ for good: start them over from the
-    # broadcast weights before the next read. After updates were made, the averages are kept
-    # and a warning says the ranks may differ.
+    # broadcast weights at the model's first forward (DDP's forward calls it before any
+    # training), or at the next read if that comes first. After updates were made, the
+    # averages are kept and a warning says the ranks may differ.
+    fresh = []
     for m in model.modules():
         for ema in list(_WATCHED.get(m, ())):
+            if ema in fresh:
+                continue
             if ema._fresh():
                 ema._resync = True
+                fresh.append(ema)
             else:
                 warnings.warn(f"{type(ema).__name__} was made and updated before the model was wrapped in "
                               f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
                               f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
                               stacklevel=4)
+    if not fresh:
+        return
+    handle = []
+
+    def restart(module, args):
+        handle.pop().remove()
+        for ema in fresh:
+            if ema._resync:
+                ema._resync = False
+                ema._restart(module)
+
+    handle.append(model.register_forward_pre_hook(restart))
 
 
 def _watch(model: nn.Module, ema) -> None:
@@ -245,7 +262,7 @@ class _ModelAverage:
             self._resync = False
             self._restart()
 
-    def _restart(self) -> None:
+    def _restart(self, model: nn.Module | None = None) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
         which broadcast rank 0's weights into it)."""
         raise NotImplementedError
@@ -699,7 +716,7 @@ class EMA(_ModelAverage):
         self.plan.commit(pending)
         self._end()
 
-    def _restart(self) -> None:
+    def _restart(self, model: nn.Module | None = None) -> None:
         self._avg.copy_from_sources()
         self._copy_buffers()
 
@@ -780,7 +797,7 @@ class WindowAverage(_ModelAverage):
         self.snapshots += 1
         self._end()
 
-    def _restart(self) -> None:
+    def _restart(self, model: nn.Module | None = None) -> None:
         if self.window is None:
             self._avg.copy_from_sources()
         else:

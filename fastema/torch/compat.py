@@ -266,6 +266,9 @@ class ModelEmaV3(nn.Module):
     def _fresh(self) -> bool:
         return self._updates == 0
 
+    def _restart(self, model: nn.Module) -> None:
+        self.set(model)                          # DDP broadcast rank 0's weights after construction
+
     def _pairs(self, model):
         # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached and
         # rebuilt when either model registers a new tensor or a tensor moves to other memory.
@@ -299,7 +302,7 @@ class ModelEmaV3(nn.Module):
     def update(self, model: nn.Module, step: int | None = None) -> None:
         if self._resync:                         # DDP broadcast rank 0's weights after construction
             self._resync = False
-            self.set(model)
+            self._restart(model)
         groups, copies = self._pairs(model)
         decay = self.get_decay(step)
         rounding = "stochastic_bf16" if self.stochastic_rounding else "nearest"
