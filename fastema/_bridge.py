@@ -5,6 +5,7 @@ anything is loaded."""
 from __future__ import annotations
 
 import numbers
+import types
 
 import numpy as np
 
@@ -22,6 +23,18 @@ def init_plan(ema, decay, *, shadow_dtype: str, rounding: str, seed: int, skip_n
     ema.plan = S.Plan(decay, **plan)
     ema.shadow_dtype, ema.rounding, ema.seed = shadow_dtype, rounding, seed
     ema.skip_nonfinite = skip_nonfinite
+
+
+_PLAN_OPTIONS = ("warmup", "min_decay", "inv_gamma", "power", "update_after_step", "update_every", "compensate",
+                 "debias")
+
+
+def check_options(decay, options: dict) -> None:
+    """Check a model EMA's decay and options before the model exists (the Keras and Lightning
+    callbacks make their EMA when training starts): a bad value is refused at construction."""
+    shadow = {k: options.get(k, d) for k, d in (("shadow_dtype", "float32"), ("rounding", "nearest"),
+                                                 ("seed", 0), ("skip_nonfinite", False))}
+    init_plan(types.SimpleNamespace(), decay, **shadow, **{k: options[k] for k in _PLAN_OPTIONS if k in options})
 
 
 def check_shadow_settings(shadow_dtype, rounding, seed, problems: list) -> None:

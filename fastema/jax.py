@@ -28,7 +28,7 @@ from .flat import FlatShadow
 
 __all__ = ["EMA"]
 
-_FLOATS = ("float32", "bfloat16", "float16")
+_FLOATS = ("float32", "bfloat16", "float16", "float64")
 
 
 def _flatten(params):
@@ -69,9 +69,13 @@ class EMA(FrameworkEMA):
         names, leaves, self._treedef = _flatten(params)
         self.names = names
         self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
+        complex_ = [names[i] for i, x in enumerate(self._leaves) if jnp.issubdtype(x.dtype, jnp.complexfloating)]
+        if complex_:
+            raise TypeError(f"leaf {complex_[0]} is complex: fastema averages real floating leaves; keep complex "
+                            f"parameters out of the pytree given to EMA")
         self._float = [i for i, x in enumerate(self._leaves) if x.dtype.name in _FLOATS]
         if not self._float:
-            raise ValueError("params has no float32/bfloat16/float16 leaves to average")
+            raise ValueError("params has no float64/float32/bfloat16/float16 leaves to average")
         self._specs = [(x.shape, x.dtype, x.sharding) for x in self._leaves]
         self._array_type = type(self._leaves[self._float[0]])
         self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \

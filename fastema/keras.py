@@ -24,6 +24,7 @@ try:
 except ImportError as e:                                    # pragma: no cover - depends on the environment
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
+from ._bridge import check_options
 from .track import Tracker
 
 __all__ = ["MovingAverageLogs", "WeightEMA"]
@@ -157,6 +158,7 @@ class WeightEMA(keras.callbacks.Callback):
 
     def __init__(self, decay=0.999, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
         super().__init__()
+        check_options(decay, ema_kwargs)                  # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.ema_kwargs = ema_kwargs
         self.ema = None

@@ -30,6 +30,7 @@ except ImportError:
     except ImportError as e:                                # pragma: no cover - depends on the environment
         raise ImportError("fastema.lightning needs PyTorch Lightning (pip install 'fastema[lightning]')") from e
 
+from ._bridge import check_options
 from .torch import EMA
 from .track import Tracker
 
@@ -55,6 +56,7 @@ class WeightEMA(pl.Callback):
 
     def __init__(self, decay=0.9999, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
         super().__init__()
+        check_options(decay, ema_kwargs)                  # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
         self.ema_kwargs = ema_kwargs
         self.ema: EMA | None = None

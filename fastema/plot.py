@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import os
+import re
 import sys
 
 import numpy as np
@@ -23,18 +24,32 @@ from .track import _ema_kwargs
 
 def read_log(path: str, column: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, values, name) of one column of a CSV log, or of a plain list of numbers."""
-    with open(path, newline="") as f:
-        text = f.read()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")                          # numbers are ASCII in any 8-bit encoding
+    numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    lines = [ln for _, ln in numbered]
     if not lines:
         raise ValueError(f"{path} is empty")
     first = lines[0].replace(",", " ").split()
     if all(_is_number(tok) for tok in first):                 # a plain list of numbers
         if column is not None:
             raise ValueError(f"{path} has no header, so no column {column!r}; leave --column out")
-        values = np.array([float(tok) for ln in lines for tok in ln.replace(",", " ").split()])
-        return np.arange(len(values)), values, os.path.splitext(os.path.basename(path))[0]
-    rows = list(csv.DictReader(io.StringIO(text)))
+        values = []
+        for i, ln in numbered:
+            for tok in ln.replace(",", " ").split():
+                if not _is_number(tok):
+                    raise ValueError(f"{path} line {i}: {tok[:40]!r} is not a number (a list of numbers has "
+                                     f"only numbers; a CSV log needs a header line)")
+                values.append(float(tok))
+        return np.arange(len(values)), np.array(values), os.path.splitext(os.path.basename(path))[0]
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a readable CSV log: {err}") from None
     header = list(rows[0].keys()) if rows else first
     if column is None:
         column = "loss" if "loss" in header else next(
@@ -84,7 +99,7 @@ def plot(path: str, out: str | None = None, column: str | None = None, ema=0.9, 
         raise ImportError("python -m fastema plot needs matplotlib (pip install 'fastema[plot]')") from None
     x, values, name = read_log(path, column)
     curves = smooth_series(values, ema, sma)
-    out = out or os.path.splitext(path)[0] + f"-{name}.png"
+    out = out or os.path.splitext(path)[0] + f"-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', name)}.png"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.plot(x, values, color="0.7", lw=0.8, label=f"{name} (raw)")
     if "sma" in curves:

@@ -54,6 +54,9 @@ def _values_view(x, what: str):
     if _is_torch(x):
         import torch
 
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
+                             f"(a meta tensor has no values)")
         kinds = {torch.float64: _smooth.F64, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
         if x.dtype not in kinds:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
@@ -165,8 +168,9 @@ class Smoother:
         if self._where is None:
             self._alloc(where, shape)
         elif where != self._where or shape != self.shape:
-            raise ValueError(f"values are {shape} on {where[1]} but this smoother holds {self.shape} on "
-                             f"{self._where[1]}; use one smoother per stream shape and device")
+            raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "
+                             f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
+                             f"(one smoother per stream layout)")
         w0, c, per_stream = self._weights(weight, y.size)
         cuda = _launch.is_cuda(_dev(where[1]))
         skip = self.nonfinite == "skip"
@@ -197,8 +201,8 @@ class Smoother:
         if weight is None:
             return 1.0, self._dummy(), False
         if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            if not weight >= 0:
-                raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+            if not 0 <= weight < math.inf:
+                raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
             return float(weight), self._dummy(), False
         view = _launch.aux_view(weight, "weight", np.float64, k, _dev(self._where[1]), writable=False)
         return 1.0, view, True
@@ -258,22 +262,35 @@ class Smoother:
                 "count": self.count, "shape": self.shape, "state": dict(self._state)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; everything is checked first and nothing changes on error."""
         if not isinstance(state, dict) or state.get("format") != "fastema.Smoother" or state.get("version") != 1:
             raise ValueError("not a fastema.Smoother state dict (version 1)")
+        missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
+        if missing:
+            raise ValueError(f"Smoother checkpoint has no {missing}; nothing was loaded")
         mine = (self.alpha, self.mode, self.window)
         theirs = (state["alpha"], state["mode"], state["window"])
         if mine != theirs:
             raise ValueError(f"checkpoint smoother has (alpha, mode, window) = {theirs}, this one {mine}")
+        count, saved = state["count"], state["state"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"Smoother checkpoint count must be an int >= 0, got {count!r}; nothing was loaded")
+        if not isinstance(saved, dict) or not saved:
+            raise ValueError("Smoother checkpoint state must be a dict of arrays; nothing was loaded")
+        before = (self._state, self._where, self.shape, self.__dict__.get("_views"))
         if self._where is None:
-            like = next(iter(state["state"].values()))
+            like = next(iter(saved.values()))
             where = ("torch", like.device) if _is_torch(like) else ("numpy", "cpu")
             self._alloc(where, tuple(state["shape"]) if state["shape"] is not None else ())
-        if set(state["state"]) != set(self._state) or any(
-                tuple(state["state"][n].shape) != tuple(a.shape) for n, a in self._state.items()):
-            raise ValueError("checkpoint smoother state does not match this smoother's streams")
+        if set(saved) != set(self._state) or any(
+                tuple(saved[n].shape) != tuple(a.shape) for n, a in self._state.items()):
+            self._state, self._where, self.shape = before[:3]
+            if before[3] is not None:
+                self._views = before[3]
+            raise ValueError("checkpoint smoother state does not match this smoother's streams; nothing was loaded")
         for n, a in self._state.items():
-            a[...] = state["state"][n]
-        self.count = int(state["count"])
+            a[...] = saved[n]
+        self.count = count
 
 
 def _call(kernel, *args):

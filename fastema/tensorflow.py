@@ -25,7 +25,7 @@ from .flat import FlatShadow
 
 __all__ = ["EMA"]
 
-_FLOATS = (tf.float32, tf.bfloat16, tf.float16)
+_FLOATS = (tf.float32, tf.bfloat16, tf.float16, tf.float64)
 
 
 def _as_tf_variable(v, i: int):
@@ -128,7 +128,14 @@ class EMA(FrameworkEMA):
 
     @contextlib.contextmanager
     def average_weights(self, row: int = 0) -> Iterator[None]:
-        """``with ema.average_weights(): evaluate()``: the average in, the variables' values back on exit."""
+        """``with ema.average_weights(): evaluate()``: the average in, the variables' values back on exit.
+        Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
+        if self._raw is not None:
+            if row != self._swapped_row:
+                raise RuntimeError(f"average {self._swapped_row} is swapped in; average {row} cannot be "
+                                   f"swapped in inside that block")
+            yield
+            return
         self.swap(row)
         try:
             yield

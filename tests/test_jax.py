@@ -197,7 +197,7 @@ def test_bad_inputs_get_clear_errors_and_change_nothing():
         ema.update({"w": 1.0, "b": jnp.zeros(3, jnp.bfloat16)})
     assert ema.updates == 0 and ema.plan.calls == 0
     np.testing.assert_array_equal(np.asarray(ema.shadow()["w"]), np.ones((2, 3)))
-    with pytest.raises(ValueError, match="no float32"):
+    with pytest.raises(ValueError, match="no float64/float32"):
         EMA({"n": jnp.arange(3)})
     with pytest.raises(ValueError, match="decay must be"):
         EMA(p, 1.5)
@@ -246,3 +246,20 @@ def test_writing_into_a_jax_array_points_to_fastema_jax():
     np.testing.assert_array_equal(np.asarray(x), np.ones(3))
     with pytest.raises(TypeError, match="int32"):
         fastema.ema_update_(np.zeros(3, np.float32), jnp.arange(3), 0.5)
+
+
+def test_float64_leaves_are_averaged_and_complex_leaves_refused():
+    # reliability L5: float64 and complex leaves were carried as their latest value
+    with jax.enable_x64(True):
+        params = {"w": jnp.linspace(-1.0, 1.0, 40, dtype=jnp.float64), "n": jnp.zeros(3, jnp.int32)}
+        ema = EMA(params, 0.9)
+        ref = np.asarray(params["w"]).copy()
+        for k in range(3):
+            params = {"w": params["w"] + 0.25, "n": params["n"] + 1}
+            ema.update(params)
+            ref = ref + (1 - 0.9) * (np.asarray(params["w"]) - ref)
+        out = ema.shadow()
+        assert out["w"].dtype == jnp.float64 and np.allclose(np.asarray(out["w"]), ref, rtol=0, atol=1e-15)
+        assert np.array_equal(np.asarray(out["n"]), [3, 3, 3])
+        with pytest.raises(TypeError, match="complex"):
+            EMA({"z": jnp.zeros(3, jnp.complex64), "w": jnp.zeros(3)}, 0.9)

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastema
 from fastema.smooth import Smoother, alpha_from
 
 SERIES = st.lists(st.one_of(st.floats(-1e3, 1e3, allow_nan=False, width=32), st.just(float("nan"))),
@@ -159,3 +160,27 @@ def test_bad_updates_change_nothing():
     assert torch.equal(s.ema, before[0]) and torch.equal(s.sma, before[1]) and s.count == before[2]
     with pytest.raises(RuntimeError, match="update"):
         _ = Smoother(span=3).ema
+
+
+def test_bad_weights_values_and_checkpoints_change_nothing():
+    # reliability L12 and M9
+    s = fastema.Smoother(decay=0.9, window=3)
+    s.update(torch.tensor([1.0, 2.0]))
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        s.update(torch.tensor([1.0, 2.0]), weight=float("inf"))
+    with pytest.raises(ValueError, match="meta tensor"):
+        s.update(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="numpy \\(2,\\) on cpu but this smoother holds torch"):
+        s.update(np.array([1.0, 2.0]))
+    assert s.count == 1
+    bad = dict(state)
+    del bad["count"]
+    fresh = fastema.Smoother(decay=0.9, window=3)
+    with pytest.raises(ValueError, match="no \\['count'\\]"):
+        fresh.load_state_dict(bad)
+    wrong = {**state, "state": {k: v[:1] for k, v in state["state"].items()}}
+    with pytest.raises(ValueError, match="does not match"):
+        fresh.load_state_dict(wrong)
+    fresh.update(np.array([5.0, 6.0, 7.0]))          # still unallocated: any stream layout is accepted
+    assert fresh.count == 1

@@ -200,3 +200,41 @@ def test_array_level_reads_tensorflow_tensors_and_refuses_to_write_them(rng):
         with pytest.raises(ValueError, match="fastema.tensorflow.EMA"):
             fastema.ema_update_(target, np.zeros(4, np.float32), 0.5)
     np.testing.assert_array_equal(var.numpy(), np.ones(4))
+
+
+def test_nested_average_weights_keeps_the_average_in():
+    # reliability M4: an evaluation helper's own `with average_weights()` inside a swapped block
+    model = MLP()
+    ema = EMA(model, 0.5)
+    model.w1.assign_add(tf.ones_like(model.w1))
+    ema.update()
+    raw = model.w1.numpy().copy()
+    with ema.average_weights():
+        with ema.average_weights():
+            assert np.array_equal(model.w1.numpy(), raw - 0.5)
+        assert np.array_equal(model.w1.numpy(), raw - 0.5)
+    assert np.array_equal(model.w1.numpy(), raw) and not ema.swapped
+
+
+def test_float64_variables_are_averaged_exactly():
+    v = tf.Variable(np.linspace(-1, 1, 50))
+    ema = EMA([v], 0.9)
+    ref = v.numpy().copy()
+    for _ in range(3):
+        v.assign_add(tf.ones_like(v) * 0.25)
+        ema.update()
+        ref = ref + (1 - 0.9) * (v.numpy() - ref)
+    got = ema.averages()[0].numpy()
+    assert got.dtype == np.float64 and np.allclose(got, ref, rtol=0, atol=1e-15)
+
+
+def test_checkpoint_without_rounding_or_seed_loads_nothing():
+    model = MLP()
+    ema = EMA(model, 0.5)
+    state = ema.state_dict()
+    state["averaged"] = {k: v + 7 for k, v in state["averaged"].items()}
+    del state["seed"]
+    before = [a.numpy() for a in ema.averages()]
+    with pytest.raises(ValueError, match="no 'rounding' or 'seed'"):
+        ema.load_state_dict(state)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, ema.averages()))

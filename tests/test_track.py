@@ -143,3 +143,23 @@ def test_plot_command_writes_a_png(tmp_path, capsys):
     assert cli(["plot", str(log), "--column", "acc"]) == 2
     assert "no column 'acc'" in capsys.readouterr().err
     assert cli(["nope"]) == 2
+
+
+def test_plot_command_reports_bad_logs_and_names_outputs_safely(tmp_path, capsys):
+    # reliability L11
+    pytest.importorskip("matplotlib")
+    lightning = tmp_path / "metrics.csv"
+    lightning.write_text("step,train/loss\n" + "\n".join(f"{i},{1 / (i + 1)}" for i in range(30)) + "\n")
+    assert cli(["plot", str(lightning), "--column", "train/loss", "--sma", "5"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "metrics-train_loss.png")
+    big = tmp_path / "big.csv"
+    big.write_text("step,loss,note\n1,0.5," + "x" * 200_000 + "\n")
+    assert cli(["plot", str(big)]) == 2
+    assert "not a readable CSV log" in capsys.readouterr().err
+    numbers = tmp_path / "n.txt"
+    numbers.write_text("1.0\n2.0\n\nabc\n")
+    assert cli(["plot", str(numbers)]) == 2
+    assert "line 4: 'abc' is not a number" in capsys.readouterr().err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"step,loss,nom\n1,0.5,caf\xe9\n2,0.4,b\n")
+    assert cli(["plot", str(latin), "--sma", "1"]) == 0
