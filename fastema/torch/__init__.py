@@ -295,8 +295,7 @@ class _ModelAverage:
         due = self.calls % every == 0
         if due:
             self._follow()                      # may refuse: then nothing is counted or written
-            self._avg._refresh()                # every group checked before the first launch
-            if self._copy is not None:
+            if self._copy is not None:          # the copied group checked before the averaged launch
                 self._copy._refresh()
         else:
             self.calls += 1
