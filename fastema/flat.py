@@ -325,8 +325,8 @@ class FlatShadow:
         disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
         return bufs
 
-    def _rebind(self, g: _Group) -> None:
-        bufs = self._checked(g)
+    def _rebind(self, g: _Group, bufs: list[Buf] | None = None) -> None:
+        bufs = self._checked(g) if bufs is None else bufs
         if g.deferred:
             g.retired = (_launch.retire(g.device, g.stream, g.retired[0]), g.tensors)
         g.addresses = [b.address for b in bufs]
@@ -351,8 +351,8 @@ class FlatShadow:
         except Exception:
             self._sources = old
             raise
-        for g in self._groups:
-            self._rebind(g)
+        for g, bufs in zip(self._groups, checked):
+            self._rebind(g, bufs)
 
     def _adopt(self, sources: list, addresses: list) -> None:
         """Follow new sources that the caller has checked already (same dtypes, shapes and

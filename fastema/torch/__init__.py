@@ -358,8 +358,7 @@ class _ModelAverage:
         lossy = self._lossy_swap()
         if not lossy:
             self._avg.swap_modes()
-        self._avg.check_sources()                      # every group checked before any write
-        if self._copy is not None:
+        if self._copy is not None:                     # the averaged group checks itself before writing
             self._copy.check_sources()
         if lossy:
             if swapping_in:
@@ -420,8 +419,7 @@ class _ModelAverage:
         if model is None or model is self.model:
             self._not_swapped("copy_to()")
             self._follow()
-            self._avg.check_sources()
-            if self._copy is not None:
+            if self._copy is not None:                 # the averaged group checks itself before writing
                 self._copy.check_sources()
             self._avg.copy_to_sources(row)
             if self._copy is not None:

@@ -255,13 +255,8 @@ class ModelEmaV3(nn.Module):
         warm-up ``1 - (1 + s / warmup_gamma) ** -warmup_power`` clamped to [min_decay, decay]."""
         if step is None:
             return self.decay
-        step = max(0, step - self.update_after_step - 1)
-        if step <= 0:
-            return 0.0
-        if self.use_warmup:
-            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
-            return max(min(decay, self.decay), self.min_decay)
-        return self.decay
+        return S.PowerWarmup(self.decay, self.min_decay, self.warmup_gamma, self.warmup_power,
+                             self.update_after_step, warmup=self.use_warmup)(step)
 
     def _fresh(self) -> bool:
         return self._updates == 0
