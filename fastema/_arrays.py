@@ -139,6 +139,9 @@ def _refuse_foreign_torch(t, what: str) -> None:
                 "copy of the model") if kind == "DTensor" else \
             "it wraps other tensors (a quantised or sharded tensor subclass); pass the plain tensor it holds"
         raise TypeError(f"{what} is a {kind}, which fastema cannot read: {hint}. Nothing was written.")
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+        raise ValueError(f"{what} is an uninitialized parameter of a lazy module (nn.LazyLinear, ...): it has no "
+                         f"shape or memory yet; run one forward pass before making the average")
     if hasattr(t, "ds_id") or hasattr(t, "ds_tensor"):
         raise TypeError(
             f"{what} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(t.shape)}, full shape "

@@ -133,6 +133,14 @@ def test_flat_shadow_rows_must_be_an_int_not_a_bool():
         fastema.FlatShadow([torch.zeros(3)], rows=True)
 
 
+def test_lazy_modules_are_refused_until_materialised():
+    m = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(ValueError, match="uninitialized parameter of a lazy module.*forward pass"):
+        EMA(m, 0.9)
+    m(torch.zeros(2, 3))
+    assert EMA(m, 0.9).averaged_state_dict()["0.weight"].shape == (4, 3)
+
+
 def test_meta_tensors_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="meta tensor has no memory"):
         fastema.FlatShadow([torch.zeros(3, device="meta")])

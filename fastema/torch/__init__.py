@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .._arrays import _refuse_foreign_torch
 from .._bridge import check_shadow_settings, init_plan
 from ..flat import FlatShadow, WindowShadow
 
@@ -211,6 +212,7 @@ class _ModelAverage:
             for name, t in named:
                 if _matches(name, self.exclude):
                     continue
+                _refuse_foreign_torch(t, f"{kind} {name!r}")   # sharded, lazy, ZeRO-3...: by name, first
                 key = _storage_key(t)
                 if key is not None and key in seen:
                     continue                    # the same memory under another name: exported under both
