@@ -22,6 +22,24 @@ from .smooth import Smoother
 from .track import Tracker
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 
-__all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "copy_", "ema_update_", "ema_update_many_", "ema_update_multi_",
-           "flag_nonfinite_", "swap_", "Tracker"]
+__all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "clear_caches", "copy_", "ema_update_", "ema_update_many_",
+           "ema_update_multi_", "flag_nonfinite_", "swap_", "Tracker"]
+
+
+def clear_caches() -> None:
+    """Drop fastema's module-level caches: the segment tables of recent array-level calls
+    (``ema_update_many_`` layouts, single-pair tables) and, once CUDA was used, the stream
+    objects and zero flags kept per device. They hold numbers and small fastema-owned device
+    arrays, never a tensor or a storage of yours; compiled kernels stay compiled. Shadows
+    (``FlatShadow``, the model averages) own their buffers and are not affected."""
+    import sys
+
+    from . import ops
+
+    ops._PAIRS.clear()
+    ops._single_tables.cache_clear()
+    cuda = sys.modules.get(f"{__name__}._launch_cuda")
+    if cuda is not None:
+        cuda.external_stream.cache_clear()
+        cuda._zero_flag.cache_clear()
 __version__ = "0.1.0"

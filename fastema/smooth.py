@@ -8,6 +8,7 @@ returns arrays/tensors of the values' shape.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,21 @@ def _values_view(x, what: str):
     raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, got {type(x).__name__}")
 
 
+_UNSET = object()
+
+
+def _renamed(sample_weight, weight):
+    """``sample_weight``, or the deprecated ``weight=`` with a DeprecationWarning."""
+    if weight is _UNSET:
+        return sample_weight
+    if sample_weight is not None:
+        raise TypeError("give sample_weight= only (weight= is its deprecated old name)")
+    warnings.warn("weight= of Smoother.update / Tracker.update is renamed sample_weight= (in fastema's array "
+                  "operations weight means 1 - decay); the old name goes in the next release",
+                  DeprecationWarning, stacklevel=3)
+    return weight
+
+
 class Smoother:
     """Exponential and simple moving averages of metric streams, updated without a host sync.
 
@@ -161,9 +177,13 @@ class Smoother:
 
     # ------------------------------------------------------------ update / read
 
-    def update(self, values, weight=None) -> None:
+    def update(self, values, sample_weight=None, *, weight=_UNSET) -> None:
         """Add one value per stream (``values`` of the smoother's shape), with an optional
-        sample weight (a float, or one weight per stream), e.g. the batch size."""
+        ``sample_weight`` (a float, or one weight per stream), e.g. the batch size.
+
+        ``weight=`` is the old name of ``sample_weight=`` (deprecated: in fastema's array
+        operations ``weight`` means ``1 - decay``)."""
+        sample_weight = _renamed(sample_weight, weight)
         kind, y, where, shape = _values_view(values, "values")
         if self._where is None:
             self._alloc(where, shape)
@@ -171,7 +191,7 @@ class Smoother:
             raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "
                              f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
                              f"(one smoother per stream layout)")
-        w0, c, per_stream = self._weights(weight, y.size)
+        w0, c, per_stream = self._weights(sample_weight, y.size)
         cuda = _launch.is_cuda(_dev(where[1]))
         skip = self.nonfinite == "skip"
         st = self._views
@@ -196,15 +216,15 @@ class Smoother:
                 st["wcomp"], st["n"], st["bad"], self.count % self.window)
         self.count += 1
 
-    def _weights(self, weight, k):
+    def _weights(self, sample_weight, k):
         """(scalar weight, per-stream weight view, per_stream): scalars travel as kernel arguments."""
-        if weight is None:
+        if sample_weight is None:
             return 1.0, self._dummy(), False
-        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            if not 0 <= weight < math.inf:
-                raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-            return float(weight), self._dummy(), False
-        view = _launch.aux_view(weight, "weight", np.float64, k, _dev(self._where[1]), writable=False)
+        if isinstance(sample_weight, (int, float)) and not isinstance(sample_weight, bool):
+            if not 0 <= sample_weight < math.inf:
+                raise ValueError(f"sample_weight must be a finite number >= 0, got {sample_weight!r}")
+            return float(sample_weight), self._dummy(), False
+        view = _launch.aux_view(sample_weight, "sample_weight", np.float64, k, _dev(self._where[1]), writable=False)
         return 1.0, view, True
 
     def _dummy(self):

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ._arrays import _is_torch
-from .smooth import Smoother
+from .smooth import _UNSET, Smoother, _renamed
 
 __all__ = ["Tracker"]
 
@@ -110,14 +110,15 @@ class Tracker:
             raise ValueError(f"each metric must be one number, got {values!r}")
         return out
 
-    def update(self, *values, weight=None, **named) -> dict[str, float] | None:
+    def update(self, *values, sample_weight=None, weight=_UNSET, **named) -> dict[str, float] | None:
         """Add one value of each metric (tensors stay on their device; no host sync).
 
         Returns the smoothed values as host floats every ``every`` updates (one transfer),
-        else None (always None with ``every=None``). ``weight`` weighs this update (e.g. its
-        sample count) in both averages.
+        else None (always None with ``every=None``). ``sample_weight`` weighs this update (e.g.
+        its sample count) in both averages (``weight=`` is its deprecated old name).
         """
-        self.smoother.update(self._stack(values, named), weight=weight)
+        sample_weight = _renamed(sample_weight, weight)
+        self.smoother.update(self._stack(values, named), sample_weight)
         if self.every is not None and self.smoother.count % self.every == 0:
             return self.read()
         return None

@@ -408,3 +408,54 @@ def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypa
     monkeypatch.undo()
     assert (tmp_path / "a.pt").read_bytes() == old
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ names, caches, hooks (layout issue, item 6)
+
+def test_sample_weight_is_the_smoother_argument_and_weight_is_deprecated():
+    a, b = fastema.Smoother(decay=0.9, window=3), fastema.Smoother(decay=0.9, window=3)
+    for v, w in ((1.0, 2.0), (4.0, 1.0), (2.0, 5.0)):
+        a.update(torch.tensor([v]), sample_weight=w)
+        with pytest.warns(DeprecationWarning, match="renamed sample_weight="):
+            b.update(torch.tensor([v]), weight=w)
+    assert torch.equal(a.ema, b.ema) and torch.equal(a.sma, b.sma)
+    with pytest.raises(TypeError, match="sample_weight= only"):
+        a.update(torch.tensor([1.0]), sample_weight=1.0, weight=1.0)
+    t = fastema.Tracker(["loss"], ema=0.9, sma=3, every=None)
+    with pytest.warns(DeprecationWarning):
+        t.update(torch.tensor(1.0), weight=2.0)
+    t.update(torch.tensor(3.0), sample_weight=2.0)
+
+
+def test_clear_caches_drops_layouts_and_keeps_results():
+    s, x = torch.zeros(100), torch.ones(100)
+    fastema.ema_update_many_([s], [x], 0.5)
+    fastema.ema_update_(s, x, 0.5)
+    assert fastema.ops._PAIRS and fastema.ops._single_tables.cache_info().currsize
+    fastema.clear_caches()
+    assert not fastema.ops._PAIRS and fastema.ops._single_tables.cache_info().currsize == 0
+    fastema.ema_update_many_([s], [x], 0.5)
+    assert torch.equal(s, torch.full((100,), 0.875))
+
+
+def test_without_registration_hooks_replaced_tensors_and_modules_are_still_followed():
+    import fastema.torch as ft
+
+    ft.registration_hooks(False)
+    try:
+        assert not ft._HOOKS
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        ema = EMA(m, 0.0)
+        m[0].weight = nn.Parameter(torch.full((4, 4), 2.0))     # no hook fires: the identity check sees it
+        ema.update()
+        assert torch.equal(ema.averaged_state_dict()["0.weight"], torch.full((4, 4), 2.0))
+        m[1] = nn.Linear(4, 4)                                   # a new submodule: the module check sees it
+        with torch.no_grad():
+            m[1].weight.fill_(5.0)
+        ema.update()
+        assert torch.equal(ema.averaged_state_dict()["1.weight"], torch.full((4, 4), 5.0))
+    finally:
+        ft.registration_hooks(True)
+    assert len(ft._HOOKS) == 3
+    with pytest.raises(TypeError, match="True or False"):
+        ft.registration_hooks("no")

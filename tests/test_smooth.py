@@ -18,7 +18,7 @@ SERIES = st.lists(st.one_of(st.floats(-1e3, 1e3, allow_nan=False, width=32), st.
 def run(smoother, values, weights=None):
     ema, sma = [], []
     for i, v in enumerate(values):
-        smoother.update(np.array(v, np.float64), weight=None if weights is None else float(weights[i]))
+        smoother.update(np.array(v, np.float64), sample_weight=None if weights is None else float(weights[i]))
         ema.append(float(smoother.ema) if smoother.alpha is not None else np.nan)
         sma.append(float(smoother.sma) if smoother.window is not None else np.nan)
     return np.array(ema), np.array(sma)
@@ -156,7 +156,7 @@ def test_bad_updates_change_nothing():
         with pytest.raises((TypeError, ValueError), match=err):
             s.update(bad)
     with pytest.raises(ValueError, match="weight"):
-        s.update(torch.tensor([1.0, 2.0]), weight=-1.0)
+        s.update(torch.tensor([1.0, 2.0]), sample_weight=-1.0)
     assert torch.equal(s.ema, before[0]) and torch.equal(s.sma, before[1]) and s.count == before[2]
     with pytest.raises(RuntimeError, match="update"):
         _ = Smoother(span=3).ema
@@ -167,8 +167,8 @@ def test_bad_weights_values_and_checkpoints_change_nothing():
     s = fastema.Smoother(decay=0.9, window=3)
     s.update(torch.tensor([1.0, 2.0]))
     state = s.state_dict()
-    with pytest.raises(ValueError, match="finite number >= 0"):
-        s.update(torch.tensor([1.0, 2.0]), weight=float("inf"))
+    with pytest.raises(ValueError, match="sample_weight must be a finite number >= 0"):
+        s.update(torch.tensor([1.0, 2.0]), sample_weight=float("inf"))
     with pytest.raises(ValueError, match="meta tensor"):
         s.update(torch.zeros(2, device="meta"))
     with pytest.raises(ValueError, match="numpy \\(2,\\) on cpu but this smoother holds torch"):

@@ -26,7 +26,7 @@ from .._arrays import _refuse_foreign_torch
 from .._bridge import check_shadow_settings, init_plan
 from ..flat import FlatShadow, WindowShadow
 
-__all__ = ["EMA", "WindowAverage", "normalize_name"]
+__all__ = ["EMA", "WindowAverage", "normalize_name", "registration_hooks"]
 
 FORMAT = "fastema.torch.EMA"
 VERSION = 1
@@ -59,7 +59,39 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # model[0] = nn.Linear(...)): torch calls these global hooks, which mark the EMA
 # stale; update() then re-reads the model. The per-step cost is one flag check.
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-_HOOKS_INSTALLED = False
+_HOOKS: list = []                 # handles of the process-wide registration hooks, while installed
+_HOOKS_WANTED = True
+
+
+def registration_hooks(enabled: bool) -> None:
+    """Install (``True``, the default) or remove (``False``) fastema's process-wide hooks.
+
+    fastema registers three global torch hooks (``register_module_parameter_registration_hook``
+    and the buffer and module twins) at the first model average; each call only sets a flag
+    on the averages watching that module. Without them an average still follows tensors
+    replaced in a module it knows (one identity check per tensor and per module at every
+    update), but an average made before ``DDP(model)`` is no longer restarted from rank 0's
+    weights: make it after the wrap.
+    """
+    global _HOOKS_WANTED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    _HOOKS_WANTED = enabled
+    if enabled:
+        _install_hooks()
+    else:
+        while _HOOKS:
+            _HOOKS.pop().remove()
+
+
+def _install_hooks() -> None:
+    if _HOOKS or not _HOOKS_WANTED:
+        return
+    from torch.nn.modules import module as M
+
+    _HOOKS.extend([M.register_module_parameter_registration_hook(_on_registration),
+                   M.register_module_buffer_registration_hook(_on_registration),
+                   M.register_module_module_registration_hook(_on_registration)])
 
 
 def _on_registration(module, name, value):
@@ -107,14 +139,7 @@ def _wrapped_in_ddp(model: nn.Module) -> None:
 
 
 def _watch(model: nn.Module, ema) -> None:
-    global _HOOKS_INSTALLED
-    if not _HOOKS_INSTALLED:
-        from torch.nn.modules import module as M
-
-        M.register_module_parameter_registration_hook(_on_registration)
-        M.register_module_buffer_registration_hook(_on_registration)
-        M.register_module_module_registration_hook(_on_registration)
-        _HOOKS_INSTALLED = True
+    _install_hooks()
     for m in model.modules():
         _WATCHED.setdefault(m, weakref.WeakSet()).add(ema)
 
@@ -241,19 +266,28 @@ class _ModelAverage:
         params = {n for n, _ in inner.named_parameters()}
         named = dict(inner.named_parameters())
         named.update(inner.named_buffers())
-        slots = []
+        slots, paths = [], {}
         for name in self._names[0] + self._names[1] + list(self._int_buffers):
             prefix, _, key = name.rpartition(".")
             owner = inner.get_submodule(prefix) if prefix else inner
             table = owner._parameters if name in params else owner._buffers
             slots.append((table, key, named[name]))
-        return tuple(zip(*slots)) if slots else ((), (), ())
+            parent = inner
+            for part in prefix.split(".") if prefix else ():   # the modules on the way (hooks off)
+                child = parent._modules[part]
+                paths[(id(parent), part)] = (parent._modules, part, child)
+                parent = child
+        columns = lambda rows: tuple(zip(*rows)) if rows else ((), (), ())  # noqa: E731
+        return columns(slots), columns(list(paths.values()))
 
     def _model_changed(self) -> bool:
         # One dict lookup per tensor (~70 ns): parameters written into _parameters without torch's
         # registration hooks (model.to("meta"), overwrite-on-conversion, direct writes) are seen here.
-        tables, keys, tensors = self._slots
-        return self._stale or not all(map(operator.is_, map(dict.get, tables, keys), tensors))
+        # With the hooks removed (registration_hooks(False)) the modules on the way are checked too.
+        if self._stale:
+            return True
+        checks = self._slots[:1] if _HOOKS else self._slots
+        return not all(all(map(operator.is_, map(dict.get, tables, keys), held)) for tables, keys, held in checks)
 
     def _follow(self) -> None:
         """Before reading or writing the model: follow re-registered tensors (or refuse before
