@@ -371,14 +371,19 @@ def test_save_gets_the_umask_mode(tmp_path):
 def test_save_removes_temporaries_of_killed_saves_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = tmp_path / f".fastema-a.pt.{dead}.x1.tmp"
-    live = tmp_path / f".fastema-a.pt.{os.getpid()}.x2.tmp"        # a save in progress elsewhere
-    other = tmp_path / f".fastema-b.pt.{dead}.x3.tmp"              # another target's
-    for f in (stale, live, other):
+    import socket
+
+    host = socket.gethostname()
+    stale = tmp_path / f".fastema-a.pt.{dead}@{host}.x1.tmp"
+    live = tmp_path / f".fastema-a.pt.{os.getpid()}@{host}.x2.tmp"      # a save in progress elsewhere
+    other = tmp_path / f".fastema-b.pt.{dead}@{host}.x3.tmp"            # another target's
+    remote = tmp_path / f".fastema-a.pt.{dead}@not-{host}.x4.tmp"       # another machine's (shared disk)
+    for f in (stale, live, other, remote):
         f.write_bytes(b"partial")
     EMA(nn.Linear(4, 4), 0.5).save(tmp_path / "a.pt")
-    assert not stale.exists() and live.exists() and other.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted([live.name, other.name])
+    assert not stale.exists() and live.exists() and other.exists() and remote.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == \
+        sorted([live.name, other.name, remote.name])
 
 
 def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fnmatch
-import io
 import operator
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 import weakref
@@ -609,35 +610,35 @@ class _ModelAverage:
                 raise ImportError("saving .safetensors needs the safetensors package "
                                   "(pip install safetensors)") from None
             data = to_bytes({k: v.cpu() for k, v in weights.items()})
+            _atomic_write(path, lambda f: f.write(data))
         else:
-            buf = io.BytesIO()
-            torch.save(weights, buf)
-            data = buf.getbuffer()
-        _atomic_write(path, data)
+            _atomic_write(path, lambda f: torch.save(weights, f))    # streamed: no model-sized copy in memory
 
 
 _TMP_PREFIX = ".fastema-"
 
 
-def _atomic_write(path: str, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+def _atomic_write(path: str, write) -> None:
+    """``write(f)`` into a temporary file in ``path``'s directory, then rename it to ``path``; the
+    file gets the mode a plain ``open`` would give (0666 less the umask). A failed write raises
+    ``OSError`` naming the path and the free space, and leaves the previous file as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     _remove_stale_temporaries(directory, base)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{base}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{base}.{os.getpid()}@{socket.gethostname()}.",
+                               suffix=".tmp", dir=directory)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             try:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            except OSError as err:
+            except (OSError, RuntimeError) as err:      # torch.save reports a failed write as RuntimeError
                 free = shutil.disk_usage(directory).free
-                raise OSError(err.errno, f"could not write {path!r} ({len(data)} bytes, {free} bytes free on "
-                                         f"its disk): {err.strerror}; the previous file is unchanged") from err
+                raise OSError(getattr(err, "errno", None) or errno.EIO,
+                              f"could not write {path!r} ({free} bytes free on its disk): {err}; the previous "
+                              f"file is unchanged") from err
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -645,15 +646,28 @@ def _atomic_write(path: str, data) -> None:
         raise
 
 
+def _umask() -> int:
+    # /proc gives it without changing it; os.umask() sets it, briefly, for every thread
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _remove_stale_temporaries(directory: str, base: str) -> None:
-    # Saves killed mid-write leave .fastema-<name>.<pid>.*.tmp behind; remove those whose process is gone.
-    prefix = f"{_TMP_PREFIX}{base}."
+    # Saves killed mid-write leave .fastema-<name>.<pid>@<host>.*.tmp behind: remove this host's whose
+    # process is gone (on a shared file system another host's pids mean nothing here).
+    prefix, host = f"{_TMP_PREFIX}{base}.", socket.gethostname()
     with contextlib.suppress(OSError):
         for entry in os.listdir(directory):
             if not (entry.startswith(prefix) and entry.endswith(".tmp")):
                 continue
-            pid = entry[len(prefix):].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            pid, _, rest = entry[len(prefix):].partition("@")
+            if pid.isdigit() and rest.startswith(host + ".") and not _alive(int(pid)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, entry))
 
