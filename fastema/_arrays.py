@@ -9,6 +9,7 @@ before anything is written.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any, NamedTuple
@@ -125,13 +126,24 @@ def _torch_kind(t):
     return _TORCH_KINDS.get(t.dtype)
 
 
+@functools.cache
+def _torch_plain_types():
+    import torch
+
+    return torch.Tensor, torch.nn.Parameter
+
+
 def _refuse_foreign_torch(t, what: str) -> None:
     """Tensors whose data_ptr() is not where their elements are, or whose elements are elsewhere:
     refused by name, with what to do, before any address is taken."""
+    if type(t) in _torch_plain_types():
+        if hasattr(t, "ds_id") or getattr(t, "_fsdp_flattened", False) or t.is_neg() or t.is_conj():
+            _refuse_marked(t, what)
+        return
     import torch
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and is_traceable_wrapper_subclass(t):
+    if is_traceable_wrapper_subclass(t):
         kind = type(t).__name__
         hint = ("its elements live in per-rank local shards (FSDP2 fully_shard, tensor parallel, "
                 "distribute_module); fastema does not average sharded models yet: average the local "
@@ -142,6 +154,11 @@ def _refuse_foreign_torch(t, what: str) -> None:
     if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
         raise ValueError(f"{what} is an uninitialized parameter of a lazy module (nn.LazyLinear, ...): it has no "
                          f"shape or memory yet; run one forward pass before making the average")
+    _refuse_marked(t, what)
+
+
+def _refuse_marked(t, what: str) -> None:
+    """ZeRO-3 and FSDP1 parameters, lazy negated/conjugated views: refused by name."""
     if hasattr(t, "ds_id") or hasattr(t, "ds_tensor"):
         raise TypeError(
             f"{what} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(t.shape)}, full shape "
@@ -176,7 +193,7 @@ def _from_torch(t, what: str) -> Buf:
         raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs "
                          f"(a meta tensor has no memory: materialise the model first)")
     contiguous = t.is_contiguous()
-    order = c_layout(t.shape) if contiguous else layout(t.shape, t.stride())
+    order = () if contiguous else layout(t.shape, t.stride())
     if order is None:
         raise _not_contiguous(what, t.shape, t.stride())
     numel = t.numel()
@@ -187,7 +204,7 @@ def _from_torch(t, what: str) -> Buf:
                 f"the storage of {what} was freed (address 0 with {numel} elements: an FSDP unsharded "
                 f"parameter or untyped_storage().resize_(0)); point it at live memory, or make the EMA over "
                 f"tensors that own their storage. Nothing was written.")
-        span = 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+        span = numel if contiguous else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
         need = (t.storage_offset() + span) * t.element_size()
         have = t.untyped_storage().nbytes()
         if have < need:
@@ -195,7 +212,7 @@ def _from_torch(t, what: str) -> Buf:
                 f"the storage of {what} holds {have} bytes but the tensor needs {need} (it was resized in "
                 f"place, e.g. untyped_storage().resize_()); restore its storage or make a new EMA. "
                 f"Nothing was written.")
-    return Buf(t, kind, device, tuple(t.shape), address, True, "torch", () if contiguous else order)
+    return Buf(t, kind, device, tuple(t.shape), address, True, "torch", order)
 
 
 def _from_cai(x, what: str) -> Buf:

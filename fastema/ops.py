@@ -97,6 +97,8 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
     if s.shape != expected:
         raise ValueError(f"{b_name} has shape {x.shape} so {a_name} must have shape {expected}, "
                          f"got {s.shape}")
+    if not s.strides and not x.strides:               # both C order: (K, *shape) rows of C-order sources
+        return
     rows = len(expected) - len(x.shape)              # 1 for a (K, *shape) shadow of K rows
     order = layout(expected, (x.numel,) + x.order) if rows else x.order
     if s.order != order:
