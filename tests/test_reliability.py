@@ -107,15 +107,16 @@ def test_parameters_replaced_without_hooks_are_followed_or_refused(replace):
     assert ema.calls == 0
 
 
-def test_same_address_reshape_is_named_at_export_and_swap():
+def test_same_address_reshape_is_named_at_export_and_copy_out():
     m = nn.Linear(128, 32)
     ema = EMA(m, 0.5)
     m.weight.data = m.weight.data.view(128, 32)
     with pytest.raises(ValueError, match=r"source 'weight' was float32 \(32, 128\).*now float32 \(128, 32\)"):
         ema.averaged_state_dict()
+    before = m.weight.detach().clone()
     with pytest.raises(ValueError, match="source 'weight'"):
-        ema.swap()
-    assert not ema.swapped
+        ema.copy_to()
+    assert torch.equal(m.weight, before)
 
 
 # ------------------------------------------------------------------ M2: wrappers named module

@@ -396,7 +396,7 @@ class _ModelAverage:
         if not lossy:
             self._avg.swap_modes()
         if self._copy is not None:                     # the averaged group checks itself before writing
-            self._copy.check_sources()
+            self._copy._refresh()
         if lossy:
             if swapping_in:
                 if self._backup is None:
