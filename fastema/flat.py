@@ -234,6 +234,12 @@ class FlatShadow:
         self._refresh()
         if skip_nonfinite and skip_if is None:
             skip_if = self.scan_nonfinite()
+        self._lerp(weights_by_device, rounding, seed, step, skip_if)
+
+    def _lerp(self, weights_by_device: dict, rounding: str, seed: int, step: int, skip_if) -> None:
+        """The launches of :meth:`update`, once its arguments are checked and its addresses are
+        current (the model averages check the addresses themselves, in one pass with the model's
+        own tensors)."""
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self._groups):
             key = sr_key(seed + (gi << 32), step) if stochastic else 0
@@ -261,6 +267,10 @@ class FlatShadow:
         device whose ``skip_if`` flag (see :meth:`scan_nonfinite`) is set."""
         self._not_swapped("copy_from_sources()")
         self._refresh()
+        self._copy_in(skip_if)
+
+    def _copy_in(self, skip_if: Mapping | None = None) -> None:
+        """The launches of :meth:`copy_from_sources`, once the addresses are current."""
         for g in self._groups:
             _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream,
                          self._flag_view(skip_if, g))

@@ -28,7 +28,8 @@ MAX_DECAYS = 8
 def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating, np.integer)):
+        if type(v) is not float and (isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating,
+                                                                                 np.integer))):
             raise TypeError(
                 f"{what} must be a Python float in [0, 1], got {type(v).__name__}; to pass a value that "
                 f"lives on the device (no host sync, CUDA-graph friendly) use weight= with a float32 "

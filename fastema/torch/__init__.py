@@ -26,6 +26,7 @@ from torch import nn
 from .._arrays import _refuse_foreign_torch
 from .._bridge import check_shadow_settings, init_plan
 from ..flat import FlatShadow, WindowShadow
+from ..ops import resolve_weights, stochastic_rounding
 
 __all__ = ["EMA", "WindowAverage", "normalize_name", "registration_hooks"]
 
@@ -221,6 +222,7 @@ class _ModelAverage:
         self._backup = None                     # raw weights during a lossy swap (float16 models)
         self._swapped_row: int | None = None
         self._slots = self._owner_slots()
+        self._addresses = self._addresses_now()
         _watch(_unwrap(model), self)
 
     # ------------------------------------------------------------ which tensors
@@ -281,23 +283,39 @@ class _ModelAverage:
         columns = lambda rows: tuple(zip(*rows)) if rows else ((), (), ())  # noqa: E731
         return columns(slots), columns(list(paths.values()))
 
-    def _model_changed(self) -> bool:
-        # One dict lookup per tensor (~70 ns): parameters written into _parameters without torch's
-        # registration hooks (model.to("meta"), overwrite-on-conversion, direct writes) are seen here.
-        # With the hooks removed (registration_hooks(False)) the modules on the way are checked too.
-        if self._stale:
-            return True
-        checks = self._slots[:1] if _HOOKS else self._slots
-        return not all(all(map(operator.is_, map(dict.get, tables, keys), held)) for tables, keys, held in checks)
+    def _addresses_now(self) -> list | None:
+        """The address of the tensor each tracked slot of the model holds now (one dict lookup and one
+        data_ptr() per tensor), or None when a slot is empty. Tensors written into _parameters
+        without torch's registration hooks (model.to("meta"), overwrite-on-conversion, direct writes)
+        and storage moved under a tensor both show here. With the hooks removed
+        (registration_hooks(False)) the modules on the way are checked too."""
+        tables, keys, _ = self._slots[0]
+        if not _HOOKS:
+            mods, names, held = self._slots[1]
+            if not all(map(operator.is_, map(dict.get, mods, names), held)):
+                return None
+        try:
+            return list(map(_DATA_PTR, map(dict.get, tables, keys)))
+        except TypeError:                         # a slot is empty: the tensor was removed
+            return None
 
-    def _follow(self) -> None:
-        """Before reading or writing the model: follow re-registered tensors (or refuse before
-        anything is written), and start over from the model after a DDP wrap (see _on_registration)."""
+    def _model_changed(self) -> bool:
+        return self._stale or self._addresses_now() != self._addresses
+
+    def _follow(self) -> bool:
+        """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
+        anything is written), and start over from the model after a DDP wrap (see _on_registration).
+        True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
         if self._model_changed():
             self._rebind()
+            self._avg._refresh()                  # storage moved under a tensor the shadow already holds
+            if self._copy is not None:
+                self._copy._refresh()
+            self._addresses = self._addresses_now()
         if self._resync:
             self._resync = False
             self._restart()
+        return True
 
     def _restart(self, model: nn.Module | None = None) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
@@ -308,9 +326,12 @@ class _ModelAverage:
         """True while nothing but the construction went into the averages (a restart loses nothing)."""
         return self.calls == 0 and not self.swapped
 
-    def _copy_buffers(self, flags: dict | None = None) -> None:
+    def _copy_buffers(self, flags: dict | None = None, current: bool = False) -> None:
         if self._copy is not None:
-            self._copy.copy_from_sources(skip_if=flags)
+            if current:                             # addresses checked by _follow() in this update
+                self._copy._copy_in(flags)
+            else:
+                self._copy.copy_from_sources(skip_if=flags)
         for src, dst in self._int_buffers.values():
             flag = flags.get(_device_name(dst)) if flags else None
             if flag is None:
@@ -331,9 +352,7 @@ class _ModelAverage:
         self._not_swapped("update()")
         due = self.calls % every == 0
         if due:
-            self._follow()                      # may refuse: then nothing is counted or written
-            if self._copy is not None:          # the copied group checked before the averaged launch
-                self._copy._refresh()
+            self._follow()                      # every group, or a refusal before anything is written
         else:
             self.calls += 1
         return due
@@ -371,7 +390,7 @@ class _ModelAverage:
                 raise
         for n, (_, copy_) in list(self._int_buffers.items()):
             self._int_buffers[n] = (named[n], copy_)
-        self._slots = self._owner_slots()
+        self._slots = self._owner_slots()          # _follow() records the addresses once all groups pass
         self._stale = False
         _watch(inner, self)                      # new submodules are watched too
 
@@ -615,6 +634,7 @@ class _ModelAverage:
             _atomic_write(path, lambda f: torch.save(weights, f))    # streamed: no model-sized copy in memory
 
 
+_DATA_PTR = torch.Tensor.data_ptr
 _TMP_PREFIX = ".fastema-"
 
 
@@ -758,10 +778,20 @@ class EMA(_ModelAverage):
         if not self._begin(self.update_every):
             return
         flags = self._scan() if self.skip_nonfinite else None
-        self._avg.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n, skip_if=flags)
-        self._copy_buffers(flags)
+        self._avg._lerp(self._weights(weights), self.rounding, self.seed, n, flags)   # addresses checked
+        self._copy_buffers(flags, current=True)
         self.plan.commit(pending)
         self._end()
+
+    def _weights(self, weights) -> dict:
+        """The kernels' weights per device, with the rounding checked against each shadow dtype (the
+        seed was checked at construction and the step by the plan)."""
+        out = {}
+        for g in self._avg._groups:
+            if g.device not in out:
+                out[g.device] = resolve_weights(None, weights, self.plan.rows, g.device)
+            stochastic_rounding(self.rounding, g.shadow_kind)
+        return out
 
     def _restart(self, model: nn.Module | None = None) -> None:
         self._avg.copy_from_sources()
