@@ -71,9 +71,9 @@ def registration_hooks(enabled: bool) -> None:
     fastema registers three global torch hooks (``register_module_parameter_registration_hook``
     and the buffer and module twins) at the first model average; each call only sets a flag
     on the averages watching that module. Without them an average still follows tensors
-    replaced in a module it knows (one identity check per tensor and per module at every
-    update), but an average made before ``DDP(model)`` is no longer restarted from rank 0's
-    weights: make it after the wrap.
+    and submodules replaced in the model (at every update it also checks each module on the way
+    to a tracked tensor), but an average made before ``DDP(model)`` is no longer restarted from
+    rank 0's weights: make it after the wrap.
     """
     global _HOOKS_WANTED
     if not isinstance(enabled, bool):
