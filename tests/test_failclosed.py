@@ -7,7 +7,6 @@ test instead of killing the test run."""
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 import fastema
 from fastema.torch import EMA
-from fastema.torch.compat import ExponentialMovingAverage, ModelEmaV3
+from fastema.torch.compat import ModelEmaV3
 
 PRE = """
 import torch, torch.nn as nn, torch.distributed as dist

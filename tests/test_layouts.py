@@ -4,7 +4,6 @@ exports keep the layout. FlatShadow, EMA, WindowAverage and every compat class."
 import copy
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

@@ -558,7 +558,6 @@ class _ModelAverage:
             raise ValueError(f"{kind} checkpoint version {state.get('version')!r} is not supported "
                              f"(expected {VERSION})")
         self._not_swapped("load_state_dict()")
-        rows = self._avg.rows
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
         copied_names = self._copy.names if self._copy else []
