@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .kernels import ema_cpu
+from .kernels import cpu as cpu_kernels
 from .kernels.layout import chunk_table, segment_offsets
 
 # Tunables (host side)
@@ -85,14 +85,14 @@ def _cpu_parallel(t: Tables, rows: int) -> bool:
 
 
 def lerp(device, shadow_kind, src_kind, t: Tables, weights, flag=None, key=0, stochastic=False, stream=0):
-    """shadow[k] <- lerp(shadow[k], src, weights[k]) for each row k (see ema_cpu.lerp_kernel)."""
+    """shadow[k] <- lerp(shadow[k], src, weights[k]) for each row k (see cpu_kernels.lerp_kernel)."""
     if t.chunks == 0:
         return
     if isinstance(weights, tuple):               # host values: the kernel's arithmetic type
-        weights = tuple(map(np.float64 if ema_cpu.wide(shadow_kind, src_kind) else np.float32, weights))
+        weights = tuple(map(np.float64 if cpu_kernels.wide(shadow_kind, src_kind) else np.float32, weights))
     if is_cuda(device):
         return _cuda().lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream)
-    k = ema_cpu.lerp_kernel(shadow_kind, src_kind, stochastic, _cpu_parallel(t, len(weights)))
+    k = cpu_kernels.lerp_kernel(shadow_kind, src_kind, stochastic, _cpu_parallel(t, len(weights)))
     k(*t.args(), weights, _NO_FLAG if flag is None else flag, np.uint32(key))
 
 
@@ -103,26 +103,26 @@ def copy(device, shadow_kind, src_kind, t: Tables, to_shadow, row_lo, row_hi, st
         return
     if is_cuda(device):
         return _cuda().copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream, flag)
-    k = ema_cpu.copy_kernel(shadow_kind, src_kind, to_shadow, _cpu_parallel(t, row_hi - row_lo))
+    k = cpu_kernels.copy_kernel(shadow_kind, src_kind, to_shadow, _cpu_parallel(t, row_hi - row_lo))
     k(*t.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
 
 
 def swap(device, shadow_kind, src_kind, t: Tables, mode, row, stream=0):
-    """Exchange shadow row ``row`` with the sources (mode: ema_cpu.EXCHANGE / PACK / UNPACK)."""
+    """Exchange shadow row ``row`` with the sources (mode: kinds.EXCHANGE / PACK / UNPACK)."""
     if t.chunks == 0:
         return
     if is_cuda(device):
         return _cuda().swap(device, shadow_kind, src_kind, t, mode, row, stream)
-    ema_cpu.swap_kernel(shadow_kind, src_kind, mode, _cpu_parallel(t, 1))(*t.args(), row)
+    cpu_kernels.swap_kernel(shadow_kind, src_kind, mode, _cpu_parallel(t, 1))(*t.args(), row)
 
 
 def window(device, ring_kind, src_kind, t: Tables, ring_addr, slot, full, count, recompute, stream=0):
-    """Push the sources into ring row ``slot`` and refresh the window mean (ema_cpu.window_kernel)."""
+    """Push the sources into ring row ``slot`` and refresh the window mean (cpu_kernels.window_kernel)."""
     if t.chunks == 0:
         return
     if is_cuda(device):
         return _cuda().window(device, ring_kind, src_kind, t, ring_addr, slot, full, count, recompute, stream)
-    ema_cpu.window_kernel(ring_kind, src_kind, _cpu_parallel(t, 3))(*t.args(), ring_addr, slot, full, count,
+    cpu_kernels.window_kernel(ring_kind, src_kind, _cpu_parallel(t, 3))(*t.args(), ring_addr, slot, full, count,
                                                                     recompute)
 
 
@@ -132,7 +132,7 @@ def nonfinite(device, src_kind, t: Tables, flag, stream=0):
         return
     if is_cuda(device):
         return _cuda().nonfinite(device, src_kind, t, flag, stream)
-    ema_cpu.nonfinite_kernel(src_kind, _cpu_parallel(t, 1))(*t.args()[2:], flag)
+    cpu_kernels.nonfinite_kernel(src_kind, _cpu_parallel(t, 1))(*t.args()[2:], flag)
 
 
 # ---------------------------------------------------------------- views

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .kernels import ema_cuda
+from .kernels import cuda as cuda_kernels
 from .kernels._cuda_hw import SIMULATOR
 from . import _launch as L
 
@@ -64,26 +64,26 @@ def _launch(kernel, device, t, stream, *args):
 
 
 def lerp(device, shadow_kind, src_kind, t, weights, flag, key, stochastic, stream):
-    k = ema_cuda.lerp_kernel(shadow_kind, src_kind, stochastic)
+    k = cuda_kernels.lerp_kernel(shadow_kind, src_kind, stochastic)
     _launch(k, device, t, stream, *t.args(), weights, _zero_flag(device) if flag is None else flag,
             np.uint32(key))
 
 
 def copy(device, shadow_kind, src_kind, t, to_shadow, row_lo, row_hi, stream, flag=None):
-    _launch(ema_cuda.copy_kernel(shadow_kind, src_kind, to_shadow), device, t, stream, *t.args(), row_lo, row_hi,
+    _launch(cuda_kernels.copy_kernel(shadow_kind, src_kind, to_shadow), device, t, stream, *t.args(), row_lo, row_hi,
             _zero_flag(device) if flag is None else flag)
 
 
 def swap(device, shadow_kind, src_kind, t, mode, row, stream):
-    _launch(ema_cuda.swap_kernel(shadow_kind, src_kind, mode), device, t, stream, *t.args(), row)
+    _launch(cuda_kernels.swap_kernel(shadow_kind, src_kind, mode), device, t, stream, *t.args(), row)
 
 
 def nonfinite(device, src_kind, t, flag, stream):
-    _launch(ema_cuda.nonfinite_kernel(src_kind), device, t, stream, *t.args()[2:], flag)
+    _launch(cuda_kernels.nonfinite_kernel(src_kind), device, t, stream, *t.args()[2:], flag)
 
 
 def window(device, ring_kind, src_kind, t, ring_addr, slot, full, count, recompute, stream):
-    _launch(ema_cuda.window_kernel(ring_kind, src_kind), device, t, stream, *t.args(), ring_addr, slot, full,
+    _launch(cuda_kernels.window_kernel(ring_kind, src_kind), device, t, stream, *t.args(), ring_addr, slot, full,
             count, recompute)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _launch
 from ._arrays import Buf, describe, disjoint, empty, zero_
-from .kernels import ema_cpu
+from .kernels import kinds
 from .kernels._bits import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 
@@ -288,11 +288,11 @@ class FlatShadow:
         modes = []
         for g in self._groups:
             if g.shadow_kind == g.src_kind:
-                modes.append(ema_cpu.EXCHANGE)
+                modes.append(kinds.EXCHANGE)
             elif g.shadow_kind == F32 and g.src_kind == BF16:
-                modes.append(ema_cpu.UNPACK if self.swapped else ema_cpu.PACK)
+                modes.append(kinds.UNPACK if self.swapped else kinds.PACK)
             elif lossy:
-                modes.append(ema_cpu.EXCHANGE)
+                modes.append(kinds.EXCHANGE)
             else:
                 raise ValueError(
                     f"swapping a {KIND_NAMES[g.shadow_kind]} shadow with {KIND_NAMES[g.src_kind]} sources "

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _launch
 from ._arrays import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
-from .kernels import _bits, ema_cpu
+from .kernels import _bits, kinds
 from .kernels._bits import BF16, KIND_NAMES
 
 __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swap_", "flag_nonfinite_",
@@ -212,7 +212,7 @@ def swap_(a, b, *, lossy: bool = False):
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
     t = _single_tables(x.device, s.address, x.address, x.numel)
-    _launch.swap(s.device, s.kind, x.kind, t, ema_cpu.EXCHANGE, 0, _launch.stream_for(s))
+    _launch.swap(s.device, s.kind, x.kind, t, kinds.EXCHANGE, 0, _launch.stream_for(s))
 
 
 def flag_nonfinite_(flag, src):

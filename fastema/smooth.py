@@ -15,12 +15,12 @@ import numpy as np
 
 from . import _launch
 from ._arrays import _is_cudasim, _is_torch
-from .kernels import _smooth
-from .kernels._bits import BF16, F16, F32
+from .kernels import kinds
+from .kernels.kinds import BF16, F16, F32, F64
 
 __all__ = ["Smoother", "alpha_from"]
 
-_MODES = {"debiased": _smooth.DEBIASED, "seeded": _smooth.SEEDED, "zeros": _smooth.ZEROS}
+_MODES = {"debiased": kinds.DEBIASED, "seeded": kinds.SEEDED, "zeros": kinds.ZEROS}
 
 
 def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) -> float:
@@ -58,18 +58,18 @@ def _values_view(x, what: str):
         if x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no values)")
-        kinds = {torch.float64: _smooth.F64, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
+        kinds = {torch.float64: F64, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
         if x.dtype not in kinds:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
         kind = kinds[x.dtype]
         flat = x.detach().reshape(-1)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        view_dtype = {_smooth.F64: torch.float64, F32: torch.uint32}.get(kind, torch.uint16)
+        view_dtype = {F64: torch.float64, F32: torch.uint32}.get(kind, torch.uint16)
         bits = flat.view(view_dtype)
         if x.device.type == "cpu":
             return kind, bits.numpy(), ("torch", x.device), tuple(x.shape)
-        typ = {_smooth.F64: np.float64, F32: np.uint32}.get(kind, np.uint16)
+        typ = {F64: np.float64, F32: np.uint32}.get(kind, np.uint16)
         return kind, _launch._cuda().raw_view(bits.data_ptr(), bits.numel(), typ, bits), \
             ("torch", x.device), tuple(x.shape)
     if _is_cudasim(x):
@@ -77,12 +77,12 @@ def _values_view(x, what: str):
         kind, bits, _, shape = _values_view(x, what)
         return kind, bits, ("cudasim", "cuda:0"), shape
     if isinstance(x, np.ndarray):
-        kinds = {np.dtype(np.float64): _smooth.F64, np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+        kinds = {np.dtype(np.float64): F64, np.dtype(np.float32): F32, np.dtype(np.float16): F16}
         if x.dtype not in kinds:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
         kind = kinds[x.dtype]
         flat = np.ascontiguousarray(x).reshape(-1)
-        return kind, flat if kind == _smooth.F64 else flat.view(np.uint32 if kind == F32 else np.uint16), \
+        return kind, flat if kind == F64 else flat.view(np.uint32 if kind == F32 else np.uint16), \
             ("numpy", "cpu"), x.shape
     raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, got {type(x).__name__}")
 
@@ -197,13 +197,13 @@ class Smoother:
         st = self._views
         mode = _MODES[self.mode]
         if cuda:
-            from .kernels import smooth_cuda as K
+            from .kernels import cuda as K
 
             ema_k = K.ema_kernel(kind, mode, skip) if self.alpha is not None else None
             sma_k = K.sma_kernel(kind, skip) if self.window is not None else None
             run = self._launch_cuda
         else:
-            from .kernels import smooth_cpu as K
+            from .kernels import cpu as K
 
             big = y.size >= 1 << 16                       # parallel only where threads pay off
             ema_k = K.ema_kernel(kind, mode, skip, big) if self.alpha is not None else None

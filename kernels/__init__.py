@@ -1,11 +1,20 @@
-"""fastema.kernels: the compiled math, on plain arrays (NumPy and Numba only).
+"""fastema.kernels: the compiled math, on plain arrays (NumPy, Numba and llvmlite only).
 
-- :mod:`._bits`: scalar bit helpers shared by both targets (dtype conversions,
-  stochastic rounding, the exact float32/bfloat16 swap packing).
+Installed as ``fastema.kernels`` from the top-level ``kernels/`` folder (``package-dir`` in
+``pyproject.toml``): the folder holds no framework code, and a test checks its imports.
+
+- :mod:`.kinds`: storage kinds, item sizes, swap and EMA modes (the kernels' constants).
+- :mod:`._bits`: scalar bit math (dtype conversions, stochastic rounding, exact swap packing).
+- :mod:`._stats`: scalar running statistics (EMA step, Neumaier compensated sum).
+- :mod:`._elementwise`: the element body of every kernel, written once.
+- :mod:`._intrinsics`: bit casts, FMA and typed pointers, once for every target;
+  :mod:`._cpu_hw` and :mod:`._cuda_hw` instantiate them (the CUDA one falls back to plain
+  Python under the simulator).
+- :mod:`._target`: compiles the plain element bodies for one target.
 - :mod:`.layout`: segment and chunk tables for many tensors in one launch.
-- :mod:`.ema_cpu`: CPU kernels; :mod:`.ema_cuda`: their CUDA twins (imported lazily).
-- :mod:`._cpu_hw`, :mod:`._cuda_hw`: the few hardware-only pieces (bit casts, raw
-  pointers), the CUDA one with a simulator fallback.
+- :mod:`.cpu`: every CPU kernel (chunk loops under ``prange``); :mod:`.cuda`: every CUDA
+  kernel (grid-stride loops), imported lazily.
 
-No framework is imported here: framework knowledge lives in ``fastema``.
+To add an op: its element body in ``_elementwise.py``, one skeleton in ``cpu.py`` and one
+in ``cuda.py``. To add a target: one hardware shim and one skeleton module.
 """

@@ -11,9 +11,7 @@ constants are used: numba types ``uint64 op int64`` as float64.
 """
 import numpy as np
 
-F32, BF16, F16, F64 = 0, 1, 2, 3  # storage kinds; values are part of the kernel cache key
-KIND_NAMES = ("float32", "bfloat16", "float16", "float64")
-ITEMSIZE = (4, 2, 2, 8)
+from .kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES  # noqa: F401  (re-exported)
 
 _U16 = np.uint32(16)
 _U13 = np.uint32(13)

@@ -1,7 +1,9 @@
-"""CPU-only low-level pieces: float32 bit casts and typed pointers from raw addresses."""
+"""CPU hardware pieces: the intrinsics of :mod:`._intrinsics` for numba's CPU target."""
 from numba.core import types
 from numba.extending import intrinsic
 
 from ._intrinsics import build
 
-as_float, as_bits, u32_pointer, u16_pointer, f64_pointer = build(intrinsic, types)
+HW = build(intrinsic, types)
+as_float, as_bits, fma = HW["as_float"], HW["as_bits"], HW["fma"]
+u32_pointer, u16_pointer, f64_pointer = HW["u32_pointer"], HW["u16_pointer"], HW["f64_pointer"]

@@ -1,14 +1,25 @@
-"""The bit-cast and pointer intrinsics, written once for both numba targets.
+"""The hardware pieces of the kernels, written once: bit casts, FMA and typed pointers.
 
-``build(intrinsic, types)`` takes the target's ``intrinsic`` decorator and types
+``build(intrinsic, types)`` takes a numba target's ``intrinsic`` decorator and types
 module (``numba.extending``/``numba.core.types`` for the CPU,
-``numba.cuda.extending``/``numba.cuda.types`` for CUDA) and returns
-``(as_float, as_bits, u32_pointer, u16_pointer, f64_pointer)``; each is one LLVM instruction.
+``numba.cuda.extending``/``numba.cuda.types`` for CUDA) and returns a dict of
+``as_float, as_bits, fma, u32_pointer, u16_pointer, f64_pointer``; each is one LLVM
+instruction or intrinsic call (``llvm.fma`` becomes ``vfmadd`` on the CPU and ``fma.rn``
+in PTX, so both targets round the lerp once, by name rather than by contraction).
+
+:func:`python_versions` returns the same names as plain Python with the same semantics:
+the CUDA simulator runs them, and the element bodies of :mod:`._elementwise` use them
+when called from Python (tests, debugging).
 """
+import ctypes
+
+import numpy as np
 from llvmlite import ir
 
+NAMES = ("as_float", "as_bits", "fma", "u32_pointer", "u16_pointer", "f64_pointer")
 
-def build(intrinsic, types):
+
+def build(intrinsic, types) -> dict:
     @intrinsic
     def as_float(typingctx, bits):
         """Reinterpret the low 32 bits of an unsigned integer as a float32."""
@@ -34,6 +45,21 @@ def build(intrinsic, types):
 
         return sig, codegen
 
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        """``a * b + c`` rounded once; all three float32 or all three float64."""
+        if not (a == b == c and a in (types.float32, types.float64)):
+            return None
+        sig = a(a, b, c)
+
+        def codegen(context, builder, signature, args):
+            t = args[0].type
+            name = "llvm.fma.f32" if isinstance(t, ir.FloatType) else "llvm.fma.f64"
+            fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+            return builder.call(fn, args)
+
+        return sig, codegen
+
     def pointer(dtype):
         @intrinsic
         def typed_pointer(typingctx, address, count):
@@ -49,4 +75,35 @@ def build(intrinsic, types):
 
         return typed_pointer
 
-    return as_float, as_bits, pointer(types.uint32), pointer(types.uint16), pointer(types.float64)
+    return dict(as_float=as_float, as_bits=as_bits, fma=fma, u32_pointer=pointer(types.uint32),
+                u16_pointer=pointer(types.uint16), f64_pointer=pointer(types.float64))
+
+
+def python_versions() -> dict:
+    """The names of :func:`build` in plain Python (NumPy scalars, host memory through ctypes)."""
+    def as_float(bits):
+        """Low 32 bits of an unsigned integer, reinterpreted as float32."""
+        return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+
+    def as_bits(value):
+        """float32 -> its uint32 bit pattern."""
+        return np.float32(value).view(np.uint32)
+
+    def fma(a, b, c):
+        """``a * b + c`` rounded once: float64 holds a float32 product exactly; float64 inputs
+        go through Python's exact ``math.fma`` where there is one (3.13+)."""
+        if isinstance(a, np.float32):
+            return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+        import math
+        if hasattr(math, "fma"):
+            return np.float64(math.fma(float(a), float(b), float(c)))
+        from fractions import Fraction
+        return np.float64(float(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))))
+
+    def pointer(ctype):
+        def typed_pointer(address, count):
+            return np.ctypeslib.as_array((ctype * max(int(count), 1)).from_address(int(address)))
+        return typed_pointer
+
+    return dict(as_float=as_float, as_bits=as_bits, fma=fma, u32_pointer=pointer(ctypes.c_uint32),
+                u16_pointer=pointer(ctypes.c_uint16), f64_pointer=pointer(ctypes.c_double))

@@ -19,7 +19,9 @@ if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
 
 import fastema                                              # noqa: E402
 from fastema import _launch                                 # noqa: E402
-from fastema.kernels import _bits, ema_cpu, ema_cuda        # noqa: E402
+from fastema.kernels import _bits, kinds                   # noqa: E402
+from fastema.kernels import cpu as ema_cpu                 # noqa: E402
+from fastema.kernels import cuda as ema_cuda               # noqa: E402
 from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
 from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
 
@@ -111,8 +113,8 @@ def test_stochastic_rounding_identical_to_cpu():
     assert np.array_equal(d.copy_to_host(), expected)
 
 
-@pytest.mark.parametrize("sk,xk,mode", [(F32, F32, ema_cpu.EXCHANGE), (BF16, BF16, ema_cpu.EXCHANGE),
-                                        (F32, BF16, ema_cpu.PACK), (F32, F16, ema_cpu.EXCHANGE)])
+@pytest.mark.parametrize("sk,xk,mode", [(F32, F32, kinds.EXCHANGE), (BF16, BF16, kinds.EXCHANGE),
+                                        (F32, BF16, kinds.PACK), (F32, F16, kinds.EXCHANGE)])
 def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
     rng = np.random.default_rng(3)
     counts = [9, 30]
@@ -320,7 +322,7 @@ def test_torch_ema_on_gpu_without_host_sync_and_in_a_cuda_graph():
 @pytest.mark.parametrize("kind", [F32, BF16, 3])             # 3: float64 values
 @pytest.mark.parametrize("skip", [True, False])
 def test_smoother_kernels_match_cpu(kind, skip):
-    from fastema.kernels import _smooth, smooth_cpu, smooth_cuda
+    from fastema.kernels import cpu as smooth_cpu, cuda as smooth_cuda, kinds as _smooth
 
     rng = np.random.default_rng(9)
     k, window = 37, 4

@@ -1,13 +1,8 @@
-"""Per-stream arithmetic of the metric smoothers, shared by the CPU and CUDA kernels.
+"""Scalar arithmetic of the running statistics, shared by every kernel that needs it.
 
-Plain Python over float64 scalars; each target compiles it (see ``_bits`` for the pattern).
-State per stream (float64): EMA ``a``, ``b``; SMA a compensated window sum, the window's
-weight, and counts. Modes are compile-time constants of the kernels.
+Plain Python over float scalars; each target compiles it (see :mod:`._target`).
 """
-import math
-
-DEBIASED, SEEDED, ZEROS = 0, 1, 2      # EMA modes: pandas adjust=True / adjust=False / zero-init
-from ._bits import F64  # noqa: F401  (float64 metrics: the storage kind of _bits)
+from .kinds import DEBIASED, SEEDED
 
 
 def ema_step(a, b, v, w, d, mode):
@@ -33,7 +28,3 @@ def neumaier(s, c, x):
     else:
         c += (x - t) + s
     return t, c
-
-
-def finite(v):
-    return not (math.isnan(v) or math.isinf(v))

@@ -1,0 +1,234 @@
+"""The element bodies of every kernel, written once for every target.
+
+Each function here does the work of one element (an index into raw pointers or arrays).
+The loop skeletons, per target, are all that :mod:`.cpu` (a chunk loop under ``prange``)
+and :mod:`.cuda` (a grid-stride loop) add. Plain Python: :func:`._target.bind` compiles
+these for a target with their global names (``decode``, ``neumaier``, ``as_float``,
+``fma``, ...) bound to that target's compiled versions, and called from Python they run
+as they read (the hardware names then are the plain versions of :mod:`._intrinsics`).
+
+Storage kinds and modes are arguments that the skeletons pass as compile-time constants,
+so their branches fold away. Narrow bodies compute in float32 on float32 bit patterns;
+``*_wide`` bodies compute in float64 and serve any kernel that meets a float64 buffer.
+"""
+import math
+
+import numpy as np
+
+from ._bits import decode, encode, encode_bf16_sr, is_nonfinite, pack_bf16, sr_noise, unpack_bf16
+from ._intrinsics import python_versions
+from ._stats import ema_step, neumaier
+from .kinds import F64, PACK, UNPACK
+
+_hw = python_versions()                       # replaced per target by _target.bind
+as_float, as_bits, fma = _hw["as_float"], _hw["as_bits"], _hw["fma"]
+
+# ---------------------------------------------------------------- loads, stores, conversion
+
+
+def load(p, j, kind):
+    """Element ``j`` of storage ``kind`` as a float32 value (exact)."""
+    return as_float(decode(p[j], kind))
+
+
+def load_wide(p, j, kind):
+    """Element ``j`` of storage ``kind`` as a float64 value (exact)."""
+    if kind == F64:
+        return p[j]
+    return np.float64(as_float(decode(p[j], kind)))
+
+
+def store_wide(p, j, v, kind):
+    """Store float64 ``v`` as storage ``kind`` (through float32, to nearest even, when narrower)."""
+    if kind == F64:
+        p[j] = v
+    else:
+        p[j] = encode(as_bits(np.float32(v)), kind)
+
+
+def convert(bits, src_kind, dst_kind):
+    """Stored bits of ``src_kind`` as stored bits of ``dst_kind``: exact when the kinds match,
+    else rounded to nearest even."""
+    if src_kind == dst_kind:
+        return bits
+    return encode(decode(bits, src_kind), dst_kind)
+
+
+# ---------------------------------------------------------------- lerp: the EMA update
+
+
+def lerp32(e, x, w):
+    """``torch.lerp(e, x, w)`` in float32: from ``e`` when ``|w| < 0.5``, else from ``x``,
+    with one rounding (FMA), so results equal ``torch.lerp_`` bit for bit."""
+    small = abs(w) < np.float32(0.5)
+    return fma(w if small else w - np.float32(1.0), x - e, e if small else x)
+
+
+def lerp64(e, x, w):
+    """:func:`lerp32` in float64."""
+    small = abs(w) < 0.5
+    return fma(w if small else w - 1.0, x - e, e if small else x)
+
+
+def lerp_at(q, j, x, w, kind, stochastic, key, index):
+    """``q[j] <- lerp(q[j], x, w)`` for a float32 source value ``x``, stored as ``kind``: to
+    nearest even, or stochastically (bfloat16) with the noise of ``index`` under ``key``."""
+    y = as_bits(lerp32(load(q, j, kind), x, np.float32(w)))
+    if stochastic:
+        q[j] = encode_bf16_sr(y, sr_noise(key, index))
+    else:
+        q[j] = encode(y, kind)
+
+
+def lerp_at_wide(q, j, x, w, kind, stochastic, key, index):
+    """:func:`lerp_at` in float64 (``x`` float64; no stochastic rounding)."""
+    store_wide(q, j, lerp64(load_wide(q, j, kind), x, np.float64(w)), kind)
+
+
+# ---------------------------------------------------------------- copy, swap, scan
+
+
+def copy_at(dst, i, src, j, src_kind, dst_kind):
+    """``dst[i] <- src[j]`` converted between kinds (bits copied exactly when they match)."""
+    dst[i] = convert(src[j], src_kind, dst_kind)
+
+
+def copy_at_wide(dst, i, src, j, src_kind, dst_kind):
+    """:func:`copy_at` through float64 (float64 on one side only)."""
+    store_wide(dst, i, load_wide(src, j, src_kind), dst_kind)
+
+
+def swap_at(q, i, p, j, shadow_kind, src_kind, mode):
+    """Exchange shadow ``q[i]`` and source ``p[j]``. ``EXCHANGE`` converts both ways (exact
+    when the kinds match); ``PACK``/``UNPACK`` (float32 shadow, bfloat16 source) put the
+    rounded shadow into the source and keep both exactly (see ``_bits.pack_bf16``)."""
+    a = q[i]
+    b = p[j]
+    if mode == PACK:
+        q[i], p[j] = pack_bf16(a, b)
+    elif mode == UNPACK:
+        q[i], p[j] = unpack_bf16(a, b)
+    else:
+        q[i] = convert(b, src_kind, shadow_kind)
+        p[j] = convert(a, shadow_kind, src_kind)
+
+
+def swap_at_wide(q, i, p, j, shadow_kind, src_kind, mode):
+    """:func:`swap_at` through float64 (``EXCHANGE`` only; exact when both are float64)."""
+    a = load_wide(q, i, shadow_kind)
+    b = load_wide(p, j, src_kind)
+    store_wide(q, i, b, shadow_kind)
+    store_wide(p, j, a, src_kind)
+
+
+def nonfinite_at(p, j, kind):
+    """True when element ``j`` is inf or NaN (an integer test on the bits)."""
+    return is_nonfinite(p[j], kind)
+
+
+def nonfinite_at_wide(p, j, kind):
+    """:func:`nonfinite_at` for float64: ``v - v`` is NaN exactly for inf and NaN."""
+    return (p[j] - p[j]) != 0.0
+
+
+# ---------------------------------------------------------------- window of snapshots
+
+
+def window_at(mean, total, comp, ring, n, slot, p, j, full, count, recompute, ring_kind, src_kind):
+    """Push source ``p[j]`` into ring row ``slot`` (rows ``n`` apart) and refresh element ``j``
+    of the window's float32 ``mean`` and its compensated sum ``(total, comp)``.
+
+    The sum adds exactly what the ring stores and subtracts the evicted snapshot when
+    ``full``; ``count`` is the number of snapshots after the push. With ``recompute`` the
+    sum is rebuilt from the ``count`` ring rows in compensated float64 instead (rows in
+    order, the same on every target): a running sum's error grows with the pushes
+    relative to the values' size, so the caller recomputes every W pushes and the mean
+    stays within 2 ulp.
+    """
+    at = slot * n + j
+    stored = convert(p[j], src_kind, ring_kind)
+    old = ring[at]
+    ring[at] = stored
+    if recompute:
+        s64 = 0.0
+        c64 = 0.0
+        for row in range(count):
+            s64, c64 = neumaier(s64, c64, np.float64(load(ring, row * n + j, ring_kind)))
+        t = s64 + c64
+        s = np.float32(t)
+        mean[j] = as_bits(np.float32(t / count))
+        total[j] = as_bits(s)
+        comp[j] = as_bits(np.float32(t - np.float64(s)))
+    else:
+        s, c = neumaier(as_float(total[j]), as_float(comp[j]), as_float(decode(stored, ring_kind)))
+        if full:
+            s, c = neumaier(s, c, -as_float(decode(old, ring_kind)))
+        mean[j] = as_bits((s + c) / np.float32(count))
+        total[j] = as_bits(s)
+        comp[j] = as_bits(c)
+
+
+def window_at_wide(mean, total, comp, ring, n, slot, p, j, full, count, recompute, ring_kind, src_kind):
+    """:func:`window_at` for float64 sources: float64 ring, mean and sum."""
+    at = slot * n + j
+    old = load_wide(ring, at, ring_kind)
+    store_wide(ring, at, load_wide(p, j, src_kind), ring_kind)
+    if recompute:
+        s = 0.0
+        c = 0.0
+        for row in range(count):
+            s, c = neumaier(s, c, load_wide(ring, row * n + j, ring_kind))
+    else:
+        s, c = neumaier(total[j], comp[j], load_wide(ring, at, ring_kind))
+        if full:
+            s, c = neumaier(s, c, -old)
+    mean[j] = (s + c) / count
+    total[j] = s
+    comp[j] = c
+
+
+# ---------------------------------------------------------------- metric streams (Smoother)
+
+
+def metric_at(y, k, kind):
+    """Value ``k`` of a metric array (float64, or the bits of a narrower kind) as float64."""
+    return y[k] if kind == F64 else np.float64(as_float(decode(y[k], kind)))
+
+
+def ema_stream_at(y, k, w0, c, per_stream, a, b, d, kind, mode, skip):
+    """EMA update of stream ``k`` (``_stats.ema_step``) with sample weight ``c[k]`` or ``w0``;
+    with ``skip``, a non-finite value leaves the stream untouched."""
+    v = metric_at(y, k, kind)
+    w = c[k] if per_stream else w0
+    if skip and (math.isnan(v) or math.isinf(v)):
+        return
+    a[k], b[k] = ema_step(a[k], b[k], v, w, d, mode)
+
+
+def sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, kind, skip):
+    """Push value ``k`` (weight ``c[k]`` or ``w0``) into its window, evicting ring entry ``base + k``.
+
+    The window keeps compensated sums of ``w * v`` and ``w``; ``n`` counts the finite
+    entries. A non-finite value is missing (``skip``) or counted in ``bad`` so the mean
+    reads NaN while it is in the window (propagate).
+    """
+    ov, ow = ring_v[base + k], ring_w[base + k]
+    if ow > 0.0:                           # evict the oldest value
+        s[k], comp[k] = neumaier(s[k], comp[k], -ov)
+        ws[k], wcomp[k] = neumaier(ws[k], wcomp[k], -ow)
+        n[k] -= 1
+    elif ow < 0.0:                         # a non-finite entry leaves the window
+        bad[k] -= 1
+    v = metric_at(y, k, kind)
+    w = c[k] if per_stream else w0
+    if math.isnan(v) or math.isinf(v) or w == 0.0:
+        ring_v[base + k] = 0.0
+        ring_w[base + k] = 0.0 if (skip or w == 0.0) else -1.0
+        if not skip and w != 0.0:
+            bad[k] += 1
+    else:
+        ring_v[base + k] = w * v
+        ring_w[base + k] = w
+        s[k], comp[k] = neumaier(s[k], comp[k], w * v)
+        ws[k], wcomp[k] = neumaier(ws[k], wcomp[k], w)
+        n[k] += 1

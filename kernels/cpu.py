@@ -1,0 +1,246 @@
+"""CPU kernels: the loop skeletons around :mod:`._elementwise` (numba, parallel over chunks).
+
+Every weight kernel walks a group of source tensors through the tables of
+:mod:`fastema.kernels.layout`; a flat source is a group of one segment.
+
+Shared arguments (arrays 1-D, C-contiguous):
+    n:           elements per shadow row (the row stride).
+    shadow_addr: int64[S] address of each segment's shadow (row 0); row k lies
+                 ``k * n`` elements further. Elements are the bits of float32, bfloat16
+                 or float16 (uint32/uint16) or float64 values; written in place. A flat
+                 shadow gives ``base + seg_offset[s] * itemsize``; a scattered one
+                 (another model's tensors) gives each tensor's own address, with K = 1.
+    seg_addr:    int64[S] address of each source tensor's first element.
+    seg_offset:  int64[S + 1] where each source starts in a shadow row.
+    chunk_seg:   int32[C] segment of each chunk.
+    chunk_begin: int64[C + 1] chunk boundaries within a shadow row.
+
+Kernels are built per (storage kinds, mode, parallel) by the ``*_kernel`` factories;
+the kinds are closure constants, so the branches fold away. Each kernel is a loop over
+chunks (``prange`` in the parallel twin) calling a separately compiled per-chunk function
+whose loop indexes raw pointers from 0: LLVM vectorises that form, and keeps it
+vectorised inside numba's parallel region (a loop written inline in the ``prange`` body
+lost vectorisation there and ran no faster on two threads than on one).
+
+The CUDA twins in :mod:`.cuda` take the same arguments and call the same element bodies.
+"""
+import functools
+
+from numba import njit, prange
+
+from ._cpu_hw import HW
+from ._target import bind
+from .kinds import F32, F64, ITEMSIZE, wide
+
+E = bind(functools.partial(njit, inline="always"), HW)
+_POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
+
+
+def _pointer(kind):
+    """(pointer intrinsic, bytes per element) for a storage kind."""
+    return _POINTERS.get(kind, HW["u16_pointer"]), ITEMSIZE[kind]
+
+
+def _compile(fn, parallel):
+    return njit(parallel=parallel, cache=True)(fn)
+
+
+def _chunk(fn):
+    return njit(cache=True)(fn)
+
+
+@functools.cache
+def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
+    """``shadow[k] <- shadow[k] + w[k] * (src - shadow[k])`` for every row k (``_elementwise.lerp_at``).
+
+    Extra arguments:
+        weights: float32[K] array or tuple, ``w = 1 - decay`` per row (float64 for a
+                 float64 kernel, which also widens a float32 array's values).
+        flag:    int32[>=1]; when ``flag[0] != 0`` nothing is written (non-finite guard).
+        key:     uint32 stochastic-rounding key (ignored unless ``stochastic``).
+    """
+    sptr, SB = _pointer(shadow_kind)
+    xptr, XB = _pointer(src_kind)
+    SK, XK, SR = shadow_kind, src_kind, stochastic
+    load, lerp_at = (E.load_wide, E.lerp_at_wide) if wide(SK, XK) else (E.load, E.lerp_at)
+
+    @_chunk
+    def chunk(q_addr, p_addr, m, w, first, key):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        for j in range(m):
+            lerp_at(q, j, load(p, j, XK), w, SK, SR, key, first + j)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
+        if flag[0] != 0:
+            return
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            m = chunk_begin[c + 1] - begin
+            within = begin - seg_offset[s]
+            p_addr = seg_addr[s] + within * XB
+            for k in range(len(weights)):          # rows after the first re-read the chunk from cache
+                first = k * n + begin              # the noise index: position in the (K, n) layout
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, weights[k], first, key)
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
+    """Copy with conversion (round to nearest even) between the sources and shadow rows.
+
+    ``to_shadow``: every row in ``[row_lo, row_hi)`` receives the sources; else the
+    sources receive row ``row_lo`` (``row_hi`` unused). Same kinds copy bits exactly.
+    Nothing is written when ``flag[0] != 0`` (int32[>=1], the non-finite guard).
+    """
+    sptr, SB = _pointer(shadow_kind)
+    xptr, XB = _pointer(src_kind)
+    SK, XK, TO = shadow_kind, src_kind, to_shadow
+    copy_at = E.copy_at_wide if wide(SK, XK) and SK != XK else E.copy_at
+
+    @_chunk
+    def chunk(q_addr, p_addr, m):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        for j in range(m):
+            if TO:
+                copy_at(q, j, p, j, XK, SK)
+            else:
+                copy_at(p, j, q, j, SK, XK)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
+        if flag[0] != 0:
+            return
+        last = row_hi if TO else row_lo + 1
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            m = chunk_begin[c + 1] - begin
+            within = begin - seg_offset[s]
+            p_addr = seg_addr[s] + within * XB
+            for k in range(row_lo, last):
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m)
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def swap_kernel(shadow_kind, src_kind, mode, parallel):
+    """Exchange shadow row ``row`` and the sources in place (``_elementwise.swap_at``)."""
+    sptr, SB = _pointer(shadow_kind)
+    xptr, XB = _pointer(src_kind)
+    SK, XK, MODE = shadow_kind, src_kind, mode
+    swap_at = E.swap_at_wide if wide(SK, XK) else E.swap_at
+
+    @_chunk
+    def chunk(q_addr, p_addr, m):
+        q = sptr(q_addr, m)
+        p = xptr(p_addr, m)
+        for j in range(m):
+            swap_at(q, j, p, j, SK, XK, MODE)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            within = begin - seg_offset[s]
+            chunk(shadow_addr[s] + (row * n + within) * SB, seg_addr[s] + within * XB, chunk_begin[c + 1] - begin)
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def nonfinite_kernel(src_kind, parallel):
+    """Set ``flag[0] = 1`` if any source element is inf or NaN; never clears it."""
+    xptr, XB = _pointer(src_kind)
+    XK = src_kind
+    nonfinite_at = E.nonfinite_at_wide if XK == F64 else E.nonfinite_at
+
+    @_chunk
+    def chunk(p_addr, m):
+        p = xptr(p_addr, m)
+        bad = False
+        for j in range(m):
+            bad |= nonfinite_at(p, j, XK)
+        return bad
+
+    def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            if chunk(seg_addr[s] + (begin - seg_offset[s]) * XB, chunk_begin[c + 1] - begin):
+                flag[0] = 1
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def window_kernel(ring_kind, src_kind, parallel):
+    """Push the sources into a window of W snapshots and refresh its mean (``_elementwise.window_at``).
+
+    The shadow has 3 rows: 0 the mean, 1 and 2 a compensated (Neumaier) running sum of
+    the snapshots in the window, float32 (float64 for a float64 ring). The ring holds W
+    rows of ``ring_kind`` at ``ring_addr`` (same layout as the shadow); row ``slot`` is
+    replaced; ``count`` is the number of snapshots after the push; ``recompute`` rebuilds
+    the sum from the ring.
+    """
+    rptr, RB = _pointer(ring_kind)
+    xptr, XB = _pointer(src_kind)
+    RK, XK = ring_kind, src_kind
+    fptr, FB = _pointer(F64 if RK == F64 else F32)       # the shadow rows
+    window_at = E.window_at_wide if RK == F64 else E.window_at
+
+    @_chunk
+    def chunk(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count, recompute):
+        q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
+        r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+        for j in range(m):
+            window_at(q, sm, cm, r, n, slot, p, j, full, count, recompute, RK, XK)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
+               recompute):
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            within = begin - seg_offset[s]
+            base = shadow_addr[s] + within * FB
+            chunk(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
+                  seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count, recompute)
+
+    return _compile(kernel, parallel)
+
+
+# ---------------------------------------------------------------- metric smoothers (K streams)
+# Arguments (1-D, C-contiguous): y: K values, float64 or the bits of a narrower ``kind``;
+# w0, c, per_stream: the sample weight, the float ``w0`` or ``c[k]`` (float64[K]) when
+# ``per_stream``. EMA: a, b float64[K]. SMA: ring_v, ring_w float64[W * K] (slot-major),
+# s, comp, ws, wcomp float64[K], n, bad int64[K], ``slot`` the ring position to overwrite.
+
+
+@functools.cache
+def ema_kernel(kind, mode, skip, parallel):
+    """EMA update of K streams (``_elementwise.ema_stream_at``)."""
+    K, M, SKIP = kind, mode, skip
+    ema_stream_at = E.ema_stream_at
+
+    def kernel(y, w0, c, per_stream, a, b, d):
+        for k in prange(y.size):
+            ema_stream_at(y, k, w0, c, per_stream, a, b, d, K, M, SKIP)
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
+def sma_kernel(kind, skip, parallel):
+    """Push one value per stream into a window of W slots (``_elementwise.sma_push_at``)."""
+    K, SKIP = kind, skip
+    sma_push_at = E.sma_push_at
+
+    def kernel(y, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot):
+        base = slot * y.size
+        for k in prange(y.size):
+            sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
+
+    return _compile(kernel, parallel)

@@ -1,0 +1,165 @@
+"""CUDA kernels (numba-cuda): the grid-stride skeletons around :mod:`._elementwise`.
+
+Same arguments, semantics and element bodies as the CPU kernels of :mod:`.cpu`. Each
+block takes whole chunks (grid-stride over chunks) and its threads stride through the
+chunk, so any grid and block size is correct. Launch on the caller's stream:
+``kernel[grid, block, stream](...)``. Every address in ``seg_addr`` must be device memory
+of the launching context. Imported only when a CUDA buffer arrives.
+"""
+import functools
+
+from numba import cuda
+
+from ._cuda_hw import HW
+from ._target import bind
+from .kinds import F32, F64, wide
+
+E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
+_POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
+
+
+def _pointer(kind):
+    return _POINTERS.get(kind, HW["u16_pointer"])
+
+
+@functools.cache
+def lerp_kernel(shadow_kind, src_kind, stochastic):
+    """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once."""
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
+    SK, XK, SR = shadow_kind, src_kind, stochastic
+    load, lerp_at = (E.load_wide, E.lerp_at_wide) if wide(SK, XK) else (E.load, E.lerp_at)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
+        if flag[0] != 0:
+            return
+        rows = len(weights)
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], (rows - 1) * n + seg_offset[s + 1] - off)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                x = load(p, i - off, XK)
+                for k in range(rows):
+                    lerp_at(q, k * n + i - off, x, weights[k], SK, SR, key, k * n + i)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def copy_kernel(shadow_kind, src_kind, to_shadow):
+    """See :func:`fastema.kernels.cpu.copy_kernel`."""
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
+    SK, XK, TO = shadow_kind, src_kind, to_shadow
+    copy_at = E.copy_at_wide if wide(SK, XK) and SK != XK else E.copy_at
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
+        if flag[0] != 0:
+            return
+        last = row_hi if TO else row_lo + 1
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], (last - 1) * n + seg_offset[s + 1] - off)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                if TO:
+                    for k in range(row_lo, row_hi):
+                        copy_at(q, k * n + i - off, p, i - off, XK, SK)
+                else:
+                    copy_at(p, i - off, q, row_lo * n + i - off, SK, XK)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def swap_kernel(shadow_kind, src_kind, mode):
+    """See :func:`fastema.kernels.cpu.swap_kernel`."""
+    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
+    SK, XK, MODE = shadow_kind, src_kind, mode
+    swap_at = E.swap_at_wide if wide(SK, XK) else E.swap_at
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            q = sptr(shadow_addr[s], row * n + seg_offset[s + 1] - off)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                swap_at(q, row * n + i - off, p, i - off, SK, XK, MODE)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def nonfinite_kernel(src_kind):
+    """See :func:`fastema.kernels.cpu.nonfinite_kernel`."""
+    xptr = _pointer(src_kind)
+    XK = src_kind
+    nonfinite_at = E.nonfinite_at_wide if XK == F64 else E.nonfinite_at
+
+    def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                if nonfinite_at(p, i - off, XK):
+                    flag[0] = 1
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def window_kernel(ring_kind, src_kind):
+    """See :func:`fastema.kernels.cpu.window_kernel`."""
+    rptr, xptr = _pointer(ring_kind), _pointer(src_kind)
+    RK, XK = ring_kind, src_kind
+    fptr, FB = (_pointer(F64), 8) if RK == F64 else (_pointer(F32), 4)     # the shadow rows
+    window_at = E.window_at_wide if RK == F64 else E.window_at
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
+               recompute):
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            length = seg_offset[s + 1] - off
+            p = xptr(seg_addr[s], length)
+            q = fptr(shadow_addr[s], length)
+            sm = fptr(shadow_addr[s] + n * FB, length)
+            cm = fptr(shadow_addr[s] + 2 * n * FB, length)
+            r = rptr(ring_addr[s], (count if count > slot + 1 else slot + 1) * n)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                window_at(q, sm, cm, r, n, slot, p, i - off, full, count, recompute, RK, XK)
+
+    return cuda.jit(kernel)
+
+
+# ---------------------------------------------------------------- metric smoothers: see cpu.py
+
+
+@functools.cache
+def ema_kernel(kind, mode, skip):
+    """See :func:`fastema.kernels.cpu.ema_kernel` (grid-stride over streams)."""
+    K, M, SKIP = kind, mode, skip
+    ema_stream_at = E.ema_stream_at
+
+    def kernel(y, w0, c, per_stream, a, b, d):
+        for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+            ema_stream_at(y, k, w0, c, per_stream, a, b, d, K, M, SKIP)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def sma_kernel(kind, skip):
+    """See :func:`fastema.kernels.cpu.sma_kernel` (grid-stride over streams)."""
+    K, SKIP = kind, skip
+    sma_push_at = E.sma_push_at
+
+    def kernel(y, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot):
+        base = slot * y.size
+        for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+            sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
+
+    return cuda.jit(kernel)

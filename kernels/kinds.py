@@ -1,0 +1,18 @@
+"""Storage kinds and kernel modes: the small integers that select a compiled kernel.
+
+Every value here is part of a kernel's cache key and a compile-time constant inside it,
+so the branches that test it fold away. ``kind`` always means a storage kind.
+"""
+
+F32, BF16, F16, F64 = 0, 1, 2, 3            # storage kinds
+KIND_NAMES = ("float32", "bfloat16", "float16", "float64")
+ITEMSIZE = (4, 2, 2, 8)                      # bytes per element of each kind
+
+EXCHANGE, PACK, UNPACK = 0, 1, 2             # swap modes: convert both ways / float32 shadow <-> bfloat16
+                                             # source, kept exactly (see _bits.pack_bf16)
+DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=True / adjust=False / from 0
+
+
+def wide(*kinds) -> bool:
+    """True when a kernel over these storage kinds computes in float64 (any of them is float64)."""
+    return F64 in kinds
