@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 
+from . import _backends
 from . import schedules as S
 
 
@@ -90,9 +91,7 @@ class FrameworkEMA:
         load_averages(self, state, self._format, self._version, self._shapes)
 
 
-def to_host(view) -> np.ndarray:
-    """A NumPy copy of a shadow view (NumPy on the CPU, a Numba device array on a GPU)."""
-    return np.array(view, copy=True) if isinstance(view, np.ndarray) else view.copy_to_host()
+to_host = _backends.to_host
 
 
 def averaged_arrays(flat) -> dict:
@@ -143,9 +142,6 @@ def load_averages(ema, state, fmt: str, version: int, shapes: list) -> None:
     for slot, a in arrays.items():
         for r in range(ema.rows):
             dst = ema._flat.view(slot, r)
-            if isinstance(dst, np.ndarray):
-                dst[...] = np.asarray(a[r]).astype(dst.dtype)
-            else:
-                dst.copy_to_device(np.ascontiguousarray(np.asarray(a[r]).astype(dst.dtype)))
+            _backends.copy_from_host(dst, np.asarray(a[r]))
     ema.plan.load_state(state)
     ema.rounding, ema.seed = state["rounding"], state["seed"]

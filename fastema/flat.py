@@ -7,10 +7,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _launch
-from ._arrays import Buf, describe, disjoint, empty, zero_
+from . import _backends, _launch
+from ._backends import Buf, describe, disjoint, empty, zero_
 from .kernels import kinds
-from .kernels._bits import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
+from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 
 __all__ = ["FlatShadow", "WindowShadow"]
@@ -18,14 +18,7 @@ __all__ = ["FlatShadow", "WindowShadow"]
 _DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
 
 
-def _strided(v, shape, order):
-    """A view of the flat slice ``v`` with ``shape`` and canonical element strides ``order``
-    (() for C order): the shadow of a channels_last source is laid out as the source is."""
-    if not order:
-        return v.reshape(shape)
-    if isinstance(v, np.ndarray):
-        return np.lib.stride_tricks.as_strided(v, shape, tuple(st * v.itemsize for st in order))
-    return v.as_strided(shape, order)
+_strided = _backends.strided
 
 
 def _data_ptr():
@@ -62,7 +55,7 @@ class _Group:
         self.n = int(self.offsets[-1])
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
         base = describe(self.buffer, "shadow").address
-        self.stream = _launch.stream_for(first)
+        self.stream = _backends.stream_for(first)
         self.addresses = [b.address for b in bufs]
         self.tensors = [b.obj for b in bufs]              # the sources, for the per-step address check
         self.tables = _launch.tables(self.addresses, self.counts,
@@ -243,8 +236,8 @@ class FlatShadow:
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self._groups):
             key = sr_key(seed + (gi << 32), step) if stochastic else 0
-            _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights_by_device[g.device],
-                         self._flag_view(skip_if, g), key, stochastic, g.stream)
+            _launch.launch("lerp", g, weights=weights_by_device[g.device], flag=self._flag_view(skip_if, g),
+                           key=key, stochastic=stochastic)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, with no host sync.
@@ -258,7 +251,7 @@ class FlatShadow:
         for g in self._groups:
             if g.device not in flags:
                 flags[g.device] = self._zeroed_flag(g)
-            _launch.nonfinite(g.device, g.src_kind, g.tables, self._flag_view(flags, g), g.stream)
+            _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
         self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in self._groups)}
         return flags
 
@@ -272,8 +265,7 @@ class FlatShadow:
     def _copy_in(self, skip_if: Mapping | None = None) -> None:
         """The launches of :meth:`copy_from_sources`, once the addresses are current."""
         for g in self._groups:
-            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, True, 0, self.rows, g.stream,
-                         self._flag_view(skip_if, g))
+            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=self._flag_view(skip_if, g))
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
@@ -281,7 +273,7 @@ class FlatShadow:
         self._check_row(row)
         self.check_sources()
         for g in self._groups:
-            _launch.copy(g.device, g.shadow_kind, g.src_kind, g.tables, False, row, row + 1, g.stream)
+            _launch.launch("copy", g, to_shadow=False, row_lo=row, row_hi=row + 1)
 
     def swap_modes(self, lossy: bool = False) -> list:
         """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
@@ -314,7 +306,7 @@ class FlatShadow:
         modes = self.swap_modes(lossy)
         self._refresh()                  # addresses; a same-address reshape stays inside the kept storage
         for g, mode in zip(self._groups, modes):
-            _launch.swap(g.device, g.shadow_kind, g.src_kind, g.tables, mode, row, g.stream)
+            _launch.launch("swap", g, mode=mode, row=row)
         self._swapped_row = None if self.swapped else row
 
     # ------------------------------------------------------------ source tracking
@@ -399,7 +391,7 @@ class FlatShadow:
     def _zeroed_flag(self, g: _Group):
         flag = self.skipped.get(g.device)
         if flag is None:
-            flag = _launch.new_flag(describe(g.buffer, "shadow"))
+            flag = _backends.new_flag(describe(g.buffer, "shadow"))
         zero_(flag)                               # on the device, stream-ordered: no sync
         return flag
 
@@ -407,7 +399,7 @@ class FlatShadow:
     def _flag_view(flags: Mapping | None, g: _Group):
         if flags is None or g.device not in flags:
             return None
-        return _launch.aux_view(flags[g.device], "skip_if flag", np.int32, 1, g.device, writable=True)
+        return _backends.control_view(flags[g.device], "skip_if flag", np.int32, 1, g.device, writable=True)
 
     def _check_row(self, row: int) -> None:
         if not isinstance(row, int) or not 0 <= row < self.rows:
@@ -467,8 +459,8 @@ class WindowShadow(FlatShadow):
         count = min(self.pushes + 1, self.window)
         recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
         for g in self._groups:
-            _launch.window(g.device, g.ring_kind, g.src_kind, g.tables, g.ring_addr, slot, full, count, recompute,
-                           g.stream)
+            _launch.launch("window", g, ring_kind=g.ring_kind, ring_addr=g.ring_addr, slot=slot, full=full,
+                           count=count, recompute=recompute)
         self.pushes += 1
 
     def update(self, *args, **kwargs) -> None:

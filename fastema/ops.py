@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _launch
-from ._arrays import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
+from . import _backends
+from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
 from .kernels import _bits, kinds
 from .kernels._bits import BF16, KIND_NAMES
 
@@ -54,7 +55,7 @@ def resolve_weights(decays, weights, count: int, device: str):
     elif isinstance(weights, (list, tuple, numbers.Real)):
         w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
     else:
-        return _launch.aux_view(weights, "weight", np.float32, count, device, writable=False)
+        return _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
     if len(w) != count:
         raise ValueError(f"expected {count} decay value(s) (one per shadow row), got {len(w)}")
     return w
@@ -126,9 +127,10 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     w = resolve_weights(decays, weights, rows, s.device)
     stochastic = stochastic_rounding(rounding, s.kind)
     key = sr_key(seed, step) if stochastic else 0
-    flag = None if skip_if is None else _launch.aux_view(skip_if, "skip_if", np.int32, 1, s.device, False)
+    flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
     t = _single_tables(x.device, s.address, x.address, x.numel)
-    _launch.lerp(s.device, s.kind, x.kind, t, w, flag, key, stochastic, _launch.stream_for(s))
+    _launch.launch("lerp", _launch.Group(s.device, s.kind, x.kind, t, _backends.stream_for(s)), weights=w, flag=flag,
+                   key=key, stochastic=stochastic)
     return shadow
 
 
@@ -193,7 +195,8 @@ def copy_(dst, src):
     d, x = _pair(dst, src, "dst", "src")
     _same_shape(d, x, x.shape, "dst", "src")
     t = _single_tables(x.device, d.address, x.address, x.numel)
-    _launch.copy(d.device, d.kind, x.kind, t, True, 0, 1, _launch.stream_for(d))
+    _launch.launch("copy", _launch.Group(d.device, d.kind, x.kind, t, _backends.stream_for(d)), to_shadow=True,
+                   row_lo=0, row_hi=1)
     return dst
 
 
@@ -212,7 +215,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
     t = _single_tables(x.device, s.address, x.address, x.numel)
-    _launch.swap(s.device, s.kind, x.kind, t, kinds.EXCHANGE, 0, _launch.stream_for(s))
+    _launch.launch("swap", _launch.Group(s.device, s.kind, x.kind, t, _backends.stream_for(s)), mode=kinds.EXCHANGE,
+                   row=0)
 
 
 def flag_nonfinite_(flag, src):
@@ -223,9 +227,9 @@ def flag_nonfinite_(flag, src):
     share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
     """
     x = describe(src, "src")
-    f = _launch.aux_view(flag, "flag", np.int32, 1, x.device, writable=True)
+    f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
     t = _single_tables(x.device, 0, x.address, x.numel)
-    _launch.nonfinite(x.device, x.kind, t, f, _launch.stream_for(x))
+    _launch.launch("nonfinite", _launch.Group(x.device, None, x.kind, t, _backends.stream_for(x)), flag=f)
     return flag
 
 
@@ -236,7 +240,7 @@ class _PairGroup:
 
     def __init__(self, device, shadow_kind, src_kind, shadows, sources):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
-        self.stream = _launch.stream_for(shadows[0])
+        self.stream = _backends.stream_for(shadows[0])
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.stream)
 
@@ -284,8 +288,7 @@ def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: in
     key = sr_key(seed, step) if rounding != "nearest" else 0
     for g in groups:
         stochastic = rounding == "stochastic" or (rounding == "stochastic_bf16" and g.shadow_kind == BF16)
-        _launch.lerp(g.device, g.shadow_kind, g.src_kind, g.tables, weights[g.device], None, key,
-                     stochastic, g.stream)
+        _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
 
 
 # Layouts of recent ema_update_many_ calls, keyed by every tensor's (address, element count,
@@ -296,9 +299,8 @@ _PAIRS_MAX = 32
 
 
 def _key(tensors) -> tuple:
-    from ._arrays import _is_torch
 
-    if tensors and all(map(_is_torch, tensors)):
+    if tensors and all(map(_backends.is_torch, tensors)):
         import torch
 
         return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from . import _launch
-from ._arrays import _is_cudasim, _is_torch
+from . import _backends
 from .kernels import kinds
-from .kernels.kinds import BF16, F16, F32, F64
 
 __all__ = ["Smoother", "alpha_from"]
 
@@ -46,45 +45,6 @@ def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) ->
         return 1.0 - math.exp(-math.log(2.0) / v)
     ranges = dict(decay="[0, 1)", alpha="(0, 1]", span=">= 1", com=">= 0", halflife="> 0")
     raise ValueError(f"{name} must be {ranges[name]}, got {v!r}")
-
-
-def _values_view(x, what: str):
-    """(kind, flat kernel view, framework info) of K metric values; float64 allowed."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        x = np.asarray([x], np.float64)
-    if _is_torch(x):
-        import torch
-
-        if x.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
-                             f"(a meta tensor has no values)")
-        kinds = {torch.float64: F64, torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
-        if x.dtype not in kinds:
-            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
-        kind = kinds[x.dtype]
-        flat = x.detach().reshape(-1)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        view_dtype = {F64: torch.float64, F32: torch.uint32}.get(kind, torch.uint16)
-        bits = flat.view(view_dtype)
-        if x.device.type == "cpu":
-            return kind, bits.numpy(), ("torch", x.device), tuple(x.shape)
-        typ = {F64: np.float64, F32: np.uint32}.get(kind, np.uint16)
-        return kind, _launch._cuda().raw_view(bits.data_ptr(), bits.numel(), typ, bits), \
-            ("torch", x.device), tuple(x.shape)
-    if _is_cudasim(x):
-        x = x._ary
-        kind, bits, _, shape = _values_view(x, what)
-        return kind, bits, ("cudasim", "cuda:0"), shape
-    if isinstance(x, np.ndarray):
-        kinds = {np.dtype(np.float64): F64, np.dtype(np.float32): F32, np.dtype(np.float16): F16}
-        if x.dtype not in kinds:
-            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
-        kind = kinds[x.dtype]
-        flat = np.ascontiguousarray(x).reshape(-1)
-        return kind, flat if kind == F64 else flat.view(np.uint32 if kind == F32 else np.uint16), \
-            ("numpy", "cpu"), x.shape
-    raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, got {type(x).__name__}")
 
 
 _UNSET = object()
@@ -141,7 +101,6 @@ class Smoother:
     # ------------------------------------------------------------ state
 
     def _alloc(self, where, shape):
-        framework, device = where
         k = int(np.prod(shape)) if shape else 1
         sizes = {}
         if self.alpha is not None:
@@ -149,31 +108,10 @@ class Smoother:
         if self.window is not None:
             sizes.update(ring_v=self.window * k, ring_w=self.window * k, s=k, comp=k, ws=k, wcomp=k)
         ints = {"n": k, "bad": k} if self.window is not None else {}
-        if framework == "torch":
-            import torch
-
-            st = {n: torch.zeros(m, dtype=torch.float64, device=device) for n, m in sizes.items()}
-            st.update({n: torch.zeros(m, dtype=torch.int64, device=device) for n, m in ints.items()})
-        elif framework == "cudasim":
-            from numba import cuda
-
-            st = {n: cuda.to_device(np.zeros(m, np.float64)) for n, m in sizes.items()}
-            st.update({n: cuda.to_device(np.zeros(m, np.int64)) for n, m in ints.items()})
-        else:
-            st = {n: np.zeros(m, np.float64) for n, m in sizes.items()}
-            st.update({n: np.zeros(m, np.int64) for n, m in ints.items()})
+        st = {n: _backends.zeros(where, m, np.float64) for n, m in sizes.items()}
+        st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
         self._state, self._where, self.shape = st, where, shape
-        self._views = {n: self._kernel_view(a) for n, a in st.items()}   # fixed: made once
-
-    def _kernel_view(self, a):
-        if isinstance(a, np.ndarray):
-            return a
-        if self._where[0] == "cudasim":
-            return a._ary
-        if a.device.type == "cpu":
-            return a.numpy()
-        typ = np.float64 if a.dtype.is_floating_point else np.int64
-        return _launch._cuda().raw_view(a.data_ptr(), a.numel(), typ, a)
+        self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
 
     # ------------------------------------------------------------ update / read
 
@@ -184,7 +122,7 @@ class Smoother:
         ``weight=`` is the old name of ``sample_weight=`` (deprecated: in fastema's array
         operations ``weight`` means ``1 - decay``)."""
         sample_weight = _renamed(sample_weight, weight)
-        kind, y, where, shape = _values_view(values, "values")
+        kind, y, where, shape = _backends.metric_values(values, "values")
         if self._where is None:
             self._alloc(where, shape)
         elif where != self._where or shape != self.shape:
@@ -192,28 +130,18 @@ class Smoother:
                              f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
                              f"(one smoother per stream layout)")
         w0, c, per_stream = self._weights(sample_weight, y.size)
-        cuda = _launch.is_cuda(_dev(where[1]))
+        device = _dev(where[1])
+        stream = _backends.current_stream(where)
+        group = _launch.Group(device, None, kind, None, stream)
         skip = self.nonfinite == "skip"
         st = self._views
-        mode = _MODES[self.mode]
-        if cuda:
-            from .kernels import cuda as K
-
-            ema_k = K.ema_kernel(kind, mode, skip) if self.alpha is not None else None
-            sma_k = K.sma_kernel(kind, skip) if self.window is not None else None
-            run = self._launch_cuda
-        else:
-            from .kernels import cpu as K
-
-            big = y.size >= 1 << 16                       # parallel only where threads pay off
-            ema_k = K.ema_kernel(kind, mode, skip, big) if self.alpha is not None else None
-            sma_k = K.sma_kernel(kind, skip, big) if self.window is not None else None
-            run = _call
-        if ema_k is not None:
-            run(ema_k, y, w0, c, per_stream, st["a"], st["b"], 1.0 - self.alpha)
-        if sma_k is not None:
-            run(sma_k, y, w0, c, per_stream, st["ring_v"], st["ring_w"], st["s"], st["comp"], st["ws"],
-                st["wcomp"], st["n"], st["bad"], self.count % self.window)
+        if self.alpha is not None:
+            _launch.launch("ema_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, a=st["a"], b=st["b"],
+                           d=1.0 - self.alpha, mode=_MODES[self.mode], skip=skip)
+        if self.window is not None:
+            _launch.launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, ring_v=st["ring_v"],
+                           ring_w=st["ring_w"], s=st["s"], comp=st["comp"], ws=st["ws"], wcomp=st["wcomp"],
+                           n=st["n"], bad=st["bad"], slot=self.count % self.window, skip=skip)
         self.count += 1
 
     def _weights(self, sample_weight, k):
@@ -224,23 +152,11 @@ class Smoother:
             if not 0 <= sample_weight < math.inf:
                 raise ValueError(f"sample_weight must be a finite number >= 0, got {sample_weight!r}")
             return float(sample_weight), self._dummy(), False
-        view = _launch.aux_view(sample_weight, "sample_weight", np.float64, k, _dev(self._where[1]), writable=False)
+        view = _backends.control_view(sample_weight, "sample_weight", np.float64, k, _dev(self._where[1]), writable=False)
         return 1.0, view, True
 
     def _dummy(self):
         return next(iter(self._views.values()))           # any float64 array on the device: never read
-
-    def _launch_cuda(self, kernel, *args):
-        k = args[0].size
-        threads = 256
-        blocks = max(1, min((k + threads - 1) // threads, 4096))
-        if self._where[0] == "torch":
-            import torch
-
-            stream = _launch._cuda().external_stream(torch.cuda.current_stream(self._where[1]).cuda_stream)
-            kernel[blocks, threads, stream](*args)
-        else:
-            kernel[blocks, threads](*args)
 
     @property
     def ema(self):
@@ -300,7 +216,7 @@ class Smoother:
         before = (self._state, self._where, self.shape, self.__dict__.get("_views"))
         if self._where is None:
             like = next(iter(saved.values()))
-            where = ("torch", like.device) if _is_torch(like) else ("numpy", "cpu")
+            where = ("torch", like.device) if _backends.is_torch(like) else ("numpy", "cpu")
             self._alloc(where, tuple(state["shape"]) if state["shape"] is not None else ())
         if set(saved) != set(self._state) or any(
                 tuple(saved[n].shape) != tuple(a.shape) for n, a in self._state.items()):
@@ -313,10 +229,6 @@ class Smoother:
         self.count = count
 
 
-def _call(kernel, *args):
-    kernel(*args)
-
-
 def _dev(d) -> str:
     return str(d) if ":" in str(d) or str(d) == "cpu" else f"{d}:0"
 
@@ -325,9 +237,4 @@ def _nonzero(x):
     return x + (x == 0)
 
 
-def _where(cond, a, fill):
-    if _is_torch(a):
-        import torch
-
-        return torch.where(cond, a, torch.full_like(a, fill))
-    return np.where(cond, a, fill)
+_where = _backends.where

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._arrays import _is_torch
+from . import _backends
+from ._backends import is_torch as _is_torch
 from .smooth import _UNSET, Smoother, _renamed
 
 __all__ = ["Tracker"]
@@ -80,7 +81,7 @@ class Tracker:
                 raise ValueError(f"this tracker follows {list(self.names)}; got unknown {unknown}, missing {missing}")
             values = tuple(named[n] for n in self.names)
         vec = values[0] if len(values) == 1 else None
-        if (isinstance(vec, np.ndarray) or _is_torch(vec)) and (len(self.names) > 1 or vec.ndim == 1):
+        if _backends.framework(vec) in ("numpy", "torch") and (len(self.names) > 1 or vec.ndim == 1):
             if tuple(vec.shape) != (len(self.names),):          # one vector of all the metrics
                 raise ValueError(f"expected a vector of {len(self.names)} values ({list(self.names)}), "
                                  f"got shape {tuple(vec.shape)}")

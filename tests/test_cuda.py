@@ -32,9 +32,9 @@ UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16}
 
 @pytest.fixture(autouse=True)
 def small_launches(monkeypatch):
-    monkeypatch.setattr(_launch, "CUDA_CHUNK", 16)
-    monkeypatch.setattr(_launch, "CUDA_THREADS", 8)
-    monkeypatch.setattr(_launch, "CUDA_MAX_BLOCKS", 3)    # fewer blocks than chunks: grid-stride
+    monkeypatch.setattr(_launch.config, "CUDA_CHUNK", 16)
+    monkeypatch.setattr(_launch.config, "CUDA_THREADS", 8)
+    monkeypatch.setattr(_launch.config, "CUDA_MAX_BLOCKS", 3)    # fewer blocks than chunks: grid-stride
 
 
 def random_bits(kind, n, rng, scale=1.0):

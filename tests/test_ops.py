@@ -192,7 +192,7 @@ def test_table_cache_does_not_leak_across_buffers():
         fastema.ema_update_(shadow, np.full(10, v, np.float32), decay=0.0)
         outs.append(shadow[0])
     assert outs == [1.0, 2.0, 3.0]
-    assert _launch.CPU_CHUNK > 0
+    assert _launch.config.CPU_CHUNK > 0
 
 
 # ------------------------------------------------------------------ bad input

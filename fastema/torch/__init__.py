@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .._arrays import _refuse_foreign_torch
+from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from .._bridge import check_shadow_settings, init_plan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
@@ -702,7 +702,7 @@ def _alive(pid: int) -> bool:
 
 
 def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
-    from .._arrays import describe, disjoint
+    from .._backends import describe, disjoint
 
     bufs = [describe(t, n) for n, t in zip(a.names, a._sources)] + \
            [describe(t, n) for n, t in zip(b.names, b._sources)]

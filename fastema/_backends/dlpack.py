@@ -1,0 +1,90 @@
+"""DLPack producers: JAX arrays, TensorFlow tensors and variables, Keras variables, and any
+other object with ``__dlpack__`` (read through :mod:`fastema._dlpack`, no copy).
+
+JAX, TensorFlow and Keras objects are recognised by their module before the CUDA array
+interface (JAX GPU arrays also have one): :data:`frameworks` is that earlier owner.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+from .. import _dlpack as _dl
+from ..kernels.kinds import BF16, F16, F32, F64
+
+NAME = "dlpack"
+_KINDS = {(_dl.FLOAT, 32): F32, (_dl.FLOAT, 16): F16, (_dl.BFLOAT, 16): BF16, (_dl.FLOAT, 64): F64}
+_NAMES = {(_dl.INT, 8): "int8", (_dl.INT, 16): "int16", (_dl.INT, 32): "int32", (_dl.INT, 64): "int64",
+          (_dl.UINT, 8): "uint8", (_dl.UINT, 1): "bool", (6, 8): "bool", (5, 64): "complex64",
+          (5, 128): "complex128"}
+_FRAMEWORKS = {"jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow", "keras": "keras"}
+
+# Where to go instead when an in-place write reaches an array its framework keeps immutable.
+READ_ONLY_HINTS = {
+    "jax": "JAX arrays are immutable; keep the average of JAX parameters in fastema.jax.EMA, "
+           "which owns the shadow and hands back new arrays with shadow()",
+    "tensorflow": "TensorFlow tensors cannot be written in place; keep the average of tf.Variables in "
+                  "fastema.tensorflow.EMA, which owns the shadow and writes the variables with assign()",
+}
+
+
+def framework_of(x) -> str | None:
+    return _FRAMEWORKS.get(type(x).__module__.partition(".")[0])
+
+
+def owns(x) -> bool:
+    return hasattr(x, "__dlpack__")
+
+
+def describe(x, what: str):
+    framework = framework_of(x)
+    if framework is None:
+        return _from_dlpack(x, what, NAME)
+    if framework == "keras":                       # a keras.Variable: describe the backend's value
+        value = getattr(x, "value", None)
+        if value is None or value is x:
+            raise TypeError(f"{what} is a {type(x).__name__} without an array value")
+        from . import describe as describe_any
+
+        return describe_any(value, what)
+    if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
+        x = x.value()                              # a tf.Variable: its current tensor (no copy)
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
+                        f"pass an array or tensor")
+    return _from_dlpack(x, what, framework)
+
+
+def _from_dlpack(x, what: str, framework: str):
+    from . import Buf, not_dense, unsupported_dtype
+
+    dev = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else (_dl.CPU, 0)
+    on_gpu = int(dev[0]) in (_dl.CUDA, _dl.CUDA_MANAGED)
+    try:
+        # CUDA producers order their writes before the legacy default stream (1), where
+        # fastema launches for arrays it does not know the stream of.
+        im = _dl.import_(x, stream=1 if on_gpu else None)
+    except (BufferError, TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what}: could not read it through DLPack ({err})") from err
+    kind = _KINDS.get((im.code, im.bits)) if im.lanes == 1 else None
+    if kind is None:
+        raise unsupported_dtype(what, _NAMES.get((im.code, im.bits), f"DLPack code {im.code}/{im.bits} bits"))
+    if not im.contiguous:
+        raise not_dense(what, im.shape, im.strides)
+    if im.device_type in (_dl.CPU, _dl.CUDA_HOST):
+        device = "cpu"
+    elif im.device_type in (_dl.CUDA, _dl.CUDA_MANAGED):
+        device = f"cuda:{im.device_id}"
+    else:
+        raise ValueError(f"{what} is on DLPack device type {im.device_type}; fastema runs on the CPU "
+                         f"and on CUDA GPUs")
+    writable = framework not in READ_ONLY_HINTS and not im.read_only
+    address = im.address if math.prod(im.shape) else 0
+    return Buf(im, kind, device, im.shape, address, writable, framework)
+
+
+def stream(buf):
+    return 0                    # the legacy default stream: see _from_dlpack
+
+
+frameworks = types.SimpleNamespace(NAME=NAME, owns=lambda x: framework_of(x) is not None, describe=describe)

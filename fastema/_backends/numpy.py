@@ -1,0 +1,81 @@
+"""NumPy arrays (and ml_dtypes bfloat16 arrays): host memory."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.kinds import BF16, F16, F32, F64
+
+NAME = "numpy"
+KINDS = {np.dtype(np.float32): F32, np.dtype(np.float16): F16, np.dtype(np.float64): F64}
+BITS = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}    # how kernels read each kind
+
+
+def owns(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def kind_of(dtype) -> int | None:
+    kind = KINDS.get(np.dtype(dtype))
+    if kind is None and np.dtype(dtype).name == "bfloat16":       # ml_dtypes.bfloat16
+        kind = BF16
+    return kind
+
+
+def describe(a: np.ndarray, what: str):
+    from . import Buf, layout, not_dense, unsupported_dtype
+
+    kind = kind_of(a.dtype)
+    if kind is None:
+        raise unsupported_dtype(what, a.dtype)
+    item = a.dtype.itemsize
+    order = None if any(st % item for st in a.strides) else layout(a.shape, [st // item for st in a.strides])
+    if order is None or any(st < 0 for st in a.strides):
+        raise not_dense(what, a.shape, a.strides)
+    strides = () if a.flags.c_contiguous else order
+    return Buf(a, kind, "cpu", a.shape, a.ctypes.data if a.size else 0, bool(a.flags.writeable), NAME, strides)
+
+
+def numpy_dtype(kind: int):
+    """The NumPy dtype of a storage kind (bfloat16 through ml_dtypes)."""
+    if kind == BF16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError("a bfloat16 shadow for NumPy/CUDA-array sources needs the ml_dtypes "
+                            "package (pip install ml_dtypes), or use dtype='float32'") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({F32: np.float32, F64: np.float64}.get(kind, np.float16))
+
+
+def empty(like, kind: int, shape: tuple):
+    return np.empty(shape, numpy_dtype(kind))
+
+
+def zeros(device, n: int, dtype):
+    return np.zeros(n, dtype)
+
+
+def zero_(a) -> None:
+    a.fill(0)
+
+
+def control(x, what: str, dtype, writable: bool):
+    if writable and not x.flags.writeable:
+        raise ValueError(f"{what} is read-only; pass a writable array")
+    return "cpu", x.dtype, x.size, x
+
+
+def metric(x, what: str):
+    kind = KINDS.get(x.dtype)
+    if kind is None:
+        raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+    flat = np.ascontiguousarray(x).reshape(-1)
+    return kind, flat.view(BITS[kind]), (NAME, "cpu"), x.shape
+
+
+def kernel_view(a):
+    return a
+
+
+def stream(buf):
+    return 0

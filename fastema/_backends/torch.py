@@ -1,0 +1,187 @@
+"""torch tensors and parameters, CPU and CUDA, with the refusals for tensors whose
+``data_ptr()`` is not where their elements are (sharded, partitioned, lazy, freed)."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+
+from ..kernels.kinds import BF16, F16, F32, F64
+
+NAME = "torch"
+_KINDS: dict = {}
+_BITS = {F32: "uint32", BF16: "uint16", F16: "uint16", F64: "float64"}
+
+
+def owns(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def kind_of(dtype) -> int | None:
+    if not _KINDS:
+        import torch
+
+        _KINDS.update({torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float64: F64})
+    return _KINDS.get(dtype)
+
+
+def dtype_of(kind: int):
+    import torch
+
+    return {F32: torch.float32, BF16: torch.bfloat16, F16: torch.float16, F64: torch.float64}[kind]
+
+
+@functools.cache
+def _plain_types():
+    import torch
+
+    return torch.Tensor, torch.nn.Parameter
+
+
+def refuse_foreign(t, what: str) -> None:
+    """Tensors whose data_ptr() is not where their elements are, or whose elements are elsewhere:
+    refused by name, with what to do, before any address is taken."""
+    if type(t) in _plain_types():
+        if hasattr(t, "ds_id") or getattr(t, "_fsdp_flattened", False) or t.is_neg() or t.is_conj():
+            _refuse_marked(t, what)
+        return
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        kind = type(t).__name__
+        hint = ("its elements live in per-rank local shards (FSDP2 fully_shard, tensor parallel, "
+                "distribute_module); fastema does not average sharded models yet: average the local "
+                "shards with the array-level functions (t.to_local()), or keep the EMA on an unsharded "
+                "copy of the model") if kind == "DTensor" else \
+            "it wraps other tensors (a quantised or sharded tensor subclass); pass the plain tensor it holds"
+        raise TypeError(f"{what} is a {kind}, which fastema cannot read: {hint}. Nothing was written.")
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+        raise ValueError(f"{what} is an uninitialized parameter of a lazy module (nn.LazyLinear, ...): it has no "
+                         f"shape or memory yet; run one forward pass before making the average")
+    _refuse_marked(t, what)
+
+
+def _refuse_marked(t, what: str) -> None:
+    """ZeRO-3 and FSDP1 parameters, lazy negated/conjugated views: refused by name."""
+    if hasattr(t, "ds_id") or hasattr(t, "ds_tensor"):
+        raise TypeError(
+            f"{what} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(t.shape)}, full shape "
+            f"{tuple(getattr(t, 'ds_shape', ()))}): its elements are spread over the ranks, so fastema would "
+            f"average nothing. ZeRO-3 is not supported yet: use ZeRO stage 1 or 2, or gather the weights "
+            f"(deepspeed.zero.GatheredParameters) into a model of your own. Nothing was written.")
+    if getattr(t, "_fsdp_flattened", False):
+        raise TypeError(
+            f"{what} is a parameter managed by FSDP1 (FullyShardedDataParallel): it is a rank-dependent "
+            f"piece of a flat parameter. Use FSDP2 (torch.distributed.fsdp.fully_shard), or make the EMA "
+            f"of an unwrapped copy of the model. Nothing was written.")
+    if t.is_neg() or t.is_conj():
+        raise TypeError(f"{what} is a lazily negated or conjugated view (is_neg/is_conj), whose memory does "
+                        f"not hold its values; pass t.resolve_neg() / t.resolve_conj(). Nothing was written.")
+
+
+def device_name(device) -> str:
+    return "cpu" if device.type == "cpu" else f"{device.type}:{device.index}"
+
+
+def describe(t, what: str):
+    import torch
+
+    from . import Buf, layout, not_dense, unsupported_dtype
+
+    refuse_foreign(t, what)
+    kind = kind_of(t.dtype)
+    if kind is None:
+        raise unsupported_dtype(what, t.dtype)
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
+    dev = t.device
+    if dev.type == "cpu":
+        device = "cpu"
+    elif dev.type == "cuda":
+        device = f"cuda:{dev.index}"
+    else:
+        raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs "
+                         f"(a meta tensor has no memory: materialise the model first)")
+    contiguous = t.is_contiguous()
+    order = () if contiguous else layout(t.shape, t.stride())
+    if order is None:
+        raise not_dense(what, t.shape, t.stride())
+    numel = t.numel()
+    address = t.data_ptr()
+    if numel:
+        if address == 0:
+            raise ValueError(
+                f"the storage of {what} was freed (address 0 with {numel} elements: an FSDP unsharded "
+                f"parameter or untyped_storage().resize_(0)); point it at live memory, or make the EMA over "
+                f"tensors that own their storage. Nothing was written.")
+        span = numel if contiguous else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+        need = (t.storage_offset() + span) * t.element_size()
+        have = t.untyped_storage().nbytes()
+        if have < need:
+            raise ValueError(
+                f"the storage of {what} holds {have} bytes but the tensor needs {need} (it was resized in "
+                f"place, e.g. untyped_storage().resize_()); restore its storage or make a new EMA. "
+                f"Nothing was written.")
+    return Buf(t, kind, device, tuple(t.shape), address, True, NAME, order)
+
+
+def address(x) -> int:
+    return x.data_ptr()
+
+
+def empty(like, kind: int, shape: tuple):
+    import torch
+
+    return torch.empty(shape, dtype=dtype_of(kind), device=like.obj.device)
+
+
+def zeros(device, n: int, dtype):
+    import torch
+
+    return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=device)
+
+
+def zero_(a) -> None:
+    a.zero_()
+
+
+def control(x, what: str, dtype, writable: bool):
+    dev = device_name(x.device)
+    name = str(x.dtype).replace("torch.", "")
+    dt = np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name
+    view = x.detach().numpy() if dev == "cpu" and dt == dtype and x.is_contiguous() else None
+    return dev, dt, x.numel(), view
+
+
+def metric(x, what: str):
+    import torch
+
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
+                         f"(a meta tensor has no values)")
+    kind = kind_of(x.dtype)
+    if kind is None:
+        raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+    flat = x.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    bits = flat.view(getattr(torch, _BITS[kind]))
+    return kind, kernel_view(bits), (NAME, x.device), tuple(x.shape)
+
+
+def kernel_view(a):
+    """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy."""
+    if a.device.type == "cpu":
+        return a.numpy()
+    from .. import _launch
+
+    return _launch.device_view(a.data_ptr(), a.numel(), np.dtype(str(a.dtype).replace("torch.", "")), a)
+
+
+def stream(buf):
+    from .. import _launch
+
+    return _launch.current_stream(NAME, buf.obj.device)

@@ -1,0 +1,10 @@
+"""Launch tunables, all host side: the launchers read them at every call and pass them to
+the kernels as arguments (numba freezes globals at compile time), so tests can shrink them."""
+
+CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
+CPU_SERIAL_BELOW = 1 << 15   # total elements below which the serial kernel runs (thread start-up costs more)
+CPU_STREAMS_SERIAL_BELOW = 1 << 16   # metric streams below which the smoother kernels run serially
+CUDA_CHUNK = 1 << 12         # elements per CUDA block iteration
+CUDA_THREADS = 256
+CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
+CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
