@@ -134,54 +134,72 @@ def nonfinite_at_wide(p, j, kind):
 # ---------------------------------------------------------------- window of snapshots
 
 
-def window_at(mean, total, comp, ring, n, slot, p, j, full, count, recompute, ring_kind, src_kind):
+def window_at(mean, total, comp, ring, n, slot, p, j, full, count, ring_kind, src_kind):
     """Push source ``p[j]`` into ring row ``slot`` (rows ``n`` apart) and refresh element ``j``
     of the window's float32 ``mean`` and its compensated sum ``(total, comp)``.
 
     The sum adds exactly what the ring stores and subtracts the evicted snapshot when
-    ``full``; ``count`` is the number of snapshots after the push. With ``recompute`` the
-    sum is rebuilt from the ``count`` ring rows in compensated float64 instead (rows in
-    order, the same on every target): a running sum's error grows with the pushes
-    relative to the values' size, so the caller recomputes every W pushes and the mean
-    stays within 2 ulp.
+    ``full``; ``count`` is the number of snapshots after the push. A running sum's error
+    grows with the pushes relative to the values' size, so every W pushes the caller
+    rebuilds it from the ring instead (:func:`window_store_at`, then :func:`window_add_at`
+    over the rows in order, then :func:`window_mean_at`) and the mean stays within 2 ulp.
     """
     at = slot * n + j
     stored = convert(p[j], src_kind, ring_kind)
     old = ring[at]
     ring[at] = stored
-    if recompute:
-        s64 = 0.0
-        c64 = 0.0
-        for row in range(count):
-            s64, c64 = neumaier(s64, c64, np.float64(load(ring, row * n + j, ring_kind)))
-        t = s64 + c64
-        s = np.float32(t)
-        mean[j] = as_bits(np.float32(t / count))
-        total[j] = as_bits(s)
-        comp[j] = as_bits(np.float32(t - np.float64(s)))
-    else:
-        s, c = neumaier(as_float(total[j]), as_float(comp[j]), as_float(decode(stored, ring_kind)))
-        if full:
-            s, c = neumaier(s, c, -as_float(decode(old, ring_kind)))
-        mean[j] = as_bits((s + c) / np.float32(count))
-        total[j] = as_bits(s)
-        comp[j] = as_bits(c)
+    s, c = neumaier(as_float(total[j]), as_float(comp[j]), as_float(decode(stored, ring_kind)))
+    if full:
+        s, c = neumaier(s, c, -as_float(decode(old, ring_kind)))
+    mean[j] = as_bits((s + c) / np.float32(count))
+    total[j] = as_bits(s)
+    comp[j] = as_bits(c)
 
 
-def window_at_wide(mean, total, comp, ring, n, slot, p, j, full, count, recompute, ring_kind, src_kind):
+def window_store_at(ring, n, slot, p, j, ring_kind, src_kind):
+    """Ring row ``slot`` <- source ``p[j]`` (the push of a recomputing round)."""
+    ring[slot * n + j] = convert(p[j], src_kind, ring_kind)
+
+
+def window_add_at(s, c, ring, at, ring_kind):
+    """The compensated float64 sum ``(s, c)`` plus ring element ``at``."""
+    return neumaier(s, c, np.float64(load(ring, at, ring_kind)))
+
+
+def window_mean_at(mean, total, comp, j, s, c, count):
+    """Element ``j`` of the float32 mean and running sum from the rebuilt float64 sum ``(s, c)``."""
+    t = s + c
+    s32 = np.float32(t)
+    mean[j] = as_bits(np.float32(t / count))
+    total[j] = as_bits(s32)
+    comp[j] = as_bits(np.float32(t - np.float64(s32)))
+
+
+def window_at_wide(mean, total, comp, ring, n, slot, p, j, full, count, ring_kind, src_kind):
     """:func:`window_at` for float64 sources: float64 ring, mean and sum."""
     at = slot * n + j
     old = load_wide(ring, at, ring_kind)
     store_wide(ring, at, load_wide(p, j, src_kind), ring_kind)
-    if recompute:
-        s = 0.0
-        c = 0.0
-        for row in range(count):
-            s, c = neumaier(s, c, load_wide(ring, row * n + j, ring_kind))
-    else:
-        s, c = neumaier(total[j], comp[j], load_wide(ring, at, ring_kind))
-        if full:
-            s, c = neumaier(s, c, -old)
+    s, c = neumaier(total[j], comp[j], load_wide(ring, at, ring_kind))
+    if full:
+        s, c = neumaier(s, c, -old)
+    mean[j] = (s + c) / count
+    total[j] = s
+    comp[j] = c
+
+
+def window_store_at_wide(ring, n, slot, p, j, ring_kind, src_kind):
+    """:func:`window_store_at` for a float64 ring."""
+    store_wide(ring, slot * n + j, load_wide(p, j, src_kind), ring_kind)
+
+
+def window_add_at_wide(s, c, ring, at, ring_kind):
+    """:func:`window_add_at` for a float64 ring."""
+    return neumaier(s, c, load_wide(ring, at, ring_kind))
+
+
+def window_mean_at_wide(mean, total, comp, j, s, c, count):
+    """:func:`window_mean_at` for float64 rows."""
     mean[j] = (s + c) / count
     total[j] = s
     comp[j] = c

@@ -32,3 +32,11 @@ def bind(device_function, hardware: dict) -> types.SimpleNamespace:
                 clone.__qualname__, clone.__module__, clone.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
                 compiled[name] = namespace[name] = device_function(clone)
     return types.SimpleNamespace(**compiled, **hardware)
+
+
+def bodies(compiled: types.SimpleNamespace, wide: bool, *names: str) -> tuple:
+    """The compiled element bodies ``names``, or their float64 twins (``<name>_wide``) when ``wide``."""
+    return tuple(getattr(compiled, name + "_wide" if wide else name) for name in names)
+
+
+WINDOW = ("window_at", "window_store_at", "window_add_at", "window_mean_at")   # push; the recompute's steps

@@ -26,10 +26,11 @@ The CUDA twins in :mod:`.cuda` take the same arguments and call the same element
 """
 import functools
 
+import numpy as np
 from numba import njit, prange
 
 from ._cpu_hw import HW
-from ._target import bind
+from ._target import WINDOW, bind, bodies
 from .kinds import F32, F64, ITEMSIZE, wide
 
 E = bind(functools.partial(njit, inline="always"), HW)
@@ -62,7 +63,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
-    load, lerp_at = (E.load_wide, E.lerp_at_wide) if wide(SK, XK) else (E.load, E.lerp_at)
+    load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
 
     @_chunk
     def chunk(q_addr, p_addr, m, w, first, key):
@@ -98,7 +99,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, TO = shadow_kind, src_kind, to_shadow
-    copy_at = E.copy_at_wide if wide(SK, XK) and SK != XK else E.copy_at
+    copy_at, = bodies(E, wide(SK, XK) and SK != XK, "copy_at")
 
     @_chunk
     def chunk(q_addr, p_addr, m):
@@ -132,7 +133,7 @@ def swap_kernel(shadow_kind, src_kind, mode, parallel):
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, MODE = shadow_kind, src_kind, mode
-    swap_at = E.swap_at_wide if wide(SK, XK) else E.swap_at
+    swap_at, = bodies(E, wide(SK, XK), "swap_at")
 
     @_chunk
     def chunk(q_addr, p_addr, m):
@@ -156,7 +157,7 @@ def nonfinite_kernel(src_kind, parallel):
     """Set ``flag[0] = 1`` if any source element is inf or NaN; never clears it."""
     xptr, XB = _pointer(src_kind)
     XK = src_kind
-    nonfinite_at = E.nonfinite_at_wide if XK == F64 else E.nonfinite_at
+    nonfinite_at, = bodies(E, XK == F64, "nonfinite_at")
 
     @_chunk
     def chunk(p_addr, m):
@@ -190,14 +191,30 @@ def window_kernel(ring_kind, src_kind, parallel):
     xptr, XB = _pointer(src_kind)
     RK, XK = ring_kind, src_kind
     fptr, FB = _pointer(F64 if RK == F64 else F32)       # the shadow rows
-    window_at = E.window_at_wide if RK == F64 else E.window_at
+    push_at, store_at, add_at, mean_at = bodies(E, RK == F64, *WINDOW)
 
     @_chunk
-    def chunk(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count, recompute):
+    def push(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, full, count):
         q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
         r, p = rptr(ring0_addr, m), xptr(p_addr, m)
         for j in range(m):
-            window_at(q, sm, cm, r, n, slot, p, j, full, count, recompute, RK, XK)
+            push_at(q, sm, cm, r, n, slot, p, j, full, count, RK, XK)
+
+    @_chunk
+    def recompute_(mean_addr, sum_addr, comp_addr, ring0_addr, n, slot, p_addr, m, count):
+        # rows outer, elements inner: contiguous, vectorisable loops over float64 scratch sums
+        q, sm, cm = fptr(mean_addr, m), fptr(sum_addr, m), fptr(comp_addr, m)
+        r, p = rptr(ring0_addr, m), xptr(p_addr, m)
+        for j in range(m):
+            store_at(r, n, slot, p, j, RK, XK)
+        s64 = np.zeros(m)
+        c64 = np.zeros(m)
+        for row in range(count):
+            base = row * n
+            for j in range(m):
+                s64[j], c64[j] = add_at(s64[j], c64[j], r, base + j, RK)
+        for j in range(m):
+            mean_at(q, sm, cm, j, s64[j], c64[j], count)
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
                recompute):
@@ -206,8 +223,12 @@ def window_kernel(ring_kind, src_kind, parallel):
             begin = chunk_begin[c]
             within = begin - seg_offset[s]
             base = shadow_addr[s] + within * FB
-            chunk(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
-                  seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count, recompute)
+            if recompute:
+                recompute_(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
+                           seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, count)
+            else:
+                push(base, base + n * FB, base + 2 * n * FB, ring_addr[s] + within * RB, n, slot,
+                     seg_addr[s] + within * XB, chunk_begin[c + 1] - begin, full, count)
 
     return _compile(kernel, parallel)
 

@@ -11,7 +11,7 @@ import functools
 from numba import cuda
 
 from ._cuda_hw import HW
-from ._target import bind
+from ._target import WINDOW, bind, bodies
 from .kinds import F32, F64, wide
 
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
@@ -27,7 +27,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic):
     """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
-    load, lerp_at = (E.load_wide, E.lerp_at_wide) if wide(SK, XK) else (E.load, E.lerp_at)
+    load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
@@ -51,7 +51,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow):
     """See :func:`fastema.kernels.cpu.copy_kernel`."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, TO = shadow_kind, src_kind, to_shadow
-    copy_at = E.copy_at_wide if wide(SK, XK) and SK != XK else E.copy_at
+    copy_at, = bodies(E, wide(SK, XK) and SK != XK, "copy_at")
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
         if flag[0] != 0:
@@ -77,7 +77,7 @@ def swap_kernel(shadow_kind, src_kind, mode):
     """See :func:`fastema.kernels.cpu.swap_kernel`."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, MODE = shadow_kind, src_kind, mode
-    swap_at = E.swap_at_wide if wide(SK, XK) else E.swap_at
+    swap_at, = bodies(E, wide(SK, XK), "swap_at")
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
@@ -96,7 +96,7 @@ def nonfinite_kernel(src_kind):
     """See :func:`fastema.kernels.cpu.nonfinite_kernel`."""
     xptr = _pointer(src_kind)
     XK = src_kind
-    nonfinite_at = E.nonfinite_at_wide if XK == F64 else E.nonfinite_at
+    nonfinite_at, = bodies(E, XK == F64, "nonfinite_at")
 
     def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
@@ -116,7 +116,7 @@ def window_kernel(ring_kind, src_kind):
     rptr, xptr = _pointer(ring_kind), _pointer(src_kind)
     RK, XK = ring_kind, src_kind
     fptr, FB = (_pointer(F64), 8) if RK == F64 else (_pointer(F32), 4)     # the shadow rows
-    window_at = E.window_at_wide if RK == F64 else E.window_at
+    push_at, store_at, add_at, mean_at = bodies(E, RK == F64, *WINDOW)
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, ring_addr, slot, full, count,
                recompute):
@@ -130,7 +130,15 @@ def window_kernel(ring_kind, src_kind):
             cm = fptr(shadow_addr[s] + 2 * n * FB, length)
             r = rptr(ring_addr[s], (count if count > slot + 1 else slot + 1) * n)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                window_at(q, sm, cm, r, n, slot, p, i - off, full, count, recompute, RK, XK)
+                j = i - off
+                if recompute:                  # one thread per element: the rows in order
+                    store_at(r, n, slot, p, j, RK, XK)
+                    s64, c64 = 0.0, 0.0
+                    for row in range(count):
+                        s64, c64 = add_at(s64, c64, r, row * n + j, RK)
+                    mean_at(q, sm, cm, j, s64, c64, count)
+                else:
+                    push_at(q, sm, cm, r, n, slot, p, j, full, count, RK, XK)
 
     return cuda.jit(kernel)
 
