@@ -17,13 +17,15 @@ Many tensors::
 Framework models: ``fastema.torch.EMA``, ``fastema.jax.EMA``, ``fastema.tensorflow.EMA``,
 ``fastema.keras.WeightEMA`` (imported on demand; each needs its framework).
 """
+from . import schedules
 from .flat import FlatShadow
+from .window import WindowShadow
 from .smooth import Smoother
 from .track import Tracker
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 
-__all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "clear_caches", "copy_", "ema_update_", "ema_update_many_",
-           "ema_update_multi_", "flag_nonfinite_", "swap_", "Tracker"]
+__all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "WindowShadow", "clear_caches", "copy_", "ema_update_",
+           "ema_update_many_", "ema_update_multi_", "flag_nonfinite_", "schedules", "swap_", "Tracker"]
 
 
 def clear_caches() -> None:
@@ -38,7 +40,7 @@ def clear_caches() -> None:
 
     ops._PAIRS.clear()
     ops._single_tables.cache_clear()
-    cuda = sys.modules.get(f"{__name__}._launch_cuda")
+    cuda = sys.modules.get(f"{__name__}._launch.cuda")
     if cuda is not None:
         cuda.external_stream.cache_clear()
         cuda._zero_flag.cache_clear()

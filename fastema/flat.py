@@ -1,77 +1,26 @@
-"""FlatShadow: shadow copies of many tensors, one flat buffer per (device, dtype) group."""
+"""FlatShadow: shadow copies of many tensors, one flat buffer per (device, dtype) group.
+
+Built from a :class:`~fastema._layout.FlatLayout` (groups, buffers, tables, views), a
+:class:`~fastema._sources.SourceTable` (where the sources are, kept current) and a
+:class:`~fastema._layout.SwapState`. :class:`~fastema.window.WindowShadow` is built from
+the same pieces.
+"""
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import _backends, _launch
-from ._backends import Buf, describe, disjoint, empty, zero_
-from .kernels import kinds
-from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
+from ._backends import describe, zero_
+from ._layout import DTYPES, FlatLayout, LayoutGroup, SwapState, parse_sources
+from ._sources import SourceTable
+from .kernels.kinds import F64, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
+from .window import WindowShadow
 
 __all__ = ["FlatShadow", "WindowShadow"]
-
-_DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
-
-
-_strided = _backends.strided
-
-
-def _data_ptr():
-    import torch
-
-    return torch.Tensor.data_ptr
-
-
-_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
-
-
-def _signatures(tensors) -> list:
-    """What each torch source must keep between two full checks: dtype, shape and strides
-    (C-level maps: ~0.3 us a tensor)."""
-    import torch
-
-    return list(zip(map(_DTYPE_SHAPE, tensors), map(torch.Tensor.stride, tensors)))
-
-
-class _Group:
-    """Sources of one (device, source dtype, shadow dtype) and their flat shadow."""
-
-    def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
-        first = bufs[0]
-        self.members = members                       # positions in FlatShadow's source list
-        self.device = first.device
-        self.src_kind = first.kind
-        self.shadow_kind = shadow_kind
-        self.framework = first.framework
-        self.shapes = [b.shape for b in bufs]
-        self.orders = [b.strides for b in bufs]          # () for C order, else the source's dense layout
-        self.counts = [b.numel for b in bufs]
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
-        self.n = int(self.offsets[-1])
-        self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        base = describe(self.buffer, "shadow").address
-        self.stream = _backends.stream_for(first)
-        self.addresses = [b.address for b in bufs]
-        self.tensors = [b.obj for b in bufs]              # the sources, for the per-step address check
-        self.tables = _launch.tables(self.addresses, self.counts,
-                                     _launch.flat_shadow(base, self.counts, ITEMSIZE[shadow_kind]),
-                                     self.device, self.stream)
-        self.track = first.framework == "torch"        # torch storage can be swapped under a Parameter
-        # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
-        # nothing of fastema's launches: replaced sources are released only once an event
-        # recorded after those launches has passed (checked without blocking, one rebind later).
-        self.deferred = _launch.is_cuda(self.device) and self.framework in ("jax", "tensorflow", "dlpack")
-        self.retired: tuple = (None, [])
-        # Keep the sources' storages alive: a freed block could otherwise come back at a
-        # recorded address under another tensor (another dtype) and pass the address check.
-        self.keep: list[Any] = [b.obj.untyped_storage() for b in bufs] if self.track else []
-        self.signatures = _signatures(self.tensors) if self.track else None
-
 
 class FlatShadow:
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
@@ -106,71 +55,53 @@ class FlatShadow:
 
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
                  init: str = "copy"):
-        if isinstance(sources, Mapping):
-            names, tensors = [str(k) for k in sources.keys()], list(sources.values())
-        elif isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__") or hasattr(sources, "shape"):
-            one = " (one array: pass [x])" if hasattr(sources, "shape") else ""
-            raise TypeError(f"sources must be a sequence of arrays/tensors or a mapping name -> array, "
-                            f"got {type(sources).__name__}{one}")
-        else:
-            tensors = list(sources)
-            names = [str(i) for i in range(len(tensors))]
-        if not tensors:
-            raise ValueError("sources is empty: give the arrays/tensors to average")
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
             raise ValueError(f"rows must be an int from 1 to {MAX_DECAYS}, got {rows!r}")
-        if dtype != "same" and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'same', got {dtype!r}")
+        if dtype != "same" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'same', got {dtype!r}")
         if init not in ("copy", "zeros"):
             raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}")
-        bufs = [describe(t, f"source {n!r}") for n, t in zip(names, tensors)]
-        disjoint(bufs, [f"source {n!r}" for n in names])
+        names, tensors, bufs = parse_sources(sources)
         self.names = names
         self.rows = rows
-        self._sources = tensors
-        self._index = {n: i for i, n in enumerate(names)}
-        keys: dict[tuple, list[int]] = {}
-        for i, b in enumerate(bufs):
-            sk = b.kind if dtype == "same" or b.kind == F64 else _DTYPES[dtype]
-            keys.setdefault((b.device, b.kind, sk), []).append(i)
-        self._groups = [_Group(m, [bufs[i] for i in m], sk, rows) for (_, _, sk), m in keys.items()]
-        self._where = {}                                # source position -> (group, slot)
-        for g in self._groups:
-            for slot, i in enumerate(g.members):
-                self._where[i] = (g, slot)
-        self._swapped_row: int | None = None
+        self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows)
+        self.source_table = SourceTable(names, tensors, self.layout, bufs)
+        self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":
             self.copy_from_sources()
         else:
-            for g in self._groups:
+            for g in self.layout.groups:
                 zero_(g.buffer)
 
     # ------------------------------------------------------------ introspection
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self.source_table)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{g.device}:{KIND_NAMES[g.src_kind]}->{KIND_NAMES[g.shadow_kind]}"
-                          f"x{len(g.members)}" for g in self._groups)
+                          f"x{len(g.members)}" for g in self.layout.groups)
         return f"FlatShadow({len(self)} sources, rows={self.rows}, groups=[{parts}])"
 
     @property
     def groups(self) -> list[dict]:
         """One dict per group: device, dtypes, number of sources, elements per row, buffer."""
-        return [dict(device=g.device, src_dtype=KIND_NAMES[g.src_kind],
-                     shadow_dtype=KIND_NAMES[g.shadow_kind], sources=len(g.members), numel=g.n,
-                     buffer=g.buffer) for g in self._groups]
+        return self.layout.describe_groups()
 
     @property
     def nbytes(self) -> int:
-        return sum(g.n * self.rows * ITEMSIZE[g.shadow_kind] for g in self._groups)
+        return self.layout.nbytes
 
     @property
     def swapped(self) -> bool:
         """True while a shadow row sits in the sources (between two :meth:`swap` calls)."""
-        return self._swapped_row is not None
+        return self._swap.row is not None
+
+    @property
+    def sources(self) -> list:
+        """The source objects, in order."""
+        return self.source_table.sources
 
     def view(self, source: int | str, row: int | None = 0):
         """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype.
@@ -178,18 +109,17 @@ class FlatShadow:
         ``row=None`` gives every row at once, shape ``(rows, *source.shape)`` (still a view).
         The view has the source's layout (channels_last stays channels_last).
         """
-        i = self._index[source] if isinstance(source, str) else int(source)
-        g, slot = self._where[i]
-        lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
-        shape, order = tuple(g.shapes[slot]), g.orders[slot]
-        if row is None:
-            return _strided(g.buffer[:, lo:hi], (self.rows,) + shape, (g.n,) + order if order else ())
-        self._check_row(row)
-        return _strided(g.buffer[row, lo:hi], shape, order)
+        if row is not None:
+            self.check_row(row)
+        return self.layout.view(self.source_table.position(source), row)
 
     def views(self, row: int = 0) -> dict:
         """``name -> view(name, row)`` for every source, in source order."""
         return {n: self.view(i, row) for i, n in enumerate(self.names)}
+
+    def state_view(self, source: int | str):
+        """Everything a checkpoint keeps of one source: every row, ``(rows, *shape)`` (a view)."""
+        return self.view(source, None)
 
     # ------------------------------------------------------------ operations
 
@@ -212,11 +142,11 @@ class FlatShadow:
             sources: the current sources (same order or names), when they may have been
                 replaced by new objects since the last call.
         """
-        self._not_swapped("update()")
+        self._swap.refuse("update()")
         if not isinstance(decay, (list, tuple)) and decay is not None:
             decay = [decay]
         weights_by_device = {}
-        for g in self._groups:                          # every check before any write
+        for g in self.layout.groups:                    # every check before any write
             if g.device not in weights_by_device:
                 weights_by_device[g.device] = resolve_weights(decay, weight, self.rows, g.device)
             stochastic_rounding(rounding, g.shadow_kind)
@@ -224,17 +154,17 @@ class FlatShadow:
             sr_key(seed, step)                          # validates seed and step
         if sources is not None:
             self.rebind(sources)
-        self._refresh()
+        self.refresh()
         if skip_nonfinite and skip_if is None:
             skip_if = self.scan_nonfinite()
-        self._lerp(weights_by_device, rounding, seed, step, skip_if)
+        self.update_checked(weights_by_device, rounding, seed, step, skip_if)
 
-    def _lerp(self, weights_by_device: dict, rounding: str, seed: int, step: int, skip_if) -> None:
+    def update_checked(self, weights_by_device: dict, rounding: str, seed: int, step: int, skip_if) -> None:
         """The launches of :meth:`update`, once its arguments are checked and its addresses are
         current (the model averages check the addresses themselves, in one pass with the model's
-        own tensors)."""
+        own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device."""
         stochastic = rounding == "stochastic"
-        for gi, g in enumerate(self._groups):
+        for gi, g in enumerate(self.layout.groups):
             key = sr_key(seed + (gi << 32), step) if stochastic else 0
             _launch.launch("lerp", g, weights=weights_by_device[g.device], flag=self._flag_view(skip_if, g),
                            key=key, stochastic=stochastic)
@@ -246,51 +176,37 @@ class FlatShadow:
         ``self.skipped``. Without ``flags`` they start at zero; pass the flags of an
         earlier scan (another shadow's) to add this shadow's sources to them.
         """
-        self._refresh()
+        self.refresh()
         flags = dict(flags or {})
-        for g in self._groups:
+        for g in self.layout.groups:
             if g.device not in flags:
                 flags[g.device] = self._zeroed_flag(g)
             _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
-        self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in self._groups)}
+        self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in self.layout.groups)}
         return flags
 
     def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
         """Every shadow row <- the sources (rounded to the shadow dtype); nothing is copied on a
         device whose ``skip_if`` flag (see :meth:`scan_nonfinite`) is set."""
-        self._not_swapped("copy_from_sources()")
-        self._refresh()
-        self._copy_in(skip_if)
+        self._swap.refuse("copy_from_sources()")
+        self.refresh()
+        self.copy_from_sources_checked(skip_if)
 
-    def _copy_in(self, skip_if: Mapping | None = None) -> None:
+    def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
         """The launches of :meth:`copy_from_sources`, once the addresses are current."""
-        for g in self._groups:
+        for g in self.layout.groups:
             _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=self._flag_view(skip_if, g))
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
-        self._not_swapped("copy_to_sources()")
-        self._check_row(row)
+        self._swap.refuse("copy_to_sources()")
+        self.check_row(row)
         self.check_sources()
-        for g in self._groups:
-            _launch.launch("copy", g, to_shadow=False, row_lo=row, row_hi=row + 1)
+        self.layout.copy_out(row)
 
     def swap_modes(self, lossy: bool = False) -> list:
         """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
-        modes = []
-        for g in self._groups:
-            if g.shadow_kind == g.src_kind:
-                modes.append(kinds.EXCHANGE)
-            elif g.shadow_kind == F32 and g.src_kind == BF16:
-                modes.append(kinds.UNPACK if self.swapped else kinds.PACK)
-            elif lossy:
-                modes.append(kinds.EXCHANGE)
-            else:
-                raise ValueError(
-                    f"swapping a {KIND_NAMES[g.shadow_kind]} shadow with {KIND_NAMES[g.src_kind]} sources "
-                    f"rounds one side and cannot be undone exactly; pass lossy=True to accept it, or "
-                    f"use copy_to_sources() on a copy of the model")
-        return modes
+        return self.layout.swap_modes(self.swapped, lossy)
 
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Exchange shadow row ``row`` and the sources in place; call again to swap back.
@@ -300,14 +216,8 @@ class FlatShadow:
         bit). Other dtype pairs round one side and need ``lossy=True``. No temporary the
         size of the model is allocated. The sources keep their layout.
         """
-        if self._swapped_row is not None and row != self._swapped_row:
-            raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
-        self._check_row(row)
-        modes = self.swap_modes(lossy)
-        self._refresh()                  # addresses; a same-address reshape stays inside the kept storage
-        for g, mode in zip(self._groups, modes):
-            _launch.launch("swap", g, mode=mode, row=row)
-        self._swapped_row = None if self.swapped else row
+        self.check_row(row)
+        self._swap.swap(self.layout, self.source_table, row, lossy)
 
     # ------------------------------------------------------------ source tracking
 
@@ -315,80 +225,32 @@ class FlatShadow:
         """Follow moved sources and check that every source still has the dtype, shape, layout and
         device it had when the shadow was made (also a change that kept the address); raises
         naming the first that does not. Called before every copy into the sources and export."""
-        self._refresh()
-        for g in self._groups:
-            # torch sources: (dtype, shape, strides) against the last full check (~0.4 us each);
-            # anything else, or a difference, takes the full description (which names the source)
-            if g.signatures is None or _signatures(g.tensors) != g.signatures:
-                self._checked(g)
-                if g.track:
-                    g.signatures = _signatures(g.tensors)
+        self.source_table.check()
 
-    def _refresh(self) -> None:
-        # One data_ptr() per torch source: the per-step price of never reading a stale address.
-        for g in self._groups:
-            if g.track and list(map(_data_ptr(), g.tensors)) != g.addresses:
-                self._rebind(g)
-
-    def _checked(self, g: _Group) -> list[Buf]:
-        """The group's sources described now; ValueError if any differs from construction."""
-        bufs = []
-        for slot, i in enumerate(g.members):
-            b = describe(self._sources[i], f"source {self.names[i]!r}")
-            if (b.device, b.kind, b.shape, b.strides) != (g.device, g.src_kind, g.shapes[slot], g.orders[slot]):
-                now = "" if b.strides == g.orders[slot] else f" with strides {b.strides or 'C order'}"
-                raise ValueError(
-                    f"source {self.names[i]!r} was {KIND_NAMES[g.src_kind]} {g.shapes[slot]} on {g.device} "
-                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device}{now} "
-                    f"(model.to(), a dtype cast, a reshape or another memory format?); make a new shadow after "
-                    f"changing the model, or change it back. Nothing was updated.")
-            bufs.append(b)
-        disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
-        return bufs
-
-    def _rebind(self, g: _Group, bufs: list[Buf] | None = None) -> None:
-        bufs = self._checked(g) if bufs is None else bufs
-        if g.deferred:
-            g.retired = (_launch.retire(g.device, g.stream, g.retired[0]), g.tensors)
-        g.addresses = [b.address for b in bufs]
-        g.tensors = [b.obj for b in bufs]
-        # keep the storages alive: a freed block could be handed to an unrelated tensor at the same address
-        g.keep = [b.obj.untyped_storage() for b in bufs] if g.track else []
-        g.signatures = _signatures(g.tensors) if g.track else None
-        g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)
+    def refresh(self) -> None:
+        """Follow sources whose storage moved (``param.data = new``; one ``data_ptr()`` per torch
+        source); raises, writing nothing, if one changed dtype, shape, layout or device."""
+        self.source_table.refresh()
 
     def rebind(self, sources: Sequence | Mapping) -> None:
         """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
         and keeps the old ones if any differs."""
-        new = [sources[n] for n in self.names] if isinstance(sources, Mapping) else list(sources)
-        if len(new) != len(self._sources):
-            raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")
-        if all(a is b for a, b in zip(new, self._sources)):
-            return
-        old = self._sources
-        self._sources = new
-        try:
-            checked = [self._checked(g) for g in self._groups]      # every group checked before any change
-            disjoint([b for bufs in checked for b in bufs], [f"source {n!r}" for n in self.names])
-        except Exception:
-            self._sources = old
-            raise
-        for g, bufs in zip(self._groups, checked):
-            self._rebind(g, bufs)
+        self.source_table.rebind(sources)
 
-    def _adopt(self, sources: list, addresses: list) -> None:
-        """Follow new sources that the caller has checked already (same dtypes, shapes and
-        devices as at construction, C-contiguous, kept alive by the caller) at ``addresses``:
-        for bridges with a cheaper way to an address than a DLPack export. CPU groups only."""
-        self._sources = sources
-        for g in self._groups:
-            g.addresses = [addresses[i] for i in g.members]
-            g.tensors = [sources[i] for i in g.members]
-            g.tables = _launch.update_addresses(g.tables, g.addresses, g.device, g.stream)
+    def adopt(self, sources: list, addresses: list) -> None:
+        """Follow new sources that the caller has checked already (same dtypes, shapes and devices
+        as at construction, C-contiguous, kept alive by the caller) at ``addresses``: for bridges
+        with a cheaper way to an address than a DLPack export. CPU groups only."""
+        self.source_table.adopt(sources, addresses)
+
+    def check_row(self, row: int) -> None:
+        """IndexError unless ``row`` is an int in ``[0, rows)``."""
+        if not isinstance(row, int) or not 0 <= row < self.rows:
+            raise IndexError(f"row must be an int in [0, {self.rows}), got {row!r}")
 
     # ------------------------------------------------------------ helpers
 
-    def _zeroed_flag(self, g: _Group):
+    def _zeroed_flag(self, g: LayoutGroup):
         flag = self.skipped.get(g.device)
         if flag is None:
             flag = _backends.new_flag(describe(g.buffer, "shadow"))
@@ -396,80 +258,8 @@ class FlatShadow:
         return flag
 
     @staticmethod
-    def _flag_view(flags: Mapping | None, g: _Group):
+    def _flag_view(flags: Mapping | None, g: LayoutGroup):
         if flags is None or g.device not in flags:
             return None
         return _backends.control_view(flags[g.device], "skip_if flag", np.int32, 1, g.device, writable=True)
 
-    def _check_row(self, row: int) -> None:
-        if not isinstance(row, int) or not 0 <= row < self.rows:
-            raise IndexError(f"row must be an int in [0, {self.rows}), got {row!r}")
-
-    def _not_swapped(self, what: str) -> None:
-        if self._swapped_row is not None:
-            raise RuntimeError(f"{what} while shadow row {self._swapped_row} is swapped into the sources; "
-                               f"call swap() again first")
-
-
-class WindowShadow(FlatShadow):
-    """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
-
-    A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory; float64
-    for float64 sources, whose sums are float64 too) and a compensated float32 running sum per element: each :meth:`push` adds the new snapshot
-    (as stored), subtracts the one it evicts (every W pushes the sum is rebuilt from the
-    ring in float64, so the mean stays within 2 ulp) and writes the mean into row 0, which is what
-    :meth:`view`, :meth:`swap` and :meth:`copy_to_sources` use. Rows 1 and 2 hold the sum.
-    The construction pushes the sources once.
-    """
-
-    def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32"):
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if ring_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
-        super().__init__(sources, rows=3, dtype="float32", init="zeros")
-        self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
-        for g in self._groups:
-            g.ring_kind = F64 if g.src_kind == F64 else _DTYPES[ring_dtype]    # float64 stays float64
-            g.ring = empty(describe(g.buffer, "shadow"), g.ring_kind, (window, g.n))
-            base = describe(g.ring, "ring").address
-            g.ring_addr = _launch.tables([0] * len(g.counts), g.counts,
-                                         _launch.flat_shadow(base, g.counts, ITEMSIZE[g.ring_kind]),
-                                         g.device, g.stream).shadow_addr
-        self.push()
-
-    def restart(self) -> None:
-        """Empty the window and push the sources as its first snapshot."""
-        self._not_swapped("restart()")
-        for g in self._groups:
-            zero_(g.buffer)
-        self.pushes = 0
-        self.push()
-
-    @property
-    def count(self) -> int:
-        """Snapshots in the window now (at most ``window``)."""
-        return min(self.pushes, self.window)
-
-    def push(self) -> None:
-        """Add the sources' current values as the newest snapshot, evicting the oldest when full."""
-        self._not_swapped("push()")
-        self._refresh()
-        slot, full = self.pushes % self.window, self.pushes >= self.window
-        count = min(self.pushes + 1, self.window)
-        recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
-        for g in self._groups:
-            _launch.launch("window", g, ring_kind=g.ring_kind, ring_addr=g.ring_addr, slot=slot, full=full,
-                           count=count, recompute=recompute)
-        self.pushes += 1
-
-    def update(self, *args, **kwargs) -> None:
-        raise TypeError("a WindowShadow is advanced with push(), not update()")
-
-    def ring_view(self, source: int | str):
-        """The stored snapshots of one source, shape ``(window, *shape)`` (slot order, not time order)."""
-        i = self._index[source] if isinstance(source, str) else int(source)
-        g, slot = self._where[i]
-        lo, hi = int(g.offsets[slot]), int(g.offsets[slot + 1])
-        order = g.orders[slot]
-        return _strided(g.ring[:, lo:hi], (self.window,) + tuple(g.shapes[slot]), (g.n,) + order if order else ())

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 
 import jax
 import jax.numpy as jnp
 
+from . import _backends
 from ._bridge import FrameworkEMA, init_plan
 from .flat import FlatShadow
 
@@ -86,7 +86,7 @@ class EMA(FrameworkEMA):
 
     @staticmethod
     def _check_leaf(name: str, x):
-        if isinstance(x, np.ndarray):
+        if _backends.framework(x) == "numpy":
             x = jnp.asarray(x)
         if not isinstance(x, jax.Array):
             raise TypeError(f"leaf {name} is a {type(x).__name__}; fastema.jax.EMA averages pytrees of JAX "
@@ -114,7 +114,7 @@ class EMA(FrameworkEMA):
             # The kernel runs on the host, so it waits for the step that makes params (as a
             # DLPack export would); the arrays' own addresses then cost 0.1 us a leaf, not ~9.
             jax.block_until_ready(sources)
-            self._flat._adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
+            self._flat.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
             sources = None
         self._fold(step, sources)
         self._leaves = leaves
@@ -146,7 +146,7 @@ class EMA(FrameworkEMA):
         Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
         the values of the last ``update()``.
         """
-        self._flat._check_row(row)
+        self._flat.check_row(row)
         if not self._on_cpu:
             # JAX imports the shadow through its CUDA array interface and reads it on its own
             # stream: let fastema's launches (legacy default stream) finish first. An

@@ -100,7 +100,7 @@ class EMA(FrameworkEMA):
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
-        self._flat._check_row(row)
+        self._flat.check_row(row)
         out = []
         for i, (shape, dtype) in enumerate(self._specs):
             with tf.device(self.variables[i].device):             # to_host copies: TF may alias NumPy memory

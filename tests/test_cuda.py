@@ -173,6 +173,17 @@ def test_ema_update_on_device_arrays_matches_cpu():
     assert np.array_equal(d_shadow.copy_to_host(), expected)
 
 
+def test_clear_caches_drops_the_cuda_launch_caches():
+    d_shadow, d_src = cuda.to_device(np.zeros(10, np.float32)), cuda.to_device(np.ones(10, np.float32))
+    fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # a zero flag cached for the device
+    assert _launch.cuda._zero_flag.cache_info().currsize > 0
+    fastema.clear_caches()
+    assert _launch.cuda._zero_flag.cache_info().currsize == 0
+    assert _launch.cuda.external_stream.cache_info().currsize == 0
+    fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # and launches still work after it
+    assert np.array_equal(d_shadow.copy_to_host(), np.full(10, 0.75, np.float32))
+
+
 def test_flat_shadow_on_device_arrays():
     rng = np.random.default_rng(7)
     host = [rng.standard_normal(s).astype(np.float32) for s in (7, 40, 1, 25)]

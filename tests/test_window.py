@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+import fastema
 from fastema.flat import WindowShadow
 from fastema.torch import WindowAverage
 
@@ -132,8 +133,12 @@ def test_bad_construction(kwargs, match):
 def test_window_shadow_refuses_misuse():
     x = torch.zeros(3)
     w = WindowShadow([x], 2)
-    with pytest.raises(TypeError, match="push"):
-        w.update(0.5)
+    # built from a layout and a source table, not derived from FlatShadow: no update() to disable,
+    # and the running sum's rows stay private (one public average, the mean)
+    assert not isinstance(w, fastema.FlatShadow) and not hasattr(w, "update")
+    assert w.rows == 1 and w.nbytes == 3 * 3 * 4 + 2 * 3 * 4       # mean + sum rows + ring
+    with pytest.raises(IndexError, match="one average"):
+        w.view(0, row=1)
     w.swap()
     with pytest.raises(RuntimeError, match="swap"):
         w.push()

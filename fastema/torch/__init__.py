@@ -308,9 +308,9 @@ class _ModelAverage:
         True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
         if self._model_changed():
             self._rebind()
-            self._avg._refresh()                  # storage moved under a tensor the shadow already holds
+            self._avg.refresh()                  # storage moved under a tensor the shadow already holds
             if self._copy is not None:
-                self._copy._refresh()
+                self._copy.refresh()
             self._addresses = self._addresses_now()
         if self._resync:
             self._resync = False
@@ -329,7 +329,7 @@ class _ModelAverage:
     def _copy_buffers(self, flags: dict | None = None, current: bool = False) -> None:
         if self._copy is not None:
             if current:                             # addresses checked by _follow() in this update
-                self._copy._copy_in(flags)
+                self._copy.copy_from_sources_checked(flags)
             else:
                 self._copy.copy_from_sources(skip_if=flags)
         for src, dst in self._int_buffers.values():
@@ -379,7 +379,7 @@ class _ModelAverage:
             if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
                 raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
                                  f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
-        old = self._avg._sources
+        old = self._avg.sources
         self._avg.rebind({n: named[n] for n in self._names[0]})
         if self._copy is not None:
             try:
@@ -409,19 +409,19 @@ class _ModelAverage:
             raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
         swapping_in = self._swapped_row is None
         if swapping_in:
-            self._avg._check_row(row)
+            self._avg.check_row(row)
             self._follow()
         lossy = self._lossy_swap()
         if not lossy:
             self._avg.swap_modes()
         if self._copy is not None:                     # the averaged group checks itself before writing
-            self._copy._refresh()
+            self._copy.refresh()
         if lossy:
             if swapping_in:
                 if self._backup is None:
-                    self._backup = FlatShadow(dict(zip(self._avg.names, self._avg._sources)), dtype="same")
+                    self._backup = FlatShadow(dict(zip(self._avg.names, self._avg.sources)), dtype="same")
                 else:
-                    self._backup.rebind(dict(zip(self._avg.names, self._avg._sources)))
+                    self._backup.rebind(dict(zip(self._avg.names, self._avg.sources)))
                     self._backup.copy_from_sources()
                 self._avg.copy_to_sources(row)
             else:
@@ -500,7 +500,7 @@ class _ModelAverage:
         DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
         of a tied or aliased tensor gets its average."""
         self._not_swapped("averaged_state_dict()")
-        self._avg._check_row(row)
+        self._avg.check_row(row)
         self._follow()
         self._avg.check_sources()                       # a same-address reshape or cast is named here
         if self._copy is not None:
@@ -542,7 +542,7 @@ class _ModelAverage:
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             # views of the flat buffers, as nn.Module.state_dict() returns views: no model-sized copy
-            "averaged": {n: self._avg.view(n, None) for n in self._avg.names},
+            "averaged": {n: self._avg.state_view(n) for n in self._avg.names},
             "copied": {n: self._copy.view(n) for n in self._copy.names} if self._copy is not None else {},
             "int_buffers": {n: v[1] for n, v in self._int_buffers.items()},
         }
@@ -561,7 +561,7 @@ class _ModelAverage:
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
         copied_names = self._copy.names if self._copy else []
-        groups = (("averaged", self._avg.names, lambda n: self._avg.view(n, None), True),
+        groups = (("averaged", self._avg.names, lambda n: self._avg.state_view(n), True),
                   ("copied", copied_names, lambda n: self._copy.view(n), False),
                   ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False))
         for key, names, view_of, finite in groups:
@@ -704,8 +704,8 @@ def _alive(pid: int) -> bool:
 def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
     from .._backends import describe, disjoint
 
-    bufs = [describe(t, n) for n, t in zip(a.names, a._sources)] + \
-           [describe(t, n) for n, t in zip(b.names, b._sources)]
+    bufs = [describe(t, n) for n, t in zip(a.names, a.sources)] + \
+           [describe(t, n) for n, t in zip(b.names, b.sources)]
     disjoint(bufs, [repr(n) for n in a.names] + [repr(n) for n in b.names])
 
 
@@ -777,7 +777,7 @@ class EMA(_ModelAverage):
         if not self._begin(self.update_every):
             return
         flags = self._scan() if self.skip_nonfinite else None
-        self._avg._lerp(self._weights(weights), self.rounding, self.seed, n, flags)   # addresses checked
+        self._avg.update_checked(self._weights(weights), self.rounding, self.seed, n, flags)   # addresses checked
         self._copy_buffers(flags, current=True)
         self.plan.commit(pending)
         self._end()
@@ -786,7 +786,7 @@ class EMA(_ModelAverage):
         """The kernels' weights per device, with the rounding checked against each shadow dtype (the
         seed was checked at construction and the step by the plan)."""
         out = {}
-        for g in self._avg._groups:
+        for g in self._avg.layout.groups:
             if g.device not in out:
                 out[g.device] = resolve_weights(None, weights, self.plan.rows, g.device)
             stochastic_rounding(self.rounding, g.shadow_kind)

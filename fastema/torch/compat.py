@@ -81,7 +81,7 @@ class ExponentialMovingAverage:
 
     def _own(self, params: list) -> bool:
         """True when ``params`` are the tracked parameters (the fast path of one flat launch)."""
-        return all(a is b for a, b in zip(params, self._flat._sources))
+        return all(a is b for a, b in zip(params, self._flat.sources))
 
     @torch.no_grad()
     def update(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
@@ -128,7 +128,7 @@ class ExponentialMovingAverage:
         if self._stored is None:
             raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
         params = self._params(parameters)
-        if isinstance(self._stored, FlatShadow) and all(a is b for a, b in zip(params, self._stored._sources)):
+        if isinstance(self._stored, FlatShadow) and all(a is b for a, b in zip(params, self._stored.sources)):
             self._stored.copy_to_sources()
         else:
             for c, p in zip(self.collected_params, params):

@@ -1,0 +1,161 @@
+"""FlatLayout: where a shadow's values live: one flat buffer per (device, source dtype,
+shadow dtype) group, ``rows`` deep, with the segment tables one launch needs and views
+shaped like the sources.
+
+A layout knows its groups' shapes, layouts and addresses but not the source objects: those
+are the :class:`~fastema._sources.SourceTable`'s. The shadows (:class:`fastema.FlatShadow`,
+:class:`fastema.WindowShadow`) are built from one of each.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _backends, _launch
+from ._backends import Buf, describe, disjoint, empty
+from .kernels import kinds
+from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
+
+
+DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
+
+
+def parse_sources(sources) -> tuple[list[str], list, list]:
+    """``(names, tensors, descriptions)`` of a shadow's sources, every check made (types, dtypes,
+    layouts, no shared memory), nothing kept."""
+    if isinstance(sources, Mapping):
+        names, tensors = [str(k) for k in sources.keys()], list(sources.values())
+    elif isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__") or hasattr(sources, "shape"):
+        one = " (one array: pass [x])" if hasattr(sources, "shape") else ""
+        raise TypeError(f"sources must be a sequence of arrays/tensors or a mapping name -> array, "
+                        f"got {type(sources).__name__}{one}")
+    else:
+        tensors = list(sources)
+        names = [str(i) for i in range(len(tensors))]
+    if not tensors:
+        raise ValueError("sources is empty: give the arrays/tensors to average")
+    bufs = [describe(t, f"source {n!r}") for n, t in zip(names, tensors)]
+    disjoint(bufs, [f"source {n!r}" for n in names])
+    return names, tensors, bufs
+
+
+class LayoutGroup:
+    """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
+
+    It has the fields :func:`fastema._launch.launch` reads (device, shadow_kind, src_kind,
+    tables, stream)."""
+
+    def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
+        first = bufs[0]
+        self.members = members                       # positions in the shadow's source list
+        self.device = first.device
+        self.src_kind = first.kind
+        self.shadow_kind = shadow_kind
+        self.framework = first.framework
+        self.shapes = [b.shape for b in bufs]
+        self.orders = [b.strides for b in bufs]      # () for C order, else the source's dense layout
+        self.counts = [b.numel for b in bufs]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.n = int(self.offsets[-1])
+        self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
+        self.stream = _backends.stream_for(first)
+        self.tables = _launch.tables([b.address for b in bufs], self.counts, self.segments(self.buffer),
+                                     self.device, self.stream)
+
+    def segments(self, buffer) -> np.ndarray:
+        """Per-source addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow."""
+        b = describe(buffer, "buffer")
+        return _launch.flat_shadow(b.address, self.counts, ITEMSIZE[b.kind])
+
+    def strided(self, buffer_rows, slot: int, lead: tuple = ()):
+        """The slice of ``buffer_rows`` (one row, or ``(R, n)`` rows with ``lead = (R,)``) that holds
+        source ``slot``, shaped and laid out like the source."""
+        lo, hi = int(self.offsets[slot]), int(self.offsets[slot + 1])
+        order = self.orders[slot]
+        if lead:
+            return _backends.strided(buffer_rows[:, lo:hi], lead + tuple(self.shapes[slot]),
+                                     (self.n,) + order if order else ())
+        return _backends.strided(buffer_rows[lo:hi], tuple(self.shapes[slot]), order)
+
+
+class FlatLayout:
+    """The groups of a list of described sources, each with a ``(rows, n)`` shadow buffer."""
+
+    def __init__(self, bufs: list[Buf], shadow_kind_of, rows: int):
+        keys: dict[tuple, list[int]] = {}
+        for i, b in enumerate(bufs):
+            keys.setdefault((b.device, b.kind, shadow_kind_of(b)), []).append(i)
+        self.rows = rows
+        self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows) for (_, _, sk), m in keys.items()]
+        self.where = {}                                # source position -> (group, slot)
+        for g in self.groups:
+            for slot, i in enumerate(g.members):
+                self.where[i] = (g, slot)
+
+    def set_addresses(self, g: LayoutGroup, addresses: list) -> None:
+        """The group's sources are now at ``addresses`` (same layout)."""
+        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.stream)
+
+    def view(self, i: int, row: int | None):
+        """Shadow row ``row`` of source ``i`` shaped like it (``None``: every row, ``(rows, *shape)``)."""
+        g, slot = self.where[i]
+        if row is None:
+            return g.strided(g.buffer, slot, (self.rows,))
+        return g.strided(g.buffer[row], slot)
+
+    def describe_groups(self) -> list[dict]:
+        return [dict(device=g.device, src_dtype=KIND_NAMES[g.src_kind], shadow_dtype=KIND_NAMES[g.shadow_kind],
+                     sources=len(g.members), numel=g.n, buffer=g.buffer) for g in self.groups]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.n * self.rows * ITEMSIZE[g.shadow_kind] for g in self.groups)
+
+    def swap_modes(self, swapped: bool, lossy: bool) -> list:
+        """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
+        modes = []
+        for g in self.groups:
+            if g.shadow_kind == g.src_kind:
+                modes.append(kinds.EXCHANGE)
+            elif g.shadow_kind == F32 and g.src_kind == BF16:
+                modes.append(kinds.UNPACK if swapped else kinds.PACK)
+            elif lossy:
+                modes.append(kinds.EXCHANGE)
+            else:
+                raise ValueError(
+                    f"swapping a {KIND_NAMES[g.shadow_kind]} shadow with {KIND_NAMES[g.src_kind]} sources "
+                    f"rounds one side and cannot be undone exactly; pass lossy=True to accept it, or "
+                    f"use copy_to_sources() on a copy of the model")
+        return modes
+
+    def swap(self, row: int, modes: list) -> None:
+        for g, mode in zip(self.groups, modes):
+            _launch.launch("swap", g, mode=mode, row=row)
+
+    def copy_out(self, row: int) -> None:
+        """The sources <- shadow row ``row``."""
+        for g in self.groups:
+            _launch.launch("copy", g, to_shadow=False, row_lo=row, row_hi=row + 1)
+
+
+class SwapState:
+    """Which shadow row sits in the sources (between two swaps), and the swap itself."""
+
+    def __init__(self):
+        self.row: int | None = None
+
+    def swap(self, layout: FlatLayout, sources, row: int, lossy: bool) -> None:
+        """Exchange shadow row ``row`` of ``layout`` and the sources in place, or swap back."""
+        if self.row is not None and row != self.row:
+            raise RuntimeError(f"row {self.row} is swapped in; swap it back before swapping row {row}")
+        modes = layout.swap_modes(self.row is not None, lossy)
+        sources.refresh()                  # addresses; a same-address reshape stays inside the kept storage
+        layout.swap(row, modes)
+        self.row = None if self.row is not None else row
+
+    def refuse(self, what: str) -> None:
+        """RuntimeError while a row is swapped in: ``what`` would read or write the wrong values."""
+        if self.row is not None:
+            raise RuntimeError(f"{what} while shadow row {self.row} is swapped into the sources; "
+                               f"call swap() again first")

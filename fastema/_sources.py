@@ -1,0 +1,152 @@
+"""SourceTable: where a shadow's sources are, kept current and alive.
+
+The tensors a shadow averages stay where their framework keeps them; the table records,
+per layout group, their objects and addresses, keeps torch storages alive (a freed block
+could come back at a recorded address under another tensor and pass the address check),
+and follows sources that move (``param.data = new``) or are replaced by new objects,
+refusing any that changed dtype, shape, layout or device. When addresses change it
+rewrites the layout's segment tables; on CUDA, for JAX/TensorFlow, it retires replaced
+sources only once fastema's launches that read them have passed.
+
+The protocol (used by :mod:`fastema.flat`, :mod:`fastema.window` and the framework
+bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source),
+:meth:`SourceTable.check` (full check), :meth:`SourceTable.rebind` (new objects, checked),
+:meth:`SourceTable.adopt` (new objects the caller has checked), :attr:`SourceTable.sources`.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+from . import _launch
+from ._backends import Buf, describe, disjoint
+from .kernels.kinds import KIND_NAMES
+
+_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
+
+
+def _data_ptr():
+    import torch
+
+    return torch.Tensor.data_ptr
+
+
+def _signatures(tensors) -> list:
+    """What each torch source must keep between two full checks: dtype, shape and strides
+    (C-level maps: ~0.3 us a tensor)."""
+    import torch
+
+    return list(zip(map(_DTYPE_SHAPE, tensors), map(torch.Tensor.stride, tensors)))
+
+
+class _Tracked:
+    """The sources of one layout group as they are now."""
+
+    def __init__(self, group, bufs: list[Buf]):
+        self.track = group.framework == "torch"        # torch storage can be swapped under a Parameter
+        # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
+        # nothing of fastema's launches: replaced sources are released only once an event
+        # recorded after those launches has passed (checked without blocking, one rebind later).
+        self.deferred = _launch.is_cuda(group.device) and group.framework in ("jax", "tensorflow", "dlpack")
+        self.retired: tuple = (None, [])
+        self.set(bufs)
+
+    def set(self, bufs: list[Buf]) -> None:
+        self.addresses = [b.address for b in bufs]
+        self.tensors = [b.obj for b in bufs]             # the sources, for the per-step address check
+        self.keep: list[Any] = [b.obj.untyped_storage() for b in bufs] if self.track else []
+        self.signatures = _signatures(self.tensors) if self.track else None
+
+
+class SourceTable:
+    """The sources of a :class:`~fastema._layout.FlatLayout`, by name, tracked per group."""
+
+    def __init__(self, names: list[str], tensors: list, layout, bufs: list[Buf]):
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self._sources = tensors
+        self._layout = layout
+        self._tracked = [_Tracked(g, [bufs[i] for i in g.members]) for g in layout.groups]
+
+    @property
+    def sources(self) -> list:
+        """The source objects, in order (the table's own list: read it, do not change it)."""
+        return self._sources
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def position(self, source: int | str) -> int:
+        return self.index[source] if isinstance(source, str) else int(source)
+
+    def refresh(self) -> None:
+        """Follow sources whose storage moved (one ``data_ptr()`` per torch source: the per-step
+        price of never reading a stale address); raises, writing nothing, if one changed."""
+        for g, t in zip(self._layout.groups, self._tracked):
+            if t.track and list(map(_data_ptr(), t.tensors)) != t.addresses:
+                self._follow(g, t)
+
+    def check(self) -> None:
+        """:meth:`refresh`, then check that every source still has the dtype, shape, layout and
+        device it had when the shadow was made (also a change that kept the address)."""
+        self.refresh()
+        for g, t in zip(self._layout.groups, self._tracked):
+            # torch sources: (dtype, shape, strides) against the last full check (~0.4 us each);
+            # anything else, or a difference, takes the full description (which names the source)
+            if t.signatures is None or _signatures(t.tensors) != t.signatures:
+                self._checked(g)
+                if t.track:
+                    t.signatures = _signatures(t.tensors)
+
+    def rebind(self, sources: Sequence | Mapping) -> None:
+        """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
+        and keeps the old ones if any differs."""
+        new = [sources[n] for n in self.names] if isinstance(sources, Mapping) else list(sources)
+        if len(new) != len(self._sources):
+            raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")
+        if all(a is b for a, b in zip(new, self._sources)):
+            return
+        old = self._sources
+        self._sources = new
+        try:
+            checked = [self._checked(g) for g in self._layout.groups]   # every group checked before any change
+            disjoint([b for bufs in checked for b in bufs], [f"source {n!r}" for n in self.names])
+        except Exception:
+            self._sources = old
+            raise
+        for g, t, bufs in zip(self._layout.groups, self._tracked, checked):
+            self._follow(g, t, bufs)
+
+    def adopt(self, sources: list, addresses: list) -> None:
+        """Follow new sources that the caller has checked already (same dtypes, shapes and
+        devices as at construction, C-contiguous, kept alive by the caller) at ``addresses``:
+        for bridges with a cheaper way to an address than a DLPack export. CPU groups only."""
+        self._sources = sources
+        for g, t in zip(self._layout.groups, self._tracked):
+            t.addresses = [addresses[i] for i in g.members]
+            t.tensors = [sources[i] for i in g.members]
+            self._layout.set_addresses(g, t.addresses)
+
+    def _checked(self, g) -> list[Buf]:
+        """The group's sources described now; ValueError if any differs from construction."""
+        bufs = []
+        for slot, i in enumerate(g.members):
+            b = describe(self._sources[i], f"source {self.names[i]!r}")
+            if (b.device, b.kind, b.shape, b.strides) != (g.device, g.src_kind, g.shapes[slot], g.orders[slot]):
+                now = "" if b.strides == g.orders[slot] else f" with strides {b.strides or 'C order'}"
+                raise ValueError(
+                    f"source {self.names[i]!r} was {KIND_NAMES[g.src_kind]} {g.shapes[slot]} on {g.device} "
+                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device}{now} "
+                    f"(model.to(), a dtype cast, a reshape or another memory format?); make a new shadow after "
+                    f"changing the model, or change it back. Nothing was updated.")
+            bufs.append(b)
+        disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
+        return bufs
+
+    def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
+        bufs = self._checked(g) if bufs is None else bufs
+        if t.deferred:
+            t.retired = (_launch.retire(g.device, g.stream, t.retired[0]), t.tensors)
+        t.set(bufs)
+        self._layout.set_addresses(g, t.addresses)

@@ -1,0 +1,156 @@
+"""WindowShadow: the mean of the last W snapshots of many tensors, one launch per push.
+
+Built from the same pieces as :class:`fastema.FlatShadow` (a layout, a source table, a swap
+state), not derived from it: its layout keeps three private rows (the mean, and a
+compensated running sum in two rows) of which only the mean is public, and a ring of W
+snapshots beside it.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Sequence
+
+from . import _launch
+from ._backends import describe, empty, zero_
+from ._layout import DTYPES, FlatLayout, SwapState, parse_sources
+from ._sources import SourceTable
+from .kernels.kinds import F32, F64, ITEMSIZE, KIND_NAMES
+
+__all__ = ["WindowShadow"]
+
+_STATE_ROWS = 3            # the mean, then the compensated sum (value, compensation)
+
+
+class WindowShadow:
+    """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
+
+    A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory; float64
+    for float64 sources, whose sums are float64 too) and a compensated float32 running sum
+    per element: each :meth:`push` adds the new snapshot (as stored), subtracts the one it
+    evicts (every W pushes the sum is rebuilt from the ring in float64, so the mean stays
+    within 2 ulp) and writes the mean, which is what :meth:`view`, :meth:`swap` and
+    :meth:`copy_to_sources` use. The construction pushes the sources once.
+    """
+
+    rows = 1               # one average: the window mean
+
+    def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32"):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if ring_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
+        names, tensors, bufs = parse_sources(sources)
+        self.names = names
+        self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
+        self.layout = FlatLayout(bufs, lambda b: F64 if b.kind == F64 else F32, _STATE_ROWS)
+        self.source_table = SourceTable(names, tensors, self.layout, bufs)
+        self._swap = SwapState()
+        self._rings = []                                # per group: (kind, (W, n) buffer, device segment table)
+        for g in self.layout.groups:
+            zero_(g.buffer)
+            kind = F64 if g.src_kind == F64 else DTYPES[ring_dtype]     # float64 stays float64
+            ring = empty(describe(g.buffer, "shadow"), kind, (window, g.n))
+            addr = _launch.tables([0] * len(g.counts), g.counts, g.segments(ring), g.device, g.stream).shadow_addr
+            self._rings.append((kind, ring, addr))
+        self.push()
+
+    def __len__(self) -> int:
+        return len(self.source_table)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{g.device}:{KIND_NAMES[g.src_kind]}x{len(g.members)}" for g in self.layout.groups)
+        return f"WindowShadow({len(self)} sources, window={self.window}, groups=[{parts}])"
+
+    @property
+    def count(self) -> int:
+        """Snapshots in the window now (at most ``window``)."""
+        return min(self.pushes, self.window)
+
+    @property
+    def groups(self) -> list[dict]:
+        """One dict per group: device, dtypes (of the mean), number of sources, elements, buffer."""
+        return self.layout.describe_groups()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes fastema holds: the mean, the running sum and the ring."""
+        return self.layout.nbytes + sum(g.n * self.window * ITEMSIZE[kind]
+                                        for g, (kind, _, _) in zip(self.layout.groups, self._rings))
+
+    @property
+    def swapped(self) -> bool:
+        return self._swap.row is not None
+
+    @property
+    def sources(self) -> list:
+        return self.source_table.sources
+
+    def view(self, source: int | str, row: int = 0):
+        """The window mean of one source (by position or name), shaped and laid out like it."""
+        self.check_row(row)
+        return self.layout.view(self.source_table.position(source), 0)
+
+    def views(self, row: int = 0) -> dict:
+        return {n: self.view(i, row) for i, n in enumerate(self.names)}
+
+    def state_view(self, source: int | str):
+        """Everything a checkpoint keeps of one source besides the ring: the mean and the
+        compensated running sum, ``(3, *shape)`` (a view)."""
+        return self.layout.view(self.source_table.position(source), None)
+
+    def ring_view(self, source: int | str):
+        """The stored snapshots of one source, shape ``(window, *shape)`` (slot order, not time order)."""
+        g, slot = self.layout.where[self.source_table.position(source)]
+        _, ring, _ = self._rings[self.layout.groups.index(g)]
+        return g.strided(ring, slot, (self.window,))
+
+    # ------------------------------------------------------------ operations
+
+    def push(self) -> None:
+        """Add the sources' current values as the newest snapshot, evicting the oldest when full."""
+        self._swap.refuse("push()")
+        self.source_table.refresh()
+        slot, full = self.pushes % self.window, self.pushes >= self.window
+        count = min(self.pushes + 1, self.window)
+        recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
+        for g, (kind, _, addr) in zip(self.layout.groups, self._rings):
+            _launch.launch("window", g, ring_kind=kind, ring_addr=addr, slot=slot, full=full, count=count,
+                           recompute=recompute)
+        self.pushes += 1
+
+    def restart(self) -> None:
+        """Empty the window and push the sources as its first snapshot."""
+        self._swap.refuse("restart()")
+        for g in self.layout.groups:
+            zero_(g.buffer)
+        self.pushes = 0
+        self.push()
+
+    def copy_to_sources(self, row: int = 0) -> None:
+        """The sources <- the window mean (rounded to each source's dtype)."""
+        self._swap.refuse("copy_to_sources()")
+        self.check_row(row)
+        self.check_sources()
+        self.layout.copy_out(0)
+
+    def swap_modes(self, lossy: bool = False) -> list:
+        return self.layout.swap_modes(self.swapped, lossy)
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Exchange the window mean and the sources in place; call again to swap back (see
+        :meth:`fastema.FlatShadow.swap`)."""
+        self.check_row(row)
+        self._swap.swap(self.layout, self.source_table, 0, lossy)
+
+    def check_sources(self) -> None:
+        self.source_table.check()
+
+    def refresh(self) -> None:
+        self.source_table.refresh()
+
+    def rebind(self, sources: Sequence | Mapping) -> None:
+        self.source_table.rebind(sources)
+
+    def check_row(self, row: int) -> None:
+        if row != 0 or isinstance(row, bool):
+            raise IndexError(f"a WindowShadow keeps one average (row 0), got row {row!r}")
