@@ -18,7 +18,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _backends
-from ._backends import is_torch as _is_torch
 from .smooth import _UNSET, Smoother, _renamed
 
 __all__ = ["Tracker"]
@@ -85,10 +84,10 @@ class Tracker:
             if tuple(vec.shape) != (len(self.names),):          # one vector of all the metrics
                 raise ValueError(f"expected a vector of {len(self.names)} values ({list(self.names)}), "
                                  f"got shape {tuple(vec.shape)}")
-            return vec.detach() if _is_torch(vec) else np.asarray(vec, np.float64)
+            return vec.detach() if _backends.is_torch(vec) else np.asarray(vec, np.float64)
         if len(values) != len(self.names):
             raise ValueError(f"expected {len(self.names)} values ({list(self.names)}), got {len(values)}")
-        tensors = [_is_torch(v) for v in values]
+        tensors = [_backends.is_torch(v) for v in values]
         if all(tensors):
             import torch
 
@@ -139,7 +138,7 @@ class Tracker:
     def read(self) -> dict[str, float]:
         """The smoothed values as Python floats, in one device-to-host transfer."""
         parts = [getattr(self.smoother, k) for k in ("ema", "sma") if self._has(k)]
-        if _is_torch(parts[0]):
+        if _backends.is_torch(parts[0]):
             import torch
 
             flat = torch.cat(parts).tolist()

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from ..kernels.kinds import BF16
+from ._buf import Buf, not_dense, unsupported_dtype
 from . import numpy as np_backend
 
 NAME = "cuda"
@@ -23,8 +24,6 @@ def _device(x) -> str:
 
 
 def describe(x, what: str):
-    from . import Buf, not_dense, unsupported_dtype
-
     cai = x.__cuda_array_interface__
     dtype = np.dtype(cai["typestr"])
     kind = np_backend.KINDS.get(dtype)

@@ -11,6 +11,7 @@ import types
 
 from .. import _dlpack as _dl
 from ..kernels.kinds import BF16, F16, F32, F64
+from ._buf import Buf, not_dense, unsupported_dtype
 
 NAME = "dlpack"
 _KINDS = {(_dl.FLOAT, 32): F32, (_dl.FLOAT, 16): F16, (_dl.BFLOAT, 16): BF16, (_dl.FLOAT, 64): F64}
@@ -44,9 +45,13 @@ def describe(x, what: str):
         value = getattr(x, "value", None)
         if value is None or value is x:
             raise TypeError(f"{what} is a {type(x).__name__} without an array value")
-        from . import describe as describe_any
+        from . import numpy as np_backend
+        from . import torch as torch_backend
 
-        return describe_any(value, what)
+        for backend in (np_backend, torch_backend):        # Keras on the NumPy or torch backend
+            if backend.owns(value):
+                return backend.describe(value, what)
+        return describe(value, what)                        # JAX or TensorFlow
     if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
         x = x.value()                              # a tf.Variable: its current tensor (no copy)
     if not hasattr(x, "__dlpack__"):
@@ -56,8 +61,6 @@ def describe(x, what: str):
 
 
 def _from_dlpack(x, what: str, framework: str):
-    from . import Buf, not_dense, unsupported_dtype
-
     dev = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else (_dl.CPU, 0)
     on_gpu = int(dev[0]) in (_dl.CUDA, _dl.CUDA_MANAGED)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
+from ._buf import Buf, layout, not_dense, unsupported_dtype
 
 NAME = "numpy"
 KINDS = {np.dtype(np.float32): F32, np.dtype(np.float16): F16, np.dtype(np.float64): F64}
@@ -22,8 +23,6 @@ def kind_of(dtype) -> int | None:
 
 
 def describe(a: np.ndarray, what: str):
-    from . import Buf, layout, not_dense, unsupported_dtype
-
     kind = kind_of(a.dtype)
     if kind is None:
         raise unsupported_dtype(what, a.dtype)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
+from ._buf import Buf, layout, not_dense, unsupported_dtype
 
 NAME = "torch"
 _KINDS: dict = {}
@@ -88,8 +89,6 @@ def device_name(device) -> str:
 
 def describe(t, what: str):
     import torch
-
-    from . import Buf, layout, not_dense, unsupported_dtype
 
     refuse_foreign(t, what)
     kind = kind_of(t.dtype)

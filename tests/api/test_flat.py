@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fastema
-from conftest import assert_close_to_reference, naive_ema
+from reference import assert_close_to_reference, naive_ema
 
 
 def mixed_sources(seed=0):

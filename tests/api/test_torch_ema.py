@@ -10,7 +10,7 @@ from torch import nn
 
 from fastema import schedules as S
 from fastema.torch import EMA, normalize_name
-from conftest import assert_close_to_reference
+from reference import assert_close_to_reference
 
 
 def mlp():

@@ -13,7 +13,7 @@ jnp = pytest.importorskip("jax.numpy")
 import fastema  # noqa: E402
 from fastema import schedules as S  # noqa: E402
 from fastema.jax import EMA  # noqa: E402
-from conftest import ULP, assert_close_to_reference  # noqa: E402
+from reference import ULP, assert_close_to_reference  # noqa: E402
 
 
 class Block(NamedTuple):

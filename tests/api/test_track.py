@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import no_host_reads
+from reference import no_host_reads
 from fastema import Tracker
 from fastema.__main__ import main as cli
 from fastema.plot import read_log, smooth_series

@@ -12,7 +12,7 @@ tf = pytest.importorskip("tensorflow")
 import fastema  # noqa: E402
 from fastema import schedules as S  # noqa: E402
 from fastema.tensorflow import EMA  # noqa: E402
-from conftest import assert_close_to_reference  # noqa: E402
+from reference import assert_close_to_reference  # noqa: E402
 
 
 class MLP(tf.Module):

@@ -10,7 +10,7 @@ from torch import nn
 pl = pytest.importorskip("pytorch_lightning")
 pd = pytest.importorskip("pandas")
 
-from conftest import no_host_reads  # noqa: E402
+from reference import no_host_reads  # noqa: E402
 from fastema.lightning import MovingAverageLogs, WeightEMA  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

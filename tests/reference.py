@@ -1,0 +1,59 @@
+"""Test references: naive float64 formulas, ulp tolerances, dtype names, and a guard against
+host reads of tensor values. Imported by the test modules as ``from reference import ...``
+(``tests/`` is on ``sys.path`` through its conftest)."""
+import contextlib
+import os
+
+import numpy as np
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# One unit in the last place, relative, of each storage dtype.
+ULP = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+
+
+def torch_dtype(name):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def naive_ema(shadow64, src64, decay):
+    """The textbook formula in float64, element by element."""
+    return decay * shadow64 + (1.0 - decay) * src64
+
+
+def assert_close_to_reference(got, ref64, dtype, scale64):
+    """``got`` (any dtype) within a few ulps of the float64 reference.
+
+    The kernels compute in float32 and round once to the storage dtype, so the error is
+    at most half an ulp of the storage dtype plus a few float32 ulps of the operands'
+    magnitude ``scale64`` (|shadow| + |src|).
+    """
+    got64 = np.asarray(got, np.float64)
+    tol = ULP[dtype] * np.abs(ref64) + 4 * 2.0 ** -23 * scale64 + 1e-38
+    if dtype == "float16":
+        tol = tol + 2.0 ** -24                      # float16 subnormal spacing
+    bad = ~(np.abs(got64 - ref64) <= tol)
+    bad &= ~(np.isnan(got64) & np.isnan(ref64))
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} elements off: got {got64[bad][:5]}, "
+                           f"expected {ref64[bad][:5]}")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor value by the host (item, float, bool, tolist): each syncs a GPU."""
+    import torch
+
+    def boom(*a, **k):
+        raise AssertionError("a tensor value was read by the host (a host sync on a GPU)")
+
+    saved = {n: getattr(torch.Tensor, n) for n in ("item", "tolist", "__float__", "__bool__")}
+    for n in saved:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
