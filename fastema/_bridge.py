@@ -5,7 +5,7 @@ anything is loaded."""
 from __future__ import annotations
 
 import numbers
-import types
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,17 +13,25 @@ from . import _backends
 from . import schedules as S
 
 
-def init_plan(ema, decay, *, shadow_dtype: str, rounding: str, seed: int, skip_nonfinite: bool, **plan) -> None:
-    """Check the shadow options and give ``ema`` its :class:`fastema.schedules.Plan` and settings."""
+class ShadowSettings(NamedTuple):
+    """How a model EMA keeps and updates its shadow (checked by :func:`make_plan`)."""
+    shadow_dtype: str
+    rounding: str
+    seed: int
+    skip_nonfinite: bool
+
+
+def make_plan(decay, *, shadow_dtype: str, rounding: str, seed: int, skip_nonfinite: bool,
+              **plan) -> tuple[S.Plan, ShadowSettings]:
+    """Check a model EMA's decay, schedule and shadow options; its :class:`fastema.schedules.Plan`
+    and :class:`ShadowSettings`."""
     problems = []
     check_shadow_settings(shadow_dtype, rounding, seed, problems)
     if problems:
         raise ValueError(problems[0])
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
-    ema.plan = S.Plan(decay, **plan)
-    ema.shadow_dtype, ema.rounding, ema.seed = shadow_dtype, rounding, seed
-    ema.skip_nonfinite = skip_nonfinite
+    return S.Plan(decay, **plan), ShadowSettings(shadow_dtype, rounding, seed, skip_nonfinite)
 
 
 _PLAN_OPTIONS = ("warmup", "min_decay", "inv_gamma", "power", "update_after_step", "update_every", "compensate",
@@ -35,7 +43,7 @@ def check_options(decay, options: dict) -> None:
     callbacks make their EMA when training starts): a bad value is refused at construction."""
     shadow = {k: options.get(k, d) for k, d in (("shadow_dtype", "float32"), ("rounding", "nearest"),
                                                  ("seed", 0), ("skip_nonfinite", False))}
-    init_plan(types.SimpleNamespace(), decay, **shadow, **{k: options[k] for k in _PLAN_OPTIONS if k in options})
+    make_plan(decay, **shadow, **{k: options[k] for k in _PLAN_OPTIONS if k in options})
 
 
 def check_shadow_settings(shadow_dtype, rounding, seed, problems: list) -> None:
@@ -70,13 +78,16 @@ class FrameworkEMA:
     def rows(self) -> int:
         return self.plan.rows
 
-    def _fold(self, step, sources=None) -> None:
-        """One update of every average from the sources (new objects, or None: as adopted)."""
-        n, weights, pending = self.plan.weights(step)
-        self._flat.update(weight=weights, rounding=self.rounding, seed=self.seed, step=n,
+    def _settings(self, plan: S.Plan, settings: ShadowSettings) -> None:
+        self.plan = plan
+        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
+
+    def _fold(self, pending: S.Pending, sources=None) -> None:
+        """The update :meth:`fastema.schedules.Plan.next` described, from the sources (new objects,
+        or None: as adopted), then recorded."""
+        self._flat.update(weight=pending.weights, rounding=self.rounding, seed=self.seed, step=pending.n,
                           skip_nonfinite=self.skip_nonfinite, sources=sources)
-        self.plan.count_call()
-        self.plan.commit(pending)
+        self.plan.done(pending)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by name (NumPy copies, shape

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _backends
-from ._bridge import FrameworkEMA, init_plan
+from ._bridge import FrameworkEMA, make_plan
 from .flat import FlatShadow
 
 __all__ = ["EMA"]
@@ -62,10 +62,10 @@ class EMA(FrameworkEMA):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
                  skip_nonfinite: bool = False):
-        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+        self._settings(*make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
                   skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
                   power=power, update_after_step=update_after_step, update_every=update_every,
-                  compensate=compensate, debias=debias)
+                  compensate=compensate, debias=debias))
         names, leaves, self._treedef = _flatten(params)
         self.names = names
         self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
@@ -105,8 +105,9 @@ class EMA(FrameworkEMA):
             params: the current parameters, e.g. what the jitted train step returned.
             step: the training step for the schedule; defaults to the number of updates made.
         """
-        if not self.plan.due():
-            self.plan.count_call()
+        pending = self.plan.next(step)          # checks step; records nothing yet
+        if not pending.due:
+            self.plan.done(pending)
             return
         leaves = self._match(params)
         sources = [leaves[i] for i in self._float]
@@ -116,7 +117,7 @@ class EMA(FrameworkEMA):
             jax.block_until_ready(sources)
             self._flat.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
             sources = None
-        self._fold(step, sources)
+        self._fold(pending, sources)
         self._leaves = leaves
 
     def _match(self, params) -> list:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
-__all__ = ["Constant", "NumUpdates", "PowerWarmup", "Plan", "from_state", "debiased_weight"]
+__all__ = ["Cadence", "Constant", "NumUpdates", "Pending", "PowerWarmup", "Plan", "compensated", "from_state",
+           "debiased_weight"]
 
 
 def _check_decay(name, value):
@@ -134,6 +136,34 @@ def compensated(decay: float, every: int) -> float:
 
 
 
+class Cadence:
+    """Which calls of ``update()`` update: the first, then every ``every``-th. It counts the
+    calls it is told were made (:meth:`called`), so a refused call counts nothing."""
+
+    def __init__(self, every: int = 1):
+        _check_count("update_every", every, 1)
+        self.every = every
+        self.calls = 0                      # update() calls, skipped ones included
+
+    def due(self) -> bool:
+        """True when the next call updates."""
+        return self.calls % self.every == 0
+
+    def called(self) -> None:
+        """Record a call that was made (an update or a skipped call)."""
+        self.calls += 1
+
+
+class Pending(NamedTuple):
+    """What the call about to be made does, from :meth:`Plan.next`; nothing is recorded until
+    :meth:`Plan.done`."""
+    due: bool              # False: a call skipped by update_every (weights unused)
+    n: int                 # the schedule's step
+    weights: list          # w = 1 - decay (or the debiased weight), one per average
+    decays: list
+    norms: list
+
+
 class Plan:
     """The decay side of a model EMA, shared by the framework bridges.
 
@@ -160,7 +190,7 @@ class Plan:
             raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
         if warmup not in (None, "num_updates", "power"):
             raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
-        _check_count("update_every", update_every, 1)
+        cadence = Cadence(update_every)
         for d in decays:
             _check_decay("decay", d)
         check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
@@ -170,8 +200,8 @@ class Plan:
             self.schedules = [NumUpdates(d) for d in decays]
         else:
             self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
-        self.update_every, self.compensate, self.debias = update_every, bool(compensate), bool(debias)
-        self.calls = 0                      # update() calls, skipped ones included
+        self.cadence = cadence              # counts the calls (shared with a model average that asks it)
+        self.compensate, self.debias = bool(compensate), bool(debias)
         self.updates = 0                    # updates made
         self.norms = [0.0] * len(decays)    # debiasing normalisers
         self.last_decays = [0.0] * len(decays)
@@ -180,9 +210,18 @@ class Plan:
     def rows(self) -> int:
         return len(self.schedules)
 
+    @property
+    def calls(self) -> int:
+        """``update()`` calls so far, skipped ones included."""
+        return self.cadence.calls
+
+    @property
+    def update_every(self) -> int:
+        return self.cadence.every
+
     def decay_at(self, i: int, n: int) -> float:
         d = self.schedules[i](n)
-        return compensated(d, self.update_every) if self.compensate else d
+        return compensated(d, self.cadence.every) if self.compensate else d
 
     @property
     def decay(self) -> float | list[float]:
@@ -190,17 +229,11 @@ class Plan:
         d = [self.decay_at(i, self.updates + 1) for i in range(self.rows)]
         return d[0] if len(d) == 1 else d
 
-    def due(self) -> bool:
-        """True when the next call updates (the first call, then every ``update_every``-th)."""
-        return self.calls % self.update_every == 0
-
-    def count_call(self) -> None:
-        self.calls += 1
-
-    def weights(self, step: int | None = None) -> tuple[int, list[float], tuple]:
-        """``(n, weights, pending)`` for the update about to be made; ``n`` is the schedule's
-        step (``step`` if given, else the update count). Pass ``pending`` to :meth:`commit`
-        once the update has been launched, so a refused update changes nothing."""
+    def next(self, step: int | None = None) -> Pending:
+        """What the next ``update()`` call does: whether it is due (the first call, then every
+        ``update_every``-th), the schedule's step ``n`` (``step`` if given, else the update
+        count) and the kernels' weights. ``step`` is checked; nothing is recorded: pass the
+        result to :meth:`done` once the call has been made, so a refused call changes nothing."""
         n = self.updates + 1 if step is None else check_step(step)
         weights, decays, norms = [], [], list(self.norms)
         for i in range(self.rows):
@@ -211,12 +244,14 @@ class Plan:
                 w = 1.0 - d
             weights.append(w)
             decays.append(d)
-        return n, weights, (decays, norms)
+        return Pending(self.cadence.due(), n, weights, decays, norms)
 
-    def commit(self, pending: tuple) -> None:
-        """Record an update made with :meth:`weights`' ``pending`` (the call is counted apart)."""
-        self.last_decays, self.norms = pending
-        self.updates += 1
+    def done(self, pending: Pending) -> None:
+        """Record the call :meth:`next` described: counted, and its update when it was due."""
+        if pending.due:
+            self.last_decays, self.norms = pending.decays, pending.norms
+            self.updates += 1
+        self.cadence.called()
 
     def state(self) -> dict:
         return {"calls": self.calls, "updates": self.updates, "norms": list(self.norms),
@@ -248,7 +283,7 @@ class Plan:
 
     def load_state(self, state: dict) -> None:
         self.schedules = [from_state(s) for s in state["schedules"]]
-        self.calls, self.updates = int(state["calls"]), int(state["updates"])
+        self.cadence.calls, self.updates = int(state["calls"]), int(state["updates"])
         self.norms = [float(x) for x in state["norms"]]
-        self.update_every = int(state["update_every"])
+        self.cadence.every = int(state["update_every"])      # in place: a model average shares the cadence
         self.compensate, self.debias = bool(state["compensate"]), bool(state["debias"])

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
-from ._bridge import FrameworkEMA, init_plan, to_host
+from ._bridge import FrameworkEMA, make_plan, to_host
 from .flat import FlatShadow
 
 __all__ = ["EMA"]
@@ -71,10 +71,10 @@ class EMA(FrameworkEMA):
         if bad:
             raise TypeError(f"variables {bad[:5]} are not float32/bfloat16/float16; leave them out "
                             f"(e.g. pass model.trainable_variables)")
-        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+        self._settings(*make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
                   skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
                   power=power, update_after_step=update_after_step, update_every=update_every,
-                  compensate=compensate, debias=debias)
+                  compensate=compensate, debias=debias))
         self.variables = [v for v, _ in pairs]
         self.names = _unique([n for _, n in pairs])
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
@@ -93,10 +93,11 @@ class EMA(FrameworkEMA):
     def update(self, step: int | None = None) -> None:
         """Fold the variables' current values into the average (call after the optimizer step)."""
         self._not_swapped("update()")
-        if not self.plan.due():
-            self.plan.count_call()
+        pending = self.plan.next(step)          # checks step; records nothing yet
+        if not pending.due:
+            self.plan.done(pending)
             return
-        self._fold(step, self._read())   # FlatShadow checks dtypes, shapes and devices before any write
+        self._fold(pending, self._read())   # FlatShadow checks dtypes, shapes and devices before any write
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
-from .._bridge import check_shadow_settings, init_plan
+from .. import schedules
+from .._bridge import check_shadow_settings, make_plan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
 
@@ -216,7 +217,7 @@ class _ModelAverage:
         self._copy = FlatShadow(copied, dtype="same") if copied else None
         if self._copy is not None:                     # no memory in both groups (a buffer viewing a weight)
             _disjoint_groups(self._avg, self._copy)
-        self.calls = 0                          # update() calls
+        self.cadence = self._cadence()          # counts update() calls
         self._stale = False
         self._resync = False                    # the model was wrapped in DDP after construction
         self._backup = None                     # raw weights during a lossy swap (float16 models)
@@ -346,19 +347,21 @@ class _ModelAverage:
             flags = self._copy.scan_nonfinite(flags)
         return flags
 
-    def _begin(self, every: int) -> bool:
-        """Checks before an update; True when this call updates (the first, then every k-th). The call
-        is counted by _end(), so a refused update changes nothing."""
+    def _cadence(self) -> schedules.Cadence:
+        raise NotImplementedError
+
+    @property
+    def calls(self) -> int:
+        """``update()`` calls so far, skipped ones included."""
+        return self.cadence.calls
+
+    def _begin(self, due: bool) -> bool:
+        """Checks before an update; returns ``due`` (this call updates). The caller records the call
+        once it has been made, so a refused update changes nothing."""
         self._not_swapped("update()")
-        due = self.calls % every == 0
         if due:
             self._follow()                      # every group, or a refusal before anything is written
-        else:
-            self.calls += 1
         return due
-
-    def _end(self) -> None:
-        self.calls += 1
 
     @property
     def swapped(self) -> bool:
@@ -599,7 +602,7 @@ class _ModelAverage:
         with torch.no_grad():
             for dst, value in loads:
                 dst.copy_(value)
-        self.calls = int(state["calls"])
+        self.cadence.calls = int(state["calls"])
         self._load_extra(state)
 
     def _extra_state(self) -> dict:
@@ -745,21 +748,41 @@ class EMA(_ModelAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
-        init_plan(self, decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
-                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
-                  power=power, update_after_step=update_after_step, update_every=update_every,
-                  compensate=compensate, debias=debias)
+        self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                                        skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
+                                        inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
+                                        update_every=update_every, compensate=compensate, debias=debias)
+        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
         super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
                          buffers=buffers, exclude=exclude, copy=copy)
 
-    # The counters and settings live in the plan (shared with fastema.jax and fastema.tensorflow).
-    calls = property(lambda self: self.plan.calls, lambda self, v: setattr(self.plan, "calls", v))
-    updates = property(lambda self: self.plan.updates, lambda self, v: setattr(self.plan, "updates", v))
-    norms = property(lambda self: self.plan.norms)
-    schedules = property(lambda self: self.plan.schedules)
-    update_every = property(lambda self: self.plan.update_every)
-    compensate = property(lambda self: self.plan.compensate)
-    debias = property(lambda self: self.plan.debias)
+    def _cadence(self) -> schedules.Cadence:
+        return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls skipped by ``update_every`` not counted)."""
+        return self.plan.updates
+
+    @property
+    def norms(self) -> list:
+        return self.plan.norms
+
+    @property
+    def schedules(self) -> list:
+        return self.plan.schedules
+
+    @property
+    def update_every(self) -> int:
+        return self.plan.update_every
+
+    @property
+    def compensate(self) -> bool:
+        return self.plan.compensate
+
+    @property
+    def debias(self) -> bool:
+        return self.plan.debias
 
     @property
     def decay(self) -> float | list[float]:
@@ -773,14 +796,13 @@ class EMA(_ModelAverage):
         Args:
             step: the training step for the schedule; defaults to the number of updates made.
         """
-        n, weights, pending = self.plan.weights(step)     # checks step before anything else
-        if not self._begin(self.update_every):
-            return
-        flags = self._scan() if self.skip_nonfinite else None
-        self._avg.update_checked(self._weights(weights), self.rounding, self.seed, n, flags)   # addresses checked
-        self._copy_buffers(flags, current=True)
-        self.plan.commit(pending)
-        self._end()
+        pending = self.plan.next(step)                    # checks step before anything else
+        if self._begin(pending.due):
+            flags = self._scan() if self.skip_nonfinite else None
+            self._avg.update_checked(self._weights(pending.weights), self.rounding, self.seed, pending.n,
+                                     flags)             # addresses checked by _begin
+            self._copy_buffers(flags, current=True)
+        self.plan.done(pending)
 
     def _weights(self, weights) -> dict:
         """The kernels' weights per device, with the rounding checked against each shadow dtype (the
@@ -855,6 +877,9 @@ class WindowAverage(_ModelAverage):
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
         self.snapshots = 1                      # snapshots taken (the construction is the first)
 
+    def _cadence(self) -> schedules.Cadence:
+        return schedules.Cadence(self.every)
+
     @property
     def count(self) -> int:
         """Snapshots in the average now."""
@@ -863,15 +888,14 @@ class WindowAverage(_ModelAverage):
     @torch.no_grad()
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
-        if not self._begin(self.every):
-            return
-        if self.window is None:
-            self._avg.update(weight=1.0 / (self.snapshots + 1))
-        else:
-            self._avg.push()
-        self._copy_buffers()
-        self.snapshots += 1
-        self._end()
+        if self._begin(self.cadence.due()):
+            if self.window is None:
+                self._avg.update(weight=1.0 / (self.snapshots + 1))
+            else:
+                self._avg.push()
+            self._copy_buffers()
+            self.snapshots += 1
+        self.cadence.called()
 
     def _restart(self, model: nn.Module | None = None) -> None:
         if self.window is None:

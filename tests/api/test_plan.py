@@ -1,0 +1,45 @@
+"""The decay plan counts its own calls: next() describes a call and records nothing, done()
+records it, so a refused call changes nothing and every model EMA drives it the same way."""
+import pytest
+import torch
+
+import fastema.torch
+from fastema import schedules
+
+
+def test_next_records_nothing_and_done_records_the_call():
+    plan = schedules.Plan(0.9, update_every=2)
+    first = plan.next()
+    assert first.due and first.n == 1 and first.weights == pytest.approx([0.1])
+    assert (plan.calls, plan.updates) == (0, 0)
+    plan.done(first)
+    assert (plan.calls, plan.updates) == (1, 1)
+    skipped = plan.next()
+    assert not skipped.due
+    plan.done(skipped)
+    assert (plan.calls, plan.updates) == (2, 1)
+    with pytest.raises(ValueError):
+        plan.next(step=-1)
+    assert (plan.calls, plan.updates) == (2, 1)
+
+
+def test_the_torch_ema_counts_through_its_plan():
+    model = torch.nn.Linear(3, 2)
+    ema = fastema.torch.EMA(model, 0.9, update_every=3)
+    for _ in range(4):
+        ema.update()
+    assert ema.cadence is ema.plan.cadence
+    assert (ema.calls, ema.updates) == (4, 2) == (ema.plan.calls, ema.plan.updates)
+    with pytest.raises(AttributeError):
+        ema.calls = 0                                   # read-only: the plan owns the count
+    resumed = fastema.torch.EMA(model, 0.9, update_every=3)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.cadence is resumed.plan.cadence and (resumed.calls, resumed.updates) == (4, 2)
+
+
+def test_window_average_counts_with_its_own_cadence():
+    model = torch.nn.Linear(3, 2)
+    avg = fastema.torch.WindowAverage(model, 4, every=2)
+    for _ in range(5):
+        avg.update()
+    assert (avg.calls, avg.snapshots) == (5, 4)       # the construction, then calls 1, 3, 5

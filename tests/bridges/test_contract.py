@@ -1,0 +1,185 @@
+"""One contract for the model EMAs of every framework: fastema.torch.EMA, fastema.jax.EMA and
+fastema.tensorflow.EMA, each driven through a small adapter, checked against the same float64
+references. A behaviour that one framework's EMA changes alone shows up here as a failure of
+that parameter."""
+import importlib
+
+import numpy as np
+import pytest
+
+from fastema import schedules
+
+SHAPES = [(3, 4), (5,)]
+
+
+def _values(k: int) -> list:
+    """The model's weights after training step ``k`` (float32, deterministic)."""
+    rng = np.random.default_rng(100 + k)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+class TorchModel:
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.model = torch.nn.ParameterList([torch.nn.Parameter(torch.from_numpy(v)) for v in _values(0)])
+
+    def ema(self, decay, **kw):
+        import fastema.torch
+
+        return fastema.torch.EMA(self.model, decay, **kw)
+
+    def set(self, k):
+        with self.torch.no_grad():
+            for p, v in zip(self.model, _values(k)):
+                p.copy_(self.torch.from_numpy(v))
+
+    def update(self, ema, step=None):
+        ema.update(step)
+
+    def average(self, ema):
+        return [np.asarray(t.detach().double().numpy()) for t in ema.averaged_state_dict().values()]
+
+
+class JaxModel:
+    name = "jax"
+
+    def __init__(self):
+        self.jnp = importlib.import_module("jax.numpy")
+        self.params = {"a": self.jnp.asarray(_values(0)[0]), "b": self.jnp.asarray(_values(0)[1])}
+
+    def ema(self, decay, **kw):
+        import fastema.jax
+
+        return fastema.jax.EMA(self.params, decay, **kw)
+
+    def set(self, k):
+        v = _values(k)
+        self.params = {"a": self.jnp.asarray(v[0]), "b": self.jnp.asarray(v[1])}
+
+    def update(self, ema, step=None):
+        ema.update(self.params, step)
+
+    def average(self, ema):
+        out = ema.shadow()
+        return [np.asarray(out["a"], np.float64), np.asarray(out["b"], np.float64)]
+
+
+class TfModel:
+    name = "tensorflow"
+
+    def __init__(self):
+        self.tf = importlib.import_module("tensorflow")
+        self.variables = [self.tf.Variable(v) for v in _values(0)]
+
+    def ema(self, decay, **kw):
+        import fastema.tensorflow
+
+        return fastema.tensorflow.EMA(self.variables, decay, **kw)
+
+    def set(self, k):
+        for var, v in zip(self.variables, _values(k)):
+            var.assign(v)
+
+    def update(self, ema, step=None):
+        ema.update(step)
+
+    def average(self, ema):
+        return [np.asarray(t.numpy(), np.float64) for t in ema.averages()]
+
+
+MODELS = {"torch": TorchModel, "jax": JaxModel, "tensorflow": TfModel}
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request):
+    pytest.importorskip({"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}[request.param])
+    return MODELS[request.param]()
+
+
+def _reference(decays_per_update, first=0) -> list:
+    """The textbook recursion in float64 over the weights the updates saw."""
+    avg = [v.astype(np.float64) for v in _values(first)]
+    for k, d in decays_per_update:
+        avg = [d * a + (1.0 - d) * v.astype(np.float64) for a, v in zip(avg, _values(k))]
+    return avg
+
+
+def _assert_close(got, ref):
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=2e-6, atol=2e-7)
+
+
+def test_starts_as_the_model_and_follows_the_reference(model):
+    ema = model.ema(0.9)
+    _assert_close(model.average(ema), _reference([]))
+    for k in range(1, 6):
+        model.set(k)
+        model.update(ema)
+    _assert_close(model.average(ema), _reference([(k, 0.9) for k in range(1, 6)]))
+    assert ema.updates == 5
+
+
+def test_update_every_updates_on_the_first_call_then_every_kth(model):
+    ema = model.ema(0.5, update_every=2)
+    seen = []
+    for k in range(1, 6):                                  # calls 1..5: calls 1, 3, 5 update
+        model.set(k)
+        model.update(ema)
+        if k % 2 == 1:
+            seen.append((k, 0.5))
+    _assert_close(model.average(ema), _reference(seen))
+    assert ema.updates == 3
+
+
+def test_power_warmup_uses_the_schedule_at_each_step(model):
+    ema = model.ema(0.999, warmup="power", power=0.75)
+    sched = schedules.PowerWarmup(0.999, 0.0, 1.0, 0.75, 0)
+    seen = []
+    for k in range(1, 5):
+        model.set(k)
+        assert ema.decay == pytest.approx(sched(k))
+        model.update(ema)
+        seen.append((k, sched(k)))
+    _assert_close(model.average(ema), _reference(seen))
+
+
+def test_checkpoint_resume_is_bit_identical(model):
+    ema = model.ema([0.9, 0.5])
+    for k in range(1, 3):
+        model.set(k)
+        model.update(ema)
+    resumed = model.ema([0.9, 0.5])
+    resumed.load_state_dict(ema.state_dict())
+    for k in range(3, 5):
+        model.set(k)
+        model.update(ema)
+        model.update(resumed)
+    assert ema.updates == resumed.updates == 4
+    for a, b in zip(model.average(ema), model.average(resumed)):
+        assert np.array_equal(a, b)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_changes_nothing(model):
+    ema = model.ema([0.9, 0.5])
+    model.set(1)
+    model.update(ema)
+    before, updates = model.average(ema), ema.updates
+    other = model.ema(0.9).state_dict()                     # one decay, not two
+    with pytest.raises(ValueError):
+        ema.load_state_dict(other)
+    assert ema.updates == updates
+    for a, b in zip(before, model.average(ema)):
+        assert np.array_equal(a, b)
+
+
+def test_bad_decay_and_step_are_refused(model):
+    with pytest.raises(ValueError):
+        model.ema(1.5)
+    ema = model.ema(0.9)
+    with pytest.raises((TypeError, ValueError)):
+        model.update(ema, step=-1)
+    assert ema.updates == 0
