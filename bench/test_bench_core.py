@@ -123,7 +123,7 @@ def test_address_check_cost(run, benchmark, count):
     """The per-update price of never reading a stale address: one data_ptr() per tensor."""
     benchmark.group = "FlatShadow address check (cpu, host only)"
     flat = fastema.FlatShadow([torch.zeros(16) for _ in range(count)])
-    run(flat._refresh, "cpu", impl="fastema", case=f"{count} tensors", nbytes=0, elements=count,
+    run(flat.refresh, "cpu", impl="fastema", case=f"{count} tensors", nbytes=0, elements=count,
         rounds=200)
 
 
