@@ -37,10 +37,18 @@ _BY_NAME = {"numpy": np_backend, "torch": torch_backend, "cudasim": cudasim, "cu
             "tensorflow": dlpack, "keras": dlpack, "dlpack": dlpack}
 
 
+_BY_TYPE: dict = {}          # type -> adapter, for the adapters whose ownership the type alone decides
+
+
 def backend_of(x):
     """The adapter module that owns ``x``, or None."""
+    backend = _BY_TYPE.get(type(x))
+    if backend is not None:
+        return backend
     for backend in _ORDER:
         if backend.owns(x):
+            if backend is np_backend or backend is torch_backend:     # isinstance of a class: by type
+                _BY_TYPE[type(x)] = backend
             return backend
     return None
 
