@@ -95,3 +95,15 @@ def test_array_types_are_recognised_only_in_backends():
         text = path.read_text()
         found += [f"{path.relative_to(ROOT)}: {n}" for n in needles if n in text]
     assert not found, found
+
+
+def test_every_package_is_in_the_wheel():
+    # pyproject.toml lists the packages explicitly (kernels/ is mapped to fastema.kernels): a new
+    # subpackage missing there works in an editable install and is absent from the wheel.
+    tomllib = pytest.importorskip("tomllib")          # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("fastema",) + p.parent.relative_to(ROOT / "fastema").parts)
+             for p in (ROOT / "fastema").rglob("__init__.py")} | {"fastema.kernels"}
+    assert found == listed, (f"in the tree, not in pyproject.toml: {sorted(found - listed)}; "
+                             f"listed, not in the tree: {sorted(listed - found)}")
