@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _backends
+from ._average import check_header
 from . import schedules as S
 
 
@@ -113,11 +114,7 @@ def averaged_arrays(flat) -> dict:
 def load_averages(ema, state, fmt: str, version: int, shapes: list) -> None:
     """Validate a framework EMA's state dict (format, version, plan, every average's shape, dtype
     and finiteness), then load it into ``ema._flat`` and ``ema.plan``. Nothing changes on error."""
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"not a {fmt} state dict (format={found!r}); pass what EMA.state_dict() returned")
-    if state.get("version") != version:
-        raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported (expected {version})")
+    check_header(state, fmt, version, "pass what EMA.state_dict() returned")
     problems: list[str] = []
     ema.plan.check_state(state, problems)
     if "rounding" not in state or "seed" not in state:

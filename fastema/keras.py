@@ -24,6 +24,7 @@ try:
 except ImportError as e:                                    # pragma: no cover - depends on the environment
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
+from ._average import ModelSwap
 from ._bridge import check_options
 from .track import Tracker
 
@@ -251,9 +252,15 @@ class _JaxModelEMA:
         self.variables = list(model.trainable_variables)
         self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
         self._raw = None
+        self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
 
-    updates = property(lambda self: self.inner.updates)
-    swapped = property(lambda self: self._raw is not None)
+    @property
+    def updates(self) -> int:
+        return self.inner.updates
+
+    @property
+    def swapped(self) -> bool:
+        return self._swap.swapped
 
     def _current(self) -> list:
         state = getattr(self.model, "_jax_state", None)
@@ -262,12 +269,14 @@ class _JaxModelEMA:
         return [v.value for v in self.variables]
 
     def update(self) -> None:
-        if self._raw is not None:
-            raise RuntimeError("update() while the average is swapped into the model; swap() back first")
+        self._swap.refuse("update()")
         self.inner.update(self._current())
 
     def swap(self) -> None:
-        if self._raw is None:
+        self._swap.swap(0)
+
+    def _exchange(self, row: int, into_model: bool) -> None:
+        if into_model:
             sync = getattr(self.model, "jax_state_sync", None)
             if sync is not None:
                 sync()                             # the newest weights into the variables first

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _launch
 from . import _backends
+from ._average import check_header
 from .kernels import kinds
 
 __all__ = ["Smoother", "alpha_from"]
@@ -199,8 +200,7 @@ class Smoother:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; everything is checked first and nothing changes on error."""
-        if not isinstance(state, dict) or state.get("format") != "fastema.Smoother" or state.get("version") != 1:
-            raise ValueError("not a fastema.Smoother state dict (version 1)")
+        check_header(state, "fastema.Smoother", 1, "pass what Smoother.state_dict() returned")
         missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
         if missing:
             raise ValueError(f"Smoother checkpoint has no {missing}; nothing was loaded")

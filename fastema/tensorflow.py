@@ -15,11 +15,11 @@ when the average is swapped in for evaluation, and back::
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import tensorflow as tf
 
+from ._average import ModelSwap
 from ._bridge import FrameworkEMA, make_plan, to_host
 from .flat import FlatShadow
 
@@ -83,12 +83,13 @@ class EMA(FrameworkEMA):
         self._shapes = [shape for shape, _ in self._specs]
         self._flat = FlatShadow(dict(zip(self.names, first)), rows=self.plan.rows, dtype=shadow_dtype)
         self._raw: list | None = None                    # the variables' own values while swapped
+        self._swap = ModelSwap(self._exchange, "the average is swapped into the variables; swap() back first")
 
     # ------------------------------------------------------------ operations
 
     @property
     def swapped(self) -> bool:
-        return self._raw is not None
+        return self._swap.swapped
 
     def update(self, step: int | None = None) -> None:
         """Fold the variables' current values into the average (call after the optimizer step)."""
@@ -114,34 +115,23 @@ class EMA(FrameworkEMA):
         The variables' values are kept as TensorFlow tensors while swapped (a variable read
         is a snapshot: later assigns do not change it), so the swap back is bit for bit.
         """
-        if self._raw is None:
+        self._swap.swap(row)
+
+    def _exchange(self, row: int, into_model: bool) -> None:
+        if into_model:
             averages = self.averages(row)
             self._raw = [v.value() for v in self.variables]
-            self._swapped_row = row
             for v, a in zip(self.variables, averages):
                 v.assign(a)
         else:
-            if row != self._swapped_row:
-                raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
             for v, raw in zip(self.variables, self._raw):
                 v.assign(raw)
             self._raw = None
 
-    @contextlib.contextmanager
-    def average_weights(self, row: int = 0) -> Iterator[None]:
+    def average_weights(self, row: int = 0) -> ContextManager[None]:
         """``with ema.average_weights(): evaluate()``: the average in, the variables' values back on exit.
         Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
-        if self._raw is not None:
-            if row != self._swapped_row:
-                raise RuntimeError(f"average {self._swapped_row} is swapped in; average {row} cannot be "
-                                   f"swapped in inside that block")
-            yield
-            return
-        self.swap(row)
-        try:
-            yield
-        finally:
-            self.swap(row)
+        return self._swap.block(row)
 
     def copy_to(self, row: int = 0) -> None:
         """Assign average ``row`` to the variables for good (e.g. when training ends)."""
@@ -150,8 +140,7 @@ class EMA(FrameworkEMA):
             v.assign(a)
 
     def _not_swapped(self, what: str) -> None:
-        if self._raw is not None:
-            raise RuntimeError(f"{what} while the average is swapped into the variables; swap() back first")
+        self._swap.refuse(what)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -18,13 +18,14 @@ import socket
 import tempfile
 import warnings
 import weakref
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from .. import schedules
+from .._average import ModelSwap, check_header
 from .._bridge import check_shadow_settings, make_plan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
@@ -221,7 +222,8 @@ class _ModelAverage:
         self._stale = False
         self._resync = False                    # the model was wrapped in DDP after construction
         self._backup = None                     # raw weights during a lossy swap (float16 models)
-        self._swapped_row: int | None = None
+        self._swap = ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the "
+                                               "raw weights then); call it outside average_parameters() or after swap()")
         self._slots = self._owner_slots()
         self._addresses = self._addresses_now()
         _watch(_unwrap(model), self)
@@ -365,7 +367,7 @@ class _ModelAverage:
 
     @property
     def swapped(self) -> bool:
-        return self._swapped_row is not None
+        return self._swap.swapped
 
     def _rebind(self) -> None:
         # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
@@ -408,9 +410,9 @@ class _ModelAverage:
         float32 average is never rounded. Every tensor is checked before the first one is
         written, so a refused swap leaves the model and the averages as they were.
         """
-        if self._swapped_row is not None and row != self._swapped_row:
-            raise RuntimeError(f"average {self._swapped_row} is swapped in; swap it back first")
-        swapping_in = self._swapped_row is None
+        self._swap.swap(row)
+
+    def _exchange(self, row: int, swapping_in: bool) -> None:
         if swapping_in:
             self._avg.check_row(row)
             self._follow()
@@ -440,34 +442,20 @@ class _ModelAverage:
                 else:
                     self._avg.swap(row)
                 raise
-        self._swapped_row = row if swapping_in else None
 
     def _not_swapped(self, what: str) -> None:
-        if self._swapped_row is not None:
-            raise RuntimeError(f"{what} while the EMA weights are swapped into the model (the shadow holds the "
-                               f"raw weights then); call it outside average_parameters() or after swap()")
+        self._swap.refuse(what)
 
     def _lossy_swap(self) -> bool:
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
                    for g in self._avg.groups)
 
-    @contextlib.contextmanager
-    def average_parameters(self, row: int = 0) -> Iterator[nn.Module]:
+    def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
         (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
-        row it leaves the weights as they are, and the outer one swaps back."""
-        if self._swapped_row is not None:
-            if row != self._swapped_row:
-                raise RuntimeError(f"average {self._swapped_row} is swapped in; average {row} cannot be "
-                                   f"swapped in inside that block")
-            yield self.model
-            return
-        self.swap(row)
-        try:
-            yield self.model
-        finally:
-            self.swap(row)
+        row it leaves the weights as they are, and the outer one swaps back. Yields the model."""
+        return self._swap.block(row, self.model)
 
     def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
@@ -553,13 +541,8 @@ class _ModelAverage:
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
         kind = type(self).__name__
-        if not isinstance(state, dict) or state.get("format") != self._format:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a {self._format} state dict (format={found!r}); a model checkpoint goes to "
-                             f"model.load_state_dict, a {kind} checkpoint ({kind}.state_dict()) here")
-        if state.get("version") != VERSION:
-            raise ValueError(f"{kind} checkpoint version {state.get('version')!r} is not supported "
-                             f"(expected {VERSION})")
+        check_header(state, self._format, VERSION, f"a model checkpoint goes to model.load_state_dict, a {kind} "
+                                                   f"checkpoint ({kind}.state_dict()) here")
         self._not_swapped("load_state_dict()")
         problems = []
         loads = []                                   # (destination view, value), written only if all is well

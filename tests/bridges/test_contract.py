@@ -43,6 +43,12 @@ class TorchModel:
     def average(self, ema):
         return [np.asarray(t.detach().double().numpy()) for t in ema.averaged_state_dict().values()]
 
+    def weights(self):
+        return [p.detach().double().numpy().copy() for p in self.model]
+
+    def block(self, ema):
+        return ema.average_parameters()
+
 
 class JaxModel:
     name = "jax"
@@ -89,6 +95,12 @@ class TfModel:
 
     def average(self, ema):
         return [np.asarray(t.numpy(), np.float64) for t in ema.averages()]
+
+    def weights(self):
+        return [np.asarray(v.numpy(), np.float64) for v in self.variables]
+
+    def block(self, ema):
+        return ema.average_weights()
 
 
 MODELS = {"torch": TorchModel, "jax": JaxModel, "tensorflow": TfModel}
@@ -183,3 +195,46 @@ def test_bad_decay_and_step_are_refused(model):
     with pytest.raises((TypeError, ValueError)):
         model.update(ema, step=-1)
     assert ema.updates == 0
+
+
+def test_swap_puts_the_average_in_and_the_weights_back_bit_for_bit(model):
+    if not hasattr(model, "block"):
+        pytest.skip(f"fastema.{model.name}.EMA hands the average back (shadow()) instead of swapping it in")
+    ema = model.ema(0.5)
+    model.set(1)
+    model.update(ema)
+    raw, avg = model.weights(), model.average(ema)
+    with model.block(ema):
+        for w, a in zip(model.weights(), avg):
+            np.testing.assert_array_equal(w, a)
+        with model.block(ema):                            # re-entrant: the inner block leaves them in
+            pass
+        for w, a in zip(model.weights(), avg):
+            np.testing.assert_array_equal(w, a)
+        with pytest.raises(RuntimeError, match="swapped"):
+            model.update(ema)                             # refused while the average is in, nothing changed
+        with pytest.raises(RuntimeError, match="average 0 is swapped in"):
+            ema.swap(1)
+    for w, r in zip(model.weights(), raw):
+        np.testing.assert_array_equal(w, r)
+    assert ema.updates == 1
+
+
+def test_checkpoint_headers_are_checked_alike(model):
+    ema = model.ema(0.9)
+    state = ema.state_dict()
+    fmt = state["format"]
+    with pytest.raises(ValueError, match=f"not a {fmt} state dict .format='other'."):
+        ema.load_state_dict({**state, "format": "other"})
+    with pytest.raises(ValueError, match=f"{fmt} checkpoint version 99 is not supported .expected 1."):
+        ema.load_state_dict({**state, "version": 99})
+
+
+def test_smoother_checkpoint_header_follows_the_same_rule():
+    from fastema import Smoother
+
+    s = Smoother(decay=0.9)
+    s.update(1.0)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="fastema.Smoother checkpoint version 2 is not supported"):
+        Smoother(decay=0.9).load_state_dict({**state, "version": 2})
