@@ -159,3 +159,52 @@ class SwapState:
         if self.row is not None:
             raise RuntimeError(f"{what} while shadow row {self.row} is swapped into the sources; "
                                f"call swap() again first")
+
+
+class ShadowBase:
+    """What :class:`fastema.FlatShadow` and :class:`fastema.WindowShadow` share, read through their
+    ``layout`` (:class:`FlatLayout`), ``source_table`` (:class:`~fastema._sources.SourceTable`),
+    ``_swap`` (:class:`SwapState`) and ``names``: a shadow is built from these, and this class
+    only forwards to them."""
+
+    def __len__(self) -> int:
+        return len(self.source_table)
+
+    @property
+    def groups(self) -> list[dict]:
+        """One dict per group: device, dtypes, number of sources, elements per row, buffer."""
+        return self.layout.describe_groups()
+
+    @property
+    def swapped(self) -> bool:
+        """True while a shadow row sits in the sources (between two :meth:`swap` calls)."""
+        return self._swap.row is not None
+
+    @property
+    def sources(self) -> list:
+        """The source objects, in order."""
+        return self.source_table.sources
+
+    def views(self, row: int = 0) -> dict:
+        """``name -> view(name, row)`` for every source, in source order."""
+        return {n: self.view(i, row) for i, n in enumerate(self.names)}
+
+    def swap_modes(self, lossy: bool = False) -> list:
+        """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
+        return self.layout.swap_modes(self.swapped, lossy)
+
+    def check_sources(self) -> None:
+        """Follow moved sources and check that every source still has the dtype, shape, layout and
+        device it had when the shadow was made (also a change that kept the address); raises
+        naming the first that does not. Called before every copy into the sources and export."""
+        self.source_table.check()
+
+    def refresh(self) -> None:
+        """Follow sources whose storage moved (``param.data = new``; one ``data_ptr()`` per torch
+        source); raises, writing nothing, if one changed dtype, shape, layout or device."""
+        self.source_table.refresh()
+
+    def rebind(self, sources) -> None:
+        """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
+        and keeps the old ones if any differs."""
+        self.source_table.rebind(sources)

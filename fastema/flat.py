@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _backends, _launch
 from ._backends import describe, zero_
-from ._layout import DTYPES, FlatLayout, LayoutGroup, SwapState, parse_sources
+from ._layout import DTYPES, FlatLayout, LayoutGroup, ShadowBase, SwapState, parse_sources
 from ._sources import SourceTable
 from .kernels.kinds import F64, KIND_NAMES
 from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
@@ -22,7 +22,7 @@ from .window import WindowShadow
 
 __all__ = ["FlatShadow", "WindowShadow"]
 
-class FlatShadow:
+class FlatShadow(ShadowBase):
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
 
     The shadow is owned by fastema; the sources stay where their framework keeps them.
@@ -76,32 +76,14 @@ class FlatShadow:
 
     # ------------------------------------------------------------ introspection
 
-    def __len__(self) -> int:
-        return len(self.source_table)
-
     def __repr__(self) -> str:
         parts = ", ".join(f"{g.device}:{KIND_NAMES[g.src_kind]}->{KIND_NAMES[g.shadow_kind]}"
                           f"x{len(g.members)}" for g in self.layout.groups)
         return f"FlatShadow({len(self)} sources, rows={self.rows}, groups=[{parts}])"
 
     @property
-    def groups(self) -> list[dict]:
-        """One dict per group: device, dtypes, number of sources, elements per row, buffer."""
-        return self.layout.describe_groups()
-
-    @property
     def nbytes(self) -> int:
         return self.layout.nbytes
-
-    @property
-    def swapped(self) -> bool:
-        """True while a shadow row sits in the sources (between two :meth:`swap` calls)."""
-        return self._swap.row is not None
-
-    @property
-    def sources(self) -> list:
-        """The source objects, in order."""
-        return self.source_table.sources
 
     def view(self, source: int | str, row: int | None = 0):
         """Shadow of one source (by position or name): a view shaped like it, in the shadow dtype.
@@ -112,10 +94,6 @@ class FlatShadow:
         if row is not None:
             self.check_row(row)
         return self.layout.view(self.source_table.position(source), row)
-
-    def views(self, row: int = 0) -> dict:
-        """``name -> view(name, row)`` for every source, in source order."""
-        return {n: self.view(i, row) for i, n in enumerate(self.names)}
 
     def state_view(self, source: int | str):
         """Everything a checkpoint keeps of one source: every row, ``(rows, *shape)`` (a view)."""
@@ -204,10 +182,6 @@ class FlatShadow:
         self.check_sources()
         self.layout.copy_out(row)
 
-    def swap_modes(self, lossy: bool = False) -> list:
-        """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
-        return self.layout.swap_modes(self.swapped, lossy)
-
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Exchange shadow row ``row`` and the sources in place; call again to swap back.
 
@@ -220,22 +194,6 @@ class FlatShadow:
         self._swap.swap(self.layout, self.source_table, row, lossy)
 
     # ------------------------------------------------------------ source tracking
-
-    def check_sources(self) -> None:
-        """Follow moved sources and check that every source still has the dtype, shape, layout and
-        device it had when the shadow was made (also a change that kept the address); raises
-        naming the first that does not. Called before every copy into the sources and export."""
-        self.source_table.check()
-
-    def refresh(self) -> None:
-        """Follow sources whose storage moved (``param.data = new``; one ``data_ptr()`` per torch
-        source); raises, writing nothing, if one changed dtype, shape, layout or device."""
-        self.source_table.refresh()
-
-    def rebind(self, sources: Sequence | Mapping) -> None:
-        """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
-        and keeps the old ones if any differs."""
-        self.source_table.rebind(sources)
 
     def adopt(self, sources: list, addresses: list) -> None:
         """Follow new sources that the caller has checked already (same dtypes, shapes and devices

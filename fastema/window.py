@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import _launch
 from ._backends import describe, empty, zero_
-from ._layout import DTYPES, FlatLayout, SwapState, parse_sources
+from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
 from ._sources import SourceTable
 from .kernels.kinds import F32, F64, ITEMSIZE, KIND_NAMES
 
@@ -21,7 +21,7 @@ __all__ = ["WindowShadow"]
 _STATE_ROWS = 3            # the mean, then the compensated sum (value, compensation)
 
 
-class WindowShadow:
+class WindowShadow(ShadowBase):
     """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
 
     A ring of ``window`` flat snapshots (float32, or bfloat16 to halve its memory; float64
@@ -54,9 +54,6 @@ class WindowShadow:
             self._rings.append((kind, ring, addr))
         self.push()
 
-    def __len__(self) -> int:
-        return len(self.source_table)
-
     def __repr__(self) -> str:
         parts = ", ".join(f"{g.device}:{KIND_NAMES[g.src_kind]}x{len(g.members)}" for g in self.layout.groups)
         return f"WindowShadow({len(self)} sources, window={self.window}, groups=[{parts}])"
@@ -67,31 +64,15 @@ class WindowShadow:
         return min(self.pushes, self.window)
 
     @property
-    def groups(self) -> list[dict]:
-        """One dict per group: device, dtypes (of the mean), number of sources, elements, buffer."""
-        return self.layout.describe_groups()
-
-    @property
     def nbytes(self) -> int:
         """Bytes fastema holds: the mean, the running sum and the ring."""
         return self.layout.nbytes + sum(g.n * self.window * ITEMSIZE[kind]
                                         for g, (kind, _, _) in zip(self.layout.groups, self._rings))
 
-    @property
-    def swapped(self) -> bool:
-        return self._swap.row is not None
-
-    @property
-    def sources(self) -> list:
-        return self.source_table.sources
-
     def view(self, source: int | str, row: int = 0):
         """The window mean of one source (by position or name), shaped and laid out like it."""
         self.check_row(row)
         return self.layout.view(self.source_table.position(source), 0)
-
-    def views(self, row: int = 0) -> dict:
-        return {n: self.view(i, row) for i, n in enumerate(self.names)}
 
     def state_view(self, source: int | str):
         """Everything a checkpoint keeps of one source besides the ring: the mean and the
@@ -133,23 +114,11 @@ class WindowShadow:
         self.check_sources()
         self.layout.copy_out(0)
 
-    def swap_modes(self, lossy: bool = False) -> list:
-        return self.layout.swap_modes(self.swapped, lossy)
-
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Exchange the window mean and the sources in place; call again to swap back (see
         :meth:`fastema.FlatShadow.swap`)."""
         self.check_row(row)
         self._swap.swap(self.layout, self.source_table, 0, lossy)
-
-    def check_sources(self) -> None:
-        self.source_table.check()
-
-    def refresh(self) -> None:
-        self.source_table.refresh()
-
-    def rebind(self, sources: Sequence | Mapping) -> None:
-        self.source_table.rebind(sources)
 
     def check_row(self, row: int) -> None:
         if row != 0 or isinstance(row, bool):
