@@ -57,7 +57,46 @@ def check_shadow_settings(shadow_dtype, rounding, seed, problems: list) -> None:
         problems.append(f"seed must be an int in [0, 2**64), got {seed!r}")
 
 
-class FrameworkEMA:
+class PlanReader:
+    """The read-only counters and settings every model EMA (torch, JAX, TensorFlow) shows of its
+    ``self.plan``: one definition, so they read the same everywhere."""
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        return self.plan.decay
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls skipped by ``update_every`` not counted)."""
+        return self.plan.updates
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    @property
+    def norms(self) -> list:
+        return self.plan.norms
+
+    @property
+    def schedules(self) -> list:
+        return self.plan.schedules
+
+    @property
+    def update_every(self) -> int:
+        return self.plan.update_every
+
+    @property
+    def compensate(self) -> bool:
+        return self.plan.compensate
+
+    @property
+    def debias(self) -> bool:
+        return self.plan.debias
+
+
+class FrameworkEMA(PlanReader):
     """Base of fastema.jax.EMA and fastema.tensorflow.EMA: ``self._flat`` holds the averages of
     the floating sources in order; subclasses set ``_format`` and ``_shapes``."""
 
@@ -65,19 +104,6 @@ class FrameworkEMA:
     _version = 1
     _flat = None
     _shapes: list = []
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use."""
-        return self.plan.decay
-
-    @property
-    def updates(self) -> int:
-        return self.plan.updates
-
-    @property
-    def rows(self) -> int:
-        return self.plan.rows
 
     def _settings(self, plan: S.Plan, settings: ShadowSettings) -> None:
         self.plan = plan

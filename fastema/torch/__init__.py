@@ -26,7 +26,7 @@ from torch import nn
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from .. import schedules
 from .._average import ModelSwap, check_header
-from .._bridge import check_shadow_settings, make_plan
+from .._bridge import PlanReader, check_shadow_settings, make_plan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
 
@@ -695,7 +695,7 @@ def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
     disjoint(bufs, [repr(n) for n in a.names] + [repr(n) for n in b.names])
 
 
-class EMA(_ModelAverage):
+class EMA(PlanReader, _ModelAverage):
     """Exponential moving average of a PyTorch model's weights.
 
     ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
@@ -741,36 +741,6 @@ class EMA(_ModelAverage):
 
     def _cadence(self) -> schedules.Cadence:
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
-
-    @property
-    def updates(self) -> int:
-        """Updates made (calls skipped by ``update_every`` not counted)."""
-        return self.plan.updates
-
-    @property
-    def norms(self) -> list:
-        return self.plan.norms
-
-    @property
-    def schedules(self) -> list:
-        return self.plan.schedules
-
-    @property
-    def update_every(self) -> int:
-        return self.plan.update_every
-
-    @property
-    def compensate(self) -> bool:
-        return self.plan.compensate
-
-    @property
-    def debias(self) -> bool:
-        return self.plan.debias
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        return self.plan.decay
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
