@@ -121,7 +121,22 @@ class SourceTable:
     def adopt(self, sources: list, addresses: list) -> None:
         """Follow new sources that the caller has checked already (same dtypes, shapes and
         devices as at construction, C-contiguous, kept alive by the caller) at ``addresses``:
-        for bridges with a cheaper way to an address than a DLPack export. CPU groups only."""
+        for bridges with a cheaper way to an address than a DLPack export. CPU groups only.
+
+        What can be checked without describing the sources is, before anything changes: one
+        source and one integer address each, no address 0 for a source with elements, CPU groups."""
+        if len(sources) != len(self._sources) or len(addresses) != len(self._sources):
+            raise ValueError(f"adopt() needs {len(self._sources)} sources and as many addresses, got "
+                             f"{len(sources)} and {len(addresses)}; nothing was changed")
+        for g in self._layout.groups:
+            if g.device != "cpu":
+                raise ValueError(f"adopt() follows CPU sources only, this shadow has a group on {g.device}; "
+                                 f"pass new sources with rebind() instead. Nothing was changed.")
+            for slot, i in enumerate(g.members):
+                a = addresses[i]
+                if not isinstance(a, int) or isinstance(a, bool) or (g.counts[slot] and a <= 0):
+                    raise ValueError(f"adopt(): source {self.names[i]!r} has {g.counts[slot]} elements but address "
+                                     f"{a!r}; pass each source's own data address. Nothing was changed.")
         self._sources = sources
         for g, t in zip(self._layout.groups, self._tracked):
             t.addresses = [addresses[i] for i in g.members]

@@ -234,3 +234,21 @@ def test_training_loop_matches_float64_reference():
         flat.swap()
         assert nn.functional.mse_loss(model(x), y).item() == raw_loss
     assert np.isfinite(ema_loss) and ema_loss < 1.0
+
+
+def test_adopt_refuses_what_it_can_check_and_changes_nothing():
+    # adopt() is the bridges' cheap way to follow new sources: a wrong count, a null or non-integer
+    # address is refused before any table changes, and the shadow keeps reading the old sources.
+    src = [np.ones(4, np.float32), np.full(3, 2.0, np.float32)]
+    flat = fastema.FlatShadow(src)
+    new = [np.full(4, 5.0, np.float32), np.full(3, 6.0, np.float32)]
+    for addresses, match in (([new[0].ctypes.data], "2 sources"), ([new[0].ctypes.data, 0], "address 0"),
+                             ([new[0].ctypes.data, 1.5], "address 1.5")):
+        with pytest.raises(ValueError, match=match):
+            flat.adopt(new, addresses)
+    assert flat.sources[0] is src[0]
+    flat.update(0.0)                                   # still the old sources
+    assert np.array_equal(flat.view(0), src[0]) and np.array_equal(flat.view(1), src[1])
+    flat.adopt(new, [a.ctypes.data for a in new])
+    flat.update(0.0)
+    assert np.array_equal(flat.view(0), new[0]) and np.array_equal(flat.view(1), new[1])
