@@ -44,7 +44,7 @@ class LayoutGroup:
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
     It has the fields :func:`fastema._launch.launch` reads (device, shadow_kind, src_kind,
-    tables, stream)."""
+    tables, framework)."""
 
     def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
         first = bufs[0]
@@ -59,9 +59,8 @@ class LayoutGroup:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.n = int(self.offsets[-1])
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        self.stream = _backends.stream_for(first)
         self.tables = _launch.tables([b.address for b in bufs], self.counts, self.segments(self.buffer),
-                                     self.device, self.stream)
+                                     self.device, self.framework)
 
     def segments(self, buffer) -> np.ndarray:
         """Per-source addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow."""
@@ -95,7 +94,7 @@ class FlatLayout:
 
     def set_addresses(self, g: LayoutGroup, addresses: list) -> None:
         """The group's sources are now at ``addresses`` (same layout)."""
-        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.stream)
+        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.framework)
 
     def view(self, i: int, row: int | None):
         """Shadow row ``row`` of source ``i`` shaped like it (``None``: every row, ``(rows, *shape)``)."""

@@ -162,6 +162,6 @@ class SourceTable:
     def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
         bufs = self._checked(g) if bufs is None else bufs
         if t.deferred:
-            t.retired = (_launch.retire(g.device, g.stream, t.retired[0]), t.tensors)
+            t.retired = (_launch.retire(g.device, g.framework, t.retired[0]), t.tensors)
         t.set(bufs)
         self._layout.set_addresses(g, t.addresses)

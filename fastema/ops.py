@@ -112,9 +112,9 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
 
 
 @functools.lru_cache(maxsize=256)
-def _single_tables(device: str, shadow_address: int, src_address: int, numel: int):
+def _single_tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
     # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair.
-    return _launch.tables([src_address], [numel], [shadow_address], device)
+    return _launch.tables([src_address], [numel], [shadow_address], device, framework)
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
@@ -128,8 +128,8 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     stochastic = stochastic_rounding(rounding, s.kind)
     key = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
-    t = _single_tables(x.device, s.address, x.address, x.numel)
-    _launch.launch("lerp", _launch.Group(s.device, s.kind, x.kind, t, _backends.stream_for(s)), weights=w, flag=flag,
+    t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
+    _launch.launch("lerp", _launch.Group(s.device, s.kind, x.kind, t, s.framework), weights=w, flag=flag,
                    key=key, stochastic=stochastic)
     return shadow
 
@@ -194,8 +194,8 @@ def copy_(dst, src):
     """
     d, x = _pair(dst, src, "dst", "src")
     _same_shape(d, x, x.shape, "dst", "src")
-    t = _single_tables(x.device, d.address, x.address, x.numel)
-    _launch.launch("copy", _launch.Group(d.device, d.kind, x.kind, t, _backends.stream_for(d)), to_shadow=True,
+    t = _single_tables(x.device, d.framework, d.address, x.address, x.numel)
+    _launch.launch("copy", _launch.Group(d.device, d.kind, x.kind, t, d.framework), to_shadow=True,
                    row_lo=0, row_hi=1)
     return dst
 
@@ -214,8 +214,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
-    t = _single_tables(x.device, s.address, x.address, x.numel)
-    _launch.launch("swap", _launch.Group(s.device, s.kind, x.kind, t, _backends.stream_for(s)), mode=kinds.EXCHANGE,
+    t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
+    _launch.launch("swap", _launch.Group(s.device, s.kind, x.kind, t, s.framework), mode=kinds.EXCHANGE,
                    row=0)
 
 
@@ -228,8 +228,8 @@ def flag_nonfinite_(flag, src):
     """
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
-    t = _single_tables(x.device, 0, x.address, x.numel)
-    _launch.launch("nonfinite", _launch.Group(x.device, None, x.kind, t, _backends.stream_for(x)), flag=f)
+    t = _single_tables(x.device, x.framework, 0, x.address, x.numel)
+    _launch.launch("nonfinite", _launch.Group(x.device, None, x.kind, t, x.framework), flag=f)
     return flag
 
 
@@ -240,9 +240,9 @@ class _PairGroup:
 
     def __init__(self, device, shadow_kind, src_kind, shadows, sources):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
-        self.stream = _backends.stream_for(shadows[0])
+        self.framework = shadows[0].framework
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
-                                     [s.address for s in shadows], device, self.stream)
+                                     [s.address for s in shadows], device, self.framework)
 
 
 def pair_groups(shadows: list, sources: list) -> list:

@@ -132,8 +132,7 @@ class Smoother:
                              f"(one smoother per stream layout)")
         w0, c, per_stream = self._weights(sample_weight, y.size)
         device = _dev(where[1])
-        stream = _backends.current_stream(where)
-        group = _launch.Group(device, None, kind, None, stream)
+        group = _launch.Group(device, None, kind, None, where[0])
         skip = self.nonfinite == "skip"
         st = self._views
         if self.alpha is not None:

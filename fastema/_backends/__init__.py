@@ -11,7 +11,6 @@ framework is already in ``sys.modules``). The functions here dispatch to it:
   array or tensor, with every check the user can trip, before anything is written;
 - :func:`empty`, :func:`zero_`, :func:`new_flag`: fastema's own buffers in the sources' framework;
 - :func:`control_view`: a small control array (weights, flags) checked and viewed for a kernel;
-- :func:`stream_for`: the CUDA stream to launch on for a buffer;
 - :func:`metric_values`, :func:`zeros`, :func:`kernel_view`, :func:`to_host`: the metric
   smoothers' values and state.
 
@@ -33,7 +32,7 @@ SUPPORTED = _buf.SUPPORTED
 READ_ONLY_HINTS = dlpack.READ_ONLY_HINTS
 
 _ORDER = (np_backend, torch_backend, cudasim, dlpack.frameworks, cai, dlpack)   # first owner wins
-_BY_NAME = {"numpy": np_backend, "torch": torch_backend, "cudasim": cudasim, "cuda": cai, "jax": dlpack,
+_BY_NAME = {"numpy": np_backend, "torch": torch_backend, "cudasim": cudasim, "cuda": cai, "cupy": cai, "jax": dlpack,
             "tensorflow": dlpack, "keras": dlpack, "dlpack": dlpack}
 
 
@@ -141,13 +140,6 @@ def control_view(x, what: str, dtype, size: int, device: str, writable: bool):
     return view.reshape(-1) if isinstance(view, np.ndarray) else view
 
 
-def stream_for(buf: Buf) -> Any:
-    """The stream to launch on: the framework's current stream for the buffer's device (0: default)."""
-    if not buf.device.startswith("cuda"):
-        return 0
-    return _BY_NAME[buf.framework].stream(buf)
-
-
 def metric_values(x, what: str):
     """``(kind, flat kernel view of the bits, (framework, device), shape)`` of metric values:
     a Python number, a NumPy array or a torch tensor (float64 allowed)."""
@@ -173,16 +165,6 @@ def kernel_view(a):
 def to_host(a) -> np.ndarray:
     """A NumPy copy of an array fastema made (NumPy or Numba device array)."""
     return np.array(a, copy=True) if isinstance(a, np.ndarray) else a.copy_to_host()
-
-
-def current_stream(where: tuple) -> Any:
-    """The stream to launch on for state kept in ``where = (framework, device)``."""
-    framework, device = where
-    if framework == "torch" and str(device).startswith("cuda"):
-        from .. import _launch
-
-        return _launch.current_stream("torch", device)
-    return 0
 
 
 def where(cond, a, fill):

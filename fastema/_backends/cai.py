@@ -34,7 +34,13 @@ def describe(x, what: str):
     if strides is not None and strides != tuple(np.empty(shape, dtype).strides):
         raise not_dense(what, shape, strides)
     address, readonly = cai["data"]
-    return Buf(x, kind, _device(x), shape, int(address or 0), not readonly, NAME)
+    return Buf(x, kind, _device(x), shape, int(address or 0), not readonly, _framework(x))
+
+
+def _framework(x) -> str:
+    """"cupy" for CuPy arrays (fastema launches on CuPy's current stream), else "cuda"."""
+    cupy = sys.modules.get("cupy")
+    return "cupy" if cupy is not None and isinstance(x, cupy.ndarray) else NAME
 
 
 def address(x) -> int:
@@ -67,12 +73,3 @@ def control(x, what: str, dtype, writable: bool):
 def kernel_view(a):
     return a
 
-
-def stream(buf):
-    """CuPy's current stream for CuPy arrays; the default stream for everything else."""
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(buf.obj, cupy.ndarray):
-        from .. import _launch
-
-        return _launch.external_stream(cupy.cuda.get_current_stream().ptr)
-    return 0

@@ -86,8 +86,5 @@ def _from_dlpack(x, what: str, framework: str):
     return Buf(im, kind, device, im.shape, address, writable, framework)
 
 
-def stream(buf):
-    return 0                    # the legacy default stream: see _from_dlpack
-
 
 frameworks = types.SimpleNamespace(NAME=NAME, owns=lambda x: framework_of(x) is not None, describe=describe)

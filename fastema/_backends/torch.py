@@ -179,8 +179,3 @@ def kernel_view(a):
 
     return _launch.device_view(a.data_ptr(), a.numel(), np.dtype(str(a.dtype).replace("torch.", "")), a)
 
-
-def stream(buf):
-    from .. import _launch
-
-    return _launch.current_stream(NAME, buf.obj.device)

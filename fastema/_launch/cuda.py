@@ -52,8 +52,7 @@ def _zero_flag(device: str):
     return to_device(np.zeros(1, np.int32), device)
 
 
-def _run(kernel, group, blocks, *args):
-    stream = group.stream
+def _run(kernel, group, stream, blocks, *args):
     with cuda.gpus[_index(group.device)]:
         if SIMULATOR or not stream:
             kernel[blocks, config.CUDA_THREADS](*args)
@@ -61,45 +60,45 @@ def _run(kernel, group, blocks, *args):
             kernel[blocks, config.CUDA_THREADS, stream](*args)
 
 
-def _chunks(group, kernel, *args):
-    _run(kernel, group, min(group.tables.chunks, config.CUDA_MAX_BLOCKS), *args)
+def _chunks(group, stream, kernel, *args):
+    _run(kernel, group, stream, min(group.tables.chunks, config.CUDA_MAX_BLOCKS), *args)
 
 
-def lerp(group, *, weights, flag=None, key=0, stochastic=False):
-    _chunks(group, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic), *group.tables.args(), weights,
+def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
+    _chunks(group, stream, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic), *group.tables.args(), weights,
             _zero_flag(group.device) if flag is None else flag, np.uint32(key))
 
 
-def copy(group, *, to_shadow, row_lo, row_hi, flag=None):
-    _chunks(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), *group.tables.args(), row_lo,
+def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
+    _chunks(group, stream, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), *group.tables.args(), row_lo,
             row_hi, _zero_flag(group.device) if flag is None else flag)
 
 
-def swap(group, *, mode, row):
-    _chunks(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode), *group.tables.args(), row)
+def swap(group, stream, *, mode, row):
+    _chunks(group, stream, K.swap_kernel(group.shadow_kind, group.src_kind, mode), *group.tables.args(), row)
 
 
-def nonfinite(group, *, flag):
+def nonfinite(group, stream, *, flag):
     t = group.tables
-    _chunks(group, K.nonfinite_kernel(group.src_kind), t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
+    _chunks(group, stream, K.nonfinite_kernel(group.src_kind), t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
 
 
-def window(group, *, ring_kind, ring_addr, slot, full, count, recompute):
-    _chunks(group, K.window_kernel(ring_kind, group.src_kind), *group.tables.args(), ring_addr, slot, full, count,
+def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
+    _chunks(group, stream, K.window_kernel(ring_kind, group.src_kind), *group.tables.args(), ring_addr, slot, full, count,
             recompute)
 
 
-def _streams(group, kernel, size, *args):
+def _streams(group, stream, kernel, size, *args):
     blocks = max(1, min((size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
-    _run(kernel, group, blocks, *args)
+    _run(kernel, group, stream, blocks, *args)
 
 
-def ema_streams(group, *, values, w0, c, per_stream, a, b, d, mode, skip):
-    _streams(group, K.ema_kernel(group.src_kind, mode, skip), values.size, values, w0, c, per_stream, a, b, d)
+def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
+    _streams(group, stream, K.ema_kernel(group.src_kind, mode, skip), values.size, values, w0, c, per_stream, a, b, d)
 
 
-def sma_streams(group, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
-    _streams(group, K.sma_kernel(group.src_kind, skip), values.size, values, w0, c, per_stream, ring_v, ring_w,
+def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
+    _streams(group, stream, K.sma_kernel(group.src_kind, skip), values.size, values, w0, c, per_stream, ring_v, ring_w,
              s, comp, ws, wcomp, n, bad, slot)
 
 
