@@ -47,9 +47,9 @@ class _Tracked:
         self.track = group.framework == "torch"        # torch storage can be swapped under a Parameter
         # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
         # nothing of fastema's launches: replaced sources are released only once an event
-        # recorded after those launches has passed (checked without blocking, one rebind later).
+        # recorded after those launches has passed (checked without blocking at later rebinds).
         self.deferred = _launch.is_cuda(group.device) and group.framework in ("jax", "tensorflow", "dlpack")
-        self.retired: tuple = (None, [])
+        self.retired = _launch.retired() if self.deferred else None
         self.set(bufs)
 
     def set(self, bufs: list[Buf]) -> None:
@@ -162,6 +162,6 @@ class SourceTable:
     def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
         bufs = self._checked(g) if bufs is None else bufs
         if t.deferred:
-            t.retired = (_launch.retire(g.device, g.framework, t.retired[0]), t.tensors)
+            t.retired.release(t.tensors, g.device, g.framework)
         t.set(bufs)
         self._layout.set_addresses(g, t.addresses)

@@ -114,7 +114,7 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
 @functools.lru_cache(maxsize=256)
 def _single_tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
     # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair.
-    return _launch.tables([src_address], [numel], [shadow_address], device, framework)
+    return _launch.tables([src_address], [numel], [shadow_address], device, framework, follow=False)
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
@@ -242,7 +242,7 @@ class _PairGroup:
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
         self.framework = shadows[0].framework
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
-                                     [s.address for s in shadows], device, self.framework)
+                                     [s.address for s in shadows], device, self.framework, follow=False)
 
 
 def pair_groups(shadows: list, sources: list) -> list:

@@ -104,7 +104,7 @@ def nonfinite_kernel(src_kind):
             off = seg_offset[s]
             p = xptr(seg_addr[s], seg_offset[s + 1] - off)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                if nonfinite_at(p, i - off, XK):
+                if nonfinite_at(p, i - off, XK) and flag[0] == 0:   # no store storm on a diverged model
                     flag[0] = 1
 
     return cuda.jit(kernel)
@@ -139,6 +139,17 @@ def window_kernel(ring_kind, src_kind):
                     mean_at(q, sm, cm, j, s64, c64, count)
                 else:
                     push_at(q, sm, cm, r, n, slot, p, j, full, count, RK, XK)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def zero_kernel():
+    """``a[:] = 0`` (an int32 flag): zeroing on the stream, capturable, no host copy."""
+
+    def kernel(a):
+        for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+            a[i] = 0
 
     return cuda.jit(kernel)
 

@@ -58,11 +58,20 @@ def empty(like, kind: int, shape: tuple):
 def zeros(device, n: int, dtype):
     from numba import cuda
 
-    return cuda.to_device(np.zeros(n, dtype))
+    with cuda.gpus[int(device.split(":")[1])]:
+        a = cuda.device_array(n, dtype)
+    zero_(a)
+    return a
 
 
 def zero_(a) -> None:
-    a.copy_to_device(np.zeros(a.shape, a.dtype))
+    """Zeros on the device, stream-ordered (CuPy's current stream, or a kernel): no host copy."""
+    if _framework(a) == "cupy":
+        a.fill(0)
+        return
+    from .. import _launch
+
+    _launch.zero_(a, _device(a), NAME)
 
 
 def control(x, what: str, dtype, writable: bool):

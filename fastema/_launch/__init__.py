@@ -43,6 +43,8 @@ class Tables(NamedTuple):
     chunk_begin: Any    # int64[C + 1]
     n: int              # elements per shadow row (the row stride)
     chunks: int         # C
+    host_seg_addr: Any = None   # CUDA: the addresses the device's seg_addr holds (a host copy)
+    staging: Any = None         # CUDA: pinned slots for rewriting seg_addr in place
 
     def args(self):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
@@ -80,9 +82,11 @@ def launch(op: str, group, **args) -> None:
         getattr(_cpu_target, op)(group, 0, **args)
 
 
-def tables(src_addresses, counts, shadow_addresses, device: str, framework: str = "numpy") -> Tables:
+def tables(src_addresses, counts, shadow_addresses, device: str, framework: str = "numpy",
+           follow: bool = True) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
-    into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer)."""
+    into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer).
+    ``follow``: the sources' addresses may change later (:func:`update_addresses`)."""
     seg_offset = segment_offsets(counts)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
@@ -91,7 +95,7 @@ def tables(src_addresses, counts, shadow_addresses, device: str, framework: str 
                   int(seg_offset[-1]), len(chunk_seg))
     if not is_cuda(device):
         return host
-    return _cuda().upload(host, device, current_stream(framework, device))
+    return _cuda().upload(host, device, current_stream(framework, device), follow)
 
 
 def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
@@ -99,18 +103,32 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
     return base + segment_offsets(counts)[:-1] * itemsize
 
 
-def retire(device: str, framework: str, previous):
-    """An event recorded on the framework's current stream now; waits for ``previous`` (an
-    earlier one) first if it has not passed yet, so what was kept alive with it can go."""
-    return _cuda().retire(device, current_stream(framework, device), previous)
+def retired():
+    """A holder of replaced CUDA sources: ``.release(kept, device, framework)`` keeps ``kept``
+    alive until the launches issued so far on the framework's stream have run, without a sync."""
+    return _Retired(_cuda().Retired())
+
+
+class _Retired:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def release(self, kept, device: str, framework: str) -> None:
+        self.inner.release(kept, device, current_stream(framework, device))
 
 
 def update_addresses(t: Tables, addresses, device: str, framework: str = "numpy") -> Tables:
-    """Same layout, new source addresses (a source was re-allocated in place)."""
+    """Same layout, new source addresses (a source was re-allocated in place). On CUDA the
+    device table is rewritten in place on the framework's current stream (no allocation)."""
     seg_addr = np.asarray(addresses, np.int64).reshape(-1)
     if is_cuda(device):
-        return t._replace(seg_addr=_cuda().to_device(seg_addr, device, current_stream(framework, device)))
+        return _cuda().update_addresses(t, seg_addr, device, current_stream(framework, device))
     return t._replace(seg_addr=seg_addr)
+
+
+def zero_(a, device: str, framework: str) -> None:
+    """Zero a small CUDA array of fastema's (a flag) by a kernel on the framework's stream."""
+    _cuda().zero_(a, device, current_stream(framework, device))
 
 
 def device_view(address: int, size: int, dtype, owner):

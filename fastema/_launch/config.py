@@ -8,3 +8,5 @@ CUDA_CHUNK = 1 << 12         # elements per CUDA block iteration
 CUDA_THREADS = 256
 CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
+CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
+CUDA_RETIRED_MAX = 64        # replaced JAX/TensorFlow sources held for fastema's queued launches

@@ -1,5 +1,11 @@
 """CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: raw
-device views, stream objects, table upload and retirement events.
+device views, stream objects, table upload and in-place update, retirement events.
+
+Nothing on a per-step path allocates, frees or copies from pageable memory: tables are
+allocated once (copied asynchronously on the caller's stream), later address changes are
+written into the same device table from pinned staging slots on the caller's stream (so a
+captured CUDA graph keeps reading a live table that follows re-allocated sources), and
+flags are zeroed by a kernel.
 
 Imported only when a CUDA buffer arrives (or under the Numba CUDA simulator). Imports
 nothing back from the package: its tunables come from :mod:`.config`.
@@ -36,20 +42,82 @@ def external_stream(ptr: int):
     return cuda.external_stream(ptr)
 
 
+def _on(stream):
+    """A Numba stream object for ``stream`` (0: the legacy default stream, as a stream, so
+    copies on it are asynchronous: numba makes a synchronous copy when given no stream)."""
+    return stream if stream else cuda.default_stream()
+
+
 def to_device(a: np.ndarray, device: str, stream=0):
+    """A new device copy of ``a``, copied asynchronously on ``stream`` (a pageable source is
+    staged by the driver at once: no device synchronisation)."""
     with cuda.gpus[_index(device)]:
-        return cuda.to_device(a, stream=stream) if stream else cuda.to_device(a)
+        return cuda.to_device(np.ascontiguousarray(a), stream=_on(stream))
 
 
-def upload(t, device: str, stream=0):
+class Staging:
+    """Pinned host slots through which one device table is rewritten in place, in stream
+    order. A slot is reused only once the copy that read it has run (an event per slot);
+    only ``config.CUDA_STAGING_SLOTS`` rewrites queued on the GPU at once make the host wait."""
+
+    def __init__(self, size: int, dtype, device: str):
+        with cuda.gpus[_index(device)]:
+            self.host = [cuda.pinned_array(max(size, 1), dtype) for _ in range(config.CUDA_STAGING_SLOTS)]
+        self.events: list = [None] * len(self.host)
+        self.next = 0
+
+    def write(self, device_array, values: np.ndarray, device: str, stream) -> None:
+        i = self.next
+        self.next = (i + 1) % len(self.host)
+        with cuda.gpus[_index(device)]:
+            event = self.events[i]
+            if event is not None and not event.query():
+                event.synchronize()           # rare: every slot still has a copy queued behind it
+            slot = self.host[i][:len(values)]
+            slot[:] = values
+            device_array.copy_to_device(slot, stream=_on(stream))
+            if SIMULATOR:                     # the simulator copies at once
+                return
+            if event is None:
+                event = self.events[i] = cuda.event(timing=False)
+            event.record(_on(stream))
+
+
+def upload(t, device: str, stream=0, follow: bool = True):
+    """The tables on ``device`` (allocated once, copied on ``stream``), with a staging area
+    for later address changes; the default flag and the copy kernel's module are made now,
+    not at a first update inside a graph capture."""
     d = functools.partial(to_device, device=device, stream=stream)
+    _zero_flag(device)
     return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=d(t.seg_addr), seg_offset=d(t.seg_offset),
-                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin))
+                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin), host_seg_addr=t.seg_addr,
+                      staging=Staging(len(t.seg_addr), np.int64, device) if follow else None)
+
+
+def update_addresses(t, addresses: np.ndarray, device: str, stream=0):
+    """``t`` with its source addresses rewritten in place (same device table: a captured graph
+    follows), on ``stream``, from pinned staging; nothing is copied when they did not change."""
+    if not np.array_equal(addresses, t.host_seg_addr):
+        t.staging.write(t.seg_addr, addresses, device, stream)
+    return t._replace(host_seg_addr=addresses)
 
 
 @functools.lru_cache(maxsize=16)
 def _zero_flag(device: str):
-    return to_device(np.zeros(1, np.int32), device)
+    """An int32[1] zero per device: the flag of launches with no guard (never written)."""
+    with cuda.gpus[_index(device)]:
+        return cuda.to_device(np.zeros(1, np.int32), stream=cuda.default_stream())
+
+
+def zero_(a, device: str, stream=0) -> None:
+    """``a[:] = 0`` by a kernel on ``stream``: no host copy, capturable."""
+    blocks = max(1, min((a.size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
+    _run(K.zero_kernel(), _Where(device), stream, blocks, a.reshape(-1))
+
+
+class _Where:
+    def __init__(self, device):
+        self.device = device
 
 
 def _run(kernel, group, stream, blocks, *args):
@@ -102,12 +170,23 @@ def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, 
              s, comp, ws, wcomp, n, bad, slot)
 
 
-def retire(device, stream, previous):
-    if SIMULATOR:                     # the simulator runs every launch to completion
-        return None
-    if previous is not None and not previous.query():
-        previous.synchronize()        # rare: the launch before the last one is still running
-    with cuda.gpus[_index(device)]:
-        event = cuda.event(timing=False)
-        event.record(stream or 0)
-    return event
+class Retired:
+    """Objects kept alive until fastema's launches issued before their release have run: each
+    release records an event on the launch stream, and what sits behind a passed event is
+    dropped at the next release, without waiting. Only past ``config.CUDA_RETIRED_MAX``
+    pending releases (the GPU that far behind the host) does the host wait for the oldest."""
+
+    def __init__(self):
+        self.pending: list = []               # (event, kept objects), oldest first
+
+    def release(self, kept, device: str, stream) -> None:
+        while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
+            self.pending.pop(0)
+        if len(self.pending) >= config.CUDA_RETIRED_MAX:
+            self.pending.pop(0)[0].synchronize()
+        if SIMULATOR:                         # the simulator runs every launch to completion
+            return
+        with cuda.gpus[_index(device)]:
+            event = cuda.event(timing=False)
+            event.record(_on(stream))
+        self.pending.append((event, kept))
