@@ -137,15 +137,21 @@ class FlatShadow(ShadowBase):
             skip_if = self.scan_nonfinite()
         self.update_checked(weights_by_device, rounding, seed, step, skip_if)
 
-    def update_checked(self, weights_by_device: dict, rounding: str, seed: int, step: int, skip_if) -> None:
+    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
+                       plan=None) -> None:
         """The launches of :meth:`update`, once its arguments are checked and its addresses are
         current (the model averages check the addresses themselves, in one pass with the model's
-        own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device."""
+        own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device; or
+        ``plan``, a :class:`fastema._device_plan.DevicePlan` whose device arrays hold the weights
+        and the rounding keys (``seed`` and ``step`` unused)."""
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self.layout.groups):
-            key = sr_key(seed + (gi << 32), step) if stochastic else 0
-            _launch.launch("lerp", g, weights=weights_by_device[g.device], flag=self._flag_view(skip_if, g),
-                           key=key, stochastic=stochastic)
+            if plan is not None:
+                weights, key = plan.weights(g), plan.key(gi, g)
+            else:
+                weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
+            _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
+                           stochastic=stochastic)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, with no host sync.

@@ -2,7 +2,12 @@
 
 Plain Python over float scalars; each target compiles it (see :mod:`._target`).
 """
-from .kinds import DEBIASED, SEEDED
+import numpy as np
+
+from ._bits import sr_noise
+from .kinds import (CONSTANT, DEBIASED, NUM_UPDATES, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
+                    P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, S_CALLS, S_NORMS, S_UPDATES,
+                    SEEDED)
 
 
 def ema_step(a, b, v, w, d, mode):
@@ -28,3 +33,69 @@ def neumaier(s, c, x):
     else:
         c += (x - t) + s
     return t, c
+
+
+def schedule_decay(params, decay, n):
+    """The decay of update ``n`` (float64) under the schedule in ``params``: the formulas of
+    :mod:`fastema.schedules` (``Constant``, ``NumUpdates``, ``PowerWarmup``), in float64."""
+    kind = params[P_SCHEDULE]
+    if kind == CONSTANT:
+        return decay
+    if kind == NUM_UPDATES:
+        return min(decay, (1.0 + n) / (10.0 + n))
+    s = max(0.0, n - params[P_AFTER] - 1.0)
+    if s <= 0.0:
+        return 0.0
+    if params[P_WARMUP] == 0.0:
+        return decay
+    value = 1.0 - (1.0 + s / params[P_INV_GAMMA]) ** -params[P_POWER]
+    return max(min(value, decay), params[P_MIN_DECAY])
+
+
+def plan_step(state, params, decays, given, w32, w64, flag, keys):
+    """One ``update()`` call of a model EMA's plan, on the device (one thread), so a captured
+    CUDA graph replays the schedule rather than the values of the capture.
+
+    ``state`` float64: calls, updates, then the debiasing normalisers; advanced here. A call
+    that ``update_every`` skips sets ``flag[0] = 1`` (the update's kernels then write
+    nothing); a due call clears it and writes the weights ``w = 1 - decay`` (or the debiased
+    weight) as float32 (``w32``) and float64 (``w64``), and each group's stochastic-rounding
+    key of the step ``n`` into ``keys`` (int64, the uint32 value). ``given``: the training
+    step passed to ``update(step=)``, or -1 for the update count. Same arithmetic as
+    :class:`fastema.schedules.Plan` (``next`` then ``done``) and ``fastema.ops.sr_key``.
+    """
+    calls = state[S_CALLS]
+    every = params[P_EVERY]
+    state[S_CALLS] = calls + 1.0
+    if calls - np.floor(calls / every) * every != 0.0:
+        flag[0] = 1
+        return
+    flag[0] = 0
+    n = state[S_UPDATES] + 1.0 if given < 0 else np.float64(given)
+    for i in range(decays.size):
+        d = schedule_decay(params, decays[i], n)
+        if params[P_COMPENSATE] != 0.0 and every > 1.0:
+            d = d ** every
+        if params[P_DEBIAS] != 0.0:
+            c = d * state[S_NORMS + i] + (1.0 - d)
+            w = 1.0 if c == 0.0 else (1.0 - d) / c
+            state[S_NORMS + i] = c
+        else:
+            w = 1.0 - d
+        w32[i] = np.float32(w)
+        w64[i] = w
+    state[S_UPDATES] = state[S_UPDATES] + 1.0
+    lo = np.int64(params[P_SEED_LO])
+    hi = np.int64(params[P_SEED_HI])
+    for g in range(keys.size):
+        keys[g] = np.int64(sr_noise(np.uint32(lo ^ ((hi + g) & 0xFFFFFFFF)), np.int64(n)))
+
+
+def key_of(key):
+    """A stochastic-rounding key given as a scalar: itself."""
+    return key
+
+
+def key_at(key):
+    """A stochastic-rounding key kept on the device (int64[1], see :func:`plan_step`)."""
+    return np.uint32(key[0] & 0xFFFFFFFF)

@@ -55,19 +55,21 @@ def _chunk(fn):
 
 
 @functools.cache
-def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
+def lerp_kernel(shadow_kind, src_kind, stochastic, parallel, device_key=False):
     """``shadow[k] <- shadow[k] + w[k] * (src - shadow[k])`` for every row k (``_elementwise.lerp_at``).
 
     Extra arguments:
         weights: float32[K] array or tuple, ``w = 1 - decay`` per row (float64 for a
                  float64 kernel, which also widens a float32 array's values).
         flag:    int32[>=1]; when ``flag[0] != 0`` nothing is written (non-finite guard).
-        key:     uint32 stochastic-rounding key (ignored unless ``stochastic``).
+        key:     uint32 stochastic-rounding key (ignored unless ``stochastic``), or with
+                 ``device_key`` an int64[1] array holding it (see ``_stats.plan_step``).
     """
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
     load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
+    read_key = E.key_at if device_key else E.key_of
 
     @_chunk
     def chunk(q_addr, p_addr, m, w, first, key):
@@ -79,6 +81,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
         if flag[0] != 0:
             return
+        k32 = read_key(key)
         for c in prange(chunk_seg.size):
             s = chunk_seg[c]
             begin = chunk_begin[c]
@@ -87,9 +90,20 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
             p_addr = seg_addr[s] + within * XB
             for k in range(len(weights)):          # rows after the first re-read the chunk from cache
                 first = k * n + begin              # the noise index: position in the (K, n) layout
-                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, weights[k], first, key)
+                chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, weights[k], first, k32)
 
     return _compile(kernel, parallel)
+
+
+@functools.cache
+def plan_kernel():
+    """One ``update()`` call of a model EMA's plan on the host (``_stats.plan_step``)."""
+    plan_step = E.plan_step
+
+    def kernel(state, params, decays, given, w32, w64, flag, keys):
+        plan_step(state, params, decays, given, w32, w64, flag, keys)
+
+    return njit(cache=True)(kernel)
 
 
 @functools.cache

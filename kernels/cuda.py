@@ -23,15 +23,17 @@ def _pointer(kind):
 
 
 @functools.cache
-def lerp_kernel(shadow_kind, src_kind, stochastic):
+def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
     """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
     load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
+    read_key = E.key_at if device_key else E.key_of
 
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key):
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key_arg):
         if flag[0] != 0:
             return
+        key = read_key(key_arg)
         rows = len(weights)
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
@@ -139,6 +141,18 @@ def window_kernel(ring_kind, src_kind):
                     mean_at(q, sm, cm, j, s64, c64, count)
                 else:
                     push_at(q, sm, cm, r, n, slot, p, j, full, count, RK, XK)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def plan_kernel():
+    """See :func:`fastema.kernels.cpu.plan_kernel` (the first thread does it)."""
+    plan_step = E.plan_step
+
+    def kernel(state, params, decays, given, w32, w64, flag, keys):
+        if cuda.grid(1) == 0:
+            plan_step(state, params, decays, given, w32, w64, flag, keys)
 
     return cuda.jit(kernel)
 

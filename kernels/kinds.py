@@ -12,6 +12,14 @@ EXCHANGE, PACK, UNPACK = 0, 1, 2             # swap modes: convert both ways / f
                                              # source, kept exactly (see _bits.pack_bf16)
 DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=True / adjust=False / from 0
 
+# The device-side plan of a model EMA (``_stats.plan_step``): schedule kinds, and the slots
+# of its float64 parameter and state arrays.
+CONSTANT, NUM_UPDATES, POWER_WARMUP = 0, 1, 2
+P_SCHEDULE, P_MIN_DECAY, P_INV_GAMMA, P_POWER, P_AFTER, P_WARMUP, P_EVERY, P_COMPENSATE, P_DEBIAS, \
+    P_SEED_LO, P_SEED_HI = range(11)
+PLAN_PARAMS = 11
+S_CALLS, S_UPDATES, S_NORMS = 0, 1, 2        # state: calls, updates, then one normaliser per row
+
 
 def wide(*kinds) -> bool:
     """True when a kernel over these storage kinds computes in float64 (any of them is float64)."""

@@ -9,7 +9,9 @@ the fields of :class:`Group` (``flat._Group`` is one). Tunables live in :mod:`.c
 op                      keyword arguments
 ======================  ==================================================================
 ``"lerp"``              ``weights`` (tuple or float32[K] device array), ``flag=None``,
-                        ``key=0``, ``stochastic=False``
+                        ``key=0`` (an int, or an int64[1] device array), ``stochastic=False``
+``"plan"``              ``state``, ``params``, ``decays``, ``given``, ``w32``, ``w64``, ``flag``,
+                        ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``)
 ``"copy"``              ``to_shadow``, ``row_lo``, ``row_hi``, ``flag=None``
 ``"swap"``              ``mode`` (``kinds.EXCHANGE/PACK/UNPACK``), ``row``
 ``"nonfinite"``         ``flag``

@@ -16,8 +16,13 @@ def _parallel(group, rows: int) -> bool:
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
-    k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, _parallel(group, len(weights)))
-    k(*group.tables.args(), weights, _NO_FLAG if flag is None else flag, np.uint32(key))
+    device_key = not isinstance(key, int)
+    k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, _parallel(group, len(weights)), device_key)
+    k(*group.tables.args(), weights, _NO_FLAG if flag is None else flag, key if device_key else np.uint32(key))
+
+
+def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
+    K.plan_kernel()(state, params, decays, given, w32, w64, flag, keys)
 
 
 def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):

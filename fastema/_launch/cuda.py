@@ -133,8 +133,14 @@ def _chunks(group, stream, kernel, *args):
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
-    _chunks(group, stream, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic), *group.tables.args(), weights,
-            _zero_flag(group.device) if flag is None else flag, np.uint32(key))
+    device_key = not isinstance(key, int)
+    _chunks(group, stream, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, device_key),
+            *group.tables.args(), weights, _zero_flag(group.device) if flag is None else flag,
+            key if device_key else np.uint32(key))
+
+
+def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
+    _run(K.plan_kernel(), group, stream, 1, state, params, decays, np.int64(given), w32, w64, flag, keys)
 
 
 def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):

@@ -27,6 +27,7 @@ from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from .. import schedules
 from .._average import ModelSwap, check_header
 from .._bridge import PlanReader, check_shadow_settings, make_plan
+from .._device_plan import DevicePlan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
 
@@ -342,9 +343,10 @@ class _ModelAverage:
             else:                               # the guard: keep the old value on a diverged step, no sync
                 dst.copy_(torch.where(flag[0].to(dst.device) != 0, dst, src))
 
-    def _scan(self) -> dict:
-        """Non-finite flags over every averaged and copied floating tensor (device values, no sync)."""
-        flags = self._avg.scan_nonfinite()
+    def _scan(self, flags: dict | None = None) -> dict:
+        """Non-finite flags over every averaged and copied floating tensor (device values, no sync),
+        added to ``flags`` when given."""
+        flags = self._avg.scan_nonfinite(flags)
         if self._copy is not None:
             flags = self._copy.scan_nonfinite(flags)
         return flags
@@ -722,6 +724,13 @@ class EMA(PlanReader, _ModelAverage):
         exclude: name patterns (fnmatch, normalised names) left out entirely.
         copy: name patterns copied instead of averaged.
         skip_nonfinite: skip an update (on the device, no sync) when a weight is inf/NaN.
+        device_step: keep the update count, the schedule's weights, ``update_every``'s skips
+            and the stochastic-rounding key in device memory, advanced by a one-thread kernel
+            at every call, so ``update()`` captured in a CUDA graph (or ``mode="reduce-overhead"``)
+            replays the schedule exactly: N replays equal N eager calls bit for bit. ``None``
+            (default): on when the averaged weights are on a GPU. Every call then launches
+            (a call that ``update_every`` skips writes nothing on the device). ``ema.updates``
+            and ``ema.calls`` count eager calls; ``state_dict()`` reads the device's counts.
     """
 
     _format = FORMAT
@@ -730,7 +739,10 @@ class EMA(PlanReader, _ModelAverage):
                  min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
-                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False):
+                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
+                 device_step: bool | None = None):
+        if device_step is not None and not isinstance(device_step, bool):
+            raise TypeError(f"device_step must be True, False or None, got {device_step!r}")
         self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
                                         skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
                                         inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
@@ -738,6 +750,30 @@ class EMA(PlanReader, _ModelAverage):
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
         super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
                          buffers=buffers, exclude=exclude, copy=copy)
+        groups = self._avg.layout.groups
+        if device_step is None:
+            device_step = any(g.device != "cpu" for g in groups)
+        self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
+        if self._plan_on_device is not None:
+            self._warm()
+
+    @property
+    def device_step(self) -> bool:
+        """True when the plan lives on the device (see the ``device_step`` argument)."""
+        return self._plan_on_device is not None
+
+    def _warm(self) -> None:
+        """Compile and load every kernel ``update()`` launches now, not inside a first graph
+        capture: the plan kernel on a scratch plan, the update's kernels behind set flags
+        (they write nothing)."""
+        groups = self._avg.layout.groups
+        DevicePlan(self.plan, groups, self.seed).advance(None)
+        flags = {g.device: torch.ones(1, dtype=torch.int32, device=g.device) for g in groups}
+        if self.skip_nonfinite:
+            self._scan(flags)
+        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
+        self._copy_buffers(flags, current=True)
+        self._avg.skipped = {}
 
     def _cadence(self) -> schedules.Cadence:
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
@@ -750,12 +786,25 @@ class EMA(PlanReader, _ModelAverage):
             step: the training step for the schedule; defaults to the number of updates made.
         """
         pending = self.plan.next(step)                    # checks step before anything else
-        if self._begin(pending.due):
+        if self._plan_on_device is not None:
+            self._begin(True)                             # every call launches; the device skips
+            self._device_update(step)
+        elif self._begin(pending.due):
             flags = self._scan() if self.skip_nonfinite else None
             self._avg.update_checked(self._weights(pending.weights), self.rounding, self.seed, pending.n,
                                      flags)             # addresses checked by _begin
             self._copy_buffers(flags, current=True)
         self.plan.done(pending)
+
+    def _device_update(self, step: int | None) -> None:
+        """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
+        captures and replays (no host value of the call is baked into it but ``step``)."""
+        self._plan_on_device.advance(step)
+        flags = self._plan_on_device.flags
+        if self.skip_nonfinite:
+            flags = self._scan(flags)
+        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
+        self._copy_buffers(flags, current=True)
 
     def _weights(self, weights) -> dict:
         """The kernels' weights per device, with the rounding checked against each shadow dtype (the
@@ -776,6 +825,8 @@ class EMA(PlanReader, _ModelAverage):
         return self.averaged_state_dict(row)
 
     def _extra_state(self) -> dict:
+        if self._plan_on_device is not None:
+            self._plan_on_device.read_into(self.plan)     # replayed graphs advanced the device only
         return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
     def _check_extra(self, state: dict, problems: list) -> None:
@@ -788,6 +839,8 @@ class EMA(PlanReader, _ModelAverage):
     def _load_extra(self, state: dict) -> None:
         self.plan.load_state(state)
         self.rounding, self.seed = state["rounding"], state["seed"]
+        if self._plan_on_device is not None:
+            self._plan_on_device.load(self.plan, self.seed)
 
     def __repr__(self) -> str:
         return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "

@@ -265,6 +265,29 @@ def test_address_changes_rewrite_the_device_table_in_place(monkeypatch):
     assert np.array_equal(table.copy_to_host(), [dev_addr(m) for m in moved])
 
 
+@pytest.mark.parametrize("plan_kw", [dict(decay=[0.9, 0.99], warmup="power", update_every=2, compensate=True,
+                                           debias=True), dict(decay=0.999, warmup="num_updates")])
+def test_plan_kernel_matches_cpu(plan_kw):
+    from fastema._device_plan import parameters
+    from fastema.kernels import cpu as kcpu
+    from fastema.schedules import Plan
+
+    plan = Plan(**plan_kw)
+    params, decays = parameters(plan, (3 << 32) + 9)
+    k = plan.rows
+    host = dict(state=np.zeros(2 + k), w32=np.zeros(k, np.float32), w64=np.zeros(k), flag=np.zeros(1, np.int32),
+                keys=np.zeros(3, np.int64))
+    dev = {name: cuda.to_device(v) for name, v in host.items()}
+    d_params, d_decays = cuda.to_device(params), cuda.to_device(decays)
+    for call in range(7):
+        given = 100 + call if call == 4 else -1
+        kcpu.plan_kernel()(host["state"], params, decays, given, host["w32"], host["w64"], host["flag"], host["keys"])
+        ema_cuda.plan_kernel()[1, 8](dev["state"], d_params, d_decays, np.int64(given), dev["w32"], dev["w64"],
+                                     dev["flag"], dev["keys"])
+        for name, v in host.items():
+            assert np.array_equal(dev[name].copy_to_host(), v), (call, name)
+
+
 def test_device_and_host_mixed_is_refused():
     d = cuda.to_device(np.zeros(10, np.float32))
     with pytest.raises(ValueError, match="cuda:0 but src is on cpu"):
@@ -383,7 +406,7 @@ def test_cuda_graph_replays_read_the_sources_and_weight_of_each_replay():
 
 
 @pytest.mark.skipif(SIM, reason="needs a GPU")
-def test_torch_ema_on_gpu_without_host_sync_and_in_a_cuda_graph():
+def test_torch_ema_on_gpu_without_host_sync():
     import torch
     from torch import nn
 
@@ -391,53 +414,66 @@ def test_torch_ema_on_gpu_without_host_sync_and_in_a_cuda_graph():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 8)).cuda()
-    model_bf16 = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).cuda().bfloat16()
-    ema = EMA(model, 0.9)
-    ema_bf = EMA(model_bf16, 0.9)
+    ema = EMA(model, 0.9)                                 # device_step: on by default on a GPU
     ref = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     model(torch.randn(16, 64, device="cuda"))
     ema.update()
-    ema_bf.update()                                       # compile outside the checks
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def steps():
         for _ in range(3):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01)
             ema.update()
-            ema_bf.update()
             for n, p in model.named_parameters():
                 ref[n].lerp_(p.detach().float(), 0.1)
-        with ema.average_parameters():
-            model(torch.randn(4, 64, device="cuda"))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    assert _busy_after(steps)
+    assert _busy_after(lambda: ema.swap()) and _busy_after(lambda: ema.swap())
     state = ema.state_dict()["averaged"]
     for n, r in ref.items():
         torch.testing.assert_close(state[n][0], r, rtol=1e-5, atol=1e-6)
-    # CUDA graph: a constant decay is baked into the captured launches; replaying them
-    # equals eager updates.
-    eager = EMA(model, 0.9)
-    graphed = EMA(model, 0.9)
-    graphed.update()
-    eager.update()
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.parametrize("kw", [dict(decay=0.99, warmup="power", update_every=2),
+                                dict(decay=[0.9, 0.999], debias=True, skip_nonfinite=True),
+                                dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic")])
+def test_torch_ema_captured_once_and_replayed_equals_eager_calls(kw):
+    """EMA.update() captured in a CUDA graph and replayed N times equals N eager calls bit for
+    bit: the warm-up schedule, update_every's skips and the stochastic-rounding key advance on
+    the device at each replay."""
+    import torch
+    from torch import nn
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 8)).cuda()
+    graphed, eager = EMA(model, **kw), EMA(model, **kw)
+    assert graphed.device_step
+    params = list(model.parameters())
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        graphed._avg.update(0.9)
+        graphed.update()                                  # recorded, not run (kernels compiled at construction)
     torch.cuda.synchronize()
-    for _ in range(4):
+    assert graphed.state_dict()["updates"] == 0
+    for step in range(7):
         with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1.01)
+            torch._foreach_add_(params, 0.01 * (step + 1))
+            model[1].running_mean.add_(0.1)
         g.replay()
-        eager._avg.update(0.9)
-    torch.cuda.synchronize()
-    for a, b in zip(graphed._avg.views().values(), eager._avg.views().values()):
-        assert torch.equal(a, b)
+        eager.update()
+        torch.cuda.synchronize()
+    a, b = graphed.state_dict(), eager.state_dict()
+    assert (a["updates"], a["calls"], a["norms"]) == (b["updates"], b["calls"], b["norms"])
+    for part in ("averaged", "copied"):
+        for name, t in b.get(part, {}).items():
+            assert torch.equal(a[part][name], t), (part, name)
 
 
 @pytest.mark.parametrize("kind", [F32, BF16, 3])             # 3: float64 values

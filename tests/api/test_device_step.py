@@ -1,0 +1,148 @@
+"""EMA(device_step=True): the plan (count, schedule weights, update_every skips, rounding key)
+kept in device memory and advanced by a kernel, so a captured CUDA graph replays the schedule.
+
+On the CPU the same kernels run, so the contract is checked here: the device plan equals
+the host plan bit for bit, and calls that replay only the launches (what a graph holds)
+advance the schedule and the counts as eager calls do. GPU capture tests are in
+tests/kernels/test_cuda.py.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastema.torch import EMA
+
+CASES = {
+    "constant": dict(),
+    "power": dict(warmup="power", update_after_step=2, inv_gamma=1.5, power=0.75, min_decay=0.1),
+    "power no warmup": dict(warmup="power", update_after_step=3, power=0.75, inv_gamma=1.0),
+    "num_updates": dict(warmup="num_updates"),
+    "every 3 compensated": dict(update_every=3, compensate=True, warmup="power"),
+    "debias, two decays": dict(debias=True, decay=[0.9, 0.99]),
+    "bf16 stochastic": dict(shadow_dtype="bfloat16", rounding="stochastic", seed=(7 << 32) + 5, warmup="power"),
+    "guarded": dict(skip_nonfinite=True, warmup="num_updates"),
+}
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4).to(torch.bfloat16))
+
+
+def train_step(m, step):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        if step == 4:
+            m[0].weight[0, 0] = float("inf")             # a diverged step (kept by unguarded EMAs too)
+        if step == 5:
+            m[0].weight[0, 0] = 0.5
+        m[1].running_mean.add_(0.01 * step)              # the BatchNorm statistics move
+        m[1].num_batches_tracked.add_(1)
+
+
+def assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in ("updates", "calls", "norms"):
+        assert sa[k] == sb[k], k
+    for part in ("averaged", "copied"):
+        for name, t in sb.get(part, {}).items():
+            torch.testing.assert_close(sa[part][name], t, rtol=0, atol=0, equal_nan=True, msg=f"{part} {name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_device_plan_equals_host_plan_bit_for_bit(case):
+    kw = {"decay": 0.9, **CASES[case]}
+    m = model()
+    dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    assert dev.device_step and not host.device_step
+    for step in range(10):
+        train_step(m, step)
+        dev.update()
+        host.update()
+        assert (dev.updates, dev.calls) == (host.updates, host.calls)
+    assert_same(dev, host)
+
+
+def test_replayed_launches_advance_the_schedule_and_the_counts():
+    """What a CUDA graph holds is the launches of one call (plan kernel, guard, update, buffer
+    copy), not its Python: replaying them N times must equal N eager calls, the warm-up
+    schedule and the stochastic-rounding key included; state_dict() reads the device's counts."""
+    kw = dict(decay=0.99, warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
+              skip_nonfinite=True)
+    m = model()
+    replayed, eager = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    replayed.update()
+    eager.update()
+    for step in range(9):
+        train_step(m, step)
+        replayed._device_update(None)                     # a replay: no Python of update() runs
+        eager.update()
+    assert replayed.updates == 1                          # the host counts eager calls only...
+    assert_same(replayed, eager)                          # ...the checkpoint has the device's
+    assert replayed.updates == eager.updates == 5
+
+
+def test_explicit_step_drives_the_device_schedule():
+    kw = dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic")
+    m = model()
+    dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    for step in (10, 20, 35, 1000):
+        train_step(m, 0)
+        dev.update(step=step)
+        host.update(step=step)
+    assert_same(dev, host)
+
+
+def test_checkpoint_round_trip_keeps_the_device_plan():
+    kw = dict(decay=[0.9, 0.999], warmup="power", debias=True)
+    m = model()
+    a, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    for step in range(4):
+        train_step(m, step)
+        a.update()
+        host.update()
+    b = EMA(m, **kw, device_step=True)
+    b.load_state_dict(a.state_dict())                     # the loaded plan goes to the device
+    for step in range(4):
+        train_step(m, step + 10)
+        b.update()
+        host.update()
+    assert_same(b, host)
+    assert all(math.isfinite(x) for x in b.state_dict()["norms"])
+
+
+def test_device_step_is_off_on_the_cpu_by_default_and_checked():
+    assert not EMA(model(), 0.9).device_step
+    with pytest.raises(TypeError, match="device_step must be True, False or None"):
+        EMA(model(), 0.9, device_step="yes")
+
+
+@pytest.mark.parametrize("given", [None, "steps"])
+def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
+    import numpy as np
+
+    from fastema._device_plan import parameters
+    from fastema.kernels import cpu
+    from fastema.ops import sr_key
+    from fastema.schedules import Plan
+
+    kw = dict(warmup="power", update_every=2, compensate=True, debias=True, update_after_step=1, inv_gamma=2.0)
+    plan, seed, groups = Plan([0.9, 0.999], **kw), (3 << 32) + 9, 3
+    params, decays = parameters(plan, seed)
+    state = np.array([0.0, 0.0, 0.0, 0.0])
+    w32, w64 = np.zeros(2, np.float32), np.zeros(2)
+    flag, keys = np.zeros(1, np.int32), np.zeros(groups, np.int64)
+    for call in range(12):
+        step = None if given is None else 7 * call + 3
+        cpu.plan_kernel()(state, params, decays, -1 if step is None else step, w32, w64, flag, keys)
+        pending = plan.next(step)
+        assert flag[0] == (0 if pending.due else 1)
+        if pending.due:
+            assert list(w64) == pending.weights
+            assert list(w32) == [np.float32(w) for w in pending.weights]
+            assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(groups)]
+        plan.done(pending)
+        assert list(state) == [plan.calls, plan.updates, *plan.norms]
