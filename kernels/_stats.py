@@ -67,7 +67,7 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     calls = state[S_CALLS]
     every = params[P_EVERY]
     state[S_CALLS] = calls + 1.0
-    if calls - np.floor(calls / every) * every != 0.0:
+    if calls % every != 0.0:
         flag[0] = 1
         return
     flag[0] = 0

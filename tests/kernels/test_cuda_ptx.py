@@ -73,3 +73,14 @@ def test_smoother_kernels_compile(kind):
 def test_window_kernel_compiles(ring_kind):
     compile_(ema_cuda.window_kernel(ring_kind, BF16),
              TABLES + (A(T.int64), T.int64, T.boolean, T.int64, T.boolean))
+
+
+def test_device_plan_and_device_key_kernels_compile():
+    """The graph-safe path: the one-thread plan kernel, a lerp reading its weights and its
+    stochastic-rounding key from device memory, and the flag-zeroing kernel."""
+    f64 = A(T.float64)
+    ptx = compile_(ema_cuda.plan_kernel(), (f64, f64, f64, T.int64, A(T.float32), f64, A(T.int32), A(T.int64)))
+    assert "pow" in ptx or "lg2" in ptx                       # the power warm-up is computed on the device
+    compile_(ema_cuda.lerp_kernel(BF16, F32, True, True), TABLES + (A(T.float32), A(T.int32), A(T.int64)))
+    compile_(ema_cuda.lerp_kernel(3, 3, False, True), TABLES + (f64, A(T.int32), A(T.int64)))
+    compile_(ema_cuda.zero_kernel(), (A(T.int32),))
