@@ -28,7 +28,12 @@ as_float, as_bits, fma = _hw["as_float"], _hw["as_bits"], _hw["fma"]
 
 def load(p, j, kind):
     """Element ``j`` of storage ``kind`` as a float32 value (exact)."""
-    return as_float(decode(p[j], kind))
+    return to_float(p[j], kind)
+
+
+def to_float(bits, kind):
+    """Stored bits of ``kind`` (not float64) as a float32 value (exact)."""
+    return as_float(decode(bits, kind))
 
 
 def load_wide(p, j, kind):
@@ -73,11 +78,15 @@ def lerp64(e, x, w):
 def lerp_at(q, j, x, w, kind, stochastic, key, index):
     """``q[j] <- lerp(q[j], x, w)`` for a float32 source value ``x``, stored as ``kind``: to
     nearest even, or stochastically (bfloat16) with the noise of ``index`` under ``key``."""
-    y = as_bits(lerp32(load(q, j, kind), x, np.float32(w)))
+    q[j] = lerp_bits(q[j], x, w, kind, stochastic, key, index)
+
+
+def lerp_bits(e, x, w, kind, stochastic, key, index):
+    """The stored bits of ``lerp(e, x, w)`` for shadow bits ``e`` of ``kind`` (see :func:`lerp_at`)."""
+    y = as_bits(lerp32(to_float(e, kind), x, np.float32(w)))
     if stochastic:
-        q[j] = encode_bf16_sr(y, sr_noise(key, index))
-    else:
-        q[j] = encode(y, kind)
+        return encode_bf16_sr(y, sr_noise(key, index))
+    return encode(y, kind)
 
 
 def lerp_at_wide(q, j, x, w, kind, stochastic, key, index):

@@ -79,6 +79,74 @@ def build(intrinsic, types) -> dict:
                 u16_pointer=pointer(types.uint16), f64_pointer=pointer(types.float64))
 
 
+def build_vectors(intrinsic, types) -> dict:
+    """16-byte and 8-byte global-memory vector accesses for numba-cuda: ``load4_u32(address)``
+    (``ld.global.v4.u32``), ``store4_u32(address, a, b, c, d)`` and ``load4_u16(address)``
+    (``ld.global.v4.u16``). ``address`` must be aligned to the access size (16 or 8 bytes):
+    the kernels check it per segment and take the scalar path otherwise."""
+    def vector_load(lane_type, lane_bits, align):
+        vector = ir.VectorType(ir.IntType(lane_bits), 4)
+
+        @intrinsic
+        def load4(typingctx, address):
+            if not isinstance(address, types.Integer):
+                return None
+            sig = types.UniTuple(lane_type, 4)(address)
+
+            def codegen(context, builder, signature, args):
+                v = builder.load(builder.inttoptr(args[0], ir.PointerType(vector, addrspace=1)), align=align)
+                lanes = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(4)]
+                return context.make_tuple(builder, signature.return_type, lanes)
+
+            return sig, codegen
+
+        return load4
+
+    v4u32 = ir.VectorType(ir.IntType(32), 4)
+
+    @intrinsic
+    def store4_u32(typingctx, address, a, b, c, d):
+        if not isinstance(address, types.Integer):
+            return None
+        sig = types.void(address, a, b, c, d)
+
+        def codegen(context, builder, signature, args):
+            v = ir.Constant(v4u32, ir.Undefined)
+            for i in range(4):
+                lane = context.cast(builder, args[1 + i], signature.args[1 + i], types.uint32)
+                v = builder.insert_element(v, lane, ir.Constant(ir.IntType(32), i))
+            builder.store(v, builder.inttoptr(args[0], ir.PointerType(v4u32, addrspace=1)), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dict(load4_u32=vector_load(types.uint32, 32, 16), store4_u32=store4_u32,
+                load4_u16=vector_load(types.uint16, 16, 8))
+
+
+def python_vectors() -> dict:
+    """:func:`build_vectors` in plain Python, failing (as the hardware does) on a misaligned address."""
+    def check(address, size):
+        if int(address) % size:
+            raise RuntimeError(f"misaligned {size}-byte vector access at {int(address):#x}")
+
+    def load4_u32(address):
+        check(address, 16)
+        a = np.ctypeslib.as_array((ctypes.c_uint32 * 4).from_address(int(address)))
+        return np.uint32(a[0]), np.uint32(a[1]), np.uint32(a[2]), np.uint32(a[3])
+
+    def store4_u32(address, a, b, c, d):
+        check(address, 16)
+        np.ctypeslib.as_array((ctypes.c_uint32 * 4).from_address(int(address)))[:] = (a, b, c, d)
+
+    def load4_u16(address):
+        check(address, 8)
+        a = np.ctypeslib.as_array((ctypes.c_uint16 * 4).from_address(int(address)))
+        return np.uint16(a[0]), np.uint16(a[1]), np.uint16(a[2]), np.uint16(a[3])
+
+    return dict(load4_u32=load4_u32, store4_u32=store4_u32, load4_u16=load4_u16)
+
+
 def python_versions() -> dict:
     """The names of :func:`build` in plain Python (NumPy scalars, host memory through ctypes)."""
     def as_float(bits):

@@ -10,9 +10,11 @@ import functools
 
 from numba import cuda
 
-from ._cuda_hw import HW
+from ._cuda_hw import types as numba_types
+
+from ._cuda_hw import HW, VECTORS
 from ._target import WINDOW, bind, bodies
-from .kinds import F32, F64, wide
+from .kinds import F32, F64, ITEMSIZE, wide
 
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
@@ -24,26 +26,74 @@ def _pointer(kind):
 
 @functools.cache
 def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
-    """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once."""
+    """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once.
+
+    A float32 shadow (nearest rounding) takes the vector path wherever a chunk's source and
+    shadow rows are aligned: 16-byte shadow loads and stores and 16- or 8-byte source loads,
+    four elements each, two vectors in flight per thread (all loads of a row issued before its
+    stores), then the chunk's tail element by element. Alignment is checked per chunk from the
+    addresses themselves, so any layout is correct and unaligned chunks take the scalar loop.
+    """
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
     load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
     read_key = E.key_at if device_key else E.key_of
+    VEC = SK == F32 and XK != F64 and not SR
+    XB = ITEMSIZE[XK]
+    XMASK = 4 * XB - 1                                   # a source vector is 4 elements: 16 or 8 bytes
+    to_float, lerp_bits = E.to_float, E.lerp_bits
+    load4_q, store4_q = VECTORS["load4_u32"], VECTORS["store4_u32"]
+    load4_x = VECTORS["load4_u32"] if XB == 4 else VECTORS["load4_u16"]
+    f32, u32 = numba_types.float32, numba_types.uint32
 
     def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key_arg):
         if flag[0] != 0:
             return
         key = read_key(key_arg)
         rows = len(weights)
+        step = cuda.blockDim.x
+        rows_aligned = rows == 1 or (n & 3) == 0
+        xv = cuda.local.array(8, f32)                    # two vectors of source values
+        ev = cuda.local.array(8, u32)                    # and of shadow bits (registers once unrolled)
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
-            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
-            q = sptr(shadow_addr[s], (rows - 1) * n + seg_offset[s + 1] - off)
-            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                x = load(p, i - off, XK)
+            lo = chunk_begin[c] - off                    # the chunk, as positions within its source
+            hi = chunk_begin[c + 1] - off
+            qa = shadow_addr[s]
+            pa = seg_addr[s]
+            start = lo
+            if VEC and rows_aligned and ((qa + lo * 4) & 15) == 0 and ((pa + lo * XB) & XMASK) == 0:
+                vectors = (hi - lo) // 4
+                for v in range(cuda.threadIdx.x, vectors, 2 * step):
+                    j0 = lo + 4 * v
+                    j1 = j0 + 4 * step
+                    two = v + step < vectors
+                    a0, a1, a2, a3 = load4_x(pa + j0 * XB)
+                    b0, b1, b2, b3 = a0, a1, a2, a3
+                    if two:
+                        b0, b1, b2, b3 = load4_x(pa + j1 * XB)
+                    xv[0], xv[1], xv[2], xv[3] = to_float(a0, XK), to_float(a1, XK), to_float(a2, XK), to_float(a3, XK)
+                    xv[4], xv[5], xv[6], xv[7] = to_float(b0, XK), to_float(b1, XK), to_float(b2, XK), to_float(b3, XK)
+                    for k in range(rows):
+                        w = weights[k]
+                        q0 = qa + (k * n + j0) * 4
+                        q1 = qa + (k * n + j1) * 4
+                        ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
+                        if two:
+                            ev[4], ev[5], ev[6], ev[7] = load4_q(q1)
+                        for lane in range(8):
+                            ev[lane] = lerp_bits(ev[lane], xv[lane], w, SK, SR, key, 0)
+                        store4_q(q0, ev[0], ev[1], ev[2], ev[3])
+                        if two:
+                            store4_q(q1, ev[4], ev[5], ev[6], ev[7])
+                start = lo + 4 * vectors
+            p = xptr(pa, seg_offset[s + 1] - off)
+            q = sptr(qa, (rows - 1) * n + seg_offset[s + 1] - off)
+            for j in range(start + cuda.threadIdx.x, hi, step):
+                x = load(p, j, XK)
                 for k in range(rows):
-                    lerp_at(q, k * n + i - off, x, weights[k], SK, SR, key, k * n + i)
+                    lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * n + j + off)
 
     return cuda.jit(kernel)
 

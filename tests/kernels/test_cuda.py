@@ -5,6 +5,7 @@ numba is imported, so in its own process) and unchanged on a real GPU. Arrays st
 small: the simulator runs each thread in Python. Tunables are shrunk so that tails,
 several blocks and the grid-stride loop over chunks all run on tiny inputs.
 """
+import itertools
 import os
 
 import numpy as np
@@ -286,6 +287,57 @@ def test_plan_kernel_matches_cpu(plan_kw):
                                      dev["flag"], dev["keys"])
         for name, v in host.items():
             assert np.array_equal(dev[name].copy_to_host(), v), (call, name)
+
+
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src_kind):
+    """The float32-shadow lerp takes 16-byte shadow vectors (16- or 8-byte source vectors) where a
+    chunk is aligned, element by element elsewhere (odd sizes shift later shadow segments, a view
+    at an odd offset, rows of an odd length), and equals the CPU kernel bit for bit either way.
+    The simulator's vector accesses fail on a misaligned address, as the hardware does."""
+    from fastema.kernels import _cuda_hw
+
+    used = {"vectors": 0}
+    vectors = dict(_cuda_hw.VECTORS)
+
+    def counted(fn):
+        def wrapper(*args):
+            used["vectors"] += 1
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(ema_cuda, "VECTORS", {k: counted(f) for k, f in vectors.items()})
+    ema_cuda.lerp_kernel.cache_clear()
+    try:
+        rng = np.random.default_rng(11)
+        # n = 196, or 195 (rows after the first not 16-byte aligned); shift 1: every source a view
+        # one element in
+        cases = itertools.product([(64, 7, 40, 33, 3, 49), (64, 7, 40, 33, 3, 48)], (1, 2), (0, 1))
+        for counts, rows, shift in cases:
+            srcs = [random_bits(src_kind, c + shift, rng) for c in counts]
+            shadow = [random_bits(F32, rows * c, rng) for c in counts]
+            flat_host = np.concatenate([np.stack(np.split(sh, rows)) for sh in shadow], axis=1)
+            d_src = [cuda.to_device(x) for x in srcs]
+            d_shadow = cuda.to_device(np.ascontiguousarray(flat_host))
+            off, cs, cb = host_tables(counts)
+            n = int(off[-1])
+            seg_addr = np.array([dev_addr(d) + shift * d.dtype.itemsize for d in d_src], np.int64)
+            shadow_addr = dev_addr(d_shadow) + off[:-1] * 4
+            before = used["vectors"]
+            ema_cuda.lerp_kernel(F32, src_kind, False)[3, 8](
+                n, cuda.to_device(shadow_addr), cuda.to_device(seg_addr), cuda.to_device(off),
+                cuda.to_device(cs), cuda.to_device(cb), (np.float32(0.25), np.float32(0.5))[:rows],
+                cuda.to_device(np.zeros(1, np.int32)), np.uint32(0))
+            host_shadow = np.ascontiguousarray(flat_host)
+            host_src = [np.ascontiguousarray(x[shift:]) for x in srcs]
+            ema_cpu.lerp_kernel(F32, src_kind, False, False)(
+                n, host_shadow.ctypes.data + off[:-1] * 4, np.array([h.ctypes.data for h in host_src], np.int64),
+                off, cs, cb, (np.float32(0.25), np.float32(0.5))[:rows], np.zeros(1, np.int32), np.uint32(0))
+            assert np.array_equal(d_shadow.copy_to_host(), host_shadow), (rows, shift)
+            took_vectors = used["vectors"] > before
+            assert took_vectors == (shift == 0 and (rows == 1 or n % 4 == 0)), (counts, rows, shift)
+    finally:
+        ema_cuda.lerp_kernel.cache_clear()
 
 
 def test_device_and_host_mixed_is_refused():

@@ -84,3 +84,11 @@ def test_device_plan_and_device_key_kernels_compile():
     compile_(ema_cuda.lerp_kernel(BF16, F32, True, True), TABLES + (A(T.float32), A(T.int32), A(T.int64)))
     compile_(ema_cuda.lerp_kernel(3, 3, False, True), TABLES + (f64, A(T.int32), A(T.int64)))
     compile_(ema_cuda.zero_kernel(), (A(T.int32),))
+
+
+@pytest.mark.parametrize("xk", KINDS)
+def test_float32_shadow_lerp_uses_vector_loads_and_stores(xk):
+    """16-byte shadow loads/stores and 16- (float32) or 8-byte (16-bit) source loads."""
+    ptx = compile_(ema_cuda.lerp_kernel(F32, xk, False), TABLES + (T.UniTuple(T.float32, 1), A(T.int32), T.uint32))
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
+    assert ("ld.global.v4.u32" if xk == F32 else "ld.global.v4.u16") in ptx
