@@ -56,21 +56,27 @@ class LayoutGroup:
         self.shapes = [b.shape for b in bufs]
         self.orders = [b.strides for b in bufs]      # () for C order, else the source's dense layout
         self.counts = [b.numel for b in bufs]
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
-        self.n = int(self.offsets[-1])
+        # On a GPU every source's shadow starts 16-byte aligned (and so does every row), so the
+        # kernels' 16-byte vector path serves every source whose own address allows it; the
+        # padding is at most 15 bytes a source. On the CPU the shadow is packed.
+        pad = 16 // ITEMSIZE[shadow_kind] if _launch.is_cuda(self.device) else 1
+        spans = -(-np.asarray(self.counts, np.int64) // pad) * pad
+        self.starts = np.concatenate([[0], np.cumsum(spans, dtype=np.int64)[:-1]])   # each source's shadow
+        self.n = int(spans.sum())                                  # the row length (stride), padded
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
         self.tables = _launch.tables([b.address for b in bufs], self.counts, self.segments(self.buffer),
-                                     self.device, self.framework)
+                                     self.device, self.framework, row_stride=self.n)
 
     def segments(self, buffer) -> np.ndarray:
         """Per-source addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow."""
         b = describe(buffer, "buffer")
-        return _launch.flat_shadow(b.address, self.counts, ITEMSIZE[b.kind])
+        return b.address + self.starts * ITEMSIZE[b.kind]
 
     def strided(self, buffer_rows, slot: int, lead: tuple = ()):
         """The slice of ``buffer_rows`` (one row, or ``(R, n)`` rows with ``lead = (R,)``) that holds
         source ``slot``, shaped and laid out like the source."""
-        lo, hi = int(self.offsets[slot]), int(self.offsets[slot + 1])
+        lo = int(self.starts[slot])
+        hi = lo + self.counts[slot]
         order = self.orders[slot]
         if lead:
             return _backends.strided(buffer_rows[:, lo:hi], lead + tuple(self.shapes[slot]),
@@ -171,7 +177,8 @@ class ShadowBase:
 
     @property
     def groups(self) -> list[dict]:
-        """One dict per group: device, dtypes, number of sources, elements per row, buffer."""
+        """One dict per group: device, dtypes, number of sources, elements per row (on a GPU, padded
+        so that every source's shadow starts 16-byte aligned), buffer."""
         return self.layout.describe_groups()
 
     @property

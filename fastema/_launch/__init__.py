@@ -85,16 +85,18 @@ def launch(op: str, group, **args) -> None:
 
 
 def tables(src_addresses, counts, shadow_addresses, device: str, framework: str = "numpy",
-           follow: bool = True) -> Tables:
+           follow: bool = True, row_stride: int | None = None) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
     into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer).
-    ``follow``: the sources' addresses may change later (:func:`update_addresses`)."""
+    ``follow``: the sources' addresses may change later (:func:`update_addresses`).
+    ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``)."""
     seg_offset = segment_offsets(counts)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
     as_i64 = lambda a: np.asarray(a, np.int64).reshape(-1)  # noqa: E731
-    host = Tables(as_i64(shadow_addresses), as_i64(src_addresses), seg_offset, chunk_seg, chunk_begin,
-                  int(seg_offset[-1]), len(chunk_seg))
+    n = int(seg_offset[-1]) if row_stride is None else int(row_stride)
+    host = Tables(as_i64(shadow_addresses), as_i64(src_addresses), seg_offset, chunk_seg, chunk_begin, n,
+                  len(chunk_seg))
     if not is_cuda(device):
         return host
     return _cuda().upload(host, device, current_stream(framework, device), follow)

@@ -336,8 +336,14 @@ class _ModelAverage:
                 self._copy.copy_from_sources_checked(flags)
             else:
                 self._copy.copy_from_sources(skip_if=flags)
+        if not self._int_buffers:
+            return
+        if not flags:                           # one launch for every integer buffer (BatchNorm counters)
+            srcs, dsts = zip(*self._int_buffers.values())
+            torch._foreach_copy_(list(dsts), list(srcs))
+            return
         for src, dst in self._int_buffers.values():
-            flag = flags.get(_device_name(dst)) if flags else None
+            flag = flags.get(_device_name(dst))
             if flag is None:
                 dst.copy_(src)
             else:                               # the guard: keep the old value on a diverged step, no sync
@@ -778,7 +784,6 @@ class EMA(PlanReader, _ModelAverage):
     def _cadence(self) -> schedules.Cadence:
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
 
-    @torch.no_grad()
     def update(self, step: int | None = None) -> None:
         """Update the averages from the model's current weights (call after ``optimizer.step()``).
 
@@ -891,7 +896,6 @@ class WindowAverage(_ModelAverage):
         """Snapshots in the average now."""
         return self.snapshots if self.window is None else min(self.snapshots, self.window)
 
-    @torch.no_grad()
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
         if self._begin(self.cadence.due()):

@@ -340,6 +340,37 @@ def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src
         ema_cuda.lerp_kernel.cache_clear()
 
 
+def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch):
+    """Odd tensor sizes would shift every later shadow segment off 16-byte alignment: on a GPU
+    each source's shadow (and each row) starts aligned, the views still show the sources'
+    shapes, and the update equals the CPU's packed shadow."""
+    from fastema.kernels import _cuda_hw
+
+    calls = []
+    load = _cuda_hw.VECTORS["load4_u32"]
+    monkeypatch.setattr(ema_cuda, "VECTORS", {**_cuda_hw.VECTORS, "load4_u32": lambda a: (calls.append(a), load(a))[1]})
+    ema_cuda.lerp_kernel.cache_clear()
+    try:
+        rng = np.random.default_rng(5)
+        host = [rng.standard_normal(c).astype(np.float32) for c in (7, 33, 1, 64, 5)]
+        dev = [cuda.to_device(h) for h in host]
+        flat, ref = fastema.FlatShadow(dev, rows=2), fastema.FlatShadow(host, rows=2)
+        g = flat.layout.groups[0]
+        assert all(a % 16 == 0 for a in g.segments(g.buffer)) and g.n % 4 == 0 and g.n > sum(h.size for h in host)
+        for h, d in zip(host, dev):
+            h *= 3.0
+            d.copy_to_device(h)
+        flat.update([0.5, 0.75])
+        ref.update([0.5, 0.75])
+        for i in range(len(host)):
+            for r in range(2):
+                assert np.array_equal(flat.view(i, r).copy_to_host(), ref.view(i, r))
+        # every source of 4 or more elements went through the vector path (its shadow and itself)
+        assert {a - a % 16 for a in calls} >= {dev_addr(d) for d, h in zip(dev, host) if h.size >= 4}
+    finally:
+        ema_cuda.lerp_kernel.cache_clear()
+
+
 def test_device_and_host_mixed_is_refused():
     d = cuda.to_device(np.zeros(10, np.float32))
     with pytest.raises(ValueError, match="cuda:0 but src is on cpu"):
