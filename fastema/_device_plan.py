@@ -80,12 +80,12 @@ class DevicePlan:
         state = np.array([plan.calls, plan.updates, *plan.norms], np.float64)
         for d in self.devices.values():
             for name, values in (("params", params), ("decays", decays), ("state", state)):
-                _backends.copy_from_host(d.views[name], values)
+                _backends.copy_from_host(d.arrays[name], values)
 
     def read_into(self, plan: Plan) -> None:
         """Set the host plan's counters and normalisers from the device (one sync): after CUDA
         graph replays the device is ahead of the host."""
-        state = _backends.to_host(next(iter(self.devices.values())).views["state"])
+        state = _backends.to_host(next(iter(self.devices.values())).arrays["state"])
         plan.cadence.calls, plan.updates = int(state[S_CALLS]), int(state[S_UPDATES])
         plan.norms = [float(x) for x in state[S_NORMS:]]
 

@@ -163,7 +163,10 @@ def kernel_view(a):
 
 
 def to_host(a) -> np.ndarray:
-    """A NumPy copy of an array fastema made (NumPy or Numba device array)."""
+    """A NumPy copy of an array fastema made (NumPy, torch, or a Numba device array); a torch
+    tensor is read in order on torch's current stream."""
+    if is_torch(a):
+        return a.detach().cpu().numpy().copy()
     return np.array(a, copy=True) if isinstance(a, np.ndarray) else a.copy_to_host()
 
 
@@ -177,8 +180,13 @@ def where(cond, a, fill):
 
 
 def copy_from_host(dst, a: np.ndarray) -> None:
-    """``dst[...] = a`` (converted to ``dst``'s dtype) for a NumPy array or a Numba device array."""
-    if isinstance(dst, np.ndarray):
+    """``dst[...] = a`` (converted to ``dst``'s dtype) for a NumPy array, a torch tensor (on
+    torch's current stream) or a Numba device array."""
+    if is_torch(dst):
+        import torch
+
+        dst.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(dst.dtype))
+    elif isinstance(dst, np.ndarray):
         dst[...] = a.astype(dst.dtype)
     else:
         dst.copy_to_device(np.ascontiguousarray(a.astype(dst.dtype)))
