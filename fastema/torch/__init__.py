@@ -757,8 +757,9 @@ class EMA(PlanReader, _ModelAverage):
         super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
                          buffers=buffers, exclude=exclude, copy=copy)
         groups = self._avg.layout.groups
+        self._on_gpu = any(g.device != "cpu" for g in groups)
         if device_step is None:
-            device_step = any(g.device != "cpu" for g in groups)
+            device_step = self._on_gpu
         self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
         if self._plan_on_device is not None:
             self._warm()
@@ -791,6 +792,10 @@ class EMA(PlanReader, _ModelAverage):
             step: the training step for the schedule; defaults to the number of updates made.
         """
         pending = self.plan.next(step)                    # checks step before anything else
+        if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
+                               "on the host (device_step=False): every replay would repeat this call's weights "
+                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
         if self._plan_on_device is not None:
             self._begin(True)                             # every call launches; the device skips
             self._device_update(step)

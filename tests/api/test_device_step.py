@@ -146,3 +146,21 @@ def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
             assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(groups)]
         plan.done(pending)
         assert list(state) == [plan.calls, plan.updates, *plan.norms]
+
+
+def test_a_host_plan_refuses_to_be_captured(monkeypatch):
+    """device_step=False on a GPU model inside a CUDA-graph capture would freeze the schedule
+    and the rounding key in the graph: refused before anything is launched or counted."""
+    m = model()
+    ema = EMA(m, 0.9, warmup="power", device_step=False)
+    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    ema._on_gpu = True                                    # as for a model on a GPU
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    train_step(m, 0)
+    with pytest.raises(RuntimeError, match="device_step=True"):
+        ema.update()
+    assert ema.updates == 0 and ema.calls == 0
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict()["averaged"].items())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ema.update()
+    assert ema.updates == 1
