@@ -48,7 +48,7 @@ class _Tracked:
         # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
         # nothing of fastema's launches: replaced sources are released only once an event
         # recorded after those launches has passed (checked without blocking at later rebinds).
-        self.deferred = _launch.is_cuda(group.device) and group.framework in ("jax", "tensorflow", "dlpack")
+        self.deferred = _launch.is_cuda(group.device) and group.framework in _launch.HANDED_OVER
         self.retired = _launch.retired() if self.deferred else None
         self.set(bufs)
 

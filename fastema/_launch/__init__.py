@@ -45,8 +45,7 @@ class Tables(NamedTuple):
     chunk_begin: Any    # int64[C + 1]
     n: int              # elements per shadow row (the row stride)
     chunks: int         # C
-    host_seg_addr: Any = None   # CUDA: the addresses the device's seg_addr holds (a host copy)
-    staging: Any = None         # CUDA: pinned slots for rewriting seg_addr in place
+    staging: Any = None         # CUDA: the address tables and their pinned staging (cuda.AddressTables)
 
     def args(self):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
@@ -59,6 +58,9 @@ class Group(NamedTuple):
     src_kind: int                # storage kind of the sources (the values, for metric streams)
     tables: Tables | None        # None for metric streams
     framework: str = "numpy"     # whose current CUDA stream each launch goes on (see current_stream)
+
+
+HANDED_OVER = ("jax", "tensorflow", "keras", "dlpack")   # new source arrays every step, freed on their own streams
 
 
 def is_cuda(device: str) -> bool:
@@ -88,7 +90,9 @@ def tables(src_addresses, counts, shadow_addresses, device: str, framework: str 
            follow: bool = True, row_stride: int | None = None) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
     into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer).
-    ``follow``: the sources' addresses may change later (:func:`update_addresses`).
+    ``follow``: the sources' addresses may change later (:func:`update_addresses`); on CUDA,
+    frameworks that hand over new arrays every step (:data:`HANDED_OVER`) get two address
+    tables to alternate between, the others one, rewritten in place.
     ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``)."""
     seg_offset = segment_offsets(counts)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
@@ -99,7 +103,8 @@ def tables(src_addresses, counts, shadow_addresses, device: str, framework: str 
                   len(chunk_seg))
     if not is_cuda(device):
         return host
-    return _cuda().upload(host, device, current_stream(framework, device), follow)
+    slots = (2 if framework in HANDED_OVER else 1) if follow else 0
+    return _cuda().upload(host, device, current_stream(framework, device), slots)
 
 
 def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:

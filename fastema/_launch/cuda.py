@@ -83,23 +83,50 @@ class Staging:
             event.record(_on(stream))
 
 
-def upload(t, device: str, stream=0, follow: bool = True):
-    """The tables on ``device`` (allocated once, copied on ``stream``), with a staging area
-    for later address changes; the default flag and the copy kernel's module are made now,
-    not at a first update inside a graph capture."""
+class AddressTables:
+    """The device tables of one group's source addresses, all made at construction.
+
+    One table (torch, CuPy): rewritten in place, so a captured CUDA graph, which holds the
+    table's address, follows re-allocated sources. Two (JAX, TensorFlow: new arrays every
+    step, whose addresses alternate between two sets when the framework reuses its buffers):
+    addresses seen in either table switch to it with no copy; new ones overwrite the other
+    table, in stream order after the launches that read it."""
+
+    def __init__(self, first, addresses: np.ndarray, slots: int, device: str, stream):
+        self.arrays = [first] + [to_device(addresses, device, stream) for _ in range(slots - 1)]
+        self.held = [addresses.copy() for _ in range(slots)]
+        self.current = 0
+        self.staging = Staging(len(addresses), np.int64, device)
+
+    def point(self, addresses: np.ndarray, device: str, stream):
+        """The device table holding ``addresses`` (written now if none does)."""
+        for i, held in enumerate(self.held):
+            if np.array_equal(held, addresses):
+                self.current = i
+                return self.arrays[i]
+        i = (self.current + 1) % len(self.arrays)
+        self.staging.write(self.arrays[i], addresses, device, stream)
+        self.held[i] = addresses.copy()
+        self.current = i
+        return self.arrays[i]
+
+
+def upload(t, device: str, stream=0, slots: int = 1):
+    """The tables on ``device`` (allocated once, copied on ``stream``), with ``slots`` address
+    tables for later address changes (0: the addresses never change); the default flag is
+    made now, not at a first update inside a graph capture."""
     d = functools.partial(to_device, device=device, stream=stream)
     _zero_flag(device)
-    return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=d(t.seg_addr), seg_offset=d(t.seg_offset),
-                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin), host_seg_addr=t.seg_addr,
-                      staging=Staging(len(t.seg_addr), np.int64, device) if follow else None)
+    seg_addr = d(t.seg_addr)
+    return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=seg_addr, seg_offset=d(t.seg_offset),
+                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin),
+                      staging=AddressTables(seg_addr, t.seg_addr, slots, device, stream) if slots else None)
 
 
 def update_addresses(t, addresses: np.ndarray, device: str, stream=0):
-    """``t`` with its source addresses rewritten in place (same device table: a captured graph
-    follows), on ``stream``, from pinned staging; nothing is copied when they did not change."""
-    if not np.array_equal(addresses, t.host_seg_addr):
-        t.staging.write(t.seg_addr, addresses, device, stream)
-    return t._replace(host_seg_addr=addresses)
+    """``t`` pointing at a device table that holds ``addresses`` (see :class:`AddressTables`):
+    written on ``stream`` from pinned staging, nothing copied when a table holds them already."""
+    return t._replace(seg_addr=t.staging.point(addresses, device, stream))
 
 
 @functools.lru_cache(maxsize=16)

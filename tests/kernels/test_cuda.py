@@ -371,6 +371,33 @@ def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch)
         ema_cuda.lerp_kernel.cache_clear()
 
 
+def test_handed_over_sources_alternate_between_two_address_tables(monkeypatch):
+    """JAX and TensorFlow hand over new arrays every step, usually at two alternating sets of
+    addresses: the second table is made at construction, and a repeat switches tables with no
+    copy; torch-like frameworks keep one table, rewritten in place."""
+    from fastema._launch import cuda as launch_cuda
+
+    writes = []
+    write = launch_cuda.Staging.write
+    monkeypatch.setattr(launch_cuda.Staging, "write", lambda self, *a: (writes.append(1), write(self, *a)))
+    a, b, c = ([cuda.to_device(np.full(n, v, np.float32)) for n in (8, 3)] for v in (1.0, 2.0, 3.0))
+    addr = lambda xs: [dev_addr(x) for x in xs]  # noqa: E731
+    t = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", "jax")
+    assert len(t.staging.arrays) == 2
+    seen = []
+    for step, xs in enumerate([b, a, b, a, c, a]):
+        t = _launch.update_addresses(t, addr(xs), "cuda:0", "jax")
+        assert list(t.seg_addr.copy_to_host()) == addr(xs)
+        seen.append(id(t.seg_addr))
+    assert len(writes) == 2                                  # b once, c once; the repeats switch tables
+    assert len(set(seen)) == 2
+    one = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", "cuda")
+    first = one.seg_addr
+    for xs in (b, a):
+        one = _launch.update_addresses(one, addr(xs), "cuda:0", "cuda")
+        assert one.seg_addr is first and list(first.copy_to_host()) == addr(xs)
+
+
 def test_device_and_host_mixed_is_refused():
     d = cuda.to_device(np.zeros(10, np.float32))
     with pytest.raises(ValueError, match="cuda:0 but src is on cpu"):
