@@ -18,8 +18,6 @@ A new framework is one more module here and one line in :data:`_ORDER`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..kernels.kinds import F64
