@@ -53,6 +53,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
         rows = len(weights)
         step = cuda.blockDim.x
         rows_aligned = rows == 1 or (n & 3) == 0
+        packed = seg_offset[seg_offset.size - 1]         # the unpadded row: the noise index is the CPU's
         xv = cuda.local.array(8, f32)                    # two vectors of source values
         ev = cuda.local.array(8, u32)                    # and of shadow bits (registers once unrolled)
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
@@ -93,7 +94,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
             for j in range(start + cuda.threadIdx.x, hi, step):
                 x = load(p, j, XK)
                 for k in range(rows):
-                    lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * n + j + off)
+                    lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * packed + j + off)
 
     return cuda.jit(kernel)
 

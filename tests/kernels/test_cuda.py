@@ -114,6 +114,37 @@ def test_stochastic_rounding_identical_to_cpu():
     assert np.array_equal(d.copy_to_host(), expected)
 
 
+def test_stochastic_rounding_on_a_padded_gpu_shadow_equals_the_packed_cpu_shadow():
+    """The GPU shadow is padded (each source 16-byte aligned, a longer row); the noise of an
+    element stays its index in the packed (K, n) layout, so every row rounds as on the CPU."""
+    rng = np.random.default_rng(8)
+    counts = [50, 33]
+    srcs = sources(F32, counts, rng)
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    starts, n_pad = np.array([0, 56]), 96                   # bfloat16: 8-element (16-byte) alignment
+    packed = random_bits(BF16, 2 * n, rng)
+    padded = np.zeros(2 * n_pad, np.uint16)
+    for r in range(2):
+        for s_, c in enumerate(counts):
+            padded[r * n_pad + starts[s_]:r * n_pad + starts[s_] + c] = packed[r * n + off[s_]:r * n + off[s_] + c]
+    w = (np.float32(0.01), np.float32(0.001))
+    key = np.uint32(fastema.ops.sr_key(7, 123))
+    flag = np.zeros(1, np.int32)
+    host_addr = np.array([x.ctypes.data for x in srcs], np.int64)
+    ema_cpu.lerp_kernel(BF16, F32, True, False)(n, shadow_table(packed.ctypes.data, counts, BF16), host_addr,
+                                                off, cs, cb, w, flag, key)
+    _, addr = cuda_sources(srcs)
+    d = cuda.to_device(padded)
+    tabs = [cuda.to_device(a) for a in (dev_addr(d) + starts * 2, addr, off, cs, cb)]
+    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](n_pad, *tabs, w, cuda.to_device(flag), key)
+    out = d.copy_to_host()
+    for r in range(2):
+        for s_, c in enumerate(counts):
+            assert np.array_equal(out[r * n_pad + starts[s_]:r * n_pad + starts[s_] + c],
+                                  packed[r * n + off[s_]:r * n + off[s_] + c]), (r, s_)
+
+
 @pytest.mark.parametrize("sk,xk,mode", [(F32, F32, kinds.EXCHANGE), (BF16, BF16, kinds.EXCHANGE),
                                         (F32, BF16, kinds.PACK), (F32, F16, kinds.EXCHANGE)])
 def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
