@@ -211,3 +211,35 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
             assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(len(keys))]
         ref.done(pending)
         assert list(state) == [ref.calls, ref.updates, *ref.norms]
+
+
+def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan():
+    """A real loop (forward, loss, backward, AdamW, BatchNorm): an EMA whose plan lives on the
+    device, half of whose updates are only the launches a graph would replay, ends equal to the
+    host-planned EMA, weights, BatchNorm statistics and counters alike; the evaluation swap
+    puts the same average in the model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    kw = dict(decay=0.99, warmup="power", update_every=2, skip_nonfinite=True)
+    dev, host = EMA(net, **kw, device_step=True), EMA(net, **kw, device_step=False)
+    x = torch.randn(256, 8)
+    y = x.sum(1, keepdim=True).sin()
+    for step in range(40):
+        batch = torch.randint(0, 256, (32,))
+        loss = nn.functional.mse_loss(net(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 2:
+            dev._device_update(None)                      # what a replayed graph runs
+        else:
+            dev.update()
+        host.update()
+    assert_same(dev, host)
+    net.eval()
+    with dev.average_parameters():
+        a = net(x)
+    with host.average_parameters():
+        b = net(x)
+    assert torch.equal(a, b)
