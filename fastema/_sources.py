@@ -162,6 +162,6 @@ class SourceTable:
     def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
         bufs = self._checked(g) if bufs is None else bufs
         if t.deferred:
-            t.retired.release(t.tensors, g.device, g.framework)
+            t.retired.release(t.tensors, g.device, _launch.current_stream(g.framework, g.device))
         t.set(bufs)
         self._layout.set_addresses(g, t.addresses)

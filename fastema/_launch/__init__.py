@@ -113,17 +113,10 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
 
 
 def retired():
-    """A holder of replaced CUDA sources: ``.release(kept, device, framework)`` keeps ``kept``
-    alive until the launches issued so far on the framework's stream have run, without a sync."""
-    return _Retired(_cuda().Retired())
-
-
-class _Retired:
-    def __init__(self, inner):
-        self.inner = inner
-
-    def release(self, kept, device: str, framework: str) -> None:
-        self.inner.release(kept, device, current_stream(framework, device))
+    """A holder of replaced CUDA sources: ``.release(kept, device, stream)`` keeps ``kept`` alive
+    until the launches issued so far on ``stream`` (see :func:`current_stream`) have run, without
+    a sync."""
+    return _cuda().Retired()
 
 
 def update_addresses(t: Tables, addresses, device: str, framework: str = "numpy") -> Tables:

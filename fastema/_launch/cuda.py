@@ -139,16 +139,11 @@ def _zero_flag(device: str):
 def zero_(a, device: str, stream=0) -> None:
     """``a[:] = 0`` by a kernel on ``stream``: no host copy, capturable."""
     blocks = max(1, min((a.size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
-    _run(K.zero_kernel(), _Where(device), stream, blocks, a.reshape(-1))
+    _run(K.zero_kernel(), device, stream, blocks, a.reshape(-1))
 
 
-class _Where:
-    def __init__(self, device):
-        self.device = device
-
-
-def _run(kernel, group, stream, blocks, *args):
-    with cuda.gpus[_index(group.device)]:
+def _run(kernel, device: str, stream, blocks, *args):
+    with cuda.gpus[_index(device)]:
         if SIMULATOR or not stream:
             kernel[blocks, config.CUDA_THREADS](*args)
         else:
@@ -156,7 +151,7 @@ def _run(kernel, group, stream, blocks, *args):
 
 
 def _chunks(group, stream, kernel, *args):
-    _run(kernel, group, stream, min(group.tables.chunks, config.CUDA_MAX_BLOCKS), *args)
+    _run(kernel, group.device, stream, min(group.tables.chunks, config.CUDA_MAX_BLOCKS), *args)
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
@@ -167,7 +162,7 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
 
 
 def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
-    _run(K.plan_kernel(), group, stream, 1, state, params, decays, np.int64(given), w32, w64, flag, keys)
+    _run(K.plan_kernel(), group.device, stream, 1, state, params, decays, np.int64(given), w32, w64, flag, keys)
 
 
 def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
@@ -191,7 +186,7 @@ def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute)
 
 def _streams(group, stream, kernel, size, *args):
     blocks = max(1, min((size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
-    _run(kernel, group, stream, blocks, *args)
+    _run(kernel, group.device, stream, blocks, *args)
 
 
 def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
