@@ -62,12 +62,15 @@ class ModelSwap:
             raise RuntimeError(f"{what} while {self._while_in}")
 
 
-def check_header(state, fmt: str, version: int, hint: str) -> None:
+def check_header(state, fmt: str, version: int | tuple, hint: str) -> None:
     """The one checkpoint header rule: ``state`` is a dict whose ``format`` is ``fmt`` and whose
-    ``version`` is ``version``; else ValueError saying what it is and, with ``hint``, what to do.
+    ``version`` is ``version`` (or one of them); else ValueError saying what it is and, with ``hint``,
+    what to do.
     Every fastema checkpoint (model averages, framework EMAs, smoothers) starts with it."""
     if not isinstance(state, dict) or state.get("format") != fmt:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a {fmt} state dict (format={found!r}); {hint}")
-    if state.get("version") != version:
-        raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported (expected {version})")
+    versions = version if isinstance(version, tuple) else (version,)
+    if state.get("version") not in versions:
+        raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported "
+                         f"(expected {' or '.join(map(str, versions))})")

@@ -35,6 +35,7 @@ def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
 
 def run_ranks(fn, tmp_path, world: int = 2, *args, timeout: float = 180.0) -> list:
     """``fn(rank, world, *args) -> dict`` on every rank; returns the ranks' dicts in rank order."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store, out = str(tmp_path / "store"), str(tmp_path)
     ctx = mp.start_processes(_entry, args=(world, store, out, fn, args), nprocs=world, join=False,
                              start_method="spawn")

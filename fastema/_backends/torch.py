@@ -54,9 +54,8 @@ def refuse_foreign(t, what: str) -> None:
     if is_traceable_wrapper_subclass(t):
         kind = type(t).__name__
         hint = ("its elements live in per-rank local shards (FSDP2 fully_shard, tensor parallel, "
-                "distribute_module); fastema does not average sharded models yet: average the local "
-                "shards with the array-level functions (t.to_local()), or keep the EMA on an unsharded "
-                "copy of the model") if kind == "DTensor" else \
+                "distribute_module): pass the local shard (t.to_local()), or average the whole model with "
+                "fastema.torch.EMA(model), which averages every rank's local shards") if kind == "DTensor" else \
             "it wraps other tensors (a quantised or sharded tensor subclass); pass the plain tensor it holds"
         raise TypeError(f"{what} is a {kind}, which fastema cannot read: {hint}. Nothing was written.")
     if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):

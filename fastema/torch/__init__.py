@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
+from . import _sharded
 from .. import schedules
 from .._average import ModelSwap, check_header
 from .._bridge import PlanReader, check_shadow_settings, make_plan
@@ -34,7 +35,7 @@ from ..ops import resolve_weights, stochastic_rounding
 __all__ = ["EMA", "WindowAverage", "normalize_name", "registration_hooks"]
 
 FORMAT = "fastema.torch.EMA"
-VERSION = 1
+VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 _PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
 
 
@@ -210,11 +211,15 @@ class _ModelAverage:
         self.exclude, self.copy_patterns = _patterns("exclude", exclude), _patterns("copy", copy)
         self.model = model
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
+        self._fsdp = _sharded.fsdp_modules(_unwrap(model))   # FSDP2 modules, resharded before any read
+        self._specs: dict[str, _sharded.Spec] = {}          # name -> layout of a DTensor's local shard
+        _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average "
                              "(check exclude= and copy=)")
         self._names = (list(averaged), list(copied))
+        self._address = _sharded.local_address if self._specs else _DATA_PTR
         self._avg = make_shadow(averaged)
         self._copy = FlatShadow(copied, dtype="same") if copied else None
         if self._copy is not None:                     # no memory in both groups (a buffer viewing a weight)
@@ -244,7 +249,9 @@ class _ModelAverage:
             for name, t in named:
                 if _matches(name, self.exclude):
                     continue
-                _refuse_foreign_torch(t, f"{kind} {name!r}")   # sharded, lazy, ZeRO-3...: by name, first
+                if _sharded.is_dtensor(t):     # FSDP2 / tensor parallel: this rank's local shard
+                    t, self._specs[name] = _sharded.local(t, f"{kind} {name!r}")
+                _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
                 key = _storage_key(t)
                 if key is not None and key in seen:
                     continue                    # the same memory under another name: exported under both
@@ -299,7 +306,7 @@ class _ModelAverage:
             if not all(map(operator.is_, map(dict.get, mods, names), held)):
                 return None
         try:
-            return list(map(_DATA_PTR, map(dict.get, tables, keys)))
+            return list(map(self._address, map(dict.get, tables, keys)))
         except TypeError:                         # a slot is empty: the tensor was removed
             return None
 
@@ -310,7 +317,11 @@ class _ModelAverage:
         """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
         anything is written), and start over from the model after a DDP wrap (see _on_registration).
         True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
-        if self._model_changed():
+        changed = self._model_changed()
+        if changed and self._fsdp:                # a forward with no backward left unsharded copies
+            _sharded.reshard(self._fsdp)
+            changed = self._model_changed()
+        if changed:
             self._rebind()
             self._avg.refresh()                  # storage moved under a tensor the shadow already holds
             if self._copy is not None:
@@ -388,6 +399,16 @@ class _ModelAverage:
         if missing:
             raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
                              f"make a new EMA for the new model. Nothing was updated.")
+        specs = {}
+        for n in wanted:                          # sharded parameters: their local shards
+            if _sharded.is_dtensor(named[n]):
+                named[n], specs[n] = _sharded.local(named[n], repr(n))
+        moved = [n for n in set(specs) | set(self._specs) if n not in specs or n not in self._specs or
+                 specs[n].shape != self._specs[n].shape or specs[n].placements != self._specs[n].placements]
+        if moved:
+            raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was made (it is laid out "
+                             f"over the ranks differently now); make a new average of the model as it is, or "
+                             f"load this one's checkpoint into it. Nothing was updated.")
         for n, (_, copy_) in self._int_buffers.items():
             if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
                 raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
@@ -403,6 +424,7 @@ class _ModelAverage:
                 raise
         for n, (_, copy_) in list(self._int_buffers.items()):
             self._int_buffers[n] = (named[n], copy_)
+        self._specs = specs
         self._slots = self._owner_slots()          # _follow() records the addresses once all groups pass
         self._stale = False
         _watch(inner, self)                      # new submodules are watched too
@@ -421,6 +443,9 @@ class _ModelAverage:
         self._swap.swap(row)
 
     def _exchange(self, row: int, swapping_in: bool) -> None:
+        # FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules, which
+        # the next forward would use as they are: the EMA weights after a swap back. Reshard first.
+        _sharded.reshard(self._fsdp)
         if swapping_in:
             self._avg.check_row(row)
             self._follow()
@@ -473,6 +498,7 @@ class _ModelAverage:
         """
         if model is None or model is self.model:
             self._not_swapped("copy_to()")
+            _sharded.reshard(self._fsdp)
             self._follow()
             if self._copy is not None:                 # the averaged group checks itself before writing
                 self._copy.check_sources()
@@ -482,8 +508,11 @@ class _ModelAverage:
             return
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        state = self.averaged_state_dict(row)
         target = _unwrap(model)
+        if self.sharded and not any(map(_sharded.is_dtensor, target.parameters())):
+            state = self.full_state_dict(row)          # sharded average into a plain model: collective
+        else:
+            state = self.averaged_state_dict(row)
         theirs = target.state_dict(keep_vars=True)
         missing = [k for k in theirs if k not in state]
         extra = [k for k in state if k not in theirs]
@@ -520,12 +549,39 @@ class _ModelAverage:
             source = name if name in tracked else by_key.get(_storage_key(t))
             if source is None:
                 out[name] = t.detach().clone()             # excluded: the model's own value
+            elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
+                out[name] = _sharded.wrap(tracked[source]().to(t.dtype, copy=True), self._specs[source])
             else:
                 out[name] = tracked[source]().to(t.dtype, copy=True)
         return out
 
+    @property
+    def sharded(self) -> bool:
+        """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP): each rank averages
+        its local shards only, and :meth:`averaged_state_dict` / :meth:`state_dict` hold DTensors."""
+        return bool(self._specs)
+
+    def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
+        takes. On a sharded average this is a collective (every rank must call it): each tensor is
+        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
+        is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
+        if not isinstance(rank0_only, bool):
+            raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
+        keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out = {}
+        for name, value in self.averaged_state_dict(row).items():
+            value = _sharded.full(value)
+            if keep:
+                out[name] = value
+        return out
+
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        if self.sharded:
+            raise TypeError("module() copies the whole model on every rank, and this average is sharded (FSDP2 / "
+                            "tensor parallel): use full_state_dict(rank0_only=True) and load it into a plain "
+                            "model, or copy_to(plain_model), or save(path)")
         state = self.averaged_state_dict(row)
         clone = copy.deepcopy(_unwrap(self.model))
         clone.load_state_dict(state)
@@ -534,31 +590,47 @@ class _ModelAverage:
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: averages keyed by name, counters, settings."""
+        """Everything needed to resume exactly: averages keyed by name, counters, settings.
+
+        The tensors are views of the flat buffers (as ``nn.Module.state_dict()`` returns views: no
+        model-sized copy). On a sharded average they are DTensors over those views, laid out as
+        the parameters are (``(rows, *shape)``, the parameter's shard dims moved up by one): the
+        average is a ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
+        ``dcp.load({"ema": ema})`` read and fill the shadow in place, on any world size or mesh.
+        """
         self._not_swapped("state_dict()")
         if self._resync:                                 # a DDP wrap since construction: start over first
             self._follow()
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
-            # views of the flat buffers, as nn.Module.state_dict() returns views: no model-sized copy
-            "averaged": {n: self._avg.state_view(n) for n in self._avg.names},
-            "copied": {n: self._copy.view(n) for n in self._copy.names} if self._copy is not None else {},
-            "int_buffers": {n: v[1] for n, v in self._int_buffers.items()},
+            "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
+            "averaged": {n: self._global(n, self._avg.state_view(n), True) for n in self._avg.names},
+            "copied": {n: self._global(n, self._copy.view(n)) for n in self._copy.names}
+            if self._copy is not None else {},
+            "int_buffers": {n: self._global(n, v[1]) for n, v in self._int_buffers.items()},
         }
+
+    def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
+        """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
+        (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            return view
+        return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
         kind = type(self).__name__
-        check_header(state, self._format, VERSION, f"a model checkpoint goes to model.load_state_dict, a {kind} "
-                                                   f"checkpoint ({kind}.state_dict()) here")
+        check_header(state, self._format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
+                                                        f"{kind} checkpoint ({kind}.state_dict()) here")
         self._not_swapped("load_state_dict()")
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
         copied_names = self._copy.names if self._copy else []
-        groups = (("averaged", self._avg.names, lambda n: self._avg.state_view(n), True),
-                  ("copied", copied_names, lambda n: self._copy.view(n), False),
-                  ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False))
-        for key, names, view_of, finite in groups:
+        groups = (("averaged", self._avg.names, lambda n: self._avg.state_view(n), True, True),
+                  ("copied", copied_names, lambda n: self._copy.view(n), False, False),
+                  ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False, False))
+        for key, names, view_of, finite, stacked in groups:
             saved = state.get(key, {})
             if not isinstance(saved, dict):
                 problems.append(f"{key} is a {type(saved).__name__}, expected a dict of tensors")
@@ -571,11 +643,15 @@ class _ModelAverage:
                 problems.append(f"{key} unexpected {unused[:5]}")
             for n, value in matched.items():
                 dst = view_of(n)
+                shape = self._global(n, dst, stacked).shape
                 if not isinstance(value, torch.Tensor):
                     problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
-                elif tuple(value.shape) != tuple(dst.shape):
-                    problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(dst.shape)}")
-                elif value.device.type == "meta":
+                    continue
+                if tuple(value.shape) != tuple(shape):
+                    problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+                    continue
+                value = self._local_part(n, value, dst, stacked)
+                if value.device.type == "meta":
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
@@ -592,9 +668,20 @@ class _ModelAverage:
                              ". Nothing was loaded.")
         with torch.no_grad():
             for dst, value in loads:
-                dst.copy_(value)
+                if not (dst.data_ptr() == value.data_ptr() and dst.dtype == value.dtype and
+                        dst.stride() == value.stride()):     # dcp.load filled the shadow itself
+                    dst.copy_(value)
         self.cadence.calls = int(state["calls"])
         self._load_extra(state)
+
+    def _local_part(self, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
+        """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
+        tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
+        from a DTensor for an unsharded one (a collective)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            return _sharded.full(value)
+        return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
 
     def _extra_state(self) -> dict:
         return {}
@@ -611,10 +698,18 @@ class _ModelAverage:
         ``model.load_state_dict(torch.load(path))`` loads it; a ``.safetensors`` path is
         written with safetensors (which must be installed). The file gets the mode
         ``torch.save`` would give it (0666 less the umask); temporary files left by a save
-        that was killed are removed by the next save to the same path.
+        that was killed are removed by the next save to the same path. On a sharded average
+        it is a collective: every rank gathers the full tensors one at a time (see
+        :meth:`full_state_dict`) and global rank 0 writes the file.
         """
         path = os.fspath(path)
-        weights = {k: v.detach().contiguous() for k, v in self.averaged_state_dict(row).items()}
+        if self.sharded:                   # collective: every rank gathers, rank 0 writes
+            weights = self.full_state_dict(row, rank0_only=True)
+            if torch.distributed.get_rank() != 0:
+                return
+        else:
+            weights = self.averaged_state_dict(row)
+        weights = {k: v.detach().contiguous() for k, v in weights.items()}
         if path.endswith(".safetensors"):
             try:
                 from safetensors.torch import save as to_bytes
@@ -924,7 +1019,7 @@ class WindowAverage(_ModelAverage):
         state = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
                  "ring_dtype": self.ring_dtype}
         if self.window is not None:
-            state["ring"] = {n: self._avg.ring_view(n) for n in self._avg.names}
+            state["ring"] = {n: self._global(n, self._avg.ring_view(n), True) for n in self._avg.names}
             state["pushes"] = self._avg.pushes
         return state
 
@@ -943,7 +1038,8 @@ class WindowAverage(_ModelAverage):
             matched = _match_names(ring, self._avg.names)[0] if isinstance(ring, dict) else {}
             for n in self._avg.names:
                 v = matched.get(n)
-                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(self._avg.ring_view(n).shape):
+                want = self._global(n, self._avg.ring_view(n), True).shape
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
                     problems.append(f"ring {n!r} missing or of another shape")
 
     def _load_extra(self, state: dict) -> None:
@@ -952,7 +1048,8 @@ class WindowAverage(_ModelAverage):
             ring = _match_names(state["ring"], self._avg.names)[0]
             with torch.no_grad():
                 for n in self._avg.names:
-                    self._avg.ring_view(n).copy_(ring[n])
+                    dst = self._avg.ring_view(n)
+                    dst.copy_(self._local_part(n, ring[n], dst, True))
             self._avg.pushes = int(state["pushes"])
 
     def __repr__(self) -> str:

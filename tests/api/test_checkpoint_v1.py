@@ -1,5 +1,6 @@
 """Checkpoints written before the layout issue's restructure (version 1, by the code at b74f866,
-tests/api/data/checkpoints-v1.pt) still load, bit for bit, and training goes on from them."""
+tests/api/data/checkpoints-v1.pt) still load, bit for bit, and training goes on from them.
+Version 2 (the sharded issue) only adds keys."""
 import pathlib
 
 import torch
@@ -42,4 +43,6 @@ def test_version_1_checkpoints_load_bit_for_bit():
         if name in weights:
             ref = 0.9 * before[name] + 0.1 * weights[name].detach().double()
             torch.testing.assert_close(avg.double(), ref, rtol=1e-6, atol=1e-6)
-    assert ema.state_dict()["version"] == saved["ema"]["version"]
+    now = ema.state_dict()                              # version 2 is a superset of version 1
+    assert (saved["ema"]["version"], now["version"]) == (1, 2)
+    assert set(saved["ema"]) <= set(now) and now["layout"] == "replicated"

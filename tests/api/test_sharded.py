@@ -1,0 +1,389 @@
+"""Sharded models (FSDP2 fully_shard, tensor parallel, HSDP) in spawned gloo processes on the CPU.
+
+Every rank averages its own local shards, with no collective in update(); the tests gather the
+full weights (test-side collectives) after every optimizer step into a lerp_ reference and
+compare the gathered averages with it bit for bit. Checkpoints go through
+torch.distributed.checkpoint (DCP) across world sizes, meshes and into a process with no
+process group."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist import run_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+DECAYS = (0.9, 0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_kernels():
+    """Compile (or load) the kernels once here, so the ranks load them rather than compile them at once."""
+    from fastema.torch import EMA, WindowAverage
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = nn.Linear(4, 4).to(dtype)
+        e = EMA(m, list(DECAYS))
+        e.update()
+        with e.average_parameters():
+            pass
+        WindowAverage(m, 3).update()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    # Linear(8, 5): 5 rows on 2 ranks (3 / 2); Linear(16, 1): rank 1 holds (0, 16) and (0,) shards
+    return nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 16), nn.LayerNorm(16), nn.ReLU(),
+                         nn.Linear(16, 1))
+
+
+def _shard(model, **kw):
+    from torch.distributed.fsdp import fully_shard
+
+    for i in (0, 2, 5):
+        fully_shard(model[i], **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _full(model):
+    """name -> full tensor of every parameter (a test-side gather)."""
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 1, generator=g)
+
+
+def _train_step(model, opt, rank, step):
+    x, y = _batch(rank, step)
+    (model(x) - y).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+POLICIES = ("default", "no_reshard", "bf16_compute", "cpu_offload")
+
+
+def _policy(name):
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    return {"default": {}, "no_reshard": {"reshard_after_forward": False},
+            "bf16_compute": {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)},
+            "cpu_offload": {"offload_policy": CPUOffloadPolicy(pin_memory=False)}}[name]
+
+
+def _fsdp2_policies(rank, world, out_dir):
+    from fastema.torch import EMA, WindowAverage
+
+    out = {}
+    for policy in POLICIES:
+        model = _shard(_model(), **_policy(policy))
+        ema = EMA(model, list(DECAYS))
+        window = WindowAverage(model, 3) if policy == "default" else None
+        assert ema.sharded
+        locals_before = [p._local_tensor for p in model.parameters()]
+        refs = [_full(model) for _ in DECAYS]
+        snaps = [_full(model)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            _train_step(model, opt, rank, step)
+            ema.update()
+            if window is not None:
+                window.update()
+            full = _full(model)
+            snaps.append(full)
+            for ref, d in zip(refs, DECAYS):
+                for n, v in full.items():
+                    ref[n].lerp_(v, 1 - d)
+        # the shadow reads the shards FSDP2 keeps (no rebind happened), and holds 1/world of the model
+        out[f"{policy}/same_shards"] = torch.tensor(
+            [a is b for a, b in zip(locals_before, [p._local_tensor for p in model.parameters()])] +
+            [a is b for a, b in zip(locals_before, ema._avg.sources)])
+        out[f"{policy}/local_numel"] = torch.tensor(sum(s.numel() for s in ema._avg.sources))
+        for row in (0, 1):
+            for n, v in ema.full_state_dict(row).items():
+                out[f"{policy}/ema/{row}/{n}"] = v
+            for n, v in refs[row].items():
+                out[f"{policy}/ref/{row}/{n}"] = v
+        if window is not None:
+            for n, v in window.full_state_dict().items():
+                out[f"{policy}/window/{n}"] = v
+            for n in refs[0]:
+                out[f"{policy}/ref_window/{n}"] = torch.stack([s[n] for s in snaps[-3:]]).mean(0)
+        # the swap trap: an evaluation forward with no backward leaves FSDP2 modules unsharded
+        x, _ = _batch(99, 0)
+        model.eval()
+        with torch.no_grad():
+            out[f"{policy}/raw_before"] = model(x)
+            with ema.average_parameters():
+                out[f"{policy}/swapped"] = model(x)
+            out[f"{policy}/raw_after"] = model(x)
+        model.train()
+        out[f"{policy}/x"] = x
+        if policy == "default":
+            ema.save(os.path.join(out_dir, "ema.safetensors"))   # collective; rank 0 writes
+            try:
+                ema.module()
+            except TypeError as err:
+                out["module_refused"] = torch.tensor("full_state_dict" in str(err))
+            out["rank0_only_empty"] = torch.tensor(len(ema.full_state_dict(rank0_only=True)) == 0)
+    return out
+
+
+def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
+    ranks = run_ranks(_fsdp2_policies, tmp_path, 2, str(tmp_path))
+    r0, r1 = ranks
+    model = _model()
+    total = sum(p.numel() for p in model.parameters())
+    for policy in POLICIES:
+        for r in ranks:
+            assert r[f"{policy}/same_shards"].all(), policy
+        assert int(r0[f"{policy}/local_numel"]) + int(r1[f"{policy}/local_numel"]) == total
+        assert int(r1[f"{policy}/local_numel"]) < total
+        for row in (0, 1):
+            for n, _ in model.named_parameters():
+                ref = r0[f"{policy}/ref/{row}/{n}"]
+                for r in ranks:
+                    assert torch.equal(r[f"{policy}/ema/{row}/{n}"], ref), (policy, row, n)
+        for r in ranks:
+            # the swap put the EMA in and took it out again: outputs before and after are the raw model's
+            assert torch.equal(r[f"{policy}/raw_before"], r[f"{policy}/raw_after"]), policy
+            assert not torch.equal(r[f"{policy}/swapped"], r[f"{policy}/raw_before"]), policy
+        # the swapped forward is the model holding the reference average
+        plain = _model()
+        plain.load_state_dict({n: r0[f"{policy}/ref/0/{n}"] for n, _ in plain.named_parameters()})
+        plain.eval()
+        with torch.no_grad():
+            want = plain(r0[f"{policy}/x"])
+        tol = dict(rtol=2e-2, atol=2e-2) if policy == "bf16_compute" else dict(rtol=1e-5, atol=1e-6)
+        assert torch.allclose(r0[f"{policy}/swapped"].float(), want, **tol), policy
+    for n, _ in model.named_parameters():
+        assert torch.allclose(r0[f"default/window/{n}"], r0[f"default/ref_window/{n}"], rtol=1e-6, atol=1e-7)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ema.safetensors"))
+    model.load_state_dict(saved)                          # a plain model takes the file as it is
+    for n, v in model.named_parameters():
+        assert torch.equal(v.detach(), r0[f"default/ref/0/{n}"]), n
+    assert r0["module_refused"] and r1["module_refused"]
+    assert not r0["rank0_only_empty"] and r1["rank0_only_empty"]
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+def _make(seed, sharded=True):
+    from fastema.torch import EMA
+
+    model = _model(seed)
+    if sharded:
+        _shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, list(DECAYS), warmup="power", update_every=2)
+    return model, opt, ema
+
+
+def _train(model, opt, ema, rank, steps):
+    for step in steps:
+        _train_step(model, opt, rank, step)
+        ema.update()
+
+
+def _results(prefix, model, ema):
+    out = {f"{prefix}/updates": torch.tensor([ema.updates, ema.calls])}
+    for row in (0, 1):
+        for n, v in ema.full_state_dict(row).items():
+            out[f"{prefix}/ema/{row}/{n}"] = v
+    for n, v in _full(model).items():
+        out[f"{prefix}/model/{n}"] = v
+    return out
+
+
+def _dcp_resume(rank, world, ckpt, plain_ckpt, v1_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    model, opt, ema = _make(0)
+    _train(model, opt, ema, rank, range(4))
+    out = _results("saved", model, ema)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "ema": ema},
+             checkpoint_id=ckpt)
+    _train(model, opt, ema, rank, range(4, 7))
+    out.update(_results("A", model, ema))
+
+    model, opt, ema = _make(1)                              # other initial weights: all of it must come back
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "ema": ema}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    out.update(_results("loaded", model, ema))
+    _train(model, opt, ema, rank, range(4, 7))
+    out.update(_results("B", model, ema))
+
+    # 1 -> 2: a checkpoint of an unsharded EMA (DCP, and a version-1 state dict) into a sharded one
+    model, opt, ema = _make(2)
+    dcp.load({"ema": ema}, checkpoint_id=plain_ckpt)
+    out.update(_results("from_plain_dcp", model, ema))
+    model, opt, ema = _make(3)
+    ema.load_state_dict(torch.load(v1_path, weights_only=False))
+    out.update(_results("from_v1", model, ema))
+    return out
+
+
+def _dcp_one_rank(rank, world, ckpt):
+    import torch.distributed.checkpoint as dcp
+
+    model, opt, ema = _make(5)                              # 2 -> 1: the same checkpoint on one rank
+    dcp.load({"ema": ema}, checkpoint_id=ckpt)
+    return _results("one_rank", model, ema)
+
+
+def _same(a: dict, b: dict, prefix_a: str, prefix_b: str):
+    keys = [k[len(prefix_a):] for k in a if k.startswith(prefix_a)]
+    assert keys
+    for k in keys:
+        assert torch.equal(a[prefix_a + k], b[prefix_b + k]), (prefix_a, prefix_b, k)
+
+
+def test_fsdp2_dcp_resume_bit_exact_and_reshard_across_world_sizes(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    # an unsharded run made here, in a process with no process group
+    model, opt, plain = _make(7, sharded=False)
+    _train(model, opt, plain, 0, range(3))
+    plain_ckpt = str(tmp_path / "plain")
+    dcp.save({"ema": plain}, checkpoint_id=plain_ckpt)
+    v1 = plain.state_dict()
+    v1 = {**{k: v for k, v in v1.items() if k != "layout"}, "version": 1}
+    torch.save(v1, tmp_path / "v1.pt")
+    want_plain = {f"{row}/{n}": v for row in (0, 1) for n, v in plain.averaged_state_dict(row).items()}
+
+    ckpt = str(tmp_path / "ckpt")
+    r0, r1 = run_ranks(_dcp_resume, tmp_path / "run2", 2, ckpt, plain_ckpt, str(tmp_path / "v1.pt"))
+    for r in (r0, r1):
+        _same(r, r, "A/", "B/")                             # resume is bit-exact: EMA, counts and weights
+        _same(r, r, "saved/", "loaded/")
+        for row in (0, 1):
+            for n, v in _model().named_parameters():
+                for src in ("from_plain_dcp", "from_v1"):
+                    assert torch.equal(r[f"{src}/ema/{row}/{n}"], want_plain[f"{row}/{n}"]), (src, row, n)
+        assert r["from_v1/updates"].tolist() == [plain.updates, plain.calls]
+    _same(r0, r1, "A/", "A/")
+
+    (one,) = run_ranks(_dcp_one_rank, tmp_path / "run1", 1, ckpt)    # 2 -> 1
+    _same(one, r0, "one_rank/ema/", "saved/ema/")
+    assert one["one_rank/updates"].tolist() == r0["saved/updates"].tolist()
+
+    model, opt, ema = _make(9, sharded=False)                # 2 -> a plain model here, no process group
+    dcp.load({"ema": ema}, checkpoint_id=ckpt)
+    assert [ema.updates, ema.calls] == r0["saved/updates"].tolist()
+    for row in (0, 1):
+        for n, v in ema.averaged_state_dict(row).items():
+            assert torch.equal(v, r0[f"saved/ema/{row}/{n}"]), (row, n)
+
+
+# ------------------------------------------------------------ tensor parallel and HSDP
+
+
+def _tp(rank, world, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    placements = {n: str(p.placements) for n, p in model.named_parameters()}
+    ema = EMA(model, list(DECAYS))
+    refs = [_full(model) for _ in DECAYS]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        x, _ = _batch(0, step)                             # tensor parallel: every rank sees the same batch
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        full = _full(model)
+        for ref, d in zip(refs, DECAYS):
+            for n, v in full.items():
+                ref[n].lerp_(v, 1 - d)
+    dcp.save({"ema": ema}, checkpoint_id=ckpt)
+    out = {f"ref/{row}/{n}": v for row in (0, 1) for n, v in refs[row].items()}
+    out.update({f"ema/{row}/{n}": v for row in (0, 1) for n, v in ema.full_state_dict(row).items()})
+    out["placements"] = placements
+    return out
+
+
+def _check_into_plain(tmp_path, ckpt, r0, model):
+    import torch.distributed.checkpoint as dcp
+
+    from fastema.torch import EMA
+
+    plain = EMA(model, list(DECAYS))
+    dcp.load({"ema": plain}, checkpoint_id=ckpt)
+    for row in (0, 1):
+        for n, v in plain.averaged_state_dict(row).items():
+            assert torch.equal(v, r0[f"ref/{row}/{n}"]), (row, n)
+
+
+def test_tensor_parallel_placements_exact_and_to_plain(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    r0, r1 = run_ranks(_tp, tmp_path / "run", 2, ckpt)
+    assert "Shard(dim=0)" in r0["placements"]["0.weight"] and "Shard(dim=1)" in r0["placements"]["2.weight"]
+    assert "Replicate" in r0["placements"]["2.bias"]
+    for r in (r0, r1):
+        for k, v in r.items():
+            if k.startswith("ema/"):
+                assert torch.equal(v, r0["ref/" + k[4:]]), k
+    _check_into_plain(tmp_path, ckpt, r0, nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
+
+
+def _hsdp(rank, world, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema.torch import EMA
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _model()
+    for i in (0, 2, 5):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ema = EMA(model, list(DECAYS))
+    refs = [_full(model) for _ in DECAYS]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        _train_step(model, opt, rank, step)
+        ema.update()
+        full = _full(model)
+        for ref, d in zip(refs, DECAYS):
+            for n, v in full.items():
+                ref[n].lerp_(v, 1 - d)
+    dcp.save({"ema": ema}, checkpoint_id=ckpt)
+    out = {f"ref/{row}/{n}": v for row in (0, 1) for n, v in refs[row].items()}
+    out.update({f"ema/{row}/{n}": v for row in (0, 1) for n, v in ema.full_state_dict(row).items()})
+    out["placements"] = str(next(model.parameters()).placements)
+    return out
+
+
+@pytest.mark.slow
+def test_hsdp_2x2_exact_and_to_plain(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    ranks = run_ranks(_hsdp, tmp_path / "run", 4, ckpt, timeout=300)
+    r0 = ranks[0]
+    assert "Replicate" in r0["placements"] and "Shard(dim=0)" in r0["placements"]
+    for r in ranks:
+        for k, v in r.items():
+            if k.startswith("ema/"):
+                assert torch.equal(v, r0["ref/" + k[4:]]), k
+    _check_into_plain(tmp_path, ckpt, r0, _model())
