@@ -47,11 +47,13 @@ def _pointer(kind):
 
 
 def _compile(fn, parallel):
-    return njit(parallel=parallel, cache=True)(fn)
+    # nogil: a serial kernel lets other Python threads run too (an offloaded EMA folds on a worker
+    # thread while the training thread goes on); parallel kernels release it around their loops
+    return njit(parallel=parallel, cache=True, nogil=True)(fn)
 
 
 def _chunk(fn):
-    return njit(cache=True)(fn)
+    return njit(cache=True, nogil=True)(fn)
 
 
 @functools.cache

@@ -480,6 +480,8 @@ class _ModelAverage:
         self._swap.refuse(what)
 
     def _lossy_swap(self) -> bool:
+        if getattr(self._avg, "offloaded", False):     # the shadow is in host memory: back the weights up
+            return True
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
                    for g in self._avg.groups)
@@ -554,6 +556,13 @@ class _ModelAverage:
             else:
                 out[name] = tracked[source]().to(t.dtype, copy=True)
         return out
+
+    def join(self) -> None:
+        """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
+        error of one; a no-op otherwise. Every read of the averages does it first."""
+        join = getattr(self._avg, "join", None)
+        if join is not None:
+            join()
 
     @property
     def sharded(self) -> bool:
@@ -832,6 +841,11 @@ class EMA(PlanReader, _ModelAverage):
             (default): on when the averaged weights are on a GPU. Every call then launches
             (a call that ``update_every`` skips writes nothing on the device). ``ema.updates``
             and ``ema.calls`` count eager calls; ``state_dict()`` reads the device's counts.
+        offload: ``"cpu"`` keeps the shadow in (pinned) host memory, none of it on the GPU: each
+            update packs the weights into a device staging buffer in their own dtype (one launch),
+            copies it to the host on a side stream, and folds it into the shadow on a worker
+            thread; ``update()`` returns without waiting, every read waits (:meth:`join`). Not
+            with ``device_step=True`` or ``skip_nonfinite=True``.
     """
 
     _format = FORMAT
@@ -841,16 +855,27 @@ class EMA(PlanReader, _ModelAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
-                 device_step: bool | None = None):
+                 device_step: bool | None = None, offload: str | None = None):
         if device_step is not None and not isinstance(device_step, bool):
             raise TypeError(f"device_step must be True, False or None, got {device_step!r}")
+        if offload not in (None, "cpu"):
+            raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+        if offload and (device_step or skip_nonfinite):
+            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
+                             "not take device_step=True or skip_nonfinite=True; drop one of them")
         self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
                                         skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
                                         inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
                                         update_every=update_every, compensate=compensate, debias=debias)
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
-        super().__init__(model, lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype),
-                         buffers=buffers, exclude=exclude, copy=copy)
+        if offload:
+            from ._offload import OffloadedShadow
+
+            make = lambda avg: OffloadedShadow(avg, rows=self.plan.rows, dtype=shadow_dtype)  # noqa: E731
+        else:
+            make = lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype)      # noqa: E731
+        self.offload = offload
+        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
         groups = self._avg.layout.groups
         self._on_gpu = any(g.device != "cpu" for g in groups)
         if device_step is None:

@@ -85,6 +85,7 @@ def _fsdp2_policies(rank, world, out_dir):
         model = _shard(_model(), **_policy(policy))
         ema = EMA(model, list(DECAYS))
         window = WindowAverage(model, 3) if policy == "default" else None
+        offloaded = EMA(model, list(DECAYS), offload="cpu") if policy == "default" else None
         assert ema.sharded
         locals_before = [p._local_tensor for p in model.parameters()]
         refs = [_full(model) for _ in DECAYS]
@@ -95,6 +96,7 @@ def _fsdp2_policies(rank, world, out_dir):
             ema.update()
             if window is not None:
                 window.update()
+                offloaded.update()
             full = _full(model)
             snaps.append(full)
             for ref, d in zip(refs, DECAYS):
@@ -111,6 +113,9 @@ def _fsdp2_policies(rank, world, out_dir):
             for n, v in refs[row].items():
                 out[f"{policy}/ref/{row}/{n}"] = v
         if window is not None:
+            for row in (0, 1):
+                for n, v in offloaded.full_state_dict(row).items():
+                    out[f"{policy}/offloaded/{row}/{n}"] = v
             for n, v in window.full_state_dict().items():
                 out[f"{policy}/window/{n}"] = v
             for n in refs[0]:
@@ -163,6 +168,8 @@ def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
         tol = dict(rtol=2e-2, atol=2e-2) if policy == "bf16_compute" else dict(rtol=1e-5, atol=1e-6)
         assert torch.allclose(r0[f"{policy}/swapped"].float(), want, **tol), policy
     for n, _ in model.named_parameters():
+        for row in (0, 1):
+            assert torch.equal(r0[f"default/offloaded/{row}/{n}"], r0[f"default/ref/{row}/{n}"]), (row, n)
         assert torch.allclose(r0[f"default/window/{n}"], r0[f"default/ref_window/{n}"], rtol=1e-6, atol=1e-7)
     from safetensors.torch import load_file
 

@@ -1,0 +1,167 @@
+"""EMA(model, offload="cpu"): the shadow in host memory, folded on a worker thread while training
+goes on. On the CPU the pipeline (pack, copy into a host slot, fold on the worker) runs with host
+copies in place of device ones, and must equal the synchronous EMA bit for bit."""
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fastema.torch import EMA
+from fastema.torch._offload import OffloadedShadow
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+
+
+def _step(model, opt, i, dtype):
+    g = torch.Generator().manual_seed(i)
+    model(torch.randn(6, 8, generator=g).to(dtype)).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _equal(a: EMA, b: EMA) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k][n], sb[k][n]) for k in ("averaged", "copied", "int_buffers") for n in sa[k]) \
+        and (sa["calls"], sa["updates"]) == (sb["calls"], sb["updates"])
+
+
+@pytest.fixture
+def slow_worker(monkeypatch):
+    """Every fold first sleeps: the training thread runs ahead as far as the double buffer allows."""
+    fold = OffloadedShadow._fold
+    threads = set()
+
+    def slow(self, *args):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)
+        return fold(self, *args)
+
+    monkeypatch.setattr(OffloadedShadow, "_fold", slow)
+    return threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_offloaded_equals_synchronous_bit_for_bit(dtype, every, seed, slow_worker):
+    model = _model(dtype, seed)
+    kw = dict(update_every=every, compensate=True, warmup="power", buffers="average")
+    sync, off = EMA(model, [0.9, 0.5], **kw), EMA(model, [0.9, 0.5], offload="cpu", **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(7):
+        _step(model, opt, 10 * seed + i, dtype)
+        sync.update()
+        t0 = time.perf_counter()
+        off.update()
+        assert time.perf_counter() - t0 < 0.5           # returns while the (slowed) fold runs
+    assert slow_worker == {"fastema-offload_0"}         # the folds ran on the worker thread
+    assert _equal(sync, off)                            # state_dict() waited for the pending folds
+    for row in (0, 1):
+        a, b = sync.averaged_state_dict(row), off.averaged_state_dict(row)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_double_buffer_keeps_each_slot_until_its_fold_has_read_it(slow_worker):
+    # A slot rewritten while the fold two updates back still reads it gave other bits (measured on
+    # the prototype); with very different weights at every step, any such overlap shows.
+    model = _model()
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu")
+    for i in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(10 ** (i % 3)))
+        sync.update()
+        off.update()
+    assert _equal(sync, off)
+
+
+def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path):
+    model = _model(torch.bfloat16)
+    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(4):
+        _step(model, opt, i, torch.bfloat16)
+        sync.update()
+        off.update()
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 8).bfloat16()
+    model.eval()
+    with sync.average_parameters():
+        want = model(x)
+    with off.average_parameters():
+        got = model(x)
+    assert torch.equal(got, want)
+    assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())   # raw weights back, bit for bit
+    off.save(tmp_path / "ema.pt")
+    saved = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in sync.averaged_state_dict().items())
+    other = _model(torch.bfloat16, seed=5)
+    off.copy_to(other)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sync.averaged_state_dict().items())
+    off.copy_to()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sync.averaged_state_dict().items())
+    # a checkpoint of the offloaded EMA resumes a synchronous one, and back
+    resumed = EMA(model, 0.9, offload="cpu")
+    resumed.load_state_dict(sync.state_dict())
+    assert _equal(resumed, sync)
+
+
+def test_a_fold_error_is_raised_by_the_next_update_or_read_and_the_average_stays_valid(monkeypatch):
+    model = _model()
+    off = EMA(model, 0.9, offload="cpu")
+    ref = EMA(model, 0.9)
+    off.update()
+    ref.update()
+    off.join()
+    fold = OffloadedShadow._fold
+
+    def broken(self, *args):
+        raise RuntimeError("host kernel failed")
+
+    monkeypatch.setattr(OffloadedShadow, "_fold", broken)
+    off.update()
+    with pytest.raises(RuntimeError, match="host kernel failed"):
+        off.join()
+    off.join()                                          # raised once; the average is the last good one
+    monkeypatch.setattr(OffloadedShadow, "_fold", fold)
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict()["averaged"].values(),
+                                                 ref.state_dict()["averaged"].values()))
+    monkeypatch.setattr(OffloadedShadow, "_fold", broken)
+    off.update()
+    while not off._avg._pending.done():
+        time.sleep(0.001)
+    with pytest.raises(RuntimeError, match="host kernel failed"):
+        off.update()                                    # the next update raises it, before staging anything
+
+
+def test_offload_arguments_are_checked():
+    model = _model()
+    with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
+        EMA(model, 0.9, offload="gpu")
+    with pytest.raises(ValueError, match="device_step=True or skip_nonfinite=True"):
+        EMA(model, 0.9, offload="cpu", skip_nonfinite=True)
+    assert not EMA(model, 0.9, offload="cpu").device_step
+
+
+def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    model = model.to(memory_format=torch.channels_last)
+    sync = EMA(model, 0.99, warmup="num_updates")
+    off = EMA(model, 0.99, warmup="num_updates", offload="cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i in range(12):
+        x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+        sync.update()
+        off.update()
+    assert _equal(sync, off)
+    v = off.averaged_state_dict()["0.weight"]
+    assert v.is_contiguous(memory_format=torch.channels_last)
