@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: set up .venv with the dev and cuda extras (numba-cuda's compilers:
-# no GPU needed), then
+# The whole test suite: set up .venv with the dev, cuda (numba-cuda's compilers: no GPU
+# needed), bench and distributed (DeepSpeed, run on the CPU) extras, then
 #   1. CPU tests (kernels, API, FlatShadow, EMA, compat, training loops, and every CUDA
 #      kernel compiled to sm_90 PTX through the real numba-cuda pipeline),
 #   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
@@ -11,7 +11,7 @@
 # A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,cuda,bench
+bash scripts/setup.sh dev,cuda,bench,distributed
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 

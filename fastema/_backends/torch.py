@@ -70,8 +70,8 @@ def _refuse_marked(t, what: str) -> None:
         raise TypeError(
             f"{what} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(t.shape)}, full shape "
             f"{tuple(getattr(t, 'ds_shape', ()))}): its elements are spread over the ranks, so fastema would "
-            f"average nothing. ZeRO-3 is not supported yet: use ZeRO stage 1 or 2, or gather the weights "
-            f"(deepspeed.zero.GatheredParameters) into a model of your own. Nothing was written.")
+            f"average nothing. fastema.torch.EMA(engine) averages every rank's ZeRO-3 partitions; here, pass the "
+            f"partition (p.ds_tensor). Nothing was written.")
     if getattr(t, "_fsdp_flattened", False):
         raise TypeError(
             f"{what} is a parameter managed by FSDP1 (FullyShardedDataParallel): it is a rank-dependent "

@@ -54,7 +54,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while True:
         inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
                                                       if type(model).__name__ in ("DistributedDataParallel",
-                                                                                  "DataParallel") else None)
+                                                                                  "DataParallel",
+                                                                                  "DeepSpeedEngine") else None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -177,6 +178,11 @@ def _storage_key(t: torch.Tensor):
     return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
 
 
+def _local_key(t: torch.Tensor):
+    """:func:`_storage_key` of the memory a (possibly sharded) tensor's rank holds."""
+    return _storage_key(_sharded.local_tensor(t) if _sharded.is_sharded(t) else t)
+
+
 def _device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
@@ -212,6 +218,7 @@ class _ModelAverage:
         self.model = model
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
         self._fsdp = _sharded.fsdp_modules(_unwrap(model))   # FSDP2 modules, resharded before any read
+        self._engine = model if type(model).__name__ == "DeepSpeedEngine" else None
         self._specs: dict[str, _sharded.Spec] = {}          # name -> layout of a DTensor's local shard
         _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))
@@ -220,6 +227,8 @@ class _ModelAverage:
                              "(check exclude= and copy=)")
         self._names = (list(averaged), list(copied))
         self._address = _sharded.local_address if self._specs else _DATA_PTR
+        inner = _unwrap(model)
+        self._zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
         self._avg = make_shadow(averaged)
         self._copy = FlatShadow(copied, dtype="same") if copied else None
         if self._copy is not None:                     # no memory in both groups (a buffer viewing a weight)
@@ -249,7 +258,7 @@ class _ModelAverage:
             for name, t in named:
                 if _matches(name, self.exclude):
                     continue
-                if _sharded.is_dtensor(t):     # FSDP2 / tensor parallel: this rank's local shard
+                if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
                     t, self._specs[name] = _sharded.local(t, f"{kind} {name!r}")
                 _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
                 key = _storage_key(t)
@@ -401,7 +410,7 @@ class _ModelAverage:
                              f"make a new EMA for the new model. Nothing was updated.")
         specs = {}
         for n in wanted:                          # sharded parameters: their local shards
-            if _sharded.is_dtensor(named[n]):
+            if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
         moved = [n for n in set(specs) | set(self._specs) if n not in specs or n not in self._specs or
                  specs[n].shape != self._specs[n].shape or specs[n].placements != self._specs[n].placements]
@@ -443,9 +452,7 @@ class _ModelAverage:
         self._swap.swap(row)
 
     def _exchange(self, row: int, swapping_in: bool) -> None:
-        # FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules, which
-        # the next forward would use as they are: the EMA weights after a swap back. Reshard first.
-        _sharded.reshard(self._fsdp)
+        self._settle()
         if swapping_in:
             self._avg.check_row(row)
             self._follow()
@@ -476,6 +483,15 @@ class _ModelAverage:
                     self._avg.swap(row)
                 raise
 
+    def _settle(self) -> None:
+        """Before the model's tensors are written (swap, copy-out): no gathered copy may outlive the
+        write. FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules,
+        which the next forward would use as they are (the EMA weights after a swap back): reshard.
+        ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
+        _sharded.reshard(self._fsdp)
+        if self._zero3:
+            _sharded.release_zero3(self._zero3, self._engine)
+
     def _not_swapped(self, what: str) -> None:
         self._swap.refuse(what)
 
@@ -500,7 +516,7 @@ class _ModelAverage:
         """
         if model is None or model is self.model:
             self._not_swapped("copy_to()")
-            _sharded.reshard(self._fsdp)
+            self._settle()
             self._follow()
             if self._copy is not None:                 # the averaged group checks itself before writing
                 self._copy.check_sources()
@@ -545,10 +561,10 @@ class _ModelAverage:
         inner = _unwrap(self.model)
         own = dict(inner.named_parameters(remove_duplicate=False))
         own.update(inner.named_buffers(remove_duplicate=False))
-        by_key = {_storage_key(own[n]): n for n in tracked if n in own and _storage_key(own[n]) is not None}
+        by_key = {_local_key(own[n]): n for n in tracked if n in own and _local_key(own[n]) is not None}
         out = {}
         for name, t in inner.state_dict(keep_vars=True).items():
-            source = name if name in tracked else by_key.get(_storage_key(t))
+            source = name if name in tracked else by_key.get(_local_key(t))
             if source is None:
                 out[name] = t.detach().clone()             # excluded: the model's own value
             elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
@@ -579,8 +595,11 @@ class _ModelAverage:
             raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
         keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = {}
+        own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
         for name, value in self.averaged_state_dict(row).items():
             value = _sharded.full(value)
+            if hasattr(own.get(name), "ds_shape"):
+                value = value.view(own[name].ds_shape)         # ZeRO-3 partitions gather flat
             if keep:
                 out[name] = value
         return out
@@ -656,10 +675,18 @@ class _ModelAverage:
                 if not isinstance(value, torch.Tensor):
                     problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
                     continue
-                if tuple(value.shape) != tuple(shape):
+                spec = self._specs.get(n)
+                # ZeRO-3 averages are saved flat, (rows, numel); either form loads into either layout
+                flat = stacked and not _sharded.is_dtensor(value) and value.dim() >= 1 and len(shape) >= 1 and (
+                    (spec is not None and spec.view_shape is not None and
+                     tuple(value.shape) == (shape[0], *spec.view_shape)) or
+                    (spec is None and tuple(value.shape) == (shape[0], dst[0].numel()) and len(shape) != 2))
+                if tuple(value.shape) != tuple(shape) and not flat:
                     problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
                     continue
                 value = self._local_part(n, value, dst, stacked)
+                if spec is not None and spec.valid is not None:
+                    dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
                 if value.device.type == "meta":
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
@@ -689,7 +716,7 @@ class _ModelAverage:
         from a DTensor for an unsharded one (a collective)."""
         spec = self._specs.get(name)
         if spec is None:
-            return _sharded.full(value)
+            return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
         return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
 
     def _extra_state(self) -> dict:

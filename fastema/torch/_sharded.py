@@ -1,4 +1,5 @@
-"""What fastema knows of sharded parameters (FSDP2 ``fully_shard``, tensor parallel, HSDP: DTensors).
+"""What fastema knows of sharded parameters: DTensors (FSDP2 ``fully_shard``, tensor parallel, HSDP)
+and DeepSpeed ZeRO-3 partitions.
 
 A DTensor's ``data_ptr()`` is not where its elements are; each rank holds a plain local tensor
 (``p._local_tensor``, what ``p.to_local()`` returns) with the rank's piece of the parameter. A
@@ -8,6 +9,12 @@ their local tensors, describes the shadow's views as DTensors (for checkpoints: 
 loads the shadow in place), cuts a rank's piece out of a full tensor, and reshards FSDP2 modules
 (an FSDP2 module left unsharded after a forward with no backward holds plain full copies that the
 next forward would use as they are).
+
+A ZeRO-3 parameter keeps ``p.data`` empty and this rank's partition in ``p.ds_tensor``: the
+``ceil(numel / world)`` elements from ``rank * ceil(numel / world)`` of the flattened parameter,
+padded at the end. That is ``torch.chunk``'s split, so the partitions are described as a 1-D
+``Shard(0)`` DTensor of ``numel`` elements over the parameter's process group (``valid``: the
+elements of the partition that are not padding).
 """
 from __future__ import annotations
 
@@ -18,11 +25,13 @@ import torch
 
 
 class Spec(NamedTuple):
-    """How a DTensor parameter is laid out over the ranks: what the shadow's views are wrapped in."""
+    """How a sharded parameter is laid out over the ranks: what the shadow's views are wrapped in."""
     mesh: object
     placements: tuple
     shape: torch.Size
     stride: tuple
+    valid: int | None = None          # ZeRO-3: the partition's elements that are not padding
+    view_shape: tuple | None = None   # ZeRO-3: the parameter's shape (the checkpoint keeps it flat)
 
 
 def _dtensor_type():
@@ -35,9 +44,20 @@ def is_dtensor(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def is_zero3(t) -> bool:
+    return hasattr(t, "ds_id") and isinstance(getattr(t, "ds_tensor", None), torch.Tensor)
+
+
+def is_sharded(t) -> bool:
+    return is_dtensor(t) or is_zero3(t)
+
+
 def local(t, what: str):
-    """``(local tensor, Spec)`` of a DTensor parameter, refused by name where the local tensor is not
-    the rank's piece of the parameter (a Partial placement: pending sums) or is itself a wrapper."""
+    """``(local tensor, Spec)`` of a DTensor or ZeRO-3 parameter, refused by name where the local
+    tensor is not the rank's piece of the parameter (a Partial placement: pending sums) or is
+    itself a wrapper."""
+    if not is_dtensor(t):
+        return _zero3_local(t, what)
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -57,9 +77,65 @@ def local(t, what: str):
     return piece, Spec(t.device_mesh, placements, t.shape, tuple(t.stride()))
 
 
+_MESHES: dict = {}
+
+
+def _zero3_local(t, what: str):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise TypeError(f"{what} is a DeepSpeed ZeRO-3 partitioned parameter (full shape {tuple(t.ds_shape)}), but "
+                        f"torch.distributed is not initialized: make the average inside the DeepSpeed run. "
+                        f"Nothing was written.")
+    part = t.ds_tensor
+    location = getattr(part, "final_location", None)
+    if hasattr(part, "ds_quant_scale") or (location is not None and "nvme" in str(location).lower()):
+        raise TypeError(f"{what} is a ZeRO-3 parameter whose partition is quantised or swapped to NVMe: fastema "
+                        f"averages partitions held in memory. Nothing was written.")
+    group = getattr(t, "ds_process_group", None)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    numel, size = int(t.ds_numel), part.numel()
+    if size * world < numel or size != -(-numel // world):
+        raise TypeError(f"{what}: a ZeRO-3 partition of {size} elements for {numel} over {world} ranks is not "
+                        f"DeepSpeed's ceil(numel / world) split; nothing was written")
+    key = (id(group), part.device.type)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        _MESHES[key] = (group, DeviceMesh.from_group(group or dist.group.WORLD, part.device.type))
+    from torch.distributed.tensor import Shard
+
+    valid = max(0, min(size, numel - rank * size))
+    return part, Spec(_MESHES[key][1], (Shard(0),), torch.Size((numel,)), (1,), valid, tuple(t.ds_shape))
+
+
+def local_tensor(t):
+    """The memory this rank holds of a parameter: the local shard (a DTensor's), the partition
+    (ZeRO-3), or the tensor itself."""
+    inner = getattr(t, "_local_tensor", None)
+    if inner is None:
+        inner = getattr(t, "ds_tensor", None)
+    return t if inner is None else inner
+
+
 def local_address(t) -> int:
-    """Where a tracked parameter's elements are now: the local shard's for a DTensor."""
-    return getattr(t, "_local_tensor", t).data_ptr()
+    """Where a tracked parameter's elements are now (see :func:`local_tensor`)."""
+    return local_tensor(t).data_ptr()
+
+
+def release_zero3(params: list, engine) -> None:
+    """Before the partitions are written (a swap, a copy-out): no ZeRO-3 parameter may hold a gathered
+    copy (persistent parameters stay gathered after a forward), or the model would go on using it.
+    The engine releases them; without one, refuse."""
+    held = [p for p in params if getattr(p.ds_status, "name", "") != "NOT_AVAILABLE"]
+    if held and engine is not None:
+        engine.empty_partition_cache()
+        held = [p for p in params if getattr(p.ds_status, "name", "") != "NOT_AVAILABLE"]
+    if held:
+        raise RuntimeError(f"{len(held)} ZeRO-3 parameters are gathered now (persistent parameters, or inside a "
+                           f"forward), and the model would keep using those copies: make the average of the engine, "
+                           f"EMA(engine), which releases them, or call engine.empty_partition_cache() first. "
+                           f"Nothing was written.")
 
 
 def fsdp_modules(model) -> list:
@@ -93,8 +169,8 @@ def rows_spec(spec: Spec, rows: int) -> Spec:
     numel = 1
     for d in spec.shape:
         numel *= d
-    return Spec(spec.mesh, tuple(_row_placement(p) for p in spec.placements),
-                torch.Size((rows, *spec.shape)), (numel, *_contiguous_stride(spec.shape)))
+    return spec._replace(placements=tuple(_row_placement(p) for p in spec.placements),
+                         shape=torch.Size((rows, *spec.shape)), stride=(numel, *_contiguous_stride(spec.shape)))
 
 
 def _contiguous_stride(shape) -> tuple:
@@ -109,6 +185,8 @@ def wrap(piece: torch.Tensor, spec: Spec):
     """``piece`` (this rank's part) as a DTensor laid out as ``spec``: no copy, no collective."""
     from torch.distributed.tensor import DTensor
 
+    if spec.valid is not None:
+        piece = piece[..., :spec.valid]                        # a ZeRO-3 partition without its padding
     return DTensor.from_local(piece, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
                               stride=spec.stride)
 
@@ -119,6 +197,9 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
     (gathered first: a collective every rank must join)."""
     from torch.distributed.tensor import distribute_tensor
 
+    if spec.view_shape is not None and not is_dtensor(value) and len(spec.shape) == 2 \
+            and tuple(value.shape[1:]) == spec.view_shape:      # (rows, *shape) into flat ZeRO-3 partitions
+        value = value.reshape(value.shape[0], -1)
     if is_dtensor(value):
         if value.device_mesh == spec.mesh and tuple(value.placements) == tuple(spec.placements):
             return value.to_local()

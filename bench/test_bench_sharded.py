@@ -1,0 +1,89 @@
+"""Large models (issue #14): the sharded EMA.update over an FSDP2 model's local shards, and the
+training thread's cost of an offloaded EMA.
+
+Sharded: one process (world size 1, gloo on the CPU, NCCL on a GPU) holding an FSDP2
+``fully_shard`` model; each rank's work is its local shards, so the row is GB/s of local bytes
+against ``torch._foreach_lerp_`` over the ``to_local()`` shards, same run.
+Offload: one training step (a fixed matmul standing in for forward/backward) plus
+``update()``, for no EMA, the synchronous EMA and ``offload="cpu"``: the extra time on the
+training thread. bytes = the model's float32 bytes, for the table's GB/s column.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import devices, QUICK
+from fastema.torch import EMA
+from shapes import gpt2_small, many_small
+from test_bench_torch import DECAY, Params
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+SHARDED = {"148 tensors (GPT-2-small shapes / 8)": lambda: [tuple(max(1, d // 8) for d in s) for s in gpt2_small()],
+           "3000x4096": many_small}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("impl", ["fastema", "torch._foreach_lerp_ over to_local()"])
+@pytest.mark.parametrize("scenario", list(SHARDED))
+def test_sharded_update_local_shards(process_group, run, benchmark, device, impl, scenario):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    benchmark.group = f"sharded EMA.update, FSDP2 local shards, float32 ({device})"
+    model = Params(SHARDED[scenario](), torch.float32, device)
+    fully_shard(model, mesh=init_device_mesh(device, (1,)))
+    params = list(model.parameters())
+    n = sum(p.to_local().numel() for p in params)
+    if impl == "fastema":
+        fn = EMA(model, DECAY).update
+    else:
+        shadows = [p.to_local().detach().clone() for p in params]
+
+        def fn():
+            with torch.no_grad():
+                torch._foreach_lerp_(shadows, [p.to_local() for p in params], 1 - DECAY)
+    run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n)
+
+
+@pytest.mark.parametrize("impl", ["the step alone (no EMA)", "synchronous EMA (fastema)", "fastema offload='cpu'"])
+def test_offload_training_thread_time(run, benchmark, impl):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    benchmark.group = f"training step + EMA.update, offload='cpu' ({device})"
+    model = Params(many_small(count=300 if QUICK else 1000, numel=4096), torch.float32, device)
+    n = sum(p.numel() for p in model.parameters())
+    a = torch.randn(384, 384, device=device)
+
+    def step():
+        for _ in range(4):
+            a.copy_(torch.tanh(a @ a) * 0.5)
+
+    if impl.startswith("the step alone"):
+        fn = step
+    else:
+        ema = EMA(model, DECAY, offload="cpu" if "offload" in impl else None)
+
+        def fn():
+            step()
+            ema.update()
+    run(fn, device, impl=impl, case=f"{n * 4 // 2**20} MiB model", nbytes=4 * n, elements=n)
+    if not impl.startswith("the step alone"):
+        ema.join()
