@@ -28,3 +28,20 @@ def test_bridge_examples_run(heading, module):
     assert out.returncode == 0, out.stderr[-3000:]
     numbers = np.array(re.findall(r"-?\d+\.\d+(?:e-?\d+)?", out.stdout), float)
     assert numbers.size == 8 and np.all(np.abs(numbers - 1.0) < 0.05), out.stdout
+
+
+def test_large_models_example_runs_under_torchrun(tmp_path):
+    """The FSDP2 example of "Large models", as the README says to run it: torchrun, 2 ranks, gloo."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    block = re.search(r"### Large models.*?```python\n(.*?)```", README, re.S).group(1)
+    (tmp_path / "fsdp_ema.py").write_text(block)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "fsdp_ema.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = re.search(r"sharded=True updates=20 EMA output (-?\d+\.\d+) == plain model (-?\d+\.\d+)", out.stdout)
+    assert m and m.group(1) == m.group(2), out.stdout
+    assert (tmp_path / "ema.safetensors").exists() and (tmp_path / "ckpt" / "ema").is_dir()

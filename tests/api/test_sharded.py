@@ -97,11 +97,8 @@ def _fsdp2_policies(rank, world, out_dir):
             if window is not None:
                 window.update()
                 offloaded.update()
-            full = _full(model)
-            snaps.append(full)
-            for ref, d in zip(refs, DECAYS):
-                for n, v in full.items():
-                    ref[n].lerp_(v, 1 - d)
+            snaps.append(_full(model))
+            _lerp_into(refs, snaps[-1])
         # the shadow reads the shards FSDP2 keeps (no rebind happened), and holds 1/world of the model
         out[f"{policy}/same_shards"] = torch.tensor(
             [a is b for a, b in zip(locals_before, [p._local_tensor for p in model.parameters()])] +
@@ -299,34 +296,49 @@ def test_fsdp2_dcp_resume_bit_exact_and_reshard_across_world_sizes(tmp_path):
 
 
 def _tp(rank, world, ckpt):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from fastema.torch import EMA
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     mesh = init_device_mesh("cpu", (world,))
     parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     placements = {n: str(p.placements) for n, p in model.named_parameters()}
-    ema = EMA(model, list(DECAYS))
-    refs = [_full(model) for _ in DECAYS]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        x, _ = _batch(0, step)                             # tensor parallel: every rank sees the same batch
+
+    def step(model, opt, i):
+        x, _ = _batch(0, i)                                # tensor parallel: every rank sees the same batch
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
+
+    out = _train_save_and_export(model, step, ckpt)
+    out["placements"] = placements
+    return out
+
+
+def _lerp_into(refs: list, full: dict) -> None:
+    for ref, d in zip(refs, DECAYS):
+        for n, v in full.items():
+            ref[n].lerp_(v, 1 - d)
+
+
+def _train_save_and_export(model, step, ckpt) -> dict:
+    """3 steps with an EMA and a lerp_ reference of the gathered weights; the EMA saved with DCP;
+    the reference and the EMA's full_state_dict() of both rows."""
+    import torch.distributed.checkpoint as dcp
+
+    from fastema.torch import EMA
+
+    ema = EMA(model, list(DECAYS))
+    refs = [_full(model) for _ in DECAYS]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(3):
+        step(model, opt, i)
         ema.update()
-        full = _full(model)
-        for ref, d in zip(refs, DECAYS):
-            for n, v in full.items():
-                ref[n].lerp_(v, 1 - d)
+        _lerp_into(refs, _full(model))
     dcp.save({"ema": ema}, checkpoint_id=ckpt)
     out = {f"ref/{row}/{n}": v for row in (0, 1) for n, v in refs[row].items()}
     out.update({f"ema/{row}/{n}": v for row in (0, 1) for n, v in ema.full_state_dict(row).items()})
-    out["placements"] = placements
     return out
 
 
@@ -355,30 +367,15 @@ def test_tensor_parallel_placements_exact_and_to_plain(tmp_path):
 
 
 def _hsdp(rank, world, ckpt):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from fastema.torch import EMA
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     model = _model()
     for i in (0, 2, 5):
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    ema = EMA(model, list(DECAYS))
-    refs = [_full(model) for _ in DECAYS]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        _train_step(model, opt, rank, step)
-        ema.update()
-        full = _full(model)
-        for ref, d in zip(refs, DECAYS):
-            for n, v in full.items():
-                ref[n].lerp_(v, 1 - d)
-    dcp.save({"ema": ema}, checkpoint_id=ckpt)
-    out = {f"ref/{row}/{n}": v for row in (0, 1) for n, v in refs[row].items()}
-    out.update({f"ema/{row}/{n}": v for row in (0, 1) for n, v in ema.full_state_dict(row).items()})
+    out = _train_save_and_export(model, lambda model, opt, i: _train_step(model, opt, rank, i), ckpt)
     out["placements"] = str(next(model.parameters()).placements)
     return out
 
