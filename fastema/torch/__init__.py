@@ -463,8 +463,9 @@ class _ModelAverage:
             self._copy.refresh()
         if lossy:
             if swapping_in:
-                if self._backup is None:
-                    self._backup = FlatShadow(dict(zip(self._avg.names, self._avg.sources)), dtype="same")
+                if self._backup is None:              # offloaded: the backup is in host memory
+                    self._backup = self._avg.backup() if getattr(self._avg, "offloaded", False) else \
+                        FlatShadow(dict(zip(self._avg.names, self._avg.sources)), dtype="same")
                 else:
                     self._backup.rebind(dict(zip(self._avg.names, self._avg.sources)))
                     self._backup.copy_from_sources()

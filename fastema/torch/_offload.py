@@ -206,9 +206,37 @@ class OffloadedShadow:
             g.buffer.reshape(-1).copy_(src, non_blocking=False)
         self.pack.copy_to_sources()
 
+    def backup(self) -> "_HostBackup":
+        """A backup of the sources for a swap, kept in host memory (the device keeps no copy)."""
+        return _HostBackup(self)
+
     def close(self) -> None:
         """Finish the pending folds and stop the worker thread."""
         try:
             self.join()
         finally:
             self._pool.shutdown(wait=True)
+
+
+class _HostBackup:
+    """The raw weights while the average is swapped in: staged into host slot 1, which no update
+    uses until the swap back (updates are refused while swapped)."""
+
+    def __init__(self, shadow: OffloadedShadow):
+        self.shadow = shadow
+        self.copy_from_sources()
+
+    def rebind(self, sources) -> None:
+        pass                                                      # the staging follows the shadow's sources
+
+    def copy_from_sources(self) -> None:
+        self.shadow.join()
+        for e in self.shadow._stage(1):
+            e.synchronize()
+
+    def copy_to_sources(self) -> None:
+        s = self.shadow
+        s.check_sources()
+        for g, src in zip(s.pack.layout.groups, s._slots[1]):
+            g.buffer.reshape(-1).copy_(src)
+        s.pack.copy_to_sources()

@@ -84,19 +84,22 @@ def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path):
     model = _model(torch.bfloat16)
     sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for i in range(4):
-        _step(model, opt, i, torch.bfloat16)
-        sync.update()
-        off.update()
-    raw = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(5, 8).bfloat16()
-    model.eval()
-    with sync.average_parameters():
-        want = model(x)
-    with off.average_parameters():
-        got = model(x)
-    assert torch.equal(got, want)
-    assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())   # raw weights back, bit for bit
+    for rnd in range(3):                                # evaluations between training rounds
+        model.train()
+        for i in range(3):
+            _step(model, opt, 10 * rnd + i, torch.bfloat16)
+            sync.update()
+            off.update()
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.eval()
+        with sync.average_parameters():
+            want = model(x)
+        with off.average_parameters():
+            got = model(x)
+        assert torch.equal(got, want)
+        assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())   # raw weights back, bit for bit
+    assert type(off._backup).__name__ == "_HostBackup"  # the raw weights waited in host memory
     off.save(tmp_path / "ema.pt")
     saved = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in sync.averaged_state_dict().items())
