@@ -134,7 +134,39 @@ def _fsdp2_policies(rank, world, out_dir):
             except TypeError as err:
                 out["module_refused"] = torch.tensor("full_state_dict" in str(err))
             out["rank0_only_empty"] = torch.tensor(len(ema.full_state_dict(rank0_only=True)) == 0)
+    out.update(_tied(rank))
     return out
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output head (GPT-2's wte / lm_head): one parameter, two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(self.emb(i))
+
+
+def _tied(rank):
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = fully_shard(_Tied())
+    ema = EMA(model, 0.5)
+    before = _full(model)["emb.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.arange(10)).square().mean().backward()
+    opt.step()
+    ema.update()
+    full = ema.full_state_dict()
+    return {"tied/emb": full["emb.weight"], "tied/head": full["head.weight"],
+            "tied/ref": before.lerp(_full(model)["emb.weight"], 0.5), "tied/count": torch.tensor(len(ema._avg))}
 
 
 def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
@@ -175,6 +207,9 @@ def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
     for n, v in model.named_parameters():
         assert torch.equal(v.detach(), r0[f"default/ref/0/{n}"]), n
     assert r0["module_refused"] and r1["module_refused"]
+    for r in ranks:                                       # a tied weight: averaged once, exported under both names
+        assert int(r["tied/count"]) == 1
+        assert torch.equal(r["tied/emb"], r0["tied/ref"]) and torch.equal(r["tied/head"], r0["tied/ref"])
     assert not r0["rank0_only_empty"] and r1["rank0_only_empty"]
 
 
