@@ -940,7 +940,11 @@ class EMA(PlanReader, _ModelAverage):
             step: the training step for the schedule; defaults to the number of updates made.
         """
         pending = self.plan.next(step)                    # checks step before anything else
-        if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
+        if self._plan_on_device is None and (self._on_gpu or self.offload) and torch.cuda.is_current_stream_capturing():
+            if self.offload:
+                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: its "
+                                   "update runs on a host thread, which a replay would not run. Call update() "
+                                   "outside the graph, or make the EMA without offload=.")
             raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
                                "on the host (device_step=False): every replay would repeat this call's weights "
                                "and rounding key. Make the EMA with device_step=True (the default on a GPU).")

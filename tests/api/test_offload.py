@@ -168,3 +168,12 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
     assert _equal(sync, off)
     v = off.averaged_state_dict()["0.weight"]
     assert v.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
+    model = _model()
+    off = EMA(model, 0.9, offload="cpu")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="offloaded.*host thread"):
+        off.update()
+    assert off.calls == 0 and off.updates == 0

@@ -743,3 +743,38 @@ def test_jax_ema_on_gpu_arrays():
         {k: (v.dtype, v.shape, v.devices()) for k, v in params.items()}
     np.testing.assert_allclose(np.asarray(shadow["w"]), ref["w"], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(shadow["b"], np.float64), ref["b"], rtol=2 ** -7)
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
+    """offload="cpu" on a GPU model: pack on a side stream after the optimizer's writes, D2H into
+    pinned slots, fold on the worker; bit-exact against the synchronous host-planned EMA, the
+    update returns while the GPU is still busy, and the swap goes through the host slot."""
+    import torch
+    from torch import nn
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda().bfloat16()
+    sync = EMA(model, [0.99, 0.9], device_step=False)
+    off = EMA(model, [0.99, 0.9], offload="cpu")
+    assert all(s.is_pinned() for slots in off._avg._slots for s in slots)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(6):
+        torch.cuda._sleep(int(1e7))                       # the optimizer's writes land late
+        model(torch.randn(32, 64, device="cuda").bfloat16()).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sync.update()
+        off.update()
+    a, b = sync.state_dict()["averaged"], off.state_dict()["averaged"]
+    assert all(torch.equal(a[k].cpu(), b[k]) for k in a)
+    fresh = EMA(model, 0.9, offload="cpu")
+    assert _busy_after(fresh.update)
+    x = torch.randn(4, 64, device="cuda").bfloat16()
+    with sync.average_parameters():
+        want = model(x)
+    with off.average_parameters():
+        got = model(x)
+    assert torch.equal(got, want)
