@@ -905,9 +905,9 @@ class EMA(PlanReader, _ModelAverage):
         self.offload = offload
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
         groups = self._avg.layout.groups
-        self._on_gpu = any(g.device != "cpu" for g in groups)
+        self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
         if device_step is None:
-            device_step = self._on_gpu
+            device_step = self._on_gpu and not offload
         self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
         if self._plan_on_device is not None:
             self._warm()
@@ -940,7 +940,7 @@ class EMA(PlanReader, _ModelAverage):
             step: the training step for the schedule; defaults to the number of updates made.
         """
         pending = self.plan.next(step)                    # checks step before anything else
-        if self._plan_on_device is None and (self._on_gpu or self.offload) and torch.cuda.is_current_stream_capturing():
+        if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
             if self.offload:
                 raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: its "
                                    "update runs on a host thread, which a replay would not run. Call update() "

@@ -22,7 +22,6 @@ weights' devices) the host shadow's.
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -56,7 +55,6 @@ class OffloadedShadow:
         self._jobs: list[Future | None] = [None, None]            # the last fold that read each slot
         self._pending: Future | None = None                       # the last fold queued
         self._next = 0                                            # the slot of the next update
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ what the averages read
 
@@ -66,8 +64,8 @@ class OffloadedShadow:
 
     @property
     def groups(self) -> list[dict]:
-        return [dict(g, src_dtype=p["src_dtype"]) for h, p in zip(self._hosts, self.pack.groups)
-                for g in h.groups]
+        """The host shadow's groups (their sources are the slots, in the parameters' dtypes)."""
+        return [g for h in self._hosts for g in h.groups]
 
     @property
     def nbytes(self) -> int:
@@ -115,11 +113,8 @@ class OffloadedShadow:
         if job is not None:
             job.result()                                          # that slot's reader is done
         events = self._stage(slot)
-        weights = dict(weights_by_device)
-        with self._lock:
-            prev = self._pending
-            self._pending = self._jobs[slot] = self._pool.submit(self._fold, prev, slot, events, weights,
-                                                                 rounding, seed, step)
+        self._pending = self._jobs[slot] = self._pool.submit(self._fold, self._pending, slot, events,
+                                                             dict(weights_by_device), rounding, seed, step)
         self._next += 1
 
     def _stage(self, slot: int) -> list:
@@ -163,15 +158,12 @@ class OffloadedShadow:
     def join(self) -> None:
         """Wait for every queued fold; re-raise the first error of one (the average is then as it
         was after the last fold that finished)."""
-        with self._lock:
-            pending = self._pending
+        pending = self._pending                                  # the training thread's: no lock needed
         if pending is not None:
             try:
                 pending.result()
             except BaseException:
-                with self._lock:
-                    if self._pending is pending:
-                        self._pending, self._jobs = None, [None, None]
+                self._pending, self._jobs = None, [None, None]
                 raise
 
     def _raise_failed(self) -> None:
@@ -209,13 +201,6 @@ class OffloadedShadow:
     def backup(self) -> "_HostBackup":
         """A backup of the sources for a swap, kept in host memory (the device keeps no copy)."""
         return _HostBackup(self)
-
-    def close(self) -> None:
-        """Finish the pending folds and stop the worker thread."""
-        try:
-            self.join()
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 class _HostBackup:

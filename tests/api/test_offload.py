@@ -173,6 +173,7 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
 def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
     model = _model()
     off = EMA(model, 0.9, offload="cpu")
+    off._on_gpu = True                                    # as for a model on a GPU
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="offloaded.*host thread"):
         off.update()
