@@ -64,9 +64,9 @@ def test_sharded_update_local_shards(process_group, run, benchmark, device, impl
     run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["the step alone (no EMA)", "synchronous EMA (fastema)", "fastema offload='cpu'"])
-def test_offload_training_thread_time(run, benchmark, impl):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_offload_training_thread_time(run, benchmark, device, impl):
     benchmark.group = f"training step + EMA.update, offload='cpu' ({device})"
     model = Params(many_small(count=300 if QUICK else 1000, numel=4096), torch.float32, device)
     n = sum(p.numel() for p in model.parameters())
