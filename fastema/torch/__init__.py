@@ -490,6 +490,8 @@ class _ModelAverage:
         which the next forward would use as they are (the EMA weights after a swap back): reshard.
         ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
         _sharded.reshard(self._fsdp)
+        if self._fsdp and torch.cuda.is_available() and any(t.device.type == "cpu" for t in self._avg.sources):
+            torch.cuda.current_stream().synchronize()   # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
         if self._zero3:
             _sharded.release_zero3(self._zero3, self._engine)
 

@@ -412,11 +412,52 @@ def _hsdp(rank, world, ckpt):
     fully_shard(model, mesh=mesh)
     out = _train_save_and_export(model, lambda model, opt, i: _train_step(model, opt, rank, i), ckpt)
     out["placements"] = str(next(model.parameters()).placements)
+    out.update(_fsdp_tp(rank, ckpt + "-2d"))
+    return out
+
+
+def _fsdp_tp(rank, ckpt):
+    """2-D parallelism on the same 4 ranks: tensor parallel inside, FSDP2 across (_StridedShard);
+    its checkpoint read back into another EMA of the same layout and into a plain one."""
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fastema.torch import EMA
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        return fully_shard(model, mesh=mesh["dp"])
+
+    model = make(0)
+    ema = EMA(model, list(DECAYS))
+    refs = [_full(model) for _ in DECAYS]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(3):
+        x, _ = _batch(rank // 2, i)                        # the same batch within a tensor-parallel pair
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        _lerp_into(refs, _full(model))
+    out = {f"2d/ref/{row}/{n}": v for row in (0, 1) for n, v in refs[row].items()}
+    out.update({f"2d/ema/{row}/{n}": v for row in (0, 1) for n, v in ema.full_state_dict(row).items()})
+    out["2d/placements"] = str({n: p.placements for n, p in model.named_parameters()})
+    dcp.save({"ema": ema}, checkpoint_id=ckpt)
+    other = EMA(make(1), list(DECAYS))
+    dcp.load({"ema": other}, checkpoint_id=ckpt)
+    out.update({f"2d/loaded/{row}/{n}": v for row in (0, 1) for n, v in other.full_state_dict(row).items()})
     return out
 
 
 @pytest.mark.slow
-def test_hsdp_2x2_exact_and_to_plain(tmp_path):
+def test_hsdp_2x2_and_fsdp_over_tensor_parallel_exact(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     ranks = run_ranks(_hsdp, tmp_path / "run", 4, ckpt, timeout=300)
     r0 = ranks[0]
@@ -425,4 +466,9 @@ def test_hsdp_2x2_exact_and_to_plain(tmp_path):
         for k, v in r.items():
             if k.startswith("ema/"):
                 assert torch.equal(v, r0["ref/" + k[4:]]), k
+            if k.startswith("2d/ema/") or k.startswith("2d/loaded/"):
+                assert torch.equal(v, r0["2d/ref/" + k.split("/", 2)[2]]), k
+    assert "_StridedShard" in r0["2d/placements"] or "_S(" in r0["2d/placements"], r0["2d/placements"]
     _check_into_plain(tmp_path, ckpt, r0, _model())
+    two_d = {k[3:]: v for k, v in r0.items() if k.startswith("2d/ref/")}
+    _check_into_plain(tmp_path, ckpt + "-2d", two_d, nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
