@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
-from . import _sharded
+from . import _compile, _sharded
 from .. import schedules
 from .._average import ModelSwap, check_header
 from .._bridge import PlanReader, check_shadow_settings, make_plan
@@ -241,6 +241,8 @@ class _ModelAverage:
                                                "raw weights then); call it outside average_parameters() or after swap()")
         self._slots = self._owner_slots()
         self._addresses = self._addresses_now()
+        self._handle = _compile.register(self)  # what the compiled operators find this average by
+        self._ops = self._op_lists()
         _watch(_unwrap(model), self)
 
     # ------------------------------------------------------------ which tensors
@@ -434,9 +436,51 @@ class _ModelAverage:
         for n, (_, copy_) in list(self._int_buffers.items()):
             self._int_buffers[n] = (named[n], copy_)
         self._specs = specs
+        self._ops = self._op_lists()
         self._slots = self._owner_slots()          # _follow() records the addresses once all groups pass
         self._stale = False
         _watch(inner, self)                      # new submodules are watched too
+
+    # ------------------------------------------------------------ torch.compile
+
+    def _op_lists(self) -> dict:
+        """``op -> (tensors it writes, tensors it reads)`` for the compiled operators (``_compile``):
+        every tensor an eager call touches, so functionalization sees each write. Made when the
+        tensors change (construction, rebind), never while tracing."""
+        groups = [g for shadow in (self._avg, self._copy) if shadow is not None for g in shadow.layout.groups]
+        shadows = [g.buffer for g in groups]
+        sources = list(self._avg.sources) + (list(self._copy.sources) if self._copy is not None else [])
+        ints = list(self._int_buffers.values())
+        return {"update": (shadows + [d for _, d in ints] + self._plan_tensors(), sources + [s for s, _ in ints]),
+                "swap": (shadows + sources, []),
+                "copy_to": (sources, shadows)}
+
+    def _plan_tensors(self) -> list:
+        return []
+
+    def _read_from(self, read: list):
+        """Read the sources from ``read`` (in :meth:`_op_lists` order) until the returned function
+        is called: a compiled operator handed other tensors than the model's own."""
+        n_avg = len(self._avg.sources)
+        n_copy = len(self._copy.sources) if self._copy is not None else 0
+        old = (list(self._avg.sources), list(self._copy.sources) if self._copy is not None else None,
+               dict(self._int_buffers))
+        self._avg.rebind(read[:n_avg])
+        if self._copy is not None:
+            self._copy.rebind(read[n_avg:n_avg + n_copy])
+        for (name, (_, dst)), src in zip(list(self._int_buffers.items()), read[n_avg + n_copy:]):
+            self._int_buffers[name] = (src, dst)
+
+        def restore():
+            self._avg.rebind(old[0])
+            if self._copy is not None:
+                self._copy.rebind(old[1])
+            self._int_buffers.update(old[2])
+
+        return restore
+
+    def _op_tensors(self, op: str) -> tuple[list, list]:
+        return self._ops[op]
 
     # ------------------------------------------------------------ swap and export
 
@@ -449,6 +493,9 @@ class _ModelAverage:
         float32 average is never rounded. Every tensor is checked before the first one is
         written, so a refused swap leaves the model and the averages as they were.
         """
+        if torch.compiler.is_compiling():
+            torch.ops.fastema.swap_(self._ops["swap"][0], self._handle, row)
+            return
         self._swap.swap(row)
 
     def _exchange(self, row: int, swapping_in: bool) -> None:
@@ -517,15 +564,12 @@ class _ModelAverage:
         Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
         are looked through); anything else raises before a tensor is written.
         """
+        if (model is None or model is self.model) and torch.compiler.is_compiling():
+            written, read = self._ops["copy_to"]
+            torch.ops.fastema.copy_to_(written, read, self._handle, row)
+            return
         if model is None or model is self.model:
-            self._not_swapped("copy_to()")
-            self._settle()
-            self._follow()
-            if self._copy is not None:                 # the averaged group checks itself before writing
-                self._copy.check_sources()
-            self._avg.copy_to_sources(row)
-            if self._copy is not None:
-                self._copy.copy_to_sources()
+            self._eager_copy_to(row)
             return
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -543,6 +587,16 @@ class _ModelAverage:
             raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
                              f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
         target.load_state_dict(state, strict=True)
+
+    def _eager_copy_to(self, row: int) -> None:
+        self._not_swapped("copy_to()")
+        self._settle()
+        self._follow()
+        if self._copy is not None:                     # the averaged group checks itself before writing
+            self._copy.check_sources()
+        self._avg.copy_to_sources(row)
+        if self._copy is not None:
+            self._copy.copy_to_sources()
 
     def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
@@ -913,6 +967,7 @@ class EMA(PlanReader, _ModelAverage):
         self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
         if self._plan_on_device is not None:
             self._warm()
+        self._ops = self._op_lists()
 
     @property
     def device_step(self) -> bool:
@@ -935,12 +990,25 @@ class EMA(PlanReader, _ModelAverage):
     def _cadence(self) -> schedules.Cadence:
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
 
+    def _plan_tensors(self) -> list:
+        plan = getattr(self, "_plan_on_device", None)
+        if plan is None:
+            return []
+        return [t for d in plan.devices.values() for t in d.arrays.values() if isinstance(t, torch.Tensor)]
+
     def update(self, step: int | None = None) -> None:
         """Update the averages from the model's current weights (call after ``optimizer.step()``).
 
         Args:
             step: the training step for the schedule; defaults to the number of updates made.
         """
+        if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
+            written, read = self._ops["update"]
+            torch.ops.fastema.update_(written, read, self._handle, -1 if step is None else step)
+            return
+        self._eager_update(step)
+
+    def _eager_update(self, step: int | None) -> None:
         pending = self.plan.next(step)                    # checks step before anything else
         if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
             if self.offload:

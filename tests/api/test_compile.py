@@ -1,0 +1,211 @@
+"""EMA.update(), swap() and copy_to() inside torch.compile: custom operators (fastema::update_,
+swap_, copy_to_), one graph with zero breaks under fullgraph=True, the shadow handed to the
+operator with no copy, and the averages equal to eager calls (bit for bit on the CPU) over
+steps whose decay changes (power warm-up)."""
+import re
+import warnings
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch import nn
+
+from fastema.torch import EMA
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _two(model=None, **kw):
+    """A model and two EMAs of it: one updated inside compiled code, one by eager calls made
+    right after, on the same weights (compiled forward/backward kernels round differently
+    from eager ones, so two models would drift apart by themselves)."""
+    model = _model() if model is None else model
+    return model, EMA(model, [0.99, 0.9], warmup="power", **kw), EMA(model, [0.99, 0.9], warmup="power", **kw)
+
+
+def _assert_same(a: EMA, b: EMA):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert (sa["updates"], sa["calls"]) == (sb["updates"], sb["calls"])
+    for part in ("averaged", "copied", "int_buffers"):
+        for k in sa[part]:
+            assert torch.equal(sa[part][k], sb[part][k]), (part, k)
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+
+def _op_args(code: str, op: str) -> list[str]:
+    """The names the generated code hands fastema::<op>'s first (written) list."""
+    calls = re.findall(rf"torch\.ops\.fastema\.{op}\.default\(\[(.*?)\]", code)
+    assert calls, code[-3000:]
+    return [n.strip() for c in calls for n in c.split(",")]
+
+
+def test_opcheck_passes_for_every_operator():
+    m = _model()
+    for kw in ({}, {"device_step": True}, {"buffers": "average"}):
+        ema = EMA(nn.Sequential(m, nn.BatchNorm1d(4)), [0.99, 0.9], warmup="power", **kw)
+        ema.update()
+        for op, args in (("update", lambda w, r: (w, r, ema._handle, -1)),
+                         ("update", lambda w, r: (w, r, ema._handle, 7)),
+                         ("copy_to", lambda w, r: (w, r, ema._handle, 1)),
+                         ("swap", lambda w, r: (w, ema._handle, 0))):
+            written, read = ema._ops[op]
+            fn = getattr(torch.ops.fastema, f"{op}_")
+            with torch.no_grad():
+                torch.library.opcheck(fn, args(written, read),
+                                      test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            if ema.swapped:
+                ema.swap()
+
+
+def test_forward_and_update_compiled_fullgraph_equal_eager():
+    """Step shape (a): forward + loss (with grad) and ema.update() in the compiled function;
+    backward and optimizer.step() outside it."""
+    model, ea, eb = _two()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, ema, x, y):
+        loss = (model(x) - y).square().mean()
+        ema.update()
+        return loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    dynamo.reset()
+    decays = set()
+    for i in range(6):
+        loss = compiled(model, ea, *_batch(i))
+        eb.update()
+        decays.add(tuple(eb.decay))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    _assert_same(ea, eb)
+    assert len(decays) == 6                             # the warm-up moved the decay at every step
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    explain = dynamo.explain(step)(model, ea, *_batch(9))
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0)
+
+
+def _manual_sgd_step(model, ema, x, y):
+    """Step shape (b): a whole update under no_grad: forward, hand-computed gradients, the
+    parameter update in the graph, then ema.update()."""
+    with torch.no_grad():
+        h = model[0](x)
+        r = torch.relu(h)
+        out = model[2](r)
+        go = 2 * (out - y) / out.numel()
+        grads = [(go @ model[2].weight * (h > 0)).t() @ x, (go @ model[2].weight * (h > 0)).sum(0),
+                 go.t() @ r, go.sum(0)]
+        for p, g in zip((model[0].weight, model[0].bias, model[2].weight, model[2].bias), grads):
+            p.sub_(0.1 * g)
+        ema.update()
+        return (out - y).square().mean()
+
+
+@pytest.mark.parametrize("device_step", [False, True])
+def test_whole_update_under_no_grad_compiled_fullgraph_equal_eager(device_step):
+    from torch._inductor.utils import run_and_get_code
+
+    ma, ea, eb = _two(device_step=device_step)
+    mb, ec, _ = _two(device_step=device_step)           # and a whole eager run, within 1 ulp
+    compiled = torch.compile(_manual_sgd_step, fullgraph=True)
+    dynamo.reset()
+    code = None
+    for i in range(6):
+        x, y = _batch(i)
+        if code is None:
+            _, code = run_and_get_code(compiled, ma, ea, x, y)
+        else:
+            compiled(ma, ea, x, y)
+        eb.update()
+        _manual_sgd_step(mb, ec, x, y)
+    _assert_same(ea, eb)
+    for k, v in ec.state_dict()["averaged"].items():
+        torch.testing.assert_close(ea.state_dict()["averaged"][k], v, rtol=1.2e-7, atol=1e-8)
+    text = "\n".join(code)
+    shadows = _op_args(text, "update_")
+    # the shadow buffers go to the operator as the graph's own inputs: no clone, no copy
+    assert all(n.startswith("arg") for n in shadows[:len(ea._avg.layout.groups)]), shadows
+    assert "clone" not in text
+    explain = dynamo.explain(_manual_sgd_step)(ma, ea, *_batch(9))
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0)
+
+
+def test_compiled_optimizer_step_then_compiled_update_in_a_training_loop():
+    model, ea, eb = _two(_model().append(nn.BatchNorm1d(4)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_step = torch.compile(opt.step)
+    ema_step = torch.compile(ea.update, fullgraph=True)
+    for i in range(8):
+        x, y = _batch(i)
+        (model(x) - y).square().mean().backward()
+        opt_step()
+        opt.zero_grad()
+        ema_step()
+        eb.update()
+    _assert_same(ea, eb)                                 # BatchNorm statistics copied by the operator too
+    assert ea.state_dict()["copied"]
+
+
+def test_swap_and_copy_to_inside_a_compiled_function():
+    ma, ea, _ = _two()
+    mb, eb, _ = _two()
+    for i in range(3):
+        for m, e in ((ma, ea), (mb, eb)):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.1 * (i + 1))
+            e.update()
+
+    def evaluate(model, ema, x):
+        ema.swap()
+        out = model(x)
+        ema.swap()
+        return out
+
+    x, _ = _batch(0)
+    with torch.no_grad():
+        got = torch.compile(evaluate, fullgraph=True)(ma, ea, x)
+        want = evaluate(mb, eb, x)
+    assert torch.equal(got, want)
+    _assert_same(ea, eb)
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))   # raw weights back
+
+    @torch.compile(fullgraph=True)
+    def finish(ema):
+        ema.copy_to()
+
+    with torch.no_grad():
+        finish(ea)
+        eb.copy_to()
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+
+
+def test_eager_calls_do_not_go_through_the_operator(monkeypatch):
+    m = _model()
+    ema = EMA(m, 0.9)
+    called = []
+    monkeypatch.setattr(torch.ops.fastema, "update_", lambda *a: called.append(a), raising=False)
+    ema.update()
+    assert not called and ema.updates == 1
+
+
+def test_compiled_code_of_a_collected_average_says_so():
+    m = _model()
+    ema = EMA(m, 0.9)
+    written, read = ema._ops["update"]
+    handle = ema._handle
+    del ema
+    import gc
+
+    gc.collect()
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.fastema.update_(written, read, handle, -1)
