@@ -214,3 +214,9 @@ class ShadowBase:
         """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
         and keeps the old ones if any differs."""
         self.source_table.rebind(sources)
+
+    def retarget(self, sources) -> None:
+        """:meth:`rebind` for torch sources that match the current ones in dtype, shape, strides
+        and device (a compiled graph's buffers standing for them): addresses only. Falls back to
+        :meth:`rebind`'s full check when they do not match."""
+        self.source_table.retarget(sources)

@@ -24,6 +24,7 @@ from ._backends import Buf, describe, disjoint
 from .kernels.kinds import KIND_NAMES
 
 _DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
+_DEVICE = operator.attrgetter("device")
 
 
 def _data_ptr():
@@ -117,6 +118,30 @@ class SourceTable:
             raise
         for g, t, bufs in zip(self._layout.groups, self._tracked, checked):
             self._follow(g, t, bufs)
+
+    def retarget(self, sources: list) -> None:
+        """Follow new torch source objects with the very dtypes, shapes, strides and devices of the
+        current ones (a compiled graph's buffers standing for them): their addresses only, checked
+        for freed storage. Anything else goes through :meth:`rebind`'s full check."""
+        new = list(sources)
+        if len(new) != len(self._sources) or not all(t.track for t in self._tracked) or \
+                _signatures(new) != _signatures(self._sources) or \
+                list(map(_DEVICE, new)) != list(map(_DEVICE, self._sources)):
+            return self.rebind(new)
+        moves = []
+        for g, t in zip(self._layout.groups, self._tracked):
+            tensors = [new[i] for i in g.members]
+            addresses = list(map(_data_ptr(), tensors))
+            for a, x, i in zip(addresses, tensors, g.members):
+                if a == 0 and x.numel():
+                    raise ValueError(f"the storage of source {self.names[i]!r} was freed (address 0); nothing "
+                                     f"was updated")
+            moves.append((g, t, tensors, addresses))
+        for g, t, tensors, addresses in moves:              # every address checked before any change
+            t.tensors, t.addresses = tensors, addresses
+            t.keep = [x.untyped_storage() for x in tensors]
+            self._layout.set_addresses(g, addresses)
+        self._sources = new
 
     def adopt(self, sources: list, addresses: list) -> None:
         """Follow new sources that the caller has checked already (same dtypes, shapes and

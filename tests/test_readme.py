@@ -45,3 +45,11 @@ def test_large_models_example_runs_under_torchrun(tmp_path):
     m = re.search(r"sharded=True updates=20 EMA output (-?\d+\.\d+) == plain model (-?\d+\.\d+)", out.stdout)
     assert m and m.group(1) == m.group(2), out.stdout
     assert (tmp_path / "ema.safetensors").exists() and (tmp_path / "ckpt" / "ema").is_dir()
+
+
+def test_torch_compile_example_runs(capsys):
+    block = re.search(r"### torch.compile and CUDA graphs.*?```python\n(.*?)```", README, re.S).group(1)
+    exec(compile(block, "README torch.compile", "exec"), {})
+    out = capsys.readouterr().out
+    loss, updates = re.search(r"loss (\d+\.\d+), EMA updates (\d+)", out).groups()
+    assert int(updates) == 200 and float(loss) < 0.05, out

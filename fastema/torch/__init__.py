@@ -448,7 +448,7 @@ class _ModelAverage:
         every tensor an eager call touches, so functionalization sees each write. Made when the
         tensors change (construction, rebind), never while tracing."""
         groups = [g for shadow in (self._avg, self._copy) if shadow is not None for g in shadow.layout.groups]
-        shadows = [g.buffer for g in groups]
+        shadows = [g.buffer for g in groups] + [ring for _, ring, _ in getattr(self._avg, "_rings", ())]
         sources = list(self._avg.sources) + (list(self._copy.sources) if self._copy is not None else [])
         ints = list(self._int_buffers.values())
         return {"update": (shadows + [d for _, d in ints] + self._plan_tensors(), sources + [s for s, _ in ints]),
@@ -465,16 +465,16 @@ class _ModelAverage:
         n_copy = len(self._copy.sources) if self._copy is not None else 0
         old = (list(self._avg.sources), list(self._copy.sources) if self._copy is not None else None,
                dict(self._int_buffers))
-        self._avg.rebind(read[:n_avg])
+        self._avg.retarget(read[:n_avg])
         if self._copy is not None:
-            self._copy.rebind(read[n_avg:n_avg + n_copy])
+            self._copy.retarget(read[n_avg:n_avg + n_copy])
         for (name, (_, dst)), src in zip(list(self._int_buffers.items()), read[n_avg + n_copy:]):
             self._int_buffers[name] = (src, dst)
 
         def restore():
-            self._avg.rebind(old[0])
+            self._avg.retarget(old[0])
             if self._copy is not None:
-                self._copy.rebind(old[1])
+                self._copy.retarget(old[1])
             self._int_buffers.update(old[2])
 
         return restore
@@ -1125,6 +1125,13 @@ class WindowAverage(_ModelAverage):
 
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
+        if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
+            written, read = self._ops["update"]
+            torch.ops.fastema.update_(written, read, self._handle, -1)
+            return
+        self._eager_update(None)
+
+    def _eager_update(self, step: int | None) -> None:
         if self._begin(self.cadence.due()):
             if self.window is None:
                 self._avg.update(weight=1.0 / (self.snapshots + 1))

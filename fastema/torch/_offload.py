@@ -83,6 +83,9 @@ class OffloadedShadow:
     def rebind(self, sources) -> None:
         self.pack.rebind(sources)
 
+    def retarget(self, sources) -> None:
+        self.pack.retarget(sources)
+
     def check_sources(self) -> None:
         self.pack.check_sources()
 

@@ -64,6 +64,14 @@ def test_opcheck_passes_for_every_operator():
                                       test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
             if ema.swapped:
                 ema.swap()
+    from fastema.torch import WindowAverage
+
+    for avg in (WindowAverage(m, 3), WindowAverage(m, None)):
+        avg.update()
+        written, read = avg._ops["update"]
+        with torch.no_grad():
+            torch.library.opcheck(torch.ops.fastema.update_, (written, read, avg._handle, -1),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_forward_and_update_compiled_fullgraph_equal_eager():
@@ -209,3 +217,29 @@ def test_compiled_code_of_a_collected_average_says_so():
     gc.collect()
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="no longer exists"):
         torch.ops.fastema.update_(written, read, handle, -1)
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_window_average_update_compiled_fullgraph_equal_eager(window):
+    from fastema.torch import WindowAverage
+
+    model = _model()
+    wa, wb = WindowAverage(model, window), WindowAverage(model, window)
+    compiled = torch.compile(_manual_sgd_step_and(wa), fullgraph=True)
+    for i in range(7):
+        compiled(model, *_batch(i))
+        wb.update()
+    sa, sb = wa.state_dict(), wb.state_dict()
+    assert sa["snapshots"] == sb["snapshots"] == 8
+    for k in sa["averaged"]:
+        assert torch.equal(sa["averaged"][k], sb["averaged"][k]), k
+    if window is not None:
+        for k in sa["ring"]:
+            assert torch.equal(sa["ring"][k], sb["ring"][k]), k
+
+
+def _manual_sgd_step_and(average):
+    def step(model, x, y):
+        return _manual_sgd_step(model, average, x, y)
+
+    return step
