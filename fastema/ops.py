@@ -26,6 +26,23 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
 MAX_DECAYS = 8
 
 
+# Inside torch.compile the array functions go through PyTorch custom operators, which
+# fastema.torch registers here when it is imported (this module knows nothing of torch):
+# "compiling" -> torch.compiler.is_compiling, and function name -> its operator call.
+COMPILED: dict = {}
+
+
+def _compilable(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if COMPILED and COMPILED["compiling"]():
+            return COMPILED[fn.__name__](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    call.eager = fn
+    return call
+
+
 def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
     out = []
     for v in values:
@@ -134,6 +151,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     return shadow
 
 
+@_compilable
 def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
                 rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
     """Exponential moving average in place: ``shadow <- decay * shadow + (1 - decay) * src``.
@@ -165,6 +183,7 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
                    skip_if)
 
 
+@_compilable
 def ema_update_multi_(shadow, src, decays: Sequence[float] | None = None, *, weights: Any = None,
                       rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
     """K moving averages of one source in one pass: ``shadow[k] <- lerp(shadow[k], src, 1 - decays[k])``.
@@ -187,6 +206,7 @@ def _leading(a) -> int:
     return shape[0]
 
 
+@_compilable
 def copy_(dst, src):
     """``dst <- src`` with conversion (round to nearest even); equal dtypes copy bits exactly.
 
@@ -200,6 +220,7 @@ def copy_(dst, src):
     return dst
 
 
+@_compilable
 def swap_(a, b, *, lossy: bool = False):
     """Exchange the contents of ``a`` and ``b`` in place, element by element (no temporary).
 
@@ -322,6 +343,7 @@ def _pair_groups(shadows, sources) -> list:
     return groups
 
 
+@_compilable
 def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None = None, *, weight: Any = None,
                      rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
     """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` for every pair, one launch per

@@ -120,3 +120,117 @@ def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
 @copy_to_.register_fake
 def _(written, read, handle, row):
     return None
+
+
+# ---------------------------------------------------------------- the array-level functions
+# fastema.ema_update_ & co. on torch tensors inside compiled code: each operator runs the
+# eager function on the tensors it is handed (no state of its own to re-base).
+
+def _weight(weight):
+    """(float, tensor) of a ``weight=`` argument: a float, floats, or a device tensor."""
+    if weight is None:
+        return None, None
+    if isinstance(weight, torch.Tensor):
+        return None, weight
+    return ([float(w) for w in weight] if isinstance(weight, (list, tuple)) else [float(weight)]), None
+
+
+def _weight_back(floats, tensor, single: bool):
+    if tensor is not None:
+        return tensor
+    if floats is None:
+        return None
+    return floats[0] if single else floats
+
+
+@torch.library.custom_op("fastema::array_ema_update_", mutates_args=("shadow",))
+def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[float] | None,
+                      weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, multi: bool,
+                      rounding: str, seed: int, step: int, skip_if: torch.Tensor | None) -> None:
+    from .. import ops
+
+    if multi:
+        ops.ema_update_multi_.eager(shadow, src, decays, weights=_weight_back(weight_floats, weight_tensor, False),
+                                    rounding=rounding, seed=seed, step=step, skip_if=skip_if)
+    else:
+        ops.ema_update_.eager(shadow, src, None if decays is None else decays[0],
+                              weight=_weight_back(weight_floats, weight_tensor, True), rounding=rounding,
+                              seed=seed, step=step, skip_if=skip_if)
+
+
+array_ema_update_.register_fake(lambda *args: None)
+
+
+@torch.library.custom_op("fastema::array_ema_update_many_", mutates_args=("shadows",))
+def array_ema_update_many_(shadows: list[torch.Tensor], sources: list[torch.Tensor], decay: float | None,
+                           weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, rounding: str,
+                           seed: int, step: int) -> None:
+    from .. import ops
+
+    ops.ema_update_many_.eager(shadows, sources, decay, weight=_weight_back(weight_floats, weight_tensor, True),
+                               rounding=rounding, seed=seed, step=step)
+
+
+array_ema_update_many_.register_fake(lambda *args: None)
+
+
+@torch.library.custom_op("fastema::array_copy_", mutates_args=("dst",))
+def array_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    from .. import ops
+
+    ops.copy_.eager(dst, src)
+
+
+array_copy_.register_fake(lambda dst, src: None)
+
+
+@torch.library.custom_op("fastema::array_swap_", mutates_args=("a", "b"))
+def array_swap_(a: torch.Tensor, b: torch.Tensor, lossy: bool) -> None:
+    from .. import ops
+
+    ops.swap_.eager(a, b, lossy=lossy)
+
+
+array_swap_.register_fake(lambda a, b, lossy: None)
+
+
+def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", seed=0, step=0, skip_if=None):
+    floats, tensor = _weight(weight)
+    torch.ops.fastema.array_ema_update_(shadow, src, None if decay is None else [float(decay)], floats, tensor,
+                                        False, rounding, seed, step, skip_if)
+    return shadow
+
+
+def _ema_update_multi_(shadow, src, decays=None, *, weights=None, rounding="nearest", seed=0, step=0,
+                       skip_if=None):
+    floats, tensor = _weight(weights)
+    torch.ops.fastema.array_ema_update_(shadow, src, None if decays is None else [float(d) for d in decays],
+                                        floats, tensor, True, rounding, seed, step, skip_if)
+    return shadow
+
+
+def _ema_update_many_(shadows, sources, decay=None, *, weight=None, rounding="nearest", seed=0, step=0):
+    floats, tensor = _weight(weight)
+    torch.ops.fastema.array_ema_update_many_(list(shadows), list(sources), None if decay is None else float(decay),
+                                             floats, tensor, rounding, seed, step)
+
+
+def _copy_(dst, src):
+    torch.ops.fastema.array_copy_(dst, src)
+    return dst
+
+
+def _swap_(a, b, *, lossy=False):
+    torch.ops.fastema.array_swap_(a, b, lossy)
+
+
+def install() -> None:
+    """Route the array-level functions through the operators above inside compiled code."""
+    from .. import ops
+
+    ops.COMPILED.update(compiling=torch.compiler.is_compiling, ema_update_=_ema_update_,
+                        ema_update_multi_=_ema_update_multi_, ema_update_many_=_ema_update_many_,
+                        copy_=_copy_, swap_=_swap_)
+
+
+install()

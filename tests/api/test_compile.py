@@ -243,3 +243,73 @@ def _manual_sgd_step_and(average):
         return _manual_sgd_step(model, average, x, y)
 
     return step
+
+
+def test_array_level_operators_pass_opcheck():
+    import fastema.torch  # noqa: F401  (registers the operators)
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, generator=g), torch.randn(64, generator=g).bfloat16()
+    k = torch.randn(2, 64, generator=g)
+    w = torch.full((1,), 0.25)
+    flag = torch.zeros(1, dtype=torch.int32)
+    cases = [
+        (torch.ops.fastema.array_ema_update_, (a, b, [0.9], None, None, False, "nearest", 0, 0, None)),
+        (torch.ops.fastema.array_ema_update_, (a, b, None, None, w, False, "nearest", 0, 0, flag)),
+        (torch.ops.fastema.array_ema_update_, (k, b, [0.9, 0.5], None, None, True, "nearest", 0, 0, None)),
+        (torch.ops.fastema.array_ema_update_, (b.clone(), a, [0.9], None, None, False, "stochastic", 3, 7, None)),
+        (torch.ops.fastema.array_ema_update_many_, ([a, k[0]], [b, b], None, [0.1], None, "nearest", 0, 0)),
+        (torch.ops.fastema.array_copy_, (a, b)),
+        (torch.ops.fastema.array_swap_, (a, k[1].clone(), False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_array_level_functions_compile_fullgraph_equal_eager():
+    import fastema
+
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=g) for s in ((16, 8), (16,), (4, 16))]
+    weight = torch.full((1,), 0.1)
+
+    def step(shadows, single, multi, params, direction):
+        torch._foreach_add_(params, direction)
+        fastema.ema_update_many_(shadows, params, 0.9)
+        fastema.ema_update_(single, params[0], weight=weight)
+        fastema.ema_update_multi_(multi, params[1], [0.9, 0.5])
+        fastema.copy_(params[2], params[2] * 0.5)
+
+    runs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        ps = [p.clone() for p in params]
+        state = ([p.clone() for p in ps], ps[0].clone(), torch.stack([ps[1], ps[1]]))
+        for i in range(4):
+            weight.fill_(0.1 * (i + 1))                    # read by the kernel at every call
+            fn(*state, ps, [torch.full_like(p, 0.01 * i) for p in ps])
+        runs.append((state, ps))
+    (sa, pa), (sb, pb) = runs
+    for x, y in zip([*sa[0], sa[1], sa[2], *pa], [*sb[0], sb[1], sb[2], *pb]):
+        assert torch.equal(x, y)
+    explain = dynamo.explain(step)(*runs[1][0], runs[1][1], [torch.zeros_like(p) for p in params])
+    assert explain.graph_break_count == 0
+
+
+def test_retarget_follows_matching_tensors_by_address_and_fails_closed():
+    import fastema
+
+    a, b = torch.zeros(8, 4), torch.zeros(5)
+    flat = fastema.FlatShadow([a, b])
+    a2, b2 = torch.ones(8, 4), torch.ones(5)
+    flat.retarget([a2, b2])                               # a compiled graph's buffers: addresses only
+    flat.update(0.5)
+    assert torch.equal(flat.view(0), torch.full((8, 4), 0.5)) and flat.sources[0] is a2
+    with pytest.raises(ValueError, match="was float32 \\(8, 4\\).*now float64"):
+        flat.retarget([a2.double(), b2])                  # not matching: rebind's full check names it
+    freed = torch.ones(8, 4)
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="was freed"):
+        flat.retarget([freed, b2])
+    assert flat.sources[0] is a2                          # nothing changed on a refusal
+    flat.update(0.5)
+    assert torch.equal(flat.view(0), torch.full((8, 4), 0.75))
