@@ -13,6 +13,8 @@ an ordinary jit-compiled training loop::
 
 On the CPU the update waits for ``params`` to be computed (the kernel runs on the
 host); on a GPU the read is ordered on the device through DLPack's stream argument.
+On the CPU ``update()`` may also be called inside the jitted step (an ordered host
+callback; see :meth:`EMA._traced_update`).
 """
 from __future__ import annotations
 
@@ -92,8 +94,8 @@ class EMA(FrameworkEMA):
             raise TypeError(f"leaf {name} is a {type(x).__name__}; fastema.jax.EMA averages pytrees of JAX "
                             f"arrays (use jnp.asarray)")
         if isinstance(x, jax.core.Tracer):
-            raise TypeError(f"leaf {name} is a tracer: EMA.update() runs outside jax.jit; call it on the "
-                            f"parameters the jitted step returns")
+            raise TypeError(f"leaf {name} is a tracer: make the EMA outside jax.jit, from concrete parameters "
+                            f"(update() may then be called inside jax.jit)")
         return x
 
     # ------------------------------------------------------------ operations
@@ -105,6 +107,8 @@ class EMA(FrameworkEMA):
             params: the current parameters, e.g. what the jitted train step returned.
             step: the training step for the schedule; defaults to the number of updates made.
         """
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, step))):
+            return self._traced_update(params, step)
         pending = self.plan.next(step)          # checks step; records nothing yet
         if not pending.due:
             self.plan.done(pending)
@@ -119,6 +123,26 @@ class EMA(FrameworkEMA):
             sources = None
         self._fold(pending, sources)
         self._leaves = leaves
+
+    def _traced_update(self, params, step) -> None:
+        """``update()`` inside ``jax.jit``: an ordered ``io_callback`` runs the eager update on the
+        parameters' values at every call of the compiled function (in program order, after the
+        computation that makes them). On the CPU the callback gets the arrays themselves and the
+        kernel reads their buffers (no copy). On a GPU a host callback would copy the model to
+        the host at every step, so it is refused: that needs an XLA FFI custom call."""
+        from jax.experimental import io_callback
+
+        if not self._on_cpu:
+            raise NotImplementedError("fastema.jax.EMA.update() inside jax.jit runs on the CPU only: on a GPU a "
+                                      "host callback would copy every parameter to the host at each step. Call "
+                                      "update() on the parameters the jitted step returns.")
+        io_callback(self._from_callback, None, params, jnp.asarray(-1 if step is None else step, jnp.int64
+                                                                   if jax.config.jax_enable_x64 else jnp.int32),
+                    ordered=True)
+
+    def _from_callback(self, params, step) -> None:
+        step = int(step)
+        self.update(params, None if step < 0 else step)
 
     def _match(self, params) -> list:
         leaves, treedef = jax.tree_util.tree_flatten(params)
