@@ -778,3 +778,36 @@ def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
     with off.average_parameters():
         got = model(x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.parametrize("shadow_dtype, rounding", [("float32", "nearest"), ("bfloat16", "stochastic")])
+def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, rounding):
+    """torch.compile(mode="reduce-overhead"): the step with ema.update() inside is recorded into
+    CUDA graphs and replayed; the device plan advances at every replay (power warm-up), so the
+    average equals an eager EMA of the same weights, bit for bit."""
+    import torch
+    from torch import nn
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda().bfloat16()
+    kw = dict(warmup="power", shadow_dtype=shadow_dtype, rounding=rounding, seed=5)
+    inside, eager = EMA(model, [0.99, 0.9], **kw), EMA(model, [0.99, 0.9], **kw)
+    params = list(model.parameters())
+
+    def step(direction):
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            inside.update()
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for i in range(8):
+        compiled([torch.full_like(p, 0.01 * (i % 3)) for p in params])
+        eager.update()
+    torch.cuda.synchronize()
+    a, b = inside.state_dict(), eager.state_dict()
+    assert (a["updates"], a["calls"]) == (b["updates"], b["calls"]) == (8, 8)
+    for k in a["averaged"]:
+        assert torch.equal(a["averaged"][k], b["averaged"][k]), k
