@@ -313,3 +313,21 @@ def test_retarget_follows_matching_tensors_by_address_and_fails_closed():
     assert flat.sources[0] is a2                          # nothing changed on a refusal
     flat.update(0.5)
     assert torch.equal(flat.view(0), torch.full((8, 4), 0.75))
+
+
+def test_an_explicit_step_is_a_graph_input_not_a_constant():
+    model, ea, eb = _two()
+
+    def step(ema, i):
+        ema.update(step=i)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=None)
+    dynamo.reset()
+    for i in range(0, 40, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        compiled(ea, i)
+        eb.update(step=i)
+    _assert_same(ea, eb)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2      # the first step, then a dynamic one
