@@ -87,6 +87,7 @@ def test_forward_and_update_compiled_fullgraph_equal_eager():
 
     compiled = torch.compile(step, fullgraph=True)
     dynamo.reset()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
     decays = set()
     for i in range(6):
         loss = compiled(model, ea, *_batch(i))
@@ -97,7 +98,7 @@ def test_forward_and_update_compiled_fullgraph_equal_eager():
         opt.zero_grad()
     _assert_same(ea, eb)
     assert len(decays) == 6                             # the warm-up moved the decay at every step
-    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     explain = dynamo.explain(step)(model, ea, *_batch(9))
     assert (explain.graph_count, explain.graph_break_count) == (1, 0)
 
@@ -323,6 +324,7 @@ def test_an_explicit_step_is_a_graph_input_not_a_constant():
 
     compiled = torch.compile(step, fullgraph=True, dynamic=None)
     dynamo.reset()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
     for i in range(0, 40, 5):
         with torch.no_grad():
             for p in model.parameters():
@@ -330,4 +332,4 @@ def test_an_explicit_step_is_a_graph_input_not_a_constant():
         compiled(ea, i)
         eb.update(step=i)
     _assert_same(ea, eb)
-    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2      # the first step, then a dynamic one
+    assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 2   # the first step, then a dynamic one
