@@ -479,9 +479,6 @@ class _ModelAverage:
 
         return restore
 
-    def _op_tensors(self, op: str) -> tuple[list, list]:
-        return self._ops[op]
-
     # ------------------------------------------------------------ swap and export
 
     def swap(self, row: int = 0) -> None:

@@ -84,7 +84,7 @@ def _through(owner, written: list, read: list, own_written: list, own_read: list
 def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, step: int) -> None:
     """One ``update()`` of the average ``handle`` (``step < 0``: no explicit step)."""
     owner = _owner(handle)
-    own_written, own_read = owner._op_tensors("update")
+    own_written, own_read = owner._ops["update"]
     with _through(owner, written, read, own_written, own_read):
         owner._eager_update(None if step < 0 else step)
 
@@ -98,7 +98,7 @@ def _(written, read, handle, step):
 def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     """``swap(row)`` of the average ``handle``: average ``row`` in, or the raw weights back."""
     owner = _owner(handle)
-    own_written, _ = owner._op_tensors("swap")
+    own_written, _ = owner._ops["swap"]
     with _through(owner, written, [], own_written, []):
         owner._swap.swap(row)
 
@@ -112,7 +112,7 @@ def _(written, handle, row):
 def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, row: int) -> None:
     """``copy_to()`` of the average ``handle``: average ``row`` into the model it tracks."""
     owner = _owner(handle)
-    own_written, own_read = owner._op_tensors("copy_to")
+    own_written, own_read = owner._ops["copy_to"]
     with _through(owner, written, read, own_written, own_read, reads_sources=False):
         owner._eager_copy_to(row)
 
