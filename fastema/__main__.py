@@ -4,10 +4,11 @@ Commands:
     demo    train a small model with an EMA of its weights (fastema.demo)
     plot    draw raw, SMA and EMA curves of a logged metric to a PNG (fastema.plot)
     bench   run the benchmark suite and write its report (fastema.bench)
+    posthoc synthesise a post-hoc EMA from PostHocEMA snapshots (fastema.posthoc)
 """
 import sys
 
-COMMANDS = {"demo": "demo", "plot": "plot", "bench": "bench"}
+COMMANDS = {"demo": "demo", "plot": "plot", "bench": "bench", "posthoc": "posthoc"}
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ def make_plan(decay, *, shadow_dtype: str, rounding: str, seed: int, skip_nonfin
 
 
 _PLAN_OPTIONS = ("warmup", "min_decay", "inv_gamma", "power", "update_after_step", "update_every", "compensate",
-                 "debias")
+                 "debias", "sigma_rel", "half_life", "bema")
 
 
 def check_options(decay, options: dict) -> None:

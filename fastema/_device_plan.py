@@ -20,17 +20,30 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backends, _launch
-from .kernels.kinds import (CONSTANT, NUM_UPDATES, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
+from .kernels.kinds import (CONSTANT, HALF_LIFE, NUM_UPDATES, POWER_FUNCTION, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
                             P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, PLAN_PARAMS,
-                            POWER_WARMUP, S_CALLS, S_NORMS, S_UPDATES, wide)
-from .schedules import Constant, NumUpdates, Plan, PowerWarmup
+                            POWER_WARMUP, S_CALLS, S_LAST, S_NORMS, S_UPDATES, wide)
+from .schedules import BEMA, Constant, HalfLife, NumUpdates, Plan, PowerFunction, PowerWarmup
 
-_SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP}
+_SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
+                   PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE}
+
+
+def _row_parameter(s) -> float:
+    """The per-row number ``plan_step`` reads as ``decays[i]``."""
+    if isinstance(s, PowerFunction):
+        return float(s.gamma)
+    if isinstance(s, HalfLife):
+        return float(s.half_life)
+    return float(s.decay)
 
 
 def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(params float64[PLAN_PARAMS], decays float64[K])`` of ``plan`` for ``plan_step``."""
     first = plan.schedules[0]
+    if isinstance(first, BEMA):
+        raise ValueError("bema= keeps its bias correction on the host: it cannot run with device_step=True "
+                         "(CUDA-graph replays); make the EMA with device_step=False")
     if any(type(s) is not type(first) for s in plan.schedules):
         raise ValueError("a device-side plan needs one schedule kind for every decay")
     params = np.zeros(PLAN_PARAMS, np.float64)
@@ -45,7 +58,7 @@ def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError("a device-side plan needs the same warm-up parameters for every decay")
         params[P_MIN_DECAY], params[P_INV_GAMMA], params[P_POWER] = first.min_decay, first.inv_gamma, first.power
         params[P_AFTER], params[P_WARMUP] = first.update_after_step, first.warmup
-    return params, np.array([float(s.decay) for s in plan.schedules], np.float64)
+    return params, np.array([_row_parameter(s) for s in plan.schedules], np.float64)
 
 
 class _OnDevice:
@@ -77,7 +90,7 @@ class DevicePlan:
         """Write the host plan's parameters and state to every device (at construction and on
         a checkpoint load: a host copy, not a per-step path)."""
         params, decays = parameters(plan, seed)
-        state = np.array([plan.calls, plan.updates, *plan.norms], np.float64)
+        state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)
         for d in self.devices.values():
             for name, values in (("params", params), ("decays", decays), ("state", state)):
                 _backends.copy_from_host(d.arrays[name], values)
@@ -87,6 +100,7 @@ class DevicePlan:
         graph replays the device is ahead of the host."""
         state = _backends.to_host(next(iter(self.devices.values())).arrays["state"])
         plan.cadence.calls, plan.updates = int(state[S_CALLS]), int(state[S_UPDATES])
+        plan.last_time = float(state[S_LAST])
         plan.norms = [float(x) for x in state[S_NORMS:]]
 
     def advance(self, step: int | None) -> None:

@@ -3,6 +3,14 @@
 ``n`` counts the updates made so far, the one being made included (1 on the first
 update). The value is computed on the host from Python ints, so reading it never
 syncs a device. Every schedule has ``state()`` and ``from_state()`` for checkpoints.
+
+Timed schedules (:class:`PowerFunction`, :class:`HalfLife`, :class:`BEMA`) are defined over
+training time, not over updates: ``decay = schedule.between(first, last, t)`` for an update
+at time ``t`` when the previous one was at ``last`` (0 before any) and the first at
+``first`` (None before any). Time is the number of ``update()`` calls (skipped ones
+included: ``update_every=k`` advances it by ``k`` per update), or the ``step`` passed to
+``update(step=)``: pass images or tokens seen to define a profile in samples. So the
+profile is the same whatever the update interval, even an irregular one.
 """
 from __future__ import annotations
 
@@ -13,8 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Cadence", "Constant", "NumUpdates", "Pending", "PowerWarmup", "Plan", "compensated", "from_state",
-           "debiased_weight", "gamma_to_sigma_rel", "sigma_rel_to_gamma"]
+__all__ = ["BEMA", "Cadence", "Constant", "HalfLife", "NumUpdates", "Pending", "PowerFunction", "PowerWarmup", "Plan",
+           "compensated", "from_state", "debiased_weight", "gamma_to_sigma_rel", "sigma_rel_to_gamma",
+           "SIGMA_REL_MAX"]
 
 
 def _check_decay(name, value):
@@ -108,7 +117,127 @@ def check_power_args(decay, min_decay, inv_gamma, power, update_after_step) -> N
     _check_count("update_after_step", update_after_step)
 
 
-_KINDS = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup}
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PowerFunction:
+    """The power-function EMA profile of Karras et al. 2024 (EDM2, arXiv 2312.02696), exact
+    for any update interval (the paper's Delta-t form, Eq. 127).
+
+    At time ``t`` the average weights the past as ``p(tau) = (gamma+1) tau^gamma / t^(gamma+1)``
+    on ``[0, t]`` (relative width ``sigma_rel``, :func:`gamma_to_sigma_rel`). An update at time
+    ``t`` after one at ``last`` uses::
+
+        decay = (last / t) ** (gamma + 1)          (= (1 - dt/t) ** (gamma + 1), dt = t - last)
+
+    so the first update (``last = 0``) copies, and the sample taken at ``t_i`` ends with the
+    weight ``(t_i^(gamma+1) - t_(i-1)^(gamma+1)) / t^(gamma+1)``: the integral of ``p`` over
+    ``[t_(i-1), t_i]``, whatever the steps between updates (the product of decays telescopes).
+    Unit steps give EDM2's ``(1 - 1/t) ** (gamma + 1)``.
+    """
+    gamma: float
+    timed = True
+
+    def __post_init__(self):
+        _check_positive("gamma", self.gamma)
+
+    @classmethod
+    def of(cls, sigma_rel: float) -> "PowerFunction":
+        """The profile of relative width ``sigma_rel`` (:func:`sigma_rel_to_gamma`)."""
+        return cls(sigma_rel_to_gamma(sigma_rel))
+
+    @property
+    def sigma_rel(self) -> float:
+        return gamma_to_sigma_rel(self.gamma)
+
+    def between(self, first, last: float, t: float) -> float:
+        if last <= 0 or t <= 0:
+            return 0.0
+        return (last / t) ** (self.gamma + 1.0)
+
+    def __call__(self, n: int) -> float:
+        return self.between(None, n - 1, n)
+
+    def state(self) -> dict:
+        return {"kind": "power_function", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class HalfLife:
+    """An EMA whose weights halve every ``half_life`` units of time (steps, or samples when
+    ``update(step=)`` counts samples): ``decay = 2 ** (-(t - last) / half_life)``, exact for any
+    interval between updates (as Composer's ``smoothing = 2 ** -(interval / half_life)``). The
+    average starts from the weights at construction (time 0)."""
+    half_life: float
+    timed = True
+
+    def __post_init__(self):
+        _check_positive("half_life", self.half_life)
+
+    def between(self, first, last: float, t: float) -> float:
+        return 2.0 ** (-(t - last) / float(self.half_life))
+
+    def __call__(self, n: int) -> float:
+        return self.between(None, n - 1, n)
+
+    def state(self) -> dict:
+        return {"kind": "half_life", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class BEMA:
+    """The EMA of bias-corrected EMA (Block & Zhang 2025, arXiv 2508.00180; TRL's ``BEMACallback``).
+
+    The first update copies the weights (into the average and into ``theta_0``); an update at
+    ``tau = t - first`` time units after it gives the new sample the weight
+    ``beta = max((lag + multiplier * tau) ** -ema_power, min_ema_multiplier)``, i.e.
+    ``decay = 1 - beta``. The bias correction ``alpha = (lag + multiplier * tau) ** -bias_power``
+    (:meth:`alpha`) is applied by the model average: output ``= EMA + alpha (theta_t - theta_0)``.
+    Names and defaults are TRL's (paper: ``rho = lag``, ``gamma = multiplier``,
+    ``kappa = ema_power``, ``eta = bias_power``); TRL counts ``tau`` from step 0, which is the
+    same with its default ``update_after=0``.
+    """
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10.0
+    multiplier: float = 1.0
+    min_ema_multiplier: float = 0.0
+    timed = True
+
+    def __post_init__(self):
+        for name in ("ema_power", "bias_power"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        _check_positive("lag", self.lag)
+        _check_positive("multiplier", self.multiplier)
+        _check_decay("min_ema_multiplier", self.min_ema_multiplier)
+
+    def _base(self, first, t: float) -> float:
+        return float(self.lag) + float(self.multiplier) * max(0.0, t - first)
+
+    def between(self, first, last: float, t: float) -> float:
+        if first is None:
+            return 0.0
+        beta = self._base(first, t) ** -float(self.ema_power)
+        return 1.0 - min(1.0, max(beta, float(self.min_ema_multiplier)))
+
+    def alpha(self, first, t: float) -> float:
+        """The bias-correction factor of the update at time ``t`` (0 on the first update)."""
+        return 0.0 if first is None else self._base(first, t) ** -float(self.bias_power)
+
+    def __call__(self, n: int) -> float:
+        return self.between(None if n <= 1 else 1, n - 1, n)
+
+    def state(self) -> dict:
+        return {"kind": "bema", **asdict(self)}
+
+
+_KINDS = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup,
+          "power_function": PowerFunction, "half_life": HalfLife, "bema": BEMA}
 
 
 def from_state(state: dict):
@@ -203,6 +332,7 @@ class Pending(NamedTuple):
     weights: list          # w = 1 - decay (or the debiased weight), one per average
     decays: list
     norms: list
+    time: float = 0.0      # the training time of this call (timed schedules)
 
 
 class Plan:
@@ -221,31 +351,72 @@ class Plan:
         update_every: update on every k-th call (the first call updates).
         compensate: with ``update_every=k``, use ``decay ** k``.
         debias: zero-init debiasing (:func:`debiased_weight`).
+        sigma_rel: instead of ``decay``, power-function profiles (:class:`PowerFunction`) of these
+            relative widths (a float, or up to 8).
+        half_life: instead of ``decay``, :class:`HalfLife` schedules (a float, or up to 8).
+        bema: instead of ``decay``, the EMA of :class:`BEMA` (``True`` for TRL's defaults).
+
+    ``decay`` defaults to 0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given.
     """
 
-    def __init__(self, decay=0.9999, *, warmup: str | None = None, min_decay: float = 0.0,
+    def __init__(self, decay=None, *, warmup: str | None = None, min_decay: float = 0.0,
                  inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
-                 update_every: int = 1, compensate: bool = False, debias: bool = False):
-        decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
-        if not 1 <= len(decays) <= 8:
-            raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 sigma_rel=None, half_life=None, bema=None):
+        given = [k for k, v in (("decay", decay), ("sigma_rel", sigma_rel), ("half_life", half_life),
+                                ("bema", bema)) if v is not None and v is not False]
+        if len(given) > 1:
+            raise ValueError(f"give one of decay, sigma_rel, half_life and bema, not {' and '.join(given)}")
         if warmup not in (None, "num_updates", "power"):
             raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
         cadence = Cadence(update_every)
-        for d in decays:
-            _check_decay("decay", d)
-        check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
-        if warmup is None:
-            self.schedules = [Constant(d) for d in decays]
-        elif warmup == "num_updates":
-            self.schedules = [NumUpdates(d) for d in decays]
+        if given and given[0] != "decay":
+            if warmup is not None or compensate:
+                raise ValueError(f"{given[0]}= is a schedule over training time, exact for any update interval: "
+                                 f"it takes no warmup= or compensate=; drop them")
+            if given[0] == "bema":
+                if debias:
+                    raise ValueError("bema= starts from a copy of the weights; it takes no debias=")
+                self.schedules = [bema if isinstance(bema, BEMA) else BEMA()]
+                if bema is not True and not isinstance(bema, BEMA):
+                    raise TypeError(f"bema must be True or a fastema.schedules.BEMA, got {bema!r}")
+            else:
+                values = sigma_rel if given[0] == "sigma_rel" else half_life
+                values = list(values) if isinstance(values, (list, tuple)) else [values]
+                if not 1 <= len(values) <= 8:
+                    raise ValueError(f"1 to 8 values of {given[0]} (one per average), got {len(values)}")
+                make = PowerFunction.of if given[0] == "sigma_rel" else HalfLife
+                self.schedules = [make(v) for v in values]
         else:
-            self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
+            decay = 0.9999 if decay is None else decay
+            decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
+            if not 1 <= len(decays) <= 8:
+                raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
+            for d in decays:
+                _check_decay("decay", d)
+            check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
+            if warmup is None:
+                self.schedules = [Constant(d) for d in decays]
+            elif warmup == "num_updates":
+                self.schedules = [NumUpdates(d) for d in decays]
+            else:
+                self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
         self.cadence = cadence              # counts the calls (shared with a model average that asks it)
         self.compensate, self.debias = bool(compensate), bool(debias)
         self.updates = 0                    # updates made
-        self.norms = [0.0] * len(decays)    # debiasing normalisers
-        self.last_decays = [0.0] * len(decays)
+        self.norms = [0.0] * self.rows      # debiasing normalisers
+        self.last_decays = [0.0] * self.rows
+        self.first_time = None              # time of the first update (timed schedules)
+        self.last_time = 0.0                # time of the last update (0 before any)
+
+    @property
+    def timed(self) -> bool:
+        """True for schedules over training time (see the module docstring)."""
+        return getattr(self.schedules[0], "timed", False)
+
+    def time_of(self, step: int | None) -> float:
+        """The training time of the next call: ``step`` if given, else the calls so far + 1."""
+        return float(self.calls + 1 if step is None else step)
 
     @property
     def rows(self) -> int:
@@ -260,15 +431,22 @@ class Plan:
     def update_every(self) -> int:
         return self.cadence.every
 
-    def decay_at(self, i: int, n: int) -> float:
-        d = self.schedules[i](n)
+    def decay_at(self, i: int, n: int, t: float | None = None) -> float:
+        s = self.schedules[i]
+        if self.timed:
+            return s.between(self.first_time, self.last_time, self.time_of(None) if t is None else t)
+        d = s(n)
         return compensated(d, self.cadence.every) if self.compensate else d
 
     @property
     def decay(self) -> float | list[float]:
-        """The decay(s) the next update will use."""
+        """The decay(s) the next update will use (timed schedules: if made by the next call)."""
         d = [self.decay_at(i, self.updates + 1) for i in range(self.rows)]
         return d[0] if len(d) == 1 else d
+
+    def alpha(self, pending: Pending) -> float:
+        """BEMA's bias-correction factor for the update ``pending`` describes."""
+        return self.schedules[0].alpha(self.first_time, pending.time)
 
     def next(self, step: int | None = None) -> Pending:
         """What the next ``update()`` call does: whether it is due (the first call, then every
@@ -276,28 +454,36 @@ class Plan:
         count) and the kernels' weights. ``step`` is checked; nothing is recorded: pass the
         result to :meth:`done` once the call has been made, so a refused call changes nothing."""
         n = self.updates + 1 if step is None else check_step(step)
+        t = self.time_of(step)
+        if self.timed and t < self.last_time:
+            raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule over "
+                             f"training time needs steps that do not go back")
         weights, decays, norms = [], [], list(self.norms)
         for i in range(self.rows):
-            d = self.decay_at(i, n)
+            d = self.decay_at(i, n, t)
             if self.debias:
                 w, norms[i] = debiased_weight(d, norms[i])
             else:
                 w = 1.0 - d
             weights.append(w)
             decays.append(d)
-        return Pending(self.cadence.due(), n, weights, decays, norms)
+        return Pending(self.cadence.due(), n, weights, decays, norms, t)
 
     def done(self, pending: Pending) -> None:
         """Record the call :meth:`next` described: counted, and its update when it was due."""
         if pending.due:
             self.last_decays, self.norms = pending.decays, pending.norms
             self.updates += 1
+            if self.first_time is None:
+                self.first_time = pending.time
+            self.last_time = pending.time
         self.cadence.called()
 
     def state(self) -> dict:
         return {"calls": self.calls, "updates": self.updates, "norms": list(self.norms),
                 "schedules": [s.state() for s in self.schedules], "update_every": self.update_every,
-                "compensate": self.compensate, "debias": self.debias}
+                "compensate": self.compensate, "debias": self.debias,
+                "first_time": self.first_time, "last_time": self.last_time}
 
     def check_state(self, state: dict, problems: list) -> None:
         """Append to ``problems`` what keeps ``state`` from loading here."""
@@ -317,6 +503,11 @@ class Plan:
             for key in ("compensate", "debias"):
                 if not isinstance(state[key], bool):
                     raise ValueError(f"{key} must be a bool, got {state[key]!r}")
+            first, last = state.get("first_time"), state.get("last_time", 0.0)
+            if first is not None:
+                float(first)
+            if not float(last) >= 0:
+                raise ValueError(f"last_time must be >= 0, got {last!r}")
         except KeyError as err:
             problems.append(f"schedule state has no {err.args[0]!r}")
         except (TypeError, ValueError) as err:
@@ -328,3 +519,6 @@ class Plan:
         self.norms = [float(x) for x in state["norms"]]
         self.cadence.every = int(state["update_every"])      # in place: a model average shares the cadence
         self.compensate, self.debias = bool(state["compensate"]), bool(state["debias"])
+        first = state.get("first_time")       # absent in checkpoints before the timed schedules
+        self.first_time = None if first is None else float(first)
+        self.last_time = float(state.get("last_time", 0.0))

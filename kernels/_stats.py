@@ -5,8 +5,9 @@ Plain Python over float scalars; each target compiles it (see :mod:`._target`).
 import numpy as np
 
 from ._bits import sr_noise
-from .kinds import (CONSTANT, DEBIASED, NUM_UPDATES, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
-                    P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, S_CALLS, S_NORMS, S_UPDATES,
+from .kinds import (CONSTANT, DEBIASED, HALF_LIFE, NUM_UPDATES, POWER_FUNCTION, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
+                    P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, S_CALLS, S_LAST, S_NORMS,
+                    S_UPDATES,
                     SEEDED)
 
 
@@ -35,12 +36,19 @@ def neumaier(s, c, x):
     return t, c
 
 
-def schedule_decay(params, decay, n):
-    """The decay of update ``n`` (float64) under the schedule in ``params``: the formulas of
-    :mod:`fastema.schedules` (``Constant``, ``NumUpdates``, ``PowerWarmup``), in float64."""
+def schedule_decay(params, decay, n, last, t):
+    """The decay of update ``n`` at time ``t`` (the last update's: ``last``) under the schedule in
+    ``params``, ``decay`` the row's parameter (the decay; ``gamma`` of ``PowerFunction``;
+    ``half_life`` of ``HalfLife``): the formulas of :mod:`fastema.schedules`, in float64."""
     kind = params[P_SCHEDULE]
     if kind == CONSTANT:
         return decay
+    if kind == POWER_FUNCTION:
+        if last <= 0.0 or t <= 0.0:
+            return 0.0
+        return (last / t) ** (decay + 1.0)
+    if kind == HALF_LIFE:
+        return 2.0 ** (-(t - last) / decay)
     if kind == NUM_UPDATES:
         return min(decay, (1.0 + n) / (10.0 + n))
     s = max(0.0, n - params[P_AFTER] - 1.0)
@@ -56,7 +64,8 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     """One ``update()`` call of a model EMA's plan, on the device (one thread), so a captured
     CUDA graph replays the schedule rather than the values of the capture.
 
-    ``state`` float64: calls, updates, then the debiasing normalisers; advanced here. A call
+    ``state`` float64: calls, updates, the last update's time, then the debiasing normalisers;
+    advanced here. A call
     that ``update_every`` skips sets ``flag[0] = 1`` (the update's kernels then write
     nothing); a due call clears it and writes the weights ``w = 1 - decay`` (or the debiased
     weight) as float32 (``w32``) and float64 (``w64``), and each group's stochastic-rounding
@@ -72,8 +81,9 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
         return
     flag[0] = 0
     n = state[S_UPDATES] + 1.0 if given < 0 else np.float64(given)
+    t = calls + 1.0 if given < 0 else np.float64(given)       # the time of timed schedules
     for i in range(decays.size):
-        d = schedule_decay(params, decays[i], n)
+        d = schedule_decay(params, decays[i], n, state[S_LAST], t)
         if params[P_COMPENSATE] != 0.0 and every > 1.0:
             d = d ** every
         if params[P_DEBIAS] != 0.0:
@@ -85,6 +95,7 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
         w32[i] = np.float32(w)
         w64[i] = w
     state[S_UPDATES] = state[S_UPDATES] + 1.0
+    state[S_LAST] = t
     lo = np.int64(params[P_SEED_LO])
     hi = np.int64(params[P_SEED_HI])
     for g in range(keys.size):

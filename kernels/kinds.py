@@ -14,11 +14,12 @@ DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=T
 
 # The device-side plan of a model EMA (``_stats.plan_step``): schedule kinds, and the slots
 # of its float64 parameter and state arrays.
-CONSTANT, NUM_UPDATES, POWER_WARMUP = 0, 1, 2
+CONSTANT, NUM_UPDATES, POWER_WARMUP, POWER_FUNCTION, HALF_LIFE = 0, 1, 2, 3, 4
 P_SCHEDULE, P_MIN_DECAY, P_INV_GAMMA, P_POWER, P_AFTER, P_WARMUP, P_EVERY, P_COMPENSATE, P_DEBIAS, \
     P_SEED_LO, P_SEED_HI = range(11)
 PLAN_PARAMS = 11
-S_CALLS, S_UPDATES, S_NORMS = 0, 1, 2        # state: calls, updates, then one normaliser per row
+S_CALLS, S_UPDATES, S_LAST, S_NORMS = 0, 1, 2, 3   # state: calls, updates, the last update's time (timed
+                                                # schedules), then one normaliser per row
 
 
 def wide(*kinds) -> bool:

@@ -32,7 +32,7 @@ from .._device_plan import DevicePlan
 from ..flat import FlatShadow, WindowShadow
 from ..ops import resolve_weights, stochastic_rounding
 
-__all__ = ["EMA", "WindowAverage", "normalize_name", "registration_hooks"]
+__all__ = ["EMA", "PostHocEMA", "WindowAverage", "normalize_name", "registration_hooks"]
 
 FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
@@ -600,6 +600,20 @@ class _ModelAverage:
         DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
         of a tied or aliased tensor gets its average."""
         self._not_swapped("averaged_state_dict()")
+        out = {}
+        for name, t, source, value in self._state_entries(row):
+            if source is None:
+                out[name] = t.detach().clone()             # excluded: the model's own value
+            elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
+                out[name] = _sharded.wrap(value().to(t.dtype, copy=True), self._specs[source])
+            else:
+                out[name] = value().to(t.dtype, copy=True)
+        return out
+
+    def _state_entries(self, row: int) -> list:
+        """``(name, model tensor, source, value)`` for every entry of the model's state dict:
+        ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
+        average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
         self._avg.check_row(row)
         self._follow()
         self._avg.check_sources()                       # a same-address reshape or cast is named here
@@ -616,15 +630,10 @@ class _ModelAverage:
         own = dict(inner.named_parameters(remove_duplicate=False))
         own.update(inner.named_buffers(remove_duplicate=False))
         by_key = {_local_key(own[n]): n for n in tracked if n in own and _local_key(own[n]) is not None}
-        out = {}
+        out = []
         for name, t in inner.state_dict(keep_vars=True).items():
             source = name if name in tracked else by_key.get(_local_key(t))
-            if source is None:
-                out[name] = t.detach().clone()             # excluded: the model's own value
-            elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
-                out[name] = _sharded.wrap(tracked[source]().to(t.dtype, copy=True), self._specs[source])
-            else:
-                out[name] = tracked[source]().to(t.dtype, copy=True)
+            out.append((name, t, source, tracked.get(source)))
         return out
 
     def join(self) -> None:
@@ -897,7 +906,17 @@ class EMA(PlanReader, _ModelAverage):
 
     Args:
         model: the model (bare, DDP- or torch.compile-wrapped; names are normalised).
-        decay: a float, or up to 8 floats for several averages kept in one pass.
+        decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
+            when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them).
+        sigma_rel: EDM2 power-function profiles of these relative widths (a float or up to 8),
+            exact for any ``update_every`` or irregular ``update(step=)``
+            (:class:`fastema.schedules.PowerFunction`); the first update copies.
+        half_life: the decay ``2 ** -(dt / half_life)`` for ``dt`` steps (or samples, when
+            ``update(step=)`` counts samples) since the last update (:class:`fastema.schedules.HalfLife`).
+        bema: bias-corrected EMA (``True``, or a :class:`fastema.schedules.BEMA`): row 0 is the
+            output ``EMA + alpha_t (theta_t - theta_0)``, row 1 the EMA, row 2 ``theta_0`` (the
+            weights at the first update); ``swap()``/``copy_to()``/``averaged_state_dict()`` read
+            row 0. Not with ``device_step`` or ``offload``.
         warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
             torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
             ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
@@ -931,7 +950,9 @@ class EMA(PlanReader, _ModelAverage):
 
     _format = FORMAT
 
-    def __init__(self, model: nn.Module, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
+    def __init__(self, model: nn.Module, decay: float | Sequence[float] | None = None, *,
+                 sigma_rel: float | Sequence[float] | None = None, half_life: float | Sequence[float] | None = None,
+                 bema: bool | schedules.BEMA | None = None, warmup: str | None = None,
                  min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
@@ -947,20 +968,26 @@ class EMA(PlanReader, _ModelAverage):
         self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
                                         skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
                                         inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
-                                        update_every=update_every, compensate=compensate, debias=debias)
+                                        update_every=update_every, compensate=compensate, debias=debias,
+                                        sigma_rel=sigma_rel, half_life=half_life, bema=bema)
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
+        self._bema = self.plan.schedules[0] if isinstance(self.plan.schedules[0], schedules.BEMA) else None
+        if self._bema is not None and (offload or device_step):
+            raise ValueError("bema= applies its bias correction on the host after each update: it does not take "
+                             "offload= or device_step=True; drop them")
+        rows = 3 if self._bema is not None else self.plan.rows       # BEMA: output, EMA, theta_0
         if offload:
             from ._offload import OffloadedShadow
 
-            make = lambda avg: OffloadedShadow(avg, rows=self.plan.rows, dtype=shadow_dtype)  # noqa: E731
+            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # noqa: E731
         else:
-            make = lambda avg: FlatShadow(avg, rows=self.plan.rows, dtype=shadow_dtype)      # noqa: E731
+            make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
         self.offload = offload
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
         groups = self._avg.layout.groups
         self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
         if device_step is None:
-            device_step = self._on_gpu and not offload
+            device_step = self._on_gpu and not offload and self._bema is None
         self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
         if self._plan_on_device is not None:
             self._warm()
@@ -1020,10 +1047,23 @@ class EMA(PlanReader, _ModelAverage):
             self._device_update(step)
         elif self._begin(pending.due):
             flags = self._scan() if self.skip_nonfinite else None
-            self._avg.update_checked(self._weights(pending.weights), self.rounding, self.seed, pending.n,
+            weights = pending.weights
+            if self._bema is not None:                    # rows: output <- theta_t, EMA, theta_0
+                weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
+            self._avg.update_checked(self._weights(weights), self.rounding, self.seed, pending.n,
                                      flags)             # addresses checked by _begin
+            if self._bema is not None:
+                self._bias_correct(self.plan.alpha(pending))
             self._copy_buffers(flags, current=True)
         self.plan.done(pending)
+
+    def _bias_correct(self, alpha: float) -> None:
+        """BEMA's output row from the rows the update just wrote: ``theta_t + 0`` in row 0, the
+        EMA in row 1, ``theta_0`` in row 2: ``row0 <- EMA + alpha (theta_t - theta_0)``, in place
+        (three flat ops per group, ``alpha`` a host number: no sync)."""
+        for g in self._avg.layout.groups:
+            out, avg, first = g.buffer[0], g.buffer[1], g.buffer[2]
+            out.sub_(first).mul_(alpha).add_(avg)
 
     def _device_update(self, step: int | None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
@@ -1041,7 +1081,7 @@ class EMA(PlanReader, _ModelAverage):
         out = {}
         for g in self._avg.layout.groups:
             if g.device not in out:
-                out[g.device] = resolve_weights(None, weights, self.plan.rows, g.device)
+                out[g.device] = resolve_weights(None, weights, self._avg.rows, g.device)
             stochastic_rounding(self.rounding, g.shadow_kind)
         return out
 
@@ -1186,3 +1226,6 @@ class WindowAverage(_ModelAverage):
     def __repr__(self) -> str:
         kind = "cumulative" if self.window is None else f"window={self.window}"
         return f"WindowAverage({kind}, snapshots={self.snapshots}, averaged={len(self._avg)} tensors)"
+
+
+from ._posthoc import PostHocEMA  # noqa: E402  (a subclass of EMA)

@@ -135,7 +135,7 @@ def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
     kw = dict(warmup="power", update_every=2, compensate=True, debias=True, update_after_step=1, inv_gamma=2.0)
     plan, seed, groups = Plan([0.9, 0.999], **kw), (3 << 32) + 9, 3
     params, decays = parameters(plan, seed)
-    state = np.array([0.0, 0.0, 0.0, 0.0])
+    state = np.array([0.0, 0.0, 0.0, 0.0, 0.0])
     w32, w64 = np.zeros(2, np.float32), np.zeros(2)
     flag, keys = np.zeros(1, np.int32), np.zeros(groups, np.int64)
     for call in range(12):
@@ -148,7 +148,7 @@ def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
             assert list(w32) == [np.float32(w) for w in pending.weights]
             assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(groups)]
         plan.done(pending)
-        assert list(state) == [plan.calls, plan.updates, *plan.norms]
+        assert list(state) == [plan.calls, plan.updates, plan.last_time, *plan.norms]
 
 
 def test_a_host_plan_refuses_to_be_captured(monkeypatch):
@@ -178,7 +178,7 @@ def _run_plan_kernel(plan, seed, steps, groups=2):
 
     params, decays = parameters(plan, seed)
     k = plan.rows
-    state = np.array([plan.calls, plan.updates, *plan.norms], np.float64)
+    state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)
     w32, w64 = np.zeros(k, np.float32), np.zeros(k)
     flag, keys = np.zeros(1, np.int32), np.zeros(groups, np.int64)
     for step in steps:
@@ -210,7 +210,32 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
             assert list(w32) == [np.float32(w) for w in pending.weights]
             assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(len(keys))]
         ref.done(pending)
-        assert list(state) == [ref.calls, ref.updates, *ref.norms]
+        assert list(state) == [ref.calls, ref.updates, ref.last_time, *ref.norms]
+
+
+@given(kind=st.sampled_from(["sigma_rel", "half_life"]), values=st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3),
+       every=st.integers(1, 4), debias=st.booleans(), seed=st.integers(0, 2 ** 63),
+       given_steps=st.booleans(), gaps=st.lists(st.integers(0, 1000), max_size=12))
+def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, every, debias, seed, given_steps, gaps):
+    """Property: the power-function and half-life schedules (time = calls, or steps that never go
+    back) give the same weights, skips, times and counts on the device as in the Python Plan."""
+    from fastema.ops import sr_key
+    from fastema.schedules import Plan
+
+    kw = {kind: values if kind == "sigma_rel" else [v * 1000 for v in values], "update_every": every,
+          "debias": debias}
+    plan, ref = Plan(**kw), Plan(**kw)
+    steps = list(np.cumsum(gaps)) if given_steps else [None] * len(gaps)
+    for step, state, w64, w32, flag, keys in _run_plan_kernel(plan, seed, [None if s is None else int(s)
+                                                                          for s in steps]):
+        pending = ref.next(step)
+        assert flag == (0 if pending.due else 1)
+        if pending.due:
+            assert list(w64) == pending.weights
+            assert list(w32) == [np.float32(w) for w in pending.weights]
+            assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(len(keys))]
+        ref.done(pending)
+        assert list(state) == [ref.calls, ref.updates, ref.last_time, *ref.norms]
 
 
 def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan():
