@@ -45,3 +45,320 @@ def test_out_of_range_widths_are_refused(bad):
 def test_bad_exponents_are_refused(bad):
     with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
         gamma_to_sigma_rel(bad)
+
+
+# --------------------------------------------------------------------------- timed schedules
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from fastema import posthoc  # noqa: E402
+from fastema.schedules import BEMA, Plan, PowerFunction  # noqa: E402
+from fastema.torch import EMA, PostHocEMA  # noqa: E402
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 1))
+
+
+def _train(net, steps, *averages, seed=1, record=None, lr=0.05):
+    """A real loop (forward, loss, backward, SGD with momentum, BatchNorm); each average's
+    ``update()`` after every step; ``record(i)`` sees the weights after step i (1-based)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    x = torch.randn(256, 6, generator=g)
+    y = x.sum(1, keepdim=True).sin()
+    for i in range(1, steps + 1):
+        b = torch.randint(0, 256, (32,), generator=g)
+        loss = nn.functional.mse_loss(net(x[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if record is not None:
+            record(i)
+        for a in averages:
+            a.update()
+
+
+def _power_ema64(samples, gamma):
+    """Float64 reference: the sample taken at t_i weighs (t_i^(g+1) - t_(i-1)^(g+1)) / t^(g+1)."""
+    times = [t for t, _ in samples]
+    last = times[-1]
+    out = 0
+    for (t, w), prev in zip(samples, [0] + times[:-1]):
+        out = out + ((t / last) ** (gamma + 1) - (prev / last) ** (gamma + 1)) * w
+    return out
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_tracked_profiles_equal_a_float64_power_function_ema_of_the_recorded_weights(tmp_path, every):
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10, 0.2), snapshot_every=None, path=tmp_path, update_every=every)
+    samples = []
+    _train(net, 60, ph, record=lambda i: (i - 1) % every == 0 and samples.append(
+        (i, {k: v.detach().double().clone() for k, v in net.named_parameters()})))
+    for row, s in enumerate((0.05, 0.10, 0.2)):
+        got = ph.averaged_state_dict(row)
+        for name, _ in net.named_parameters():
+            ref = _power_ema64([(t, w[name]) for t, w in samples], sigma_rel_to_gamma(s))
+            torch.testing.assert_close(got[name].double(), ref, rtol=1e-5, atol=1e-6)
+    assert ph.plan.last_time == samples[-1][0]
+
+
+def test_with_update_every_4_the_realised_profile_is_the_exact_delta_t_one():
+    """Each sample's weight, read off a one-hot parameter, equals the integral of the profile
+    over its interval [t_i - 4, t_i] (not the per-call profile of ema-pytorch), and its width is
+    the requested sigma_rel."""
+    T, every, sigma = 4001, 4, 0.05
+    p = nn.Parameter(torch.zeros(T, dtype=torch.float64))
+    holder = nn.Module()
+    holder.p = p
+    ema = EMA(holder, sigma_rel=sigma, update_every=every)
+    with torch.no_grad():
+        for c in range(1, T + 1):
+            p.zero_()
+            p[c - 1] = 1.0
+            ema.update()
+    w = ema.averaged_state_dict()["p"].numpy()
+    g = sigma_rel_to_gamma(sigma)
+    t = np.arange(1, T + 1, dtype=np.float64)
+    due = (t - 1) % every == 0
+    prev = np.concatenate([[0.0], t[due][:-1]])
+    exact = np.zeros(T)
+    exact[due] = (t[due] / T) ** (g + 1) - (prev / T) ** (g + 1)
+    np.testing.assert_allclose(w, exact, rtol=1e-9, atol=1e-15)
+    mid = t[due] - every / 2                                        # each sample stands for its interval
+    mean = (w[due] * mid).sum()
+    realised = math.sqrt((w[due] * mid ** 2).sum() - mean ** 2) / T
+    assert realised == pytest.approx(sigma, abs=1e-3)
+
+
+def test_half_life_schedule_is_exact_for_any_interval_and_for_steps_in_samples():
+    net = _net()
+    by_calls = EMA(net, half_life=7.0, update_every=3)
+    by_samples = EMA(net, half_life=640.0)
+    ref_c = {k: v.detach().double().clone() for k, v in net.named_parameters()}
+    ref_s = {k: v.clone() for k, v in ref_c.items()}
+    seen, last_c, last_s = 0, 0, 0
+    g = torch.Generator().manual_seed(3)
+    for call in range(1, 31):
+        with torch.no_grad():
+            for q in net.parameters():
+                q.add_(torch.randn(q.shape, generator=g))
+        batch = int(torch.randint(8, 64, (1,), generator=g))      # dynamic batch size
+        seen += batch
+        if (call - 1) % 3 == 0:
+            d = 2.0 ** (-(call - last_c) / 7.0)
+            ref_c = {k: d * ref_c[k] + (1 - d) * v.detach().double() for k, v in net.named_parameters()}
+            last_c = call
+        d = 2.0 ** (-(seen - last_s) / 640.0)
+        ref_s = {k: d * ref_s[k] + (1 - d) * v.detach().double() for k, v in net.named_parameters()}
+        last_s = seen
+        by_calls.update()
+        by_samples.update(step=seen)
+    for ema, ref in ((by_calls, ref_c), (by_samples, ref_s)):
+        got = ema.averaged_state_dict()
+        for k in ref:
+            torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bema_equals_its_formula_over_a_training_loop():
+    """Output = EMA_t + alpha_t (theta_t - theta_0), EMA weight beta_t = (lag + mult*tau)^-kappa
+    (clamped below by min_ema_multiplier), alpha_t = (lag + mult*tau)^-eta, tau the steps since
+    the first update, which copies (TRL's BEMACallback with update_freq = update_every)."""
+    net = _net()
+    sched = BEMA(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0, min_ema_multiplier=0.05)
+    ema = EMA(net, bema=sched, update_every=2)
+    ref = {}
+
+    def record(i):
+        if (i - 1) % 2:
+            return
+        theta = {k: v.detach().double().clone() for k, v in net.named_parameters()}
+        if not ref:
+            ref.update(theta0=theta, ema=dict(theta), t0=i)
+            ref["out"] = dict(theta)
+            return
+        base = 10.0 + 1.0 * (i - ref["t0"])
+        beta = max(base ** -0.5, 0.05)
+        alpha = base ** -0.2
+        ref["ema"] = {k: (1 - beta) * ref["ema"][k] + beta * theta[k] for k in theta}
+        ref["out"] = {k: ref["ema"][k] + alpha * (theta[k] - ref["theta0"][k]) for k in theta}
+
+    _train(net, 41, ema, record=record)
+    out, avg, first = (ema.averaged_state_dict(r) for r in range(3))
+    for k in ref["out"]:
+        torch.testing.assert_close(out[k].double(), ref["out"][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(avg[k].double(), ref["ema"][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(first[k].double(), ref["theta0"][k], rtol=0, atol=1e-7)
+    with ema.average_parameters():                       # the swap puts the bias-corrected output in
+        for k, v in net.named_parameters():
+            torch.testing.assert_close(v.detach().double(), ref["out"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_timed_schedules_resume_bit_exact_from_a_checkpoint():
+    for kw in (dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=5.0), dict(bema=True)):
+        a_net, b_net = _net(), _net()
+        a = EMA(a_net, **kw)
+        _train(a_net, 10, a)
+        b_net.load_state_dict(a_net.state_dict())
+        b = EMA(b_net, **kw)
+        b.load_state_dict(a.state_dict())
+        assert (b.plan.first_time, b.plan.last_time) == (a.plan.first_time, a.plan.last_time)
+        _train(a_net, 7, a, seed=5)
+        _train(b_net, 7, b, seed=5)
+        for r in range(a._avg.rows):
+            for k, v in a.averaged_state_dict(r).items():
+                assert torch.equal(v, b.averaged_state_dict(r)[k]), (kw, r, k)
+
+
+def test_a_checkpoint_from_before_the_timed_schedules_still_loads():
+    net = _net()
+    ema = EMA(net, 0.9)
+    _train(net, 3, ema)
+    state = ema.state_dict()
+    del state["first_time"], state["last_time"]
+    again = EMA(net, 0.9)
+    again.load_state_dict(state)
+    assert again.updates == 3 and again.plan.last_time == 0.0
+    assert all(torch.equal(v, ema.averaged_state_dict()[k]) for k, v in again.averaged_state_dict().items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(decay=0.9, sigma_rel=0.1), "give one of decay, sigma_rel"),
+    (dict(sigma_rel=0.1, half_life=3.0), "give one of"),
+    (dict(sigma_rel=0.1, warmup="power"), "takes no warmup= or compensate="),
+    (dict(half_life=10.0, compensate=True, update_every=2), "takes no warmup= or compensate="),
+    (dict(sigma_rel=0.3), "sigma_rel must be a number in"),
+    (dict(half_life=0.0), "half_life must be a finite number > 0"),
+    (dict(bema=True, debias=True), "takes no debias="),
+    (dict(bema=True, device_step=True), "does not take offload= or device_step=True"),
+    (dict(bema="yes"), "bema must be True or"),
+])
+def test_bad_schedule_arguments_are_refused(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EMA(_net(), **kw)
+
+
+def test_a_step_that_goes_back_is_refused_and_changes_nothing():
+    net = _net()
+    ema = EMA(net, sigma_rel=0.1)
+    ema.update(step=10)
+    before = {k: v.clone() for k, v in ema.averaged_state_dict().items()}
+    with pytest.raises(ValueError, match="do not go back"):
+        ema.update(step=9)
+    assert ema.updates == 1 and ema.calls == 1 and ema.plan.last_time == 10
+    assert all(torch.equal(v, before[k]) for k, v in ema.averaged_state_dict().items())
+
+
+def test_power_function_closed_form():
+    s = PowerFunction.of(0.1)
+    assert s.sigma_rel == pytest.approx(0.1)
+    assert s.between(None, 0, 5) == 0.0                       # the first update copies
+    assert s.between(1, 3, 7) == pytest.approx((3 / 7) ** (s.gamma + 1), rel=1e-15)
+    assert s(8) == pytest.approx((1 - 1 / 8) ** (s.gamma + 1), rel=1e-15)      # EDM2's unit-step form
+    assert Plan(sigma_rel=0.1).decay == 0.0
+
+
+# --------------------------------------------------------------------------- synthesis
+
+def test_least_squares_picks_a_stored_profile_exactly_and_sums_to_one():
+    times = [100, 100, 200, 200, 300, 300]
+    gammas = [sigma_rel_to_gamma(s) for s in (0.05, 0.1)] * 3
+    sol = posthoc.solve(times, gammas, sigma_rel=0.1)
+    assert sol.error < 1e-6
+    assert sol.coefficients[5] == pytest.approx(1, abs=1e-6)
+    assert sol.coefficients.sum() == pytest.approx(1, abs=1e-12)
+    mid = posthoc.solve(times, gammas, sigma_rel=0.07, time=250, max_error=1.0)     # 3 snapshots: rough
+    assert mid.coefficients.sum() == pytest.approx(1, abs=1e-12) and mid.time == 250
+
+
+def test_profile_inner_product_is_the_integral_of_the_product():
+    ga, gb, ta, tb = 3.5, 9.0, 70.0, 100.0
+    tau = np.linspace(0, 100, 200001)
+    num = np.trapezoid(posthoc.profile(tau, ta, ga) * posthoc.profile(tau, tb, gb), tau)
+    assert posthoc.profile_dot(ta, ga, tb, gb) == pytest.approx(num, rel=1e-4)
+    assert posthoc.profile_dot(tb, gb, ta, ga) == pytest.approx(num, rel=1e-4)
+
+
+def test_synthesis_between_two_tracked_profiles_on_a_training_run(tmp_path):
+    """Done-when: sigma_rel 0.07 synthesised from 0.05 and 0.10 snapshots is within 2% of the
+    distance between those two of an EMA tracked at 0.07; the blend of the last snapshots is not."""
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=20, path=tmp_path)
+    truth = EMA(net, sigma_rel=0.07)
+    _train(net, 600, ph, truth)
+    assert len(list(tmp_path.glob("snapshot-*.safetensors"))) == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fastema-")]
+    synth = ph.synthesize(sigma_rel=0.07)
+    ref, a, b = truth.averaged_state_dict(), ph.averaged_state_dict(0), ph.averaged_state_dict(1)
+    names = [n for n, _ in net.named_parameters()]
+
+    def dist(x, y):
+        return math.sqrt(sum(float((x[n].double() - y[n].double()).norm()) ** 2 for n in names))
+
+    gap = dist(a, b)
+    blend = {n: (a[n] + b[n]) / 2 for n in names}
+    assert dist(synth, ref) < 0.02 * gap, (dist(synth, ref), gap)
+    assert dist(blend, ref) > 0.02 * gap
+    assert synth.solution.error < 1e-2
+    for k, v in net.state_dict().items():                    # buffers from the last snapshot
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(synth[k], ref[k]), k
+    model = _net(7)
+    ph.synthesize(sigma_rel=0.07, into=model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, synth[k].to(v.dtype))
+
+
+def test_synthesis_of_a_tracked_profile_returns_that_profile(tmp_path):
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=10, path=tmp_path, update_every=3)
+    _train(net, 90, ph)
+    for row, s in enumerate((0.05, 0.10)):
+        got = ph.synthesize(s)
+        for k, v in ph.averaged_state_dict(row).items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=50, path=tmp_path)
+    with pytest.raises(RuntimeError, match="before any update"):
+        ph.snapshot()
+    _train(net, 100, ph)
+    with pytest.raises(ValueError, match="relative error of"):
+        ph.synthesize(sigma_rel=0.25)
+    with pytest.raises(ValueError, match="not after the last snapshot"):
+        ph.synthesize(sigma_rel=0.07, time=101)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        posthoc.synthesize(tmp_path / "x" if (tmp_path / "x").mkdir() is None else None, 0.07)
+    other = _net()
+    with pytest.raises(ValueError, match="do not match this model"):
+        ph.synthesize(0.07, into=nn.Linear(2, 2), max_error=1.0)
+    del other
+
+
+def test_command_line_synthesis_and_plot(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=25, path=tmp_path / "snaps", snapshot_dtype="float16")
+    _train(net, 200, ph)
+    out, png = tmp_path / "ema.safetensors", tmp_path / "profiles.png"
+    run = subprocess.run([sys.executable, "-m", "fastema", "posthoc", str(tmp_path / "snaps"), "--sigma-rel", "0.07",
+                          "--out", str(out), "--plot", str(png)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "relative error" in run.stdout
+    assert png.stat().st_size > 10_000
+    got = load_file(str(out))
+    want = posthoc.synthesize(tmp_path / "snaps", 0.07)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    bad = subprocess.run([sys.executable, "-m", "fastema", "posthoc", str(tmp_path / "snaps"), "--sigma-rel", "0.26",
+                          "--out", str(tmp_path / "bad.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "relative error" in bad.stderr and not (tmp_path / "bad.safetensors").exists()
