@@ -1,0 +1,217 @@
+"""The ema-pytorch (``EMA``, ``KarrasEMA``, ``PostHocEMA``) and diffusers (``EMAModel``) drop-ins
+of ``fastema.torch.compat`` against the packages themselves, over real training loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastema.schedules import sigma_rel_to_gamma
+from fastema.torch import compat
+
+ema_pytorch = pytest.importorskip("ema_pytorch")
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 1))
+
+
+def _loop(nets, steps, each, seed=1):
+    """The same real training loop (forward, loss, backward, AdamW, BatchNorm) on identical
+    copies ``nets``; ``each(i)`` after every optimizer step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 6, generator=g)
+    y = x.sum(1, keepdim=True).sin()
+    opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
+    for i in range(steps):
+        b = torch.randint(0, 256, (32,), generator=g)
+        for n, o in zip(nets, opts):
+            loss = nn.functional.mse_loss(n(x[b]), y[b])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        each(i)
+
+
+def _equal_state(a: dict, b: dict):
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                      # ema-pytorch's defaults
+    dict(beta=0.99, update_after_step=5, update_every=3, power=3 / 4, min_value=0.1),
+    dict(beta=0.95, update_after_step=0, update_every=1, param_or_buffer_names_no_ema={"0.bias"},
+         ignore_names={"3.weight"}, update_model_with_ema_every=7, update_model_with_ema_beta=0.5),
+])
+def test_ema_pytorch_EMA_equals_the_original_bit_for_bit(kw):
+    theirs_net, ours_net = _net(), _net()
+    theirs = ema_pytorch.EMA(theirs_net, **kw)
+    ours = compat.EMA(ours_net, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    _loop([theirs_net, ours_net], 150, lambda i: (theirs.update(), ours.update()))
+    _equal_state(ours.state_dict(), theirs.state_dict())
+    _equal_state(ours_net.state_dict(), theirs_net.state_dict())
+    assert ours.get_current_decay() == theirs.get_current_decay()
+    x = torch.randn(4, 6)
+    assert torch.equal(ours.forward_eval(x), theirs.forward_eval(x))
+    resumed = compat.EMA(_net(), **kw)                         # their checkpoint resumes ours
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed.get_current_decay() == theirs.get_current_decay()
+
+
+def test_karras_ema_with_update_every_1_equals_the_original_bit_for_bit():
+    theirs_net, ours_net = _net(), _net()
+    theirs = ema_pytorch.KarrasEMA(theirs_net, sigma_rel=0.1, update_every=1)
+    ours = compat.KarrasEMA(ours_net, sigma_rel=0.1, update_every=1)
+    _loop([theirs_net, ours_net], 60, lambda i: (theirs.update(), ours.update()))
+    _equal_state(ours.state_dict(), theirs.state_dict())
+    assert ours.beta == pytest.approx(theirs.beta, rel=1e-15)
+
+
+def _realised_sigma_rel(cls, sigma, every, T):
+    """Each call's sample weight, read off a one-hot parameter; the width of the resulting
+    profile (each sample standing for the interval since the previous update) relative to T."""
+    holder = nn.Module()
+    holder.p = nn.Parameter(torch.zeros(T, dtype=torch.float64))
+    ema = cls(holder, sigma_rel=sigma, update_every=every)
+    with torch.no_grad():
+        for c in range(T):
+            holder.p.zero_()
+            holder.p[c] = 1.0
+            ema.update()
+    w = ema.ema_model.p.detach().numpy()
+    t = np.arange(1, T + 1, dtype=np.float64)
+    mid = t - every / 2
+    mean = (w * mid).sum() / w.sum()
+    return math.sqrt((w * mid ** 2).sum() / w.sum() - mean ** 2) / T
+
+
+def test_karras_ema_with_update_every_10_realises_the_requested_profile_and_the_original_does_not():
+    T = 20001
+    ours = _realised_sigma_rel(compat.KarrasEMA, 0.05, 10, T)
+    theirs = _realised_sigma_rel(ema_pytorch.KarrasEMA, 0.05, 10, T)
+    assert ours == pytest.approx(0.05, abs=1e-3)
+    assert abs(theirs - 0.05) > 0.1                              # REFERENCE 7.1: ~0.246
+
+
+def test_post_hoc_ema_equals_the_original_checkpoints_and_synthesis(tmp_path):
+    theirs_net, ours_net = _net(), _net()
+    kw = dict(sigma_rels=(0.05, 0.15), checkpoint_every_num_steps=20, update_every=1)
+    theirs = ema_pytorch.PostHocEMA(theirs_net, checkpoint_folder=str(tmp_path / "theirs"), **kw)
+    ours = compat.PostHocEMA(ours_net, checkpoint_folder=str(tmp_path / "ours"), **kw)
+    _loop([theirs_net, ours_net], 100, lambda i: (theirs.update(), ours.update()))
+    names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ours").iterdir()) and len(names) == 10
+    for name in names:
+        _equal_state(torch.load(tmp_path / "ours" / name), torch.load(tmp_path / "theirs" / name))
+    a = ours.synthesize_ema_model(sigma_rel=0.1)
+    b = theirs.synthesize_ema_model(sigma_rel=0.1)
+    for (k, x), (_, y) in zip(a.ema_model.state_dict().items(), b.ema_model.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)   # their file order is the disk's
+    ours.checkpoint_folder = tmp_path / "theirs"                 # their folder, synthesised by ours
+    c = ours.synthesize_ema_model(sigma_rel=0.1, step=60)
+    d = theirs.synthesize_ema_model(sigma_rel=0.1, step=60)
+    for (k, x), (_, y) in zip(c.ema_model.state_dict().items(), d.ema_model.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="less than the max timestep"):
+        ours.synthesize_ema_model(sigma_rel=0.1, step=101)
+
+
+# --------------------------------------------------------------------------- diffusers
+
+def _diffusers():
+    return pytest.importorskip("diffusers.training_utils")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(decay=0.99, use_ema_warmup=True, power=3 / 4, update_after_step=3, min_decay=0.05),
+    dict(decay=0.9, foreach=True),
+])
+def test_diffusers_EMAModel_equals_the_original(kw):
+    training_utils = _diffusers()
+    theirs_net, ours_net = _net(), _net()
+    for n in (theirs_net, ours_net):
+        n[0].bias.requires_grad_(False)                          # a frozen parameter: copied, as diffusers
+    theirs = training_utils.EMAModel(theirs_net.parameters(), **kw)
+    ours = compat.EMAModel(ours_net.parameters(), **kw)
+
+    def each(i):
+        theirs.step(theirs_net.parameters())
+        ours.step(ours_net.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value
+        if i % 7 == 0:                                           # the frozen one moves by hand now and then
+            with torch.no_grad():
+                for n in (theirs_net, ours_net):
+                    n[0].bias.add_(0.01)
+
+    _loop([theirs_net, ours_net], 60, each)
+    assert ours.optimization_step == theirs.optimization_step == 60
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)   # lerp vs diffusers' two roundings
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for net, ema in ((ours_net, ours), (theirs_net, theirs)):   # store / copy_to / restore
+        raw = [p.detach().clone() for p in net.parameters()]
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+        assert all(torch.equal(p, s) for p, s in zip(net.parameters(), ema.shadow_params))
+        ema.restore(net.parameters())
+        assert all(torch.equal(p, r) for p, r in zip(net.parameters(), raw))
+    resumed = compat.EMAModel(_net().parameters(), **kw)
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed.optimization_step == 60
+    assert all(torch.equal(a, b) for a, b in zip(resumed.shadow_params, theirs.shadow_params))
+
+
+def test_diffusers_EMAModel_refuses_bad_state_and_devices_and_changes_nothing():
+    ours = compat.EMAModel(_net().parameters(), decay=0.9)
+    state = ours.state_dict()
+    before = [s.clone() for s in ours.shadow_params]
+    for bad, match in ((dict(state, decay=1.5), "Decay must be between"),
+                       (dict(state, optimization_step=1.0), "Invalid optimization_step"),
+                       (dict(state, shadow_params=[torch.zeros(2)]), "do not match"),
+                       (dict(state, shadow_params=(1, 2)), "must be a list")):
+        with pytest.raises(ValueError, match=match):
+            ours.load_state_dict(bad)
+    assert ours.decay == 0.9 and all(torch.equal(a, b) for a, b in zip(ours.shadow_params, before))
+    net = _net()
+    ema = compat.EMAModel(net.parameters())
+    ema.shadow_params = [s.to(torch.float64) for s in ema.shadow_params]   # another dtype: fine
+    ema.step(net.parameters())
+    ema.shadow_params[0] = ema.shadow_params[0].to("meta")
+    with pytest.raises(RuntimeError, match="move the EMA beside the model"):
+        ema.step(net.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:It is deprecated to pass a pretrained model:FutureWarning")
+def test_diffusers_EMAModel_save_and_load_pretrained(tmp_path):
+    _diffusers()
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+    class Tiny(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.a = nn.Linear(4, width)
+            self.b = nn.Linear(width, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x).relu())
+
+    torch.manual_seed(0)
+    model = Tiny()
+    ema = compat.EMAModel(model.parameters(), decay=0.9, model_cls=Tiny, model_config=model.config)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(model.parameters())
+    ema.save_pretrained(tmp_path / "ema")
+    back = compat.EMAModel.from_pretrained(tmp_path / "ema", Tiny)
+    assert back.optimization_step == 5 and back.decay == 0.9
+    assert all(torch.equal(a, b) for a, b in zip(back.shadow_params, ema.shadow_params))
