@@ -53,3 +53,12 @@ def test_torch_compile_example_runs(capsys):
     out = capsys.readouterr().out
     loss, updates = re.search(r"loss (\d+\.\d+), EMA updates (\d+)", out).groups()
     assert int(updates) == 200 and float(loss) < 0.05, out
+
+
+def test_posthoc_example():
+    """The "Post-hoc EMA" example runs as written, and its synthesis is what it says."""
+    block = re.search(r"### Post-hoc EMA.*?```python\n(.*?)```", README, re.S).group(1)
+    scope = {}
+    exec(compile(block, "README post-hoc EMA", "exec"), scope)
+    assert scope["weights"].solution.error < 1e-2
+    assert len([n for n in os.listdir(scope["run_dir"]) if n.endswith(".safetensors")]) == 20
