@@ -28,6 +28,8 @@ class PostHocEMA(EMA):
     or irregular ``update(step=)`` realise the requested profiles. Every ``snapshot_every``
     updates, :meth:`snapshot` writes every profile to ``DIR/snapshot-<time>.safetensors``
     atomically (temporary file, then rename), with the time and the profiles in its metadata.
+    ``update()`` inside ``torch.compile`` (one operator, no graph break) writes them too; CUDA
+    graph replays run no Python, so call ``snapshot()`` between replays there.
 
     Args:
         model: as :class:`EMA`.
@@ -71,16 +73,11 @@ class PostHocEMA(EMA):
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
 
-    def update(self, step: int | None = None) -> None:
-        """Update every profile (one launch per group); write a snapshot every ``snapshot_every``
-        updates."""
+    def _eager_update(self, step: int | None) -> None:
+        # The eager update, and a snapshot when one is due. Inside torch.compile the fastema::update_
+        # operator runs this at every call of the compiled code, so snapshots need no graph break.
         before = self.plan.updates
-        super().update(step)
-        if not torch.compiler.is_compiling():
-            self._maybe_snapshot(before)
-
-    @torch.compiler.disable
-    def _maybe_snapshot(self, before: int) -> None:
+        super()._eager_update(step)
         n = self.plan.updates
         if self.snapshot_every is not None and n != before and n % self.snapshot_every == 0:
             self.snapshot()
