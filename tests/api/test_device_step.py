@@ -186,22 +186,11 @@ def _run_plan_kernel(plan, seed, steps, groups=2):
         yield step, state.copy(), w64.copy(), w32.copy(), int(flag[0]), keys.copy()
 
 
-@given(decays=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
-       warmup=st.sampled_from([None, "num_updates", "power"]),
-       after=st.integers(0, 5), inv_gamma=st.floats(0.5, 10.0), power=st.floats(0.1, 1.5),
-       min_decay=st.floats(0.0, 0.5), every=st.integers(1, 4), compensate=st.booleans(), debias=st.booleans(),
-       seed=st.integers(0, 2 ** 63), steps=st.lists(st.one_of(st.none(), st.integers(0, 10 ** 6)), max_size=12))
-def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, after, inv_gamma, power, min_decay, every,
-                                                             compensate, debias, seed, steps):
-    """Property: whatever the schedule, cadence, debiasing, seed and steps (given or counted),
-    the device plan's weights, skips, counts, normalisers and rounding keys equal the Python
-    Plan's bit for bit (the graph-replayed EMA and the eager one read the same numbers)."""
+def _assert_kernel_follows(plan, ref, seed, steps):
+    """The plan kernel driven from ``plan`` gives, call by call, the Python Plan ``ref``'s skips,
+    weights (float64 and float32), rounding keys, counts, time and normalisers, bit for bit."""
     from fastema.ops import sr_key
-    from fastema.schedules import Plan
 
-    kw = dict(warmup=warmup, update_after_step=after, inv_gamma=inv_gamma, power=power, min_decay=min_decay,
-              update_every=every, compensate=compensate, debias=debias)
-    plan, ref = Plan(decays, **kw), Plan(decays, **kw)
     for step, state, w64, w32, flag, keys in _run_plan_kernel(plan, seed, steps):
         pending = ref.next(step)
         assert flag == (0 if pending.due else 1)
@@ -213,29 +202,35 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
         assert list(state) == [ref.calls, ref.updates, ref.last_time, *ref.norms]
 
 
+@given(decays=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+       warmup=st.sampled_from([None, "num_updates", "power"]),
+       after=st.integers(0, 5), inv_gamma=st.floats(0.5, 10.0), power=st.floats(0.1, 1.5),
+       min_decay=st.floats(0.0, 0.5), every=st.integers(1, 4), compensate=st.booleans(), debias=st.booleans(),
+       seed=st.integers(0, 2 ** 63), steps=st.lists(st.one_of(st.none(), st.integers(0, 10 ** 6)), max_size=12))
+def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, after, inv_gamma, power, min_decay, every,
+                                                             compensate, debias, seed, steps):
+    """Property: whatever the schedule, cadence, debiasing, seed and steps (given or counted),
+    the device plan's weights, skips, counts, normalisers and rounding keys equal the Python
+    Plan's bit for bit (the graph-replayed EMA and the eager one read the same numbers)."""
+    from fastema.schedules import Plan
+
+    kw = dict(warmup=warmup, update_after_step=after, inv_gamma=inv_gamma, power=power, min_decay=min_decay,
+              update_every=every, compensate=compensate, debias=debias)
+    _assert_kernel_follows(Plan(decays, **kw), Plan(decays, **kw), seed, steps)
+
+
 @given(kind=st.sampled_from(["sigma_rel", "half_life"]), values=st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3),
        every=st.integers(1, 4), debias=st.booleans(), seed=st.integers(0, 2 ** 63),
        given_steps=st.booleans(), gaps=st.lists(st.integers(0, 1000), max_size=12))
 def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, every, debias, seed, given_steps, gaps):
     """Property: the power-function and half-life schedules (time = calls, or steps that never go
     back) give the same weights, skips, times and counts on the device as in the Python Plan."""
-    from fastema.ops import sr_key
     from fastema.schedules import Plan
 
     kw = {kind: values if kind == "sigma_rel" else [v * 1000 for v in values], "update_every": every,
           "debias": debias}
-    plan, ref = Plan(**kw), Plan(**kw)
-    steps = list(np.cumsum(gaps)) if given_steps else [None] * len(gaps)
-    for step, state, w64, w32, flag, keys in _run_plan_kernel(plan, seed, [None if s is None else int(s)
-                                                                          for s in steps]):
-        pending = ref.next(step)
-        assert flag == (0 if pending.due else 1)
-        if pending.due:
-            assert list(w64) == pending.weights
-            assert list(w32) == [np.float32(w) for w in pending.weights]
-            assert list(keys) == [sr_key(seed + (g << 32), pending.n) for g in range(len(keys))]
-        ref.done(pending)
-        assert list(state) == [ref.calls, ref.updates, ref.last_time, *ref.norms]
+    steps = [int(s) for s in np.cumsum(gaps)] if given_steps else [None] * len(gaps)
+    _assert_kernel_follows(Plan(**kw), Plan(**kw), seed, steps)
 
 
 def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan():

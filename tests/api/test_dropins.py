@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from fastema.schedules import sigma_rel_to_gamma
 from fastema.torch import compat
 
 ema_pytorch = pytest.importorskip("ema_pytorch")

@@ -333,12 +333,16 @@ def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
         ph.synthesize(sigma_rel=0.25)
     with pytest.raises(ValueError, match="not after the last snapshot"):
         ph.synthesize(sigma_rel=0.07, time=101)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no snapshot"):
-        posthoc.synthesize(tmp_path / "x" if (tmp_path / "x").mkdir() is None else None, 0.07)
-    other = _net()
+        posthoc.synthesize(tmp_path / "empty", 0.07)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        posthoc.synthesize(tmp_path / "missing", 0.07)
+    target = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ValueError, match="do not match this model"):
-        ph.synthesize(0.07, into=nn.Linear(2, 2), max_error=1.0)
-    del other
+        ph.synthesize(0.07, into=target, max_error=1.0)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
 def test_command_line_synthesis_and_plot(tmp_path):
