@@ -21,7 +21,8 @@ before enough snapshots exist). A profile between the tracked ones is reproduced
 with snapshots every 2.5% of training, ~1e-2 every 10%.
 
 Snapshot files (written by :class:`fastema.torch.PostHocEMA`) are safetensors, one per
-snapshot, every tracked profile in each: the tensor ``"{k}:{name}"`` is profile ``k`` of the
+snapshot (a sharded model's: one DCP checkpoint directory each, with a ``.json`` of the same
+metadata beside it), every tracked profile in each: the tensor ``"{k}:{name}"`` is profile ``k`` of the
 averaged tensor ``name``, ``"model:{name}"`` a tensor that is not averaged (copied buffers,
 excluded tensors; taken from the last snapshot), and the metadata holds the time, the
 exponents and the names. :func:`synthesize` streams one tensor at a time (memory: one tensor
@@ -37,6 +38,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -128,6 +130,7 @@ class Snapshot(NamedTuple):
     gammas: list          # one per tracked profile (row)
     averaged: list        # names of the averaged tensors
     others: list          # names of the tensors kept as they are (from the last snapshot)
+    kind: str = "safetensors"     # or "dcp": a torch.distributed.checkpoint directory (sharded models)
 
 
 def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
@@ -139,20 +142,28 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
         raise FileNotFoundError(f"{directory!r} is not a directory of post-hoc EMA snapshots")
     out = []
     for name in sorted(os.listdir(directory)):
-        if not (name.startswith("snapshot-") and name.endswith(".safetensors")):
-            continue
         path = os.path.join(directory, name)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        if name.startswith("snapshot-") and name.endswith(".json"):        # a sharded model's DCP snapshot
+            with open(path) as f:
+                meta = json.load(f)
+            path = path[:-len(".json")]
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{path + '.json'!r} describes a DCP snapshot, but {path!r} is missing")
+        elif name.startswith("snapshot-") and name.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        else:
+            continue
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not a fastema post-hoc snapshot (metadata format={meta.get('format')!r})")
         if int(meta.get("version", 0)) > VERSION:
             raise ValueError(f"{path!r} was written by a newer fastema (snapshot version {meta['version']}); "
                              f"upgrade fastema to read it")
         out.append(Snapshot(path, float(meta["time"]), int(meta["updates"]), json.loads(meta["gammas"]),
-                            json.loads(meta["averaged"]), json.loads(meta["others"])))
+                            json.loads(meta["averaged"]), json.loads(meta["others"]), meta.get("kind", "safetensors")))
     if not out:
-        raise FileNotFoundError(f"no snapshot-*.safetensors files in {directory!r}")
+        raise FileNotFoundError(f"no snapshot-*.safetensors files (or snapshot-*.json DCP snapshots) in "
+                                f"{directory!r}")
     out.sort(key=lambda s: s.time)
     names = out[-1].averaged
     for s in out:
@@ -180,7 +191,9 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     (default: the last snapshot's), from the snapshots in ``directory``, computed in float64 one
     tensor at a time. Returns a :class:`Synthesized` ``name -> tensor`` dict (``dtype``: default
     float32) whose ``.solution`` holds the coefficients and the relative error; ``into=model``
-    also loads it into that ``nn.Module`` (strict). Refuses a target the snapshots cannot
+    also loads it into that ``nn.Module`` (strict; an FSDP2 / tensor-parallel model through
+    ``set_model_state_dict``, which every rank must call). Reading is local to the caller (DCP
+    snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
     represent to ``max_error`` (see :func:`solve`)."""
     import torch
     from safetensors import safe_open
@@ -191,24 +204,46 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     sol = _solution_for(snaps, sigma_rel, gamma, time, max_error)
     dtype = torch.float32 if dtype is None else dtype
     terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
-    files = {s.path: safe_open(s.path, framework="pt") for s in snaps}
-    try:
-        out = Synthesized()
-        last = snaps[-1]
-        for name in last.averaged:
-            acc = None
-            for (s, k), x in zip(terms, sol.coefficients):
-                v = files[s.path].get_tensor(f"{k}:{name}").to(torch.float64)
-                acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
-            out[name] = acc.to(dtype)
-        for name in last.others:
-            out[name] = files[last.path].get_tensor(f"model:{name}")
-    finally:
-        files.clear()
+    files = {s.path: _reader(s) for s in snaps}
+    out = Synthesized()
+    last = snaps[-1]
+    for name in last.averaged:
+        acc = None
+        for (s, k), x in zip(terms, sol.coefficients):
+            v = files[s.path](f"{k}:{name}").to(torch.float64)
+            acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
+        out[name] = acc.to(dtype)
+    for name in last.others:
+        out[name] = files[last.path](f"model:{name}")
     out.solution = sol
     if into is not None:
         _load_into(into, out)
     return out
+
+
+def _reader(snap: Snapshot):
+    """``key -> full tensor`` of one snapshot, read on demand (one tensor at a time)."""
+    if snap.kind == "dcp":
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        reader = dcp.FileSystemReader(snap.path)
+        entries = reader.read_metadata().state_dict_metadata
+
+        def read(key):
+            # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
+            meta = entries[key]
+            out = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(out, storage_reader=dcp.FileSystemReader(snap.path), no_dist=True)
+            return out[key]
+
+        return read
+    from safetensors import safe_open
+
+    handle = safe_open(snap.path, framework="pt")
+    return handle.get_tensor
 
 
 def _load_into(model, weights: dict) -> None:
@@ -220,6 +255,11 @@ def _load_into(model, weights: dict) -> None:
     if missing or extra:
         raise ValueError(f"the snapshots do not match this model: missing {missing[:5]}, unexpected {extra[:5]}; "
                          f"load them into the model they were taken of")
+    if any(type(t).__name__ == "DTensor" for t in own.values()):      # FSDP2 / TP: each rank keeps its part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
+        return
     with torch.no_grad():
         for name, t in own.items():
             t.copy_(weights[name])

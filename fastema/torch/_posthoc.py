@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import posthoc
-from . import EMA, _atomic_write
+from . import EMA, _atomic_write, _sharded
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +41,11 @@ class PostHocEMA(EMA):
             float16: half the disk, ~1e-3 relative rounding per snapshot).
         **kwargs: other :class:`EMA` options (``buffers``, ``exclude``, ``shadow_dtype``, ...).
 
+    Sharded models (FSDP2, tensor parallel, HSDP): each rank tracks its own shards (no
+    collective per update); every snapshot is a collective DCP save of the ranks' shards (see
+    :meth:`snapshot`), which every rank's ``update()`` reaches at the same update. DeepSpeed
+    ZeRO-3 is refused.
+
     ``swap()``, ``copy_to()``, ``averaged_state_dict()`` take ``row=k`` for profile ``k``;
     :meth:`synthesize` gives any other.
     """
@@ -62,10 +67,10 @@ class PostHocEMA(EMA):
         if snapshot_dtype not in _DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_DTYPES)}, got {snapshot_dtype!r}")
         super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
-        if self.sharded:
-            raise ValueError("PostHocEMA on a sharded model (FSDP2 / DTensor / ZeRO-3) is not supported yet: its "
-                             "snapshots would need one DCP checkpoint each. Track the profiles with "
-                             "EMA(model, sigma_rel=[...]) and write full_state_dict(row) yourself.")
+        if self._zero3:
+            raise ValueError("PostHocEMA on a DeepSpeed ZeRO-3 model is not supported yet (its flat partitions "
+                             "would need their shapes in every snapshot). Track the profiles with "
+                             "EMA(engine, sigma_rel=[...]) and write full_state_dict(row) yourself, or use FSDP2.")
         self.sigma_rels = sigma_rels
         self.gammas = [s.gamma for s in self.plan.schedules]
         self.snapshot_every = snapshot_every
@@ -83,37 +88,68 @@ class PostHocEMA(EMA):
             self.snapshot()
 
     def snapshot(self) -> str:
-        """Write every profile, as of the last update, to ``path``; returns the file's path.
+        """Write every profile, as of the last update, to ``path``; returns the snapshot's path.
 
-        Blocks until the file is on disk (a device-to-host copy of every profile): call it
-        between steps, every few thousand steps as EDM2 does."""
+        Blocks until the snapshot is on disk (a device-to-host copy of every profile): call it
+        between steps, every few thousand steps as EDM2 does. On a sharded model (FSDP2, tensor
+        parallel) it is a collective: one DCP checkpoint ``DIR/snapshot-<time>/`` written by
+        every rank from its own shards (no gather), then ``DIR/snapshot-<time>.json`` with the
+        metadata, written last by rank 0: a snapshot without it is incomplete and never read."""
         self._not_swapped("snapshot()")
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
-        from safetensors.torch import save
-
         dtype = _DTYPES[self.snapshot_dtype]
         tensors, averaged, others = {}, [], []
+        to = "cpu" if not self.sharded else None         # DCP stages the shards itself
         for k in range(self.plan.rows):
             for name, t, source, value in self._state_entries(k):
                 if source is not None and source in self._avg.names:
-                    tensors[f"{k}:{name}"] = value().to("cpu", dtype, copy=True).contiguous()
+                    v = value().to(to, dtype, copy=True)
+                    tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs \
+                        else v.contiguous()
                     if k == 0:
                         averaged.append(name)
                 elif k == 0:
                     kept = t.detach() if value is None else value()
-                    tensors[f"model:{name}"] = kept.to("cpu", t.dtype, copy=True).contiguous()
+                    tensors[f"model:{name}"] = kept.to(to, kept.dtype, copy=True)
                     others.append(name)
         time = self.plan.last_time
         meta = {"format": posthoc.FORMAT, "version": str(posthoc.VERSION), "time": repr(time),
                 "updates": str(self.plan.updates), "calls": str(self.plan.calls),
                 "gammas": json.dumps(self.gammas), "sigma_rels": json.dumps(list(self.sigma_rels)),
                 "averaged": json.dumps(averaged), "others": json.dumps(others), "dtype": self.snapshot_dtype}
-        data = save(tensors, metadata=meta)
         stamp = f"{int(time):012d}" if float(time).is_integer() else f"{time:020.6f}"
-        path = os.path.join(self.path, f"snapshot-{stamp}.safetensors")
-        _atomic_write(path, lambda f: f.write(data))
-        return path
+        base = os.path.join(self.path, f"snapshot-{stamp}")
+        if self.sharded:
+            return self._save_dcp(base, tensors, meta)
+        from safetensors.torch import save
+
+        data = save(tensors, metadata=meta)
+        _atomic_write(base + ".safetensors", lambda f: f.write(data))
+        return base + ".safetensors"
+
+    @staticmethod
+    def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
+        import shutil
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        rank = dist.get_rank()
+        tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
+        if rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)                       # left by a snapshot that was killed
+        dist.barrier()
+        dcp.save(tensors, checkpoint_id=tmp)
+        dist.barrier()
+        if rank == 0:
+            if os.path.exists(base):
+                shutil.rmtree(base)
+            os.replace(tmp, base)
+            data = json.dumps({**meta, "kind": "dcp"}).encode()
+            _atomic_write(base + ".json", lambda f: f.write(data))
+        dist.barrier()
+        return base
 
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
                    max_error: float = posthoc.MAX_ERROR, into: nn.Module | None = None, dtype=None):

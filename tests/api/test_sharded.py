@@ -472,3 +472,62 @@ def test_hsdp_2x2_and_fsdp_over_tensor_parallel_exact(tmp_path):
     _check_into_plain(tmp_path, ckpt, r0, _model())
     two_d = {k[3:]: v for k, v in r0.items() if k.startswith("2d/ref/")}
     _check_into_plain(tmp_path, ckpt + "-2d", two_d, nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
+
+
+# ------------------------------------------------------------ post-hoc EMA snapshots (DCP)
+
+
+def _posthoc(rank, world, snaps):
+    from fastema.torch import PostHocEMA
+
+    model = _shard(_model(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ph = PostHocEMA(model, (0.05, 0.10), snapshot_every=2, path=snaps)
+    out = {}
+    for step in range(6):
+        _train_step(model, opt, rank, step)
+        ph.update()                                       # a collective DCP save every 2nd update
+        if ph.updates % 2 == 0:
+            for row in (0, 1):
+                for n, v in ph.full_state_dict(row).items():
+                    out[f"{ph.updates}/{row}/{n}"] = v
+    if rank == 1:                                         # one rank alone: no collective in synthesis
+        for n, v in ph.synthesize(0.07, max_error=1.0).items():
+            out[f"synth/{n}"] = v
+    dist.barrier()
+    target = _shard(_model(9))
+    ph.synthesize(0.07, max_error=1.0, into=target)
+    for n, v in _full(target).items():
+        out[f"into/{n}"] = v
+    return out
+
+
+def test_post_hoc_ema_of_an_fsdp2_model_snapshots_dcp_and_synthesises_anywhere(tmp_path):
+    """Each snapshot of a sharded PostHocEMA is one DCP checkpoint written from the ranks' own
+    shards; it holds the gathered profiles bit for bit, and synthesis from it is the same in the
+    ranks, in a process with no process group, and from the gathered profiles by hand."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from fastema import posthoc
+
+    snaps = str(tmp_path / "snaps")
+    r0, r1 = run_ranks(_posthoc, tmp_path / "run", 2, snaps)
+    found = posthoc.read_snapshots(snaps)
+    assert [(s.kind, s.time) for s in found] == [("dcp", 2.0), ("dcp", 4.0), ("dcp", 6.0)]
+    names = found[-1].averaged
+    assert names == [n for n, _ in _model().named_parameters()]
+    for s in found:
+        for row in (0, 1):
+            with pytest.warns(UserWarning, match="single process"):
+                got = _load_state_dict_from_keys({f"{row}:{n}" for n in names}, checkpoint_id=s.path)
+            for n in names:
+                assert torch.equal(got[f"{row}:{n}"], r0[f"{int(s.time)}/{row}/{n}"]), (s.time, row, n)
+    here = posthoc.synthesize(snaps, 0.07, max_error=1.0)
+    sol = here.solution
+    terms = [(int(s.time), k) for s in found for k in (0, 1)]
+    for n in names:
+        by_hand = sum(float(x) * r0[f"{t}/{k}/{n}"].double() for (t, k), x in zip(terms, sol.coefficients))
+        torch.testing.assert_close(here[n], by_hand.float(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(r1[f"synth/{n}"], here[n])
+        for r in (r0, r1):
+            assert torch.equal(r[f"into/{n}"], here[n])
