@@ -298,16 +298,18 @@ def test_address_changes_rewrite_the_device_table_in_place(monkeypatch):
 
 
 @pytest.mark.parametrize("plan_kw", [dict(decay=[0.9, 0.99], warmup="power", update_every=2, compensate=True,
-                                           debias=True), dict(decay=0.999, warmup="num_updates")])
+                                           debias=True), dict(decay=0.999, warmup="num_updates"),
+                                      dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=50.0)])
 def test_plan_kernel_matches_cpu(plan_kw):
     from fastema._device_plan import parameters
     from fastema.kernels import cpu as kcpu
+    from fastema.kernels.kinds import S_NORMS
     from fastema.schedules import Plan
 
     plan = Plan(**plan_kw)
     params, decays = parameters(plan, (3 << 32) + 9)
     k = plan.rows
-    host = dict(state=np.zeros(2 + k), w32=np.zeros(k, np.float32), w64=np.zeros(k), flag=np.zeros(1, np.int32),
+    host = dict(state=np.zeros(S_NORMS + k), w32=np.zeros(k, np.float32), w64=np.zeros(k), flag=np.zeros(1, np.int32),
                 keys=np.zeros(3, np.int64))
     dev = {name: cuda.to_device(v) for name, v in host.items()}
     d_params, d_decays = cuda.to_device(params), cuda.to_device(decays)
@@ -580,7 +582,8 @@ def test_torch_ema_on_gpu_without_host_sync():
 @pytest.mark.skipif(SIM, reason="needs a GPU")
 @pytest.mark.parametrize("kw", [dict(decay=0.99, warmup="power", update_every=2),
                                 dict(decay=[0.9, 0.999], debias=True, skip_nonfinite=True),
-                                dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic")])
+                                dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic"),
+                                dict(sigma_rel=[0.05, 0.1], update_every=2), dict(half_life=3.0)])
 def test_torch_ema_captured_once_and_replayed_equals_eager_calls(kw):
     """EMA.update() captured in a CUDA graph and replayed N times equals N eager calls bit for
     bit: the warm-up schedule, update_every's skips and the stochastic-rounding key advance on
