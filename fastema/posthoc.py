@@ -43,10 +43,11 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ._files import atomic_write
 from .schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
 
 __all__ = ["FORMAT", "Snapshot", "Solution", "Synthesized", "profile", "profile_dot", "read_snapshots", "solve",
-           "synthesize", "plot_profiles", "main"]
+           "synthesize", "write_snapshot", "plot_profiles", "main"]
 
 FORMAT = "fastema.posthoc"
 VERSION = 1
@@ -173,6 +174,49 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
     return out
 
 
+def write_snapshot(directory: str, time: float, tensors: dict, meta: dict, *, sharded: bool = False) -> str:
+    """Write one snapshot of time ``time`` into ``directory``, whole or not at all; returns its path.
+
+    ``tensors``: ``"{k}:{name}"`` (profile ``k``) and ``"model:{name}"`` entries; ``meta``: the
+    metadata strings (format, version, time, gammas, names). A plain model's snapshot is one
+    safetensors file (temporary file, then rename). A sharded model's (``tensors`` holding
+    DTensors) is a collective: one DCP checkpoint directory written by every rank from its own
+    shards into a temporary directory, renamed, then the metadata ``.json`` beside it, written
+    last by rank 0: readers ignore a snapshot without it."""
+    stamp = f"{int(time):012d}" if float(time).is_integer() else f"{time:020.6f}"
+    base = os.path.join(directory, f"snapshot-{stamp}")
+    if sharded:
+        return _save_dcp(base, tensors, meta)
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=meta)
+    atomic_write(base + ".safetensors", lambda f: f.write(data))
+    return base + ".safetensors"
+
+
+def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)                       # left by a snapshot that was killed
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=tmp)
+    dist.barrier()
+    if rank == 0:
+        if os.path.exists(base):
+            shutil.rmtree(base)
+        os.replace(tmp, base)
+        data = json.dumps({**meta, "kind": "dcp"}).encode()
+        atomic_write(base + ".json", lambda f: f.write(data))
+    dist.barrier()
+    return base
+
+
 class Synthesized(dict):
     """``name -> tensor`` of a synthesised average; ``.solution`` tells how it was made
     (coefficients, relative error, condition number, time, gamma, sigma_rel)."""
@@ -196,7 +240,6 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
     represent to ``max_error`` (see :func:`solve`)."""
     import torch
-    from safetensors import safe_open
 
     snaps = read_snapshots(directory)
     if time is not None:
@@ -339,13 +382,11 @@ def main(argv=None) -> int:
 def _write(path: str, weights: dict) -> None:
     import torch
 
-    from .torch import _atomic_write
-
     weights = {k: v.contiguous() for k, v in weights.items()}
     if path.endswith(".safetensors"):
         from safetensors.torch import save
 
         data = save(weights, metadata={"format": "pt"})
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))
     else:
-        _atomic_write(path, lambda f: torch.save(weights, f))
+        atomic_write(path, lambda f: torch.save(weights, f))
