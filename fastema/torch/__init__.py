@@ -954,7 +954,10 @@ class EMA(PlanReader, _ModelAverage):
         """Update the averages from the model's current weights (call after ``optimizer.step()``).
 
         Args:
-            step: the training step for the schedule; defaults to the number of updates made.
+            step: the training step for the schedule; defaults to the number of updates made
+                (timed schedules, ``sigma_rel``/``half_life``/``bema``: the number of calls,
+                this one included; pass samples seen to define them in samples). Timed
+                schedules refuse a step before the last update's.
         """
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
             written, read = self._ops["update"]
