@@ -41,7 +41,8 @@ class WeightEMA(pl.Callback):
     """An EMA of the LightningModule's weights, used for validation and test.
 
     Args:
-        decay: the EMA decay (or a list of decays; the first is used for evaluation).
+        decay: the EMA decay (default 0.9999), or a list of decays (the first is used for
+            evaluation); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
         validate_with_ema: swap the EMA in for validation (and back after it).
         test_with_ema: swap the EMA in for ``trainer.test`` / ``trainer.predict``.
         **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
@@ -54,7 +55,7 @@ class WeightEMA(pl.Callback):
     :class:`fastema.torch.EMA` (``callback.ema.save(path)`` writes the averaged weights).
     """
 
-    def __init__(self, decay=0.9999, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
+    def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
         super().__init__()
         check_options(decay, ema_kwargs)                  # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema

@@ -208,7 +208,9 @@ def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
     dcp.save(tensors, checkpoint_id=tmp)
     dist.barrier()
     if rank == 0:
-        if os.path.exists(base):
+        if os.path.exists(base):                 # the same time again: the old metadata goes first
+            if os.path.exists(base + ".json"):
+                os.unlink(base + ".json")
             shutil.rmtree(base)
         os.replace(tmp, base)
         data = json.dumps({**meta, "kind": "dcp"}).encode()

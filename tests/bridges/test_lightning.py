@@ -112,6 +112,28 @@ def test_ema_follows_optimizer_steps_and_is_used_for_validation(tmp_path):
     assert all(torch.equal(before[n], w) for n, w in weights(model).items())
 
 
+def test_power_function_profile_through_the_callback(tmp_path):
+    """WeightEMA(sigma_rel=...) (no decay): the EMA follows the optimizer steps with the exact
+    power-function weights; decay together with sigma_rel is refused when the callback is made."""
+    from fastema.schedules import sigma_rel_to_gamma
+
+    with pytest.raises(ValueError, match="give one of decay, sigma_rel"):
+        WeightEMA(decay=0.9, sigma_rel=0.1)
+    probe = Probe()
+    cb = WeightEMA(sigma_rel=0.1)
+    trainer(tmp_path, [cb, probe]).fit(Regressor(), loader(), loader(32, seed=1))
+    steps = {}
+    for step, w in probe.steps:
+        steps[step] = w                                   # the weights after optimizer step `step`
+    g = sigma_rel_to_gamma(0.1)
+    last = max(steps)
+    ref = {n: sum(((t / last) ** (g + 1) - ((t - 1) / last) ** (g + 1)) * steps[t][n].double() for t in steps)
+           for n in steps[last]}
+    got = cb.ema.averaged_state_dict()
+    for n, v in ref.items():
+        torch.testing.assert_close(got[n].double(), v, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_resume_is_exact_and_holds_raw_weights(tmp_path):
     full = WeightEMA(decay=0.9)
     model = Regressor()
