@@ -557,7 +557,7 @@ class EMA(_EmaPytorchBase):
             return 0.0
         # in float32 on host scalars, as ema-pytorch computes it on its step buffer: the same decay
         value = 1 - (1 + torch.tensor(float(epoch)) / self.inv_gamma) ** -self.power
-        return value.clamp(min=self.min_value, max=self.beta).item()
+        return float(value.clamp(min=self.min_value, max=self.beta).numpy())     # a CPU scalar of ours
 
     def update(self):
         step = self._advance()

@@ -214,3 +214,26 @@ def test_diffusers_EMAModel_save_and_load_pretrained(tmp_path):
     back = compat.EMAModel.from_pretrained(tmp_path / "ema", Tiny)
     assert back.optimization_step == 5 and back.decay == 0.9
     assert all(torch.equal(a, b) for a, b in zip(back.shadow_params, ema.shadow_params))
+
+
+def test_no_host_read_per_update(tmp_path):
+    """After the first call, the drop-ins' updates (and PostHocEMA's between snapshots) read no
+    tensor value on the host: ema-pytorch's .item() per update is gone."""
+    from reference import no_host_reads
+
+    from fastema.torch import PostHocEMA
+
+    net = _net()
+    made = [compat.EMA(net, update_after_step=2, update_every=1), compat.KarrasEMA(net, sigma_rel=0.1, update_every=2),
+            compat.PostHocEMA(net, sigma_rels=(0.05, 0.1), checkpoint_every_num_steps="manual",
+                              checkpoint_folder=str(tmp_path / "ph"), update_every=1),
+            PostHocEMA(net, (0.05, 0.1), snapshot_every=None, path=tmp_path / "native")]
+    diffusers_like = compat.EMAModel(net.parameters(), use_ema_warmup=True)
+    for e in made:
+        e.update()
+    diffusers_like.step(net.parameters())
+    with no_host_reads():
+        for _ in range(5):
+            for e in made:
+                e.update()
+            diffusers_like.step(net.parameters())
