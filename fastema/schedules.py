@@ -371,9 +371,13 @@ class Plan:
             raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
         cadence = Cadence(update_every)
         if given and given[0] != "decay":
-            if warmup is not None or compensate:
+            warm = [k for k, v, d in (("min_decay", min_decay, 0.0), ("inv_gamma", inv_gamma, 1.0),
+                                      ("power", power, 2 / 3), ("update_after_step", update_after_step, 0))
+                    if v != d]
+            if warmup is not None or compensate or warm:
                 raise ValueError(f"{given[0]}= is a schedule over training time, exact for any update interval: "
-                                 f"it takes no warmup= or compensate=; drop them")
+                                 f"it takes no warmup= or compensate= (nor {', '.join(warm) or 'warm-up settings'}); "
+                                 f"drop them, and start calling update() where the average should start")
             if given[0] == "bema":
                 if debias:
                     raise ValueError("bema= starts from a copy of the weights; it takes no debias=")

@@ -230,6 +230,8 @@ def test_a_checkpoint_from_before_the_timed_schedules_still_loads():
     (dict(sigma_rel=0.1, half_life=3.0), "give one of"),
     (dict(sigma_rel=0.1, warmup="power"), "takes no warmup= or compensate="),
     (dict(half_life=10.0, compensate=True, update_every=2), "takes no warmup= or compensate="),
+    (dict(sigma_rel=0.1, update_after_step=100), "nor update_after_step"),
+    (dict(bema=True, min_decay=0.5), "nor min_decay"),
     (dict(sigma_rel=0.3), "sigma_rel must be a number in"),
     (dict(half_life=0.0), "half_life must be a finite number > 0"),
     (dict(bema=True, debias=True), "takes no debias="),
