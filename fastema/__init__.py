@@ -16,8 +16,10 @@ Many tensors::
 
 Framework models: ``fastema.torch.EMA``, ``fastema.jax.EMA``, ``fastema.tensorflow.EMA``,
 ``fastema.keras.WeightEMA`` (imported on demand; each needs its framework).
+Post-hoc EMA: ``fastema.torch.PostHocEMA`` tracks and snapshots profiles,
+``fastema.posthoc.synthesize(DIR, sigma_rel)`` synthesises any other after training.
 """
-from . import schedules
+from . import posthoc, schedules
 from .flat import FlatShadow
 from .window import WindowShadow
 from .smooth import Smoother
@@ -25,7 +27,7 @@ from .track import Tracker
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 
 __all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "WindowShadow", "clear_caches", "copy_", "ema_update_",
-           "ema_update_many_", "ema_update_multi_", "flag_nonfinite_", "schedules", "swap_", "Tracker"]
+           "ema_update_many_", "ema_update_multi_", "flag_nonfinite_", "posthoc", "schedules", "swap_", "Tracker"]
 
 
 def clear_caches() -> None:
