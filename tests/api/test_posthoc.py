@@ -402,3 +402,20 @@ def test_post_hoc_ema_inside_torch_compile_fullgraph_snapshots_and_equals_eager(
             assert torch.equal(v, eager.averaged_state_dict(r)[k]), (r, k)
     explain = dynamo.explain(step)(net, ph, x, x.sum(1, keepdim=True))
     assert (explain.graph_count, explain.graph_break_count) == (1, 0)
+
+
+@given(st.lists(st.tuples(st.integers(1, 10), st.floats(0.06, 0.25)), min_size=2, max_size=6, unique_by=lambda v: v[0]),
+       st.floats(0.06, 0.25), st.floats(0.5, 1.0))
+def test_reported_error_is_the_l2_distance_of_the_synthesised_profile(stored, target, when):
+    """Property: the relative error solve() reports equals the L2 distance, integrated
+    numerically, between the target profile and the combination of stored profiles it returns."""
+    times = [100.0 * t for t, _ in stored]
+    gammas = [sigma_rel_to_gamma(s) for _, s in stored]
+    t_r = max(times) * when
+    sol = posthoc.solve(times, gammas, sigma_rel=target, time=t_r, max_error=float("inf"))
+    tau = np.linspace(0, max(times), 400001)
+    synth = sum(x * posthoc.profile(tau, t, g) for t, g, x in zip(times, gammas, sol.coefficients))
+    want = posthoc.profile(tau, t_r, sol.gamma)
+    num = math.sqrt(np.trapezoid((want - synth) ** 2, tau) / np.trapezoid(want ** 2, tau))
+    assert sol.error == pytest.approx(num, rel=2e-2, abs=2e-4)
+    assert sol.coefficients.sum() == pytest.approx(1.0, abs=1e-9)
