@@ -1237,8 +1237,9 @@ class PostHocEMA(EMA):
     def snapshot(self) -> str:
         """Write every profile, as of the last update, to ``path``; returns the snapshot's path.
 
-        Blocks until the snapshot is on disk (a device-to-host copy of every profile): call it
-        between steps, every few thousand steps as EDM2 does. On a sharded model (FSDP2, tensor
+        Blocks until the snapshot is on disk (a device-to-host copy of every profile, one tensor
+        at a time: host memory holds one tensor, not the snapshot): call it between steps, every
+        few thousand steps as EDM2 does. On a sharded model (FSDP2, tensor
         parallel) it is a collective: one DCP checkpoint ``DIR/snapshot-<time>/`` written by
         every rank from its own shards (no gather), then ``DIR/snapshot-<time>.json`` with the
         metadata, written last by rank 0: a snapshot without it is incomplete and never read."""
@@ -1247,18 +1248,21 @@ class PostHocEMA(EMA):
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
         tensors, averaged, others = {}, [], []
-        to = "cpu" if not self.sharded else None         # DCP stages the shards itself
         for k in range(self.plan.rows):
             for name, t, source, value in self._state_entries(k):
                 if source is not None and source in self._avg.names:
-                    v = value().to(to, dtype, copy=True)
-                    tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs \
-                        else v.contiguous()
+                    v = value()
+                    if self.sharded:          # DCP reads the shards in place (a copy only to cast)
+                        v = v.to(dtype)
+                        tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs \
+                            else v
+                    else:                     # streamed to the file one tensor at a time
+                        tensors[f"{k}:{name}"] = (v, dtype)
                     if k == 0:
                         averaged.append(name)
                 elif k == 0:
                     kept = t.detach() if value is None else value()
-                    tensors[f"model:{name}"] = kept.to(to, kept.dtype, copy=True)
+                    tensors[f"model:{name}"] = kept if self.sharded else (kept, kept.dtype)
                     others.append(name)
         time = self.plan.last_time
         meta = {"format": posthoc.FORMAT, "version": str(posthoc.VERSION), "time": repr(time),

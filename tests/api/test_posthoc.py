@@ -419,3 +419,38 @@ def test_reported_error_is_the_l2_distance_of_the_synthesised_profile(stored, ta
     num = math.sqrt(np.trapezoid((want - synth) ** 2, tau) / np.trapezoid(want ** 2, tau))
     assert sol.error == pytest.approx(num, rel=2e-2, abs=2e-4)
     assert sol.coefficients.sum() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("snapshot_dtype", ["float32", "bfloat16", "float16"])
+def test_streamed_snapshot_files_read_back_with_safetensors(tmp_path, snapshot_dtype):
+    """Snapshots are streamed one tensor at a time in the safetensors format: safetensors itself
+    reads them back (every tensor, its dtype, shape and values, and the metadata), for a bfloat16
+    model with a channels_last convolution, an empty parameter and integer buffers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    net.empty = nn.Parameter(torch.zeros(0, 3))
+    net = net.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    ph = PostHocEMA(net, (0.05, 0.1), snapshot_every=None, path=tmp_path, snapshot_dtype=snapshot_dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1)
+    ph.update()
+    path = ph.snapshot()
+    got = load_file(path)
+    want_dtype = getattr(torch, snapshot_dtype)
+    for k in range(2):
+        for name, v in ph.averaged_state_dict(k).items():
+            if name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+                assert torch.equal(got[f"model:{name}"], net.state_dict()[name]), name
+                continue
+            shadow = ph._avg.view(name, k)
+            assert got[f"{k}:{name}"].dtype == want_dtype and got[f"{k}:{name}"].shape == shadow.shape
+            assert torch.equal(got[f"{k}:{name}"], shadow.to(want_dtype)), (k, name)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == posthoc.FORMAT and meta["dtype"] == snapshot_dtype and float(meta["time"]) == 1.0
+    assert posthoc.read_snapshots(tmp_path)[0].averaged == [n for n in net.state_dict() if "running" not in n
+                                                            and "num_batches" not in n]
