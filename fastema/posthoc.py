@@ -132,6 +132,7 @@ class Snapshot(NamedTuple):
     averaged: list        # names of the averaged tensors
     others: list          # names of the tensors kept as they are (from the last snapshot)
     kind: str = "safetensors"     # or "dcp": a torch.distributed.checkpoint directory (sharded models)
+    shapes: dict = {}             # name -> full shape of tensors stored flat (ZeRO-3 partitions)
 
 
 def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
@@ -161,7 +162,8 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
             raise ValueError(f"{path!r} was written by a newer fastema (snapshot version {meta['version']}); "
                              f"upgrade fastema to read it")
         out.append(Snapshot(path, float(meta["time"]), int(meta["updates"]), json.loads(meta["gammas"]),
-                            json.loads(meta["averaged"]), json.loads(meta["others"]), meta.get("kind", "safetensors")))
+                            json.loads(meta["averaged"]), json.loads(meta["others"]), meta.get("kind", "safetensors"),
+                            json.loads(meta.get("shapes", "{}"))))
     if not out:
         raise FileNotFoundError(f"no snapshot-*.safetensors files (or snapshot-*.json DCP snapshots) in "
                                 f"{directory!r}")
@@ -286,7 +288,7 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
         for (s, k), x in zip(terms, sol.coefficients):
             v = files[s.path](f"{k}:{name}").to(torch.float64)
             acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
-        out[name] = acc.to(dtype)
+        out[name] = acc.to(dtype).reshape(last.shapes.get(name, acc.shape))
     for name in last.others:
         out[name] = files[last.path](f"model:{name}")
     out.solution = sol
@@ -334,6 +336,13 @@ def _load_into(model, weights: dict) -> None:
 
         set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
         return
+    bad = [f"{n} {tuple(weights[n].shape)} into {tuple(t.shape)}" for n, t in own.items() if t.shape != weights[n].shape]
+    if bad:
+        hint = (" (DeepSpeed ZeRO-3 parameters are partitioned: load inside deepspeed.zero.GatheredParameters("
+                "params, modifier_rank=0), or into an unpartitioned copy of the model)"
+                if any(hasattr(t, "ds_shape") for t in own.values()) else "")
+        raise ValueError(f"the synthesised tensors do not fit this model: {', '.join(bad[:3])}{hint}; nothing "
+                         f"was loaded")
     with torch.no_grad():
         for name, t in own.items():
             t.copy_(weights[name])

@@ -1191,7 +1191,8 @@ class PostHocEMA(EMA):
     Sharded models (FSDP2, tensor parallel, HSDP): each rank tracks its own shards (no
     collective per update); every snapshot is a collective DCP save of the ranks' shards (see
     :meth:`snapshot`), which every rank's ``update()`` reaches at the same update. DeepSpeed
-    ZeRO-3 is refused.
+    ZeRO-3 (``PostHocEMA(engine, ...)``) too: its partitions are saved flat, with the full
+    shapes in the metadata, and synthesised in those shapes.
 
     ``swap()``, ``copy_to()``, ``averaged_state_dict()`` take ``row=k`` for profile ``k``;
     :meth:`synthesize` gives any other.
@@ -1214,10 +1215,6 @@ class PostHocEMA(EMA):
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
         super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
-        if self._zero3:
-            raise ValueError("PostHocEMA on a DeepSpeed ZeRO-3 model is not supported yet (its flat partitions "
-                             "would need their shapes in every snapshot). Track the profiles with "
-                             "EMA(engine, sigma_rel=[...]) and write full_state_dict(row) yourself, or use FSDP2.")
         self.sigma_rels = sigma_rels
         self.gammas = [s.gamma for s in self.plan.schedules]
         self.snapshot_every = snapshot_every
@@ -1247,10 +1244,12 @@ class PostHocEMA(EMA):
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
-        tensors, averaged, others = {}, [], []
+        tensors, averaged, others, shapes = {}, [], [], {}
         for k in range(self.plan.rows):
             for name, t, source, value in self._state_entries(k):
                 if source is not None and source in self._avg.names:
+                    if hasattr(t, "ds_shape") and k == 0:     # a ZeRO-3 partition is saved flat
+                        shapes[name] = list(t.ds_shape)
                     v = value()
                     if self.sharded:          # DCP reads the shards in place (a copy only to cast)
                         v = v.to(dtype)
@@ -1268,7 +1267,8 @@ class PostHocEMA(EMA):
         meta = {"format": posthoc.FORMAT, "version": str(posthoc.VERSION), "time": repr(time),
                 "updates": str(self.plan.updates), "calls": str(self.plan.calls),
                 "gammas": json.dumps(self.gammas), "sigma_rels": json.dumps(list(self.sigma_rels)),
-                "averaged": json.dumps(averaged), "others": json.dumps(others), "dtype": self.snapshot_dtype}
+                "averaged": json.dumps(averaged), "others": json.dumps(others), "dtype": self.snapshot_dtype,
+                "shapes": json.dumps(shapes)}
         return posthoc.write_snapshot(self.path, time, tensors, meta, sharded=self.sharded)
 
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,

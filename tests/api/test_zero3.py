@@ -98,6 +98,17 @@ def _zero3(rank, world, ckpt):
     out["resumed_equal"] = torch.tensor(all(torch.equal(saved[k], v) for k, v in ema.full_state_dict(0).items()))
     out["updates"] = torch.tensor([ema.updates, ema.calls])
 
+    # post-hoc EMA of the partitions: one flat DCP checkpoint per snapshot, full shapes in the metadata
+    from fastema.torch import PostHocEMA
+
+    ph = PostHocEMA(engine, (0.05, 0.1), snapshot_every=2, path=ckpt + "-posthoc")
+    for step in range(20, 24):
+        _step(engine, rank, step)
+        ph.update()
+        if ph.updates % 2 == 0:
+            for row in (0, 1):
+                out.update({f"ph/{ph.updates}/{row}/{n}": v for n, v in ph.full_state_dict(row).items()})
+
     # made of the inner module (no engine): gathered persistent parameters are refused, not ignored
     bare = EMA(engine.module, 0.9)
     with torch.no_grad():
@@ -126,6 +137,21 @@ def test_zero3_partitions_exact_swap_and_checkpoint(tmp_path):
     plain.load_state_dict({n: r0[f"ref/0/{n}"] for n, _ in plain.named_parameters()})
     with torch.no_grad():
         assert torch.allclose(r0["swapped"], plain(r0["x"]), rtol=1e-5, atol=1e-6)
+
+    # the post-hoc snapshots of the partitions, synthesised here (no process group) in the full shapes
+    from fastema import posthoc
+
+    snaps = posthoc.read_snapshots(ckpt + "-posthoc")
+    assert [(s.kind, s.updates) for s in snaps] == [("dcp", 2), ("dcp", 4)]
+    synth = posthoc.synthesize(ckpt + "-posthoc", 0.07, max_error=1.0)
+    terms = [(s.updates, k) for s in snaps for k in (0, 1)]
+    for n, p in _model().named_parameters():
+        by_hand = sum(float(x) * r0[f"ph/{u}/{k}/{n}"].double() for (u, k), x in zip(terms, synth.solution.coefficients))
+        assert synth[n].shape == p.shape
+        torch.testing.assert_close(synth[n], by_hand.float(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        posthoc.synthesize(ckpt + "-posthoc", 0.07, max_error=1.0, into=nn.Sequential(
+            nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1)))
 
     # the 1-D sharded checkpoint read offline into a plain model's EMA (no process group)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
