@@ -1274,9 +1274,10 @@ class PostHocEMA(EMA):
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
                    max_error: float = posthoc.MAX_ERROR, into: nn.Module | None = None, dtype=None):
         """The average of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
-        snapshot's) from the snapshots written so far: see :func:`fastema.posthoc.synthesize`."""
+        snapshot's) from the snapshots written so far: see :func:`fastema.posthoc.synthesize`.
+        ``into`` may be DDP- or torch.compile-wrapped (the names are the inner model's)."""
         return posthoc.synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
-                                  into=into, dtype=dtype)
+                                  into=None if into is None else _unwrap(into), dtype=dtype)
 
     def __repr__(self) -> str:
         return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="

@@ -309,7 +309,7 @@ def test_synthesis_between_two_tracked_profiles_on_a_training_run(tmp_path):
         if "running" in k or "num_batches" in k:
             assert torch.equal(synth[k], ref[k]), k
     model = _net(7)
-    ph.synthesize(sigma_rel=0.07, into=model)
+    ph.synthesize(sigma_rel=0.07, into=torch.compile(model))       # wrappers looked through
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, synth[k].to(v.dtype))
 
@@ -345,6 +345,11 @@ def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
     with pytest.raises(ValueError, match="do not match this model"):
         ph.synthesize(0.07, into=target, max_error=1.0)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    wider = nn.Sequential(nn.Linear(6, 13), nn.BatchNorm1d(13), nn.ReLU(), nn.Linear(13, 1))   # same names
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match="do not fit this model.*nothing was loaded"):
+        ph.synthesize(0.07, into=wider, max_error=1.0)
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
 
 
 def test_command_line_synthesis_and_plot(tmp_path):
