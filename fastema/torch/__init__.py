@@ -1245,24 +1245,22 @@ class PostHocEMA(EMA):
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
         tensors, averaged, others, shapes = {}, [], [], {}
-        for k in range(self.plan.rows):
-            for name, t, source, value in self._state_entries(k):
-                if source is not None and source in self._avg.names:
-                    if hasattr(t, "ds_shape") and k == 0:     # a ZeRO-3 partition is saved flat
-                        shapes[name] = list(t.ds_shape)
-                    v = value()
-                    if self.sharded:          # DCP reads the shards in place (a copy only to cast)
-                        v = v.to(dtype)
-                        tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs \
-                            else v
-                    else:                     # streamed to the file one tensor at a time
-                        tensors[f"{k}:{name}"] = (v, dtype)
-                    if k == 0:
-                        averaged.append(name)
-                elif k == 0:
-                    kept = t.detach() if value is None else value()
-                    tensors[f"model:{name}"] = kept if self.sharded else (kept, kept.dtype)
-                    others.append(name)
+        for name, t, source, value in self._state_entries(0):         # one walk and check for every row
+            if source is None or source not in self._avg.names:
+                kept = t.detach() if value is None else value()
+                tensors[f"model:{name}"] = kept if self.sharded else (kept, kept.dtype)
+                others.append(name)
+                continue
+            averaged.append(name)
+            if hasattr(t, "ds_shape"):                    # a ZeRO-3 partition is saved flat
+                shapes[name] = list(t.ds_shape)
+            for k in range(self.plan.rows):
+                v = self._avg.view(source, k)
+                if self.sharded:                          # DCP reads the shards in place (a copy only to cast)
+                    v = v.to(dtype)
+                    tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs else v
+                else:                                     # streamed to the file one tensor at a time
+                    tensors[f"{k}:{name}"] = (v, dtype)
         time = self.plan.last_time
         meta = {"format": posthoc.FORMAT, "version": str(posthoc.VERSION), "time": repr(time),
                 "updates": str(self.plan.updates), "calls": str(self.plan.calls),

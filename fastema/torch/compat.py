@@ -629,7 +629,7 @@ class KarrasEMA(_EmaPytorchBase):
     def beta(self) -> float:
         """The decay of an update made at the current step (see the class docstring)."""
         t = self._counters()[0] + 1.0
-        return (max(t - self.update_every, 0.0) / t) ** (1.0 + self.gamma)
+        return S.PowerFunction(self.gamma).between(None, t - self.update_every, t)
 
     def update(self):
         step = self._advance()
@@ -819,14 +819,13 @@ class EMAModel:
         model.save_pretrained(path)
 
     def get_decay(self, optimization_step: int) -> float:
+        if self.use_ema_warmup:                       # the warm-up of timm / ema-pytorch, as in diffusers
+            return S.PowerWarmup(self.decay, self.min_decay, self.inv_gamma, self.power,
+                                 self.update_after_step)(optimization_step)
         step = max(0, optimization_step - self.update_after_step - 1)
         if step <= 0:
             return 0.0
-        if self.use_ema_warmup:
-            value = 1 - (1 + step / self.inv_gamma) ** -self.power
-        else:
-            value = (1 + step) / (10 + step)
-        return max(min(value, self.decay), self.min_decay)
+        return max(min((1 + step) / (10 + step), self.decay), self.min_decay)
 
     @torch.no_grad()
     def step(self, parameters) -> None:
