@@ -1,0 +1,132 @@
+"""timm's ``ModelEmaV3`` (``timm.utils.model_ema``, timm 1.0.31) on fastema's kernels.
+
+Deviations (documented on the class): ``device`` must be the model's device; a tied weight is
+averaged once per update (timm's foreach path averages it twice); stochastic rounding of
+bfloat16 draws its bits from fastema's counter-based hash, not a torch Generator (same
+expectation, other bits).
+"""
+from __future__ import annotations
+
+import copy as _copy
+
+import torch
+from torch import nn
+
+from ... import schedules as S
+from ...ops import launch_pairs, pair_groups
+from .. import _unwrap, _watch
+
+__all__ = ["ModelEmaV3"]
+
+
+class ModelEmaV3(nn.Module):
+    """timm's ``ModelEmaV3`` (timm 1.0.31): ``module`` is an averaged copy of the model, updated in
+    one launch per (device, dtype) group.
+
+    As in timm, floating tensors of ``state_dict()`` are averaged and the others copied; with
+    ``exclude_buffers=True`` the parameters are averaged and every buffer copied. ``decay``,
+    ``min_decay``, ``update_after_step``, ``use_warmup``, ``warmup_gamma`` and ``warmup_power``
+    are read at every update, so changing them takes effect. bfloat16 EMA tensors are rounded
+    stochastically by default (``stochastic_rounding=True``), so updates far below bfloat16's
+    resolution accumulate in expectation; the random bits come from fastema's counter-based
+    hash of ``stochastic_rounding_seed`` and the update count (the same on every rank), not
+    from a torch Generator, so the bits differ from timm's while the expectation is the same.
+    ``dtype=torch.float32`` keeps a float32 EMA of a low-precision model.
+
+    Differences from timm: ``device`` must be the model's device (fastema averages where the
+    weights are); a tied weight (listed twice by ``state_dict()``) is averaged once per
+    update, where timm's foreach path averages it twice.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
+                 update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
+                 warmup_power: float = 2 / 3, device=None, dtype=None, stochastic_rounding: bool = True,
+                 stochastic_rounding_seed: int = 0, foreach: bool = True, exclude_buffers: bool = False):
+        super().__init__()
+        S.check_power_args(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
+        if isinstance(stochastic_rounding_seed, bool) or not isinstance(stochastic_rounding_seed, int) or \
+                stochastic_rounding_seed < 0:
+            raise ValueError(f"stochastic_rounding_seed must be an int >= 0, got {stochastic_rounding_seed!r}")
+        model_device = next(iter(model.parameters())).device
+        if device is not None and torch.device(device) != model_device:
+            raise ValueError(f"device={device!r} differs from the model's {model_device}: fastema updates the "
+                             f"EMA where the weights are; keep device=None (offloading is not supported yet)")
+        self.module = _copy.deepcopy(model)
+        self.module.eval()
+        self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
+        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
+        self.foreach, self.exclude_buffers = foreach, exclude_buffers
+        self.device, self.dtype = device, dtype
+        self.stochastic_rounding, self.stochastic_rounding_seed = stochastic_rounding, stochastic_rounding_seed
+        if dtype is not None:
+            self.module.to(dtype=dtype)
+        self._cached = None          # (model, tensors, addresses, groups, copies) of the last update
+        self._stale = False
+        self._resync = False         # the model was wrapped in DDP after construction
+        self._updates = 0            # updates made: the stochastic-rounding counter
+        _watch(self.module, self)
+        _watch(_unwrap(model), self)
+
+    def get_decay(self, step: int | None = None) -> float:
+        """timm's decay: ``decay`` without a step; with one, 0 until ``update_after_step``, then the
+        warm-up ``1 - (1 + s / warmup_gamma) ** -warmup_power`` clamped to [min_decay, decay]."""
+        if step is None:
+            return self.decay
+        return S.PowerWarmup(self.decay, self.min_decay, self.warmup_gamma, self.warmup_power,
+                             self.update_after_step, warmup=self.use_warmup)(step)
+
+    def _fresh(self) -> bool:
+        return self._updates == 0
+
+    def _restart(self, model: nn.Module) -> None:
+        self.set(model)                          # DDP broadcast rank 0's weights after construction
+
+    def _pairs(self, model):
+        # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached and
+        # rebuilt when either model registers a new tensor or a tensor moves to other memory.
+        cached = self._cached
+        if cached is not None and cached[0] is model and not self._stale and \
+                list(map(torch.Tensor.data_ptr, cached[1])) == cached[2]:
+            return cached[3], cached[4]
+        if self.exclude_buffers:
+            ema_f, model_f = list(self.module.parameters()), list(model.parameters())
+            copies = list(zip(self.module.buffers(), model.buffers()))
+        else:
+            ema_vals = list(self.module.state_dict(keep_vars=True).values())
+            model_vals = list(model.state_dict(keep_vars=True).values())
+            if len(ema_vals) != len(model_vals):
+                raise ValueError(f"the model has {len(model_vals)} state tensors but the EMA copy has "
+                                 f"{len(ema_vals)}: it is not the model this ModelEmaV3 was made from")
+            fl = [(e, m) for e, m in zip(ema_vals, model_vals) if e.is_floating_point()]
+            copies = [(e, m) for e, m in zip(ema_vals, model_vals) if not e.is_floating_point()]
+            ema_f, model_f = [e for e, _ in fl], [m for _, m in fl]
+        if len(ema_f) != len(model_f):
+            raise ValueError(f"the model has {len(model_f)} parameters but the EMA copy has {len(ema_f)}")
+        groups = pair_groups(ema_f, model_f)
+        tensors = ema_f + model_f
+        _watch(_unwrap(model), self)
+        _watch(self.module, self)
+        self._cached = (model, tensors, list(map(torch.Tensor.data_ptr, tensors)), groups, copies)
+        self._stale = False
+        return groups, copies
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        if self._resync:                         # DDP broadcast rank 0's weights after construction
+            self._resync = False
+            self._restart(model)
+        groups, copies = self._pairs(model)
+        decay = self.get_decay(step)
+        rounding = "stochastic_bf16" if self.stochastic_rounding else "nearest"
+        launch_pairs(groups, decay, None, rounding, self.stochastic_rounding_seed, self._updates)
+        for e, m in copies:
+            e.copy_(m)
+        self._updates += 1
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            e.copy_(m)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,196 @@
+"""torch_ema's ``ExponentialMovingAverage`` (``torch_ema``, 0.3) on fastema's kernels.
+
+Deviations (documented on the class): the parameters are kept alive (the kernels read them by
+address; torch_ema holds weak references); ``to(device)`` must name the parameters' device;
+``load_state_dict`` refuses mismatched shapes before loading anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy as _copy
+import weakref
+from typing import Iterable
+
+import torch
+
+from ... import schedules as S
+from ...flat import FlatShadow
+from ...ops import ema_update_many_
+
+__all__ = ["ExponentialMovingAverage"]
+
+
+class ExponentialMovingAverage:
+    """torch_ema's ``ExponentialMovingAverage(parameters, decay, use_num_updates=True)``.
+
+    ``shadow_params`` are views into one flat buffer per (device, dtype), in the
+    parameters' own dtype (as in torch_ema), laid out as the parameters are (channels_last
+    stays channels_last). As in torch_ema, ``average_parameters()`` stores the raw
+    weights, copies the averages in and restores on exit, so ``shadow_params`` keep the
+    averages inside the block. Parameters passed to ``update``, ``copy_to``, ``store`` or
+    ``restore`` act for that call only; without them the parameters given at
+    construction are used. For an in-place swap with no stored copy, use
+    :class:`fastema.torch.EMA`.
+
+    Differences from torch_ema: the kernels read the parameters by address, so this
+    class keeps them alive (torch_ema holds weak references and raises once they are
+    collected); ``to(device)`` must name the parameters' device (the shadow lives beside
+    them); ``load_state_dict`` refuses a state dict whose shapes do not match these
+    parameters, before anything is loaded (torch_ema fails later, in ``copy_to``).
+    """
+
+    def __init__(self, parameters: Iterable[torch.Tensor], decay: float, use_num_updates: bool = True):
+        if decay < 0.0 or decay > 1.0:
+            raise ValueError("Decay must be between 0 and 1")
+        params = [p for p in parameters]
+        self.decay = decay
+        self.num_updates = 0 if use_num_updates else None
+        self._flat = FlatShadow(params, dtype="same")
+        self._refs = [weakref.ref(p) for p in params]
+        self._stored: FlatShadow | list | None = None     # store(): a flat copy, or clones of what it got
+
+    @property
+    def collected_params(self) -> list[torch.Tensor] | None:
+        if isinstance(self._stored, FlatShadow):
+            return list(self._stored.views().values())
+        return self._stored
+
+    @property
+    def shadow_params(self) -> list[torch.Tensor]:
+        return list(self._flat.views().values())
+
+    def _params(self, parameters):
+        if parameters is None:
+            params = [r() for r in self._refs]
+            if any(p is None for p in params):
+                raise ValueError("(One of) the parameters with which this ExponentialMovingAverage was initialized "
+                                 "no longer exists (was garbage collected); please either provide `parameters` "
+                                 "explicitly or keep the model to which they belong from being garbage collected.")
+            return params
+        params = list(parameters)
+        if len(params) != len(self._refs):
+            raise ValueError("Number of parameters passed as argument is different from number of shadow "
+                             "parameters maintained by this ExponentialMovingAverage")
+        return params
+
+    def _own(self, params: list) -> bool:
+        """True when ``params`` are the tracked parameters (the fast path of one flat launch)."""
+        return all(a is b for a, b in zip(params, self._flat.sources))
+
+    @torch.no_grad()
+    def update(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        """``shadow -= (1 - decay) * (shadow - param)`` with torch_ema's num_updates warm-up."""
+        params = self._params(parameters)
+        decay = self.decay
+        if self.num_updates is not None:
+            decay = S.NumUpdates(decay)(self.num_updates + 1)
+        if parameters is None or self._own(params):
+            self._flat.update(decay)
+        else:                                    # other parameters, for this call only
+            ema_update_many_(self.shadow_params, params, decay)
+        if self.num_updates is not None:
+            self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        params = self._params(parameters)
+        if parameters is None or self._own(params):
+            self._flat.copy_to_sources()
+        else:
+            for s, p in zip(self.shadow_params, params):
+                p.data.copy_(s.data)
+
+    @torch.no_grad()
+    def store(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        """Save the current parameters (a copy, as torch_ema) for :meth:`restore`; whatever is
+        given is stored, in its own dtype."""
+        params = self._params(parameters)
+        if isinstance(self._stored, FlatShadow):
+            try:
+                self._stored.rebind(params)
+                self._stored.copy_from_sources()
+                return
+            except (TypeError, ValueError):
+                pass                             # other shapes or dtypes: store them as they are
+        try:
+            self._stored = FlatShadow(params, dtype="same")
+        except (TypeError, ValueError):
+            self._stored = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def restore(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        if self._stored is None:
+            raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
+        params = self._params(parameters)
+        if isinstance(self._stored, FlatShadow) and all(a is b for a, b in zip(params, self._stored.sources)):
+            self._stored.copy_to_sources()
+        else:
+            for c, p in zip(self.collected_params, params):
+                p.data.copy_(c.data)
+
+    @contextlib.contextmanager
+    def average_parameters(self, parameters: Iterable[torch.Tensor] | None = None):
+        """Averaged weights in, raw weights back on exit (also when the block raises)."""
+        params = self._params(parameters)
+        self.store(params)
+        self.copy_to(params)
+        try:
+            yield
+        finally:
+            self.restore(params)
+
+    def to(self, device=None, dtype=None) -> None:
+        """Cast the shadow (and stored) copies to ``dtype`` as torch_ema does (float64 included);
+        ``device`` must be the parameters' own device (after ``model.to(device)``)."""
+        params = self._params(None)
+        name = {None: "same", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
+        if dtype not in name:
+            raise ValueError(f"dtype must be float64, float32, bfloat16 or float16, got {dtype}")
+        if device is not None and any(p.device != torch.device(device) for p in params):
+            raise ValueError(f"the parameters are on {params[0].device}, not {device}: fastema keeps the shadow "
+                             f"beside the parameters; move the model first, then call ema.to({device!r})")
+        old = self.shadow_params
+        flat = FlatShadow(params, dtype=name[dtype])
+        with torch.no_grad():
+            for new, o in zip(flat.views().values(), old):
+                new.copy_(o)
+        self._flat = flat
+        if dtype is not None and self._stored is not None:
+            self._stored = [c.to(dtype=dtype) if c.is_floating_point() else c.clone() for c in self.collected_params]
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params,
+                "collected_params": self.collected_params}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch_ema's format; everything is checked before anything is loaded."""
+        state_dict = _copy.copy(state_dict)
+        decay = state_dict["decay"]
+        if decay < 0.0 or decay > 1.0:
+            raise ValueError("Decay must be between 0 and 1")
+        num_updates = state_dict["num_updates"]
+        if num_updates is not None and not isinstance(num_updates, int):
+            raise ValueError("Invalid num_updates")
+        shadow = state_dict["shadow_params"]
+        if not isinstance(shadow, list) or not all(isinstance(p, torch.Tensor) for p in shadow):
+            raise ValueError("shadow_params must be a list of tensors")
+        if len(shadow) != len(self._refs):
+            raise ValueError(f"shadow_params has {len(shadow)} tensors, this EMA tracks {len(self._refs)}")
+        mine = self.shadow_params
+        for i, (s, m) in enumerate(zip(shadow, mine)):
+            if s.shape != m.shape:
+                raise ValueError(f"shadow_params[{i}] has shape {tuple(s.shape)}, expected {tuple(m.shape)}")
+        collected = state_dict["collected_params"]
+        if collected is not None:
+            if not isinstance(collected, list) or len(collected) != len(mine) or \
+                    not all(isinstance(c, torch.Tensor) for c in collected):
+                raise ValueError("collected_params must be None or a list of one tensor per parameter")
+            for i, (c, m) in enumerate(zip(collected, mine)):
+                if c.shape != m.shape:
+                    raise ValueError(f"collected_params[{i}] has shape {tuple(c.shape)}, expected {tuple(m.shape)}")
+        with torch.no_grad():
+            for s, m in zip(shadow, mine):
+                m.copy_(s)
+            self._stored = None if collected is None else [c.detach().clone() for c in collected]
+        self.decay, self.num_updates = decay, num_updates
