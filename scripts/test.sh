@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite: set up .venv with the dev, cuda (numba-cuda's compilers: no GPU
-# needed), bench and distributed (DeepSpeed, run on the CPU) extras, then
+# needed), bench, distributed (DeepSpeed, run on the CPU) and docs (Sphinx) extras, then
 #   1. CPU tests (kernels, API, FlatShadow, EMA, compat, training loops, and every CUDA
 #      kernel compiled to sm_90 PTX through the real numba-cuda pipeline),
 #   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
 #      (the simulator must be switched on before numba is imported),
 #      and on the real GPU as well when one is present,
 #   3. the benchmark suite in quick mode (python -m fastema bench --quick): its table is
-#      printed; timings never fail the run, errors do.
+#      printed; timings never fail the run, errors do,
+#   4. the documentation (docs extra): a Sphinx build with warnings as errors, then the
+#      coverage check (every public name in the API pages, with a docstring).
 # A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,cuda,bench,distributed
+bash scripts/setup.sh dev,cuda,bench,distributed,docs
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 
@@ -28,3 +30,8 @@ fi
 
 echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png)"
 "$py" -m fastema bench --quick --out bench/out
+
+echo "== documentation (warnings are errors; site: docs/_build/html)"
+rm -rf docs/_build/html
+"$py" -m sphinx -W --keep-going -b html docs docs/_build/html -q
+"$py" docs/ext/coverage_check.py docs/_build/html
