@@ -1,0 +1,35 @@
+"""Post-hoc EMA: any power-function profile synthesised, after training, from stored snapshots.
+
+Karras et al. 2024 (EDM2, arXiv 2312.02696, Sec. 3 and App. C) track a few power-function EMA
+profiles during training (:class:`fastema.torch.PostHocEMA`), store snapshots of them, and
+afterwards reconstruct the average of any other profile as the least-squares combination of
+the stored ones (:mod:`.profiles`: the maths, numpy only). :mod:`.snapshots` owns the snapshot
+file format (written and read there); :mod:`.synthesis` combines the snapshots, one tensor at a
+time, and loads the result into a model; :mod:`.plot` draws the profiles.
+
+Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safetensors``
+(``--plot profiles.png`` draws the profiles; :mod:`fastema.cli.posthoc`).
+
+Importing this package imports numpy only; torch and safetensors are imported when a snapshot
+is written, read or synthesised.
+"""
+from .plot import plot_profiles
+from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve
+from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot
+from .synthesis import Synthesized, synthesize
+
+__all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotMeta", "Solution", "Synthesized", "plot_profiles", "profile",
+           "profile_dot", "read_snapshots", "solve", "synthesize"]
+
+
+def __getattr__(name: str):
+    # ``fastema.posthoc.main`` moved to ``fastema.cli.posthoc.main`` (``python -m fastema posthoc``)
+    if name == "main":
+        import warnings
+
+        warnings.warn("fastema.posthoc.main moved to fastema.cli.posthoc.main (python -m fastema posthoc); the "
+                      "old name goes in the next release", DeprecationWarning, stacklevel=2)
+        from ..cli import posthoc as cli
+
+        return cli.main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

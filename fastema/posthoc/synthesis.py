@@ -1,0 +1,83 @@
+"""Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
+time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model."""
+from __future__ import annotations
+
+import os
+
+from .profiles import MAX_ERROR, Solution, solve
+from .snapshots import Snapshot, _reader, read_snapshots
+
+__all__ = ["Synthesized", "synthesize"]
+
+
+class Synthesized(dict):
+    """``name -> tensor`` of a synthesised average; ``.solution`` tells how it was made
+    (coefficients, relative error, condition number, time, gamma, sigma_rel)."""
+    solution: Solution
+
+
+def _solution_for(snaps: list[Snapshot], sigma_rel, gamma, time, max_error) -> Solution:
+    times = [s.time for s in snaps for _ in s.gammas]
+    gammas = [g for s in snaps for g in s.gammas]
+    return solve(times, gammas, sigma_rel=sigma_rel, gamma=gamma, time=time, max_error=max_error)
+
+
+def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
+               time: float | None = None, max_error: float = MAX_ERROR, dtype=None, into=None) -> Synthesized:
+    """The average of the power-function profile ``sigma_rel`` (or ``gamma``) at ``time``
+    (default: the last snapshot's), from the snapshots in ``directory``, computed in float64 one
+    tensor at a time. Returns a :class:`Synthesized` ``name -> tensor`` dict (``dtype``: default
+    float32) whose ``.solution`` holds the coefficients and the relative error; ``into=model``
+    also loads it into that ``nn.Module`` (strict; an FSDP2 / tensor-parallel model through
+    ``set_model_state_dict``, which every rank must call). Reading is local to the caller (DCP
+    snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
+    represent to ``max_error`` (see :func:`solve`)."""
+    import torch
+
+    snaps = read_snapshots(directory)
+    if time is not None:
+        snaps = [s for s in snaps if s.time <= time] or snaps
+    sol = _solution_for(snaps, sigma_rel, gamma, time, max_error)
+    dtype = torch.float32 if dtype is None else dtype
+    terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
+    files = {s.path: _reader(s) for s in snaps}
+    out = Synthesized()
+    last = snaps[-1]
+    for name in last.averaged:
+        acc = None
+        for (s, k), x in zip(terms, sol.coefficients):
+            v = files[s.path](f"{k}:{name}").to(torch.float64)
+            acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
+        out[name] = acc.to(dtype).reshape(last.shapes.get(name, acc.shape))
+    for name in last.others:
+        out[name] = files[last.path](f"model:{name}")
+    out.solution = sol
+    if into is not None:
+        _load_into(into, out)
+    return out
+
+
+def _load_into(model, weights: dict) -> None:
+    import torch
+
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise ValueError(f"the snapshots do not match this model: missing {missing[:5]}, unexpected {extra[:5]}; "
+                         f"load them into the model they were taken of")
+    if any(type(t).__name__ == "DTensor" for t in own.values()):      # FSDP2 / TP: each rank keeps its part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
+        return
+    bad = [f"{n} {tuple(weights[n].shape)} into {tuple(t.shape)}" for n, t in own.items() if t.shape != weights[n].shape]
+    if bad:
+        hint = (" (DeepSpeed ZeRO-3 parameters are partitioned: load inside deepspeed.zero.GatheredParameters("
+                "params, modifier_rank=0), or into an unpartitioned copy of the model)"
+                if any(hasattr(t, "ds_shape") for t in own.values()) else "")
+        raise ValueError(f"the synthesised tensors do not fit this model: {', '.join(bad[:3])}{hint}; nothing "
+                         f"was loaded")
+    with torch.no_grad():
+        for name, t in own.items():
+            t.copy_(weights[name])
