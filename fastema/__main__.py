@@ -1,10 +1,10 @@
 """``python -m fastema COMMAND``.
 
 Commands:
-    demo    train a small model with an EMA of its weights (fastema.demo)
-    plot    draw raw, SMA and EMA curves of a logged metric to a PNG (fastema.plot)
-    bench   run the benchmark suite and write its report (fastema.bench)
-    posthoc synthesise a post-hoc EMA from PostHocEMA snapshots (fastema.posthoc)
+    demo    train a small model with an EMA of its weights (fastema.cli.demo)
+    plot    draw raw, SMA and EMA curves of a logged metric to a PNG (fastema.cli.plot)
+    bench   run the benchmark suite and write its report (fastema.cli.bench)
+    posthoc synthesise a post-hoc EMA from PostHocEMA snapshots (fastema.cli.posthoc)
 """
 import sys
 
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
-    module = importlib.import_module(f"fastema.{COMMANDS[argv[0]]}")
+    module = importlib.import_module(f"fastema.cli.{COMMANDS[argv[0]]}")
     return module.main(argv[1:])
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fastema import bench
+from fastema.cli import bench
 
 
 def result(group, case, impl, median, nbytes, elements=None, device="cpu"):

@@ -9,7 +9,7 @@ from torch import nn
 from reference import no_host_reads
 from fastema import Tracker
 from fastema.__main__ import main as cli
-from fastema.plot import read_log, smooth_series
+from fastema.cli.plot import read_log, smooth_series
 
 pd = pytest.importorskip("pandas")
 

@@ -1,0 +1,186 @@
+"""``python -m fastema bench``: run the benchmark suite, write its JSON, table and plot.
+
+The suite is ``bench/`` of a source checkout (pytest-benchmark). One command runs it and
+writes, into ``--out`` (default ``bench/out``):
+
+- ``bench.json``: pytest-benchmark's raw results;
+- ``bench.md``: per scenario and implementation the median time, GB/s, the share of the
+  machine's copy bandwidth measured in the same run (the ceiling), and fastema's speed-up
+  against each baseline of the same run;
+- ``bench.png``: time against size, log-log, of the flat float32 sweep: the constant
+  per-call overhead is the flat part on the left, the bandwidth the slope on the right.
+
+``--quick`` keeps sizes and rounds small (CI); ``--report JSON`` only turns an existing
+result file into the table and the plot. Timing noise never fails the command; errors do.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+
+CEILING = "copy (ceiling)"
+
+
+def suite_dir() -> pathlib.Path:
+    here = pathlib.Path(__file__).resolve().parents[2] / "bench"
+    if not (here / "conftest.py").exists():
+        raise FileNotFoundError("the benchmark suite is the bench/ folder of a fastema source checkout; "
+                                "clone the repository and install it with pip install -e '.[dev]'")
+    return here
+
+
+def load(path) -> tuple[dict, dict, list]:
+    """(raw data, {(group, case): {impl: stats}}, the (group, case) keys in run order)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows: dict = defaultdict(dict)
+    order = []
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        key = (b["group"], info["case"])
+        if key not in rows:
+            order.append(key)
+        rows[key][info["impl"]] = dict(median=b["stats"]["median"], min=b["stats"]["min"],
+                                       bytes=info.get("bytes") or 0, elements=info.get("elements"),
+                                       device=info.get("device", "cpu"))
+    return data, rows, order
+
+
+def ceilings(rows) -> dict[str, float]:
+    """The copy bandwidth (bytes/s) per device: the ceiling row with the most bytes moved."""
+    best: dict[str, tuple[int, float]] = {}
+    for impls in rows.values():
+        st = impls.get(CEILING)
+        if st and st["bytes"] and st["bytes"] > best.get(st["device"], (0, 0.0))[0]:
+            best[st["device"]] = (st["bytes"], st["bytes"] / st["median"])
+    return {dev: bw for dev, (_, bw) in best.items()}
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def _ours(impls: dict):
+    return next((st for impl, st in impls.items() if impl.startswith("fastema")), None)
+
+
+def machine_line(data) -> str:
+    m = data.get("machine_info", {})
+    cpu = m.get("cpu", {})
+    parts = [f"CPU: {cpu.get('brand_raw') or platform.processor() or '?'}, {cpu.get('count', '?')} cores"]
+    if m.get("gpu"):
+        parts.append(f"GPU: {m['gpu']}")
+    versions = m.get("fastema_versions")
+    if versions:
+        parts.append(versions)
+    return "; ".join(parts) + f"; {data.get('datetime', '')[:19]}"
+
+
+def table(data, rows, order) -> str:
+    ceil = ceilings(rows)
+    lines = [machine_line(data), ""]
+    if ceil:
+        lines += ["Copy ceiling (device-to-device copy in this run, bytes read + written): " +
+                  ", ".join(f"{d} {bw / 1e9:.0f} GB/s" for d, bw in ceil.items()), ""]
+    lines += ["| scenario | case | implementation | median | GB/s | % of copy | fastema speed-up |",
+              "|---|---|---|---|---|---|---|"]
+    for group, case in order:
+        impls = rows[(group, case)]
+        ours = _ours(impls)
+        for impl, st in impls.items():
+            bw = st["bytes"] / st["median"] if st["bytes"] else None
+            gbs = f"{bw / 1e9:.1f}" if bw else "-"
+            pct = f"{100 * bw / ceil[st['device']]:.0f}%" if bw and st["device"] in ceil else "-"
+            speed = "" if impl.startswith("fastema") or impl == CEILING or ours is None \
+                else f"{st['median'] / ours['median']:.2f}x"
+            lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {gbs} | {pct} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, out) -> str | None:
+    """Time against elements, log-log, for every flat sweep group; None when the run has none."""
+    sweeps: dict = defaultdict(lambda: defaultdict(list))     # group -> impl -> [(elements, seconds)]
+    for (group, _), impls in rows.items():
+        if group.startswith("flat float32"):
+            for impl, st in impls.items():
+                if st["elements"]:
+                    sweeps[group][impl].append((st["elements"], st["median"]))
+    if not sweeps:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("fastema bench: matplotlib is not installed; no plot (pip install 'fastema[plot]')", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.8), dpi=110, squeeze=False)
+    for ax, (group, impls) in zip(axes[0], sorted(sweeps.items())):
+        for impl, pts in impls.items():
+            pts.sort()
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                      lw=2.2 if impl.startswith("fastema") else 1.2,
+                      ls="--" if impl == CEILING else "-", label=impl)
+        ax.set_xlabel("elements (float32)")
+        ax.set_ylabel("median time per update [s]")
+        ax.set_title(group)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return str(out)
+
+
+def report(json_path, out_dir) -> str:
+    """Write bench.md (and bench.png) for ``json_path`` into ``out_dir``; return the table."""
+    data, rows, order = load(json_path)
+    text = table(data, rows, order)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(text)
+    plot(rows, out_dir / "bench.png")
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastema bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (CI)")
+    ap.add_argument("--out", default=None, help="output folder (default: bench/out of the checkout)")
+    ap.add_argument("-k", dest="select", help="pytest -k expression to run part of the suite")
+    ap.add_argument("--report", metavar="JSON", help="only write the table and plot of an existing result file")
+    args, extra = ap.parse_known_args(argv)
+    try:
+        if args.report:
+            out = pathlib.Path(args.out or pathlib.Path(args.report).parent)
+            print(report(args.report, out))
+            return 0
+        suite = suite_dir()
+        out = pathlib.Path(args.out or suite / "out").resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = out / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
+               f"--benchmark-json={json_path}", "--rootdir", str(suite)]
+        if args.select:
+            cmd += ["-k", args.select]
+        env = dict(os.environ, FASTEMA_BENCH_QUICK="1" if args.quick else "0", PYTHONUNBUFFERED="1")
+        started = datetime.datetime.now()
+        rc = subprocess.call(cmd + extra, env=env)
+        if rc != 0:
+            print(f"fastema bench: the suite failed (pytest exit {rc})", file=sys.stderr)
+            return rc
+        print(report(json_path, out))
+        took = (datetime.datetime.now() - started).total_seconds()
+        print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} ({took:.0f} s)")
+        return 0
+    except (OSError, ValueError, KeyError) as e:
+        print(f"fastema bench: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,152 @@
+"""``python -m fastema plot LOG``: raw, SMA and EMA curves of a logged metric, to a PNG.
+
+LOG is a CSV file with a header (Keras ``CSVLogger``, Lightning ``CSVLogger``'s
+metrics.csv, pandas ``to_csv``...) or a plain list of numbers (one per line, or separated
+by commas or spaces). Rows where the column is empty are left out; x is the ``step``
+(or ``epoch``) column when there is one, else the row number. The averages are computed
+by :class:`fastema.Smoother` (debiased EMA, SMA with ``min_periods=1``, non-finite values
+skipped), so they equal what the callbacks log. Needs matplotlib (``fastema[plot]``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+
+import numpy as np
+
+from ..smooth import Smoother
+from ..track import _ema_kwargs
+
+
+def read_log(path: str, column: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(x, values, name) of one column of a CSV log, or of a plain list of numbers."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")                          # numbers are ASCII in any 8-bit encoding
+    numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    lines = [ln for _, ln in numbered]
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    first = lines[0].replace(",", " ").split()
+    if all(_is_number(tok) for tok in first):                 # a plain list of numbers
+        if column is not None:
+            raise ValueError(f"{path} has no header, so no column {column!r}; leave --column out")
+        values = []
+        for i, ln in numbered:
+            for tok in ln.replace(",", " ").split():
+                if not _is_number(tok):
+                    raise ValueError(f"{path} line {i}: {tok[:40]!r} is not a number (a list of numbers has "
+                                     f"only numbers; a CSV log needs a header line)")
+                values.append(float(tok))
+        return np.arange(len(values)), np.array(values), os.path.splitext(os.path.basename(path))[0]
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a readable CSV log: {err}") from None
+    header = list(rows[0].keys()) if rows else first
+    if column is None:
+        column = "loss" if "loss" in header else next(
+            (h for h in header if h not in ("step", "epoch") and any(_is_number(r.get(h) or "") for r in rows)), None)
+        if column is None:
+            raise ValueError(f"{path} has no numeric column; its header is {header}")
+    if column not in header:
+        raise ValueError(f"{path} has no column {column!r}; it has {header}")
+    xcol = "step" if "step" in header else "epoch" if "epoch" in header else None
+    keep = [r for r in rows if _is_number(r.get(column) or "")]
+    if not keep:
+        raise ValueError(f"column {column!r} of {path} has no numbers")
+    values = np.array([float(r[column]) for r in keep])
+    x = np.array([float(r[xcol]) for r in keep]) if xcol and all(_is_number(r.get(xcol) or "") for r in keep) \
+        else np.arange(len(keep))
+    return x, values, column
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
+def smooth_series(values, ema=0.9, sma: int | None = 50) -> dict[str, np.ndarray]:
+    """{"ema": ..., "sma": ...} of a 1-D series, point by point as a training run would log them."""
+    s = Smoother(**_ema_kwargs(ema), window=sma)
+    out = {k: np.empty(len(values)) for k, on in (("ema", ema is not None), ("sma", sma is not None)) if on}
+    for i, v in enumerate(np.asarray(values, np.float64)):
+        s.update(np.array([v]))
+        for k in out:
+            out[k][i] = getattr(s, k)[0]
+    return out
+
+
+def plot(path: str, out: str | None = None, column: str | None = None, ema=0.9, sma: int | None = 50,
+         logy: bool = False) -> str:
+    """Draw the raw values and their averages; returns the PNG's path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("python -m fastema plot needs matplotlib (pip install 'fastema[plot]')") from None
+    x, values, name = read_log(path, column)
+    curves = smooth_series(values, ema, sma)
+    out = out or os.path.splitext(path)[0] + f"-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', name)}.png"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot(x, values, color="0.7", lw=0.8, label=f"{name} (raw)")
+    if "sma" in curves:
+        ax.plot(x, curves["sma"], lw=1.6, label=f"SMA, window {sma}")
+    if "ema" in curves:
+        label = "EMA, " + ", ".join(f"{k} {v}" for k, v in _ema_kwargs(ema).items())
+        ax.plot(x, curves["ema"], lw=1.6, label=label)
+    finite = values[np.isfinite(values)]
+    if logy and finite.size and finite.min() > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.set_title(f"{os.path.basename(path)}: {name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastema plot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("log", help="CSV log with a header, or a list of numbers")
+    ap.add_argument("--column", help="the CSV column (default: loss, else the first numeric one)")
+    ap.add_argument("--out", help="PNG path (default: LOG's name with -COLUMN.png)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--decay", type=float, help="EMA decay (default 0.9)")
+    group.add_argument("--span", type=float, help="EMA span, pandas' meaning")
+    group.add_argument("--halflife", type=float, help="EMA half-life in points")
+    group.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--sma", type=int, default=50, help="SMA window in points (default 50; 0 for none)")
+    ap.add_argument("--logy", action="store_true", help="log-scale y axis")
+    args = ap.parse_args(argv)
+    if args.no_ema:
+        ema = None
+    elif args.span is not None:
+        ema = {"span": args.span}
+    elif args.halflife is not None:
+        ema = {"halflife": args.halflife}
+    else:
+        ema = 0.9 if args.decay is None else args.decay
+    try:
+        out = plot(args.log, args.out, args.column, ema, args.sma or None, args.logy)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"fastema plot: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
