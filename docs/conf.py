@@ -40,8 +40,14 @@ exclude_patterns = ["_build", "ext", "Thumbs.db", ".DS_Store"]
 templates_path = []
 
 # autodoc: members follow each module's __all__ (imported names included), in __all__'s order.
-autodoc_default_options = {"member-order": "bysource", "show-inheritance": True}
+# Inherited members: the faces inherit their public methods (swap, average_parameters, state_dict...)
+# from shared engine classes; those of torch.nn.Module and the Keras/Lightning Callback are not ours.
+autodoc_default_options = {"member-order": "bysource", "show-inheritance": True,
+                           "inherited-members": "Module, Callback"}
 autodoc_typehints = "description"
+# Only docstrings fastema wrote: an override of torch.nn.Module.eval must not borrow torch's (its
+# cross-references point into torch's own docs).
+autodoc_inherit_docstrings = False
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autodoc_mock_imports = []           # every framework is importable in the dev venv
