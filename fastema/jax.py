@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _backends
-from ._bridge import FrameworkEMA, make_plan
-from .flat import FlatShadow
+from .average import Average, EMAOptions, PlanReader
 
 __all__ = ["EMA"]
 
@@ -38,7 +37,17 @@ def _flatten(params):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
 
 
-class EMA(FrameworkEMA):
+#: Options fastema.jax.EMA refuses, and why (every other EMAOptions field is taken).
+REFUSED = {
+    "offload": "offload='cpu' is the torch face's (pinned host memory and CUDA side streams); here the shadow "
+               "lives on the parameters' device",
+    "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); here update() runs "
+                   "between (or, on the CPU, inside) jitted steps with the plan on the host, exact for every "
+                   "schedule: leave device_step unset",
+}
+
+
+class EMA(PlanReader):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
@@ -47,27 +56,22 @@ class EMA(FrameworkEMA):
 
     Args:
         params: the pytree to average; its values start the average.
-        decay: a float, or up to 8 floats for several averages kept in one pass.
-        warmup, min_decay, inv_gamma, power, update_after_step, update_every, compensate,
-            debias: the schedule, as in :class:`fastema.torch.EMA` (:class:`fastema.schedules.Plan`).
-        shadow_dtype: ``"float32"`` (default; bfloat16 parameters keep moving), ``"same"``
-            or ``"bfloat16"``.
-        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
-        seed: stochastic-rounding seed.
-        skip_nonfinite: skip an update (decided on the device) when a parameter is inf/NaN.
+        decay: a float, or up to 8 floats for several averages kept in one pass (default
+            0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given).
+        **options: every option of :class:`fastema.torch.EMA` but the torch model's
+            selection (``buffers``, ``exclude``, ``copy``): the schedule (``sigma_rel``,
+            ``half_life``, ``bema``, ``warmup``, ``min_decay``, ``inv_gamma``, ``power``,
+            ``update_after_step``, ``update_every``, ``compensate``, ``debias``), ``shadow_dtype``,
+            ``rounding``, ``seed`` and ``skip_nonfinite``
+            (:class:`fastema.average.EMAOptions`). ``offload`` and ``device_step=True`` are
+            refused by name (:data:`REFUSED` says why).
     """
 
     _format = "fastema.jax.EMA"
 
-    def __init__(self, params, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
-                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
-                 update_every: int = 1, compensate: bool = False, debias: bool = False,
-                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
-                 skip_nonfinite: bool = False):
-        self._settings(*make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
-                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
-                  power=power, update_after_step=update_after_step, update_every=update_every,
-                  compensate=compensate, debias=debias))
+    def __init__(self, params, decay: float | Sequence[float] | None = None, **options):
+        opts = EMAOptions.of(decay, **options)
+        opts.refuse("fastema.jax.EMA", REFUSED)
         names, leaves, self._treedef = _flatten(params)
         self.names = names
         self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
@@ -82,9 +86,22 @@ class EMA(FrameworkEMA):
         self._array_type = type(self._leaves[self._float[0]])
         self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \
             all(len(self._leaves[i].devices()) == 1 for i in self._float)
-        self._flat = FlatShadow({names[i]: self._leaves[i] for i in self._float}, rows=self.plan.rows,
-                                dtype=shadow_dtype)
-        self._shapes = [self._specs[i][0] for i in self._float]
+        self._avg = Average(opts, {names[i]: self._leaves[i] for i in self._float},
+                            [self._specs[i][0] for i in self._float], self._format)
+        self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+
+    @property
+    def plan(self):
+        """The schedule and counters (:class:`fastema.average.Plan`)."""
+        return self._avg.plan
+
+    @property
+    def rounding(self) -> str:
+        return self._avg.rounding
+
+    @property
+    def seed(self) -> int:
+        return self._avg.seed
 
     @staticmethod
     def _check_leaf(name: str, x):
@@ -109,20 +126,23 @@ class EMA(FrameworkEMA):
         """
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, step))):
             return self._traced_update(params, step)
-        pending = self.plan.next(step)          # checks step; records nothing yet
-        if not pending.due:
-            self.plan.done(pending)
-            return
-        leaves = self._match(params)
-        sources = [leaves[i] for i in self._float]
-        if self._on_cpu:
+        matched = []
+
+        def read():
+            leaves = self._match(params)
+            matched.append(leaves)
+            sources = [leaves[i] for i in self._float]
+            if not self._on_cpu:
+                return sources
             # The kernel runs on the host, so it waits for the step that makes params (as a
             # DLPack export would); the arrays' own addresses then cost 0.1 us a leaf, not ~9.
             jax.block_until_ready(sources)
-            self._flat.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
-            sources = None
-        self._fold(pending, sources)
-        self._leaves = leaves
+            self._avg.shadow.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
+            return None
+
+        self._avg.update(step, read)
+        if matched:
+            self._leaves = matched[0]
 
     def _traced_update(self, params, step) -> None:
         """``update()`` inside ``jax.jit``: an ordered ``io_callback`` runs the eager update on the
@@ -171,7 +191,7 @@ class EMA(FrameworkEMA):
         Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
         the values of the last ``update()``.
         """
-        self._flat.check_row(row)
+        self._avg.check_row(row)
         if not self._on_cpu:
             # JAX imports the shadow through its CUDA array interface and reads it on its own
             # stream: let fastema's launches (legacy default stream) finish first. An
@@ -182,10 +202,19 @@ class EMA(FrameworkEMA):
         out = list(self._leaves)
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
-            value = jnp.array(self._flat.view(slot, row), dtype=dtype)          # a copy, never a view
+            value = jnp.array(self._avg.view(slot, row), dtype=dtype)           # a copy, never a view
             out[i] = jax.device_put(value, sharding)
         return jax.tree_util.tree_unflatten(self._treedef, out)
 
+    def state_dict(self) -> dict:
+        """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
+        ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
+        return self._avg.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        self._avg.load_state_dict(state)
+
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "
-                f"shadow={self._flat!r})")
+                f"shadow={self._avg.shadow!r})")

@@ -15,6 +15,7 @@ for validation and back after it, and can write it into the model when ``fit`` e
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -24,11 +25,13 @@ try:
 except ImportError as e:                                    # pragma: no cover - depends on the environment
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
-from ._average import ModelSwap
-from ._bridge import check_options
+from . import _keras_jax_state
+from .average import EMAOptions, ModelSwap, PlanReader
 from .track import Tracker
 
 __all__ = ["MovingAverageLogs", "WeightEMA"]
+
+_DEFAULT = object()        # WeightEMA's decay not given (the default changed in 0.2: a warning says so for one release)
 
 
 def _running_means(model) -> dict:
@@ -58,9 +61,8 @@ class _MeanState:
 
     def read(self) -> np.ndarray:
         values = list(self.variables)
-        state = getattr(self.model, "_jax_state", None) if keras.backend.backend() == "jax" else None
-        if state and state.get("metrics_variables") is not None:
-            values = [state["metrics_variables"][i] for i in self._jax_index]
+        if keras.backend.backend() == "jax":
+            values = _keras_jax_state.metric_values(self.model, self._jax_index) or values
         stacked = keras.ops.stack([keras.ops.cast(v, "float32") for v in values])   # Keras keeps them in float32
         return np.asarray(keras.ops.convert_to_numpy(stacked), np.float64).reshape(-1, 2)
 
@@ -143,12 +145,16 @@ class WeightEMA(keras.callbacks.Callback):
     float32 shadow for low-precision weights, and checkpoints.
 
     Args:
-        decay: the EMA decay (or a list of decays; the first is swapped in).
+        decay: the EMA decay (default 0.9999, as every fastema EMA), or a list of decays (the
+            first is swapped in); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
-        **ema_kwargs: the schedule and shadow settings of the backend's EMA (``warmup=``,
-            ``debias=``, ``update_every=``, ``shadow_dtype=``...).
+        **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
+            ``sigma_rel=``, ``warmup=``, ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
+            same on every backend; the torch backend also takes the model selection
+            (``buffers=``, ``exclude=``, ``copy=``). An option the backend's EMA cannot run is
+            refused here, by name.
 
     Works on the three Keras backends: torch (:class:`fastema.torch.EMA`; Keras layers are
     torch modules there), TensorFlow (:class:`fastema.tensorflow.EMA` over the variables)
@@ -157,9 +163,16 @@ class WeightEMA(keras.callbacks.Callback):
     calls; :meth:`state_dict` / :meth:`load_state_dict` save and restore it.
     """
 
-    def __init__(self, decay=0.999, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
+    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
         super().__init__()
-        check_options(decay, ema_kwargs)                  # refused now, not when fit starts
+        options, selection = EMAOptions.split(ema_kwargs)
+        if decay is _DEFAULT:
+            decay = None
+            if not {"sigma_rel", "half_life", "bema"} & set(options):
+                warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
+                              "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning,
+                              stacklevel=2)
+        _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.ema_kwargs = ema_kwargs
         self.ema = None
@@ -235,12 +248,29 @@ class WeightEMA(keras.callbacks.Callback):
             self.ema.load_state_dict(state)
 
 
+def _check_for_backend(options: EMAOptions, selection: dict) -> None:
+    """Refuse, by name, what the EMA of this Keras backend cannot run."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from .tensorflow import REFUSED
+    elif backend == "jax":
+        from .jax import REFUSED
+    else:
+        return
+    face = f"fastema.keras.WeightEMA on the {backend} backend"
+    if selection:
+        name = next(iter(selection))
+        raise ValueError(f"{face} does not take {name}=: it averages the trainable variables and copies the "
+                         f"others (the model selection buffers=/exclude=/copy= is the torch backend's)")
+    options.refuse(face, REFUSED)
+
+
 def _escape(name: str) -> str:
     """An fnmatch pattern matching exactly ``name``."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-class _JaxModelEMA:
+class _JaxModelEMA(PlanReader):
     """fastema.jax.EMA over a Keras model's trainable variables on the JAX backend, with the
     swap the callback needs. During ``fit`` the newest weights live in the trainer's state
     (``model._jax_state``), not in the variables, and are read from there."""
@@ -255,18 +285,16 @@ class _JaxModelEMA:
         self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
 
     @property
-    def updates(self) -> int:
-        return self.inner.updates
+    def plan(self):
+        return self.inner.plan
 
     @property
     def swapped(self) -> bool:
         return self._swap.swapped
 
     def _current(self) -> list:
-        state = getattr(self.model, "_jax_state", None)
-        if state and not getattr(self.model, "_jax_state_synced", True) and state.get("trainable_variables"):
-            return list(state["trainable_variables"])
-        return [v.value for v in self.variables]
+        newest = _keras_jax_state.trainable_values(self.model)
+        return [v.value for v in self.variables] if newest is None else newest
 
     def update(self) -> None:
         self._swap.refuse("update()")
@@ -277,9 +305,7 @@ class _JaxModelEMA:
 
     def _exchange(self, row: int, into_model: bool) -> None:
         if into_model:
-            sync = getattr(self.model, "jax_state_sync", None)
-            if sync is not None:
-                sync()                             # the newest weights into the variables first
+            _keras_jax_state.sync(self.model)          # the newest weights into the variables first
             self._raw = [v.value for v in self.variables]      # JAX arrays are immutable: an exact stash
             values = self.inner.shadow()
         else:

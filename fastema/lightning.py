@@ -30,7 +30,7 @@ except ImportError:
     except ImportError as e:                                # pragma: no cover - depends on the environment
         raise ImportError("fastema.lightning needs PyTorch Lightning (pip install 'fastema[lightning]')") from e
 
-from ._bridge import check_options
+from .average import EMAOptions
 from .torch import EMA
 from .track import Tracker
 
@@ -57,7 +57,7 @@ class WeightEMA(pl.Callback):
 
     def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
         super().__init__()
-        check_options(decay, ema_kwargs)                  # refused now, not when fit starts
+        EMAOptions.of(decay, **EMAOptions.split(ema_kwargs)[0])   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
         self.ema_kwargs = ema_kwargs
         self.ema: EMA | None = None

@@ -17,13 +17,13 @@ import numpy as np
 from . import _launch
 from . import _backends
 from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
+from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding  # noqa: F401 (re-exported)
 from .kernels import _bits, kinds
 from .kernels._bits import BF16, KIND_NAMES
 
 __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swap_", "flag_nonfinite_",
            "MAX_DECAYS"]
 
-MAX_DECAYS = 8
 
 
 # Inside torch.compile the array functions go through PyTorch custom operators, which
@@ -41,61 +41,6 @@ def _compilable(fn):
 
     call.eager = fn
     return call
-
-
-def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
-    out = []
-    for v in values:
-        if type(v) is not float and (isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating,
-                                                                                 np.integer))):
-            raise TypeError(
-                f"{what} must be a Python float in [0, 1], got {type(v).__name__}; to pass a value that "
-                f"lives on the device (no host sync, CUDA-graph friendly) use weight= with a float32 "
-                f"array holding 1 - decay")
-        v = float(v)
-        if not 0.0 <= v <= 1.0:              # also refuses NaN
-            raise ValueError(f"{what} must be in [0, 1], got {v!r}")
-        out.append(1.0 - v if is_decay else v)      # rounded to the kernel's type at launch
-    return tuple(out)
-
-
-def resolve_weights(decays, weights, count: int, device: str):
-    """The kernels' ``weights``: a tuple of Python floats (host values) or a device array view.
-
-    Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
-    ``count`` elements on ``device``) must be given.
-    """
-    if (decays is None) == (weights is None):
-        raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
-    if decays is not None:
-        w = _host_weights(decays, "decay", True)
-    elif isinstance(weights, (list, tuple, numbers.Real)):
-        w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
-    else:
-        return _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
-    if len(w) != count:
-        raise ValueError(f"expected {count} decay value(s) (one per shadow row), got {len(w)}")
-    return w
-
-
-def stochastic_rounding(rounding: str, shadow_kind: int) -> bool:
-    """Validate ``rounding`` for a shadow of ``shadow_kind``; True for stochastic."""
-    if rounding == "nearest":
-        return False
-    if rounding != "stochastic":
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if shadow_kind != BF16:
-        raise ValueError(f"stochastic rounding is for bfloat16 shadows; this shadow is "
-                         f"{KIND_NAMES[shadow_kind]}, use rounding='nearest'")
-    return True
-
-
-def sr_key(seed: int, step: int) -> int:
-    """uint32 stochastic-rounding key of (seed, step); the same on every device and rank."""
-    if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0:
-        raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
-    return int(_bits.sr_noise(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32((seed >> 32) & 0xFFFFFFFF),
-                              np.int64(step)))
 
 
 def _pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, Buf]:

@@ -1,4 +1,4 @@
-"""Decay schedules: small pure objects, ``decay = schedule(n)``.
+"""Decay schedules, ``decay = schedule(n)``: pure values, no state of their own.
 
 ``n`` counts the updates made so far, the one being made included (1 on the first
 update). The value is computed on the host from Python ints, so reading it never
@@ -21,9 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["BEMA", "Cadence", "Constant", "HalfLife", "NumUpdates", "Pending", "PowerFunction", "PowerWarmup", "Plan",
-           "compensated", "from_state", "debiased_weight", "gamma_to_sigma_rel", "sigma_rel_to_gamma",
-           "SIGMA_REL_MAX"]
+__all__ = ["BEMA", "Constant", "HalfLife", "NumUpdates", "PowerFunction", "PowerWarmup", "from_state",
+           "gamma_to_sigma_rel", "sigma_rel_to_gamma", "SIGMA_REL_MAX"]
 
 
 def _check_decay(name, value):
@@ -304,225 +303,17 @@ def compensated(decay: float, every: int) -> float:
     return decay ** every if every > 1 else decay
 
 
+_MOVED = {"Plan": "fastema.average.plan", "Cadence": "fastema.average.plan", "Pending": "fastema.average.plan"}
 
 
-class Cadence:
-    """Which calls of ``update()`` update: the first, then every ``every``-th. It counts the
-    calls it is told were made (:meth:`called`), so a refused call counts nothing."""
+def __getattr__(name: str):
+    # Plan, Cadence and Pending are the engine's (fastema.average.plan) since 0.2; the old path
+    # works for one release with a warning.
+    if name in _MOVED:
+        import importlib
+        import warnings
 
-    def __init__(self, every: int = 1):
-        _check_count("update_every", every, 1)
-        self.every = every
-        self.calls = 0                      # update() calls, skipped ones included
-
-    def due(self) -> bool:
-        """True when the next call updates."""
-        return self.calls % self.every == 0
-
-    def called(self) -> None:
-        """Record a call that was made (an update or a skipped call)."""
-        self.calls += 1
-
-
-class Pending(NamedTuple):
-    """What the call about to be made does, from :meth:`Plan.next`; nothing is recorded until
-    :meth:`Plan.done`."""
-    due: bool              # False: a call skipped by update_every (weights unused)
-    n: int                 # the schedule's step
-    weights: list          # w = 1 - decay (or the debiased weight), one per average
-    decays: list
-    norms: list
-    time: float = 0.0      # the training time of this call (timed schedules)
-
-
-class Plan:
-    """The decay side of a model EMA, shared by the framework bridges.
-
-    Holds the schedules (one per average), the update count, ``update_every`` with its
-    optional compensation, and the debiasing normalisers, and turns "update now" into
-    the kernels' weights ``w = 1 - decay`` (or the debiased weights). Everything is a
-    Python number: no device is read. :meth:`state` / :meth:`load_state` carry it
-    through checkpoints.
-
-    Args:
-        decay: a float, or up to 8 floats (one per average).
-        warmup: ``None``, ``"num_updates"`` or ``"power"`` (see :class:`PowerWarmup`).
-        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
-        update_every: update on every k-th call (the first call updates).
-        compensate: with ``update_every=k``, use ``decay ** k``.
-        debias: zero-init debiasing (:func:`debiased_weight`).
-        sigma_rel: instead of ``decay``, power-function profiles (:class:`PowerFunction`) of these
-            relative widths (a float, or up to 8).
-        half_life: instead of ``decay``, :class:`HalfLife` schedules (a float, or up to 8).
-        bema: instead of ``decay``, the EMA of :class:`BEMA` (``True`` for TRL's defaults).
-
-    ``decay`` defaults to 0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given.
-    """
-
-    def __init__(self, decay=None, *, warmup: str | None = None, min_decay: float = 0.0,
-                 inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
-                 update_every: int = 1, compensate: bool = False, debias: bool = False,
-                 sigma_rel=None, half_life=None, bema=None):
-        given = [k for k, v in (("decay", decay), ("sigma_rel", sigma_rel), ("half_life", half_life),
-                                ("bema", bema)) if v is not None and v is not False]
-        if len(given) > 1:
-            raise ValueError(f"give one of decay, sigma_rel, half_life and bema, not {' and '.join(given)}")
-        if warmup not in (None, "num_updates", "power"):
-            raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
-        cadence = Cadence(update_every)
-        if given and given[0] != "decay":
-            warm = [k for k, v, d in (("min_decay", min_decay, 0.0), ("inv_gamma", inv_gamma, 1.0),
-                                      ("power", power, 2 / 3), ("update_after_step", update_after_step, 0))
-                    if v != d]
-            if warmup is not None or compensate or warm:
-                raise ValueError(f"{given[0]}= is a schedule over training time, exact for any update interval: "
-                                 f"it takes no warmup= or compensate= (nor {', '.join(warm) or 'warm-up settings'}); "
-                                 f"drop them, and start calling update() where the average should start")
-            if given[0] == "bema":
-                if debias:
-                    raise ValueError("bema= starts from a copy of the weights; it takes no debias=")
-                self.schedules = [bema if isinstance(bema, BEMA) else BEMA()]
-                if bema is not True and not isinstance(bema, BEMA):
-                    raise TypeError(f"bema must be True or a fastema.schedules.BEMA, got {bema!r}")
-            else:
-                values = sigma_rel if given[0] == "sigma_rel" else half_life
-                values = list(values) if isinstance(values, (list, tuple)) else [values]
-                if not 1 <= len(values) <= 8:
-                    raise ValueError(f"1 to 8 values of {given[0]} (one per average), got {len(values)}")
-                make = PowerFunction.of if given[0] == "sigma_rel" else HalfLife
-                self.schedules = [make(v) for v in values]
-        else:
-            decay = 0.9999 if decay is None else decay
-            decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
-            if not 1 <= len(decays) <= 8:
-                raise ValueError(f"1 to 8 decays (one per average), got {len(decays)}")
-            for d in decays:
-                _check_decay("decay", d)
-            check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
-            if warmup is None:
-                self.schedules = [Constant(d) for d in decays]
-            elif warmup == "num_updates":
-                self.schedules = [NumUpdates(d) for d in decays]
-            else:
-                self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
-        self.cadence = cadence              # counts the calls (shared with a model average that asks it)
-        self.compensate, self.debias = bool(compensate), bool(debias)
-        self.updates = 0                    # updates made
-        self.norms = [0.0] * self.rows      # debiasing normalisers
-        self.last_decays = [0.0] * self.rows
-        self.first_time = None              # time of the first update (timed schedules)
-        self.last_time = 0.0                # time of the last update (0 before any)
-
-    @property
-    def timed(self) -> bool:
-        """True for schedules over training time (see the module docstring)."""
-        return getattr(self.schedules[0], "timed", False)
-
-    def time_of(self, step: int | None) -> float:
-        """The training time of the next call: ``step`` if given, else the calls so far + 1."""
-        return float(self.calls + 1 if step is None else step)
-
-    @property
-    def rows(self) -> int:
-        return len(self.schedules)
-
-    @property
-    def calls(self) -> int:
-        """``update()`` calls so far, skipped ones included."""
-        return self.cadence.calls
-
-    @property
-    def update_every(self) -> int:
-        return self.cadence.every
-
-    def decay_at(self, i: int, n: int, t: float | None = None) -> float:
-        s = self.schedules[i]
-        if self.timed:
-            return s.between(self.first_time, self.last_time, self.time_of(None) if t is None else t)
-        d = s(n)
-        return compensated(d, self.cadence.every) if self.compensate else d
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next update will use (timed schedules: if made by the next call)."""
-        d = [self.decay_at(i, self.updates + 1) for i in range(self.rows)]
-        return d[0] if len(d) == 1 else d
-
-    def alpha(self, pending: Pending) -> float:
-        """BEMA's bias-correction factor for the update ``pending`` describes."""
-        return self.schedules[0].alpha(self.first_time, pending.time)
-
-    def next(self, step: int | None = None) -> Pending:
-        """What the next ``update()`` call does: whether it is due (the first call, then every
-        ``update_every``-th), the schedule's step ``n`` (``step`` if given, else the update
-        count) and the kernels' weights. ``step`` is checked; nothing is recorded: pass the
-        result to :meth:`done` once the call has been made, so a refused call changes nothing."""
-        n = self.updates + 1 if step is None else check_step(step)
-        t = self.time_of(step)
-        if self.timed and t < self.last_time:
-            raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule over "
-                             f"training time needs steps that do not go back")
-        weights, decays, norms = [], [], list(self.norms)
-        for i in range(self.rows):
-            d = self.decay_at(i, n, t)
-            if self.debias:
-                w, norms[i] = debiased_weight(d, norms[i])
-            else:
-                w = 1.0 - d
-            weights.append(w)
-            decays.append(d)
-        return Pending(self.cadence.due(), n, weights, decays, norms, t)
-
-    def done(self, pending: Pending) -> None:
-        """Record the call :meth:`next` described: counted, and its update when it was due."""
-        if pending.due:
-            self.last_decays, self.norms = pending.decays, pending.norms
-            self.updates += 1
-            if self.first_time is None:
-                self.first_time = pending.time
-            self.last_time = pending.time
-        self.cadence.called()
-
-    def state(self) -> dict:
-        return {"calls": self.calls, "updates": self.updates, "norms": list(self.norms),
-                "schedules": [s.state() for s in self.schedules], "update_every": self.update_every,
-                "compensate": self.compensate, "debias": self.debias,
-                "first_time": self.first_time, "last_time": self.last_time}
-
-    def check_state(self, state: dict, problems: list) -> None:
-        """Append to ``problems`` what keeps ``state`` from loading here."""
-        saved = state.get("schedules")
-        if not isinstance(saved, list) or len(saved) != self.rows:
-            n = len(saved) if isinstance(saved, list) else saved
-            problems.append(f"checkpoint has {n} decay(s), this EMA {self.rows}")
-            return
-        try:
-            [from_state(s) for s in saved]
-            _check_count("updates", state["updates"])
-            _check_count("calls", state["calls"])
-            _check_count("update_every", state["update_every"], 1)
-            norms = [float(x) for x in state["norms"]]
-            if len(norms) != self.rows:
-                raise ValueError(f"{len(norms)} norms for {self.rows} decays")
-            for key in ("compensate", "debias"):
-                if not isinstance(state[key], bool):
-                    raise ValueError(f"{key} must be a bool, got {state[key]!r}")
-            first, last = state.get("first_time"), state.get("last_time", 0.0)
-            if first is not None:
-                float(first)
-            if not float(last) >= 0:
-                raise ValueError(f"last_time must be >= 0, got {last!r}")
-        except KeyError as err:
-            problems.append(f"schedule state has no {err.args[0]!r}")
-        except (TypeError, ValueError) as err:
-            problems.append(f"schedule state unreadable ({err})")
-
-    def load_state(self, state: dict) -> None:
-        self.schedules = [from_state(s) for s in state["schedules"]]
-        self.cadence.calls, self.updates = int(state["calls"]), int(state["updates"])
-        self.norms = [float(x) for x in state["norms"]]
-        self.cadence.every = int(state["update_every"])      # in place: a model average shares the cadence
-        self.compensate, self.debias = bool(state["compensate"]), bool(state["debias"])
-        first = state.get("first_time")       # absent in checkpoints before the timed schedules
-        self.first_time = None if first is None else float(first)
-        self.last_time = float(state.get("last_time", 0.0))
+        warnings.warn(f"fastema.schedules.{name} moved to {_MOVED[name]}.{name} (the model-average engine); "
+                      f"the old name goes in the next release", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'fastema.schedules' has no attribute {name!r}")

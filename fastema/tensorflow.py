@@ -10,7 +10,7 @@ when the average is swapped in for evaluation, and back::
     for x, y in data:
         train_step(x, y)                # a tf.function with optimizer.apply_gradients
         ema.update()
-    with ema.average_weights():
+    with ema.average_parameters():
         model.evaluate(val_data)        # the average in, the raw weights back after
 """
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import ContextManager, Sequence
 
 import tensorflow as tf
 
-from ._average import ModelSwap
-from ._bridge import FrameworkEMA, make_plan, to_host
-from .flat import FlatShadow
+from ._backends import to_host
+from .average import Average, EMAOptions, ModelSwap, PlanReader
 
 __all__ = ["EMA"]
 
@@ -38,30 +37,39 @@ def _as_tf_variable(v, i: int):
                     f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
 
 
-class EMA(FrameworkEMA):
+#: Options fastema.tensorflow.EMA refuses, and why (every other EMAOptions field is taken).
+REFUSED = {
+    "offload": "offload='cpu' is the torch face's (pinned host memory and CUDA side streams); here the shadow "
+               "lives on the variables' device",
+    "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); here update() runs "
+                   "after each train step with the plan on the host, exact for every schedule: leave device_step "
+                   "unset",
+}
+
+
+class EMA(PlanReader):
     """Exponential moving average of ``tf.Variable``s.
 
     Args:
         variables: the variables (``model.trainable_variables``, a ``tf.Module``'s
             ``trainable_variables``, or keras Variables on the TensorFlow backend), or a
             ``tf.Module`` / Keras model, whose trainable variables are taken.
-        decay: a float, or up to 8 floats for several averages kept in one pass.
-        warmup, min_decay, inv_gamma, power, update_after_step, update_every, compensate,
-            debias: the schedule, as in :class:`fastema.torch.EMA` (:class:`fastema.schedules.Plan`).
-        shadow_dtype: ``"float32"`` (default: float16/bfloat16 variables keep moving),
-            ``"same"`` or ``"bfloat16"``.
-        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
-        seed: stochastic-rounding seed.
-        skip_nonfinite: skip an update (decided on the device) when a variable holds inf/NaN.
+        decay: a float, or up to 8 floats for several averages kept in one pass (default
+            0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given).
+        **options: every option of :class:`fastema.torch.EMA` but the torch model's
+            selection (``buffers``, ``exclude``, ``copy``): the schedule (``sigma_rel``,
+            ``half_life``, ``bema``, ``warmup``, ``min_decay``, ``inv_gamma``, ``power``,
+            ``update_after_step``, ``update_every``, ``compensate``, ``debias``), ``shadow_dtype``,
+            ``rounding``, ``seed`` and ``skip_nonfinite``
+            (:class:`fastema.average.EMAOptions`). ``offload`` and ``device_step=True`` are
+            refused by name (:data:`REFUSED` says why).
     """
 
     _format = "fastema.tensorflow.EMA"
 
-    def __init__(self, variables, decay: float | Sequence[float] = 0.9999, *, warmup: str | None = None,
-                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
-                 update_every: int = 1, compensate: bool = False, debias: bool = False,
-                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
-                 skip_nonfinite: bool = False):
+    def __init__(self, variables, decay: float | Sequence[float] | None = None, **options):
+        opts = EMAOptions.of(decay, **options)
+        opts.refuse("fastema.tensorflow.EMA", REFUSED)
         if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
             variables = variables.trainable_variables
         pairs = [_as_tf_variable(v, i) for i, v in enumerate(variables)]
@@ -71,21 +79,30 @@ class EMA(FrameworkEMA):
         if bad:
             raise TypeError(f"variables {bad[:5]} are not float32/bfloat16/float16; leave them out "
                             f"(e.g. pass model.trainable_variables)")
-        self._settings(*make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
-                  skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma,
-                  power=power, update_after_step=update_after_step, update_every=update_every,
-                  compensate=compensate, debias=debias))
         self.variables = [v for v, _ in pairs]
         self.names = _unique([n for _, n in pairs])
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
         first = self._read()
         self._specs = [(tuple(t.shape), t.dtype) for t in first]
-        self._shapes = [shape for shape, _ in self._specs]
-        self._flat = FlatShadow(dict(zip(self.names, first)), rows=self.plan.rows, dtype=shadow_dtype)
+        self._avg = Average(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs], self._format)
+        self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
         self._raw: list | None = None                    # the variables' own values while swapped
         self._swap = ModelSwap(self._exchange, "the average is swapped into the variables; swap() back first")
 
     # ------------------------------------------------------------ operations
+
+    @property
+    def plan(self):
+        """The schedule and counters (:class:`fastema.average.Plan`)."""
+        return self._avg.plan
+
+    @property
+    def rounding(self) -> str:
+        return self._avg.rounding
+
+    @property
+    def seed(self) -> int:
+        return self._avg.seed
 
     @property
     def swapped(self) -> bool:
@@ -94,19 +111,15 @@ class EMA(FrameworkEMA):
     def update(self, step: int | None = None) -> None:
         """Fold the variables' current values into the average (call after the optimizer step)."""
         self._not_swapped("update()")
-        pending = self.plan.next(step)          # checks step; records nothing yet
-        if not pending.due:
-            self.plan.done(pending)
-            return
-        self._fold(pending, self._read())   # FlatShadow checks dtypes, shapes and devices before any write
+        self._avg.update(step, self._read)   # FlatShadow checks dtypes, shapes and devices before any write
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
-        self._flat.check_row(row)
+        self._avg.check_row(row)
         out = []
         for i, (shape, dtype) in enumerate(self._specs):
             with tf.device(self.variables[i].device):             # to_host copies: TF may alias NumPy memory
-                out.append(tf.cast(tf.constant(to_host(self._flat.view(i, row))), dtype))
+                out.append(tf.cast(tf.constant(to_host(self._avg.view(i, row))), dtype))
         return out
 
     def swap(self, row: int = 0) -> None:
@@ -129,7 +142,15 @@ class EMA(FrameworkEMA):
             self._raw = None
 
     def average_weights(self, row: int = 0) -> ContextManager[None]:
-        """``with ema.average_weights(): evaluate()``: the average in, the variables' values back on exit.
+        """Deprecated alias of :meth:`average_parameters` (the name every fastema face uses)."""
+        import warnings
+
+        warnings.warn("fastema.tensorflow.EMA.average_weights() is now average_parameters(); the old name goes in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        return self.average_parameters(row)
+
+    def average_parameters(self, row: int = 0) -> ContextManager[None]:
+        """``with ema.average_parameters(): evaluate()``: the average in, the variables' values back on exit.
         Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
         return self._swap.block(row)
 
@@ -145,15 +166,18 @@ class EMA(FrameworkEMA):
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
+        """Everything needed to resume: averages keyed by variable name (NumPy copies, shape
+        ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
         self._not_swapped("state_dict()")
-        return super().state_dict()
+        return self._avg.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
         self._not_swapped("load_state_dict()")
-        super().load_state_dict(state)
+        self._avg.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._flat!r})"
+        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._avg.shadow!r})"
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -5,10 +5,11 @@ import torch
 
 import fastema.torch
 from fastema import schedules
+from fastema.average import Plan
 
 
 def test_next_records_nothing_and_done_records_the_call():
-    plan = schedules.Plan(0.9, update_every=2)
+    plan = Plan(0.9, update_every=2)
     first = plan.next()
     assert first.due and first.n == 1 and first.weights == pytest.approx([0.1])
     assert (plan.calls, plan.updates) == (0, 0)
@@ -43,3 +44,13 @@ def test_window_average_counts_with_its_own_cadence():
     for _ in range(5):
         avg.update()
     assert (avg.calls, avg.snapshots) == (5, 4)       # the construction, then calls 1, 3, 5
+
+
+@pytest.mark.parametrize("name", ["Plan", "Cadence", "Pending"])
+def test_the_engine_names_moved_out_of_schedules_warn_for_one_release(name):
+    import fastema.average
+
+    assert name not in schedules.__all__
+    with pytest.warns(DeprecationWarning, match=f"fastema.average.plan.{name}"):
+        moved = getattr(schedules, name)
+    assert moved is getattr(fastema.average, name)

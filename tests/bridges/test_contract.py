@@ -100,7 +100,7 @@ class TfModel:
         return [np.asarray(v.numpy(), np.float64) for v in self.variables]
 
     def block(self, ema):
-        return ema.average_weights()
+        return ema.average_parameters()
 
 
 MODELS = {"torch": TorchModel, "jax": JaxModel, "tensorflow": TfModel}
@@ -238,3 +238,88 @@ def test_smoother_checkpoint_header_follows_the_same_rule():
     state = s.state_dict()
     with pytest.raises(ValueError, match="fastema.Smoother checkpoint version 2 is not supported"):
         Smoother(decay=0.9).load_state_dict({**state, "version": 2})
+
+
+# ---- every option on every face: taken (and equal to the torch face's average, which the torch
+# suite checks against float64 references option by option), or refused by name with the reason.
+
+OPTION_CASES = {        # one non-default value of every EMAOptions field, with what it needs
+    "decay": dict(decay=[0.9, 0.5]),
+    "sigma_rel": dict(decay=None, sigma_rel=0.2),
+    "half_life": dict(decay=None, half_life=2.0),
+    "bema": dict(decay=None, bema=True),
+    "warmup": dict(decay=0.99, warmup="num_updates"),
+    "min_decay": dict(decay=0.99, warmup="power", min_decay=0.5),
+    "inv_gamma": dict(decay=0.99, warmup="power", inv_gamma=2.0),
+    "power": dict(decay=0.99, warmup="power", power=0.75),
+    "update_after_step": dict(decay=0.9, warmup="power", update_after_step=2),
+    "update_every": dict(decay=0.5, update_every=2),
+    "compensate": dict(decay=0.9, update_every=2, compensate=True),
+    "debias": dict(decay=0.9, debias=True),
+    "shadow_dtype": dict(decay=0.9, shadow_dtype="bfloat16"),
+    "rounding": dict(decay=0.9, shadow_dtype="bfloat16", rounding="stochastic", seed=3),
+    "seed": dict(decay=0.9, shadow_dtype="bfloat16", rounding="stochastic", seed=2 ** 40 + 1),
+    "skip_nonfinite": dict(decay=0.9, skip_nonfinite=True),
+    "device_step": dict(decay=0.9, device_step=True),
+    "offload": dict(decay=0.9, offload="cpu"),
+}
+
+
+def test_the_option_cases_cover_every_option():
+    from fastema.average import EMAOptions
+
+    assert list(OPTION_CASES) == list(EMAOptions.names())
+
+
+@pytest.mark.parametrize("option", list(OPTION_CASES))
+def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
+    kw = dict(OPTION_CASES[option])
+    decay = kw.pop("decay")
+    try:
+        ema = model.ema(decay, **kw)
+    except ValueError as err:                       # a refusal names the option and says why
+        assert model.name != "torch", err
+        assert f"does not take {option}=" in str(err) and ": " in str(err)
+        return
+    reference = TorchModel()
+    ref = reference.ema(decay, **kw)
+    for k in range(1, 6):
+        model.set(k)
+        reference.set(k)
+        model.update(ema)
+        reference.update(ref)
+    if hasattr(ref, "join"):
+        ref.join()
+    assert ema.updates == ref.updates and ema.rows == ref.rows
+    for got, want in zip(model.average(ema), reference.average(ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    resumed = model.ema(decay, **kw)                # and its checkpoint round-trips
+    resumed.load_state_dict(ema.state_dict())
+    for a, b in zip(model.average(ema), model.average(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_unknown_option_is_refused_with_the_list(model):
+    if model.name == "torch":
+        pytest.skip("the torch face spells its options in its signature (Python's own TypeError)")
+    with pytest.raises(TypeError, match="unknown EMA option.*'sigma'.*sigma_rel"):
+        model.ema(0.9, sigma=0.1)
+
+
+def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
+    ema = model.ema(None, bema=True)
+    assert ema.rows == 1
+    for k in range(1, 4):
+        model.set(k)
+        model.update(ema)
+    if hasattr(ema, "averages"):
+        read = ema.averages
+    elif hasattr(ema, "shadow") and callable(ema.shadow):
+        read = ema.shadow
+    else:
+        read = ema.averaged_state_dict
+    with pytest.raises(IndexError):
+        read(2)                                     # theta_0 is BEMA's state, not an average
+    if hasattr(model, "block"):
+        with pytest.raises(IndexError):
+            ema.swap(2)

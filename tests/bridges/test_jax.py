@@ -12,6 +12,7 @@ jnp = pytest.importorskip("jax.numpy")
 
 import fastema  # noqa: E402
 from fastema import schedules as S  # noqa: E402
+from fastema.average import Plan  # noqa: E402
 from fastema.jax import EMA  # noqa: E402
 from reference import ULP, assert_close_to_reference  # noqa: E402
 
@@ -70,7 +71,7 @@ def test_jitted_training_loop_matches_float64_reference(warmup, dtype):
         params, loss = train_step(params, x, y)
         losses.append(loss)
         ema.update(params)
-        d = S.Plan(0.95, warmup=warmup, update_after_step=3).schedules[0](n)
+        d = Plan(0.95, warmup=warmup, update_after_step=3).schedules[0](n)
         ref = [d * r + (1 - d) * p for r, p in zip(ref, float_leaves(params))]
     assert float(losses[-1]) < float(losses[0])            # it trained
     state = ema.state_dict()

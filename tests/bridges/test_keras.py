@@ -349,3 +349,83 @@ def test_weight_ema_on_the_tensorflow_and_jax_backends(backend):
         for got, raw in zip(res["epoch_end"][epoch], steps[6 * (epoch + 1) - 1]):
             np.testing.assert_array_equal(got, raw)                 # raw weights back, bit for bit
     assert res["resumed_equal"] and res["resumed_updates"] == [12, 12]
+
+
+OPTIONS_FIT = r"""
+import json, warnings
+import keras, numpy as np
+from fastema import _keras_jax_state
+from fastema.keras import WeightEMA
+out = {}
+
+class Pin(keras.callbacks.Callback):      # the private Keras state the shim reads on JAX is still there
+    seen = []
+    def on_train_batch_end(self, batch, logs=None):
+        m = self.model
+        Pin.seen.append(hasattr(m, "_jax_state") and hasattr(m, "_jax_state_synced") and callable(m.jax_state_sync))
+        _keras_jax_state.trainable_values(m)
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 4)).astype("float32")
+y = np.sin(x).sum(1, keepdims=True).astype("float32")
+for name, kw in [("sigma_rel", dict(decay=None, sigma_rel=0.1)), ("half_life", dict(decay=None, half_life=4.0)),
+                 ("bema", dict(decay=None, bema=True)), ("update_every", dict(decay=0.9, update_every=2))]:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    cb = WeightEMA(**kw)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y), callbacks=[cb, Pin()])
+    out[name] = [cb.ema.updates, type(cb.ema.plan.schedules[0]).__name__, cb.ema.swapped]
+out["pinned"] = all(Pin.seen) if keras.backend.backend() == "jax" else None
+refused = {}
+for kw in (dict(offload="cpu"), dict(device_step=True), dict(exclude=["x"])):
+    try:
+        WeightEMA(0.9, **kw)
+        refused[next(iter(kw))] = None
+    except ValueError as err:
+        refused[next(iter(kw))] = str(err)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    WeightEMA()
+out["default_warning"] = [str(w.message) for w in caught if w.category is FutureWarning]
+out["refused"] = refused
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_weight_ema_takes_every_schedule_option_on_every_backend(backend):
+    """WeightEMA(decay=None, sigma_rel=0.1) used to be accepted, then fail in fit() with a TypeError on the
+    JAX and TensorFlow backends: every backend's EMA now takes the options (or refuses one by name at
+    construction)."""
+    pytest.importorskip(backend)
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", OPTIONS_FIT], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
+                              "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["sigma_rel"] == [8, "PowerFunction", False]
+    assert res["half_life"] == [8, "HalfLife", False]
+    assert res["bema"] == [8, "BEMA", False]
+    assert res["update_every"] == [4, "Constant", False]
+    for option, message in res["refused"].items():
+        assert message is not None and f"does not take {option}=" in message, (option, message)
+    assert len(res["default_warning"]) == 1 and "0.9999" in res["default_warning"][0]
+    assert res["pinned"] is (True if backend == "jax" else None)
+
+
+def test_weight_ema_takes_every_schedule_option_on_the_torch_backend():
+    x, y = data(64)
+    for kw, kind in ((dict(decay=None, sigma_rel=0.1), "PowerFunction"), (dict(decay=None, bema=True), "BEMA")):
+        model = make_model()
+        cb = WeightEMA(**kw)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y), callbacks=[cb])
+        assert cb.ema.updates == 8 and type(cb.ema.plan.schedules[0]).__name__ == kind and not cb.ema.swapped
+    with pytest.warns(FutureWarning, match="0.9999"):
+        WeightEMA()
+    with pytest.raises(TypeError, match="unknown EMA option.*'sigma'"):
+        WeightEMA(sigma=0.1)

@@ -11,6 +11,7 @@ tf = pytest.importorskip("tensorflow")
 
 import fastema  # noqa: E402
 from fastema import schedules as S  # noqa: E402
+from fastema.average import Plan  # noqa: E402
 from fastema.tensorflow import EMA  # noqa: E402
 from reference import assert_close_to_reference  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_training_loop_matches_float64_reference(warmup, dtype):
     ref = values(ema.variables)
     step = make_step(model)
     losses = []
-    sched = S.Plan(0.95, warmup=warmup, update_after_step=3).schedules[0]
+    sched = Plan(0.95, warmup=warmup, update_after_step=3).schedules[0]
     for n, (x, y) in enumerate(batches(60), start=1):
         losses.append(float(step(x, y)))
         ema.update()
@@ -100,7 +101,7 @@ def test_swap_and_back_are_exact_and_survive_an_exception():
     raw = [v.numpy().copy() for v in ema.variables]
     averages = [a.numpy() for a in ema.averages()]
     with pytest.raises(ZeroDivisionError):
-        with ema.average_weights():
+        with ema.average_parameters():
             for v, a in zip(ema.variables, averages):
                 np.testing.assert_array_equal(v.numpy(), a)
             with pytest.raises(RuntimeError, match="swapped"):
@@ -202,15 +203,15 @@ def test_array_level_reads_tensorflow_tensors_and_refuses_to_write_them(rng):
     np.testing.assert_array_equal(var.numpy(), np.ones(4))
 
 
-def test_nested_average_weights_keeps_the_average_in():
+def test_nested_average_parameters_keeps_the_average_in():
     # reliability M4: an evaluation helper's own `with average_weights()` inside a swapped block
     model = MLP()
     ema = EMA(model, 0.5)
     model.w1.assign_add(tf.ones_like(model.w1))
     ema.update()
     raw = model.w1.numpy().copy()
-    with ema.average_weights():
-        with ema.average_weights():
+    with ema.average_parameters():
+        with ema.average_parameters():
             assert np.array_equal(model.w1.numpy(), raw - 0.5)
         assert np.array_equal(model.w1.numpy(), raw - 0.5)
     assert np.array_equal(model.w1.numpy(), raw) and not ema.swapped
@@ -238,3 +239,15 @@ def test_checkpoint_without_rounding_or_seed_loads_nothing():
     with pytest.raises(ValueError, match="no 'rounding' or 'seed'"):
         ema.load_state_dict(state)
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, ema.averages()))
+
+
+def test_average_weights_is_a_deprecated_alias_of_average_parameters():
+    v = tf.Variable([1.0, 2.0])
+    ema = EMA([v], 0.5)
+    v.assign([3.0, 4.0])
+    ema.update()
+    with pytest.warns(DeprecationWarning, match="average_parameters"):
+        block = ema.average_weights()
+    with block:
+        np.testing.assert_array_equal(v.numpy(), [2.0, 3.0])
+    np.testing.assert_array_equal(v.numpy(), [3.0, 4.0])

@@ -1,0 +1,91 @@
+"""User-facing checks shared by the array functions, the shadows and the model averages:
+one wording per rule, and the limits (:data:`MAX_DECAYS`) spelled once."""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+from . import _backends
+from .kernels import _bits
+from .kernels._bits import KIND_NAMES
+
+MAX_DECAYS = 8          # averages (shadow rows) one launch updates: the kernels' register budget
+
+
+def check_rounding(rounding, shadow_dtype: str) -> None:
+    """``rounding`` is ``"nearest"``, or ``"stochastic"`` for a bfloat16 shadow (``shadow_dtype``
+    the shadow's dtype name; ``"same"`` counts as not bfloat16)."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and shadow_dtype != "bfloat16":
+        raise ValueError(f"stochastic rounding is for bfloat16 shadows; this shadow is {shadow_dtype}: use "
+                         f"rounding='nearest', or shadow_dtype='bfloat16'")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+
+
+def shadow_problems(shadow_dtype: str, rounding, seed) -> list[str]:
+    """What is wrong with a shadow dtype / rounding / seed combination (empty: nothing)."""
+    problems = []
+    for check in (lambda: check_rounding(rounding, shadow_dtype), lambda: check_seed(seed)):
+        try:
+            check()
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
+    out = []
+    for v in values:
+        if type(v) is not float and (isinstance(v, bool) or not isinstance(v, (numbers.Real, np.floating,
+                                                                                 np.integer))):
+            raise TypeError(
+                f"{what} must be a Python float in [0, 1], got {type(v).__name__}; to pass a value that "
+                f"lives on the device (no host sync, CUDA-graph friendly) use weight= with a float32 "
+                f"array holding 1 - decay")
+        v = float(v)
+        if not 0.0 <= v <= 1.0:              # also refuses NaN
+            raise ValueError(f"{what} must be in [0, 1], got {v!r}")
+        out.append(1.0 - v if is_decay else v)      # rounded to the kernel's type at launch
+    return tuple(out)
+
+
+def resolve_weights(decays, weights, count: int, device: str):
+    """The kernels' ``weights``: a tuple of Python floats (host values) or a device array view.
+
+    Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
+    ``count`` elements on ``device``) must be given.
+    """
+    if (decays is None) == (weights is None):
+        raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
+    if decays is not None:
+        w = _host_weights(decays, "decay", True)
+    elif isinstance(weights, (list, tuple, numbers.Real)):
+        w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
+    else:
+        return _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
+    if len(w) != count:
+        raise ValueError(f"expected {count} decay value(s) (one per shadow row), got {len(w)}")
+    return w
+
+
+def stochastic_rounding(rounding: str, shadow_kind: int) -> bool:
+    """Validate ``rounding`` for a shadow of ``shadow_kind``; True for stochastic."""
+    if rounding == "nearest":
+        return False
+    check_rounding(rounding, KIND_NAMES[shadow_kind])
+    return True
+
+
+def sr_key(seed: int, step: int) -> int:
+    """uint32 stochastic-rounding key of (seed, step); the same on every device and rank."""
+    if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
+    return int(_bits.sr_noise(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32((seed >> 32) & 0xFFFFFFFF),
+                              np.int64(step)))

@@ -1,0 +1,181 @@
+"""The model-average engine: when and in what order an EMA's update runs, and its checkpoint.
+
+:class:`Average` holds a model EMA's options, its :class:`~fastema.average.plan.Plan` and a
+:class:`~fastema.flat.FlatShadow` of the model's floating tensors, and drives every update
+the same way on every face: the plan says what the call does, the face's adapter hands the
+current tensors over (or none: the shadow follows them itself), one kernel launch per
+(device, dtype) group folds them in, BEMA's correction runs as one more launch, and the
+plan records the call. It names no framework: the faces (:mod:`fastema.jax`,
+:mod:`fastema.tensorflow`) are adapters that find the model's tensors and put values back.
+
+Its checkpoint (:meth:`Average.state_dict`) is plain Python and NumPy, validated in full
+before anything is loaded.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .. import _backends
+from .._checks import shadow_problems
+from .._state import check_header, refuse_load
+from ..flat import FlatShadow
+from .options import EMAOptions
+from .plan import Pending
+
+__all__ = ["Average", "PlanReader"]
+
+
+class PlanReader:
+    """The read-only counters and settings every model EMA (torch, JAX, TensorFlow) shows of its
+    ``self.plan``: one definition, so they read the same everywhere."""
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        return self.plan.decay
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls skipped by ``update_every`` not counted)."""
+        return self.plan.updates
+
+    @property
+    def rows(self) -> int:
+        """Averages kept (one per decay or profile; BEMA's output is one)."""
+        return self.plan.rows
+
+    @property
+    def norms(self) -> list:
+        """The debiasing normalisers, one per average."""
+        return self.plan.norms
+
+    @property
+    def schedules(self) -> list:
+        """The schedule of each average (:mod:`fastema.schedules`)."""
+        return self.plan.schedules
+
+    @property
+    def update_every(self) -> int:
+        """Calls between updates."""
+        return self.plan.update_every
+
+    @property
+    def compensate(self) -> bool:
+        """True when ``update_every=k`` uses ``decay ** k``."""
+        return self.plan.compensate
+
+    @property
+    def debias(self) -> bool:
+        """True for a debiased (zero-started) average."""
+        return self.plan.debias
+
+
+class Average(PlanReader):
+    """A model EMA over a :class:`~fastema.flat.FlatShadow` of the model's floating tensors.
+
+    Args:
+        options: the checked options (:class:`~fastema.average.options.EMAOptions`).
+        sources: ``name -> tensor`` of the floating tensors to average (their values start it).
+        shapes: each source's shape, as the checkpoint keeps it.
+        fmt: the checkpoint's ``format`` (``"fastema.jax.EMA"``...).
+
+    A BEMA average keeps three shadow rows (the output, the EMA, ``theta_0``) and shows one
+    (:attr:`rows`): every read of row 0 is the output.
+    """
+
+    version = 1
+
+    def __init__(self, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str):
+        self.options = options
+        self.plan = options.plan()
+        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
+        self.format = fmt
+        self.shapes = [tuple(s) for s in shapes]
+        self.shadow = FlatShadow(sources, rows=options.shadow_rows, dtype=self.shadow_dtype)
+        self.names = list(self.shadow.names)
+
+    def check_row(self, row: int) -> None:
+        """``row`` is one of the averages shown (BEMA: only its output, 0)."""
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.rows:
+            raise IndexError(f"row must be an int in [0, {self.rows}) (one per average), got {row!r}")
+
+    # ------------------------------------------------------------ the update driver
+
+    def update(self, step: int | None, read: Callable[[], Sequence | None]) -> None:
+        """One ``update()`` call: ``read()`` gives the model's current tensors in source order (or None
+        when the shadow already follows them), called only when the call updates."""
+        pending = self.plan.next(step)          # checks step; records nothing yet
+        if pending.due:
+            self.fold(pending, read())
+        else:
+            self.plan.done(pending)
+
+    def fold(self, pending: Pending, sources: Sequence | None = None) -> None:
+        """The update :meth:`fastema.average.plan.Plan.next` described, from ``sources`` (None: as
+        the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
+        weights = pending.weights
+        bema = self.options.is_bema
+        if bema:                                # rows: output <- theta_t, EMA, theta_0 (first update)
+            weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
+        self.shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
+                           skip_nonfinite=self.skip_nonfinite, sources=sources)
+        if bema:
+            self.shadow.bias_correct(self.plan.alpha(pending), skip_if=self.shadow.skipped or None)
+        self.plan.done(pending)
+
+    def view(self, slot: int, row: int = 0):
+        """Average ``row`` of source ``slot``, a view of the shadow in its dtype."""
+        self.check_row(row)
+        return self.shadow.view(slot, row)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
+        ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
+        through pickle, ``np.savez``, orbax or flax serialization."""
+        return {"format": self.format, "version": self.version, **self.plan.state(),
+                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)},
+                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and
+        finiteness are checked first; nothing changes if anything is off."""
+        check_header(state, self.format, self.version, "pass what EMA.state_dict() returned")
+        problems: list[str] = []
+        self.plan.check_state(state, problems)
+        if "rounding" not in state or "seed" not in state:
+            problems.append("no 'rounding' or 'seed'")
+        else:
+            problems += shadow_problems(self.shadow_dtype, state["rounding"], state["seed"])
+        saved = state.get("averaged")
+        if not isinstance(saved, dict):
+            problems.append("no 'averaged' arrays")
+            saved = {}
+        missing = [n for n in self.names if n not in saved]
+        extra = [n for n in saved if n not in self.names]
+        if missing:
+            problems.append(f"missing {missing[:5]}")
+        if extra:
+            problems.append(f"unexpected {extra[:5]}")
+        arrays = {}
+        for slot, (n, shape) in enumerate(zip(self.names, self.shapes)):
+            if n not in saved:
+                continue
+            a = np.asarray(saved[n])
+            expected = (self.shadow.rows, *shape)
+            if a.shape != expected:
+                problems.append(f"{n} has shape {a.shape}, expected {expected}")
+            elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+                problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
+            elif not np.all(np.isfinite(a.astype(np.float32))):
+                problems.append(f"{n} holds inf or NaN")
+            arrays[slot] = a
+        refuse_load(self.format, problems)
+        for slot, a in arrays.items():
+            for r in range(self.shadow.rows):
+                _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
+        self.plan.load_state(state)
+        self.rounding, self.seed = state["rounding"], state["seed"]

@@ -1,0 +1,128 @@
+"""DevicePlan: a model EMA's plan kept in device memory, so CUDA graphs replay it.
+
+A :class:`fastema.average.plan.Plan` is Python numbers: the update count, the calls, the
+debiasing normalisers, and from them each update's weights and stochastic-rounding key.
+Inside a captured CUDA graph none of that Python runs again: a replay would reuse the
+capture's weights (a warm-up schedule stuck at the capture step) and its rounding key (the
+same noise every step: biased rounding). A DevicePlan keeps the plan's state, parameters
+and products in small device arrays, one set per device, and advances them with a
+one-thread kernel (``kernels._stats.plan_step``) at the start of every ``update()`` call;
+the update's kernels then read the weights, the skip flag (``update_every``) and the key
+from device memory. So ``EMA.update()`` captured once and replayed N times equals N eager
+calls bit for bit, and eager calls use the very same kernel.
+
+The host Plan still advances on eager calls (no device read); after graph replays it lags
+the device, and :meth:`DevicePlan.read_into` (one sync, done by ``state_dict()``) brings it
+up to date.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _backends, _launch
+from ..kernels.kinds import (CONSTANT, HALF_LIFE, NUM_UPDATES, POWER_FUNCTION, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
+                            P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, PLAN_PARAMS,
+                            POWER_WARMUP, S_CALLS, S_LAST, S_NORMS, S_UPDATES, wide)
+from ..schedules import BEMA, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup
+from .plan import Plan
+
+_SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
+                   PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE}
+
+
+def _row_parameter(s) -> float:
+    """The per-row number ``plan_step`` reads as ``decays[i]``."""
+    if isinstance(s, PowerFunction):
+        return float(s.gamma)
+    if isinstance(s, HalfLife):
+        return float(s.half_life)
+    return float(s.decay)
+
+
+def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(params float64[PLAN_PARAMS], decays float64[K])`` of ``plan`` for ``plan_step``."""
+    first = plan.schedules[0]
+    if isinstance(first, BEMA):
+        raise ValueError("bema= keeps its bias correction on the host: it cannot run with device_step=True "
+                         "(CUDA-graph replays); make the EMA with device_step=False")
+    if any(type(s) is not type(first) for s in plan.schedules):
+        raise ValueError("a device-side plan needs one schedule kind for every decay")
+    params = np.zeros(PLAN_PARAMS, np.float64)
+    params[P_SCHEDULE] = _SCHEDULE_KINDS[type(first)]
+    params[P_EVERY] = plan.update_every
+    params[P_COMPENSATE] = plan.compensate
+    params[P_DEBIAS] = plan.debias
+    params[P_SEED_LO], params[P_SEED_HI] = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    if isinstance(first, PowerWarmup):
+        shared = {(s.min_decay, s.inv_gamma, s.power, s.update_after_step, s.warmup) for s in plan.schedules}
+        if len(shared) != 1:
+            raise ValueError("a device-side plan needs the same warm-up parameters for every decay")
+        params[P_MIN_DECAY], params[P_INV_GAMMA], params[P_POWER] = first.min_decay, first.inv_gamma, first.power
+        params[P_AFTER], params[P_WARMUP] = first.update_after_step, first.warmup
+    return params, np.array([_row_parameter(s) for s in plan.schedules], np.float64)
+
+
+class _OnDevice:
+    """The plan's arrays on one device (framework objects, and the kernels' views of them)."""
+
+    def __init__(self, framework: str, device: str, rows: int, groups: int):
+        where = (framework, device)
+        self.group = _launch.Group(device, None, 0, None, framework)
+        sizes = dict(state=(S_NORMS + rows, np.float64), params=(PLAN_PARAMS, np.float64),
+                     decays=(rows, np.float64), w32=(rows, np.float32), w64=(rows, np.float64),
+                     flag=(1, np.int32), keys=(groups, np.int64))
+        self.arrays = {k: _backends.zeros(where, n, dt) for k, (n, dt) in sizes.items()}
+        self.views = {k: _backends.kernel_view(a) for k, a in self.arrays.items()}
+        self.key_views = [self.views["keys"][i:i + 1] for i in range(groups)]
+
+
+class DevicePlan:
+    """The device side of ``plan`` for the groups of one shadow (see the module docstring)."""
+
+    def __init__(self, plan: Plan, groups: list, seed: int):
+        self.groups = groups
+        self.devices: dict[str, _OnDevice] = {}
+        for g in groups:
+            if g.device not in self.devices:
+                self.devices[g.device] = _OnDevice(g.framework, g.device, plan.rows, len(groups))
+        self.load(plan, seed)
+
+    def load(self, plan: Plan, seed: int) -> None:
+        """Write the host plan's parameters and state to every device (at construction and on
+        a checkpoint load: a host copy, not a per-step path)."""
+        params, decays = parameters(plan, seed)
+        state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)
+        for d in self.devices.values():
+            for name, values in (("params", params), ("decays", decays), ("state", state)):
+                _backends.copy_from_host(d.arrays[name], values)
+
+    def read_into(self, plan: Plan) -> None:
+        """Set the host plan's counters and normalisers from the device (one sync): after CUDA
+        graph replays the device is ahead of the host."""
+        state = _backends.to_host(next(iter(self.devices.values())).arrays["state"])
+        plan.cadence.calls, plan.updates = int(state[S_CALLS]), int(state[S_UPDATES])
+        plan.last_time = float(state[S_LAST])
+        plan.norms = [float(x) for x in state[S_NORMS:]]
+
+    def advance(self, step: int | None) -> None:
+        """One ``update()`` call: the plan kernel on every device (no host sync)."""
+        given = -1 if step is None else step
+        for d in self.devices.values():
+            v = d.views
+            _launch.launch("plan", d.group, state=v["state"], params=v["params"], decays=v["decays"], given=given,
+                           w32=v["w32"], w64=v["w64"], flag=v["flag"], keys=v["keys"])
+
+    @property
+    def flags(self) -> dict:
+        """``device -> int32[1]`` skip flags (framework arrays), set by :meth:`advance` on a call
+        that ``update_every`` skips; a non-finite scan may add to them."""
+        return {device: d.arrays["flag"] for device, d in self.devices.items()}
+
+    def weights(self, g) -> object:
+        """The weights array the kernels of group ``g`` read (float64 for a float64 kernel)."""
+        v = self.devices[g.device].views
+        return v["w64"] if wide(g.shadow_kind, g.src_kind) else v["w32"]
+
+    def key(self, gi: int, g) -> object:
+        """The int64[1] stochastic-rounding key of group number ``gi``."""
+        return self.devices[g.device].key_views[gi]

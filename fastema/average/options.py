@@ -1,0 +1,165 @@
+"""The one list of a model EMA's options, and their checks.
+
+Every face (:class:`fastema.torch.EMA`, :class:`fastema.jax.EMA`,
+:class:`fastema.tensorflow.EMA`) and every callback (Keras, Lightning) validates its options
+through :class:`EMAOptions`, so an option means the same everywhere and a bad value is
+refused with the same words, when it is given (a callback's EMA is made when training
+starts: its options are checked at the callback's construction).
+
+A face that cannot run an option refuses it by name, with the reason
+(:meth:`EMAOptions.refuse`): never a ``TypeError`` for an option another face takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from .._checks import shadow_problems
+from ..schedules import BEMA
+from .plan import Plan
+
+__all__ = ["EMAOptions", "ShadowSettings", "SELECTION"]
+
+#: The schedule options (passed to :class:`fastema.average.plan.Plan`).
+PLAN_OPTIONS = ("decay", "sigma_rel", "half_life", "bema", "warmup", "min_decay", "inv_gamma", "power",
+                "update_after_step", "update_every", "compensate", "debias")
+
+#: Options that choose which of a model's tensors are averaged: the torch face's model
+#: adapter takes them (the JAX and TensorFlow faces average what they are given).
+SELECTION = ("buffers", "exclude", "copy")
+
+
+class ShadowSettings(NamedTuple):
+    """How a model EMA keeps and updates its shadow."""
+    shadow_dtype: str
+    rounding: str
+    seed: int
+    skip_nonfinite: bool
+
+
+@dataclass(frozen=True)
+class EMAOptions:
+    """A model EMA's options, checked together at construction.
+
+    Args:
+        decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
+            when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them).
+        sigma_rel: EDM2 power-function profiles of these relative widths (a float or up to 8),
+            exact for any ``update_every`` or irregular ``update(step=)``.
+        half_life: the decay ``2 ** -(dt / half_life)`` for ``dt`` steps since the last update.
+        bema: bias-corrected EMA (``True``, or a :class:`fastema.schedules.BEMA`).
+        warmup: ``None``, ``"num_updates"`` or ``"power"``.
+        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
+        update_every: update on every k-th call of ``update()`` (the first call updates).
+        compensate: with ``update_every=k``, use ``decay**k``.
+        debias: start from zero and divide out the bias (the first update copies).
+        shadow_dtype: ``"float32"``, ``"same"`` or ``"bfloat16"`` (and ``"float16"``/``"float64"``).
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed, an int in ``[0, 2**64)``.
+        skip_nonfinite: skip an update (decided on the device) when a weight is inf/NaN.
+        device_step: keep the plan in device memory (CUDA-graph replays); ``None``: the face's default.
+        offload: ``"cpu"`` keeps the shadow in host memory (torch on a GPU), or ``None``.
+    """
+
+    decay: float | Sequence[float] | None = None
+    sigma_rel: float | Sequence[float] | None = None
+    half_life: float | Sequence[float] | None = None
+    bema: bool | BEMA | None = None
+    warmup: str | None = None
+    min_decay: float = 0.0
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    update_after_step: int = 0
+    update_every: int = 1
+    compensate: bool = False
+    debias: bool = False
+    shadow_dtype: str = "float32"
+    rounding: str = "nearest"
+    seed: int = 0
+    skip_nonfinite: bool = False
+    device_step: bool | None = None
+    offload: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.decay, list) or isinstance(self.sigma_rel, list) or isinstance(self.half_life, list):
+            for name in ("decay", "sigma_rel", "half_life"):       # frozen and hashable: lists become tuples
+                value = getattr(self, name)
+                if isinstance(value, list):
+                    object.__setattr__(self, name, tuple(value))
+        self.plan()                                   # the schedule's checks
+        problems = shadow_problems(self.shadow_dtype, self.rounding, self.seed)
+        if problems:
+            raise ValueError(problems[0])
+        if not isinstance(self.skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")
+        if self.device_step is not None and not isinstance(self.device_step, bool):
+            raise TypeError(f"device_step must be True, False or None, got {self.device_step!r}")
+        if self.offload not in (None, "cpu"):
+            raise ValueError(f"offload must be None or 'cpu', got {self.offload!r}")
+        if self.offload and (self.device_step or self.skip_nonfinite):
+            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
+                             "not take device_step=True or skip_nonfinite=True; drop one of them")
+        if self.is_bema and (self.offload or self.device_step):
+            raise ValueError("bema= applies its bias correction after each update on the host's schedule: it "
+                             "does not take offload= or device_step=True; drop them")
+
+    @classmethod
+    def of(cls, decay=None, /, **options) -> "EMAOptions":
+        """The options of ``EMA(model, decay, **options)``: an unknown name is refused with the list."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown EMA option(s) {unknown}; the options are {', '.join(cls.names())}")
+        return cls(decay, **options)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every option's name, in the order of the signature."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple[dict, dict]:
+        """``(EMA options, model-selection options)`` of a callback's ``**ema_kwargs``; anything else
+        is refused with the list of names."""
+        unknown = sorted(set(options) - set(cls.names()) - set(SELECTION))
+        if unknown:
+            raise TypeError(f"unknown EMA option(s) {unknown}; the options are "
+                            f"{', '.join(cls.names() + SELECTION)}")
+        return ({k: v for k, v in options.items() if k not in SELECTION},
+                {k: v for k, v in options.items() if k in SELECTION})
+
+    @property
+    def is_bema(self) -> bool:
+        return self.bema is not None and self.bema is not False
+
+    @property
+    def shadow_rows(self) -> int:
+        """Rows the shadow keeps: one per average, or 3 for BEMA (output, EMA, theta_0)."""
+        return 3 if self.is_bema else len(self.plan().schedules)
+
+    def plan(self) -> Plan:
+        """A new :class:`fastema.average.plan.Plan` (counters at zero) for these options."""
+        return Plan(list(self.decay) if isinstance(self.decay, tuple) else self.decay,
+                    **{k: (list(v) if isinstance(v, tuple) else v) for k in PLAN_OPTIONS[1:]
+                       for v in (getattr(self, k),)})
+
+    def shadow(self) -> ShadowSettings:
+        return ShadowSettings(self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite)
+
+    def given(self) -> dict:
+        """The options that differ from their defaults."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+    def refuse(self, face: str, reasons: Mapping[str, str]) -> None:
+        """ValueError naming the first option given here that ``face`` cannot run, with its reason.
+
+        ``reasons``: option name -> why ``face`` does not run it and what to do. ``device_step``
+        is refused only when ``True`` (``False`` and ``None`` mean the host plan)."""
+        for name, why in reasons.items():
+            value = getattr(self, name)
+            default = next(f.default for f in fields(self) if f.name == name)
+            if (value is True) if name == "device_step" else value != default:
+                raise ValueError(f"{face} does not take {name}={value!r}: {why}")
+
+    def replace(self, **changes) -> "EMAOptions":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,64 @@
+"""What every model average shares, whatever its framework: the swap state machine.
+
+A model average (``fastema.torch.EMA`` / ``WindowAverage``, ``fastema.tensorflow.EMA``, the
+Keras callbacks' JAX EMA) can put one of its averages into the model for evaluation and
+take it out again. :class:`ModelSwap` owns which average is in, the re-entrant
+evaluation block and the refusals while an average is in; the framework adapter supplies
+``exchange(row, into_model)``, which moves the values (all or nothing: when it raises,
+nothing changed and the state stays as it was).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+__all__ = ["ModelSwap"]
+
+
+class ModelSwap:
+    """Which average row sits in the model (None: the model's own weights).
+
+    Args:
+        exchange: ``exchange(row, into_model)``: put average ``row`` into the model
+            (``into_model=True``) or the model's own weights back (``False``).
+        while_in: how to say, in a refusal, that an average is in the model and what to do.
+    """
+
+    def __init__(self, exchange: Callable[[int, bool], None], while_in: str):
+        self._exchange = exchange
+        self._while_in = while_in
+        self.row: int | None = None
+
+    @property
+    def swapped(self) -> bool:
+        return self.row is not None
+
+    def swap(self, row: int = 0) -> None:
+        """Put average ``row`` into the model, or, when it is in, the model's own weights back."""
+        if self.row is not None and row != self.row:
+            raise RuntimeError(f"average {self.row} is swapped in; swap it back first")
+        into = self.row is None
+        self._exchange(row, into)
+        self.row = row if into else None
+
+    @contextlib.contextmanager
+    def block(self, row: int = 0, value: Any = None) -> Iterator[Any]:
+        """Average ``row`` in for the block, the model's weights back on exit (also when it raises).
+        Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights as
+        they are, and the outer one swaps back. Yields ``value``."""
+        if self.row is not None:
+            if row != self.row:
+                raise RuntimeError(f"average {self.row} is swapped in; average {row} cannot be "
+                                   f"swapped in inside that block")
+            yield value
+            return
+        self.swap(row)
+        try:
+            yield value
+        finally:
+            self.swap(row)
+
+    def refuse(self, what: str) -> None:
+        """RuntimeError naming ``what`` while an average is in the model."""
+        if self.row is not None:
+            raise RuntimeError(f"{what} while {self._while_in}")
