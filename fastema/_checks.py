@@ -11,7 +11,8 @@ from . import _backends
 from .kernels import _bits
 from .kernels._bits import KIND_NAMES
 
-MAX_DECAYS = 8          # averages (shadow rows) one launch updates: the kernels' register budget
+#: The most averages (shadow rows) one launch updates: the kernels keep one weight per row in registers.
+MAX_DECAYS = 8
 
 
 def check_rounding(rounding, shadow_dtype: str) -> None:

@@ -248,7 +248,8 @@ def from_state(state: dict):
     return _KINDS[kind](**state)
 
 
-SIGMA_REL_MAX = math.sqrt(1 / 12)      # the gamma -> 0 limit of the power-function profile's width
+#: The widest power-function profile: the ``gamma -> 0`` limit of ``sigma_rel``, ``sqrt(1/12)``.
+SIGMA_REL_MAX = math.sqrt(1 / 12)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

@@ -1,4 +1,4 @@
-"""TensorFlow bridge: an EMA of ``tf.Variable``s (a Keras model's weights) in fastema's flat shadow.
+"""TensorFlow bridge: an EMA of ``tf.Variable`` objects (a Keras model's weights) in fastema's flat shadow.
 
 TensorFlow tensors cannot be written in place, so the average lives in buffers fastema
 owns. ``update()`` reads every variable's current value through DLPack (on the CPU the
@@ -48,7 +48,7 @@ REFUSED = {
 
 
 class EMA(PlanReader):
-    """Exponential moving average of ``tf.Variable``s.
+    """Exponential moving average of ``tf.Variable`` objects.
 
     Args:
         variables: the variables (``model.trainable_variables``, a ``tf.Module``'s

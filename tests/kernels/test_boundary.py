@@ -107,3 +107,19 @@ def test_every_package_is_in_the_wheel():
              for p in (ROOT / "fastema").rglob("__init__.py")} | {"fastema.kernels"}
     assert found == listed, (f"in the tree, not in pyproject.toml: {sorted(found - listed)}; "
                              f"listed, not in the tree: {sorted(listed - found)}")
+
+
+FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning", "flax",
+              "deepspeed"}
+
+
+def test_the_model_average_engine_imports_no_framework():
+    """fastema/average (options, plans, swap, the update driver, checkpoints) is framework-free:
+    no framework import in any of its modules, deferred imports inside functions included."""
+    bad = []
+    for path in sorted((ROOT / "fastema" / "average").glob("*.py")):
+        package = "fastema.average"
+        for mod, line in _imports(path, package, module_level_only=False):
+            if mod.split(".")[0] in FRAMEWORKS:
+                bad.append(f"fastema/average/{path.name}:{line} imports {mod}")
+    assert not bad, bad
