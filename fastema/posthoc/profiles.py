@@ -28,6 +28,7 @@ from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 
 __all__ = ["MAX_ERROR", "Solution", "profile", "profile_dot", "solve"]
 
+#: The largest relative L2 error of a synthesised profile that :func:`solve` accepts by default (5%).
 MAX_ERROR = 0.05
 
 

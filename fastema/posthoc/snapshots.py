@@ -20,7 +20,9 @@ from .._files import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "Snapshot", "SnapshotMeta", "read_snapshots", "write_snapshot"]
 
+#: The ``format`` every snapshot's metadata carries.
 FORMAT = "fastema.posthoc"
+#: The snapshot format version this fastema writes and reads.
 VERSION = 1
 
 
