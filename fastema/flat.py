@@ -153,6 +153,29 @@ class FlatShadow(ShadowBase):
             _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
                            stochastic=stochastic)
 
+    def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
+        """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.
+
+        Row 0 holds ``theta_t`` (an update with weight 1), row 1 the EMA, row 2 ``theta_0``;
+        afterwards row 0 holds ``EMA + alpha (theta_t - theta_0)``. One launch per group, in
+        the shadow's arithmetic (float32 with one rounding of the product-sum for narrower
+        shadows, then to nearest even; float64 for float64 shadows); the sources are not read.
+
+        Args:
+            alpha: the correction's weight, a finite host number (no sync).
+            skip_if: flags from :meth:`scan_nonfinite` (``device -> int32[1]``); nothing is
+                written on a device whose flag is set, so a skipped update leaves the output.
+        """
+        self._swap.refuse("bias_correct()")
+        if self.rows < 3:
+            raise ValueError(f"bias_correct() needs a shadow of at least 3 rows (output, EMA, theta_0), "
+                             f"this one has rows={self.rows}; make it with FlatShadow(..., rows=3)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+        for g in self.layout.groups:
+            _launch.launch("bema", g, alpha=alpha, flag=self._flag_view(skip_if, g))
+
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, with no host sync.
 

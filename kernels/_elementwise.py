@@ -94,6 +94,29 @@ def lerp_at_wide(q, j, x, w, kind, stochastic, key, index):
     store_wide(q, j, lerp64(load_wide(q, j, kind), x, np.float64(w)), kind)
 
 
+# ---------------------------------------------------------------- BEMA: the bias correction
+
+
+def bema_at(q, n, j, alpha, kind):
+    """BEMA's output at element ``j`` of three shadow rows ``n`` apart (row 0 ``theta_t`` in,
+    the output out; row 1 the EMA; row 2 ``theta_0``): ``q[j] <- ema + alpha * (q[j] - first)``.
+
+    float32 math for float32 and narrower kinds (``alpha`` float32): the difference rounds once,
+    the product and sum once more (FMA), then the result to ``kind``, nearest even."""
+    out = load(q, j, kind)
+    ema = load(q, n + j, kind)
+    first = load(q, 2 * n + j, kind)
+    q[j] = encode(as_bits(fma(np.float32(alpha), out - first, ema)), kind)
+
+
+def bema_at_wide(q, n, j, alpha, kind):
+    """:func:`bema_at` in float64 (``alpha`` float64)."""
+    out = load_wide(q, j, kind)
+    ema = load_wide(q, n + j, kind)
+    first = load_wide(q, 2 * n + j, kind)
+    store_wide(q, j, fma(np.float64(alpha), out - first, ema), kind)
+
+
 # ---------------------------------------------------------------- copy, swap, scan
 
 

@@ -98,6 +98,36 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel, device_key=False):
 
 
 @functools.cache
+def bema_kernel(shadow_kind, parallel):
+    """BEMA's bias correction over a 3-row shadow: ``shadow[0] <- shadow[1] + alpha * (shadow[0] -
+    shadow[2])`` (``_elementwise.bema_at``); rows 1 and 2 are read only, the sources not at all.
+
+    Extra arguments:
+        alpha: float32 (float64 for a float64 shadow), the correction's weight.
+        flag:  int32[>=1]; when ``flag[0] != 0`` nothing is written (non-finite guard).
+    """
+    sptr, SB = _pointer(shadow_kind)
+    SK = shadow_kind
+    bema_at, = bodies(E, SK == F64, "bema_at")
+
+    @_chunk
+    def chunk(q_addr, n, m, alpha):
+        q = sptr(q_addr, 2 * n + m)
+        for j in range(m):
+            bema_at(q, n, j, alpha, SK)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, alpha, flag):
+        if flag[0] != 0:
+            return
+        for c in prange(chunk_seg.size):
+            s = chunk_seg[c]
+            begin = chunk_begin[c]
+            chunk(shadow_addr[s] + (begin - seg_offset[s]) * SB, n, chunk_begin[c + 1] - begin, alpha)
+
+    return _compile(kernel, parallel)
+
+
+@functools.cache
 def plan_kernel():
     """One ``update()`` call of a model EMA's plan on the host (``_stats.plan_step``)."""
     plan_step = E.plan_step

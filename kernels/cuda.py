@@ -100,6 +100,26 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
 
 
 @functools.cache
+def bema_kernel(shadow_kind):
+    """See :func:`fastema.kernels.cpu.bema_kernel` (grid-stride over chunks, threads over elements)."""
+    sptr = _pointer(shadow_kind)
+    SK = shadow_kind
+    bema_at, = bodies(E, SK == F64, "bema_at")
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, alpha, flag):
+        if flag[0] != 0:
+            return
+        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
+            s = chunk_seg[c]
+            off = seg_offset[s]
+            q = sptr(shadow_addr[s], 2 * n + seg_offset[s + 1] - off)
+            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
+                bema_at(q, n, i - off, alpha, SK)
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
 def copy_kernel(shadow_kind, src_kind, to_shadow):
     """See :func:`fastema.kernels.cpu.copy_kernel`."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)

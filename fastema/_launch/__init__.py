@@ -10,6 +10,8 @@ op                      keyword arguments
 ======================  ==================================================================
 ``"lerp"``              ``weights`` (tuple or float32[K] device array), ``flag=None``,
                         ``key=0`` (an int, or an int64[1] device array), ``stochastic=False``
+``"bema"``              ``alpha`` (a host number), ``flag=None`` (3-row shadows: BEMA's
+                        output ``row0 <- row1 + alpha * (row0 - row2)``)
 ``"plan"``              ``state``, ``params``, ``decays``, ``given``, ``w32``, ``w64``, ``flag``,
                         ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``)
 ``"copy"``              ``to_shadow``, ``row_lo``, ``row_hi``, ``flag=None``
@@ -30,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..kernels.kinds import wide
+from ..kernels.kinds import F64, wide
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config
 from . import cpu as _cpu_target
@@ -80,6 +82,8 @@ def launch(op: str, group, **args) -> None:
     if op == "lerp" and isinstance(args["weights"], tuple):    # host values: the kernel's arithmetic type
         cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
         args["weights"] = tuple(map(cast, args["weights"]))
+    elif op == "bema":                                         # the shadow's arithmetic type
+        args["alpha"] = (np.float64 if group.shadow_kind == F64 else np.float32)(args["alpha"])
     if is_cuda(group.device):
         getattr(_cuda(), op)(group, current_stream(group.framework, group.device), **args)
     else:

@@ -21,6 +21,11 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
     k(*group.tables.args(), weights, _NO_FLAG if flag is None else flag, key if device_key else np.uint32(key))
 
 
+def bema(group, stream, *, alpha, flag=None):
+    k = K.bema_kernel(group.shadow_kind, _parallel(group, 3))
+    k(*group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
+
+
 def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
     K.plan_kernel()(state, params, decays, given, w32, w64, flag, keys)
 

@@ -161,6 +161,11 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
             key if device_key else np.uint32(key))
 
 
+def bema(group, stream, *, alpha, flag=None):
+    _chunks(group, stream, K.bema_kernel(group.shadow_kind), *group.tables.args(), alpha,
+            _zero_flag(group.device) if flag is None else flag)
+
+
 def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
     _run(K.plan_kernel(), group.device, stream, 1, state, params, decays, np.int64(given), w32, w64, flag, keys)
 

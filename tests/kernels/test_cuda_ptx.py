@@ -48,6 +48,13 @@ def test_lerp_compiles(sk, xk):
         compile_(ema_cuda.lerp_kernel(sk, xk, True), TABLES + (A(T.float32), A(T.int32), T.uint32))
 
 
+@pytest.mark.parametrize("sk", KINDS + (3,))                      # 3: float64
+def test_bema_compiles(sk):
+    f64 = sk == 3
+    ptx = compile_(ema_cuda.bema_kernel(sk), TABLES + (T.float64 if f64 else T.float32, A(T.int32)))
+    assert ("fma.rn.f64" if f64 else "fma.rn.f32") in ptx
+
+
 @pytest.mark.parametrize("sk,xk,mode", [(F32, F32, ema_cpu.EXCHANGE), (F32, BF16, ema_cpu.PACK),
                                         (F32, BF16, ema_cpu.UNPACK), (F16, F32, ema_cpu.EXCHANGE)])
 def test_swap_copy_nonfinite_compile(sk, xk, mode):
