@@ -31,6 +31,7 @@ PUBLIC_MODULES = (
     "fastema.flat",
     "fastema.smooth",
     "fastema.schedules",
+    "fastema.average",
     "fastema.posthoc",
     "fastema.torch",
     "fastema.torch.compat",
