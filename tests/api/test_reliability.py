@@ -388,8 +388,6 @@ def test_save_removes_temporaries_of_killed_saves_only(tmp_path):
 
 
 def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
-    import fastema.torch as ft
-
     ema = EMA(nn.Linear(4, 4), 0.5)
     ema.save(tmp_path / "a.pt")
     old = (tmp_path / "a.pt").read_bytes()
@@ -408,7 +406,7 @@ def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypa
             raise OSError(28, "No space left on device")
 
     real = os.fdopen
-    monkeypatch.setattr(ft.os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
     with pytest.raises(OSError, match="could not write .*a.pt.*bytes free.*No space left"):
         ema.save(tmp_path / "a.pt")
     monkeypatch.undo()

@@ -1,0 +1,242 @@
+"""The checkpoint side of a torch model average: torch tensor forms of the averages.
+
+Model-style state dicts of the averaged weights (:meth:`~_CheckpointSide.averaged_state_dict`,
+DTensors on a sharded average, full tensors from :meth:`~_CheckpointSide.full_state_dict`),
+a standalone ``module()`` copy, the average's own checkpoint (``state_dict`` /
+``load_state_dict``: schema :data:`FORMAT` / :data:`VERSION`, checked in full before anything is
+loaded; ZeRO-3 flat forms and DTensors of any layout) and ``save()`` to a model checkpoint file.
+:class:`_CheckpointSide` is mixed into ``_ModelAverage`` (:mod:`fastema.torch._base`).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from . import _sharded
+from .._average import check_header
+from .._files import atomic_write as _atomic_write
+from ._model import _local_key, _match_names, _unwrap
+
+FORMAT = "fastema.torch.EMA"
+VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
+
+
+class _CheckpointSide:
+    """Export and checkpoints of ``_ModelAverage``: reads its ``_avg``, ``_copy``, ``_int_buffers``,
+    ``_specs``, ``_format``, ``cadence`` and ``model``; subclasses add their own state through
+    ``_extra_state`` / ``_check_extra`` / ``_load_extra``."""
+
+    def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
+        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
+        of a tied or aliased tensor gets its average."""
+        self._not_swapped("averaged_state_dict()")
+        out = {}
+        for name, t, source, value in self._state_entries(row):
+            if source is None:
+                out[name] = t.detach().clone()             # excluded: the model's own value
+            elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
+                out[name] = _sharded.wrap(value().to(t.dtype, copy=True), self._specs[source])
+            else:
+                out[name] = value().to(t.dtype, copy=True)
+        return out
+
+    def _state_entries(self, row: int) -> list:
+        """``(name, model tensor, source, value)`` for every entry of the model's state dict:
+        ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
+        average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
+        self._avg.check_row(row)
+        self._follow()
+        self._avg.check_sources()                       # a same-address reshape or cast is named here
+        if self._copy is not None:
+            self._copy.check_sources()
+        tracked = {}
+        for n in self._avg.names:
+            tracked[n] = lambda n=n: self._avg.view(n, row)
+        for n in (self._copy.names if self._copy is not None else []):
+            tracked[n] = lambda n=n: self._copy.view(n)
+        for n in self._int_buffers:
+            tracked[n] = lambda n=n: self._int_buffers[n][1]
+        inner = _unwrap(self.model)
+        own = dict(inner.named_parameters(remove_duplicate=False))
+        own.update(inner.named_buffers(remove_duplicate=False))
+        by_key = {_local_key(own[n]): n for n in tracked if n in own and _local_key(own[n]) is not None}
+        out = []
+        for name, t in inner.state_dict(keep_vars=True).items():
+            source = name if name in tracked else by_key.get(_local_key(t))
+            out.append((name, t, source, tracked.get(source)))
+        return out
+
+    def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
+        takes. On a sharded average this is a collective (every rank must call it): each tensor is
+        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
+        is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
+        if not isinstance(rank0_only, bool):
+            raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
+        keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        out = {}
+        own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
+        for name, value in self.averaged_state_dict(row).items():
+            value = _sharded.full(value)
+            if hasattr(own.get(name), "ds_shape"):
+                value = value.view(own[name].ds_shape)         # ZeRO-3 partitions gather flat
+            if keep:
+                out[name] = value
+        return out
+
+    def module(self, row: int = 0) -> nn.Module:
+        """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        if self.sharded:
+            raise TypeError("module() copies the whole model on every rank, and this average is sharded (FSDP2 / "
+                            "tensor parallel): use full_state_dict(rank0_only=True) and load it into a plain "
+                            "model, or copy_to(plain_model), or save(path)")
+        state = self.averaged_state_dict(row)
+        clone = copy.deepcopy(_unwrap(self.model))
+        clone.load_state_dict(state)
+        return clone
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: averages keyed by name, counters, settings.
+
+        The tensors are views of the flat buffers (as ``nn.Module.state_dict()`` returns views: no
+        model-sized copy). On a sharded average they are DTensors over those views, laid out as
+        the parameters are (``(rows, *shape)``, the parameter's shard dims moved up by one): the
+        average is a ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
+        ``dcp.load({"ema": ema})`` read and fill the shadow in place, on any world size or mesh.
+        """
+        self._not_swapped("state_dict()")
+        if self._resync:                                 # a DDP wrap since construction: start over first
+            self._follow()
+        return {
+            "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
+            "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
+            "averaged": {n: self._global(n, self._avg.state_view(n), True) for n in self._avg.names},
+            "copied": {n: self._global(n, self._copy.view(n)) for n in self._copy.names}
+            if self._copy is not None else {},
+            "int_buffers": {n: self._global(n, v[1]) for n, v in self._int_buffers.items()},
+        }
+
+    def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
+        """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
+        (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            return view
+        return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
+        kind = type(self).__name__
+        check_header(state, self._format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
+                                                        f"{kind} checkpoint ({kind}.state_dict()) here")
+        self._not_swapped("load_state_dict()")
+        problems = []
+        loads = []                                   # (destination view, value), written only if all is well
+        copied_names = self._copy.names if self._copy else []
+        groups = (("averaged", self._avg.names, lambda n: self._avg.state_view(n), True, True),
+                  ("copied", copied_names, lambda n: self._copy.view(n), False, False),
+                  ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False, False))
+        for key, names, view_of, finite, stacked in groups:
+            saved = state.get(key, {})
+            if not isinstance(saved, dict):
+                problems.append(f"{key} is a {type(saved).__name__}, expected a dict of tensors")
+                continue
+            matched, unused = _match_names(saved, names)
+            missing = [n for n in names if n not in matched]
+            if missing:
+                problems.append(f"{key} missing {missing[:5]}")
+            if unused and strict:
+                problems.append(f"{key} unexpected {unused[:5]}")
+            for n, value in matched.items():
+                dst = view_of(n)
+                shape = self._global(n, dst, stacked).shape
+                if not isinstance(value, torch.Tensor):
+                    problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
+                    continue
+                spec = self._specs.get(n)
+                # ZeRO-3 averages are saved flat, (rows, numel); either form loads into either layout
+                flat = stacked and not _sharded.is_dtensor(value) and value.dim() >= 1 and len(shape) >= 1 and (
+                    (spec is not None and spec.view_shape is not None and
+                     tuple(value.shape) == (shape[0], *spec.view_shape)) or
+                    (spec is None and tuple(value.shape) == (shape[0], dst[0].numel()) and len(shape) != 2))
+                if tuple(value.shape) != tuple(shape) and not flat:
+                    problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+                    continue
+                value = self._local_part(n, value, dst, stacked)
+                if spec is not None and spec.valid is not None:
+                    dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
+                if value.device.type == "meta":
+                    problems.append(f"{key} {n!r} is a meta tensor (no values)")
+                elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
+                    problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
+                elif finite and not bool(torch.isfinite(value).all()):
+                    problems.append(f"{key} {n!r} holds inf or NaN")
+                else:
+                    loads.append((dst, value))
+        calls = state.get("calls")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            problems.append(f"calls must be an int >= 0, got {calls!r}")
+        self._check_extra(state, problems)
+        if problems:
+            raise ValueError(f"{kind} checkpoint does not match this model: " + "; ".join(problems) +
+                             ". Nothing was loaded.")
+        with torch.no_grad():
+            for dst, value in loads:
+                if not (dst.data_ptr() == value.data_ptr() and dst.dtype == value.dtype and
+                        dst.stride() == value.stride()):     # dcp.load filled the shadow itself
+                    dst.copy_(value)
+        self.cadence.calls = int(state["calls"])
+        self._load_extra(state)
+
+    def _local_part(self, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
+        """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
+        tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
+        from a DTensor for an unsharded one (a collective)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
+        return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        pass
+
+    def _load_extra(self, state: dict) -> None:
+        pass
+
+    def save(self, path: str | os.PathLike, row: int = 0) -> None:
+        """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
+
+        ``model.load_state_dict(torch.load(path))`` loads it; a ``.safetensors`` path is
+        written with safetensors (which must be installed). The file gets the mode
+        ``torch.save`` would give it (0666 less the umask); temporary files left by a save
+        that was killed are removed by the next save to the same path. On a sharded average
+        it is a collective: every rank gathers the full tensors one at a time (see
+        :meth:`full_state_dict`) and global rank 0 writes the file.
+        """
+        path = os.fspath(path)
+        if self.sharded:                   # collective: every rank gathers, rank 0 writes
+            weights = self.full_state_dict(row, rank0_only=True)
+            if torch.distributed.get_rank() != 0:
+                return
+        else:
+            weights = self.averaged_state_dict(row)
+        weights = {k: v.detach().contiguous() for k, v in weights.items()}
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import save as to_bytes
+            except ImportError:
+                raise ImportError("saving .safetensors needs the safetensors package "
+                                  "(pip install safetensors)") from None
+            data = to_bytes({k: v.cpu() for k, v in weights.items()})
+            _atomic_write(path, lambda f: f.write(data))
+        else:
+            _atomic_write(path, lambda f: torch.save(weights, f))    # streamed: no model-sized copy in memory

@@ -1,0 +1,384 @@
+"""The model side of a torch model average: which of the model's tensors are averaged or copied,
+and following the model as it changes under the average.
+
+- Registration hooks (:func:`registration_hooks`): process-wide torch hooks that mark the
+  averages watching a module stale when a parameter, buffer or submodule is registered on it,
+  and restart them from rank 0's weights after a ``DistributedDataParallel`` wrap.
+- Names and patterns: wrapper prefixes (:func:`normalize_name`, ``_unwrap``), ``exclude=`` /
+  ``copy=`` patterns, storage keys of tied or aliased tensors, checkpoint name matching.
+- :class:`_ModelSide`, mixed into ``_ModelAverage`` (:mod:`fastema.torch._base`): selection,
+  owner slots and the per-step address check, following re-registered or moved tensors
+  (``_follow`` / ``_rebind``), buffer copies, the non-finite scan, and settling FSDP2 / ZeRO-3
+  gathered copies before the model's tensors are written.
+"""
+from __future__ import annotations
+
+import fnmatch
+import operator
+import warnings
+import weakref
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._backends.torch import refuse_foreign as _refuse_foreign_torch
+from . import _sharded
+from ..flat import FlatShadow
+
+_PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
+
+
+def normalize_name(name: str) -> str:
+    """Strip the wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, stripped = name[len(p):], True
+    return name
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
+                                                      if type(model).__name__ in ("DistributedDataParallel",
+                                                                                  "DataParallel",
+                                                                                  "DeepSpeedEngine") else None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# Models are watched for parameters, buffers or submodules registered after the EMA
+# was made (load_state_dict(assign=True), module.weight = nn.Parameter(...),
+# model[0] = nn.Linear(...)): torch calls these global hooks, which mark the EMA
+# stale; update() then re-reads the model. The per-step cost is one flag check.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_HOOKS: list = []                 # handles of the process-wide registration hooks, while installed
+_HOOKS_WANTED = True
+
+
+def registration_hooks(enabled: bool) -> None:
+    """Install (``True``, the default) or remove (``False``) fastema's process-wide hooks.
+
+    fastema registers three global torch hooks (``register_module_parameter_registration_hook``
+    and the buffer and module twins) at the first model average; each call only sets a flag
+    on the averages watching that module. Without them an average still follows tensors
+    and submodules replaced in the model (at every update it also checks each module on the way
+    to a tracked tensor), but an average made before ``DDP(model)`` is no longer restarted from
+    rank 0's weights: make it after the wrap.
+    """
+    global _HOOKS_WANTED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    _HOOKS_WANTED = enabled
+    if enabled:
+        _install_hooks()
+    else:
+        while _HOOKS:
+            _HOOKS.pop().remove()
+
+
+def _install_hooks() -> None:
+    if _HOOKS or not _HOOKS_WANTED:
+        return
+    from torch.nn.modules import module as M
+
+    _HOOKS.extend([M.register_module_parameter_registration_hook(_on_registration),
+                   M.register_module_buffer_registration_hook(_on_registration),
+                   M.register_module_module_registration_hook(_on_registration)])
+
+
+def _on_registration(module, name, value):
+    emas = _WATCHED.get(module)
+    if emas:
+        for ema in emas:
+            ema._stale = True
+    if name == "module" and isinstance(value, nn.Module) and type(module).__name__ == "DistributedDataParallel":
+        _wrapped_in_ddp(value)
+    return None
+
+
+def _wrapped_in_ddp(model: nn.Module) -> None:
+    # DistributedDataParallel(model) broadcasts rank 0's weights into the model in place right
+    # after this registration. An average made before that holds this rank's own initial
+    # weights, so the ranks' averages would differ for good: start them over from the
+    # broadcast weights at the model's first forward (DDP's forward calls it before any
+    # training), or at the next read if that comes first. After updates were made, the
+    # averages are kept and a warning says the ranks may differ.
+    fresh = []
+    for m in model.modules():
+        for ema in list(_WATCHED.get(m, ())):
+            if ema in fresh:
+                continue
+            if ema._fresh():
+                ema._resync = True
+                fresh.append(ema)
+            else:
+                warnings.warn(f"{type(ema).__name__} was made and updated before the model was wrapped in "
+                              f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
+                              f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
+                              stacklevel=4)
+    if not fresh:
+        return
+    handle = []
+
+    def restart(module, args):
+        handle.pop().remove()
+        for ema in fresh:
+            if ema._resync:
+                ema._resync = False
+                ema._restart(module)
+
+    handle.append(model.register_forward_pre_hook(restart))
+
+
+def _watch(model: nn.Module, ema) -> None:
+    _install_hooks()
+    for m in model.modules():
+        _WATCHED.setdefault(m, weakref.WeakSet()).add(ema)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _patterns(what: str, value) -> tuple[str, ...]:
+    """``exclude=`` / ``copy=`` as a tuple of fnmatch patterns; a single str is one pattern."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of name patterns, e.g. {what}=['head.*'], "
+                        f"got {type(value).__name__}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{what} must hold name patterns (str), got {bad[0]!r}")
+    return patterns
+
+
+def _storage_key(t: torch.Tensor):
+    """Where a tensor's elements are: equal keys mean the same memory in the same layout (a tied
+    or aliased tensor under another name). None for a tensor with no memory to compare."""
+    if not t.numel() or t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter):
+        return None
+    return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
+
+
+def _local_key(t: torch.Tensor):
+    """:func:`_storage_key` of the memory a (possibly sharded) tensor's rank holds."""
+    return _storage_key(_sharded.local_tensor(t) if _sharded.is_sharded(t) else t)
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
+
+
+def _match_names(saved: dict, wanted: Sequence[str]) -> tuple[dict, list[str]]:
+    """``wanted name -> saved value``: exact names first, then names with DDP / torch.compile
+    prefixes stripped (checkpoints of a wrapped model). Returns ``(matched, unused saved keys)``."""
+    matched = {n: saved[n] for n in wanted if n in saved}
+    unused = [k for k in saved if k not in matched]
+    for k in list(unused):
+        n = normalize_name(k)
+        if n != k and n in wanted and n not in matched:
+            matched[n] = saved[k]
+            unused.remove(k)
+    return matched, unused
+
+
+_DATA_PTR = torch.Tensor.data_ptr                # a tensor's address (unsharded tensors)
+
+
+def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
+    from .._backends import describe, disjoint
+
+    bufs = [describe(t, n) for n, t in zip(a.names, a.sources)] + \
+           [describe(t, n) for n, t in zip(b.names, b.sources)]
+    disjoint(bufs, [repr(n) for n in a.names] + [repr(n) for n in b.names])
+
+
+class _ModelSide:
+    """The model side of ``_ModelAverage``: which tensors it tracks and where they are now. Reads
+    and sets the average's ``model``, ``buffers``, ``exclude``, ``copy_patterns``, ``_names``,
+    ``_specs``, ``_int_buffers``, ``_avg``, ``_copy``, ``_slots``, ``_addresses``, ``_stale``,
+    ``_resync``, ``_fsdp``, ``_zero3`` and ``_engine`` (made in ``_ModelAverage.__init__``)."""
+
+    def _select(self, model):
+        averaged, copied = {}, {}
+        wrapped = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module." in n]
+        if wrapped:
+            raise TypeError(f"the model is wrapped by FSDP1 (FullyShardedDataParallel; {wrapped[0]!r}): its "
+                            f"parameters are rank-dependent pieces of flat parameters. Use FSDP2 "
+                            f"(torch.distributed.fsdp.fully_shard), or make the EMA of an unwrapped copy of "
+                            f"the model. Nothing was written.")
+        seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if _matches(name, self.exclude):
+                    continue
+                if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
+                    t, self._specs[name] = _sharded.local(t, f"{kind} {name!r}")
+                _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
+                key = _storage_key(t)
+                if key is not None and key in seen:
+                    continue                    # the same memory under another name: exported under both
+                if key is not None:
+                    seen[key] = name
+                if t.is_complex():
+                    if not _matches(name, self.copy_patterns):
+                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages real "
+                                        f"floating tensors; list it in copy= to carry its latest value, or "
+                                        f"exclude= it")
+                    self._int_buffers[name] = (t, t.detach().clone())
+                elif not t.is_floating_point():   # integer tensors travel as copies
+                    self._int_buffers[name] = (t, t.detach().clone())
+                elif kind == "buffer" and self.buffers == "ignore":
+                    continue
+                elif _matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
+                    copied[name] = t
+                else:
+                    averaged[name] = t
+        return averaged, copied
+
+    def _owner_slots(self):
+        """(the owning module's _parameters or _buffers dict, key, tensor) of every tracked tensor, for
+        the per-step check that the model still holds the tensors the shadow reads (H3)."""
+        inner = _unwrap(self.model)
+        params = {n for n, _ in inner.named_parameters()}
+        named = dict(inner.named_parameters())
+        named.update(inner.named_buffers())
+        slots, paths = [], {}
+        for name in self._names[0] + self._names[1] + list(self._int_buffers):
+            prefix, _, key = name.rpartition(".")
+            owner = inner.get_submodule(prefix) if prefix else inner
+            table = owner._parameters if name in params else owner._buffers
+            slots.append((table, key, named[name]))
+            parent = inner
+            for part in prefix.split(".") if prefix else ():   # the modules on the way (hooks off)
+                child = parent._modules[part]
+                paths[(id(parent), part)] = (parent._modules, part, child)
+                parent = child
+        columns = lambda rows: tuple(zip(*rows)) if rows else ((), (), ())  # noqa: E731
+        return columns(slots), columns(list(paths.values()))
+
+    def _addresses_now(self) -> list | None:
+        """The address of the tensor each tracked slot of the model holds now (one dict lookup and one
+        data_ptr() per tensor), or None when a slot is empty. Tensors written into _parameters
+        without torch's registration hooks (model.to("meta"), overwrite-on-conversion, direct writes)
+        and storage moved under a tensor both show here. With the hooks removed
+        (registration_hooks(False)) the modules on the way are checked too."""
+        tables, keys, _ = self._slots[0]
+        if not _HOOKS:
+            mods, names, held = self._slots[1]
+            if not all(map(operator.is_, map(dict.get, mods, names), held)):
+                return None
+        try:
+            return list(map(self._address, map(dict.get, tables, keys)))
+        except TypeError:                         # a slot is empty: the tensor was removed
+            return None
+
+    def _model_changed(self) -> bool:
+        return self._stale or self._addresses_now() != self._addresses
+
+    def _follow(self) -> bool:
+        """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
+        anything is written), and start over from the model after a DDP wrap (see _on_registration).
+        True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
+        changed = self._model_changed()
+        if changed and self._fsdp:                # a forward with no backward left unsharded copies
+            _sharded.reshard(self._fsdp)
+            changed = self._model_changed()
+        if changed:
+            self._rebind()
+            self._avg.refresh()                  # storage moved under a tensor the shadow already holds
+            if self._copy is not None:
+                self._copy.refresh()
+            self._addresses = self._addresses_now()
+        if self._resync:
+            self._resync = False
+            self._restart()
+        return True
+
+    def _copy_buffers(self, flags: dict | None = None, current: bool = False) -> None:
+        if self._copy is not None:
+            if current:                             # addresses checked by _follow() in this update
+                self._copy.copy_from_sources_checked(flags)
+            else:
+                self._copy.copy_from_sources(skip_if=flags)
+        if not self._int_buffers:
+            return
+        if not flags:                           # one launch for every integer buffer (BatchNorm counters)
+            srcs, dsts = zip(*self._int_buffers.values())
+            torch._foreach_copy_(list(dsts), list(srcs))
+            return
+        for src, dst in self._int_buffers.values():
+            flag = flags.get(_device_name(dst))
+            if flag is None:
+                dst.copy_(src)
+            else:                               # the guard: keep the old value on a diverged step, no sync
+                dst.copy_(torch.where(flag[0].to(dst.device) != 0, dst, src))
+
+    def _scan(self, flags: dict | None = None) -> dict:
+        """Non-finite flags over every averaged and copied floating tensor (device values, no sync),
+        added to ``flags`` when given."""
+        flags = self._avg.scan_nonfinite(flags)
+        if self._copy is not None:
+            flags = self._copy.scan_nonfinite(flags)
+        return flags
+
+    def _rebind(self) -> None:
+        # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
+        # follow the new tensors if they fit the shadow, else refuse before writing anything.
+        inner = _unwrap(self.model)
+        named = dict(inner.named_parameters())
+        named.update(inner.named_buffers())
+        wanted = self._names[0] + self._names[1] + list(self._int_buffers)
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
+                             f"make a new EMA for the new model. Nothing was updated.")
+        specs = {}
+        for n in wanted:                          # sharded parameters: their local shards
+            if _sharded.is_sharded(named[n]):
+                named[n], specs[n] = _sharded.local(named[n], repr(n))
+        moved = [n for n in set(specs) | set(self._specs) if n not in specs or n not in self._specs or
+                 specs[n].shape != self._specs[n].shape or specs[n].placements != self._specs[n].placements]
+        if moved:
+            raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was made (it is laid out "
+                             f"over the ranks differently now); make a new average of the model as it is, or "
+                             f"load this one's checkpoint into it. Nothing was updated.")
+        for n, (_, copy_) in self._int_buffers.items():
+            if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
+                raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
+                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
+        old = self._avg.sources
+        self._avg.rebind({n: named[n] for n in self._names[0]})
+        if self._copy is not None:
+            try:
+                self._copy.rebind({n: named[n] for n in self._names[1]})
+                _disjoint_groups(self._avg, self._copy)
+            except Exception:
+                self._avg.rebind(old)
+                raise
+        for n, (_, copy_) in list(self._int_buffers.items()):
+            self._int_buffers[n] = (named[n], copy_)
+        self._specs = specs
+        self._ops = self._op_lists()
+        self._slots = self._owner_slots()          # _follow() records the addresses once all groups pass
+        self._stale = False
+        _watch(inner, self)                      # new submodules are watched too
+
+    def _settle(self) -> None:
+        """Before the model's tensors are written (swap, copy-out): no gathered copy may outlive the
+        write. FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules,
+        which the next forward would use as they are (the EMA weights after a swap back): reshard.
+        ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
+        _sharded.reshard(self._fsdp)
+        if self._fsdp and torch.cuda.is_available() and any(t.device.type == "cpu" for t in self._avg.sources):
+            torch.cuda.current_stream().synchronize()   # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
+        if self._zero3:
+            _sharded.release_zero3(self._zero3, self._engine)

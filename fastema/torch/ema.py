@@ -1,0 +1,238 @@
+"""``fastema.torch.EMA``: the exponential moving average of a model's weights (schedules,
+several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU offload)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .. import schedules
+from .._bridge import PlanReader, check_shadow_settings, make_plan
+from .._device_plan import DevicePlan
+from ..flat import FlatShadow
+from ..ops import resolve_weights, stochastic_rounding
+from ._base import _ModelAverage
+from ._checkpoint import FORMAT
+
+__all__ = ["EMA"]
+
+
+class EMA(PlanReader, _ModelAverage):
+    """Exponential moving average of a PyTorch model's weights.
+
+    ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
+    every floating parameter (and buffer, if asked), in one kernel launch per
+    (device, dtype) group, on torch's current stream, with no host sync.
+
+    Args:
+        model: the model (bare, DDP- or torch.compile-wrapped; names are normalised).
+        decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
+            when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them).
+        sigma_rel: EDM2 power-function profiles of these relative widths (a float or up to 8),
+            exact for any ``update_every`` or irregular ``update(step=)``
+            (:class:`fastema.schedules.PowerFunction`); the first update copies.
+        half_life: the decay ``2 ** -(dt / half_life)`` for ``dt`` steps (or samples, when
+            ``update(step=)`` counts samples) since the last update (:class:`fastema.schedules.HalfLife`).
+        bema: bias-corrected EMA (``True``, or a :class:`fastema.schedules.BEMA`): row 0 is the
+            output ``EMA + alpha_t (theta_t - theta_0)``, row 1 the EMA, row 2 ``theta_0`` (the
+            weights at the first update); ``swap()``/``copy_to()``/``averaged_state_dict()`` read
+            row 0. Not with ``device_step`` or ``offload``.
+        warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
+            torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
+            ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
+        min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
+        update_every: update on every k-th call of ``update()`` (the first call updates).
+        compensate: with ``update_every=k``, use ``decay**k`` so the average spans the same time.
+        debias: start the average from zero and divide out the bias (optax ``debias=True``,
+            pandas ``ewm(adjust=True)``); the first update then copies the weights.
+        shadow_dtype: ``"float32"`` (default: bfloat16/float16 weights keep moving),
+            ``"same"`` or ``"bfloat16"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (for a bfloat16 shadow).
+        seed: stochastic-rounding seed; with the step it gives the same bits on every rank.
+        buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
+            or ``"ignore"``. Integer buffers are always copied.
+        exclude: name patterns (fnmatch, normalised names) left out entirely.
+        copy: name patterns copied instead of averaged.
+        skip_nonfinite: skip an update (on the device, no sync) when a weight is inf/NaN.
+        device_step: keep the update count, the schedule's weights, ``update_every``'s skips
+            and the stochastic-rounding key in device memory, advanced by a one-thread kernel
+            at every call, so ``update()`` captured in a CUDA graph (or ``mode="reduce-overhead"``)
+            replays the schedule exactly: N replays equal N eager calls bit for bit. ``None``
+            (default): on when the averaged weights are on a GPU. Every call then launches
+            (a call that ``update_every`` skips writes nothing on the device). ``ema.updates``
+            and ``ema.calls`` count eager calls; ``state_dict()`` reads the device's counts.
+        offload: ``"cpu"`` keeps the shadow in (pinned) host memory, none of it on the GPU: each
+            update packs the weights into a device staging buffer in their own dtype (one launch),
+            copies it to the host on a side stream, and folds it into the shadow on a worker
+            thread; ``update()`` returns without waiting, every read waits (:meth:`join`). Not
+            with ``device_step=True`` or ``skip_nonfinite=True``.
+    """
+
+    _format = FORMAT
+
+    def __init__(self, model: nn.Module, decay: float | Sequence[float] | None = None, *,
+                 sigma_rel: float | Sequence[float] | None = None, half_life: float | Sequence[float] | None = None,
+                 bema: bool | schedules.BEMA | None = None, warmup: str | None = None,
+                 min_decay: float = 0.0, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0,
+                 update_every: int = 1, compensate: bool = False, debias: bool = False,
+                 shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
+                 exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
+                 device_step: bool | None = None, offload: str | None = None):
+        if device_step is not None and not isinstance(device_step, bool):
+            raise TypeError(f"device_step must be True, False or None, got {device_step!r}")
+        if offload not in (None, "cpu"):
+            raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+        if offload and (device_step or skip_nonfinite):
+            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
+                             "not take device_step=True or skip_nonfinite=True; drop one of them")
+        self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                                        skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
+                                        inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
+                                        update_every=update_every, compensate=compensate, debias=debias,
+                                        sigma_rel=sigma_rel, half_life=half_life, bema=bema)
+        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
+        self._bema = self.plan.schedules[0] if isinstance(self.plan.schedules[0], schedules.BEMA) else None
+        if self._bema is not None and (offload or device_step):
+            raise ValueError("bema= applies its bias correction on the host after each update: it does not take "
+                             "offload= or device_step=True; drop them")
+        rows = 3 if self._bema is not None else self.plan.rows       # BEMA: output, EMA, theta_0
+        if offload:
+            from ._offload import OffloadedShadow
+
+            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # noqa: E731
+        else:
+            make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
+        self.offload = offload
+        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
+        groups = self._avg.layout.groups
+        self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
+        if device_step is None:
+            device_step = self._on_gpu and not offload and self._bema is None
+        self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
+        if self._plan_on_device is not None:
+            self._warm()
+        self._ops = self._op_lists()
+
+    @property
+    def device_step(self) -> bool:
+        """True when the plan lives on the device (see the ``device_step`` argument)."""
+        return self._plan_on_device is not None
+
+    def _warm(self) -> None:
+        """Compile and load every kernel ``update()`` launches now, not inside a first graph
+        capture: the plan kernel on a scratch plan, the update's kernels behind set flags
+        (they write nothing)."""
+        groups = self._avg.layout.groups
+        DevicePlan(self.plan, groups, self.seed).advance(None)
+        flags = {g.device: torch.ones(1, dtype=torch.int32, device=g.device) for g in groups}
+        if self.skip_nonfinite:
+            self._scan(flags)
+        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
+        self._copy_buffers(flags, current=True)
+        self._avg.skipped = {}
+
+    def _cadence(self) -> schedules.Cadence:
+        return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
+
+    def _plan_tensors(self) -> list:
+        plan = getattr(self, "_plan_on_device", None)
+        if plan is None:
+            return []
+        return [t for d in plan.devices.values() for t in d.arrays.values() if isinstance(t, torch.Tensor)]
+
+    def update(self, step: int | None = None) -> None:
+        """Update the averages from the model's current weights (call after ``optimizer.step()``).
+
+        Args:
+            step: the training step for the schedule; defaults to the number of updates made
+                (timed schedules, ``sigma_rel``/``half_life``/``bema``: the number of calls,
+                this one included; pass samples seen to define them in samples). Timed
+                schedules refuse a step before the last update's.
+        """
+        if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
+            written, read = self._ops["update"]
+            torch.ops.fastema.update_(written, read, self._handle, -1 if step is None else step)
+            return
+        self._eager_update(step)
+
+    def _eager_update(self, step: int | None) -> None:
+        pending = self.plan.next(step)                    # checks step before anything else
+        if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
+            if self.offload:
+                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: its "
+                                   "update runs on a host thread, which a replay would not run. Call update() "
+                                   "outside the graph, or make the EMA without offload=.")
+            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
+                               "on the host (device_step=False): every replay would repeat this call's weights "
+                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
+        if self._plan_on_device is not None:
+            self._begin(True)                             # every call launches; the device skips
+            self._device_update(step)
+        elif self._begin(pending.due):
+            flags = self._scan() if self.skip_nonfinite else None
+            weights = pending.weights
+            if self._bema is not None:                    # rows: output <- theta_t, EMA, theta_0
+                weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
+            self._avg.update_checked(self._weights(weights), self.rounding, self.seed, pending.n,
+                                     flags)             # addresses checked by _begin
+            if self._bema is not None:
+                self._bias_correct(self.plan.alpha(pending))
+            self._copy_buffers(flags, current=True)
+        self.plan.done(pending)
+
+    def _bias_correct(self, alpha: float) -> None:
+        """BEMA's output row from the rows the update just wrote: ``theta_t + 0`` in row 0, the
+        EMA in row 1, ``theta_0`` in row 2: ``row0 <- EMA + alpha (theta_t - theta_0)``, in place
+        (one launch per group, ``alpha`` a host number: no sync; skipped with the update's flags)."""
+        self._avg.bias_correct(alpha, skip_if=self._avg.skipped if self.skip_nonfinite else None)
+
+    def _device_update(self, step: int | None) -> None:
+        """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
+        captures and replays (no host value of the call is baked into it but ``step``)."""
+        self._plan_on_device.advance(step)
+        flags = self._plan_on_device.flags
+        if self.skip_nonfinite:
+            flags = self._scan(flags)
+        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
+        self._copy_buffers(flags, current=True)
+
+    def _weights(self, weights) -> dict:
+        """The kernels' weights per device, with the rounding checked against each shadow dtype (the
+        seed was checked at construction and the step by the plan)."""
+        out = {}
+        for g in self._avg.layout.groups:
+            if g.device not in out:
+                out[g.device] = resolve_weights(None, weights, self._avg.rows, g.device)
+            stochastic_rounding(self.rounding, g.shadow_kind)
+        return out
+
+    def _restart(self, model: nn.Module | None = None) -> None:
+        self._avg.copy_from_sources()
+        self._copy_buffers()
+
+    def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """Alias of :meth:`averaged_state_dict`."""
+        return self.averaged_state_dict(row)
+
+    def _extra_state(self) -> dict:
+        if self._plan_on_device is not None:
+            self._plan_on_device.read_into(self.plan)     # replayed graphs advanced the device only
+        return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        self.plan.check_state(state, problems)
+        if "rounding" not in state or "seed" not in state:
+            problems.append("no 'rounding' or 'seed'")
+        else:
+            check_shadow_settings(self.shadow_dtype, state["rounding"], state["seed"], problems)
+
+    def _load_extra(self, state: dict) -> None:
+        self.plan.load_state(state)
+        self.rounding, self.seed = state["rounding"], state["seed"]
+        if self._plan_on_device is not None:
+            self._plan_on_device.load(self.plan, self.seed)
+
+    def __repr__(self) -> str:
+        return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
+                f"copied={len(self._copy) if self._copy else 0}, shadow={self._avg!r})")
