@@ -127,7 +127,7 @@ def test_device_step_is_off_on_the_cpu_by_default_and_checked():
 def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
     import numpy as np
 
-    from fastema._device_plan import parameters
+    from fastema.average.device_plan import parameters
     from fastema.kernels import cpu
     from fastema.ops import sr_key
     from fastema.schedules import Plan
@@ -173,7 +173,7 @@ def _run_plan_kernel(plan, seed, steps, groups=2):
     """Drive the CPU plan kernel and the Python Plan side by side; yield what each call gave."""
     import numpy as np
 
-    from fastema._device_plan import parameters
+    from fastema.average.device_plan import parameters
     from fastema.kernels import cpu
 
     params, decays = parameters(plan, seed)
