@@ -1,5 +1,5 @@
 """Checkpoints written before the layout issue's restructure (version 1, by the code at b74f866,
-tests/api/data/checkpoints-v1.pt) still load, bit for bit, and training goes on from them.
+tests/torch/data/checkpoints-v1.pt) still load, bit for bit, and training goes on from them.
 Version 2 (the sharded issue) only adds keys."""
 import pathlib
 

@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn as torch_m
 import fastema
 from fastema.torch import compat
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[3] / "bench"))
 from baselines import TimmModelEmaV3Reference  # noqa: E402
 
 
