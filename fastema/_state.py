@@ -20,8 +20,10 @@ def check_header(state, fmt: str, version: int | tuple, hint: str) -> None:
                          f"(expected {' or '.join(map(str, versions))})")
 
 
-def refuse_load(what: str, problems: list[str]) -> None:
-    """ValueError listing ``problems`` (when there are any) of a ``what`` checkpoint; the caller has
-    written nothing yet, and the message says so."""
+def refuse_load(what: str, problems: list[str], against: str = "") -> None:
+    """ValueError listing ``problems`` (when there are any) of a ``what`` checkpoint (``against``: what
+    it was held against, e.g. ``" this model"``); the caller has written nothing yet, and the
+    message says so."""
     if problems:
-        raise ValueError(f"{what} checkpoint does not match: " + "; ".join(problems) + ". Nothing was loaded.")
+        raise ValueError(f"{what} checkpoint does not match{against}: " + "; ".join(problems) +
+                         ". Nothing was loaded.")

@@ -142,7 +142,7 @@ class FlatShadow(ShadowBase):
         """The launches of :meth:`update`, once its arguments are checked and its addresses are
         current (the model averages check the addresses themselves, in one pass with the model's
         own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device; or
-        ``plan``, a :class:`fastema._device_plan.DevicePlan` whose device arrays hold the weights
+        ``plan``, a :class:`fastema.average.device_plan.DevicePlan` whose device arrays hold the weights
         and the rounding keys (``seed`` and ``step`` unused)."""
         stochastic = rounding == "stochastic"
         for gi, g in enumerate(self.layout.groups):

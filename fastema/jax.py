@@ -86,7 +86,7 @@ class EMA(PlanReader):
         self._array_type = type(self._leaves[self._float[0]])
         self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \
             all(len(self._leaves[i].devices()) == 1 for i in self._float)
-        self._avg = Average(opts, {names[i]: self._leaves[i] for i in self._float},
+        self._avg = Average.of_sources(opts, {names[i]: self._leaves[i] for i in self._float},
                             [self._specs[i][0] for i in self._float], self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
 

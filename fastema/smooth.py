@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _launch
 from . import _backends
-from ._average import check_header
+from ._state import check_header
 from .kernels import kinds
 
 __all__ = ["Smoother", "alpha_from"]

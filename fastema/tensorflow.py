@@ -84,7 +84,8 @@ class EMA(PlanReader):
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
         first = self._read()
         self._specs = [(tuple(t.shape), t.dtype) for t in first]
-        self._avg = Average(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs], self._format)
+        self._avg = Average.of_sources(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs],
+                                       self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
         self._raw: list | None = None                    # the variables' own values while swapped
         self._swap = ModelSwap(self._exchange, "the average is swapped into the variables; swap() back first")

@@ -13,18 +13,18 @@ before anything is loaded.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .. import _backends
-from .._checks import shadow_problems
+from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._state import check_header, refuse_load
 from ..flat import FlatShadow
 from .options import EMAOptions
 from .plan import Pending
 
-__all__ = ["Average", "PlanReader"]
+__all__ = ["Average", "ModelAdapter", "PlanReader"]
 
 
 class PlanReader:
@@ -72,14 +72,29 @@ class PlanReader:
         return self.plan.debias
 
 
+class ModelAdapter(Protocol):
+    """What the update driver asks of a face that checks and follows the model's tensors itself
+    (the torch face: it compares the model's slots with the shadow's addresses once per update)."""
+
+    def scan(self, flags: dict | None) -> dict:
+        """Non-finite flags of every tensor the update reads (device values, no sync)."""
+
+    def carry(self, flags: dict | None) -> None:
+        """After the update: the tensors carried along as they are (copied buffers), skipped where
+        ``flags`` is set."""
+
+
 class Average(PlanReader):
     """A model EMA over a :class:`~fastema.flat.FlatShadow` of the model's floating tensors.
 
     Args:
         options: the checked options (:class:`~fastema.average.options.EMAOptions`).
-        sources: ``name -> tensor`` of the floating tensors to average (their values start it).
-        shapes: each source's shape, as the checkpoint keeps it.
         fmt: the checkpoint's ``format`` (``"fastema.jax.EMA"``...).
+        shadow: the shadow, one row per average (BEMA: three); see :meth:`of_sources`.
+        shapes: each source's shape, as the checkpoint keeps it.
+        adapter: a :class:`ModelAdapter` when the face checks the model's addresses itself before
+            each update (then the shadow is updated unchecked); None: the shadow checks and follows
+            the sources it is handed.
 
     A BEMA average keeps three shadow rows (the output, the EMA, ``theta_0``) and shows one
     (:attr:`rows`): every read of row 0 is the output.
@@ -87,14 +102,24 @@ class Average(PlanReader):
 
     version = 1
 
-    def __init__(self, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str):
+    def __init__(self, options: EMAOptions, fmt: str, shadow=None, shapes: Sequence = (), adapter=None):
         self.options = options
         self.plan = options.plan()
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
-        self.shadow = FlatShadow(sources, rows=options.shadow_rows, dtype=self.shadow_dtype)
-        self.names = list(self.shadow.names)
+        self.shadow = shadow                    # a FlatShadow (or a shadow with its methods); the face may set it later
+        self.adapter = adapter
+
+    @classmethod
+    def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
+        """An average with a new :class:`~fastema.flat.FlatShadow` of ``sources`` (``name -> tensor``;
+        their values start it), one row per average (BEMA: three)."""
+        return cls(options, fmt, FlatShadow(sources, rows=options.shadow_rows, dtype=options.shadow_dtype), shapes)
+
+    @property
+    def names(self) -> list:
+        return list(self.shadow.names)
 
     def check_row(self, row: int) -> None:
         """``row`` is one of the averages shown (BEMA: only its output, 0)."""
@@ -119,11 +144,28 @@ class Average(PlanReader):
         bema = self.options.is_bema
         if bema:                                # rows: output <- theta_t, EMA, theta_0 (first update)
             weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
-        self.shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
-                           skip_nonfinite=self.skip_nonfinite, sources=sources)
+        if self.adapter is None:
+            self.shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
+                               skip_nonfinite=self.skip_nonfinite, sources=sources)
+            flags = self.shadow.skipped if self.skip_nonfinite else None
+        else:                                   # the face checked the addresses in this call
+            flags = self.adapter.scan(None) if self.skip_nonfinite else None
+            self.shadow.update_checked(self.weights_by_device(weights), self.rounding, self.seed, pending.n, flags)
         if bema:
-            self.shadow.bias_correct(self.plan.alpha(pending), skip_if=self.shadow.skipped or None)
+            self.shadow.bias_correct(self.plan.alpha(pending), skip_if=flags)
+        if self.adapter is not None:
+            self.adapter.carry(flags)
         self.plan.done(pending)
+
+    def weights_by_device(self, weights: Sequence[float]) -> dict:
+        """The kernels' weights per device (host floats, no device read), with the rounding checked
+        against each group's shadow dtype."""
+        out = {}
+        for g in self.shadow.layout.groups:
+            if g.device not in out:
+                out[g.device] = resolve_weights(None, weights, self.shadow.rows, g.device)
+            stochastic_rounding(self.rounding, g.shadow_kind)
+        return out
 
     def view(self, slot: int, row: int = 0):
         """Average ``row`` of source ``slot``, a view of the shadow in its dtype."""
@@ -132,24 +174,36 @@ class Average(PlanReader):
 
     # ------------------------------------------------------------ checkpoints
 
+    def plan_state(self) -> dict:
+        """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them."""
+        return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def check_plan_state(self, state: dict, problems: list) -> None:
+        """Append to ``problems`` what keeps :meth:`plan_state`'s part of ``state`` from loading."""
+        self.plan.check_state(state, problems)
+        if "rounding" not in state or "seed" not in state:
+            problems.append("no 'rounding' or 'seed'")
+        else:
+            problems += shadow_problems(self.shadow_dtype, state["rounding"], state["seed"])
+
+    def load_plan_state(self, state: dict) -> None:
+        """Load what :meth:`check_plan_state` passed."""
+        self.plan.load_state(state)
+        self.rounding, self.seed = state["rounding"], state["seed"]
+
     def state_dict(self) -> dict:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
         ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
         through pickle, ``np.savez``, orbax or flax serialization."""
-        return {"format": self.format, "version": self.version, **self.plan.state(),
-                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)},
-                "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+        return {"format": self.format, "version": self.version, **self.plan_state(),
+                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and
         finiteness are checked first; nothing changes if anything is off."""
         check_header(state, self.format, self.version, "pass what EMA.state_dict() returned")
         problems: list[str] = []
-        self.plan.check_state(state, problems)
-        if "rounding" not in state or "seed" not in state:
-            problems.append("no 'rounding' or 'seed'")
-        else:
-            problems += shadow_problems(self.shadow_dtype, state["rounding"], state["seed"])
+        self.check_plan_state(state, problems)
         saved = state.get("averaged")
         if not isinstance(saved, dict):
             problems.append("no 'averaged' arrays")
@@ -177,5 +231,4 @@ class Average(PlanReader):
         for slot, a in arrays.items():
             for r in range(self.shadow.rows):
                 _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
-        self.plan.load_state(state)
-        self.rounding, self.seed = state["rounding"], state["seed"]
+        self.load_plan_state(state)

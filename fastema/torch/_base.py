@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from . import _compile, _sharded
-from .. import schedules
-from .._average import ModelSwap
+from ..average import Cadence, ModelSwap
 from ..flat import FlatShadow
 from ._checkpoint import _CheckpointSide
 from ._model import _DATA_PTR, _ModelSide, _disjoint_groups, _patterns, _unwrap, _watch
@@ -79,7 +78,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         """True while nothing but the construction went into the averages (a restart loses nothing)."""
         return self.calls == 0 and not self.swapped
 
-    def _cadence(self) -> schedules.Cadence:
+    def _cadence(self) -> Cadence:
         raise NotImplementedError
 
     @property
@@ -156,7 +155,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
     def _exchange(self, row: int, swapping_in: bool) -> None:
         self._settle()
         if swapping_in:
-            self._avg.check_row(row)
+            self._check_row(row)
             self._follow()
         lossy = self._lossy_swap()
         if not lossy:
@@ -231,7 +230,12 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
                              f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
         target.load_state_dict(state, strict=True)
 
+    def _check_row(self, row: int) -> None:
+        """IndexError unless ``row`` is one of the averages this average shows."""
+        self._avg.check_row(row)
+
     def _eager_copy_to(self, row: int) -> None:
+        self._check_row(row)
         self._not_swapped("copy_to()")
         self._settle()
         self._follow()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _sharded
-from .._average import check_header
+from .._state import check_header, refuse_load
 from .._files import atomic_write as _atomic_write
 from ._model import _local_key, _match_names, _unwrap
 
@@ -48,7 +48,7 @@ class _CheckpointSide:
         """``(name, model tensor, source, value)`` for every entry of the model's state dict:
         ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
         average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
-        self._avg.check_row(row)
+        self._check_row(row)
         self._follow()
         self._avg.check_sources()                       # a same-address reshape or cast is named here
         if self._copy is not None:
@@ -183,9 +183,7 @@ class _CheckpointSide:
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             problems.append(f"calls must be an int >= 0, got {calls!r}")
         self._check_extra(state, problems)
-        if problems:
-            raise ValueError(f"{kind} checkpoint does not match this model: " + "; ".join(problems) +
-                             ". Nothing was loaded.")
+        refuse_load(kind, problems, " this model")
         with torch.no_grad():
             for dst, value in loads:
                 if not (dst.data_ptr() == value.data_ptr() and dst.dtype == value.dtype and

@@ -2,20 +2,37 @@
 several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU offload)."""
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import schedules
-from .._bridge import PlanReader, check_shadow_settings, make_plan
-from .._device_plan import DevicePlan
+from ..average import Average, EMAOptions, PlanReader
+from ..average.device_plan import DevicePlan
 from ..flat import FlatShadow
-from ..ops import resolve_weights, stochastic_rounding
 from ._base import _ModelAverage
 from ._checkpoint import FORMAT
 
 __all__ = ["EMA"]
+
+
+class _Adapter:
+    """The engine's :class:`~fastema.average.ModelAdapter` over a torch EMA's model side: what the
+    update scans for inf/NaN and carries along besides the averaged tensors (copied buffers,
+    integer buffers). Holds the EMA weakly (the EMA holds the engine)."""
+
+    __slots__ = ("_ema",)
+
+    def __init__(self, ema):
+        self._ema = weakref.ref(ema)
+
+    def scan(self, flags: dict | None) -> dict:
+        return self._ema()._scan(flags)
+
+    def carry(self, flags: dict | None) -> None:
+        self._ema()._copy_buffers(flags, current=True)
 
 
 class EMA(PlanReader, _ModelAverage):
@@ -79,24 +96,15 @@ class EMA(PlanReader, _ModelAverage):
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
                  device_step: bool | None = None, offload: str | None = None):
-        if device_step is not None and not isinstance(device_step, bool):
-            raise TypeError(f"device_step must be True, False or None, got {device_step!r}")
-        if offload not in (None, "cpu"):
-            raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
-        if offload and (device_step or skip_nonfinite):
-            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
-                             "not take device_step=True or skip_nonfinite=True; drop one of them")
-        self.plan, settings = make_plan(decay, shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
-                                        skip_nonfinite=skip_nonfinite, warmup=warmup, min_decay=min_decay,
-                                        inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
-                                        update_every=update_every, compensate=compensate, debias=debias,
-                                        sigma_rel=sigma_rel, half_life=half_life, bema=bema)
-        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = settings
-        self._bema = self.plan.schedules[0] if isinstance(self.plan.schedules[0], schedules.BEMA) else None
-        if self._bema is not None and (offload or device_step):
-            raise ValueError("bema= applies its bias correction on the host after each update: it does not take "
-                             "offload= or device_step=True; drop them")
-        rows = 3 if self._bema is not None else self.plan.rows       # BEMA: output, EMA, theta_0
+        opts = EMAOptions(decay, sigma_rel=sigma_rel, half_life=half_life, bema=bema, warmup=warmup,
+                          min_decay=min_decay, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
+                          update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
+                          rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite, device_step=device_step,
+                          offload=offload)
+        self._core = Average(opts, FORMAT, adapter=_Adapter(self))     # the plan, the update driver, BEMA
+        self.shadow_dtype, self.skip_nonfinite = shadow_dtype, skip_nonfinite
+        self._bema = self.plan.schedules[0] if opts.is_bema else None
+        rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
         if offload:
             from ._offload import OffloadedShadow
 
@@ -105,6 +113,7 @@ class EMA(PlanReader, _ModelAverage):
             make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
         self.offload = offload
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
+        self._core.shadow = self._avg
         groups = self._avg.layout.groups
         self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
         if device_step is None:
@@ -113,6 +122,22 @@ class EMA(PlanReader, _ModelAverage):
         if self._plan_on_device is not None:
             self._warm()
         self._ops = self._op_lists()
+
+    @property
+    def plan(self):
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
+        return self._core.plan
+
+    @property
+    def rounding(self) -> str:
+        return self._core.rounding
+
+    @property
+    def seed(self) -> int:
+        return self._core.seed
+
+    def _check_row(self, row: int) -> None:
+        self._core.check_row(row)                 # BEMA: its output only (rows 1-2 are its state)
 
     @property
     def device_step(self) -> bool:
@@ -169,23 +194,11 @@ class EMA(PlanReader, _ModelAverage):
         if self._plan_on_device is not None:
             self._begin(True)                             # every call launches; the device skips
             self._device_update(step)
-        elif self._begin(pending.due):
-            flags = self._scan() if self.skip_nonfinite else None
-            weights = pending.weights
-            if self._bema is not None:                    # rows: output <- theta_t, EMA, theta_0
-                weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
-            self._avg.update_checked(self._weights(weights), self.rounding, self.seed, pending.n,
-                                     flags)             # addresses checked by _begin
-            if self._bema is not None:
-                self._bias_correct(self.plan.alpha(pending))
-            self._copy_buffers(flags, current=True)
+        elif self._begin(pending.due):                    # addresses checked (or refused) here
+            self._core.fold(pending)                    # the engine's update: the kernels, BEMA, carry()
+            return
         self.plan.done(pending)
 
-    def _bias_correct(self, alpha: float) -> None:
-        """BEMA's output row from the rows the update just wrote: ``theta_t + 0`` in row 0, the
-        EMA in row 1, ``theta_0`` in row 2: ``row0 <- EMA + alpha (theta_t - theta_0)``, in place
-        (one launch per group, ``alpha`` a host number: no sync; skipped with the update's flags)."""
-        self._avg.bias_correct(alpha, skip_if=self._avg.skipped if self.skip_nonfinite else None)
 
     def _device_update(self, step: int | None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
@@ -196,16 +209,6 @@ class EMA(PlanReader, _ModelAverage):
             flags = self._scan(flags)
         self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
         self._copy_buffers(flags, current=True)
-
-    def _weights(self, weights) -> dict:
-        """The kernels' weights per device, with the rounding checked against each shadow dtype (the
-        seed was checked at construction and the step by the plan)."""
-        out = {}
-        for g in self._avg.layout.groups:
-            if g.device not in out:
-                out[g.device] = resolve_weights(None, weights, self._avg.rows, g.device)
-            stochastic_rounding(self.rounding, g.shadow_kind)
-        return out
 
     def _restart(self, model: nn.Module | None = None) -> None:
         self._avg.copy_from_sources()
@@ -218,18 +221,13 @@ class EMA(PlanReader, _ModelAverage):
     def _extra_state(self) -> dict:
         if self._plan_on_device is not None:
             self._plan_on_device.read_into(self.plan)     # replayed graphs advanced the device only
-        return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+        return self._core.plan_state()
 
     def _check_extra(self, state: dict, problems: list) -> None:
-        self.plan.check_state(state, problems)
-        if "rounding" not in state or "seed" not in state:
-            problems.append("no 'rounding' or 'seed'")
-        else:
-            check_shadow_settings(self.shadow_dtype, state["rounding"], state["seed"], problems)
+        self._core.check_plan_state(state, problems)
 
     def _load_extra(self, state: dict) -> None:
-        self.plan.load_state(state)
-        self.rounding, self.seed = state["rounding"], state["seed"]
+        self._core.load_plan_state(state)
         if self._plan_on_device is not None:
             self._plan_on_device.load(self.plan, self.seed)
 

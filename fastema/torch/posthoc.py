@@ -2,7 +2,6 @@
 the snapshots that :mod:`fastema.posthoc` synthesises other profiles from."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import posthoc as _posthoc          # fastema.posthoc: the snapshot format and the synthesis
+from ..posthoc.snapshots import SnapshotMeta
 from . import _sharded
 from ._model import _unwrap
 from .ema import EMA
@@ -117,11 +117,9 @@ class PostHocEMA(EMA):
                 else:                                     # streamed to the file one tensor at a time
                     tensors[f"{k}:{name}"] = (v, dtype)
         time = self.plan.last_time
-        meta = {"format": _posthoc.FORMAT, "version": str(_posthoc.VERSION), "time": repr(time),
-                "updates": str(self.plan.updates), "calls": str(self.plan.calls),
-                "gammas": json.dumps(self.gammas), "sigma_rels": json.dumps(list(self.sigma_rels)),
-                "averaged": json.dumps(averaged), "others": json.dumps(others), "dtype": self.snapshot_dtype,
-                "shapes": json.dumps(shapes)}
+        meta = SnapshotMeta(time=time, updates=self.plan.updates, calls=self.plan.calls, gammas=self.gammas,
+                            sigma_rels=list(self.sigma_rels), averaged=averaged, others=others,
+                            dtype=self.snapshot_dtype, shapes=shapes)
         return _posthoc.write_snapshot(self.path, time, tensors, meta, sharded=self.sharded)
 
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import schedules
+from ..average import Cadence
 from ..flat import FlatShadow, WindowShadow
 from ._base import _ModelAverage
 from ._model import _match_names
@@ -51,8 +51,8 @@ class WindowAverage(_ModelAverage):
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
         self.snapshots = 1                      # snapshots taken (the construction is the first)
 
-    def _cadence(self) -> schedules.Cadence:
-        return schedules.Cadence(self.every)
+    def _cadence(self) -> Cadence:
+        return Cadence(self.every)
 
     @property
     def count(self) -> int:

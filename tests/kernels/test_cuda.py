@@ -301,7 +301,7 @@ def test_address_changes_rewrite_the_device_table_in_place(monkeypatch):
                                            debias=True), dict(decay=0.999, warmup="num_updates"),
                                       dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=50.0)])
 def test_plan_kernel_matches_cpu(plan_kw):
-    from fastema._device_plan import parameters
+    from fastema.average.device_plan import parameters
     from fastema.kernels import cpu as kcpu
     from fastema.kernels.kinds import S_NORMS
     from fastema.schedules import Plan

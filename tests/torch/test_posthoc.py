@@ -53,7 +53,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
-from fastema.schedules import BEMA, Plan, PowerFunction  # noqa: E402
+from fastema.average import Plan  # noqa: E402
+from fastema.schedules import BEMA, PowerFunction  # noqa: E402
 from fastema.torch import EMA, PostHocEMA  # noqa: E402
 
 
@@ -187,7 +188,10 @@ def test_bema_equals_its_formula_over_a_training_loop():
         ref["out"] = {k: ref["ema"][k] + alpha * (theta[k] - ref["theta0"][k]) for k in theta}
 
     _train(net, 41, ema, record=record)
-    out, avg, first = (ema.averaged_state_dict(r) for r in range(3))
+    out = ema.averaged_state_dict()                       # the one average BEMA shows: its output
+    rows = ema.state_dict()["averaged"]                   # the checkpoint keeps its state: output, EMA, theta_0
+    avg, first = ({k: v[r] for k, v in rows.items()} for r in (1, 2))
+    assert ema.rows == 1
     for k in ref["out"]:
         torch.testing.assert_close(out[k].double(), ref["out"][k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(avg[k].double(), ref["ema"][k], rtol=1e-5, atol=1e-6)
