@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
+from typing import Callable, Protocol
 
 import torch
 
@@ -28,14 +29,34 @@ _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
 
 
-def register(owner) -> int:
+class CompiledOwner(Protocol):
+    """What the operators ask of the average they run (``fastema.torch._base._ModelAverage``):
+    the documented protocol between the compiled path and the eager one, nothing else is reached."""
+
+    _ops: dict            # op -> (tensors it writes, tensors it reads), made when the tensors change
+
+    def _eager_update(self, step: int | None) -> None:
+        """The eager ``update()`` (checks, schedule, launches)."""
+
+    def _eager_copy_to(self, row: int) -> None:
+        """The eager ``copy_to()`` into the tracked model."""
+
+    def _read_from(self, read: list) -> Callable[[], None]:
+        """Read the sources from ``read`` until the returned function is called."""
+
+    @property
+    def _swap(self):
+        """The swap state (:class:`fastema.average.ModelSwap`): ``_swap.swap(row)``."""
+
+
+def register(owner: CompiledOwner) -> int:
     """A handle for ``owner`` (an average), which the operators find it by."""
     handle = next(_IDS)
     _OWNERS[handle] = weakref.ref(owner, lambda _: _OWNERS.pop(handle, None))
     return handle
 
 
-def _owner(handle: int):
+def _owner(handle: int) -> CompiledOwner:
     ref = _OWNERS.get(handle)
     owner = ref() if ref is not None else None
     if owner is None:
