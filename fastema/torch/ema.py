@@ -2,6 +2,7 @@
 several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU offload)."""
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Sequence
 
@@ -215,7 +216,9 @@ class EMA(PlanReader, _ModelAverage):
         self._copy_buffers()
 
     def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
-        """Alias of :meth:`averaged_state_dict`."""
+        """Deprecated alias of :meth:`averaged_state_dict` (the name every face uses); goes in 0.3."""
+        warnings.warn("EMA.ema_state_dict() is averaged_state_dict(); the alias goes in the next release",
+                      DeprecationWarning, stacklevel=2)
         return self.averaged_state_dict(row)
 
     def _extra_state(self) -> dict:
