@@ -1,6 +1,9 @@
 """fastema.keras on real Keras 3 ``model.fit`` runs (torch backend, CPU)."""
 import copy
+import functools
+import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -12,25 +15,7 @@ if keras.backend.backend() != "torch":                      # pragma: no cover
     pytest.skip("these tests drive Keras on the torch backend", allow_module_level=True)
 
 from fastema.keras import MovingAverageLogs, WeightEMA  # noqa: E402
-
-
-def make_model(batchnorm=False, optimizer="adam"):
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((4,)), keras.layers.Dense(16, activation="tanh")]
-    if batchnorm:
-        layers.append(keras.layers.BatchNormalization())
-    layers.append(keras.layers.Dense(1))
-    model = keras.Sequential(layers)
-    opt = keras.optimizers.SGD(0.05) if optimizer == "sgd" else keras.optimizers.Adam(0.01)
-    model.compile(opt, "mse", metrics=["mae"])
-    return model
-
-
-def data(n=100, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype("float32")
-    y = (np.sin(x).sum(1, keepdims=True) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
+from models import keras_data as data, keras_model as make_model, keras_probe  # noqa: E402
 
 
 class BatchLosses(keras.callbacks.Callback):
@@ -123,31 +108,6 @@ def test_unknown_or_non_mean_metric_is_refused_clearly():
         MovingAverageLogs(sma=0)
 
 
-def snapshot(model):
-    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
-
-
-class Probe(keras.callbacks.Callback):
-    """Weights after each step, and the weights the validation runs with."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps, self.validated, self.epoch_end = [], [], []
-
-    def on_train_begin(self, logs=None):
-        self.initial = snapshot(self.model)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps.append(snapshot(self.model))
-
-    def on_test_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self.validated.append(snapshot(self.model))
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epoch_end.append(snapshot(self.model))
-
-
 def naive_ema(initial, steps, decay):
     ema = [w.copy() for w in initial]               # the EMA starts from the weights when fit starts
     for ws in steps:
@@ -158,7 +118,7 @@ def naive_ema(initial, steps, decay):
 def test_weight_ema_validates_with_the_average_and_restores_the_raw_weights():
     x, y = data(96)
     model = make_model(batchnorm=True)
-    probe = Probe()
+    probe = keras_probe()
     cb = WeightEMA(decay=0.9)
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=data(32, seed=1),
               callbacks=[cb, probe])
@@ -220,6 +180,51 @@ def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
         other.on_train_begin()
 
 
+# The fits on the JAX and TensorFlow backends run in subprocesses (Keras picks its backend once per
+# process), all the scripts of one backend in one process: one JAX or TensorFlow start-up each.
+FITS = {"jax": ("JAX_FIT", "WEIGHT_EMA_FIT", "OPTIONS_FIT"), "tensorflow": ("WEIGHT_EMA_FIT", "OPTIONS_FIT")}
+
+RUN_FITS = r"""
+import contextlib, io, json, sys, traceback
+sys.path.insert(0, sys.argv[1])                               # tests/, for models.py
+for name, src in zip(sys.argv[2::2], sys.argv[3::2]):          # each script in a namespace of its own
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(src, name, "exec"), {"__name__": "__main__"})
+        result = {"stdout": out.getvalue()}
+    except BaseException:
+        result = {"stdout": out.getvalue(), "error": traceback.format_exc()}
+    print("@@", name, json.dumps(result), flush=True)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _fits(backend: str) -> dict:
+    import subprocess
+    import sys
+
+    args = [a for name in FITS[backend] for a in (name, globals()[name])]
+    out = subprocess.run([sys.executable, "-c", RUN_FITS, str(pathlib.Path(__file__).parents[1]), *args],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
+                              "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("@@ "):
+            _, name, result = line.split(" ", 2)
+            results[name] = json.loads(result)
+    return results
+
+
+def fit_on(backend: str, script: str):
+    """The JSON the script ``script`` printed last, run on ``backend`` (once per test session)."""
+    result = _fits(backend)[script]
+    assert "error" not in result, result["error"][-3000:]
+    return json.loads(result["stdout"].strip().splitlines()[-1])
+
+
 JAX_FIT = r"""
 import json, os
 os.environ["KERAS_BACKEND"] = "jax"
@@ -244,14 +249,7 @@ print(json.dumps(rows))
 def test_steps_per_execution_on_the_jax_backend():
     """A real fit with steps_per_execution=2 (the JAX backend runs several steps per call)."""
     pytest.importorskip("jax")
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", JAX_FIT], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = fit_on("jax", "JAX_FIT")
     # 100 samples in batches of 32, 32, 32, 4: two reports per epoch, after batches 1 and 3
     assert [r[0] for r in rows] == [1, 3, 1, 3]
     for epoch in range(2):
@@ -266,48 +264,24 @@ WEIGHT_EMA_FIT = r"""
 import copy, json, os, sys
 import keras, numpy as np
 from fastema.keras import WeightEMA
+from models import keras_data, keras_model, keras_probe
 backend = keras.backend.backend()
 
 def make_model(batchnorm):
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((4,)), keras.layers.Dense(16, activation="tanh")]
-    if batchnorm:
-        layers.append(keras.layers.BatchNormalization())
-    model = keras.Sequential(layers + [keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(0.05), "mse")
-    return model
+    return keras_model(batchnorm, optimizer="sgd", metrics=())
 
 def data(n, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype("float32")
-    return x, np.sin(x).sum(1, keepdims=True).astype("float32")
-
-def snapshot(model):
-    state = getattr(model, "_jax_state", None)     # JAX: fit keeps the newest weights in its state
-    if state and not model._jax_state_synced and state.get("trainable_variables"):
-        return [np.asarray(v, np.float64).tolist() for v in state["trainable_variables"]]
-    return [np.asarray(v.numpy(), np.float64).tolist() for v in model.trainable_variables]
-
-class Probe(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.out = {"steps": [], "validated": [], "epoch_end": []}
-    def on_train_begin(self, logs=None):
-        self.out["initial"] = snapshot(self.model)
-    def on_train_batch_end(self, batch, logs=None):
-        self.out["steps"].append(snapshot(self.model))
-    def on_test_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self.out["validated"].append(snapshot(self.model))
-    def on_epoch_end(self, epoch, logs=None):
-        self.out["epoch_end"].append(snapshot(self.model))
+    return keras_data(n, seed, noise=0)
 
 x, y = data(96)
 model = make_model(batchnorm=True)
-probe, cb = Probe(), WeightEMA(decay=0.9)
+probe, cb = keras_probe(), WeightEMA(decay=0.9)
 model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=data(32, 1),
           callbacks=[cb, probe])
-out = dict(probe.out, updates=cb.ema.updates, swapped=cb.ema.swapped)
+lists = lambda ws: [w.tolist() for w in ws]
+out = dict(initial=lists(probe.initial), steps=[lists(ws) for ws in probe.steps],
+           validated=[lists(ws) for ws in probe.validated], epoch_end=[lists(ws) for ws in probe.epoch_end],
+           updates=cb.ema.updates, swapped=cb.ema.swapped)
 
 # resume: an uninterrupted 2-epoch EMA against 1 epoch + checkpoint + 1 epoch in a fresh callback
 model = make_model(batchnorm=False)
@@ -331,15 +305,7 @@ def test_weight_ema_on_the_tensorflow_and_jax_backends(backend):
     """A real fit on each backend: validation runs with the naive EMA, the raw weights come back
     bit for bit, and a resumed EMA equals an uninterrupted one."""
     pytest.importorskip(backend)
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", WEIGHT_EMA_FIT], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
-                              "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = fit_on(backend, "WEIGHT_EMA_FIT")
     assert res["updates"] == 12 and not res["swapped"]
     steps = [[np.asarray(w) for w in ws] for ws in res["steps"]]
     for epoch in range(2):
@@ -399,15 +365,7 @@ def test_weight_ema_takes_every_schedule_option_on_every_backend(backend):
     JAX and TensorFlow backends: every backend's EMA now takes the options (or refuses one by name at
     construction)."""
     pytest.importorskip(backend)
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", OPTIONS_FIT], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
-                              "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = fit_on(backend, "OPTIONS_FIT")
     assert res["sigma_rel"] == [8, "PowerFunction", False]
     assert res["half_life"] == [8, "HalfLife", False]
     assert res["bema"] == [8, "BEMA", False]

@@ -11,13 +11,13 @@ import torch._dynamo as dynamo
 from torch import nn
 
 from fastema.torch import EMA
+from models import mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return mlp(8, 16, 4, seed=seed)
 
 
 def _two(model=None, **kw):

@@ -10,47 +10,13 @@ from torch import nn
 
 from fastema import schedules as S
 from fastema.torch import EMA, normalize_name
+import models
+from models import batches, cnn, train
 from reference import assert_close_to_reference
 
 
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
-
-
-def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 3))
-
-
-def batches(model, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        if isinstance(model[0], nn.Conv2d):
-            x = torch.randn(16, 1, 8, 8, generator=g)
-            yield x, torch.randint(0, 3, (16,), generator=g)
-        else:
-            x = torch.randn(32, 6, generator=g)
-            yield x, x[:, :1].sin()
-
-
-def train(model, ema, steps, seed=1, start=0):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss() if isinstance(model[0], nn.Conv2d) else nn.MSELoss()
-    for i, (x, y) in enumerate(batches(model, start + steps, seed)):
-        if i < start:
-            continue
-        dtype = next(model.parameters()).dtype
-        x = x.to(dtype)
-        y = y.to(dtype) if y.is_floating_point() else y
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update()
-    return opt
+    return models.mlp(6, 32, 1, act=nn.Tanh)
 
 
 @pytest.mark.parametrize("make", [mlp, cnn])
@@ -150,7 +116,7 @@ def test_several_decays_in_one_pass():
     model = mlp()
     ema = EMA(model, [0.9, 0.99])
     singles = [EMA(model, 0.9), EMA(model, 0.99)]
-    train(model, None, 0)
+    train(model, 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in batches(model, 20):
         nn.functional.mse_loss(model(x), y).backward()
@@ -168,7 +134,7 @@ def test_several_decays_in_one_pass():
 def test_average_parameters_restores_on_exception():
     model = cnn()
     ema = EMA(model, 0.9, buffers="average")
-    train(model, ema, 10)
+    train(model, 10, ema)
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     averaged = ema.state_dict()["averaged"]["0.weight"][0].clone()
     with pytest.raises(ZeroDivisionError):
@@ -187,7 +153,7 @@ def test_average_parameters_restores_on_exception():
 def test_half_models_swap_exactly_and_keep_float32_shadow(dtype):
     model = mlp().to(dtype)
     ema = EMA(model, 0.9)
-    train(model, ema, 5)
+    train(model, 5, ema)
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     shadow = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
     assert ema.state_dict()["averaged"]["0.weight"].dtype == torch.float32
@@ -221,7 +187,7 @@ def test_bfloat16_model_float32_shadow_keeps_moving():
 def test_checkpoint_resume_is_bit_identical(tmp_path):
     model = cnn()
     ema = EMA(model, [0.9, 0.99], warmup="power", debias=False)
-    opt = train(model, ema, 15)
+    opt = train(model, 15, ema)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}, tmp_path / "c.pt")
     # uninterrupted
     opt2 = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -256,7 +222,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 def test_save_writes_a_model_checkpoint_atomically(tmp_path):
     model = cnn()
     ema = EMA(model, 0.9)
-    train(model, ema, 5)
+    train(model, 5, ema)
     ema.save(tmp_path / "ema.pt")
     fresh = cnn()
     fresh.load_state_dict(torch.load(tmp_path / "ema.pt"))
@@ -311,7 +277,7 @@ def test_ddp_wrapped_model():
         model = mlp()
         ddp = nn.parallel.DistributedDataParallel(model)
         ema = EMA(ddp, 0.9)
-        train(ddp.module, ema, 3)
+        train(ddp.module, 3, ema)
         assert "0.weight" in ema.state_dict()["averaged"]
         bare = EMA(mlp(), 0.9)
         bare.load_state_dict(ema.state_dict())
@@ -375,7 +341,7 @@ def test_model_moved_or_cast_is_refused():
 def test_wrong_checkpoint_is_refused_and_nothing_changes(mutate, match):
     model = mlp()
     ema = EMA(model, 0.9)
-    train(model, ema, 3)
+    train(model, 3, ema)
     good = ema.state_dict()
     bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in good.items()}
     mutate(bad)

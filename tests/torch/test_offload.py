@@ -10,11 +10,11 @@ from torch import nn
 
 from fastema.torch import EMA
 from fastema.torch._offload import OffloadedShadow
+from models import mlp
 
 
 def _model(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    return mlp(8, 16, 4, norm=nn.BatchNorm1d, dtype=dtype, seed=seed)
 
 
 def _step(model, opt, i, dtype):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist import run_ranks
+from models import mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -34,10 +35,8 @@ def warm_kernels():
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
     # Linear(8, 5): 5 rows on 2 ranks (3 / 2); Linear(16, 1): rank 1 holds (0, 16) and (0,) shards
-    return nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 16), nn.LayerNorm(16), nn.ReLU(),
-                         nn.Linear(16, 1))
+    return mlp(8, 5, 16, 1, norm=(None, nn.LayerNorm), seed=seed)
 
 
 def _shard(model, **kw):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist import run_ranks
+from models import mlp
 
 # found, not imported: deepspeed is imported in the ranks only (with DS_ACCELERATOR=cpu), never in pytest's process
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -22,10 +23,9 @@ DECAYS = (0.9, 0.5)
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
     # 5 x 8: partitions of 20 on each rank; bias (5,): 3 + 2 (rank 1 has one padding element);
     # Linear(16, 1): a bias of one element, all padding on rank 1
-    return nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1))
+    return mlp(8, 5, 16, 1, seed=seed)
 
 
 def _engine(rank, world, seed, persistence):

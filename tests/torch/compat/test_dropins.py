@@ -8,30 +8,20 @@ import torch
 from torch import nn
 
 from fastema.torch import compat
+from models import mlp, train_sampled
 
 ema_pytorch = pytest.importorskip("ema_pytorch")
 
 
 def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 1))
+    return mlp(6, 12, 1, norm=nn.BatchNorm1d, seed=seed)
 
 
 def _loop(nets, steps, each, seed=1):
     """The same real training loop (forward, loss, backward, AdamW, BatchNorm) on identical
-    copies ``nets``; ``each(i)`` after every optimizer step."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(256, 6, generator=g)
-    y = x.sum(1, keepdim=True).sin()
-    opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
-    for i in range(steps):
-        b = torch.randint(0, 256, (32,), generator=g)
-        for n, o in zip(nets, opts):
-            loss = nn.functional.mse_loss(n(x[b]), y[b])
-            o.zero_grad()
-            loss.backward()
-            o.step()
-        each(i)
+    copies ``nets``; ``each(i)`` after every optimizer step (i = 0, 1, ...)."""
+    train_sampled(nets, steps, lambda i: each(i - 1), optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+                  seed=seed)
 
 
 def _equal_state(a: dict, b: dict):
