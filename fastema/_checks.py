@@ -26,7 +26,7 @@ def check_rounding(rounding, shadow_dtype: str) -> None:
 
 
 def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
 

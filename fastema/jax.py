@@ -157,7 +157,7 @@ class EMA(PlanReader):
                                       "host callback would copy every parameter to the host at each step. Call "
                                       "update() on the parameters the jitted step returns.")
         io_callback(self._from_callback, None, params, jnp.asarray(-1 if step is None else step, jnp.int64
-                                                                   if jax.config.jax_enable_x64 else jnp.int32),
+                                                                   if jax.config.jax_enable_x64 else jnp.int32),  # type: ignore[attr-defined]
                     ordered=True)
 
     def _from_callback(self, params, step) -> None:

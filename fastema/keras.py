@@ -36,7 +36,8 @@ _DEFAULT = object()        # WeightEMA's decay not given (the default changed in
 
 def _running_means(model) -> dict:
     """Every metric of ``model`` that is a running mean (Keras ``Mean``-type: total and count), by name."""
-    found, todo = {}, list(model.metrics)
+    found: dict = {}
+    todo = list(model.metrics)
     while todo:
         m = todo.pop(0)
         if hasattr(m, "total") and hasattr(m, "count") and isinstance(m.count, keras.Variable):
@@ -177,7 +178,7 @@ class WeightEMA(keras.callbacks.Callback):
         self.ema_kwargs = ema_kwargs
         self.ema = None
         self._owner = None
-        self._pending = None
+        self._pending: dict | None = None
         self._fitting = False
 
     def _make(self):

@@ -60,7 +60,7 @@ class WeightEMA(pl.Callback):
         EMAOptions.of(decay, **EMAOptions.split(ema_kwargs)[0])   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
         self.ema_kwargs = ema_kwargs
-        self.ema: EMA | None = None
+        self.ema: EMA = None  # type: ignore[assignment]   # made when fitting (or testing) starts
         self._pending: dict | None = None
         self._step_seen: int | None = None
 

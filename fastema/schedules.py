@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -235,7 +235,7 @@ class BEMA:
         return {"kind": "bema", **asdict(self)}
 
 
-_KINDS = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup,
+_KINDS: dict[str, Any] = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup,
           "power_function": PowerFunction, "half_life": HalfLife, "bema": BEMA}
 
 

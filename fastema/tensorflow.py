@@ -138,7 +138,7 @@ class EMA(PlanReader):
             for v, a in zip(self.variables, averages):
                 v.assign(a)
         else:
-            for v, raw in zip(self.variables, self._raw):
+            for v, raw in zip(self.variables, self._raw or ()):
                 v.assign(raw)
             self._raw = None
 

@@ -22,7 +22,7 @@ from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._state import check_header, refuse_load
 from ..flat import FlatShadow
 from .options import EMAOptions
-from .plan import Pending
+from .plan import Pending, Plan
 
 __all__ = ["Average", "ModelAdapter", "PlanReader"]
 
@@ -30,6 +30,13 @@ __all__ = ["Average", "ModelAdapter", "PlanReader"]
 class PlanReader:
     """The read-only counters and settings every model EMA (torch, JAX, TensorFlow) shows of its
     ``self.plan``: one definition, so they read the same everywhere."""
+
+    _plan: Plan
+
+    @property
+    def plan(self) -> Plan:
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
+        return self._plan
 
     @property
     def decay(self) -> float | list[float]:
@@ -104,7 +111,7 @@ class Average(PlanReader):
 
     def __init__(self, options: EMAOptions, fmt: str, shadow=None, shapes: Sequence = (), adapter=None):
         self.options = options
-        self.plan = options.plan()
+        self._plan = options.plan()
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]

@@ -67,7 +67,7 @@ class _OnDevice:
 
     def __init__(self, framework: str, device: str, rows: int, groups: int):
         where = (framework, device)
-        self.group = _launch.Group(device, None, 0, None, framework)
+        self.group = _launch.Group(device, None, 0, None, _backends.stream_getter(framework, device))
         sizes = dict(state=(S_NORMS + rows, np.float64), params=(PLAN_PARAMS, np.float64),
                      decays=(rows, np.float64), w32=(rows, np.float32), w64=(rows, np.float64),
                      flag=(1, np.int32), keys=(groups, np.int64))

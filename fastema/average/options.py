@@ -139,9 +139,9 @@ class EMAOptions:
 
     def plan(self) -> Plan:
         """A new :class:`fastema.average.plan.Plan` (counters at zero) for these options."""
-        return Plan(list(self.decay) if isinstance(self.decay, tuple) else self.decay,
-                    **{k: (list(v) if isinstance(v, tuple) else v) for k in PLAN_OPTIONS[1:]
-                       for v in (getattr(self, k),)})
+        options: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k in PLAN_OPTIONS[1:]
+                                   for v in (getattr(self, k),)}
+        return Plan(list(self.decay) if isinstance(self.decay, tuple) else self.decay, **options)
 
     def shadow(self) -> ShadowSettings:
         return ShadowSettings(self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite)

@@ -80,6 +80,7 @@ class Plan:
         if warmup not in (None, "num_updates", "power"):
             raise ValueError(f"warmup must be None, 'num_updates' or 'power', got {warmup!r}")
         cadence = Cadence(update_every)
+        self.schedules: list = []
         if given and given[0] != "decay":
             warm = [k for k, v, d in (("min_decay", min_decay, 0.0), ("inv_gamma", inv_gamma, 1.0),
                                       ("power", power, 2 / 3), ("update_after_step", update_after_step, 0))
@@ -120,7 +121,7 @@ class Plan:
         self.updates = 0                    # updates made
         self.norms = [0.0] * self.rows      # debiasing normalisers
         self.last_decays = [0.0] * self.rows
-        self.first_time = None              # time of the first update (timed schedules)
+        self.first_time: float | None = None    # time of the first update (timed schedules)
         self.last_time = 0.0                # time of the last update (0 before any)
 
     @property

@@ -2,6 +2,8 @@
 time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model."""
 from __future__ import annotations
 
+from typing import Any
+
 import os
 
 from .profiles import MAX_ERROR, Solution, solve
@@ -44,7 +46,7 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     out = Synthesized()
     last = snaps[-1]
     for name in last.averaged:
-        acc = None
+        acc: Any = None
         for (s, k), x in zip(terms, sol.coefficients):
             v = files[s.path](f"{k}:{name}").to(torch.float64)
             acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
