@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _backends
-from .average import Average, EMAOptions, PlanReader
+from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face
 
 __all__ = ["EMA"]
 
@@ -37,17 +37,11 @@ def _flatten(params):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
 
 
-#: Options fastema.jax.EMA refuses, and why (every other EMAOptions field is taken).
-REFUSED = {
-    "offload": "offload='cpu' is the torch face's (pinned host memory and CUDA side streams); here the shadow "
-               "lives on the parameters' device",
-    "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); here update() runs "
-                   "between (or, on the CPU, inside) jitted steps with the plan on the host, exact for every "
-                   "schedule: leave device_step unset",
-}
+#: What fastema.jax.EMA refuses, and why: every other option is taken.
+REFUSED = HOST_ONLY_REFUSALS
 
 
-class EMA(PlanReader):
+class EMA(Face):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
@@ -56,15 +50,10 @@ class EMA(PlanReader):
 
     Args:
         params: the pytree to average; its values start the average.
-        decay: a float, or up to 8 floats for several averages kept in one pass (default
-            0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given).
-        **options: every option of :class:`fastema.torch.EMA` but the torch model's
-            selection (``buffers``, ``exclude``, ``copy``): the schedule (``sigma_rel``,
-            ``half_life``, ``bema``, ``warmup``, ``min_decay``, ``inv_gamma``, ``power``,
-            ``update_after_step``, ``update_every``, ``compensate``, ``debias``), ``shadow_dtype``,
-            ``rounding``, ``seed`` and ``skip_nonfinite``
-            (:class:`fastema.average.EMAOptions`). ``offload`` and ``device_step=True`` are
-            refused by name (:data:`REFUSED` says why).
+        decay: a float, or up to 8 floats (several averages in one pass); default 0.9999.
+        **options: any :class:`fastema.average.EMAOptions` option, as on every face
+            (``sigma_rel=``, ``bema=``, ``update_every=``, ``shadow_dtype=``...); the two in
+            :data:`REFUSED` are refused by name, with the reason.
     """
 
     _format = "fastema.jax.EMA"
@@ -86,22 +75,9 @@ class EMA(PlanReader):
         self._array_type = type(self._leaves[self._float[0]])
         self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \
             all(len(self._leaves[i].devices()) == 1 for i in self._float)
-        self._avg = Average.of_sources(opts, {names[i]: self._leaves[i] for i in self._float},
-                            [self._specs[i][0] for i in self._float], self._format)
+        self._core = Average.of_sources(opts, {names[i]: self._leaves[i] for i in self._float},
+                                        [self._specs[i][0] for i in self._float], self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
-
-    @property
-    def plan(self):
-        """The schedule and counters (:class:`fastema.average.Plan`)."""
-        return self._avg.plan
-
-    @property
-    def rounding(self) -> str:
-        return self._avg.rounding
-
-    @property
-    def seed(self) -> int:
-        return self._avg.seed
 
     @staticmethod
     def _check_leaf(name: str, x):
@@ -137,10 +113,10 @@ class EMA(PlanReader):
             # The kernel runs on the host, so it waits for the step that makes params (as a
             # DLPack export would); the arrays' own addresses then cost 0.1 us a leaf, not ~9.
             jax.block_until_ready(sources)
-            self._avg.shadow.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
+            self._core.shadow.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
             return None
 
-        self._avg.update(step, read)
+        self._core.update(step, read)
         if matched:
             self._leaves = matched[0]
 
@@ -191,7 +167,7 @@ class EMA(PlanReader):
         Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
         the values of the last ``update()``.
         """
-        self._avg.check_row(row)
+        self._core.check_row(row)
         if not self._on_cpu:
             # JAX imports the shadow through its CUDA array interface and reads it on its own
             # stream: let fastema's launches (legacy default stream) finish first. An
@@ -202,19 +178,19 @@ class EMA(PlanReader):
         out = list(self._leaves)
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
-            value = jnp.array(self._avg.view(slot, row), dtype=dtype)           # a copy, never a view
+            value = jnp.array(self._core.view(slot, row), dtype=dtype)           # a copy, never a view
             out[i] = jax.device_put(value, sharding)
         return jax.tree_util.tree_unflatten(self._treedef, out)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
-        return self._avg.state_dict()
+        return self._core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
-        self._avg.load_state_dict(state)
+        self._core.load_state_dict(state)
 
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "
-                f"shadow={self._avg.shadow!r})")
+                f"shadow={self._core.shadow!r})")

@@ -26,7 +26,7 @@ except ImportError as e:                                    # pragma: no cover -
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
 from . import _keras_jax_state
-from .average import EMAOptions, ModelSwap, PlanReader
+from .average import EMAOptions, Face, ModelSwap
 from .track import Tracker
 
 __all__ = ["MovingAverageLogs", "WeightEMA"]
@@ -271,7 +271,7 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-class _JaxModelEMA(PlanReader):
+class _JaxModelEMA(Face):
     """fastema.jax.EMA over a Keras model's trainable variables on the JAX backend, with the
     swap the callback needs. During ``fit`` the newest weights live in the trainer's state
     (``model._jax_state``), not in the variables, and are read from there."""
@@ -282,12 +282,9 @@ class _JaxModelEMA(PlanReader):
         self.model = model
         self.variables = list(model.trainable_variables)
         self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
+        self._core = self.inner._core
         self._raw = None
         self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
-
-    @property
-    def plan(self):
-        return self.inner.plan
 
     @property
     def swapped(self) -> bool:

@@ -20,7 +20,7 @@ from typing import ContextManager, Sequence
 import tensorflow as tf
 
 from ._backends import to_host
-from .average import Average, EMAOptions, ModelSwap, PlanReader
+from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, ModelSwap
 
 __all__ = ["EMA"]
 
@@ -37,32 +37,21 @@ def _as_tf_variable(v, i: int):
                     f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
 
 
-#: Options fastema.tensorflow.EMA refuses, and why (every other EMAOptions field is taken).
-REFUSED = {
-    "offload": "offload='cpu' is the torch face's (pinned host memory and CUDA side streams); here the shadow "
-               "lives on the variables' device",
-    "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); here update() runs "
-                   "after each train step with the plan on the host, exact for every schedule: leave device_step "
-                   "unset",
-}
+#: What fastema.tensorflow.EMA refuses, and why: every other option is taken.
+REFUSED = HOST_ONLY_REFUSALS
 
 
-class EMA(PlanReader):
+class EMA(Face):
     """Exponential moving average of ``tf.Variable`` objects.
 
     Args:
         variables: the variables (``model.trainable_variables``, a ``tf.Module``'s
             ``trainable_variables``, or keras Variables on the TensorFlow backend), or a
             ``tf.Module`` / Keras model, whose trainable variables are taken.
-        decay: a float, or up to 8 floats for several averages kept in one pass (default
-            0.9999 when none of ``sigma_rel``, ``half_life``, ``bema`` is given).
-        **options: every option of :class:`fastema.torch.EMA` but the torch model's
-            selection (``buffers``, ``exclude``, ``copy``): the schedule (``sigma_rel``,
-            ``half_life``, ``bema``, ``warmup``, ``min_decay``, ``inv_gamma``, ``power``,
-            ``update_after_step``, ``update_every``, ``compensate``, ``debias``), ``shadow_dtype``,
-            ``rounding``, ``seed`` and ``skip_nonfinite``
-            (:class:`fastema.average.EMAOptions`). ``offload`` and ``device_step=True`` are
-            refused by name (:data:`REFUSED` says why).
+        decay: the decay, default 0.9999; a list keeps up to 8 averages in one pass.
+        **options: the options of every fastema EMA (:class:`fastema.average.EMAOptions`:
+            timed schedules, BEMA, warm-ups, ``update_every``, the shadow's dtype and rounding,
+            the non-finite guard); :data:`REFUSED` names the ones this face refuses, and why.
     """
 
     _format = "fastema.tensorflow.EMA"
@@ -84,26 +73,13 @@ class EMA(PlanReader):
         self._read = tf.function(lambda: [v.value() for v in self.variables])   # one call reads them all
         first = self._read()
         self._specs = [(tuple(t.shape), t.dtype) for t in first]
-        self._avg = Average.of_sources(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs],
-                                       self._format)
+        self._core = Average.of_sources(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs],
+                                        self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
         self._raw: list | None = None                    # the variables' own values while swapped
         self._swap = ModelSwap(self._exchange, "the average is swapped into the variables; swap() back first")
 
     # ------------------------------------------------------------ operations
-
-    @property
-    def plan(self):
-        """The schedule and counters (:class:`fastema.average.Plan`)."""
-        return self._avg.plan
-
-    @property
-    def rounding(self) -> str:
-        return self._avg.rounding
-
-    @property
-    def seed(self) -> int:
-        return self._avg.seed
 
     @property
     def swapped(self) -> bool:
@@ -112,15 +88,15 @@ class EMA(PlanReader):
     def update(self, step: int | None = None) -> None:
         """Fold the variables' current values into the average (call after the optimizer step)."""
         self._not_swapped("update()")
-        self._avg.update(step, self._read)   # FlatShadow checks dtypes, shapes and devices before any write
+        self._core.update(step, self._read)   # FlatShadow checks dtypes, shapes and devices before any write
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
-        self._avg.check_row(row)
+        self._core.check_row(row)
         out = []
         for i, (shape, dtype) in enumerate(self._specs):
             with tf.device(self.variables[i].device):             # to_host copies: TF may alias NumPy memory
-                out.append(tf.cast(tf.constant(to_host(self._avg.view(i, row))), dtype))
+                out.append(tf.cast(tf.constant(to_host(self._core.view(i, row))), dtype))
         return out
 
     def swap(self, row: int = 0) -> None:
@@ -170,15 +146,15 @@ class EMA(PlanReader):
         """Everything needed to resume: averages keyed by variable name (NumPy copies, shape
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
         self._not_swapped("state_dict()")
-        return self._avg.state_dict()
+        return self._core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
         self._not_swapped("load_state_dict()")
-        self._avg.load_state_dict(state)
+        self._core.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._avg.shadow!r})"
+        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._core.shadow!r})"
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -6,9 +6,10 @@ The faces (:mod:`fastema.torch`, :mod:`fastema.jax`, :mod:`fastema.tensorflow`) 
 callbacks (:mod:`fastema.keras`, :mod:`fastema.lightning`) are adapters over it. Nothing here
 imports a framework (a test checks the imports).
 """
-from .core import Average, ModelAdapter, PlanReader
-from .options import EMAOptions, ShadowSettings
+from .core import Average, Face, ModelAdapter, PlanReader
+from .options import HOST_ONLY_REFUSALS, EMAOptions, ShadowSettings
 from .plan import Cadence, Pending, Plan
 from .swap import ModelSwap
 
-__all__ = ["Average", "Cadence", "ModelAdapter", "EMAOptions", "ModelSwap", "Pending", "Plan", "PlanReader", "ShadowSettings"]
+__all__ = ["Average", "Cadence", "EMAOptions", "Face", "HOST_ONLY_REFUSALS", "ModelAdapter", "ModelSwap", "Pending",
+           "Plan", "PlanReader", "ShadowSettings"]

@@ -24,7 +24,7 @@ from ..flat import FlatShadow
 from .options import EMAOptions
 from .plan import Pending, Plan
 
-__all__ = ["Average", "ModelAdapter", "PlanReader"]
+__all__ = ["Average", "Face", "ModelAdapter", "PlanReader"]
 
 
 class PlanReader:
@@ -77,6 +77,28 @@ class PlanReader:
     def debias(self) -> bool:
         """True for a debiased (zero-started) average."""
         return self.plan.debias
+
+
+class Face(PlanReader):
+    """The read side every face built on an :class:`Average` (``self._core``) shares: its plan,
+    counters and shadow settings."""
+
+    _core: "Average"
+
+    @property
+    def plan(self) -> Plan:
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
+        return self._core.plan
+
+    @property
+    def rounding(self) -> str:
+        """``"nearest"`` or ``"stochastic"`` (as made, or as a loaded checkpoint says)."""
+        return self._core.rounding
+
+    @property
+    def seed(self) -> int:
+        """The stochastic-rounding seed (as made, or as a loaded checkpoint says)."""
+        return self._core.seed
 
 
 class ModelAdapter(Protocol):

@@ -19,7 +19,7 @@ from .._checks import shadow_problems
 from ..schedules import BEMA
 from .plan import Plan
 
-__all__ = ["EMAOptions", "ShadowSettings", "SELECTION"]
+__all__ = ["EMAOptions", "HOST_ONLY_REFUSALS", "SELECTION", "ShadowSettings"]
 
 #: The schedule options (passed to :class:`fastema.average.plan.Plan`).
 PLAN_OPTIONS = ("decay", "sigma_rel", "half_life", "bema", "warmup", "min_decay", "inv_gamma", "power",
@@ -28,6 +28,15 @@ PLAN_OPTIONS = ("decay", "sigma_rel", "half_life", "bema", "warmup", "min_decay"
 #: Options that choose which of a model's tensors are averaged: the torch face's model
 #: adapter takes them (the JAX and TensorFlow faces average what they are given).
 SELECTION = ("buffers", "exclude", "copy")
+
+
+#: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and why.
+HOST_ONLY_REFUSALS = {
+    "offload": "offload='cpu' is the torch face's (pinned host memory, CUDA side streams); here the shadow lives "
+               "on the device of the arrays it averages",
+    "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); this face updates "
+                   "eagerly with the plan on the host, exact for every schedule: leave device_step unset",
+}
 
 
 class ShadowSettings(NamedTuple):

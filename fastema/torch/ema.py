@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import schedules
-from ..average import Average, EMAOptions, PlanReader
+from ..average import Average, EMAOptions, Face
 from ..average.device_plan import DevicePlan
 from ..flat import FlatShadow
 from ._base import _ModelAverage
@@ -36,7 +36,7 @@ class _Adapter:
         self._ema()._copy_buffers(flags, current=True)
 
 
-class EMA(PlanReader, _ModelAverage):
+class EMA(Face, _ModelAverage):
     """Exponential moving average of a PyTorch model's weights.
 
     ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
@@ -123,19 +123,6 @@ class EMA(PlanReader, _ModelAverage):
         if self._plan_on_device is not None:
             self._warm()
         self._ops = self._op_lists()
-
-    @property
-    def plan(self):
-        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
-        return self._core.plan
-
-    @property
-    def rounding(self) -> str:
-        return self._core.rounding
-
-    @property
-    def seed(self) -> int:
-        return self._core.seed
 
     def _check_row(self, row: int) -> None:
         self._core.check_row(row)                 # BEMA: its output only (rows 1-2 are its state)
