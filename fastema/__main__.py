@@ -8,6 +8,8 @@ Commands:
 """
 import sys
 
+__all__ = ["main"]
+
 COMMANDS = {"demo": "demo", "plot": "plot", "bench": "bench", "posthoc": "posthoc"}
 
 

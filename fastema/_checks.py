@@ -11,6 +11,9 @@ from . import _backends
 from .kernels import _bits
 from .kernels._bits import KIND_NAMES
 
+__all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "resolve_weights", "shadow_problems", "sr_key",
+           "stochastic_rounding"]
+
 #: The most averages (shadow rows) one launch updates: the kernels keep one weight per row in registers.
 MAX_DECAYS = 8
 

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+__all__ = ["main", "report"]
+
 CEILING = "copy (ceiling)"
 
 

@@ -12,6 +12,8 @@ import argparse
 import os
 import time
 
+__all__ = ["main"]
+
 
 def _timed(fn, repeat):
     fn()

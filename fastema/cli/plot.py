@@ -21,6 +21,8 @@ import numpy as np
 from ..smooth import Smoother
 from ..track import _ema_kwargs
 
+__all__ = ["main"]
+
 
 def read_log(path: str, column: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, values, name) of one column of a CSV log, or of a plain list of numbers."""

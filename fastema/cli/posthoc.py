@@ -10,6 +10,8 @@ from .._files import atomic_write
 from ..posthoc import MAX_ERROR, plot_profiles, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 
+__all__ = ["main"]
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastema posthoc",

@@ -20,6 +20,8 @@ from .._state import check_header, refuse_load
 from .._files import atomic_write as _atomic_write
 from ._model import _local_key, _match_names, _unwrap
 
+__all__ = ["FORMAT", "VERSION"]
+
 FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 

@@ -25,6 +25,8 @@ from typing import Callable, Protocol
 
 import torch
 
+__all__ = ["CompiledOwner", "install", "register"]
+
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
 

@@ -26,6 +26,8 @@ from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from . import _sharded
 from ..flat import FlatShadow
 
+__all__ = ["normalize_name", "registration_hooks"]
+
 _PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
 
 

@@ -29,6 +29,8 @@ import torch
 
 from ..flat import FlatShadow
 
+__all__ = ["OffloadedShadow"]
+
 
 class OffloadedShadow:
     """The host shadow of ``sources`` (``rows`` rows of ``dtype``), fed through device staging."""
