@@ -17,7 +17,6 @@ from ._backends import Buf, describe, disjoint, empty
 from .kernels import kinds
 from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
 
-
 DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
 
 
@@ -44,7 +43,7 @@ class LayoutGroup:
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
     It has the fields :func:`fastema._launch.launch` reads (device, shadow_kind, src_kind,
-    tables, framework)."""
+    tables, current_stream); ``backend`` is its sources' adapter."""
 
     def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
         first = bufs[0]
@@ -53,6 +52,8 @@ class LayoutGroup:
         self.src_kind = first.kind
         self.shadow_kind = shadow_kind
         self.framework = first.framework
+        self.backend = _backends.backend_named(first.framework)
+        self.current_stream = _backends.stream_getter(first.framework, first.device)
         self.shapes = [b.shape for b in bufs]
         self.orders = [b.strides for b in bufs]      # () for C order, else the source's dense layout
         self.counts = [b.numel for b in bufs]
@@ -65,7 +66,8 @@ class LayoutGroup:
         self.n = int(spans.sum())                                  # the row length (stride), padded
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
         self.tables = _launch.tables([b.address for b in bufs], self.counts, self.segments(self.buffer),
-                                     self.device, self.framework, row_stride=self.n)
+                                     self.device, self.current_stream, row_stride=self.n,
+                                     handed_over=self.backend.HANDS_OVER)
 
     def segments(self, buffer) -> np.ndarray:
         """Per-source addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow."""
@@ -100,7 +102,7 @@ class FlatLayout:
 
     def set_addresses(self, g: LayoutGroup, addresses: list) -> None:
         """The group's sources are now at ``addresses`` (same layout)."""
-        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.framework)
+        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.current_stream)
 
     def view(self, i: int, row: int | None):
         """Shadow row ``row`` of source ``i`` shaped like it (``None``: every row, ``(rows, *shape)``)."""

@@ -23,41 +23,27 @@ from . import _launch
 from ._backends import Buf, describe, disjoint
 from .kernels.kinds import KIND_NAMES
 
-_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
 _DEVICE = operator.attrgetter("device")
-
-
-def _data_ptr():
-    import torch
-
-    return torch.Tensor.data_ptr
-
-
-def _signatures(tensors) -> list:
-    """What each torch source must keep between two full checks: dtype, shape and strides
-    (C-level maps: ~0.3 us a tensor)."""
-    import torch
-
-    return list(zip(map(_DTYPE_SHAPE, tensors), map(torch.Tensor.stride, tensors)))
 
 
 class _Tracked:
     """The sources of one layout group as they are now."""
 
     def __init__(self, group, bufs: list[Buf]):
-        self.track = group.framework == "torch"        # torch storage can be swapped under a Parameter
+        self.backend = group.backend
+        self.track = self.backend.STORAGE_MOVES        # torch storage can be swapped under a Parameter
         # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
         # nothing of fastema's launches: replaced sources are released only once an event
         # recorded after those launches has passed (checked without blocking at later rebinds).
-        self.deferred = _launch.is_cuda(group.device) and group.framework in _launch.HANDED_OVER
+        self.deferred = _launch.is_cuda(group.device) and self.backend.HANDS_OVER
         self.retired = _launch.retired() if self.deferred else None
         self.set(bufs)
 
     def set(self, bufs: list[Buf]) -> None:
         self.addresses = [b.address for b in bufs]
         self.tensors = [b.obj for b in bufs]             # the sources, for the per-step address check
-        self.keep: list[Any] = [b.obj.untyped_storage() for b in bufs] if self.track else []
-        self.signatures = _signatures(self.tensors) if self.track else None
+        self.keep: list[Any] = self.backend.keep_alive(self.tensors) if self.track else []
+        self.signatures = self.backend.signatures(self.tensors) if self.track else None
 
 
 class SourceTable:
@@ -85,7 +71,7 @@ class SourceTable:
         """Follow sources whose storage moved (one ``data_ptr()`` per torch source: the per-step
         price of never reading a stale address); raises, writing nothing, if one changed."""
         for g, t in zip(self._layout.groups, self._tracked):
-            if t.track and list(map(_data_ptr(), t.tensors)) != t.addresses:
+            if t.track and t.backend.addresses(t.tensors) != t.addresses:
                 self._follow(g, t)
 
     def check(self) -> None:
@@ -95,10 +81,10 @@ class SourceTable:
         for g, t in zip(self._layout.groups, self._tracked):
             # torch sources: (dtype, shape, strides) against the last full check (~0.4 us each);
             # anything else, or a difference, takes the full description (which names the source)
-            if t.signatures is None or _signatures(t.tensors) != t.signatures:
+            if t.signatures is None or t.backend.signatures(t.tensors) != t.signatures:
                 self._checked(g)
                 if t.track:
-                    t.signatures = _signatures(t.tensors)
+                    t.signatures = t.backend.signatures(t.tensors)
 
     def rebind(self, sources: Sequence | Mapping) -> None:
         """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
@@ -124,14 +110,16 @@ class SourceTable:
         current ones (a compiled graph's buffers standing for them): their addresses only, checked
         for freed storage. Anything else goes through :meth:`rebind`'s full check."""
         new = list(sources)
-        if len(new) != len(self._sources) or not all(t.track for t in self._tracked) or \
-                _signatures(new) != _signatures(self._sources) or \
+        if len(new) != len(self._sources) or not all(t.track for t in self._tracked):
+            return self.rebind(new)
+        backend = self._tracked[0].backend                 # the one whose storage moves (torch)
+        if backend.signatures(new) != backend.signatures(self._sources) or \
                 list(map(_DEVICE, new)) != list(map(_DEVICE, self._sources)):
             return self.rebind(new)
         moves = []
         for g, t in zip(self._layout.groups, self._tracked):
             tensors = [new[i] for i in g.members]
-            addresses = list(map(_data_ptr(), tensors))
+            addresses = backend.addresses(tensors)
             for a, x, i in zip(addresses, tensors, g.members):
                 if a == 0 and x.numel():
                     raise ValueError(f"the storage of source {self.names[i]!r} was freed (address 0); nothing "
@@ -139,7 +127,7 @@ class SourceTable:
             moves.append((g, t, tensors, addresses))
         for g, t, tensors, addresses in moves:              # every address checked before any change
             t.tensors, t.addresses = tensors, addresses
-            t.keep = [x.untyped_storage() for x in tensors]
+            t.keep = backend.keep_alive(tensors)
             self._layout.set_addresses(g, addresses)
         self._sources = new
 
@@ -187,6 +175,6 @@ class SourceTable:
     def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
         bufs = self._checked(g) if bufs is None else bufs
         if t.deferred:
-            t.retired.release(t.tensors, g.device, _launch.current_stream(g.framework, g.device))
+            t.retired.release(t.tensors, g.device, _launch.stream_of(g))
         t.set(bufs)
         self._layout.set_addresses(g, t.addresses)

@@ -14,8 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _launch
-from . import _backends
+from . import _backends, _launch
 from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
 from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding  # noqa: F401 (re-exported)
 from .kernels import _bits, kinds
@@ -76,7 +75,16 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
 @functools.lru_cache(maxsize=256)
 def _single_tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
     # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair.
-    return _launch.tables([src_address], [numel], [shadow_address], device, framework, follow=False)
+    return _launch.tables([src_address], [numel], [shadow_address], device,
+                          _backends.stream_getter(framework, device), follow=False)
+
+
+def _group(shadow: Buf | None, x: Buf, t) -> _launch.Group:
+    """The launch group of one pair (``shadow`` None: the sources alone), on the stream of the
+    framework whose arrays are written (the shadow's, else the source's)."""
+    out = x if shadow is None else shadow
+    return _launch.Group(out.device, None if shadow is None else shadow.kind, x.kind, t,
+                         _backends.stream_getter(out.framework, out.device))
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
@@ -91,8 +99,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     key = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
     t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _launch.launch("lerp", _launch.Group(s.device, s.kind, x.kind, t, s.framework), weights=w, flag=flag,
-                   key=key, stochastic=stochastic)
+    _launch.launch("lerp", _group(s, x, t), weights=w, flag=flag, key=key, stochastic=stochastic)
     return shadow
 
 
@@ -160,8 +167,7 @@ def copy_(dst, src):
     d, x = _pair(dst, src, "dst", "src")
     _same_shape(d, x, x.shape, "dst", "src")
     t = _single_tables(x.device, d.framework, d.address, x.address, x.numel)
-    _launch.launch("copy", _launch.Group(d.device, d.kind, x.kind, t, d.framework), to_shadow=True,
-                   row_lo=0, row_hi=1)
+    _launch.launch("copy", _group(d, x, t), to_shadow=True, row_lo=0, row_hi=1)
     return dst
 
 
@@ -181,8 +187,7 @@ def swap_(a, b, *, lossy: bool = False):
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
     t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _launch.launch("swap", _launch.Group(s.device, s.kind, x.kind, t, s.framework), mode=kinds.EXCHANGE,
-                   row=0)
+    _launch.launch("swap", _group(s, x, t), mode=kinds.EXCHANGE, row=0)
 
 
 def flag_nonfinite_(flag, src):
@@ -195,7 +200,7 @@ def flag_nonfinite_(flag, src):
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
     t = _single_tables(x.device, x.framework, 0, x.address, x.numel)
-    _launch.launch("nonfinite", _launch.Group(x.device, None, x.kind, t, x.framework), flag=f)
+    _launch.launch("nonfinite", _group(None, x, t), flag=f)
     return flag
 
 
@@ -206,9 +211,9 @@ class _PairGroup:
 
     def __init__(self, device, shadow_kind, src_kind, shadows, sources):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
-        self.framework = shadows[0].framework
+        self.current_stream = _backends.stream_getter(shadows[0].framework, device)
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
-                                     [s.address for s in shadows], device, self.framework, follow=False)
+                                     [s.address for s in shadows], device, self.current_stream, follow=False)
 
 
 def pair_groups(shadows: list, sources: list) -> list:
@@ -265,12 +270,9 @@ _PAIRS_MAX = 32
 
 
 def _key(tensors) -> tuple:
-
-    if tensors and all(map(_backends.is_torch, tensors)):
-        import torch
-
-        return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
-                tuple(t.dtype for t in tensors))
+    key = _backends.address_key(tensors)         # torch: data_ptr, numel, dtype (three reads a tensor)
+    if key is not None:
+        return key
     return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
                  (describe(t, "tensor") for t in tensors))
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _launch
-from . import _backends
+from . import _backends, _launch
 from ._state import check_header
 from .kernels import kinds
 
@@ -131,8 +130,7 @@ class Smoother:
                              f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
                              f"(one smoother per stream layout)")
         w0, c, per_stream = self._weights(sample_weight, y.size)
-        device = _dev(where[1])
-        group = _launch.Group(device, None, kind, None, where[0])
+        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
         skip = self.nonfinite == "skip"
         st = self._views
         if self.alpha is not None:
@@ -152,7 +150,7 @@ class Smoother:
             if not 0 <= sample_weight < math.inf:
                 raise ValueError(f"sample_weight must be a finite number >= 0, got {sample_weight!r}")
             return float(sample_weight), self._dummy(), False
-        view = _backends.control_view(sample_weight, "sample_weight", np.float64, k, _dev(self._where[1]), writable=False)
+        view = _backends.control_view(sample_weight, "sample_weight", np.float64, k, self._where[1], writable=False)
         return 1.0, view, True
 
     def _dummy(self):
@@ -215,8 +213,7 @@ class Smoother:
         before = (self._state, self._where, self.shape, self.__dict__.get("_views"))
         if self._where is None:
             like = next(iter(saved.values()))
-            where = ("torch", like.device) if _backends.is_torch(like) else ("numpy", "cpu")
-            self._alloc(where, tuple(state["shape"]) if state["shape"] is not None else ())
+            self._alloc(_backends.location(like), tuple(state["shape"]) if state["shape"] is not None else ())
         if set(saved) != set(self._state) or any(
                 tuple(saved[n].shape) != tuple(a.shape) for n, a in self._state.items()):
             self._state, self._where, self.shape = before[:3]
@@ -226,10 +223,6 @@ class Smoother:
         for n, a in self._state.items():
             a[...] = saved[n]
         self.count = count
-
-
-def _dev(d) -> str:
-    return str(d) if ":" in str(d) or str(d) == "cpu" else f"{d}:0"
 
 
 def _nonzero(x):

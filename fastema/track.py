@@ -80,29 +80,20 @@ class Tracker:
                 raise ValueError(f"this tracker follows {list(self.names)}; got unknown {unknown}, missing {missing}")
             values = tuple(named[n] for n in self.names)
         vec = values[0] if len(values) == 1 else None
-        if _backends.framework(vec) in ("numpy", "torch") and (len(self.names) > 1 or vec.ndim == 1):
-            if tuple(vec.shape) != (len(self.names),):          # one vector of all the metrics
+        # one vector of all the metrics: a NumPy array or a torch tensor (metric_vector: else None)
+        vector = _backends.metric_vector(vec) if vec is not None and (len(self.names) > 1 or np.ndim(vec) == 1) \
+            else None
+        if vector is not None:
+            if tuple(vec.shape) != (len(self.names),):
                 raise ValueError(f"expected a vector of {len(self.names)} values ({list(self.names)}), "
                                  f"got shape {tuple(vec.shape)}")
-            return vec.detach() if _backends.is_torch(vec) else np.asarray(vec, np.float64)
+            return vector
         if len(values) != len(self.names):
             raise ValueError(f"expected {len(self.names)} values ({list(self.names)}), got {len(values)}")
-        tensors = [_backends.is_torch(v) for v in values]
-        if all(tensors):
-            import torch
-
-            devices = {v.device for v in values}
-            if len(devices) != 1:
-                raise ValueError(f"the metric tensors are on several devices {sorted(map(str, devices))}; "
-                                 f"put them on one")
-            for n, v in zip(self.names, values):
-                if v.numel() != 1:
-                    raise ValueError(f"metric {n!r} has {v.numel()} elements; a tracker takes one value per "
-                                     f"metric (use fastema.Smoother for per-element streams)")
-            if len(values) == 1:
-                return values[0].detach().reshape(1)
-            return torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
-        if any(tensors):
+        on_device = [_backends.keeps_on_device(v) for v in values]
+        if all(on_device):                         # torch tensors: stacked on their device
+            return _backends.stack(values, self.names)
+        if any(on_device):
             raise TypeError("give all metrics as tensors (on one device) or all as numbers: a number next "
                             "to a GPU tensor would need a host transfer every step")
         out = np.asarray(values, dtype=np.float64)
@@ -138,12 +129,7 @@ class Tracker:
     def read(self) -> dict[str, float]:
         """The smoothed values as Python floats, in one device-to-host transfer."""
         parts = [getattr(self.smoother, k) for k in ("ema", "sma") if self._has(k)]
-        if _backends.is_torch(parts[0]):
-            import torch
-
-            flat = torch.cat(parts).tolist()
-        else:
-            flat = np.concatenate(parts).tolist()
+        flat = _backends.concat(parts).tolist()
         keys = [f"{n}_{k}" for k in ("ema", "sma") if self._has(k) for n in self.names]
         self.last = dict(zip(keys, flat))
         if self.bar is not None:

@@ -1,53 +1,64 @@
 """The boundary: framework arrays in, plain descriptions of memory out. The only place in
 fastema that recognises array types.
 
-One adapter per framework (:mod:`.numpy`, :mod:`.torch`, :mod:`.cudasim`, :mod:`.cai` for
-the CUDA array interface of CuPy and Numba, :mod:`.dlpack` for JAX, TensorFlow, Keras and
-any other DLPack producer), each with the same functions; :func:`backend_of` picks one,
-importing no framework (einops' idea: a framework's classes are looked up only when the
-framework is already in ``sys.modules``). The functions here dispatch to it:
+One adapter per framework, each a :class:`Backend` (einops' ``AbstractBackend``: one class
+with every method, one subclass per framework): :mod:`.numpy`, :mod:`.torch`, :mod:`.cudasim`,
+:mod:`.cai` (the CUDA array interface: Numba device arrays, and CuPy with its current stream),
+:mod:`.dlpack` (JAX, TensorFlow, Keras and any other DLPack producer). :func:`backend_of`
+picks one, importing no framework (a framework's classes are looked up only when the framework
+is already in ``sys.modules``). The functions here dispatch to it:
 
 - :func:`describe`: a :class:`Buf` (storage kind, device, shape, address, layout) of an
   array or tensor, with every check the user can trip, before anything is written;
 - :func:`empty`, :func:`zero_`, :func:`new_flag`: fastema's own buffers in the sources' framework;
 - :func:`control_view`: a small control array (weights, flags) checked and viewed for a kernel;
 - :func:`metric_values`, :func:`zeros`, :func:`kernel_view`, :func:`to_host`: the metric
-  smoothers' values and state.
+  smoothers' values and state;
+- :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream.
 
-A new framework is one more module here and one line in :data:`_ORDER`.
+A new framework is one more :class:`Backend` subclass here and one line in :data:`_ORDER`.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from ..kernels.kinds import F64
 from . import _buf, cai, cudasim, dlpack
-from ._buf import Buf, c_layout, layout, not_dense, unsupported_dtype  # noqa: F401  (the boundary's names)
 from . import numpy as np_backend
 from . import torch as torch_backend
+from ._base import Backend, Unsupported, no_stream  # noqa: F401  (the protocol)
+from ._buf import Buf, c_layout, device_name, layout, not_dense, unsupported_dtype  # noqa: F401  (the boundary's names)
 
 SUPPORTED = _buf.SUPPORTED
 READ_ONLY_HINTS = dlpack.READ_ONLY_HINTS
 
-_ORDER = (np_backend, torch_backend, cudasim, dlpack.frameworks, cai, dlpack)   # first owner wins
-_BY_NAME = {"numpy": np_backend, "torch": torch_backend, "cudasim": cudasim, "cuda": cai, "cupy": cai, "jax": dlpack,
-            "tensorflow": dlpack, "keras": dlpack, "dlpack": dlpack}
+NUMPY = np_backend.backend
+TORCH = torch_backend.backend
+_ORDER = (NUMPY, TORCH, cudasim.backend, dlpack.frameworks, cai.cupy, cai.backend, dlpack.backend)  # first owner wins
+_BY_NAME = {"numpy": NUMPY, "torch": TORCH, "cudasim": cudasim.backend, "cuda": cai.backend, "cupy": cai.cupy,
+            "jax": dlpack.backend, "tensorflow": dlpack.backend, "keras": dlpack.backend, "dlpack": dlpack.backend}
+_OWN_BUFFERS = (NUMPY, TORCH)   # fastema's buffers for their sources are their arrays (else NumPy or Numba)
+_BY_TYPE: dict = {}             # type -> adapter, for the adapters whose ownership the type alone decides
 
 
-_BY_TYPE: dict = {}          # type -> adapter, for the adapters whose ownership the type alone decides
-
-
-def backend_of(x):
-    """The adapter module that owns ``x``, or None."""
+def backend_of(x) -> Backend | None:
+    """The adapter that owns ``x``, or None."""
     backend = _BY_TYPE.get(type(x))
     if backend is not None:
         return backend
     for backend in _ORDER:
         if backend.owns(x):
-            if backend is np_backend or backend is torch_backend:     # isinstance of a class: by type
+            if backend is NUMPY or backend is TORCH:     # isinstance of a class: by type
                 _BY_TYPE[type(x)] = backend
             return backend
     return None
+
+
+def backend_named(framework: str) -> Backend:
+    """The adapter of a :class:`Buf`'s ``framework``."""
+    return _BY_NAME[framework]
 
 
 def framework(x) -> str | None:
@@ -57,7 +68,28 @@ def framework(x) -> str | None:
 
 
 def is_torch(x) -> bool:
-    return torch_backend.owns(x)
+    return TORCH.owns(x)
+
+
+def _maker(framework: str, device: str) -> Backend:
+    """Whose arrays fastema makes for sources of ``framework`` on ``device``: the framework's own
+    where fastema allocates in it (NumPy, torch), else NumPy on the host and Numba device arrays
+    on a GPU (the simulator's under ``NUMBA_ENABLE_CUDASIM``)."""
+    backend = _BY_NAME[framework]
+    if backend in _OWN_BUFFERS:
+        return backend
+    if device == "cpu":
+        return NUMPY
+    from numba.cuda.core import config
+
+    return cudasim.backend if config.ENABLE_CUDASIM else cai.backend
+
+
+@functools.lru_cache(maxsize=64)
+def stream_getter(framework: str, device: str):
+    """The function a launch group calls (at every launch) for the raw handle of ``framework``'s
+    current CUDA stream on ``device`` (0: the legacy default stream)."""
+    return no_stream if device == "cpu" else _BY_NAME[framework].stream_getter(device)
 
 
 def describe(x, what: str) -> Buf:
@@ -101,21 +133,17 @@ def disjoint(bufs: list, names: list) -> None:
 def empty(like: Buf, kind: int, shape: tuple):
     """A new C-contiguous array of ``kind`` and ``shape`` on ``like``'s device, in its framework
     (NumPy for CPU buffers of other frameworks, Numba device arrays on CUDA)."""
-    if like.framework == "torch":
-        return torch_backend.empty(like, kind, shape)
-    return (np_backend if like.device == "cpu" else cai).empty(like, kind, shape)
+    return _maker(like.framework, like.device).empty(like, kind, shape)
 
 
 def zero_(a) -> None:
-    """Fill one of fastema's arrays with zeros on its device (stream-ordered, no sync)."""
-    (backend_of(a) or cai).zero_(a)
+    """Fill one of fastema's arrays with zeros on its device (stream-ordered, no sync, no kernel)."""
+    (backend_of(a) or cai.backend).zero_(a)
 
 
 def new_flag(like: Buf):
     """A zeroed int32[1] flag on ``like``'s device, in ``like``'s framework."""
-    if like.framework == "torch":
-        return torch_backend.zeros(like.obj.device, 1, np.int32)
-    return (np_backend if like.device == "cpu" else cai).zeros(like.device, 1, np.int32)
+    return _maker(like.framework, like.device).zeros(like.device, 1, np.int32)
 
 
 def control_view(x, what: str, dtype, size: int, device: str, writable: bool):
@@ -123,18 +151,18 @@ def control_view(x, what: str, dtype, size: int, device: str, writable: bool):
     exactly ``size`` elements of ``dtype`` on ``device``."""
     dtype = np.dtype(dtype)
     backend = backend_of(x)
-    if backend is None or not hasattr(backend, "control"):
+    try:
+        if backend is None:
+            raise Unsupported
+        dev, dt, n = backend.control(x, what, writable)
+    except Unsupported:
         raise TypeError(f"{what} must be a NumPy array or a tensor of {dtype} on {device}, "
-                        f"got {type(x).__name__}")
-    dev, dt, n, view = backend.control(x, what, dtype, writable)
+                        f"got {type(x).__name__}") from None
     if dt != dtype or n != size:
         raise ValueError(f"{what} must hold {size} element(s) of {dtype}, got {n} of {dt}")
     if dev != device:
         raise ValueError(f"{what} is on {dev} but the buffers are on {device}; create it on {device}")
-    if view is None:                                   # CUDA memory of a framework: a raw Numba view
-        from .. import _launch
-
-        view = _launch.device_view(backend.address(x), size, dtype, x)
+    view = backend.kernel_view(x)
     return view.reshape(-1) if isinstance(view, np.ndarray) else view
 
 
@@ -144,15 +172,57 @@ def metric_values(x, what: str):
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         x = np.asarray([x], np.float64)
     backend = backend_of(x)
-    if backend is None or not hasattr(backend, "metric"):
+    try:
+        if backend is None:
+            raise Unsupported
+        return backend.metric(x, what)
+    except Unsupported:
         raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, "
-                        f"got {type(x).__name__}")
-    return backend.metric(x, what)
+                        f"got {type(x).__name__}") from None
+
+
+def metric_vector(x):
+    """``x`` as one vector of metric values for a smoother, if its framework takes vectors
+    (NumPy, torch), else None."""
+    backend = backend_of(x)
+    try:
+        return None if backend is None else backend.metric_vector(x)
+    except Unsupported:
+        return None
+
+
+def stack(values, names):
+    """One vector of one-element metric values, all of one framework (NumPy reads the others)."""
+    backend = backend_of(values[0])
+    return (backend or NUMPY).stack(values, names)
+
+
+def concat(parts: list):
+    """``parts`` (fastema's state arrays, of one framework) joined end to end."""
+    return backend_of(parts[0]).concat(parts)
+
+
+def keeps_on_device(x) -> bool:
+    """True when ``x``'s framework keeps metric values on their device (see :meth:`Backend.stack`)."""
+    backend = backend_of(x)
+    return backend is not None and backend.DEVICE_METRICS
+
+
+def location(a) -> tuple:
+    """``(framework, device)`` of a smoother's state array (NumPy on the host for anything else)."""
+    backend = backend_of(a)
+    return ("numpy", "cpu") if backend is None else backend.location(a)
+
+
+def address_key(objs: list) -> tuple | None:
+    """A cheap key of ``objs``' memory, shapes and dtypes (see :meth:`Backend.address_key`), or None."""
+    backend = backend_of(objs[0]) if objs else None
+    return None if backend is None else backend.address_key(objs)
 
 
 def zeros(where: tuple, n: int, dtype):
     """``n`` zeros of NumPy ``dtype`` in ``where = (framework, device)``."""
-    return _BY_NAME[where[0]].zeros(where[1], n, dtype)
+    return _maker(*where).zeros(where[1], n, dtype)
 
 
 def kernel_view(a):
@@ -163,38 +233,21 @@ def kernel_view(a):
 def to_host(a) -> np.ndarray:
     """A NumPy copy of an array fastema made (NumPy, torch, or a Numba device array); a torch
     tensor is read in order on torch's current stream."""
-    if is_torch(a):
-        return a.detach().cpu().numpy().copy()
-    return np.array(a, copy=True) if isinstance(a, np.ndarray) else a.copy_to_host()
+    return (backend_of(a) or cai.backend).to_host(a)
 
 
 def where(cond, a, fill):
     """``a`` where ``cond``, else ``fill``, in ``a``'s framework (NumPy or torch)."""
-    if is_torch(a):
-        import torch
-
-        return torch.where(cond, a, torch.full_like(a, fill))
-    return np.where(cond, a, fill)
+    return backend_of(a).where(cond, a, fill)
 
 
 def copy_from_host(dst, a: np.ndarray) -> None:
     """``dst[...] = a`` (converted to ``dst``'s dtype) for a NumPy array, a torch tensor (on
     torch's current stream) or a Numba device array."""
-    if is_torch(dst):
-        import torch
-
-        dst.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(dst.dtype))
-    elif isinstance(dst, np.ndarray):
-        dst[...] = a.astype(dst.dtype)
-    else:
-        dst.copy_to_device(np.ascontiguousarray(a.astype(dst.dtype)))
+    (backend_of(dst) or cai.backend).copy_from_host(dst, a)
 
 
 def strided(v, shape, order):
     """A view of the flat slice ``v`` with ``shape`` and canonical element strides ``order``
     (() for C order): the shadow of a channels_last source is laid out as the source is."""
-    if not order:
-        return v.reshape(shape)
-    if isinstance(v, np.ndarray):
-        return np.lib.stride_tricks.as_strided(v, shape, tuple(st * v.itemsize for st in order))
-    return v.as_strided(shape, order)
+    return backend_of(v).strided(v, shape, order)

@@ -8,6 +8,19 @@ from typing import Any, NamedTuple
 from ..kernels.kinds import ITEMSIZE, KIND_NAMES
 
 SUPPORTED = "float32, bfloat16, float16 and float64"
+
+
+def device_name(kind: str, index=None) -> str:
+    """fastema's one name of a device: "cpu" or "cuda:N" (CUDA with no index: device 0); other
+    kinds as ``kind:index`` (or ``kind``), for messages."""
+    kind = str(kind)
+    if kind == "cpu":
+        return "cpu"
+    if index is None:
+        return "cuda:0" if kind == "cuda" else kind
+    return f"{kind}:{int(index)}"
+
+
 def layout(shape, strides) -> tuple | None:
     """The canonical element strides of a dense, non-overlapping layout, or None.
 

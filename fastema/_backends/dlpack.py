@@ -7,10 +7,10 @@ interface (JAX GPU arrays also have one): :data:`frameworks` is that earlier own
 from __future__ import annotations
 
 import math
-import types
 
 from .. import _dlpack as _dl
 from ..kernels.kinds import BF16, F16, F32, F64
+from ._base import Backend
 from ._buf import Buf, not_dense, unsupported_dtype
 
 NAME = "dlpack"
@@ -31,33 +31,6 @@ READ_ONLY_HINTS = {
 
 def framework_of(x) -> str | None:
     return _FRAMEWORKS.get(type(x).__module__.partition(".")[0])
-
-
-def owns(x) -> bool:
-    return hasattr(x, "__dlpack__")
-
-
-def describe(x, what: str):
-    framework = framework_of(x)
-    if framework is None:
-        return _from_dlpack(x, what, NAME)
-    if framework == "keras":                       # a keras.Variable: describe the backend's value
-        value = getattr(x, "value", None)
-        if value is None or value is x:
-            raise TypeError(f"{what} is a {type(x).__name__} without an array value")
-        from . import numpy as np_backend
-        from . import torch as torch_backend
-
-        for backend in (np_backend, torch_backend):        # Keras on the NumPy or torch backend
-            if backend.owns(value):
-                return backend.describe(value, what)
-        return describe(value, what)                        # JAX or TensorFlow
-    if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
-        x = x.value()                              # a tf.Variable: its current tensor (no copy)
-    if not hasattr(x, "__dlpack__"):
-        raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
-                        f"pass an array or tensor")
-    return _from_dlpack(x, what, framework)
 
 
 def _from_dlpack(x, what: str, framework: str):
@@ -86,5 +59,45 @@ def _from_dlpack(x, what: str, framework: str):
     return Buf(im, kind, device, im.shape, address, writable, framework)
 
 
+class DLPack(Backend):
+    """Any ``__dlpack__`` producer, read with no copy; new arrays every step (JAX, TensorFlow)."""
 
-frameworks = types.SimpleNamespace(NAME=NAME, owns=lambda x: framework_of(x) is not None, describe=describe)
+    NAME = NAME
+    HANDS_OVER = True
+
+    def owns(self, x) -> bool:
+        return hasattr(x, "__dlpack__")
+
+    def describe(self, x, what: str) -> Buf:
+        framework = framework_of(x)
+        if framework is None:
+            return _from_dlpack(x, what, NAME)
+        if framework == "keras":                       # a keras.Variable: describe the backend's value
+            value = getattr(x, "value", None)
+            if value is None or value is x:
+                raise TypeError(f"{what} is a {type(x).__name__} without an array value")
+            from . import numpy as np_backend
+            from . import torch as torch_backend
+
+            for backend in (np_backend.backend, torch_backend.backend):   # Keras on the NumPy or torch backend
+                if backend.owns(value):
+                    return backend.describe(value, what)
+            return self.describe(value, what)                # JAX or TensorFlow
+        if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
+            x = x.value()                              # a tf.Variable: its current tensor (no copy)
+        if not hasattr(x, "__dlpack__"):
+            raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
+                            f"pass an array or tensor")
+        return _from_dlpack(x, what, framework)
+
+
+class Frameworks(DLPack):
+    """JAX, TensorFlow and Keras objects, recognised by their module before the CUDA array
+    interface (JAX GPU arrays have one too) and before ``__dlpack__`` (tf.Variable has none)."""
+
+    def owns(self, x) -> bool:
+        return framework_of(x) is not None
+
+
+backend = DLPack()
+frameworks = Frameworks()

@@ -4,15 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
+from ._base import Backend
 from ._buf import Buf, layout, not_dense, unsupported_dtype
 
-NAME = "numpy"
 KINDS = {np.dtype(np.float32): F32, np.dtype(np.float16): F16, np.dtype(np.float64): F64}
 BITS = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}    # how kernels read each kind
-
-
-def owns(x) -> bool:
-    return isinstance(x, np.ndarray)
 
 
 def kind_of(dtype) -> int | None:
@@ -20,18 +16,6 @@ def kind_of(dtype) -> int | None:
     if kind is None and np.dtype(dtype).name == "bfloat16":       # ml_dtypes.bfloat16
         kind = BF16
     return kind
-
-
-def describe(a: np.ndarray, what: str):
-    kind = kind_of(a.dtype)
-    if kind is None:
-        raise unsupported_dtype(what, a.dtype)
-    item = a.dtype.itemsize
-    order = None if any(st % item for st in a.strides) else layout(a.shape, [st // item for st in a.strides])
-    if order is None or any(st < 0 for st in a.strides):
-        raise not_dense(what, a.shape, a.strides)
-    strides = () if a.flags.c_contiguous else order
-    return Buf(a, kind, "cpu", a.shape, a.ctypes.data if a.size else 0, bool(a.flags.writeable), NAME, strides)
 
 
 def numpy_dtype(kind: int):
@@ -46,32 +30,70 @@ def numpy_dtype(kind: int):
     return np.dtype({F32: np.float32, F64: np.float64}.get(kind, np.float16))
 
 
-def empty(like, kind: int, shape: tuple):
-    return np.empty(shape, numpy_dtype(kind))
+class NumPy(Backend):
+    NAME = "numpy"
+
+    def owns(self, x) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def describe(self, a: np.ndarray, what: str) -> Buf:
+        kind = kind_of(a.dtype)
+        if kind is None:
+            raise unsupported_dtype(what, a.dtype)
+        item = a.dtype.itemsize
+        order = None if any(st % item for st in a.strides) else layout(a.shape, [st // item for st in a.strides])
+        if order is None or any(st < 0 for st in a.strides):
+            raise not_dense(what, a.shape, a.strides)
+        strides = () if a.flags.c_contiguous else order
+        return Buf(a, kind, "cpu", a.shape, a.ctypes.data if a.size else 0, bool(a.flags.writeable), self.NAME,
+                   strides)
+
+    def address(self, x) -> int:
+        return x.ctypes.data
+
+    def empty(self, like, kind: int, shape: tuple):
+        return np.empty(shape, numpy_dtype(kind))
+
+    def zeros(self, device, n: int, dtype):
+        return np.zeros(n, dtype)
+
+    def zero_(self, a) -> None:
+        a.fill(0)
+
+    def location(self, a) -> tuple:
+        return self.NAME, "cpu"
+
+    def kernel_view(self, a):
+        return a
+
+    def strided(self, v, shape, order):
+        if not order:
+            return v.reshape(shape)
+        return np.lib.stride_tricks.as_strided(v, shape, tuple(st * v.itemsize for st in order))
+
+    def control(self, x, what: str, writable: bool):
+        if writable and not x.flags.writeable:
+            raise ValueError(f"{what} is read-only; pass a writable array")
+        return "cpu", x.dtype, x.size
+
+    def metric(self, x, what: str):
+        kind = KINDS.get(x.dtype)
+        if kind is None:
+            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        flat = np.ascontiguousarray(x).reshape(-1)
+        return kind, flat.view(BITS[kind]), (self.NAME, "cpu"), x.shape
+
+    def metric_vector(self, x):
+        return np.asarray(x, np.float64)
+
+    def where(self, cond, a, fill):
+        return np.where(cond, a, fill)
+
+    def to_host(self, a) -> np.ndarray:
+        return np.array(a, copy=True)
+
+    def copy_from_host(self, dst, a: np.ndarray) -> None:
+        dst[...] = a.astype(dst.dtype)
 
 
-def zeros(device, n: int, dtype):
-    return np.zeros(n, dtype)
-
-
-def zero_(a) -> None:
-    a.fill(0)
-
-
-def control(x, what: str, dtype, writable: bool):
-    if writable and not x.flags.writeable:
-        raise ValueError(f"{what} is read-only; pass a writable array")
-    return "cpu", x.dtype, x.size, x
-
-
-def metric(x, what: str):
-    kind = KINDS.get(x.dtype)
-    if kind is None:
-        raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
-    flat = np.ascontiguousarray(x).reshape(-1)
-    return kind, flat.view(BITS[kind]), (NAME, "cpu"), x.shape
-
-
-def kernel_view(a):
-    return a
-
+backend = NumPy()

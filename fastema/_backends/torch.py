@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
+from . import cai
+from ._base import Backend, no_stream
 from ._buf import Buf, layout, not_dense, unsupported_dtype
+from ._buf import device_name as _name
 
 NAME = "torch"
 _KINDS: dict = {}
 _BITS = {F32: "uint32", BF16: "uint16", F16: "uint16", F64: "float64"}
-
-
-def owns(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+_DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
 
 
 def kind_of(dtype) -> int | None:
@@ -83,98 +83,185 @@ def _refuse_marked(t, what: str) -> None:
 
 
 def device_name(device) -> str:
-    return "cpu" if device.type == "cpu" else f"{device.type}:{device.index}"
+    """fastema's name ("cpu", "cuda:N") of a torch.device."""
+    return _name(device.type, device.index)
 
 
-def describe(t, what: str):
+def _numpy_dtype(t) -> np.dtype:
+    return np.dtype(str(t.dtype).replace("torch.", ""))
+
+
+class Torch(Backend):
+    NAME = NAME
+    STORAGE_MOVES = True          # param.data = new swaps the storage under a Parameter
+    DEVICE_METRICS = True
+
+    def owns(self, x) -> bool:
+        torch = sys.modules.get("torch")
+        return torch is not None and isinstance(x, torch.Tensor)
+
+    def describe(self, t, what: str) -> Buf:
+        import torch
+
+        refuse_foreign(t, what)
+        kind = kind_of(t.dtype)
+        if kind is None:
+            raise unsupported_dtype(what, t.dtype)
+        if t.layout != torch.strided:
+            raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
+        dev = t.device
+        if dev.type == "cpu":
+            device = "cpu"
+        elif dev.type == "cuda":
+            device = f"cuda:{dev.index}"
+        else:
+            raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs "
+                             f"(a meta tensor has no memory: materialise the model first)")
+        contiguous = t.is_contiguous()
+        order = () if contiguous else layout(t.shape, t.stride())
+        if order is None:
+            raise not_dense(what, t.shape, t.stride())
+        numel = t.numel()
+        address = t.data_ptr()
+        if numel:
+            if address == 0:
+                raise ValueError(
+                    f"the storage of {what} was freed (address 0 with {numel} elements: an FSDP unsharded "
+                    f"parameter or untyped_storage().resize_(0)); point it at live memory, or make the EMA over "
+                    f"tensors that own their storage. Nothing was written.")
+            span = numel if contiguous else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+            need = (t.storage_offset() + span) * t.element_size()
+            have = t.untyped_storage().nbytes()
+            if have < need:
+                raise ValueError(
+                    f"the storage of {what} holds {have} bytes but the tensor needs {need} (it was resized in "
+                    f"place, e.g. untyped_storage().resize_()); restore its storage or make a new EMA. "
+                    f"Nothing was written.")
+        return Buf(t, kind, device, tuple(t.shape), address, True, NAME, order)
+
+    def address(self, x) -> int:
+        return x.data_ptr()
+
+    # ------------------------------------------------------------ sources kept by a shadow
+
+    def addresses(self, objs: list) -> list:
+        return list(map(_tensor().data_ptr, objs))          # C-level: ~0.1 us a tensor
+
+    def keep_alive(self, objs: list) -> list:
+        return [x.untyped_storage() for x in objs]
+
+    def signatures(self, objs: list) -> list:
+        """(dtype, shape) and strides of each tensor (C-level maps: ~0.3 us a tensor)."""
+        return list(zip(map(_DTYPE_SHAPE, objs), map(_tensor().stride, objs)))
+
+    def address_key(self, objs: list) -> tuple | None:
+        if not all(map(self.owns, objs)):
+            return None
+        T = _tensor()
+        return tuple(map(T.data_ptr, objs)), tuple(map(T.numel, objs)), tuple(t.dtype for t in objs)
+
+    # ------------------------------------------------------------ fastema's own arrays
+
+    def empty(self, like, kind: int, shape: tuple):
+        import torch
+
+        return torch.empty(shape, dtype=dtype_of(kind), device=like.obj.device)
+
+    def zeros(self, device, n: int, dtype):
+        import torch
+
+        return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=device)
+
+    def zero_(self, a) -> None:
+        a.zero_()
+
+    def location(self, a) -> tuple:
+        return NAME, device_name(a.device)
+
+    def kernel_view(self, a):
+        """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy."""
+        if a.device.type == "cpu":
+            return a.detach().numpy()
+        return cai.raw_view(a.data_ptr(), a.numel(), _numpy_dtype(a), a)
+
+    def strided(self, v, shape, order):
+        return v.as_strided(shape, order) if order else v.reshape(shape)
+
+    # ------------------------------------------------------------ control and metric arrays
+
+    def control(self, x, what: str, writable: bool):
+        name = str(x.dtype).replace("torch.", "")
+        dt = np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name
+        return device_name(x.device), dt, x.numel()
+
+    def metric(self, x, what: str):
+        import torch
+
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
+                             f"(a meta tensor has no values)")
+        kind = kind_of(x.dtype)
+        if kind is None:
+            raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        flat = x.detach().reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        bits = flat.view(getattr(torch, _BITS[kind]))
+        return kind, self.kernel_view(bits), (NAME, device_name(x.device)), tuple(x.shape)
+
+    def metric_vector(self, x):
+        return x.detach()
+
+    def stack(self, values, names):
+        """One float64 vector of one-element tensors on one device (one stays as it is)."""
+        import torch
+
+        devices = {v.device for v in values}
+        if len(devices) != 1:
+            raise ValueError(f"the metric tensors are on several devices {sorted(map(str, devices))}; "
+                             f"put them on one")
+        for n, v in zip(names, values):
+            if v.numel() != 1:
+                raise ValueError(f"metric {n!r} has {v.numel()} elements; a tracker takes one value per "
+                                 f"metric (use fastema.Smoother for per-element streams)")
+        if len(values) == 1:
+            return values[0].detach().reshape(1)
+        return torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+
+    def concat(self, parts: list):
+        import torch
+
+        return torch.cat(parts)
+
+    def where(self, cond, a, fill):
+        import torch
+
+        return torch.where(cond, a, torch.full_like(a, fill))
+
+    # ------------------------------------------------------------ host transfers and streams
+
+    def to_host(self, a) -> np.ndarray:
+        return a.detach().cpu().numpy().copy()
+
+    def copy_from_host(self, dst, a: np.ndarray) -> None:
+        import torch
+
+        dst.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(dst.dtype))
+
+    def stream_getter(self, device: str):
+        """torch's current stream on ``device``: one C call per launch (~0.3 us)."""
+        if device == "cpu":
+            return no_stream
+        import torch
+
+        return functools.partial(torch._C._cuda_getCurrentRawStream, int(device.split(":")[1]))
+
+
+@functools.cache
+def _tensor():
     import torch
 
-    refuse_foreign(t, what)
-    kind = kind_of(t.dtype)
-    if kind is None:
-        raise unsupported_dtype(what, t.dtype)
-    if t.layout != torch.strided:
-        raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
-    dev = t.device
-    if dev.type == "cpu":
-        device = "cpu"
-    elif dev.type == "cuda":
-        device = f"cuda:{dev.index}"
-    else:
-        raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs "
-                         f"(a meta tensor has no memory: materialise the model first)")
-    contiguous = t.is_contiguous()
-    order = () if contiguous else layout(t.shape, t.stride())
-    if order is None:
-        raise not_dense(what, t.shape, t.stride())
-    numel = t.numel()
-    address = t.data_ptr()
-    if numel:
-        if address == 0:
-            raise ValueError(
-                f"the storage of {what} was freed (address 0 with {numel} elements: an FSDP unsharded "
-                f"parameter or untyped_storage().resize_(0)); point it at live memory, or make the EMA over "
-                f"tensors that own their storage. Nothing was written.")
-        span = numel if contiguous else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
-        need = (t.storage_offset() + span) * t.element_size()
-        have = t.untyped_storage().nbytes()
-        if have < need:
-            raise ValueError(
-                f"the storage of {what} holds {have} bytes but the tensor needs {need} (it was resized in "
-                f"place, e.g. untyped_storage().resize_()); restore its storage or make a new EMA. "
-                f"Nothing was written.")
-    return Buf(t, kind, device, tuple(t.shape), address, True, NAME, order)
+    return torch.Tensor
 
 
-def address(x) -> int:
-    return x.data_ptr()
-
-
-def empty(like, kind: int, shape: tuple):
-    import torch
-
-    return torch.empty(shape, dtype=dtype_of(kind), device=like.obj.device)
-
-
-def zeros(device, n: int, dtype):
-    import torch
-
-    return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=device)
-
-
-def zero_(a) -> None:
-    a.zero_()
-
-
-def control(x, what: str, dtype, writable: bool):
-    dev = device_name(x.device)
-    name = str(x.dtype).replace("torch.", "")
-    dt = np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name
-    view = x.detach().numpy() if dev == "cpu" and dt == dtype and x.is_contiguous() else None
-    return dev, dt, x.numel(), view
-
-
-def metric(x, what: str):
-    import torch
-
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
-                         f"(a meta tensor has no values)")
-    kind = kind_of(x.dtype)
-    if kind is None:
-        raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
-    flat = x.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    bits = flat.view(getattr(torch, _BITS[kind]))
-    return kind, kernel_view(bits), (NAME, x.device), tuple(x.shape)
-
-
-def kernel_view(a):
-    """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy."""
-    if a.device.type == "cpu":
-        return a.numpy()
-    from .. import _launch
-
-    return _launch.device_view(a.data_ptr(), a.numel(), np.dtype(str(a.dtype).replace("torch.", "")), a)
-
+backend = Torch()

@@ -3,7 +3,11 @@
 ``launch(op, group, **args)`` runs kernel family ``op`` over a group of sources on the
 group's device: :mod:`.cpu` or :mod:`.cuda` (imported when a CUDA buffer first arrives)
 has one function per op with the same keyword-only signature. A group is anything with
-the fields of :class:`Group` (``flat._Group`` is one). Tunables live in :mod:`.config`.
+the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in :mod:`.config`.
+
+Dispatch names no framework: a group carries ``current_stream``, the function its backend
+gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
+its framework has current now; on CUDA every launch asks it.
 
 ======================  ==================================================================
 op                      keyword arguments
@@ -28,7 +32,7 @@ The kernels' math and their arguments are documented in :mod:`fastema.kernels.cp
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -53,16 +57,18 @@ class Tables(NamedTuple):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
 
+def default_stream() -> int:
+    """The stream getter of sources without a current stream: the legacy default stream (0)."""
+    return 0
+
+
 class Group(NamedTuple):
     """What one launch needs to know about its sources besides the op's own arguments."""
     device: str                  # "cpu" or "cuda:N"
     shadow_kind: int | None      # storage kind of the shadow (None for metric streams)
     src_kind: int                # storage kind of the sources (the values, for metric streams)
     tables: Tables | None        # None for metric streams
-    framework: str = "numpy"     # whose current CUDA stream each launch goes on (see current_stream)
-
-
-HANDED_OVER = ("jax", "tensorflow", "keras", "dlpack")   # new source arrays every step, freed on their own streams
+    current_stream: Callable[[], int] = default_stream   # the raw handle of the stream to launch on now
 
 
 def is_cuda(device: str) -> bool:
@@ -73,7 +79,7 @@ def launch(op: str, group, **args) -> None:
     """Run kernel family ``op`` (see the table above) over ``group`` on its device.
 
     On CUDA the launch goes on the stream that is current for the group's framework *now*
-    (:func:`current_stream`), never one remembered from an earlier call: an update inside
+    (``group.current_stream()``), never one remembered from an earlier call: an update inside
     ``with torch.cuda.stream(side)`` or a ``torch.cuda.graph`` capture is ordered (or
     captured) with the caller's other work."""
     t = group.tables
@@ -85,17 +91,19 @@ def launch(op: str, group, **args) -> None:
     elif op == "bema":                                         # the shadow's arithmetic type
         args["alpha"] = (np.float64 if group.shadow_kind == F64 else np.float32)(args["alpha"])
     if is_cuda(group.device):
-        getattr(_cuda(), op)(group, current_stream(group.framework, group.device), **args)
+        cuda = _cuda()
+        getattr(cuda, op)(group, cuda.external_stream(group.current_stream()), **args)
     else:
         getattr(_cpu_target, op)(group, 0, **args)
 
 
-def tables(src_addresses, counts, shadow_addresses, device: str, framework: str = "numpy",
-           follow: bool = True, row_stride: int | None = None) -> Tables:
+def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
+           follow: bool = True, row_stride: int | None = None, handed_over: bool = False) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
-    into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer).
+    into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer),
+    uploaded on the stream ``current_stream()`` names (see :class:`Group`).
     ``follow``: the sources' addresses may change later (:func:`update_addresses`); on CUDA,
-    frameworks that hand over new arrays every step (:data:`HANDED_OVER`) get two address
+    sources handed over anew every step (``handed_over``: JAX, TensorFlow) get two address
     tables to alternate between, the others one, rewritten in place.
     ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``)."""
     seg_offset = segment_offsets(counts)
@@ -107,8 +115,9 @@ def tables(src_addresses, counts, shadow_addresses, device: str, framework: str 
                   len(chunk_seg))
     if not is_cuda(device):
         return host
-    slots = (2 if framework in HANDED_OVER else 1) if follow else 0
-    return _cuda().upload(host, device, current_stream(framework, device), slots)
+    slots = (2 if handed_over else 1) if follow else 0
+    cuda = _cuda()
+    return cuda.upload(host, device, cuda.external_stream(current_stream()), slots)
 
 
 def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
@@ -118,59 +127,24 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
 
 def retired():
     """A holder of replaced CUDA sources: ``.release(kept, device, stream)`` keeps ``kept`` alive
-    until the launches issued so far on ``stream`` (see :func:`current_stream`) have run, without
+    until the launches issued so far on ``stream`` (see :func:`stream_of`) have run, without
     a sync."""
     return _cuda().Retired()
 
 
-def update_addresses(t: Tables, addresses, device: str, framework: str = "numpy") -> Tables:
+def update_addresses(t: Tables, addresses, device: str, current_stream=default_stream) -> Tables:
     """Same layout, new source addresses (a source was re-allocated in place). On CUDA the
-    device table is rewritten in place on the framework's current stream (no allocation)."""
+    device table is rewritten in place on the stream ``current_stream()`` names (no allocation)."""
     seg_addr = np.asarray(addresses, np.int64).reshape(-1)
     if is_cuda(device):
-        return _cuda().update_addresses(t, seg_addr, device, current_stream(framework, device))
+        cuda = _cuda()
+        return cuda.update_addresses(t, seg_addr, device, cuda.external_stream(current_stream()))
     return t._replace(seg_addr=seg_addr)
 
 
-def zero_(a, device: str, framework: str) -> None:
-    """Zero a small CUDA array of fastema's (a flag) by a kernel on the framework's stream."""
-    _cuda().zero_(a, device, current_stream(framework, device))
-
-
-def device_view(address: int, size: int, dtype, owner):
-    """A Numba device array over ``size`` elements of ``dtype`` at CUDA ``address`` (no copy)."""
-    return _cuda().raw_view(address, size, dtype, owner)
-
-
-def current_stream(framework: str, device) -> Any:
-    """The framework's current CUDA stream on ``device`` ("cuda:N"), as a Numba stream (0: the
-    legacy default stream). Read at every launch (about 0.3 us for torch).
-
-    torch and CuPy have a current stream; JAX, TensorFlow and other DLPack producers order
-    their writes before the legacy default stream at export, and Numba device arrays have no
-    current stream, so fastema launches on the default stream for them."""
-    if framework == "torch":
-        import torch
-
-        handle = torch._C._cuda_getCurrentRawStream(_index(device))
-    elif framework == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(_index(device)):
-            handle = cupy.cuda.get_current_stream().ptr
-    else:
-        return 0
-    return external_stream(handle) if handle else 0
-
-
-def _index(device) -> int:
-    device = str(device)
-    return int(device.split(":")[1]) if ":" in device else 0
-
-
-def external_stream(pointer: int) -> Any:
-    """A Numba stream object for a framework's CUDA stream handle."""
-    return _cuda().external_stream(pointer)
+def stream_of(group) -> Any:
+    """The Numba stream a launch for ``group`` goes on now (0: the legacy default stream)."""
+    return _cuda().external_stream(group.current_stream()) if is_cuda(group.device) else 0
 
 
 @functools.cache

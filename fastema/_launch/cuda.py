@@ -1,11 +1,11 @@
-"""CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: raw
-device views, stream objects, table upload and in-place update, retirement events.
+"""CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: stream
+objects, table upload and in-place update, retirement events.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are
 allocated once (copied asynchronously on the caller's stream), later address changes are
 written into the same device table from pinned staging slots on the caller's stream (so a
-captured CUDA graph keeps reading a live table that follows re-allocated sources), and
-flags are zeroed by a kernel.
+captured CUDA graph keeps reading a live table that follows re-allocated sources); flags are
+zeroed by their framework (:meth:`fastema._backends.Backend.zero_`).
 
 Imported only when a CUDA buffer arrives (or under the Numba CUDA simulator). Imports
 nothing back from the package: its tunables come from :mod:`.config`.
@@ -21,25 +21,16 @@ from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR
 from . import config
 
-_TYPESTR = {np.dtype(np.uint32): "<u4", np.dtype(np.uint16): "<u2", np.dtype(np.float32): "<f4",
-            np.dtype(np.float64): "<f8", np.dtype(np.int32): "<i4", np.dtype(np.int64): "<i8"}
-
 
 def _index(device: str) -> int:
+    """N of "cuda:N" (the names fastema._backends.device_name gives)."""
     return int(device.split(":")[1])
-
-
-def raw_view(address: int, size: int, dtype, owner):
-    """A Numba device array over ``size`` elements at ``address`` (no copy, no sync)."""
-    dtype = np.dtype(dtype)
-    desc = {"shape": (size,), "typestr": _TYPESTR[dtype], "data": (int(address), False),
-            "version": 3, "strides": None}
-    return cuda.from_cuda_array_interface(desc, owner=owner, sync=False)
 
 
 @functools.lru_cache(maxsize=64)
 def external_stream(ptr: int):
-    return cuda.external_stream(ptr)
+    """The Numba stream object of a raw CUDA stream handle (0: 0, the legacy default stream)."""
+    return cuda.external_stream(ptr) if ptr else 0
 
 
 def _on(stream):
@@ -134,12 +125,6 @@ def _zero_flag(device: str):
     """An int32[1] zero per device: the flag of launches with no guard (never written)."""
     with cuda.gpus[_index(device)]:
         return cuda.to_device(np.zeros(1, np.int32), stream=cuda.default_stream())
-
-
-def zero_(a, device: str, stream=0) -> None:
-    """``a[:] = 0`` by a kernel on ``stream``: no host copy, capturable."""
-    blocks = max(1, min((a.size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
-    _run(K.zero_kernel(), device, stream, blocks, a.reshape(-1))
 
 
 def _run(kernel, device: str, stream, blocks, *args):

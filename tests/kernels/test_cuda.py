@@ -243,8 +243,9 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
     first, later = cuda.stream(), cuda.stream()
     current = [first]
     seen = []
-    monkeypatch.setattr(_launch, "current_stream", lambda framework, device: current[0])
     from fastema._launch import cuda as launch_cuda
+
+    monkeypatch.setattr(launch_cuda, "external_stream", lambda handle: current[0])   # the stream of now
 
     run = launch_cuda._run
 
@@ -267,7 +268,7 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
     flat.swap()
     fastema.ema_update_many_(many, dev, decay=0.5)         # cached layout: still the stream of now
     fastema.ema_update_(many[0], dev[0], decay=0.5)
-    assert len(seen) == 9 and all(s is later for s in seen)       # 7 + the guard flag made and zeroed
+    assert len(seen) == 7 and all(s is later for s in seen)       # the guard flag is zeroed by a memset
     assert np.array_equal(flat.view(1).copy_to_host(), host[1])
 
 
@@ -304,7 +305,7 @@ def test_plan_kernel_matches_cpu(plan_kw):
     from fastema.average.device_plan import parameters
     from fastema.kernels import cpu as kcpu
     from fastema.kernels.kinds import S_NORMS
-    from fastema.schedules import Plan
+    from fastema.average import Plan
 
     plan = Plan(**plan_kw)
     params, decays = parameters(plan, (3 << 32) + 9)
@@ -415,19 +416,19 @@ def test_handed_over_sources_alternate_between_two_address_tables(monkeypatch):
     monkeypatch.setattr(launch_cuda.Staging, "write", lambda self, *a: (writes.append(1), write(self, *a)))
     a, b, c = ([cuda.to_device(np.full(n, v, np.float32)) for n in (8, 3)] for v in (1.0, 2.0, 3.0))
     addr = lambda xs: [dev_addr(x) for x in xs]  # noqa: E731
-    t = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", "jax")
+    t = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", handed_over=True)
     assert len(t.staging.arrays) == 2
     seen = []
     for step, xs in enumerate([b, a, b, a, c, a]):
-        t = _launch.update_addresses(t, addr(xs), "cuda:0", "jax")
+        t = _launch.update_addresses(t, addr(xs), "cuda:0")
         assert list(t.seg_addr.copy_to_host()) == addr(xs)
         seen.append(id(t.seg_addr))
     assert len(writes) == 2                                  # b once, c once; the repeats switch tables
     assert len(set(seen)) == 2
-    one = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", "cuda")
+    one = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0")
     first = one.seg_addr
     for xs in (b, a):
-        one = _launch.update_addresses(one, addr(xs), "cuda:0", "cuda")
+        one = _launch.update_addresses(one, addr(xs), "cuda:0")
         assert one.seg_addr is first and list(first.copy_to_host()) == addr(xs)
 
 
