@@ -1,6 +1,7 @@
 """The structure's rules, checked from the source: kernels/ imports only NumPy, Numba and
-llvmlite (and the standard library); no module-level import cycle in fastema; array types
-are recognised only in fastema/_backends."""
+llvmlite (and the standard library); no module-level import cycle in fastema; frameworks are
+imported and recognised only in fastema/_backends and the faces; _launch names no framework and
+_backends never reaches _launch."""
 import ast
 import pathlib
 import sys
@@ -86,15 +87,76 @@ def test_no_import_cycle_in_fastema(deferred):
             visit(node)
 
 
-def test_array_types_are_recognised_only_in_backends():
-    needles = ("_is_torch", "__cuda_array_interface__", "isinstance(x, np.ndarray)", "_is_cudasim")
-    found = []
-    for path in sorted((ROOT / "fastema").rglob("*.py")):
-        if "_backends" in path.parts:
+# Where framework code may live: the boundary (_backends), the faces and the tools that are
+# about one framework. Everywhere else (the shadows, ops, smoothers, dispatch, the engine) asks
+# a _backends adapter instead of importing a framework or testing for one.
+FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
+                   "fastema/posthoc/snapshots.py", "fastema/keras.py", "fastema/lightning.py", "fastema/jax.py",
+                   "fastema/tensorflow.py", "fastema/_keras_jax_state.py")
+IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy"}
+PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
+
+
+def _framework_uses(path: pathlib.Path, package: str):
+    """(line, what) for each framework import (deferred ones included) and each call of a
+    framework predicate of _backends (``_backends.is_torch(x)``, ``is_torch(x)`` imported from it)."""
+    tree = ast.parse(path.read_text())
+    from_backends = set()
+    for mod, line in _imports(path, package, module_level_only=False):
+        if mod.split(".")[0] in IMPORTED_FRAMEWORKS:
+            yield line, f"imports {mod}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_backends"):
+            from_backends |= {a.asname or a.name for a in node.names if a.name in PREDICATES}
+    called = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
             continue
-        text = path.read_text()
-        found += [f"{path.relative_to(ROOT)}: {n}" for n in needles if n in text]
-    assert not found, found
+        f = node.func
+        called.add(id(f))
+        if isinstance(f, ast.Name) and f.id in from_backends:
+            yield node.lineno, f"calls {f.id} (from _backends)"
+    for node in ast.walk(tree):          # _backends.is_torch(x), and map(_backends.is_torch, xs)
+        if isinstance(node, ast.Attribute) and node.attr in PREDICATES and isinstance(node.value, ast.Name) \
+                and node.value.id.endswith("_backends"):
+            yield node.lineno, f"{'calls' if id(node) in called else 'passes'} _backends.{node.attr}"
+
+
+def _package(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts if path.name == "__init__.py" else parts[:-1]).removesuffix(".__init__")
+
+
+def test_frameworks_are_named_only_in_the_boundary_and_the_faces():
+    """No framework import (deferred imports inside functions included) and no call of a
+    _backends framework predicate outside the boundary and the faces (AST, not spellings)."""
+    bad = []
+    for path in sorted((ROOT / "fastema").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(FRAMEWORK_HOMES):
+            continue
+        bad += [f"{rel}:{line} {what}" for line, what in _framework_uses(path, _package(path))]
+    assert not bad, bad
+
+
+def test_dispatch_imports_no_framework():
+    """fastema/_launch names no framework: each group carries its stream getter (from its backend)."""
+    bad = []
+    for path in sorted((ROOT / "fastema" / "_launch").glob("*.py")):
+        bad += [f"fastema/_launch/{path.name}:{line} {what}"
+                for line, what in _framework_uses(path, "fastema._launch")]
+    assert not bad, bad
+
+
+def test_the_boundary_does_not_reach_dispatch():
+    """_backends describes and makes arrays; it never imports _launch (no launch from the boundary)."""
+    bad = []
+    for path in sorted((ROOT / "fastema" / "_backends").glob("*.py")):
+        bad += [f"fastema/_backends/{path.name}:{line} imports {mod}"
+                for mod, line in _imports(path, "fastema._backends", module_level_only=False)
+                if mod.startswith("fastema._launch")]
+    assert not bad, bad
 
 
 def test_every_package_is_in_the_wheel():
