@@ -13,6 +13,7 @@ before anything is loaded.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -28,8 +29,9 @@ __all__ = ["Average", "Face", "ModelAdapter", "PlanReader"]
 
 
 class PlanReader:
-    """The read-only counters and settings every model EMA (torch, JAX, TensorFlow) shows of its
-    ``self.plan``: one definition, so they read the same everywhere."""
+    """The counters every model EMA (torch, JAX, TensorFlow) shows of its ``self.plan``: one
+    definition, so they read the same everywhere. ``decay``, ``updates`` and ``rows`` are the
+    conveniences; everything else is read on ``ema.plan``."""
 
     _plan: Plan
 
@@ -53,30 +55,18 @@ class PlanReader:
         """Averages kept (one per decay or profile; BEMA's output is one)."""
         return self.plan.rows
 
-    @property
-    def norms(self) -> list:
-        """The debiasing normalisers, one per average."""
-        return self.plan.norms
+    # Deprecated (0.2): the plan's other settings are read on ``ema.plan``.
+    norms = property(lambda self: _moved(self, "norms"), doc="Deprecated: ``ema.plan.norms``.")
+    schedules = property(lambda self: _moved(self, "schedules"), doc="Deprecated: ``ema.plan.schedules``.")
+    update_every = property(lambda self: _moved(self, "update_every"), doc="Deprecated: ``ema.plan.update_every``.")
+    compensate = property(lambda self: _moved(self, "compensate"), doc="Deprecated: ``ema.plan.compensate``.")
+    debias = property(lambda self: _moved(self, "debias"), doc="Deprecated: ``ema.plan.debias``.")
 
-    @property
-    def schedules(self) -> list:
-        """The schedule of each average (:mod:`fastema.schedules`)."""
-        return self.plan.schedules
 
-    @property
-    def update_every(self) -> int:
-        """Calls between updates."""
-        return self.plan.update_every
-
-    @property
-    def compensate(self) -> bool:
-        """True when ``update_every=k`` uses ``decay ** k``."""
-        return self.plan.compensate
-
-    @property
-    def debias(self) -> bool:
-        """True for a debiased (zero-started) average."""
-        return self.plan.debias
+def _moved(face, name: str):
+    warnings.warn(f"ema.{name} is read on the plan now: ema.plan.{name} (the alias goes in the next release)",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(face.plan, name)
 
 
 class Face(PlanReader):

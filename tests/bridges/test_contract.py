@@ -323,3 +323,12 @@ def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
     if hasattr(model, "block"):
         with pytest.raises(IndexError):
             ema.swap(2)
+
+
+def test_the_plan_settings_are_read_on_the_plan_and_the_old_members_warn(model):
+    ema = model.ema([0.9, 0.5], update_every=2, debias=True)
+    assert (ema.decay, ema.updates, ema.rows) == ([0.9, 0.5], 0, 2)            # the three conveniences stay
+    for name in ("norms", "schedules", "update_every", "compensate", "debias"):
+        with pytest.warns(DeprecationWarning, match=f"ema.plan.{name}"):
+            value = getattr(ema, name)
+        assert value == getattr(ema.plan, name)

@@ -130,7 +130,7 @@ def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
     from fastema.average.device_plan import parameters
     from fastema.kernels import cpu
     from fastema.ops import sr_key
-    from fastema.schedules import Plan
+    from fastema.average import Plan
 
     kw = dict(warmup="power", update_every=2, compensate=True, debias=True, update_after_step=1, inv_gamma=2.0)
     plan, seed, groups = Plan([0.9, 0.999], **kw), (3 << 32) + 9, 3
@@ -212,7 +212,7 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
     """Property: whatever the schedule, cadence, debiasing, seed and steps (given or counted),
     the device plan's weights, skips, counts, normalisers and rounding keys equal the Python
     Plan's bit for bit (the graph-replayed EMA and the eager one read the same numbers)."""
-    from fastema.schedules import Plan
+    from fastema.average import Plan
 
     kw = dict(warmup=warmup, update_after_step=after, inv_gamma=inv_gamma, power=power, min_decay=min_decay,
               update_every=every, compensate=compensate, debias=debias)
@@ -225,7 +225,7 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
 def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, every, debias, seed, given_steps, gaps):
     """Property: the power-function and half-life schedules (time = calls, or steps that never go
     back) give the same weights, skips, times and counts on the device as in the Python Plan."""
-    from fastema.schedules import Plan
+    from fastema.average import Plan
 
     kw = {kind: values if kind == "sigma_rel" else [v * 1000 for v in values], "update_every": every,
           "debias": debias}

@@ -24,7 +24,7 @@ def mlp():
 def test_training_loop_matches_float64_reference(make, warmup):
     model = make()
     ema = EMA(model, 0.99, warmup=warmup, update_after_step=3)
-    sched = ema.schedules[0]
+    sched = ema.plan.schedules[0]
     ref = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss() if make is cnn else nn.MSELoss()
