@@ -26,11 +26,25 @@ class PublicSummary(SphinxDirective):
                 f"public-summary: cannot import {modname}: {type(e).__name__}: {e}", line=self.lineno)]
         names = [n for n in getattr(module, "__all__", ())
                  if not isinstance(getattr(module, n, None), types.ModuleType)]
-        lines = [".. autosummary::", "   :nosignatures:", ""] + [f"   {modname}.{n}" for n in names]
+        # A constant (MAX_DECAYS, a dict of reasons) has no docstring of its own: autosummary would show
+        # its type's (``int([x]) -> integer``, or dict's, whose ``**kwargs`` is broken markup). The
+        # constants are listed by name under the table; their entries are on the page (``#:`` comments
+        # or ``.. py:data::``).
+        constants = [n for n in names if _is_constant(getattr(module, n, None))]
+        lines = [".. autosummary::", "   :nosignatures:", ""] + [f"   {modname}.{n}" for n in names
+                                                                 if n not in constants]
+        if constants:
+            lines += ["", "Constants: " + ", ".join(f":data:`~{modname}.{n}`" for n in constants) + "."]
         container = nodes.container()
         self.state.nested_parse(StringList(lines, source=f"<public-summary {modname}>"), self.content_offset,
                                 container)
         return container.children
+
+
+def _is_constant(obj) -> bool:
+    """A plain value (not a class, function or module) whose docstring is its type's."""
+    return (obj is not None and not isinstance(obj, (type, types.ModuleType)) and not callable(obj)
+            and getattr(obj, "__doc__", None) == type(obj).__doc__)
 
 
 def setup(app):
