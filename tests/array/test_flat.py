@@ -252,3 +252,50 @@ def test_adopt_refuses_what_it_can_check_and_changes_nothing():
     flat.adopt(new, [a.ctypes.data for a in new])
     flat.update(0.0)
     assert np.array_equal(flat.view(0), new[0]) and np.array_equal(flat.view(1), new[1])
+
+
+# ------------------------------------------------------------------ refused sources
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: [torch.zeros(3)._neg_view()], "negated or conjugated"),
+    (lambda: [], "sources is empty"),
+    (lambda: torch.zeros(3), "must be a sequence"),
+])
+def test_flat_shadow_refuses_bad_sources(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fastema.FlatShadow(make())
+
+
+def test_flat_shadow_rows_must_be_an_int_not_a_bool():
+    with pytest.raises(ValueError, match="rows must be an int"):
+        fastema.FlatShadow([torch.zeros(3)], rows=True)
+
+
+def test_meta_tensors_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="meta tensor has no memory"):
+        fastema.FlatShadow([torch.zeros(3, device="meta")])
+
+
+def test_overlapping_sources_are_refused_and_identical_pairs_averaged_once():
+    x = torch.zeros(1000)
+    with pytest.raises(ValueError, match="share memory"):
+        fastema.FlatShadow([x, x])
+    with pytest.raises(ValueError, match="share memory"):
+        fastema.FlatShadow([x[:600], x[400:]])
+    s, y = torch.zeros(1 << 16), torch.randn(1 << 16)
+    ref = s.clone()
+    for _ in range(4):                                 # the same pair twice: averaged once, no race
+        fastema.ema_update_many_([s, s], [y, y], 0.5)
+        ref.lerp_(y, 0.5)
+    assert torch.equal(s, ref)
+    with pytest.raises(ValueError, match="another source"):
+        fastema.ema_update_many_([s, s], [y, torch.randn(1 << 16)], 0.5)
+    with pytest.raises(ValueError, match="share memory"):
+        fastema.ema_update_many_([s[:100], s[50:150]], [y[:100], y[:100]], 0.5)
+
+
+# reliability review M3
+def test_flat_shadow_of_the_same_tensor_twice_is_refused():
+    x = torch.zeros(1000)
+    with pytest.raises(ValueError, match="share memory"):
+        fastema.FlatShadow([x, x])

@@ -1,7 +1,12 @@
-"""fastema.torch.EMA on real training loops, schedules, swap, checkpoints, bad input."""
+"""fastema.torch.EMA on real training loops, schedules, swap, copy_to, checkpoints and save, bad input
+(what it does when the model changes: test_model_changes.py; refused tensors: test_refusals.py)."""
+import copy
 import math
 import os
 import socket
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +14,9 @@ import torch
 from torch import nn
 
 from fastema import schedules as S
-from fastema.torch import EMA, normalize_name
+from fastema.torch import EMA, WindowAverage, normalize_name
 import models
-from models import batches, cnn, train
+from models import batches, cnn, moved, train
 from reference import assert_close_to_reference
 
 
@@ -301,33 +306,10 @@ def test_exclude_copy_and_buffer_modes():
 
 # ------------------------------------------------------------------ bad input
 
-def test_model_changed_after_ema_is_refused_and_nothing_changes():
-    model = mlp()
-    ema = EMA(model, 0.9)
-    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
-    model[0] = nn.Linear(6, 16)                       # a new layer with other shapes
-    with pytest.raises(ValueError, match="make a new"):
-        ema.update()
-    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict()["averaged"].items())
 
 
-def test_assign_load_is_followed():
-    model = mlp()
-    ema = EMA(model, 0.0)
-    new = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
-    model.load_state_dict(new, assign=True)          # new Parameter objects
-    ema.update()
-    assert all((v == 3.0).all() for v in ema.state_dict()["averaged"].values())
 
 
-def test_model_moved_or_cast_is_refused():
-    model = mlp()
-    ema = EMA(model, 0.9)
-    before = ema.state_dict()["averaged"]["0.weight"].clone()
-    model.double()
-    with pytest.raises((ValueError, TypeError), match="float64"):
-        ema.update()
-    assert torch.equal(ema.state_dict()["averaged"]["0.weight"], before)
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -377,3 +359,181 @@ def test_update_while_swapped_is_refused():
         with pytest.raises(RuntimeError, match="swapped"):
             ema.update()
     assert math.isfinite(ema.decay)
+
+
+# ------------------------------------------------------------------ swap, copy_to, guard, arguments
+
+# reliability review M4
+def test_nested_average_parameters_keeps_the_average_in():
+    m = nn.Linear(4, 4)
+    ema = EMA(m, 0.5)
+    moved(ema, m)
+    raw = m.weight.detach().clone()
+    with ema.average_parameters():
+        with ema.average_parameters():
+            assert torch.equal(m.weight, raw - 0.5)
+        assert torch.equal(m.weight, raw - 0.5)
+    assert torch.equal(m.weight, raw) and not ema.swapped
+    w = WindowAverage(m, 2)
+    with w.average_parameters(), w.average_parameters():
+        assert w.swapped
+    assert torch.equal(m.weight, raw)
+
+
+# reliability review M5: the guard covers copied buffers too
+def test_skip_nonfinite_also_keeps_nan_statistics_out():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = EMA(m, 0.9, skip_nonfinite=True)
+    before = ema.averaged_state_dict()
+    with torch.no_grad():
+        m[0].weight.fill_(float("nan"))
+        m[1].running_mean.fill_(float("nan"))
+        m[1].num_batches_tracked.fill_(7)
+    ema.update()
+    after = ema.averaged_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not ema.module().eval()(torch.ones(2, 4)).isnan().any()
+    with torch.no_grad():                               # NaN only in a buffer: skipped too
+        m[0].weight.fill_(1.0)
+        m[1].running_var.fill_(float("inf"))
+    ema.update()
+    assert torch.equal(ema.averaged_state_dict()["1.running_var"], before["1.running_var"])
+    with torch.no_grad():
+        m[1].running_var.fill_(2.0)
+        m[1].running_mean.fill_(0.5)
+    ema.update()                                        # a finite step goes through
+    after = ema.averaged_state_dict()
+    assert torch.equal(after["1.running_var"], torch.full((4,), 2.0))
+    assert int(after["1.num_batches_tracked"]) == 7
+
+
+# reliability review M8
+def test_copy_to_a_compiled_model_writes_and_a_mismatch_raises_before_writing():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ema = EMA(m, 0.5)
+    moved(ema, m)
+    target = torch.compile(copy.deepcopy(m))
+    ema.copy_to(target)
+    assert torch.equal(target._orig_mod[0].weight, m[0].weight.detach() - 0.5)
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="does not match.*nothing was copied"):
+        ema.copy_to(other)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
+# reliability review L1, L3-L5
+def test_numpy_decays_are_accepted():
+    import numpy as np
+
+    ema = EMA(nn.Linear(4, 4), np.float32(0.5))
+    assert ema.decay == pytest.approx(0.5)
+
+
+# reliability review L1, L3-L5
+def test_exclude_and_copy_take_one_pattern_as_a_str():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ema = EMA(m, 0.5, exclude="0.weight", copy="1.*")
+    names = ema.state_dict()
+    assert ema.exclude == ("0.weight",)
+    assert "0.weight" not in names["averaged"] and sorted(names["copied"]) == ["1.bias", "1.weight"]
+    with pytest.raises(TypeError, match="name patterns"):
+        EMA(m, 0.5, exclude=[3])
+
+
+# ------------------------------------------------------------------ checkpoints that load nothing, save
+
+# reliability review M9, L7
+def _state_with(mutate):
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = EMA(m, 0.5)
+    state = ema.state_dict()
+    state = {**state, "averaged": {k: v.clone() + 7 for k, v in state["averaged"].items()}}
+    mutate(state)
+    return ema, state
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.pop("rounding"), "no 'rounding'"),
+    (lambda s: s.pop("seed"), "no 'rounding' or 'seed'"),
+    (lambda s: s.pop("update_every"), "no 'update_every'"),
+    (lambda s: s.pop("compensate"), "no 'compensate'"),
+    (lambda s: s.pop("debias"), "no 'debias'"),
+    (lambda s: s.update(update_every=0), "update_every must be an int >= 1"),
+    (lambda s: s.update(updates=-3), "updates must be an int >= 0"),
+    (lambda s: s.update(calls=-1), "calls must be an int >= 0"),
+    (lambda s: s.update(seed=-1), "seed must be an int"),
+    (lambda s: s.update(averaged=None), "averaged is a NoneType"),
+    (lambda s: s["int_buffers"].update({"1.num_batches_tracked": torch.zeros(3, dtype=torch.long)}),
+     "int_buffers '1.num_batches_tracked' has shape"),
+    (lambda s: s["averaged"].update({"0.weight": torch.zeros(1, 4, 4, device="meta")}), "meta tensor"),
+    (lambda s: s["averaged"]["0.weight"].__setitem__((0, 0, 0), float("nan")), "holds inf or NaN"),
+])
+def test_bad_checkpoints_load_nothing(mutate, match):
+    ema, state = _state_with(mutate)
+    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    counters = (ema.calls, ema.updates, ema.rounding, ema.seed)
+    with pytest.raises(ValueError, match=match):
+        ema.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict()["averaged"].items())
+    assert (ema.calls, ema.updates, ema.rounding, ema.seed) == counters
+
+
+# reliability review L8
+def test_save_gets_the_umask_mode(tmp_path):
+    ema = EMA(nn.Linear(4, 4), 0.5)
+    old = os.umask(0o022)
+    try:
+        ema.save(tmp_path / "a.pt")
+        ema.save(tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o644
+
+
+# reliability review L9
+def test_save_removes_temporaries_of_killed_saves_only(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    import socket
+
+    host = socket.gethostname()
+    stale = tmp_path / f".fastema-a.pt.{dead}@{host}.x1.tmp"
+    live = tmp_path / f".fastema-a.pt.{os.getpid()}@{host}.x2.tmp"      # a save in progress elsewhere
+    other = tmp_path / f".fastema-b.pt.{dead}@{host}.x3.tmp"            # another target's
+    remote = tmp_path / f".fastema-a.pt.{dead}@not-{host}.x4.tmp"       # another machine's (shared disk)
+    for f in (stale, live, other, remote):
+        f.write_bytes(b"partial")
+    EMA(nn.Linear(4, 4), 0.5).save(tmp_path / "a.pt")
+    assert not stale.exists() and live.exists() and other.exists() and remote.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == \
+        sorted([live.name, other.name, remote.name])
+
+
+# reliability review L10
+def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    ema = EMA(nn.Linear(4, 4), 0.5)
+    ema.save(tmp_path / "a.pt")
+    old = (tmp_path / "a.pt").read_bytes()
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    with pytest.raises(OSError, match="could not write .*a.pt.*bytes free.*No space left"):
+        ema.save(tmp_path / "a.pt")
+    monkeypatch.undo()
+    assert (tmp_path / "a.pt").read_bytes() == old
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -9,6 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn as torch_m
 
 import fastema
 from fastema.torch import compat
+from models import tied
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[3] / "bench"))
 from baselines import TimmModelEmaV3Reference  # noqa: E402
@@ -277,3 +278,32 @@ def test_model_ema_v3_follows_a_reregistered_parameter_of_its_module():
         model.weight.fill_(2.0)
     ema.update(model)
     assert torch.equal(ema.module.weight, torch.ones(4, 4))
+
+
+# ------------------------------------------------------------------ tied weights
+
+# reliability review H1, M1
+def test_tied_weights_in_model_ema_v3_are_averaged_once_and_deterministically():
+    from fastema.torch.compat import ModelEmaV3
+
+    torch.manual_seed(0)
+    m = tied()
+    m.emb = nn.Embedding(4096, 256)
+    m.head = nn.Linear(256, 4096, bias=False)
+    m.head.weight = m.emb.weight
+    results = []
+    start = m.emb.weight.detach().clone()
+    for _ in range(3):
+        with torch.no_grad():
+            m.emb.weight.copy_(start)
+        ema = ModelEmaV3(m, decay=0.5)
+        ref = m.emb.weight.detach().clone()
+        for step in range(4):
+            with torch.no_grad():
+                m.emb.weight.add_(torch.ones_like(m.emb.weight) * (step + 1))
+            ema.update(m)
+            ref.lerp_(m.emb.weight.detach(), 0.5)
+        results.append(ema.module.emb.weight.detach().clone())
+        assert torch.equal(ema.module.emb.weight, ref)
+        assert ema.module.head.weight is ema.module.emb.weight
+    assert all(torch.equal(results[0], r) for r in results[1:])
