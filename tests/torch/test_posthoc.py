@@ -56,30 +56,23 @@ from fastema import posthoc  # noqa: E402
 from fastema.average import Plan  # noqa: E402
 from fastema.schedules import BEMA, PowerFunction  # noqa: E402
 from fastema.torch import EMA, PostHocEMA  # noqa: E402
+from models import mlp, train_sampled  # noqa: E402
 
 
 def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 1))
+    return mlp(6, 12, 1, norm=nn.BatchNorm1d, seed=seed)
 
 
 def _train(net, steps, *averages, seed=1, record=None, lr=0.05):
     """A real loop (forward, loss, backward, SGD with momentum, BatchNorm); each average's
     ``update()`` after every step; ``record(i)`` sees the weights after step i (1-based)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    x = torch.randn(256, 6, generator=g)
-    y = x.sum(1, keepdim=True).sin()
-    for i in range(1, steps + 1):
-        b = torch.randint(0, 256, (32,), generator=g)
-        loss = nn.functional.mse_loss(net(x[b]), y[b])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def each(i):
         if record is not None:
             record(i)
         for a in averages:
             a.update()
+
+    train_sampled([net], steps, each, optimizer=lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9), seed=seed)
 
 
 def _power_ema64(samples, gamma):
