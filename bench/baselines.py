@@ -1,7 +1,8 @@
 """Baselines: what users run today, written out where the package cannot be installed here.
 
 ``TimmModelEmaV3Reference`` is timm 1.0.31's ``timm.utils.model_ema.ModelEmaV3`` reduced to
-its round-to-nearest arithmetic (``stochastic_rounding`` touches bfloat16 EMA tensors only) (timm itself needs torchvision, which does not import beside the CPU
+its round-to-nearest arithmetic (``stochastic_rounding`` touches bfloat16 EMA tensors only)
+(timm itself needs torchvision, which does not import beside the CPU
 torch build these machines use). The tests check fastema's compat class against it
 bit for bit; the benchmarks time it.
 """

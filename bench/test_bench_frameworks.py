@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import QUICK, scenario_rounds
 from shapes import gpt2_small, many_small
 

@@ -10,7 +10,6 @@ import tempfile
 
 import pytest
 import torch
-
 from conftest import QUICK, devices
 from shapes import gpt2_small
 from test_bench_torch import Params

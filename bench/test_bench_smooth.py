@@ -8,8 +8,8 @@ so it is measured against an SMA-only Smoother at K = 1.
 """
 import pytest
 import torch
-
 from conftest import devices
+
 from fastema.smooth import Smoother
 
 

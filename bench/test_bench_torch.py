@@ -8,13 +8,13 @@ store / copy_to / restore.
 """
 import pytest
 import torch
+from baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
+from conftest import devices, scenario_rounds
+from shapes import gpt2_small, many_small
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
-from conftest import devices, scenario_rounds
 from fastema.torch import EMA
-from shapes import gpt2_small, many_small
 
 DECAY = 0.999
 SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}

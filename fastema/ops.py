@@ -8,7 +8,6 @@ for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow
 from __future__ import annotations
 
 import functools
-import numbers
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -17,8 +16,8 @@ import numpy as np
 from . import _backends, _launch
 from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint, layout, overlaps
 from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding  # noqa: F401 (re-exported)
-from .kernels import _bits, kinds
-from .kernels._bits import BF16, KIND_NAMES
+from .kernels import kinds
+from .kernels._bits import BF16
 
 __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swap_", "flag_nonfinite_",
            "MAX_DECAYS"]

@@ -11,7 +11,7 @@ from ._intrinsics import build, build_vectors, python_vectors, python_versions
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 if SIMULATOR:
-    from numba import types                        # the simulator's local arrays take numba's types
+    from numba import types  # the simulator's local arrays take numba's types
     HW = python_versions()
     VECTORS = python_vectors()
 else:

@@ -5,10 +5,29 @@ Plain Python over float scalars; each target compiles it (see :mod:`._target`).
 import numpy as np
 
 from ._bits import sr_noise
-from .kinds import (CONSTANT, DEBIASED, HALF_LIFE, NUM_UPDATES, POWER_FUNCTION, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
-                    P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, S_CALLS, S_LAST, S_NORMS,
-                    S_UPDATES,
-                    SEEDED)
+from .kinds import (
+    CONSTANT,
+    DEBIASED,
+    HALF_LIFE,
+    NUM_UPDATES,
+    P_AFTER,
+    P_COMPENSATE,
+    P_DEBIAS,
+    P_EVERY,
+    P_INV_GAMMA,
+    P_MIN_DECAY,
+    P_POWER,
+    P_SCHEDULE,
+    P_SEED_HI,
+    P_SEED_LO,
+    P_WARMUP,
+    POWER_FUNCTION,
+    S_CALLS,
+    S_LAST,
+    S_NORMS,
+    S_UPDATES,
+    SEEDED,
+)
 
 
 def ema_step(a, b, v, w, d, mode):

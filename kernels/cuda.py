@@ -10,9 +10,8 @@ import functools
 
 from numba import cuda
 
-from ._cuda_hw import types as numba_types
-
 from ._cuda_hw import HW, VECTORS
+from ._cuda_hw import types as numba_types
 from ._target import WINDOW, bind, bodies
 from .kinds import F32, F64, ITEMSIZE, wide
 

@@ -166,12 +166,13 @@ def swap(group, stream, *, mode, row):
 
 def nonfinite(group, stream, *, flag):
     t = group.tables
-    _chunks(group, stream, K.nonfinite_kernel(group.src_kind), t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
+    _chunks(group, stream, K.nonfinite_kernel(group.src_kind), t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin,
+            flag)
 
 
 def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
-    _chunks(group, stream, K.window_kernel(ring_kind, group.src_kind), *group.tables.args(), ring_addr, slot, full, count,
-            recompute)
+    _chunks(group, stream, K.window_kernel(ring_kind, group.src_kind), *group.tables.args(), ring_addr, slot, full,
+            count, recompute)
 
 
 def _streams(group, stream, kernel, size, *args):

@@ -20,9 +20,30 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _backends, _launch
-from ..kernels.kinds import (CONSTANT, HALF_LIFE, NUM_UPDATES, P_AFTER, P_COMPENSATE, P_DEBIAS, P_EVERY, P_INV_GAMMA,
-                             P_MIN_DECAY, P_POWER, P_SCHEDULE, P_SEED_HI, P_SEED_LO, P_WARMUP, PLAN_PARAMS,
-                             POWER_FUNCTION, POWER_WARMUP, S_CALLS, S_LAST, S_NORMS, S_UPDATES, wide)
+from ..kernels.kinds import (
+    CONSTANT,
+    HALF_LIFE,
+    NUM_UPDATES,
+    P_AFTER,
+    P_COMPENSATE,
+    P_DEBIAS,
+    P_EVERY,
+    P_INV_GAMMA,
+    P_MIN_DECAY,
+    P_POWER,
+    P_SCHEDULE,
+    P_SEED_HI,
+    P_SEED_LO,
+    P_WARMUP,
+    PLAN_PARAMS,
+    POWER_FUNCTION,
+    POWER_WARMUP,
+    S_CALLS,
+    S_LAST,
+    S_NORMS,
+    S_UPDATES,
+    wide,
+)
 from ..schedules import BEMA, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup
 from .plan import Plan
 

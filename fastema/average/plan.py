@@ -10,8 +10,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._checks import MAX_DECAYS
-from ..schedules import (BEMA, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, _check_count,
-                         _check_decay, check_power_args, check_step, compensated, debiased_weight, from_state)
+from ..schedules import (
+    BEMA,
+    Constant,
+    HalfLife,
+    NumUpdates,
+    PowerFunction,
+    PowerWarmup,
+    _check_count,
+    _check_decay,
+    check_power_args,
+    check_step,
+    compensated,
+    debiased_weight,
+    from_state,
+)
 
 __all__ = ["Cadence", "Pending", "Plan"]
 

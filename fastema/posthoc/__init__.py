@@ -15,7 +15,7 @@ is written, read or synthesised.
 """
 from .plot import plot_profiles
 from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve
-from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot
+from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot  # noqa: F401 (fastema.torch's writer; not public)
 from .synthesis import Synthesized, synthesize
 
 __all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotMeta", "Solution", "Synthesized", "plot_profiles", "profile",

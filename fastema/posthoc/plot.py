@@ -28,7 +28,8 @@ def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: st
     tau = np.linspace(0, last.time, 800)
     fig, ax = plt.subplots(figsize=(7, 4))
     for g in last.gammas:
-        ax.plot(tau, profile(tau, last.time, g), lw=1, alpha=0.7, label=f"tracked sigma_rel={gamma_to_sigma_rel(g):.3f}")
+        ax.plot(tau, profile(tau, last.time, g), lw=1, alpha=0.7,
+                label=f"tracked sigma_rel={gamma_to_sigma_rel(g):.3f}")
     sol = None
     if sigma_rel is not None:
         sol = _solution_for(snaps, sigma_rel, None, time, max_error)

@@ -2,9 +2,8 @@
 time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model."""
 from __future__ import annotations
 
-from typing import Any
-
 import os
+from typing import Any
 
 from .profiles import MAX_ERROR, Solution, solve
 from .snapshots import Snapshot, _reader, read_snapshots
@@ -73,7 +72,8 @@ def _load_into(model, weights: dict) -> None:
 
         set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
         return
-    bad = [f"{n} {tuple(weights[n].shape)} into {tuple(t.shape)}" for n, t in own.items() if t.shape != weights[n].shape]
+    bad = [f"{n} {tuple(weights[n].shape)} into {tuple(t.shape)}" for n, t in own.items()
+           if t.shape != weights[n].shape]
     if bad:
         hint = (" (DeepSpeed ZeRO-3 parameters are partitioned: load inside deepspeed.zero.GatheredParameters("
                 "params, modifier_rank=0), or into an unpartitioned copy of the model)"

@@ -14,11 +14,11 @@ from typing import ContextManager, Sequence
 import torch
 from torch import nn
 
-from . import _compile, _sharded
 from ..average import Cadence, ModelSwap
 from ..flat import FlatShadow
+from . import _compile, _sharded
 from ._checkpoint import _CheckpointSide
-from ._model import _DATA_PTR, _ModelSide, _disjoint_groups, _patterns, _unwrap, _watch
+from ._model import _DATA_PTR, _disjoint_groups, _ModelSide, _patterns, _unwrap, _watch
 
 
 class _ModelAverage(_ModelSide, _CheckpointSide):
@@ -62,7 +62,8 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         self._resync = False                    # the model was wrapped in DDP after construction
         self._backup = None                     # raw weights during a lossy swap (float16 models)
         self._swap = ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the "
-                                               "raw weights then); call it outside average_parameters() or after swap()")
+                                               "raw weights then); call it outside average_parameters() or after "
+                                               "swap()")
         self._slots = self._owner_slots()
         self._addresses = self._addresses_now()
         self._handle = _compile.register(self)  # what the compiled operators find this average by

@@ -15,9 +15,9 @@ import os
 import torch
 from torch import nn
 
-from . import _sharded
-from .._state import check_header, refuse_load
 from .._files import atomic_write as _atomic_write
+from .._state import check_header, refuse_load
+from . import _sharded
 from ._model import _local_key, _match_names, _unwrap
 
 __all__ = ["FORMAT", "VERSION"]

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
-from . import _sharded
 from ..flat import FlatShadow
+from . import _sharded
 
 __all__ = ["normalize_name", "registration_hooks"]
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import posthoc as _posthoc          # fastema.posthoc: the snapshot format and the synthesis
+from .. import posthoc as _posthoc  # fastema.posthoc: the snapshot format and the synthesis
 from ..posthoc.snapshots import SnapshotMeta
 from . import _sharded
 from ._model import _unwrap

@@ -18,4 +18,5 @@ from .swa_utils import get_ema_multi_avg_fn
 from .timm import ModelEmaV3
 from .torch_ema import ExponentialMovingAverage
 
-__all__ = ["EMA", "EMAModel", "ExponentialMovingAverage", "KarrasEMA", "ModelEmaV3", "PostHocEMA", "get_ema_multi_avg_fn"]
+__all__ = ["EMA", "EMAModel", "ExponentialMovingAverage", "KarrasEMA", "ModelEmaV3", "PostHocEMA",
+           "get_ema_multi_avg_fn"]

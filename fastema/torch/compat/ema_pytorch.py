@@ -403,7 +403,8 @@ class PostHocEMA(nn.Module):
         for n, (f, w) in enumerate(zip(files, weights)):
             scratch.load_state_dict(torch.load(str(f), weights_only=True))
             with torch.no_grad():
-                for c, s in zip(scratch.iter_all_ema_params_and_buffers(), synthesized.iter_all_ema_params_and_buffers()):
+                pairs = zip(scratch.iter_all_ema_params_and_buffers(), synthesized.iter_all_ema_params_and_buffers())
+                for c, s in pairs:
                     if n == 0:
                         s.zero_()
                     s.add_(c * w)
