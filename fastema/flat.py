@@ -121,12 +121,11 @@ class FlatShadow(ShadowBase):
                 replaced by new objects since the last call.
         """
         self._swap.refuse("update()")
-        if not isinstance(decay, (list, tuple)) and decay is not None:
-            decay = [decay]
+        decays = [decay] if decay is not None and not isinstance(decay, (list, tuple)) else decay
         weights_by_device = {}
         for g in self.layout.groups:                    # every check before any write
             if g.device not in weights_by_device:
-                weights_by_device[g.device] = resolve_weights(decay, weight, self.rows, g.device)
+                weights_by_device[g.device] = resolve_weights(decays, weight, self.rows, g.device)
             stochastic_rounding(rounding, g.shadow_kind)
         if rounding == "stochastic":
             sr_key(seed, step)                          # validates seed and step
@@ -149,6 +148,7 @@ class FlatShadow(ShadowBase):
             if plan is not None:
                 weights, key = plan.weights(g), plan.key(gi, g)
             else:
+                assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
             _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
                            stochastic=stochastic)

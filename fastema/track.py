@@ -79,7 +79,7 @@ class Tracker:
             if unknown or missing:
                 raise ValueError(f"this tracker follows {list(self.names)}; got unknown {unknown}, missing {missing}")
             values = tuple(named[n] for n in self.names)
-        vec = values[0] if len(values) == 1 else None
+        vec: Any = values[0] if len(values) == 1 else None
         # one vector of all the metrics: a NumPy array or a torch tensor (metric_vector: else None)
         vector = _backends.metric_vector(vec) if vec is not None and (len(self.names) > 1 or np.ndim(vec) == 1) \
             else None

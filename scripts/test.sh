@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set up .venv with the dev, cuda (numba-cuda's compilers: no GPU
 # needed), bench, distributed (DeepSpeed, run on the CPU) and docs (Sphinx) extras, then
+#   0. ruff (lint and import order) and mypy (the public modules), failing early,
 #   1. CPU tests (kernels, API, FlatShadow, EMA, compat, training loops, and every CUDA
 #      kernel compiled to sm_90 PTX through the real numba-cuda pipeline),
 #   2. CUDA kernel tests in the Numba CUDA simulator, in their own process
@@ -16,6 +17,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,cuda,bench,distributed,docs
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
+
+echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the public modules)"
+"$py" -m ruff check .
+"$py" -m mypy
 
 echo "== CPU tests"
 "$py" -m pytest tests -m "not cuda" -q

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -106,10 +106,11 @@ class EMA(Face, _ModelAverage):
         self.shadow_dtype, self.skip_nonfinite = shadow_dtype, skip_nonfinite
         self._bema = self.plan.schedules[0] if opts.is_bema else None
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
+        make: Callable[[dict], FlatShadow]
         if offload:
             from ._offload import OffloadedShadow
 
-            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # noqa: E731
+            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # type: ignore  # noqa: E731
         else:
             make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
         self.offload = offload
@@ -187,12 +188,13 @@ class EMA(Face, _ModelAverage):
             return
         self.plan.done(pending)
 
-
     def _device_update(self, step: int | None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
         captures and replays (no host value of the call is baked into it but ``step``)."""
-        self._plan_on_device.advance(step)
-        flags = self._plan_on_device.flags
+        plan = self._plan_on_device
+        assert plan is not None                     # only called with the plan on the device
+        plan.advance(step)
+        flags = plan.flags
         if self.skip_nonfinite:
             flags = self._scan(flags)
         self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)

@@ -86,7 +86,7 @@ class WindowAverage(_ModelAverage):
         self.snapshots = 1
 
     def _extra_state(self) -> dict:
-        state = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
+        state: dict = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
                  "ring_dtype": self.ring_dtype}
         if self.window is not None:
             state["ring"] = {n: self._global(n, self._avg.ring_view(n), True) for n in self._avg.names}
