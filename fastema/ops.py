@@ -244,20 +244,22 @@ def pair_groups(shadows: list, sources: list) -> list:
     return [_PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
 
 
-def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: int) -> None:
+def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: int, *,
+                 bf16_stochastic: bool = False) -> None:
     """One lerp launch per group of :func:`pair_groups`; every argument is checked first.
 
-    ``rounding="stochastic_bf16"`` rounds the bfloat16 shadows stochastically and the others
-    to nearest (timm's ``stochastic_rounding=True``)."""
+    ``bf16_stochastic=True`` (the compat drop-ins only: timm's ``stochastic_rounding=True``)
+    rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
+    says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
     weights = {}
     for g in groups:                                  # every check before any launch
         if g.device not in weights:
             weights[g.device] = resolve_weights(None if decay is None else [decay], weight, 1, g.device)
-        if rounding != "stochastic_bf16":
+        if not bf16_stochastic:
             stochastic_rounding(rounding, g.shadow_kind)
-    key = sr_key(seed, step) if rounding != "nearest" else 0
+    key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
     for g in groups:
-        stochastic = rounding == "stochastic" or (rounding == "stochastic_bf16" and g.shadow_kind == BF16)
+        stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
         _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
 
 

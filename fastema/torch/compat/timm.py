@@ -117,8 +117,8 @@ class ModelEmaV3(nn.Module):
             self._restart(model)
         groups, copies = self._pairs(model)
         decay = self.get_decay(step)
-        rounding = "stochastic_bf16" if self.stochastic_rounding else "nearest"
-        launch_pairs(groups, decay, None, rounding, self.stochastic_rounding_seed, self._updates)
+        launch_pairs(groups, decay, None, "nearest", self.stochastic_rounding_seed, self._updates,
+                     bf16_stochastic=self.stochastic_rounding)
         for e, m in copies:
             e.copy_(m)
         self._updates += 1
