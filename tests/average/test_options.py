@@ -1,0 +1,92 @@
+"""EMAOptions: the one list of a model EMA's options, checked together, with one wording per
+rule; the faces and the callbacks validate through it (tests/bridges/test_contract.py runs
+every option on every face)."""
+import dataclasses
+
+import pytest
+
+from fastema.average import HOST_ONLY_REFUSALS, EMAOptions, Plan
+from fastema.schedules import BEMA, HalfLife, PowerFunction
+
+
+def test_the_defaults_are_one_constant_decay_of_0_9999():
+    opts = EMAOptions()
+    plan = opts.plan()
+    assert isinstance(plan, Plan) and plan.decay == 0.9999 and opts.shadow_rows == 1
+    assert opts.given() == {}
+    assert opts.shadow() == ("float32", "nearest", 0, False)
+
+
+def test_every_option_of_the_torch_signature_is_an_emaoption():
+    import inspect
+
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from fastema.torch import EMA
+
+    face = set(inspect.signature(EMA).parameters) - {"model", "buffers", "exclude", "copy"}
+    assert face == set(EMAOptions.names())
+
+
+def test_lists_become_tuples_so_options_compare_and_hash():
+    a, b = EMAOptions.of([0.9, 0.5]), EMAOptions.of((0.9, 0.5))
+    assert a == b and hash(a) == hash(b) and a.decay == (0.9, 0.5)
+    assert a.plan().rows == 2 and a.shadow_rows == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.decay = 0.5                                        # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kw, kind, rows", [
+    (dict(sigma_rel=[0.05, 0.1]), PowerFunction, 2),
+    (dict(half_life=3.0), HalfLife, 1),
+    (dict(bema=True), BEMA, 3),
+])
+def test_timed_schedules_and_bema_make_their_plan_and_rows(kw, kind, rows):
+    opts = EMAOptions.of(**kw)
+    assert all(isinstance(s, kind) for s in opts.plan().schedules)
+    assert opts.shadow_rows == rows                          # BEMA keeps output, EMA and theta_0
+    assert opts.plan().rows == len(opts.plan().schedules)     # ...and shows one average
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    (dict(decay=0.9, sigma_rel=0.1), ValueError, "give one of decay, sigma_rel"),
+    (dict(decay=1.5), ValueError, "decay must be a float in"),
+    (dict(decay=[0.9] * 9), ValueError, "1 to 8 decays"),
+    (dict(warmup="cosine"), ValueError, "warmup must be None"),
+    (dict(sigma_rel=0.1, warmup="power"), ValueError, "takes no warmup="),
+    (dict(rounding="up"), ValueError, "rounding must be 'nearest' or 'stochastic'"),
+    (dict(rounding="stochastic"), ValueError, "stochastic rounding is for bfloat16 shadows"),
+    (dict(seed=-1), ValueError, "seed must be an int in"),
+    (dict(seed=True), ValueError, "seed must be an int in"),
+    (dict(skip_nonfinite=1), TypeError, "skip_nonfinite must be True or False"),
+    (dict(device_step="yes"), TypeError, "device_step must be True, False or None"),
+    (dict(offload="disk"), ValueError, "offload must be None or 'cpu'"),
+    (dict(offload="cpu", skip_nonfinite=True), ValueError, "does not take device_step=True or skip_nonfinite"),
+    (dict(bema=True, device_step=True), ValueError, "bema= applies its bias correction"),
+    (dict(bema=True, debias=True), ValueError, "takes no debias="),
+    (dict(update_every=0), ValueError, "update_every must be an int >= 1"),
+])
+def test_a_bad_value_is_refused_with_the_rule_and_the_fix(kw, error, words):
+    decay = kw.pop("decay", None)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace("=", "=")):
+        EMAOptions.of(decay, **kw)
+
+
+def test_an_unknown_name_is_refused_with_the_list_of_options():
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['sigma'\].*sigma_rel.*offload"):
+        EMAOptions.of(0.9, sigma=0.1)
+
+
+def test_split_separates_the_torch_model_selection_and_refuses_unknown_names():
+    options, selection = EMAOptions.split({"sigma_rel": 0.1, "exclude": ["head.*"], "buffers": "average"})
+    assert options == {"sigma_rel": 0.1} and selection == {"exclude": ["head.*"], "buffers": "average"}
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['excludes'\].*exclude"):
+        EMAOptions.split({"excludes": ["x"]})
+
+
+def test_a_face_refuses_by_name_only_what_is_given():
+    EMAOptions.of(0.9).refuse("face", HOST_ONLY_REFUSALS)                  # defaults pass
+    EMAOptions.of(0.9, device_step=False).refuse("face", HOST_ONLY_REFUSALS)  # False/None: the host plan
+    with pytest.raises(ValueError, match=r"face does not take device_step=True: the plan on the device"):
+        EMAOptions.of(0.9, device_step=True).refuse("face", HOST_ONLY_REFUSALS)
+    with pytest.raises(ValueError, match=r"face does not take offload='cpu': offload='cpu' is the torch face's"):
+        EMAOptions.of(0.9, offload="cpu").refuse("face", HOST_ONLY_REFUSALS)
