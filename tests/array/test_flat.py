@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from reference import assert_close_to_reference, naive_ema
 from torch import nn
 
 import fastema
-from reference import assert_close_to_reference, naive_ema
 
 
 def mixed_sources(seed=0):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import DTYPES, assert_close_to_reference, naive_ema, torch_dtype
 from torch import nn
 
 import fastema
 from fastema import _launch
 from fastema.torch.compat import ModelEmaV3
-from reference import DTYPES, assert_close_to_reference, naive_ema, torch_dtype
 
 SIZES = st.one_of(st.integers(0, 3), st.integers(4, 300), st.integers(5000, 70000))
 DECAYS = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.999, 0.9999, 1.0]), st.floats(0, 1))

@@ -4,9 +4,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from reference import no_host_reads
 from torch import nn
 
-from reference import no_host_reads
 from fastema import Tracker
 from fastema.__main__ import main as cli
 from fastema.cli.plot import read_log, smooth_series

@@ -5,16 +5,17 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+from reference import ULP, assert_close_to_reference  # noqa: E402
+
 import fastema  # noqa: E402
-from fastema import schedules as S  # noqa: E402
 from fastema.average import Plan  # noqa: E402
 from fastema.jax import EMA  # noqa: E402
-from reference import ULP, assert_close_to_reference  # noqa: E402
 
 
 class Block(NamedTuple):

@@ -14,8 +14,11 @@ pd = pytest.importorskip("pandas")
 if keras.backend.backend() != "torch":                      # pragma: no cover
     pytest.skip("these tests drive Keras on the torch backend", allow_module_level=True)
 
+from models import keras_data as data  # noqa: E402
+from models import keras_model as make_model
+from models import keras_probe
+
 from fastema.keras import MovingAverageLogs, WeightEMA  # noqa: E402
-from models import keras_data as data, keras_model as make_model, keras_probe  # noqa: E402
 
 
 class BatchLosses(keras.callbacks.Callback):

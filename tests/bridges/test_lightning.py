@@ -11,6 +11,7 @@ pl = pytest.importorskip("pytorch_lightning")
 pd = pytest.importorskip("pandas")
 
 from reference import no_host_reads  # noqa: E402
+
 from fastema.lightning import MovingAverageLogs, WeightEMA  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

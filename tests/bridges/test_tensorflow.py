@@ -9,11 +9,11 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tf = pytest.importorskip("tensorflow")
 
+from reference import assert_close_to_reference  # noqa: E402
+
 import fastema  # noqa: E402
-from fastema import schedules as S  # noqa: E402
 from fastema.average import Plan  # noqa: E402
 from fastema.tensorflow import EMA  # noqa: E402
-from reference import assert_close_to_reference  # noqa: E402
 
 
 class MLP(tf.Module):

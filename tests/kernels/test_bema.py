@@ -15,7 +15,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastema import FlatShadow, _launch
 from fastema.kernels import _bits, _elementwise

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.cuda
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
-import fastema                                              # noqa: E402
-from fastema import _launch                                 # noqa: E402
-from fastema.kernels import cpu as ema_cpu                 # noqa: E402
-from fastema.kernels import cuda as ema_cuda               # noqa: E402
-from fastema.kernels.kinds import BF16, F16, F32, F64       # noqa: E402
-from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
-
 from test_bema import assert_close, math_alpha, three_rows, values  # noqa: E402
+
+import fastema  # noqa: E402
+from fastema import _launch  # noqa: E402
+from fastema.kernels import cpu as ema_cpu  # noqa: E402
+from fastema.kernels import cuda as ema_cuda  # noqa: E402
+from fastema.kernels.kinds import BF16, F16, F32, F64  # noqa: E402
+from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 

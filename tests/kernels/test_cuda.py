@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-
 from numba import cuda
 
 pytestmark = pytest.mark.cuda
@@ -18,12 +17,12 @@ pytestmark = pytest.mark.cuda
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
-import fastema                                              # noqa: E402
-from fastema import _launch                                 # noqa: E402
-from fastema.kernels import _bits, kinds                   # noqa: E402
-from fastema.kernels import cpu as ema_cpu                 # noqa: E402
-from fastema.kernels import cuda as ema_cuda               # noqa: E402
-from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
+import fastema  # noqa: E402
+from fastema import _launch  # noqa: E402
+from fastema.kernels import _bits, kinds  # noqa: E402
+from fastema.kernels import cpu as ema_cpu  # noqa: E402
+from fastema.kernels import cuda as ema_cuda  # noqa: E402
+from fastema.kernels._bits import BF16, F16, F32  # noqa: E402
 from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -302,10 +301,10 @@ def test_address_changes_rewrite_the_device_table_in_place(monkeypatch):
                                            debias=True), dict(decay=0.999, warmup="num_updates"),
                                       dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=50.0)])
 def test_plan_kernel_matches_cpu(plan_kw):
+    from fastema.average import Plan
     from fastema.average.device_plan import parameters
     from fastema.kernels import cpu as kcpu
     from fastema.kernels.kinds import S_NORMS
-    from fastema.average import Plan
 
     plan = Plan(**plan_kw)
     params, decays = parameters(plan, (3 << 32) + 9)
@@ -624,7 +623,9 @@ def test_torch_ema_captured_once_and_replayed_equals_eager_calls(kw):
 @pytest.mark.parametrize("kind", [F32, BF16, 3])             # 3: float64 values
 @pytest.mark.parametrize("skip", [True, False])
 def test_smoother_kernels_match_cpu(kind, skip):
-    from fastema.kernels import cpu as smooth_cpu, cuda as smooth_cuda, kinds as _smooth
+    from fastema.kernels import cpu as smooth_cpu
+    from fastema.kernels import cuda as smooth_cuda
+    from fastema.kernels import kinds as _smooth
 
     rng = np.random.default_rng(9)
     k, window = 37, 4
@@ -732,6 +733,7 @@ def test_jax_ema_on_gpu_arrays():
     if not any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("this JAX has no GPU backend")
     import jax.numpy as jnp
+
     from fastema.jax import EMA
 
     params = {"w": jnp.ones((300, 7)), "b": jnp.zeros(33, jnp.bfloat16)}

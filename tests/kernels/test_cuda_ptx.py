@@ -23,8 +23,9 @@ except Exception as err:                                    # numba-cuda or its 
     pytest.skip(f"needs numba-cuda with NVVM and NVRTC, pip install 'fastema[cuda]' "
                 f"({err.__class__.__name__})", allow_module_level=True)
 
-from fastema.kernels import cuda as ema_cuda, kinds as ema_cpu  # noqa: E402
-from fastema.kernels._bits import BF16, F16, F32            # noqa: E402
+from fastema.kernels import cuda as ema_cuda  # noqa: E402
+from fastema.kernels import kinds as ema_cpu
+from fastema.kernels._bits import BF16, F16, F32  # noqa: E402
 
 KINDS = (F32, BF16, F16)
 A = lambda t: T.Array(t, 1, "C")  # noqa: E731
@@ -66,7 +67,8 @@ def test_swap_copy_nonfinite_compile(sk, xk, mode):
 
 @pytest.mark.parametrize("kind", [F32, BF16, 3])                 # 3: float64 metric values
 def test_smoother_kernels_compile(kind):
-    from fastema.kernels import cuda as smooth_cuda, kinds as _smooth
+    from fastema.kernels import cuda as smooth_cuda
+    from fastema.kernels import kinds as _smooth
 
     y = A(T.float64 if kind == 3 else T.uint32 if kind == F32 else T.uint16)
     f64 = A(T.float64)

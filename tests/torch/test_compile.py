@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 import torch._dynamo as dynamo
+from models import mlp
 from torch import nn
 
 from fastema.torch import EMA
-from models import mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

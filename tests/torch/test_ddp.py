@@ -4,9 +4,8 @@ made before or after DDP(model) (DDP broadcasts rank 0's weights into the model 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist import run_ranks
+from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

@@ -127,10 +127,10 @@ def test_device_step_is_off_on_the_cpu_by_default_and_checked():
 def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
     import numpy as np
 
+    from fastema.average import Plan
     from fastema.average.device_plan import parameters
     from fastema.kernels import cpu
     from fastema.ops import sr_key
-    from fastema.average import Plan
 
     kw = dict(warmup="power", update_every=2, compensate=True, debias=True, update_after_step=1, inv_gamma=2.0)
     plan, seed, groups = Plan([0.9, 0.999], **kw), (3 << 32) + 9, 3

@@ -8,16 +8,16 @@ import stat
 import subprocess
 import sys
 
+import models
 import numpy as np
 import pytest
 import torch
+from models import batches, cnn, moved, train
+from reference import assert_close_to_reference
 from torch import nn
 
 from fastema import schedules as S
 from fastema.torch import EMA, WindowAverage, normalize_name
-import models
-from models import batches, cnn, moved, train
-from reference import assert_close_to_reference
 
 
 def mlp():

@@ -5,11 +5,10 @@ registration hooks: followed, or refused by name with nothing changed.
 The defect IDs in the comments are those of the first reliability review (H, M, L)."""
 import pytest
 import torch
+from models import mlp, moved, tied
 from torch import nn
 
 from fastema.torch import EMA
-from models import mlp, moved, tied
-
 
 # ------------------------------------------------------------------ new layers, new tensors, moved or cast
 

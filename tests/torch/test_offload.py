@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from models import mlp
 from torch import nn
 
 from fastema.torch import EMA
 from fastema.torch._offload import OffloadedShadow
-from models import mlp
 
 
 def _model(dtype=torch.float32, seed=0):

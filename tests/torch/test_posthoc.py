@@ -4,7 +4,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastema.schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
 
@@ -50,13 +51,13 @@ def test_bad_exponents_are_refused(bad):
 # --------------------------------------------------------------------------- timed schedules
 
 torch = pytest.importorskip("torch")
+from models import mlp, train_sampled  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
 from fastema.average import Plan  # noqa: E402
 from fastema.schedules import BEMA, PowerFunction  # noqa: E402
 from fastema.torch import EMA, PostHocEMA  # noqa: E402
-from models import mlp, train_sampled  # noqa: E402
 
 
 def _net(seed=0):

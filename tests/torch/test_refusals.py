@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from models import moved
 from torch import nn
 
 from fastema.torch import EMA
 from fastema.torch.compat import ModelEmaV3
-from models import moved
 
 PRE = """
 import torch, torch.nn as nn, torch.distributed as dist

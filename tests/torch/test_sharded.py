@@ -10,10 +10,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist import run_ranks
 from models import mlp
+from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -244,8 +243,12 @@ def _results(prefix, model, ema):
 
 def _dcp_resume(rank, world, ckpt, plain_ckpt, v1_path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     model, opt, ema = _make(0)
     _train(model, opt, ema, rank, range(4))
@@ -419,7 +422,6 @@ def _fsdp_tp(rank, ckpt):
     """2-D parallelism on the same 4 ranks: tensor parallel inside, FSDP2 across (_StridedShard);
     its checkpoint read back into another EMA of the same layout and into a plain one."""
     import torch.distributed.checkpoint as dcp
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module

@@ -1,11 +1,11 @@
 """fastema.torch.WindowAverage: the mean of the model's last ``window`` weights (or all of them)
 against a float64 reference and torch's AveragedModel, swaps, checkpoints, bad construction."""
+import models
 import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-import models
 from fastema.torch import WindowAverage
 
 

@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist import run_ranks
 from models import mlp
+from torch import nn
 
 # found, not imported: deepspeed is imported in the ranks only (with DS_ACCELERATOR=cpu), never in pytest's process
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -146,7 +145,8 @@ def test_zero3_partitions_exact_swap_and_checkpoint(tmp_path):
     synth = posthoc.synthesize(ckpt + "-posthoc", 0.07, max_error=1.0)
     terms = [(s.updates, k) for s in snaps for k in (0, 1)]
     for n, p in _model().named_parameters():
-        by_hand = sum(float(x) * r0[f"ph/{u}/{k}/{n}"].double() for (u, k), x in zip(terms, synth.solution.coefficients))
+        by_hand = sum(float(x) * r0[f"ph/{u}/{k}/{n}"].double()
+                      for (u, k), x in zip(terms, synth.solution.coefficients))
         assert synth[n].shape == p.shape
         torch.testing.assert_close(synth[n], by_hand.float(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="do not fit this model"):

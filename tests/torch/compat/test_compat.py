@@ -4,12 +4,13 @@ import sys
 
 import pytest
 import torch
+from models import tied
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn as torch_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import get_ema_multi_avg_fn as torch_multi_avg_fn
 
 import fastema
 from fastema.torch import compat
-from models import tied
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[3] / "bench"))
 from baselines import TimmModelEmaV3Reference  # noqa: E402

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from models import mlp, train_sampled
 from torch import nn
 
 from fastema.torch import compat
-from models import mlp, train_sampled
 
 ema_pytorch = pytest.importorskip("ema_pytorch")
 
