@@ -23,7 +23,7 @@ echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the pu
 "$py" -m mypy
 
 echo "== CPU tests"
-"$py" -m pytest tests -m "not cuda" -q
+"$py" -m pytest tests -m "not cuda" -q --durations=20      # the slowest 20, to keep CI short
 
 echo "== CUDA kernels in the Numba CUDA simulator"
 NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider
