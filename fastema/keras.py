@@ -169,7 +169,7 @@ class WeightEMA(keras.callbacks.Callback):
         options, selection = EMAOptions.split(ema_kwargs)
         if decay is _DEFAULT:
             decay = None
-            if not {"sigma_rel", "half_life", "bema"} & set(options):
+            if all(options.get(k) in (None, False) for k in ("sigma_rel", "half_life", "bema")):
                 warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
                               "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning,
                               stacklevel=2)
@@ -261,8 +261,8 @@ def _check_for_backend(options: EMAOptions, selection: dict) -> None:
     face = f"fastema.keras.WeightEMA on the {backend} backend"
     if selection:
         name = next(iter(selection))
-        raise ValueError(f"{face} does not take {name}=: it averages the trainable variables and copies the "
-                         f"others (the model selection buffers=/exclude=/copy= is the torch backend's)")
+        raise ValueError(f"{face} does not take {name}=: it averages the trainable variables and leaves the "
+                         f"others as they are (the model selection buffers=/exclude=/copy= is the torch backend's)")
     options.refuse(face, REFUSED)
 
 

@@ -13,9 +13,13 @@ Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safeten
 Importing this package imports numpy only; torch and safetensors are imported when a snapshot
 is written, read or synthesised.
 """
+# Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION and
+# write_snapshot (fastema.torch's writer).
+from .._files import atomic_write  # noqa: F401
+from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
 from .plot import plot_profiles
 from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve
-from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot  # noqa: F401 (fastema.torch's writer; not public)
+from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot  # noqa: F401
 from .synthesis import Synthesized, synthesize
 
 __all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotMeta", "Solution", "Synthesized", "plot_profiles", "profile",

@@ -231,6 +231,14 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
                              f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
         target.load_state_dict(state, strict=True)
 
+    def __copy__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the addresses of its own "
+                        f"buffers and of the model's tensors. Make a new one of the (copied) model and load this "
+                        f"one's state: new.load_state_dict(old.state_dict())")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
     def _check_row(self, row: int) -> None:
         """IndexError unless ``row`` is one of the averages this average shows."""
         self._avg.check_row(row)

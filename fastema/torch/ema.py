@@ -3,7 +3,6 @@ several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU of
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -22,18 +21,19 @@ __all__ = ["EMA"]
 class _Adapter:
     """The engine's :class:`~fastema.average.ModelAdapter` over a torch EMA's model side: what the
     update scans for inf/NaN and carries along besides the averaged tensors (copied buffers,
-    integer buffers). Holds the EMA weakly (the EMA holds the engine)."""
+    integer buffers). A reference cycle with the EMA, as its swap's bound method already is: a
+    copy of the EMA gets an adapter of the copy."""
 
     __slots__ = ("_ema",)
 
     def __init__(self, ema):
-        self._ema = weakref.ref(ema)
+        self._ema = ema
 
     def scan(self, flags: dict | None) -> dict:
-        return self._ema()._scan(flags)
+        return self._ema._scan(flags)
 
     def carry(self, flags: dict | None) -> None:
-        self._ema()._copy_buffers(flags, current=True)
+        self._ema._copy_buffers(flags, current=True)
 
 
 class EMA(Face, _ModelAverage):

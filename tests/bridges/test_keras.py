@@ -386,7 +386,8 @@ def test_weight_ema_takes_every_schedule_option_on_the_torch_backend():
         cb = WeightEMA(**kw)
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y), callbacks=[cb])
         assert cb.ema.updates == 8 and type(cb.ema.plan.schedules[0]).__name__ == kind and not cb.ema.swapped
-    with pytest.warns(FutureWarning, match="0.9999"):
-        WeightEMA()
+    for unset in ({}, dict(sigma_rel=None), dict(bema=False)):       # options from a config: unset ones count
+        with pytest.warns(FutureWarning, match="0.9999"):
+            WeightEMA(**unset)
     with pytest.raises(TypeError, match="unknown EMA option.*'sigma'"):
         WeightEMA(sigma=0.1)

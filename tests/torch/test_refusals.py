@@ -195,3 +195,20 @@ def test_complex_parameters_are_refused_unless_copied():
     moved(ema, m, 2.0)
     sd = ema.averaged_state_dict()
     assert torch.equal(sd["z"], m.z.detach()) and torch.equal(sd["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy"])
+def test_an_average_refuses_to_be_copied_and_says_how_to_make_another(how):
+    # a copy kept the original's kernel tables (its buffers' and the model's addresses): the copy's
+    # update wrote into the original's shadow, and the process aborted at exit (double free)
+    import copy
+
+    from fastema.torch import EMA, WindowAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    for average in (EMA(model, 0.9), WindowAverage(model, 4)):
+        with pytest.raises(TypeError, match=r"cannot be copied.*load_state_dict\(old.state_dict\(\)\)"):
+            getattr(copy, how)(average)
+    again = EMA(model, 0.9)
+    again.update()                                          # the originals are untouched
+    assert again.updates == 1
