@@ -93,7 +93,8 @@ def test_no_import_cycle_in_fastema(deferred):
 FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
                    "fastema/posthoc/snapshots.py", "fastema/keras.py", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow.py", "fastema/_keras_jax_state.py")
-IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy"}
+IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
+                       "flax", "deepspeed"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
 
 
@@ -171,10 +172,6 @@ def test_every_package_is_in_the_wheel():
                              f"listed, not in the tree: {sorted(listed - found)}")
 
 
-FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning", "flax",
-              "deepspeed"}
-
-
 def test_the_model_average_engine_imports_no_framework():
     """fastema/average (options, plans, swap, the update driver, checkpoints) is framework-free:
     no framework import in any of its modules, deferred imports inside functions included."""
@@ -182,6 +179,6 @@ def test_the_model_average_engine_imports_no_framework():
     for path in sorted((ROOT / "fastema" / "average").glob("*.py")):
         package = "fastema.average"
         for mod, line in _imports(path, package, module_level_only=False):
-            if mod.split(".")[0] in FRAMEWORKS:
+            if mod.split(".")[0] in IMPORTED_FRAMEWORKS:
                 bad.append(f"fastema/average/{path.name}:{line} imports {mod}")
     assert not bad, bad
