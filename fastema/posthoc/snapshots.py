@@ -127,9 +127,9 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     ``tensors``: ``"{k}:{name}"`` (profile ``k``) and ``"model:{name}"`` entries; ``meta``: the
     metadata strings (format, version, time, gammas, names). A plain model's snapshot is one
     safetensors file (temporary file, then rename), ``tensors`` mapping to ``(tensor, dtype)``
-    pairs streamed one at a time (:func:`_stream_safetensors`). A sharded model's (``tensors`` holding
-    DTensors) is a collective: one DCP checkpoint directory written by every rank from its own
-    shards into a temporary directory, renamed, then the metadata ``.json`` beside it, written
+    pairs streamed one at a time (:func:`fastema.torch._safetensors.stream_safetensors`). A sharded
+    model's (``tensors`` holding DTensors) is a collective: one DCP checkpoint directory written by
+    every rank from its own shards into a temporary directory, renamed, then the metadata ``.json`` beside it, written
     last by rank 0: readers ignore a snapshot without it. ``meta`` may be a :class:`SnapshotMeta`
     (written through :meth:`SnapshotMeta.to_metadata`)."""
     if isinstance(meta, SnapshotMeta):
@@ -138,39 +138,10 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     base = os.path.join(directory, f"snapshot-{stamp}")
     if sharded:
         return _save_dcp(base, tensors, meta)
-    atomic_write(base + ".safetensors", lambda f: _stream_safetensors(f, tensors, meta))
+    from ..torch._safetensors import stream_safetensors
+
+    atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta))
     return base + ".safetensors"
-
-
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def _stream_safetensors(f, tensors: dict, meta: dict) -> None:
-    """Write ``tensors`` (``name -> (tensor, dtype)``, on any device) to ``f`` in the safetensors
-    format, converting and copying one tensor at a time to the host: peak memory is one tensor,
-    not the snapshot. (The safetensors library serialises whole dicts held in memory; its format
-    is a little-endian u64 header length, a JSON header of dtypes, shapes and byte offsets padded
-    to 8 bytes, then the raw data in that order. The files are read back with the library.)"""
-    import struct
-
-    import torch
-
-    header, offset = {"__metadata__": meta}, 0
-    for name, (t, dtype) in tensors.items():
-        kind = _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
-        if kind is None:
-            raise TypeError(f"{name}: dtype {dtype} has no safetensors name; exclude it from the average")
-        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    f.write(struct.pack("<Q", len(head)))
-    f.write(head)
-    for name, (t, dtype) in tensors.items():
-        host = t.detach().to("cpu", dtype, copy=True).contiguous()     # C order, as safetensors stores it
-        f.write(host.view(-1).view(torch.uint8).numpy().tobytes() if host.numel() else b"")
 
 
 def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
