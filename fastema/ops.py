@@ -73,7 +73,9 @@ def _same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
 
 @functools.lru_cache(maxsize=256)
 def _single_tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
-    # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair.
+    # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair. The
+    # table is addresses and a count only, the same for every layout and dtype: the callers check
+    # the pair's shapes and layouts (_same_shape) at every call, before the table is used.
     return _launch.tables([src_address], [numel], [shadow_address], device,
                           _backends.stream_getter(framework, device), follow=False)
 
@@ -263,19 +265,37 @@ def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: in
         _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
 
 
-# Layouts of recent ema_update_many_ calls, keyed by every tensor's (address, element count,
-# dtype): a hit means the same memory in the same shapes, so the cached tables are right for
-# the tensors passed now. The cache holds numbers only, never a tensor or a storage.
+# Layouts of recent ema_update_many_ calls, keyed by every tensor's address, dtype, shape and
+# strides: a hit means the same memory in the same layout, so the cached storage-order walk is
+# right for the tensors passed now. (An address and a count are not enough: a.view(3, 4).t() is
+# a's memory in another order, which an uncached call refuses.) Anything else misses and gets
+# the full check. The cache holds numbers only, never a tensor or a storage.
 _PAIRS: "OrderedDict[tuple, list]" = OrderedDict()
 _PAIRS_MAX = 32
 
 
 def _key(tensors) -> tuple:
-    key = _backends.address_key(tensors)         # torch: data_ptr, numel, dtype (three reads a tensor)
+    key = _backends.address_key(tensors)         # torch: data_ptr, (dtype, shape), stride (three reads a tensor)
     if key is not None:
         return key
     return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
                  (describe(t, "tensor") for t in tensors))
+
+
+def cached_pair_groups(shadows: list, sources: list) -> list | None:
+    """The groups of an earlier :func:`ema_update_many_` call over the same memory in the same
+    dtypes, shapes and strides (every check passed then and holds now), or None: a miss, or
+    arrays with no cheap key, or inside ``torch.compile``. The drop-ins' per-step path: a hit
+    needs no look at the pairs beyond the key; hand the groups to :func:`launch_pairs`."""
+    if COMPILED and COMPILED["compiling"]():
+        return None
+    a, b = _backends.address_key(shadows), _backends.address_key(sources)
+    if a is None or b is None:
+        return None
+    groups = _PAIRS.get((a, b))
+    if groups is not None:
+        _PAIRS.move_to_end((a, b))
+    return groups
 
 
 def _pair_groups(shadows, sources) -> list:
@@ -298,9 +318,10 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     (device, dtype) group: a drop-in for ``torch._foreach_lerp_(shadows, sources, 1 - decay)``
     where the shadows belong to the caller (another model's parameters, say).
 
-    The pairs' layout is validated once and cached by every tensor's address, element
-    count and dtype (the last 32 layouts; numbers only, no tensor is kept alive), so later
-    calls with the same tensors cost three reads per tensor. A pair listed twice (tied
+    The pairs' layout is validated once and cached by every tensor's address, dtype, shape
+    and strides (the last 32 layouts; numbers only, no tensor is kept alive), so later calls
+    with the same tensors cost three reads per tensor; the same memory in another shape or
+    layout is checked again as a new call. A pair listed twice (tied
     weights) is averaged once; shadows that otherwise overlap are refused. Other arguments
     as in :func:`ema_update_`.
     """

@@ -215,7 +215,7 @@ def location(a) -> tuple:
 
 
 def address_key(objs: list) -> tuple | None:
-    """A cheap key of ``objs``' memory, shapes and dtypes (see :meth:`Backend.address_key`), or None."""
+    """A cheap key of ``objs``' memory, shapes, strides and dtypes (see :meth:`Backend.address_key`), or None."""
     backend = backend_of(objs[0]) if objs else None
     return None if backend is None else backend.address_key(objs)
 

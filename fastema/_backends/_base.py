@@ -78,7 +78,8 @@ class Backend:
 
     def address_key(self, objs: list) -> tuple | None:
         """A key for ``objs`` (all of this framework) equal only for the same memory in the same
-        shapes and dtypes, cheaper than describing them; None when there is none cheaper."""
+        shapes, strides and dtypes (the same layout: a cached walk in storage order is right only
+        then), cheaper than describing them; None when there is none cheaper."""
         return None
 
     # ------------------------------------------------------------ fastema's own arrays

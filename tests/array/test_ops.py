@@ -259,7 +259,7 @@ def test_device_mismatch_is_refused():
 # ------------------------------------------------------------------ layout caches
 
 def test_layout_cache_follows_length_and_dtype_at_one_address():
-    # M6: the cache is keyed by address, element count and dtype, so views at one address
+    # M6: the cache is keyed by address, dtype, shape and strides, so views at one address
     # get their own layout
     s, x = torch.zeros(1000), torch.ones(1000)
     fastema.ema_update_many_([s], [x], 0.5)
@@ -275,6 +275,48 @@ def test_layout_cache_follows_length_and_dtype_at_one_address():
     ref = ub.float().lerp(zb.float(), 0.5).bfloat16()
     fastema.ema_update_many_([ub], [zb], 0.5)
     assert torch.equal(ub, ref)
+
+
+def test_layout_cache_misses_for_the_same_memory_in_another_layout_or_shape():
+    # H4: keyed by address, count and dtype, a transposed view or a same-count reshape of cached
+    # memory hit the cache and was averaged in the cached storage order, where an uncached call refuses
+    s, x = torch.zeros(4, 3), torch.arange(12.0).reshape(4, 3)
+    fastema.ema_update_many_([s], [x], weight=0.5)
+    s0 = s.clone()
+    xt = x.view(3, 4).t()                              # x's memory, shape (4, 3), another order
+    with pytest.raises(ValueError, match=r"laid out differently.*sources\[0\] strides \(1, 4\)"):
+        fastema.ema_update_many_([s], [xt], weight=0.5)
+    with pytest.raises(ValueError, match=r"sources\[0\] has shape \(3, 4\) so shadows\[0\] must have shape"):
+        fastema.ema_update_many_([s], [x.view(3, 4)], weight=0.5)
+    assert torch.equal(s, s0)                          # refused: nothing written
+    st = s.view(3, 4).t()                              # both in the other layout: a new layout, averaged right
+    ref = st.clone().lerp_(xt, 0.5)
+    fastema.ema_update_many_([st], [xt], weight=0.5)
+    assert torch.equal(st, ref)
+    sr, xr = s.view(3, 4), x.view(3, 4)                # both reshaped: a new layout, averaged right
+    ref = sr.clone().lerp_(xr, 0.25)
+    fastema.ema_update_many_([sr], [xr], weight=0.25)
+    assert torch.equal(sr, ref)
+    ref = s.clone().lerp_(x, 0.5)                      # and the first layout again
+    fastema.ema_update_many_([s], [x], weight=0.5)
+    assert torch.equal(s, ref)
+
+
+def test_single_pair_tables_are_layout_free_and_the_layout_is_checked_every_call():
+    # The one-pair table cache (ema_update_, copy_, swap_) is keyed by addresses and a count: the
+    # table is the same for every layout, and the layout check runs at every call before it is used.
+    s, x = torch.zeros(4, 3), torch.arange(12.0).reshape(4, 3)
+    fastema.ema_update_(s, x, weight=0.5)
+    s0 = s.clone()
+    with pytest.raises(ValueError, match="laid out differently"):
+        fastema.ema_update_(s, x.view(3, 4).t(), weight=0.5)
+    with pytest.raises(ValueError, match="must have shape"):
+        fastema.copy_(s, x.view(3, 4))
+    assert torch.equal(s, s0)
+    st, xt = s.view(3, 4).t(), x.view(3, 4).t()
+    ref = st.clone().lerp_(xt, 0.5)
+    fastema.ema_update_(st, xt, weight=0.5)
+    assert torch.equal(st, ref)
 
 
 def _rss_mib() -> float:

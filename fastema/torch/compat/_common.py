@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import torch
 
-from ...ops import ema_update_many_
+from ...ops import cached_pair_groups, ema_update_many_, launch_pairs
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def kernel_pair(t: torch.Tensor, s: torch.Tensor) -> bool:
+    """True when fastema's kernels average ``t`` towards ``s`` as ``t.lerp_(s, w)`` does: float
+    dtypes, one device, memory (not meta), one layout. The kernels pair elements in storage
+    order and torch by index, so two layouts (``p.data = p.data.t()`` on a square weight) are
+    left to torch, as the originals compute every pair."""
+    return (t.dtype in _KERNEL_DTYPES and s.dtype in _KERNEL_DTYPES and t.device == s.device and not t.is_meta
+            and t.stride() == s.stride())
 
 
 @torch.no_grad()
 def _lerp_pairs(targets: list, sources: list, weight: float) -> None:
     """``targets[i].lerp_(sources[i], weight)`` for every pair: one fastema launch per (device,
-    dtype) group for the dtypes the kernels take, torch's own lerp for the rest (complex) and
-    for pairs on two devices (``allow_different_devices``)."""
+    dtype) group for the pairs the kernels take, torch's own lerp for the rest, as the originals
+    compute them: complex dtypes, pairs on two devices (``allow_different_devices``), meta
+    tensors (no memory) and pairs laid out differently (see :func:`kernel_pair`)."""
+    if not targets:
+        return
+    groups = cached_pair_groups(targets, sources)   # the usual step: these pairs, as last time
+    if groups is not None:
+        launch_pairs(groups, None, weight, "nearest", 0, 0)
+        return
     fast_t, fast_s, slow = [], [], []
     for t, s in zip(targets, sources):
-        if t.dtype in _KERNEL_DTYPES and s.dtype in _KERNEL_DTYPES and t.device == s.device:
+        if kernel_pair(t, s):
             fast_t.append(t)
             fast_s.append(s)
         else:
             slow.append((t, s))
     if fast_t:
-        ema_update_many_(fast_t, fast_s, weight=weight)
+        ema_update_many_(fast_t, fast_s, weight=weight)   # caches the layout: the next step is a hit
     for t, s in slow:
         t.lerp_(s.to(t.device, t.dtype), weight)

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ... import schedules as S
+from ..._backends import address_key
 from ...ops import launch_pairs, pair_groups
 from .. import _unwrap, _watch
+from ._common import kernel_pair
 
 __all__ = ["ModelEmaV3"]
 
@@ -35,7 +37,9 @@ class ModelEmaV3(nn.Module):
 
     Differences from timm: ``device`` must be the model's device (fastema averages where the
     weights are); a tied weight (listed twice by ``state_dict()``) is averaged once per
-    update, where timm's foreach path averages it twice.
+    update, where timm's foreach path averages it twice. A pair the kernels cannot walk
+    together (a weight laid out unlike its EMA copy, e.g. after ``p.data = p.data.t()``; a
+    meta tensor) is averaged by torch, as timm does, rounded to nearest.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
@@ -83,11 +87,12 @@ class ModelEmaV3(nn.Module):
 
     def _pairs(self, model):
         # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached and
-        # rebuilt when either model registers a new tensor or a tensor moves to other memory.
+        # rebuilt when either model registers a new tensor, or a tensor moves to other memory or
+        # takes another shape or layout (p.data = p.data.t(): same address, other strides).
         cached = self._cached
         if cached is not None and cached[0] is model and not self._stale and \
-                list(map(torch.Tensor.data_ptr, cached[1])) == cached[2]:
-            return cached[3], cached[4]
+                address_key(cached[1]) == cached[2]:
+            return cached[3], cached[4], cached[5]
         if self.exclude_buffers:
             ema_f, model_f = list(self.module.parameters()), list(model.parameters())
             copies = list(zip(self.module.buffers(), model.buffers()))
@@ -102,23 +107,30 @@ class ModelEmaV3(nn.Module):
             ema_f, model_f = [e for e, _ in fl], [m for _, m in fl]
         if len(ema_f) != len(model_f):
             raise ValueError(f"the model has {len(model_f)} parameters but the EMA copy has {len(ema_f)}")
-        groups = pair_groups(ema_f, model_f)
+        fast = [kernel_pair(e, m) for e, m in zip(ema_f, model_f)]
+        slow = [(e, m) for e, m, f in zip(ema_f, model_f, fast) if not f]     # torch's lerp, as timm's
+        groups = pair_groups([e for e, f in zip(ema_f, fast) if f], [m for m, f in zip(model_f, fast) if f])
         tensors = ema_f + model_f
         _watch(_unwrap(model), self)
         _watch(self.module, self)
-        self._cached = (model, tensors, list(map(torch.Tensor.data_ptr, tensors)), groups, copies)
+        self._cached = (model, tensors, address_key(tensors), groups, copies, slow)
         self._stale = False
-        return groups, copies
+        return groups, copies, slow
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         if self._resync:                         # DDP broadcast rank 0's weights after construction
             self._resync = False
             self._restart(model)
-        groups, copies = self._pairs(model)
+        groups, copies, slow = self._pairs(model)
         decay = self.get_decay(step)
         launch_pairs(groups, decay, None, "nearest", self.stochastic_rounding_seed, self._updates,
                      bf16_stochastic=self.stochastic_rounding)
+        for e, m in slow:                        # timm's per-dtype forms (rounded to nearest)
+            if e.dtype == m.dtype:
+                e.lerp_(m, 1.0 - decay)
+            else:
+                e.mul_(decay).add_(m, alpha=1.0 - decay)
         for e, m in copies:
             e.copy_(m)
         self._updates += 1

@@ -133,6 +133,25 @@ def test_model_ema_v3_follows_replaced_parameters():
         compat.ModelEmaV3(model, device="meta")
 
 
+def test_model_ema_v3_follows_a_weight_transposed_in_place_as_timm_does():
+    # H4: ModelEmaV3 cached its pairs by data_ptr alone, so after p.data = p.data.t() on a square
+    # weight (same address, other strides) it reused the storage-order walk: silently wrong
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    _, data = model_and_data()
+    ours = compat.ModelEmaV3(model, decay=0.9)
+    theirs = TimmModelEmaV3Reference(model, 0.9)
+
+    def each(i):
+        if i == 5:
+            model[0].weight.data = model[0].weight.data.t()
+        ours.update(model, step=i)
+        theirs.update(model, step=i)
+
+    sgd_steps(model, [(x, y.repeat(1, 4)) for x, y in data[:10]], each)
+    for (n, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
 # ------------------------------------------------------------------ AveragedModel
 
 @pytest.mark.parametrize("use_buffers", [False, True])

@@ -206,6 +206,39 @@ def test_diffusers_EMAModel_save_and_load_pretrained(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back.shadow_params, ema.shadow_params))
 
 
+def _transposed_midway(nets, each, steps=20):
+    """The training loop, with the square weight ``nets[i][3].weight`` transposed in place of its
+    storage (``p.data = p.data.t()``: same address and count, other strides) halfway."""
+    def step(i):
+        if i == steps // 2:
+            for n in nets:
+                n[3].weight.data = n[3].weight.data.t()
+        each(i)
+
+    _loop(nets, steps, step)
+
+
+@pytest.mark.parametrize("make", ["ema_pytorch.EMA", "diffusers.EMAModel"])
+def test_a_transposed_square_weight_is_averaged_by_index_as_the_original_does(make):
+    # H4: the layout cache was keyed by address, count and dtype, so after p.data = p.data.t() the
+    # cached storage-order walk averaged the transposed weight against the untransposed EMA copy
+    # silently (max |ours - theirs| ~2). Now a pair in two layouts is averaged by torch, as upstream.
+    theirs_net, ours_net = mlp(6, 12, 12, 1, norm=nn.BatchNorm1d), mlp(6, 12, 12, 1, norm=nn.BatchNorm1d)
+    if make == "ema_pytorch.EMA":
+        kw = dict(beta=0.9, update_after_step=0, update_every=1)
+        theirs, ours = ema_pytorch.EMA(theirs_net, **kw), compat.EMA(ours_net, **kw)
+        _transposed_midway([theirs_net, ours_net], lambda i: (theirs.update(), ours.update()))
+        _equal_state(ours.state_dict(), theirs.state_dict())
+    else:
+        training_utils = _diffusers()
+        theirs = training_utils.EMAModel(theirs_net.parameters(), decay=0.9)
+        ours = compat.EMAModel(ours_net.parameters(), decay=0.9)
+        _transposed_midway([theirs_net, ours_net],
+                           lambda i: (theirs.step(theirs_net.parameters()), ours.step(ours_net.parameters())))
+        for a, b in zip(ours.shadow_params, theirs.shadow_params):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
 def test_no_host_read_per_update(tmp_path):
     """After the first call, the drop-ins' updates (and PostHocEMA's between snapshots) read no
     tensor value on the host: ema-pytorch's .item() per update is gone."""
