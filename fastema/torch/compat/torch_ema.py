@@ -20,6 +20,39 @@ from ...ops import ema_update_many_
 __all__ = ["ExponentialMovingAverage"]
 
 
+class _PlainShadow:
+    """torch_ema's own shadow, for what fastema's kernels cannot hold: no parameters, or meta
+    parameters (no memory: every operation checks shapes only, as in torch_ema). The parts of
+    :class:`FlatShadow`'s interface this module uses, computed as torch_ema computes them."""
+
+    def __init__(self, params: list, shadows: list | None = None):
+        self.sources = params
+        self._shadows = [p.clone().detach() for p in params] if shadows is None else shadows
+
+    def views(self) -> dict:
+        return dict(enumerate(self._shadows))
+
+    def update(self, decay: float) -> None:
+        for s, p in zip(self._shadows, self.sources):
+            s.sub_((s - p).mul_(1.0 - decay))
+
+    def copy_to_sources(self) -> None:
+        for s, p in zip(self._shadows, self.sources):
+            p.data.copy_(s.data)
+
+
+def _shadow(params: list, dtype: str = "same"):
+    """fastema's flat shadow of ``params``; torch_ema's own for none or meta ones (see
+    :class:`_PlainShadow`)."""
+    if not params or any(p.is_meta for p in params):
+        plain = _PlainShadow(params)
+        if dtype != "same":
+            plain._shadows = [s.to(dtype=getattr(torch, dtype)) if s.is_floating_point() else s
+                              for s in plain._shadows]
+        return plain
+    return FlatShadow(params, dtype=dtype)
+
+
 class ExponentialMovingAverage:
     """torch_ema's ``ExponentialMovingAverage(parameters, decay, use_num_updates=True)``.
 
@@ -37,6 +70,9 @@ class ExponentialMovingAverage:
     collected); ``to(device)`` must name the parameters' device (the shadow lives beside
     them); ``load_state_dict`` refuses a state dict whose shapes do not match these
     parameters, before anything is loaded (torch_ema fails later, in ``copy_to``).
+
+    No parameters, or meta parameters (no memory), are taken as torch_ema takes them: the
+    shadow is then torch_ema's own list of clones, computed as torch_ema computes it.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], decay: float, use_num_updates: bool = True):
@@ -45,7 +81,7 @@ class ExponentialMovingAverage:
         params = [p for p in parameters]
         self.decay = decay
         self.num_updates = 0 if use_num_updates else None
-        self._flat = FlatShadow(params, dtype="same")
+        self._flat = _shadow(params)
         self._refs = [weakref.ref(p) for p in params]
         self._stored: FlatShadow | list | None = None     # store(): a flat copy, or clones of what it got
 
@@ -86,6 +122,8 @@ class ExponentialMovingAverage:
             decay = S.NumUpdates(decay)(self.num_updates + 1)
         if parameters is None or self._own(params):
             self._flat.update(decay)
+        elif isinstance(self._flat, _PlainShadow):
+            _PlainShadow(params, self.shadow_params).update(decay)
         else:                                    # other parameters, for this call only
             ema_update_many_(self.shadow_params, params, decay)
         if self.num_updates is not None:
@@ -151,7 +189,7 @@ class ExponentialMovingAverage:
             raise ValueError(f"the parameters are on {params[0].device}, not {device}: fastema keeps the shadow "
                              f"beside the parameters; move the model first, then call ema.to({device!r})")
         old = self.shadow_params
-        flat = FlatShadow(params, dtype=name[dtype])
+        flat = _shadow(params, dtype=name[dtype])
         with torch.no_grad():
             for new, o in zip(flat.views().values(), old):
                 new.copy_(o)

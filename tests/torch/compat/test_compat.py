@@ -97,6 +97,28 @@ def test_exponential_moving_average_errors_match_torch_ema():
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, before))
 
 
+@pytest.mark.parametrize("params", ["none", "meta"])
+def test_exponential_moving_average_takes_no_parameters_and_meta_ones_as_torch_ema_does(params):
+    # L7: [] was refused ("sources is empty") and meta parameters ("is on meta"); torch_ema takes both
+    torch_ema = pytest.importorskip("torch_ema")
+    make = (lambda: []) if params == "none" else (lambda: list(nn.Linear(3, 2, device="meta").parameters()))
+    for cls in (torch_ema.ExponentialMovingAverage, compat.ExponentialMovingAverage):
+        ps = make()
+        ema = cls(ps, decay=0.9)
+        ema.update()
+        ema.update(ps)
+        ema.copy_to()
+        with ema.average_parameters():
+            pass
+        ema.to(dtype=torch.float64)
+        assert ema.num_updates == 2
+        assert [(tuple(s.shape), s.device.type, s.dtype) for s in ema.shadow_params] == \
+            [(tuple(p.shape), "meta", torch.float64) for p in ps]
+    ours = compat.ExponentialMovingAverage(make(), decay=0.5)
+    ours.load_state_dict(ours.state_dict())          # (torch_ema cannot deepcopy its meta clones here)
+    assert ours.num_updates == 0
+
+
 def test_exponential_moving_average_to_dtype():
     model, _ = model_and_data(dtype=torch.bfloat16)
     ema = compat.ExponentialMovingAverage(model.parameters(), decay=0.9)

@@ -239,6 +239,30 @@ def test_a_transposed_square_weight_is_averaged_by_index_as_the_original_does(ma
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("make", ["ema_pytorch.EMA", "ema_pytorch.KarrasEMA", "diffusers.EMAModel"])
+def test_meta_models_are_taken_as_the_originals_take_them(make):
+    # L7: the drop-ins refused meta parameters ("is on meta"); the originals average them (shapes only)
+    def run(lib):
+        net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).to("meta")
+        if make == "diffusers.EMAModel":
+            ema = getattr(_diffusers() if lib == "theirs" else compat, "EMAModel")(net.parameters(), decay=0.9)
+            for _ in range(4):
+                ema.step(net.parameters())
+            ema.copy_to(net.parameters())
+            ema.load_state_dict(ema.state_dict())
+            return ema.optimization_step, [(s.shape, s.device.type) for s in ema.shadow_params]
+        kind = make.split(".")[1]
+        kw = dict(update_after_step=0, update_every=1) if kind == "EMA" else dict(sigma_rel=0.1, update_every=1)
+        ema = getattr(ema_pytorch if lib == "theirs" else compat, kind)(net, **kw)
+        for _ in range(4):
+            ema.update()
+        ema.copy_params_from_ema_to_model()
+        ema.load_state_dict(ema.state_dict())
+        return int(ema.step), [(t.shape, t.device.type) for t in ema.ema_model.state_dict().values()]
+
+    assert run("ours") == run("theirs")
+
+
 def test_no_host_read_per_update(tmp_path):
     """After the first call, the drop-ins' updates (and PostHocEMA's between snapshots) read no
     tensor value on the host: ema-pytorch's .item() per update is gone."""
