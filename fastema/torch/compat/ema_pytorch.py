@@ -40,6 +40,7 @@ class _EmaPytorchBase(nn.Module):
         self.register_buffer("initted", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0))
         self._host = None                        # (step, initted) as Python values: no .item() per update
+        self._seen = None                        # the buffers (and version counters) _host was read from
 
     def _make_ema_model(self, ema_model):
         if not isinstance(ema_model, nn.Module) and callable(ema_model):
@@ -62,10 +63,30 @@ class _EmaPytorchBase(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._host = None                        # step / initted changed: read them again once
 
+    def _buffers_now(self) -> tuple:
+        """Which ``step`` / ``initted`` tensors the module holds and their version counters: host
+        integers that every in-place write bumps (``ema.step.zero_()``, ``initted.fill_(False)``,
+        a load), so a change is seen without reading the device."""
+        step, initted = self._buffers["step"], self._buffers["initted"]
+        try:
+            return step, initted, step._version, initted._version
+        except RuntimeError:                     # inference tensors keep no version: read every time
+            return None
+
     def _counters(self) -> list:
-        if self._host is None:
-            self._host = [int(self.step), bool(self.initted)]        # one read after construction or a load
+        """``[step, initted]`` as Python values, read from the buffers once and again only after
+        something else wrote them or replaced them (no ``.item()`` per update)."""
+        seen = self._buffers_now()
+        if self._host is None or seen is None or self._seen is None or seen[2:] != self._seen[2:] or \
+                seen[0] is not self._seen[0] or seen[1] is not self._seen[1]:
+            self._host = [int(self.step), bool(self.initted)]
+            self._seen = seen
         return self._host
+
+    def _wrote(self) -> None:
+        """After this module's own write to a buffer: its new version is already in ``_host``."""
+        if self._seen is not None:
+            self._seen = self._buffers_now()
 
     def _advance(self) -> int:
         """``step += 1`` (device buffer and host mirror); returns the step before."""
@@ -73,11 +94,13 @@ class _EmaPytorchBase(nn.Module):
         before = host[0]
         host[0] += 1
         self.step.add_(1)
+        self._wrote()
         return before
 
     def _mark_initted(self) -> None:
         self._counters()[1] = True
         self.initted.fill_(True)
+        self._wrote()
 
     def eval(self):
         return self.ema_model.eval()
@@ -149,7 +172,9 @@ class EMA(_EmaPytorchBase):
     ``inv_gamma``, ``power``, ``min_value``), methods and ``state_dict()`` keys. Each due update
     is one fastema launch per (device, dtype) group over the tracked tensors, bit for bit
     ``torch.lerp_`` (what ema-pytorch runs per tensor); the step counter is mirrored on the
-    host, so no ``.item()`` sync per update.
+    host, so no ``.item()`` sync per update. Writes to the ``step`` / ``initted`` buffers
+    (``ema.step.zero_()``, ``ema.initted.fill_(False)``, a new tensor, a load) are followed: the
+    buffers are read again when their version counters (host integers) show a change.
 
     ``use_foreach`` and ``coerce_dtype`` are accepted (the launch is already one per group, and
     the kernels read any float dtype); a pytree (not an ``nn.Module``) is refused.
