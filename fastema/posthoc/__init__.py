@@ -10,6 +10,10 @@ time, and loads the result into a model; :mod:`.plot` draws the profiles.
 Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safetensors``
 (``--plot profiles.png`` draws the profiles; :mod:`fastema.cli.posthoc`).
 
+Snapshot folders are safe to read from anyone: reading one never runs code from it (no pickle
+reaches an unrestricted unpickler), and every file is checked (one run per folder, shapes,
+checksums) before a tensor of it is used.
+
 Importing this package imports numpy only; torch and safetensors are imported when a snapshot
 is written, read or synthesised.
 """
@@ -19,11 +23,19 @@ from .._files import atomic_write  # noqa: F401
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
 from .plot import plot_profiles
 from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve
-from .snapshots import FORMAT, VERSION, Snapshot, SnapshotMeta, read_snapshots, write_snapshot  # noqa: F401
+from .snapshots import (  # noqa: F401
+    FORMAT,
+    VERSION,
+    Snapshot,
+    SnapshotError,
+    SnapshotMeta,
+    read_snapshots,
+    write_snapshot,
+)
 from .synthesis import Synthesized, synthesize
 
-__all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotMeta", "Solution", "Synthesized", "plot_profiles", "profile",
-           "profile_dot", "read_snapshots", "solve", "synthesize"]
+__all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotError", "SnapshotMeta", "Solution", "Synthesized",
+           "plot_profiles", "profile", "profile_dot", "read_snapshots", "solve", "synthesize"]
 
 
 def __getattr__(name: str):

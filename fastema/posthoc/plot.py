@@ -8,15 +8,28 @@ import numpy as np
 from ..schedules import gamma_to_sigma_rel
 from .profiles import Solution, profile
 from .snapshots import read_snapshots
-from .synthesis import _solution_for
+from .synthesis import _solution_for, _up_to
 
-__all__ = ["plot_profiles"]
+__all__ = ["plot_path", "plot_profiles"]
+
+
+def plot_path(out: str | os.PathLike) -> str:
+    """The file :func:`plot_profiles` writes for ``out``: ``out`` itself, or ``out + ".png"`` when it
+    has no extension (as matplotlib does)."""
+    out = os.fspath(out)
+    return out if os.path.splitext(out)[1] else out + ".png"
 
 
 def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: str, *, time: float | None = None,
                   max_error: float = 1.0) -> Solution | None:
     """Draw the stored profiles of the last snapshot and, with ``sigma_rel``, the target and its
-    synthesised profile (weight against training time) to ``out`` (PNG)."""
+    synthesised profile (weight against training time) to ``out`` (PNG; :func:`plot_path` tells the
+    file written: ``.png`` is added when ``out`` has no extension). Reads the snapshots' metadata
+    only. Refuses (``ValueError``) an ``out`` that is a directory."""
+    out = plot_path(out)
+    if os.path.isdir(out):
+        raise ValueError(f"plot_profiles: {out!r} is a directory; give a file name (e.g. "
+                         f"{os.path.join(out, 'profiles.png')!r})")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -32,8 +45,9 @@ def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: st
                 label=f"tracked sigma_rel={gamma_to_sigma_rel(g):.3f}")
     sol = None
     if sigma_rel is not None:
-        sol = _solution_for(snaps, sigma_rel, None, time, max_error)
-        terms = [(s.time, g) for s in snaps for g in s.gammas]
+        used = _up_to(snaps, time)                        # the snapshots synthesize() combines
+        sol = _solution_for(used, sigma_rel, None, time, max_error)
+        terms = [(s.time, g) for s in used for g in s.gammas]
         synth = sum(x * profile(tau, t, g) for (t, g), x in zip(terms, sol.coefficients))
         ax.plot(tau, profile(tau, sol.time, sol.gamma), "k--", lw=2, label=f"target sigma_rel={sol.sigma_rel:.3f}")
         ax.plot(tau, synth, "r", lw=1.5, label=f"synthesised (error {sol.error:.2g})")

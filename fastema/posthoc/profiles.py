@@ -20,6 +20,7 @@ with snapshots every 2.5% of training, ~1e-2 every 10%.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -61,8 +62,18 @@ def _target(sigma_rel, gamma) -> float:
         raise ValueError("give exactly one of sigma_rel= and gamma=")
     if gamma is None:
         return sigma_rel_to_gamma(sigma_rel)
-    gamma_to_sigma_rel(gamma)                    # checks gamma
+    try:
+        gamma_to_sigma_rel(gamma)                # checks gamma
+    except OverflowError:
+        raise ValueError(f"gamma={gamma!r} is too large to be a profile (its width underflows): ask for a "
+                         f"gamma up to 1e100, or give sigma_rel=") from None
     return float(gamma)
+
+
+def _check_max_error(max_error) -> None:
+    if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) or not float(max_error) >= 0:
+        raise ValueError(f"max_error must be a number >= 0 (a relative L2 error; inf accepts any), got "
+                         f"{max_error!r}")
 
 
 def solve(times: Sequence[float], gammas: Sequence[float], *, sigma_rel: float | None = None,
@@ -73,6 +84,7 @@ def solve(times: Sequence[float], gammas: Sequence[float], *, sigma_rel: float |
     Raises ``ValueError`` when the best combination is further than ``max_error`` (relative L2)
     from the target, naming the error and what to change.
     """
+    _check_max_error(max_error)
     t = np.asarray(times, np.float64)
     g = np.asarray(gammas, np.float64)
     if t.ndim != 1 or t.shape != g.shape or t.size == 0:
@@ -84,15 +96,23 @@ def solve(times: Sequence[float], gammas: Sequence[float], *, sigma_rel: float |
     if not 0 < t_r <= t.max():
         raise ValueError(f"time={time!r}: a profile can be synthesised at a time in (0, {t.max():g}] (the stored "
                          f"snapshots' range), not after the last snapshot")
-    A = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_dot(t, g, t_r, g_r)
-    x = np.linalg.lstsq(A, b, rcond=None)[0]
-    if not np.isfinite(x).all() or abs(x.sum()) < 1e-12:
-        raise ValueError("the stored profiles cannot represent this target (degenerate least squares)")
+    if not (np.all(g > 0) and np.all(np.isfinite(g))):
+        raise ValueError(f"every stored profile's gamma must be a finite number > 0, got {sorted(set(g.tolist()))[:5]}")
+    with np.errstate(all="ignore"):               # huge exponents: caught as non-finite below
+        A = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
+        b = profile_dot(t, g, t_r, g_r)
+        rr = float(profile_dot(t_r, g_r, t_r, g_r))
+        try:
+            x = np.linalg.lstsq(A, b, rcond=None)[0] if np.isfinite(A).all() and np.isfinite(b).all() else b * np.nan
+            condition = float(np.linalg.cond(A)) if np.isfinite(A).all() else math.inf
+        except np.linalg.LinAlgError:
+            x, condition = b * np.nan, math.inf
+    if not np.isfinite(x).all() or abs(x.sum()) < 1e-12 or not math.isfinite(rr) or rr <= 0:
+        raise ValueError("the stored profiles cannot represent this target (degenerate least squares): ask for a "
+                         "width between the tracked ones")
     x = x / x.sum()
-    rr = float(profile_dot(t_r, g_r, t_r, g_r))
     error = math.sqrt(max(0.0, rr - 2 * float(x @ b) + float(x @ A @ x)) / rr)
-    sol = Solution(x, error, float(np.linalg.cond(A)), t_r, g_r, gamma_to_sigma_rel(g_r))
+    sol = Solution(x, error, condition, t_r, g_r, gamma_to_sigma_rel(g_r))
     if not error <= max_error:
         stored = sorted({round(gamma_to_sigma_rel(v), 4) for v in g})
         raise ValueError(f"the snapshots represent the profile sigma_rel={sol.sigma_rel:.4f} at time {t_r:g} only "

@@ -5,31 +5,78 @@ safetensors, one per snapshot (a sharded model's: one DCP checkpoint directory e
 ``.json`` of the same metadata beside it), every tracked profile in each: the tensor
 ``"{k}:{name}"`` is profile ``k`` of the averaged tensor ``name``, ``"model:{name}"`` a tensor
 that is not averaged (copied buffers, excluded tensors; taken from the last snapshot), and the
-metadata (:class:`SnapshotMeta`, strings only) holds the time, the exponents and the names.
-Reading is one tensor at a time (:func:`_reader`: memory-mapped safetensors, or DCP with
-``no_dist``). Importing this module imports numpy only; torch and safetensors when used.
+metadata (:class:`SnapshotMeta`, strings only) holds the run id, the time, the exponents, the
+names and shapes, and (safetensors) a CRC-32 of every tensor's bytes.
+
+Version 2 (this one) adds the run id, every tensor's shape, the checksums and tensors stored as
+their bytes (dtypes safetensors has no name for); version 1 snapshots are read as one legacy
+run, never mixed with another. One folder holds one run: :func:`check_folder` is what a writer
+asks before it writes, :func:`read_snapshots` refuses a folder that mixes runs or shapes.
+
+Reading never runs code from the folder: safetensors and JSON hold no code, and a DCP
+snapshot's ``.metadata`` (a pickle) is read by a restricted unpickler that builds DCP's metadata
+classes, ``torch.Size`` and dtypes only (:func:`_load_dcp_metadata`); its ``.distcp`` data goes
+through ``torch.load(weights_only=True)``. Reading is one tensor at a time (:func:`_reader`:
+memory-mapped safetensors, or DCP with ``no_dist``), every tensor checked (shape, dtype,
+checksum). Importing this module imports numpy only; torch and safetensors when used.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import re
 import warnings
-from typing import NamedTuple
+import zlib
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from .._files import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "Snapshot", "SnapshotMeta", "read_snapshots", "write_snapshot"]
+__all__ = ["FORMAT", "VERSION", "Snapshot", "SnapshotError", "SnapshotMeta", "check_folder", "read_snapshots",
+           "write_snapshot"]
 
 #: The ``format`` every snapshot's metadata carries.
 FORMAT = "fastema.posthoc"
-#: The snapshot format version this fastema writes and reads.
-VERSION = 1
+#: The snapshot format version this fastema writes (it reads 1 and 2).
+VERSION = 2
+_READS = (1, 2)
+#: The dtypes a snapshot may store its profiles in.
+SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
+_MAX_ROWS = 8
+_MAX_JSON = 64 << 20                  # a DCP snapshot's .json is small; a larger file is not one
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}$")
+_CRC = re.compile(r"[0-9a-f]{8}$")
+_DTYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
+
+
+class SnapshotError(OSError):
+    """A snapshot that was not written: a full disk, a file size limit, a folder that is gone or
+    not writable, or values that overflow ``snapshot_dtype``.
+
+    Raised by :meth:`fastema.torch.PostHocEMA.update` *after* the update was applied and counted
+    (``applied=True``: do not repeat that update), and by
+    :meth:`~fastema.torch.PostHocEMA.snapshot` (``applied=False``). The snapshot stays due: the
+    next ``update()`` writes one (or call ``snapshot()``). An ``OSError``, so code that catches
+    write errors catches it; ``errno`` is the failed write's when there was one.
+
+    Attributes:
+        time: the time of the snapshot that was not written.
+        updates: the update count when it was raised.
+        applied: True when raised by ``update()`` after its update was applied and counted.
+    """
+
+    def __init__(self, message: str, *, time: float, updates: int, applied: bool, errno: int | None = None):
+        super().__init__(message)
+        self.time, self.updates, self.applied = time, updates, applied
+        if errno is not None:
+            self.errno = errno
 
 
 class SnapshotMeta(NamedTuple):
     """The metadata of one snapshot: what :meth:`to_metadata` writes (a ``str -> str`` dict, as
     safetensors stores it, with ``format`` and ``version`` added) and :meth:`from_metadata` reads
-    back (checking the format and the version). The keys are spelled here only."""
+    back (checking every field). The keys are spelled here only."""
     time: float                   # training time of the snapshot (the plan's last update time)
     updates: int                  # updates made so far
     gammas: list                  # one exponent per tracked profile (row k of "{k}:{name}")
@@ -38,40 +85,176 @@ class SnapshotMeta(NamedTuple):
     calls: int | None = None      # update() calls so far (None: not recorded)
     sigma_rels: list | None = None    # the tracked widths, one per gamma (None: not recorded)
     dtype: str | None = None      # the snapshot dtype ("float32", "bfloat16", "float16")
-    shapes: dict = {}             # name -> full shape of tensors stored flat (ZeRO-3 partitions)
+    shapes: dict = {}             # name -> full shape: every tensor (version 1: ZeRO-3's flat ones only)
     kind: str = "safetensors"     # or "dcp": a torch.distributed.checkpoint directory (sharded models)
+    run_id: str | None = None     # the run that wrote it (None: version 1, before run ids)
+    raw: dict = {}                # "model:{name}" -> torch dtype of a tensor stored as its bytes (uint8)
+    checksums: dict = {}          # key -> CRC-32 of its stored bytes, 8 hex digits (safetensors; the writer's)
+    version: int = VERSION        # the format version it was written in
 
     def to_metadata(self) -> dict:
-        """``str -> str``: format, version, time, updates, calls, gammas, sigma_rels, averaged,
-        others, dtype, shapes (the unrecorded ones left out), and kind when it is not safetensors."""
-        meta = {"format": FORMAT, "version": str(VERSION), "time": repr(self.time), "updates": str(self.updates)}
+        """``str -> str``: format, version, run_id, time, updates, calls, gammas, sigma_rels,
+        averaged, others, dtype, shapes, raw (the unrecorded ones left out), and kind when it is
+        not safetensors. The checksums are the writer's (:func:`write_snapshot`)."""
+        meta = {"format": FORMAT, "version": str(VERSION)}
+        if self.run_id is not None:
+            meta["run_id"] = self.run_id
+        meta.update({"time": repr(float(self.time)), "updates": str(self.updates)})
         if self.calls is not None:
             meta["calls"] = str(self.calls)
-        meta["gammas"] = json.dumps(list(self.gammas))
+        meta["gammas"] = json.dumps([float(g) for g in self.gammas])
         if self.sigma_rels is not None:
-            meta["sigma_rels"] = json.dumps(list(self.sigma_rels))
+            meta["sigma_rels"] = json.dumps([float(s) for s in self.sigma_rels])
         meta["averaged"] = json.dumps(list(self.averaged))
         meta["others"] = json.dumps(list(self.others))
         if self.dtype is not None:
             meta["dtype"] = self.dtype
-        meta["shapes"] = json.dumps(self.shapes)
+        meta["shapes"] = json.dumps({k: [int(d) for d in v] for k, v in self.shapes.items()})
+        if self.raw:
+            meta["raw"] = json.dumps(dict(self.raw))
         if self.kind != "safetensors":
             meta["kind"] = self.kind
         return meta
 
     @classmethod
     def from_metadata(cls, meta: dict, path: str = "the snapshot") -> SnapshotMeta:
-        """Parse a snapshot's metadata; ``ValueError`` (naming ``path``) for another format or a
-        newer version."""
+        """Parse and check a snapshot's metadata: ``ValueError`` naming ``path`` and the field for
+        another format, a newer version, a missing or malformed field (a time that is not a
+        finite number >= 0, gammas that are not 1 to 8 finite numbers > 0, names and shapes
+        that disagree, ...)."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path!r} has no snapshot metadata (found a {type(meta).__name__})")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not a fastema post-hoc snapshot (metadata format={meta.get('format')!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise ValueError(f"{path!r} was written by a newer fastema (snapshot version {meta['version']}); "
-                             f"upgrade fastema to read it")
-        return cls(float(meta["time"]), int(meta["updates"]), json.loads(meta["gammas"]), json.loads(meta["averaged"]),
-                   json.loads(meta["others"]), int(meta["calls"]) if "calls" in meta else None,
-                   json.loads(meta["sigma_rels"]) if "sigma_rels" in meta else None, meta.get("dtype"),
-                   json.loads(meta.get("shapes", "{}")), meta.get("kind", "safetensors"))
+        try:
+            version = int(meta.get("version", ""))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path!r}: its metadata's version is {meta.get('version')!r}, not a number") from None
+        if version > VERSION:
+            raise ValueError(f"{path!r} was written by a newer fastema (snapshot version {version}); upgrade fastema "
+                             f"to read it")
+        if version not in _READS:
+            raise ValueError(f"{path!r}: snapshot version {version} is not one fastema wrote (it reads {_READS})")
+        field = _Fields(meta, path)
+        time = field.number("time")
+        if not (math.isfinite(time) and time >= 0):
+            field.bad("time", "a finite number >= 0")
+        updates = field.count("updates")
+        calls = field.count("calls") if "calls" in meta else None
+        gammas = field.json("gammas")
+        if not (isinstance(gammas, list) and 1 <= len(gammas) <= _MAX_ROWS and all(_gamma_ok(g) for g in gammas)):
+            field.bad("gammas", f"1 to {_MAX_ROWS} exponents, finite numbers > 0")
+        sigma_rels = field.json("sigma_rels") if "sigma_rels" in meta else None
+        if sigma_rels is not None and not (isinstance(sigma_rels, list) and len(sigma_rels) == len(gammas) and
+                                           all(_real(s) for s in sigma_rels)):
+            field.bad("sigma_rels", "one number per gamma")
+        averaged, others = field.json("averaged"), field.json("others")
+        for key, names in (("averaged", averaged), ("others", others)):
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and
+                    len(set(names)) == len(names)):
+                field.bad(key, "a list of distinct tensor names")
+        if not averaged:
+            field.bad("averaged", "at least one averaged tensor")
+        if set(averaged) & set(others):
+            field.bad("others", f"names that are not averaged too ({sorted(set(averaged) & set(others))[:3]})")
+        dtype = meta.get("dtype")
+        if dtype is not None and dtype not in SNAPSHOT_DTYPES:
+            field.bad("dtype", f"one of {SNAPSHOT_DTYPES}")
+        shapes = field.json("shapes") if "shapes" in meta else {}
+        if not (isinstance(shapes, dict) and all(
+                isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+                for v in shapes.values())):
+            field.bad("shapes", "name -> a list of sizes >= 0")
+        kind = meta.get("kind", "safetensors")
+        if kind not in ("safetensors", "dcp"):
+            field.bad("kind", "'safetensors' or 'dcp'")
+        run_id: str | None = None
+        raw: dict = {}
+        checksums: dict = {}
+        if version >= 2:
+            run_id = meta.get("run_id")
+            if not valid_run_id(run_id):
+                field.bad("run_id", "the id of the run that wrote it")
+            missing = [n for n in [*averaged, *others] if n not in shapes]
+            if missing:
+                field.bad("shapes", f"the shape of every tensor (missing {missing[:3]})")
+            raw = field.json("raw") if "raw" in meta else {}
+            if not (isinstance(raw, dict) and all(isinstance(k, str) and k.startswith("model:") and
+                                                  k[len("model:"):] in others and isinstance(v, str) and
+                                                  _DTYPE_NAME.match(v) for k, v in raw.items())):
+                field.bad("raw", "\"model:{name}\" -> a torch dtype name, for tensors kept as they are")
+            checksums = field.json("checksums") if "checksums" in meta else {}
+            if not (isinstance(checksums, dict) and all(isinstance(v, str) and _CRC.match(v)
+                                                        for v in checksums.values())):
+                field.bad("checksums", "tensor -> a CRC-32 in 8 hex digits")
+        return cls(time, updates, gammas, averaged, others, calls, sigma_rels, dtype, shapes, kind, run_id, raw,
+                   checksums, version)
+
+
+class _Fields:
+    """Reads the fields of one snapshot's metadata; every refusal names the file and the field."""
+
+    def __init__(self, meta: dict, path: str):
+        self.meta, self.path = meta, path
+
+    def bad(self, key: str, expected: str) -> NoReturn:
+        raise ValueError(f"{self.path!r}: its metadata's {key!r} is {_short(self.meta.get(key))}, expected "
+                         f"{expected}; the snapshot is corrupt or was not written by fastema: move it out of the "
+                         f"folder to synthesise from the others")
+
+    def raw(self, key: str) -> str:
+        if key not in self.meta:
+            raise ValueError(f"{self.path!r}: its metadata has no {key!r}; the snapshot is corrupt or was not "
+                             f"written by fastema: move it out of the folder to synthesise from the others")
+        value = self.meta[key]
+        if not isinstance(value, str):
+            self.bad(key, "a string")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.raw(key)
+        try:
+            return float(value)
+        except ValueError:
+            self.bad(key, "a number")
+
+    def count(self, key: str) -> int:
+        value = self.raw(key)
+        if not re.fullmatch(r"[0-9]{1,18}", value):
+            self.bad(key, "an int >= 0")
+        return int(value)
+
+    def json(self, key: str) -> Any:
+        value = self.raw(key)
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):     # JSONDecodeError, or nesting deeper than Python's stack
+            self.bad(key, "JSON")
+
+
+def valid_run_id(run_id) -> bool:
+    """True for a run id a snapshot or a PostHocEMA checkpoint may carry (1 to 64 of ``[0-9A-Za-z_-]``)."""
+    return isinstance(run_id, str) and _RUN_ID.match(run_id) is not None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _gamma_ok(g) -> bool:
+    if not (_real(g) and g > 0):
+        return False
+    try:                                          # a gamma whose width underflows is no profile either
+        from ..schedules import gamma_to_sigma_rel
+
+        return gamma_to_sigma_rel(g) > 0
+    except (OverflowError, ValueError):
+        return False
 
 
 class Snapshot(NamedTuple):
@@ -82,42 +265,183 @@ class Snapshot(NamedTuple):
     averaged: list        # names of the averaged tensors
     others: list          # names of the tensors kept as they are (from the last snapshot)
     kind: str = "safetensors"     # or "dcp": a torch.distributed.checkpoint directory (sharded models)
-    shapes: dict = {}             # name -> full shape of tensors stored flat (ZeRO-3 partitions)
+    shapes: dict = {}             # name -> full shape (version 1: of tensors stored flat, ZeRO-3 partitions)
+    run_id: str | None = None     # the run that wrote it (None: a version-1 snapshot)
+    meta: SnapshotMeta | None = None      # all of its metadata
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _safetensors_metadata(path: str) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:                      # SafetensorError, OSError: a file that is not one
+        raise ValueError(f"{path!r} is not a readable safetensors snapshot ({_first_line(err)}); it is truncated, "
+                         f"empty or corrupt: move it out of the folder to synthesise from the others") from None
+
+
+def _json_metadata(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_JSON + 1)
+        if len(data) > _MAX_JSON:
+            raise ValueError(f"larger than {_MAX_JSON} bytes")
+        meta = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path!r} is not a DCP snapshot's metadata (not JSON: {_first_line(err)}); it is "
+                         f"corrupt: move it (and its directory) out of the folder to synthesise from the others") \
+            from None
+    return meta
+
+
+def _snapshot_at(directory: str, name: str) -> Snapshot | None:
+    """The snapshot whose file in ``directory`` is ``name`` (None: not a snapshot's name)."""
+    path = os.path.join(directory, name)
+    if not name.startswith("snapshot-"):
+        return None
+    if name.endswith(".json"):                    # a sharded model's DCP snapshot
+        meta = _json_metadata(path)
+        data = path[:-len(".json")]
+        m = SnapshotMeta.from_metadata(meta, path)
+        if m.kind != "dcp":
+            raise ValueError(f"{path!r} is a snapshot's .json, but its kind is {m.kind!r}, not 'dcp'")
+        if not os.path.isdir(data):
+            raise FileNotFoundError(f"{path!r} describes a DCP snapshot, but {data!r} is missing")
+    elif name.endswith(".safetensors"):
+        data = path
+        m = SnapshotMeta.from_metadata(_safetensors_metadata(path), path)
+        if m.kind != "safetensors":
+            raise ValueError(f"{path!r} is a safetensors file, but its metadata says kind {m.kind!r}")
+    else:
+        return None
+    return Snapshot(data, m.time, m.updates, m.gammas, m.averaged, m.others, m.kind, m.shapes, m.run_id, m)
+
+
+def _few(paths: list, n: int = 3) -> str:
+    names = [os.path.basename(p) for p in paths]
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _run_name(run_id: str | None) -> str:
+    return "version-1 snapshots (no run id)" if run_id is None else f"run {run_id}"
 
 
 def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
-    """The snapshots in ``directory`` (their metadata only), by time."""
-    from safetensors import safe_open
+    """The snapshots in ``directory`` (their metadata only, checked), by time.
 
+    Refuses (``ValueError`` naming the files) a file named like a snapshot that is not a readable
+    one, a folder that holds the snapshots of more than one run (version-1 snapshots count as one
+    legacy run), two snapshots of one time, and snapshots whose tensors' names or shapes differ.
+    """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory of post-hoc EMA snapshots")
     out = []
     for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith("snapshot-") and name.endswith(".json"):        # a sharded model's DCP snapshot
-            with open(path) as f:
-                meta = json.load(f)
-            path = path[:-len(".json")]
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"{path + '.json'!r} describes a DCP snapshot, but {path!r} is missing")
-        elif name.startswith("snapshot-") and name.endswith(".safetensors"):
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-        else:
-            continue
-        m = SnapshotMeta.from_metadata(meta, path)
-        out.append(Snapshot(path, m.time, m.updates, m.gammas, m.averaged, m.others, m.kind, m.shapes))
+        snap = _snapshot_at(directory, name)
+        if snap is not None:
+            out.append(snap)
     if not out:
         raise FileNotFoundError(f"no snapshot-*.safetensors files (or snapshot-*.json DCP snapshots) in "
                                 f"{directory!r}")
-    out.sort(key=lambda s: s.time)
-    names = out[-1].averaged
+    runs: dict = {}
     for s in out:
-        if s.averaged != names:
-            raise ValueError(f"{s.path!r} holds other tensors than {out[-1].path!r}: snapshots of different "
+        runs.setdefault(s.run_id, []).append(s.path)
+    if len(runs) > 1:
+        listed = "; ".join(f"{_run_name(r)}: {_few(p)}" for r, p in runs.items())
+        raise ValueError(f"{directory!r} holds the snapshots of {len(runs)} runs ({listed}). Synthesis combines "
+                         f"the snapshots of one run: move each run's snapshots into a folder of its own")
+    out.sort(key=lambda s: s.time)
+    for a, b in zip(out, out[1:]):
+        if a.time == b.time:
+            raise ValueError(f"{a.path!r} and {b.path!r} are two snapshots of time {a.time:g}: keep one of them")
+    last = out[-1]
+    for s in out:
+        if s.averaged != last.averaged:
+            raise ValueError(f"{s.path!r} holds other tensors than {last.path!r}: snapshots of different "
                              f"models in one directory")
+        for n in last.averaged:
+            if n in s.shapes and n in last.shapes and s.shapes[n] != last.shapes[n]:
+                raise ValueError(f"{s.path!r} stores {n!r} with shape {s.shapes[n]}, {last.path!r} with shape "
+                                 f"{last.shapes[n]}: snapshots of different models in one directory")
     return out
+
+
+# --------------------------------------------------------------------------- one run per folder
+
+
+def check_folder(directory: str, run_id: str, time: float, seen: dict | None = None) -> str | None:
+    """Why run ``run_id``, now at ``time``, may not write its next snapshot into ``directory``
+    (None: it may). A writer asks this before it writes anything.
+
+    Refused: another run's snapshots (a fresh run pointed at an old folder, two runs in one
+    folder), version-1 snapshots (no run id), files named like snapshots that cannot be read,
+    and this run's own snapshots later than ``time`` (a run resumed from an earlier checkpoint:
+    they belong to the trajectory it abandoned; synthesis would mix the two, and the resumed run
+    would overwrite them one by one). ``seen`` caches what was read, by name, size and mtime.
+    """
+    seen = {} if seen is None else seen
+    others: dict = {}
+    later, unreadable = [], []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return None                                   # the write itself reports a folder that is gone
+    for name in names:
+        if not name.startswith("snapshot-") or not name.endswith((".json", ".safetensors")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue                                  # removed since the listing
+        key = (name, st.st_size, st.st_mtime_ns)
+        if key not in seen:
+            try:
+                snap = _snapshot_at(directory, name)
+                seen[key] = None if snap is None else (snap.run_id, snap.time)
+            except (ValueError, OSError) as err:
+                seen[key] = ("unreadable", _first_line(err))
+        found = seen[key]
+        if found is None:
+            continue
+        if found[0] == "unreadable":
+            unreadable.append((path, found[1]))
+        elif found[0] != run_id:
+            others.setdefault(found[0], []).append(path)
+        elif found[1] > time:
+            later.append(path)
+    problems = []
+    for other, paths in others.items():
+        if other is None:
+            problems.append(f"it holds version-1 snapshots, written before run ids ({_few(paths)}): give this "
+                            f"PostHocEMA a new folder (path=); synthesis still reads that folder on its own")
+        else:
+            problems.append(f"it holds the snapshots of another run, run {other} ({_few(paths)}), which this run "
+                            f"({run_id}) would overwrite or mix with: give this PostHocEMA a new folder (path=), "
+                            f"or, to continue that run, load its checkpoint first (load_state_dict): the "
+                            f"PostHocEMA then takes that run's id")
+    if later:
+        problems.append(f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), "
+                        f"from the trajectory after the checkpoint this run resumed from: synthesis would mix the "
+                        f"two trajectories. Remove them (or move them out of the folder), or resume from a later "
+                        f"checkpoint")
+    if unreadable:
+        listed = _few([p for p, _ in unreadable])
+        problems.append(f"it holds files named like snapshots that are not readable ones ({listed}: "
+                        f"{unreadable[0][1]}): move them out of the folder")
+    if not problems:
+        return None
+    return f"PostHocEMA will not write its snapshots into {directory!r}: " + "; ".join(problems) + \
+        ". Nothing was written and this call changed nothing."
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMeta | dict, *,
@@ -125,13 +449,15 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     """Write one snapshot of time ``time`` into ``directory``, whole or not at all; returns its path.
 
     ``tensors``: ``"{k}:{name}"`` (profile ``k``) and ``"model:{name}"`` entries; ``meta``: the
-    metadata strings (format, version, time, gammas, names). A plain model's snapshot is one
-    safetensors file (temporary file, then rename), ``tensors`` mapping to ``(tensor, dtype)``
-    pairs streamed one at a time (:func:`fastema.torch._safetensors.stream_safetensors`). A sharded
-    model's (``tensors`` holding DTensors) is a collective: one DCP checkpoint directory written by
-    every rank from its own shards into a temporary directory, renamed, then the metadata ``.json`` beside it, written
-    last by rank 0: readers ignore a snapshot without it. ``meta`` may be a :class:`SnapshotMeta`
-    (written through :meth:`SnapshotMeta.to_metadata`)."""
+    metadata strings (format, version, run id, time, gammas, names, shapes). A plain model's
+    snapshot is one safetensors file (temporary file, then rename), ``tensors`` mapping to
+    ``(tensor, dtype)`` pairs streamed one at a time
+    (:func:`fastema.torch._safetensors.stream_safetensors`), with the CRC-32 of every tensor's
+    bytes in the metadata (``checksums``). A sharded model's (``tensors`` holding DTensors) is a
+    collective: one DCP checkpoint directory written by every rank from its own shards into a
+    temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
+    readers ignore a snapshot without it. Every rank raises the same error when a rank could not
+    write. ``meta`` may be a :class:`SnapshotMeta` (written through :meth:`SnapshotMeta.to_metadata`)."""
     if isinstance(meta, SnapshotMeta):
         meta = meta.to_metadata()
     stamp = f"{int(time):012d}" if float(time).is_integer() else f"{time:020.6f}"
@@ -140,7 +466,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
         return _save_dcp(base, tensors, meta)
     from ..torch._safetensors import stream_safetensors
 
-    atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta))
+    atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
     return base + ".safetensors"
 
 
@@ -149,46 +475,274 @@ def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
 
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank = dist.get_rank()
     tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
+    error = None
     if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)                       # left by a snapshot that was killed
-    dist.barrier()
-    dcp.save(tensors, checkpoint_id=tmp)
-    dist.barrier()
+        try:
+            shutil.rmtree(tmp)                       # left by a snapshot that was killed
+        except OSError as err:
+            error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
+    _agree(error)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp)         # DCP raises on every rank when one could not write
+    except CheckpointException as err:
+        raise OSError(_errno_of(err), f"could not write the DCP snapshot {base!r}: {_first_line(err)}") from None
     if rank == 0:
-        if os.path.exists(base):                 # the same time again: the old metadata goes first
-            if os.path.exists(base + ".json"):
-                os.unlink(base + ".json")
-            shutil.rmtree(base)
-        os.replace(tmp, base)
-        data = json.dumps({**meta, "kind": "dcp"}).encode()
-        atomic_write(base + ".json", lambda f: f.write(data))
-    dist.barrier()
+        try:
+            if os.path.exists(base):                 # the same time again: the old metadata goes first
+                if os.path.exists(base + ".json"):
+                    os.unlink(base + ".json")
+                shutil.rmtree(base)
+            os.replace(tmp, base)
+            data = json.dumps({**meta, "kind": "dcp"}).encode()
+            atomic_write(base + ".json", lambda f: f.write(data))
+        except OSError as err:
+            error = str(err)
+    _agree(error)
     return base
 
 
-def _reader(snap: Snapshot):
-    """``key -> full tensor`` of one snapshot, read on demand (one tensor at a time)."""
-    if snap.kind == "dcp":
+def _agree(error: str | None) -> None:
+    """Every rank raises rank 0's error (a collective: no rank goes on into a collective alone)."""
+    import torch.distributed as dist
+
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise OSError(box[0])
+
+
+def _errno_of(err: BaseException) -> int:
+    import errno
+
+    for failure in getattr(err, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+    return errno.EIO
+
+
+def _first_line(err: BaseException) -> str:
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:       # a DCP CheckpointException: the first rank's error
+        failure = next(iter(failures.values()))
+        err = failure[0] if isinstance(failure, tuple) else failure
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+
+def _reader(snap: Snapshot) -> Callable[[str], Any]:
+    """``key -> tensor`` of one snapshot, read on demand (one tensor at a time), each checked: a
+    key the metadata names, the shape the metadata gives (or the flat form of a ZeRO-3
+    partition), a floating dtype for the profiles, the checksum; tensors stored as bytes get their
+    dtype back. Every refusal is a ValueError naming the file and the tensor."""
+    meta = snap.meta
+    read = _dcp_reader(snap) if snap.kind == "dcp" else _safetensors_reader(snap)
+
+    def expected(key: str):
+        if meta is None or meta.version < 2:
+            return None
+        kind, _, name = key.partition(":")
+        return meta.shapes.get(name)
+
+    def get(key: str):
         import torch
-        import torch.distributed.checkpoint as dcp
 
-        reader = dcp.FileSystemReader(snap.path)
-        entries = reader.read_metadata().state_dict_metadata
+        want = expected(key)
+        t = read(key, want)
+        averaged = not key.startswith("model:")
+        if meta is not None and key in meta.raw:
+            dtype = getattr(torch, meta.raw[key], None)
+            if not isinstance(dtype, torch.dtype) or t.dtype != torch.uint8:
+                raise ValueError(f"{snap.path!r}: {key!r} is stored as {t.dtype}, with raw dtype "
+                                 f"{meta.raw[key]!r}; the snapshot is corrupt")
+            try:
+                t = t.reshape(-1).view(dtype).reshape(want if want is not None else (-1,))
+            except RuntimeError as err:
+                raise ValueError(f"{snap.path!r}: {key!r} does not hold whole {dtype} values ({err}); the "
+                                 f"snapshot is corrupt") from None
+        if want is not None and list(t.shape) != list(want) and not (
+                averaged and t.dim() == 1 and t.numel() == math.prod(want)):
+            raise ValueError(f"{snap.path!r}: {key!r} has shape {list(t.shape)}, but the metadata gives {want}; "
+                             f"the snapshot is corrupt: move it out of the folder to synthesise from the others")
+        if averaged and not t.is_floating_point():
+            raise ValueError(f"{snap.path!r}: the profile {key!r} is {t.dtype}, not a floating dtype; the snapshot "
+                             f"is corrupt")
+        return t
 
-        def read(key):
-            # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
-            meta = entries[key]
-            out = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(out, storage_reader=dcp.FileSystemReader(snap.path), no_dist=True)
-            return out[key]
+    return get
 
-        return read
+
+def _safetensors_reader(snap: Snapshot) -> Callable:
     from safetensors import safe_open
 
-    handle = safe_open(snap.path, framework="pt")
-    return handle.get_tensor
+    try:
+        handle = safe_open(snap.path, framework="pt")
+        keys = set(handle.keys())
+    except Exception as err:                      # SafetensorError, OSError
+        raise ValueError(f"{snap.path!r} is not a readable safetensors snapshot ({_first_line(err)}); move it out "
+                         f"of the folder to synthesise from the others") from None
+    checksums = snap.meta.checksums if snap.meta is not None else {}
+
+    def read(key: str, want):
+        if key not in keys:
+            raise ValueError(f"{snap.path!r} has no tensor {key!r}, which its metadata names; the snapshot is "
+                             f"corrupt: move it out of the folder to synthesise from the others")
+        try:
+            t = handle.get_tensor(key)
+        except Exception as err:                  # SafetensorError
+            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({_first_line(err)}); the snapshot "
+                             f"is corrupt: move it out of the folder") from None
+        if key in checksums:
+            import torch
+
+            data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()) if t.numel() else b""
+            crc = f"{zlib.crc32(data):08x}"
+            if crc != checksums[key]:
+                raise ValueError(f"{snap.path!r}: tensor {key!r} fails its checksum (CRC-32 {crc}, written "
+                                 f"{checksums[key]}): the file was changed or damaged on disk after it was written. "
+                                 f"Move it out of the folder to synthesise from the others")
+        return t
+
+    return read
+
+
+def _dcp_reader(snap: Snapshot) -> Callable:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader_type = _safe_reader_type()
+    entries = reader_type(snap.path).read_metadata().state_dict_metadata
+
+    def read(key: str, want):
+        meta = entries.get(key)
+        if not isinstance(meta, TensorStorageMetadata):
+            raise ValueError(f"the DCP snapshot {snap.path!r} has no tensor {key!r}, which its metadata names; the "
+                             f"snapshot is corrupt: move it (and its .json) out of the folder")
+        size = list(meta.size)
+        if want is not None and size != list(want) and size != [math.prod(want)]:
+            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} has shape {size}, but its .json gives {want}; "
+                             f"the snapshot is corrupt")
+        out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
+        try:
+            with warnings.catch_warnings():
+                # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(out, storage_reader=reader_type(snap.path), no_dist=True)
+        except (Exception, CheckpointException) as err:
+            raise ValueError(f"the DCP snapshot {snap.path!r}: tensor {key!r} could not be read "
+                             f"({_first_line(err)}); the snapshot is truncated or corrupt: move it (and its .json) "
+                             f"out of the folder to synthesise from the others") from None
+        return out[key]
+
+    return read
+
+
+# --------------------------------------------------------------------------- DCP metadata without pickle's reach
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    _DCP_METADATA: {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},           # a layout by its name, from torch's own table
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "pathlib._local": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Builds what DCP's ``.metadata`` holds (its metadata dataclasses, ``torch.Size``, dtypes,
+    layouts, paths) and nothing else: any other global is refused before it is looked up, so a
+    planted ``__reduce__`` never runs."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if name in _ALLOWED.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which DCP metadata never holds")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never holds")
+
+
+def _load_dcp_metadata(path: str):
+    """DCP's ``Metadata`` from ``path`` through :class:`_DcpMetadataUnpickler`, its structure
+    checked (the tensors' sizes and dtypes, data files inside the snapshot directory)."""
+    import torch
+    from torch.distributed.checkpoint import metadata as M
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    try:
+        with open(path, "rb") as f:
+            md = _DcpMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path!r} was not loaded: {err} (reading a snapshot folder never runs code from it). "
+                         f"It is not a snapshot fastema wrote: remove this snapshot, or get an intact copy from "
+                         f"its author") from None
+    except Exception as err:                          # EOFError, a truncated or garbled pickle
+        raise ValueError(f"{path!r} is not readable DCP metadata ({_first_line(err)}); the snapshot is truncated "
+                         f"or corrupt: move it (and its .json) out of the folder") from None
+
+    def bad(what: str):
+        return ValueError(f"{path!r} is not DCP metadata a snapshot holds ({what}); the snapshot is corrupt: move "
+                          f"it (and its .json) out of the folder")
+
+    if not isinstance(md, M.Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise bad(f"a {type(md).__name__}")
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise bad(f"a key {key!r}")
+        if isinstance(entry, M.BytesStorageMetadata):
+            continue
+        if not (isinstance(entry, M.TensorStorageMetadata) and isinstance(entry.size, torch.Size) and
+                all(isinstance(d, int) and d >= 0 for d in entry.size) and
+                isinstance(entry.properties, M.TensorProperties) and
+                isinstance(entry.properties.dtype, torch.dtype)):
+            raise bad(f"the entry of {key!r}")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise bad("no storage table")
+    for index, info in storage.items():
+        if not (isinstance(index, M.MetadataIndex) and isinstance(info, _StorageInfo) and
+                isinstance(info.relative_path, str) and os.path.basename(info.relative_path) == info.relative_path
+                and info.relative_path not in ("", ".", "..") and "\\" not in info.relative_path and
+                isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and
+                info.length >= 0):
+            raise bad(f"a storage entry {_short(info)}")
+    return md
+
+
+_SAFE_READER: Any = None
+
+
+def _safe_reader_type():
+    """``dcp.FileSystemReader`` whose metadata comes through :func:`_load_dcp_metadata` (made once)."""
+    global _SAFE_READER
+    if _SAFE_READER is None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        class SafeReader(dcp.FileSystemReader):
+            def read_metadata(self, *args: Any, **kwargs: Any):
+                rank = kwargs.get("rank")
+                name = ".metadata" if rank is None else f"__{int(rank)}.metadata"
+                md = _load_dcp_metadata(os.path.join(os.fspath(self.path), name))
+                if getattr(md, "storage_meta", None) is None:
+                    md.storage_meta = StorageMeta()
+                md.storage_meta.load_id = self.load_id
+                return md
+
+        _SAFE_READER = SafeReader
+    return _SAFE_READER

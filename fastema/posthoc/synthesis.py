@@ -1,7 +1,12 @@
 """Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
-time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model."""
+time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model.
+
+Every tensor read is checked (:func:`fastema.posthoc.snapshots._reader`: shape, dtype, checksum),
+every profile read must be finite, and so must the result."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Any
 
@@ -23,6 +28,15 @@ def _solution_for(snaps: list[Snapshot], sigma_rel, gamma, time, max_error) -> S
     return solve(times, gammas, sigma_rel=sigma_rel, gamma=gamma, time=time, max_error=max_error)
 
 
+def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
+    """The snapshots a synthesis at ``time`` combines (all of them when ``time`` is None)."""
+    if time is None:
+        return snaps
+    if isinstance(time, bool) or not isinstance(time, numbers.Real) or not math.isfinite(time):
+        raise ValueError(f"time must be a finite number, got {time!r}")
+    return [s for s in snaps if s.time <= float(time)] or snaps
+
+
 def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
                time: float | None = None, max_error: float = MAX_ERROR, dtype=None, into=None) -> Synthesized:
     """The average of the power-function profile ``sigma_rel`` (or ``gamma``) at ``time``
@@ -32,26 +46,58 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     also loads it into that ``nn.Module`` (strict; an FSDP2 / tensor-parallel model through
     ``set_model_state_dict``, which every rank must call). Reading is local to the caller (DCP
     snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
-    represent to ``max_error`` (see :func:`solve`)."""
+    represent to ``max_error`` (see :func:`solve`).
+
+    Nothing in ``directory`` can run code (see :mod:`fastema.posthoc.snapshots`). Refused with a
+    ``ValueError`` naming the file (and the tensor): a folder that mixes runs or shapes (see
+    :func:`read_snapshots`), a snapshot that is truncated, corrupt or fails its checksum (move it
+    out of the folder to synthesise from the others), a profile holding inf or NaN, and a result
+    that is not finite in ``dtype``.
+    """
     import torch
 
-    snaps = read_snapshots(directory)
-    if time is not None:
-        snaps = [s for s in snaps if s.time <= time] or snaps
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype (default torch.float32), got {dtype!r}")
+    snaps = _up_to(read_snapshots(directory), time)
     sol = _solution_for(snaps, sigma_rel, gamma, time, max_error)
     dtype = torch.float32 if dtype is None else dtype
     terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
-    files = {s.path: _reader(s) for s in snaps}
+    files: dict = {}
+
+    def read(s: Snapshot, key: str):
+        if s.path not in files:
+            files[s.path] = _reader(s)
+        return files[s.path](key)
+
     out = Synthesized()
     last = snaps[-1]
     for name in last.averaged:
         acc: Any = None
+        first = None
         for (s, k), x in zip(terms, sol.coefficients):
-            v = files[s.path](f"{k}:{name}").to(torch.float64)
+            v = read(s, f"{k}:{name}")
+            if first is None:
+                first = (s, v.shape)
+            elif v.shape != first[1]:
+                raise ValueError(f"{s.path!r} stores {name!r} with shape {list(v.shape)}, {first[0].path!r} with "
+                                 f"shape {list(first[1])}: snapshots of different models in one directory")
+            v = v.to(torch.float64)
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{s.path!r}: the profile {k}:{name} holds inf or NaN (a run that diverged, or a "
+                                 f"float16 snapshot of values beyond +-65504): synthesise at a time before it "
+                                 f"(time=), or move it out of the folder")
             acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
-        out[name] = acc.to(dtype).reshape(last.shapes.get(name, acc.shape))
+        shape = last.shapes.get(name, list(acc.shape))
+        if acc.numel() != math.prod(shape):
+            raise ValueError(f"{last.path!r} gives {name!r} the shape {shape}, but stores {acc.numel()} values; the "
+                             f"snapshot is corrupt")
+        result = acc.to(dtype).reshape(shape)
+        if not bool(torch.isfinite(result).all()):
+            raise ValueError(f"the synthesised {name!r} does not fit in {dtype} (values beyond its range): pass "
+                             f"dtype=torch.float32")
+        out[name] = result
     for name in last.others:
-        out[name] = files[last.path](f"model:{name}")
+        out[name] = read(last, f"model:{name}")
     out.solution = sol
     if into is not None:
         _load_into(into, out)

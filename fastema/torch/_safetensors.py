@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import torch
 
@@ -13,14 +14,36 @@ __all__ = ["SAFETENSORS_DTYPES", "stream_safetensors"]
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
+_PLACEHOLDER = "00000000"          # a CRC-32 in 8 hex digits: the header keeps its length when it is filled in
 
-def stream_safetensors(f, tensors: dict, meta: dict) -> None:
+
+def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = None) -> None:
     """Write ``tensors`` (``name -> (tensor, dtype)``, on any device) to ``f`` in the safetensors
     format, converting and copying one tensor at a time to the host: peak memory is one tensor,
     not the snapshot. (The safetensors library serialises whole dicts held in memory; its format
     is a little-endian u64 header length, a JSON header of dtypes, shapes and byte offsets padded
-    to 8 bytes, then the raw data in that order. The files are read back with the library.)"""
-    header, offset = {"__metadata__": meta}, 0
+    to 8 bytes, then the raw data in that order. The files are read back with the library.)
+
+    Args:
+        f: a binary file open for writing (seekable when ``checksums`` is given).
+        tensors: ``name -> (tensor, dtype)``; each is stored in ``dtype`` (one of
+            :data:`SAFETENSORS_DTYPES`, else ``TypeError`` before anything is written).
+        meta: the ``str -> str`` metadata.
+        checksums: a metadata key to fill with the CRC-32 (``zlib.crc32``, 8 hex digits) of every
+            tensor's stored bytes, as JSON ``name -> crc``: computed while the data streams, then
+            written into the header in place (it keeps its length).
+
+    Raises:
+        OverflowError: a floating tensor stored in a narrower floating dtype (float32 into
+            float16) holds finite values beyond that dtype's range (they would be stored as inf);
+            it names the tensor and the largest value. The file is then incomplete: write it through
+            :func:`fastema._files.atomic_write`, which removes it.
+    """
+    header: dict = {"__metadata__": dict(meta)}
+    if checksums is not None:
+        header["__metadata__"][checksums] = json.dumps({name: _PLACEHOLDER for name in tensors},
+                                                       separators=(",", ":"))
+    offset = 0
     for name, (t, dtype) in tensors.items():
         kind = SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
         if kind is None:
@@ -28,10 +51,45 @@ def stream_safetensors(f, tensors: dict, meta: dict) -> None:
         nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    start = f.tell() if checksums is not None else 0
+    head = _header_bytes(header)
     f.write(struct.pack("<Q", len(head)))
     f.write(head)
+    crcs = {}
     for name, (t, dtype) in tensors.items():
         host = t.detach().to("cpu", dtype, copy=True).contiguous()     # C order, as safetensors stores it
-        f.write(host.view(-1).view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+        _check_range(name, t, host)
+        data = memoryview(host.view(-1).view(torch.uint8).numpy()) if host.numel() else b""
+        crcs[name] = f"{zlib.crc32(data):08x}"
+        f.write(data)
+    if checksums is not None:
+        header["__metadata__"][checksums] = json.dumps(crcs, separators=(",", ":"))
+        filled = _header_bytes(header)
+        assert len(filled) == len(head), "the checksums changed the header's length"
+        end = f.tell()
+        f.seek(start + 8)
+        f.write(filled)
+        f.seek(end)
+
+
+def _header_bytes(header: dict) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b" " * (-len(head) % 8)
+
+
+def _check_range(name: str, src: torch.Tensor, host: torch.Tensor) -> None:
+    """OverflowError when ``host`` (``src`` cast to a narrower floating dtype) turned finite values into inf."""
+    if not (src.is_floating_point() and host.is_floating_point()) or host.dtype == src.dtype:
+        return
+    if torch.finfo(host.dtype).max >= torch.finfo(src.dtype).max:
+        return
+    bad = ~torch.isfinite(host)
+    if not bool(bad.any()):
+        return
+    was = src.detach().to("cpu", copy=True).contiguous()[bad]
+    was = was[torch.isfinite(was)]
+    if was.numel():
+        largest = float(was.abs().max())
+        raise OverflowError(f"{name} holds {was.numel()} finite value(s) beyond the range of "
+                            f"{str(host.dtype).removeprefix('torch.')} (+-{torch.finfo(host.dtype).max:g}; the "
+                            f"largest is {largest:g}), which would be stored as inf")

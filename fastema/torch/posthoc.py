@@ -2,16 +2,20 @@
 the snapshots that :mod:`fastema.posthoc` synthesises other profiles from."""
 from __future__ import annotations
 
+import errno as _errno
 import os
+import uuid
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import posthoc as _posthoc  # fastema.posthoc: the snapshot format and the synthesis
-from ..posthoc.snapshots import SnapshotMeta
+from ..posthoc.snapshots import SnapshotError, SnapshotMeta, check_folder, valid_run_id
+from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._model import _unwrap
+from ._safetensors import SAFETENSORS_DTYPES
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]
@@ -29,18 +33,33 @@ class PostHocEMA(EMA):
     exact Delta-t weights (:class:`fastema.schedules.PowerFunction`), so ``update_every=k``
     or irregular ``update(step=)`` realise the requested profiles. Every ``snapshot_every``
     updates, :meth:`snapshot` writes every profile to ``DIR/snapshot-<time>.safetensors``
-    atomically (temporary file, then rename), with the time and the profiles in its metadata.
-    ``update()`` inside ``torch.compile`` (one operator, no graph break) writes them too; CUDA
-    graph replays run no Python, so call ``snapshot()`` between replays there.
+    atomically (temporary file, then rename), with the run id, the time, the profiles and every
+    tensor's shape and checksum in its metadata. ``update()`` inside ``torch.compile`` (one
+    operator, no graph break) writes them too; CUDA graph replays run no Python, so call
+    ``snapshot()`` between replays there.
+
+    One folder holds one run. Each PostHocEMA is a run with a random id (:attr:`run_id`), kept in
+    its checkpoint (:meth:`state_dict`): :meth:`load_state_dict` takes the checkpoint's id, so a
+    resumed run goes on writing into its folder. The folder is checked at the first ``update()``
+    and before every snapshot, before anything is applied or written: another run's snapshots,
+    version-1 snapshots (no run id), unreadable files named like snapshots, or this run's own
+    snapshots later than its time (left by the trajectory after the checkpoint it resumed from)
+    are refused with a ``ValueError`` naming them and the fix.
+
+    A snapshot that cannot be written (a full disk, a file size limit, the folder gone, values
+    beyond ``snapshot_dtype``'s range) raises :class:`fastema.posthoc.SnapshotError` (an
+    ``OSError``) from ``update()`` *after* the update was applied and counted: do not repeat the
+    update. The snapshot stays due, and the next ``update()`` writes one (or call :meth:`snapshot`).
 
     Args:
         model: as :class:`EMA`.
         sigma_rels: the tracked relative widths (1 to 8; EDM2 tracks 0.05 and 0.10).
         snapshot_every: updates between snapshots (``None``: only explicit :meth:`snapshot` calls).
-        path: the snapshot directory (created).
+        path: the snapshot directory (created): one run's snapshots.
         update_every: update on every k-th call; the profiles stay exact.
         snapshot_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (EDM2 stores
-            float16: half the disk, ~1e-3 relative rounding per snapshot).
+            float16: half the disk, ~1e-3 relative rounding per snapshot; weights beyond +-65504
+            are refused at the snapshot, naming the tensor).
         **kwargs: other :class:`EMA` options (``buffers``, ``exclude``, ``shadow_dtype``, ...).
 
     Sharded models (FSDP2, tensor parallel, HSDP): each rank tracks its own shards (no
@@ -70,21 +89,75 @@ class PostHocEMA(EMA):
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
         super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
-        self.sigma_rels = sigma_rels
-        self.gammas = [s.gamma for s in self.plan.schedules]
+        self._given_sigma_rels = sigma_rels
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)
+        self.run_id = uuid.uuid4().hex           # this run's snapshots carry it; a resume takes the checkpoint's
+        self._checked = False                    # the folder was checked since construction or the last load
+        self._seen: dict = {}                    # check_folder's cache of the folder's files
+        self._due: tuple | None = None           # (time, updates) of a snapshot due and not written yet
+        self._check_storable()
         os.makedirs(self.path, exist_ok=True)
 
+    @property
+    def gammas(self) -> list[float]:
+        """The tracked profiles' exponents, one per row: the plan's schedules' (what the rows hold)."""
+        return [float(s.gamma) for s in self.plan.schedules]
+
+    @property
+    def sigma_rels(self) -> tuple:
+        """The tracked relative widths, one per row (as given; the plan's schedules hold them)."""
+        if [sigma_rel_to_gamma(s) for s in self._given_sigma_rels] == self.gammas:
+            return self._given_sigma_rels
+        return tuple(gamma_to_sigma_rel(g) for g in self.gammas)
+
+    def _check_storable(self) -> None:
+        """Refuse, at construction, model tensors no snapshot can store (sparse, quantized): every
+        snapshot would fail on them. Other dtypes safetensors has no name for (complex, uint16, ...)
+        are stored as their bytes."""
+        bad = [f"{n} ({t.layout}, {t.dtype})" for n, t in _unwrap(self.model).state_dict(keep_vars=True).items()
+               if t.layout != torch.strided or t.is_quantized]
+        if bad:
+            raise TypeError(f"PostHocEMA cannot store {', '.join(bad[:3])} in its snapshots (a snapshot holds dense "
+                            f"tensors); keep such tensors out of the model's state_dict (a plain attribute, or a "
+                            f"non-persistent buffer)")
+
+    # ------------------------------------------------------------ updates and snapshots
+
     def _eager_update(self, step: int | None) -> None:
-        # The eager update, and a snapshot when one is due. Inside torch.compile the fastema::update_
-        # operator runs this at every call of the compiled code, so snapshots need no graph break.
+        # The eager update, and a snapshot when one is due (or a missed one is still due). Inside
+        # torch.compile the fastema::update_ operator runs this at every call of the compiled code,
+        # so snapshots need no graph break. The folder is checked before the update, so a refused
+        # folder changes nothing; a snapshot that cannot be written is reported after the update.
+        due = self.plan.cadence.due()
+        n = self.plan.updates + 1
+        writes = due and (self._due is not None or (self.snapshot_every is not None and n % self.snapshot_every == 0))
+        if writes or not self._checked:
+            self._check_folder()
         before = self.plan.updates
         super()._eager_update(step)
         n = self.plan.updates
-        if self.snapshot_every is not None and n != before and n % self.snapshot_every == 0:
-            self.snapshot()
+        if n == before or not writes:
+            return
+        if self._due is None:
+            self._due = (self.plan.last_time, n)
+        self._write(applied=True)
+
+    def _check_folder(self) -> None:
+        """ValueError when this run may not write into its folder (see :func:`fastema.posthoc.snapshots.check_folder`);
+        on a sharded model rank 0 looks and every rank raises (a collective)."""
+        problem = None
+        rank0 = not self.sharded or torch.distributed.get_rank() == 0
+        if rank0:
+            problem = check_folder(self.path, self.run_id, self.plan.last_time, self._seen)
+        if self.sharded:
+            box = [problem]
+            torch.distributed.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise ValueError(problem)
+        self._checked = True
 
     def snapshot(self) -> str:
         """Write every profile, as of the last update, to ``path``; returns the snapshot's path.
@@ -94,33 +167,141 @@ class PostHocEMA(EMA):
         few thousand steps as EDM2 does. On a sharded model (FSDP2, tensor
         parallel) it is a collective: one DCP checkpoint ``DIR/snapshot-<time>/`` written by
         every rank from its own shards (no gather), then ``DIR/snapshot-<time>.json`` with the
-        metadata, written last by rank 0: a snapshot without it is incomplete and never read."""
+        metadata, written last by rank 0: a snapshot without it is incomplete and never read.
+
+        Raises:
+            ValueError: the folder holds what this run may not write beside (see the class
+                docstring); nothing was written.
+            SnapshotError: the snapshot could not be written (``applied=False``; nothing was
+                counted); a snapshot stays due, written at the next ``update()``.
+        """
         self._not_swapped("snapshot()")
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
+        self._check_folder()
+        return self._write(applied=False)
+
+    def _write(self, applied: bool) -> str:
+        """Write the snapshot of now; clears a due one. A failed write raises SnapshotError saying
+        whether the update was applied, and keeps a snapshot due."""
+        time, n = self.plan.last_time, self.plan.updates
+        try:
+            path = self._write_snapshot()
+        except (OSError, OverflowError) as err:
+            if applied and self._due is None:
+                self._due = (time, n)
+            raise SnapshotError(self._lost(err, time, n, applied), time=time, updates=n, applied=applied,
+                                errno=getattr(err, "errno", None) or (None if isinstance(err, OverflowError)
+                                                                      else _errno.EIO)) from err
+        self._due = None
+        return path
+
+    def _lost(self, err: BaseException, time: float, n: int, applied: bool) -> str:
+        if isinstance(err, OverflowError):
+            reason = (f"{err}; make the PostHocEMA with snapshot_dtype='float32' (or 'bfloat16'), which holds "
+                      f"these values")
+        else:
+            reason = str(err)
+        first = (f"update {n} was applied and counted; do not repeat it. " if applied else "")
+        since = ""
+        if self._due is not None and self._due[0] != time:
+            since = f" (due since time {self._due[0]:g}, update {self._due[1]})"
+        retry = ("It is retried at the next update() (or call snapshot())" if applied or self._due is not None
+                 else "Nothing was counted; call snapshot() again once it can be written")
+        return f"{first}The snapshot at time {time:g}{since} was not written to {self.path!r}: {reason}. {retry}."
+
+    def _write_snapshot(self) -> str:
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
-        tensors, averaged, others, shapes = {}, [], [], {}
+        tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
+        overflow: list[str] = []
+        sharded = self.sharded
         for name, t, source, value in self._state_entries(0):         # one walk and check for every row
             if source is None or source not in self._avg.names:
                 kept = t.detach() if value is None else value()
-                tensors[f"model:{name}"] = kept if self.sharded else (kept, kept.dtype)
+                shapes[name] = list(kept.shape)
+                key = f"model:{name}"
+                if sharded:
+                    tensors[key] = kept
+                elif str(kept.dtype).removeprefix("torch.") in SAFETENSORS_DTYPES:
+                    tensors[key] = (kept, kept.dtype)
+                else:                                     # complex, uint16, float8...: stored as its bytes
+                    tensors[key] = (kept.reshape(-1).view(torch.uint8), torch.uint8)
+                    raw[key] = str(kept.dtype).removeprefix("torch.")
                 others.append(name)
                 continue
             averaged.append(name)
-            if hasattr(t, "ds_shape"):                    # a ZeRO-3 partition is saved flat
-                shapes[name] = list(t.ds_shape)
+            shapes[name] = list(t.ds_shape) if hasattr(t, "ds_shape") else list(t.shape)   # ZeRO-3: saved flat
             for k in range(self.plan.rows):
                 v = self._avg.view(source, k)
-                if self.sharded:                          # DCP reads the shards in place (a copy only to cast)
-                    v = v.to(dtype)
-                    tensors[f"{k}:{name}"] = _sharded.wrap(v, self._specs[source]) if source in self._specs else v
+                if sharded:                               # DCP reads the shards in place (a copy only to cast)
+                    cast = v.to(dtype)
+                    if cast.dtype != v.dtype and bool((~torch.isfinite(cast) & torch.isfinite(v)).any()):
+                        overflow.append(f"{k}:{name}")
+                    tensors[f"{k}:{name}"] = _sharded.wrap(cast, self._specs[source]) if source in self._specs \
+                        else cast
                 else:                                     # streamed to the file one tensor at a time
-                    tensors[f"{k}:{name}"] = (v, dtype)
+                    tensors[f"{k}:{name}"] = (v, dtype)   # (the writer refuses values beyond dtype's range)
+        if sharded:                                       # every rank refuses, or none (a collective)
+            found: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(found, overflow)
+            names = sorted({key for keys in found for key in keys})
+            if names:
+                raise OverflowError(f"{', '.join(names[:3])} hold(s) finite values beyond the range of "
+                                    f"{self.snapshot_dtype} (+-{torch.finfo(dtype).max:g}), which would be stored "
+                                    f"as inf")
         time = self.plan.last_time
-        meta = SnapshotMeta(time=time, updates=self.plan.updates, calls=self.plan.calls, gammas=self.gammas,
-                            sigma_rels=list(self.sigma_rels), averaged=averaged, others=others,
-                            dtype=self.snapshot_dtype, shapes=shapes)
-        return _posthoc.write_snapshot(self.path, time, tensors, meta, sharded=self.sharded)
+        schedules = self.plan.schedules                   # the rows' profiles: the one source of truth
+        meta = SnapshotMeta(time=time, updates=self.plan.updates, calls=self.plan.calls,
+                            gammas=[float(s.gamma) for s in schedules],
+                            sigma_rels=[gamma_to_sigma_rel(s.gamma) for s in schedules], averaged=averaged,
+                            others=others, dtype=self.snapshot_dtype, shapes=shapes, run_id=self.run_id, raw=raw)
+        return _posthoc.write_snapshot(self.path, time, tensors, meta, sharded=sharded)
+
+    # ------------------------------------------------------------ checkpoints: the run id, the profiles
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "run_id": self.run_id}
+
+    def _check_extra(self, state: dict, problems: list) -> None:
+        super()._check_extra(state, problems)
+        run_id = state.get("run_id")
+        if run_id is not None and not valid_run_id(run_id):
+            problems.append(f"run_id must be the id of a PostHocEMA run, got {run_id!r}")
+        saved = state.get("schedules")
+        if not isinstance(saved, list) or len(saved) != self.plan.rows:
+            return                                        # the plan names a count that differs
+        kinds = [s.get("kind") if isinstance(s, dict) else None for s in saved]
+        mine = [round(s, 4) for s in self.sigma_rels]
+        if any(k != "power_function" for k in kinds):
+            described = ", ".join(_describe(s) for s in saved)
+            problems.append(f"its averages are {described}, not power-function profiles: it is not a PostHocEMA "
+                            f"checkpoint. This PostHocEMA tracks sigma_rels={mine}; load a checkpoint of a "
+                            f"PostHocEMA of the same sigma_rels (a plain EMA's goes to an EMA)")
+            return
+        try:
+            theirs = [float(s["gamma"]) for s in saved]
+        except (KeyError, TypeError, ValueError):
+            return                                        # the plan reports an unreadable schedule
+        if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(theirs, self.gammas)):
+            widths: list = []
+            try:
+                widths = [round(gamma_to_sigma_rel(g), 4) for g in theirs]
+            except (OverflowError, ValueError):
+                widths = [f"gamma={g!r}" for g in theirs]
+            problems.append(f"its profiles are sigma_rels={widths} (gammas {[round(g, 3) for g in theirs]}), but this "
+                            f"PostHocEMA tracks sigma_rels={mine} (gammas {[round(g, 3) for g in self.gammas]}). "
+                            f"A run keeps its profiles (its snapshots are combined by them): make the PostHocEMA "
+                            f"with sigma_rels={tuple(widths)} to resume that run")
+
+    def _load_extra(self, state: dict) -> None:
+        super()._load_extra(state)
+        run_id = state.get("run_id")
+        if run_id is not None:
+            self.run_id = run_id                          # the resumed run writes on into its snapshots
+        self._checked = False                             # the folder is checked again for this run and time
+        self._due = None                                  # a missed snapshot of the replaced state goes with it
+
+    # ------------------------------------------------------------ synthesis
 
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
                    max_error: float = _posthoc.MAX_ERROR, into: nn.Module | None = None, dtype=None):
@@ -132,4 +313,15 @@ class PostHocEMA(EMA):
 
     def __repr__(self) -> str:
         return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="
-                f"{self.snapshot_every}, path={self.path!r}, shadow={self._avg!r})")
+                f"{self.snapshot_every}, path={self.path!r}, run_id={self.run_id!r}, shadow={self._avg!r})")
+
+
+def _describe(state) -> str:
+    if not isinstance(state, dict):
+        return repr(state)
+    kind = state.get("kind")
+    if kind == "constant":
+        return f"a constant decay {state.get('decay')!r}"
+    if kind == "power_function":
+        return f"a power function of gamma {state.get('gamma')!r}"
+    return f"a {kind} schedule"

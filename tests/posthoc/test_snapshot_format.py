@@ -1,0 +1,320 @@
+"""The post-hoc snapshot format (version 2) as a format fastema owns: one run per folder (a run id in
+every snapshot, kept in the checkpoint, refused folders), version-1 snapshots read as one legacy
+run, every tensor's shape and checksum, the profiles described by the plan's schedules (H3), values
+beyond float16 (L6), dtypes safetensors has no name for (M5). Corrupt files, planted pickles and
+failed writes are in tests/faults/test_faults_posthoc.py."""
+import json
+import zlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from models import mlp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fastema import posthoc  # noqa: E402
+from fastema.posthoc import SnapshotError  # noqa: E402
+from fastema.schedules import PowerFunction, sigma_rel_to_gamma  # noqa: E402
+from fastema.torch import EMA, PostHocEMA  # noqa: E402
+
+
+def _net(seed=0):
+    return mlp(4, 8, 2, norm=nn.BatchNorm1d, seed=seed)
+
+
+def _move(net, step):
+    """Deterministic weights for each step: the same trajectory for every run that replays it."""
+    g = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+
+
+def _run(ph, net, start, stop):
+    for step in range(start, stop):
+        _move(net, step)
+        ph.update()
+
+
+def _folder(path):
+    """name -> bytes of every file in a snapshot folder (what a refusal must leave as it was)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _v1(path, time, tensors, gammas, averaged, others=()):
+    """A version-1 snapshot, as fastema wrote them before run ids (safetensors' own writer)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={
+        "format": "fastema.posthoc", "version": "1", "time": repr(float(time)), "updates": str(int(time)),
+        "gammas": json.dumps(gammas), "averaged": json.dumps(list(averaged)), "others": json.dumps(list(others)),
+        "dtype": "float32", "shapes": "{}"})
+
+
+GAMMAS = [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
+
+
+# --------------------------------------------------------------------------- run ids (H2)
+
+def test_every_snapshot_names_its_run_and_every_tensors_shape_and_checksum(tmp_path):
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=5, path=tmp_path)
+    _run(ph, net, 0, 10)
+    files = sorted(tmp_path.glob("snapshot-*.safetensors"))
+    assert [f.name for f in files] == ["snapshot-000000000005.safetensors", "snapshot-000000000010.safetensors"]
+    from safetensors import safe_open
+
+    for f in files:
+        meta = _metadata(f)
+        assert meta["version"] == "2" and meta["run_id"] == ph.run_id and len(ph.run_id) == 32
+        shapes = json.loads(meta["shapes"])
+        assert shapes == {n: list(t.shape) for n, t in net.state_dict().items()}
+        crcs = json.loads(meta["checksums"])
+        with safe_open(str(f), framework="pt") as h:
+            assert sorted(crcs) == sorted(h.keys())
+            for key in h.keys():
+                t = h.get_tensor(key)
+                assert crcs[key] == f"{zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy()):08x}", key
+    assert {s.run_id for s in posthoc.read_snapshots(tmp_path)} == {ph.run_id}
+    assert PostHocEMA(_net(), snapshot_every=5, path=tmp_path / "other").run_id != ph.run_id
+
+
+def test_a_new_run_is_refused_in_a_folder_that_holds_another_runs_snapshots(tmp_path):
+    """reliability H2: a second run in the same folder overwrote the first's snapshots and
+    synthesised 0.9998 from weights it never saw; now its first update is refused, and nothing
+    changes (its state, the folder)."""
+    m = nn.Linear(4, 4)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    run1 = PostHocEMA(m, snapshot_every=10, path=tmp_path)
+    for _ in range(60):
+        run1.update()
+    before = _folder(tmp_path)
+    with torch.no_grad():
+        m.weight.fill_(2.0)
+    run2 = PostHocEMA(m, snapshot_every=10, path=tmp_path)
+    shadow = {k: v.clone() for k, v in run2.averaged_state_dict().items()}
+    with pytest.raises(ValueError, match=r"another run, run [0-9a-f]{32} \(snapshot-000000000010.safetensors.*"
+                                         r"new folder \(path=\).*load its checkpoint first") as err:
+        run2.update()
+    assert str(tmp_path) in str(err.value) and "changed nothing" in str(err.value)
+    assert run2.updates == 0 and run2.calls == 0
+    assert all(torch.equal(v, shadow[k]) for k, v in run2.averaged_state_dict().items())
+    assert _folder(tmp_path) == before
+    assert posthoc.synthesize(tmp_path, 0.07).solution.time == 60.0           # run1's, untouched
+
+    # two runs started on one empty folder: the second is refused at its first update after the first wrote
+    a, b = PostHocEMA(m, snapshot_every=2, path=tmp_path / "shared"), PostHocEMA(m, snapshot_every=2,
+                                                                                path=tmp_path / "shared")
+    b.update()
+    a.update()
+    a.update()
+    with pytest.raises(ValueError, match="another run"):
+        b.update()
+    assert b.updates == 1
+
+
+def test_version_1_snapshots_are_read_as_one_legacy_run_and_never_mixed(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    w = {t: torch.full((2, 3), float(t)) for t in (10, 20)}
+    for t in (10, 20):
+        _v1(old / f"snapshot-{t:012d}.safetensors", t, {"0:w": w[t], "1:w": w[t] + 1, "model:n": torch.tensor(t)},
+            GAMMAS, ["w"], ["n"])
+    snaps = posthoc.read_snapshots(old)
+    assert [s.run_id for s in snaps] == [None, None] and snaps[0].meta.version == 1
+    got = posthoc.synthesize(old, 0.07, max_error=1.0)
+    x = got.solution.coefficients
+    torch.testing.assert_close(got["w"].double(), x[0] * w[10].double() + x[1] * (w[10].double() + 1) +
+                               x[2] * w[20].double() + x[3] * (w[20].double() + 1))
+    assert int(got["n"]) == 20
+
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=5, path=old)            # a new run into the old folder: refused
+    with pytest.raises(ValueError, match="version-1 snapshots, written before run ids"):
+        ph.update()
+
+    mixed = tmp_path / "mixed"                                  # a version-2 run beside them: never mixed
+    fresh = PostHocEMA(nn.Linear(3, 2, bias=False), snapshot_every=1, path=mixed)
+    fresh.update()
+    (mixed / "snapshot-000000000010.safetensors").write_bytes((old / "snapshot-000000000010.safetensors")
+                                                               .read_bytes())
+    with pytest.raises(ValueError, match=r"2 runs \(run [0-9a-f]{32}: snapshot-000000000001.*version-1 snapshots "
+                                         r"\(no run id\): snapshot-000000000010"):
+        posthoc.synthesize(mixed, 0.07, max_error=1.0)
+
+    legacy = tmp_path / "legacy"                               # H2's other half: (1,) and (8,) under one name
+    legacy.mkdir()
+    _v1(legacy / "snapshot-000000000010.safetensors", 10, {"0:w": torch.ones(1), "1:w": torch.ones(1)}, GAMMAS, ["w"])
+    _v1(legacy / "snapshot-000000000020.safetensors", 20, {"0:w": torch.ones(8), "1:w": torch.ones(8)}, GAMMAS, ["w"])
+    with pytest.raises(ValueError, match=r"with shape \[(1|8)\].*with shape \[(1|8)\]: snapshots of different models"):
+        posthoc.synthesize(legacy, 0.07, max_error=1.0)
+
+
+def test_synthesis_refuses_a_folder_that_mixes_runs_or_shapes(tmp_path):
+    """Two runs' snapshots (models of equal names, other shapes) copied into one folder are refused,
+    naming both runs and their files; so are shapes that differ within one run's metadata."""
+    a_net, b_net = nn.Sequential(nn.Linear(1, 1)), nn.Sequential(nn.Linear(8, 8))
+    a = PostHocEMA(a_net, snapshot_every=None, path=tmp_path / "a")
+    b = PostHocEMA(b_net, snapshot_every=None, path=tmp_path / "b")
+    for t in (10, 20, 30, 40):
+        a.update(step=t)
+        a.snapshot()
+    for t in (15, 25):
+        b.update(step=t)
+        b.snapshot()
+    for f in (tmp_path / "b").iterdir():
+        (tmp_path / "a" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match=rf"2 runs \(run {a.run_id}: .*; run {b.run_id}: "
+                                         rf"snapshot-000000000015.safetensors, snapshot-000000000025.safetensors\)"):
+        posthoc.synthesize(tmp_path / "a", 0.07, max_error=1.0)
+
+    one = tmp_path / "one"                                    # one run id, two shapes: a forged or broken folder
+    one.mkdir()
+    for t, n in ((10, 1), (20, 8)):
+        meta = posthoc.SnapshotMeta(time=t, updates=t, gammas=GAMMAS, averaged=["w"], others=[], shapes={"w": [n]},
+                                    run_id="r1", dtype="float32")
+        posthoc.write_snapshot(str(one), t, {f"{k}:w": (torch.ones(n), torch.float32) for k in (0, 1)}, meta)
+    with pytest.raises(ValueError, match=r"stores 'w' with shape \[1\].*with shape \[8\]"):
+        posthoc.read_snapshots(one)
+
+
+# --------------------------------------------------------------------------- resume
+
+def test_a_resumed_run_takes_its_checkpoints_run_id_and_writes_on_in_its_folder(tmp_path):
+    """A resume adopts the checkpoint's run id (no refusal for its own snapshots) and the folder it
+    completes synthesises exactly what an uninterrupted run's does."""
+    import copy
+
+    net, ref_net = _net(), _net()
+    a = PostHocEMA(net, snapshot_every=10, path=tmp_path / "run")
+    ref = PostHocEMA(ref_net, snapshot_every=10, path=tmp_path / "ref")
+    _run(a, net, 0, 20)
+    _run(ref, ref_net, 0, 40)
+    state = copy.deepcopy(a.state_dict())
+    assert state["run_id"] == a.run_id
+    b = PostHocEMA(net, snapshot_every=10, path=tmp_path / "run")          # the restarted process
+    assert b.run_id != a.run_id
+    b.load_state_dict(state)
+    assert b.run_id == a.run_id
+    _run(b, net, 20, 40)
+    assert {s.run_id for s in posthoc.read_snapshots(tmp_path / "run")} == {a.run_id}
+    got, want = b.synthesize(0.07), ref.synthesize(0.07)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_resume_refuses_this_runs_snapshots_later_than_its_checkpoint(tmp_path):
+    """Resumed from an earlier checkpoint, the run finds its own later snapshots (the abandoned
+    trajectory's): refused at the first update, naming them; once they are moved away it goes on."""
+    import copy
+
+    net = _net()
+    a = PostHocEMA(net, snapshot_every=10, path=tmp_path)
+    _run(a, net, 0, 20)
+    state = copy.deepcopy(a.state_dict())
+    _run(a, net, 20, 40)
+    before = _folder(tmp_path)
+    b = PostHocEMA(_net(), snapshot_every=10, path=tmp_path)
+    b.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"2 snapshot\(s\) of this run later than its time 20 "
+                                         r"\(snapshot-000000000030.safetensors, snapshot-000000000040.safetensors\)"
+                                         r".*Remove them"):
+        b.update()
+    assert b.updates == 20 and _folder(tmp_path) == before
+    for t in (30, 40):
+        (tmp_path / f"snapshot-{t:012d}.safetensors").rename(tmp_path / f"abandoned-{t}.safetensors")
+    _run(b, b.model, 20, 30)
+    assert [s.time for s in posthoc.read_snapshots(tmp_path)] == [10.0, 20.0, 30.0]
+
+
+# --------------------------------------------------------------------------- the profiles (H3)
+
+@pytest.mark.parametrize("other", ["sigma_rels", "plain_ema"])
+def test_a_checkpoint_of_other_profiles_is_refused_before_anything_is_loaded(tmp_path, other):
+    """reliability H3: the checkpoint's schedules replaced the plan's while the snapshots went on
+    labelling the rows with the constructor's exponents."""
+    net = _net()
+    if other == "sigma_rels":
+        old = PostHocEMA(net, sigma_rels=(0.15, 0.25), snapshot_every=None, path=tmp_path / "old")
+        match = (r"its profiles are sigma_rels=\[0.15, 0.25\].*this PostHocEMA tracks sigma_rels=\[0.05, 0.1\].*"
+                 r"sigma_rels=\(0.15, 0.25\) to resume that run.*Nothing was loaded")
+    else:
+        old = EMA(net, [0.9, 0.99])
+        match = r"constant decay 0.9, a constant decay 0.99, not power-function profiles.*Nothing was loaded"
+    _run(old, net, 0, 5)
+    new = PostHocEMA(net, sigma_rels=(0.05, 0.10), snapshot_every=2, path=tmp_path / "new")
+    _run(new, net, 5, 8)
+    rows = [{k: v.clone() for k, v in new.averaged_state_dict(r).items()} for r in (0, 1)]
+    counters = (new.updates, new.calls, new.plan.last_time, new.run_id, new.gammas)
+    with pytest.raises(ValueError, match=match):
+        new.load_state_dict(old.state_dict())
+    assert (new.updates, new.calls, new.plan.last_time, new.run_id, new.gammas) == counters
+    for r in (0, 1):
+        assert all(torch.equal(v, rows[r][k]) for k, v in new.averaged_state_dict(r).items())
+
+
+def test_snapshot_metadata_describes_the_rows_from_the_plans_schedules(tmp_path):
+    net = _net()
+    ph = PostHocEMA(net, sigma_rels=(0.05, 0.10), snapshot_every=None, path=tmp_path)
+    _run(ph, net, 0, 3)
+    meta = _metadata(ph.snapshot())
+    assert json.loads(meta["gammas"]) == [s.gamma for s in ph.plan.schedules] == ph.gammas
+    assert json.loads(meta["sigma_rels"]) == pytest.approx([0.05, 0.10], rel=1e-12)
+    assert ph.sigma_rels == (0.05, 0.10)
+    ph.plan.schedules = [PowerFunction.of(0.15), PowerFunction.of(0.25)]       # whatever the rows hold now
+    _run(ph, net, 3, 4)
+    meta = _metadata(ph.snapshot())
+    assert json.loads(meta["gammas"]) == [s.gamma for s in ph.plan.schedules] == ph.gammas
+    assert json.loads(meta["sigma_rels"]) == pytest.approx([0.15, 0.25], rel=1e-9)
+    assert ph.sigma_rels == pytest.approx((0.15, 0.25), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+def test_float16_snapshots_refuse_values_beyond_their_range(tmp_path):
+    """reliability L6: weights beyond +-65504 became inf in float16 snapshots and synthesis returned
+    NaN. Now the snapshot is refused (the update stays applied), naming the tensor and the fix."""
+    net = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1e5)
+    ph = PostHocEMA(net, snapshot_every=1, path=tmp_path / "f16", snapshot_dtype="float16")
+    with pytest.raises(SnapshotError, match=r"update 1 was applied.*0.weight holds 4 finite value\(s\) beyond the "
+                                            r"range of float16.*snapshot_dtype='float32'") as err:
+        ph.update()
+    assert err.value.applied and ph.updates == 1
+    assert not list((tmp_path / "f16").iterdir())
+    wide = PostHocEMA(net, snapshot_every=1, path=tmp_path / "f32")
+    wide.update()
+    assert float(wide.synthesize(0.07, max_error=1.0)["0.weight"][0, 0]) == 1e5
+    with pytest.raises(ValueError, match=r"synthesised '0.weight' does not fit in torch.float16.*dtype=torch.float32"):
+        wide.synthesize(0.07, max_error=1.0, dtype=torch.float16)
+
+    old = tmp_path / "v1"                                   # a float16 snapshot written before the check: inf
+    old.mkdir()
+    inf = torch.tensor([1.0, float("inf")], dtype=torch.float16)
+    _v1(old / "snapshot-000000000010.safetensors", 10, {"0:w": inf, "1:w": inf.clone()}, GAMMAS, ["w"])
+    with pytest.raises(ValueError, match=r"snapshot-000000000010.safetensors': the profile 0:w holds inf or NaN"):
+        posthoc.synthesize(old, 0.07, max_error=1.0)
+
+
+def test_tensors_of_dtypes_safetensors_has_no_name_for_are_stored_as_their_bytes(tmp_path):
+    """reliability M5: a complex64 or uint16 buffer made every snapshot fail ("has no safetensors
+    name") out of update(); they are stored as bytes and synthesised back bit for bit."""
+    net = _net()
+    net.register_buffer("phase", torch.randn(3, 2, dtype=torch.complex64))       # copied
+    net.register_buffer("spectrum", torch.randn(4, dtype=torch.complex128))      # excluded: kept as it is
+    net.register_buffer("ids", torch.arange(5).to(torch.uint16).reshape(5, 1))   # integer buffers: copied
+    net.register_buffer("scalar", torch.tensor(7, dtype=torch.uint32))
+    ph = PostHocEMA(net, snapshot_every=2, path=tmp_path, copy=["phase"], exclude=["spectrum"])
+    _run(ph, net, 0, 4)
+    got = ph.synthesize(0.07, max_error=1.0)
+    for name in ("phase", "spectrum", "ids", "scalar"):
+        want = getattr(net, name)
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
