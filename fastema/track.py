@@ -23,12 +23,29 @@ from .smooth import _UNSET, Smoother, _renamed
 __all__ = ["Tracker"]
 
 
+_EMA_KEYS = ("decay", "alpha", "span", "halflife", "com", "mode", "adjust")
+
+
 def _ema_kwargs(ema) -> dict:
-    """``ema=0.9`` is a decay (TensorBoard's smoothing weight); a dict gives pandas' parameters."""
+    """``ema=0.9`` is a decay (TensorBoard's smoothing weight); a dict gives pandas' parameters:
+    one of decay/alpha/span/halflife/com, and optionally ``mode`` (or pandas' ``adjust``)."""
     if ema is None:
         return {}
     if isinstance(ema, dict):
-        return dict(ema)
+        unknown = sorted(k for k in ema if k not in _EMA_KEYS)
+        if unknown:
+            raise TypeError(f"ema={ema!r}: unknown key(s) {unknown}; the EMA's keys are {', '.join(_EMA_KEYS)} "
+                            f"(the SMA's window is sma=, min_periods= and nonfinite= are Tracker arguments)")
+        out = dict(ema)
+        if "adjust" in out:                                 # pandas' name: adjust=False is the seeded EMA
+            adjust = out.pop("adjust")
+            if not isinstance(adjust, bool):
+                raise TypeError(f"ema['adjust'] must be True or False (pandas' ewm adjust=), got {adjust!r}")
+            mode = "debiased" if adjust else "seeded"
+            if out.setdefault("mode", mode) != mode:
+                raise ValueError(f"ema={ema!r} gives adjust={adjust} and mode={out['mode']!r}, which disagree; "
+                                 f"give one of them (adjust=False is mode='seeded', adjust=True is 'debiased')")
+        return out
     if isinstance(ema, (int, float)) and not isinstance(ema, bool):
         return {"decay": float(ema)}
     raise TypeError(f"ema must be a decay in [0, 1), a dict such as {{'span': 50}}, or None; got {ema!r}")
@@ -40,18 +57,22 @@ class Tracker:
     Args:
         names: the metrics, in order (``update`` takes them by keyword or position).
         ema: the EMA: a decay (``0.9``), a dict of :class:`Smoother` parameters
-            (``{"span": 50}``, ``{"halflife": 20}``), or None for none.
+            (``{"span": 50}``, ``{"halflife": 20}``, and ``"mode"``: ``{"span": 50, "mode": "seeded"}``
+            is pandas' ``ewm(span=50, adjust=False)``, which ``{"span": 50, "adjust": False}`` also
+            gives), or None for none.
         sma: the SMA's window (number of updates), or None for none.
         every: :meth:`update` reads the smoothed values to the host every ``every`` updates
             (one transfer) and returns them, showing them on ``bar`` if one is set; None
             (default) never reads on its own.
-        mode, min_periods, nonfinite: as in :class:`Smoother` (by default inf/NaN values
-            are skipped, TensorBoard's rule).
+        mode: the EMA's mode, as in :class:`Smoother` (default ``"debiased"``, pandas
+            ``adjust=True``; ``"seeded"`` is ``adjust=False``); it may instead be given in ``ema``.
+        min_periods, nonfinite: as in :class:`Smoother` (by default inf/NaN values are skipped,
+            TensorBoard's rule).
         bar: a tqdm progress bar (or anything with ``set_postfix``) to show the values on.
     """
 
     def __init__(self, names: Sequence[str] = ("loss",), *, ema=0.9, sma: int | None = 50, every: int | None = None,
-                 mode: str = "debiased", min_periods: int = 1, nonfinite: str = "skip", bar=None):
+                 mode: str | None = None, min_periods: int = 1, nonfinite: str = "skip", bar=None):
         if isinstance(names, str):
             names = (names,)
         self.names = tuple(names)
@@ -60,7 +81,10 @@ class Tracker:
             raise ValueError(f"names must be distinct non-empty strings, got {names!r}")
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
-        self.smoother = Smoother(**_ema_kwargs(ema), window=sma, mode=mode,
+        ema_kwargs = _ema_kwargs(ema)
+        if mode is not None and ema_kwargs.setdefault("mode", mode) != mode:
+            raise ValueError(f"mode={mode!r} and ema={ema!r} name two EMA modes; give the mode once")
+        self.smoother = Smoother(**ema_kwargs, window=sma,
                                  min_periods=min(min_periods, sma) if sma else min_periods, nonfinite=nonfinite)
         self.every, self.bar = every, bar
         self.last: dict[str, float] = {}       # the values of the last read
