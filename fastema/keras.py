@@ -15,7 +15,9 @@ for validation and back after it, and can write it into the model when ``fit`` e
 """
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -34,18 +36,22 @@ __all__ = ["MovingAverageLogs", "WeightEMA"]
 _DEFAULT = object()        # WeightEMA's decay not given (the default changed in 0.2: a warning says so for one release)
 
 
-def _running_means(model) -> dict:
-    """Every metric of ``model`` that is a running mean (Keras ``Mean``-type: total and count), by name."""
+def _running_means(model) -> tuple[dict, bool]:
+    """Every metric of ``model`` that is a running mean (Keras ``Mean``-type: total and count), by
+    name; and whether some metric container is not built yet (on the TensorFlow backend Keras
+    builds the compiled metrics at the first training step, so they are not there before)."""
     found: dict = {}
+    unbuilt = False
     todo = list(model.metrics)
     while todo:
         m = todo.pop(0)
+        unbuilt = unbuilt or getattr(m, "built", True) is False
         if hasattr(m, "total") and hasattr(m, "count") and isinstance(m.count, keras.Variable):
             found.setdefault(m.name, m)
         inner = getattr(m, "metrics", None)                 # CompileMetrics / CompileLoss containers
         if isinstance(inner, (list, tuple)):
             todo.extend(inner)
-    return found
+    return found, unbuilt
 
 
 class _MeanState:
@@ -78,7 +84,9 @@ class MovingAverageLogs(keras.callbacks.Callback):
 
     Args:
         ema: EMA decay per batch (``0.9``; TensorBoard's smoothing weight), a dict of
-            :class:`fastema.Smoother` parameters (``{"span": 50}``), or None.
+            :class:`fastema.Smoother` parameters (``{"span": 50}``; ``{"span": 50, "mode":
+            "seeded"}`` or ``{"span": 50, "adjust": False}`` for pandas' ``adjust=False``, the
+            EMA seeded by the first value), or None.
         sma: window (batches) of the simple moving average, or None.
         raw: also log ``m_raw``.
         metrics: names of metrics the model reports as running means (``"loss"``, and
@@ -87,6 +95,10 @@ class MovingAverageLogs(keras.callbacks.Callback):
     The averages run over the reported batches (with ``steps_per_execution=k``, Keras
     reports every k-th batch and ``m_raw`` is the sample-weighted mean of those k), keep
     going across epochs and restart at each ``fit``. Non-finite values are skipped.
+
+    The metrics are looked up when ``fit`` starts, or, where Keras builds the compiled
+    metrics in the first training step (the TensorFlow backend), at the end of that step; a
+    name the model does not report as a running mean is refused then, with the names it has.
     """
 
     def __init__(self, ema=0.9, sma: int | None = 50, raw: bool = True, metrics: Sequence[str] = ("loss",)):
@@ -101,22 +113,29 @@ class MovingAverageLogs(keras.callbacks.Callback):
         self._row: dict[str, float] = {}
 
     def on_train_begin(self, logs=None):
-        means = _running_means(self.model)
+        self._reader, self._prev, self._row = None, None, {}
+        self.tracker = Tracker(self.metrics, ema=self.ema, sma=self.sma)
+        self._resolve(first_batch=False)
+
+    def _resolve(self, first_batch: bool) -> None:
+        """Find the metrics' running means: when ``fit`` starts, or at the end of the first batch
+        when Keras builds its compiled metrics in the first step (the TensorFlow backend)."""
+        means, unbuilt = _running_means(self.model)
         missing = [m for m in self.metrics if m not in means]
+        if missing and unbuilt and not first_batch:
+            return                                           # Keras builds them in the first step
         if missing:
             raise ValueError(f"MovingAverageLogs: the model reports no running-mean metric {missing}; "
                              f"it has {sorted(means)}. Only metrics Keras averages over the epoch "
                              f"(loss and mean-type metrics such as mae or accuracy) have a per-batch value.")
         self._reader = _MeanState(self.model, [means[m] for m in self.metrics])
-        self.tracker = Tracker(self.metrics, ema=self.ema, sma=self.sma)
-        self._row = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self._prev = np.zeros((len(self.metrics), 2))          # Keras resets its metrics at each epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if self._reader is None:
-            return
+            self._resolve(first_batch=True)
         if self._prev is None:
             self._prev = np.zeros((len(self.metrics), 2))
         now = self._reader.read()
@@ -141,9 +160,26 @@ class WeightEMA(keras.callbacks.Callback):
     """Keep an EMA of a Keras model's weights during ``fit`` and validate with it.
 
     The EMA covers the trainable variables; non-trainable ones (BatchNorm statistics) are
-    copied along, so the swapped-in model is consistent. Keras's optimizer ``use_ema`` does
-    the same averaging; this callback adds the swap for validation, debiasing/warm-ups, a
-    float32 shadow for low-precision weights, and checkpoints.
+    copied along, so the swapped-in model is consistent. It updates at the end of every
+    batch Keras reports (every ``k``-th step with ``steps_per_execution=k``).
+
+    Keras's optimizer ``use_ema`` averages too, but starts elsewhere. With decay ``d`` and
+    ``w_k`` the weights after the ``k``-th step, this EMA starts from the weights when the
+    first ``fit`` starts, ``w_0``: after ``n`` updates it is
+    ``d**n w_0 + sum_k (1 - d) d**(n - k) w_k``. ``use_ema`` copies the weights after the
+    optimizer's first step and averages from there: ``d**(n-1) w_1 + sum_{k>=2} (1 - d)
+    d**(n - k) w_k``. The two differ by ``d**n (w_0 - w_1)``, which halves every
+    ``0.69 / (1 - d)`` updates (the first step's move, fading). To start as
+    ``use_ema(ema_momentum=d)`` does, give ``warmup="power", min_decay=d``: the first update
+    copies the weights, every later one uses ``d`` (tested side by side with ``use_ema``).
+    This callback adds the swap for validation, debiasing/warm-ups, a float32 shadow for
+    low-precision weights, and checkpoints.
+
+    If an exception or Ctrl-C escapes the validation inside ``fit`` (Keras then calls
+    neither ``on_test_end`` nor ``on_train_end``), the raw weights are put back into the
+    model before it propagates: for the length of ``fit`` the model's ``evaluate`` is
+    wrapped for that. An average still swapped in when ``fit`` starts (e.g. by a
+    ``callback.ema.swap()`` of one's own) is swapped back then, with a ``RuntimeWarning``.
 
     Args:
         decay: the EMA decay (default 0.9999, as every fastema EMA), or a list of decays (the
@@ -216,7 +252,16 @@ class WeightEMA(keras.callbacks.Callback):
             self._make()
         elif self._owner is not self.model:
             raise RuntimeError("this WeightEMA follows another model; make one callback per model")
+        elif self.ema.swapped:
+            # Left swapped in by something the guard below does not see (an ema.swap() of the
+            # user's, a Keras that no longer validates through model.evaluate): training must
+            # start from the raw weights, which the EMA holds.
+            self.ema.swap()
+            warnings.warn("fastema.keras.WeightEMA: the average was still swapped into the model when fit() "
+                          "started; the raw weights are back in the model and training goes on from them",
+                          RuntimeWarning, stacklevel=2)
         self._fitting = True
+        _guard_evaluate(self)
 
     def on_train_batch_end(self, batch, logs=None):
         self.ema.update()
@@ -231,10 +276,17 @@ class WeightEMA(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._fitting = False
+        _unguard_evaluate(self.model)
         if self.ema.swapped:                                 # validation was cut short
             self.ema.swap()
         if self.write_at_end:
             self.ema.copy_to()
+
+    def _restore(self) -> None:
+        """The raw weights back into the model: an exception or Ctrl-C escapes the validation
+        inside ``fit``, and Keras calls neither ``on_test_end`` nor ``on_train_end`` then."""
+        if self.ema is not None and self.ema.swapped:
+            self.ema.swap()
 
     def state_dict(self) -> dict:
         if self.ema is None:
@@ -247,6 +299,46 @@ class WeightEMA(keras.callbacks.Callback):
             self._pending = state
         else:
             self.ema.load_state_dict(state)
+
+
+def _guard_evaluate(callback: WeightEMA) -> None:
+    """Make ``model.evaluate`` put the raw weights back when an exception (or Ctrl-C) escapes it.
+
+    Keras 3 has no callback hook for an exception: one that escapes the validation inside
+    ``fit`` skips ``on_test_end`` and ``on_train_end`` and would leave the average in the model
+    (a ``model.save()`` would then write it as the raw weights). ``fit`` validates through
+    ``self.evaluate``, so for the length of ``fit`` the model gets an instance attribute
+    ``evaluate`` that calls the class's method and, when that raises, swaps back and re-raises.
+    ``on_train_end`` (or the exception) removes it; ``on_train_begin`` is the safety net for the
+    rest (it swaps back, with a warning).
+    """
+    model = callback.model
+    if getattr(vars(model).get("evaluate"), "_fastema_guard", False):
+        _unguard_evaluate(model)                            # a guard left by an earlier fit that raised
+    if "evaluate" in vars(model):                           # someone else's: leave it alone
+        return
+    owner = weakref.ref(callback)
+    method = type(model).evaluate
+
+    @functools.wraps(method)
+    def evaluate(*args, **kwargs):
+        try:
+            return method(model, *args, **kwargs)
+        except BaseException:
+            cb = owner()
+            _unguard_evaluate(model)
+            if cb is not None:
+                cb._restore()
+            raise
+
+    evaluate._fastema_guard = True                          # type: ignore[attr-defined]
+    object.__setattr__(model, "evaluate", evaluate)         # not through Keras's or torch's attribute tracking
+
+
+def _unguard_evaluate(model) -> None:
+    """Remove the guard of :func:`_guard_evaluate` (and nothing else)."""
+    if getattr(vars(model).get("evaluate"), "_fastema_guard", False):
+        del vars(model)["evaluate"]
 
 
 def _check_for_backend(options: EMAOptions, selection: dict) -> None:
@@ -302,8 +394,11 @@ class _JaxModelEMA(Face):
         self._swap.swap(0)
 
     def _exchange(self, row: int, into_model: bool) -> None:
+        # The newest weights into the variables first. Out of the model too: after an exception in
+        # the validation inside fit, fit's own clean-up would otherwise sync the validation's state
+        # (the average) over the raw weights put back here.
+        _keras_jax_state.sync(self.model)
         if into_model:
-            _keras_jax_state.sync(self.model)          # the newest weights into the variables first
             self._raw = [v.value for v in self.variables]      # JAX arrays are immutable: an exact stash
             values = self.inner.shadow()
         else:

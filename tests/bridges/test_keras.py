@@ -1,9 +1,8 @@
 """fastema.keras on real Keras 3 ``model.fit`` runs (torch backend, CPU)."""
 import copy
-import functools
-import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ pd = pytest.importorskip("pandas")
 if keras.backend.backend() != "torch":                      # pragma: no cover
     pytest.skip("these tests drive Keras on the torch backend", allow_module_level=True)
 
+from backend_runs import run_on, script  # noqa: E402
 from models import keras_data as data  # noqa: E402
 from models import keras_model as make_model
 from models import keras_probe
@@ -184,50 +184,7 @@ def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
 
 
 # The fits on the JAX and TensorFlow backends run in subprocesses (Keras picks its backend once per
-# process), all the scripts of one backend in one process: one JAX or TensorFlow start-up each.
-FITS = {"jax": ("JAX_FIT", "WEIGHT_EMA_FIT", "OPTIONS_FIT"), "tensorflow": ("WEIGHT_EMA_FIT", "OPTIONS_FIT")}
-
-RUN_FITS = r"""
-import contextlib, io, json, sys, traceback
-sys.path.insert(0, sys.argv[1])                               # tests/, for models.py
-for name, src in zip(sys.argv[2::2], sys.argv[3::2]):          # each script in a namespace of its own
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            exec(compile(src, name, "exec"), {"__name__": "__main__"})
-        result = {"stdout": out.getvalue()}
-    except BaseException:
-        result = {"stdout": out.getvalue(), "error": traceback.format_exc()}
-    print("@@", name, json.dumps(result), flush=True)
-"""
-
-
-@functools.lru_cache(maxsize=None)
-def _fits(backend: str) -> dict:
-    import subprocess
-    import sys
-
-    args = [a for name in FITS[backend] for a in (name, globals()[name])]
-    out = subprocess.run([sys.executable, "-c", RUN_FITS, str(pathlib.Path(__file__).parents[1]), *args],
-                         capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
-                              "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("@@ "):
-            _, name, result = line.split(" ", 2)
-            results[name] = json.loads(result)
-    return results
-
-
-def fit_on(backend: str, script: str):
-    """The JSON the script ``script`` printed last, run on ``backend`` (once per test session)."""
-    result = _fits(backend)[script]
-    assert "error" not in result, result["error"][-3000:]
-    return json.loads(result["stdout"].strip().splitlines()[-1])
-
-
+# process), all the scripts of one backend in one process (backend_runs): one start-up each.
 JAX_FIT = r"""
 import json, os
 os.environ["KERAS_BACKEND"] = "jax"
@@ -249,10 +206,13 @@ print(json.dumps(rows))
 """
 
 
+script("JAX_FIT", JAX_FIT, ("jax",))
+
+
 def test_steps_per_execution_on_the_jax_backend():
     """A real fit with steps_per_execution=2 (the JAX backend runs several steps per call)."""
     pytest.importorskip("jax")
-    rows = fit_on("jax", "JAX_FIT")
+    rows = run_on("jax", "JAX_FIT")
     # 100 samples in batches of 32, 32, 32, 4: two reports per epoch, after batches 1 and 3
     assert [r[0] for r in rows] == [1, 3, 1, 3]
     for epoch in range(2):
@@ -303,12 +263,15 @@ print(json.dumps(out))
 """
 
 
+script("WEIGHT_EMA_FIT", WEIGHT_EMA_FIT, ("tensorflow", "jax"))
+
+
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_weight_ema_on_the_tensorflow_and_jax_backends(backend):
     """A real fit on each backend: validation runs with the naive EMA, the raw weights come back
     bit for bit, and a resumed EMA equals an uninterrupted one."""
     pytest.importorskip(backend)
-    res = fit_on(backend, "WEIGHT_EMA_FIT")
+    res = run_on(backend, "WEIGHT_EMA_FIT")
     assert res["updates"] == 12 and not res["swapped"]
     steps = [[np.asarray(w) for w in ws] for ws in res["steps"]]
     for epoch in range(2):
@@ -362,13 +325,16 @@ print(json.dumps(out))
 """
 
 
+script("OPTIONS_FIT", OPTIONS_FIT, ("tensorflow", "jax"))
+
+
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_weight_ema_takes_every_schedule_option_on_every_backend(backend):
     """WeightEMA(decay=None, sigma_rel=0.1) used to be accepted, then fail in fit() with a TypeError on the
     JAX and TensorFlow backends: every backend's EMA now takes the options (or refuses one by name at
     construction)."""
     pytest.importorskip(backend)
-    res = fit_on(backend, "OPTIONS_FIT")
+    res = run_on(backend, "OPTIONS_FIT")
     assert res["sigma_rel"] == [8, "PowerFunction", False]
     assert res["half_life"] == [8, "HalfLife", False]
     assert res["bema"] == [8, "BEMA", False]
@@ -391,3 +357,108 @@ def test_weight_ema_takes_every_schedule_option_on_the_torch_backend():
             WeightEMA(**unset)
     with pytest.raises(TypeError, match="unknown EMA option.*'sigma'"):
         WeightEMA(sigma=0.1)
+
+
+def test_seeded_ema_of_the_logs_is_pandas_adjust_false():
+    """ema={"span": 3, "mode": "seeded"} (or pandas' own {"adjust": False}) is pandas' ewm(adjust=False); it
+    was a TypeError ("multiple values for keyword argument 'mode'")."""
+    x, y = data(100)
+    rows = {}
+    for key, ema in (("mode", {"span": 3, "mode": "seeded"}), ("adjust", {"span": 3, "adjust": False})):
+        model = make_model()
+        truth, seen = BatchLosses(x, y, 32), BatchLogs()
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[truth, MovingAverageLogs(ema=ema, sma=None), seen])
+        rows[key] = [r["loss_ema"] for r in seen.rows]
+        np.testing.assert_allclose(rows[key], pd.Series(truth.loss).ewm(span=3, adjust=False).mean(), rtol=1e-5)
+        assert not np.allclose(rows[key], pd.Series(truth.loss).ewm(span=3, adjust=True).mean(), rtol=1e-5)
+    assert rows["mode"] == rows["adjust"]
+    with pytest.raises(TypeError, match=r"unknown key\(s\) \['window'\].*sma="):
+        MovingAverageLogs(ema={"span": 3, "window": 5})
+    with pytest.raises(ValueError, match="adjust=True and mode='seeded', which disagree"):
+        MovingAverageLogs(ema={"span": 3, "adjust": True, "mode": "seeded"})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MovingAverageLogs(ema={"span": 3, "mode": "pandas"})
+
+
+def test_keras_use_ema_start_is_an_option_and_the_default_starts_from_the_initial_weights():
+    """Keras's optimizer use_ema copies the weights at the optimizer's first step, then averages with
+    ema_momentum; WeightEMA starts from the weights when fit starts. warmup="power", min_decay=decay
+    (the first update copies, then decay) is Keras's start: side by side with use_ema."""
+    x, y = data(96)
+
+    def fit(optimizer, callbacks=()):
+        model = make_model(optimizer="sgd")                 # the same initial weights every time
+        model.compile(optimizer, "mse")
+        probe = keras_probe()
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[*callbacks, probe])
+        return model, probe
+
+    keras_ema, _ = fit(keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.9))   # written into the model
+    like_keras, _ = fit(keras.optimizers.SGD(0.05), [WeightEMA(0.9, warmup="power", min_decay=0.9,
+                                                               write_at_end=True)])
+    default, probe = fit(keras.optimizers.SGD(0.05), [WeightEMA(0.9, write_at_end=True)])
+    assert len(probe.steps) == 12
+    for a, b in zip(keras_ema.get_weights(), like_keras.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    naive = naive_ema(probe.initial, probe.steps, 0.9)      # from the initial weights
+    for got, ref, k, w0, w1 in zip(default.get_weights(), naive, keras_ema.get_weights(), probe.initial,
+                                   probe.steps[0]):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got - k, 0.9 ** 12 * (w0 - w1), atol=1e-6)    # the difference, in closed form
+        assert np.abs(got - k).max() > 1e-3
+
+
+def _guide_example() -> str:
+    """The Keras guide's example, with a model and data to run on (the example fits them)."""
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "keras.md").read_text()
+    block = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    return GUIDE_FIT.replace("# <the guide's example>\n", block)
+
+
+GUIDE_FIT = r"""
+import json
+import keras, numpy as np
+from models import keras_data, keras_model
+x, y = keras_data(100)
+xv, yv = keras_data(32, 1)
+model = keras_model()                                 # compiled with metrics=["mae"]
+# <the guide's example>
+epoch = {k: v[-1] for k, v in model.history.history.items()}
+out = {"epoch": epoch}
+if keras.backend.backend() == "tensorflow":           # each batch's own loss, as on torch (BatchLosses)
+    class Truth(keras.callbacks.Callback):
+        loss = []
+        def on_train_batch_begin(self, batch, logs=None):
+            xb, yb = x[batch * 32:(batch + 1) * 32], y[batch * 32:(batch + 1) * 32]
+            pred = np.asarray(self.model(xb, training=True), np.float64)
+            Truth.loss.append(float(np.mean((pred - yb) ** 2)))
+    class Rows(keras.callbacks.Callback):
+        rows = []
+        def on_train_batch_end(self, batch, logs=None):
+            Rows.rows.append([logs["loss_raw"], logs["loss_ema"], logs["mae_raw"]])
+    from fastema.keras import MovingAverageLogs
+    model = keras_model()
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+              callbacks=[Truth(), MovingAverageLogs(ema=0.8, sma=None, metrics=("loss", "mae")), Rows()])
+    out.update(truth=Truth.loss, rows=Rows.rows)
+print(json.dumps(out))
+"""
+
+script("GUIDE_FIT", _guide_example(), ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_guide_example_runs_on_the_tensorflow_and_jax_backends(backend):
+    """The guide's example (MovingAverageLogs of loss and mae, WeightEMA) on each backend. On TensorFlow Keras
+    builds the compiled metrics at the first step: 'mae' used to be refused when fit started."""
+    pytest.importorskip(backend)
+    res = run_on(backend, "GUIDE_FIT")
+    for key in ("loss_raw", "loss_ema", "loss_sma", "mae_raw", "mae_ema", "mae_sma", "val_loss", "val_mae"):
+        assert np.isfinite(res["epoch"][key]), key
+    assert res["epoch"]["loss_raw"] != res["epoch"]["loss"]           # the last batch alone, not the mean
+    if backend == "tensorflow":
+        rows = np.array(res["rows"])
+        np.testing.assert_allclose(rows[:, 0], res["truth"], rtol=2e-6)
+        np.testing.assert_allclose(rows[:, 1], pd.Series(res["truth"]).ewm(alpha=0.2).mean(), rtol=1e-5)
+        assert np.all(rows[:, 2] > 0)
