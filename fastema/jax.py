@@ -36,6 +36,17 @@ def _flatten(params):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
 
 
+def _check_one_device(name: str, x) -> None:
+    """Refuse a leaf spread over several devices: the kernels read one buffer per leaf."""
+    devices = x.sharding.device_set
+    if len(devices) > 1:
+        raise ValueError(f"leaf {name} is a jax.Array on {len(devices)} devices ({x.sharding}); fastema.jax.EMA "
+                         f"averages leaves that each live on one device. Average the parameters on one device "
+                         f"(jax.device_put(params, jax.devices()[0])), or keep one EMA per device of its local "
+                         f"shards ([s.data for s in x.addressable_shards], put back together with "
+                         f"jax.make_array_from_single_device_arrays).")
+
+
 #: What fastema.jax.EMA refuses, and why: every other option is taken.
 REFUSED = HOST_ONLY_REFUSALS
 
@@ -62,21 +73,23 @@ class EMA(Face):
         opts.refuse("fastema.jax.EMA", REFUSED)
         names, leaves, self._treedef = _flatten(params)
         self.names = names
-        self._leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
-        complex_ = [names[i] for i, x in enumerate(self._leaves) if jnp.issubdtype(x.dtype, jnp.complexfloating)]
+        leaves = [self._check_leaf(n, x) for n, x in zip(names, leaves)]
+        complex_ = [names[i] for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.complexfloating)]
         if complex_:
             raise TypeError(f"leaf {complex_[0]} is complex: fastema averages real floating leaves; keep complex "
                             f"parameters out of the pytree given to EMA")
-        self._float = [i for i, x in enumerate(self._leaves) if x.dtype.name in _FLOATS]
+        self._float = [i for i, x in enumerate(leaves) if x.dtype.name in _FLOATS]
         if not self._float:
             raise ValueError("params has no float64/float32/bfloat16/float16 leaves to average")
-        self._specs = [(x.shape, x.dtype, x.sharding) for x in self._leaves]
-        self._array_type = type(self._leaves[self._float[0]])
-        self._on_cpu = all(d.platform == "cpu" for i in self._float for d in self._leaves[i].devices()) and \
-            all(len(self._leaves[i].devices()) == 1 for i in self._float)
-        self._core = Average.of_sources(opts, {names[i]: self._leaves[i] for i in self._float},
+        for i in self._float:
+            _check_one_device(names[i], leaves[i])
+        self._specs = [(x.shape, x.dtype, x.sharding) for x in leaves]
+        self._array_type = type(leaves[self._float[0]])
+        self._on_cpu = all(next(iter(leaves[i].devices())).platform == "cpu" for i in self._float)
+        self._core = Average.of_sources(opts, {names[i]: leaves[i] for i in self._float},
                                         [self._specs[i][0] for i in self._float], self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+        self._others = self._keep_others(leaves)
 
     @staticmethod
     def _check_leaf(name: str, x):
@@ -117,7 +130,14 @@ class EMA(Face):
 
         self._core.update(step, read)
         if matched:
-            self._leaves = matched[0]
+            self._others = self._keep_others(matched[0])
+
+    def _keep_others(self, leaves: list) -> list:
+        """The leaves that are not averaged (integer counters), as copies: a ``jax.jit(step,
+        donate_argnums=0)`` loop donates (deletes) the arrays of the step's input, and the
+        EMA must still return them from :meth:`shadow`. The averaged leaves are not kept."""
+        keep = set(self._float)
+        return [None if i in keep else jnp.array(x, copy=True) for i, x in enumerate(leaves)]
 
     def _traced_update(self, params, step) -> None:
         """``update()`` inside ``jax.jit``: an ordered ``io_callback`` runs the eager update on the
@@ -174,7 +194,7 @@ class EMA(Face):
             from numba import cuda
 
             cuda.default_stream().synchronize()
-        out = list(self._leaves)
+        out = list(self._others)
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
             value = jnp.array(self._core.view(slot, row), dtype=dtype)           # a copy, never a view
@@ -191,5 +211,5 @@ class EMA(Face):
         self._core.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._leaves)}, "
+        return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._others)}, "
                 f"shadow={self._core.shadow!r})")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+from backend_runs import run_on, script  # noqa: E402
 from reference import ULP, assert_close_to_reference  # noqa: E402
 
 import fastema  # noqa: E402
@@ -287,3 +288,71 @@ def test_update_inside_jax_jit_equals_the_update_outside(dtype):
     for k in a["averaged"]:
         np.testing.assert_array_equal(a["averaged"][k], b["averaged"][k])
     assert int(inside.shadow()["step"]) == 9               # integer leaves: the latest value
+
+
+def test_donating_jit_loop_keeps_the_integer_leaves():
+    """jax.jit(step, donate_argnums=0) deletes the arrays of the step's input: shadow() used to return the
+    deleted integer leaves the last update kept by reference ("Array has been deleted")."""
+    step = jax.jit(lambda p, x, y: train_step(p, x, y)[0], donate_argnums=0)
+    params = init_params(jax.random.PRNGKey(0))
+    ema = EMA(params, 0.8)
+    first = params
+    ref = float_leaves(params)
+    for i, (x, y) in enumerate(batches(6)):
+        params = step(params, x, y)
+        if i == 0:
+            assert first["step"].is_deleted()               # the loop donates: the EMA's own copy is read
+            assert int(ema.shadow()["step"]) == 0
+        ema.update(params)
+        ref = [0.8 * r + 0.2 * w for r, w in zip(ref, float_leaves(params))]
+    seen = params
+    params = step(params, *next(batches(1, seed=9)))        # donates the arrays the last update saw
+    assert seen["step"].is_deleted()
+    out = ema.shadow()
+    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 6
+    for got, want in zip(float_leaves(out), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert int(params["step"]) == 7
+
+
+SHARDED = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from fastema.jax import EMA
+devices = jax.devices()
+mesh = Mesh(np.array(devices), ("d",))
+w = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("d")))
+out = {"devices": len(devices)}
+try:
+    EMA({"a": jnp.ones(3), "w": w}, 0.5)
+except Exception as err:
+    out["made"] = f"{type(err).__name__}: {err}"
+ema = EMA({"a": jnp.ones(3), "w": jnp.arange(8.0)}, 0.5)
+try:
+    ema.update({"a": jnp.ones(3), "w": w})
+except Exception as err:
+    out["updated"] = f"{type(err).__name__}: {err}"
+out["unchanged"] = [ema.updates, np.asarray(ema.shadow()["w"]).tolist()]
+# what the message offers: one EMA of the local shards, put back together
+shards = [s.data for s in w.addressable_shards]
+local = EMA(shards, 0.5)
+local.update([s * 3 for s in shards])
+back = jax.make_array_from_single_device_arrays(w.shape, w.sharding, local.shadow())
+out["shards"] = np.asarray(back).tolist()
+print(json.dumps(out))
+"""
+
+script("SHARDED", SHARDED, ("jax",))
+
+
+def test_an_array_sharded_over_devices_is_refused_by_name():
+    """A jax.Array on two (fake CPU) devices: refused with the leaf named and what to do (it was JAX's
+    own BufferError from DLPack); an update with one changes nothing; the offered way out works."""
+    res = run_on("jax", "SHARDED")
+    assert res["devices"] == 2
+    assert res["made"].startswith("ValueError: leaf ['w'] is a jax.Array on 2 devices")
+    assert "jax.device_put(params" in res["made"] and "addressable_shards" in res["made"]
+    assert res["updated"].startswith("ValueError: leaf ['w'] was on") and "Nothing was updated" in res["updated"]
+    assert res["unchanged"] == [0, list(np.arange(8.0))]
+    assert res["shards"] == list(np.arange(8.0) * 2)
