@@ -308,36 +308,42 @@ def _guard_evaluate(callback: WeightEMA) -> None:
     ``fit`` skips ``on_test_end`` and ``on_train_end`` and would leave the average in the model
     (a ``model.save()`` would then write it as the raw weights). ``fit`` validates through
     ``self.evaluate``, so for the length of ``fit`` the model gets an instance attribute
-    ``evaluate`` that calls the class's method and, when that raises, swaps back and re-raises.
-    ``on_train_end`` (or the exception) removes it; ``on_train_begin`` is the safety net for the
-    rest (it swaps back, with a warning).
+    ``evaluate`` that calls the class's method and, when that raises, swaps every guarded
+    callback's average back (the last swapped in first) and re-raises. ``on_train_end`` (or
+    the exception) removes it; ``on_train_begin`` is the safety net for the rest (it swaps
+    back, with a warning).
     """
     model = callback.model
-    if getattr(vars(model).get("evaluate"), "_fastema_guard", False):
-        _unguard_evaluate(model)                            # a guard left by an earlier fit that raised
-    if "evaluate" in vars(model):                           # someone else's: leave it alone
+    guard = vars(model).get("evaluate")
+    owners = getattr(guard, "_fastema_callbacks", None)
+    if owners is not None:                                  # another WeightEMA of this fit, or an earlier fit's
+        if not any(ref() is callback for ref in owners):
+            owners.append(weakref.ref(callback))
         return
-    owner = weakref.ref(callback)
+    if guard is not None:                                   # someone else's: leave it alone
+        return
     method = type(model).evaluate
+    owners = [weakref.ref(callback)]
 
     @functools.wraps(method)
     def evaluate(*args, **kwargs):
         try:
             return method(model, *args, **kwargs)
         except BaseException:
-            cb = owner()
             _unguard_evaluate(model)
-            if cb is not None:
-                cb._restore()
+            for ref in reversed(owners):
+                cb = ref()
+                if cb is not None:
+                    cb._restore()
             raise
 
-    evaluate._fastema_guard = True                          # type: ignore[attr-defined]
+    evaluate._fastema_callbacks = owners                    # type: ignore[attr-defined]
     object.__setattr__(model, "evaluate", evaluate)         # not through Keras's or torch's attribute tracking
 
 
 def _unguard_evaluate(model) -> None:
     """Remove the guard of :func:`_guard_evaluate` (and nothing else)."""
-    if getattr(vars(model).get("evaluate"), "_fastema_guard", False):
+    if hasattr(vars(model).get("evaluate"), "_fastema_callbacks"):
         del vars(model)["evaluate"]
 
 

@@ -108,6 +108,35 @@ def test_keras_validation_interrupted_puts_the_raw_weights_back(backend):
     assert res["equal_to_reference"]
 
 
+def test_keras_two_callbacks_on_one_model_are_both_guarded():
+    """Two WeightEMAs on one model (one validates with its average, one only keeps another decay): an
+    exception in validation puts the raw weights back whichever callback made the guard."""
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":                  # pragma: no cover
+        pytest.skip("the in-process Keras tests run on the torch backend")
+    from models import keras_data, keras_model
+
+    from fastema.keras import WeightEMA
+
+    x, y = keras_data(64)
+    model = keras_model()
+    validating, other = WeightEMA(decay=0.9), WeightEMA(decay=0.99, validate_with_ema=False)
+    raw = []
+
+    class Fault(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            raw[:] = self.model.get_weights()
+
+        def on_test_batch_end(self, batch, logs=None):
+            raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError, match="validation failed"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y),
+                  callbacks=[Fault(), validating, other])
+    assert not validating.ema.swapped and not other.ema.swapped and "evaluate" not in vars(model)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), raw))
+
+
 def test_keras_average_left_swapped_is_put_back_when_fit_starts():
     """The safety net: an average still swapped in when fit starts (here by the user's own ema.swap()) is
     swapped back, with a warning, and training goes on from the raw weights."""
