@@ -106,11 +106,14 @@ class _CheckpointSide:
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: averages keyed by name, counters, settings.
 
-        The tensors are views of the flat buffers (as ``nn.Module.state_dict()`` returns views: no
-        model-sized copy). On a sharded average they are DTensors over those views, laid out as
-        the parameters are (``(rows, *shape)``, the parameter's shard dims moved up by one): the
-        average is a ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
-        ``dcp.load({"ema": ema})`` read and fill the shadow in place, on any world size or mesh.
+        The tensors are copies in host memory (a staging copy of the shadow, made here: one
+        shadow's worth of host RAM, none on the GPU, while the dict is held). On a sharded average
+        they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
+        *shape)``, the parameter's shard dims moved up by one): the average is a
+        ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
+        ``dcp.load({"ema": ema})`` work on any world size or mesh. ``dcp.load`` fills these copies,
+        never the shadow: :meth:`load_state_dict` copies them in only once every check has passed on
+        every rank, so a refused or failed load (NaN averages, a truncated shard) changes nothing.
         """
         self._not_swapped("state_dict()")
         if self._resync:                                 # a DDP wrap since construction: start over first
@@ -118,11 +121,18 @@ class _CheckpointSide:
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
-            "averaged": {n: self._global(n, self._avg.state_view(n), True) for n in self._avg.names},
-            "copied": {n: self._global(n, self._copy.view(n)) for n in self._copy.names}
+            "averaged": {n: self._staged(n, self._avg.state_view(n), True) for n in self._avg.names},
+            "copied": {n: self._staged(n, self._copy.view(n)) for n in self._copy.names}
             if self._copy is not None else {},
-            "int_buffers": {n: self._global(n, v[1]) for n, v in self._int_buffers.items()},
+            "int_buffers": {n: self._staged(n, v[1]) for n, v in self._int_buffers.items()},
         }
+
+    def _staged(self, name: str, view: torch.Tensor, stacked: bool = False):
+        """A host copy of a shadow view as the checkpoint holds it (see :meth:`_global`): what
+        :meth:`state_dict` hands out, so that ``dcp.load`` writes into it and not into the shadow.
+        A sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own
+        CPU staging makes them), so no GPU memory is taken."""
+        return self._global(name, view, stacked).to("cpu", copy=True)
 
     def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
         """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
@@ -185,14 +195,37 @@ class _CheckpointSide:
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             problems.append(f"calls must be an int >= 0, got {calls!r}")
         self._check_extra(state, problems)
+        if self._refused_elsewhere(bool(problems)) and not problems:     # every rank joins, refusing or not
+            problems.append("another rank refused its part of it (see that rank's error)")
         refuse_load(kind, problems, " this model")
-        with torch.no_grad():
+        with torch.no_grad():                        # every check passed on every rank: now write
             for dst, value in loads:
-                if not (dst.data_ptr() == value.data_ptr() and dst.dtype == value.dtype and
-                        dst.stride() == value.stride()):     # dcp.load filled the shadow itself
-                    dst.copy_(value)
+                dst.copy_(value)
         self.cadence.calls = int(state["calls"])
         self._load_extra(state)
+
+    def _refused_elsewhere(self, refused: bool = False) -> bool:
+        """Whether any rank holding a shard of this sharded average refuses the checkpoint it is
+        loading (``refused``: this one does): a MAX all-reduce over every mesh dimension of the
+        sharded tensors' meshes, so either every rank loads or none does. False (no collective)
+        for an unsharded average or with no process group."""
+        if not self._specs or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return refused
+        groups: list = []
+        for n in self._avg.names + (self._copy.names if self._copy is not None else []):
+            spec = self._specs.get(n)
+            if spec is None:
+                continue
+            for dim in range(spec.mesh.ndim):
+                group = spec.mesh.get_group(dim)
+                if all(group is not g for g, _ in groups):
+                    groups.append((group, spec.mesh.device_type))
+        flag = torch.tensor([float(refused)])
+        for group, device_type in groups:
+            on = flag.to(device_type)
+            torch.distributed.all_reduce(on, torch.distributed.ReduceOp.MAX, group=group)
+            flag = on.cpu()
+        return bool(flag.item())
 
     def _local_part(self, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
         """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full

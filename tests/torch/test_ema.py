@@ -479,6 +479,44 @@ def test_bad_checkpoints_load_nothing(mutate, match):
     assert (ema.calls, ema.updates, ema.rounding, ema.seed) == counters
 
 
+def _flat_state(average) -> dict:
+    """Every value of an average's checkpoint, nested dicts flattened, tensors cloned."""
+    out = {}
+    for k, v in average.state_dict().items():
+        for kk, vv in (v.items() if isinstance(v, dict) else [("", v)]):
+            out[f"{k}/{kk}"] = vv.clone() if isinstance(vv, torch.Tensor) else vv
+    return out
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+# reliability round 3, M1: dcp.load fills state_dict()'s copies, and load_state_dict copies them in only
+# after every check: a refused load leaves the shadow (the window's ring too) and the counters as they were
+@pytest.mark.parametrize("kind", ["ema", "window"])
+def test_a_refused_dcp_load_changes_nothing(tmp_path, kind):
+    import torch.distributed.checkpoint as dcp
+
+    make = (lambda m: EMA(m, 0.9, buffers="average")) if kind == "ema" else (lambda m: WindowAverage(m, 3))
+    diverged = mlp()
+    bad = make(diverged)
+    with torch.no_grad():
+        diverged[0].weight.fill_(float("nan"))
+    bad.update()
+    dcp.save({"ema": bad}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    model = models.mlp(6, 32, 1, act=nn.Tanh, seed=1)
+    average = make(model)
+    train(model, 3, average)
+    before = _flat_state(average)
+    with pytest.raises(ValueError, match=r"'0.weight' holds inf or NaN.*Nothing was loaded"):
+        dcp.load({"ema": average}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    _same_state(before, _flat_state(average))
+    assert all(torch.isfinite(v).all() for v in average.averaged_state_dict().values())
+
+
 # reliability review L8
 def test_save_gets_the_umask_mode(tmp_path):
     ema = EMA(nn.Linear(4, 4), 0.5)

@@ -267,6 +267,36 @@ def _dcp_resume(rank, world, ckpt, plain_ckpt, v1_path):
     _train(model, opt, ema, rank, range(4, 7))
     out.update(_results("B", model, ema))
 
+    # reliability round 3, M1: a load refused on one rank only (NaN in rank 1's shard) or failed on one
+    # rank (rank 1's .distcp truncated: CheckpointException, load_state_dict never called) changes
+    # nothing on either rank: dcp.load fills state_dict()'s host copies, never the shadow
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    good = ema.state_dict()
+    if rank == 1:
+        good["averaged"]["0.weight"].to_local().fill_(float("nan"))    # 2 of 5 rows of 0.weight
+    dcp.save({"ema": good}, checkpoint_id=ckpt + "_nan")
+    dcp.save({"ema": ema}, checkpoint_id=ckpt + "_cut")
+    dist.barrier()
+    if rank == 1:
+        for f in os.listdir(ckpt + "_cut"):
+            if f.startswith("__1_") and f.endswith(".distcp"):
+                path = os.path.join(ckpt + "_cut", f)
+                os.truncate(path, os.path.getsize(path) // 2)
+    dist.barrier()
+    _train(model, opt, ema, rank, range(7, 9))              # the checkpoints are older than the average now
+    out.update(_results("kept", model, ema))
+    try:
+        dcp.load({"ema": ema}, checkpoint_id=ckpt + "_nan")
+    except ValueError as err:
+        out["nan_refused"] = torch.tensor(("NaN" in str(err)) == (rank == 1) and "Nothing was loaded" in str(err))
+    out.update(_results("after_nan", model, ema))
+    try:
+        dcp.load({"ema": ema}, checkpoint_id=ckpt + "_cut")
+    except CheckpointException:
+        out["cut_failed"] = torch.tensor(True)
+    out.update(_results("after_cut", model, ema))
+
     # 1 -> 2: a checkpoint of an unsharded EMA (DCP, and a version-1 state dict) into a sharded one
     model, opt, ema = _make(2)
     dcp.load({"ema": ema}, checkpoint_id=plain_ckpt)
@@ -315,6 +345,9 @@ def test_fsdp2_dcp_resume_bit_exact_and_reshard_across_world_sizes(tmp_path):
                 for src in ("from_plain_dcp", "from_v1"):
                     assert torch.equal(r[f"{src}/ema/{row}/{n}"], want_plain[f"{row}/{n}"]), (src, row, n)
         assert r["from_v1/updates"].tolist() == [plain.updates, plain.calls]
+        assert r["nan_refused"] and r["cut_failed"]         # both ranks refuse, both fail: nothing changed
+        _same(r, r, "kept/", "after_nan/")
+        _same(r, r, "kept/", "after_cut/")
     _same(r0, r1, "A/", "A/")
 
     (one,) = run_ranks(_dcp_one_rank, tmp_path / "run1", 1, ckpt)    # 2 -> 1
