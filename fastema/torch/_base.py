@@ -18,7 +18,7 @@ from ..average import Cadence, ModelSwap
 from ..flat import FlatShadow
 from . import _compile, _sharded
 from ._checkpoint import _CheckpointSide
-from ._model import _DATA_PTR, _disjoint_groups, _ModelSide, _patterns, _unwrap, _watch
+from ._model import _DATA_PTR, _disjoint_groups, _ModelSide, _patterns, _tensors_of, _unwrap, _watch
 
 
 class _ModelAverage(_ModelSide, _CheckpointSide):
@@ -46,6 +46,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         self._specs: dict[str, _sharded.Spec] = {}          # name -> layout of a DTensor's local shard
         _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))
+        self._known = set(_tensors_of(_unwrap(model)))     # every name at construction: others are new (M4)
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average "
                              "(check exclude= and copy=)")

@@ -175,6 +175,21 @@ def _local_key(t: torch.Tensor):
     return _storage_key(_sharded.local_tensor(t) if _sharded.is_sharded(t) else t)
 
 
+def _tensors_of(model: nn.Module) -> dict:
+    """``name -> (kind, tensor, persistent)`` of every parameter and buffer of ``model``, under every
+    name a shared tensor or module has (``named_parameters(remove_duplicate=False)``'s names)."""
+    out = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for k, p in m._parameters.items():
+            if p is not None:
+                out[pre + k] = ("parameter", p, True)
+        for k, b in m._buffers.items():
+            if b is not None:
+                out[pre + k] = ("buffer", b, k not in m._non_persistent_buffers_set)
+    return out
+
+
 def _device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
@@ -207,7 +222,7 @@ class _ModelSide:
     """The model side of ``_ModelAverage``: which tensors it tracks and where they are now. Reads
     and sets the average's ``model``, ``buffers``, ``exclude``, ``copy_patterns``, ``_names``,
     ``_specs``, ``_int_buffers``, ``_avg``, ``_copy``, ``_slots``, ``_addresses``, ``_stale``,
-    ``_resync``, ``_fsdp``, ``_zero3`` and ``_engine`` (made in ``_ModelAverage.__init__``)."""
+    ``_resync``, ``_fsdp``, ``_zero3``, ``_engine`` and ``_known`` (made in ``_ModelAverage.__init__``)."""
 
     def _select(self, model):
         averaged, copied = {}, {}
@@ -248,12 +263,22 @@ class _ModelSide:
 
     def _owner_slots(self):
         """(the owning module's _parameters or _buffers dict, key, tensor) of every tracked tensor, for
-        the per-step check that the model still holds the tensors the shadow reads (H3)."""
+        the per-step check that the model still holds the tensors the shadow reads (H3); and
+        (parent's _modules, key, weak reference) of every module on the way to one, checked at every
+        step without the registration hooks. The references are weak: a module deleted from the
+        model (``del model.layer`` calls no hook) marks the average stale when it is freed."""
         inner = _unwrap(self.model)
         params = {n for n, _ in inner.named_parameters()}
         named = dict(inner.named_parameters())
         named.update(inner.named_buffers())
         slots, paths = [], {}
+        me = weakref.ref(self)
+
+        def mark_stale(_):                      # a module on the way was deleted (del model.layer: no hook)
+            ema = me()
+            if ema is not None:
+                ema._stale = True
+
         for name in self._names[0] + self._names[1] + list(self._int_buffers):
             prefix, _, key = name.rpartition(".")
             owner = inner.get_submodule(prefix) if prefix else inner
@@ -262,7 +287,8 @@ class _ModelSide:
             parent = inner
             for part in prefix.split(".") if prefix else ():   # the modules on the way (hooks off)
                 child = parent._modules[part]
-                paths[(id(parent), part)] = (parent._modules, part, child)
+                if (id(parent), part) not in paths:
+                    paths[(id(parent), part)] = (parent._modules, part, weakref.ref(child, mark_stale))
                 parent = child
         columns = lambda rows: tuple(zip(*rows)) if rows else ((), (), ())  # noqa: E731
         return columns(slots), columns(list(paths.values()))
@@ -276,12 +302,42 @@ class _ModelSide:
         tables, keys, _ = self._slots[0]
         if not _HOOKS:
             mods, names, held = self._slots[1]
-            if not all(map(operator.is_, map(dict.get, mods, names), held)):
+            if not all(map(operator.is_, map(dict.get, mods, names), map(weakref.ref.__call__, held))):
                 return None
         try:
             return list(map(self._address, map(dict.get, tables, keys)))
         except TypeError:                         # a slot is empty: the tensor was removed
             return None
+
+    def _refuse_added(self) -> None:
+        """Refuse, naming them, parameters and buffers added to the model after construction that this
+        average does not track: an update would skip them and every export (``averaged_state_dict``,
+        ``save``, ``module``, a swap, snapshots) would carry their raw values as averages (M4). Fine:
+        other names of tracked (or excluded) tensors, names matching ``exclude=``, buffers with
+        ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
+        averaged. A walk of the model's modules: run when the registration hooks marked the average
+        stale, and at every check without the hooks."""
+        now = _tensors_of(_unwrap(self.model))
+        new = [n for n in now if n not in self._known]
+        if not new:
+            return
+        known_memory = {_local_key(now[n][1]) for n in now if n in self._known}
+        added = []
+        for n in new:
+            kind, t, persistent = now[n]
+            if _matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
+                    not persistent and self.buffers == "copy"))):
+                continue
+            key = _local_key(t)
+            if key is not None and key in known_memory:
+                continue                          # another name of a tensor the average knows (a new tie)
+            added.append(n)
+        if added:
+            kind = type(self).__name__
+            raise ValueError(f"the model has {len(added)} parameter(s) or buffer(s) added after {kind}(model) that "
+                             f"this average does not track: {added[:5]}; an update would leave them out and an "
+                             f"export would carry their raw values as averages. Make a new {kind} of the changed "
+                             f"model, or exclude= them (exclude={added[:3]!r}). Nothing was written.")
 
     def _model_changed(self) -> bool:
         return self._stale or self._addresses_now() != self._addresses
@@ -294,6 +350,8 @@ class _ModelSide:
         if changed and self._fsdp:                # a forward with no backward left unsharded copies
             _sharded.reshard(self._fsdp)
             changed = self._model_changed()
+        if self._stale or not _HOOKS:             # something was registered (or no hooks tell): new names?
+            self._refuse_added()
         if changed:
             self._rebind()
             self._avg.refresh()                  # storage moved under a tensor the shadow already holds

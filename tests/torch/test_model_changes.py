@@ -3,6 +3,8 @@ parameters or modules replaced, reshaped or moved after EMA(model), with or with
 registration hooks: followed, or refused by name with nothing changed.
 
 The defect IDs in the comments are those of the first reliability review (H, M, L)."""
+import os
+
 import pytest
 import torch
 from models import mlp, moved, tied
@@ -39,6 +41,88 @@ def test_model_moved_or_cast_is_refused():
     with pytest.raises((ValueError, TypeError), match="float64"):
         ema.update()
     assert torch.equal(ema.state_dict()["averaged"]["0.weight"], before)
+
+
+# reliability round 3, M4: a tensor added after EMA(model) is refused by name at the next update and at
+# every export or swap (it would be left out of the average and exported raw); nothing is written
+
+ADDED = {"module": lambda m: m.add_module("extra", nn.Linear(2, 2)),
+         "parameter": lambda m: m[0].register_parameter("scale", nn.Parameter(torch.ones(3))),
+         "buffer": lambda m: m[0].register_buffer("mask", torch.ones(3)),
+         "replaced_by_a_layer": lambda m: m.__setitem__(1, nn.Linear(32, 32))}     # Tanh (no tensors) -> Linear
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+@pytest.mark.parametrize("change", sorted(ADDED))
+def test_a_tensor_added_after_ema_is_refused_everywhere_and_nothing_changes(change, hooks, tmp_path):
+    import fastema.torch as ft
+    from fastema.torch import PostHocEMA
+
+    ft.registration_hooks(hooks)
+    try:
+        model = mlp(6, 32, 1, act=nn.Tanh)
+        ema = EMA(model, 0.9)
+        post = PostHocEMA(model, snapshot_every=None, path=tmp_path / "snapshots")
+        ema.update()
+        post.update()
+        ADDED[change](model)
+        moved_by_training = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+        calls = (ema.calls, ema.updates, post.calls)
+        other = mlp(6, 32, 1, act=nn.Tanh, seed=3)
+        other_before = {k: v.clone() for k, v in other.state_dict().items()}
+        ADDED[change](other)
+        for what, call in [("update", ema.update), ("averaged_state_dict", ema.averaged_state_dict),
+                           ("full_state_dict", ema.full_state_dict), ("module", ema.module),
+                           ("save", lambda: ema.save(tmp_path / "ema.pt")),
+                           ("save", lambda: ema.save(tmp_path / "ema.safetensors")),
+                           ("swap", ema.swap), ("average_parameters", lambda: ema.average_parameters().__enter__()),
+                           ("copy_to", ema.copy_to), ("copy_to(other)", lambda: ema.copy_to(other)),
+                           ("PostHocEMA.update", post.update), ("PostHocEMA.snapshot", post.snapshot)]:
+            with pytest.raises(ValueError, match=r"added after (EMA|PostHocEMA)\(model\).*'(extra\.weight|0\.scale|"
+                                                 r"0\.mask|1\.weight)'.*exclude="):
+                call()
+        assert not ema.swapped and (ema.calls, ema.updates, post.calls) == calls
+        assert all(torch.equal(v, before[k]) for k, v in ema.state_dict()["averaged"].items())
+        assert all(torch.equal(v, moved_by_training[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(v, other_before[k]) for k, v in other.state_dict().items() if k in other_before)
+        assert not os.listdir(tmp_path / "snapshots") and not (tmp_path / "ema.pt").exists()
+        assert not (tmp_path / "ema.safetensors").exists()
+    finally:
+        ft.registration_hooks(True)
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+def test_added_tensors_that_are_excluded_ignored_or_aliases_are_fine(hooks):
+    import fastema.torch as ft
+
+    ft.registration_hooks(hooks)
+    try:
+        model = mlp(6, 32, 1, act=nn.Tanh)
+        excluded, ignoring = EMA(model, 0.5, exclude=["extra.*"]), EMA(model, 0.5, buffers="ignore")
+        model.add_module("extra", nn.Linear(2, 2))                    # excluded by the pattern
+        model[0].register_buffer("cache", torch.ones(3), persistent=False)   # in no export: a copy is itself
+        model.add_module("again", model[0])                           # new names of tracked tensors
+        excluded.update()
+        del model.extra
+        model[0].register_buffer("mask", torch.ones(3))               # a buffer; ignoring ignores buffers
+        ignoring.update()
+        moved(ignoring, model)
+        sd = ignoring.averaged_state_dict()
+        assert torch.equal(sd["again.weight"], sd["0.weight"]) and torch.equal(sd["0.weight"],
+                                                                              model[0].weight.detach() - 0.5)
+    finally:
+        ft.registration_hooks(True)
+
+
+def test_a_deleted_module_is_refused_with_or_without_hooks():
+    model = mlp(6, 32, 1, act=nn.Tanh)
+    ema = EMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    del model[2]                                       # no registration hook fires for a deletion
+    with pytest.raises(ValueError, match=r"no longer has \['2.weight', '2.bias'\]"):
+        ema.update()
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict()["averaged"].items()) and ema.calls == 0
 
 
 # ------------------------------------------------------------------ H1, M1: tied weights
