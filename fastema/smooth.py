@@ -21,6 +21,17 @@ __all__ = ["Smoother", "alpha_from"]
 
 _MODES = {"debiased": kinds.DEBIASED, "seeded": kinds.SEEDED, "zeros": kinds.ZEROS}
 
+# Every sample weight reaches the kernels times SCALE, so the weighted sums (the debiased EMA's
+# a = sum d^i w_i v_i and b = sum d^i w_i, the window's sums of w v and w) are kept in units of
+# 2**-64. The means are ratios of two such sums, and scaling by a power of two is exact, so they
+# are the same numbers bit for bit; but a sum can no longer overflow float64 unless window *
+# sample_weight (SMA) or sample_weight / (1 - decay) (EMA) passes 2**64: two values of 1.7e308
+# average to 1.7e308, not inf (and an overflowed window sum stayed inf/NaN for good). Products
+# |w v| below 2**64 * 2.2e-308 (~4e-289) lose precision as subnormals. Checkpoint version 2 holds
+# the scaled sums; version 1 (unscaled) is converted when loaded.
+SCALE = 2.0 ** -64
+_SCALED = ("a", "b", "ring_v", "ring_w", "s", "comp", "ws", "wcomp")   # a and b in mode "debiased" only
+
 
 def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) -> float:
     """The EMA weight ``alpha = 1 - decay`` from exactly one of pandas' parameters.
@@ -117,19 +128,24 @@ class Smoother:
 
     def update(self, values, sample_weight=None, *, weight=_UNSET) -> None:
         """Add one value per stream (``values`` of the smoother's shape), with an optional
-        ``sample_weight`` (a float, or one weight per stream), e.g. the batch size.
+        ``sample_weight`` (a float, or one float64 weight per stream on the values' device), e.g.
+        the batch size: finite and >= 0 (0 leaves the value out). A bad weight is refused before
+        anything changes; per-stream weights on a GPU, which only a host sync could look at, are
+        checked on the device instead, where a NaN, inf or negative one counts as 0.
 
         ``weight=`` is the old name of ``sample_weight=`` (deprecated: in fastema's array
         operations ``weight`` means ``1 - decay``)."""
         sample_weight = _renamed(sample_weight, weight)
         kind, y, where, shape = _backends.metric_values(values, "values")
-        if self._where is None:
-            self._alloc(where, shape)
-        elif where != self._where or shape != self.shape:
+        if self._where is not None and (where != self._where or shape != self.shape):
             raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "
                              f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
                              f"(one smoother per stream layout)")
-        w0, c, per_stream = self._weights(sample_weight, y.size)
+        w0, c = self._weights(sample_weight, y.size, where[1])      # checked before anything changes
+        if self._where is None:
+            self._alloc(where, shape)
+        per_stream = c is not None
+        c = self._dummy() if c is None else c
         group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
         skip = self.nonfinite == "skip"
         st = self._views
@@ -142,16 +158,39 @@ class Smoother:
                            n=st["n"], bad=st["bad"], slot=self.count % self.window, skip=skip)
         self.count += 1
 
-    def _weights(self, sample_weight, k):
-        """(scalar weight, per-stream weight view, per_stream): scalars travel as kernel arguments."""
+    def _weights(self, sample_weight, k: int, device: str):
+        """``(scalar weight, per-stream weight view or None)``, times :data:`SCALE`; scalars travel
+        as kernel arguments. Per-stream weights must be finite and >= 0, as scalars: on the host
+        (NumPy, torch CPU) a bad one is refused; on a GPU, where looking would cost a host sync per
+        update, a NaN, inf or negative weight counts as 0 (that stream's value is left out)."""
         if sample_weight is None:
-            return 1.0, self._dummy(), False
+            return SCALE, None
         if isinstance(sample_weight, (int, float)) and not isinstance(sample_weight, bool):
             if not 0 <= sample_weight < math.inf:
                 raise ValueError(f"sample_weight must be a finite number >= 0, got {sample_weight!r}")
-            return float(sample_weight), self._dummy(), False
-        view = _backends.control_view(sample_weight, "sample_weight", np.float64, k, self._where[1], writable=False)
-        return 1.0, view, True
+            return float(sample_weight) * SCALE, None
+        _backends.control_view(sample_weight, "sample_weight", np.float64, k, device, writable=False)
+        try:
+            ok = (sample_weight >= 0) & (sample_weight < math.inf)      # NaN fails both
+        except TypeError:
+            raise TypeError(f"a per-stream sample_weight on {device} must be an array fastema can scale and check "
+                            f"in place (NumPy, or a torch tensor of the values' device), got "
+                            f"{type(sample_weight).__name__}") from None
+        if device == "cpu":
+            bad = np.flatnonzero(~_backends.to_host(ok).reshape(-1))
+            if bad.size:
+                i = int(bad[0])
+                value = float(_backends.to_host(sample_weight).reshape(-1)[i])
+                raise ValueError(f"sample_weight[{i}] is {value!r}: every per-stream sample_weight must be a "
+                                 f"finite number >= 0 ({bad.size} of {k} are not); nothing was updated")
+            scaled = sample_weight * SCALE
+        else:
+            try:
+                scaled = _backends.where(ok, sample_weight * SCALE, 0.0)
+            except _backends.Unsupported:
+                raise TypeError(f"a per-stream sample_weight on {device} must be a torch tensor (fastema scales and "
+                                f"checks it on the device), got {type(sample_weight).__name__}") from None
+        return 1.0, _backends.control_view(scaled, "sample_weight", np.float64, k, device, writable=False)
 
     def _dummy(self):
         return next(iter(self._views.values()))           # any float64 array on the device: never read
@@ -191,13 +230,16 @@ class Smoother:
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        return {"format": "fastema.Smoother", "version": 1, "alpha": self.alpha, "mode": self.mode,
+        """The smoother's settings, update count and state arrays (the weighted sums in units of
+        :data:`SCALE`: version 2)."""
+        return {"format": "fastema.Smoother", "version": 2, "alpha": self.alpha, "mode": self.mode,
                 "window": self.window, "min_periods": self.min_periods, "nonfinite": self.nonfinite,
                 "count": self.count, "shape": self.shape, "state": dict(self._state)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; everything is checked first and nothing changes on error."""
-        check_header(state, "fastema.Smoother", 1, "pass what Smoother.state_dict() returned")
+        """Restore :meth:`state_dict` (version 2; version 1, written by earlier releases with
+        unscaled sums, is converted); everything is checked first and nothing changes on error."""
+        check_header(state, "fastema.Smoother", (1, 2), "pass what Smoother.state_dict() returned")
         missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
         if missing:
             raise ValueError(f"Smoother checkpoint has no {missing}; nothing was loaded")
@@ -222,6 +264,8 @@ class Smoother:
             raise ValueError("checkpoint smoother state does not match this smoother's streams; nothing was loaded")
         for n, a in self._state.items():
             a[...] = saved[n]
+            if state["version"] == 1 and n in _SCALED and (n not in ("a", "b") or self.mode == "debiased"):
+                a *= SCALE                       # exact: a power of two
         self.count = count
 
 

@@ -201,3 +201,74 @@ def test_sample_weight_is_the_smoother_argument_and_weight_is_deprecated():
     with pytest.warns(DeprecationWarning):
         t.update(torch.tensor(1.0), weight=2.0)
     t.update(torch.tensor(3.0), sample_weight=2.0)
+
+
+# ------------------------------------------------------------------ L5: bad per-stream weights, overflow
+
+@pytest.mark.parametrize("make", [np.array, lambda w: torch.tensor(w, dtype=torch.float64)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_per_stream_weights_are_refused_and_change_nothing(make, bad):
+    # L5: accepted before, and the stream's EMA and SMA were NaN for good
+    s = Smoother(decay=0.9, window=3)
+    s.update(np.array([1.0, 2.0]), sample_weight=np.array([1.0, 2.0]))
+    state = {k: v.copy() for k, v in s.state_dict()["state"].items()}
+    with pytest.raises(ValueError, match=r"sample_weight\[1\] is .*finite number >= 0.*nothing was updated"):
+        s.update(np.array([3.0, 4.0]), sample_weight=make([1.0, bad]))
+    assert s.count == 1 and all(np.array_equal(v, state[k]) for k, v in s.state_dict()["state"].items())
+    fresh = Smoother(decay=0.9, window=3)          # refused at the first update: nothing allocated either
+    with pytest.raises(ValueError, match=r"sample_weight\[0\]"):
+        fresh.update(np.array([3.0, 4.0]), sample_weight=make([bad, 1.0]))
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        fresh.update(np.array([3.0, 4.0]), sample_weight=bad)          # a scalar: refused before, too
+    fresh.update(np.array([3.0, 4.0, 5.0]))
+    assert fresh.count == 1 and fresh.shape == (3,)
+    s.update(np.array([3.0, 4.0]), sample_weight=make([0.0, 2.0]))     # 0 is fine: the value is left out
+    np.testing.assert_allclose(s.ema, [1.0, (0.9 * 2 * 2 + 2 * 4) / (0.9 * 2 + 2)], rtol=1e-15)
+
+
+def test_a_window_sum_that_overflows_float64_does_not_poison_the_sma():
+    # L5: two finite values of 1e308 overflowed the window sum, and the SMA read NaN for good.
+    # (pandas' rolling sums overflow and stay NaN too: the reference is the exact mean, then pandas
+    # over the values after the big ones)
+    ys = [1e308, 1e308, 1.0, 2.0, 3.0, 4.0]
+    _, sma = run(Smoother(window=2), ys)
+    assert sma[0] == 1e308 and sma[1] == 1e308 and sma[2] == 5e307
+    close(sma[3:], pd.Series(ys[2:]).rolling(2).mean().to_numpy()[1:])
+    _, sma = run(Smoother(window=3), [1.7e308, -1.7e308, 1.7e308, 1.0])
+    assert sma.tolist() == pytest.approx([1.7e308, 0.0, 1.7e308 / 3, 1.0 / 3], rel=1e-15)
+
+
+def test_the_debiased_ema_of_values_near_the_float64_maximum_is_finite():
+    # L5: the debiased EMA of two 1.7e308 was inf (the weighted sum overflowed); the reference is the
+    # EMA in lerp form (m <- m + w / b (v - m)), which cannot overflow, in float64
+    ys = [1.7e308, 1.7e308, 1.0e308, -1.7e308, 5.0]
+    ema, _ = run(Smoother(decay=0.9), ys)
+    m, b, ref = 0.0, 0.0, []
+    for y in ys:
+        b = 0.9 * b + 1.0
+        m = m + (y - m) / b if abs(y - m) < 1.7e308 else m * (1 - 1 / b) + y / b
+        ref.append(m)
+    assert ema[0] == 1.7e308 and ema[1] == pytest.approx(1.7e308, rel=1e-15)
+    np.testing.assert_allclose(ema, ref, rtol=1e-14)
+
+
+def test_a_version_1_checkpoint_of_unscaled_sums_resumes_exactly():
+    # the sums are kept in units of 2**-64 since L5 (checkpoint version 2); version 1 is converted
+    rng = np.random.default_rng(4)
+    ys, cs = rng.standard_normal(20), rng.integers(1, 9, 20).astype(float)
+    for kw in (dict(span=4, window=5), dict(alpha=0.3, mode="seeded", window=3), dict(decay=0.5, mode="zeros")):
+        a = Smoother(**kw)
+        for y, c in zip(ys[:8], cs[:8]):
+            a.update(np.array([y]), sample_weight=c)
+        state = a.state_dict()
+        debiased = a.mode == "debiased"
+        old = {n: (v * 2.0 ** 64 if n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp") or
+                   (n in ("a", "b") and debiased) else v.copy()) for n, v in state["state"].items()}
+        b = Smoother(**kw)
+        b.load_state_dict({**state, "version": 1, "state": old})
+        for y, c in zip(ys[8:], cs[8:]):
+            a.update(np.array([y]), sample_weight=c)
+            b.update(np.array([y]), sample_weight=c)
+        for kind in ("ema", "sma"):
+            if getattr(a, "alpha" if kind == "ema" else "window") is not None:
+                assert np.array_equal(getattr(a, kind), getattr(b, kind)), (kw, kind)
