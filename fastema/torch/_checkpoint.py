@@ -19,6 +19,7 @@ from .._files import atomic_write as _atomic_write
 from .._state import check_header, refuse_load
 from . import _sharded
 from ._model import _local_key, _match_names, _unwrap
+from ._safetensors import stream_safetensors
 
 __all__ = ["FORMAT", "VERSION"]
 
@@ -79,16 +80,30 @@ class _CheckpointSide:
         is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
         if not isinstance(rank0_only, bool):
             raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
+        self._not_swapped("full_state_dict()")
         keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = {}
-        own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
-        for name, value in self.averaged_state_dict(row).items():
-            value = _sharded.full(value)
-            if hasattr(own.get(name), "ds_shape"):
-                value = value.view(own[name].ds_shape)         # ZeRO-3 partitions gather flat
+        for name, value in self._full_items(row):
             if keep:
                 out[name] = value
         return out
+
+    def _full_items(self, row: int):
+        """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
+        collective per sharded tensor, in the model's state-dict order on every rank). The tensors
+        are fresh copies in the model's dtypes (excluded tensors: of the model's own values)."""
+        own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
+        for name, t, source, value in self._state_entries(row):
+            if source is None:
+                v = t.detach().clone()                         # excluded: the model's own value
+            elif source in self._specs:                        # a sharded average: this rank's part, as a DTensor
+                v = _sharded.wrap(value().to(t.dtype, copy=True), self._specs[source])
+            else:
+                v = value().to(t.dtype, copy=True)
+            v = _sharded.full(v)
+            if hasattr(own.get(name), "ds_shape"):
+                v = v.view(own[name].ds_shape)                 # ZeRO-3 partitions gather flat
+            yield name, v
 
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
@@ -248,28 +263,32 @@ class _CheckpointSide:
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
 
-        ``model.load_state_dict(torch.load(path))`` loads it; a ``.safetensors`` path is
-        written with safetensors (which must be installed). The file gets the mode
-        ``torch.save`` would give it (0666 less the umask); temporary files left by a save
-        that was killed are removed by the next save to the same path. On a sharded average
-        it is a collective: every rank gathers the full tensors one at a time (see
-        :meth:`full_state_dict`) and global rank 0 writes the file.
+        ``model.load_state_dict(torch.load(path))`` loads it. A ``.safetensors`` path is streamed:
+        each tensor is converted to the model's dtype and copied to the host in turn, so peak memory
+        is one tensor (``safetensors.torch.load_file`` reads it). Any other path is written with
+        ``torch.save``, which serialises one dict: it holds a host copy of the averaged weights (in the
+        model's dtypes; none on the GPU) while it writes. The file gets the mode ``torch.save`` would
+        give it (0666 less the umask); temporary files left by a save that was killed are removed by
+        the next save to the same path. On a sharded average it is a collective: every rank gathers the
+        full tensors one at a time (see :meth:`full_state_dict`), global rank 0 keeps host copies of
+        them (the full model in its host memory) and writes the file.
         """
         path = os.fspath(path)
-        if self.sharded:                   # collective: every rank gathers, rank 0 writes
-            weights = self.full_state_dict(row, rank0_only=True)
-            if torch.distributed.get_rank() != 0:
+        self._not_swapped("save()")
+        stream = path.endswith(".safetensors")
+        if self.sharded:                   # collective: every rank gathers, rank 0 keeps host copies and writes
+            rank0 = torch.distributed.get_rank() == 0
+            tensors = {}
+            for name, value in self._full_items(row):
+                if rank0:
+                    tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
+            if not rank0:
                 return
-        else:
-            weights = self.averaged_state_dict(row)
-        weights = {k: v.detach().contiguous() for k, v in weights.items()}
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.torch import save as to_bytes
-            except ImportError:
-                raise ImportError("saving .safetensors needs the safetensors package "
-                                  "(pip install safetensors)") from None
-            data = to_bytes({k: v.cpu() for k, v in weights.items()})
-            _atomic_write(path, lambda f: f.write(data))
-        else:
-            _atomic_write(path, lambda f: torch.save(weights, f))    # streamed: no model-sized copy in memory
+        else:                              # every check first; the values are read while the file is written
+            tensors = {name: (t.detach() if value is None else value(), t.dtype)
+                       for name, t, _, value in self._state_entries(row)}
+        if stream:
+            _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+        else:                              # torch.save serialises one dict: a host copy of the weights
+            _atomic_write(path, lambda f: torch.save(
+                {k: v.to("cpu", dtype, copy=True).contiguous() for k, (v, dtype) in tensors.items()}, f))
