@@ -15,9 +15,9 @@ __all__ = ["plot_path", "plot_profiles"]
 
 def plot_path(out: str | os.PathLike) -> str:
     """The file :func:`plot_profiles` writes for ``out``: ``out`` itself, or ``out + ".png"`` when it
-    has no extension (as matplotlib does)."""
+    has no extension (as matplotlib does). An existing directory is returned as it is (and refused)."""
     out = os.fspath(out)
-    return out if os.path.splitext(out)[1] else out + ".png"
+    return out if os.path.splitext(out)[1] or os.path.isdir(out) else out + ".png"
 
 
 def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: str, *, time: float | None = None,

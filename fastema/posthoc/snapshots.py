@@ -501,6 +501,7 @@ def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
             atomic_write(base + ".json", lambda f: f.write(data))
         except OSError as err:
             error = str(err)
+            shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
     _agree(error)
     return base
 
@@ -525,11 +526,17 @@ def _errno_of(err: BaseException) -> int:
     return errno.EIO
 
 
-def _first_line(err: BaseException) -> str:
+def _cause(err: BaseException) -> BaseException:
+    """The first rank's error inside a DCP CheckpointException (else ``err``)."""
     failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:       # a DCP CheckpointException: the first rank's error
+    if isinstance(failures, dict) and failures:
         failure = next(iter(failures.values()))
-        err = failure[0] if isinstance(failure, tuple) else failure
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    err = _cause(err)
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -620,7 +627,8 @@ def _dcp_reader(snap: Snapshot) -> Callable:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader_type = _safe_reader_type()
-    entries = reader_type(snap.path).read_metadata().state_dict_metadata
+    md = reader_type(snap.path).read_metadata()
+    entries = md.state_dict_metadata
 
     def read(key: str, want):
         meta = entries.get(key)
@@ -638,9 +646,14 @@ def _dcp_reader(snap: Snapshot) -> Callable:
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(out, storage_reader=reader_type(snap.path), no_dist=True)
         except (Exception, CheckpointException) as err:
-            raise ValueError(f"the DCP snapshot {snap.path!r}: tensor {key!r} could not be read "
-                             f"({_first_line(err)}); the snapshot is truncated or corrupt: move it (and its .json) "
-                             f"out of the folder to synthesise from the others") from None
+            files = sorted({info.relative_path for index, info in md.storage_data.items() if index.fqn == key})
+            cause = _cause(err)
+            why = (f"{', '.join(files)} holds a pickle that is not plain tensor data: torch.load(weights_only=True) "
+                   f"refused it, nothing ran" if isinstance(cause, pickle.UnpicklingError) else
+                   f"{', '.join(files)}: {_first_line(cause)}")
+            raise ValueError(f"the DCP snapshot {snap.path!r}: tensor {key!r} could not be read ({why}); the "
+                             f"snapshot is truncated or corrupt: move it (and its .json) out of the folder to "
+                             f"synthesise from the others") from None
         return out[key]
 
     return read

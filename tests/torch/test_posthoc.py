@@ -457,3 +457,77 @@ def test_streamed_snapshot_files_read_back_with_safetensors(tmp_path, snapshot_d
     assert meta["format"] == posthoc.FORMAT and meta["dtype"] == snapshot_dtype and float(meta["time"]) == 1.0
     assert posthoc.read_snapshots(tmp_path)[0].averaged == [n for n in net.state_dict() if "running" not in n
                                                             and "num_batches" not in n]
+
+
+# --------------------------------------------------------------------------- the command line: bad input
+
+def _cli(capsys, *argv):
+    """``python -m fastema posthoc`` in this process: (exit status, stdout, stderr)."""
+    from fastema.cli import posthoc as cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as stop:                     # argparse usage errors
+        rc = stop.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def snaps(tmp_path):
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=10, path=tmp_path / "snaps")
+    _train(net, 40, ph)
+    return tmp_path / "snaps"
+
+
+@pytest.mark.parametrize("args, rc, named", [
+    (["--gamma", "1e308"], 2, "--gamma"),                      # was OverflowError with a traceback
+    (["--sigma-rel", "0.07", "--max-error", "-1"], 2, "--max-error"),
+    (["--sigma-rel", "0.07", "--max-error", "nan"], 2, "--max-error"),
+    (["--sigma-rel", "0.07", "--time", "nan"], 2, "--time"),
+    (["--sigma-rel", "0.07", "--gamma", "5"], 2, "--gamma"),
+    (["--sigma-rel", "0.07", "--out", "{dir}"], 1, "is a directory"),          # was IsADirectoryError
+    (["--sigma-rel", "0.07", "--out", "/sys/o.pt"], 1, "/sys/o.pt"),          # was PermissionError
+    (["--sigma-rel", "0.07", "--out", "{file}/o.pt"], 1, "does not exist"),
+    (["--sigma-rel", "0.07", "--plot", "{dir}"], 1, "is a directory"),         # L2: wrote DIR.png
+])
+def test_command_line_refuses_bad_arguments_in_one_line(snaps, tmp_path, capsys, args, rc, named):
+    """reliability L1/L2: every bad argument is one line naming it (no traceback), and nothing is written."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    args = [a.format(dir=tmp_path / "adir", file=tmp_path / "afile") for a in args]
+    if "--out" not in args and "--plot" not in args:
+        args += ["--out", str(tmp_path / "o.safetensors")]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    got, out, err = _cli(capsys, snaps, *args)
+    assert got == rc and not out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and named in lines[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_command_line_plot_prints_the_file_it_wrote(snaps, tmp_path, capsys):
+    """reliability L2: ``--plot NAME`` without an extension wrote NAME.png and printed NAME."""
+    rc, out, err = _cli(capsys, snaps, "--sigma-rel", "0.07", "--plot", tmp_path / "profiles")
+    assert rc == 0 and out.strip() == f"wrote {tmp_path / 'profiles.png'}" and (tmp_path / "profiles.png").exists()
+    assert not (tmp_path / "profiles").exists()
+
+
+def test_every_command_line_option_has_help_and_its_default(capsys):
+    """reliability L14: every posthoc option says what it does and its default."""
+    rc, out, _ = _cli(capsys, "--help")
+    assert rc == 0
+    blocks = {}
+    for line in out.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif line.strip():
+            blocks[current] += " " + line.strip()
+    options = {"--sigma-rel", "--gamma", "--time", "--out", "--plot", "--max-error"}
+    assert options <= set(blocks), blocks
+    for option in options:
+        text = " ".join(blocks[option].split()[2:])
+        assert len(text) > 20 and "default" in text, (option, blocks[option])
+    assert "(default: 0.05)" in " ".join(blocks["--max-error"].split())
