@@ -9,6 +9,10 @@ Dispatch names no framework: a group carries ``current_stream``, the function it
 gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
 its framework has current now; on CUDA every launch asks it.
 
+After ``os.fork()`` (docs/guides/processes.md): the child's CPU launches run the serial twins when
+the parent had started numba's OpenMP layer (:mod:`.cpu`); its CUDA launches are refused with the
+way out (the ``spawn`` start method) when the parent had launched on a GPU.
+
 ======================  ==================================================================
 op                      keyword arguments
 ======================  ==================================================================
@@ -32,6 +36,7 @@ The kernels' math and their arguments are documented in :mod:`fastema.kernels.cp
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -147,8 +152,27 @@ def stream_of(group) -> Any:
     return _cuda().external_stream(group.current_stream()) if is_cuda(group.device) else 0
 
 
+_FORKED_AFTER_CUDA = False      # this process was forked from one that had launched on a GPU
+
+
 @functools.cache
 def _cuda():
+    if _FORKED_AFTER_CUDA:
+        raise RuntimeError("fastema cannot launch a CUDA kernel in this process: it was forked (os.fork(), "
+                           "multiprocessing's or a DataLoader's default 'fork' start method) from a process that "
+                           "had already used CUDA, and CUDA does not survive a fork. Start the worker processes "
+                           "with the 'spawn' start method instead (multiprocessing.get_context('spawn'), "
+                           "DataLoader(multiprocessing_context='spawn')); see docs/guides/processes.md")
     from . import cuda
 
     return cuda
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_AFTER_CUDA
+    if _cuda.cache_info().currsize and not _cuda().SIMULATOR:    # the parent loaded the CUDA launchers
+        _FORKED_AFTER_CUDA = True
+        _cuda.cache_clear()                                       # the next CUDA launch asks again, and is refused
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

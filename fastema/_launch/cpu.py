@@ -1,7 +1,24 @@
 """CPU launchers: one function per kernel family, ``op(group, stream, **args)`` (``stream``
-is unused on the CPU), serial or parallel by the work's size (see :mod:`.config`)."""
+is unused on the CPU), serial or parallel by the work's size (see :mod:`.config`).
+
+Two rules hold process-wide (docs/guides/processes.md):
+
+- fastema's parallel kernels run one at a time (a lock around each parallel launch): an
+  offloaded EMA folds on a worker thread while the training thread packs, and numba's
+  ``workqueue`` threading layer, which is not thread-safe, kills the process on concurrent
+  parallel launches ("Concurrent access has been detected"); the other layers would only
+  oversubscribe the cores. Serial kernels take no lock.
+- in a process forked after numba's OpenMP layer started, every kernel is the serial twin
+  (:data:`PARALLEL` is False there): GNU OpenMP kills a forked child at its first parallel
+  region ("Terminating: fork() called from a process already using GNU OpenMP"). The ``tbb``
+  and ``workqueue`` layers survive a fork, and keep their parallel kernels in the child.
+"""
 from __future__ import annotations
 
+import os
+import threading
+
+import numba
 import numpy as np
 
 from ..kernels import cpu as K
@@ -9,21 +26,53 @@ from . import config
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
 
+PARALLEL = True                      # False in a child forked after numba's OpenMP layer started (serial twins)
+_one_at_a_time = threading.Lock()    # held by each parallel launch
+
 
 def _parallel(group, rows: int) -> bool:
     t = group.tables
-    return t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1
+    return PARALLEL and t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1
+
+
+def _run(kernel, parallel: bool, *args) -> None:
+    if parallel:
+        with _one_at_a_time:
+            kernel(*args)
+    else:
+        kernel(*args)
+
+
+def _openmp_started() -> bool:
+    """True once numba has loaded its OpenMP threading layer in this process (a parallel kernel
+    was compiled, loaded from the cache or run)."""
+    try:
+        return numba.threading_layer() == "omp"
+    except ValueError:                                   # no layer loaded yet: the child may load its own
+        return False
+
+
+def _after_fork_in_child() -> None:
+    global PARALLEL, _one_at_a_time
+    _one_at_a_time = threading.Lock()                    # a thread of the parent may have held it at the fork
+    if _openmp_started():
+        PARALLEL = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
     device_key = not isinstance(key, int)
-    k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, _parallel(group, len(weights)), device_key)
-    k(*group.tables.args(), weights, _NO_FLAG if flag is None else flag, key if device_key else np.uint32(key))
+    par = _parallel(group, len(weights))
+    k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, par, device_key)
+    _run(k, par, *group.tables.args(), weights, _NO_FLAG if flag is None else flag,
+         key if device_key else np.uint32(key))
 
 
 def bema(group, stream, *, alpha, flag=None):
-    k = K.bema_kernel(group.shadow_kind, _parallel(group, 3))
-    k(*group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
+    par = _parallel(group, 3)
+    _run(K.bema_kernel(group.shadow_kind, par), par, *group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
 
 
 def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
@@ -31,31 +80,34 @@ def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
 
 
 def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
-    k = K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow, _parallel(group, row_hi - row_lo))
-    k(*group.tables.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
+    par = _parallel(group, row_hi - row_lo)
+    k = K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow, par)
+    _run(k, par, *group.tables.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
 
 
 def swap(group, stream, *, mode, row):
-    K.swap_kernel(group.shadow_kind, group.src_kind, mode, _parallel(group, 1))(*group.tables.args(), row)
+    par = _parallel(group, 1)
+    _run(K.swap_kernel(group.shadow_kind, group.src_kind, mode, par), par, *group.tables.args(), row)
 
 
 def nonfinite(group, stream, *, flag):
     t = group.tables
-    K.nonfinite_kernel(group.src_kind, _parallel(group, 1))(t.seg_addr, t.seg_offset, t.chunk_seg,
-                                                             t.chunk_begin, flag)
+    par = _parallel(group, 1)
+    _run(K.nonfinite_kernel(group.src_kind, par), par, t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
 
 
 def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
-    K.window_kernel(ring_kind, group.src_kind, _parallel(group, 3))(*group.tables.args(), ring_addr, slot, full,
-                                                                    count, recompute)
+    par = _parallel(group, 3)
+    _run(K.window_kernel(ring_kind, group.src_kind, par), par, *group.tables.args(), ring_addr, slot, full, count,
+         recompute)
 
 
 def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
-    parallel = values.size >= config.CPU_STREAMS_SERIAL_BELOW
-    K.ema_kernel(group.src_kind, mode, skip, parallel)(values, w0, c, per_stream, a, b, d)
+    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
+    _run(K.ema_kernel(group.src_kind, mode, skip, par), par, values, w0, c, per_stream, a, b, d)
 
 
 def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
-    parallel = values.size >= config.CPU_STREAMS_SERIAL_BELOW
-    K.sma_kernel(group.src_kind, skip, parallel)(values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
-                                                 n, bad, slot)
+    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
+    _run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
+         n, bad, slot)
