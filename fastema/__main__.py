@@ -1,29 +1,46 @@
-"""``python -m fastema COMMAND``.
-
-Commands:
-    demo    train a small model with an EMA of its weights (fastema.cli.demo)
-    plot    draw raw, SMA and EMA curves of a logged metric to a PNG (fastema.cli.plot)
-    bench   run the benchmark suite and write its report (fastema.cli.bench)
-    posthoc synthesise a post-hoc EMA from PostHocEMA snapshots (fastema.cli.posthoc)
-"""
+"""``python -m fastema COMMAND [ARGS...]``: the commands of :mod:`fastema.cli` (``--help`` lists them)."""
 import sys
+
+from .cli import COMMANDS
 
 __all__ = ["main"]
 
-COMMANDS = {"demo": "demo", "plot": "plot", "bench": "bench", "posthoc": "posthoc"}
+PROG = "python -m fastema"
+USAGE = f"usage: {PROG} [-h] [--version] COMMAND [ARGS...]"
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [USAGE, "", "fastema's command-line tools.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help  show this message and exit",
+              "  --version   show fastema's version and exit",
+              "", f"'{PROG} COMMAND --help' shows a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+    """Run ``argv`` (default ``sys.argv[1:]``) as ``python -m fastema ...``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(f"{USAGE}\n{PROG}: error: give a command: {', '.join(COMMANDS)} (see {PROG} --help)",
+              file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(_help())
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"fastema {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"{USAGE}\n{PROG}: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+              f"(see {PROG} --help)", file=sys.stderr)
         return 2
     import importlib
 
-    module = importlib.import_module(f"fastema.cli.{COMMANDS[argv[0]]}")
+    module = importlib.import_module(f"fastema.cli.{argv[0]}")
     return module.main(argv[1:])
 
 

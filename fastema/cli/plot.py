@@ -9,9 +9,9 @@ skipped), so they equal what the callbacks log. Needs matplotlib (``fastema[plot
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
+import math
 import os
 import re
 import sys
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..smooth import Smoother
 from ..track import _ema_kwargs
+from . import Parser, image_path, integer, number, parse, writable
 
 __all__ = ["main"]
 
@@ -123,19 +124,38 @@ def plot(path: str, out: str | None = None, column: str | None = None, ema=0.9, 
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastema plot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("log", help="CSV log with a header, or a list of numbers")
-    ap.add_argument("--column", help="the CSV column (default: loss, else the first numeric one)")
-    ap.add_argument("--out", help="PNG path (default: LOG's name with -COLUMN.png)")
+def _parser() -> Parser:
+    ap = Parser(
+        prog="python -m fastema plot",
+        description="Draw a logged metric with its EMA and SMA to an image. LOG is a CSV file with a header line "
+                    "(Keras or Lightning CSVLogger, pandas to_csv) or a plain list of numbers (one per line, or "
+                    "separated by commas or spaces); rows where the column is empty are left out, and x is the step "
+                    "(or epoch) column when there is one, else the row number. The averages are fastema.Smoother's "
+                    "(debiased EMA; SMA with min_periods=1; non-finite values skipped), so they equal what the "
+                    "callbacks log. Needs matplotlib (pip install 'fastema[plot]').",
+        epilog="example: python -m fastema plot lightning_logs/version_0/metrics.csv --column loss --span 50 --sma 100")
+    ap.add_argument("log", help="a CSV log with a header line, or a list of numbers")
+    ap.add_argument("--column", help="the CSV column to draw (default: loss, else the first numeric column)")
+    ap.add_argument("--out", help="the image to write; .png is added when the name has no extension "
+                                  "(default: LOG's name with -COLUMN.png, beside LOG)")
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--decay", type=float, help="EMA decay (default 0.9)")
-    group.add_argument("--span", type=float, help="EMA span, pandas' meaning")
-    group.add_argument("--halflife", type=float, help="EMA half-life in points")
-    group.add_argument("--no-ema", action="store_true")
-    ap.add_argument("--sma", type=int, default=50, help="SMA window in points (default 50; 0 for none)")
-    ap.add_argument("--logy", action="store_true", help="log-scale y axis")
-    args = ap.parse_args(argv)
+    group.add_argument("--decay", type=number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                       help="the EMA's decay, in [0, 1) (default: 0.9 when no --span, --halflife or --no-ema)")
+    group.add_argument("--span", type=number(lambda v: 1 <= v < math.inf, "a number >= 1"),
+                       help="the EMA's span instead, >= 1, pandas' meaning: decay = 1 - 2 / (span + 1) (default: none)")
+    group.add_argument("--halflife", type=number(lambda v: 0 < v < math.inf, "a number > 0"),
+                       help="the EMA's half-life in points instead, > 0 (default: none)")
+    group.add_argument("--no-ema", action="store_true", help="draw no EMA (default: off)")
+    ap.add_argument("--sma", type=integer(0), default=50,
+                    help="the SMA's window in points, >= 0; 0 draws no SMA (default: %(default)s)")
+    ap.add_argument("--logy", action="store_true", help="a log-scale y axis when every value is > 0 (default: off)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parse(_parser(), argv)
+    if isinstance(args, int):
+        return args
     if args.no_ema:
         ema = None
     elif args.span is not None:
@@ -144,11 +164,20 @@ def main(argv=None) -> int:
         ema = {"halflife": args.halflife}
     else:
         ema = 0.9 if args.decay is None else args.decay
+    if ema is None and not args.sma:
+        print("python -m fastema plot: error: --no-ema with --sma 0 leaves nothing to draw; drop one of them",
+              file=sys.stderr)
+        return 2
     try:
+        if not os.path.isfile(args.log):
+            raise ValueError(f"LOG {args.log!r} " + ("is a directory: give the log file in it" if os.path.isdir(
+                args.log) else "does not exist: give the path of a CSV log or a list of numbers"))
+        if args.out is not None:
+            args.out = image_path("--out", args.out)
+            writable("--out", args.out)
         out = plot(args.log, args.out, args.column, ema, args.sma or None, args.logy)
     except (OSError, ValueError, TypeError) as e:
-        print(f"fastema plot: {e}", file=sys.stderr)
+        print(f"python -m fastema plot: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(out)
     return 0
-

@@ -1,0 +1,124 @@
+"""``python -m fastema``: the command list, usage errors, and the commands' options (L11, L14).
+
+In this process through ``main(argv)``; one subprocess for the real entry point's exit status."""
+import contextlib
+import subprocess
+import sys
+
+import pytest
+
+from fastema.__main__ import main
+from fastema.cli import COMMANDS, bench, demo, plot
+
+
+def test_help_is_a_usage_line_and_a_plain_list_of_the_commands(capsys):
+    # L14: --help printed the module's raw docstring, markup included, and no usage line
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fastema [-h] [--version] COMMAND [ARGS...]\n")
+    for name, summary in COMMANDS.items():
+        assert f"  {name}  " in out and summary in out
+    assert not any(mark in out for mark in ("``", ":mod:", ":class:", ":func:"))
+    assert "COMMAND --help" in out
+    assert main(["-h"]) == 0 and capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "give a command: demo, plot, bench, posthoc"),
+    (["nope"], "unknown command 'nope'; the commands are demo, plot, bench, posthoc"),
+])
+def test_no_or_an_unknown_command_prints_the_usage_and_exits_2(capsys, argv, message):
+    # L14: `python -m fastema` alone exited 2 printing nothing on stderr
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ["usage: python -m fastema [-h] [--version] COMMAND [ARGS...]",
+                                              f"python -m fastema: error: {message} (see python -m fastema --help)"]
+
+
+def test_the_entry_point_alone_exits_2_with_the_usage():
+    r = subprocess.run([sys.executable, "-m", "fastema"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("usage: python -m fastema") and "error: give a command" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [demo, plot, bench], ids=["demo", "plot", "bench"])
+def test_every_option_has_help_that_shows_its_default(command):
+    # L14: demo's --steps, --decay and --seed had no help text; defaults were not shown
+    actions = [a for a in command._parser()._actions if a.option_strings and a.dest != "help"]
+    assert actions
+    for a in actions:
+        assert a.help and "(default: " in a.help, a.option_strings
+        if a.default not in (None, False):
+            assert "%(default)s" in a.help or str(a.default) in a.help, a.option_strings
+
+
+@pytest.mark.parametrize("command", ["demo", "plot", "bench"])
+def test_command_help_exits_0(capsys, command):
+    with pytest.raises(SystemExit) if command == "bench" else contextlib.nullcontext():     # bench: argparse's exit
+        assert main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m fastema {command}")
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+    (["--steps", "abc"], "argument --steps: must be an integer >= 1, got 'abc'"),
+    (["--decay", "2"], "argument --decay: must be a number in [0, 1], got '2'"),
+    (["--decay", "nan"], "argument --decay: must be a number in [0, 1], got 'nan'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 9223372036854775807]"),
+    (["--out", "{tmp}/missing/x.png"], "--out '{tmp}/missing/x.png': its folder '{tmp}/missing' does not exist"),
+    (["--out", "{tmp}"], "--out '{tmp}' is a directory"),
+    (["--out", "{tmp}/x.txt"], "--out '{tmp}/x.txt': matplotlib cannot write .txt files"),
+])
+def test_demo_refuses_bad_arguments_in_one_line_before_training(tmp_path, capsys, monkeypatch, args, names):
+    # L11: --steps 0 and --decay 2 gave tracebacks, and --out /missing/dir/x.png failed after training
+    import torch
+
+    def no_training(*a, **k):
+        raise AssertionError("the demo started training")
+
+    monkeypatch.setattr(torch, "manual_seed", no_training)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["demo", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("python -m fastema demo: error: ") and names.replace("{tmp}", str(tmp_path)) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_without_matplotlib_says_what_to_install_before_training(capsys, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: pytest.fail("the demo started training"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    assert main(["demo", "--out", str(tmp_path / "d.png")]) == 1
+    assert capsys.readouterr().err == ("python -m fastema demo: error: the demo's plot needs matplotlib: "
+                                       "pip install 'fastema[plot]'\n")
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--sma", "-1"], "argument --sma: must be an integer >= 0, got '-1'"),
+    (["--decay", "1"], "argument --decay: must be a number in [0, 1), got '1'"),
+    (["--span", "0.5"], "argument --span: must be a number >= 1, got '0.5'"),
+    (["--halflife", "inf"], "argument --halflife: must be a number > 0, got 'inf'"),
+    (["--decay", "0.5", "--span", "3"], "argument --span: not allowed with argument --decay"),
+    (["--no-ema", "--sma", "0"], "--no-ema with --sma 0 leaves nothing to draw"),
+    (["--out", "{tmp}"], "--out '{tmp}' is a directory"),
+    (["--out", "{tmp}/no/x.png"], "its folder '{tmp}/no' does not exist"),
+])
+def test_plot_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, names):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss\n1,0.5\n2,0.4\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["plot", str(log), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and names.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_plot_names_a_log_it_cannot_read(tmp_path, capsys, what):
+    log = tmp_path / "nope.csv" if what == "missing" else tmp_path
+    assert main(["plot", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m fastema plot: error: LOG {str(log)!r} ") and len(err.splitlines()) == 1
