@@ -20,6 +20,28 @@ from . import _compile, _sharded
 from ._checkpoint import _CheckpointSide
 from ._model import _DATA_PTR, _disjoint_groups, _ModelSide, _patterns, _tensors_of, _unwrap, _watch
 
+_EAGER_BLOCK = ("fastema: average_parameters() swaps the weights in Python and swaps them back when the block exits, "
+                "also on an error, which compiled code cannot promise: call it outside the compiled function "
+                "(with ema.average_parameters(): compiled_eval(x)), or use ema.swap() twice inside it")
+
+
+class _EagerBlock:
+    """``average_parameters()``'s context manager, entered and exited eagerly under ``torch.compile``
+    (a graph break; refused with ``fullgraph=True``, naming the reason)."""
+
+    __slots__ = ("_block",)
+
+    def __init__(self, block: ContextManager):
+        self._block = block
+
+    @torch.compiler.disable(reason=_EAGER_BLOCK)
+    def __enter__(self):
+        return self._block.__enter__()
+
+    @torch.compiler.disable(reason=_EAGER_BLOCK)
+    def __exit__(self, *exc):
+        return self._block.__exit__(*exc)
+
 
 class _ModelAverage(_ModelSide, _CheckpointSide):
     """What every model-level average shares: which tensors are averaged or copied, the flat
@@ -196,11 +218,15 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
                                                                  g["src_dtype"] == "bfloat16")
                    for g in self._avg.groups)
 
+    @torch.compiler.disable(reason=_EAGER_BLOCK)
     def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
         (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
-        row it leaves the weights as they are, and the outer one swaps back. Yields the model."""
-        return self._swap.block(row, self.model)
+        row it leaves the weights as they are, and the outer one swaps back. Yields the model.
+
+        Not inside ``torch.compile``: with ``fullgraph=True`` it is refused with that reason (a graph
+        break otherwise, the block then runs eagerly). Call it around the compiled function."""
+        return _EagerBlock(self._swap.block(row, self.model))
 
     def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.

@@ -333,3 +333,58 @@ def test_an_explicit_step_is_a_graph_input_not_a_constant():
         eb.update(step=i)
     _assert_same(ea, eb)
     assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 2   # the first step, then a dynamic one
+
+
+# reliability round 3, L10: a bad step inside compiled code is refused with eager's ValueError (it was a
+# BackendCompilerFailed for a tensor, and -1 / True went through as "no step" / 1); nothing is counted
+@pytest.mark.parametrize("bad", [torch.tensor(5), 5.0, -1, True])
+def test_a_bad_step_inside_compiled_code_is_refused_as_in_eager(bad):
+    model, ema, _ = _two(model=_model())
+    ema.update(step=3)
+    before = ema.state_dict()
+
+    def step(ema, s):
+        ema.update(step=s)
+
+    dynamo.reset()
+    with pytest.raises(ValueError, match=r"step must be an int >= 0, got " + re.escape(repr(bad))):
+        torch.compile(step)(ema, bad)
+    with pytest.raises(Exception, match=r"step must be an int >= 0") as err:
+        torch.compile(step, fullgraph=True)(ema, bad)        # fullgraph: dynamo's error, carrying the message
+    assert "BackendCompilerFailed" not in type(err.value).__name__
+    _assert_same_state(before, ema.state_dict())
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert (a["updates"], a["calls"]) == (b["updates"], b["calls"])
+    assert all(torch.equal(a["averaged"][k], b["averaged"][k]) for k in a["averaged"])
+
+
+# reliability round 3, L10: average_parameters() inside compiled code runs eagerly (one graph break, the block
+# restores the weights as in eager) and with fullgraph=True is refused with the reason and the fix
+def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix():
+    model = _model()
+    ema = EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    x, _ = _batch(0)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        with ema.average_parameters():
+            want = model(x)
+
+    def evaluate(x):
+        with ema.average_parameters():
+            return model(x)
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    with torch.no_grad():
+        got = torch.compile(evaluate)(x)
+    assert torch.equal(got, want) and not ema.swapped
+    assert sum(dynamo.utils.counters["graph_break"].values()) == 1
+    with pytest.raises(Exception, match=r"average_parameters\(\).*call it outside the compiled function"):
+        torch.compile(evaluate, fullgraph=True)(x)
+    assert not ema.swapped and all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
