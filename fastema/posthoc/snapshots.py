@@ -639,6 +639,11 @@ def _dcp_reader(snap: Snapshot) -> Callable:
         if want is not None and size != list(want) and size != [math.prod(want)]:
             raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} has shape {size}, but its .json gives {want}; "
                              f"the snapshot is corrupt")
+        stored = sum(info.length for index, info in md.storage_data.items() if index.fqn == key)
+        itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+        if math.prod(size) * itemsize > stored:          # before allocating what a forged size asks for
+            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} claims shape {size} ({math.prod(size)} "
+                             f"values), but its data files hold {stored} bytes of it; the snapshot is corrupt")
         out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
         try:
             with warnings.catch_warnings():
@@ -727,6 +732,7 @@ def _load_dcp_metadata(path: str):
     storage = md.storage_data
     if not isinstance(storage, dict):
         raise bad("no storage table")
+    sizes: dict = {}
     for index, info in storage.items():
         if not (isinstance(index, M.MetadataIndex) and isinstance(info, _StorageInfo) and
                 isinstance(info.relative_path, str) and os.path.basename(info.relative_path) == info.relative_path
@@ -734,6 +740,15 @@ def _load_dcp_metadata(path: str):
                 isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and
                 info.length >= 0):
             raise bad(f"a storage entry {_short(info)}")
+        if info.relative_path not in sizes:        # data inside this snapshot's directory, within its files
+            data = os.path.join(os.path.dirname(path), info.relative_path)
+            sizes[info.relative_path] = os.path.getsize(data) if os.path.isfile(data) else -1
+        if info.offset + info.length > sizes[info.relative_path]:
+            have = sizes[info.relative_path]
+            raise ValueError(f"the DCP snapshot {os.path.dirname(path)!r}: its data file {info.relative_path!r} "
+                             f"{'is missing' if have < 0 else f'has {have} bytes'}, fewer than the "
+                             f"{info.offset + info.length} its metadata describes: the snapshot is truncated; move "
+                             f"it (and its .json) out of the folder to synthesise from the others")
     return md
 
 

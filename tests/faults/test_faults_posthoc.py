@@ -180,15 +180,40 @@ def test_a_corrupt_snapshot_is_refused_naming_it(tmp_path, capsys, kind):
     assert posthoc.synthesize(run, 0.07, max_error=1.0).solution.time == 20.0
 
 
+def test_a_snapshot_whose_tensor_disagrees_with_its_metadata_is_refused(tmp_path):
+    """One snapshot, its metadata edited to another shape of the same size: the tensor read is checked."""
+    _, run = _plain_run(tmp_path, every=30)
+    victim = run / "snapshot-000000000030.safetensors"
+    _rewrite_metadata(victim, lambda m: m.update(shapes=json.dumps({**json.loads(m["shapes"]), "0.weight": [4, 3]})))
+    with pytest.raises(ValueError, match=r"snapshot-000000000030.safetensors': '0:0.weight' has shape \[3, 4\], but "
+                                         r"the metadata gives \[4, 3\]"):
+        posthoc.synthesize(run, 0.07, max_error=1.0)
+
+
 def test_a_truncated_dcp_shard_is_refused_naming_the_snapshot(tmp_path, capsys):
     run, base = _dcp_run(tmp_path)
     shard = base / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:40])
-    with pytest.raises(ValueError, match=r"DCP snapshot .*snapshot-000000000010'.*could not be read.*truncated"):
+    with pytest.raises(ValueError, match=r"DCP snapshot .*snapshot-000000000010': its data file '__0_0.distcp' "
+                                         r"has 40 bytes, fewer than the .* its metadata describes: the snapshot is "
+                                         r"truncated"):
         posthoc.synthesize(run, 0.07, max_error=1.0)
     rc, _, err = _cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.safetensors")
     assert rc == 1
     _one_line(err, "snapshot-000000000010")
+
+
+def test_a_dcp_metadata_that_claims_a_huge_tensor_is_refused_before_allocating_it(tmp_path):
+    """A .metadata edited (no code in it) to give '0:w' a terabyte shape: refused from the bytes its
+    data files hold, before torch.empty() is asked for it."""
+    run, base = _dcp_run(tmp_path)
+    with open(base / ".metadata", "rb") as f:
+        md = pickle.load(f)                                    # written by this test: trusted here
+    md.state_dict_metadata["0:w"].size = torch.Size([1 << 40])
+    with open(base / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(ValueError, match=r"'0:w' claims shape \[1099511627776\].*data files hold \d+ bytes of it"):
+        posthoc.synthesize(run, 0.07, max_error=1.0)
 
 
 # --------------------------------------------------------------------------- writes that fail (M5)
