@@ -13,6 +13,7 @@ before anything is loaded.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -115,6 +116,12 @@ class Average(PlanReader):
             each update (then the shadow is updated unchecked); None: the shadow checks and follows
             the sources it is handed.
 
+    A shadow whose ``update_checked`` only queues the fold (``folds_later = True``: the offloaded
+    shadow of :mod:`fastema.torch`) is handed, after each call it queued, a function that puts
+    the plan back as it was before that call (``shadow.queued(undo)``); when the fold fails, the
+    shadow calls the undo of the first fold lost as it raises the error, so the counters stay
+    those of the last fold that finished.
+
     A BEMA average keeps three shadow rows (the output, the EMA, ``theta_0``) and shows one
     (:attr:`rows`): every read of row 0 is the output.
     """
@@ -161,6 +168,9 @@ class Average(PlanReader):
         the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
         weights = pending.weights
         bema = self.options.is_bema
+        # a shadow that folds later (offload) gets, with each fold it queued, the way back to the
+        # plan before this call: when that fold fails on its worker, the counters follow the shadow
+        before = self.plan.mark() if getattr(self.shadow, "folds_later", False) else None
         if bema:                                # rows: output <- theta_t, EMA, theta_0 (first update)
             weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
         if self.adapter is None:
@@ -175,6 +185,8 @@ class Average(PlanReader):
         if self.adapter is not None:
             self.adapter.carry(flags)
         self.plan.done(pending)
+        if before is not None:
+            self.shadow.queued(functools.partial(self.plan.restore, before))
 
     def weights_by_device(self, weights: Sequence[float]) -> dict:
         """The kernels' weights per device (host floats, no device read), with the rounding checked

@@ -26,7 +26,7 @@ from ..schedules import (
     from_state,
 )
 
-__all__ = ["Cadence", "Pending", "Plan"]
+__all__ = ["Cadence", "Mark", "Pending", "Plan"]
 
 
 class Cadence:
@@ -56,6 +56,17 @@ class Pending(NamedTuple):
     decays: list
     norms: list
     time: float = 0.0      # the training time of this call (timed schedules)
+
+
+class Mark(NamedTuple):
+    """The plan's counters at one moment (:meth:`Plan.mark`), to go back to (:meth:`Plan.restore`)
+    when an update recorded since then is lost (an offloaded fold that failed on its worker)."""
+    calls: int
+    updates: int
+    norms: list
+    last_decays: list
+    first_time: float | None
+    last_time: float
 
 
 class Plan:
@@ -206,6 +217,17 @@ class Plan:
                 self.first_time = pending.time
             self.last_time = pending.time
         self.cadence.called()
+
+    def mark(self) -> Mark:
+        """The counters now, for :meth:`restore` (the schedules themselves never change with an update)."""
+        return Mark(self.cadence.calls, self.updates, list(self.norms), list(self.last_decays), self.first_time,
+                    self.last_time)
+
+    def restore(self, mark: Mark) -> None:
+        """Go back to the counters of :meth:`mark`: the calls recorded since then never happened."""
+        self.cadence.calls, self.updates = mark.calls, mark.updates
+        self.norms, self.last_decays = list(mark.norms), list(mark.last_decays)
+        self.first_time, self.last_time = mark.first_time, mark.last_time
 
     def state(self) -> dict:
         return {"calls": self.calls, "updates": self.updates, "norms": list(self.norms),
