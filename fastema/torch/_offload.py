@@ -1,29 +1,51 @@
 """A model average whose shadow lives in host memory (``EMA(model, offload="cpu")``).
 
-The device keeps none of the shadow. Every update (on the training thread):
+The shadow (every row, in the shadow dtype) is in host memory. Every update (on the training
+thread):
 
-1. wait for the fold that last read this update's host slot (two slots: double buffering);
-2. one pack launch copies every parameter, in its own dtype, into a device staging buffer
-   (:class:`~fastema.FlatShadow` with ``dtype="same"``), on a side stream that first waits for
-   the caller's stream; the caller's stream then waits only for the pack, not for the copy;
-3. one device-to-host copy of the staging buffer into the pinned host slot, on the side stream,
+1. wait for the fold that last read this update's host slot;
+2. one pack launch copies every parameter, in its own dtype, into a staging buffer on the
+   parameters' device (:class:`~fastema.FlatShadow` with ``dtype="same"``), on a side stream
+   that first waits for the caller's stream; the caller's stream then waits only for the
+   pack, not for the copy;
+3. one device-to-host copy of the staging buffer into a pinned host slot, on the side stream,
    and an event;
 4. a fold is queued on a one-thread worker: wait for the event, then one host kernel folds the
    slot into the host shadow (numba kernels run without the GIL).
 
 ``update()`` returns without waiting. Everything that reads or writes the shadow (state dicts,
 views, swaps, copies, saves) first waits for the pending folds (:meth:`OffloadedShadow.join`) and
-re-raises a fold's error. On a CPU-only machine the same pipeline runs with host copies in place
-of the device ones, which is how it is tested.
+re-raises a fold's error; the engine's plan then goes back to the last fold that finished (see
+:class:`fastema.average.Average`), so the counters match the shadow.
+
+Memory, for P parameters of b bytes each and a shadow of K rows of s bytes:
+
+- parameters on a GPU: the GPU keeps the staging, one copy of the parameters in their own dtype
+  (P * b; the synchronous EMA keeps K * P * s there); the host keeps two pinned slots
+  (2 * P * b, double buffering: a fold reads one while the next copy lands in the other) and
+  the shadow. So offload saves GPU memory only when the shadow is larger than one copy of the
+  weights: bfloat16 weights with a float32 shadow (half), or several averages (K > 1); for
+  float32 weights and one average it saves none.
+- parameters on the CPU (how it is tested): the staging is the host slot (the pack writes
+  straight into it; one slot, so an update waits for the fold before it) and the shadow,
+  P * b + K * P * s; a swap adds a backup of the raw weights (P * b) until the next update.
 
 The class presents what the model averages use of a :class:`~fastema.FlatShadow`; the sources
 side (names, addresses, rebinds, checks) is the device staging's, the shadow side (rows, views,
 weights' devices) the host shadow's.
+
+After ``os.fork()``: the parent first waits for every queued fold (so the child copies a whole
+shadow; a fold's error stays for the next read), and the child gives each offloaded shadow a new
+worker thread (the parent's is not in the child). CUDA itself does not survive a fork: a child of
+a process that used a GPU must be started with ``spawn`` (see docs/guides/processes.md).
 """
 from __future__ import annotations
 
+import os
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -33,30 +55,41 @@ __all__ = ["OffloadedShadow"]
 
 
 class OffloadedShadow:
-    """The host shadow of ``sources`` (``rows`` rows of ``dtype``), fed through device staging."""
+    """The host shadow of ``sources`` (``rows`` rows of ``dtype``), fed through staging on the
+    sources' device."""
 
     offloaded = True
+    folds_later = True            # update_checked() queues the fold: the engine hands it each one's undo (queued)
 
     def __init__(self, sources: dict, *, rows: int, dtype: str):
-        self.pack = FlatShadow(sources, dtype="same")             # device staging, the params' dtypes
+        self.pack = FlatShadow(sources, dtype="same")             # staging on the params' device, in their dtypes
         self.names, self.rows, self.skipped = self.pack.names, rows, {}
         groups = self.pack.layout.groups
         self._cuda = [g.device != "cpu" for g in groups]
         pin = any(self._cuda) and torch.cuda.is_available()
         flats = [g.buffer.reshape(-1) for g in groups]
-        self._slots = [[torch.zeros(f.numel(), dtype=f.dtype, pin_memory=pin) for f in flats] for _ in range(2)]
+        # a CUDA group's copies land in two pinned slots in turn; a CPU group's staging is its slot
+        # (the pack writes straight into it), so with any CPU group an update waits for the fold before
+        self._slots = [[torch.zeros(f.numel(), dtype=f.dtype, pin_memory=pin) if c else f
+                        for f, c in zip(flats, self._cuda)] for _ in range(2)]
+        self._depth = 2 if all(self._cuda) else 1                 # slots taken in turn by the updates
         self._stream = {g.device: torch.cuda.Stream(torch.device(g.device)) for g, c in zip(groups, self._cuda) if c}
         for f, s in zip(flats, self._slots[0]):
-            s.copy_(f)
+            if s is not f:
+                s.copy_(f)
         # one host shadow per staging group: its one source is the whole slot, so a slot's layout
         # (padding included) is the staging's, and a parameter's view is the staging group's geometry
         self._hosts = [FlatShadow([s], rows=rows, dtype=dtype) for s in self._slots[0]]
         self.layout = SimpleNamespace(groups=[h.layout.groups[0] for h in self._hosts],
                                       nbytes=sum(h.nbytes for h in self._hosts))
+        self._spare: list | None = None                           # a swap's backup of CPU groups (see backup())
+        self._broken: str | None = None                           # set in a child forked mid-fold (see _forked)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastema-offload")
         self._jobs: list[Future | None] = [None, None]            # the last fold that read each slot
         self._pending: Future | None = None                       # the last fold queued
-        self._next = 0                                            # the slot of the next update
+        self._inflight: list[list] = []                           # [fold, undo] of the folds not known to have landed
+        self._next = 0                                            # counts the updates (the slot of the next one)
+        _LIVE.add(self)
 
     # ------------------------------------------------------------ what the averages read
 
@@ -113,25 +146,32 @@ class OffloadedShadow:
         if skip_if is not None or plan is not None:
             raise ValueError("an offloaded average takes no skip flags and no device plan")
         self._raise_failed()
-        slot = self._next % 2
+        self._spare = None                                        # no swap is on (updates are refused then)
+        slot = self._next % self._depth
         job = self._jobs[slot]
-        if job is not None:
-            job.result()                                          # that slot's reader is done
+        if job is not None and job.exception() is not None:      # waits: that slot's reader is done
+            self.join()                                           # raises its error (and rolls the plan back)
+        self._inflight = [e for e in self._inflight if not e[0].done() or e[0].exception() is not None]
         events = self._stage(slot)
         self._pending = self._jobs[slot] = self._pool.submit(self._fold, self._pending, slot, events,
                                                              dict(weights_by_device), rounding, seed, step)
+        self._inflight.append([self._pending, None])
         self._next += 1
 
+    def queued(self, undo: Callable[[], None]) -> None:
+        """``undo`` puts the plan back as it was before the fold just queued (see
+        :class:`fastema.average.Average`); it is called if that fold is the first one lost."""
+        self._inflight[-1][1] = undo
+
     def _stage(self, slot: int) -> list:
-        """Pack the sources into the device staging and copy it into host ``slot``; returns the
-        events the fold waits for (none on the CPU, where the copies are done on return)."""
+        """Pack the sources into the staging and copy it into host ``slot``; returns the events
+        the fold waits for (none on the CPU, where the staging is the slot)."""
         events = []
         for gi, g in enumerate(self.pack.layout.groups):
-            flat, host = g.buffer.reshape(-1), self._slots[slot][gi]
             if not self._cuda[gi]:
                 self._pack(g)
-                host.copy_(flat)
                 continue
+            flat, host = g.buffer.reshape(-1), self._slots[slot][gi]
             side, current = self._stream[g.device], torch.cuda.current_stream(torch.device(g.device))
             side.wait_stream(current)                             # the optimizer's writes come first
             with torch.cuda.stream(side):
@@ -161,20 +201,59 @@ class OffloadedShadow:
             host.update_checked(weights, rounding, seed + (gi << 32), step, None)
 
     def join(self) -> None:
-        """Wait for every queued fold; re-raise the first error of one (the average is then as it
-        was after the last fold that finished)."""
+        """Wait for every queued fold; re-raise the first error of one. The average is then as it
+        was after the last fold that finished, and the plan (``updates``, ``calls``) too: the
+        update that failed, and every one queued after it, are not counted."""
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         pending = self._pending                                  # the training thread's: no lock needed
-        if pending is not None:
-            try:
-                pending.result()
-            except BaseException:
-                self._pending, self._jobs = None, [None, None]
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except BaseException:
+            if not pending.done():                                # interrupted while waiting: the folds go on
                 raise
+            self._lost()
+            raise
+        self._inflight = []
+
+    def _lost(self) -> None:
+        """After a fold failed (so has every one queued after it: they run in turn, each after the
+        one before): forget them, and put the plan back as it was before the first one lost."""
+        undo = next((u for f, u in self._inflight if f.exception() is not None), None)
+        self._pending, self._jobs, self._inflight = None, [None, None], []
+        if undo is not None:
+            undo()
 
     def _raise_failed(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         pending = self._pending
         if pending is not None and pending.done() and pending.exception() is not None:
             self.join()
+
+    # ------------------------------------------------------------ fork
+
+    def _settle_for_fork(self) -> None:
+        """Before ``fork()``: wait for the queued folds, raising nothing (an error stays in its fold
+        for the next read). ``exception()`` returns once the worker has let go of the fold's lock."""
+        pending = self._pending
+        if pending is not None:
+            pending.exception()
+
+    def _forked(self) -> None:
+        """In the child of a ``fork()``: the parent's worker thread is not here, so a new one. The
+        folds the parent waited for stay as they ended (an error is raised at the next read); a fold
+        still running (another thread of the parent queued it during the fork) makes this copy of
+        the average unusable."""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastema-offload")
+        if any(not f.done() for f, _ in self._inflight):          # every fold not known to have landed is listed
+            self._jobs, self._pending, self._inflight = [None, None], None, []
+            self._broken = ("this process was forked while an offloaded EMA was folding an update on its worker "
+                            "thread (another thread called update() during the fork), so its copy here may be "
+                            "half-updated; make a new EMA in this process (load_state_dict() of a checkpoint "
+                            "does not help), or fork only between updates")
 
     # ------------------------------------------------------------ copies in and out
 
@@ -200,7 +279,8 @@ class OffloadedShadow:
         for gi, (g, host, src) in enumerate(zip(self.pack.layout.groups, self._hosts, self._slots[0])):
             host.adopt([src], [src.data_ptr()])
             host.copy_to_sources(row)                             # the slot gets the row in the params' dtype
-            g.buffer.reshape(-1).copy_(src, non_blocking=False)
+            if self._cuda[gi]:                                    # (a CPU group's slot is its staging)
+                g.buffer.reshape(-1).copy_(src, non_blocking=False)
         self.pack.copy_to_sources()
 
     def backup(self) -> "_HostBackup":
@@ -209,8 +289,9 @@ class OffloadedShadow:
 
 
 class _HostBackup:
-    """The raw weights while the average is swapped in: staged into host slot 1, which no update
-    uses until the swap back (updates are refused while swapped)."""
+    """The raw weights while the average is swapped in, in host memory: a CUDA group's in host
+    slot 1, which no update uses until the swap back (updates are refused while swapped); a CPU
+    group's (whose slots are its staging) in a buffer of the shadow's, released at the next update."""
 
     def __init__(self, shadow: OffloadedShadow):
         self.shadow = shadow
@@ -219,14 +300,48 @@ class _HostBackup:
     def rebind(self, sources) -> None:
         pass                                                      # the staging follows the shadow's sources
 
+    def _buffers(self) -> list:
+        s = self.shadow
+        if s._spare is None:
+            s._spare = [None if c else torch.empty_like(f) for c, f in zip(s._cuda, s._slots[1])]
+        return [s._slots[1][gi] if c else s._spare[gi] for gi, c in enumerate(s._cuda)]
+
     def copy_from_sources(self) -> None:
-        self.shadow.join()
-        for e in self.shadow._stage(1):
+        s = self.shadow
+        s.join()
+        for e in s._stage(1):
             e.synchronize()
+        for c, g, buf in zip(s._cuda, s.pack.layout.groups, self._buffers()):
+            if not c:
+                buf.copy_(g.buffer.reshape(-1))
 
     def copy_to_sources(self) -> None:
         s = self.shadow
+        if s._spare is None and not all(s._cuda):
+            raise RuntimeError("the offloaded EMA's backup of the raw weights is gone (an update ran while the "
+                               "average was swapped in); the model keeps the average")
         s.check_sources()
-        for g, src in zip(s.pack.layout.groups, s._slots[1]):
+        for g, src in zip(s.pack.layout.groups, self._buffers()):
             g.buffer.reshape(-1).copy_(src)
         s.pack.copy_to_sources()
+
+
+# ---------------------------------------------------------------- fork: every live offloaded shadow
+
+_LIVE: "weakref.WeakSet[OffloadedShadow]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for shadow in list(_LIVE):
+        try:
+            shadow._settle_for_fork()
+        except BaseException:                                     # never raise out of a fork hook
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for shadow in list(_LIVE):
+        shadow._forked()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
