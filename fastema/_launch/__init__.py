@@ -61,6 +61,15 @@ class Tables(NamedTuple):
     def args(self):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
+    def __reduce_ex__(self, protocol):
+        # A copy in another process (multiprocessing 'spawn', torch.multiprocessing) would launch on
+        # addresses of this one (a spawned child crashed with SIGSEGV at its first update), a copy
+        # in this one on the original's buffers: refuse both, naming the way that works.
+        raise TypeError("fastema's kernel tables hold addresses in this process's memory, so an EMA, FlatShadow "
+                        "or WindowShadow cannot be pickled or copied (e.g. to send it to a process started "
+                        "with 'spawn'). Send its state instead: state = ema.state_dict() here, and in the "
+                        "other process ema = EMA(model, ...); ema.load_state_dict(state)")
+
 
 def default_stream() -> int:
     """The stream getter of sources without a current stream: the legacy default stream (0)."""
