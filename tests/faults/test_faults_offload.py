@@ -1,0 +1,155 @@
+"""Faults on the offload pipeline (``EMA(model, offload="cpu")``): a fold that fails on the worker
+thread, and the worker's kernels running beside the training thread's. Whatever fails, the user
+keeps what they had: the model's weights, and an average and counters equal to those of an EMA
+that never saw the lost updates."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import mlp
+from torch import nn
+
+from fastema.torch import EMA
+from fastema.torch._offload import OffloadedShadow
+
+
+def _model():
+    return mlp(8, 16, 4, norm=nn.BatchNorm1d, dtype=torch.float32, seed=0)
+
+
+def _step(model, opt, i):
+    g = torch.Generator().manual_seed(i)
+    model(torch.randn(6, 8, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _same(a: EMA, b: EMA, parts=("averaged", "copied", "int_buffers")) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k][n], sb[k][n]) for k in parts for n in sa[k]) \
+        and (sa["calls"], sa["updates"], sa["norms"], sa["last_time"]) == \
+        (sb["calls"], sb["updates"], sb["norms"], sb["last_time"])
+
+
+# Right after a lost fold, the averages and the counters are those of the last fold that finished;
+# the buffers copied from the model (BatchNorm's count here) keep the lost call's values, the
+# model's latest, until the next update copies them again.
+AVERAGES = ("averaged",)
+
+
+@pytest.fixture
+def fail_fold(monkeypatch):
+    """``fail_fold(n)``: the fold of the update with schedule step ``n`` raises MemoryError on the
+    worker thread, once (standing in for an allocation or CUDA error there)."""
+    fold = OffloadedShadow._fold
+    targets = set()
+
+    def maybe_fail(self, prev, slot, events, weights, rounding, seed, step):
+        if step in targets:
+            targets.discard(step)
+            raise MemoryError(f"injected: the host fold of update {step} ran out of memory")
+        return fold(self, prev, slot, events, weights, rounding, seed, step)
+
+    monkeypatch.setattr(OffloadedShadow, "_fold", maybe_fail)
+    return targets.add
+
+
+# update_every, the update whose fold fails, where its error surfaces (a read after that call, or
+# an update() call), and the calls the offloaded EMA loses (the failed one and every one until the
+# error surfaced, skipped calls included): the reference EMA never makes them.
+CASES = [
+    (1, 4, ("join", 4), {4}),
+    (1, 4, ("update", 5), {4, 5}),
+    (2, 3, ("join", 5), {5}),
+    (2, 3, ("update", 7), {5, 6, 7}),
+]
+
+
+@pytest.mark.parametrize("every, failing, surfaces, lost", CASES)
+def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_that_skipped_it(
+        every, failing, surfaces, lost, fail_fold):
+    model = _model()
+    kw = dict(warmup="power", update_every=every, buffers="average", debias=False)
+    off, ref = EMA(model, [0.9, 0.5], offload="cpu", **kw), EMA(model, [0.9, 0.5], **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fail_fold(failing)
+    for call in range(1, 12):
+        _step(model, opt, call)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        if surfaces == ("update", call):
+            with pytest.raises(MemoryError, match=f"injected: the host fold of update {failing}"):
+                off.update()
+            assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+            assert _same(off, ref, AVERAGES)                # as the EMA that never made the lost calls
+        else:
+            off.update()
+        if call not in lost:
+            ref.update()
+        if surfaces == ("join", call):
+            with pytest.raises(MemoryError, match=f"injected: the host fold of update {failing}"):
+                off.join()
+            off.join()                                      # raised once
+            assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+            assert (off.calls, off.updates) == (ref.calls, ref.updates)
+            assert _same(off, ref, AVERAGES)
+    assert _same(off, ref)                                  # bit for bit, the warm-up weights included
+    for row in (0, 1):
+        a, b = off.averaged_state_dict(row), ref.averaged_state_dict(row)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lost_fold_while_swapped_evaluation_and_the_swap_back_restore_the_raw_weights(fail_fold):
+    model = _model()
+    off, ref = EMA(model, 0.9, offload="cpu"), EMA(model, 0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for call in range(1, 4):
+        _step(model, opt, call)
+        off.update()
+        ref.update()
+    fail_fold(4)
+    _step(model, opt, 4)
+    off.update()
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryError, match="injected"):
+        with off.average_parameters():                     # the swap reads the shadow: raises first
+            pass
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    assert not off.swapped and _same(off, ref, AVERAGES)
+    with off.average_parameters():
+        want = ref.averaged_state_dict()
+        assert all(torch.equal(p, want[k]) for k, p in model.named_parameters())
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+
+
+# numba's workqueue threading layer kills the process when two threads launch parallel kernels at
+# once: the offload worker's fold beside the training thread's launches (here another EMA's update).
+WORKQUEUE = textwrap.dedent("""
+    import numba, torch
+    from torch import nn
+    from fastema._launch import config
+    from fastema.torch import EMA
+
+    config.CPU_SERIAL_BELOW, config.CPU_CHUNK = 0, 4096          # parallel kernels for this small model
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 384))
+    off, ref = EMA(m, 0.9, offload="cpu"), EMA(m, 0.9)
+    for i in range(150):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01)
+        off.update()
+        ref.update()
+    a, b = off.averaged_state_dict(), ref.averaged_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    print("layer", numba.threading_layer())
+""")
+
+
+def test_offload_beside_other_parallel_launches_survives_the_workqueue_layer():
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    out = subprocess.run([sys.executable, "-c", WORKQUEUE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "layer workqueue" in out.stdout
