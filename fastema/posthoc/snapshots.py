@@ -66,7 +66,8 @@ class SnapshotError(OSError):
         applied: True when raised by ``update()`` after its update was applied and counted.
     """
 
-    def __init__(self, message: str, *, time: float, updates: int, applied: bool, errno: int | None = None):
+    def __init__(self, message: str, *, time: float | None = None, updates: int | None = None, applied: bool = False,
+                 errno: int | None = None):
         super().__init__(message)
         self.time, self.updates, self.applied = time, updates, applied
         if errno is not None:
