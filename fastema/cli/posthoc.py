@@ -8,7 +8,6 @@ cannot represent or an output that cannot be written each print one line, ``erro
 naming the file or argument and the fix, and exit with status 1 (2 for usage errors)."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -16,23 +15,10 @@ import tempfile
 
 from .._files import atomic_write
 from ..posthoc import MAX_ERROR, plot_profiles, synthesize
-from ..posthoc.plot import plot_path
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
+from . import Parser, image_path, number, parse, writable
 
 __all__ = ["main"]
-
-
-def _number(name: str, accepts, expected: str):
-    """An argparse type: a float that ``accepts(value)``, else a usage error naming ``name`` and ``expected``."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not accepts(value):
-            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}")
-        return value
-    return parse
 
 
 def _gamma_ok(g: float) -> bool:
@@ -42,48 +28,45 @@ def _gamma_ok(g: float) -> bool:
         return False
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (the option, what it must be, where the help is), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None) -> int:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m fastema posthoc",
         description="Synthesise a post-hoc EMA from the snapshots of fastema.torch.PostHocEMA (one run's folder). "
                     "Reading the folder never runs code from it.",
-        epilog="example: python -m fastema posthoc RUN_DIR --sigma-rel 0.07 --out ema.safetensors --plot p.png")
+        epilog="example: python -m fastema posthoc RUN_DIR --sigma-rel 0.07 --out ema.safetensors")
     parser.add_argument("directory", help="the snapshot folder of one PostHocEMA run (its path=)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--sigma-rel", type=_number("--sigma-rel", lambda v: 0 < v < SIGMA_REL_MAX,
-                                                    f"a number in (0, {SIGMA_REL_MAX:.4f})"),
+    width = f"a number in (0, {SIGMA_REL_MAX:.4f})"
+    target.add_argument("--sigma-rel", type=number(lambda v: 0 < v < SIGMA_REL_MAX, width),
                         help=f"the target profile's relative width, in (0, {SIGMA_REL_MAX:.4f}) (default: none; "
                              f"--out needs this or --gamma)")
-    target.add_argument("--gamma", type=_number("--gamma", _gamma_ok, "a finite number > 0 (up to about 1e100)"),
+    target.add_argument("--gamma", type=number(_gamma_ok, "a finite number > 0 (up to about 1e100)"),
                         help="the target profile's exponent, > 0, instead of --sigma-rel (default: none)")
-    parser.add_argument("--time", type=_number("--time", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    parser.add_argument("--time", type=number(lambda v: 0 < v < math.inf, "a finite number > 0"),
                         help="the time to synthesise at, > 0 (default: the last snapshot's)")
     parser.add_argument("--out", help="write the synthesised weights to this file: .safetensors, else a torch.save "
                                       "file (default: none)")
     parser.add_argument("--plot", help="draw the stored and synthesised profiles to this image file; .png is added "
                                        "when it has no extension (default: none)")
-    parser.add_argument("--max-error", type=_number("--max-error", lambda v: v >= 0, "a number >= 0 (inf: any)"),
+    parser.add_argument("--max-error", type=number(lambda v: v >= 0, "a number >= 0 (inf: any)"),
                         default=MAX_ERROR,
                         help="refuse a target the snapshots represent worse than this relative L2 error, >= 0 "
                              "(default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
+    if isinstance(args, int):
+        return args
     if args.out is None and args.plot is None:
-        parser.error("give --out and/or --plot")
+        return _usage(parser, "give --out and/or --plot")
     has_target = args.sigma_rel is not None or args.gamma is not None
     if args.out is not None and not has_target:
-        parser.error("--out needs --sigma-rel or --gamma")
+        return _usage(parser, "--out needs --sigma-rel or --gamma")
     try:
         sigma = args.sigma_rel if args.gamma is None else gamma_to_sigma_rel(args.gamma)
-        for option, path in (("--out", args.out), ("--plot", None if args.plot is None else plot_path(args.plot))):
+        plot = None if args.plot is None else image_path("--plot", args.plot)
+        for option, path in (("--out", args.out), ("--plot", plot)):
             if path is not None:
-                _writable(option, path)
+                writable(option, path)
+                _probe(option, path)
         if args.out is not None:
             weights = synthesize(args.directory, args.sigma_rel, gamma=args.gamma, time=args.time,
                                  max_error=args.max_error)
@@ -94,10 +77,9 @@ def main(argv=None) -> int:
             sol = weights.solution
             print(f"wrote {args.out}: sigma_rel={sol.sigma_rel:.4f} (gamma={sol.gamma:.3f}) at time {sol.time:g}, "
                   f"{len(weights)} tensors, relative error {sol.error:.3g}, condition {sol.condition:.3g}")
-        if args.plot is not None:
-            written = plot_path(args.plot)
-            plot_profiles(args.directory, sigma, written, time=args.time)
-            print(f"wrote {written}")
+        if plot is not None:
+            plot_profiles(args.directory, sigma, plot, time=args.time)
+            print(f"wrote {plot}")
     except (ValueError, OSError, ImportError) as err:        # FileNotFoundError, SnapshotError: OSErrors
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
@@ -108,15 +90,19 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _writable(option: str, path: str) -> None:
-    """Refuse (ValueError naming the option) an output path that cannot be written, before the work."""
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a directory: give a file name (e.g. {os.path.join(path, 'ema')}"
-                         f"{'.safetensors' if option == '--out' else '.png'})")
+def _usage(parser: Parser, message: str) -> int:
+    try:
+        parser.error(message)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    return 2
+
+
+def _probe(option: str, path: str) -> None:
+    """Refuse (ValueError naming the option) a folder where the write's temporary file cannot be made:
+    the permission bits can say yes where the file system says no (root, read-only or special mounts)."""
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first")
-    try:                                          # what the write will do: a temporary file there
+    try:
         with tempfile.TemporaryFile(dir=parent, prefix=".fastema-probe-"):
             pass
     except OSError as err:
