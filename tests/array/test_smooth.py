@@ -272,3 +272,26 @@ def test_a_version_1_checkpoint_of_unscaled_sums_resumes_exactly():
         for kind in ("ema", "sma"):
             if getattr(a, "alpha" if kind == "ema" else "window") is not None:
                 assert np.array_equal(getattr(a, kind), getattr(b, kind)), (kw, kind)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bad_per_stream_weights_on_a_gpu_count_as_zero_without_a_host_sync():
+    # L5 on a GPU: looking at the weights would be a host sync per update, so they are checked on
+    # the device, where a NaN, inf or negative weight leaves that stream's value out
+    s, ref = Smoother(decay=0.5, window=3), Smoother(decay=0.5, window=3)
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64, device="cuda")
+    w = torch.tensor([[1.0, float("nan"), -2.0], [2.0, float("inf"), 1.0]], dtype=torch.float64, device="cuda")
+    s.update(v[0], sample_weight=torch.ones(3, dtype=torch.float64, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s.update(v[1], sample_weight=w[0])
+        s.update(v[0], sample_weight=w[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref.update(v[0].cpu(), sample_weight=torch.ones(3, dtype=torch.float64))
+    for x, c in ((v[1], w[0]), (v[0], w[1])):
+        c = c.cpu()
+        ref.update(x.cpu(), sample_weight=torch.where(torch.isfinite(c) & (c >= 0), c, 0.0))
+    torch.testing.assert_close(s.ema.cpu(), ref.ema, rtol=1e-15, atol=0)
+    torch.testing.assert_close(s.sma.cpu(), ref.sma, rtol=1e-15, atol=0)
