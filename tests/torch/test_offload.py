@@ -178,3 +178,34 @@ def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
     with pytest.raises(RuntimeError, match="offloaded.*host thread"):
         off.update()
     assert off.calls == 0 and off.updates == 0
+
+
+def test_on_the_cpu_the_staging_is_the_host_slot_and_a_swap_backup_lives_until_the_next_update():
+    # L4: offload on a CPU-only machine held 4 model-sized buffers (staging, two slots, the shadow);
+    # the pack now writes straight into the one host slot, and a swap's backup is released after it.
+    model = _model()
+    off, sync = EMA(model, [0.9, 0.5], offload="cpu"), EMA(model, [0.9, 0.5])
+    shadow = off._avg
+    staging = [g.buffer for g in shadow.pack.layout.groups]
+    assert all(s.data_ptr() == b.data_ptr() for slot in shadow._slots for s, b in zip(slot, staging))
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in staging + [h.layout.groups[0].buffer for h in shadow._hosts]}
+    params = sum(p.numel() * p.element_size() for p in model.parameters())    # the averaged tensors
+    assert sum(held.values()) == shadow.pack.nbytes + shadow.nbytes          # one staging + the shadow
+    assert shadow.nbytes == sync._avg.nbytes and params <= shadow.pack.nbytes < params + 4096
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(3):
+        _step(model, opt, i, torch.float32)
+        off.update()
+        sync.update()
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    with off.average_parameters(1):
+        assert shadow._spare is not None                                       # the raw weights' backup
+        want = sync.averaged_state_dict(1)
+        assert all(torch.equal(p, want[k]) for k, p in model.named_parameters())
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    _step(model, opt, 3, torch.float32)
+    off.update()
+    sync.update()
+    assert shadow._spare is None                                               # released by the update
+    assert _equal(sync, off)
