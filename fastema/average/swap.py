@@ -5,14 +5,48 @@ Keras callbacks' JAX EMA) can put one of its averages into the model for evaluat
 take it out again. :class:`ModelSwap` owns which average is in, the re-entrant
 evaluation block and the refusals while an average is in; the framework adapter supplies
 ``exchange(row, into_model)``, which moves the values (all or nothing: when it raises,
-nothing changed and the state stays as it was).
+nothing changed and the state stays as it was). A Ctrl-C during an exchange is held until
+the exchange and the state are done, then raised.
 """
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from typing import Any, Callable, Iterator
 
 __all__ = ["ModelSwap"]
+
+_HOLDING = False                          # a swap is holding Ctrl-C now (nested swaps leave it to the outer one)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives while the values move, and deliver it once they have all
+    moved, so that a KeyboardInterrupt never leaves a swap half done (some tensors exchanged, others
+    not, and the state not knowing which). Only the main thread receives signals; elsewhere, or when
+    Python does not own the SIGINT handler, this does nothing."""
+    global _HOLDING
+    if _HOLDING or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old is None:                       # a handler installed outside Python: leave it alone
+        yield
+        return
+    caught: list = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    _HOLDING = True
+    try:
+        yield
+    finally:
+        _HOLDING = False
+        signal.signal(signal.SIGINT, old)
+        if caught:                        # delivered now, as it would have been: KeyboardInterrupt by default
+            if callable(old):
+                old(signal.SIGINT, caught[0])
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 class ModelSwap:
@@ -38,8 +72,9 @@ class ModelSwap:
         if self.row is not None and row != self.row:
             raise RuntimeError(f"average {self.row} is swapped in; swap it back first")
         into = self.row is None
-        self._exchange(row, into)
-        self.row = row if into else None
+        with _ctrl_c_held():                      # all of the exchange and the state, or none of it
+            self._exchange(row, into)
+            self.row = row if into else None
 
     @contextlib.contextmanager
     def block(self, row: int = 0, value: Any = None) -> Iterator[Any]:
@@ -52,11 +87,12 @@ class ModelSwap:
                                    f"swapped in inside that block")
             yield value
             return
-        self.swap(row)
         try:
+            self.swap(row)                        # a refused swap changed nothing: nothing to put back
             yield value
         finally:
-            self.swap(row)
+            if self.row == row:                   # in (also when a Ctrl-C held by the swap is raised after it),
+                self.swap(row)                    # and not already swapped back inside the block
 
     def refuse(self, what: str) -> None:
         """RuntimeError naming ``what`` while an average is in the model."""

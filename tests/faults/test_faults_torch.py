@@ -1,0 +1,224 @@
+"""Faults around the torch face's evaluation swaps and checkpoints: an exception or a KeyboardInterrupt
+inside ``average_parameters()``, a Ctrl-C arriving while a swap moves the tensors, a swap that fails
+halfway (after one group is exchanged), and a truncated DCP shard. Each leaves the model's weights
+and buffers, the shadow and the counters exactly as they were (bit for bit), or, for a Ctrl-C that
+lands inside a swap, the swap done whole and the interrupt raised after it.
+
+Reliability round 3 (issue 25): the torch part of the fault-injection suite, and M1."""
+import os
+import signal
+
+import pytest
+import torch
+from models import mlp
+from torch import nn
+
+import fastema._launch
+from fastema.torch import EMA, WindowAverage
+
+
+class Mixed(nn.Module):
+    """float32 and bfloat16 weights (two shadow groups), BatchNorm buffers (copied) and its counter."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.b = nn.Linear(8, 3).to(dtype)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)).to(self.b.weight.dtype))
+
+
+MODELS = {
+    "float32": lambda: mlp(6, 8, 3, norm=nn.BatchNorm1d),
+    "two_groups": Mixed,                                  # exact swaps, group by group
+    "float16": lambda: Mixed(torch.float16),              # a lossy swap: the raw weights are backed up
+}
+
+
+def _trained(kind, average=EMA):
+    model = MODELS[kind]()
+    ema = average(model, 0.5) if average is EMA else average(model, 3)
+    for i in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25 * (i + 1))
+            for b in model.buffers():
+                if b.is_floating_point():
+                    b.add_(1.0)
+        ema.update()
+    with torch.no_grad():
+        for p in model.parameters():                    # the raw weights differ from every average
+            p.add_(1.0)
+    return model, ema
+
+
+def _everything(model, ema) -> dict:
+    """The model's tensors, every tensor and counter of the average's checkpoint, and its swap state."""
+    out = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for k, v in ema.state_dict().items():
+        for kk, vv in (v.items() if isinstance(v, dict) else [("", v)]):
+            out[f"ema/{k}/{kk}"] = vv.clone() if isinstance(vv, torch.Tensor) else vv
+    out["swapped"] = ema.swapped
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+# ------------------------------------------------------------------ an error inside the evaluation block
+
+
+@pytest.mark.parametrize("average", [EMA, WindowAverage])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_an_error_or_ctrl_c_in_the_evaluation_block_puts_everything_back(error, kind, average):
+    model, ema = _trained(kind, average)
+    before = _everything(model, ema)
+    x = torch.randn(4, 6)
+    with pytest.raises(error):
+        with ema.average_parameters():
+            model.eval()
+            model(x)
+            with ema.average_parameters():              # re-entrant: the outer block swaps back
+                raise error("evaluation failed")
+    model.train()
+    _same(before, _everything(model, ema))
+    with ema.average_parameters():                      # and the next evaluation works as before
+        pass
+    _same(before, _everything(model, ema))
+
+
+def test_swapping_back_inside_the_block_is_not_undone_on_exit():
+    model, ema = _trained("float32")
+    before = _everything(model, ema)
+    with ema.average_parameters():
+        ema.swap()                                      # back already: the block's exit leaves it so
+    _same(before, _everything(model, ema))
+
+
+# ------------------------------------------------------------------ Ctrl-C while a swap moves the tensors
+
+
+def _ctrl_c_at_the_next_swap(monkeypatch) -> dict:
+    """While ``armed["now"]``, send SIGINT to this process right after the next swap launch (the first
+    of the swap's groups): the default handler raises KeyboardInterrupt right there, between two
+    groups, unless the swap holds it. Disarms itself."""
+    launch = fastema._launch.launch
+    armed = {"now": True}
+
+    def launch_then_ctrl_c(name, group, **kw):
+        launch(name, group, **kw)
+        if name == "swap" and armed["now"]:
+            armed["now"] = False
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(fastema._launch, "launch", launch_then_ctrl_c)
+    return armed
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="needs Python's default SIGINT handler")
+def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(monkeypatch):
+    model, ema = _trained("two_groups")
+    before = _everything(model, ema)
+    want_in = ema.averaged_state_dict()
+    assert len(ema._avg.groups) == 2
+    _ctrl_c_at_the_next_swap(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        ema.swap()
+    assert ema.swapped                                  # the whole swap happened, then the interrupt
+    for k, v in model.named_parameters():               # both groups hold the averages
+        assert torch.equal(v, want_in[k]), k
+    ema.swap()
+    _same(before, _everything(model, ema))
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="needs Python's default SIGINT handler")
+@pytest.mark.parametrize("when", ["in", "back"])
+def test_ctrl_c_during_the_swaps_of_an_evaluation_block_puts_everything_back(when, monkeypatch):
+    model, ema = _trained("two_groups")
+    before = _everything(model, ema)
+    armed = _ctrl_c_at_the_next_swap(monkeypatch)
+    armed["now"] = when == "in"
+    body = []
+    with pytest.raises(KeyboardInterrupt):
+        with ema.average_parameters():
+            body.append(True)
+            armed["now"] = True                         # "back": during the swap back
+    assert body == ([] if when == "in" else [True])    # a Ctrl-C during the swap in stops before the body
+    _same(before, _everything(model, ema))
+
+
+# ------------------------------------------------------------------ a swap that fails halfway
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_swap_failing_after_the_averaged_group_changes_nothing(kind, error):
+    model, ema = _trained(kind)
+    before = _everything(model, ema)
+    assert ema._copy is not None                        # BatchNorm statistics: swapped after the averages
+
+    def fail(*a, **k):
+        raise error("the copied buffers' swap failed")
+
+    ema._copy.swap = fail
+    with pytest.raises(error):
+        ema.swap()
+    _same(before, _everything(model, ema))
+    with pytest.raises(error):
+        with ema.average_parameters():
+            pytest.fail("the block ran with a failed swap")
+    _same(before, _everything(model, ema))
+    del ema._copy.swap
+    with ema.average_parameters():
+        pass
+    _same(before, _everything(model, ema))
+
+
+def test_a_refused_swap_changes_nothing():
+    model, ema = _trained("float32")
+    before = _everything(model, ema)
+    model[0].register_parameter("scale", nn.Parameter(torch.ones(3)))    # added after EMA(model): refused
+    with pytest.raises(ValueError, match="added after EMA"):
+        with ema.average_parameters():
+            pytest.fail("the block ran with a refused swap")
+    del model[0].scale
+    _same(before, _everything(model, ema))
+
+
+# ------------------------------------------------------------------ a truncated DCP shard (M1)
+
+
+@pytest.mark.parametrize("average", [EMA, WindowAverage])
+def test_a_truncated_dcp_shard_loads_nothing(tmp_path, average):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    saved_model, saved = _trained("float32", average)
+    dcp.save({"ema": saved}, storage_writer=dcp.FileSystemWriter(tmp_path / "ck", single_file_per_rank=False),
+             no_dist=True)                                # a file per tensor: some read whole, then one fails
+    where = dcp.FileSystemReader(tmp_path / "ck").read_metadata().storage_data     # our own file, just written
+    last = [v.relative_path for k, v in where.items() if k.fqn == "ema.int_buffers.1.num_batches_tracked"]
+    assert len(last) == 1 and len({v.relative_path for v in where.values()}) > 4
+    path = tmp_path / "ck" / last[0]                      # the tensor read last: every other one is read whole
+    os.truncate(path, os.path.getsize(path) // 2)
+    model, ema = _trained("float32", average)
+    with torch.no_grad():
+        for p in model.parameters():                    # another average than the saved one
+            p.mul_(-1)
+    ema.update()
+    before = _everything(model, ema)
+    with pytest.raises(CheckpointException):
+        dcp.load({"ema": ema}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    _same(before, _everything(model, ema))
