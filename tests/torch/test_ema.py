@@ -552,6 +552,31 @@ def test_a_refused_dcp_load_changes_nothing(tmp_path, kind):
     assert all(torch.isfinite(v).all() for v in average.averaged_state_dict().values())
 
 
+# reliability round 3, M9: with skip_nonfinite=True a NaN step moves no exported value of BEMA (its output row
+# was corrected on the host regardless of the skip): averaged_state_dict, save and the swap read the same
+def test_bema_skipped_nan_step_moves_no_export(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    model = nn.Linear(4, 3)
+    ema = EMA(model, bema=True, skip_nonfinite=True)
+    for _ in range(3):
+        moved(ema, model, by=0.1)
+    before = ema.averaged_state_dict()
+    with ema.average_parameters():
+        swapped_in = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(0.1)
+        model.weight[0, 0] = float("nan")
+    ema.update()
+    after = ema.averaged_state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    ema.save(tmp_path / "ema.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in st.load_file(tmp_path / "ema.safetensors").items())
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    with ema.average_parameters():
+        assert all(torch.equal(v, swapped_in[k]) for k, v in model.state_dict().items())
+
+
 # reliability review L8
 def test_save_gets_the_umask_mode(tmp_path):
     ema = EMA(nn.Linear(4, 4), 0.5)
