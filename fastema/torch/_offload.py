@@ -203,7 +203,8 @@ class OffloadedShadow:
     def join(self) -> None:
         """Wait for every queued fold; re-raise the first error of one. The average is then as it
         was after the last fold that finished, and the plan (``updates``, ``calls``) too: the
-        update that failed, and every one queued after it, are not counted."""
+        update that failed, and every call made after it, are not counted. (The buffers copied
+        from the model, not averaged, keep the latest call's values until the next update.)"""
         if self._broken is not None:
             raise RuntimeError(self._broken)
         pending = self._pending                                  # the training thread's: no lock needed
