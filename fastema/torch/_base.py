@@ -18,7 +18,15 @@ from ..average import Cadence, ModelSwap
 from ..flat import FlatShadow
 from . import _compile, _sharded
 from ._checkpoint import _CheckpointSide
-from ._model import _DATA_PTR, _disjoint_groups, _ModelSide, _patterns, _tensors_of, _unwrap, _watch
+from ._model import (
+    _DATA_PTR,
+    _disjoint_groups,
+    _ModelSide,
+    _patterns,
+    _tensors_of,
+    _unwrap,
+    _watch,
+)
 
 _EAGER_BLOCK = ("fastema: average_parameters() swaps the weights in Python and swaps them back when the block exits, "
                 "also on an error, which compiled code cannot promise: call it outside the compiled function "
@@ -69,6 +77,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))
         self._known = set(_tensors_of(_unwrap(model)))     # every name at construction: others are new (M4)
+        self._modules_now = None                           # without the hooks: the modules' tables (_follow)
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average "
                              "(check exclude= and copy=)")

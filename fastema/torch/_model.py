@@ -190,6 +190,14 @@ def _tensors_of(model: nn.Module) -> dict:
     return out
 
 
+def _modules_of(model: nn.Module) -> tuple:
+    """``(tables, their lengths, submodules)`` of every module of ``model``: its ``_parameters``,
+    ``_buffers`` and ``_modules`` dicts, in that order, and what the ``_modules`` dicts hold."""
+    mods = list(model.modules())
+    tables = [t for m in mods for t in (m._parameters, m._buffers, m._modules)]
+    return tables, list(map(len, tables)), [c for m in mods for c in m._modules.values()]
+
+
 def _device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
@@ -222,7 +230,8 @@ class _ModelSide:
     """The model side of ``_ModelAverage``: which tensors it tracks and where they are now. Reads
     and sets the average's ``model``, ``buffers``, ``exclude``, ``copy_patterns``, ``_names``,
     ``_specs``, ``_int_buffers``, ``_avg``, ``_copy``, ``_slots``, ``_addresses``, ``_stale``,
-    ``_resync``, ``_fsdp``, ``_zero3``, ``_engine`` and ``_known`` (made in ``_ModelAverage.__init__``)."""
+    ``_resync``, ``_fsdp``, ``_zero3``, ``_engine``, ``_known`` and ``_modules_now`` (made in
+    ``_ModelAverage.__init__``)."""
 
     def _select(self, model):
         averaged, copied = {}, {}
@@ -309,6 +318,15 @@ class _ModelSide:
         except TypeError:                         # a slot is empty: the tensor was removed
             return None
 
+    def _modules_changed(self) -> bool:
+        """Without the registration hooks: whether a module of the model holds more or fewer
+        parameters, buffers or submodules, or another submodule, than at the last check (a ``len()``
+        per module table and an identity per submodule, about a tenth of a name walk)."""
+        if self._modules_now is None:
+            return True
+        tables, counts, children = self._modules_now
+        return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
+
     def _refuse_added(self) -> None:
         """Refuse, naming them, parameters and buffers added to the model after construction that this
         average does not track: an update would skip them and every export (``averaged_state_dict``,
@@ -316,7 +334,7 @@ class _ModelSide:
         other names of tracked (or excluded) tensors, names matching ``exclude=``, buffers with
         ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
         averaged. A walk of the model's modules: run when the registration hooks marked the average
-        stale, and at every check without the hooks."""
+        stale, or, without the hooks, when a module's tables changed (:meth:`_modules_changed`)."""
         now = _tensors_of(_unwrap(self.model))
         new = [n for n in now if n not in self._known]
         if not new:
@@ -350,8 +368,13 @@ class _ModelSide:
         if changed and self._fsdp:                # a forward with no backward left unsharded copies
             _sharded.reshard(self._fsdp)
             changed = self._model_changed()
-        if self._stale or not _HOOKS:             # something was registered (or no hooks tell): new names?
+        if _HOOKS:                                # something was registered: new names?
+            self._modules_now = None              # (no module held: a deleted one must be freed, see _owner_slots)
+            if self._stale:
+                self._refuse_added()
+        elif self._stale or self._modules_changed():
             self._refuse_added()
+            self._modules_now = _modules_of(_unwrap(self.model))    # what passed, for the next check
         if changed:
             self._rebind()
             self._avg.refresh()                  # storage moved under a tensor the shadow already holds
