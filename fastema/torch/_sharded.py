@@ -203,10 +203,20 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
     if is_dtensor(value):
         if value.device_mesh == spec.mesh and tuple(value.placements) == tuple(spec.placements):
             return value.to_local()
-        value = value.full_tensor()
+        value = full(value)
     return distribute_tensor(value, spec.mesh, spec.placements, src_data_rank=None).to_local()
 
 
 def full(value):
-    """A full plain tensor from a DTensor (collective), or the tensor itself."""
-    return value.full_tensor() if is_dtensor(value) else value
+    """A full plain tensor from a DTensor (collective), or the tensor itself. A DTensor whose local
+    tensor is in host memory on a GPU mesh (what ``state_dict()`` hands out) is gathered on the
+    mesh's device: NCCL gathers device tensors only."""
+    if not is_dtensor(value):
+        return value
+    piece = value.to_local()
+    if piece.device.type != value.device_mesh.device_type:
+        from torch.distributed.tensor import DTensor
+
+        value = DTensor.from_local(piece, value.device_mesh, value.placements, run_check=False,  # moves it there
+                                   shape=value.shape, stride=value.stride())
+    return value.full_tensor()
