@@ -290,5 +290,7 @@ class _CheckpointSide:
         if stream:
             _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
         else:                              # torch.save serialises one dict: a host copy of the weights
+            copied = self.sharded              # rank 0's gathered tensors are host copies already
             _atomic_write(path, lambda f: torch.save(
-                {k: v.to("cpu", dtype, copy=True).contiguous() for k, (v, dtype) in tensors.items()}, f))
+                {k: (v if copied else v.to("cpu", dtype, copy=True)).contiguous() for k, (v, dtype) in tensors.items()},
+                f))

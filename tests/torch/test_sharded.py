@@ -127,6 +127,7 @@ def _fsdp2_policies(rank, world, out_dir):
         out[f"{policy}/x"] = x
         if policy == "default":
             ema.save(os.path.join(out_dir, "ema.safetensors"))   # collective; rank 0 writes
+            ema.save(os.path.join(out_dir, "ema.pt"), row=1)       # gathered one tensor at a time, then saved
             try:
                 ema.module()
             except TypeError as err:
@@ -204,6 +205,9 @@ def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
     model.load_state_dict(saved)                          # a plain model takes the file as it is
     for n, v in model.named_parameters():
         assert torch.equal(v.detach(), r0[f"default/ref/0/{n}"]), n
+    model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    for n, v in model.named_parameters():
+        assert torch.equal(v.detach(), r0[f"default/ref/1/{n}"]), n
     assert r0["module_refused"] and r1["module_refused"]
     for r in ranks:                                       # a tied weight: averaged once, exported under both names
         assert int(r["tied/count"]) == 1
