@@ -45,9 +45,10 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
                                                        separators=(",", ":"))
     offset = 0
     for name, (t, dtype) in tensors.items():
-        kind = SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+        kind = SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch.")) or _installed_names().get(dtype)
         if kind is None:
-            raise TypeError(f"{name}: dtype {dtype} has no safetensors name; exclude it from the average")
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors name (in the installed safetensors); "
+                            f"save to a .pt path, or exclude= the tensor")
         nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -70,6 +71,17 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
         f.seek(start + 8)
         f.write(filled)
         f.seek(end)
+
+
+def _installed_names() -> dict:
+    """``torch dtype -> name`` of the dtypes the installed safetensors reads beyond
+    :data:`SAFETENSORS_DTYPES` (newer releases: float8, complex64, uint16/32/64), as
+    ``safetensors.torch.save`` would store them; empty when it does not say."""
+    try:
+        from safetensors.torch import _TYPES
+    except ImportError:
+        return {}
+    return {dtype: name for name, dtype in _TYPES.items()}
 
 
 def _header_bytes(header: dict) -> bytes:

@@ -576,7 +576,7 @@ def test_torch_ema_on_gpu_without_host_sync():
     assert _busy_after(lambda: ema.swap()) and _busy_after(lambda: ema.swap())
     state = ema.state_dict()["averaged"]
     for n, r in ref.items():
-        torch.testing.assert_close(state[n][0], r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[n][0], r.cpu(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(SIM, reason="needs a GPU")

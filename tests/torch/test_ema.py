@@ -296,6 +296,23 @@ def test_streamed_save_loads_back_equal(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".fastema-")] == []
 
 
+def test_streamed_save_keeps_the_dtypes_the_installed_safetensors_reads(tmp_path):
+    # The streaming writer knows the portable names; a complex or uint16 buffer, which
+    # safetensors.torch.save stored, must not be refused by it
+    st = pytest.importorskip("safetensors.torch")
+    if torch.uint16 not in getattr(st, "_TYPES", {}).values():
+        pytest.skip("this safetensors has no uint16")
+    model = nn.Linear(3, 3)
+    model.register_buffer("c", torch.randn(2, dtype=torch.complex64))
+    model.register_buffer("u", torch.tensor([1, 2, 60000], dtype=torch.int32).to(torch.uint16))
+    ema = EMA(model, 0.9, copy=["c"])
+    moved(ema, model, by=0.25)
+    ema.save(tmp_path / "ema.safetensors")
+    got, want = st.load_file(tmp_path / "ema.safetensors"), ema.averaged_state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_compiled_model_names_and_checkpoints_move_between_wrappers():
     model = mlp()
     compiled = torch.compile(model)                 # names carry the _orig_mod. prefix
