@@ -80,11 +80,15 @@ class EMA(Face, _ModelAverage):
             (default): on when the averaged weights are on a GPU. Every call then launches
             (a call that ``update_every`` skips writes nothing on the device). ``ema.updates``
             and ``ema.calls`` count eager calls; ``state_dict()`` reads the device's counts.
-        offload: ``"cpu"`` keeps the shadow in (pinned) host memory, none of it on the GPU: each
-            update packs the weights into a device staging buffer in their own dtype (one launch),
-            copies it to the host on a side stream, and folds it into the shadow on a worker
-            thread; ``update()`` returns without waiting, every read waits (:meth:`join`). Not
-            with ``device_step=True`` or ``skip_nonfinite=True``.
+        offload: ``"cpu"`` keeps the shadow (every average, in ``shadow_dtype``) in pinned host
+            memory: each update packs the weights into a staging buffer on their device, in their
+            own dtype (one launch; the GPU keeps this one copy of the weights instead of the
+            shadow), copies it to the host on a side stream and folds it into the shadow on a
+            worker thread. ``update()`` returns without waiting; every read waits (:meth:`join`).
+            It saves GPU memory only where the shadow is larger than the weights (bfloat16
+            weights with the float32 shadow: half; several decays); for float32 weights and one
+            decay it saves none. A fold that fails is raised at the next update or read and is not
+            counted. Not with ``device_step=True`` or ``skip_nonfinite=True``.
     """
 
     _format = FORMAT
