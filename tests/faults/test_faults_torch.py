@@ -108,6 +108,15 @@ def test_swapping_back_inside_the_block_is_not_undone_on_exit():
 # ------------------------------------------------------------------ Ctrl-C while a swap moves the tensors
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a framework imported earlier in
+    the session may have installed another (Lightning ignores SIGINT after its own Ctrl-C)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _ctrl_c_at_the_next_swap(monkeypatch) -> dict:
     """While ``armed["now"]``, send SIGINT to this process right after the next swap launch (the first
     of the swap's groups): the default handler raises KeyboardInterrupt right there, between two
@@ -125,8 +134,7 @@ def _ctrl_c_at_the_next_swap(monkeypatch) -> dict:
     return armed
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="needs Python's default SIGINT handler")
+@pytest.mark.usefixtures("default_sigint")
 def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(monkeypatch):
     model, ema = _trained("two_groups")
     before = _everything(model, ema)
@@ -142,8 +150,7 @@ def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(monkeypatch):
     _same(before, _everything(model, ema))
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="needs Python's default SIGINT handler")
+@pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("when", ["in", "back"])
 def test_ctrl_c_during_the_swaps_of_an_evaluation_block_puts_everything_back(when, monkeypatch):
     model, ema = _trained("two_groups")
