@@ -3,7 +3,12 @@
 The shadow (every row, in the shadow dtype) is in host memory. Every update (on the training
 thread):
 
-1. wait for the fold that last read this update's host slot;
+1. wait until this update may write what it stages into (per (device, dtype) group, see
+   :func:`_two_slots`): a GPU group's copies land in two pinned host slots in turn (double
+   buffering), so it waits for the fold that last read this update's slot, two updates back; a
+   CPU group's staging is its host slot, so it waits until the previous fold has read it (each
+   fold reads its CPU groups first, then lets the next update go on while it folds its GPU
+   groups);
 2. one pack launch copies every parameter, in its own dtype, into a staging buffer on the
    parameters' device (:class:`~fastema.FlatShadow` with ``dtype="same"``), on a side stream
    that first waits for the caller's stream; the caller's stream then waits only for the
@@ -26,9 +31,14 @@ Memory, for P parameters of b bytes each and a shadow of K rows of s bytes:
   the shadow. So offload saves GPU memory only when the shadow is larger than one copy of the
   weights: bfloat16 weights with a float32 shadow (half), or several averages (K > 1); for
   float32 weights and one average it saves none.
-- parameters on the CPU (how it is tested): the staging is the host slot (the pack writes
-  straight into it; one slot, so an update waits for the fold before it) and the shadow,
+- parameters on the CPU: the staging is the host slot (the pack writes straight into it; one
+  slot, so an update waits until the fold before it has read it) and the shadow,
   P * b + K * P * s; a swap adds a backup of the raw weights (P * b) until the next update.
+- a model with groups on both: each group as above (its GPU groups keep their two slots).
+
+The tests run the GPU groups' pipeline on the CPU as well (they replace :func:`_two_slots`): a
+CPU group then gets a staging of its own and two host slots, copied into in turn, as on a GPU
+without the streams.
 
 The class presents what the model averages use of a :class:`~fastema.FlatShadow`; the sources
 side (names, addresses, rebinds, checks) is the device staging's, the shadow side (rows, views,
@@ -42,6 +52,7 @@ a process that used a GPU must be started with ``spawn`` (see docs/guides/proces
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
@@ -52,6 +63,22 @@ import torch
 from ..flat import FlatShadow
 
 __all__ = ["OffloadedShadow"]
+
+
+def _two_slots(group) -> bool:
+    """Whether ``group``'s staged copies land in two host slots in turn (double buffering: the
+    next update copies into one slot while the worker folds the other), as a GPU group's do. A
+    CPU group's staging is its host slot instead (no copy and half the memory; the next update
+    waits until the fold has read it). The tests replace this function to run the two-slot
+    pipeline, or a mix of both, on the CPU."""
+    return group.device != "cpu"
+
+
+class _Staged(threading.Event):
+    """Set once a fold has read the groups staged straight into their one slot (or has ended);
+    ``failed``: it ended with an error (set before the event)."""
+
+    failed = False
 
 
 class OffloadedShadow:
@@ -66,13 +93,12 @@ class OffloadedShadow:
         self.names, self.rows, self.skipped = self.pack.names, rows, {}
         groups = self.pack.layout.groups
         self._cuda = [g.device != "cpu" for g in groups]
-        pin = any(self._cuda) and torch.cuda.is_available()
+        self._double = [c or bool(_two_slots(g)) for g, c in zip(groups, self._cuda)]    # two host slots in turn
         flats = [g.buffer.reshape(-1) for g in groups]
-        # a CUDA group's copies land in two pinned slots in turn; a CPU group's staging is its slot
-        # (the pack writes straight into it), so with any CPU group an update waits for the fold before
-        self._slots = [[torch.zeros(f.numel(), dtype=f.dtype, pin_memory=pin) if c else f
-                        for f, c in zip(flats, self._cuda)] for _ in range(2)]
-        self._depth = 2 if all(self._cuda) else 1                 # slots taken in turn by the updates
+        # a double-buffered group's copies land in two host slots (pinned for a GPU group); any
+        # other group's staging is its one slot (the pack writes straight into it)
+        self._slots = [[torch.zeros(f.numel(), dtype=f.dtype, pin_memory=c) if d else f
+                        for f, c, d in zip(flats, self._cuda, self._double)] for _ in range(2)]
         self._stream = {g.device: torch.cuda.Stream(torch.device(g.device)) for g, c in zip(groups, self._cuda) if c}
         for f, s in zip(flats, self._slots[0]):
             if s is not f:
@@ -87,6 +113,7 @@ class OffloadedShadow:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastema-offload")
         self._jobs: list[Future | None] = [None, None]            # the last fold that read each slot
         self._pending: Future | None = None                       # the last fold queued
+        self._staged: _Staged | None = None                       # ... set once it has read the one-slot groups
         self._inflight: list[list] = []                           # [fold, undo] of the folds not known to have landed
         self._next = 0                                            # counts the updates (the slot of the next one)
         _LIVE.add(self)
@@ -147,14 +174,21 @@ class OffloadedShadow:
             raise ValueError("an offloaded average takes no skip flags and no device plan")
         self._raise_failed()
         self._spare = None                                        # no swap is on (updates are refused then)
-        slot = self._next % self._depth
-        job = self._jobs[slot]
-        if job is not None and job.exception() is not None:      # waits: that slot's reader is done
+        slot = self._next % 2                                     # a two-slot group's slot for this update
+        job = self._jobs[slot] if any(self._double) else None
+        if job is not None and job.exception() is not None:      # waits: that slot's last reader is done
             self.join()                                           # raises its error (and rolls the plan back)
+        staged = None if all(self._double) else self._staged
+        if staged is not None:
+            staged.wait()                                         # the last fold has read the one-slot groups
+            if staged.failed:
+                self.join()
         self._inflight = [e for e in self._inflight if not e[0].done() or e[0].exception() is not None]
         events = self._stage(slot)
-        self._pending = self._jobs[slot] = self._pool.submit(self._fold, self._pending, slot, events,
+        staged = _Staged()
+        self._pending = self._jobs[slot] = self._pool.submit(self._work, staged, self._pending, slot, events,
                                                              dict(weights_by_device), rounding, seed, step)
+        self._staged = staged
         self._inflight.append([self._pending, None])
         self._next += 1
 
@@ -165,13 +199,17 @@ class OffloadedShadow:
 
     def _stage(self, slot: int) -> list:
         """Pack the sources into the staging and copy it into host ``slot``; returns the events
-        the fold waits for (none on the CPU, where the staging is the slot)."""
+        the fold waits for (none on the CPU)."""
         events = []
         for gi, g in enumerate(self.pack.layout.groups):
-            if not self._cuda[gi]:
+            if not self._double[gi]:                              # the staging is the slot
                 self._pack(g)
                 continue
             flat, host = g.buffer.reshape(-1), self._slots[slot][gi]
+            if not self._cuda[gi]:                                # two slots on the CPU (the tests' pipeline)
+                self._pack(g)
+                host.copy_(flat)
+                continue
             side, current = self._stream[g.device], torch.cuda.current_stream(torch.device(g.device))
             side.wait_stream(current)                             # the optimizer's writes come first
             with torch.cuda.stream(side):
@@ -190,15 +228,34 @@ class OffloadedShadow:
 
         _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1, flag=None)
 
-    def _fold(self, prev: Future | None, slot: int, events: list, weights: dict, rounding: str, seed: int,
-              step: int) -> None:
+    def _work(self, staged: _Staged, *args) -> None:
+        """The worker's task: the fold, then ``staged`` set whatever happened."""
+        try:
+            self._fold(staged, *args)
+        except BaseException:
+            staged.failed = True
+            raise
+        finally:
+            staged.set()
+
+    def _fold(self, staged: _Staged, prev: Future | None, slot: int, events: list, weights: dict, rounding: str,
+              seed: int, step: int) -> None:
         if prev is not None:
             prev.result()                                         # in order; an earlier error stops this one
+        one = [gi for gi, d in enumerate(self._double) if not d]
+        two = [gi for gi, d in enumerate(self._double) if d]
+        for gi in one:                                            # the staging itself: read it first
+            self._fold_group(gi, slot, weights, rounding, seed, step)
+        staged.set()                                              # the next update may pack into it again
         for e in events:
-            e.synchronize()                                       # the copy into the slot has landed
-        for gi, (host, src) in enumerate(zip(self._hosts, self._slots[slot])):
-            host.adopt([src], [src.data_ptr()])
-            host.update_checked(weights, rounding, seed + (gi << 32), step, None)
+            e.synchronize()                                       # the copies into the slots have landed
+        for gi in two:
+            self._fold_group(gi, slot, weights, rounding, seed, step)
+
+    def _fold_group(self, gi: int, slot: int, weights: dict, rounding: str, seed: int, step: int) -> None:
+        host, src = self._hosts[gi], self._slots[slot][gi]
+        host.adopt([src], [src.data_ptr()])
+        host.update_checked(weights, rounding, seed + (gi << 32), step, None)
 
     def join(self) -> None:
         """Wait for every queued fold; re-raise the first error of one. The average is then as it
@@ -223,7 +280,7 @@ class OffloadedShadow:
         """After a fold failed (so has every one queued after it: they run in turn, each after the
         one before): forget them, and put the plan back as it was before the first one lost."""
         undo = next((u for f, u in self._inflight if f.exception() is not None), None)
-        self._pending, self._jobs, self._inflight = None, [None, None], []
+        self._pending, self._staged, self._jobs, self._inflight = None, None, [None, None], []
         if undo is not None:
             undo()
 
@@ -250,7 +307,7 @@ class OffloadedShadow:
         the average unusable."""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastema-offload")
         if any(not f.done() for f, _ in self._inflight):          # every fold not known to have landed is listed
-            self._jobs, self._pending, self._inflight = [None, None], None, []
+            self._jobs, self._pending, self._staged, self._inflight = [None, None], None, None, []
             self._broken = ("this process was forked while an offloaded EMA was folding an update on its worker "
                             "thread (another thread called update() during the fork), so its copy here may be "
                             "half-updated; make a new EMA in this process (load_state_dict() of a checkpoint "
@@ -280,7 +337,7 @@ class OffloadedShadow:
         for gi, (g, host, src) in enumerate(zip(self.pack.layout.groups, self._hosts, self._slots[0])):
             host.adopt([src], [src.data_ptr()])
             host.copy_to_sources(row)                             # the slot gets the row in the params' dtype
-            if self._cuda[gi]:                                    # (a CPU group's slot is its staging)
+            if self._double[gi]:                                  # (a one-slot group's slot is its staging)
                 g.buffer.reshape(-1).copy_(src, non_blocking=False)
         self.pack.copy_to_sources()
 
@@ -290,9 +347,10 @@ class OffloadedShadow:
 
 
 class _HostBackup:
-    """The raw weights while the average is swapped in, in host memory: a CUDA group's in host
-    slot 1, which no update uses until the swap back (updates are refused while swapped); a CPU
-    group's (whose slots are its staging) in a buffer of the shadow's, released at the next update."""
+    """The raw weights while the average is swapped in, in host memory: a two-slot (GPU) group's
+    in host slot 1, which no update uses until the swap back (updates are refused while
+    swapped); a one-slot (CPU) group's (whose slot is its staging) in a buffer of the shadow's,
+    released at the next update."""
 
     def __init__(self, shadow: OffloadedShadow):
         self.shadow = shadow
@@ -304,21 +362,21 @@ class _HostBackup:
     def _buffers(self) -> list:
         s = self.shadow
         if s._spare is None:
-            s._spare = [None if c else torch.empty_like(f) for c, f in zip(s._cuda, s._slots[1])]
-        return [s._slots[1][gi] if c else s._spare[gi] for gi, c in enumerate(s._cuda)]
+            s._spare = [None if d else torch.empty_like(f) for d, f in zip(s._double, s._slots[1])]
+        return [s._slots[1][gi] if d else s._spare[gi] for gi, d in enumerate(s._double)]
 
     def copy_from_sources(self) -> None:
         s = self.shadow
         s.join()
         for e in s._stage(1):
             e.synchronize()
-        for c, g, buf in zip(s._cuda, s.pack.layout.groups, self._buffers()):
-            if not c:
+        for d, g, buf in zip(s._double, s.pack.layout.groups, self._buffers()):
+            if not d:
                 buf.copy_(g.buffer.reshape(-1))
 
     def copy_to_sources(self) -> None:
         s = self.shadow
-        if s._spare is None and not all(s._cuda):
+        if s._spare is None and not all(s._double):
             raise RuntimeError("the offloaded EMA's backup of the raw weights is gone (an update ran while the "
                                "average was swapped in); the model keeps the average")
         s.check_sources()

@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 from models import mlp
 from torch import nn
 
-from fastema.torch import EMA
+from fastema.torch import EMA, _offload
 from fastema.torch._offload import OffloadedShadow
 
 
@@ -40,43 +41,69 @@ def _same(a: EMA, b: EMA, parts=("averaged", "copied", "int_buffers")) -> bool:
 AVERAGES = ("averaged",)
 
 
+@pytest.fixture(params=["one slot", "two slots"])
+def pipeline(request, monkeypatch):
+    """The CPU groups' pipeline: their staging is the host slot (what the CPU gets), or two host
+    slots copied into in turn (what a GPU group gets, run on the CPU)."""
+    monkeypatch.setattr(_offload, "_two_slots", lambda g: request.param == "two slots")
+    return request.param
+
+
 @pytest.fixture
 def fail_fold(monkeypatch):
     """``fail_fold(n)``: the fold of the update with schedule step ``n`` raises MemoryError on the
-    worker thread, once (standing in for an allocation or CUDA error there)."""
+    worker thread, once (standing in for an allocation or CUDA error there), as soon as
+    ``fail_fold.release`` is set (60 s at most): the test says when the error may be seen."""
     fold = OffloadedShadow._fold
     targets = set()
 
-    def maybe_fail(self, prev, slot, events, weights, rounding, seed, step):
+    def maybe_fail(self, *args):
+        step = args[-1]
         if step in targets:
             targets.discard(step)
+            fail.release.wait(60)
             raise MemoryError(f"injected: the host fold of update {step} ran out of memory")
-        return fold(self, prev, slot, events, weights, rounding, seed, step)
+        return fold(self, *args)
 
+    def fail(step: int) -> None:
+        targets.add(step)
+
+    fail.release = threading.Event()    # type: ignore[attr-defined]
     monkeypatch.setattr(OffloadedShadow, "_fold", maybe_fail)
-    return targets.add
+    return fail
 
 
-# update_every, the update whose fold fails, where its error surfaces (a read after that call, or
-# an update() call), and the calls the offloaded EMA loses (the failed one and every one until the
-# error surfaced, skipped calls included): the reference EMA never makes them.
+# The pipeline, update_every, the update whose fold fails, where its error surfaces (a read after
+# that call, or an update() call), and the calls the offloaded EMA loses (the failed one and every
+# one until the error surfaced, skipped calls included): the reference EMA never makes them. The
+# failing fold ends when the call where it surfaces begins. One slot: the next update waits until
+# that fold has read the staging, so it raises. Two slots: the next update copies into the other
+# slot and goes on; the one after reuses the failed fold's slot, so it waits for it and raises.
 CASES = [
-    (1, 4, ("join", 4), {4}),
-    (1, 4, ("update", 5), {4, 5}),
-    (2, 3, ("join", 5), {5}),
-    (2, 3, ("update", 7), {5, 6, 7}),
+    ("one slot", 1, 4, ("join", 4), {4}),
+    ("one slot", 1, 4, ("update", 5), {4, 5}),
+    ("one slot", 2, 3, ("join", 5), {5}),
+    ("one slot", 2, 3, ("update", 7), {5, 6, 7}),
+    ("two slots", 1, 4, ("join", 4), {4}),
+    ("two slots", 1, 4, ("update", 6), {4, 5, 6}),
+    ("two slots", 2, 3, ("join", 5), {5}),
+    ("two slots", 2, 3, ("update", 9), {5, 6, 7, 8, 9}),
 ]
 
 
-@pytest.mark.parametrize("every, failing, surfaces, lost", CASES)
+@pytest.mark.parametrize("name, every, failing, surfaces, lost", CASES)
 def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_that_skipped_it(
-        every, failing, surfaces, lost, fail_fold):
+        name, every, failing, surfaces, lost, fail_fold, monkeypatch):
+    monkeypatch.setattr(_offload, "_two_slots", lambda g: name == "two slots")
     model = _model()
     kw = dict(warmup="power", update_every=every, buffers="average", debias=False)
     off, ref = EMA(model, [0.9, 0.5], offload="cpu", **kw), EMA(model, [0.9, 0.5], **kw)
+    assert off._avg._double == [name == "two slots"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fail_fold(failing)
     for call in range(1, 12):
+        if call == surfaces[1]:
+            fail_fold.release.set()
         _step(model, opt, call)
         weights = {k: v.clone() for k, v in model.state_dict().items()}
         if surfaces == ("update", call):
@@ -101,7 +128,7 @@ def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_tha
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_lost_fold_while_swapped_evaluation_and_the_swap_back_restore_the_raw_weights(fail_fold):
+def test_a_lost_fold_while_swapped_evaluation_and_the_swap_back_restore_the_raw_weights(fail_fold, pipeline):
     model = _model()
     off, ref = EMA(model, 0.9, offload="cpu"), EMA(model, 0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -110,6 +137,7 @@ def test_a_lost_fold_while_swapped_evaluation_and_the_swap_back_restore_the_raw_
         off.update()
         ref.update()
     fail_fold(4)
+    fail_fold.release.set()
     _step(model, opt, 4)
     off.update()
     raw = {k: v.clone() for k, v in model.state_dict().items()}
