@@ -18,7 +18,8 @@ callback; see :meth:`EMA._traced_update`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,17 @@ from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face
 __all__ = ["EMA"]
 
 _FLOATS = ("float32", "bfloat16", "float16", "float64")
+
+#: a new buffer with ``x``'s value, on its device(s) and sharding: one dispatch (a few us) per leaf
+_copy = jax.jit(jnp.copy)
+
+
+def _ref(x) -> Callable[[], object]:
+    """A weak reference to ``x`` (one that never matches when ``x`` takes none)."""
+    try:
+        return weakref.ref(x)
+    except TypeError:
+        return lambda: None
 
 
 def _flatten(params):
@@ -79,6 +91,7 @@ class EMA(Face):
             raise TypeError(f"leaf {complex_[0]} is complex: fastema averages real floating leaves; keep complex "
                             f"parameters out of the pytree given to EMA")
         self._float = [i for i, x in enumerate(leaves) if x.dtype.name in _FLOATS]
+        self._float_set = frozenset(self._float)
         if not self._float:
             raise ValueError("params has no float64/float32/bfloat16/float16 leaves to average")
         for i in self._float:
@@ -89,6 +102,7 @@ class EMA(Face):
         self._core = Average.of_sources(opts, {names[i]: leaves[i] for i in self._float},
                                         [self._specs[i][0] for i in self._float], self._format)
         self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+        self._others: list = [None] * len(leaves)
         self._others = self._keep_others(leaves)
 
     @staticmethod
@@ -114,11 +128,11 @@ class EMA(Face):
         """
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, step))):
             return self._traced_update(params, step)
-        matched = []
+        kept = []
 
         def read():
             leaves = self._match(params)
-            matched.append(leaves)
+            kept.append(self._keep_others(leaves))              # before anything is counted
             sources = [leaves[i] for i in self._float]
             if not self._on_cpu:
                 return sources
@@ -129,15 +143,28 @@ class EMA(Face):
             return None
 
         self._core.update(step, read)
-        if matched:
-            self._others = self._keep_others(matched[0])
+        if kept:
+            self._others = kept[0]
 
     def _keep_others(self, leaves: list) -> list:
-        """The leaves that are not averaged (integer counters), as copies: a ``jax.jit(step,
-        donate_argnums=0)`` loop donates (deletes) the arrays of the step's input, and the
-        EMA must still return them from :meth:`shadow`. The averaged leaves are not kept."""
-        keep = set(self._float)
-        return [None if i in keep else jnp.array(x, copy=True) for i, x in enumerate(leaves)]
+        """The leaves that are not averaged (integer counters), as ``(weak reference to the
+        leaf, copy)`` pairs; None for the averaged ones, which are not kept.
+
+        Copies, because a ``jax.jit(step, donate_argnums=0)`` loop donates (deletes) the arrays
+        of the step's input, and the EMA must still return them from :meth:`shadow`. A leaf
+        that is the very array the last update copied is not copied again: JAX arrays are
+        immutable, so that copy still holds its value (donated since or not). The weak reference
+        keeps the leaf's memory free to go, and never takes a new array for a freed one."""
+        out: list = []
+        for i, x in enumerate(leaves):
+            old = self._others[i]
+            if i in self._float_set:
+                out.append(None)
+            elif old is not None and old[0]() is x:
+                out.append(old)
+            else:
+                out.append((_ref(x), _copy(x)))
+        return out
 
     def _traced_update(self, params, step) -> None:
         """``update()`` inside ``jax.jit``: an ordered ``io_callback`` runs the eager update on the
@@ -184,7 +211,8 @@ class EMA(Face):
         """The average as a new pytree: the structure, shapes, dtypes and shardings of ``params``.
 
         Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
-        the values of the last ``update()``.
+        copies of the values of the last ``update()`` (so donating what this returns to a jitted
+        step deletes nothing the EMA keeps).
         """
         self._core.check_row(row)
         if not self._on_cpu:
@@ -194,7 +222,7 @@ class EMA(Face):
             from numba import cuda
 
             cuda.default_stream().synchronize()
-        out = list(self._others)
+        out = [None if kept is None else _copy(kept[1]) for kept in self._others]
         for slot, i in enumerate(self._float):
             shape, dtype, sharding = self._specs[i]
             value = jnp.array(self._core.view(slot, row), dtype=dtype)           # a copy, never a view

@@ -315,6 +315,39 @@ def test_donating_jit_loop_keeps_the_integer_leaves():
     assert int(params["step"]) == 7
 
 
+def test_an_integer_leaf_is_copied_again_only_when_it_is_another_array(monkeypatch):
+    """The leaves not averaged are kept as copies (donation deletes the caller's): one device copy
+    per leaf per update was paid even for a large integer leaf passed unchanged; now only a leaf
+    that is not the array the last update copied is copied (JAX arrays are immutable)."""
+    copied = []
+    copy = fastema.jax._copy
+    monkeypatch.setattr(fastema.jax, "_copy", lambda x: copied.append(x.shape) or copy(x))
+    mask = jnp.arange(4096, dtype=jnp.int32)            # the same array at every update
+    params = {"w": jnp.ones(8), "mask": mask, "n": jnp.zeros((), jnp.int32)}
+    ema = EMA(params, 0.5)
+    assert sorted(copied) == [(), (4096,)]
+    copied.clear()
+    for _ in range(3):
+        params = {"w": params["w"] + 1, "mask": mask, "n": params["n"] + 1}
+        ema.update(params)
+    assert copied == [()] * 3                           # the counter, a new array at every step
+    out = ema.shadow()
+    assert int(out["n"]) == 3 and np.array_equal(np.asarray(out["mask"]), np.arange(4096))
+    ema.update({"w": params["w"], "mask": mask + 1, "n": params["n"]})   # another array: copied
+    assert np.array_equal(np.asarray(ema.shadow()["mask"]), np.arange(4096) + 1)
+
+
+def test_donating_what_shadow_returned_leaves_the_ema_its_integer_leaves():
+    """shadow() handed out the EMA's own copies of the integer leaves: restarting a donating loop
+    from the average (params = ema.shadow()) deleted them, and the next shadow() failed."""
+    step = jax.jit(lambda p: {"w": p["w"] + 1, "n": p["n"] + 1}, donate_argnums=0)
+    ema = EMA({"w": jnp.ones(8), "n": jnp.array(7, jnp.int32)}, 0.5)
+    params = ema.shadow()
+    step(params)
+    assert params["n"].is_deleted()
+    assert int(ema.shadow()["n"]) == 7
+
+
 SHARDED = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
