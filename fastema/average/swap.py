@@ -11,42 +11,11 @@ the exchange and the state are done, then raised.
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from typing import Any, Callable, Iterator
 
+from .._interrupts import ctrl_c_held
+
 __all__ = ["ModelSwap"]
-
-_HOLDING = False                          # a swap is holding Ctrl-C now (nested swaps leave it to the outer one)
-
-
-@contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives while the values move, and deliver it once they have all
-    moved, so that a KeyboardInterrupt never leaves a swap half done (some tensors exchanged, others
-    not, and the state not knowing which). Only the main thread receives signals; elsewhere, or when
-    Python does not own the SIGINT handler, this does nothing."""
-    global _HOLDING
-    if _HOLDING or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.getsignal(signal.SIGINT)
-    if old is None:                       # a handler installed outside Python: leave it alone
-        yield
-        return
-    caught: list = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    _HOLDING = True
-    try:
-        yield
-    finally:
-        _HOLDING = False
-        signal.signal(signal.SIGINT, old)
-        if caught:                        # delivered now, as it would have been: KeyboardInterrupt by default
-            if callable(old):
-                old(signal.SIGINT, caught[0])
-            elif old == signal.SIG_DFL:
-                signal.raise_signal(signal.SIGINT)
 
 
 class ModelSwap:
@@ -72,7 +41,7 @@ class ModelSwap:
         if self.row is not None and row != self.row:
             raise RuntimeError(f"average {self.row} is swapped in; swap it back first")
         into = self.row is None
-        with _ctrl_c_held():                      # all of the exchange and the state, or none of it
+        with ctrl_c_held():                       # all of the exchange and the state, or none of it
             self._exchange(row, into)
             self.row = row if into else None
 

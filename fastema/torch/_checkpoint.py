@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_write as _atomic_write
+from .._interrupts import ctrl_c_held
 from .._state import check_header, refuse_load
 from . import _sharded
 from ._model import _local_key, _match_names, _unwrap
@@ -213,11 +214,11 @@ class _CheckpointSide:
         if self._refused_elsewhere(bool(problems)) and not problems:     # every rank joins, refusing or not
             problems.append("another rank refused its part of it (see that rank's error)")
         refuse_load(kind, problems, " this model")
-        with torch.no_grad():                        # every check passed on every rank: now write
-            for dst, value in loads:
-                dst.copy_(value)
-        self.cadence.calls = int(state["calls"])
-        self._load_extra(state)
+        with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
+            for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
+                dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
+            self.cadence.calls = int(state["calls"])
+            self._load_extra(state)
 
     def _refused_elsewhere(self, refused: bool = False) -> bool:
         """Whether any rank holding a shard of this sharded average refuses the checkpoint it is

@@ -229,3 +229,67 @@ def test_a_truncated_dcp_shard_loads_nothing(tmp_path, average):
     with pytest.raises(CheckpointException):
         dcp.load({"ema": ema}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
     _same(before, _everything(model, ema))
+
+
+# ------------------------------------------------------------------ Ctrl-C while a load writes (M1)
+
+
+def _parts(everything: dict) -> tuple[dict, dict]:
+    """:func:`_everything` split into the model's part and the average's."""
+    model = {k: v for k, v in everything.items() if k.startswith("model/")}
+    return model, {k: v for k, v in everything.items() if not k.startswith("model/")}
+
+
+@pytest.mark.usefixtures("default_sigint")
+@pytest.mark.parametrize("average", [EMA, WindowAverage])
+def test_ctrl_c_during_a_load_is_held_until_everything_is_loaded(average, monkeypatch):
+    """A Ctrl-C that lands after the first tensor a load writes (on a GPU the writes are a host-to-device
+    copy of the whole shadow) is raised once every tensor, the counters and the subclass's state (the
+    window's ring) are in: never some tensors loaded and others not, with the old counters."""
+    saved_model, saved = _trained("two_groups", average)
+    checkpoint = saved.state_dict()
+    _, want = _parts(_everything(saved_model, saved))
+    model, ema = _trained("two_groups", average)
+    with torch.no_grad():
+        for p in model.parameters():                    # another average than the saved one
+            p.mul_(-1)
+    ema.update()
+    model_before, _ = _parts(_everything(model, ema))
+    copy_ = torch.Tensor.copy_
+    writes = []
+
+    def copy_then_ctrl_c(self, *args, **kwargs):
+        out = copy_(self, *args, **kwargs)
+        writes.append(self)
+        if len(writes) == 1:
+            signal.raise_signal(signal.SIGINT)          # the default handler raises right here, unless held
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        ema.load_state_dict(checkpoint)
+    monkeypatch.undo()
+    assert len(writes) > 2                              # the load went on after the Ctrl-C
+    model_after, got = _parts(_everything(model, ema))
+    _same(want, got)                                    # every tensor and counter of the checkpoint
+    _same(model_before, model_after)
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_a_held_ctrl_c_goes_to_the_handler_that_was_installed():
+    from fastema._interrupts import ctrl_c_held
+
+    seen = []
+    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    with ctrl_c_held():
+        with ctrl_c_held():                             # nested: the outer one holds
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert seen == []
+    assert seen == [signal.SIGINT]                      # once, after the block, and the handler is back
+    signal.raise_signal(signal.SIGINT)
+    assert seen == [signal.SIGINT, signal.SIGINT]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # nothing to hold: the block changes no handler
+    with ctrl_c_held():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
