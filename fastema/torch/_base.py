@@ -28,28 +28,6 @@ from ._model import (
     _watch,
 )
 
-_EAGER_BLOCK = ("fastema: average_parameters() swaps the weights in Python and swaps them back when the block exits, "
-                "also on an error, which compiled code cannot promise: call it outside the compiled function "
-                "(with ema.average_parameters(): compiled_eval(x)), or use ema.swap() twice inside it")
-
-
-class _EagerBlock:
-    """``average_parameters()``'s context manager, entered and exited eagerly under ``torch.compile``
-    (a graph break; refused with ``fullgraph=True``, naming the reason)."""
-
-    __slots__ = ("_block",)
-
-    def __init__(self, block: ContextManager):
-        self._block = block
-
-    @torch.compiler.disable(reason=_EAGER_BLOCK)
-    def __enter__(self):
-        return self._block.__enter__()
-
-    @torch.compiler.disable(reason=_EAGER_BLOCK)
-    def __exit__(self, *exc):
-        return self._block.__exit__(*exc)
-
 
 class _ModelAverage(_ModelSide, _CheckpointSide):
     """What every model-level average shares: which tensors are averaged or copied, the flat
@@ -227,7 +205,6 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
                                                                  g["src_dtype"] == "bfloat16")
                    for g in self._avg.groups)
 
-    @torch.compiler.disable(reason=_EAGER_BLOCK)
     def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
         (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
@@ -235,7 +212,9 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
 
         Not inside ``torch.compile``: with ``fullgraph=True`` it is refused with that reason (a graph
         break otherwise, the block then runs eagerly). Call it around the compiled function."""
-        return _EagerBlock(self._swap.block(row, self.model))
+        if torch.compiler.is_compiling():         # traced: made eager there (torch._dynamo is loaded by then)
+            return _compile.eager_block(self._swap, row, self.model)
+        return self._swap.block(row, self.model)
 
     def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.

@@ -15,6 +15,12 @@ the average's own (clones, or a parameter's updated value computed earlier in th
 The operators then work on the tensors they are handed: the average reads the given sources,
 and the written tensors' values go through the average's own buffers and back, which are then
 restored (a slow path, never the one the compiled training step takes).
+
+``average_parameters()`` cannot be an operator (its block runs user code between the swaps): inside
+compiled code it is ``eager_block``, entered and exited eagerly behind ``torch.compiler.disable``
+(one graph break, refused with ``fullgraph=True``). The wrappers are made at the first use inside a
+traced function, never at import: ``torch.compiler.disable`` imports ``torch._dynamo`` (0.8 s on every
+rank, worker and command line that imports ``fastema.torch``).
 """
 from __future__ import annotations
 
@@ -257,3 +263,45 @@ def install() -> None:
 
 
 install()
+
+
+# ------------------------------------------------------------ average_parameters() in compiled code
+
+_EAGER_BLOCK = ("fastema: average_parameters() swaps the weights in Python and swaps them back when the block exits, "
+                "also on an error, which compiled code cannot promise: call it outside the compiled function "
+                "(with ema.average_parameters(): compiled_eval(x)), or use ema.swap() twice inside it")
+
+
+def _make_eager_block() -> Callable:
+    """``eager_block(swap, row, model)``: ``swap.block(row, model)``, made, entered and exited eagerly
+    under ``torch.compile`` (a graph break; refused with ``fullgraph=True``, naming the reason)."""
+    class _EagerBlock:
+        __slots__ = ("_block",)
+
+        def __init__(self, block):
+            self._block = block
+
+        @torch.compiler.disable(reason=_EAGER_BLOCK)
+        def __enter__(self):
+            return self._block.__enter__()
+
+        @torch.compiler.disable(reason=_EAGER_BLOCK)
+        def __exit__(self, *exc):
+            return self._block.__exit__(*exc)
+
+    @torch.compiler.disable(reason=_EAGER_BLOCK)
+    def eager_block(swap, row: int, model):
+        return _EagerBlock(swap.block(row, model))
+
+    return eager_block
+
+
+def __getattr__(name: str):
+    # ``eager_block`` is made at its first use, which is inside a traced function (average_parameters()
+    # asks for it only while compiling; Dynamo reads a module attribute missing from its __dict__ with
+    # getattr, so this runs for real). torch.compiler.disable imports torch._dynamo (about 0.8 s): never
+    # at import, nor in eager code.
+    if name == "eager_block":
+        made = globals()["eager_block"] = _make_eager_block()
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -361,8 +361,13 @@ def _assert_same_state(a: dict, b: dict):
 
 
 # reliability round 3, L10: average_parameters() inside compiled code runs eagerly (one graph break, the block
-# restores the weights as in eager) and with fullgraph=True is refused with the reason and the fix
-def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix():
+# restores the weights as in eager) and with fullgraph=True is refused with the reason and the fix. The
+# torch.compiler.disable wrappers are made at the first use inside a traced function (issue 25, second pass:
+# made at import they load torch._dynamo, 0.2 -> 1.06 s for `import fastema.torch`): "first" starts from that.
+@pytest.mark.parametrize("first", [True, False])
+def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix(first, monkeypatch):
+    import fastema.torch._compile as compile_side
+
     model = _model()
     ema = EMA(model, 0.9)
     with torch.no_grad():
@@ -379,12 +384,48 @@ def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fi
         with ema.average_parameters():
             return model(x)
 
+    if first:                                  # as in a process whose first block is inside compiled code
+        monkeypatch.delitem(compile_side.__dict__, "eager_block", raising=False)
     dynamo.reset()
     dynamo.utils.counters.clear()
     with torch.no_grad():
         got = torch.compile(evaluate)(x)
     assert torch.equal(got, want) and not ema.swapped
-    assert sum(dynamo.utils.counters["graph_break"].values()) == 1
+    breaks = dynamo.utils.counters["graph_break"]
+    assert len(breaks) == 1 and "call it outside the compiled function" in next(iter(breaks)), breaks
+    assert dynamo.utils.counters["frames"]["total"] <= 3     # nothing inside the swap was traced (2000 frames)
+    dynamo.reset()
+    if first:
+        monkeypatch.delitem(compile_side.__dict__, "eager_block")
     with pytest.raises(Exception, match=r"average_parameters\(\).*call it outside the compiled function"):
         torch.compile(evaluate, fullgraph=True)(x)
     assert not ema.swapped and all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+
+
+def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
+    """`import fastema.torch` leaves torch._dynamo unloaded (0.8 s of import time on every rank, worker
+    and CLI; a subprocess: this session loaded it long ago), and eager blocks never make the
+    torch.compiler.disable wrappers (which would load it)."""
+    import subprocess
+    import sys
+
+    import fastema.torch._compile as compile_side
+
+    code = "import sys, torch, fastema.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "False"
+
+    def no_disable(*a, **k):
+        raise AssertionError("torch.compiler.disable called in eager code")
+
+    monkeypatch.delitem(compile_side.__dict__, "eager_block", raising=False)
+    monkeypatch.setattr(torch.compiler, "disable", no_disable)
+    model = _model()
+    ema = EMA(model, 0.9)
+    ema.update()
+    with ema.average_parameters(), ema.average_parameters():
+        model(_batch(0)[0])
+    ema.swap()
+    ema.swap()
+    assert "eager_block" not in compile_side.__dict__
