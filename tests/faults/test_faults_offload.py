@@ -70,7 +70,8 @@ def fail_fold(monkeypatch):
 
     fail.release = threading.Event()    # type: ignore[attr-defined]
     monkeypatch.setattr(OffloadedShadow, "_fold", maybe_fail)
-    return fail
+    yield fail
+    fail.release.set()                  # a failed test leaves no fold held
 
 
 # The pipeline, update_every, the update whose fold fails, where its error surfaces (a read after
