@@ -85,6 +85,36 @@ def test_ema_update_host_overhead(run, benchmark, count):
     run(ema.update, "cpu", impl="fastema", case=f"{count} tensors", nbytes=0, elements=count, rounds=300)
 
 
+@pytest.mark.parametrize("impl", ["fastema ema_update_many_", "torch._foreach_lerp_"])
+def test_pair_update_host_overhead(run, benchmark, impl):
+    """Host-side cost of one cached ema_update_many_ call over 3000 caller-owned pairs of tiny
+    tensors (the layout cache's key and layout check; the kernel time is negligible), against the
+    foreach call it replaces."""
+    from fastema.ops import ema_update_many_
+
+    benchmark.group = "ema_update_many_ host overhead (cpu)"
+    sources = list(Params([(4,)] * 3000, torch.float32, "cpu").parameters())
+    shadows = [p.detach().clone() for p in sources]
+    if impl == "torch._foreach_lerp_":
+        fn = lambda: torch._foreach_lerp_(shadows, sources, 1 - DECAY)  # noqa: E731
+    else:
+        fn = lambda: ema_update_many_(shadows, sources, DECAY)  # noqa: E731
+    with torch.no_grad():
+        run(fn, "cpu", impl=impl, case="3000 tensors", nbytes=0, elements=len(sources), rounds=100)
+
+
+@pytest.mark.parametrize("impl", ["fastema compat.ModelEmaV3", "timm ModelEmaV3"])
+def test_model_ema_v3_host_overhead(run, benchmark, impl):
+    """Host-side cost of ModelEmaV3.update(model) at 3000 tiny tensors: the drop-in's cached
+    pairing check (an address and a layout check a tensor) against timm's arithmetic."""
+    from fastema.torch.compat import ModelEmaV3
+
+    benchmark.group = "ModelEmaV3.update host overhead (cpu)"
+    model = Params([(4,)] * 3000, torch.float32, "cpu")
+    ema = ModelEmaV3(model, decay=DECAY) if impl.startswith("fastema") else TimmModelEmaV3Reference(model, DECAY)
+    run(lambda: ema.update(model), "cpu", impl=impl, case="3000 tensors", nbytes=0, elements=3000, rounds=100)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3 (stochastic)"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

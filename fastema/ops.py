@@ -265,47 +265,58 @@ def launch_pairs(groups: list, decay, weight, rounding: str, seed: int, step: in
         _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
 
 
-# Layouts of recent ema_update_many_ calls, keyed by every tensor's address, dtype, shape and
-# strides: a hit means the same memory in the same layout, so the cached storage-order walk is
-# right for the tensors passed now. (An address and a count are not enough: a.view(3, 4).t() is
-# a's memory in another order, which an uncached call refuses.) Anything else misses and gets
-# the full check. The cache holds numbers only, never a tensor or a storage.
-_PAIRS: "OrderedDict[tuple, list]" = OrderedDict()
+# Layouts of recent ema_update_many_ calls, found by every tensor's address and kept with a
+# check of every tensor's dtype, shape and strides: a hit needs both, i.e. the same memory in
+# the same layout, so the cached storage-order walk is right for the tensors passed now. (An
+# address is not enough: a.view(3, 4).t() is a's memory in another order, which an uncached call
+# refuses.) Anything else misses and gets the full check. The key is tuples of ints (untracked
+# by the garbage collector: a key per call costs no collections) and the check compares without
+# keeping what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with no
+# cheap key (not torch) are keyed by their full descriptions and need no further check.
+_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (groups, layout check or None)
 _PAIRS_MAX = 32
 
 
-def _key(tensors) -> tuple:
-    key = _backends.address_key(tensors)         # torch: data_ptr, (dtype, shape), stride (three reads a tensor)
-    if key is not None:
-        return key
+def _cheap_key(shadows: list, sources: list) -> tuple | None:
+    a = _backends.address_key(shadows)          # torch: data_ptr, one C-level map
+    b = _backends.address_key(sources) if a is not None else None
+    return None if b is None else (a, b)
+
+
+def _described_key(tensors) -> tuple:
     return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
                  (describe(t, "tensor") for t in tensors))
+
+
+def _hit(key: tuple, tensors: list) -> list | None:
+    entry = _PAIRS.get(key)
+    if entry is None or (entry[1] is not None and not entry[1](tensors)):
+        return None
+    _PAIRS.move_to_end(key)
+    return entry[0]
 
 
 def cached_pair_groups(shadows: list, sources: list) -> list | None:
     """The groups of an earlier :func:`ema_update_many_` call over the same memory in the same
     dtypes, shapes and strides (every check passed then and holds now), or None: a miss, or
     arrays with no cheap key, or inside ``torch.compile``. The drop-ins' per-step path: a hit
-    needs no look at the pairs beyond the key; hand the groups to :func:`launch_pairs`."""
+    needs no look at the pairs beyond the key and the layout check; hand the groups to
+    :func:`launch_pairs`."""
     if COMPILED and COMPILED["compiling"]():
         return None
-    a, b = _backends.address_key(shadows), _backends.address_key(sources)
-    if a is None or b is None:
-        return None
-    groups = _PAIRS.get((a, b))
-    if groups is not None:
-        _PAIRS.move_to_end((a, b))
-    return groups
+    key = _cheap_key(shadows, sources)
+    return None if key is None else _hit(key, shadows + sources)
 
 
-def _pair_groups(shadows, sources) -> list:
-    key = (_key(shadows), _key(sources))
-    groups = _PAIRS.get(key)
+def _pair_groups(shadows: list, sources: list) -> list:
+    tensors = shadows + sources
+    cheap = _cheap_key(shadows, sources)
+    key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
+    groups = _hit(key, tensors)
     if groups is not None:
-        _PAIRS.move_to_end(key)
         return groups
     groups = pair_groups(shadows, sources)
-    _PAIRS[key] = groups
+    _PAIRS[key] = (groups, None if cheap is None else _backends.layout_guard(tensors))
     while len(_PAIRS) > _PAIRS_MAX:
         _PAIRS.popitem(last=False)
     return groups
@@ -318,10 +329,10 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     (device, dtype) group: a drop-in for ``torch._foreach_lerp_(shadows, sources, 1 - decay)``
     where the shadows belong to the caller (another model's parameters, say).
 
-    The pairs' layout is validated once and cached by every tensor's address, dtype, shape
-    and strides (the last 32 layouts; numbers only, no tensor is kept alive), so later calls
-    with the same tensors cost three reads per tensor; the same memory in another shape or
-    layout is checked again as a new call. A pair listed twice (tied
+    The pairs' layout is validated once and cached by every tensor's address, with a check of
+    its dtype, shape and strides (the last 32 layouts; numbers only, no tensor is kept alive),
+    so later calls with the same tensors cost about 0.1 us a tensor; the same memory in another
+    shape or layout is checked again as a new call. A pair listed twice (tied
     weights) is averaged once; shadows that otherwise overlap are refused. Other arguments
     as in :func:`ema_update_`.
     """

@@ -215,9 +215,21 @@ def location(a) -> tuple:
 
 
 def address_key(objs: list) -> tuple | None:
-    """A cheap key of ``objs``' memory, shapes, strides and dtypes (see :meth:`Backend.address_key`), or None."""
-    backend = backend_of(objs[0]) if objs else None
+    """A cheap key of ``objs``' addresses (see :meth:`Backend.address_key`), or None."""
+    if not objs:
+        return ()
+    backend = backend_of(objs[0])
     return None if backend is None else backend.address_key(objs)
+
+
+def layout_guard(objs: list):
+    """A check that arrays at ``objs``' addresses (equal :func:`address_key`) still have their
+    dtypes, shapes and strides (see :meth:`Backend.layout_guard`)."""
+    return backend_of(objs[0]).layout_guard(objs) if objs else _none_again
+
+
+def _none_again(objs: list) -> bool:
+    return not objs
 
 
 def zeros(where: tuple, n: int, dtype):

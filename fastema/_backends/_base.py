@@ -77,10 +77,17 @@ class Backend:
         return None
 
     def address_key(self, objs: list) -> tuple | None:
-        """A key for ``objs`` (all of this framework) equal only for the same memory in the same
-        shapes, strides and dtypes (the same layout: a cached walk in storage order is right only
-        then), cheaper than describing them; None when there is none cheaper."""
+        """A key of ``objs``' addresses (all of this framework), cheaper than describing them and
+        made of what the garbage collector does not track (ints), or None when there is none
+        cheaper. An equal key says the same memory, not the same layout: a cached walk in storage
+        order is right only when :meth:`layout_guard` says yes too."""
         return None
+
+    def layout_guard(self, objs: list):
+        """For a framework with an :meth:`address_key`: a callable, made once, that takes arrays at
+        ``objs``' addresses and says (True/False) whether they have the dtypes, shapes and strides
+        ``objs`` have now, cheaper than describing them. It keeps numbers, never an array."""
+        raise self._unsupported("layout_guard()")
 
     # ------------------------------------------------------------ fastema's own arrays
 

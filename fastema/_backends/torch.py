@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import operator
 import sys
 
@@ -157,14 +156,43 @@ class Torch(Backend):
         return list(zip(map(_DTYPE_SHAPE, objs), map(_tensor().stride, objs)))
 
     def address_key(self, objs: list) -> tuple | None:
-        """Addresses, (dtype, shape) and strides (C-level maps: ~0.25 us a tensor): equal keys mean
-        the same memory in the same layout. An address alone is not enough: ``a.view(3, 4).t()`` is
-        ``a``'s memory in another order, and ``a.view(3, 4)`` another shape of the same elements."""
-        T = _tensor()
-        if not all(map(isinstance, objs, itertools.repeat(T))):
+        """Every tensor's address (one C-level map, ~0.05 us a tensor), or None when one is not a
+        tensor with memory. A tuple of ints: the garbage collector does not track it, so a key per
+        call costs no collections. Equal keys say the same memory, not the same layout (see
+        :meth:`layout_guard`)."""
+        try:
+            return tuple(map(_tensor().data_ptr, objs))
+        except (TypeError, RuntimeError):   # not a tensor; a tensor subclass with no storage of its own
             return None
-        return (tuple(map(T.data_ptr, objs)), tuple(map(_DTYPE, objs)), tuple(map(_SHAPE, objs)),
-                tuple(map(T.stride, objs)))
+
+    def layout_guard(self, objs: list):
+        """A check that tensors at ``objs``' addresses still have ``objs``' types, dtypes, shapes and
+        strides now (an address alone is not enough: ``a.view(3, 4).t()`` is ``a``'s memory in another
+        order, ``a.view(3, 4)`` another shape of the same elements). It is torch's own batched C++
+        check of dtype, shape, strides, device and dispatch keys when this torch has one that passes a
+        self-test (~0.05 us a tensor); else (or when that one says no, e.g. under another
+        ``inference_mode``) the comparison streams each tensor's values against numbers kept here,
+        freeing every temporary at once (~0.2 us a tensor). No tensor is kept."""
+        T = _tensor()
+        n = len(objs)
+        types, dtypes = tuple(map(type, objs)), tuple(map(_DTYPE, objs))
+        shapes, strides = tuple(map(tuple, map(_SHAPE, objs))), tuple(map(T.stride, objs))   # plain tuples of ints:
+        # untracked by the garbage collector after its first pass, however long they are kept
+
+        def same(ts: list) -> bool:
+            return (len(ts) == n and all(map(operator.is_, map(type, ts), types))
+                    and all(map(operator.is_, map(_DTYPE, ts), dtypes))
+                    and all(map(operator.eq, map(T.stride, ts), strides))
+                    and all(map(operator.eq, map(_SHAPE, ts), shapes)))
+
+        guards = _tensor_guards()
+        if guards is None:
+            return same
+        try:
+            fast = guards(*objs, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+        except Exception:                   # a torch whose guard takes other arguments: the streamed check
+            return same
+        return lambda ts: (len(ts) == n and fast(*ts)) or same(ts)
 
     # ------------------------------------------------------------ fastema's own arrays
 
@@ -268,6 +296,27 @@ def _tensor():
     import torch
 
     return torch.Tensor
+
+
+@functools.cache
+def _tensor_guards():
+    """torch's batched check of tensors' dtype, shape, strides, device and dispatch keys against
+    those it was made with (Dynamo's ``TensorGuards``, private to torch), or None when this torch has
+    none, or has one that does not tell a transposed, reshaped, retyped or restrided view of a probe
+    from the probe (a fast path only: :meth:`Torch.layout_guard` falls back to its own comparison)."""
+    try:
+        import torch
+        from torch._C._dynamo.guards import TensorGuards
+
+        probe, column = torch.zeros(4, 4), torch.zeros(4, 1)
+        g = TensorGuards(probe, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        c = TensorGuards(column, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        others = (probe.t(), probe.view(2, 8), probe.view(16), probe.view(torch.int32), probe[:2], probe.unsqueeze(0))
+        sound = g.check(probe) and c.check(column) and not any(g.check(o) for o in others) and \
+            not c.check(column.as_strided((4, 1), (1, 4))) and not g.check(torch.zeros(4, 4, dtype=torch.float64))
+    except Exception:
+        return None
+    return TensorGuards if sound else None
 
 
 backend = Torch()
