@@ -18,10 +18,11 @@ thread):
 4. a fold is queued on a one-thread worker: wait for the event, then one host kernel folds the
    slot into the host shadow (numba kernels run without the GIL).
 
-``update()`` returns without waiting. Everything that reads or writes the shadow (state dicts,
-views, swaps, copies, saves) first waits for the pending folds (:meth:`OffloadedShadow.join`) and
-re-raises a fold's error; the engine's plan then goes back to the last fold that finished (see
-:class:`fastema.average.Average`), so the counters match the shadow.
+``update()`` returns without waiting for its own fold. Everything that reads or writes the shadow
+(state dicts, views, swaps, copies, saves) first waits for the pending folds
+(:meth:`OffloadedShadow.join`) and re-raises a fold's error; the engine's plan then goes back to
+the last fold that finished (see :class:`fastema.average.Average`), so the counters match the
+shadow.
 
 Memory, for P parameters of b bytes each and a shadow of K rows of s bytes:
 
