@@ -28,6 +28,18 @@ FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host copy of ``t``: in pinned memory when ``t`` is on a CUDA device, if the
+    driver grants it (the device-to-host copy then runs at full speed), else pageable."""
+    if t.device.type == "cuda":
+        try:
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        except RuntimeError:                          # no pinned memory to be had
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        return out.copy_(t)                           # synchronous: the values are there on return
+    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
 class _CheckpointSide:
     """Export and checkpoints of ``_ModelAverage``: reads its ``_avg``, ``_copy``, ``_int_buffers``,
     ``_specs``, ``_format``, ``cadence`` and ``model``; subclasses add their own state through
@@ -123,7 +135,10 @@ class _CheckpointSide:
         """Everything needed to resume exactly: averages keyed by name, counters, settings.
 
         The tensors are copies in host memory (a staging copy of the shadow, made here: one
-        shadow's worth of host RAM, none on the GPU, while the dict is held). On a sharded average
+        shadow's worth of host RAM, none on the GPU, while the dict is held): one copy of each flat
+        shadow buffer, in pinned memory for a GPU shadow (one device-to-host copy at full speed; torch's
+        host allocator keeps the pinned block for the next call), and the entries are views of it, so
+        the entries of a group share one storage (``torch.save`` writes it once). On a sharded average
         they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
         *shape)``, the parameter's shard dims moved up by one): the average is a
         ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
@@ -137,18 +152,34 @@ class _CheckpointSide:
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
-            "averaged": {n: self._staged(n, self._avg.state_view(n), True) for n in self._avg.names},
-            "copied": {n: self._staged(n, self._copy.view(n)) for n in self._copy.names}
+            "averaged": self._staged({n: self._avg.state_view(n) for n in self._avg.names}, True),
+            "copied": self._staged({n: self._copy.view(n) for n in self._copy.names})
             if self._copy is not None else {},
-            "int_buffers": {n: self._staged(n, v[1]) for n, v in self._int_buffers.items()},
+            "int_buffers": self._staged({n: v[1] for n, v in self._int_buffers.items()}),
         }
 
-    def _staged(self, name: str, view: torch.Tensor, stacked: bool = False):
-        """A host copy of a shadow view as the checkpoint holds it (see :meth:`_global`): what
-        :meth:`state_dict` hands out, so that ``dcp.load`` writes into it and not into the shadow.
-        A sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own
-        CPU staging makes them), so no GPU memory is taken."""
-        return self._global(name, view, stacked).to("cpu", copy=True)
+    def _staged(self, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
+        """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
+        :meth:`_global`): what :meth:`state_dict` hands out, so that ``dcp.load`` writes into them and
+        not into the shadow. Views of one flat buffer are views of one host copy of it (one copy, pinned
+        for a GPU buffer); a view of a buffer it covers less than half of is copied alone. A sharded
+        tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU staging makes
+        them), so no GPU memory is taken."""
+        bases: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for n, v in views.items():
+            base = v._base if v._base is not None and v._base.is_contiguous() else v
+            bases.setdefault(id(base), (base, []))[1].append(n)
+        host = {}
+        for base, names in bases.values():
+            if len(names) == 1 or 2 * sum(views[n].numel() for n in names) < base.numel():
+                for n in names:
+                    host[n] = _host_copy(views[n])
+                continue
+            flat = _host_copy(base)
+            for n in names:
+                v = views[n]
+                host[n] = flat.as_strided(v.shape, v.stride(), v.storage_offset() - base.storage_offset())
+        return {n: self._global(n, host[n], stacked) for n in views}
 
     def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
         """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor

@@ -89,7 +89,7 @@ class WindowAverage(_ModelAverage):
         state: dict = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
                  "ring_dtype": self.ring_dtype}
         if self.window is not None:
-            state["ring"] = {n: self._staged(n, self._avg.ring_view(n), True) for n in self._avg.names}
+            state["ring"] = self._staged({n: self._avg.ring_view(n) for n in self._avg.names}, True)
             state["pushes"] = self._avg.pushes
         return state
 

@@ -569,6 +569,43 @@ def test_a_refused_dcp_load_changes_nothing(tmp_path, kind):
     assert all(torch.isfinite(v).all() for v in average.averaged_state_dict().values())
 
 
+# issue 25, second pass (2d): state_dict() makes one host copy of each flat shadow buffer (on a GPU one
+# device-to-host copy into pinned memory, not one synchronous copy a tensor) and hands out views of it: still
+# copies, never the shadow, and torch.save, DCP and load_state_dict take them as before
+def test_state_dict_is_one_host_copy_a_group_never_the_shadow(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3).to(torch.bfloat16))
+        return model, EMA(model, [0.9, 0.99])       # two rows: the entries are strided views of the copy
+
+    model, ema = make()
+    moved(ema, model, by=0.5)
+    sd = ema.state_dict()
+    averaged = list(sd["averaged"].values())
+    shadow = {g.buffer.untyped_storage().data_ptr() for g in ema._avg.layout.groups}
+    held = {v.untyped_storage().data_ptr() for v in averaged}
+    assert len(ema._avg.layout.groups) == 2 and len(held) == 2 and not held & shadow
+    assert len({v.untyped_storage().data_ptr() for v in sd["copied"].values()}) == 1
+    want = _flat_state(ema)
+    for k, v in sd["averaged"].items():
+        assert torch.equal(v, ema._avg.state_view(k))
+    torch.save(sd, tmp_path / "ema.pt")
+    dcp.save({"ema": ema}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    for v in averaged:
+        v.fill_(7.0)                                  # the copies, not the shadow
+    _same_state(want, _flat_state(ema))
+    for restore in (lambda e: e.load_state_dict(torch.load(tmp_path / "ema.pt")),
+                    lambda e: dcp.load({"ema": e}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)):
+        other_model, other = make()
+        moved(other, other_model, by=-1.0)
+        restore(other)
+        _same_state(want, _flat_state(other))
+    ema.load_state_dict(sd)                            # the views load as any tensors
+    assert all((v == 7.0).all() for v in ema.state_dict()["averaged"].values())
+
+
 # reliability round 3, M9: with skip_nonfinite=True a NaN step moves no exported value of BEMA (its output row
 # was corrected on the host regardless of the skip): averaged_state_dict, save and the swap read the same
 def test_bema_skipped_nan_step_moves_no_export(tmp_path):
