@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _backends, _launch
+from ._launch.cpu import first_bad_weight
 from ._state import check_header
 from .kernels import kinds
 
@@ -159,38 +160,25 @@ class Smoother:
         self.count += 1
 
     def _weights(self, sample_weight, k: int, device: str):
-        """``(scalar weight, per-stream weight view or None)``, times :data:`SCALE`; scalars travel
-        as kernel arguments. Per-stream weights must be finite and >= 0, as scalars: on the host
-        (NumPy, torch CPU) a bad one is refused; on a GPU, where looking would cost a host sync per
-        update, a NaN, inf or negative weight counts as 0 (that stream's value is left out)."""
+        """``(w0, per-stream weight view or None)``: the kernels weigh stream ``k``'s value by ``w0``,
+        or by ``c[k] * w0`` with per-stream weights ``c``; ``w0`` carries :data:`SCALE`, so the
+        weights are scaled in the kernel (no temporary, no launch of its own). Per-stream weights
+        must be finite and >= 0, as scalars: on the host (NumPy, torch CPU) a bad one is refused
+        here, before anything changes; on a GPU, where looking would cost a host sync per update,
+        the kernel counts a NaN, inf or negative weight as 0 (that stream's value is left out)."""
         if sample_weight is None:
             return SCALE, None
         if isinstance(sample_weight, (int, float)) and not isinstance(sample_weight, bool):
             if not 0 <= sample_weight < math.inf:
                 raise ValueError(f"sample_weight must be a finite number >= 0, got {sample_weight!r}")
             return float(sample_weight) * SCALE, None
-        _backends.control_view(sample_weight, "sample_weight", np.float64, k, device, writable=False)
-        try:
-            ok = (sample_weight >= 0) & (sample_weight < math.inf)      # NaN fails both
-        except TypeError:
-            raise TypeError(f"a per-stream sample_weight on {device} must be an array fastema can scale and check "
-                            f"in place (NumPy, or a torch tensor of the values' device), got "
-                            f"{type(sample_weight).__name__}") from None
-        if device == "cpu":
-            bad = np.flatnonzero(~_backends.to_host(ok).reshape(-1))
-            if bad.size:
-                i = int(bad[0])
-                value = float(_backends.to_host(sample_weight).reshape(-1)[i])
-                raise ValueError(f"sample_weight[{i}] is {value!r}: every per-stream sample_weight must be a "
-                                 f"finite number >= 0 ({bad.size} of {k} are not); nothing was updated")
-            scaled = sample_weight * SCALE
-        else:
-            try:
-                scaled = _backends.where(ok, sample_weight * SCALE, 0.0)
-            except _backends.Unsupported:
-                raise TypeError(f"a per-stream sample_weight on {device} must be a torch tensor (fastema scales and "
-                                f"checks it on the device), got {type(sample_weight).__name__}") from None
-        return 1.0, _backends.control_view(scaled, "sample_weight", np.float64, k, device, writable=False)
+        c = _backends.control_view(sample_weight, "sample_weight", np.float64, k, device, writable=False)
+        i = first_bad_weight(c) if device == "cpu" else -1
+        if i >= 0:
+            bad = np.count_nonzero(~((c >= 0) & (c < math.inf)))
+            raise ValueError(f"sample_weight[{i}] is {float(c[i])!r}: every per-stream sample_weight must be a "
+                             f"finite number >= 0 ({bad} of {k} are not); nothing was updated")
+        return SCALE, c
 
     def _dummy(self):
         return next(iter(self._views.values()))           # any float64 array on the device: never read

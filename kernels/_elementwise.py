@@ -245,18 +245,35 @@ def metric_at(y, k, kind):
     return y[k] if kind == F64 else np.float64(as_float(decode(y[k], kind)))
 
 
+def good_weight(x):
+    """True for a sample weight the smoothers take: finite and >= 0 (NaN fails both tests)."""
+    return x >= 0.0 and x < math.inf
+
+
+def stream_weight(k, w0, c, per_stream):
+    """The sample weight of stream ``k``: ``w0``, or with ``per_stream`` the stream's own
+    ``c[k]`` times ``w0`` (the scale the sums are kept in: a power of two, exact), where a NaN,
+    inf or negative ``c[k]`` counts as 0 (that stream's value is left out). The host refuses
+    such weights before launching wherever it can look at them without a sync (the CPU); on a
+    GPU this is the check, with no temporary and no launch of its own."""
+    if not per_stream:
+        return w0
+    x = c[k]
+    return x * w0 if good_weight(x) else 0.0
+
+
 def ema_stream_at(y, k, w0, c, per_stream, a, b, d, kind, mode, skip):
-    """EMA update of stream ``k`` (``_stats.ema_step``) with sample weight ``c[k]`` or ``w0``;
-    with ``skip``, a non-finite value leaves the stream untouched."""
+    """EMA update of stream ``k`` (``_stats.ema_step``) with sample weight
+    ``stream_weight(k, ...)``; with ``skip``, a non-finite value leaves the stream untouched."""
     v = metric_at(y, k, kind)
-    w = c[k] if per_stream else w0
+    w = stream_weight(k, w0, c, per_stream)
     if skip and (math.isnan(v) or math.isinf(v)):
         return
     a[k], b[k] = ema_step(a[k], b[k], v, w, d, mode)
 
 
 def sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, kind, skip):
-    """Push value ``k`` (weight ``c[k]`` or ``w0``) into its window, evicting ring entry ``base + k``.
+    """Push value ``k`` (weight ``stream_weight(k, ...)``) into its window, evicting ring entry ``base + k``.
 
     The window keeps compensated sums of ``w * v`` and ``w``; ``n`` counts the finite
     entries. A non-finite value is missing (``skip``) or counted in ``bad`` so the mean
@@ -270,7 +287,7 @@ def sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, 
     elif ow < 0.0:                         # a non-finite entry leaves the window
         bad[k] -= 1
     v = metric_at(y, k, kind)
-    w = c[k] if per_stream else w0
+    w = stream_weight(k, w0, c, per_stream)
     if math.isnan(v) or math.isinf(v) or w == 0.0:
         ring_v[base + k] = 0.0
         ring_w[base + k] = 0.0 if (skip or w == 0.0) else -1.0

@@ -285,9 +285,10 @@ def window_kernel(ring_kind, src_kind, parallel):
 
 # ---------------------------------------------------------------- metric smoothers (K streams)
 # Arguments (1-D, C-contiguous): y: K values, float64 or the bits of a narrower ``kind``;
-# w0, c, per_stream: the sample weight, the float ``w0`` or ``c[k]`` (float64[K]) when
-# ``per_stream``. EMA: a, b float64[K]. SMA: ring_v, ring_w float64[W * K] (slot-major),
-# s, comp, ws, wcomp float64[K], n, bad int64[K], ``slot`` the ring position to overwrite.
+# w0, c, per_stream: the sample weight, the float ``w0``, or ``c[k] * w0`` (c float64[K], a
+# NaN, inf or negative c[k] counting as 0) when ``per_stream``. EMA: a, b float64[K].
+# SMA: ring_v, ring_w float64[W * K] (slot-major), s, comp, ws, wcomp float64[K], n, bad int64[K],
+# ``slot`` the ring position to overwrite.
 
 
 @functools.cache
@@ -315,3 +316,18 @@ def sma_kernel(kind, skip, parallel):
             sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
 
     return _compile(kernel, parallel)
+
+
+@functools.cache
+def bad_weight_kernel():
+    """The index of the first per-stream sample weight in ``c`` (float64[K]) that the smoother
+    kernels would count as 0 (``_elementwise.good_weight``: NaN, inf, negative), or -1."""
+    good_weight = E.good_weight
+
+    def kernel(c):
+        for k in range(c.size):
+            if not good_weight(c[k]):
+                return k
+        return -1
+
+    return _compile(kernel, False)

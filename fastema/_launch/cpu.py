@@ -111,3 +111,10 @@ def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, 
     par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
     _run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
          n, bad, slot)
+
+
+def first_bad_weight(c: np.ndarray) -> int:
+    """The index of the first per-stream sample weight in the host array ``c`` that
+    :func:`ema_streams` / :func:`sma_streams` would count as 0 (NaN, inf, negative), or -1: the
+    smoother refuses such an update on the host before anything changes (~0.2 us)."""
+    return int(K.bad_weight_kernel()(c))

@@ -1,5 +1,6 @@
 """fastema.Smoother against pandas, TensorBoard's formula and closed forms."""
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -295,3 +296,62 @@ def test_bad_per_stream_weights_on_a_gpu_count_as_zero_without_a_host_sync():
         ref.update(x.cpu(), sample_weight=torch.where(torch.isfinite(c) & (c >= 0), c, 0.0))
     torch.testing.assert_close(s.ema.cpu(), ref.ema, rtol=1e-15, atol=0)
     torch.testing.assert_close(s.sma.cpu(), ref.sma, rtol=1e-15, atol=0)
+
+
+_VIEWS = {"aten.detach.default", "aten.view.default", "aten.view.dtype", "aten.alias.default",
+          "aten._reshape_alias.default", "aten.reshape.default"}
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_per_stream_weights_cost_no_tensor_operation_per_update(device):
+    # 2c: the per-stream weights were checked and scaled by torch operations at every update (on a
+    # GPU ~5 launches and temporaries: where(ok, w * SCALE, 0)); the kernel scales them and applies
+    # the bad-weight rule now, so an update with per-stream weights runs no torch operation but views
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    s, ref = Smoother(decay=0.9, window=3), Smoother(decay=0.9, window=3)
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=device)
+    w = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.5, 2.0]], dtype=torch.float64, device=device)
+    s.update(v[0], sample_weight=w[0])
+    x, c = v[1], w[1]
+    with Record() as rec:
+        s.update(x, sample_weight=c)
+    assert set(rec.ops) <= _VIEWS, rec.ops
+    for x, c in zip(v, w):
+        ref.update(x.cpu().numpy(), sample_weight=c.cpu().numpy())
+    np.testing.assert_array_equal(s.ema.cpu().numpy(), ref.ema)
+    np.testing.assert_array_equal(s.sma.cpu().numpy(), ref.sma)
+
+
+@pytest.mark.cuda
+def test_per_stream_weights_on_the_device_are_scaled_and_checked_in_the_kernel():
+    # 2c, on the device (the Numba CUDA simulator in CI, run as its own process): Numba device
+    # arrays of per-stream weights were refused (fastema scaled them with array operations); the
+    # kernel scales them now and counts a NaN, inf or negative weight as 0, with the same sums
+    # (checkpoint version 2) as a CPU smoother given those weights as 0
+    from numba import cuda
+
+    if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
+        pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1 (set before numba is imported)")
+    vals = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, -1.0, 0.5], [2.0, 2.0, 2.0]])
+    ws = np.array([[1.0, 2.0, 3.0], [1.0, np.nan, -2.0], [2.0, np.inf, 1.0], [0.5, 1.0, 0.0]])
+    for kw in (dict(span=3, window=2), dict(alpha=0.5, mode="seeded", window=3), dict(decay=0.5, mode="zeros")):
+        dev, host = Smoother(**kw), Smoother(**kw)
+        for y, c in zip(vals, ws):
+            dev.update(cuda.to_device(y), sample_weight=cuda.to_device(c))
+            host.update(y, sample_weight=np.where(np.isfinite(c) & (c >= 0), c, 0.0))
+        a, b = dev.state_dict(), host.state_dict()
+        assert a["version"] == b["version"] == 2 and a["count"] == b["count"] == len(vals)
+        for name, x in b["state"].items():
+            got = a["state"][name]
+            got = got.copy_to_host() if hasattr(got, "copy_to_host") else np.asarray(got)
+            np.testing.assert_array_equal(got, x, err_msg=f"{kw} {name}")
