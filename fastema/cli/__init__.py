@@ -35,11 +35,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace | int:
-    """``parser.parse_args(argv)``, or the exit status where argparse would exit (``--help``: 0,
-    a usage error: 2, its one line already printed), so ``main(argv)`` returns it."""
+def parse(parser: argparse.ArgumentParser, argv, known: bool = False):
+    """``parser.parse_args(argv)`` (``known=True``: ``parse_known_args``, the arguments and the
+    rest), or the exit status where argparse would exit (``--help``: 0, a usage error: 2, its one
+    line already printed), so ``main(argv)`` returns it."""
     try:
-        return parser.parse_args(argv)
+        return parser.parse_known_args(argv) if known else parser.parse_args(argv)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
 
@@ -88,12 +89,14 @@ def image_path(option: str, path: str) -> str:
     return path
 
 
-def writable(option: str, path: str) -> None:
+def writable(option: str, path: str, example: str = "out.png") -> None:
     """ValueError naming ``option`` for an output file that cannot be written (a directory, a
-    missing or read-only folder): checked before the work, not after it."""
+    missing or read-only folder): checked before the work, not after it. ``example``: the file
+    name the message suggests in a directory given instead of a file (an image by default; e.g.
+    ``"ema.safetensors"`` for weights)."""
     if os.path.isdir(path):
         raise ValueError(f"{option} {path!r} is a directory: give a file name in it, e.g. "
-                         f"{os.path.join(path, 'out.png')!r}")
+                         f"{os.path.join(path, example)!r}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first "

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from . import parse
+
 __all__ = ["main", "report"]
 
 CEILING = "copy (ceiling)"
@@ -174,7 +176,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args, extra = _parser().parse_known_args(argv)
+    parsed = parse(_parser(), argv, known=True)
+    if isinstance(parsed, int):                  # --help: 0; a usage error: 2 (its line printed)
+        return parsed
+    args, extra = parsed
     try:
         if args.report:
             out = pathlib.Path(args.out or pathlib.Path(args.report).parent)
