@@ -296,6 +296,42 @@ def test_streamed_save_loads_back_equal(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".fastema-")] == []
 
 
+# L3, the memory itself (issue 25, second pass): a .safetensors save converts the tensors to host copies one at a
+# time, each released before the next is written; a save that copied the whole dict first (what L3 was) would have
+# every copy alive at the first write. Spied: the host copies Tensor.to makes, alive when each tensor is written.
+def test_streamed_save_holds_one_host_copy_at_a_time(tmp_path, monkeypatch):
+    import types
+    import weakref
+    import zlib
+
+    import fastema.torch._safetensors as writer
+
+    pytest.importorskip("safetensors.torch")
+    model = cnn()
+    ema = EMA(model, 0.9)
+    moved(ema, model, by=0.25)
+    copies, alive_at_write = [], []
+    to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.device.type == "cpu" and out is not self:
+            copies.append(weakref.ref(out))
+        return out
+
+    def spy_crc32(data, *args):
+        alive_at_write.append(sum(ref() is not None for ref in copies))
+        return zlib.crc32(data, *args)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(writer, "zlib", types.SimpleNamespace(crc32=spy_crc32))
+    ema.save(tmp_path / "ema.safetensors")
+    monkeypatch.undo()
+    entries = len(model.state_dict())
+    assert entries > 5 and len(copies) == len(alive_at_write) == entries
+    assert alive_at_write == [1] * entries               # the one being written, none before it
+
+
 def test_streamed_save_keeps_the_dtypes_the_installed_safetensors_reads(tmp_path):
     # The streaming writer knows the portable names; a complex or uint16 buffer, which
     # safetensors.torch.save stored, must not be refused by it
