@@ -28,6 +28,12 @@ FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 
 
+def _one_copy(device: torch.device) -> bool:
+    """Whether :meth:`_CheckpointSide.state_dict` copies a whole flat buffer on ``device`` to the host
+    at once (and hands out views of the copy) rather than tensor by tensor: off the CPU."""
+    return device.type != "cpu"
+
+
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous host copy of ``t``: in pinned memory when ``t`` is on a CUDA device, if the
     driver grants it (the device-to-host copy then runs at full speed), else pageable."""
@@ -135,10 +141,11 @@ class _CheckpointSide:
         """Everything needed to resume exactly: averages keyed by name, counters, settings.
 
         The tensors are copies in host memory (a staging copy of the shadow, made here: one
-        shadow's worth of host RAM, none on the GPU, while the dict is held): one copy of each flat
-        shadow buffer, in pinned memory for a GPU shadow (one device-to-host copy at full speed; torch's
-        host allocator keeps the pinned block for the next call), and the entries are views of it, so
-        the entries of a group share one storage (``torch.save`` writes it once). On a sharded average
+        shadow's worth of host RAM, none on the GPU, while the dict is held). For a GPU shadow that is
+        one copy of each flat shadow buffer in pinned memory (one device-to-host copy at full speed;
+        torch's host allocator keeps the pinned block for the next call), and the entries are views of
+        it (``torch.save`` writes each buffer's storage once); for a CPU shadow, a copy of each
+        tensor. On a sharded average
         they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
         *shape)``, the parameter's shard dims moved up by one): the average is a
         ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
@@ -161,13 +168,15 @@ class _CheckpointSide:
     def _staged(self, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
         """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
         :meth:`_global`): what :meth:`state_dict` hands out, so that ``dcp.load`` writes into them and
-        not into the shadow. Views of one flat buffer are views of one host copy of it (one copy, pinned
-        for a GPU buffer); a view of a buffer it covers less than half of is copied alone. A sharded
+        not into the shadow. Views of one device buffer are views of one pinned host copy of it (one
+        device-to-host copy, not one a tensor); a view of a buffer it covers less than half of, and a
+        view in host memory, is copied alone (a host buffer gains nothing from one big copy, which
+        torch runs on its thread pool: slower on a machine whose cores are busy). A sharded
         tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU staging makes
         them), so no GPU memory is taken."""
         bases: dict[int, tuple[torch.Tensor, list[str]]] = {}
         for n, v in views.items():
-            base = v._base if v._base is not None and v._base.is_contiguous() else v
+            base = v._base if v._base is not None and v._base.is_contiguous() and _one_copy(v.device) else v
             bases.setdefault(id(base), (base, []))[1].append(n)
         host = {}
         for base, names in bases.values():
