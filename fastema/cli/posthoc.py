@@ -2,10 +2,12 @@
 EMA from the snapshots of :class:`fastema.torch.PostHocEMA` (``--plot profiles.png`` draws the
 profiles). The library side is :mod:`fastema.posthoc`.
 
-Bad input never prints a traceback: a bad argument, a snapshot folder that cannot be read
-(a missing, truncated, corrupt or foreign file, runs or shapes mixed), a target the snapshots
-cannot represent or an output that cannot be written each print one line, ``error: ...``,
-naming the file or argument and the fix, and exit with status 1 (2 for usage errors)."""
+Bad input prints one line, never a traceback: a bad argument, a snapshot folder that cannot be
+read (a missing, truncated, corrupt, forged or foreign file, a FIFO or device named like a
+snapshot, runs or shapes mixed), a tensor too large for this machine's memory, a target the
+snapshots cannot represent or an output that cannot be written each print ``error: ...``, naming
+the file or argument and the fix, and exit with status 1 (2 for usage errors). An error fastema
+does not expect (a bug) still prints its traceback."""
 from __future__ import annotations
 
 import math
@@ -32,7 +34,8 @@ def main(argv=None) -> int:
     parser = Parser(
         prog="python -m fastema posthoc",
         description="Synthesise a post-hoc EMA from the snapshots of fastema.torch.PostHocEMA (one run's folder). "
-                    "Reading the folder never runs code from it.",
+                    "Nothing in the folder is executed: a DCP snapshot's pickled metadata is read by a restricted "
+                    "unpickler that builds DCP's metadata classes only.",
         epilog="example: python -m fastema posthoc RUN_DIR --sigma-rel 0.07 --out ema.safetensors")
     parser.add_argument("directory", help="the snapshot folder of one PostHocEMA run (its path=)")
     target = parser.add_mutually_exclusive_group()
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         if plot is not None:
             plot_profiles(args.directory, sigma, plot, time=args.time)
             print(f"wrote {plot}")
-    except (ValueError, OSError, ImportError) as err:        # FileNotFoundError, SnapshotError: OSErrors
+    except (ValueError, OSError, ImportError, MemoryError) as err:  # FileNotFoundError, SnapshotError: OSErrors
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     return 0

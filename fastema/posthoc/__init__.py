@@ -10,21 +10,24 @@ time, and loads the result into a model; :mod:`.plot` draws the profiles.
 Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safetensors``
 (``--plot profiles.png`` draws the profiles; :mod:`fastema.cli.posthoc`).
 
-Snapshot folders are safe to read from anyone: reading one never runs code from it (no pickle
-reaches an unrestricted unpickler), and every file is checked (one run per folder, shapes,
-checksums) before a tensor of it is used.
+Snapshot folders are safe to read from anyone: nothing in one is executed (its one kind of
+pickle, a DCP snapshot's metadata, is read by a restricted unpickler that builds DCP's metadata
+classes only and sets no state outside them: :mod:`.snapshots`), only regular files are opened,
+and every file is checked (one run per folder, shapes, checksums, sizes) before a tensor of it is
+used. :mod:`.folder` keeps one run per folder on the writing side.
 
 Importing this package imports numpy only; torch and safetensors are imported when a snapshot
 is written, read or synthesised.
 """
-# Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION and
-# write_snapshot (fastema.torch's writer).
+# Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION,
+# LEGACY_RUN_ID and write_snapshot (fastema.torch's writer).
 from .._files import atomic_write  # noqa: F401
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
 from .plot import plot_profiles
 from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve
 from .snapshots import (  # noqa: F401
     FORMAT,
+    LEGACY_RUN_ID,
     VERSION,
     Snapshot,
     SnapshotError,

@@ -9,16 +9,23 @@ metadata (:class:`SnapshotMeta`, strings only) holds the run id, the time, the e
 names and shapes, and (safetensors) a CRC-32 of every tensor's bytes.
 
 Version 2 (this one) adds the run id, every tensor's shape, the checksums and tensors stored as
-their bytes (dtypes safetensors has no name for); version 1 snapshots are read as one legacy
-run, never mixed with another. One folder holds one run: :func:`check_folder` is what a writer
-asks before it writes, :func:`read_snapshots` refuses a folder that mixes runs or shapes.
+their bytes (dtypes safetensors has no name for); version 1 snapshots, and those of a run resumed
+from a 0.1 checkpoint (:data:`LEGACY_RUN_ID`), are read as one legacy run, never mixed with
+another. One folder holds one run: :func:`read_snapshots` refuses a folder that mixes runs or
+shapes; :mod:`.folder` is what a writer asks before it writes.
 
-Reading never runs code from the folder: safetensors and JSON hold no code, and a DCP
-snapshot's ``.metadata`` (a pickle) is read by a restricted unpickler that builds DCP's metadata
-classes, ``torch.Size`` and dtypes only (:func:`_load_dcp_metadata`); its ``.distcp`` data goes
-through ``torch.load(weights_only=True)``. Reading is one tensor at a time (:func:`_reader`:
-memory-mapped safetensors, or DCP with ``no_dist``), every tensor checked (shape, dtype,
-checksum). Importing this module imports numpy only; torch and safetensors when used.
+Reading executes nothing from the folder. Safetensors and JSON hold no code. The one pickle, a
+DCP snapshot's ``.metadata``, goes through :class:`_DcpMetadataUnpickler`: an allow-list of
+opcodes and globals (DCP's metadata classes, ``torch.Size``, dtypes, layouts, paths), which calls
+only those constructors and sets state only on the fresh metadata instances it made, never on a
+class, function, module or other object of the process; anything else is refused, naming the
+file, and the process is as it was. A DCP snapshot's ``.distcp`` data goes through
+``torch.load(weights_only=True)``. Only regular files are opened (a FIFO or a device named like a
+snapshot's file is refused, never read). Reading is one tensor at a time (:func:`_reader`:
+memory-mapped safetensors, or DCP with ``no_dist``), every tensor checked (shape, dtype, checksum)
+and its size bounded before it is allocated: by the bytes its data files hold, and, beyond the
+memory free on this machine, refused (a sparse file's apparent size is a forged snapshot's).
+Importing this module imports numpy only; torch and safetensors when used.
 """
 from __future__ import annotations
 
@@ -27,14 +34,16 @@ import math
 import os
 import pickle
 import re
+import stat
+import types
 import warnings
 import zlib
-from typing import Any, Callable, NamedTuple, NoReturn
+from typing import Any, Callable, ClassVar, NamedTuple, NoReturn
 
 from .._files import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "Snapshot", "SnapshotError", "SnapshotMeta", "check_folder", "read_snapshots",
-           "write_snapshot"]
+__all__ = ["FORMAT", "LEGACY_RUN_ID", "VERSION", "Snapshot", "SnapshotError", "SnapshotMeta", "read_snapshots",
+           "same_run", "write_snapshot"]
 
 #: The ``format`` every snapshot's metadata carries.
 FORMAT = "fastema.posthoc"
@@ -48,6 +57,9 @@ _MAX_JSON = 64 << 20                  # a DCP snapshot's .json is small; a large
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}$")
 _CRC = re.compile(r"[0-9a-f]{8}$")
 _DTYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
+#: The run id of a run resumed from a fastema 0.1 checkpoint (which has none): its snapshots and the
+#: version-1 ones are read as one legacy run (:func:`same_run`).
+LEGACY_RUN_ID = "legacy"
 
 
 class SnapshotError(OSError):
@@ -274,9 +286,108 @@ class Snapshot(NamedTuple):
 # --------------------------------------------------------------------------- reading
 
 
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _not_regular(path: str, mode: int) -> ValueError:
+    return ValueError(f"{path!r} is {_kind(mode)}, not a regular file (reading it could block, or never end): a "
+                      f"snapshot is made of regular files; move it out of the folder")
+
+
+def _regular(path: str) -> os.stat_result:
+    """``os.stat(path)`` (a symlink followed), refused (ValueError naming it) unless a regular file:
+    a FIFO, a device or a socket named like a snapshot's file is never opened."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def _open_regular(path: str):
+    """``open(path, "rb")`` of a regular file, checked on the open file itself (opened without
+    blocking, so a FIFO swapped in after a check cannot hang the reader either)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory this process can still get (Linux: MemAvailable + SwapFree, within its
+    cgroup's limit), or None where that is not known (no bound)."""
+    avail = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            info = {}
+            for line in f.read(1 << 16).decode("ascii", "replace").splitlines():
+                key, _, value = line.partition(":")
+                if value.split() and value.split()[0].isdigit():
+                    info[key] = int(value.split()[0]) * 1024
+        avail = info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError):
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:                                          # a container's limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read(64).strip()
+        with open("/sys/fs/cgroup/memory.current", "rb") as f:
+            current = f.read(64).strip()
+        if limit.isdigit() and current.isdigit():
+            avail = min(avail, max(int(limit) - int(current), 0))
+    except OSError:
+        pass
+    return avail
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: MemoryError, or torch's RuntimeError for one (CPU or GPU)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "Cannot allocate memory" in text))
+
+
+_SMALL = 1 << 24                      # reads below 16 MiB are not bounded (no /proc read per small tensor)
+
+
+def _fits(path: str, key: str, nbytes: int, files: dict) -> None:
+    """Before a read allocates ``nbytes`` for ``key``: refuse a claim larger than the memory this
+    machine has free. A claim that the data ``files`` (name -> os.stat_result) do not hold on disk
+    (a sparse file, its size only apparent) is a forged or damaged snapshot (ValueError); a real
+    one too large for this machine is a MemoryError. Both name the file; nothing is allocated."""
+    if nbytes < _SMALL:
+        return
+    avail = _memory_available()
+    if avail is None or nbytes <= avail:
+        return
+    on_disk = sum(getattr(st, "st_blocks", 0) * 512 for st in files.values())
+    if all(hasattr(st, "st_blocks") for st in files.values()) and on_disk < nbytes:
+        raise ValueError(f"{path!r}: {key!r} claims {nbytes} bytes, more than the {avail} bytes of memory free here, "
+                         f"and its data file(s) {', '.join(sorted(files))} hold only {on_disk} bytes on disk (a "
+                         f"sparse file: its size is only apparent): the snapshot is forged or damaged; move it out "
+                         f"of the folder to synthesise from the others")
+    raise MemoryError(f"{path!r}: reading {key!r} needs {nbytes} bytes of memory, more than the {avail} bytes free "
+                      f"here: synthesise on a machine with more memory")
+
+
 def _safetensors_metadata(path: str) -> dict:
     from safetensors import safe_open
 
+    _regular(path)
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
@@ -286,9 +397,9 @@ def _safetensors_metadata(path: str) -> dict:
 
 
 def _json_metadata(path: str) -> dict:
+    with _open_regular(path) as f:
+        data = f.read(_MAX_JSON + 1)
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_JSON + 1)
         if len(data) > _MAX_JSON:
             raise ValueError(f"larger than {_MAX_JSON} bytes")
         meta = json.loads(data.decode("utf-8"))
@@ -328,6 +439,12 @@ def _few(paths: list, n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
+def same_run(run_id: str | None) -> str | None:
+    """The run a snapshot's ``run_id`` belongs to: version-1 snapshots (None) and the snapshots of
+    a run resumed from a fastema 0.1 checkpoint (:data:`LEGACY_RUN_ID`) are one legacy run (None)."""
+    return None if run_id == LEGACY_RUN_ID else run_id
+
+
 def _run_name(run_id: str | None) -> str:
     return "version-1 snapshots (no run id)" if run_id is None else f"run {run_id}"
 
@@ -336,8 +453,10 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
     """The snapshots in ``directory`` (their metadata only, checked), by time.
 
     Refuses (``ValueError`` naming the files) a file named like a snapshot that is not a readable
-    one, a folder that holds the snapshots of more than one run (version-1 snapshots count as one
-    legacy run), two snapshots of one time, and snapshots whose tensors' names or shapes differ.
+    one (or not a regular file), a folder that holds the snapshots of more than one run (version-1
+    snapshots, and those of a run resumed from a 0.1 checkpoint, count as one legacy run), two
+    snapshots of one time, and snapshots whose tensors' names or shapes differ. Subfolders
+    (``superseded-*``: snapshots a resumed run moved aside) are not read.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -352,7 +471,7 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
                                 f"{directory!r}")
     runs: dict = {}
     for s in out:
-        runs.setdefault(s.run_id, []).append(s.path)
+        runs.setdefault(same_run(s.run_id), []).append(s.path)
     if len(runs) > 1:
         listed = "; ".join(f"{_run_name(r)}: {_few(p)}" for r, p in runs.items())
         raise ValueError(f"{directory!r} holds the snapshots of {len(runs)} runs ({listed}). Synthesis combines "
@@ -371,75 +490,6 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
                 raise ValueError(f"{s.path!r} stores {n!r} with shape {s.shapes[n]}, {last.path!r} with shape "
                                  f"{last.shapes[n]}: snapshots of different models in one directory")
     return out
-
-
-# --------------------------------------------------------------------------- one run per folder
-
-
-def check_folder(directory: str, run_id: str, time: float, seen: dict | None = None) -> str | None:
-    """Why run ``run_id``, now at ``time``, may not write its next snapshot into ``directory``
-    (None: it may). A writer asks this before it writes anything.
-
-    Refused: another run's snapshots (a fresh run pointed at an old folder, two runs in one
-    folder), version-1 snapshots (no run id), files named like snapshots that cannot be read,
-    and this run's own snapshots later than ``time`` (a run resumed from an earlier checkpoint:
-    they belong to the trajectory it abandoned; synthesis would mix the two, and the resumed run
-    would overwrite them one by one). ``seen`` caches what was read, by name, size and mtime.
-    """
-    seen = {} if seen is None else seen
-    others: dict = {}
-    later, unreadable = [], []
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return None                                   # the write itself reports a folder that is gone
-    for name in names:
-        if not name.startswith("snapshot-") or not name.endswith((".json", ".safetensors")):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue                                  # removed since the listing
-        key = (name, st.st_size, st.st_mtime_ns)
-        if key not in seen:
-            try:
-                snap = _snapshot_at(directory, name)
-                seen[key] = None if snap is None else (snap.run_id, snap.time)
-            except (ValueError, OSError) as err:
-                seen[key] = ("unreadable", _first_line(err))
-        found = seen[key]
-        if found is None:
-            continue
-        if found[0] == "unreadable":
-            unreadable.append((path, found[1]))
-        elif found[0] != run_id:
-            others.setdefault(found[0], []).append(path)
-        elif found[1] > time:
-            later.append(path)
-    problems = []
-    for other, paths in others.items():
-        if other is None:
-            problems.append(f"it holds version-1 snapshots, written before run ids ({_few(paths)}): give this "
-                            f"PostHocEMA a new folder (path=); synthesis still reads that folder on its own")
-        else:
-            problems.append(f"it holds the snapshots of another run, run {other} ({_few(paths)}), which this run "
-                            f"({run_id}) would overwrite or mix with: give this PostHocEMA a new folder (path=), "
-                            f"or, to continue that run, load its checkpoint first (load_state_dict): the "
-                            f"PostHocEMA then takes that run's id")
-    if later:
-        problems.append(f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), "
-                        f"from the trajectory after the checkpoint this run resumed from: synthesis would mix the "
-                        f"two trajectories. Remove them (or move them out of the folder), or resume from a later "
-                        f"checkpoint")
-    if unreadable:
-        listed = _few([p for p, _ in unreadable])
-        problems.append(f"it holds files named like snapshots that are not readable ones ({listed}: "
-                        f"{unreadable[0][1]}): move them out of the folder")
-    if not problems:
-        return None
-    return f"PostHocEMA will not write its snapshots into {directory!r}: " + "; ".join(problems) + \
-        ". Nothing was written and this call changed nothing."
 
 
 # --------------------------------------------------------------------------- writing
@@ -461,14 +511,18 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     write. ``meta`` may be a :class:`SnapshotMeta` (written through :meth:`SnapshotMeta.to_metadata`)."""
     if isinstance(meta, SnapshotMeta):
         meta = meta.to_metadata()
-    stamp = f"{int(time):012d}" if float(time).is_integer() else f"{time:020.6f}"
-    base = os.path.join(directory, f"snapshot-{stamp}")
+    base = os.path.join(directory, f"snapshot-{stamp(time)}")
     if sharded:
         return _save_dcp(base, tensors, meta)
     from ..torch._safetensors import stream_safetensors
 
     atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
     return base + ".safetensors"
+
+
+def stamp(time: float) -> str:
+    """A time as snapshot names spell it (12 digits, or 20 characters with 6 decimals)."""
+    return f"{int(time):012d}" if float(time).is_integer() else f"{time:020.6f}"
 
 
 def _save_dcp(base: str, tensors: dict, meta: dict) -> str:
@@ -587,9 +641,14 @@ def _reader(snap: Snapshot) -> Callable[[str], Any]:
     return get
 
 
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
 def _safetensors_reader(snap: Snapshot) -> Callable:
     from safetensors import safe_open
 
+    st = _regular(snap.path)
     try:
         handle = safe_open(snap.path, framework="pt")
         keys = set(handle.keys())
@@ -603,8 +662,18 @@ def _safetensors_reader(snap: Snapshot) -> Callable:
             raise ValueError(f"{snap.path!r} has no tensor {key!r}, which its metadata names; the snapshot is "
                              f"corrupt: move it out of the folder to synthesise from the others")
         try:
-            t = handle.get_tensor(key)
+            part = handle.get_slice(key)
+            nbytes = math.prod(part.get_shape()) * _ITEMSIZE.get(part.get_dtype(), 8)
         except Exception as err:                  # SafetensorError
+            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({_first_line(err)}); the snapshot "
+                             f"is corrupt: move it out of the folder") from None
+        _fits(snap.path, key, nbytes, {os.path.basename(snap.path): st})
+        try:
+            t = handle.get_tensor(key)
+        except Exception as err:                  # SafetensorError, an allocation that failed
+            if _out_of_memory(err):
+                raise MemoryError(f"{snap.path!r}: reading {key!r} ({nbytes} bytes) ran out of memory "
+                                  f"({_first_line(err)}): synthesise on a machine with more memory") from None
             raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({_first_line(err)}); the snapshot "
                              f"is corrupt: move it out of the folder") from None
         if key in checksums:
@@ -642,18 +711,28 @@ def _dcp_reader(snap: Snapshot) -> Callable:
                              f"the snapshot is corrupt")
         stored = sum(info.length for index, info in md.storage_data.items() if index.fqn == key)
         itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
-        if math.prod(size) * itemsize > stored:          # before allocating what a forged size asks for
+        nbytes = math.prod(size) * itemsize
+        if nbytes > stored:                              # before allocating what a forged size asks for
             raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} claims shape {size} ({math.prod(size)} "
                              f"values), but its data files hold {stored} bytes of it; the snapshot is corrupt")
-        out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
+        files = sorted({info.relative_path for index, info in md.storage_data.items() if index.fqn == key})
+        _fits(snap.path, key, nbytes, {f: _regular(os.path.join(snap.path, f)) for f in files})
+        try:
+            out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
+        except (RuntimeError, MemoryError) as err:
+            raise MemoryError(f"the DCP snapshot {snap.path!r}: {nbytes} bytes for {key!r} could not be allocated "
+                              f"({_first_line(err)}): synthesise on a machine with more memory") from None
         try:
             with warnings.catch_warnings():
                 # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(out, storage_reader=reader_type(snap.path), no_dist=True)
         except (Exception, CheckpointException) as err:
-            files = sorted({info.relative_path for index, info in md.storage_data.items() if index.fqn == key})
             cause = _cause(err)
+            if _out_of_memory(cause):
+                raise MemoryError(f"the DCP snapshot {snap.path!r}: reading {key!r} ({nbytes} bytes, from "
+                                  f"{', '.join(files)}) ran out of memory ({_first_line(cause)}): synthesise on a "
+                                  f"machine with more memory") from None
             why = (f"{', '.join(files)} holds a pickle that is not plain tensor data: torch.load(weights_only=True) "
                    f"refused it, nothing ran" if isinstance(cause, pickle.UnpicklingError) else
                    f"{', '.join(files)}: {_first_line(cause)}")
@@ -668,51 +747,239 @@ def _dcp_reader(snap: Snapshot) -> Callable:
 # --------------------------------------------------------------------------- DCP metadata without pickle's reach
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
+_PATHS = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
+#: What a DCP ``.metadata`` may name (module -> names), besides ``torch.Size`` and ``torch.<dtype>``.
 _ALLOWED = {
-    _DCP_METADATA: {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},           # a layout by its name, from torch's own table
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
-    "pathlib._local": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
-    "collections": {"OrderedDict"},
+    _DCP_METADATA: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"),
+    _FILESYSTEM: ("_StorageInfo",),
+    "torch.serialization": ("_get_layout",),          # a layout by its name, from torch's own table
+    "pathlib": _PATHS,
+    "pathlib._local": _PATHS,
+    "collections": ("OrderedDict",),
 }
+#: The only classes whose state a pickle may set (BUILD): DCP's metadata dataclasses, on the fresh
+#: instances this unpickler made. Never a class, a function, a module, a dtype or an enum member.
+_BUILDABLE = {
+    _DCP_METADATA: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta"),
+    _FILESYSTEM: ("_StorageInfo",),
+}
+# Opcodes that only build plain data (numbers, strings, bytes, tuples, lists, dicts, sets), move it
+# on the stack or the memo, or frame the stream; GLOBAL and STACK_GLOBAL go through find_class.
+_DATA_OPCODES = (
+    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 "
+    "FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES "
+    "SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_LIST LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT "
+    "EMPTY_SET FROZENSET GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL").split()
 
 
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Builds what DCP's ``.metadata`` holds (its metadata dataclasses, ``torch.Size``, dtypes,
-    layouts, paths) and nothing else: any other global is refused before it is looked up, so a
-    planted ``__reduce__`` never runs."""
+class _DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpickler: its dispatch is ours
+    """Builds what DCP's ``.metadata`` holds and nothing else, with an allow-list of opcodes.
 
-    def find_class(self, module: str, name: str):
+    Globals: DCP's metadata classes, ``torch.Size``, dtypes, layouts (``_get_layout``), paths and
+    ``OrderedDict`` (:data:`_ALLOWED`); any other is refused before it is looked up. Calls
+    (REDUCE, NEWOBJ): those globals only. State (BUILD): only on an instance of DCP's metadata
+    dataclasses (:data:`_BUILDABLE`), only their declared fields (or the class's own
+    ``__setstate__``): a pickle cannot set an attribute of a class, a function, a module or any
+    object shared with the rest of the process. Appends and item sets: only into the lists,
+    dicts and sets it built. Persistent ids, extension codes, INST/OBJ and out-of-band buffers
+    are refused."""
+
+    dispatch: ClassVar[dict] = {}              # opcode -> handler: _make_dispatch()'s table
+    # the pure-Python unpickler's own (typeshed does not declare them)
+    stack: list
+    append: Callable[[Any], None]
+    pop_mark: Callable[[], list]
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        import importlib
+
         import torch
 
-        if name in _ALLOWED.get(module, ()) or (
-                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
-            return super().find_class(module, name)
+        self._globals: dict = {}
+        for module, names in _ALLOWED.items():
+            try:
+                found = importlib.import_module(module)
+            except ImportError:                       # pathlib._local: Python >= 3.13 only
+                continue
+            for name in names:
+                if hasattr(found, name):
+                    self._globals[(module, name)] = getattr(found, name)
+        self._globals[("torch", "Size")] = torch.Size
+        self._torch = torch
+        self._callables = tuple(self._globals.values())
+        self._classes = tuple(v for v in self._callables if isinstance(v, type))
+        self._buildable: dict = {}
+        for module, names in _BUILDABLE.items():
+            for name in names:
+                cls = self._globals.get((module, name))
+                if cls is not None:
+                    self._buildable[cls] = {f.name for f in _dataclass_fields(cls)}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._globals:
+            return self._globals[(module, name)]
+        if module == "torch" and isinstance(getattr(self._torch, name, None), self._torch.dtype):
+            return getattr(self._torch, name)
         raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which DCP metadata never holds")
 
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never holds")
+    def _refuse(self, what: str) -> NoReturn:
+        raise pickle.UnpicklingError(f"it {what}, which DCP metadata never does")
+
+    def _allowed(self, obj, among: tuple) -> bool:
+        return any(obj is c for c in among)          # by identity: nothing of the pickle's is hashed or compared
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if type(args) is not tuple or not self._allowed(func, self._callables):
+            self._refuse(f"calls {_named(func)}")
+        self.stack[-1] = func(*args)
+
+    def _load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if type(args) is not tuple or not self._allowed(cls, self._classes):
+            self._refuse(f"makes an object of {_named(cls)}")
+        self.append(cls.__new__(cls, *args))
+
+    def _load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if type(args) is not tuple or type(kwargs) is not dict or not self._allowed(cls, self._classes):
+            self._refuse(f"makes an object of {_named(cls)}")
+        self.append(cls.__new__(cls, *args, **kwargs))
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        cls = type(inst)
+        fields = next((f for c, f in self._buildable.items() if c is cls), None)
+        if fields is None:
+            self._refuse(f"sets the state of {_named(inst)}")
+        setstate = cls.__dict__.get("__setstate__")
+        if setstate is not None:                      # TensorProperties: its own decoder, on its instance
+            setstate(inst, state)
+            return
+        slots = None
+        if type(state) is tuple and len(state) == 2:
+            state, slots = state
+        for part in (state, slots):
+            if part is None:
+                continue
+            if type(part) is not dict:
+                self._refuse(f"sets the state of a {cls.__name__} from a {type(part).__name__}")
+            for key, value in part.items():
+                if type(key) is not str or key not in fields:
+                    name = repr(key[:40]) if type(key) is str else _named(key)
+                    self._refuse(f"sets {cls.__name__}.{name}, not a field of it")
+                object.__setattr__(inst, key, value)  # frozen dataclasses too (MetadataIndex), as pickle does
+
+    def _load_append(self) -> None:
+        value = self.stack.pop()
+        if type(self.stack[-1]) is not list:
+            self._refuse(f"appends to a {type(self.stack[-1]).__name__}")
+        self.stack[-1].append(value)
+
+    def _load_appends(self) -> None:
+        items = self.pop_mark()
+        if type(self.stack[-1]) is not list:
+            self._refuse(f"appends to a {type(self.stack[-1]).__name__}")
+        self.stack[-1].extend(items)
+
+    def _load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._setitems([key, value])
+
+    def _load_setitems(self) -> None:
+        self._setitems(self.pop_mark())
+
+    def _setitems(self, items: list) -> None:
+        target = self.stack[-1]
+        if type(target) is not dict and type(target) is not self._globals[("collections", "OrderedDict")]:
+            self._refuse(f"sets items of a {type(target).__name__}")
+        for i in range(0, len(items) - 1, 2):
+            target[items[i]] = items[i + 1]
+
+    def _load_additems(self) -> None:
+        items = self.pop_mark()
+        if type(self.stack[-1]) is not set:
+            self._refuse(f"adds to a {type(self.stack[-1]).__name__}")
+        self.stack[-1].update(items)
+
+
+def _make_dispatch() -> dict:
+    import pickletools
+
+    def refuse(name: str):
+        def op(self):
+            raise pickle.UnpicklingError(f"it holds the pickle opcode {name}, which DCP metadata never holds")
+        return op
+
+    base = pickle._Unpickler.dispatch                  # type: ignore[attr-defined]
+    table = {code: refuse(f"0x{code:02x}") for code in range(256)}
+    for op in pickletools.opcodes:
+        table[ord(op.code.encode("latin-1"))] = refuse(op.name)
+    for name in _DATA_OPCODES:
+        code = getattr(pickle, name)[0]
+        table[code] = base[code]
+    restricted = {"REDUCE": "_load_reduce", "NEWOBJ": "_load_newobj", "NEWOBJ_EX": "_load_newobj_ex",
+                  "BUILD": "_load_build", "APPEND": "_load_append", "APPENDS": "_load_appends",
+                  "SETITEM": "_load_setitem", "SETITEMS": "_load_setitems", "ADDITEMS": "_load_additems"}
+    for name, method in restricted.items():
+        table[getattr(pickle, name)[0]] = getattr(_DcpMetadataUnpickler, method)
+    return table
+
+
+_DcpMetadataUnpickler.dispatch = _make_dispatch()
+
+
+def _named(obj) -> str:
+    """What an object of a pickle is, without calling anything of it (no repr, no str)."""
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"the function {obj.__module__}.{obj.__qualname__}"
+    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _dataclass_fields(cls) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
 
 
 def _load_dcp_metadata(path: str):
-    """DCP's ``Metadata`` from ``path`` through :class:`_DcpMetadataUnpickler`, its structure
-    checked (the tensors' sizes and dtypes, data files inside the snapshot directory)."""
+    """DCP's ``Metadata`` from ``path`` (a regular file) through :class:`_DcpMetadataUnpickler`, its
+    structure checked (the tensors' sizes and dtypes, data files inside the snapshot directory,
+    regular files holding what it describes)."""
+    with _open_regular(path) as f:
+        try:
+            md = _DcpMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path!r} was not loaded: {err}. Nothing of it ran: fastema builds DCP's metadata "
+                             f"classes from it and nothing else. It is not a snapshot fastema wrote: remove this "
+                             f"snapshot, or get an intact copy from its author") from None
+        except Exception as err:                      # EOFError, a truncated or garbled pickle
+            raise ValueError(f"{path!r} is not readable DCP metadata ({_first_line(err)}); the snapshot is "
+                             f"truncated or corrupt: move it (and its .json) out of the folder") from None
+    try:
+        _check_dcp_metadata(path, md)
+    except (AttributeError, TypeError) as err:        # a field missing, or of another type
+        raise ValueError(f"{path!r} is not DCP metadata a snapshot holds ({_first_line(err)}); the snapshot is "
+                         f"corrupt: move it (and its .json) out of the folder") from None
+    return md
+
+
+def _check_dcp_metadata(path: str, md) -> None:
     import torch
     from torch.distributed.checkpoint import metadata as M
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-    try:
-        with open(path, "rb") as f:
-            md = _DcpMetadataUnpickler(f).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path!r} was not loaded: {err} (reading a snapshot folder never runs code from it). "
-                         f"It is not a snapshot fastema wrote: remove this snapshot, or get an intact copy from "
-                         f"its author") from None
-    except Exception as err:                          # EOFError, a truncated or garbled pickle
-        raise ValueError(f"{path!r} is not readable DCP metadata ({_first_line(err)}); the snapshot is truncated "
-                         f"or corrupt: move it (and its .json) out of the folder") from None
 
     def bad(what: str):
         return ValueError(f"{path!r} is not DCP metadata a snapshot holds ({what}); the snapshot is corrupt: move "
@@ -722,35 +989,45 @@ def _load_dcp_metadata(path: str):
         raise bad(f"a {type(md).__name__}")
     for key, entry in md.state_dict_metadata.items():
         if not isinstance(key, str):
-            raise bad(f"a key {key!r}")
+            raise bad(f"a key of type {type(key).__name__}")
         if isinstance(entry, M.BytesStorageMetadata):
             continue
         if not (isinstance(entry, M.TensorStorageMetadata) and isinstance(entry.size, torch.Size) and
                 all(isinstance(d, int) and d >= 0 for d in entry.size) and
                 isinstance(entry.properties, M.TensorProperties) and
                 isinstance(entry.properties.dtype, torch.dtype)):
-            raise bad(f"the entry of {key!r}")
+            raise bad(f"the entry of {key[:80]!r}")
     storage = md.storage_data
     if not isinstance(storage, dict):
         raise bad("no storage table")
     sizes: dict = {}
     for index, info in storage.items():
-        if not (isinstance(index, M.MetadataIndex) and isinstance(info, _StorageInfo) and
-                isinstance(info.relative_path, str) and os.path.basename(info.relative_path) == info.relative_path
-                and info.relative_path not in ("", ".", "..") and "\\" not in info.relative_path and
+        if not (isinstance(index, M.MetadataIndex) and isinstance(index.fqn, str) and
+                isinstance(info, _StorageInfo) and isinstance(info.relative_path, str) and
+                os.path.basename(info.relative_path) == info.relative_path and
+                info.relative_path not in ("", ".", "..") and "\\" not in info.relative_path and
                 isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and
                 info.length >= 0):
-            raise bad(f"a storage entry {_short(info)}")
-        if info.relative_path not in sizes:        # data inside this snapshot's directory, within its files
-            data = os.path.join(os.path.dirname(path), info.relative_path)
-            sizes[info.relative_path] = os.path.getsize(data) if os.path.isfile(data) else -1
-        if info.offset + info.length > sizes[info.relative_path]:
-            have = sizes[info.relative_path]
-            raise ValueError(f"the DCP snapshot {os.path.dirname(path)!r}: its data file {info.relative_path!r} "
+            raise bad(f"a storage entry {_named(info)}")
+        if getattr(info, "transform_descriptors", None):   # compression: the stored sizes would not bound a read
+            raise bad("a storage entry with transforms, which fastema's snapshots never use")
+        name = info.relative_path
+        if name not in sizes:                        # data inside this snapshot's directory, within its files
+            data = os.path.join(os.path.dirname(path), name)
+            try:
+                st = os.stat(data)
+            except FileNotFoundError:
+                sizes[name] = -1
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise _not_regular(data, st.st_mode)
+                sizes[name] = st.st_size
+        if info.offset + info.length > sizes[name]:
+            have = sizes[name]
+            raise ValueError(f"the DCP snapshot {os.path.dirname(path)!r}: its data file {name!r} "
                              f"{'is missing' if have < 0 else f'has {have} bytes'}, fewer than the "
                              f"{info.offset + info.length} its metadata describes: the snapshot is truncated; move "
                              f"it (and its .json) out of the folder to synthesise from the others")
-    return md
 
 
 _SAFE_READER: Any = None

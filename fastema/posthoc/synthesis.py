@@ -1,8 +1,9 @@
 """Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
 time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model.
 
-Every tensor read is checked (:func:`fastema.posthoc.snapshots._reader`: shape, dtype, checksum),
-every profile read must be finite, and so must the result."""
+Every tensor read is checked (:func:`fastema.posthoc.snapshots._reader`: shape, dtype, checksum,
+a size this machine's memory can hold), every profile read must be finite, and so must the
+result. Running out of memory is a MemoryError naming the tensor (and the file, when reading)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import os
 from typing import Any
 
 from .profiles import MAX_ERROR, Solution, solve
-from .snapshots import Snapshot, _reader, read_snapshots
+from .snapshots import Snapshot, _first_line, _out_of_memory, _reader, read_snapshots
 
 __all__ = ["Synthesized", "synthesize"]
 
@@ -72,36 +73,50 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     out = Synthesized()
     last = snaps[-1]
     for name in last.averaged:
-        acc: Any = None
-        first = None
-        for (s, k), x in zip(terms, sol.coefficients):
-            v = read(s, f"{k}:{name}")
-            if first is None:
-                first = (s, v.shape)
-            elif v.shape != first[1]:
-                raise ValueError(f"{s.path!r} stores {name!r} with shape {list(v.shape)}, {first[0].path!r} with "
-                                 f"shape {list(first[1])}: snapshots of different models in one directory")
-            v = v.to(torch.float64)
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"{s.path!r}: the profile {k}:{name} holds inf or NaN (a run that diverged, or a "
-                                 f"float16 snapshot of values beyond +-65504): synthesise at a time before it "
-                                 f"(time=), or move it out of the folder")
-            acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
-        shape = last.shapes.get(name, list(acc.shape))
-        if acc.numel() != math.prod(shape):
-            raise ValueError(f"{last.path!r} gives {name!r} the shape {shape}, but stores {acc.numel()} values; the "
-                             f"snapshot is corrupt")
-        result = acc.to(dtype).reshape(shape)
-        if not bool(torch.isfinite(result).all()):
-            raise ValueError(f"the synthesised {name!r} does not fit in {dtype} (values beyond its range): pass "
-                             f"dtype=torch.float32")
-        out[name] = result
+        try:
+            out[name] = _combine(name, terms, sol, last, read, dtype)
+        except (RuntimeError, MemoryError) as err:
+            if not _out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
+                raise                                 # not memory, or a reader's MemoryError naming its file
+            size = math.prod(last.shapes.get(name, [0]))
+            raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
+                              f"({_first_line(err)}): synthesise on a machine with more memory") from None
     for name in last.others:
         out[name] = read(last, f"model:{name}")
     out.solution = sol
     if into is not None:
         _load_into(into, out)
     return out
+
+
+def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype):
+    """One averaged tensor: the sum of its profiles by the coefficients, in float64, checked."""
+    import torch
+
+    acc: Any = None
+    first = None
+    for (s, k), x in zip(terms, sol.coefficients):
+        v = read(s, f"{k}:{name}")
+        if first is None:
+            first = (s, v.shape)
+        elif v.shape != first[1]:
+            raise ValueError(f"{s.path!r} stores {name!r} with shape {list(v.shape)}, {first[0].path!r} with "
+                             f"shape {list(first[1])}: snapshots of different models in one directory")
+        v = v.to(torch.float64)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{s.path!r}: the profile {k}:{name} holds inf or NaN (a run that diverged, or a "
+                             f"float16 snapshot of values beyond +-65504): synthesise at a time before it "
+                             f"(time=), or move it out of the folder")
+        acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
+    shape = last.shapes.get(name, list(acc.shape))
+    if acc.numel() != math.prod(shape):
+        raise ValueError(f"{last.path!r} gives {name!r} the shape {shape}, but stores {acc.numel()} values; the "
+                         f"snapshot is corrupt")
+    result = acc.to(dtype).reshape(shape)
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(f"the synthesised {name!r} does not fit in {dtype} (values beyond its range): pass "
+                         f"dtype=torch.float32")
+    return result
 
 
 def _load_into(model, weights: dict) -> None:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .. import posthoc as _posthoc  # fastema.posthoc: the snapshot format and the synthesis
-from ..posthoc.snapshots import SnapshotError, SnapshotMeta, check_folder, valid_run_id
+from ..posthoc.folder import check_folder
+from ..posthoc.snapshots import LEGACY_RUN_ID, SnapshotError, SnapshotMeta, valid_run_id
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._model import _unwrap
@@ -40,11 +41,17 @@ class PostHocEMA(EMA):
 
     One folder holds one run. Each PostHocEMA is a run with a random id (:attr:`run_id`), kept in
     its checkpoint (:meth:`state_dict`): :meth:`load_state_dict` takes the checkpoint's id, so a
-    resumed run goes on writing into its folder. The folder is checked at the first ``update()``
-    and before every snapshot, before anything is applied or written: another run's snapshots,
-    version-1 snapshots (no run id), unreadable files named like snapshots, or this run's own
-    snapshots later than its time (left by the trajectory after the checkpoint it resumed from)
-    are refused with a ``ValueError`` naming them and the fix.
+    resumed run goes on writing into its folder (a fastema 0.1 checkpoint, which has none, goes
+    on beside its version-1 snapshots as the legacy run). The folder is checked at the first
+    ``update()`` and before every snapshot, before anything is applied or written: another run's
+    snapshots or claim, version-1 snapshots (unless resuming a 0.1 checkpoint), and files named
+    like snapshots that are not readable regular files are refused with a ``ValueError`` naming
+    them and the fix. Before its first snapshot the run claims the folder (``DIR/.fastema-run``,
+    created exclusively), so of two runs started on one folder the second is refused before it
+    writes. This run's own snapshots later than its time, left by the trajectory after the
+    checkpoint it resumed from (a preemption), are moved into ``DIR/superseded-<time>/`` (not read
+    by synthesis) with a warning naming them, and the run goes on. See
+    :mod:`fastema.posthoc.folder`.
 
     A snapshot that cannot be written (a full disk, a file size limit, the folder gone, values
     beyond ``snapshot_dtype``'s range) raises :class:`fastema.posthoc.SnapshotError` (an
@@ -134,7 +141,7 @@ class PostHocEMA(EMA):
         n = self.plan.updates + 1
         writes = due and (self._due is not None or (self.snapshot_every is not None and n % self.snapshot_every == 0))
         if writes or not self._checked:
-            self._check_folder()
+            self._check_folder(writing=writes, stacklevel=3)     # the warnings point at update()'s caller
         before = self.plan.updates
         super()._eager_update(step)
         n = self.plan.updates
@@ -144,13 +151,15 @@ class PostHocEMA(EMA):
             self._due = (self.plan.last_time, n)
         self._write(applied=True)
 
-    def _check_folder(self) -> None:
-        """ValueError when this run may not write into its folder (see :func:`fastema.posthoc.snapshots.check_folder`);
-        on a sharded model rank 0 looks and every rank raises (a collective)."""
+    def _check_folder(self, writing: bool, stacklevel: int) -> None:
+        """ValueError when this run may not write into its folder (see :func:`fastema.posthoc.folder.check_folder`:
+        it also moves this run's superseded snapshots aside and, before a write, claims the folder);
+        on a sharded model rank 0 looks (and moves, and claims) and every rank raises (a collective)."""
         problem = None
         rank0 = not self.sharded or torch.distributed.get_rank() == 0
         if rank0:
-            problem = check_folder(self.path, self.run_id, self.plan.last_time, self._seen)
+            problem = check_folder(self.path, self.run_id, self.plan.last_time, self._seen, writing=writing,
+                                   stacklevel=stacklevel + 1)
         if self.sharded:
             box = [problem]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -178,7 +187,7 @@ class PostHocEMA(EMA):
         self._not_swapped("snapshot()")
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
-        self._check_folder()
+        self._check_folder(writing=True, stacklevel=2)
         return self._write(applied=False)
 
     def _write(self, applied: bool) -> str:
@@ -296,8 +305,9 @@ class PostHocEMA(EMA):
     def _load_extra(self, state: dict) -> None:
         super()._load_extra(state)
         run_id = state.get("run_id")
-        if run_id is not None:
-            self.run_id = run_id                          # the resumed run writes on into its snapshots
+        # the resumed run writes on into its snapshots; a fastema 0.1 checkpoint (no run id) continues
+        # the legacy run: its snapshots go on beside the version-1 ones, read as one run with them
+        self.run_id = LEGACY_RUN_ID if run_id is None else run_id
         self._checked = False                             # the folder is checked again for this run and time
         self._due = None                                  # a missed snapshot of the replaced state goes with it
 

@@ -3,8 +3,10 @@ that fills, a file size limit, a folder that goes away (M5), truncated, empty, g
 bit-flipped snapshots and DCP shards (L1), and on 2 gloo ranks a refused folder and a failed
 metadata write on rank 0. Each asserts that nothing ran, that the error names the file (one line on
 the command line, no traceback) and that nothing the user had changed."""
+import copy
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -17,10 +19,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
+from posthoc_cli import one_line, run_cli  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
-from fastema.cli import posthoc as cli  # noqa: E402
 from fastema.posthoc import SnapshotError  # noqa: E402
 from fastema.schedules import sigma_rel_to_gamma  # noqa: E402
 from fastema.torch import PostHocEMA  # noqa: E402
@@ -36,23 +38,6 @@ class _Evil:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def _cli(capsys, *argv):
-    """``python -m fastema posthoc`` in this process: (exit status, stdout, stderr)."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as stop:                     # argparse usage errors
-        rc = stop.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def _one_line(err: str, *names):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
 
 
 def _dcp_run(tmp_path):
@@ -103,10 +88,83 @@ def test_a_pickle_planted_in_any_file_the_reader_opens_never_runs(tmp_path, caps
     with pytest.raises(ValueError) as err:
         posthoc.synthesize(run, 0.07, max_error=1.0)
     assert victim.name in str(err.value) and not marker.exists()
-    rc, out, err_text = _cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+    rc, out, err_text = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
     assert rc == 1 and not marker.exists() and not (tmp_path / "o.pt").exists()
-    _one_line(err_text, victim.name)
+    one_line(err_text, victim.name)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p != victim} == before
+
+
+def _text(x: str) -> bytes:
+    data = x.encode()
+    return b"X" + struct.pack("<I", len(data)) + data                 # BINUNICODE
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"      # GLOBAL
+
+
+def _build(target: bytes, **attrs: bytes) -> bytes:
+    """Pickle opcodes that push ``target`` and BUILD it with (None, {name: value}): setattr on it."""
+    items = b"".join(_text(k) + v + b"s" for k, v in attrs.items())     # SETITEM each
+    return target + b"N}" + items + b"\x86b0"                           # TUPLE2, BUILD, POP
+
+
+_METADATA = "torch.distributed.checkpoint.metadata"
+# Each payload calls nothing but allowed globals: what a find_class allow-list alone let through (round 3).
+STATE_PAYLOADS = {
+    "build_on_a_class": _build(_global("pathlib", "PosixPath"), poisoned=_text("yes"),
+                               exists=_global("collections", "OrderedDict")),
+    "build_on_a_function": _build(_global("torch.serialization", "_get_layout"), cache=_text("z")),
+    "build_on_a_shared_enum_member": _build(_global(_METADATA, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R",
+                                            poisoned=_text("yes")),
+    "build_undeclared_field": _build(_global(_METADATA, "BytesStorageMetadata") + b")\x81",
+                                     __class__=_global("pathlib", "PosixPath")),
+}
+
+
+def _process_state():
+    """What the payloads would change in this process (compared before and after)."""
+    import pathlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    cache = torch.serialization._get_layout.cache
+    return {"PosixPath": dict(vars(pathlib.PosixPath)), "cache": dict(cache) if type(cache) is dict else cache,
+            "members": [dict(vars(m)) for m in _MEM_FORMAT_ENCODING]}
+
+
+@pytest.mark.parametrize("payload", sorted(STATE_PAYLOADS))
+def test_a_planted_dcp_metadata_changes_nothing_in_the_process(tmp_path, capsys, payload):
+    """Review of H1: the allow-list of globals still let pickle's BUILD run setattr on anything it
+    allowed: a planted .metadata set PosixPath.poisoned, replaced PosixPath.exists and
+    torch.serialization._get_layout.cache (every later torch.load broke). Now BUILD sets only
+    declared fields of DCP's metadata classes on the instances the reader made: each payload is
+    refused naming the file, and no class, function or enum member of the process changed."""
+    import pathlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    run, base = _dcp_run(tmp_path)
+    (base / ".metadata").write_bytes(b"\x80\x02" + STATE_PAYLOADS[payload] + b"N.")
+    torch.serialization._get_layout("torch.strided")                   # its cache filled, as after any load
+    before = _process_state()
+    exists = pathlib.PosixPath.exists
+    try:
+        with pytest.raises(ValueError, match=r"\.metadata' was not loaded: it (sets the state of|sets "
+                                             r"BytesStorageMetadata\.'__class__', not a field).*Nothing of it ran"):
+            posthoc.synthesize(run, 0.07, max_error=1.0)
+        rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+        assert rc == 1 and not (tmp_path / "o.pt").exists()
+        one_line(err, ".metadata", "was not loaded")
+        assert _process_state() == before and pathlib.PosixPath.exists is exists
+        assert pathlib.Path(tmp_path).exists()
+    finally:                                                           # a regression must not poison later tests
+        for name in ("poisoned", "exists"):
+            if name in vars(pathlib.PosixPath) and name not in before["PosixPath"]:
+                delattr(pathlib.PosixPath, name)
+        torch.serialization._get_layout.cache = {}
+        for m in _MEM_FORMAT_ENCODING:
+            vars(m).pop("poisoned", None)
 
 
 def test_the_command_line_never_runs_a_planted_dcp_metadata_pickle(tmp_path):
@@ -119,7 +177,7 @@ def test_the_command_line_never_runs_a_planted_dcp_metadata_pickle(tmp_path):
                           "--max-error", "1", "--out", str(tmp_path / "o.safetensors")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and not marker.exists() and not (tmp_path / "o.safetensors").exists()
-    _one_line(res.stderr, ".metadata", "never runs code")
+    one_line(res.stderr, ".metadata", "Nothing of it ran")
 
 
 # --------------------------------------------------------------------------- corrupt files (L1)
@@ -172,9 +230,9 @@ def test_a_corrupt_snapshot_is_refused_naming_it(tmp_path, capsys, kind):
     with pytest.raises(ValueError) as refused:
         posthoc.synthesize(run, 0.07, max_error=1.0)
     assert "snapshot-000000000030" in str(refused.value) and match in str(refused.value), str(refused.value)
-    rc, _, err = _cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.safetensors")
+    rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.safetensors")
     assert rc == 1 and not (tmp_path / "o.safetensors").exists()
-    _one_line(err, "snapshot-000000000030")
+    one_line(err, "snapshot-000000000030")
     victim.rename(tmp_path / "moved-away")                       # the fix the message gives
     assert posthoc.synthesize(run, 0.07, max_error=1.0).solution.time == 20.0
 
@@ -197,9 +255,9 @@ def test_a_truncated_dcp_shard_is_refused_naming_the_snapshot(tmp_path, capsys):
                                          r"has 40 bytes, fewer than the .* its metadata describes: the snapshot is "
                                          r"truncated"):
         posthoc.synthesize(run, 0.07, max_error=1.0)
-    rc, _, err = _cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.safetensors")
+    rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.safetensors")
     assert rc == 1
-    _one_line(err, "snapshot-000000000010")
+    one_line(err, "snapshot-000000000010")
 
 
 def test_a_dcp_metadata_that_claims_a_huge_tensor_is_refused_before_allocating_it(tmp_path):
@@ -215,7 +273,156 @@ def test_a_dcp_metadata_that_claims_a_huge_tensor_is_refused_before_allocating_i
         posthoc.synthesize(run, 0.07, max_error=1.0)
 
 
+def _claim_in_metadata(base, key, numel):
+    """Edit a DCP snapshot's .metadata (no code in it) so that ``key`` claims ``numel`` float32 values, and
+    extend its data file to hold them in size only (a sparse file, as the review's reproduction)."""
+    from torch.distributed.checkpoint import metadata as M
+
+    with open(base / ".metadata", "rb") as f:
+        md = pickle.load(f)                                    # written by this test: trusted here
+    md.state_dict_metadata[key].size = torch.Size([numel])
+    md.state_dict_metadata[key].chunks = [M.ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([numel]))]
+    (index, info), = [(i, v) for i, v in md.storage_data.items() if i.fqn == key]
+    info.length = numel * 4 + 4096
+    data = base / info.relative_path
+    with open(data, "r+b") as f:
+        f.truncate(max(os.path.getsize(data), info.offset + info.length))
+    with open(base / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return data
+
+
+def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    """Review of H1/L1: the claim was checked against the data file's apparent size only, which a sparse
+    file makes anything; a 60 GB claim reached torch.empty (RuntimeError: can't allocate memory, a traceback
+    on the command line; with overcommit, an OOM kill while reading). A claim beyond the memory free here
+    that its files do not hold on disk is refused as forged, naming the file; nothing is allocated."""
+    import fastema.posthoc.snapshots as S
+
+    run, base = _dcp_run(tmp_path)
+    numel = 16 << 20                                             # 64 MiB claimed; this machine "has" 8 MiB
+    data = _claim_in_metadata(base, "0:w", numel)
+    sparse = os.stat(data).st_blocks * 512 < numel * 4           # file systems without holes allocate it
+    monkeypatch.setattr(S, "_memory_available", lambda: 8 << 20, raising=False)
+    allocations = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
+    refused = ValueError if sparse else MemoryError
+    match = r"'0:w' claims 67108864 bytes, more than the 8388608 bytes of memory free here, and its data file\(s\) " \
+            r"__0_0.distcp hold only \d+ bytes on disk.*forged" if sparse else r"needs 67108864 bytes of memory"
+    with pytest.raises(refused, match=match):
+        posthoc.synthesize(run, 0.07, max_error=1.0)
+    assert not [a for a in allocations if a and a[0] and math.prod(a[0]) >= numel]
+    rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+    assert rc == 1 and not (tmp_path / "o.pt").exists()
+    one_line(err, "snapshot-000000000010", "0:w")
+
+
+def test_an_allocation_that_fails_while_reading_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """A claim the machine's free memory seems to hold, whose allocation then fails (another process took
+    the memory, a container limit): a MemoryError naming the snapshot and the tensor, one line on the
+    command line (it was a raw RuntimeError traceback), and nothing written."""
+    run, base = _dcp_run(tmp_path)
+    real_empty = torch.empty
+
+    def empty(*size, **kw):
+        if size and isinstance(size[0], tuple) and math.prod(size[0]) >= 4:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 16 bytes. Error code 12 (Cannot allocate memory)")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(MemoryError, match=r"DCP snapshot .*snapshot-000000000010': 16 bytes for '0:w' could not be "
+                                          r"allocated .*can't allocate memory.*more memory"):
+        posthoc.synthesize(run, 0.07, max_error=1.0)
+    rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+    assert rc == 1 and not (tmp_path / "o.pt").exists()
+    one_line(err, "snapshot-000000000010", "'0:w'", "could not be allocated")
+
+
+_RESCUER = """
+import os, sys, time
+stop, found, fifos = sys.argv[1], sys.argv[2], sys.argv[3:]
+start = time.monotonic()
+while not os.path.exists(stop) and time.monotonic() < start + 3:
+    time.sleep(0.02)
+while not os.path.exists(stop) and time.monotonic() < start + 300:
+    for fifo in fifos:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)   # ENXIO unless a reader has it open
+        except OSError:
+            continue
+        os.close(fd)
+        with open(found, "a") as f:
+            f.write(fifo + "\\n")
+    time.sleep(0.05)
+"""
+
+
+class _Rescue:
+    """Opens the write end of FIFOs that a reader blocks on (after 3 s), from another process (a
+    reader blocked in a native open may hold the GIL), so that a regression fails the test instead
+    of hanging it: ``rescued()`` lists the FIFOs a reader had open."""
+
+    def __init__(self, fifos, scratch):
+        self.fifos, self.stop, self.found = [str(f) for f in fifos], scratch / "rescue.stop", scratch / "rescued"
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _RESCUER, str(self.stop), str(self.found), *self.fifos])
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.touch()
+        self.proc.wait(timeout=60)
+
+    def rescued(self):
+        return self.found.read_text().split() if self.found.exists() else []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+@pytest.mark.parametrize("target", [".safetensors", ".json", ".metadata", ".distcp", "device"])
+def test_a_fifo_or_device_named_like_a_snapshot_file_is_refused_and_never_read(tmp_path, capsys, target):
+    """Review 1c: ``mkfifo run/snapshot-1.safetensors`` hung the command line, PostHocEMA.update() at its
+    folder check, and a FIFO .metadata the DCP reader. Only regular files are opened: each is refused naming
+    it (a symlink to a device too), and the reader never opened it (no hang)."""
+    if target in (".safetensors", ".json", "device"):
+        ph, run = _plain_run(tmp_path)
+        victim = run / ("snapshot-000000000035.json" if target == ".json" else "snapshot-000000000035.safetensors")
+    else:
+        ph = None
+        run, base = _dcp_run(tmp_path)
+        victim = base / (".metadata" if target == ".metadata" else "__0_0.distcp")
+        victim.unlink()
+    if target == "device":
+        if not os.path.exists("/dev/zero"):
+            pytest.skip("needs /dev/zero")
+        victim.symlink_to("/dev/zero")
+        kind = "a character device"
+    else:
+        os.mkfifo(victim)
+        kind = "a FIFO"
+    with _Rescue([victim] if target != "device" else [], tmp_path) as rescue:
+        with pytest.raises(ValueError, match=rf"{victim.name}' is {kind}.*, not a regular file"):
+            posthoc.synthesize(run, 0.07, max_error=1.0)
+        rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+        assert rc == 1 and not (tmp_path / "o.pt").exists()
+        one_line(err, victim.name, "not a regular file")
+        if ph is not None:                                    # the writers' folder check: refused, nothing applied
+            with pytest.raises(ValueError, match=rf"not readable ones \({victim.name}: .*not a regular file"):
+                ph.snapshot()
+            fresh = PostHocEMA(ph.model, snapshot_every=10, path=run)
+            with pytest.raises(ValueError, match=rf"not readable ones \({victim.name}: .*not a regular file"):
+                fresh.update()                                # (its first check: it hung there)
+            assert (ph.updates, fresh.updates, fresh.calls) == (30, 0, 0)
+    assert rescue.rescued() == []
+
+
 # --------------------------------------------------------------------------- writes that fail (M5)
+
+def _names(folder):
+    """The files in a snapshot folder but its claim (.fastema-run, made before the first write)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".fastema-run")
+
 
 class _FullDisk:
     """Makes every write of a snapshot file fail with ENOSPC (the way a full disk does)."""
@@ -239,7 +446,8 @@ class _FullDisk:
             def write(self, data):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Full(real(fd, mode)) if "w" in mode
+                            else real(fd, mode, *a, **k))                     # reads still work
 
 
 def test_a_snapshot_that_cannot_be_written_keeps_the_update_and_is_retried(tmp_path, monkeypatch):
@@ -265,12 +473,12 @@ def test_a_snapshot_that_cannot_be_written_keeps_the_update_and_is_retried(tmp_p
         with pytest.raises(SnapshotError, match=r"^The snapshot at time 3 .*retried at the next update"):
             ph.snapshot()                                       # an explicit call counts nothing
         assert (ph.updates, ph.calls) == (3, 3)
-        assert list(tmp_path.iterdir()) == []                   # no snapshot, no temporary
+        assert _names(tmp_path) == []                           # no snapshot, no temporary
     ph.update()                                                 # space again: the due snapshot is written
     after_4 = {k: v.clone() for k, v in ph.averaged_state_dict(0).items()}
     ph.update()
     ph.update()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot-000000000004.safetensors",
+    assert _names(tmp_path) == ["snapshot-000000000004.safetensors",
                                                           "snapshot-000000000006.safetensors"]
     from safetensors.torch import load_file
 
@@ -283,7 +491,7 @@ def test_a_snapshot_that_cannot_be_written_keeps_the_update_and_is_retried(tmp_p
         ph.update()
     os.makedirs(tmp_path)
     ph.update()
-    assert [p.name for p in tmp_path.iterdir()] == ["snapshot-000000000009.safetensors"]
+    assert _names(tmp_path) == ["snapshot-000000000009.safetensors"]
 
 
 def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp_path):
@@ -301,9 +509,9 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
             ph.update()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert err.value.errno == errno.EFBIG and ph.updates == 1 and list((tmp_path / "run").iterdir()) == []
+    assert err.value.errno == errno.EFBIG and ph.updates == 1 and _names(tmp_path / "run") == []
     ph.update()
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["snapshot-000000000002.safetensors"]
+    assert _names(tmp_path / "run") == ["snapshot-000000000002.safetensors"]
 
 
 # --------------------------------------------------------------------------- 2 ranks (DCP snapshots)
@@ -351,6 +559,19 @@ def _sharded_faults(rank, world, snaps):
     out["counters"] = torch.tensor([ph.updates, ph.calls])
     ph.update()                                       # the due snapshot, on both ranks
     out["final"] = torch.tensor([ph.updates])
+    from torch.utils._pytree import tree_map
+
+    state = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x),
+                     ph.state_dict())                 # a checkpoint at t=3 (its DTensors cloned)
+    for _ in range(3):
+        ph.update()                                   # snapshots at 4 and 6, then the job is preempted
+    resumed = PostHocEMA(model, snapshot_every=2, path=snaps)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.update()                              # t=4: rank 0 moves 4 and 6 aside, every rank writes 4
+    out["superseded"] = torch.tensor([sum("superseded-000000000003" in str(w.message) for w in caught),
+                                      resumed.updates])
     return out
 
 
@@ -358,7 +579,8 @@ def _sharded_faults(rank, world, snaps):
 def test_sharded_snapshots_refuse_and_fail_together_on_every_rank(tmp_path):
     """A DCP snapshot is a collective: a folder only rank 0 looks into is refused on every rank, and a
     metadata write that fails on rank 0 raises SnapshotError on every rank (no rank left waiting in a
-    collective); the counters agree and the next update writes the snapshot."""
+    collective); the counters agree and the next update writes the snapshot. A resume from a checkpoint
+    before the last snapshots: rank 0 moves them aside (and warns), every rank goes on (review 1e)."""
     from dist import run_ranks
 
     snaps = str(tmp_path / "snaps")
@@ -366,6 +588,10 @@ def test_sharded_snapshots_refuse_and_fail_together_on_every_rank(tmp_path):
     for r in ranks:
         assert bool(r["refused"]) and int(r["updates_after_refusal"]) == 0
         assert r["lost"].tolist() == [1, 2, 1] and r["counters"].tolist() == [2, 2] and r["final"].tolist() == [3]
+    assert [r["superseded"].tolist() for r in ranks] == [[1, 4], [0, 4]]     # rank 0 moved them and warned
     found = posthoc.read_snapshots(snaps)
-    assert [(s.kind, s.time) for s in found] == [("dcp", 3.0)]
+    assert [(s.kind, s.time) for s in found] == [("dcp", 3.0), ("dcp", 4.0)]
+    aside = os.path.join(snaps, "superseded-000000000003")
+    assert sorted(os.listdir(aside)) == ["snapshot-000000000004", "snapshot-000000000004.json",
+                                         "snapshot-000000000006", "snapshot-000000000006.json"]
     assert posthoc.synthesize(snaps, 0.1, max_error=1.0)["0.weight"].shape == (6, 8)

@@ -4,6 +4,7 @@ run, every tensor's shape and checksum, the profiles described by the plan's sch
 beyond float16 (L6), dtypes safetensors has no name for (M5). Corrupt files, planted pickles and
 failed writes are in tests/faults/test_faults_posthoc.py."""
 import json
+import os
 import zlib
 
 import pytest
@@ -210,28 +211,150 @@ def test_a_resumed_run_takes_its_checkpoints_run_id_and_writes_on_in_its_folder(
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_resume_refuses_this_runs_snapshots_later_than_its_checkpoint(tmp_path):
-    """Resumed from an earlier checkpoint, the run finds its own later snapshots (the abandoned
-    trajectory's): refused at the first update, naming them; once they are moved away it goes on."""
+def test_a_resume_after_preemption_moves_its_later_snapshots_aside_and_goes_on(tmp_path):
+    """Review 1e: a run checkpointed at t=20 whose snapshots went on to t=40 before it was preempted was
+    refused at its first update after the resume, until the user moved files by hand. Now those later
+    snapshots (the abandoned trajectory's) move into superseded-<time>/, named in a warning, byte for
+    byte; the run goes on, and its folder synthesises what an uninterrupted run's does. A second
+    preemption from the same checkpoint keeps both abandoned sets."""
     import copy
 
-    net = _net()
-    a = PostHocEMA(net, snapshot_every=10, path=tmp_path)
+    net, ref_net = _net(), _net()
+    a = PostHocEMA(net, snapshot_every=10, path=tmp_path / "run")
+    ref = PostHocEMA(ref_net, snapshot_every=10, path=tmp_path / "ref")
+    _run(ref, ref_net, 0, 40)
     _run(a, net, 0, 20)
-    state = copy.deepcopy(a.state_dict())
-    _run(a, net, 20, 40)
-    before = _folder(tmp_path)
-    b = PostHocEMA(_net(), snapshot_every=10, path=tmp_path)
-    b.load_state_dict(state)
-    with pytest.raises(ValueError, match=r"2 snapshot\(s\) of this run later than its time 20 "
-                                         r"\(snapshot-000000000030.safetensors, snapshot-000000000040.safetensors\)"
-                                         r".*Remove them"):
-        b.update()
-    assert b.updates == 20 and _folder(tmp_path) == before
-    for t in (30, 40):
-        (tmp_path / f"snapshot-{t:012d}.safetensors").rename(tmp_path / f"abandoned-{t}.safetensors")
-    _run(b, b.model, 20, 30)
-    assert [s.time for s in posthoc.read_snapshots(tmp_path)] == [10.0, 20.0, 30.0]
+    state, weights = copy.deepcopy(a.state_dict()), copy.deepcopy(net.state_dict())     # the checkpoint at 20
+    _run(a, net, 20, 40)                                          # then preempted
+    abandoned = {k: v for k, v in _folder(tmp_path / "run").items() if k.startswith("snapshot-00000000003")
+                 or k.startswith("snapshot-00000000004")}
+    assert sorted(abandoned) == ["snapshot-000000000030.safetensors", "snapshot-000000000040.safetensors"]
+    for attempt in (1, 2):
+        model = _net()
+        model.load_state_dict(weights)
+        b = PostHocEMA(model, snapshot_every=10, path=tmp_path / "run")
+        b.load_state_dict(state)
+        aside = tmp_path / "run" / ("superseded-000000000020" + ("" if attempt == 1 else "-2"))
+        with pytest.warns(UserWarning, match=r"resumed at time 20 found 2 snapshot\(s\) of its own run later than "
+                                             r"that \(snapshot-000000000030.safetensors, snapshot-000000000040."
+                                             rf"safetensors\).*moved into '{aside}', which synthesis does not read"):
+            _move(b.model, 20)
+            b.update()
+        assert _folder(aside) == abandoned and b.updates == 21
+        _run(b, b.model, 21, 40)
+        assert [s.time for s in posthoc.read_snapshots(tmp_path / "run")] == [10.0, 20.0, 30.0, 40.0]
+    got, want = b.synthesize(0.07), ref.synthesize(0.07)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [
+        "superseded-000000000020", "superseded-000000000020-2"]
+
+
+def test_a_fastema_0_1_checkpoint_goes_on_beside_its_version_1_snapshots(tmp_path):
+    """Review 1e (upgrade): a 0.1 checkpoint (no run id) resumed into its folder of version-1 snapshots
+    was refused. It now continues the legacy run (run id 'legacy'): its new snapshots are read as one run
+    with the version-1 ones, and the folder synthesises what an uninterrupted run's does. A new run is
+    still refused there, and the legacy run refuses a folder of another run."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    net, ref_net = _net(), _net()
+    ref = PostHocEMA(ref_net, snapshot_every=10, path=tmp_path / "ref")
+    _run(ref, ref_net, 0, 20)
+    old_state = copy.deepcopy(ref.state_dict())
+    del old_state["run_id"]                                       # what fastema 0.1 saved
+    _run(ref, ref_net, 20, 40)
+    old = tmp_path / "old"                                        # 0.1's folder: version-1 snapshots at 10 and 20
+    old.mkdir()
+    for t in (10, 20):
+        name = f"snapshot-{t:012d}.safetensors"
+        snap = posthoc.read_snapshots(tmp_path / "ref")[t // 10 - 1]
+        _v1(old / name, t, load_file(str(tmp_path / "ref" / name)), snap.gammas, snap.averaged, snap.others)
+    for step in range(20):                                        # the model's weights at 20 (its checkpoint)
+        _move(net, step)
+    resumed = PostHocEMA(net, snapshot_every=10, path=old)
+    resumed.load_state_dict(old_state)
+    assert resumed.run_id == posthoc.LEGACY_RUN_ID == "legacy"
+    _run(resumed, net, 20, 40)
+    snaps = posthoc.read_snapshots(old)
+    assert [(s.time, s.run_id, s.meta.version) for s in snaps] == [(10.0, None, 1), (20.0, None, 1),
+                                                                   (30.0, "legacy", 2), (40.0, "legacy", 2)]
+    got, want = posthoc.synthesize(old, 0.07), ref.synthesize(0.07)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    fresh = PostHocEMA(_net(), snapshot_every=10, path=old)        # a new run there: still refused
+    with pytest.raises(ValueError, match="version-1 snapshots, written before run ids.*fastema 0.1 checkpoint"):
+        fresh.update()
+    legacy_elsewhere = PostHocEMA(_net(), snapshot_every=10, path=tmp_path / "ref")
+    legacy_elsewhere.load_state_dict(old_state)
+    with pytest.raises(ValueError, match=rf"another run, run {ref.run_id}"):
+        legacy_elsewhere.update()
+
+
+# --------------------------------------------------------------------------- two writers (the claim)
+
+def test_two_runs_whose_checks_both_precede_the_first_write_do_not_collide(tmp_path, monkeypatch):
+    """Review 1f: run b checked the folder and wrote while run a was between its own check and its write:
+    both wrote snapshot-000000000001 (a's overwrote b's). The first check before a write now claims the
+    folder (O_EXCL), so b is refused, naming a's claim, before anything is applied or written."""
+    import fastema.posthoc as P
+
+    shared = tmp_path / "shared"
+    m = nn.Linear(3, 3)
+    a, b = PostHocEMA(m, snapshot_every=1, path=shared), PostHocEMA(m, snapshot_every=1, path=shared)
+    refused, real = [], P.write_snapshot
+
+    def racing(*args, **kwargs):                                  # b runs between a's check and a's write
+        if not refused:
+            refused.append(None)
+            try:
+                b.update()
+            except ValueError as err:
+                refused.append(str(err))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "write_snapshot", racing)
+    a.update()
+    assert len(refused) == 2 and f"claimed by another run, run {a.run_id}" in refused[1], refused
+    assert "process" in refused[1] and "still running" in refused[1] and ".fastema-run" in refused[1]
+    assert (b.updates, b.calls) == (0, 0)
+    assert {s.run_id for s in posthoc.read_snapshots(shared)} == {a.run_id}
+    claim = json.loads((shared / ".fastema-run").read_text())
+    assert claim["run_id"] == a.run_id and claim["pid"] == os.getpid()
+
+
+def test_a_claim_of_a_run_that_is_gone_is_taken_and_others_are_refused_naming_the_fix(tmp_path):
+    """A claim whose process is gone on this host, by a run that wrote no snapshot (a crash before its
+    first write), is taken with a warning; another host's claim, or an unreadable one, is refused naming
+    the file and what to do, and nothing changes."""
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()                                                  # a process id that is gone
+    folder = tmp_path / "f"
+    folder.mkdir()
+    claim = folder / ".fastema-run"
+    claim.write_text(json.dumps({"run_id": "crashed", "host": socket.gethostname(), "pid": child.pid}))
+    ph = PostHocEMA(_net(), snapshot_every=1, path=folder)
+    with pytest.warns(UserWarning, match=r"was claimed by run crashed \(process \d+ on this host\), which is gone "
+                                         rf"and wrote no snapshot there: run {ph.run_id} takes the folder"):
+        _run(ph, ph.model, 0, 1)
+    assert json.loads(claim.read_text())["run_id"] == ph.run_id and ph.updates == 1
+
+    for text, match in ((json.dumps({"run_id": "elsewhere", "host": "node-7", "pid": 1}),
+                         r"claimed by another run, run elsewhere \(.*process 1 on host 'node-7'\).*load its "
+                         r"checkpoint first.*if run elsewhere is over, remove .*\.fastema-run"),
+                        ("garbage", r"claim file .*\.fastema-run' cannot be read .*remove it if no other run")):
+        other = tmp_path / f"g{len(text)}"
+        other.mkdir()
+        (other / ".fastema-run").write_text(text)
+        before = _folder(other)
+        late = PostHocEMA(_net(), snapshot_every=1, path=other)
+        with pytest.raises(ValueError, match=match):
+            late.update()
+        assert late.updates == 0 and _folder(other) == before
 
 
 # --------------------------------------------------------------------------- the profiles (H3)
@@ -289,7 +412,7 @@ def test_float16_snapshots_refuse_values_beyond_their_range(tmp_path):
                                             r"range of float16.*snapshot_dtype='float32'") as err:
         ph.update()
     assert err.value.applied and ph.updates == 1
-    assert not list((tmp_path / "f16").iterdir())
+    assert [p.name for p in (tmp_path / "f16").iterdir()] == [".fastema-run"]   # the claim: no snapshot, no temporary
     wide = PostHocEMA(net, snapshot_every=1, path=tmp_path / "f32")
     wide.update()
     assert float(wide.synthesize(0.07, max_error=1.0)["0.weight"][0, 0]) == 1e5

@@ -1,0 +1,257 @@
+"""One run per snapshot folder: what a writer asks before it writes (:func:`check_folder`).
+
+A folder holds the snapshots of one run (:attr:`fastema.torch.PostHocEMA.run_id`). Before it
+writes its first snapshot there, a run *claims* the folder: ``DIR/.fastema-run``, created
+exclusively (``O_EXCL``: of two runs, one gets it), holding its run id, host and process id. Every
+check reads the claim again, so a run that finds another's claim is refused before it writes:
+two runs pointed at one folder never overwrite each other's snapshots, even when both checked
+before either wrote.
+
+A claim whose run wrote no snapshot and whose process is gone (same host; another host's
+processes cannot be seen) is stale: the next run that writes takes it, with a warning. A claim by
+a run on another host stays until that run's checkpoint is loaded or the file is removed.
+
+A run resumed from a checkpoint finds its own snapshots later than its time, written by the
+trajectory it abandoned (a preemption after the last checkpoint): they are moved into
+``DIR/superseded-<time>/``, which synthesis does not read, with a warning naming them, and the
+run goes on. Nothing else is ever moved or removed. Importing this module imports no framework.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time as _time
+import warnings
+
+from .._files import _alive, atomic_write
+from .snapshots import _few, _first_line, _open_regular, _snapshot_at, same_run, stamp, valid_run_id
+
+__all__ = ["CLAIM", "SUPERSEDED", "check_folder"]
+
+#: The file in a snapshot folder that names the run writing there.
+CLAIM = ".fastema-run"
+#: The prefix of the subfolders that keep the snapshots a resumed run superseded.
+SUPERSEDED = "superseded-"
+_MAX_CLAIM = 4096
+
+
+def check_folder(directory: str, run_id: str, time: float, seen: dict | None = None, *,
+                 writing: bool = False, stacklevel: int = 1) -> str | None:
+    """Why run ``run_id``, now at ``time``, may not write into ``directory`` (None: it may).
+
+    A writer asks this before it applies an update that writes a snapshot (``writing=True``) and
+    at its first update. Refused (a message naming the files and the fix; nothing is changed):
+
+    - another run's snapshots (a fresh run pointed at an old folder, two runs in one folder), or
+      version-1 snapshots (no run id) unless ``run_id`` is :data:`~.snapshots.LEGACY_RUN_ID`;
+    - another run's claim (:data:`CLAIM`) that is not stale;
+    - files named like snapshots that cannot be read (or are not regular files), and a claim
+      that cannot be read.
+
+    Then this run's own snapshots later than ``time`` (left by the trajectory after the checkpoint
+    it resumed from) are moved into ``superseded-<time>/`` with a warning, and, when
+    ``writing``, the folder is claimed for ``run_id`` (a stale claim taken over, with a warning).
+    ``seen`` caches what was read of the snapshot files, by name, size and mtime; ``stacklevel``:
+    the warnings' (1: this function's caller).
+    """
+    seen = {} if seen is None else seen
+    others: dict = {}
+    later, unreadable = [], []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return None                                   # the write itself reports a folder that is gone
+    for name in names:
+        if not name.startswith("snapshot-") or not name.endswith((".json", ".safetensors")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)                        # (a FIFO is not opened: _snapshot_at refuses it)
+        except OSError:
+            continue                                  # removed since the listing
+        key = (name, st.st_size, st.st_mtime_ns, st.st_mode)
+        if key not in seen:
+            try:
+                snap = _snapshot_at(directory, name)
+                seen[key] = None if snap is None else (snap.run_id, snap.time)
+            except (ValueError, OSError) as err:
+                seen[key] = ("unreadable", _first_line(err))
+        found = seen[key]
+        if found is None:
+            continue
+        if found[0] == "unreadable":
+            unreadable.append((path, found[1]))
+        elif same_run(found[0]) != same_run(run_id):
+            others.setdefault(same_run(found[0]), []).append(path)
+        elif found[1] > time:
+            later.append(path)
+    problems = []
+    for other, paths in others.items():
+        if other is None:
+            problems.append(f"it holds version-1 snapshots, written before run ids ({_few(paths)}): give this "
+                            f"PostHocEMA a new folder (path=), or, to continue that run, load its fastema 0.1 "
+                            f"checkpoint first (load_state_dict): its snapshots then go on beside those")
+        else:
+            problems.append(f"it holds the snapshots of another run, run {other} ({_few(paths)}), which this run "
+                            f"({run_id}) would overwrite or mix with: give this PostHocEMA a new folder (path=), "
+                            f"or, to continue that run, load its checkpoint first (load_state_dict): the "
+                            f"PostHocEMA then takes that run's id")
+    if unreadable:
+        listed = _few([p for p, _ in unreadable])
+        problems.append(f"it holds files named like snapshots that are not readable ones ({listed}: "
+                        f"{unreadable[0][1]}): move them out of the folder")
+    claim = os.path.join(directory, CLAIM)
+    held = None
+    if not problems:
+        held, problem = _held(claim, run_id)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        return f"PostHocEMA will not write its snapshots into {directory!r}: " + "; ".join(problems) + \
+            ". Nothing was written and this call changed nothing."
+    if later:
+        problem = _supersede(directory, later, time, stacklevel + 2)
+        if problem is not None:
+            return f"PostHocEMA will not write its snapshots into {directory!r}: {problem}"
+    if writing:
+        return _claim(claim, run_id, held, stacklevel + 2)
+    return None
+
+
+# --------------------------------------------------------------------------- the claim
+
+
+def _mine(run_id: str) -> dict:
+    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _read_claim(path: str) -> dict | None:
+    """The claim in ``path`` (None: there is none). ValueError when it is not one; a claim being
+    written (empty for a moment) is read again."""
+    for attempt in range(6):
+        try:
+            with _open_regular(path) as f:
+                data = f.read(_MAX_CLAIM + 1)
+        except FileNotFoundError:
+            return None
+        if data or attempt == 5:
+            break
+        _time.sleep(0.01 * 2 ** attempt)              # made with O_EXCL, written right after
+    try:
+        claim = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        claim = None
+    if not (isinstance(claim, dict) and valid_run_id(claim.get("run_id")) and isinstance(claim.get("host"), str)
+            and isinstance(claim.get("pid"), int) and not isinstance(claim.get("pid"), bool)):
+        raise ValueError(f"{path!r} is not a claim fastema wrote ({len(data)} bytes)")
+    return claim
+
+
+def _stale(claim: dict) -> bool:
+    """True when the claiming process is known to be gone (it ran on this host)."""
+    return claim["host"] == socket.gethostname() and claim["pid"] > 0 and not _alive(claim["pid"])
+
+
+def _held(path: str, run_id: str) -> tuple[dict | None, str | None]:
+    """(the claim, None) when ``run_id`` may write beside it; (None, why not) otherwise. Called
+    when the folder holds no other run's snapshot: a claim by another run means that run checked
+    and may be about to write."""
+    try:
+        claim = _read_claim(path)
+    except (ValueError, OSError) as err:
+        return None, (f"its claim file {path!r} cannot be read ({_first_line(err)}): remove it if no other run "
+                      f"writes into this folder")
+    if claim is None or claim["run_id"] == run_id or _stale(claim):
+        return claim, None
+    where = ("this host, still running" if claim["host"] == socket.gethostname() else f"host {claim['host']!r}")
+    other = claim["run_id"]
+    return None, (f"it is claimed by another run, run {other} ({path}: process {claim['pid']} on {where}), which "
+                  f"has written no snapshot here yet: two runs writing into one folder overwrite each other's "
+                  f"snapshots. Give this PostHocEMA a new folder (path=); to continue run {other}, load its "
+                  f"checkpoint first (load_state_dict); if run {other} is over, remove {path}")
+
+
+def _claim(path: str, run_id: str, held: dict | None, stacklevel: int) -> str | None:
+    """Claim the folder for ``run_id`` (before its first write); None, or why not. A folder that
+    cannot be written is left to the snapshot's write, which reports it (SnapshotError)."""
+    mine = _mine(run_id)
+    data = json.dumps(mine).encode()
+    for _ in range(3):
+        if held is None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except FileExistsError:
+                pass
+            except OSError:
+                return None                           # not writable, or gone: the write says so
+            else:
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    return None
+                os.close(fd)
+                return None
+        elif held == mine:
+            return None
+        elif held["run_id"] == run_id or _stale(held):
+            if held["run_id"] != run_id:
+                warnings.warn(f"{os.path.dirname(path)!r} was claimed by run {held['run_id']} (process "
+                              f"{held['pid']} on this host), which is gone and wrote no snapshot there: run "
+                              f"{run_id} takes the folder", stacklevel=stacklevel)
+            with contextlib.suppress(OSError):        # this process now (a resumed run's new process)
+                atomic_write(path, lambda f: f.write(data))
+            return None
+        held, problem = _held(path, run_id)           # made by another run since: read it again
+        if problem is not None:
+            return f"PostHocEMA will not write its snapshots into {os.path.dirname(path)!r}: {problem}. Nothing " \
+                   f"was written and this call changed nothing."
+    return None
+
+
+# --------------------------------------------------------------------------- a resumed run's later snapshots
+
+
+def _supersede(directory: str, later: list, time: float, stacklevel: int) -> str | None:
+    """Move ``later`` (a resumed run's own snapshots after its checkpoint) into a new
+    ``superseded-<time>/``, with a warning; None, or why they could not be moved (then none is)."""
+    base = os.path.join(directory, SUPERSEDED + stamp(time))
+    folder, n = base, 1
+    while True:
+        try:
+            os.mkdir(folder)
+            break
+        except FileExistsError:
+            n += 1
+            folder = f"{base}-{n}"
+        except OSError as err:
+            return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), "
+                    f"which could not be moved aside into {folder!r} ({err}); move them out of the folder. Nothing "
+                    f"was written and this call changed nothing.")
+    moved: list = []
+    try:
+        for path in sorted(later):
+            parts = [path]
+            if path.endswith(".json") and os.path.isdir(path[:-len(".json")]):
+                parts.append(path[:-len(".json")])    # a DCP snapshot: its .json first, then its directory
+            for part in parts:
+                os.rename(part, os.path.join(folder, os.path.basename(part)))
+                moved.append(part)
+    except OSError as err:
+        for part in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(folder, os.path.basename(part)), part)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+        return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), which "
+                f"could not be moved aside into {folder!r} ({err}); move them out of the folder. Nothing was "
+                f"written and this call changed nothing.")
+    warnings.warn(f"PostHocEMA resumed at time {time:g} found {len(later)} snapshot(s) of its own run later than "
+                  f"that ({_few(later)}), written after the checkpoint it resumed from; they were moved into "
+                  f"{folder!r}, which synthesis does not read (delete it once you no longer need them)",
+                  stacklevel=stacklevel)
+    return None
