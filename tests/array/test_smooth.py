@@ -340,18 +340,23 @@ def test_per_stream_weights_on_the_device_are_scaled_and_checked_in_the_kernel()
     # (checkpoint version 2) as a CPU smoother given those weights as 0
     from numba import cuda
 
-    if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        to_device = cuda.to_device                             # the simulator's device arrays
+    elif torch.cuda.is_available():
+        to_device = lambda a: torch.as_tensor(a, device="cuda")  # noqa: E731
+    else:
         pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1 (set before numba is imported)")
     vals = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, -1.0, 0.5], [2.0, 2.0, 2.0]])
     ws = np.array([[1.0, 2.0, 3.0], [1.0, np.nan, -2.0], [2.0, np.inf, 1.0], [0.5, 1.0, 0.0]])
     for kw in (dict(span=3, window=2), dict(alpha=0.5, mode="seeded", window=3), dict(decay=0.5, mode="zeros")):
         dev, host = Smoother(**kw), Smoother(**kw)
         for y, c in zip(vals, ws):
-            dev.update(cuda.to_device(y), sample_weight=cuda.to_device(c))
+            dev.update(to_device(y), sample_weight=to_device(c))
             host.update(y, sample_weight=np.where(np.isfinite(c) & (c >= 0), c, 0.0))
         a, b = dev.state_dict(), host.state_dict()
         assert a["version"] == b["version"] == 2 and a["count"] == b["count"] == len(vals)
         for name, x in b["state"].items():
             got = a["state"][name]
-            got = got.copy_to_host() if hasattr(got, "copy_to_host") else np.asarray(got)
+            got = got.cpu().numpy() if torch.is_tensor(got) else \
+                got.copy_to_host() if hasattr(got, "copy_to_host") else np.asarray(got)
             np.testing.assert_array_equal(got, x, err_msg=f"{kw} {name}")
