@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         plot = None if args.plot is None else image_path("--plot", args.plot)
         for option, path in (("--out", args.out), ("--plot", plot)):
             if path is not None:
-                writable(option, path)
+                writable(option, path, "ema.safetensors" if option == "--out" else "profiles.png")
                 _probe(option, path)
         if args.out is not None:
             weights = synthesize(args.directory, args.sigma_rel, gamma=args.gamma, time=args.time,
