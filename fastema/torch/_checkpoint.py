@@ -28,22 +28,22 @@ FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 
 
-def _one_copy(device: torch.device) -> bool:
-    """Whether :meth:`_CheckpointSide.state_dict` copies a whole flat buffer on ``device`` to the host
-    at once (and hands out views of the copy) rather than tensor by tensor: off the CPU."""
-    return device.type != "cpu"
+def _one_copy(view: torch.Tensor) -> bool:
+    """Whether :meth:`_CheckpointSide.state_dict` copies the whole flat buffer under ``view`` to the
+    host at once (and hands out views of the copy) rather than tensor by tensor: off the CPU."""
+    return not view.is_cpu
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of ``t``: in pinned memory when ``t`` is on a CUDA device, if the
-    driver grants it (the device-to-host copy then runs at full speed), else pageable."""
-    if t.device.type == "cuda":
+    """A host copy of ``t`` (contiguous if ``t`` is): in pinned memory when ``t`` is on a CUDA device,
+    if the driver grants it (the device-to-host copy then runs at full speed), else pageable."""
+    if t.is_cuda:
         try:
             out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
         except RuntimeError:                          # no pinned memory to be had
             out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
         return out.copy_(t)                           # synchronous: the values are there on return
-    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+    return t.to("cpu", copy=True)                    # a contiguous t (a flat buffer) stays contiguous
 
 
 class _CheckpointSide:
@@ -175,10 +175,13 @@ class _CheckpointSide:
         tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU staging makes
         them), so no GPU memory is taken."""
         bases: dict[int, tuple[torch.Tensor, list[str]]] = {}
-        for n, v in views.items():
-            base = v._base if v._base is not None and v._base.is_contiguous() and _one_copy(v.device) else v
-            bases.setdefault(id(base), (base, []))[1].append(n)
         host = {}
+        for n, v in views.items():
+            base = v._base if _one_copy(v) else None
+            if base is None or not base.is_contiguous():
+                host[n] = _host_copy(v)
+            else:
+                bases.setdefault(id(base), (base, []))[1].append(n)
         for base, names in bases.values():
             if len(names) == 1 or 2 * sum(views[n].numel() for n in names) < base.numel():
                 for n in names:

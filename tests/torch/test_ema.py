@@ -616,7 +616,7 @@ def test_state_dict_is_one_host_copy_a_group_never_the_shadow(tmp_path, monkeypa
     import fastema.torch._checkpoint as checkpoint
 
     if flat:
-        monkeypatch.setattr(checkpoint, "_one_copy", lambda device: True)
+        monkeypatch.setattr(checkpoint, "_one_copy", lambda view: True)
 
     def make():
         torch.manual_seed(0)
