@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _backends, _launch
+from ._interrupts import ctrl_c_held
 from ._launch.cpu import first_bad_weight
 from ._state import check_header
 from .kernels import kinds
@@ -250,11 +251,12 @@ class Smoother:
             if before[3] is not None:
                 self._views = before[3]
             raise ValueError("checkpoint smoother state does not match this smoother's streams; nothing was loaded")
-        for n, a in self._state.items():
-            a[...] = saved[n]
-            if state["version"] == 1 and n in _SCALED and (n not in ("a", "b") or self.mode == "debiased"):
-                a *= SCALE                       # exact: a power of two
-        self.count = count
+        with ctrl_c_held():                      # a Ctrl-C here is raised once every stream and the count are in
+            for n, a in self._state.items():
+                a[...] = saved[n]
+                if state["version"] == 1 and n in _SCALED and (n not in ("a", "b") or self.mode == "debiased"):
+                    a *= SCALE                   # exact: a power of two
+            self.count = count
 
 
 def _nonzero(x):

@@ -63,6 +63,7 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
         data = memoryview(host.view(-1).view(torch.uint8).numpy()) if host.numel() else b""
         crcs[name] = f"{zlib.crc32(data):08x}"
         f.write(data)
+        del host, data                          # one converted tensor alive at a time, not two
     if checksums is not None:
         header["__metadata__"][checksums] = json.dumps(crcs, separators=(",", ":"))
         filled = _header_bytes(header)
