@@ -24,12 +24,19 @@ except ImportError:                         # pragma: no cover - an interpreter 
 
 __all__ = ["ctrl_c_held"]
 
-_held: list | None = None                  # the frames of the Ctrl-Cs held now; None: nothing is held
 
+class _Hold:
+    """The SIGINT handler while a block holds: records the Ctrl-Cs (their frames) for that block
+    only. No module state: a Ctrl-C landing anywhere in ``__enter__``/``__exit__`` can leave
+    nothing behind that a later block would trip on."""
 
-def _hold(signum: int, frame: FrameType | None) -> None:
-    if _held is not None:
-        _held.append(frame)
+    __slots__ = ("caught",)
+
+    def __init__(self) -> None:
+        self.caught: list[FrameType | None] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.caught.append(frame)
 
 
 class ctrl_c_held:
@@ -41,31 +48,28 @@ class ctrl_c_held:
     handlers there only), when the SIGINT handler is a Python function (Python's default or one
     installed with :func:`signal.signal`). With ``SIG_IGN`` nothing interrupts; with ``SIG_DFL`` or
     a handler installed outside Python the process ends and no state survives. Nested blocks leave
-    the holding to the outermost one.
+    the holding to the outermost one (the handler installed is already a hold).
     """
 
-    __slots__ = ("_old",)
+    __slots__ = ("_old", "_hold")
 
     def __enter__(self) -> None:
-        global _held
-        self._old = None
-        if _held is not None or threading.current_thread() is not threading.main_thread():
+        self._old = self._hold = None
+        if threading.current_thread() is not threading.main_thread():
             return
         old = _getsignal(signal.SIGINT)
-        if not callable(old):
-            return
-        _held = []
-        self._old = old
-        _setsignal(signal.SIGINT, _hold)
+        if isinstance(old, _Hold) or not callable(old):
+            return                          # an outer block holds, or nothing would interrupt
+        hold = _Hold()
+        _setsignal(signal.SIGINT, hold)     # a Ctrl-C before this line goes to `old`: nothing held yet
+        self._old, self._hold = old, hold
 
     def __exit__(self, *exc) -> bool:
-        global _held
-        old = self._old
-        if old is None:
+        old, hold = self._old, self._hold
+        if old is None or hold is None:
             return False
-        self._old = None
+        self._old = self._hold = None
         _setsignal(signal.SIGINT, old)     # first: a Ctrl-C from here on goes to the handler at once
-        caught, _held = _held, None
-        if caught:                          # delivered now, as it would have been
-            old(signal.SIGINT, caught[0])
+        if hold.caught:                     # delivered now, as it would have been
+            old(signal.SIGINT, hold.caught[0])
         return False
