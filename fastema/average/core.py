@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import _backends
 from .._checks import resolve_weights, shadow_problems, stochastic_rounding
+from .._interrupts import ctrl_c_held
 from .._state import check_header, refuse_load
 from ..flat import FlatShadow
 from .options import EMAOptions
@@ -259,7 +260,8 @@ class Average(PlanReader):
                 problems.append(f"{n} holds inf or NaN")
             arrays[slot] = a
         refuse_load(self.format, problems)
-        for slot, a in arrays.items():
-            for r in range(self.shadow.rows):
-                _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
-        self.load_plan_state(state)
+        with ctrl_c_held():                     # a Ctrl-C here is raised once every row and the plan are in
+            for slot, a in arrays.items():
+                for r in range(self.shadow.rows):
+                    _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
+            self.load_plan_state(state)

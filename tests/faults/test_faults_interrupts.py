@@ -58,3 +58,40 @@ def test_a_ctrl_c_inside_the_hold_itself_leaves_every_later_hold_working(where):
             signal.raise_signal(signal.SIGINT)
             done.append("the block ran to its end")
     assert done == ["the block ran to its end"]
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_a_ctrl_c_during_an_engine_load_is_raised_once_every_row_and_the_plan_are_in(monkeypatch):
+    # The engine's checkpoint (fastema.jax.EMA, fastema.tensorflow.EMA, Keras on those backends):
+    # a Ctrl-C after the first array written goes on to the last one and the counters, then raises
+    import numpy as np
+
+    from fastema import _backends
+    from fastema.average import Average, EMAOptions
+
+    def average(values):
+        sources = {n: np.full(4, v, np.float32) for n, v in values.items()}
+        return Average.of_sources(EMAOptions([0.9, 0.5]), sources, [(4,)] * len(sources), "fastema.test.EMA"), sources
+
+    src, arrays = average({"a": 1.0, "b": 2.0, "c": 3.0})
+    for k in range(3):
+        for a in arrays.values():
+            a += 1.0
+        src.update(None, lambda: list(arrays.values()))
+    state = src.state_dict()
+    dst, _ = average({"a": 0.0, "b": 0.0, "c": 0.0})
+    copy = _backends.copy_from_host
+    calls = []
+
+    def copy_then_ctrl_c(dst_view, host):
+        copy(dst_view, host)
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_backends, "copy_from_host", copy_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dst.load_state_dict(state)
+    assert (dst.plan.updates, dst.plan.calls) == (src.plan.updates, src.plan.calls) == (3, 3)
+    for name, rows in dst.state_dict()["averaged"].items():
+        np.testing.assert_array_equal(rows, state["averaged"][name], err_msg=name)
