@@ -179,11 +179,16 @@ class Torch(Backend):
         shapes, strides = tuple(map(tuple, map(_SHAPE, objs))), tuple(map(T.stride, objs))   # plain tuples of ints:
         # untracked by the garbage collector after its first pass, however long they are kept
 
+        devices = tuple(map(T.get_device, objs))           # -1: the CPU
+        lazy = any(map(T.is_neg, objs)) or any(map(T.is_conj, objs))   # never cached: describe() refuses them
+
         def same(ts: list) -> bool:
-            return (len(ts) == n and all(map(operator.is_, map(type, ts), types))
+            return (len(ts) == n and not lazy and all(map(operator.is_, map(type, ts), types))
                     and all(map(operator.is_, map(_DTYPE, ts), dtypes))
                     and all(map(operator.eq, map(T.stride, ts), strides))
-                    and all(map(operator.eq, map(_SHAPE, ts), shapes)))
+                    and all(map(operator.eq, map(_SHAPE, ts), shapes))
+                    and all(map(operator.eq, map(T.get_device, ts), devices))
+                    and not any(map(T.is_neg, ts)) and not any(map(T.is_conj, ts)))   # lazy negation/conjugate
 
         guards = _tensor_guards()
         if guards is None:

@@ -330,6 +330,21 @@ def _counting_pair_groups(monkeypatch) -> list:
     return calls
 
 
+def test_layout_cache_misses_for_a_lazily_negated_view_of_cached_memory(layout_checks):
+    # A neg view (public through z.conj().imag) has x's address, dtype, shape and strides; its
+    # memory holds x, not -x. Uncached it is refused; after caching x it must be refused too (the
+    # streamed comparison, which decides when torch's guard says no, ignored the neg/conj bits)
+    s, x = torch.zeros(4), torch.ones(4)
+    fastema.ema_update_many_([s], [x], weight=1.0)
+    with torch.inference_mode():                  # torch's guard says no here: the streamed one decides
+        for view in (torch._neg_view(x), torch._neg_view(x)):
+            with pytest.raises(TypeError, match="lazily negated or conjugated"):
+                fastema.ema_update_many_([s], [view], weight=1.0)
+    with pytest.raises(TypeError, match="lazily negated or conjugated"):
+        fastema.ema_update_many_([s], [torch._neg_view(x)], weight=1.0)
+    assert torch.equal(s, x)
+
+
 def test_layout_cache_hit_needs_every_stride(layout_checks, monkeypatch):
     # a size-1 dimension's stride changes no element's place, yet the check compares strides as
     # they are: the full check runs again (and accepts it)
