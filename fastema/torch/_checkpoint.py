@@ -28,22 +28,11 @@ FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
 
 
-def _one_copy(view: torch.Tensor) -> bool:
-    """Whether :meth:`_CheckpointSide.state_dict` copies the whole flat buffer under ``view`` to the
-    host at once (and hands out views of the copy) rather than tensor by tensor: off the CPU."""
-    return not view.is_cpu
-
-
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``t`` (contiguous if ``t`` is): in pinned memory when ``t`` is on a CUDA device,
-    if the driver grants it (the device-to-host copy then runs at full speed), else pageable."""
-    if t.is_cuda:
-        try:
-            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        except RuntimeError:                          # no pinned memory to be had
-            out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-        return out.copy_(t)                           # synchronous: the values are there on return
-    return t.to("cpu", copy=True)                    # a contiguous t (a flat buffer) stays contiguous
+    """A contiguous host copy of ``t`` with a storage of its own (what a checkpoint entry should be:
+    ``safetensors.torch.save_file`` takes it, ``torch.save`` of it writes it alone, holding it keeps
+    nothing else alive). Synchronous: the values are there on return."""
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
 
 
 class _CheckpointSide:
@@ -168,30 +157,11 @@ class _CheckpointSide:
     def _staged(self, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
         """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
         :meth:`_global`): what :meth:`state_dict` hands out, so that ``dcp.load`` writes into them and
-        not into the shadow. Views of one device buffer are views of one pinned host copy of it (one
-        device-to-host copy, not one a tensor); a view of a buffer it covers less than half of, and a
-        view in host memory, is copied alone (a host buffer gains nothing from one big copy, which
-        torch runs on its thread pool: slower on a machine whose cores are busy). A sharded
-        tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU staging makes
-        them), so no GPU memory is taken."""
-        bases: dict[int, tuple[torch.Tensor, list[str]]] = {}
-        host = {}
-        for n, v in views.items():
-            base = v._base if _one_copy(v) else None
-            if base is None or not base.is_contiguous():
-                host[n] = _host_copy(v)
-            else:
-                bases.setdefault(id(base), (base, []))[1].append(n)
-        for base, names in bases.values():
-            if len(names) == 1 or 2 * sum(views[n].numel() for n in names) < base.numel():
-                for n in names:
-                    host[n] = _host_copy(views[n])
-                continue
-            flat = _host_copy(base)
-            for n in names:
-                v = views[n]
-                host[n] = flat.as_strided(v.shape, v.stride(), v.storage_offset() - base.storage_offset())
-        return {n: self._global(n, host[n], stacked) for n in views}
+        not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
+        pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
+        sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
+        staging makes them)."""
+        return {n: self._global(n, _host_copy(v), stacked) for n, v in views.items()}
 
     def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
         """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor

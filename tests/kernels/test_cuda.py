@@ -577,6 +577,9 @@ def test_torch_ema_on_gpu_without_host_sync():
     state = ema.state_dict()["averaged"]
     for n, r in ref.items():
         torch.testing.assert_close(state[n][0], r.cpu(), rtol=1e-5, atol=1e-6)
+    # host copies, one contiguous storage a tensor (a GPU shadow's entries were views of one pinned copy)
+    assert all(v.device.type == "cpu" and v.is_contiguous() and
+               v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in state.values())
 
 
 @pytest.mark.skipif(SIM, reason="needs a GPU")

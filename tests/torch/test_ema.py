@@ -605,38 +605,34 @@ def test_a_refused_dcp_load_changes_nothing(tmp_path, kind):
     assert all(torch.isfinite(v).all() for v in average.averaged_state_dict().values())
 
 
-# issue 25, second pass (2d): state_dict() makes one host copy of each flat shadow buffer on a GPU (one
-# device-to-host copy into pinned memory, not one synchronous copy a tensor) and hands out views of it: still
-# copies, never the shadow, and torch.save, DCP and load_state_dict take them as before. On the CPU it copies
-# tensor by tensor; "flat" runs the GPU's path on the CPU.
-@pytest.mark.parametrize("flat", [True, False])
-def test_state_dict_is_one_host_copy_a_group_never_the_shadow(tmp_path, monkeypatch, flat):
+# issue 25 (M1): state_dict() hands out host copies, never the shadow (dcp.load fills them, and
+# load_state_dict writes them in after its checks); each entry is a contiguous tensor of its own, so
+# safetensors' save_file takes the dict and torch.save of one entry writes that entry alone (views of one
+# shared host copy of a flat buffer broke both)
+def test_state_dict_hands_out_one_contiguous_host_copy_a_tensor_never_the_shadow(tmp_path):
     import torch.distributed.checkpoint as dcp
-
-    import fastema.torch._checkpoint as checkpoint
-
-    if flat:
-        monkeypatch.setattr(checkpoint, "_one_copy", lambda view: True)
+    st = pytest.importorskip("safetensors.torch")
 
     def make():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3).to(torch.bfloat16))
-        return model, EMA(model, [0.9, 0.99])       # two rows: the entries are strided views of the copy
+        return model, EMA(model, [0.9, 0.99])       # two rows: the shadow's (rows, *shape) views are strided
 
     model, ema = make()
     moved(ema, model, by=0.5)
     sd = ema.state_dict()
-    averaged = list(sd["averaged"].values())
+    entries = [v for part in ("averaged", "copied", "int_buffers") for v in sd[part].values()]
     shadow = {g.buffer.untyped_storage().data_ptr() for g in ema._avg.layout.groups}
-    held = {v.untyped_storage().data_ptr() for v in averaged}
-    assert len(ema._avg.layout.groups) == 2 and len(held) == (2 if flat else len(averaged)) and not held & shadow
-    assert len({v.untyped_storage().data_ptr() for v in sd["copied"].values()}) == (1 if flat else 2)
+    storages = [v.untyped_storage().data_ptr() for v in entries]
+    assert len(set(storages)) == len(entries) and not set(storages) & shadow
+    assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in entries)
+    st.save_file(dict(sd["averaged"]), tmp_path / "averaged.safetensors")
     want = _flat_state(ema)
     for k, v in sd["averaged"].items():
         assert torch.equal(v, ema._avg.state_view(k))
     torch.save(sd, tmp_path / "ema.pt")
     dcp.save({"ema": ema}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
-    for v in averaged:
+    for v in sd["averaged"].values():
         v.fill_(7.0)                                  # the copies, not the shadow
     _same_state(want, _flat_state(ema))
     for restore in (lambda e: e.load_state_dict(torch.load(tmp_path / "ema.pt")),
@@ -645,7 +641,7 @@ def test_state_dict_is_one_host_copy_a_group_never_the_shadow(tmp_path, monkeypa
         moved(other, other_model, by=-1.0)
         restore(other)
         _same_state(want, _flat_state(other))
-    ema.load_state_dict(sd)                            # the views load as any tensors
+    ema.load_state_dict(sd)                            # the copies load as any tensors
     assert all((v == 7.0).all() for v in ema.state_dict()["averaged"].values())
 
 
