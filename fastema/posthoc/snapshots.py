@@ -15,16 +15,23 @@ another. One folder holds one run: :func:`read_snapshots` refuses a folder that 
 shapes; :mod:`.folder` is what a writer asks before it writes.
 
 Reading executes nothing from the folder. Safetensors and JSON hold no code. The one pickle, a
-DCP snapshot's ``.metadata``, goes through :class:`_DcpMetadataUnpickler`: an allow-list of
-opcodes and globals (DCP's metadata classes, ``torch.Size``, dtypes, layouts, paths), which calls
-only those constructors and sets state only on the fresh metadata instances it made, never on a
-class, function, module or other object of the process; anything else is refused, naming the
-file, and the process is as it was. A DCP snapshot's ``.distcp`` data goes through
-``torch.load(weights_only=True)``. Only regular files are opened (a FIFO or a device named like a
-snapshot's file is refused, never read). Reading is one tensor at a time (:func:`_reader`:
-memory-mapped safetensors, or DCP with ``no_dist``), every tensor checked (shape, dtype, checksum)
-and its size bounded before it is allocated: by the bytes its data files hold, and, beyond the
-memory free on this machine, refused (a sparse file's apparent size is a forged snapshot's).
+DCP snapshot's ``.metadata`` (at most 256 MiB; from 16 MiB, no more than the memory free), goes
+through :class:`_DcpMetadataUnpickler`: an allow-list of opcodes and globals (DCP's metadata
+classes, ``torch.Size``, dtypes, layouts, paths, looked up in their modules' own namespaces),
+which calls only those constructors with the arguments DCP gives them, sets state only on the
+fresh metadata instances it made (once, each field of the exact type DCP gives it), hashes only
+strings, ints and checked ``MetadataIndex`` keys, nests objects at most 32 deep, reads no string
+or frame over 4 MiB and stops when what it built holds over half of the memory that was free
+(Linux); :func:`_check_dcp_metadata` then checks every object of it by exact type before
+anything reads it. Anything else is refused, naming the file. No class, function, module or
+shared object of the process gets state from the file, refused or not. A DCP snapshot's
+``.distcp`` data goes through ``torch.load(weights_only=True)``. Only regular files are opened
+(a FIFO or a device named like a snapshot's file is refused, never read). Reading is one tensor
+at a time (:func:`_reader`: memory-mapped safetensors, or DCP with ``no_dist`` and the
+snapshot's metadata parsed once), every tensor checked (shape, dtype, checksum) and its size
+bounded before it is allocated: by the bytes its data files hold, and, from 16 MiB, by the
+memory free here (a MemoryError, which says so when the files are not fully stored on disk:
+sparse or compressed).
 Importing this module imports numpy only; torch and safetensors when used.
 """
 from __future__ import annotations
@@ -309,10 +316,12 @@ def _regular(path: str) -> os.stat_result:
     return st
 
 
-def _open_regular(path: str):
+def _open_regular(path: str, follow: bool = True):
     """``open(path, "rb")`` of a regular file, checked on the open file itself (opened without
-    blocking, so a FIFO swapped in after a check cannot hang the reader either)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    blocking, so a FIFO swapped in after a check cannot hang the reader either); ``follow=False``:
+    a symbolic link is not followed (OSError ELOOP)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -364,24 +373,25 @@ def _out_of_memory(err: BaseException) -> bool:
 _SMALL = 1 << 24                      # reads below 16 MiB are not bounded (no /proc read per small tensor)
 
 
-def _fits(path: str, key: str, nbytes: int, files: dict) -> None:
-    """Before a read allocates ``nbytes`` for ``key``: refuse a claim larger than the memory this
-    machine has free. A claim that the data ``files`` (name -> os.stat_result) do not hold on disk
-    (a sparse file, its size only apparent) is a forged or damaged snapshot (ValueError); a real
-    one too large for this machine is a MemoryError. Both name the file; nothing is allocated."""
+def _fits(path: str, what: str, nbytes: int, files: dict) -> None:
+    """Before a read allocates ``nbytes`` for ``what`` (a tensor's key, quoted, or a phrase):
+    refuse it when it is larger than the memory this machine has free (a MemoryError naming the
+    file; nothing is allocated). When the data ``files`` (name -> os.stat_result) hold fewer bytes
+    on disk than that (sparse, or compressed by the file system), the message says so: a snapshot
+    that was not written this large is damaged or forged."""
     if nbytes < _SMALL:
         return
     avail = _memory_available()
     if avail is None or nbytes <= avail:
         return
     on_disk = sum(getattr(st, "st_blocks", 0) * 512 for st in files.values())
+    short = ""
     if all(hasattr(st, "st_blocks") for st in files.values()) and on_disk < nbytes:
-        raise ValueError(f"{path!r}: {key!r} claims {nbytes} bytes, more than the {avail} bytes of memory free here, "
-                         f"and its data file(s) {', '.join(sorted(files))} hold only {on_disk} bytes on disk (a "
-                         f"sparse file: its size is only apparent): the snapshot is forged or damaged; move it out "
-                         f"of the folder to synthesise from the others")
-    raise MemoryError(f"{path!r}: reading {key!r} needs {nbytes} bytes of memory, more than the {avail} bytes free "
-                      f"here: synthesise on a machine with more memory")
+        short = (f"; its data file(s) {', '.join(sorted(files))} are not fully stored on disk ({on_disk} bytes: "
+                 f"sparse or compressed), so if the snapshot was not written this large it is damaged: move it out "
+                 f"of the folder; if it was,")
+    raise MemoryError(f"{path!r}: reading {what} needs {nbytes} bytes of memory, more than the {avail} bytes free "
+                      f"here{short or ':'} synthesise on a machine with more memory")
 
 
 def _safetensors_metadata(path: str) -> dict:
@@ -667,7 +677,7 @@ def _safetensors_reader(snap: Snapshot) -> Callable:
         except Exception as err:                  # SafetensorError
             raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({_first_line(err)}); the snapshot "
                              f"is corrupt: move it out of the folder") from None
-        _fits(snap.path, key, nbytes, {os.path.basename(snap.path): st})
+        _fits(snap.path, repr(key), nbytes, {os.path.basename(snap.path): st})
         try:
             t = handle.get_tensor(key)
         except Exception as err:                  # SafetensorError, an allocation that failed
@@ -697,8 +707,13 @@ def _dcp_reader(snap: Snapshot) -> Callable:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader_type = _safe_reader_type()
-    md = reader_type(snap.path).read_metadata()
+    md = _load_dcp_metadata(os.path.join(snap.path, ".metadata"))     # parsed and checked once, for every read
     entries = md.state_dict_metadata
+    stored: dict = {}                                   # tensor -> bytes its data files hold of it
+    files_of: dict = {}                                 # tensor -> the data files holding it
+    for index, info in md.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+        files_of.setdefault(index.fqn, set()).add(info.relative_path)
 
     def read(key: str, want):
         meta = entries.get(key)
@@ -709,14 +724,14 @@ def _dcp_reader(snap: Snapshot) -> Callable:
         if want is not None and size != list(want) and size != [math.prod(want)]:
             raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} has shape {size}, but its .json gives {want}; "
                              f"the snapshot is corrupt")
-        stored = sum(info.length for index, info in md.storage_data.items() if index.fqn == key)
         itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
         nbytes = math.prod(size) * itemsize
-        if nbytes > stored:                              # before allocating what a forged size asks for
+        if nbytes > stored.get(key, 0):                 # before allocating what a forged size asks for
             raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} claims shape {size} ({math.prod(size)} "
-                             f"values), but its data files hold {stored} bytes of it; the snapshot is corrupt")
-        files = sorted({info.relative_path for index, info in md.storage_data.items() if index.fqn == key})
-        _fits(snap.path, key, nbytes, {f: _regular(os.path.join(snap.path, f)) for f in files})
+                             f"values), but its data files hold {stored.get(key, 0)} bytes of it; the snapshot is "
+                             f"corrupt")
+        files = sorted(files_of.get(key, ()))
+        _fits(snap.path, repr(key), nbytes, {f: _regular(os.path.join(snap.path, f)) for f in files})
         try:
             out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
         except (RuntimeError, MemoryError) as err:
@@ -726,7 +741,7 @@ def _dcp_reader(snap: Snapshot) -> Callable:
             with warnings.catch_warnings():
                 # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(out, storage_reader=reader_type(snap.path), no_dist=True)
+                dcp.load(out, storage_reader=reader_type(snap.path, metadata=md), no_dist=True)
         except (Exception, CheckpointException) as err:
             cause = _cause(err)
             if _out_of_memory(cause):
@@ -759,42 +774,105 @@ _ALLOWED = {
     "pathlib._local": _PATHS,
     "collections": ("OrderedDict",),
 }
-#: The only classes whose state a pickle may set (BUILD): DCP's metadata dataclasses, on the fresh
-#: instances this unpickler made. Never a class, a function, a module, a dtype or an enum member.
+#: The only classes a pickle may make (NEWOBJ, no arguments) and set the state of (BUILD, once, on
+#: an instance it made): DCP's metadata dataclasses. Never a class, a function, a module, a dtype
+#: or an enum member.
 _BUILDABLE = {
     _DCP_METADATA: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
                     "ChunkStorageMetadata", "MetadataIndex", "StorageMeta"),
     _FILESYSTEM: ("_StorageInfo",),
 }
-# Opcodes that only build plain data (numbers, strings, bytes, tuples, lists, dicts, sets), move it
-# on the stack or the memo, or frame the stream; GLOBAL and STACK_GLOBAL go through find_class.
+# Opcodes that only build plain data (numbers, strings, bytes, tuples, lists, dicts), move it on the
+# stack or the memo, or frame the stream; GLOBAL and STACK_GLOBAL go through find_class, the
+# container opcodes through _DcpMetadataUnpickler's bookkeeping. Sets and bytearrays: refused.
 _DATA_OPCODES = (
     "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 "
     "FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES "
-    "SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_LIST LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT "
-    "EMPTY_SET FROZENSET GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL").split()
+    "SHORT_BINBYTES BINBYTES8 EMPTY_LIST LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT "
+    "GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL").split()
+_MAX_METADATA = 256 << 20     # bytes of a .metadata fastema reads (a snapshot's: ~100 bytes a tensor and shard)
+_MAX_ITEM = 4 << 20           # bytes of one string, line or frame in it (the pickler frames 64 KiB)
+_MAX_DEPTH = 32               # objects nested in it, and MARKs open at once (DCP's nest 8 deep)
+_LOOK_EVERY = 1 << 16         # opcodes between two looks at the memory the parse holds
+_PLAIN = (type(None), bool, int, float, str)      # a field DCP may add later: plain values only
+
+
+class _BoundedInput:
+    """A ``.metadata`` as :class:`_DcpMetadataUnpickler` reads it: no read (a string, bytes or a
+    frame) and no line longer than :data:`_MAX_ITEM`, and ``size`` bytes in all (what it had when
+    it was opened): a length field or a line without end asks for nothing more."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._left = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        if not 0 <= n <= _MAX_ITEM:
+            raise pickle.UnpicklingError(f"it holds a string, bytes or frame of {n} bytes, more than the {_MAX_ITEM} "
+                                         f"DCP metadata holds in one")
+        return self._take(self._file.read(n))
+
+    def readline(self) -> bytes:
+        line = self._file.readline(_MAX_ITEM + 1)
+        if len(line) > _MAX_ITEM:
+            raise pickle.UnpicklingError(f"it holds a line longer than {_MAX_ITEM} bytes, which DCP metadata never "
+                                         f"does")
+        return self._take(line)
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise pickle.UnpicklingError("it grew while it was read")
+        return data
+
+
+def _resident() -> int | None:
+    """Bytes of memory this process holds (Linux: /proc/self/statm), or None where not known."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read(256).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _size_args(args: tuple) -> bool:
+    return len(args) == 1 and type(args[0]) in (tuple, list) and len(args[0]) <= 64 and \
+        all(type(d) is int for d in args[0])
 
 
 class _DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpickler: its dispatch is ours
     """Builds what DCP's ``.metadata`` holds and nothing else, with an allow-list of opcodes.
 
     Globals: DCP's metadata classes, ``torch.Size``, dtypes, layouts (``_get_layout``), paths and
-    ``OrderedDict`` (:data:`_ALLOWED`); any other is refused before it is looked up. Calls
-    (REDUCE, NEWOBJ): those globals only. State (BUILD): only on an instance of DCP's metadata
-    dataclasses (:data:`_BUILDABLE`), only their declared fields (or the class's own
-    ``__setstate__``): a pickle cannot set an attribute of a class, a function, a module or any
-    object shared with the rest of the process. Appends and item sets: only into the lists,
-    dicts and sets it built. Persistent ids, extension codes, INST/OBJ and out-of-band buffers
-    are refused."""
+    ``OrderedDict`` (:data:`_ALLOWED`), looked up in their modules' own namespaces (never through a
+    module's ``__getattr__``, which could import); any other is refused. Calls (REDUCE): those
+    globals, each with the arguments DCP gives it (``torch.Size`` a list of ints, a layout or a
+    path strings, an enum member an int, ``OrderedDict`` none). Objects (NEWOBJ): DCP's metadata
+    dataclasses, without arguments. State (BUILD): once, on such an instance it made and placed
+    nowhere yet, only declared fields, each of the exact type DCP gives it: a pickle cannot set an
+    attribute of a class, a function, a module or any object shared with the rest of the process.
+    Appends and item sets: only into the lists and dicts it made, before they are placed in
+    another; dict keys are strings, ints or built ``MetadataIndex`` (nothing deep is ever hashed).
+    Objects nest at most :data:`_MAX_DEPTH` deep. Reads are bounded (:class:`_BoundedInput`), and
+    the memory the parse holds is looked at every :data:`_LOOK_EVERY` opcodes: beyond half of what
+    was free when it began, a MemoryError. Persistent ids, extension codes, INST/OBJ, sets,
+    bytearrays and out-of-band buffers are refused."""
 
     dispatch: ClassVar[dict] = {}              # opcode -> handler: _make_dispatch()'s table
     # the pure-Python unpickler's own (typeshed does not declare them)
     stack: list
+    metastack: list
     append: Callable[[Any], None]
     pop_mark: Callable[[], list]
+    read: Callable[[int], bytes]
+    readline: Callable[[], bytes]
+    readinto: Callable[[Any], int]
+    _file_read: Callable[[int], bytes]
+    _file_readline: Callable[[], bytes]
+    proto: int
 
-    def __init__(self, file: Any) -> None:
-        super().__init__(file)
+    def __init__(self, file: Any, size: int = _MAX_METADATA) -> None:
+        super().__init__(_BoundedInput(file, size))
+        import collections
         import importlib
 
         import torch
@@ -802,72 +880,253 @@ class _DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpi
         self._globals: dict = {}
         for module, names in _ALLOWED.items():
             try:
-                found = importlib.import_module(module)
+                space = vars(importlib.import_module(module))
             except ImportError:                       # pathlib._local: Python >= 3.13 only
                 continue
             for name in names:
-                if hasattr(found, name):
-                    self._globals[(module, name)] = getattr(found, name)
+                if name in space:
+                    self._globals[(module, name)] = space[name]
         self._globals[("torch", "Size")] = torch.Size
-        self._torch = torch
-        self._callables = tuple(self._globals.values())
-        self._classes = tuple(v for v in self._callables if isinstance(v, type))
-        self._buildable: dict = {}
-        for module, names in _BUILDABLE.items():
-            for name in names:
-                cls = self._globals.get((module, name))
-                if cls is not None:
-                    self._buildable[cls] = {f.name for f in _dataclass_fields(cls)}
+        self._torch = vars(torch)
+        self._dtype = torch.dtype
+        md = importlib.import_module(_DCP_METADATA)
+        self._props = md.TensorProperties
+        self._index = md.MetadataIndex
+        self._encoding = md._MEM_FORMAT_ENCODING
+        self._ordered = collections.OrderedDict
+        paths = tuple(v for (m, n), v in self._globals.items() if n in _PATHS and m.startswith("pathlib"))
+        one_str = lambda a: len(a) == 1 and type(a[0]) is str  # noqa: E731
+        self._calls = [(torch.Size, _size_args), (self._globals[("torch.serialization", "_get_layout")], one_str),
+                       (self._encoding, lambda a: len(a) == 1 and type(a[0]) is int),
+                       (self._ordered, lambda a: not a)]
+        self._calls += [(p, lambda a: len(a) <= 4096 and all(type(x) is str for x in a)) for p in paths]
+        self._fields = _field_types(md, importlib.import_module(_FILESYSTEM), torch, paths)
+        self._made: dict = {}          # id -> [object, depth, placed, built]: what this unpickler made (kept alive)
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self._globals:
-            return self._globals[(module, name)]
-        if module == "torch" and isinstance(getattr(self._torch, name, None), self._torch.dtype):
-            return getattr(self._torch, name)
+        found = self._globals.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and type(self._torch.get(name)) is self._dtype:
+            return self._torch[name]
         raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which DCP metadata never holds")
+
+    def load(self) -> Any:
+        """The pure-Python ``load`` (Python 3.9-3.13), with a look at the memory every
+        :data:`_LOOK_EVERY` opcodes."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)   # type: ignore[attr-defined]
+        self.read = self._unframer.read
+        self.readinto = self._unframer.readinto
+        self.readline = self._unframer.readline
+        self.metastack = []
+        self.stack = []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch = self.read, self.dispatch
+        start, free = _resident(), _memory_available()
+        count = 0
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+                count += 1
+                if count % _LOOK_EVERY == 0 and start is not None and free is not None:
+                    held = (_resident() or start) - start
+                    if held > free // 2:
+                        raise MemoryError(f"building it took {held} bytes of memory after {count} opcodes, over "
+                                          f"half of the {free} bytes free when it began")
+        except pickle._Stop as stop:                  # type: ignore[attr-defined]
+            return stop.value
 
     def _refuse(self, what: str) -> NoReturn:
         raise pickle.UnpicklingError(f"it {what}, which DCP metadata never does")
 
-    def _allowed(self, obj, among: tuple) -> bool:
-        return any(obj is c for c in among)          # by identity: nothing of the pickle's is hashed or compared
+    # -- bookkeeping: what it made, how deep, placed in another yet, built yet
+
+    def _place(self, items) -> int:
+        """Mark what this unpickler made among ``items`` placed (never changed again); their depth."""
+        depth = 0
+        made = self._made
+        for item in items:
+            entry = made.get(id(item))               # ids are its own objects': they are kept alive
+            if entry is not None:
+                entry[2] = True
+                if entry[1] > depth:
+                    depth = entry[1]
+        return depth
+
+    def _made_of(self, obj, items=()) -> None:
+        self._made[id(obj)] = entry = [obj, 1, False, False]
+        self._grow(entry, self._place(items))
+
+    def _grow(self, entry: list, depth: int) -> None:
+        if depth >= _MAX_DEPTH:
+            self._refuse(f"nests objects more than {_MAX_DEPTH} deep")
+        if depth + 1 > entry[1]:
+            entry[1] = depth + 1
+
+    def _open(self, target, kinds: tuple, what: str) -> list:
+        """The entry of ``target``, a list or dict this unpickler made and placed nowhere yet."""
+        entry = self._made.get(id(target))
+        if type(target) not in kinds or entry is None:
+            self._refuse(f"{what} a {type(target).__name__} it did not make")
+        if entry[2]:
+            self._refuse(f"{what} a {type(target).__name__} after placing it in another")
+        return entry
+
+    def _key_ok(self, key) -> bool:
+        kind = type(key)
+        if kind is str or kind is int:
+            return True
+        entry = self._made.get(id(key))
+        return kind is self._index and entry is not None and entry[3]     # its fields checked: a flat hash
+
+    # -- the container opcodes
+
+    def _load_mark(self) -> None:
+        if len(self.metastack) >= _MAX_DEPTH:
+            self._refuse(f"opens more than {_MAX_DEPTH} marks at once")
+        self.metastack.append(self.stack)
+        self.stack = []
+        self.append = self.stack.append
+
+    def _load_empty_list(self) -> None:
+        self.append([])
+        self._made_of(self.stack[-1])
+
+    def _load_empty_dict(self) -> None:
+        self.append({})
+        self._made_of(self.stack[-1])
+
+    def _load_list(self) -> None:
+        items = self.pop_mark()
+        self._made_of(items, items)
+        self.append(items)
+
+    def _load_tuple(self) -> None:
+        items = tuple(self.pop_mark())
+        self._made_of(items, items)
+        self.append(items)
+
+    def _load_tuple1(self) -> None:
+        self.stack[-1] = items = (self.stack[-1],)
+        self._made_of(items, items)
+
+    def _load_tuple2(self) -> None:
+        items = (self.stack[-2], self.stack[-1])
+        self.stack[-2:] = [items]
+        self._made_of(items, items)
+
+    def _load_tuple3(self) -> None:
+        items = (self.stack[-3], self.stack[-2], self.stack[-1])
+        self.stack[-3:] = [items]
+        self._made_of(items, items)
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        d: dict = {}
+        self._made_of(d)
+        self._fill(d, items)
+        self.append(d)
+
+    def _load_append(self) -> None:
+        value = self.stack.pop()
+        entry = self._open(self.stack[-1], (list,), "appends to")
+        self._grow(entry, self._place((value,)))
+        self.stack[-1].append(value)
+
+    def _load_appends(self) -> None:
+        items = self.pop_mark()
+        entry = self._open(self.stack[-1], (list,), "appends to")
+        self._grow(entry, self._place(items))
+        self.stack[-1].extend(items)
+
+    def _load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._fill(self.stack[-1], [key, value])
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._fill(self.stack[-1], items)
+
+    def _fill(self, target, items: list) -> None:
+        entry = self._open(target, (dict, self._ordered), "sets items of")
+        if len(items) % 2:
+            self._refuse("sets an item without a value")
+        for key in items[::2]:
+            if not self._key_ok(key):
+                self._refuse(f"uses {_named(key)} as a key")
+        self._grow(entry, self._place(items))
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    # -- calls, objects, state
 
     def _load_reduce(self) -> None:
         args = self.stack.pop()
         func = self.stack[-1]
-        if type(args) is not tuple or not self._allowed(func, self._callables):
+        check = next((ok for f, ok in self._calls if f is func), None)   # by identity: nothing is hashed
+        if check is None:
             self._refuse(f"calls {_named(func)}")
-        self.stack[-1] = func(*args)
+        if type(args) is not tuple or not check(args):
+            self._refuse(f"calls {_named(func)} with arguments DCP never gives it")
+        self.stack[-1] = result = func(*args)
+        if type(result) is self._ordered:
+            self._made_of(result)
+
+    def _new(self, cls, args, kwargs) -> None:
+        if next((f for c, f in self._fields.items() if c is cls), None) is None:
+            self._refuse(f"makes an object of {_named(cls)}")
+        if type(args) is not tuple or args or type(kwargs) is not dict or kwargs:
+            self._refuse(f"makes a {cls.__name__} with arguments")
+        inst = cls.__new__(cls)
+        self._made_of(inst)
+        self.append(inst)
 
     def _load_newobj(self) -> None:
         args = self.stack.pop()
-        cls = self.stack.pop()
-        if type(args) is not tuple or not self._allowed(cls, self._classes):
-            self._refuse(f"makes an object of {_named(cls)}")
-        self.append(cls.__new__(cls, *args))
+        self._new(self.stack.pop(), args, {})
 
     def _load_newobj_ex(self) -> None:
         kwargs = self.stack.pop()
         args = self.stack.pop()
-        cls = self.stack.pop()
-        if type(args) is not tuple or type(kwargs) is not dict or not self._allowed(cls, self._classes):
-            self._refuse(f"makes an object of {_named(cls)}")
-        self.append(cls.__new__(cls, *args, **kwargs))
+        self._new(self.stack.pop(), args, kwargs)
 
     def _load_build(self) -> None:
         state = self.stack.pop()
         inst = self.stack[-1]
         cls = type(inst)
-        fields = next((f for c, f in self._buildable.items() if c is cls), None)
-        if fields is None:
+        fields = next((f for c, f in self._fields.items() if c is cls), None)
+        entry = self._made.get(id(inst))
+        if fields is None or entry is None:
             self._refuse(f"sets the state of {_named(inst)}")
-        setstate = cls.__dict__.get("__setstate__")
-        if setstate is not None:                      # TensorProperties: its own decoder, on its instance
-            setstate(inst, state)
-            return
+        if entry[2] or entry[3]:
+            self._refuse(f"sets the state of a {cls.__name__} twice, or after placing it")
+        values: list
+        if cls is self._props:                        # TensorProperties: its own __setstate__, on a checked tuple
+            values = list(state) if type(state) is tuple else []
+            want = fields["__state__"]
+            if len(values) != len(want) or any(type(v) is not t for v, t in zip(values, want)):
+                self._refuse("sets the state of a TensorProperties from anything but (dtype, layout, bool, "
+                             "memory format, bool)")
+            cls.__setstate__(inst, state)
+        else:
+            pairs = self._build_state(cls, fields, state)
+            for key, value in pairs:
+                object.__setattr__(inst, key, value)  # frozen dataclasses too (MetadataIndex), as pickle does
+            values = [v for _, v in pairs]
+        self._grow(entry, self._place(values))
+        entry[3] = True
+
+    def _build_state(self, cls, fields: dict, state) -> list:
+        """``[(field, value)]`` of a BUILD's state (a dict, or a (dict, slots) pair), each checked."""
         slots = None
         if type(state) is tuple and len(state) == 2:
             state, slots = state
+        out = []
         for part in (state, slots):
             if part is None:
                 continue
@@ -877,40 +1136,39 @@ class _DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpi
                 if type(key) is not str or key not in fields:
                     name = repr(key[:40]) if type(key) is str else _named(key)
                     self._refuse(f"sets {cls.__name__}.{name}, not a field of it")
-                object.__setattr__(inst, key, value)  # frozen dataclasses too (MetadataIndex), as pickle does
+                if type(value) not in fields[key]:
+                    self._refuse(f"sets {cls.__name__}.{key} to {_named(value)}")
+                out.append((key, value))
+        return out
 
-    def _load_append(self) -> None:
-        value = self.stack.pop()
-        if type(self.stack[-1]) is not list:
-            self._refuse(f"appends to a {type(self.stack[-1]).__name__}")
-        self.stack[-1].append(value)
 
-    def _load_appends(self) -> None:
-        items = self.pop_mark()
-        if type(self.stack[-1]) is not list:
-            self._refuse(f"appends to a {type(self.stack[-1]).__name__}")
-        self.stack[-1].extend(items)
+def _field_types(md, fs, torch, paths: tuple) -> dict:
+    """DCP's metadata classes -> field -> the exact types a ``.metadata`` may give it (checked at
+    BUILD; :func:`_check_dcp_metadata` then checks what the containers hold). A declared field
+    not listed here (one a later torch adds) may hold a plain value only."""
+    import collections
+    import dataclasses
 
-    def _load_setitem(self) -> None:
-        value = self.stack.pop()
-        key = self.stack.pop()
-        self._setitems([key, value])
-
-    def _load_setitems(self) -> None:
-        self._setitems(self.pop_mark())
-
-    def _setitems(self, items: list) -> None:
-        target = self.stack[-1]
-        if type(target) is not dict and type(target) is not self._globals[("collections", "OrderedDict")]:
-            self._refuse(f"sets items of a {type(target).__name__}")
-        for i in range(0, len(items) - 1, 2):
-            target[items[i]] = items[i + 1]
-
-    def _load_additems(self) -> None:
-        items = self.pop_mark()
-        if type(self.stack[-1]) is not set:
-            self._refuse(f"adds to a {type(self.stack[-1]).__name__}")
-        self.stack[-1].update(items)
+    none, size, dicts = type(None), torch.Size, (dict, collections.OrderedDict)
+    known: dict[Any, dict[str, tuple]] = {
+        md.Metadata: {"state_dict_metadata": dicts, "planner_data": (none, *dicts), "storage_data": (none, *dicts),
+                      "storage_meta": (none, md.StorageMeta), "version": (none, str)},
+        md.TensorStorageMetadata: {"properties": (md.TensorProperties,), "size": (size,), "chunks": (list,)},
+        md.BytesStorageMetadata: {},
+        md.ChunkStorageMetadata: {"offsets": (size,), "sizes": (size,)},
+        md.MetadataIndex: {"fqn": (str,), "offset": (none, size), "index": (none, int)},
+        md.StorageMeta: {"checkpoint_id": (none, str, *paths), "save_id": (none, str), "load_id": (none, str),
+                         "modules": (list,)},
+        fs._StorageInfo: {"relative_path": (str,), "offset": (int,), "length": (int,),
+                          "transform_descriptors": (none, list, tuple)},
+        # its __getstate__'s tuple, in order
+        md.TensorProperties: {"__state__": (torch.dtype, type(torch.strided), bool, md._MEM_FORMAT_ENCODING, bool)},
+    }
+    out: dict = {}
+    for cls, given in known.items():
+        declared = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        out[cls] = {**{name: _PLAIN for name in declared}, **given}
+    return out
 
 
 def _make_dispatch() -> dict:
@@ -928,10 +1186,12 @@ def _make_dispatch() -> dict:
     for name in _DATA_OPCODES:
         code = getattr(pickle, name)[0]
         table[code] = base[code]
-    restricted = {"REDUCE": "_load_reduce", "NEWOBJ": "_load_newobj", "NEWOBJ_EX": "_load_newobj_ex",
-                  "BUILD": "_load_build", "APPEND": "_load_append", "APPENDS": "_load_appends",
-                  "SETITEM": "_load_setitem", "SETITEMS": "_load_setitems", "ADDITEMS": "_load_additems"}
-    for name, method in restricted.items():
+    ours = {"MARK": "_load_mark", "EMPTY_LIST": "_load_empty_list", "EMPTY_DICT": "_load_empty_dict",
+            "LIST": "_load_list", "TUPLE": "_load_tuple", "TUPLE1": "_load_tuple1", "TUPLE2": "_load_tuple2",
+            "TUPLE3": "_load_tuple3", "DICT": "_load_dict", "REDUCE": "_load_reduce", "NEWOBJ": "_load_newobj",
+            "NEWOBJ_EX": "_load_newobj_ex", "BUILD": "_load_build", "APPEND": "_load_append",
+            "APPENDS": "_load_appends", "SETITEM": "_load_setitem", "SETITEMS": "_load_setitems"}
+    for name, method in ours.items():
         table[getattr(pickle, name)[0]] = getattr(_DcpMetadataUnpickler, method)
     return table
 
@@ -948,35 +1208,41 @@ def _named(obj) -> str:
     return f"a {type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _dataclass_fields(cls) -> tuple:
-    import dataclasses
-
-    return dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
-
-
 def _load_dcp_metadata(path: str):
-    """DCP's ``Metadata`` from ``path`` (a regular file) through :class:`_DcpMetadataUnpickler`, its
-    structure checked (the tensors' sizes and dtypes, data files inside the snapshot directory,
-    regular files holding what it describes)."""
+    """DCP's ``Metadata`` from ``path`` (a regular file of at most :data:`_MAX_METADATA` bytes that
+    the memory free here holds) through :class:`_DcpMetadataUnpickler`, then checked whole by
+    exact types (:func:`_check_dcp_metadata`) before anything reads it."""
     with _open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        if st.st_size > _MAX_METADATA:
+            raise ValueError(f"{path!r} is {st.st_size} bytes, more than the {_MAX_METADATA} fastema reads as a DCP "
+                             f"snapshot's metadata (a snapshot's holds about 100 bytes a tensor and shard): it is not "
+                             f"one; move the snapshot (and its .json) out of the folder")
+        _fits(path, "its DCP metadata", st.st_size, {os.path.basename(path): st})
         try:
-            md = _DcpMetadataUnpickler(f).load()
+            md = _DcpMetadataUnpickler(f, st.st_size).load()
         except pickle.UnpicklingError as err:
             raise ValueError(f"{path!r} was not loaded: {err}. Nothing of it ran: fastema builds DCP's metadata "
                              f"classes from it and nothing else. It is not a snapshot fastema wrote: remove this "
                              f"snapshot, or get an intact copy from its author") from None
+        except MemoryError as err:
+            raise MemoryError(f"{path!r}: {err or 'out of memory'}: synthesise on a machine with more memory, or, "
+                              f"if the snapshot was not this large, move it (and its .json) out of the folder") \
+                from None
         except Exception as err:                      # EOFError, a truncated or garbled pickle
             raise ValueError(f"{path!r} is not readable DCP metadata ({_first_line(err)}); the snapshot is "
                              f"truncated or corrupt: move it (and its .json) out of the folder") from None
-    try:
-        _check_dcp_metadata(path, md)
-    except (AttributeError, TypeError) as err:        # a field missing, or of another type
-        raise ValueError(f"{path!r} is not DCP metadata a snapshot holds ({_first_line(err)}); the snapshot is "
-                         f"corrupt: move it (and its .json) out of the folder") from None
+    _check_dcp_metadata(path, md)
     return md
 
 
 def _check_dcp_metadata(path: str, md) -> None:
+    """Every object of ``md`` by its exact type (no subclass, no other object of the process), the
+    tensors' sizes and dtypes, data files inside the snapshot directory, regular files holding
+    what it describes. ValueError naming ``path``."""
+    import collections
+    import pathlib
+
     import torch
     from torch.distributed.checkpoint import metadata as M
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -985,45 +1251,80 @@ def _check_dcp_metadata(path: str, md) -> None:
         return ValueError(f"{path!r} is not DCP metadata a snapshot holds ({what}); the snapshot is corrupt: move "
                           f"it (and its .json) out of the folder")
 
-    if not isinstance(md, M.Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise bad(f"a {type(md).__name__}")
-    for key, entry in md.state_dict_metadata.items():
-        if not isinstance(key, str):
-            raise bad(f"a key of type {type(key).__name__}")
-        if isinstance(entry, M.BytesStorageMetadata):
+    def field(obj, name: str):                        # an instance's field (its class default if not set)
+        try:
+            return getattr(obj, name)                 # exact DCP classes: no __getattr__ of theirs runs
+        except AttributeError:
+            raise bad(f"a {type(obj).__name__} without its {name!r}") from None
+
+    none, size, dicts = type(None), torch.Size, (dict, collections.OrderedDict)
+    paths = tuple(getattr(pathlib, n) for n in _PATHS)
+
+    def sizes(*values) -> bool:
+        return all(type(v) is size and all(d >= 0 for d in v) for v in values)
+
+    if type(md) is not M.Metadata:
+        raise bad(_named(md))
+    entries = field(md, "state_dict_metadata")
+    if type(entries) not in dicts:
+        raise bad("no tensor table")
+    for key, entry in entries.items():
+        if type(key) is not str:
+            raise bad(f"a key that is {_named(key)}")
+        if type(entry) is M.BytesStorageMetadata:
             continue
-        if not (isinstance(entry, M.TensorStorageMetadata) and isinstance(entry.size, torch.Size) and
-                all(isinstance(d, int) and d >= 0 for d in entry.size) and
-                isinstance(entry.properties, M.TensorProperties) and
-                isinstance(entry.properties.dtype, torch.dtype)):
+        if type(entry) is not M.TensorStorageMetadata:
+            raise bad(f"{_named(entry)} for {key[:80]!r}")
+        props, shape, chunks = field(entry, "properties"), field(entry, "size"), field(entry, "chunks")
+        if not (type(props) is M.TensorProperties and type(field(props, "dtype")) is torch.dtype and
+                type(field(props, "layout")) is type(torch.strided) and
+                type(field(props, "requires_grad")) is bool and type(field(props, "pin_memory")) is bool and
+                type(field(props, "memory_format")) is type(torch.contiguous_format) and
+                sizes(shape) and type(chunks) is list and
+                all(type(c) is M.ChunkStorageMetadata and sizes(field(c, "offsets"), field(c, "sizes")) and
+                    len(c.offsets) == len(c.sizes) == len(shape) for c in chunks)):
             raise bad(f"the entry of {key[:80]!r}")
-    storage = md.storage_data
-    if not isinstance(storage, dict):
+    planner = field(md, "planner_data")
+    if not (planner is None or type(planner) in dicts and all(
+            type(k) is str and type(v) in (tuple, list) and all(type(p) in (str, int) for p in v)
+            for k, v in planner.items())):
+        raise bad("its planner data")
+    storage = field(md, "storage_data")
+    if type(storage) not in dicts:
         raise bad("no storage table")
-    sizes: dict = {}
+    meta = field(md, "storage_meta")
+    if not (meta is None or type(meta) is M.StorageMeta and type(field(meta, "checkpoint_id")) in (none, str, *paths)
+            and type(field(meta, "save_id")) in (none, str) and type(field(meta, "load_id")) in (none, str) and
+            type(field(meta, "modules")) is list and all(type(m) is str for m in meta.modules)):
+        raise bad(f"its storage_meta, {_named(meta)}")
+    if type(field(md, "version")) not in (none, str):
+        raise bad("its version")
+    found: dict = {}
     for index, info in storage.items():
-        if not (isinstance(index, M.MetadataIndex) and isinstance(index.fqn, str) and
-                isinstance(info, _StorageInfo) and isinstance(info.relative_path, str) and
+        if not (type(index) is M.MetadataIndex and type(field(index, "fqn")) is str and
+                (field(index, "offset") is None or sizes(index.offset)) and
+                type(field(index, "index")) in (none, int) and type(info) is _StorageInfo and
+                type(field(info, "relative_path")) is str and
                 os.path.basename(info.relative_path) == info.relative_path and
                 info.relative_path not in ("", ".", "..") and "\\" not in info.relative_path and
-                isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and
-                info.length >= 0):
+                type(field(info, "offset")) is int and type(field(info, "length")) is int and info.offset >= 0 and
+                info.length >= 0 and type(field(info, "transform_descriptors")) in (none, list, tuple)):
             raise bad(f"a storage entry {_named(info)}")
-        if getattr(info, "transform_descriptors", None):   # compression: the stored sizes would not bound a read
+        if info.transform_descriptors:                # compression: the stored sizes would not bound a read
             raise bad("a storage entry with transforms, which fastema's snapshots never use")
         name = info.relative_path
-        if name not in sizes:                        # data inside this snapshot's directory, within its files
+        if name not in found:                         # data inside this snapshot's directory, within its files
             data = os.path.join(os.path.dirname(path), name)
             try:
                 st = os.stat(data)
             except FileNotFoundError:
-                sizes[name] = -1
+                found[name] = -1
             else:
                 if not stat.S_ISREG(st.st_mode):
                     raise _not_regular(data, st.st_mode)
-                sizes[name] = st.st_size
-        if info.offset + info.length > sizes[name]:
-            have = sizes[name]
+                found[name] = st.st_size
+        if info.offset + info.length > found[name]:
+            have = found[name]
             raise ValueError(f"the DCP snapshot {os.path.dirname(path)!r}: its data file {name!r} "
                              f"{'is missing' if have < 0 else f'has {have} bytes'}, fewer than the "
                              f"{info.offset + info.length} its metadata describes: the snapshot is truncated; move "
@@ -1034,18 +1335,26 @@ _SAFE_READER: Any = None
 
 
 def _safe_reader_type():
-    """``dcp.FileSystemReader`` whose metadata comes through :func:`_load_dcp_metadata` (made once)."""
+    """``dcp.FileSystemReader`` whose metadata is one parsed and checked by :func:`_load_dcp_metadata`:
+    given (``metadata=``: a snapshot's, parsed once for all its reads), or parsed on demand (made once)."""
     global _SAFE_READER
     if _SAFE_READER is None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         class SafeReader(dcp.FileSystemReader):
+            def __init__(self, path: Any, metadata: Any = None) -> None:
+                super().__init__(path)
+                self._metadata = metadata
+
             def read_metadata(self, *args: Any, **kwargs: Any):
                 rank = kwargs.get("rank")
-                name = ".metadata" if rank is None else f"__{int(rank)}.metadata"
-                md = _load_dcp_metadata(os.path.join(os.fspath(self.path), name))
-                if getattr(md, "storage_meta", None) is None:
+                if rank is None and self._metadata is not None:
+                    md = self._metadata
+                else:
+                    name = ".metadata" if rank is None else f"__{int(rank)}.metadata"
+                    md = _load_dcp_metadata(os.path.join(os.fspath(self.path), name))
+                if md.storage_meta is None:           # checked: a StorageMeta this reader made, or None
                     md.storage_meta = StorageMeta()
                 md.storage_meta.load_id = self.load_id
                 return md

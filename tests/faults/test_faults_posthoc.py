@@ -3,6 +3,7 @@ that fills, a file size limit, a folder that goes away (M5), truncated, empty, g
 bit-flipped snapshots and DCP shards (L1), and on 2 gloo ranks a refused folder and a failed
 metadata write on rank 0. Each asserts that nothing ran, that the error names the file (one line on
 the command line, no traceback) and that nothing the user had changed."""
+import contextlib
 import copy
 import errno
 import json
@@ -180,6 +181,112 @@ def test_the_command_line_never_runs_a_planted_dcp_metadata_pickle(tmp_path):
     one_line(res.stderr, ".metadata", "Nothing of it ran")
 
 
+_HOSTILE_METADATA = r"""
+import json, os, resource, sys, warnings
+warnings.simplefilter("ignore")
+from fastema import posthoc
+import fastema.posthoc.snapshots as S
+run, md = sys.argv[1], sys.argv[2]
+posthoc.synthesize(run, 0.07, max_error=1.0)               # intact: what reading imports, and its memory
+lazy = [m for m in ("torch._dynamo", "torch._inductor", "torch.onnx", "torch._export") if m not in sys.modules]
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+BIG = 200 << 20
+
+def case(name, data, size=0):
+    with open(md, "wb") as f:
+        f.write(data)
+        f.truncate(max(size, len(data)))                      # a sparse file: its size only apparent
+    try:
+        posthoc.synthesize(run, 0.07, max_error=1.0)
+        text = "read"
+    except (ValueError, MemoryError) as err:
+        text = f"{type(err).__name__}: {err}"
+    print(json.dumps([name, text]), flush=True)
+
+case("bytes", b"\x80\x04\x8e" + BIG.to_bytes(8, "little"), BIG + 11)          # BINBYTES8 of 200 MiB
+case("line", b"\x80\x02I", BIG)                                               # INT, its line never ends
+case("frame", b"\x80\x04\x95" + (1 << 62).to_bytes(8, "little") + b"N.")
+case("file", b"\x80\x04\x8e" + (300 << 20).to_bytes(8, "little"), 300 << 20)  # beyond the bound on a .metadata
+for name in ("_dynamo", "_inductor", "onnx", "_export"):
+    case("lazy" + name, b"\x80\x02ctorch\n" + name.encode() + b"\n.")          # torch's lazy __getattr__
+free, S._memory_available = S._memory_available, lambda: 1 << 20                 # 1 MiB free: 70000 dicts exceed it
+case("objects", b"\x80\x04(" + b"}" * 70000 + b"l.")
+S._memory_available = free
+print(json.dumps(["state", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024,   # MiB
+                  [m for m in lazy if m in sys.modules]]), flush=True)
+deep = b"K\x01" + b"\x85" * 300000                                            # a tuple nested 300000 deep
+case("list", b"\x80\x04" + b"]" * 300000 + b"a" * 299999 + b".")
+case("set", b"\x80\x04\x8f(" + deep + b"\x90.")
+case("key", b"\x80\x04}" + deep + b"K\x01s.")                                  # hashing it recursed in C: SIGSEGV
+"""
+
+
+def test_a_hostile_dcp_metadata_neither_crashes_nor_bloats_nor_imports(tmp_path):
+    """Second review of H1, each in one fresh process (a regression kills it, not pytest): a dict key made of
+    300000 nested tuples crashed the process (SIGSEGV: CPython's tuple hash recursing in C); a BINBYTES8 or an
+    INT line of a sparse .metadata made it read 200 MiB (1 GiB: 1.4 and 2.5 GB of memory); ``c torch
+    _dynamo`` imported torch._dynamo before it was refused (torch's lazy module __getattr__). Now: objects
+    nest at most 32 deep, keys are flat, sets are refused, no read or line is over 4 MiB, a .metadata over
+    256 MiB is refused from its size, the memory the parse holds is bounded by what was free, and globals are
+    looked up in the module's own namespace. Each is refused naming the file; nothing is imported."""
+    run, base = _dcp_run(tmp_path)
+    res = subprocess.run([sys.executable, "-c", _HOSTILE_METADATA, str(run), str(base / ".metadata")],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    got = {name: text for name, *text in map(json.loads, res.stdout.splitlines())}
+    for name, text in got.items():
+        if name != "state":
+            assert ".metadata" in text[0] and "Nothing of it ran" in text[0] or name in ("file", "objects"), text
+    assert "a string, bytes or frame of 209715200 bytes, more than the 4194304" in got["bytes"][0]
+    assert "a line longer than 4194304 bytes" in got["line"][0]
+    assert "a string, bytes or frame of 4611686018427387904 bytes" in got["frame"][0]
+    assert "is 314572800 bytes, more than the 268435456 fastema reads" in got["file"][0]
+    for name in ("_dynamo", "_inductor", "onnx", "_export"):
+        assert f"asks to load torch.{name}" in got["lazy" + name][0]
+    assert got["objects"][0].startswith("MemoryError: ") and "over half of the 1048576 bytes free" in \
+        got["objects"][0] or _resident_unknown(), got["objects"]
+    growth_mib, imported = got["state"]
+    assert growth_mib < 100 and imported == [], got["state"]
+    assert "nests objects more than 32 deep" in got["list"][0]
+    assert "opcode EMPTY_SET" in got["set"][0]
+    assert "nests objects more than 32 deep" in got["key"][0]
+
+
+def _resident_unknown() -> bool:
+    from fastema.posthoc.snapshots import _resident
+
+    return _resident() is None
+
+
+def test_a_dcp_metadata_whose_storage_meta_is_a_shared_object_is_refused_before_it_is_touched(tmp_path, capsys):
+    """Second review of H1: the reader set ``storage_meta.load_id`` on whatever the .metadata gave as
+    storage_meta (pathlib.PosixPath, an enum member, torch.serialization._get_layout: all allowed globals),
+    and the metadata's fields were never checked by type. Every field of every metadata object is now checked
+    by its exact type as the pickle sets it: refused naming the file, and nothing of the process changed."""
+    import pathlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    run, base = _dcp_run(tmp_path)
+    with open(base / ".metadata", "rb") as f:
+        intact = pickle.load(f)                                        # written by this test: trusted here
+    for target in (pathlib.PosixPath, _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT, torch.serialization._get_layout):
+        md = copy.copy(intact)
+        md.storage_meta = target                                       # a GLOBAL, or an enum's REDUCE
+        (base / ".metadata").write_bytes(pickle.dumps(md, protocol=2))
+        try:
+            with pytest.raises(ValueError, match=r"\.metadata' was not loaded: it sets Metadata\.storage_meta to "
+                                                 r"(the class pathlib|a torch.distributed|the function torch)"):
+                posthoc.synthesize(run, 0.07, max_error=1.0)
+            rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+            assert rc == 1 and not (tmp_path / "o.pt").exists()
+            one_line(err, ".metadata", "storage_meta")
+            assert "load_id" not in vars(target)
+        finally:                                                       # a regression must not poison later tests
+            with contextlib.suppress(AttributeError, TypeError):
+                delattr(target, "load_id")
+
+
 # --------------------------------------------------------------------------- corrupt files (L1)
 
 def _rewrite_metadata(path, edit):
@@ -296,7 +403,9 @@ def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocati
     """Review of H1/L1: the claim was checked against the data file's apparent size only, which a sparse
     file makes anything; a 60 GB claim reached torch.empty (RuntimeError: can't allocate memory, a traceback
     on the command line; with overcommit, an OOM kill while reading). A claim beyond the memory free here
-    that its files do not hold on disk is refused as forged, naming the file; nothing is allocated."""
+    is refused, naming the file, before anything is allocated. Second review: it was called "forged" when its
+    files hold less on disk, which a compressing file system (ZFS, btrfs) does to a real snapshot too: now a
+    MemoryError that says the files are not fully stored on disk (sparse or compressed), accusing nothing."""
     import fastema.posthoc.snapshots as S
 
     run, base = _dcp_run(tmp_path)
@@ -307,11 +416,13 @@ def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocati
     allocations = []
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
-    refused = ValueError if sparse else MemoryError
-    match = r"'0:w' claims 67108864 bytes, more than the 8388608 bytes of memory free here, and its data file\(s\) " \
-            r"__0_0.distcp hold only \d+ bytes on disk.*forged" if sparse else r"needs 67108864 bytes of memory"
-    with pytest.raises(refused, match=match):
+    match = r"reading '0:w' needs 67108864 bytes of memory, more than the 8388608 bytes free here" + (
+        r"; its data file\(s\) __0_0.distcp are not fully stored on disk \(\d+ bytes: sparse or compressed\), so if "
+        r"the snapshot was not written this large it is damaged: move it out of the folder; if it was, synthesise "
+        r"on a machine with more memory" if sparse else r": synthesise on a machine with more memory")
+    with pytest.raises(MemoryError, match=match) as refused:
         posthoc.synthesize(run, 0.07, max_error=1.0)
+    assert "forged" not in str(refused.value)
     assert not [a for a in allocations if a and a[0] and math.prod(a[0]) >= numel]
     rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
     assert rc == 1 and not (tmp_path / "o.pt").exists()
