@@ -1,15 +1,26 @@
 """One run per snapshot folder: what a writer asks before it writes (:func:`check_folder`).
 
 A folder holds the snapshots of one run (:attr:`fastema.torch.PostHocEMA.run_id`). Before it
-writes its first snapshot there, a run *claims* the folder: ``DIR/.fastema-run``, created
-exclusively (``O_EXCL``: of two runs, one gets it), holding its run id, host and process id. Every
-check reads the claim again, so a run that finds another's claim is refused before it writes:
-two runs pointed at one folder never overwrite each other's snapshots, even when both checked
-before either wrote.
+writes its first snapshot there, a run *claims* the folder: ``DIR/.fastema-run``, a regular file
+created exclusively (``O_EXCL``: of two runs, one gets it), holding its run id, host and process
+id. Every check reads the claim again, so a run that finds another's claim is refused before it
+writes: two runs pointed at one folder never overwrite each other's snapshots, even when both
+checked before either wrote. A claim that is not a regular file (a symbolic link, dangling or not)
+or not readable is refused, naming it.
 
 A claim whose run wrote no snapshot and whose process is gone (same host; another host's
-processes cannot be seen) is stale: the next run that writes takes it, with a warning. A claim by
-a run on another host stays until that run's checkpoint is loaded or the file is removed.
+processes cannot be seen) is stale: the next run that writes takes it, with a warning. Taking a
+claim over is exclusive: the taker first creates a lock named after that claim (``O_EXCL``),
+reads the claim again and replaces it whole; of two runs that found the same stale claim, one
+takes it and the other is refused. A claim by a run on another host stays until that run's
+checkpoint is loaded or the file is removed.
+
+The claim also keeps a run to one process: a second process of the same run (an evaluation job
+that loaded the training checkpoint into a PostHocEMA with the same path) is refused while the
+claiming process runs on this host, before anything is moved; give it another folder. A claim of
+the same run from another host is taken as a resume there (with a warning: that host's processes
+cannot be seen). Process ids are only checked on this host, and one reused after a restart (a
+container's processes numbered from 1 again) looks alive: the refusal says to remove the claim then.
 
 A run resumed from a checkpoint finds its own snapshots later than its time, written by the
 trajectory it abandoned (a preemption after the last checkpoint): they are moved into
@@ -19,9 +30,11 @@ run goes on. Nothing else is ever moved or removed. Importing this module import
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
+import stat
 import time as _time
 import warnings
 
@@ -46,13 +59,15 @@ def check_folder(directory: str, run_id: str, time: float, seen: dict | None = N
 
     - another run's snapshots (a fresh run pointed at an old folder, two runs in one folder), or
       version-1 snapshots (no run id) unless ``run_id`` is :data:`~.snapshots.LEGACY_RUN_ID`;
-    - another run's claim (:data:`CLAIM`) that is not stale;
+    - another run's claim (:data:`CLAIM`) that is not stale, and this run's own claim from
+      another process that runs on this host (a second process of one run);
     - files named like snapshots that cannot be read (or are not regular files), and a claim
-      that cannot be read.
+      that cannot be read or is not a regular file (a symbolic link).
 
     Then this run's own snapshots later than ``time`` (left by the trajectory after the checkpoint
     it resumed from) are moved into ``superseded-<time>/`` with a warning, and, when
-    ``writing``, the folder is claimed for ``run_id`` (a stale claim taken over, with a warning).
+    ``writing``, the folder is claimed for ``run_id`` (a stale claim taken over exclusively, with a
+    warning).
     ``seen`` caches what was read of the snapshot files, by name, size and mtime; ``stacklevel``:
     the warnings' (1: this function's caller).
     """
@@ -128,11 +143,19 @@ def _mine(run_id: str) -> dict:
 
 
 def _read_claim(path: str) -> dict | None:
-    """The claim in ``path`` (None: there is none). ValueError when it is not one; a claim being
-    written (empty for a moment) is read again."""
+    """The claim in ``path`` (None: there is none). ValueError when it is not one (a symbolic link,
+    dangling or not, is not: fastema writes a regular file); a claim being written (empty for a
+    moment) is read again."""
     for attempt in range(6):
         try:
-            with _open_regular(path) as f:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            target = "to nothing" if not os.path.exists(path) else "to another file"
+            raise ValueError(f"it is a symbolic link {target}, not a claim fastema writes (a regular file)")
+        try:
+            with _open_regular(path, follow=False) as f:
                 data = f.read(_MAX_CLAIM + 1)
         except FileNotFoundError:
             return None
@@ -150,22 +173,35 @@ def _read_claim(path: str) -> dict | None:
 
 
 def _stale(claim: dict) -> bool:
-    """True when the claiming process is known to be gone (it ran on this host)."""
+    """True when the claiming process is known to be gone (it ran on this host). A process id
+    reused since (a container restarted: its processes numbered from 1 again) looks alive."""
     return claim["host"] == socket.gethostname() and claim["pid"] > 0 and not _alive(claim["pid"])
 
 
 def _held(path: str, run_id: str) -> tuple[dict | None, str | None]:
     """(the claim, None) when ``run_id`` may write beside it; (None, why not) otherwise. Called
     when the folder holds no other run's snapshot: a claim by another run means that run checked
-    and may be about to write."""
+    and may be about to write; a claim by this run from another process of this host that still
+    runs means a second process of one run (an evaluation job that loaded the training
+    checkpoint), which would move the live run's later snapshots aside and write among them."""
     try:
         claim = _read_claim(path)
     except (ValueError, OSError) as err:
         return None, (f"its claim file {path!r} cannot be read ({_first_line(err)}): remove it if no other run "
                       f"writes into this folder")
-    if claim is None or claim["run_id"] == run_id or _stale(claim):
+    if claim is None or _stale(claim):
         return claim, None
-    where = ("this host, still running" if claim["host"] == socket.gethostname() else f"host {claim['host']!r}")
+    here = claim["host"] == socket.gethostname()
+    if claim["run_id"] == run_id:
+        if not here or claim["pid"] == os.getpid():
+            return claim, None                        # this process, or another host's (cannot be seen): a resume
+        return None, (f"it is claimed by this run, run {run_id}, from another process that still runs ({path}: "
+                      f"process {claim['pid']} on this host): two processes of one run (an evaluation or inference "
+                      f"job that loaded the training checkpoint into a PostHocEMA with the same path) would move "
+                      f"each other's later snapshots aside and write among them. Give this PostHocEMA another folder "
+                      f"(path=); if process {claim['pid']} is not run {run_id} (its process id reused after a "
+                      f"restart, as in containers), remove {path}")
+    where = "this host, still running" if here else f"host {claim['host']!r}"
     other = claim["run_id"]
     return None, (f"it is claimed by another run, run {other} ({path}: process {claim['pid']} on {where}), which "
                   f"has written no snapshot here yet: two runs writing into one folder overwrite each other's "
@@ -174,43 +210,101 @@ def _held(path: str, run_id: str) -> tuple[dict | None, str | None]:
 
 
 def _claim(path: str, run_id: str, held: dict | None, stacklevel: int) -> str | None:
-    """Claim the folder for ``run_id`` (before its first write); None, or why not. A folder that
-    cannot be written is left to the snapshot's write, which reports it (SnapshotError)."""
+    """Claim the folder for ``run_id`` (before its first write); None, or why not. No claim: one
+    is created with ``O_EXCL``. A claim ``held`` by a gone process, or by this run from another
+    host (a resume elsewhere), is taken over exclusively (:func:`_take`). A folder that cannot be
+    written is left to the snapshot's write, which reports it (SnapshotError)."""
     mine = _mine(run_id)
-    data = json.dumps(mine).encode()
-    for _ in range(3):
+    directory = os.path.dirname(path)
+    for attempt in range(8):
+        if held == mine:
+            return None
+        made: bool | str | None
         if held is None:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            except FileExistsError:
-                pass
-            except OSError:
-                return None                           # not writable, or gone: the write says so
-            else:
-                try:
-                    os.write(fd, data)
-                except OSError:
-                    os.close(fd)
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                    return None
-                os.close(fd)
-                return None
-        elif held == mine:
+            made = _create(path, json.dumps(mine).encode())
+        else:
+            made = _take(path, held, mine)
+        if made is None:
+            return None                               # not writable, or gone: the write says so
+        if made is True:
+            if held is not None and held["run_id"] != run_id:
+                warnings.warn(f"{directory!r} was claimed by run {held['run_id']} (process {held['pid']} on this "
+                              f"host), which is gone and wrote no snapshot there: run {run_id} takes the folder",
+                              stacklevel=stacklevel)
+            elif held is not None and held["host"] != mine["host"]:
+                warnings.warn(f"{directory!r} was claimed by this run, run {run_id}, from process {held['pid']} on "
+                              f"host {held['host']!r}, which this host cannot see: taken as a resume. If that "
+                              f"process still runs (this is a second process of the run, such as an evaluation "
+                              f"job), stop this one and give it another folder (path=)", stacklevel=stacklevel)
             return None
-        elif held["run_id"] == run_id or _stale(held):
-            if held["run_id"] != run_id:
-                warnings.warn(f"{os.path.dirname(path)!r} was claimed by run {held['run_id']} (process "
-                              f"{held['pid']} on this host), which is gone and wrote no snapshot there: run "
-                              f"{run_id} takes the folder", stacklevel=stacklevel)
-            with contextlib.suppress(OSError):        # this process now (a resumed run's new process)
-                atomic_write(path, lambda f: f.write(data))
-            return None
-        held, problem = _held(path, run_id)           # made by another run since: read it again
+        if made == "busy":                            # another process is taking it over right now
+            _time.sleep(0.01 * 2 ** attempt)
+        held, problem = _held(path, run_id)           # changed by another run since: read it again
         if problem is not None:
-            return f"PostHocEMA will not write its snapshots into {os.path.dirname(path)!r}: {problem}. Nothing " \
-                   f"was written and this call changed nothing."
-    return None
+            return f"PostHocEMA will not write its snapshots into {directory!r}: {problem}. Nothing was written " \
+                   f"and this call changed nothing."
+    lock = _lock_of(path, held) if held is not None else path
+    return (f"PostHocEMA will not write its snapshots into {directory!r}: its claim file {path!r} could not be "
+            f"taken ({lock!r} says another process is taking it over; if none is, a takeover was interrupted: "
+            f"remove {lock!r}). Nothing was written and this call changed nothing.")
+
+
+def _create(path: str, data: bytes) -> bool | None:
+    """Create the claim ``path`` holding ``data`` exclusively: True, False (it exists), or None
+    (the folder cannot be written: nothing is left)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except FileExistsError:
+        return False
+    except OSError:
+        return None
+    try:
+        os.write(fd, data)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    os.close(fd)
+    return True
+
+
+def _lock_of(path: str, claim: dict) -> str:
+    """The lock that whoever takes over ``claim`` holds: named after that claim."""
+    digest = hashlib.sha256(json.dumps(claim, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{path}.take-{digest}"
+
+
+def _take(path: str, held: dict, mine: dict) -> bool | str | None:
+    """Replace the claim ``held`` in ``path`` by ``mine``, exclusively: a claim changes only by its
+    creation (``O_EXCL``) or by the holder of the lock named after it (``O_EXCL`` too), which first
+    reads it again. True (taken), False (it changed: read it again), ``"busy"`` (another process
+    holds the lock) or None (not writable)."""
+    lock = _lock_of(path, held)
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except FileExistsError:
+        return "busy"
+    except OSError:
+        return None
+    try:
+        with contextlib.suppress(OSError):
+            os.write(fd, json.dumps(mine).encode())
+        os.close(fd)
+        try:
+            if _read_claim(path) != held:
+                return False                          # taken by another run before this lock was made
+        except (ValueError, OSError):
+            return False
+        data = json.dumps(mine).encode()
+        try:
+            atomic_write(path, lambda f: f.write(data))   # the new claim, whole, renamed over the old one
+        except OSError:
+            return None
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
 
 
 # --------------------------------------------------------------------------- a resumed run's later snapshots

@@ -44,11 +44,14 @@ class PostHocEMA(EMA):
     resumed run goes on writing into its folder (a fastema 0.1 checkpoint, which has none, goes
     on beside its version-1 snapshots as the legacy run). The folder is checked at the first
     ``update()`` and before every snapshot, before anything is applied or written: another run's
-    snapshots or claim, version-1 snapshots (unless resuming a 0.1 checkpoint), and files named
-    like snapshots that are not readable regular files are refused with a ``ValueError`` naming
-    them and the fix. Before its first snapshot the run claims the folder (``DIR/.fastema-run``,
-    created exclusively), so of two runs started on one folder the second is refused before it
-    writes. This run's own snapshots later than its time, left by the trajectory after the
+    snapshots or claim, this run's claim from another process still running on this host (a
+    second process of one run, such as an evaluation job that loaded the training checkpoint
+    with the same ``path``: give it another folder), version-1 snapshots (unless resuming a 0.1
+    checkpoint), and files named like snapshots that are not readable regular files are refused
+    with a ``ValueError`` naming them and the fix. Before its first snapshot the run claims the
+    folder (``DIR/.fastema-run``, created exclusively; a stale claim is taken over exclusively),
+    so of two runs started on one folder the second is refused before it writes. This run's own
+    snapshots later than its time, left by the trajectory after the
     checkpoint it resumed from (a preemption), are moved into ``DIR/superseded-<time>/`` (not read
     by synthesis) with a warning naming them, and the run goes on. See
     :mod:`fastema.posthoc.folder`.

@@ -5,6 +5,7 @@ beyond float16 (L6), dtypes safetensors has no name for (M5). Corrupt files, pla
 failed writes are in tests/faults/test_faults_posthoc.py."""
 import json
 import os
+import warnings
 import zlib
 
 import pytest
@@ -355,6 +356,146 @@ def test_a_claim_of_a_run_that_is_gone_is_taken_and_others_are_refused_naming_th
         with pytest.raises(ValueError, match=match):
             late.update()
         assert late.updates == 0 and _folder(other) == before
+
+
+def test_a_second_process_of_a_live_run_is_refused_before_anything_moves(tmp_path):
+    """Second review of 1e/1f: an evaluation job that loaded the training checkpoint into a PostHocEMA on
+    the same path (the same run id, another process) moved the live run's later snapshots aside at its
+    first update, then took its claim. While the claiming process runs on this host, such a process is now
+    refused naming the claim and the fix (another folder), and nothing moves; once that process is gone,
+    the same load is a resume. The same run's claim from another host is taken as a resume, with a warning."""
+    import copy
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    live = PostHocEMA(nn.Linear(4, 4), snapshot_every=10, path=folder)
+    _run(live, live.model, 0, 30)
+    checkpoint = copy.deepcopy(live.state_dict())
+    _run(live, live.model, 30, 60)                               # the live run goes on: snapshots 40, 50, 60
+    claim = json.loads((folder / ".fastema-run").read_text())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        claim["pid"] = other.pid                                  # as if the live run were that process
+        (folder / ".fastema-run").write_text(json.dumps(claim))
+        before = _folder(folder)
+        evaluation = PostHocEMA(nn.Linear(4, 4), snapshot_every=10, path=folder)
+        evaluation.load_state_dict(checkpoint)
+        with pytest.raises(ValueError, match=rf"claimed by this run, run {live.run_id}, from another process that "
+                                             rf"still runs \(.*\.fastema-run: process {other.pid} on this host\).*"
+                                             rf"Give this PostHocEMA another folder \(path=\); if process "
+                                             rf"{other.pid} is not run {live.run_id} .*remove .*\.fastema-run"):
+            evaluation.update()
+        assert _folder(folder) == before and not [p for p in folder.iterdir() if p.is_dir()]
+        assert evaluation.updates == 30
+        elsewhere = PostHocEMA(nn.Linear(4, 4), snapshot_every=10, path=tmp_path / "eval")    # the fix
+        elsewhere.load_state_dict(checkpoint)
+        elsewhere.update()
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match=r"resumed at time 30 found 3 snapshot\(s\) of its own run"):
+        evaluation.update()                                       # that process is gone: a resume
+    _run(evaluation, evaluation.model, 31, 40)                    # its first write (40) claims the folder
+    claim = json.loads((folder / ".fastema-run").read_text())
+    assert claim["pid"] == os.getpid()
+    claim.update(host="node-7", pid=1)                            # the same run, from another host
+    (folder / ".fastema-run").write_text(json.dumps(claim))
+    resumed = PostHocEMA(nn.Linear(4, 4), snapshot_every=10, path=folder)
+    resumed.load_state_dict(copy.deepcopy(evaluation.state_dict()))
+    with pytest.warns(UserWarning, match=r"claimed by this run, run \w+, from process 1 on host 'node-7', which "
+                                         r"this host cannot see: taken as a resume"):
+        _run(resumed, resumed.model, 40, 50)
+    assert json.loads((folder / ".fastema-run").read_text())["host"] != "node-7"
+
+
+def test_of_runs_that_find_one_stale_claim_one_takes_it(tmp_path, monkeypatch):
+    """Second review of 1f: two runs that both read the same stale claim both wrote theirs (the last one
+    won the file, both wrote snapshots). The takeover is exclusive now (a lock named after that claim,
+    created with O_EXCL, then the claim read again): one run takes the folder, the others are refused,
+    and nothing but the claim is left."""
+    import socket
+    import threading
+
+    from fastema.posthoc import folder as F
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / F.CLAIM).write_text(json.dumps({"run_id": "gone", "host": socket.gethostname(), "pid": 1 << 22}))
+    real, barrier = F._claim, threading.Barrier(3)
+
+    def claim(*args, **kwargs):
+        barrier.wait()                                            # every run has read the stale claim
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_claim", claim)
+    refusals = {}
+
+    def run(run_id):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            refusals[run_id] = F.check_folder(str(shared), run_id, 0.0, writing=True)
+
+    threads = [threading.Thread(target=run, args=(f"run{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r, refused in refusals.items() if refused is None]
+    assert len(winners) == 1, refusals
+    assert json.loads((shared / F.CLAIM).read_text())["run_id"] == winners[0]
+    assert all(f"claimed by another run, run {winners[0]}" in refused for refused in refusals.values() if refused)
+    assert os.listdir(shared) == [F.CLAIM]
+
+
+@pytest.mark.parametrize("target", ["nowhere", "a_claim"])
+def test_a_claim_that_is_a_symbolic_link_is_refused_naming_it(tmp_path, target):
+    """Second review of 1f: a dangling symbolic link named .fastema-run made the claim loop and give up
+    silently, and the run wrote unclaimed. A claim is a regular file fastema writes: a symbolic link,
+    dangling or not, is refused naming it, and nothing is written."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ph = PostHocEMA(nn.Linear(3, 3), snapshot_every=1, path=folder)
+    real = tmp_path / "real-claim"
+    if target == "a_claim":
+        real.write_text(json.dumps({"run_id": ph.run_id, "host": "h", "pid": os.getpid()}))
+    (folder / ".fastema-run").symlink_to(real)
+    with pytest.raises(ValueError, match=r"claim file .*\.fastema-run' cannot be read \(ValueError: it is a "
+                                         rf"symbolic link to {'nothing' if target == 'nowhere' else 'another file'}"
+                                         r", not a claim fastema writes.*remove it"):
+        ph.update()
+    assert ph.updates == 0 and os.listdir(folder) == [".fastema-run"] and (folder / ".fastema-run").is_symlink()
+
+
+def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, monkeypatch):
+    """Second review (performance): synthesis parsed a DCP snapshot's .metadata again for every tensor it
+    read (every dcp.load asked the reader for it), through the pure-Python allow-list unpickler: 2 snapshots
+    of 600 tensors made 1202 parses, 54 s of a 60 s synthesis. It is parsed and checked once per snapshot
+    now, and every read of that snapshot uses it."""
+    import torch.distributed.checkpoint as dcp
+
+    import fastema.posthoc.snapshots as S
+
+    run = tmp_path / "run"
+    run.mkdir()
+    names = [f"w{i}" for i in range(6)]
+    for t in (10, 20):
+        base = run / f"snapshot-{t:012d}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({f"{k}:{n}": torch.full((3,), float(t + k)) for k in range(2) for n in names},
+                     checkpoint_id=str(base), no_dist=True)
+        (run / f"snapshot-{t:012d}.json").write_text(json.dumps({
+            "format": "fastema.posthoc", "version": "2", "run_id": "r", "time": str(t), "updates": str(t),
+            "gammas": json.dumps(GAMMAS), "averaged": json.dumps(names), "others": "[]", "kind": "dcp",
+            "shapes": json.dumps({n: [3] for n in names})}))
+    parses, real = [], S._DcpMetadataUnpickler.load
+    monkeypatch.setattr(S._DcpMetadataUnpickler, "load", lambda self: parses.append(1) or real(self))
+    out = posthoc.synthesize(run, 0.07, max_error=1.0)
+    assert sorted(out) == names and len(parses) == 2
+    coefficients = out.solution.coefficients                      # rows: (10, k=0), (10, 1), (20, 0), (20, 1)
+    want = sum(c * (t + k) for c, (t, k) in zip(coefficients, [(10, 0), (10, 1), (20, 0), (20, 1)]))
+    assert all(torch.allclose(v, torch.full((3,), want, dtype=torch.float32)) for v in out.values())
 
 
 # --------------------------------------------------------------------------- the profiles (H3)
