@@ -37,6 +37,7 @@ PUBLIC_MODULES = (
     "fastema.torch.compat",
     "fastema.jax",
     "fastema.tensorflow",
+    "fastema.tensorflow.compat",
     "fastema.keras",
     "fastema.lightning",
 )
