@@ -40,6 +40,7 @@ PUBLIC_MODULES = (
     "fastema.tensorflow.compat",
     "fastema.keras",
     "fastema.lightning",
+    "fastema.transformers",
 )
 
 
