@@ -1,0 +1,300 @@
+"""Hugging Face ``transformers.Trainer`` callback: an EMA of the weights, checkpointed with the run.
+
+::
+
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[fastema.transformers.EMACallback(decay=0.999, eval_with_ema=True,
+                                                                  save_ema_model="out/ema")])
+    trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
+
+:class:`EMACallback` makes a :class:`fastema.torch.EMA` of the model the Trainer trains when
+training begins, updates it after every optimizer step (once per ``gradient_accumulation_steps``
+micro-batches), evaluates and predicts with the averaged weights when asked, writes its state
+into every Trainer checkpoint folder (``checkpoint-<step>/fastema_ema.safetensors``: safetensors
+with a JSON header, no pickle) and restores it on ``trainer.train(resume_from_checkpoint=...)`` so
+that a resumed run equals the uninterrupted one bit for bit. ``save_ema_model=dir`` exports the
+averaged model with ``save_pretrained`` when training ends.
+
+With accelerate alone (no Trainer), the EMA itself is what to register:
+``accelerator.register_for_checkpointing(ema)`` (see the guide, "Hugging Face Trainer and accelerate").
+
+Install with ``pip install "fastema[transformers]"``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as e:                                    # pragma: no cover - depends on the environment
+    raise ImportError('fastema.transformers needs Hugging Face transformers: pip install "fastema[transformers]"') \
+        from e
+
+from ._files import atomic_write
+from .average import EMAOptions
+from .torch import EMA, _unwrap
+
+__all__ = ["EMACallback", "STATE_FILE"]
+
+#: The file :class:`EMACallback` writes into every Trainer checkpoint folder (one process's EMA:
+#: replicated averages). A sharded average (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions on several
+#: ranks) writes one file per rank instead: ``fastema_ema-rank<r>-of-<world>.safetensors``.
+STATE_FILE = "fastema_ema.safetensors"
+
+_FORMAT = "fastema.transformers.EMACallback"
+_VERSION = 1
+_GROUPS = ("averaged", "copied", "int_buffers")          # the tensor groups of fastema.torch.EMA.state_dict()
+
+
+def _ema_options() -> tuple[str, ...]:
+    """The keyword arguments :class:`fastema.torch.EMA` takes besides ``model`` and ``decay``, in
+    its signature's order (the schedule and shadow options of :class:`~fastema.average.EMAOptions`,
+    the model selection, and whatever this version of the face adds)."""
+    params = inspect.signature(EMA.__init__).parameters
+    return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+class EMACallback(TrainerCallback):
+    """An EMA of the weights of the model a ``transformers.Trainer`` trains.
+
+    Args:
+        decay: the EMA decay (default 0.9999), or several decays (the first is the one evaluated and
+            exported); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
+        eval_with_ema: run ``trainer.evaluate()`` and ``trainer.predict()`` (during training and
+            after it) with the averaged weights swapped into the model, and the raw weights put
+            back, bit for bit, when they return (or raise).
+        save_ema_model: a directory: when training ends, write the averaged model there with the
+            model's own ``save_pretrained`` (loadable with ``from_pretrained`` of its class); the
+            trained model is left as it is.
+        missing_state: what resuming from a checkpoint folder without the EMA's file does:
+            ``"error"`` (default: ``FileNotFoundError`` before training goes on, nothing changed) or
+            ``"restart"`` (a warning, and a new EMA of the resumed weights: for adding the callback
+            to a run that had none).
+        **ema_options: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
+            ``update_after_step=``, ``update_every=``, ``shadow_dtype=``, ``exclude=`` ...). They
+            are checked here: an unknown name is a ``TypeError`` listing the options, a bad value
+            the EMA's own error.
+
+    The EMA (:attr:`ema`, a :class:`fastema.torch.EMA`) is made at ``on_train_begin`` from the
+    model the Trainer trains (its DDP / DeepSpeed / ``torch.compile`` wrappers looked through),
+    after the Trainer has loaded a checkpoint it resumes from; every ``trainer.train()`` makes a
+    new one. It updates at ``on_step_end`` with ``step=state.global_step``, so ``warmup`` and
+    ``update_after_step`` count optimizer steps. ``on_save`` writes :data:`STATE_FILE` into the
+    checkpoint folder the Trainer has just written (``save_total_limit`` removes it with its folder);
+    resuming reads it from the folder ``train(resume_from_checkpoint=...)`` names and checks all of
+    it (options, names, shapes, finiteness) before anything is loaded.
+
+    ``eval_with_ema`` and finding the folder being resumed need the Trainer object: the callback
+    finds it once per ``train()`` call among its callers (the Trainer method that fires the event).
+    """
+
+    def __init__(self, decay: float | Sequence[float] | None = None, *, eval_with_ema: bool = False,
+                 save_ema_model: str | os.PathLike | None = None, missing_state: str = "error", **ema_options: Any):
+        known = _ema_options()
+        unknown = sorted(set(ema_options) - set(known))
+        if unknown:
+            raise TypeError(f"unknown EMA option(s) {unknown}; the options are {', '.join(known)}")
+        EMAOptions.of(decay, **{k: v for k, v in ema_options.items() if k in EMAOptions.names()})
+        if not isinstance(eval_with_ema, bool):
+            raise TypeError(f"eval_with_ema must be True or False, got {eval_with_ema!r}")
+        if save_ema_model is not None and not isinstance(save_ema_model, (str, os.PathLike)):
+            raise TypeError(f"save_ema_model must be a directory path or None, got {save_ema_model!r}")
+        if missing_state not in ("error", "restart"):
+            raise ValueError(f"missing_state must be 'error' or 'restart', got {missing_state!r}")
+        self.decay, self.eval_with_ema, self.missing_state = decay, eval_with_ema, missing_state
+        self.save_ema_model = None if save_ema_model is None else os.fspath(save_ema_model)
+        self.ema_options = dict(ema_options)
+        self.ema: EMA = None  # type: ignore[assignment]   # made at on_train_begin
+        self._trainer = None
+
+    # ------------------------------------------------------------ the Trainer
+
+    def _find_trainer(self):
+        """The Trainer that fires the current event (this callback is in its handler), from the
+        callers' frames, or None; with the ``resume_from_checkpoint`` its ``train()`` resolved
+        (``True`` is the last checkpoint by then), or None."""
+        frame = sys._getframe(2)
+        trainer, resume = None, None
+        try:
+            while frame is not None:
+                obj = frame.f_locals.get("self")
+                if isinstance(obj, transformers.Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
+                    trainer = obj
+                    if "resume_from_checkpoint" in frame.f_locals:
+                        resume = frame.f_locals["resume_from_checkpoint"]
+                        break
+                frame = frame.f_back
+        finally:
+            del frame
+        return trainer, (os.fspath(resume) if isinstance(resume, (str, os.PathLike)) else None)
+
+    def _wrap_evaluation(self, trainer) -> None:
+        """Make ``trainer.evaluation_loop`` (what ``evaluate()`` and ``predict()`` run) swap the
+        average in around the loop, once per Trainer."""
+        if getattr(trainer.evaluation_loop, "_fastema_callback", None) is self:
+            return
+        loop = trainer.evaluation_loop
+        callback = self
+
+        def evaluation_loop(*args, **kwargs):
+            ema = callback.ema
+            if ema is None or ema.swapped:               # before training: nothing averaged yet
+                return loop(*args, **kwargs)
+            with ema.average_parameters():               # raw weights back on return or on an error
+                return loop(*args, **kwargs)
+
+        evaluation_loop._fastema_callback = self         # type: ignore[attr-defined]
+        trainer.evaluation_loop = evaluation_loop
+
+    # ------------------------------------------------------------ events
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer, _ = self._find_trainer()
+        if trainer is not None and self.eval_with_ema:
+            self._wrap_evaluation(trainer)                # trainer.evaluate() before train() too
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError("EMACallback.on_train_begin was called without the model; it is a "
+                               "transformers.Trainer callback: pass it in Trainer(callbacks=[...])")
+        trainer, resume = self._find_trainer()
+        if self.eval_with_ema:
+            if trainer is None:
+                raise RuntimeError("EMACallback(eval_with_ema=True) could not find the transformers.Trainer that "
+                                   "runs it (it swaps the average in around trainer.evaluation_loop); add it with "
+                                   "Trainer(callbacks=[...]) or trainer.add_callback(...)")
+            self._wrap_evaluation(trainer)
+        inner = _unwrap(model)
+        if self.save_ema_model is not None and not hasattr(inner, "save_pretrained"):
+            raise TypeError(f"save_ema_model needs a model with save_pretrained (a transformers PreTrainedModel), "
+                            f"got {type(inner).__name__}; leave it out and write the average with "
+                            f"callback.ema.save('ema.safetensors') after training")
+        if resume is None and state.global_step > 0:      # a Trainer we could not see resumed: its usual folder
+            resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = self._resume_folder(resume, state.global_step) if resume is not None else None
+        self.ema = EMA(model, self.decay, **self.ema_options)
+        if folder is not None:
+            try:
+                self._load(folder)
+            except BaseException:
+                self.ema = None  # type: ignore[assignment]
+                raise
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.ema is None:
+            raise RuntimeError("EMACallback.on_step_end before on_train_begin: the Trainer did not begin training "
+                               "with this callback in its handler")
+        self.ema.update(step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.ema is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path, per_rank = self._file(folder)
+        if not per_rank and not args.should_save:
+            return                                        # replicated: the saving process writes it
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"EMACallback.on_save: the Trainer's checkpoint folder {folder!r} does not exist "
+                                    f"(the callback writes {os.path.basename(path)} next to the Trainer's files, "
+                                    f"under args.output_dir); with hyperparameter search, save the EMA yourself "
+                                    f"with callback.ema.save(path)")
+        state_dict = self.ema.state_dict()
+        tensors = {}
+        for group in _GROUPS:
+            for name, value in state_dict[group].items():
+                local = value.to_local() if hasattr(value, "to_local") else value
+                tensors[f"{group}/{name}"] = (local, local.dtype)
+        rest = {k: v for k, v in state_dict.items() if k not in _GROUPS}
+        meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(rest)}
+        from .torch._safetensors import stream_safetensors
+
+        atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.save_ema_model is None or self.ema is None:
+            return
+        inner = _unwrap(self.ema.model)
+        per_rank = self._file("")[1]
+        averaged = self.ema.full_state_dict(rank0_only=True) if per_rank else self.ema.averaged_state_dict()
+        if args.should_save:
+            inner.save_pretrained(self.save_ema_model, state_dict=averaged)
+
+    # ------------------------------------------------------------ the file
+
+    def _file(self, folder: str) -> tuple[str, bool]:
+        """The EMA's file in ``folder``, and whether each rank has its own (a sharded average)."""
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        per_rank = world > 1 and (self.ema.sharded or bool(getattr(self.ema, "_zero3", ())))
+        if not per_rank:
+            return os.path.join(folder, STATE_FILE), False
+        stem = STATE_FILE.removesuffix(".safetensors")
+        return os.path.join(folder, f"{stem}-rank{dist.get_rank()}-of-{world}.safetensors"), True
+
+    def _resume_folder(self, folder: str, step: int) -> str | None:
+        """``folder`` if it holds the EMA's state, None when it does not and ``missing_state="restart"``
+        (with a warning); ``FileNotFoundError`` otherwise."""
+        if os.path.isdir(folder) and any(n.startswith("fastema_ema") for n in os.listdir(folder)):
+            return folder
+        if self.missing_state == "restart":
+            warnings.warn(f"EMACallback: resuming from {folder!r}, which has no {STATE_FILE}: the EMA starts "
+                          f"over from the resumed weights at step {step} (missing_state='restart')", stacklevel=3)
+            return None
+        raise FileNotFoundError(f"EMACallback: resuming from {folder!r}, which has no {STATE_FILE} (the EMA's "
+                                f"state: the run that wrote the checkpoint had no EMACallback, or the file was "
+                                f"removed); to start a new EMA from the resumed weights, pass "
+                                f"EMACallback(..., missing_state='restart')")
+
+    def _load(self, folder: str) -> None:
+        """Load this process's file in checkpoint ``folder`` into :attr:`ema`, checked whole first by
+        :meth:`fastema.torch.EMA.load_state_dict` (nothing changes if it refuses)."""
+        from safetensors import safe_open
+
+        path, per_rank = self._file(folder)
+        if not os.path.isfile(path):
+            found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
+            raise FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs "
+                                    f"{os.path.basename(path)} (a sharded EMA saves one file per rank, a replicated "
+                                    f"one a single file: resume with the world size and sharding that wrote them)")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path!r} is not an EMACallback state file (format {meta.get('format')!r}); "
+                                 f"the callback reads only the files it wrote")
+            if meta.get("version") != str(_VERSION):
+                raise ValueError(f"{path!r} has version {meta.get('version')!r}; this fastema reads version "
+                                 f"{_VERSION}: upgrade fastema")
+            try:
+                state = json.loads(meta["ema"])
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
+            if not isinstance(state, dict):
+                raise ValueError(f"{path!r} has an EMA header of type {type(state).__name__}; the file is damaged")
+            for group in _GROUPS:
+                state[group] = {}
+            for key in f.keys():
+                group, _, name = key.partition("/")
+                if group not in _GROUPS or not name:
+                    raise ValueError(f"{path!r} holds an unexpected tensor {key!r}; the file is damaged")
+                state[group][name] = f.get_tensor(key)
+        if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
+            template = self.ema.state_dict()
+            for group in _GROUPS:
+                for name, value in template[group].items():
+                    local = state[group].get(name)
+                    if hasattr(value, "to_local") and isinstance(local, torch.Tensor):
+                        if tuple(local.shape) != tuple(value.to_local().shape):
+                            raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
+                                             f"holds {tuple(value.to_local().shape)}; resume with the same world "
+                                             f"size and sharding")
+                        value.to_local().copy_(local)
+                        state[group][name] = value
+        self.ema.load_state_dict(state)

@@ -1,0 +1,270 @@
+"""fastema.transformers.EMACallback in real ``transformers.Trainer`` runs on the CPU (a tiny GPT-2 built
+from a config, synthetic token ids): the shadow against a float64 reference of the post-step weights,
+gradient accumulation, evaluation with the average, checkpoint and bit-exact resume, export with
+``save_pretrained``; and the EMA under accelerate's ``register_for_checkpointing``."""
+import io
+import os
+import pathlib
+import re
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("safetensors")
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from fastema.transformers import STATE_FILE, EMACallback  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*loss_type.*")
+transformers.logging.set_verbosity_error()
+
+GUIDE = pathlib.Path(__file__).parents[2] / "docs" / "guides" / "transformers.md"
+VOCAB, SEQ = 64, 8
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def arguments(out, **kw):
+    opts = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-2, report_to=[],
+                use_cpu=True, logging_strategy="no", save_strategy="no", disable_tqdm=True, seed=0,
+                dataloader_num_workers=0)
+    opts.update(kw)
+    return TrainingArguments(str(out), **opts)
+
+
+def raw(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class Recorder(TrainerCallback):
+    """The weights when training begins and after every optimizer step, micro-batches, evaluations."""
+
+    def __init__(self, ema_callback=None):
+        self.ema_callback, self.begin, self.steps, self.substeps, self.evals = ema_callback, None, [], 0, []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.begin = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.steps.append((state.global_step, raw(model)))
+
+    def on_substep_end(self, args, state, control, **kw):
+        self.substeps += 1
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
+        self.evals.append((metrics["eval_loss"], raw(model), self.ema_callback.ema.averaged_state_dict()))
+
+
+def power_decay(step, decay, after):
+    """``warmup="power"`` (inv_gamma 1, power 2/3) as the EMA's plan defines it, for the reference."""
+    s = step - after - 1
+    return 0.0 if s <= 0 else min(decay, 1.0 - (1.0 + s) ** (-2 / 3))
+
+
+def plain_eval_loss(state, tmp_path, data):
+    """The eval loss of a model holding ``state``, from a Trainer with no callback."""
+    model = tiny_gpt2(seed=1)
+    result = model.load_state_dict(state, strict=False)       # named_parameters() leaves out the tied lm_head
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys
+    return Trainer(model=model, args=arguments(tmp_path / "plain"), eval_dataset=data).evaluate()["eval_loss"]
+
+
+def test_shadow_follows_optimizer_steps_with_delayed_start_and_exports(tmp_path):
+    """Gradient accumulation 2: one update per optimizer step (5), not per micro-batch (10), with the
+    power warm-up counted in optimizer steps; the shadow matches a float64 reference of the recorded
+    post-step weights; save_ema_model writes a model from_pretrained loads with the averaged weights,
+    and the trained model is left as it was."""
+    model = tiny_gpt2()
+    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=2, save_ema_model=tmp_path / "ema")
+    rec = Recorder(ema_cb)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=5, gradient_accumulation_steps=2),
+                      train_dataset=Tokens(64, 0), callbacks=[ema_cb, rec])
+    trainer.train()
+    ema = ema_cb.ema
+    assert [s for s, _ in rec.steps] == [1, 2, 3, 4, 5] and rec.substeps == 5     # 10 micro-batches
+    assert ema.calls == ema.updates == 5
+    ref = dict(rec.begin)
+    for step, weights in rec.steps:
+        d = power_decay(step, 0.9, 2)
+        ref = {n: d * ref[n] + (1 - d) * weights[n].double() for n in ref}
+    averaged = ema.averaged_state_dict()
+    for n in ref:
+        np.testing.assert_allclose(averaged[n].double().numpy(), ref[n].numpy(), rtol=1e-5, atol=1e-6, err_msg=n)
+    assert not torch.equal(averaged["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight)
+    final = rec.steps[-1][1]
+    assert all(torch.equal(p, final[n]) for n, p in model.named_parameters())   # the export left it alone
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "ema")
+    assert type(loaded) is GPT2LMHeadModel
+    for n, t in loaded.state_dict().items():
+        assert torch.equal(t, averaged[n]), n
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()      # still tied
+
+
+def test_evaluate_and_predict_with_the_average(tmp_path):
+    """eval_with_ema: evaluation during training and trainer.evaluate()/predict() after it run on the
+    averaged weights (the loss equals a plain evaluation of the averaged model) and the raw weights
+    are back bit for bit afterwards."""
+    data = Tokens(16, 1)
+    model = tiny_gpt2()
+    ema_cb = EMACallback(decay=0.8, eval_with_ema=True)
+    rec = Recorder(ema_cb)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+                      train_dataset=Tokens(32, 0), eval_dataset=data, callbacks=[ema_cb, rec])
+    trainer.train()
+    assert len(rec.evals) == 2
+    steps = dict(rec.steps)
+    for (loss, after, averaged), step in zip(rec.evals, (2, 4)):
+        assert all(torch.equal(after[n], steps[step][n]) for n in after)           # raw weights back, bitwise
+        assert loss == plain_eval_loss(averaged, tmp_path, data)
+        assert loss != plain_eval_loss(steps[step], tmp_path, data)               # not the raw model's loss
+    averaged = ema_cb.ema.averaged_state_dict()
+    assert trainer.evaluate()["eval_loss"] == plain_eval_loss(averaged, tmp_path, data)
+    logits = trainer.predict(data).predictions[0]
+    plain = tiny_gpt2(seed=1)
+    plain.load_state_dict(averaged)
+    plain_logits = Trainer(model=plain, args=arguments(tmp_path / "p")).predict(data).predictions[0]
+    np.testing.assert_array_equal(logits, plain_logits)
+    assert all(torch.equal(p, steps[4][n]) for n, p in model.named_parameters())
+    assert not ema_cb.ema.swapped
+
+
+def run(tmp_path, name, resume=None, model=None, **callback_kw):
+    model = model if model is not None else tiny_gpt2()
+    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1, **callback_kw)
+    trainer = Trainer(model=model, args=arguments(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=2,
+                                                  save_total_limit=2), train_dataset=Tokens(64, 0),
+                      callbacks=[ema_cb])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, ema_cb
+
+
+def test_checkpoint_and_bit_exact_resume(tmp_path):
+    """Every checkpoint folder holds the EMA's file (rotated away with its folder); a run resumed from
+    checkpoint-4 ends with the uninterrupted run's model and shadow, bit for bit, and its counters."""
+    model, ema_cb = run(tmp_path, "a")
+    out = tmp_path / "a"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    assert (out / "checkpoint-4" / STATE_FILE).is_file() and (out / "checkpoint-6" / STATE_FILE).is_file()
+    assert not any(p.suffix in (".pkl", ".pt", ".bin") and "fastema" in p.name for p in out.rglob("*"))
+    resumed_model, resumed = run(tmp_path, "a", resume=str(out / "checkpoint-4"))
+    assert resumed.ema.calls == ema_cb.ema.calls == 6 and resumed.ema.updates == ema_cb.ema.updates
+    assert resumed.ema.plan.state() == ema_cb.ema.plan.state()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dict(resumed_model.named_parameters())[n]), n
+    mine, theirs = ema_cb.ema.state_dict(), resumed.ema.state_dict()
+    for n, t in mine["averaged"].items():
+        assert torch.equal(t, theirs["averaged"][n]), n
+    # a run resumed without loading the EMA (restart) ends elsewhere: the comparison above can fail
+    shutil.copytree(out / "checkpoint-4", tmp_path / "bare" / "checkpoint-4")
+    os.remove(tmp_path / "bare" / "checkpoint-4" / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match="missing_state='restart'"):
+        run(tmp_path, "b", resume=str(tmp_path / "bare" / "checkpoint-4"))
+    with pytest.warns(UserWarning, match="starts over"):
+        _, restarted = run(tmp_path, "c", resume=str(tmp_path / "bare" / "checkpoint-4"), missing_state="restart")
+    assert restarted.ema.calls == 2
+    assert not torch.equal(restarted.ema.state_dict()["averaged"]["transformer.wte.weight"],
+                           mine["averaged"]["transformer.wte.weight"])
+
+
+def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path):
+    """Options that differ from the checkpoint's, or a file that is not the callback's, stop the resume
+    with the reason."""
+    _, ema_cb = run(tmp_path, "a")
+    ckpt = tmp_path / "a" / "checkpoint-6"
+    with pytest.raises(ValueError, match="decay"):
+        trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "x", max_steps=8), train_dataset=Tokens(64, 0),
+                          callbacks=[EMACallback(decay=[0.9, 0.99])])
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(ckpt / STATE_FILE), metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="not an EMACallback state file"):
+        run(tmp_path, "a", resume=str(ckpt))
+
+
+def test_bad_options_are_refused_at_construction():
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['decya'\]; the options are .*update_after_step"):
+        EMACallback(decya=0.9)
+    with pytest.raises(ValueError, match="decay"):
+        EMACallback(decay=1.5)
+    with pytest.raises(ValueError, match="warmup"):
+        EMACallback(decay=0.9, warmup="linear")
+    with pytest.raises(ValueError, match="missing_state"):
+        EMACallback(missing_state="ignore")
+    with pytest.raises(TypeError, match="eval_with_ema"):
+        EMACallback(eval_with_ema="yes")
+
+
+def test_accelerate_register_for_checkpointing(tmp_path):
+    """accelerate's save_state/load_state carry the EMA (its state dict also loads with
+    torch.load(weights_only=True)); steps replayed after load_state give the same shadow bit for bit."""
+    from accelerate import Accelerator
+
+    from fastema.torch import EMA
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(model, 0.9, warmup="power")
+    accelerator.register_for_checkpointing(ema)
+    batches = Tokens(12, 0).ids.split(4)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+
+    step(batches[0])
+    accelerator.save_state(str(tmp_path / "state"))
+    files = [p.name for p in (tmp_path / "state").iterdir()]
+    assert "custom_checkpoint_0.pkl" in files, files
+    saved = torch.load(tmp_path / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert saved["calls"] == 1
+    for ids in batches[1:]:
+        step(ids)
+    first = ema.state_dict()
+    accelerator.load_state(str(tmp_path / "state"))
+    assert ema.calls == 1
+    for ids in batches[1:]:
+        step(ids)
+    again = ema.state_dict()
+    assert again["calls"] == first["calls"] == 3
+    for n, t in first["averaged"].items():
+        assert torch.equal(t, again["averaged"][n]), n
+    buffer = io.BytesIO()
+    torch.save(again, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+def test_the_guide_example_runs(tmp_path, monkeypatch, capsys):
+    block = re.search(r"```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "guides/transformers.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "eval_loss" in out and (tmp_path / "out" / "ema" / "config.json").is_file(), out
