@@ -11,14 +11,19 @@ reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` conti
 epochs: no staircase at epoch boundaries.
 
 ``WeightEMA`` keeps an EMA of the weights (fastema.torch, .tensorflow or .jax by backend), swaps it in
-for validation and back after it, and can write it into the model when ``fit`` ends.
+for validation and back after it, and can write it into the model when ``fit`` ends. Its average goes
+into the model's ``.keras`` and ``.weights.h5`` files (``model.save``, ``save_weights``,
+``ModelCheckpoint``); :func:`load_model` / :func:`load_average` bring it back and the next
+``WeightEMA`` resumes from it; :func:`averaged_weights` reads it.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 import warnings
 import weakref
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,7 +36,7 @@ from . import _keras_jax_state
 from .average import EMAOptions, Face, ModelSwap
 from .track import Tracker
 
-__all__ = ["MovingAverageLogs", "WeightEMA"]
+__all__ = ["MovingAverageLogs", "WeightEMA", "averaged_weights", "load_average", "load_model"]
 
 _DEFAULT = object()        # WeightEMA's decay not given (the default changed in 0.2: a warning says so for one release)
 
@@ -198,6 +203,18 @@ class WeightEMA(keras.callbacks.Callback):
     and JAX (:class:`fastema.jax.EMA` over the trainable state that ``fit`` carries from
     step to step, read without a sync of the model). The EMA lives on across ``fit``
     calls; :meth:`state_dict` / :meth:`load_state_dict` save and restore it.
+
+    **Saving.** Once ``fit`` has started, the average is part of the model's saved state:
+    ``model.save("m.keras")``, ``model.save_weights("m.weights.h5")`` and ``ModelCheckpoint``
+    (either ``save_weights_only``) write every shadow row, the update count and the schedule's
+    state next to the weights (read from the shadow when the file is written: nothing is copied
+    per step; a model without a ``WeightEMA`` saves exactly what it did). :func:`load_model`
+    (Keras's ``load_model`` plus the average; no ``custom_objects``, and ``compile=False``
+    keeps the average) or :func:`load_average` put it back on a model, and the next
+    ``WeightEMA`` made on that model resumes from it when ``fit`` starts, bit for bit
+    (its options must match the saved ones; a :meth:`load_state_dict` of one's own takes
+    precedence). ``model.load_weights`` into a model whose ``WeightEMA`` has started loads
+    the average into it too. :func:`averaged_weights` reads the average without a callback.
     """
 
     def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
@@ -212,7 +229,7 @@ class WeightEMA(keras.callbacks.Callback):
         _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.ema_kwargs = ema_kwargs
-        self.ema = None
+        self.ema: Any = None                                 # made when fit starts
         self._owner = None
         self._pending: dict | None = None
         self._fitting = False
@@ -220,20 +237,37 @@ class WeightEMA(keras.callbacks.Callback):
     def _make(self):
         backend = keras.backend.backend()
         if backend == "torch":
-            self.ema = self._torch_ema()
+            ema = self._torch_ema()
         elif backend == "tensorflow":
             from .tensorflow import EMA
 
-            self.ema = EMA(self.model.trainable_variables, self.decay, **self.ema_kwargs)
+            ema = EMA(self.model.trainable_variables, self.decay, **self.ema_kwargs)
         elif backend == "jax":
-            self.ema = _JaxModelEMA(self.model, self.decay, **self.ema_kwargs)
+            ema = _JaxModelEMA(self.model, self.decay, **self.ema_kwargs)
         else:
             raise RuntimeError(f"fastema.keras.WeightEMA runs on the torch, tensorflow and jax backends; "
                                f"this Keras runs on {backend!r}")
+        # The average this callback resumes from: a state_dict() given to load_state_dict(), else the one
+        # saved with the model (load_model / load_average / load_weights) for this callback's place.
+        saved = _saved_averages(self.model, create=True)
+        slot = len(saved.callbacks)
+        from_file = saved.pending[slot] if slot < len(saved.pending) else None
+        self.ema = ema
+        try:
+            if self._pending is not None:
+                ema.load_state_dict(self._pending)
+            elif from_file is not None:
+                ema.load_state_dict(_named_state(self, from_file))
+        except BaseException:
+            self.ema = None                                 # refused: nothing made, nothing consumed
+            if not saved.callbacks and not any(p is not None for p in saved.pending):
+                _detach(self.model)
+            raise
+        self._pending = None
+        if from_file is not None:
+            saved.pending[slot] = None
+        saved.callbacks.append(self)                        # model.save() writes this callback's average
         self._owner = self.model
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.ema.load_state_dict(state)
 
     def _torch_ema(self):
         # Keras layers are torch modules here: average the trainable variables, copy the others along.
@@ -421,3 +455,420 @@ class _JaxModelEMA(Face):
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- the average in Keras's files
+#
+# Keras saves a model (model.save, save_weights, ModelCheckpoint) by walking its attributes: every
+# ``KerasSaveable`` found there writes its arrays with ``save_own_variables(store)`` and reads them back
+# with ``load_own_variables(store)`` (keras/src/saving/saving_lib.py, ``_save_state`` / ``_load_state``).
+# Keras's own ``use_ema`` rides on that through optimizer variables, which a model loaded from its
+# config re-creates because its optimizer config says ``use_ema=True``. A WeightEMA's average is not in
+# any config, so it is one attribute of the model, ``_SavedAverages`` (set past Keras's and torch's
+# attribute tracking: not a layer, not a weight), that writes the EMAs' state_dict() when the file is
+# written. Keras's load_model re-creates the model from its config without that attribute and passes
+# over the average; load_model / load_average below read it back from the file.
+
+_ATTR = "_fastema_weight_ema"
+_FORMAT, _VERSION = "fastema.keras.WeightEMA", 1
+_GROUPS = ("averaged", "copied", "int_buffers")           # the state_dict()s' dicts of arrays, keyed by name
+_HEADER_BYTES = 16 << 20                                  # a header past this is not one fastema wrote
+
+try:                                                      # Keras 3's base of everything its files walk
+    from keras.src.saving.keras_saveable import KerasSaveable as _KerasSaveable
+except ImportError:                                       # pragma: no cover - depends on the Keras release
+    _KerasSaveable = object                               # type: ignore[assignment,misc]
+
+
+class _SavedAverages(_KerasSaveable):
+    """The averages of the ``WeightEMA`` callbacks of one model, as Keras's files carry them.
+
+    ``callbacks`` are the live ones (their state is read when a file is written); ``pending`` the
+    states read from a file for callbacks not made yet (by place: the ``i``-th ``WeightEMA`` made on
+    the model resumes from ``pending[i]``). A state here is a state_dict() whose arrays are keyed by
+    the model's structure (``trainable/3``: the model's 4th trainable variable), not by name, so a
+    model of the same architecture with other layer names (a second model in one process) loads it,
+    as Keras's own ``load_weights`` matches by structure.
+    """
+
+    def __init__(self) -> None:
+        self.callbacks: list[WeightEMA] = []
+        self.pending: list[dict | None] = []
+
+    def __dir__(self):                                     # Keras walks dir(): nothing more in here to save
+        return []
+
+    def __deepcopy__(self, memo):                          # a copied model has no callback of its own
+        return type(self)()
+
+    def __reduce__(self):                                  # (KerasSaveable's pickles a whole model)
+        return type(self), ()
+
+    def _obj_type(self) -> str:
+        # Keras takes this to pick which attributes of a base class to skip when it walks dir(); it
+        # accepts only its own kinds. Loss is the plainest of them (dir() here is empty anyway).
+        return "Loss"
+
+    def entries(self) -> list[dict]:
+        """Every average this model carries, in place order: live callbacks read now, the rest as loaded."""
+        out = []
+        for i in range(max(len(self.callbacks), len(self.pending))):
+            if i < len(self.callbacks):
+                cb = self.callbacks[i]
+                if cb.ema is not None and cb.ema.swapped:
+                    raise RuntimeError("fastema.keras.WeightEMA: the model is saved while the average is swapped in "
+                                       "(its weights are the average, not the raw ones); save after the "
+                                       "validation, or swap() back first")
+                out.append(_structural_state(cb))
+            elif self.pending[i] is not None:
+                out.append(self.pending[i])                 # type: ignore[arg-type]
+        return out
+
+    def save_own_variables(self, store) -> None:
+        """Keras's saving hook: the header (JSON, as uint8) and every array, numbered."""
+        entries = self.entries()
+        if not entries:
+            return
+        arrays: list[np.ndarray] = []
+        header = {"format": _FORMAT, "version": _VERSION, "backend": keras.backend.backend(),
+                  "entries": [_encode(e, arrays, "state") for e in entries]}
+        store["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        for i, a in enumerate(arrays):
+            store[str(i)] = a
+
+    def load_own_variables(self, store) -> None:
+        """Keras's loading hook (``model.load_weights`` into a model with a ``WeightEMA``): the saved
+        averages into the live callbacks, all or none."""
+        if not len(store.keys()):
+            if self.callbacks:
+                warnings.warn("fastema.keras.WeightEMA: the weights file holds no average (it was saved without a "
+                              "WeightEMA); the callback's average is unchanged", RuntimeWarning, stacklevel=2)
+            return
+        self.load(_decode(store), "the file")
+
+    def load(self, entries: list[dict], source: str) -> None:
+        """``entries`` into the live callbacks (checked first; all load or none), or kept as pending for
+        the callbacks to come when there are none; refused with nothing changed if they do not fit."""
+        if self.callbacks:
+            if len(entries) != len(self.callbacks):
+                raise ValueError(f"{source} holds {len(entries)} WeightEMA average(s) and this model has "
+                                 f"{len(self.callbacks)} WeightEMA callback(s); load it into a model with as many")
+            states = [_named_state(cb, e) for cb, e in zip(self.callbacks, entries)]
+            before = [cb.ema.state_dict() for cb in self.callbacks]
+            done = 0
+            try:
+                for cb, state in zip(self.callbacks, states):
+                    cb.ema.load_state_dict(state)
+                    done += 1
+            except BaseException:
+                for cb, state in zip(self.callbacks[:done], before):   # the ones already loaded, as they were
+                    cb.ema.load_state_dict(state)
+                raise
+            return
+        model = _model_of(self)
+        problems = [p for i, e in enumerate(entries) for p in _problems(model, e, i)]
+        if problems:
+            raise ValueError(f"{source} holds a WeightEMA average that does not fit this model: "
+                             + "; ".join(problems[:6]) + "; load it into the model it was saved with (same "
+                             "architecture and backend)")
+        self.pending = list(entries)
+
+
+def _saved_averages(model, create: bool = False) -> _SavedAverages:
+    holder = vars(model).get(_ATTR)
+    if holder is None and create:
+        holder = _SavedAverages()
+        object.__setattr__(model, _ATTR, holder)           # not through Keras's or torch's attribute tracking
+        object.__setattr__(holder, "_model", weakref.ref(model))
+    return holder
+
+
+def _model_of(holder: _SavedAverages):
+    ref = vars(holder).get("_model")
+    return None if ref is None else ref()
+
+
+def _detach(model) -> None:
+    vars(model).pop(_ATTR, None)
+
+
+def _structural_keys(callback: WeightEMA, state: dict) -> dict[str, str]:
+    """The state_dict()'s array names -> the model's structure (``trainable/i``, ``non_trainable/i``)."""
+    model = callback.model
+    if keras.backend.backend() == "torch":                 # names of torch parameters: by identity
+        index: dict[int, str] = {}
+        for kind in ("trainable", "non_trainable"):
+            for i, v in enumerate(getattr(model, f"{kind}_variables")):
+                index.setdefault(id(v.value), f"{kind}/{i}")
+        named = {n for g in _GROUPS for n in (state.get(g) or {})}      # (torch lists a parameter under aliases)
+        return {n: index[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+                if id(p) in index and n in named}
+    # TensorFlow and JAX: the EMA runs over model.trainable_variables, in that order
+    return {n: f"trainable/{i}" for i, n in enumerate(state.get("averaged", {}))}
+
+
+def _structural_state(callback: WeightEMA) -> dict:
+    """``callback``'s state_dict() with its arrays keyed by the model's structure."""
+    state = callback.ema.state_dict()
+    keys = _structural_keys(callback, state)
+    out = dict(state)
+    for g in _GROUPS:
+        if isinstance(state.get(g), dict):
+            out[g] = {keys.get(n, "name:" + n): v for n, v in state[g].items()}
+    return out
+
+
+def _named_state(callback: WeightEMA, entry: dict) -> dict:
+    """A saved ``entry`` as ``callback.ema.load_state_dict`` takes it: arrays under this model's names
+    (torch tensors on the torch backend)."""
+    if entry.get("backend", keras.backend.backend()) != keras.backend.backend():
+        raise ValueError(f"the WeightEMA average was saved on the {entry['backend']} backend and this Keras runs on "
+                         f"{keras.backend.backend()!r}; the EMAs' checkpoints differ by backend: load it with "
+                         f"KERAS_BACKEND={entry['backend']}")
+    names = {s: n for n, s in _structural_keys(callback, callback.ema.state_dict()).items()}
+    out = {k: v for k, v in entry.items() if k != "backend"}
+    for g in _GROUPS:
+        if isinstance(entry.get(g), dict):
+            out[g] = {names.get(s, s[5:] if s.startswith("name:") else s): _to_backend(a)
+                      for s, a in entry[g].items()}
+    return out
+
+
+def _to_backend(a):
+    if keras.backend.backend() != "torch" or not isinstance(a, np.ndarray):
+        return a
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+def _to_numpy(value) -> np.ndarray:
+    if type(value).__module__.startswith("torch"):
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return t.contiguous().view(dtype=_torch_int16()).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _torch_int16():
+    import torch
+
+    return torch.int16
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, np.ndarray) or (hasattr(value, "shape") and hasattr(value, "dtype")
+                                             and not isinstance(value, np.generic))
+
+
+def _encode(value, arrays: list, where: str):
+    """``value`` as JSON, its arrays appended to ``arrays`` and replaced by ``{"__array__": index}``."""
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise TypeError(f"fastema.keras.WeightEMA cannot save {where}: key {k!r} is not a string")
+        return {k: _encode(v, arrays, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if _is_array(value):
+        arrays.append(_to_numpy(value))
+        return {"__array__": len(arrays) - 1}
+    raise TypeError(f"fastema.keras.WeightEMA cannot save {where}: a {type(value).__name__}, not an array, "
+                    f"number, string or container")
+
+
+def _decode(store) -> list[dict]:
+    """The entries of a saved header, their arrays read from ``store``; refused when it is not one."""
+    keys = set(store.keys())
+
+    def bad(why: str):
+        return ValueError(f"the file's WeightEMA average is unreadable ({why}); it was not written by "
+                          f"fastema.keras (or it is damaged): load the model without it (keras.saving.load_model)")
+
+    if "header" not in keys:
+        raise bad("no header")
+    raw = np.asarray(store["header"])
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > _HEADER_BYTES:
+        raise bad(f"a header of dtype {raw.dtype} and shape {raw.shape}")
+    try:
+        header = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise bad("the header names no fastema.keras.WeightEMA format")
+    if header.get("version") != _VERSION:
+        raise ValueError(f"the file's WeightEMA average has version {header.get('version')!r}; this fastema reads "
+                         f"version {_VERSION}: upgrade fastema")
+    entries = header.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise bad("no list of entries")
+
+    def arrays(value):
+        if isinstance(value, dict):
+            if set(value) == {"__array__"}:
+                i = value["__array__"]
+                if isinstance(i, bool) or not isinstance(i, int) or str(i) not in keys:
+                    raise bad(f"array {i!r} is missing")
+                return np.asarray(store[str(i)])
+            return {k: arrays(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [arrays(v) for v in value]
+        return value
+
+    return [{**arrays(e), "backend": header.get("backend")} for e in entries]
+
+
+def _problems(model, entry: dict, place: int) -> list[str]:
+    """What keeps a saved ``entry`` from fitting ``model`` (checked before anything is kept)."""
+    out = []
+    backend = keras.backend.backend()
+    if entry.get("backend") != backend:
+        out.append(f"it was saved on the {entry.get('backend')} backend and this Keras runs on {backend!r} (the "
+                   f"EMAs' checkpoints differ by backend: load it with KERAS_BACKEND={entry.get('backend')})")
+        return out
+    variables = {"trainable": list(model.trainable_variables), "non_trainable": list(model.non_trainable_variables)}
+    averaged = entry.get("averaged")
+    if not isinstance(averaged, dict) or not averaged:
+        return [f"average {place} has no arrays"]
+    for g in _GROUPS:
+        for key, a in (entry.get(g) or {}).items():
+            kind, _, i = key.partition("/")
+            if kind not in variables:
+                continue                                    # by name (a torch buffer): the EMA checks it
+            if not i.isdigit() or int(i) >= len(variables[kind]):
+                out.append(f"{key} is saved but the model has {len(variables[kind])} {kind} variables")
+                continue
+            shape = tuple(variables[kind][int(i)].shape)
+            got = tuple(np.shape(a))[1:] if g == "averaged" else tuple(np.shape(a))
+            if got != shape:
+                out.append(f"{key} ({variables[kind][int(i)].path}) has shape {shape}, the saved one {got}")
+    n = len(variables["trainable"])
+    saved = sum(1 for k in averaged if k.startswith("trainable/"))
+    if saved and saved != n and backend != "torch":
+        out.append(f"{saved} trainable variables are saved and the model has {n}")
+    return out
+
+
+def _open_store(filepath):
+    """Keras's reader of the weights of a ``.keras`` or ``.weights.h5`` file (closed by the caller)."""
+    import zipfile
+
+    from keras.src.saving import saving_lib
+
+    path = os.fspath(filepath)
+    if path.endswith(".keras"):
+        archive = zipfile.ZipFile(path, "r")
+        try:
+            return saving_lib.H5IOStore(saving_lib._VARS_FNAME_H5, archive=archive, mode="r"), archive
+        except BaseException:
+            archive.close()
+            raise
+    if path.endswith(".weights.h5"):
+        return saving_lib.H5IOStore(path, mode="r"), None
+    raise ValueError(f"{path!r} is neither a .keras file nor a .weights.h5 file; pass what model.save() or "
+                     f"model.save_weights() wrote")
+
+
+def _read_averages(filepath) -> list[dict] | None:
+    """The averages saved in ``filepath``, or None when it holds none."""
+    store, archive = _open_store(filepath)
+    try:
+        entry = store.get(_ATTR)
+        return _decode(entry) if len(entry.keys()) else None
+    finally:
+        store.close()
+        if archive is not None:
+            archive.close()
+
+
+def load_average(model, filepath: str | os.PathLike) -> None:
+    """Put the ``WeightEMA`` average(s) saved in ``filepath`` on ``model``.
+
+    ``filepath`` is a ``.keras`` file (``model.save``, ``ModelCheckpoint``) or a ``.weights.h5`` file
+    (``model.save_weights``, ``ModelCheckpoint(save_weights_only=True)``). On a model whose
+    ``WeightEMA`` has started, the average goes into it; otherwise it waits on the model for the
+    next ``WeightEMA`` made on it, which resumes from it when ``fit`` starts, and
+    :func:`averaged_weights` reads it. Only the average is read: the model's weights and optimizer
+    are left as they are (``keras.saving.load_model`` / ``model.load_weights`` load those).
+
+    Raises:
+        ValueError: the file holds no average, or one that does not fit the model (another
+            architecture, another backend, another number of ``WeightEMA`` callbacks): nothing is
+            changed then.
+    """
+    entries = _read_averages(filepath)
+    if entries is None:
+        raise ValueError(f"{os.fspath(filepath)!r} holds no WeightEMA average (it was saved from a model that "
+                         f"had none); nothing to load")
+    holder = vars(model).get(_ATTR)
+    made = holder is None
+    holder = _saved_averages(model, create=True)
+    try:
+        holder.load(entries, repr(os.fspath(filepath)))
+    except BaseException:
+        if made:
+            _detach(model)
+        raise
+
+
+def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool = True, safe_mode: bool = True,
+               **kwargs):
+    """``keras.saving.load_model`` that also restores the ``WeightEMA`` average saved with the model.
+
+    The returned model carries the saved average (if the file holds one): a ``WeightEMA`` made for
+    the next ``fit`` resumes from it, bit for bit (give it the same options), and
+    :func:`averaged_weights` reads it for evaluation or export. The average needs no
+    ``custom_objects`` and survives ``compile=False`` (Keras's ``use_ema`` average, an optimizer
+    variable, does not). The arguments are Keras's.
+
+    Raises:
+        ValueError: the file's average is unreadable (Keras's model is not returned then).
+    """
+    entries = _read_averages(filepath)                    # refused before Keras builds anything
+    model = keras.saving.load_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode,
+                                    **kwargs)
+    if entries is not None:
+        _saved_averages(model, create=True).load(entries, repr(os.fspath(filepath)))
+    return model
+
+
+def averaged_weights(model, index: int = 0) -> list[np.ndarray]:
+    """The average of ``model``'s ``index``-th ``WeightEMA``, one NumPy array per variable of
+    ``model.trainable_variables`` (in their dtypes): from the live callback, or as loaded by
+    :func:`load_model` / :func:`load_average`. A variable the EMA does not average (torch's
+    ``exclude=``) has its current value. Put it into the model for evaluation or export with
+    ``for v, a in zip(model.trainable_variables, averaged_weights(model)): v.assign(a)``.
+
+    Raises:
+        ValueError: the model carries no such average.
+    """
+    holder = vars(model).get(_ATTR)
+    entries = holder.entries() if holder is not None else []
+    if not 0 <= index < len(entries):
+        raise ValueError(f"this model carries {len(entries)} WeightEMA average(s), so none at index {index}; run fit "
+                         f"with a WeightEMA callback, or load one with fastema.keras.load_model / load_average")
+    averaged = entries[index]["averaged"]
+    out = []
+    for i, v in enumerate(model.trainable_variables):
+        a = averaged.get(f"trainable/{i}")
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        if a is None:
+            out.append(np.asarray(keras.ops.convert_to_numpy(v)))
+            continue
+        row = _to_numpy(a)[0]
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            out.append(row.astype(ml_dtypes.bfloat16))
+        else:
+            out.append(row.astype(dtype))
+    return out
