@@ -1,0 +1,88 @@
+"""How :class:`fastema.tensorflow.EMA` goes into TensorFlow checkpoints: two tensors.
+
+TensorFlow's object-based checkpoints (``tf.train.Checkpoint``, ``CheckpointManager``, the
+``variables/`` of a SavedModel) ask each trackable object for a dict of named tensors
+(``_serialize_to_tensors``) and hand the same names back on restore
+(``_restore_from_tensors``). The EMA answers with two, whatever its variables:
+
+- ``state``: a JSON string, the checkpoint of :meth:`fastema.average.Average.state_dict`
+  without its arrays (format, version, plan, settings) plus, for every averaged variable in
+  order, its name, shape, shadow dtype and rows;
+- ``shadow``: every shadow row of every variable, in that order, as raw bytes (``uint8``): bit
+  for bit, bfloat16 and float64 shadows included.
+
+Two fixed names make TensorFlow always find both, so the EMA, not TensorFlow, decides what
+loads: a checkpoint of other variables is refused naming them, before anything changes.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .. import _backends
+from .._state import check_header, refuse_load
+
+STATE, SHADOW = "state", "shadow"
+
+
+def pack(core) -> tuple[bytes, np.ndarray]:
+    """The ``state`` JSON and the ``shadow`` bytes of an :class:`~fastema.average.Average` (one host copy)."""
+    arrays = [_backends.to_host(core.shadow.view(i, None)) for i in range(len(core.names))]
+    head = {"format": core.format, "version": core.version, **core.plan_state(),
+            "sources": [[n, list(shape), a.dtype.name, int(a.shape[0])]
+                        for n, shape, a in zip(core.names, core.shapes, arrays)]}
+    blob = np.empty(sum(a.nbytes for a in arrays), np.uint8)
+    at = 0
+    for a in arrays:
+        blob[at:at + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        at += a.nbytes
+    return json.dumps(head).encode(), blob
+
+
+def unpack(core, state: bytes, blob: np.ndarray) -> dict:
+    """The :meth:`~fastema.average.Average.state_dict` that ``state`` and ``blob`` hold, checked
+    against ``core`` (names, shapes, shadow dtypes, rows, sizes); ValueError naming every
+    difference, with nothing changed, if they do not fit."""
+    fmt = core.format
+    try:
+        head = json.loads(bytes(state).decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"the {fmt} checkpoint's state is not readable JSON ({err}); restore a checkpoint this "
+                         f"EMA's class saved. Nothing was loaded.") from None
+    check_header(head, fmt, core.version, "restore a checkpoint a fastema.tensorflow.EMA saved")
+    saved = head.get("sources")
+    if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 4 for s in saved):
+        refuse_load(fmt, ["no list of averaged variables"])
+    names = [s[0] for s in saved]
+    problems = []
+    missing = [n for n in core.names if n not in names]
+    extra = [n for n in names if n not in core.names]
+    if missing:
+        problems.append(f"this EMA averages {missing[:5]}{' ...' if len(missing) > 5 else ''}, which the "
+                        f"checkpoint does not have")
+    if extra:
+        problems.append(f"the checkpoint averages {extra[:5]}{' ...' if len(extra) > 5 else ''}, which this EMA "
+                        f"does not")
+    if not missing and not extra and names != core.names:
+        problems.append("the checkpoint has the same variables in another order; make the EMA from the variables "
+                        "in the order it was saved with")
+    refuse_load(fmt, problems)
+    mine = [_backends.to_host(core.shadow.view(i, None)[:0]) for i in range(len(core.names))]   # dtypes, no data
+    arrays, at = {}, 0
+    for (name, shape, dtype, rows), shape_now, empty in zip(saved, core.shapes, mine):
+        expected = (core.shadow.rows, *shape_now)
+        if (rows, *shape) != expected:
+            problems.append(f"{name} has shape {tuple([rows, *shape])}, expected {expected}")
+        elif dtype != empty.dtype.name:
+            problems.append(f"{name} has a {dtype} shadow, this EMA a {empty.dtype.name} one (shadow_dtype=); "
+                            f"make the EMA with the shadow dtype it was saved with")
+        else:
+            size = int(np.prod(expected)) * empty.dtype.itemsize
+            if at + size <= blob.size:
+                arrays[name] = blob[at:at + size].view(empty.dtype).reshape(expected)
+            at += size
+    if not problems and at != blob.size:
+        problems.append(f"the shadow holds {blob.size} bytes, the variables need {at}")
+    refuse_load(fmt, problems)
+    return {**{k: v for k, v in head.items() if k != "sources"}, "averaged": arrays}

@@ -1,0 +1,317 @@
+"""``fastema.tensorflow.EMA``: an EMA of ``tf.Variable`` objects in fastema's flat shadow, as a ``tf.Module``.
+
+TensorFlow tensors cannot be written in place, so the average lives in buffers fastema
+owns. ``update()`` reads every variable's current value (on the CPU the tensor a variable
+read returns is the variable's own buffer: no copy) and makes one kernel launch per
+(device, dtype) group; inside a ``tf.function`` it is an op of the graph, run in program
+order. The variables are written only by ``assign``: when the average is swapped in for
+evaluation, and back. The shadow goes into ``tf.train.Checkpoint``, ``CheckpointManager``
+and SavedModel (see :mod:`fastema.tensorflow._checkpoint`).
+"""
+from __future__ import annotations
+
+from typing import Any, ContextManager, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from .._backends import to_host
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, ModelSwap
+from . import _checkpoint
+
+__all__ = ["EMA", "REFUSED"]
+
+_FLOATS = (tf.float32, tf.bfloat16, tf.float16, tf.float64)
+
+
+def _as_tf_variable(v, i: int):
+    inner = getattr(v, "value", None)                 # a keras.Variable on the TensorFlow backend
+    if type(v).__module__.startswith("keras") and isinstance(inner, tf.Variable):
+        return inner, getattr(v, "path", None) or v.name
+    if isinstance(v, tf.Variable):
+        return v, v.name
+    raise TypeError(f"variables[{i}] is a {type(v).__module__}.{type(v).__name__}; fastema.tensorflow.EMA "
+                    f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
+
+
+#: What fastema.tensorflow.EMA refuses, and why: every other option is taken.
+REFUSED = HOST_ONLY_REFUSALS
+
+
+class _Runtime:
+    """What the EMA keeps out of TensorFlow's tracking: the averaged variables (the model's, not
+    the EMA's: a checkpoint of the EMA must not carry them), the compiled functions (a
+    SavedModel must not export them) and the values kept while swapped."""
+
+    def __init__(self, variables: list):
+        self.variables = variables
+        self.read: Any = None               # tf.function: every variable's value in one call
+        self.apply: Any = None              # tf.function: the update as a graph op (CPU variables)
+        self.raw: list | None = None        # the variables' own values while swapped
+        self.error: BaseException | None = None     # the exception the last graph update raised
+
+
+class EMA(tf.Module, Face):
+    """Exponential moving average of ``tf.Variable`` objects, a ``tf.Module``.
+
+    Args:
+        variables: the variables (``model.trainable_variables``, a ``tf.Module``'s
+            ``trainable_variables``, or keras Variables on the TensorFlow backend), or a
+            ``tf.Module`` / Keras model, whose trainable variables are taken.
+        decay: the decay, default 0.9999; a list keeps up to 8 averages in one pass.
+        name: the module's name (``tf.Module``), default ``"ema"``.
+        **options: the options of every fastema EMA (:class:`fastema.average.EMAOptions`:
+            timed schedules, BEMA, warm-ups, ``update_every``, the shadow's dtype and rounding,
+            the non-finite guard); :data:`REFUSED` names the ones this face refuses, and why.
+
+    Checkpoints, the TensorFlow way: ``tf.train.Checkpoint(ema=ema)`` (or a ``CheckpointManager``,
+    or a module holding the EMA given to ``tf.saved_model.save``) saves every shadow row, the
+    update count and the plan, and ``restore`` puts them back bit for bit. A checkpoint of other
+    variables (names, shapes, shadow dtypes, decays) is refused naming the difference, with
+    nothing changed, also when TensorFlow restores it later (a deferred restore, when the EMA is
+    attached after ``restore()``). The EMA's checkpoint never holds the model's variables: save
+    them next to it (``tf.train.Checkpoint(model=model, ema=ema)``).
+    """
+
+    _format = "fastema.tensorflow.EMA"
+
+    def __init__(self, variables, decay: float | Sequence[float] | None = None, *, name: str | None = None,
+                 **options):
+        opts = EMAOptions.of(decay, **options)
+        opts.refuse("fastema.tensorflow.EMA", REFUSED)
+        if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
+            variables = variables.trainable_variables
+        pairs = [_as_tf_variable(v, i) for i, v in enumerate(variables)]
+        if not pairs:
+            raise ValueError("no variables to average")
+        bad = [n for (v, n) in pairs if v.dtype not in _FLOATS]
+        if bad:
+            raise TypeError(f"variables {bad[:5]} are not float32/bfloat16/float16; leave them out "
+                            f"(e.g. pass model.trainable_variables)")
+        super().__init__(name=name or "ema")
+        rt = _Runtime([v for v, _ in pairs])
+        first = [v.value() for v in rt.variables]
+        # past tf.Module's attribute tracking: lists stay plain lists, and the model's variables
+        # stay out of the EMA's checkpoint
+        _plain(self, _rt=rt, names=_unique([n for _, n in pairs]), _specs=[(tuple(t.shape), t.dtype) for t in first],
+               _np_specs=[(tuple(t.shape), np.dtype(t.dtype.as_numpy_dtype)) for t in first])
+        self._core = Average.of_sources(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs],
+                                        self._format)
+        self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+        self._on_cpu = all(g.device == "cpu" for g in self._core.shadow.layout.groups)
+        if self._on_cpu:                    # one graph call reads every variable and runs the update
+            rt.apply = tf.function(self._graph_update, input_signature=[tf.TensorSpec([], tf.int64)])
+        else:                               # one graph call reads every variable, through DLPack after
+            rt.read = tf.function(lambda: [v.value() for v in rt.variables])
+        self._swap = ModelSwap(self._exchange, "the average is swapped into the variables; swap() back first")
+
+    @property
+    def variables(self) -> list:
+        """The averaged variables, in order: the model's own (``tf.Module.variables`` would be the
+        EMA's, and it owns none: its shadow is fastema's flat buffers, checkpointed as tensors)."""
+        return self._rt.variables
+
+    @property
+    def trainable_variables(self) -> list:
+        """None: the EMA trains nothing (an empty list, so an optimizer given the module's
+        trainable variables leaves the average alone)."""
+        return []
+
+    # ------------------------------------------------------------ operations
+
+    @property
+    def swapped(self) -> bool:
+        return self._swap.swapped
+
+    def update(self, step: int | None = None) -> tf.Tensor | None:
+        """Fold the variables' current values into the average (call after the optimizer step).
+
+        Eagerly it updates and returns None. Inside a ``tf.function`` (the training step) it adds
+        the update to the graph, after the step's variable writes (TensorFlow orders stateful ops
+        in program order), and returns it as an op: an int64 tensor, the update count after it;
+        ``step`` may then be a tensor. The graph op runs fastema's kernel on the host, on the
+        variables' own buffers (CPU variables; with variables on a GPU call ``update()`` eagerly,
+        after the step). ``jit_compile=True`` functions cannot hold it (XLA compiles no Python).
+        """
+        if not tf.executing_eagerly():
+            return self._traced_update(step)
+        self._not_swapped("update()")
+        if not self._on_cpu:
+            self._core.update(step, self._rt.read)    # FlatShadow checks dtypes, shapes and devices before any write
+            return None
+        if isinstance(step, tf.Tensor):
+            step = int(step.numpy())
+        self.plan.next(step)                          # checks step: a bad one raises here, as itself
+        self._run(lambda: self._rt.apply(tf.constant(-1 if step is None else step, tf.int64)))
+        return None
+
+    def _traced_update(self, step):
+        if not self._on_cpu:
+            devices = sorted({g.device for g in self._core.shadow.layout.groups})
+            raise RuntimeError(f"fastema.tensorflow.EMA.update() inside a tf.function runs on the host and reads "
+                               f"CPU variables; these are on {devices}. Call ema.update() eagerly after the "
+                               f"tf.function step instead.")
+        step = tf.constant(-1, tf.int64) if step is None else tf.cast(step, tf.int64)
+        return self._graph_update(step)
+
+    def _graph_update(self, step):
+        values = [v.value() for v in self._rt.variables]     # read after the step's writes (program order)
+        out = tf.numpy_function(self._host_update, [step, *values], tf.int64, stateful=True, name="fastema_update")
+        out.set_shape([])
+        return out
+
+    def _host_update(self, step, *arrays) -> np.int64:
+        """The graph op's body: the arrays are the variables' buffers (no copy on the CPU)."""
+        try:
+            n = int(step)
+
+            def read():
+                got = [(a.shape, a.dtype) for a in arrays]
+                if got != self._np_specs:
+                    name, (s, d), (s0, d0) = next(x for x in zip(self.names, got, self._np_specs) if x[1] != x[2])
+                    raise ValueError(f"variable {name!r} was {d0} {s0} when the EMA was made and is now {d} {s} (an "
+                                     f"assign of another shape?); make a new EMA after changing the model, or "
+                                     f"change it back. Nothing was updated.")
+                live = list(arrays)
+                self._core.shadow.adopt(live, [a.__array_interface__["data"][0] for a in live])
+                return None
+
+            self._not_swapped("update()")
+            self._core.update(None if n < 0 else n, read)
+            return np.int64(self.updates)
+        except BaseException as err:
+            self._rt.error = err
+            raise
+
+    def _run(self, fn):
+        """Run a graph call of the update; raise what the Python inside it raised, as itself."""
+        self._rt.error = None
+        try:
+            return fn()
+        except tf.errors.OpError:
+            err, self._rt.error = self._rt.error, None
+            if err is not None:
+                raise err from None
+            raise
+
+    def averages(self, row: int = 0) -> list:
+        """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
+        self._core.check_row(row)
+        out = []
+        for i, (shape, dtype) in enumerate(self._specs):
+            with tf.device(self._rt.variables[i].device):          # to_host copies: TF may alias NumPy memory
+                out.append(tf.cast(tf.constant(to_host(self._core.view(i, row))), dtype))
+        return out
+
+    def swap(self, row: int = 0) -> None:
+        """Assign average ``row`` to the variables; call again to put their own values back.
+
+        The variables' values are kept as TensorFlow tensors while swapped (a variable read
+        is a snapshot: later assigns do not change it), so the swap back is bit for bit.
+        """
+        self._swap.swap(row)
+
+    def _exchange(self, row: int, into_model: bool) -> None:
+        if into_model:
+            averages = self.averages(row)
+            self._rt.raw = [v.value() for v in self._rt.variables]
+            for v, a in zip(self._rt.variables, averages):
+                v.assign(a)
+        else:
+            for v, raw in zip(self._rt.variables, self._rt.raw or ()):
+                v.assign(raw)
+            self._rt.raw = None
+
+    def average_weights(self, row: int = 0) -> ContextManager[None]:
+        """Deprecated alias of :meth:`average_parameters` (the name every fastema face uses)."""
+        import warnings
+
+        warnings.warn("fastema.tensorflow.EMA.average_weights() is now average_parameters(); the old name goes in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        return self.average_parameters(row)
+
+    def average_parameters(self, row: int = 0) -> ContextManager[None]:
+        """``with ema.average_parameters(): evaluate()``: the average in, the variables' values back on exit.
+        Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
+        return self._swap.block(row)
+
+    def copy_to(self, row: int = 0) -> None:
+        """Assign average ``row`` to the variables for good (e.g. when training ends)."""
+        self._not_swapped("copy_to()")
+        for v, a in zip(self._rt.variables, self.averages(row)):
+            v.assign(a)
+
+    def _not_swapped(self, what: str) -> None:
+        self._swap.refuse(what)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: averages keyed by variable name (NumPy copies, shape
+        ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
+        self._not_swapped("state_dict()")
+        return self._core.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        self._not_swapped("load_state_dict()")
+        self._core.load_state_dict(state)
+
+    def _serialize_to_tensors(self) -> dict:
+        """TensorFlow's checkpoint hook: the ``state`` JSON and the ``shadow`` bytes
+        (:mod:`fastema.tensorflow._checkpoint`), read when the checkpoint is written."""
+        if tf.executing_eagerly():
+            self._not_swapped("saving a checkpoint")
+            state, blob = _checkpoint.pack(self._core)
+            with tf.device("/cpu:0"):
+                return {_checkpoint.STATE: tf.constant(state), _checkpoint.SHADOW: tf.constant(blob)}
+        # traced (a SavedModel's save function): read at run time, never baked into the graph
+        state = tf.numpy_function(lambda: _checkpoint.pack(self._core)[0], [], tf.string, stateful=True)
+        blob = tf.numpy_function(lambda: _checkpoint.pack(self._core)[1], [], tf.uint8, stateful=True)
+        return {_checkpoint.STATE: tf.reshape(state, []), _checkpoint.SHADOW: tf.reshape(blob, [-1])}
+
+    def _restore_from_tensors(self, restored_tensors: dict):
+        """TensorFlow's restore hook: everything is checked before anything is written; a checkpoint
+        of other variables raises ValueError naming them, and the EMA stays as it was."""
+        state, blob = restored_tensors[_checkpoint.STATE], restored_tensors[_checkpoint.SHADOW]
+        if not tf.executing_eagerly():
+            # a traced restore (a SavedModel's restore function, or TF1 graph mode): the EMA restores
+            # eagerly only. Returning no op keeps tf.saved_model.load of a model holding it working.
+            return tf.no_op()
+        self.load_state_dict(_checkpoint.unpack(self._core, state.numpy(), blob.numpy()))
+        return None
+
+    def _copy_trackable_to_cpu(self, object_map) -> None:
+        """Async checkpoints (``CheckpointOptions(experimental_enable_async_checkpoint=True)``): the
+        shadow lives on the host already; the copy saves this EMA as it is when copied."""
+        object_map[self] = _Snapshot(self)
+
+    def __repr__(self) -> str:
+        return f"fastema.tensorflow.EMA(decay={self.decay}, updates={self.updates}, shadow={self._core.shadow!r})"
+
+
+class _Snapshot(tf.__internal__.tracking.Trackable):   # type: ignore[name-defined]
+    """An async checkpoint's copy of an EMA: its two tensors as they were when copied."""
+
+    def __init__(self, ema: EMA):
+        state, blob = _checkpoint.pack(ema._core)
+        self._tensors = {_checkpoint.STATE: tf.constant(state), _checkpoint.SHADOW: tf.constant(blob)}
+
+    def _serialize_to_tensors(self) -> dict:
+        return dict(self._tensors)
+
+
+def _plain(module: tf.Module, **attributes) -> None:
+    """Set attributes of ``module`` past ``tf.Module``'s tracking (no list wrappers, no dependencies)."""
+    for k, v in attributes.items():
+        object.__setattr__(module, k, v)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}#{k}")
+    return out
