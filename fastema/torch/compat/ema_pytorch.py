@@ -1,9 +1,14 @@
-"""lucidrains ema-pytorch's ``EMA``, ``KarrasEMA`` and ``PostHocEMA`` (ema-pytorch 0.8) on fastema's kernels.
+"""lucidrains ema-pytorch's ``EMA``, ``KarrasEMA``, ``PostHocEMA`` (0.8) and 0.8.3's ``EMAPytree``
+(``EMATensor``: ``EMA(tree)``) and ``EMAModuleWrapper``, on fastema's kernels.
 
-Deviations (documented on each class): an ``nn.Module`` only (a pytree is refused); a model that
-cannot be deep-copied raises (ema-pytorch exits); ``KarrasEMA`` uses the Delta-t decay, so the
-realised profile is the requested one for any ``update_every`` (the same numbers at
-``update_every=1``); ``PostHocEMA`` writes its checkpoints atomically.
+Deviations (documented on each class): a model that cannot be deep-copied raises (ema-pytorch
+exits); ``KarrasEMA`` uses the Delta-t decay, so the realised profile is the requested one for
+any ``update_every`` (the same numbers at ``update_every=1``); ``PostHocEMA`` writes its
+checkpoints atomically; ``EMAPytree``'s ``state_dict()`` holds the averaged tensors
+(``ema_pytree.<path>``; ema-pytorch's only the counters), a tree whose structure or shapes
+changed is refused before anything changes, integer leaves are copied, not averaged;
+``EMAModuleWrapper`` checks every route before hooking any, and refuses ``ema=`` with EMA
+arguments.
 """
 from __future__ import annotations
 
