@@ -34,9 +34,12 @@ __all__: list[str] = []
 PARAMETERS = "parameters"
 ZERO3_MASTERS = "deepspeed-zero3-fp32-masters"
 
-_FLAT_MASTERS = {                     # optimizers whose masters are flat slices across parameters (not read yet)
-    "DeepSpeedZeroOptimizer": ("single_partition_of_fp32_groups", "ZeRO stage 1/2"),
-    "BF16_Optimizer": ("fp32_groups_flat_partition", "BF16_Optimizer"),
+_FLAT_MASTERS = {                     # optimizer -> (masters, 16-bit flats, their partitions, params, label, source)
+    "DeepSpeedZeroOptimizer": ("single_partition_of_fp32_groups", "bit16_groups_flat",
+                               "parallel_partitioned_bit16_groups", "bit16_groups", "ZeRO stage 1/2",
+                               "deepspeed-zero2-fp32-masters"),
+    "BF16_Optimizer": ("fp32_groups_flat_partition", "bf16_groups_flat", "bf16_partitioned_groups", "bf16_groups",
+                       "BF16_Optimizer", "deepspeed-bf16-fp32-masters"),
 }
 
 
@@ -54,6 +57,7 @@ class Masters:
         self.flats = flats
         self.views = views
         self.parts = parts
+        self.specs: dict = {}                     # the partitions' own layouts stand (ZeRO-3)
         self._backup: list | None = None
 
     def addresses(self) -> list[int]:
@@ -91,13 +95,15 @@ def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
     opt = getattr(engine, "optimizer", None)
     kind = type(opt).__name__
     if kind in _FLAT_MASTERS:
-        attr, label = _FLAT_MASTERS[kind]
-        if getattr(opt, attr, None) and any(t.dtype in (torch.bfloat16, torch.float16) for t in averaged.values()):
-            warnings.warn(f"{what}: DeepSpeed {label} keeps float32 master weights, which fastema reads under "
-                          f"ZeRO-3 only (yet): this average reads the {_dtypes(averaged)} parameters, so updates "
-                          f"smaller than their rounding are lost. ZeRO stage 3 makes the masters the source "
-                          f"(ema.source says which it reads).", RuntimeWarning, stacklevel=4)
-        return None
+        label = _FLAT_MASTERS[kind][4]
+        try:
+            return _flat_masters(opt, kind, averaged)
+        except ValueError as err:
+            if any(t.dtype in (torch.bfloat16, torch.float16) for t in averaged.values()):
+                warnings.warn(f"{what}: DeepSpeed {label} keeps float32 master weights, but {err}: this average "
+                              f"reads the {_dtypes(averaged)} parameters instead (ema.source == 'parameters'), so "
+                              f"updates smaller than their rounding are lost.", RuntimeWarning, stacklevel=4)
+            return None
     if not hasattr(opt, "fp32_partitioned_groups_flat"):
         return None
     try:
@@ -120,6 +126,91 @@ def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
     if not views:
         return None
     return Masters(flats, views, parts)
+
+
+class FlatMasters(Masters):
+    """The float32 masters of ZeRO-1/2 or BF16_Optimizer: each rank's masters are one slice of each
+    flattened parameter group, so a parameter's master is a piece (possibly empty) of its elements,
+    and ``specs`` describe the pieces (:class:`~fastema.torch._sharded.Spec` ``pieces``: exports and
+    checkpoints gather them). The 16-bit parameters are whole on every rank, views of one flat
+    buffer per group (``lows``) whose rank partitions are ``partitions``: :meth:`push` does what
+    the optimizer does after a step (this rank's partition <- its masters, rounded; then an
+    all-gather of the partitions into every rank's flat buffer: a collective)."""
+
+    def __init__(self, source: str, flats: list, views: dict, specs: dict, lows: list, partitions: list,
+                 groups: list):
+        super().__init__(flats, views, {})
+        self.source, self.specs, self.lows, self.partitions, self.groups = source, specs, lows, partitions, groups
+
+    def push(self) -> None:
+        import torch.distributed as dist
+
+        from ._sharded import gather_pieces
+
+        with torch.no_grad():
+            for master, low, parts, group in zip(self.flats, self.lows, self.partitions, self.groups):
+                mine = parts[dist.get_rank(group)]
+                mine.copy_(master)
+                for part, got in zip(parts, gather_pieces(mine, [p.numel() for p in parts], group)):
+                    part.copy_(got)
+
+    def exchanged(self, swapping_in: bool) -> None:
+        if swapping_in:
+            self._backup = [low.clone() for low in self.lows]
+            self.push()
+        elif self._backup is not None:
+            with torch.no_grad():
+                for low, saved in zip(self.lows, self._backup):
+                    low.copy_(saved)
+            self._backup = None
+
+
+def _flat_masters(opt, kind: str, averaged: dict) -> FlatMasters:
+    """The pieces of ZeRO-1/2's or BF16_Optimizer's masters standing for the averaged parameters, or
+    ValueError naming what is not as expected."""
+    import torch.distributed as dist
+
+    from ._sharded import Spec, mesh_of
+
+    masters_attr, lows_attr, parts_attr, params_attr, label, source = _FLAT_MASTERS[kind]
+    masters, lows, parts, groups = (getattr(opt, a, None) for a in (masters_attr, lows_attr, parts_attr, params_attr))
+    dp = getattr(opt, "real_dp_process_group", None)
+    if not masters or not lows or not parts or not groups or dp is None or \
+            not len(masters) == len(lows) == len(parts) == len(groups) == len(dp):
+        raise ValueError(f"its {masters_attr} / {lows_attr} / {parts_attr} are not there as expected")
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "swap_optimizer", False):
+        raise ValueError("its masters are offloaded (offload_optimizer): not read yet")
+    where = {}                                    # id(param) -> (group, its offset in the flat buffer)
+    for i, (params, low, pieces, master) in enumerate(zip(groups, lows, parts, masters)):
+        rank = dist.get_rank(dp[i])
+        if master.dtype != torch.float32 or master.dim() != 1 or master.numel() != pieces[rank].numel() or \
+                low.dim() != 1 or not low.is_contiguous() or len(pieces) != dist.get_world_size(dp[i]):
+            raise ValueError(f"the masters of group {i} are not this rank's float32 slice of its flat buffer")
+        for p in params:
+            offset, rest = divmod(p.data_ptr() - low.data_ptr(), p.element_size())
+            if rest or p.dtype != low.dtype or not p.is_contiguous() or offset < 0 or offset + p.numel() > low.numel():
+                raise ValueError(f"a parameter of group {i} is not a view of its flat buffer")
+            where[id(p)] = (i, offset)
+    views, specs = {}, {}
+    for name, t in averaged.items():
+        hit = where.get(id(t))
+        if hit is None:
+            continue                              # not optimized (frozen), or a buffer: it is its own master
+        i, offset = hit
+        bounds = [(part.data_ptr() - lows[i].data_ptr()) // lows[i].element_size() for part in parts[i]]
+        cuts = [(max(offset, lo), min(offset + t.numel(), lo + part.numel())) for lo, part in zip(bounds, parts[i])]
+        pieces = tuple((a - offset, max(0, b - a)) for a, b in cuts)
+        if sum(n for _, n in pieces) != t.numel():
+            raise ValueError(f"the partitions of group {i} do not cover {name!r} once")
+        rank = dist.get_rank(dp[i])
+        start = max(0, cuts[rank][0] - bounds[rank])
+        views[name] = masters[i].detach().narrow(0, min(start, masters[i].numel()), pieces[rank][1])
+        specs[name] = Spec(mesh_of(dp[i], masters[i].device.type), (), t.shape, tuple(t.stride()),
+                           pieces=(tuple(t.shape), pieces))
+    if not views:
+        raise ValueError("no averaged parameter is one it optimizes")
+    return FlatMasters(source, list(masters), views, specs, list(lows), [list(p) for p in parts[:len(masters)]],
+                       list(dp))
 
 
 def _zero3_offsets(opt) -> dict:

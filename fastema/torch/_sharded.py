@@ -32,6 +32,7 @@ class Spec(NamedTuple):
     stride: tuple
     valid: int | None = None          # ZeRO-3: the partition's elements that are not padding
     view_shape: tuple | None = None   # ZeRO-3: the parameter's shape (the checkpoint keeps it flat)
+    pieces: tuple | None = None       # ZeRO-1/2 masters: (parameter shape, ((start, length) of each rank, ...))
 
 
 def _dtensor_type():
@@ -98,15 +99,48 @@ def _zero3_local(t, what: str):
     if size * world < numel or size != -(-numel // world):
         raise TypeError(f"{what}: a ZeRO-3 partition of {size} elements for {numel} over {world} ranks is not "
                         f"DeepSpeed's ceil(numel / world) split; nothing was written")
-    key = (id(group), part.device.type)
-    if key not in _MESHES:
-        from torch.distributed.device_mesh import DeviceMesh
-
-        _MESHES[key] = (group, DeviceMesh.from_group(group or dist.group.WORLD, part.device.type))
     from torch.distributed.tensor import Shard
 
     valid = max(0, min(size, numel - rank * size))
-    return part, Spec(_MESHES[key][1], (Shard(0),), torch.Size((numel,)), (1,), valid, tuple(t.ds_shape))
+    return part, Spec(mesh_of(group, part.device.type), (Shard(0),), torch.Size((numel,)), (1,), valid,
+                      tuple(t.ds_shape))
+
+
+def mesh_of(group, device_type: str):
+    """A 1-D DeviceMesh over a process group (None: the world), made once per group and device type."""
+    import torch.distributed as dist
+
+    key = (id(group), device_type)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        _MESHES[key] = (group, DeviceMesh.from_group(group or dist.group.WORLD, device_type))
+    return _MESHES[key][1]
+
+
+def gather_pieces(piece: torch.Tensor, lengths, group) -> list:
+    """Every rank's ``piece`` (``(..., lengths[rank])``; lengths may differ): one all-gather of pieces
+    padded to the longest, a collective every rank of ``group`` must join. 16-bit pieces travel as
+    float32 on gloo (exact both ways)."""
+    import torch.distributed as dist
+
+    longest = max(max(lengths), 1)
+    wire = torch.float32 if piece.dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" \
+        else piece.dtype
+    padded = piece.new_zeros((*piece.shape[:-1], longest), dtype=wire)
+    padded[..., :piece.shape[-1]] = piece
+    out = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(out, padded, group=group)
+    return [o[..., :n].to(piece.dtype) for o, n in zip(out, lengths)]
+
+
+def _gathered(piece: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """The full tensor of a parameter whose float32 masters are cut into pieces over the ranks at
+    arbitrary offsets (ZeRO-1/2, BF16_Optimizer): every rank's piece, gathered (a collective) and put
+    in the parameter's shape (``spec.shape``: with the rows in front for a stack of averages)."""
+    _, where = spec.pieces
+    parts = gather_pieces(piece, [n for _, n in where], spec.mesh.get_group(0))
+    return torch.cat(parts, dim=-1).reshape(spec.shape)
 
 
 def local_tensor(t):
@@ -185,6 +219,8 @@ def wrap(piece: torch.Tensor, spec: Spec):
     """``piece`` (this rank's part) as a DTensor laid out as ``spec``: no copy, no collective."""
     from torch.distributed.tensor import DTensor
 
+    if spec.pieces is not None:                                # ZeRO-1/2 masters: the full tensor, gathered
+        return _gathered(piece, spec)
     if spec.valid is not None:
         piece = piece[..., :spec.valid]                        # a ZeRO-3 partition without its padding
     return DTensor.from_local(piece, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
@@ -197,6 +233,14 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
     (gathered first: a collective every rank must join)."""
     from torch.distributed.tensor import distribute_tensor
 
+    if spec.pieces is not None:                                # ZeRO-1/2 masters: this rank's piece of the elements
+        import torch.distributed as dist
+
+        shape, where = spec.pieces
+        start, length = where[dist.get_rank(spec.mesh.get_group(0))]
+        value = full(value)
+        numel = sum(n for _, n in where)
+        return value.reshape(*value.shape[:value.dim() - len(shape)], numel)[..., start:start + length]
     if spec.view_shape is not None and not is_dtensor(value) and len(spec.shape) == 2 \
             and tuple(value.shape[1:]) == spec.view_shape:      # (rows, *shape) into flat ZeRO-3 partitions
         value = value.reshape(value.shape[0], -1)
