@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import _pytree
 
 from ... import schedules as S
+from ...ops import cached_pair_groups, launch_pairs
 from ._common import _lerp_pairs
 
 __all__ = ["EMA", "EMAModuleWrapper", "EMAPytree", "EMATensor", "KarrasEMA", "PostHocEMA"]
@@ -554,6 +555,13 @@ class EMAPytree(_Counters):
             except Exception as err:
                 raise TypeError(f"could not deepcopy the tree ({err}); pass ema_pytree= (a tree of the same "
                                 f"structure, or a function returning one)") from err
+        ema_leaves = _pytree.tree_leaves(ema_pytree)
+        if len(ema_leaves) != len(with_paths):
+            raise ValueError(f"ema_pytree= does not match pytree: {len(ema_leaves)} leaves, not {len(with_paths)}")
+        self._float_at = [i for i in self._tensor_at if torch.is_tensor(ema_leaves[i]) and
+                          (torch.is_floating_point(ema_leaves[i]) or torch.is_complex(ema_leaves[i]))]
+        self._float_set = frozenset(self._float_at)
+        self._other_at = [i for i in self._tensor_at if i not in self._float_set]
         try:
             self._pairs(ema_pytree, pytree)              # the EMA copy matches the tree
         except ValueError as err:
@@ -582,17 +590,22 @@ class EMAPytree(_Counters):
         return self.ema_pytree
 
     def _pairs(self, ma_tree, current_tree, what: str = "pytree") -> tuple:
-        """``(average, copy)``: the (target, source) lists of the floating and of the other tensor
-        leaves of two trees of the recorded structure, or a ``ValueError`` naming the first leaf
-        that does not match (shapes are host metadata: no device read)."""
+        """``(average, copy)``: ``(targets, sources, groups)`` of the floating tensor leaves of two
+        trees of the recorded structure (``groups``: the launch groups of an earlier update over
+        the same memory in the same layout, else None) and ``(targets, sources)`` of the other
+        tensor leaves; or a ``ValueError`` naming the first leaf that does not match (shapes are
+        host metadata: no device read)."""
         ma, ma_spec = _pytree.tree_flatten(ma_tree)
         cur, cur_spec = _pytree.tree_flatten(current_tree)
         for name, spec in ((what, cur_spec), ("ema_pytree", ma_spec)):
             if spec != self._spec:
                 raise ValueError(f"the structure of {name} changed since the EMA was made (it was {self._spec}, "
                                  f"now {spec}); keep the tree's keys and nesting, or make a new EMA")
-        average, copy = ([], []), ([], [])
-        for i in self._tensor_at:
+        avg_t, avg_s = [ma[i] for i in self._float_at], [cur[i] for i in self._float_at]
+        copy_t, copy_s = [ma[i] for i in self._other_at], [cur[i] for i in self._other_at]
+        # a hit: these tensors, in this layout, passed every check below at an earlier update
+        groups = cached_pair_groups(avg_t, avg_s) if avg_t else None
+        for i in (self._other_at if groups is not None else self._tensor_at):
             m, c = ma[i], cur[i]
             if not (torch.is_tensor(m) and torch.is_tensor(c)):
                 raise ValueError(f"{self._names[i]} is a {type(c if torch.is_tensor(m) else m).__name__}, not a "
@@ -603,10 +616,10 @@ class EMAPytree(_Counters):
             if m.device != c.device and not self.allow_different_devices:
                 raise ValueError(f"{self._names[i]}: the EMA copy is on {m.device} and the tree on {c.device}; "
                                  f"pass allow_different_devices=True (as in ema-pytorch) or move them together")
-            to = average if (torch.is_floating_point(m) or torch.is_complex(m)) else copy
-            to[0].append(m)
-            to[1].append(c.detach() if c.requires_grad else c)
-        return average, copy
+            if (torch.is_floating_point(m) or torch.is_complex(m)) != (i in self._float_set):
+                raise ValueError(f"{self._names[i]}'s EMA copy changed from a floating to an integer dtype or back "
+                                 f"(now {m.dtype}); keep its dtype, or make a new EMA")
+        return (avg_t, avg_s, groups), (copy_t, copy_s)
 
     @staticmethod
     @torch.no_grad()
@@ -656,7 +669,11 @@ class EMAPytree(_Counters):
         if self.is_frozen:
             return
         decay = self.get_current_decay() if decay is None else decay
-        _lerp_pairs(average[0], average[1], 1.0 - decay)
+        targets, sources, groups = average
+        if groups is not None:
+            launch_pairs(groups, None, 1.0 - decay, "nearest", 0, 0)
+        else:
+            _lerp_pairs(targets, sources, 1.0 - decay)
         if copy[0]:
             self._copy(*copy)
 
