@@ -13,6 +13,7 @@ arguments.
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import inspect
 import typing
 
@@ -26,6 +27,36 @@ from ...ops import cached_pair_groups, launch_pairs
 from ._common import _lerp_pairs
 
 __all__ = ["EMA", "EMAModuleWrapper", "EMAPytree", "EMATensor", "KarrasEMA", "PostHocEMA"]
+
+
+def _inplace_copy(tgt: torch.Tensor, src: torch.Tensor, *, auto_move_device: bool = False,
+                  coerce_dtype: bool = False) -> None:
+    """ema-pytorch's per-tensor helper (the ``inplace_copy`` attribute): ``tgt.copy_(src)``, ``src``
+    moved to ``tgt``'s device and cast to its dtype first when asked. The classes here do not
+    use it: their copies and averages are batched."""
+    if auto_move_device:
+        src = src.to(tgt.device)
+    if coerce_dtype and src.dtype != tgt.dtype:
+        src = src.to(tgt.dtype)
+    tgt.copy_(src)
+
+
+def _inplace_lerp(tgt: torch.Tensor, src: torch.Tensor, weight, *, auto_move_device: bool = False,
+                  coerce_dtype: bool = False) -> None:
+    """ema-pytorch's per-tensor helper (the ``inplace_lerp`` attribute): ``tgt.lerp_(src, weight)``,
+    ``src`` moved / cast first when asked. The classes here average with fastema's kernels."""
+    if auto_move_device:
+        src = src.to(tgt.device)
+    if coerce_dtype and src.dtype != tgt.dtype:
+        src = src.to(tgt.dtype)
+    tgt.lerp_(src, weight)
+
+
+def _helpers(ema, allow_different_devices: bool, coerce_dtype: bool) -> None:
+    ema.inplace_copy = functools.partial(_inplace_copy, auto_move_device=allow_different_devices,
+                                         coerce_dtype=coerce_dtype)
+    ema.inplace_lerp = functools.partial(_inplace_lerp, auto_move_device=allow_different_devices,
+                                         coerce_dtype=coerce_dtype)
 
 
 class _Counters(nn.Module):
@@ -113,6 +144,7 @@ class _EmaPytorchBase(_Counters):
         self.allow_different_devices = allow_different_devices
         self.move_ema_to_online_device = move_ema_to_online_device
         self.coerce_dtype = coerce_dtype
+        _helpers(self, allow_different_devices, coerce_dtype)
         self._init_counters()
 
     def _make_ema_model(self, ema_model):
@@ -520,8 +552,7 @@ class EMAPytree(_Counters):
       says (ema-pytorch's check never calls it). A tree with no tensor, or an ``nn.Module`` (use
       :class:`EMA`), is refused; ``beta`` and ``update_every`` are checked.
     - ``allow_different_devices`` and ``coerce_dtype`` are accepted (pairs on two devices are
-      averaged by torch, the kernels read any float dtype); ema-pytorch's per-tensor helpers
-      ``inplace_copy`` / ``inplace_lerp`` are not attributes.
+      averaged by torch, the kernels read any float dtype).
     """
 
     def __init__(self, pytree, ema_pytree=None, beta: float = 0.9999, update_after_step: int = 100,
@@ -575,6 +606,7 @@ class EMAPytree(_Counters):
         self.is_frozen = beta == 1.0
         self.allow_different_devices = allow_different_devices
         self.coerce_dtype = coerce_dtype
+        _helpers(self, allow_different_devices, coerce_dtype)
         self.update_every, self.update_after_step = update_every, update_after_step
         self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
         self._init_counters()

@@ -353,3 +353,18 @@ def test_the_migrating_guide_example_runs(capsys):
     exec(compile(block, "guides/migrating.md", "exec"), {})
     out = capsys.readouterr().out
     assert "EMAPytree ['initted', 'step', 'ema_pytree.w', 'ema_pytree.b']" in out and "routed loss" in out
+
+
+def test_every_attribute_of_ema_pytorchs_classes_is_here():
+    def public(obj):
+        return {n for n in dir(obj) if not n.startswith("__")}
+
+    tree, net = {"a": torch.zeros(2)}, Nested()
+    for theirs, ours in [(ema_pytorch.EMA(tree), compat.EMA(tree)), (ema_pytorch.EMA(net), compat.EMA(net)),
+                         (ema_pytorch.KarrasEMA(net, sigma_rel=0.1), compat.KarrasEMA(net, sigma_rel=0.1)),
+                         (ema_pytorch.EMAModuleWrapper(net, ema_module_kwargs=["branch_a.block1"]),
+                          compat.EMAModuleWrapper(net, ema_module_kwargs=["branch_a.block1"]))]:
+        assert public(theirs) - public(ours) == set(), type(ours).__name__
+    a, b = torch.zeros(3), torch.ones(3, dtype=torch.float64)
+    compat.EMA(tree, coerce_dtype=True).inplace_lerp(a, b, 0.25)               # ema-pytorch's helper, as there
+    assert torch.equal(a, torch.full((3,), 0.25))
