@@ -548,6 +548,8 @@ class EMAPytree(_Counters):
       leaves in order and fails midway, or averages the wrong pairs.
     - Integer and bool tensor leaves are copied at each due update, never averaged
       (ema-pytorch's ``lerp_`` fails on them). Non-tensor leaves are left alone, as ema-pytorch does.
+    - A tensor that sits at two places of the tree (a tied weight; the deep copy keeps it one
+      tensor) is averaged once per update; ema-pytorch's loop averages it twice.
     - ``ema_pytree=`` given as a function (with no tensors of its own) is called, as its type hint
       says (ema-pytorch's check never calls it). A tree with no tensor, or an ``nn.Module`` (use
       :class:`EMA`), is refused; ``beta`` and ``update_every`` are checked.

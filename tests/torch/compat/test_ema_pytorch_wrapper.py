@@ -355,6 +355,20 @@ def test_the_migrating_guide_example_runs(capsys):
     assert "EMAPytree ['initted', 'step', 'ema_pytree.w', 'ema_pytree.b']" in out and "routed loss" in out
 
 
+def test_a_tensor_tied_at_two_places_of_the_tree_is_averaged_once():
+    """ema-pytorch's loop lerps a shared leaf twice per update (2.5 below); the EMA is 2.0."""
+    results = []
+    for make in (ema_pytorch.EMA, compat.EMA):
+        t = torch.ones(3)
+        ema = make({"a": t, "tied": [t]}, beta=0.5, update_after_step=0, update_every=1, inv_gamma=1e-6)
+        ema.update()
+        t.fill_(3.0)
+        ema.update()
+        results.append(ema()["a"])
+    assert torch.equal(results[0], torch.full((3,), 2.5))                    # ema-pytorch: averaged twice
+    assert torch.equal(results[1], torch.full((3,), 0.5 * 1.0 + 0.5 * 3.0))  # here: the EMA
+
+
 def test_every_attribute_of_ema_pytorchs_classes_is_here():
     def public(obj):
         return {n for n in dir(obj) if not n.startswith("__")}
