@@ -631,10 +631,9 @@ class EMAPytree(_Counters):
         host metadata: no device read)."""
         ma, ma_spec = _pytree.tree_flatten(ma_tree)
         cur, cur_spec = _pytree.tree_flatten(current_tree)
-        for name, spec in ((what, cur_spec), ("ema_pytree", ma_spec)):
+        for name, spec, tree in ((what, cur_spec, current_tree), ("ema_pytree", ma_spec, ma_tree)):
             if spec != self._spec:
-                raise ValueError(f"the structure of {name} changed since the EMA was made (it was {self._spec}, "
-                                 f"now {spec}); keep the tree's keys and nesting, or make a new EMA")
+                raise self._structure_error(name, tree)
         avg_t, avg_s = [ma[i] for i in self._float_at], [cur[i] for i in self._float_at]
         copy_t, copy_s = [ma[i] for i in self._other_at], [cur[i] for i in self._other_at]
         # a hit: these tensors, in this layout, passed every check below at an earlier update
@@ -654,6 +653,16 @@ class EMAPytree(_Counters):
                 raise ValueError(f"{self._names[i]}'s EMA copy changed from a floating to an integer dtype or back "
                                  f"(now {m.dtype}); keep its dtype, or make a new EMA")
         return (avg_t, avg_s, groups), (copy_t, copy_s)
+
+    def _structure_error(self, name: str, tree) -> ValueError:
+        """What changed in ``tree``'s structure, in leaf paths (a few of each), as an error."""
+        now = [_leaf_name(path) for path, _ in _pytree.tree_flatten_with_path(tree)[0]]
+        gone = [n for n in self._names if n not in set(now)][:3]
+        new = [n for n in now if n not in set(self._names)][:3]
+        what = (f"gone: {gone}; new: {new}" if gone or new else
+                "the same paths in other containers (a list that became a tuple, reordered keys, ...)")
+        return ValueError(f"the structure of {name} changed since the EMA was made ({what}); keep the tree's "
+                          f"keys and nesting, or make a new EMA")
 
     @staticmethod
     @torch.no_grad()
@@ -722,8 +731,7 @@ class EMAPytree(_Counters):
         """``[(key, tensor)]`` of the EMA copy's tensor leaves."""
         leaves, spec = _pytree.tree_flatten(self.ema_pytree)
         if spec != self._spec:
-            raise ValueError(f"the structure of ema_pytree changed since the EMA was made (it was {self._spec}, "
-                             f"now {spec}); keep the tree's keys and nesting")
+            raise self._structure_error("ema_pytree", self.ema_pytree)
         return [(self._names[i], leaves[i]) for i in self._tensor_at]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -173,7 +173,10 @@ def test_tree_refusals_name_the_problem_and_change_nothing():
     before = state()
     w, extra = tree["layers"][0]["w"], torch.zeros(10)
     for change, undo, message in [
-        (lambda: tree.update(extra=extra), lambda: tree.pop("extra"), "structure of pytree changed"),
+        (lambda: tree.update(extra=extra), lambda: tree.pop("extra"),
+         r"structure of pytree changed since the EMA was made \(gone: \[\]; new: \['ema_pytree.extra'\]\)"),
+        (lambda: tree.update(layers=tuple(tree["layers"])), lambda: tree.update(layers=list(tree["layers"])),
+         "the same paths in other containers"),
         (lambda: tree["layers"][0].update(w=torch.zeros(5, 10)), lambda: tree["layers"][0].update(w=w),
          r"ema_pytree.layers.0.w has shape \(5, 10\) but its EMA copy \(6, 10\)"),
         (lambda: tree["layers"][0].update(w=0.5), lambda: tree["layers"][0].update(w=w), "is a float, not a tensor"),
