@@ -147,7 +147,12 @@ class ExponentialMovingAverage:
             group = _Group(new, values)
             for slot, v in enumerate(new):
                 self._where[id(v)] = (group, slot)
-                self._averages[id(v)] = AverageVariable(self, group, slot, self.average_name(v) + ":0")
+                # named as TensorFlow's slot variables are: the scope var/ExponentialMovingAverage, made
+                # unique with TensorFlow's own counters (a second average of a variable of that name: _1)
+                prefix = getattr(v, "_shared_name", None) or v.name.split(":")[0]
+                with tf.compat.v1.variable_scope(None, default_name=prefix + "/" + self._name) as scope:
+                    name = scope.name
+                self._averages[id(v)] = AverageVariable(self, group, slot, name + ":0")
         self._groups.append(group)
         self._applied += new
         self._plans.clear()

@@ -1,0 +1,233 @@
+"""fastema.tensorflow.compat.ExponentialMovingAverage side by side with TensorFlow's own
+tf.train.ExponentialMovingAverage: the same GradientTape training loops (in a tf.function and
+eagerly), the same averages (float32 tolerance) and names, a float64 reference of TF's
+formulas, checkpoints read both ways (object-based and Saver name-based), refusals."""
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf = pytest.importorskip("tensorflow")
+
+from fastema.tensorflow.compat import AverageVariable, ExponentialMovingAverage  # noqa: E402
+
+
+def make_vars(seed=0, prefix="dense"):
+    rng = np.random.default_rng(seed)
+    return [tf.Variable(rng.normal(0, 0.3, (6, 16)).astype(np.float32), name=f"{prefix}/kernel"),
+            tf.Variable(np.zeros(16, np.float32), name=f"{prefix}/bias"),
+            tf.Variable(rng.normal(0, 0.3, (16, 1)).astype(np.float32), name=f"{prefix}_1/kernel")]
+
+
+def loss_fn(vs, x, y):
+    return tf.reduce_mean((tf.tanh(x @ vs[0] + vs[1]) @ vs[2] - y) ** 2)
+
+
+def batches(steps, seed=1):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.standard_normal((32, 6)).astype(np.float32)
+        yield tf.constant(x), tf.constant(np.sin(x[:, :1]))
+
+
+def twin_loop(ours, theirs, steps, step_var, in_function=True, prefix="dense"):
+    """Two copies of one model trained identically; ``ours`` averages one, ``theirs`` the other.
+    Returns both variable lists and the float64 reference of TF's formula for ``ours``."""
+    a, b = make_vars(prefix=prefix + "_ours"), make_vars(prefix=prefix + "_tf")
+
+    def sgd(vs, x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(vs, x, y)
+        for v, g in zip(vs, tape.gradient(loss, vs)):
+            v.assign_sub(0.1 * g)
+        return loss
+
+    def step(x, y):
+        loss = sgd(a, x, y)
+        sgd(b, x, y)
+        step_var.assign_add(1)
+        ours.apply(a)
+        theirs.apply(b)
+        return loss
+
+    run = tf.function(step) if in_function else step
+    ref = None
+    losses = []
+    for x, y in batches(steps):
+        losses.append(float(run(x, y)))
+        vals = [np.asarray(v.numpy(), np.float64) for v in a]
+        n = float(np.float32(step_var.numpy()))
+        d = float(np.float32(min(np.float32(0.9), np.float32((1 + n) / (10 + n)))))
+        ref = vals if ref is None else [r - (r - v) * (1 - d) for r, v in zip(ref, vals)]
+    assert losses[-1] < losses[0]
+    return a, b, ref
+
+
+@pytest.mark.parametrize("in_function", [True, False], ids=["tf.function", "eager"])
+def test_training_loop_matches_tensorflow_and_float64_reference(in_function):
+    step_var = tf.Variable(0, dtype=tf.int64)
+    ours = ExponentialMovingAverage(0.9, num_updates=step_var, zero_debias=True)
+    theirs = tf.train.ExponentialMovingAverage(0.9, num_updates=step_var, zero_debias=True)
+    a, b, ref = twin_loop(ours, theirs, 25, step_var, in_function, prefix=f"loop_{in_function}")
+    for va, vb, r in zip(a, b, ref):
+        got, want = ours.average(va).numpy(), theirs.average(vb).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, r, rtol=1e-5, atol=1e-6)
+        assert ours.average_name(va) == theirs.average_name(vb).replace("_tf", "_ours")
+        assert ours.average(va).name == theirs.average(vb).name.replace("_tf", "_ours")
+        assert (ours.average(va).shape, ours.average(va).dtype) == (theirs.average(vb).shape, theirs.average(vb).dtype)
+    assert ours.average_name(tf.Variable(1.0, name="later")) == theirs.average_name(tf.Variable(1.0, name="later"))
+    assert ours.name == theirs.name == "ExponentialMovingAverage"
+
+
+def test_average_names_count_as_tensorflows_do():
+    """A second average of a variable of the same name is ``..._1``, whichever class made the first:
+    the names come from TensorFlow's own counters, so a program that swaps the class keeps them."""
+    made = []
+    for cls in (ExponentialMovingAverage, tf.train.ExponentialMovingAverage, ExponentialMovingAverage):
+        v = tf.Variable(1.0, name="names_test/w")
+        ema = cls(0.9)
+        assert ema.average_name(v) == "names_test/w/ExponentialMovingAverage"      # before apply()
+        ema.apply([v])
+        made.append(ema.average(v).name)
+    assert made == [f"names_test/w/ExponentialMovingAverage{s}:0" for s in ("", "_1", "_2")]
+
+
+def test_decay_variable_subsets_new_variables_and_dtypes_follow_tensorflow():
+    decay = tf.Variable(0.5)
+    ours, theirs = ExponentialMovingAverage(decay), tf.train.ExponentialMovingAverage(decay)
+    mk = lambda: [tf.Variable(np.arange(4, dtype=np.float32), name="p"),                  # noqa: E731
+                  tf.Variable(np.ones(3, np.float64), name="q"), tf.Variable(tf.ones(5, tf.bfloat16), name="r")]
+    a, b = mk(), mk()
+    for k, (subset, new_decay) in enumerate([((0, 1, 2), 0.5), ((0,), 0.8), ((2, 0), 0.3), ((1, 2, 0), 0.99)]):
+        decay.assign(new_decay)
+        for vs in (a, b):
+            for v in vs:
+                v.assign(tf.cast(tf.cast(v, tf.float32) + (k + 1.0), v.dtype))
+        ours.apply([a[i] for i in subset])
+        theirs.apply([b[i] for i in subset])
+    extra_a, extra_b = tf.Variable([5.0, 6.0], name="late"), tf.Variable([5.0, 6.0], name="late")
+    ours.apply([extra_a, a[0]])                                  # a new variable next to a known one
+    theirs.apply([extra_b, b[0]])
+    for va, vb in zip(a + [extra_a], b + [extra_b]):
+        got, want = ours.average(va), theirs.average(vb)
+        assert got.dtype == want.dtype
+        tol = 1e-2 if want.dtype == tf.bfloat16 else 1e-6
+        np.testing.assert_allclose(np.float64(got.numpy()), np.float64(want.numpy()), rtol=tol)
+
+
+def test_average_reads_assigns_and_swaps_like_a_variable():
+    v = tf.Variable([1.0, 2.0], name="w")
+    ema = ExponentialMovingAverage(0.5)
+    assert ema.average(v) is None
+    ema.apply([v])
+    v.assign([3.0, 4.0])
+    ema.apply([v])
+    avg = ema.average(v)
+    assert isinstance(avg, AverageVariable) and not isinstance(avg, tf.Variable)
+    np.testing.assert_array_equal(avg.numpy(), [2.0, 3.0])
+    np.testing.assert_array_equal((avg + 1).numpy(), [3.0, 4.0])
+    np.testing.assert_array_equal(tf.convert_to_tensor(avg).numpy(), [2.0, 3.0])
+    saved = tf.identity(v)
+    v.assign(avg)                                                  # evaluation with the average, as TF's docs do
+    np.testing.assert_array_equal(v.numpy(), [2.0, 3.0])
+    v.assign(saved)
+    read = tf.function(lambda: ema.average(v).value() * 2)
+    np.testing.assert_array_equal(read().numpy(), [4.0, 6.0])
+    avg.assign([0.0, 1.0])
+    ema.apply([v])
+    np.testing.assert_array_equal(avg.numpy(), [1.5, 2.5])
+    with pytest.raises(ValueError, match=r"shape \(2,\).*Nothing was written"):
+        avg.assign([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(avg.numpy(), [1.5, 2.5])
+
+
+def test_bad_inputs_are_refused_as_tensorflow_refuses_them():
+    ema = ExponentialMovingAverage(0.9)
+    for ours_or_tf in (ema, tf.train.ExponentialMovingAverage(0.9)):
+        with pytest.raises(TypeError, match="non-Variable tensors"):
+            ours_or_tf.apply([tf.ones(3)])
+        with pytest.raises(TypeError, match="half, float, or double"):
+            ours_or_tf.apply([tf.Variable([1, 2])])
+    v = tf.Variable(tf.ones(3), shape=tf.TensorShape(None))
+    ema.apply([v])
+    before = ema.average(v).numpy()
+    v.assign(tf.ones(4))
+    with pytest.raises(ValueError, match=r"was float32 \(3,\).*now float32 \(4,\).*Nothing was updated"):
+        ema.apply([v])
+    np.testing.assert_array_equal(ema.average(v).numpy(), before)
+    bad = ExponentialMovingAverage(1.5)
+    with pytest.raises(ValueError, match="decay must be in"):
+        bad.apply([tf.Variable([1.0])])
+
+
+def test_checkpoints_interoperate_with_tensorflows_averages(tmp_path):
+    """tf.train.Checkpoint / CheckpointManager of the averages, and Saver name maps, both ways."""
+    step_var = tf.Variable(0, dtype=tf.int64)
+    ours, theirs = ExponentialMovingAverage(0.9), tf.train.ExponentialMovingAverage(0.9)
+    a, b, _ = twin_loop(ours, theirs, 6, step_var, prefix="interop")
+    # TensorFlow's averages -> a CheckpointManager -> this class's averages (zeroed first), bit for bit
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(averages=[theirs.average(v) for v in b]),
+                                         str(tmp_path / "tf"), max_to_keep=2)
+    path = manager.save()
+    for v in a:
+        ours.average(v).assign(tf.zeros_like(v))
+    tf.train.Checkpoint(averages=[ours.average(v) for v in a]).restore(path).assert_consumed()
+    for va, vb in zip(a, b):
+        assert ours.average(va).numpy().tobytes() == theirs.average(vb).numpy().tobytes()
+    # this class's averages -> a checkpoint -> TensorFlow's
+    ours.apply(a)
+    path = tf.train.Checkpoint(averages=[ours.average(v) for v in a]).save(str(tmp_path / "ours"))
+    tf.train.Checkpoint(averages=[theirs.average(v) for v in b]).restore(path).assert_consumed()
+    for va, vb in zip(a, b):
+        assert ours.average(va).numpy().tobytes() == theirs.average(vb).numpy().tobytes()
+    # evaluation the TF1 way: the averages, saved by name, restored into fresh model variables
+    # through variables_to_restore(), whichever class wrote or maps them
+    names = {ours.average_name(v): ours.average(v) for v in a}
+    assert list(names) == [theirs.average_name(v).replace("_tf", "_ours") for v in b]
+    saved = tf.compat.v1.train.Saver(names).save(None, str(tmp_path / "by_name"))
+    fresh = make_vars(seed=9, prefix="interop_ours")
+    tf.compat.v1.train.Saver(theirs.variables_to_restore(fresh)).restore(None, saved)
+    for v, f in zip(a, fresh):
+        np.testing.assert_array_equal(f.numpy(), ours.average(v).numpy())
+    saved = tf.compat.v1.train.Saver({theirs.average_name(v): theirs.average(v) for v in b}).save(
+        None, str(tmp_path / "by_name_tf"))
+    fresh = make_vars(seed=9, prefix="interop_tf")
+    mapping = ours.variables_to_restore(fresh)
+    assert sorted(mapping) == sorted(theirs.variables_to_restore(fresh))
+    tf.compat.v1.train.Saver(mapping).restore(None, saved)
+    for v, f in zip(b, fresh):
+        np.testing.assert_array_equal(f.numpy(), theirs.average(v).numpy())
+    assert set(ours.variables_to_restore()) == set(names)    # default: every variable apply has seen
+
+
+def test_restoring_another_shape_or_dtype_changes_nothing(tmp_path):
+    ema = ExponentialMovingAverage(0.5)
+    v = tf.Variable([1.0, 2.0], name="w")
+    ema.apply([v])
+    other = tf.Variable([1.0, 2.0, 3.0], name="w")
+    path = tf.train.Checkpoint(averages=[other]).save(str(tmp_path / "other"))
+    with pytest.raises(Exception, match="shape"):
+        tf.train.Checkpoint(averages=[ema.average(v)]).restore(path)
+    path = tf.train.Checkpoint(averages=[tf.Variable([1.0, 2.0], dtype=tf.float64)]).save(str(tmp_path / "f64"))
+    with pytest.raises(Exception, match="float64|double"):
+        tf.train.Checkpoint(averages=[ema.average(v)]).restore(path)
+    np.testing.assert_array_equal(ema.average(v).numpy(), [1.0, 2.0])
+
+
+def test_savedmodel_of_a_module_holding_the_averages(tmp_path):
+    ema = ExponentialMovingAverage(0.5)
+    v = tf.Variable([1.0, 2.0], name="w")
+    ema.apply([v])
+    v.assign([3.0, 5.0])
+    ema.apply([v])
+    module = tf.Module()
+    module.averages = [ema.average(v)]
+    tf.saved_model.save(module, str(tmp_path / "sm"))
+    tf.saved_model.load(str(tmp_path / "sm"))                  # loads (the averages restore eagerly only)
+    fresh, w = ExponentialMovingAverage(0.5), tf.Variable([0.0, 0.0], name="w")
+    fresh.apply([w])
+    # the SavedModel's variables/ is a checkpoint of the module: its object graph, restored by path
+    tf.train.Checkpoint(averages=[fresh.average(w)]).restore(str(tmp_path / "sm" / "variables" / "variables"))
+    np.testing.assert_array_equal(fresh.average(w).numpy(), [2.0, 3.5])
