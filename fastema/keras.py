@@ -250,14 +250,19 @@ class WeightEMA(keras.callbacks.Callback):
         # The average this callback resumes from: a state_dict() given to load_state_dict(), else the one
         # saved with the model (load_model / load_average / load_weights) for this callback's place.
         saved = _saved_averages(self.model, create=True)
-        slot = len(saved.callbacks)
+        slot = len(saved.this_fit())
         from_file = saved.pending[slot] if slot < len(saved.pending) else None
         self.ema = ema
         try:
             if self._pending is not None:
                 ema.load_state_dict(self._pending)
             elif from_file is not None:
-                ema.load_state_dict(_named_state(self, from_file))
+                try:
+                    ema.load_state_dict(_named_state(self, from_file))
+                except ValueError as e:
+                    raise ValueError(f"fastema.keras.WeightEMA: the average saved with this model does not fit this "
+                                     f"callback ({e}); give WeightEMA the options the average was saved with (or "
+                                     f"load_state_dict() a state of its own)") from e
         except BaseException:
             self.ema = None                                 # refused: nothing made, nothing consumed
             if not saved.callbacks and not any(p is not None for p in saved.pending):
@@ -266,8 +271,8 @@ class WeightEMA(keras.callbacks.Callback):
         self._pending = None
         if from_file is not None:
             saved.pending[slot] = None
-        saved.callbacks.append(self)                        # model.save() writes this callback's average
         self._owner = self.model
+        saved.join(self)                                    # model.save() writes this callback's average
 
     def _torch_ema(self):
         # Keras layers are torch modules here: average the trainable variables, copy the others along.
@@ -294,6 +299,7 @@ class WeightEMA(keras.callbacks.Callback):
             warnings.warn("fastema.keras.WeightEMA: the average was still swapped into the model when fit() "
                           "started; the raw weights are back in the model and training goes on from them",
                           RuntimeWarning, stacklevel=2)
+        _saved_averages(self.model, create=True).join(self)
         self._fitting = True
         _guard_evaluate(self)
 
@@ -503,6 +509,17 @@ class _SavedAverages(_KerasSaveable):
 
     def __reduce__(self):                                  # (KerasSaveable's pickles a whole model)
         return type(self), ()
+
+    def this_fit(self) -> list[WeightEMA]:
+        """The callbacks of the ``fit`` that is starting (those whose ``on_train_begin`` has run)."""
+        return [cb for cb in self.callbacks if cb._fitting]
+
+    def join(self, callback: WeightEMA) -> None:
+        """``callback`` starts a ``fit``: the file gets its average, with those of the other WeightEMAs
+        of this ``fit``; the callbacks of an earlier ``fit`` that are not in this one are dropped (a
+        new ``WeightEMA`` per ``fit`` call is the newest average, and the old ones are not kept alive)."""
+        if callback not in self.callbacks or not callback._fitting:
+            self.callbacks = [cb for cb in self.this_fit() if cb is not callback] + [callback]
 
     def _obj_type(self) -> str:
         # Keras takes this to pick which attributes of a base class to skip when it walks dir(); it
@@ -740,7 +757,7 @@ def _problems(model, entry: dict, place: int) -> list[str]:
     if not isinstance(averaged, dict) or not averaged:
         return [f"average {place} has no arrays"]
     for g in _GROUPS:
-        for key, a in (entry.get(g) or {}).items():
+        for key, a in sorted((entry.get(g) or {}).items(), key=lambda kv: _natural(kv[0])):
             kind, _, i = key.partition("/")
             if kind not in variables:
                 continue                                    # by name (a torch buffer): the EMA checks it
@@ -756,6 +773,11 @@ def _problems(model, entry: dict, place: int) -> list[str]:
     if saved and saved != n and backend != "torch":
         out.append(f"{saved} trainable variables are saved and the model has {n}")
     return out
+
+
+def _natural(key: str) -> tuple:
+    kind, _, i = key.partition("/")
+    return (kind, int(i)) if i.isdigit() else (kind, -1, i)
 
 
 def _open_store(filepath):

@@ -1,5 +1,6 @@
 """fastema.keras on real Keras 3 ``model.fit`` runs (torch backend, CPU)."""
 import copy
+import json
 import os
 import pathlib
 import re
@@ -407,6 +408,225 @@ def test_keras_use_ema_start_is_an_option_and_the_default_starts_from_the_initia
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got - k, 0.9 ** 12 * (w0 - w1), atol=1e-6)    # the difference, in closed form
         assert np.abs(got - k).max() > 1e-3
+
+
+# Saving the average with the model, on every backend: the same script in-process on torch, in the
+# backend's subprocess on TensorFlow and JAX (backend_runs: no process of its own).
+SAVE_LOAD = r"""
+import json, tempfile, warnings, zipfile
+import keras, numpy as np
+import fastema.keras as fk
+from fastema.keras import WeightEMA
+from models import keras_data, keras_model
+d = tempfile.mkdtemp()
+x, y = keras_data(64)
+out = {}
+
+def flat(state):                       # a structural state: every array and counter, comparable across models
+    arrays = {f"{g}/{k}": np.asarray(fk._to_numpy(a)) for g in fk._GROUPS for k, a in (state.get(g) or {}).items()}
+    return arrays, {k: v for k, v in state.items() if k not in fk._GROUPS and k != "backend"}
+
+def same(a, b):
+    (xa, ca), (xb, cb) = flat(a), flat(b)
+    return sorted(xa) == sorted(xb) and all(xa[k].dtype == xb[k].dtype and np.array_equal(xa[k], xb[k]) for k in xa) \
+        and ca == cb
+
+def weights_equal(m1, m2):
+    return all(np.array_equal(a, b) for a, b in zip(m1.get_weights(), m2.get_weights()))
+
+def fit(model, cb, epochs=1, more=()):
+    model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=[cb, *more])
+
+# An uninterrupted run, 2 epochs (Adam; BatchNorm statistics copied along on torch), with both kinds of
+# ModelCheckpoint: each file carries the average as it was at that epoch's end.
+class Keep(keras.callbacks.Callback):
+    states = []
+    def on_epoch_end(self, epoch, logs=None):
+        Keep.states.append(fk._structural_state(full))
+full_model, full = keras_model(batchnorm=True), WeightEMA(0.9)
+fit(full_model, full, 2, [Keep(), keras.callbacks.ModelCheckpoint(f"{d}/ck.keras"),
+                          keras.callbacks.ModelCheckpoint(d + "/ck{epoch}.weights.h5", save_weights_only=True)])
+full_state = fk._structural_state(full)
+# the same run, saved after the first epoch and continued from the loaded file by a new WeightEMA
+model, first = keras_model(batchnorm=True), WeightEMA(0.9)
+fit(model, first)
+model.save(f"{d}/m.keras")
+at_save = fk._structural_state(first)
+out["first_epoch_equal"] = same(at_save, Keep.states[0])
+loaded = fk.load_model(f"{d}/m.keras")
+out["loaded_equal"] = same(fk._saved_averages(loaded).entries()[0], at_save)
+out["averaged_weights_equal"] = all(np.array_equal(a, b) for a, b in zip(fk.averaged_weights(loaded),
+                                                                         fk.averaged_weights(model)))
+out["averaged_is_row0"] = all(np.array_equal(a, np.asarray(fk._to_numpy(at_save["averaged"][f"trainable/{i}"]))[0])
+                              for i, a in enumerate(fk.averaged_weights(model)))
+resumed = WeightEMA(0.9)
+fit(loaded, resumed)
+out["resumed_equal"] = same(fk._structural_state(resumed), full_state)
+out["resumed_updates"] = [resumed.ema.updates, full.ema.updates]
+out["weights_equal"] = weights_equal(loaded, full_model)
+# ModelCheckpoint's files: a .keras through load_model, a .weights.h5 through load_average (a fresh model) and
+# through model.load_weights (into the live callback: the average of epoch 1 back)
+out["checkpoint_keras"] = same(fk._saved_averages(fk.load_model(f"{d}/ck.keras")).entries()[0], full_state)
+fresh = keras_model(batchnorm=True)
+fk.load_average(fresh, f"{d}/ck1.weights.h5")
+out["checkpoint_weights_only"] = same(fk._saved_averages(fresh).entries()[0], Keep.states[0])
+full_model.load_weights(f"{d}/ck1.weights.h5")
+out["load_weights_live"] = same(fk._structural_state(full), Keep.states[0])
+# a loaded model saved again without a fit keeps the average; Keras alone loads the file (average passed over)
+fk.load_model(f"{d}/m.keras").save(f"{d}/again.keras")
+out["resaved_equal"] = same(fk._saved_averages(fk.load_model(f"{d}/again.keras")).entries()[0], at_save)
+plain = keras.saving.load_model(f"{d}/m.keras")
+out["plain_keras_loads"] = weights_equal(plain, model) and fk._ATTR not in vars(plain)
+# compile=False: the average stays (it is no optimizer variable); Keras's use_ema average goes with the optimizer
+out["compile_false_kept"] = same(fk._saved_averages(fk.load_model(f"{d}/m.keras", compile=False)).entries()[0],
+                                 at_save)
+ke = keras_model(optimizer="sgd")
+ke.compile(keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.9), "mse")
+ke.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+ke.save(f"{d}/use_ema.keras")
+back = keras.saving.load_model(f"{d}/use_ema.keras")
+out["use_ema_survives"] = all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(
+    ke.optimizer._model_variables_moving_average, back.optimizer._model_variables_moving_average))
+uncompiled = keras.saving.load_model(f"{d}/use_ema.keras", compile=False)
+out["use_ema_compile_false_lost"] = getattr(uncompiled, "optimizer", None) is None
+# a model without a WeightEMA saves what it did: nothing of fastema in its files
+plain.save_weights(f"{d}/plain.weights.h5")
+with zipfile.ZipFile(f"{d}/use_ema.keras") as z, zipfile.ZipFile(f"{d}/m.keras") as z2:
+    out["plain_file_clean"] = fk._ATTR.encode() not in z.read("model.weights.h5") + \
+        open(f"{d}/plain.weights.h5", "rb").read()
+    out["file_has_average"] = fk._ATTR.encode() in z2.read("model.weights.h5")
+
+# refusals, each leaving everything as it was
+def message(f):
+    try:
+        f()
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+before = other.get_weights()
+out["other_architecture"] = message(lambda: fk.load_average(other, f"{d}/m.keras"))
+out["other_untouched"] = fk._ATTR not in vars(other) and all(
+    np.array_equal(a, b) for a, b in zip(other.get_weights(), before))
+out["no_average"] = message(lambda: fk.load_average(keras_model(), f"{d}/use_ema.keras"))
+out["no_average_model"] = fk._ATTR not in vars(fk.load_model(f"{d}/use_ema.keras"))
+out["averaged_weights_none"] = message(lambda: fk.averaged_weights(keras_model()))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model.load_weights(f"{d}/plain.weights.h5")       # a file with no average: the callback's is unchanged
+out["no_average_warning"] = [str(w.message) for w in caught if "holds no average" in str(w.message)]
+out["no_average_untouched"] = same(fk._structural_state(first), at_save)
+# a WeightEMA whose options do not match the saved average: refused when fit starts, the average kept
+loaded = fk.load_model(f"{d}/m.keras")
+w_before = loaded.get_weights()
+out["mismatch_at_fit"] = message(lambda: fit(loaded, WeightEMA([0.9, 0.99])))
+out["mismatch_kept"] = same(fk._saved_averages(loaded).entries()[0], at_save) and \
+    all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), w_before))
+# two WeightEMAs in one fit: two averages in the file, each for its place; a file with one is refused by this
+# model's load_weights (the callbacks' averages unchanged); the next fit's new WeightEMA replaces them
+m3, a, b = keras_model(batchnorm=True), WeightEMA(0.9), WeightEMA(0.5)
+fit(m3, a, 1, [b])
+m3.save(f"{d}/two.keras")
+sa, sb = fk._structural_state(a), fk._structural_state(b)
+e = fk._saved_averages(fk.load_model(f"{d}/two.keras")).entries()
+out["two_saved"] = len(e) == 2 and same(e[0], sa) and same(e[1], sb)
+out["count_refused"] = message(lambda: m3.load_weights(f"{d}/ck1.weights.h5"))
+out["count_untouched"] = same(fk._structural_state(a), sa) and same(fk._structural_state(b), sb)
+fit(m3, WeightEMA(0.9))
+out["next_fit_replaces"] = len(fk._saved_averages(m3).entries())
+print(json.dumps(out))
+"""
+
+
+script("SAVE_LOAD", SAVE_LOAD, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_weight_ema_average_is_saved_with_the_model_and_resumed_bit_exactly(backend, capsys):
+    """model.save / ModelCheckpoint write WeightEMA's average into the .keras or .weights.h5 file (every row,
+    the counters); fastema.keras.load_model brings it back bit for bit, and a new WeightEMA on the loaded
+    model continues it: after one more epoch, average and weights equal an uninterrupted 2-epoch run's
+    bit for bit. Side by side with Keras's use_ema, whose average survives save/load too (an optimizer
+    variable: not with compile=False, where WeightEMA's does). Refusals leave everything as it was."""
+    if backend == "torch":
+        exec(compile(SAVE_LOAD, "SAVE_LOAD", "exec"), {"__name__": "__main__"})
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        pytest.importorskip(backend)
+        res = run_on(backend, "SAVE_LOAD")
+    for key in ("first_epoch_equal", "loaded_equal", "averaged_weights_equal", "averaged_is_row0", "resumed_equal",
+                "weights_equal", "checkpoint_keras", "checkpoint_weights_only", "load_weights_live", "resaved_equal",
+                "plain_keras_loads", "compile_false_kept", "use_ema_survives", "use_ema_compile_false_lost",
+                "plain_file_clean", "file_has_average", "other_untouched", "no_average_model",
+                "no_average_untouched", "mismatch_kept", "two_saved", "count_untouched"):
+        assert res[key] is True, key
+    assert res["resumed_updates"] == [8, 8] and res["next_fit_replaces"] == 1
+    assert re.search(r"holds a WeightEMA average that does not fit this model: trainable/0 \(.*kernel\) has shape "
+                     r"\(4, 8\), the saved one \(4, 16\);.*load it into the model it was saved with",
+                     res["other_architecture"])
+    assert "holds 1 WeightEMA average(s) and this model has 2 WeightEMA callback(s)" in res["count_refused"]
+    assert "holds no WeightEMA average" in res["no_average"]
+    assert "carries 0 WeightEMA average(s)" in res["averaged_weights_none"]
+    assert len(res["no_average_warning"]) == 1
+    assert re.search(r"the average saved with this model does not fit this callback \(.*checkpoint has 1 decay\(s\), "
+                     r"this EMA 2.*give WeightEMA the options the average was saved with", res["mismatch_at_fit"])
+
+
+def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
+    """What cannot load is refused by name, before anything changes: another backend's average, a damaged
+    or foreign header, a file that is not Keras's; a model saved while the average is swapped in (its
+    weights would be the average) is an error; a copied model does not carry the callback's average."""
+    import fastema.keras as fk
+
+    x, y = data(32)
+    model, cb = make_model(), WeightEMA(0.9)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    model.save(tmp_path / "m.keras")
+    fresh = make_model()
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="saved on the torch backend and this Keras runs on 'jax'.*KERAS_BACKEND=torc"):
+        fk.load_average(fresh, tmp_path / "m.keras")
+    monkeypatch.undo()
+    assert fk._ATTR not in vars(fresh)
+    with pytest.raises(ValueError, match="neither a .keras file nor a .weights.h5 file"):
+        fk.load_average(fresh, tmp_path / "m.h5")
+
+    def header(value) -> dict:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return {"header": np.frombuffer(raw, np.uint8)}
+
+    for store, match in ((header(b"{not json"), "the header is not JSON"),
+                         (header({"format": "keras"}), "names no fastema.keras.WeightEMA format"),
+                         (header({"format": fk._FORMAT, "version": 99}), "version 99; this fastema reads version 1"),
+                         (header({"format": fk._FORMAT, "version": 1, "entries": {}}), "no list of entries"),
+                         (header({"format": fk._FORMAT, "version": 1,
+                                  "entries": [{"averaged": {"trainable/0": {"__array__": 3}}}]}), "array 3 is missing"),
+                         ({"0": np.zeros(3)}, "no header"),
+                         ({"header": np.zeros(3)}, "a header of dtype float64")):
+        with pytest.raises(ValueError, match=re.escape(match) if "[" in match else match):
+            fk._decode(store)
+    cb.ema.swap()
+    with pytest.raises(RuntimeError, match="saved while the average is swapped in"):
+        model.save(tmp_path / "swapped.keras")
+    cb.ema.swap()
+    with pytest.raises(ValueError, match="carries 0 WeightEMA average"):
+        fk.averaged_weights(copy.deepcopy(model))
+
+
+def test_the_guide_saving_example_runs(tmp_path, monkeypatch):
+    """The guide's "Saving and loading the average" example, as written, on a tiny model: the loaded model
+    carries the saved average and the second fit continues it (updates go on from the saved count)."""
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "keras.md").read_text()
+    block = re.search(r"## Saving and loading the average.*?```python\n(.*?)```", page, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    x, y = data(32)
+    scope = {"model": make_model(), "x": x, "y": y}
+    exec(compile(block, "guides/keras.md", "exec"), scope)
+    model = scope["model"]
+    assert (tmp_path / "model.keras").exists() and len(scope["averaged"]) == len(model.trainable_variables)
+    callback = vars(model)["_fastema_weight_ema"].callbacks[0]
+    assert callback.ema.updates == 4                     # 2 epochs of one batch saved, then 2 more
 
 
 def _guide_example() -> str:
