@@ -55,7 +55,8 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
     if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 4 for s in saved):
         refuse_load(fmt, ["no list of averaged variables"])
     names = [s[0] for s in saved]
-    problems = []
+    problems: list[str] = []
+    core.check_plan_state(head, problems)
     missing = [n for n in core.names if n not in names]
     extra = [n for n in names if n not in core.names]
     if missing:

@@ -251,3 +251,133 @@ def test_average_weights_is_a_deprecated_alias_of_average_parameters():
     with block:
         np.testing.assert_array_equal(v.numpy(), [2.0, 3.0])
     np.testing.assert_array_equal(v.numpy(), [3.0, 4.0])
+
+
+# ---------------------------------------------------------------- tf.function and TensorFlow checkpoints
+
+
+def test_update_inside_tf_function_matches_eager_update_and_float64_reference():
+    """The update as an op of the training step (step as a tensor) equals the eager update after it."""
+    graph_model, eager_model = MLP(), MLP()
+    in_graph = EMA(graph_model, 0.9, warmup="num_updates")
+    eager = EMA(eager_model, 0.9, warmup="num_updates")
+    sgd, eager_step = make_step(graph_model), make_step(eager_model)
+
+    @tf.function
+    def step(x, y):
+        loss = sgd(x, y)
+        count = in_graph.update(step=graph_model.steps)     # after the step's writes: program order
+        return loss, count
+
+    ref = values(in_graph.variables)
+    sched = Plan(0.9, warmup="num_updates").schedules[0]
+    for n, (x, y) in enumerate(batches(12), start=1):
+        _, count = step(x, y)
+        eager_step(x, y)
+        eager.update(step=n)
+        assert int(count) == n == in_graph.updates
+        d = sched(n)
+        ref = [d * r + (1 - d) * v for r, v in zip(ref, values(in_graph.variables))]
+    for a, b, r in zip(in_graph.averages(), eager.averages(), ref):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+        assert_close_to_reference(a.numpy(), r, "float32", 12 * (np.abs(r) + 1e-3))
+    with in_graph.average_parameters():                    # a refused graph update changes nothing
+        with pytest.raises(Exception, match="swapped"):
+            step(x, y)
+    assert in_graph.updates == 12
+
+
+def test_ema_is_a_tf_module_holding_none_of_the_model():
+    model = MLP()
+    ema = EMA(model, 0.9, name="weights_ema")
+    assert isinstance(ema, tf.Module) and ema.name == "weights_ema"
+    assert [v.ref() for v in ema.variables] == [v.ref() for v in model.trainable_variables]
+    assert ema.trainable_variables == [] and ema._trackable_children() == {}
+
+
+def _trained(model, ema, steps, seed=1):
+    step = make_step(model)
+    for x, y in batches(steps, seed):
+        step(x, y)
+        ema.update()
+
+
+@pytest.mark.parametrize("shadow_dtype", ["float32", "bfloat16"])
+def test_checkpoint_manager_round_trip_is_bit_exact_and_resumes(tmp_path, shadow_dtype):
+    model = MLP(tf.bfloat16)
+    ema = EMA(model, [0.9, 0.99], warmup="power", update_every=2, shadow_dtype=shadow_dtype)
+    _trained(model, ema, 7)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, ema=ema), str(tmp_path), max_to_keep=2)
+    path = manager.save()
+    keys = [k for k, _ in tf.train.list_variables(path) if k.startswith("ema/")]
+    assert keys == ["ema/.ATTRIBUTES/shadow", "ema/.ATTRIBUTES/state"]   # the model's variables are not the EMA's
+    saved = ema.state_dict()
+
+    fresh_model = MLP(tf.bfloat16, seed=5)
+    fresh = EMA(fresh_model, [0.5, 0.6], shadow_dtype=shadow_dtype)     # settings come from the checkpoint
+    status = tf.train.Checkpoint(model=fresh_model, ema=fresh).restore(manager.latest_checkpoint)
+    status.assert_consumed()
+    got = fresh.state_dict()
+    for k in ("calls", "updates", "norms", "schedules", "update_every", "rounding", "seed"):
+        assert got[k] == saved[k], k
+    for n in ema.names:
+        assert got["averaged"][n].tobytes() == saved["averaged"][n].tobytes()
+    _trained(model, ema, 5, seed=3)                        # resumed == uninterrupted, bit for bit
+    _trained(fresh_model, fresh, 5, seed=3)
+    for a, b in zip(ema.state_dict()["averaged"].values(), fresh.state_dict()["averaged"].values()):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_savedmodel_carries_the_average(tmp_path):
+    model = MLP()
+    ema = EMA(model, 0.8)
+    _trained(model, ema, 4)
+    root = tf.Module()
+    root.model, root.ema = model, ema
+    root.predict = tf.function(lambda x: model(x), input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    tf.saved_model.save(root, str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))         # serving works (the EMA restores eagerly only)
+    x = next(batches(1))[0]
+    np.testing.assert_allclose(loaded.predict(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    fresh = EMA(MLP(seed=4), 0.8)
+    tf.train.Checkpoint(ema=fresh).restore(str(tmp_path / "sm" / "variables" / "variables")).expect_partial()
+    assert fresh.updates == 4
+    for a, b in zip(fresh.averages(), ema.averages()):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_checkpoint_of_other_variables_is_refused_by_name_and_changes_nothing(tmp_path):
+    model = MLP()
+    ema = EMA(model, 0.9)
+    _trained(model, ema, 3)
+    path = tf.train.Checkpoint(ema=ema).save(str(tmp_path / "ckpt"))
+
+    class Other(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = tf.Variable(tf.zeros((6, 32)), name="w1")
+            self.extra = tf.Variable(tf.zeros(3), name="extra")
+
+    cases = [(EMA(Other(), 0.9), r"'extra:0'.*checkpoint does not have.*'b1:0', 'w2:0'.*this EMA does not"),
+             (EMA(MLP(), [0.9, 0.99]), r"1 decay\(s\), this EMA 2"),
+             (EMA(MLP(), 0.9, shadow_dtype="bfloat16"), "float32 shadow, this EMA a bfloat16")]
+    for target, match in cases:
+        target.update()
+        before = target.state_dict()
+        with pytest.raises(ValueError, match=match):
+            tf.train.Checkpoint(ema=target).restore(path)
+        deferred = tf.train.Checkpoint()
+        deferred.restore(path).expect_partial()
+        with pytest.raises(ValueError, match=match):            # restored when attached: refused then
+            deferred.ema = target
+        after = target.state_dict()
+        assert after["updates"] == before["updates"] == 1
+        for n in target.names:
+            assert after["averaged"][n].tobytes() == before["averaged"][n].tobytes()
+    swapped = EMA(MLP(), 0.9)
+    with swapped.average_parameters():
+        with pytest.raises(RuntimeError, match="swapped"):
+            tf.train.Checkpoint(ema=swapped).restore(path)
+        with pytest.raises(RuntimeError, match="swapped"):
+            tf.train.Checkpoint(ema=swapped).save(str(tmp_path / "swapped"))
+    assert swapped.updates == 0
