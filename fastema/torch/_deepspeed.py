@@ -14,10 +14,17 @@ parameters' own layout, the average reads them instead:
   padding and the same ``Shard(0)`` layout as ``ds_tensor``, so checkpoints and exports of the
   partitions stay as they are (:mod:`fastema.torch._sharded`), with the masters' values.
 - **ZeRO-1/2** (``DeepSpeedZeroOptimizer``: ``single_partition_of_fp32_groups``) and
-  **BF16_Optimizer** (``fp32_groups_flat_partition``): each rank's masters are one equal slice of
-  the flattened group, cutting parameters at arbitrary offsets, while the 16-bit parameters are
-  whole on every rank. Not read yet: the average reads the parameters and says so once when they
-  are 16-bit.
+  **BF16_Optimizer** (``fp32_groups_flat_partition``): each rank's masters are one slice of each
+  flattened group (``bit16_groups_flat`` / ``bf16_groups_flat``, whose rank slices are
+  ``parallel_partitioned_bit16_groups`` / ``bf16_partitioned_groups``), cutting parameters at
+  arbitrary offsets, while the 16-bit parameters are whole on every rank (views of the flat
+  buffer). A parameter's master is its piece (maybe empty) of this rank's slice; the pieces'
+  :class:`~fastema.torch._sharded.Spec` (``pieces``) makes exports and checkpoints gather them.
+  Swap and copy-out write the masters, then do what the optimizer's step does: this rank's
+  partition of the flat 16-bit buffer <- its masters (rounded), and an all-gather of the partitions.
+
+Offloaded masters (``offload_optimizer``; NVMe under ZeRO-3) and layouts not as expected are not
+read: the average reads the parameters and a warning says so once when they are 16-bit.
 
 The masters are views of the optimizer's flat buffers; DeepSpeed may move a buffer
 (``offload_states`` / ``reload_states`` set ``flat.data``), so the buffers' addresses are checked

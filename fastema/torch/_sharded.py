@@ -15,6 +15,12 @@ A ZeRO-3 parameter keeps ``p.data`` empty and this rank's partition in ``p.ds_te
 padded at the end. That is ``torch.chunk``'s split, so the partitions are described as a 1-D
 ``Shard(0)`` DTensor of ``numel`` elements over the parameter's process group (``valid``: the
 elements of the partition that are not padding).
+
+The float32 masters of DeepSpeed ZeRO-1/2 and BF16_Optimizer (:mod:`fastema.torch._deepspeed`)
+give each rank a piece of a parameter's flattened elements at an arbitrary offset, which no
+DTensor layout describes: their Spec has ``pieces`` (the parameter's shape, and each rank's
+``(start, length)``), :func:`wrap` gathers the full tensor (a collective) and :func:`piece_of`
+cuts this rank's piece out of a full one.
 """
 from __future__ import annotations
 
