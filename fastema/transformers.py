@@ -32,7 +32,6 @@ from typing import Any, Sequence
 import torch
 
 try:
-    import transformers
     from transformers import TrainerCallback
 except ImportError as e:                                    # pragma: no cover - depends on the environment
     raise ImportError('fastema.transformers needs Hugging Face transformers: pip install "fastema[transformers]"') \
@@ -121,12 +120,15 @@ class EMACallback(TrainerCallback):
         """The Trainer that fires the current event (this callback is in its handler), from the
         callers' frames, or None; with the ``resume_from_checkpoint`` its ``train()`` resolved
         (``True`` is the last checkpoint by then), or None."""
-        frame = sys._getframe(2)
+        trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+        if trainer_cls is None:                           # not imported: no Trainer exists (and none is loaded)
+            return None, None
+        frame: Any = sys._getframe(2)
         trainer, resume = None, None
         try:
             while frame is not None:
                 obj = frame.f_locals.get("self")
-                if isinstance(obj, transformers.Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
+                if isinstance(obj, trainer_cls) and any(cb is self for cb in obj.callback_handler.callbacks):
                     trainer = obj
                     if "resume_from_checkpoint" in frame.f_locals:
                         resume = frame.f_locals["resume_from_checkpoint"]
@@ -180,7 +182,11 @@ class EMACallback(TrainerCallback):
         if resume is None and state.global_step > 0:      # a Trainer we could not see resumed: its usual folder
             resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         folder = self._resume_folder(resume, state.global_step) if resume is not None else None
-        self.ema = EMA(model, self.decay, **self.ema_options)
+        # DeepSpeed: the engine (as fastema.torch documents for ZeRO-3: a swap releases gathered
+        # persistent parameters through it); everything else: the model callbacks get
+        wrapped = getattr(trainer, "model_wrapped", None)
+        source = wrapped if type(wrapped).__name__ == "DeepSpeedEngine" and _unwrap(wrapped) is inner else model
+        self.ema = EMA(source, self.decay, **self.ema_options)
         if folder is not None:
             try:
                 self._load(folder)
@@ -233,7 +239,7 @@ class EMACallback(TrainerCallback):
         """The EMA's file in ``folder``, and whether each rank has its own (a sharded average)."""
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        per_rank = world > 1 and (self.ema.sharded or bool(getattr(self.ema, "_zero3", ())))
+        per_rank = world > 1 and self.ema.sharded        # FSDP2 / tensor parallel DTensors, ZeRO-3 partitions
         if not per_rank:
             return os.path.join(folder, STATE_FILE), False
         stem = STATE_FILE.removesuffix(".safetensors")

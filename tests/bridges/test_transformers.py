@@ -160,15 +160,22 @@ def run(tmp_path, name, resume=None, model=None, **callback_kw):
     return model, ema_cb
 
 
-def test_checkpoint_and_bit_exact_resume(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 6-step run with checkpoints every 2 steps (at most 2 kept): ``(folder, model, callback)``."""
+    tmp = tmp_path_factory.mktemp("hf")
+    model, ema_cb = run(tmp, "a")
+    return tmp / "a", model, ema_cb
+
+
+def test_checkpoint_and_bit_exact_resume(tmp_path, uninterrupted):
     """Every checkpoint folder holds the EMA's file (rotated away with its folder); a run resumed from
     checkpoint-4 ends with the uninterrupted run's model and shadow, bit for bit, and its counters."""
-    model, ema_cb = run(tmp_path, "a")
-    out = tmp_path / "a"
+    out, model, ema_cb = uninterrupted
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
     assert (out / "checkpoint-4" / STATE_FILE).is_file() and (out / "checkpoint-6" / STATE_FILE).is_file()
     assert not any(p.suffix in (".pkl", ".pt", ".bin") and "fastema" in p.name for p in out.rglob("*"))
-    resumed_model, resumed = run(tmp_path, "a", resume=str(out / "checkpoint-4"))
+    resumed_model, resumed = run(tmp_path, "resumed", resume=str(out / "checkpoint-4"))
     assert resumed.ema.calls == ema_cb.ema.calls == 6 and resumed.ema.updates == ema_cb.ema.updates
     assert resumed.ema.plan.state() == ema_cb.ema.plan.state()
     for n, p in model.named_parameters():
@@ -188,11 +195,11 @@ def test_checkpoint_and_bit_exact_resume(tmp_path):
                            mine["averaged"]["transformer.wte.weight"])
 
 
-def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path):
+def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path, uninterrupted):
     """Options that differ from the checkpoint's, or a file that is not the callback's, stop the resume
     with the reason."""
-    _, ema_cb = run(tmp_path, "a")
-    ckpt = tmp_path / "a" / "checkpoint-6"
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(uninterrupted[0] / "checkpoint-6", ckpt)
     with pytest.raises(ValueError, match="decay"):
         trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "x", max_steps=8), train_dataset=Tokens(64, 0),
                           callbacks=[EMACallback(decay=[0.9, 0.99])])
@@ -201,7 +208,7 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path)
 
     save_file({"w": torch.zeros(2)}, str(ckpt / STATE_FILE), metadata={"format": "something else"})
     with pytest.raises(ValueError, match="not an EMACallback state file"):
-        run(tmp_path, "a", resume=str(ckpt))
+        run(tmp_path, "b", resume=str(ckpt))
 
 
 def test_bad_options_are_refused_at_construction():
@@ -268,3 +275,74 @@ def test_the_guide_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, "guides/transformers.md", "exec"), {})
     out = capsys.readouterr().out
     assert "eval_loss" in out and (tmp_path / "out" / "ema" / "config.json").is_file(), out
+
+
+def _fsdp2_hooks(rank, world, out):
+    """Rank body: the callback's hooks (as the Trainer calls them) on an FSDP2-sharded GPT-2: save at
+    step 2, train to 4, export; then the weights of step 2 back, a new callback resumed from the
+    folder (no Trainer in sight: its usual ``output_dir/checkpoint-<step>``) and the same 2 steps."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_gpt2()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = arguments(out)
+    state = TrainerState()
+
+    def train(callback, first, last):
+        for k in range(first, last):
+            ids = Tokens(4, k).ids
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            state.global_step = k + 1
+            callback.on_step_end(args, state, TrainerControl())
+
+    def local(callback):
+        return {f"{n}": v.to_local().clone() for n, v in callback.ema.state_dict()["averaged"].items()}
+
+    first = EMACallback(decay=0.9, warmup="power", update_after_step=1, save_ema_model=os.path.join(out, "ema"))
+    first.on_train_begin(args, state, TrainerControl(), model=model)
+    train(first, 0, 2)
+    os.makedirs(os.path.join(out, "checkpoint-2"), exist_ok=True)
+    torch.distributed.barrier()
+    first.on_save(args, state, TrainerControl())
+    at2 = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    train(first, 2, 4)
+    result = {f"first/{n}": v for n, v in local(first).items()}
+    first.on_train_end(args, state, TrainerControl())
+    result.update({f"full/{n}": v for n, v in first.ema.full_state_dict().items()})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.to_local().copy_(at2[n])
+    resumed = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    state = TrainerState(global_step=2)
+    resumed.on_train_begin(args, state, TrainerControl(), model=model)
+    train(resumed, 2, 4)
+    result.update({f"resumed/{n}": v for n, v in local(resumed).items()})
+    result["sharded"] = torch.tensor(first.ema.sharded)
+    return result
+
+
+def test_fsdp2_ranks_save_their_shards_and_resume_bit_exact(tmp_path):
+    """2 ranks, gloo, FSDP2: each rank writes its own file into the checkpoint folder and a resumed
+    callback ends with the same shards bit for bit; save_ema_model gathers the full averaged model."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs gloo")
+    from dist import run_ranks
+
+    out = tmp_path / "out"
+    ranks = run_ranks(_fsdp2_hooks, tmp_path / "run", 2, str(out))
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["fastema_ema-rank0-of-2.safetensors",
+                                                        "fastema_ema-rank1-of-2.safetensors"]
+    for r in ranks:
+        assert bool(r["sharded"])
+        for key in (k for k in r if k.startswith("first/")):
+            assert torch.equal(r[key], r[key.replace("first/", "resumed/")]), key
+    loaded = GPT2LMHeadModel.from_pretrained(out / "ema").state_dict()
+    for key, value in ranks[0].items():
+        if key.startswith("full/"):
+            assert torch.equal(loaded[key[5:]], value), key
