@@ -490,11 +490,12 @@ class _SavedAverages(_KerasSaveable):
     """The averages of the ``WeightEMA`` callbacks of one model, as Keras's files carry them.
 
     ``callbacks`` are the live ones (their state is read when a file is written); ``pending`` the
-    states read from a file for callbacks not made yet (by place: the ``i``-th ``WeightEMA`` made on
-    the model resumes from ``pending[i]``). A state here is a state_dict() whose arrays are keyed by
-    the model's structure (``trainable/3``: the model's 4th trainable variable), not by name, so a
-    model of the same architecture with other layer names (a second model in one process) loads it,
-    as Keras's own ``load_weights`` matches by structure.
+    states read from a file for callbacks not made yet (by place: the ``i``-th ``WeightEMA`` of
+    the next ``fit``, if it is a new one, resumes from ``pending[i]``; a callback of that ``fit``
+    that already has its EMA keeps it, and a file loaded into it is in both). A state here is a
+    state_dict() whose arrays are keyed by the model's structure (``trainable/3``: the model's 4th
+    trainable variable), not by name, so a model of the same architecture with other layer names (a
+    second model in one process) loads it, as Keras's own ``load_weights`` matches by structure.
     """
 
     def __init__(self) -> None:
@@ -520,6 +521,8 @@ class _SavedAverages(_KerasSaveable):
         new ``WeightEMA`` per ``fit`` call is the newest average, and the old ones are not kept alive)."""
         if callback not in self.callbacks or not callback._fitting:
             self.callbacks = [cb for cb in self.this_fit() if cb is not callback] + [callback]
+        for i in range(min(len(self.callbacks), len(self.pending))):
+            self.pending[i] = None                          # a live callback holds that place's average now
 
     def _obj_type(self) -> str:
         # Keras takes this to pick which attributes of a base class to skip when it walks dir(); it
@@ -581,6 +584,7 @@ class _SavedAverages(_KerasSaveable):
                 for cb, state in zip(self.callbacks[:done], before):   # the ones already loaded, as they were
                     cb.ema.load_state_dict(state)
                 raise
+            self.pending = list(entries)                    # and for new WeightEMAs of the next fit
             return
         model = _model_of(self)
         problems = [p for i, e in enumerate(entries) for p in _problems(model, e, i)]

@@ -472,6 +472,9 @@ fk.load_average(fresh, f"{d}/ck1.weights.h5")
 out["checkpoint_weights_only"] = same(fk._saved_averages(fresh).entries()[0], Keep.states[0])
 full_model.load_weights(f"{d}/ck1.weights.h5")
 out["load_weights_live"] = same(fk._structural_state(full), Keep.states[0])
+again = WeightEMA(0.9)                               # rolled back to epoch 1: a new WeightEMA takes it from there
+fit(full_model, again)
+out["rolled_back_resumes"] = same(fk._structural_state(again), full_state) and weights_equal(full_model, loaded)
 # a loaded model saved again without a fit keeps the average; Keras alone loads the file (average passed over)
 fk.load_model(f"{d}/m.keras").save(f"{d}/again.keras")
 out["resaved_equal"] = same(fk._saved_averages(fk.load_model(f"{d}/again.keras")).entries()[0], at_save)
@@ -556,10 +559,10 @@ def test_weight_ema_average_is_saved_with_the_model_and_resumed_bit_exactly(back
         pytest.importorskip(backend)
         res = run_on(backend, "SAVE_LOAD")
     for key in ("first_epoch_equal", "loaded_equal", "averaged_weights_equal", "averaged_is_row0", "resumed_equal",
-                "weights_equal", "checkpoint_keras", "checkpoint_weights_only", "load_weights_live", "resaved_equal",
-                "plain_keras_loads", "compile_false_kept", "use_ema_survives", "use_ema_compile_false_lost",
-                "plain_file_clean", "file_has_average", "other_untouched", "no_average_model",
-                "no_average_untouched", "mismatch_kept", "two_saved", "count_untouched"):
+                "weights_equal", "checkpoint_keras", "checkpoint_weights_only", "load_weights_live",
+                "rolled_back_resumes", "resaved_equal", "plain_keras_loads", "compile_false_kept", "use_ema_survives",
+                "use_ema_compile_false_lost", "plain_file_clean", "file_has_average", "other_untouched",
+                "no_average_model", "no_average_untouched", "mismatch_kept", "two_saved", "count_untouched"):
         assert res[key] is True, key
     assert res["resumed_updates"] == [8, 8] and res["next_fit_replaces"] == 1
     assert re.search(r"holds a WeightEMA average that does not fit this model: trainable/0 \(.*kernel\) has shape "
