@@ -231,3 +231,22 @@ def test_savedmodel_of_a_module_holding_the_averages(tmp_path):
     # the SavedModel's variables/ is a checkpoint of the module: its object graph, restored by path
     tf.train.Checkpoint(averages=[fresh.average(w)]).restore(str(tmp_path / "sm" / "variables" / "variables"))
     np.testing.assert_array_equal(fresh.average(w).numpy(), [2.0, 3.5])
+
+
+def test_the_guides_migration_example_runs(capsys):
+    import pathlib
+    import re
+
+    guide = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "tensorflow.md").read_text()
+    block = re.search(r"## Migrating from.*?```python\n(.*?)```", guide, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "guides/tensorflow.md (migrating)", "exec"), scope)
+    name, values = capsys.readouterr().out.split(" ", 1)
+    assert name == "dense/kernel/ExponentialMovingAverage"
+    n = np.arange(1, 11, dtype=np.float64)                   # w after each step, and TF's num_updates decay
+    ref = 0.0
+    for k in n:
+        d = min(0.99, (1 + k) / (10 + k))
+        ref = d * ref + (1 - d) * k
+    np.testing.assert_allclose(np.array(values.strip(" []\n").split(), float), ref, rtol=1e-5)
+    np.testing.assert_array_equal(scope["w"].numpy(), np.full(4, 10.0))
