@@ -2,11 +2,14 @@
 from a config, synthetic token ids): the shadow against a float64 reference of the post-step weights,
 gradient accumulation, evaluation with the average, checkpoint and bit-exact resume, export with
 ``save_pretrained``; and the EMA under accelerate's ``register_for_checkpointing``."""
+import importlib
 import io
 import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -222,6 +225,17 @@ def test_bad_options_are_refused_at_construction():
         EMACallback(missing_state="ignore")
     with pytest.raises(TypeError, match="eval_with_ema"):
         EMACallback(eval_with_ema="yes")
+
+
+def test_fastema_does_not_import_transformers_and_the_extra_names_its_install(monkeypatch):
+    code = ("import sys, fastema, fastema.torch; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate', 'peft'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "transformers", None)          # import transformers -> ImportError
+    monkeypatch.delitem(sys.modules, "fastema.transformers")
+    with pytest.raises(ImportError, match=re.escape('pip install "fastema[transformers]"')):
+        importlib.import_module("fastema.transformers")
 
 
 def test_accelerate_register_for_checkpointing(tmp_path):
