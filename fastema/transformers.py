@@ -186,13 +186,10 @@ class EMACallback(TrainerCallback):
         # persistent parameters through it); everything else: the model callbacks get
         wrapped = getattr(trainer, "model_wrapped", None)
         source = wrapped if type(wrapped).__name__ == "DeepSpeedEngine" and _unwrap(wrapped) is inner else model
-        self.ema = EMA(source, self.decay, **self.ema_options)
+        ema = EMA(source, self.decay, **self.ema_options)
         if folder is not None:
-            try:
-                self._load(folder)
-            except BaseException:
-                self.ema = None  # type: ignore[assignment]
-                raise
+            self._load(ema, folder)                       # refused: the callback keeps what it had
+        self.ema = ema
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.ema is None:
@@ -204,7 +201,7 @@ class EMACallback(TrainerCallback):
         if self.ema is None:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path, per_rank = self._file(folder)
+        path, per_rank = self._file(self.ema, folder)
         if not per_rank and not args.should_save:
             return                                        # replicated: the saving process writes it
         if not os.path.isdir(folder):
@@ -228,18 +225,19 @@ class EMACallback(TrainerCallback):
         if self.save_ema_model is None or self.ema is None:
             return
         inner = _unwrap(self.ema.model)
-        per_rank = self._file("")[1]
+        per_rank = self._file(self.ema, "")[1]
         averaged = self.ema.full_state_dict(rank0_only=True) if per_rank else self.ema.averaged_state_dict()
         if args.should_save:
             inner.save_pretrained(self.save_ema_model, state_dict=averaged)
 
     # ------------------------------------------------------------ the file
 
-    def _file(self, folder: str) -> tuple[str, bool]:
-        """The EMA's file in ``folder``, and whether each rank has its own (a sharded average)."""
+    @staticmethod
+    def _file(ema: EMA, folder: str) -> tuple[str, bool]:
+        """``ema``'s file in ``folder``, and whether each rank has its own (a sharded average)."""
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        per_rank = world > 1 and self.ema.sharded        # FSDP2 / tensor parallel DTensors, ZeRO-3 partitions
+        per_rank = world > 1 and ema.sharded        # FSDP2 / tensor parallel DTensors, ZeRO-3 partitions
         if not per_rank:
             return os.path.join(folder, STATE_FILE), False
         stem = STATE_FILE.removesuffix(".safetensors")
@@ -259,12 +257,13 @@ class EMACallback(TrainerCallback):
                                 f"removed); to start a new EMA from the resumed weights, pass "
                                 f"EMACallback(..., missing_state='restart')")
 
-    def _load(self, folder: str) -> None:
-        """Load this process's file in checkpoint ``folder`` into :attr:`ema`, checked whole first by
+    @staticmethod
+    def _load(ema: EMA, folder: str) -> None:
+        """Load this process's file in checkpoint ``folder`` into ``ema``, checked whole first by
         :meth:`fastema.torch.EMA.load_state_dict` (nothing changes if it refuses)."""
         from safetensors import safe_open
 
-        path, per_rank = self._file(folder)
+        path, per_rank = EMACallback._file(ema, folder)
         if not os.path.isfile(path):
             found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
             raise FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs "
@@ -292,7 +291,7 @@ class EMACallback(TrainerCallback):
                     raise ValueError(f"{path!r} holds an unexpected tensor {key!r}; the file is damaged")
                 state[group][name] = f.get_tensor(key)
         if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
-            template = self.ema.state_dict()
+            template = ema.state_dict()
             for group in _GROUPS:
                 for name, value in template[group].items():
                     local = state[group].get(name)
@@ -303,4 +302,4 @@ class EMACallback(TrainerCallback):
                                              f"size and sharding")
                         value.to_local().copy_(local)
                         state[group][name] = value
-        self.ema.load_state_dict(state)
+        ema.load_state_dict(state)

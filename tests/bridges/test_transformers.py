@@ -209,9 +209,17 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path,
         trainer.train(resume_from_checkpoint=str(ckpt))
     from safetensors.torch import save_file
 
+    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "y", max_steps=7), train_dataset=Tokens(64, 0),
+                      callbacks=[ema_cb])
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    before, state = ema_cb.ema, ema_cb.ema.state_dict()
+    assert state["calls"] == 7
     save_file({"w": torch.zeros(2)}, str(ckpt / STATE_FILE), metadata={"format": "something else"})
     with pytest.raises(ValueError, match="not an EMACallback state file"):
-        run(tmp_path, "b", resume=str(ckpt))
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert ema_cb.ema is before and ema_cb.ema.calls == 7          # the refused resume kept the callback's EMA
+    assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
 
 
 def test_bad_options_are_refused_at_construction():
