@@ -27,7 +27,7 @@ PLAN_OPTIONS = ("decay", "sigma_rel", "half_life", "bema", "warmup", "min_decay"
 
 #: Options that choose which of a model's tensors are averaged: the torch face's model
 #: adapter takes them (the JAX and TensorFlow faces average what they are given).
-SELECTION = ("buffers", "exclude", "copy")
+SELECTION = ("buffers", "exclude", "copy", "trainable_only")
 
 
 #: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and why.

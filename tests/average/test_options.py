@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from fastema.average import HOST_ONLY_REFUSALS, EMAOptions, Plan
+from fastema.average.options import SELECTION
 from fastema.schedules import BEMA, HalfLife, PowerFunction
 
 
@@ -23,7 +24,7 @@ def test_every_option_of_the_torch_signature_is_an_emaoption():
     torch = pytest.importorskip("torch")  # noqa: F841
     from fastema.torch import EMA
 
-    face = set(inspect.signature(EMA).parameters) - {"model", "buffers", "exclude", "copy"}
+    face = set(inspect.signature(EMA).parameters) - {"model", *SELECTION}
     assert face == set(EMAOptions.names())
 
 
@@ -77,8 +78,10 @@ def test_an_unknown_name_is_refused_with_the_list_of_options():
 
 
 def test_split_separates_the_torch_model_selection_and_refuses_unknown_names():
-    options, selection = EMAOptions.split({"sigma_rel": 0.1, "exclude": ["head.*"], "buffers": "average"})
-    assert options == {"sigma_rel": 0.1} and selection == {"exclude": ["head.*"], "buffers": "average"}
+    options, selection = EMAOptions.split({"sigma_rel": 0.1, "exclude": ["head.*"], "buffers": "average",
+                                           "trainable_only": True})
+    assert options == {"sigma_rel": 0.1}
+    assert selection == {"exclude": ["head.*"], "buffers": "average", "trainable_only": True}
     with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['excludes'\].*exclude"):
         EMAOptions.split({"excludes": ["x"]})
 

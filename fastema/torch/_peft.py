@@ -1,0 +1,173 @@
+"""Adapters (LoRA and the other PEFT methods): which models are PEFT models, what
+``trainable_only=None`` means for them, and :meth:`PeftExport.export_peft`, which writes an
+average's adapter in PEFT's own format (``adapter_model.safetensors`` + ``adapter_config.json``)
+for ``peft.PeftModel.from_pretrained``.
+
+peft is imported only by ``export_peft()`` (or when the user imported it already): detecting a
+PEFT model reads its ``peft_config`` attribute.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import warnings
+
+from torch import nn
+
+from .._files import atomic_write
+from ._model import _unwrap
+from ._safetensors import stream_safetensors
+
+__all__ = ["is_peft_model", "resolve_trainable_only"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"     # peft.utils.SAFETENSORS_WEIGHTS_NAME
+CONFIG_NAME = "adapter_config.json"            # peft.utils.CONFIG_NAME
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
+    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` / ``load_adapter``).
+    Does not import peft."""
+    inner = _unwrap(model)
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
+        return True
+    config = getattr(inner, "peft_config", None)
+    return isinstance(config, dict) and bool(config)
+
+
+def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tuple[bool, bool]:
+    """``(trainable_only, defaulted)``: ``None`` means True for a PEFT model (``defaulted`` is
+    then True: the average says so once it is made), False for any other model."""
+    if trainable_only is None:
+        peft = is_peft_model(model)
+        return peft, peft
+    if not isinstance(trainable_only, bool):
+        raise TypeError(f"trainable_only must be True, False or None (True for PEFT models), got {trainable_only!r}")
+    return trainable_only, False
+
+
+def announce(average) -> None:
+    """The one message of ``trainable_only=None`` on a PEFT model: what is averaged, how to change it."""
+    kind = type(average).__name__
+    sources = average._avg.sources
+    weights = sum(t.numel() * t.element_size() for t in sources)
+    warnings.warn(f"{kind}(model) of a PEFT model averages only its trainable parameters (the adapters): "
+                  f"{len(sources)} tensors, {weights} bytes of weights, a {average._avg.nbytes}-byte shadow; the "
+                  f"frozen base model is left out. Pass trainable_only=True to silence this, or "
+                  f"trainable_only=False to average every parameter.", UserWarning, stacklevel=4)
+
+
+def _active_adapter(inner: nn.Module) -> str:
+    active = getattr(inner, "active_adapter", None)
+    if callable(active):                               # transformers' PeftAdapterMixin: a method
+        active = None
+    if active is None and callable(getattr(inner, "active_adapters", None)):
+        names = inner.active_adapters()
+        if len(names) != 1:
+            raise ValueError(f"the model has {len(names)} active adapters ({names}); name the one to export: "
+                             f"export_peft(directory, adapter_name=...)")
+        active = names[0]
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            raise ValueError(f"the model has {len(active)} active adapters ({list(active)}); name the one to "
+                             f"export: export_peft(directory, adapter_name=...)")
+        active = active[0]
+    return active if isinstance(active, str) else "default"
+
+
+class PeftExport:
+    """``export_peft()``, mixed into :class:`~fastema.torch.EMA` and :class:`~fastema.torch.WindowAverage`."""
+
+    def export_peft(self, directory: str | os.PathLike, row: int = 0, *, adapter_name: str | None = None,
+                    save_embedding_layers: bool | str = "auto") -> None:
+        """Write the averaged adapter in PEFT's own format, for ``PeftModel.from_pretrained(base, directory)``.
+
+        ``directory/adapter_model.safetensors`` holds average ``row`` of the adapter's tensors under
+        the keys ``peft.get_peft_model_state_dict`` gives them (the adapter's name removed), in the
+        model's dtypes; ``directory/adapter_config.json`` is the adapter's config as
+        ``PeftModel.save_pretrained`` writes it (``inference_mode`` true, the base model's name
+        filled in). Each file is written atomically; the directory is made if needed. The model's
+        tensors and the average are not changed.
+
+        Args:
+            directory: where to write the two files (other files there are left alone).
+            row: which average (several decays; BEMA's output is row 0).
+            adapter_name: the adapter to write; default the active one.
+            save_embedding_layers: as in ``PeftModel.save_pretrained`` (``"auto"``: embedding layers
+                only when the adapter targets them).
+
+        Raises:
+            TypeError: the model is not a PEFT model (nothing is written).
+            ValueError: the adapter is unknown, or this average does not hold every tensor of it
+                (made with it frozen, or ``exclude=``-d); nothing is written.
+            ImportError: peft is not installed.
+        """
+        self._not_swapped("export_peft()")
+        inner = _unwrap(self.model)
+        configs = getattr(inner, "peft_config", None)
+        if not is_peft_model(self.model) or not isinstance(configs, dict):
+            raise TypeError(f"export_peft() writes a PEFT adapter, and the model is a {type(inner).__name__} with no "
+                            f"adapters (no peft_config): use save(path) or averaged_state_dict() for a plain model. "
+                            f"Nothing was written.")
+        if self.sharded:
+            raise TypeError("export_peft() writes the adapter from one process, and this average is sharded (FSDP2 / "
+                            "tensor parallel): gather it with full_state_dict(rank0_only=True) and save the adapter "
+                            "with PEFT on rank 0. Nothing was written.")
+        try:
+            from peft import PeftModel, get_peft_model_state_dict
+        except ImportError as err:
+            raise ImportError('export_peft() needs peft: pip install "fastema[peft]"') from err
+        name = _active_adapter(inner) if adapter_name is None else adapter_name
+        if name not in configs:
+            raise ValueError(f"adapter_name={name!r} is not one of the model's adapters {sorted(configs)}; "
+                             f"nothing was written")
+        entries = self._state_entries(row)                     # checks the row and the model's tensors
+        own = {n: t.detach() for n, t, _, _ in entries}          # a distinct object per name: PEFT's picks, by id
+        by_id = {id(t): n for n, t in own.items()}
+        picked = get_peft_model_state_dict(inner, state_dict=own, adapter_name=name,
+                                           save_embedding_layers=save_embedding_layers)
+        value_of = {n: (t, value) for n, t, _, value in entries}
+        untraced = [k for k, v in picked.items() if id(v) not in by_id]
+        if untraced or not picked:
+            raise ValueError(f"PEFT's state dict of adapter {name!r} holds {untraced[:3] or 'no tensors'}, which "
+                             f"export_peft() cannot trace to the model's tensors; save the adapter with "
+                             f"PEFT (with the average swapped in: with ema.average_parameters(): "
+                             f"model.save_pretrained(...)). Nothing was written.")
+        missing = [by_id[id(v)] for v in picked.values() if value_of[by_id[id(v)]][1] is None]
+        if missing:
+            raise ValueError(f"this {type(self).__name__} does not hold {len(missing)} of adapter {name!r}'s "
+                             f"{len(picked)} tensors ({missing[:3]}): they were frozen when it was made "
+                             f"(trainable_only=True averages the parameters with requires_grad=True then; another "
+                             f"adapter's are frozen), or exclude=-d. Make the average with them trainable, or "
+                             f"export the adapter it holds. Nothing was written.")
+        tensors = {k: (value_of[by_id[id(v)]][1](), value_of[by_id[id(v)]][0].dtype) for k, v in picked.items()}
+        config_text = _config_json(inner, configs[name], PeftModel)
+        directory = os.fspath(directory)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"export_peft() writes into a directory, and {directory!r} is a file; nothing was written")
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(os.path.join(directory, WEIGHTS_NAME),
+                     lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+        atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(config_text.encode()))
+
+
+def _config_json(inner: nn.Module, config, peft_model_type) -> str:
+    """``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it, from a copy of the config
+    (the model's own is not changed)."""
+    config = copy.deepcopy(config)
+    if config.base_model_name_or_path is None:             # as PeftModel.save_pretrained fills it in
+        base = getattr(inner, "base_model", inner)
+        holder = base if config.is_prompt_learning else getattr(base, "model", base)
+        config.base_model_name_or_path = holder.__dict__.get("name_or_path", None) or None
+    config.inference_mode = True
+    out = config.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = list(value)
+    if config.task_type is None and isinstance(inner, peft_model_type):
+        base_class = inner._get_base_model_class(is_prompt_tuning=config.is_prompt_learning)
+        out["auto_mapping"] = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    return json.dumps(out, indent=2, sort_keys=True)
