@@ -19,11 +19,29 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import tensorflow as tf
 
 from .. import _backends
 from .._state import check_header, refuse_load
 
 STATE, SHADOW = "state", "shadow"
+
+
+def savedmodel_trace() -> bool:
+    """True while ``tf.saved_model.save`` traces an object's save function (TensorFlow names that
+    graph ``save_fn``). What is traced there runs again whenever the SavedModel is loaded, in any
+    process: it must hold no Python (no ``numpy_function``), and the values it returns are never
+    the ones written to the SavedModel's ``variables/`` (those are read eagerly)."""
+    return str(getattr(tf.compat.v1.get_default_graph(), "name", "")).startswith("save_fn")
+
+
+def traced_placeholder(core) -> dict:
+    """What a SavedModel's traced save function returns for an EMA: a state that says so, and zeros
+    of the shadow's size (the restore function TensorFlow traces from it takes the real shadow's
+    shape). Restoring it is refused by name; the SavedModel's own checkpoint holds the real tensors."""
+    state = json.dumps({"format": core.format, "version": core.version, "traced": True}).encode()
+    nbytes = sum(core.shadow.view(i, None).nbytes for i in range(len(core.names)))
+    return {STATE: tf.constant(state), SHADOW: tf.zeros([nbytes], tf.uint8)}
 
 
 def pack(core) -> tuple[bytes, np.ndarray]:
@@ -51,6 +69,10 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
         raise ValueError(f"the {fmt} checkpoint's state is not readable JSON ({err}); restore a checkpoint this "
                          f"EMA's class saved. Nothing was loaded.") from None
     check_header(head, fmt, core.version, "restore a checkpoint a fastema.tensorflow.EMA saved")
+    if head.get("traced"):
+        refuse_load(fmt, ["it was written by the save function of a loaded SavedModel (the object tf.saved_model.load "
+                          "returns holds no EMA), so it has no shadow; restore the SavedModel's own "
+                          "variables/variables, or a checkpoint of the live EMA"])
     saved = head.get("sources")
     if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 4 for s in saved):
         refuse_load(fmt, ["no list of averaged variables"])

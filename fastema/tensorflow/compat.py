@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..flat import FlatShadow
+from ._checkpoint import savedmodel_trace
 from .ema import _as_tf_variable
 
 __all__ = ["AverageVariable", "ExponentialMovingAverage"]
@@ -329,6 +330,8 @@ class AverageVariable(tf.__internal__.tracking.Trackable):   # type: ignore[name
         return np.int64(0)
 
     def _serialize_to_tensors(self) -> dict:
+        if not tf.executing_eagerly() and savedmodel_trace():     # runs at every load: no Python in it
+            return {_VALUE_KEY: tf.zeros(self._shape, self._dtype)}
         return {_VALUE_KEY: self.value()}
 
     def _restore_from_tensors(self, restored_tensors: dict):

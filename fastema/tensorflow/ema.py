@@ -22,6 +22,7 @@ from . import _checkpoint
 __all__ = ["EMA", "REFUSED"]
 
 _FLOATS = (tf.float32, tf.bfloat16, tf.float16, tf.float64)
+_NO_STEP = -(2 ** 63)                  # the graph op's step when update() was given none
 
 
 def _as_tf_variable(v, i: int):
@@ -142,7 +143,7 @@ class EMA(tf.Module, Face):
         if isinstance(step, tf.Tensor):
             step = int(step.numpy())
         self.plan.next(step)                          # checks step: a bad one raises here, as itself
-        self._run(lambda: self._rt.apply(tf.constant(-1 if step is None else step, tf.int64)))
+        self._run(lambda: self._rt.apply(tf.constant(_NO_STEP if step is None else step, tf.int64)))
         return None
 
     def _traced_update(self, step):
@@ -151,7 +152,7 @@ class EMA(tf.Module, Face):
             raise RuntimeError(f"fastema.tensorflow.EMA.update() inside a tf.function runs on the host and reads "
                                f"CPU variables; these are on {devices}. Call ema.update() eagerly after the "
                                f"tf.function step instead.")
-        step = tf.constant(-1, tf.int64) if step is None else tf.cast(step, tf.int64)
+        step = tf.constant(_NO_STEP, tf.int64) if step is None else tf.cast(step, tf.int64)
         return self._graph_update(step)
 
     def _graph_update(self, step):
@@ -177,7 +178,7 @@ class EMA(tf.Module, Face):
                 return None
 
             self._not_swapped("update()")
-            self._core.update(None if n < 0 else n, read)
+            self._core.update(None if n == _NO_STEP else n, read)     # a negative step is refused by name
             return np.int64(self.updates)
         except BaseException as err:
             self._rt.error = err
@@ -265,7 +266,9 @@ class EMA(tf.Module, Face):
             state, blob = _checkpoint.pack(self._core)
             with tf.device("/cpu:0"):
                 return {_checkpoint.STATE: tf.constant(state), _checkpoint.SHADOW: tf.constant(blob)}
-        # traced (a SavedModel's save function): read at run time, never baked into the graph
+        if _checkpoint.savedmodel_trace():
+            return _checkpoint.traced_placeholder(self._core)
+        # traced in a tf.function that writes a checkpoint: read when it runs, never baked into the graph
         state = tf.numpy_function(lambda: _checkpoint.pack(self._core)[0], [], tf.string, stateful=True)
         blob = tf.numpy_function(lambda: _checkpoint.pack(self._core)[1], [], tf.uint8, stateful=True)
         return {_checkpoint.STATE: tf.reshape(state, []), _checkpoint.SHADOW: tf.reshape(blob, [-1])}
