@@ -186,6 +186,10 @@ def test_checkpoint_and_bit_exact_resume(tmp_path, uninterrupted):
     mine, theirs = ema_cb.ema.state_dict(), resumed.ema.state_dict()
     for n, t in mine["averaged"].items():
         assert torch.equal(t, theirs["averaged"][n]), n
+    shutil.copytree(out, tmp_path / "last")
+    _, last = run(tmp_path, "last", resume=True)       # True: the Trainer's last checkpoint, checkpoint-6
+    assert last.ema.calls == 7                         # its 6 calls, and the one step a Trainer resumed at
+                                                       # max_steps still takes
     # a run resumed without loading the EMA (restart) ends elsewhere: the comparison above can fail
     shutil.copytree(out / "checkpoint-4", tmp_path / "bare" / "checkpoint-4")
     os.remove(tmp_path / "bare" / "checkpoint-4" / STATE_FILE)
