@@ -222,7 +222,16 @@ class EMACallback(TrainerCallback):
         atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.save_ema_model is None or self.ema is None:
+        if self.ema is None:
+            return
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best is not None and os.path.isdir(best):      # the Trainer has put the best step's weights back:
+            if os.path.isfile(self._file(self.ema, best)[0]):      # the EMA of that step goes with them
+                self._load(self.ema, best)
+            else:
+                warnings.warn(f"EMACallback: the best checkpoint {best!r} has no {STATE_FILE}; the EMA stays the one "
+                              f"of the last step ({state.global_step})", stacklevel=2)
+        if self.save_ema_model is None:
             return
         inner = _unwrap(self.ema.model)
         per_rank = self._file(self.ema, "")[1]

@@ -153,6 +153,23 @@ def test_evaluate_and_predict_with_the_average(tmp_path):
     assert not ema_cb.ema.swapped
 
 
+def test_load_best_model_at_end_brings_back_the_best_steps_ema(tmp_path):
+    """With load_best_model_at_end, the Trainer puts the best checkpoint's weights back; the callback
+    loads that checkpoint's EMA with them, so evaluating after training gives the best metric again
+    (it was measured on the average)."""
+    data = Tokens(16, 1)
+    ema_cb = EMACallback(decay=0.5, eval_with_ema=True)
+    trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=4, learning_rate=0.3,
+                                                        eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                                                        save_steps=1, load_best_model_at_end=True),
+                      train_dataset=Tokens(32, 0), eval_dataset=data, callbacks=[ema_cb])
+    trainer.train()
+    best = trainer.state.best_global_step
+    assert best != 4, "pick settings where the last step is not the best"
+    assert ema_cb.ema.calls == best
+    assert trainer.evaluate()["eval_loss"] == trainer.state.best_metric
+
+
 def run(tmp_path, name, resume=None, model=None, **callback_kw):
     model = model if model is not None else tiny_gpt2()
     ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1, **callback_kw)
