@@ -89,7 +89,8 @@ class EMACallback(TrainerCallback):
     ``update_after_step`` count optimizer steps. ``on_save`` writes :data:`STATE_FILE` into the
     checkpoint folder the Trainer has just written (``save_total_limit`` removes it with its folder);
     resuming reads it from the folder ``train(resume_from_checkpoint=...)`` names and checks all of
-    it (options, names, shapes, finiteness) before anything is loaded.
+    it (options, names, shapes, finiteness) before anything is loaded. With
+    ``load_best_model_at_end``, the best checkpoint's EMA comes back with its weights at the end.
 
     ``eval_with_ema`` and finding the folder being resumed need the Trainer object: the callback
     finds it once per ``train()`` call among its callers (the Trainer method that fires the event).
@@ -112,7 +113,6 @@ class EMACallback(TrainerCallback):
         self.save_ema_model = None if save_ema_model is None else os.fspath(save_ema_model)
         self.ema_options = dict(ema_options)
         self.ema: EMA = None  # type: ignore[assignment]   # made at on_train_begin
-        self._trainer = None
 
     # ------------------------------------------------------------ the Trainer
 
