@@ -91,7 +91,8 @@ class EMA(tf.Module, Face):
                             f"(e.g. pass model.trainable_variables)")
         super().__init__(name=name or "ema")
         rt = _Runtime([v for v, _ in pairs])
-        first = [v.value() for v in rt.variables]
+        with tf.init_scope():               # made inside a tf.function: from the values now, as TF's own EMA
+            first = [v.value() for v in rt.variables]
         # past tf.Module's attribute tracking: lists stay plain lists, and the model's variables
         # stay out of the EMA's checkpoint
         _plain(self, _rt=rt, names=_unique([n for _, n in pairs]), _specs=[(tuple(t.shape), t.dtype) for t in first],
@@ -197,6 +198,7 @@ class EMA(tf.Module, Face):
 
     def averages(self, row: int = 0) -> list:
         """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
+        _eager("averages()")
         self._core.check_row(row)
         out = []
         for i, (shape, dtype) in enumerate(self._specs):
@@ -210,6 +212,7 @@ class EMA(tf.Module, Face):
         The variables' values are kept as TensorFlow tensors while swapped (a variable read
         is a snapshot: later assigns do not change it), so the swap back is bit for bit.
         """
+        _eager("swap()")
         self._swap.swap(row)
 
     def _exchange(self, row: int, into_model: bool) -> None:
@@ -234,10 +237,12 @@ class EMA(tf.Module, Face):
     def average_parameters(self, row: int = 0) -> ContextManager[None]:
         """``with ema.average_parameters(): evaluate()``: the average in, the variables' values back on exit.
         Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
+        _eager("average_parameters()")
         return self._swap.block(row)
 
     def copy_to(self, row: int = 0) -> None:
         """Assign average ``row`` to the variables for good (e.g. when training ends)."""
+        _eager("copy_to()")
         self._not_swapped("copy_to()")
         for v, a in zip(self._rt.variables, self.averages(row)):
             v.assign(a)
@@ -250,11 +255,13 @@ class EMA(tf.Module, Face):
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by variable name (NumPy copies, shape
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
+        _eager("state_dict()")
         self._not_swapped("state_dict()")
         return self._core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+        _eager("load_state_dict()")
         self._not_swapped("load_state_dict()")
         self._core.load_state_dict(state)
 
@@ -302,6 +309,14 @@ class _Snapshot(tf.__internal__.tracking.Trackable):   # type: ignore[name-defin
 
     def _serialize_to_tensors(self) -> dict:
         return dict(self._tensors)
+
+
+def _eager(what: str) -> None:
+    """Refuse ``what`` inside a ``tf.function``: it would read the average once, when traced."""
+    if not tf.executing_eagerly():
+        raise RuntimeError(f"fastema.tensorflow.EMA.{what} runs eagerly: inside a tf.function it would use the average "
+                           f"of the moment it is traced at every call. Call it outside the tf.function (update() is "
+                           f"the one that works inside)")
 
 
 def _plain(module: tf.Module, **attributes) -> None:

@@ -394,3 +394,24 @@ def test_checkpoint_of_other_variables_is_refused_by_name_and_changes_nothing(tm
         with pytest.raises(RuntimeError, match="swapped"):
             tf.train.Checkpoint(ema=swapped).save(str(tmp_path / "swapped"))
     assert swapped.updates == 0
+
+
+def test_made_inside_a_tf_function_and_eager_only_calls_refused_there():
+    v = tf.Variable([1.0, 2.0])
+    made = []
+
+    @tf.function
+    def step():
+        if not made:
+            made.append(EMA([v], 0.5))                 # from the values at tracing, as TF's own EMA
+        v.assign_add([2.0, 2.0])
+        made[0].update()
+
+    step()
+    step()
+    np.testing.assert_array_equal(made[0].averages()[0].numpy(), [3.5, 4.5])  # 1,2 -> 2,3 (v 3,4) -> 3.5,4.5 (v 5,6)
+    for call in (lambda e: e.copy_to(), lambda e: e.averages(), lambda e: e.swap()):
+        with pytest.raises(RuntimeError, match="runs eagerly"):
+            tf.function(lambda: call(made[0]))()
+    np.testing.assert_array_equal(v.numpy(), [5.0, 6.0])
+    assert made[0].updates == 2 and not made[0].swapped
