@@ -243,6 +243,26 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path,
     assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
 
 
+def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
+    """A PEFT LoRA model through the Trainer: the EMA's default for PEFT models averages the adapters
+    only (the shadow is the adapters' size), and save_ema_model writes PEFT's own format (the
+    model's save_pretrained) that PeftModel.from_pretrained loads with the averaged adapters."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    ema_cb = EMACallback(decay=0.5, save_ema_model=tmp_path / "ema")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*PEFT model averages only its trainable parameters.*")
+        Trainer(model=model, args=arguments(tmp_path, max_steps=3, learning_rate=0.05), train_dataset=Tokens(32, 0),
+                callbacks=[ema_cb]).train()
+    averaged = ema_cb.ema.averaged_state_dict()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(ema_cb.ema.state_dict()["averaged"]) == sorted(trainable)
+    assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ema").state_dict()
+    for n, p in trainable.items():
+        assert torch.equal(loaded[n], averaged[n]) and not torch.equal(p, averaged[n]), n
+
+
 def test_bad_options_are_refused_at_construction():
     with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['decya'\]; the options are .*update_after_step"):
         EMACallback(decya=0.9)
