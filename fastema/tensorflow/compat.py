@@ -111,10 +111,10 @@ class ExponentialMovingAverage:
         for i, v in enumerate(var_list):
             if isinstance(v, tf.Tensor) and not isinstance(v, tf.Variable):
                 raise TypeError("tf.train.ExponentialMovingAverage does not support non-Variable tensors when "
-                                "eager execution is enabled.")
+                                "eager execution is enabled; pass the tf.Variables themselves.")
             tv = _as_tf_variable(v, i)[0]
             if tv.dtype not in _FLOATS:
-                raise TypeError(f"The variables must be half, float, or double: {tv.name}")
+                raise TypeError(f"The variables must be half, float, or double: {tv.name}; leave the others out.")
             tf_vars.append(tv)
         if not tf_vars:
             return None if tf.executing_eagerly() else tf.no_op()

@@ -115,8 +115,8 @@ class EMA(tf.Module, Face):
 
     @property
     def trainable_variables(self) -> list:
-        """None: the EMA trains nothing (an empty list, so an optimizer given the module's
-        trainable variables leaves the average alone)."""
+        """Empty: the EMA trains nothing (an optimizer given the module's trainable variables
+        leaves the average alone)."""
         return []
 
     # ------------------------------------------------------------ operations
@@ -141,8 +141,8 @@ class EMA(tf.Module, Face):
         if not self._on_cpu:
             self._core.update(step, self._rt.read)    # FlatShadow checks dtypes, shapes and devices before any write
             return None
-        if isinstance(step, tf.Tensor):
-            step = int(step.numpy())
+        if step is not None and not isinstance(step, int) and hasattr(step, "numpy"):
+            step = int(step.numpy())                  # a tensor or a variable (optimizer.iterations): a host read
         self.plan.next(step)                          # checks step: a bad one raises here, as itself
         self._run(lambda: self._rt.apply(tf.constant(_NO_STEP if step is None else step, tf.int64)))
         return None
