@@ -415,3 +415,29 @@ def test_made_inside_a_tf_function_and_eager_only_calls_refused_there():
             tf.function(lambda: call(made[0]))()
     np.testing.assert_array_equal(v.numpy(), [5.0, 6.0])
     assert made[0].updates == 2 and not made[0].swapped
+
+
+def test_async_checkpoint_saves_the_ema_as_it_was_when_saved(tmp_path):
+    from fastema.tensorflow.compat import ExponentialMovingAverage
+
+    model = MLP()
+    ema, tf_style = EMA(model, 0.8), ExponentialMovingAverage(0.8)
+    _trained(model, ema, 3)
+    tf_style.apply(model.trainable_variables)
+    averages = [tf_style.average(v) for v in model.trainable_variables]
+    saved, saved_averages = ema.state_dict(), [a.numpy() for a in averages]
+    checkpoint = tf.train.Checkpoint(ema=ema, averages=averages)
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    path = checkpoint.save(str(tmp_path / "async"), options=options)
+    _trained(model, ema, 2)                                  # training goes on while it is written
+    tf_style.apply(model.trainable_variables)
+    checkpoint.sync()
+    fresh, fresh_style = EMA(MLP(seed=3), 0.8), ExponentialMovingAverage(0.8)
+    fresh_style.apply(fresh.variables)
+    fresh_averages = [fresh_style.average(v) for v in fresh.variables]
+    tf.train.Checkpoint(ema=fresh, averages=fresh_averages).restore(path).assert_consumed()
+    assert fresh.updates == saved["updates"] == 3
+    for n in ema.names:
+        assert fresh.state_dict()["averaged"][n].tobytes() == saved["averaged"][n].tobytes()
+    for a, b in zip(fresh_averages, saved_averages):
+        assert a.numpy().tobytes() == b.tobytes()
