@@ -31,7 +31,7 @@ def batches(steps, seed=1):
         yield tf.constant(x), tf.constant(np.sin(x[:, :1]))
 
 
-def twin_loop(ours, theirs, steps, step_var, in_function=True, prefix="dense"):
+def twin_loop(ours, theirs, steps, step_var, in_function=True, prefix="dense", beside=None):
     """Two copies of one model trained identically; ``ours`` averages one, ``theirs`` the other.
     Returns both variable lists and the float64 reference of TF's formula for ``ours``."""
     a, b = make_vars(prefix=prefix + "_ours"), make_vars(prefix=prefix + "_tf")
@@ -49,6 +49,8 @@ def twin_loop(ours, theirs, steps, step_var, in_function=True, prefix="dense"):
         step_var.assign_add(1)
         ours.apply(a)
         theirs.apply(b)
+        if beside is not None:                  # another of TensorFlow's, on the very variables ours averages
+            beside.apply(a)
         return loss
 
     run = tf.function(step) if in_function else step
@@ -69,7 +71,11 @@ def test_training_loop_matches_tensorflow_and_float64_reference(in_function):
     step_var = tf.Variable(0, dtype=tf.int64)
     ours = ExponentialMovingAverage(0.9, num_updates=step_var, zero_debias=True)
     theirs = tf.train.ExponentialMovingAverage(0.9, num_updates=step_var, zero_debias=True)
-    a, b, ref = twin_loop(ours, theirs, 25, step_var, in_function, prefix=f"loop_{in_function}")
+    beside = tf.train.ExponentialMovingAverage(0.9, num_updates=step_var)
+    a, b, ref = twin_loop(ours, theirs, 25, step_var, in_function, prefix=f"loop_{in_function}", beside=beside)
+    for v in a:
+        np.testing.assert_allclose(ours.average(v).numpy(), beside.average(v).numpy(), rtol=1e-5, atol=1e-6)
+        assert beside.average(v).name == ours.average(v).name.replace(":0", "_1:0")   # as two of TF's would be
     for va, vb, r in zip(a, b, ref):
         got, want = ours.average(va).numpy(), theirs.average(vb).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
