@@ -16,7 +16,7 @@ from torch import nn
 
 from ..average import Cadence, ModelSwap
 from ..flat import FlatShadow
-from . import _compile, _sharded
+from . import _compile, _deepspeed, _sharded
 from ._checkpoint import _CheckpointSide
 from ._model import (
     _DATA_PTR,
@@ -27,6 +27,7 @@ from ._model import (
     _unwrap,
     _watch,
 )
+from ._peft import announce, resolve_trainable_only
 
 
 class _ModelAverage(_ModelSide, _CheckpointSide):
@@ -40,13 +41,14 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
     _format = ""
 
     def __init__(self, model: nn.Module, make_shadow, *, buffers: str, exclude: Sequence[str],
-                 copy: Sequence[str]):
+                 copy: Sequence[str], trainable_only: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
         self.buffers = buffers
         self.exclude, self.copy_patterns = _patterns("exclude", exclude), _patterns("copy", copy)
+        self.trainable_only, defaulted = resolve_trainable_only(model, trainable_only)   # None: True for PEFT
         self.model = model
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
         self._fsdp = _sharded.fsdp_modules(_unwrap(model))   # FSDP2 modules, resharded before any read
@@ -54,11 +56,16 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         self._specs: dict[str, _sharded.Spec] = {}          # name -> layout of a DTensor's local shard
         _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))
+        self._masters = _deepspeed.find(self._engine, averaged, f"{type(self).__name__}(engine)")
+        if self._masters is not None:                  # ZeRO-3: the optimizer's float32 masters read instead
+            averaged.update(self._masters.views)
+            self._specs.update(self._masters.specs)    # ZeRO-1/2: pieces of the parameters, gathered in exports
         self._known = set(_tensors_of(_unwrap(model)))     # every name at construction: others are new (M4)
         self._modules_now = None                           # without the hooks: the modules' tables (_follow)
         if not averaged:
-            raise ValueError("the model has no floating-point parameters to average "
-                             "(check exclude= and copy=)")
+            raise ValueError("the model has no floating-point parameters to average (check exclude= and copy="
+                             + (", and trainable_only" + (" (True by default for a PEFT model)" if defaulted else
+                                "") + ": no parameter has requires_grad=True)" if self.trainable_only else ")"))
         self._names = (list(averaged), list(copied))
         self._address = _sharded.local_address if self._specs else _DATA_PTR
         inner = _unwrap(model)
@@ -79,6 +86,8 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         self._handle = _compile.register(self)  # what the compiled operators find this average by
         self._ops = self._op_lists()
         _watch(_unwrap(model), self)
+        if defaulted:
+            announce(self)                      # trainable_only=None on a PEFT model: say what is averaged
 
     def _restart(self, model: nn.Module | None = None) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
@@ -195,6 +204,8 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
                 else:
                     self._avg.swap(row)
                 raise
+        if self._masters is not None:                 # the masters were exchanged: now the partitions evaluation reads
+            self._masters.exchanged(swapping_in)
     def _not_swapped(self, what: str) -> None:
         self._swap.refuse(what)
 
@@ -266,6 +277,8 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         if self._copy is not None:                     # the averaged group checks itself before writing
             self._copy.check_sources()
         self._avg.copy_to_sources(row)
+        if self._masters is not None:                 # the masters were written: round them into the partitions
+            self._masters.push()
         if self._copy is not None:
             self._copy.copy_to_sources()
 
@@ -281,3 +294,10 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP): each rank averages
         its local shards only, and :meth:`averaged_state_dict` / :meth:`state_dict` hold DTensors."""
         return bool(self._specs)
+
+    @property
+    def source(self) -> str:
+        """What the averages read: ``"deepspeed-zero3-fp32-masters"`` (``EMA(engine)`` of a DeepSpeed
+        ZeRO-3 engine: the optimizer's float32 master partitions, flat and shard-local) or
+        ``"parameters"`` (the model's parameters, or their local shards or partitions)."""
+        return self._masters.source if self._masters is not None else _deepspeed.PARAMETERS

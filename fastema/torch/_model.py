@@ -24,7 +24,7 @@ from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from ..flat import FlatShadow
-from . import _sharded
+from . import _deepspeed, _sharded
 
 __all__ = ["normalize_name", "registration_hooks"]
 
@@ -202,6 +202,16 @@ def _modules_of(model: nn.Module) -> tuple:
     return tables, list(map(len, tables)), [c for m in mods for c in m._modules.values()]
 
 
+def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
+    """What ``trainable_only=True`` leaves out: a parameter with ``requires_grad=False``, a buffer
+    of a module with no trainable parameter of its own (a frozen base model's statistics)."""
+    if kind == "parameter":
+        return not t.requires_grad
+    prefix = name.rpartition(".")[0]
+    owner = model.get_submodule(prefix) if prefix else model
+    return not any(p is not None and p.requires_grad for p in owner._parameters.values())
+
+
 def _device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
@@ -232,7 +242,7 @@ def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
 
 class _ModelSide:
     """The model side of ``_ModelAverage``: which tensors it tracks and where they are now. Reads
-    and sets the average's ``model``, ``buffers``, ``exclude``, ``copy_patterns``, ``_names``,
+    and sets the average's ``model``, ``buffers``, ``exclude``, ``copy_patterns``, ``trainable_only``, ``_names``,
     ``_specs``, ``_int_buffers``, ``_avg``, ``_copy``, ``_slots``, ``_addresses``, ``_stale``,
     ``_resync``, ``_fsdp``, ``_zero3``, ``_engine``, ``_known`` and ``_modules_now`` (made in
     ``_ModelAverage.__init__``)."""
@@ -248,7 +258,7 @@ class _ModelSide:
         seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
         for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
             for name, t in named:
-                if _matches(name, self.exclude):
+                if _matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
                     continue
                 if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
                     t, self._specs[name] = _sharded.local(t, f"{kind} {name!r}")
@@ -326,6 +336,8 @@ class _ModelSide:
         except TypeError:                         # a slot is empty: the tensor was removed
             return None
         now.extend(map(len, self._slots[2]))
+        if self._masters is not None:             # DeepSpeed may move its flat master buffers (offload_states)
+            now.extend(self._masters.addresses())
         return now
 
     def _modules_changed(self) -> bool:
@@ -345,7 +357,8 @@ class _ModelSide:
         ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
         averaged. A walk of the model's modules: run when the registration hooks marked the average
         stale, or, without the hooks, when a module's tables changed (:meth:`_modules_changed`)."""
-        now = _tensors_of(_unwrap(self.model))
+        inner = _unwrap(self.model)
+        now = _tensors_of(inner)
         new = [n for n in now if n not in self._known]
         if not new:
             return
@@ -356,6 +369,8 @@ class _ModelSide:
             if _matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
                     not persistent and self.buffers == "copy"))):
                 continue
+            if self.trainable_only and _frozen(inner, kind, n, t):
+                continue                          # frozen: not tracked (a new PEFT adapter is added frozen)
             key = _local_key(t)
             if key is not None and key in known_memory:
                 continue                          # another name of a tensor the average knows (a new tie)
@@ -438,6 +453,10 @@ class _ModelSide:
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
+        masters = self._masters and _deepspeed.find(self._engine, {n: named[n] for n in self._names[0]})
+        if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)
+            named.update(masters.views)
+            specs.update(masters.specs)
         moved = [n for n in set(specs) | set(self._specs) if n not in specs or n not in self._specs or
                  specs[n].shape != self._specs[n].shape or specs[n].placements != self._specs[n].placements]
         if moved:
@@ -459,7 +478,7 @@ class _ModelSide:
                 raise
         for n, (_, copy_) in list(self._int_buffers.items()):
             self._int_buffers[n] = (named[n], copy_)
-        self._specs = specs
+        self._specs, self._masters = specs, masters
         self._ops = self._op_lists()
         self._slots = self._owner_slots()          # _follow() records the addresses once all groups pass
         self._stale = False

@@ -14,6 +14,7 @@ from ..average.device_plan import DevicePlan
 from ..flat import FlatShadow
 from ._base import _ModelAverage
 from ._checkpoint import FORMAT
+from ._peft import PeftExport
 
 __all__ = ["EMA"]
 
@@ -36,7 +37,7 @@ class _Adapter:
         self._ema._copy_buffers(flags, current=True)
 
 
-class EMA(Face, _ModelAverage):
+class EMA(Face, _ModelAverage, PeftExport):
     """Exponential moving average of a PyTorch model's weights.
 
     ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
@@ -89,6 +90,15 @@ class EMA(Face, _ModelAverage):
             weights with the float32 shadow: half; several decays); for float32 weights and one
             decay it saves none. A fold that fails is raised at the next update or read and is not
             counted. Not with ``device_step=True`` or ``skip_nonfinite=True``.
+        trainable_only: average only the parameters with ``requires_grad=True`` at construction
+            (LoRA and other adapters: the shadow holds the adapters, not the frozen base model), and
+            only the buffers of modules with a trainable parameter of their own (a frozen module's
+            BatchNorm statistics are left alone, as its weights are). The set is fixed at
+            construction, as ``exclude=``'s is: a parameter unfrozen later is not averaged (its own
+            value is exported), one frozen later is still averaged. ``None`` (default): True for a
+            PEFT model (``peft.PeftModel``, or a model with adapters in ``peft_config``), saying so
+            once with what is averaged; False for any other model. :meth:`export_peft` writes the
+            averaged adapter in PEFT's format.
     """
 
     _format = FORMAT
@@ -100,7 +110,7 @@ class EMA(Face, _ModelAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
-                 device_step: bool | None = None, offload: str | None = None):
+                 device_step: bool | None = None, offload: str | None = None, trainable_only: bool | None = None):
         opts = EMAOptions(decay, sigma_rel=sigma_rel, half_life=half_life, bema=bema, warmup=warmup,
                           min_decay=min_decay, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
                           update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
@@ -118,7 +128,7 @@ class EMA(Face, _ModelAverage):
         else:
             make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
         self.offload = offload
-        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
+        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
         self._core.shadow = self._avg
         groups = self._avg.layout.groups
         self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)

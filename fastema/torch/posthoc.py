@@ -70,7 +70,9 @@ class PostHocEMA(EMA):
         snapshot_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (EDM2 stores
             float16: half the disk, ~1e-3 relative rounding per snapshot; weights beyond +-65504
             are refused at the snapshot, naming the tensor).
-        **kwargs: other :class:`EMA` options (``buffers``, ``exclude``, ``shadow_dtype``, ...).
+        **kwargs: other :class:`EMA` options (``buffers``, ``exclude``, ``trainable_only``,
+            ``shadow_dtype``, ...). A PEFT model's snapshots hold its adapters only (see
+            ``trainable_only``).
 
     Sharded models (FSDP2, tensor parallel, HSDP): each rank tracks its own shards (no
     collective per update); every snapshot is a collective DCP save of the ranks' shards (see

@@ -11,11 +11,12 @@ from ..average import Cadence
 from ..flat import FlatShadow, WindowShadow
 from ._base import _ModelAverage
 from ._model import _match_names
+from ._peft import PeftExport
 
 __all__ = ["WindowAverage"]
 
 
-class WindowAverage(_ModelAverage):
+class WindowAverage(_ModelAverage, PeftExport):
     """The mean of the last ``window`` snapshots of a model's weights, or of all of them (SWA).
 
     ``window=W``: a ring of W flat snapshots per (device, dtype) group and a compensated
@@ -32,13 +33,15 @@ class WindowAverage(_ModelAverage):
         every: take a snapshot on every k-th call of ``update()`` (the first call snapshots).
         ring_dtype: ``"float32"`` or ``"bfloat16"`` snapshots (half the memory; each snapshot
             is rounded to bfloat16, the mean and the sum stay float32).
-        buffers, exclude, copy: as in :class:`EMA`.
+        buffers, exclude, copy, trainable_only: as in :class:`EMA` (adapters only for a PEFT model;
+            :meth:`export_peft` writes the averaged adapter).
     """
 
     _format = "fastema.torch.WindowAverage"
 
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
-                 buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = ()):
+                 buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
+                 trainable_only: bool | None = None):
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
         if not isinstance(every, int) or every < 1:
@@ -48,7 +51,7 @@ class WindowAverage(_ModelAverage):
         self.window, self.every, self.ring_dtype = window, every, ring_dtype
         make = (lambda avg: FlatShadow(avg, dtype="float32")) if window is None else \
             (lambda avg: WindowShadow(avg, window, ring_dtype=ring_dtype))
-        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy)
+        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
         self.snapshots = 1                      # snapshots taken (the construction is the first)
 
     def _cadence(self) -> Cadence:
