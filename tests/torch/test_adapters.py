@@ -304,3 +304,25 @@ def test_the_adapters_guide_example_runs(tmp_path, monkeypatch):
         exec(compile(block, "guides/adapters.md", "exec"), scope)
     assert os.path.exists(tmp_path / "ema-adapter" / "adapter_model.safetensors")
     assert scope["same"] is True
+
+
+def test_a_transformers_model_with_an_adapter_is_a_peft_model_too(tmp_path):
+    """transformers' own PEFT integration (model.add_adapter / load_adapter, no PeftModel)."""
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter(peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                          init_lora_weights=False))
+    with pytest.warns(UserWarning, match=DEFAULT_SAYS):
+        ema = EMA(model, DECAY)
+    assert sorted(ema._avg.names) == sorted(trainable(model)) and len(ema._avg.names) == 2
+    train(model, ema, steps=2)
+    ema.export_peft(tmp_path)
+    fresh = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.load_adapter(str(tmp_path))
+    averaged = ema.averaged_state_dict()
+    loaded = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
+    assert sorted(loaded) == sorted(trainable(model))
+    assert all(torch.equal(p, averaged[n]) for n, p in loaded.items())
