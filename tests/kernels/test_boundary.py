@@ -92,9 +92,10 @@ def test_no_import_cycle_in_fastema(deferred):
 # a _backends adapter instead of importing a framework or testing for one.
 FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
                    "fastema/posthoc/snapshots.py", "fastema/keras.py", "fastema/lightning.py", "fastema/jax.py",
-                   "fastema/tensorflow.py", "fastema/_keras_jax_state.py")
+                   "fastema/tensorflow/", "fastema/_keras_jax_state.py",
+                   "fastema/transformers.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
-                       "flax", "deepspeed"}
+                       "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
 
 
