@@ -195,7 +195,7 @@ class WeightEMA(keras.callbacks.Callback):
         **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
             ``sigma_rel=``, ``warmup=``, ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
             same on every backend; the torch backend also takes the model selection
-            (``buffers=``, ``exclude=``, ``copy=``). An option the backend's EMA cannot run is
+            (``buffers=``, ``exclude=``, ``copy=``, ``trainable_only=``). An option the backend's EMA cannot run is
             refused here, by name.
 
     Works on the three Keras backends: torch (:class:`fastema.torch.EMA`; Keras layers are
@@ -400,7 +400,8 @@ def _check_for_backend(options: EMAOptions, selection: dict) -> None:
     if selection:
         name = next(iter(selection))
         raise ValueError(f"{face} does not take {name}=: it averages the trainable variables and leaves the "
-                         f"others as they are (the model selection buffers=/exclude=/copy= is the torch backend's)")
+                         f"others as they are (the model selection buffers=/exclude=/copy=/trainable_only= is the "
+                         f"torch backend's)")
     options.refuse(face, REFUSED)
 
 

@@ -297,7 +297,9 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
 
     @property
     def source(self) -> str:
-        """What the averages read: ``"deepspeed-zero3-fp32-masters"`` (``EMA(engine)`` of a DeepSpeed
-        ZeRO-3 engine: the optimizer's float32 master partitions, flat and shard-local) or
-        ``"parameters"`` (the model's parameters, or their local shards or partitions)."""
+        """What the averages read: ``"parameters"`` (the model's parameters, or their local shards or
+        partitions), or, for ``EMA(engine)`` of a DeepSpeed engine whose optimizer keeps float32
+        masters, those masters, flat and shard-local: ``"deepspeed-zero3-fp32-masters"``,
+        ``"deepspeed-zero2-fp32-masters"`` (ZeRO-1/2) or ``"deepspeed-bf16-fp32-masters"``
+        (``BF16_Optimizer``). See the large-models guide."""
         return self._masters.source if self._masters is not None else _deepspeed.PARAMETERS

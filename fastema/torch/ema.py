@@ -245,5 +245,6 @@ class EMA(Face, _ModelAverage, PeftExport):
             self._plan_on_device.load(self.plan, self.seed)
 
     def __repr__(self) -> str:
+        source = "" if self.source == "parameters" else f", source={self.source!r}"
         return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
-                f"copied={len(self._copy) if self._copy else 0}, shadow={self._avg!r})")
+                f"copied={len(self._copy) if self._copy else 0}{source}, shadow={self._avg!r})")
