@@ -4,6 +4,13 @@
 update). The value is computed on the host from Python ints, so reading it never
 syncs a device. Every schedule has ``state()`` and ``from_state()`` for checkpoints.
 
+Momentum schedules (:class:`Cosine`, :class:`Linear`, :class:`PiecewiseConstant`: the teacher
+momentum of DINO, BYOL, I-JEPA...) are given as ``decay=`` and indexed from 0 like those
+codes' iteration ``it``: the update ``n`` reads ``t = n - 1`` (the first update ``t = 0``;
+``update(step=s)``: ``t = s - 1``, i.e. pass the steps done, the current one included, as
+Lightning's ``global_step`` after the optimizer step), and hold their last value from
+``t = total_steps`` on.
+
 Timed schedules (:class:`PowerFunction`, :class:`HalfLife`, :class:`BEMA`) are defined over
 training time, not over updates: ``decay = schedule.between(first, last, t)`` for an update
 at time ``t`` when the previous one was at ``last`` (0 before any) and the first at
@@ -21,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BEMA", "Constant", "HalfLife", "NumUpdates", "PowerFunction", "PowerWarmup", "from_state",
+__all__ = ["BEMA", "Constant", "Cosine", "HalfLife", "Linear", "NumUpdates", "PiecewiseConstant", "PowerFunction",
+           "PowerWarmup", "from_state",
            "gamma_to_sigma_rel", "sigma_rel_to_gamma", "SIGMA_REL_MAX"]
 
 
@@ -104,6 +112,157 @@ class PowerWarmup:
 
     def state(self) -> dict:
         return {"kind": "power_warmup", **asdict(self)}
+
+
+def _check_total(total_steps):
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1 (the steps over which the schedule goes from start to "
+                         f"end), got {total_steps!r}")
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """A cosine decay (momentum) schedule from ``start`` to ``end`` over ``total_steps`` updates:
+    DINO's teacher momentum (``utils.cosine_scheduler(0.996, 1.0, epochs, niter_per_ep)``), BYOL's
+    ``1 - (1 - b) (cos(pi k / K) + 1) / 2``, MoCo v3's::
+
+        decay(t) = end + 0.5 * (start - end) * (1 + cos(pi * t / total_steps))   for 0 <= t < total_steps
+                 = end                                                            for t >= total_steps
+
+    with ``t = n - 1`` (the module docstring): the first update uses ``start``. The same float64
+    arithmetic as DINO's ``final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters /
+    len(iters)))`` (``math.cos``: the last bit may differ from NumPy's SIMD ``cos``), and as DINOv2's
+    ``CosineScheduler``, which also holds ``final_value`` from ``total_iters`` on (DINO's array has no
+    value there).
+
+    Args:
+        start: the first update's decay, in ``[0, 1]`` (DINO: ``momentum_teacher=0.996``).
+        end: the decay reached at ``total_steps`` and held after, in ``[0, 1]`` (DINO: 1.0).
+        total_steps: updates over which it goes from ``start`` to ``end`` (DINO:
+            ``epochs * len(data_loader)``), an int >= 1.
+    """
+    start: float
+    end: float
+    total_steps: int
+
+    def __post_init__(self):
+        _check_decay("start", self.start)
+        _check_decay("end", self.end)
+        _check_total(self.total_steps)
+
+    def at(self, t: int) -> float:
+        """The decay at step index ``t`` (0 for the first update)."""
+        if t >= self.total_steps:
+            return float(self.end)
+        t = max(t, 0)
+        start, end = float(self.start), float(self.end)
+        return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / self.total_steps))
+
+    def __call__(self, n: int) -> float:
+        return self.at(n - 1)
+
+    def state(self) -> dict:
+        return {"kind": "cosine", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear decay (momentum) schedule from ``start`` to ``end`` over ``total_steps`` updates:
+    I-JEPA's momentum scheduler (``ema[0] + i * (ema[1] - ema[0]) / (ipe * num_epochs * ipe_scale)``)::
+
+        decay(t) = start + t * (end - start) / total_steps   for 0 <= t < total_steps
+                 = end                                        for t >= total_steps
+
+    with ``t = n - 1`` (the module docstring), float64 in I-JEPA's order. (data2vec's
+    ``end - (end - start) * (1 - t / total)`` is the same line, rounded in another order.)
+
+    Args:
+        start: the first update's decay, in ``[0, 1]``.
+        end: the decay reached at ``total_steps`` and held after, in ``[0, 1]``.
+        total_steps: an int >= 1.
+    """
+    start: float
+    end: float
+    total_steps: int
+
+    def __post_init__(self):
+        _check_decay("start", self.start)
+        _check_decay("end", self.end)
+        _check_total(self.total_steps)
+
+    def at(self, t: int) -> float:
+        """The decay at step index ``t`` (0 for the first update)."""
+        if t >= self.total_steps:
+            return float(self.end)
+        t = max(t, 0)
+        start, end = float(self.start), float(self.end)
+        return start + t * (end - start) / self.total_steps
+
+    def __call__(self, n: int) -> float:
+        return self.at(n - 1)
+
+    def state(self) -> dict:
+        return {"kind": "linear", **asdict(self)}
+
+
+#: The most boundaries a :class:`PiecewiseConstant` schedule takes.
+MAX_BOUNDARIES = 64
+
+
+@dataclass(frozen=True)
+class PiecewiseConstant:
+    """A step (piecewise-constant) decay schedule, as Keras' ``PiecewiseConstantDecay(boundaries, values)``
+    over the optimizer's ``iterations`` (0 on the first step)::
+
+        decay(t) = values[0]   for t <= boundaries[0]
+                 = values[i]   for boundaries[i-1] < t <= boundaries[i]
+                 = values[-1]  for t > boundaries[-1]
+
+    with ``t = n - 1`` (the module docstring).
+
+    Args:
+        boundaries: 1 to 64 strictly increasing ints >= 0.
+        values: the decays, one more than ``boundaries``, each in ``[0, 1]``.
+    """
+    boundaries: tuple
+    values: tuple
+
+    def __post_init__(self):
+        for name in ("boundaries", "values"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"{name} must be a list or tuple, got {type(v).__name__}")
+            object.__setattr__(self, name, tuple(v))     # frozen and hashable
+        b, v = self.boundaries, self.values
+        if not 1 <= len(b) <= MAX_BOUNDARIES:
+            raise ValueError(f"PiecewiseConstant takes 1 to {MAX_BOUNDARIES} boundaries, got {len(b)}")
+        for x in b:
+            _check_count("a boundary", x)
+        if any(b1 >= b2 for b1, b2 in zip(b, b[1:])):
+            raise ValueError(f"boundaries must increase strictly, got {list(b)}")
+        if len(v) != len(b) + 1:
+            raise ValueError(f"PiecewiseConstant needs one value more than boundaries (a value before the first "
+                             f"boundary and one after each), got {len(v)} values for {len(b)} boundaries")
+        for x in v:
+            _check_decay("each value", x)
+
+    def at(self, t: int) -> float:
+        """The decay at step index ``t`` (0 for the first update)."""
+        for b, v in zip(self.boundaries, self.values):
+            if t <= b:
+                return float(v)
+        return float(self.values[-1])
+
+    def __call__(self, n: int) -> float:
+        return self.at(n - 1)
+
+    def state(self) -> dict:
+        return {"kind": "piecewise_constant", "boundaries": [int(b) for b in self.boundaries],
+                "values": [float(v) for v in self.values]}
+
+
+#: Decay schedules given as ``decay=`` (indexed by the update, ``t = n - 1``).
+MOMENTUM_SCHEDULES = (Cosine, Linear, PiecewiseConstant)
 
 
 def check_power_args(decay, min_decay, inv_gamma, power, update_after_step) -> None:
@@ -236,7 +395,8 @@ class BEMA:
 
 
 _KINDS: dict[str, Any] = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup,
-          "power_function": PowerFunction, "half_life": HalfLife, "bema": BEMA}
+          "power_function": PowerFunction, "half_life": HalfLife, "bema": BEMA, "cosine": Cosine,
+          "linear": Linear, "piecewise_constant": PiecewiseConstant}
 
 
 def from_state(state: dict):

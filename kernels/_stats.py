@@ -2,11 +2,14 @@
 
 Plain Python over float scalars; each target compiles it (see :mod:`._target`).
 """
+import math
+
 import numpy as np
 
 from ._bits import sr_noise
 from .kinds import (
     CONSTANT,
+    COSINE,
     DEBIASED,
     HALF_LIFE,
     NUM_UPDATES,
@@ -21,6 +24,7 @@ from .kinds import (
     P_SEED_HI,
     P_SEED_LO,
     P_WARMUP,
+    PIECEWISE_CONSTANT,
     POWER_FUNCTION,
     S_CALLS,
     S_LAST,
@@ -55,10 +59,30 @@ def neumaier(s, c, x):
     return t, c
 
 
+def momentum_decay(params, o, kind, t):
+    """The decay at step index ``t`` (``n - 1``) of a momentum schedule whose table starts at
+    ``params[o]``: ``start, end, total_steps`` (``COSINE``, ``LINEAR``), or ``m``, ``m`` boundaries
+    and ``m + 1`` values (``PIECEWISE_CONSTANT``); as :class:`fastema.schedules.Cosine` and the others."""
+    if kind == PIECEWISE_CONSTANT:
+        m = int(params[o])
+        for j in range(m):
+            if t <= params[o + 1 + j]:
+                return params[o + 1 + m + j]
+        return params[o + 1 + 2 * m]
+    start, end, total = params[o], params[o + 1], params[o + 2]
+    if t >= total:
+        return end
+    t = max(t, 0.0)
+    if kind == COSINE:
+        return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / total))
+    return start + t * (end - start) / total
+
+
 def schedule_decay(params, decay, n, last, t):
     """The decay of update ``n`` at time ``t`` (the last update's: ``last``) under the schedule in
     ``params``, ``decay`` the row's parameter (the decay; ``gamma`` of ``PowerFunction``;
-    ``half_life`` of ``HalfLife``): the formulas of :mod:`fastema.schedules`, in float64."""
+    ``half_life`` of ``HalfLife``; where a momentum schedule's table starts in ``params``): the
+    formulas of :mod:`fastema.schedules`, in float64."""
     kind = params[P_SCHEDULE]
     if kind == CONSTANT:
         return decay
@@ -70,6 +94,8 @@ def schedule_decay(params, decay, n, last, t):
         return 2.0 ** (-(t - last) / decay)
     if kind == NUM_UPDATES:
         return min(decay, (1.0 + n) / (10.0 + n))
+    if kind >= COSINE:                          # ``decay``: where the row's table starts in ``params``
+        return momentum_decay(params, int(decay), kind, n - 1.0)
     s = max(0.0, n - params[P_AFTER] - 1.0)
     if s <= 0.0:
         return 0.0

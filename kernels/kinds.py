@@ -15,6 +15,8 @@ DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=T
 # The device-side plan of a model EMA (``_stats.plan_step``): schedule kinds, and the slots
 # of its float64 parameter and state arrays.
 CONSTANT, NUM_UPDATES, POWER_WARMUP, POWER_FUNCTION, HALF_LIFE = 0, 1, 2, 3, 4
+COSINE, LINEAR, PIECEWISE_CONSTANT = 5, 6, 7     # momentum schedules: each row's table lies in the parameter
+                                                # array from the index given as its decay (device_plan.parameters)
 P_SCHEDULE, P_MIN_DECAY, P_INV_GAMMA, P_POWER, P_AFTER, P_WARMUP, P_EVERY, P_COMPENSATE, P_DEBIAS, \
     P_SEED_LO, P_SEED_HI = range(11)
 PLAN_PARAMS = 11

@@ -22,7 +22,9 @@ import numpy as np
 from .. import _backends, _launch
 from ..kernels.kinds import (
     CONSTANT,
+    COSINE,
     HALF_LIFE,
+    LINEAR,
     NUM_UPDATES,
     P_AFTER,
     P_COMPENSATE,
@@ -35,6 +37,7 @@ from ..kernels.kinds import (
     P_SEED_HI,
     P_SEED_LO,
     P_WARMUP,
+    PIECEWISE_CONSTANT,
     PLAN_PARAMS,
     POWER_FUNCTION,
     POWER_WARMUP,
@@ -44,13 +47,32 @@ from ..kernels.kinds import (
     S_UPDATES,
     wide,
 )
-from ..schedules import BEMA, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup
+from ..schedules import (
+    BEMA,
+    MAX_BOUNDARIES,
+    Constant,
+    Cosine,
+    HalfLife,
+    Linear,
+    NumUpdates,
+    PiecewiseConstant,
+    PowerFunction,
+    PowerWarmup,
+)
 from .plan import Plan
 
 __all__ = ["DevicePlan", "parameters"]
 
 _SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
-                   PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE}
+                   PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE, Cosine: COSINE, Linear: LINEAR,
+                   PiecewiseConstant: PIECEWISE_CONSTANT}
+
+
+def _table(s) -> list:
+    """A momentum schedule's numbers, as ``_stats.momentum_decay`` reads them."""
+    if isinstance(s, PiecewiseConstant):
+        return [len(s.boundaries), *map(float, s.boundaries), *map(float, s.values)]
+    return [float(s.start), float(s.end), float(s.total_steps)]
 
 
 def _row_parameter(s) -> float:
@@ -63,7 +85,10 @@ def _row_parameter(s) -> float:
 
 
 def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(params float64[PLAN_PARAMS], decays float64[K])`` of ``plan`` for ``plan_step``."""
+    """``(params float64[PLAN_PARAMS + tables], decays float64[K])`` of ``plan`` for ``plan_step``.
+
+    A momentum schedule (:class:`fastema.schedules.Cosine` and the others) puts its numbers after
+    the shared parameters, and its row's ``decays[i]`` is where they start."""
     first = plan.schedules[0]
     if isinstance(first, BEMA):
         raise ValueError("bema= keeps its bias correction on the host: it cannot run with device_step=True "
@@ -82,16 +107,28 @@ def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError("a device-side plan needs the same warm-up parameters for every decay")
         params[P_MIN_DECAY], params[P_INV_GAMMA], params[P_POWER] = first.min_decay, first.inv_gamma, first.power
         params[P_AFTER], params[P_WARMUP] = first.update_after_step, first.warmup
+    if type(first) in (Cosine, Linear, PiecewiseConstant):
+        starts, tables = [], [params]
+        for s in plan.schedules:
+            starts.append(float(sum(t.size for t in tables)))
+            tables.append(np.array(_table(s), np.float64))
+        return np.concatenate(tables), np.array(starts, np.float64)
     return params, np.array([_row_parameter(s) for s in plan.schedules], np.float64)
+
+
+def _capacity(rows: int) -> int:
+    """The parameter array's size: the shared parameters and the largest tables of ``rows`` momentum
+    schedules, so a checkpoint's schedules load into the array a captured graph reads."""
+    return PLAN_PARAMS + rows * (2 * MAX_BOUNDARIES + 2)
 
 
 class _OnDevice:
     """The plan's arrays on one device (framework objects, and the kernels' views of them)."""
 
-    def __init__(self, framework: str, device: str, rows: int, groups: int):
+    def __init__(self, framework: str, device: str, rows: int, groups: int, params: int):
         where = (framework, device)
         self.group = _launch.Group(device, None, 0, None, _backends.stream_getter(framework, device))
-        sizes = dict(state=(S_NORMS + rows, np.float64), params=(PLAN_PARAMS, np.float64),
+        sizes = dict(state=(S_NORMS + rows, np.float64), params=(params, np.float64),
                      decays=(rows, np.float64), w32=(rows, np.float32), w64=(rows, np.float64),
                      flag=(1, np.int32), keys=(groups, np.int64))
         self.arrays = {k: _backends.zeros(where, n, dt) for k, (n, dt) in sizes.items()}
@@ -105,15 +142,17 @@ class DevicePlan:
     def __init__(self, plan: Plan, groups: list, seed: int):
         self.groups = groups
         self.devices: dict[str, _OnDevice] = {}
+        parameters(plan, seed)                    # refuses what the device cannot run, before any allocation
         for g in groups:
             if g.device not in self.devices:
-                self.devices[g.device] = _OnDevice(g.framework, g.device, plan.rows, len(groups))
+                self.devices[g.device] = _OnDevice(g.framework, g.device, plan.rows, len(groups), _capacity(plan.rows))
         self.load(plan, seed)
 
     def load(self, plan: Plan, seed: int) -> None:
         """Write the host plan's parameters and state to every device (at construction and on
         a checkpoint load: a host copy, not a per-step path)."""
         params, decays = parameters(plan, seed)
+        params = np.concatenate([params, np.zeros(_capacity(plan.rows) - params.size)])  # one size for every load
         state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)
         for d in self.devices.values():
             for name, values in (("params", params), ("decays", decays), ("state", state)):

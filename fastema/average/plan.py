@@ -12,6 +12,7 @@ from typing import NamedTuple
 from .._checks import MAX_DECAYS
 from ..schedules import (
     BEMA,
+    MOMENTUM_SCHEDULES,
     Constant,
     HalfLife,
     NumUpdates,
@@ -69,6 +70,32 @@ class Mark(NamedTuple):
     last_time: float
 
 
+def _check_decay_value(d) -> None:
+    if isinstance(d, (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, BEMA)):
+        raise TypeError(f"decay= takes floats and the momentum schedules (fastema.schedules.Cosine, Linear, "
+                        f"PiecewiseConstant), not {type(d).__name__}: give PowerFunction as sigma_rel=, HalfLife as "
+                        f"half_life=, BEMA as bema=, a warm-up as warmup=")
+    if not isinstance(d, MOMENTUM_SCHEDULES):
+        _check_decay("decay", d)
+
+
+def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_step) -> list:
+    """The schedules of ``decay=`` given momentum schedules (one kind for every average)."""
+    for d in decays:
+        _check_decay_value(d)
+    warm = [k for k, v, default in (("warmup", warmup, None), ("min_decay", min_decay, 0.0),
+                                    ("inv_gamma", inv_gamma, 1.0), ("power", power, 2 / 3),
+                                    ("update_after_step", update_after_step, 0)) if v != default]
+    if any(type(d) is not type(decays[0]) for d in decays):
+        raise ValueError(f"decay= takes one kind of momentum schedule for every average, got "
+                         f"{', '.join(type(d).__name__ for d in decays)}; for a constant decay d beside them give "
+                         f"the same kind held at d (e.g. Linear(d, d, 1))")
+    if warm:
+        raise ValueError(f"decay={decays[0] if len(decays) == 1 else decays!r} is a schedule of its own: it takes no "
+                         f"{', '.join(warm)} (a warm-up of constant decays); drop them")
+    return list(decays)
+
+
 class Plan:
     """The decay side of a model EMA, shared by the framework bridges.
 
@@ -79,7 +106,9 @@ class Plan:
     through checkpoints.
 
     Args:
-        decay: a float, or up to 8 floats (one per average).
+        decay: a float, or up to 8 floats (one per average); or a momentum schedule
+            (:class:`fastema.schedules.Cosine`, :class:`~fastema.schedules.Linear`,
+            :class:`~fastema.schedules.PiecewiseConstant`), or up to 8 of one kind.
         warmup: ``None``, ``"num_updates"`` or ``"power"`` (see :class:`PowerWarmup`).
         min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
         update_every: update on every k-th call (the first call updates).
@@ -131,15 +160,19 @@ class Plan:
             decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]
             if not 1 <= len(decays) <= MAX_DECAYS:
                 raise ValueError(f"1 to {MAX_DECAYS} decays (one per average), got {len(decays)}")
-            for d in decays:
-                _check_decay("decay", d)
-            check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
-            if warmup is None:
-                self.schedules = [Constant(d) for d in decays]
-            elif warmup == "num_updates":
-                self.schedules = [NumUpdates(d) for d in decays]
+            if any(isinstance(d, MOMENTUM_SCHEDULES) for d in decays):
+                self.schedules = _momentum(decays, warmup, min_decay, inv_gamma, power, update_after_step)
             else:
-                self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step) for d in decays]
+                for d in decays:
+                    _check_decay_value(d)
+                check_power_args(decays[0], min_decay, inv_gamma, power, update_after_step)
+                if warmup is None:
+                    self.schedules = [Constant(d) for d in decays]
+                elif warmup == "num_updates":
+                    self.schedules = [NumUpdates(d) for d in decays]
+                else:
+                    self.schedules = [PowerWarmup(d, min_decay, inv_gamma, power, update_after_step)
+                                      for d in decays]
         self.cadence = cadence              # counts the calls (shared with a model average that asks it)
         self.compensate, self.debias = bool(compensate), bool(debias)
         self.updates = 0                    # updates made
