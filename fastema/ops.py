@@ -212,6 +212,7 @@ class _PairGroup:
 
     def __init__(self, device, shadow_kind, src_kind, shadows, sources):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
+        self.framework = shadows[0].framework        # what a DevicePlan over these groups allocates in
         self.current_stream = _backends.stream_getter(shadows[0].framework, device)
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.current_stream, follow=False)

@@ -14,9 +14,10 @@ from ._checkpoint import FORMAT, VERSION  # noqa: F401
 from ._model import _HOOKS, _unwrap, _watch, normalize_name, registration_hooks  # noqa: F401
 from .ema import EMA
 from .posthoc import PostHocEMA
+from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "PostHocEMA", "WindowAverage", "normalize_name", "registration_hooks"]
+__all__ = ["EMA", "PostHocEMA", "TargetNetwork", "WindowAverage", "normalize_name", "registration_hooks"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _unwrap and _watch for fastema.torch.compat; _HOOKS, the installed registration hooks (tests).

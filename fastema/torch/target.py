@@ -1,0 +1,428 @@
+"""``fastema.torch.TargetNetwork``: a target network (RL) or a momentum teacher (self-supervised
+learning) kept as the moving average of an online network, in the target module's own tensors."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import _backends, _launch
+from .._checks import resolve_weights, sr_key, stochastic_rounding
+from ..average.device_plan import DevicePlan
+from ..average.plan import Plan
+from ..ops import pair_groups
+from ._model import _matches, _patterns, _unwrap, normalize_name
+
+__all__ = ["TargetNetwork"]
+
+FORMAT = "fastema.torch.TargetNetwork"
+VERSION = 1
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
+    """``normalised name -> (kind, tensor)`` of what a target network tracks in ``module``."""
+    out = {}
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            name = normalize_name(name)
+            if _matches(name, exclude) or (kind == "buffer" and buffers == "ignore"):
+                continue
+            out[name] = (kind, t)
+    return out
+
+
+def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str, list]:
+    """``(the owner's _parameters or _buffers dict, key, [(parent._modules, part, child), ...])``."""
+    prefix, _, key = name.rpartition(".")
+    path, parent = [], module
+    for part in prefix.split(".") if prefix else ():
+        child = parent._modules[part]
+        path.append((parent._modules, part, child))
+        parent = child
+    return (parent._parameters if kind == "parameter" else parent._buffers), key, path
+
+
+class _Selection:
+    """What a target network reads and writes, found by name in both modules, every check made.
+
+    ``tensors`` lists the targets' tensors then the online ones, in the order: averaged, copied
+    (floating buffers with ``buffers="copy"``), integer (copied with torch). Nothing is kept
+    that is not the modules' own: slots, the modules on the way to them, and launch groups of
+    addresses."""
+
+    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
+        mine, theirs = _named(target, exclude, buffers), _named(online, exclude, buffers)
+        missing, extra = [n for n in theirs if n not in mine], [n for n in mine if n not in theirs]
+        if missing or extra:
+            raise ValueError(f"the target's names do not match the online network's: the target lacks "
+                             f"{missing[:5]} and has {extra[:5]} besides; make the target a copy of the online "
+                             f"network (copy.deepcopy(online)), or exclude= the names that differ. Nothing was "
+                             f"written.")
+        online_memory = {t.data_ptr() for _, t in theirs.values() if t.numel()}
+        averaged, copied, ints = [], [], []
+        for name, (kind, src) in theirs.items():
+            dst = mine[name][1]
+            if dst.numel() and dst.data_ptr() in online_memory:
+                raise ValueError(f"the target's {name!r} shares memory with the online network; the target must be "
+                                 f"a copy of its own (copy.deepcopy(online)). Nothing was written.")
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"{name!r} has shape {tuple(dst.shape)} in the target but {tuple(src.shape)} in the "
+                                 f"online network; they must match. Nothing was written.")
+            if dst.device != src.device:
+                raise ValueError(f"{name!r} is on {dst.device} in the target but on {src.device} in the online "
+                                 f"network; put both networks on one device. Nothing was written.")
+            if src.is_complex() or dst.is_complex():
+                raise TypeError(f"{name!r} is complex ({src.dtype} -> {dst.dtype}): fastema averages real floating "
+                                f"tensors; exclude= it. Nothing was written.")
+            if src.is_floating_point() != dst.is_floating_point() or not (
+                    src.is_floating_point() or src.dtype == dst.dtype):
+                raise TypeError(f"{name!r} is {src.dtype} in the online network but {dst.dtype} in the target; an "
+                                f"integer tensor needs the same dtype on both sides. Nothing was written.")
+            if not src.is_floating_point():
+                ints.append(name)
+                continue
+            if src.dtype not in _KERNEL_DTYPES or dst.dtype not in _KERNEL_DTYPES:
+                raise TypeError(f"{name!r} is {src.dtype} -> {dst.dtype}: fastema's kernels take float32, bfloat16, "
+                                f"float16 and float64; exclude= it. Nothing was written.")
+            (copied if kind == "buffer" and buffers == "copy" else averaged).append(name)
+        if not averaged:
+            raise ValueError("the online network has no floating-point parameters to average (check exclude=). "
+                             "Nothing was written.")
+        self.names = (averaged, copied, ints)
+        order = averaged + copied + ints
+        slots = [_slot(target, n, mine[n][0]) for n in order] + [_slot(online, n, theirs[n][0]) for n in order]
+        self.tables, self.keys = [s[0] for s in slots], [s[1] for s in slots]
+        owners = {id(s[0]): s[0] for s in slots}
+        self.owner_tables = list(owners.values())
+        self.lengths = list(map(len, self.owner_tables))
+        paths = {(id(p), k): (p, k, c) for s in slots for p, k, c in s[2]}
+        self.path_tables = [p for p, _, _ in paths.values()]
+        self.path_keys = [k for _, k, _ in paths.values()]
+        self.path_children = [c for _, _, c in paths.values()]
+        self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
+        self.specs = [(t.dtype, tuple(t.shape)) for t in self.tensors]
+        self.groups = self.group(self.tensors)
+
+    def current(self) -> list | None:
+        """The tensors the slots hold now if they are the selection's own objects in the same modules
+        (dict lookups and identities, no name walk), else None."""
+        if not all(map(operator.is_, map(dict.get, self.path_tables, self.path_keys), self.path_children)):
+            return None
+        if list(map(len, self.owner_tables)) != self.lengths:
+            return None
+        now = list(map(dict.get, self.tables, self.keys))
+        return now if all(map(operator.is_, now, self.tensors)) else None
+
+    def group(self, tensors: list) -> tuple:
+        """``(averaged groups, copied groups, integer pairs)`` of ``tensors`` (checked by
+        :func:`fastema.ops.pair_groups`: layouts, devices, no shared memory among the targets)."""
+        n = len(tensors) // 2
+        dst, src = tensors[:n], tensors[n:]
+        a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
+        for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
+            if (t.dtype, tuple(t.shape)) != spec:
+                raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]} to {t.dtype} {tuple(t.shape)} after "
+                                 f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
+        return (pair_groups(dst[:a], src[:a]), pair_groups(dst[a:c], src[a:c]) if c > a else [],
+                (dst[c:], src[c:]))
+
+
+class TargetNetwork:
+    """A target network kept as the moving average of an online network, in its own tensors.
+
+    ``target <- tau * online + (1 - tau) * target`` at every ``update()``, for every floating
+    parameter (and floating buffer, with ``buffers="average"``) of the target: the target
+    module's own tensors are the average, so it is used in forward passes as it is and this
+    object holds no copy of the weights. In the glossary's words ``momentum = decay = 1 - tau``;
+    SB3 and TorchRL say ``tau``, DINO, BYOL and MoCo say ``momentum``: give either. One kernel
+    launch per (device, dtype) group of (target, online) pairs, on torch's current stream, with
+    no host sync; computed as ``target.lerp_(online, tau)`` in float32 (float64 for float64
+    tensors), so a float32 target equals ``torch._foreach_lerp_`` bit for bit on the CPU.
+
+    Why a class of its own and not ``EMA(online, into=target)``: an :class:`EMA` owns its
+    shadow (flat buffers that it swaps into the model, exports, offloads, keeps several decays
+    or BEMA's rows in); here the average is a module that the user owns, runs and checkpoints,
+    so none of that applies, and what remains (pairs of the user's tensors, found by name in
+    two modules and followed in both) is the pair launcher of :func:`fastema.ops.ema_update_many_`
+    with EMA's schedule (:class:`fastema.average.plan.Plan`) and its device plan.
+
+    The pairs are matched by normalised name (``module.`` and ``_orig_mod.`` prefixes stripped):
+    a target made by ``copy.deepcopy(online)`` matches. Shapes and devices must match; dtypes may
+    differ among float32, bfloat16, float16 and float64 (a float32 target of a bfloat16 online
+    network). The target's ``requires_grad`` is left as it is; the kernels write its memory
+    directly (no autograd, as under ``torch.no_grad()``).
+
+    Every ``update()`` checks that both modules still hold the tensors it paired (a dict lookup
+    and an identity a tensor, one ``data_ptr()`` each, a layout check): a tensor whose storage
+    moved (``p.data = new``) is followed; a tensor or module replaced, added or removed is looked
+    up again by name and followed if it still fits, or refused by name, before anything is written.
+
+    Args:
+        online: the network being trained (bare, DDP- or torch.compile-wrapped).
+        target: its copy, updated in place (typically ``copy.deepcopy(online)`` with
+            ``requires_grad_(False)``).
+        tau: the weight of the online network, in ``[0, 1]`` (default 0.005, SB3's, when
+            ``momentum`` is not given).
+        momentum: instead of ``tau``: the weight kept from the target (``1 - tau``), a float or a
+            schedule :class:`fastema.EMA` takes as ``decay=`` (DINO's cosine from 0.996 to 1).
+        warmup, min_decay, inv_gamma, power, update_after_step: a warm-up of the momentum, as
+            :class:`fastema.torch.EMA`'s.
+        update_every: update on every k-th call of ``update()`` (the first call updates);
+            ``compensate=True`` uses ``momentum ** k``.
+        buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default: the online
+            network's, as SB3 does with ``tau=1`` for them), ``"average"`` or ``"ignore"`` (the
+            target's buffers, integer ones included, are left alone). Integer buffers are copied.
+        exclude: name patterns (fnmatch, normalised names) left alone in the target.
+        rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 targets).
+        seed: stochastic-rounding seed.
+        skip_nonfinite: skip an update (decided on the device, no sync) when an online tensor
+            holds inf/NaN: the target keeps its values.
+        device_step: keep the update count, the momentum schedule, ``update_every``'s skips and
+            the rounding key in device memory, advanced by a one-thread kernel at every call, so
+            ``update()`` captured in a CUDA graph replays the schedule exactly. ``None`` (default):
+            on when the networks are on a GPU.
+
+    Not traced by ``torch.compile``: call ``update()`` outside the compiled function.
+    """
+
+    def __init__(self, online: nn.Module, target: nn.Module, tau: float | None = None, *,
+                 momentum: Any = None, warmup: str | None = None, min_decay: float = 0.0, inv_gamma: float = 1.0,
+                 power: float = 2 / 3, update_after_step: int = 0, update_every: int = 1, compensate: bool = False,
+                 buffers: str = "copy", exclude: Sequence[str] = (), rounding: str = "nearest", seed: int = 0,
+                 skip_nonfinite: bool = False, device_step: bool | None = None):
+        for what, m in (("online", online), ("target", target)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{what} must be a torch.nn.Module, got {type(m).__name__}")
+        if _unwrap(online) is _unwrap(target):
+            raise ValueError("target is the online network itself; pass a copy: TargetNetwork(online, "
+                             "copy.deepcopy(online))")
+        if tau is not None and momentum is not None:
+            raise ValueError(f"give tau or momentum (= 1 - tau), not both; got tau={tau!r}, momentum={momentum!r}")
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
+            raise ValueError(f"tau must be a float in [0, 1], got {tau!r} (a schedule goes to momentum=)")
+        if momentum is None:
+            momentum = 1.0 - (0.005 if tau is None else float(tau))
+        self.plan = Plan(momentum, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
+                         update_after_step=update_after_step, update_every=update_every, compensate=compensate)
+        if self.plan.rows != 1:
+            raise ValueError(f"a target network keeps one average; give one momentum, got {momentum!r}")
+        if buffers not in ("copy", "average", "ignore"):
+            raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        if device_step is not None and not isinstance(device_step, bool):
+            raise TypeError(f"device_step must be True, False or None, got {device_step!r}")
+        sr_key(seed, 0)                                     # validates the seed
+        self.online, self.target = online, target
+        self.buffers, self.exclude = buffers, _patterns("exclude", exclude)
+        self.rounding, self.seed, self.skip_nonfinite = rounding, seed, skip_nonfinite
+        self._sel = _Selection(_unwrap(online), _unwrap(target), self.exclude, buffers)
+        averaged = self._sel.groups[0]
+        for g in averaged:
+            stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
+        self._devices = sorted({g.device for gs in self._sel.groups[:2] for g in gs})
+        self._key = _backends.address_key(self._sel.tensors)
+        self._guard = _backends.layout_guard(self._sel.tensors)
+        self._flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self._devices}
+        self._flag_views = {d: _backends.kernel_view(f).reshape(-1) for d, f in self._flags.items()}
+        self._on_gpu = any(d != "cpu" for d in self._devices)
+        if device_step is None:
+            device_step = self._on_gpu
+        self._device_plan = DevicePlan(self.plan, averaged, seed) if device_step else None
+        self._plan_flag_views = {} if self._device_plan is None else {
+            d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
+
+    # ------------------------------------------------------------ what it is
+
+    @property
+    def momentum(self) -> float:
+        """The momentum (``1 - tau``) the next update uses."""
+        return float(self.plan.decay)          # type: ignore[arg-type]  # one row
+
+    @property
+    def tau(self) -> float:
+        """The weight of the online network in the next update (``1 - momentum``)."""
+        return 1.0 - self.momentum
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls that ``update_every`` skipped are not counted)."""
+        return self.plan.updates
+
+    @property
+    def calls(self) -> int:
+        """``update()`` calls so far, skipped ones included."""
+        return self.plan.calls
+
+    @property
+    def device_step(self) -> bool:
+        """True when the plan lives on the device (see the ``device_step`` argument)."""
+        return self._device_plan is not None
+
+    @property
+    def names(self) -> dict[str, list[str]]:
+        """The target's tensors by what ``update()`` does to them: ``averaged``, ``copied``
+        (floating buffers) and ``integer`` (copied)."""
+        return dict(zip(("averaged", "copied", "integer"), (list(n) for n in self._sel.names)))
+
+    @property
+    def skipped(self) -> dict[str, torch.Tensor]:
+        """``device -> int32[1]`` flags of the last update with ``skip_nonfinite=True`` (1: skipped)."""
+        return dict(self._flags) if self.skip_nonfinite else {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory this object owns: launch tables of addresses, skip flags, the device plan.
+        The average is the target's own tensors: no copy of the weights is kept."""
+        total = sum(f.numel() * f.element_size() for f in self._flags.values())
+        for gs in self._sel.groups[:2]:
+            for g in gs:
+                total += sum(int(getattr(a, "nbytes", 0)) for a in g.tables.args()[1:])
+        if self._device_plan is not None:
+            total += sum(a.numel() * a.element_size() for d in self._device_plan.devices.values()
+                         for a in d.arrays.values() if isinstance(a, torch.Tensor))
+        return total
+
+    def __repr__(self) -> str:
+        a, c, i = self._sel.names
+        return (f"TargetNetwork(tau={self.tau:.6g}, {len(a)} averaged, {len(c)} copied, {len(i)} integer, "
+                f"updates={self.updates}, device_step={self.device_step})")
+
+    def __copy__(self):
+        raise TypeError("a TargetNetwork cannot be copied: its launch tables hold the addresses of both networks' "
+                        "tensors. Make a new one of the (copied) networks and load this one's state: "
+                        "new.load_state_dict(old.state_dict())")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    # ------------------------------------------------------------ the per-step path
+
+    def _groups(self) -> tuple:
+        """The launch groups of the tensors the modules hold now: the last ones when nothing moved;
+        else looked up again by name and checked (or refused, writing nothing)."""
+        now = self._sel.current()
+        if now is None:                                  # a tensor or module replaced, added or removed
+            sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
+            if sel.names != self._sel.names:
+                old, new = set(sum(self._sel.names, [])), set(sum(sel.names, []))
+                raise ValueError(f"the networks changed after TargetNetwork(online, target): now without "
+                                 f"{sorted(old - new)[:5]}, with {sorted(new - old)[:5]} besides (or a tensor "
+                                 f"changed kind); make a new TargetNetwork. Nothing was written.")
+            sel.specs = self._sel.specs
+            groups = sel.group(sel.tensors)              # checked against the construction's dtypes, shapes
+            sel.groups = groups
+            self._sel, self._key = sel, _backends.address_key(sel.tensors)
+            self._guard = _backends.layout_guard(sel.tensors)
+            return groups
+        if _backends.address_key(now) != self._key or not self._guard(now):   # storage moved (p.data = new)
+            groups = self._sel.group(now)
+            self._sel.groups = groups
+            self._key, self._guard = _backends.address_key(now), _backends.layout_guard(now)
+        return self._sel.groups
+
+    def update(self, step: int | None = None) -> None:
+        """Move the target towards the online network (call after ``optimizer.step()``).
+
+        Args:
+            step: the training step for the momentum schedule; defaults to the number of
+                updates made.
+        """
+        pending = self.plan.next(step)                   # checks step before anything else
+        if self._device_plan is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("TargetNetwork.update() is being captured in a CUDA graph, but this one keeps its "
+                               "schedule on the host (device_step=False): every replay would repeat this call's "
+                               "tau. Make it with device_step=True (the default on a GPU).")
+        if self._device_plan is None and not pending.due:
+            self.plan.done(pending)
+            return
+        averaged, copied, ints = self._groups()
+        plan = self._device_plan
+        flags = None
+        if plan is not None:
+            plan.advance(step)
+            flags = self._plan_flag_views
+        elif self.skip_nonfinite:
+            for f in self._flags.values():
+                f.zero_()                                # on the device, stream-ordered: no sync
+            flags = self._flag_views
+        if self.skip_nonfinite:                          # the online tensors' inf/NaN: added to the flags
+            for g in averaged + copied:
+                _launch.launch("nonfinite", g, flag=flags[g.device])   # type: ignore[index]
+        stochastic = self.rounding == "stochastic"
+        weights = {d: resolve_weights(None, pending.weights, 1, d) for d in self._devices} if plan is None else None
+        for gi, g in enumerate(averaged):
+            if plan is not None:
+                w, key = plan.weights(g), plan.key(gi, g)
+            else:
+                w = weights[g.device]                    # type: ignore[index]
+                key = sr_key(self.seed + (gi << 32), pending.n) if stochastic else 0
+            _launch.launch("lerp", g, weights=w, flag=None if flags is None else flags[g.device], key=key,
+                           stochastic=stochastic)
+        self._carry(copied, ints, flags if plan is not None or self.skip_nonfinite else None,
+                    plan.flags if plan is not None else self._flags)
+        self.plan.done(pending)
+
+    def _carry(self, copied: list, ints: tuple, flags: dict | None, tensors: dict) -> None:
+        """The copied buffers: floating ones by the copy kernel, integer ones by torch (behind the
+        flags, on the device, when given)."""
+        for g in copied:
+            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1,
+                           flag=None if flags is None else flags.get(g.device))
+        dst, src = ints
+        if not dst:
+            return
+        with torch.no_grad():
+            if flags is None:
+                torch._foreach_copy_(list(dst), list(src))
+                return
+            for d, s in zip(dst, src):                   # keep the old value on a skipped call, no sync
+                flag = tensors.get("cpu" if d.device.type == "cpu" else f"{d.device.type}:{d.device.index}")
+                d.copy_(s if flag is None else torch.where(flag[0] != 0, d, s))
+
+    def hard_update(self) -> None:
+        """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,
+        TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced."""
+        averaged, copied, ints = self._groups()
+        self._carry(averaged + copied, ints, None, {})
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """The counters and the schedule (plain Python values). The averaged weights are the
+        target's own: save ``target.state_dict()`` beside this."""
+        if self._device_plan is not None:
+            self._device_plan.read_into(self.plan)       # replayed graphs advanced the device only
+        a, c, i = self._sel.names
+        return {"format": FORMAT, "version": VERSION, "plan": self.plan.state(),
+                "names": {"averaged": list(a), "copied": list(c), "integer": list(i)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict`'s counters and schedule; everything is checked before anything
+        changes (load the target's weights with ``target.load_state_dict``)."""
+        problems: list[str] = []
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from TargetNetwork.state_dict(), got {type(state).__name__}")
+        if state.get("format") != FORMAT:
+            problems.append(f"format is {state.get('format')!r}, not {FORMAT!r} (is it another object's state?)")
+        elif state.get("version") != VERSION:
+            problems.append(f"version {state.get('version')!r} is not {VERSION} (saved by another fastema?)")
+        else:
+            names = state.get("names")
+            if names != self.names:
+                problems.append("the checkpoint's tensor names differ from these networks' (saved for other "
+                                "networks, or with other exclude= / buffers=)")
+            plan = state.get("plan")
+            if not isinstance(plan, dict):
+                problems.append("the checkpoint has no plan state")
+            else:
+                self.plan.check_state(plan, problems)
+        if problems:
+            raise ValueError("cannot load this TargetNetwork state: " + "; ".join(problems) + ". Nothing was loaded.")
+        self.plan.load_state(state["plan"])
+        if self._device_plan is not None:
+            self._device_plan.load(self.plan, self.seed)
