@@ -307,7 +307,10 @@ class TargetNetwork:
         else looked up again by name and checked (or refused, writing nothing)."""
         now = self._sel.current()
         if now is None:                                  # a tensor or module replaced, added or removed
-            sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
+            try:
+                sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"the networks changed after TargetNetwork(online, target): {err}") from None
             if sel.names != self._sel.names:
                 old, new = set(sum(self._sel.names, [])), set(sum(sel.names, []))
                 raise ValueError(f"the networks changed after TargetNetwork(online, target): now without "

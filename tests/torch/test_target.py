@@ -1,0 +1,384 @@
+"""fastema.torch.TargetNetwork: target networks and momentum teachers averaged in the target's own
+tensors: float64 references over N updates (constant tau, warm-ups, update_every), a SAC/TD3-style
+learner loop (side by side with SB3's polyak_update), DQN hard updates, following and refusing
+changed networks, checkpoints, no copy of the weights, the guide's examples."""
+import copy
+import gc
+import pathlib
+import re
+import types
+
+import models
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastema import schedules as S
+from fastema.torch import TargetNetwork
+
+GUIDE = pathlib.Path(__file__).parents[2] / "docs" / "guides" / "targets.md"
+
+
+def mlp(dtype=None, seed=0):
+    return models.mlp(5, 16, 16, 1, dtype=dtype, seed=seed)
+
+
+def pair(dtype=None):
+    online = mlp(dtype)
+    return online, copy.deepcopy(online).requires_grad_(False)
+
+
+def perturb(model, gen):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
+
+
+def decay_of(schedule, n):
+    return schedule(n)
+
+
+def assert_tracks(target, ref64, n):
+    """The float32 chain within ``n`` steps' float32 rounding of the float64 reference."""
+    for name, t in target.named_parameters():
+        r = ref64[name]
+        tol = (n + 1) * 2.0 ** -23 * (r.abs() + 1) * 4
+        assert ((t.double() - r).abs() <= tol).all(), name
+
+
+# ------------------------------------------------------------------------------ references
+
+@pytest.mark.parametrize("kw", [dict(tau=0.05), dict(momentum=0.9, warmup="num_updates"),
+                                dict(momentum=0.95, warmup="power", update_after_step=2, power=0.75),
+                                dict(tau=0.2, update_every=3), dict(tau=0.2, update_every=3, compensate=True)])
+def test_matches_float64_reference_and_foreach_lerp(kw):
+    online, target = pair()
+    tn = TargetNetwork(online, target, **kw)
+    sched = tn.plan.schedules[0]
+    every, comp = kw.get("update_every", 1), kw.get("compensate", False)
+    ref = {n: p.detach().double().clone() for n, p in target.named_parameters()}
+    lerp = copy.deepcopy(target)                          # torch's own float32 lerp, step by step
+    gen = torch.Generator().manual_seed(1)
+    updates = 0
+    for call in range(20):
+        perturb(online, gen)
+        tn.update()
+        if call % every:
+            continue
+        updates += 1
+        d = sched(updates)
+        d = d ** every if comp else d
+        tau = 1.0 - d
+        for n, p in online.named_parameters():
+            ref[n] += tau * (p.detach().double() - ref[n])
+        torch._foreach_lerp_(list(lerp.parameters()), [p.detach() for p in online.parameters()], tau)
+    assert (tn.updates, tn.calls) == (updates, 20)
+    assert_tracks(target, ref, updates)
+    for (n, a), b in zip(target.named_parameters(), lerp.parameters()):
+        assert torch.equal(a, b), n                       # float32 target: torch.lerp_ bit for bit
+    assert all(not p.requires_grad for p in target.parameters())
+
+
+def test_float32_target_of_bfloat16_online():
+    online = mlp(torch.bfloat16)
+    target = mlp().requires_grad_(False)
+    target.load_state_dict({k: v.float() for k, v in online.state_dict().items()})
+    tn = TargetNetwork(online, target, tau=0.01)
+    ref = {n: p.detach().double().clone() for n, p in target.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(30):
+        perturb(online, gen)
+        tn.update()
+        for n, p in online.named_parameters():
+            ref[n] += 0.01 * (p.detach().double() - ref[n])
+    assert target[0].weight.dtype == torch.float32
+    assert_tracks(target, ref, 30)                        # tau * online is far below bfloat16's resolution
+
+
+def test_device_step_on_the_cpu_equals_the_host_plan():
+    a_on, a_tg = pair()
+    b_on, b_tg = pair()
+    kw = dict(momentum=0.9, warmup="power", update_after_step=1, update_every=2)
+    host, dev = TargetNetwork(a_on, a_tg, **kw), TargetNetwork(b_on, b_tg, device_step=True, **kw)
+    assert dev.device_step and not host.device_step
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(9):
+        perturb(a_on, gen_a)
+        perturb(b_on, gen_b)
+        host.update()
+        dev.update()
+    for a, b in zip(a_tg.state_dict().values(), b_tg.state_dict().values()):
+        assert torch.equal(a, b)
+    assert dev.state_dict()["plan"] == host.state_dict()["plan"]
+
+
+def test_momentum_schedule_object():
+    Cosine = getattr(S, "Cosine", None)
+    if Cosine is None:
+        pytest.skip("fastema.schedules.Cosine is not in this tree yet")
+    online, target = pair()
+    sched = Cosine(0.9, 1.0, 10)
+    tn = TargetNetwork(online, target, momentum=sched)
+    ref = {n: p.detach().double().clone() for n, p in target.named_parameters()}
+    gen = torch.Generator().manual_seed(4)
+    for n_upd in range(1, 13):
+        perturb(online, gen)
+        tn.update()
+        tau = 1.0 - tn.plan.schedules[0](n_upd)
+        for n, p in online.named_parameters():
+            ref[n] += tau * (p.detach().double() - ref[n])
+    assert_tracks(target, ref, 12)
+
+
+# ------------------------------------------------------------------------------ learner loops
+
+def test_td3_style_learner_loop_against_float64_and_sb3():
+    """A critic trained with Adam on TD targets computed from its target network each step."""
+    polyak = pytest.importorskip("stable_baselines3.common.utils").polyak_update
+    torch.manual_seed(0)
+    critic = models.mlp(4 + 1, 32, 32, 1, seed=5)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    sb3_critic, sb3_target = copy.deepcopy(critic), copy.deepcopy(critic_target)
+    tau, gamma = 0.02, 0.99
+    soft = TargetNetwork(critic, critic_target, tau=tau)
+    ref = {n: p.detach().double().clone() for n, p in critic_target.named_parameters()}
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (critic, sb3_critic)]
+    gen = torch.Generator().manual_seed(6)
+    for step in range(25):
+        s, a, r, s2 = (torch.randn(16, k, generator=gen) for k in (4, 1, 1, 4))
+        a2 = torch.tanh(s2[:, :1])
+        for net, tgt, opt in ((critic, critic_target, opts[0]), (sb3_critic, sb3_target, opts[1])):
+            with torch.no_grad():
+                y = r + gamma * tgt(torch.cat([s2, a2], 1))
+            loss = nn.functional.mse_loss(net(torch.cat([s, a], 1)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        soft.update()
+        polyak(sb3_critic.parameters(), sb3_target.parameters(), tau)
+        for n, p in critic.named_parameters():
+            ref[n] += tau * (p.detach().double() - ref[n])
+    assert_tracks(critic_target, ref, 25)
+    # SB3 rounds twice a step (mul_, add_) and its critic learns from its own target: the two runs
+    # stay within float32 rounding of each other over the loop
+    for a, b in zip(critic_target.parameters(), sb3_target.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dqn_hard_updates():
+    q = models.mlp(4, 16, 2, norm=nn.BatchNorm1d, seed=7)
+    q_target = copy.deepcopy(q).requires_grad_(False)
+    sync = TargetNetwork(q, q_target, tau=1.0)
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(8)
+    for step in range(1, 13):
+        s, r = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+        before = {k: v.clone() for k, v in q_target.state_dict().items()}
+        with torch.no_grad():
+            y = r + 0.9 * q_target(s).max(1, keepdim=True).values
+        loss = nn.functional.mse_loss(q(s).max(1, keepdim=True).values, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 4 == 0:
+            sync.hard_update()
+            for (k, a), b in zip(q_target.state_dict().items(), q.state_dict().values()):
+                assert torch.equal(a, b), k               # parameters, running statistics, counters
+        else:
+            for k, v in q_target.state_dict().items():
+                if k.endswith("num_batches_tracked") or "running" in k:
+                    continue                              # q_target(s) in train mode moved its statistics
+                assert torch.equal(v, before[k]), k
+    assert sync.updates == 0
+
+
+def test_buffers_copy_average_ignore():
+    gen = torch.Generator().manual_seed(9)
+    for buffers in ("copy", "average", "ignore"):
+        online = models.mlp(4, 8, 2, norm=nn.BatchNorm1d, seed=10)
+        target = copy.deepcopy(online).requires_grad_(False)
+        tn = TargetNetwork(online, target, tau=0.5, buffers=buffers)
+        start = target[1].running_mean.clone()
+        online(torch.randn(8, 4, generator=gen))           # the online statistics move
+        tn.update()
+        got, src = target[1].running_mean, online[1].running_mean
+        want = {"copy": src, "average": start.lerp(src, 0.5), "ignore": start}[buffers]
+        assert torch.equal(got, want), buffers
+        counters = (target[1].num_batches_tracked.item(), online[1].num_batches_tracked.item())
+        assert counters == ((0, 1) if buffers == "ignore" else (1, 1)), buffers
+
+
+def test_skip_nonfinite_keeps_the_target():
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.5, skip_nonfinite=True)
+    before = copy.deepcopy(target.state_dict())
+    with torch.no_grad():
+        online[0].weight[0, 0] = float("nan")
+    tn.update()
+    assert tn.skipped["cpu"].item() == 1 and tn.updates == 1     # counted, nothing written
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        online[0].weight[0, 0] = 0.0
+    tn.update()
+    assert tn.skipped["cpu"].item() == 0
+    assert torch.equal(target[0].weight, before["0.weight"].lerp(online[0].weight, 0.5))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    kw = dict(momentum=0.9, warmup="power", update_after_step=2, update_every=2)
+
+    def run(online, target, tn, steps, gen):
+        for _ in range(steps):
+            perturb(online, gen)
+            tn.update()
+
+    online, target = pair()
+    tn = TargetNetwork(online, target, **kw)
+    gen = torch.Generator().manual_seed(11)
+    run(online, target, tn, 7, gen)
+    torch.save({"online": online.state_dict(), "target": target.state_dict(), "tn": tn.state_dict(),
+                "gen": gen.get_state()}, tmp_path / "ckpt.pt")
+    run(online, target, tn, 8, gen)
+
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    online2, target2 = mlp(seed=99), mlp(seed=98).requires_grad_(False)
+    online2.load_state_dict(saved["online"])
+    target2.load_state_dict(saved["target"])
+    tn2 = TargetNetwork(online2, target2, **kw)
+    tn2.load_state_dict(saved["tn"])
+    gen2 = torch.Generator()
+    gen2.set_state(saved["gen"])
+    run(online2, target2, tn2, 8, gen2)
+    for a, b in zip(target.state_dict().values(), target2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tn2.state_dict() == tn.state_dict()
+
+
+def test_load_refusals_change_nothing():
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.1)
+    tn.update()
+    good = tn.state_dict()
+    other = TargetNetwork(*pair(), tau=0.1, exclude=["2.*"]).state_dict()
+    bad = [("not a dict", TypeError), ({**good, "format": "fastema.torch.EMA"}, ValueError),
+           ({**good, "version": 99}, ValueError), (other, ValueError),
+           ({**good, "plan": {**good["plan"], "updates": -1}}, ValueError),
+           ({**good, "plan": {**good["plan"], "schedules": []}}, ValueError)]
+    for state, err in bad:
+        with pytest.raises(err):
+            tn.load_state_dict(state)
+        assert tn.state_dict() == good
+
+
+# ------------------------------------------------------------------------------ changes and refusals
+
+def test_construction_refusals_name_the_tensor():
+    online, target = pair()
+    with pytest.raises(ValueError, match="itself"):
+        TargetNetwork(online, online)
+    with pytest.raises(ValueError, match="tau or momentum"):
+        TargetNetwork(online, target, tau=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="tau must be"):
+        TargetNetwork(online, target, tau=1.5)
+    wider = models.mlp(5, 16, 17, 1)
+    with pytest.raises(ValueError, match=r"'2.weight' has shape \(17, 16\) in the target"):
+        TargetNetwork(online, wider)
+    deeper = models.mlp(5, 16, 16, 16, 1)
+    with pytest.raises(ValueError, match=r"the target lacks \[\] and has \['6.weight', '6.bias'\]"):
+        TargetNetwork(online, deeper)
+    shared = copy.deepcopy(online)
+    shared[0].weight = online[0].weight
+    with pytest.raises(ValueError, match="'0.weight' shares memory"):
+        TargetNetwork(online, shared)
+    with pytest.raises(ValueError, match="rounding"):
+        TargetNetwork(online, target, rounding="stochastic")        # float32 targets round to nearest
+    assert TargetNetwork(online, copy.deepcopy(online), exclude=["2.*"]).names["averaged"] == [
+        "0.weight", "0.bias", "4.weight", "4.bias"]
+
+
+def test_wrapped_online_matches_by_normalised_name():
+    class Compiled(nn.Module):                                       # torch.compile's wrapper, as it nests
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    online, target = pair()
+    assert next(iter(Compiled(online).state_dict())).startswith("_orig_mod.")
+    tn = TargetNetwork(Compiled(online), target, tau=0.5)
+    perturb(online, torch.Generator().manual_seed(12))
+    want = target[0].weight.lerp(online[0].weight, 0.5)
+    tn.update()
+    assert torch.equal(target[0].weight, want)
+
+
+def test_follows_moved_and_replaced_tensors():
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.5)
+    online[0].weight.data = torch.randn(16, 5)                       # storage moved
+    target[2].weight = nn.Parameter(target[2].weight.detach().clone(), requires_grad=False)   # replaced
+    w0, w2 = target[0].weight.lerp(online[0].weight, 0.5), target[2].weight.lerp(online[2].weight, 0.5)
+    tn.update()
+    assert torch.equal(target[0].weight, w0) and torch.equal(target[2].weight, w2)
+
+
+@pytest.mark.parametrize("change", ["bigger layer", "deleted layer", "added parameter", "dtype", "reshaped"])
+def test_changed_networks_are_refused_and_nothing_is_written(change):
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.5)
+    tn.update()
+    if change == "bigger layer":
+        online[2] = nn.Linear(16, 16, bias=False)
+    elif change == "deleted layer":
+        del target[4]
+    elif change == "added parameter":
+        target[0].extra = nn.Parameter(torch.zeros(3))
+    elif change == "dtype":
+        target[2].double()
+    else:
+        online[0].weight.data = online[0].weight.data.reshape(5, 16)
+    before = copy.deepcopy(target.state_dict())
+    state = tn.state_dict()
+    with pytest.raises(ValueError, match="TargetNetwork"):
+        tn.update()
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert tn.state_dict() == state
+
+
+def test_holds_no_copy_of_the_weights():
+    online, target = models.mlp(64, 128, 128, 8, seed=13), None
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.1, skip_nonfinite=True)
+    tn.update()
+    weights = sum(p.numel() * p.element_size() for p in target.parameters())
+    assert tn.nbytes < 1024 < weights / 50                           # tables of addresses and a flag
+    # and nothing reachable from it but the networks' own tensors is larger than a few bytes
+    own = {id(t) for m in (online, target) for t in list(m.parameters()) + list(m.buffers())}
+    seen, stack, found = {id(online), id(target)}, [tn], []
+    while stack:
+        obj = stack.pop()
+        for ref in gc.get_referents(obj):
+            if id(ref) in seen or isinstance(ref, (type, types.ModuleType, types.FunctionType)):
+                continue
+            seen.add(id(ref))
+            if isinstance(ref, torch.Tensor):
+                if id(ref) not in own:
+                    found.append(ref.numel() * ref.element_size())
+            elif isinstance(ref, np.ndarray):
+                found.append(ref.nbytes)
+            elif not isinstance(ref, nn.Module):
+                stack.append(ref)
+    assert sum(found) < 1024, sorted(found)[-5:]
+
+
+# ------------------------------------------------------------------------------ the guide
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_guide_examples_run(capsys, block):
+    code = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)[block]
+    exec(compile(code, "guides/targets.md", "exec"), {})
+    assert "TargetNetwork(tau=0.005" in capsys.readouterr().out or block == 1
