@@ -233,6 +233,7 @@ class TargetNetwork:
         if device_step is None:
             device_step = self._on_gpu
         self._device_plan = DevicePlan(self.plan, averaged, seed) if device_step else None
+        self._weights: tuple = (None, None)             # (the plan's weights, the kernels' tuple) of the last update
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
 
@@ -305,7 +306,10 @@ class TargetNetwork:
     def _groups(self) -> tuple:
         """The launch groups of the tensors the modules hold now: the last ones when nothing moved;
         else looked up again by name and checked (or refused, writing nothing)."""
-        now = self._sel.current()
+        sel = self._sel
+        now = sel.current()
+        if now is not None and _backends.address_key(now) == self._key and self._guard(now):
+            return sel.groups                            # the usual step: nothing moved
         if now is None:                                  # a tensor or module replaced, added or removed
             try:
                 sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
@@ -322,11 +326,10 @@ class TargetNetwork:
             self._sel, self._key = sel, _backends.address_key(sel.tensors)
             self._guard = _backends.layout_guard(sel.tensors)
             return groups
-        if _backends.address_key(now) != self._key or not self._guard(now):   # storage moved (p.data = new)
-            groups = self._sel.group(now)
-            self._sel.groups = groups
-            self._key, self._guard = _backends.address_key(now), _backends.layout_guard(now)
-        return self._sel.groups
+        groups = sel.group(now)                          # storage moved under a tensor (p.data = new)
+        sel.groups = groups
+        self._key, self._guard = _backends.address_key(now), _backends.layout_guard(now)
+        return groups
 
     def update(self, step: int | None = None) -> None:
         """Move the target towards the online network (call after ``optimizer.step()``).
@@ -357,17 +360,18 @@ class TargetNetwork:
             for g in averaged + copied:
                 _launch.launch("nonfinite", g, flag=flags[g.device])   # type: ignore[index]
         stochastic = self.rounding == "stochastic"
-        weights = {d: resolve_weights(None, pending.weights, 1, d) for d in self._devices} if plan is None else None
+        if plan is None and pending.weights != self._weights[0]:     # host floats, the same on every device
+            self._weights = (pending.weights, resolve_weights(None, pending.weights, 1, "cpu"))
         for gi, g in enumerate(averaged):
             if plan is not None:
                 w, key = plan.weights(g), plan.key(gi, g)
             else:
-                w = weights[g.device]                    # type: ignore[index]
+                w = self._weights[1]
                 key = sr_key(self.seed + (gi << 32), pending.n) if stochastic else 0
             _launch.launch("lerp", g, weights=w, flag=None if flags is None else flags[g.device], key=key,
                            stochastic=stochastic)
-        self._carry(copied, ints, flags if plan is not None or self.skip_nonfinite else None,
-                    plan.flags if plan is not None else self._flags)
+        if copied or ints[0]:
+            self._carry(copied, ints, flags, plan.flags if plan is not None else self._flags)
         self.plan.done(pending)
 
     def _carry(self, copied: list, ints: tuple, flags: dict | None, tensors: dict) -> None:
