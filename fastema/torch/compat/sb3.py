@@ -41,9 +41,6 @@ def _check_slow(i: int, target: torch.Tensor, param: torch.Tensor) -> None:
     if target.device != param.device:
         raise ValueError(f"target_params[{i}] is on {target.device} but params[{i}] on {param.device}; "
                          f"move the target network to the online network's device")
-    if target.shape != param.shape:
-        raise ValueError(f"target_params[{i}] has shape {tuple(target.shape)} but params[{i}] "
-                         f"{tuple(param.shape)}; pass the two networks' tensors in the same order")
 
 
 @torch.no_grad()
@@ -97,15 +94,19 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
         return
     fast_t, fast_s, slow = [], [], []
     for i, (t, s) in enumerate(zip(targets, sources)):
-        t, s = t.data, s.data
+        if t.shape != s.shape:
+            raise ValueError(f"target_params[{i}] has shape {tuple(t.shape)} but params[{i}] {tuple(s.shape)}; "
+                             f"pass the two networks' tensors in the same order")
         if kernel_pair(t, s):
             fast_t.append(t)
             fast_s.append(s)
         else:
             _check_slow(i, t, s)
-            slow.append((t, s))
+            slow.append((t.data, s.data))
     if fast_t:
-        ema_update_many_(fast_t, fast_s, weight=weight)  # checks all, then writes; caches the layout
+        # checks all, then writes; caches the layout under these tensors (not their .data, which
+        # the layout guard tells apart from a Parameter): the next call is a cached_pair_groups hit
+        ema_update_many_(fast_t, fast_s, weight=weight)
     for t, s in slow:                                    # SB3's own arithmetic
         t.mul_(1 - weight)
         torch.add(t, s, alpha=weight, out=t)
