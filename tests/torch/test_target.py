@@ -4,6 +4,7 @@ learner loop (side by side with SB3's polyak_update), DQN hard updates, followin
 changed networks, checkpoints, no copy of the weights, the guide's examples."""
 import copy
 import gc
+import math
 import pathlib
 import re
 import types
@@ -33,10 +34,6 @@ def perturb(model, gen):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
-
-
-def decay_of(schedule, n):
-    return schedule(n)
 
 
 def assert_tracks(target, ref64, n):
@@ -125,10 +122,12 @@ def test_momentum_schedule_object():
     for n_upd in range(1, 13):
         perturb(online, gen)
         tn.update()
-        tau = 1.0 - tn.plan.schedules[0](n_upd)
+        t = n_upd - 1                                     # DINO's cosine, closed form: 0.9 at the first update
+        tau = 1.0 - (1.0 if t >= 10 else 1.0 + 0.5 * (0.9 - 1.0) * (1 + math.cos(math.pi * t / 10)))
         for n, p in online.named_parameters():
             ref[n] += tau * (p.detach().double() - ref[n])
     assert_tracks(target, ref, 12)
+    assert tn.momentum == 1.0                             # held at the end from total_steps on
 
 
 # ------------------------------------------------------------------------------ learner loops
