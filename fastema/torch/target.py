@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import _backends, _launch
+from .._backends.torch import refuse_foreign
 from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.plan import Plan
@@ -62,6 +63,9 @@ class _Selection:
                              f"{missing[:5]} and has {extra[:5]} besides; make the target a copy of the online "
                              f"network (copy.deepcopy(online)), or exclude= the names that differ. Nothing was "
                              f"written.")
+        for side, named in (("online network", theirs), ("target", mine)):
+            for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
+                refuse_foreign(t, f"the {side}'s {kind} {name!r}")
         online_memory = {t.data_ptr() for _, t in theirs.values() if t.numel()}
         averaged, copied, ints = [], [], []
         for name, (kind, src) in theirs.items():

@@ -293,6 +293,9 @@ def test_construction_refusals_name_the_tensor():
     shared[0].weight = online[0].weight
     with pytest.raises(ValueError, match="'0.weight' shares memory"):
         TargetNetwork(online, shared)
+    lazy = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    with pytest.raises(ValueError, match="the target's parameter '0.weight' is an uninitialized parameter"):
+        TargetNetwork(online, lazy)
     with pytest.raises(ValueError, match="rounding"):
         TargetNetwork(online, target, rounding="stochastic")        # float32 targets round to nearest
     assert TargetNetwork(online, copy.deepcopy(online), exclude=["2.*"]).names["averaged"] == [
