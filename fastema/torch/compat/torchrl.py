@@ -65,7 +65,6 @@ class SoftUpdate(_SoftUpdate):
         self._pending[0].append(p_source)
         self._pending[1].append(p_target)
 
-    @torch.no_grad()
     def step(self) -> None:
         """Lerp every target tensor towards its source by ``1 - eps``: TorchRL's checks (initialised,
         targets outside any graph), then one fastema launch per (device, dtype) group."""
@@ -98,7 +97,6 @@ class HardUpdate(_HardUpdate):
             self._pending[0].append(p_source)
             self._pending[1].append(p_target)
 
-    @torch.no_grad()
     def step(self) -> None:
         """TorchRL's ``HardUpdate.step()``: count, and copy the sources into the targets when the
         count reaches ``value_network_update_interval``."""
@@ -109,4 +107,5 @@ class HardUpdate(_HardUpdate):
         finally:
             del self._pending
         if targets:
-            torch._foreach_copy_(targets, sources)
+            with torch.no_grad():
+                torch._foreach_copy_(targets, sources)

@@ -1,0 +1,89 @@
+"""The reinforcement-learning drop-ins (issue #27, item 2) against the originals they replace.
+
+- ``fastema.torch.compat.polyak_update(online.parameters(), target.parameters(), tau)``, called
+  as SB3 calls it (generators of ``.parameters()`` every call; the ``(lists)`` row: lists built
+  once, as the ``_foreach_lerp_`` row has them), against Stable-Baselines3's own
+  ``polyak_update`` (a per-tensor ``mul_`` + ``add``: two launches and two passes a tensor) and
+  against ``torch._foreach_lerp_`` over lists built once (the best case for that baseline: no
+  list building per call).
+- ``fastema.torch.compat.SoftUpdate.step()`` against TorchRL's ``SoftUpdate.step()`` on a
+  ``DDPGLoss`` holding the same MLP as its value network (the actor: a 3 -> 1 linear).
+
+Targets: an MLP of 2 x 256x256 layers and a 256 -> 1 head (6 tensors, 132k parameters) and one
+of 14 such layers and a head (30 tensors, 0.9M parameters), float32 on the CPU. These updates run
+after every gradient step of small networks, so the per-call host overhead counts as much as
+the bandwidth: the figures are microseconds a call (``bytes`` for GB/s: 12 bytes an element).
+Issue #27's targets: >= 3x SB3's ``polyak_update`` and >= 1.0x ``_foreach_lerp_`` at 6 tensors.
+"""
+import copy
+
+import pytest
+import torch
+from conftest import QUICK
+from torch import nn
+
+TAU = 0.005
+SCENARIOS = {"mlp 6 tensors": 2, "mlp 30 tensors": 14}     # hidden 256x256 layers; + a 256 -> 1 head
+
+
+def _networks(layers: int):
+    torch.manual_seed(0)
+    mods = [m for _ in range(layers) for m in (nn.Linear(256, 256), nn.ReLU())] + [nn.Linear(256, 1)]
+    online = nn.Sequential(*mods)
+    return online, copy.deepcopy(online)
+
+
+def _time(benchmark, fn, impl, scenario, n, tensors):
+    for _ in range(3):
+        fn()                                           # compile / allocate / cache outside the timing
+    benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cpu", elements=n, tensors=tensors)
+    benchmark.pedantic(fn, rounds=5 if QUICK else 30, iterations=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("impl", ["fastema compat.polyak_update", "fastema compat.polyak_update (lists)",
+                                  "SB3 polyak_update", "torch._foreach_lerp_"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_polyak_update(benchmark, impl, scenario):
+    benchmark.group = "polyak_update drop-in, float32 (cpu)"
+    online, target = _networks(SCENARIOS[scenario])
+    params, target_params = list(online.parameters()), list(target.parameters())
+    n = sum(p.numel() for p in params)
+    if impl == "torch._foreach_lerp_":
+        def fn():
+            with torch.no_grad():
+                torch._foreach_lerp_(target_params, params, TAU)
+    elif impl == "fastema compat.polyak_update (lists)":   # lists built once, as the _foreach_lerp_ row
+        from fastema.torch.compat import polyak_update
+
+        def fn():
+            polyak_update(params, target_params, TAU)
+    else:
+        if impl == "SB3 polyak_update":
+            polyak_update = pytest.importorskip("stable_baselines3.common.utils").polyak_update
+        else:
+            from fastema.torch.compat import polyak_update
+
+        def fn():
+            polyak_update(online.parameters(), target.parameters(), TAU)
+    _time(benchmark, fn, impl, scenario, n, len(params))
+
+
+@pytest.mark.parametrize("impl", ["fastema compat.SoftUpdate", "TorchRL SoftUpdate"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_torchrl_soft_update(benchmark, impl, scenario):
+    objectives = pytest.importorskip("torchrl.objectives")
+    from torchrl.modules import Actor, ValueOperator
+
+    benchmark.group = "TorchRL SoftUpdate drop-in, float32 (cpu)"
+    value_net, _ = _networks(SCENARIOS[scenario])
+    actor = Actor(nn.Linear(3, 1), in_keys=["observation"])
+    value = ValueOperator(value_net, in_keys=["observation"])
+    loss = objectives.DDPGLoss(actor, value, delay_actor=True, delay_value=True)
+    if impl == "TorchRL SoftUpdate":
+        updater = objectives.SoftUpdate(loss, tau=TAU)
+    else:
+        from fastema.torch.compat import SoftUpdate
+
+        updater = SoftUpdate(loss, tau=TAU)
+    n = sum(p.numel() for p in loss.value_network_params.values(True, True)) + 4
+    _time(benchmark, updater.step, impl, scenario, n, len(list(value_net.parameters())) + 2)
