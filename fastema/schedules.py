@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -129,7 +129,8 @@ class Cosine:
         decay(t) = end + 0.5 * (start - end) * (1 + cos(pi * t / total_steps))   for 0 <= t < total_steps
                  = end                                                            for t >= total_steps
 
-    with ``t = n - 1`` (the module docstring): the first update uses ``start``. The same float64
+    with ``t = n - 1`` (the module docstring): the first update uses ``start`` (to its last bit:
+    ``end + 0.5 * (start - end) * 2`` rounds as DINO's does). The same float64
     arithmetic as DINO's ``final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters /
     len(iters)))`` (``math.cos``: the last bit may differ from NumPy's SIMD ``cos``), and as DINOv2's
     ``CosineScheduler``, which also holds ``final_value`` from ``total_iters`` on (DINO's array has no
@@ -224,8 +225,8 @@ class PiecewiseConstant:
         boundaries: 1 to 64 strictly increasing ints >= 0.
         values: the decays, one more than ``boundaries``, each in ``[0, 1]``.
     """
-    boundaries: tuple
-    values: tuple
+    boundaries: Sequence[int]
+    values: Sequence[float]
 
     def __post_init__(self):
         for name in ("boundaries", "values"):

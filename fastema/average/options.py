@@ -16,8 +16,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .._checks import shadow_problems
-from ..schedules import BEMA
+from ..schedules import BEMA, Cosine, Linear, PiecewiseConstant
 from .plan import Plan
+
+MomentumSchedule = Cosine | Linear | PiecewiseConstant
 
 __all__ = ["EMAOptions", "HOST_ONLY_REFUSALS", "SELECTION", "ShadowSettings"]
 
@@ -53,7 +55,9 @@ class EMAOptions:
 
     Args:
         decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
-            when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them).
+            when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them); or a
+            momentum schedule (:class:`fastema.schedules.Cosine`, ``Linear``, ``PiecewiseConstant``:
+            DINO's, I-JEPA's teacher momentum), or up to 8 of one kind.
         sigma_rel: EDM2 power-function profiles of these relative widths (a float or up to 8),
             exact for any ``update_every`` or irregular ``update(step=)``.
         half_life: the decay ``2 ** -(dt / half_life)`` for ``dt`` steps since the last update.
@@ -71,7 +75,7 @@ class EMAOptions:
         offload: ``"cpu"`` keeps the shadow in host memory (torch on a GPU), or ``None``.
     """
 
-    decay: float | Sequence[float] | None = None
+    decay: float | Sequence[float] | MomentumSchedule | Sequence[MomentumSchedule] | None = None
     sigma_rel: float | Sequence[float] | None = None
     half_life: float | Sequence[float] | None = None
     bema: bool | BEMA | None = None
