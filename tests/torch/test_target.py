@@ -225,6 +225,23 @@ def test_skip_nonfinite_keeps_the_target():
     assert torch.equal(target[0].weight, before["0.weight"].lerp(online[0].weight, 0.5))
 
 
+@pytest.mark.parametrize("device_step", [False, True])
+def test_update_reads_no_tensor_value_on_the_host(device_step):
+    from reference import no_host_reads
+
+    online = models.mlp(4, 8, 2, norm=nn.BatchNorm1d, seed=14)
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, momentum=0.9, warmup="num_updates", update_every=2, skip_nonfinite=True,
+                       device_step=device_step)
+    online(torch.randn(8, 4))
+    with no_host_reads():
+        for _ in range(3):
+            tn.update()                                   # scan, lerp, buffer copies, integer copies behind flags
+    assert torch.equal(target[1].running_mean, online[1].running_mean)
+    assert torch.equal(target[1].num_batches_tracked, online[1].num_batches_tracked)
+    assert tn.state_dict()["plan"]["updates"] == 2
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
