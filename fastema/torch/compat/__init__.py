@@ -35,3 +35,7 @@ def __getattr__(name: str) -> Any:
         from . import torchrl as _torchrl
         return getattr(_torchrl, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))      # the lazy names too (autodoc lists dir())
