@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["BEMA", "Constant", "Cosine", "HalfLife", "Linear", "NumUpdates", "PiecewiseConstant", "PowerFunction",
-           "PowerWarmup", "from_state",
+           "PowerWarmup", "from_state", "MAX_BOUNDARIES",
            "gamma_to_sigma_rel", "sigma_rel_to_gamma", "SIGMA_REL_MAX"]
 
 
