@@ -286,6 +286,47 @@ def test_torchrl_soft_update_equals_torchrls_bit_for_bit_over_ddpg_training(kwar
         assert torch.equal(g, e) and not torch.equal(g, i)
 
 
+def test_torchrl_soft_update_equals_torchrls_on_sac_ensemble_targets(one_thread):
+    """SACLoss stacks its two Q networks' parameters (leading dimension 2) in one TensorDictParams."""
+    objectives = pytest.importorskip("torchrl.objectives")
+    from tensordict.nn import NormalParamExtractor, TensorDictModule
+    from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+
+    from fastema.torch.compat import SoftUpdate
+
+    class Critic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP(in_features=4, out_features=1, num_cells=[16])
+
+        def forward(self, observation, action):
+            return self.net(torch.cat([observation, action], -1))
+
+    results = []
+    for make in (objectives.SoftUpdate, SoftUpdate):
+        torch.manual_seed(0)
+        net = nn.Sequential(MLP(in_features=3, out_features=2, num_cells=[16]), NormalParamExtractor())
+        actor = ProbabilisticActor(TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+                                   in_keys=["loc", "scale"], distribution_class=TanhNormal)
+        loss = objectives.SACLoss(actor, ValueOperator(Critic(), in_keys=["observation", "action"]),
+                                  num_qvalue_nets=2, target_entropy=-1.0)
+        opt = torch.optim.Adam(loss.parameters(), lr=1e-2)
+        updater = make(loss, tau=0.1)
+        initial = [t.clone() for t in loss.target_qvalue_network_params.values(True, True)]
+        torch.manual_seed(5)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            out = loss(_batch(g, 16))
+            sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+            opt.step()
+            opt.zero_grad()
+            updater.step()
+        results.append([t.clone() for t in loss.target_qvalue_network_params.values(True, True)])
+    assert [t.shape[0] for t in results[1]] == [2, 2, 2, 2]
+    for got, expected, i in zip(results[1], results[0], initial):
+        assert torch.equal(got, expected) and not torch.equal(got, i)
+
+
 def test_torchrl_hard_update_copies_every_interval_as_torchrls(one_thread):
     objectives = pytest.importorskip("torchrl.objectives")
     from fastema.torch.compat import HardUpdate
