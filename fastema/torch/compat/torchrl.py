@@ -25,20 +25,19 @@ from ._common import _lerp_pairs
 __all__ = ["SoftUpdate", "HardUpdate"]
 
 
-def _leaf_pairs(sources: list, targets: list, updater) -> tuple[list, list]:
-    """The leaf tensors of each (source, target) TensorDictParams pair, paired in the order
-    ``TensorDictBase.lerp_`` pairs them (``values(include_nested=True, leaves_only=True)``)."""
-    src_leaves, tgt_leaves = [], []
-    for source, target in zip(sources, targets):
-        s = list(source.values(True, True))
-        t = list(target.values(True, True))
-        if len(s) != len(t):
-            raise RuntimeError(f"{type(updater).__name__}.step(): a target holds {len(t)} tensors but its source "
-                               f"{len(s)}; was the loss module's network changed after the updater was made? "
-                               f"make a new {type(updater).__name__}(loss_module)")
-        src_leaves += s
-        tgt_leaves += t
-    return src_leaves, tgt_leaves
+def _collect(updater, source, target) -> None:
+    """Add the leaf tensors of one (source, target) TensorDictParams pair to ``updater._pending``,
+    paired in the order ``TensorDictBase.lerp_`` pairs them (``values(include_nested=True,
+    leaves_only=True)``). Called from ``_step``, inside TorchRL's ``step()`` and before its
+    counter moves, so a refusal here changes nothing."""
+    s = list(source.values(True, True))
+    t = list(target.values(True, True))
+    if len(s) != len(t):
+        name = type(updater).__name__
+        raise RuntimeError(f"{name}.step(): a target holds {len(t)} tensors but its source {len(s)}; was the loss "
+                           f"module's network changed after the updater was made? make a new {name}(loss_module)")
+    updater._pending[0].extend(s)
+    updater._pending[1].extend(t)
 
 
 class SoftUpdate(_SoftUpdate):
@@ -62,8 +61,7 @@ class SoftUpdate(_SoftUpdate):
     """
 
     def _step(self, p_source, p_target) -> None:
-        self._pending[0].append(p_source)
-        self._pending[1].append(p_target)
+        _collect(self, p_source, p_target)
 
     def step(self) -> None:
         """Lerp every target tensor towards its source by ``1 - eps``: TorchRL's checks (initialised,
@@ -71,7 +69,7 @@ class SoftUpdate(_SoftUpdate):
         self._pending: tuple[list, list] = ([], [])
         try:
             super().step()                              # TorchRL's checks; _step collects the pairs
-            sources, targets = _leaf_pairs(*self._pending, self)
+            sources, targets = self._pending
         finally:
             del self._pending
         _lerp_pairs(targets, sources, 1 - self.eps)
@@ -94,8 +92,7 @@ class HardUpdate(_HardUpdate):
 
     def _step(self, p_source, p_target) -> None:
         if self.counter == self.value_network_update_interval:
-            self._pending[0].append(p_source)
-            self._pending[1].append(p_target)
+            _collect(self, p_source, p_target)
 
     def step(self) -> None:
         """TorchRL's ``HardUpdate.step()``: count, and copy the sources into the targets when the
@@ -103,7 +100,7 @@ class HardUpdate(_HardUpdate):
         self._pending: tuple[list, list] = ([], [])
         try:
             super().step()                              # checks, collects, advances the counter
-            sources, targets = _leaf_pairs(*self._pending, self)
+            sources, targets = self._pending
         finally:
             del self._pending
         if targets:
