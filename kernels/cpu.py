@@ -16,7 +16,9 @@ Shared arguments (arrays 1-D, C-contiguous):
     chunk_begin: int64[C + 1] chunk boundaries within a shadow row.
 
 Kernels are built per (storage kinds, mode, parallel) by the ``*_kernel`` factories;
-the kinds are closure constants, so the branches fold away. Each kernel is a loop over
+the kinds are closure constants, so the branches fold away. Each variant is compiled once
+per machine: :func:`._cache.cached` keys numba's on-disk cache by what the closure captures,
+so another process loads it instead of compiling it again. Each kernel is a loop over
 chunks (``prange`` in the parallel twin) calling a separately compiled per-chunk function
 whose loop indexes raw pointers from 0: LLVM vectorises that form, and keeps it
 vectorised inside numba's parallel region (a loop written inline in the ``prange`` body
@@ -29,6 +31,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from ._cache import cached
 from ._cpu_hw import HW
 from ._target import WINDOW, bind, bodies
 from .kinds import F32, F64, ITEMSIZE, wide
@@ -49,11 +52,11 @@ def _pointer(kind):
 def _compile(fn, parallel):
     # nogil: a serial kernel lets other Python threads run too (an offloaded EMA folds on a worker
     # thread while the training thread goes on); parallel kernels release it around their loops
-    return njit(parallel=parallel, cache=True, nogil=True)(fn)
+    return cached(njit(parallel=parallel, nogil=True)(fn))
 
 
 def _chunk(fn):
-    return njit(cache=True, nogil=True)(fn)
+    return cached(njit(nogil=True)(fn))
 
 
 @functools.cache
@@ -135,7 +138,7 @@ def plan_kernel():
     def kernel(state, params, decays, given, w32, w64, flag, keys):
         plan_step(state, params, decays, given, w32, w64, flag, keys)
 
-    return njit(cache=True)(kernel)
+    return cached(njit(kernel))
 
 
 @functools.cache

@@ -1,0 +1,145 @@
+"""Numba's on-disk cache for the kernels, shared by every process on a machine.
+
+The kernels are closures (``lerp_kernel(...)`` builds one per storage kinds and mode), and
+numba's own ``cache=True`` keys a closure by its pickled cell contents. Ours hold compiled
+functions, whose pickles carry a random per-process id (``Dispatcher._uuid``), so every
+process computed a new key, missed, compiled again and added one more ``.nbc`` file
+(``lerp_kernel.locals.kernel`` 185 times after one test run).
+
+:func:`cached` gives a dispatcher a cache keyed instead by a stable description of what the
+closure captures (:func:`describe`: constants by value, compiled functions by name, options
+and their own captures, intrinsics by name):
+
+- one index file per variant (``<qualname>.v<variant digest>-<line>.pyXY.nbi``), in numba's usual
+  place: ``__pycache__`` next to the source, or ``NUMBA_CACHE_DIR``, or, where the package
+  is read-only (an installed ``site-packages``), numba's user cache directory;
+- the index is stamped with numba's stamp of the kernel's file *and* a digest of the
+  kernels' other sources (:data:`DEPENDENCIES`): numba alone would not see an edit of the
+  element bodies in ``_elementwise.py``; a stale index is replaced, not added to;
+- each data file holds its own key and is used only when the key matches: two processes
+  that compile at once may number their files alike (numba's index update is not atomic),
+  and must then recompile, never run another variant's code.
+
+This package imports only NumPy, Numba, llvmlite and a few standard modules, so the
+digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
+"""
+import functools
+
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from numba.core.extending import _Intrinsic
+
+from . import _bits, _cpu_hw, _elementwise, _intrinsics, _stats, _target, kinds
+
+DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cpu_hw, kinds)
+"""The modules every CPU kernel's code depends on besides its own file (add a new one here)."""
+
+_MASK = (1 << 64) - 1
+
+
+def digest(data: bytes) -> str:
+    """A 128-bit hex digest of ``data``, the same in every process of one Python version: two
+    chained 64-bit hashes of its bytes (CPython's tuple hash, xxHash's rounds over integers, which
+    are not randomised). Not cryptographic; it tells versions of a source file or kernel variants
+    apart."""
+    t = tuple(data)
+    return f"{hash((len(t),) + t) & _MASK:016x}{hash(t + (len(t),)) & _MASK:016x}"
+
+
+@functools.cache
+def sources_digest() -> str:
+    """:func:`digest` of the sources of :data:`DEPENDENCIES` (read once per process)."""
+    parts = []
+    for module in DEPENDENCIES:
+        with open(module.__file__, "rb") as f:
+            parts.append(digest(f.read()))
+    return digest(" ".join(parts).encode())
+
+
+def describe(value) -> str:
+    """A description of a closure cell's value that is the same in every process and differs
+    wherever the compiled code may differ. Raises ``TypeError`` for a value it cannot describe."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, np.generic):                                        # a NumPy scalar
+        return f"{value.dtype}:{value!r}"
+    if isinstance(value, Dispatcher):
+        options = sorted((k, repr(v)) for k, v in value.targetoptions.items())
+        return f"jit:{describe_function(value.py_func)}{options}"
+    if isinstance(value, _Intrinsic):
+        return f"intrinsic:{value._name}"
+    raise TypeError(f"cannot key a cached kernel on a captured {type(value).__name__} ({value!r}); capture "
+                    "constants, compiled functions or intrinsics only, or pass it as an argument")
+
+
+def describe_function(fn) -> str:
+    """``module.qualname(captures)`` of a plain Python function (see :func:`describe`)."""
+    cells = fn.__closure__ or ()
+    captured = ", ".join(f"{name}={describe(cell.cell_contents)}" for name, cell in zip(fn.__code__.co_freevars, cells))
+    return f"{fn.__module__}.{fn.__qualname__}({captured})"
+
+
+@functools.cache
+def _cache_class():
+    """The cache class, built on numba's internals at first use; None where they moved."""
+    try:
+        from numba.core.caching import FunctionCache, IndexDataCacheFile
+    except ImportError:
+        return None
+    needed = {"_cache_file", "_impl", "_cache_path", "filename_base", "get_source_stamp"}
+    if not hasattr(FunctionCache, "_index_key") or not needed <= set(FunctionCache.__init__.__code__.co_names):
+        return None
+
+    class CheckedFile(IndexDataCacheFile):
+        """Stores each entry with its key; an entry found under another key reads as a miss."""
+
+        def save(self, key, data):
+            super().save(key, (key, data))
+
+        def load(self, key):
+            got = super().load(key)
+            if isinstance(got, tuple) and len(got) == 2 and got[0] == key:
+                return got[1]
+            return None
+
+    class VariantCache(FunctionCache):
+        """numba's function cache, keyed by :func:`describe_function` instead of pickled cells."""
+
+        def __init__(self, py_func, variant: str):
+            super().__init__(py_func)
+            self._variant = variant
+            stamp = (self._impl.locator.get_source_stamp(), sources_digest())
+            self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
+                                           source_stamp=stamp)
+
+        def _index_key(self, sig, codegen):
+            return sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant)
+
+    return VariantCache
+
+
+SHARED = _cache_class() is not None
+"""True where :func:`cached` shares compiled kernels between processes (numba's internals are
+the ones this module knows); else every process compiles its kernels again."""
+
+
+def cached(dispatcher: Dispatcher) -> Dispatcher:
+    """Give a CPU ``dispatcher`` (made without ``cache=True``, not compiled yet) the cache
+    described above; returns it.
+
+    The function's ``__qualname__`` gains the variant's digest: the cache files are named after it,
+    and so are the compiled symbols. numba numbers the symbols of one name per process, so without
+    it a variant loaded from the cache could carry the very symbol name another variant of the same
+    closure was compiled under in this process, and call that one's code.
+
+    Where numba's internals are not the ones this was written for (:data:`SHARED` False), numba's
+    own ``cache=True`` instead: correct, but compiled again in every process."""
+    cls = _cache_class()
+    if cls is None or not hasattr(dispatcher, "_cache"):
+        dispatcher.enable_caching()
+        return dispatcher
+    variant = describe(dispatcher)                      # its own options (parallel) included
+    fn = dispatcher.py_func
+    fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
+    dispatcher._cache = cls(fn, variant)
+    return dispatcher

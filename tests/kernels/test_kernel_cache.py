@@ -1,0 +1,105 @@
+"""The CPU kernels are compiled once per machine: a second process loads them from numba's on-disk
+cache (fastema.kernels._cache) instead of compiling them again, and runs them bit for bit alike."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastema.kernels import _cache, cpu
+from fastema.kernels.kinds import BF16, F32
+
+# One process: a serial and a parallel lerp (float32 shadow, bfloat16 source: the variants share
+# their closure's code and differ only in what it captures) and a copy, on a few thousand elements;
+# prints the results' bits and each kernel's cache hits and misses.
+CHILD = r"""
+import json, sys
+import numpy as np
+from fastema.kernels import cpu as K
+from fastema.kernels.kinds import BF16, F16, F32
+from fastema.kernels.layout import chunk_table, segment_offsets
+
+n = 3000
+rng = np.random.default_rng(0)
+src = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)   # bfloat16 bits
+so = segment_offsets([1000, 2000])
+cs, cb = chunk_table(so, 512)
+flag = np.zeros(1, np.int32)
+out, stats = {}, {}
+start = rng.standard_normal(n).astype(np.float32).view(np.uint32)
+kernels = [("serial", K.lerp_kernel(F32, BF16, False, False)), ("parallel", K.lerp_kernel(F32, BF16, False, True))]
+if sys.argv[1] == "second":     # first a variant not in the cache: compiled here, its symbols numbered as the first
+    kernels.insert(0, ("float16", K.lerp_kernel(F32, F16, False, False)))   # process numbered the bfloat16 one's
+for name, kernel in kernels:
+    shadow = start.copy()
+    shadow_addr = shadow.ctypes.data + so[:-1] * 4
+    src_addr = src.ctypes.data + so[:-1] * 2
+    kernel(n, shadow_addr, src_addr, so, cs, cb, (np.float32(0.25),), flag, np.uint32(0))
+    out[name] = shadow.tolist()
+    stats[name] = kernel.stats
+copy = K.copy_kernel(F32, BF16, True, False)
+dst = np.zeros(n, np.uint32)
+copy(n, dst.ctypes.data + so[:-1] * 4, src.ctypes.data + so[:-1] * 2, so, cs, cb, 0, 1, flag)
+out["copy"], stats["copy"] = dst.tolist(), copy.stats
+print(json.dumps({"out": out, "hits": {k: sum(s.cache_hits.values()) for k, s in stats.items()},
+                  "misses": {k: sum(s.cache_misses.values()) for k, s in stats.items()}}))
+"""
+
+
+def _run(env, which):
+    done = subprocess.run([sys.executable, "-c", CHILD, which], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
+def test_a_second_process_loads_the_kernels_from_the_cache(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    first = _run(env, "first")
+    files = _files(tmp_path)
+    second = _run(env, "second")
+    assert first["misses"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(first["hits"].values())
+    assert second["misses"].pop("float16") == 1 and second["hits"].pop("float16") == 0
+    assert second["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(second["misses"].values())
+    assert set(files) < set(_files(tmp_path)) and len(_files(tmp_path)) == len(files) + 4   # the float16 lerp's
+    second["out"].pop("float16")
+    assert second["out"] == first["out"]
+    assert first["out"]["serial"] == first["out"]["parallel"]
+    # one index per compiled function, each holding one entry: 3 kernels, and 2 per-chunk functions (the
+    # serial and parallel lerps' are the same variant, compiled once)
+    assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 5
+
+
+def test_each_variant_is_keyed_by_what_it_captures():
+    # The serial and parallel twins capture the same values; their options tell them apart, as the
+    # kinds tell the float32 and bfloat16 sources apart. Each name carries its variant's digest.
+    variants = [cpu.lerp_kernel(F32, F32, False, False), cpu.lerp_kernel(F32, BF16, False, False),
+                cpu.lerp_kernel(F32, BF16, False, True), cpu.lerp_kernel(F32, BF16, True, False)]
+    names = {k.py_func.__qualname__ for k in variants}
+    assert len(names) == 4 and all(n.startswith("lerp_kernel.<locals>.kernel.v") for n in names)
+    assert cpu.lerp_kernel(F32, BF16, False, True).py_func.__qualname__ in names     # built once per process
+    serial, parallel = (re.sub(r"kernel\.v[0-9a-f]{32}", "kernel", _cache.describe(k)) for k in variants[1:3])
+    assert serial != parallel and serial.replace("'parallel', 'False'", "'parallel', 'True'") == parallel
+
+
+def test_a_capture_it_cannot_describe_is_refused():
+    table = np.zeros(3)
+
+    def kernel(i):
+        return table[i]
+
+    with pytest.raises(TypeError, match="cannot key a cached kernel on a captured ndarray"):
+        _cache.describe_function(kernel)
+
+
+def test_digest_tells_near_inputs_apart_and_is_stable():
+    a, b = b"SK=int:0 XK=int:1", b"SK=int:1 XK=int:0"
+    assert _cache.digest(a) != _cache.digest(b) and _cache.digest(b"") != _cache.digest(b"\0")
+    assert _cache.digest(a) == _cache.digest(bytes(a)) and len(_cache.digest(a)) == 32
