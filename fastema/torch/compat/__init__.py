@@ -16,6 +16,7 @@ per (device, dtype) group. One module per upstream library (``torch_ema``, ``tim
 ``swa_utils``, ``ema_pytorch``, ``diffusers``, ``sb3``, ``torchrl``), each naming its deviations; this package
 only re-exports them.
 """
+from importlib.util import find_spec
 from typing import Any
 
 from .diffusers import EMAModel
@@ -25,8 +26,10 @@ from .swa_utils import get_ema_multi_avg_fn
 from .timm import ModelEmaV3
 from .torch_ema import ExponentialMovingAverage
 
-__all__ = ["EMA", "EMAModel", "EMAModuleWrapper", "EMAPytree", "EMATensor", "ExponentialMovingAverage", "HardUpdate",
-           "KarrasEMA", "ModelEmaV3", "PostHocEMA", "SoftUpdate", "get_ema_multi_avg_fn", "polyak_update"]
+__all__ = ["EMA", "EMAModel", "EMAModuleWrapper", "EMAPytree", "EMATensor", "ExponentialMovingAverage", "KarrasEMA",
+           "ModelEmaV3", "PostHocEMA", "get_ema_multi_avg_fn", "polyak_update"]
+if find_spec("torchrl") is not None:        # found, not imported: `import *` works with or without TorchRL
+    __all__ += ["HardUpdate", "SoftUpdate"]
 
 
 def __getattr__(name: str) -> Any:
