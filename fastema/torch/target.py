@@ -42,6 +42,7 @@ def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str, list]:
     path, parent = [], module
     for part in prefix.split(".") if prefix else ():
         child = parent._modules[part]
+        assert child is not None, name          # _named() walked it: a None submodule holds no tensor
         path.append((parent._modules, part, child))
         parent = child
     return (parent._parameters if kind == "parameter" else parent._buffers), key, path
@@ -67,7 +68,9 @@ class _Selection:
             for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
                 refuse_foreign(t, f"the {side}'s {kind} {name!r}")
         online_memory = {t.data_ptr() for _, t in theirs.values() if t.numel()}
-        averaged, copied, ints = [], [], []
+        averaged: list = []
+        copied: list = []
+        ints: list = []
         for name, (kind, src) in theirs.items():
             dst = mine[name][1]
             if dst.numel() and dst.data_ptr() in online_memory:
