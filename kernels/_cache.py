@@ -122,6 +122,10 @@ SHARED = _cache_class() is not None
 """True where :func:`cached` shares compiled kernels between processes (numba's internals are
 the ones this module knows); else every process compiles its kernels again."""
 
+NOT_CACHED: list = []
+"""Why kernels built so far are not cached on disk, if any are (numba found no writable
+location: the package read-only and no writable user cache directory); the launchers warn."""
+
 
 def cached(dispatcher: Dispatcher) -> Dispatcher:
     """Give a CPU ``dispatcher`` (made without ``cache=True``, not compiled yet) the cache
@@ -133,13 +137,18 @@ def cached(dispatcher: Dispatcher) -> Dispatcher:
     closure was compiled under in this process, and call that one's code.
 
     Where numba's internals are not the ones this was written for (:data:`SHARED` False), numba's
-    own ``cache=True`` instead: correct, but compiled again in every process."""
+    own ``cache=True`` instead: correct, but compiled again in every process. Where numba finds no
+    writable cache location, no disk cache (the reason goes to :data:`NOT_CACHED`)."""
     cls = _cache_class()
-    if cls is None or not hasattr(dispatcher, "_cache"):
-        dispatcher.enable_caching()
-        return dispatcher
-    variant = describe(dispatcher)                      # its own options (parallel) included
-    fn = dispatcher.py_func
-    fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
-    dispatcher._cache = cls(fn, variant)
+    try:
+        if cls is None or not hasattr(dispatcher, "_cache"):
+            dispatcher.enable_caching()
+        else:
+            variant = describe(dispatcher)              # its own options (parallel) included
+            fn = dispatcher.py_func
+            fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
+            dispatcher._cache = cls(fn, variant)
+    except RuntimeError as e:                           # no locator: nowhere to write; compile per process
+        if not NOT_CACHED:
+            NOT_CACHED.append(str(e))
     return dispatcher

@@ -12,19 +12,41 @@ Two rules hold process-wide (docs/guides/processes.md):
   (:data:`PARALLEL` is False there): GNU OpenMP kills a forked child at its first parallel
   region ("Terminating: fork() called from a process already using GNU OpenMP"). The ``tbb``
   and ``workqueue`` layers survive a fork, and keep their parallel kernels in the child.
+
+The kernels are compiled once per machine and loaded from numba's disk cache by every later
+process (:mod:`fastema.kernels._cache`); where that cannot work, one warning at import says why.
 """
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numba
 import numpy as np
 
+from ..kernels import _cache
 from ..kernels import cpu as K
 from . import config
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
+
+
+def _check_disk_cache() -> None:
+    """One warning when the kernels cannot be shared between processes (each then compiles them,
+    several seconds): numba's cache internals unknown, or no writable cache location."""
+    K.bad_weight_kernel()                # builds (does not compile) one kernel: finds its cache location
+    if not _cache.SHARED:
+        warnings.warn(f"fastema: numba {numba.__version__}'s cache internals are not the ones fastema knows, so "
+                      "every process compiles fastema's kernels again (seconds at the first update); use "
+                      "numba 0.68 to share them between processes", RuntimeWarning, stacklevel=3)
+    elif _cache.NOT_CACHED:
+        warnings.warn(f"fastema: numba found no writable folder for its kernel cache ({_cache.NOT_CACHED[0]}), so "
+                      "every process compiles fastema's kernels again (seconds at the first update); set "
+                      "NUMBA_CACHE_DIR to a writable folder", RuntimeWarning, stacklevel=3)
+
+
+_check_disk_cache()
 
 PARALLEL = True                      # False in a child forked after numba's OpenMP layer started (serial twins)
 _one_at_a_time = threading.Lock()    # held by each parallel launch

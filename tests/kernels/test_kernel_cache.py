@@ -103,3 +103,28 @@ def test_digest_tells_near_inputs_apart_and_is_stable():
     a, b = b"SK=int:0 XK=int:1", b"SK=int:1 XK=int:0"
     assert _cache.digest(a) != _cache.digest(b) and _cache.digest(b"") != _cache.digest(b"\0")
     assert _cache.digest(a) == _cache.digest(bytes(a)) and len(_cache.digest(a)) == 32
+
+
+def test_no_writable_cache_location_compiles_per_process_and_warns(monkeypatch):
+    class NoLocation:
+        def __init__(self, py_func, variant):
+            raise RuntimeError("cannot cache function 'kernel': no locator available for file 'cpu.py'")
+
+    monkeypatch.setattr(_cache, "_cache_class", lambda: NoLocation)
+    monkeypatch.setattr(_cache, "NOT_CACHED", [])
+
+    def kernel(x):
+        return x + 1
+
+    from numba import njit
+
+    jitted = _cache.cached(njit(kernel))
+    assert jitted(1) == 2 and not any(jitted.stats.cache_hits.values())      # works, uncached
+    assert _cache.NOT_CACHED == ["cannot cache function 'kernel': no locator available for file 'cpu.py'"]
+    from fastema._launch import cpu as launch_cpu
+
+    with pytest.warns(RuntimeWarning, match="no writable folder .* set NUMBA_CACHE_DIR to a writable folder"):
+        launch_cpu._check_disk_cache()
+    monkeypatch.setattr(_cache, "SHARED", False)
+    with pytest.warns(RuntimeWarning, match="cache internals are not the ones fastema knows"):
+        launch_cpu._check_disk_cache()
