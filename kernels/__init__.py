@@ -14,6 +14,8 @@ Installed as ``fastema.kernels`` from the top-level ``kernels/`` folder (``packa
 - :mod:`.layout`: segment and chunk tables for many tensors in one launch.
 - :mod:`.cpu`: every CPU kernel (chunk loops under ``prange``); :mod:`.cuda`: every CUDA
   kernel (grid-stride loops), imported lazily.
+- :mod:`._cache`: numba's disk cache keyed by what each CPU kernel captures, so a kernel is
+  compiled once per machine and loaded by every later process.
 
 To add an op: its element body in ``_elementwise.py``, one skeleton in ``cpu.py`` and one
 in ``cuda.py``. To add a target: one hardware shim and one skeleton module.
