@@ -14,3 +14,21 @@ def gpt2_small():
 
 def many_small(count=3000, numel=4096):
     return [(numel,)] * count
+
+
+#: RL target-network scenarios: hidden 256x256 layers (weight + bias each) plus a 256 -> 1 head.
+RL_TAU = 0.005
+RL_SCENARIOS = {"mlp 6 tensors": 2, "mlp 30 tensors": 14}
+
+
+def rl_networks(layers: int):
+    """An online MLP and its target (a deep copy), seeded: the target-network benchmarks' models."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mods = [m for _ in range(layers) for m in (nn.Linear(256, 256), nn.ReLU())] + [nn.Linear(256, 1)]
+    online = nn.Sequential(*mods)
+    return online, copy.deepcopy(online)

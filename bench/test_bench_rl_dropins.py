@@ -15,22 +15,15 @@ after every gradient step of small networks, so the per-call host overhead count
 the bandwidth: the figures are microseconds a call (``bytes`` for GB/s: 12 bytes an element).
 Issue #27's targets: >= 3x SB3's ``polyak_update`` and >= 1.0x ``_foreach_lerp_`` at 6 tensors.
 """
-import copy
 
 import pytest
 import torch
 from conftest import QUICK
+from shapes import RL_SCENARIOS, RL_TAU, rl_networks
 from torch import nn
 
-TAU = 0.005
-SCENARIOS = {"mlp 6 tensors": 2, "mlp 30 tensors": 14}     # hidden 256x256 layers; + a 256 -> 1 head
-
-
-def _networks(layers: int):
-    torch.manual_seed(0)
-    mods = [m for _ in range(layers) for m in (nn.Linear(256, 256), nn.ReLU())] + [nn.Linear(256, 1)]
-    online = nn.Sequential(*mods)
-    return online, copy.deepcopy(online)
+TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
+_networks = rl_networks
 
 
 def _time(benchmark, fn, impl, scenario, n, tensors):

@@ -15,22 +15,18 @@ host overhead counts as much as the bandwidth. Every update of TargetNetwork che
 networks still hold the tensors it paired (a lookup, an identity, one ``data_ptr()`` and a
 layout check a tensor) before its one launch.
 """
-import copy
 
 import pytest
 import torch
 from conftest import QUICK
-from torch import nn
+from shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
-TAU = 0.005
-SCENARIOS = {"mlp 6 tensors": 2, "mlp 30 tensors": 14}     # hidden 256x256 layers; + a 256 -> 1 head
+TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
 
 
 def _networks(layers: int):
-    torch.manual_seed(0)
-    mods = [m for _ in range(layers) for m in (nn.Linear(256, 256), nn.ReLU())] + [nn.Linear(256, 1)]
-    online = nn.Sequential(*mods)
-    return online, copy.deepcopy(online).requires_grad_(False)
+    online, target = rl_networks(layers)
+    return online, target.requires_grad_(False)
 
 
 def _sb3_polyak(params, target_params, tau):
