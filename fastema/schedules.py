@@ -121,7 +121,33 @@ def _check_total(total_steps):
 
 
 @dataclass(frozen=True)
-class Cosine:
+class _Ramp:
+    """What :class:`Cosine` and :class:`Linear` share: ``start`` to ``end`` over ``total_steps``
+    updates, ``end`` held after; the ``n``-th update reads step index ``n - 1``."""
+    start: float
+    end: float
+    total_steps: int
+
+    def __post_init__(self):
+        _check_decay("start", self.start)
+        _check_decay("end", self.end)
+        _check_total(self.total_steps)
+
+    def at(self, t: int) -> float:
+        """The decay at step index ``t`` (0 for the first update)."""
+        if t >= self.total_steps:
+            return float(self.end)
+        return self._between(max(t, 0), float(self.start), float(self.end))
+
+    def _between(self, t: int, start: float, end: float) -> float:
+        raise NotImplementedError
+
+    def __call__(self, n: int) -> float:
+        return self.at(n - 1)
+
+
+@dataclass(frozen=True)
+class Cosine(_Ramp):
     """A cosine decay (momentum) schedule from ``start`` to ``end`` over ``total_steps`` updates:
     DINO's teacher momentum (``utils.cosine_scheduler(0.996, 1.0, epochs, niter_per_ep)``), BYOL's
     ``1 - (1 - b) (cos(pi k / K) + 1) / 2``, MoCo v3's::
@@ -142,32 +168,15 @@ class Cosine:
         total_steps: updates over which it goes from ``start`` to ``end`` (DINO:
             ``epochs * len(data_loader)``), an int >= 1.
     """
-    start: float
-    end: float
-    total_steps: int
-
-    def __post_init__(self):
-        _check_decay("start", self.start)
-        _check_decay("end", self.end)
-        _check_total(self.total_steps)
-
-    def at(self, t: int) -> float:
-        """The decay at step index ``t`` (0 for the first update)."""
-        if t >= self.total_steps:
-            return float(self.end)
-        t = max(t, 0)
-        start, end = float(self.start), float(self.end)
+    def _between(self, t: int, start: float, end: float) -> float:
         return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / self.total_steps))
-
-    def __call__(self, n: int) -> float:
-        return self.at(n - 1)
 
     def state(self) -> dict:
         return {"kind": "cosine", **asdict(self)}
 
 
 @dataclass(frozen=True)
-class Linear:
+class Linear(_Ramp):
     """A linear decay (momentum) schedule from ``start`` to ``end`` over ``total_steps`` updates:
     I-JEPA's momentum scheduler (``ema[0] + i * (ema[1] - ema[0]) / (ipe * num_epochs * ipe_scale)``)::
 
@@ -182,25 +191,8 @@ class Linear:
         end: the decay reached at ``total_steps`` and held after, in ``[0, 1]``.
         total_steps: an int >= 1.
     """
-    start: float
-    end: float
-    total_steps: int
-
-    def __post_init__(self):
-        _check_decay("start", self.start)
-        _check_decay("end", self.end)
-        _check_total(self.total_steps)
-
-    def at(self, t: int) -> float:
-        """The decay at step index ``t`` (0 for the first update)."""
-        if t >= self.total_steps:
-            return float(self.end)
-        t = max(t, 0)
-        start, end = float(self.start), float(self.end)
+    def _between(self, t: int, start: float, end: float) -> float:
         return start + t * (end - start) / self.total_steps
-
-    def __call__(self, n: int) -> float:
-        return self.at(n - 1)
 
     def state(self) -> dict:
         return {"kind": "linear", **asdict(self)}
