@@ -8,7 +8,6 @@ PEFT model reads its ``peft_config`` attribute.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -155,15 +154,16 @@ class PeftExport:
 
 
 def _config_json(inner: nn.Module, config, peft_model_type) -> str:
-    """``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it, from a copy of the config
-    (the model's own is not changed)."""
-    config = copy.deepcopy(config)
+    """``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it; the model's config is read,
+    not changed. ``to_dict()`` of the config itself, with no copy of it first: a set field (such
+    as ``target_modules``) is then listed in the order PEFT's own save lists it (a set copied once
+    more may iterate in another order, which depends on the string hash seed)."""
+    out = config.to_dict()
     if config.base_model_name_or_path is None:             # as PeftModel.save_pretrained fills it in
         base = getattr(inner, "base_model", inner)
         holder = base if config.is_prompt_learning else getattr(base, "model", base)
-        config.base_model_name_or_path = holder.__dict__.get("name_or_path", None) or None
-    config.inference_mode = True
-    out = config.to_dict()
+        out["base_model_name_or_path"] = holder.__dict__.get("name_or_path", None) or None
+    out["inference_mode"] = True
     for key, value in out.items():
         if isinstance(value, set):
             out[key] = list(value)
