@@ -59,6 +59,9 @@ class Pending(NamedTuple):
     time: float = 0.0      # the training time of this call (timed schedules)
 
 
+_tuple_new = tuple.__new__
+
+
 class Mark(NamedTuple):
     """The plan's counters at one moment (:meth:`Plan.mark`), to go back to (:meth:`Plan.restore`)
     when an update recorded since then is lost (an offloaded fold that failed on its worker)."""
@@ -226,20 +229,28 @@ class Plan:
         count) and the kernels' weights. ``step`` is checked; nothing is recorded: pass the
         result to :meth:`done` once the call has been made, so a refused call changes nothing."""
         n = self.updates + 1 if step is None else check_step(step)
-        t = self.time_of(step)
-        if self.timed and t < self.last_time:
-            raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule over "
-                             f"training time needs steps that do not go back")
-        weights, decays, norms = [], [], list(self.norms)
-        for i in range(self.rows):
-            d = self.decay_at(i, n, t)
-            if self.debias:
+        t = float(self.cadence.calls + 1 if step is None else step)    # self.time_of(step), inlined
+        schedules = self.schedules                      # one pass per kind of schedule (a per-step path)
+        if getattr(schedules[0], "timed", False):
+            if t < self.last_time:
+                raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule "
+                                 f"over training time needs steps that do not go back")
+            decays = [s.between(self.first_time, self.last_time, t) for s in schedules]
+        elif self.compensate:
+            every = self.cadence.every
+            decays = [compensated(s(n), every) for s in schedules]
+        else:
+            decays = [s(n) for s in schedules]
+        norms = self.norms                               # never changed in place: a new list when debiased
+        if self.debias:
+            norms, weights = list(norms), []
+            for i, d in enumerate(decays):
                 w, norms[i] = debiased_weight(d, norms[i])
-            else:
-                w = 1.0 - d
-            weights.append(w)
-            decays.append(d)
-        return Pending(self.cadence.due(), n, weights, decays, norms, t)
+                weights.append(w)
+        else:
+            weights = [1.0 - d for d in decays]
+        cadence = self.cadence                          # Pending(cadence.due(), ...) without its Python __new__
+        return _tuple_new(Pending, (cadence.calls % cadence.every == 0, n, weights, decays, norms, t))
 
     def done(self, pending: Pending) -> None:
         """Record the call :meth:`next` described: counted, and its update when it was due."""
