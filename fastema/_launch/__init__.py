@@ -111,6 +111,29 @@ def launch(op: str, group, **args) -> None:
         getattr(_cpu_target, op)(group, 0, **args)
 
 
+def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[..., None]:
+    """``launch("lerp", group, weights=w, flag=flag, key=key, stochastic=stochastic)`` as a callable
+    ``run(w, key=0)`` made once per group and flag: the per-step path of an owner whose groups
+    stay (a target network). On the CPU the tables, the flag, the cast of host weights and the
+    compiled overload are bound once (:class:`.cpu.LerpLaunch`: no dispatcher type resolution
+    per call); on CUDA it is :func:`launch` for now. Make a new one when the group changes."""
+    t = group.tables
+    if t is not None and t.chunks == 0:
+        return _nothing
+    if is_cuda(group.device):
+        return functools.partial(_lerp_now, group, flag, stochastic)
+    cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
+    return _cpu_target.LerpLaunch(group, flag, stochastic, cast)
+
+
+def _nothing(weights, key=0) -> None:
+    return None
+
+
+def _lerp_now(group, flag, stochastic, weights, key=0) -> None:
+    launch("lerp", group, weights=weights, flag=flag, key=key, stochastic=stochastic)
+
+
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
            follow: bool = True, row_stride: int | None = None, handed_over: bool = False) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged

@@ -92,6 +92,74 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
          key if device_key else np.uint32(key))
 
 
+_ZERO_KEY = np.uint32(0)
+
+
+class LerpLaunch:
+    """One group's ``"lerp"`` launch with everything but the weights and the key bound once
+    (:func:`fastema._launch.lerp_launcher`): the tables and the flag, and after the first call
+    the compiled overload's own entry point for each (serial/parallel, weights type), so a
+    step calls no numba dispatcher (no per-call type resolution). A host weight tuple is cast
+    to ``cast`` once per tuple object; its type is then fixed by its length. Keys held on the
+    device (int64[1] arrays) go through the dispatcher, which checks their type."""
+
+    __slots__ = ("_head", "_flag", "_n", "_chunks", "_kinds", "_cast", "_w_in", "_w", "_wtype", "_size", "_fns",
+                 "_calls")
+
+    def __init__(self, group, flag, stochastic: bool, cast):
+        t = group.tables
+        self._head = t.args()
+        self._flag = _NO_FLAG if flag is None else flag
+        self._n, self._chunks = t.n, t.chunks
+        self._kinds = (group.shadow_kind, group.src_kind, stochastic)
+        self._cast = cast
+        self._w_in: object = self      # no weights yet (never a weights object)
+        self._wtype: object = None
+        self._calls: dict = {}         # (parallel, weights type) -> the overload's entry point
+        self._fns: list = [None, None]     # [serial, parallel] entry points for the weights type now
+
+    def _weights(self, weights) -> None:
+        self._w_in = weights
+        if isinstance(weights, tuple):
+            self._w = tuple(map(self._cast, weights))
+            wtype: object = (self._cast, len(weights))
+        else:                                           # a float32[K] array: its numba type
+            self._w, wtype = weights, numba.typeof(weights)
+        if wtype != self._wtype:
+            self._wtype = wtype
+            self._fns = [self._calls.get((False, wtype)), self._calls.get((True, wtype))]
+        self._size = self._n * len(weights) if self._chunks > 1 else -1   # -1: one work item, always serial
+
+    def __call__(self, weights, key=0) -> None:
+        if weights is not self._w_in:
+            self._weights(weights)
+        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW             # _parallel(group, rows)
+        if not isinstance(key, int):                    # a device key: the dispatcher checks its type
+            _run(K.lerp_kernel(*self._kinds, par, True), par, *self._head, self._w, self._flag, key)
+            return
+        fn = self._fns[par]
+        if fn is None:                                  # the first call: the dispatcher, then its entry point
+            args = (*self._head, self._w, self._flag, np.uint32(key))
+            k = K.lerp_kernel(*self._kinds, par, False)
+            _run(k, par, *args)
+            self._fns[par] = self._calls[(par, self._wtype)] = _entry_point(k, args)
+        elif par:
+            with _one_at_a_time:
+                fn(*self._head, self._w, self._flag, np.uint32(key) if key else _ZERO_KEY)
+        else:
+            fn(*self._head, self._w, self._flag, np.uint32(key) if key else _ZERO_KEY)
+
+
+def _entry_point(kernel, args):
+    """The entry point of ``kernel``'s overload compiled for ``args``' types (no type resolution
+    when called), or the dispatcher itself where numba does not show one."""
+    try:
+        entry = kernel.overloads[tuple(map(numba.typeof, args))].entry_point
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return kernel
+    return entry if callable(entry) else kernel
+
+
 def bema(group, stream, *, alpha, flag=None):
     par = _parallel(group, 3)
     _run(K.bema_kernel(group.shadow_kind, par), par, *group.tables.args(), alpha, _NO_FLAG if flag is None else flag)

@@ -1,0 +1,137 @@
+"""The prepared "lerp" launch (``fastema._launch.lerp_launcher``): what a target network calls per
+step. It must write exactly what ``_launch.launch("lerp", ...)`` writes for every kind, row count,
+rounding and serial/parallel choice, follow the launch tunables and a fork's serial twins as
+``launch`` does, and call no numba dispatcher after its first call (issue #23: no per-call type
+resolution on the per-step path)."""
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastema import FlatShadow, _launch
+from fastema._launch import config
+from fastema._launch import cpu as C
+from fastema.kernels import cpu as K
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _sources(sizes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(DTYPES[dtype]) for n in sizes], g
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.numel() else t
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=5),
+       kinds=st.sampled_from([("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16"),
+                              ("float16", "float16"), ("float64", "float64"), ("bfloat16", "bfloat16")]),
+       rows=st.integers(1, 3), serial_below=st.sampled_from([0, 1 << 15]), key=st.integers(0, 2 ** 32 - 8),
+       seed=st.integers(0, 99))
+def test_writes_what_launch_writes(sizes, kinds, rows, serial_below, key, seed):
+    src_dtype, shadow_dtype = kinds
+    sources, gen = _sources(sizes, src_dtype, seed)
+    stochastic = shadow_dtype == "bfloat16"
+    weights = tuple(0.5 - 0.1 * r for r in range(rows))
+    old = config.CPU_SERIAL_BELOW, config.CPU_CHUNK
+    config.CPU_SERIAL_BELOW, config.CPU_CHUNK = serial_below, 1024        # several work items, parallel or not
+    try:
+        a, b = (FlatShadow(sources, rows=rows, dtype=shadow_dtype) for _ in range(2))
+        start = [a.view(i, 0).double().clone() for i in range(len(sources))]
+        with torch.no_grad():
+            for s in sources:
+                s.add_(torch.randn(s.shape, generator=gen).to(s.dtype))
+        runs = [_launch.lerp_launcher(g, stochastic=stochastic) for g in b.layout.groups]
+        for step in range(3):
+            k = key + step if stochastic else 0
+            for g in a.layout.groups:
+                _launch.launch("lerp", g, weights=weights, key=k, stochastic=stochastic)
+            for run in runs:
+                run(weights, k)
+    finally:
+        config.CPU_SERIAL_BELOW, config.CPU_CHUNK = old
+    for r in range(rows):
+        for i in range(len(sources)):
+            assert torch.equal(_bits(a.view(i, r)), _bits(b.view(i, r))), (r, i)
+    if shadow_dtype == src_dtype and shadow_dtype in ("float32", "float64"):   # and it is the lerp
+        for i, s in enumerate(sources):
+            ref = start[i]
+            for _ in range(3):
+                ref = ref + weights[0] * (s.double() - ref)
+            assert torch.allclose(b.view(i, 0).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_no_numba_dispatcher_after_the_first_call():
+    sources = [torch.randn(70_000), torch.randn(300), torch.randn(1)]
+    fs = FlatShadow(sources, rows=2)
+    (g,) = fs.layout.groups
+    kernels = {par: K.lerp_kernel(g.shadow_kind, g.src_kind, False, par, False) for par in (False, True)}
+    calls = []
+
+    def counting(dispatcher):
+        class Counting(type(dispatcher)):
+            def __call__(self, *args, **kwargs):
+                calls.append(self)
+                return super().__call__(*args, **kwargs)
+        return Counting
+
+    originals = {par: type(k) for par, k in kernels.items()}
+    ref = [s.double().clone() for s in sources]
+    with torch.no_grad():
+        for s in sources:
+            s.mul_(-1)
+    try:
+        for k in kernels.values():
+            k.__class__ = counting(k)                   # every call of the dispatcher is recorded
+        run = _launch.lerp_launcher(g)
+        run((0.1, 0.2))
+        assert len(calls) == 1                          # the first call: the dispatcher (compiles if needed)
+        for w in [(0.1, 0.2)] * 4 + [(0.3, 0.4)]:       # new weights of the same type: the same entry point
+            run(w)
+        assert len(calls) == 1, "a per-step launch went through the numba dispatcher"
+        run(np.array([0.5, 0.5], np.float32))           # another weights type: the dispatcher once more
+        assert len(calls) == 2
+        fs.update([0.5, 0.5])                           # launch() itself still goes through the dispatcher
+        assert len(calls) == 3
+    finally:
+        for par, k in kernels.items():
+            k.__class__ = originals[par]
+    for i, s in enumerate(sources):                     # what the entry points wrote: the lerp, float64 reference
+        for r in range(2):
+            want = ref[i].clone()
+            for w in [(0.1, 0.2)] * 5 + [(0.3, 0.4), (0.5, 0.5), (0.5, 0.5)]:
+                want = want + w[r] * (s.double() - want)
+            assert torch.allclose(fs.view(i, r).double(), want, rtol=1e-5, atol=1e-6), (i, r)
+
+
+def test_follows_a_forks_serial_twins_and_the_tunables(monkeypatch):
+    sources = [torch.randn(50_000), torch.randn(50_000)]
+    fs = FlatShadow(sources)
+    (g,) = fs.layout.groups
+    run = _launch.lerp_launcher(g)
+    seen = []
+    real = C._run
+
+    def record(kernel, parallel, *args):
+        seen.append(parallel)
+        return real(kernel, parallel, *args)
+
+    monkeypatch.setattr(C, "_run", record)               # the first call of each variant goes through _run
+    run((0.1,))
+    monkeypatch.setattr(C, "PARALLEL", False)            # a child forked after OpenMP: the serial twin
+    run((0.1,))
+    monkeypatch.setattr(C, "PARALLEL", True)
+    monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 30)   # a tunable shrunk or grown after preparation
+    run((0.1,))
+    assert seen == [True, False]                         # the serial entry point, then reused
+    assert set(run._calls) == {(True, (np.float32, 1)), (False, (np.float32, 1))}
+
+
+def test_empty_group_launches_nothing():
+    fs = FlatShadow([torch.zeros(0)])
+    for g in fs.layout.groups:
+        _launch.lerp_launcher(g)((0.5,))
+    assert fs.view(0).numel() == 0
