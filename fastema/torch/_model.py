@@ -117,7 +117,7 @@ def _wrapped_in_ddp(model: nn.Module) -> None:
     fresh = []
     for m in model.modules():
         for ema in list(_WATCHED.get(m, ())):
-            if ema in fresh:
+            if ema in fresh or not hasattr(ema, "_restart"):    # a target network: nothing to restart
                 continue
             if ema._fresh():
                 ema._resync = True
@@ -142,9 +142,18 @@ def _wrapped_in_ddp(model: nn.Module) -> None:
 
 
 def _watch(model: nn.Module, ema) -> None:
+    watch((model,), ema)
+
+
+def watch(models, owner) -> None:
+    """Mark ``owner`` stale (``owner._stale = True``) whenever a parameter, buffer or submodule is
+    registered on a module of ``models``, while the registration hooks are installed. An owner
+    with a ``_restart`` method (a model average) is also restarted from rank 0's weights after a
+    DistributedDataParallel wrap (:func:`_wrapped_in_ddp`)."""
     _install_hooks()
-    for m in model.modules():
-        _WATCHED.setdefault(m, weakref.WeakSet()).add(ema)
+    for model in models:
+        for m in model.modules():
+            _WATCHED.setdefault(m, weakref.WeakSet()).add(owner)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -14,6 +14,7 @@ from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.plan import Plan
 from ..ops import pair_groups
+from . import _model
 from ._model import _matches, _patterns, _unwrap, normalize_name
 
 __all__ = ["TargetNetwork"]
@@ -22,6 +23,7 @@ FORMAT = "fastema.torch.TargetNetwork"
 VERSION = 1
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
@@ -110,6 +112,7 @@ class _Selection:
         self.path_tables = [p for p, _, _ in paths.values()]
         self.path_keys = [k for _, k, _ in paths.values()]
         self.path_children = [c for _, _, c in paths.values()]
+        self.module_tables = list({id(p): p for p in self.path_tables}.values())
         self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
         self.specs = [(t.dtype, tuple(t.shape)) for t in self.tensors]
         self.groups = self.group(self.tensors)
@@ -123,6 +126,18 @@ class _Selection:
             return None
         now = list(map(dict.get, self.tables, self.keys))
         return now if all(map(operator.is_, now, self.tensors)) else None
+
+    def key(self, tensors: list) -> list | None:
+        """``tensors``' addresses, then the lengths of the ``_parameters``/``_buffers`` dicts holding
+        them and of the ``_modules`` dicts on the way (a tensor or module added or deleted without a
+        registration hook shows as a length), or None when one is no tensor with storage."""
+        try:
+            key = list(map(_DATA_PTR, tensors))
+        except (TypeError, RuntimeError):                # an empty slot; a tensor with no storage of its own
+            return None
+        key.extend(map(len, self.owner_tables))
+        key.extend(map(len, self.module_tables))
+        return key
 
     def group(self, tensors: list) -> tuple:
         """``(averaged groups, copied groups, integer pairs)`` of ``tensors`` (checked by
@@ -232,8 +247,10 @@ class TargetNetwork:
         for g in averaged:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
         self._devices = sorted({g.device for gs in self._sel.groups[:2] for g in gs})
-        self._key = _backends.address_key(self._sel.tensors)
+        self._key = self._sel.key(self._sel.tensors)
         self._guard = _backends.layout_guard(self._sel.tensors)
+        self._stale = False                             # set by torch's registration hooks (see _groups)
+        _model.watch((_unwrap(online), _unwrap(target)), self)
         self._flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self._devices}
         self._flag_views = {d: _backends.kernel_view(f).reshape(-1) for d, f in self._flags.items()}
         self._on_gpu = any(d != "cpu" for d in self._devices)
@@ -243,6 +260,7 @@ class TargetNetwork:
         self._weights: tuple = (None, None)             # (the plan's weights, the kernels' tuple) of the last update
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
+        self._lerps: tuple = (None, [])                 # (the groups, their prepared lerp launches)
 
     # ------------------------------------------------------------ what it is
 
@@ -312,11 +330,27 @@ class TargetNetwork:
 
     def _groups(self) -> tuple:
         """The launch groups of the tensors the modules hold now: the last ones when nothing moved;
-        else looked up again by name and checked (or refused, writing nothing)."""
+        else looked up again by name and checked (or refused, writing nothing).
+
+        The usual step costs one dict lookup, one ``data_ptr()`` and a layout check per tensor,
+        and a ``len()`` per module table on the way: torch's registration hooks (installed with
+        :func:`fastema.torch.registration_hooks`, the default) mark this object stale when a
+        parameter, buffer or submodule is set on a watched module, so no module identity is
+        checked unless one fired; writes the hooks do not see (``p.data = new``, a direct
+        ``_parameters[k] = t``, ``del model[0]``) show as an address or a length. One write shows
+        only without the hooks: a module put into a ``_modules`` dict directly, over another (the old
+        module's tensors, still alive, would be averaged), as for :class:`fastema.torch.EMA`.
+        Without the hooks, the modules on the way and the tensors' identities are checked at every
+        step."""
         sel = self._sel
+        if not self._stale and _model._HOOKS:
+            held = list(map(dict.get, sel.tables, sel.keys))
+            if sel.key(held) == self._key and self._guard(held):
+                return sel.groups                        # the usual step: nothing moved
         now = sel.current()
-        if now is not None and _backends.address_key(now) == self._key and self._guard(now):
-            return sel.groups                            # the usual step: nothing moved
+        if now is not None and sel.key(now) == self._key and self._guard(now):
+            self._stale = False
+            return sel.groups
         if now is None:                                  # a tensor or module replaced, added or removed
             try:
                 sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
@@ -330,12 +364,14 @@ class TargetNetwork:
             sel.specs = self._sel.specs
             groups = sel.group(sel.tensors)              # checked against the construction's dtypes, shapes
             sel.groups = groups
-            self._sel, self._key = sel, _backends.address_key(sel.tensors)
+            self._sel, self._key = sel, sel.key(sel.tensors)
             self._guard = _backends.layout_guard(sel.tensors)
-            return groups
-        groups = sel.group(now)                          # storage moved under a tensor (p.data = new)
-        sel.groups = groups
-        self._key, self._guard = _backends.address_key(now), _backends.layout_guard(now)
+            _model.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
+        else:
+            groups = sel.group(now)                      # storage moved under a tensor (p.data = new)
+            sel.groups = groups
+            self._key, self._guard = sel.key(now), _backends.layout_guard(now)
+        self._stale = False
         return groups
 
     def update(self, step: int | None = None) -> None:
@@ -346,15 +382,16 @@ class TargetNetwork:
                 updates made.
         """
         pending = self.plan.next(step)                   # checks step before anything else
-        if self._device_plan is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("TargetNetwork.update() is being captured in a CUDA graph, but this one keeps its "
-                               "schedule on the host (device_step=False): every replay would repeat this call's "
-                               "tau. Make it with device_step=True (the default on a GPU).")
-        if self._device_plan is None and not pending.due:
-            self.plan.done(pending)
-            return
-        averaged, copied, ints = self._groups()
         plan = self._device_plan
+        if plan is None:
+            if self._on_gpu and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("TargetNetwork.update() is being captured in a CUDA graph, but this one keeps "
+                                   "its schedule on the host (device_step=False): every replay would repeat this "
+                                   "call's tau. Make it with device_step=True (the default on a GPU).")
+            if not pending.due:
+                self.plan.done(pending)
+                return
+        averaged, copied, ints = self._groups()
         flags = None
         if plan is not None:
             plan.advance(step)
@@ -367,16 +404,23 @@ class TargetNetwork:
             for g in averaged + copied:
                 _launch.launch("nonfinite", g, flag=flags[g.device])   # type: ignore[index]
         stochastic = self.rounding == "stochastic"
-        if plan is None and pending.weights != self._weights[0]:     # host floats, the same on every device
-            self._weights = (pending.weights, resolve_weights(None, pending.weights, 1, "cpu"))
-        for gi, g in enumerate(averaged):
-            if plan is not None:
-                w, key = plan.weights(g), plan.key(gi, g)
+        lerps = self._lerps
+        if lerps[0] is not averaged:                     # new groups: their launches bound once
+            lerps = self._lerps = (averaged, [_launch.lerp_launcher(
+                g, flag=None if flags is None else flags[g.device], stochastic=stochastic) for g in averaged])
+        if plan is not None:
+            for gi, (g, run) in enumerate(zip(averaged, lerps[1])):
+                run(plan.weights(g), plan.key(gi, g))
+        else:
+            if pending.weights != self._weights[0]:      # host floats, the same on every device
+                self._weights = (pending.weights, resolve_weights(None, pending.weights, 1, "cpu"))
+            w = self._weights[1]
+            if stochastic:
+                for gi, run in enumerate(lerps[1]):
+                    run(w, sr_key(self.seed + (gi << 32), pending.n))
             else:
-                w = self._weights[1]
-                key = sr_key(self.seed + (gi << 32), pending.n) if stochastic else 0
-            _launch.launch("lerp", g, weights=w, flag=None if flags is None else flags[g.device], key=key,
-                           stochastic=stochastic)
+                for run in lerps[1]:
+                    run(w)
         if copied or ints[0]:
             self._carry(copied, ints, flags, plan.flags if plan is not None else self._flags)
         self.plan.done(pending)

@@ -334,7 +334,17 @@ def test_wrapped_online_matches_by_normalised_name():
     assert torch.equal(target[0].weight, want)
 
 
-def test_follows_moved_and_replaced_tensors():
+@pytest.fixture(params=["hooks", "no hooks"])
+def hooks(request):
+    """With torch's registration hooks (the default) and without them (every module checked per step)."""
+    from fastema.torch import registration_hooks
+
+    registration_hooks(request.param == "hooks")
+    yield request.param
+    registration_hooks(True)
+
+
+def test_follows_moved_and_replaced_tensors(hooks):
     online, target = pair()
     tn = TargetNetwork(online, target, tau=0.5)
     online[0].weight.data = torch.randn(16, 5)                       # storage moved
@@ -345,7 +355,7 @@ def test_follows_moved_and_replaced_tensors():
 
 
 @pytest.mark.parametrize("change", ["bigger layer", "deleted layer", "added parameter", "dtype", "reshaped"])
-def test_changed_networks_are_refused_and_nothing_is_written(change):
+def test_changed_networks_are_refused_and_nothing_is_written(change, hooks):
     online, target = pair()
     tn = TargetNetwork(online, target, tau=0.5)
     tn.update()
@@ -366,6 +376,32 @@ def test_changed_networks_are_refused_and_nothing_is_written(change):
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert tn.state_dict() == state
+
+
+@pytest.mark.parametrize("write", ["parameter dict", "deleted module", "parameter dict deletion"])
+def test_writes_no_hook_sees_are_followed_or_refused(write, hooks):
+    """Writes that call no registration hook: a tensor put into ``_parameters`` directly (what
+    ``module._apply`` does under ``torch.__future__.set_overwrite_module_params_on_conversion``),
+    ``del model[k]`` and ``del module._parameters[k]``: followed or refused, never the old memory."""
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.5)
+    tn.update()
+    if write == "parameter dict":
+        fresh = nn.Parameter(target[2].weight.detach().clone() + 1, requires_grad=False)
+        target[2]._parameters["weight"] = fresh
+        want = fresh.detach().lerp(online[2].weight, 0.5)
+        tn.update()
+        assert target[2].weight is fresh and torch.equal(fresh, want)
+        return
+    if write == "deleted module":
+        del target._modules["4"]
+    else:
+        del target[2]._parameters["bias"]
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="TargetNetwork"):
+        tn.update()
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_holds_no_copy_of_the_weights():
