@@ -66,6 +66,7 @@ class FlatShadow(ShadowBase):
         self.rows = rows
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
+        self._lerps: dict = {}          # group index -> (its tables, stochastic, prepared lerp launch)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":
@@ -150,8 +151,19 @@ class FlatShadow(ShadowBase):
             else:
                 assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
-                           stochastic=stochastic)
+            flag = self._flag_view(skip_if, g)
+            if flag is None:                                    # the usual step: the launch bound once
+                self._lerp(gi, g, stochastic)(weights, key)
+            else:
+                _launch.launch("lerp", g, weights=weights, flag=flag, key=key, stochastic=stochastic)
+
+    def _lerp(self, gi: int, g: LayoutGroup, stochastic: bool):
+        """Group ``gi``'s prepared lerp launch (:func:`fastema._launch.lerp_launcher`), made again
+        when the group's tables were replaced (new source addresses) or the rounding changed."""
+        bound = self._lerps.get(gi)
+        if bound is None or bound[0] is not g.tables or bound[1] is not stochastic:
+            bound = self._lerps[gi] = (g.tables, stochastic, _launch.lerp_launcher(g, stochastic=stochastic))
+        return bound[2]
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.

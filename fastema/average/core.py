@@ -137,6 +137,7 @@ class Average(PlanReader):
         self.shapes = [tuple(s) for s in shapes]
         self.shadow = shadow                    # a FlatShadow (or a shadow with its methods); the face may set it later
         self.adapter = adapter
+        self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
 
     @classmethod
     def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
@@ -191,12 +192,17 @@ class Average(PlanReader):
 
     def weights_by_device(self, weights: Sequence[float]) -> dict:
         """The kernels' weights per device (host floats, no device read), with the rounding checked
-        against each group's shadow dtype."""
+        against each group's shadow dtype; the last call's, when its weights, groups and rounding
+        are this call's (a constant decay: every step)."""
+        groups, memo = self.shadow.layout.groups, self._weights_memo
+        if memo is not None and memo[0] is groups and memo[1] == weights and memo[2] == self.rounding:
+            return memo[3]
         out = {}
         for g in self.shadow.layout.groups:
             if g.device not in out:
                 out[g.device] = resolve_weights(None, weights, self.shadow.rows, g.device)
             stochastic_rounding(self.rounding, g.shadow_kind)
+        self._weights_memo = (groups, list(weights), self.rounding, out)
         return out
 
     def view(self, slot: int, row: int = 0):

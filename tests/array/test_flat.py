@@ -131,6 +131,22 @@ def test_replaced_storage_same_layout_is_followed():
     assert torch.equal(flat.view(0), torch.full((1000,), 2.0))
 
 
+def test_storage_moved_after_an_update_is_followed_by_the_bound_launch():
+    # update() binds each group's launch once (tables, weights); a move of a source's storage
+    # replaces the tables, and the launch must be bound again, never the old address
+    p = nn.Parameter(torch.zeros(1000))
+    flat = fastema.FlatShadow([p, torch.zeros(70_000)])
+    for _ in range(2):
+        flat.update(0.5)
+    with torch.no_grad():
+        p.data = torch.full((1000,), 4.0)
+    flat.update(0.5)
+    assert torch.equal(flat.view(0), torch.full((1000,), 2.0))
+    flat.update(0.5, rounding="nearest", skip_nonfinite=True)       # a flag: the plain launch, then bound again
+    flat.update(0.5)
+    assert torch.equal(flat.view(0), torch.full((1000,), 3.5))
+
+
 @pytest.mark.parametrize("change", [lambda p: p.double(), lambda p: p.view(10, 100).t().contiguous().view(100, 10),
                                     lambda p: torch.zeros(999)])
 def test_changed_source_is_refused_and_nothing_changes(change):
