@@ -14,7 +14,7 @@ from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.plan import Plan
 from ..ops import pair_groups
-from . import _model
+from . import _model, _sharded
 from ._model import _matches, _patterns, _unwrap, normalize_name
 
 __all__ = ["TargetNetwork"]
@@ -66,16 +66,38 @@ class _Selection:
                              f"{missing[:5]} and has {extra[:5]} besides; make the target a copy of the online "
                              f"network (copy.deepcopy(online)), or exclude= the names that differ. Nothing was "
                              f"written.")
+        pieces: dict = {}                               # id(a DTensor) -> its local shard (FSDP2, TP, HSDP)
         for side, named in (("online network", theirs), ("target", mine)):
             for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
-                refuse_foreign(t, f"the {side}'s {kind} {name!r}")
-        online_memory = {t.data_ptr() for _, t in theirs.values() if t.numel()}
+                what = f"the {side}'s {kind} {name!r}"
+                if _sharded.is_dtensor(t):
+                    pieces[id(t)] = _sharded.local(t, what)[0]
+                    t = pieces[id(t)]
+                refuse_foreign(t, what)
+
+        def local(t) -> torch.Tensor:
+            return pieces.get(id(t), t)
+
+        online_memory = {local(t).data_ptr() for _, t in theirs.values() if local(t).numel()}
         averaged: list = []
         copied: list = []
         ints: list = []
         for name, (kind, src) in theirs.items():
             dst = mine[name][1]
-            if dst.numel() and dst.data_ptr() in online_memory:
+            if (id(dst) in pieces) != (id(src) in pieces):
+                side, other = ("target", "online network") if id(dst) in pieces else ("online network", "target")
+                raise ValueError(f"{name!r} is sharded (a DTensor) in the {side} but not in the {other}; shard both "
+                                 f"networks the same way (fully_shard(target) with the online network's mesh and "
+                                 f"policy). Nothing was written.")
+            if id(dst) in pieces and (dst.device_mesh != src.device_mesh or
+                                      tuple(dst.placements) != tuple(src.placements) or
+                                      tuple(local(dst).shape) != tuple(local(src).shape)):
+                raise ValueError(f"{name!r} is sharded differently in the target ({tuple(dst.placements)} on "
+                                 f"{dst.device_mesh}, local shape {tuple(local(dst).shape)}) and the online network "
+                                 f"({tuple(src.placements)} on {src.device_mesh}, local shape "
+                                 f"{tuple(local(src).shape)}); each rank averages its own shards, so shard both the "
+                                 f"same way. Nothing was written.")
+            if local(dst).numel() and local(dst).data_ptr() in online_memory:
                 raise ValueError(f"the target's {name!r} shares memory with the online network; the target must be "
                                  f"a copy of its own (copy.deepcopy(online)). Nothing was written.")
             if tuple(dst.shape) != tuple(src.shape):
@@ -114,8 +136,21 @@ class _Selection:
         self.path_children = [c for _, _, c in paths.values()]
         self.module_tables = list({id(p): p for p in self.path_tables}.values())
         self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
-        self.specs = [(t.dtype, tuple(t.shape)) for t in self.tensors]
+        self.sharded = bool(pieces)                     # then every average reads and writes local shards
+        self.address = _sharded.local_address if self.sharded else _DATA_PTR
+        self.specs = [(t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) for t in self.tensors]
         self.groups = self.group(self.tensors)
+
+    def layout_guard(self, tensors: list):
+        """A check that tensors at ``tensors``' addresses still have their layouts (see
+        :func:`fastema._backends.layout_guard`), of the local shards when sharded."""
+        guard = _backends.layout_guard(self.pieces(tensors))
+        return guard if not self.sharded else (lambda ts: guard(self.pieces(ts)))
+
+    def pieces(self, tensors: list) -> list:
+        """Where ``tensors``' elements are on this rank: the local shards of DTensors (each rank
+        averages its own, no collective), the tensors themselves when nothing is sharded."""
+        return list(map(_sharded.local_tensor, tensors)) if self.sharded else tensors
 
     def current(self) -> list | None:
         """The tensors the slots hold now if they are the selection's own objects in the same modules
@@ -132,7 +167,7 @@ class _Selection:
         them and of the ``_modules`` dicts on the way (a tensor or module added or deleted without a
         registration hook shows as a length), or None when one is no tensor with storage."""
         try:
-            key = list(map(_DATA_PTR, tensors))
+            key = list(map(self.address, tensors))
         except (TypeError, RuntimeError):                # an empty slot; a tensor with no storage of its own
             return None
         key.extend(map(len, self.owner_tables))
@@ -143,12 +178,14 @@ class _Selection:
         """``(averaged groups, copied groups, integer pairs)`` of ``tensors`` (checked by
         :func:`fastema.ops.pair_groups`: layouts, devices, no shared memory among the targets)."""
         n = len(tensors) // 2
-        dst, src = tensors[:n], tensors[n:]
-        a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
         for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
-            if (t.dtype, tuple(t.shape)) != spec:
-                raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]} to {t.dtype} {tuple(t.shape)} after "
+            if (t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) != spec:
+                raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]}{' sharded' if spec[2] else ''} to "
+                                 f"{t.dtype} {tuple(t.shape)}{' sharded' if _sharded.is_dtensor(t) else ''} after "
                                  f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
+        pieces = self.pieces(tensors)
+        dst, src = pieces[:n], pieces[n:]
+        a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
         return (pair_groups(dst[:a], src[:a]), pair_groups(dst[a:c], src[a:c]) if c > a else [],
                 (dst[c:], src[c:]))
 
@@ -178,10 +215,15 @@ class TargetNetwork:
     network). The target's ``requires_grad`` is left as it is; the kernels write its memory
     directly (no autograd, as under ``torch.no_grad()``).
 
-    Every ``update()`` checks that both modules still hold the tensors it paired (a dict lookup
-    and an identity a tensor, one ``data_ptr()`` each, a layout check): a tensor whose storage
-    moved (``p.data = new``) is followed; a tensor or module replaced, added or removed is looked
-    up again by name and followed if it still fits, or refused by name, before anything is written.
+    Every ``update()`` checks that both modules still hold the tensors it paired (a dict lookup,
+    one ``data_ptr()`` and a layout check a tensor, with torch's registration hooks watching the
+    modules; see :meth:`_groups`): a tensor whose storage moved (``p.data = new``) is followed; a
+    tensor or module replaced, added or removed is looked up again by name and followed if it
+    still fits, or refused by name, before anything is written.
+
+    Sharded networks (FSDP2, tensor parallel, HSDP: DTensor parameters), sharded alike: each rank
+    averages its own local shards in place, with no collective; a forward that left unsharded
+    copies on the modules is resharded first.
 
     Args:
         online: the network being trained (bare, DDP- or torch.compile-wrapped).
@@ -248,7 +290,9 @@ class TargetNetwork:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
         self._devices = sorted({g.device for gs in self._sel.groups[:2] for g in gs})
         self._key = self._sel.key(self._sel.tensors)
-        self._guard = _backends.layout_guard(self._sel.tensors)
+        self._guard = self._sel.layout_guard(self._sel.tensors)
+        self._fsdp = (_sharded.fsdp_modules(_unwrap(online)) + _sharded.fsdp_modules(_unwrap(target))
+                      if self._sel.sharded else [])
         self._stale = False                             # set by torch's registration hooks (see _groups)
         _model.watch((_unwrap(online), _unwrap(target)), self)
         self._flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self._devices}
@@ -347,6 +391,8 @@ class TargetNetwork:
             held = list(map(dict.get, sel.tables, sel.keys))
             if sel.key(held) == self._key and self._guard(held):
                 return sel.groups                        # the usual step: nothing moved
+        if self._fsdp:                                   # a forward with no backward left unsharded copies
+            _sharded.reshard(self._fsdp)
         now = sel.current()
         if now is not None and sel.key(now) == self._key and self._guard(now):
             self._stale = False
@@ -365,12 +411,12 @@ class TargetNetwork:
             groups = sel.group(sel.tensors)              # checked against the construction's dtypes, shapes
             sel.groups = groups
             self._sel, self._key = sel, sel.key(sel.tensors)
-            self._guard = _backends.layout_guard(sel.tensors)
+            self._guard = sel.layout_guard(sel.tensors)
             _model.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
         else:
             groups = sel.group(now)                      # storage moved under a tensor (p.data = new)
             sel.groups = groups
-            self._key, self._guard = sel.key(now), _backends.layout_guard(now)
+            self._key, self._guard = sel.key(now), sel.layout_guard(now)
         self._stale = False
         return groups
 
