@@ -183,6 +183,7 @@ class Plan:
         self.last_decays = [0.0] * self.rows
         self.first_time: float | None = None    # time of the first update (timed schedules)
         self.last_time = 0.0                # time of the last update (0 before any)
+        self._fixed: tuple = (None, [], [])  # (schedules, decays, weights) when they are Constant ones
 
     @property
     def timed(self) -> bool:
@@ -231,6 +232,10 @@ class Plan:
         n = self.updates + 1 if step is None else check_step(step)
         t = float(self.cadence.calls + 1 if step is None else step)    # self.time_of(step), inlined
         schedules = self.schedules                      # one pass per kind of schedule (a per-step path)
+        fixed = self._fixed
+        if fixed[0] is schedules and not (self.compensate or self.debias):      # constant decays: as last time
+            cadence = self.cadence
+            return _tuple_new(Pending, (cadence.calls % cadence.every == 0, n, fixed[2], fixed[1], self.norms, t))
         if getattr(schedules[0], "timed", False):
             if t < self.last_time:
                 raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule "
@@ -249,6 +254,8 @@ class Plan:
                 weights.append(w)
         else:
             weights = [1.0 - d for d in decays]
+            if all(type(s) is Constant for s in schedules) and not self.compensate:
+                self._fixed = (schedules, decays, weights)  # never changed in place (see done, mark)
         cadence = self.cadence                          # Pending(cadence.due(), ...) without its Python __new__
         return _tuple_new(Pending, (cadence.calls % cadence.every == 0, n, weights, decays, norms, t))
 
