@@ -53,6 +53,8 @@ class FlatShadow(ShadowBase):
         init: ``"copy"`` (every row starts as the sources) or ``"zeros"``.
     """
 
+    folds_later = False       # update_checked() writes now (an offloaded shadow queues; see fastema.average.core)
+
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
                  init: str = "copy"):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
@@ -151,19 +153,20 @@ class FlatShadow(ShadowBase):
             else:
                 assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            flag = self._flag_view(skip_if, g)
-            if flag is None:                                    # the usual step: the launch bound once
-                self._lerp(gi, g, stochastic)(weights, key)
-            else:
+            flag = None if skip_if is None else self._flag_view(skip_if, g)
+            if flag is not None:
                 _launch.launch("lerp", g, weights=weights, flag=flag, key=key, stochastic=stochastic)
+                continue
+            bound = self._lerps.get(gi)                         # the usual step: the launch bound once
+            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic:
+                bound = self._bind_lerp(gi, g, stochastic)
+            bound[2](weights, key)
 
-    def _lerp(self, gi: int, g: LayoutGroup, stochastic: bool):
+    def _bind_lerp(self, gi: int, g: LayoutGroup, stochastic: bool) -> tuple:
         """Group ``gi``'s prepared lerp launch (:func:`fastema._launch.lerp_launcher`), made again
         when the group's tables were replaced (new source addresses) or the rounding changed."""
-        bound = self._lerps.get(gi)
-        if bound is None or bound[0] is not g.tables or bound[1] is not stochastic:
-            bound = self._lerps[gi] = (g.tables, stochastic, _launch.lerp_launcher(g, stochastic=stochastic))
-        return bound[2]
+        bound = self._lerps[gi] = (g.tables, stochastic, _launch.lerp_launcher(g, stochastic=stochastic))
+        return bound
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.

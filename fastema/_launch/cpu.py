@@ -104,7 +104,7 @@ class LerpLaunch:
     device (int64[1] arrays) go through the dispatcher, which checks their type."""
 
     __slots__ = ("_head", "_flag", "_n", "_chunks", "_kinds", "_cast", "_w_in", "_w", "_wtype", "_size", "_fns",
-                 "_calls")
+                 "_calls", "_args0")
 
     def __init__(self, group, flag, stochastic: bool, cast):
         t = group.tables
@@ -129,6 +129,7 @@ class LerpLaunch:
             self._wtype = wtype
             self._fns = [self._calls.get((False, wtype)), self._calls.get((True, wtype))]
         self._size = self._n * len(weights) if self._chunks > 1 else -1   # -1: one work item, always serial
+        self._args0 = (*self._head, self._w, self._flag, _ZERO_KEY)         # the arguments with key 0
 
     def __call__(self, weights, key=0) -> None:
         if weights is not self._w_in:
@@ -145,9 +146,11 @@ class LerpLaunch:
             self._fns[par] = self._calls[(par, self._wtype)] = _entry_point(k, args)
         elif par:
             with _one_at_a_time:
-                fn(*self._head, self._w, self._flag, np.uint32(key) if key else _ZERO_KEY)
+                fn(*self._args0) if not key else fn(*self._head, self._w, self._flag, np.uint32(key))
+        elif not key:
+            fn(*self._args0)
         else:
-            fn(*self._head, self._w, self._flag, np.uint32(key) if key else _ZERO_KEY)
+            fn(*self._head, self._w, self._flag, np.uint32(key))
 
 
 def _entry_point(kernel, args):

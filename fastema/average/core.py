@@ -138,6 +138,7 @@ class Average(PlanReader):
         self.shadow = shadow                    # a FlatShadow (or a shadow with its methods); the face may set it later
         self.adapter = adapter
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
+        self._bema = options.is_bema            # the options are frozen
 
     @classmethod
     def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
@@ -169,7 +170,7 @@ class Average(PlanReader):
         """The update :meth:`fastema.average.plan.Plan.next` described, from ``sources`` (None: as
         the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
         weights = pending.weights
-        bema = self.options.is_bema
+        bema = self._bema
         # a shadow that folds later (offload) gets, with each fold it queued, the way back to the
         # plan before this call: when that fold fails on its worker, the counters follow the shadow
         before = self.plan.mark() if getattr(self.shadow, "folds_later", False) else None
@@ -183,10 +184,10 @@ class Average(PlanReader):
             flags = self.adapter.scan(None) if self.skip_nonfinite else None
             self.shadow.update_checked(self.weights_by_device(weights), self.rounding, self.seed, pending.n, flags)
         if bema:
-            self.shadow.bias_correct(self.plan.alpha(pending), skip_if=flags)
+            self.shadow.bias_correct(self._plan.alpha(pending), skip_if=flags)
         if self.adapter is not None:
             self.adapter.carry(flags)
-        self.plan.done(pending)
+        self._plan.done(pending)
         if before is not None:
             self.shadow.queued(functools.partial(self.plan.restore, before))
 

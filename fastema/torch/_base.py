@@ -109,7 +109,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
     def _begin(self, due: bool) -> bool:
         """Checks before an update; returns ``due`` (this call updates). The caller records the call
         once it has been made, so a refused update changes nothing."""
-        self._not_swapped("update()")
+        self._swap.refuse("update()")          # _not_swapped, without a call more on the per-step path
         if due:
             self._follow()                      # every group, or a refusal before anything is written
         return due

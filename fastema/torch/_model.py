@@ -398,13 +398,14 @@ class _ModelSide:
         """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
         anything is written), and start over from the model after a DDP wrap (see _on_registration).
         True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
-        changed = self._model_changed()
+        changed = self._stale or self._addresses_now() != self._addresses     # self._model_changed()
         if changed and self._fsdp:                # a forward with no backward left unsharded copies
             _sharded.reshard(self._fsdp)
             changed = self._model_changed()
         if _HOOKS:                                # something was registered, or an owner's table changed: new names?
-            self._modules_now = None              # (no module held: a deleted one must be freed, see _owner_slots)
-            if self._stale or changed:
+            if self._modules_now is not None:
+                self._modules_now = None          # (no module held: a deleted one must be freed, see _owner_slots)
+            if changed:                           # (stale: changed)
                 self._refuse_added()
         elif self._stale or self._modules_changed():
             self._refuse_added()

@@ -192,7 +192,8 @@ class EMA(Face, _ModelAverage, PeftExport):
         self._eager_update(step)
 
     def _eager_update(self, step: int | None) -> None:
-        pending = self.plan.next(step)                    # checks step before anything else
+        core = self._core
+        pending = core._plan.next(step)                   # checks step before anything else
         if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
             if self.offload:
                 raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: its "
@@ -204,10 +205,13 @@ class EMA(Face, _ModelAverage, PeftExport):
         if self._plan_on_device is not None:
             self._begin(True)                             # every call launches; the device skips
             self._device_update(step)
-        elif self._begin(pending.due):                    # addresses checked (or refused) here
-            self._core.fold(pending)                    # the engine's update: the kernels, BEMA, carry()
-            return
-        self.plan.done(pending)
+        else:                                             # self._begin(pending.due), inlined
+            self._swap.refuse("update()")
+            if pending.due:
+                self._follow()                            # addresses checked (or refused) here
+                core.fold(pending)                        # the engine's update: the kernels, BEMA, carry()
+                return
+        core._plan.done(pending)
 
     def _device_update(self, step: int | None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
