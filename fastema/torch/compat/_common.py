@@ -18,26 +18,40 @@ def kernel_pair(t: torch.Tensor, s: torch.Tensor) -> bool:
             and t.stride() == s.stride())
 
 
-@torch.no_grad()
-def _lerp_pairs(targets: list, sources: list, weight: float) -> None:
-    """``targets[i].lerp_(sources[i], weight)`` for every pair: one fastema launch per (device,
-    dtype) group for the pairs the kernels take, torch's own lerp for the rest, as the originals
-    compute them: complex dtypes, pairs on two devices (``allow_different_devices``), meta
-    tensors (no memory) and pairs laid out differently (see :func:`kernel_pair`)."""
+def _torch_lerp(t: torch.Tensor, s: torch.Tensor, weight: float) -> None:
+    t.lerp_(s.to(t.device, t.dtype), weight)
+
+
+def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_torch_lerp) -> None:
+    """``targets[i] <- lerp(targets[i], sources[i], weight)`` for every pair: one fastema launch per
+    (device, dtype) group for the pairs the kernels take, and ``slow(t, s, weight)`` (torch's own
+    lerp by default) under ``torch.no_grad()`` for the rest, as the originals compute them:
+    complex dtypes, pairs on two devices (``allow_different_devices``), meta tensors (no memory)
+    and pairs laid out differently (see :func:`kernel_pair`).
+
+    The usual step (the same tensors as last time) is one launch per group after a key of the
+    addresses (:func:`fastema.ops.cached_pair_groups`). Otherwise ``check(i, t, s, fast)`` runs for
+    every pair before anything is written (``fast``: the kernels take it), to refuse a call."""
     if not targets:
         return
     groups = cached_pair_groups(targets, sources)   # the usual step: these pairs, as last time
     if groups is not None:
         launch_pairs(groups, None, weight, "nearest", 0, 0)
         return
-    fast_t, fast_s, slow = [], [], []
-    for t, s in zip(targets, sources):
-        if kernel_pair(t, s):
+    fast_t, fast_s, rest = [], [], []
+    for i, (t, s) in enumerate(zip(targets, sources)):
+        fast = kernel_pair(t, s)
+        if check is not None:
+            check(i, t, s, fast)
+        if fast:
             fast_t.append(t)
             fast_s.append(s)
         else:
-            slow.append((t, s))
+            rest.append((t, s))
     if fast_t:
         ema_update_many_(fast_t, fast_s, weight=weight)   # caches the layout: the next step is a hit
-    for t, s in slow:
-        t.lerp_(s.to(t.device, t.dtype), weight)
+    if rest:
+        with torch.no_grad():
+            for t, s in rest:
+                slow(t, s, weight)
+

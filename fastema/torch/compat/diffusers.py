@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ... import schedules as S
-from ._common import _lerp_pairs
+from ._common import lerp_pairs
 
 __all__ = ["EMAModel"]
 
@@ -105,7 +105,7 @@ class EMAModel:
         decay = self.get_decay(self.optimization_step + 1)
         grads = [(s, p) for s, p in zip(self.shadow_params, parameters) if p.requires_grad]
         if grads:
-            _lerp_pairs([s for s, _ in grads], [p for _, p in grads], 1.0 - decay)
+            lerp_pairs([s for s, _ in grads], [p for _, p in grads], 1.0 - decay)
         for s, p in zip(self.shadow_params, parameters):
             if not p.requires_grad:
                 s.copy_(p)

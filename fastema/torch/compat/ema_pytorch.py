@@ -24,7 +24,7 @@ from torch.utils import _pytree
 
 from ... import schedules as S
 from ...ops import cached_pair_groups, launch_pairs
-from ._common import _lerp_pairs
+from ._common import lerp_pairs
 
 __all__ = ["EMA", "EMAModuleWrapper", "EMAPytree", "EMATensor", "KarrasEMA", "PostHocEMA"]
 
@@ -222,7 +222,7 @@ class _EmaPytorchBase(_Counters):
                                    f"allow_different_devices=True (as in ema-pytorch) or move them together")
             lerp_t.append(m.data)
             lerp_s.append(c.data)
-        _lerp_pairs(lerp_t, lerp_s, 1.0 - decay)
+        lerp_pairs(lerp_t, lerp_s, 1.0 - decay)
 
     def __call__(self, *args, **kwargs):
         return self.ema_model(*args, **kwargs)
@@ -716,7 +716,7 @@ class EMAPytree(_Counters):
         if groups is not None:
             launch_pairs(groups, None, 1.0 - decay, "nearest", 0, 0)
         else:
-            _lerp_pairs(targets, sources, 1.0 - decay)
+            lerp_pairs(targets, sources, 1.0 - decay)
         if copy[0]:
             self._copy(*copy)
 

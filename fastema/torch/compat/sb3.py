@@ -14,8 +14,7 @@ from typing import Iterable
 
 import torch
 
-from ...ops import cached_pair_groups, ema_update_many_, launch_pairs
-from ._common import kernel_pair
+from ._common import lerp_pairs
 
 __all__ = ["polyak_update"]
 
@@ -31,8 +30,14 @@ def _tau(tau) -> float:
     return tau
 
 
-def _check_slow(i: int, target: torch.Tensor, param: torch.Tensor) -> None:
-    """Refuse, before anything is written, a pair SB3's arithmetic would fail on midway."""
+def _check(i: int, target: torch.Tensor, param: torch.Tensor, fast: bool) -> None:
+    """Refuse, before anything is written, a pair whose shapes differ, and one that SB3's arithmetic
+    (``slow``: a pair the kernels do not take) would fail on midway."""
+    if target.shape != param.shape:
+        raise ValueError(f"target_params[{i}] has shape {tuple(target.shape)} but params[{i}] "
+                         f"{tuple(param.shape)}; pass the two networks' tensors in the same order")
+    if fast:
+        return
     if not (target.is_floating_point() or target.is_complex()):
         raise TypeError(f"target_params[{i}] is {target.dtype}; polyak_update averages floating-point tensors: "
                         f"leave integer buffers such as num_batches_tracked out (SB3's "
@@ -89,29 +94,10 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
         raise ValueError(f"zip() argument {which}: polyak_update got {len(sources)} params but {len(targets)} "
                          f"target_params; pass the online and the target network's tensors in the same order "
                          f"(e.g. critic.parameters(), critic_target.parameters())")
-    if not targets:
-        return
-    groups = cached_pair_groups(targets, sources)       # the usual step: these pairs, as last time
-    if groups is not None:
-        launch_pairs(groups, None, weight, "nearest", 0, 0)
-        return
-    fast_t, fast_s, slow = [], [], []
-    for i, (t, s) in enumerate(zip(targets, sources)):
-        if t.shape != s.shape:
-            raise ValueError(f"target_params[{i}] has shape {tuple(t.shape)} but params[{i}] {tuple(s.shape)}; "
-                             f"pass the two networks' tensors in the same order")
-        if kernel_pair(t, s):
-            fast_t.append(t)
-            fast_s.append(s)
-        else:
-            _check_slow(i, t, s)
-            slow.append((t.data, s.data))
-    if fast_t:
-        # checks all, then writes; caches the layout under these tensors (not their .data, which
-        # the layout guard tells apart from a Parameter): the next call is a cached_pair_groups hit
-        ema_update_many_(fast_t, fast_s, weight=weight)
-    if slow:
-        with torch.no_grad():                            # SB3's own arithmetic
-            for t, s in slow:
-                t.mul_(1 - weight)
-                torch.add(t, s, alpha=weight, out=t)
+    lerp_pairs(targets, sources, weight, check=_check, slow=_sb3_arithmetic)
+
+
+def _sb3_arithmetic(target: torch.Tensor, param: torch.Tensor, tau: float) -> None:
+    """SB3's own two operations, for the pairs fastema's kernels do not take."""
+    target.data.mul_(1 - tau)
+    torch.add(target.data, param.data, alpha=tau, out=target.data)

@@ -20,7 +20,7 @@ except ImportError as err:        # pragma: no cover - the rl extra is missing
 
 import torch
 
-from ._common import _lerp_pairs
+from ._common import lerp_pairs
 
 __all__ = ["SoftUpdate", "HardUpdate"]
 
@@ -72,7 +72,7 @@ class SoftUpdate(_SoftUpdate):
             sources, targets = self._pending
         finally:
             del self._pending
-        _lerp_pairs(targets, sources, 1 - self.eps)
+        lerp_pairs(targets, sources, 1 - self.eps)
 
 
 class HardUpdate(_HardUpdate):
