@@ -57,3 +57,37 @@ def test_report_command_and_errors(results, tmp_path, capsys):
     assert "fastema speed-up" in capsys.readouterr().out
     assert bench.main(["--report", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def _gpu_summary():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "bench" / "gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("gpu_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_summary_line_has_the_fields_the_maintainers_read():
+    s = _gpu_summary()
+    m = lambda host, e2e, dev=0.0: {"host_us": host, "e2e_us": e2e, "device_us": dev}  # noqa: E731
+    timings = {
+        "host-cost rl6 float32": {s.EMA: m(9.5, 20.0), s.FOREACH: m(11.0, 30.0)},
+        "host-cost gpt2 float32": {s.EMA: m(12.25, 600.0), s.FOREACH: m(40.0, 660.0)},
+        "host-cost gpt2 bf16": {s.EMA: m(12.0, 500.0), s.MIXED: m(50.0, 1000.0)},
+        "host-cost 3000x4096 float32": {s.EMA: m(300.0, 700.0), s.FOREACH: m(1500.0, 1600.0)},
+        "flat float32 2^28": {"fastema.ema_update_": m(1, 1, 1100.0), "torch.lerp_": m(1, 1, 1045.0)},
+    }
+    checks = {"a": {"ok": True}, "b": {"ok": False}, "timing x": {"ok": False, "detail": "boom"}}
+    log = "....F..\n=== 2 failed, 61 passed, 1 error in 12.3s ===\n"
+    line = s.summary_line(timings, checks, "NVIDIA H100 80GB HBM3", log)
+    assert line == ("gpu-summary: device=NVIDIA_H100_80GB_HBM3 host_us_6=9.5 host_us_148=12.2 host_us_3000=300.0 "
+                    "foreach_host_us_6=11.0 foreach_host_us_148=40.0 foreach_host_us_3000=1500.0 "
+                    "e2e_rl6_vs_foreach=1.50x e2e_gpt2_fp32_vs_foreach=1.10x e2e_gpt2_bf16_vs_foreach=2.00x "
+                    "flat28_device_vs_lerp=0.95x cuda_tests_failed=3 probe_failed=2")
+    # what was not measured says so, and no log is not "no failure"
+    empty = s.summary_line({}, {}, "", None)
+    assert "host_us_6=nan" in empty and "flat28_device_vs_lerp=nanx" in empty and "cuda_tests_failed=-1" in empty
+    assert s.failed_tests("== 62 passed in 3.0s ==") == 0
