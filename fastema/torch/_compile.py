@@ -27,44 +27,51 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
-__all__ = ["CompiledOwner", "install", "register"]
+__all__ = ["CompiledOwner", "UpdateOwner", "install", "register"]
 
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
 
 
-class CompiledOwner(Protocol):
-    """What the operators ask of the average they run (``fastema.torch._base._ModelAverage``):
-    the documented protocol between the compiled path and the eager one, nothing else is reached."""
+class UpdateOwner(Protocol):
+    """What the ``update_`` operator asks of the object it updates (a model average, or a
+    :class:`fastema.torch.TargetNetwork`): the documented protocol between the compiled path and
+    the eager one, nothing else is reached."""
 
     _ops: dict            # op -> (tensors it writes, tensors it reads), made when the tensors change
+    _handle: int          # from register()
 
     def _eager_update(self, step: int | None) -> None:
         """The eager ``update()`` (checks, schedule, launches)."""
 
-    def _eager_copy_to(self, row: int) -> None:
-        """The eager ``copy_to()`` into the tracked model."""
-
     def _read_from(self, read: list) -> Callable[[], None]:
         """Read the sources from ``read`` until the returned function is called."""
+
+
+class CompiledOwner(UpdateOwner, Protocol):
+    """What every operator asks of the average it runs (``fastema.torch._base._ModelAverage``):
+    ``update_``'s protocol, and ``swap_``'s and ``copy_to_``'s."""
+
+    def _eager_copy_to(self, row: int) -> None:
+        """The eager ``copy_to()`` into the tracked model."""
 
     @property
     def _swap(self):
         """The swap state (:class:`fastema.average.ModelSwap`): ``_swap.swap(row)``."""
 
 
-def register(owner: CompiledOwner) -> int:
+def register(owner: UpdateOwner) -> int:
     """A handle for ``owner`` (an average), which the operators find it by."""
     handle = next(_IDS)
     _OWNERS[handle] = weakref.ref(owner, lambda _: _OWNERS.pop(handle, None))
     return handle
 
 
-def _owner(handle: int) -> CompiledOwner:
+def _owner(handle: int) -> Any:
     ref = _OWNERS.get(handle)
     owner = ref() if ref is not None else None
     if owner is None:
@@ -121,6 +128,22 @@ def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, 
 @update_.register_fake
 def _(written, read, handle, step):
     return None
+
+
+def compiled_update(owner: UpdateOwner, step) -> None:
+    """``owner.update(step)`` inside a traced function: ``step`` checked as eager checks it, then
+    one :func:`update_` operator in the graph."""
+    from ..schedules import check_step
+
+    if isinstance(step, torch.Tensor):                   # the operator's int argument would fail on it
+        raise ValueError("step must be an int >= 0, got a tensor: pass a Python int (a tensor's value is not known "
+                         "while torch.compile traces the update)")
+    if step is not None:                                 # as eager (the operator would take True as 1 and -1 as
+        if isinstance(step, int) and not isinstance(step, bool) and step < 0:     # no step)
+            step = int(step)                             # a traced int: its value, for the message
+        check_step(step)
+    written, read = owner._ops["update"]
+    torch.ops.fastema.update_(written, read, owner._handle, -1 if step is None else step)
 
 
 @torch.library.custom_op("fastema::swap_", mutates_args=("written",))

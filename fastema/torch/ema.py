@@ -12,6 +12,7 @@ from .. import schedules
 from ..average import Average, EMAOptions, Face
 from ..average.device_plan import DevicePlan
 from ..flat import FlatShadow
+from . import _compile
 from ._base import _ModelAverage
 from ._checkpoint import FORMAT
 from ._peft import PeftExport
@@ -179,15 +180,7 @@ class EMA(Face, _ModelAverage, PeftExport):
                 schedules refuse a step before the last update's.
         """
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
-            if isinstance(step, torch.Tensor):            # the operator's int argument would fail on it
-                raise ValueError("step must be an int >= 0, got a tensor: pass a Python int (a tensor's value is "
-                                 "not known while torch.compile traces the update)")
-            if step is not None:                          # as eager (the operator would take True as 1 and -1 as
-                if isinstance(step, int) and not isinstance(step, bool) and step < 0:     # no step)
-                    step = int(step)                      # a traced int: its value, for the message
-                schedules.check_step(step)
-            written, read = self._ops["update"]
-            torch.ops.fastema.update_(written, read, self._handle, -1 if step is None else step)
+            _compile.compiled_update(self, step)
             return
         self._eager_update(step)
 

@@ -14,7 +14,7 @@ from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.plan import Plan
 from ..ops import pair_groups
-from . import _model, _sharded
+from . import _compile, _model, _sharded
 from ._model import _matches, _patterns, _unwrap, normalize_name
 
 __all__ = ["TargetNetwork"]
@@ -250,7 +250,7 @@ class TargetNetwork:
             ``update()`` captured in a CUDA graph replays the schedule exactly. ``None`` (default):
             on when the networks are on a GPU.
 
-    Not traced by ``torch.compile``: call ``update()`` outside the compiled function.
+    Inside a ``torch.compile``-d function ``update()`` is one custom operator (see :meth:`update`).
     """
 
     def __init__(self, online: nn.Module, target: nn.Module, tau: float | None = None, *,
@@ -305,6 +305,8 @@ class TargetNetwork:
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
         self._lerps: tuple = (None, [])                 # (the groups, their prepared lerp launches)
+        self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
+        self._ops = self._op_lists()
 
     # ------------------------------------------------------------ what it is
 
@@ -412,6 +414,7 @@ class TargetNetwork:
             sel.groups = groups
             self._sel, self._key = sel, sel.key(sel.tensors)
             self._guard = sel.layout_guard(sel.tensors)
+            self._ops = self._op_lists()
             _model.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
         else:
             groups = sel.group(now)                      # storage moved under a tensor (p.data = new)
@@ -423,10 +426,20 @@ class TargetNetwork:
     def update(self, step: int | None = None) -> None:
         """Move the target towards the online network (call after ``optimizer.step()``).
 
+        Inside a function compiled with ``torch.compile`` the call is one custom operator
+        (``fastema::update_``, as :meth:`fastema.torch.EMA.update`), which runs this eager update
+        at every call of the compiled code: the schedule advances without recompiling.
+
         Args:
             step: the training step for the momentum schedule; defaults to the number of
                 updates made.
         """
+        if torch.compiler.is_compiling():
+            _compile.compiled_update(self, step)
+            return
+        self._eager_update(step)
+
+    def _eager_update(self, step: int | None) -> None:
         pending = self.plan.next(step)                   # checks step before anything else
         plan = self._device_plan
         if plan is None:
@@ -487,6 +500,36 @@ class TargetNetwork:
             for d, s in zip(dst, src):                   # keep the old value on a skipped call, no sync
                 flag = tensors.get("cpu" if d.device.type == "cpu" else f"{d.device.type}:{d.device.index}")
                 d.copy_(s if flag is None else torch.where(flag[0] != 0, d, s))
+
+    # ------------------------------------------------------------ torch.compile (_compile.UpdateOwner)
+
+    def _op_lists(self) -> dict:
+        """``{"update": (tensors it writes, tensors it reads)}`` for the compiled operator: the target's
+        tensors, the skip flags and the device plan's arrays; the online network's tensors. Made when
+        the tensors change (construction, a changed network followed), never while tracing."""
+        n = len(self._sel.tensors) // 2
+        plan = [] if self._device_plan is None else [
+            t for d in self._device_plan.devices.values() for t in d.arrays.values() if isinstance(t, torch.Tensor)]
+        flags = list(self._flags.values()) if self.skip_nonfinite else []
+        return {"update": (self._sel.tensors[:n] + flags + plan, self._sel.tensors[n:])}
+
+    def _read_from(self, read: list):
+        """Read the online network's tensors from ``read`` until the returned function is called (the
+        operator handed other tensors than the network's own: a slow path, see ``_compile``): their
+        values are copied in, and the online network's own values are put back after."""
+        own = self._sel.tensors[len(self._sel.tensors) // 2:]
+        with torch.no_grad():
+            backup = [o.detach().clone() for o in own]
+            for o, r in zip(own, read):
+                if o is not r:
+                    o.copy_(r)
+
+        def restore():
+            with torch.no_grad():
+                for o, b in zip(own, backup):
+                    o.copy_(b)
+
+        return restore
 
     def hard_update(self) -> None:
         """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,

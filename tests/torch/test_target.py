@@ -437,3 +437,48 @@ def test_guide_examples_run(capsys, block):
     code = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)[block]
     exec(compile(code, "guides/targets.md", "exec"), {})
     assert "TargetNetwork(tau=0.005" in capsys.readouterr().out or block == 1
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+def test_update_inside_a_compiled_learner_step_is_the_lerp_of_each_step():
+    """A learner step compiled with torch.compile, TargetNetwork.update() inside it (one custom
+    operator): after every call the target is the lerp of its value before towards the online
+    network (bit for bit), with the tau of that step of a Cosine momentum, which advances at every
+    call without recompiling (dynamo traced the step once)."""
+    import torch._dynamo
+
+    online, target = pair()
+    schedule = S.Cosine(0.5, 0.9, total_steps=4)
+    tn = TargetNetwork(online, target, momentum=schedule)
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+
+    def step(x):
+        with torch.no_grad():
+            y = target(x)
+        loss = (online(x) - y - 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tn.update()
+        return loss
+
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(step)
+    gen = torch.Generator().manual_seed(5)
+    graphs = []
+    for n in range(1, 7):
+        before = [t.detach().clone() for t in target.parameters()]
+        compiled(torch.randn(8, 5, generator=gen))
+        graphs.append(counts["stats"]["unique_graphs"])
+        tau = 1.0 - schedule(n)
+        for (name, t), b, p in zip(target.named_parameters(), before, online.parameters()):
+            assert torch.equal(t, b.lerp(p.detach(), tau)), (n, name)
+            assert not torch.equal(t, b), (n, name)
+    assert tn.updates == 6 and tn.momentum == 0.9
+    assert graphs[1] == graphs[-1] > 0, graphs                               # traced once: no recompile
+    with pytest.raises(ValueError, match="step must be an int"):
+        torch.compile(lambda: tn.update(step=torch.tensor(3)))()
+    assert tn.updates == 6                                                   # refused: nothing counted
