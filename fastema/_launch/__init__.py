@@ -120,18 +120,14 @@ def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[...
     t = group.tables
     if t is not None and t.chunks == 0:
         return _nothing
-    if is_cuda(group.device):
-        return functools.partial(_lerp_now, group, flag, stochastic)
     cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
+    if is_cuda(group.device):
+        return _cuda().LerpLaunch(group, flag, stochastic, cast)
     return _cpu_target.LerpLaunch(group, flag, stochastic, cast)
 
 
 def _nothing(weights, key=0) -> None:
     return None
-
-
-def _lerp_now(group, flag, stochastic, weights, key=0) -> None:
-    launch("lerp", group, weights=weights, flag=flag, key=key, stochastic=stochastic)
 
 
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,

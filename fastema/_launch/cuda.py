@@ -146,6 +146,170 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
             key if device_key else np.uint32(key))
 
 
+# ---------------------------------------------------------------- the lerp launch bound once (issue 23 item 1)
+#
+# numba-cuda's dispatcher, at every launch, types the arguments, picks the compiled overload, and
+# marshals every argument (``_Kernel._prepare_args``: an array is 5 + 2 ndim values), then cuda.core
+# packs and launches (measured on an H100: 170-590 us of host time per update). A group's lerp
+# launch changes little from step to step: the tables are the same device arrays, the flag and a
+# device plan's weight and key arrays too. ``LerpLaunch`` lets the dispatcher make its first launch
+# (compiling if needed) and keeps what it launched (the overload, through the launch configuration's
+# ``pre_launch_callbacks``), then marshals each argument with numba's own ``_prepare_args`` once per
+# argument object and launches through ``cuda.core.launch`` with a cached ``LaunchConfig``: per step,
+# only new objects (host weights, a stochastic-rounding key) are marshalled again. An argument of
+# another numba type than the kept overload's goes through the dispatcher again. The numba-cuda
+# internals used are checked once (``cached_launch_available``); where they differ (another numba-cuda
+# than 0.30) every launch goes through the dispatcher, with one warning. FASTEMA_CUDA_LAUNCH=dispatcher
+# turns the cached launch off.
+
+_NUMBA_CUDA_KNOWN = ("0.30.",)
+_ZERO_KEY = np.uint32(0)
+
+
+@functools.cache
+def cached_launch_available() -> bool:
+    """True when the cached launch path can run here: a real GPU (not the simulator), the numba-cuda
+    internals it uses present, and FASTEMA_CUDA_LAUNCH not set to ``dispatcher``."""
+    import os
+
+    if SIMULATOR or os.environ.get("FASTEMA_CUDA_LAUNCH", "cached") == "dispatcher":
+        return False
+    try:
+        import importlib.metadata as md
+
+        from cuda.core import LaunchConfig, Stream, launch  # noqa: F401
+        from numba.cuda import dispatcher as D
+
+        version = md.version("numba-cuda")
+        ok = (version.startswith(_NUMBA_CUDA_KNOWN) and hasattr(D._Kernel, "_prepare_args")
+              and hasattr(D._Kernel, "argument_types") and "pre_launch_callbacks" in
+              D._LaunchConfiguration.__init__.__code__.co_names)
+    except Exception:                                     # noqa: BLE001 - any difference: the dispatcher
+        version, ok = "unknown", False
+    if not ok:
+        import warnings
+
+        warnings.warn(f"fastema: numba-cuda {version}'s launch internals are not the ones fastema knows (0.30), so "
+                      f"every CUDA launch goes through numba's dispatcher (tens to hundreds of us of host time a "
+                      f"call)", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+@functools.lru_cache(maxsize=64)
+def _core_stream(handle: int):
+    from cuda.core import Stream
+
+    return Stream.from_handle(handle)
+
+
+@functools.lru_cache(maxsize=64)
+def _core_config(blocks: int, threads: int):
+    from cuda.core import LaunchConfig
+
+    return LaunchConfig(grid=blocks, block=threads)
+
+
+def _core_launch(stream, config_, kernel, *args) -> None:
+    from cuda.core import launch
+
+    launch(stream, config_, kernel, *args)
+
+
+class LerpLaunch:
+    """One group's ``"lerp"`` launch on CUDA, bound once (see the section comment above); called as
+    ``run(weights, key=0)`` on the stream the group's framework has current at that call. ``cast``:
+    the kernel's arithmetic type for host weights."""
+
+    __slots__ = ("group", "flag", "stochastic", "cast", "index", "w_in", "w", "kernel", "func", "types", "marshalled")
+
+    def __init__(self, group, flag, stochastic: bool, cast):
+        self.group, self.flag, self.stochastic, self.cast = group, flag, stochastic, cast
+        self.index = _index(group.device)
+        self.w_in: object = self                          # no host weights yet
+        self.w: tuple = ()
+        self.kernel = None                                # the overload the dispatcher launched first
+        self.func = None
+        self.types: tuple = ()
+        self.marshalled: list = []                        # per argument: (the object, its kernel arguments)
+
+    def __call__(self, weights, key=0) -> None:
+        if isinstance(weights, tuple):
+            if weights is not self.w_in:
+                self.w_in, self.w = weights, tuple(map(self.cast, weights))
+            weights = self.w
+        key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
+        args = (*self.group.tables.args(), weights, _zero_flag(self.group.device) if self.flag is None else self.flag,
+                key)
+        raw = self.group.current_stream()
+        blocks = min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS)
+        if self.kernel is not None:
+            kernelargs = self._marshal(args, raw)
+            if kernelargs is not None:
+                with cuda.gpus[self.index]:
+                    _core_launch(_core_stream(raw), _core_config(blocks, config.CUDA_THREADS), self.func,
+                                 *kernelargs)
+                return
+        self._through_dispatcher(args, external_stream(raw), blocks)
+
+    def _through_dispatcher(self, args, stream, blocks) -> None:
+        """A launch by numba's dispatcher (compiling if needed), keeping the overload it launched."""
+        dispatcher = K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
+                                   not isinstance(args[-1], (int, np.integer)))
+        if not cached_launch_available():
+            _run(dispatcher, self.group.device, stream, blocks, *args)
+            return
+        launched: list = []
+        with cuda.gpus[self.index]:
+            configured = dispatcher[blocks, config.CUDA_THREADS, stream] if stream else \
+                dispatcher[blocks, config.CUDA_THREADS]
+            keep = lambda kernel, _: launched.append(kernel)     # noqa: E731
+            configured.pre_launch_callbacks.append(keep)  # a shared (cached) configuration: removed at once
+            try:
+                configured(*args)
+            finally:
+                configured.pre_launch_callbacks.remove(keep)
+        kernel = launched[-1] if launched else None
+        if kernel is None or getattr(kernel, "debug", False) or getattr(kernel, "cooperative", False):
+            return                                        # launched; the next call asks the dispatcher again
+        self.kernel, self.func = kernel, kernel._codelibrary.get_cufunc().kernel
+        self.types = tuple(kernel.argument_types)
+        self.marshalled = [(None, None)] * len(args)
+        self._marshal(args, stream)
+
+    def _marshal(self, args, raw) -> list | None:
+        """The kernel arguments of ``args`` for the kept overload, each marshalled by numba's own
+        ``_prepare_args`` once per object (arrays: this very object; numbers and tuples: this value),
+        or None when one has another numba type than the overload's (the dispatcher decides then)."""
+        out: list = []
+        for i, (value, ty) in enumerate(zip(args, self.types)):
+            held, marshalled = self.marshalled[i]
+            if held is not value and not (isinstance(value, (int, np.integer, tuple)) and type(held) is type(value)
+                                          and held == value):
+                if not _same_type(self.kernel, value, ty):
+                    return None
+                marshalled, retr = [], []
+                self.kernel._prepare_args(ty, value, 0, retr, marshalled)
+                if retr:                                  # a host array copied over: not ours to cache
+                    return None
+                self.marshalled[i] = (value, marshalled)
+            out.extend(marshalled)
+        return out
+
+
+def _typeof(value):
+    """The numba type the dispatcher gives ``value`` as a kernel argument."""
+    from numba.cuda.typing.typeof import Purpose, typeof
+
+    return typeof(value, Purpose.argument)
+
+
+def _same_type(kernel, value, ty) -> bool:
+    try:
+        return _typeof(value) == ty
+    except Exception:                                     # noqa: BLE001 - untyped: the dispatcher decides
+        return False
+
+
 def bema(group, stream, *, alpha, flag=None):
     _chunks(group, stream, K.bema_kernel(group.shadow_kind), *group.tables.args(), alpha,
             _zero_flag(group.device) if flag is None else flag)
