@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import types
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -530,16 +531,21 @@ class _SavedAverages(_KerasSaveable):
         # accepts only its own kinds. Loss is the plainest of them (dir() here is empty anyway).
         return "Loss"
 
+    def refuse_swapped(self) -> None:
+        """RuntimeError while a live callback's average is swapped into the model (its weights are the
+        average then, and a file would carry them as the raw weights)."""
+        if any(cb.ema is not None and cb.ema.swapped for cb in self.callbacks):
+            raise RuntimeError("fastema.keras.WeightEMA: the model is saved while the average is swapped in (its "
+                               "weights are the average, not the raw ones); save after the validation, or swap() "
+                               "back first. Nothing was written.")
+
     def entries(self) -> list[dict]:
         """Every average this model carries, in place order: live callbacks read now, the rest as loaded."""
+        self.refuse_swapped()
         out = []
         for i in range(max(len(self.callbacks), len(self.pending))):
             if i < len(self.callbacks):
                 cb = self.callbacks[i]
-                if cb.ema is not None and cb.ema.swapped:
-                    raise RuntimeError("fastema.keras.WeightEMA: the model is saved while the average is swapped in "
-                                       "(its weights are the average, not the raw ones); save after the "
-                                       "validation, or swap() back first")
                 out.append(_structural_state(cb))
             elif self.pending[i] is not None:
                 out.append(self.pending[i])                 # type: ignore[arg-type]
@@ -602,7 +608,33 @@ def _saved_averages(model, create: bool = False) -> _SavedAverages:
         holder = _SavedAverages()
         object.__setattr__(model, _ATTR, holder)           # not through Keras's or torch's attribute tracking
         object.__setattr__(holder, "_model", weakref.ref(model))
+        _guard_saves(model)
     return holder
+
+
+_SAVES = ("save", "save_weights")
+
+
+def _guard_saves(model) -> None:
+    """``model.save`` and ``model.save_weights`` refuse while an average is swapped in before Keras
+    opens the file: Keras opens it for writing (truncating the file already there) before it walks
+    the model, so a refusal from inside its walk (:meth:`_SavedAverages.entries`) would leave the
+    user's previous file destroyed. Instance attributes, bound methods (a deep copy of the model
+    binds its own), that call the class's method; :func:`_detach` removes them."""
+    for name in _SAVES:
+        method = getattr(type(model), name, None)
+        if method is None or name in vars(model):         # none, or someone else's (or ours already)
+            continue
+
+        @functools.wraps(method)
+        def save(self, *args, _method=method, **kwargs):
+            holder = vars(self).get(_ATTR)
+            if holder is not None:
+                holder.refuse_swapped()
+            return _method(self, *args, **kwargs)
+
+        save._fastema_save_guard = True                   # type: ignore[attr-defined]
+        object.__setattr__(model, name, types.MethodType(save, model))
 
 
 def _model_of(holder: _SavedAverages):
@@ -612,6 +644,9 @@ def _model_of(holder: _SavedAverages):
 
 def _detach(model) -> None:
     vars(model).pop(_ATTR, None)
+    for name in _SAVES:
+        if getattr(getattr(vars(model).get(name), "__func__", None), "_fastema_save_guard", False):
+            del vars(model)[name]
 
 
 def _structural_keys(callback: WeightEMA, state: dict) -> dict[str, str]:

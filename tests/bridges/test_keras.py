@@ -609,10 +609,19 @@ def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
                          ({"header": np.zeros(3)}, "a header of dtype float64")):
         with pytest.raises(ValueError, match=re.escape(match) if "[" in match else match):
             fk._decode(store)
+    model.save(tmp_path / "swapped.keras")                          # a good file there first
+    model.save_weights(tmp_path / "swapped.weights.h5")
+    before = {p: p.read_bytes() for p in (tmp_path / "swapped.keras", tmp_path / "swapped.weights.h5")}
     cb.ema.swap()
     with pytest.raises(RuntimeError, match="saved while the average is swapped in"):
         model.save(tmp_path / "swapped.keras")
+    with pytest.raises(RuntimeError, match="saved while the average is swapped in"):
+        model.save_weights(tmp_path / "swapped.weights.h5")
+    for path, raw in before.items():                                # refused before Keras opened the file
+        assert path.read_bytes() == raw, path
     cb.ema.swap()
+    clone = copy.deepcopy(model)                                    # its own guard, bound to itself
+    assert clone.save.__self__ is clone and clone.save_weights.__self__ is clone
     with pytest.raises(ValueError, match="carries 0 WeightEMA average"):
         fk.averaged_weights(copy.deepcopy(model))
 
