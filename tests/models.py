@@ -200,3 +200,24 @@ def keras_probe():
             self.epoch_end.append(keras_snapshot(self.model))
 
     return Probe()
+
+
+def device_step_model():
+    """The model of the device-plan tests: float32 and bfloat16 layers around a BatchNorm (seeded)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4).to(torch.bfloat16))
+
+
+def assert_same_averages(a, b, keys=("updates", "calls", "norms"), parts=("averaged",), equal_nan=False):
+    """Two torch EMAs' states: the counters ``keys`` equal, the arrays of ``parts`` bit for bit."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in keys:
+        assert sa[k] == sb[k], k
+    for part in parts:
+        for name, t in sb.get(part, {}).items():
+            torch.testing.assert_close(sa[part][name], t, rtol=0, atol=0, equal_nan=equal_nan, msg=f"{part} {name}")

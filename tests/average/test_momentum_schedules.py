@@ -26,6 +26,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import assert_same_averages
+from models import device_step_model as model
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
@@ -301,11 +303,6 @@ def test_device_plan_rows_each_read_their_own_table():
     drive_plan_kernel(Plan([Cosine(0.9, 1.0, 5), Cosine(0.2, 0.7, 11)]), 3, [None] * 14)
 
 
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4).to(torch.bfloat16))
-
-
 def train_step(m, step):
     with torch.no_grad():
         for p in m.parameters():
@@ -314,11 +311,7 @@ def train_step(m, step):
 
 
 def assert_same(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in ("updates", "calls", "norms", "schedules"):
-        assert sa[k] == sb[k], k
-    for name, t in sb["averaged"].items():
-        torch.testing.assert_close(sa["averaged"][name], t, rtol=0, atol=0, msg=name)
+    assert_same_averages(a, b, keys=("updates", "calls", "norms", "schedules"))
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from models import assert_same_averages
+from models import device_step_model as model
 from torch import nn
 
 from fastema.torch import EMA
@@ -29,11 +31,6 @@ CASES = {
 }
 
 
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4).to(torch.bfloat16))
-
-
 def train_step(m, step):
     with torch.no_grad():
         for p in m.parameters():
@@ -47,12 +44,7 @@ def train_step(m, step):
 
 
 def assert_same(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in ("updates", "calls", "norms"):
-        assert sa[k] == sb[k], k
-    for part in ("averaged", "copied"):
-        for name, t in sb.get(part, {}).items():
-            torch.testing.assert_close(sa[part][name], t, rtol=0, atol=0, equal_nan=True, msg=f"{part} {name}")
+    assert_same_averages(a, b, parts=("averaged", "copied"), equal_nan=True)
 
 
 @pytest.mark.parametrize("case", CASES)
