@@ -144,13 +144,13 @@ class LerpLaunch:
             k = K.lerp_kernel(*self._kinds, par, False)
             _run(k, par, *args)
             self._fns[par] = self._calls[(par, self._wtype)] = _entry_point(k, args)
-        elif par:
+            return
+        args = self._args0 if not key else (*self._head, self._w, self._flag, np.uint32(key))
+        if par:
             with _one_at_a_time:
-                fn(*self._args0) if not key else fn(*self._head, self._w, self._flag, np.uint32(key))
-        elif not key:
-            fn(*self._args0)
+                fn(*args)
         else:
-            fn(*self._head, self._w, self._flag, np.uint32(key))
+            fn(*args)
 
 
 def _entry_point(kernel, args):
