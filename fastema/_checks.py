@@ -10,12 +10,13 @@ import numpy as np
 from . import _backends
 from .kernels import _bits
 from .kernels._bits import KIND_NAMES
+from .kernels.kinds import MAX_ROWS
 
 __all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "resolve_weights", "shadow_problems", "sr_key",
            "stochastic_rounding"]
 
 #: The most averages (shadow rows) one launch updates: the kernels keep one weight per row in registers.
-MAX_DECAYS = 8
+MAX_DECAYS = MAX_ROWS
 
 
 def check_rounding(rounding, shadow_dtype: str) -> None:

@@ -68,7 +68,7 @@ class FlatShadow(ShadowBase):
         self.rows = rows
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
-        self._lerps: dict = {}          # group index -> (its tables, stochastic, prepared lerp launch)
+        self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":
@@ -140,32 +140,54 @@ class FlatShadow(ShadowBase):
         self.update_checked(weights_by_device, rounding, seed, step, skip_if)
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
-                       plan=None) -> None:
+                       plan=None, given: int | None = None) -> None:
         """The launches of :meth:`update`, once its arguments are checked and its addresses are
         current (the model averages check the addresses themselves, in one pass with the model's
         own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device; or
         ``plan``, a :class:`fastema.average.device_plan.DevicePlan` whose device arrays hold the weights
-        and the rounding keys (``seed`` and ``step`` unused)."""
+        and the rounding keys (``seed`` and ``step`` unused). ``given`` (with ``plan``): this call's
+        plan step (the training step, -1 for the update count) rides in the first launch of each
+        device the plan lists in ``carriers`` (one launch for the plan and that group's lerp); None:
+        the plan was advanced already. Each group's launch is bound once per tables, rounding,
+        flag and carried plan (:func:`fastema._launch.lerp_launcher`); a flag is bound only when
+        fastema made it (this shadow's :attr:`skipped`, the plan's), others are viewed at every call."""
         stochastic = rounding == "stochastic"
+        assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
         for gi, g in enumerate(self.layout.groups):
+            flag = None if skip_if is None else skip_if.get(g.device)
+            carrier = None
             if plan is not None:
+                if given is not None and plan.carriers.get(g.device) == gi:
+                    carrier = plan
                 weights, key = plan.weights(g), plan.key(gi, g)
             else:
                 assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            flag = None if skip_if is None else self._flag_view(skip_if, g)
-            if flag is not None:
-                _launch.launch("lerp", g, weights=weights, flag=flag, key=key, stochastic=stochastic)
+            if flag is not None and flag is not self.skipped.get(g.device) and \
+                    (plan is None or flag is not plan.flags.get(g.device)):      # a flag fastema did not make:
+                _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
+                               stochastic=stochastic)                           # viewed afresh at every call
                 continue
-            bound = self._lerps.get(gi)                         # the usual step: the launch bound once
-            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic:
-                bound = self._bind_lerp(gi, g, stochastic)
-            bound[2](weights, key)
+            bound = self._lerps.get(gi)
+            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not flag \
+                    or bound[3] is not carrier:
+                bound = self._bind_lerp(gi, g, stochastic, flag, carrier)
+            if carrier is not None:
+                bound[4](given)
+            else:
+                bound[4](weights, key)
 
-    def _bind_lerp(self, gi: int, g: LayoutGroup, stochastic: bool) -> tuple:
-        """Group ``gi``'s prepared lerp launch (:func:`fastema._launch.lerp_launcher`), made again
-        when the group's tables were replaced (new source addresses) or the rounding changed."""
-        bound = self._lerps[gi] = (g.tables, stochastic, _launch.lerp_launcher(g, stochastic=stochastic))
+    def _bind_lerp(self, gi: int, g: LayoutGroup, stochastic: bool, flag, carrier) -> tuple:
+        """Group ``gi``'s prepared launch: the lerp behind ``flag`` (:func:`fastema._launch.lerp_launcher`),
+        or with ``carrier``, a device plan, that plan's step and the lerp in one launch
+        (:func:`fastema._launch.plan_lerp_launcher`). Made again when the group's tables were
+        replaced (new source addresses), the rounding, the flag object or the carried plan changed."""
+        if carrier is not None:
+            run = _launch.plan_lerp_launcher(g, carrier.views(g.device), gi, stochastic=stochastic)
+        else:
+            view = None if flag is None else self._flag_view({g.device: flag}, g)
+            run = _launch.lerp_launcher(g, flag=view, stochastic=stochastic)
+        bound = self._lerps[gi] = (g.tables, stochastic, flag, carrier, run)
         return bound
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:

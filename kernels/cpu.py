@@ -142,6 +142,31 @@ def plan_kernel():
 
 
 @functools.cache
+def plan_lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
+    """One ``update()`` call of a model EMA with its plan on the device, in one launch: the plan
+    kernel's ``plan_step``, then, on a due call, :func:`lerp_kernel` with the weights it wrote
+    (``w64`` for a float64 kernel, else ``w32``) and the rounding key of group ``gi``
+    (``keys[gi]``). Bit for bit the plan kernel followed by the lerp.
+
+    Arguments: the tables, then ``plan_kernel``'s (``state`` to ``keys``), then ``done``
+    (int32[1], the CUDA twin's count of finished blocks; unused here) and ``gi``.
+    """
+    plan_step = E.plan_step
+    lerp = lerp_kernel(shadow_kind, src_kind, stochastic, parallel, True)
+    WIDE = wide(shadow_kind, src_kind)
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, state, params, decays, given, w32, w64,
+               flag, keys, done, gi):
+        plan_step(state, params, decays, given, w32, w64, flag, keys)
+        if WIDE:
+            lerp(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, w64, flag, keys[gi:gi + 1])
+        else:
+            lerp(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, w32, flag, keys[gi:gi + 1])
+
+    return _compile(kernel, False)          # the lerp it calls is the parallel one when ``parallel``
+
+
+@functools.cache
 def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
     """Copy with conversion (round to nearest even) between the sources and shadow rows.
 

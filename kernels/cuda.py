@@ -13,7 +13,7 @@ from numba import cuda
 from ._cuda_hw import HW, VECTORS
 from ._cuda_hw import types as numba_types
 from ._target import WINDOW, bind, bodies
-from .kinds import F32, F64, ITEMSIZE, wide
+from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, PLAN_KEYS_MAX, S_NORMS, wide
 
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
@@ -25,7 +25,83 @@ def _pointer(kind):
 
 @functools.cache
 def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
-    """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once.
+    """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once
+    (:func:`_lerp_chunks`)."""
+    lerp_chunks = _lerp_chunks(shadow_kind, src_kind, stochastic)
+    read_key = E.key_at if device_key else E.key_of
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key_arg):
+        if flag[0] != 0:
+            return
+        lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, read_key(key_arg))
+
+    return cuda.jit(kernel)
+
+
+@functools.cache
+def plan_lerp_kernel(shadow_kind, src_kind, stochastic):
+    """See :func:`fastema.kernels.cpu.plan_lerp_kernel`: the plan kernel and the lerp in one launch.
+
+    Every block's first thread runs ``plan_step`` on the block's own copy of the plan arrays (in
+    shared memory, read from the device arrays at the start), so every block lerps with the
+    weights, skip flag and key of this call while no block has written the device arrays yet.
+    Each block then counts itself finished in ``done[0]`` (after a fence); the last one, when
+    every block has read the arrays, writes its copy back and sets ``done[0]`` to 0 for the next
+    launch. The same ``plan_step`` on the same values: the arrays end as the plan kernel leaves
+    them, and the shadow as the lerp after it leaves it. Needs ``keys.size <= PLAN_KEYS_MAX``.
+    """
+    lerp_chunks = _lerp_chunks(shadow_kind, src_kind, stochastic)
+    plan_step, key_at = E.plan_step, E.key_at
+    WIDE = wide(shadow_kind, src_kind)
+    f64, f32 = numba_types.float64, numba_types.float32
+    i64, i32 = numba_types.int64, numba_types.int32
+    STATE = S_NORMS + MAX_ROWS
+
+    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, state, params, decays, given, w32, w64,
+               flag, keys, done, gi):
+        st = cuda.shared.array(STATE, f64)[:state.size]
+        s32 = cuda.shared.array(MAX_ROWS, f32)[:w32.size]
+        s64 = cuda.shared.array(MAX_ROWS, f64)[:w64.size]
+        sk = cuda.shared.array(PLAN_KEYS_MAX, i64)[:keys.size]
+        sf = cuda.shared.array(1, i32)
+        first = cuda.threadIdx.x == 0
+        if first:
+            _copy(st, state)
+            _copy(s32, w32)
+            _copy(s64, w64)
+            _copy(sk, keys)
+            sf[0] = flag[0]
+            plan_step(st, params, decays, given, s32, s64, sf, sk)
+        cuda.syncthreads()
+        if sf[0] == 0:
+            key = key_at(sk[gi:gi + 1])
+            if WIDE:
+                lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, s64, key)
+            else:
+                lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, s32, key)
+        if first:
+            cuda.threadfence()
+            if cuda.atomic.add(done, 0, 1) == cuda.gridDim.x - 1:     # every other block has read the arrays
+                _copy(state, st)
+                _copy(w32, s32)
+                _copy(w64, s64)
+                _copy(keys, sk)
+                flag[0] = sf[0]
+                done[0] = 0
+
+    return cuda.jit(kernel)
+
+
+@cuda.jit(device=True, inline="always")
+def _copy(to, frm):
+    for i in range(to.size):
+        to[i] = frm[i]
+
+
+@functools.cache
+def _lerp_chunks(shadow_kind, src_kind, stochastic):
+    """The lerp of every chunk this block takes (grid-stride over chunks, threads over elements):
+    an inlined device function, the body of :func:`lerp_kernel` and :func:`plan_lerp_kernel`.
 
     A float32 shadow (nearest rounding) takes the vector path wherever a chunk's source and
     shadow rows are aligned: 16-byte shadow loads and stores and 16- or 8-byte source loads,
@@ -36,7 +112,6 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
     load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
-    read_key = E.key_at if device_key else E.key_of
     VEC = SK == F32 and XK != F64 and not SR
     XB = ITEMSIZE[XK]
     XMASK = 4 * XB - 1                                   # a source vector is 4 elements: 16 or 8 bytes
@@ -45,10 +120,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
     load4_x = VECTORS["load4_u32"] if XB == 4 else VECTORS["load4_u16"]
     f32, u32 = numba_types.float32, numba_types.uint32
 
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, flag, key_arg):
-        if flag[0] != 0:
-            return
-        key = read_key(key_arg)
+    def lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, key):
         rows = len(weights)
         step = cuda.blockDim.x
         rows_aligned = rows == 1 or (n & 3) == 0
@@ -95,7 +167,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
                 for k in range(rows):
                     lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * packed + j + off)
 
-    return cuda.jit(kernel)
+    return cuda.jit(device=True, inline="always")(lerp_chunks)
 
 
 @functools.cache

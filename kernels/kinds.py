@@ -22,6 +22,9 @@ P_SCHEDULE, P_MIN_DECAY, P_INV_GAMMA, P_POWER, P_AFTER, P_WARMUP, P_EVERY, P_COM
 PLAN_PARAMS = 11
 S_CALLS, S_UPDATES, S_LAST, S_NORMS = 0, 1, 2, 3   # state: calls, updates, the last update's time (timed
                                                 # schedules), then one normaliser per row
+MAX_ROWS = 8                                    # shadow rows (decays) one launch updates (fastema.ops.MAX_DECAYS)
+PLAN_KEYS_MAX = 32                              # groups whose rounding keys a fused plan-and-lerp launch
+                                                # (plan_lerp_kernel) advances: its per-block copy is this size
 
 
 def wide(*kinds) -> bool:

@@ -21,7 +21,8 @@ op                      keyword arguments
 ``"bema"``              ``alpha`` (a host number), ``flag=None`` (3-row shadows: BEMA's
                         output ``row0 <- row1 + alpha * (row0 - row2)``)
 ``"plan"``              ``state``, ``params``, ``decays``, ``given``, ``w32``, ``w64``, ``flag``,
-                        ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``)
+                        ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``;
+                        :func:`plan_lerp_launcher` makes it and a group's lerp one launch)
 ``"copy"``              ``to_shadow``, ``row_lo``, ``row_hi``, ``flag=None``
 ``"swap"``              ``mode`` (``kinds.EXCHANGE/PACK/UNPACK``), ``row``
 ``"nonfinite"``         ``flag``
@@ -124,6 +125,22 @@ def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[...
     if is_cuda(group.device):
         return _cuda().LerpLaunch(group, flag, stochastic, cast)
     return _cpu_target.LerpLaunch(group, flag, stochastic, cast)
+
+
+def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) -> Callable[[int], None]:
+    """One ``update()`` call of a model EMA whose plan lives on the device, in one launch: the plan
+    kernel's step and group ``gi``'s lerp with the weights, skip flag and rounding key it writes
+    (``kernels.cpu.plan_lerp_kernel``; exact: the arrays and the shadow end as the plan kernel then
+    the lerp leave them). ``plan``: the device's plan arrays as kernel views (``state``, ``params``,
+    ``decays``, ``w32``, ``w64``, ``flag``, ``keys``, and ``done``, an int32[1] zero the CUDA kernel
+    counts its finished blocks in). Returns ``run(given)`` (``given``: the training step, -1 for
+    the update count), bound once like :func:`lerp_launcher`. The group must have elements
+    (``tables.chunks > 0``): an empty group launches nothing, so it cannot carry the plan."""
+    if group.tables.chunks == 0:
+        raise ValueError("an empty group cannot carry the plan step")
+    if is_cuda(group.device):
+        return _cuda().PlanLerpLaunch(group, plan, gi, stochastic)
+    return _cpu_target.PlanLerpLaunch(group, plan, gi, stochastic)
 
 
 def _nothing(weights, key=0) -> None:

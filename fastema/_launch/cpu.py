@@ -93,18 +93,19 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
 
 
 _ZERO_KEY = np.uint32(0)
+_HOST_KEY = numba.typeof(_ZERO_KEY)
 
 
 class LerpLaunch:
     """One group's ``"lerp"`` launch with everything but the weights and the key bound once
     (:func:`fastema._launch.lerp_launcher`): the tables and the flag, and after the first call
-    the compiled overload's own entry point for each (serial/parallel, weights type), so a
-    step calls no numba dispatcher (no per-call type resolution). A host weight tuple is cast
-    to ``cast`` once per tuple object; its type is then fixed by its length. Keys held on the
-    device (int64[1] arrays) go through the dispatcher, which checks their type."""
+    the compiled overload's own entry point for each (serial/parallel, weights type, key type),
+    so a step calls no numba dispatcher (no per-call type resolution). A host weight tuple is
+    cast to ``cast`` once per tuple object; its type is then fixed by its length. A key held on
+    the device (an int64[1] array: a device plan's) is typed once per array object."""
 
-    __slots__ = ("_head", "_flag", "_n", "_chunks", "_kinds", "_cast", "_w_in", "_w", "_wtype", "_size", "_fns",
-                 "_calls", "_args0")
+    __slots__ = ("_head", "_flag", "_n", "_chunks", "_kinds", "_cast", "_w_in", "_w", "_wtype", "_k_in", "_k",
+                 "_ktype", "_size", "_fns", "_calls", "_args")
 
     def __init__(self, group, flag, stochastic: bool, cast):
         t = group.tables
@@ -114,9 +115,13 @@ class LerpLaunch:
         self._kinds = (group.shadow_kind, group.src_kind, stochastic)
         self._cast = cast
         self._w_in: object = self      # no weights yet (never a weights object)
+        self._k_in: object = self      # no key yet
+        self._w: object = None
+        self._k: object = _ZERO_KEY
         self._wtype: object = None
-        self._calls: dict = {}         # (parallel, weights type) -> the overload's entry point
-        self._fns: list = [None, None]     # [serial, parallel] entry points for the weights type now
+        self._ktype: object = _HOST_KEY
+        self._calls: dict = {}         # (parallel, weights type, key type) -> the overload's entry point
+        self._fns: list = [None, None]     # [serial, parallel] entry points for the types now
 
     def _weights(self, weights) -> None:
         self._w_in = weights
@@ -125,28 +130,67 @@ class LerpLaunch:
             wtype: object = (self._cast, len(weights))
         else:                                           # a float32[K] array: its numba type
             self._w, wtype = weights, numba.typeof(weights)
-        if wtype != self._wtype:
-            self._wtype = wtype
-            self._fns = [self._calls.get((False, wtype)), self._calls.get((True, wtype))]
         self._size = self._n * len(weights) if self._chunks > 1 else -1   # -1: one work item, always serial
-        self._args0 = (*self._head, self._w, self._flag, _ZERO_KEY)         # the arguments with key 0
+        self._types(wtype, self._ktype)
+
+    def _key(self, key) -> None:
+        self._k_in = key
+        if isinstance(key, int):
+            self._k = np.uint32(key) if key else _ZERO_KEY
+            self._types(self._wtype, _HOST_KEY)
+        else:                                           # an int64[1] device array
+            self._k = key
+            self._types(self._wtype, numba.typeof(key))
+
+    def _types(self, wtype, ktype) -> None:
+        if (wtype, ktype) != (self._wtype, self._ktype):
+            self._wtype, self._ktype = wtype, ktype
+            self._fns = [self._calls.get((False, wtype, ktype)), self._calls.get((True, wtype, ktype))]
+        self._args = (*self._head, self._w, self._flag, self._k)
 
     def __call__(self, weights, key=0) -> None:
         if weights is not self._w_in:
             self._weights(weights)
+        if key is not self._k_in:
+            self._key(key)
         par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW             # _parallel(group, rows)
-        if not isinstance(key, int):                    # a device key: the dispatcher checks its type
-            _run(K.lerp_kernel(*self._kinds, par, True), par, *self._head, self._w, self._flag, key)
-            return
         fn = self._fns[par]
         if fn is None:                                  # the first call: the dispatcher, then its entry point
-            args = (*self._head, self._w, self._flag, np.uint32(key))
-            k = K.lerp_kernel(*self._kinds, par, False)
+            k = K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY)
+            _run(k, par, *self._args)
+            self._fns[par] = self._calls[(par, self._wtype, self._ktype)] = _entry_point(k, self._args)
+        elif par:
+            with _one_at_a_time:
+                fn(*self._args)
+        else:
+            fn(*self._args)
+
+
+class PlanLerpLaunch:
+    """One ``update()`` call of a model EMA with its plan on the device, in one launch
+    (``kernels.cpu.plan_lerp_kernel``): the plan arrays of the group's device and the group's
+    index ``gi`` bound once, then the overload's entry point; called as ``run(given)``
+    (``given``: the training step, or -1 for the update count). See :func:`fastema._launch.plan_lerp_launcher`."""
+
+    __slots__ = ("_head", "_tail", "_size", "_kinds", "_fns")
+
+    def __init__(self, group, plan: dict, gi: int, stochastic: bool):
+        t = group.tables
+        self._head = (*t.args(), plan["state"], plan["params"], plan["decays"])
+        self._tail = (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi))
+        self._size = t.n * len(plan["decays"]) if t.chunks > 1 else -1
+        self._kinds = (group.shadow_kind, group.src_kind, stochastic)
+        self._fns: list = [None, None]
+
+    def __call__(self, given: int) -> None:
+        args = (*self._head, np.int64(given), *self._tail)
+        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW
+        fn = self._fns[par]
+        if fn is None:
+            k = K.plan_lerp_kernel(*self._kinds, par)
             _run(k, par, *args)
-            self._fns[par] = self._calls[(par, self._wtype)] = _entry_point(k, args)
-            return
-        args = self._args0 if not key else (*self._head, self._w, self._flag, np.uint32(key))
-        if par:
+            self._fns[par] = _entry_point(k, args)
+        elif par:
             with _one_at_a_time:
                 fn(*args)
         else:

@@ -215,48 +215,36 @@ def _core_launch(stream, config_, kernel, *args) -> None:
     launch(stream, config_, kernel, *args)
 
 
-class LerpLaunch:
-    """One group's ``"lerp"`` launch on CUDA, bound once (see the section comment above); called as
-    ``run(weights, key=0)`` on the stream the group's framework has current at that call. ``cast``:
-    the kernel's arithmetic type for host weights."""
+class _Bound:
+    """A kernel launch bound once (see the section comment above): the overload the dispatcher
+    launched first, and each argument marshalled by numba once per object."""
 
-    __slots__ = ("group", "flag", "stochastic", "cast", "index", "w_in", "w", "kernel", "func", "types", "marshalled")
+    __slots__ = ("device", "index", "kernel", "func", "types", "marshalled")
 
-    def __init__(self, group, flag, stochastic: bool, cast):
-        self.group, self.flag, self.stochastic, self.cast = group, flag, stochastic, cast
-        self.index = _index(group.device)
-        self.w_in: object = self                          # no host weights yet
-        self.w: tuple = ()
+    def __init__(self, device: str):
+        self.device, self.index = device, _index(device)
         self.kernel = None                                # the overload the dispatcher launched first
         self.func = None
         self.types: tuple = ()
         self.marshalled: list = []                        # per argument: (the object, its kernel arguments)
 
-    def __call__(self, weights, key=0) -> None:
-        if isinstance(weights, tuple):
-            if weights is not self.w_in:
-                self.w_in, self.w = weights, tuple(map(self.cast, weights))
-            weights = self.w
-        key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
-        args = (*self.group.tables.args(), weights, _zero_flag(self.group.device) if self.flag is None else self.flag,
-                key)
-        raw = self.group.current_stream()
-        blocks = min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS)
+    def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
+        """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: through the kept
+        overload where every argument fits it, else through the dispatcher (``dispatcher(args)``
+        gives it), keeping the overload it launched."""
         if self.kernel is not None:
-            kernelargs = self._marshal(args, raw)
+            kernelargs = self._marshal(args)
             if kernelargs is not None:
                 with cuda.gpus[self.index]:
                     _core_launch(_core_stream(raw), _core_config(blocks, config.CUDA_THREADS), self.func,
                                  *kernelargs)
                 return
-        self._through_dispatcher(args, external_stream(raw), blocks)
+        self._through_dispatcher(dispatcher(args), args, external_stream(raw), blocks)
 
-    def _through_dispatcher(self, args, stream, blocks) -> None:
+    def _through_dispatcher(self, dispatcher, args, stream, blocks) -> None:
         """A launch by numba's dispatcher (compiling if needed), keeping the overload it launched."""
-        dispatcher = K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
-                                   not isinstance(args[-1], (int, np.integer)))
         if not cached_launch_available():
-            _run(dispatcher, self.group.device, stream, blocks, *args)
+            _run(dispatcher, self.device, stream, blocks, *args)
             return
         launched: list = []
         with cuda.gpus[self.index]:
@@ -274,9 +262,9 @@ class LerpLaunch:
         self.kernel, self.func = kernel, kernel._codelibrary.get_cufunc().kernel
         self.types = tuple(kernel.argument_types)
         self.marshalled = [(None, None)] * len(args)
-        self._marshal(args, stream)
+        self._marshal(args)
 
-    def _marshal(self, args, raw) -> list | None:
+    def _marshal(self, args) -> list | None:
         """The kernel arguments of ``args`` for the kept overload, each marshalled by numba's own
         ``_prepare_args`` once per object (arrays: this very object; numbers and tuples: this value),
         or None when one has another numba type than the overload's (the dispatcher decides then)."""
@@ -294,6 +282,55 @@ class LerpLaunch:
                 self.marshalled[i] = (value, marshalled)
             out.extend(marshalled)
         return out
+
+
+class LerpLaunch(_Bound):
+    """One group's ``"lerp"`` launch on CUDA, bound once (see the section comment above); called as
+    ``run(weights, key=0)`` on the stream the group's framework has current at that call. ``cast``:
+    the kernel's arithmetic type for host weights."""
+
+    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w")
+
+    def __init__(self, group, flag, stochastic: bool, cast):
+        super().__init__(group.device)
+        self.group, self.flag, self.stochastic, self.cast = group, flag, stochastic, cast
+        self.w_in: object = self                          # no host weights yet
+        self.w: tuple = ()
+
+    def __call__(self, weights, key=0) -> None:
+        if isinstance(weights, tuple):
+            if weights is not self.w_in:
+                self.w_in, self.w = weights, tuple(map(self.cast, weights))
+            weights = self.w
+        key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
+        g = self.group
+        args = (*g.tables.args(), weights, _zero_flag(g.device) if self.flag is None else self.flag, key)
+        self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
+
+    def _dispatcher(self, args):
+        return K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
+                             not isinstance(args[-1], (int, np.integer)))
+
+
+class PlanLerpLaunch(_Bound):
+    """One ``update()`` call of a model EMA with its plan on the device, in one launch on CUDA
+    (``kernels.cuda.plan_lerp_kernel``), bound once; called as ``run(given)``. See
+    :func:`fastema._launch.plan_lerp_launcher`."""
+
+    __slots__ = ("group", "plan", "gi", "stochastic")
+
+    def __init__(self, group, plan: dict, gi: int, stochastic: bool):
+        super().__init__(group.device)
+        self.group, self.plan, self.gi, self.stochastic = group, plan, np.int64(gi), stochastic
+
+    def __call__(self, given: int) -> None:
+        g, p = self.group, self.plan
+        args = (*g.tables.args(), p["state"], p["params"], p["decays"], np.int64(given), p["w32"], p["w64"], p["flag"],
+                p["keys"], p["done"], self.gi)
+        self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
+
+    def _dispatcher(self, args):
+        return K.plan_lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic)
 
 
 def _typeof(value):

@@ -8,7 +8,9 @@ same noise every step: biased rounding). A DevicePlan keeps the plan's state, pa
 and products in small device arrays, one set per device, and advances them with a
 one-thread kernel (``kernels._stats.plan_step``) at the start of every ``update()`` call;
 the update's kernels then read the weights, the skip flag (``update_every``) and the key
-from device memory. So ``EMA.update()`` captured once and replayed N times equals N eager
+from device memory. Where it is exact, the step rides in the first lerp launch of each
+device instead (:attr:`DevicePlan.carriers`, ``_launch.plan_lerp_launcher``): one launch
+where there were two. So ``EMA.update()`` captured once and replayed N times equals N eager
 calls bit for bit, and eager calls use the very same kernel.
 
 The host Plan still advances on eager calls (no device read); after graph replays it lags
@@ -38,6 +40,7 @@ from ..kernels.kinds import (
     P_SEED_LO,
     P_WARMUP,
     PIECEWISE_CONSTANT,
+    PLAN_KEYS_MAX,
     PLAN_PARAMS,
     POWER_FUNCTION,
     POWER_WARMUP,
@@ -130,7 +133,7 @@ class _OnDevice:
         self.group = _launch.Group(device, None, 0, None, _backends.stream_getter(framework, device))
         sizes = dict(state=(S_NORMS + rows, np.float64), params=(params, np.float64),
                      decays=(rows, np.float64), w32=(rows, np.float32), w64=(rows, np.float64),
-                     flag=(1, np.int32), keys=(groups, np.int64))
+                     flag=(1, np.int32), keys=(groups, np.int64), done=(1, np.int32))
         self.arrays = {k: _backends.zeros(where, n, dt) for k, (n, dt) in sizes.items()}
         self.views = {k: _backends.kernel_view(a) for k, a in self.arrays.items()}
         self.key_views = [self.views["keys"][i:i + 1] for i in range(groups)]
@@ -146,6 +149,15 @@ class DevicePlan:
         for g in groups:
             if g.device not in self.devices:
                 self.devices[g.device] = _OnDevice(g.framework, g.device, plan.rows, len(groups), _capacity(plan.rows))
+        self.carriers: dict[str, int] = {}
+        """``device -> gi``: the group whose lerp launch carries the device's plan step (the first group
+        there with elements, which the update launches first); a device not listed runs the plan
+        kernel on its own (no group with elements, or more groups than ``PLAN_KEYS_MAX``)."""
+        if len(groups) <= PLAN_KEYS_MAX:
+            for gi, g in enumerate(groups):
+                if g.tables.chunks and g.device not in self.carriers:
+                    self.carriers[g.device] = gi
+        self._flags = {device: d.arrays["flag"] for device, d in self.devices.items()}
         self.load(plan, seed)
 
     def load(self, plan: Plan, seed: int) -> None:
@@ -153,6 +165,7 @@ class DevicePlan:
         a checkpoint load: a host copy, not a per-step path)."""
         params, decays = parameters(plan, seed)
         params = np.concatenate([params, np.zeros(_capacity(plan.rows) - params.size)])  # one size for every load
+        self._params = params
         state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)
         for d in self.devices.values():
             for name, values in (("params", params), ("decays", decays), ("state", state)):
@@ -166,19 +179,38 @@ class DevicePlan:
         plan.last_time = float(state[S_LAST])
         plan.norms = [float(x) for x in state[S_NORMS:]]
 
-    def advance(self, step: int | None) -> None:
-        """One ``update()`` call: the plan kernel on every device (no host sync)."""
-        given = -1 if step is None else step
+    def skip_next(self) -> None:
+        """Make the next call one that ``update_every`` skips: a scratch plan that warms the update's
+        kernels without writing anything (a host copy, at construction only)."""
+        params = self._params.copy()
+        params[P_EVERY] = 2.0
         for d in self.devices.values():
+            state = np.zeros(d.views["state"].size, np.float64)
+            state[S_CALLS] = 1.0                              # 1 % 2 != 0: skipped
+            _backends.copy_from_host(d.arrays["params"], params)
+            _backends.copy_from_host(d.arrays["state"], state)
+
+    def advance(self, step: int | None, carried: bool = False) -> None:
+        """One ``update()`` call: the plan kernel on every device (no host sync); with ``carried``,
+        only on the devices no lerp launch carries the step for (:attr:`carriers`)."""
+        given = -1 if step is None else step
+        for device, d in self.devices.items():
+            if carried and device in self.carriers:
+                continue
             v = d.views
             _launch.launch("plan", d.group, state=v["state"], params=v["params"], decays=v["decays"], given=given,
                            w32=v["w32"], w64=v["w64"], flag=v["flag"], keys=v["keys"])
 
+    def views(self, device: str) -> dict:
+        """The kernel views of ``device``'s plan arrays (what ``_launch.plan_lerp_launcher`` binds)."""
+        return self.devices[device].views
+
     @property
     def flags(self) -> dict:
         """``device -> int32[1]`` skip flags (framework arrays), set by :meth:`advance` on a call
-        that ``update_every`` skips; a non-finite scan may add to them."""
-        return {device: d.arrays["flag"] for device, d in self.devices.items()}
+        that ``update_every`` skips; a non-finite scan may add to them. The same dict every call
+        (not to be changed)."""
+        return self._flags
 
     def weights(self, g) -> object:
         """The weights array the kernels of group ``g`` read (float64 for a float64 kernel)."""

@@ -150,15 +150,11 @@ class EMA(Face, _ModelAverage, PeftExport):
 
     def _warm(self) -> None:
         """Compile and load every kernel ``update()`` launches now, not inside a first graph
-        capture: the plan kernel on a scratch plan, the update's kernels behind set flags
-        (they write nothing)."""
-        groups = self._avg.layout.groups
-        DevicePlan(self.plan, groups, self.seed).advance(None)
-        flags = {g.device: torch.ones(1, dtype=torch.int32, device=g.device) for g in groups}
-        if self.skip_nonfinite:
-            self._scan(flags)
-        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
-        self._copy_buffers(flags, current=True)
+        capture: one update against a scratch plan whose call is skipped (``update_every``), so
+        every kernel runs and none writes."""
+        scratch = DevicePlan(self.plan, self._avg.layout.groups, self.seed)
+        scratch.skip_next()
+        self._device_update(None, scratch)
         self._avg.skipped = {}
 
     def _cadence(self) -> schedules.Cadence:
@@ -206,16 +202,22 @@ class EMA(Face, _ModelAverage, PeftExport):
                 return
         core._plan.done(pending)
 
-    def _device_update(self, step: int | None) -> None:
+    def _device_update(self, step: int | None, plan: DevicePlan | None = None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
-        captures and replays (no host value of the call is baked into it but ``step``)."""
-        plan = self._plan_on_device
+        captures and replays (no host value of the call is baked into it but ``step``). The plan
+        step rides in each device's first lerp launch (``DevicePlan.carriers``), except behind a
+        non-finite scan, which must run between the two."""
+        plan = plan or self._plan_on_device
         assert plan is not None                     # only called with the plan on the device
-        plan.advance(step)
         flags = plan.flags
         if self.skip_nonfinite:
+            plan.advance(step)
             flags = self._scan(flags)
-        self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=self._plan_on_device)
+            self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan)
+        else:
+            plan.advance(step, carried=True)        # the devices no lerp launch carries it for
+            self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
+                                     given=-1 if step is None else step)
         self._copy_buffers(flags, current=True)
 
     def _restart(self, model: nn.Module | None = None) -> None:

@@ -452,8 +452,9 @@ class TargetNetwork:
                 return
         averaged, copied, ints = self._groups()
         flags = None
+        carried = plan is not None and not self.skip_nonfinite    # the plan step rides in the first lerp launch
         if plan is not None:
-            plan.advance(step)
+            plan.advance(step, carried=carried)                    # (a non-finite scan must run between them)
             flags = self._plan_flag_views
         elif self.skip_nonfinite:
             for f in self._flags.values():
@@ -465,11 +466,16 @@ class TargetNetwork:
         stochastic = self.rounding == "stochastic"
         lerps = self._lerps
         if lerps[0] is not averaged:                     # new groups: their launches bound once
-            lerps = self._lerps = (averaged, [_launch.lerp_launcher(
-                g, flag=None if flags is None else flags[g.device], stochastic=stochastic) for g in averaged])
+            lerps = self._lerps = (averaged, [self._bind(gi, g, flags, stochastic, carried)
+                                              for gi, g in enumerate(averaged)])
         if plan is not None:
+            given = -1 if step is None else step
+            carriers = plan.carriers if carried else {}
             for gi, (g, run) in enumerate(zip(averaged, lerps[1])):
-                run(plan.weights(g), plan.key(gi, g))
+                if carriers.get(g.device) == gi:
+                    run(given)
+                else:
+                    run(plan.weights(g), plan.key(gi, g))
         else:
             if pending.weights != self._weights[0]:      # host floats, the same on every device
                 self._weights = (pending.weights, resolve_weights(None, pending.weights, 1, "cpu"))
@@ -483,6 +489,14 @@ class TargetNetwork:
         if copied or ints[0]:
             self._carry(copied, ints, flags, plan.flags if plan is not None else self._flags)
         self.plan.done(pending)
+
+    def _bind(self, gi: int, g, flags: dict | None, stochastic: bool, carried: bool):
+        """Group ``gi``'s launch, bound once: with ``carried``, the device plan's step and this lerp in one
+        launch where the plan lists the group as its device's carrier; else the lerp behind the flags."""
+        plan = self._device_plan
+        if carried and plan is not None and plan.carriers.get(g.device) == gi:
+            return _launch.plan_lerp_launcher(g, plan.views(g.device), gi, stochastic=stochastic)
+        return _launch.lerp_launcher(g, flag=None if flags is None else flags[g.device], stochastic=stochastic)
 
     def _carry(self, copied: list, ints: tuple, flags: dict | None, tensors: dict) -> None:
         """The copied buffers: floating ones by the copy kernel, integer ones by torch (behind the

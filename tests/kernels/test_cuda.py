@@ -322,6 +322,60 @@ def test_plan_kernel_matches_cpu(plan_kw):
             assert np.array_equal(dev[name].copy_to_host(), v), (call, name)
 
 
+@pytest.mark.parametrize("sk,xk,stochastic", [(F32, F32, False), (F32, BF16, False), (BF16, F32, True),
+                                               (kinds.F64, kinds.F64, False)])
+def test_fused_plan_and_lerp_equals_the_plan_kernel_then_the_lerp(sk, xk, stochastic):
+    """One launch of plan_lerp_kernel over several blocks (grid-stride, fewer blocks than chunks)
+    leaves the plan arrays, the done counter and the shadow exactly as the plan kernel followed by
+    the device-key lerp, call after call: skipped calls (update_every), debiased warm-up weights,
+    an explicit step, the rounding key of group 1 of 3; and as the CPU twin."""
+    from fastema.average import Plan
+    from fastema.average.device_plan import parameters
+    from fastema.kernels.kinds import S_NORMS
+
+    rng = np.random.default_rng(11 + sk)
+    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    params, decays = parameters(plan, (5 << 32) + 3)
+    counts = [37, 0, 64, 9]
+    srcs = sources(xk, counts, rng) if xk != kinds.F64 else [rng.standard_normal(c) for c in counts]
+    off, cs, cb = host_tables(counts)
+    n = int(off[-1])
+    shadow = random_bits(sk, 2 * n, rng) if sk != kinds.F64 else rng.standard_normal(2 * n)
+    itemsize = shadow.itemsize
+    host = dict(state=np.zeros(S_NORMS + 2), w32=np.zeros(2, np.float32), w64=np.zeros(2),
+                flag=np.zeros(1, np.int32), keys=np.zeros(3, np.int64), done=np.zeros(1, np.int32))
+    two = {name: {k: cuda.to_device(v) for k, v in host.items()} for name in ("fused", "apart")}
+    cpu = {k: v.copy() for k, v in host.items()}
+    p, dec = cuda.to_device(params), cuda.to_device(decays)
+    _, addr = cuda_sources(srcs)
+    shadows = {name: cuda.to_device(shadow) for name in two}
+    cpu_shadow = shadow.copy()
+    tables = {name: [cuda.to_device(a) for a in (_launch.flat_shadow(dev_addr(d), counts, itemsize), addr, off, cs, cb)]
+              for name, d in shadows.items()}
+    cpu_tables = (_launch.flat_shadow(cpu_shadow.ctypes.data, counts, itemsize),
+                  np.array([s.ctypes.data for s in srcs], np.int64), off, cs, cb)
+    fused, lerp = ema_cuda.plan_lerp_kernel(sk, xk, stochastic), ema_cuda.lerp_kernel(sk, xk, stochastic, True)
+    wide = sk == kinds.F64
+    for call in range(6):
+        given = np.int64(40 + call if call == 3 else -1)
+        f, a = two["fused"], two["apart"]
+        fused[3, 8](n, *tables["fused"], f["state"], p, dec, given, f["w32"], f["w64"], f["flag"], f["keys"],
+                    f["done"], np.int64(1))
+        ema_cuda.plan_kernel()[1, 8](a["state"], p, dec, given, a["w32"], a["w64"], a["flag"], a["keys"])
+        lerp[3, 8](n, *tables["apart"], a["w64"] if wide else a["w32"], a["flag"], a["keys"][1:2])
+        ema_cpu.plan_lerp_kernel(sk, xk, stochastic, False)(n, *cpu_tables, cpu["state"], params, decays, given,
+                                                            cpu["w32"], cpu["w64"], cpu["flag"], cpu["keys"],
+                                                            cpu["done"], 1)
+        for name in host:
+            assert np.array_equal(f[name].copy_to_host(), a[name].copy_to_host()), (call, name)
+            assert np.array_equal(f[name].copy_to_host(), cpu[name]), (call, name)
+        assert f["done"].copy_to_host()[0] == 0
+        got = shadows["fused"].copy_to_host()
+        assert np.array_equal(got, shadows["apart"].copy_to_host()), call
+        assert np.array_equal(got, cpu_shadow), call
+    assert not np.array_equal(got, shadow)                      # the due calls wrote
+
+
 @pytest.mark.parametrize("src_kind", KINDS)
 def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src_kind):
     """The float32-shadow lerp takes 16-byte shadow vectors (16- or 8-byte source vectors) where a
@@ -341,6 +395,7 @@ def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src
 
     monkeypatch.setattr(ema_cuda, "VECTORS", {k: counted(f) for k, f in vectors.items()})
     ema_cuda.lerp_kernel.cache_clear()
+    ema_cuda._lerp_chunks.cache_clear()
     try:
         rng = np.random.default_rng(11)
         # n = 196, or 195 (rows after the first not 16-byte aligned); shift 1: every source a view
@@ -371,6 +426,7 @@ def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src
             assert took_vectors == (shift == 0 and (rows == 1 or n % 4 == 0)), (counts, rows, shift)
     finally:
         ema_cuda.lerp_kernel.cache_clear()
+        ema_cuda._lerp_chunks.cache_clear()
 
 
 def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch):
@@ -383,6 +439,7 @@ def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch)
     load = _cuda_hw.VECTORS["load4_u32"]
     monkeypatch.setattr(ema_cuda, "VECTORS", {**_cuda_hw.VECTORS, "load4_u32": lambda a: (calls.append(a), load(a))[1]})
     ema_cuda.lerp_kernel.cache_clear()
+    ema_cuda._lerp_chunks.cache_clear()
     try:
         rng = np.random.default_rng(5)
         host = [rng.standard_normal(c).astype(np.float32) for c in (7, 33, 1, 64, 5)]
@@ -402,6 +459,7 @@ def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch)
         assert {a - a % 16 for a in calls} >= {dev_addr(d) for d, h in zip(dev, host) if h.size >= 4}
     finally:
         ema_cuda.lerp_kernel.cache_clear()
+        ema_cuda._lerp_chunks.cache_clear()
 
 
 def test_handed_over_sources_alternate_between_two_address_tables(monkeypatch):

@@ -92,6 +92,7 @@ def fake(monkeypatch):
     flag = FakeDeviceArray(0x9000, 1, np.int32)
     monkeypatch.setattr(C, "cached_launch_available", lambda: True)
     monkeypatch.setattr(C.K, "lerp_kernel", lambda *kinds: dispatcher)
+    monkeypatch.setattr(C.K, "plan_lerp_kernel", lambda *kinds: dispatcher)
     monkeypatch.setattr(C, "cuda", types.SimpleNamespace(gpus={0: contextlib.nullcontext()}))
     monkeypatch.setattr(C, "_zero_flag", lambda device: flag)
     monkeypatch.setattr(C, "external_stream", lambda raw: ("numba stream", raw))
@@ -140,6 +141,29 @@ def test_an_argument_of_another_type_goes_through_the_dispatcher_again(fake):
     run(weights)                                                     # and that overload is kept now
     assert fake.log[-1][0] == "launch"
     assert _values(fake.log[-1][4])[-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
+
+
+def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
+    """``plan_lerp_launcher`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
+    the group index bound once, the step ``given`` the only argument that changes; numba's own argument
+    blocks, one dispatcher call."""
+    plan = {name: FakeDeviceArray(0x20000 + 0x100 * i, n, dt) for i, (name, n, dt) in enumerate(
+        [("state", 5, np.float64), ("params", 40, np.float64), ("decays", 2, np.float64), ("w32", 2, np.float32),
+         ("w64", 2, np.float64), ("flag", 1, np.int32), ("keys", 3, np.int64), ("done", 1, np.int32)])}
+    run = _launch.plan_lerp_launcher(fake.group, plan, 1)
+    assert isinstance(run, C.PlanLerpLaunch)
+    run(-1)
+    first_args = fake.log[0][2]
+    argument_types = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in first_args)
+    for given in (-1, -1, 12, 13, -1):
+        run(given)
+        kind, stream, cfg, kernel, block = fake.log[-1]
+        assert kind == "launch" and stream == ("core stream", 77) and cfg == ("config", 3, config.CUDA_THREADS)
+        args = (*fake.group.tables.args(), plan["state"], plan["params"], plan["decays"], np.int64(given), plan["w32"],
+                plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(1))
+        want = _reference_block(args, argument_types)
+        assert _values(block) == _values(want)
+    assert sum(e[0] == "dispatcher" for e in fake.log) == 1
 
 
 def test_without_the_internals_every_launch_is_the_dispatchers(fake, monkeypatch):

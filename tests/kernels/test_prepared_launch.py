@@ -127,7 +127,7 @@ def test_follows_a_forks_serial_twins_and_the_tunables(monkeypatch):
     monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 30)   # a tunable shrunk or grown after preparation
     run((0.1,))
     assert seen == [True, False]                         # the serial entry point, then reused
-    assert set(run._calls) == {(True, (np.float32, 1)), (False, (np.float32, 1))}
+    assert set(run._calls) == {(True, (np.float32, 1), C._HOST_KEY), (False, (np.float32, 1), C._HOST_KEY)}
 
 
 def test_empty_group_launches_nothing():

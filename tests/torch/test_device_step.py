@@ -225,15 +225,16 @@ def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, ev
     _assert_kernel_follows(Plan(**kw), Plan(**kw), seed, steps)
 
 
-def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan():
+@pytest.mark.parametrize("guarded", [True, False])
+def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan(guarded):
     """A real loop (forward, loss, backward, AdamW, BatchNorm): an EMA whose plan lives on the
     device, half of whose updates are only the launches a graph would replay, ends equal to the
     host-planned EMA, weights, BatchNorm statistics and counters alike; the evaluation swap
-    puts the same average in the model."""
+    puts the same average in the model. Unguarded, the plan step rides in the lerp launch."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    kw = dict(decay=0.99, warmup="power", update_every=2, skip_nonfinite=True)
+    kw = dict(decay=0.99, warmup="power", update_every=2, skip_nonfinite=guarded)
     dev, host = EMA(net, **kw, device_step=True), EMA(net, **kw, device_step=False)
     x = torch.randn(256, 8)
     y = x.sum(1, keepdim=True).sin()
@@ -255,3 +256,53 @@ def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan():
     with host.average_parameters():
         b = net(x)
     assert torch.equal(a, b)
+
+
+class _Mixed(nn.Module):
+    """An empty float16 parameter first (a group with no elements, which cannot carry the plan),
+    then float32 and bfloat16 layers: three groups on one device, the second carrying the step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.empty = nn.Parameter(torch.zeros(0, dtype=torch.float16))
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
+    """Issue #23 item 2: unguarded, one update() makes one launch for the plan and the first
+    group's lerp (no plan kernel), and the other groups read what it wrote; behind a non-finite
+    scan the plan kernel runs first, alone. Either way the averages, the counters and the keys
+    equal the host plan's bit for bit, skipped calls (update_every) and stochastic rounding included."""
+    from fastema._launch import cpu as C
+
+    counts = {"plan": 0, "fused": 0}
+    real_plan, real_call = C.plan, C.PlanLerpLaunch.__call__
+
+    def plan(*args, **kw):
+        counts["plan"] += 1
+        return real_plan(*args, **kw)
+
+    def fused(self, given):
+        counts["fused"] += 1
+        return real_call(self, given)
+
+    m = _Mixed()
+    kw = dict(decay=[0.9, 0.99], warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
+              seed=3, skip_nonfinite=guarded)
+    dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    assert len(dev._avg.layout.groups) == 3 and dev._avg.layout.groups[0].tables.chunks == 0
+    assert dev._plan_on_device.carriers == {"cpu": 1}
+    monkeypatch.setattr(C, "plan", plan)
+    monkeypatch.setattr(C.PlanLerpLaunch, "__call__", fused)
+    for step in range(7):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        dev.update(step=10 + step if step == 5 else None)
+        host.update(step=10 + step if step == 5 else None)
+    assert counts == ({"plan": 7, "fused": 0} if guarded else {"plan": 0, "fused": 7})
+    assert_same_averages(dev, host)
+    assert host.updates == 4

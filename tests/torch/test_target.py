@@ -109,6 +109,9 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     for a, b in zip(a_tg.state_dict().values(), b_tg.state_dict().values()):
         assert torch.equal(a, b)
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
+    from fastema._launch import cpu as C
+
+    assert isinstance(dev._lerps[1][0], C.PlanLerpLaunch)     # the plan step rode in the lerp launch
 
 
 def test_momentum_schedule_object():
