@@ -69,6 +69,7 @@ class FlatShadow(ShadowBase):
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
+        self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":
@@ -150,7 +151,7 @@ class FlatShadow(ShadowBase):
         device the plan lists in ``carriers`` (one launch for the plan and that group's lerp); None:
         the plan was advanced already. Each group's launch is bound once per tables, rounding,
         flag and carried plan (:func:`fastema._launch.lerp_launcher`); a flag is bound only when
-        fastema made it (this shadow's :attr:`skipped`, the plan's), others are viewed at every call."""
+        fastema made it (``_backends.made_here``: a scan's, a plan's), others are viewed at every call."""
         stochastic = rounding == "stochastic"
         assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
         for gi, g in enumerate(self.layout.groups):
@@ -163,8 +164,7 @@ class FlatShadow(ShadowBase):
             else:
                 assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            if flag is not None and flag is not self.skipped.get(g.device) and \
-                    (plan is None or flag is not plan.flags.get(g.device)):      # a flag fastema did not make:
+            if flag is not None and not _backends.made_here(flag):                # a flag fastema did not make:
                 _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
                                stochastic=stochastic)                           # viewed afresh at every call
                 continue
@@ -237,9 +237,20 @@ class FlatShadow(ShadowBase):
         self.copy_from_sources_checked(skip_if)
 
     def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
-        """The launches of :meth:`copy_from_sources`, once the addresses are current."""
-        for g in self.layout.groups:
-            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=self._flag_view(skip_if, g))
+        """The launches of :meth:`copy_from_sources`, once the addresses are current: bound once per
+        group tables and flag where fastema made the flag (``_backends.made_here``), else viewed afresh."""
+        for gi, g in enumerate(self.layout.groups):
+            flag = None if skip_if is None else skip_if.get(g.device)
+            if flag is not None and not _backends.made_here(flag):
+                _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows,
+                               flag=self._flag_view(skip_if, g))
+                continue
+            bound = self._copies.get(gi)
+            if bound is None or bound[0] is not g.tables or bound[1] is not flag:
+                view = None if flag is None else self._flag_view(skip_if, g)
+                bound = self._copies[gi] = (g.tables, flag, _launch.copy_launcher(
+                    g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=view))
+            bound[2]()
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""

@@ -21,6 +21,7 @@ A new framework is one more :class:`Backend` subclass here and one line in :data
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 
@@ -142,8 +143,32 @@ def zero_(a) -> None:
 
 
 def new_flag(like: Buf):
-    """A zeroed int32[1] flag on ``like``'s device, in ``like``'s framework."""
-    return _maker(like.framework, like.device).zeros(like.device, 1, np.int32)
+    """A zeroed int32[1] flag on ``like``'s device, in ``like``'s framework (:func:`made_here`)."""
+    flag = _maker(like.framework, like.device).zeros(like.device, 1, np.int32)
+    mark_made_here(flag)
+    return flag
+
+
+_MADE_HERE: weakref.WeakSet = weakref.WeakSet()
+
+
+def mark_made_here(x) -> None:
+    """Record that fastema made the control array ``x`` (a skip flag) and keeps its memory: see
+    :func:`made_here`. Arrays that take no weak reference are not recorded."""
+    try:
+        _MADE_HERE.add(x)
+    except TypeError:
+        pass
+
+
+def made_here(x) -> bool:
+    """True for a control array fastema made (:func:`new_flag`, a device plan's flag): nothing
+    re-points its memory, so a launch may bind its kernel view once. A caller's array is viewed
+    again at every launch (its ``.data`` may have been replaced since)."""
+    try:
+        return x in _MADE_HERE
+    except TypeError:
+        return False
 
 
 def control_view(x, what: str, dtype, size: int, device: str, writable: bool):

@@ -138,9 +138,23 @@ def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) 
     (``tables.chunks > 0``): an empty group launches nothing, so it cannot carry the plan."""
     if group.tables.chunks == 0:
         raise ValueError("an empty group cannot carry the plan step")
-    if is_cuda(group.device):
-        return _cuda().PlanLerpLaunch(group, plan, gi, stochastic)
-    return _cpu_target.PlanLerpLaunch(group, plan, gi, stochastic)
+    target = _cuda() if is_cuda(group.device) else _cpu_target
+    return target.plan_lerp_launch(group, plan, gi, stochastic)
+
+
+def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> Callable[[], None]:
+    """``launch("copy", group, to_shadow=..., row_lo=..., row_hi=..., flag=flag)`` as a callable
+    ``run()`` with every argument bound once (a model average's buffer copy at every update:
+    no dispatcher type resolution per call). Make a new one when the group's tables change."""
+    t = group.tables
+    if t is not None and t.chunks == 0:
+        return _nothing_at_all
+    target = _cuda() if is_cuda(group.device) else _cpu_target
+    return target.copy_launch(group, to_shadow, row_lo, row_hi, flag)
+
+
+def _nothing_at_all() -> None:
+    return None
 
 
 def _nothing(weights, key=0) -> None:

@@ -166,28 +166,25 @@ class LerpLaunch:
             fn(*self._args)
 
 
-class PlanLerpLaunch:
-    """One ``update()`` call of a model EMA with its plan on the device, in one launch
-    (``kernels.cpu.plan_lerp_kernel``): the plan arrays of the group's device and the group's
-    index ``gi`` bound once, then the overload's entry point; called as ``run(given)``
-    (``given``: the training step, or -1 for the update count). See :func:`fastema._launch.plan_lerp_launcher`."""
+class BoundLaunch:
+    """A launch whose arguments are bound once but for those given at each call (``run(*middle)``:
+    placed between ``head`` and ``tail``, of fixed numba types), calling the compiled overload's
+    entry point after the dispatcher's first call, per serial/parallel choice. ``kernel_of(parallel)``
+    gives the dispatcher; ``size``: the work (elements times rows) that :data:`config.CPU_SERIAL_BELOW`
+    compares, -1 for one work item (always serial)."""
 
-    __slots__ = ("_head", "_tail", "_size", "_kinds", "_fns")
+    __slots__ = ("_kernel_of", "_head", "_tail", "_size", "_fns")
 
-    def __init__(self, group, plan: dict, gi: int, stochastic: bool):
-        t = group.tables
-        self._head = (*t.args(), plan["state"], plan["params"], plan["decays"])
-        self._tail = (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi))
-        self._size = t.n * len(plan["decays"]) if t.chunks > 1 else -1
-        self._kinds = (group.shadow_kind, group.src_kind, stochastic)
+    def __init__(self, kernel_of, head: tuple, tail: tuple, size: int):
+        self._kernel_of, self._head, self._tail, self._size = kernel_of, head, tail, size
         self._fns: list = [None, None]
 
-    def __call__(self, given: int) -> None:
-        args = (*self._head, np.int64(given), *self._tail)
+    def __call__(self, *middle) -> None:
+        args = (*self._head, *middle, *self._tail)
         par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW
         fn = self._fns[par]
-        if fn is None:
-            k = K.plan_lerp_kernel(*self._kinds, par)
+        if fn is None:                                  # the first call: the dispatcher, then its entry point
+            k = self._kernel_of(par)
             _run(k, par, *args)
             self._fns[par] = _entry_point(k, args)
         elif par:
@@ -195,6 +192,29 @@ class PlanLerpLaunch:
                 fn(*args)
         else:
             fn(*args)
+
+
+def _work(t, rows: int) -> int:
+    return t.n * rows if t.chunks > 1 else -1
+
+
+def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:
+    """``run(given)``: one ``update()`` call of a model EMA with its plan on the device, in one launch
+    (``kernels.cpu.plan_lerp_kernel``; see :func:`fastema._launch.plan_lerp_launcher`)."""
+    t = group.tables
+    kinds = (group.shadow_kind, group.src_kind, stochastic)
+    return BoundLaunch(lambda par: K.plan_lerp_kernel(*kinds, par),
+                       (*t.args(), plan["state"], plan["params"], plan["decays"]),
+                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi)),
+                       _work(t, len(plan["decays"])))
+
+
+def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> BoundLaunch:
+    """``run()``: the ``"copy"`` launch with every argument bound (see :func:`fastema._launch.copy_launcher`)."""
+    t = group.tables
+    kinds = (group.shadow_kind, group.src_kind, to_shadow)
+    return BoundLaunch(lambda par: K.copy_kernel(*kinds, par), t.args(),
+                       (row_lo, row_hi, _NO_FLAG if flag is None else flag), _work(t, row_hi - row_lo))
 
 
 def _entry_point(kernel, args):

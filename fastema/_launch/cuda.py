@@ -312,25 +312,37 @@ class LerpLaunch(_Bound):
                              not isinstance(args[-1], (int, np.integer)))
 
 
-class PlanLerpLaunch(_Bound):
-    """One ``update()`` call of a model EMA with its plan on the device, in one launch on CUDA
-    (``kernels.cuda.plan_lerp_kernel``), bound once; called as ``run(given)``. See
-    :func:`fastema._launch.plan_lerp_launcher`."""
+class BoundLaunch(_Bound):
+    """A launch over a group's tables with the other arguments bound once but for those given at each
+    call (``run(*middle)``, between ``head`` and ``tail``), on the stream current at that call.
+    ``kernel``: the dispatcher."""
 
-    __slots__ = ("group", "plan", "gi", "stochastic")
+    __slots__ = ("group", "dispatcher", "head", "tail")
 
-    def __init__(self, group, plan: dict, gi: int, stochastic: bool):
+    def __init__(self, group, dispatcher, head: tuple, tail: tuple):
         super().__init__(group.device)
-        self.group, self.plan, self.gi, self.stochastic = group, plan, np.int64(gi), stochastic
+        self.group, self.dispatcher, self.head, self.tail = group, dispatcher, head, tail
 
-    def __call__(self, given: int) -> None:
-        g, p = self.group, self.plan
-        args = (*g.tables.args(), p["state"], p["params"], p["decays"], np.int64(given), p["w32"], p["w64"], p["flag"],
-                p["keys"], p["done"], self.gi)
+    def __call__(self, *middle) -> None:
+        g = self.group
+        args = (*g.tables.args(), *self.head, *middle, *self.tail)
         self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
 
     def _dispatcher(self, args):
-        return K.plan_lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic)
+        return self.dispatcher
+
+
+def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:
+    """``run(given)``: see :func:`fastema._launch.plan_lerp_launcher` (``kernels.cuda.plan_lerp_kernel``)."""
+    return BoundLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
+                       (plan["state"], plan["params"], plan["decays"]),
+                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi)))
+
+
+def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> BoundLaunch:
+    """``run()``: see :func:`fastema._launch.copy_launcher`."""
+    return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
+                       (row_lo, row_hi, _zero_flag(group.device) if flag is None else flag))
 
 
 def _typeof(value):

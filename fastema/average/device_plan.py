@@ -135,6 +135,7 @@ class _OnDevice:
                      decays=(rows, np.float64), w32=(rows, np.float32), w64=(rows, np.float64),
                      flag=(1, np.int32), keys=(groups, np.int64), done=(1, np.int32))
         self.arrays = {k: _backends.zeros(where, n, dt) for k, (n, dt) in sizes.items()}
+        _backends.mark_made_here(self.arrays["flag"])
         self.views = {k: _backends.kernel_view(a) for k, a in self.arrays.items()}
         self.key_views = [self.views["keys"][i:i + 1] for i in range(groups)]
 

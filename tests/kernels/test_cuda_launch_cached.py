@@ -93,6 +93,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(C, "cached_launch_available", lambda: True)
     monkeypatch.setattr(C.K, "lerp_kernel", lambda *kinds: dispatcher)
     monkeypatch.setattr(C.K, "plan_lerp_kernel", lambda *kinds: dispatcher)
+    monkeypatch.setattr(C.K, "copy_kernel", lambda *kinds: dispatcher)
     monkeypatch.setattr(C, "cuda", types.SimpleNamespace(gpus={0: contextlib.nullcontext()}))
     monkeypatch.setattr(C, "_zero_flag", lambda device: flag)
     monkeypatch.setattr(C, "external_stream", lambda raw: ("numba stream", raw))
@@ -151,7 +152,7 @@ def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
         [("state", 5, np.float64), ("params", 40, np.float64), ("decays", 2, np.float64), ("w32", 2, np.float32),
          ("w64", 2, np.float64), ("flag", 1, np.int32), ("keys", 3, np.int64), ("done", 1, np.int32)])}
     run = _launch.plan_lerp_launcher(fake.group, plan, 1)
-    assert isinstance(run, C.PlanLerpLaunch)
+    assert isinstance(run, C.BoundLaunch)
     run(-1)
     first_args = fake.log[0][2]
     argument_types = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in first_args)
@@ -164,6 +165,18 @@ def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
         want = _reference_block(args, argument_types)
         assert _values(block) == _values(want)
     assert sum(e[0] == "dispatcher" for e in fake.log) == 1
+
+
+def test_the_buffer_copy_launch_is_bound_once(fake):
+    """``copy_launcher``: a model average's buffer copy behind its plan's flag, every argument bound."""
+    flag = FakeDeviceArray(0x30000, 1, np.int32)
+    run = _launch.copy_launcher(fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
+    for _ in range(4):
+        run()
+    assert [e[0] for e in fake.log] == ["dispatcher"] + ["launch"] * 3
+    args = (*fake.group.tables.args(), 0, 2, flag)
+    types_ = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in args)
+    assert _values(fake.log[-1][4]) == _values(_reference_block(args, types_))
 
 
 def test_without_the_internals_every_launch_is_the_dispatchers(fake, monkeypatch):

@@ -135,3 +135,60 @@ def test_empty_group_launches_nothing():
     for g in fs.layout.groups:
         _launch.lerp_launcher(g)((0.5,))
     assert fs.view(0).numel() == 0
+
+
+def test_a_callers_flag_is_viewed_again_at_every_call():
+    """Only flags fastema made are bound once: a caller's ``skip_if`` flag whose memory is replaced
+    between calls (``flag.data = ...``) is read where it is now, by the lerp and the copy alike."""
+    src = [torch.randn(100)]
+    fs = FlatShadow(src)
+    before = fs.view(0).clone()
+    flag = torch.zeros(1, dtype=torch.int32)
+    with torch.no_grad():
+        src[0].add_(1.0)
+    fs.update(0.5, skip_if={"cpu": flag})
+    assert not torch.equal(fs.view(0), before)           # flag 0: updated
+    kept = fs.view(0).clone()
+    flag.data = torch.ones(1, dtype=torch.int32)         # new memory under the same object
+    with torch.no_grad():
+        src[0].add_(1.0)
+    fs.update(0.5, skip_if={"cpu": flag})
+    fs.copy_from_sources(skip_if={"cpu": flag})
+    assert torch.equal(fs.view(0), kept)                 # skipped: the new memory was read
+    own = fs.scan_nonfinite()                            # fastema's own flag: bound once, still right
+    fs.update(0.5, skip_if=own)
+    assert not torch.equal(fs.view(0), kept)
+
+
+def test_a_model_averages_buffer_copy_is_bound_once():
+    """EMA(device_step=True) copies its floating buffers (BatchNorm statistics) behind the plan's
+    flag at every call: after the first call no copy launch goes through the numba dispatcher, and the
+    copies are the buffers' values (the host-planned EMA's, bit for bit)."""
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    dev, host = EMA(m, decay=0.9, device_step=True), EMA(m, decay=0.9, device_step=False)
+    (g,) = dev._copy.layout.groups
+    k = K.copy_kernel(g.shadow_kind, g.src_kind, True, False)
+    calls = []
+
+    class Counting(type(k)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    original = type(k)
+    try:
+        k.__class__ = Counting
+        for step in range(5):
+            with torch.no_grad():
+                m[1].running_mean.add_(1.0)
+            m(torch.randn(8, 4))
+            dev.update()
+            host.update()
+    finally:
+        k.__class__ = original
+    assert len(calls) <= 1, "a per-step buffer copy went through the numba dispatcher"
+    for name, t in host.state_dict()["copied"].items():
+        assert torch.equal(dev.state_dict()["copied"][name], t), name

@@ -279,15 +279,19 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
     from fastema._launch import cpu as C
 
     counts = {"plan": 0, "fused": 0}
-    real_plan, real_call = C.plan, C.PlanLerpLaunch.__call__
+    real_plan, real_make = C.plan, C.plan_lerp_launch
 
     def plan(*args, **kw):
         counts["plan"] += 1
         return real_plan(*args, **kw)
 
-    def fused(self, given):
-        counts["fused"] += 1
-        return real_call(self, given)
+    def make(*args, **kw):
+        run = real_make(*args, **kw)
+
+        def fused(given):
+            counts["fused"] += 1
+            run(given)
+        return fused
 
     m = _Mixed()
     kw = dict(decay=[0.9, 0.99], warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
@@ -296,7 +300,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
     assert len(dev._avg.layout.groups) == 3 and dev._avg.layout.groups[0].tables.chunks == 0
     assert dev._plan_on_device.carriers == {"cpu": 1}
     monkeypatch.setattr(C, "plan", plan)
-    monkeypatch.setattr(C.PlanLerpLaunch, "__call__", fused)
+    monkeypatch.setattr(C, "plan_lerp_launch", make)
     for step in range(7):
         with torch.no_grad():
             for p in m.parameters():
