@@ -153,6 +153,15 @@ class FlatShadow(ShadowBase):
         flag and carried plan (:func:`fastema._launch.lerp_launcher`); a flag is bound only when
         fastema made it (``_backends.made_here``: a scan's, a plan's), others are viewed at every call."""
         stochastic = rounding == "stochastic"
+        if plan is None and skip_if is None:            # the usual step: host weights, no guard
+            assert weights_by_device is not None
+            for gi, g in enumerate(self.layout.groups):
+                bound = self._lerps.get(gi)
+                if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
+                        or bound[3] is not None:
+                    bound = self._bind_lerp(gi, g, stochastic, None, None)
+                bound[4](weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0)
+            return
         assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
         for gi, g in enumerate(self.layout.groups):
             flag = None if skip_if is None else skip_if.get(g.device)

@@ -149,14 +149,21 @@ def new_flag(like: Buf):
     return flag
 
 
-_MADE_HERE: weakref.WeakSet = weakref.WeakSet()
+_MADE_HERE: dict[int, weakref.ref] = {}     # id -> weak reference (not a WeakSet: its lookups compare
+                                            # the referents with ==, an element-wise tensor compare and a sync)
 
 
 def mark_made_here(x) -> None:
     """Record that fastema made the control array ``x`` (a skip flag) and keeps its memory: see
     :func:`made_here`. Arrays that take no weak reference are not recorded."""
+    key = id(x)
+
+    def forget(ref, key=key):
+        if _MADE_HERE.get(key) is ref:
+            del _MADE_HERE[key]
+
     try:
-        _MADE_HERE.add(x)
+        _MADE_HERE[key] = weakref.ref(x, forget)
     except TypeError:
         pass
 
@@ -164,11 +171,10 @@ def mark_made_here(x) -> None:
 def made_here(x) -> bool:
     """True for a control array fastema made (:func:`new_flag`, a device plan's flag): nothing
     re-points its memory, so a launch may bind its kernel view once. A caller's array is viewed
-    again at every launch (its ``.data`` may have been replaced since)."""
-    try:
-        return x in _MADE_HERE
-    except TypeError:
-        return False
+    again at every launch (its ``.data`` may have been replaced since). Identity only: no value
+    of ``x`` is read."""
+    ref = _MADE_HERE.get(id(x))
+    return ref is not None and ref() is x
 
 
 def control_view(x, what: str, dtype, size: int, device: str, writable: bool):

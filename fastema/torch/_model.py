@@ -221,6 +221,33 @@ def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
     return not any(p is not None and p.requires_grad for p in owner._parameters.values())
 
 
+def copy_unless_flagged_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], flags: dict | None) -> None:
+    """``dst <- src`` for every pair (integer buffers: BatchNorm counters), except on a device whose skip
+    flag (``flags``: device name -> int32[1] tensor) is set, which keeps its old values: on the device,
+    no host sync. One ``_foreach_copy_`` per device; behind a flag, one ``where`` per tensor against
+    the flag read once per device (before: four operations per tensor)."""
+    with torch.no_grad():
+        if not flags:
+            torch._foreach_copy_(list(dsts), list(srcs))
+            return
+        keep: dict = {}                          # device name -> 0-dim bool: the flag is set
+        pairs: dict = {}                         # device name -> (dsts, what they receive)
+        for d, s in zip(dsts, srcs):
+            name = _device_name(d)
+            flag = flags.get(name)
+            ds, vs = pairs.setdefault(name, ([], []))
+            ds.append(d)
+            if flag is None:
+                vs.append(s)
+                continue
+            k = keep.get(name)
+            if k is None:
+                k = keep[name] = flag[0] != 0
+            vs.append(torch.where(k, d, s))
+        for ds, vs in pairs.values():
+            torch._foreach_copy_(ds, vs)
+
+
 def _device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
@@ -427,18 +454,9 @@ class _ModelSide:
                 self._copy.copy_from_sources_checked(flags)
             else:
                 self._copy.copy_from_sources(skip_if=flags)
-        if not self._int_buffers:
-            return
-        if not flags:                           # one launch for every integer buffer (BatchNorm counters)
+        if self._int_buffers:
             srcs, dsts = zip(*self._int_buffers.values())
-            torch._foreach_copy_(list(dsts), list(srcs))
-            return
-        for src, dst in self._int_buffers.values():
-            flag = flags.get(_device_name(dst))
-            if flag is None:
-                dst.copy_(src)
-            else:                               # the guard: keep the old value on a diverged step, no sync
-                dst.copy_(torch.where(flag[0].to(dst.device) != 0, dst, src))
+            copy_unless_flagged_(dsts, srcs, flags)
 
     def _scan(self, flags: dict | None = None) -> dict:
         """Non-finite flags over every averaged and copied floating tensor (device values, no sync),

@@ -305,6 +305,7 @@ class TargetNetwork:
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
         self._lerps: tuple = (None, [])                 # (the groups, their prepared lerp launches)
+        self._copies: tuple = (None, None, [])          # (the copied groups, the flags, their bound copy launches)
         self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
         self._ops = self._op_lists()
 
@@ -501,19 +502,16 @@ class TargetNetwork:
     def _carry(self, copied: list, ints: tuple, flags: dict | None, tensors: dict) -> None:
         """The copied buffers: floating ones by the copy kernel, integer ones by torch (behind the
         flags, on the device, when given)."""
-        for g in copied:
-            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1,
-                           flag=None if flags is None else flags.get(g.device))
+        bound = self._copies
+        if bound[0] is not copied or bound[1] is not flags:         # new groups or flags: bound once
+            bound = self._copies = (copied, flags, [_launch.copy_launcher(
+                g, to_shadow=True, row_lo=0, row_hi=1, flag=None if flags is None else flags.get(g.device))
+                for g in copied])
+        for run in bound[2]:
+            run()
         dst, src = ints
-        if not dst:
-            return
-        with torch.no_grad():
-            if flags is None:
-                torch._foreach_copy_(list(dst), list(src))
-                return
-            for d, s in zip(dst, src):                   # keep the old value on a skipped call, no sync
-                flag = tensors.get("cpu" if d.device.type == "cpu" else f"{d.device.type}:{d.device.index}")
-                d.copy_(s if flag is None else torch.where(flag[0] != 0, d, s))
+        if dst:
+            _model.copy_unless_flagged_(dst, src, None if flags is None else tensors)
 
     # ------------------------------------------------------------ torch.compile (_compile.UpdateOwner)
 

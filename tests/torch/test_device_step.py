@@ -310,3 +310,66 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
     assert counts == ({"plan": 7, "fused": 0} if guarded else {"plan": 0, "fused": 7})
     assert_same_averages(dev, host)
     assert host.updates == 4
+
+
+def test_integer_buffers_behind_a_flag_take_one_where_each_and_one_foreach_copy():
+    """The copied integer buffers (BatchNorm counters, a bool mask, complex copies) of a guarded or
+    device-planned update: every pair copied when the flag is clear, none when it is set, the others
+    of a device with no flag always; the flag read once, one ``where`` per tensor and one
+    ``_foreach_copy_`` (it was four operations per tensor, each a launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastema.torch._model import copy_unless_flagged_
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def pairs():
+        srcs = [torch.tensor(7), torch.arange(5, dtype=torch.uint8), torch.tensor([True, False]),
+                torch.tensor([1 + 2j]), torch.tensor([2 ** 62, -2 ** 63])]
+        return [torch.zeros_like(s) for s in srcs], srcs
+
+    for flag_value, want_copied in ((0, True), (1, False)):
+        dsts, srcs = pairs()
+        flags = {"cpu": torch.tensor([flag_value], dtype=torch.int32)}
+        with Count() as count:
+            copy_unless_flagged_(dsts, srcs, flags)
+        for d, s in zip(dsts, srcs):
+            assert torch.equal(d, s if want_copied else torch.zeros_like(s))
+        assert count.ops.count("where") == len(srcs) and count.ops.count("_foreach_copy_") == 1
+        assert len(count.ops) <= len(srcs) + 3, count.ops
+    dsts, srcs = pairs()
+    copy_unless_flagged_(dsts, srcs, {"cuda:0": torch.ones(1, dtype=torch.int32)})   # no flag for this device
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+
+@pytest.mark.parametrize("kw", [dict(skip_nonfinite=True), dict(device_step=True), dict(device_step=True,
+                                                                                       skip_nonfinite=True)])
+def test_no_value_is_read_on_the_host_during_an_update(kw):
+    """No operation of an update reads a tensor's value on the host (``.item()``, ``bool(t)``, a tensor
+    compared with ``==``): on a GPU each is a sync. A BatchNorm model, guarded or device-planned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "equal", "is_nonzero", "nonzero"):
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    ema = EMA(m, 0.9, **kw)
+    ema.update()
+    with Reads() as reads:
+        for _ in range(3):
+            ema.update()
+    assert reads.ops == []
