@@ -28,6 +28,7 @@ import functools
 import numpy as np
 from numba.core.dispatcher import Dispatcher
 from numba.core.extending import _Intrinsic
+from numba.core.types import Type
 
 from . import _bits, _cpu_hw, _elementwise, _intrinsics, _stats, _target, kinds
 
@@ -47,10 +48,10 @@ def digest(data: bytes) -> str:
 
 
 @functools.cache
-def sources_digest() -> str:
-    """:func:`digest` of the sources of :data:`DEPENDENCIES` (read once per process)."""
+def sources_digest(modules: tuple = DEPENDENCIES) -> str:
+    """:func:`digest` of the sources of ``modules`` (:data:`DEPENDENCIES`; read once per process)."""
     parts = []
-    for module in DEPENDENCIES:
+    for module in modules:
         with open(module.__file__, "rb") as f:
             parts.append(digest(f.read()))
     return digest(" ".join(parts).encode())
@@ -63,13 +64,21 @@ def describe(value) -> str:
         return f"{type(value).__name__}:{value!r}"
     if isinstance(value, np.generic):                                        # a NumPy scalar
         return f"{value.dtype}:{value!r}"
-    if isinstance(value, Dispatcher):
+    if isinstance(value, Dispatcher) or _is_cuda(value, "CUDADispatcher"):
         options = sorted((k, repr(v)) for k, v in value.targetoptions.items())
         return f"jit:{describe_function(value.py_func)}{options}"
-    if isinstance(value, _Intrinsic):
+    if isinstance(value, _Intrinsic) or _is_cuda(value, "_Intrinsic"):
         return f"intrinsic:{value._name}"
+    if isinstance(value, Type):                                              # a numba type (CUDA local arrays)
+        return f"type:{value}"
     raise TypeError(f"cannot key a cached kernel on a captured {type(value).__name__} ({value!r}); capture "
                     "constants, compiled functions or intrinsics only, or pass it as an argument")
+
+
+def _is_cuda(value, name: str) -> bool:
+    """``value`` is numba-cuda's class ``name`` (numba-cuda not imported for it)."""
+    cls = type(value)
+    return cls.__name__ == name and cls.__module__.startswith("numba.cuda.")
 
 
 def describe_function(fn) -> str:
@@ -77,6 +86,23 @@ def describe_function(fn) -> str:
     cells = fn.__closure__ or ()
     captured = ", ".join(f"{name}={describe(cell.cell_contents)}" for name, cell in zip(fn.__code__.co_freevars, cells))
     return f"{fn.__module__}.{fn.__qualname__}({captured})"
+
+
+def _checked(index_file_class):
+    """``index_file_class`` storing each entry with its key: an entry found under another key (two
+    processes that numbered their files alike) reads as a miss."""
+
+    class CheckedFile(index_file_class):
+        def save(self, key, data):
+            super().save(key, (key, data))
+
+        def load(self, key):
+            got = super().load(key)
+            if isinstance(got, tuple) and len(got) == 2 and got[0] == key:
+                return got[1]
+            return None
+
+    return CheckedFile
 
 
 @functools.cache
@@ -90,17 +116,7 @@ def _cache_class():
     if not hasattr(FunctionCache, "_index_key") or not needed <= set(FunctionCache.__init__.__code__.co_names):
         return None
 
-    class CheckedFile(IndexDataCacheFile):
-        """Stores each entry with its key; an entry found under another key reads as a miss."""
-
-        def save(self, key, data):
-            super().save(key, (key, data))
-
-        def load(self, key):
-            got = super().load(key)
-            if isinstance(got, tuple) and len(got) == 2 and got[0] == key:
-                return got[1]
-            return None
+    CheckedFile = _checked(IndexDataCacheFile)
 
     class VariantCache(FunctionCache):
         """numba's function cache, keyed by :func:`describe_function` instead of pickled cells."""
@@ -149,6 +165,68 @@ def cached(dispatcher: Dispatcher) -> Dispatcher:
             fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
             dispatcher._cache = cls(fn, variant)
     except RuntimeError as e:                           # no locator: nowhere to write; compile per process
+        if not NOT_CACHED:
+            NOT_CACHED.append(str(e))
+    return dispatcher
+
+
+# ---------------------------------------------------------------- CUDA kernels (issue #23 item 4)
+#
+# numba-cuda's own cache (``CUDACache``, the same index and data files as numba's) keys a kernel by
+# its pickled closure cells too; fastema's CUDA kernels capture device functions and intrinsics, so
+# :func:`cached_cuda` keys them as :func:`cached` does the CPU ones, by :func:`describe`, with numba-cuda's
+# ``codegen.magic_tuple()`` (CUDA runtime version and the GPU's compute capability) in the key. It is
+# not switched on by default yet: it has not run on a GPU (set FASTEMA_CUDA_CACHE=1 to use it; the
+# GPU plan's tests/kernels/test_cuda_cache.py checks it on a GPU).
+
+
+@functools.cache
+def _cuda_cache_class():
+    """The CUDA cache class over numba-cuda's internals; None where they moved."""
+    try:
+        from numba.cuda.core.caching import Cache, IndexDataCacheFile
+        from numba.cuda.dispatcher import CUDACache
+    except ImportError:
+        return None
+    needed = {"_cache_file", "_impl", "_cache_path", "filename_base", "get_source_stamp"}
+    if not hasattr(CUDACache, "_index_key") or not hasattr(CUDACache, "set_launch_config_key") \
+            or not needed <= set(Cache.__init__.__code__.co_names):
+        return None
+    CheckedFile = _checked(IndexDataCacheFile)
+
+    class CUDAVariantCache(CUDACache):
+        """numba-cuda's kernel cache, keyed by :func:`describe_function` instead of pickled cells."""
+
+        def __init__(self, py_func, variant: str, dependencies: tuple):
+            super().__init__(py_func)
+            self._variant = variant
+            stamp = (self._impl.locator.get_source_stamp(), sources_digest(dependencies))
+            self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
+                                           source_stamp=stamp)
+
+        def _index_key(self, sig, codegen):
+            key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
+            if self._launch_config_key is not None:
+                key += (("launch_config", self._launch_config_key),)
+            return key
+
+    return CUDAVariantCache
+
+
+def cached_cuda(dispatcher, dependencies: tuple):
+    """Give a CUDA kernel ``dispatcher`` (``cuda.jit(fn)``, not compiled yet) a disk cache keyed by
+    :func:`describe` and the sources of ``dependencies`` (besides its own file): see the section
+    comment. Returns it unchanged where numba-cuda's internals are not the ones known, or where numba
+    finds no writable cache location (the reason goes to :data:`NOT_CACHED`)."""
+    cls = _cuda_cache_class()
+    if cls is None:
+        return dispatcher
+    try:
+        variant = describe(dispatcher)
+        fn = dispatcher.py_func
+        fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
+        dispatcher._cache = cls(fn, variant, dependencies)
+    except RuntimeError as e:
         if not NOT_CACHED:
             NOT_CACHED.append(str(e))
     return dispatcher

@@ -7,15 +7,29 @@ chunk, so any grid and block size is correct. Launch on the caller's stream:
 of the launching context. Imported only when a CUDA buffer arrives.
 """
 import functools
+import os
 
 from numba import cuda
 
-from ._cuda_hw import HW, VECTORS
+from . import _bits, _cuda_hw, _elementwise, _intrinsics, _stats, _target, kinds
+from ._cache import cached_cuda
+from ._cuda_hw import HW, SIMULATOR, VECTORS
 from ._cuda_hw import types as numba_types
 from ._target import WINDOW, bind, bodies
 from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, PLAN_KEYS_MAX, S_NORMS, wide
 
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
+_DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kinds)
+"""The modules every CUDA kernel's code depends on besides its own file (the cache's stamp)."""
+CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "0") == "1" and not SIMULATOR
+"""Kernels cached on disk (:func:`._cache.cached_cuda`): off unless FASTEMA_CUDA_CACHE=1 until it has
+run on a GPU (issue #23 item 4)."""
+
+
+def _jit(fn):
+    """A kernel's dispatcher, with the disk cache when :data:`CACHE`."""
+    kernel = cuda.jit(fn)
+    return cached_cuda(kernel, _DEPENDENCIES) if CACHE else kernel
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
 
 
@@ -35,7 +49,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
             return
         lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, read_key(key_arg))
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -89,7 +103,7 @@ def plan_lerp_kernel(shadow_kind, src_kind, stochastic):
                 flag[0] = sf[0]
                 done[0] = 0
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @cuda.jit(device=True, inline="always")
@@ -187,7 +201,7 @@ def bema_kernel(shadow_kind):
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 bema_at(q, n, i - off, alpha, SK)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -213,7 +227,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow):
                 else:
                     copy_at(p, i - off, q, row_lo * n + i - off, SK, XK)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -232,7 +246,7 @@ def swap_kernel(shadow_kind, src_kind, mode):
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 swap_at(q, row * n + i - off, p, i - off, SK, XK, MODE)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -251,7 +265,7 @@ def nonfinite_kernel(src_kind):
                 if nonfinite_at(p, i - off, XK) and flag[0] == 0:   # no store storm on a diverged model
                     flag[0] = 1
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -284,7 +298,7 @@ def window_kernel(ring_kind, src_kind):
                 else:
                     push_at(q, sm, cm, r, n, slot, p, j, full, count, RK, XK)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -296,7 +310,7 @@ def plan_kernel():
         if cuda.grid(1) == 0:
             plan_step(state, params, decays, given, w32, w64, flag, keys)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -307,7 +321,7 @@ def zero_kernel():
         for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
             a[i] = 0
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 # ---------------------------------------------------------------- metric smoothers: see cpu.py
@@ -323,7 +337,7 @@ def ema_kernel(kind, mode, skip):
         for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
             ema_stream_at(y, k, w0, c, per_stream, a, b, d, K, M, SKIP)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)
 
 
 @functools.cache
@@ -337,4 +351,4 @@ def sma_kernel(kind, skip):
         for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
             sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
 
-    return cuda.jit(kernel)
+    return _jit(kernel)

@@ -128,3 +128,63 @@ def test_no_writable_cache_location_compiles_per_process_and_warns(monkeypatch):
     monkeypatch.setattr(_cache, "SHARED", False)
     with pytest.warns(RuntimeWarning, match="cache internals are not the ones fastema knows"):
         launch_cpu._check_disk_cache()
+
+
+# The CUDA kernels' descriptions, keys of their disk cache (issue #23 item 4; the cache itself runs on a
+# GPU only: tests/kernels/test_cuda_cache.py). Built, not compiled: no GPU needed.
+CUDA_CHILD = r"""
+import json
+from fastema.kernels import _cache, cuda as K
+from fastema.kernels.kinds import BF16, F16, F32, F64, PACK
+kernels = {"lerp f32<-bf16": K.lerp_kernel(F32, BF16, False, True),
+           "lerp f32<-f16": K.lerp_kernel(F32, F16, False, True),
+           "lerp sr": K.lerp_kernel(BF16, F32, True, True), "plan+lerp": K.plan_lerp_kernel(F32, BF16, False),
+           "plan+lerp f64": K.plan_lerp_kernel(F64, F64, False), "copy": K.copy_kernel(F32, BF16, True),
+           "copy back": K.copy_kernel(F32, BF16, False), "swap": K.swap_kernel(F32, BF16, PACK),
+           "window": K.window_kernel(F64, F32), "plan": K.plan_kernel(), "zero": K.zero_kernel(),
+           "ema": K.ema_kernel(F32, 0, True), "sma": K.sma_kernel(F64, False), "bema": K.bema_kernel(F64),
+           "nonfinite": K.nonfinite_kernel(F16)}
+print(json.dumps({name: _cache.describe(k) for name, k in kernels.items()}))
+"""
+
+
+def test_cuda_kernels_are_described_alike_in_every_process():
+    """Every CUDA kernel factory's variants have a description (device functions, intrinsics and numba
+    types included) that is the same in two processes and differs between variants."""
+    pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the simulator's kernels are plain Python")
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CUDA_CHILD], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+    assert len(set(runs[0].values())) == len(runs[0])
+    assert _cache._cuda_cache_class() is not None          # numba-cuda's internals are the ones known
+
+
+def test_a_cached_cuda_kernel_is_keyed_by_its_variant_and_gpu(tmp_path, monkeypatch):
+    """``cached_cuda`` gives a kernel numba-cuda's cache keyed by the variant's description and the
+    codegen's magic tuple (CUDA runtime and compute capability), with the kernels' other sources in the
+    stamp; two variants of one closure get two index files."""
+    pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the simulator has no kernel cache")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    from numba import cuda
+
+    from fastema.kernels import cuda as K
+    from fastema.kernels.kinds import BF16, F16, F32
+
+    caches = []
+    for xk in (BF16, F16):
+        fn = K.lerp_kernel.__wrapped__(F32, xk, False, True).py_func
+        k = _cache.cached_cuda(cuda.jit(fn), K._DEPENDENCIES)
+        caches.append(k._cache)
+    a, b = caches
+    codegen = type("Codegen", (), {"magic_tuple": lambda self: ("12.8", (9, 0))})()
+    ka, kb = a._index_key(("sig",), codegen), b._index_key(("sig",), codegen)
+    assert ka != kb and ka[1] == ("12.8", (9, 0)) and ka[2][1] == _cache.describe(K.lerp_kernel(F32, BF16, False, True))
+    assert a._impl.filename_base != b._impl.filename_base
+    assert a._cache_file._source_stamp[1] == _cache.sources_digest(K._DEPENDENCIES)

@@ -1,0 +1,66 @@
+"""CUDA kernels cached on disk (issue #23 item 4, ``FASTEMA_CUDA_CACHE=1``): a second process loads the
+kernels a first one compiled, and they compute the same bits. Runs on a GPU only (the simulator
+compiles nothing); the descriptions that key the cache are checked on the CPU in test_kernel_cache.py.
+Once this passes on a GPU, the cache can be switched on by default (kernels.cuda.CACHE)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("the simulator compiles no kernel to cache", allow_module_level=True)
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+CHILD = r"""
+import json, time
+import numpy as np
+from numba import cuda
+from fastema import _launch
+from fastema.kernels import cuda as K
+from fastema.kernels.kinds import BF16, F32
+from fastema.kernels.layout import chunk_table, segment_offsets
+
+assert K.CACHE
+n = 5000
+rng = np.random.default_rng(0)
+src = cuda.to_device((rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))
+shadow = cuda.to_device(rng.standard_normal(n).astype(np.float32).view(np.uint32))
+so = segment_offsets([1000, 4000])
+cs, cb = chunk_table(so, 1024)
+addr = lambda d: d.device_ctypes_pointer.value
+tables = [cuda.to_device(a) for a in (addr(shadow) + so[:-1] * 4, addr(src) + so[:-1] * 2, so, cs, cb)]
+flag = cuda.to_device(np.zeros(1, np.int32))
+start = time.perf_counter()
+lerp, copy = K.lerp_kernel(F32, BF16, False, False), K.copy_kernel(F32, BF16, False)
+lerp[4, 128](n, *tables, (np.float32(0.25),), flag, np.uint32(0))
+out = shadow.copy_to_host().tolist()
+copy[4, 128](n, *tables, 0, 1, flag)                   # the sources <- the shadow row
+cuda.synchronize()
+seconds = time.perf_counter() - start
+stats = {name: k.stats for name, k in (("lerp", lerp), ("copy", copy))}
+print(json.dumps({"out": out, "back": src.copy_to_host().tolist(), "seconds": seconds,
+                  "hits": {k: sum(s.cache_hits.values()) for k, s in stats.items()},
+                  "misses": {k: sum(s.cache_misses.values()) for k, s in stats.items()}}))
+"""
+
+
+def _run(env):
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_cuda_kernels_from_the_cache(tmp_path):
+    env = dict(os.environ, FASTEMA_CUDA_CACHE="1", NUMBA_CACHE_DIR=str(tmp_path))
+    first, second = _run(env), _run(env)
+    assert first["misses"] == {"lerp": 1, "copy": 1} and first["hits"] == {"lerp": 0, "copy": 0}
+    assert second["hits"] == {"lerp": 1, "copy": 1} and second["misses"] == {"lerp": 0, "copy": 0}
+    assert second["out"] == first["out"] and second["back"] == first["back"]
+    print(f"first process {first['seconds']:.2f} s, second {second['seconds']:.2f} s")
+    assert any(f.endswith(".nbi") for _, _, fs in os.walk(tmp_path) for f in fs)
