@@ -7,7 +7,6 @@ chunk, so any grid and block size is correct. Launch on the caller's stream:
 of the launching context. Imported only when a CUDA buffer arrives.
 """
 import functools
-import os
 
 from numba import cuda
 
@@ -21,15 +20,16 @@ from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, PLAN_KEYS_MAX, S_NORMS, wide
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
 _DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kinds)
 """The modules every CUDA kernel's code depends on besides its own file (the cache's stamp)."""
-CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "0") == "1" and not SIMULATOR
-"""Kernels cached on disk (:func:`._cache.cached_cuda`): off unless FASTEMA_CUDA_CACHE=1 until it has
-run on a GPU (issue #23 item 4)."""
+CACHE = False
+"""Kernels built from now on are cached on disk (:func:`._cache.cached_cuda`): set by
+``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1 (off by default until it has run on a GPU,
+issue #23 item 4)."""
 
 
 def _jit(fn):
-    """A kernel's dispatcher, with the disk cache when :data:`CACHE`."""
+    """A kernel's dispatcher, with the disk cache when :data:`CACHE` (never in the simulator)."""
     kernel = cuda.jit(fn)
-    return cached_cuda(kernel, _DEPENDENCIES) if CACHE else kernel
+    return cached_cuda(kernel, _DEPENDENCIES) if CACHE and not SIMULATOR else kernel
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
 
 

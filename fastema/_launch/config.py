@@ -1,5 +1,6 @@
 """Launch tunables, all host side: the launchers read them at every call and pass them to
 the kernels as arguments (numba freezes globals at compile time), so tests can shrink them."""
+import os
 
 CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
 CPU_SERIAL_BELOW = 1 << 15   # total elements below which the serial kernel runs (thread start-up costs more)
@@ -10,3 +11,4 @@ CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced JAX/TensorFlow sources held for fastema's queued launches
+CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "0") == "1"   # CUDA kernels cached on disk (read at import)

@@ -13,6 +13,7 @@ nothing back from the package: its tunables come from :mod:`.config`.
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy as np
 from numba import cuda
@@ -20,6 +21,8 @@ from numba import cuda
 from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR
 from . import config
+
+K.CACHE = config.CUDA_CACHE             # before any kernel is built (FASTEMA_CUDA_CACHE=1)
 
 
 def _index(device: str) -> int:
@@ -219,7 +222,7 @@ class _Bound:
     """A kernel launch bound once (see the section comment above): the overload the dispatcher
     launched first, and each argument marshalled by numba once per object."""
 
-    __slots__ = ("device", "index", "kernel", "func", "types", "marshalled")
+    __slots__ = ("device", "index", "kernel", "func", "types", "marshalled", "last")
 
     def __init__(self, device: str):
         self.device, self.index = device, _index(device)
@@ -227,13 +230,18 @@ class _Bound:
         self.func = None
         self.types: tuple = ()
         self.marshalled: list = []                        # per argument: (the object, its kernel arguments)
+        self.last: tuple = ((), [])                       # the last call's arguments and their kernel arguments
 
     def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
         """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: through the kept
         overload where every argument fits it, else through the dispatcher (``dispatcher(args)``
         gives it), keeping the overload it launched."""
         if self.kernel is not None:
-            kernelargs = self._marshal(args)
+            last, kernelargs = self.last
+            if len(args) != len(last) or not all(map(operator.is_, args, last)):   # the same objects: as last time
+                kernelargs = self._marshal(args)
+                if kernelargs is not None:
+                    self.last = (args, kernelargs)
             if kernelargs is not None:
                 with cuda.gpus[self.index]:
                     _core_launch(_core_stream(raw), _core_config(blocks, config.CUDA_THREADS), self.func,

@@ -22,6 +22,7 @@ import json, time
 import numpy as np
 from numba import cuda
 from fastema import _launch
+from fastema._launch import cuda as _          # reads FASTEMA_CUDA_CACHE
 from fastema.kernels import cuda as K
 from fastema.kernels.kinds import BF16, F32
 from fastema.kernels.layout import chunk_table, segment_offsets

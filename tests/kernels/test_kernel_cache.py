@@ -188,3 +188,20 @@ def test_a_cached_cuda_kernel_is_keyed_by_its_variant_and_gpu(tmp_path, monkeypa
     assert ka != kb and ka[1] == ("12.8", (9, 0)) and ka[2][1] == _cache.describe(K.lerp_kernel(F32, BF16, False, True))
     assert a._impl.filename_base != b._impl.filename_base
     assert a._cache_file._source_stamp[1] == _cache.sources_digest(K._DEPENDENCIES)
+
+
+def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):
+    """FASTEMA_CUDA_CACHE=1, read when fastema's CUDA launchers load, gives the kernels built from then
+    on the keyed disk cache; without it they have none (numba-cuda's default)."""
+    pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the simulator has no kernel cache")
+    child = ("from fastema._launch import cuda as _; from fastema.kernels import cuda as K; "
+             "from fastema.kernels.kinds import F32; print(type(K.lerp_kernel(F32, F32, False)._cache).__name__)")
+    names = []
+    for value in ("1", "0"):
+        env = dict(os.environ, FASTEMA_CUDA_CACHE=value, NUMBA_CACHE_DIR=str(tmp_path))
+        done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        names.append(done.stdout.strip().splitlines()[-1])
+    assert names == ["CUDAVariantCache", "NullCache"]
