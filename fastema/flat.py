@@ -173,7 +173,7 @@ class FlatShadow(ShadowBase):
             else:
                 assert weights_by_device is not None            # the caller gives weights or a plan
                 weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            if flag is not None and not _backends.made_here(flag):                # a flag fastema did not make:
+            if carrier is None and flag is not None and not _backends.made_here(flag):   # a flag fastema did not make:
                 _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
                                stochastic=stochastic)                           # viewed afresh at every call
                 continue

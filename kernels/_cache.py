@@ -24,6 +24,7 @@ This package imports only NumPy, Numba, llvmlite and a few standard modules, so 
 digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
 """
 import functools
+from types import ModuleType
 
 import numpy as np
 from numba.core.dispatcher import Dispatcher
@@ -68,11 +69,28 @@ def describe(value) -> str:
         options = sorted((k, repr(v)) for k, v in value.targetoptions.items())
         return f"jit:{describe_function(value.py_func)}{options}"
     if isinstance(value, _Intrinsic) or _is_cuda(value, "_Intrinsic"):
-        return f"intrinsic:{value._name}"
+        return f"intrinsic:{value._name}:{_describe_intrinsic(value._defn)}"
     if isinstance(value, Type):                                              # a numba type (CUDA local arrays)
         return f"type:{value}"
     raise TypeError(f"cannot key a cached kernel on a captured {type(value).__name__} ({value!r}); capture "
                     "constants, compiled functions or intrinsics only, or pass it as an argument")
+
+
+def _describe_intrinsic(fn) -> str:
+    """An intrinsic's typing function and what it captures (the pointer's element type, a vector's
+    lanes...), so intrinsics of one name built for different types differ: modules by name,
+    types and constants by value, and anything else by its type's name."""
+    parts = []
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        value = cell.cell_contents
+        if isinstance(value, ModuleType):
+            parts.append(f"{name}=module:{value.__name__}")
+            continue
+        try:
+            parts.append(f"{name}={describe(value)}")
+        except TypeError:
+            parts.append(f"{name}={type(value).__name__}:{value}")
+    return f"{fn.__module__}.{fn.__qualname__}({', '.join(parts)})"
 
 
 def _is_cuda(value, name: str) -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ..kernels.kinds import F64, wide
+from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config
 from . import cpu as _cpu_target
@@ -138,6 +138,10 @@ def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) 
     (``tables.chunks > 0``): an empty group launches nothing, so it cannot carry the plan."""
     if group.tables.chunks == 0:
         raise ValueError("an empty group cannot carry the plan step")
+    keys, rows = plan["keys"].size, plan["decays"].size
+    if keys > PLAN_KEYS_MAX or rows > MAX_ROWS:
+        raise ValueError(f"a plan step carried by a lerp launch takes at most {PLAN_KEYS_MAX} groups and "
+                         f"{MAX_ROWS} rows (its per-block copy), got {keys} and {rows}")
     target = _cuda() if is_cuda(group.device) else _cpu_target
     return target.plan_lerp_launch(group, plan, gi, stochastic)
 

@@ -270,6 +270,7 @@ class _Bound:
         self.kernel, self.func = kernel, kernel._codelibrary.get_cufunc().kernel
         self.types = tuple(kernel.argument_types)
         self.marshalled = [(None, None)] * len(args)
+        self.last = ((), [])                              # another kernel: the last call's arguments are not its
         self._marshal(args)
 
     def _marshal(self, args) -> list | None:

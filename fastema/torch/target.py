@@ -304,7 +304,7 @@ class TargetNetwork:
         self._weights: tuple = (None, None)             # (the plan's weights, the kernels' tuple) of the last update
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
-        self._lerps: tuple = (None, [])                 # (the groups, their prepared lerp launches)
+        self._lerps: tuple = (None, None, None, [])     # (the groups, flags, carried, their bound launches)
         self._copies: tuple = (None, None, [])          # (the copied groups, the flags, their bound copy launches)
         self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
         self._ops = self._op_lists()
@@ -466,13 +466,13 @@ class TargetNetwork:
                 _launch.launch("nonfinite", g, flag=flags[g.device])   # type: ignore[index]
         stochastic = self.rounding == "stochastic"
         lerps = self._lerps
-        if lerps[0] is not averaged:                     # new groups: their launches bound once
-            lerps = self._lerps = (averaged, [self._bind(gi, g, flags, stochastic, carried)
-                                              for gi, g in enumerate(averaged)])
+        if lerps[0] is not averaged or lerps[1] is not flags or lerps[2] is not carried:   # bound once per groups,
+            lerps = self._lerps = (averaged, flags, carried, [self._bind(gi, g, flags, stochastic, carried)
+                                                              for gi, g in enumerate(averaged)])  # flags, carrying
         if plan is not None:
             given = -1 if step is None else step
             carriers = plan.carriers if carried else {}
-            for gi, (g, run) in enumerate(zip(averaged, lerps[1])):
+            for gi, (g, run) in enumerate(zip(averaged, lerps[3])):
                 if carriers.get(g.device) == gi:
                     run(given)
                 else:
@@ -482,10 +482,10 @@ class TargetNetwork:
                 self._weights = (pending.weights, resolve_weights(None, pending.weights, 1, "cpu"))
             w = self._weights[1]
             if stochastic:
-                for gi, run in enumerate(lerps[1]):
+                for gi, run in enumerate(lerps[3]):
                     run(w, sr_key(self.seed + (gi << 32), pending.n))
             else:
-                for run in lerps[1]:
+                for run in lerps[3]:
                     run(w)
         if copied or ints[0]:
             self._carry(copied, ints, flags, plan.flags if plan is not None else self._flags)
@@ -500,10 +500,10 @@ class TargetNetwork:
         return _launch.lerp_launcher(g, flag=None if flags is None else flags[g.device], stochastic=stochastic)
 
     def _carry(self, copied: list, ints: tuple, flags: dict | None, tensors: dict) -> None:
-        """The copied buffers: floating ones by the copy kernel, integer ones by torch (behind the
-        flags, on the device, when given)."""
+        """The copied buffers: floating ones by the copy kernel (bound once per groups and flags),
+        integer ones by torch (behind the flags, on the device, when given)."""
         bound = self._copies
-        if bound[0] is not copied or bound[1] is not flags:         # new groups or flags: bound once
+        if bound[0] is not copied or bound[1] is not flags:
             bound = self._copies = (copied, flags, [_launch.copy_launcher(
                 g, to_shadow=True, row_lo=0, row_hi=1, flag=None if flags is None else flags.get(g.device))
                 for g in copied])
@@ -547,7 +547,10 @@ class TargetNetwork:
         """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,
         TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced."""
         averaged, copied, ints = self._groups()
-        self._carry(averaged + copied, ints, None, {})
+        for g in averaged + copied:                      # rare: not bound (the per-step copies stay bound)
+            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1)
+        if ints[0]:
+            _model.copy_unless_flagged_(ints[0], ints[1], None)
 
     # ------------------------------------------------------------ checkpoints
 

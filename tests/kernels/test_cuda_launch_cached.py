@@ -144,6 +144,22 @@ def test_an_argument_of_another_type_goes_through_the_dispatcher_again(fake):
     assert _values(fake.log[-1][4])[-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
 
 
+def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fake):
+    """Device weights, then host weights (another overload kept), then the same device weights again:
+    the last call must not reuse the first overload's argument block with the second overload (the
+    last-call memo is dropped when the kept kernel changes): it goes through the dispatcher."""
+    weights = FakeDeviceArray(0x7000, 1, np.float32)
+    run = _launch.lerp_launcher(fake.group)
+    run(weights)
+    run(weights)
+    run((0.1,))
+    run(weights)
+    assert [e[0] for e in fake.log] == ["dispatcher", "launch", "dispatcher", "dispatcher"]
+    run(weights)
+    assert fake.log[-1][0] == "launch"
+    assert _values(fake.log[-1][4])[-15:-10] == [0, 0, 1, 4, 0x7000]
+
+
 def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
     """``plan_lerp_launcher`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
     the group index bound once, the step ``given`` the only argument that changes; numba's own argument

@@ -1,5 +1,6 @@
 """The CPU kernels are compiled once per machine: a second process loads them from numba's on-disk
 cache (fastema.kernels._cache) instead of compiling them again, and runs them bit for bit alike."""
+import importlib.util as importlib_util
 import json
 import os
 import re
@@ -133,6 +134,7 @@ def test_no_writable_cache_location_compiles_per_process_and_warns(monkeypatch):
 # The CUDA kernels' descriptions, keys of their disk cache (issue #23 item 4; the cache itself runs on a
 # GPU only: tests/kernels/test_cuda_cache.py). Built, not compiled: no GPU needed.
 CUDA_CHILD = r"""
+import importlib.util as importlib_util
 import json
 from fastema.kernels import _cache, cuda as K
 from fastema.kernels.kinds import BF16, F16, F32, F64, PACK
@@ -205,3 +207,17 @@ def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         names.append(done.stdout.strip().splitlines()[-1])
     assert names == ["CUDAVariantCache", "NullCache"]
+
+
+def test_intrinsics_of_one_name_for_different_types_are_described_apart():
+    """The pointer and vector intrinsics are built per element type under one name (``typed_pointer``,
+    ``load4``): a kernel capturing only one of them must not share another's cache key."""
+    from fastema.kernels._cpu_hw import HW as CPU_HW
+
+    described = [_cache.describe(CPU_HW[k]) for k in ("u32_pointer", "u16_pointer", "f64_pointer")]
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and importlib_util.find_spec("numba.cuda") is not None:
+        from fastema.kernels._cuda_hw import HW, VECTORS
+
+        described += [_cache.describe(HW[k]) for k in ("u32_pointer", "u16_pointer", "f64_pointer")]
+        described += [_cache.describe(VECTORS[k]) for k in ("load4_u32", "load4_u16")]
+    assert len(set(described)) == len(described), described

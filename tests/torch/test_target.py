@@ -111,7 +111,7 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
     from fastema._launch import cpu as C
 
-    run = dev._lerps[1][0]                                    # the plan step rode in the lerp launch
+    run = dev._lerps[3][0]                                    # the plan step rode in the lerp launch
     assert isinstance(run, C.BoundLaunch) and run._kernel_of(False).py_func.__qualname__.startswith("plan_lerp")
 
 
@@ -490,3 +490,29 @@ def test_update_inside_a_compiled_learner_step_is_the_lerp_of_each_step():
     with pytest.raises(ValueError, match="step must be an int"):
         torch.compile(lambda: tn.update(step=torch.tensor(3)))()
     assert tn.updates == 6                                                   # refused: nothing counted
+
+
+def test_turning_the_guard_on_after_updates_rebinds_the_launches():
+    """The bound launches depend on the guard (with ``skip_nonfinite`` the plan step cannot ride in
+    the lerp launch): switching it on between updates rebinds them, and the device-planned target
+    still equals the host-planned one, a diverged step skipped by both."""
+    a_on, a_tg = pair()
+    b_on, b_tg = pair()
+    kw = dict(momentum=0.9, warmup="power", update_every=2)
+    host, dev = TargetNetwork(a_on, a_tg, **kw), TargetNetwork(b_on, b_tg, device_step=True, **kw)
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for step in range(8):
+        if step == 3:
+            host.skip_nonfinite = dev.skip_nonfinite = True
+        perturb(a_on, gen_a)
+        perturb(b_on, gen_b)
+        if step == 6:
+            with torch.no_grad():
+                next(a_on.parameters()).view(-1)[0] = float("inf")
+                next(b_on.parameters()).view(-1)[0] = float("inf")
+        host.update()
+        dev.update()
+    for a, b in zip(a_tg.state_dict().values(), b_tg.state_dict().values()):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all()
+    assert dev.state_dict()["plan"] == host.state_dict()["plan"]
