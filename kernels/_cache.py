@@ -123,6 +123,34 @@ def _checked(index_file_class):
     return CheckedFile
 
 
+def _keyed(cache_class, index_file_class, name: str):
+    """``cache_class`` (numba's ``FunctionCache`` or numba-cuda's ``CUDACache``) keyed by the variant's
+    :func:`describe_function` instead of pickled cells, its index stamped with the sources of the
+    kernels' other modules too, each entry checked against its key (:func:`_checked`)."""
+    CheckedFile = _checked(index_file_class)
+
+    def __init__(self, py_func, variant: str, dependencies: tuple = DEPENDENCIES):
+        cache_class.__init__(self, py_func)
+        self._variant = variant
+        stamp = (self._impl.locator.get_source_stamp(), sources_digest(dependencies))
+        self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
+                                       source_stamp=stamp)
+
+    def _index_key(self, sig, codegen):
+        key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
+        launch_config = getattr(self, "_launch_config_key", None)    # numba-cuda: launch-config-sensitive kernels
+        return key if launch_config is None else key + (("launch_config", launch_config),)
+
+    return type(name, (cache_class,), {"__init__": __init__, "_index_key": _index_key, "__doc__": _keyed.__doc__})
+
+
+def _internals_known(cache_class, base) -> bool:
+    """Whether ``cache_class`` (and ``base``, where its ``__init__`` lives) have the internals
+    :func:`_keyed` replaces."""
+    needed = {"_cache_file", "_impl", "_cache_path", "filename_base", "get_source_stamp"}
+    return hasattr(cache_class, "_index_key") and needed <= set(base.__init__.__code__.co_names)
+
+
 @functools.cache
 def _cache_class():
     """The cache class, built on numba's internals at first use; None where they moved."""
@@ -130,26 +158,9 @@ def _cache_class():
         from numba.core.caching import FunctionCache, IndexDataCacheFile
     except ImportError:
         return None
-    needed = {"_cache_file", "_impl", "_cache_path", "filename_base", "get_source_stamp"}
-    if not hasattr(FunctionCache, "_index_key") or not needed <= set(FunctionCache.__init__.__code__.co_names):
+    if not _internals_known(FunctionCache, FunctionCache):
         return None
-
-    CheckedFile = _checked(IndexDataCacheFile)
-
-    class VariantCache(FunctionCache):
-        """numba's function cache, keyed by :func:`describe_function` instead of pickled cells."""
-
-        def __init__(self, py_func, variant: str):
-            super().__init__(py_func)
-            self._variant = variant
-            stamp = (self._impl.locator.get_source_stamp(), sources_digest())
-            self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
-                                           source_stamp=stamp)
-
-        def _index_key(self, sig, codegen):
-            return sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant)
-
-    return VariantCache
+    return _keyed(FunctionCache, IndexDataCacheFile, "VariantCache")
 
 
 SHARED = _cache_class() is not None
@@ -178,14 +189,20 @@ def cached(dispatcher: Dispatcher) -> Dispatcher:
         if cls is None or not hasattr(dispatcher, "_cache"):
             dispatcher.enable_caching()
         else:
-            variant = describe(dispatcher)              # its own options (parallel) included
-            fn = dispatcher.py_func
-            fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
-            dispatcher._cache = cls(fn, variant)
+            _attach(dispatcher, cls)
     except RuntimeError as e:                           # no locator: nowhere to write; compile per process
         if not NOT_CACHED:
             NOT_CACHED.append(str(e))
     return dispatcher
+
+
+def _attach(dispatcher, cls, *dependencies: tuple) -> None:
+    """Give ``dispatcher`` a ``cls`` cache keyed by its description (its own options included), its
+    function's qualname suffixed by the description's digest (see :func:`cached`)."""
+    variant = describe(dispatcher)
+    fn = dispatcher.py_func
+    fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
+    dispatcher._cache = cls(fn, variant, *dependencies)
 
 
 # ---------------------------------------------------------------- CUDA kernels (issue #23 item 4)
@@ -206,29 +223,9 @@ def _cuda_cache_class():
         from numba.cuda.dispatcher import CUDACache
     except ImportError:
         return None
-    needed = {"_cache_file", "_impl", "_cache_path", "filename_base", "get_source_stamp"}
-    if not hasattr(CUDACache, "_index_key") or not hasattr(CUDACache, "set_launch_config_key") \
-            or not needed <= set(Cache.__init__.__code__.co_names):
+    if not _internals_known(CUDACache, Cache) or not hasattr(CUDACache, "set_launch_config_key"):
         return None
-    CheckedFile = _checked(IndexDataCacheFile)
-
-    class CUDAVariantCache(CUDACache):
-        """numba-cuda's kernel cache, keyed by :func:`describe_function` instead of pickled cells."""
-
-        def __init__(self, py_func, variant: str, dependencies: tuple):
-            super().__init__(py_func)
-            self._variant = variant
-            stamp = (self._impl.locator.get_source_stamp(), sources_digest(dependencies))
-            self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
-                                           source_stamp=stamp)
-
-        def _index_key(self, sig, codegen):
-            key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
-            if self._launch_config_key is not None:
-                key += (("launch_config", self._launch_config_key),)
-            return key
-
-    return CUDAVariantCache
+    return _keyed(CUDACache, IndexDataCacheFile, "CUDAVariantCache")
 
 
 def cached_cuda(dispatcher, dependencies: tuple):
@@ -240,10 +237,7 @@ def cached_cuda(dispatcher, dependencies: tuple):
     if cls is None:
         return dispatcher
     try:
-        variant = describe(dispatcher)
-        fn = dispatcher.py_func
-        fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
-        dispatcher._cache = cls(fn, variant, dependencies)
+        _attach(dispatcher, cls, dependencies)
     except RuntimeError as e:
         if not NOT_CACHED:
             NOT_CACHED.append(str(e))
