@@ -6,7 +6,6 @@ would time mostly skipped calls) and no snapshot inside the timing. bytes = 4 B 
 read plus 2 x 8 B of shadow read and written per element (20 B: one pass over the weights
 for both profiles). Quick mode (CI) scales every dimension by 1/4.
 """
-import tempfile
 
 import pytest
 import torch
@@ -23,11 +22,11 @@ def shapes():
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema PostHocEMA", "ema-pytorch PostHocEMA", "fastema compat.PostHocEMA"])
-def test_posthoc_update_two_profiles(run, benchmark, device, impl):
+def test_posthoc_update_two_profiles(run, benchmark, device, impl, tmp_path):
     benchmark.group = f"PostHocEMA.update, K=2 profiles, GPT-2-small shapes, float32 ({device})"
     model = Params(shapes(), torch.float32, device)
     n = sum(p.numel() for p in model.parameters())
-    folder = tempfile.mkdtemp(prefix="fastema-bench-posthoc-")
+    folder = str(tmp_path)
     if impl == "fastema PostHocEMA":
         from fastema.torch import PostHocEMA
 

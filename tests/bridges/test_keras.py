@@ -418,7 +418,8 @@ import keras, numpy as np
 import fastema.keras as fk
 from fastema.keras import WeightEMA
 from models import keras_data, keras_model
-d = tempfile.mkdtemp()
+_tmp = tempfile.TemporaryDirectory()      # removed when the script ends
+d = _tmp.name
 x, y = keras_data(64)
 out = {}
 
