@@ -52,11 +52,11 @@ class EMAModel:
         self.shadow_params = [p.clone().detach() for p in parameters]
         if kwargs.get("device") is not None:
             self.to(device=kwargs["device"])
-        self.temp_stored_params = None
+        self.temp_stored_params: list[torch.Tensor] | None = None
         self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
         self.use_ema_warmup, self.inv_gamma, self.power = use_ema_warmup, inv_gamma, power
         self.optimization_step = 0
-        self.cur_decay_value = None
+        self.cur_decay_value: float | None = None
         self.foreach = foreach
         self.model_cls, self.model_config = model_cls, model_config
 
@@ -149,7 +149,8 @@ class EMAModel:
                 "power")}
         if not 0.0 <= new["decay"] <= 1.0:
             raise ValueError("Decay must be between 0 and 1")
-        checks = {"min_decay": float, "optimization_step": int, "update_after_step": int, "use_ema_warmup": bool,
+        checks: dict[str, type | tuple[type, ...]] = {
+            "min_decay": float, "optimization_step": int, "update_after_step": int, "use_ema_warmup": bool,
                   "inv_gamma": (float, int), "power": (float, int)}
         for key, kind in checks.items():
             if not isinstance(new[key], kind):

@@ -67,8 +67,11 @@ class _Counters(nn.Module):
     def _init_counters(self) -> None:
         self.register_buffer("initted", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0))
-        self._host = None                        # (step, initted) as Python values: no .item() per update
-        self._seen = None                        # the buffers (and version counters) _host was read from
+        self._host: list | None = None           # [step, initted] as Python values: no .item() per update
+        self._seen: tuple | None = None          # the buffers (and version counters) _host was read from
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        return typing.cast(torch.Tensor, self._buffers[name])
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -78,7 +81,7 @@ class _Counters(nn.Module):
         """Which ``step`` / ``initted`` tensors the module holds and their version counters: host
         integers that every in-place write bumps (``ema.step.zero_()``, ``initted.fill_(False)``,
         a load), so a change is seen without reading the device."""
-        step, initted = self._buffers["step"], self._buffers["initted"]
+        step, initted = self._buffer("step"), self._buffer("initted")
         try:
             return step, initted, step._version, initted._version
         except RuntimeError:                     # inference tensors keep no version: read every time
@@ -90,7 +93,7 @@ class _Counters(nn.Module):
         seen = self._buffers_now()
         if self._host is None or seen is None or self._seen is None or seen[2:] != self._seen[2:] or \
                 seen[0] is not self._seen[0] or seen[1] is not self._seen[1]:
-            self._host = [int(self.step), bool(self.initted)]
+            self._host = [int(self._buffer("step")), bool(self._buffer("initted"))]
             self._seen = seen
         return self._host
 
@@ -104,13 +107,13 @@ class _Counters(nn.Module):
         host = self._counters()
         before = host[0]
         host[0] += 1
-        self.step.add_(1)
+        self._buffer("step").add_(1)
         self._wrote()
         return before
 
     def _mark_initted(self) -> None:
         self._counters()[1] = True
-        self.initted.fill_(True)
+        self._buffer("initted").fill_(True)
         self._wrote()
 
 
@@ -129,6 +132,14 @@ class _EmaPytorchBase(_Counters):
     """What ema-pytorch's ``EMA`` and ``KarrasEMA`` share: the averaged copy ``ema_model``, the
     name filters, the ``initted`` / ``step`` buffers, copies both ways, and the update of one
     module towards another (one fastema launch per group instead of a per-tensor loop)."""
+
+    ema_model: nn.Module | None
+
+    def _made(self) -> nn.Module:
+        """The averaged copy, or a clear error while a lazy one (``lazy_init_ema=True``) is not made yet."""
+        if self.ema_model is None:
+            raise RuntimeError("the EMA copy is not made yet (lazy_init_ema=True): call update() once first")
+        return self.ema_model
 
     def _setup(self, model, ema_model, param_or_buffer_names_no_ema, ignore_names, ignore_startswith_names,
                allow_different_devices, move_ema_to_online_device, coerce_dtype=False):
@@ -165,10 +176,10 @@ class _EmaPytorchBase(_Counters):
                              if torch.is_floating_point(b) or torch.is_complex(b)}
 
     def eval(self):
-        return self.ema_model.eval()
+        return self._made().eval()
 
     def restore_ema_model_device(self):
-        self.ema_model.to(self.initted.device)
+        self._made().to(self.initted.device)
 
     def get_params_iter(self, model):
         for name, param in model.named_parameters():
@@ -192,13 +203,13 @@ class _EmaPytorchBase(_Counters):
             d.data.copy_(s.data if d.device == s.device else s.data.to(d.device))
 
     def copy_params_from_model_to_ema(self):
-        self._copy_all(self.ema_model, self.model)
+        self._copy_all(self._made(), self.model)
 
     def copy_params_from_ema_to_model(self):
-        self._copy_all(self.model, self.ema_model)
+        self._copy_all(self.model, self._made())
 
     def iter_all_ema_params_and_buffers(self):
-        for name, t in self._tensors(self.ema_model):
+        for name, t in self._tensors(self._made()):
             if not self._skipped(name) and name not in self.param_or_buffer_names_no_ema:
                 yield t
 
@@ -225,7 +236,7 @@ class _EmaPytorchBase(_Counters):
         lerp_pairs(lerp_t, lerp_s, 1.0 - decay)
 
     def __call__(self, *args, **kwargs):
-        return self.ema_model(*args, **kwargs)
+        return self._made()(*args, **kwargs)
 
 
 class EMA(_EmaPytorchBase):
@@ -262,6 +273,7 @@ class EMA(_EmaPytorchBase):
         self.beta = beta
         self.is_frozen = beta == 1.0
         self.include_online_model = include_online_model
+        self.online_model: typing.Any            # ema-pytorch's: the module itself, or hidden in a list
         if include_online_model:
             self.online_model = model
         else:
@@ -295,9 +307,10 @@ class EMA(_EmaPytorchBase):
 
     @torch.no_grad()
     def forward_eval(self, *args, **kwargs):
-        training = self.ema_model.training
-        out = self.ema_model(*args, **kwargs)
-        self.ema_model.train(training)
+        ema_model = self._made()
+        training = ema_model.training
+        out = ema_model(*args, **kwargs)
+        ema_model.train(training)
         return out
 
     def get_current_decay(self) -> float:
@@ -326,7 +339,7 @@ class EMA(_EmaPytorchBase):
         decay = self.update_model_with_ema_beta if decay is None else decay
         if decay == 0.0:
             return self.copy_params_from_ema_to_model()
-        self.update_moving_average(self.model, self.ema_model, decay)
+        self.update_moving_average(self.model, self._made(), decay)
 
     def update_moving_average(self, ma_model, current_model, current_decay: float | None = None):
         if self.is_frozen:
@@ -355,8 +368,7 @@ class KarrasEMA(_EmaPytorchBase):
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("give exactly one of sigma_rel= and gamma= (gamma is derived from sigma_rel as in "
                              "EDM2, then beta from gamma)")
-        if sigma_rel is not None:
-            gamma = S.sigma_rel_to_gamma(sigma_rel)
+        gamma = S.sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else typing.cast(float, gamma)
         S.gamma_to_sigma_rel(gamma)
         S._check_count("update_every", update_every, 1)
         self.gamma = gamma
@@ -411,8 +423,8 @@ class PostHocEMA(nn.Module):
         super().__init__()
         if (sigma_rels is None) == (gammas is None):
             raise ValueError("give exactly one of sigma_rels= and gammas=")
-        if sigma_rels is not None:
-            gammas = tuple(S.sigma_rel_to_gamma(s) for s in sigma_rels)
+        gammas = tuple(S.sigma_rel_to_gamma(s) for s in sigma_rels) if sigma_rels is not None else \
+            tuple(typing.cast(tuple, gammas))
         if len(gammas) < 2:
             raise ValueError("at least 2 profiles with different gammas are needed to synthesise others")
         if len(set(gammas)) != len(gammas):
@@ -623,7 +635,7 @@ class EMAPytree(_Counters):
         """The averaged tree, ``ema_pytree`` (ema-pytorch's name for it on every class)."""
         return self.ema_pytree
 
-    def _pairs(self, ma_tree, current_tree, what: str = "pytree") -> tuple:
+    def _pairs(self, ma_tree, current_tree, what: str = "pytree") -> tuple[tuple, tuple]:
         """``(average, copy)``: ``(targets, sources, groups)`` of the floating tensor leaves of two
         trees of the recorded structure (``groups``: the launch groups of an earlier update over
         the same memory in the same layout, else None) and ``(targets, sources)`` of the other
@@ -743,7 +755,7 @@ class EMAPytree(_Counters):
         """``nn.Module.load_state_dict``, all or nothing: every key is checked (presence under
         ``strict``, tensors, shapes) before ``initted``, ``step`` or an averaged tensor is written.
         ``strict=False`` takes ema-pytorch's state dict (``initted`` and ``step`` only)."""
-        self._strict_load = strict
+        self._strict_load: bool | None = strict
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
@@ -832,13 +844,14 @@ def _parse_specs(model: nn.Module, ema_module_kwargs, default_kwarg: str) -> lis
             specs.append(_KwargSpec(receiver, value, default_kwarg) if is_path else
                          _KwargSpec(receiver, receiver, value))
         elif isinstance(value, (tuple, list)):
-            ema_path, kwarg_name, transform, *_ = (*value, None, None, None)
+            ema_path, kwarg_name, transform, *_ = (*tuple(value), None, None, None)
             specs.append(_KwargSpec(receiver, receiver if ema_path is None else ema_path,
                                     default_kwarg if kwarg_name is None else kwarg_name, transform))
         elif isinstance(value, dict):
-            specs.append(_KwargSpec(receiver, value.get("ema_module_path", value.get("ema_path", receiver)),
-                                    value.get("ema_kwarg", value.get("kwarg_name", default_kwarg)),
-                                    value.get("transform")))
+            given: typing.Any = value                  # any mapping of the keys below
+            specs.append(_KwargSpec(receiver, given.get("ema_module_path", given.get("ema_path", receiver)),
+                                    given.get("ema_kwarg", given.get("kwarg_name", default_kwarg)),
+                                    given.get("transform")))
         else:
             raise TypeError(f"ema_module_kwargs[{receiver!r}] is a {type(value).__name__}; give a module path or a "
                             f"keyword name (str), a tuple (ema_path, kwarg_name, transform) or a dict")
@@ -975,12 +988,11 @@ class EMAModuleWrapper(nn.Module):
             raise ValueError("ema_args / ema_kwargs are for the EMA copy's pass of a routed forward; drop them "
                              "with only_online=True or only_ema=True")
         if only_ema:
-            return self.ema_model(*args, **kwargs)
+            return self.ema._made()(*args, **kwargs)
         if only_online:
             self._captured_ema_outputs.clear()
             return self.model(*args, **kwargs)
-        if self.ema_model is None:
-            raise RuntimeError("the EMA copy is not made yet (lazy_init_ema=True): call update() once first")
+        ema_model = self.ema._made()
         self._captured_ema_outputs.clear()
         if auto_normalize_ema_args and ema_args is not None:
             if isinstance(ema_args, dict):                 # ema-pytorch's normalize_ema_args_kwargs
@@ -988,10 +1000,10 @@ class EMAModuleWrapper(nn.Module):
             elif not isinstance(ema_args, tuple):
                 ema_args = (ema_args,)
         with torch.no_grad():
-            training = self.ema_model.training
-            self.ema_model.eval()
-            self.ema_model(*(args if ema_args is None else ema_args), **(kwargs if ema_kwargs is None else ema_kwargs))
-            self.ema_model.train(training)
+            training = ema_model.training
+            ema_model.eval()
+            ema_model(*(args if ema_args is None else ema_args), **(kwargs if ema_kwargs is None else ema_kwargs))
+            ema_model.train(training)
         out = self.model(*args, **kwargs)
         self._captured_ema_outputs.clear()
         return out
@@ -1007,4 +1019,4 @@ class EMAModuleWrapper(nn.Module):
             return self.forward_online(*args, only_online=only_online, only_ema=only_ema, ema_args=ema_args,
                                        ema_kwargs=ema_kwargs, auto_normalize_ema_args=auto_normalize_ema_args,
                                        **kwargs)
-        return self.ema_model(*args, **kwargs)
+        return self.ema._made()(*args, **kwargs)

@@ -157,13 +157,14 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def restore(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
-        if self._stored is None:
+        stored = self.collected_params
+        if stored is None:
             raise RuntimeError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
         params = self._params(parameters)
         if isinstance(self._stored, FlatShadow) and all(a is b for a, b in zip(params, self._stored.sources)):
             self._stored.copy_to_sources()
         else:
-            for c, p in zip(self.collected_params, params):
+            for c, p in zip(stored, params):
                 p.data.copy_(c.data)
 
     @contextlib.contextmanager
@@ -194,8 +195,9 @@ class ExponentialMovingAverage:
             for new, o in zip(flat.views().values(), old):
                 new.copy_(o)
         self._flat = flat
-        if dtype is not None and self._stored is not None:
-            self._stored = [c.to(dtype=dtype) if c.is_floating_point() else c.clone() for c in self.collected_params]
+        stored = self.collected_params
+        if dtype is not None and stored is not None:
+            self._stored = [c.to(dtype=dtype) if c.is_floating_point() else c.clone() for c in stored]
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params,

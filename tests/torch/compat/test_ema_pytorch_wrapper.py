@@ -346,6 +346,18 @@ def test_module_wrapper_with_a_lazy_ema_hooks_its_routes_at_the_first_update():
     x = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match="call update\\(\\) once first"):
         lazy(x)
+    # every other way to the EMA copy says the same before it is made (was: 'NoneType' object is
+    # not callable / has no attribute)
+    calls = [lambda: lazy(x, only_ema=True), lambda: lazy.forward_eval(x), lazy.eval, lambda: lazy.ema(x),
+             lazy.ema.copy_params_from_ema_to_model, lazy.ema.update_model_with_ema,
+             lambda: list(lazy.ema.iter_all_ema_params_and_buffers())]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="not made yet.*call update\\(\\) once first"):
+            call()
+    lazy.model.eval()                            # not training: the forward is the EMA copy's
+    with pytest.raises(RuntimeError, match="not made yet"):
+        lazy(x)
+    lazy.model.train()
     eager.update(), lazy.update()
     assert torch.equal(lazy(x)[1], eager(x)[1]) and lazy(x)[1] > 0
 
