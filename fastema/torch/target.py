@@ -307,7 +307,20 @@ class TargetNetwork:
         self._lerps: tuple = (None, None, None, [])     # (the groups, flags, carried, their bound launches)
         self._copies: tuple = (None, None, [])          # (the copied groups, the flags, their bound copy launches)
         self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
+        if self._device_plan is not None:
+            self._warm()
         self._ops = self._op_lists()
+
+    def _warm(self) -> None:
+        """Compile and load every kernel ``update()`` launches now, not inside a first graph capture
+        (as :class:`fastema.torch.EMA` does): one update against a scratch device plan whose call is
+        skipped, so every kernel runs and none writes. The launches bound to the scratch plan are
+        dropped; the first update binds its own."""
+        scratch = DevicePlan(self.plan, self._sel.groups[0], self.seed)
+        scratch.skip_next()
+        self._launch_update(None, None, scratch, {d: _backends.kernel_view(f).reshape(-1)
+                                                  for d, f in scratch.flags.items()})
+        self._lerps, self._copies = (None, None, None, []), (None, None, [])
 
     # ------------------------------------------------------------ what it is
 
@@ -344,8 +357,12 @@ class TargetNetwork:
 
     @property
     def skipped(self) -> dict[str, torch.Tensor]:
-        """``device -> int32[1]`` flags of the last update with ``skip_nonfinite=True`` (1: skipped)."""
-        return dict(self._flags) if self.skip_nonfinite else {}
+        """``device -> int32[1]`` flags of the last update with ``skip_nonfinite=True`` (nonzero: that
+        call wrote nothing: an inf/NaN in the online network, or, with the plan on the device, a
+        call ``update_every`` skips). Read them when you need them: a read waits for the device."""
+        if not self.skip_nonfinite:
+            return {}
+        return dict(self._flags if self._device_plan is None else self._device_plan.flags)
 
     @property
     def nbytes(self) -> int:
@@ -451,12 +468,18 @@ class TargetNetwork:
             if not pending.due:
                 self.plan.done(pending)
                 return
+        self._launch_update(step, pending, plan, self._plan_flag_views)
+        self.plan.done(pending)
+
+    def _launch_update(self, step: int | None, pending, plan: DevicePlan | None, plan_flags: dict) -> None:
+        """The launches of one update: with ``plan`` (a device plan, ``plan_flags`` its flags' kernel
+        views), its step and the launches behind its flags; else ``pending``'s host weights."""
         averaged, copied, ints = self._groups()
         flags = None
         carried = plan is not None and not self.skip_nonfinite    # the plan step rides in the first lerp launch
         if plan is not None:
             plan.advance(step, carried=carried)                    # (a non-finite scan must run between them)
-            flags = self._plan_flag_views
+            flags = plan_flags
         elif self.skip_nonfinite:
             for f in self._flags.values():
                 f.zero_()                                # on the device, stream-ordered: no sync
@@ -467,7 +490,7 @@ class TargetNetwork:
         stochastic = self.rounding == "stochastic"
         lerps = self._lerps
         if lerps[0] is not averaged or lerps[1] is not flags or lerps[2] is not carried:   # bound once per groups,
-            lerps = self._lerps = (averaged, flags, carried, [self._bind(gi, g, flags, stochastic, carried)
+            lerps = self._lerps = (averaged, flags, carried, [self._bind(gi, g, flags, stochastic, carried, plan)
                                                               for gi, g in enumerate(averaged)])  # flags, carrying
         if plan is not None:
             given = -1 if step is None else step
@@ -489,12 +512,10 @@ class TargetNetwork:
                     run(w)
         if copied or ints[0]:
             self._carry(copied, ints, flags, plan.flags if plan is not None else self._flags)
-        self.plan.done(pending)
 
-    def _bind(self, gi: int, g, flags: dict | None, stochastic: bool, carried: bool):
+    def _bind(self, gi: int, g, flags: dict | None, stochastic: bool, carried: bool, plan: DevicePlan | None):
         """Group ``gi``'s launch, bound once: with ``carried``, the device plan's step and this lerp in one
         launch where the plan lists the group as its device's carrier; else the lerp behind the flags."""
-        plan = self._device_plan
         if carried and plan is not None and plan.carriers.get(g.device) == gi:
             return _launch.plan_lerp_launcher(g, plan.views(g.device), gi, stochastic=stochastic)
         return _launch.lerp_launcher(g, flag=None if flags is None else flags[g.device], stochastic=stochastic)

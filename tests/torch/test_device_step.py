@@ -373,3 +373,66 @@ def test_no_value_is_read_on_the_host_during_an_update(kw):
         for _ in range(3):
             ema.update()
     assert reads.ops == []
+
+
+# ------------------------------------------------ construction compiles what the first update launches
+
+WARM_CHILD = r"""
+import copy, json, sys
+import torch
+from numba.core import dispatcher
+from fastema.torch import EMA, TargetNetwork
+
+def pair():
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    online(torch.randn(16, 4))                            # running statistics and a counter that differ
+    return online, copy.deepcopy(online).requires_grad_(False)
+
+made = []
+for guarded in (False, True):
+    online, target = pair()
+    before = {k: v.clone() for k, v in online.state_dict().items()}
+    if sys.argv[1] == "target":
+        avg = TargetNetwork(online, target, tau=0.5, skip_nonfinite=guarded, device_step=True)
+    else:
+        avg = EMA(online, 0.5, skip_nonfinite=guarded, device_step=True)
+    if sys.argv[1] == "target":
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items()), "construction wrote"
+    else:                                                 # (the swap kernel is no update's: compiled here)
+        with avg.average_parameters():                    # the average: the weights it was made from
+            assert all(torch.equal(v, before[k]) for k, v in online.state_dict().items()), "construction wrote"
+    made.append((avg, online, target, before))
+
+def refuse(self, *args, **kwargs):                        # from here on, no kernel may be compiled or loaded
+    raise AssertionError(f"{self.py_func.__name__} compiled by the first update, not at construction")
+dispatcher._DispatcherBase._compile_for_args = refuse
+
+out = []
+for avg, online, target, before in made:
+    assert (avg.updates, avg.calls) == (0, 0)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    avg.update()
+    out.append(avg.updates)
+    if sys.argv[1] == "target":                           # tau 0.5 on every parameter
+        for (k, v), p in zip(target.named_parameters(), online.parameters()):
+            assert torch.equal(v, before[k].lerp(p.detach(), 0.5)), k
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["ema", "target"])
+def test_construction_compiles_every_kernel_the_first_update_launches(kind):
+    """With the plan on the device (the GPU default) the first update must not compile inside a
+    graph capture: construction runs one update against a scratch plan whose call is skipped,
+    so every kernel is compiled and nothing is written. In a fresh process (kernels are compiled
+    once per process), with numba's compile path refused after construction."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WARM_CHILD, kind], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 1]

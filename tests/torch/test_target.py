@@ -213,9 +213,10 @@ def test_buffers_copy_average_ignore():
         assert counters == ((0, 1) if buffers == "ignore" else (1, 1)), buffers
 
 
-def test_skip_nonfinite_keeps_the_target():
+@pytest.mark.parametrize("device_step", [False, True])      # True: the GPU default's device plan
+def test_skip_nonfinite_keeps_the_target(device_step):
     online, target = pair()
-    tn = TargetNetwork(online, target, tau=0.5, skip_nonfinite=True)
+    tn = TargetNetwork(online, target, tau=0.5, skip_nonfinite=True, device_step=device_step)
     before = copy.deepcopy(target.state_dict())
     with torch.no_grad():
         online[0].weight[0, 0] = float("nan")
