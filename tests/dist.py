@@ -1,12 +1,14 @@
 """Run a test body in ``world`` spawned processes on gloo (CPU), and collect what each rank saved.
 
 Spawn, never fork (numba's OpenMP layer is not fork-safe); a FileStore in the test's tmp_path
-(no port races); one thread per rank (two ranks on two cores); a barrier before teardown (a rank
-tearing gloo down while another still talks can abort). Each rank returns a dict of tensors,
-saved as ``rank{r}.pt``; the parent loads and asserts, so pytest shows the differences.
+(no port races); one thread per rank (two ranks on two cores); a collection and a barrier before
+teardown (a rank tearing gloo down while another still talks, or freeing FSDP2 modules after it, can
+abort). Each rank returns a dict of tensors, saved as ``rank{r}.pt``; the parent loads and
+asserts, so pytest shows the differences.
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 import traceback
@@ -25,6 +27,8 @@ def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        del result
+        gc.collect()            # FSDP2 state (reference cycles) freed before the group, not at exit
         dist.barrier()
     except Exception:
         print(f"[rank {rank}] " + traceback.format_exc(), flush=True)
