@@ -77,7 +77,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_former_crashes_are_refused_in_a_subprocess(case, tmp_path):
     body, match = CASES[case]
-    script = PRE.format(store=tmp_path / "store") + body + "\nimport gc; gc.collect()\ndist.barrier()\ndist.destroy_process_group()\n"
+    teardown = "\nimport gc; gc.collect()\ndist.barrier()\ndist.destroy_process_group()\n"
+    script = PRE.format(store=tmp_path / "store") + body + teardown
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, f"exit {r.returncode} (negative: killed by a signal)\n{r.stderr[-3000:]}"
     out = r.stdout
