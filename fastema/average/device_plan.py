@@ -19,6 +19,8 @@ up to date.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from .. import _backends, _launch
@@ -143,13 +145,16 @@ class _OnDevice:
 class DevicePlan:
     """The device side of ``plan`` for the groups of one shadow (see the module docstring)."""
 
-    def __init__(self, plan: Plan, groups: list, seed: int):
+    def __init__(self, plan: Plan, groups: list, seed: int, also: Sequence[tuple[str, str]] = ()):
+        """``also``: ``(framework, device)`` of launches that sit behind this plan's flags on devices
+        no group of ``groups`` is on (a target network's copied buffers): those devices get the plan
+        too, its kernel run there on its own, so each has a flag set at every call."""
         self.groups = groups
         self.devices: dict[str, _OnDevice] = {}
         parameters(plan, seed)                    # refuses what the device cannot run, before any allocation
-        for g in groups:
-            if g.device not in self.devices:
-                self.devices[g.device] = _OnDevice(g.framework, g.device, plan.rows, len(groups), _capacity(plan.rows))
+        for framework, device in [(g.framework, g.device) for g in groups] + list(also):
+            if device not in self.devices:
+                self.devices[device] = _OnDevice(framework, device, plan.rows, len(groups), _capacity(plan.rows))
         self.carriers: dict[str, int] = {}
         """``device -> gi``: the group whose lerp launch carries the device's plan step (the first group
         there with elements, which the update launches first); a device not listed runs the plan

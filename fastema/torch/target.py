@@ -300,7 +300,7 @@ class TargetNetwork:
         self._on_gpu = any(d != "cpu" for d in self._devices)
         if device_step is None:
             device_step = self._on_gpu
-        self._device_plan = DevicePlan(self.plan, averaged, seed) if device_step else None
+        self._device_plan = DevicePlan(self.plan, averaged, seed, also=self._behind_flags()) if device_step else None
         self._weights: tuple = (None, None)             # (the plan's weights, the kernels' tuple) of the last update
         self._plan_flag_views = {} if self._device_plan is None else {
             d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
@@ -311,12 +311,18 @@ class TargetNetwork:
             self._warm()
         self._ops = self._op_lists()
 
+    def _behind_flags(self) -> list[tuple[str, str]]:
+        """``(framework, device)`` of the copied buffers (floating and integer): the device plan's
+        flags must cover their devices too, where no averaged tensor may be."""
+        copied, (ints, _) = self._sel.groups[1], self._sel.groups[2]
+        return [(g.framework, g.device) for g in copied] + [("torch", _model._device_name(t)) for t in ints]
+
     def _warm(self) -> None:
         """Compile and load every kernel ``update()`` launches now, not inside a first graph capture
         (as :class:`fastema.torch.EMA` does): one update against a scratch device plan whose call is
         skipped, so every kernel runs and none writes. The launches bound to the scratch plan are
         dropped; the first update binds its own."""
-        scratch = DevicePlan(self.plan, self._sel.groups[0], self.seed)
+        scratch = DevicePlan(self.plan, self._sel.groups[0], self.seed, also=self._behind_flags())
         scratch.skip_next()
         self._launch_update(None, None, scratch, {d: _backends.kernel_view(f).reshape(-1)
                                                   for d, f in scratch.flags.items()})

@@ -539,6 +539,7 @@ out["count_refused"] = message(lambda: m3.load_weights(f"{d}/ck1.weights.h5"))
 out["count_untouched"] = same(fk._structural_state(a), sa) and same(fk._structural_state(b), sb)
 fit(m3, WeightEMA(0.9))
 out["next_fit_replaces"] = len(fk._saved_averages(m3).entries())
+_tmp.cleanup()
 print(json.dumps(out))
 """
 

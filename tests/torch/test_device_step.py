@@ -392,16 +392,22 @@ def pair():
 made = []
 for guarded in (False, True):
     online, target = pair()
-    before = {k: v.clone() for k, v in online.state_dict().items()}
+    with torch.no_grad():                                 # the online network moves away from the target
+        for p in online.parameters():
+            p.add_(0.25)
+    online(torch.randn(16, 4))                            # (its statistics and counter too)
     if sys.argv[1] == "target":
+        before = {k: v.clone() for k, v in target.state_dict().items()}
         avg = TargetNetwork(online, target, tau=0.5, skip_nonfinite=guarded, device_step=True)
-    else:
-        avg = EMA(online, 0.5, skip_nonfinite=guarded, device_step=True)
-    if sys.argv[1] == "target":
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items()), "construction wrote"
-    else:                                                 # (the swap kernel is no update's: compiled here)
+        plan = avg.state_dict()["plan"]                   # read back from the device
+    else:
+        before = {k: v.clone() for k, v in online.state_dict().items()}
+        avg = EMA(online, 0.5, skip_nonfinite=guarded, device_step=True)
         with avg.average_parameters():                    # the average: the weights it was made from
             assert all(torch.equal(v, before[k]) for k, v in online.state_dict().items()), "construction wrote"
+        plan = avg.state_dict()                           # (the swap kernel is no update's: compiled here)
+    assert (plan["calls"], plan["updates"]) == (0, 0), plan
     made.append((avg, online, target, before))
 
 def refuse(self, *args, **kwargs):                        # from here on, no kernel may be compiled or loaded

@@ -91,3 +91,32 @@ def test_learner_step_captured_with_the_target_update_inside():
             torch.testing.assert_close(t, b.lerp(p.detach(), tau), rtol=1e-6, atol=1e-7)
     state = tn.state_dict()                               # the device plan read back: 8 updates
     assert state["plan"]["updates"] == 8
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_buffers_on_a_device_with_no_averaged_tensor_sit_behind_the_device_plan(skip_nonfinite):
+    """The parameters on the GPU, a BatchNorm with no parameters (its buffers only) on the CPU: the
+    device plan has a flag on the CPU too, so construction writes nothing there (its warm-up
+    update is skipped; before, with ``skip_nonfinite`` it raised ``KeyError``), and the buffers are
+    copied on due calls only (``update_every=2``)."""
+    from fastema.torch import TargetNetwork
+
+    online = nn.Sequential(nn.Linear(4, 8).cuda(), nn.BatchNorm1d(8, affine=False))
+    target = copy.deepcopy(online).requires_grad_(False)
+    with torch.no_grad():
+        online[1].running_mean.add_(1.0)
+        online[1].num_batches_tracked.add_(3)
+    tn = TargetNetwork(online, target, tau=0.5, update_every=2, skip_nonfinite=skip_nonfinite)
+    assert tn.device_step and sorted(tn._device_plan.devices) == ["cpu", "cuda:0"]
+    torch.cuda.synchronize()
+    assert torch.equal(target[1].running_mean, torch.zeros(8)) and target[1].num_batches_tracked.item() == 0
+    tn.update()                                            # call 1: due, copies
+    torch.cuda.synchronize()
+    assert torch.equal(target[1].running_mean, online[1].running_mean)
+    assert target[1].num_batches_tracked.item() == 3
+    with torch.no_grad():
+        online[1].running_mean.add_(1.0)
+        online[1].num_batches_tracked.add_(1)
+    tn.update()                                            # call 2: skipped by update_every, on every device
+    torch.cuda.synchronize()
+    assert torch.equal(target[1].running_mean, torch.ones(8)) and target[1].num_batches_tracked.item() == 3

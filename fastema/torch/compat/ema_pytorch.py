@@ -320,7 +320,7 @@ class EMA(_EmaPytorchBase):
 
     def update(self):
         step = self._advance()
-        if not self._counters()[1]:
+        if not self._counters()[1] or self.ema_model is None:   # (a lazy EMA that loaded initted=True too)
             if self.ema_model is None:
                 self.init_ema()
             self.copy_params_from_model_to_ema()

@@ -397,3 +397,19 @@ def test_every_attribute_of_ema_pytorchs_classes_is_here():
     a, b = torch.zeros(3), torch.ones(3, dtype=torch.float64)
     compat.EMA(tree, coerce_dtype=True).inplace_lerp(a, b, 0.25)               # ema-pytorch's helper, as there
     assert torch.equal(a, torch.full((3,), 0.25))
+
+
+def test_a_lazy_ema_that_loaded_its_counters_makes_its_copy_at_the_first_update():
+    """``lazy_init_ema=True`` and a state dict's counters loaded (``initted=True``, ``strict=False``):
+    the first update still makes the EMA copy, from the model (it failed with an AttributeError,
+    as in ema-pytorch)."""
+    model = nn.Linear(4, 3)
+    eager = compat.EMA(model, beta=0.9, update_after_step=0, update_every=1)
+    for _ in range(3):
+        eager.update()
+    lazy = compat.EMA(model, beta=0.9, update_after_step=0, update_every=1, lazy_init_ema=True)
+    lazy.load_state_dict({"initted": eager.initted.clone(), "step": eager.step.clone()}, strict=False)
+    lazy.update()
+    assert lazy.ema_model is not None and int(lazy.step) == 4
+    for a, p in zip(lazy.ema_model.parameters(), model.parameters()):
+        assert torch.equal(a, p)
