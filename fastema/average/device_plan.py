@@ -164,6 +164,8 @@ class DevicePlan:
                 if g.tables.chunks and g.device not in self.carriers:
                     self.carriers[g.device] = gi
         self._flags = {device: d.arrays["flag"] for device, d in self.devices.items()}
+        self.flag_views = {device: d.views["flag"] for device, d in self.devices.items()}
+        """``device -> the kernels' view of its flag`` (the same dict every call, as :attr:`flags`)."""
         self.load(plan, seed)
 
     def load(self, plan: Plan, seed: int) -> None:

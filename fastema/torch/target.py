@@ -302,8 +302,6 @@ class TargetNetwork:
             device_step = self._on_gpu
         self._device_plan = DevicePlan(self.plan, averaged, seed, also=self._behind_flags()) if device_step else None
         self._weights: tuple = (None, None)             # (the plan's weights, the kernels' tuple) of the last update
-        self._plan_flag_views = {} if self._device_plan is None else {
-            d: _backends.kernel_view(f).reshape(-1) for d, f in self._device_plan.flags.items()}
         self._lerps: tuple = (None, None, None, [])     # (the groups, flags, carried, their bound launches)
         self._copies: tuple = (None, None, [])          # (the copied groups, the flags, their bound copy launches)
         self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
@@ -324,8 +322,7 @@ class TargetNetwork:
         dropped; the first update binds its own."""
         scratch = DevicePlan(self.plan, self._sel.groups[0], self.seed, also=self._behind_flags())
         scratch.skip_next()
-        self._launch_update(None, None, scratch, {d: _backends.kernel_view(f).reshape(-1)
-                                                  for d, f in scratch.flags.items()})
+        self._launch_update(None, None, scratch)
         self._lerps, self._copies = (None, None, None, []), (None, None, [])
 
     # ------------------------------------------------------------ what it is
@@ -474,18 +471,18 @@ class TargetNetwork:
             if not pending.due:
                 self.plan.done(pending)
                 return
-        self._launch_update(step, pending, plan, self._plan_flag_views)
+        self._launch_update(step, pending, plan)
         self.plan.done(pending)
 
-    def _launch_update(self, step: int | None, pending, plan: DevicePlan | None, plan_flags: dict) -> None:
-        """The launches of one update: with ``plan`` (a device plan, ``plan_flags`` its flags' kernel
-        views), its step and the launches behind its flags; else ``pending``'s host weights."""
+    def _launch_update(self, step: int | None, pending, plan: DevicePlan | None) -> None:
+        """The launches of one update: with ``plan`` (a device plan), its step and the launches
+        behind its flags; else ``pending``'s host weights."""
         averaged, copied, ints = self._groups()
         flags = None
         carried = plan is not None and not self.skip_nonfinite    # the plan step rides in the first lerp launch
         if plan is not None:
             plan.advance(step, carried=carried)                    # (a non-finite scan must run between them)
-            flags = plan_flags
+            flags = plan.flag_views
         elif self.skip_nonfinite:
             for f in self._flags.values():
                 f.zero_()                                # on the device, stream-ordered: no sync
