@@ -22,7 +22,7 @@ from fastema.torch import EMA
 # runs every scenario's setup, then forks one child per scenario. A child that hangs past its
 # deadline is killed; one that is killed shows its signal.
 SCRIPT = textwrap.dedent(r"""
-    import faulthandler, json, os, signal, sys, time
+    import concurrent.futures, faulthandler, json, os, signal, sys, time
     import numba, numpy as np, torch
     from torch import nn
     import fastema
@@ -143,7 +143,8 @@ SCRIPT = textwrap.dedent(r"""
         raise MemoryError("injected: host fold failed")
     OffloadedShadow._fold = broken
     bump(m2, 40); off.update()                      # this update is lost
-    OffloadedShadow._fold = fold
+    concurrent.futures.wait([off._avg._pending])    # the worker has run the broken fold (a busy machine may
+    OffloadedShadow._fold = fold                    # start it late: restored first, the fold would succeed)
 
     def raise_next_read():
         try:
