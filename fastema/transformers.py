@@ -270,7 +270,7 @@ class EMACallback(TrainerCallback):
     def _load(ema: EMA, folder: str) -> None:
         """Load this process's file in checkpoint ``folder`` into ``ema``, checked whole first by
         :meth:`fastema.torch.EMA.load_state_dict` (nothing changes if it refuses)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         path, per_rank = EMACallback._file(ema, folder)
         if not os.path.isfile(path):
@@ -278,6 +278,33 @@ class EMACallback(TrainerCallback):
             raise FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs "
                                     f"{os.path.basename(path)} (a sharded EMA saves one file per rank, a replicated "
                                     f"one a single file: resume with the world size and sharding that wrote them)")
+        try:
+            state = EMACallback._read(path)
+        except SafetensorError as err:                   # cut short, emptied, overwritten: safetensors names no file
+            raise ValueError(f"EMACallback: {path!r} is not a readable safetensors file ({err}): the file is "
+                             f"damaged (truncated, emptied or overwritten). Resume from another checkpoint "
+                             f"folder, or delete the file and pass EMACallback(..., missing_state='restart') to "
+                             f"start a new EMA from the resumed weights. Nothing was loaded.") from None
+        if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
+            template = ema.state_dict()
+            for group in _GROUPS:
+                for name, value in template[group].items():
+                    local = state[group].get(name)
+                    if hasattr(value, "to_local") and isinstance(local, torch.Tensor):
+                        if tuple(local.shape) != tuple(value.to_local().shape):
+                            raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
+                                             f"holds {tuple(value.to_local().shape)}; resume with the same world "
+                                             f"size and sharding")
+                        value.to_local().copy_(local)
+                        state[group][name] = value
+        ema.load_state_dict(state)
+
+    @staticmethod
+    def _read(path: str) -> dict:
+        """The EMA state in the callback's file ``path``, not yet checked against an EMA (a
+        ``ValueError`` naming the file when it is not one the callback wrote)."""
+        from safetensors import safe_open
+
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
@@ -299,16 +326,4 @@ class EMACallback(TrainerCallback):
                 if group not in _GROUPS or not name:
                     raise ValueError(f"{path!r} holds an unexpected tensor {key!r}; the file is damaged")
                 state[group][name] = f.get_tensor(key)
-        if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
-            template = ema.state_dict()
-            for group in _GROUPS:
-                for name, value in template[group].items():
-                    local = state[group].get(name)
-                    if hasattr(value, "to_local") and isinstance(local, torch.Tensor):
-                        if tuple(local.shape) != tuple(value.to_local().shape):
-                            raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
-                                             f"holds {tuple(value.to_local().shape)}; resume with the same world "
-                                             f"size and sharding")
-                        value.to_local().copy_(local)
-                        state[group][name] = value
-        ema.load_state_dict(state)
+        return state

@@ -243,6 +243,31 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path,
     assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
 
 
+def test_a_truncated_emptied_or_replaced_state_file_is_refused_naming_the_file(tmp_path, uninterrupted):
+    """A state file that safetensors cannot read (cut short, emptied, overwritten with other bytes)
+    stops the resume with an error that names the file and says what to do, not safetensors' bare
+    header error; the callback keeps the EMA it had."""
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(uninterrupted[0] / "checkpoint-6", ckpt)
+    path = ckpt / STATE_FILE
+    whole = path.read_bytes()
+    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "y", max_steps=7), train_dataset=Tokens(64, 0),
+                      callbacks=[ema_cb])
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    before, state = ema_cb.ema, ema_cb.ema.state_dict()
+    for damaged in (whole[: len(whole) // 2], whole[:-1], whole[:5], b"", b"\x07" * 300, b"not safetensors\n" * 20):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError) as info:
+            trainer.train(resume_from_checkpoint=str(ckpt))
+        message = str(info.value)
+        assert repr(str(path)) in message and "damaged" in message, message
+        assert "another checkpoint" in message and "missing_state='restart'" in message, message
+        assert "Nothing was loaded" in message, message
+        assert ema_cb.ema is before and ema_cb.ema.calls == 7
+        assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
+
+
 def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
     """A PEFT LoRA model through the Trainer: the EMA's default for PEFT models averages the adapters
     only (the shadow is the adapters' size), and save_ema_model writes PEFT's own format (the
