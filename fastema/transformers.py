@@ -61,6 +61,16 @@ def _ema_options() -> tuple[str, ...]:
     return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def _transformers_method(frame: Any) -> bool:
+    """Whether ``frame`` runs a method (first argument ``self``) of a transformers module: the only
+    frames whose locals :meth:`EMACallback._find_trainer` reads."""
+    code = frame.f_code
+    if not code.co_argcount or code.co_varnames[0] != "self":
+        return False
+    module = frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and (module == "transformers" or module.startswith("transformers."))
+
+
 class EMACallback(TrainerCallback):
     """An EMA of the weights of the model a ``transformers.Trainer`` trains.
 
@@ -93,7 +103,9 @@ class EMACallback(TrainerCallback):
     ``load_best_model_at_end``, the best checkpoint's EMA comes back with its weights at the end.
 
     ``eval_with_ema`` and finding the folder being resumed need the Trainer object: the callback
-    finds it once per ``train()`` call among its callers (the Trainer method that fires the event).
+    finds it once per ``train()`` call among its callers (the Trainer method that fires the event),
+    reading the variables of transformers' own methods only (so that nothing a caller deletes is
+    kept alive).
     """
 
     def __init__(self, decay: float | Sequence[float] | None = None, *, eval_with_ema: bool = False,
@@ -119,7 +131,12 @@ class EMACallback(TrainerCallback):
     def _find_trainer(self):
         """The Trainer that fires the current event (this callback is in its handler), from the
         callers' frames, or None; with the ``resume_from_checkpoint`` its ``train()`` resolved
-        (``True`` is the last checkpoint by then), or None."""
+        (``True`` is the last checkpoint by then), or None.
+
+        Only the locals of transformers' own methods are read: on Python 3.10-3.12 reading a frame's
+        ``f_locals`` snapshots its variables into a dict the frame keeps until it returns, so a
+        caller's frame read here would keep what the caller deletes afterwards (a model, a 200 MB
+        tensor) alive. ``f_code`` and ``f_globals`` are read without a snapshot."""
         trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
         if trainer_cls is None:                           # not imported: no Trainer exists (and none is loaded)
             return None, None
@@ -127,6 +144,9 @@ class EMACallback(TrainerCallback):
         trainer, resume = None, None
         try:
             while frame is not None:
+                if not _transformers_method(frame):
+                    frame = frame.f_back
+                    continue
                 obj = frame.f_locals.get("self")
                 if isinstance(obj, trainer_cls) and any(cb is self for cb in obj.callback_handler.callbacks):
                     trainer = obj

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -266,6 +267,26 @@ def test_a_truncated_emptied_or_replaced_state_file_is_refused_naming_the_file(t
         assert "Nothing was loaded" in message, message
         assert ema_cb.ema is before and ema_cb.ema.calls == 7
         assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
+
+
+def test_finding_the_trainer_keeps_nothing_of_the_callers_alive(tmp_path):
+    """The callback looks for its Trainer among its callers' frames. On Python 3.10-3.12 reading a
+    frame's ``f_locals`` snapshots its variables into a dict the frame keeps: a tensor the caller
+    deletes after ``Trainer(...)`` or after ``train()`` must be freed then, not when the caller returns."""
+    def build_then_free():
+        big = torch.zeros(1 << 20)                  # 4 MiB held by this frame only
+        freed = weakref.ref(big)
+        trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=1), train_dataset=Tokens(8, 0),
+                          callbacks=[EMACallback(decay=0.9, eval_with_ema=True)])
+        del big
+        after_init = freed() is None
+        big = torch.zeros(1 << 20)
+        freed = weakref.ref(big)
+        trainer.train()
+        del big
+        return after_init, freed() is None
+
+    assert build_then_free() == (True, True)
 
 
 def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
