@@ -96,8 +96,11 @@ class EMACallback(TrainerCallback):
     model the Trainer trains (its DDP / DeepSpeed / ``torch.compile`` wrappers looked through),
     after the Trainer has loaded a checkpoint it resumes from; every ``trainer.train()`` makes a
     new one. It updates at ``on_step_end`` with ``step=state.global_step``, so ``warmup`` and
-    ``update_after_step`` count optimizer steps. ``on_save`` writes :data:`STATE_FILE` into the
-    checkpoint folder the Trainer has just written (``save_total_limit`` removes it with its folder);
+    ``update_after_step`` count optimizer steps. With ``bema=``, the callback makes BEMA's first
+    update (its copy into ``theta_0`` and the EMA) at ``on_train_begin`` unless it resumes, as TRL's
+    ``BEMACallback`` does: BEMA's time is the optimizer step, counted from the weights training
+    begins with (``update_every`` is TRL's ``update_freq``). ``on_save`` writes :data:`STATE_FILE`
+    into the checkpoint folder the Trainer has just written (``save_total_limit`` removes it with its folder);
     resuming reads it from the folder ``train(resume_from_checkpoint=...)`` names and checks all of
     it (options, names, shapes, finiteness) before anything is loaded. With
     ``load_best_model_at_end``, the best checkpoint's EMA comes back with its weights at the end.
@@ -209,6 +212,10 @@ class EMACallback(TrainerCallback):
         ema = EMA(source, self.decay, **self.ema_options)
         if folder is not None:
             self._load(ema, folder)                       # refused: the callback keeps what it had
+        elif self.ema_options.get("bema") not in (None, False):
+            # TRL's BEMACallback: theta_0 (and the EMA) are the weights training begins with, and tau
+            # counts optimizer steps from there; BEMA's first update is that copy
+            ema.update(step=state.global_step)
         self.ema = ema
 
     def on_step_end(self, args, state, control, **kwargs):

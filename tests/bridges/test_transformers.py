@@ -289,6 +289,68 @@ def test_finding_the_trainer_keeps_nothing_of_the_callers_alive(tmp_path):
     assert build_then_free() == (True, True)
 
 
+def test_bema_equals_trl_bemacallback_on_the_same_run(tmp_path):
+    """EMACallback(bema=...) and TRL's BEMACallback in one Trainer run (the same weights at every
+    step) end with the same averaged weights: theta_0 and the EMA start from the weights training
+    begins with, and tau counts optimizer steps from 0 (TRL's update_after=0), TRL's update_freq
+    being update_every; with TRL's defaults and with other values of every schedule parameter.
+    TRL's update_after=a (theta_0 taken at step a, tau still counted from 0) is a fastema EMA
+    whose updates start at step a with lag + multiplier * a, as the guide says."""
+    trl = pytest.importorskip("trl")
+    from fastema.schedules import BEMA
+    from fastema.torch import EMA
+
+    other = dict(ema_power=0.7, bias_power=0.4, lag=3, multiplier=0.5, min_ema_multiplier=0.2)
+
+    class Later(TrainerCallback):                 # TRL's update_after=3 with update_freq=2, by hand
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.ema = EMA(model, bema=BEMA(**{**other, "lag": 3 + 0.5 * 3}), update_every=2)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 3:
+                self.ema.update(step=state.global_step)
+
+    pairs = [(trl.BEMACallback(update_freq=1), EMACallback(bema=True)),
+             (trl.BEMACallback(update_freq=3, **other), EMACallback(bema=BEMA(**other), update_every=3)),
+             (trl.BEMACallback(update_freq=2, update_after=3, **other), Later())]
+    model = tiny_gpt2()
+    Trainer(model=model, args=arguments(tmp_path, max_steps=7, learning_rate=0.05), train_dataset=Tokens(64, 0),
+            callbacks=[cb for pair in pairs for cb in pair]).train()
+    for theirs, ours in pairs:
+        assert ours.ema.updates == len(range(theirs.update_after, 8, theirs.update_freq))    # the first: a copy
+        expected = theirs.running_model.state_dict()
+        averaged = ours.ema.averaged_state_dict()
+        assert not torch.equal(averaged["transformer.wte.weight"], model.transformer.wte.weight)
+        for name, value in averaged.items():
+            # float32 on both sides, in different orders of operations: 2 ulps of 1.0 seen (2.4e-7); 2.5e-2
+            # before theta_0 was the weights training begins with
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_bema_resumes_bit_exact_and_a_restart_starts_from_the_resumed_weights(tmp_path):
+    """BEMA's copy at the start of training is in its checkpoints: a run resumed from checkpoint-4
+    ends with the uninterrupted run's BEMA bit for bit (no second copy); missing_state="restart"
+    takes theta_0 from the weights it resumes with, and counts tau from that step."""
+    def bema_run(name, resume=None, **kw):
+        ema_cb = EMACallback(bema=True, update_every=2, **kw)
+        Trainer(model=tiny_gpt2(), args=arguments(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=2),
+                train_dataset=Tokens(64, 0), callbacks=[ema_cb]).train(resume_from_checkpoint=resume)
+        return ema_cb.ema
+
+    whole = bema_run("a")
+    resumed = bema_run("b", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert whole.calls == resumed.calls == 7 and whole.plan.state() == resumed.plan.state()
+    for n, t in whole.state_dict()["averaged"].items():             # every row: output, EMA, theta_0
+        assert torch.equal(t, resumed.state_dict()["averaged"][n]), n
+    os.remove(tmp_path / "a" / "checkpoint-4" / STATE_FILE)
+    with pytest.warns(UserWarning, match="starts over"):
+        restarted = bema_run("c", resume=str(tmp_path / "a" / "checkpoint-4"), missing_state="restart")
+    assert restarted.calls == 3 and restarted.plan.first_time == 4
+    at4 = GPT2LMHeadModel.from_pretrained(tmp_path / "a" / "checkpoint-4").state_dict()
+    theta_0 = {n: rows[2] for n, rows in restarted.state_dict()["averaged"].items()}
+    assert all(torch.equal(t, at4[n]) for n, t in theta_0.items())
+
+
 def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
     """A PEFT LoRA model through the Trainer: the EMA's default for PEFT models averages the adapters
     only (the shadow is the adapters' size), and save_ema_model writes PEFT's own format (the
