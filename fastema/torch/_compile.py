@@ -130,19 +130,47 @@ def _(written, read, handle, step):
     return None
 
 
-def compiled_update(owner: UpdateOwner, step) -> None:
-    """``owner.update(step)`` inside a traced function: ``step`` checked as eager checks it, then
-    one :func:`update_` operator in the graph."""
+@torch.library.custom_op("fastema::refuse_update_", mutates_args=("written",))
+def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tensor | None,
+                   number: float | None) -> None:
+    """A bad ``step`` given to ``update()`` in compiled code, refused when the graph runs with the
+    ValueError an eager call raises (a refusal while tracing would be a graph break, and under
+    ``fullgraph=True`` dynamo's "Observed exception" instead of the reason). ``message``: the
+    refusal of a Python value, made while tracing; ``tensor`` / ``number``: a step dynamo traces as
+    a value (a tensor, a float), refused by the eager check here. ``written`` is the update's: the
+    operator stays in the graph (it is declared to write them; it writes nothing)."""
     from ..schedules import check_step
 
-    if isinstance(step, torch.Tensor):                   # the operator's int argument would fail on it
-        raise ValueError("step must be an int >= 0, got a tensor: pass a Python int (a tensor's value is not known "
-                         "while torch.compile traces the update)")
+    if tensor is not None or number is not None:
+        check_step(tensor if tensor is not None else number)           # refuses: neither is an int
+    raise ValueError(message or "step must be an int >= 0")
+
+
+@refuse_update_.register_fake
+def _(written, message, tensor, number):
+    return None
+
+
+def compiled_update(owner: UpdateOwner, step) -> None:
+    """``owner.update(step)`` inside a traced function: one :func:`update_` operator in the graph,
+    or, for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
+    graph runs (nothing is updated or counted). A tensor step is refused, in compiled code as in
+    eager: its value is on its device, and the schedule would read it on the host at every call."""
+    from ..schedules import check_step
+
+    written, read = owner._ops["update"]
+    if isinstance(step, (torch.Tensor, float)):          # traced values: their repr is known only at run time
+        tensor = step if isinstance(step, torch.Tensor) else None
+        torch.ops.fastema.refuse_update_(written, "", tensor, None if tensor is not None else step)
+        return
     if step is not None:                                 # as eager (the operator would take True as 1 and -1 as
         if isinstance(step, int) and not isinstance(step, bool) and step < 0:     # no step)
             step = int(step)                             # a traced int: its value, for the message
-        check_step(step)
-    written, read = owner._ops["update"]
+        try:
+            check_step(step)
+        except ValueError as err:
+            torch.ops.fastema.refuse_update_(written, str(err), None, None)
+            return
     torch.ops.fastema.update_(written, read, owner._handle, -1 if step is None else step)
 
 

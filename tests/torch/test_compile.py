@@ -336,28 +336,48 @@ def test_an_explicit_step_is_a_graph_input_not_a_constant():
 
 
 # reliability round 3, L10: a bad step inside compiled code is refused with eager's ValueError (it was a
-# BackendCompilerFailed for a tensor, and -1 / True went through as "no step" / 1); nothing is counted
-@pytest.mark.parametrize("bad", [torch.tensor(5), 5.0, -1, True])
+# BackendCompilerFailed for a tensor, and -1 / True went through as "no step" / 1); nothing is counted.
+# Round 4: with fullgraph=True too, as eager's ValueError, when the graph runs (refused while tracing, it was
+# dynamo's "Observed exception", a graph break); a tensor step is refused, not read (that would stop the host
+# at every step), in compiled code as in eager, by EMA (host or device plan) and TargetNetwork alike
+def _averages():
+    from fastema.torch import TargetNetwork
+
+    model = _model()
+    yield "EMA", EMA(model, [0.99, 0.9], warmup="power")
+    yield "EMA(device_step=True)", EMA(model, 0.9, device_step=True)
+    yield "TargetNetwork", TargetNetwork(model, _model(seed=1), tau=0.1)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(5), torch.tensor(5.0), 5.0, -1, True, "3"], ids=repr)
 def test_a_bad_step_inside_compiled_code_is_refused_as_in_eager(bad):
-    model, ema, _ = _two(model=_model())
-    ema.update(step=3)
-    before = ema.state_dict()
+    def step(average, s):
+        average.update(step=s)
 
-    def step(ema, s):
-        ema.update(step=s)
+    for name, average in _averages():
+        average.update(step=3)
+        before = _state(average)
+        with pytest.raises(ValueError) as eager:
+            average.update(step=bad)
+        assert re.match(r"step must be an int >= 0, got " + re.escape(repr(bad)), str(eager.value)), (name, eager)
+        for mode in ({}, {"fullgraph": True}):
+            dynamo.reset()
+            with pytest.raises(ValueError) as err:
+                torch.compile(step, **mode)(average, bad)
+            assert str(err.value) == str(eager.value), (name, mode)
+            _assert_same_state(before, _state(average))
+        torch.compile(step, fullgraph=True)(average, 4)            # the next good step goes on from there
+        assert (average.calls, average.updates) == (before[0] + 1, before[1] + 1), name
 
-    dynamo.reset()
-    with pytest.raises(ValueError, match=r"step must be an int >= 0, got " + re.escape(repr(bad))):
-        torch.compile(step)(ema, bad)
-    with pytest.raises(Exception, match=r"step must be an int >= 0") as err:
-        torch.compile(step, fullgraph=True)(ema, bad)        # fullgraph: dynamo's error, carrying the message
-    assert "BackendCompilerFailed" not in type(err.value).__name__
-    _assert_same_state(before, ema.state_dict())
+
+def _state(average) -> tuple:
+    tensors = average.target.state_dict() if hasattr(average, "target") else average.state_dict()["averaged"]
+    return average.calls, average.updates, {k: v.clone() for k, v in tensors.items()}
 
 
-def _assert_same_state(a: dict, b: dict):
-    assert (a["updates"], a["calls"]) == (b["updates"], b["calls"])
-    assert all(torch.equal(a["averaged"][k], b["averaged"][k]) for k in a["averaged"])
+def _assert_same_state(a: tuple, b: tuple):
+    assert a[:2] == b[:2]
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
 # reliability round 3, L10: average_parameters() inside compiled code runs eagerly (one graph break, the block
