@@ -191,6 +191,9 @@ class ExponentialMovingAverage:
     def _host_apply(self, key: tuple, tf_vars: list, w, arrays) -> np.int64:
         """The graph op's body: ``arrays`` are the variables' own buffers (no copy on the CPU)."""
         try:
+            # a 0-d variable comes as a NumPy scalar, whose __array_interface__ is a temporary's (freed
+            # at once): every source as an ndarray, kept by the shadow (adopt) until the next apply
+            arrays = [np.asarray(a) for a in arrays]
             plan = self._plan(key, tf_vars)
             weight = float(w)
             if not 0.0 <= weight <= 1.0:

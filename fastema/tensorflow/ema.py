@@ -166,6 +166,9 @@ class EMA(tf.Module, Face):
         """The graph op's body: the arrays are the variables' buffers (no copy on the CPU)."""
         try:
             n = int(step)
+            # a 0-d variable comes as a NumPy scalar, whose __array_interface__ is a temporary's (freed
+            # at once): every source as an ndarray, kept by the shadow (adopt) until the next update
+            arrays = tuple(np.asarray(a) for a in arrays)
 
             def read():
                 got = [(a.shape, a.dtype) for a in arrays]

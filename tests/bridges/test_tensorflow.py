@@ -231,6 +231,30 @@ def test_float64_variables_are_averaged_exactly():
     assert got.dtype == np.float64 and np.allclose(got, ref, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("in_function", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64], ids=lambda d: d.name)
+def test_a_scalar_variable_is_averaged_as_tensorflow_does(dtype, in_function):
+    """reliability round 4, D1: a 0-d variable reaches the graph op as a NumPy scalar, whose
+    __array_interface__ address is a temporary's, freed at once; the kernel read freed memory."""
+    s, v = tf.Variable(tf.constant(1.0, dtype)), tf.Variable(tf.ones(3, dtype))
+    ema, theirs = EMA([s, v], 0.5), tf.train.ExponentialMovingAverage(0.5)
+    theirs.apply([s, v])                               # TF's average starts here, from the same values
+
+    def step():
+        s.assign_add(tf.constant(2.0, dtype))
+        v.assign_add(tf.ones(3, dtype))
+        ema.update()
+        theirs.apply([s, v])
+
+    run = tf.function(step) if in_function else step
+    for _ in range(4):
+        run()
+    for ours, variable in zip(ema.averages(), (s, v)):
+        assert ours.dtype == variable.dtype and ours.shape == variable.shape
+        np.testing.assert_array_equal(ours.numpy(), theirs.average(variable).numpy())
+    assert float(ema.averages()[0]) == 7.125 and ema.updates == 4
+
+
 def test_checkpoint_without_rounding_or_seed_loads_nothing():
     model = MLP()
     ema = EMA(model, 0.5)

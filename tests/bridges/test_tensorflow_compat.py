@@ -123,6 +123,31 @@ def test_decay_variable_subsets_new_variables_and_dtypes_follow_tensorflow():
         np.testing.assert_allclose(np.float64(got.numpy()), np.float64(want.numpy()), rtol=tol)
 
 
+@pytest.mark.parametrize("in_function", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64], ids=lambda d: d.name)
+def test_a_scalar_variable_is_averaged_as_tensorflow_does(dtype, in_function):
+    """reliability round 4, D1: a 0-d variable reaches the graph op as a NumPy scalar, whose
+    __array_interface__ address is a temporary's, freed at once; the kernel read freed memory."""
+    s, v = tf.Variable(tf.constant(1.0, dtype)), tf.Variable(tf.ones(3, dtype))
+    ours, theirs = ExponentialMovingAverage(0.5), tf.train.ExponentialMovingAverage(0.5)
+
+    def step():
+        s.assign_add(tf.constant(2.0, dtype))
+        v.assign_add(tf.ones(3, dtype))
+        ours.apply([s, v])
+        theirs.apply([s, v])
+
+    run = tf.function(step) if in_function else step
+    for _ in range(4):
+        run()
+    for variable in (s, v):
+        got, want = ours.average(variable), theirs.average(variable)
+        assert (got.dtype, got.shape) == (want.dtype, want.shape)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # made from the value at the first apply (3), or at tracing in a tf.function (1), as TensorFlow's
+    assert float(ours.average(s).numpy()) == (7.125 if in_function else 7.25)
+
+
 def test_average_reads_assigns_and_swaps_like_a_variable():
     v = tf.Variable([1.0, 2.0], name="w")
     ema = ExponentialMovingAverage(0.5)
