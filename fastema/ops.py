@@ -218,32 +218,36 @@ class _PairGroup:
                                      [s.address for s in shadows], device, self.current_stream, follow=False)
 
 
-def pair_groups(shadows: list, sources: list) -> list:
+def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = None) -> list:
     """Validate ``(shadows[i], sources[i])`` pairs and group them for one launch per (device,
     dtype) group. A pair given twice (a tied weight listed under two names) is kept once, so
-    its shadow is averaged once; shadows that otherwise share memory are refused."""
+    its shadow is averaged once; shadows that otherwise share memory are refused. ``names``:
+    ``(what shadows[i] is called, what sources[i] is called)`` in the messages (a target
+    network's parameter names), else the positions ``shadows[i]`` and ``sources[i]``."""
     if len(shadows) != len(sources):
         raise ValueError(f"got {len(shadows)} shadows but {len(sources)} sources; pass them pairwise")
+    if names is None:
+        names = ([f"shadows[{i}]" for i in range(len(shadows))], [f"sources[{i}]" for i in range(len(sources))])
     groups: dict = {}
     seen: dict = {}
-    kept, names = [], []
+    kept, kept_names = [], []
     for i, (a, b) in enumerate(zip(shadows, sources)):
-        s, x = _pair(a, b, f"shadows[{i}]", f"sources[{i}]")
-        _same_shape(s, x, x.shape, f"shadows[{i}]", f"sources[{i}]")
+        s, x = _pair(a, b, names[0][i], names[1][i])
+        _same_shape(s, x, x.shape, names[0][i], names[1][i])
         key = (s.device, s.address, s.kind, s.shape, s.order)
         if s.numel and key in seen:
             j, first = seen[key]
             if (x.address, x.kind, x.order) != (first.address, first.kind, first.order):
-                raise ValueError(f"shadows[{i}] is shadows[{j}] again but with another source "
-                                 f"(sources[{i}] is not sources[{j}]); pass each shadow once")
+                raise ValueError(f"{names[0][i]} is {names[0][j]} again but with another source "
+                                 f"({names[1][i]} is not {names[1][j]}); pass each shadow once")
             continue                                  # the same pair again: averaged once
         seen[key] = (i, x)
         kept.append(s)
-        names.append(f"shadows[{i}]")
+        kept_names.append(names[0][i])
         groups.setdefault((s.device, s.kind, x.kind), ([], []))
         groups[(s.device, s.kind, x.kind)][0].append(s)
         groups[(s.device, s.kind, x.kind)][1].append(x)
-    disjoint(kept, names)
+    disjoint(kept, kept_names)
     return [_PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
 
 

@@ -131,6 +131,24 @@ def disjoint(bufs: list, names: list) -> None:
             end, last = (device, hi), i
 
 
+def first_shared(a: list, b: list) -> tuple[int, int] | None:
+    """``(i, j)`` of a span ``a[i]`` that shares a byte with a span ``b[j]``, or None: the check
+    that one list of tensors writes nothing another reads (spans within one list may overlap).
+    A span is ``(device, address, nbytes)`` (:func:`.torch.span` of a tensor of any dtype); empty
+    ones and address 0 are skipped. One sort of both lists, then one sweep."""
+    spans = sorted((dev, lo, lo + n, side, i) for side, spans in enumerate((a, b))
+                   for i, (dev, lo, n) in enumerate(spans) if n and lo)
+    reach: list = [None, None]                         # per list: (device, end, i) of its furthest-reaching span
+    for dev, lo, hi, side, i in spans:
+        other = reach[1 - side]
+        if other is not None and other[0] == dev and lo < other[1]:
+            return (i, other[2]) if side == 0 else (other[2], i)
+        mine = reach[side]
+        if mine is None or mine[0] != dev or hi > mine[1]:
+            reach[side] = (dev, hi, i)
+    return None
+
+
 def empty(like: Buf, kind: int, shape: tuple):
     """A new C-contiguous array of ``kind`` and ``shape`` on ``like``'s device, in its framework
     (NumPy for CPU buffers of other frameworks, Numba device arrays on CUDA)."""

@@ -296,6 +296,14 @@ class Torch(Backend):
         return functools.partial(torch._C._cuda_getCurrentRawStream, int(device.split(":")[1]))
 
 
+def span(t) -> tuple:
+    """``(device, address, bytes from it to the last element)`` of a tensor of any dtype and layout
+    (dense or not): the bytes its elements may touch, for :func:`fastema._backends.first_shared`."""
+    n = t.numel()
+    extent = 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride())) if n else 0
+    return _name(t.device.type, t.device.index), t.data_ptr(), extent * t.element_size()
+
+
 @functools.cache
 def _tensor():
     import torch

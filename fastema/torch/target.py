@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _backends, _launch
-from .._backends.torch import refuse_foreign
+from .._backends.torch import refuse_foreign, span
 from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.plan import Plan
@@ -78,7 +78,6 @@ class _Selection:
         def local(t) -> torch.Tensor:
             return pieces.get(id(t), t)
 
-        online_memory = {local(t).data_ptr() for _, t in theirs.values() if local(t).numel()}
         averaged: list = []
         copied: list = []
         ints: list = []
@@ -97,9 +96,6 @@ class _Selection:
                                  f"({tuple(src.placements)} on {src.device_mesh}, local shape "
                                  f"{tuple(local(src).shape)}); each rank averages its own shards, so shard both the "
                                  f"same way. Nothing was written.")
-            if local(dst).numel() and local(dst).data_ptr() in online_memory:
-                raise ValueError(f"the target's {name!r} shares memory with the online network; the target must be "
-                                 f"a copy of its own (copy.deepcopy(online)). Nothing was written.")
             if tuple(dst.shape) != tuple(src.shape):
                 raise ValueError(f"{name!r} has shape {tuple(dst.shape)} in the target but {tuple(src.shape)} in the "
                                  f"online network; they must match. Nothing was written.")
@@ -125,6 +121,7 @@ class _Selection:
                              "Nothing was written.")
         self.names = (averaged, copied, ints)
         order = averaged + copied + ints
+        self.labels = ([f"the target's {n!r}" for n in order], [f"the online network's {n!r}" for n in order])
         slots = [_slot(target, n, mine[n][0]) for n in order] + [_slot(online, n, theirs[n][0]) for n in order]
         self.tables, self.keys = [s[0] for s in slots], [s[1] for s in slots]
         owners = {id(s[0]): s[0] for s in slots}
@@ -175,8 +172,9 @@ class _Selection:
         return key
 
     def group(self, tensors: list) -> tuple:
-        """``(averaged groups, copied groups, integer pairs)`` of ``tensors`` (checked by
-        :func:`fastema.ops.pair_groups`: layouts, devices, no shared memory among the targets)."""
+        """``(averaged groups, copied groups, integer pairs)`` of ``tensors``, checked: no target
+        tensor shares a byte with an online one; layouts, devices and no shared memory among the
+        targets (:func:`fastema.ops.pair_groups`), every refusal naming the tensor."""
         n = len(tensors) // 2
         for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
             if (t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) != spec:
@@ -185,9 +183,21 @@ class _Selection:
                                  f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
         pieces = self.pieces(tensors)
         dst, src = pieces[:n], pieces[n:]
+        shared = _backends.first_shared(list(map(span, dst)), list(map(span, src)))
+        if shared is not None:
+            mine, theirs = self.labels[0][shared[0]], self.labels[1][shared[1]]
+            raise ValueError(f"{mine} shares memory with {theirs} (the same tensor or a view into it): an update "
+                             f"would write the online network. The target must be a copy of its own "
+                             f"(copy.deepcopy(online)). Nothing was written.")
         a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
-        return (pair_groups(dst[:a], src[:a]), pair_groups(dst[a:c], src[a:c]) if c > a else [],
-                (dst[c:], src[c:]))
+        dsts, srcs = self.labels
+        try:
+            return (pair_groups(dst[:a], src[:a], (dsts[:a], srcs[:a])),
+                    pair_groups(dst[a:c], src[a:c], (dsts[a:c], srcs[a:c])) if c > a else [], (dst[c:], src[c:]))
+        except (ValueError, TypeError) as err:
+            if "Nothing was written" in str(err):
+                raise
+            raise type(err)(f"{err}. Nothing was written.") from None
 
 
 class TargetNetwork:

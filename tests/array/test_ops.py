@@ -256,6 +256,36 @@ def test_device_mismatch_is_refused():
     assert not s.any()
 
 
+def test_pair_groups_names_the_pairs_by_position_or_by_the_names_given():
+    """Reliability round 4, L6: the pair checks name positions in the array API (``shadows[1]``) and
+    the names a caller gives (a target network's parameters) otherwise; the wording is the same."""
+    from fastema.ops import pair_groups
+
+    shadows, sources = [torch.zeros(4), torch.zeros(3, 4)], [torch.ones(4), torch.ones(4, 3).t()]
+    with pytest.raises(ValueError, match=r"shadows\[1\] and sources\[1\] are laid out differently"):
+        pair_groups(shadows, sources)
+    with pytest.raises(ValueError, match=r"the target's 'w' and the online network's 'w' are laid out differently"):
+        pair_groups(shadows, sources, (["the target's 'b'", "the target's 'w'"],
+                                       ["the online network's 'b'", "the online network's 'w'"]))
+    tied = [shadows[0], shadows[0]]
+    with pytest.raises(ValueError, match=r"B is A again but with another source \(b is not a\)"):
+        pair_groups(tied, [sources[0], torch.ones(4)], (["A", "B"], ["a", "b"]))
+
+
+def test_first_shared_finds_a_byte_shared_across_two_lists_only():
+    from fastema._backends import first_shared
+    from fastema._backends.torch import span
+
+    base = torch.zeros(16)
+    a = [base[:4], base[4:8], torch.zeros(3)]
+    assert first_shared(list(map(span, a)), list(map(span, [base[8:], torch.zeros(5)]))) is None
+    assert first_shared(list(map(span, a)), list(map(span, [torch.zeros(2), base[7:9]]))) == (1, 1)
+    assert first_shared(list(map(span, [base[7:9]])), list(map(span, a))) == (0, 1)
+    assert first_shared(list(map(span, a[:2])), list(map(span, [base.view(4, 4).t()[1]]))) == (0, 0)  # strided
+    assert first_shared([("cpu", 64, 8), ("cuda:0", 64, 8)], [("cuda:1", 64, 8)]) is None      # other devices
+    assert first_shared([("cpu", 64, 8)], [("cpu", 0, 100), ("cpu", 72, 0)]) is None           # no memory
+
+
 # ------------------------------------------------------------------ layout caches
 
 def test_layout_cache_follows_length_and_dtype_at_one_address():

@@ -517,3 +517,65 @@ def test_turning_the_guard_on_after_updates_rebinds_the_launches():
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
+
+
+# ------------------------------------------------------------------------------ reliability round 4
+
+class _TwoVectors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(4))
+        self.b = nn.Parameter(torch.zeros(8))
+
+
+def test_a_target_inside_another_online_tensor_is_refused_and_the_online_network_never_written(hooks):
+    """H2: the shared-memory guard compared start addresses only, so a target tensor that is an offset view
+    into *another* online tensor passed it and update() wrote the online network. Now every target tensor's
+    bytes are checked against every online tensor's, at construction and after any change is followed."""
+    online, target = _TwoVectors(), _TwoVectors()
+    with torch.no_grad():
+        online.a.fill_(1.0)
+        online.b.copy_(torch.arange(8.0))
+    want = online.b.detach().clone()
+    target.a = nn.Parameter(online.b.detach()[4:])                       # inside online.b, 16 bytes in
+    with pytest.raises(ValueError, match=r"the target's 'a' shares memory with the online network's 'b'.*"
+                                         r"Nothing was written"):
+        TargetNetwork(online, target, tau=0.5)
+    assert torch.equal(online.b, want)
+
+    target = _TwoVectors()                                               # fine at construction, aliased after
+    tn = TargetNetwork(online, target, tau=0.5)
+    for alias in ("replaced", "storage moved"):
+        if alias == "replaced":
+            target.a = nn.Parameter(online.b.detach()[2:6])
+        else:
+            target.a = nn.Parameter(torch.zeros(4))
+            tn.update()                                                  # followed: a tensor of its own
+            target.a.data = online.b.detach()[1:5]
+        before = online.b.detach().clone()
+        with pytest.raises(ValueError, match=r"the target's 'a' shares memory with the online network's 'b'"):
+            tn.update()
+        assert torch.equal(online.b, before), alias
+    assert torch.equal(online.b, want)
+
+
+@pytest.mark.parametrize("change", ["transposed", "freed"])
+def test_refusals_after_construction_name_the_parameter_not_a_launch_position(change, hooks):
+    """L6: the refusals made while following a change named launch positions ("shadows[0] and sources[0]
+    are laid out differently", "the storage of sources[2] was freed"); now they name the parameter."""
+    online = models.mlp(5, 16, 16, 1)
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.5)
+    if change == "transposed":
+        online[2].weight.data = online[2].weight.data.t().contiguous().t()   # same shape, other layout
+        match = r"the target's '2.weight' and the online network's '2.weight' are laid out differently"
+    else:
+        online[2].bias.untyped_storage().resize_(0)
+        match = r"the storage of the online network's '2.bias' was freed"
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=match) as err:
+        tn.update()
+    assert "shadows[" not in str(err.value) and "sources[" not in str(err.value)
+    assert "Nothing was written" in str(err.value)
+    for k, v in before.items():
+        assert torch.equal(target.state_dict()[k], v), k
