@@ -203,12 +203,22 @@ def _tensors_of(model: nn.Module) -> dict:
     return out
 
 
-def _modules_of(model: nn.Module) -> tuple:
-    """``(tables, their lengths, submodules)`` of every module of ``model``: its ``_parameters``,
+def tables_of(*models: nn.Module) -> tuple:
+    """``(tables, their lengths, submodules)`` of every module of ``models``: its ``_parameters``,
     ``_buffers`` and ``_modules`` dicts, in that order, and what the ``_modules`` dicts hold."""
-    mods = list(model.modules())
+    mods = [m for model in models for m in model.modules()]
     tables = [t for m in mods for t in (m._parameters, m._buffers, m._modules)]
     return tables, list(map(len, tables)), [c for m in mods for c in m._modules.values()]
+
+
+def tables_changed(before: tuple | None) -> bool:
+    """Whether a module of :func:`tables_of`'s ``before`` holds more or fewer parameters, buffers or
+    submodules, or another submodule, now (a ``len()`` per table and an identity per submodule,
+    about a tenth of a name walk); True for no ``before``."""
+    if before is None:
+        return True
+    tables, counts, children = before
+    return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
 
 
 def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
@@ -378,12 +388,8 @@ class _ModelSide:
 
     def _modules_changed(self) -> bool:
         """Without the registration hooks: whether a module of the model holds more or fewer
-        parameters, buffers or submodules, or another submodule, than at the last check (a ``len()``
-        per module table and an identity per submodule, about a tenth of a name walk)."""
-        if self._modules_now is None:
-            return True
-        tables, counts, children = self._modules_now
-        return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
+        parameters, buffers or submodules, or another submodule, than at the last check."""
+        return tables_changed(self._modules_now)
 
     def _refuse_added(self) -> None:
         """Refuse, naming them, parameters and buffers added to the model after construction that this
@@ -436,7 +442,7 @@ class _ModelSide:
                 self._refuse_added()
         elif self._stale or self._modules_changed():
             self._refuse_added()
-            self._modules_now = _modules_of(_unwrap(self.model))    # what passed, for the next check
+            self._modules_now = tables_of(_unwrap(self.model))    # what passed, for the next check
         if changed:
             self._rebind()
             self._avg.refresh()                  # storage moved under a tensor the shadow already holds

@@ -126,12 +126,13 @@ class _Selection:
         self.tables, self.keys = [s[0] for s in slots], [s[1] for s in slots]
         owners = {id(s[0]): s[0] for s in slots}
         self.owner_tables = list(owners.values())
-        self.lengths = list(map(len, self.owner_tables))
         paths = {(id(p), k): (p, k, c) for s in slots for p, k, c in s[2]}
         self.path_tables = [p for p, _, _ in paths.values()]
         self.path_keys = [k for _, k, _ in paths.values()]
         self.path_children = [c for _, _, c in paths.values()]
         self.module_tables = list({id(p): p for p in self.path_tables}.values())
+        self.counted = self.owner_tables + self.module_tables
+        self.lengths = list(map(len, self.counted))
         self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
         self.sharded = bool(pieces)                     # then every average reads and writes local shards
         self.address = _sharded.local_address if self.sharded else _DATA_PTR
@@ -154,8 +155,8 @@ class _Selection:
         (dict lookups and identities, no name walk), else None."""
         if not all(map(operator.is_, map(dict.get, self.path_tables, self.path_keys), self.path_children)):
             return None
-        if list(map(len, self.owner_tables)) != self.lengths:
-            return None
+        if list(map(len, self.counted)) != self.lengths:
+            return None                                  # a tensor or module added or deleted: names again
         now = list(map(dict.get, self.tables, self.keys))
         return now if all(map(operator.is_, now, self.tensors)) else None
 
@@ -167,8 +168,7 @@ class _Selection:
             key = list(map(self.address, tensors))
         except (TypeError, RuntimeError):                # an empty slot; a tensor with no storage of its own
             return None
-        key.extend(map(len, self.owner_tables))
-        key.extend(map(len, self.module_tables))
+        key.extend(map(len, self.counted))
         return key
 
     def group(self, tensors: list) -> tuple:
@@ -305,6 +305,7 @@ class TargetNetwork:
                       if self._sel.sharded else [])
         self._stale = False                             # set by torch's registration hooks (see _groups)
         _model.watch((_unwrap(online), _unwrap(target)), self)
+        self._tables = None if _model._HOOKS else _model.tables_of(_unwrap(online), _unwrap(target))
         self._flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self._devices}
         self._flag_views = {d: _backends.kernel_view(f).reshape(-1) for d, f in self._flags.items()}
         self._on_gpu = any(d != "cpu" for d in self._devices)
@@ -413,12 +414,14 @@ class TargetNetwork:
         and a ``len()`` per module table on the way: torch's registration hooks (installed with
         :func:`fastema.torch.registration_hooks`, the default) mark this object stale when a
         parameter, buffer or submodule is set on a watched module, so no module identity is
-        checked unless one fired; writes the hooks do not see (``p.data = new``, a direct
-        ``_parameters[k] = t``, ``del model[0]``) show as an address or a length. One write shows
-        only without the hooks: a module put into a ``_modules`` dict directly, over another (the old
-        module's tensors, still alive, would be averaged), as for :class:`fastema.torch.EMA`.
+        checked unless one fired (then the names are looked up again: a tensor registered anywhere in
+        the networks is followed or refused by name); writes the hooks do not see (``p.data = new``, a
+        direct ``_parameters[k] = t``, ``del model[0]``) show as an address or a length. Two writes
+        show only without the hooks, as for :class:`fastema.torch.EMA`: a module put into a
+        ``_modules`` dict directly, over another (the old module's tensors, still alive, would be
+        averaged), and a tensor put directly into the dict of a module holding no tracked tensor.
         Without the hooks, the modules on the way and the tensors' identities are checked at every
-        step."""
+        step, and every module's tables (a ``len()`` each, an identity per submodule)."""
         sel = self._sel
         if not self._stale and _model._HOOKS:
             held = list(map(dict.get, sel.tables, sel.keys))
@@ -426,7 +429,8 @@ class TargetNetwork:
                 return sel.groups                        # the usual step: nothing moved
         if self._fsdp:                                   # a forward with no backward left unsharded copies
             _sharded.reshard(self._fsdp)
-        now = sel.current()
+        renamed = self._stale if _model._HOOKS else _model.tables_changed(self._tables)
+        now = None if renamed else sel.current()         # (a registration, a module's table: new names?)
         if now is not None and sel.key(now) == self._key and self._guard(now):
             self._stale = False
             return sel.groups
@@ -452,6 +456,7 @@ class TargetNetwork:
             sel.groups = groups
             self._key, self._guard = sel.key(now), sel.layout_guard(now)
         self._stale = False
+        self._tables = None if _model._HOOKS else _model.tables_of(_unwrap(self.online), _unwrap(self.target))
         return groups
 
     def update(self, step: int | None = None) -> None:

@@ -559,6 +559,53 @@ def test_a_target_inside_another_online_tensor_is_refused_and_the_online_network
     assert torch.equal(online.b, want)
 
 
+@pytest.mark.parametrize("change", ["layer added to both", "layer added to the online network",
+                                    "parameter on a module holding no tracked tensor",
+                                    "buffer on the online network's top module"])
+def test_added_layers_and_tensors_are_refused_by_name_not_silently_left_out(change, hooks):
+    """M1: a layer appended to both networks (or to the online one only), or a tensor registered on a
+    module that holds no tracked tensor, was accepted and never averaged. Now the names are looked up
+    again and the change refused by name with nothing written (as fastema.torch.EMA refuses additions)."""
+    online = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.5)
+    tn.update()
+    if change == "layer added to both":
+        online.append(nn.Linear(3, 2))
+        target.append(copy.deepcopy(online[3]))
+        name = "3.weight"
+    elif change == "layer added to the online network":
+        online.append(nn.Linear(3, 2))
+        name = "3.weight"
+    elif change == "parameter on a module holding no tracked tensor":
+        online[1].register_parameter("scale", nn.Parameter(torch.ones(3)))
+        target[1].register_parameter("scale", nn.Parameter(torch.ones(3)))
+        name = "1.scale"
+    else:
+        online.register_buffer("extra", torch.zeros(3))
+        name = "extra"
+    before = copy.deepcopy(target.state_dict())
+    state = tn.state_dict()
+    for _ in range(2):                                                    # refused again, not once
+        with pytest.raises(ValueError, match=re.escape(repr(name))):
+            tn.update()
+    for k, v in before.items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert tn.state_dict() == state
+
+
+def test_an_added_layer_that_matches_exclude_is_fine(hooks):
+    online = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.5, exclude=["3.*"])
+    online.append(nn.Linear(3, 2))
+    target.append(nn.Linear(3, 2))
+    kept = target[3].weight.detach().clone()
+    want = target[0].weight.lerp(online[0].weight, 0.5)
+    tn.update()
+    assert torch.equal(target[0].weight, want) and torch.equal(target[3].weight, kept)
+
+
 @pytest.mark.parametrize("change", ["transposed", "freed"])
 def test_refusals_after_construction_name_the_parameter_not_a_launch_position(change, hooks):
     """L6: the refusals made while following a change named launch positions ("shadows[0] and sources[0]
