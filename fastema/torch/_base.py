@@ -26,6 +26,7 @@ from ._model import (
     _tensors_of,
     _unwrap,
     _watch,
+    bump_versions,
 )
 from ._peft import announce, resolve_trainable_only
 
@@ -231,7 +232,9 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
 
         Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
-        are looked through); anything else raises before a tensor is written.
+        are looked through); anything else raises before a tensor is written. The tensors written
+        get their autograd version bumped, as by torch's ``copy_``: a backward through a graph
+        that saved the old weights raises.
         """
         if (model is None or model is self.model) and torch.compiler.is_compiling():
             written, read = self._ops["copy_to"]
@@ -281,6 +284,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
             self._masters.push()
         if self._copy is not None:
             self._copy.copy_to_sources()
+        bump_versions(self._avg.sources + (self._copy.sources if self._copy is not None else []))   # as torch's copy_
 
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an

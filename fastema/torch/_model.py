@@ -221,6 +221,24 @@ def tables_changed(before: tuple | None) -> bool:
     return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
 
 
+def _version_bump():
+    """torch's version-counter bump of a list of tensors in one C call, or one tensor at a time
+    where this torch's takes one (torch < 2.5)."""
+    bump = torch.autograd.graph.increment_version
+    try:
+        bump([torch.empty(0)])
+        return getattr(torch._C, "_increment_version", bump)
+    except TypeError:
+        return lambda tensors: [bump(t) for t in tensors]
+
+
+bump_versions = _version_bump()
+"""``bump_versions(tensors)``: tell autograd that fastema's kernels wrote ``tensors`` in place, as
+torch's own in-place operations do (also under ``no_grad``): a backward through a graph that
+saved their old values raises "modified by an inplace operation" instead of using the new ones.
+No sync, no allocation (~0.03 us a tensor)."""
+
+
 def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
     """What ``trainable_only=True`` leaves out: a parameter with ``requires_grad=False``, a buffer
     of a module with no trainable parameter of its own (a frozen base model's statistics)."""

@@ -134,6 +134,7 @@ class _Selection:
         self.counted = self.owner_tables + self.module_tables
         self.lengths = list(map(len, self.counted))
         self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
+        self.written = self.tensors[:len(averaged) + len(copied)]     # by the kernels: versions bumped by hand
         self.sharded = bool(pieces)                     # then every average reads and writes local shards
         self.address = _sharded.local_address if self.sharded else _DATA_PTR
         self.specs = [(t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) for t in self.tensors]
@@ -223,7 +224,8 @@ class TargetNetwork:
     a target made by ``copy.deepcopy(online)`` matches. Shapes and devices must match; dtypes may
     differ among float32, bfloat16, float16 and float64 (a float32 target of a bfloat16 online
     network). The target's ``requires_grad`` is left as it is; the kernels write its memory
-    directly (no autograd, as under ``torch.no_grad()``).
+    directly (no autograd, as under ``torch.no_grad()``) and bump its version counters, as torch's
+    in-place operations do (a backward that saved the old target raises).
 
     Every ``update()`` checks that both modules still hold the tensors it paired (a dict lookup,
     one ``data_ptr()`` and a layout check a tensor, with torch's registration hooks watching the
@@ -487,7 +489,8 @@ class TargetNetwork:
                 self.plan.done(pending)
                 return
         self._launch_update(step, pending, plan)
-        self.plan.done(pending)
+        _model.bump_versions(self._sel.written)         # as torch's lerp_ does: a backward that saved the old
+        self.plan.done(pending)                          # target raises ("modified by an inplace operation")
 
     def _launch_update(self, step: int | None, pending, plan: DevicePlan | None) -> None:
         """The launches of one update: with ``plan`` (a device plan), its step and the launches
@@ -590,6 +593,7 @@ class TargetNetwork:
             _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1)
         if ints[0]:
             _model.copy_unless_flagged_(ints[0], ints[1], None)
+        _model.bump_versions(self._sel.written)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -728,3 +728,24 @@ def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypa
     monkeypatch.undo()
     assert (tmp_path / "a.pt").read_bytes() == old
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# reliability round 4, M8: copy_to() wrote the model through the kernels without bumping autograd's version
+# counters, so a backward through a graph that saved the old weights ran silently with the averaged ones; torch's
+# own in-place copy (what load_state_dict does under no_grad) makes it raise, and so does copy_to now
+def test_copy_to_bumps_autograd_versions_so_a_stale_backward_raises_as_with_torch_copy():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ema = EMA(model, 0.5, buffers="average")
+    moved(ema, model)
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 4, requires_grad=True)
+    for net, write in ((reference, lambda: reference.load_state_dict(ema.averaged_state_dict())),
+                       (model, ema.copy_to)):
+        y = net(x).sum()
+        with torch.no_grad():
+            write()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    for (n, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b) or not a.is_floating_point(), n          # (copy_to leaves the counters)
+    model(x).sum().backward()                                            # a graph made after the copy is fine

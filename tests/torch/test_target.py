@@ -606,6 +606,27 @@ def test_an_added_layer_that_matches_exclude_is_fine(hooks):
     assert torch.equal(target[0].weight, want) and torch.equal(target[3].weight, kept)
 
 
+@pytest.mark.parametrize("write", ["update", "hard_update"])
+def test_writes_bump_autograd_versions_so_a_stale_backward_raises_as_with_torch_lerp(write):
+    """M8: the kernels wrote the target without bumping autograd's version counters, so a backward through
+    a graph that saved the old target weights ran silently with the new ones. torch's own soft update
+    (``_foreach_lerp_`` under no_grad) makes that backward raise; so does fastema's now."""
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.5)
+    reference = copy.deepcopy(target)
+    x = torch.randn(3, 5, requires_grad=True)
+    for net, write_it in ((reference, lambda: torch._foreach_lerp_(list(reference.parameters()),
+                                                                   [p.detach() for p in online.parameters()], 0.5)),
+                          (target, getattr(tn, write))):
+        y = net(x).sum()
+        with torch.no_grad():
+            write_it()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    y = target(x).sum()                                                  # a graph made after the write is fine
+    y.backward()
+
+
 @pytest.mark.parametrize("change", ["transposed", "freed"])
 def test_refusals_after_construction_name_the_parameter_not_a_launch_position(change, hooks):
     """L6: the refusals made while following a change named launch positions ("shadows[0] and sources[0]
