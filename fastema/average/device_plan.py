@@ -19,6 +19,7 @@ up to date.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,7 +67,7 @@ from ..schedules import (
 )
 from .plan import Plan
 
-__all__ = ["DevicePlan", "parameters"]
+__all__ = ["DevicePlan", "check_state", "parameters"]
 
 _SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
                    PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE, Cosine: COSINE, Linear: LINEAR,
@@ -119,6 +120,19 @@ def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
             tables.append(np.array(_table(s), np.float64))
         return np.concatenate(tables), np.array(starts, np.float64)
     return params, np.array([_row_parameter(s) for s in plan.schedules], np.float64)
+
+
+def check_state(plan: Plan, state: dict, seed: int, problems: list) -> None:
+    """Append to ``problems`` why a device plan cannot run ``state`` (a :meth:`Plan.state` that
+    :meth:`Plan.check_state` passed for ``plan``): :func:`parameters` of that candidate, checked
+    with the load's other checks, so that a refused load changes neither the host plan nor the
+    device's (:meth:`DevicePlan.load` would refuse it only after the host plan had loaded it)."""
+    candidate = copy.deepcopy(plan)
+    candidate.load_state(state)
+    try:
+        parameters(candidate, seed)
+    except ValueError as err:
+        problems.append(str(err))
 
 
 def _capacity(rows: int) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 from .. import schedules
 from ..average import Average, EMAOptions, Face
 from ..average.device_plan import DevicePlan
+from ..average.device_plan import check_state as check_device_state
 from ..flat import FlatShadow
 from . import _compile
 from ._base import _ModelAverage
@@ -236,7 +237,10 @@ class EMA(Face, _ModelAverage, PeftExport):
         return self._core.plan_state()
 
     def _check_extra(self, state: dict, problems: list) -> None:
+        known = len(problems)
         self._core.check_plan_state(state, problems)
+        if self._plan_on_device is not None and len(problems) == known:   # before anything is written (M4)
+            check_device_state(self.plan, state, state["seed"], problems)
 
     def _load_extra(self, state: dict) -> None:
         self._core.load_plan_state(state)

@@ -12,8 +12,10 @@ from .. import _backends, _launch
 from .._backends.torch import refuse_foreign, span
 from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
+from ..average.device_plan import check_state as check_device_state
 from ..average.plan import Plan
 from ..ops import pair_groups
+from ..schedules import MOMENTUM_SCHEDULES, Constant, NumUpdates, PowerWarmup, from_state
 from . import _compile, _model, _sharded
 from ._model import _matches, _patterns, _unwrap, normalize_name
 
@@ -23,6 +25,7 @@ FORMAT = "fastema.torch.TargetNetwork"
 VERSION = 1
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MOMENTUMS = (Constant, NumUpdates, PowerWarmup, *MOMENTUM_SCHEDULES)   # what momentum= and warmup= make
 _DATA_PTR = torch.Tensor.data_ptr
 
 
@@ -626,6 +629,15 @@ class TargetNetwork:
                 problems.append("the checkpoint has no plan state")
             else:
                 self.plan.check_state(plan, problems)
+                if not problems:                         # what TargetNetwork(...) itself refuses
+                    other = [s["kind"] for s in plan["schedules"] if not isinstance(from_state(s), _MOMENTUMS)]
+                    if other:
+                        problems.append(f"its schedule is {other[0]!r}, which momentum= does not take (a float, a "
+                                        f"warm-up or a momentum schedule: Cosine, Linear, PiecewiseConstant)")
+                    if plan["debias"]:
+                        problems.append("its plan is debiased (debias=True), which a target network is not")
+                if not problems and self._device_plan is not None:
+                    check_device_state(self.plan, plan, self.seed, problems)
         if problems:
             raise ValueError("cannot load this TargetNetwork state: " + "; ".join(problems) + ". Nothing was loaded.")
         self.plan.load_state(state["plan"])

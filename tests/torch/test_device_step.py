@@ -109,6 +109,32 @@ def test_checkpoint_round_trip_keeps_the_device_plan():
     assert all(math.isfinite(x) for x in b.state_dict()["norms"])
 
 
+def test_a_checkpoint_the_device_plan_cannot_run_is_refused_before_anything_is_written():
+    """Reliability round 4, M4: a BEMA checkpoint loaded into an EMA with the plan on the device was
+    refused only by the device plan, after the shadow and the host plan had taken the checkpoint's
+    values (the shadow moved, the host plan said BEMA). Now the device plan's check runs with the
+    others: refused, nothing changed."""
+    from fastema.schedules import BEMA
+
+    m = model()
+    dev = EMA(m, 0.9, device_step=True)
+    for step in range(3):
+        train_step(m, step)
+        dev.update()
+    saved = dev.state_dict()
+    saved["averaged"] = {n: v + 5 for n, v in saved["averaged"].items()}     # other values than dev's
+    saved["schedules"] = [BEMA().state()]                                      # a host plan takes it
+    before, plan = dev.state_dict(), dev.plan.state()
+    with pytest.raises(ValueError, match="bema= keeps its bias correction on the host.*Nothing was loaded"):
+        dev.load_state_dict(saved)
+    after = dev.state_dict()
+    assert dev.plan.state() == plan
+    for n, v in before["averaged"].items():
+        assert torch.equal(after["averaged"][n], v), n
+    assert {k: v for k, v in after.items() if k not in ("averaged", "copied", "integer")} == \
+        {k: v for k, v in before.items() if k not in ("averaged", "copied", "integer")}
+
+
 def test_device_step_is_off_on_the_cpu_by_default_and_checked():
     assert not EMA(model(), 0.9).device_step
     with pytest.raises(TypeError, match="device_step must be True, False or None"):

@@ -627,6 +627,31 @@ def test_writes_bump_autograd_versions_so_a_stale_backward_raises_as_with_torch_
     y.backward()
 
 
+_BEMA_STATES = {"bema": S.BEMA().state(), "power_function": S.PowerFunction(7.0).state(),
+                "half_life": S.HalfLife(50.0).state()}
+
+
+@pytest.mark.parametrize("kind", sorted(_BEMA_STATES))
+@pytest.mark.parametrize("device_step", [False, True])
+def test_load_refuses_schedules_the_constructor_refuses_and_changes_nothing(kind, device_step):
+    """L1: load_state_dict took BEMA, power-function and half-life schedules, which TargetNetwork(...)
+    refuses. M4: with the device plan, a schedule it cannot run was refused only after the host plan had
+    loaded it (the host and the device then disagreed). Now both are refused first, nothing changed."""
+    online, target = pair()
+    tn = TargetNetwork(online, target, tau=0.1, device_step=device_step)
+    for _ in range(2):
+        tn.update()
+    good, host = tn.state_dict(), tn.plan.state()
+    bad = {**good, "plan": {**good["plan"], "schedules": [_BEMA_STATES[kind]], "updates": 77, "calls": 77}}
+    with pytest.raises(ValueError, match=f"{kind}.*Nothing was loaded"):
+        tn.load_state_dict(bad)
+    assert tn.plan.state() == host and tn.state_dict() == good
+    debiased = {**good, "plan": {**good["plan"], "debias": True}}
+    with pytest.raises(ValueError, match="debias.*Nothing was loaded"):
+        tn.load_state_dict(debiased)
+    assert tn.plan.state() == host and tn.state_dict() == good
+
+
 @pytest.mark.parametrize("change", ["transposed", "freed"])
 def test_refusals_after_construction_name_the_parameter_not_a_launch_position(change, hooks):
     """L6: the refusals made while following a change named launch positions ("shadows[0] and sources[0]
