@@ -22,7 +22,8 @@ def _torch_lerp(t: torch.Tensor, s: torch.Tensor, weight: float) -> None:
     t.lerp_(s.to(t.device, t.dtype), weight)
 
 
-def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_torch_lerp) -> None:
+def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_torch_lerp,
+               names: tuple[str, str] = ("target_params", "params")) -> None:
     """``targets[i] <- lerp(targets[i], sources[i], weight)`` for every pair: one fastema launch per
     (device, dtype) group for the pairs the kernels take, and ``slow(t, s, weight)`` (torch's own
     lerp by default) under ``torch.no_grad()`` for the rest, as the originals compute them:
@@ -30,8 +31,10 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
     and pairs laid out differently (see :func:`kernel_pair`).
 
     The usual step (the same tensors as last time) is one launch per group after a key of the
-    addresses (:func:`fastema.ops.cached_pair_groups`). Otherwise ``check(i, t, s, fast)`` runs for
-    every pair before anything is written (``fast``: the kernels take it), to refuse a call."""
+    addresses (:func:`fastema.ops.cached_pair_groups`). Otherwise every pair is checked before
+    anything is written: both torch tensors (``TypeError`` naming the position in the lists
+    ``names``, SB3's argument names by default), then ``check(i, t, s, fast)`` (``fast``: the
+    kernels take it), to refuse a call."""
     if not targets:
         return
     groups = cached_pair_groups(targets, sources)   # the usual step: these pairs, as last time
@@ -40,6 +43,10 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
         return
     fast_t, fast_s, rest = [], [], []
     for i, (t, s) in enumerate(zip(targets, sources)):
+        for name, x in zip(names, (t, s)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a torch.Tensor: pass the networks' "
+                                f"floating tensors (e.g. net.parameters()), one for one. Nothing was written.")
         fast = kernel_pair(t, s)
         if check is not None:
             check(i, t, s, fast)

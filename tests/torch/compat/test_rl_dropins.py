@@ -177,6 +177,23 @@ def test_integer_targets_shape_and_device_mismatches_are_refused_before_anything
         assert all(torch.equal(t, b) for t, b in zip(target.parameters(), before))
 
 
+# reliability round 4, L2: a non-tensor in the lists (None, a NumPy array) gave Python's own AttributeError
+# ('NoneType' object has no attribute 'dtype'); now a TypeError names the position and what is expected
+@pytest.mark.parametrize("where", ["params", "target_params"])
+@pytest.mark.parametrize("other", [None, np.ones(3, np.float32), [1.0, 2.0, 3.0]])
+def test_a_non_tensor_in_the_lists_is_refused_by_position_and_changes_nothing(where, other):
+    online, target = _pair()
+    before = [t.clone() for t in target.parameters()]
+    params, target_params = list(online.parameters()), list(target.parameters())
+    (params if where == "params" else target_params)[1] = other
+    with pytest.raises(TypeError, match=rf"^{where}\[1\] is a {type(other).__name__}, not a torch.Tensor.*"
+                                        rf"Nothing was written"):
+        polyak_update(params, target_params, 0.5)
+    assert all(torch.equal(t, b) for t, b in zip(target.parameters(), before))
+    with pytest.raises(TypeError, match=r"^target_params\[0\] is a ndarray"):
+        polyak_update([np.ones(3, np.float32)], [np.zeros(3, np.float32)], 0.5)
+
+
 # ------------------------------------------------------------------------ SB3: a real SAC learner
 
 def test_sb3_sac_with_fastemas_polyak_update_matches_sb3s_own(monkeypatch, one_thread):
