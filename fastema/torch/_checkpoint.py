@@ -20,7 +20,7 @@ from .._interrupts import ctrl_c_held
 from .._state import check_header, refuse_load
 from . import _sharded
 from ._model import _local_key, _match_names, _unwrap
-from ._safetensors import stream_safetensors
+from ._safetensors import stream_safetensors, stream_torch_save
 
 __all__ = ["FORMAT", "VERSION"]
 
@@ -277,11 +277,11 @@ class _CheckpointSide:
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
 
-        ``model.load_state_dict(torch.load(path))`` loads it. A ``.safetensors`` path is streamed:
-        each tensor is converted to the model's dtype and copied to the host in turn, so peak memory
-        is one tensor (``safetensors.torch.load_file`` reads it). Any other path is written with
-        ``torch.save``, which serialises one dict: it holds a host copy of the averaged weights (in the
-        model's dtypes; none on the GPU) while it writes. The file gets the mode ``torch.save`` would
+        ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor is
+        converted to the model's dtype and copied to the host in turn, so peak memory is one tensor. A
+        ``.safetensors`` path is read by ``safetensors.torch.load_file``; any other path gets
+        ``torch.save``'s format (the file ``torch.save`` writes of the host copies, written by torch's own
+        serializer, each record from its tensor as it is written). The file gets the mode ``torch.save`` would
         give it (0666 less the umask); temporary files left by a save that was killed are removed by
         the next save to the same path. On a sharded average it is a collective: every rank gathers the
         full tensors one at a time (see :meth:`full_state_dict`), global rank 0 keeps host copies of
@@ -303,8 +303,5 @@ class _CheckpointSide:
                        for name, t, _, value in self._state_entries(row)}
         if stream:
             _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
-        else:                              # torch.save serialises one dict: a host copy of the weights
-            copied = self.sharded              # rank 0's gathered tensors are host copies already
-            _atomic_write(path, lambda f: torch.save(
-                {k: (v if copied else v.to("cpu", dtype, copy=True)).contiguous() for k, (v, dtype) in tensors.items()},
-                f))
+        else:                              # torch.save's format, one host copy at a time
+            _atomic_write(path, lambda f: stream_torch_save(f, tensors))

@@ -1,14 +1,16 @@
-"""The safetensors writer that streams torch tensors one at a time (snapshots, ``save()``): peak
-host memory is one tensor, where the safetensors library serialises a whole dict held in memory."""
+"""The writers that stream torch tensors one at a time (snapshots, ``save()``): safetensors, and
+``torch.save``'s format. Peak host memory is one tensor, where the safetensors library and
+``torch.save`` serialise a whole dict held in memory."""
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 import zlib
 
 import torch
 
-__all__ = ["SAFETENSORS_DTYPES", "stream_safetensors"]
+__all__ = ["SAFETENSORS_DTYPES", "stream_safetensors", "stream_torch_save"]
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
@@ -72,6 +74,53 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
         f.seek(start + 8)
         f.write(filled)
         f.seek(end)
+
+
+def stream_torch_save(f, tensors: dict) -> None:
+    """Write ``tensors`` (``name -> (tensor, dtype)``, on any device) to ``f`` as ``torch.save`` writes
+    ``{name: tensor.to("cpu", dtype, copy=True).contiguous()}`` (the same records, byte for byte), but
+    converting and copying one tensor at a time, when torch writes its record: peak memory is the
+    largest tensor, not the dict. torch's own writer does it all: it pickles stand-ins (``torch.empty``
+    host tensors of each shape and dtype, address space that is never touched: no memory), and each
+    stand-in's record is written from one host buffer that the tensor it stands for is copied into
+    (converted, in C order). A torch without these private writer functions gets ``torch.save`` of the
+    host copies."""
+    ser = torch.serialization
+    save, opener = getattr(ser, "_save", None), getattr(ser, "_open_zipfile_writer", None)
+    if save is None or opener is None:
+        torch.save({k: t.detach().to("cpu", dtype, copy=True).contiguous() for k, (t, dtype) in tensors.items()}, f)
+        return
+    stand_ins, sources = {}, {}
+    for name, (t, dtype) in tensors.items():
+        stand_ins[name] = s = torch.empty(tuple(t.shape), dtype=dtype)
+        if s.numel():
+            sources[s.data_ptr()] = (t, dtype)
+    largest = max((s.numel() * s.element_size() for s in stand_ins.values()), default=0)
+    with opener(f) as writer:
+        save(stand_ins, _FromSources(writer, sources, largest), pickle, ser.DEFAULT_PROTOCOL, False)
+
+
+class _FromSources:
+    """torch's zip writer, writing the record of each stand-in (found by its address: torch hands its
+    storage, or its address in older releases) from the tensor it stands for, copied into one buffer."""
+
+    def __init__(self, writer, sources: dict, largest: int):
+        self._writer, self._sources = writer, sources
+        self._buffer = torch.empty(largest, dtype=torch.uint8)      # reused: one allocation, not one a tensor
+
+    def write_record(self, name: str, data, nbytes: int) -> None:
+        address = data if isinstance(data, int) else data.data_ptr() if hasattr(data, "data_ptr") else None
+        source = self._sources.pop(address, None)
+        if source is None:                                  # the pickle, the version records
+            self._writer.write_record(name, data, nbytes)
+            return
+        t, dtype = source
+        self._buffer[:nbytes].view(dtype).view(t.shape).copy_(t.detach())     # converted, C order
+        buffer = self._buffer.data_ptr() if isinstance(data, int) else self._buffer.untyped_storage()
+        self._writer.write_record(name, buffer, nbytes)    # its first nbytes, as torch would hand them
+
+    def __getattr__(self, attr: str):
+        return getattr(self._writer, attr)
 
 
 def _installed_names() -> dict:
