@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
-from .ema import _as_tf_variable
+from .ema import _as_tf_variable, _weak
 
 __all__ = ["AverageVariable", "ExponentialMovingAverage"]
 
@@ -83,6 +83,7 @@ class ExponentialMovingAverage:
         self._applied: list = []                              # the averaged variables, in order
         self._plans: dict[tuple, _Plan] = {}
         self._functions: dict[tuple, Any] = {}
+        self._lists: dict[tuple, list] = {}                   # key -> the variables of its apply()
         self._error: BaseException | None = None
 
     @property
@@ -168,9 +169,9 @@ class ExponentialMovingAverage:
 
     def _op(self, tf_vars: list, key: tuple):
         values = [v.value() for v in tf_vars]               # after the step's writes (program order)
-        out = tf.numpy_function(lambda w, *arrays: self._host_apply(key, tf_vars, w, arrays),
-                                [self._decay_tensor(), *values], tf.int64, stateful=True, name="fastema_apply")
-        return out
+        self._lists[key] = tf_vars                          # (the op's body holds neither them nor this object)
+        return tf.numpy_function(_weak(self._host_apply, key), [self._decay_tensor(), *values], tf.int64,
+                                 stateful=True, name="fastema_apply")
 
     def _plan(self, key: tuple, tf_vars: list) -> _Plan:
         plan = self._plans.get(key)
@@ -188,12 +189,13 @@ class ExponentialMovingAverage:
             plan = self._plans[key] = _Plan(whole, single)
         return plan
 
-    def _host_apply(self, key: tuple, tf_vars: list, w, arrays) -> np.int64:
-        """The graph op's body: ``arrays`` are the variables' own buffers (no copy on the CPU)."""
+    def _host_apply(self, key: tuple, w, *values) -> np.int64:
+        """The graph op's body: ``values`` are the variables' own buffers (no copy on the CPU)."""
         try:
+            tf_vars = self._lists[key]
             # a 0-d variable comes as a NumPy scalar, whose __array_interface__ is a temporary's (freed
             # at once): every source as an ndarray, kept by the shadow (adopt) until the next apply
-            arrays = [np.asarray(a) for a in arrays]
+            arrays = [np.asarray(a) for a in values]
             plan = self._plan(key, tf_vars)
             weight = float(w)
             if not 0.0 <= weight <= 1.0:
@@ -309,7 +311,7 @@ class AverageVariable(tf.__internal__.tracking.Trackable):   # type: ignore[name
         """The average as a new tensor (inside a ``tf.function``: read when the graph runs, in program order)."""
         if tf.executing_eagerly():
             return tf.constant(self.numpy())
-        out = tf.numpy_function(self.numpy, [], self._dtype, stateful=True, name="fastema_average")
+        out = tf.numpy_function(_weak(self.numpy), [], self._dtype, stateful=True, name="fastema_average")
         out.set_shape(self._shape)
         return out
 
@@ -318,7 +320,7 @@ class AverageVariable(tf.__internal__.tracking.Trackable):   # type: ignore[name
     def assign(self, value, read_value: bool = True):
         """Write ``value`` (of this shape) into the average (eagerly; inside a ``tf.function``, when the graph runs)."""
         if not tf.executing_eagerly():
-            op = tf.numpy_function(lambda a: self._write(a), [tf.convert_to_tensor(value, self._dtype)], tf.int64,
+            op = tf.numpy_function(_weak(self._write), [tf.convert_to_tensor(value, self._dtype)], tf.int64,
                                    stateful=True, name="fastema_average_assign")
             with tf.control_dependencies([op]):
                 return self.value() if read_value else tf.no_op()

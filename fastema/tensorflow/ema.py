@@ -10,7 +10,8 @@ and SavedModel (see :mod:`fastema.tensorflow._checkpoint`).
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager, Sequence
+import weakref
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +34,24 @@ def _as_tf_variable(v, i: int):
         return v, v.name
     raise TypeError(f"variables[{i}] is a {type(v).__module__}.{type(v).__name__}; fastema.tensorflow.EMA "
                     f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
+
+
+def _weak(method, *bound) -> Callable:
+    """``method`` (a bound method) called through a weak reference to its object, with ``bound``
+    first: the Python body of a ``tf.numpy_function`` op. TensorFlow keeps an op's function for as
+    long as the outermost graph lives (for ops traced from eager code: the eager context's, for
+    good), so a bound method there would keep the EMA, its shadow and the model's variables alive
+    after the last reference to it is gone."""
+    owner, func, cls = weakref.ref(method.__self__), method.__func__, type(method.__self__)
+    module = cls.__module__[:-len(".ema")] if cls.__module__.endswith(".ema") else cls.__module__
+
+    def body(*args):
+        obj = owner()
+        if obj is None:
+            raise RuntimeError(f"the {module}.{cls.__name__} this graph op uses was deleted; keep a reference to "
+                               f"it for as long as the tf.function that uses it runs")
+        return func(obj, *bound, *args)
+    return body
 
 
 #: What fastema.tensorflow.EMA refuses, and why: every other option is taken.
@@ -158,7 +177,8 @@ class EMA(tf.Module, Face):
 
     def _graph_update(self, step):
         values = [v.value() for v in self._rt.variables]     # read after the step's writes (program order)
-        out = tf.numpy_function(self._host_update, [step, *values], tf.int64, stateful=True, name="fastema_update")
+        out = tf.numpy_function(_weak(self._host_update), [step, *values], tf.int64, stateful=True,
+                                name="fastema_update")
         out.set_shape([])
         return out
 
@@ -279,9 +299,12 @@ class EMA(tf.Module, Face):
         if _checkpoint.savedmodel_trace():
             return _checkpoint.traced_placeholder(self._core)
         # traced in a tf.function that writes a checkpoint: read when it runs, never baked into the graph
-        state = tf.numpy_function(lambda: _checkpoint.pack(self._core)[0], [], tf.string, stateful=True)
-        blob = tf.numpy_function(lambda: _checkpoint.pack(self._core)[1], [], tf.uint8, stateful=True)
+        state = tf.numpy_function(_weak(self._packed, 0), [], tf.string, stateful=True)
+        blob = tf.numpy_function(_weak(self._packed, 1), [], tf.uint8, stateful=True)
         return {_checkpoint.STATE: tf.reshape(state, []), _checkpoint.SHADOW: tf.reshape(blob, [-1])}
+
+    def _packed(self, part: int):
+        return _checkpoint.pack(self._core)[part]
 
     def _restore_from_tensors(self, restored_tensors: dict):
         """TensorFlow's restore hook: everything is checked before anything is written; a checkpoint

@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -439,6 +440,38 @@ def test_made_inside_a_tf_function_and_eager_only_calls_refused_there():
             tf.function(lambda: call(made[0]))()
     np.testing.assert_array_equal(v.numpy(), [5.0, 6.0])
     assert made[0].updates == 2 and not made[0].swapped
+
+
+def test_an_ema_that_has_updated_is_freed_when_deleted():
+    """reliability round 4, M3: the graph op's Python body was a bound method, which TensorFlow keeps
+    for good (its py-func registry, in the eager context's graph): every EMA that had updated stayed
+    alive, with its shadow and the model's variables. A graph that outlives its EMA says so."""
+    import gc
+    import weakref
+
+    def made(how):
+        v = tf.Variable(tf.ones((64, 64)))
+        ema = EMA([v], 0.5)
+        if how == "eager":
+            ema.update()
+        elif how == "tf.function":
+            tf.function(lambda: ema.update())()
+        else:                                             # a checkpoint written inside a tf.function
+            checkpoint = tf.train.Checkpoint(ema=ema)
+            tf.function(lambda: checkpoint.write(tf.constant(how)))()
+        return weakref.ref(ema), weakref.ref(v)
+
+    with tempfile.TemporaryDirectory() as d:
+        refs = [made(how) for how in ("eager", "tf.function", os.path.join(d, "ckpt"))]
+        gc.collect()
+        assert [(ema(), v()) for ema, v in refs] == [(None, None)] * 3
+    holder = [EMA([tf.Variable([1.0, 2.0])], 0.5)]
+    step = tf.function(lambda: holder[0].update())
+    step()
+    holder.clear()
+    gc.collect()
+    with pytest.raises(tf.errors.OpError, match="fastema.tensorflow.EMA this graph op uses was deleted"):
+        step()
 
 
 def test_async_checkpoint_saves_the_ema_as_it_was_when_saved(tmp_path):

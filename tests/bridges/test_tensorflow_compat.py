@@ -174,6 +174,38 @@ def test_average_reads_assigns_and_swaps_like_a_variable():
     np.testing.assert_array_equal(avg.numpy(), [1.5, 2.5])
 
 
+def test_an_average_that_has_applied_is_freed_when_deleted():
+    """reliability round 4, M3: the graph op's Python body was a lambda over the object, which
+    TensorFlow keeps for good (its py-func registry, in the eager context's graph): every drop-in
+    that had applied stayed alive, with its shadow and the variables. A graph that outlives it says so."""
+    import gc
+    import weakref
+
+    def made(how):
+        v = tf.Variable(tf.ones((64, 64)))
+        ema = ExponentialMovingAverage(0.5)
+        if how == "eager":
+            ema.apply([v])
+        elif how == "tf.function":
+            tf.function(lambda: ema.apply([v]) and None)()
+        else:                                             # the average read and assigned in a tf.function
+            ema.apply([v])
+            tf.function(lambda: ema.average(v).assign(ema.average(v).value() * 2))()
+        return weakref.ref(ema), weakref.ref(v)
+
+    refs = [made(how) for how in ("eager", "tf.function", "read and assigned")]
+    gc.collect()
+    assert [(ema(), v()) for ema, v in refs] == [(None, None)] * 3
+    v = tf.Variable([1.0, 2.0])
+    holder = [ExponentialMovingAverage(0.5)]
+    step = tf.function(lambda: holder[0].apply([v]) and None)            # returns no op
+    step()
+    holder.clear()
+    gc.collect()
+    with pytest.raises(tf.errors.OpError, match="ExponentialMovingAverage this graph op uses was deleted"):
+        step()
+
+
 def test_bad_inputs_are_refused_as_tensorflow_refuses_them():
     ema = ExponentialMovingAverage(0.9)
     for ours_or_tf in (ema, tf.train.ExponentialMovingAverage(0.9)):
