@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
-from .ema import _as_tf_variable, _weak
+from .ema import _as_tf_variable, _in_replica_context, _weak
 
 __all__ = ["AverageVariable", "ExponentialMovingAverage"]
 
@@ -104,8 +104,12 @@ class ExponentialMovingAverage:
 
         Returns:
             None when running eagerly; inside a ``tf.function``, the update as an ``Operation``
-            (run in program order, after the step's writes to the variables).
+            (run in program order, after the step's writes to the variables). Inside ``strategy.run``
+            of a distribution strategy it applies once per step, from the cross-replica context (a
+            ``merge_call``), as TensorFlow's does.
         """
+        if _in_replica_context():
+            return tf.distribute.get_replica_context().merge_call(lambda _: self.apply(var_list))
         if var_list is None:
             var_list = tf.compat.v1.trainable_variables()
         tf_vars = []

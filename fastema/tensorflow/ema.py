@@ -54,6 +54,17 @@ def _weak(method, *bound) -> Callable:
     return body
 
 
+def _in_replica_context() -> bool:
+    """Inside ``strategy.run`` of a distribution strategy: a replica context, where the step function
+    runs (and is traced) once per replica."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
+def _local(value):
+    """One replica's ``value`` in a merge_call's function (the same for every replica: a step, an int)."""
+    return value if value is None else tf.distribute.get_strategy().experimental_local_results(value)[0]
+
+
 #: What fastema.tensorflow.EMA refuses, and why: every other option is taken.
 REFUSED = HOST_ONLY_REFUSALS
 
@@ -153,7 +164,14 @@ class EMA(tf.Module, Face):
         ``step`` may then be a tensor. The graph op runs fastema's kernel on the host, on the
         variables' own buffers (CPU variables; with variables on a GPU call ``update()`` eagerly,
         after the step). ``jit_compile=True`` functions cannot hold it (XLA compiles no Python).
+
+        Inside ``strategy.run`` of a distribution strategy (``MirroredStrategy``: once per replica)
+        it updates once per step, from the cross-replica context (a ``merge_call``), as
+        ``tf.train.ExponentialMovingAverage`` does; it reads the variables there (a mirrored
+        variable's replicas hold the same values), and every replica gets the count.
         """
+        if _in_replica_context():
+            return tf.distribute.get_replica_context().merge_call(lambda _, s: self.update(_local(s)), args=(step,))
         if not tf.executing_eagerly():
             return self._traced_update(step)
         self._not_swapped("update()")

@@ -1,5 +1,6 @@
 """fastema.tensorflow.EMA and TensorFlow tensors at the array level, on the CPU: a GradientTape
 training loop against a float64 reference, mixed precision, exact swaps, checkpoints, bad input."""
+import json
 import os
 import pickle
 import subprocess
@@ -382,6 +383,59 @@ def test_savedmodel_carries_the_average(tmp_path):
     assert fresh.updates == 4
     for a, b in zip(fresh.averages(), ema.averages()):
         assert a.numpy().tobytes() == b.numpy().tobytes()
+
+
+MIRRORED = r"""
+import json
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from fastema.tensorflow import EMA
+from fastema.tensorflow.compat import ExponentialMovingAverage
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    w = tf.Variable(tf.zeros((4,)))
+    theirs = tf.train.ExponentialMovingAverage(0.5)
+    theirs.apply([w])
+ema, ours, stepped = EMA([w], 0.5), ExponentialMovingAverage(0.5), EMA([w], 0.5, warmup="num_updates")
+ours.apply([w])
+steps = tf.Variable(0, dtype=tf.int64)
+
+def replica():
+    w.assign_add(tf.ones((4,)))
+    ours.apply([w])
+    theirs.apply([w])
+    stepped.update(step=steps + 1)
+    return ema.update()
+
+graph_step = tf.function(lambda: strategy.run(replica))
+out = {"counts": [], "averages": []}
+for step in (graph_step, graph_step, lambda: strategy.run(replica), graph_step):
+    counts = step()
+    steps.assign_add(1)
+    out["counts"].append([None if c is None else int(c) for c in strategy.experimental_local_results(counts)])
+    out["averages"].append([a.numpy().tolist() for a in (ema.averages()[0], ours.average(w), theirs.average(w))])
+out["updates"] = [ema.updates, stepped.updates]
+print(json.dumps(out))
+"""
+
+
+def test_inside_a_mirrored_strategy_the_average_updates_once_per_step_as_tensorflows_does():
+    """reliability round 4, H1: update() and the drop-in's apply() inside strategy.run (traced once per
+    replica) updated once per replica: two updates per step on two replicas. They update once, through
+    a merge_call to the cross-replica context, as tf.train.ExponentialMovingAverage does. Two logical CPUs
+    must be set before TensorFlow starts: a process of its own."""
+    out = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [counts[0] for counts in res["counts"]] == [1, 2, None, 4]      # eagerly update() returns None
+    assert all(len(set(counts)) == 1 for counts in res["counts"])            # every replica sees the one count
+    expected = 0.0
+    for n, (ema, ours, theirs) in enumerate(res["averages"], start=1):      # w = 1, 2, 3, 4
+        expected = 0.5 * expected + 0.5 * n
+        assert ema == ours == theirs == [expected] * 4, n
+    assert res["updates"] == [4, 4]
 
 
 def test_checkpoint_of_other_variables_is_refused_by_name_and_changes_nothing(tmp_path):
