@@ -19,6 +19,8 @@ Deliberate differences (documented in the TensorFlow guide):
   variables on a GPU use :class:`fastema.tensorflow.EMA`.
 - ``zero_debias`` is kept and, as in TensorFlow 2, changes nothing: TensorFlow debiases only
   averages of tensors, which it refuses when running eagerly, and so does this class.
+- ``apply`` runs eagerly or inside a ``tf.function``: in a TF1 graph (``tf.compat.v1``) it is
+  refused by name.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import tensorflow as tf
 
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
-from .ema import _as_tf_variable, _in_replica_context, _weak
+from .ema import _as_tf_variable, _in_replica_context, _no_tf1_graph, _weak
 
 __all__ = ["AverageVariable", "ExponentialMovingAverage"]
 
@@ -108,6 +110,7 @@ class ExponentialMovingAverage:
             of a distribution strategy it applies once per step, from the cross-replica context (a
             ``merge_call``), as TensorFlow's does.
         """
+        _no_tf1_graph("fastema.tensorflow.compat.ExponentialMovingAverage.apply()")
         if _in_replica_context():
             return tf.distribute.get_replica_context().merge_call(lambda _: self.apply(var_list))
         if var_list is None:

@@ -108,6 +108,7 @@ class EMA(tf.Module, Face):
 
     def __init__(self, variables, decay: float | Sequence[float] | None = None, *, name: str | None = None,
                  **options):
+        _no_tf1_graph("fastema.tensorflow.EMA()")
         opts = EMAOptions.of(decay, **options)
         opts.refuse("fastema.tensorflow.EMA", REFUSED)
         if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
@@ -170,6 +171,7 @@ class EMA(tf.Module, Face):
         ``tf.train.ExponentialMovingAverage`` does; it reads the variables there (a mirrored
         variable's replicas hold the same values), and every replica gets the count.
         """
+        _no_tf1_graph("fastema.tensorflow.EMA.update()")
         if _in_replica_context():
             return tf.distribute.get_replica_context().merge_call(lambda _, s: self.update(_local(s)), args=(step,))
         if not tf.executing_eagerly():
@@ -355,8 +357,23 @@ class _Snapshot(tf.__internal__.tracking.Trackable):   # type: ignore[name-defin
         return dict(self._tensors)
 
 
+def _no_tf1_graph(what: str) -> None:
+    """Refuse ``what`` where a TF1 graph is built (``tf.compat.v1``: a ``tf.Graph().as_default()`` block,
+    or eager execution disabled). A ``tf.function`` is traced into a graph too (``executing_eagerly()``
+    is False there), but one whose outermost context is eager: ``init_scope`` tells the two apart."""
+    if tf.executing_eagerly():
+        return
+    with tf.init_scope():
+        tf1 = not tf.executing_eagerly()
+    if tf1:
+        raise RuntimeError(f"{what} runs eagerly or inside a tf.function (TensorFlow 2); this is a TF1 graph "
+                           f"(tf.compat.v1: a tf.Graph().as_default() block, or eager execution disabled), which "
+                           f"fastema builds no op into: call it outside the graph block. Nothing was changed.")
+
+
 def _eager(what: str) -> None:
     """Refuse ``what`` inside a ``tf.function``: it would read the average once, when traced."""
+    _no_tf1_graph(f"fastema.tensorflow.EMA.{what}")
     if not tf.executing_eagerly():
         raise RuntimeError(f"fastema.tensorflow.EMA.{what} runs eagerly: inside a tf.function it would use the average "
                            f"of the moment it is traced at every call. Call it outside the tf.function (update() is "

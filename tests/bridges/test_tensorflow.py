@@ -528,6 +528,25 @@ def test_an_ema_that_has_updated_is_freed_when_deleted():
         step()
 
 
+def test_a_tf1_graph_is_refused_naming_eager_and_tf_function():
+    """Inside a tf.function TensorFlow does not execute eagerly either: a TF1 graph (tf.compat.v1, a
+    tf.Graph().as_default() block) is told apart and refused, where it failed on symbolic tensors."""
+    v = tf.Variable([1.0, 2.0])
+    ema = EMA([v], 0.5)
+    with tf.Graph().as_default():
+        in_graph = tf.Variable([1.0, 2.0])
+        with pytest.raises(RuntimeError, match=r"EMA\(\) runs eagerly or inside a tf.function.*TF1 graph"):
+            EMA([in_graph], 0.5)
+        for call, name in ((ema.update, "update"), (ema.averages, "averages"), (ema.swap, "swap")):
+            with pytest.raises(RuntimeError, match=rf"EMA.{name}\(\) runs eagerly or inside a tf.function.*TF1 "
+                                                   rf"graph.*Nothing was changed"):
+                call()
+    v.assign([3.0, 4.0])
+    tf.function(lambda: ema.update())()                   # a tf.function's graph is not one
+    assert ema.updates == 1 and not ema.swapped
+    np.testing.assert_array_equal(ema.averages()[0].numpy(), [2.0, 3.0])
+
+
 def test_async_checkpoint_saves_the_ema_as_it_was_when_saved(tmp_path):
     from fastema.tensorflow.compat import ExponentialMovingAverage
 

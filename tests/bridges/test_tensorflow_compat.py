@@ -225,6 +225,24 @@ def test_bad_inputs_are_refused_as_tensorflow_refuses_them():
         bad.apply([tf.Variable([1.0])])
 
 
+def test_a_tf1_graph_is_refused_naming_eager_and_tf_function():
+    """TensorFlow's class builds ops into a TF1 graph (tf.compat.v1, a tf.Graph().as_default() block);
+    this one runs eagerly or in a tf.function, and refuses it by name, where it failed on symbolic tensors."""
+    v = tf.Variable([1.0, 2.0])
+    ema = ExponentialMovingAverage(0.5)
+    ema.apply([v])
+    with tf.Graph().as_default():
+        in_graph = tf.Variable([1.0, 2.0])
+        assert tf.train.ExponentialMovingAverage(0.5).apply([in_graph]) is not None     # TensorFlow's: an op
+        for variables in ([in_graph], [v]):
+            with pytest.raises(RuntimeError, match=r"ExponentialMovingAverage.apply\(\) runs eagerly or inside a "
+                                                   r"tf.function.*TF1 graph.*Nothing was changed"):
+                ema.apply(variables)
+    v.assign([3.0, 4.0])
+    ema.apply([v])
+    np.testing.assert_array_equal(ema.average(v).numpy(), [2.0, 3.0])
+
+
 def test_checkpoints_interoperate_with_tensorflows_averages(tmp_path):
     """tf.train.Checkpoint / CheckpointManager of the averages, and Saver name maps, both ways."""
     step_var = tf.Variable(0, dtype=tf.int64)
