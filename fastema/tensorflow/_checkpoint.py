@@ -74,8 +74,10 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
                           "returns holds no EMA), so it has no shadow; restore the SavedModel's own "
                           "variables/variables, or a checkpoint of the live EMA"])
     saved = head.get("sources")
-    if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 4 for s in saved):
+    if not isinstance(saved, list):
         refuse_load(fmt, ["no list of averaged variables"])
+    refuse_load(fmt, [f"sources[{i}] is not [name, shape (a list), dtype, rows]: {s!r:.80}" for i, s in enumerate(saved)
+                      if not (isinstance(s, list) and len(s) == 4 and isinstance(s[1], list))])
     names = [s[0] for s in saved]
     problems: list[str] = []
     core.check_plan_state(head, problems)

@@ -475,6 +475,34 @@ def test_checkpoint_of_other_variables_is_refused_by_name_and_changes_nothing(tm
     assert swapped.updates == 0
 
 
+def test_a_crafted_checkpoint_state_is_refused_and_loads_nothing(tmp_path):
+    """reliability round 4, L4: a state listing a shape as a number raised Python's TypeError."""
+    from fastema.tensorflow import _checkpoint
+
+    class Crafted(tf.__internal__.tracking.Trackable):
+        def __init__(self, state, blob):
+            self.tensors = {_checkpoint.STATE: tf.constant(json.dumps(state)), _checkpoint.SHADOW: tf.constant(blob)}
+
+        def _serialize_to_tensors(self):
+            return dict(self.tensors)
+
+    v = tf.Variable(tf.ones((2, 2)))
+    ema = EMA([v], 0.9)
+    ema.update()
+    raw, blob = _checkpoint.pack(ema._core)
+    good = json.loads(raw)
+    before = ema.state_dict()
+    for i, bad in enumerate(([good["sources"][0][0], 4, "float32", 1], [ema.names[0], None, "float32", 1],
+                             [ema.names[0], [2, 2], "float32"])):
+        path = tf.train.Checkpoint(ema=Crafted({**good, "sources": [bad]}, blob)).save(str(tmp_path / f"c{i}"))
+        with pytest.raises(ValueError, match=r"EMA checkpoint does not match: sources\[0\] is not \[name, shape "
+                                             r"\(a list\), dtype, rows\].*Nothing was loaded"):
+            tf.train.Checkpoint(ema=ema).restore(path)
+    after = ema.state_dict()
+    assert after["updates"] == 1 and after["averaged"][ema.names[0]].tobytes() == \
+        before["averaged"][ema.names[0]].tobytes()
+
+
 def test_made_inside_a_tf_function_and_eager_only_calls_refused_there():
     v = tf.Variable([1.0, 2.0])
     made = []
