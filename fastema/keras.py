@@ -34,7 +34,8 @@ except ImportError as e:                                    # pragma: no cover -
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
 from . import _keras_jax_state
-from .average import EMAOptions, Face, ModelSwap
+from ._checks import MAX_DECAYS, shadow_problems
+from .average import EMAOptions, Face, ModelSwap, Plan
 from .track import Tracker
 
 __all__ = ["MovingAverageLogs", "WeightEMA", "averaged_weights", "load_average", "load_model"]
@@ -743,13 +744,15 @@ def _encode(value, arrays: list, where: str):
                     f"number, string or container")
 
 
-def _decode(store) -> list[dict]:
-    """The entries of a saved header, their arrays read from ``store``; refused when it is not one."""
+def _decode(store, source: str = "the file") -> list[dict]:
+    """The entries of a saved header, their arrays read from ``store``; refused when it is not one, or
+    when the EMA's own checks that need no model find it damaged (:func:`_damage`)."""
     keys = set(store.keys())
 
     def bad(why: str):
-        return ValueError(f"the file's WeightEMA average is unreadable ({why}); it was not written by "
-                          f"fastema.keras (or it is damaged): load the model without it (keras.saving.load_model)")
+        return ValueError(f"the WeightEMA average in {source} is unreadable ({why}); it is damaged, or was not "
+                          f"written by fastema.keras: load the model without it (keras.saving.load_model). Nothing "
+                          f"was loaded.")
 
     if "header" not in keys:
         raise bad("no header")
@@ -781,7 +784,30 @@ def _decode(store) -> list[dict]:
             return [arrays(v) for v in value]
         return value
 
-    return [{**arrays(e), "backend": header.get("backend")} for e in entries]
+    out = [{**arrays(e), "backend": header.get("backend")} for e in entries]
+    damage = [p for i, e in enumerate(out) for p in _damage(e, i)]
+    if damage:
+        raise bad("; ".join(damage[:6]))
+    return out
+
+
+def _damage(entry: dict, place: int) -> list[str]:
+    """What the EMA's own checkpoint checks find in a saved average before any EMA is made: its plan
+    state (``Plan.check_state``, with as many decays as it saved), rounding and seed
+    (``shadow_problems``), non-finite averages (refused by ``load_state_dict`` with the same words)."""
+    problems: list[str] = []
+    n = len(entry["schedules"]) if isinstance(entry.get("schedules"), list) else 0
+    if 1 <= n <= MAX_DECAYS:
+        Plan([0.5] * n).check_state(entry, problems)
+    else:
+        problems.append(f"{n} schedules, for 1 to {MAX_DECAYS} averages")
+    problems += shadow_problems(str(entry.get("shadow_dtype")), entry.get("rounding"), entry.get("seed"))
+    averaged = entry.get("averaged")
+    for key, a in sorted(averaged.items() if isinstance(averaged, dict) else (), key=lambda kv: _natural(kv[0])):
+        a = np.asarray(a)
+        if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and not np.all(np.isfinite(a.astype(np.float32))):
+            problems.append(f"{key} holds inf or NaN")
+    return [f"average {place}: {p}" for p in problems]
 
 
 def _problems(model, entry: dict, place: int) -> list[str]:
@@ -841,15 +867,27 @@ def _open_store(filepath):
 
 
 def _read_averages(filepath) -> list[dict] | None:
-    """The averages saved in ``filepath``, or None when it holds none."""
-    store, archive = _open_store(filepath)
+    """The averages saved in ``filepath``, or None when it holds none; ValueError naming the file when
+    Keras cannot read it (truncated, empty, another format: as Keras's load_model) or its average is damaged."""
+    import zipfile
+
+    path = os.fspath(filepath)
     try:
-        entry = store.get(_ATTR)
-        return _decode(entry) if len(entry.keys()) else None
-    finally:
-        store.close()
-        if archive is not None:
-            archive.close()
+        store, archive = _open_store(path)
+        try:
+            entry = store.get(_ATTR)
+            return _decode(entry, repr(path)) if len(entry.keys()) else None
+        finally:
+            store.close()
+            if archive is not None:
+                archive.close()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:
+        kind = ".keras" if path.endswith(".keras") else ".weights.h5"
+        raise ValueError(f"{path!r} is not a {kind} file Keras can read ({type(err).__name__}: {err}): it is "
+                         f"truncated, empty or of another format; pass a file model.save() or model.save_weights() "
+                         f"wrote. Nothing was loaded.") from err
 
 
 def load_average(model, filepath: str | os.PathLike) -> None:
@@ -863,9 +901,10 @@ def load_average(model, filepath: str | os.PathLike) -> None:
     are left as they are (``keras.saving.load_model`` / ``model.load_weights`` load those).
 
     Raises:
-        ValueError: the file holds no average, or one that does not fit the model (another
-            architecture, another backend, another number of ``WeightEMA`` callbacks): nothing is
-            changed then.
+        ValueError: the file is not one Keras can read (truncated, empty, another format), or holds
+            no average, a damaged one (non-finite arrays, an unreadable schedule state), or one that
+            does not fit the model (another architecture, another backend, another number of
+            ``WeightEMA`` callbacks): nothing is changed then.
     """
     entries = _read_averages(filepath)
     if entries is None:
@@ -893,7 +932,8 @@ def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool =
     variable, does not). The arguments are Keras's.
 
     Raises:
-        ValueError: the file's average is unreadable (Keras's model is not returned then).
+        ValueError: the file is not one Keras can read, or its average is unreadable or damaged
+            (non-finite arrays, an unreadable schedule state): Keras's model is not built then.
     """
     entries = _read_averages(filepath)                    # refused before Keras builds anything
     model = keras.saving.load_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode,

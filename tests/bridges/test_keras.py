@@ -689,6 +689,51 @@ def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
         fk.averaged_weights(copy.deepcopy(model))
 
 
+def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path, monkeypatch):
+    """reliability round 4: a file whose average holds NaN or whose header says updates -1 was taken as the
+    model's pending average (M6: the next fit blamed WeightEMA's options); a file that is not a zip
+    (truncated, empty, garbage) gave zipfile's bare BadZipFile (L5). Each is a ValueError naming the
+    file, from load_model (before Keras builds the model) and load_average (the model left as it was)."""
+    import fastema.keras as fk
+
+    x, y = data(32)
+    model, cb = make_model(), WeightEMA(0.9)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    model.save(tmp_path / "good.keras")
+    good = fk._structural_state
+    damages = {"nan": (lambda s: {**s, "averaged": {k: a * float("nan") for k, a in s["averaged"].items()}},
+                       r"trainable/0 holds inf or NaN"),
+               "updates": (lambda s: {**s, "updates": -1}, r"schedule state unreadable \(updates"),
+               "rounding": (lambda s: {**s, "rounding": "up"}, r"rounding must be 'nearest' or 'stochastic'")}
+    cases = []
+    for name, (damage, match) in damages.items():
+        monkeypatch.setattr(fk, "_structural_state", lambda callback, damage=damage: damage(good(callback)))
+        model.save(tmp_path / f"{name}.keras")
+        model.save_weights(tmp_path / f"{name}.weights.h5")
+        monkeypatch.setattr(fk, "_structural_state", good)
+        cases += [(tmp_path / f"{name}.keras", match), (tmp_path / f"{name}.weights.h5", match)]
+    raw = (tmp_path / "good.keras").read_bytes()
+    for name, content in (("truncated", raw[:len(raw) // 2]), ("empty", b""), ("garbage", b"not a zip" * 50)):
+        (tmp_path / f"{name}.keras").write_bytes(content)
+        (tmp_path / f"{name}.weights.h5").write_bytes(content)
+        cases += [(tmp_path / f"{name}.keras", "not a .keras file Keras can read"),
+                  (tmp_path / f"{name}.weights.h5", "not a .weights.h5 file Keras can read")]
+    for path, match in cases:
+        if path.name.endswith(".keras"):
+            with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*" + match):
+                fk.load_model(path)
+        fresh = make_model()
+        with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*" + match):
+            fk.load_average(fresh, path)
+        assert fk._ATTR not in vars(fresh)
+    before = cb.ema.state_dict()
+    with pytest.raises(ValueError, match="the WeightEMA average in the file is unreadable.*holds inf or NaN"):
+        model.load_weights(tmp_path / "nan.weights.h5")          # into the live callback: refused, kept
+    after = cb.ema.state_dict()
+    assert after["updates"] == before["updates"] == 2
+    assert all(after["averaged"][k].equal(a) for k, a in before["averaged"].items())
+
+
 def test_the_guide_saving_example_runs(tmp_path, monkeypatch):
     """The guide's "Saving and loading the average" example, as written, on a tiny model: the loaded model
     carries the saved average and the second fit continues it (updates go on from the saved count)."""
