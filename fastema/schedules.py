@@ -2,7 +2,9 @@
 
 ``n`` counts the updates made so far, the one being made included (1 on the first
 update). The value is computed on the host from Python ints, so reading it never
-syncs a device. Every schedule has ``state()`` and ``from_state()`` for checkpoints.
+syncs a device. Every schedule has ``state()`` and ``from_state()`` for checkpoints; a number
+given as a NumPy scalar is kept as the Python number of its value (:func:`as_python`), so a
+state is plain JSON.
 
 Momentum schedules (:class:`Cosine`, :class:`Linear`, :class:`PiecewiseConstant`: the teacher
 momentum of DINO, BYOL, I-JEPA...) are given as ``decay=`` and indexed from 0 like those
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +33,37 @@ import numpy as np
 __all__ = ["BEMA", "Constant", "Cosine", "HalfLife", "Linear", "NumUpdates", "PiecewiseConstant", "PowerFunction",
            "PowerWarmup", "from_state", "MAX_BOUNDARIES",
            "gamma_to_sigma_rel", "sigma_rel_to_gamma", "SIGMA_REL_MAX"]
+
+
+def as_python(value):
+    """``value`` with each NumPy scalar (``np.float32(0.99)``, ``np.int64(100)``, ``np.bool_``) as the
+    Python number of its value, in a list or tuple too; anything else as it is, for the caller's checks.
+
+    NumPy scalars pass the checks as numbers (``numbers.Real`` / ``numbers.Integral``); kept as they
+    are, they would reach the checkpoints, which must stay plain Python (``json.dumps``,
+    ``torch.load(weights_only=True)``, ``tf.train.Checkpoint``). So the schedules (:func:`_plain_fields`),
+    :class:`~fastema.average.EMAOptions` and :class:`~fastema.average.plan.Cadence` take their numbers
+    through this once, when they are made."""
+    if isinstance(value, np.generic):
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return float(value)
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(as_python(v) for v in value)
+    return value
+
+
+def _plain_fields(schedule) -> None:
+    """Every field of the (frozen) dataclass ``schedule`` through :func:`as_python`, before its checks."""
+    for f in fields(schedule):
+        value = getattr(schedule, f.name)
+        plain = as_python(value)
+        if plain is not value:
+            object.__setattr__(schedule, f.name, plain)
 
 
 def _check_decay(name, value):
@@ -55,6 +88,7 @@ class Constant:
     decay: float
 
     def __post_init__(self):
+        _plain_fields(self)
         _check_decay("decay", self.decay)
 
     def __call__(self, n: int) -> float:
@@ -70,6 +104,7 @@ class NumUpdates:
     decay: float
 
     def __post_init__(self):
+        _plain_fields(self)
         _check_decay("decay", self.decay)
 
     def __call__(self, n: int) -> float:
@@ -99,6 +134,7 @@ class PowerWarmup:
     warmup: bool = True
 
     def __post_init__(self):
+        _plain_fields(self)
         check_power_args(self.decay, self.min_decay, self.inv_gamma, self.power, self.update_after_step)
 
     def __call__(self, n: int) -> float:
@@ -129,6 +165,7 @@ class _Ramp:
     total_steps: int
 
     def __post_init__(self):
+        _plain_fields(self)
         _check_decay("start", self.start)
         _check_decay("end", self.end)
         _check_total(self.total_steps)
@@ -225,7 +262,7 @@ class PiecewiseConstant:
             v = getattr(self, name)
             if not isinstance(v, (list, tuple)):
                 raise TypeError(f"{name} must be a list or tuple, got {type(v).__name__}")
-            object.__setattr__(self, name, tuple(v))     # frozen and hashable
+            object.__setattr__(self, name, as_python(tuple(v)))     # frozen and hashable
         b, v = self.boundaries, self.values
         if not 1 <= len(b) <= MAX_BOUNDARIES:
             raise ValueError(f"PiecewiseConstant takes 1 to {MAX_BOUNDARIES} boundaries, got {len(b)}")
@@ -250,8 +287,7 @@ class PiecewiseConstant:
         return self.at(n - 1)
 
     def state(self) -> dict:
-        return {"kind": "piecewise_constant", "boundaries": [int(b) for b in self.boundaries],
-                "values": [float(v) for v in self.values]}
+        return {"kind": "piecewise_constant", "boundaries": list(self.boundaries), "values": list(self.values)}
 
 
 #: Decay schedules given as ``decay=`` (indexed by the update, ``t = n - 1``).
@@ -293,6 +329,7 @@ class PowerFunction:
     timed = True
 
     def __post_init__(self):
+        _plain_fields(self)
         _check_positive("gamma", self.gamma)
 
     @classmethod
@@ -326,6 +363,7 @@ class HalfLife:
     timed = True
 
     def __post_init__(self):
+        _plain_fields(self)
         _check_positive("half_life", self.half_life)
 
     def between(self, first, last: float, t: float) -> float:
@@ -359,6 +397,7 @@ class BEMA:
     timed = True
 
     def __post_init__(self):
+        _plain_fields(self)
         for name in ("ema_power", "bias_power"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:

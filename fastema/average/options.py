@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .._checks import shadow_problems
-from ..schedules import BEMA, Cosine, Linear, PiecewiseConstant
+from ..schedules import BEMA, Cosine, Linear, PiecewiseConstant, as_python
 from .plan import Plan
 
 MomentumSchedule = Cosine | Linear | PiecewiseConstant
@@ -51,7 +51,9 @@ class ShadowSettings(NamedTuple):
 
 @dataclass(frozen=True)
 class EMAOptions:
-    """A model EMA's options, checked together at construction.
+    """A model EMA's options, checked together at construction. A number may be given as a NumPy
+    scalar (``np.float32(0.99)``): it is kept as the Python number of its value, so states and
+    checkpoints stay plain Python (:func:`fastema.schedules.as_python`).
 
     Args:
         decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
@@ -95,11 +97,11 @@ class EMAOptions:
     offload: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.decay, list) or isinstance(self.sigma_rel, list) or isinstance(self.half_life, list):
-            for name in ("decay", "sigma_rel", "half_life"):       # frozen and hashable: lists become tuples
-                value = getattr(self, name)
-                if isinstance(value, list):
-                    object.__setattr__(self, name, tuple(value))
+        for f in fields(self):          # NumPy scalars as Python numbers (plain checkpoints); lists as tuples
+            value = getattr(self, f.name)
+            plain = as_python(tuple(value) if isinstance(value, list) else value)
+            if plain is not value:
+                object.__setattr__(self, f.name, plain)
         self.plan()                                   # the schedule's checks
         problems = shadow_problems(self.shadow_dtype, self.rounding, self.seed)
         if problems:

@@ -20,6 +20,7 @@ from ..schedules import (
     PowerWarmup,
     _check_count,
     _check_decay,
+    as_python,
     check_power_args,
     check_step,
     compensated,
@@ -35,6 +36,7 @@ class Cadence:
     calls it is told were made (:meth:`called`), so a refused call counts nothing."""
 
     def __init__(self, every: int = 1):
+        every = as_python(every)            # a NumPy int: the Python int in the checkpoints
         _check_count("update_every", every, 1)
         self.every = every
         self.calls = 0                      # update() calls, skipped ones included
