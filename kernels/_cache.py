@@ -18,7 +18,10 @@ and their own captures, intrinsics by name):
   element bodies in ``_elementwise.py``; a stale index is replaced, not added to;
 - each data file holds its own key and is used only when the key matches: two processes
   that compile at once may number their files alike (numba's index update is not atomic),
-  and must then recompile, never run another variant's code.
+  and must then recompile, never run another variant's code;
+- an index or data file that cannot be read (truncated, emptied or overwritten: a crash or a
+  full disk while numba wrote it, as numba does not ``fsync``) is a miss too: the kernel is
+  compiled again and the file rewritten, and the first such file is reported (:data:`REPORT`).
 
 This package imports only NumPy, Numba, llvmlite and a few standard modules, so the
 digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
@@ -106,9 +109,29 @@ def describe_function(fn) -> str:
     return f"{fn.__module__}.{fn.__qualname__}({captured})"
 
 
+REPORT = None
+"""How the cache says what it found wrong (a damaged file it repaired): a function of one message,
+set by fastema's launch layer (:mod:`fastema._launch.config`: a ``RuntimeWarning``) before any
+kernel is built; this package itself imports no ``warnings``. None: nothing is said."""
+
+DAMAGED: list = []
+"""The cache files found unreadable in this process (each read as a miss, compiled again and
+rewritten); the first one was reported."""
+
+
+def _damaged(path: str, err: BaseException) -> None:
+    """``path`` could not be read: recorded, and reported when it is the first in this process."""
+    DAMAGED.append(path)
+    if len(DAMAGED) == 1 and REPORT is not None:
+        REPORT(f"the kernel cache file {path} could not be read ({type(err).__name__}: {err}), so the kernel is "
+               f"compiled again and the file rewritten. A file damaged by a crash or a full disk while numba wrote "
+               f"it does this once; other damaged files are repaired the same way without another warning.")
+
+
 def _checked(index_file_class):
     """``index_file_class`` storing each entry with its key: an entry found under another key (two
-    processes that numbered their files alike) reads as a miss."""
+    processes that numbered their files alike) reads as a miss, and so does an index or an entry
+    that cannot be read (:func:`_damaged`): the next save rewrites it."""
 
     class CheckedFile(index_file_class):
         def save(self, key, data):
@@ -119,6 +142,25 @@ def _checked(index_file_class):
             if isinstance(got, tuple) and len(got) == 2 and got[0] == key:
                 return got[1]
             return None
+
+        def _load_index(self):
+            try:
+                overloads = super()._load_index()
+                if not isinstance(overloads, dict):
+                    raise TypeError(f"the index holds a {type(overloads).__name__}, not a dict")
+                return overloads
+            except Exception as err:            # truncated, emptied, garbage: empty, so the next save rewrites it
+                _damaged(self._index_path, err)
+                return {}
+
+        def _load_data(self, name):
+            try:
+                return super()._load_data(name)
+            except OSError:                     # gone meanwhile: numba's load reads it as a miss
+                raise
+            except Exception as err:            # a miss; the save after the compile overwrites the file
+                _damaged(self._data_path(name), err)
+                return None
 
     return CheckedFile
 

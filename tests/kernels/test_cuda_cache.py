@@ -65,3 +65,26 @@ def test_a_second_process_loads_the_cuda_kernels_from_the_cache(tmp_path):
     assert second["out"] == first["out"] and second["back"] == first["back"]
     print(f"first process {first['seconds']:.2f} s, second {second['seconds']:.2f} s")
     assert any(f.endswith(".nbi") for _, _, fs in os.walk(tmp_path) for f in fs)
+
+
+def test_a_damaged_cuda_cache_file_is_a_miss_compiled_again_and_rewritten(tmp_path):
+    """The CUDA kernels' index and data files (the CPU ones' format) truncated: the next process compiles
+    the kernels again with the same bits, warns once naming a file and rewrites them; the one after loads
+    them (test_kernel_cache.py damages the CPU ones every way)."""
+    env = dict(os.environ, FASTEMA_CUDA_CACHE="1", NUMBA_CACHE_DIR=str(tmp_path))
+    first = _run(env)
+    damaged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith((".nbi", ".nbc"))]
+    assert damaged
+    for path in damaged:
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = json.loads(done.stdout.strip().splitlines()[-1])
+    warned = [line for line in done.stderr.splitlines() if "RuntimeWarning: fastema:" in line and
+              "could not be read" in line]
+    assert len(warned) == 1 and any(path in warned[0] for path in damaged), done.stderr[-3000:]
+    assert second["misses"] == {"lerp": 1, "copy": 1} and second["out"] == first["out"]
+    third = _run(env)
+    assert third["hits"] == {"lerp": 1, "copy": 1} and third["out"] == first["out"]

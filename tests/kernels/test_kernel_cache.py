@@ -4,6 +4,7 @@ import importlib.util as importlib_util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,56 @@ def test_a_second_process_loads_the_kernels_from_the_cache(tmp_path):
     # one index per compiled function, each holding one entry: 3 kernels, and 2 per-chunk functions (the
     # serial and parallel lerps' are the same variant, compiled once)
     assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 5
+
+
+def _run_warned(env, which):
+    """One CHILD run: its results, and the lines of what it printed on stderr (warnings)."""
+    done = subprocess.run([sys.executable, "-c", CHILD, which], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    damaged = {"truncated": data[:len(data) // 2], "emptied": b"",
+               "garbage": bytes(np.random.default_rng(len(data)).integers(0, 256, len(data), np.uint8))}[how]
+    with open(path, "wb") as f:
+        f.write(damaged)
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """A kernel cache filled by one process, and that process's results."""
+    root = tmp_path_factory.mktemp("populated")
+    first, _ = _run_warned(dict(os.environ, NUMBA_CACHE_DIR=str(root)), "first")
+    return root, first
+
+
+@pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
+@pytest.mark.parametrize("suffix, how", [(".nbi", "truncated"), (".nbi", "emptied"), (".nbi", "garbage"),
+                                         (".nbc", "truncated"), (".nbc", "emptied"), (".nbc", "garbage")])
+def test_a_damaged_cache_file_is_a_miss_compiled_again_and_rewritten(populated, tmp_path, suffix, how):
+    """Every index (.nbi) or data (.nbc) file truncated, emptied or overwritten with garbage (a crash or
+    a full disk while numba wrote it: numba does not fsync): the next process compiles those kernels
+    again, runs them bit for bit as before, rewrites the files and warns once, naming one; the process
+    after it loads them from the cache. (Each such process died at its first update with pickle's
+    UnpicklingError or EOFError, naming no file, until the cache was deleted.)"""
+    root, first = populated
+    shutil.copytree(root, tmp_path / "cache")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    damaged = [os.path.join(tmp_path / "cache", f) for f in _files(tmp_path / "cache") if f.endswith(suffix)]
+    assert len(damaged) == 5
+    for path in damaged:
+        _damage(path, how)
+    second, said = _run_warned(env, "first")
+    assert second["out"] == first["out"]
+    assert second["misses"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(second["hits"].values())
+    warned = [line for line in said.splitlines() if "RuntimeWarning: fastema:" in line and "could not be read" in line]
+    assert len(warned) == 1 and any(path in warned[0] for path in damaged), said[-3000:]
+    assert "compiled again" in warned[0] and "RuntimeWarning" in warned[0]
+    third, said = _run_warned(env, "first")                 # repaired: every kernel from the cache, no warning
+    assert third["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(third["misses"].values())
+    assert third["out"] == first["out"] and "could not be read" not in said
 
 
 def test_each_variant_is_keyed_by_what_it_captures():
