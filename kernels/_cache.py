@@ -21,7 +21,10 @@ and their own captures, intrinsics by name):
   and must then recompile, never run another variant's code;
 - an index or data file that cannot be read (truncated, emptied or overwritten: a crash or a
   full disk while numba wrote it, as numba does not ``fsync``) is a miss too: the kernel is
-  compiled again and the file rewritten, and the first such file is reported (:data:`REPORT`).
+  compiled again and the file rewritten, and the first such file is reported (:data:`REPORT`);
+- the files are pickles, so whoever can write the cache folder runs code in every process that
+  reads it: a folder others can write (:data:`TRUST` says why) is neither read nor written,
+  and the kernels are compiled in memory, with one warning naming the folder.
 
 This package imports only NumPy, Numba, llvmlite and a few standard modules, so the
 digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
@@ -117,6 +120,36 @@ kernel is built; this package itself imports no ``warnings``. None: nothing is s
 DAMAGED: list = []
 """The cache files found unreadable in this process (each read as a miss, compiled again and
 rewritten); the first one was reported."""
+
+
+TRUST = None
+"""A function of a cache folder: why kernels must not be read from it (someone else can write it
+or a folder above it), or None when they may. Set by :mod:`fastema._launch.config` before any
+kernel is built; this package looks at no file permissions itself. None: every folder numba
+chooses is used."""
+
+UNTRUSTED: list = []
+"""``(folder, why)`` of each cache folder refused in this process (each said once)."""
+
+
+def _trusted(cache) -> bool:
+    """Whether kernels may be loaded from (and saved to) ``cache``'s folder (:data:`TRUST`); a refused
+    folder is reported once."""
+    folder = getattr(cache, "_cache_path", None)
+    if TRUST is None or folder is None:
+        return True
+    why = TRUST(folder)
+    if why is None:
+        return True
+    if all(f != folder for f, _ in UNTRUSTED):
+        UNTRUSTED.append((folder, why))
+        if REPORT is not None:
+            REPORT(f"the kernel cache folder {folder} is not used: {why}. numba's cache files are pickles, so a "
+                   f"file someone else put there would run as code in this process; the kernels are compiled in "
+                   f"memory instead, in every process (seconds at the first update). Set NUMBA_CACHE_DIR to a "
+                   f"folder only you can write (chmod go-w), or leave it unset for numba's default (beside "
+                   f"fastema's package, or your own user cache folder).")
+    return False
 
 
 def _damaged(path: str, err: BaseException) -> None:
@@ -225,11 +258,18 @@ def cached(dispatcher: Dispatcher) -> Dispatcher:
 
     Where numba's internals are not the ones this was written for (:data:`SHARED` False), numba's
     own ``cache=True`` instead: correct, but compiled again in every process. Where numba finds no
-    writable cache location, no disk cache (the reason goes to :data:`NOT_CACHED`)."""
+    writable cache location, no disk cache (the reason goes to :data:`NOT_CACHED`), nor where others
+    can write it (:data:`TRUST`)."""
     cls = _cache_class()
     try:
         if cls is None or not hasattr(dispatcher, "_cache"):
+            before = getattr(dispatcher, "_cache", None)
             dispatcher.enable_caching()
+            if not _trusted(dispatcher._cache):         # a folder others can write: compiled in memory
+                if before is None:
+                    del dispatcher._cache
+                else:
+                    dispatcher._cache = before
         else:
             _attach(dispatcher, cls)
     except RuntimeError as e:                           # no locator: nowhere to write; compile per process
@@ -240,11 +280,14 @@ def cached(dispatcher: Dispatcher) -> Dispatcher:
 
 def _attach(dispatcher, cls, *dependencies: tuple) -> None:
     """Give ``dispatcher`` a ``cls`` cache keyed by its description (its own options included), its
-    function's qualname suffixed by the description's digest (see :func:`cached`)."""
+    function's qualname suffixed by the description's digest (see :func:`cached`); none where the
+    cache's folder is not trusted (:func:`_trusted`)."""
     variant = describe(dispatcher)
     fn = dispatcher.py_func
     fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
-    dispatcher._cache = cls(fn, variant, *dependencies)
+    cache = cls(fn, variant, *dependencies)
+    if _trusted(cache):
+        dispatcher._cache = cache
 
 
 # ---------------------------------------------------------------- CUDA kernels (issue #23 item 4)

@@ -1,9 +1,11 @@
 """Launch tunables, all host side: the launchers read them at every call and pass them to
 the kernels as arguments (numba freezes globals at compile time), so tests can shrink them.
 
-Also how the kernels' disk cache (:mod:`fastema.kernels._cache`) reports what it found: set here,
-when fastema's launch layer is imported, before any kernel is built."""
+Also what the kernels' disk cache (:mod:`fastema.kernels._cache`) trusts and how it reports what
+it found: set here, when fastema's launch layer is imported, before any kernel is built."""
+import functools
 import os
+import stat
 import warnings
 
 from ..kernels import _cache as _kernel_cache
@@ -25,4 +27,51 @@ def _cache_warning(message: str) -> None:
     warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=2)
 
 
+@functools.lru_cache(maxsize=64)
+def cache_folder_problem(path: str) -> str | None:
+    """Why fastema does not load kernels from the cache folder ``path``, or None when it may.
+
+    numba's cache files are pickles: whoever can write them runs code in every process that reads
+    them. So the folder (symbolic links resolved) and each folder above it must belong to this user
+    or to root; the folder itself must be writable by nobody else, and a folder above it only with
+    the sticky bit (as ``/tmp``: nobody can then rename or replace another's entries). A group whose
+    only member is this user (a user private group, which a umask of 002 leaves folders writable by)
+    is nobody else. Not checked where there are no POSIX owners (Windows: the default folders are
+    the user's own)."""
+    if not hasattr(os, "geteuid"):
+        return None
+    me = os.geteuid()
+    folder = here = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(here)
+        except OSError as err:
+            return f"{here} cannot be inspected ({err})"
+        if st.st_uid not in (me, 0):
+            return f"{here} belongs to another user (uid {st.st_uid})"
+        who = "everyone" if st.st_mode & stat.S_IWOTH else \
+            f"group {st.st_gid}" if st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid) else None
+        if who is not None and (here == folder or not st.st_mode & stat.S_ISVTX):
+            return f"{here} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+@functools.cache
+def _own_group(gid: int) -> bool:
+    """Whether group ``gid`` has no member but this user: its primary group, named as the user."""
+    try:
+        import grp
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
 _kernel_cache.REPORT = _cache_warning
+_kernel_cache.TRUST = cache_folder_problem

@@ -3,6 +3,8 @@ cache (fastema.kernels._cache) instead of compiling them again, and runs them bi
 import importlib.util as importlib_util
 import json
 import os
+import pathlib
+import pickle
 import re
 import shutil
 import subprocess
@@ -127,6 +129,87 @@ def test_a_damaged_cache_file_is_a_miss_compiled_again_and_rewritten(populated, 
     third, said = _run_warned(env, "first")                 # repaired: every kernel from the cache, no warning
     assert third["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(third["misses"].values())
     assert third["out"] == first["out"] and "could not be read" not in said
+
+
+class _Planted:
+    """A pickle that, unpickled, creates the file ``marker``: what anyone who can write a cache folder could
+    put there for the next process to run (numba's cache files are pickles)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _plant(root, marker) -> dict:
+    """Every index file under ``root`` replaced by a :class:`_Planted` pickle; returns path -> its bytes."""
+    planted = {}
+    for f in _files(root):
+        if f.endswith(".nbi"):
+            data = pickle.dumps(_Planted(marker))
+            with open(os.path.join(root, f), "wb") as out:
+                out.write(data)
+            planted[os.path.join(root, f)] = data
+    return planted
+
+
+def _others_can_write(cache, how):
+    if how == "world-writable":
+        os.chmod(cache, 0o777)
+    elif how == "group-writable":          # another group than the user's own
+        os.chown(cache, -1, 54321)
+        os.chmod(cache, 0o775)
+    else:                                   # its subfolder, where numba writes, belongs to another user
+        sub = next(os.path.join(cache, d) for d in os.listdir(cache))
+        os.chown(sub, 54321, -1)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "another user's"])
+def test_a_cache_folder_others_can_write_is_not_read_from(populated, tmp_path, how):
+    """numba's cache files are pickles, so a file planted in a cache folder others can write would run as
+    code in the next fastema process (L7: NUMBA_CACHE_DIR on a shared machine). Such a folder is not read
+    from, nor written: the kernels are compiled in memory, with one warning naming the folder and the fix."""
+    if how != "world-writable" and os.geteuid() != 0:
+        pytest.skip("needs chown (root)")
+    root, first = populated
+    cache = tmp_path / "cache"
+    shutil.copytree(root, cache)
+    marker = tmp_path / "planted-code-ran"
+    planted = _plant(cache, marker)
+    _others_can_write(cache, how)
+    got, said = _run_warned(dict(os.environ, NUMBA_CACHE_DIR=str(cache)), "first")
+    assert not marker.exists(), "a planted cache file was unpickled"
+    assert got["out"] == first["out"]
+    assert got["misses"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(got["hits"].values())
+    assert all(open(p, "rb").read() == data for p, data in planted.items())     # not rewritten either
+    warned = [line for line in said.splitlines() if "RuntimeWarning: fastema:" in line and "cache folder" in line]
+    assert len(warned) == 1, said[-3000:]
+    words = {"world-writable": "writable by everyone", "group-writable": "writable by group 54321",
+             "another user's": "belongs to another user (uid 54321)"}[how]
+    assert str(cache) in warned[0] and words in warned[0] and "compiled in memory" in warned[0]
+    assert "NUMBA_CACHE_DIR" in warned[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_cache_folder_of_ones_own_in_a_sticky_shared_folder_is_used(populated, tmp_path):
+    """A cache folder of the user's own inside a folder everyone may write with the sticky bit (/tmp: nobody
+    can replace another's entries) is used, with no warning: a second process loads every kernel."""
+    root, first = populated
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    shutil.copytree(root, shared / "cache")
+    got, said = _run_warned(dict(os.environ, NUMBA_CACHE_DIR=str(shared / "cache")), "first")
+    assert got["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and got["out"] == first["out"]
+    assert "cache folder" not in said
+
+
+def test_the_readme_says_the_kernel_cache_is_trusted_as_code():
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    trusts = readme.split("## What fastema trusts")[1].split("\n## ")[0]
+    assert "kernel cache" in trusts and "NUMBA_CACHE_DIR" in trusts and "pickle" in trusts
 
 
 def test_each_variant_is_keyed_by_what_it_captures():
