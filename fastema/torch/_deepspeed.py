@@ -29,6 +29,15 @@ read: the average reads the parameters and a warning says so once when they are 
 The masters are views of the optimizer's flat buffers; DeepSpeed may move a buffer
 (``offload_states`` / ``reload_states`` set ``flat.data``), so the buffers' addresses are checked
 with the parameters' at every update and the views are made again when one moved.
+
+Gradient accumulation (:class:`Steps`): DeepSpeed's loop calls ``engine.step()`` after every
+micro-batch and steps the optimizer only at accumulation boundaries. An average of an engine folds
+at an ``update()`` call only when the engine made an optimizer step since its last update, told by
+``engine.global_steps`` (a Python int, no device read), as the HF Trainer callback updates at
+optimizer steps only. ``engine.is_gradient_accumulation_boundary()`` cannot tell it: ``step()``
+advances ``micro_steps`` before it returns, so after ``engine.step()`` it describes the next
+micro-batch, not the one just stepped (and it is ``True`` only inside ``step()`` with
+``managed_gradient_accumulation=False``).
 """
 from __future__ import annotations
 
@@ -90,6 +99,36 @@ class Masters:
                 for part, saved in zip(self.parts.values(), self._backup):
                     part.copy_(saved)
             self._backup = None
+
+
+class Steps:
+    """The optimizer steps of a DeepSpeed engine, as an average of it sees them: an ``update()`` call
+    folds only when :meth:`new` (the engine stepped its optimizer since the last update folded, or
+    since the average was made), and the caller records it with :meth:`done` once made, so a refused
+    update changes nothing. Two attribute reads per call, Python ints: no device read."""
+
+    __slots__ = ("engine", "folded")
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.folded = engine.global_steps       # what the average holds: the weights at construction
+
+    def new(self) -> bool:
+        """Whether the engine made an optimizer step (an accumulation boundary) since the last update:
+        False at ``update()`` after a micro-step inside gradient accumulation."""
+        return self.engine.global_steps != self.folded
+
+    def done(self) -> None:
+        """An update was made: the engine's steps so far are folded."""
+        self.folded = self.engine.global_steps
+
+
+def steps(engine) -> Steps | None:
+    """The :class:`Steps` of ``engine`` (a ``DeepSpeedEngine``, or None for a plain model); None where
+    there is no engine or it counts no ``global_steps`` (then every ``update()`` call folds)."""
+    if engine is None or type(getattr(engine, "global_steps", None)) is not int:
+        return None
+    return Steps(engine)
 
 
 def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
