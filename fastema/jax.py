@@ -48,6 +48,12 @@ def _flatten(params):
     return [jax.tree_util.keystr(p) or "<root>" for p, _ in pairs], [x for _, x in pairs], treedef
 
 
+def _deleted(name: str, fix: str) -> str:
+    """The refusal of a leaf whose buffer was deleted, with ``fix``."""
+    return (f"leaf {name} was deleted (donated to a jitted step, jax.jit(..., donate_argnums=...), or deleted) "
+            f"before fastema.jax.EMA read it: {fix}.")
+
+
 def _check_one_device(name: str, x) -> None:
     """Refuse a leaf spread over several devices: the kernels read one buffer per leaf."""
     devices = x.sharding.device_set
@@ -115,6 +121,8 @@ class EMA(Face):
         if isinstance(x, jax.core.Tracer):
             raise TypeError(f"leaf {name} is a tracer: make the EMA outside jax.jit, from concrete parameters "
                             f"(update() may then be called inside jax.jit)")
+        if x.is_deleted():
+            raise ValueError(_deleted(name, "make the EMA from arrays no step has donated yet"))
         return x
 
     # ------------------------------------------------------------ operations
@@ -142,7 +150,15 @@ class EMA(Face):
             self._core.shadow.adopt(sources, [x.unsafe_buffer_pointer() for x in sources])
             return None
 
-        self._core.update(step, read)
+        try:
+            self._core.update(step, read)
+        except Exception as err:                 # a leaf donated before this read: say which (off the per-step path)
+            name = next((nm for nm, x in zip(self.names, jax.tree_util.tree_leaves(params))
+                         if isinstance(x, jax.Array) and x.is_deleted()), None)
+            if name is None:
+                raise
+            raise ValueError(_deleted(name, "call ema.update(params) on the arrays the step returns, before the "
+                                            "next step donates them") + " Nothing was updated.") from err
         if kept:
             self._others = kept[0]
 

@@ -1,6 +1,7 @@
 """fastema.jax.EMA and JAX arrays at the array level, on the CPU: float64 references, a jitted
 training loop, pytree structure and dtypes, checkpoints, bad input."""
 import pickle
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -346,6 +347,58 @@ def test_donating_what_shadow_returned_leaves_the_ema_its_integer_leaves():
     step(params)
     assert params["n"].is_deleted()
     assert int(ema.shadow()["n"]) == 7
+
+
+def test_a_donating_training_loop_reads_the_average_after_every_step():
+    """A jax.jit(step, donate_argnums=0) loop with an integer step counter: shadow() after every step (and
+    after the next step donated what the update read) equals a float64 reference, the counter its value at
+    the last update; the EMA keeps no leaf the loop deletes (round-3 leftover, buffer donation)."""
+    step = jax.jit(lambda p, x, y: train_step(p, x, y)[0], donate_argnums=0)
+    params = init_params(jax.random.PRNGKey(3))
+    ema = EMA(params, [0.9, 0.5])
+    refs = [float_leaves(params), float_leaves(params)]
+    for n, (x, y) in enumerate(batches(8, seed=4), start=1):
+        given = params
+        params = step(params, x, y)
+        assert given["step"].is_deleted()                       # the loop donates
+        ema.update(params)
+        refs = [[d * r + (1 - d) * w for r, w in zip(ref, float_leaves(params))] for d, ref in zip((0.9, 0.5), refs)]
+        for row in (0, 1):
+            out = ema.shadow(row)
+            assert int(out["step"]) == n
+            for got, want in zip(float_leaves(out), refs[row]):
+                np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    step(params, x, y)                                       # donates the arrays the last update read
+    assert int(ema.shadow()["step"]) == 8 and len(float_leaves(ema.shadow(1))) == 4
+
+
+@pytest.mark.parametrize("leaf", ["['layers'][0].w", "['step']"])
+def test_a_donated_leaf_given_to_update_is_refused_by_name_and_nothing_changes(leaf):
+    """update() or EMA() of a leaf a jitted step has donated (deleted) is a ValueError naming the leaf and
+    the way out, with nothing changed (it was JAX's bare 'Buffer has been deleted or donated', naming no
+    leaf). The check runs only once the read failed: nothing is added to the per-step path."""
+    donate = jax.jit(lambda p: jax.tree_util.tree_map(lambda a: a + 1, p), donate_argnums=0)
+    params = init_params(jax.random.PRNGKey(0))
+    ema = EMA(params, 0.5)
+    before = ema.state_dict()
+    stale = init_params(jax.random.PRNGKey(1))
+    donate(stale)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    mixed = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), [
+        s if n == leaf else p for n, p, s in zip(names, jax.tree_util.tree_leaves(params),
+                                                jax.tree_util.tree_leaves(stale))])
+    with pytest.raises(ValueError, match=rf"leaf {re.escape(leaf)} was deleted .*donate_argnums.*the arrays the "
+                                         r"step returns.*Nothing was updated"):
+        ema.update(mixed)
+    after = ema.state_dict()
+    assert (after["updates"], after["calls"]) == (before["updates"], before["calls"]) == (0, 0)
+    for k in before["averaged"]:
+        np.testing.assert_array_equal(after["averaged"][k], before["averaged"][k])
+    assert int(ema.shadow()["step"]) == 0
+    with pytest.raises(ValueError, match=rf"leaf {re.escape(leaf)} was deleted .*donate_argnums"):
+        EMA(mixed, 0.5)
+    ema.update(params)                                       # the live arrays: updated as ever
+    assert ema.updates == 1
 
 
 SHARDED = r"""
