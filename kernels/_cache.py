@@ -113,9 +113,10 @@ def describe_function(fn) -> str:
 
 
 REPORT = None
-"""How the cache says what it found wrong (a damaged file it repaired): a function of one message,
-set by fastema's launch layer (:mod:`fastema._launch.config`: a ``RuntimeWarning``) before any
-kernel is built; this package itself imports no ``warnings``. None: nothing is said."""
+"""How the cache says what it found wrong (a damaged file it repaired, a folder it does not trust): a
+function of one message, set by fastema's launch layer (:mod:`fastema._launch.config`: a
+``RuntimeWarning``) before any kernel is built; this package itself imports no ``warnings``. None:
+nothing is said."""
 
 DAMAGED: list = []
 """The cache files found unreadable in this process (each read as a miss, compiled again and
