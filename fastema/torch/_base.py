@@ -54,6 +54,7 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         self._int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
         self._fsdp = _sharded.fsdp_modules(_unwrap(model))   # FSDP2 modules, resharded before any read
         self._engine = model if type(model).__name__ == "DeepSpeedEngine" else None
+        self._steps = _deepspeed.steps(self._engine)         # DeepSpeed: one fold per optimizer step (M2)
         self._specs: dict[str, _sharded.Spec] = {}          # name -> layout of a DTensor's local shard
         _sharded.reshard(self._fsdp)
         averaged, copied = self._select(_unwrap(model))

@@ -182,6 +182,9 @@ class EMA(Face, _ModelAverage, PeftExport):
         self._eager_update(step)
 
     def _eager_update(self, step: int | None) -> None:
+        steps = self._steps
+        if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
+            return
         core = self._core
         pending = core._plan.next(step)                   # checks step before anything else
         if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
@@ -200,8 +203,12 @@ class EMA(Face, _ModelAverage, PeftExport):
             if pending.due:
                 self._follow()                            # addresses checked (or refused) here
                 core.fold(pending)                        # the engine's update: the kernels, BEMA, carry()
+                if steps is not None:
+                    steps.done()
                 return
         core._plan.done(pending)
+        if steps is not None:
+            steps.done()
 
     def _device_update(self, step: int | None, plan: DevicePlan | None = None) -> None:
         """The launches of one ``update()`` call with the plan on the device: what a CUDA graph

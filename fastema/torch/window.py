@@ -71,6 +71,9 @@ class WindowAverage(_ModelAverage, PeftExport):
         self._eager_update(None)
 
     def _eager_update(self, step: int | None) -> None:
+        steps = self._steps
+        if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
+            return
         if self._begin(self.cadence.due()):
             if self.window is None:
                 self._avg.update(weight=1.0 / (self.snapshots + 1))
@@ -79,6 +82,8 @@ class WindowAverage(_ModelAverage, PeftExport):
             self._copy_buffers()
             self.snapshots += 1
         self.cadence.called()
+        if steps is not None:
+            steps.done()
 
     def _restart(self, model: nn.Module | None = None) -> None:
         if self.window is None:
