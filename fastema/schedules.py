@@ -73,7 +73,9 @@ def _check_decay(name, value):
 
 def _check_count(name, value, least=0):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        hint = "" if getattr(value, "ndim", None) != 0 else \
+            " (a 0-d tensor or array: pass a Python int, e.g. a loop counter; fastema reads no device value here)"
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}{hint}")
 
 
 def check_step(step) -> int:
