@@ -31,7 +31,7 @@ class Skip(Exception):
 
 def need_torch_cuda(what: str = "torch CUDA tensors") -> None:
     if SIM:
-        raise Skip(f"simulator: needs {what} on a GPU")
+        raise Skip(f"not in the simulator: needs {what}")
 
 
 # ------------------------------------------------------------------ the record

@@ -1,33 +1,57 @@
-"""The one-line summary of a GPU run (issue #23, item 5), which the maintainers' checks read:
+"""The one-line summary of a GPU run (issue #23, item 5; issue #37), which the maintainers' checks read:
 
     gpu-summary: device=<name> host_us_6=<x> host_us_148=<x> host_us_3000=<x> foreach_host_us_6=<x>
     foreach_host_us_148=<x> foreach_host_us_3000=<x> e2e_rl6_vs_foreach=<r>x e2e_gpt2_fp32_vs_foreach=<r>x
     e2e_gpt2_bf16_vs_foreach=<r>x flat28_device_vs_lerp=<r>x cuda_tests_failed=<n> probe_failed=<n>
+    numba_cuda=<version> cuda_core=<version> driver=<version> cached_launch=<True|False|unknown>
+    flat28_ema_device_vs_lerp=<r>x
 
 (one line). Host times are ``EMA.update()``'s and ``torch._foreach_lerp_``'s host submit time per
 call in the probe's host-cost scenarios (6 tensors: the RL MLP; 148: GPT-2 small; 3000: 3000 x
 4096; float32); ratios are the baseline's time over fastema's (> 1: fastema faster): end to end
 (synchronised per call) against ``_foreach_lerp_`` (float32) and ``_foreach_mul_`` +
 ``_foreach_add_`` (bfloat16 parameters into a float32 shadow), and device time of a flat 2^28
-float32 ``ema_update_`` against ``torch.lerp_``. A figure that was not measured is ``nan``; a
-count that is not known is ``-1``. Plain Python: the CPU tests check the format.
+float32 ``ema_update_`` against ``torch.lerp_`` (``flat28_device_vs_lerp``: the plain lerp kernel);
+``flat28_ema_device_vs_lerp`` is the same for ``EMA.update`` of a model holding that one tensor (the
+kernels an EMA runs). ``numba_cuda``, ``cuda_core`` and ``driver`` are the versions the run used, and
+``cached_launch`` whether fastema's cached CUDA launch was in use (False: every host time is numba's
+dispatcher's). A figure that was not measured is ``nan``; a count that is not known is ``-1``; a
+version or flag that is not known is ``unknown``. Plain Python: the CPU tests check the format.
+
+Rebuilt from the files of the GPU stages (``bench/gpu.sh``) once fetched::
+
+    python bench/gpu_summary.py DIR [DIR...]
+
+reads ``probe.json`` (stage ``probe``), ``cuda-tests.log`` (stage ``tests``) and ``env.txt`` (stage
+``env``; ``smoke.json`` for ``cached_launch`` where ``env.txt`` lacks it), each from whichever folder
+holds it (the last named, where several do), and prints the line. Exit status 1 when none of the
+folders holds any of them.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import sys
 
 HOST_COST = {6: "host-cost rl6", 148: "host-cost gpt2", 3000: "host-cost 3000x4096"}
 EMA, FOREACH, MIXED = "fastema EMA.update", "torch._foreach_lerp_", "torch._foreach_mul_+_foreach_add_"
+FILES = ("probe.json", "cuda-tests.log", "env.txt", "smoke.json")
 
 
 def _get(timings: dict, scenario: str, impl: str, key: str) -> float:
     value = timings.get(scenario, {}).get(impl, {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _ratio(baseline: float, ours: float) -> float:
     return baseline / ours if ours > 0 else math.nan
+
+
+def _word(value) -> str:
+    text = re.sub(r"\s+", "_", str(value).strip()) if value is not None else ""
+    return text if text and not text.startswith(("unavailable", "not_installed", "none")) else "unknown"
 
 
 def failed_tests(log: str | None) -> int:
@@ -42,8 +66,10 @@ def failed_tests(log: str | None) -> int:
     return sum(int(n) for n, _ in re.findall(r"(\d+) (failed|errors?)\b", last))
 
 
-def summary_line(timings: dict, checks: dict, device: str, cuda_log: str | None) -> str:
-    """The ``gpu-summary:`` line of a probe run (``timings``/``checks``: the probe's sections)."""
+def summary_line(timings: dict, checks: dict, device: str, cuda_log: str | None, env: dict | None = None) -> str:
+    """The ``gpu-summary:`` line of a probe run (``timings``/``checks``: the probe's sections; ``env``:
+    the versions, ``env.txt``'s keys: ``numba-cuda``, ``cuda-core``, ``driver``, ``cached_launch``)."""
+    env = env or {}
     f32 = {k: f"{v} float32" for k, v in HOST_COST.items()}
     fields = [("device", re.sub(r"\s+", "_", device.strip()) or "unknown")]
     for k in (6, 148, 3000):
@@ -55,10 +81,76 @@ def summary_line(timings: dict, checks: dict, device: str, cuda_log: str | None)
     fields.append(("e2e_gpt2_fp32_vs_foreach", f"{e2e(f32[148], FOREACH):.2f}x"))
     fields.append(("e2e_gpt2_bf16_vs_foreach", f"{e2e(HOST_COST[148] + ' bf16', MIXED):.2f}x"))
     flat = "flat float32 2^28"
-    flat28 = _ratio(_get(timings, flat, "torch.lerp_", "device_us"), _get(timings, flat, "fastema.ema_update_",
-                                                                         "device_us"))
-    fields.append(("flat28_device_vs_lerp", f"{flat28:.2f}x"))
+    lerp = _get(timings, flat, "torch.lerp_", "device_us")
+    ours = _get(timings, flat, "fastema.ema_update_", "device_us")
+    fields.append(("flat28_device_vs_lerp", f"{_ratio(lerp, ours):.2f}x"))
     fields.append(("cuda_tests_failed", str(failed_tests(cuda_log))))
     failed = sum(1 for v in checks.values() if isinstance(v, dict) and v.get("ok") is False)
     fields.append(("probe_failed", str(failed)))
+    for name, key in (("numba_cuda", "numba-cuda"), ("cuda_core", "cuda-core"), ("driver", "driver"),
+                      ("cached_launch", "cached_launch")):
+        fields.append((name, _word(env.get(key))))
+    fields.append(("flat28_ema_device_vs_lerp", f"{_ratio(lerp, _get(timings, flat, EMA, 'device_us')):.2f}x"))
     return "gpu-summary: " + " ".join(f"{k}={v}" for k, v in fields)
+
+
+def read_env(text: str) -> dict:
+    """``env.txt``'s ``key=value`` lines as a dict (the first ``=`` splits)."""
+    return dict(ln.split("=", 1) for ln in text.splitlines() if "=" in ln)
+
+
+def from_folders(folders) -> tuple[str | None, dict]:
+    """The summary line of the stage folders ``folders`` (None when they hold none of the files), and
+    which file each part came from."""
+    found: dict = {}
+    for folder in folders:
+        for name in FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                found[name] = path
+    if not found:
+        return None, found
+
+    def text(name):
+        if name not in found:
+            return None
+        with open(found[name], errors="replace") as fh:
+            return fh.read()
+
+    def load(name):
+        try:
+            return json.loads(text(name) or "{}")
+        except ValueError:                            # a file cut off mid-write: what it says is unknown
+            return {}
+
+    probe, smoke = load("probe.json"), load("smoke.json")
+    env = {k: v for k, v in probe.get("env", {}).items() if v is not None}
+    env.update(read_env(text("env.txt") or ""))
+    if "cached_launch" not in env:
+        cached = smoke.get("host", {}).get("2 cached_launch_available")
+        if cached is not None:
+            env["cached_launch"] = cached
+    device = str(probe.get("env", {}).get("gpu") or env.get("gpu") or "")
+    if device.startswith("unavailable"):
+        device = ""
+    line = summary_line(probe.get("timings", {}), probe.get("checks", {}), device, text("cuda-tests.log"), env)
+    return line, found
+
+
+def main(argv) -> int:
+    if not argv or any(a.startswith("-") for a in argv):
+        print("usage: python bench/gpu_summary.py DIR [DIR...]  (the fetched folders of the GPU stages)",
+              file=sys.stderr)
+        return 2
+    line, found = from_folders(argv)
+    if line is None:
+        print(f"gpu_summary: none of {', '.join(FILES)} in {', '.join(argv)}", file=sys.stderr)
+        return 1
+    for name, path in found.items():
+        print(f"# {name}: {path}", file=sys.stderr)
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
