@@ -70,24 +70,66 @@ def _gpu_summary():
     return mod
 
 
-def test_gpu_summary_line_has_the_fields_the_maintainers_read():
-    s = _gpu_summary()
+def _timings(s):
     m = lambda host, e2e, dev=0.0: {"host_us": host, "e2e_us": e2e, "device_us": dev}  # noqa: E731
-    timings = {
+    return {
         "host-cost rl6 float32": {s.EMA: m(9.5, 20.0), s.FOREACH: m(11.0, 30.0)},
         "host-cost gpt2 float32": {s.EMA: m(12.25, 600.0), s.FOREACH: m(40.0, 660.0)},
         "host-cost gpt2 bf16": {s.EMA: m(12.0, 500.0), s.MIXED: m(50.0, 1000.0)},
         "host-cost 3000x4096 float32": {s.EMA: m(300.0, 700.0), s.FOREACH: m(1500.0, 1600.0)},
-        "flat float32 2^28": {"fastema.ema_update_": m(1, 1, 1100.0), "torch.lerp_": m(1, 1, 1045.0)},
+        "flat float32 2^28": {"fastema.ema_update_": m(1, 1, 1100.0), "torch.lerp_": m(1, 1, 1045.0),
+                              s.EMA: m(1, 1, 1000.0)},
     }
-    checks = {"a": {"ok": True}, "b": {"ok": False}, "timing x": {"ok": False, "detail": "boom"}}
+
+
+def test_gpu_summary_line_has_the_fields_the_maintainers_read():
+    s = _gpu_summary()
+    checks = {"a": {"ok": True}, "b": {"ok": False}, "timing x": {"ok": False, "detail": "boom"},
+              "skipped in the simulator": {"ok": None, "skipped": "needs CUDA graphs"}}
     log = "....F..\n=== 2 failed, 61 passed, 1 error in 12.3s ===\n"
-    line = s.summary_line(timings, checks, "NVIDIA H100 80GB HBM3", log)
+    env = {"numba-cuda": "0.30.4", "cuda-core": "1.2.0", "driver": "580.159.04", "cached_launch": True}
+    line = s.summary_line(_timings(s), checks, "NVIDIA H100 80GB HBM3", log, env)
     assert line == ("gpu-summary: device=NVIDIA_H100_80GB_HBM3 host_us_6=9.5 host_us_148=12.2 host_us_3000=300.0 "
                     "foreach_host_us_6=11.0 foreach_host_us_148=40.0 foreach_host_us_3000=1500.0 "
                     "e2e_rl6_vs_foreach=1.50x e2e_gpt2_fp32_vs_foreach=1.10x e2e_gpt2_bf16_vs_foreach=2.00x "
-                    "flat28_device_vs_lerp=0.95x cuda_tests_failed=3 probe_failed=2")
+                    "flat28_device_vs_lerp=0.95x cuda_tests_failed=3 probe_failed=2 numba_cuda=0.30.4 "
+                    "cuda_core=1.2.0 driver=580.159.04 cached_launch=True flat28_ema_device_vs_lerp=1.04x")
     # what was not measured says so, and no log is not "no failure"
     empty = s.summary_line({}, {}, "", None)
     assert "host_us_6=nan" in empty and "flat28_device_vs_lerp=nanx" in empty and "cuda_tests_failed=-1" in empty
+    assert empty.endswith("numba_cuda=unknown cuda_core=unknown driver=unknown cached_launch=unknown "
+                          "flat28_ema_device_vs_lerp=nanx")
     assert s.failed_tests("== 62 passed in 3.0s ==") == 0
+    # a version that could not be read is unknown, not its error message
+    odd = s.summary_line({}, {}, "x", None, {"driver": "none", "numba-cuda": "not installed",
+                                             "cuda-core": "unavailable (ImportError: x)", "cached_launch": False})
+    assert "numba_cuda=unknown cuda_core=unknown driver=unknown cached_launch=False" in odd
+
+
+def test_gpu_summary_rebuilds_the_line_from_the_stage_folders(tmp_path, capsys):
+    """``python bench/gpu_summary.py DIR...``: each file from whichever stage folder holds it."""
+    s = _gpu_summary()
+    env, tests, probe = (tmp_path / d for d in ("env", "tests", "probe"))
+    for d in (env, tests, probe):
+        d.mkdir()
+    (env / "env.txt").write_text("simulator=False\ngpu=NVIDIA H100 80GB HBM3\ndriver=580.159.04\n"
+                                 "numba-cuda=0.30.4\ncuda-core=1.2.0\ncached_launch=True\n")
+    (tests / "cuda-tests.log").write_text("pytest tests -m cuda\n.F\n=== 1 failed, 86 passed in 301.2s ===\n")
+    (probe / "probe.json").write_text(json.dumps({"env": {"gpu": "NVIDIA H100 80GB HBM3", "numba-cuda": "0.30.4"},
+                                                  "checks": {"a": {"ok": False}}, "timings": _timings(s)}))
+    assert s.main([str(env), str(tests), str(probe)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("gpu-summary: device=NVIDIA_H100_80GB_HBM3 host_us_6=9.5 ")
+    assert " cuda_tests_failed=1 probe_failed=1 numba_cuda=0.30.4 cuda_core=1.2.0 driver=580.159.04 " \
+           "cached_launch=True " in line
+    # the tests killed at their timeout: no pytest summary line, so the count is unknown
+    (tests / "cuda-tests.log").write_text("pytest tests -m cuda\n....F...\n")
+    # smoke.json gives cached_launch where env.txt lacks it; a probe.json cut off mid-write reads as nothing
+    (env / "env.txt").write_text("driver=580.159.04\n")
+    (env / "smoke.json").write_text(json.dumps({"host": {"2 cached_launch_available": False}}))
+    (probe / "probe.json").write_text('{"env": {"gpu": "NVIDIA')
+    line, found = s.from_folders([str(env), str(tests), str(probe)])
+    assert "cuda_tests_failed=-1" in line and "cached_launch=False" in line and "device=unknown" in line
+    assert set(found) == {"env.txt", "smoke.json", "cuda-tests.log", "probe.json"}
+    assert s.main([str(tmp_path / "nothing")]) == 1
+    assert s.main([]) == 2
