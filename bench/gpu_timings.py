@@ -45,7 +45,9 @@ class Rows:
     def out_of_time(self) -> bool:
         return self.rec.elapsed() > self.budget_s
 
-    def __call__(self, scenario: str, impl: str, elements: int, kind: str | None, fn, **kw) -> None:
+    def __call__(self, scenario: str, impl: str, elements: int, kind: str | None, fn, factory=False,
+                 **kw) -> None:
+        """Time ``fn`` (``factory``: ``fn()`` makes it, inside the guard) as ``scenario | impl``."""
         table = self.rec.data.setdefault("timings", {}).setdefault(scenario, {})
         if self.out_of_time():
             table[impl] = {"skipped": f"out of time (the probe's budget of {self.budget_s:.0f} s was spent)"}
@@ -55,7 +57,7 @@ class Rows:
 
         def run():
             t0 = time.perf_counter()
-            m = with_bandwidth(measure(fn, **kw), elements, kind)
+            m = with_bandwidth(measure(fn() if factory else fn, **kw), elements, kind)
             m["s"] = round(time.perf_counter() - t0, 2)
             table[impl] = m
             self.rec.save()
@@ -73,6 +75,11 @@ def shapes(count: int) -> list:
             3000: many_small()}[count]
 
 
+def _empty_cache() -> None:
+    if not G.SIM:
+        torch.cuda.empty_cache()
+
+
 def _model(shape_list, dtype) -> nn.Module:
     return nn.ParameterList([nn.Parameter(torch.randn(s, device=DEV).to(dtype)) for s in shape_list])
 
@@ -88,9 +95,11 @@ def _host_cost(rows: Rows, count: int, dt: str) -> None:
     sc = f"{HOST_COST[count]} {dt}"
     rows(sc, EMA_ROW, n, ours, EMA(model, 0.999).update)
     if count != 3000 and dt == "float32" and not G.SIM:       # issue 23 item 2: the plan in the lerp launch
-        apart = EMA(model, 0.999, device_step=True)
-        apart._plan_on_device.carriers = {}                   # the plan kernel launched on its own, as before
-        rows(sc, "fastema EMA.update, plan kernel apart", n, ours, apart.update)
+        def apart():
+            ema = EMA(model, 0.999, device_step=True)
+            ema._plan_on_device.carriers = {}                 # the plan kernel launched on its own, as before
+            return ema.update
+        rows(sc, "fastema EMA.update, plan kernel apart", n, ours, apart, factory=True)
     flat = FlatShadow(params)
     rows(sc, "fastema FlatShadow.update", n, ours, lambda: flat.update(0.999))
     with torch.no_grad():
@@ -116,18 +125,18 @@ def _target_network(rows: Rows) -> None:
         rows(sc, FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(pt, po, RL_TAU))
 
 
-def _empty_cache() -> None:
-    if not G.SIM:
-        torch.cuda.empty_cache()
+def _each(rows: Rows, name: str, fn, *args) -> None:
+    """``fn(rows, *args)``: a scenario that raises is a failed check ``name``, and the next one runs."""
+    rows.rec.guarded("checks", name, lambda: fn(rows, *args))
+    _empty_cache()
 
 
 def host_cost_table(rows: Rows) -> None:
     for count in (6, 148, 3000):
         for dt in ("float32", "bf16"):
-            _host_cost(rows, count, dt)
+            _each(rows, f"{HOST_COST[count]} {dt}", _host_cost, count, dt)
             if count == 6 and dt == "float32":
-                _target_network(rows)
-            _empty_cache()
+                _each(rows, "target network", _target_network)
 
 
 def flat_sizes(quick: bool) -> list:
@@ -156,8 +165,7 @@ def _flat(rows: Rows, p2: int) -> None:
 
 def flat_sweep(rows: Rows) -> None:
     for p2 in flat_sizes(rows.quick):
-        _flat(rows, p2)
-        _empty_cache()
+        _each(rows, f"flat float32 2^{p2}", _flat, p2)
 
 
 def _float32_model(rows: Rows, name: str, shape_list) -> None:
@@ -212,7 +220,5 @@ def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
 
 def models(rows: Rows) -> None:
     for name, count in (("gpt2-small", 148), ("3000x4096", 3000)):
-        _float32_model(rows, name, shapes(count))
-        _empty_cache()
-        _bfloat16_model(rows, name, shapes(count))
-        _empty_cache()
+        _each(rows, f"{name} float32", _float32_model, name, shapes(count))
+        _each(rows, f"{name} bf16", _bfloat16_model, name, shapes(count))
