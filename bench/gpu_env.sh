@@ -12,8 +12,8 @@
 #                      with nothing carried (or if that fails), a sitecustomize.py on PYTHONPATH
 #                      doing numpy.row_stack = numpy.vstack. GPU_NUMPY_FIX says which.
 #   fastema            pip install --no-deps --no-build-isolation --no-index -e . only where fastema
-#                      does not import from this tree; if that fails, the tree on PYTHONPATH.
-#                      GPU_FASTEMA_INSTALL says which.
+#                      does not import from this tree; if that fails, the tree on PYTHONPATH (and
+#                      in later stages too: $GPU_NO_EDITABLE marks it). GPU_FASTEMA_INSTALL says which.
 #   GPU_SIMULATE=1     the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and nothing installed: the
 #                      tree on PYTHONPATH, the numpy shim only where numpy lacks row_stack (CI).
 #
@@ -91,11 +91,15 @@ gpu_fastema_here() {
   (cd / && "$PY" -c 'import os, sys, fastema
 sys.exit(0 if os.path.realpath(fastema.__file__).startswith(sys.argv[1] + os.sep) else 1)' "$GPU_ROOT") 2>/dev/null
 }
+GPU_NO_EDITABLE=${GPU_NO_EDITABLE:-/tmp/fastema-gpu-no-editable}    # pip install -e failed once here
 if gpu_fastema_here; then
   GPU_FASTEMA_INSTALL="already imports from $GPU_ROOT"
 elif [ "${GPU_SIMULATE:-0}" = 1 ]; then
   gpu_path_prepend "$GPU_ROOT"
   GPU_FASTEMA_INSTALL="the tree on PYTHONPATH (simulate: nothing installed)"
+elif [ -f "$GPU_NO_EDITABLE" ]; then
+  gpu_path_prepend "$GPU_ROOT"
+  GPU_FASTEMA_INSTALL="the tree on PYTHONPATH (pip install -e . failed in an earlier stage)"
 else
   echo "gpu_env: pip install -e . (no index, no dependencies, no build isolation)"
   if timeout -k 5 60 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
@@ -103,6 +107,7 @@ else
     GPU_FASTEMA_INSTALL="pip install -e . (editable)"
   else
     gpu_path_prepend "$GPU_ROOT"
+    : >"$GPU_NO_EDITABLE"
     GPU_FASTEMA_INSTALL="pip install -e . failed (see setup.log): the tree on PYTHONPATH"
   fi
 fi

@@ -8,9 +8,9 @@ and ``cached_launch`` from it):
 The driver from ``nvidia-smi``; Python; the packages from their metadata (whichever copy comes first
 on ``sys.path``: a numpy put on ``PYTHONPATH`` by ``bench/gpu_env.sh`` too); the numpy actually
 imported and whether it has ``row_stack`` (numba-cuda 0.30 needs it); NVVM's version as numba-cuda
-loads it and the CUDA runtime's; whether fastema's cached launch is in use; what
-``bench/gpu_env.sh`` did (``GPU_NUMPY_FIX``, ``GPU_FASTEMA_INSTALL``). A value that cannot be read
-says why. Each line is also printed.
+loads it, the libnvvm and libnvJitLink files it loads, and the CUDA runtime's; whether fastema's
+cached launch is in use; what ``bench/gpu_env.sh`` did (``GPU_NUMPY_FIX``, ``GPU_FASTEMA_INSTALL``).
+A value that cannot be read says why. Each line is also printed.
 """
 import os
 import sys
@@ -65,6 +65,13 @@ def lines():
         yield from [("nvvm", nvvm.NVVM().get_version()), ("nvvm_ir", nvvm.NVVM().get_ir_version())]
     except Exception as e:                              # noqa: BLE001 - the simulator has no NVVM
         yield ("nvvm", _why(e))
+    for lib in ("nvvm", "nvJitLink"):                   # which files numba-cuda loads (cuda-pathfinder)
+        try:
+            from cuda import pathfinder
+
+            yield (f"{lib}_lib", pathfinder.load_nvidia_dynamic_lib(lib).abs_path)
+        except Exception as e:                          # noqa: BLE001
+            yield (f"{lib}_lib", _why(e))
     try:
         from numba import cuda
 
