@@ -378,7 +378,6 @@ def launch_costs(n: int = 2000) -> dict:
                per_call_us(lambda: cfg(*g.tables.args(), w, flag, np.uint32(0)), n)}
     if not G.SIM:
         import torch
-        from numba import cuda
 
         def ctx():
             with cuda.gpus[0]:
