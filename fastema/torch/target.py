@@ -65,10 +65,12 @@ class _Selection:
         mine, theirs = _named(target, exclude, buffers), _named(online, exclude, buffers)
         missing, extra = [n for n in theirs if n not in mine], [n for n in mine if n not in theirs]
         if missing or extra:
-            raise ValueError(f"the target's names do not match the online network's: the target lacks "
-                             f"{missing[:5]} and has {extra[:5]} besides; make the target a copy of the online "
-                             f"network (copy.deepcopy(online)), or exclude= the names that differ. Nothing was "
-                             f"written.")
+            what = " and ".join(f"{k} {v[:5]}{e}" for k, v, e in (("lacks", missing, ""),
+                                                                   ("has", extra, ", which the online network lacks"))
+                                if v)
+            raise ValueError(f"the target's names do not match the online network's: the target {what}; make the "
+                             f"target a copy of the online network (copy.deepcopy(online)), or exclude= the names "
+                             f"that differ. Nothing was written.")
         pieces: dict = {}                               # id(a DTensor) -> its local shard (FSDP2, TP, HSDP)
         for side, named in (("online network", theirs), ("target", mine)):
             for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
@@ -446,9 +448,10 @@ class TargetNetwork:
                 raise type(err)(f"the networks changed after TargetNetwork(online, target): {err}") from None
             if sel.names != self._sel.names:
                 old, new = set(sum(self._sel.names, [])), set(sum(sel.names, []))
-                raise ValueError(f"the networks changed after TargetNetwork(online, target): now without "
-                                 f"{sorted(old - new)[:5]}, with {sorted(new - old)[:5]} besides (or a tensor "
-                                 f"changed kind); make a new TargetNetwork. Nothing was written.")
+                what = "; ".join(f"{k} {sorted(v)[:5]}" for k, v in (("without", old - new), ("with new", new - old))
+                                 if v) or "a tensor changed kind (averaged, copied or an integer buffer)"
+                raise ValueError(f"the networks changed after TargetNetwork(online, target): {what}; make a new "
+                                 f"TargetNetwork. Nothing was written.")
             sel.specs = self._sel.specs
             groups = sel.group(sel.tensors)              # checked against the construction's dtypes, shapes
             sel.groups = groups
