@@ -1,5 +1,5 @@
 """DLPack producers: JAX arrays, TensorFlow tensors and variables, Keras variables, and any
-other object with ``__dlpack__`` (read through :mod:`fastema._dlpack`, no copy).
+other object with ``__dlpack__`` (read through :mod:`fastema._backends._dlpack`, no copy).
 
 JAX, TensorFlow and Keras objects are recognised by their module before the CUDA array
 interface (JAX GPU arrays also have one): :data:`frameworks` is that earlier owner.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .. import _dlpack as _dl
+from . import _dlpack as _dl
 from ..kernels.kinds import BF16, F16, F32, F64
 from ._base import Backend
 from ._buf import Buf, not_dense, unsupported_dtype
