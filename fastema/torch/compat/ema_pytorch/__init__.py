@@ -1,0 +1,30 @@
+"""lucidrains ema-pytorch's ``EMA``, ``KarrasEMA``, ``PostHocEMA`` (0.8) and 0.8.3's ``EMAPytree``
+(``EMATensor``: ``EMA(tree)``) and ``EMAModuleWrapper``, on fastema's kernels.
+
+Deviations (documented on each class): a model that cannot be deep-copied raises (ema-pytorch
+exits); ``KarrasEMA`` uses the Delta-t decay, so the realised profile is the requested one for
+any ``update_every`` (the same numbers at ``update_every=1``); ``PostHocEMA`` writes its
+checkpoints atomically; ``EMAPytree``'s ``state_dict()`` holds the averaged tensors
+(``ema_pytree.<path>``; ema-pytorch's only the counters), a tree whose structure or shapes
+changed is refused before anything changes, integer leaves are copied, not averaged;
+``EMAModuleWrapper`` checks every route before hooking any, and refuses ``ema=`` with EMA
+arguments.
+
+One private module per concern: ``_base`` (the counters, the warm-up, ema-pytorch's helpers),
+``_model`` (``EMA``, ``KarrasEMA``), ``_posthoc`` (``PostHocEMA``), ``_pytree`` (``EMAPytree``),
+``_wrapper`` (``EMAModuleWrapper``).
+"""
+from ._base import _inplace_copy, _inplace_lerp
+from ._model import EMA, KarrasEMA
+from ._posthoc import PostHocEMA
+from ._pytree import EMAPytree, EMATensor
+from ._wrapper import EMAModuleWrapper
+
+__all__ = ["EMA", "EMAModuleWrapper", "EMAPytree", "EMATensor", "KarrasEMA", "PostHocEMA"]
+
+# A pickle (torch.save of a whole EMA) names each class, and the helpers ema.inplace_copy /
+# ema.inplace_lerp wrap, by __module__ and name: they keep this package's path, as when it was one
+# file, so files saved before and after the split load either way and no private module is named.
+for _named in (EMA, KarrasEMA, PostHocEMA, EMAPytree, EMAModuleWrapper, _inplace_copy, _inplace_lerp):
+    _named.__module__ = __name__
+del _named

@@ -1,0 +1,125 @@
+"""ema-pytorch's ``PostHocEMA``: several ``KarrasEMA``, their checkpoint files, and the synthesis
+of another profile from them (EDM2's least squares)."""
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import torch
+from torch import nn
+
+from .... import schedules as S
+from ._model import KarrasEMA
+
+
+class PostHocEMA(nn.Module):
+    """ema-pytorch's ``PostHocEMA``: several :class:`KarrasEMA`, checkpointed every
+    ``checkpoint_every_num_steps`` as ``{index}.{step}.pt`` in ``checkpoint_folder`` (ema-pytorch's
+    files: a folder written by either can be synthesised by either), and
+    ``synthesize_ema_model(sigma_rel=...)`` by EDM2's least squares, as ema-pytorch computes it
+    (coefficients not normalised; every checkpoint in the folder).
+
+    Differences: updates use the exact Delta-t profile (see :class:`KarrasEMA`; ema-pytorch's
+    profiles are off when ``update_every > 1``, its default being 100); checkpoints are written
+    atomically. :class:`fastema.torch.PostHocEMA` is the fast native version (every profile in
+    one pass, safetensors snapshots, a residual check).
+    """
+
+    def __init__(self, model: nn.Module, ema_model=None, sigma_rels: tuple | None = None, gammas: tuple | None = None,
+                 checkpoint_every_num_steps: int | str = 1000, checkpoint_folder: str = "./post-hoc-ema-checkpoints",
+                 checkpoint_dtype: torch.dtype = torch.float16, **kwargs):
+        super().__init__()
+        if (sigma_rels is None) == (gammas is None):
+            raise ValueError("give exactly one of sigma_rels= and gammas=")
+        gammas = tuple(S.sigma_rel_to_gamma(s) for s in sigma_rels) if sigma_rels is not None else \
+            tuple(typing.cast(tuple, gammas))
+        if len(gammas) < 2:
+            raise ValueError("at least 2 profiles with different gammas are needed to synthesise others")
+        if len(set(gammas)) != len(gammas):
+            raise ValueError(f"the gammas must differ from each other, got {gammas}")
+        self.maybe_ema_model = ema_model
+        self.gammas = tuple(gammas)
+        self.num_ema_models = len(gammas)
+        self._model = [model]
+        self.ema_models = nn.ModuleList([KarrasEMA(model, ema_model=ema_model, gamma=g, **kwargs) for g in gammas])
+        import pathlib
+
+        self.checkpoint_folder = pathlib.Path(checkpoint_folder)
+        self.checkpoint_folder.mkdir(exist_ok=True, parents=True)
+        self.checkpoint_every_num_steps = checkpoint_every_num_steps
+        self.checkpoint_dtype = checkpoint_dtype
+        self.ema_kwargs = kwargs
+
+    @property
+    def model(self):
+        return self._model[0]
+
+    @property
+    def step(self):
+        return self.ema_models[0].step
+
+    @property
+    def device(self):
+        return self.step.device
+
+    def copy_params_from_model_to_ema(self):
+        for e in self.ema_models:
+            e.copy_params_from_model_to_ema()
+
+    def copy_params_from_ema_to_model(self):
+        for e in self.ema_models:
+            e.copy_params_from_ema_to_model()
+
+    def update(self):
+        for e in self.ema_models:
+            e.update()
+        if self.checkpoint_every_num_steps == "manual":
+            return
+        if self.ema_models[0]._counters()[0] % self.checkpoint_every_num_steps == 0:
+            self.checkpoint()
+
+    def checkpoint(self):
+        from ...._files import atomic_write as _atomic_write
+
+        step = self.ema_models[0]._counters()[0]
+        for i, e in enumerate(self.ema_models):
+            pkg = {k: v.to(device="cpu", dtype=self.checkpoint_dtype, copy=True) for k, v in e.state_dict().items()}
+            _atomic_write(str(self.checkpoint_folder / f"{i}.{step}.pt"), lambda f, pkg=pkg: torch.save(pkg, f))
+
+    def synthesize_ema_model(self, gamma: float | None = None, sigma_rel: float | None = None,
+                             step: int | None = None) -> KarrasEMA:
+        if (gamma is None) == (sigma_rel is None):
+            raise ValueError("give exactly one of gamma= and sigma_rel=")
+        if sigma_rel is not None:
+            gamma = S.sigma_rel_to_gamma(sigma_rel)
+        files = sorted(self.checkpoint_folder.glob("*.pt"))
+        if not files:
+            raise FileNotFoundError(f"no checkpoints in {self.checkpoint_folder}: call update() or checkpoint() first")
+        idx, steps = zip(*(map(int, f.stem.split(".")) for f in files))
+        last = max(steps)
+        step = last if step is None else step
+        if step > last:
+            raise ValueError(f"you can only synthesize for a timestep that is less than the max timestep {last}")
+        from ....posthoc import profile_dot
+
+        t_i = np.asarray(steps, np.float64)
+        g_i = np.asarray([self.gammas[i] for i in idx], np.float64)
+        A = profile_dot(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
+        b = profile_dot(t_i, g_i, float(step), gamma)
+        weights = torch.linalg.solve(torch.from_numpy(A), torch.from_numpy(b)[:, None])[:, 0].tolist()
+        synthesized = KarrasEMA(self.model, ema_model=self.maybe_ema_model, gamma=gamma, **self.ema_kwargs)
+        scratch = KarrasEMA(self.model, ema_model=self.maybe_ema_model, gamma=gamma, **self.ema_kwargs)
+        for n, (f, w) in enumerate(zip(files, weights)):
+            scratch.load_state_dict(torch.load(str(f), weights_only=True))
+            with torch.no_grad():
+                pairs = zip(scratch.iter_all_ema_params_and_buffers(), synthesized.iter_all_ema_params_and_buffers())
+                for c, s in pairs:
+                    if n == 0:
+                        s.zero_()
+                    s.add_(c * w)
+        return synthesized
+
+    def __call__(self, *args, **kwargs):
+        return tuple(e(*args, **kwargs) for e in self.ema_models)
+
+
