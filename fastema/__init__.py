@@ -38,12 +38,14 @@ def clear_caches() -> None:
     (``FlatShadow``, the model averages) own their buffers and are not affected."""
     import sys
 
-    from . import ops
+    from . import ops, pairs
 
-    ops._PAIRS.clear()
+    pairs.clear()
     ops._single_tables.cache_clear()
     cuda = sys.modules.get(f"{__name__}._launch.cuda")
     if cuda is not None:
         cuda.external_stream.cache_clear()
         cuda._zero_flag.cache_clear()
+
+
 __version__ = "0.1.0"

@@ -8,12 +8,13 @@ from typing import Sequence
 import numpy as np
 
 from . import _backends
+from ._backends import READ_ONLY_HINTS, Buf, describe, layout, overlaps
 from .kernels import _bits
 from .kernels._bits import KIND_NAMES
 from .kernels.kinds import MAX_ROWS
 
-__all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "resolve_weights", "shadow_problems", "sr_key",
-           "stochastic_rounding"]
+__all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "pair", "resolve_weights", "same_shape", "shadow_problems",
+           "sr_key", "stochastic_rounding"]
 
 #: The most averages (shadow rows) one launch updates: the kernels keep one weight per row in registers.
 MAX_DECAYS = MAX_ROWS
@@ -94,3 +95,37 @@ def sr_key(seed: int, step: int) -> int:
         raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
     return int(_bits.sr_noise(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32((seed >> 32) & 0xFFFFFFFF),
                               np.int64(step)))
+
+
+def pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, Buf]:
+    """``a`` (written) and ``b`` (read, or written with ``write_b``) described, on one device, writable,
+    sharing no memory; or the error naming them."""
+    s, x = describe(a, a_name), describe(b, b_name)
+    for buf, name, write in ((s, a_name, True), (x, b_name, write_b)):
+        if write and not buf.writable:
+            hint = READ_ONLY_HINTS.get(buf.framework, "pass a writable array (it is updated in place)")
+            raise ValueError(f"{name} is read-only: {hint}")
+    if s.device != x.device:
+        raise ValueError(f"{a_name} is on {s.device} but {b_name} is on {x.device}; "
+                         f"put both on one device")
+    if overlaps(s, x):
+        raise ValueError(f"{a_name} and {b_name} share memory; give the shadow a buffer of its own")
+    return s, x
+
+
+def same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):
+    """``s`` has shape ``expected`` and walks its memory in the order ``x`` does (``x``'s layout,
+    with a leading row dimension when ``expected`` has one more), or the error saying the fix."""
+    if s.shape != expected:
+        raise ValueError(f"{b_name} has shape {x.shape} so {a_name} must have shape {expected}, "
+                         f"got {s.shape}")
+    if not s.strides and not x.strides:               # both C order: (K, *shape) rows of C-order sources
+        return
+    rows = len(expected) - len(x.shape)              # 1 for a (K, *shape) shadow of K rows
+    order = layout(expected, (x.numel,) + x.order) if rows else x.order
+    if s.order != order:
+        raise ValueError(
+            f"{a_name} and {b_name} are laid out differently in memory ({a_name} strides "
+            f"{s.strides or 'C order'}, {b_name} strides {x.strides or 'C order'}): fastema walks both in "
+            f"storage order, so give {a_name} the layout of {b_name} (torch.empty_like(src) or "
+            f".to(memory_format=...) keeps it)")

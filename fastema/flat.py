@@ -12,17 +12,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _backends, _launch
-from ._backends import describe, zero_
-from ._layout import DTYPES, FlatLayout, LayoutGroup, ShadowBase, SwapState, parse_sources
+from . import _launch
+from ._backends import zero_
+from ._bound import BoundLaunches
+from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
+from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
 from ._sources import SourceTable
 from .kernels.kinds import F64, KIND_NAMES
-from .ops import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 from .window import WindowShadow
 
 __all__ = ["FlatShadow", "WindowShadow"]
 
-class FlatShadow(ShadowBase):
+class FlatShadow(ShadowBase, BoundLaunches):
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
 
     The shadow is owned by fastema; the sources stay where their framework keeps them.
@@ -140,65 +141,6 @@ class FlatShadow(ShadowBase):
             skip_if = self.scan_nonfinite()
         self.update_checked(weights_by_device, rounding, seed, step, skip_if)
 
-    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
-                       plan=None, given: int | None = None) -> None:
-        """The launches of :meth:`update`, once its arguments are checked and its addresses are
-        current (the model averages check the addresses themselves, in one pass with the model's
-        own tensors). ``weights_by_device``: :func:`fastema.ops.resolve_weights` per device; or
-        ``plan``, a :class:`fastema.average.device_plan.DevicePlan` whose device arrays hold the weights
-        and the rounding keys (``seed`` and ``step`` unused). ``given`` (with ``plan``): this call's
-        plan step (the training step, -1 for the update count) rides in the first launch of each
-        device the plan lists in ``carriers`` (one launch for the plan and that group's lerp); None:
-        the plan was advanced already. Each group's launch is bound once per tables, rounding,
-        flag and carried plan (:func:`fastema._launch.lerp_launcher`); a flag is bound only when
-        fastema made it (``_backends.made_here``: a scan's, a plan's), others are viewed at every call."""
-        stochastic = rounding == "stochastic"
-        if plan is None and skip_if is None:            # the usual step: host weights, no guard
-            assert weights_by_device is not None
-            for gi, g in enumerate(self.layout.groups):
-                bound = self._lerps.get(gi)
-                if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
-                        or bound[3] is not None:
-                    bound = self._bind_lerp(gi, g, stochastic, None, None)
-                bound[4](weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0)
-            return
-        assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
-        for gi, g in enumerate(self.layout.groups):
-            flag = None if skip_if is None else skip_if.get(g.device)
-            carrier = None
-            if plan is not None:
-                if given is not None and plan.carriers.get(g.device) == gi:
-                    carrier = plan
-                weights, key = plan.weights(g), plan.key(gi, g)
-            else:
-                assert weights_by_device is not None            # the caller gives weights or a plan
-                weights, key = weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0
-            if carrier is None and flag is not None and not _backends.made_here(flag):   # a flag fastema did not make:
-                _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
-                               stochastic=stochastic)                           # viewed afresh at every call
-                continue
-            bound = self._lerps.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not flag \
-                    or bound[3] is not carrier:
-                bound = self._bind_lerp(gi, g, stochastic, flag, carrier)
-            if carrier is not None:
-                bound[4](given)
-            else:
-                bound[4](weights, key)
-
-    def _bind_lerp(self, gi: int, g: LayoutGroup, stochastic: bool, flag, carrier) -> tuple:
-        """Group ``gi``'s prepared launch: the lerp behind ``flag`` (:func:`fastema._launch.lerp_launcher`),
-        or with ``carrier``, a device plan, that plan's step and the lerp in one launch
-        (:func:`fastema._launch.plan_lerp_launcher`). Made again when the group's tables were
-        replaced (new source addresses), the rounding, the flag object or the carried plan changed."""
-        if carrier is not None:
-            run = _launch.plan_lerp_launcher(g, carrier.views(g.device), gi, stochastic=stochastic)
-        else:
-            view = None if flag is None else self._flag_view({g.device: flag}, g)
-            run = _launch.lerp_launcher(g, flag=view, stochastic=stochastic)
-        bound = self._lerps[gi] = (g.tables, stochastic, flag, carrier, run)
-        return bound
-
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.
 
@@ -230,13 +172,7 @@ class FlatShadow(ShadowBase):
         earlier scan (another shadow's) to add this shadow's sources to them.
         """
         self.refresh()
-        flags = dict(flags or {})
-        for g in self.layout.groups:
-            if g.device not in flags:
-                flags[g.device] = self._zeroed_flag(g)
-            _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
-        self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in self.layout.groups)}
-        return flags
+        return self.scan_groups(flags)
 
     def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
         """Every shadow row <- the sources (rounded to the shadow dtype); nothing is copied on a
@@ -244,22 +180,6 @@ class FlatShadow(ShadowBase):
         self._swap.refuse("copy_from_sources()")
         self.refresh()
         self.copy_from_sources_checked(skip_if)
-
-    def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
-        """The launches of :meth:`copy_from_sources`, once the addresses are current: bound once per
-        group tables and flag where fastema made the flag (``_backends.made_here``), else viewed afresh."""
-        for gi, g in enumerate(self.layout.groups):
-            flag = None if skip_if is None else skip_if.get(g.device)
-            if flag is not None and not _backends.made_here(flag):
-                _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows,
-                               flag=self._flag_view(skip_if, g))
-                continue
-            bound = self._copies.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not flag:
-                view = None if flag is None else self._flag_view(skip_if, g)
-                bound = self._copies[gi] = (g.tables, flag, _launch.copy_launcher(
-                    g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=view))
-            bound[2]()
 
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
@@ -291,19 +211,3 @@ class FlatShadow(ShadowBase):
         """IndexError unless ``row`` is an int in ``[0, rows)``."""
         if not isinstance(row, int) or not 0 <= row < self.rows:
             raise IndexError(f"row must be an int in [0, {self.rows}), got {row!r}")
-
-    # ------------------------------------------------------------ helpers
-
-    def _zeroed_flag(self, g: LayoutGroup):
-        flag = self.skipped.get(g.device)
-        if flag is None:
-            flag = _backends.new_flag(describe(g.buffer, "shadow"))
-        zero_(flag)                               # on the device, stream-ordered: no sync
-        return flag
-
-    @staticmethod
-    def _flag_view(flags: Mapping | None, g: LayoutGroup):
-        if flags is None or g.device not in flags:
-            return None
-        return _backends.control_view(flags[g.device], "skip_if flag", np.int32, 1, g.device, writable=True)
-

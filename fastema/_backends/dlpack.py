@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from . import _dlpack as _dl
 from ..kernels.kinds import BF16, F16, F32, F64
+from . import _dlpack as _dl
 from ._base import Backend
 from ._buf import Buf, not_dense, unsupported_dtype
 

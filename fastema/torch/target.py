@@ -14,7 +14,7 @@ from .._checks import resolve_weights, sr_key, stochastic_rounding
 from ..average.device_plan import DevicePlan
 from ..average.device_plan import check_state as check_device_state
 from ..average.plan import Plan
-from ..ops import pair_groups
+from ..pairs import pair_groups
 from ..schedules import MOMENTUM_SCHEDULES, Constant, NumUpdates, PowerWarmup, from_state
 from . import _compile, _model, _sharded
 from ._model import _matches, _patterns, _unwrap, normalize_name

@@ -259,7 +259,7 @@ def test_device_mismatch_is_refused():
 def test_pair_groups_names_the_pairs_by_position_or_by_the_names_given():
     """Reliability round 4, L6: the pair checks name positions in the array API (``shadows[1]``) and
     the names a caller gives (a target network's parameters) otherwise; the wording is the same."""
-    from fastema.ops import pair_groups
+    from fastema.pairs import pair_groups
 
     shadows, sources = [torch.zeros(4), torch.zeros(3, 4)], [torch.ones(4), torch.ones(4, 3).t()]
     with pytest.raises(ValueError, match=r"shadows\[1\] and sources\[1\] are laid out differently"):
@@ -355,8 +355,8 @@ def test_layout_cache_misses_for_the_same_memory_in_another_layout_or_shape(layo
 
 def _counting_pair_groups(monkeypatch) -> list:
     calls: list = []
-    full = fastema.ops.pair_groups
-    monkeypatch.setattr(fastema.ops, "pair_groups", lambda *a: calls.append(1) or full(*a))
+    full = fastema.pairs.pair_groups
+    monkeypatch.setattr(fastema.pairs, "pair_groups", lambda *a: calls.append(1) or full(*a))
     return calls
 
 
@@ -471,8 +471,8 @@ def test_clear_caches_drops_layouts_and_keeps_results():
     s, x = torch.zeros(100), torch.ones(100)
     fastema.ema_update_many_([s], [x], 0.5)
     fastema.ema_update_(s, x, 0.5)
-    assert fastema.ops._PAIRS and fastema.ops._single_tables.cache_info().currsize
+    assert fastema.pairs._PAIRS and fastema.ops._single_tables.cache_info().currsize
     fastema.clear_caches()
-    assert not fastema.ops._PAIRS and fastema.ops._single_tables.cache_info().currsize == 0
+    assert not fastema.pairs._PAIRS and fastema.ops._single_tables.cache_info().currsize == 0
     fastema.ema_update_many_([s], [x], 0.5)
     assert torch.equal(s, torch.full((100,), 0.875))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops import cached_pair_groups, ema_update_many_, launch_pairs
+from ...ops import cached_pairs, ema_update_many_
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -31,15 +31,15 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
     and pairs laid out differently (see :func:`kernel_pair`).
 
     The usual step (the same tensors as last time) is one launch per group after a key of the
-    addresses (:func:`fastema.ops.cached_pair_groups`). Otherwise every pair is checked before
+    addresses (:func:`fastema.ops.cached_pairs`). Otherwise every pair is checked before
     anything is written: both torch tensors (``TypeError`` naming the position in the lists
     ``names``, SB3's argument names by default), then ``check(i, t, s, fast)`` (``fast``: the
     kernels take it), to refuse a call."""
     if not targets:
         return
-    groups = cached_pair_groups(targets, sources)   # the usual step: these pairs, as last time
-    if groups is not None:
-        launch_pairs(groups, None, weight, "nearest", 0, 0)
+    pairs = cached_pairs(targets, sources)          # the usual step: these pairs, as last time
+    if pairs is not None:
+        pairs.update(weight=weight)
         return
     fast_t, fast_s, rest = [], [], []
     for i, (t, s) in enumerate(zip(targets, sources)):

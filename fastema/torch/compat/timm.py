@@ -14,7 +14,7 @@ from torch import nn
 
 from ... import schedules as S
 from ..._backends import address_key, layout_guard
-from ...ops import launch_pairs, pair_groups
+from ...pairs import PairShadow
 from .. import _unwrap, _watch
 from ._common import kernel_pair
 
@@ -64,7 +64,7 @@ class ModelEmaV3(nn.Module):
         self.stochastic_rounding, self.stochastic_rounding_seed = stochastic_rounding, stochastic_rounding_seed
         if dtype is not None:
             self.module.to(dtype=dtype)
-        self._cached = None          # (model, tensors, addresses, groups, copies, slow, layout check)
+        self._cached = None          # (model, tensors, addresses, pairs, copies, slow, layout check)
         self._stale = False
         self._resync = False         # the model was wrapped in DDP after construction
         self._updates = 0            # updates made: the stochastic-rounding counter
@@ -110,24 +110,24 @@ class ModelEmaV3(nn.Module):
             raise ValueError(f"the model has {len(model_f)} parameters but the EMA copy has {len(ema_f)}")
         fast = [kernel_pair(e, m) for e, m in zip(ema_f, model_f)]
         slow = [(e, m) for e, m, f in zip(ema_f, model_f, fast) if not f]     # torch's lerp, as timm's
-        groups = pair_groups([e for e, f in zip(ema_f, fast) if f], [m for m, f in zip(model_f, fast) if f])
+        pairs = PairShadow([e for e, f in zip(ema_f, fast) if f], [m for m, f in zip(model_f, fast) if f])
         tensors = ema_f + model_f
         _watch(_unwrap(model), self)
         _watch(self.module, self)
         key = address_key(tensors)
-        self._cached = (model, tensors, key, groups, copies, slow, None if key is None else layout_guard(tensors))
+        self._cached = (model, tensors, key, pairs, copies, slow, None if key is None else layout_guard(tensors))
         self._stale = False
-        return groups, copies, slow
+        return pairs, copies, slow
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         if self._resync:                         # DDP broadcast rank 0's weights after construction
             self._resync = False
             self._restart(model)
-        groups, copies, slow = self._pairs(model)
+        pairs, copies, slow = self._pairs(model)
         decay = self.get_decay(step)
-        launch_pairs(groups, decay, None, "nearest", self.stochastic_rounding_seed, self._updates,
-                     bf16_stochastic=self.stochastic_rounding)
+        pairs.update(decay, seed=self.stochastic_rounding_seed, step=self._updates,
+                      bf16_stochastic=self.stochastic_rounding)
         for e, m in slow:                        # timm's per-dtype forms (rounded to nearest)
             if e.dtype == m.dtype:
                 e.lerp_(m, 1.0 - decay)

@@ -111,7 +111,7 @@ def test_the_repeated_call_hits_the_cached_layout_and_reads_no_tensor_value():
     online, target = _pair()
     polyak_update(online.parameters(), target.parameters(), 0.1)
     targets, sources = list(target.parameters()), list(online.parameters())
-    assert ops.cached_pair_groups(targets, sources) is not None      # one key of addresses, one launch
+    assert ops.cached_pairs(targets, sources) is not None      # one key of addresses, one launch
     expected = [torch.lerp(t, s, 0.1) for t, s in zip(targets, sources)]
     with no_host_reads():
         polyak_update(online.parameters(), target.parameters(), 0.1)

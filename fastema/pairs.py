@@ -1,0 +1,206 @@
+"""PairShadow: moving averages kept in the caller's own tensors, as (shadow, source) pairs.
+
+:class:`fastema.FlatShadow` owns its shadow (flat buffers it swaps, exports and offloads);
+here the shadows are the caller's tensors (a target network's parameters, a drop-in's
+``shadow_params``), so what remains is the pairs, checked once and grouped per (device, shadow
+dtype, source dtype), and the same per-step launches as a flat shadow's
+(:class:`fastema._bound.BoundLaunches`: the checked update, the non-finite scan, the copy).
+
+:func:`fastema.ema_update_many_` is a one-shot PairShadow, found again by address in the pair
+cache (:func:`of`, :func:`cached`) at its next call. A PairShadow holds addresses (launch
+tables), never a tensor: the caller keeps its tensors alive and tells when they move.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+from . import _backends, _launch
+from ._backends import describe, disjoint
+from ._bound import BoundLaunches
+from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
+from .kernels._bits import BF16
+
+__all__ = ["PairGroup", "PairShadow", "cached", "of", "pair_groups"]
+
+
+class PairGroup:
+    """One (device, shadow dtype, source dtype) group of (shadow, source) pairs: the fields
+    :func:`fastema._launch.launch` reads (device, kinds, tables, current_stream) and the
+    framework a flag or a device plan for it is made in. Addresses only, no tensor."""
+
+    def __init__(self, device, shadow_kind, src_kind, shadows: list, sources: list):
+        self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
+        self.framework = shadows[0].framework
+        self.current_stream = _backends.stream_getter(shadows[0].framework, device)
+        self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
+                                     [s.address for s in shadows], device, self.current_stream, follow=False)
+        self.size = len(shadows)
+
+
+def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = None) -> list[PairGroup]:
+    """Validate ``(shadows[i], sources[i])`` pairs and group them for one launch per (device,
+    dtype) group. A pair given twice (a tied weight listed under two names) is kept once, so
+    its shadow is averaged once; shadows that otherwise share memory are refused. ``names``:
+    ``(what shadows[i] is called, what sources[i] is called)`` in the messages (a target
+    network's parameter names), else the positions ``shadows[i]`` and ``sources[i]``."""
+    if len(shadows) != len(sources):
+        raise ValueError(f"got {len(shadows)} shadows but {len(sources)} sources; pass them pairwise")
+    if names is None:
+        names = ([f"shadows[{i}]" for i in range(len(shadows))], [f"sources[{i}]" for i in range(len(sources))])
+    groups: dict = {}
+    seen: dict = {}
+    kept, kept_names = [], []
+    for i, (a, b) in enumerate(zip(shadows, sources)):
+        s, x = pair(a, b, names[0][i], names[1][i])
+        same_shape(s, x, x.shape, names[0][i], names[1][i])
+        key = (s.device, s.address, s.kind, s.shape, s.order)
+        if s.numel and key in seen:
+            j, first = seen[key]
+            if (x.address, x.kind, x.order) != (first.address, first.kind, first.order):
+                raise ValueError(f"{names[0][i]} is {names[0][j]} again but with another source "
+                                 f"({names[1][i]} is not {names[1][j]}); pass each shadow once")
+            continue                                  # the same pair again: averaged once
+        seen[key] = (i, x)
+        kept.append(s)
+        kept_names.append(names[0][i])
+        groups.setdefault((s.device, s.kind, x.kind), ([], []))
+        groups[(s.device, s.kind, x.kind)][0].append(s)
+        groups[(s.device, s.kind, x.kind)][1].append(x)
+    disjoint(kept, kept_names)
+    return [PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
+
+
+class _Groups:
+    __slots__ = ("groups",)
+
+    def __init__(self, groups: list):
+        self.groups = groups
+
+
+class PairShadow(BoundLaunches):
+    """Averages kept in the caller's tensors: ``shadows[i] <- lerp(shadows[i], sources[i], w)``.
+
+    One launch per (device, shadow dtype, source dtype) group, computed as ``torch.lerp`` does
+    (float32 arithmetic, float64 for float64 pairs), so a float32 shadow equals
+    ``torch._foreach_lerp_`` bit for bit on the CPU. The pairs are checked at construction
+    (:func:`pair_groups`); the caller follows its tensors and calls :meth:`regroup` when they
+    move. One average (``rows = 1``).
+
+    Args:
+        shadows: the tensors written (the averages), one per source.
+        sources: the tensors read, same shapes, devices and layouts.
+        names: ``(shadow names, source names)`` for the messages (default: positions).
+    """
+
+    rows = 1
+    folds_later = False       # update_checked() writes now (see fastema.average.core)
+
+    def __init__(self, shadows: Sequence, sources: Sequence, names: tuple[list, list] | None = None, *,
+                 groups: list | None = None):
+        self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
+        self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
+        self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
+        self.skipped: dict[str, Any] = {}
+
+    @property
+    def groups(self) -> list[PairGroup]:
+        """The launch groups (addresses only)."""
+        return self.layout.groups
+
+    def __len__(self) -> int:
+        return sum(g.size for g in self.layout.groups)
+
+    def __repr__(self) -> str:
+        return f"PairShadow({len(self)} pairs, {len(self.layout.groups)} groups)"
+
+    def regroup(self, groups: list[PairGroup]) -> None:
+        """Follow the pairs to new addresses: ``groups`` from :func:`pair_groups` over the tensors
+        as they are now (the bound launches are made again at the next update)."""
+        self.layout = _Groups(groups)
+
+    def update(self, decay: float | None = None, *, weight: Any = None, rounding: str = "nearest", seed: int = 0,
+               step: int = 0, bf16_stochastic: bool = False) -> None:
+        """One lerp launch per group, every argument checked first; the key of the stochastic
+        rounding is ``sr_key(seed, step)`` for every group (:func:`fastema.ema_update_many_`).
+
+        ``bf16_stochastic=True`` (the compat drop-ins only: timm's ``stochastic_rounding=True``)
+        rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
+        says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
+        groups = self.layout.groups
+        weights = {}
+        for g in groups:                                  # every check before any launch
+            if g.device not in weights:
+                weights[g.device] = resolve_weights(None if decay is None else [decay], weight, 1, g.device)
+            if not bf16_stochastic:
+                stochastic_rounding(rounding, g.shadow_kind)
+        key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
+        for g in groups:
+            stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
+            _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
+
+    def scan_nonfinite(self, flags: dict | None = None) -> dict:
+        """Scan every source for inf/NaN on its device, no host sync: ``device -> int32[1]`` flags
+        (added to ``flags`` when given), kept in ``self.skipped``. The caller has followed its
+        tensors (the addresses are current)."""
+        return self.scan_groups(flags)
+
+
+# Pairs of recent ema_update_many_ calls, found by every tensor's address and kept with a check of
+# every tensor's dtype, shape and strides: a hit needs both, i.e. the same memory in the same
+# layout, so the cached storage-order walk is right for the tensors passed now. (An address is not
+# enough: a.view(3, 4).t() is a's memory in another order, which an uncached call refuses.)
+# Anything else misses and gets the full check. The key is tuples of ints (untracked by the
+# garbage collector: a key per call costs no collections) and the check compares without keeping
+# what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with no cheap
+# key (not torch) are keyed by their full descriptions and need no further check.
+_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (PairShadow, layout check or None)
+_PAIRS_MAX = 32
+
+
+def _cheap_key(shadows: list, sources: list) -> tuple | None:
+    a = _backends.address_key(shadows)          # torch: data_ptr, one C-level map
+    b = _backends.address_key(sources) if a is not None else None
+    return None if b is None else (a, b)
+
+
+def _described_key(tensors) -> tuple:
+    return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
+                 (describe(t, "tensor") for t in tensors))
+
+
+def _hit(key: tuple, tensors: list) -> PairShadow | None:
+    entry = _PAIRS.get(key)
+    if entry is None or (entry[1] is not None and not entry[1](tensors)):
+        return None
+    _PAIRS.move_to_end(key)
+    return entry[0]
+
+
+def cached(shadows: list, sources: list) -> PairShadow | None:
+    """The PairShadow of an earlier :func:`of` over the same memory in the same dtypes, shapes and
+    strides (every check passed then and holds now), or None: a miss, or arrays with no cheap key.
+    The drop-ins' per-step path: a hit needs no look at the pairs beyond the key and the layout
+    check."""
+    key = _cheap_key(shadows, sources)
+    return None if key is None else _hit(key, shadows + sources)
+
+
+def of(shadows: list, sources: list) -> PairShadow:
+    """The PairShadow of these pairs: from the cache (the last 32 layouts), else checked and kept."""
+    tensors = shadows + sources
+    cheap = _cheap_key(shadows, sources)
+    key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
+    found = _hit(key, tensors)
+    if found is not None:
+        return found
+    made = PairShadow(shadows, sources)
+    _PAIRS[key] = (made, None if cheap is None else _backends.layout_guard(tensors))
+    while len(_PAIRS) > _PAIRS_MAX:
+        _PAIRS.popitem(last=False)
+    return made
+
+
+def clear() -> None:
+    """Forget every cached pair layout (:func:`fastema.clear_caches`)."""
+    _PAIRS.clear()
