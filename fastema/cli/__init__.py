@@ -3,7 +3,8 @@
 - :mod:`.demo`: train a small model with an EMA of its weights;
 - :mod:`.plot`: raw, SMA and EMA curves of a logged metric, to a PNG;
 - :mod:`.bench`: run the benchmark suite and write its report;
-- :mod:`.posthoc`: synthesise a post-hoc EMA from ``PostHocEMA`` snapshots.
+- :mod:`.posthoc`: synthesise a post-hoc EMA from ``PostHocEMA`` snapshots;
+- :mod:`.merge`: merge saved checkpoints (the weighted average of their tensors).
 
 Each has ``main(argv) -> int``; :mod:`fastema.__main__` dispatches to them. What the commands
 share is here: :data:`COMMANDS` (the one-line summaries ``--help`` lists) and the argument
@@ -24,6 +25,7 @@ COMMANDS = {
     "plot": "draw raw, SMA and EMA curves of a logged metric (a CSV log or a list of numbers) to a PNG",
     "bench": "run the benchmark suite of a source checkout and write its table and plot",
     "posthoc": "synthesise a post-hoc EMA from the snapshots of fastema.torch.PostHocEMA",
+    "merge": "merge saved checkpoints: the weighted average of their tensors (uniform, minus-sqrt, EMA, WSM, ...)",
 }
 
 

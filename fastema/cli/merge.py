@@ -1,0 +1,99 @@
+"""``python -m fastema merge OUT INPUT... --weights minus-sqrt``: the weighted average of saved
+checkpoints (:func:`fastema.merge.merge_checkpoints`).
+
+The weights are printed before the merge. Bad input prints one line, never a traceback, and exits
+with status 1 (2 for usage errors): inputs that do not match, a truncated or damaged file, a pickle
+that is not a state dict, refused weights, too little disk. A Ctrl-C exits with 130. Either way
+nothing is written and no input changes. An error fastema does not expect (a bug) still prints
+its traceback."""
+from __future__ import annotations
+
+import sys
+
+from . import Parser, integer, number, parse
+
+__all__ = ["main"]
+
+
+def _parser() -> Parser:
+    from ..merge.weights import STYLES
+
+    p = Parser(prog="python -m fastema merge",
+               description="Merge checkpoints: every floating tensor becomes the weighted average of the inputs' "
+                           "(accumulated in float32), read one tensor at a time through a compiled kernel and written "
+                           "into a temporary folder renamed into place. Inputs: safetensors files, Hugging Face model "
+                           "folders, torch .pt/.bin state dicts (weights_only=True), torch DCP folders, post-hoc "
+                           "snapshot folders; nothing in them is executed.",
+               epilog="example: python -m fastema merge merged/ run/checkpoint-800 run/checkpoint-900 "
+                      "run/checkpoint-1000 --weights wsm:1-sqrt --verify")
+    p.add_argument("out", help="the output: a .safetensors file, or a folder (a Hugging Face model folder, with the "
+                               "--copy-from input's config and tokenizer when it is one)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="the checkpoints, oldest first")
+    p.add_argument("--weights", default="uniform",
+                   help=f"the weight style: {', '.join(STYLES)}; linear and minus-sqrt also with Megatron-LM's "
+                        f"__reverse or __scramble (default: %(default)s)")
+    p.add_argument("--dtype", default="same", choices=("same", "float32", "bfloat16", "float16"),
+                   help="the averaged tensors' output dtype; same: each tensor's input dtype (default: %(default)s)")
+    p.add_argument("--copy-from", default="last",
+                   help="the input that integer, boolean, float8 and non-tensor entries, and tensors --only/--exclude "
+                        "leave out, are copied from: last, first or an index (default: %(default)s)")
+    p.add_argument("--only", metavar="REGEX", help="average only the tensors whose names match (others are copied "
+                                                   "from --copy-from) (default: every floating tensor)")
+    p.add_argument("--exclude", metavar="REGEX", help="copy the tensors whose names match from --copy-from instead of "
+                                                      "averaging them (default: none)")
+    p.add_argument("--steps", help="each input's training step, comma-separated, for ema: and wsm: weights "
+                                   "(default: read from the checkpoints or their names)")
+    p.add_argument("--allow-negative", action="store_true",
+                   help="accept negative weights (extrapolation; sigma_rel: often needs it) (default: refused)")
+    p.add_argument("--stochastic-rounding", action="store_true",
+                   help="round bfloat16 outputs stochastically, reproducibly from --seed (default: to nearest even)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0,
+                   help="seed of --stochastic-rounding and of __scramble (default: %(default)s)")
+    p.add_argument("--accumulate", default="float32", choices=("float32", "float64"),
+                   help="the sums' dtype (float64 tensors are always summed in float64) (default: %(default)s)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="keep the optimizer state of torch inputs, copied from --copy-from (default: left out)")
+    p.add_argument("--verify", action="store_true",
+                   help="read the output back and check every tensor before it is published (default: off)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs and print the weights; write nothing (default: off)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refused)")
+    p.add_argument("--read", default="mmap", choices=("mmap", "pread"),
+                   help="how inputs are read: memory-mapped, or in pieces into small buffers (default: %(default)s)")
+    p.add_argument("--max-error", type=number(lambda v: v >= 0, "a number >= 0"), default=None,
+                   help="the largest relative L2 error sigma_rel: weights may have (default: 0.05)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with bytes/s when "
+                                                              "stderr is a terminal and tqdm is installed)")
+    return p
+
+
+def _steps(text: str | None) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps must be numbers separated by commas, got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    args = parse(_parser(), argv)
+    if isinstance(args, int):
+        return args
+    from ..merge import MergeError, merge_checkpoints
+
+    try:
+        report = merge_checkpoints(
+            args.inputs, args.out, args.weights, args.dtype, copy_from=args.copy_from, only=args.only,
+            exclude=args.exclude, steps=_steps(args.steps), allow_negative=args.allow_negative,
+            stochastic_rounding=args.stochastic_rounding, seed=args.seed, accumulate=args.accumulate,
+            optimizer=args.optimizer, verify=args.verify, dry_run=args.dry_run, overwrite=args.overwrite,
+            progress=False if args.no_progress else None, log=print, read=args.read, max_error=args.max_error)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (MergeError, ValueError, OSError, MemoryError, ImportError) as err:
+        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0

@@ -1,0 +1,102 @@
+"""What every input of a merge is (:class:`Source`, its :class:`Entry` list) and how one fails
+(:class:`MergeError`): the pieces the input readers share."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = ["Entry", "MergeError", "Source", "os_problem", "regular", "step_from_name"]
+
+_STEP_NAME = re.compile(r"(?:checkpoint|step|iter|iteration|global_step|ckpt)[-_]?0*(\d+)$", re.I)
+
+
+class MergeError(ValueError):
+    """A merge refused before (or instead of) writing anything: the message names the input and
+    the tensor, and the fix. Nothing was written and no input was changed."""
+
+
+class Entry(NamedTuple):
+    """One named entry of an input."""
+    name: str
+    dtype: str               # torch's name ("float32", "bfloat16", "int64", ...), or "object"
+    shape: tuple
+    nbytes: int
+    storage: Any = None      # tensors of one input with equal non-None storage are tied (share memory)
+
+
+def regular(path: str, what: str) -> os.stat_result:
+    """``os.stat(path)`` of a regular file (links followed), else MergeError naming ``what``."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise MergeError(os_problem(path, what, err)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MergeError(f"{what}: {path!r} is not a regular file (a FIFO, device or socket could block or never "
+                         f"end); give the checkpoint file itself")
+    return st
+
+
+def os_problem(path: str, what: str, err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return f"{what}: {path!r} is a loop of symbolic links; point it at the checkpoint itself"
+    if err.errno == errno.ENOENT:
+        return f"{what}: {path!r} does not exist"
+    return f"{what}: {path!r} cannot be read ({err.strerror or err})"
+
+
+def step_from_name(path: str) -> int | None:
+    """The step a checkpoint's name says (``checkpoint-500``, ``step_1000``, ``iter_0002000``,
+    ``model-step300.safetensors``; for a file in a folder so named, the folder's), or None."""
+    path = os.path.abspath(path)
+    for part in (os.path.basename(path), os.path.basename(os.path.dirname(path))):
+        stem = re.sub(r"\.(safetensors|pt|pth|bin|ckpt)$", "", part)
+        m = _STEP_NAME.search(stem)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+class Source:
+    """One input of a merge. ``entries`` (name -> :class:`Entry`, in the file's order), ``step``
+    (None when it records none), ``profile`` (``(time, gamma)`` of a post-hoc snapshot's row),
+    ``folder`` (the HF folder whose small files a merged folder copies), ``layout`` (tensor ->
+    shard file name, for an HF folder)."""
+
+    format = "?"
+    mappable = True          # piece() reads any part of a tensor without reading all of it
+
+    def __init__(self, path: str, label: str):
+        self.path, self.label = path, label
+        self.entries: dict = {}
+        self.step: int | None = None
+        self.profile: tuple | None = None
+        self.folder: str | None = None
+        self.layout: dict | None = None
+        self.dropped: list = []          # names of entries left out when reading (optimizer state)
+        self.copied: set = set()         # names copied, never averaged, whatever their dtype (optimizer state kept)
+
+    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
+        """The address of elements ``[lo, lo + count)`` of tensor ``name`` (C order), valid until the
+        next call; ``scratch`` (``count`` elements' bytes at least) holds them where they are not
+        mapped."""
+        raise NotImplementedError
+
+    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
+        """Bytes ``[lo, lo + nbytes)`` of entry ``name`` as stored (a copied tensor), valid until the
+        next call; ``scratch`` (``nbytes`` at least) holds them where they are not mapped."""
+        raise NotImplementedError
+
+    def value(self, name: str) -> Any:
+        """A non-tensor entry's value (objects of torch files)."""
+        raise MergeError(f"{self.label}: {name!r} is not an object entry")
+
+    def done(self, name: str) -> None:
+        """Tensor ``name`` is read: its pages may leave this process (they stay in the page cache)."""
+
+    def close(self) -> None:
+        """Release files and mappings."""

@@ -1,0 +1,161 @@
+"""torch inputs of a merge: ``.pt``/``.pth``/``.bin`` state dicts read with
+``torch.load(weights_only=True, mmap=True)`` (torch's restricted unpickler: a pickle that asks
+for anything but tensors and plain containers is refused, nothing of it runs; tensors stay in
+the file's memory map), and DCP checkpoint folders (below). The one module of
+:mod:`fastema.merge` that imports torch.
+
+A checkpoint that wraps the model's state (``{"model": {...}, "optimizer": {...}, "step": 5}``:
+fairseq, Megatron, Lightning's ``state_dict``, DeepSpeed's ``module``) is read from that entry;
+optimizer and scheduler state is left out unless asked for (then copied from the ``copy_from``
+input, never averaged); other entries outside the model's state are left out. Nested dicts are
+flattened with dots.
+"""
+from __future__ import annotations
+
+import ctypes
+import pickle
+import re
+from typing import Any
+
+import numpy as np
+
+from ._dtypes import ITEMSIZE, OBJECT
+from ._source import Entry, MergeError, Source, regular, step_from_name
+
+__all__ = ["TorchFileSource"]
+
+_ROOTS = ("state_dict", "model", "module", "model_state_dict")
+_OPTIMIZER = re.compile(r"optim|scheduler|lr_sched|scaler", re.I)
+_STEPS = ("global_step", "step", "iteration", "num_updates", "train_step")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class TorchFileSource(Source):
+    """A torch state dict file (see the module)."""
+
+    format = "torch"
+
+    def __init__(self, path: str, label: str, optimizer: bool = False):
+        import torch
+
+        super().__init__(path, label)
+        regular(path, label)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":
+            legacy = magic[:1] == b"\x80"
+            raise MergeError(f"{label} is " + ("a torch checkpoint in torch's legacy (pre-1.6) format, which cannot be "
+                                              "memory-mapped: load and torch.save it again" if legacy else
+                             "neither a safetensors file nor a torch checkpoint (torch.save's zip format): it is "
+                             "damaged or of another kind"))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise MergeError(f"{label} holds a pickle that is not plain tensor data: torch.load(weights_only=True) "
+                             f"refused it and nothing of it ran ({_first_line(err)[:200]}); merge only checkpoints "
+                             f"of tensors") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as err:
+            legacy = "zipfile" in str(err) or "mmap" in str(err)
+            raise MergeError(f"{label} is not a readable torch checkpoint ({_first_line(err)[:200]}): it is truncated "
+                             f"or damaged" + ("; or saved in torch's legacy format: load and torch.save it again"
+                                              if legacy else "")) from None
+        if not isinstance(state, dict):
+            raise MergeError(f"{label} holds a {type(state).__name__}, not a state dict (a dict of tensors)")
+        root, outside = self._root(state)
+        self._tensors: dict = {}
+        self._values: dict = {}
+        self._dense: tuple = (None, None)
+        self._flatten(root, "")
+        for key, value in outside.items():
+            if _OPTIMIZER.search(str(key)):
+                if optimizer and isinstance(value, dict):
+                    before = set(self.entries)
+                    self._flatten(value, f"{key}.")
+                    self.copied |= set(self.entries) - before
+                else:
+                    self.dropped.append(str(key))
+            elif key not in _STEPS:
+                self.dropped.append(str(key))
+        self.step = self._step(state, root) if self._step(state, root) is not None else step_from_name(path)
+        if not any(e.dtype != OBJECT for e in self.entries.values()):
+            raise MergeError(f"{label} holds no tensors: not a state dict")
+
+    @staticmethod
+    def _root(state: dict) -> tuple:
+        for key in _ROOTS:
+            inner = state.get(key)
+            if isinstance(inner, dict) and _has_tensor(inner):
+                return inner, {k: v for k, v in state.items() if k != key}
+        return state, {}
+
+    def _flatten(self, tree: dict, prefix: str) -> None:
+        import torch
+
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                self._flatten(value, name + ".")
+            elif isinstance(value, torch.Tensor):
+                if value.is_sparse or value.layout != torch.strided:
+                    raise MergeError(f"{self.label}: tensor {name!r} is {value.layout}; fastema merges dense tensors")
+                dtype = dtype_name(value.dtype)
+                if dtype not in ITEMSIZE:
+                    raise MergeError(f"{self.label}: tensor {name!r} is {dtype}, a dtype fastema does not read")
+                storage = (value.data_ptr(), tuple(value.shape), value.stride(), dtype) if value.numel() else None
+                self.entries[name] = Entry(name, dtype, tuple(value.shape), value.numel() * value.element_size(),
+                                           storage)
+                self._tensors[name] = value
+            else:
+                self.entries[name] = Entry(name, OBJECT, (), 0)
+                self._values[name] = value
+
+    def _step(self, state: dict, root: dict) -> int | None:
+        for tree in (state, root):
+            for key in _STEPS:
+                v = tree.get(key)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
+                if hasattr(v, "numel") and v.numel() == 1 and not v.is_floating_point():
+                    return int(v)
+        return None
+
+    def _address(self, name: str) -> int:
+        t = self._tensors[name]
+        if not t.is_contiguous():                      # a view saved as it was: one C-order copy at a time
+            if self._dense[0] != name:
+                self._dense = (name, t.contiguous())
+            t = self._dense[1]
+        return t.data_ptr()
+
+    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
+        return self._address(name) + lo * ITEMSIZE[self.entries[name].dtype]
+
+    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
+        if nbytes == 0:
+            return memoryview(b"")
+        address = self._address(name) + lo
+        return memoryview(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
+
+    def value(self, name: str) -> Any:
+        return self._values[name]
+
+    def done(self, name: str) -> None:
+        if self._dense[0] == name:
+            self._dense = (None, None)
+
+    def close(self) -> None:
+        self._tensors, self._values, self._dense = {}, {}, (None, None)
+
+
+def _has_tensor(tree: dict) -> bool:
+    import torch
+
+    return any(isinstance(v, torch.Tensor) or (isinstance(v, dict) and _has_tensor(v)) for v in tree.values())

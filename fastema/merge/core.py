@@ -1,0 +1,308 @@
+"""The merge driver: inputs -> weights -> plan -> one tensor (or one piece of one) at a time
+through the compiled weighted-sum kernel (:mod:`fastema.kernels.merge_cpu`) -> the output,
+written into a temporary folder and renamed into place (:mod:`.writer`)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .._launch import config as launch_config
+from .._launch import cpu as launch_cpu
+from ..kernels import merge_cpu
+from ._dtypes import ITEMSIZE, KIND
+from ._safetensors_input import read_safetensors_header
+from ._source import MergeError
+from .inputs import open_input
+from .plan import Plan, make_plan, shards
+from .report import MergeReport, Progress, anon_bytes
+from .weights import merge_weights
+from .writer import Output, SafetensorsWriter, small_files
+
+__all__ = ["merge_checkpoints"]
+
+PIECE_BYTES = 16 << 20
+"""Bytes of one input read per kernel launch (a tensor larger than this is merged in pieces)."""
+MAX_SHARD_BYTES = 5 * 10**9
+"""A merged model folder is cut into safetensors shards of at most this many bytes (Hugging Face's
+default), unless the ``copy_from`` input is a folder whose shards it copies."""
+_COPY_BYTES = 16 << 20
+
+
+def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "same", *, copy_from="last",
+                      only: str | None = None, exclude: str | None = None, steps: Sequence | None = None,
+                      allow_negative: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                      accumulate: str = "float32", optimizer: bool = False, verify: bool = False,
+                      dry_run: bool = False, overwrite: bool = False, progress: bool | None = None,
+                      log: Callable[[str], None] | None = None, read: str = "mmap",
+                      max_error: float | None = None) -> MergeReport:
+    """Merge checkpoints: every floating tensor the weighted sum of the inputs' (see
+    :mod:`fastema.merge`).
+
+    Args:
+        inputs: checkpoint paths, oldest first: safetensors files, Hugging Face model folders,
+            torch ``.pt``/``.bin`` files, torch DCP folders, post-hoc snapshot folders (mixed
+            formats are fine when names and shapes agree).
+        out: the output: a ``.safetensors`` file, or a folder (a Hugging Face model folder:
+            ``model.safetensors`` or shards, with the ``copy_from`` input's config, tokenizer and
+            other small files when it is such a folder).
+        weights: a style of :func:`fastema.merge.merge_weights` or a list of numbers.
+        dtype: the averaged tensors' output dtype: ``"same"`` (each tensor's input dtype),
+            ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        copy_from: the input that integer, boolean, float8 and non-tensor entries (and tensors
+            not selected by ``only``/``exclude``) are copied from: ``"last"``, ``"first"`` or an
+            index.
+        only, exclude: regular expressions (``re.search``) selecting the tensors averaged.
+        steps: each input's step, for ``ema:`` and ``wsm:`` weights (else read from the inputs).
+        allow_negative: accept negative weights.
+        stochastic_rounding: round bfloat16 outputs stochastically, reproducibly from ``seed``.
+        seed: the stochastic rounding's and ``__scramble``'s seed.
+        accumulate: ``"float32"`` or ``"float64"`` (float64 tensors are always summed in float64).
+        optimizer: keep optimizer state of torch inputs (copied from ``copy_from``; safetensors
+            outputs hold tensors only). Default: left out.
+        verify: read the output back before publishing it and check every tensor (names, dtypes,
+            shapes, a CRC-32 of its bytes) against what was written.
+        dry_run: check everything, print the weights, write nothing.
+        overwrite: replace an existing ``out``.
+        progress: a tqdm bar with bytes/s (True, False, None: when stderr is a terminal).
+        log: where the weights are printed before the merge (None: not printed).
+        read: ``"mmap"`` (inputs memory-mapped) or ``"pread"`` (read in pieces into small buffers).
+        max_error: ``sigma_rel:``'s largest relative L2 error (default 5%).
+
+    Returns:
+        A :class:`MergeReport` (also with ``dry_run``).
+
+    Raises:
+        MergeError: a ``ValueError`` naming the input and the tensor: inputs that do not match
+            (a missing or extra tensor, a shape or dtype), a truncated or damaged file, a pickle
+            that is not a state dict, a symbolic-link loop, weights refused, too little disk.
+            Nothing is written and no input changes. Any error or Ctrl-C during the merge
+            removes what was written.
+    """
+    t0 = time.perf_counter()
+    base_anon = anon_bytes()
+    if read not in ("mmap", "pread"):
+        raise MergeError(f"read must be 'mmap' or 'pread', got {read!r}")
+    if accumulate not in ("float32", "float64"):
+        raise MergeError(f"accumulate must be 'float32' or 'float64', got {accumulate!r}")
+    if isinstance(inputs, (str, os.PathLike)) or len(inputs) < 1:
+        raise MergeError("inputs must be a list of one or more checkpoint paths")
+    out = os.fspath(out)
+    as_folder = not out.lower().endswith(".safetensors")
+    _not_an_input(out, inputs)
+    if not dry_run:
+        Output.check(out, as_folder, overwrite)
+    sources: list = []
+    try:
+        for i, path in enumerate(inputs):
+            sources += open_input(path, i, read=read, optimizer=optimizer)
+        if steps is not None and len(steps) != len(sources):
+            raise MergeError(f"{len(steps)} step(s) given for {len(sources)} input(s): give one per input")
+        known = list(steps) if steps is not None else [s.step for s in sources]
+        try:
+            w = merge_weights(weights, len(sources), steps=known, seed=seed, allow_negative=allow_negative,
+                              profiles=[s.profile for s in sources], max_error=max_error)
+        except ValueError as err:
+            raise MergeError(str(err)) from None
+        plan = make_plan(sources, dtype=dtype, copy_from=copy_from, only=only, exclude=exclude)
+        report = _report(out, sources, known, w, dtype, plan)
+        if log is not None:
+            log(report.weights_table())
+        if dry_run:
+            report.dry_run = True
+            report.seconds = time.perf_counter() - t0
+            return report
+        donor = sources[plan.copy_from]
+        files = shards(plan, donor.layout, MAX_SHARD_BYTES) if as_folder else [(os.path.basename(out), None)]
+        extra = small_files(donor.folder) if as_folder and donor.folder else []
+        need = plan.bytes_written + sum(os.path.getsize(os.path.join(donor.folder, f)) for f in extra) + (1 << 20)
+        target = Output(out, as_folder, overwrite, need)
+        try:
+            peak = _write(target, files, extra, sources, plan, w.values, report, stochastic_rounding, seed,
+                          accumulate == "float64", verify, progress)
+            target.publish()
+        except BaseException:
+            target.discard()
+            raise
+        report.peak_anon_bytes = None if base_anon is None or peak is None else max(0, peak - base_anon)
+        report.verified = verify
+        report.seconds = time.perf_counter() - t0
+        return report
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _not_an_input(out: str, inputs) -> None:
+    for i, path in enumerate(inputs):
+        try:
+            same = os.path.exists(out) and os.path.samefile(out, path)
+        except OSError:
+            same = False
+        if same or os.path.abspath(out) == os.path.abspath(os.fspath(path)):
+            raise MergeError(f"out {out!r} is input {i}: the merge never writes over an input; write elsewhere")
+
+
+def _report(out, sources, steps, w, dtype, plan: Plan) -> MergeReport:
+    report = MergeReport(out=out, inputs=[s.label.split(" (", 1)[1][:-1] for s in sources],
+                         formats=[s.format for s in sources], steps=steps, weights=w.values, style=w.style,
+                         formula=w.formula, dtype=dtype, copy_from=plan.copy_from, bytes_read=plan.bytes_read,
+                         bytes_written=plan.bytes_written)
+    for it in plan.items:
+        if it.action == "average":
+            report.averaged.append(it.name)
+        elif it.action == "copy":
+            report.copied[it.name] = it.why
+        for a in it.aliases:
+            report.tied[a] = it.name
+    report.dropped = sorted({d for s in sources for d in s.dropped})
+    return report
+
+
+def _write(target: Output, files, extra, sources, plan: Plan, weights, report, stochastic, seed, wide, verify,
+           progress) -> int | None:
+    """Every output file into ``target.folder``; returns the peak anonymous memory seen."""
+    import shutil
+
+    items = {it.name: it for it in plan.items}
+    objects = [it.name for it in plan.items if it.action == "object"]
+    report.not_written = objects
+    meta = {"format": "pt", "fastema.merge": json.dumps({"style": report.style, "weights": list(report.weights),
+                                                         "inputs": report.inputs, "dtype": report.dtype},
+                                                        separators=(",", ":"))}
+    if report.tied:
+        meta["fastema.tied"] = json.dumps(report.tied, separators=(",", ":"))
+    donor = sources[plan.copy_from]
+    bar = Progress(plan.bytes_read, progress)
+    engine = _Engine(sources, weights, wide, stochastic, seed)
+    peak = anon_bytes()
+    written = {}
+    try:
+        for file, names in files:
+            names = names if names is not None else [it.name for it in plan.items if it.action != "object"]
+            tensors = [(n, items[n].out_dtype, items[n].shape, items[n].nbytes) for n in names]
+            writer = SafetensorsWriter(target.path(file), tensors, meta, crc=verify)
+            try:
+                for n in names:
+                    it = items[n]
+                    if it.action == "average":
+                        engine.average(it, writer.write, bar)
+                    else:
+                        engine.copy(donor, it, writer.write, bar)
+                    now = anon_bytes()
+                    peak = now if peak is None or (now is not None and now > peak) else peak
+                writer.close()
+            except BaseException:
+                writer.abandon()
+                raise
+            written[file] = (names, writer.crcs)
+        if target.as_folder:
+            for f in extra:
+                shutil.copyfile(os.path.join(donor.folder, f), target.path(f))
+            if len(files) > 1 or (donor.layout is not None and os.path.exists(
+                    os.path.join(donor.folder, "model.safetensors.index.json"))):
+                index = {"metadata": {"total_size": plan.bytes_written},
+                         "weight_map": {n: f for f, names in files for n in names}}
+                with open(target.path("model.safetensors.index.json"), "x") as fh:
+                    json.dump(index, fh, indent=2)
+        report.files = sorted(os.listdir(target.folder)) if target.as_folder else [os.path.basename(target.out)]
+    finally:
+        bar.close()
+    if verify:
+        _verify(target, written, items)
+    return peak
+
+
+class _Engine:
+    """The kernel launches of one merge: inputs' pieces in, the output's pieces to ``write``."""
+
+    def __init__(self, sources, weights, wide: bool, stochastic: bool, seed: int):
+        self.sources, self.wide, self.stochastic, self.seed = sources, wide, stochastic, seed
+        self.w32 = np.asarray(weights, np.float32)
+        self.w64 = np.asarray(weights, np.float64)
+        self.scratch = [np.empty(PIECE_BYTES, np.uint8) for _ in sources]
+        self.out = np.empty(PIECE_BYTES * 2, np.uint8)         # a piece's output (float64 out of float32 in: 2x)
+
+    def _launch(self, item, count, out_addr, acc_addr, addrs, weights, start, finish, key, first):
+        wide = self.wide or item.dtype == "float64" or item.out_dtype == "float64"
+        sr = self.stochastic and item.out_dtype == "bfloat16"
+        par = launch_cpu.PARALLEL and count >= launch_config.CPU_SERIAL_BELOW * 8
+        k = merge_cpu.merge_kernel(KIND[item.dtype], KIND[item.out_dtype], wide, sr, par)
+        ws = (self.w64 if wide else self.w32)[weights]
+        args = (count, out_addr, acc_addr, np.asarray(addrs, np.int64), ws, start, finish, np.uint32(key), first,
+                launch_config.CPU_CHUNK)
+        if par:
+            with launch_cpu._one_at_a_time:
+                k(*args)
+        else:
+            k(*args)
+
+    def average(self, item, write, bar) -> None:
+        n = int(np.prod(item.shape, dtype=np.int64))
+        xb, qb = ITEMSIZE[item.dtype], ITEMSIZE[item.out_dtype]
+        step = max(1, PIECE_BYTES // xb)
+        key = (zlib.crc32(item.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
+        out = self.out.ctypes.data
+        everyone = list(range(len(self.sources)))
+        if all(s.mappable for s in self.sources):
+            for lo in range(0, n, step):
+                count = min(step, n - lo)
+                addrs = [s.piece(item.name, lo, count, self.scratch[i]) for i, s in enumerate(self.sources)]
+                self._launch(item, count, out, 0, addrs, everyone, True, True, key, lo)
+                write(self.out[:count * qb])
+                bar.update(count * xb * len(self.sources))
+        else:                                   # one input at a time into a whole-tensor accumulator
+            acc = np.empty(n, np.float64 if self.wide or "float64" in (item.dtype, item.out_dtype) else np.float32)
+            last = len(self.sources) - 1
+            for i, s in enumerate(self.sources):
+                for lo in range(0, n, step):
+                    count = min(step, n - lo)
+                    addr = s.piece(item.name, lo, count, self.scratch[0])
+                    self._launch(item, count, out if i == last else 0, acc.ctypes.data + lo * acc.itemsize, [addr],
+                                 [i], i == 0, i == last, key, lo)
+                    if i == last:
+                        write(self.out[:count * qb])
+                    bar.update(count * xb)
+                s.done(item.name)
+            del acc
+        for s in self.sources:
+            s.done(item.name)
+
+    def copy(self, donor, item, write, bar) -> None:
+        for lo in range(0, item.nbytes, _COPY_BYTES):
+            count = min(_COPY_BYTES, item.nbytes - lo)
+            write(donor.raw(item.name, lo, count, self.scratch[0]))
+            bar.update(count)
+        donor.done(item.name)
+
+
+def _verify(target: Output, written: dict, items: dict) -> None:
+    """Every file written, read back: its header against the plan, each tensor's CRC-32 against the
+    one computed while writing."""
+    for file, (names, crcs) in written.items():
+        path = target.path(file)
+        entries, _, offsets, _ = read_safetensors_header(path, f"the output {file!r}")
+        if list(entries) != list(names):
+            raise MergeError(f"verify: the output {file!r} holds {sorted(entries)[:5]}..., the plan "
+                             f"{sorted(names)[:5]}...")
+        with open(path, "rb", buffering=0) as f:
+            for n in names:
+                e, it = entries[n], items[n]
+                if (e.dtype, tuple(e.shape)) != (it.out_dtype, tuple(it.shape)):
+                    raise MergeError(f"verify: tensor {n!r} of {file!r} is {e.dtype} {list(e.shape)}, the plan "
+                                     f"says {it.out_dtype} {list(it.shape)}")
+                f.seek(offsets[n])
+                crc, left = 0, e.nbytes
+                while left:
+                    data = f.read(min(left, _COPY_BYTES))
+                    if not data:
+                        raise MergeError(f"verify: {file!r} ends inside tensor {n!r}")
+                    crc = zlib.crc32(data, crc)
+                    left -= len(data)
+                if crc != crcs[n]:
+                    raise MergeError(f"verify: tensor {n!r} of {file!r} reads back with CRC-32 {crc:08x}, "
+                                     f"{crcs[n]:08x} was written: the disk or file system changed it")

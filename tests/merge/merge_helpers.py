@@ -1,0 +1,103 @@
+"""Checkpoints of one small model in every input format, a float64 reference of their merge, and a
+fingerprint of files (to show a merge changed no input)."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+NAMES = ("embed.weight", "block.0.attn.weight", "block.0.norm.weight", "block.0.mlp.bias", "head.h16", "head.f64")
+
+
+def model_state(i: int, seed: int = 0) -> dict:
+    """Checkpoint ``i`` of a run: floating tensors of every dtype, an integer step, a bool mask,
+    Transformer Engine's _extra_state and an FP8 scale (both copied, never averaged)."""
+    g = torch.Generator().manual_seed(seed * 1000 + i)
+    return {
+        "embed.weight": torch.randn(61, 17, generator=g),
+        "block.0.attn.weight": torch.randn(23, 19, generator=g).bfloat16(),
+        "block.0.norm.weight": 1 + 0.1 * torch.randn(19, generator=g),
+        "block.0.mlp.bias": torch.randn(7, generator=g),
+        "head.h16": torch.randn(5, 3, generator=g).half(),
+        "head.f64": torch.randn(4, generator=g, dtype=torch.float64),
+        "block.0.mask": torch.rand(9, generator=g) > 0.5,
+        "block.0.attn._extra_state": torch.randint(0, 255, (12,), generator=g, dtype=torch.uint8),
+        "block.0.attn.weight_scale_inv": torch.rand(3, generator=g) + 0.5,
+        "tokens_seen": torch.tensor(1000 * (i + 1)),
+    }
+
+
+def write(state: dict, folder, fmt: str, i: int, step: int | None = None) -> str:
+    """``state`` saved as ``fmt``; returns the input's path."""
+    from safetensors.torch import save_file
+
+    folder = str(folder)
+    step = (i + 1) * 100 if step is None else step
+    if fmt == "safetensors":
+        path = os.path.join(folder, f"ckpt-{i}.safetensors")
+        save_file(state, path, metadata={"format": "pt", "step": str(step)})
+    elif fmt in ("hf", "hf-sharded"):
+        path = os.path.join(folder, f"checkpoint-{step}")
+        os.makedirs(path)
+        if fmt == "hf":
+            save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            names = sorted(state)
+            parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+            for file, part in parts.items():
+                save_file({n: state[n] for n in part}, os.path.join(path, file), metadata={"format": "pt"})
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": 0}, "weight_map": {n: f for f, p in parts.items() for n in p}},
+                          f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"model_type": "toy", "checkpoint": i}, f)
+        with open(os.path.join(path, "tokenizer.json"), "w") as f:
+            json.dump({"vocab": {"a": i}}, f)
+        torch.save({"state": {}}, os.path.join(path, "optimizer.pt"))
+    elif fmt == "pt":
+        path = os.path.join(folder, f"ckpt-{i}.pt")
+        torch.save({"model": state, "step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}}, path)
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def checkpoints(folder, fmt: str, count: int = 3, seed: int = 0) -> tuple:
+    """``count`` checkpoints in ``fmt`` under ``folder``: (paths, states)."""
+    os.makedirs(folder, exist_ok=True)
+    states = [model_state(i, seed) for i in range(count)]
+    return [write(s, folder, fmt, i) for i, s in enumerate(states)], states
+
+
+def reference(states: list, weights, name: str) -> np.ndarray:
+    """The float64 weighted sum of tensor ``name``."""
+    return sum(float(w) * s[name].double().numpy() for w, s in zip(weights, states))
+
+
+def assert_float32_close(got, ref, count: int, dtype):
+    """``got`` equals the float64 ``ref`` to float32 rounding (``count`` terms) and the output dtype's."""
+    got = np.asarray(got.double().numpy() if hasattr(got, "double") else got, np.float64)
+    ulp = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
+           torch.float64: 2.0 ** -24}[dtype]
+    scale = np.abs(ref) + 1e-30
+    tol = ulp * scale + (count + 2) * 2.0 ** -24 * (np.abs(ref) + 4)
+    assert np.all(np.abs(got - ref) <= tol), np.max(np.abs(got - ref) / tol)
+
+
+def fingerprint(paths) -> dict:
+    """path -> (size, mtime, sha256) of every file under ``paths`` (files or folders)."""
+    out = {}
+    for p in paths:
+        p = str(p)
+        files = [p] if os.path.isfile(p) else [os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs]
+        for f in files:
+            st = os.stat(f)
+            with open(f, "rb") as fh:
+                out[f] = (st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+def leftovers(folder) -> list:
+    """Files or folders a merge left in ``folder`` (temporary ones included)."""
+    return sorted(n for n in os.listdir(folder) if ".fastema-merge-" in n)

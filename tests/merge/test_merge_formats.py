@@ -1,0 +1,172 @@
+"""fastema.merge.merge_checkpoints over every input format and weight style: each averaged tensor
+equals the float64 weighted sum to float32 rounding, the copied entries equal the copy_from
+input's bytes, and the output's bits are the same across runs, formats, read modes and piece
+sizes."""
+import json
+import os
+
+import pytest
+import torch
+from merge_helpers import NAMES, assert_float32_close, checkpoints, model_state, reference, write
+from safetensors.torch import load_file
+
+from fastema.merge import core, merge_checkpoints
+
+FORMATS = ("safetensors", "hf", "hf-sharded", "pt")
+STYLES = ("uniform", "linear", "minus-sqrt", "minus-sqrt__reverse", "linear__scramble", "ema:150", "ema:0.99",
+          "wsm:linear", "wsm:cosine", "wsm:1-sqrt", "0.1,0.2,0.7")
+COPIED = ("block.0.mask", "block.0.attn._extra_state", "block.0.attn.weight_scale_inv", "tokens_seen")
+
+
+def load(out) -> dict:
+    out = str(out)
+    if out.endswith(".safetensors"):
+        return load_file(out)
+    tensors = {}
+    for f in sorted(os.listdir(out)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(out, f)))
+    return tensors
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("style", STYLES)
+def test_every_format_and_style_equals_the_float64_reference(tmp_path, fmt, style):
+    paths, states = checkpoints(tmp_path / "in", fmt)
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=style)
+    assert abs(sum(report.weights) - 1) < 1e-12 and report.steps == [100, 200, 300]
+    got = load(tmp_path / "out.safetensors")
+    for name in NAMES:
+        assert got[name].dtype == states[0][name].dtype
+        assert_float32_close(got[name], reference(states, report.weights, name), 3, got[name].dtype)
+    for name in COPIED:                                     # copied from the last input, never averaged
+        assert torch.equal(got[name], states[-1][name]), name
+    assert sorted(report.copied) == sorted(COPIED) and sorted(report.averaged) == sorted(NAMES)
+
+
+def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path, monkeypatch):
+    outs = []
+    for fmt in FORMATS:
+        paths, _ = checkpoints(tmp_path / fmt, fmt)
+        for read in ("mmap", "pread"):
+            out = tmp_path / f"{fmt}-{read}.safetensors"
+            merge_checkpoints(paths, out, weights="wsm:1-sqrt", read=read)
+            outs.append(load(out))
+    monkeypatch.setattr(core, "PIECE_BYTES", 64)            # every tensor in many pieces
+    paths, _ = checkpoints(tmp_path / "again", "safetensors")
+    merge_checkpoints(paths, tmp_path / "pieces.safetensors", weights="wsm:1-sqrt")
+    outs.append(load(tmp_path / "pieces.safetensors"))
+    for other in outs[1:]:
+        assert other.keys() == outs[0].keys()
+        for name in outs[0]:
+            assert outs[0][name].view(-1).view(torch.uint8).equal(other[name].view(-1).view(torch.uint8)), name
+
+
+def test_mixed_formats_merge_when_names_and_shapes_agree(tmp_path):
+    states = [model_state(i) for i in range(3)]
+    paths = [write(s, tmp_path, fmt, i) for i, (s, fmt) in enumerate(zip(states, ("pt", "hf", "safetensors")))]
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights="minus-sqrt")
+    assert report.formats == ["torch", "huggingface", "safetensors"]
+    got = load(tmp_path / "out.safetensors")
+    for name in NAMES:
+        assert_float32_close(got[name], reference(states, report.weights, name), 3, got[name].dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_output_dtype_and_float64_sums(tmp_path, dtype):
+    paths, states = checkpoints(tmp_path / "in", "safetensors")
+    for acc in ("float32", "float64"):
+        out = tmp_path / f"{acc}.safetensors"
+        report = merge_checkpoints(paths, out, dtype=dtype, accumulate=acc)
+        got = load(out)
+        for name in NAMES:
+            assert got[name].dtype == getattr(torch, dtype)
+            assert_float32_close(got[name], reference(states, report.weights, name), 3, got[name].dtype)
+        assert got["tokens_seen"].dtype == torch.int64            # copies keep their dtype
+
+
+def test_stochastic_rounding_is_reproducible_and_unbiased(tmp_path):
+    states = [{"w": torch.full((20000,), 1.0 + i * 2.0 ** -9)} for i in range(2)]
+    paths = [write(s, tmp_path, "safetensors", i) for i, s in enumerate(states)]
+    a = merge_checkpoints(paths, tmp_path / "a.safetensors", dtype="bfloat16", stochastic_rounding=True, seed=3)
+    merge_checkpoints(paths, tmp_path / "b.safetensors", dtype="bfloat16", stochastic_rounding=True, seed=3)
+    merge_checkpoints(paths, tmp_path / "c.safetensors", dtype="bfloat16", stochastic_rounding=True, seed=4)
+    merge_checkpoints(paths, tmp_path / "n.safetensors", dtype="bfloat16")
+    ga, gb, gc = (load(tmp_path / f"{k}.safetensors")["w"] for k in "abc")
+    assert torch.equal(ga, gb) and not torch.equal(ga, gc)
+    exact = 1.0 + 2.0 ** -10                                # a quarter of bfloat16's step above 1 (2**-7 / 8)
+    assert abs(ga.double().mean().item() - exact) < 2e-4      # unbiased, where nearest rounding loses it:
+    assert load(tmp_path / "n.safetensors")["w"].double().mean().item() == 1.0
+    assert a.weights == (0.5, 0.5)
+
+
+def test_huggingface_folder_out_keeps_the_layout_and_small_files(tmp_path):
+    paths, states = checkpoints(tmp_path / "in", "hf-sharded")
+    report = merge_checkpoints(paths, tmp_path / "merged", weights="uniform", copy_from="first", verify=True)
+    files = sorted(os.listdir(tmp_path / "merged"))
+    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json", "tokenizer.json"]             # no optimizer.pt
+    assert json.load(open(tmp_path / "merged" / "config.json"))["checkpoint"] == 0        # copy_from="first"
+    index = json.load(open(tmp_path / "merged" / "model.safetensors.index.json"))
+    assert index["weight_map"] == json.load(open(os.path.join(paths[0], "model.safetensors.index.json")))[
+        "weight_map"]
+    got = load(tmp_path / "merged")
+    assert torch.equal(got["tokens_seen"], states[0]["tokens_seen"]) and report.verified
+    for name in NAMES:
+        assert_float32_close(got[name], reference(states, report.weights, name), 3, got[name].dtype)
+
+
+def test_a_model_folder_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    paths, models = [], []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = transformers.GPT2LMHeadModel(config)
+        m.save_pretrained(tmp_path / f"checkpoint-{i + 1}")
+        paths.append(tmp_path / f"checkpoint-{i + 1}")
+        models.append(m)
+    merge_checkpoints(paths, tmp_path / "merged")
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    for name, p in merged.state_dict().items():
+        ref = (models[0].state_dict()[name].double() + models[1].state_dict()[name].double()) / 2
+        if p.is_floating_point():
+            assert torch.allclose(p.double(), ref, atol=1e-6), name
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()     # still tied
+
+
+def test_tied_tensors_are_written_once(tmp_path):
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        emb = torch.randn(11, 4)
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save({"embed.weight": emb, "head.weight": emb, "bias": torch.randn(4)}, paths[-1])
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors")
+    got = load(tmp_path / "out.safetensors")
+    assert sorted(got) == ["bias", "embed.weight"] and report.tied == {"head.weight": "embed.weight"}
+
+
+def test_only_and_exclude_choose_what_is_averaged(tmp_path):
+    paths, states = checkpoints(tmp_path / "in", "safetensors")
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors", only=r"^block\.", exclude=r"norm")
+    got = load(tmp_path / "out.safetensors")
+    assert sorted(report.averaged) == ["block.0.attn.weight", "block.0.mlp.bias"]
+    assert torch.equal(got["embed.weight"], states[-1]["embed.weight"])               # copied, not averaged
+    assert torch.equal(got["block.0.norm.weight"], states[-1]["block.0.norm.weight"])
+
+
+def test_dry_run_writes_nothing_and_reports_the_weights(tmp_path, capsys):
+    paths, _ = checkpoints(tmp_path / "in", "pt")
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights="ema:100", dry_run=True, log=print)
+    assert report.dry_run and not os.path.exists(tmp_path / "out.safetensors")
+    out = capsys.readouterr().out
+    assert "ema:100" in out and "step 300" in out and f"{report.weights[-1]:.6f}" in out
+    assert report.dropped == ["optimizer"]
+
+
+def test_progress_bar_counts_bytes(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    merge_checkpoints(paths, tmp_path / "out.safetensors", progress=True)
+    assert "B/s" in capsys.readouterr().err
