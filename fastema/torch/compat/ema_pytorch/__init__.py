@@ -10,9 +10,9 @@ changed is refused before anything changes, integer leaves are copied, not avera
 ``EMAModuleWrapper`` checks every route before hooking any, and refuses ``ema=`` with EMA
 arguments.
 
-One private module per concern: ``_base`` (the counters, the warm-up, ema-pytorch's helpers),
-``_model`` (``EMA``, ``KarrasEMA``), ``_posthoc`` (``PostHocEMA``), ``_pytree`` (``EMAPytree``),
-``_wrapper`` (``EMAModuleWrapper``).
+One private module per concern: ``_base`` (the counters, the warm-up, the average step and
+ema-pytorch's helpers, shared by the three families), ``_model`` (``EMA``, ``KarrasEMA``),
+``_posthoc`` (``PostHocEMA``), ``_pytree`` (``EMAPytree``), ``_wrapper`` (``EMAModuleWrapper``).
 """
 from ._base import _inplace_copy, _inplace_lerp
 from ._model import EMA, KarrasEMA

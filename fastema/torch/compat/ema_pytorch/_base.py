@@ -1,6 +1,6 @@
 """What ema-pytorch's classes share here: its per-tensor helpers (``inplace_copy`` /
-``inplace_lerp``), the ``initted`` / ``step`` buffers with their host mirror, and the warm-up
-of ``EMA`` and ``EMAPytree``."""
+``inplace_lerp``), the ``initted`` / ``step`` buffers with their host mirror, the warm-up schedule
+of ``EMA`` and ``EMAPytree``, and the average step of every class (one fastema launch per group)."""
 from __future__ import annotations
 
 import functools
@@ -9,35 +9,54 @@ import typing
 import torch
 from torch import nn
 
+from .... import schedules as S
+from ....pairs import PairShadow
+from .._common import lerp_pairs
+
+
+def _source_for(tgt: torch.Tensor, src: torch.Tensor, auto_move_device: bool, coerce_dtype: bool) -> torch.Tensor:
+    """``src``, moved to ``tgt``'s device and cast to its dtype where asked (ema-pytorch's helpers)."""
+    if auto_move_device:
+        src = src.to(tgt.device)
+    if coerce_dtype and src.dtype != tgt.dtype:
+        src = src.to(tgt.dtype)
+    return src
+
 
 def _inplace_copy(tgt: torch.Tensor, src: torch.Tensor, *, auto_move_device: bool = False,
                   coerce_dtype: bool = False) -> None:
     """ema-pytorch's per-tensor helper (the ``inplace_copy`` attribute): ``tgt.copy_(src)``, ``src``
     moved to ``tgt``'s device and cast to its dtype first when asked. The classes here do not
     use it: their copies and averages are batched."""
-    if auto_move_device:
-        src = src.to(tgt.device)
-    if coerce_dtype and src.dtype != tgt.dtype:
-        src = src.to(tgt.dtype)
-    tgt.copy_(src)
+    tgt.copy_(_source_for(tgt, src, auto_move_device, coerce_dtype))
 
 
 def _inplace_lerp(tgt: torch.Tensor, src: torch.Tensor, weight, *, auto_move_device: bool = False,
                   coerce_dtype: bool = False) -> None:
     """ema-pytorch's per-tensor helper (the ``inplace_lerp`` attribute): ``tgt.lerp_(src, weight)``,
     ``src`` moved / cast first when asked. The classes here average with fastema's kernels."""
-    if auto_move_device:
-        src = src.to(tgt.device)
-    if coerce_dtype and src.dtype != tgt.dtype:
-        src = src.to(tgt.dtype)
-    tgt.lerp_(src, weight)
+    tgt.lerp_(_source_for(tgt, src, auto_move_device, coerce_dtype), weight)
 
 
-def _helpers(ema, allow_different_devices: bool, coerce_dtype: bool) -> None:
+def _device_options(ema, allow_different_devices: bool, coerce_dtype: bool) -> None:
+    """ema-pytorch's ``allow_different_devices`` / ``coerce_dtype`` attributes and the helpers
+    ``inplace_copy`` / ``inplace_lerp`` bound to them."""
+    ema.allow_different_devices = allow_different_devices
+    ema.coerce_dtype = coerce_dtype
     ema.inplace_copy = functools.partial(_inplace_copy, auto_move_device=allow_different_devices,
                                          coerce_dtype=coerce_dtype)
     ema.inplace_lerp = functools.partial(_inplace_lerp, auto_move_device=allow_different_devices,
                                          coerce_dtype=coerce_dtype)
+
+
+def _lerp_towards(targets: list, sources: list, decay: float, cached: PairShadow | None = None) -> None:
+    """``targets[i] <- lerp(targets[i], sources[i], 1 - decay)``: one fastema launch per (device,
+    dtype) group (``cached``: the pairs' :class:`fastema.pairs.PairShadow` where the caller looked
+    it up already), torch's own lerp for the pairs the kernels do not take (``_common.lerp_pairs``)."""
+    if cached is not None:
+        cached.update(weight=1.0 - decay)
+    else:
+        lerp_pairs(targets, sources, 1.0 - decay)
 
 
 class _Counters(nn.Module):
@@ -98,13 +117,36 @@ class _Counters(nn.Module):
         self._wrote()
 
 
-def _warmup_decay(ema) -> float:
-    """ema-pytorch's warm-up at ``ema``'s current step: 0 until ``update_after_step``, then
-    ``clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value, beta)``."""
-    epoch = max(ema._counters()[0] - ema.update_after_step - 1, 0)
-    if epoch <= 0:
-        return 0.0
-    # in float32 on host scalars, as ema-pytorch computes it on its step buffer: the same decay
-    value = 1 - (1 + torch.tensor(float(epoch)) / ema.inv_gamma) ** -ema.power
-    return float(value.clamp(min=ema.min_value, max=ema.beta).numpy())     # a CPU scalar of ours
+class _Warmup(_Counters):
+    """ema-pytorch's schedule of ``EMA`` and ``EMAPytree``: the first ``update()`` copies, each
+    ``update_every``-th one copies until ``update_after_step`` and averages after it, with the
+    warm-up decay of :meth:`get_current_decay`; ``beta == 1`` freezes the average."""
 
+    def _init_warmup(self, beta: float, update_after_step: int, update_every: int, inv_gamma: float, power: float,
+                     min_value: float) -> None:
+        S._check_decay("beta", beta)
+        S._check_count("update_every", update_every, 1)
+        self.beta = beta
+        self.is_frozen = beta == 1.0
+        self.update_every, self.update_after_step = update_every, update_after_step
+        self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
+
+    def get_current_decay(self) -> float:
+        """ema-pytorch's warm-up at the current step: 0 until ``update_after_step``, then
+        ``clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value, beta)``."""
+        epoch = max(self._counters()[0] - self.update_after_step - 1, 0)
+        if epoch <= 0:
+            return 0.0
+        # in float32 on host scalars, as ema-pytorch computes it on its step buffer: the same decay
+        value = 1 - (1 + torch.tensor(float(epoch)) / self.inv_gamma) ** -self.power
+        return float(value.clamp(min=self.min_value, max=self.beta).numpy())     # a CPU scalar of ours
+
+    def _phase(self, step: int) -> str | None:
+        """What ``update()`` does at ``step`` (the count before this call): ``"init"`` (not initted
+        yet: copy, then mark initted), ``"copy"`` (a due update up to ``update_after_step``),
+        ``"average"`` (a due update after it), None (not due)."""
+        if not self._counters()[1]:
+            return "init"
+        if step % self.update_every != 0:
+            return None
+        return "copy" if step <= self.update_after_step else "average"

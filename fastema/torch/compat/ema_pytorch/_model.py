@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from .... import schedules as S
-from .._common import lerp_pairs
-from ._base import _Counters, _helpers, _warmup_decay
+from ._base import _Counters, _device_options, _lerp_towards, _Warmup
 from ._pytree import EMAPytree
 
 
@@ -38,10 +37,8 @@ class _EmaPytorchBase(_Counters):
         self.param_or_buffer_names_no_ema = param_or_buffer_names_no_ema
         self.ignore_names = ignore_names
         self.ignore_startswith_names = ignore_startswith_names
-        self.allow_different_devices = allow_different_devices
         self.move_ema_to_online_device = move_ema_to_online_device
-        self.coerce_dtype = coerce_dtype
-        _helpers(self, allow_different_devices, coerce_dtype)
+        _device_options(self, allow_different_devices, coerce_dtype)
         self._init_counters()
 
     def _make_ema_model(self, ema_model):
@@ -119,13 +116,13 @@ class _EmaPytorchBase(_Counters):
                                    f"allow_different_devices=True (as in ema-pytorch) or move them together")
             lerp_t.append(m.data)
             lerp_s.append(c.data)
-        lerp_pairs(lerp_t, lerp_s, 1.0 - decay)
+        _lerp_towards(lerp_t, lerp_s, decay)
 
     def __call__(self, *args, **kwargs):
         return self._made()(*args, **kwargs)
 
 
-class EMA(_EmaPytorchBase):
+class EMA(_EmaPytorchBase, _Warmup):
     """lucidrains ema-pytorch's ``EMA`` (0.8): ``ema_model`` is an averaged copy of the model, with
     the same arguments, schedule (``beta``, ``update_after_step=100``, ``update_every=10``,
     ``inv_gamma``, ``power``, ``min_value``), methods and ``state_dict()`` keys. Each due update
@@ -154,10 +151,7 @@ class EMA(_EmaPytorchBase):
                  forward_method_names: tuple = (), move_ema_to_online_device: bool = False,
                  coerce_dtype: bool = False, lazy_init_ema: bool = False):
         super().__init__()
-        S._check_decay("beta", beta)
-        S._check_count("update_every", update_every, 1)
-        self.beta = beta
-        self.is_frozen = beta == 1.0
+        self._init_warmup(beta, update_after_step, update_every, inv_gamma, power, min_value)
         self.include_online_model = include_online_model
         self.online_model: typing.Any            # ema-pytorch's: the module itself, or hidden in a list
         if include_online_model:
@@ -173,8 +167,6 @@ class EMA(_EmaPytorchBase):
                 raise ValueError("lazy_init_ema=True makes the EMA copy at the first update; pass no ema_model=")
         else:
             self.init_ema(ema_model)
-        self.update_every, self.update_after_step = update_every, update_after_step
-        self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
         self.update_model_with_ema_every = update_model_with_ema_every
         self.update_model_with_ema_beta = update_model_with_ema_beta
         self.use_foreach = use_foreach
@@ -199,24 +191,19 @@ class EMA(_EmaPytorchBase):
         ema_model.train(training)
         return out
 
-    def get_current_decay(self) -> float:
-        """ema-pytorch's warm-up at the current step: 0 until ``update_after_step``, then
-        ``clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value, beta)``."""
-        return _warmup_decay(self)
-
     def update(self):
         step = self._advance()
-        if not self._counters()[1] or self.ema_model is None:   # (a lazy EMA that loaded initted=True too)
+        phase = self._phase(step)
+        if phase == "init" or self.ema_model is None:          # (a lazy EMA that loaded initted=True too)
             if self.ema_model is None:
                 self.init_ema()
             self.copy_params_from_model_to_ema()
             self._mark_initted()
             return
-        due = step % self.update_every == 0
-        if due and step <= self.update_after_step:
+        if phase == "copy":
             self.copy_params_from_model_to_ema()
             return
-        if due:
+        if phase == "average":
             self.update_moving_average(self.ema_model, self.model)
         if self.update_model_with_ema_every is not None and step % self.update_model_with_ema_every == 0:
             self.update_model_with_ema()

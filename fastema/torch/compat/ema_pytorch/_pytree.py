@@ -8,10 +8,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .... import schedules as S
-from ....ops import cached_pair_groups, launch_pairs
-from .._common import lerp_pairs
-from ._base import _Counters, _helpers, _warmup_decay
+from ....ops import cached_pairs
+from ._base import _device_options, _lerp_towards, _Warmup
 
 
 def _leaf_name(path: tuple) -> str:
@@ -28,7 +26,7 @@ def _leaf_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-class EMAPytree(_Counters):
+class EMAPytree(_Warmup):
     """ema-pytorch 0.8.3's ``EMAPytree`` (also ``EMATensor``, and what ``EMA(tree)`` returns): the
     EMA of a tensor, or of a tree of tensors (nested dicts / lists / tuples / namedtuples, as
     ``torch.utils._pytree`` flattens them), with :class:`EMA`'s schedule (``beta``,
@@ -70,8 +68,7 @@ class EMAPytree(_Counters):
                  update_every: int = 10, inv_gamma: float = 1.0, power: float = 2 / 3, min_value: float = 0.0,
                  allow_different_devices: bool = False, coerce_dtype: bool = False):
         super().__init__()
-        S._check_decay("beta", beta)
-        S._check_count("update_every", update_every, 1)
+        self._init_warmup(beta, update_after_step, update_every, inv_gamma, power, min_value)
         if isinstance(pytree, nn.Module):
             raise TypeError("EMAPytree takes a tensor or a tree of tensors, got an nn.Module; use "
                             "fastema.torch.compat.EMA(model) for a module")
@@ -113,13 +110,7 @@ class EMAPytree(_Counters):
         for leaf in _pytree.tree_leaves(ema_pytree):
             if torch.is_tensor(leaf):
                 leaf.detach_()
-        self.beta = beta
-        self.is_frozen = beta == 1.0
-        self.allow_different_devices = allow_different_devices
-        self.coerce_dtype = coerce_dtype
-        _helpers(self, allow_different_devices, coerce_dtype)
-        self.update_every, self.update_after_step = update_every, update_after_step
-        self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
+        _device_options(self, allow_different_devices, coerce_dtype)
         self._init_counters()
 
     @property
@@ -133,8 +124,8 @@ class EMAPytree(_Counters):
         return self.ema_pytree
 
     def _pairs(self, ma_tree, current_tree, what: str = "pytree") -> tuple[tuple, tuple]:
-        """``(average, copy)``: ``(targets, sources, groups)`` of the floating tensor leaves of two
-        trees of the recorded structure (``groups``: the launch groups of an earlier update over
+        """``(average, copy)``: ``(targets, sources, cached)`` of the floating tensor leaves of two
+        trees of the recorded structure (``cached``: the PairShadow of an earlier update over
         the same memory in the same layout, else None) and ``(targets, sources)`` of the other
         tensor leaves; or a ``ValueError`` naming the first leaf that does not match (shapes are
         host metadata: no device read)."""
@@ -146,8 +137,8 @@ class EMAPytree(_Counters):
         avg_t, avg_s = [ma[i] for i in self._float_at], [cur[i] for i in self._float_at]
         copy_t, copy_s = [ma[i] for i in self._other_at], [cur[i] for i in self._other_at]
         # a hit: these tensors, in this layout, passed every check below at an earlier update
-        groups = cached_pair_groups(avg_t, avg_s) if avg_t else None
-        for i in (self._other_at if groups is not None else self._tensor_at):
+        cached = cached_pairs(avg_t, avg_s) if avg_t else None
+        for i in (self._other_at if cached is not None else self._tensor_at):
             m, c = ma[i], cur[i]
             if not (torch.is_tensor(m) and torch.is_tensor(c)):
                 raise ValueError(f"{self._names[i]} is a {type(c if torch.is_tensor(m) else m).__name__}, not a "
@@ -161,7 +152,7 @@ class EMAPytree(_Counters):
             if (torch.is_floating_point(m) or torch.is_complex(m)) != (i in self._float_set):
                 raise ValueError(f"{self._names[i]}'s EMA copy changed from a floating to an integer dtype or back "
                                  f"(now {m.dtype}); keep its dtype, or make a new EMA")
-        return (avg_t, avg_s, groups), (copy_t, copy_s)
+        return (avg_t, avg_s, cached), (copy_t, copy_s)
 
     def _structure_error(self, name: str, tree) -> ValueError:
         """What changed in ``tree``'s structure, in leaf paths (a few of each), as an error."""
@@ -188,27 +179,18 @@ class EMAPytree(_Counters):
         average, copy = self._pairs(self.ema_pytree, self.pytree)
         self._copy(average[0] + copy[0], average[1] + copy[1])
 
-    def get_current_decay(self) -> float:
-        """ema-pytorch's warm-up at the current step: 0 until ``update_after_step``, then
-        ``clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value, beta)``."""
-        return _warmup_decay(self)
-
     def update(self) -> None:
         """ema-pytorch's ``update()``: the first call copies the tree; then every ``update_every``-th
         call copies it until ``update_after_step``, and averages it after. A tree that no longer
         matches is refused before the step counter moves."""
         average, copy = self._pairs(self.ema_pytree, self.pytree)
-        step = self._advance()
-        if not self._counters()[1]:
+        phase = self._phase(self._advance())
+        if phase in ("init", "copy"):
             self._copy(average[0] + copy[0], average[1] + copy[1])
-            self._mark_initted()
-            return
-        if step % self.update_every != 0:
-            return
-        if step <= self.update_after_step:
-            self._copy(average[0] + copy[0], average[1] + copy[1])
-            return
-        self._move(average, copy, None)
+            if phase == "init":
+                self._mark_initted()
+        elif phase == "average":
+            self._move(average, copy, None)
 
     def update_moving_average(self, ma_pytree, current_pytree, current_decay: float | None = None) -> None:
         """``ma_pytree <- lerp(ma_pytree, current_pytree, 1 - decay)`` for two trees of the EMA's
@@ -221,11 +203,8 @@ class EMAPytree(_Counters):
         if self.is_frozen:
             return
         decay = self.get_current_decay() if decay is None else decay
-        targets, sources, groups = average
-        if groups is not None:
-            launch_pairs(groups, None, 1.0 - decay, "nearest", 0, 0)
-        else:
-            lerp_pairs(targets, sources, 1.0 - decay)
+        targets, sources, cached = average
+        _lerp_towards(targets, sources, decay, cached)
         if copy[0]:
             self._copy(*copy)
 
