@@ -57,7 +57,7 @@ def read_safetensors_header(path: str, label: str) -> tuple:
     against the file (a truncated or damaged file is a MergeError naming it and the tensor)."""
     st = regular(path, label)
     size = st.st_size
-    where = f"{label}: {path!r}"
+    where = label if f"({path})" in label else f"{label}, file {path!r}"
     try:
         with open(path, "rb") as f:
             head = f.read(8)

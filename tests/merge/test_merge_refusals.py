@@ -1,0 +1,188 @@
+"""Every bad input of a merge is refused with a clear error naming the input (and the tensor),
+leaves no output and no temporary file behind, and changes no input: missing or extra tensors,
+shape or dtype mismatches, truncated or damaged files, pickles that are not state dicts, a
+symbolic-link loop, a FIFO, too little disk, a failing write and a Ctrl-C midway."""
+import errno
+import os
+import re
+
+import pytest
+import torch
+from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
+
+from fastema.cli import merge as cli
+from fastema.merge import MergeError, core, merge_checkpoints, writer
+
+
+def refused(tmp_path, paths, match, **kwargs):
+    """merge_checkpoints refuses with ``match``; no output, no leftovers, no input changed."""
+    before = fingerprint(paths)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(MergeError, match=match):
+        merge_checkpoints(paths, out, **kwargs)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert fingerprint(paths) == before
+
+
+def three(tmp_path, fmt="safetensors", change=None):
+    """Three checkpoints, the second changed by ``change(state)``."""
+    os.makedirs(tmp_path, exist_ok=True)
+    states = [model_state(i) for i in range(3)]
+    if change is not None:
+        change(states[1])
+    return [write(s, tmp_path, fmt, i) for i, s in enumerate(states)]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "hf"])
+def test_a_missing_or_extra_tensor_names_it_and_the_input(tmp_path, fmt):
+    paths = three(tmp_path / "a", fmt, lambda s: s.pop("block.0.mlp.bias"))
+    refused(tmp_path, paths, r"'block\.0\.mlp\.bias' of input 0 .* is missing from input 1")
+    paths = three(tmp_path / "b", fmt, lambda s: s.update(extra=torch.ones(2)))
+    refused(tmp_path, paths, r"tensor 'extra' of input 1 .* is not in input 0")
+
+
+def test_a_shape_or_dtype_mismatch_names_the_tensor_and_both_values(tmp_path):
+    paths = three(tmp_path / "a", change=lambda s: s.update({"embed.weight": torch.zeros(60, 17)}))
+    refused(tmp_path, paths, r"tensor 'embed\.weight' has shape \[60, 17\] in input 1 .* but \[61, 17\] in input 0")
+    paths = three(tmp_path / "b", change=lambda s: s.update({"embed.weight": s["embed.weight"].half()}))
+    refused(tmp_path, paths, r"tensor 'embed\.weight' is float16 in input 1 .* but float32 in input 0")
+
+
+def test_a_truncated_or_damaged_safetensors_file(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    data = open(paths[1], "rb").read()
+    with open(paths[1], "wb") as f:
+        f.write(data[:-100])
+    refused(tmp_path, paths, r"input 1 .* is truncated: tensor '.*' ends at byte")
+    with open(paths[1], "wb") as f:
+        f.write(data[:8] + b"not json" + data[16:])
+    refused(tmp_path, paths, r"input 1 .*: its header is not JSON \(JSONDecodeError\); the file is damaged")
+    with open(paths[1], "wb") as f:
+        f.write(b"\xff" * 8 + data[8:])
+    refused(tmp_path, paths, r"input 1 .* is not a safetensors file, or is truncated")
+
+
+def test_a_truncated_torch_file_and_a_sharded_folder_missing_a_shard(tmp_path):
+    paths, _ = checkpoints(tmp_path / "pt", "pt")
+    data = open(paths[2], "rb").read()
+    with open(paths[2], "wb") as f:
+        f.write(data[:len(data) // 2])
+    refused(tmp_path, paths, r"input 2 .* is not a readable torch checkpoint .* truncated or damaged")
+    paths, _ = checkpoints(tmp_path / "hf", "hf-sharded")
+    os.remove(os.path.join(paths[0], "model-00002-of-00002.safetensors"))
+    refused(tmp_path, paths, r"input 0 .*model-00002-of-00002\.safetensors' does not exist")
+
+
+def test_a_pickle_that_is_not_a_state_dict_runs_nothing(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "pt")
+    torch.save([torch.ones(2), 3], paths[1])
+    refused(tmp_path, paths, r"input 1 .* holds a list, not a state dict")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": {"w": torch.ones(2)}, "x": Payload()}, paths[1])
+    refused(tmp_path, paths, r"input 1 .* holds a pickle that is not plain tensor data: .*nothing of it ran")
+    assert not marker.exists()
+
+
+def test_a_symlink_loop_and_a_fifo_are_refused_by_name(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    loop = tmp_path / "in" / "loop.safetensors"
+    os.symlink(tmp_path / "in" / "other", loop)
+    os.symlink(loop, tmp_path / "in" / "other")
+    refused(tmp_path, [paths[0], str(loop)], r"input 1: .*loop\.safetensors' is a loop of symbolic links")
+    fifo = tmp_path / "in" / "fifo.safetensors"
+    os.mkfifo(fifo)
+    refused(tmp_path, [paths[0], str(fifo)], r"input 1 .* is not a regular file")
+
+
+def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    monkeypatch.setattr(writer, "free_bytes", lambda folder: 1000)
+    refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
+def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, monkeypatch, fault):
+    paths, _ = checkpoints(tmp_path / "in", "hf")
+    before = fingerprint(paths)
+    calls = []
+    real = core._Engine.average
+
+    def interrupted(self, item, write, bar):
+        calls.append(item.name)
+        if len(calls) == 3:
+            raise fault(errno.ENOSPC, "No space left on device") if fault is OSError else fault()
+        real(self, item, write, bar)
+
+    monkeypatch.setattr(core._Engine, "average", interrupted)
+    for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
+        calls.clear()
+        with pytest.raises(fault):
+            merge_checkpoints(paths, out)
+        assert not out.exists() and leftovers(tmp_path) == [] and len(calls) == 3
+    assert fingerprint(paths) == before
+
+
+def test_a_killed_merge_leaves_a_temporary_folder_the_next_one_removes(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    stale = tmp_path / f".out.safetensors.fastema-merge-999999999@{os.uname().nodename}.tmp"
+    stale.mkdir()
+    merge_checkpoints(paths, tmp_path / "out.safetensors")
+    assert leftovers(tmp_path) == [] and (tmp_path / "out.safetensors").exists()
+
+
+def test_an_existing_output_or_an_input_as_output(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    (tmp_path / "out.safetensors").write_bytes(b"mine")
+    with pytest.raises(MergeError, match="exists; remove it, or pass overwrite=True"):
+        merge_checkpoints(paths, tmp_path / "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == b"mine"
+    merge_checkpoints(paths, tmp_path / "out.safetensors", overwrite=True)
+    assert (tmp_path / "out.safetensors").stat().st_size > 4
+    before = fingerprint(paths)
+    with pytest.raises(MergeError, match="is input 1: the merge never writes over an input"):
+        merge_checkpoints(paths, paths[1], overwrite=True)
+    assert fingerprint(paths) == before
+
+
+@pytest.mark.parametrize("weights, match", [
+    ("1,-1,1", r"negative weights \(input 1: -1\).*allow_negative=True"),
+    ("0,0,0", "sum to 0"),
+    ("1,2", r"gives 2 number\(s\) for 3 input\(s\)"),
+    ("cosine", "unknown weights 'cosine'; the styles are"),
+    ("sigma_rel:0.1", "every input must be a snapshot folder"),
+])
+def test_bad_weights(tmp_path, weights, match):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    refused(tmp_path, paths, match, weights=weights)
+
+
+def test_ema_needs_increasing_steps(tmp_path):
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+    refused(tmp_path, paths[::-1], r"the steps \[300, 200, 100\] must be finite and increase: list the inputs "
+                                   r"oldest first", weights="ema:100")
+    report = merge_checkpoints(paths[::-1], tmp_path / "o.safetensors", weights="ema:100", steps=[1, 2, 3])
+    assert report.steps == [1, 2, 3]
+
+
+def test_negative_weights_when_asked(tmp_path):
+    paths, states = checkpoints(tmp_path / "in", "safetensors")
+    report = merge_checkpoints(paths, tmp_path / "o.safetensors", weights="-1,1,1", allow_negative=True)
+    assert report.weights == (-1.0, 1.0, 1.0)
+
+
+def test_cli_prints_one_line_and_exit_status(tmp_path, capsys):
+    paths = three(tmp_path / "a", change=lambda s: s.pop("block.0.mlp.bias"))
+    assert cli.main([str(tmp_path / "out.safetensors"), *paths]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tensor 'block.0.mlp.bias'") and err.count("\n") == 1 and "Traceback" not in err
+    assert cli.main([str(tmp_path / "out.safetensors"), *paths, "--dtype", "int8"]) == 2
+    good, _ = checkpoints(tmp_path / "b", "safetensors")
+    assert cli.main([str(tmp_path / "out.safetensors"), *good, "--weights", "minus-sqrt__reverse", "--verify",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"weights \(minus-sqrt__reverse\)", out) and "verified" in out
