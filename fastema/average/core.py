@@ -24,6 +24,8 @@ from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._interrupts import ctrl_c_held
 from .._state import check_header, refuse_load
 from ..flat import FlatShadow
+from .device_plan import DevicePlan
+from .device_plan import check_state as check_device_state
 from .options import EMAOptions
 from .plan import Pending, Plan
 
@@ -95,7 +97,12 @@ class Face(PlanReader):
 
 class ModelAdapter(Protocol):
     """What the update driver asks of a face that checks and follows the model's tensors itself
-    (the torch face: it compares the model's slots with the shadow's addresses once per update)."""
+    (the torch face: it compares the model's slots with the shadow's addresses once per update;
+    a target network: both networks' slots against its pairs)."""
+
+    def begin(self, due: bool) -> None:
+        """Before an update call: refuse it (a swapped model, a capture the plan cannot replay), and
+        when ``due`` (this call folds), follow moved tensors or refuse, before anything is written."""
 
     def scan(self, flags: dict | None) -> dict:
         """Non-finite flags of every tensor the update reads (device values, no sync)."""
@@ -106,7 +113,9 @@ class ModelAdapter(Protocol):
 
 
 class Average(PlanReader):
-    """A model EMA over a :class:`~fastema.flat.FlatShadow` of the model's floating tensors.
+    """A model EMA over a shadow of the model's floating tensors: a :class:`~fastema.flat.FlatShadow`
+    (fastema's own buffers), or a :class:`~fastema.pairs.PairShadow` (the average kept in the
+    caller's tensors: a target network), or a shadow with their methods (the offloaded shadow).
 
     Args:
         options: the checked options (:class:`~fastema.average.options.EMAOptions`).
@@ -115,7 +124,7 @@ class Average(PlanReader):
         shapes: each source's shape, as the checkpoint keeps it.
         adapter: a :class:`ModelAdapter` when the face checks the model's addresses itself before
             each update (then the shadow is updated unchecked); None: the shadow checks and follows
-            the sources it is handed.
+            the sources it is handed. The plan on the device (:meth:`plan_on_device`) needs one.
 
     A shadow whose ``update_checked`` only queues the fold (``folds_later = True``: the offloaded
     shadow of :mod:`fastema.torch`) is handed, after each call it queued, a function that puts
@@ -139,6 +148,7 @@ class Average(PlanReader):
         self.adapter = adapter
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
         self._bema = options.is_bema            # the options are frozen
+        self.device_plan: DevicePlan | None = None   # see plan_on_device()
 
     @classmethod
     def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
@@ -157,14 +167,27 @@ class Average(PlanReader):
 
     # ------------------------------------------------------------ the update driver
 
-    def update(self, step: int | None, read: Callable[[], Sequence | None]) -> None:
-        """One ``update()`` call: ``read()`` gives the model's current tensors in source order (or None
-        when the shadow already follows them), called only when the call updates."""
-        pending = self.plan.next(step)          # checks step; records nothing yet
-        if pending.due:
-            self.fold(pending, read())
-        else:
-            self.plan.done(pending)
+    def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None) -> None:
+        """One ``update()`` call of every face: the plan says what it does (``step`` checked first;
+        nothing is recorded when a check refuses the call); the adapter, when there is one, checks
+        and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
+        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
+        call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
+        None when the shadow follows them itself), called only when the call updates."""
+        pending = self._plan.next(step)         # checks step; records nothing yet
+        adapter = self.adapter
+        plan = self.device_plan
+        if plan is not None:                    # every call launches; the device skips
+            adapter.begin(True)
+            self.fold_on_device(step, plan)
+        elif pending.due:
+            if adapter is not None:
+                adapter.begin(True)             # addresses checked (or refused) here
+            self.fold(pending, None if read is None else read())
+            return
+        elif adapter is not None:
+            adapter.begin(False)
+        self._plan.done(pending)
 
     def fold(self, pending: Pending, sources: Sequence | None = None) -> None:
         """The update :meth:`fastema.average.plan.Plan.next` described, from ``sources`` (None: as
@@ -206,6 +229,36 @@ class Average(PlanReader):
         self._weights_memo = (groups, list(weights), self.rounding, out)
         return out
 
+    def fold_on_device(self, step: int | None, plan) -> None:
+        """The launches of one ``update()`` call with the plan on the device (``plan``, a
+        :class:`~fastema.average.device_plan.DevicePlan`): what a CUDA graph captures and replays (no
+        host value of the call is baked into it but ``step``). The plan step rides in each device's
+        first lerp launch (``DevicePlan.carriers``), except behind a non-finite scan, which must run
+        between the two. The adapter carries the rest along behind the plan's flags."""
+        flags = plan.flags
+        if self.skip_nonfinite:
+            plan.advance(step)
+            flags = self.adapter.scan(flags)
+            self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan)
+        else:
+            plan.advance(step, carried=True)    # the devices no lerp launch carries it for
+            self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
+                                       given=-1 if step is None else step)
+        self.adapter.carry(flags)
+
+    def plan_on_device(self, also: Sequence = ()) -> None:
+        """Keep the plan in device memory from now on (:class:`~fastema.average.device_plan.DevicePlan`
+        over the shadow's groups; ``also``: ``(framework, device)`` of what the adapter carries
+        where no group is), and compile and load every kernel an update launches now, not inside a
+        first graph capture: one update against a scratch plan whose call is skipped, so every
+        kernel runs and none writes."""
+        groups = self.shadow.layout.groups
+        self.device_plan = DevicePlan(self.plan, groups, self.seed, also=also)
+        scratch = DevicePlan(self.plan, groups, self.seed, also=also)
+        scratch.skip_next()
+        self.fold_on_device(None, scratch)
+        self.shadow.skipped = {}
+
     def view(self, slot: int, row: int = 0):
         """Average ``row`` of source ``slot``, a view of the shadow in its dtype."""
         self.check_row(row)
@@ -214,7 +267,10 @@ class Average(PlanReader):
     # ------------------------------------------------------------ checkpoints
 
     def plan_state(self) -> dict:
-        """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them."""
+        """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them
+        (with the plan on the device, its counts: replayed graphs advanced the device only)."""
+        if self.device_plan is not None:
+            self.device_plan.read_into(self.plan)
         return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
     def check_plan_state(self, state: dict, problems: list) -> None:
@@ -224,11 +280,15 @@ class Average(PlanReader):
             problems.append("no 'rounding' or 'seed'")
         else:
             problems += shadow_problems(self.shadow_dtype, state["rounding"], state["seed"])
+        if self.device_plan is not None and not problems:   # before anything is written (M4)
+            check_device_state(self.plan, state, state["seed"], problems)
 
     def load_plan_state(self, state: dict) -> None:
         """Load what :meth:`check_plan_state` passed."""
         self.plan.load_state(state)
         self.rounding, self.seed = state["rounding"], state["seed"]
+        if self.device_plan is not None:
+            self.device_plan.load(self.plan, self.seed)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,

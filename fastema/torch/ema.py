@@ -10,8 +10,6 @@ from torch import nn
 
 from .. import schedules
 from ..average import Average, EMAOptions, Face
-from ..average.device_plan import DevicePlan
-from ..average.device_plan import check_state as check_device_state
 from ..flat import FlatShadow
 from . import _compile
 from ._base import _ModelAverage
@@ -22,15 +20,29 @@ __all__ = ["EMA"]
 
 
 class _Adapter:
-    """The engine's :class:`~fastema.average.ModelAdapter` over a torch EMA's model side: what the
-    update scans for inf/NaN and carries along besides the averaged tensors (copied buffers,
-    integer buffers). A reference cycle with the EMA, as its swap's bound method already is: a
-    copy of the EMA gets an adapter of the copy."""
+    """The engine's :class:`~fastema.average.ModelAdapter` over a torch EMA's model side: the checks
+    before an update, what it scans for inf/NaN and what it carries along besides the averaged
+    tensors (copied buffers, integer buffers). A reference cycle with the EMA, as its swap's bound
+    method already is: a copy of the EMA gets an adapter of the copy."""
 
     __slots__ = ("_ema",)
 
     def __init__(self, ema):
         self._ema = ema
+
+    def begin(self, due: bool) -> None:
+        ema = self._ema
+        if ema._on_gpu and ema._core.device_plan is None and torch.cuda.is_current_stream_capturing():
+            if ema.offload:
+                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
+                                   "its update runs on a host thread, which a replay would not run. Call update() "
+                                   "outside the graph, or make the EMA without offload=.")
+            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
+                               "on the host (device_step=False): every replay would repeat this call's weights "
+                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
+        ema._swap.refuse("update()")
+        if due:
+            ema._follow()                       # every group, or a refusal before anything is written
 
     def scan(self, flags: dict | None) -> dict:
         return self._ema._scan(flags)
@@ -132,13 +144,12 @@ class EMA(Face, _ModelAverage, PeftExport):
         self.offload = offload
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
         self._core.shadow = self._avg
-        groups = self._avg.layout.groups
         self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
         if device_step is None:
             device_step = self._on_gpu and not offload and self._bema is None
-        self._plan_on_device = DevicePlan(self.plan, groups, self.seed) if device_step else None
-        if self._plan_on_device is not None:
-            self._warm()
+        if device_step:
+            self._core.plan_on_device()              # and every kernel compiled and loaded now
+        self._plan_on_device = self._core.device_plan
         self._ops = self._op_lists()
 
     def _check_row(self, row: int) -> None:
@@ -148,15 +159,6 @@ class EMA(Face, _ModelAverage, PeftExport):
     def device_step(self) -> bool:
         """True when the plan lives on the device (see the ``device_step`` argument)."""
         return self._plan_on_device is not None
-
-    def _warm(self) -> None:
-        """Compile and load every kernel ``update()`` launches now, not inside a first graph
-        capture: one update against a scratch plan whose call is skipped (``update_every``), so
-        every kernel runs and none writes."""
-        scratch = DevicePlan(self.plan, self._avg.layout.groups, self.seed)
-        scratch.skip_next()
-        self._device_update(None, scratch)
-        self._avg.skipped = {}
 
     def _cadence(self) -> schedules.Cadence:
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
@@ -183,50 +185,11 @@ class EMA(Face, _ModelAverage, PeftExport):
 
     def _eager_update(self, step: int | None) -> None:
         steps = self._steps
-        if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
-            return
-        core = self._core
-        pending = core._plan.next(step)                   # checks step before anything else
-        if self._plan_on_device is None and self._on_gpu and torch.cuda.is_current_stream_capturing():
-            if self.offload:
-                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: its "
-                                   "update runs on a host thread, which a replay would not run. Call update() "
-                                   "outside the graph, or make the EMA without offload=.")
-            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
-                               "on the host (device_step=False): every replay would repeat this call's weights "
-                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
-        if self._plan_on_device is not None:
-            self._begin(True)                             # every call launches; the device skips
-            self._device_update(step)
-        else:                                             # self._begin(pending.due), inlined
-            self._swap.refuse("update()")
-            if pending.due:
-                self._follow()                            # addresses checked (or refused) here
-                core.fold(pending)                        # the engine's update: the kernels, BEMA, carry()
-                if steps is not None:
-                    steps.done()
-                return
-        core._plan.done(pending)
-        if steps is not None:
+        if steps is None:
+            self._core.update(step)                       # the engine's driver: plan, checks, kernels, carry
+        elif steps.new():                                 # DeepSpeed: not a micro-step inside accumulation
+            self._core.update(step)
             steps.done()
-
-    def _device_update(self, step: int | None, plan: DevicePlan | None = None) -> None:
-        """The launches of one ``update()`` call with the plan on the device: what a CUDA graph
-        captures and replays (no host value of the call is baked into it but ``step``). The plan
-        step rides in each device's first lerp launch (``DevicePlan.carriers``), except behind a
-        non-finite scan, which must run between the two."""
-        plan = plan or self._plan_on_device
-        assert plan is not None                     # only called with the plan on the device
-        flags = plan.flags
-        if self.skip_nonfinite:
-            plan.advance(step)
-            flags = self._scan(flags)
-            self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan)
-        else:
-            plan.advance(step, carried=True)        # the devices no lerp launch carries it for
-            self._avg.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
-                                     given=-1 if step is None else step)
-        self._copy_buffers(flags, current=True)
 
     def _restart(self, model: nn.Module | None = None) -> None:
         self._avg.copy_from_sources()
@@ -239,20 +202,13 @@ class EMA(Face, _ModelAverage, PeftExport):
         return self.averaged_state_dict(row)
 
     def _extra_state(self) -> dict:
-        if self._plan_on_device is not None:
-            self._plan_on_device.read_into(self.plan)     # replayed graphs advanced the device only
-        return self._core.plan_state()
+        return self._core.plan_state()                    # the device's counts, with the plan on the device
 
     def _check_extra(self, state: dict, problems: list) -> None:
-        known = len(problems)
-        self._core.check_plan_state(state, problems)
-        if self._plan_on_device is not None and len(problems) == known:   # before anything is written (M4)
-            check_device_state(self.plan, state, state["seed"], problems)
+        self._core.check_plan_state(state, problems)      # the device plan's checks too (M4)
 
     def _load_extra(self, state: dict) -> None:
         self._core.load_plan_state(state)
-        if self._plan_on_device is not None:
-            self._plan_on_device.load(self.plan, self.seed)
 
     def __repr__(self) -> str:
         source = "" if self.source == "parameters" else f", source={self.source!r}"

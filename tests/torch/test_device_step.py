@@ -73,7 +73,7 @@ def test_replayed_launches_advance_the_schedule_and_the_counts():
     eager.update()
     for step in range(9):
         train_step(m, step)
-        replayed._device_update(None)                     # a replay: no Python of update() runs
+        replayed._core.fold_on_device(None, replayed._core.device_plan)   # a replay: no Python of update() runs
         eager.update()
     assert replayed.updates == 1                          # the host counts eager calls only...
     assert_same(replayed, eager)                          # ...the checkpoint has the device's
@@ -271,7 +271,7 @@ def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan(guarded)
         loss.backward()
         opt.step()
         if step % 2:
-            dev._device_update(None)                      # what a replayed graph runs
+            dev._core.fold_on_device(None, dev._core.device_plan)   # what a replayed graph runs
         else:
             dev.update()
         host.update()
