@@ -244,7 +244,7 @@ class EMACallback(TrainerCallback):
                 tensors[f"{group}/{name}"] = (local, local.dtype)
         rest = {k: v for k, v in state_dict.items() if k not in _GROUPS}
         meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(rest)}
-        from .torch._safetensors import stream_safetensors
+        from ._safetensors import stream_safetensors
 
         atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
 

@@ -513,7 +513,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     metadata strings (format, version, run id, time, gammas, names, shapes). A plain model's
     snapshot is one safetensors file (temporary file, then rename), ``tensors`` mapping to
     ``(tensor, dtype)`` pairs streamed one at a time
-    (:func:`fastema.torch._safetensors.stream_safetensors`), with the CRC-32 of every tensor's
+    (:func:`fastema._safetensors.stream_safetensors`), with the CRC-32 of every tensor's
     bytes in the metadata (``checksums``). A sharded model's (``tensors`` holding DTensors) is a
     collective: one DCP checkpoint directory written by every rank from its own shards into a
     temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
@@ -524,7 +524,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     base = os.path.join(directory, f"snapshot-{stamp(time)}")
     if sharded:
         return _save_dcp(base, tensors, meta)
-    from ..torch._safetensors import stream_safetensors
+    from .._safetensors import stream_safetensors
 
     atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
     return base + ".safetensors"

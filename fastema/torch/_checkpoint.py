@@ -17,10 +17,10 @@ from torch import nn
 
 from .._files import atomic_write as _atomic_write
 from .._interrupts import ctrl_c_held
+from .._safetensors import stream_safetensors, stream_torch_save
 from .._state import check_header, refuse_load
 from . import _sharded
 from ._model import _local_key, _match_names, _unwrap
-from ._safetensors import stream_safetensors, stream_torch_save
 
 __all__ = ["FORMAT", "VERSION"]
 

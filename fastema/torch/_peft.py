@@ -16,8 +16,8 @@ import warnings
 from torch import nn
 
 from .._files import atomic_write
+from .._safetensors import stream_safetensors
 from ._model import _unwrap
-from ._safetensors import stream_safetensors
 
 __all__ = ["is_peft_model", "resolve_trainable_only"]
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from .. import posthoc as _posthoc  # fastema.posthoc: the snapshot format and the synthesis
+from .._safetensors import SAFETENSORS_DTYPES
 from ..posthoc.folder import check_folder
 from ..posthoc.snapshots import LEGACY_RUN_ID, SnapshotError, SnapshotMeta, valid_run_id
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._model import _unwrap
-from ._safetensors import SAFETENSORS_DTYPES
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]

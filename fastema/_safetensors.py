@@ -1,14 +1,18 @@
 """The writers that stream torch tensors one at a time (snapshots, ``save()``): safetensors, and
 ``torch.save``'s format. Peak host memory is one tensor, where the safetensors library and
-``torch.save`` serialise a whole dict held in memory."""
+``torch.save`` serialise a whole dict held in memory. Used by the torch face's ``save()``, the
+post-hoc snapshots (:mod:`fastema.posthoc.snapshots`) and the transformers callback. Importing
+this module imports no framework; torch when a writer runs."""
 from __future__ import annotations
 
 import json
 import pickle
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SAFETENSORS_DTYPES", "stream_safetensors", "stream_torch_save"]
 
@@ -41,6 +45,8 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
             it names the tensor and the largest value. The file is then incomplete: write it through
             :func:`fastema._files.atomic_write`, which removes it.
     """
+    import torch
+
     header: dict = {"__metadata__": dict(meta)}
     if checksums is not None:
         header["__metadata__"][checksums] = json.dumps({name: _PLACEHOLDER for name in tensors},
@@ -85,6 +91,8 @@ def stream_torch_save(f, tensors: dict) -> None:
     stand-in's record is written from one host buffer that the tensor it stands for is copied into
     (converted, in C order). A torch without these private writer functions gets ``torch.save`` of the
     host copies."""
+    import torch
+
     ser = torch.serialization
     save, opener = getattr(ser, "_save", None), getattr(ser, "_open_zipfile_writer", None)
     if save is None or opener is None:
@@ -105,6 +113,8 @@ class _FromSources:
     storage, or its address in older releases) from the tensor it stands for, copied into one buffer."""
 
     def __init__(self, writer, sources: dict, largest: int):
+        import torch
+
         self._writer, self._sources = writer, sources
         self._buffer = torch.empty(largest, dtype=torch.uint8)      # reused: one allocation, not one a tensor
 
@@ -141,6 +151,8 @@ def _header_bytes(header: dict) -> bytes:
 
 def _check_range(name: str, src: torch.Tensor, host: torch.Tensor) -> None:
     """OverflowError when ``host`` (``src`` cast to a narrower floating dtype) turned finite values into inf."""
+    import torch
+
     if not (src.is_floating_point() and host.is_floating_point()) or host.dtype == src.dtype:
         return
     if torch.finfo(host.dtype).max >= torch.finfo(src.dtype).max:
