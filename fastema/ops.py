@@ -184,17 +184,6 @@ def cached_pairs(shadows: list, sources: list) -> pairs.PairShadow | None:
     return pairs.cached(shadows, sources)
 
 
-def cached_pair_groups(shadows: list, sources: list) -> pairs.PairShadow | None:
-    """Old name of :func:`cached_pairs` (internal; for the drop-ins until they call it)."""
-    return cached_pairs(shadows, sources)
-
-
-def launch_pairs(shadow: pairs.PairShadow, decay, weight, rounding: str, seed: int, step: int, *,
-                 bf16_stochastic: bool = False) -> None:
-    """``shadow.update(...)`` (internal; for the drop-ins until they call it)."""
-    shadow.update(decay, weight=weight, rounding=rounding, seed=seed, step=step, bf16_stochastic=bf16_stochastic)
-
-
 @_compilable
 def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None = None, *, weight: Any = None,
                      rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
