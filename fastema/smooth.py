@@ -16,7 +16,7 @@ import numpy as np
 from . import _backends, _launch
 from ._interrupts import ctrl_c_held
 from ._launch.cpu import first_bad_weight
-from ._state import check_header
+from ._state import check_header, load_refused
 from .kernels import kinds
 
 __all__ = ["Smoother", "alpha_from"]
@@ -231,16 +231,16 @@ class Smoother:
         check_header(state, "fastema.Smoother", (1, 2), "pass what Smoother.state_dict() returned")
         missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
         if missing:
-            raise ValueError(f"Smoother checkpoint has no {missing}; nothing was loaded")
+            raise load_refused(f"Smoother checkpoint has no {missing}.")
         mine = (self.alpha, self.mode, self.window)
         theirs = (state["alpha"], state["mode"], state["window"])
         if mine != theirs:
             raise ValueError(f"checkpoint smoother has (alpha, mode, window) = {theirs}, this one {mine}")
         count, saved = state["count"], state["state"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"Smoother checkpoint count must be an int >= 0, got {count!r}; nothing was loaded")
+            raise load_refused(f"Smoother checkpoint count must be an int >= 0, got {count!r}.")
         if not isinstance(saved, dict) or not saved:
-            raise ValueError("Smoother checkpoint state must be a dict of arrays; nothing was loaded")
+            raise load_refused("Smoother checkpoint state must be a dict of arrays.")
         before = (self._state, self._where, self.shape, self.__dict__.get("_views"))
         if self._where is None:
             like = next(iter(saved.values()))
@@ -250,7 +250,7 @@ class Smoother:
             self._state, self._where, self.shape = before[:3]
             if before[3] is not None:
                 self._views = before[3]
-            raise ValueError("checkpoint smoother state does not match this smoother's streams; nothing was loaded")
+            raise load_refused("checkpoint smoother state does not match this smoother's streams.")
         with ctrl_c_held():                      # a Ctrl-C here is raised once every stream and the count are in
             for n, a in self._state.items():
                 a[...] = saved[n]

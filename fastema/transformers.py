@@ -38,6 +38,7 @@ except ImportError as e:                                    # pragma: no cover -
         from e
 
 from ._files import atomic_write
+from ._state import GROUPS, from_named, load_refused, to_named
 from .average import EMAOptions
 from .torch import EMA, _unwrap
 
@@ -50,7 +51,6 @@ STATE_FILE = "fastema_ema.safetensors"
 
 _FORMAT = "fastema.transformers.EMACallback"
 _VERSION = 1
-_GROUPS = ("averaged", "copied", "int_buffers")          # the tensor groups of fastema.torch.EMA.state_dict()
 
 
 def _ema_options() -> tuple[str, ...]:
@@ -236,14 +236,10 @@ class EMACallback(TrainerCallback):
                                     f"(the callback writes {os.path.basename(path)} next to the Trainer's files, "
                                     f"under args.output_dir); with hyperparameter search, save the EMA yourself "
                                     f"with callback.ema.save(path)")
-        state_dict = self.ema.state_dict()
-        tensors = {}
-        for group in _GROUPS:
-            for name, value in state_dict[group].items():
-                local = value.to_local() if hasattr(value, "to_local") else value
-                tensors[f"{group}/{name}"] = (local, local.dtype)
-        rest = {k: v for k, v in state_dict.items() if k not in _GROUPS}
-        meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(rest)}
+        # the EMA's state as the one codec lays it out: a JSON header, tensors named "group/name" (this rank's parts)
+        header, named = to_named(self.ema.state_dict(), host=_local, who="EMACallback")
+        tensors = {key: (t, t.dtype) for key, t in named.items()}
+        meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(header)}
         from ._safetensors import stream_safetensors
 
         atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
@@ -308,13 +304,13 @@ class EMACallback(TrainerCallback):
         try:
             state = EMACallback._read(path)
         except SafetensorError as err:                   # cut short, emptied, overwritten: safetensors names no file
-            raise ValueError(f"EMACallback: {path!r} is not a readable safetensors file ({err}): the file is "
-                             f"damaged (truncated, emptied or overwritten). Resume from another checkpoint "
-                             f"folder, or delete the file and pass EMACallback(..., missing_state='restart') to "
-                             f"start a new EMA from the resumed weights. Nothing was loaded.") from None
+            raise load_refused(f"EMACallback: {path!r} is not a readable safetensors file ({err}): the file is "
+                               f"damaged (truncated, emptied or overwritten). Resume from another checkpoint "
+                               f"folder, or delete the file and pass EMACallback(..., missing_state='restart') to "
+                               f"start a new EMA from the resumed weights.") from None
         if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
             template = ema.state_dict()
-            for group in _GROUPS:
+            for group in GROUPS:
                 for name, value in template[group].items():
                     local = state[group].get(name)
                     if hasattr(value, "to_local") and isinstance(local, torch.Tensor):
@@ -341,16 +337,14 @@ class EMACallback(TrainerCallback):
                 raise ValueError(f"{path!r} has version {meta.get('version')!r}; this fastema reads version "
                                  f"{_VERSION}: upgrade fastema")
             try:
-                state = json.loads(meta["ema"])
+                header = json.loads(meta["ema"])
             except (KeyError, ValueError) as err:
                 raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
-            if not isinstance(state, dict):
-                raise ValueError(f"{path!r} has an EMA header of type {type(state).__name__}; the file is damaged")
-            for group in _GROUPS:
-                state[group] = {}
-            for key in f.keys():
-                group, _, name = key.partition("/")
-                if group not in _GROUPS or not name:
-                    raise ValueError(f"{path!r} holds an unexpected tensor {key!r}; the file is damaged")
-                state[group][name] = f.get_tensor(key)
-        return state
+            if not isinstance(header, dict):
+                raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")
+            return from_named(header, ((key, f.get_tensor(key)) for key in f.keys()), repr(path))
+
+
+def _local(value):
+    """This rank's part of a sharded (DTensor) state tensor; any other tensor as it is."""
+    return value.to_local() if hasattr(value, "to_local") else value

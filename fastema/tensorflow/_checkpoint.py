@@ -5,9 +5,9 @@ TensorFlow's object-based checkpoints (``tf.train.Checkpoint``, ``CheckpointMana
 (``_serialize_to_tensors``) and hand the same names back on restore
 (``_restore_from_tensors``). The EMA answers with two, whatever its variables:
 
-- ``state``: a JSON string, the checkpoint of :meth:`fastema.average.Average.state_dict`
-  without its arrays (format, version, plan, settings) plus, for every averaged variable in
-  order, its name, shape, shadow dtype and rows;
+- ``state``: a JSON string, the header of :meth:`fastema.average.Average.state_dict` as the one
+  state codec makes it (``fastema._state.to_named``: format, version, plan, settings) plus, for
+  every averaged variable in order, its name, shape, shadow dtype and rows;
 - ``shadow``: every shadow row of every variable, in that order, as raw bytes (``uint8``): bit
   for bit, bfloat16 and float64 shadows included.
 
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import _backends
-from .._state import check_header, refuse_load
+from .._state import check_header, from_named, load_refused, refuse_load, to_named
 
 STATE, SHADOW = "state", "shadow"
 
@@ -46,10 +46,10 @@ def traced_placeholder(core) -> dict:
 
 def pack(core) -> tuple[bytes, np.ndarray]:
     """The ``state`` JSON and the ``shadow`` bytes of an :class:`~fastema.average.Average` (one host copy)."""
-    arrays = [_backends.to_host(core.shadow.view(i, None)) for i in range(len(core.names))]
-    head = {"format": core.format, "version": core.version, **core.plan_state(),
-            "sources": [[n, list(shape), a.dtype.name, int(a.shape[0])]
-                        for n, shape, a in zip(core.names, core.shapes, arrays)]}
+    header, named = to_named(core.state_dict(), who="fastema.tensorflow.EMA")
+    arrays = list(named.values())                       # "averaged/<name>", in core.names' order
+    head = {**header, "sources": [[n, list(shape), a.dtype.name, int(a.shape[0])]
+                                  for n, shape, a in zip(core.names, core.shapes, arrays)]}
     blob = np.empty(sum(a.nbytes for a in arrays), np.uint8)
     at = 0
     for a in arrays:
@@ -66,8 +66,8 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
     try:
         head = json.loads(bytes(state).decode())
     except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"the {fmt} checkpoint's state is not readable JSON ({err}); restore a checkpoint this "
-                         f"EMA's class saved. Nothing was loaded.") from None
+        raise load_refused(f"the {fmt} checkpoint's state is not readable JSON ({err}); restore a checkpoint this "
+                           f"EMA's class saved.") from None
     check_header(head, fmt, core.version, "restore a checkpoint a fastema.tensorflow.EMA saved")
     if head.get("traced"):
         refuse_load(fmt, ["it was written by the save function of a loaded SavedModel (the object tf.saved_model.load "
@@ -110,4 +110,5 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
     if not problems and at != blob.size:
         problems.append(f"the shadow holds {blob.size} bytes, the variables need {at}")
     refuse_load(fmt, problems)
-    return {**{k: v for k, v in head.items() if k != "sources"}, "averaged": arrays}
+    header = {k: v for k, v in head.items() if k != "sources"}
+    return from_named(header, ((f"averaged/{n}", a) for n, a in arrays.items()), fmt, groups=("averaged",))

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
+from .._state import load_refused
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
 from .ema import _as_tf_variable, _in_replica_context, _no_tf1_graph, _weak
@@ -353,9 +354,9 @@ class AverageVariable(tf.__internal__.tracking.Trackable):   # type: ignore[name
             # no op keeps tf.saved_model.load of a module holding it working
             return tf.no_op()
         if t.dtype != self._dtype:
-            raise ValueError(f"the checkpoint holds {t.dtype.name} {tuple(t.shape)} for {self._name}, a "
-                             f"{self._dtype.name} {tuple(self._shape)} average; restore the checkpoint of these "
-                             f"variables. Nothing was loaded.")
+            raise load_refused(f"the checkpoint holds {t.dtype.name} {tuple(t.shape)} for {self._name}, a "
+                               f"{self._dtype.name} {tuple(self._shape)} average; restore the checkpoint of these "
+                               f"variables.")
         self._write(t.numpy())
         return None
 

@@ -1,0 +1,165 @@
+"""The one EMA-state codec (``fastema/_state.py``) and the three file formats written through it.
+
+``data/`` holds files written by ``data/make_format_fixtures.py`` at 929b907, before the formats shared
+the codec: a Keras ``.keras`` / ``.weights.h5`` file with a ``WeightEMA`` average, an ``EMACallback``
+``fastema_ema.safetensors`` and a TensorFlow checkpoint of ``fastema.tensorflow.EMA``. Each still
+loads, and writing the loaded state again gives the same bytes.
+"""
+import importlib.util
+import io
+import json
+import pathlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from fastema._state import GROUPS, from_named, from_parts, load_refused, refuse_load, to_named, to_parts
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def _fixtures():
+    spec = importlib.util.spec_from_file_location("make_format_fixtures", DATA / "make_format_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_codec_splits_a_state_into_json_and_arrays_and_back():
+    w, b, n = np.arange(6.0).reshape(2, 3), np.ones(2, np.float32), np.array(3, np.int64)
+    state = {"format": "f", "version": 2, "norms": (np.float64(0.5), 1.0), "averaged": {"w": w, "b": b},
+             "copied": {}, "int_buffers": {"n": n}}
+    header, arrays = to_parts(state)
+    assert header == {"format": "f", "version": 2, "norms": [0.5, 1.0], "averaged": {"w": {"__array__": 0},
+                      "b": {"__array__": 1}}, "copied": {}, "int_buffers": {"n": {"__array__": 2}}}
+    assert json.loads(json.dumps(header)) == header and arrays[0] is w
+    back = from_parts(header, arrays.__getitem__, KeyError)
+    assert back["averaged"]["w"] is w and back["int_buffers"]["n"] is n and back["norms"] == [0.5, 1.0]
+    more, shared = to_parts({"averaged": {"x": w}}, arrays)             # numbered after the first state's
+    assert more == {"averaged": {"x": {"__array__": 3}}} and shared is arrays and len(arrays) == 4
+    with pytest.raises(KeyError):
+        from_parts({"averaged": {"w": {"__array__": True}}}, arrays.__getitem__, KeyError)
+
+    rest, named = to_named(state, host=lambda a: a * 2)
+    assert rest == {"format": "f", "version": 2, "norms": [0.5, 1.0]}
+    assert list(named) == ["averaged/w", "averaged/b", "int_buffers/n"]       # GROUPS' order, then the state's
+    assert np.array_equal(named["averaged/w"], 2 * w)
+    again = from_named(rest, named.items(), "'f.safetensors'")
+    assert set(again) == set(rest) | set(GROUPS) and again["copied"] == {} and again["int_buffers"]["n"] == 6
+    only = from_named(rest, [("averaged/w", w)], "x", groups=("averaged",))
+    assert list(only) == [*rest, "averaged"]
+    for key in ("weights/w", "averaged", "averaged/"):
+        with pytest.raises(ValueError, match=f"'f.safetensors' holds an unexpected tensor '{key}'; the file is dam"):
+            from_named(rest, [(key, w)], "'f.safetensors'")
+
+    with pytest.raises(TypeError, match=r"EMACallback cannot save state\['averaged'\]: key 3 is not a string"):
+        to_parts({"averaged": {3: w}}, who="EMACallback")
+    with pytest.raises(TypeError, match=r"fastema cannot save state\['f'\]: a set, not an array"):
+        to_parts({"f": {1}})
+    assert str(load_refused("It is damaged.")) == "It is damaged. Nothing was loaded."
+    refuse_load("X", [])                                                    # no problems: nothing raised
+    with pytest.raises(ValueError, match=r"^X checkpoint does not match this model: a; b\. Nothing was loaded\.$"):
+        refuse_load("X", ["a", "b"], " this model")
+
+
+def _average_group(weights_h5: bytes | pathlib.Path) -> dict:
+    """The WeightEMA average's datasets of a Keras weights file: name -> (dtype, shape, bytes)."""
+    import h5py
+
+    source = io.BytesIO(weights_h5) if isinstance(weights_h5, bytes) else weights_h5
+    with h5py.File(source, "r") as f:
+        group = f["_fastema_weight_ema/vars"]
+        return {k: (group[k].dtype.str, group[k].shape, np.asarray(group[k]).tobytes()) for k in group}
+
+
+def _keras_weights(path: pathlib.Path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read("model.weights.h5")
+
+
+def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(tmp_path):
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("h5py")
+    if keras.backend.backend() != "torch":                                   # pragma: no cover
+        pytest.skip("the file was written on Keras's torch backend")
+    from models import keras_data, keras_model
+
+    import fastema.keras as fk
+
+    old_keras, old_h5 = DATA / "keras_torch.keras", DATA / "keras_torch.weights.h5"
+    saved = _average_group(old_h5)
+    header = json.loads(saved["header"][2])
+    entry = header["entries"][0]
+    assert header["backend"] == "torch" and set(entry["copied"]) == {"non_trainable/0", "non_trainable/1"}
+    assert _average_group(_keras_weights(old_keras)) == saved
+
+    def resumed(model):
+        """A WeightEMA of the next fit, made on ``model`` (it takes the loaded average)."""
+        cb = fk.WeightEMA([0.9, 0.5], warmup="power")
+        cb.set_model(model)
+        cb.on_train_begin()
+        return cb
+
+    for model, load, save, name in ((None, fk.load_model, "save", "again.keras"),
+                                    (keras_model(batchnorm=True), fk.load_average, "save_weights", "again.weights.h5")):
+        if model is None:
+            model = load(old_keras)
+        else:
+            load(model, old_h5)
+        row0 = [np.frombuffer(saved[str(entry["averaged"][f"trainable/{i}"]["__array__"])][2], np.float32)
+                .reshape(2, *v.shape)[0] for i, v in enumerate(model.trainable_variables)]
+        assert all(np.array_equal(a, b) for a, b in zip(fk.averaged_weights(model), row0))
+        cb = resumed(model)
+        assert cb.ema.updates == entry["updates"] == 2
+        getattr(model, save)(tmp_path / name)
+        written = _keras_weights(tmp_path / name) if name.endswith(".keras") else tmp_path / name
+        assert _average_group(written) == saved, name                       # the same header and arrays, byte for byte
+        cb.on_train_end()
+    x, y = keras_data(32)                                                    # and it goes on training from there
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert cb.ema.updates == 4
+
+
+def test_an_emacallback_file_written_before_the_codec_loads_and_writes_the_same(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import types
+
+    from safetensors import safe_open
+
+    from fastema.torch import EMA
+    from fastema.transformers import STATE_FILE, EMACallback
+
+    old = DATA / "transformers" / "checkpoint-5"
+    fixtures = _fixtures()
+    model = fixtures.ema_module()
+    ema = EMA(model, [0.9, 0.99], warmup="power")
+    EMACallback._load(ema, str(old))
+    assert ema.calls == ema.updates == 5
+    with safe_open(str(old / STATE_FILE), framework="pt") as f:
+        for key in f.keys():
+            group, _, name = key.partition("/")
+            assert ema.state_dict()[group][name].equal(f.get_tensor(key)), key
+    cb = EMACallback([0.9, 0.99], warmup="power")
+    cb.ema = ema
+    (tmp_path / "checkpoint-5").mkdir()
+    cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+               types.SimpleNamespace(global_step=5), None)
+    assert (tmp_path / "checkpoint-5" / STATE_FILE).read_bytes() == (old / STATE_FILE).read_bytes()
+
+
+def test_a_tensorflow_checkpoint_written_before_the_codec_restores_and_saves_the_same():
+    tf = pytest.importorskip("tensorflow")
+    from fastema.tensorflow import EMA, _checkpoint
+
+    path = str(DATA / "tensorflow" / "ema")
+    fixtures = _fixtures()
+    ema = EMA(fixtures.tf_variables(), [0.5, 0.6], shadow_dtype="same")     # the rest comes from the checkpoint
+    tf.train.Checkpoint(ema=ema).read(path).assert_consumed()
+    assert ema.updates == 3 and ema.state_dict()["update_every"] == 2
+    reader = tf.train.load_checkpoint(path)
+    state, blob = _checkpoint.pack(ema._core)
+    assert state == reader.get_tensor("ema/.ATTRIBUTES/state")
+    assert blob.tobytes() == reader.get_tensor("ema/.ATTRIBUTES/shadow").tobytes()
+    assert ema.state_dict()["averaged"]["b:0"].dtype.name == "bfloat16"
