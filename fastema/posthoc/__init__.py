@@ -12,9 +12,9 @@ Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safeten
 
 Snapshot folders are safe to read from anyone: nothing in one is executed (its one kind of
 pickle, a DCP snapshot's metadata, is read by a restricted unpickler that builds DCP's metadata
-classes only and sets no state outside them: :mod:`.snapshots`), only regular files are opened,
-and every file is checked (one run per folder, shapes, checksums, sizes) before a tensor of it is
-used. :mod:`.folder` keeps one run per folder on the writing side.
+classes only and sets no state outside them: :mod:`._dcp_unpickler`), only regular files are
+opened, and every file is checked (one run per folder, shapes, checksums, sizes) before a tensor
+of it is used. :mod:`.folder` keeps one run per folder on the writing side.
 
 Importing this package imports numpy only; torch and safetensors are imported when a snapshot
 is written, read or synthesised.

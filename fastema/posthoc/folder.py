@@ -39,7 +39,9 @@ import time as _time
 import warnings
 
 from .._files import _alive, atomic_write
-from .snapshots import _few, _first_line, _open_regular, _snapshot_at, same_run, stamp, valid_run_id
+from ._meta import same_run, stamp, valid_run_id
+from ._safe_files import few, first_line, open_regular
+from .snapshots import snapshot_at
 
 __all__ = ["CLAIM", "SUPERSEDED", "check_folder"]
 
@@ -83,16 +85,16 @@ def check_folder(directory: str, run_id: str, time: float, seen: dict | None = N
             continue
         path = os.path.join(directory, name)
         try:
-            st = os.stat(path)                        # (a FIFO is not opened: _snapshot_at refuses it)
+            st = os.stat(path)                        # (a FIFO is not opened: snapshot_at refuses it)
         except OSError:
             continue                                  # removed since the listing
         key = (name, st.st_size, st.st_mtime_ns, st.st_mode)
         if key not in seen:
             try:
-                snap = _snapshot_at(directory, name)
+                snap = snapshot_at(directory, name)
                 seen[key] = None if snap is None else (snap.run_id, snap.time)
             except (ValueError, OSError) as err:
-                seen[key] = ("unreadable", _first_line(err))
+                seen[key] = ("unreadable", first_line(err))
         found = seen[key]
         if found is None:
             continue
@@ -105,16 +107,16 @@ def check_folder(directory: str, run_id: str, time: float, seen: dict | None = N
     problems = []
     for other, paths in others.items():
         if other is None:
-            problems.append(f"it holds version-1 snapshots, written before run ids ({_few(paths)}): give this "
+            problems.append(f"it holds version-1 snapshots, written before run ids ({few(paths)}): give this "
                             f"PostHocEMA a new folder (path=), or, to continue that run, load its fastema 0.1 "
                             f"checkpoint first (load_state_dict): its snapshots then go on beside those")
         else:
-            problems.append(f"it holds the snapshots of another run, run {other} ({_few(paths)}), which this run "
+            problems.append(f"it holds the snapshots of another run, run {other} ({few(paths)}), which this run "
                             f"({run_id}) would overwrite or mix with: give this PostHocEMA a new folder (path=), "
                             f"or, to continue that run, load its checkpoint first (load_state_dict): the "
                             f"PostHocEMA then takes that run's id")
     if unreadable:
-        listed = _few([p for p, _ in unreadable])
+        listed = few([p for p, _ in unreadable])
         problems.append(f"it holds files named like snapshots that are not readable ones ({listed}: "
                         f"{unreadable[0][1]}): move them out of the folder")
     claim = os.path.join(directory, CLAIM)
@@ -155,7 +157,7 @@ def _read_claim(path: str) -> dict | None:
             target = "to nothing" if not os.path.exists(path) else "to another file"
             raise ValueError(f"it is a symbolic link {target}, not a claim fastema writes (a regular file)")
         try:
-            with _open_regular(path, follow=False) as f:
+            with open_regular(path, follow=False) as f:
                 data = f.read(_MAX_CLAIM + 1)
         except FileNotFoundError:
             return None
@@ -187,7 +189,7 @@ def _held(path: str, run_id: str) -> tuple[dict | None, str | None]:
     try:
         claim = _read_claim(path)
     except (ValueError, OSError) as err:
-        return None, (f"its claim file {path!r} cannot be read ({_first_line(err)}): remove it if no other run "
+        return None, (f"its claim file {path!r} cannot be read ({first_line(err)}): remove it if no other run "
                       f"writes into this folder")
     if claim is None or _stale(claim):
         return claim, None
@@ -323,7 +325,7 @@ def _supersede(directory: str, later: list, time: float, stacklevel: int) -> str
             n += 1
             folder = f"{base}-{n}"
         except OSError as err:
-            return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), "
+            return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({few(later)}), "
                     f"which could not be moved aside into {folder!r} ({err}); move them out of the folder. Nothing "
                     f"was written and this call changed nothing.")
     moved: list = []
@@ -341,11 +343,11 @@ def _supersede(directory: str, later: list, time: float, stacklevel: int) -> str
                 os.rename(os.path.join(folder, os.path.basename(part)), part)
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-        return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({_few(later)}), which "
+        return (f"it holds {len(later)} snapshot(s) of this run later than its time {time:g} ({few(later)}), which "
                 f"could not be moved aside into {folder!r} ({err}); move them out of the folder. Nothing was "
                 f"written and this call changed nothing.")
     warnings.warn(f"PostHocEMA resumed at time {time:g} found {len(later)} snapshot(s) of its own run later than "
-                  f"that ({_few(later)}), written after the checkpoint it resumed from; they were moved into "
+                  f"that ({few(later)}), written after the checkpoint it resumed from; they were moved into "
                   f"{folder!r}, which synthesis does not read (delete it once you no longer need them)",
                   stacklevel=stacklevel)
     return None

@@ -1,9 +1,9 @@
 """Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
 time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model.
 
-Every tensor read is checked (:func:`fastema.posthoc.snapshots._reader`: shape, dtype, checksum,
-a size this machine's memory can hold), every profile read must be finite, and so must the
-result. Running out of memory is a MemoryError naming the tensor (and the file, when reading)."""
+Every tensor read is checked (:func:`fastema.posthoc.snapshots.tensor_reader`: shape, dtype,
+checksum, a size this machine's memory can hold), every profile read must be finite, and so must
+the result. Running out of memory is a MemoryError naming the tensor (and the file, when reading)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,10 @@ import numbers
 import os
 from typing import Any
 
+from ._meta import Snapshot, kept_key, profile_key
+from ._safe_files import first_line, out_of_memory
 from .profiles import MAX_ERROR, Solution, solve
-from .snapshots import Snapshot, _first_line, _out_of_memory, _reader, read_snapshots
+from .snapshots import read_snapshots, tensor_reader
 
 __all__ = ["Synthesized", "synthesize"]
 
@@ -67,7 +69,7 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
 
     def read(s: Snapshot, key: str):
         if s.path not in files:
-            files[s.path] = _reader(s)
+            files[s.path] = tensor_reader(s)
         return files[s.path](key)
 
     out = Synthesized()
@@ -76,13 +78,13 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
         try:
             out[name] = _combine(name, terms, sol, last, read, dtype)
         except (RuntimeError, MemoryError) as err:
-            if not _out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
+            if not out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
                 raise                                 # not memory, or a reader's MemoryError naming its file
             size = math.prod(last.shapes.get(name, [0]))
             raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
-                              f"({_first_line(err)}): synthesise on a machine with more memory") from None
+                              f"({first_line(err)}): synthesise on a machine with more memory") from None
     for name in last.others:
-        out[name] = read(last, f"model:{name}")
+        out[name] = read(last, kept_key(name))
     out.solution = sol
     if into is not None:
         _load_into(into, out)
@@ -96,7 +98,7 @@ def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype)
     acc: Any = None
     first = None
     for (s, k), x in zip(terms, sol.coefficients):
-        v = read(s, f"{k}:{name}")
+        v = read(s, profile_key(k, name))
         if first is None:
             first = (s, v.shape)
         elif v.shape != first[1]:
@@ -104,8 +106,8 @@ def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype)
                              f"shape {list(first[1])}: snapshots of different models in one directory")
         v = v.to(torch.float64)
         if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{s.path!r}: the profile {k}:{name} holds inf or NaN (a run that diverged, or a "
-                             f"float16 snapshot of values beyond +-65504): synthesise at a time before it "
+            raise ValueError(f"{s.path!r}: the profile {profile_key(k, name)} holds inf or NaN (a run that diverged, "
+                             f"or a float16 snapshot of values beyond +-65504): synthesise at a time before it "
                              f"(time=), or move it out of the folder")
         acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
     shape = last.shapes.get(name, list(acc.shape))

@@ -10,10 +10,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import posthoc as _posthoc  # fastema.posthoc: the snapshot format and the synthesis
 from .._safetensors import SAFETENSORS_DTYPES
+from ..posthoc import MAX_ERROR, synthesize
 from ..posthoc.folder import check_folder
-from ..posthoc.snapshots import LEGACY_RUN_ID, SnapshotError, SnapshotMeta, valid_run_id
+from ..posthoc.snapshots import (
+    LEGACY_RUN_ID,
+    SnapshotError,
+    SnapshotMeta,
+    kept_key,
+    profile_key,
+    valid_run_id,
+    write_snapshot,
+)
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._model import _unwrap
@@ -233,7 +241,7 @@ class PostHocEMA(EMA):
             if source is None or source not in self._avg.names:
                 kept = t.detach() if value is None else value()
                 shapes[name] = list(kept.shape)
-                key = f"model:{name}"
+                key = kept_key(name)
                 if sharded:
                     tensors[key] = kept
                 elif str(kept.dtype).removeprefix("torch.") in SAFETENSORS_DTYPES:
@@ -250,11 +258,11 @@ class PostHocEMA(EMA):
                 if sharded:                               # DCP reads the shards in place (a copy only to cast)
                     cast = v.to(dtype)
                     if cast.dtype != v.dtype and bool((~torch.isfinite(cast) & torch.isfinite(v)).any()):
-                        overflow.append(f"{k}:{name}")
-                    tensors[f"{k}:{name}"] = _sharded.wrap(cast, self._specs[source]) if source in self._specs \
+                        overflow.append(profile_key(k, name))
+                    tensors[profile_key(k, name)] = _sharded.wrap(cast, self._specs[source]) if source in self._specs \
                         else cast
                 else:                                     # streamed to the file one tensor at a time
-                    tensors[f"{k}:{name}"] = (v, dtype)   # (the writer refuses values beyond dtype's range)
+                    tensors[profile_key(k, name)] = (v, dtype)   # (the writer refuses values beyond dtype's range)
         if sharded:                                       # every rank refuses, or none (a collective)
             found: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(found, overflow)
@@ -269,7 +277,7 @@ class PostHocEMA(EMA):
                             gammas=[float(s.gamma) for s in schedules],
                             sigma_rels=[gamma_to_sigma_rel(s.gamma) for s in schedules], averaged=averaged,
                             others=others, dtype=self.snapshot_dtype, shapes=shapes, run_id=self.run_id, raw=raw)
-        return _posthoc.write_snapshot(self.path, time, tensors, meta, sharded=sharded)
+        return write_snapshot(self.path, time, tensors, meta, sharded=sharded)
 
     # ------------------------------------------------------------ checkpoints: the run id, the profiles
 
@@ -319,12 +327,12 @@ class PostHocEMA(EMA):
     # ------------------------------------------------------------ synthesis
 
     def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
-                   max_error: float = _posthoc.MAX_ERROR, into: nn.Module | None = None, dtype=None):
+                   max_error: float = MAX_ERROR, into: nn.Module | None = None, dtype=None):
         """The average of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
         snapshot's) from the snapshots written so far: see :func:`fastema.posthoc.synthesize`.
         ``into`` may be DDP- or torch.compile-wrapped (the names are the inner model's)."""
-        return _posthoc.synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
-                                  into=None if into is None else _unwrap(into), dtype=dtype)
+        return synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
+                          into=None if into is None else _unwrap(into), dtype=dtype)
 
     def __repr__(self) -> str:
         return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="

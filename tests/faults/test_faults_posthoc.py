@@ -185,7 +185,7 @@ _HOSTILE_METADATA = r"""
 import json, os, resource, sys, warnings
 warnings.simplefilter("ignore")
 from fastema import posthoc
-import fastema.posthoc.snapshots as S
+import fastema.posthoc._dcp_unpickler as U
 run, md = sys.argv[1], sys.argv[2]
 posthoc.synthesize(run, 0.07, max_error=1.0)               # intact: what reading imports, and its memory
 lazy = [m for m in ("torch._dynamo", "torch._inductor", "torch.onnx", "torch._export") if m not in sys.modules]
@@ -209,9 +209,9 @@ case("frame", b"\x80\x04\x95" + (1 << 62).to_bytes(8, "little") + b"N.")
 case("file", b"\x80\x04\x8e" + (300 << 20).to_bytes(8, "little"), 300 << 20)  # beyond the bound on a .metadata
 for name in ("_dynamo", "_inductor", "onnx", "_export"):
     case("lazy" + name, b"\x80\x02ctorch\n" + name.encode() + b"\n.")          # torch's lazy __getattr__
-free, S._memory_available = S._memory_available, lambda: 1 << 20                 # 1 MiB free: 70000 dicts exceed it
+free, U.memory_available = U.memory_available, lambda: 1 << 20                   # 1 MiB free: 70000 dicts exceed it
 case("objects", b"\x80\x04(" + b"}" * 70000 + b"l.")
-S._memory_available = free
+U.memory_available = free
 print(json.dumps(["state", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024,   # MiB
                   [m for m in lazy if m in sys.modules]]), flush=True)
 deep = b"K\x01" + b"\x85" * 300000                                            # a tuple nested 300000 deep
@@ -401,13 +401,13 @@ def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocati
     is refused, naming the file, before anything is allocated. Second review: it was called "forged" when its
     files hold less on disk, which a compressing file system (ZFS, btrfs) does to a real snapshot too: now a
     MemoryError that says the files are not fully stored on disk (sparse or compressed), accusing nothing."""
-    import fastema.posthoc.snapshots as S
+    import fastema.posthoc._safe_files as F
 
     run, base = _dcp_run(tmp_path)
     numel = 16 << 20                                             # 64 MiB claimed; this machine "has" 8 MiB
     data = _claim_in_metadata(base, "0:w", numel)
     sparse = os.stat(data).st_blocks * 512 < numel * 4           # file systems without holes allocate it
-    monkeypatch.setattr(S, "_memory_available", lambda: 8 << 20, raising=False)
+    monkeypatch.setattr(F, "memory_available", lambda: 8 << 20)
     allocations = []
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
@@ -625,7 +625,7 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
 def _sharded_faults(rank, world, snaps):
     from torch.distributed.fsdp import fully_shard
 
-    import fastema.posthoc.snapshots as S
+    import fastema.posthoc._dcp as D
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -650,18 +650,18 @@ def _sharded_faults(rank, world, snaps):
         os.unlink(os.path.join(snaps, "snapshot-000000000001.safetensors"))
     dist.barrier()
     ph.update()
-    real = S.atomic_write
+    real = D.atomic_write
 
     def full(path, write):                            # rank 0 cannot write the .json (the last step)
         raise OSError(errno.ENOSPC, f"could not write {path!r}: No space left on device")
 
-    S.atomic_write = full if rank == 0 else real
+    D.atomic_write = full if rank == 0 else real
     try:
         ph.update()
     except SnapshotError as err:
         out["lost"] = torch.tensor([err.applied, err.updates, "do not repeat it" in str(err)])
     finally:
-        S.atomic_write = real
+        D.atomic_write = real
     out["counters"] = torch.tensor([ph.updates, ph.calls])
     ph.update()                                       # the due snapshot, on both ranks
     out["final"] = torch.tensor([ph.updates])

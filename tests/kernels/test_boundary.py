@@ -91,7 +91,7 @@ def test_no_import_cycle_in_fastema(deferred):
 # about one framework. Everywhere else (the shadows, ops, smoothers, dispatch, the engine) asks
 # a _backends adapter instead of importing a framework or testing for one.
 FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
-                   "fastema/posthoc/snapshots.py",
+                   "fastema/posthoc/snapshots.py", "fastema/posthoc/_dcp.py", "fastema/posthoc/_dcp_unpickler.py",
                    "fastema/_safetensors.py", "fastema/keras.py", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow/", "fastema/_keras_jax_state.py",
                    "fastema/transformers.py")

@@ -298,7 +298,7 @@ def test_two_runs_whose_checks_both_precede_the_first_write_do_not_collide(tmp_p
     """Review 1f: run b checked the folder and wrote while run a was between its own check and its write:
     both wrote snapshot-000000000001 (a's overwrote b's). The first check before a write now claims the
     folder (O_EXCL), so b is refused, naming a's claim, before anything is applied or written."""
-    import fastema.posthoc as P
+    import fastema.torch.posthoc as P  # where PostHocEMA finds write_snapshot
 
     shared = tmp_path / "shared"
     m = nn.Linear(3, 3)
@@ -474,7 +474,7 @@ def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, m
     now, and every read of that snapshot uses it."""
     import torch.distributed.checkpoint as dcp
 
-    import fastema.posthoc.snapshots as S
+    from fastema.posthoc._dcp_unpickler import DcpMetadataUnpickler
 
     run = tmp_path / "run"
     run.mkdir()
@@ -489,8 +489,8 @@ def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, m
             "format": "fastema.posthoc", "version": "2", "run_id": "r", "time": str(t), "updates": str(t),
             "gammas": json.dumps(GAMMAS), "averaged": json.dumps(names), "others": "[]", "kind": "dcp",
             "shapes": json.dumps({n: [3] for n in names})}))
-    parses, real = [], S._DcpMetadataUnpickler.load
-    monkeypatch.setattr(S._DcpMetadataUnpickler, "load", lambda self: parses.append(1) or real(self))
+    parses, real = [], DcpMetadataUnpickler.load
+    monkeypatch.setattr(DcpMetadataUnpickler, "load", lambda self: parses.append(1) or real(self))
     out = posthoc.synthesize(run, 0.07, max_error=1.0)
     assert sorted(out) == names and len(parses) == 2
     coefficients = out.solution.coefficients                      # rows: (10, k=0), (10, 1), (20, 0), (20, 1)

@@ -1,0 +1,300 @@
+"""DCP snapshots (a sharded model's: a torch.distributed.checkpoint directory, with a ``.json`` of
+its metadata beside it): :func:`save_dcp`, a collective of every rank, and the reading side. A
+snapshot's ``.metadata``, the one pickle a snapshot folder holds, is parsed by the allow-list
+unpickler (:mod:`._dcp_unpickler`, the security boundary), then checked whole by exact types
+(:func:`check_dcp_metadata`) before anything reads it; its ``.distcp`` data goes through
+``torch.load(weights_only=True)``. Tensors are read one at a time (:func:`dcp_reader`, with
+``no_dist``: one rank alone may read), each bounded before it is allocated. Importing this module
+imports the standard library only; torch when used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import stat
+import warnings
+from typing import Any, Callable
+
+from .._files import atomic_write
+from ._dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
+from ._meta import Snapshot
+from ._safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
+
+__all__ = ["check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "save_dcp"]
+
+
+def save_dcp(base: str, tensors: dict, meta: dict) -> str:
+    """The DCP snapshot ``base`` (see :func:`~.snapshots.write_snapshot`), a collective: every rank
+    writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    rank = dist.get_rank()
+    tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
+    error = None
+    if rank == 0 and os.path.exists(tmp):
+        try:
+            shutil.rmtree(tmp)                       # left by a snapshot that was killed
+        except OSError as err:
+            error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
+    _agree(error)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp)         # DCP raises on every rank when one could not write
+    except CheckpointException as err:
+        raise OSError(_errno_of(err), f"could not write the DCP snapshot {base!r}: {first_line(err)}") from None
+    if rank == 0:
+        try:
+            if os.path.exists(base):                 # the same time again: the old metadata goes first
+                if os.path.exists(base + ".json"):
+                    os.unlink(base + ".json")
+                shutil.rmtree(base)
+            os.replace(tmp, base)
+            data = json.dumps({**meta, "kind": "dcp"}).encode()
+            atomic_write(base + ".json", lambda f: f.write(data))
+        except OSError as err:
+            error = str(err)
+            shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
+    _agree(error)
+    return base
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises rank 0's error (a collective: no rank goes on into a collective alone)."""
+    import torch.distributed as dist
+
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise OSError(box[0])
+
+
+def _errno_of(err: BaseException) -> int:
+    import errno
+
+    for failure in getattr(err, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+    return errno.EIO
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_dcp_metadata(path: str):
+    """DCP's ``Metadata`` from ``path`` (a regular file of at most :data:`MAX_METADATA` bytes that
+    the memory free here holds) through :class:`DcpMetadataUnpickler`, then checked whole by
+    exact types (:func:`check_dcp_metadata`) before anything reads it."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        if st.st_size > MAX_METADATA:
+            raise ValueError(f"{path!r} is {st.st_size} bytes, more than the {MAX_METADATA} fastema reads as a DCP "
+                             f"snapshot's metadata (a snapshot's holds about 100 bytes a tensor and shard): it is not "
+                             f"one; move the snapshot (and its .json) out of the folder")
+        fits(path, "its DCP metadata", st.st_size, {os.path.basename(path): st})
+        try:
+            md = DcpMetadataUnpickler(f, st.st_size).load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path!r} was not loaded: {err}. Nothing of it ran: fastema builds DCP's metadata "
+                             f"classes from it and nothing else. It is not a snapshot fastema wrote: remove this "
+                             f"snapshot, or get an intact copy from its author") from None
+        except MemoryError as err:
+            raise MemoryError(f"{path!r}: {err or 'out of memory'}: synthesise on a machine with more memory, or, "
+                              f"if the snapshot was not this large, move it (and its .json) out of the folder") \
+                from None
+        except Exception as err:                      # EOFError, a truncated or garbled pickle
+            raise ValueError(f"{path!r} is not readable DCP metadata ({first_line(err)}); the snapshot is "
+                             f"truncated or corrupt: move it (and its .json) out of the folder") from None
+    check_dcp_metadata(path, md)
+    return md
+
+
+def check_dcp_metadata(path: str, md) -> None:
+    """Every object of ``md`` by its exact type (no subclass, no other object of the process), the
+    tensors' sizes and dtypes, data files inside the snapshot directory, regular files holding
+    what it describes. ValueError naming ``path``."""
+    import collections
+    import pathlib
+
+    import torch
+    from torch.distributed.checkpoint import metadata as M
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    def bad(what: str):
+        return ValueError(f"{path!r} is not DCP metadata a snapshot holds ({what}); the snapshot is corrupt: move "
+                          f"it (and its .json) out of the folder")
+
+    def field(obj, name: str):                        # an instance's field (its class default if not set)
+        try:
+            return getattr(obj, name)                 # exact DCP classes: no __getattr__ of theirs runs
+        except AttributeError:
+            raise bad(f"a {type(obj).__name__} without its {name!r}") from None
+
+    none, size, dicts = type(None), torch.Size, (dict, collections.OrderedDict)
+    paths = tuple(getattr(pathlib, n) for n in PATHS)
+
+    def sizes(*values) -> bool:
+        return all(type(v) is size and all(d >= 0 for d in v) for v in values)
+
+    if type(md) is not M.Metadata:
+        raise bad(named(md))
+    entries = field(md, "state_dict_metadata")
+    if type(entries) not in dicts:
+        raise bad("no tensor table")
+    for key, entry in entries.items():
+        if type(key) is not str:
+            raise bad(f"a key that is {named(key)}")
+        if type(entry) is M.BytesStorageMetadata:
+            continue
+        if type(entry) is not M.TensorStorageMetadata:
+            raise bad(f"{named(entry)} for {key[:80]!r}")
+        props, shape, chunks = field(entry, "properties"), field(entry, "size"), field(entry, "chunks")
+        if not (type(props) is M.TensorProperties and type(field(props, "dtype")) is torch.dtype and
+                type(field(props, "layout")) is type(torch.strided) and
+                type(field(props, "requires_grad")) is bool and type(field(props, "pin_memory")) is bool and
+                type(field(props, "memory_format")) is type(torch.contiguous_format) and
+                sizes(shape) and type(chunks) is list and
+                all(type(c) is M.ChunkStorageMetadata and sizes(field(c, "offsets"), field(c, "sizes")) and
+                    len(c.offsets) == len(c.sizes) == len(shape) for c in chunks)):
+            raise bad(f"the entry of {key[:80]!r}")
+    planner = field(md, "planner_data")
+    if not (planner is None or type(planner) in dicts and all(
+            type(k) is str and type(v) in (tuple, list) and all(type(p) in (str, int) for p in v)
+            for k, v in planner.items())):
+        raise bad("its planner data")
+    storage = field(md, "storage_data")
+    if type(storage) not in dicts:
+        raise bad("no storage table")
+    meta = field(md, "storage_meta")
+    if not (meta is None or type(meta) is M.StorageMeta and type(field(meta, "checkpoint_id")) in (none, str, *paths)
+            and type(field(meta, "save_id")) in (none, str) and type(field(meta, "load_id")) in (none, str) and
+            type(field(meta, "modules")) is list and all(type(m) is str for m in meta.modules)):
+        raise bad(f"its storage_meta, {named(meta)}")
+    if type(field(md, "version")) not in (none, str):
+        raise bad("its version")
+    found: dict = {}
+    for index, info in storage.items():
+        if not (type(index) is M.MetadataIndex and type(field(index, "fqn")) is str and
+                (field(index, "offset") is None or sizes(index.offset)) and
+                type(field(index, "index")) in (none, int) and type(info) is _StorageInfo and
+                type(field(info, "relative_path")) is str and
+                os.path.basename(info.relative_path) == info.relative_path and
+                info.relative_path not in ("", ".", "..") and "\\" not in info.relative_path and
+                type(field(info, "offset")) is int and type(field(info, "length")) is int and info.offset >= 0 and
+                info.length >= 0 and type(field(info, "transform_descriptors")) in (none, list, tuple)):
+            raise bad(f"a storage entry {named(info)}")
+        if info.transform_descriptors:                # compression: the stored sizes would not bound a read
+            raise bad("a storage entry with transforms, which fastema's snapshots never use")
+        name = info.relative_path
+        if name not in found:                         # data inside this snapshot's directory, within its files
+            data = os.path.join(os.path.dirname(path), name)
+            try:
+                st = os.stat(data)
+            except FileNotFoundError:
+                found[name] = -1
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise not_regular(data, st.st_mode)
+                found[name] = st.st_size
+        if info.offset + info.length > found[name]:
+            have = found[name]
+            raise ValueError(f"the DCP snapshot {os.path.dirname(path)!r}: its data file {name!r} "
+                             f"{'is missing' if have < 0 else f'has {have} bytes'}, fewer than the "
+                             f"{info.offset + info.length} its metadata describes: the snapshot is truncated; move "
+                             f"it (and its .json) out of the folder to synthesise from the others")
+
+
+_SAFE_READER: Any = None
+
+
+def _safe_reader_type():
+    """``dcp.FileSystemReader`` whose metadata is one parsed and checked by :func:`load_dcp_metadata`:
+    given (``metadata=``: a snapshot's, parsed once for all its reads), or parsed on demand (made once)."""
+    global _SAFE_READER
+    if _SAFE_READER is None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        class SafeReader(dcp.FileSystemReader):
+            def __init__(self, path: Any, metadata: Any = None) -> None:
+                super().__init__(path)
+                self._metadata = metadata
+
+            def read_metadata(self, *args: Any, **kwargs: Any):
+                rank = kwargs.get("rank")
+                if rank is None and self._metadata is not None:
+                    md = self._metadata
+                else:
+                    name = ".metadata" if rank is None else f"__{int(rank)}.metadata"
+                    md = load_dcp_metadata(os.path.join(os.fspath(self.path), name))
+                if md.storage_meta is None:           # checked: a StorageMeta this reader made, or None
+                    md.storage_meta = StorageMeta()
+                md.storage_meta.load_id = self.load_id
+                return md
+
+        _SAFE_READER = SafeReader
+    return _SAFE_READER
+
+
+def dcp_reader(snap: Snapshot) -> Callable:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader_type = _safe_reader_type()
+    md = load_dcp_metadata(os.path.join(snap.path, ".metadata"))     # parsed and checked once, for every read
+    entries = md.state_dict_metadata
+    stored: dict = {}                                   # tensor -> bytes its data files hold of it
+    files_of: dict = {}                                 # tensor -> the data files holding it
+    for index, info in md.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+        files_of.setdefault(index.fqn, set()).add(info.relative_path)
+
+    def read(key: str, want):
+        meta = entries.get(key)
+        if not isinstance(meta, TensorStorageMetadata):
+            raise ValueError(f"the DCP snapshot {snap.path!r} has no tensor {key!r}, which its metadata names; the "
+                             f"snapshot is corrupt: move it (and its .json) out of the folder")
+        size = list(meta.size)
+        if want is not None and size != list(want) and size != [math.prod(want)]:
+            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} has shape {size}, but its .json gives {want}; "
+                             f"the snapshot is corrupt")
+        itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+        nbytes = math.prod(size) * itemsize
+        if nbytes > stored.get(key, 0):                 # before allocating what a forged size asks for
+            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} claims shape {size} ({math.prod(size)} "
+                             f"values), but its data files hold {stored.get(key, 0)} bytes of it; the snapshot is "
+                             f"corrupt")
+        files = sorted(files_of.get(key, ()))
+        fits(snap.path, repr(key), nbytes, {f: regular(os.path.join(snap.path, f)) for f in files})
+        try:
+            out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
+        except (RuntimeError, MemoryError) as err:
+            raise MemoryError(f"the DCP snapshot {snap.path!r}: {nbytes} bytes for {key!r} could not be allocated "
+                              f"({first_line(err)}): synthesise on a machine with more memory") from None
+        try:
+            with warnings.catch_warnings():
+                # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(out, storage_reader=reader_type(snap.path, metadata=md), no_dist=True)
+        except (Exception, CheckpointException) as err:
+            cause = root_error(err)
+            if out_of_memory(cause):
+                raise MemoryError(f"the DCP snapshot {snap.path!r}: reading {key!r} ({nbytes} bytes, from "
+                                  f"{', '.join(files)}) ran out of memory ({first_line(cause)}): synthesise on a "
+                                  f"machine with more memory") from None
+            why = (f"{', '.join(files)} holds a pickle that is not plain tensor data: torch.load(weights_only=True) "
+                   f"refused it, nothing ran" if isinstance(cause, pickle.UnpicklingError) else
+                   f"{', '.join(files)}: {first_line(cause)}")
+            raise ValueError(f"the DCP snapshot {snap.path!r}: tensor {key!r} could not be read ({why}); the "
+                             f"snapshot is truncated or corrupt: move it (and its .json) out of the folder to "
+                             f"synthesise from the others") from None
+        return out[key]
+
+    return read

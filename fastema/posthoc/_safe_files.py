@@ -1,0 +1,145 @@
+"""Safe file access for the snapshot readers and :mod:`.folder`: only regular files are opened (a
+FIFO, a socket or a device named like a snapshot's file is refused, never read; :func:`open_regular`
+checks the open file itself), and a read is bounded by the memory free here before it allocates
+(:func:`fits`). With the helpers their messages share (:func:`few`, :func:`first_line`).
+Importing this module imports the standard library only."""
+from __future__ import annotations
+
+import os
+import stat
+
+__all__ = ["few", "first_line", "fits", "memory_available", "not_regular", "open_regular", "out_of_memory", "regular",
+           "resident", "root_error"]
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def not_regular(path: str, mode: int) -> ValueError:
+    return ValueError(f"{path!r} is {_kind(mode)}, not a regular file (reading it could block, or never end): a "
+                      f"snapshot is made of regular files; move it out of the folder")
+
+
+def regular(path: str) -> os.stat_result:
+    """``os.stat(path)`` (a symlink followed), refused (ValueError naming it) unless a regular file:
+    a FIFO, a device or a socket named like a snapshot's file is never opened."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise not_regular(path, st.st_mode)
+    return st
+
+
+def open_regular(path: str, follow: bool = True):
+    """``open(path, "rb")`` of a regular file, checked on the open file itself (opened without
+    blocking, so a FIFO swapped in after a check cannot hang the reader either); ``follow=False``:
+    a symbolic link is not followed (OSError ELOOP)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def memory_available() -> int | None:
+    """Bytes of memory this process can still get (Linux: MemAvailable + SwapFree, within its
+    cgroup's limit), or None where that is not known (no bound)."""
+    avail = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            info = {}
+            for line in f.read(1 << 16).decode("ascii", "replace").splitlines():
+                key, _, value = line.partition(":")
+                if value.split() and value.split()[0].isdigit():
+                    info[key] = int(value.split()[0]) * 1024
+        avail = info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError):
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:                                          # a container's limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read(64).strip()
+        with open("/sys/fs/cgroup/memory.current", "rb") as f:
+            current = f.read(64).strip()
+        if limit.isdigit() and current.isdigit():
+            avail = min(avail, max(int(limit) - int(current), 0))
+    except OSError:
+        pass
+    return avail
+
+
+def resident() -> int | None:
+    """Bytes of memory this process holds (Linux: /proc/self/statm), or None where not known."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read(256).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: MemoryError, or torch's RuntimeError for one (CPU or GPU)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "Cannot allocate memory" in text))
+
+
+_SMALL = 1 << 24                      # reads below 16 MiB are not bounded (no /proc read per small tensor)
+
+
+def fits(path: str, what: str, nbytes: int, files: dict) -> None:
+    """Before a read allocates ``nbytes`` for ``what`` (a tensor's key, quoted, or a phrase):
+    refuse it when it is larger than the memory this machine has free (a MemoryError naming the
+    file; nothing is allocated). When the data ``files`` (name -> os.stat_result) hold fewer bytes
+    on disk than that (sparse, or compressed by the file system), the message says so: a snapshot
+    that was not written this large is damaged or forged."""
+    if nbytes < _SMALL:
+        return
+    avail = memory_available()
+    if avail is None or nbytes <= avail:
+        return
+    on_disk = sum(getattr(st, "st_blocks", 0) * 512 for st in files.values())
+    short = ""
+    if all(hasattr(st, "st_blocks") for st in files.values()) and on_disk < nbytes:
+        short = (f"; its data file(s) {', '.join(sorted(files))} are not fully stored on disk ({on_disk} bytes: "
+                 f"sparse or compressed), so if the snapshot was not written this large it is damaged: move it out "
+                 f"of the folder; if it was,")
+    raise MemoryError(f"{path!r}: reading {what} needs {nbytes} bytes of memory, more than the {avail} bytes free "
+                      f"here{short or ':'} synthesise on a machine with more memory")
+
+
+def few(paths: list, n: int = 3) -> str:
+    """The first ``n`` of ``paths`` by their base names, and how many more (for messages)."""
+    names = [os.path.basename(p) for p in paths]
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def root_error(err: BaseException) -> BaseException:
+    """The first rank's error inside a DCP CheckpointException (else ``err``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        failure = next(iter(failures.values()))
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
+
+
+def first_line(err: BaseException) -> str:
+    """``"Type: first line"`` of an error (of the first rank's, for a DCP CheckpointException)."""
+    err = root_error(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
