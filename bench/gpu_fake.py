@@ -303,7 +303,7 @@ def _launch_modules():
 
 @contextlib.contextmanager
 def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = True, record: bool = True,
-             stub_driver: bool = False):
+             stub_driver: bool = False, cached: bool = True):
     """fastema's CUDA launch path on fakes (see the module docstring) for the ``with`` block.
 
     ``driver``: called as ``driver(kernel_args)`` where the real launch would call the driver, with
@@ -314,7 +314,8 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
     ``FAKE.launches`` as ``("launch", stream, blocks, kernel)`` (off for timings). ``stub_driver``: the
     launch and the context query are fastema's real ones (cuda.core / cuda-bindings) into the stub
     driver (the process must have started with :func:`stub_driver_dir` on LD_LIBRARY_PATH); ``driver``
-    and ``record`` are then unused."""
+    and ``record`` are then unused. ``cached``: what ``cached_launch_available()`` says (False: every
+    launch through the dispatcher, as with another numba-cuda)."""
     from numba.cuda import dispatcher as D
 
     import fastema
@@ -349,7 +350,7 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
         if hasattr(mod, "SIMULATOR"):
             patch(mod, "SIMULATOR", False)
         for name, value in (
-                ("cached_launch_available", lambda: True),
+                ("cached_launch_available", lambda: cached),
                 ("_core_stream", lambda raw: ("core stream", raw)),
                 ("_core_launch", lambda stream, cfg, kernel, *args: driver(list(args), (stream, cfg, kernel))
                  if record else driver(list(args))),
@@ -360,6 +361,7 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
                 ("_primary_context", (lambda index: STUB_CONTEXT if primary_current else 1) if stub_driver else
                  (lambda index: f"primary-{index}")),
                 ("_sm_count", lambda index: 132),
+                ("_upload_stream", lambda index: FakeStream(f"upload-{index}")),
                 ("capturing", lambda device, raw: False)):
             if hasattr(mod, name) and name not in real:
                 patch(mod, name, value)
@@ -368,6 +370,10 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
             for name in _KERNELS:
                 patch(k, name, _dispatcher(name))
     patch(D, "wrap_arg", lambda v: v)
+    for mod in mods:                                  # zero flags kept for good: the fake's own, for the block
+        flags = getattr(getattr(mod, "_zero_flag", None), "flags", None)
+        if isinstance(flags, dict):
+            patch(mod._zero_flag, "flags", {})
     for mod in mods:
         for name in ("_zero_flag", "external_stream"):
             fn = getattr(mod, name, None)
@@ -388,7 +394,9 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
         patch(cls, "zeros", lambda self, device, n, dtype: _torch_zeros(n, dtype))
         patch(cls, "kernel_view", lambda self, a: FakeDeviceArray(a.numel(), _DTYPES[str(a.dtype)[6:]],
                                                                  ptr=a.data_ptr()))
-        patch(cls, "stream_getter", lambda self, device: (lambda: 77))
+        getter = _backends.stream_getter                  # lru-cached per (framework, device)
+        patch(_backends, "stream_getter", lambda framework, device: (lambda: 77) if framework == tb.NAME and
+              device != "cpu" else getter(framework, device))
     try:
         yield FAKE
     finally:

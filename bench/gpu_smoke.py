@@ -4,7 +4,7 @@ unknowns before the tests and the probe spend their minutes. One line each, and 
 rewritten after each:
 
 1. a kernel compiles and launches (a plain numba kernel, then fastema's ``ema_update_``);
-2. ``fastema._launch.cuda.cached_launch_available()`` (False: every launch goes through numba's
+2. ``fastema._launch.cuda_bound.cached_launch_available()`` (False: every launch goes through numba's
    dispatcher, and every host time of the probe is the dispatcher's);
 3. ``FlatShadow.update`` of 3 odd-sized tensors on the GPU equals the CPU kernel bit for bit;
 4. an update under a side stream is ordered after that stream's writes;
@@ -38,8 +38,8 @@ def main(argv) -> int:
     rec.check("1 compile and launch", C.compile_and_launch)
 
     def cached():
-        from fastema._launch import cuda as launch_cuda
-        rec.note("host", "2 cached_launch_available", launch_cuda.cached_launch_available())
+        from fastema._launch import cuda_bound
+        rec.note("host", "2 cached_launch_available", cuda_bound.cached_launch_available())
 
     rec.guarded("host", "2 cached_launch_available", cached)
     sizes = [7, 33, 65] if G.SIM else [7, 4097, 65541]

@@ -91,10 +91,10 @@ def lines():
         yield ("torch_cuda", _why(e))
     try:
         import fastema
-        from fastema._launch import cuda as launch_cuda
+        from fastema._launch import cuda_bound
 
         yield from [("fastema_from", os.path.dirname(fastema.__file__)),
-                ("cached_launch", launch_cuda.cached_launch_available())]
+                ("cached_launch", cuda_bound.cached_launch_available())]
     except Exception as e:                              # noqa: BLE001
         yield ("cached_launch", _why(e))
 

@@ -33,13 +33,16 @@ __all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "WindowShadow", "clear_caches
 def clear_caches() -> None:
     """Drop fastema's module-level caches: the segment tables of recent array-level calls
     (``ema_update_many_`` layouts, single-pair tables) and, once CUDA was used, the stream
-    objects and zero flags kept per device. They hold numbers and small fastema-owned device
-    arrays, never a tensor or a storage of yours; compiled kernels stay compiled. Shadows
-    (``FlatShadow``, the model averages) own their buffers and are not affected."""
+    objects kept per device. They hold numbers and small fastema-owned device arrays, never a
+    tensor or a storage of yours; compiled kernels stay compiled. Shadows (``FlatShadow``, the
+    model averages) own their buffers and are not affected. On a GPU, what a captured CUDA graph
+    reads is kept (the tables of captured array-level calls, the per-device zero flags), and a
+    call during a capture is refused (RuntimeError)."""
     import sys
 
-    from . import ops, pairs
+    from . import _launch, ops, pairs
 
+    _launch.refuse_during_capture("fastema.clear_caches()", _launch.CLEARING)
     pairs.clear()
     ops._single_tables.cache_clear()
     cuda = sys.modules.get(f"{__name__}._launch.cuda")

@@ -5,8 +5,9 @@ per layout group, their objects and addresses, keeps torch storages alive (a fre
 could come back at a recorded address under another tensor and pass the address check),
 and follows sources that move (``param.data = new``) or are replaced by new objects,
 refusing any that changed dtype, shape, layout or device. When addresses change it
-rewrites the layout's segment tables; on CUDA, for JAX/TensorFlow, it retires replaced
-sources only once fastema's launches that read them have passed.
+rewrites the layout's segment tables; on CUDA it retires what it stops holding (a replaced torch
+storage, JAX/TensorFlow arrays) only once fastema's launches that read them have passed, and it
+refuses to follow anything while a CUDA graph is being captured on the launch stream.
 
 The protocol (used by :mod:`fastema.flat`, :mod:`fastema.window` and the framework
 bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source),
@@ -32,11 +33,14 @@ class _Tracked:
     def __init__(self, group, bufs: list[Buf]):
         self.backend = group.backend
         self.track = self.backend.STORAGE_MOVES        # torch storage can be swapped under a Parameter
-        # JAX/TensorFlow GPU arrays are freed on their framework's own stream, which knows
-        # nothing of fastema's launches: replaced sources are released only once an event
-        # recorded after those launches has passed (checked without blocking at later rebinds).
-        self.deferred = _launch.is_cuda(group.device) and self.backend.HANDS_OVER
-        self.retired = _launch.retired() if self.deferred else None
+        # A framework frees a GPU source it no longer holds on the stream it was allocated on, which
+        # knows nothing of fastema's launches (JAX/TensorFlow arrays every step; a torch storage
+        # replaced under a Parameter, while fastema launches under torch.cuda.stream(side)): what the
+        # table stops holding is released only once an event recorded after those launches has
+        # passed (checked without blocking at later rebinds and launches; issue 37, C2).
+        self.cuda = _launch.is_cuda(group.device)
+        self.deferred = self.cuda and self.backend.HANDS_OVER
+        self.retired = _launch.retired() if self.cuda and (self.deferred or self.track) else None
         self.set(bufs)
 
     def set(self, bufs: list[Buf]) -> None:
@@ -94,6 +98,7 @@ class SourceTable:
             raise ValueError(f"sources has {len(new)} entries but the shadow was made for {len(self._sources)}")
         if all(a is b for a, b in zip(new, self._sources)):
             return
+        self._refuse_during_capture()
         old = self._sources
         self._sources = new
         try:
@@ -124,8 +129,13 @@ class SourceTable:
                 if a == 0 and x.numel():
                     raise ValueError(f"the storage of source {self.names[i]!r} was freed (address 0); nothing "
                                      f"was updated")
+            if t.cuda and addresses != t.addresses:
+                _launch.refuse_during_capture("following moved or new sources", _launch.MOVED_SOURCES, g.device,
+                                              g.current_stream)
             moves.append((g, t, tensors, addresses))
         for g, t, tensors, addresses in moves:              # every address checked before any change
+            if t.retired is not None and addresses != t.addresses:
+                t.retired.release(t.keep, g.device, _launch.stream_of(g))
             t.tensors, t.addresses = tensors, addresses
             t.keep = backend.keep_alive(tensors)
             self._layout.set_addresses(g, addresses)
@@ -172,9 +182,21 @@ class SourceTable:
         disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
         return bufs
 
+    def _refuse_during_capture(self) -> None:
+        """RuntimeError, before anything changes, while a CUDA graph is being captured on a CUDA group's
+        launch stream: following a source writes its table (issue 37, C3)."""
+        for g, t in zip(self._layout.groups, self._tracked):
+            if t.cuda:
+                _launch.refuse_during_capture("following moved or new sources", _launch.MOVED_SOURCES, g.device,
+                                              g.current_stream)
+
     def _follow(self, g, t: _Tracked, bufs: list[Buf] | None = None) -> None:
-        bufs = self._checked(g) if bufs is None else bufs
-        if t.deferred:
-            t.retired.release(t.tensors, g.device, _launch.stream_of(g))
+        if bufs is None:
+            if t.cuda:
+                _launch.refuse_during_capture("following moved or new sources", _launch.MOVED_SOURCES, g.device,
+                                              g.current_stream)
+            bufs = self._checked(g)
+        if t.retired is not None:                        # what the table held, alive until fastema's launches passed
+            t.retired.release(t.tensors if t.deferred else t.keep, g.device, _launch.stream_of(g))
         t.set(bufs)
         self._layout.set_addresses(g, t.addresses)

@@ -199,10 +199,11 @@ def _checked(index_file_class):
     return CheckedFile
 
 
-def _keyed(cache_class, index_file_class, name: str):
+def _keyed(cache_class, index_file_class, name: str, extra=None):
     """``cache_class`` (numba's ``FunctionCache`` or numba-cuda's ``CUDACache``) keyed by the variant's
     :func:`describe_function` instead of pickled cells, its index stamped with the sources of the
-    kernels' other modules too, each entry checked against its key (:func:`_checked`)."""
+    kernels' other modules too, each entry checked against its key (:func:`_checked`). ``extra``: a
+    function whose result every key also holds (the CUDA cache: :data:`CUDA_VERSIONS`)."""
     CheckedFile = _checked(index_file_class)
 
     def __init__(self, py_func, variant: str, dependencies: tuple = DEPENDENCIES):
@@ -214,6 +215,8 @@ def _keyed(cache_class, index_file_class, name: str):
 
     def _index_key(self, sig, codegen):
         key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
+        if extra is not None:
+            key += (("built_by", extra()),)
         launch_config = getattr(self, "_launch_config_key", None)    # numba-cuda: launch-config-sensitive kernels
         return key if launch_config is None else key + (("launch_config", launch_config),)
 
@@ -296,9 +299,21 @@ def _attach(dispatcher, cls, *dependencies: tuple) -> None:
 # numba-cuda's own cache (``CUDACache``, the same index and data files as numba's) keys a kernel by
 # its pickled closure cells too; fastema's CUDA kernels capture device functions and intrinsics, so
 # :func:`cached_cuda` keys them as :func:`cached` does the CPU ones, by :func:`describe`, with numba-cuda's
-# ``codegen.magic_tuple()`` (CUDA runtime version and the GPU's compute capability) in the key. It is
-# not switched on by default yet: it has not run on a GPU (set FASTEMA_CUDA_CACHE=1 to use it; the
-# GPU plan's tests/kernels/test_cuda_cache.py checks it on a GPU).
+# ``codegen.magic_tuple()`` (CUDA runtime version and the GPU's compute capability) in the key, and
+# the versions of numba-cuda, cuda-core, NVVM and the driver (:data:`CUDA_VERSIONS`): numba versions
+# its index by numba's own version only, so an upgraded numba-cuda or NVVM would load the old code.
+# It is not switched on by default yet: it has not run on a GPU (set FASTEMA_CUDA_CACHE=1 to use it;
+# the GPU plan's tests/kernels/test_cuda_cache.py checks it on a GPU).
+
+CUDA_VERSIONS = None
+"""A function giving ``(name, version)`` pairs every CUDA kernel's cache key holds besides numba-cuda's
+magic tuple (numba-cuda, cuda-core, NVVM and the driver: :func:`fastema._launch.cuda.cuda_versions`);
+set by fastema's launch layer before any kernel is built (this package reads no package metadata).
+None: a key of ``("unknown",)``, so nothing compiled by a known set of versions is loaded."""
+
+
+def _cuda_built_by() -> tuple:
+    return CUDA_VERSIONS() if CUDA_VERSIONS is not None else ("unknown",)
 
 
 @functools.cache
@@ -311,7 +326,7 @@ def _cuda_cache_class():
         return None
     if not _internals_known(CUDACache, Cache) or not hasattr(CUDACache, "set_launch_config_key"):
         return None
-    return _keyed(CUDACache, IndexDataCacheFile, "CUDAVariantCache")
+    return _keyed(CUDACache, IndexDataCacheFile, "CUDAVariantCache", _cuda_built_by)
 
 
 def cached_cuda(dispatcher, dependencies: tuple):

@@ -107,9 +107,55 @@ def launch(op: str, group, **args) -> None:
         args["alpha"] = (np.float64 if group.shadow_kind == F64 else np.float32)(args["alpha"])
     if is_cuda(group.device):
         cuda = _cuda()
-        getattr(cuda, op)(group, cuda.external_stream(group.current_stream()), **args)
+        raw = group.current_stream()
+        if cuda.WAITING:                           # released sources waiting for their events
+            cuda.prune_retired(group.device, raw)
+        if t is not None and cuda.capturing(group.device, raw):
+            _CAPTURED.append(t)                    # a graph reads these tables at every replay: never freed
+        getattr(cuda, op)(group, cuda.external_stream(raw), **args)
     else:
         getattr(_cpu_target, op)(group, 0, **args)
+
+
+_CAPTURED: list = []
+"""Tables a CUDA graph captured a launch of (through :func:`launch`: the array functions' cached
+pairs, a shadow's unbound launches): kept for the life of the process, so that no cache eviction or
+``fastema.clear_caches()`` frees memory a graph replay reads (issue 37, C3). The launches bound once
+(:func:`lerp_launcher` and the like) belong to their shadow, which keeps its tables."""
+
+
+def refuse_during_capture(what: str, why: str, device: str | None = None, current_stream=None) -> None:
+    """RuntimeError naming ``what`` and ``why`` it cannot happen while a CUDA graph is being captured on
+    the stream ``current_stream()`` names on ``device``, or, with no device, on the current stream of
+    any framework fastema made CUDA tables for; nothing where no capture runs (one driver query a
+    stream, ``cuStreamIsCapturing``; no framework is imported for it)."""
+    if device is None:
+        pairs = list(_STREAMS.values())
+        if not pairs or not _cuda.cache_info().currsize:
+            return
+    else:
+        pairs = [(device, current_stream)]
+    cuda = _cuda()
+    for dev, getter in pairs:
+        if cuda.capturing(dev, getter()):
+            raise RuntimeError(f"fastema: {what} while a CUDA graph is being captured on {dev}'s current stream: "
+                               f"{why} Nothing was changed.")
+
+
+NEW_TABLES = ("that allocates and uploads device tables, which a capture forbids. Make the call once before the "
+              "capture (a warm-up step), so that the capture reuses its tables.")
+MOVED_SOURCES = ("the new addresses would be copied into the table once, at capture time, from a staging slot that "
+                 "is reused later, so every replay would read stale addresses. Move or replace the tensors before "
+                 "the capture and run one update outside it, then capture.")
+CLEARING = "it would free tables the captured launches read. Clear the caches outside the capture."
+
+_STREAMS: dict = {}
+"""``(device, getter identity) -> (device, current-stream getter)`` of every CUDA table made: the
+streams :func:`refuse_during_capture` asks about when given no device."""
+
+
+def _getter_key(getter) -> tuple:
+    return getattr(getter, "func", getter), getattr(getter, "args", ())
 
 
 def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[..., None]:
@@ -123,7 +169,7 @@ def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[...
         return _nothing
     cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
     if is_cuda(group.device):
-        return _cuda().LerpLaunch(group, flag, stochastic, cast)
+        return _cuda_bound().LerpLaunch(group, flag, stochastic, cast)
     return _cpu_target.LerpLaunch(group, flag, stochastic, cast)
 
 
@@ -142,7 +188,7 @@ def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) 
     if keys > PLAN_KEYS_MAX or rows > MAX_ROWS:
         raise ValueError(f"a plan step carried by a lerp launch takes at most {PLAN_KEYS_MAX} groups and "
                          f"{MAX_ROWS} rows (its per-block copy), got {keys} and {rows}")
-    target = _cuda() if is_cuda(group.device) else _cpu_target
+    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
     return target.plan_lerp_launch(group, plan, gi, stochastic)
 
 
@@ -153,7 +199,7 @@ def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None
     t = group.tables
     if t is not None and t.chunks == 0:
         return _nothing_at_all
-    target = _cuda() if is_cuda(group.device) else _cpu_target
+    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
     return target.copy_launch(group, to_shadow, row_lo, row_hi, flag)
 
 
@@ -173,7 +219,9 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     ``follow``: the sources' addresses may change later (:func:`update_addresses`); on CUDA,
     sources handed over anew every step (``handed_over``: JAX, TensorFlow) get two address
     tables to alternate between, the others one, rewritten in place.
-    ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``)."""
+    ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``).
+    On CUDA the tables are written when this returns (they may be read by a launch on any stream),
+    and refused while a CUDA graph is being captured on that stream (:func:`refuse_during_capture`)."""
     seg_offset = segment_offsets(counts)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
@@ -184,8 +232,10 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     if not is_cuda(device):
         return host
     slots = (2 if handed_over else 1) if follow else 0
-    cuda = _cuda()
-    return cuda.upload(host, device, cuda.external_stream(current_stream()), slots)
+    refuse_during_capture("new kernel tables (a new array pair, shadow or average)", NEW_TABLES, device,
+                          current_stream)
+    _STREAMS.setdefault((device, _getter_key(current_stream)), (device, current_stream))
+    return _cuda().upload(host, device, slots)
 
 
 def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
@@ -196,7 +246,7 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
 def retired():
     """A holder of replaced CUDA sources: ``.release(kept, device, stream)`` keeps ``kept`` alive
     until the launches issued so far on ``stream`` (see :func:`stream_of`) have run, without
-    a sync."""
+    a sync (then dropped at the next release or launch: ``cuda.Retired``)."""
     return _cuda().Retired()
 
 
@@ -204,7 +254,7 @@ def update_addresses(t: Tables, addresses, device: str, current_stream=default_s
     """Same layout, new source addresses (a source was re-allocated in place). On CUDA the
     device table is rewritten in place on the stream ``current_stream()`` names (no allocation)."""
     seg_addr = np.asarray(addresses, np.int64).reshape(-1)
-    if is_cuda(device):
+    if is_cuda(device):                            # (the caller refused it during a capture: _sources)
         cuda = _cuda()
         return cuda.update_addresses(t, seg_addr, device, cuda.external_stream(current_stream()))
     return t._replace(seg_addr=seg_addr)
@@ -231,11 +281,21 @@ def _cuda():
     return cuda
 
 
+@functools.cache
+def _cuda_bound():
+    """The bound CUDA launches (:mod:`.cuda_bound`), after :func:`_cuda`'s fork check."""
+    _cuda()
+    from . import cuda_bound
+
+    return cuda_bound
+
+
 def _after_fork_in_child() -> None:
     global _FORKED_AFTER_CUDA
     if _cuda.cache_info().currsize and not _cuda().SIMULATOR:    # the parent loaded the CUDA launchers
         _FORKED_AFTER_CUDA = True
         _cuda.cache_clear()                                       # the next CUDA launch asks again, and is refused
+        _cuda_bound.cache_clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,11 +1,13 @@
 """CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: stream
-objects, table upload and in-place update, retirement events.
+objects, table upload and in-place update, retirement events, the capture query. The launches
+bound once per group (the per-step path) are in :mod:`.cuda_bound`.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are
-allocated once (copied asynchronously on the caller's stream), later address changes are
-written into the same device table from pinned staging slots on the caller's stream (so a
-captured CUDA graph keeps reading a live table that follows re-allocated sources); flags are
-zeroed by their framework (:meth:`fastema._backends.Backend.zero_`).
+allocated once, at construction, and copied there on a private stream that is waited for (so
+a first launch on any stream reads them written, and nothing waits for other work); later
+address changes are written into the same device table from pinned staging slots on the
+caller's stream (so a captured CUDA graph keeps reading a live table that follows re-allocated
+sources); flags are zeroed by their framework (:meth:`fastema._backends.Backend.zero_`).
 
 Imported only when a CUDA buffer arrives (or under the Numba CUDA simulator). Imports
 nothing back from the package: its tunables come from :mod:`.config`.
@@ -13,11 +15,11 @@ nothing back from the package: its tunables come from :mod:`.config`.
 from __future__ import annotations
 
 import functools
-import operator
 
 import numpy as np
 from numba import cuda
 
+from ..kernels import _cache as _kernel_cache
 from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR
 from . import config
@@ -25,9 +27,43 @@ from . import config
 K.CACHE = config.CUDA_CACHE             # before any kernel is built (FASTEMA_CUDA_CACHE=1)
 
 
+@functools.cache
+def cuda_versions() -> tuple:
+    """``(name, version)`` of what built a CUDA kernel besides numba-cuda's magic tuple (NVRTC's
+    version and the GPU's compute capability): numba-cuda, cuda-core, NVVM and the driver. The disk
+    cache keys every kernel with them (:data:`fastema.kernels._cache.CUDA_VERSIONS`): a kernel
+    compiled by another numba-cuda or NVVM is compiled again, not loaded (issue 37, C6). A version
+    that cannot be read is ``"unknown"``."""
+    import importlib.metadata as md
+
+    from numba.cuda.cudadrv import nvvm
+    from numba.cuda.cudadrv.driver import driver
+
+    def read(fn) -> str:
+        try:
+            return str(fn())
+        except Exception:                                 # noqa: BLE001 - a missing library: unknown
+            return "unknown"
+
+    return (("numba-cuda", read(lambda: md.version("numba-cuda"))),
+            ("cuda-core", read(lambda: md.version("cuda-core"))),
+            ("nvvm", read(lambda: nvvm.NVVM().get_version())), ("driver", read(driver.get_version)))
+
+
+_kernel_cache.CUDA_VERSIONS = cuda_versions      # before any kernel is built
+
+
 def _index(device: str) -> int:
     """N of "cuda:N" (the names fastema._backends.device_name gives)."""
     return int(device.split(":")[1])
+
+
+@functools.cache
+def _driver():
+    """cuda-bindings' driver module (numba-cuda 0.30 runs on it)."""
+    from cuda.bindings import driver
+
+    return driver
 
 
 @functools.lru_cache(maxsize=64)
@@ -42,11 +78,48 @@ def _on(stream):
     return stream if stream else cuda.default_stream()
 
 
-def to_device(a: np.ndarray, device: str, stream=0):
-    """A new device copy of ``a``, copied asynchronously on ``stream`` (a pageable source is
-    staged by the driver at once: no device synchronisation)."""
-    with cuda.gpus[_index(device)]:
-        return cuda.to_device(np.ascontiguousarray(a), stream=_on(stream))
+def capturing(device: str, raw: int) -> bool:
+    """Whether work queued on the raw stream ``raw`` of ``device`` now would be captured into a CUDA
+    graph rather than run: the stream is capturing, or (the legacy stream) another stream's capture
+    makes work on it illegal. One driver query (cuStreamIsCapturing); False in the simulator and
+    where the query itself fails (no context: nothing can be capturing)."""
+    if SIMULATOR:
+        return False
+    d = _driver()
+    try:
+        err, status = d.cuStreamIsCapturing(d.CUstream(raw))
+    except Exception:                               # noqa: BLE001 - no driver: no capture
+        return False
+    if err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+        return True
+    return not err and status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+
+@functools.cache
+def _upload_stream(index: int):
+    """A stream of fastema's own on device ``index``, non-blocking (it waits for no other stream's
+    work, the legacy stream's included), for the construction-time uploads."""
+    if SIMULATOR:
+        return cuda.stream()
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    with cuda.gpus[index]:
+        handle = driver.cuStreamCreate(binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
+        return cuda.external_stream(int(handle))     # never destroyed: one per device and process
+
+
+def to_device(a: np.ndarray, device: str):
+    """A new device copy of ``a``, written when this returns: copied on fastema's upload stream
+    (:func:`_upload_stream`), which is then waited for. That wait is for this copy only (the
+    stream waits for nothing else), and it orders the copy before every launch queued after it,
+    on any stream: the caller's stream at construction (whatever it is) and the stream of a first
+    launch may be two non-blocking streams that nothing orders (issue 37, C1)."""
+    index = _index(device)
+    with cuda.gpus[index]:
+        stream = _upload_stream(index)
+        out = cuda.to_device(np.ascontiguousarray(a), stream=stream)
+        stream.synchronize()
+        return out
 
 
 class Staging:
@@ -78,7 +151,8 @@ class Staging:
 
 
 class AddressTables:
-    """The device tables of one group's source addresses, all made at construction.
+    """The device tables of one group's source addresses, all made at construction (written when
+    construction returns: :func:`to_device`).
 
     One table (torch, CuPy): rewritten in place, so a captured CUDA graph, which holds the
     table's address, follows re-allocated sources. Two (JAX, TensorFlow: new arrays every
@@ -86,8 +160,8 @@ class AddressTables:
     addresses seen in either table switch to it with no copy; new ones overwrite the other
     table, in stream order after the launches that read it."""
 
-    def __init__(self, first, addresses: np.ndarray, slots: int, device: str, stream):
-        self.arrays = [first] + [to_device(addresses, device, stream) for _ in range(slots - 1)]
+    def __init__(self, first, addresses: np.ndarray, slots: int, device: str):
+        self.arrays = [first] + [to_device(addresses, device) for _ in range(slots - 1)]
         self.held = [addresses.copy() for _ in range(slots)]
         self.current = 0
         self.staging = Staging(len(addresses), np.int64, device)
@@ -105,16 +179,16 @@ class AddressTables:
         return self.arrays[i]
 
 
-def upload(t, device: str, stream=0, slots: int = 1):
-    """The tables on ``device`` (allocated once, copied on ``stream``), with ``slots`` address
-    tables for later address changes (0: the addresses never change); the default flag is
-    made now, not at a first update inside a graph capture."""
-    d = functools.partial(to_device, device=device, stream=stream)
+def upload(t, device: str, slots: int = 1):
+    """The tables on ``device`` (allocated once, written when this returns: :func:`to_device`), with
+    ``slots`` address tables for later address changes (0: the addresses never change); the
+    default flag is made now, not at a first update inside a graph capture."""
+    d = functools.partial(to_device, device=device)
     _zero_flag(device)
     seg_addr = d(t.seg_addr)
     return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=seg_addr, seg_offset=d(t.seg_offset),
                       chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin),
-                      staging=AddressTables(seg_addr, t.seg_addr, slots, device, stream) if slots else None)
+                      staging=AddressTables(seg_addr, t.seg_addr, slots, device) if slots else None)
 
 
 def update_addresses(t, addresses: np.ndarray, device: str, stream=0):
@@ -123,11 +197,29 @@ def update_addresses(t, addresses: np.ndarray, device: str, stream=0):
     return t._replace(seg_addr=t.staging.point(addresses, device, stream))
 
 
-@functools.lru_cache(maxsize=16)
-def _zero_flag(device: str):
-    """An int32[1] zero per device: the flag of launches with no guard (never written)."""
-    with cuda.gpus[_index(device)]:
-        return cuda.to_device(np.zeros(1, np.int32), stream=cuda.default_stream())
+class _ZeroFlags:
+    """``_zero_flag(device)``: an int32[1] zero per device, the flag of launches with no guard (never
+    written), made once (written when it returns: :func:`to_device`) and never freed: a captured
+    CUDA graph may read it at every replay, so ``cache_clear()`` (``fastema.clear_caches()``) keeps
+    it. ``cache_info().currsize``: how many devices have one."""
+
+    def __init__(self):
+        self.flags: dict = {}
+
+    def __call__(self, device: str):
+        flag = self.flags.get(device)
+        if flag is None:
+            flag = self.flags[device] = to_device(np.zeros(1, np.int32), device)
+        return flag
+
+    def cache_clear(self) -> None:
+        """Keeps the flags (see the class docstring)."""
+
+    def cache_info(self):
+        return functools._CacheInfo(0, 0, None, len(self.flags))
+
+
+_zero_flag = _ZeroFlags()
 
 
 def _run(kernel, device: str, stream, blocks, *args):
@@ -147,225 +239,6 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
     _chunks(group, stream, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, device_key),
             *group.tables.args(), weights, _zero_flag(group.device) if flag is None else flag,
             key if device_key else np.uint32(key))
-
-
-# ---------------------------------------------------------------- the lerp launch bound once (issue 23 item 1)
-#
-# numba-cuda's dispatcher, at every launch, types the arguments, picks the compiled overload, and
-# marshals every argument (``_Kernel._prepare_args``: an array is 5 + 2 ndim values), then cuda.core
-# packs and launches (measured on an H100: 170-590 us of host time per update). A group's lerp
-# launch changes little from step to step: the tables are the same device arrays, the flag and a
-# device plan's weight and key arrays too. ``LerpLaunch`` lets the dispatcher make its first launch
-# (compiling if needed) and keeps what it launched (the overload, through the launch configuration's
-# ``pre_launch_callbacks``), then marshals each argument with numba's own ``_prepare_args`` once per
-# argument object and launches through ``cuda.core.launch`` with a cached ``LaunchConfig``: per step,
-# only new objects (host weights, a stochastic-rounding key) are marshalled again. An argument of
-# another numba type than the kept overload's goes through the dispatcher again. The numba-cuda
-# internals used are checked once (``cached_launch_available``); where they differ (another numba-cuda
-# than 0.30) every launch goes through the dispatcher, with one warning. FASTEMA_CUDA_LAUNCH=dispatcher
-# turns the cached launch off.
-
-_NUMBA_CUDA_KNOWN = ("0.30.",)
-_ZERO_KEY = np.uint32(0)
-
-
-@functools.cache
-def cached_launch_available() -> bool:
-    """True when the cached launch path can run here: a real GPU (not the simulator), the numba-cuda
-    internals it uses present, and FASTEMA_CUDA_LAUNCH not set to ``dispatcher``."""
-    import os
-
-    if SIMULATOR or os.environ.get("FASTEMA_CUDA_LAUNCH", "cached") == "dispatcher":
-        return False
-    try:
-        import importlib.metadata as md
-
-        from cuda.core import LaunchConfig, Stream, launch  # noqa: F401
-        from numba.cuda import dispatcher as D
-
-        version = md.version("numba-cuda")
-        ok = (version.startswith(_NUMBA_CUDA_KNOWN) and hasattr(D._Kernel, "_prepare_args")
-              and hasattr(D._Kernel, "argument_types") and "pre_launch_callbacks" in
-              D._LaunchConfiguration.__init__.__code__.co_names)
-    except Exception:                                     # noqa: BLE001 - any difference: the dispatcher
-        version, ok = "unknown", False
-    if not ok:
-        import warnings
-
-        warnings.warn(f"fastema: numba-cuda {version}'s launch internals are not the ones fastema knows (0.30), so "
-                      f"every CUDA launch goes through numba's dispatcher (tens to hundreds of us of host time a "
-                      f"call)", RuntimeWarning, stacklevel=3)
-    return ok
-
-
-@functools.lru_cache(maxsize=64)
-def _core_stream(handle: int):
-    from cuda.core import Stream
-
-    return Stream.from_handle(handle)
-
-
-@functools.lru_cache(maxsize=64)
-def _core_config(blocks: int, threads: int):
-    from cuda.core import LaunchConfig
-
-    return LaunchConfig(grid=blocks, block=threads)
-
-
-def _core_launch(stream, config_, kernel, *args) -> None:
-    from cuda.core import launch
-
-    launch(stream, config_, kernel, *args)
-
-
-class _Bound:
-    """A kernel launch bound once (see the section comment above): the overload the dispatcher
-    launched first, and each argument marshalled by numba once per object."""
-
-    __slots__ = ("device", "index", "kernel", "func", "types", "marshalled", "last")
-
-    def __init__(self, device: str):
-        self.device, self.index = device, _index(device)
-        self.kernel = None                                # the overload the dispatcher launched first
-        self.func = None
-        self.types: tuple = ()
-        self.marshalled: list = []                        # per argument: (the object, its kernel arguments)
-        self.last: tuple = ((), [])                       # the last call's arguments and their kernel arguments
-
-    def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
-        """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: through the kept
-        overload where every argument fits it, else through the dispatcher (``dispatcher(args)``
-        gives it), keeping the overload it launched."""
-        if self.kernel is not None:
-            last, kernelargs = self.last
-            if len(args) != len(last) or not all(map(operator.is_, args, last)):   # the same objects: as last time
-                kernelargs = self._marshal(args)
-                if kernelargs is not None:
-                    self.last = (args, kernelargs)
-            if kernelargs is not None:
-                with cuda.gpus[self.index]:
-                    _core_launch(_core_stream(raw), _core_config(blocks, config.CUDA_THREADS), self.func,
-                                 *kernelargs)
-                return
-        self._through_dispatcher(dispatcher(args), args, external_stream(raw), blocks)
-
-    def _through_dispatcher(self, dispatcher, args, stream, blocks) -> None:
-        """A launch by numba's dispatcher (compiling if needed), keeping the overload it launched."""
-        if not cached_launch_available():
-            _run(dispatcher, self.device, stream, blocks, *args)
-            return
-        launched: list = []
-        with cuda.gpus[self.index]:
-            configured = dispatcher[blocks, config.CUDA_THREADS, stream] if stream else \
-                dispatcher[blocks, config.CUDA_THREADS]
-            keep = lambda kernel, _: launched.append(kernel)     # noqa: E731
-            configured.pre_launch_callbacks.append(keep)  # a shared (cached) configuration: removed at once
-            try:
-                configured(*args)
-            finally:
-                configured.pre_launch_callbacks.remove(keep)
-        kernel = launched[-1] if launched else None
-        if kernel is None or getattr(kernel, "debug", False) or getattr(kernel, "cooperative", False):
-            return                                        # launched; the next call asks the dispatcher again
-        self.kernel, self.func = kernel, kernel._codelibrary.get_cufunc().kernel
-        self.types = tuple(kernel.argument_types)
-        self.marshalled = [(None, None)] * len(args)
-        self.last = ((), [])                              # another kernel: the last call's arguments are not its
-        self._marshal(args)
-
-    def _marshal(self, args) -> list | None:
-        """The kernel arguments of ``args`` for the kept overload, each marshalled by numba's own
-        ``_prepare_args`` once per object (arrays: this very object; numbers and tuples: this value),
-        or None when one has another numba type than the overload's (the dispatcher decides then)."""
-        out: list = []
-        for i, (value, ty) in enumerate(zip(args, self.types)):
-            held, marshalled = self.marshalled[i]
-            if held is not value and not (isinstance(value, (int, np.integer, tuple)) and type(held) is type(value)
-                                          and held == value):
-                if not _same_type(self.kernel, value, ty):
-                    return None
-                marshalled, retr = [], []
-                self.kernel._prepare_args(ty, value, 0, retr, marshalled)
-                if retr:                                  # a host array copied over: not ours to cache
-                    return None
-                self.marshalled[i] = (value, marshalled)
-            out.extend(marshalled)
-        return out
-
-
-class LerpLaunch(_Bound):
-    """One group's ``"lerp"`` launch on CUDA, bound once (see the section comment above); called as
-    ``run(weights, key=0)`` on the stream the group's framework has current at that call. ``cast``:
-    the kernel's arithmetic type for host weights."""
-
-    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w")
-
-    def __init__(self, group, flag, stochastic: bool, cast):
-        super().__init__(group.device)
-        self.group, self.flag, self.stochastic, self.cast = group, flag, stochastic, cast
-        self.w_in: object = self                          # no host weights yet
-        self.w: tuple = ()
-
-    def __call__(self, weights, key=0) -> None:
-        if isinstance(weights, tuple):
-            if weights is not self.w_in:
-                self.w_in, self.w = weights, tuple(map(self.cast, weights))
-            weights = self.w
-        key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
-        g = self.group
-        args = (*g.tables.args(), weights, _zero_flag(g.device) if self.flag is None else self.flag, key)
-        self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
-
-    def _dispatcher(self, args):
-        return K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
-                             not isinstance(args[-1], (int, np.integer)))
-
-
-class BoundLaunch(_Bound):
-    """A launch over a group's tables with the other arguments bound once but for those given at each
-    call (``run(*middle)``, between ``head`` and ``tail``), on the stream current at that call.
-    ``kernel``: the dispatcher."""
-
-    __slots__ = ("group", "dispatcher", "head", "tail")
-
-    def __init__(self, group, dispatcher, head: tuple, tail: tuple):
-        super().__init__(group.device)
-        self.group, self.dispatcher, self.head, self.tail = group, dispatcher, head, tail
-
-    def __call__(self, *middle) -> None:
-        g = self.group
-        args = (*g.tables.args(), *self.head, *middle, *self.tail)
-        self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
-
-    def _dispatcher(self, args):
-        return self.dispatcher
-
-
-def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:
-    """``run(given)``: see :func:`fastema._launch.plan_lerp_launcher` (``kernels.cuda.plan_lerp_kernel``)."""
-    return BoundLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
-                       (plan["state"], plan["params"], plan["decays"]),
-                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi)))
-
-
-def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> BoundLaunch:
-    """``run()``: see :func:`fastema._launch.copy_launcher`."""
-    return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
-                       (row_lo, row_hi, _zero_flag(group.device) if flag is None else flag))
-
-
-def _typeof(value):
-    """The numba type the dispatcher gives ``value`` as a kernel argument."""
-    from numba.cuda.typing.typeof import Purpose, typeof
-
-    return typeof(value, Purpose.argument)
-
-
-def _same_type(kernel, value, ty) -> bool:
-    try:
-        return _typeof(value) == ty
-    except Exception:                                     # noqa: BLE001 - untyped: the dispatcher decides
-        return False
 
 
 def bema(group, stream, *, alpha, flag=None):
@@ -414,15 +287,21 @@ def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, 
 class Retired:
     """Objects kept alive until fastema's launches issued before their release have run: each
     release records an event on the launch stream, and what sits behind a passed event is
-    dropped at the next release, without waiting. Only past ``config.CUDA_RETIRED_MAX``
-    pending releases (the GPU that far behind the host) does the host wait for the oldest."""
+    dropped, without waiting, at the next release or at the first fastema launch after it has
+    passed (:func:`prune_retired`: a released torch storage, or a JAX/TensorFlow array, is not
+    kept longer than that). Only past ``config.CUDA_RETIRED_MAX`` pending releases (the GPU that far
+    behind the host) does the host wait for the oldest.
+
+    Why: a source replaced under fastema (``param.data = new``, a new JAX array every step) is
+    freed by its framework's allocator on the stream it was allocated on, which knows nothing of
+    fastema's launches on another stream (an update under ``torch.cuda.stream(side)``): its block
+    could go to a new tensor while a queued kernel of fastema still reads it (issue 37, C2)."""
 
     def __init__(self):
         self.pending: list = []               # (event, kept objects), oldest first
 
     def release(self, kept, device: str, stream) -> None:
-        while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
-            self.pending.pop(0)
+        self.prune()
         if len(self.pending) >= config.CUDA_RETIRED_MAX:
             self.pending.pop(0)[0].synchronize()
         if SIMULATOR:                         # the simulator runs every launch to completion
@@ -431,3 +310,26 @@ class Retired:
             event = cuda.event(timing=False)
             event.record(_on(stream))
         self.pending.append((event, kept))
+        if self not in WAITING:
+            WAITING.append(self)
+
+    def prune(self) -> None:
+        """Drop what sits behind passed events (event queries: no wait)."""
+        while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
+            self.pending.pop(0)
+
+
+WAITING: list = []
+"""The :class:`Retired` holders with objects pending; every launch looks at it (empty: one truth
+test) and prunes them once it is not empty (:func:`prune_retired`)."""
+
+
+def prune_retired(device: str, raw: int) -> None:
+    """Drop the retired objects whose events have passed (:class:`Retired`). Skipped while the launch
+    stream ``raw`` is being captured: event queries are not allowed during a capture."""
+    if capturing(device, raw):
+        return
+    for r in list(WAITING):
+        r.prune()
+        if not r.pending:
+            WAITING.remove(r)

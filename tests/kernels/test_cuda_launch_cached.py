@@ -1,13 +1,15 @@
-"""The CUDA lerp launch bound once (``fastema._launch.cuda.LerpLaunch``, issue #23 item 1), on the
-CPU with a fake launcher: numba's dispatcher makes the first launch and its overload is kept; every
-later call marshals its arguments with numba-cuda's own ``_Kernel._prepare_args`` (each object once)
-and goes to ``cuda.core.launch``, here a recorder. The recorded argument blocks must be exactly the
-ones numba's ``_Kernel.launch`` would build for the same arguments; no later call may reach the
-dispatcher unless an argument's numba type changes. The real launch runs in the GPU plan."""
-import contextlib
+"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3, C4, C7),
+on the CPU with the fake GPU of ``bench/gpu_fake.py``: numba's dispatcher makes the first launch and
+the overload it compiled for the arguments' types is kept; every later call launches one parameter
+block, packed once from numba-cuda's own ``_Kernel._prepare_args`` values and patched in place where
+an argument changed, byte for byte what cuda.core's ``ParamHolder`` would pack for numba's own launch.
+No later call may reach the dispatcher unless an argument's numba type changes; no context push
+where the device's primary context is current; every CUDA call of a binding inside its device's
+context. The real launch runs in the GPU plan."""
 import ctypes
 import os
-import types
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -19,190 +21,309 @@ from fastema.kernels._bits import F32
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the simulator has no _Kernel (nor a launch to bind)
     pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
 
-C = pytest.importorskip("fastema._launch.cuda")
-D = pytest.importorskip("numba.cuda.dispatcher")
-nb = pytest.importorskip("numba.cuda.types")
-numpy_support = pytest.importorskip("numba.cuda.np.numpy_support")
+pytest.importorskip("numba.cuda.dispatcher")
+B = pytest.importorskip("fastema._launch.cuda_bound")
+C = B.C
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "bench"))
+import gpu_fake as G  # noqa: E402
+
+ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
 
-class FakeDeviceArray:
-    """What ``_prepare_args`` reads of a device array (and ``wrap_arg(...).to_device`` gives back)."""
-
-    def __init__(self, ptr, n, dtype):
-        self.ptr, self.size, self.dtype, self.shape = ptr, n, np.dtype(dtype), (n,)
-        self._layout = types.SimpleNamespace(strides_in_bytes=(np.dtype(dtype).itemsize,))
-        self.nbtype = nb.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
-
-    def to_device(self, retr, stream):
-        return self
-
-
-class FakeDispatcher:
-    """``K.lerp_kernel(...)``: configured with ``[blocks, threads(, stream)]`` (one shared configuration
-    per launch shape, as numba-cuda's lru-cached ``configure``), calls the pre-launch callbacks with
-    the overload it picked, and records each launch."""
-
-    def __init__(self, log):
-        self.log, self.configs = log, {}
-
-    def __getitem__(self, shape):
-        if shape not in self.configs:
-            self.configs[shape] = FakeConfigured(self, shape)
-        return self.configs[shape]
-
-
-class FakeConfigured:
-    def __init__(self, dispatcher, shape):
-        self.dispatcher, self.shape, self.pre_launch_callbacks = dispatcher, shape, []
-
-    def __call__(self, *args):
-        types_ = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in args)
-        kernel = FakeKernel(types_)
-        for cb in self.pre_launch_callbacks:
-            cb(kernel, self)
-        self.dispatcher.log.append(("dispatcher", self.shape, args))
-
-
-class FakeKernel:
-    extensions: list = []
-    debug = cooperative = False
-    _prepare_args = D._Kernel._prepare_args               # numba-cuda's own marshalling
-
-    def __init__(self, argument_types):
-        self.argument_types = argument_types
-        self._codelibrary = types.SimpleNamespace(get_cufunc=lambda: types.SimpleNamespace(kernel="LERP-CUFUNC"))
-
-
-def _reference_block(args, argument_types):
-    """What numba-cuda's ``_Kernel.launch`` passes to ``cuda.core.launch`` for ``args``."""
-    out, retr = [], []
-    for t, v in zip(argument_types, args):
-        FakeKernel._prepare_args(FakeKernel(argument_types), t, v, 0, retr, out)
-    return out
-
-
-def _values(block):
-    return [v.value if isinstance(v, ctypes._SimpleCData) else v for v in block]
+def _group(device="cuda:0", chunks=8):
+    tables = _launch.Tables(*(G.FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
+                            G.FakeDeviceArray(8, np.int32, ptr=0x5000), G.FakeDeviceArray(9, np.int64, ptr=0x6000),
+                            n=4096, chunks=chunks)
+    return _launch.Group(device, F32, F32, tables, current_stream=lambda: 77)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    log = []
-    dispatcher = FakeDispatcher(log)
-    flag = FakeDeviceArray(0x9000, 1, np.int32)
-    monkeypatch.setattr(C, "cached_launch_available", lambda: True)
-    monkeypatch.setattr(C.K, "lerp_kernel", lambda *kinds: dispatcher)
-    monkeypatch.setattr(C.K, "plan_lerp_kernel", lambda *kinds: dispatcher)
-    monkeypatch.setattr(C.K, "copy_kernel", lambda *kinds: dispatcher)
-    monkeypatch.setattr(C, "cuda", types.SimpleNamespace(gpus={0: contextlib.nullcontext()}))
-    monkeypatch.setattr(C, "_zero_flag", lambda device: flag)
-    monkeypatch.setattr(C, "external_stream", lambda raw: ("numba stream", raw))
-    monkeypatch.setattr(C, "_core_stream", lambda raw: ("core stream", raw))
-    monkeypatch.setattr(C, "_core_config", lambda blocks, threads: ("config", blocks, threads))
-    monkeypatch.setattr(C, "_core_launch", lambda stream, cfg, kernel, *args: log.append(("launch", stream, cfg,
-                                                                                          kernel, args)))
-    monkeypatch.setattr(C, "_same_type", lambda kernel, value, ty: (
-        value.nbtype if isinstance(value, FakeDeviceArray) else C._typeof(value)) == ty)
-    monkeypatch.setattr(D, "wrap_arg", lambda v: v)
     monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    tables = _launch.Tables(*(FakeDeviceArray(0x1000 * (i + 1), 8, np.int64) for i in range(3)),
-                            FakeDeviceArray(0x5000, 8, np.int32), FakeDeviceArray(0x6000, 9, np.int64), n=4096,
-                            chunks=8)
-    group = _launch.Group("cuda:0", F32, F32, tables, current_stream=lambda: 77)
-    return types.SimpleNamespace(log=log, dispatcher=dispatcher, group=group, flag=flag)
+    with G.fake_gpu(torch_on_gpu=False) as f:
+        f.blocks: list = []
+        f.group = _group()
+        f.flag = C._zero_flag("cuda:0")
+        yield f
 
 
-def test_first_call_through_the_dispatcher_then_numbas_own_argument_blocks(fake):
+def _launches(fake):
+    return [e for e in fake.launches if e[0] in ("launch", "dispatcher")]
+
+
+def _argument_types(args):
+    return tuple(B._typeof(a) for a in args)
+
+
+def _reference(args, argument_types):
+    """What numba-cuda's ``_Kernel.launch`` hands ``cuda.core.launch`` for ``args``."""
+    out, retr = [], []
+    kernel = G.FakeKernel("reference", argument_types)
+    for t, v in zip(argument_types, args):
+        kernel._prepare_args(t, v, 0, retr, out)
+    return out
+
+
+def _block_bytes(address: int, sizes: list) -> list:
+    pointers = (ctypes.c_void_p * len(sizes)).from_address(address)
+    return [ctypes.string_at(pointers[i], size) for i, size in enumerate(sizes)]
+
+
+def assert_packed_like_cuda_core(address: int, run, args):
+    """The block at ``address`` holds, value for value and byte for byte, what cuda.core's ParamHolder
+    packs for numba's own argument list of ``args``."""
+    want = _reference(args, run.types)
+    sizes = [ctypes.sizeof(s) for s in run.block.slots]
+    assert len(sizes) == len(want)
+    holder = ParamHolder(want)
+    assert _block_bytes(address, sizes) == _block_bytes(holder.ptr, sizes)
+
+
+def test_first_call_through_the_dispatcher_then_one_block_packed_once_and_patched(fake):
     run = _launch.lerp_launcher(fake.group)
-    assert isinstance(run, C.LerpLaunch)
+    assert isinstance(run, B.LerpLaunch)
     run((0.1,))
-    assert [e[0] for e in fake.log] == ["dispatcher"]
-    first_args = fake.log[0][2]
-    argument_types = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in first_args)
+    assert [e[0] for e in _launches(fake)] == ["dispatcher"]
+    addresses = []
     for w, key in [((0.1,), 0), ((0.1,), 0), ((0.25,), 0), ((0.25,), 7), ((0.25,), 0)]:
         run(w, key)
-        kind, stream, cfg, kernel, block = fake.log[-1]
-        assert kind == "launch" and stream == ("core stream", 77) and kernel == "LERP-CUFUNC"
-        assert cfg == ("config", 3, config.CUDA_THREADS)            # min(chunks, CUDA_MAX_BLOCKS) blocks
+        kind, stream, blocks, func = fake.launches[-1]
+        assert kind == "launch" and blocks == 3 and int(stream) == 77      # min(chunks, CUDA_MAX_BLOCKS) blocks
+        assert int(func) == fake.handle_of(C.K.lerp_kernel(F32, F32, False, False).name)
+        addresses.append(run.block.address)
         args = (*fake.group.tables.args(), (np.float32(w[0]),), fake.flag, np.uint32(key))
-        want = _reference_block(args, argument_types)
-        assert _values(block) == _values(want)
-        assert [type(v) for v in block] == [type(v) for v in want]
-    assert sum(e[0] == "dispatcher" for e in fake.log) == 1        # no later call reached the dispatcher
-    assert all(not c.pre_launch_callbacks for c in fake.dispatcher.configs.values())   # the keeper was removed
+        assert_packed_like_cuda_core(run.block.address, run, args)
+    assert len(set(addresses)) == 1                                         # one block, patched in place
+    assert sum(e[0] == "dispatcher" for e in _launches(fake)) == 1          # no later call reached the dispatcher
+
+
+def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fake, monkeypatch):
+    """D2: numba-cuda's launch (and fastema's before issue 37) built every argument list anew and had
+    cuda.core pack it into a new ParamHolder at every launch (45 values for a lerp); now the driver gets
+    the address of the binding's block, the same at every call."""
+    handed = []
+    with G.fake_gpu(torch_on_gpu=False, driver=handed.append, record=False):
+        run = _launch.lerp_launcher(_group())
+        weights = (0.1,)
+        for _ in range(4):
+            run(weights)
+    assert len(handed) == 3
+    assert all(isinstance(h, int) for h in handed) and len(set(handed)) == 1
 
 
 def test_an_argument_of_another_type_goes_through_the_dispatcher_again(fake):
     run = _launch.lerp_launcher(fake.group)
     run((0.1,))
     run((0.1,))
-    weights = FakeDeviceArray(0x7000, 1, np.float32)                 # a device plan's weights: another overload
+    weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)          # a device plan's weights: another overload
     run(weights)
-    assert [e[0] for e in fake.log] == ["dispatcher", "launch", "dispatcher"]
+    assert [e[0] for e in _launches(fake)] == ["dispatcher", "launch", "dispatcher"]
     run(weights)                                                     # and that overload is kept now
-    assert fake.log[-1][0] == "launch"
-    assert _values(fake.log[-1][4])[-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
+    assert fake.launches[-1][0] == "launch"
+    assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
 
 
 def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fake):
     """Device weights, then host weights (another overload kept), then the same device weights again:
-    the last call must not reuse the first overload's argument block with the second overload (the
-    last-call memo is dropped when the kept kernel changes): it goes through the dispatcher."""
-    weights = FakeDeviceArray(0x7000, 1, np.float32)
+    the last call must not reuse the first overload's block with the second overload (it goes
+    through the dispatcher)."""
+    weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)
     run = _launch.lerp_launcher(fake.group)
     run(weights)
     run(weights)
     run((0.1,))
     run(weights)
-    assert [e[0] for e in fake.log] == ["dispatcher", "launch", "dispatcher", "dispatcher"]
+    assert [e[0] for e in _launches(fake)] == ["dispatcher", "launch", "dispatcher", "dispatcher"]
     run(weights)
-    assert fake.log[-1][0] == "launch"
-    assert _values(fake.log[-1][4])[-15:-10] == [0, 0, 1, 4, 0x7000]
+    assert fake.launches[-1][0] == "launch"
+    assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]
+
+
+def _plan():
+    return {name: G.FakeDeviceArray(n, dt, ptr=0x20000 + 0x100 * i) for i, (name, n, dt) in enumerate(
+        [("state", 5, np.float64), ("params", 40, np.float64), ("decays", 2, np.float64), ("w32", 2, np.float32),
+         ("w64", 2, np.float64), ("flag", 1, np.int32), ("keys", 3, np.int64), ("done", 1, np.int32)])}
 
 
 def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
     """``plan_lerp_launcher`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
     the group index bound once, the step ``given`` the only argument that changes; numba's own argument
-    blocks, one dispatcher call."""
-    plan = {name: FakeDeviceArray(0x20000 + 0x100 * i, n, dt) for i, (name, n, dt) in enumerate(
-        [("state", 5, np.float64), ("params", 40, np.float64), ("decays", 2, np.float64), ("w32", 2, np.float32),
-         ("w64", 2, np.float64), ("flag", 1, np.int32), ("keys", 3, np.int64), ("done", 1, np.int32)])}
+    values, one dispatcher call."""
+    plan = _plan()
     run = _launch.plan_lerp_launcher(fake.group, plan, 1)
-    assert isinstance(run, C.BoundLaunch)
+    assert isinstance(run, B.BoundLaunch)
     run(-1)
-    first_args = fake.log[0][2]
-    argument_types = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in first_args)
     for given in (-1, -1, 12, 13, -1):
         run(given)
-        kind, stream, cfg, kernel, block = fake.log[-1]
-        assert kind == "launch" and stream == ("core stream", 77) and cfg == ("config", 3, config.CUDA_THREADS)
+        kind, stream, blocks, func = fake.launches[-1]
+        assert kind == "launch" and int(stream) == 77 and blocks == 3
         args = (*fake.group.tables.args(), plan["state"], plan["params"], plan["decays"], np.int64(given), plan["w32"],
                 plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(1))
-        want = _reference_block(args, argument_types)
-        assert _values(block) == _values(want)
-    assert sum(e[0] == "dispatcher" for e in fake.log) == 1
+        assert_packed_like_cuda_core(run.block.address, run, args)
+    assert sum(e[0] == "dispatcher" for e in _launches(fake)) == 1
+
+
+def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
+    """D3: every block of the fused kernel runs the plan step before it streams; its grid is at most
+    CUDA_PLAN_LERP_BLOCKS_PER_SM blocks per multiprocessor (it grid-strides over the chunks), where a
+    block per chunk (up to CUDA_MAX_BLOCKS, 32768) paid the step ~30000 times on GPT-2 sizes. The plain
+    lerp keeps a block per chunk."""
+    with G.fake_gpu(torch_on_gpu=False) as fake:
+        group = _group(chunks=30000)
+        run = _launch.plan_lerp_launcher(group, _plan(), 0)
+        for given in (-1, -1):
+            run(given)
+        per_sm = getattr(config, "CUDA_PLAN_LERP_BLOCKS_PER_SM", 12)
+        assert fake.launches[0][2][0] == fake.launches[-1][2] == per_sm * 132
+        lerp = _launch.lerp_launcher(group)
+        lerp((0.5,))
+        lerp((0.5,))
+        assert fake.launches[-1][2] == min(30000, config.CUDA_MAX_BLOCKS)
+        few = _group(chunks=7)
+        small = _launch.plan_lerp_launcher(few, _plan(), 0)
+        small(-1)
+        small(-1)
+        assert fake.launches[-1][2] == 7
 
 
 def test_the_buffer_copy_launch_is_bound_once(fake):
     """``copy_launcher``: a model average's buffer copy behind its plan's flag, every argument bound."""
-    flag = FakeDeviceArray(0x30000, 1, np.int32)
+    flag = G.FakeDeviceArray(1, np.int32, ptr=0x30000)
     run = _launch.copy_launcher(fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
     for _ in range(4):
         run()
-    assert [e[0] for e in fake.log] == ["dispatcher"] + ["launch"] * 3
-    args = (*fake.group.tables.args(), 0, 2, flag)
-    types_ = tuple(a.nbtype if isinstance(a, FakeDeviceArray) else C._typeof(a) for a in args)
-    assert _values(fake.log[-1][4]) == _values(_reference_block(args, types_))
+    assert [e[0] for e in _launches(fake)] == ["dispatcher"] + ["launch"] * 3
+    assert_packed_like_cuda_core(run.block.address, run, (*fake.group.tables.args(), 0, 2, flag))
 
 
-def test_without_the_internals_every_launch_is_the_dispatchers(fake, monkeypatch):
-    monkeypatch.setattr(C, "cached_launch_available", lambda: False)
-    ran = []
-    monkeypatch.setattr(C, "_run", lambda kernel, device, stream, blocks, *args: ran.append((stream, blocks)))
+def test_no_context_push_where_the_devices_primary_context_is_current():
+    """D1: a push and pop cost 10.2 us on the 11-22 H100 machine, as much as torch's whole lerp_ launch.
+    Where the device's primary context is current (torch keeps it so) a bound launch pushes nothing;
+    where another context (or none) is current, it pushes the device's."""
+    for primary_current, pushes in ((True, 0), (False, 5)):
+        with G.fake_gpu(torch_on_gpu=False, primary_current=primary_current) as fake:
+            group = _group()
+            runs = [_launch.lerp_launcher(group), _launch.plan_lerp_launcher(group, _plan(), 0),
+                    _launch.copy_launcher(group, to_shadow=True, row_lo=0, row_hi=1)]
+            runs[0]((0.5,))
+            runs[1](-1)
+            runs[2]()
+            fake.pushes.clear()
+            for _ in range(5):
+                runs[0]((0.5,))
+            assert sum(fake.pushes.values()) == pushes, primary_current
+            assert fake.launches[-1][0] == "launch"
+
+
+def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
+    """C4: a group on cuda:1 while the thread's device is cuda:0: its tables' uploads, the zero flag,
+    the first (dispatcher) launch and loading the kernel's module (``get_cufunc``, which loads into the
+    current context's device) all run inside ``cuda.gpus[1]``; later launches run there or with the
+    device's primary context current."""
+    with G.fake_gpu(torch_on_gpu=False, primary_current=False) as fake:
+        host = _launch.Tables(np.array([0x1000], np.int64), np.array([0x2000], np.int64),
+                              np.array([0, 100], np.int64), np.zeros(1, np.int32), np.array([0, 100], np.int64), 100, 1)
+        tables = C.upload(host, "cuda:1", slots=1)
+        group = _launch.Group("cuda:1", F32, F32, tables, current_stream=lambda: 77)
+        run = _launch.lerp_launcher(group)
+        plan = _launch.plan_lerp_launcher(group, _plan(), 0)
+        for _ in range(3):
+            run((0.5,))
+            plan(-1)
+        _launch.update_addresses(tables, [0x3000], "cuda:1", lambda: 77)
+        calls = [e for e in fake.log if e[0] in ("to_device", "copy_to_device", "dispatcher", "get_cufunc", "launch",
+                                                  "event.record", "stream.synchronize")]
+        assert {e[0] for e in calls} >= {"to_device", "dispatcher", "get_cufunc", "launch", "copy_to_device"}
+        assert all(e[1] == 1 for e in calls), [e for e in calls if e[1] != 1]
+
+
+def test_the_kept_overload_comes_from_the_dispatchers_overloads_not_a_shared_callback(fake):
+    """C7: numba-cuda's ``dispatcher[grid, block, stream]`` is one lru-cached configuration shared by every
+    caller; fastema appended its keeper to that configuration's ``pre_launch_callbacks``, where a launch
+    from another thread through the same configuration could run it and hand over its overload.
+    Now nothing is added to a shared configuration, and a concurrent launch of another overload
+    through it changes nothing of what a binding keeps."""
+    dispatcher = C.K.lerp_kernel(F32, F32, False, False)
+
+    class Watched(list):
+        def append(self, item):
+            raise AssertionError("a callback was added to numba's shared launch configuration")
+
+    shape = (3, config.CUDA_THREADS, C.external_stream(77))            # the configuration the binding uses
+    dispatcher[shape].pre_launch_callbacks = Watched()
+    other = (*fake.group.tables.args(), G.FakeDeviceArray(1, np.float32), fake.flag, np.uint32(0))
+    dispatcher[shape](*other)                                            # another caller's overload, launched last
     run = _launch.lerp_launcher(fake.group)
-    for _ in range(3):
-        run((0.1,))
-    assert ran == [(("numba stream", 77), 3)] * 3 and not fake.log
+    run((0.1,))
+    dispatcher[shape](*other)
+    assert run.types[6] == B._typeof((np.float32(0.1),))                   # the host-weights overload, kept
+    run((0.1,))
+    assert fake.launches[-1][0] == "launch"
+
+
+def test_construction_uploads_are_written_when_construction_returns():
+    """C1: the tables were copied asynchronously on the stream current at construction, and the zero
+    flag on the legacy stream; torch's side streams are non-blocking, so a first launch on another one
+    could read a half-written table, or a flag not yet zeroed (cuMemAlloc memory, possibly non-zero:
+    the update skipped). Every construction-time copy now goes on fastema's own upload stream, which
+    is waited for before the tables are handed out (a wait for those copies only: the stream is
+    non-blocking and waits for no other work)."""
+    with G.fake_gpu(torch_on_gpu=False) as fake:
+        t = _launch.tables([0x1000, 0x2000], [100, 50], [0x9000, 0x9400], "cuda:0", lambda: 77, handed_over=True)
+        events = [(e[0], getattr(e[2], "name", e[2])) for e in fake.log
+                  if e[0] in ("to_device", "stream.synchronize", "copy_to_device")]
+        copies = [e for e in events if e[0] == "to_device"]
+        assert len(copies) == 7 and {s for _, s in copies} == {"upload-0"}   # flag, 5 tables, the second address table
+        assert events[-1] == ("stream.synchronize", "upload-0")
+        for i, e in enumerate(events):                                       # each copy waited for before the next
+            if e[0] == "to_device":
+                assert ("stream.synchronize", "upload-0") in events[i + 1:i + 2], events
+        assert list(t.seg_addr.copy_to_host()) == [0x1000, 0x2000]
+
+
+def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it():
+    """C2: ``param.data = new`` dropped the old storage at the next update; torch's allocator gives its
+    block to the next tensor allocated on the old storage's stream, while a kernel fastema queued on
+    another stream (an update under ``torch.cuda.stream(side)``) may still read it. Now the old storage
+    is released through an event recorded on the launch stream, and dropped at the first launch
+    after that event has passed (no wait, no leak)."""
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    import fastema
+
+    with G.fake_gpu() as fake:
+        params = [torch.randn(n) for n in (300, 7)]
+        flat = fastema.FlatShadow(params)
+        flat.update(0.5)
+        old = weakref.ref(params[0].untyped_storage())
+        fake.events_done = False                       # fastema's launches still queued
+        fake.log.clear()
+        params[0].data = torch.randn(300)              # the model moves the storage under the tensor
+        flat.update(0.5)
+        gc.collect()
+        assert old() is not None                       # held: the event has not passed
+        recorded = [e for e in fake.log if e[0] == "event.record"]
+        assert recorded and all(getattr(e[2], "name", None) == 77 for e in recorded)   # on the launch stream
+        flat.update(0.5)
+        gc.collect()
+        assert old() is not None
+        fake.events_done = True                        # the GPU passed the event
+        flat.update(0.5)
+        gc.collect()
+        assert old() is None                           # dropped at the next launch
+
+
+def test_without_the_internals_every_launch_is_the_dispatchers(monkeypatch):
+    ran = []
+    monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
+    monkeypatch.setattr(C, "_run", lambda kernel, device, stream, blocks, *args: ran.append((stream, blocks)))
+    with G.fake_gpu(torch_on_gpu=False, cached=False) as fake:
+        run = _launch.lerp_launcher(_group())
+        for _ in range(3):
+            run((0.1,))
+    assert [(s.name, b) for s, b in ran] == [(77, 3)] * 3 and not fake.launches
 
 
 def test_an_unknown_numba_cuda_warns_once_and_uses_the_dispatcher(monkeypatch):
@@ -212,6 +333,25 @@ def test_an_unknown_numba_cuda_warns_once_and_uses_the_dispatcher(monkeypatch):
     monkeypatch.setattr(C, "SIMULATOR", False)
     monkeypatch.setattr(md, "version", lambda name: "0.99.0" if name == "numba-cuda" else real(name))
     with pytest.warns(RuntimeWarning, match="numba-cuda 0.99.0's launch internals are not the ones fastema knows"):
-        assert C.cached_launch_available.__wrapped__() is False
+        assert B.cached_launch_available.__wrapped__() is False
     monkeypatch.setenv("FASTEMA_CUDA_LAUNCH", "dispatcher")
-    assert C.cached_launch_available.__wrapped__() is False
+    assert B.cached_launch_available.__wrapped__() is False
+
+
+def test_an_ema_update_of_a_6_tensor_network_is_one_launch_with_no_context_push():
+    """End to end on the fake GPU: ``fastema.torch.EMA.update()`` of the RL network with the plan on the
+    device is one launch per call after the first, through the packed block, with no push."""
+    torch = pytest.importorskip("torch")
+    from fastema.torch import EMA
+
+    with G.fake_gpu() as fake:
+        model = G.rl_mlp()
+        ema = EMA(model, 0.99, device_step=True)
+        with torch.no_grad():
+            ema.update()
+            fake.launches.clear()
+            fake.pushes.clear()
+            for _ in range(4):
+                ema.update()
+        assert [e[0] for e in fake.launches] == ["launch"] * 4
+        assert not sum(fake.pushes.values())

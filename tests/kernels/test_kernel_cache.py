@@ -326,6 +326,42 @@ def test_a_cached_cuda_kernel_is_keyed_by_its_variant_and_gpu(tmp_path, monkeypa
     assert a._cache_file._source_stamp[1] == _cache.sources_digest(K._DEPENDENCIES)
 
 
+def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(tmp_path, monkeypatch):
+    """numba versions its cache index by numba's own version only, and numba-cuda's magic tuple is NVRTC's
+    version and the compute capability: after an upgrade of numba-cuda (or of NVVM, cuda-core or the
+    driver) with the same numba and NVRTC, a kernel compiled by the old one was loaded (issue 37, C6).
+    The key now holds all four versions (fastema._launch.cuda.cuda_versions, set when the CUDA
+    launchers load) besides the magic tuple: a change of any of them, or of the GPU, is a miss."""
+    pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the simulator has no kernel cache")
+    import importlib.metadata as md
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    from numba import cuda
+
+    from fastema._launch import cuda as launch_cuda
+    from fastema.kernels import cuda as K
+    from fastema.kernels.kinds import BF16, F32
+
+    assert _cache.CUDA_VERSIONS is launch_cuda.cuda_versions
+    names = dict(launch_cuda.cuda_versions())
+    assert names["numba-cuda"] == md.version("numba-cuda") and names["cuda-core"] == md.version("cuda-core")
+    assert set(names) == {"numba-cuda", "cuda-core", "nvvm", "driver"}      # the driver: "unknown" without one
+    fn = K.lerp_kernel.__wrapped__(F32, BF16, False, True).py_func
+    cache = _cache.cached_cuda(cuda.jit(fn), K._DEPENDENCIES)._cache
+    h100, a100 = ((type("Codegen", (), {"magic_tuple": lambda self, cc=cc: ("13.0", cc)})()) for cc in ((9, 0), (8, 0)))
+    base = (("numba-cuda", "0.30.4"), ("cuda-core", "1.2.2"), ("nvvm", (2, 0)), ("driver", (13, 0)))
+    monkeypatch.setattr(_cache, "CUDA_VERSIONS", lambda: base)
+    key = cache._index_key(("sig",), h100)
+    assert cache._index_key(("sig",), h100) == key and cache._index_key(("sig",), a100) != key
+    assert (9, 0) in key[1] and dict(key[-1][1]) == dict(base)
+    for i, changed in enumerate(["0.30.5", "1.3.0", (2, 1), (13, 1)]):
+        other = base[:i] + ((base[i][0], changed),) + base[i + 1:]
+        monkeypatch.setattr(_cache, "CUDA_VERSIONS", lambda other=other: other)
+        assert cache._index_key(("sig",), h100) != key, base[i][0]
+
+
 def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):
     """FASTEMA_CUDA_CACHE=1, read when fastema's CUDA launchers load, gives the kernels built from then
     on the keyed disk cache; without it they have none (numba-cuda's default)."""
