@@ -16,7 +16,9 @@ import sys
 import tempfile
 
 from .._files import atomic_write
-from ..posthoc import MAX_ERROR, plot_profiles, synthesize
+from ..posthoc.plot import plot_profiles  # submodules: fastema.posthoc.main (deprecated) imports this back
+from ..posthoc.profiles import MAX_ERROR
+from ..posthoc.synthesis import synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 

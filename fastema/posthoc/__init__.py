@@ -48,7 +48,7 @@ def __getattr__(name: str):
 
         warnings.warn("fastema.posthoc.main moved to fastema.cli.posthoc.main (python -m fastema posthoc); the "
                       "old name goes in the next release", DeprecationWarning, stacklevel=2)
-        from ..cli import posthoc as cli
+        from ..cli.posthoc import main
 
-        return cli.main
+        return main
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
