@@ -348,7 +348,7 @@ def test_each_fits_ema_is_freed_with_its_callback_on_the_tensorflow_backend():
 OPTIONS_FIT = r"""
 import json, warnings
 import keras, numpy as np
-from fastema import _keras_jax_state
+from fastema.keras import _jax
 from fastema.keras import WeightEMA
 out = {}
 
@@ -357,7 +357,7 @@ class Pin(keras.callbacks.Callback):      # the private Keras state the shim rea
     def on_train_batch_end(self, batch, logs=None):
         m = self.model
         Pin.seen.append(hasattr(m, "_jax_state") and hasattr(m, "_jax_state_synced") and callable(m.jax_state_sync))
-        _keras_jax_state.trainable_values(m)
+        _jax.trainable_values(m)
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 4)).astype("float32")
@@ -476,7 +476,8 @@ def test_keras_use_ema_start_is_an_option_and_the_default_starts_from_the_initia
 SAVE_LOAD = r"""
 import json, tempfile, warnings, zipfile
 import keras, numpy as np
-import fastema.keras as fk
+import fastema.keras._saving as fk       # the average in Keras's files, its private helpers included
+from fastema._state import GROUPS
 from fastema.keras import WeightEMA
 from models import keras_data, keras_model
 _tmp = tempfile.TemporaryDirectory()      # removed when the script ends
@@ -485,8 +486,8 @@ x, y = keras_data(64)
 out = {}
 
 def flat(state):                       # a structural state: every array and counter, comparable across models
-    arrays = {f"{g}/{k}": np.asarray(fk._to_numpy(a)) for g in fk._GROUPS for k, a in (state.get(g) or {}).items()}
-    return arrays, {k: v for k, v in state.items() if k not in fk._GROUPS and k != "backend"}
+    arrays = {f"{g}/{k}": np.asarray(fk._to_numpy(a)) for g in GROUPS for k, a in (state.get(g) or {}).items()}
+    return arrays, {k: v for k, v in state.items() if k not in GROUPS and k != "backend"}
 
 def same(a, b):
     (xa, ca), (xb, cb) = flat(a), flat(b)
@@ -643,7 +644,7 @@ def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
     """What cannot load is refused by name, before anything changes: another backend's average, a damaged
     or foreign header, a file that is not Keras's; a model saved while the average is swapped in (its
     weights would be the average) is an error; a copied model does not carry the callback's average."""
-    import fastema.keras as fk
+    import fastema.keras._saving as fk
 
     x, y = data(32)
     model, cb = make_model(), WeightEMA(0.9)
@@ -694,7 +695,7 @@ def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path, mon
     model's pending average (M6: the next fit blamed WeightEMA's options); a file that is not a zip
     (truncated, empty, garbage) gave zipfile's bare BadZipFile (L5). Each is a ValueError naming the
     file, from load_model (before Keras builds the model) and load_average (the model left as it was)."""
-    import fastema.keras as fk
+    import fastema.keras._saving as fk
 
     x, y = data(32)
     model, cb = make_model(), WeightEMA(0.9)

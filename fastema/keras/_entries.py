@@ -1,0 +1,148 @@
+"""A WeightEMA's average as Keras files hold it (an "entry"): its ``state_dict()`` with the arrays keyed
+by the model's structure (``trainable/3``: the model's 4th trainable variable) instead of by name,
+the way back to the names of a live callback's EMA, and the checks of an entry read from a file
+(damage that needs no model; fit to a model) before anything is kept.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+
+from .._checks import MAX_DECAYS, shadow_problems
+from .._state import GROUPS
+from ..average import Plan
+
+
+class _Live(Protocol):
+    """What the file side reads of a live ``WeightEMA`` (:mod:`fastema.keras._weight_ema`): the model it
+    follows, its EMA (None before ``fit`` starts) and whether a ``fit`` of it has started."""
+
+    model: Any
+    ema: Any
+    _fitting: bool
+
+
+def _structural_keys(callback: _Live, state: dict) -> dict[str, str]:
+    """The state_dict()'s array names -> the model's structure (``trainable/i``, ``non_trainable/i``)."""
+    model = callback.model
+    if keras.backend.backend() == "torch":                 # names of torch parameters: by identity
+        index: dict[int, str] = {}
+        for kind in ("trainable", "non_trainable"):
+            for i, v in enumerate(getattr(model, f"{kind}_variables")):
+                index.setdefault(id(v.value), f"{kind}/{i}")
+        named = {n for g in GROUPS for n in (state.get(g) or {})}      # (torch lists a parameter under aliases)
+        return {n: index[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+                if id(p) in index and n in named}
+    # TensorFlow and JAX: the EMA runs over model.trainable_variables, in that order
+    return {n: f"trainable/{i}" for i, n in enumerate(state.get("averaged", {}))}
+
+
+def _structural_state(callback: _Live) -> dict:
+    """``callback``'s state_dict() with its arrays keyed by the model's structure."""
+    state = callback.ema.state_dict()
+    keys = _structural_keys(callback, state)
+    out = dict(state)
+    for g in GROUPS:
+        if isinstance(state.get(g), dict):
+            out[g] = {keys.get(n, "name:" + n): v for n, v in state[g].items()}
+    return out
+
+
+def _named_state(callback: _Live, entry: dict) -> dict:
+    """A saved ``entry`` as ``callback.ema.load_state_dict`` takes it: arrays under this model's names
+    (torch tensors on the torch backend)."""
+    if entry.get("backend", keras.backend.backend()) != keras.backend.backend():
+        raise ValueError(f"the WeightEMA average was saved on the {entry['backend']} backend and this Keras runs on "
+                         f"{keras.backend.backend()!r}; the EMAs' checkpoints differ by backend: load it with "
+                         f"KERAS_BACKEND={entry['backend']}")
+    names = {s: n for n, s in _structural_keys(callback, callback.ema.state_dict()).items()}
+    out = {k: v for k, v in entry.items() if k != "backend"}
+    for g in GROUPS:
+        if isinstance(entry.get(g), dict):
+            out[g] = {names.get(s, s[5:] if s.startswith("name:") else s): _to_backend(a)
+                      for s, a in entry[g].items()}
+    return out
+
+
+def _to_backend(a):
+    if keras.backend.backend() != "torch" or not isinstance(a, np.ndarray):
+        return a
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+def _to_numpy(value) -> np.ndarray:
+    if type(value).__module__.startswith("torch"):
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return t.contiguous().view(dtype=_torch_int16()).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _torch_int16():
+    import torch
+
+    return torch.int16
+
+
+def _damage(entry: dict, place: int) -> list[str]:
+    """What the EMA's own checkpoint checks find in a saved average before any EMA is made: its plan
+    state (``Plan.check_state``, with as many decays as it saved), rounding and seed
+    (``shadow_problems``), non-finite averages (refused by ``load_state_dict`` with the same words)."""
+    problems: list[str] = []
+    n = len(entry["schedules"]) if isinstance(entry.get("schedules"), list) else 0
+    if 1 <= n <= MAX_DECAYS:
+        Plan([0.5] * n).check_state(entry, problems)
+    else:
+        problems.append(f"{n} schedules, for 1 to {MAX_DECAYS} averages")
+    problems += shadow_problems(str(entry.get("shadow_dtype")), entry.get("rounding"), entry.get("seed"))
+    averaged = entry.get("averaged")
+    for key, a in sorted(averaged.items() if isinstance(averaged, dict) else (), key=lambda kv: _natural(kv[0])):
+        a = np.asarray(a)
+        if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and not np.all(np.isfinite(a.astype(np.float32))):
+            problems.append(f"{key} holds inf or NaN")
+    return [f"average {place}: {p}" for p in problems]
+
+
+def _problems(model, entry: dict, place: int) -> list[str]:
+    """What keeps a saved ``entry`` from fitting ``model`` (checked before anything is kept)."""
+    out = []
+    backend = keras.backend.backend()
+    if entry.get("backend") != backend:
+        out.append(f"it was saved on the {entry.get('backend')} backend and this Keras runs on {backend!r} (the "
+                   f"EMAs' checkpoints differ by backend: load it with KERAS_BACKEND={entry.get('backend')})")
+        return out
+    variables = {"trainable": list(model.trainable_variables), "non_trainable": list(model.non_trainable_variables)}
+    averaged = entry.get("averaged")
+    if not isinstance(averaged, dict) or not averaged:
+        return [f"average {place} has no arrays"]
+    for g in GROUPS:
+        for key, a in sorted((entry.get(g) or {}).items(), key=lambda kv: _natural(kv[0])):
+            kind, _, i = key.partition("/")
+            if kind not in variables:
+                continue                                    # by name (a torch buffer): the EMA checks it
+            if not i.isdigit() or int(i) >= len(variables[kind]):
+                out.append(f"{key} is saved but the model has {len(variables[kind])} {kind} variables")
+                continue
+            shape = tuple(variables[kind][int(i)].shape)
+            got = tuple(np.shape(a))[1:] if g == "averaged" else tuple(np.shape(a))
+            if got != shape:
+                out.append(f"{key} ({variables[kind][int(i)].path}) has shape {shape}, the saved one {got}")
+    n = len(variables["trainable"])
+    saved = sum(1 for k in averaged if k.startswith("trainable/"))
+    if saved and saved != n and backend != "torch":
+        out.append(f"{saved} trainable variables are saved and the model has {n}")
+    return out
+
+
+def _natural(key: str) -> tuple:
+    kind, _, i = key.partition("/")
+    return (kind, int(i)) if i.isdigit() else (kind, -1, i)

@@ -1,0 +1,95 @@
+"""WeightEMA on the JAX backend: :class:`fastema.jax.EMA` over a Keras model, with the swap the
+callback needs, and the one place fastema reads Keras's private training state.
+
+During ``fit`` on the JAX backend, Keras keeps the newest trainable weights and metric
+variables in ``model._jax_state`` (a dict of arrays the compiled step returns) and writes
+them back into the Variables only when it syncs (``model.jax_state_sync()``; a flag
+``model._jax_state_synced`` says whether it has). Reading the Variables between syncs would
+read stale values, and syncing every batch is what Keras avoids. :func:`trainable_values`,
+:func:`metric_values` and :func:`sync` are the only reads of that private state;
+``tests/bridges/test_keras.py`` pins them against the installed Keras, so a Keras release that
+renames them fails there, not in a user's fit.
+"""
+from __future__ import annotations
+
+from ..average import Face, ModelSwap
+
+__all__ = ["metric_values", "sync", "trainable_values"]
+
+
+def trainable_values(model) -> list | None:
+    """The newest trainable weights while ``fit`` holds them outside the Variables, else None."""
+    state = getattr(model, "_jax_state", None)
+    if state and not getattr(model, "_jax_state_synced", True) and state.get("trainable_variables"):
+        return list(state["trainable_variables"])
+    return None
+
+
+def metric_values(model, index: list[int]) -> list | None:
+    """The metric variables at ``index`` (positions in ``model.metrics_variables``) from the
+    training state, or None when the state holds none."""
+    state = getattr(model, "_jax_state", None)
+    if state and state.get("metrics_variables") is not None:
+        return [state["metrics_variables"][i] for i in index]
+    return None
+
+
+def sync(model) -> None:
+    """Write the training state into the Variables (a no-op outside ``fit``)."""
+    sync_ = getattr(model, "jax_state_sync", None)
+    if sync_ is not None:
+        sync_()
+
+
+class _JaxModelEMA(Face):
+    """fastema.jax.EMA over a Keras model's trainable variables on the JAX backend, with the
+    swap the callback needs. During ``fit`` the newest weights live in the trainer's state
+    (``model._jax_state``), not in the variables, and are read from there."""
+
+    def __init__(self, model, decay, **kwargs):
+        from ..jax import EMA
+
+        self.model = model
+        self.variables = list(model.trainable_variables)
+        self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
+        self._core = self.inner._core
+        self._raw = None
+        self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
+
+    @property
+    def swapped(self) -> bool:
+        return self._swap.swapped
+
+    def _current(self) -> list:
+        newest = trainable_values(self.model)
+        return [v.value for v in self.variables] if newest is None else newest
+
+    def update(self) -> None:
+        self._swap.refuse("update()")
+        self.inner.update(self._current())
+
+    def swap(self) -> None:
+        self._swap.swap(0)
+
+    def _exchange(self, row: int, into_model: bool) -> None:
+        # The newest weights into the variables first. Out of the model too: after an exception in
+        # the validation inside fit, fit's own clean-up would otherwise sync the validation's state
+        # (the average) over the raw weights put back here.
+        sync(self.model)
+        if into_model:
+            self._raw = [v.value for v in self.variables]      # JAX arrays are immutable: an exact stash
+            values = self.inner.shadow()
+        else:
+            values, self._raw = self._raw, None
+        for v, a in zip(self.variables, values):
+            v.assign(a)
+
+    def copy_to(self) -> None:
+        for v, a in zip(self.variables, self.inner.shadow()):
+            v.assign(a)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
