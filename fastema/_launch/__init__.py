@@ -22,10 +22,11 @@ op                      keyword arguments
                         output ``row0 <- row1 + alpha * (row0 - row2)``)
 ``"plan"``              ``state``, ``params``, ``decays``, ``given``, ``w32``, ``w64``, ``flag``,
                         ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``;
-                        :func:`plan_lerp_launcher` makes it and a group's lerp one launch)
+                        :func:`plan_lerp_launcher` makes it and a group's lerp one launch,
+                        :func:`plan_launcher` binds it alone)
 ``"copy"``              ``to_shadow``, ``row_lo``, ``row_hi``, ``flag=None``
 ``"swap"``              ``mode`` (``kinds.EXCHANGE/PACK/UNPACK``), ``row``
-``"nonfinite"``         ``flag``
+``"nonfinite"``         ``flag`` (bound once: :func:`nonfinite_launcher`)
 ``"window"``            ``ring_kind``, ``ring_addr``, ``slot``, ``full``, ``count``, ``recompute``
 ``"ema_streams"``       ``values``, ``w0``, ``c``, ``per_stream``, ``a``, ``b``, ``d``, ``mode``, ``skip``
 ``"sma_streams"``       ``values``, ``w0``, ``c``, ``per_stream``, ``ring_v``, ``ring_w``, ``s``,
@@ -201,6 +202,26 @@ def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None
         return _nothing_at_all
     target = _cuda_bound() if is_cuda(group.device) else _cpu_target
     return target.copy_launch(group, to_shadow, row_lo, row_hi, flag)
+
+
+def plan_launcher(group, plan: dict) -> Callable[[int], None]:
+    """``launch("plan", group, state=..., given=given, ...)`` as a callable ``run(given)`` with the plan
+    arrays bound once (``plan``: the device's plan arrays as kernel views, as for
+    :func:`plan_lerp_launcher`; ``given``: the training step, -1 for the update count): what a device
+    plan advances with at every call where no lerp launch carries the step (issue 37, D5)."""
+    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
+    return target.plan_launch(group, plan)
+
+
+def nonfinite_launcher(group, flag) -> Callable[[], None]:
+    """``launch("nonfinite", group, flag=flag)`` as a callable ``run()`` with every argument bound once
+    (``skip_nonfinite``'s scan at every update: no dispatcher type resolution per call; issue 37, D5).
+    Make a new one when the group's tables change."""
+    t = group.tables
+    if t is not None and t.chunks == 0:
+        return _nothing_at_all
+    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
+    return target.nonfinite_launch(group, flag)
 
 
 def _nothing_at_all() -> None:

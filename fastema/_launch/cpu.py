@@ -217,6 +217,22 @@ def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> Bound
                        (row_lo, row_hi, _NO_FLAG if flag is None else flag), _work(t, row_hi - row_lo))
 
 
+def plan_launch(group, plan: dict) -> BoundLaunch:
+    """``run(given)``: a model EMA's plan step (``kernels.cpu.plan_kernel``; see
+    :func:`fastema._launch.plan_launcher`)."""
+    return BoundLaunch(lambda par: K.plan_kernel(), (plan["state"], plan["params"], plan["decays"]),
+                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"]), -1)
+
+
+def nonfinite_launch(group, flag) -> BoundLaunch:
+    """``run()``: the ``"nonfinite"`` scan with every argument bound (see
+    :func:`fastema._launch.nonfinite_launcher`)."""
+    t = group.tables
+    kind = group.src_kind
+    return BoundLaunch(lambda par: K.nonfinite_kernel(kind, par), (t.seg_addr, t.seg_offset, t.chunk_seg,
+                                                                   t.chunk_begin), (flag,), _work(t, 1))
+
+
 def _entry_point(kernel, args):
     """The entry point of ``kernel``'s overload compiled for ``args``' types (no type resolution
     when called), or the dispatcher itself where numba does not show one."""

@@ -302,26 +302,37 @@ class LerpLaunch(_Bound):
                              not isinstance(args[-1], (int, np.integer)))
 
 
+_TABLES = operator.methodcaller("args")           # a launch over the tables: n, shadows, sources, offsets, chunks
+
+
+def _scanned(t) -> tuple:
+    """The tables a scan of the sources reads (no shadow)."""
+    return t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin
+
+
 class BoundLaunch(_Bound):
-    """A launch over a group's tables with the other arguments bound once but for those given at each
-    call (``run(*middle)``, between ``head`` and ``tail``), on the stream current at that call.
-    ``kernel``: the dispatcher. ``per_sm``: the name of the :mod:`.config` tunable capping the grid
-    at that many blocks per multiprocessor (None: no cap but ``CUDA_MAX_BLOCKS``)."""
+    """A launch with its arguments bound once but for those given at each call (``run(*middle)``,
+    between ``head`` and ``tail``; first, what ``tables_of`` takes of the group's tables at that call,
+    none where None), on the stream current at that call. ``dispatcher``: the kernel's. The grid:
+    ``grid`` blocks where given, else a block per chunk up to ``CUDA_MAX_BLOCKS`` and, with ``per_sm``
+    (the name of a :mod:`.config` tunable), at most that many blocks per multiprocessor."""
 
-    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm")
+    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "grid")
 
-    def __init__(self, group, dispatcher, head: tuple, tail: tuple, per_sm: str | None = None):
+    def __init__(self, group, dispatcher, head: tuple, tail: tuple, per_sm: str | None = None, tables_of=_TABLES,
+                 grid: int | None = None):
         super().__init__(group.device)
         self.group, self.dispatcher, self.head, self.tail, self.per_sm = group, dispatcher, head, tail, per_sm
+        self.tables_of, self.grid = tables_of, grid
 
     def __call__(self, *middle) -> None:
         g = self.group
-        args = (*g.tables.args(), *self.head, *middle, *self.tail)
-        self._launch(self._dispatcher, args, g.current_stream(), self.blocks())
+        front = () if self.tables_of is None else self.tables_of(g.tables)
+        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), g.current_stream(), self.blocks())
 
     def blocks(self) -> int:
-        """The grid: a block per chunk, at most ``CUDA_MAX_BLOCKS`` (the kernels grid-stride), and at
-        most ``per_sm`` blocks per multiprocessor where set."""
+        if self.grid is not None:
+            return self.grid
         blocks = min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS)
         if self.per_sm is not None:
             cap = getattr(config, self.per_sm) * _sm_count(self.index)
@@ -331,6 +342,19 @@ class BoundLaunch(_Bound):
 
     def _dispatcher(self, args):
         return self.dispatcher
+
+
+def plan_launch(group, plan: dict) -> BoundLaunch:
+    """``run(given)``: the one-thread plan kernel of a model EMA's device plan (see
+    :func:`fastema._launch.plan_launcher`); ``group`` gives the device and the stream."""
+    return BoundLaunch(group, K.plan_kernel(), (plan["state"], plan["params"], plan["decays"]),
+                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"]), tables_of=None, grid=1)
+
+
+def nonfinite_launch(group, flag) -> BoundLaunch:
+    """``run()``: the scan of a group's sources for inf/NaN into ``flag`` (see
+    :func:`fastema._launch.nonfinite_launcher`)."""
+    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_scanned)
 
 
 def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:

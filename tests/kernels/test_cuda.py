@@ -366,6 +366,40 @@ def test_plan_kernel_matches_cpu(plan_kw):
             _assert_plan(dev[name].copy_to_host(), v, (call, name), call + 1 if name == "state" else 1)
 
 
+def test_the_bound_plan_step_and_nonfinite_scan_match_the_cpu():
+    """``plan_launcher`` / ``nonfinite_launcher`` on the device (issue 37, D5): the plan arrays as the CPU
+    plan kernel leaves them call after call, the flag set by a NaN in the sources."""
+    from fastema.average import Plan
+    from fastema.average.device_plan import parameters
+    from fastema.kernels import cpu as kcpu
+    from fastema.kernels.kinds import S_NORMS
+
+    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    params, decays = parameters(plan, 11)
+    host = dict(state=np.zeros(S_NORMS + 2), w32=np.zeros(2, np.float32), w64=np.zeros(2),
+                flag=np.zeros(1, np.int32), keys=np.zeros(3, np.int64))
+    dev = {name: cuda.to_device(v) for name, v in host.items()}
+    dev.update(params=cuda.to_device(params), decays=cuda.to_device(decays))
+    step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None), dev)
+    for call in range(5):
+        given = 30 if call == 2 else -1
+        step(given)
+        kcpu.plan_kernel()(host["state"], params, decays, given, host["w32"], host["w64"], host["flag"], host["keys"])
+        for name, v in host.items():
+            _assert_plan(dev[name].copy_to_host(), v, (call, name), call + 1 if name == "state" else 1)
+    srcs = [np.ones(n, np.float32) for n in (20, 33)]
+    d = [cuda.to_device(x) for x in srcs]
+    flat = fastema.FlatShadow(d)
+    flag = cuda.to_device(np.zeros(1, np.int32))
+    scan = _launch.nonfinite_launcher(flat.layout.groups[0], flag)
+    scan()
+    assert flag.copy_to_host()[0] == 0
+    srcs[1][30] = np.inf
+    d[1].copy_to_device(srcs[1])
+    scan()
+    assert flag.copy_to_host()[0] == 1
+
+
 @pytest.mark.parametrize("sk,xk,stochastic", [(F32, F32, False), (F32, BF16, False), (BF16, F32, True),
                                                (kinds.F64, kinds.F64, False)])
 def test_fused_plan_and_lerp_equals_the_plan_kernel_then_the_lerp(sk, xk, stochastic):

@@ -196,6 +196,27 @@ def test_the_buffer_copy_launch_is_bound_once(fake):
     assert_packed_like_cuda_core(run.block.address, run, (*fake.group.tables.args(), 0, 2, flag))
 
 
+def test_the_plan_step_and_the_nonfinite_scan_are_bound_the_same_way(fake):
+    """D5: ``plan_launcher`` (a device plan's step where no lerp carries it: one block) and
+    ``nonfinite_launcher`` (skip_nonfinite's scan: the sources' tables only) reach the dispatcher once,
+    then launch their packed blocks, numba's own values."""
+    plan = {k: v for k, v in _plan().items() if k != "done"}
+    step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None, lambda: 77), plan)
+    flag = G.FakeDeviceArray(1, np.int32, ptr=0x40000)
+    scan = _launch.nonfinite_launcher(fake.group, flag)
+    for given in (-1, 5, -1):
+        step(given)
+        scan()
+    assert [e[0] for e in _launches(fake)] == ["dispatcher", "dispatcher"] + ["launch"] * 4
+    assert fake.launches[-2][2] == 1 and fake.launches[-1][2] == 3      # one block; a block per chunk (<= 3)
+    assert_packed_like_cuda_core(step.block.address, step, (plan["state"], plan["params"], plan["decays"],
+                                                            np.int64(-1), plan["w32"], plan["w64"], plan["flag"],
+                                                            plan["keys"]))
+    t = fake.group.tables
+    assert_packed_like_cuda_core(scan.block.address, scan, (t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin,
+                                                            flag))
+
+
 def test_no_context_push_where_the_devices_primary_context_is_current():
     """D1: a push and pop cost 10.2 us on the 11-22 H100 machine, as much as torch's whole lerp_ launch.
     Where the device's primary context is current (torch keeps it so) a bound launch pushes nothing;

@@ -192,3 +192,56 @@ def test_a_model_averages_buffer_copy_is_bound_once():
     assert len(calls) <= 1, "a per-step buffer copy went through the numba dispatcher"
     for name, t in host.state_dict()["copied"].items():
         assert torch.equal(dev.state_dict()["copied"][name], t), name
+
+
+def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_writes():
+    """``plan_launcher`` and ``nonfinite_launcher`` (issue 37, D5: the per-step ``plan`` and ``nonfinite``
+    launches went through the dispatcher at every call, ~90 us each on the 11-22 GPU): after the first
+    call no numba dispatcher, and the plan arrays and flags end as ``launch("plan"/"nonfinite")`` leaves
+    them, call after call, with skipped calls (update_every) and an explicit step."""
+    from fastema.average import Plan
+    from fastema.average.device_plan import parameters
+    from fastema.kernels.kinds import S_NORMS
+
+    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    params, decays = parameters(plan, 7)
+
+    def arrays():
+        return dict(state=np.zeros(S_NORMS + 2), params=params.copy(), decays=decays.copy(),
+                    w32=np.zeros(2, np.float32), w64=np.zeros(2), flag=np.zeros(1, np.int32),
+                    keys=np.zeros(3, np.int64))
+
+    group = _launch.Group("cpu", None, 0, None)
+    bound, ref = arrays(), arrays()
+    run = _launch.plan_launcher(group, bound)
+    calls = []
+    k = K.plan_kernel()
+
+    class Counting(type(k)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    original = type(k)
+    try:
+        k.__class__ = Counting
+        for call in range(6):
+            given = 50 + call if call == 3 else -1
+            run(given)
+            _launch.launch("plan", group, given=given, **ref)
+            for name in ref:
+                assert np.array_equal(bound[name], ref[name]), (call, name)
+        assert len(calls) == 1 + 6                      # run's first call, then launch() every call
+    finally:
+        k.__class__ = original
+    sources = [torch.randn(40_000), torch.randn(300)]
+    fs = FlatShadow(sources)
+    (g,) = fs.layout.groups
+    flag = np.zeros(1, np.int32)
+    scan = _launch.nonfinite_launcher(g, flag)
+    scan()
+    assert flag[0] == 0
+    with torch.no_grad():
+        sources[1][7] = float("nan")
+    scan()
+    assert flag[0] == 1
