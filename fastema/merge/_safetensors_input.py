@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ._dtypes import FROM_CODE, ITEMSIZE
-from ._source import Entry, MergeError, Source, os_problem, regular, step_from_name
+from ._source import DONTNEED, POPULATE_READ, Entry, MergeError, Source, advise, os_problem, regular, step_from_name
 
 __all__ = ["SafetensorsSource", "hf_folder", "meta_step", "read_safetensors_header", "trainer_step"]
 
@@ -39,17 +39,14 @@ class _Mapped:
         if self.map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             self.map.madvise(mmap.MADV_SEQUENTIAL)
 
-    def release(self, lo: int, hi: int) -> None:
-        page = mmap.PAGESIZE
-        lo, hi = lo // page * page, min(-(-hi // page) * page, self.size)
-        if self.map is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
     def close(self) -> None:
         self.view = np.zeros(0, np.uint8)
-        if self.map is not None:
-            self.map.close()
         os.close(self.fd)
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:             # a piece still viewed (an exception's traceback holds it): unmapped
+                pass                        # when that view goes
 
 
 def read_safetensors_header(path: str, label: str) -> tuple:
@@ -139,9 +136,11 @@ class SafetensorsSource(Source):
     def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
         file, offset = self._where[name]
         itemsize = ITEMSIZE[self.entries[name].dtype]
-        if self._read == "mmap":
-            return self._map(file).base + offset + lo * itemsize
         nbytes = count * itemsize
+        if self._read == "mmap":
+            address = self._map(file).base + offset + lo * itemsize
+            advise(address, nbytes, POPULATE_READ)
+            return address
         self._pread(file, offset + lo * itemsize, memoryview(scratch.view(np.uint8))[:nbytes], name)
         return scratch.ctypes.data
 
@@ -173,7 +172,7 @@ class SafetensorsSource(Source):
         file, offset = self._where[name]
         m = self._maps.get(file)
         if isinstance(m, _Mapped):
-            m.release(offset, offset + self.entries[name].nbytes)
+            advise(m.base + offset, self.entries[name].nbytes, DONTNEED)
 
     def close(self) -> None:
         for file, m in list(self._maps.items()):

@@ -2,6 +2,7 @@
 (:class:`MergeError`): the pieces the input readers share."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -10,7 +11,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Entry", "MergeError", "Source", "os_problem", "regular", "step_from_name"]
+__all__ = ["Entry", "MergeError", "Source", "advise", "os_problem", "regular", "step_from_name"]
+
+POPULATE_READ, DONTNEED = 22, 4          # Linux madvise: map a range's pages now (5.14+) / drop them from this process
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_libc: list = []
 
 _STEP_NAME = re.compile(r"(?:checkpoint|step|iter|iteration|global_step|ckpt)[-_]?0*(\d+)$", re.I)
 
@@ -47,6 +52,30 @@ def os_problem(path: str, what: str, err: OSError) -> str:
     if err.errno == errno.ENOENT:
         return f"{what}: {path!r} does not exist"
     return f"{what}: {path!r} cannot be read ({err.strerror or err})"
+
+
+def advise(address: int, nbytes: int, advice: int) -> None:
+    """``madvise`` the pages of ``[address, address + nbytes)`` of a read-only file mapping (no-op where
+    the system does not take it): ``POPULATE_READ`` maps them in one call before a kernel reads them (a
+    page fault each, else), ``DONTNEED`` drops them from this process once read (they stay in the page
+    cache; the resident size stays small)."""
+    if not _libc:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _libc.append(libc)
+        except (OSError, AttributeError):
+            _libc.append(None)
+    libc = _libc[0]
+    if libc is None or nbytes <= 0:
+        return
+    lo = address // _PAGE * _PAGE
+    hi = -(-(address + nbytes) // _PAGE) * _PAGE
+    if advice == DONTNEED:                    # only whole pages inside the range: never a neighbour's
+        lo, hi = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+    if hi > lo and libc.madvise(lo, hi - lo, advice) != 0 and advice == POPULATE_READ:
+        if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+            _libc[0] = None if advice == POPULATE_READ else libc     # an older kernel: plain page faults
 
 
 def step_from_name(path: str) -> int | None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._dtypes import ITEMSIZE, OBJECT
-from ._source import Entry, MergeError, Source, regular, step_from_name
+from ._source import DONTNEED, POPULATE_READ, Entry, MergeError, Source, advise, regular, step_from_name
 
 __all__ = ["TorchFileSource"]
 
@@ -72,7 +72,7 @@ class TorchFileSource(Source):
         root, outside = self._root(state)
         self._tensors: dict = {}
         self._values: dict = {}
-        self._dense: tuple = (None, None)
+        self._dense: dict = {}                 # name -> a C-order copy of a tensor saved as a strided view
         self._flatten(root, "")
         for key, value in outside.items():
             if _OPTIMIZER.search(str(key)):
@@ -129,14 +129,17 @@ class TorchFileSource(Source):
 
     def _address(self, name: str) -> int:
         t = self._tensors[name]
-        if not t.is_contiguous():                      # a view saved as it was: one C-order copy at a time
-            if self._dense[0] != name:
-                self._dense = (name, t.contiguous())
-            t = self._dense[1]
+        if not t.is_contiguous():                      # a view saved as it was: a C-order copy until done()
+            if name not in self._dense:
+                self._dense[name] = t.contiguous()
+            t = self._dense[name]
         return t.data_ptr()
 
     def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
-        return self._address(name) + lo * ITEMSIZE[self.entries[name].dtype]
+        itemsize = ITEMSIZE[self.entries[name].dtype]
+        address = self._address(name) + lo * itemsize
+        advise(address, count * itemsize, POPULATE_READ)
+        return address
 
     def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
         if nbytes == 0:
@@ -148,11 +151,11 @@ class TorchFileSource(Source):
         return self._values[name]
 
     def done(self, name: str) -> None:
-        if self._dense[0] == name:
-            self._dense = (None, None)
+        if self._dense.pop(name, None) is None and name in self._tensors:
+            advise(self._tensors[name].data_ptr(), self.entries[name].nbytes, DONTNEED)
 
     def close(self) -> None:
-        self._tensors, self._values, self._dense = {}, {}, (None, None)
+        self._tensors, self._values, self._dense = {}, {}, {}
 
 
 def _has_tensor(tree: dict) -> bool:

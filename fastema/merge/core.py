@@ -9,12 +9,7 @@ import time
 import zlib
 from typing import Callable, Sequence
 
-import numpy as np
-
-from .._launch import config as launch_config
-from .._launch import cpu as launch_cpu
-from ..kernels import merge_cpu
-from ._dtypes import ITEMSIZE, KIND
+from ._engine import Engine
 from ._safetensors_input import read_safetensors_header
 from ._source import MergeError
 from .inputs import open_input
@@ -25,8 +20,6 @@ from .writer import Output, SafetensorsWriter, small_files
 
 __all__ = ["merge_checkpoints"]
 
-PIECE_BYTES = 16 << 20
-"""Bytes of one input read per kernel launch (a tensor larger than this is merged in pieces)."""
 MAX_SHARD_BYTES = 5 * 10**9
 """A merged model folder is cut into safetensors shards of at most this many bytes (Hugging Face's
 default), unless the ``copy_from`` input is a folder whose shards it copies."""
@@ -123,7 +116,7 @@ def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "sa
         target = Output(out, as_folder, overwrite, need)
         try:
             peak = _write(target, files, extra, sources, plan, w.values, report, stochastic_rounding, seed,
-                          accumulate == "float64", verify, progress)
+                          accumulate == "float64", verify, progress, read)
             target.publish()
         except BaseException:
             target.discard()
@@ -164,7 +157,7 @@ def _report(out, sources, steps, w, dtype, plan: Plan) -> MergeReport:
 
 
 def _write(target: Output, files, extra, sources, plan: Plan, weights, report, stochastic, seed, wide, verify,
-           progress) -> int | None:
+           progress, read) -> int | None:
     """Every output file into ``target.folder``; returns the peak anonymous memory seen."""
     import shutil
 
@@ -178,8 +171,14 @@ def _write(target: Output, files, extra, sources, plan: Plan, weights, report, s
         meta["fastema.tied"] = json.dumps(report.tied, separators=(",", ":"))
     donor = sources[plan.copy_from]
     bar = Progress(plan.bytes_read, progress)
-    engine = _Engine(sources, weights, wide, stochastic, seed)
-    peak = anon_bytes()
+    engine = Engine(sources, donor, weights, wide=wide, stochastic=stochastic, seed=seed, read=read)
+    peak = [anon_bytes()]
+
+    def sample() -> None:
+        now = anon_bytes()
+        if now is not None and (peak[0] is None or now > peak[0]):
+            peak[0] = now
+
     written = {}
     try:
         for file, names in files:
@@ -187,14 +186,7 @@ def _write(target: Output, files, extra, sources, plan: Plan, weights, report, s
             tensors = [(n, items[n].out_dtype, items[n].shape, items[n].nbytes) for n in names]
             writer = SafetensorsWriter(target.path(file), tensors, meta, crc=verify)
             try:
-                for n in names:
-                    it = items[n]
-                    if it.action == "average":
-                        engine.average(it, writer.write, bar)
-                    else:
-                        engine.copy(donor, it, writer.write, bar)
-                    now = anon_bytes()
-                    peak = now if peak is None or (now is not None and now > peak) else peak
+                engine.write_items([items[n] for n in names], writer.write, bar, sample)
                 writer.close()
             except BaseException:
                 writer.abandon()
@@ -214,70 +206,7 @@ def _write(target: Output, files, extra, sources, plan: Plan, weights, report, s
         bar.close()
     if verify:
         _verify(target, written, items)
-    return peak
-
-
-class _Engine:
-    """The kernel launches of one merge: inputs' pieces in, the output's pieces to ``write``."""
-
-    def __init__(self, sources, weights, wide: bool, stochastic: bool, seed: int):
-        self.sources, self.wide, self.stochastic, self.seed = sources, wide, stochastic, seed
-        self.w32 = np.asarray(weights, np.float32)
-        self.w64 = np.asarray(weights, np.float64)
-        self.scratch = [np.empty(PIECE_BYTES, np.uint8) for _ in sources]
-        self.out = np.empty(PIECE_BYTES * 2, np.uint8)         # a piece's output (float64 out of float32 in: 2x)
-
-    def _launch(self, item, count, out_addr, acc_addr, addrs, weights, start, finish, key, first):
-        wide = self.wide or item.dtype == "float64" or item.out_dtype == "float64"
-        sr = self.stochastic and item.out_dtype == "bfloat16"
-        par = launch_cpu.PARALLEL and count >= launch_config.CPU_SERIAL_BELOW * 8
-        k = merge_cpu.merge_kernel(KIND[item.dtype], KIND[item.out_dtype], wide, sr, par)
-        ws = (self.w64 if wide else self.w32)[weights]
-        args = (count, out_addr, acc_addr, np.asarray(addrs, np.int64), ws, start, finish, np.uint32(key), first,
-                launch_config.CPU_CHUNK)
-        if par:
-            with launch_cpu._one_at_a_time:
-                k(*args)
-        else:
-            k(*args)
-
-    def average(self, item, write, bar) -> None:
-        n = int(np.prod(item.shape, dtype=np.int64))
-        xb, qb = ITEMSIZE[item.dtype], ITEMSIZE[item.out_dtype]
-        step = max(1, PIECE_BYTES // xb)
-        key = (zlib.crc32(item.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
-        out = self.out.ctypes.data
-        everyone = list(range(len(self.sources)))
-        if all(s.mappable for s in self.sources):
-            for lo in range(0, n, step):
-                count = min(step, n - lo)
-                addrs = [s.piece(item.name, lo, count, self.scratch[i]) for i, s in enumerate(self.sources)]
-                self._launch(item, count, out, 0, addrs, everyone, True, True, key, lo)
-                write(self.out[:count * qb])
-                bar.update(count * xb * len(self.sources))
-        else:                                   # one input at a time into a whole-tensor accumulator
-            acc = np.empty(n, np.float64 if self.wide or "float64" in (item.dtype, item.out_dtype) else np.float32)
-            last = len(self.sources) - 1
-            for i, s in enumerate(self.sources):
-                for lo in range(0, n, step):
-                    count = min(step, n - lo)
-                    addr = s.piece(item.name, lo, count, self.scratch[0])
-                    self._launch(item, count, out if i == last else 0, acc.ctypes.data + lo * acc.itemsize, [addr],
-                                 [i], i == 0, i == last, key, lo)
-                    if i == last:
-                        write(self.out[:count * qb])
-                    bar.update(count * xb)
-                s.done(item.name)
-            del acc
-        for s in self.sources:
-            s.done(item.name)
-
-    def copy(self, donor, item, write, bar) -> None:
-        for lo in range(0, item.nbytes, _COPY_BYTES):
-            count = min(_COPY_BYTES, item.nbytes - lo)
-            write(donor.raw(item.name, lo, count, self.scratch[0]))
-            bar.update(count)
-        donor.done(item.name)
+    return peak[0]
 
 
 def _verify(target: Output, written: dict, items: dict) -> None:

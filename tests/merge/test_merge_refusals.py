@@ -11,7 +11,7 @@ import torch
 from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
 
 from fastema.cli import merge as cli
-from fastema.merge import MergeError, core, merge_checkpoints, writer
+from fastema.merge import MergeError, _engine, merge_checkpoints, writer
 
 
 def refused(tmp_path, paths, match, **kwargs):
@@ -110,15 +110,16 @@ def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, monkeypatch, f
     paths, _ = checkpoints(tmp_path / "in", "hf")
     before = fingerprint(paths)
     calls = []
-    real = core._Engine.average
+    real = _engine.Engine._run
 
-    def interrupted(self, item, write, bar):
-        calls.append(item.name)
+    def interrupted(self, job, data, write, bar):
+        if job.item.name not in calls:
+            calls.append(job.item.name)
         if len(calls) == 3:
             raise fault(errno.ENOSPC, "No space left on device") if fault is OSError else fault()
-        real(self, item, write, bar)
+        real(self, job, data, write, bar)
 
-    monkeypatch.setattr(core._Engine, "average", interrupted)
+    monkeypatch.setattr(_engine.Engine, "_run", interrupted)
     for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
         calls.clear()
         with pytest.raises(fault):

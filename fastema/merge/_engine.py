@@ -1,0 +1,166 @@
+"""The streaming part of a merge: every output tensor, piece by piece, through the weighted-sum
+kernel (:mod:`fastema.kernels.merge_cpu`) to the output file.
+
+Pieces flow through a two-stage pipeline: a helper thread fetches the next piece of every input
+(``pread`` into one of two sets of small buffers, or, memory-mapped, its pages mapped in one
+``madvise`` call) while this thread runs the kernel on the current one and writes its output; the
+read, the kernel and the write all release the GIL, so reading overlaps computing and writing. An
+input that cannot be read in pieces (a DCP checkpoint: :attr:`Source.mappable` False) is summed one
+input at a time into a whole-tensor accumulator instead: the same bits, as the kernel adds the
+inputs in the same order either way.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .._launch import config as launch_config
+from .._launch import cpu as launch_cpu
+from ..kernels import merge_cpu
+from ._dtypes import ITEMSIZE, KIND
+
+__all__ = ["Engine", "PIECE_BYTES"]
+
+PIECE_BYTES = {"mmap": 4 << 20, "pread": 512 << 10}
+"""Bytes of one input read per kernel launch, per read mode (a larger tensor is merged in pieces): with
+``pread`` small enough that the pieces read (two sets of them) stay in the cache for the kernel."""
+
+
+PARALLEL_CORES = 4
+"""The kernel runs parallel (numba's threads over chunks) on machines with at least this many cores."""
+
+
+class _Job(NamedTuple):
+    item: object             # the plan's Item
+    kind: str                # "piece" (averaged, in pieces), "whole" (averaged, one input at a time), "copy"
+    lo: int                  # first element (piece) or byte (copy)
+    count: int               # elements (piece) or bytes (copy)
+    last: bool               # the item's last job
+
+
+class Engine:
+    """The kernel launches and reads of one merge (``sources`` in order, ``weights`` normalised)."""
+
+    def __init__(self, sources: list, donor, weights, *, wide: bool, stochastic: bool, seed: int, read: str):
+        self.sources, self.donor = sources, donor
+        self.wide, self.stochastic, self.seed = wide, stochastic, seed
+        self.w32 = np.asarray(weights, np.float32)
+        self.w64 = np.asarray(weights, np.float64)
+        self.piece = PIECE_BYTES[read]
+        # the helper thread keeps a core busy reading: the kernel runs on the other threads only where
+        # there are more cores (on 2 cores a parallel kernel was slower, the two threads fighting the reader)
+        self.parallel = read == "mmap" and launch_cpu.PARALLEL and (os.cpu_count() or 1) >= PARALLEL_CORES
+        self.mappable = all(s.mappable for s in sources)
+        self.scratch = [[np.empty(self.piece, np.uint8) for _ in sources] for _ in range(2)]
+        self.out = np.empty(self.piece * 2, np.uint8)       # a piece's output (float32 out of bfloat16 in: 2x)
+
+    # ------------------------------------------------------------ jobs
+
+    def _jobs(self, items: list):
+        for it in items:
+            if it.action == "copy":
+                n = it.nbytes
+                for lo in range(0, n, self.piece):
+                    yield _Job(it, "copy", lo, min(self.piece, n - lo), lo + self.piece >= n)
+                if n == 0:
+                    yield _Job(it, "copy", 0, 0, True)
+                continue
+            n = int(np.prod(it.shape, dtype=np.int64))
+            if not self.mappable:
+                yield _Job(it, "whole", 0, n, True)
+                continue
+            step = max(1, self.piece // ITEMSIZE[it.dtype])
+            for lo in range(0, n, step):
+                yield _Job(it, "piece", lo, min(step, n - lo), lo + step >= n)
+            if n == 0:
+                yield _Job(it, "piece", 0, 0, True)
+
+    def _fetch(self, job: _Job, slot: int):
+        """What ``job`` reads, ready: the inputs' piece addresses, or a copy's bytes (helper thread)."""
+        name = job.item.name
+        if job.kind == "piece":
+            if job.count == 0:
+                return [0] * len(self.sources)
+            return [s.piece(name, job.lo, job.count, self.scratch[slot][i]) for i, s in enumerate(self.sources)]
+        if job.kind == "copy":
+            return self.donor.raw(name, job.lo, job.count, self.scratch[slot][0])
+        return None
+
+    # ------------------------------------------------------------ the loop
+
+    def write_items(self, items: list, write: Callable, bar, after_each: Callable[[], None]) -> None:
+        """Every item of ``items`` (the plan's, in file order) through ``write``, a piece at a time,
+        the next piece fetched while this one is summed and written."""
+        jobs = self._jobs(items)
+        with ThreadPoolExecutor(1, thread_name_prefix="fastema-merge-read") as pool:
+            slot = 0
+            current = next(jobs, None)
+            pending = pool.submit(self._fetch, current, slot) if current is not None else None
+            while current is not None:
+                data = pending.result()
+                nxt = next(jobs, None)
+                slot ^= 1
+                pending = pool.submit(self._fetch, nxt, slot) if nxt is not None else None
+                try:
+                    self._run(current, data, write, bar)
+                except BaseException:
+                    if pending is not None and not pending.cancel():
+                        pending.exception()         # the fetch under way ends before the inputs close
+                    data = pending = None           # no view of an input outlives the merge
+                    raise
+                del data
+                if current.last:
+                    for s in (self.donor,) if current.kind == "copy" else self.sources:
+                        s.done(current.item.name)
+                    after_each()
+                current = nxt
+
+    def _run(self, job: _Job, data, write: Callable, bar) -> None:
+        it = job.item
+        if job.kind == "copy":
+            write(data)
+            bar.update(job.count)
+            return
+        key = (zlib.crc32(it.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
+        if job.kind == "whole":
+            self._whole(it, job.count, key, write, bar)
+            return
+        if job.count:
+            self._launch(it, job.count, self.out.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
+            write(self.out[:job.count * ITEMSIZE[it.out_dtype]])
+            bar.update(job.count * ITEMSIZE[it.dtype] * len(self.sources))
+
+    def _whole(self, it, n: int, key: int, write: Callable, bar) -> None:
+        """One input at a time into a whole-tensor accumulator (inputs read whole, e.g. DCP)."""
+        xb, qb = ITEMSIZE[it.dtype], ITEMSIZE[it.out_dtype]
+        wide = self.wide or "float64" in (it.dtype, it.out_dtype)
+        acc = np.empty(n, np.float64 if wide else np.float32)
+        step = max(1, self.piece // xb)
+        last = len(self.sources) - 1
+        for i, s in enumerate(self.sources):
+            for lo in range(0, n, step):
+                count = min(step, n - lo)
+                addr = s.piece(it.name, lo, count, self.scratch[0][0])
+                self._launch(it, count, self.out.ctypes.data if i == last else 0, acc.ctypes.data + lo * acc.itemsize,
+                             [addr], slice(i, i + 1), i == 0, i == last, key, lo)
+                if i == last:
+                    write(self.out[:count * qb])
+                bar.update(count * xb)
+            s.done(it.name)
+
+    def _launch(self, it, count, out_addr, acc_addr, addrs, which, start, finish, key, first) -> None:
+        wide = self.wide or it.dtype == "float64" or it.out_dtype == "float64"
+        sr = self.stochastic and it.out_dtype == "bfloat16"
+        par = self.parallel and count >= launch_config.CPU_SERIAL_BELOW * 8
+        k = merge_cpu.merge_kernel(KIND[it.dtype], KIND[it.out_dtype], wide, sr, par)
+        args = (count, out_addr, acc_addr, np.asarray(addrs, np.int64), (self.w64 if wide else self.w32)[which],
+                start, finish, np.uint32(key), first, launch_config.CPU_CHUNK)
+        if par:
+            with launch_cpu._one_at_a_time:          # numba's workqueue layer takes one parallel launch at a time
+                k(*args)
+        else:
+            k(*args)
