@@ -40,7 +40,8 @@ class _Tracked:
         # passed (checked without blocking at later rebinds and launches; issue 37, C2).
         self.cuda = _launch.is_cuda(group.device)
         self.deferred = self.cuda and self.backend.HANDS_OVER
-        self.retired = _launch.retired() if self.cuda and (self.deferred or self.track) else None
+        self.retired = _launch.retired(at_launches=not self.deferred) if self.cuda and (self.deferred or self.track) \
+            else None
         self.set(bufs)
 
     def set(self, bufs: list[Buf]) -> None:

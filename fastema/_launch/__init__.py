@@ -264,11 +264,12 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
     return base + segment_offsets(counts)[:-1] * itemsize
 
 
-def retired():
+def retired(at_launches: bool = False):
     """A holder of replaced CUDA sources: ``.release(kept, device, stream)`` keeps ``kept`` alive
     until the launches issued so far on ``stream`` (see :func:`stream_of`) have run, without
-    a sync (then dropped at the next release or launch: ``cuda.Retired``)."""
-    return _cuda().Retired()
+    a sync (then dropped at the next release, or with ``at_launches`` at the next launch after
+    that: ``cuda.Retired``)."""
+    return _cuda().Retired(at_launches)
 
 
 def update_addresses(t: Tables, addresses, device: str, current_stream=default_stream) -> Tables:

@@ -287,9 +287,9 @@ def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, 
 class Retired:
     """Objects kept alive until fastema's launches issued before their release have run: each
     release records an event on the launch stream, and what sits behind a passed event is
-    dropped, without waiting, at the next release or at the first fastema launch after it has
-    passed (:func:`prune_retired`: a released torch storage, or a JAX/TensorFlow array, is not
-    kept longer than that). Only past ``config.CUDA_RETIRED_MAX`` pending releases (the GPU that far
+    dropped, without waiting, at the next release or (``at_launches``: a torch storage, released
+    rarely) at the first fastema launch after it has passed (:func:`prune_retired`), so a released
+    storage is not kept longer than that. Only past ``config.CUDA_RETIRED_MAX`` pending releases (the GPU that far
     behind the host) does the host wait for the oldest.
 
     Why: a source replaced under fastema (``param.data = new``, a new JAX array every step) is
@@ -297,8 +297,10 @@ class Retired:
     fastema's launches on another stream (an update under ``torch.cuda.stream(side)``): its block
     could go to a new tensor while a queued kernel of fastema still reads it (issue 37, C2)."""
 
-    def __init__(self):
+    def __init__(self, at_launches: bool = False):
         self.pending: list = []               # (event, kept objects), oldest first
+        self.at_launches = at_launches        # pruned at launches too (torch: releases are rare); else only at
+                                              # the next release (JAX, TensorFlow: a release every step)
 
     def release(self, kept, device: str, stream) -> None:
         self.prune()
@@ -310,7 +312,7 @@ class Retired:
             event = cuda.event(timing=False)
             event.record(_on(stream))
         self.pending.append((event, kept))
-        if self not in WAITING:
+        if self.at_launches and self not in WAITING:
             WAITING.append(self)
 
     def prune(self) -> None:
