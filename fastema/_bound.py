@@ -10,6 +10,7 @@ device plan. This class is that part, written once. A subclass provides ``layout
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ class BoundLaunches:
     """The checked update, the non-finite scan and the copy from the sources, one launch per
     group, each bound once per tables, rounding, flag and carried plan."""
 
-    layout: object
+    layout: Any
     rows: int
     skipped: dict
     _lerps: dict

@@ -42,8 +42,11 @@ class UpdateOwner(Protocol):
     :class:`fastema.torch.TargetNetwork`): the documented protocol between the compiled path and
     the eager one, nothing else is reached."""
 
-    _ops: dict            # op -> (tensors it writes, tensors it reads), made when the tensors change
     _handle: int          # from register()
+
+    @property
+    def _ops(self) -> dict:
+        """op -> (tensors it writes, tensors it reads), made when the tensors change."""
 
     def _eager_update(self, step: int | None) -> None:
         """The eager ``update()`` (checks, schedule, launches)."""

@@ -1,7 +1,7 @@
-"""One contract for the model EMAs of every framework: fastema.torch.EMA, fastema.jax.EMA and
-fastema.tensorflow.EMA, each driven through a small adapter, checked against the same float64
-references. A behaviour that one framework's EMA changes alone shows up here as a failure of
-that parameter."""
+"""One contract for the model EMAs of every framework: fastema.torch.EMA, fastema.jax.EMA,
+fastema.tensorflow.EMA and fastema.torch.TargetNetwork (the average in the target's tensors),
+each driven through a small adapter, checked against the same float64 references. A behaviour
+that one face changes alone shows up here as a failure of that parameter."""
 import importlib
 
 import numpy as np
@@ -27,6 +27,18 @@ def _values(k: int) -> list:
 
 class TorchModel:
     name = "torch"
+    many = [0.9, 0.5]                      # several averages in one pass
+    unknown = "unexpected keyword argument 'sigma'"   # the signature spells the options: Python's TypeError
+
+    def refusal(self, option):
+        """The words of this face's refusal of ``option`` (None: it takes it)."""
+        return None
+
+    def state(self, ema):
+        return ema.state_dict()
+
+    def load(self, ema, state):
+        ema.load_state_dict(state)
 
     def __init__(self):
         import torch
@@ -59,6 +71,20 @@ class TorchModel:
 
 class JaxModel:
     name = "jax"
+    many = [0.9, 0.5]
+    unknown = "unknown EMA option.*'sigma'.*sigma_rel"
+
+    def refusal(self, option):
+        from fastema.average import HOST_ONLY_REFUSALS
+
+        why = HOST_ONLY_REFUSALS.get(option)
+        return None if why is None else f"does not take {option}=.*: {why[:20]}"
+
+    def state(self, ema):
+        return ema.state_dict()
+
+    def load(self, ema, state):
+        ema.load_state_dict(state)
 
     def __init__(self):
         self.jnp = importlib.import_module("jax.numpy")
@@ -83,6 +109,20 @@ class JaxModel:
 
 class TfModel:
     name = "tensorflow"
+    many = [0.9, 0.5]
+    unknown = "unknown EMA option.*'sigma'.*sigma_rel"
+
+    def refusal(self, option):
+        from fastema.average import HOST_ONLY_REFUSALS
+
+        why = HOST_ONLY_REFUSALS.get(option)
+        return None if why is None else f"does not take {option}=.*: {why[:20]}"
+
+    def state(self, ema):
+        return ema.state_dict()
+
+    def load(self, ema, state):
+        ema.load_state_dict(state)
 
     def __init__(self):
         self.tf = importlib.import_module("tensorflow")
@@ -110,12 +150,58 @@ class TfModel:
         return ema.average_parameters()
 
 
-MODELS = {"torch": TorchModel, "jax": JaxModel, "tensorflow": TfModel}
+class TargetModel:
+    """A target network of the torch model: the average is the target's own tensors. An EMA's
+    ``shadow_dtype`` is the target's dtype here (the adapter makes the target in it)."""
+    name = "target"
+    many = 0.9                             # one average: several decays are refused (see refusal)
+    unknown = r"unknown option\(s\) \['sigma'\]; it takes tau or momentum"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.model = torch.nn.ParameterList([torch.nn.Parameter(torch.from_numpy(v)) for v in _values(0)])
+
+    def refusal(self, option):
+        from fastema.torch.target import REFUSALS
+
+        if option == "decay":
+            return "does not take several decays"
+        why = REFUSALS.get(option) if option != "shadow_dtype" else None
+        return None if why is None else f"does not take {option}=.*: {why[:20]}"
+
+    def ema(self, decay, shadow_dtype=None, **kw):
+        import copy
+
+        import fastema.torch
+
+        target = copy.deepcopy(self.model).requires_grad_(False)
+        if shadow_dtype is not None:
+            target = target.to(getattr(self.torch, shadow_dtype))
+        return fastema.torch.TargetNetwork(self.model, target, momentum=decay, **kw)
+
+    set = TorchModel.set
+    update = TorchModel.update
+    weights = TorchModel.weights
+
+    def average(self, ema):
+        return [t.detach().double().numpy().copy() for t in ema.target.parameters()]
+
+    def state(self, ema):
+        return {"tn": ema.state_dict(), "target": {k: v.clone() for k, v in ema.target.state_dict().items()}}
+
+    def load(self, ema, state):
+        ema.target.load_state_dict(state["target"])
+        ema.load_state_dict(state["tn"])
+
+
+MODELS = {"torch": TorchModel, "jax": JaxModel, "tensorflow": TfModel, "target": TargetModel}
 
 
 @pytest.fixture(params=list(MODELS))
 def model(request):
-    pytest.importorskip({"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}[request.param])
+    pytest.importorskip({"torch": "torch", "jax": "jax", "tensorflow": "tensorflow", "target": "torch"}[request.param])
     return MODELS[request.param]()
 
 
@@ -167,12 +253,12 @@ def test_power_warmup_uses_the_schedule_at_each_step(model):
 
 
 def test_checkpoint_resume_is_bit_identical(model):
-    ema = model.ema([0.9, 0.5])
+    ema = model.ema(model.many)
     for k in range(1, 3):
         model.set(k)
         model.update(ema)
-    resumed = model.ema([0.9, 0.5])
-    resumed.load_state_dict(ema.state_dict())
+    resumed = model.ema(model.many)
+    model.load(resumed, model.state(ema))
     for k in range(3, 5):
         model.set(k)
         model.update(ema)
@@ -183,6 +269,8 @@ def test_checkpoint_resume_is_bit_identical(model):
 
 
 def test_a_checkpoint_of_another_shape_is_refused_and_changes_nothing(model):
+    if model.refusal("decay"):
+        pytest.skip(f"{model.name} keeps one average: no checkpoint of another number of averages")
     ema = model.ema([0.9, 0.5])
     model.set(1)
     model.update(ema)
@@ -206,7 +294,8 @@ def test_bad_decay_and_step_are_refused(model):
 
 def test_swap_puts_the_average_in_and_the_weights_back_bit_for_bit(model):
     if not hasattr(model, "block"):
-        pytest.skip(f"fastema.{model.name}.EMA hands the average back (shadow()) instead of swapping it in")
+        pytest.skip(f"the {model.name} face swaps nothing in (JAX hands the average back with shadow(); a target "
+                    f"network's average is the target itself)")
     ema = model.ema(0.5)
     model.set(1)
     model.update(ema)
@@ -284,9 +373,11 @@ def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
     decay = kw.pop("decay")
     from fastema.average import HOST_ONLY_REFUSALS
 
-    refused = model.name != "torch" and option in HOST_ONLY_REFUSALS      # exactly these, on JAX and TF
+    refused = model.refusal(option)        # JAX and TF: exactly HOST_ONLY_REFUSALS; a target network: REFUSALS
+    assert (model.name in ("jax", "tensorflow") and option in HOST_ONLY_REFUSALS) == (
+        model.name in ("jax", "tensorflow") and refused is not None)
     if refused:
-        with pytest.raises(ValueError, match=f"does not take {option}=.*: {HOST_ONLY_REFUSALS[option][:20]}"):
+        with pytest.raises(ValueError, match=refused):
             model.ema(decay, **kw)
         return
     ema = model.ema(decay, **kw)
@@ -305,19 +396,19 @@ def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     resumed = model.ema(decay, **kw)                # and its checkpoint round-trips
-    resumed.load_state_dict(ema.state_dict())
+    model.load(resumed, model.state(ema))
     for a, b in zip(model.average(ema), model.average(resumed)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_an_unknown_option_is_refused_with_the_list(model):
-    # the torch face spells its options in its signature: Python's own TypeError names the argument
-    words = "unexpected keyword argument 'sigma'" if model.name == "torch" else "unknown EMA option.*'sigma'.*sigma_rel"
-    with pytest.raises(TypeError, match=words):
+    with pytest.raises(TypeError, match=model.unknown):
         model.ema(0.9, sigma=0.1)
 
 
 def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
+    if model.refusal("bema"):
+        pytest.skip(f"{model.name} refuses bema= (the option cases check the refusal)")
     ema = model.ema(None, bema=True)
     assert ema.rows == 1
     for k in range(1, 4):
@@ -337,8 +428,9 @@ def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
 
 
 def test_the_plan_settings_are_read_on_the_plan_and_the_old_members_warn(model):
-    ema = model.ema([0.9, 0.5], update_every=2, debias=True)
-    assert (ema.decay, ema.updates, ema.rows) == ([0.9, 0.5], 0, 2)            # the three conveniences stay
+    ema = model.ema(model.many, update_every=2, **({} if model.refusal("debias") else {"debias": True}))
+    rows = len(model.many) if isinstance(model.many, list) else 1
+    assert (ema.decay, ema.updates, ema.rows) == (model.many, 0, rows)          # the three conveniences stay
     for name in ("norms", "schedules", "update_every", "compensate", "debias"):
         with pytest.warns(DeprecationWarning, match=f"ema.plan.{name}"):
             value = getattr(ema, name)

@@ -111,7 +111,7 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
     from fastema._launch import cpu as C
 
-    run = dev._lerps[3][0]                                    # the plan step rode in the lerp launch
+    run = dev._pairs.avg._lerps[0][4]                         # the plan step rode in the lerp launch
     assert isinstance(run, C.BoundLaunch) and run._kernel_of(False).py_func.__qualname__.startswith("plan_lerp")
 
 
@@ -673,3 +673,23 @@ def test_refusals_after_construction_name_the_parameter_not_a_launch_position(ch
     assert "Nothing was written" in str(err.value)
     for k, v in before.items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("shadow_dtype", "bfloat16", r"target.to\(torch.bfloat16\)"),
+    ("offload", "cpu", "target.to\\('cpu'\\)"),
+    ("debias", True, "starts as a copy of the online network"),
+    ("sigma_rel", 0.1, "PostHocEMA"),
+    ("bema", True, "three rows"),
+])
+def test_what_an_ema_keeps_in_a_shadow_of_its_own_is_refused_by_name(option, value, words):
+    """TargetNetwork takes EMAOptions (the contract suite runs it with every option): what only means
+    something for a shadow fastema owns is refused by name, with the way out, before anything is read."""
+    online, target = pair()
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=f"TargetNetwork does not take {option}=.*{words}"):
+        TargetNetwork(online, target, tau=0.5, **{option: value})
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['decay'\]; it takes tau or momentum"):
+        TargetNetwork(online, target, decay=0.5)
+    for k, v in before.items():
+        assert torch.equal(target.state_dict()[k], v)

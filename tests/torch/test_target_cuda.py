@@ -107,7 +107,7 @@ def test_buffers_on_a_device_with_no_averaged_tensor_sit_behind_the_device_plan(
         online[1].running_mean.add_(1.0)
         online[1].num_batches_tracked.add_(3)
     tn = TargetNetwork(online, target, tau=0.5, update_every=2, skip_nonfinite=skip_nonfinite)
-    assert tn.device_step and sorted(tn._device_plan.devices) == ["cpu", "cuda:0"]
+    assert tn.device_step and sorted(tn._core.device_plan.devices) == ["cpu", "cuda:0"]
     torch.cuda.synchronize()
     assert torch.equal(target[1].running_mean, torch.zeros(8)) and target[1].num_batches_tracked.item() == 0
     tn.update()                                            # call 1: due, copies
