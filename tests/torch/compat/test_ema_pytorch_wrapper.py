@@ -413,3 +413,21 @@ def test_a_lazy_ema_that_loaded_its_counters_makes_its_copy_at_the_first_update(
     assert lazy.ema_model is not None and int(lazy.step) == 4
     for a, p in zip(lazy.ema_model.parameters(), model.parameters()):
         assert torch.equal(a, p)
+
+
+def test_an_ema_pytree_on_another_device_is_taken_with_allow_different_devices():
+    """EMAPytree read allow_different_devices before setting it: an ema_pytree= on another device
+    than the tree raised AttributeError whatever the flag said. With the flag it is averaged there
+    (the source moved to it, as ema-pytorch's inplace_lerp does); without it, refused by name."""
+    tree = {"w": torch.randn(2, 2), "b": torch.randn(2)}
+
+    def on_meta():
+        return {"w": torch.zeros(2, 2, device="meta"), "b": torch.zeros(2, device="meta")}
+
+    ema = compat.EMAPytree(tree, ema_pytree=on_meta(), allow_different_devices=True, update_after_step=0,
+                           update_every=1)
+    ema.update()
+    ema.update()
+    assert ema.ema_pytree["w"].device.type == "meta" and ema.step.item() == 2
+    with pytest.raises(ValueError, match="ema_pytree.w: the EMA copy is on meta .*allow_different_devices=True"):
+        compat.EMAPytree(tree, ema_pytree=on_meta())

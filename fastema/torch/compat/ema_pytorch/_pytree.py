@@ -101,6 +101,7 @@ class EMAPytree(_Warmup):
                           (torch.is_floating_point(ema_leaves[i]) or torch.is_complex(ema_leaves[i]))]
         self._float_set = frozenset(self._float_at)
         self._other_at = [i for i in self._tensor_at if i not in self._float_set]
+        _device_options(self, allow_different_devices, coerce_dtype)   # what _pairs reads
         try:
             self._pairs(ema_pytree, pytree)              # the EMA copy matches the tree
         except ValueError as err:
@@ -110,7 +111,6 @@ class EMAPytree(_Warmup):
         for leaf in _pytree.tree_leaves(ema_pytree):
             if torch.is_tensor(leaf):
                 leaf.detach_()
-        _device_options(self, allow_different_devices, coerce_dtype)
         self._init_counters()
 
     @property
