@@ -90,6 +90,23 @@ def test_posthoc_example():
     assert len([n for n in os.listdir(scope["run_dir"]) if n.endswith(".safetensors")]) == 20
 
 
+@pytest.mark.slow
+def test_merging_example_runs(tmp_path):
+    """The checkpoint-merging guide's run, as a user would run it: two HF Trainer runs of a tiny GPT-2,
+    three merges of the constant run's checkpoints, the plot (about a minute on 2 cores)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = subprocess.run([sys.executable, "-c", first_python_block(guide("merging"))], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = re.search(r"step 120: constant LR (\S+), decayed (\S+), merged uniform (\S+), merged wsm:1-sqrt (\S+), "
+                     r"merged ema:20 (\S+)", out.stdout)
+    assert line, out.stdout[-2000:]
+    constant, decayed, *merged = (float(v.rstrip(",")) for v in line.groups())
+    assert min(merged) < constant and decayed < constant
+    assert (tmp_path / "merging.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_python_block_compiles(page):
     """Fragments (``...; optimizer.step()``) are not run, but none may be a syntax error."""

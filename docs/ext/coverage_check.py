@@ -33,6 +33,7 @@ PUBLIC_MODULES = (
     "fastema.schedules",
     "fastema.average",
     "fastema.posthoc",
+    "fastema.merge",
     "fastema.torch",
     "fastema.torch.compat",
     "fastema.jax",
