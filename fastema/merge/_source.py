@@ -101,6 +101,7 @@ class Source:
 
     def __init__(self, path: str, label: str):
         self.path, self.label = path, label
+        self.display = path              # how reports name it
         self.entries: dict = {}
         self.step: int | None = None
         self.profile: tuple | None = None

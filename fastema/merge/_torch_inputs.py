@@ -13,6 +13,7 @@ flattened with dots.
 from __future__ import annotations
 
 import ctypes
+import math
 import pickle
 import re
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from ._dtypes import ITEMSIZE, OBJECT
 from ._source import DONTNEED, POPULATE_READ, Entry, MergeError, Source, advise, regular, step_from_name
 
-__all__ = ["TorchFileSource"]
+__all__ = ["DcpSource", "TorchFileSource"]
 
 _ROOTS = ("state_dict", "model", "module", "model_state_dict")
 _OPTIMIZER = re.compile(r"optim|scheduler|lr_sched|scaler", re.I)
@@ -162,3 +163,115 @@ def _has_tensor(tree: dict) -> bool:
     import torch
 
     return any(isinstance(v, torch.Tensor) or (isinstance(v, dict) and _has_tensor(v)) for v in tree.values())
+
+
+_SNAPSHOT_WORDS = (                 # fastema.posthoc's DCP checks speak of snapshots; here it is a checkpoint
+    ("; move it (and its .json) out of the folder to synthesise from the others", ""),
+    ("; move it (and its .json) out of the folder", ""),
+    (" It is not a snapshot fastema wrote: remove this snapshot, or get an intact copy from its author",
+     " Get an intact copy of the checkpoint"),
+    ("DCP metadata a snapshot holds", "DCP metadata"), ("a snapshot's metadata", "a checkpoint's metadata"),
+    ("the DCP snapshot", "the DCP checkpoint"), ("the snapshot is", "the checkpoint is"),
+    ("synthesise on a machine", "merge on a machine"))
+
+
+def _as_checkpoint(message: str) -> str:
+    message = " ".join(message.split())
+    for old, new in _SNAPSHOT_WORDS:
+        message = message.replace(old, new)
+    return message
+
+
+class DcpSource(Source):
+    """A torch DCP checkpoint folder (any number of shards, any sharding). Its ``.metadata`` (a pickle)
+    is read only through fastema's allow-list unpickler (:mod:`fastema.posthoc._dcp_unpickler`), and
+    checked by exact types against the data files before anything is read
+    (:func:`fastema.posthoc._dcp.load_dcp_metadata`); each tensor is read whole through DCP's planner
+    (``dcp.load`` of that one tensor, ``no_dist``), its shards assembled by DCP. Not readable in pieces
+    (:attr:`mappable` False): a merge sums DCP inputs one at a time, one tensor in memory. Optimizer
+    state (``optimizer.*``) is left out unless asked for; a ``model.`` prefix common to every other
+    tensor is dropped from the names; non-tensor entries are not read."""
+
+    format = "dcp"
+    mappable = False
+
+    def __init__(self, path: str, label: str, optimizer: bool = False):
+        import os
+
+        from ..posthoc._dcp import load_dcp_metadata
+
+        super().__init__(path, label)
+        try:
+            self._md = load_dcp_metadata(os.path.join(path, ".metadata"))
+        except (ValueError, MemoryError, OSError) as err:
+            raise MergeError(f"{label}: {_as_checkpoint(str(err))}") from None
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        entries = self._md.state_dict_metadata
+        model = [k for k in entries if not _OPTIMIZER.match(k.split(".", 1)[0])]
+        strip = "model." if model and all(k.startswith("model.") for k in model) else ""
+        self._fqn: dict = {}
+        for key, meta in entries.items():
+            if _OPTIMIZER.match(key.split(".", 1)[0]):
+                if not optimizer:
+                    self.dropped.append(key)
+                    continue
+            name = key[len(strip):] if key.startswith(strip) else key
+            if isinstance(meta, TensorStorageMetadata):
+                dtype = dtype_name(meta.properties.dtype)
+                if dtype not in ITEMSIZE:
+                    raise MergeError(f"{label}: tensor {key!r} is {dtype}, a dtype fastema does not read")
+                shape = tuple(int(d) for d in meta.size)
+                self.entries[name] = Entry(name, dtype, shape, math.prod(shape) * ITEMSIZE[dtype])
+            else:
+                self.entries[name] = Entry(name, OBJECT, (), 0)
+            self._fqn[name] = key
+            if key.startswith("optimizer"):
+                self.copied.add(name)
+        self._loaded: dict = {}
+        self.step = step_from_name(path)
+
+    def _tensor(self, name: str):
+        t = self._loaded.get(name)
+        if t is not None:
+            return t
+        import warnings
+
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        from ..posthoc._dcp import _safe_reader_type
+
+        e = self.entries[name]
+        try:
+            out = {self._fqn[name]: torch.empty(e.shape, dtype=getattr(torch, e.dtype))}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(out, storage_reader=_safe_reader_type()(self.path, metadata=self._md), no_dist=True)
+        except Exception as err:                         # CheckpointException, a shard truncated or missing
+            cause = getattr(err, "failures", None)
+            if isinstance(cause, dict) and cause:
+                failure = next(iter(cause.values()))
+                err = failure[0] if isinstance(failure, tuple) else failure
+            refused = isinstance(err, pickle.UnpicklingError)
+            raise MergeError(f"{self.label}: tensor {name!r} could not be read ("
+                             + ("a data file holds a pickle that is not plain tensor data: torch.load(weights_only="
+                                "True) refused it, nothing ran" if refused else _first_line(err)[:200])
+                             + "); the checkpoint is truncated or damaged") from None
+        self._loaded[name] = out[self._fqn[name]]           # until done(name): a piece may still be read
+        return self._loaded[name]
+
+    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
+        return self._tensor(name).data_ptr() + lo * ITEMSIZE[self.entries[name].dtype]
+
+    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
+        if nbytes == 0:
+            return memoryview(b"")
+        address = self._tensor(name).data_ptr() + lo
+        return memoryview(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
+
+    def done(self, name: str) -> None:
+        self._loaded.pop(name, None)
+
+    def close(self) -> None:
+        self._loaded = {}

@@ -141,7 +141,7 @@ def _not_an_input(out: str, inputs) -> None:
 
 
 def _report(out, sources, steps, w, dtype, plan: Plan) -> MergeReport:
-    report = MergeReport(out=out, inputs=[s.label.split(" (", 1)[1][:-1] for s in sources],
+    report = MergeReport(out=out, inputs=[s.display for s in sources],
                          formats=[s.format for s in sources], steps=steps, weights=w.values, style=w.style,
                          formula=w.formula, dtype=dtype, copy_from=plan.copy_from, bytes_read=plan.bytes_read,
                          bytes_written=plan.bytes_written)

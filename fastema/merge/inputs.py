@@ -6,8 +6,9 @@ not write:
   ``model.safetensors.index.json`` (a ``pytorch_model.bin`` folder is read as a torch file);
 - a torch ``.pt``/``.pth``/``.bin`` state dict (``torch.load(weights_only=True, mmap=True)``:
   :mod:`._torch_inputs`);
-- a torch DCP checkpoint folder (``.metadata`` read through fastema's allow-list unpickler;
-  tensors through DCP's planner, one at a time: :mod:`._torch_inputs`);
+- a torch DCP checkpoint folder (``.metadata`` read through fastema's allow-list unpickler,
+  :mod:`fastema.posthoc._dcp_unpickler`; tensors through DCP's planner, one at a time:
+  :mod:`._torch_inputs`);
 - a post-hoc snapshot folder of :class:`fastema.torch.PostHocEMA` (:mod:`._snapshots`).
 
 Each is a :class:`Source`: its entries (name, dtype, shape), its training step when it records
