@@ -5,7 +5,7 @@
 one launch per group, behind an optional skip flag, with the weights on the host or in a
 device plan. This class is that part, written once. A subclass provides ``layout.groups``
 (objects with the fields :func:`fastema._launch.launch` reads, plus ``framework``), ``rows``,
-``skipped`` and the two caches ``_lerps`` and ``_copies`` (dicts, empty at first).
+``skipped`` and the three caches ``_lerps``, ``_copies`` and ``_scans`` (dicts, empty at first).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class BoundLaunches:
     skipped: dict
     _lerps: dict
     _copies: dict
+    _scans: dict
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
                        plan=None, given: int | None = None) -> None:
@@ -46,7 +47,7 @@ class BoundLaunches:
         lerps = self._lerps
         if plan is None and skip_if is None:            # the usual step: host weights, no guard
             assert weights_by_device is not None
-            for gi, g in enumerate(self.layout.groups):   # type: ignore[attr-defined]
+            for gi, g in enumerate(self.layout.groups):
                 bound = lerps.get(gi)
                 if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
                         or bound[3] is not None:
@@ -54,7 +55,7 @@ class BoundLaunches:
                 bound[4](weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0)
             return
         assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
-        for gi, g in enumerate(self.layout.groups):       # type: ignore[attr-defined]
+        for gi, g in enumerate(self.layout.groups):
             flag = None if skip_if is None else skip_if.get(g.device)
             carrier = None
             if plan is not None:
@@ -97,30 +98,43 @@ class BoundLaunches:
         ``self.skipped``. Without ``flags`` they start at zero; pass the flags of an
         earlier scan (another shadow's) to add this shadow's sources to them."""
         flags = dict(flags or {})
-        groups = self.layout.groups                       # type: ignore[attr-defined]
-        for g in groups:
+        groups = self.layout.groups
+        scans = self._scans
+        for gi, g in enumerate(groups):
             if g.device not in flags:
                 flags[g.device] = self._zeroed_flag(g)
-            _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
+            flag = flags[g.device]
+            if not _backends.made_here(flag):             # a caller's flag: viewed afresh at every call
+                _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
+                continue
+            bound = scans.get(gi)
+            if bound is None or bound[0] is not g.tables or bound[1] is not flag:
+                bound = scans[gi] = (g.tables, flag, _launch.nonfinite_launcher(g, self._flag_view(flags, g)))
+            bound[2]()
         self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in groups)}
         return flags
 
     def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
         """Every row <- the sources, once the addresses are current; nothing is copied on a device
-        whose ``skip_if`` flag is set. Bound once per group tables and flag where fastema made the
-        flag (``_backends.made_here``), else viewed afresh."""
-        for gi, g in enumerate(self.layout.groups):       # type: ignore[attr-defined]
-            flag = None if skip_if is None else skip_if.get(g.device)
-            if flag is not None and not _backends.made_here(flag):
-                _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows,
-                               flag=self._flag_view(skip_if, g))
-                continue
-            bound = self._copies.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not flag:
-                view = None if flag is None else self._flag_view(skip_if, g)
-                bound = self._copies[gi] = (g.tables, flag, _launch.copy_launcher(
-                    g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=view))
-            bound[2]()
+        whose ``skip_if`` flag is set."""
+        for gi, g in enumerate(self.layout.groups):
+            self.copy_group_in(gi, skip_if)
+
+    def copy_group_in(self, gi: int, skip_if: Mapping | None = None) -> None:
+        """Group ``gi``'s rows <- its sources (the addresses current), behind its ``skip_if`` flag:
+        bound once per group tables and flag where fastema made the flag (``_backends.made_here``),
+        else viewed afresh."""
+        g = self.layout.groups[gi]
+        flag = None if skip_if is None else skip_if.get(g.device)
+        if flag is not None and not _backends.made_here(flag):
+            _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=self._flag_view(skip_if, g))
+            return
+        bound = self._copies.get(gi)
+        if bound is None or bound[0] is not g.tables or bound[1] is not flag:
+            view = None if flag is None else self._flag_view(skip_if, g)
+            bound = self._copies[gi] = (g.tables, flag, _launch.copy_launcher(
+                g, to_shadow=True, row_lo=0, row_hi=self.rows, flag=view))
+        bound[2]()
 
     def _zeroed_flag(self, g):
         flag = self.skipped.get(g.device)

@@ -71,6 +71,7 @@ class FlatShadow(ShadowBase, BoundLaunches):
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
         self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
+        self._scans: dict = {}          # group index -> (tables, flag, bound non-finite scan)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":

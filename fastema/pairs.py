@@ -101,6 +101,7 @@ class PairShadow(BoundLaunches):
         self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
         self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
         self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
+        self._scans: dict = {}          # group index -> (tables, flag, bound non-finite scan)
         self.skipped: dict[str, Any] = {}
 
     @property

@@ -154,6 +154,7 @@ class _OnDevice:
         _backends.mark_made_here(self.arrays["flag"])
         self.views = {k: _backends.kernel_view(a) for k, a in self.arrays.items()}
         self.key_views = [self.views["keys"][i:i + 1] for i in range(groups)]
+        self.step = _launch.plan_launcher(self.group, self.views)   # run(given): the plan kernel, bound once
 
 
 class DevicePlan:
@@ -219,9 +220,7 @@ class DevicePlan:
         for device, d in self.devices.items():
             if carried and device in self.carriers:
                 continue
-            v = d.views
-            _launch.launch("plan", d.group, state=v["state"], params=v["params"], decays=v["decays"], given=given,
-                           w32=v["w32"], w64=v["w64"], flag=v["flag"], keys=v["keys"])
+            d.step(given)
 
     def views(self, device: str) -> dict:
         """The kernel views of ``device``'s plan arrays (what ``_launch.plan_lerp_launcher`` binds)."""

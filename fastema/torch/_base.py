@@ -130,7 +130,11 @@ class _ModelAverage(_ModelSide, _CheckpointSide):
         shadows = [g.buffer for g in groups] + [ring for _, ring, _ in getattr(self._avg, "_rings", ())]
         sources = list(self._avg.sources) + (list(self._copy.sources) if self._copy is not None else [])
         ints = list(self._int_buffers.values())
-        return {"update": (shadows + [d for _, d in ints] + self._plan_tensors(), sources + [s for s, _ in ints]),
+        owned = shadows + [d for _, d in ints] + self._plan_tensors()
+        for t in owned:                 # fastema's own, never moved: static for cudagraph trees, which skip a
+            if t.is_cuda:               # graph that writes a tensor that is not (issue 37, B5); what
+                t._dynamo_static_input_type = "unguarded"   # torch._dynamo.mark_static_address(t) sets
+        return {"update": (owned, sources + [s for s, _ in ints]),
                 "swap": (shadows + sources, []),
                 "copy_to": (sources, shadows)}
 

@@ -204,17 +204,17 @@ class OffloadedShadow:
         events = []
         for gi, g in enumerate(self.pack.layout.groups):
             if not self._double[gi]:                              # the staging is the slot
-                self._pack(g)
+                self._pack(gi)
                 continue
             flat, host = g.buffer.reshape(-1), self._slots[slot][gi]
             if not self._cuda[gi]:                                # two slots on the CPU (the tests' pipeline)
-                self._pack(g)
+                self._pack(gi)
                 host.copy_(flat)
                 continue
             side, current = self._stream[g.device], torch.cuda.current_stream(torch.device(g.device))
             side.wait_stream(current)                             # the optimizer's writes come first
             with torch.cuda.stream(side):
-                self._pack(g)
+                self._pack(gi)
                 packed = torch.cuda.Event()
                 packed.record(side)
                 host.copy_(flat, non_blocking=True)
@@ -224,10 +224,8 @@ class OffloadedShadow:
             events.append(copied)
         return events
 
-    def _pack(self, g) -> None:
-        from .. import _launch
-
-        _launch.launch("copy", g, to_shadow=True, row_lo=0, row_hi=1, flag=None)
+    def _pack(self, gi: int) -> None:
+        self.pack.copy_group_in(gi)                               # the sources into staging group gi
 
     def _work(self, staged: _Staged, *args) -> None:
         """The worker's task: the fold, then ``staged`` set whatever happened."""

@@ -25,13 +25,12 @@ def _imports(path: pathlib.Path, package: str, module_level_only: bool):
                 base = package.split(".")
                 base = base[:len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
-                if node.module is None:                          # from . import a, b: each is a module
-                    for a in node.names:
-                        yield f"{mod}.{a.name}", node.lineno
-                    continue
-                yield mod, node.lineno
             else:
-                yield node.module, node.lineno
+                mod = node.module
+            if node.module is not None:
+                yield mod, node.lineno
+            for a in node.names:            # from pkg import mod: an edge to pkg.mod too (names that are
+                yield f"{mod}.{a.name}", node.lineno   # no module fall back to pkg in _module_graph)
 
 
 def test_kernels_import_only_numpy_numba_and_llvmlite():
@@ -94,7 +93,7 @@ FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fast
                    "fastema/posthoc/snapshots.py", "fastema/posthoc/_dcp.py", "fastema/posthoc/_dcp_unpickler.py",
                    "fastema/_safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow/",
-                   "fastema/transformers.py")
+                   "fastema/transformers.py", "fastema/merge/_torch_inputs.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
@@ -183,4 +182,69 @@ def test_the_model_average_engine_imports_no_framework():
         for mod, line in _imports(path, package, module_level_only=False):
             if mod.split(".")[0] in IMPORTED_FRAMEWORKS:
                 bad.append(f"fastema/average/{path.name}:{line} imports {mod}")
+    assert not bad, bad
+
+
+# The layers of docs/architecture.md, lowest first: a module may import its own layer and the
+# layers below, never one above (deferred imports included). A module belongs to the layer of
+# the longest prefix listed; "fastema" itself (the package's face) is the top.
+LAYERS = (
+    ("kernels", ("fastema.kernels",)),
+    ("leaves", ("fastema._files", "fastema._interrupts", "fastema._state", "fastema.schedules",
+                "fastema._safetensors")),
+    ("dispatch", ("fastema._launch",)),
+    ("boundary", ("fastema._backends",)),
+    ("shadows", ("fastema._checks", "fastema._bound", "fastema._layout", "fastema._sources", "fastema.flat",
+                 "fastema.window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
+    ("engine", ("fastema.average",)),
+    ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
+    ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema.merge",
+                             "fastema.cli", "fastema.__main__", "fastema.bench", "fastema.demo", "fastema.plot",
+                             "fastema")),
+)
+
+# Upward edges kept on purpose, each with its reason and when it goes.
+UPWARD_ALLOWED = {
+    ("fastema.posthoc", "fastema.cli.posthoc"): "the deprecated alias fastema.posthoc.main (removed in 0.3.0)",
+}
+
+
+def _layer(module: str) -> int:
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or (module.startswith(p + ".") and p != "fastema")) and (
+                    best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{module} is in no layer of LAYERS: give it one (and a row in docs/architecture.md)"
+    return best[0]
+
+
+def test_no_module_imports_a_higher_layer():
+    graph = _module_graph(deferred=True)
+    bad = [f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
+           for a in sorted(graph) for b in sorted(graph[a])
+           if _layer(b) > _layer(a) and (a, b) not in UPWARD_ALLOWED]
+    assert not bad, bad
+
+
+def test_the_upward_exceptions_are_still_needed():
+    graph = _module_graph(deferred=True)
+    stale = [edge for edge in UPWARD_ALLOWED if edge[1] not in graph.get(edge[0], ())]
+    assert not stale, f"UPWARD_ALLOWED lists edges the code no longer has: {stale}; remove them"
+
+
+FACES = ("fastema/torch/", "fastema/jax.py", "fastema/tensorflow/", "fastema/keras/", "fastema/lightning.py",
+         "fastema/transformers.py", "fastema/posthoc/")
+
+
+def test_faces_launch_through_the_shadows_never_through_dispatch():
+    """No face imports fastema._launch (deferred imports included): a face hands its tensors to a
+    shadow (FlatShadow, PairShadow, the offloaded shadow), which launches."""
+    bad = []
+    for path in sorted((ROOT / "fastema").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(FACES):
+            bad += [f"{rel}:{line} imports {mod}" for mod, line in _imports(path, _package(path), False)
+                    if mod == "fastema._launch" or mod.startswith("fastema._launch.")]
     assert not bad, bad

@@ -1065,11 +1065,6 @@ def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, ro
 
 
 @pytest.mark.skipif(SIM, reason="needs a GPU")
-@pytest.mark.xfail(strict=True, reason="issue 37, B5: fastema's own written tensors (the shadows, the device "
-                                       "plan's arrays) are not marked static (torch._dynamo.mark_static_address), "
-                                       "so cudagraph trees skip every graph that holds ema.update() ('mutated "
-                                       "inputs') and run it eagerly; the change is in the issue's closing note. "
-                                       "Remove this mark with it.")
 def test_reduce_overhead_really_captures_and_replays_a_cuda_graph():
     """torch.compile(mode="reduce-overhead") with ema.update() inside records a CUDA graph and replays it:
     cudagraph trees skip (and run eagerly, which an equality check cannot tell) any graph that mutates an

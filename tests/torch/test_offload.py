@@ -128,9 +128,9 @@ class Trace(list):
 def trace(monkeypatch):
     log, pack, fold_group = Trace(), OffloadedShadow._pack, OffloadedShadow._fold_group
 
-    def packed(self, g):
-        pack(self, g)
-        log.append(("pack", self.pack.layout.groups.index(g)))
+    def packed(self, gi):
+        pack(self, gi)
+        log.append(("pack", gi))
 
     def folded(self, gi, slot, *args):
         if gi in log.hold:
