@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from . import _backends
-from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face
+from .average import HOST_ONLY_REFUSALS, EMAOptions
+from .average.core import Average, Face
 
 __all__ = ["EMA"]
 

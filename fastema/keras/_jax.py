@@ -12,7 +12,8 @@ renames them fails there, not in a user's fit.
 """
 from __future__ import annotations
 
-from ..average import Face, ModelSwap
+from ..average.core import Face
+from ..average.swap import ModelSwap
 
 __all__ = ["metric_values", "sync", "trainable_values"]
 

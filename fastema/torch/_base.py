@@ -14,7 +14,8 @@ from typing import ContextManager, Sequence
 import torch
 from torch import nn
 
-from ..average import Cadence, ModelSwap
+from ..average.plan import Cadence
+from ..average.swap import ModelSwap
 from ..flat import FlatShadow
 from . import _compile, _deepspeed, _sharded
 from ._checkpoint import _CheckpointSide

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import schedules
-from ..average import Average, EMAOptions, Face
+from ..average import EMAOptions
+from ..average.core import Average, Face
 from ..flat import FlatShadow
 from . import _compile
 from ._base import _ModelAverage

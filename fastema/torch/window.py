@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..average import Cadence
+from ..average.plan import Cadence
 from ..flat import FlatShadow, WindowShadow
 from ._base import _ModelAverage
 from ._model import _match_names
