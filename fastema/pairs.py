@@ -21,7 +21,7 @@ from ._bound import BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from .kernels._bits import BF16
 
-__all__ = ["PairGroup", "PairShadow", "cached", "of", "pair_groups"]
+__all__ = ["PairShadow"]
 
 
 class PairGroup:

@@ -29,6 +29,7 @@ from typing import Iterable
 PUBLIC_MODULES = (
     "fastema",
     "fastema.flat",
+    "fastema.pairs",
     "fastema.smooth",
     "fastema.schedules",
     "fastema.average",
