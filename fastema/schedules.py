@@ -30,8 +30,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["BEMA", "Constant", "Cosine", "HalfLife", "Linear", "NumUpdates", "PiecewiseConstant", "PowerFunction",
-           "PowerWarmup", "from_state", "MAX_BOUNDARIES",
+__all__ = ["BEMA", "Constant", "Cosine", "EmaDecaySqrt", "HalfLife", "Linear", "NumUpdates", "PiecewiseConstant",
+           "PowerFunction", "PowerWarmup", "WSM", "from_state", "MAX_BOUNDARIES", "merged_weight", "wsm_coefficients",
+           "wsm_mean", "WSM_SHAPES",
            "gamma_to_sigma_rel", "sigma_rel_to_gamma", "SIGMA_REL_MAX"]
 
 
@@ -292,8 +293,177 @@ class PiecewiseConstant:
         return {"kind": "piecewise_constant", "boundaries": list(self.boundaries), "values": list(self.values)}
 
 
-#: Decay schedules given as ``decay=`` (indexed by the update, ``t = n - 1``).
-MOMENTUM_SCHEDULES = (Cosine, Linear, PiecewiseConstant)
+# ---------------------------------------------------------------- merge schedules: checkpoint merging online
+
+#: The decay shapes of WSM (Tian et al., arXiv 2507.17634) on ``[0, 1]``, ``name -> (f, F)`` with ``F``
+#: the antiderivative of ``f``: the one home of these formulas. The offline merge's ``wsm:`` weights
+#: (:mod:`fastema.merge.weights`), :class:`WSM` and :class:`EmaDecaySqrt` read them here; the device
+#: plan (``kernels._stats.merge_weight``) spells the same expressions, tested bit for bit.
+WSM_SHAPES = {
+    "linear": (lambda x: 1.0 - x, lambda x: x - x * x / 2),
+    "cosine": (lambda x: (1 + math.cos(math.pi * x)) / 2, lambda x: x / 2 + math.sin(math.pi * x) / (2 * math.pi)),
+    "1-sqrt": (lambda x: 1.0 - math.sqrt(x), lambda x: x - 2.0 / 3.0 * x ** 1.5),
+}
+
+
+def wsm_mean(shape: str, x0: float, x1: float) -> float:
+    """The mean of WSM's decay ``shape`` over ``[x0, x1]`` (``x0 < x1``): ``(F(x1) - F(x0)) / (x1 - x0)``."""
+    F = WSM_SHAPES[shape][1]
+    return (F(x1) - F(x0)) / (x1 - x0)
+
+
+def wsm_coefficients(shape: str, x: Sequence[float]) -> list:
+    """WSM's merge coefficients of ``K >= 2`` checkpoints at positions ``0 = x_0 < ... < x_(K-1) = 1`` of
+    the merged span: ``c_0 = 1 - w_1``, ``c_j = w_j - w_(j+1)``, ``c_(K-1) = w_(K-1)``, with ``w_i`` the
+    mean of the decay between checkpoints ``i-1`` and ``i`` (:func:`wsm_mean`). They sum to 1."""
+    w = [wsm_mean(shape, x[i - 1], x[i]) for i in range(1, len(x))]      # w_1 .. w_(K-1)
+    return [1 - w[0]] + [w[j - 1] - w[j] for j in range(1, len(x) - 1)] + [w[-1]]
+
+
+def merged_weight(weight: float, total: float) -> tuple[float, float]:
+    """One sample of a weighted average kept as a running one: with ``total`` the weights of the
+    samples so far, the sample of (unnormalised) ``weight`` is folded in as ``avg <- avg + w (x - avg)``,
+    ``w = weight / (total + weight)`` (0 while the total is 0: the average stays as it was), as Levanter's
+    ``EmaDecaySqrtModelAveraging`` does. Returns ``(w, total + weight)``. The decays ``1 - w`` telescope:
+    sample ``i`` ends with ``weight_i / sum(weights)``, the normalised merge of the samples."""
+    total += weight
+    return (0.0 if total == 0.0 else weight / total), total
+
+
+class _Merge:
+    """What :class:`WSM` and :class:`EmaDecaySqrt` share: each update's sample has a weight, a function of
+    the training step ``t`` (:meth:`weight`), folded in by :func:`merged_weight` with the running total
+    (the plan keeps it where a debiased plan keeps its normalisers). A call whose weights are all 0
+    writes nothing: the plan skips it, as it skips what ``update_every`` skips."""
+    timed = True            # a function of the step (or the calls), whatever update_every
+    merge = True
+
+    def weight(self, t: float) -> float:
+        raise NotImplementedError
+
+
+def _check_step_arg(name, value, least):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WSM(_Merge):
+    """Checkpoint merging as training runs, with WSM's weights (Tian et al., arXiv 2507.17634): the
+    average is the merge of the checkpoints at steps ``start, start + every, ..., end`` that emulates
+    the learning-rate decay ``shape`` over that span, with the weights of the offline ``wsm:SHAPE``
+    merge of those checkpoints (:func:`fastema.merge.merge_checkpoints` with their ``steps``).
+
+    The checkpoint at step ``s_j``, at ``x_j = (s_j - start) / (end - start)``, has the weight
+    ``c_j = w_j - w_(j+1)`` with ``w_j`` the mean of the decay ``f`` between checkpoints ``j-1`` and
+    ``j`` (:func:`wsm_mean`), ``w_0 = 1``, ``w_K = 0``: by WSM's theorem the merge of a constant-LR
+    run's checkpoints is its last one trained with the gradients between checkpoints ``i-1`` and
+    ``i`` scaled by ``w_i``. Each update folds the model in with ``w = c_j / (c_0 + ... + c_j)``
+    (:func:`merged_weight`): after the update at ``end`` the average is ``sum_j c_j theta_j`` (they
+    sum to 1); before, the merge of the checkpoints so far, normalised. A checkpoint's weight needs
+    the next one's position: that is why the span and its spacing are given in advance.
+
+    ``t`` is the step given to ``update(step=)`` (the steps done, the current one included: Hugging
+    Face's ``global_step``, the ``N`` of ``checkpoint-N``), or the number of ``update()`` calls. A
+    call at any other step (between checkpoints, before ``start``, after ``end``) counts 0 and writes
+    nothing, so ``update()`` may be called at every step. Until ``start`` the average is the weights
+    it was made from.
+
+    Args:
+        shape: the decay emulated: ``"linear"`` (``f(x) = 1 - x``), ``"cosine"``
+            (``(1 + cos(pi x)) / 2``) or ``"1-sqrt"`` (``1 - sqrt(x)``).
+        start: the step of the first checkpoint merged, an int >= 0.
+        end: the step of the last, an int > ``start``, ``end - start`` a multiple of ``every``.
+        every: the steps between checkpoints, an int >= 1 (1: every step is one).
+    """
+    shape: str
+    start: int
+    end: int
+    every: int = 1
+
+    def __post_init__(self):
+        _plain_fields(self)
+        if self.shape not in WSM_SHAPES:
+            raise ValueError(f"shape must be one of {', '.join(map(repr, WSM_SHAPES))} (WSM's decays), "
+                             f"got {self.shape!r}")
+        _check_step_arg("start", self.start, 0)
+        _check_step_arg("every", self.every, 1)
+        _check_step_arg("end", self.end, self.start + 1)
+        if (self.end - self.start) % self.every:
+            k = (self.end - self.start) // self.every
+            raise ValueError(f"end - start = {self.end - self.start} is not a multiple of every = {self.every}: "
+                             f"the checkpoints merged are start, start + every, ..., end; give end="
+                             f"{self.start + k * self.every} or {self.start + (k + 1) * self.every}")
+
+    def weight(self, t: float) -> float:
+        """The weight ``c_j`` of the checkpoint at step ``t`` (0 off the checkpoints), unnormalised."""
+        start, end, every = self.start, self.end, self.every
+        if t < start or t > end or (t - start) % every != 0:
+            return 0.0
+        span = end - start
+        x = (t - start) / span
+        w_in = 1.0 if t == start else wsm_mean(self.shape, (t - every - start) / span, x)
+        w_out = 0.0 if t == end else wsm_mean(self.shape, x, (t + every - start) / span)
+        return w_in - w_out
+
+    def state(self) -> dict:
+        return {"kind": "wsm", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class EmaDecaySqrt(_Merge):
+    """Levanter's ``EmaDecaySqrtModelAveraging`` (stanford-crfm/levanter,
+    ``src/levanter/optim/model_averaging.py``; its config ``type: ema_decay_sqrt``): the running
+    weighted average of the model whose sample at Levanter's step ``i`` weighs::
+
+        a(i) = 1 - beta                                                  if i < switch_step
+             = 1 - sqrt(clip((i - switch_step) / decay_steps, 0, 1))     otherwise
+
+    folded in as Levanter folds it: ``tot <- tot + a``, ``avg <- avg + (a / tot) (x - avg)``
+    (:func:`merged_weight`), so the average is ``sum_i a(i) theta_i / sum_i a(i)``. Levanter calls it
+    "EMA, then 1-sqrt decay"; as every weight is normalised by the running total, the phase before
+    the switch is a uniform average (each sample ``1 - beta``); from the switch a sample counts
+    ``1 - sqrt`` of the decay's progress (1 at the switch, 0 from ``decay_steps`` after it: then the
+    average stops changing and calls write nothing). :class:`WSM`'s ``1-sqrt`` weights checkpoints
+    by the differences of the decay instead, which is what emulates training with it.
+
+    Levanter passes its step before the optimizer step increments it (0 on the first update):
+    ``i = t - 1``, with ``t`` the steps done (``update(step=t)``, or the number of calls), as the
+    momentum schedules read it. Computed in float64 (Levanter rounds the clipped fraction and its
+    square root to float32: a weight differs by < 1e-7 relative).
+
+    Args:
+        switch_step: Levanter's ``switch_step``, an int >= 0.
+        decay_steps: Levanter's ``decay_steps``, an int >= 1.
+        beta: Levanter's ``beta`` (default 0.999, its default), in ``[0, 1]``.
+    """
+    switch_step: int
+    decay_steps: int
+    beta: float = 0.999
+
+    def __post_init__(self):
+        _plain_fields(self)
+        _check_step_arg("switch_step", self.switch_step, 0)
+        _check_step_arg("decay_steps", self.decay_steps, 1)
+        _check_decay("beta", self.beta)
+
+    def weight(self, t: float) -> float:
+        """The weight ``a(t - 1)`` of the sample of the update at step ``t``, unnormalised."""
+        i = t - 1
+        if i < self.switch_step:
+            return 1.0 - self.beta
+        return WSM_SHAPES["1-sqrt"][0](min(max((i - self.switch_step) / self.decay_steps, 0.0), 1.0))
+
+    def state(self) -> dict:
+        return {"kind": "ema_decay_sqrt", **asdict(self)}
+
+
+#: The merge schedules: a running weighted average of the updates' samples (:func:`merged_weight`).
+MERGE_SCHEDULES = (WSM, EmaDecaySqrt)
+
+#: The schedule objects ``decay=`` takes (and ``TargetNetwork``'s ``momentum=``): the momentum
+#: schedules, indexed by the update (``t = n - 1``), and the merge schedules, functions of the step.
+MOMENTUM_SCHEDULES = (Cosine, Linear, PiecewiseConstant, *MERGE_SCHEDULES)
 
 
 def check_power_args(decay, min_decay, inv_gamma, power, update_after_step) -> None:
@@ -430,7 +600,7 @@ class BEMA:
 
 _KINDS: dict[str, Any] = {"constant": Constant, "num_updates": NumUpdates, "power_warmup": PowerWarmup,
           "power_function": PowerFunction, "half_life": HalfLife, "bema": BEMA, "cosine": Cosine,
-          "linear": Linear, "piecewise_constant": PiecewiseConstant}
+          "linear": Linear, "piecewise_constant": PiecewiseConstant, "wsm": WSM, "ema_decay_sqrt": EmaDecaySqrt}
 
 
 def from_state(state: dict):

@@ -11,6 +11,7 @@ from .kinds import (
     CONSTANT,
     COSINE,
     DEBIASED,
+    EMA_DECAY_SQRT,
     HALF_LIFE,
     NUM_UPDATES,
     P_AFTER,
@@ -31,6 +32,7 @@ from .kinds import (
     S_NORMS,
     S_UPDATES,
     SEEDED,
+    WSM,
 )
 
 
@@ -78,6 +80,40 @@ def momentum_decay(params, o, kind, t):
     return start + t * (end - start) / total
 
 
+def wsm_antiderivative(shape, x):
+    """``F(x)`` of WSM's decay ``shape`` (0 linear, 1 cosine, 2 1-sqrt: ``kinds.WSM_SHAPE_CODES``), the
+    expressions of :data:`fastema.schedules.WSM_SHAPES`."""
+    if shape == 0.0:
+        return x - x * x / 2
+    if shape == 1.0:
+        return x / 2 + math.sin(math.pi * x) / (2 * math.pi)
+    return x - 2.0 / 3.0 * x ** 1.5
+
+
+def wsm_mean(shape, x0, x1):
+    """The mean of WSM's decay over ``[x0, x1]`` (:func:`fastema.schedules.wsm_mean`)."""
+    return (wsm_antiderivative(shape, x1) - wsm_antiderivative(shape, x0)) / (x1 - x0)
+
+
+def merge_weight(params, o, kind, t):
+    """The weight of the sample at time ``t`` under a merge schedule whose table starts at
+    ``params[o]``: ``shape, start, end, every`` (``WSM``) or ``beta, switch_step, decay_steps``
+    (``EMA_DECAY_SQRT``); as :meth:`fastema.schedules.WSM.weight` and ``EmaDecaySqrt.weight``."""
+    if kind == EMA_DECAY_SQRT:
+        i = t - 1.0
+        if i < params[o + 1]:
+            return 1.0 - params[o]
+        return 1.0 - math.sqrt(min(max((i - params[o + 1]) / params[o + 2], 0.0), 1.0))
+    shape, start, end, every = params[o], params[o + 1], params[o + 2], params[o + 3]
+    if t < start or t > end or (t - start) % every != 0.0:
+        return 0.0
+    span = end - start
+    x = (t - start) / span
+    w_in = 1.0 if t == start else wsm_mean(shape, (t - every - start) / span, x)
+    w_out = 0.0 if t == end else wsm_mean(shape, x, (t + every - start) / span)
+    return w_in - w_out
+
+
 def schedule_decay(params, decay, n, last, t):
     """The decay of update ``n`` at time ``t`` (the last update's: ``last``) under the schedule in
     ``params``, ``decay`` the row's parameter (the decay; ``gamma`` of ``PowerFunction``;
@@ -117,6 +153,8 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     key of the step ``n`` into ``keys`` (int64, the uint32 value). ``given``: the training
     step passed to ``update(step=)``, or -1 for the update count. Same arithmetic as
     :class:`fastema.schedules.Plan` (``next`` then ``done``) and ``fastema.ops.sr_key``.
+    A merge schedule's row folds its sample weight in with the running total in its normaliser
+    (``merge_weight``); a call whose weights are all 0 is skipped as ``update_every`` skips.
     """
     calls = state[S_CALLS]
     every = params[P_EVERY]
@@ -124,10 +162,27 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     if calls % every != 0.0:
         flag[0] = 1
         return
-    flag[0] = 0
     n = state[S_UPDATES] + 1.0 if given < 0 else np.float64(given)
     t = calls + 1.0 if given < 0 else np.float64(given)       # the time of timed schedules
+    kind = params[P_SCHEDULE]
+    if kind >= WSM:                                           # a merge schedule: counted if some weight is not 0
+        counted = False
+        for i in range(decays.size):
+            if merge_weight(params, int(decays[i]), kind, t) != 0.0:
+                counted = True
+        if not counted:
+            flag[0] = 1
+            return
+    flag[0] = 0
     for i in range(decays.size):
+        if kind >= WSM:
+            a = merge_weight(params, int(decays[i]), kind, t)
+            c = state[S_NORMS + i] + a
+            w = 0.0 if c == 0.0 else a / c
+            state[S_NORMS + i] = c
+            w32[i] = np.float32(w)
+            w64[i] = w
+            continue
         d = schedule_decay(params, decays[i], n, state[S_LAST], t)
         if params[P_COMPENSATE] != 0.0 and every > 1.0:
             d = d ** every

@@ -17,6 +17,9 @@ DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=T
 CONSTANT, NUM_UPDATES, POWER_WARMUP, POWER_FUNCTION, HALF_LIFE = 0, 1, 2, 3, 4
 COSINE, LINEAR, PIECEWISE_CONSTANT = 5, 6, 7     # momentum schedules: each row's table lies in the parameter
                                                 # array from the index given as its decay (device_plan.parameters)
+WSM, EMA_DECAY_SQRT = 8, 9                      # merge schedules (tables as the momentum schedules'): a weight per
+                                                # sample, folded in with the running total kept in the row's norm
+WSM_SHAPE_CODES = {"linear": 0, "cosine": 1, "1-sqrt": 2}   # WSM's decay shape, the first number of its table
 P_SCHEDULE, P_MIN_DECAY, P_INV_GAMMA, P_POWER, P_AFTER, P_WARMUP, P_EVERY, P_COMPENSATE, P_DEBIAS, \
     P_SEED_LO, P_SEED_HI = range(11)
 PLAN_PARAMS = 11

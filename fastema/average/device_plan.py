@@ -28,6 +28,7 @@ from .. import _backends, _launch
 from ..kernels.kinds import (
     CONSTANT,
     COSINE,
+    EMA_DECAY_SQRT,
     HALF_LIFE,
     LINEAR,
     NUM_UPDATES,
@@ -51,13 +52,16 @@ from ..kernels.kinds import (
     S_LAST,
     S_NORMS,
     S_UPDATES,
+    WSM_SHAPE_CODES,
     wide,
 )
+from ..kernels.kinds import WSM as WSM_KIND
 from ..schedules import (
     BEMA,
     MAX_BOUNDARIES,
     Constant,
     Cosine,
+    EmaDecaySqrt,
     HalfLife,
     Linear,
     NumUpdates,
@@ -65,19 +69,25 @@ from ..schedules import (
     PowerFunction,
     PowerWarmup,
 )
+from ..schedules import WSM as WSMSchedule
 from .plan import Plan
 
 __all__ = ["DevicePlan", "check_state", "parameters"]
 
 _SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
                    PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE, Cosine: COSINE, Linear: LINEAR,
-                   PiecewiseConstant: PIECEWISE_CONSTANT}
+                   PiecewiseConstant: PIECEWISE_CONSTANT, WSMSchedule: WSM_KIND, EmaDecaySqrt: EMA_DECAY_SQRT}
+_TABLED = (Cosine, Linear, PiecewiseConstant, WSMSchedule, EmaDecaySqrt)   # a table per row in the parameters
 
 
 def _table(s) -> list:
-    """A momentum schedule's numbers, as ``_stats.momentum_decay`` reads them."""
+    """A momentum or merge schedule's numbers, as ``_stats.momentum_decay`` / ``merge_weight`` read them."""
     if isinstance(s, PiecewiseConstant):
         return [len(s.boundaries), *map(float, s.boundaries), *map(float, s.values)]
+    if isinstance(s, WSMSchedule):
+        return [float(WSM_SHAPE_CODES[s.shape]), float(s.start), float(s.end), float(s.every)]
+    if isinstance(s, EmaDecaySqrt):
+        return [float(s.beta), float(s.switch_step), float(s.decay_steps)]
     return [float(s.start), float(s.end), float(s.total_steps)]
 
 
@@ -93,7 +103,8 @@ def _row_parameter(s) -> float:
 def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(params float64[PLAN_PARAMS + tables], decays float64[K])`` of ``plan`` for ``plan_step``.
 
-    A momentum schedule (:class:`fastema.schedules.Cosine` and the others) puts its numbers after
+    A momentum schedule (:class:`fastema.schedules.Cosine` and the others) or a merge schedule
+    (:class:`~fastema.schedules.WSM`, :class:`~fastema.schedules.EmaDecaySqrt`) puts its numbers after
     the shared parameters, and its row's ``decays[i]`` is where they start."""
     first = plan.schedules[0]
     if isinstance(first, BEMA):
@@ -113,7 +124,7 @@ def parameters(plan: Plan, seed: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError("a device-side plan needs the same warm-up parameters for every decay")
         params[P_MIN_DECAY], params[P_INV_GAMMA], params[P_POWER] = first.min_decay, first.inv_gamma, first.power
         params[P_AFTER], params[P_WARMUP] = first.update_after_step, first.warmup
-    if type(first) in (Cosine, Linear, PiecewiseConstant):
+    if type(first) in _TABLED:
         starts, tables = [], [params]
         for s in plan.schedules:
             starts.append(float(sum(t.size for t in tables)))

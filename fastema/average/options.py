@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .._checks import shadow_problems
-from ..schedules import BEMA, Cosine, Linear, PiecewiseConstant, as_python
+from ..schedules import BEMA, WSM, Cosine, EmaDecaySqrt, Linear, PiecewiseConstant, as_python
 from .plan import Plan
 
-MomentumSchedule = Cosine | Linear | PiecewiseConstant
+MomentumSchedule = Cosine | Linear | PiecewiseConstant | WSM | EmaDecaySqrt
 
 __all__ = ["EMAOptions", "HOST_ONLY_REFUSALS", "SELECTION", "ShadowSettings"]
 
@@ -59,7 +59,8 @@ class EMAOptions:
         decay: a float, or up to 8 floats for several averages kept in one pass (default 0.9999
             when none of ``sigma_rel``, ``half_life``, ``bema`` is given; give only one of them); or a
             momentum schedule (:class:`fastema.schedules.Cosine`, ``Linear``, ``PiecewiseConstant``:
-            DINO's, I-JEPA's teacher momentum), or up to 8 of one kind.
+            DINO's, I-JEPA's teacher momentum), or a merge schedule (checkpoint merging as training
+            runs: :class:`fastema.schedules.WSM`, ``EmaDecaySqrt``, Levanter's), or up to 8 of one kind.
         sigma_rel: EDM2 power-function profiles of these relative widths (a float or up to 8),
             exact for any ``update_every`` or irregular ``update(step=)``.
         half_life: the decay ``2 ** -(dt / half_life)`` for ``dt`` steps since the last update.

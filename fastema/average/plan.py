@@ -12,6 +12,7 @@ from typing import NamedTuple
 from .._checks import MAX_DECAYS
 from ..schedules import (
     BEMA,
+    MERGE_SCHEDULES,
     MOMENTUM_SCHEDULES,
     Constant,
     HalfLife,
@@ -26,6 +27,7 @@ from ..schedules import (
     compensated,
     debiased_weight,
     from_state,
+    merged_weight,
 )
 
 __all__ = ["Cadence", "Mark", "Pending", "Plan"]
@@ -77,15 +79,16 @@ class Mark(NamedTuple):
 
 def _check_decay_value(d) -> None:
     if isinstance(d, (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, BEMA)):
-        raise TypeError(f"decay= takes floats and the momentum schedules (fastema.schedules.Cosine, Linear, "
-                        f"PiecewiseConstant), not {type(d).__name__}: give PowerFunction as sigma_rel=, HalfLife as "
-                        f"half_life=, BEMA as bema=, a warm-up as warmup=")
+        raise TypeError(f"decay= takes floats, the momentum schedules (fastema.schedules.Cosine, Linear, "
+                        f"PiecewiseConstant) and the merge schedules (WSM, EmaDecaySqrt), not {type(d).__name__}: "
+                        f"give PowerFunction as sigma_rel=, HalfLife as half_life=, BEMA as bema=, a warm-up as "
+                        f"warmup=")
     if not isinstance(d, MOMENTUM_SCHEDULES):
         _check_decay("decay", d)
 
 
-def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_step) -> list:
-    """The schedules of ``decay=`` given momentum schedules (one kind for every average)."""
+def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_step, compensate, debias) -> list:
+    """The schedules of ``decay=`` given momentum or merge schedules (one kind for every average)."""
     for d in decays:
         _check_decay_value(d)
     warm = [k for k, v, default in (("warmup", warmup, None), ("min_decay", min_decay, 0.0),
@@ -98,6 +101,10 @@ def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_st
     if warm:
         raise ValueError(f"decay={decays[0] if len(decays) == 1 else decays!r} is a schedule of its own: it takes no "
                          f"{', '.join(warm)} (a warm-up of constant decays); drop them")
+    if isinstance(decays[0], MERGE_SCHEDULES) and (compensate or debias):
+        raise ValueError(f"decay={type(decays[0]).__name__}(...) is a weighted average of the samples normalised by "
+                         f"their total weight, a function of the step whatever update_every: it takes no "
+                         f"{'compensate=' if compensate else 'debias='} (it is never biased); drop it")
     return list(decays)
 
 
@@ -113,7 +120,9 @@ class Plan:
     Args:
         decay: a float, or up to 8 floats (one per average); or a momentum schedule
             (:class:`fastema.schedules.Cosine`, :class:`~fastema.schedules.Linear`,
-            :class:`~fastema.schedules.PiecewiseConstant`), or up to 8 of one kind.
+            :class:`~fastema.schedules.PiecewiseConstant`), or a merge schedule (checkpoint merging
+            online: :class:`~fastema.schedules.WSM`, :class:`~fastema.schedules.EmaDecaySqrt`; their
+            running totals are kept in ``norms``), or up to 8 of one kind.
         warmup: ``None``, ``"num_updates"`` or ``"power"`` (see :class:`PowerWarmup`).
         min_decay, inv_gamma, power, update_after_step: parameters of ``warmup="power"``.
         update_every: update on every k-th call (the first call updates).
@@ -166,7 +175,8 @@ class Plan:
             if not 1 <= len(decays) <= MAX_DECAYS:
                 raise ValueError(f"1 to {MAX_DECAYS} decays (one per average), got {len(decays)}")
             if any(isinstance(d, MOMENTUM_SCHEDULES) for d in decays):
-                self.schedules = _momentum(decays, warmup, min_decay, inv_gamma, power, update_after_step)
+                self.schedules = _momentum(decays, warmup, min_decay, inv_gamma, power, update_after_step,
+                                           compensate, debias)
             else:
                 for d in decays:
                     _check_decay_value(d)
@@ -212,7 +222,10 @@ class Plan:
     def decay_at(self, i: int, n: int, t: float | None = None) -> float:
         s = self.schedules[i]
         if self.timed:
-            return s.between(self.first_time, self.last_time, self.time_of(None) if t is None else t)
+            t = self.time_of(None) if t is None else t
+            if getattr(s, "merge", False):              # a merge schedule: the running total's
+                return 1.0 - merged_weight(s.weight(t), self.norms[i])[0]
+            return s.between(self.first_time, self.last_time, t)
         d = s(n)
         return compensated(d, self.cadence.every) if self.compensate else d
 
@@ -242,6 +255,8 @@ class Plan:
             if t < self.last_time:
                 raise ValueError(f"step={step} is before the last update's time {self.last_time:g}: a schedule "
                                  f"over training time needs steps that do not go back")
+            if getattr(schedules[0], "merge", False):
+                return self._merge_next(n, t)
             decays = [s.between(self.first_time, self.last_time, t) for s in schedules]
         elif self.compensate:
             every = self.cadence.every
@@ -260,6 +275,18 @@ class Plan:
                 self._fixed = (schedules, decays, weights)  # never changed in place (see done, mark)
         cadence = self.cadence                          # Pending(cadence.due(), ...) without its Python __new__
         return _tuple_new(Pending, (cadence.calls % cadence.every == 0, n, weights, decays, norms, t))
+
+    def _merge_next(self, n: int, t: float) -> Pending:
+        """:meth:`next` for merge schedules: each row's sample weight at ``t`` folded in with its
+        running total (kept in ``norms``, :func:`~fastema.schedules.merged_weight`); a call whose
+        weights are all 0 is not due (it would write nothing), as one ``update_every`` skips."""
+        raw = [s.weight(t) for s in self.schedules]
+        norms, weights = list(self.norms), []
+        for i, a in enumerate(raw):
+            w, norms[i] = merged_weight(a, norms[i])
+            weights.append(w)
+        due = self.cadence.calls % self.cadence.every == 0 and any(a != 0.0 for a in raw)
+        return Pending(due, n, weights, [1.0 - w for w in weights], norms, t)
 
     def done(self, pending: Pending) -> None:
         """Record the call :meth:`next` described: counted, and its update when it was due."""

@@ -50,6 +50,9 @@ import random
 import re
 from typing import NamedTuple, Sequence
 
+from ..schedules import WSM_SHAPES as _WSM
+from ..schedules import wsm_coefficients
+
 __all__ = ["STYLES", "Weights", "merge_weights", "parse_style"]
 
 STYLES = ("uniform", "linear", "minus-sqrt", "ema:HALF_LIFE", "ema:DECAY", "wsm:linear", "wsm:cosine", "wsm:1-sqrt",
@@ -58,11 +61,6 @@ STYLES = ("uniform", "linear", "minus-sqrt", "ema:HALF_LIFE", "ema:DECAY", "wsm:
 ``__reverse`` or ``__scramble``)."""
 
 _MEGATRON = {"linear": lambda x: 1.0 - x, "minus-sqrt": lambda x: 1.0 - math.sqrt(x)}
-_WSM = {  # the decay f on [0, 1] and its antiderivative F
-    "linear": (lambda x: 1.0 - x, lambda x: x - x * x / 2),
-    "cosine": (lambda x: (1 + math.cos(math.pi * x)) / 2, lambda x: x / 2 + math.sin(math.pi * x) / (2 * math.pi)),
-    "1-sqrt": (lambda x: 1.0 - math.sqrt(x), lambda x: x - 2.0 / 3.0 * x ** 1.5),
-}
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
@@ -210,9 +208,7 @@ def _wsm(decay: str, s, count: int) -> tuple:
     else:
         x = [(v - s[0]) / (s[-1] - s[0]) for v in s]
         where = "at the inputs' steps"
-    _, F = _WSM[decay]
-    w = [(F(x[i]) - F(x[i - 1])) / (x[i] - x[i - 1]) for i in range(1, count)]       # w_1 .. w_{K-1}
-    raw = [1 - w[0]] + [w[j - 1] - w[j] for j in range(1, count - 1)] + [w[-1]]
+    raw = wsm_coefficients(decay, x)         # the formulas fastema.schedules.WSM folds in online
     return raw, f"WSM {decay} decay over the merged span ({where}): c_j = w_j - w_(j+1), w_i the decay's mean " \
                 f"between checkpoints i-1 and i"
 
