@@ -56,7 +56,7 @@ class Engine:
         self.parallel = read == "mmap" and launch_cpu.PARALLEL and (os.cpu_count() or 1) >= PARALLEL_CORES
         self.mappable = all(s.mappable for s in sources)
         self.scratch = [[np.empty(self.piece, np.uint8) for _ in sources] for _ in range(2)]
-        self.out = np.empty(self.piece * 2, np.uint8)       # a piece's output (float32 out of bfloat16 in: 2x)
+        self.out = self.piece * 2           # bytes of a piece's output buffer (float32 out of bfloat16 in: 2x)
 
     # ------------------------------------------------------------ jobs
 
@@ -93,64 +93,85 @@ class Engine:
     # ------------------------------------------------------------ the loop
 
     def write_items(self, items: list, write: Callable, bar, after_each: Callable[[], None]) -> None:
-        """Every item of ``items`` (the plan's, in file order) through ``write``, a piece at a time,
-        the next piece fetched while this one is summed and written."""
+        """Every item of ``items`` (the plan's, in file order) through ``write``, a piece at a time: the
+        next piece fetched on one helper thread and the last one written on another while this one is
+        summed."""
         jobs = self._jobs(items)
-        with ThreadPoolExecutor(1, thread_name_prefix="fastema-merge-read") as pool:
+        with ThreadPoolExecutor(1, thread_name_prefix="fastema-merge-read") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="fastema-merge-write") as writes:
+            out = _WriteBehind(write, writes, self.out)
             slot = 0
             current = next(jobs, None)
             pending = pool.submit(self._fetch, current, slot) if current is not None else None
-            while current is not None:
-                data = pending.result()
-                nxt = next(jobs, None)
-                slot ^= 1
-                pending = pool.submit(self._fetch, nxt, slot) if nxt is not None else None
-                try:
-                    self._run(current, data, write, bar)
-                except BaseException:
-                    if pending is not None and not pending.cancel():
-                        pending.exception()         # the fetch under way ends before the inputs close
-                    data = pending = None           # no view of an input outlives the merge
-                    raise
-                del data
-                if current.last:
-                    for s in (self.donor,) if current.kind == "copy" else self.sources:
-                        s.done(current.item.name)
-                    after_each()
-                current = nxt
+            try:
+                while current is not None:
+                    data = pending.result()
+                    nxt = next(jobs, None)
+                    slot ^= 1
+                    pending = pool.submit(self._fetch, nxt, slot) if nxt is not None else None
+                    self._run(current, data, out, bar)
+                    del data
+                    if current.last:
+                        if current.kind == "copy":
+                            self.donor.done(current.item.name)
+                        else:
+                            for s in self.sources:
+                                s.done(current.item.name)
+                        after_each()
+                    current = nxt
+                out.drain()
+            except BaseException:
+                if pending is not None and not pending.cancel():
+                    pending.exception()             # the fetch under way ends before the inputs close
+                out.drain(quiet=True)               # and the writes before the output is removed
+                data = pending = None               # no view of an input outlives the merge
+                raise
 
-    def _run(self, job: _Job, data, write: Callable, bar) -> None:
+    def _run(self, job: _Job, data, out: _WriteBehind, bar) -> None:
         it = job.item
         if job.kind == "copy":
-            write(data)
+            out.now(data)                           # an input's bytes: written before its pages may go
             bar.update(job.count)
             return
         key = (zlib.crc32(it.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
         if job.kind == "whole":
-            self._whole(it, job.count, key, write, bar)
+            self._whole(it, job.count, key, out, bar)
             return
         if job.count:
-            self._launch(it, job.count, self.out.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
-            write(self.out[:job.count * ITEMSIZE[it.out_dtype]])
+            buf = out.buffer()
+            self._launch(it, job.count, buf.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
+            if _narrows(it) and _inf(it, buf, job.count).any():
+                exact = np.empty(job.count, np.float64)          # the sums again, in float64, to tell
+                self._launch(it._replace(out_dtype="float64"), job.count, exact.ctypes.data, 0, data, slice(None),
+                             True, True, key, job.lo)
+                _refuse_overflow(it, exact[_inf(it, buf, job.count)])
+            out.submit(job.count * ITEMSIZE[it.out_dtype])
             bar.update(job.count * ITEMSIZE[it.dtype] * len(self.sources))
 
-    def _whole(self, it, n: int, key: int, write: Callable, bar) -> None:
+    def _whole(self, it, n: int, key: int, out: _WriteBehind, bar) -> None:
         """One input at a time into a whole-tensor accumulator (inputs read whole, e.g. DCP)."""
         xb, qb = ITEMSIZE[it.dtype], ITEMSIZE[it.out_dtype]
         wide = self.wide or "float64" in (it.dtype, it.out_dtype)
         acc = np.empty(n, np.float64 if wide else np.float32)
         step = max(1, self.piece // xb)
-        last = len(self.sources) - 1
         for i, s in enumerate(self.sources):
             for lo in range(0, n, step):
                 count = min(step, n - lo)
                 addr = s.piece(it.name, lo, count, self.scratch[0][0])
-                self._launch(it, count, self.out.ctypes.data if i == last else 0, acc.ctypes.data + lo * acc.itemsize,
-                             [addr], slice(i, i + 1), i == 0, i == last, key, lo)
-                if i == last:
-                    write(self.out[:count * qb])
+                self._launch(it, count, 0, acc.ctypes.data + lo * acc.itemsize, [addr], slice(i, i + 1), i == 0,
+                             False, key, lo)
                 bar.update(count * xb)
             s.done(it.name)
+        none = np.zeros(0, np.int64)
+        for lo in range(0, n, step):                   # the sums, stored: a launch over no input
+            count = min(step, n - lo)
+            buf = out.buffer()
+            self._launch(it, count, buf.ctypes.data, acc.ctypes.data + lo * acc.itemsize, none, slice(0, 0),
+                         False, True, key, lo)
+            if _narrows(it) and _inf(it, buf, count).any():
+                _refuse_overflow(it, acc[lo:lo + count][_inf(it, buf, count)])
+            out.submit(count * qb)
+        out.drain()                                    # the accumulator goes: nothing may still read it
 
     def _launch(self, it, count, out_addr, acc_addr, addrs, which, start, finish, key, first) -> None:
         wide = self.wide or it.dtype == "float64" or it.out_dtype == "float64"
@@ -164,3 +185,69 @@ class Engine:
                 k(*args)
         else:
             k(*args)
+
+
+class _WriteBehind:
+    """The output's writes, in order, on one helper thread, from two buffers that take turns: a piece is
+    summed into one while the other is written."""
+
+    def __init__(self, write: Callable, pool: ThreadPoolExecutor, nbytes: int):
+        self.write, self.pool = write, pool
+        self.buffers = [np.empty(nbytes, np.uint8) for _ in range(2)]
+        self.writing: list = [None, None]
+        self.turn = 0
+
+    def buffer(self) -> np.ndarray:
+        """The buffer to sum the next piece into (its previous write done)."""
+        done = self.writing[self.turn]
+        if done is not None:
+            self.writing[self.turn] = None
+            done.result()
+        return self.buffers[self.turn]
+
+    def submit(self, nbytes: int) -> None:
+        """Write the first ``nbytes`` of :meth:`buffer`'s buffer, after every write before it."""
+        self.writing[self.turn] = self.pool.submit(self.write, self.buffers[self.turn][:nbytes])
+        self.turn ^= 1
+
+    def now(self, data) -> None:
+        """Write ``data`` here, after every write before it."""
+        self.drain()
+        self.write(data)
+
+    def drain(self, quiet: bool = False) -> None:
+        """Every write submitted, done (``quiet``: their errors dropped, another one is on its way)."""
+        for i in (self.turn, self.turn ^ 1):          # the older one first
+            done, self.writing[i] = self.writing[i], None
+            if done is not None:
+                if quiet:
+                    done.exception()
+                else:
+                    done.result()
+
+
+def _inf(it, buf: np.ndarray, count: int) -> np.ndarray:
+    """Which elements of an output piece are inf."""
+    out = buf[:count * ITEMSIZE[it.out_dtype]]
+    if it.out_dtype == "bfloat16":
+        return (out.view(np.uint16) & 0x7FFF) == 0x7F80
+    return np.isinf(out.view({"float16": np.float16, "float32": np.float32}[it.out_dtype]))
+
+
+def _narrows(it) -> bool:
+    """The output dtype's range is narrower than the sums' (float16 out of a wider dtype, anything out of
+    float64): a merged value may not fit."""
+    return (it.out_dtype == "float16" and it.dtype != "float16") or (it.dtype == "float64" and
+                                                                    it.out_dtype != "float64")
+
+
+def _refuse_overflow(it, sums: np.ndarray) -> None:
+    """MergeError when sums that the output holds as inf were finite (values beyond its range)."""
+    finite = sums[np.isfinite(sums)]
+    if finite.size:
+        from ._source import MergeError
+
+        top = float(np.abs(finite).max())
+        raise MergeError(f"tensor {it.name!r}: merged values reach {top:g}, beyond the range of {it.out_dtype}, and "
+                         f"would be written as inf; merge to a wider dtype (dtype='float32' or 'bfloat16'). Nothing "
+                         f"was written")

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from merge_helpers import NAMES, assert_float32_close, checkpoints, model_state, reference, write
+from merge_helpers import NAMES, assert_float32_close, checkpoints, leftovers, model_state, reference, write
 from safetensors.torch import load_file
 
-from fastema.merge import _engine, merge_checkpoints
+from fastema.merge import MergeError, _engine, merge_checkpoints
 
 FORMATS = ("safetensors", "hf", "hf-sharded", "pt")
 STYLES = ("uniform", "linear", "minus-sqrt", "minus-sqrt__reverse", "linear__scramble", "ema:150", "ema:0.99",
@@ -170,3 +170,16 @@ def test_progress_bar_counts_bytes(tmp_path, capsys):
     paths, _ = checkpoints(tmp_path / "in", "safetensors")
     merge_checkpoints(paths, tmp_path / "out.safetensors", progress=True)
     assert "B/s" in capsys.readouterr().err
+
+
+def test_values_beyond_a_narrower_output_dtype_are_refused_not_written_as_inf(tmp_path):
+    states = [{"w": torch.tensor([1.0, 7e4, float("inf")])}, {"w": torch.tensor([1.0, 7e4, float("inf")])}]
+    paths = [write(s, tmp_path, "safetensors", i) for i, s in enumerate(states)]
+    with pytest.raises(MergeError, match=r"tensor 'w': merged values reach 70000, beyond the range of float16"):
+        merge_checkpoints(paths, tmp_path / "out.safetensors", dtype="float16")
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
+    states[0]["w"][1] = states[1]["w"][1] = 6e4                      # inf in the inputs stays inf: no refusal
+    (tmp_path / "ok").mkdir()
+    paths = [write(s, tmp_path / "ok", "safetensors", i) for i, s in enumerate(states)]
+    merge_checkpoints(paths, tmp_path / "ok.safetensors", dtype="float16")
+    assert load(tmp_path / "ok.safetensors")["w"].tolist() == [1.0, 60000.0, float("inf")]
