@@ -313,9 +313,9 @@ def wsm_mean(shape: str, x0: float, x1: float) -> float:
 
 
 def wsm_coefficients(shape: str, x: Sequence[float]) -> list:
-    """WSM's merge coefficients of ``K >= 2`` checkpoints at positions ``0 = x_0 < ... < x_(K-1) = 1`` of
-    the merged span: ``c_0 = 1 - w_1``, ``c_j = w_j - w_(j+1)``, ``c_(K-1) = w_(K-1)``, with ``w_i`` the
-    mean of the decay between checkpoints ``i-1`` and ``i`` (:func:`wsm_mean`). They sum to 1."""
+    """WSM's merge coefficients of the checkpoints at positions ``x`` of the merged span (two or more,
+    increasing from 0 to 1): ``c_0 = 1 - w_1``, ``c_j = w_j - w_(j+1)``, ``c_(K-1) = w_(K-1)``, with ``w_i``
+    the mean of the decay between checkpoints ``i-1`` and ``i`` (:func:`wsm_mean`). They sum to 1."""
     w = [wsm_mean(shape, x[i - 1], x[i]) for i in range(1, len(x))]      # w_1 .. w_(K-1)
     return [1 - w[0]] + [w[j - 1] - w[j] for j in range(1, len(x) - 1)] + [w[-1]]
 

@@ -358,6 +358,39 @@ def test_the_online_average_is_the_offline_merge_of_the_same_checkpoints(tmp_pat
     print(f"{face} {name}: {len(at)} checkpoints, largest |online - offline| / max|merge| = {worst:.2e}")
 
 
+def test_a_hugging_face_trainer_run_merged_online_and_offline(tmp_path):
+    """EMACallback(decay=WSM(...)) in a real Trainer run (a tiny GPT-2) that saves checkpoint-4, -8 and
+    -12: the callback's average equals ``merge_checkpoints`` of those folders with ``wsm:1-sqrt``
+    (steps read from the folders), to float32 rounding."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from fastema.transformers import EMACallback
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 32, (96, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    callback = EMACallback(decay=WSM("1-sqrt", start=4, end=12, every=4))
+    args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="steps",
+                                          save_steps=4, save_only_model=True, logging_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert callback.ema.updates == 3 and callback.ema.plan.calls == 12
+    folders = [str(tmp_path / "run" / f"checkpoint-{k}") for k in (4, 8, 12)]
+    report = merge_checkpoints(folders, tmp_path / "merged", weights="wsm:1-sqrt")
+    assert list(report.steps) == [4, 8, 12]
+    offline = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    online = callback.ema.averaged_state_dict()
+    assert set(offline) <= set(online)
+    for n, t in offline.items():
+        ref = online[n].detach().numpy()
+        np.testing.assert_allclose(t, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=n)
+
+
 # ---------------------------------------------------------------- Levanter, side by side
 
 class LevanterEmaDecaySqrt:
