@@ -69,8 +69,8 @@ class TorchModel:
         return ema.average_parameters()
 
 
-class JaxModel:
-    name = "jax"
+class HostPlanFace:
+    """What the faces whose update runs eagerly with the plan on the host (JAX, TensorFlow) share."""
     many = [0.9, 0.5]
     unknown = "unknown EMA option.*'sigma'.*sigma_rel"
 
@@ -85,6 +85,10 @@ class JaxModel:
 
     def load(self, ema, state):
         ema.load_state_dict(state)
+
+
+class JaxModel(HostPlanFace):
+    name = "jax"
 
     def __init__(self):
         self.jnp = importlib.import_module("jax.numpy")
@@ -107,22 +111,8 @@ class JaxModel:
         return [np.asarray(out["a"], np.float64), np.asarray(out["b"], np.float64)]
 
 
-class TfModel:
+class TfModel(HostPlanFace):
     name = "tensorflow"
-    many = [0.9, 0.5]
-    unknown = "unknown EMA option.*'sigma'.*sigma_rel"
-
-    def refusal(self, option):
-        from fastema.average import HOST_ONLY_REFUSALS
-
-        why = HOST_ONLY_REFUSALS.get(option)
-        return None if why is None else f"does not take {option}=.*: {why[:20]}"
-
-    def state(self, ema):
-        return ema.state_dict()
-
-    def load(self, ema, state):
-        ema.load_state_dict(state)
 
     def __init__(self):
         self.tf = importlib.import_module("tensorflow")
