@@ -366,8 +366,9 @@ class WSM(_Merge):
     ``t`` is the step given to ``update(step=)`` (the steps done, the current one included: Hugging
     Face's ``global_step``, the ``N`` of ``checkpoint-N``), or the number of ``update()`` calls. A
     call at any other step (between checkpoints, before ``start``, after ``end``) counts 0 and writes
-    nothing, so ``update()`` may be called at every step. Until ``start`` the average is the weights
-    it was made from.
+    nothing, so ``update()`` may be called at every step; leave ``update_every`` at 1 (its calls 1,
+    k + 1, 2k + 1... would miss checkpoints at multiples of k). Until ``start`` the average is the
+    weights it was made from.
 
     Args:
         shape: the decay emulated: ``"linear"`` (``f(x) = 1 - x``), ``"cosine"``
