@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fastema.__main__ import main
-from fastema.cli import COMMANDS, bench, demo, plot
+from fastema.cli import COMMANDS, bench, demo, merge, plot
 
 
 def test_help_is_a_usage_line_and_a_plain_list_of_the_commands(capsys):
@@ -23,8 +23,8 @@ def test_help_is_a_usage_line_and_a_plain_list_of_the_commands(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "give a command: demo, plot, bench, posthoc"),
-    (["nope"], "unknown command 'nope'; the commands are demo, plot, bench, posthoc"),
+    ([], "give a command: demo, plot, bench, posthoc, merge"),
+    (["nope"], "unknown command 'nope'; the commands are demo, plot, bench, posthoc, merge"),
 ])
 def test_no_or_an_unknown_command_prints_the_usage_and_exits_2(capsys, argv, message):
     # L14: `python -m fastema` alone exited 2 printing nothing on stderr
@@ -41,7 +41,7 @@ def test_the_entry_point_alone_exits_2_with_the_usage():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("command", [demo, plot, bench], ids=["demo", "plot", "bench"])
+@pytest.mark.parametrize("command", [demo, plot, bench, merge], ids=["demo", "plot", "bench", "merge"])
 def test_every_option_has_help_that_shows_its_default(command):
     # L14: demo's --steps, --decay and --seed had no help text; defaults were not shown
     actions = [a for a in command._parser()._actions if a.option_strings and a.dest != "help"]
@@ -52,7 +52,7 @@ def test_every_option_has_help_that_shows_its_default(command):
             assert "%(default)s" in a.help or str(a.default) in a.help, a.option_strings
 
 
-@pytest.mark.parametrize("command", ["demo", "plot", "bench"])
+@pytest.mark.parametrize("command", ["demo", "plot", "bench", "merge"])
 def test_command_help_exits_0(capsys, command):
     # bench raised argparse's SystemExit where demo and plot return 0 (the test's assert inside
     # pytest.raises never ran); every command returns its exit status now
