@@ -22,6 +22,7 @@ from .._launch import config as launch_config
 from .._launch import cpu as launch_cpu
 from ..kernels import merge_cpu
 from ._dtypes import ITEMSIZE, KIND
+from .plan import Item
 
 __all__ = ["Engine", "PIECE_BYTES"]
 
@@ -35,10 +36,10 @@ PARALLEL_CORES = 4
 
 
 class _Job(NamedTuple):
-    item: object             # the plan's Item
+    item: Item               # the plan's entry
     kind: str                # "piece" (averaged, in pieces), "whole" (averaged, one input at a time), "copy"
     lo: int                  # first element (piece) or byte (copy)
-    count: int               # elements (piece) or bytes (copy)
+    size: int                # elements (piece) or bytes (copy)
     last: bool               # the item's last job
 
 
@@ -83,11 +84,11 @@ class Engine:
         """What ``job`` reads, ready: the inputs' piece addresses, or a copy's bytes (helper thread)."""
         name = job.item.name
         if job.kind == "piece":
-            if job.count == 0:
+            if job.size == 0:
                 return [0] * len(self.sources)
-            return [s.piece(name, job.lo, job.count, self.scratch[slot][i]) for i, s in enumerate(self.sources)]
+            return [s.piece(name, job.lo, job.size, self.scratch[slot][i]) for i, s in enumerate(self.sources)]
         if job.kind == "copy":
-            return self.donor.raw(name, job.lo, job.count, self.scratch[slot][0])
+            return self.donor.raw(name, job.lo, job.size, self.scratch[slot][0])
         return None
 
     # ------------------------------------------------------------ the loop
@@ -104,7 +105,7 @@ class Engine:
             current = next(jobs, None)
             pending = pool.submit(self._fetch, current, slot) if current is not None else None
             try:
-                while current is not None:
+                while current is not None and pending is not None:
                     data = pending.result()
                     nxt = next(jobs, None)
                     slot ^= 1
@@ -131,22 +132,22 @@ class Engine:
         it = job.item
         if job.kind == "copy":
             out.now(data)                           # an input's bytes: written before its pages may go
-            bar.update(job.count)
+            bar.update(job.size)
             return
         key = (zlib.crc32(it.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
         if job.kind == "whole":
-            self._whole(it, job.count, key, out, bar)
+            self._whole(it, job.size, key, out, bar)
             return
-        if job.count:
+        if job.size:
             buf = out.buffer()
-            self._launch(it, job.count, buf.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
-            if _narrows(it) and _inf(it, buf, job.count).any():
-                exact = np.empty(job.count, np.float64)          # the sums again, in float64, to tell
-                self._launch(it._replace(out_dtype="float64"), job.count, exact.ctypes.data, 0, data, slice(None),
+            self._launch(it, job.size, buf.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
+            if _narrows(it) and _inf(it, buf, job.size).any():
+                exact = np.empty(job.size, np.float64)          # the sums again, in float64, to tell
+                self._launch(it._replace(out_dtype="float64"), job.size, exact.ctypes.data, 0, data, slice(None),
                              True, True, key, job.lo)
-                _refuse_overflow(it, exact[_inf(it, buf, job.count)])
-            out.submit(job.count * ITEMSIZE[it.out_dtype])
-            bar.update(job.count * ITEMSIZE[it.dtype] * len(self.sources))
+                _refuse_overflow(it, exact[_inf(it, buf, job.size)])
+            out.submit(job.size * ITEMSIZE[it.out_dtype])
+            bar.update(job.size * ITEMSIZE[it.dtype] * len(self.sources))
 
     def _whole(self, it, n: int, key: int, out: _WriteBehind, bar) -> None:
         """One input at a time into a whole-tensor accumulator (inputs read whole, e.g. DCP)."""

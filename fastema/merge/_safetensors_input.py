@@ -34,7 +34,7 @@ class _Mapped:
         except (OSError, ValueError) as err:
             os.close(fd)
             raise MergeError(f"{label}: {path!r} cannot be memory-mapped ({err})") from None
-        self.view = np.frombuffer(self.map, np.uint8) if size else np.zeros(0, np.uint8)
+        self.view = np.frombuffer(self.map, np.uint8) if self.map is not None else np.zeros(0, np.uint8)
         self.base = self.view.ctypes.data
         if self.map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             self.map.madvise(mmap.MADV_SEQUENTIAL)
@@ -98,11 +98,12 @@ def read_safetensors_header(path: str, label: str) -> tuple:
 def _fields(info) -> tuple:
     if not isinstance(info, dict):
         return None, None, None
-    dtype = FROM_CODE.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
-    shape, span = info.get("shape"), info.get("data_offsets")
-    ok = (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(span, list)
-          and len(span) == 2 and all(type(v) is int for v in span) and span[0] <= span[1])
-    return (dtype, tuple(shape), tuple(span)) if ok and dtype else (None, None, None)
+    code, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    dtype = FROM_CODE.get(code) if isinstance(code, str) else None
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(span, list)
+            and len(span) == 2 and all(type(v) is int for v in span) and span[0] <= span[1] and dtype):
+        return None, None, None
+    return dtype, tuple(shape), tuple(span)
 
 
 class SafetensorsSource(Source):
@@ -141,20 +142,20 @@ class SafetensorsSource(Source):
             address = self._map(file).base + offset + lo * itemsize
             advise(address, nbytes, POPULATE_READ)
             return address
-        self._pread(file, offset + lo * itemsize, memoryview(scratch.view(np.uint8))[:nbytes], name)
+        self._pread(file, offset + lo * itemsize, scratch.view(np.uint8).data[:nbytes], name)
         return scratch.ctypes.data
 
     def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
         file, offset = self._where[name]
         if self._read == "mmap":
             m = self._map(file)
-            return memoryview(m.view[offset + lo:offset + lo + nbytes])
-        out = memoryview(scratch.view(np.uint8))[:nbytes]
+            return m.view[offset + lo:offset + lo + nbytes].data
+        out = scratch.view(np.uint8).data[:nbytes]
         self._pread(file, offset + lo, out, name)
         return out
 
     def _pread(self, file: str, offset: int, out: memoryview, name: str) -> None:
-        fd = self._fds().get(file)
+        fd = self._fds()[file]
         done = 0
         while done < len(out):
             got = os.preadv(fd, [out[done:]], offset + done)
@@ -184,7 +185,7 @@ class SafetensorsSource(Source):
         self._fd_table = {}
 
 
-def hf_folder(path: str, label: str, read: str) -> Source:
+def hf_folder(path: str, label: str, read: str) -> Source | None:
     index = os.path.join(path, INDEX)
     single = os.path.join(path, "model.safetensors")
     if os.path.lexists(index):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class _Snapshot:
     def __init__(self, snap, label: str):
         self.snap, self.label = snap, label
         self.stored = self._stored()
-        self._read = None
+        self._read: Any = None
 
     def _stored(self) -> dict:
         snap = self.snap
@@ -101,7 +102,7 @@ class SnapshotSource(Source):
         if nbytes == 0:
             return memoryview(b"")
         address = self._tensor(name).data_ptr() + lo
-        return memoryview(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
 
     def done(self, name: str) -> None:
         self._loaded.pop(name, None)

@@ -121,7 +121,7 @@ class TorchFileSource(Source):
     def _step(self, state: dict, root: dict) -> int | None:
         for tree in (state, root):
             for key in _STEPS:
-                v = tree.get(key)
+                v: Any = tree.get(key)
                 if isinstance(v, int) and not isinstance(v, bool):
                     return v
                 if hasattr(v, "numel") and v.numel() == 1 and not v.is_floating_point():
@@ -146,7 +146,7 @@ class TorchFileSource(Source):
         if nbytes == 0:
             return memoryview(b"")
         address = self._address(name) + lo
-        return memoryview(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
 
     def value(self, name: str) -> Any:
         return self._values[name]
@@ -268,7 +268,7 @@ class DcpSource(Source):
         if nbytes == 0:
             return memoryview(b"")
         address = self._tensor(name).data_ptr() + lo
-        return memoryview(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
 
     def done(self, name: str) -> None:
         self._loaded.pop(name, None)

@@ -104,9 +104,9 @@ def make_plan(sources: list, *, dtype: str = "same", copy_from="last", only=None
         if e.dtype == OBJECT:
             items.append(Item(name, "object", OBJECT, OBJECT, (), 0, "not a tensor", tied))
             continue
-        why = ("optimizer state" if name in first.copied else
-               "not a floating dtype" if not averaged(e.dtype) else
-               "kept per checkpoint (" + _KEPT.search(name).group(2) + ")" if _KEPT.search(name) else why_not(name))
+        kept = _KEPT.search(name)
+        why = ("optimizer state" if name in first.copied else "not a floating dtype" if not averaged(e.dtype) else
+               f"kept per checkpoint ({kept.group(2)})" if kept else why_not(name))
         if why:
             items.append(Item(name, "copy", e.dtype, e.dtype, e.shape, e.nbytes, why, tied))
             read += e.nbytes
@@ -181,7 +181,8 @@ def shards(plan: Plan, layout: dict | None, max_shard_bytes: int) -> list:
         for it in names:
             files.setdefault(layout[it.name], []).append(it.name)
         return list(files.items())
-    groups, size = [[]], 0
+    groups: list = [[]]
+    size = 0
     for it in names:
         if groups[-1] and size + it.nbytes > max_shard_bytes:
             groups.append([])
