@@ -5,13 +5,14 @@ flat buffers (one per device and dtype) and updates all of them with one kernel
 launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
 ``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
 
-One concern per module: ``_model`` (registration hooks, names, selection and following the model),
+One concern per module: ``_hooks`` (registration hooks, names and patterns), ``_slots`` (storage
+keys, the writes besides the kernels), ``_model`` (selection and following the model),
 ``_checkpoint`` (state dicts, checkpoints, ``save``), ``_base`` (``_ModelAverage``: construction,
 swap, ``copy_to``), ``ema`` / ``window`` / ``posthoc`` (the public classes), ``_compile``,
 ``_offload`` and ``_sharded``.
 """
 from ._checkpoint import FORMAT, VERSION  # noqa: F401
-from ._model import _HOOKS, _unwrap, _watch, normalize_name, registration_hooks  # noqa: F401
+from ._hooks import _HOOKS, _unwrap, _watch, normalize_name, registration_hooks  # noqa: F401
 from .ema import EMA
 from .posthoc import PostHocEMA
 from .target import TargetNetwork

@@ -19,17 +19,10 @@ from ..average.swap import ModelSwap
 from ..flat import FlatShadow
 from . import _compile, _deepspeed, _sharded
 from ._checkpoint import _CheckpointSide
-from ._model import (
-    _DATA_PTR,
-    _disjoint_groups,
-    _ModelSide,
-    _patterns,
-    _tensors_of,
-    _unwrap,
-    _watch,
-    bump_versions,
-)
+from ._hooks import _patterns, _unwrap, _watch
+from ._model import _ModelSide
 from ._peft import announce, resolve_trainable_only
+from ._slots import _DATA_PTR, _disjoint_groups, _tensors_of, bump_versions
 
 
 class _ModelAverage(_ModelSide, _CheckpointSide):

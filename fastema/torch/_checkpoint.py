@@ -20,7 +20,8 @@ from .._interrupts import ctrl_c_held
 from .._safetensors import stream_safetensors, stream_torch_save
 from .._state import check_header, refuse_load
 from . import _sharded
-from ._model import _local_key, _match_names, _unwrap
+from ._hooks import _match_names, _unwrap
+from ._slots import _local_key
 
 __all__ = ["FORMAT", "VERSION"]
 

@@ -1,242 +1,25 @@
 """The model side of a torch model average: which of the model's tensors are averaged or copied,
 and following the model as it changes under the average.
 
-- Registration hooks (:func:`registration_hooks`): process-wide torch hooks that mark the
-  averages watching a module stale when a parameter, buffer or submodule is registered on it,
-  and restart them from rank 0's weights after a ``DistributedDataParallel`` wrap.
-- Names and patterns: wrapper prefixes (:func:`normalize_name`, ``_unwrap``), ``exclude=`` /
-  ``copy=`` patterns, storage keys of tied or aliased tensors, checkpoint name matching.
-- :class:`_ModelSide`, mixed into ``_ModelAverage`` (:mod:`fastema.torch._base`): selection,
-  owner slots and the per-step address check, following re-registered or moved tensors
-  (``_follow`` / ``_rebind``), buffer copies, the non-finite scan, and settling FSDP2 / ZeRO-3
-  gathered copies before the model's tensors are written.
+:class:`_ModelSide`, mixed into ``_ModelAverage`` (:mod:`fastema.torch._base`): selection, owner
+slots and the per-step address check, following re-registered or moved tensors (``_follow`` /
+``_rebind``), buffer copies, the non-finite scan, and settling FSDP2 / ZeRO-3 gathered copies
+before the model's tensors are written. The registration hooks, names and patterns are in
+:mod:`fastema.torch._hooks`, storage keys and the writes besides the kernels in
+:mod:`fastema.torch._slots`.
 """
 from __future__ import annotations
 
-import fnmatch
 import operator
-import warnings
 import weakref
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
-from ..flat import FlatShadow
 from . import _deepspeed, _sharded
-
-__all__ = ["normalize_name", "registration_hooks"]
-
-_PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
-
-
-def normalize_name(name: str) -> str:
-    """Strip the wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile)."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, stripped = name[len(p):], True
-    return name
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
-                                                      if type(model).__name__ in ("DistributedDataParallel",
-                                                                                  "DataParallel",
-                                                                                  "DeepSpeedEngine") else None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-# Models are watched for parameters, buffers or submodules registered after the EMA
-# was made (load_state_dict(assign=True), module.weight = nn.Parameter(...),
-# model[0] = nn.Linear(...)): torch calls these global hooks, which mark the EMA
-# stale; update() then re-reads the model. The per-step cost is one flag check (beside the
-# address check of the tracked slots, _addresses_now, which hooks cannot replace).
-_WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-_HOOKS: list = []                 # handles of the process-wide registration hooks, while installed
-_HOOKS_WANTED = True
-
-
-def registration_hooks(enabled: bool) -> None:
-    """Install (``True``, the default) or remove (``False``) fastema's process-wide hooks.
-
-    fastema registers three global torch hooks (``register_module_parameter_registration_hook``
-    and the buffer and module twins) at the first model average; each call only sets a flag
-    on the averages watching that module. Without them an average still follows tensors and
-    submodules replaced in the model and refuses tensors added to it, at a cost per update: it
-    checks each module on the way to a tracked tensor, and compares every module's parameter,
-    buffer and submodule tables with the last update's (a ``len()`` per table and an identity per
-    submodule; a walk of the names only when one changed). On a 391-module model ``update()``
-    takes about 126 us instead of 72. And an average made before ``DDP(model)`` is no longer
-    restarted from rank 0's weights: make it after the wrap.
-    """
-    global _HOOKS_WANTED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    _HOOKS_WANTED = enabled
-    if enabled:
-        _install_hooks()
-    else:
-        while _HOOKS:
-            _HOOKS.pop().remove()
-
-
-def _install_hooks() -> None:
-    if _HOOKS or not _HOOKS_WANTED:
-        return
-    from torch.nn.modules import module as M
-
-    _HOOKS.extend([M.register_module_parameter_registration_hook(_on_registration),
-                   M.register_module_buffer_registration_hook(_on_registration),
-                   M.register_module_module_registration_hook(_on_registration)])
-
-
-def _on_registration(module, name, value):
-    emas = _WATCHED.get(module)
-    if emas:
-        for ema in emas:
-            ema._stale = True
-    if name == "module" and isinstance(value, nn.Module) and type(module).__name__ == "DistributedDataParallel":
-        _wrapped_in_ddp(value)
-    return None
-
-
-def _wrapped_in_ddp(model: nn.Module) -> None:
-    # DistributedDataParallel(model) broadcasts rank 0's weights into the model in place right
-    # after this registration. An average made before that holds this rank's own initial
-    # weights, so the ranks' averages would differ for good: start them over from the
-    # broadcast weights at the model's first forward (DDP's forward calls it before any
-    # training), or at the next read if that comes first. After updates were made, the
-    # averages are kept and a warning says the ranks may differ.
-    fresh = []
-    for m in model.modules():
-        for ema in list(_WATCHED.get(m, ())):
-            if ema in fresh or not hasattr(ema, "_restart"):    # a target network: nothing to restart
-                continue
-            if ema._fresh():
-                ema._resync = True
-                fresh.append(ema)
-            else:
-                warnings.warn(f"{type(ema).__name__} was made and updated before the model was wrapped in "
-                              f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
-                              f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
-                              stacklevel=4)
-    if not fresh:
-        return
-    handle = []
-
-    def restart(module, args):
-        handle.pop().remove()
-        for ema in fresh:
-            if ema._resync:
-                ema._resync = False
-                ema._restart(module)
-
-    handle.append(model.register_forward_pre_hook(restart))
-
-
-def _watch(model: nn.Module, ema) -> None:
-    watch((model,), ema)
-
-
-def watch(models, owner) -> None:
-    """Mark ``owner`` stale (``owner._stale = True``) whenever a parameter, buffer or submodule is
-    registered on a module of ``models``, while the registration hooks are installed. An owner
-    with a ``_restart`` method (a model average) is also restarted from rank 0's weights after a
-    DistributedDataParallel wrap (:func:`_wrapped_in_ddp`)."""
-    _install_hooks()
-    for model in models:
-        for m in model.modules():
-            _WATCHED.setdefault(m, weakref.WeakSet()).add(owner)
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _patterns(what: str, value) -> tuple[str, ...]:
-    """``exclude=`` / ``copy=`` as a tuple of fnmatch patterns; a single str is one pattern."""
-    if isinstance(value, str):
-        return (value,)
-    try:
-        patterns = tuple(value)
-    except TypeError:
-        raise TypeError(f"{what} must be a list of name patterns, e.g. {what}=['head.*'], "
-                        f"got {type(value).__name__}") from None
-    bad = [p for p in patterns if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"{what} must hold name patterns (str), got {bad[0]!r}")
-    return patterns
-
-
-def _storage_key(t: torch.Tensor):
-    """Where a tensor's elements are: equal keys mean the same memory in the same layout (a tied
-    or aliased tensor under another name). None for a tensor with no memory to compare."""
-    if not t.numel() or t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter):
-        return None
-    return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
-
-
-def _local_key(t: torch.Tensor):
-    """:func:`_storage_key` of the memory a (possibly sharded) tensor's rank holds."""
-    return _storage_key(_sharded.local_tensor(t) if _sharded.is_sharded(t) else t)
-
-
-def _tensors_of(model: nn.Module) -> dict:
-    """``name -> (kind, tensor, persistent)`` of every parameter and buffer of ``model``, under every
-    name a shared tensor or module has (``named_parameters(remove_duplicate=False)``'s names)."""
-    out = {}
-    for prefix, m in model.named_modules(remove_duplicate=False):
-        pre = prefix + "." if prefix else ""
-        for k, p in m._parameters.items():
-            if p is not None:
-                out[pre + k] = ("parameter", p, True)
-        for k, b in m._buffers.items():
-            if b is not None:
-                out[pre + k] = ("buffer", b, k not in m._non_persistent_buffers_set)
-    return out
-
-
-def tables_of(*models: nn.Module) -> tuple:
-    """``(tables, their lengths, submodules)`` of every module of ``models``: its ``_parameters``,
-    ``_buffers`` and ``_modules`` dicts, in that order, and what the ``_modules`` dicts hold."""
-    mods = [m for model in models for m in model.modules()]
-    tables = [t for m in mods for t in (m._parameters, m._buffers, m._modules)]
-    return tables, list(map(len, tables)), [c for m in mods for c in m._modules.values()]
-
-
-def tables_changed(before: tuple | None) -> bool:
-    """Whether a module of :func:`tables_of`'s ``before`` holds more or fewer parameters, buffers or
-    submodules, or another submodule, now (a ``len()`` per table and an identity per submodule,
-    about a tenth of a name walk); True for no ``before``."""
-    if before is None:
-        return True
-    tables, counts, children = before
-    return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
-
-
-def _version_bump():
-    """torch's version-counter bump of a list of tensors in one C call, or one tensor at a time
-    where this torch's takes one (torch < 2.5)."""
-    bump = torch.autograd.graph.increment_version
-    try:
-        bump([torch.empty(0)])
-        return getattr(torch._C, "_increment_version", bump)
-    except TypeError:
-        return lambda tensors: [bump(t) for t in tensors]
-
-
-bump_versions = _version_bump()
-"""``bump_versions(tensors)``: tell autograd that fastema's kernels wrote ``tensors`` in place, as
-torch's own in-place operations do (also under ``no_grad``): a backward through a graph that
-saved their old values raises "modified by an inplace operation" instead of using the new ones.
-No sync, no allocation (~0.03 us a tensor)."""
+from ._hooks import _HOOKS, _matches, _unwrap, _watch, tables_changed, tables_of
+from ._slots import _disjoint_groups, _local_key, _storage_key, _tensors_of, copy_unless_flagged_
 
 
 def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
@@ -247,61 +30,6 @@ def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
     prefix = name.rpartition(".")[0]
     owner = model.get_submodule(prefix) if prefix else model
     return not any(p is not None and p.requires_grad for p in owner._parameters.values())
-
-
-def copy_unless_flagged_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], flags: dict | None) -> None:
-    """``dst <- src`` for every pair (integer buffers: BatchNorm counters), except on a device whose skip
-    flag (``flags``: device name -> int32[1] tensor) is set, which keeps its old values: on the device,
-    no host sync. One ``_foreach_copy_`` per device; behind a flag, one ``where`` per tensor against
-    the flag read once per device (before: four operations per tensor)."""
-    with torch.no_grad():
-        if not flags:
-            torch._foreach_copy_(list(dsts), list(srcs))
-            return
-        keep: dict = {}                          # device name -> 0-dim bool: the flag is set
-        pairs: dict = {}                         # device name -> (dsts, what they receive)
-        for d, s in zip(dsts, srcs):
-            name = _device_name(d)
-            flag = flags.get(name)
-            ds, vs = pairs.setdefault(name, ([], []))
-            ds.append(d)
-            if flag is None:
-                vs.append(s)
-                continue
-            k = keep.get(name)
-            if k is None:
-                k = keep[name] = flag[0] != 0
-            vs.append(torch.where(k, d, s))
-        for ds, vs in pairs.values():
-            torch._foreach_copy_(ds, vs)
-
-
-def _device_name(t: torch.Tensor) -> str:
-    return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
-
-
-def _match_names(saved: dict, wanted: Sequence[str]) -> tuple[dict, list[str]]:
-    """``wanted name -> saved value``: exact names first, then names with DDP / torch.compile
-    prefixes stripped (checkpoints of a wrapped model). Returns ``(matched, unused saved keys)``."""
-    matched = {n: saved[n] for n in wanted if n in saved}
-    unused = [k for k in saved if k not in matched]
-    for k in list(unused):
-        n = normalize_name(k)
-        if n != k and n in wanted and n not in matched:
-            matched[n] = saved[k]
-            unused.remove(k)
-    return matched, unused
-
-
-_DATA_PTR = torch.Tensor.data_ptr                # a tensor's address (unsharded tensors)
-
-
-def _disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
-    from .._backends import describe, disjoint
-
-    bufs = [describe(t, n) for n, t in zip(a.names, a.sources)] + \
-           [describe(t, n) for n, t in zip(b.names, b.sources)]
-    disjoint(bufs, [repr(n) for n in a.names] + [repr(n) for n in b.names])
 
 
 class _ModelSide:

@@ -12,13 +12,13 @@ from torch import nn
 from .. import _backends
 from .._backends.torch import refuse_foreign, span
 from ..pairs import PairShadow, pair_groups
-from . import _model, _sharded
-from ._model import _device_name, _matches, _unwrap, normalize_name
+from . import _hooks, _sharded
+from ._hooks import _matches, _unwrap, normalize_name
+from ._slots import _DATA_PTR, _device_name, bump_versions, copy_unless_flagged_
 
 __all__ = ["TorchPairs"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
@@ -221,8 +221,8 @@ class TorchPairs:
         self._fsdp = (_sharded.fsdp_modules(_unwrap(online)) + _sharded.fsdp_modules(_unwrap(target))
                       if self.sel.sharded else [])
         self._stale = False                              # set by torch's registration hooks (see follow)
-        _model.watch((_unwrap(online), _unwrap(target)), self)
-        self._tables = None if _model._HOOKS else _model.tables_of(_unwrap(online), _unwrap(target))
+        _hooks.watch((_unwrap(online), _unwrap(target)), self)
+        self._tables = None if _hooks._HOOKS else _hooks.tables_of(_unwrap(online), _unwrap(target))
         self._capture_check = on_gpu_check               # None, or the host plan's refusal inside a capture
 
     def behind_flags(self) -> list[tuple[str, str]]:
@@ -257,8 +257,8 @@ class TorchPairs:
             self.copied.copy_from_sources_checked(flags)
         dst, src = self.sel.ints
         if dst:
-            _model.copy_unless_flagged_(dst, src, flags)
-        _model.bump_versions(self.sel.written)
+            copy_unless_flagged_(dst, src, flags)
+        bump_versions(self.sel.written)
 
     def copy_all(self) -> None:
         """``target <- online`` for every tensor tracked (a hard update), autograd versions bumped."""
@@ -285,13 +285,13 @@ class TorchPairs:
         Without the hooks, the modules on the way and the tensors' identities are checked at every
         step, and every module's tables (a ``len()`` each, an identity per submodule)."""
         sel = self.sel
-        if not self._stale and _model._HOOKS:
+        if not self._stale and _hooks._HOOKS:
             held = list(map(dict.get, sel.tables, sel.keys))
             if sel.key(held) == self._key and self._guard(held):
                 return                                   # the usual step: nothing moved
         if self._fsdp:                                   # a forward with no backward left unsharded copies
             _sharded.reshard(self._fsdp)
-        renamed = self._stale if _model._HOOKS else _model.tables_changed(self._tables)
+        renamed = self._stale if _hooks._HOOKS else _hooks.tables_changed(self._tables)
         now = None if renamed else sel.current()         # (a registration, a module's table: new names?)
         if now is not None and sel.key(now) == self._key and self._guard(now):
             self._stale = False
@@ -312,7 +312,7 @@ class TorchPairs:
             sel.ints = sel.groups[2]
             self.sel, self._key = sel, sel.key(sel.tensors)
             self._guard = sel.layout_guard(sel.tensors)
-            _model.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
+            _hooks.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
         else:
             sel.groups = sel.group(now)                  # storage moved under a tensor (p.data = new)
             sel.ints = sel.groups[2]
@@ -320,4 +320,4 @@ class TorchPairs:
         self.avg.regroup(sel.groups[0])
         self.copied.regroup(sel.groups[1])
         self._stale = False
-        self._tables = None if _model._HOOKS else _model.tables_of(_unwrap(self.online), _unwrap(self.target))
+        self._tables = None if _hooks._HOOKS else _hooks.tables_of(_unwrap(self.online), _unwrap(self.target))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._files import atomic_write
 from .._safetensors import stream_safetensors
-from ._model import _unwrap
+from ._hooks import _unwrap
 
 __all__ = ["is_peft_model", "resolve_trainable_only"]
 

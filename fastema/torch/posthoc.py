@@ -24,7 +24,7 @@ from ..posthoc.snapshots import (
 )
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
-from ._model import _unwrap
+from ._hooks import _unwrap
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]

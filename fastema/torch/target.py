@@ -16,7 +16,7 @@ from ..average.device_plan import check_state as check_device_state
 from ..average.options import EMAOptions
 from ..schedules import MOMENTUM_SCHEDULES, Constant, NumUpdates, PowerWarmup, from_state
 from . import _compile
-from ._model import _patterns, _unwrap
+from ._hooks import _patterns, _unwrap
 from ._pairs import TorchPairs
 
 __all__ = ["REFUSALS", "TargetNetwork"]

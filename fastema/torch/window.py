@@ -10,7 +10,7 @@ from torch import nn
 from ..average.plan import Cadence
 from ..flat import FlatShadow, WindowShadow
 from ._base import _ModelAverage
-from ._model import _match_names
+from ._hooks import _match_names
 from ._peft import PeftExport
 
 __all__ = ["WindowAverage"]

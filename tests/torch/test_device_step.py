@@ -348,7 +348,7 @@ def test_integer_buffers_behind_a_flag_take_one_where_each_and_one_foreach_copy(
     ``_foreach_copy_`` (it was four operations per tensor, each a launch on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastema.torch._model import copy_unless_flagged_
+    from fastema.torch._slots import copy_unless_flagged_
 
     class Count(TorchDispatchMode):
         def __init__(self):
