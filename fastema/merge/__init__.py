@@ -1,10 +1,11 @@
 """Checkpoint merging: the weighted average of saved checkpoints, at disk speed, in bounded memory.
 
 ``merge_checkpoints(inputs, out, weights="uniform", dtype="same", ...)`` reads every floating
-tensor of the inputs one tensor (or one 16 MiB piece of one) at a time, memory-mapped where the
+tensor of the inputs one tensor (or one 4 MiB piece of one) at a time, memory-mapped where the
 format allows, through a compiled multi-input weighted-sum kernel (float32 accumulation,
-float64 on request), and writes the merge into a temporary folder beside ``out`` that is renamed
-into place when it is whole. Command line: ``python -m fastema merge OUT INPUT... --weights
+float64 on request; the next piece mapped and the last one written on helper threads meanwhile),
+and writes the merge into a temporary folder beside ``out`` that is renamed into place when it is
+whole. Command line: ``python -m fastema merge OUT INPUT... --weights
 minus-sqrt``.
 
 - :mod:`.weights`: the weight styles (uniform, Megatron-LM's ``linear`` / ``minus-sqrt``, EMA by
@@ -14,7 +15,8 @@ minus-sqrt``.
 - :mod:`.plan`: every input checked against the first before anything is written, and what each
   entry becomes (averaged, copied from one input, tied, left out);
 - :mod:`.writer`: the output files and their atomic publication;
-- :mod:`.report`: :class:`MergeReport`; :mod:`.core`: the driver.
+- :mod:`.report`: :class:`MergeReport`; :mod:`.core`: the driver; ``_engine``: the pieces through
+  the kernel.
 
 Guide: "Merge checkpoints instead of decaying the learning rate" (``docs/guides/merging.md``).
 """

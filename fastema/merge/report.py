@@ -90,7 +90,8 @@ class MergeReport:
                             f", peak anonymous memory +{_size(self.peak_anon_bytes)}")
                          + (", verified" if self.verified else ""))
         if self.dropped:
-            lines.append(f"left out: {len(self.dropped)} entries of optimizer state ({_few(self.dropped)})")
+            lines.append(f"left out (optimizer state, entries outside the model's state): {len(self.dropped)} "
+                         f"({_few(self.dropped)})")
         if self.not_written:
             lines.append(f"not written (not tensors; a .safetensors output holds tensors only): "
                          f"{_few(self.not_written)}")
