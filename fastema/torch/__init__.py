@@ -6,10 +6,10 @@ launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
 ``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
 
 One concern per module: ``_hooks`` (registration hooks, names and patterns), ``_slots`` (storage
-keys, the writes besides the kernels), ``_model`` (selection and following the model),
-``_checkpoint`` (state dicts, checkpoints, ``save``), ``_base`` (``_ModelAverage``: construction,
-swap, ``copy_to``), ``ema`` / ``window`` / ``posthoc`` (the public classes), ``_compile``,
-``_offload`` and ``_sharded``.
+keys, the writes besides the kernels), ``_model`` (``TorchModel``: selection, following the model,
+the engine's adapter), ``_checkpoint`` (state dicts, checkpoints, ``save``), ``_average``
+(``TorchAverage``, which has a ``TorchModel``: construction, swap, ``copy_to``), ``ema`` /
+``window`` / ``posthoc`` (the public classes), ``_compile``, ``_offload`` and ``_sharded``.
 """
 from ._checkpoint import FORMAT, VERSION  # noqa: F401
 from ._hooks import _HOOKS, _unwrap, _watch, normalize_name, registration_hooks  # noqa: F401

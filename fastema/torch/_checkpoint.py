@@ -5,12 +5,15 @@ DTensors on a sharded average, full tensors from :meth:`~_CheckpointSide.full_st
 a standalone ``module()`` copy, the average's own checkpoint (``state_dict`` /
 ``load_state_dict``: schema :data:`FORMAT` / :data:`VERSION`, checked in full before anything is
 loaded; ZeRO-3 flat forms and DTensors of any layout) and ``save()`` to a model checkpoint file.
-:class:`_CheckpointSide` is mixed into ``_ModelAverage`` (:mod:`fastema.torch._base`).
+:class:`_CheckpointSide` is a base of ``TorchAverage`` (:mod:`fastema.torch._average`) and reads
+the model side through its ``_model`` (:class:`~fastema.torch._model.TorchModel`).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import os
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -22,6 +25,10 @@ from .._state import check_header, refuse_load
 from . import _sharded
 from ._hooks import _match_names, _unwrap
 from ._slots import _local_key
+
+if TYPE_CHECKING:
+    from ..average.plan import Cadence
+    from ._model import TorchModel
 
 __all__ = ["FORMAT", "VERSION"]
 
@@ -37,9 +44,25 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 class _CheckpointSide:
-    """Export and checkpoints of ``_ModelAverage``: reads its ``_avg``, ``_copy``, ``_int_buffers``,
-    ``_specs``, ``_format``, ``cadence`` and ``model``; subclasses add their own state through
-    ``_extra_state`` / ``_check_extra`` / ``_load_extra``."""
+    """Export and checkpoints of a ``TorchAverage``: reads the model side (``_model``) and what the
+    average declares below; subclasses add their own state through ``_extra_state`` /
+    ``_check_extra`` / ``_load_extra``."""
+
+    _model: TorchModel                   # the model side: shadows, names, layouts, following the model
+    _format: str                         # the checkpoint's "format"
+    model: nn.Module
+    cadence: Cadence                     # counts update() calls (a checkpoint's "calls")
+
+    if TYPE_CHECKING:                    # what the average (TorchAverage) defines
+        @property
+        def sharded(self) -> bool: ...
+
+        def _not_swapped(self, what: str) -> None: ...
+
+        def _check_row(self, row: int) -> None: ...
+
+        @property
+        def calls(self) -> int: ...
 
     def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
@@ -47,11 +70,12 @@ class _CheckpointSide:
         of a tied or aliased tensor gets its average."""
         self._not_swapped("averaged_state_dict()")
         out = {}
+        specs = self._model.specs
         for name, t, source, value in self._state_entries(row):
             if source is None:
                 out[name] = t.detach().clone()             # excluded: the model's own value
-            elif source in self._specs:                    # a sharded average: this rank's part, as a DTensor
-                out[name] = _sharded.wrap(value().to(t.dtype, copy=True), self._specs[source])
+            elif source in specs:                          # a sharded average: this rank's part, as a DTensor
+                out[name] = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
             else:
                 out[name] = value().to(t.dtype, copy=True)
         return out
@@ -61,25 +85,28 @@ class _CheckpointSide:
         ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
         average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
         self._check_row(row)
-        self._follow()
-        self._avg.check_sources()                       # a same-address reshape or cast is named here
-        if self._copy is not None:
-            self._copy.check_sources()
-        tracked = {}
-        for n in self._avg.names:
-            tracked[n] = lambda n=n: self._avg.view(n, row)
-        for n in (self._copy.names if self._copy is not None else []):
-            tracked[n] = lambda n=n: self._copy.view(n)
-        for n in self._int_buffers:
-            tracked[n] = lambda n=n: self._int_buffers[n][1]
+        side = self._model
+        side.follow()
+        avg, copied, ints = side.avg, side.copy, side.int_buffers
+        avg.check_sources()                            # a same-address reshape or cast is named here
+        if copied is not None:
+            copied.check_sources()
+        tracked: dict[str, Callable[..., torch.Tensor]] = {}
+        for n in avg.names:
+            tracked[n] = lambda n=n: avg.view(n, row)
+        if copied is not None:
+            for n in copied.names:
+                tracked[n] = functools.partial(copied.view, n)
+        for n in ints:
+            tracked[n] = lambda n=n: ints[n][1]
         inner = _unwrap(self.model)
-        own = dict(inner.named_parameters(remove_duplicate=False))
+        own: dict[str, torch.Tensor] = dict(inner.named_parameters(remove_duplicate=False))
         own.update(inner.named_buffers(remove_duplicate=False))
         by_key = {_local_key(own[n]): n for n in tracked if n in own and _local_key(own[n]) is not None}
         out = []
         for name, t in inner.state_dict(keep_vars=True).items():
             source = name if name in tracked else by_key.get(_local_key(t))
-            out.append((name, t, source, tracked.get(source)))
+            out.append((name, t, source, None if source is None else tracked[source]))
         return out
 
     def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
@@ -102,16 +129,18 @@ class _CheckpointSide:
         collective per sharded tensor, in the model's state-dict order on every rank). The tensors
         are fresh copies in the model's dtypes (excluded tensors: of the model's own values)."""
         own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
+        specs = self._model.specs
         for name, t, source, value in self._state_entries(row):
             if source is None:
                 v = t.detach().clone()                         # excluded: the model's own value
-            elif source in self._specs:                        # a sharded average: this rank's part, as a DTensor
-                v = _sharded.wrap(value().to(t.dtype, copy=True), self._specs[source])
+            elif source in specs:                              # a sharded average: this rank's part, as a DTensor
+                v = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
             else:
                 v = value().to(t.dtype, copy=True)
             v = _sharded.full(v)
-            if hasattr(own.get(name), "ds_shape"):
-                v = v.view(own[name].ds_shape)                 # ZeRO-3 partitions gather flat
+            ds_shape = getattr(own.get(name), "ds_shape", None)
+            if ds_shape is not None:
+                v = v.view(ds_shape)                           # ZeRO-3 partitions gather flat
             yield name, v
 
     def module(self, row: int = 0) -> nn.Module:
@@ -144,15 +173,16 @@ class _CheckpointSide:
         every rank, so a refused or failed load (NaN averages, a truncated shard) changes nothing.
         """
         self._not_swapped("state_dict()")
-        if self._resync:                                 # a DDP wrap since construction: start over first
-            self._follow()
+        side = self._model
+        if side._resync:                                 # a DDP wrap since construction: start over first
+            side.follow()
+        avg, copied = side.avg, side.copy
         return {
             "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
             "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
-            "averaged": self._staged({n: self._avg.state_view(n) for n in self._avg.names}, True),
-            "copied": self._staged({n: self._copy.view(n) for n in self._copy.names})
-            if self._copy is not None else {},
-            "int_buffers": self._staged({n: v[1] for n, v in self._int_buffers.items()}),
+            "averaged": self._staged({n: avg.state_view(n) for n in avg.names}, True),
+            "copied": self._staged({n: copied.view(n) for n in copied.names}) if copied is not None else {},
+            "int_buffers": self._staged({n: v[1] for n, v in side.int_buffers.items()}),
         }
 
     def _staged(self, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
@@ -167,7 +197,7 @@ class _CheckpointSide:
     def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
         """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
         (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
-        spec = self._specs.get(name)
+        spec = self._model.specs.get(name)
         if spec is None:
             return view
         return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
@@ -180,10 +210,16 @@ class _CheckpointSide:
         self._not_swapped("load_state_dict()")
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
-        copied_names = self._copy.names if self._copy else []
-        groups = (("averaged", self._avg.names, lambda n: self._avg.state_view(n), True, True),
-                  ("copied", copied_names, lambda n: self._copy.view(n), False, False),
-                  ("int_buffers", list(self._int_buffers), lambda n: self._int_buffers[n][1], False, False))
+        side = self._model
+        avg, copied, ints = side.avg, side.copy, side.int_buffers
+
+        def copied_view(n: str) -> torch.Tensor:
+            assert copied is not None                # asked of its names only
+            return copied.view(n)
+
+        groups = (("averaged", avg.names, avg.state_view, True, True),
+                  ("copied", copied.names if copied is not None else [], copied_view, False, False),
+                  ("int_buffers", list(ints), lambda n: ints[n][1], False, False))
         for key, names, view_of, finite, stacked in groups:
             saved = state.get(key, {})
             if not isinstance(saved, dict):
@@ -201,7 +237,7 @@ class _CheckpointSide:
                 if not isinstance(value, torch.Tensor):
                     problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
                     continue
-                spec = self._specs.get(n)
+                spec = self._model.specs.get(n)
                 # ZeRO-3 averages are saved flat, (rows, numel); either form loads into either layout
                 flat = stacked and not _sharded.is_dtensor(value) and value.dim() >= 1 and len(shape) >= 1 and (
                     (spec is not None and spec.view_shape is not None and
@@ -239,11 +275,13 @@ class _CheckpointSide:
         loading (``refused``: this one does): a MAX all-reduce over every mesh dimension of the
         sharded tensors' meshes, so either every rank loads or none does. False (no collective)
         for an unsharded average or with no process group."""
-        if not self._specs or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        side = self._model
+        specs = side.specs
+        if not specs or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return refused
         groups: list = []
-        for n in self._avg.names + (self._copy.names if self._copy is not None else []):
-            spec = self._specs.get(n)
+        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
+            spec = specs.get(n)
             if spec is None:
                 continue
             for dim in range(spec.mesh.ndim):
@@ -261,7 +299,7 @@ class _CheckpointSide:
         """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
         tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
         from a DTensor for an unsharded one (a collective)."""
-        spec = self._specs.get(name)
+        spec = self._model.specs.get(name)
         if spec is None:
             return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
         return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)

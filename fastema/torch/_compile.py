@@ -56,7 +56,7 @@ class UpdateOwner(Protocol):
 
 
 class CompiledOwner(UpdateOwner, Protocol):
-    """What every operator asks of the average it runs (``fastema.torch._base._ModelAverage``):
+    """What every operator asks of the average it runs (``fastema.torch._average.TorchAverage``):
     ``update_``'s protocol, and ``swap_``'s and ``copy_to_``'s."""
 
     def _eager_copy_to(self, row: int) -> None:

@@ -42,6 +42,7 @@ micro-batch, not the one just stepped (and it is ``True`` only inside ``step()``
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -131,14 +132,15 @@ def steps(engine) -> Steps | None:
     return Steps(engine)
 
 
-def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
+def find(engine, averaged: dict, what: str = "EMA(engine)", stacklevel: int = 4) -> Masters | None:
     """The masters standing for the averaged ZeRO-3 partitions of ``engine`` (``averaged``: name ->
     the local tensor the average would read), or None: no engine, no masters this module reads
     (then a warning when the averaged parameters are 16-bit and the optimizer keeps float32 masters
-    that are not read), or masters not held in memory in the expected layout (said once)."""
+    that are not read), or masters not held in memory in the expected layout (said once; ``stacklevel``:
+    the warning's, the caller of the average's constructor)."""
     if engine is None:
         return None
-    opt = getattr(engine, "optimizer", None)
+    opt: Any = getattr(engine, "optimizer", None)
     kind = type(opt).__name__
     if kind in _FLAT_MASTERS:
         label = _FLAT_MASTERS[kind][4]
@@ -148,7 +150,7 @@ def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
             if any(t.dtype in (torch.bfloat16, torch.float16) for t in averaged.values()):
                 warnings.warn(f"{what}: DeepSpeed {label} keeps float32 master weights, but {err}: this average "
                               f"reads the {_dtypes(averaged)} parameters instead (ema.source == 'parameters'), so "
-                              f"updates smaller than their rounding are lost.", RuntimeWarning, stacklevel=4)
+                              f"updates smaller than their rounding are lost.", RuntimeWarning, stacklevel=stacklevel)
             return None
     if not hasattr(opt, "fp32_partitioned_groups_flat"):
         return None
@@ -156,7 +158,7 @@ def find(engine, averaged: dict, what: str = "EMA(engine)") -> Masters | None:
         where = _zero3_offsets(opt)
     except ValueError as err:
         warnings.warn(f"{what}: {err}; this average reads the parameters' partitions instead "
-                      f"(ema.source == 'parameters').", RuntimeWarning, stacklevel=4)
+                      f"(ema.source == 'parameters').", RuntimeWarning, stacklevel=stacklevel)
         return None
     flats = list(opt.fp32_partitioned_groups_flat)
     views, parts = {}, {}

@@ -116,13 +116,14 @@ def _wrapped_in_ddp(model: nn.Module) -> None:
                 ema._resync = True
                 fresh.append(ema)
             else:
-                warnings.warn(f"{type(ema).__name__} was made and updated before the model was wrapped in "
+                kind = getattr(ema, "kind", type(ema).__name__)     # a model side says its average's class
+                warnings.warn(f"{kind} was made and updated before the model was wrapped in "
                               f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
                               f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
                               stacklevel=4)
     if not fresh:
         return
-    handle = []
+    handle: list = []
 
     def restart(module, args):
         handle.pop().remove()

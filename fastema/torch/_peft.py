@@ -1,60 +1,40 @@
-"""Adapters (LoRA and the other PEFT methods): which models are PEFT models, what
-``trainable_only=None`` means for them, and :meth:`PeftExport.export_peft`, which writes an
-average's adapter in PEFT's own format (``adapter_model.safetensors`` + ``adapter_config.json``)
-for ``peft.PeftModel.from_pretrained``.
+"""Adapters (LoRA and the other PEFT methods): the one message of ``trainable_only=None`` on a PEFT
+model (:func:`announce`), and :meth:`PeftExport.export_peft`, which writes an average's adapter in
+PEFT's own format (``adapter_model.safetensors`` + ``adapter_config.json``) for
+``peft.PeftModel.from_pretrained``. Which models are PEFT models, and what ``trainable_only=None``
+means for them, is the model side's (:func:`fastema.torch._model.is_peft_model`).
 
-peft is imported only by ``export_peft()`` (or when the user imported it already): detecting a
-PEFT model reads its ``peft_config`` attribute.
+peft is imported only by ``export_peft()``.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
+from typing import Literal
 
 from torch import nn
 
 from .._files import atomic_write
 from .._safetensors import stream_safetensors
+from ._checkpoint import _CheckpointSide
 from ._hooks import _unwrap
+from ._model import is_peft_model
 
-__all__ = ["is_peft_model", "resolve_trainable_only"]
+__all__ = ["PeftExport", "announce"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"     # peft.utils.SAFETENSORS_WEIGHTS_NAME
 CONFIG_NAME = "adapter_config.json"            # peft.utils.CONFIG_NAME
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
-    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` / ``load_adapter``).
-    Does not import peft."""
-    inner = _unwrap(model)
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
-        return True
-    config = getattr(inner, "peft_config", None)
-    return isinstance(config, dict) and bool(config)
-
-
-def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tuple[bool, bool]:
-    """``(trainable_only, defaulted)``: ``None`` means True for a PEFT model (``defaulted`` is
-    then True: the average says so once it is made), False for any other model."""
-    if trainable_only is None:
-        peft = is_peft_model(model)
-        return peft, peft
-    if not isinstance(trainable_only, bool):
-        raise TypeError(f"trainable_only must be True, False or None (True for PEFT models), got {trainable_only!r}")
-    return trainable_only, False
-
-
-def announce(average) -> None:
+def announce(average: _CheckpointSide) -> None:
     """The one message of ``trainable_only=None`` on a PEFT model: what is averaged, how to change it."""
     kind = type(average).__name__
-    sources = average._avg.sources
+    shadow = average._model.avg
+    sources = shadow.sources
     weights = sum(t.numel() * t.element_size() for t in sources)
     warnings.warn(f"{kind}(model) of a PEFT model averages only its trainable parameters (the adapters): "
-                  f"{len(sources)} tensors, {weights} bytes of weights, a {average._avg.nbytes}-byte shadow; the "
+                  f"{len(sources)} tensors, {weights} bytes of weights, a {shadow.nbytes}-byte shadow; the "
                   f"frozen base model is left out. Pass trainable_only=True to silence this, or "
                   f"trainable_only=False to average every parameter.", UserWarning, stacklevel=4)
 
@@ -63,8 +43,9 @@ def _active_adapter(inner: nn.Module) -> str:
     active = getattr(inner, "active_adapter", None)
     if callable(active):                               # transformers' PeftAdapterMixin: a method
         active = None
-    if active is None and callable(getattr(inner, "active_adapters", None)):
-        names = inner.active_adapters()
+    listed = getattr(inner, "active_adapters", None)
+    if active is None and callable(listed):
+        names = listed()
         if len(names) != 1:
             raise ValueError(f"the model has {len(names)} active adapters ({names}); name the one to export: "
                              f"export_peft(directory, adapter_name=...)")
@@ -77,11 +58,12 @@ def _active_adapter(inner: nn.Module) -> str:
     return active if isinstance(active, str) else "default"
 
 
-class PeftExport:
-    """``export_peft()``, mixed into :class:`~fastema.torch.EMA` and :class:`~fastema.torch.WindowAverage`."""
+class PeftExport(_CheckpointSide):
+    """``export_peft()`` of every torch model average (a base of ``TorchAverage``): the adapter's
+    tensors from the checkpoint side's entries."""
 
     def export_peft(self, directory: str | os.PathLike, row: int = 0, *, adapter_name: str | None = None,
-                    save_embedding_layers: bool | str = "auto") -> None:
+                    save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
         """Write the averaged adapter in PEFT's own format, for ``PeftModel.from_pretrained(base, directory)``.
 
         ``directory/adapter_model.safetensors`` holds average ``row`` of the adapter's tensors under

@@ -3,7 +3,7 @@ several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU of
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,46 +13,13 @@ from ..average import EMAOptions
 from ..average.core import Average, Face
 from ..flat import FlatShadow
 from . import _compile
-from ._base import _ModelAverage
+from ._average import TorchAverage
 from ._checkpoint import FORMAT
-from ._peft import PeftExport
 
 __all__ = ["EMA"]
 
 
-class _Adapter:
-    """The engine's :class:`~fastema.average.ModelAdapter` over a torch EMA's model side: the checks
-    before an update, what it scans for inf/NaN and what it carries along besides the averaged
-    tensors (copied buffers, integer buffers). A reference cycle with the EMA, as its swap's bound
-    method already is: a copy of the EMA gets an adapter of the copy."""
-
-    __slots__ = ("_ema",)
-
-    def __init__(self, ema):
-        self._ema = ema
-
-    def begin(self, due: bool) -> None:
-        ema = self._ema
-        if ema._on_gpu and ema._core.device_plan is None and torch.cuda.is_current_stream_capturing():
-            if ema.offload:
-                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
-                                   "its update runs on a host thread, which a replay would not run. Call update() "
-                                   "outside the graph, or make the EMA without offload=.")
-            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
-                               "on the host (device_step=False): every replay would repeat this call's weights "
-                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
-        ema._swap.refuse("update()")
-        if due:
-            ema._follow()                       # every group, or a refusal before anything is written
-
-    def scan(self, flags: dict | None) -> dict:
-        return self._ema._scan(flags)
-
-    def carry(self, flags: dict | None) -> None:
-        self._ema._copy_buffers(flags, current=True)
-
-
-class EMA(Face, _ModelAverage, PeftExport):
+class EMA(Face, TorchAverage):
     """Exponential moving average of a PyTorch model's weights.
 
     ``shadow <- decay * shadow + (1 - decay) * weight`` after every ``update()``, for
@@ -131,27 +98,42 @@ class EMA(Face, _ModelAverage, PeftExport):
                           update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
                           rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite, device_step=device_step,
                           offload=offload)
-        self._core = Average(opts, FORMAT, adapter=_Adapter(self))     # the plan, the update driver, BEMA
+        self._core = Average(opts, FORMAT)          # the plan, the update driver, BEMA
         self.shadow_dtype, self.skip_nonfinite = shadow_dtype, skip_nonfinite
         self._bema = self.plan.schedules[0] if opts.is_bema else None
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        make: Callable[[dict], FlatShadow]
+        make: Callable[[dict], Any]                                  # the shadow, or one with its methods
         if offload:
             from ._offload import OffloadedShadow
 
-            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # type: ignore  # noqa: E731
+            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # noqa: E731
         else:
             make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
         self.offload = offload
         super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
-        self._core.shadow = self._avg
+        self._core.shadow, self._core.adapter = self._avg, self._model     # the model side is the adapter
         self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
+        self._model.check = self._refuse_update          # the swap refusal, and a capture the plan cannot replay
         if device_step is None:
             device_step = self._on_gpu and not offload and self._bema is None
         if device_step:
             self._core.plan_on_device()              # and every kernel compiled and loaded now
         self._plan_on_device = self._core.device_plan
-        self._ops = self._op_lists()
+        self._model.plan_tensors = self._plan_tensors()
+        self._model.ops = self._model.op_lists()
+
+    def _refuse_update(self) -> None:
+        """Before every update call: on a GPU, a CUDA graph capture the plan on the host cannot replay;
+        a swapped model (the model side's :meth:`~fastema.torch._model.TorchModel.begin` calls it)."""
+        if self._on_gpu and self._core.device_plan is None and torch.cuda.is_current_stream_capturing():
+            if self.offload:
+                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
+                                   "its update runs on a host thread, which a replay would not run. Call update() "
+                                   "outside the graph, or make the EMA without offload=.")
+            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
+                               "on the host (device_step=False): every replay would repeat this call's weights "
+                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
+        self._swap.refuse("update()")
 
     def _check_row(self, row: int) -> None:
         self._core.check_row(row)                 # BEMA: its output only (rows 1-2 are its state)
@@ -165,7 +147,7 @@ class EMA(Face, _ModelAverage, PeftExport):
         return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
 
     def _plan_tensors(self) -> list:
-        plan = getattr(self, "_plan_on_device", None)
+        plan = self._plan_on_device
         if plan is None:
             return []
         return [t for d in plan.devices.values() for t in d.arrays.values() if isinstance(t, torch.Tensor)]
@@ -194,7 +176,7 @@ class EMA(Face, _ModelAverage, PeftExport):
 
     def _restart(self, model: nn.Module | None = None) -> None:
         self._avg.copy_from_sources()
-        self._copy_buffers()
+        self._model.copy_buffers()
 
     def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """Deprecated alias of :meth:`averaged_state_dict` (the name every face uses); goes in 0.3."""

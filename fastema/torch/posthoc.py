@@ -236,7 +236,7 @@ class PostHocEMA(EMA):
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
         tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
         overflow: list[str] = []
-        sharded = self.sharded
+        sharded, specs = self.sharded, self._model.specs
         for name, t, source, value in self._state_entries(0):         # one walk and check for every row
             if source is None or source not in self._avg.names:
                 kept = t.detach() if value is None else value()
@@ -259,7 +259,7 @@ class PostHocEMA(EMA):
                     cast = v.to(dtype)
                     if cast.dtype != v.dtype and bool((~torch.isfinite(cast) & torch.isfinite(v)).any()):
                         overflow.append(profile_key(k, name))
-                    tensors[profile_key(k, name)] = _sharded.wrap(cast, self._specs[source]) if source in self._specs \
+                    tensors[profile_key(k, name)] = _sharded.wrap(cast, specs[source]) if source in specs \
                         else cast
                 else:                                     # streamed to the file one tensor at a time
                     tensors[profile_key(k, name)] = (v, dtype)   # (the writer refuses values beyond dtype's range)

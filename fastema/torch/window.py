@@ -9,14 +9,13 @@ from torch import nn
 
 from ..average.plan import Cadence
 from ..flat import FlatShadow, WindowShadow
-from ._base import _ModelAverage
+from ._average import TorchAverage
 from ._hooks import _match_names
-from ._peft import PeftExport
 
 __all__ = ["WindowAverage"]
 
 
-class WindowAverage(_ModelAverage, PeftExport):
+class WindowAverage(TorchAverage):
     """The mean of the last ``window`` snapshots of a model's weights, or of all of them (SWA).
 
     ``window=W``: a ring of W flat snapshots per (device, dtype) group and a compensated
@@ -74,12 +73,14 @@ class WindowAverage(_ModelAverage, PeftExport):
         steps = self._steps
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
             return
-        if self._begin(self.cadence.due()):
+        due = self.cadence.due()
+        self._model.begin(due)                            # refusals, and when due the model followed
+        if due:
             if self.window is None:
                 self._avg.update(weight=1.0 / (self.snapshots + 1))
             else:
                 self._avg.push()
-            self._copy_buffers()
+            self._model.copy_buffers()
             self.snapshots += 1
         self.cadence.called()
         if steps is not None:
@@ -90,7 +91,7 @@ class WindowAverage(_ModelAverage, PeftExport):
             self._avg.copy_from_sources()
         else:
             self._avg.restart()
-        self._copy_buffers()
+        self._model.copy_buffers()
         self.snapshots = 1
 
     def _extra_state(self) -> dict:

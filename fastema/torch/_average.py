@@ -1,0 +1,260 @@
+"""``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
+:class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares. It has a
+:class:`~fastema.torch._model.TorchModel` (``self._model``: the model side, which the engine's
+update drives as its adapter) and a :class:`~fastema.average.swap.ModelSwap`, and is a
+:class:`~fastema.torch._checkpoint._CheckpointSide` (state dicts, checkpoints, ``save``) with
+``export_peft`` (:mod:`fastema.torch._peft`), both reading the model side through ``self._model``.
+
+This module owns construction, the update bookkeeping (``calls``), swap with a lossy backup
+(``swap`` / ``_exchange`` / ``average_parameters``), ``copy_to`` and ``join``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from ..average.plan import Cadence
+from ..average.swap import ModelSwap
+from ..flat import FlatShadow
+from . import _compile, _deepspeed, _sharded
+from ._hooks import _unwrap
+from ._model import TorchModel
+from ._peft import PeftExport, announce
+from ._slots import bump_versions
+
+if TYPE_CHECKING:
+    from ._offload import _HostBackup
+
+
+class TorchAverage(PeftExport):
+    """What every model-level average shares: the model side (:class:`TorchModel`: which tensors
+    are averaged or copied, the flat shadows, following a changed model), swap / copy-out /
+    export, and checkpoints. Subclasses make the shadow and define ``update()``,
+    ``_eager_update()``, ``_restart()`` and their extra checkpoint state.
+
+    ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
+
+    _format = ""
+
+    def __init__(self, model: nn.Module, make_shadow: Callable[[dict], Any], *, buffers: str,
+                 exclude: Sequence[str], copy: Sequence[str], trainable_only: bool | None = None):
+        self._backup: FlatShadow | _HostBackup | None = None   # raw weights during a lossy swap (float16 models)
+        self._swap = ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the "
+                                               "raw weights then); call it outside average_parameters() or after "
+                                               "swap()")
+        side = self._model = TorchModel(model, make_shadow, buffers=buffers, exclude=exclude, copy=copy,
+                                        trainable_only=trainable_only, kind=type(self).__name__,
+                                        check=functools.partial(self._swap.refuse, "update()"),
+                                        fresh=self._fresh, restart=self._restart)
+        self.model = model
+        self.buffers, self.exclude, self.copy_patterns = side.buffers, side.exclude, side.copy_patterns
+        self.trainable_only = side.trainable_only
+        self._avg, self._copy = side.avg, side.copy
+        self._steps = side.steps                # DeepSpeed: one fold per optimizer step (M2)
+        self.cadence = self._cadence()          # counts update() calls
+        self._handle = _compile.register(self)  # what the compiled operators find this average by
+        if side.defaulted:
+            announce(self)                      # trainable_only=None on a PEFT model: say what is averaged
+
+    def _restart(self, model: nn.Module | None = None) -> None:
+        """Start the averages over from the model's current weights (the model was wrapped in DDP,
+        which broadcast rank 0's weights into it)."""
+        raise NotImplementedError
+
+    def _eager_update(self, step: int | None) -> None:
+        """The eager ``update()`` (checks, schedule, launches): the compiled operator runs it."""
+        raise NotImplementedError
+
+    def _fresh(self) -> bool:
+        """True while nothing but the construction went into the averages (a restart loses nothing)."""
+        return self.calls == 0 and not self.swapped
+
+    def _cadence(self) -> Cadence:
+        raise NotImplementedError
+
+    @property
+    def calls(self) -> int:
+        """``update()`` calls so far, skipped ones included."""
+        return self.cadence.calls
+
+    @property
+    def swapped(self) -> bool:
+        return self._swap.swapped
+
+    # ------------------------------------------------------------ torch.compile
+
+    @property
+    def _ops(self) -> dict:
+        """``op -> (tensors it writes, tensors it reads)`` of the compiled operators (the model side's,
+        made when the tensors change)."""
+        return self._model.ops
+
+    def _read_from(self, read: list) -> Callable[[], None]:
+        """Read the sources from ``read`` until the returned function is called (see ``_compile``)."""
+        return self._model.read_from(read)
+
+    # ------------------------------------------------------------ swap and copy-out
+
+    def swap(self, row: int = 0) -> None:
+        """Put average ``row`` into the model in place; call again to put the raw weights back.
+
+        In place with no model-sized temporary when the shadow keeps an exact swap
+        (equal dtypes, or float32 shadow and bfloat16 weights). float16 weights with a
+        float32 shadow are backed up once instead (a float16-sized buffer), so the
+        float32 average is never rounded. Every tensor is checked before the first one is
+        written, so a refused swap leaves the model and the averages as they were.
+        """
+        if torch.compiler.is_compiling():
+            torch.ops.fastema.swap_(self._ops["swap"][0], self._handle, row)
+            return
+        self._swap.swap(row)
+
+    def _exchange(self, row: int, swapping_in: bool) -> None:
+        side = self._model
+        avg, copy = side.avg, side.copy
+        side.settle()
+        if swapping_in:
+            self._check_row(row)
+            side.follow()
+        lossy = self._lossy_swap()
+        if not lossy:
+            avg.swap_modes()
+        if copy is not None:                           # the averaged group checks itself before writing
+            copy.refresh()
+        backup = self._backup
+        if lossy:
+            if swapping_in:
+                if backup is None:                    # offloaded: the backup is in host memory
+                    backup = self._backup = avg.backup() if getattr(avg, "offloaded", False) else \
+                        FlatShadow(dict(zip(avg.names, avg.sources)), dtype="same")
+                else:
+                    backup.rebind(dict(zip(avg.names, avg.sources)))
+                    backup.copy_from_sources()
+                avg.copy_to_sources(row)
+            else:
+                assert backup is not None             # swapped in lossily: the raw weights are there
+                backup.copy_to_sources()
+        else:
+            avg.swap(row)
+        if copy is not None:
+            try:
+                copy.swap()
+            except BaseException:                      # put the averaged group back as it was
+                if not lossy:
+                    avg.swap(row)
+                elif swapping_in:
+                    assert backup is not None
+                    backup.copy_to_sources()
+                else:
+                    avg.copy_to_sources(row)
+                raise
+        if side.masters is not None:                  # the masters were exchanged: now the partitions evaluation reads
+            side.masters.exchanged(swapping_in)
+
+    def _not_swapped(self, what: str) -> None:
+        self._swap.refuse(what)
+
+    def _lossy_swap(self) -> bool:
+        avg = self._model.avg
+        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
+            return True
+        return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
+                                                                 g["src_dtype"] == "bfloat16")
+                   for g in avg.groups)
+
+    def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
+        """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
+        (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
+        row it leaves the weights as they are, and the outer one swaps back. Yields the model.
+
+        Not inside ``torch.compile``: with ``fullgraph=True`` it is refused with that reason (a graph
+        break otherwise, the block then runs eagerly). Call it around the compiled function."""
+        if torch.compiler.is_compiling():         # traced: made eager there (torch._dynamo is loaded by then)
+            return _compile.eager_block(self._swap, row, self.model)
+        return self._swap.block(row, self.model)
+
+    def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
+        """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
+
+        Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
+        are looked through); anything else raises before a tensor is written. The tensors written
+        get their autograd version bumped, as by torch's ``copy_``: a backward through a graph
+        that saved the old weights raises.
+        """
+        if (model is None or model is self.model) and torch.compiler.is_compiling():
+            written, read = self._ops["copy_to"]
+            torch.ops.fastema.copy_to_(written, read, self._handle, row)
+            return
+        if model is None or model is self.model:
+            self._eager_copy_to(row)
+            return
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        target = _unwrap(model)
+        if self.sharded and not any(map(_sharded.is_dtensor, target.parameters())):
+            state = self.full_state_dict(row)          # sharded average into a plain model: collective
+        else:
+            state = self.averaged_state_dict(row)
+        theirs = target.state_dict(keep_vars=True)
+        missing = [k for k in theirs if k not in state]
+        extra = [k for k in state if k not in theirs]
+        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(theirs[k].shape)}" for k in state
+                 if k in theirs and tuple(state[k].shape) != tuple(theirs[k].shape)]
+        if missing or extra or wrong:
+            raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
+        target.load_state_dict(state, strict=True)
+
+    def __copy__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the addresses of its own "
+                        f"buffers and of the model's tensors. Make a new one of the (copied) model and load this "
+                        f"one's state: new.load_state_dict(old.state_dict())")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def _check_row(self, row: int) -> None:
+        """IndexError unless ``row`` is one of the averages this average shows."""
+        self._model.avg.check_row(row)
+
+    def _eager_copy_to(self, row: int) -> None:
+        side = self._model
+        avg, copy = side.avg, side.copy
+        self._check_row(row)
+        self._not_swapped("copy_to()")
+        side.settle()
+        side.follow()
+        if copy is not None:                           # the averaged group checks itself before writing
+            copy.check_sources()
+        avg.copy_to_sources(row)
+        if side.masters is not None:                  # the masters were written: round them into the partitions
+            side.masters.push()
+        if copy is not None:
+            copy.copy_to_sources()
+        bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
+
+    def join(self) -> None:
+        """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
+        error of one; a no-op otherwise. Every read of the averages does it first."""
+        join = getattr(self._model.avg, "join", None)
+        if join is not None:
+            join()
+
+    @property
+    def sharded(self) -> bool:
+        """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP): each rank averages
+        its local shards only, and :meth:`averaged_state_dict` / :meth:`state_dict` hold DTensors."""
+        return bool(self._model.specs)
+
+    @property
+    def source(self) -> str:
+        """What the averages read: ``"parameters"`` (the model's parameters, or their local shards or
+        partitions), or, for ``EMA(engine)`` of a DeepSpeed engine whose optimizer keeps float32
+        masters, those masters, flat and shard-local: ``"deepspeed-zero3-fp32-masters"``,
+        ``"deepspeed-zero2-fp32-masters"`` (ZeRO-1/2) or ``"deepspeed-bf16-fp32-masters"``
+        (``BF16_Optimizer``). See the large-models guide."""
+        masters = self._model.masters
+        return masters.source if masters is not None else _deepspeed.PARAMETERS
