@@ -91,7 +91,8 @@ class OffloadedShadow:
 
     def __init__(self, sources: dict, *, rows: int, dtype: str):
         self.pack = FlatShadow(sources, dtype="same")             # staging on the params' device, in their dtypes
-        self.names, self.rows, self.skipped = self.pack.names, rows, {}
+        self.names, self.rows = self.pack.names, rows
+        self.skipped: dict = {}                  # as FlatShadow's: device -> int32[1] flag (none: no guard here)
         groups = self.pack.layout.groups
         self._cuda = [g.device != "cpu" for g in groups]
         self._double = [c or bool(_two_slots(g)) for g, c in zip(groups, self._cuda)]    # two host slots in turn

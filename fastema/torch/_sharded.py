@@ -25,14 +25,20 @@ cuts this rank's piece out of a full one.
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 
 class Spec(NamedTuple):
     """How a sharded parameter is laid out over the ranks: what the shadow's views are wrapped in."""
-    mesh: object
+    mesh: DeviceMesh
     placements: tuple
     shape: torch.Size
     stride: tuple
@@ -46,7 +52,7 @@ def _dtensor_type():
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t) -> TypeGuard[DTensor]:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -120,7 +126,8 @@ def mesh_of(group, device_type: str):
     if key not in _MESHES:
         from torch.distributed.device_mesh import DeviceMesh
 
-        _MESHES[key] = (group, DeviceMesh.from_group(group or dist.group.WORLD, device_type))
+        # torch types group.WORLD Optional: it is set once a process group is initialized (a sharded model's)
+        _MESHES[key] = (group, DeviceMesh.from_group(group or dist.group.WORLD, device_type))  # type: ignore[arg-type]
     return _MESHES[key][1]
 
 
@@ -144,6 +151,7 @@ def _gathered(piece: torch.Tensor, spec: Spec) -> torch.Tensor:
     """The full tensor of a parameter whose float32 masters are cut into pieces over the ranks at
     arbitrary offsets (ZeRO-1/2, BF16_Optimizer): every rank's piece, gathered (a collective) and put
     in the parameter's shape (``spec.shape``: with the rows in front for a stack of averages)."""
+    assert spec.pieces is not None                # wrap() gathers pieces only
     _, where = spec.pieces
     parts = gather_pieces(piece, [n for _, n in where], spec.mesh.get_group(0))
     return torch.cat(parts, dim=-1).reshape(spec.shape)
