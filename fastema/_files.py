@@ -62,12 +62,13 @@ def _remove_stale_temporaries(directory: str, base: str) -> None:
             if not (entry.startswith(prefix) and entry.endswith(".tmp")):
                 continue
             pid, _, rest = entry[len(prefix):].partition("@")
-            if pid.isdigit() and rest.startswith(host + ".") and not _alive(int(pid)):
+            if pid.isdigit() and rest.startswith(host + ".") and not alive(int(pid)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, entry))
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a temporary it left is stale when it does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,17 +10,14 @@ the tensors it keeps as they are (``"model:{name}"``) are copied from the ``copy
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from typing import Any
 
-import numpy as np
-
 from ..posthoc._meta import FORMAT, kept_key, profile_key
 from ._dtypes import ITEMSIZE
 from ._safetensors_input import read_safetensors_header
-from ._source import Entry, MergeError, Source
+from ._source import Entry, MergeError, WholeTensorSource
 
 __all__ = ["SnapshotSource", "snapshot_file", "snapshot_folder"]
 
@@ -68,11 +65,10 @@ class _Snapshot:
             raise MergeError(f"{self.label}: {' '.join(str(err).split())}") from None
 
 
-class SnapshotSource(Source):
+class SnapshotSource(WholeTensorSource):
     """Stored profile ``row`` of one post-hoc snapshot (see the module)."""
 
     format = "snapshot"
-    mappable = False
 
     def __init__(self, shared: _Snapshot, row: int, label: str):
         snap = shared.snap
@@ -88,27 +84,12 @@ class SnapshotSource(Source):
             self.copied.add(name)
         self.profile = (float(snap.time), float(snap.gammas[row]))
         self.step = snap.time
-        self._loaded: dict = {}
 
     def _tensor(self, name: str):
         if name not in self._loaded:                   # until done(name): a piece may still be read
             self._loaded[name] = self._shared.read(self._keys[name])
         return self._loaded[name]
 
-    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
-        return self._tensor(name).data_ptr() + lo * ITEMSIZE[self.entries[name].dtype]
-
-    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
-        if nbytes == 0:
-            return memoryview(b"")
-        address = self._tensor(name).data_ptr() + lo
-        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
-
-    def done(self, name: str) -> None:
-        self._loaded.pop(name, None)
-
-    def close(self) -> None:
-        self._loaded = {}
 
 
 def _rows(snaps: list, label: str) -> list:

@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._dtypes import ITEMSIZE
+
 __all__ = ["Entry", "MergeError", "Source", "advise", "os_problem", "regular", "step_from_name"]
 
 POPULATE_READ, DONTNEED = 22, 4          # Linux madvise: map a range's pages now (5.14+) / drop them from this process
@@ -130,3 +132,33 @@ class Source:
 
     def close(self) -> None:
         """Release files and mappings."""
+
+
+class WholeTensorSource(Source):
+    """An input whose tensors are read whole, each a torch tensor in memory from its first piece until
+    :meth:`done` (DCP folders, post-hoc snapshots): a subclass gives ``_tensor(name)``, which loads it
+    into ``self._loaded`` once; the pieces are read from its memory."""
+
+    mappable = False
+
+    def __init__(self, path: str, label: str):
+        super().__init__(path, label)
+        self._loaded: dict = {}
+
+    def _tensor(self, name: str):
+        raise NotImplementedError
+
+    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
+        return self._tensor(name).data_ptr() + lo * ITEMSIZE[self.entries[name].dtype]
+
+    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
+        if nbytes == 0:
+            return memoryview(b"")
+        address = self._tensor(name).data_ptr() + lo      # kept alive in _loaded until done(name)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
+
+    def done(self, name: str) -> None:
+        self._loaded.pop(name, None)
+
+    def close(self) -> None:
+        self._loaded = {}

@@ -21,7 +21,17 @@ from typing import Any
 import numpy as np
 
 from ._dtypes import ITEMSIZE, OBJECT
-from ._source import DONTNEED, POPULATE_READ, Entry, MergeError, Source, advise, regular, step_from_name
+from ._source import (
+    DONTNEED,
+    POPULATE_READ,
+    Entry,
+    MergeError,
+    Source,
+    WholeTensorSource,
+    advise,
+    regular,
+    step_from_name,
+)
 
 __all__ = ["DcpSource", "TorchFileSource"]
 
@@ -182,7 +192,7 @@ def _as_checkpoint(message: str) -> str:
     return message
 
 
-class DcpSource(Source):
+class DcpSource(WholeTensorSource):
     """A torch DCP checkpoint folder (any number of shards, any sharding). Its ``.metadata`` (a pickle)
     is read only through fastema's allow-list unpickler (:mod:`fastema.posthoc._dcp_unpickler`), and
     checked by exact types against the data files before anything is read
@@ -193,7 +203,6 @@ class DcpSource(Source):
     tensor is dropped from the names; non-tensor entries are not read."""
 
     format = "dcp"
-    mappable = False
 
     def __init__(self, path: str, label: str, optimizer: bool = False):
         import os
@@ -228,7 +237,6 @@ class DcpSource(Source):
             self._fqn[name] = key
             if key.startswith("optimizer"):
                 self.copied.add(name)
-        self._loaded: dict = {}
         self.step = step_from_name(path)
 
     def _tensor(self, name: str):
@@ -261,17 +269,3 @@ class DcpSource(Source):
         self._loaded[name] = out[self._fqn[name]]           # until done(name): a piece may still be read
         return self._loaded[name]
 
-    def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
-        return self._tensor(name).data_ptr() + lo * ITEMSIZE[self.entries[name].dtype]
-
-    def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
-        if nbytes == 0:
-            return memoryview(b"")
-        address = self._tensor(name).data_ptr() + lo
-        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
-
-    def done(self, name: str) -> None:
-        self._loaded.pop(name, None)
-
-    def close(self) -> None:
-        self._loaded = {}

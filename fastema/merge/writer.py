@@ -16,6 +16,7 @@ import socket
 import struct
 import zlib
 
+from .._files import alive
 from .._interrupts import ctrl_c_held
 from ._dtypes import TO_CODE
 from ._source import MergeError
@@ -188,15 +189,5 @@ def _remove_stale(parent: str, base: str) -> None:
             if not (entry.startswith(prefix) and entry.endswith((".tmp", ".old"))):
                 continue
             pid, _, rest = entry[len(prefix):].partition("@")
-            if pid.isdigit() and rest.rpartition(".")[0] == host and not _alive(int(pid)):
+            if pid.isdigit() and rest.rpartition(".")[0] == host and not alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -38,7 +38,7 @@ import stat
 import time as _time
 import warnings
 
-from .._files import _alive, atomic_write
+from .._files import alive, atomic_write
 from ._meta import same_run, stamp, valid_run_id
 from ._safe_files import few, first_line, open_regular
 from .snapshots import snapshot_at
@@ -177,7 +177,7 @@ def _read_claim(path: str) -> dict | None:
 def _stale(claim: dict) -> bool:
     """True when the claiming process is known to be gone (it ran on this host). A process id
     reused since (a container restarted: its processes numbered from 1 again) looks alive."""
-    return claim["host"] == socket.gethostname() and claim["pid"] > 0 and not _alive(claim["pid"])
+    return claim["host"] == socket.gethostname() and claim["pid"] > 0 and not alive(claim["pid"])
 
 
 def _held(path: str, run_id: str) -> tuple[dict | None, str | None]:
