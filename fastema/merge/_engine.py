@@ -51,6 +51,7 @@ class Engine:
         self.wide, self.stochastic, self.seed = wide, stochastic, seed
         self.w32 = np.asarray(weights, np.float32)
         self.w64 = np.asarray(weights, np.float64)
+        self.negative = bool((self.w64 < 0).any())   # then a sum may leave even the inputs' own range
         self.piece = PIECE_BYTES[read]
         # the helper thread keeps a core busy reading: the kernel runs on the other threads only where
         # there are more cores (on 2 cores a parallel kernel was slower, the two threads fighting the reader)
@@ -107,10 +108,11 @@ class Engine:
             try:
                 while current is not None and pending is not None:
                     data = pending.result()
+                    here = slot                     # the buffers current's reads use; the next fetch, the others
                     nxt = next(jobs, None)
                     slot ^= 1
                     pending = pool.submit(self._fetch, nxt, slot) if nxt is not None else None
-                    self._run(current, data, out, bar)
+                    self._run(current, data, out, bar, here)
                     del data
                     if current.last:
                         if current.kind == "copy":
@@ -128,7 +130,7 @@ class Engine:
                 data = pending = None               # no view of an input outlives the merge
                 raise
 
-    def _run(self, job: _Job, data, out: _WriteBehind, bar) -> None:
+    def _run(self, job: _Job, data, out: _WriteBehind, bar, here: int) -> None:
         it = job.item
         if job.kind == "copy":
             out.now(data)                           # an input's bytes: written before its pages may go
@@ -136,12 +138,12 @@ class Engine:
             return
         key = (zlib.crc32(it.name.encode()) ^ (self.seed * 0x9E3779B9)) & 0xFFFFFFFF
         if job.kind == "whole":
-            self._whole(it, job.size, key, out, bar)
+            self._whole(it, job.size, key, out, bar, here)
             return
         if job.size:
             buf = out.buffer()
             self._launch(it, job.size, buf.ctypes.data, 0, data, slice(None), True, True, key, job.lo)
-            if _narrows(it) and _inf(it, buf, job.size).any():
+            if (self.negative or _narrows(it)) and _inf(it, buf, job.size).any():
                 exact = np.empty(job.size, np.float64)          # the sums again, in float64, to tell
                 self._launch(it._replace(out_dtype="float64"), job.size, exact.ctypes.data, 0, data, slice(None),
                              True, True, key, job.lo)
@@ -149,8 +151,9 @@ class Engine:
             out.submit(job.size * ITEMSIZE[it.out_dtype])
             bar.update(job.size * ITEMSIZE[it.dtype] * len(self.sources))
 
-    def _whole(self, it, n: int, key: int, out: _WriteBehind, bar) -> None:
-        """One input at a time into a whole-tensor accumulator (inputs read whole, e.g. DCP)."""
+    def _whole(self, it, n: int, key: int, out: _WriteBehind, bar, here: int) -> None:
+        """One input at a time into a whole-tensor accumulator (inputs read whole, e.g. DCP), reading
+        through the buffers of slot ``here`` (the helper thread fetches the next job into the other)."""
         xb, qb = ITEMSIZE[it.dtype], ITEMSIZE[it.out_dtype]
         wide = self.wide or "float64" in (it.dtype, it.out_dtype)
         acc = np.empty(n, np.float64 if wide else np.float32)
@@ -158,7 +161,7 @@ class Engine:
         for i, s in enumerate(self.sources):
             for lo in range(0, n, step):
                 count = min(step, n - lo)
-                addr = s.piece(it.name, lo, count, self.scratch[0][0])
+                addr = s.piece(it.name, lo, count, self.scratch[here][i])
                 self._launch(it, count, 0, acc.ctypes.data + lo * acc.itemsize, [addr], slice(i, i + 1), i == 0,
                              False, key, lo)
                 bar.update(count * xb)
@@ -169,7 +172,7 @@ class Engine:
             buf = out.buffer()
             self._launch(it, count, buf.ctypes.data, acc.ctypes.data + lo * acc.itemsize, none, slice(0, 0),
                          False, True, key, lo)
-            if _narrows(it) and _inf(it, buf, count).any():
+            if (self.negative or _narrows(it)) and _inf(it, buf, count).any():
                 _refuse_overflow(it, acc[lo:lo + count][_inf(it, buf, count)])
             out.submit(count * qb)
         out.drain()                                    # the accumulator goes: nothing may still read it
@@ -232,7 +235,7 @@ def _inf(it, buf: np.ndarray, count: int) -> np.ndarray:
     out = buf[:count * ITEMSIZE[it.out_dtype]]
     if it.out_dtype == "bfloat16":
         return (out.view(np.uint16) & 0x7FFF) == 0x7F80
-    return np.isinf(out.view({"float16": np.float16, "float32": np.float32}[it.out_dtype]))
+    return np.isinf(out.view({"float16": np.float16, "float32": np.float32, "float64": np.float64}[it.out_dtype]))
 
 
 def _narrows(it) -> bool:

@@ -169,6 +169,32 @@ class TorchFileSource(Source):
         self._tensors, self._values, self._dense = {}, {}, {}
 
 
+def _check_covered(label: str, key: str, shape: tuple, chunks, stored: int, itemsize: int) -> None:
+    """MergeError unless ``chunks`` (a DCP tensor's ``ChunkStorageMetadata``) lie inside ``shape``, do not
+    overlap and cover it, and the data files hold its bytes (``stored``): a DCP load leaves what no
+    chunk covers as it was, so an uncovered value would be merged from uninitialised memory."""
+    total = math.prod(shape)
+    boxes = []
+    for c in chunks:
+        off, size = [int(v) for v in c.offsets], [int(v) for v in c.sizes]
+        if len(off) != len(shape) or len(size) != len(shape) or any(
+                o < 0 or n < 0 or o + n > d for o, n, d in zip(off, size, shape)):
+            raise MergeError(f"{label}: tensor {key!r} has a chunk at {off} of size {size} outside its shape "
+                             f"{list(shape)}; the checkpoint is damaged")
+        boxes.append((off, size))
+    volume = sum(math.prod(n) for _, n in boxes)
+    overlap = len(boxes) <= 1024 and any(
+        all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1]))
+        for i, a in enumerate(boxes) for b in boxes[i + 1:] if math.prod(a[1]) and math.prod(b[1]))
+    if volume != total or overlap:
+        raise MergeError(f"{label}: tensor {key!r}: its chunks {'overlap' if overlap else f'hold {volume} values'} "
+                         f"where its shape {list(shape)} has {total}; the checkpoint is damaged (a merge would read "
+                         f"values no chunk holds)")
+    if stored < total * itemsize:
+        raise MergeError(f"{label}: tensor {key!r} needs {total * itemsize} bytes, but its data files hold "
+                         f"{stored}; the checkpoint is truncated or damaged")
+
+
 def _has_tensor(tree: dict) -> bool:
     import torch
 
@@ -220,6 +246,9 @@ class DcpSource(WholeTensorSource):
         model = [k for k in entries if not _OPTIMIZER.match(k.split(".", 1)[0])]
         strip = "model." if model and all(k.startswith("model.") for k in model) else ""
         self._fqn: dict = {}
+        stored: dict = {}                                # key -> bytes its data files hold of it
+        for index, info in self._md.storage_data.items():
+            stored[index.fqn] = stored.get(index.fqn, 0) + info.length
         for key, meta in entries.items():
             if _OPTIMIZER.match(key.split(".", 1)[0]):
                 if not optimizer:
@@ -231,6 +260,7 @@ class DcpSource(WholeTensorSource):
                 if dtype not in ITEMSIZE:
                     raise MergeError(f"{label}: tensor {key!r} is {dtype}, a dtype fastema does not read")
                 shape = tuple(int(d) for d in meta.size)
+                _check_covered(label, key, shape, meta.chunks, stored.get(key, 0), ITEMSIZE[dtype])
                 self.entries[name] = Entry(name, dtype, shape, math.prod(shape) * ITEMSIZE[dtype])
             else:
                 self.entries[name] = Entry(name, OBJECT, (), 0)
@@ -249,8 +279,13 @@ class DcpSource(WholeTensorSource):
         import torch.distributed.checkpoint as dcp
 
         from ..posthoc._dcp import _safe_reader_type
+        from ..posthoc._safe_files import fits
 
         e = self.entries[name]
+        try:
+            fits(self.path, repr(name), e.nbytes, {})   # before a forged size is allocated
+        except MemoryError as err:
+            raise MergeError(f"{self.label}: {err}") from None
         try:
             out = {self._fqn[name]: torch.empty(e.shape, dtype=getattr(torch, e.dtype))}
             with warnings.catch_warnings():

@@ -131,13 +131,23 @@ def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "sa
 
 
 def _not_an_input(out: str, inputs) -> None:
+    """Refuse an ``out`` that is an input, lies inside an input's folder (writing it would change that
+    input), or holds an input (a folder ``out`` is replaced whole), links resolved."""
+    real_out = os.path.realpath(out)
     for i, path in enumerate(inputs):
         try:
             same = os.path.exists(out) and os.path.samefile(out, path)
         except OSError:
             same = False
-        if same or os.path.abspath(out) == os.path.abspath(os.fspath(path)):
+        real_in = os.path.realpath(os.fspath(path))
+        if same or real_out == real_in:
             raise MergeError(f"out {out!r} is input {i}: the merge never writes over an input; write elsewhere")
+        if os.path.commonpath([real_out, real_in]) == real_in:
+            raise MergeError(f"out {out!r} lies inside input {i} ({os.fspath(path)!r}): writing it would change that "
+                             f"input; write outside it")
+        if os.path.commonpath([real_out, real_in]) == real_out:
+            raise MergeError(f"out {out!r} holds input {i} ({os.fspath(path)!r}): replacing it would remove that "
+                             f"input; write elsewhere")
 
 
 def _report(out, sources, steps, w, dtype, plan: Plan) -> MergeReport:

@@ -139,3 +139,44 @@ def test_sigma_rel_over_a_snapshot_folder_is_posthoc_synthesis(tmp_path):
         merge_checkpoints([tmp_path / "run"], tmp_path / "again.safetensors", weights="sigma_rel:0.07")
     uniform = merge_checkpoints([tmp_path / "run"], tmp_path / "u.safetensors")        # any style works too
     assert len(uniform.weights) == 20
+
+
+def test_pread_with_a_dcp_input_keeps_the_copied_entries_intact(tmp_path):
+    """With read="pread" and an input read whole (DCP), the whole-tensor sums read through the same
+    buffers the helper thread was filling with the next copied entry's bytes: an integer entry after
+    two floats came out as the floats' bytes, with no error (and --verify passed, reading them back)."""
+    from safetensors.torch import save_file
+
+    def state(s):
+        return {"a": torch.full((1000,), 1.0 + s), "b": torch.full((1000,), 7.0 + s),
+                "c": torch.arange(16, dtype=torch.int64) + 100}
+
+    save_dcp(state(0), tmp_path / "dcp")
+    save_file(state(1), tmp_path / "m1.safetensors")
+    for read in ("mmap", "pread"):
+        out = tmp_path / f"out-{read}.safetensors"
+        merge_checkpoints([tmp_path / "dcp", tmp_path / "m1.safetensors"], out, read=read, verify=True)
+        got = load_file(out)
+        assert torch.equal(got["c"], torch.arange(16, dtype=torch.int64) + 100), read
+        assert torch.equal(got["a"], torch.full((1000,), 1.5)) and torch.equal(got["b"], torch.full((1000,), 7.5))
+
+
+def test_a_dcp_tensor_its_chunks_do_not_cover_is_refused_before_anything_is_written(tmp_path):
+    """DCP's load leaves what no chunk covers as it was: a .metadata whose size claims more than its
+    chunks hold merged uninitialised memory into the output. Now refused by name at the check."""
+    from safetensors.torch import save_file
+
+    from fastema.posthoc._dcp import load_dcp_metadata
+
+    save_dcp({"a": torch.full((1000,), 1.0)}, tmp_path / "dcp")
+    md = load_dcp_metadata(str(tmp_path / "dcp" / ".metadata"))
+    md.state_dict_metadata["model.a"].size = torch.Size([2000])      # its one chunk still covers [0, 1000)
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    save_file({"a": torch.full((2000,), 3.0)}, tmp_path / "m1.safetensors")
+    paths = [tmp_path / "dcp", tmp_path / "m1.safetensors"]
+    before = fingerprint(paths)
+    with pytest.raises(MergeError, match=r"input 0 .*'model.a': its chunks hold 1000 values where its shape \[2000\]"):
+        merge_checkpoints(paths, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
+    assert fingerprint(paths) == before

@@ -112,12 +112,12 @@ def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, monkeypatch, f
     calls = []
     real = _engine.Engine._run
 
-    def interrupted(self, job, data, write, bar):
+    def interrupted(self, job, data, write, bar, *slot):
         if job.item.name not in calls:
             calls.append(job.item.name)
         if len(calls) == 3:
             raise fault(errno.ENOSPC, "No space left on device") if fault is OSError else fault()
-        real(self, job, data, write, bar)
+        real(self, job, data, write, bar, *slot)
 
     monkeypatch.setattr(_engine.Engine, "_run", interrupted)
     for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
@@ -187,3 +187,38 @@ def test_cli_prints_one_line_and_exit_status(tmp_path, capsys):
                      "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"weights \(minus-sqrt__reverse\)", out) and "verified" in out
+
+
+def test_negative_weights_that_overflow_the_inputs_own_dtype_are_refused(tmp_path):
+    """With allow_negative, a sum may leave even the inputs' own range: two float16 inputs of +-60000
+    at weights 2, -1 were written as inf with no error (the overflow check assumed a convex sum)."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.full((4,), 60000.0, dtype=torch.float16)}, tmp_path / "a.safetensors")
+    save_file({"a": torch.full((4,), -60000.0, dtype=torch.float16)}, tmp_path / "b.safetensors")
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for dtype in ("same", "float16"):
+        refused(tmp_path, paths, r"tensor 'a': merged values reach 180000, beyond the range of float16",
+                weights=[2, -1], allow_negative=True, dtype=dtype)
+    merge_checkpoints(paths, tmp_path / "wide.safetensors", weights=[2, -1], allow_negative=True, dtype="float32")
+
+
+def test_an_out_inside_an_input_folder_or_holding_an_input_is_refused(tmp_path):
+    """overwrite=True replaced an input: an out inside an input's folder (its model.safetensors), or an out
+    folder that holds an input (the folder is replaced whole). Both are refused, nothing changed."""
+    from safetensors.torch import save_file
+
+    os.makedirs(tmp_path / "merged")
+    os.makedirs(tmp_path / "hf")
+    save_file({"a": torch.ones(4)}, tmp_path / "merged" / "model.safetensors")
+    save_file({"a": torch.ones(4)}, tmp_path / "hf" / "model.safetensors")
+    save_file({"a": torch.zeros(4)}, tmp_path / "ckpt.safetensors")
+    cases = [([tmp_path / "merged" / "model.safetensors", tmp_path / "ckpt.safetensors"], tmp_path / "merged",
+              "holds input 0"),
+             ([tmp_path / "hf", tmp_path / "ckpt.safetensors"], tmp_path / "hf" / "model.safetensors",
+              "lies inside input 0")]
+    for inputs, out, words in cases:
+        before = fingerprint(inputs)
+        with pytest.raises(MergeError, match=words):
+            merge_checkpoints(inputs, out, overwrite=True)
+        assert fingerprint(inputs) == before
