@@ -108,7 +108,7 @@ class EMA(Face):
         self._on_cpu = all(next(iter(leaves[i].devices())).platform == "cpu" for i in self._float)
         self._core = Average.of_sources(opts, {names[i]: leaves[i] for i in self._float},
                                         [self._specs[i][0] for i in self._float], self._format)
-        self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+        self.shadow_dtype = opts.shadow_dtype
         self._others: list = [None] * len(leaves)
         self._others = self._keep_others(leaves)
 

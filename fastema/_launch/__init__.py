@@ -164,7 +164,8 @@ def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[...
     ``run(w, key=0)`` made once per group and flag: the per-step path of an owner whose groups
     stay (a target network). On the CPU the tables, the flag, the cast of host weights and the
     compiled overload are bound once (:class:`.cpu.LerpLaunch`: no dispatcher type resolution
-    per call); on CUDA it is :func:`launch` for now. Make a new one when the group changes."""
+    per call); on CUDA the kept overload and one packed parameter block (:class:`.cuda_bound.LerpLaunch`).
+    Make a new one when the group changes."""
     t = group.tables
     if t is not None and t.chunks == 0:
         return _nothing

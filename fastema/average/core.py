@@ -94,6 +94,21 @@ class Face(PlanReader):
         """The stochastic-rounding seed (as made, or as a loaded checkpoint says)."""
         return self._core.seed
 
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether an update is skipped (decided on the device, no sync) when a tensor it reads holds
+        inf/NaN; it may be switched between updates (not on an offloaded average)."""
+        return self._core.skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {value!r}")
+        if value and self._core.options.offload:
+            raise ValueError("skip_nonfinite=True does not go with offload='cpu' (the fold runs on a host thread); "
+                             "make the average without offload= to guard its updates")
+        self._core.skip_nonfinite = value
+
 
 class ModelAdapter(Protocol):
     """What the update driver asks of a face that checks and follows the model's tensors itself

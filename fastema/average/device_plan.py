@@ -175,7 +175,6 @@ class DevicePlan:
         """``also``: ``(framework, device)`` of launches that sit behind this plan's flags on devices
         no group of ``groups`` is on (a target network's copied buffers): those devices get the plan
         too, its kernel run there on its own, so each has a flag set at every call."""
-        self.groups = groups
         self.devices: dict[str, _OnDevice] = {}
         parameters(plan, seed)                    # refuses what the device cannot run, before any allocation
         for framework, device in [(g.framework, g.device) for g in groups] + list(also):
@@ -232,6 +231,11 @@ class DevicePlan:
             if carried and device in self.carriers:
                 continue
             d.step(given)
+
+    def tensors(self) -> list:
+        """The plan's arrays on every device, as the framework made them (a compiled operator's
+        written tensors; their bytes)."""
+        return [a for d in self.devices.values() for a in d.arrays.values()]
 
     def views(self, device: str) -> dict:
         """The kernel views of ``device``'s plan arrays (what ``_launch.plan_lerp_launcher`` binds)."""

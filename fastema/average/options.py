@@ -169,12 +169,15 @@ class EMAOptions:
     def refuse(self, face: str, reasons: Mapping[str, str]) -> None:
         """ValueError naming the first option given here that ``face`` cannot run, with its reason.
 
-        ``reasons``: option name -> why ``face`` does not run it and what to do. ``device_step``
-        is refused only when ``True`` (``False`` and ``None`` mean the host plan)."""
+        ``reasons``: option name -> why ``face`` does not run it and what to do. An option left at
+        its default is not refused, nor one switched off explicitly (``False`` where the default is
+        ``None``: ``bema=False``); ``device_step`` is refused only when ``True`` (``False`` and
+        ``None`` mean the host plan)."""
         for name, why in reasons.items():
             value = getattr(self, name)
             default = next(f.default for f in fields(self) if f.name == name)
-            if (value is True) if name == "device_step" else value != default:
+            off = value == default or (value is False and default is None)
+            if (value is True) if name == "device_step" else not off:
                 raise ValueError(f"{face} does not take {name}={value!r}: {why}")
 
     def replace(self, **changes) -> "EMAOptions":

@@ -132,7 +132,7 @@ class EMA(tf.Module, Face):
                _np_specs=[(tuple(t.shape), np.dtype(t.dtype.as_numpy_dtype)) for t in first])
         self._core = Average.of_sources(opts, dict(zip(self.names, first)), [shape for shape, _ in self._specs],
                                         self._format)
-        self.shadow_dtype, self.skip_nonfinite = opts.shadow_dtype, opts.skip_nonfinite
+        self.shadow_dtype = opts.shadow_dtype
         self._on_cpu = all(g.device == "cpu" for g in self._core.shadow.layout.groups)
         if self._on_cpu:                    # one graph call reads every variable and runs the update
             rt.apply = tf.function(self._graph_update, input_signature=[tf.TensorSpec([], tf.int64)])

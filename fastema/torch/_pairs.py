@@ -5,6 +5,7 @@ floating buffers) and the integer buffers copied with torch."""
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ class TorchPairs:
     torch), and the per-step check that both modules still hold what was paired (:meth:`follow`).
     Watched by torch's registration hooks (``_stale``)."""
 
-    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str, on_gpu_check):
+    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
         self.online, self.target, self.exclude, self.buffers = online, target, exclude, buffers
         self.sel = _Selection(_unwrap(online), _unwrap(target), exclude, buffers)
         averaged, copied, _ = self.sel.groups
@@ -223,7 +224,8 @@ class TorchPairs:
         self._stale = False                              # set by torch's registration hooks (see follow)
         _hooks.watch((_unwrap(online), _unwrap(target)), self)
         self._tables = None if _hooks._HOOKS else _hooks.tables_of(_unwrap(online), _unwrap(target))
-        self._capture_check = on_gpu_check               # None, or the host plan's refusal inside a capture
+        # the face's refusal of a capture the host plan cannot replay (on a GPU with the plan on the host)
+        self._capture_check: Callable[[], None] | None = None
 
     def behind_flags(self) -> list[tuple[str, str]]:
         """``(framework, device)`` of the copied buffers (floating and integer): a device plan's flags

@@ -99,7 +99,7 @@ class EMA(Face, TorchAverage):
                           rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite, device_step=device_step,
                           offload=offload)
         self._core = Average(opts, FORMAT)          # the plan, the update driver, BEMA
-        self.shadow_dtype, self.skip_nonfinite = shadow_dtype, skip_nonfinite
+        self.shadow_dtype = shadow_dtype
         self._bema = self.plan.schedules[0] if opts.is_bema else None
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
         make: Callable[[dict], Any]                                  # the shadow, or one with its methods
@@ -150,7 +150,7 @@ class EMA(Face, TorchAverage):
         plan = self._plan_on_device
         if plan is None:
             return []
-        return [t for d in plan.devices.values() for t in d.arrays.values() if isinstance(t, torch.Tensor)]
+        return [t for t in plan.tensors() if isinstance(t, torch.Tensor)]
 
     def update(self, step: int | None = None) -> None:
         """Update the averages from the model's current weights (call after ``optimizer.step()``).

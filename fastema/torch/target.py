@@ -146,7 +146,7 @@ class TargetNetwork(Face):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
         self.online, self.target = online, target
         self.buffers, self.exclude = buffers, _patterns("exclude", exclude)
-        self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers, None)
+        self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers)
         for g in pairs.avg.groups:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
         self._core = core = Average(opts, FORMAT, shadow=pairs.avg, adapter=pairs)
@@ -180,18 +180,6 @@ class TargetNetwork(Face):
         return self.plan.calls
 
     @property
-    def skip_nonfinite(self) -> bool:
-        """Whether an update is skipped (on the device, no sync) when an online tensor holds inf/NaN;
-        may be switched between updates."""
-        return self._core.skip_nonfinite
-
-    @skip_nonfinite.setter
-    def skip_nonfinite(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"skip_nonfinite must be True or False, got {value!r}")
-        self._core.skip_nonfinite = value
-
-    @property
     def device_step(self) -> bool:
         """True when the plan lives on the device (see the ``device_step`` argument)."""
         return self._core.device_plan is not None
@@ -219,8 +207,8 @@ class TargetNetwork(Face):
         for g in self._pairs.avg.groups + self._pairs.copied.groups:
             total += sum(int(getattr(a, "nbytes", 0)) for a in g.tables.args()[1:])
         if self._core.device_plan is not None:
-            total += sum(a.numel() * a.element_size() for d in self._core.device_plan.devices.values()
-                         for a in d.arrays.values() if isinstance(a, torch.Tensor))
+            total += sum(a.numel() * a.element_size() for a in self._core.device_plan.tensors()
+                         if isinstance(a, torch.Tensor))
         return total
 
     def __repr__(self) -> str:
@@ -273,8 +261,7 @@ class TargetNetwork(Face):
         if self._ops_of is not sel or self._ops_guarded is not self.skip_nonfinite:
             n = len(sel.tensors) // 2
             plan = [] if self._core.device_plan is None else [
-                t for d in self._core.device_plan.devices.values() for t in d.arrays.values()
-                if isinstance(t, torch.Tensor)]
+                t for t in self._core.device_plan.tensors() if isinstance(t, torch.Tensor)]
             flags = list(self._pairs.flags.values()) if self.skip_nonfinite else []
             self._ops_cache = {"update": (sel.tensors[:n] + flags + plan, sel.tensors[n:])}
             self._ops_of, self._ops_guarded = sel, self.skip_nonfinite

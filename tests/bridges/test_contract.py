@@ -425,3 +425,18 @@ def test_the_plan_settings_are_read_on_the_plan_and_the_old_members_warn(model):
         with pytest.warns(DeprecationWarning, match=f"ema.plan.{name}"):
             value = getattr(ema, name)
         assert value == getattr(ema.plan, name)
+
+
+def test_skip_nonfinite_may_be_switched_on_between_updates(model):
+    """``ema.skip_nonfinite = True`` after construction guards the next updates on every face (the
+    engine reads it): an EMA's attribute was written and never read after the one-driver change."""
+    ema = model.ema(0.9)
+    model.set(1)
+    model.update(ema)
+    ema.skip_nonfinite = True
+    for k in (NAN_STEP, 2):
+        model.set(k)
+        model.update(ema)
+    _assert_close(model.average(ema), _reference([(1, 0.9), (2, 0.9)]))
+    with pytest.raises(TypeError, match="skip_nonfinite must be True or False"):
+        ema.skip_nonfinite = 1

@@ -471,3 +471,16 @@ def test_construction_compiles_every_kernel_the_first_update_launches(kind):
     done = subprocess.run([sys.executable, "-c", WARM_CHILD, kind], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 1]
+
+
+def test_skip_nonfinite_switched_on_after_construction_guards_the_device_plan():
+    """With the plan on the device, ``ema.skip_nonfinite = True`` after construction makes the next
+    update scan and skip a diverged step (the face's attribute was no longer read by the engine)."""
+    m = nn.Linear(4, 3)
+    ema = EMA(m, 0.5, device_step=True)
+    ema.skip_nonfinite = True
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    ema.update()
+    assert all(torch.isfinite(t).all() for t in ema.averaged_state_dict().values())
+    assert ema.updates == 1

@@ -691,5 +691,6 @@ def test_what_an_ema_keeps_in_a_shadow_of_its_own_is_refused_by_name(option, val
         TargetNetwork(online, target, tau=0.5, **{option: value})
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['decay'\]; it takes tau or momentum"):
         TargetNetwork(online, target, decay=0.5)
+    TargetNetwork(online, target, tau=0.5, bema=False, debias=False, offload=None)   # "off" is no refusal
     for k, v in before.items():
         assert torch.equal(target.state_dict()[k], v)
