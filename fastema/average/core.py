@@ -208,26 +208,29 @@ class Average(PlanReader):
         """The update :meth:`fastema.average.plan.Plan.next` described, from ``sources`` (None: as
         the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
         weights = pending.weights
-        bema = self._bema
+        shadow, adapter, plan = self.shadow, self.adapter, self._plan
         # a shadow that folds later (offload) gets, with each fold it queued, the way back to the
         # plan before this call: when that fold fails on its worker, the counters follow the shadow
-        before = self.plan.mark() if getattr(self.shadow, "folds_later", False) else None
-        if bema:                                # rows: output <- theta_t, EMA, theta_0 (first update)
-            weights = [1.0, weights[0], 1.0 if self.plan.first_time is None else 0.0]
-        if self.adapter is None:
-            self.shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
-                               skip_nonfinite=self.skip_nonfinite, sources=sources)
-            flags = self.shadow.skipped if self.skip_nonfinite else None
+        before = plan.mark() if shadow.folds_later else None
+        if self._bema:                          # rows: output <- theta_t, EMA, theta_0 (first update)
+            weights = [1.0, weights[0], 1.0 if plan.first_time is None else 0.0]
+        if adapter is None:
+            shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
+                          skip_nonfinite=self.skip_nonfinite, sources=sources)
+            flags = shadow.skipped if self.skip_nonfinite else None
         else:                                   # the face checked the addresses in this call
-            flags = self.adapter.scan(None) if self.skip_nonfinite else None
-            self.shadow.update_checked(self.weights_by_device(weights), self.rounding, self.seed, pending.n, flags)
-        if bema:
-            self.shadow.bias_correct(self._plan.alpha(pending), skip_if=flags)
-        if self.adapter is not None:
-            self.adapter.carry(flags)
-        self._plan.done(pending)
+            flags = adapter.scan(None) if self.skip_nonfinite else None
+            memo = self._weights_memo           # weights_by_device's memo, looked at here (the per-step path)
+            by_device = memo[3] if (memo is not None and memo[0] is shadow.layout.groups and memo[1] == weights
+                                    and memo[2] == self.rounding) else self.weights_by_device(weights)
+            shadow.update_checked(by_device, self.rounding, self.seed, pending.n, flags)
+        if self._bema:
+            shadow.bias_correct(plan.alpha(pending), skip_if=flags)
+        if adapter is not None:
+            adapter.carry(flags)
+        plan.done(pending)
         if before is not None:
-            self.shadow.queued(functools.partial(self.plan.restore, before))
+            shadow.queued(functools.partial(plan.restore, before))
 
     def weights_by_device(self, weights: Sequence[float]) -> dict:
         """The kernels' weights per device (host floats, no device read), with the rounding checked

@@ -238,8 +238,14 @@ class TorchPairs:
     def begin(self, due: bool) -> None:
         if self._capture_check is not None:
             self._capture_check()
-        if due:
-            self.follow()
+        if not due:
+            return
+        sel = self.sel                                   # follow()'s usual step, inlined (the per-step path)
+        if not self._stale and _hooks._HOOKS:
+            held = list(map(dict.get, sel.tables, sel.keys))
+            if sel.key(held) == self._key and self._guard(held):
+                return
+        self.follow()
 
     def scan(self, flags: dict | None) -> dict:
         """The online tensors' inf/NaN added to ``flags`` (a device plan's), or to this object's own
@@ -255,12 +261,13 @@ class TorchPairs:
         """After the lerps: the copied buffers (behind ``flags``), the integer ones, and the autograd
         versions of what the kernels wrote, as torch's ``lerp_`` bumps them (a backward that saved
         the old target raises "modified by an inplace operation")."""
-        if self.copied.layout.groups:
+        sel = self.sel
+        if sel.groups[1]:
             self.copied.copy_from_sources_checked(flags)
-        dst, src = self.sel.ints
+        dst, src = sel.ints
         if dst:
             copy_unless_flagged_(dst, src, flags)
-        bump_versions(self.sel.written)
+        bump_versions(sel.written)
 
     def copy_all(self) -> None:
         """``target <- online`` for every tensor tracked (a hard update), autograd versions bumped."""
