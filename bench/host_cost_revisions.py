@@ -1,0 +1,83 @@
+"""Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
+
+    python bench/host_cost_revisions.py BASE [HEAD] [--cases target6,ema6,ema148,ema3000] [--rounds 5]
+
+Each revision is checked out in a temporary git worktree; every round runs each case of each
+revision in a fresh process (alternating, so both see the same machine), with tiny tensors (4x4
+linear layers: the launch and bookkeeping cost, not bandwidth) on one thread. A process times
+batches of calls after a warm-up and reports its best batch; the table gives the median over the
+rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host path.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import sys, time, copy
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import fastema
+assert fastema.__file__.startswith(sys.argv[1]), fastema.__file__
+from fastema.torch import EMA, TargetNetwork
+case = sys.argv[2]
+n = int(case.lstrip("targetm"))
+net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
+if case.startswith("target"):
+    update = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005).update
+else:
+    update = EMA(net, 0.999).update
+for _ in range(200):
+    update()
+calls = 2000 if n <= 6 else (500 if n <= 200 else 50)
+best = float("inf")
+for _ in range(15):
+    t = time.perf_counter()
+    for _ in range(calls):
+        update()
+    best = min(best, (time.perf_counter() - t) / calls * 1e6)
+print(best)
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base")
+    ap.add_argument("head", nargs="?", default="HEAD")
+    ap.add_argument("--cases", default="target6,ema6,ema148,ema3000")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    cases = args.cases.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        for rev in (args.base, args.head):
+            path = f"{tmp}/{len(trees)}"
+            subprocess.run(["git", "worktree", "add", "-f", "--detach", path, rev], check=True, capture_output=True)
+            trees[rev] = path
+        try:
+            times: dict = {(rev, c): [] for rev in trees for c in cases}
+            for _ in range(args.rounds):
+                for rev, path in trees.items():
+                    for c in cases:
+                        out = subprocess.run([sys.executable, "-c", CHILD, path, c], check=True, capture_output=True,
+                                             text=True, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+                                                             "PATH": "/usr/bin:/bin"}).stdout
+                        times[(rev, c)].append(float(out.split()[-1]))
+        finally:
+            for path in trees.values():
+                subprocess.run(["git", "worktree", "remove", "--force", path], capture_output=True)
+    print(f"| case | {args.base} (us) | {args.head} (us) | difference |")
+    print("|---|---|---|---|")
+    for c in cases:
+        a, b = (statistics.median(times[(rev, c)]) for rev in trees)
+        spread = " / ".join(f"{min(times[(rev, c)]):.2f}-{max(times[(rev, c)]):.2f}" for rev in trees)
+        print(f"| {c} | {a:.2f} | {b:.2f} | {b - a:+.2f} (ranges {spread}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
