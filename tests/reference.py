@@ -57,3 +57,32 @@ def no_host_reads():
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+
+
+def assert_cuda_plan_kernel_equals_the_cpu_one(plan, seed: int, steps, exact: bool) -> None:
+    """The CUDA plan kernel (simulator or GPU) against the CPU one over ``steps`` calls of ``plan``
+    (its device parameters with ``seed``): bit for bit where ``exact`` (or for the flag and keys),
+    else the float64 and float32 arrays to 4 ulps (a GPU's double cos, sin or pow)."""
+    from numba import cuda
+
+    from fastema.average.device_plan import parameters
+    from fastema.kernels import cpu
+    from fastema.kernels import cuda as ema_cuda
+    from fastema.kernels.kinds import S_NORMS
+
+    params, decays = parameters(plan, seed)
+    rows = plan.rows
+    host = dict(state=np.zeros(S_NORMS + rows), w32=np.zeros(rows, np.float32), w64=np.zeros(rows),
+                flag=np.zeros(1, np.int32), keys=np.zeros(rows, np.int64))
+    dev = {k: cuda.to_device(v) for k, v in host.items()}
+    d_params, d_decays = cuda.to_device(params), cuda.to_device(decays)
+    for call, step in enumerate(steps):
+        cpu.plan_kernel()(host["state"], params, decays, step, host["w32"], host["w64"], host["flag"], host["keys"])
+        ema_cuda.plan_kernel()[1, 1](dev["state"], d_params, d_decays, np.int64(step), dev["w32"], dev["w64"],
+                                     dev["flag"], dev["keys"])
+        for k, v in host.items():
+            got = dev[k].copy_to_host()
+            if exact or k in ("flag", "keys"):
+                assert np.array_equal(got, v), (call, k)
+            else:
+                np.testing.assert_allclose(got, v, rtol=4 * np.finfo(v.dtype).eps, atol=0)

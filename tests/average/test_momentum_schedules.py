@@ -28,12 +28,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import assert_same_averages
 from models import device_step_model as model
+from reference import assert_cuda_plan_kernel_equals_the_cpu_one
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
 from fastema.average.device_plan import parameters
 from fastema.kernels import cpu
-from fastema.kernels.kinds import S_NORMS
 from fastema.schedules import MAX_BOUNDARIES, Cosine, HalfLife, Linear, PiecewiseConstant, PowerFunction, from_state
 from fastema.torch import EMA
 
@@ -432,25 +432,7 @@ def test_the_guide_example_runs():
 def test_cuda_plan_kernel_equals_the_cpu_one(name):
     """Bit for bit in the simulator; on a GPU, CUDA's double cos may differ from the host's in
     the last bits (documented), so the cosine's float64 weights are compared to 4 ulps there."""
-    from numba import cuda
-
-    from fastema.kernels import cuda as ema_cuda
-
     s = SCHEDULES[name]
     plan = Plan([s, s], update_every=2, debias=True)
-    params, decays = parameters(plan, 5)
-    host = dict(state=np.zeros(S_NORMS + 2), w32=np.zeros(2, np.float32), w64=np.zeros(2),
-                flag=np.zeros(1, np.int32), keys=np.zeros(2, np.int64))
-    dev = {k: cuda.to_device(v) for k, v in host.items()}
-    d_params, d_decays = cuda.to_device(params), cuda.to_device(decays)
     exact = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or name != "cosine"
-    for call, step in enumerate([-1] * 10 + [30, 31, 32, 33]):
-        cpu.plan_kernel()(host["state"], params, decays, step, host["w32"], host["w64"], host["flag"], host["keys"])
-        ema_cuda.plan_kernel()[1, 1](dev["state"], d_params, d_decays, np.int64(step), dev["w32"], dev["w64"],
-                                     dev["flag"], dev["keys"])
-        for k, v in host.items():
-            got = dev[k].copy_to_host()
-            if exact or k in ("flag", "keys"):
-                assert np.array_equal(got, v), (call, k)
-            else:
-                np.testing.assert_allclose(got, v, rtol=4 * np.finfo(v.dtype).eps, atol=0)
+    assert_cuda_plan_kernel_equals_the_cpu_one(plan, 5, [-1] * 10 + [30, 31, 32, 33], exact)

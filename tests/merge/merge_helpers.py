@@ -7,6 +7,9 @@ import os
 import numpy as np
 import torch
 
+from fastema.kernels import _bits
+from fastema.kernels.kinds import BF16, F16, F32, F64
+
 NAMES = ("embed.weight", "block.0.attn.weight", "block.0.norm.weight", "block.0.mlp.bias", "head.h16", "head.f64")
 
 
@@ -101,3 +104,16 @@ def fingerprint(paths) -> dict:
 def leftovers(folder) -> list:
     """Files or folders a merge left in ``folder`` (temporary ones included)."""
     return sorted(n for n in os.listdir(folder) if ".fastema-merge-" in n)
+
+
+UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}   # a kind's storage (its bits)
+
+
+def bits_of(values, kind):
+    """``values`` as the bits of storage kind ``kind`` (rounded to nearest even)."""
+    v = np.asarray(values, np.float32)
+    if kind == F64:
+        return np.asarray(values, np.float64)
+    if kind == F32:
+        return v.view(np.uint32)
+    return np.array([_bits.encode(b, kind) for b in v.view(np.uint32)], np.uint16)

@@ -14,24 +14,17 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if not (SIM or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
-from fastema import _launch  # noqa: E402,F401
-from fastema.kernels import _bits, merge_cpu, merge_cuda  # noqa: E402
-from fastema.kernels.kinds import BF16, F16, F32, F64  # noqa: E402
+from merge_helpers import UINT, bits_of  # noqa: E402
 
-UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}
+from fastema import _launch  # noqa: E402,F401
+from fastema.kernels import merge_cpu, merge_cuda  # noqa: E402
+from fastema.kernels.kinds import BF16, F16, F32, F64  # noqa: E402
 
 
 def dev_addr(d):
     return d._ary.ctypes.data if SIM else d.device_ctypes_pointer.value
 
 
-def bits_of(values, kind):
-    v = np.asarray(values, np.float32)
-    if kind == F64:
-        return np.asarray(values, np.float64)
-    if kind == F32:
-        return v.view(np.uint32)
-    return np.array([_bits.encode(b, kind) for b in v.view(np.uint32)], np.uint16)
 
 
 def cpu(xs, w, ik, ok, wide, sr, key):

@@ -5,22 +5,15 @@ import itertools
 
 import numpy as np
 import pytest
+from merge_helpers import UINT, bits_of
 
 from fastema import _launch  # noqa: F401  (the kernel cache's trust set-up)
 from fastema.kernels import _bits, _merge, merge_cpu
 from fastema.kernels.kinds import BF16, F16, F32, F64
 
-UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}
 KINDS = (F32, BF16, F16, F64)
 
 
-def bits_of(values, kind):
-    v = np.asarray(values, np.float32)
-    if kind == F64:
-        return np.asarray(values, np.float64)
-    if kind == F32:
-        return v.view(np.uint32)
-    return np.array([_bits.encode(b, kind) for b in v.view(np.uint32)], np.uint16)
 
 
 def as_f64(bits, kind):
