@@ -18,7 +18,9 @@ process (:mod:`fastema.kernels._cache`); where that cannot work, one warning at 
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import threading
 import warnings
 
@@ -50,6 +52,66 @@ _check_disk_cache()
 
 PARALLEL = True                      # False in a child forked after numba's OpenMP layer started (serial twins)
 _one_at_a_time = threading.Lock()    # held by each parallel launch
+_pool_started = False                # numba's threading layer started by start_pool (or found started)
+
+
+def start_pool() -> None:
+    """Start numba's threading layer, if not yet started, on a short-lived thread of its own.
+
+    numba's OpenMP layer starts by calling ``omp_set_num_threads(NUMBA_NUM_THREADS)`` and
+    ``omp_set_nested(1)`` on the thread that starts it, in the GNU OpenMP that torch's intra-op
+    pool uses too when torch is loaded (``torch.get_num_threads()`` became the core count
+    whatever the user set). The thread count is the starting thread's own setting: started on a
+    thread that then ends, it ends with it. Nesting is process-wide in some GNU OpenMP versions
+    (torch's wheels'): each OpenMP library loaded before has its maximum of active levels put
+    back. The caller's thread count, ``OMP_NUM_THREADS`` and nesting stay what they were; fastema's
+    kernels pass their own thread count to every parallel region and never nest, so they need
+    neither. Called before every parallel kernel is first compiled, loaded or run (:func:`run`)."""
+    global _pool_started
+    if _pool_started:
+        return
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            numba.get_num_threads()      # numba's public call that starts the layer (once per process)
+        except BaseException as err:     # handed to the caller's thread, raised there
+            failed.append(err)
+
+    with _one_at_a_time:
+        if not _pool_started:
+            levels = [(lib, lib.omp_get_max_active_levels()) for lib in _openmp_libraries()]
+            starter = threading.Thread(target=start, name="fastema-numba-pool-start", daemon=True)
+            starter.start()
+            starter.join()
+            for lib, before in levels:
+                if lib.omp_get_max_active_levels() != before:
+                    lib.omp_set_max_active_levels(before)
+            if failed:
+                raise failed[0]
+            _pool_started = True
+
+
+_OPENMP = re.compile(r"lib(g|i)?omp[0-9]*\.so")
+
+
+def _openmp_libraries() -> list:
+    """Every OpenMP runtime (GNU, LLVM, Intel) loaded in this process, as a ctypes handle (a new
+    handle of a library already loaded: nothing is loaded); none where ``/proc`` is not there."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if _OPENMP.search(line.rsplit("/", 1)[-1])}
+    except OSError:
+        return []
+    libs = []
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            lib.omp_get_max_active_levels, lib.omp_set_max_active_levels     # both there (int -> int, int)
+        except (OSError, AttributeError):
+            continue
+        libs.append(lib)
+    return libs
 
 
 def _parallel(group, rows: int) -> bool:
@@ -57,12 +119,18 @@ def _parallel(group, rows: int) -> bool:
     return PARALLEL and t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1
 
 
-def _run(kernel, parallel: bool, *args) -> None:
+def run(kernel, parallel: bool, *args) -> None:
+    """Call ``kernel(*args)``: a parallel kernel after :func:`start_pool` and under the lock that
+    runs fastema's parallel kernels one at a time (see the module's docstring)."""
     if parallel:
+        if not _pool_started:
+            start_pool()
         with _one_at_a_time:
             kernel(*args)
     else:
         kernel(*args)
+
+
 
 
 def _openmp_started() -> bool:
@@ -88,7 +156,7 @@ def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
     device_key = not isinstance(key, int)
     par = _parallel(group, len(weights))
     k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, par, device_key)
-    _run(k, par, *group.tables.args(), weights, _NO_FLAG if flag is None else flag,
+    run(k, par, *group.tables.args(), weights, _NO_FLAG if flag is None else flag,
          key if device_key else np.uint32(key))
 
 
@@ -157,7 +225,7 @@ class LerpLaunch:
         fn = self._fns[par]
         if fn is None:                                  # the first call: the dispatcher, then its entry point
             k = K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY)
-            _run(k, par, *self._args)
+            run(k, par, *self._args)
             self._fns[par] = self._calls[(par, self._wtype, self._ktype)] = _entry_point(k, self._args)
         elif par:
             with _one_at_a_time:
@@ -185,7 +253,7 @@ class BoundLaunch:
         fn = self._fns[par]
         if fn is None:                                  # the first call: the dispatcher, then its entry point
             k = self._kernel_of(par)
-            _run(k, par, *args)
+            run(k, par, *args)
             self._fns[par] = _entry_point(k, args)
         elif par:
             with _one_at_a_time:
@@ -245,7 +313,7 @@ def _entry_point(kernel, args):
 
 def bema(group, stream, *, alpha, flag=None):
     par = _parallel(group, 3)
-    _run(K.bema_kernel(group.shadow_kind, par), par, *group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
+    run(K.bema_kernel(group.shadow_kind, par), par, *group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
 
 
 def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
@@ -255,34 +323,34 @@ def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
 def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
     par = _parallel(group, row_hi - row_lo)
     k = K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow, par)
-    _run(k, par, *group.tables.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
+    run(k, par, *group.tables.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
 
 
 def swap(group, stream, *, mode, row):
     par = _parallel(group, 1)
-    _run(K.swap_kernel(group.shadow_kind, group.src_kind, mode, par), par, *group.tables.args(), row)
+    run(K.swap_kernel(group.shadow_kind, group.src_kind, mode, par), par, *group.tables.args(), row)
 
 
 def nonfinite(group, stream, *, flag):
     t = group.tables
     par = _parallel(group, 1)
-    _run(K.nonfinite_kernel(group.src_kind, par), par, t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
+    run(K.nonfinite_kernel(group.src_kind, par), par, t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
 
 
 def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
     par = _parallel(group, 3)
-    _run(K.window_kernel(ring_kind, group.src_kind, par), par, *group.tables.args(), ring_addr, slot, full, count,
+    run(K.window_kernel(ring_kind, group.src_kind, par), par, *group.tables.args(), ring_addr, slot, full, count,
          recompute)
 
 
 def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
     par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
-    _run(K.ema_kernel(group.src_kind, mode, skip, par), par, values, w0, c, per_stream, a, b, d)
+    run(K.ema_kernel(group.src_kind, mode, skip, par), par, values, w0, c, per_stream, a, b, d)
 
 
 def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
     par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
-    _run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
+    run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
          n, bad, slot)
 
 

@@ -184,11 +184,7 @@ class Engine:
         k = merge_cpu.merge_kernel(KIND[it.dtype], KIND[it.out_dtype], wide, sr, par)
         args = (count, out_addr, acc_addr, np.asarray(addrs, np.int64), (self.w64 if wide else self.w32)[which],
                 start, finish, np.uint32(key), first, launch_config.CPU_CHUNK)
-        if par:
-            with launch_cpu._one_at_a_time:          # numba's workqueue layer takes one parallel launch at a time
-                k(*args)
-        else:
-            k(*args)
+        launch_cpu.run(k, par, *args)                 # a parallel one after numba's pool started, one at a time
 
 
 class _WriteBehind:

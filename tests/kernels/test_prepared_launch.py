@@ -113,13 +113,13 @@ def test_follows_a_forks_serial_twins_and_the_tunables(monkeypatch):
     (g,) = fs.layout.groups
     run = _launch.lerp_launcher(g)
     seen = []
-    real = C._run
+    real = C.run
 
     def record(kernel, parallel, *args):
         seen.append(parallel)
         return real(kernel, parallel, *args)
 
-    monkeypatch.setattr(C, "_run", record)               # the first call of each variant goes through _run
+    monkeypatch.setattr(C, "run", record)                # the first call of each variant goes through run
     run((0.1,))
     monkeypatch.setattr(C, "PARALLEL", False)            # a child forked after OpenMP: the serial twin
     run((0.1,))
