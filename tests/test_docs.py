@@ -125,3 +125,15 @@ def test_relative_links_exist(page):
 
 def test_readme_is_a_landing_page():
     assert len(README.encode()) < 12 * 1024, "README.md is the landing page: keep it under 12 KB (docs/ has room)"
+
+
+def test_the_readme_shows_the_quick_start_on_its_first_screen_and_keeps_the_two_set_up_commands():
+    lines = README.splitlines()
+    quick = next(i for i, line in enumerate(lines) if line.startswith("## Quick start"))
+    first_code = next(i for i, line in enumerate(lines) if line.startswith("```python"))
+    assert quick < 45 and first_code < 45, f"the quick start starts at line {quick + 1}: move it into the first screen"
+    intro = " ".join(lines[:quick])
+    for named in ("target networks", "checkpoint merging", "`Trainer`"):
+        assert named in intro, f"the README's introduction should name {named}"
+    setup = README[README.index("## Set up and run"):]
+    assert "bash scripts/demo.sh" in setup and "bash scripts/test.sh" in setup
