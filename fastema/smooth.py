@@ -8,7 +8,6 @@ returns arrays/tensors of the values' shape.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -58,21 +57,6 @@ def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) ->
         return 1.0 - math.exp(-math.log(2.0) / v)
     ranges = dict(decay="[0, 1)", alpha="(0, 1]", span=">= 1", com=">= 0", halflife="> 0")
     raise ValueError(f"{name} must be {ranges[name]}, got {v!r}")
-
-
-_UNSET = object()
-
-
-def _renamed(sample_weight, weight):
-    """``sample_weight``, or the deprecated ``weight=`` with a DeprecationWarning."""
-    if weight is _UNSET:
-        return sample_weight
-    if sample_weight is not None:
-        raise TypeError("give sample_weight= only (weight= is its deprecated old name)")
-    warnings.warn("weight= of Smoother.update / Tracker.update is renamed sample_weight= (in fastema's array "
-                  "operations weight means 1 - decay); the old name goes in the next release",
-                  DeprecationWarning, stacklevel=3)
-    return weight
 
 
 class Smoother:
@@ -128,16 +112,12 @@ class Smoother:
 
     # ------------------------------------------------------------ update / read
 
-    def update(self, values, sample_weight=None, *, weight=_UNSET) -> None:
+    def update(self, values, sample_weight=None) -> None:
         """Add one value per stream (``values`` of the smoother's shape), with an optional
         ``sample_weight`` (a float, or one float64 weight per stream on the values' device), e.g.
         the batch size: finite and >= 0 (0 leaves the value out). A bad weight is refused before
         anything changes; per-stream weights on a GPU, which only a host sync could look at, are
-        checked on the device instead, where a NaN, inf or negative one counts as 0.
-
-        ``weight=`` is the old name of ``sample_weight=`` (deprecated: in fastema's array
-        operations ``weight`` means ``1 - decay``)."""
-        sample_weight = _renamed(sample_weight, weight)
+        checked on the device instead, where a NaN, inf or negative one counts as 0."""
         kind, y, where, shape = _backends.metric_values(values, "values")
         if self._where is not None and (where != self._where or shape != self.shape):
             raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _backends
-from .smooth import _UNSET, Smoother, _renamed
+from .smooth import Smoother
 
 __all__ = ["Tracker"]
 
@@ -125,14 +125,13 @@ class Tracker:
             raise ValueError(f"each metric must be one number, got {values!r}")
         return out
 
-    def update(self, *values, sample_weight=None, weight=_UNSET, **named) -> dict[str, float] | None:
+    def update(self, *values, sample_weight=None, **named) -> dict[str, float] | None:
         """Add one value of each metric (tensors stay on their device; no host sync).
 
         Returns the smoothed values as host floats every ``every`` updates (one transfer),
         else None (always None with ``every=None``). ``sample_weight`` weighs this update (e.g.
-        its sample count) in both averages (``weight=`` is its deprecated old name).
+        its sample count) in both averages.
         """
-        sample_weight = _renamed(sample_weight, weight)
         self.smoother.update(self._stack(values, named), sample_weight)
         if self.every is not None and self.smoother.count % self.every == 0:
             return self.read()

@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from .._files import atomic_write
-from ..posthoc.plot import plot_profiles  # submodules: fastema.posthoc.main (deprecated) imports this back
+from ..posthoc.plot import plot_profiles
 from ..posthoc.profiles import MAX_ERROR
 from ..posthoc.synthesis import synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel

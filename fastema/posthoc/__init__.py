@@ -40,15 +40,3 @@ from .synthesis import Synthesized, synthesize
 __all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotError", "SnapshotMeta", "Solution", "Synthesized",
            "plot_profiles", "profile", "profile_dot", "read_snapshots", "solve", "synthesize"]
 
-
-def __getattr__(name: str):
-    # ``fastema.posthoc.main`` moved to ``fastema.cli.posthoc.main`` (``python -m fastema posthoc``)
-    if name == "main":
-        import warnings
-
-        warnings.warn("fastema.posthoc.main moved to fastema.cli.posthoc.main (python -m fastema posthoc); the "
-                      "old name goes in the next release", DeprecationWarning, stacklevel=2)
-        from ..cli.posthoc import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -189,17 +189,15 @@ def test_bad_weights_values_and_checkpoints_change_nothing():
 
 # ------------------------------------------------------------------ names
 
-def test_sample_weight_is_the_smoother_argument_and_weight_is_deprecated():
-    a, b = fastema.Smoother(decay=0.9, window=3), fastema.Smoother(decay=0.9, window=3)
-    for v, w in ((1.0, 2.0), (4.0, 1.0), (2.0, 5.0)):
-        a.update(torch.tensor([v]), sample_weight=w)
-        with pytest.warns(DeprecationWarning, match="renamed sample_weight="):
-            b.update(torch.tensor([v]), weight=w)
-    assert torch.equal(a.ema, b.ema) and torch.equal(a.sma, b.sma)
-    with pytest.raises(TypeError, match="sample_weight= only"):
-        a.update(torch.tensor([1.0]), sample_weight=1.0, weight=1.0)
+def test_sample_weight_is_the_smoother_argument_and_weight_is_not_taken():
+    a = fastema.Smoother(decay=0.9, window=3)
+    a.update(torch.tensor([1.0]), sample_weight=2.0)
+    a.update(torch.tensor([4.0]), sample_weight=1.0)
+    assert torch.allclose(a.ema, torch.tensor([5.8 / 2.8], dtype=a.ema.dtype))    # (0.9 * 2 * 1 + 4) / (0.9 * 2 + 1)
+    with pytest.raises(TypeError, match="weight"):
+        a.update(torch.tensor([1.0]), weight=1.0)           # 0.1's deprecated name, gone before 0.2.0's release
     t = fastema.Tracker(["loss"], ema=0.9, sma=3, every=None)
-    with pytest.warns(DeprecationWarning):
+    with pytest.raises(TypeError, match="by position or by name"):   # weight= is a metric's name now, as any
         t.update(torch.tensor(1.0), weight=2.0)
     t.update(torch.tensor(3.0), sample_weight=2.0)
 

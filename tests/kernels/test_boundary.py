@@ -199,14 +199,8 @@ LAYERS = (
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
     ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema.merge",
-                             "fastema.cli", "fastema.__main__", "fastema.bench", "fastema.demo", "fastema.plot",
-                             "fastema")),
+                             "fastema.cli", "fastema.__main__", "fastema")),
 )
-
-# Upward edges kept on purpose, each with its reason and when it goes.
-UPWARD_ALLOWED = {
-    ("fastema.posthoc", "fastema.cli.posthoc"): "the deprecated alias fastema.posthoc.main (removed in 0.3.0)",
-}
 
 
 def _layer(module: str) -> int:
@@ -224,14 +218,8 @@ def test_no_module_imports_a_higher_layer():
     graph = _module_graph(deferred=True)
     bad = [f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
            for a in sorted(graph) for b in sorted(graph[a])
-           if _layer(b) > _layer(a) and (a, b) not in UPWARD_ALLOWED]
+           if _layer(b) > _layer(a)]
     assert not bad, bad
-
-
-def test_the_upward_exceptions_are_still_needed():
-    graph = _module_graph(deferred=True)
-    stale = [edge for edge in UPWARD_ALLOWED if edge[1] not in graph.get(edge[0], ())]
-    assert not stale, f"UPWARD_ALLOWED lists edges the code no longer has: {stale}; remove them"
 
 
 FACES = ("fastema/torch/", "fastema/jax.py", "fastema/tensorflow/", "fastema/keras/", "fastema/lightning.py",
