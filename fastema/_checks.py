@@ -9,9 +9,8 @@ import numpy as np
 
 from . import _backends
 from ._backends import READ_ONLY_HINTS, Buf, describe, layout, overlaps
-from .kernels import _bits
-from .kernels._bits import KIND_NAMES
-from .kernels.kinds import MAX_ROWS
+from ._launch import sr_noise
+from .kernels.kinds import KIND_NAMES, MAX_ROWS
 
 __all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "pair", "resolve_weights", "same_shape", "shadow_problems",
            "sr_key", "stochastic_rounding"]
@@ -93,8 +92,7 @@ def sr_key(seed: int, step: int) -> int:
     """uint32 stochastic-rounding key of (seed, step); the same on every device and rank."""
     if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0:
         raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
-    return int(_bits.sr_noise(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32((seed >> 32) & 0xFFFFFFFF),
-                              np.int64(step)))
+    return sr_noise((seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF), step)
 
 
 def pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, Buf]:

@@ -19,7 +19,7 @@ from . import _backends, _launch
 from ._backends import describe, disjoint
 from ._bound import BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
-from .kernels._bits import BF16
+from .kernels.kinds import BF16
 
 __all__ = ["PairShadow"]
 

@@ -43,11 +43,17 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from ..kernels import _bits
 from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config
 from . import cpu as _cpu_target
 
+
+def sr_noise(key: int, index: int) -> int:
+    """The 32 stochastic-rounding bits every kernel draws for element ``index`` under ``key``
+    (``kernels._bits.sr_noise``), computed on the host."""
+    return int(_bits.sr_noise(np.uint32(key), np.int64(index)))
 
 class Tables(NamedTuple):
     """Segment and chunk tables of one group, on the group's device."""
