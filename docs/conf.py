@@ -23,7 +23,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 project = "fastema"
 author = "fastema developers"
 copyright = "fastema developers"
-release = version = "0.1.0"
+release = version = "0.2.0"
 
 extensions = [
     "sphinx.ext.autodoc",

@@ -51,4 +51,4 @@ def clear_caches() -> None:
         cuda._zero_flag.cache_clear()
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

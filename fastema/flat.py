@@ -19,9 +19,9 @@ from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
 from ._sources import SourceTable
 from .kernels.kinds import F64, KIND_NAMES
-from .window import WindowShadow
 
-__all__ = ["FlatShadow", "WindowShadow"]
+__all__ = ["FlatShadow"]
+
 
 class FlatShadow(ShadowBase, BoundLaunches):
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastema
-from fastema.flat import WindowShadow
+from fastema import WindowShadow
 
 
 @pytest.mark.parametrize("ring_dtype", ["float32", "bfloat16"])
