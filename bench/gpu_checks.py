@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda
 
 import fastema
-from fastema.flat import FlatShadow, WindowShadow
+from fastema import FlatShadow, WindowShadow
 
 #: source sizes of the kernel checks: tails, the vector path's 16-byte alignment, several blocks
 SIZES = [1, 7, 231, 70] if G.SIM else [1, 7, 231, 4096, 4097, 65541, (1 << 20) + 3]

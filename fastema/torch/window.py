@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..average.plan import Cadence
-from ..flat import FlatShadow, WindowShadow
+from ..flat import FlatShadow
+from ..window import WindowShadow
 from ._average import TorchAverage
 from ._hooks import _match_names
 
