@@ -3,12 +3,19 @@ checkpoints (:func:`fastema.merge.merge_checkpoints`).
 
 The weights are printed before the merge. Bad input prints one line, never a traceback, and exits
 with status 1 (2 for usage errors): inputs that do not match, a truncated or damaged file, a pickle
-that is not a state dict, refused weights, too little disk. A Ctrl-C exits with 130. Either way
-nothing is written and no input changes. An error fastema does not expect (a bug) still prints
-its traceback."""
+that is not a state dict, refused weights, too little disk. A Ctrl-C exits with 130; while the
+command runs, a SIGTERM (``kill``, ``timeout``, Slurm, Kubernetes) or SIGHUP takes the same path and
+exits with 128 + its number (143, 129): the temporary folder is removed and nothing is published
+(one that arrives while the output is renamed into place waits until it is). Either way nothing is
+written and no input changes. An error fastema does not expect (a bug) still prints its
+traceback."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from typing import Iterator
 
 from . import Parser, integer, number, parse
 
@@ -82,18 +89,47 @@ def main(argv=None) -> int:
         return args
     from ..merge import MergeError, merge_checkpoints
 
+    received: list = []
     try:
-        report = merge_checkpoints(
-            args.inputs, args.out, args.weights, args.dtype, copy_from=args.copy_from, only=args.only,
-            exclude=args.exclude, steps=_steps(args.steps), allow_negative=args.allow_negative,
-            stochastic_rounding=args.stochastic_rounding, seed=args.seed, accumulate=args.accumulate,
-            optimizer=args.optimizer, verify=args.verify, dry_run=args.dry_run, overwrite=args.overwrite,
-            progress=False if args.no_progress else None, log=print, read=args.read, max_error=args.max_error)
+        with _terminating_as_ctrl_c(received):
+            report = merge_checkpoints(
+                args.inputs, args.out, args.weights, args.dtype, copy_from=args.copy_from, only=args.only,
+                exclude=args.exclude, steps=_steps(args.steps), allow_negative=args.allow_negative,
+                stochastic_rounding=args.stochastic_rounding, seed=args.seed, accumulate=args.accumulate,
+                optimizer=args.optimizer, verify=args.verify, dry_run=args.dry_run, overwrite=args.overwrite,
+                progress=False if args.no_progress else None, log=print, read=args.read, max_error=args.max_error)
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        signum = received[0] if received else signal.SIGINT
+        by = f" by {signal.Signals(signum).name}" if received else ""
+        print(f"interrupted{by}: nothing was written", file=sys.stderr)
+        return 128 + signum
     except (MergeError, ValueError, OSError, MemoryError, ImportError) as err:
         print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 1
     print(report.summary())
     return 0
+
+
+@contextlib.contextmanager
+def _terminating_as_ctrl_c(received: list) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise KeyboardInterrupt (the Ctrl-C path: the merge
+    removes its temporary folder), their numbers appended to ``received``; the handlers before are
+    put back after. An ignored signal (``nohup``'s SIGHUP) stays ignored, and so does one whose
+    handler was not installed from Python; outside the main thread nothing changes (Python runs
+    handlers there only)."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        def interrupt(signum, frame):
+            received.append(signum)
+            if len(received) == 1:          # a second one lets the cleanup of the first finish
+                raise KeyboardInterrupt
+
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                old[signum] = signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)

@@ -44,20 +44,23 @@ class _Job(NamedTuple):
 
 
 class Engine:
-    """The kernel launches and reads of one merge (``sources`` in order, ``weights`` normalised)."""
+    """The kernel launches and reads of one merge (``sources`` in order, ``weights`` normalised).
+    An input of weight 0 is left out: never read, not in the sums (its 0 x inf would be nan); the
+    donor is read for the copied entries whatever its weight."""
 
     def __init__(self, sources: list, donor, weights, *, wide: bool, stochastic: bool, seed: int, read: str):
-        self.sources, self.donor = sources, donor
+        kept = [i for i, w in enumerate(weights) if w != 0]
+        self.sources, self.donor = [sources[i] for i in kept], donor
         self.wide, self.stochastic, self.seed = wide, stochastic, seed
-        self.w32 = np.asarray(weights, np.float32)
-        self.w64 = np.asarray(weights, np.float64)
+        self.w32 = np.asarray([weights[i] for i in kept], np.float32)
+        self.w64 = np.asarray([weights[i] for i in kept], np.float64)
         self.negative = bool((self.w64 < 0).any())   # then a sum may leave even the inputs' own range
         self.piece = PIECE_BYTES[read]
         # the helper thread keeps a core busy reading: the kernel runs on the other threads only where
         # there are more cores (on 2 cores a parallel kernel was slower, the two threads fighting the reader)
         self.parallel = read == "mmap" and launch_cpu.PARALLEL and (os.cpu_count() or 1) >= PARALLEL_CORES
-        self.mappable = all(s.mappable for s in sources)
-        self.scratch = [[np.empty(self.piece, np.uint8) for _ in sources] for _ in range(2)]
+        self.mappable = all(s.mappable for s in self.sources)
+        self.scratch = [[np.empty(self.piece, np.uint8) for _ in self.sources] for _ in range(2)]
         self.out = self.piece * 2           # bytes of a piece's output buffer (float32 out of bfloat16 in: 2x)
 
     # ------------------------------------------------------------ jobs

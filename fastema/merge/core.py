@@ -16,7 +16,7 @@ from .inputs import open_input
 from .plan import Plan, make_plan, shards
 from .report import MergeReport, Progress, anon_bytes
 from .weights import merge_weights
-from .writer import Output, SafetensorsWriter, small_files
+from .writer import Output, SafetensorsWriter, copy_small, small_files
 
 __all__ = ["merge_checkpoints"]
 
@@ -43,7 +43,9 @@ def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "sa
         out: the output: a ``.safetensors`` file, or a folder (a Hugging Face model folder:
             ``model.safetensors`` or shards, with the ``copy_from`` input's config, tokenizer and
             other small files when it is such a folder).
-        weights: a style of :func:`fastema.merge.merge_weights` or a list of numbers.
+        weights: a style of :func:`fastema.merge.merge_weights` or a list of numbers. An input
+            of weight 0 is not read and does not enter the sums (an inf or nan in it changes
+            nothing).
         dtype: the averaged tensors' output dtype: ``"same"`` (each tensor's input dtype),
             ``"float32"``, ``"bfloat16"``, ``"float16"``.
         copy_from: the input that integer, boolean, float8 and non-tensor entries (and tensors
@@ -72,9 +74,11 @@ def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "sa
     Raises:
         MergeError: a ``ValueError`` naming the input and the tensor: inputs that do not match
             (a missing or extra tensor, a shape or dtype), a truncated or damaged file, a pickle
-            that is not a state dict, a symbolic-link loop, weights refused, too little disk.
-            Nothing is written and no input changes. Any error or Ctrl-C during the merge
-            removes what was written.
+            that is not a state dict, a symbolic-link loop, weights refused, too little disk, a
+            tensor tied in one input and stored apart in another, an ``out`` that appeared while
+            the merge ran (without ``overwrite``: another merge published there first; it is left
+            as it is). Nothing is written and no input changes. Any error or Ctrl-C during the
+            merge removes what was written.
     """
     t0 = time.perf_counter()
     base_anon = anon_bytes()
@@ -101,33 +105,50 @@ def merge_checkpoints(inputs: Sequence, out, weights="uniform", dtype: str = "sa
                               profiles=[s.profile for s in sources], max_error=max_error)
         except ValueError as err:
             raise MergeError(str(err)) from None
-        plan = make_plan(sources, dtype=dtype, copy_from=copy_from, only=only, exclude=exclude)
+        plan = make_plan(sources, dtype=dtype, copy_from=copy_from, only=only, exclude=exclude,
+                         readers=sum(v != 0 for v in w.values))
         report = _report(out, sources, known, w, dtype, plan)
+        donor = sources[plan.copy_from]
+        extra, report.not_copied = small_files(donor.folder) if as_folder and donor.folder else ([], {})
         if log is not None:
             log(report.weights_table())
         if dry_run:
             report.dry_run = True
             report.seconds = time.perf_counter() - t0
             return report
-        donor = sources[plan.copy_from]
         files = shards(plan, donor.layout, MAX_SHARD_BYTES) if as_folder else [(os.path.basename(out), None)]
-        extra = small_files(donor.folder) if as_folder and donor.folder else []
-        need = plan.bytes_written + sum(os.path.getsize(os.path.join(donor.folder, f)) for f in extra) + (1 << 20)
+        need = plan.bytes_written + sum(size for _, _, size in extra) + (1 << 20)
         target = Output(out, as_folder, overwrite, need)
         try:
             peak = _write(target, files, extra, sources, plan, w.values, report, stochastic_rounding, seed,
                           accumulate == "float64", verify, progress, read)
             target.publish()
         except BaseException:
-            target.discard()
+            try:                            # the inputs first: the removal needs descriptors they may hold
+                _close(sources)
+            except Exception:               # the error that stopped the merge is the one to report
+                pass
+            finally:
+                target.discard()
             raise
         report.peak_anon_bytes = None if base_anon is None or peak is None else max(0, peak - base_anon)
         report.verified = verify
         report.seconds = time.perf_counter() - t0
         return report
     finally:
-        for s in sources:
-            s.close()
+        _close(sources)
+
+
+def _close(sources: list) -> None:
+    """Close every input (each once: the list is emptied), the first error raised after all."""
+    first = None
+    while sources:
+        try:
+            sources.pop(0).close()
+        except BaseException as err:        # the others still close
+            first = first or err
+    if first is not None:
+        raise first
 
 
 def _not_an_input(out: str, inputs) -> None:
@@ -169,8 +190,6 @@ def _report(out, sources, steps, w, dtype, plan: Plan) -> MergeReport:
 def _write(target: Output, files, extra, sources, plan: Plan, weights, report, stochastic, seed, wide, verify,
            progress, read) -> int | None:
     """Every output file into ``target.folder``; returns the peak anonymous memory seen."""
-    import shutil
-
     items = {it.name: it for it in plan.items}
     objects = [it.name for it in plan.items if it.action == "object"]
     report.not_written = objects
@@ -203,8 +222,10 @@ def _write(target: Output, files, extra, sources, plan: Plan, weights, report, s
                 raise
             written[file] = (names, writer.crcs)
         if target.as_folder:
-            for f in extra:
-                shutil.copyfile(os.path.join(donor.folder, f), target.path(f))
+            for name, path, _ in extra:
+                why = copy_small(path, target.path(name))
+                if why:
+                    report.not_copied[name] = why
             if len(files) > 1 or (donor.layout is not None and os.path.exists(
                     os.path.join(donor.folder, "model.safetensors.index.json"))):
                 index = {"metadata": {"total_size": plan.bytes_written},

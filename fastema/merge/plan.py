@@ -86,14 +86,17 @@ def _selector(only, exclude):
     return why_not
 
 
-def make_plan(sources: list, *, dtype: str = "same", copy_from="last", only=None, exclude=None) -> Plan:
-    """The plan of merging ``sources`` (checked: MergeError naming the input and the tensor)."""
+def make_plan(sources: list, *, dtype: str = "same", copy_from="last", only=None, exclude=None,
+              readers: int | None = None) -> Plan:
+    """The plan of merging ``sources`` (checked: MergeError naming the input and the tensor);
+    ``readers``: how many inputs an averaged tensor is read from (those of nonzero weight; default
+    all), for ``bytes_read``."""
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     first = sources[0]
     src_index = copy_index(copy_from, len(sources))
     aliases = _ties(first)
-    for i, s in enumerate(sources[1:], 1):
+    for s in sources[1:]:
         _check_against_first(first, s, aliases)
     why_not = _selector(only, exclude)
     items, read, written = [], 0, 0
@@ -115,7 +118,7 @@ def make_plan(sources: list, *, dtype: str = "same", copy_from="last", only=None
         out = e.dtype if dtype == "same" else dtype
         nbytes = math.prod(e.shape) * ITEMSIZE[out]
         items.append(Item(name, "average", e.dtype, out, e.shape, nbytes, "", tied))
-        read += e.nbytes * len(sources)
+        read += e.nbytes * (len(sources) if readers is None else readers)
         written += nbytes
     if not any(it.action == "average" for it in items):
         raise MergeError("nothing to average: no floating tensor of the inputs is selected (check only= / exclude=)")
@@ -136,15 +139,30 @@ def _ties(src) -> dict:
     return aliases
 
 
+def _tied(src, a: str, b: str) -> bool:
+    """``a`` and ``b`` share storage in ``src`` (a file that records none, safetensors, ties nothing)."""
+    ea, eb = src.entries.get(a), src.entries.get(b)
+    return ea is not None and eb is not None and ea.storage is not None and ea.storage == eb.storage
+
+
+def _check_ties(one, aliases: dict, other) -> None:
+    """MergeError when ``one`` ties an alias to a tensor (``aliases``) that ``other`` stores apart:
+    averaging it once would drop ``other``'s alias unread, apart it would read ``one``'s twice, and
+    which of the two happened depended on the inputs' order."""
+    for alias, to in aliases.items():
+        if alias in other.entries and to in other.entries and not _tied(other, alias, to):
+            raise MergeError(f"tensor {alias!r}: {other.label} stores it apart from {to!r}, which {one.label} ties "
+                             f"to it (shared storage); merge checkpoints of one model (a safetensors file cannot "
+                             f"record ties: save it without {alias!r} if they are one tensor)")
+
+
 def _check_against_first(first, other, aliases: dict) -> None:
     ref = first.label
     theirs = _ties(other)
     names = [n for n in first.entries if n not in aliases]
     mine = {n for n in first.entries if n not in aliases}
-    for alias, to in aliases.items():                 # an input that stores a tied alias must tie it too
-        if alias in other.entries and theirs.get(alias) != to and other.entries[alias].storage is not None:
-            raise MergeError(f"tensor {alias!r}: {other.label} stores it apart from {to!r}, which {ref} ties to it "
-                             f"(shared storage); merge checkpoints of one model")
+    _check_ties(first, aliases, other)                # a tie in either input, stored apart in the other
+    _check_ties(other, theirs, first)
     missing = [n for n in names if n not in other.entries]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -37,7 +37,9 @@ class MergeReport:
         averaged: names of the averaged tensors; ``copied``: ``name -> why`` of the tensors copied
             from the ``copy_from`` input; ``tied``: ``alias -> name`` of tensors written once;
             ``dropped``: entries left out (optimizer state); ``not_written``: entries the output
-            format cannot hold (a torch file's non-tensor entries in safetensors).
+            format cannot hold (a torch file's non-tensor entries in safetensors); ``not_copied``:
+            ``name -> why`` of the small files of the ``copy_from`` folder a merged folder did not
+            copy (a link out of that folder, a FIFO or device: only regular files inside it are).
         copy_from: the input the copied entries come from.
         files: the files written (relative to ``out`` for a folder).
         bytes_read, bytes_written: bytes of tensor data read from the inputs and written.
@@ -60,6 +62,7 @@ class MergeReport:
     tied: dict = dataclasses.field(default_factory=dict)
     dropped: list = dataclasses.field(default_factory=list)
     not_written: list = dataclasses.field(default_factory=list)
+    not_copied: dict = dataclasses.field(default_factory=dict)
     copy_from: int = -1
     files: list = dataclasses.field(default_factory=list)
     bytes_read: int = 0
@@ -74,7 +77,7 @@ class MergeReport:
         lines = [f"weights ({self.style}): {self.formula}"]
         for i, (w, path, step) in enumerate(zip(self.weights, self.inputs, self.steps)):
             at = "" if step is None else f" step {step:g}" if isinstance(step, float) else f" step {step}"
-            lines.append(f"  {i:>3}  {w:10.6f}{at}  {path}")
+            lines.append(f"  {i:>3}  {w:10.6f}{at}  {path}" + ("  (weight 0: not read)" if w == 0 else ""))
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -95,6 +98,10 @@ class MergeReport:
         if self.not_written:
             lines.append(f"not written (not tensors; a .safetensors output holds tensors only): "
                          f"{_few(self.not_written)}")
+        if self.not_copied:
+            shown = [f"{name} ({why})" for name, why in self.not_copied.items()]
+            lines.append(f"not copied from input {self.copy_from}'s folder (only regular files inside it are): "
+                         f"{_few(shown, 8)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

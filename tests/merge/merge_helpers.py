@@ -117,3 +117,38 @@ def bits_of(values, kind):
     if kind == F32:
         return v.view(np.uint32)
     return np.array([_bits.encode(b, kind) for b in v.view(np.uint32)], np.uint16)
+
+
+def tree_state(paths) -> dict:
+    """path -> what is there, links not followed and nothing but regular files opened: ``("link",
+    target)``, ``("file", size, mtime, sha256)`` or ``("other", mode)`` (a FIFO, a device), for every
+    entry under ``paths`` (files, folders or links). Unlike :func:`fingerprint`, safe on folders
+    holding FIFOs and links to ``/proc``."""
+    import stat
+
+    out = {}
+    todo = [str(p) for p in paths]
+    while todo:
+        p = todo.pop()
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            out[p] = ("link", os.readlink(p))
+        elif stat.S_ISDIR(st.st_mode):
+            todo += [os.path.join(p, n) for n in os.listdir(p)]
+        elif stat.S_ISREG(st.st_mode):
+            with open(p, "rb") as fh:
+                out[p] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+        else:
+            out[p] = ("other", st.st_mode)
+    return out
+
+
+def run_python(code: str, *args, env: dict | None = None, timeout: float = 60):
+    """``python -c code args...`` in a child process (its environment: ours plus ``env``); the
+    CompletedProcess, text output captured."""
+    import subprocess
+    import sys
+
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full)
