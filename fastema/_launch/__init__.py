@@ -33,7 +33,8 @@ op                      keyword arguments
                         ``comp``, ``ws``, ``wcomp``, ``n``, ``bad``, ``slot``, ``skip``
 ======================  ==================================================================
 
-The kernels' math and their arguments are documented in :mod:`fastema.kernels.cpu`.
+The kernels' math and their arguments are documented in :mod:`fastema.kernels.cpu`. A checkpoint
+merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from host memory).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config
 from . import cpu as _cpu_target
+from .cpu import merge as merge  # the merge launcher (CPU only)
 
 
 def sr_noise(key: int, index: int) -> int:

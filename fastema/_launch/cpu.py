@@ -27,7 +27,7 @@ import warnings
 import numba
 import numpy as np
 
-from ..kernels import _cache
+from ..kernels import _cache, merge_cpu
 from ..kernels import cpu as K
 from . import config
 
@@ -359,3 +359,13 @@ def first_bad_weight(c: np.ndarray) -> int:
     :func:`ema_streams` / :func:`sma_streams` would count as 0 (NaN, inf, negative), or -1: the
     smoother refuses such an update on the host before anything changes (~0.2 us)."""
     return int(K.bad_weight_kernel()(c))
+
+
+def merge(in_kind: int, out_kind: int, wide: bool, stochastic: bool, may_parallel: bool, count: int, out_addr: int,
+          acc_addr: int, in_addr, weights, start: bool, finish: bool, key: int, first: int) -> None:
+    """One piece of a checkpoint merge (``kernels.merge_cpu.merge_kernel``; the arguments are
+    documented there): parallel over chunks when ``may_parallel`` and the piece is large (8x
+    :data:`config.CPU_SERIAL_BELOW`: the merge's reader thread shares the cores)."""
+    par = may_parallel and PARALLEL and count >= config.CPU_SERIAL_BELOW * 8
+    run(merge_cpu.merge_kernel(in_kind, out_kind, wide, stochastic, par), par, count, out_addr, acc_addr, in_addr,
+        weights, start, finish, np.uint32(key), first, config.CPU_CHUNK)

@@ -1,5 +1,5 @@
 """The streaming part of a merge: every output tensor, piece by piece, through the weighted-sum
-kernel (:mod:`fastema.kernels.merge_cpu`) to the output file.
+kernel (:mod:`fastema.kernels.merge_cpu`, launched through :func:`fastema._launch.merge`) to the output file.
 
 Pieces flow through a two-stage pipeline: a helper thread fetches the next piece of every input
 (``pread`` into one of two sets of small buffers, or, memory-mapped, its pages mapped in one
@@ -18,9 +18,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .._launch import config as launch_config
-from .._launch import cpu as launch_cpu
-from ..kernels import merge_cpu
+from .. import _launch
 from ._dtypes import ITEMSIZE, KIND
 from .plan import Item
 
@@ -58,7 +56,7 @@ class Engine:
         self.piece = PIECE_BYTES[read]
         # the helper thread keeps a core busy reading: the kernel runs on the other threads only where
         # there are more cores (on 2 cores a parallel kernel was slower, the two threads fighting the reader)
-        self.parallel = read == "mmap" and launch_cpu.PARALLEL and (os.cpu_count() or 1) >= PARALLEL_CORES
+        self.parallel = read == "mmap" and (os.cpu_count() or 1) >= PARALLEL_CORES
         self.mappable = all(s.mappable for s in self.sources)
         self.scratch = [[np.empty(self.piece, np.uint8) for _ in self.sources] for _ in range(2)]
         self.out = self.piece * 2           # bytes of a piece's output buffer (float32 out of bfloat16 in: 2x)
@@ -183,11 +181,8 @@ class Engine:
     def _launch(self, it, count, out_addr, acc_addr, addrs, which, start, finish, key, first) -> None:
         wide = self.wide or it.dtype == "float64" or it.out_dtype == "float64"
         sr = self.stochastic and it.out_dtype == "bfloat16"
-        par = self.parallel and count >= launch_config.CPU_SERIAL_BELOW * 8
-        k = merge_cpu.merge_kernel(KIND[it.dtype], KIND[it.out_dtype], wide, sr, par)
-        args = (count, out_addr, acc_addr, np.asarray(addrs, np.int64), (self.w64 if wide else self.w32)[which],
-                start, finish, np.uint32(key), first, launch_config.CPU_CHUNK)
-        launch_cpu.run(k, par, *args)                 # a parallel one after numba's pool started, one at a time
+        _launch.merge(KIND[it.dtype], KIND[it.out_dtype], wide, sr, self.parallel, count, out_addr, acc_addr,
+                      np.asarray(addrs, np.int64), (self.w64 if wide else self.w32)[which], start, finish, key, first)
 
 
 class _WriteBehind:

@@ -238,6 +238,22 @@ def test_faces_launch_through_the_shadows_never_through_dispatch():
     assert not bad, bad
 
 
+KERNEL_MODULES = ("fastema.kernels.cpu", "fastema.kernels.cuda", "fastema.kernels.merge_cpu",
+                  "fastema.kernels.merge_cuda", "fastema.kernels._")
+
+
+def test_only_the_dispatch_point_imports_the_kernel_modules():
+    """fastema/_launch is the one dispatch point: nothing else in fastema/ imports a compiled kernel
+    module or a private module of kernels/ (kernels.kinds and kernels.layout are the shared tables)."""
+    bad = []
+    for path in sorted((ROOT / "fastema").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("fastema/_launch/"):
+            bad += [f"{rel}:{line} imports {mod}" for mod, line in _imports(path, _package(path), False)
+                    if mod.startswith(KERNEL_MODULES)]
+    assert not bad, bad
+
+
 # Modules allowed over 450 lines, each with its reason (at most two).
 LONG_MODULES = {
     "fastema/schedules.py": "a catalogue of independent pure schedules, one class each (as optax's _schedule.py)",
