@@ -13,7 +13,8 @@
 #                      doing numpy.row_stack = numpy.vstack. GPU_NUMPY_FIX says which.
 #   fastema            pip install --no-deps --no-build-isolation --no-index -e . only where fastema
 #                      does not import from this tree; if that fails, the tree on PYTHONPATH (and
-#                      in later stages too: $GPU_NO_EDITABLE marks it). GPU_FASTEMA_INSTALL says which.
+#                      in later stages too: $GPU_NO_EDITABLE marks it). GPU_FASTEMA_INSTALL says which,
+#                      and setuptools' version (GPU_SETUPTOOLS; the editable build uses it: >= 77 needed).
 #   GPU_SIMULATE=1     the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and nothing installed: the
 #                      tree on PYTHONPATH, the numpy shim only where numpy lacks row_stack (CI).
 #
@@ -111,5 +112,10 @@ else
     GPU_FASTEMA_INSTALL="pip install -e . failed (see setup.log): the tree on PYTHONPATH"
   fi
 fi
-export GPU_FASTEMA_INSTALL
+# setuptools: pip install -e . above builds with the installed one (no build isolation), and pyproject.toml's
+# PEP 639 license needs >= 77. Its version goes into GPU_FASTEMA_INSTALL, so env.txt's fastema_install has it.
+GPU_SETUPTOOLS=$("$PY" -c 'import importlib.metadata as m; print(m.version("setuptools"))' 2>/dev/null) \
+  || GPU_SETUPTOOLS="not installed"
+GPU_FASTEMA_INSTALL="$GPU_FASTEMA_INSTALL; setuptools $GPU_SETUPTOOLS"
+export GPU_FASTEMA_INSTALL GPU_SETUPTOOLS
 echo "gpu_env: fastema: $GPU_FASTEMA_INSTALL"
