@@ -23,10 +23,11 @@ echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the pu
 "$py" -m mypy
 
 echo "== CPU tests"
-"$py" -m pytest tests -m "not cuda" -q --durations=20      # the slowest 20, to keep CI short
+mkdir -p bench/out      # every test's time kept in bench/out/tests-*.xml (JUnit XML); the slowest 20 printed
+"$py" -m pytest tests -m "not cuda" -q --durations=20 --junitxml=bench/out/tests-cpu.xml
 
 echo "== CUDA kernels in the Numba CUDA simulator"
-NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider
+NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml=bench/out/tests-cudasim.xml
 
 if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() else 1)" 2>/dev/null; then
   echo "== CUDA tests on the GPU"
