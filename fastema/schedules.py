@@ -334,8 +334,9 @@ class _Merge:
     """What :class:`WSM` and :class:`EmaDecaySqrt` share: each update's sample has a weight, a function of
     the training step ``t`` (:meth:`weight`), folded in by :func:`merged_weight` with the running total
     (the plan keeps it where a debiased plan keeps its normalisers). A call whose weights are all 0
-    writes nothing: the plan skips it, as it skips what ``update_every`` skips."""
-    timed = True            # a function of the step (or the calls), whatever update_every
+    writes nothing, nor does one at the last update's step (a sample counts once): the plan skips
+    them; ``update_every`` other than 1 is refused (it would skip samples)."""
+    timed = True            # a function of the step (or the calls)
     merge = True
 
     def weight(self, t: float) -> float:
@@ -366,9 +367,10 @@ class WSM(_Merge):
     ``t`` is the step given to ``update(step=)`` (the steps done, the current one included: Hugging
     Face's ``global_step``, the ``N`` of ``checkpoint-N``), or the number of ``update()`` calls. A
     call at any other step (between checkpoints, before ``start``, after ``end``) counts 0 and writes
-    nothing, so ``update()`` may be called at every step; leave ``update_every`` at 1 (its calls 1,
-    k + 1, 2k + 1... would miss checkpoints at multiples of k). Until ``start`` the average is the
-    weights it was made from.
+    nothing, so ``update()`` may be called at every step; a call at the last update's step writes
+    nothing either (``update(step=global_step)`` per micro-batch: a checkpoint counts once).
+    ``update_every`` other than 1 is refused (its calls 1, k + 1, 2k + 1... would miss checkpoints
+    at multiples of k). Until ``start`` the average is the weights it was made from.
 
     Args:
         shape: the decay emulated: ``"linear"`` (``f(x) = 1 - x``), ``"cosine"``
@@ -430,8 +432,9 @@ class EmaDecaySqrt(_Merge):
 
     Levanter passes its step before the optimizer step increments it (0 on the first update):
     ``i = t - 1``, with ``t`` the steps done (``update(step=t)``, or the number of calls), as the
-    momentum schedules read it. Computed in float64 (Levanter rounds the clipped fraction and its
-    square root to float32: a weight differs by < 1e-7 relative).
+    momentum schedules read it; a call at the last update's step writes nothing (a sample counts
+    once) and ``update_every`` stays 1, as with :class:`WSM`. Computed in float64 (Levanter rounds
+    the clipped fraction and its square root to float32: a weight differs by < 1e-7 relative).
 
     Args:
         switch_step: Levanter's ``switch_step``, an int >= 0.

@@ -154,7 +154,8 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     step passed to ``update(step=)``, or -1 for the update count. Same arithmetic as
     :class:`fastema.schedules.Plan` (``next`` then ``done``) and ``fastema.ops.sr_key``.
     A merge schedule's row folds its sample weight in with the running total in its normaliser
-    (``merge_weight``); a call whose weights are all 0 is skipped as ``update_every`` skips.
+    (``merge_weight``); a call whose weights are all 0 is skipped as ``update_every`` skips, and so
+    is a call at the last update's step (a checkpoint counts once).
     """
     calls = state[S_CALLS]
     every = params[P_EVERY]
@@ -167,9 +168,10 @@ def plan_step(state, params, decays, given, w32, w64, flag, keys):
     kind = params[P_SCHEDULE]
     if kind >= WSM:                                           # a merge schedule: counted if some weight is not 0
         counted = False
-        for i in range(decays.size):
-            if merge_weight(params, int(decays[i]), kind, t) != 0.0:
-                counted = True
+        if not (state[S_UPDATES] > 0.0 and t == state[S_LAST]):           # nor at the last update's step
+            for i in range(decays.size):
+                if merge_weight(params, int(decays[i]), kind, t) != 0.0:
+                    counted = True
         if not counted:
             flag[0] = 1
             return

@@ -87,7 +87,17 @@ def _check_decay_value(d) -> None:
         _check_decay("decay", d)
 
 
-def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_step, compensate, debias) -> list:
+def _merge_every_problem(schedule, every: int) -> str | None:
+    """Why ``update_every=every`` cannot go with the merge schedule ``schedule`` (None: it can)."""
+    if not isinstance(schedule, MERGE_SCHEDULES) or every == 1:
+        return None
+    return (f"{type(schedule).__name__}(...) is a merge schedule: it counts each checkpoint at its step, and "
+            f"update_every={every} skips calls, so it misses checkpoints; leave update_every at 1 (the calls "
+            f"between checkpoints already write nothing)")
+
+
+def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_step, update_every, compensate,
+              debias) -> list:
     """The schedules of ``decay=`` given momentum or merge schedules (one kind for every average)."""
     for d in decays:
         _check_decay_value(d)
@@ -103,8 +113,11 @@ def _momentum(decays: list, warmup, min_decay, inv_gamma, power, update_after_st
                          f"{', '.join(warm)} (a warm-up of constant decays); drop them")
     if isinstance(decays[0], MERGE_SCHEDULES) and (compensate or debias):
         raise ValueError(f"decay={type(decays[0]).__name__}(...) is a weighted average of the samples normalised by "
-                         f"their total weight, a function of the step whatever update_every: it takes no "
+                         f"their total weight, a function of the step: it takes no "
                          f"{'compensate=' if compensate else 'debias='} (it is never biased); drop it")
+    problem = _merge_every_problem(decays[0], update_every)
+    if problem:
+        raise ValueError(problem)
     return list(decays)
 
 
@@ -176,7 +189,7 @@ class Plan:
                 raise ValueError(f"1 to {MAX_DECAYS} decays (one per average), got {len(decays)}")
             if any(isinstance(d, MOMENTUM_SCHEDULES) for d in decays):
                 self.schedules = _momentum(decays, warmup, min_decay, inv_gamma, power, update_after_step,
-                                           compensate, debias)
+                                           cadence.every, compensate, debias)
             else:
                 for d in decays:
                     _check_decay_value(d)
@@ -279,7 +292,11 @@ class Plan:
     def _merge_next(self, n: int, t: float) -> Pending:
         """:meth:`next` for merge schedules: each row's sample weight at ``t`` folded in with its
         running total (kept in ``norms``, :func:`~fastema.schedules.merged_weight`); a call whose
-        weights are all 0 is not due (it would write nothing), as one ``update_every`` skips."""
+        weights are all 0 is not due (it would write nothing), as one ``update_every`` skips, nor a
+        call at the last update's step (``update(step=global_step)`` per micro-batch): a checkpoint
+        counts once."""
+        if self.updates and t == self.last_time:
+            return Pending(False, n, [0.0] * self.rows, [1.0] * self.rows, self.norms, t)
         raw = [s.weight(t) for s in self.schedules]
         norms, weights = list(self.norms), []
         for i, a in enumerate(raw):
@@ -323,10 +340,13 @@ class Plan:
             problems.append(f"checkpoint has {n} decay(s), this EMA {self.rows}")
             return
         try:
-            [from_state(s) for s in saved]
+            schedules = [from_state(s) for s in saved]
             _check_count("updates", state["updates"])
             _check_count("calls", state["calls"])
             _check_count("update_every", state["update_every"], 1)
+            problem = _merge_every_problem(schedules[0], state["update_every"])    # saved before it was refused
+            if problem:
+                problems.append(problem)
             norms = [float(x) for x in state["norms"]]
             if len(norms) != self.rows:
                 raise ValueError(f"{len(norms)} norms for {self.rows} decays")

@@ -391,6 +391,14 @@ def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_merge_schedule_with_update_every_is_refused_with_the_fix(model):
+    """update_every's skipped calls would miss some of a merge schedule's checkpoints: every face refuses
+    it with the same words, before anything is made."""
+    for decay in (schedules.WSM("linear", 2, 10, 2), schedules.EmaDecaySqrt(3, 4)):
+        with pytest.raises(ValueError, match=r"update_every=2.*leave update_every at 1"):
+            model.ema(decay, update_every=2)
+
+
 def test_an_unknown_option_is_refused_with_the_list(model):
     with pytest.raises(TypeError, match=model.unknown):
         model.ema(0.9, sigma=0.1)
