@@ -32,12 +32,22 @@ import tensorflow as tf
 from .._state import load_refused
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
-from .ema import _as_tf_variable, _in_replica_context, _no_tf1_graph, _weak
+from .ema import _as_tf_variable, _in_replica_context, _kind, _no_tf1_graph, _weak
 
 __all__ = ["AverageVariable", "ExponentialMovingAverage"]
 
 _FLOATS = (tf.bfloat16, tf.float16, tf.float32, tf.float64)
 _VALUE_KEY = "VARIABLE_VALUE"          # a variable's key in TensorFlow's checkpoints
+_SELF = "fastema.tensorflow.compat.ExponentialMovingAverage"      # who refuses, in refusals
+
+
+def _variable(v, what: str):
+    """``v`` as a ``tf.Variable``, or refused naming ``what`` (``"var_list[2]"``, ``"var"``) and this class;
+    a tensor in TensorFlow's words for it (``tf.train.ExponentialMovingAverage.apply``'s)."""
+    if isinstance(v, tf.Tensor) and not isinstance(v, tf.Variable):
+        raise TypeError(f"{_SELF} does not support non-Variable tensors when eager execution is enabled ({what} "
+                        f"is a {_kind(v)}); pass the tf.Variables themselves.")
+    return _as_tf_variable(v, what, owner=_SELF)[0]
 
 
 class _Group:
@@ -111,17 +121,14 @@ class ExponentialMovingAverage:
             of a distribution strategy it applies once per step, from the cross-replica context (a
             ``merge_call``), as TensorFlow's does.
         """
-        _no_tf1_graph("fastema.tensorflow.compat.ExponentialMovingAverage.apply()")
+        _no_tf1_graph(f"{_SELF}.apply()")
         if _in_replica_context():
             return tf.distribute.get_replica_context().merge_call(lambda _: self.apply(var_list))
         if var_list is None:
             var_list = tf.compat.v1.trainable_variables()
         tf_vars = []
         for i, v in enumerate(var_list):
-            if isinstance(v, tf.Tensor) and not isinstance(v, tf.Variable):
-                raise TypeError("tf.train.ExponentialMovingAverage does not support non-Variable tensors when "
-                                "eager execution is enabled; pass the tf.Variables themselves.")
-            tv = _as_tf_variable(v, i)[0]
+            tv = _variable(v, f"var_list[{i}]")
             if tv.dtype not in _FLOATS:
                 raise TypeError(f"The variables must be half, float, or double: {tv.name}; leave the others out.")
             tf_vars.append(tv)
@@ -230,12 +237,12 @@ class ExponentialMovingAverage:
 
     def average(self, var) -> "AverageVariable | None":
         """The :class:`AverageVariable` holding the average of ``var``, or None if ``apply`` has not seen it."""
-        return self._averages.get(id(_as_tf_variable(var, 0)[0]))
+        return self._averages.get(id(_variable(var, "var")))
 
     def average_name(self, var) -> str:
         """The name of the average of ``var`` (``var``'s name, ``/``, this object's :attr:`name`), whether or
         not ``apply`` has seen it: the name a name-based checkpoint (``tf.compat.v1.train.Saver``) keeps it under."""
-        tv = _as_tf_variable(var, 0)[0]
+        tv = _variable(var, "var")
         avg = self._averages.get(id(tv))
         if avg is not None:
             return avg.name[:-len(":0")]

@@ -28,14 +28,21 @@ _FLOATS = (tf.float32, tf.bfloat16, tf.float16, tf.float64)
 _NO_STEP = -(2 ** 63)                  # the graph op's step when update() was given none
 
 
-def _as_tf_variable(v, i: int):
+def _as_tf_variable(v, what: str, owner: str = "fastema.tensorflow.EMA"):
+    """``v`` (a ``tf.Variable``, or a Keras variable on the TensorFlow backend) as ``(tf.Variable, name)``;
+    anything else is refused naming the argument (``what``: ``"variables[3]"``) and the class refusing it."""
     inner = getattr(v, "value", None)                 # a keras.Variable on the TensorFlow backend
     if type(v).__module__.startswith("keras") and isinstance(inner, tf.Variable):
         return inner, getattr(v, "path", None) or v.name
     if isinstance(v, tf.Variable):
         return v, v.name
-    raise TypeError(f"variables[{i}] is a {type(v).__module__}.{type(v).__name__}; fastema.tensorflow.EMA "
-                    f"averages tf.Variables (e.g. model.trainable_variables on the TensorFlow backend)")
+    raise TypeError(f"{what} is a {_kind(v)}; {owner} averages tf.Variables (e.g. model.trainable_variables "
+                    f"on the TensorFlow backend)")
+
+
+def _kind(v) -> str:
+    """``v``'s class, with its module: ``tensorflow.python.framework.ops.EagerTensor``."""
+    return f"{type(v).__module__}.{type(v).__name__}"
 
 
 def _weak(method, *bound) -> Callable:
@@ -115,7 +122,7 @@ class EMA(tf.Module, Face):
         opts.refuse("fastema.tensorflow.EMA", REFUSED)
         if hasattr(variables, "trainable_variables") and not isinstance(variables, tf.Variable):
             variables = variables.trainable_variables
-        pairs = [_as_tf_variable(v, i) for i, v in enumerate(variables)]
+        pairs = [_as_tf_variable(v, f"variables[{i}]") for i, v in enumerate(variables)]
         if not pairs:
             raise ValueError("no variables to average")
         bad = [n for (v, n) in pairs if v.dtype not in _FLOATS]

@@ -331,3 +331,39 @@ def test_the_guides_migration_example_runs(capsys):
         ref = d * ref + (1 - d) * k
     np.testing.assert_allclose(np.array(values.strip(" []\n").split(), float), ref, rtol=1e-5)
     np.testing.assert_array_equal(scope["w"].numpy(), np.full(4, 10.0))
+
+
+def test_a_tensor_is_refused_naming_the_drop_in_and_the_argument_in_tensorflows_words():
+    """Refusals name the class the caller used (not fastema.tensorflow.EMA, whose check is shared) and
+    the argument; a tensor is refused in the words TensorFlow's apply() uses for it, eagerly and inside
+    a tf.function (a SymbolicTensor), in apply(), average() and average_name()."""
+    from fastema.tensorflow import EMA
+
+    try:
+        tf.train.ExponentialMovingAverage(0.9).apply([tf.ones(3)])
+    except TypeError as err:
+        theirs = str(err).split("ExponentialMovingAverage ", 1)[1].rstrip(".")
+    assert theirs == "does not support non-Variable tensors when eager execution is enabled"
+    v = tf.Variable([1.0, 2.0, 3.0], name="w")
+    ema = ExponentialMovingAverage(0.9)
+    ema.apply([v])
+    calls = [("var_list[1]", lambda t: ema.apply([v, t])), ("var", ema.average), ("var", ema.average_name)]
+    for what, call in calls:
+        for where in ("eager", "tf.function"):
+            with pytest.raises(TypeError) as got:
+                if where == "eager":
+                    call(tf.ones(3))
+                else:
+                    tf.function(lambda: call(v * 2) and None)()
+            msg = str(got.value)
+            tensor = "EagerTensor" if where == "eager" else "SymbolicTensor"
+            assert f"fastema.tensorflow.compat.ExponentialMovingAverage {theirs} ({what} is a " in msg
+            assert f"{tensor}); pass the tf.Variables themselves." in msg
+            assert "fastema.tensorflow.EMA" not in msg
+    with pytest.raises(TypeError, match=r"^var_list\[0\] is a numpy.ndarray; fastema.tensorflow.compat."
+                                        r"ExponentialMovingAverage averages tf.Variables \(e.g. model"):
+        ema.apply([np.ones(3, np.float32)])
+    np.testing.assert_array_equal(ema.average(v).numpy(), v.numpy())          # nothing was updated
+    with pytest.raises(TypeError, match=r"^variables\[1\] is a tensorflow.python.framework.ops.EagerTensor; "
+                                        r"fastema.tensorflow.EMA averages tf.Variables"):
+        EMA([v, tf.ones(3)], 0.9)
