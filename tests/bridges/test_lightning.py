@@ -1,5 +1,7 @@
 """fastema.lightning with real ``Trainer.fit`` runs on the CPU: EMA, swap for evaluation, resume, logs."""
 import csv
+import pathlib
+import re
 import warnings
 
 import numpy as np
@@ -214,3 +216,98 @@ def test_smoothed_logs_resume_from_checkpoint(tmp_path):
 def test_missing_metric_is_named():
     with pytest.raises(KeyError, match="no training metric 'accuracy'.*self.log"):
         trainer(None, [MovingAverageLogs(metrics=("accuracy",))], max_epochs=1).fit(Regressor(), loader())
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model trains faster on one thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Averages(pl.Callback):
+    """The average after every training batch, as ``read()`` gives it (listed after the averaging callback)."""
+
+    def __init__(self, read):
+        self.read, self.seen, self.model = read, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({n: t.detach().double().clone() for n, t in self.read().items()})
+        self.model.append({n: t.detach().double().clone() for n, t in pl_module.state_dict().items()})
+
+
+@pytest.mark.parametrize("d", [0.5, 0.9])
+def test_weight_ema_set_as_the_guide_says_reproduces_lightnings_ema_weight_averaging(tmp_path, d, one_thread):
+    """The settings docs/guides/lightning.md gives, read from the guide (WeightEMA(decay=d, warmup="power",
+    min_decay=d, buffers="average")), give EMAWeightAveraging(decay=d)'s average after every optimizer step
+    (its first update copies the weights; the integer BatchNorm counter aside, which fastema copies); after
+    fit Lightning's model holds the average and fastema's the raw weights, until ema.copy_to().
+    WeightAveraging with fastema's multi_avg_fn gives EMAWeightAveraging's average too, integer buffers
+    included."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
+
+    from fastema.torch.compat import get_ema_multi_avg_fn
+
+    guide = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "lightning.md").read_text()
+    settings = re.search(r"(WeightEMA\(decay=d[^()]*\)) +# = EMAWeightAveraging\(decay=d\)", guide).group(1)
+    assert "callback.ema.copy_to()" in guide
+    callbacks = {"lightning": EMAWeightAveraging(decay=d),
+                 "fastema": eval(settings, {"WeightEMA": WeightEMA, "d": d}),
+                 "multi_avg_fn": WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(d))}
+    reads = {"lightning": lambda: callbacks["lightning"]._average_model.module.state_dict(),
+             "fastema": lambda: callbacks["fastema"].ema.averaged_state_dict(),
+             "multi_avg_fn": lambda: callbacks["multi_avg_fn"]._average_model.module.state_dict()}
+    models, seen = {}, {}
+    for name, cb in callbacks.items():
+        probe = Averages(reads[name])
+        models[name] = Regressor()                     # the same weights (seeded), data and optimizer steps
+        trainer(tmp_path, [cb, probe], max_epochs=1).fit(models[name], loader())
+        seen[name] = probe.seen
+    assert len(seen["lightning"]) == len(seen["fastema"]) == len(seen["multi_avg_fn"]) == 8
+    counter = "net.2.num_batches_tracked"
+    for step, (theirs, ours, multi) in enumerate(zip(seen["lightning"], seen["fastema"], seen["multi_avg_fn"]), 1):
+        assert sorted(theirs) == sorted(ours) == sorted(multi)
+        for n in theirs:
+            torch.testing.assert_close(multi[n], theirs[n], rtol=0, atol=1e-6)
+            if n != counter:
+                torch.testing.assert_close(ours[n], theirs[n], rtol=0, atol=1e-5)
+        assert ours[counter] == 2 * step                # copied (two forwards a step), where Lightning averages it
+    assert seen["lightning"][-1][counter] < 16
+    # after fit: Lightning copied its average into the model; fastema put the raw weights back
+    last = seen["lightning"][-1]
+    for n, t in models["lightning"].state_dict().items():
+        assert torch.equal(t.double(), last[n]), n
+    raw = models["fastema"].state_dict()
+    assert max(float((raw[n].double() - last[n]).abs().max()) for n in raw if n != counter) > 1e-3
+    callbacks["fastema"].ema.copy_to()                 # the guide's way to end with the average in the model
+    for n, t in models["fastema"].state_dict().items():
+        if n != counter:
+            torch.testing.assert_close(t.double(), last[n], rtol=0, atol=1e-5)
+
+
+def test_lightnings_update_cadence_maps_to_update_every_and_update_after_step(tmp_path, one_thread):
+    """The guide's mapping of EMAWeightAveraging's other arguments: update_every_n_steps=k is update_every=k
+    and use_buffers=False is buffers="copy" (the average after every step); update_starting_at_step=s is
+    update_after_step=s from the first update on (global step s + 1): before it Lightning's average holds
+    the weights fit started from, fastema's follows the weights."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    d, settings = 0.9, {"warmup": "power", "min_decay": 0.9}
+    pairs = [(EMAWeightAveraging(decay=d, update_every_n_steps=3, use_buffers=False),
+              WeightEMA(decay=d, update_every=3, buffers="copy", **settings)),
+             (EMAWeightAveraging(decay=d, update_starting_at_step=4),
+              WeightEMA(decay=d, update_after_step=4, buffers="average", **settings))]
+    for i, (theirs, ours) in enumerate(pairs):
+        probes = [Averages(lambda cb=theirs: cb._average_model.module.state_dict()),   # made at fit start
+                  Averages(lambda cb=ours: cb.ema.averaged_state_dict())]
+        for cb, probe in zip((theirs, ours), probes):
+            trainer(tmp_path, [cb, probe], max_epochs=1).fit(Regressor(), loader())
+        start = Regressor().state_dict()
+        for step, (a, b, w) in enumerate(zip(probes[0].seen, probes[1].seen, probes[1].model), 1):
+            for n in a:
+                if i == 1 and step <= 4:
+                    assert torch.equal(a[n], start[n].double()) and torch.equal(b[n], w[n]), (step, n)
+                elif i == 0 or "num_batches" not in n:
+                    torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-5)
