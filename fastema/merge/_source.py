@@ -1,9 +1,11 @@
 """What every input of a merge is (:class:`Source`, its :class:`Entry` list) and how one fails
-(:class:`MergeError`): the pieces the input readers share."""
+(:class:`MergeError`): the pieces the input readers share, memory maps that hold no descriptor
+(:class:`FileMap`) and reading them safely (:func:`populate`) among them."""
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import re
 import stat
@@ -13,11 +15,14 @@ import numpy as np
 
 from ._dtypes import ITEMSIZE
 
-__all__ = ["Entry", "MergeError", "Source", "advise", "os_problem", "regular", "step_from_name"]
+__all__ = ["Entry", "FileMap", "MergeError", "Source", "advise", "open_problem", "os_problem", "populate",
+           "read_problem", "regular", "step_from_name"]
 
-POPULATE_READ, DONTNEED = 22, 4          # Linux madvise: map a range's pages now (5.14+) / drop them from this process
+POPULATE_READ, DONTNEED, _SEQUENTIAL = 22, 4, 2   # Linux madvise: map a range's pages now (5.14+) / drop them
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _libc: list = []
+POPULATE_READ_WORKS = [True]    # False once the system refused MADV_POPULATE_READ (Linux < 5.14, not Linux)
+_UNREADABLE = (errno.EFAULT, errno.EIO, getattr(errno, "EHWPOISON", 133))   # populate: a page past the end, bad
 
 _STEP_NAME = re.compile(r"(?:checkpoint|step|iter|iteration|global_step|ckpt)[-_]?0*(\d+)$", re.I)
 
@@ -53,31 +58,129 @@ def os_problem(path: str, what: str, err: OSError) -> str:
         return f"{what}: {path!r} is a loop of symbolic links; point it at the checkpoint itself"
     if err.errno == errno.ENOENT:
         return f"{what}: {path!r} does not exist"
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return open_problem(path, what, err)
     return f"{what}: {path!r} cannot be read ({err.strerror or err})"
 
 
-def advise(address: int, nbytes: int, advice: int) -> None:
-    """``madvise`` the pages of ``[address, address + nbytes)`` of a read-only file mapping (no-op where
-    the system does not take it): ``POPULATE_READ`` maps them in one call before a kernel reads them (a
-    page fault each, else), ``DONTNEED`` drops them from this process once read (they stay in the page
-    cache; the resident size stays small)."""
+def open_problem(path: str, what: str, err: OSError) -> str:
+    """What to say when ``path`` could not be opened for lack of descriptors (EMFILE, ENFILE)."""
+    try:
+        import resource
+
+        limit = f", now {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+    except (ImportError, OSError, ValueError):
+        limit = ""
+    whose = "this process's" if err.errno == errno.EMFILE else "the system's"
+    return (f"{what}: {path!r} cannot be opened: too many open files ({whose} limit{limit}); raise the limit on "
+            f"open files (`ulimit -n`) or merge fewer inputs")
+
+
+def read_problem(where: str, name: str, err: OSError) -> MergeError:
+    """The MergeError of a memory-mapped read of tensor ``name`` of ``where`` that :func:`populate`
+    refused (``err``)."""
+    if err.errno == errno.EFAULT:
+        return MergeError(f"{where} was truncated during the merge: tensor {name!r} lies past its end now; let "
+                          f"nothing rewrite a checkpoint while it is merged")
+    return MergeError(f"{where}: tensor {name!r} cannot be read ({err.strerror or err}): the disk failed, or the file "
+                      f"was truncated during the merge")
+
+
+def _c():
+    """libc with ``madvise``, ``mmap`` and ``munmap`` typed, or None where there is none."""
     if not _libc:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int64)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
             _libc.append(libc)
         except (OSError, AttributeError):
             _libc.append(None)
-    libc = _libc[0]
-    if libc is None or nbytes <= 0:
-        return
+    return _libc[0]
+
+
+def advise(address: int, nbytes: int, advice: int) -> None:
+    """``madvise`` the whole pages inside ``[address, address + nbytes)`` of a read-only file mapping
+    (no-op where the system does not take it); ``DONTNEED`` drops them from this process once read
+    (they stay in the page cache; the resident size stays small). Never a neighbour's page."""
+    libc = _c()
+    lo, hi = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+    if libc is not None and hi > lo:
+        libc.madvise(lo, hi - lo, advice)
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Map the pages of ``[address, address + nbytes)`` of a read-only file mapping in one call
+    (``MADV_POPULATE_READ``) before a kernel reads them (a page fault each, else). True when done;
+    False where the system cannot (Linux < 5.14): then a page past the file's end, should the file
+    shrink, kills the process with SIGBUS when touched, so read it otherwise (``pread``). OSError
+    (EFAULT, EIO, EHWPOISON) when a page lies past the file's end (it shrank: touching it would be
+    SIGBUS) or cannot be read: :func:`read_problem` words it."""
+    libc = _c()
+    if libc is None or not POPULATE_READ_WORKS[0]:
+        return False
+    if nbytes <= 0:
+        return True
     lo = address // _PAGE * _PAGE
     hi = -(-(address + nbytes) // _PAGE) * _PAGE
-    if advice == DONTNEED:                    # only whole pages inside the range: never a neighbour's
-        lo, hi = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
-    if hi > lo and libc.madvise(lo, hi - lo, advice) != 0 and advice == POPULATE_READ:
-        if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
-            _libc[0] = None if advice == POPULATE_READ else libc     # an older kernel: plain page faults
+    for _ in range(3):                           # EINTR, EAGAIN: again
+        if libc.madvise(lo, hi - lo, POPULATE_READ) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+            POPULATE_READ_WORKS[0] = False       # an older kernel: read otherwise from now on
+            return False
+        if err in _UNREADABLE:
+            raise OSError(err, os.strerror(err))
+        if err not in (errno.EINTR, errno.EAGAIN):
+            break
+    return True                                  # ENOMEM and the like: plain page faults, as before 5.14
+
+
+class _Mapping:
+    """``[address, address + size)`` of ``mmap``, unmapped when the last array viewing it goes."""
+
+    def __init__(self, address: int, size: int):
+        self.address, self.size = address, size
+        self.__array_interface__ = {"data": (address, True), "shape": (size,), "typestr": "|u1", "version": 3}
+
+    def __del__(self) -> None:
+        libc = _libc[0] if _libc else None
+        if libc is not None:
+            libc.munmap(self.address, self.size)
+
+
+class FileMap:
+    """The first ``size`` bytes of the file open at ``fd``, mapped read-only: ``view`` (a uint8
+    array over them) and ``base`` (their address). Holds no descriptor: the caller closes ``fd``
+    right after (a mapping keeps the file itself), so any number of files stay mapped within the
+    limit on open files (Python's ``mmap.mmap`` keeps a duplicate of ``fd`` until it is closed; it
+    is used only where libc's ``mmap`` cannot be called). :meth:`close` drops this object's view:
+    the pages are unmapped when no view of them is left (a view an exception's traceback holds
+    keeps them mapped until it goes, never a dangling address). OSError when it cannot map."""
+
+    def __init__(self, fd: int, size: int):
+        self.size = size
+        libc = _c()
+        if size == 0:
+            view = np.zeros(0, np.uint8)
+        elif libc is None or not hasattr(mmap, "PROT_READ"):
+            view = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), np.uint8)
+        else:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address is None or address == ctypes.c_void_p(-1).value:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            view = np.asarray(_Mapping(address, size))
+            libc.madvise(address, size, _SEQUENTIAL)
+        self.view = view
+        self.base = view.ctypes.data
+
+    def close(self) -> None:
+        self.view = np.zeros(0, np.uint8)
 
 
 def step_from_name(path: str) -> int | None:
@@ -128,7 +231,8 @@ class Source:
         raise MergeError(f"{self.label}: {name!r} is not an object entry")
 
     def done(self, name: str) -> None:
-        """Tensor ``name`` is read: its pages may leave this process (they stay in the page cache)."""
+        """Tensor ``name`` is read: its pages may leave this process (they stay in the page cache), and
+        a file whose tensors are all read is unmapped and its descriptor closed."""
 
     def close(self) -> None:
         """Release files and mappings."""

@@ -13,6 +13,7 @@ flattened with dots.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import pickle
 import re
@@ -23,12 +24,14 @@ import numpy as np
 from ._dtypes import ITEMSIZE, OBJECT
 from ._source import (
     DONTNEED,
-    POPULATE_READ,
     Entry,
     MergeError,
     Source,
     WholeTensorSource,
     advise,
+    os_problem,
+    populate,
+    read_problem,
     regular,
     step_from_name,
 )
@@ -59,8 +62,11 @@ class TorchFileSource(Source):
 
         super().__init__(path, label)
         regular(path, label)
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise MergeError(os_problem(path, label, err)) from None
         if magic != b"PK\x03\x04":
             legacy = magic[:1] == b"\x80"
             raise MergeError(f"{label} is " + ("a torch checkpoint in torch's legacy (pre-1.6) format, which cannot be "
@@ -74,6 +80,8 @@ class TorchFileSource(Source):
                              f"refused it and nothing of it ran ({_first_line(err)[:200]}); merge only checkpoints "
                              f"of tensors") from None
         except (RuntimeError, EOFError, ValueError, OSError) as err:
+            if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
+                raise MergeError(os_problem(path, label, err)) from None
             legacy = "zipfile" in str(err) or "mmap" in str(err)
             raise MergeError(f"{label} is not a readable torch checkpoint ({_first_line(err)[:200]}): it is truncated "
                              f"or damaged" + ("; or saved in torch's legacy format: load and torch.save it again"
@@ -119,7 +127,9 @@ class TorchFileSource(Source):
                     raise MergeError(f"{self.label}: tensor {name!r} is {value.layout}; fastema merges dense tensors")
                 dtype = dtype_name(value.dtype)
                 if dtype not in ITEMSIZE:
-                    raise MergeError(f"{self.label}: tensor {name!r} is {dtype}, a dtype fastema does not read")
+                    raise MergeError(f"{self.label}: tensor {name!r} is {dtype}, a dtype fastema does not read "
+                                     f"(safetensors has no code for it); convert it, or leave it out of the "
+                                     f"checkpoint")
                 storage = (value.data_ptr(), tuple(value.shape), value.stride(), dtype) if value.numel() else None
                 self.entries[name] = Entry(name, dtype, tuple(value.shape), value.numel() * value.element_size(),
                                            storage)
@@ -149,14 +159,24 @@ class TorchFileSource(Source):
     def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
         itemsize = ITEMSIZE[self.entries[name].dtype]
         address = self._address(name) + lo * itemsize
-        advise(address, count * itemsize, POPULATE_READ)
+        self._populate(name, address, count * itemsize)
         return address
 
     def raw(self, name: str, lo: int, nbytes: int, scratch: np.ndarray) -> memoryview:
         if nbytes == 0:
             return memoryview(b"")
         address = self._address(name) + lo
+        self._populate(name, address, nbytes)
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
+
+    def _populate(self, name: str, address: int, nbytes: int) -> None:
+        """The pages of a piece mapped before they are read: MergeError where the file shrank (they
+        lie past its end: reading them would be SIGBUS). Where the system cannot populate, they are
+        read as they are (torch keeps the file's map; a file shrinking then is still SIGBUS)."""
+        try:
+            populate(address, nbytes)
+        except OSError as err:
+            raise read_problem(self.label, name, err) from None
 
     def value(self, name: str) -> Any:
         return self._values[name]
@@ -277,6 +297,7 @@ class DcpSource(WholeTensorSource):
 
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         from ..posthoc._dcp import _safe_reader_type
         from ..posthoc._safe_files import fits
@@ -291,7 +312,7 @@ class DcpSource(WholeTensorSource):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(out, storage_reader=_safe_reader_type()(self.path, metadata=self._md), no_dist=True)
-        except Exception as err:                         # CheckpointException, a shard truncated or missing
+        except (Exception, CheckpointException) as err:  # a shard truncated, missing or damaged
             cause = getattr(err, "failures", None)
             if isinstance(cause, dict) and cause:
                 failure = next(iter(cause.values()))

@@ -42,8 +42,11 @@ def open_input(path, index: int, *, read: str = "mmap", optimizer: bool = False)
         return _folder(path, label, index, read, optimizer)
     if not stat.S_ISREG(st.st_mode):
         regular(path, label)
-    with open(path, "rb") as f:
-        magic = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(9)
+    except OSError as err:
+        raise MergeError(os_problem(path, label, err)) from None
     if path.lower().endswith(".safetensors") or _looks_like_safetensors(magic, st.st_size):
         src = SafetensorsSource(path, label, [path], read)
         from ._snapshots import snapshot_file

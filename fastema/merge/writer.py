@@ -243,8 +243,11 @@ class Output:
             _sync_folder(os.path.dirname(self.out))
 
     def discard(self) -> None:
-        """Nothing of the merge left behind."""
+        """Nothing of the merge left behind; by path where ``rmtree`` cannot (it needs two descriptors,
+        and a merge that ran out of them fails here)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        if os.path.lexists(self.folder):
+            _remove_by_path(self.folder)
 
 
 _RENAME_NOREPLACE, _AT_FDCWD = 1, -100
@@ -345,6 +348,19 @@ def _remove(path: str) -> None:
             os.unlink(path)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_by_path(folder: str) -> None:
+    """``folder`` and what it holds removed with one descriptor at a time (``listdir``)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                _remove_by_path(path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        os.rmdir(folder)
 
 
 def _remove_stale(parent: str, base: str) -> None:

@@ -152,3 +152,20 @@ def run_python(code: str, *args, env: dict | None = None, timeout: float = 60):
     full = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=full)
+
+
+def crafted(path, header: str, data: bytes = b"") -> str:
+    """A safetensors file written byte by byte: its header's length, ``header`` (JSON text, padded with
+    spaces to 8 bytes) and ``data``; for files no writer makes (a name twice, overlapping spans, a gap,
+    bytes after the last tensor, a dimension past 2^63). Returns the path."""
+    head = header.encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + data)
+    return str(path)
+
+
+def temporary_entries(folder) -> list:
+    """What a merge may leave beside its output in ``folder``: names with ``.fastema-merge`` or ending
+    ``.tmp``."""
+    return sorted(n for n in os.listdir(folder) if ".fastema-merge" in n or n.endswith(".tmp"))

@@ -416,3 +416,16 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     assert zero not in pieces and pieces
     assert report.bytes_read == 4 * 4 + 2 * 2 + 2 * 8                        # the one input's, and the copy
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
+
+
+def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, monkeypatch):
+    """M5: shutil.rmtree needs two descriptors (the folder's and its scandir's); a merge that ran out of
+    them left its temporary folder. discard() then removes it by path, one descriptor at a time."""
+    out = writer.Output(str(tmp_path / "out"), True, False, 0)
+    os.mkdir(os.path.join(out.folder, "sub"))
+    for name in ("model.safetensors", os.path.join("sub", "config.json")):
+        with open(os.path.join(out.folder, name), "wb") as f:
+            f.write(b"x")
+    monkeypatch.setattr(writer.shutil, "rmtree", lambda *a, **k: None)      # as with one descriptor free
+    out.discard()
+    assert leftovers(tmp_path) == [] and not os.path.exists(out.folder)
