@@ -8,6 +8,7 @@ of the launching context. Imported only when a CUDA buffer arrives.
 """
 import functools
 
+import numpy as np
 from numba import cuda
 
 from . import _bits, _cuda_hw, _elementwise, _intrinsics, _stats, _target, kinds
@@ -24,13 +25,28 @@ CACHE = False
 """Kernels built from now on are cached on disk (:func:`._cache.cached_cuda`): set by
 ``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1 (off by default until it has run on a GPU,
 issue #23 item 4)."""
+PLAN_LERP_BOUNDS = (256, 3)
+"""The launch bounds of :func:`plan_lerp_kernel` (float32 and 16-bit shadows): at most 256 threads a
+block (``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it
+to 80 registers on sm_90 (89-94 without them: 2 blocks; no spill with them). Checked on the machine code
+by ``tests/kernels/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
+SR_LERP_BOUNDS = (256, 4)
+"""The launch bounds of the stochastic-rounding :func:`lerp_kernel`: 4 blocks per multiprocessor (64
+registers; the 8 lanes' noise hashes took 80 with device weights, and the loads of a float32 source were
+issued in two waits without them)."""
 
 
-def _jit(fn):
-    """A kernel's dispatcher, with the disk cache when :data:`CACHE` (never in the simulator)."""
-    kernel = cuda.jit(fn)
-    return cached_cuda(kernel, _DEPENDENCIES) if CACHE and not SIMULATOR else kernel
+def _jit(fn, **options):
+    """A kernel's dispatcher, with ``cuda.jit``'s ``options`` (not in the simulator, which takes none of
+    them) and the disk cache when :data:`CACHE` (never in the simulator)."""
+    if SIMULATOR:
+        return cuda.jit(fn)
+    kernel = cuda.jit(fn, **options)
+    return cached_cuda(kernel, _DEPENDENCIES) if CACHE else kernel
+
+
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
+_M16, _S16, _Z32 = np.uint32(0xFFFF), np.uint32(16), np.uint32(0)   # a 16-bit element's half of a 32-bit word
 
 
 def _pointer(kind):
@@ -49,7 +65,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
             return
         lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, read_key(key_arg))
 
-    return _jit(kernel)
+    return _jit(kernel, launch_bounds=SR_LERP_BOUNDS) if stochastic else _jit(kernel)
 
 
 @functools.cache
@@ -103,7 +119,7 @@ def plan_lerp_kernel(shadow_kind, src_kind, stochastic):
                 flag[0] = sf[0]
                 done[0] = 0
 
-    return _jit(kernel)
+    return _jit(kernel) if WIDE else _jit(kernel, launch_bounds=PLAN_LERP_BOUNDS)
 
 
 @cuda.jit(device=True, inline="always")
@@ -119,14 +135,19 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
 
     A float32 shadow (nearest rounding) takes the vector path wherever a chunk's source and
     shadow rows are aligned: 16-byte shadow loads and stores and 16- or 8-byte source loads,
-    four elements each, two vectors in flight per thread (all loads of a row issued before its
-    stores), then the chunk's tail element by element. Alignment is checked per chunk from the
-    addresses themselves, so any layout is correct and unaligned chunks take the scalar loop.
+    four elements each, two vectors per thread; a 16-bit shadow (nearest or stochastic) takes
+    vectors of 8 elements: a 16-byte shadow load and store and one or two 16-byte source loads.
+    Every load of a thread's first row is issued before it waits for any (the source's conversion
+    comes after the shadow's loads), then the chunk's tail goes element by element. Alignment is
+    checked per chunk from the addresses themselves, so any layout is correct and unaligned chunks
+    take the scalar loop. The element arithmetic, the stochastic rounding's noise index included,
+    is the scalar loop's (the CPU's): the same bits either way.
     """
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
     SK, XK, SR = shadow_kind, src_kind, stochastic
     load, lerp_at = bodies(E, wide(SK, XK), "load", "lerp_at")
     VEC = SK == F32 and XK != F64 and not SR
+    V16 = SK != F32 and SK != F64 and XK != F64         # a 16-bit shadow: vectors of 8 elements, 16 bytes
     XB = ITEMSIZE[XK]
     XMASK = 4 * XB - 1                                   # a source vector is 4 elements: 16 or 8 bytes
     to_float, lerp_bits = E.to_float, E.lerp_bits
@@ -134,13 +155,43 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
     load4_x = VECTORS["load4_u32"] if XB == 4 else VECTORS["load4_u16"]
     f32, u32 = numba_types.float32, numba_types.uint32
 
+    @cuda.jit(device=True, inline="always")
+    def shadow_vectors(ev, q0, q1):
+        """A row's two shadow vectors (at addresses ``q0`` and ``q1``) into ``ev``."""
+        ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
+        ev[4], ev[5], ev[6], ev[7] = load4_q(q1)
+
+    @cuda.jit(device=True, inline="always")
+    def lerp_vectors(ev, xv, q0, q1, two, w, key):
+        """``ev`` lerped toward the source values ``xv`` and stored back (the second vector if ``two``)."""
+        for lane in range(8):
+            ev[lane] = lerp_bits(ev[lane], xv[lane], w, SK, SR, key, 0)
+        store4_q(q0, ev[0], ev[1], ev[2], ev[3])
+        if two:
+            store4_q(q1, ev[4], ev[5], ev[6], ev[7])
+
+    @cuda.jit(device=True, inline="always")
+    def source8(xv, xw, pa, j0):
+        """The source's 8 elements from position ``j0`` (16-byte aligned) as float32 values into ``xv``
+        (``xw``: its 32-bit words; 16-bit elements two a word, the first in the low half)."""
+        xw[0], xw[1], xw[2], xw[3] = load4_q(pa + j0 * XB)
+        if XB == 4:
+            xw[4], xw[5], xw[6], xw[7] = load4_q(pa + j0 * XB + 16)
+        for lane in range(8):                            # one body, unrolled by the compiler
+            if XB == 4:
+                xv[lane] = to_float(xw[lane], XK)
+            else:
+                xv[lane] = to_float((xw[lane >> 1] >> (_S16 * np.uint32(lane & 1))) & _M16, XK)
+
     def lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, key):
         rows = len(weights)
         step = cuda.blockDim.x
         rows_aligned = rows == 1 or (n & 3) == 0
+        rows_aligned8 = rows == 1 or (n & 7) == 0
         packed = seg_offset[seg_offset.size - 1]         # the unpadded row: the noise index is the CPU's
         xv = cuda.local.array(8, f32)                    # two vectors of source values
         ev = cuda.local.array(8, u32)                    # and of shadow bits (registers once unrolled)
+        xw = cuda.local.array(8, u32)                    # a 16-bit shadow's source words
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
@@ -153,27 +204,41 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
                 vectors = (hi - lo) // 4
                 for v in range(cuda.threadIdx.x, vectors, 2 * step):
                     j0 = lo + 4 * v
-                    j1 = j0 + 4 * step
                     two = v + step < vectors
-                    a0, a1, a2, a3 = load4_x(pa + j0 * XB)
-                    b0, b1, b2, b3 = a0, a1, a2, a3
-                    if two:
-                        b0, b1, b2, b3 = load4_x(pa + j1 * XB)
-                    xv[0], xv[1], xv[2], xv[3] = to_float(a0, XK), to_float(a1, XK), to_float(a2, XK), to_float(a3, XK)
-                    xv[4], xv[5], xv[6], xv[7] = to_float(b0, XK), to_float(b1, XK), to_float(b2, XK), to_float(b3, XK)
+                    j1 = j0 + 4 * step if two else j0    # no second vector: the first, loaded again, never stored
+                    shadow_vectors(ev, qa + j0 * 4, qa + j1 * 4)   # the first row's shadow, then the source:
+                    a0, a1, a2, a3 = load4_x(pa + j0 * XB)          # every load issued before the first wait
+                    b0, b1, b2, b3 = load4_x(pa + j1 * XB)          # (the source's conversion)
+                    xv[0], xv[1] = to_float(a0, XK), to_float(a1, XK)
+                    xv[2], xv[3] = to_float(a2, XK), to_float(a3, XK)
+                    xv[4], xv[5] = to_float(b0, XK), to_float(b1, XK)
+                    xv[6], xv[7] = to_float(b2, XK), to_float(b3, XK)
                     for k in range(rows):
-                        w = weights[k]
                         q0 = qa + (k * n + j0) * 4
                         q1 = qa + (k * n + j1) * 4
-                        ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
-                        if two:
-                            ev[4], ev[5], ev[6], ev[7] = load4_q(q1)
-                        for lane in range(8):
-                            ev[lane] = lerp_bits(ev[lane], xv[lane], w, SK, SR, key, 0)
-                        store4_q(q0, ev[0], ev[1], ev[2], ev[3])
-                        if two:
-                            store4_q(q1, ev[4], ev[5], ev[6], ev[7])
+                        if k > 0:
+                            shadow_vectors(ev, q0, q1)
+                        lerp_vectors(ev, xv, q0, q1, two, weights[k], key)
                 start = lo + 4 * vectors
+            elif V16 and rows_aligned8 and ((qa + lo * 2) & 15) == 0 and ((pa + lo * XB) & 15) == 0:
+                vectors = (hi - lo) // 8
+                for v in range(cuda.threadIdx.x, vectors, step):
+                    j0 = lo + 8 * v
+                    ev[0], ev[1], ev[2], ev[3] = load4_q(qa + j0 * 2)   # the first row's shadow, then the source
+                    source8(xv, xw, pa, j0)
+                    for k in range(rows):
+                        q0 = qa + (k * n + j0) * 2
+                        if k > 0:
+                            ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
+                        w = weights[k]
+                        i = k * packed + j0 + off                # the noise index of element j0, as the scalar loop's
+                        ev[4], ev[5], ev[6], ev[7] = _Z32, _Z32, _Z32, _Z32
+                        for lane in range(8):                    # one body, unrolled by the compiler
+                            half = _S16 * np.uint32(lane & 1)
+                            e = (ev[lane >> 1] >> half) & _M16
+                            ev[4 + (lane >> 1)] |= lerp_bits(e, xv[lane], w, SK, SR, key, i + lane) << half
+                        store4_q(q0, ev[4], ev[5], ev[6], ev[7])
+                start = lo + 8 * vectors
             p = xptr(pa, seg_offset[s + 1] - off)
             q = sptr(qa, (rows - 1) * n + seg_offset[s + 1] - off)
             for j in range(start + cuda.threadIdx.x, hi, step):

@@ -52,13 +52,13 @@ def test_lerp_compiles(sk, xk):
 @pytest.mark.parametrize("sk,xk,stochastic", [(F32, BF16, False), (BF16, BF16, True), (3, 3, False)])
 def test_fused_plan_and_lerp_compiles(sk, xk, stochastic):
     """The one-launch update (plan and lerp) compiles: a shared-memory plan per block, one atomic
-    completion count, and the float32 shadow's vector path as in the plain lerp."""
+    completion count, and the vector path (float32 and 16-bit shadows) as in the plain lerp."""
     f64 = A(T.float64)
     plan = (f64, f64, f64, T.int64, A(T.float32), f64, A(T.int32), A(T.int64), A(T.int32), T.int64)
     ptx = compile_(ema_cuda.plan_lerp_kernel(sk, xk, stochastic), TABLES + plan)
     assert "atom.global.add" in ptx and ".shared" in ptx and "bar.sync" in ptx
     lerp = compile_(ema_cuda.lerp_kernel(sk, xk, stochastic, True), TABLES + (A(T.float32), A(T.int32), A(T.int64)))
-    assert ("ld.global.v4" in ptx) == ("ld.global.v4" in lerp) == (sk == F32 and not stochastic)
+    assert ("ld.global.v4" in ptx) == ("ld.global.v4" in lerp) == (sk != 3)          # 3: float64, scalar
 
 
 @pytest.mark.parametrize("sk", KINDS + (3,))                      # 3: float64
