@@ -40,7 +40,8 @@ except ImportError as e:                                    # pragma: no cover -
 from ._files import atomic_write
 from ._state import GROUPS, from_named, load_refused, to_named
 from .average import EMAOptions
-from .torch import EMA, _unwrap
+from .torch import EMA
+from .torch._hooks import unwrap
 
 __all__ = ["EMACallback", "STATE_FILE"]
 
@@ -197,7 +198,7 @@ class EMACallback(TrainerCallback):
                                    "runs it (it swaps the average in around trainer.evaluation_loop); add it with "
                                    "Trainer(callbacks=[...]) or trainer.add_callback(...)")
             self._wrap_evaluation(trainer)
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if self.save_ema_model is not None and not hasattr(inner, "save_pretrained"):
             raise TypeError(f"save_ema_model needs a model with save_pretrained (a transformers PreTrainedModel), "
                             f"got {type(inner).__name__}; leave it out and write the average with "
@@ -208,7 +209,7 @@ class EMACallback(TrainerCallback):
         # DeepSpeed: the engine (as fastema.torch documents for ZeRO-3: a swap releases gathered
         # persistent parameters through it); everything else: the model callbacks get
         wrapped = getattr(trainer, "model_wrapped", None)
-        source = wrapped if type(wrapped).__name__ == "DeepSpeedEngine" and _unwrap(wrapped) is inner else model
+        source = wrapped if type(wrapped).__name__ == "DeepSpeedEngine" and unwrap(wrapped) is inner else model
         ema = EMA(source, self.decay, **self.ema_options)
         if folder is not None:
             self._load(ema, folder)                       # refused: the callback keeps what it had
@@ -256,7 +257,7 @@ class EMACallback(TrainerCallback):
                               f"of the last step ({state.global_step})", stacklevel=2)
         if self.save_ema_model is None:
             return
-        inner = _unwrap(self.ema.model)
+        inner = unwrap(self.ema.model)
         per_rank = self._file(self.ema, "")[1]
         averaged = self.ema.full_state_dict(rank0_only=True) if per_rank else self.ema.averaged_state_dict()
         if args.should_save:

@@ -153,13 +153,13 @@ class Average(PlanReader):
 
     version = 1
 
-    def __init__(self, options: EMAOptions, fmt: str, shadow=None, shapes: Sequence = (), adapter=None):
+    def __init__(self, options: EMAOptions, fmt: str, shadow, shapes: Sequence = (), adapter=None):
         self.options = options
         self._plan = options.plan()
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
-        self.shadow = shadow                    # a FlatShadow (or a shadow with its methods); the face may set it later
+        self.shadow = shadow                    # a FlatShadow (or a shadow with its methods), built before the engine
         self.adapter = adapter
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
         self._bema = options.is_bema            # the options are frozen

@@ -5,14 +5,17 @@ flat buffers (one per device and dtype) and updates all of them with one kernel
 launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
 ``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
 
-One concern per module: ``_hooks`` (registration hooks, names and patterns), ``_slots`` (storage
-keys, the writes besides the kernels), ``_model`` (``TorchModel``: selection, following the model,
-the engine's adapter), ``_checkpoint`` (state dicts, checkpoints, ``save``), ``_average``
-(``TorchAverage``, which has a ``TorchModel``: construction, swap, ``copy_to``), ``ema`` /
-``window`` / ``posthoc`` (the public classes), ``_compile``, ``_offload`` and ``_sharded``.
+One concern per module: ``_hooks`` (registration hooks, names and patterns), ``_slots`` (``Slots``:
+where tracked tensors sit and the per-step check; storage keys, the writes besides the kernels),
+``_model`` (``TorchModel``: selection, following the model, the engine's adapter), ``_pairs``
+(``TorchPairs``: a target network's), ``_checkpoint`` (``TorchCheckpoint``: state dicts,
+checkpoints, ``save``), ``_average`` (``TorchAverage``, which holds a ``TorchModel`` and a
+``TorchCheckpoint``: swap, ``copy_to``), ``ema`` / ``window`` / ``posthoc`` / ``target`` (the
+public classes), ``_compile``, ``_offload`` and ``_sharded``.
 """
 from ._checkpoint import FORMAT, VERSION  # noqa: F401
-from ._hooks import _HOOKS, _unwrap, _watch, normalize_name, registration_hooks  # noqa: F401
+from ._hooks import HOOKS as _HOOKS  # noqa: F401
+from ._hooks import normalize_name, registration_hooks
 from .ema import EMA
 from .posthoc import PostHocEMA
 from .target import TargetNetwork
@@ -21,4 +24,4 @@ from .window import WindowAverage
 __all__ = ["EMA", "PostHocEMA", "TargetNetwork", "WindowAverage", "normalize_name", "registration_hooks"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
-# _unwrap and _watch for fastema.torch.compat; _HOOKS, the installed registration hooks (tests).
+# _HOOKS, the installed registration hooks (tests).

@@ -1,17 +1,18 @@
 """``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
 :class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares. It has a
 :class:`~fastema.torch._model.TorchModel` (``self._model``: the model side, which the engine's
-update drives as its adapter) and a :class:`~fastema.average.swap.ModelSwap`, and is a
-:class:`~fastema.torch._checkpoint._CheckpointSide` (state dicts, checkpoints, ``save``) with
-``export_peft`` (:mod:`fastema.torch._peft`), both reading the model side through ``self._model``.
+update drives as its adapter), a :class:`~fastema.average.swap.ModelSwap` and a
+:class:`~fastema.torch._checkpoint.TorchCheckpoint` (``self._checkpoint``: state dicts,
+checkpoints, ``save``, ``export_peft``), each built by the face and handed over at construction.
 
 This module owns construction, the update bookkeeping (``calls``), swap with a lossy backup
-(``swap`` / ``_exchange`` / ``average_parameters``), ``copy_to`` and ``join``.
+(``swap`` / ``_exchange`` / ``average_parameters``), ``copy_to`` and ``join``, and the public
+checkpoint methods, each one line into the checkpoint side.
 """
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+import os
+from typing import TYPE_CHECKING, Callable, ContextManager, Literal
 
 import torch
 from torch import nn
@@ -20,59 +21,60 @@ from ..average.plan import Cadence
 from ..average.swap import ModelSwap
 from ..flat import FlatShadow
 from . import _compile, _deepspeed, _sharded
-from ._hooks import _unwrap
+from ._checkpoint import CheckpointCore, TorchCheckpoint
+from ._hooks import unwrap
 from ._model import TorchModel
-from ._peft import PeftExport, announce
+from ._peft import announce, export_peft
 from ._slots import bump_versions
 
 if TYPE_CHECKING:
     from ._offload import _HostBackup
 
 
-class TorchAverage(PeftExport):
+class TorchAverage:
     """What every model-level average shares: the model side (:class:`TorchModel`: which tensors
-    are averaged or copied, the flat shadows, following a changed model), swap / copy-out /
-    export, and checkpoints. Subclasses make the shadow and define ``update()``,
-    ``_eager_update()``, ``_restart()`` and their extra checkpoint state.
+    are averaged or copied, the flat shadows, following a changed model), swap / copy-out, and
+    the checkpoint side (:class:`TorchCheckpoint`: export and checkpoints). A face builds them in
+    one direction (model side, its shadow, then the engine) and hands them over here; it defines
+    ``update()``, ``_eager_update()`` and ``_restart()``.
 
     ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
 
-    _format = ""
-
-    def __init__(self, model: nn.Module, make_shadow: Callable[[dict], Any], *, buffers: str,
-                 exclude: Sequence[str], copy: Sequence[str], trainable_only: bool | None = None):
+    def __init__(self, side: TorchModel, swap: ModelSwap, core: CheckpointCore, fmt: str, cadence: Cadence):
         self._backup: FlatShadow | _HostBackup | None = None   # raw weights during a lossy swap (float16 models)
-        self._swap = ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the "
-                                               "raw weights then); call it outside average_parameters() or after "
-                                               "swap()")
-        side = self._model = TorchModel(model, make_shadow, buffers=buffers, exclude=exclude, copy=copy,
-                                        trainable_only=trainable_only, kind=type(self).__name__,
-                                        check=functools.partial(self._swap.refuse, "update()"),
-                                        fresh=self._fresh, restart=self._restart)
-        self.model = model
+        self._swap = swap
+        self._model = side
+        self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap)
+        self.model = side.model
         self.buffers, self.exclude, self.copy_patterns = side.buffers, side.exclude, side.copy_patterns
         self.trainable_only = side.trainable_only
         self._avg, self._copy = side.avg, side.copy
         self._steps = side.steps                # DeepSpeed: one fold per optimizer step (M2)
-        self.cadence = self._cadence()          # counts update() calls
+        self.cadence = cadence                  # counts update() calls
         self._handle = _compile.register(self)  # what the compiled operators find this average by
         if side.defaulted:
-            announce(self)                      # trainable_only=None on a PEFT model: say what is averaged
+            announce(type(self).__name__, side.avg)   # trainable_only=None on a PEFT model: say what is averaged
 
-    def _restart(self, model: nn.Module | None = None) -> None:
+    def _new_swap(self) -> ModelSwap:
+        """The swap state a face makes first (its model side's check refuses a swapped model)."""
+        return ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the raw "
+                                         "weights then); call it outside average_parameters() or after swap()")
+
+    def _restart(self) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
         which broadcast rank 0's weights into it)."""
         raise NotImplementedError
 
+    def _restart_if_fresh(self) -> bool:
+        """The model side's ``on_restart``: :meth:`_restart` while nothing but the construction went
+        into the averages (no ``update()`` call, not swapped); False otherwise."""
+        if self.calls or self.swapped:
+            return False
+        self._restart()
+        return True
+
     def _eager_update(self, step: int | None) -> None:
         """The eager ``update()`` (checks, schedule, launches): the compiled operator runs it."""
-        raise NotImplementedError
-
-    def _fresh(self) -> bool:
-        """True while nothing but the construction went into the averages (a restart loses nothing)."""
-        return self.calls == 0 and not self.swapped
-
-    def _cadence(self) -> Cadence:
         raise NotImplementedError
 
     @property
@@ -154,9 +156,6 @@ class TorchAverage(PeftExport):
         if side.masters is not None:                  # the masters were exchanged: now the partitions evaluation reads
             side.masters.exchanged(swapping_in)
 
-    def _not_swapped(self, what: str) -> None:
-        self._swap.refuse(what)
-
     def _lossy_swap(self) -> bool:
         avg = self._model.avg
         if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
@@ -193,7 +192,7 @@ class TorchAverage(PeftExport):
             return
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        target = _unwrap(model)
+        target = unwrap(model)
         if self.sharded and not any(map(_sharded.is_dtensor, target.parameters())):
             state = self.full_state_dict(row)          # sharded average into a plain model: collective
         else:
@@ -218,13 +217,13 @@ class TorchAverage(PeftExport):
 
     def _check_row(self, row: int) -> None:
         """IndexError unless ``row`` is one of the averages this average shows."""
-        self._model.avg.check_row(row)
+        self._checkpoint.check_row(row)
 
     def _eager_copy_to(self, row: int) -> None:
         side = self._model
         avg, copy = side.avg, side.copy
         self._check_row(row)
-        self._not_swapped("copy_to()")
+        self._swap.refuse("copy_to()")
         side.settle()
         side.follow()
         if copy is not None:                           # the averaged group checks itself before writing
@@ -258,3 +257,86 @@ class TorchAverage(PeftExport):
         (``BF16_Optimizer``). See the large-models guide."""
         masters = self._model.masters
         return masters.source if masters is not None else _deepspeed.PARAMETERS
+
+    # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
+
+    def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
+        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
+        of a tied or aliased tensor gets its average."""
+        return self._checkpoint.averaged_state_dict(row)
+
+    def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
+        takes. On a sharded average this is a collective (every rank must call it): each tensor is
+        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
+        is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
+        return self._checkpoint.full_state_dict(row, rank0_only)
+
+    def module(self, row: int = 0) -> nn.Module:
+        """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        return self._checkpoint.module(row)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: averages keyed by name, counters, settings.
+
+        The tensors are copies in host memory (a staging copy of the shadow, made here: one
+        shadow's worth of host RAM, none on the GPU, while the dict is held). For a GPU shadow that is
+        one copy of each flat shadow buffer in pinned memory (one device-to-host copy at full speed;
+        torch's host allocator keeps the pinned block for the next call), and the entries are views of
+        it (``torch.save`` writes each buffer's storage once); for a CPU shadow, a copy of each
+        tensor. On a sharded average
+        they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
+        *shape)``, the parameter's shard dims moved up by one): the average is a
+        ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
+        ``dcp.load({"ema": ema})`` work on any world size or mesh. ``dcp.load`` fills these copies,
+        never the shadow: :meth:`load_state_dict` copies them in only once every check has passed on
+        every rank, so a refused or failed load (NaN averages, a truncated shard) changes nothing.
+        """
+        return self._checkpoint.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
+        self._checkpoint.load_state_dict(state, strict)
+
+    def save(self, path: str | os.PathLike, row: int = 0) -> None:
+        """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
+
+        ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor is
+        converted to the model's dtype and copied to the host in turn, so peak memory is one tensor. A
+        ``.safetensors`` path is read by ``safetensors.torch.load_file``; any other path gets
+        ``torch.save``'s format (the file ``torch.save`` writes of the host copies, written by torch's own
+        serializer, each record from its tensor as it is written). The file gets the mode ``torch.save`` would
+        give it (0666 less the umask); temporary files left by a save that was killed are removed by
+        the next save to the same path. On a sharded average it is a collective: every rank gathers the
+        full tensors one at a time (see :meth:`full_state_dict`), global rank 0 keeps host copies of
+        them (the full model in its host memory) and writes the file.
+        """
+        self._checkpoint.save(path, row)
+
+    def export_peft(self, directory: str | os.PathLike, row: int = 0, *, adapter_name: str | None = None,
+                    save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
+        """Write the averaged adapter in PEFT's own format, for ``PeftModel.from_pretrained(base, directory)``.
+
+        ``directory/adapter_model.safetensors`` holds average ``row`` of the adapter's tensors under
+        the keys ``peft.get_peft_model_state_dict`` gives them (the adapter's name removed), in the
+        model's dtypes; ``directory/adapter_config.json`` is the adapter's config as
+        ``PeftModel.save_pretrained`` writes it (``inference_mode`` true, the base model's name
+        filled in). Each file is written atomically; the directory is made if needed. The model's
+        tensors and the average are not changed.
+
+        Args:
+            directory: where to write the two files (other files there are left alone).
+            row: which average (several decays; BEMA's output is row 0).
+            adapter_name: the adapter to write; default the active one.
+            save_embedding_layers: as in ``PeftModel.save_pretrained`` (``"auto"``: embedding layers
+                only when the adapter targets them).
+
+        Raises:
+            TypeError: the model is not a PEFT model (nothing is written).
+            ValueError: the adapter is unknown, or this average does not hold every tensor of it
+                (made with it frozen, or ``exclude=``-d); nothing is written.
+            ImportError: peft is not installed.
+        """
+        export_peft(self._checkpoint, directory, row, adapter_name=adapter_name,
+                    save_embedding_layers=save_embedding_layers)

@@ -1,19 +1,21 @@
 """The checkpoint side of a torch model average: torch tensor forms of the averages.
 
-Model-style state dicts of the averaged weights (:meth:`~_CheckpointSide.averaged_state_dict`,
-DTensors on a sharded average, full tensors from :meth:`~_CheckpointSide.full_state_dict`),
+Model-style state dicts of the averaged weights (:meth:`~TorchCheckpoint.averaged_state_dict`,
+DTensors on a sharded average, full tensors from :meth:`~TorchCheckpoint.full_state_dict`),
 a standalone ``module()`` copy, the average's own checkpoint (``state_dict`` /
 ``load_state_dict``: schema :data:`FORMAT` / :data:`VERSION`, checked in full before anything is
 loaded; ZeRO-3 flat forms and DTensors of any layout) and ``save()`` to a model checkpoint file.
-:class:`_CheckpointSide` is a base of ``TorchAverage`` (:mod:`fastema.torch._average`) and reads
-the model side through its ``_model`` (:class:`~fastema.torch._model.TorchModel`).
+A :class:`TorchCheckpoint` is held by every ``TorchAverage`` (:mod:`fastema.torch._average`,
+``self._checkpoint``): it reads the model side (:class:`~fastema.torch._model.TorchModel`) and
+what the face keeps besides the tensors (a :class:`CheckpointCore`: the engine's plan and
+counters, a window's ring), each handed to it at construction.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -23,14 +25,14 @@ from .._interrupts import ctrl_c_held
 from .._safetensors import stream_safetensors, stream_torch_save
 from .._state import check_header, refuse_load
 from . import _sharded
-from ._hooks import _match_names, _unwrap
-from ._slots import _local_key
+from ._hooks import match_names, unwrap
+from ._slots import local_key
 
 if TYPE_CHECKING:
-    from ..average.plan import Cadence
+    from ..average.swap import ModelSwap
     from ._model import TorchModel
 
-__all__ = ["FORMAT", "VERSION"]
+__all__ = ["FORMAT", "VERSION", "CheckpointCore", "TorchCheckpoint", "global_view", "local_part", "staged"]
 
 FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
@@ -43,35 +45,80 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
 
 
-class _CheckpointSide:
-    """Export and checkpoints of a ``TorchAverage``: reads the model side (``_model``) and what the
-    average declares below; subclasses add their own state through ``_extra_state`` /
-    ``_check_extra`` / ``_load_extra``."""
+def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
+    """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
+    :func:`global_view`): what ``state_dict()`` hands out, so that ``dcp.load`` writes into them and
+    not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
+    pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
+    sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
+    staging makes them)."""
+    return {n: global_view(side, n, _host_copy(v), stacked) for n, v in views.items()}
 
-    _model: TorchModel                   # the model side: shadows, names, layouts, following the model
-    _format: str                         # the checkpoint's "format"
-    model: nn.Module
-    cadence: Cadence                     # counts update() calls (a checkpoint's "calls")
 
-    if TYPE_CHECKING:                    # what the average (TorchAverage) defines
-        @property
-        def sharded(self) -> bool: ...
+def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool = False):
+    """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
+    (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
+    spec = side.specs.get(name)
+    if spec is None:
+        return view
+    return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
 
-        def _not_swapped(self, what: str) -> None: ...
 
-        def _check_row(self, row: int) -> None: ...
+def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
+    tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
+    from a DTensor for an unsharded one (a collective)."""
+    spec = side.specs.get(name)
+    if spec is None:
+        return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
+    return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
 
-        @property
-        def calls(self) -> int: ...
+
+class CheckpointCore(Protocol):
+    """What a face keeps in its checkpoint besides the model side's tensors: the engine
+    (:class:`~fastema.average.core.Average`: its plan and counters) or a window's counts and ring.
+    ``plan_state()`` holds ``"calls"`` (``update()`` calls so far), which ``load_plan_state`` loads."""
+
+    def check_row(self, row: int) -> None: ...
+
+    def plan_state(self) -> dict: ...
+
+    def check_plan_state(self, state: dict, problems: list) -> None: ...
+
+    def load_plan_state(self, state: dict) -> None: ...
+
+
+class TorchCheckpoint:
+    """Export and checkpoints of a torch model average (held as ``TorchAverage._checkpoint``).
+
+    Args:
+        side: the model side (shadows, names, layouts, following the model).
+        core: what the face keeps besides the tensors (see :class:`CheckpointCore`).
+        fmt: the checkpoint's ``"format"``.
+        kind: the face's class name, for messages.
+        swap: the face's swap state: every read and write refuses a swapped model.
+    """
+
+    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, kind: str, swap: ModelSwap):
+        self.side, self.core, self.format, self.kind, self.swap = side, core, fmt, kind, swap
+
+    @property
+    def sharded(self) -> bool:
+        """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP)."""
+        return bool(self.side.specs)
+
+    def check_row(self, row: int) -> None:
+        """IndexError unless ``row`` is one of the averages the face shows."""
+        self.core.check_row(row)
 
     def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
         DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
         of a tied or aliased tensor gets its average."""
-        self._not_swapped("averaged_state_dict()")
+        self.swap.refuse("averaged_state_dict()")
         out = {}
-        specs = self._model.specs
-        for name, t, source, value in self._state_entries(row):
+        specs = self.side.specs
+        for name, t, source, value in self.entries(row):
             if source is None:
                 out[name] = t.detach().clone()             # excluded: the model's own value
             elif source in specs:                          # a sharded average: this rank's part, as a DTensor
@@ -80,12 +127,12 @@ class _CheckpointSide:
                 out[name] = value().to(t.dtype, copy=True)
         return out
 
-    def _state_entries(self, row: int) -> list:
+    def entries(self, row: int) -> list:
         """``(name, model tensor, source, value)`` for every entry of the model's state dict:
         ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
         average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
-        self._check_row(row)
-        side = self._model
+        self.check_row(row)
+        side = self.side
         side.follow()
         avg, copied, ints = side.avg, side.copy, side.int_buffers
         avg.check_sources()                            # a same-address reshape or cast is named here
@@ -99,13 +146,13 @@ class _CheckpointSide:
                 tracked[n] = functools.partial(copied.view, n)
         for n in ints:
             tracked[n] = lambda n=n: ints[n][1]
-        inner = _unwrap(self.model)
+        inner = unwrap(side.model)
         own: dict[str, torch.Tensor] = dict(inner.named_parameters(remove_duplicate=False))
         own.update(inner.named_buffers(remove_duplicate=False))
-        by_key = {_local_key(own[n]): n for n in tracked if n in own and _local_key(own[n]) is not None}
+        by_key = {local_key(own[n]): n for n in tracked if n in own and local_key(own[n]) is not None}
         out = []
         for name, t in inner.state_dict(keep_vars=True).items():
-            source = name if name in tracked else by_key.get(_local_key(t))
+            source = name if name in tracked else by_key.get(local_key(t))
             out.append((name, t, source, None if source is None else tracked[source]))
         return out
 
@@ -116,21 +163,21 @@ class _CheckpointSide:
         is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
         if not isinstance(rank0_only, bool):
             raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
-        self._not_swapped("full_state_dict()")
+        self.swap.refuse("full_state_dict()")
         keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         out = {}
-        for name, value in self._full_items(row):
+        for name, value in self.full_items(row):
             if keep:
                 out[name] = value
         return out
 
-    def _full_items(self, row: int):
+    def full_items(self, row: int):
         """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
         collective per sharded tensor, in the model's state-dict order on every rank). The tensors
         are fresh copies in the model's dtypes (excluded tensors: of the model's own values)."""
-        own = dict(_unwrap(self.model).named_parameters(remove_duplicate=False))
-        specs = self._model.specs
-        for name, t, source, value in self._state_entries(row):
+        own = dict(unwrap(self.side.model).named_parameters(remove_duplicate=False))
+        specs = self.side.specs
+        for name, t, source, value in self.entries(row):
             if source is None:
                 v = t.detach().clone()                         # excluded: the model's own value
             elif source in specs:                              # a sharded average: this rank's part, as a DTensor
@@ -150,67 +197,37 @@ class _CheckpointSide:
                             "tensor parallel): use full_state_dict(rank0_only=True) and load it into a plain "
                             "model, or copy_to(plain_model), or save(path)")
         state = self.averaged_state_dict(row)
-        clone = copy.deepcopy(_unwrap(self.model))
+        clone = copy.deepcopy(unwrap(self.side.model))
         clone.load_state_dict(state)
         return clone
 
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: averages keyed by name, counters, settings.
-
-        The tensors are copies in host memory (a staging copy of the shadow, made here: one
-        shadow's worth of host RAM, none on the GPU, while the dict is held). For a GPU shadow that is
-        one copy of each flat shadow buffer in pinned memory (one device-to-host copy at full speed;
-        torch's host allocator keeps the pinned block for the next call), and the entries are views of
-        it (``torch.save`` writes each buffer's storage once); for a CPU shadow, a copy of each
-        tensor. On a sharded average
-        they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
-        *shape)``, the parameter's shard dims moved up by one): the average is a
-        ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
-        ``dcp.load({"ema": ema})`` work on any world size or mesh. ``dcp.load`` fills these copies,
-        never the shadow: :meth:`load_state_dict` copies them in only once every check has passed on
-        every rank, so a refused or failed load (NaN averages, a truncated shard) changes nothing.
-        """
-        self._not_swapped("state_dict()")
-        side = self._model
-        if side._resync:                                 # a DDP wrap since construction: start over first
+        """See ``TorchAverage.state_dict``: host copies (DTensors on a sharded average) of every shadow
+        view, the counters and settings."""
+        self.swap.refuse("state_dict()")
+        side = self.side
+        if side.resync:                                  # a DDP wrap since construction: start over first
             side.follow()
         avg, copied = side.avg, side.copy
         return {
-            "format": self._format, "version": VERSION, "calls": self.calls, **self._extra_state(),
+            "format": self.format, "version": VERSION, **self.core.plan_state(),     # "calls" first
             "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
-            "averaged": self._staged({n: avg.state_view(n) for n in avg.names}, True),
-            "copied": self._staged({n: copied.view(n) for n in copied.names}) if copied is not None else {},
-            "int_buffers": self._staged({n: v[1] for n, v in side.int_buffers.items()}),
+            "averaged": staged(side, {n: avg.state_view(n) for n in avg.names}, True),
+            "copied": staged(side, {n: copied.view(n) for n in copied.names}) if copied is not None else {},
+            "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
         }
 
-    def _staged(self, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
-        """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
-        :meth:`_global`): what :meth:`state_dict` hands out, so that ``dcp.load`` writes into them and
-        not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
-        pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
-        sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
-        staging makes them)."""
-        return {n: self._global(n, _host_copy(v), stacked) for n, v in views.items()}
-
-    def _global(self, name: str, view: torch.Tensor, stacked: bool = False):
-        """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
-        (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
-        spec = self._model.specs.get(name)
-        if spec is None:
-            return view
-        return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
-
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
-        kind = type(self).__name__
-        check_header(state, self._format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
-                                                        f"{kind} checkpoint ({kind}.state_dict()) here")
-        self._not_swapped("load_state_dict()")
+        """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
+        kind = self.kind
+        check_header(state, self.format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
+                                                       f"{kind} checkpoint ({kind}.state_dict()) here")
+        self.swap.refuse("load_state_dict()")
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
-        side = self._model
+        side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
 
         def copied_view(n: str) -> torch.Tensor:
@@ -225,7 +242,7 @@ class _CheckpointSide:
             if not isinstance(saved, dict):
                 problems.append(f"{key} is a {type(saved).__name__}, expected a dict of tensors")
                 continue
-            matched, unused = _match_names(saved, names)
+            matched, unused = match_names(saved, names)
             missing = [n for n in names if n not in matched]
             if missing:
                 problems.append(f"{key} missing {missing[:5]}")
@@ -233,11 +250,11 @@ class _CheckpointSide:
                 problems.append(f"{key} unexpected {unused[:5]}")
             for n, value in matched.items():
                 dst = view_of(n)
-                shape = self._global(n, dst, stacked).shape
+                shape = global_view(side, n, dst, stacked).shape
                 if not isinstance(value, torch.Tensor):
                     problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
                     continue
-                spec = self._model.specs.get(n)
+                spec = side.specs.get(n)
                 # ZeRO-3 averages are saved flat, (rows, numel); either form loads into either layout
                 flat = stacked and not _sharded.is_dtensor(value) and value.dim() >= 1 and len(shape) >= 1 and (
                     (spec is not None and spec.view_shape is not None and
@@ -246,7 +263,7 @@ class _CheckpointSide:
                 if tuple(value.shape) != tuple(shape) and not flat:
                     problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
                     continue
-                value = self._local_part(n, value, dst, stacked)
+                value = local_part(side, n, value, dst, stacked)
                 if spec is not None and spec.valid is not None:
                     dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
                 if value.device.type == "meta":
@@ -260,22 +277,21 @@ class _CheckpointSide:
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             problems.append(f"calls must be an int >= 0, got {calls!r}")
-        self._check_extra(state, problems)
+        self.core.check_plan_state(state, problems)
         if self._refused_elsewhere(bool(problems)) and not problems:     # every rank joins, refusing or not
             problems.append("another rank refused its part of it (see that rank's error)")
         refuse_load(kind, problems, " this model")
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
                 dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
-            self.cadence.calls = int(state["calls"])
-            self._load_extra(state)
+            self.core.load_plan_state(state)         # the counters ("calls" too) and the face's own state
 
     def _refused_elsewhere(self, refused: bool = False) -> bool:
         """Whether any rank holding a shard of this sharded average refuses the checkpoint it is
         loading (``refused``: this one does): a MAX all-reduce over every mesh dimension of the
         sharded tensors' meshes, so either every rank loads or none does. False (no collective)
         for an unsharded average or with no process group."""
-        side = self._model
+        side = self.side
         specs = side.specs
         if not specs or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return refused
@@ -295,51 +311,22 @@ class _CheckpointSide:
             flag = on.cpu()
         return bool(flag.item())
 
-    def _local_part(self, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
-        """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
-        tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
-        from a DTensor for an unsharded one (a collective)."""
-        spec = self._model.specs.get(name)
-        if spec is None:
-            return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
-        return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _check_extra(self, state: dict, problems: list) -> None:
-        pass
-
-    def _load_extra(self, state: dict) -> None:
-        pass
-
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
-        """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
-
-        ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor is
-        converted to the model's dtype and copied to the host in turn, so peak memory is one tensor. A
-        ``.safetensors`` path is read by ``safetensors.torch.load_file``; any other path gets
-        ``torch.save``'s format (the file ``torch.save`` writes of the host copies, written by torch's own
-        serializer, each record from its tensor as it is written). The file gets the mode ``torch.save`` would
-        give it (0666 less the umask); temporary files left by a save that was killed are removed by
-        the next save to the same path. On a sharded average it is a collective: every rank gathers the
-        full tensors one at a time (see :meth:`full_state_dict`), global rank 0 keeps host copies of
-        them (the full model in its host memory) and writes the file.
-        """
+        """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
         path = os.fspath(path)
-        self._not_swapped("save()")
+        self.swap.refuse("save()")
         stream = path.endswith(".safetensors")
         if self.sharded:                   # collective: every rank gathers, rank 0 keeps host copies and writes
             rank0 = torch.distributed.get_rank() == 0
             tensors = {}
-            for name, value in self._full_items(row):
+            for name, value in self.full_items(row):
                 if rank0:
                     tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
             if not rank0:
                 return
         else:                              # every check first; the values are read while the file is written
             tensors = {name: (t.detach() if value is None else value(), t.dtype)
-                       for name, t, _, value in self._state_entries(row)}
+                       for name, t, _, value in self.entries(row)}
         if stream:
             _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
         else:                              # torch.save's format, one host copy at a time

@@ -2,11 +2,13 @@
 
 - Registration hooks (:func:`registration_hooks`): process-wide torch hooks that mark the owners
   watching a module stale (``owner._stale = True``) when a parameter, buffer or submodule is
-  registered on it, and restart a model average from rank 0's weights after a
-  ``DistributedDataParallel`` wrap; :func:`watch`; without the hooks, :func:`tables_of` /
-  :func:`tables_changed` compare the modules' tables instead.
-- Names and patterns: wrapper prefixes (:func:`normalize_name`, ``_unwrap``), ``exclude=`` /
-  ``copy=`` patterns, checkpoint name matching (``_match_names``).
+  registered on it (:data:`HOOKS` while installed), and restart a model average from rank 0's
+  weights after a ``DistributedDataParallel`` wrap (an owner's ``resync`` flag and ``restart``);
+  :func:`watch`; without the hooks, :func:`tables_of` / :func:`tables_changed` compare the
+  modules' tables instead.
+- Names and patterns: wrapper prefixes (:func:`normalize_name`, :func:`unwrap`), ``exclude=`` /
+  ``copy=`` patterns (:func:`patterns`, :func:`matches`), checkpoint name matching
+  (:func:`match_names`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["normalize_name", "registration_hooks"]
+__all__ = ["HOOKS", "match_names", "matches", "normalize_name", "patterns", "registration_hooks", "tables_changed",
+           "tables_of", "unsynced", "unwrap", "watch"]
 
 _PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
 
@@ -33,7 +36,8 @@ def normalize_name(name: str) -> str:
     return name
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DataParallel, DeepSpeed and torch.compile wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
                                                       if type(model).__name__ in ("DistributedDataParallel",
@@ -48,11 +52,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # was made (load_state_dict(assign=True), module.weight = nn.Parameter(...),
 # model[0] = nn.Linear(...)): torch calls these global hooks, which mark the EMA
 # stale; update() then re-reads the model. The per-step cost is one flag check (beside the
-# address check of the tracked slots, _addresses_now, which hooks cannot replace).
+# address check of the tracked slots, _slots.Slots.unchanged, which hooks cannot replace).
 
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-_HOOKS: list = []                 # handles of the process-wide registration hooks, while installed
+HOOKS: list = []                  # handles of the process-wide registration hooks, while installed
 _HOOKS_WANTED = True
 
 
@@ -76,16 +80,16 @@ def registration_hooks(enabled: bool) -> None:
     if enabled:
         _install_hooks()
     else:
-        while _HOOKS:
-            _HOOKS.pop().remove()
+        while HOOKS:
+            HOOKS.pop().remove()
 
 
 def _install_hooks() -> None:
-    if _HOOKS or not _HOOKS_WANTED:
+    if HOOKS or not _HOOKS_WANTED:
         return
     from torch.nn.modules import module as M
 
-    _HOOKS.extend([M.register_module_parameter_registration_hook(_on_registration),
+    HOOKS.extend([M.register_module_parameter_registration_hook(_on_registration),
                    M.register_module_buffer_registration_hook(_on_registration),
                    M.register_module_module_registration_hook(_on_registration)])
 
@@ -103,70 +107,66 @@ def _on_registration(module, name, value):
 def _wrapped_in_ddp(model: nn.Module) -> None:
     # DistributedDataParallel(model) broadcasts rank 0's weights into the model in place right
     # after this registration. An average made before that holds this rank's own initial
-    # weights, so the ranks' averages would differ for good: start them over from the
-    # broadcast weights at the model's first forward (DDP's forward calls it before any
-    # training), or at the next read if that comes first. After updates were made, the
-    # averages are kept and a warning says the ranks may differ.
-    fresh = []
+    # weights, so the ranks' averages would differ for good: every owner watching the model that
+    # has a ``resync`` flag (a model average's side, ModelEmaV3) gets it set, and its
+    # ``restart(model)`` runs at the model's first forward (DDP's forward calls it before any
+    # training); an owner reads its flag at its next read too, if that comes first. An owner
+    # starts over only if nothing but its construction went into it yet, and warns otherwise.
+    owners: list = []
     for m in model.modules():
-        for ema in list(_WATCHED.get(m, ())):
-            if ema in fresh or not hasattr(ema, "_restart"):    # a target network: nothing to restart
-                continue
-            if ema._fresh():
-                ema._resync = True
-                fresh.append(ema)
-            else:
-                kind = getattr(ema, "kind", type(ema).__name__)     # a model side says its average's class
-                warnings.warn(f"{kind} was made and updated before the model was wrapped in "
-                              f"DistributedDataParallel, which replaced this rank's weights with rank 0's; the "
-                              f"ranks' averages may differ. Make the average after DDP(model).", RuntimeWarning,
-                              stacklevel=4)
-    if not fresh:
+        for owner in list(_WATCHED.get(m, ())):
+            if owner not in owners and hasattr(owner, "resync"):   # a target network: nothing to restart
+                owner.resync = True
+                owners.append(owner)
+    if not owners:
         return
     handle: list = []
 
     def restart(module, args):
         handle.pop().remove()
-        for ema in fresh:
-            if ema._resync:
-                ema._resync = False
-                ema._restart(module)
+        for owner in owners:
+            owner.restart(module)
 
     handle.append(model.register_forward_pre_hook(restart))
 
 
-def _watch(model: nn.Module, ema) -> None:
-    watch((model,), ema)
+def unsynced(kind: str) -> None:
+    """The warning of an average that was updated before the model was wrapped in DDP."""
+    warnings.warn(f"{kind} was made and updated before the model was wrapped in DistributedDataParallel, which "
+                  f"replaced this rank's weights with rank 0's; the ranks' averages may differ. Make the average "
+                  f"after DDP(model).", RuntimeWarning, stacklevel=3)
 
 
 def watch(models, owner) -> None:
     """Mark ``owner`` stale (``owner._stale = True``) whenever a parameter, buffer or submodule is
     registered on a module of ``models``, while the registration hooks are installed. An owner
-    with a ``_restart`` method (a model average) is also restarted from rank 0's weights after a
-    DistributedDataParallel wrap (:func:`_wrapped_in_ddp`)."""
+    with a ``resync`` flag and a ``restart(model)`` method (a model average's side) is also
+    restarted from rank 0's weights after a DistributedDataParallel wrap: the flag set at the
+    wrap, ``restart`` called at the model's first forward (:func:`_wrapped_in_ddp`)."""
     _install_hooks()
     for model in models:
         for m in model.modules():
             _WATCHED.setdefault(m, weakref.WeakSet()).add(owner)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of the fnmatch ``patterns``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _patterns(what: str, value) -> tuple[str, ...]:
+def patterns(what: str, value) -> tuple[str, ...]:
     """``exclude=`` / ``copy=`` as a tuple of fnmatch patterns; a single str is one pattern."""
     if isinstance(value, str):
         return (value,)
     try:
-        patterns = tuple(value)
+        found = tuple(value)
     except TypeError:
         raise TypeError(f"{what} must be a list of name patterns, e.g. {what}=['head.*'], "
                         f"got {type(value).__name__}") from None
-    bad = [p for p in patterns if not isinstance(p, str)]
+    bad = [p for p in found if not isinstance(p, str)]
     if bad:
         raise TypeError(f"{what} must hold name patterns (str), got {bad[0]!r}")
-    return patterns
+    return found
 
 
 def tables_of(*models: nn.Module) -> tuple:
@@ -187,7 +187,7 @@ def tables_changed(before: tuple | None) -> bool:
     return list(map(len, tables)) != counts or [c for t in tables[2::3] for c in t.values()] != children
 
 
-def _match_names(saved: dict, wanted: Sequence[str]) -> tuple[dict, list[str]]:
+def match_names(saved: dict, wanted: Sequence[str]) -> tuple[dict, list[str]]:
     """``wanted name -> saved value``: exact names first, then names with DDP / torch.compile
     prefixes stripped (checkpoints of a wrapped model). Returns ``(matched, unused saved keys)``."""
     matched = {n: saved[n] for n in wanted if n in saved}

@@ -1,11 +1,13 @@
 """The model side of a torch model average: :class:`TorchModel`, which of the model's tensors are
 averaged or copied, where they are, and following the model as it changes under the average.
 
-A :class:`TorchModel` owns its selection (averaged and copied names, integer buffers, DTensor
-layouts, DeepSpeed's float32 masters; PEFT models: :func:`resolve_trainable_only`), the two
-shadows of what it reads (``avg``, made by the face; ``copy``, the copied floating buffers), the
-owner slots and the per-step address check, following re-registered or moved tensors
-(:meth:`TorchModel.follow`), settling FSDP2 / ZeRO-3 gathered copies before the model's tensors
+A :class:`TorchModel` owns its selection (:class:`Selection`: averaged and copied names, integer
+buffers, DTensor layouts, DeepSpeed's float32 masters; PEFT models: :func:`resolve_trainable_only`),
+the two shadows of what it reads (``avg``, made by the face from :attr:`~TorchModel.averaged` and
+handed over by :meth:`~TorchModel.attach`; ``copy``, the copied floating buffers), where the
+tensors sit (a :class:`~fastema.torch._slots.Slots`, which makes the per-step check), following
+re-registered or moved tensors (:meth:`TorchModel.follow`), the restart after a DDP wrap
+(:attr:`~TorchModel.resync`), settling FSDP2 / ZeRO-3 gathered copies before the model's tensors
 are written, and the tensors the ``torch.compile`` operators declare. It is the engine's
 ``ModelAdapter`` (:meth:`~TorchModel.begin`, :meth:`~TorchModel.scan`, :meth:`~TorchModel.carry`)
 and what the registration hooks (:mod:`fastema.torch._hooks`) watch. The averages
@@ -13,10 +15,8 @@ and what the registration hooks (:mod:`fastema.torch._hooks`) watch. The average
 """
 from __future__ import annotations
 
-import operator
 import sys
-import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -24,24 +24,17 @@ from torch import nn
 from .._backends.torch import refuse_foreign as _refuse_foreign_torch
 from ..flat import FlatShadow
 from . import _deepspeed, _sharded
-from ._hooks import _HOOKS, _matches, _patterns, _unwrap, _watch, tables_changed, tables_of
-from ._slots import (
-    _DATA_PTR,
-    _disjoint_groups,
-    _local_key,
-    _storage_key,
-    _tensors_of,
-    copy_unless_flagged_,
-)
+from ._hooks import matches, patterns, unsynced, unwrap, watch
+from ._slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, storage_key, tensors_of
 
-__all__ = ["TorchModel", "is_peft_model", "resolve_trainable_only"]
+__all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
     """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
     adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` / ``load_adapter``).
     Does not import peft."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
         return True
@@ -60,6 +53,15 @@ def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tup
     return trainable_only, False
 
 
+class Selection(NamedTuple):
+    """What a model average reads of a model: the face's arguments (see :class:`fastema.torch.EMA`)."""
+
+    buffers: str = "copy"                        # floating buffers: "copy", "average" or "ignore"
+    exclude: Sequence[str] = ()                  # name patterns left out
+    copy: Sequence[str] = ()                     # name patterns copied instead of averaged
+    trainable_only: bool | None = None           # None: True for a PEFT model
+
+
 def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
     """What ``trainable_only=True`` leaves out: a parameter with ``requires_grad=False``, a buffer
     of a module with no trainable parameter of its own (a frozen base model's statistics)."""
@@ -73,32 +75,39 @@ def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
 class TorchModel:
     """The model side of one torch model average: which tensors it tracks and where they are now.
 
+    Built in one direction: ``TorchModel(model, selection, ...)`` selects the tensors
+    (:attr:`averaged` is what the face's shadow is made of), then :meth:`attach` takes that shadow
+    (``avg``) and makes the compiled operators' lists once.
+
     Args:
         model: the model (bare, DDP-, torch.compile- or DeepSpeed-wrapped).
-        make_shadow: ``averaged (name -> tensor) -> the shadow`` of the averaged tensors (``avg``).
-        buffers, exclude, copy, trainable_only: the face's arguments (see :class:`fastema.torch.EMA`).
+        selection: what is read of it (see :class:`fastema.torch.EMA`).
         kind: the face's class name, for messages (``"EMA"``).
-        check: the face's refusals before every update call (a swapped model, a CUDA graph
-            capture its plan cannot replay); :meth:`begin` calls it first.
-        fresh: whether nothing but the construction went into the face's averages yet.
-        restart: start the face's averages over from the model (after a DDP wrap; see
-            :func:`fastema.torch._hooks._wrapped_in_ddp`, which calls ``_fresh`` and ``_restart``).
+        check: the face's refusal before every update call (a swapped model), a plain function;
+            :meth:`begin` calls it first.
+        on_restart: the face's: start its averages over from the model, unless something but the
+            construction went into them (then False). See :attr:`resync`.
+
+    ``resync`` is set by the registration hooks when the model is wrapped in
+    DistributedDataParallel after construction (which broadcast rank 0's weights into it):
+    :meth:`restart` then runs ``on_restart`` at the model's first forward, or at the next read
+    (:meth:`follow`) if that comes first, and warns when the averages could not start over.
     """
 
-    def __init__(self, model: nn.Module, make_shadow: Callable[[dict], Any], *, buffers: str,
-                 exclude: Sequence[str], copy: Sequence[str], trainable_only: bool | None, kind: str,
-                 check: Callable[[], None], fresh: Callable[[], bool],
-                 restart: Callable[[nn.Module | None], None]):
+    def __init__(self, model: nn.Module, selection: Selection, *, kind: str, check: Callable[[], None],
+                 on_restart: Callable[[], bool]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        buffers = selection.buffers
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
-        self.kind, self.check, self._fresh, self._restart = kind, check, fresh, restart
+        self.kind, self.check, self.on_restart = kind, check, on_restart
+        self.resync = False                            # wrapped in DDP after construction: restart() pending
         self.buffers = buffers
-        self.exclude, self.copy_patterns = _patterns("exclude", exclude), _patterns("copy", copy)
-        self.trainable_only, self.defaulted = resolve_trainable_only(model, trainable_only)   # None: True for PEFT
+        self.exclude, self.copy_patterns = patterns("exclude", selection.exclude), patterns("copy", selection.copy)
+        self.trainable_only, self.defaulted = resolve_trainable_only(model, selection.trainable_only)
         self.model = model
-        inner = _unwrap(model)
+        inner = unwrap(model)
         self.int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
         self.fsdp = _sharded.fsdp_modules(inner)              # FSDP2 modules, resharded before any read
         self.engine = model if type(model).__name__ == "DeepSpeedEngine" else None
@@ -106,31 +115,42 @@ class TorchModel:
         self.specs: dict[str, _sharded.Spec] = {}            # name -> layout of a DTensor's local shard
         _sharded.reshard(self.fsdp)
         averaged, copied = self._select(inner)
-        self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=5)
+        self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=4)
         if self.masters is not None:                    # ZeRO-3: the optimizer's float32 masters read instead
             averaged.update(self.masters.views)
             self.specs.update(self.masters.specs)       # ZeRO-1/2: pieces of the parameters, gathered in exports
-        self.known = set(_tensors_of(inner))             # every name at construction: others are new (M4)
-        self.modules_now: tuple | None = None            # without the hooks: the modules' tables (follow)
+        self.known = set(tensors_of(inner))             # every name at construction: others are new (M4)
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average (check exclude= and copy="
                              + (", and trainable_only" + (" (True by default for a PEFT model)" if self.defaulted
                                                           else "") + ": no parameter has requires_grad=True)"
                                 if self.trainable_only else ")"))
         self.names = (list(averaged), list(copied))
-        self.address: Callable[[Any], int] = _sharded.local_address if self.specs else _DATA_PTR
+        self.averaged = averaged                        # name -> tensor: what the face's shadow is made of
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
-        self.avg = make_shadow(averaged)
         self.copy = FlatShadow(copied, dtype="same") if copied else None
-        if self.copy is not None:                       # no memory in both groups (a buffer viewing a weight)
-            _disjoint_groups(self.avg, self.copy)
+        self.avg: Any = None                            # the face's shadow of averaged (attach)
         self._stale = False                             # set by torch's registration hooks (see follow)
-        self._resync = False                            # the model was wrapped in DDP after construction
-        self.slots = self._owner_slots()
-        self.addresses = self._addresses_now()
+        self.slots = self._slots(inner)
         self.plan_tensors: list = []                    # the face's device-plan arrays (written by an update)
+        self.ops: dict = {}                             # the compiled operators' lists (attach)
+        watch((inner,), self)
+
+    def attach(self, shadow) -> None:
+        """Take the face's shadow of :attr:`averaged` (``avg``; a ``FlatShadow`` or one with its
+        methods): checked against the copied group (no memory in both), the slots recorded, the
+        compiled operators' lists made."""
+        self.avg = shadow
+        if self.copy is not None:                       # no memory in both groups (a buffer viewing a weight)
+            disjoint_groups(shadow, self.copy)
+        self.slots.record()
         self.ops = self.op_lists()
-        _watch(inner, self)
+
+    def also_written(self, tensors: list) -> None:
+        """Tensors every update writes besides the shadows (the face's device-plan arrays), which the
+        compiled operators declare too (added to the lists :meth:`attach` made)."""
+        self.plan_tensors = list(tensors)
+        self.ops["update"][0].extend(_static(self.plan_tensors))
 
     # ------------------------------------------------------------ the engine's ModelAdapter
 
@@ -138,7 +158,7 @@ class TorchModel:
         """Before an update call: the face's refusals, then, when the call folds, follow the model
         (every group, or a refusal before anything is written)."""
         self.check()
-        if due:
+        if due and (self.resync or not self.slots.unchanged(self._stale)):    # follow()'s usual step, inlined
             self.follow()
 
     def carry(self, flags: dict | None) -> None:
@@ -183,18 +203,18 @@ class TorchModel:
         seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
         for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
             for name, t in named:
-                if _matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
+                if matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
                     continue
                 if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
                     t, self.specs[name] = _sharded.local(t, f"{kind} {name!r}")
                 _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
-                key = _storage_key(t)
+                key = storage_key(t)
                 if key is not None and key in seen:
                     continue                    # the same memory under another name: exported under both
                 if key is not None:
                     seen[key] = name
                 if t.is_complex():
-                    if not _matches(name, self.copy_patterns):
+                    if not matches(name, self.copy_patterns):
                         raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages real "
                                         f"floating tensors; list it in copy= to carry its latest value, or "
                                         f"exclude= it")
@@ -203,75 +223,22 @@ class TorchModel:
                     self.int_buffers[name] = (t, t.detach().clone())
                 elif kind == "buffer" and self.buffers == "ignore":
                     continue
-                elif _matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
+                elif matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
                     copied[name] = t
                 else:
                     averaged[name] = t
         return averaged, copied
 
-    def _owner_slots(self) -> tuple:
-        """(the owning module's _parameters or _buffers dict, key, tensor) of every tracked tensor, for
-        the per-step check that the model still holds the tensors the shadow reads (H3); (parent's
-        _modules, key, weak reference) of every module on the way to one, checked at every step
-        without the registration hooks; and those _parameters and _buffers dicts once each, whose
-        lengths are checked at every step (a tensor written into one directly calls no hook, M4).
-        The references are weak: a module deleted from the model (``del model.layer`` calls no
-        hook) marks the average stale when it is freed."""
-        inner = _unwrap(self.model)
+    def _slots(self, inner: nn.Module) -> Slots:
+        """Where every tracked tensor sits in the model (see :class:`~fastema.torch._slots.Slots`),
+        not recorded yet: the per-step check that the model still holds the tensors the shadows
+        read (H3), and what ``DeepSpeed`` may move (its flat master buffers: ``offload_states``)."""
         params = {n for n, _ in inner.named_parameters()}
-        named: dict[str, torch.Tensor] = dict(inner.named_parameters())
-        named.update(inner.named_buffers())
-        slots: list = []
-        paths: dict = {}
-        owners: dict = {}
-        me = weakref.ref(self)
-
-        def mark_stale(_):                      # a module on the way was deleted (del model.layer: no hook)
-            side = me()
-            if side is not None:
-                side._stale = True
-
-        for name in self.names[0] + self.names[1] + list(self.int_buffers):
-            prefix, _, key = name.rpartition(".")
-            owner = inner.get_submodule(prefix) if prefix else inner
-            table = owner._parameters if name in params else owner._buffers
-            slots.append((table, key, named[name]))
-            owners[id(table)] = table
-            parent = inner
-            for part in prefix.split(".") if prefix else ():   # the modules on the way (hooks off)
-                child = parent._modules[part]
-                assert child is not None, name    # named_parameters() walked it: a None submodule holds none
-                if (id(parent), part) not in paths:
-                    paths[(id(parent), part)] = (parent._modules, part, weakref.ref(child, mark_stale))
-                parent = child
-        columns = lambda rows: tuple(zip(*rows)) if rows else ((), (), ())  # noqa: E731
-        return columns(slots), columns(list(paths.values())), list(owners.values())
-
-    def _addresses_now(self) -> list | None:
-        """The address of the tensor each tracked slot of the model holds now (one dict lookup and one
-        data_ptr() per tensor), then the lengths of the _parameters and _buffers dicts holding them (a
-        len() per dict), or None when a slot is empty. Tensors written into _parameters without
-        torch's registration hooks (model.to("meta"), overwrite-on-conversion, direct writes; a new
-        name changes a length), and storage moved under a tensor show here. With the hooks removed
-        (registration_hooks(False)) the modules on the way are checked too."""
-        tables, keys, _ = self.slots[0]
-        if not _HOOKS:
-            mods, names, held = self.slots[1]
-            if not all(map(operator.is_, map(dict.get, mods, names), map(weakref.ref.__call__, held))):
-                return None
-        try:
-            now = list(map(self.address, map(dict.get, tables, keys)))
-        except TypeError:                         # a slot is empty: the tensor was removed
-            return None
-        now.extend(map(len, self.slots[2]))
-        if self.masters is not None:             # DeepSpeed may move its flat master buffers (offload_states)
-            now.extend(self.masters.addresses())
-        return now
-
-    def _modules_changed(self) -> bool:
-        """Without the registration hooks: whether a module of the model holds more or fewer
-        parameters, buffers or submodules, or another submodule, than at the last check."""
-        return tables_changed(self.modules_now)
+        entries = [(0, n, "parameter" if n in params else "buffer")
+                   for n in self.names[0] + self.names[1] + list(self.int_buffers)]
+        masters = self.masters
+        return Slots((inner,), entries, self, sharded=bool(self.specs), fsdp=self.fsdp,
+                     also=masters.addresses if masters is not None else None)
 
     def _refuse_added(self) -> None:
         """Refuse, naming them, parameters and buffers added to the model after construction that this
@@ -280,22 +247,22 @@ class TorchModel:
         other names of tracked (or excluded) tensors, names matching ``exclude=``, buffers with
         ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
         averaged. A walk of the model's modules: run when the registration hooks marked the average
-        stale, or, without the hooks, when a module's tables changed (:meth:`_modules_changed`)."""
-        inner = _unwrap(self.model)
-        now = _tensors_of(inner)
+        stale or a slot moved, or, without the hooks, when a module's tables changed."""
+        inner = unwrap(self.model)
+        now = tensors_of(inner)
         new = [n for n in now if n not in self.known]
         if not new:
             return
-        known_memory = {_local_key(now[n][1]) for n in now if n in self.known}
+        known_memory = {local_key(now[n][1]) for n in now if n in self.known}
         added = []
         for n in new:
             kind, t, persistent = now[n]
-            if _matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
+            if matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
                     not persistent and self.buffers == "copy"))):
                 continue
             if self.trainable_only and _frozen(inner, kind, n, t):
                 continue                          # frozen: not tracked (a new PEFT adapter is added frozen)
-            key = _local_key(t)
+            key = local_key(t)
             if key is not None and key in known_memory:
                 continue                          # another name of a tensor the average knows (a new tie)
             added.append(n)
@@ -306,40 +273,38 @@ class TorchModel:
                              f"export would carry their raw values as averages. Make a new {kind} of the changed "
                              f"model, or exclude= them (exclude={added[:3]!r}). Nothing was written.")
 
-    def _model_changed(self) -> bool:
-        return self._stale or self._addresses_now() != self.addresses
-
     def follow(self) -> bool:
         """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
-        anything is written), and start over from the model after a DDP wrap (see _on_registration).
+        anything is written), and start over from the model after a DDP wrap (:meth:`restart`).
         True when the shadows' addresses are known to be current (nothing moved, or just followed)."""
-        changed = self._stale or self._addresses_now() != self.addresses     # self._model_changed()
-        if changed and self.fsdp:                # a forward with no backward left unsharded copies
-            _sharded.reshard(self.fsdp)
-            changed = self._model_changed()
-        if _HOOKS:                                # something was registered, or an owner's table changed: new names?
-            if self.modules_now is not None:
-                self.modules_now = None          # (no module held: a deleted one must be freed, see _owner_slots)
-            if changed:                           # (stale: changed)
+        slots = self.slots
+        if not slots.unchanged(self._stale):          # the usual step: one check (see Slots.unchanged)
+            moved, renamed = slots.changes(self._stale)
+            if moved or renamed:                      # something was registered, or a table changed: new names?
                 self._refuse_added()
-        elif self._stale or self._modules_changed():
-            self._refuse_added()
-            self.modules_now = tables_of(_unwrap(self.model))    # what passed, for the next check
-        if changed:
-            self._rebind()
-            self.avg.refresh()                  # storage moved under a tensor the shadow already holds
-            if self.copy is not None:
-                self.copy.refresh()
-            self.addresses = self._addresses_now()
-        if self._resync:
-            self._resync = False
-            self._restart(None)
+            if moved or self._stale:
+                self._rebind()
+                self.avg.refresh()                    # storage moved under a tensor the shadow already holds
+                if self.copy is not None:
+                    self.copy.refresh()
+            self.slots.record()                       # once every group passed
+        if self.resync:
+            self.restart()
         return True
+
+    def restart(self, model: nn.Module | None = None) -> None:
+        """After a DDP wrap (:attr:`resync`): start the averages over from the model's weights (rank
+        0's, broadcast by the wrap), or warn that the ranks' averages may differ when updates went
+        into them already. Called at the model's first forward (``model``) or the next read."""
+        if self.resync:
+            self.resync = False
+            if not self.on_restart():
+                unsynced(self.kind)
 
     def _rebind(self) -> None:
         # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
         # follow the new tensors if they fit the shadow, else refuse before writing anything.
-        inner = _unwrap(self.model)
+        inner = unwrap(self.model)
         named: dict[str, torch.Tensor] = dict(inner.named_parameters())
         named.update(inner.named_buffers())
         wanted = self.names[0] + self.names[1] + list(self.int_buffers)
@@ -370,7 +335,7 @@ class TorchModel:
         if self.copy is not None:
             try:
                 self.copy.rebind({n: named[n] for n in self.names[1]})
-                _disjoint_groups(self.avg, self.copy)
+                disjoint_groups(self.avg, self.copy)
             except Exception:
                 self.avg.rebind(old)
                 raise
@@ -378,9 +343,9 @@ class TorchModel:
             self.int_buffers[n] = (named[n], copy_)
         self.specs, self.masters = specs, masters
         self.ops = self.op_lists()
-        self.slots = self._owner_slots()          # follow() records the addresses once all groups pass
+        self.slots = self._slots(inner)           # follow() records them once all groups pass
         self._stale = False
-        _watch(inner, self)                      # new submodules are watched too
+        watch((inner,), self)                    # new submodules are watched too
 
     def settle(self) -> None:
         """Before the model's tensors are written (swap, copy-out): no gathered copy may outlive the
@@ -404,10 +369,7 @@ class TorchModel:
         shadows = [g.buffer for g in groups] + [ring for _, ring, _ in getattr(avg, "_rings", ())]
         sources = list(avg.sources) + (list(copy.sources) if copy is not None else [])
         ints = list(self.int_buffers.values())
-        owned = shadows + [d for _, d in ints] + self.plan_tensors
-        for t in owned:                 # fastema's own, never moved: static for cudagraph trees, which skip a
-            if t.is_cuda:               # graph that writes a tensor that is not (issue 37, B5); what
-                t._dynamo_static_input_type = "unguarded"   # torch._dynamo.mark_static_address(t) sets
+        owned = _static(shadows + [d for _, d in ints] + self.plan_tensors)
         return {"update": (owned, sources + [s for s, _ in ints]),
                 "swap": (shadows + sources, []),
                 "copy_to": (sources, shadows)}
@@ -432,3 +394,13 @@ class TorchModel:
             self.int_buffers.update(old[2])
 
         return restore
+
+
+def _static(owned: list) -> list:
+    """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip a
+    graph that writes a tensor that is not (issue 37, B5): what ``torch._dynamo.mark_static_address``
+    sets."""
+    for t in owned:
+        if t.is_cuda:
+            t._dynamo_static_input_type = "unguarded"
+    return owned

@@ -1,10 +1,11 @@
 """The pair side of :class:`fastema.torch.TargetNetwork`: two modules paired by name, checked,
 and followed at every update, as the engine's :class:`~fastema.average.core.ModelAdapter` over
 the two :class:`~fastema.pairs.PairShadow` of their tensors (the averaged pairs, the copied
-floating buffers) and the integer buffers copied with torch."""
+floating buffers) and the integer buffers copied with torch. Where the tensors sit, and the
+per-step check that they still sit there, is a :class:`~fastema.torch._slots.Slots` over both
+modules; this module keeps the selection (by name, every check made)."""
 from __future__ import annotations
 
-import operator
 from typing import Callable
 
 import torch
@@ -13,9 +14,9 @@ from torch import nn
 from .. import _backends
 from .._backends.torch import refuse_foreign, span
 from ..pairs import PairShadow, pair_groups
-from . import _hooks, _sharded
-from ._hooks import _matches, _unwrap, normalize_name
-from ._slots import _DATA_PTR, _device_name, bump_versions, copy_unless_flagged_
+from . import _sharded
+from ._hooks import matches, normalize_name, unwrap, watch
+from ._slots import Slots, bump_versions, copy_unless_flagged_, device_name
 
 __all__ = ["TorchPairs"]
 
@@ -28,33 +29,21 @@ def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
     for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in named:
             name = normalize_name(name)
-            if _matches(name, exclude) or (kind == "buffer" and buffers == "ignore"):
+            if matches(name, exclude) or (kind == "buffer" and buffers == "ignore"):
                 continue
             out[name] = (kind, t)
     return out
-
-
-def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str, list]:
-    """``(the owner's _parameters or _buffers dict, key, [(parent._modules, part, child), ...])``."""
-    prefix, _, key = name.rpartition(".")
-    path, parent = [], module
-    for part in prefix.split(".") if prefix else ():
-        child = parent._modules[part]
-        assert child is not None, name          # _named() walked it: a None submodule holds no tensor
-        path.append((parent._modules, part, child))
-        parent = child
-    return (parent._parameters if kind == "parameter" else parent._buffers), key, path
 
 
 class _Selection:
     """What a target network reads and writes, found by name in both modules, every check made.
 
     ``tensors`` lists the targets' tensors then the online ones, in the order: averaged, copied
-    (floating buffers with ``buffers="copy"``), integer (copied with torch). Nothing is kept
-    that is not the modules' own: slots, the modules on the way to them, and launch groups of
-    addresses."""
+    (floating buffers with ``buffers="copy"``), integer (copied with torch); ``slots`` is where
+    they sit (not recorded yet), the modules on the way held weakly (a freed one marks ``owner``
+    stale); ``groups`` the launch groups of their addresses."""
 
-    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
+    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str, owner):
         mine, theirs = _named(target, exclude, buffers), _named(online, exclude, buffers)
         missing, extra = [n for n in theirs if n not in mine], [n for n in mine if n not in theirs]
         if missing or extra:
@@ -120,68 +109,27 @@ class _Selection:
         self.names = (averaged, copied, ints)
         order = averaged + copied + ints
         self.labels = ([f"the target's {n!r}" for n in order], [f"the online network's {n!r}" for n in order])
-        slots = [_slot(target, n, mine[n][0]) for n in order] + [_slot(online, n, theirs[n][0]) for n in order]
-        self.tables, self.keys = [s[0] for s in slots], [s[1] for s in slots]
-        owners = {id(s[0]): s[0] for s in slots}
-        self.owner_tables = list(owners.values())
-        paths = {(id(p), k): (p, k, c) for s in slots for p, k, c in s[2]}
-        self.path_tables = [p for p, _, _ in paths.values()]
-        self.path_keys = [k for _, k, _ in paths.values()]
-        self.path_children = [c for _, _, c in paths.values()]
-        self.module_tables = list({id(p): p for p in self.path_tables}.values())
-        self.counted = self.owner_tables + self.module_tables
-        self.lengths = list(map(len, self.counted))
-        self.tensors = [mine[n][1] for n in order] + [theirs[n][1] for n in order]
+        sharded = bool(pieces)                          # then every average reads and writes local shards
+        fsdp = _sharded.fsdp_modules(online) + _sharded.fsdp_modules(target) if sharded else []
+        entries = [(0, n, mine[n][0]) for n in order] + [(1, n, theirs[n][0]) for n in order]
+        self.slots = Slots((target, online), entries, owner, sharded=sharded, layouts=True, fsdp=fsdp)
+        self.tensors = self.slots.tensors
         self.written = self.tensors[:len(averaged) + len(copied)]     # by the kernels: versions bumped by hand
-        self.sharded = bool(pieces)                     # then every average reads and writes local shards
-        self.address = _sharded.local_address if self.sharded else _DATA_PTR
         self.specs = [(t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) for t in self.tensors]
         self.groups = self.group(self.tensors)
         self.ints = self.groups[2]
 
-    def layout_guard(self, tensors: list):
-        """A check that tensors at ``tensors``' addresses still have their layouts (see
-        :func:`fastema._backends.layout_guard`), of the local shards when sharded."""
-        guard = _backends.layout_guard(self.pieces(tensors))
-        return guard if not self.sharded else (lambda ts: guard(self.pieces(ts)))
-
-    def pieces(self, tensors: list) -> list:
-        """Where ``tensors``' elements are on this rank: the local shards of DTensors (each rank
-        averages its own, no collective), the tensors themselves when nothing is sharded."""
-        return list(map(_sharded.local_tensor, tensors)) if self.sharded else tensors
-
-    def current(self) -> list | None:
-        """The tensors the slots hold now if they are the selection's own objects in the same modules
-        (dict lookups and identities, no name walk), else None."""
-        if not all(map(operator.is_, map(dict.get, self.path_tables, self.path_keys), self.path_children)):
-            return None
-        if list(map(len, self.counted)) != self.lengths:
-            return None                                  # a tensor or module added or deleted: names again
-        now = list(map(dict.get, self.tables, self.keys))
-        return now if all(map(operator.is_, now, self.tensors)) else None
-
-    def key(self, tensors: list) -> list | None:
-        """``tensors``' addresses, then the lengths of the ``_parameters``/``_buffers`` dicts holding
-        them and of the ``_modules`` dicts on the way (a tensor or module added or deleted without a
-        registration hook shows as a length), or None when one is no tensor with storage."""
-        try:
-            key = list(map(self.address, tensors))
-        except (TypeError, RuntimeError):                # an empty slot; a tensor with no storage of its own
-            return None
-        key.extend(map(len, self.counted))
-        return key
-
     def group(self, tensors: list) -> tuple:
         """``(averaged groups, copied groups, integer pairs)`` of ``tensors``, checked: no target
         tensor shares a byte with an online one; layouts, devices and no shared memory among the
-        targets (:func:`fastema.ops.pair_groups`), every refusal naming the tensor."""
+        targets (:func:`fastema.pairs.pair_groups`), every refusal naming the tensor."""
         n = len(tensors) // 2
         for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
             if (t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) != spec:
                 raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]}{' sharded' if spec[2] else ''} to "
                                  f"{t.dtype} {tuple(t.shape)}{' sharded' if _sharded.is_dtensor(t) else ''} after "
                                  f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
-        pieces = self.pieces(tensors)
+        pieces = self.slots.pieces(tensors)
         dst, src = pieces[:n], pieces[n:]
         shared = _backends.first_shared(list(map(span, dst)), list(map(span, src)))
         if shared is not None:
@@ -205,47 +153,41 @@ class TorchPairs:
     averaged pairs (:attr:`avg`, the engine's shadow) and the copied floating buffers
     (:attr:`copied`) as :class:`~fastema.pairs.PairShadow`, the integer buffers (copied with
     torch), and the per-step check that both modules still hold what was paired (:meth:`follow`).
-    Watched by torch's registration hooks (``_stale``)."""
+    Watched by torch's registration hooks (``_stale``). ``check``: the face's refusal before every
+    update call, a plain function, or None (a capture the host plan cannot replay: the face sets
+    it once it has put its plan on the host or the device)."""
 
     def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
         self.online, self.target, self.exclude, self.buffers = online, target, exclude, buffers
-        self.sel = _Selection(_unwrap(online), _unwrap(target), exclude, buffers)
-        averaged, copied, _ = self.sel.groups
+        self.check: Callable[[], None] | None = None
+        self._stale = False                              # set by torch's registration hooks (see follow)
+        self.sel = sel = _Selection(unwrap(online), unwrap(target), exclude, buffers, self)
+        self.slots = sel.slots
+        averaged, copied, _ = sel.groups
         self.avg = PairShadow((), (), groups=averaged)
         self.copied = PairShadow((), (), groups=copied)
-        self.devices = sorted({g.device for gs in self.sel.groups[:2] for g in gs})
+        self.devices = sorted({g.device for gs in sel.groups[:2] for g in gs})
         self.flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self.devices}   # the host plan's
         for f in self.flags.values():
             _backends.mark_made_here(f)                  # fastema's own: launches bind their views once
-        self._key = self.sel.key(self.sel.tensors)
-        self._guard = self.sel.layout_guard(self.sel.tensors)
-        self._fsdp = (_sharded.fsdp_modules(_unwrap(online)) + _sharded.fsdp_modules(_unwrap(target))
-                      if self.sel.sharded else [])
-        self._stale = False                              # set by torch's registration hooks (see follow)
-        _hooks.watch((_unwrap(online), _unwrap(target)), self)
-        self._tables = None if _hooks._HOOKS else _hooks.tables_of(_unwrap(online), _unwrap(target))
-        # the face's refusal of a capture the host plan cannot replay (on a GPU with the plan on the host)
-        self._capture_check: Callable[[], None] | None = None
+        watch((unwrap(online), unwrap(target)), self)
+        self.slots.record()
 
     def behind_flags(self) -> list[tuple[str, str]]:
         """``(framework, device)`` of the copied buffers (floating and integer): a device plan's flags
         must cover their devices too, where no averaged tensor may be."""
         return [(g.framework, g.device) for g in self.sel.groups[1]] + \
-            [("torch", _device_name(t)) for t in self.sel.ints[0]]
+            [("torch", device_name(t)) for t in self.sel.ints[0]]
 
     # ------------------------------------------------------------ ModelAdapter
 
     def begin(self, due: bool) -> None:
-        if self._capture_check is not None:
-            self._capture_check()
-        if not due:
-            return
-        sel = self.sel                                   # follow()'s usual step, inlined (the per-step path)
-        if not self._stale and _hooks._HOOKS:
-            held = list(map(dict.get, sel.tables, sel.keys))
-            if sel.key(held) == self._key and self._guard(held):
-                return
-        self.follow()
+        """Before an update call: the face's refusal, then, when the call folds, both networks
+        followed (:meth:`follow`; its usual step, one check, inlined: the per-step path)."""
+        if self.check is not None:
+            self.check()
+        if due and not self.slots.unchanged(self._stale):
+            self.follow()
 
     def scan(self, flags: dict | None) -> dict:
         """The online tensors' inf/NaN added to ``flags`` (a device plan's), or to this object's own
@@ -282,32 +224,29 @@ class TorchPairs:
         moved; else looked up again by name and checked (or refused, writing nothing).
 
         The usual step costs one dict lookup, one ``data_ptr()`` and a layout check per tensor,
-        and a ``len()`` per module table on the way: torch's registration hooks (installed with
-        :func:`fastema.torch.registration_hooks`, the default) mark this object stale when a
-        parameter, buffer or submodule is set on a watched module, so no module identity is
-        checked unless one fired (then the names are looked up again: a tensor registered anywhere in
-        the networks is followed or refused by name); writes the hooks do not see (``p.data = new``, a
-        direct ``_parameters[k] = t``, ``del model[0]``) show as an address or a length. Two writes
-        show only without the hooks, as for :class:`fastema.torch.EMA`: a module put into a
-        ``_modules`` dict directly, over another (the old module's tensors, still alive, would be
-        averaged), and a tensor put directly into the dict of a module holding no tracked tensor.
-        Without the hooks, the modules on the way and the tensors' identities are checked at every
-        step, and every module's tables (a ``len()`` each, an identity per submodule)."""
-        sel = self.sel
-        if not self._stale and _hooks._HOOKS:
-            held = list(map(dict.get, sel.tables, sel.keys))
-            if sel.key(held) == self._key and self._guard(held):
-                return                                   # the usual step: nothing moved
-        if self._fsdp:                                   # a forward with no backward left unsharded copies
-            _sharded.reshard(self._fsdp)
-        renamed = self._stale if _hooks._HOOKS else _hooks.tables_changed(self._tables)
-        now = None if renamed else sel.current()         # (a registration, a module's table: new names?)
-        if now is not None and sel.key(now) == self._key and self._guard(now):
+        and a ``len()`` per module table on the way (:meth:`fastema.torch._slots.Slots.unchanged`):
+        torch's registration hooks (installed with :func:`fastema.torch.registration_hooks`, the
+        default) mark this object stale when a parameter, buffer or submodule is set on a watched
+        module, so no module identity is checked unless one fired (then the names are looked up
+        again: a tensor registered anywhere in the networks is followed or refused by name);
+        writes the hooks do not see (``p.data = new``, a direct ``_parameters[k] = t``, ``del
+        model[0]``) show as an address or a length. Two writes show only without the hooks, as
+        for :class:`fastema.torch.EMA`: a module put into a ``_modules`` dict directly, over
+        another (the old module's tensors, still alive, would be averaged), and a tensor put
+        directly into the dict of a module holding no tracked tensor. Without the hooks, the
+        modules on the way and the tensors' identities are checked at every step, and every
+        module's tables (a ``len()`` each, an identity per submodule)."""
+        sel, slots = self.sel, self.slots
+        if slots.unchanged(self._stale):
+            return                                       # the usual step: nothing moved
+        moved, renamed = slots.changes(self._stale)      # (FSDP2 modules resharded first)
+        now = None if renamed else slots.current()       # (a registration, a module's table: new names?)
+        if now is not None and not moved:
             self._stale = False
             return
         if now is None:                                  # a tensor or module replaced, added or removed
             try:
-                sel = _Selection(_unwrap(self.online), _unwrap(self.target), self.exclude, self.buffers)
+                sel = _Selection(unwrap(self.online), unwrap(self.target), self.exclude, self.buffers, self)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"the networks changed after TargetNetwork(online, target): {err}") from None
             if sel.names != self.sel.names:
@@ -319,14 +258,13 @@ class TorchPairs:
             sel.specs = self.sel.specs
             sel.groups = sel.group(sel.tensors)          # checked against the construction's dtypes, shapes
             sel.ints = sel.groups[2]
-            self.sel, self._key = sel, sel.key(sel.tensors)
-            self._guard = sel.layout_guard(sel.tensors)
-            _hooks.watch((_unwrap(self.online), _unwrap(self.target)), self)    # new modules, if any
+            self.sel, self.slots = sel, sel.slots
+            sel.slots.record()
+            watch((unwrap(self.online), unwrap(self.target)), self)    # new modules, if any
         else:
             sel.groups = sel.group(now)                  # storage moved under a tensor (p.data = new)
             sel.ints = sel.groups[2]
-            self._key, self._guard = sel.key(now), sel.layout_guard(now)
+            slots.record(now)
         self.avg.regroup(sel.groups[0])
         self.copied.regroup(sel.groups[1])
         self._stale = False
-        self._tables = None if _hooks._HOOKS else _hooks.tables_of(_unwrap(self.online), _unwrap(self.target))

@@ -1,7 +1,8 @@
 """Adapters (LoRA and the other PEFT methods): the one message of ``trainable_only=None`` on a PEFT
-model (:func:`announce`), and :meth:`PeftExport.export_peft`, which writes an average's adapter in
-PEFT's own format (``adapter_model.safetensors`` + ``adapter_config.json``) for
-``peft.PeftModel.from_pretrained``. Which models are PEFT models, and what ``trainable_only=None``
+model (:func:`announce`), and :func:`export_peft`, which writes an average's adapter in PEFT's own
+format (``adapter_model.safetensors`` + ``adapter_config.json``) for
+``peft.PeftModel.from_pretrained`` from the average's checkpoint side (``TorchAverage.export_peft``
+calls it). Which models are PEFT models, and what ``trainable_only=None``
 means for them, is the model side's (:func:`fastema.torch._model.is_peft_model`).
 
 peft is imported only by ``export_peft()``.
@@ -17,20 +18,19 @@ from torch import nn
 
 from .._files import atomic_write
 from .._safetensors import stream_safetensors
-from ._checkpoint import _CheckpointSide
-from ._hooks import _unwrap
+from ._checkpoint import TorchCheckpoint
+from ._hooks import unwrap
 from ._model import is_peft_model
 
-__all__ = ["PeftExport", "announce"]
+__all__ = ["announce", "export_peft"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"     # peft.utils.SAFETENSORS_WEIGHTS_NAME
 CONFIG_NAME = "adapter_config.json"            # peft.utils.CONFIG_NAME
 
 
-def announce(average: _CheckpointSide) -> None:
-    """The one message of ``trainable_only=None`` on a PEFT model: what is averaged, how to change it."""
-    kind = type(average).__name__
-    shadow = average._model.avg
+def announce(kind: str, shadow) -> None:
+    """The one message of ``trainable_only=None`` on a PEFT model: what is averaged (``shadow``, the
+    average ``kind`` made), how to change it."""
     sources = shadow.sources
     weights = sum(t.numel() * t.element_size() for t in sources)
     warnings.warn(f"{kind}(model) of a PEFT model averages only its trainable parameters (the adapters): "
@@ -58,81 +58,57 @@ def _active_adapter(inner: nn.Module) -> str:
     return active if isinstance(active, str) else "default"
 
 
-class PeftExport(_CheckpointSide):
-    """``export_peft()`` of every torch model average (a base of ``TorchAverage``): the adapter's
-    tensors from the checkpoint side's entries."""
-
-    def export_peft(self, directory: str | os.PathLike, row: int = 0, *, adapter_name: str | None = None,
-                    save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
-        """Write the averaged adapter in PEFT's own format, for ``PeftModel.from_pretrained(base, directory)``.
-
-        ``directory/adapter_model.safetensors`` holds average ``row`` of the adapter's tensors under
-        the keys ``peft.get_peft_model_state_dict`` gives them (the adapter's name removed), in the
-        model's dtypes; ``directory/adapter_config.json`` is the adapter's config as
-        ``PeftModel.save_pretrained`` writes it (``inference_mode`` true, the base model's name
-        filled in). Each file is written atomically; the directory is made if needed. The model's
-        tensors and the average are not changed.
-
-        Args:
-            directory: where to write the two files (other files there are left alone).
-            row: which average (several decays; BEMA's output is row 0).
-            adapter_name: the adapter to write; default the active one.
-            save_embedding_layers: as in ``PeftModel.save_pretrained`` (``"auto"``: embedding layers
-                only when the adapter targets them).
-
-        Raises:
-            TypeError: the model is not a PEFT model (nothing is written).
-            ValueError: the adapter is unknown, or this average does not hold every tensor of it
-                (made with it frozen, or ``exclude=``-d); nothing is written.
-            ImportError: peft is not installed.
-        """
-        self._not_swapped("export_peft()")
-        inner = _unwrap(self.model)
-        configs = getattr(inner, "peft_config", None)
-        if not is_peft_model(self.model) or not isinstance(configs, dict):
-            raise TypeError(f"export_peft() writes a PEFT adapter, and the model is a {type(inner).__name__} with no "
-                            f"adapters (no peft_config): use save(path) or averaged_state_dict() for a plain model. "
-                            f"Nothing was written.")
-        if self.sharded:
-            raise TypeError("export_peft() writes the adapter from one process, and this average is sharded (FSDP2 / "
-                            "tensor parallel): gather it with full_state_dict(rank0_only=True) and save the adapter "
-                            "with PEFT on rank 0. Nothing was written.")
-        try:
-            from peft import PeftModel, get_peft_model_state_dict
-        except ImportError as err:
-            raise ImportError('export_peft() needs peft: pip install "fastema[peft]"') from err
-        name = _active_adapter(inner) if adapter_name is None else adapter_name
-        if name not in configs:
-            raise ValueError(f"adapter_name={name!r} is not one of the model's adapters {sorted(configs)}; "
-                             f"nothing was written")
-        entries = self._state_entries(row)                     # checks the row and the model's tensors
-        own = {n: t.detach() for n, t, _, _ in entries}          # a distinct object per name: PEFT's picks, by id
-        by_id = {id(t): n for n, t in own.items()}
-        picked = get_peft_model_state_dict(inner, state_dict=own, adapter_name=name,
-                                           save_embedding_layers=save_embedding_layers)
-        value_of = {n: (t, value) for n, t, _, value in entries}
-        untraced = [k for k, v in picked.items() if id(v) not in by_id]
-        if untraced or not picked:
-            raise ValueError(f"PEFT's state dict of adapter {name!r} holds {untraced[:3] or 'no tensors'}, which "
-                             f"export_peft() cannot trace to the model's tensors; save the adapter with "
-                             f"PEFT (with the average swapped in: with ema.average_parameters(): "
-                             f"model.save_pretrained(...)). Nothing was written.")
-        missing = [by_id[id(v)] for v in picked.values() if value_of[by_id[id(v)]][1] is None]
-        if missing:
-            raise ValueError(f"this {type(self).__name__} does not hold {len(missing)} of adapter {name!r}'s "
-                             f"{len(picked)} tensors ({missing[:3]}): they were frozen when it was made "
-                             f"(trainable_only=True averages the parameters with requires_grad=True then; another "
-                             f"adapter's are frozen), or exclude=-d. Make the average with them trainable, or "
-                             f"export the adapter it holds. Nothing was written.")
-        tensors = {k: (value_of[by_id[id(v)]][1](), value_of[by_id[id(v)]][0].dtype) for k, v in picked.items()}
-        config_text = _config_json(inner, configs[name], PeftModel)
-        directory = os.fspath(directory)
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise ValueError(f"export_peft() writes into a directory, and {directory!r} is a file; nothing was written")
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                     lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
-        atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(config_text.encode()))
+def export_peft(checkpoint: TorchCheckpoint, directory: str | os.PathLike, row: int = 0, *,
+                adapter_name: str | None = None, save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
+    """``TorchAverage.export_peft`` (see there) from the average's checkpoint side."""
+    checkpoint.swap.refuse("export_peft()")
+    model = checkpoint.side.model
+    inner = unwrap(model)
+    configs = getattr(inner, "peft_config", None)
+    if not is_peft_model(model) or not isinstance(configs, dict):
+        raise TypeError(f"export_peft() writes a PEFT adapter, and the model is a {type(inner).__name__} with no "
+                        f"adapters (no peft_config): use save(path) or averaged_state_dict() for a plain model. "
+                        f"Nothing was written.")
+    if checkpoint.sharded:
+        raise TypeError("export_peft() writes the adapter from one process, and this average is sharded (FSDP2 / "
+                        "tensor parallel): gather it with full_state_dict(rank0_only=True) and save the adapter "
+                        "with PEFT on rank 0. Nothing was written.")
+    try:
+        from peft import PeftModel, get_peft_model_state_dict
+    except ImportError as err:
+        raise ImportError('export_peft() needs peft: pip install "fastema[peft]"') from err
+    name = _active_adapter(inner) if adapter_name is None else adapter_name
+    if name not in configs:
+        raise ValueError(f"adapter_name={name!r} is not one of the model's adapters {sorted(configs)}; "
+                         f"nothing was written")
+    entries = checkpoint.entries(row)                      # checks the row and the model's tensors
+    own = {n: t.detach() for n, t, _, _ in entries}          # a distinct object per name: PEFT's picks, by id
+    by_id = {id(t): n for n, t in own.items()}
+    picked = get_peft_model_state_dict(inner, state_dict=own, adapter_name=name,
+                                       save_embedding_layers=save_embedding_layers)
+    value_of = {n: (t, value) for n, t, _, value in entries}
+    untraced = [k for k, v in picked.items() if id(v) not in by_id]
+    if untraced or not picked:
+        raise ValueError(f"PEFT's state dict of adapter {name!r} holds {untraced[:3] or 'no tensors'}, which "
+                         f"export_peft() cannot trace to the model's tensors; save the adapter with "
+                         f"PEFT (with the average swapped in: with ema.average_parameters(): "
+                         f"model.save_pretrained(...)). Nothing was written.")
+    missing = [by_id[id(v)] for v in picked.values() if value_of[by_id[id(v)]][1] is None]
+    if missing:
+        raise ValueError(f"this {checkpoint.kind} does not hold {len(missing)} of adapter {name!r}'s "
+                         f"{len(picked)} tensors ({missing[:3]}): they were frozen when it was made "
+                         f"(trainable_only=True averages the parameters with requires_grad=True then; another "
+                         f"adapter's are frozen), or exclude=-d. Make the average with them trainable, or "
+                         f"export the adapter it holds. Nothing was written.")
+    tensors = {k: (value_of[by_id[id(v)]][1](), value_of[by_id[id(v)]][0].dtype) for k, v in picked.items()}
+    config_text = _config_json(inner, configs[name], PeftModel)
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"export_peft() writes into a directory, and {directory!r} is a file; nothing was written")
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME),
+                 lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+    atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(config_text.encode()))
 
 
 def _config_json(inner: nn.Module, config, peft_model_type) -> str:

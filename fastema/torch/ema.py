@@ -2,8 +2,8 @@
 several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU offload)."""
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable, Sequence
+import functools
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from ..average.core import Average, Face
 from ..flat import FlatShadow
 from . import _compile
 from ._average import TorchAverage
-from ._checkpoint import FORMAT
+from ._checkpoint import FORMAT, CheckpointCore
+from ._model import Selection, TorchModel
 
 __all__ = ["EMA"]
 
@@ -83,8 +84,6 @@ class EMA(Face, TorchAverage):
             averaged adapter in PEFT's format.
     """
 
-    _format = FORMAT
-
     def __init__(self, model: nn.Module, decay: float | Sequence[float] | None = None, *,
                  sigma_rel: float | Sequence[float] | None = None, half_life: float | Sequence[float] | None = None,
                  bema: bool | schedules.BEMA | None = None, warmup: str | None = None,
@@ -98,59 +97,40 @@ class EMA(Face, TorchAverage):
                           update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
                           rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite, device_step=device_step,
                           offload=offload)
-        self._core = Average(opts, FORMAT)          # the plan, the update driver, BEMA
-        self.shadow_dtype = shadow_dtype
-        self._bema = self.plan.schedules[0] if opts.is_bema else None
+        # Built in one direction: the model side, its shadow, the engine over both, then the rest.
+        swap = self._new_swap()
+        side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
+                          check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        make: Callable[[dict], Any]                                  # the shadow, or one with its methods
         if offload:
             from ._offload import OffloadedShadow
 
-            make = lambda avg: OffloadedShadow(avg, rows=rows, dtype=shadow_dtype)  # noqa: E731
+            shadow: Any = OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype)
         else:
-            make = lambda avg: FlatShadow(avg, rows=rows, dtype=shadow_dtype)      # noqa: E731
-        self.offload = offload
-        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
-        self._core.shadow, self._core.adapter = self._avg, self._model     # the model side is the adapter
-        self._on_gpu = any(t.device.type != "cpu" for t in self._avg.sources)
-        self._model.check = self._refuse_update          # the swap refusal, and a capture the plan cannot replay
+            shadow = FlatShadow(side.averaged, rows=rows, dtype=shadow_dtype)
+        side.attach(shadow)
+        self._core = core = Average(opts, FORMAT, shadow, adapter=side)   # the plan, the update driver, BEMA
+        self.shadow_dtype, self.offload = shadow_dtype, offload
+        self._bema = core.plan.schedules[0] if opts.is_bema else None
+        super().__init__(side, swap, self._checkpoint_core(core), FORMAT, core.plan.cadence)
+        self._on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
         if device_step is None:
             device_step = self._on_gpu and not offload and self._bema is None
         if device_step:
-            self._core.plan_on_device()              # and every kernel compiled and loaded now
-        self._plan_on_device = self._core.device_plan
-        self._model.plan_tensors = self._plan_tensors()
-        self._model.ops = self._model.op_lists()
+            core.plan_on_device()                    # and every kernel compiled and loaded now
+        self._plan_on_device = plan = core.device_plan
+        if plan is not None:                         # its arrays are written by every update too
+            side.also_written([t for t in plan.tensors() if isinstance(t, torch.Tensor)])
 
-    def _refuse_update(self) -> None:
-        """Before every update call: on a GPU, a CUDA graph capture the plan on the host cannot replay;
-        a swapped model (the model side's :meth:`~fastema.torch._model.TorchModel.begin` calls it)."""
-        if self._on_gpu and self._core.device_plan is None and torch.cuda.is_current_stream_capturing():
-            if self.offload:
-                raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
-                                   "its update runs on a host thread, which a replay would not run. Call update() "
-                                   "outside the graph, or make the EMA without offload=.")
-            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
-                               "on the host (device_step=False): every replay would repeat this call's weights "
-                               "and rounding key. Make the EMA with device_step=True (the default on a GPU).")
-        self._swap.refuse("update()")
-
-    def _check_row(self, row: int) -> None:
-        self._core.check_row(row)                 # BEMA: its output only (rows 1-2 are its state)
+    def _checkpoint_core(self, core: Average) -> CheckpointCore:
+        """What the checkpoint keeps besides the tensors: the engine's plan and counters (the device
+        plan's counts with the plan on the device; its checks too, M4)."""
+        return core
 
     @property
     def device_step(self) -> bool:
         """True when the plan lives on the device (see the ``device_step`` argument)."""
         return self._plan_on_device is not None
-
-    def _cadence(self) -> schedules.Cadence:
-        return self.plan.cadence                # the plan counts the calls (read: ema.calls, ema.plan)
-
-    def _plan_tensors(self) -> list:
-        plan = self._plan_on_device
-        if plan is None:
-            return []
-        return [t for t in plan.tensors() if isinstance(t, torch.Tensor)]
 
     def update(self, step: int | None = None) -> None:
         """Update the averages from the model's current weights (call after ``optimizer.step()``).
@@ -167,6 +147,8 @@ class EMA(Face, TorchAverage):
         self._eager_update(step)
 
     def _eager_update(self, step: int | None) -> None:
+        if self._on_gpu and self._plan_on_device is None:
+            _refuse_capture(bool(self.offload))           # a capture the plan on the host cannot replay
         steps = self._steps
         if steps is None:
             self._core.update(step)                       # the engine's driver: plan, checks, kernels, carry
@@ -174,26 +156,23 @@ class EMA(Face, TorchAverage):
             self._core.update(step)
             steps.done()
 
-    def _restart(self, model: nn.Module | None = None) -> None:
+    def _restart(self) -> None:
         self._avg.copy_from_sources()
         self._model.copy_buffers()
-
-    def ema_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
-        """Deprecated alias of :meth:`averaged_state_dict` (the name every face uses); goes in 0.3."""
-        warnings.warn("EMA.ema_state_dict() is averaged_state_dict(); the alias goes in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return self.averaged_state_dict(row)
-
-    def _extra_state(self) -> dict:
-        return self._core.plan_state()                    # the device's counts, with the plan on the device
-
-    def _check_extra(self, state: dict, problems: list) -> None:
-        self._core.check_plan_state(state, problems)      # the device plan's checks too (M4)
-
-    def _load_extra(self, state: dict) -> None:
-        self._core.load_plan_state(state)
 
     def __repr__(self) -> str:
         source = "" if self.source == "parameters" else f", source={self.source!r}"
         return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
                 f"copied={len(self._copy) if self._copy else 0}{source}, shadow={self._avg!r})")
+
+
+def _refuse_capture(offloaded: bool) -> None:
+    """Refuse a CUDA graph capture of ``update()`` that the plan on the host cannot replay."""
+    if torch.cuda.is_current_stream_capturing():
+        if offloaded:
+            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
+                               "its update runs on a host thread, which a replay would not run. Call update() "
+                               "outside the graph, or make the EMA without offload=.")
+        raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
+                           "on the host (device_step=False): every replay would repeat this call's weights "
+                           "and rounding key. Make the EMA with device_step=True (the default on a GPU).")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._safetensors import SAFETENSORS_DTYPES
+from ..average.core import Average
 from ..posthoc import MAX_ERROR, synthesize
 from ..posthoc.folder import check_folder
 from ..posthoc.snapshots import (
@@ -24,7 +25,7 @@ from ..posthoc.snapshots import (
 )
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
-from ._hooks import _unwrap
+from ._hooks import unwrap
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]
@@ -108,35 +109,40 @@ class PostHocEMA(EMA):
             raise ValueError(f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}")
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
-        super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
         self._given_sigma_rels = sigma_rels
+        self._run: _Run                          # this run (its id, its folder checked, a snapshot due): see below
+        super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)
-        self.run_id = uuid.uuid4().hex           # this run's snapshots carry it; a resume takes the checkpoint's
-        self._checked = False                    # the folder was checked since construction or the last load
         self._seen: dict = {}                    # check_folder's cache of the folder's files
-        self._due: tuple | None = None           # (time, updates) of a snapshot due and not written yet
         self._check_storable()
         os.makedirs(self.path, exist_ok=True)
+
+    def _checkpoint_core(self, core: Average) -> _Run:
+        self._run = _Run(core, self._given_sigma_rels)   # the engine's checkpoint, and this run's id
+        return self._run
+
+    @property
+    def run_id(self) -> str:
+        """This run's id: its snapshots carry it; a resume (:meth:`load_state_dict`) takes the checkpoint's."""
+        return self._run.id
 
     @property
     def gammas(self) -> list[float]:
         """The tracked profiles' exponents, one per row: the plan's schedules' (what the rows hold)."""
-        return [float(s.gamma) for s in self.plan.schedules]
+        return self._run.gammas
 
     @property
     def sigma_rels(self) -> tuple:
         """The tracked relative widths, one per row (as given; the plan's schedules hold them)."""
-        if [sigma_rel_to_gamma(s) for s in self._given_sigma_rels] == self.gammas:
-            return self._given_sigma_rels
-        return tuple(gamma_to_sigma_rel(g) for g in self.gammas)
+        return self._run.sigma_rels
 
     def _check_storable(self) -> None:
         """Refuse, at construction, model tensors no snapshot can store (sparse, quantized): every
         snapshot would fail on them. Other dtypes safetensors has no name for (complex, uint16, ...)
         are stored as their bytes."""
-        bad = [f"{n} ({t.layout}, {t.dtype})" for n, t in _unwrap(self.model).state_dict(keep_vars=True).items()
+        bad = [f"{n} ({t.layout}, {t.dtype})" for n, t in unwrap(self.model).state_dict(keep_vars=True).items()
                if t.layout != torch.strided or t.is_quantized]
         if bad:
             raise TypeError(f"PostHocEMA cannot store {', '.join(bad[:3])} in its snapshots (a snapshot holds dense "
@@ -152,16 +158,17 @@ class PostHocEMA(EMA):
         # folder changes nothing; a snapshot that cannot be written is reported after the update.
         due = self.plan.cadence.due()
         n = self.plan.updates + 1
-        writes = due and (self._due is not None or (self.snapshot_every is not None and n % self.snapshot_every == 0))
-        if writes or not self._checked:
+        every = self.snapshot_every
+        writes = due and (self._run.due is not None or (every is not None and n % every == 0))
+        if writes or not self._run.checked:
             self._check_folder(writing=writes, stacklevel=3)     # the warnings point at update()'s caller
         before = self.plan.updates
         super()._eager_update(step)
         n = self.plan.updates
         if n == before or not writes:
             return
-        if self._due is None:
-            self._due = (self.plan.last_time, n)
+        if self._run.due is None:
+            self._run.due = (self.plan.last_time, n)
         self._write(applied=True)
 
     def _check_folder(self, writing: bool, stacklevel: int) -> None:
@@ -179,7 +186,7 @@ class PostHocEMA(EMA):
             problem = box[0]
         if problem is not None:
             raise ValueError(problem)
-        self._checked = True
+        self._run.checked = True
 
     def snapshot(self) -> str:
         """Write every profile, as of the last update, to ``path``; returns the snapshot's path.
@@ -197,7 +204,7 @@ class PostHocEMA(EMA):
             SnapshotError: the snapshot could not be written (``applied=False``; nothing was
                 counted); a snapshot stays due, written at the next ``update()``.
         """
-        self._not_swapped("snapshot()")
+        self._swap.refuse("snapshot()")
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
         self._check_folder(writing=True, stacklevel=2)
@@ -210,12 +217,12 @@ class PostHocEMA(EMA):
         try:
             path = self._write_snapshot()
         except (OSError, OverflowError) as err:
-            if applied and self._due is None:
-                self._due = (time, n)
+            if applied and self._run.due is None:
+                self._run.due = (time, n)
             raise SnapshotError(self._lost(err, time, n, applied), time=time, updates=n, applied=applied,
                                 errno=getattr(err, "errno", None) or (None if isinstance(err, OverflowError)
                                                                       else _errno.EIO)) from err
-        self._due = None
+        self._run.due = None
         return path
 
     def _lost(self, err: BaseException, time: float, n: int, applied: bool) -> str:
@@ -226,9 +233,9 @@ class PostHocEMA(EMA):
             reason = str(err)
         first = (f"update {n} was applied and counted; do not repeat it. " if applied else "")
         since = ""
-        if self._due is not None and self._due[0] != time:
-            since = f" (due since time {self._due[0]:g}, update {self._due[1]})"
-        retry = ("It is retried at the next update() (or call snapshot())" if applied or self._due is not None
+        if self._run.due is not None and self._run.due[0] != time:
+            since = f" (due since time {self._run.due[0]:g}, update {self._run.due[1]})"
+        retry = ("It is retried at the next update() (or call snapshot())" if applied or self._run.due is not None
                  else "Nothing was counted; call snapshot() again once it can be written")
         return f"{first}The snapshot at time {time:g}{since} was not written to {self.path!r}: {reason}. {retry}."
 
@@ -237,7 +244,7 @@ class PostHocEMA(EMA):
         tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
         overflow: list[str] = []
         sharded, specs = self.sharded, self._model.specs
-        for name, t, source, value in self._state_entries(0):         # one walk and check for every row
+        for name, t, source, value in self._checkpoint.entries(0):         # one walk and check for every row
             if source is None or source not in self._avg.names:
                 kept = t.detach() if value is None else value()
                 shapes[name] = list(kept.shape)
@@ -279,18 +286,67 @@ class PostHocEMA(EMA):
                             others=others, dtype=self.snapshot_dtype, shapes=shapes, run_id=self.run_id, raw=raw)
         return write_snapshot(self.path, time, tensors, meta, sharded=sharded)
 
-    # ------------------------------------------------------------ checkpoints: the run id, the profiles
+    # ------------------------------------------------------------ synthesis
 
-    def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "run_id": self.run_id}
+    def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
+                   max_error: float = MAX_ERROR, into: nn.Module | None = None, dtype=None):
+        """The average of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
+        snapshot's) from the snapshots written so far: see :func:`fastema.posthoc.synthesize`.
+        ``into`` may be DDP- or torch.compile-wrapped (the names are the inner model's)."""
+        return synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
+                          into=None if into is None else unwrap(into), dtype=dtype)
 
-    def _check_extra(self, state: dict, problems: list) -> None:
-        super()._check_extra(state, problems)
+    def __repr__(self) -> str:
+        return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="
+                f"{self.snapshot_every}, path={self.path!r}, run_id={self.run_id!r}, shadow={self._avg!r})")
+
+
+def _describe(state) -> str:
+    if not isinstance(state, dict):
+        return repr(state)
+    kind = state.get("kind")
+    if kind == "constant":
+        return f"a constant decay {state.get('decay')!r}"
+    if kind == "power_function":
+        return f"a power function of gamma {state.get('gamma')!r}"
+    return f"a {kind} schedule"
+
+
+class _Run:
+    """A PostHocEMA run as its checkpoint keeps it (the checkpoint side's core): the engine's plan
+    and counters, and the run's id (its snapshots carry it; a resume takes the checkpoint's, a
+    fastema 0.1 checkpoint, which has none, goes on as the legacy run); whether its folder was
+    checked since construction or the last load; the snapshot due and not written yet."""
+
+    def __init__(self, core: Average, given: tuple):
+        self.core, self.given = core, given
+        self.id = uuid.uuid4().hex
+        self.checked = False
+        self.due: tuple | None = None            # (time, updates) of a snapshot due and not written yet
+
+    @property
+    def gammas(self) -> list[float]:
+        return [float(s.gamma) for s in self.core.plan.schedules]
+
+    @property
+    def sigma_rels(self) -> tuple:
+        if [sigma_rel_to_gamma(s) for s in self.given] == self.gammas:
+            return self.given
+        return tuple(gamma_to_sigma_rel(g) for g in self.gammas)
+
+    def check_row(self, row: int) -> None:
+        self.core.check_row(row)
+
+    def plan_state(self) -> dict:
+        return {**self.core.plan_state(), "run_id": self.id}
+
+    def check_plan_state(self, state: dict, problems: list) -> None:
+        self.core.check_plan_state(state, problems)      # the device plan's checks too (M4)
         run_id = state.get("run_id")
         if run_id is not None and not valid_run_id(run_id):
             problems.append(f"run_id must be the id of a PostHocEMA run, got {run_id!r}")
         saved = state.get("schedules")
-        if not isinstance(saved, list) or len(saved) != self.plan.rows:
+        if not isinstance(saved, list) or len(saved) != self.core.plan.rows:
             return                                        # the plan names a count that differs
         kinds = [s.get("kind") if isinstance(s, dict) else None for s in saved]
         mine = [round(s, 4) for s in self.sigma_rels]
@@ -315,36 +371,11 @@ class PostHocEMA(EMA):
                             f"A run keeps its profiles (its snapshots are combined by them): make the PostHocEMA "
                             f"with sigma_rels={tuple(widths)} to resume that run")
 
-    def _load_extra(self, state: dict) -> None:
-        super()._load_extra(state)
+    def load_plan_state(self, state: dict) -> None:
+        self.core.load_plan_state(state)
         run_id = state.get("run_id")
         # the resumed run writes on into its snapshots; a fastema 0.1 checkpoint (no run id) continues
         # the legacy run: its snapshots go on beside the version-1 ones, read as one run with them
-        self.run_id = LEGACY_RUN_ID if run_id is None else run_id
-        self._checked = False                             # the folder is checked again for this run and time
-        self._due = None                                  # a missed snapshot of the replaced state goes with it
-
-    # ------------------------------------------------------------ synthesis
-
-    def synthesize(self, sigma_rel: float | None = None, *, gamma: float | None = None, time: float | None = None,
-                   max_error: float = MAX_ERROR, into: nn.Module | None = None, dtype=None):
-        """The average of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
-        snapshot's) from the snapshots written so far: see :func:`fastema.posthoc.synthesize`.
-        ``into`` may be DDP- or torch.compile-wrapped (the names are the inner model's)."""
-        return synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
-                          into=None if into is None else _unwrap(into), dtype=dtype)
-
-    def __repr__(self) -> str:
-        return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="
-                f"{self.snapshot_every}, path={self.path!r}, run_id={self.run_id!r}, shadow={self._avg!r})")
-
-
-def _describe(state) -> str:
-    if not isinstance(state, dict):
-        return repr(state)
-    kind = state.get("kind")
-    if kind == "constant":
-        return f"a constant decay {state.get('decay')!r}"
-    if kind == "power_function":
-        return f"a power function of gamma {state.get('gamma')!r}"
-    return f"a {kind} schedule"
+        self.id = LEGACY_RUN_ID if run_id is None else run_id
+        self.checked = False                              # the folder is checked again for this run and time
+        self.due = None                                   # a missed snapshot of the replaced state goes with it

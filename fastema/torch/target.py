@@ -16,7 +16,7 @@ from ..average.device_plan import check_state as check_device_state
 from ..average.options import EMAOptions
 from ..schedules import MOMENTUM_SCHEDULES, Constant, NumUpdates, PowerWarmup, from_state
 from . import _compile
-from ._hooks import _patterns, _unwrap
+from ._hooks import patterns, unwrap
 from ._pairs import TorchPairs
 
 __all__ = ["REFUSALS", "TargetNetwork"]
@@ -118,7 +118,7 @@ class TargetNetwork(Face):
         for what, m in (("online", online), ("target", target)):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{what} must be a torch.nn.Module, got {type(m).__name__}")
-        if _unwrap(online) is _unwrap(target):
+        if unwrap(online) is unwrap(target):
             raise ValueError("target is the online network itself; pass a copy: TargetNetwork(online, "
                              "copy.deepcopy(online))")
         if tau is not None and momentum is not None:
@@ -145,11 +145,11 @@ class TargetNetwork(Face):
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
         self.online, self.target = online, target
-        self.buffers, self.exclude = buffers, _patterns("exclude", exclude)
+        self.buffers, self.exclude = buffers, patterns("exclude", exclude)
         self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers)
         for g in pairs.avg.groups:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
-        self._core = core = Average(opts, FORMAT, shadow=pairs.avg, adapter=pairs)
+        self._core = core = Average(opts, FORMAT, pairs.avg, adapter=pairs)
         core.rounding = rounding
         self._on_gpu = any(d != "cpu" for d in pairs.devices)
         if device_step is None:
@@ -157,7 +157,7 @@ class TargetNetwork(Face):
         if device_step:
             core.plan_on_device(also=pairs.behind_flags())   # and every kernel compiled and loaded now
         elif self._on_gpu:
-            pairs._capture_check = _refuse_capture
+            pairs.check = _refuse_capture
         self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
         self._ops_of: Any = None                         # the selection and guard _ops was made for
         self._ops_guarded: Any = None

@@ -2,6 +2,7 @@
 or of all of them (SWA)."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -11,7 +12,9 @@ from ..average.plan import Cadence
 from ..flat import FlatShadow
 from ..window import WindowShadow
 from ._average import TorchAverage
-from ._hooks import _match_names
+from ._checkpoint import global_view, local_part, staged
+from ._hooks import match_names
+from ._model import Selection, TorchModel
 
 __all__ = ["WindowAverage"]
 
@@ -37,8 +40,6 @@ class WindowAverage(TorchAverage):
             :meth:`export_peft` writes the averaged adapter).
     """
 
-    _format = "fastema.torch.WindowAverage"
-
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
                  trainable_only: bool | None = None):
@@ -48,14 +49,25 @@ class WindowAverage(TorchAverage):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if ring_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
-        self.window, self.every, self.ring_dtype = window, every, ring_dtype
-        make = (lambda avg: FlatShadow(avg, dtype="float32")) if window is None else \
-            (lambda avg: WindowShadow(avg, window, ring_dtype=ring_dtype))
-        super().__init__(model, make, buffers=buffers, exclude=exclude, copy=copy, trainable_only=trainable_only)
-        self.snapshots = 1                      # snapshots taken (the construction is the first)
+        self.window, self.ring_dtype = window, ring_dtype
+        swap = self._new_swap()
+        side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
+                          check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
+        shadow = FlatShadow(side.averaged, dtype="float32") if window is None else \
+            WindowShadow(side.averaged, window, ring_dtype=ring_dtype)
+        side.attach(shadow)
+        self._counts = _Counts(side, window, ring_dtype, Cadence(every))
+        super().__init__(side, swap, self._counts, "fastema.torch.WindowAverage", self._counts.cadence)
 
-    def _cadence(self) -> Cadence:
-        return Cadence(self.every)
+    @property
+    def every(self) -> int:
+        """A snapshot on every ``every``-th call of ``update()``."""
+        return self.cadence.every
+
+    @property
+    def snapshots(self) -> int:
+        """Snapshots taken (the construction is the first)."""
+        return self._counts.snapshots
 
     @property
     def count(self) -> int:
@@ -82,28 +94,45 @@ class WindowAverage(TorchAverage):
             else:
                 self._avg.push()
             self._model.copy_buffers()
-            self.snapshots += 1
+            self._counts.snapshots += 1
         self.cadence.called()
         if steps is not None:
             steps.done()
 
-    def _restart(self, model: nn.Module | None = None) -> None:
+    def _restart(self) -> None:
         if self.window is None:
             self._avg.copy_from_sources()
         else:
             self._avg.restart()
         self._model.copy_buffers()
-        self.snapshots = 1
+        self._counts.snapshots = 1
 
-    def _extra_state(self) -> dict:
-        state: dict = {"snapshots": self.snapshots, "window": self.window, "every": self.every,
-                 "ring_dtype": self.ring_dtype}
+    def __repr__(self) -> str:
+        kind = "cumulative" if self.window is None else f"window={self.window}"
+        return f"WindowAverage({kind}, snapshots={self.snapshots}, averaged={len(self._avg)} tensors)"
+
+
+class _Counts:
+    """What a window average's checkpoint keeps besides the model side's tensors (the checkpoint
+    side's core): the calls, the snapshots taken, the settings, and the ring (``window=W``)."""
+
+    def __init__(self, side: TorchModel, window: int | None, ring_dtype: str, cadence: Cadence):
+        self.side, self.window, self.ring_dtype, self.cadence = side, window, ring_dtype, cadence
+        self.snapshots = 1                      # snapshots taken (the construction is the first)
+
+    def check_row(self, row: int) -> None:
+        self.side.avg.check_row(row)
+
+    def plan_state(self) -> dict:
+        avg = self.side.avg
+        state: dict = {"calls": self.cadence.calls, "snapshots": self.snapshots, "window": self.window,
+                       "every": self.cadence.every, "ring_dtype": self.ring_dtype}
         if self.window is not None:
-            state["ring"] = self._staged({n: self._avg.ring_view(n) for n in self._avg.names}, True)
-            state["pushes"] = self._avg.pushes
+            state["ring"] = staged(self.side, {n: avg.ring_view(n) for n in avg.names}, True)
+            state["pushes"] = avg.pushes
         return state
 
-    def _check_extra(self, state: dict, problems: list) -> None:
+    def check_plan_state(self, state: dict, problems: list) -> None:
         if (state.get("window"), state.get("ring_dtype")) != (self.window, self.ring_dtype):
             problems.append(f"checkpoint window/ring_dtype {state.get('window')!r}/{state.get('ring_dtype')!r}, "
                             f"this average {self.window!r}/{self.ring_dtype!r}")
@@ -114,24 +143,23 @@ class WindowAverage(TorchAverage):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 problems.append(f"{key} must be an int >= {least}, got {v!r}")
         if self.window is not None:
+            avg = self.side.avg
             ring = state.get("ring")
-            matched = _match_names(ring, self._avg.names)[0] if isinstance(ring, dict) else {}
-            for n in self._avg.names:
+            matched = match_names(ring, avg.names)[0] if isinstance(ring, dict) else {}
+            for n in avg.names:
                 v = matched.get(n)
-                want = self._global(n, self._avg.ring_view(n), True).shape
+                want = global_view(self.side, n, avg.ring_view(n), True).shape
                 if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
                     problems.append(f"ring {n!r} missing or of another shape")
 
-    def _load_extra(self, state: dict) -> None:
-        self.snapshots, self.every = int(state["snapshots"]), int(state["every"])
+    def load_plan_state(self, state: dict) -> None:
+        self.cadence.calls, self.cadence.every = int(state["calls"]), int(state["every"])
+        self.snapshots = int(state["snapshots"])
         if self.window is not None:
-            ring = _match_names(state["ring"], self._avg.names)[0]
+            avg = self.side.avg
+            ring = match_names(state["ring"], avg.names)[0]
             with torch.no_grad():
-                for n in self._avg.names:
-                    dst = self._avg.ring_view(n)
-                    dst.copy_(self._local_part(n, ring[n], dst, True))
-            self._avg.pushes = int(state["pushes"])
-
-    def __repr__(self) -> str:
-        kind = "cumulative" if self.window is None else f"window={self.window}"
-        return f"WindowAverage({kind}, snapshots={self.snapshots}, averaged={len(self._avg)} tensors)"
+                for n in avg.names:
+                    dst = avg.ring_view(n)
+                    dst.copy_(local_part(self.side, n, ring[n], dst, True))
+            avg.pushes = int(state["pushes"])

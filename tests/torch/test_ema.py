@@ -376,8 +376,8 @@ def test_ddp_wrapped_model():
         bare = EMA(mlp(), 0.9)
         bare.load_state_dict(ema.state_dict())
         fresh = mlp()
-        with pytest.warns(DeprecationWarning, match="averaged_state_dict"):   # the old name, one more release
-            fresh.load_state_dict(ema.ema_state_dict())
+        fresh.load_state_dict(ema.averaged_state_dict())
+        assert not hasattr(ema, "ema_state_dict")           # the old name is gone (0.1.0 was never released)
     finally:
         dist.destroy_process_group()
 

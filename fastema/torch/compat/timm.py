@@ -15,7 +15,7 @@ from torch import nn
 from ... import schedules as S
 from ..._backends import address_key, layout_guard
 from ...pairs import PairShadow
-from .. import _unwrap, _watch
+from .._hooks import unsynced, unwrap, watch
 from ._common import kernel_pair
 
 __all__ = ["ModelEmaV3"]
@@ -66,10 +66,9 @@ class ModelEmaV3(nn.Module):
             self.module.to(dtype=dtype)
         self._cached = None          # (model, tensors, addresses, pairs, copies, slow, layout check)
         self._stale = False
-        self._resync = False         # the model was wrapped in DDP after construction
+        self.resync = False          # the model was wrapped in DDP after construction (see restart)
         self._updates = 0            # updates made: the stochastic-rounding counter
-        _watch(self.module, self)
-        _watch(_unwrap(model), self)
+        watch((self.module, unwrap(model)), self)
 
     def get_decay(self, step: int | None = None) -> float:
         """timm's decay: ``decay`` without a step; with one, 0 until ``update_after_step``, then the
@@ -79,11 +78,17 @@ class ModelEmaV3(nn.Module):
         return S.PowerWarmup(self.decay, self.min_decay, self.warmup_gamma, self.warmup_power,
                              self.update_after_step, warmup=self.use_warmup)(step)
 
-    def _fresh(self) -> bool:
-        return self._updates == 0
-
-    def _restart(self, model: nn.Module) -> None:
-        self.set(model)                          # DDP broadcast rank 0's weights after construction
+    def restart(self, model: nn.Module) -> None:
+        """After ``DistributedDataParallel(model)`` (``resync``, set by fastema's registration hooks),
+        at its first forward or the next update: start over from ``model``'s weights (rank 0's,
+        broadcast by the wrap) if no update was made yet; warn that the ranks may differ if one was."""
+        if not self.resync:
+            return
+        self.resync = False
+        if self._updates:
+            unsynced(type(self).__name__)
+        else:
+            self.set(model)
 
     def _pairs(self, model):
         # Pairing by state_dict() order (as timm) costs a walk of both models; it is cached and
@@ -112,8 +117,7 @@ class ModelEmaV3(nn.Module):
         slow = [(e, m) for e, m, f in zip(ema_f, model_f, fast) if not f]     # torch's lerp, as timm's
         pairs = PairShadow([e for e, f in zip(ema_f, fast) if f], [m for m, f in zip(model_f, fast) if f])
         tensors = ema_f + model_f
-        _watch(_unwrap(model), self)
-        _watch(self.module, self)
+        watch((unwrap(model), self.module), self)
         key = address_key(tensors)
         self._cached = (model, tensors, key, pairs, copies, slow, None if key is None else layout_guard(tensors))
         self._stale = False
@@ -121,9 +125,8 @@ class ModelEmaV3(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
-        if self._resync:                         # DDP broadcast rank 0's weights after construction
-            self._resync = False
-            self._restart(model)
+        if self.resync:                          # DDP broadcast rank 0's weights after construction
+            self.restart(model)
         pairs, copies, slow = self._pairs(model)
         decay = self.get_decay(step)
         pairs.update(decay, seed=self.stochastic_rounding_seed, step=self._updates,
