@@ -99,7 +99,7 @@ class Variant:
     """One kernel as one launcher launches it."""
     name: str                 # short, unique: the test id and the table's first column
     path: str                 # which public path launches it
-    family: str               # "lerp", "plan_lerp", "scan", "merge", "other"
+    family: str               # "lerp", "plan_lerp", "scan", "other"
     build: Callable           # () -> (dispatcher, args): the kernel and the arguments its launcher passes
     cap: int                  # register cap (headroom over today's count, gpu.md §1.7)
     x_bytes: int = 4          # bytes per source element read
@@ -112,13 +112,11 @@ class Variant:
 
     def moved(self) -> tuple[float, float]:
         """(read, written) bytes per element a launch must move: the source and each shadow row read,
-        each row written (the scan: the source read; the merge: ``rows`` inputs read, one output written)."""
+        each row written (the scan: the source read)."""
         if self.traffic is not None:
             return self.traffic
         if self.family == "scan":
             return float(self.x_bytes), 0.0
-        if self.family == "merge":
-            return float(self.x_bytes * self.rows), float(self.q_bytes)
         return float(self.x_bytes + self.q_bytes * self.rows), float(self.q_bytes * self.rows)
 
     def min_bytes(self) -> float:
@@ -193,19 +191,6 @@ def _scan(xk):
     return build
 
 
-def _merge(ik, ok, wide, sr):
-    """The merge kernel's CUDA twin (no launcher yet: the arguments of ``merge_cpu.merge_kernel`` but
-    ``chunk``, as ``tests/merge/test_merge_cuda.py`` passes them)."""
-    def build():
-        from fastema.kernels import merge_cuda
-
-        w = np.float64 if wide else np.float32
-        args = (4096, 1 << 20, 2 << 20, np.array([3 << 20, 4 << 20], np.int64), np.ones(2, w), True, True,
-                np.uint32(7), np.int64(0))
-        return merge_cuda.merge_kernel(ik, ok, wide, sr), args
-    return build
-
-
 def _other(name):
     """The other per-update kernels, with the arguments their launchers pass (``cuda_bound.plan_launch``,
     ``copy_launch``; ``cuda.bema``, host weights for the float64 lerp)."""
@@ -232,7 +217,6 @@ def variants() -> list[Variant]:
                "bounds (3 blocks per SM), and one 16-byte shadow and source vector a thread keep 24 KiB in flight "
                "(issue 45 item 2: two vectors a thread)")
     scan = "the scan loads 1 element, then branches on it (issue 45 item 2: vector loads, a register flag)"
-    merge = "the CUDA merge twin: one element a thread, scalar loads, no launcher (issue 45 item 2)"
     return [
         Variant("lerp f32<-f32", "FlatShadow.update, ema_update_, EMA (plan on the host)", "lerp",
                 _lerp(F32, F32), 64),
@@ -260,11 +244,6 @@ def variants() -> list[Variant]:
                 known=(("vector", scan), ("in_flight", scan))),
         Variant("scan bf16", "skip_nonfinite, bfloat16 model", "scan", _scan(BF16), 96, x_bytes=2,
                 known=(("vector", scan), ("no_scalar16", scan), ("in_flight", scan))),
-        Variant("merge f32<-f32 x2", "merging checkpoints (CUDA twin)", "merge", _merge(F32, F32, False, False), 96,
-                rows=2, chunked=False, known=(("vector", merge), ("in_flight", merge))),
-        Variant("merge bf16<-bf16 x2 SR", "merging bfloat16 checkpoints (CUDA twin)", "merge",
-                _merge(BF16, BF16, False, True), 96, 2, 2, rows=2, chunked=False,
-                known=(("vector", merge), ("no_scalar16", merge), ("in_flight", merge))),
         Variant("plan", "the device plan's step where no lerp carries it (one thread)", "other", _other("plan"), 96,
                 streaming=False, traffic=(0.0, 0.0)),
         Variant("copy f32->f32", "a model average's buffers, copied at every update", "other", _other("copy"), 96,
@@ -556,7 +535,7 @@ def _touches(lp: Loop) -> tuple[bool, bool]:
 def element_loops(code: list[Instruction], chunked: bool = True) -> list[Loop]:
     """The loops over elements: loops that load and store global memory (directly or in a loop nested
     in them), but for the grid-stride loop over chunks around them (``chunked``: every kernel of
-    ``kernels/cuda.py``; the merge twin strides over elements) and for the loops nested in another
+    ``kernels/cuda.py``) and for the loops nested in another
     loop over elements (the further rows of a device-weights lerp, whose row count is not known at
     compile time: the first row is peeled into the enclosing loop)."""
     ls = loops(code)

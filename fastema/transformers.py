@@ -41,7 +41,7 @@ from ._files import atomic_write
 from ._state import GROUPS, from_named, load_refused, to_named
 from .average import EMAOptions
 from .torch import EMA
-from .torch._hooks import unwrap
+from .torch import unwrap
 
 __all__ = ["EMACallback", "STATE_FILE"]
 

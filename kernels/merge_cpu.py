@@ -20,7 +20,7 @@ Element ``j`` ends as ``fma(w[K-1], x_{K-1}[j], ... fma(w[0], x_0[j], 0))`` roun
 output kind: the same bits whether the K inputs come in one launch or in several (an input that
 cannot be memory-mapped is read and added on its own), on every target. Each chunk sums into a
 scratch buffer that stays in cache, inputs outer, elements inner: contiguous loops LLVM
-vectorises. The CUDA twin is :mod:`.merge_cuda`.
+vectorises. There is no CUDA merge yet (a merge is a host job: it reads files).
 """
 import functools
 

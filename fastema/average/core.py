@@ -14,7 +14,6 @@ before anything is loaded.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -29,53 +28,13 @@ from .device_plan import check_state as check_device_state
 from .options import EMAOptions
 from .plan import Pending, Plan
 
-__all__ = ["Average", "Face", "ModelAdapter", "PlanReader"]
+__all__ = ["Average", "Face", "ModelAdapter"]
 
 
-class PlanReader:
-    """The counters every model EMA (torch, JAX, TensorFlow) shows of its ``self.plan``: one
-    definition, so they read the same everywhere. ``decay``, ``updates`` and ``rows`` are the
-    conveniences; everything else is read on ``ema.plan``."""
-
-    _plan: Plan
-
-    @property
-    def plan(self) -> Plan:
-        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
-        return self._plan
-
-    @property
-    def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        return self.plan.decay
-
-    @property
-    def updates(self) -> int:
-        """Updates made (calls skipped by ``update_every`` not counted)."""
-        return self.plan.updates
-
-    @property
-    def rows(self) -> int:
-        """Averages kept (one per decay or profile; BEMA's output is one)."""
-        return self.plan.rows
-
-    # Deprecated (0.2): the plan's other settings are read on ``ema.plan``.
-    norms = property(lambda self: _moved(self, "norms"), doc="Deprecated: ``ema.plan.norms``.")
-    schedules = property(lambda self: _moved(self, "schedules"), doc="Deprecated: ``ema.plan.schedules``.")
-    update_every = property(lambda self: _moved(self, "update_every"), doc="Deprecated: ``ema.plan.update_every``.")
-    compensate = property(lambda self: _moved(self, "compensate"), doc="Deprecated: ``ema.plan.compensate``.")
-    debias = property(lambda self: _moved(self, "debias"), doc="Deprecated: ``ema.plan.debias``.")
-
-
-def _moved(face, name: str):
-    warnings.warn(f"ema.{name} is read on the plan now: ema.plan.{name} (the alias goes in the next release)",
-                  DeprecationWarning, stacklevel=3)
-    return getattr(face.plan, name)
-
-
-class Face(PlanReader):
+class Face:
     """The read side every face built on an :class:`Average` (``self._core``) shares: its plan,
-    counters and shadow settings."""
+    counters and shadow settings, one definition so they read the same on every face. ``decay``,
+    ``updates`` and ``rows`` are the conveniences; everything else is read on ``ema.plan``."""
 
     _core: "Average"
 
@@ -83,6 +42,21 @@ class Face(PlanReader):
     def plan(self) -> Plan:
         """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
         return self._core.plan
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        return self._core.plan.decay
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls skipped by ``update_every`` not counted)."""
+        return self._core.plan.updates
+
+    @property
+    def rows(self) -> int:
+        """Averages kept (one per decay or profile; BEMA's output is one)."""
+        return self._core.plan.rows
 
     @property
     def rounding(self) -> str:
@@ -127,7 +101,7 @@ class ModelAdapter(Protocol):
         ``flags`` is set."""
 
 
-class Average(PlanReader):
+class Average:
     """A model EMA over a shadow of the model's floating tensors: a :class:`~fastema.flat.FlatShadow`
     (fastema's own buffers), or a :class:`~fastema.pairs.PairShadow` (the average kept in the
     caller's tensors: a target network), or a shadow with their methods (the offloaded shadow).
@@ -148,14 +122,14 @@ class Average(PlanReader):
     those of the last fold that finished.
 
     A BEMA average keeps three shadow rows (the output, the EMA, ``theta_0``) and shows one
-    (:attr:`rows`): every read of row 0 is the output.
+    (``plan.rows``): every read of row 0 is the output.
     """
 
     version = 1
 
     def __init__(self, options: EMAOptions, fmt: str, shadow, shapes: Sequence = (), adapter=None):
         self.options = options
-        self._plan = options.plan()
+        self.plan: Plan = options.plan()       # the schedule and the counters
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
@@ -177,8 +151,8 @@ class Average(PlanReader):
 
     def check_row(self, row: int) -> None:
         """``row`` is one of the averages shown (BEMA: only its output, 0)."""
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.rows:
-            raise IndexError(f"row must be an int in [0, {self.rows}) (one per average), got {row!r}")
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.plan.rows:
+            raise IndexError(f"row must be an int in [0, {self.plan.rows}) (one per average), got {row!r}")
 
     # ------------------------------------------------------------ the update driver
 
@@ -189,7 +163,7 @@ class Average(PlanReader):
         launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
         call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
         None when the shadow follows them itself), called only when the call updates."""
-        pending = self._plan.next(step)         # checks step; records nothing yet
+        pending = self.plan.next(step)         # checks step; records nothing yet
         adapter = self.adapter
         plan = self.device_plan
         if plan is not None:                    # every call launches; the device skips
@@ -202,13 +176,13 @@ class Average(PlanReader):
             return
         elif adapter is not None:
             adapter.begin(False)
-        self._plan.done(pending)
+        self.plan.done(pending)
 
     def fold(self, pending: Pending, sources: Sequence | None = None) -> None:
         """The update :meth:`fastema.average.plan.Plan.next` described, from ``sources`` (None: as
         the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
         weights = pending.weights
-        shadow, adapter, plan = self.shadow, self.adapter, self._plan
+        shadow, adapter, plan = self.shadow, self.adapter, self.plan
         # a shadow that folds later (offload) gets, with each fold it queued, the way back to the
         # plan before this call: when that fold fails on its worker, the counters follow the shadow
         before = plan.mark() if shadow.folds_later else None

@@ -278,14 +278,6 @@ class EMA(tf.Module, Face):
                 v.assign(raw)
             self._rt.raw = None
 
-    def average_weights(self, row: int = 0) -> ContextManager[None]:
-        """Deprecated alias of :meth:`average_parameters` (the name every fastema face uses)."""
-        import warnings
-
-        warnings.warn("fastema.tensorflow.EMA.average_weights() is now average_parameters(); the old name goes in "
-                      "the next release", DeprecationWarning, stacklevel=2)
-        return self.average_parameters(row)
-
     def average_parameters(self, row: int = 0) -> ContextManager[None]:
         """``with ema.average_parameters(): evaluate()``: the average in, the variables' values back on exit.
         Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""

@@ -15,13 +15,14 @@ public classes), ``_compile``, ``_offload`` and ``_sharded``.
 """
 from ._checkpoint import FORMAT, VERSION  # noqa: F401
 from ._hooks import HOOKS as _HOOKS  # noqa: F401
-from ._hooks import normalize_name, registration_hooks
+from ._hooks import normalize_name, registration_hooks, unwrap
 from .ema import EMA
 from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "PostHocEMA", "TargetNetwork", "WindowAverage", "normalize_name", "registration_hooks"]
+__all__ = ["EMA", "PostHocEMA", "TargetNetwork", "WindowAverage", "normalize_name", "registration_hooks",
+           "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _HOOKS, the installed registration hooks (tests).

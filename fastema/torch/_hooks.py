@@ -37,7 +37,8 @@ def normalize_name(name: str) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP, DataParallel, DeepSpeed and torch.compile wrappers."""
+    """The model inside DDP, DataParallel, DeepSpeed and ``torch.compile`` wrappers (nested ones
+    too): what an average of ``model`` tracks and writes into (Accelerate's ``unwrap_model``)."""
     while True:
         inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
                                                       if type(model).__name__ in ("DistributedDataParallel",

@@ -56,26 +56,15 @@ def test_the_engine_names_moved_out_of_schedules_warn_for_one_release(name):
     assert moved is getattr(fastema.average.plan, name)
 
 
-def test_fastema_average_exports_what_users_call_and_the_contributors_types_warn_for_one_release():
+def test_fastema_average_exports_what_users_call_and_nothing_else():
     """fastema.average.__all__ is what users call (the options, the plan ema.plan is, the refusal
-    table of the host-plan faces); the engine's building blocks are imported from their modules,
-    and their old names on fastema.average work for one release with a warning naming the module."""
-    import importlib
-    import os
-    import subprocess
-    import sys
-
+    table of the host-plan faces); the engine's building blocks are imported from their modules
+    (0.2's development aliases on fastema.average are gone)."""
     import fastema.average
 
     assert sorted(fastema.average.__all__) == ["EMAOptions", "HOST_ONLY_REFUSALS", "Plan"]
-    for name, module in [("Average", "core"), ("Face", "core"), ("ModelAdapter", "core"), ("PlanReader", "core"),
-                         ("ShadowSettings", "options"), ("Cadence", "plan"), ("Pending", "plan"),
-                         ("ModelSwap", "swap")]:
-        with pytest.warns(DeprecationWarning, match=f"import it from fastema.average.{module}"):
-            alias = getattr(fastema.average, name)
-        assert alias is getattr(importlib.import_module(f"fastema.average.{module}"), name)
+    for name in ("Average", "Face", "ModelAdapter", "PlanReader", "ShadowSettings", "Cadence", "Pending",
+                 "ModelSwap"):
+        assert not hasattr(fastema.average, name), name
     with pytest.raises(AttributeError):
         fastema.average.NotAName
-    faces = "fastema.torch, fastema.jax, fastema.tensorflow, fastema.keras, fastema.lightning, fastema.transformers"
-    subprocess.run([sys.executable, "-W", "error:fastema.average:DeprecationWarning", "-c", f"import {faces}"],
-                   check=True, env={**os.environ, "KERAS_BACKEND": "torch"})   # the faces use no deprecated name

@@ -425,14 +425,15 @@ def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
             ema.swap(2)
 
 
-def test_the_plan_settings_are_read_on_the_plan_and_the_old_members_warn(model):
+def test_the_plan_settings_are_read_on_the_plan_only(model):
+    """``decay``, ``updates`` and ``rows`` are the face's conveniences; the plan's other settings
+    are read on ``ema.plan`` (0.2's development aliases are gone, with no warning left behind)."""
     ema = model.ema(model.many, update_every=2, **({} if model.refusal("debias") else {"debias": True}))
     rows = len(model.many) if isinstance(model.many, list) else 1
     assert (ema.decay, ema.updates, ema.rows) == (model.many, 0, rows)          # the three conveniences stay
+    assert ema.plan.update_every == 2
     for name in ("norms", "schedules", "update_every", "compensate", "debias"):
-        with pytest.warns(DeprecationWarning, match=f"ema.plan.{name}"):
-            value = getattr(ema, name)
-        assert value == getattr(ema.plan, name)
+        assert not hasattr(ema, name), name
 
 
 def test_skip_nonfinite_may_be_switched_on_between_updates(model):

@@ -2,7 +2,7 @@
 
 Each variant (``bench/gpu_sass.py``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
 nearest and stochastic rounding, one and two rows, host and device weights, the fused plan+lerp, the
-``skip_nonfinite`` scan, the merge twin) is compiled for the argument types its launcher passes, with
+``skip_nonfinite`` scan) is compiled for the argument types its launcher passes, with
 its dispatcher's options (LTO-IR where nvJitLink is present, numba-cuda's default), linked for sm_90 by
 nvJitLink through cuda.core's ``Linker`` (the call numba-cuda makes on a GPU), disassembled by
 ``nvdisasm`` and held to ``../shared/design/gpu.md`` §1.7: no spills; no local memory in a loop over
