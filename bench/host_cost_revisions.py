@@ -1,12 +1,18 @@
 """Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
 
-    python bench/host_cost_revisions.py BASE [HEAD] [--cases target6,ema6,ema148,ema3000] [--rounds 5]
+    python bench/host_cost_revisions.py BASE [HEAD] [--cases target6,ema6,ema148,ema3000,foreach6] [--rounds 5]
 
 Each revision is checked out in a temporary git worktree; every round runs each case of each
 revision in a fresh process (alternating, so both see the same machine), with tiny tensors (4x4
 linear layers: the launch and bookkeeping cost, not bandwidth) on one thread. A process times
 batches of calls after a warm-up and reports its best batch; the table gives the median over the
 rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host path.
+
+The baselines, timed in the same processes' rounds: ``foreach6`` is ``torch._foreach_lerp_`` over the
+same 6 tensors inside ``torch.no_grad()``, as TorchRL's ``SoftUpdate`` and SB3's ``polyak_update``
+call it (the source parameters require grad); ``foreach6bare`` the same call on tensors that need no
+grad, with no context (the floor of a Python call into a torch op). Each revision's ratio of
+``target6`` to them is printed under the table.
 """
 from __future__ import annotations
 
@@ -25,9 +31,19 @@ import fastema
 assert fastema.__file__.startswith(sys.argv[1]), fastema.__file__
 from fastema.torch import EMA, TargetNetwork
 case = sys.argv[2]
-n = int(case.lstrip("targetm"))
+n = int("".join(ch for ch in case if ch.isdigit()))
 net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
-if case.startswith("target"):
+if case.startswith("foreach"):
+    online, target = list(net.parameters()), list(copy.deepcopy(net).requires_grad_(False).parameters())
+    if case.endswith("bare"):
+        online = [p.detach() for p in online]
+        def update():
+            torch._foreach_lerp_(target, online, 0.005)
+    else:
+        def update():
+            with torch.no_grad():
+                torch._foreach_lerp_(target, online, 0.005)
+elif case.startswith("target"):
     update = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005).update
 else:
     update = EMA(net, 0.999).update
@@ -48,7 +64,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
     ap.add_argument("head", nargs="?", default="HEAD")
-    ap.add_argument("--cases", default="target6,ema6,ema148,ema3000")
+    ap.add_argument("--cases", default="target6,ema6,ema148,ema3000,foreach6,foreach6bare")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     cases = args.cases.split(",")
@@ -76,6 +92,11 @@ def main(argv=None) -> int:
         a, b = (statistics.median(times[(rev, c)]) for rev in trees)
         spread = " / ".join(f"{min(times[(rev, c)]):.2f}-{max(times[(rev, c)]):.2f}" for rev in trees)
         print(f"| {c} | {a:.2f} | {b:.2f} | {b - a:+.2f} (ranges {spread}) |")
+    for base in ("foreach6", "foreach6bare"):
+        if "target6" in cases and base in cases:
+            ratios = [statistics.median(times[(rev, "target6")]) / statistics.median(times[(rev, base)])
+                      for rev in trees]
+            print(f"\ntarget6 / {base}: " + ", ".join(f"{rev} {r:.2f}x" for rev, r in zip(trees, ratios)))
     return 0
 
 

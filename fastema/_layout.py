@@ -39,13 +39,30 @@ def parse_sources(sources) -> tuple[list[str], list, list]:
     return names, tensors, bufs
 
 
+def window(n: int, unit: int, split: tuple[int, int] | None) -> tuple[int, int]:
+    """The slice ``[lo, hi)`` of a row of ``n`` elements that rank ``r`` of ``w`` holds (``split = (r,
+    w)``; None: all of it): contiguous, its bounds multiples of ``unit`` (16 bytes of the shadow) but
+    the last rank's end, each slice at most ``ceil(n / w) + unit`` elements."""
+    if split is None:
+        return 0, n
+    r, w = split
+    cut = lambda i: n if i >= w else unit * ((i * n) // (w * unit))   # noqa: E731
+    return cut(r), cut(r + 1)
+
+
 class LayoutGroup:
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
     It has the fields :func:`fastema._launch.launch` reads (device, shadow_kind, src_kind,
-    tables, current_stream); ``backend`` is its sources' adapter."""
+    tables, current_stream); ``backend`` is its sources' adapter.
 
-    def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int):
+    With ``split = (rank, ranks)`` the buffer holds only this rank's slice of the group's row
+    (:func:`window`), the same elements at the same places as the whole group's buffer has them
+    from ``lo`` on: the pieces of the sources that fall in it are the launches' segments, keyed
+    by their place in the whole group (stochastic rounding draws the whole shadow's bits)."""
+
+    def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int,
+                 split: tuple[int, int] | None = None):
         first = bufs[0]
         self.members = members                       # positions in the shadow's source list
         self.device = first.device
@@ -63,20 +80,43 @@ class LayoutGroup:
         pad = 16 // ITEMSIZE[shadow_kind] if _launch.is_cuda(self.device) else 1
         spans = -(-np.asarray(self.counts, np.int64) // pad) * pad
         self.starts = np.concatenate([[0], np.cumsum(spans, dtype=np.int64)[:-1]])   # each source's shadow
-        self.n = int(spans.sum())                                  # the row length (stride), padded
+        self.whole = int(spans.sum())                              # the whole group's row, padded
+        self.lo, hi = window(self.whole, 16 // ITEMSIZE[shadow_kind], split)
+        self.n = hi - self.lo                                      # the row length (stride) held here
+        self.split = split is not None
+        counts = np.asarray(self.counts, np.int64)
+        first_el = np.clip(self.lo - self.starts, 0, counts)       # each source's elements held: [first, last)
+        last_el = np.clip(hi - self.starts, 0, counts)
+        held = last_el > first_el if self.split else np.ones(len(counts), bool)   # a whole group: every source
+        self.pieces = np.flatnonzero(held)                         # slots with elements held here
+        self.piece_first = first_el[held]                          # the first element held of each
+        self.piece_count = (last_el - first_el)[held]
+        packed = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        base = int(packed[self.pieces[0]] + self.piece_first[0]) if len(self.pieces) else 0
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        self.tables = _launch.tables([b.address for b in bufs], self.counts, self.segments(self.buffer),
-                                     self.device, self.current_stream, row_stride=self.n,
-                                     handed_over=self.backend.HANDS_OVER)
+        self.tables = _launch.tables(self.piece_addresses([b.address for b in bufs]), self.piece_count,
+                                     self.segments(self.buffer), self.device, self.current_stream,
+                                     row_stride=self.n, handed_over=self.backend.HANDS_OVER, base=base)
+
+    def piece_addresses(self, addresses: list) -> list:
+        """The addresses of the pieces held here, from the sources' (each source's own in a whole group)."""
+        if not self.split:
+            return addresses
+        size = ITEMSIZE[self.src_kind]
+        return [addresses[s] + int(f) * size for s, f in zip(self.pieces, self.piece_first)]
 
     def segments(self, buffer) -> np.ndarray:
-        """Per-source addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow."""
+        """Per-piece addresses of row 0 of a ``(rows, n)`` buffer laid out like this group's shadow
+        (per source in a whole group)."""
         b = describe(buffer, "buffer")
-        return b.address + self.starts * ITEMSIZE[b.kind]
+        return b.address + (self.starts[self.pieces] + self.piece_first - self.lo) * ITEMSIZE[b.kind]
 
     def strided(self, buffer_rows, slot: int, lead: tuple = ()):
         """The slice of ``buffer_rows`` (one row, or ``(R, n)`` rows with ``lead = (R,)``) that holds
-        source ``slot``, shaped and laid out like the source."""
+        source ``slot``, shaped and laid out like the source (a whole group's only)."""
+        if self.split:
+            raise RuntimeError("this shadow holds a slice of the sources (shard_replicas): no source has a "
+                               "whole view here; read the average through its face, which gathers it")
         lo = int(self.starts[slot])
         hi = lo + self.counts[slot]
         order = self.orders[slot]
@@ -89,12 +129,13 @@ class LayoutGroup:
 class FlatLayout:
     """The groups of a list of described sources, each with a ``(rows, n)`` shadow buffer."""
 
-    def __init__(self, bufs: list[Buf], shadow_kind_of, rows: int):
+    def __init__(self, bufs: list[Buf], shadow_kind_of, rows: int, split: tuple[int, int] | None = None):
         keys: dict[tuple, list[int]] = {}
         for i, b in enumerate(bufs):
             keys.setdefault((b.device, b.kind, shadow_kind_of(b)), []).append(i)
         self.rows = rows
-        self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows) for (_, _, sk), m in keys.items()]
+        self.split = split
+        self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows, split) for (_, _, sk), m in keys.items()]
         self.where = {}                                # source position -> (group, slot)
         for g in self.groups:
             for slot, i in enumerate(g.members):
@@ -102,7 +143,7 @@ class FlatLayout:
 
     def set_addresses(self, g: LayoutGroup, addresses: list) -> None:
         """The group's sources are now at ``addresses`` (same layout)."""
-        g.tables = _launch.update_addresses(g.tables, addresses, g.device, g.current_stream)
+        g.tables = _launch.update_addresses(g.tables, g.piece_addresses(addresses), g.device, g.current_stream)
 
     def view(self, i: int, row: int | None):
         """Shadow row ``row`` of source ``i`` shaped like it (``None``: every row, ``(rows, *shape)``)."""
@@ -110,6 +151,11 @@ class FlatLayout:
         if row is None:
             return g.strided(g.buffer, slot, (self.rows,))
         return g.strided(g.buffer[row], slot)
+
+    def pieces(self) -> list:
+        """Per group: ``(buffer, [(source position, first element, elements, column), ...])``."""
+        return [(g.buffer, [(g.members[int(s)], int(f), int(c), int(g.starts[s] + f - g.lo))
+                            for s, f, c in zip(g.pieces, g.piece_first, g.piece_count)]) for g in self.groups]
 
     def describe_groups(self) -> list[dict]:
         return [dict(device=g.device, src_dtype=KIND_NAMES[g.src_kind], shadow_dtype=KIND_NAMES[g.shadow_kind],

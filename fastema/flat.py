@@ -52,22 +52,32 @@ class FlatShadow(ShadowBase, BoundLaunches):
             ``"bfloat16"``, ``"float16"``, ``"float64"``, or ``"same"`` (each source's own
             dtype). float64 sources always get a float64 shadow.
         init: ``"copy"`` (every row starts as the sources) or ``"zeros"``.
+        split: ``(rank, ranks)``: keep only this rank's slice of every group's row (contiguous,
+            16-byte aligned, balanced: :func:`fastema._layout.window`), for an average split over
+            replicas that hold the same sources (``fastema.torch.EMA(shard_replicas=...)``).
+            Updates fold the slice alone and give its elements the bits the whole shadow would
+            hold; there are no per-source views (:meth:`pieces` gives the slice).
     """
 
     folds_later = False       # update_checked() writes now (an offloaded shadow queues; see fastema.average.core)
 
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
-                 init: str = "copy"):
+                 init: str = "copy", split: tuple[int, int] | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
             raise ValueError(f"rows must be an int from 1 to {MAX_DECAYS}, got {rows!r}")
         if dtype != "same" and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'same', got {dtype!r}")
         if init not in ("copy", "zeros"):
             raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}")
+        if split is not None and not (isinstance(split, tuple) and len(split) == 2
+                                      and all(isinstance(v, int) and not isinstance(v, bool) for v in split)
+                                      and 0 <= split[0] < split[1]):
+            raise ValueError(f"split must be (rank, ranks) with 0 <= rank < ranks, got {split!r}")
         names, tensors, bufs = parse_sources(sources)
         self.names = names
         self.rows = rows
-        self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows)
+        self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows,
+                                 split)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
         self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
@@ -104,6 +114,12 @@ class FlatShadow(ShadowBase, BoundLaunches):
     def state_view(self, source: int | str):
         """Everything a checkpoint keeps of one source: every row, ``(rows, *shape)`` (a view)."""
         return self.view(source, None)
+
+    def pieces(self) -> list[tuple[Any, list[tuple[int, int, int, int]]]]:
+        """Per group: its ``(rows, n)`` buffer and the pieces it holds, ``(source position, first
+        element, elements, column in the buffer)``, elements counted in the source's storage order
+        (every source whole, from column ``starts``, unless the shadow is ``split``)."""
+        return self.layout.pieces()
 
     # ------------------------------------------------------------ operations
 

@@ -11,7 +11,10 @@ Shared arguments (arrays 1-D, C-contiguous):
                  shadow gives ``base + seg_offset[s] * itemsize``; a scattered one
                  (another model's tensors) gives each tensor's own address, with K = 1.
     seg_addr:    int64[S] address of each source tensor's first element.
-    seg_offset:  int64[S + 1] where each source starts in a shadow row.
+    seg_offset:  int64[S + 1] where each source starts in the group's unpadded row; it starts past 0
+                 for a shadow that holds a slice of the group (``fastema._launch.tables``'s ``base``),
+                 and keys stochastic rounding's noise (``kinds.NOISE_ROW``); the shadow addresses
+                 are read relative to each segment's start.
     chunk_seg:   int32[C] segment of each chunk.
     chunk_begin: int64[C + 1] chunk boundaries within a shadow row.
 
@@ -34,7 +37,7 @@ from numba import njit, prange
 from ._cache import cached
 from ._cpu_hw import HW
 from ._target import WINDOW, bind, bodies
-from .kinds import F32, F64, ITEMSIZE, wide
+from .kinds import F32, F64, ITEMSIZE, NOISE_ROW, wide
 
 E = bind(functools.partial(njit, inline="always"), HW)
 # Bodies inlined straight into a prange loop (the metric kernels) get dispatchers of their own:
@@ -94,7 +97,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, parallel, device_key=False):
             within = begin - seg_offset[s]
             p_addr = seg_addr[s] + within * XB
             for k in range(len(weights)):          # rows after the first re-read the chunk from cache
-                first = k * n + begin              # the noise index: position in the (K, n) layout
+                first = k * NOISE_ROW + begin      # the noise index (kinds.NOISE_ROW): row, then position
                 chunk(shadow_addr[s] + (k * n + within) * SB, p_addr, m, weights[k], first, k32)
 
     return _compile(kernel, parallel)

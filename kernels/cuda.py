@@ -16,7 +16,7 @@ from ._cache import cached_cuda
 from ._cuda_hw import HW, SIMULATOR, VECTORS
 from ._cuda_hw import types as numba_types
 from ._target import WINDOW, bind, bodies
-from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, PLAN_KEYS_MAX, S_NORMS, wide
+from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, NOISE_ROW, PLAN_KEYS_MAX, S_NORMS, wide
 
 E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
 _DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kinds)
@@ -188,7 +188,6 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
         step = cuda.blockDim.x
         rows_aligned = rows == 1 or (n & 3) == 0
         rows_aligned8 = rows == 1 or (n & 7) == 0
-        packed = seg_offset[seg_offset.size - 1]         # the unpadded row: the noise index is the CPU's
         xv = cuda.local.array(8, f32)                    # two vectors of source values
         ev = cuda.local.array(8, u32)                    # and of shadow bits (registers once unrolled)
         xw = cuda.local.array(8, u32)                    # a 16-bit shadow's source words
@@ -231,7 +230,7 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
                         if k > 0:
                             ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
                         w = weights[k]
-                        i = k * packed + j0 + off                # the noise index of element j0, as the scalar loop's
+                        i = k * NOISE_ROW + j0 + off             # the noise index of element j0, as the scalar loop's
                         ev[4], ev[5], ev[6], ev[7] = _Z32, _Z32, _Z32, _Z32
                         for lane in range(8):                    # one body, unrolled by the compiler
                             half = _S16 * np.uint32(lane & 1)
@@ -244,7 +243,7 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
             for j in range(start + cuda.threadIdx.x, hi, step):
                 x = load(p, j, XK)
                 for k in range(rows):
-                    lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * packed + j + off)
+                    lerp_at(q, k * n + j, x, weights[k], SK, SR, key, k * NOISE_ROW + j + off)
 
     return cuda.jit(device=True, inline="always")(lerp_chunks)
 

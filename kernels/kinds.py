@@ -28,6 +28,10 @@ S_CALLS, S_UPDATES, S_LAST, S_NORMS = 0, 1, 2, 3   # state: calls, updates, the 
 MAX_ROWS = 8                                    # shadow rows (decays) one launch updates (fastema.ops.MAX_DECAYS)
 PLAN_KEYS_MAX = 32                              # groups whose rounding keys a fused plan-and-lerp launch
                                                 # (plan_lerp_kernel) advances: its per-block copy is this size
+NOISE_ROW = 1 << 40                             # stochastic rounding's noise index of row k, element j of a
+                                                # group: k * NOISE_ROW + j, j counted in the unpadded row of the
+                                                # whole group (seg_offset), so a shadow that holds a slice of
+                                                # the group (shard_replicas) draws the whole one's bits
 
 
 def wide(*kinds) -> bool:

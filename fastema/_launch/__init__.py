@@ -242,7 +242,7 @@ def _nothing(weights, key=0) -> None:
 
 
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
-           follow: bool = True, row_stride: int | None = None, handed_over: bool = False) -> Tables:
+           follow: bool = True, row_stride: int | None = None, handed_over: bool = False, base: int = 0) -> Tables:
     """Tables for sources at ``src_addresses`` with element ``counts`` on ``device``, averaged
     into shadows at ``shadow_addresses`` (one per source; ``flat_shadow`` for one flat buffer),
     uploaded on the stream ``current_stream()`` names (see :class:`Group`).
@@ -250,13 +250,15 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     sources handed over anew every step (``handed_over``: JAX, TensorFlow) get two address
     tables to alternate between, the others one, rewritten in place.
     ``row_stride``: elements between a shadow's rows (default: the sum of ``counts``).
+    ``base``: where the first source starts in the whole row (a shadow holding a slice of it: the
+    segments keep their places, which key stochastic rounding's noise).
     On CUDA the tables are written when this returns (they may be read by a launch on any stream),
     and refused while a CUDA graph is being captured on that stream (:func:`refuse_during_capture`)."""
-    seg_offset = segment_offsets(counts)
+    seg_offset = segment_offsets(counts) + np.int64(base)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
     as_i64 = lambda a: np.asarray(a, np.int64).reshape(-1)  # noqa: E731
-    n = int(seg_offset[-1]) if row_stride is None else int(row_stride)
+    n = int(seg_offset[-1] - seg_offset[0]) if row_stride is None else int(row_stride)
     host = Tables(as_i64(shadow_addresses), as_i64(src_addresses), seg_offset, chunk_seg, chunk_begin, n,
                   len(chunk_seg))
     if not is_cuda(device):

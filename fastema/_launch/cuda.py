@@ -231,7 +231,7 @@ def _run(kernel, device: str, stream, blocks, *args):
 
 
 def _chunks(group, stream, kernel, *args):
-    _run(kernel, group.device, stream, min(group.tables.chunks, config.CUDA_MAX_BLOCKS), *args)
+    _run(kernel, group.device, stream, max(1, min(group.tables.chunks, config.CUDA_MAX_BLOCKS)), *args)
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):

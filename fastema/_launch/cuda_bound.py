@@ -295,7 +295,7 @@ class LerpLaunch(_Bound):
         key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
         g = self.group
         args = (*g.tables.args(), weights, self.flag, key)
-        self._launch(self._dispatcher, args, g.current_stream(), min(g.tables.chunks, config.CUDA_MAX_BLOCKS))
+        self._launch(self._dispatcher, args, g.current_stream(), max(1, min(g.tables.chunks, config.CUDA_MAX_BLOCKS)))
 
     def _dispatcher(self, args):
         return K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
@@ -333,7 +333,7 @@ class BoundLaunch(_Bound):
     def blocks(self) -> int:
         if self.grid is not None:
             return self.grid
-        blocks = min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS)
+        blocks = max(1, min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS))   # a rank may hold no element
         if self.per_sm is not None:
             cap = getattr(config, self.per_sm) * _sm_count(self.index)
             if cap:
