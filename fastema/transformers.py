@@ -37,11 +37,10 @@ except ImportError as e:                                    # pragma: no cover -
     raise ImportError('fastema.transformers needs Hugging Face transformers: pip install "fastema[transformers]"') \
         from e
 
-from ._files import atomic_write
+from ._io.files import atomic_write
 from ._state import GROUPS, from_named, load_refused, to_named
 from .average import EMAOptions
-from .torch import EMA
-from .torch import unwrap
+from .torch import EMA, unwrap
 
 __all__ = ["EMACallback", "STATE_FILE"]
 
@@ -241,7 +240,7 @@ class EMACallback(TrainerCallback):
         header, named = to_named(self.ema.state_dict(), host=_local, who="EMACallback")
         tensors = {key: (t, t.dtype) for key, t in named.items()}
         meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(header)}
-        from ._safetensors import stream_safetensors
+        from ._io.safetensors import stream_safetensors
 
         atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
 

@@ -6,6 +6,8 @@ Installed as ``fastema.kernels`` from the top-level ``kernels/`` folder (``packa
 - :mod:`.kinds`: storage kinds, item sizes, swap and EMA modes (the kernels' constants).
 - :mod:`._bits`: scalar bit math (dtype conversions, stochastic rounding, exact swap packing).
 - :mod:`._stats`: scalar running statistics (EMA step, Neumaier compensated sum).
+- :mod:`.formulas`: the schedules' scalar formulas of :mod:`._stats`, for the host
+  (:mod:`fastema.schedules` calls them).
 - :mod:`._elementwise`: the element body of every kernel, written once.
 - :mod:`._intrinsics`: bit casts, FMA and typed pointers, once for every target;
   :mod:`._cpu_hw` and :mod:`._cuda_hw` instantiate them (the CUDA one falls back to plain

@@ -19,9 +19,9 @@ from ..schedules import (
     NumUpdates,
     PowerFunction,
     PowerWarmup,
-    _check_count,
-    _check_decay,
     as_python,
+    check_count,
+    check_decay,
     check_power_args,
     check_step,
     compensated,
@@ -39,7 +39,7 @@ class Cadence:
 
     def __init__(self, every: int = 1):
         every = as_python(every)            # a NumPy int: the Python int in the checkpoints
-        _check_count("update_every", every, 1)
+        check_count("update_every", every, 1)
         self.every = every
         self.calls = 0                      # update() calls, skipped ones included
 
@@ -84,7 +84,7 @@ def _check_decay_value(d) -> None:
                         f"give PowerFunction as sigma_rel=, HalfLife as half_life=, BEMA as bema=, a warm-up as "
                         f"warmup=")
     if not isinstance(d, MOMENTUM_SCHEDULES):
-        _check_decay("decay", d)
+        check_decay("decay", d)
 
 
 def _merge_every_problem(schedule, every: int) -> str | None:
@@ -341,9 +341,9 @@ class Plan:
             return
         try:
             schedules = [from_state(s) for s in saved]
-            _check_count("updates", state["updates"])
-            _check_count("calls", state["calls"])
-            _check_count("update_every", state["update_every"], 1)
+            check_count("updates", state["updates"])
+            check_count("calls", state["calls"])
+            check_count("update_every", state["update_every"], 1)
             problem = _merge_every_problem(schedules[0], state["update_every"])    # saved before it was refused
             if problem:
                 problems.append(problem)

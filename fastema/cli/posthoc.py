@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 
-from .._files import atomic_write
+from .._io.files import atomic_write
 from ..posthoc.plot import plot_profiles
 from ..posthoc.profiles import MAX_ERROR
 from ..posthoc.synthesis import synthesize

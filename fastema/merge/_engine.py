@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .. import _launch
-from ._dtypes import ITEMSIZE, KIND
-from .plan import Item
+from .._io.safetensors import ITEMSIZE
+from .plan import KIND, Item
 
 __all__ = ["Engine", "PIECE_BYTES"]
 

@@ -1,14 +1,15 @@
 """Safetensors inputs of a merge: a safetensors file, or a Hugging Face model folder
 (``model.safetensors``, or the shards ``model.safetensors.index.json`` lists). The JSON header is
-parsed and checked here against the file as the safetensors library checks it (dtypes, shapes,
-sizes; no name twice; the tensors' spans tile the data area from its first byte to the file's
-end): a truncated or damaged file is refused before anything is written. Tensors are read
-memory-mapped, or with ``pread`` into small buffers. A file that shrinks while it is read is a
-MergeError naming it and the tensor, not a SIGBUS: its size is checked before each tensor, and each
-piece's pages are mapped in one call that fails on pages past the file's end (where the system has
-no such call, the input is read with ``pread``). Only a shrink in the milliseconds between that
-call and the kernel's read of the piece can still be fatal; ``read="pread"`` has no such window.
-A file replaced (renamed over) after its header was read is refused before it is mapped or opened.
+parsed and checked against the file as the safetensors library checks it
+(:func:`fastema._io.safetensors.read_header`: dtypes, shapes, sizes; no name twice; the tensors'
+spans tile the data area from its first byte to the file's end): a truncated or damaged file is
+refused before anything is written. Tensors are read memory-mapped, or with ``pread`` into small
+buffers. A file that shrinks while it is read is a MergeError naming it and the tensor, not a
+SIGBUS: its size is checked before each tensor, and each piece's pages are mapped in one call that
+fails on pages past the file's end (where the system has no such call, the input is read with
+``pread``). Only a shrink in the milliseconds between that call and the kernel's read of the piece
+can still be fatal; ``read="pread"`` has no such window. A file replaced (renamed over) after its
+header was read is refused before it is mapped or opened.
 
 Descriptors stay few whatever the number of files: a map holds none (:class:`._source.FileMap`),
 a ``pread`` descriptor is opened when its file is first read and closed once its tensors are
@@ -16,13 +17,13 @@ read, and a file's map goes then too."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 
 import numpy as np
 
-from ._dtypes import FROM_CODE, ITEMSIZE
+from .._io.safe_files import os_problem, regular
+from .._io.safetensors import ITEMSIZE, file_label, read_header
 from ._source import (
     DONTNEED,
     Entry,
@@ -30,133 +31,33 @@ from ._source import (
     MergeError,
     Source,
     advise,
-    os_problem,
     populate,
     read_problem,
-    regular,
+    refused,
     step_from_name,
 )
 
 __all__ = ["SafetensorsSource", "hf_folder", "meta_step", "read_safetensors_header", "trainer_step"]
 
-_MAX_HEADER = 100_000_000            # safetensors' own limit on a header
-_INT64 = 2**63                       # a shape's dimensions and bytes stay below (NumPy's and torch's index type)
 INDEX = "model.safetensors.index.json"
 _STEP_KEYS = ("global_step", "step", "iteration", "num_updates", "train_step")
 
 
-class _Object(dict):
-    """A JSON object of a header, with the keys it names more than once (``json`` keeps the last)."""
-
-    repeated: tuple = ()
-
-
-def _pairs(pairs: list) -> _Object:
-    obj = _Object(pairs)
-    if len(obj) != len(pairs):
-        seen: set = set()
-        twice = []
-        for key, _ in pairs:
-            if key in seen:
-                twice.append(key)
-            seen.add(key)
-        obj.repeated = tuple(twice)
-    return obj
-
-
-def _where(label: str, path: str) -> str:
-    return label if f"({path})" in label else f"{label}, file {path!r}"
-
-
 def read_safetensors_header(path: str, label: str) -> tuple:
     """``(entries, metadata, offsets, size)`` of a safetensors file, every field checked against the
-    file as the safetensors library checks it (a truncated or damaged file is a MergeError naming it
-    and the tensor); ``offsets``: each tensor's first byte in the file."""
+    file as the safetensors library checks it (:func:`fastema._io.safetensors.read_header`: a truncated
+    or damaged file is a MergeError naming it and the tensor); ``offsets``: each tensor's first byte in
+    the file."""
     return _read_header(path, label)[:4]
 
 
 def _read_header(path: str, label: str) -> tuple:
     """:func:`read_safetensors_header`'s, and ``(st_dev, st_ino)`` of the file it read."""
-    regular(path, label)
-    where = _where(label, path)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise MergeError(f"{where} is not a safetensors file ({size} bytes, shorter than its header's length)")
-            n = int.from_bytes(head, "little")
-            if n < 2 or n > _MAX_HEADER or 8 + n > size:
-                raise MergeError(f"{where} is not a safetensors file, or is truncated (a header of {n} bytes in a file "
-                                 f"of {size})")
-            text = f.read(n)
-    except OSError as err:
-        raise MergeError(os_problem(path, label, err)) from None
-    try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_pairs)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise MergeError(f"{where}: its header is not JSON ({type(err).__name__}); the file is damaged") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"{where}: its header is not a JSON object; the file is damaged")
-    repeated = header.repeated if isinstance(header, _Object) else ()
-    if repeated:                         # json.loads would keep the last: the others silently dropped
-        key = repeated[0]
-        what = repr(key) if key == "__metadata__" else f"tensor {key!r}"
-        raise MergeError(f"{where}: {what} is named twice in its header; the file is damaged")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise MergeError(f"{where}: its __metadata__ is not a table of strings; the file is damaged")
-    start = 8 + n
-    entries, offsets, spans = {}, {}, []
-    for name, info in header.items():
-        dtype, shape, span = _fields(info)
-        if dtype is None:
-            raise MergeError(f"{where}: tensor {name!r} has a damaged entry in the header ({str(info)[:120]}); the "
-                             f"file is damaged")
-        if any(d >= _INT64 for d in shape) or math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= _INT64:
-            raise MergeError(f"{where}: tensor {name!r} has the shape {list(shape)}, past what a reader takes (its "
-                             f"dimensions and its bytes below 2^63, NumPy's and torch's limit); the file is damaged")
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        if span[1] - span[0] != nbytes or span[0] < 0:
-            raise MergeError(f"{where}: tensor {name!r} ({dtype}, shape {list(shape)}) should take {nbytes} bytes, "
-                             f"its header gives {span[1] - span[0]}; the file is damaged")
-        if start + span[1] > size:
-            raise MergeError(f"{where} is truncated: tensor {name!r} ends at byte {start + span[1]}, the file has "
-                             f"{size}")
-        entries[name] = Entry(name, dtype, shape, nbytes)
-        offsets[name] = start + span[0]
-        spans.append((span, name))
-    _tile(where, spans, size - start)
-    order = sorted(entries, key=lambda k: offsets[k])
-    return {k: entries[k] for k in order}, dict(meta), offsets, size, (st.st_dev, st.st_ino)
-
-
-def _tile(where: str, spans: list, data: int) -> None:
-    """MergeError unless ``spans`` (``((first, end), name)``, bytes of the data area) follow one
-    another from byte 0 to ``data``, the data area's size: no overlap, no gap, nothing after."""
-    end, before = 0, None
-    for (lo, hi), name in sorted(spans, key=lambda s: s[0]):
-        if lo < end:
-            raise MergeError(f"{where}: tensor {name!r} overlaps tensor {before!r} (bytes {lo} to {min(hi, end)} of "
-                             f"its data are both's); the file is damaged")
-        if lo > end:
-            raise MergeError(f"{where}: bytes {end} to {lo} of its data belong to no tensor (before tensor {name!r}); "
-                             f"the file is damaged")
-        end, before = hi, name
-    if end != data:
-        raise MergeError(f"{where}: {data - end} bytes after its last tensor belong to no tensor; the file is damaged")
-
-
-def _fields(info) -> tuple:
-    if not isinstance(info, dict) or (isinstance(info, _Object) and info.repeated):
-        return None, None, None
-    code, shape, span = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    dtype = FROM_CODE.get(code) if isinstance(code, str) else None
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(span, list)
-            and len(span) == 2 and all(type(v) is int for v in span) and span[0] <= span[1] and dtype):
-        return None, None, None
-    return dtype, tuple(shape), tuple(span)
+    with refused():
+        header = read_header(path, label)
+    entries = {name: Entry(name, dtype, shape, nbytes) for name, (dtype, shape, nbytes, _) in header.tensors.items()}
+    offsets = {name: t[3] for name, t in header.tensors.items()}
+    return entries, header.metadata, offsets, header.size, header.ident
 
 
 class _File:
@@ -164,7 +65,7 @@ class _File:
     or ``pread`` descriptor while its tensors are read, and the names not yet read (``left``)."""
 
     def __init__(self, path: str, label: str, size: int, ident: tuple, names):
-        self.path, self.label, self.where = path, label, _where(label, path)
+        self.path, self.label, self.where = path, label, file_label(label, path)
         self.size, self.ident, self.left = size, ident, set(names)
         self.map: FileMap | None = None
         self.fd: int | None = None
@@ -326,7 +227,8 @@ def hf_folder(path: str, label: str, read: str) -> Source | None:
     index = os.path.join(path, INDEX)
     single = os.path.join(path, "model.safetensors")
     if os.path.lexists(index):
-        regular(index, label)
+        with refused():
+            regular(index, label)
         try:
             with open(index, "rb") as f:
                 text = f.read(64 << 20)

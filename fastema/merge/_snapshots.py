@@ -14,8 +14,8 @@ import math
 import os
 from typing import Any
 
-from ..posthoc._meta import FORMAT, kept_key, profile_key
-from ._dtypes import ITEMSIZE
+from .._io.safetensors import ITEMSIZE
+from ..posthoc.snapshots import FORMAT, kept_key, profile_key
 from ._safetensors_input import read_safetensors_header
 from ._source import Entry, MergeError, WholeTensorSource
 
@@ -33,7 +33,7 @@ class _Snapshot:
     def _stored(self) -> dict:
         snap = self.snap
         if snap.kind == "dcp":
-            from ..posthoc._dcp import load_dcp_metadata
+            from .._io.dcp import load_dcp_metadata
 
             md = load_dcp_metadata(os.path.join(snap.path, ".metadata"))
             return {k: (str(m.properties.dtype).removeprefix("torch."), tuple(int(d) for d in m.size))

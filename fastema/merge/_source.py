@@ -1,22 +1,24 @@
 """What every input of a merge is (:class:`Source`, its :class:`Entry` list) and how one fails
-(:class:`MergeError`): the pieces the input readers share, memory maps that hold no descriptor
-(:class:`FileMap`) and reading them safely (:func:`populate`) among them."""
+(:class:`MergeError`, which :func:`refused` makes of :mod:`fastema._io`'s refusals): the pieces the
+input readers share, memory maps that hold no descriptor (:class:`FileMap`) and reading them safely
+(:func:`populate`) among them."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import re
-import stat
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from ._dtypes import ITEMSIZE
+from .._io.safe_files import FileRefused
+from .._io.safetensors import ITEMSIZE
 
-__all__ = ["Entry", "FileMap", "MergeError", "Source", "advise", "open_problem", "os_problem", "populate",
-           "read_problem", "regular", "step_from_name"]
+__all__ = ["OBJECT", "Entry", "FileMap", "MergeError", "Source", "advise", "populate", "read_problem", "refused",
+           "step_from_name"]
 
 POPULATE_READ, DONTNEED, _SEQUENTIAL = 22, 4, 2   # Linux madvise: map a range's pages now (5.14+) / drop them
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -24,12 +26,24 @@ _libc: list = []
 POPULATE_READ_WORKS = [True]    # False once the system refused MADV_POPULATE_READ (Linux < 5.14, not Linux)
 _UNREADABLE = (errno.EFAULT, errno.EIO, getattr(errno, "EHWPOISON", 133))   # populate: a page past the end, bad
 
+OBJECT = "object"                     # an entry that is not a tensor (a step counter, a string, bytes)
 _STEP_NAME = re.compile(r"(?:checkpoint|step|iter|iteration|global_step|ckpt)[-_]?0*(\d+)$", re.I)
 
 
 class MergeError(ValueError):
     """A merge refused before (or instead of) writing anything: the message names the input and
     the tensor, and the fix. Nothing was written and no input was changed."""
+
+
+@contextlib.contextmanager
+def refused() -> Iterator[None]:
+    """:mod:`fastema._io`'s refusal of a file in the block (:class:`~fastema._io.safe_files.FileRefused`:
+    not a regular file, not readable, a damaged safetensors header) raised as a MergeError, its
+    message kept."""
+    try:
+        yield
+    except FileRefused as err:
+        raise MergeError(str(err)) from None
 
 
 class Entry(NamedTuple):
@@ -39,41 +53,6 @@ class Entry(NamedTuple):
     shape: tuple
     nbytes: int
     storage: Any = None      # tensors of one input with equal non-None storage are tied (share memory)
-
-
-def regular(path: str, what: str) -> os.stat_result:
-    """``os.stat(path)`` of a regular file (links followed), else MergeError naming ``what``."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise MergeError(os_problem(path, what, err)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise MergeError(f"{what}: {path!r} is not a regular file (a FIFO, device or socket could block or never "
-                         f"end); give the checkpoint file itself")
-    return st
-
-
-def os_problem(path: str, what: str, err: OSError) -> str:
-    if err.errno == errno.ELOOP:
-        return f"{what}: {path!r} is a loop of symbolic links; point it at the checkpoint itself"
-    if err.errno == errno.ENOENT:
-        return f"{what}: {path!r} does not exist"
-    if err.errno in (errno.EMFILE, errno.ENFILE):
-        return open_problem(path, what, err)
-    return f"{what}: {path!r} cannot be read ({err.strerror or err})"
-
-
-def open_problem(path: str, what: str, err: OSError) -> str:
-    """What to say when ``path`` could not be opened for lack of descriptors (EMFILE, ENFILE)."""
-    try:
-        import resource
-
-        limit = f", now {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
-    except (ImportError, OSError, ValueError):
-        limit = ""
-    whose = "this process's" if err.errno == errno.EMFILE else "the system's"
-    return (f"{what}: {path!r} cannot be opened: too many open files ({whose} limit{limit}); raise the limit on "
-            f"open files (`ulimit -n`) or merge fewer inputs")
 
 
 def read_problem(where: str, name: str, err: OSError) -> MergeError:

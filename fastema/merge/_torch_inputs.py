@@ -21,18 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import ITEMSIZE, OBJECT
+from .._io.safe_files import os_problem, regular
+from .._io.safetensors import ITEMSIZE
 from ._source import (
     DONTNEED,
+    OBJECT,
     Entry,
     MergeError,
     Source,
     WholeTensorSource,
     advise,
-    os_problem,
     populate,
     read_problem,
-    regular,
+    refused,
     step_from_name,
 )
 
@@ -61,7 +62,8 @@ class TorchFileSource(Source):
         import torch
 
         super().__init__(path, label)
-        regular(path, label)
+        with refused():
+            regular(path, label)
         try:
             with open(path, "rb") as f:
                 magic = f.read(4)
@@ -240,9 +242,9 @@ def _as_checkpoint(message: str) -> str:
 
 class DcpSource(WholeTensorSource):
     """A torch DCP checkpoint folder (any number of shards, any sharding). Its ``.metadata`` (a pickle)
-    is read only through fastema's allow-list unpickler (:mod:`fastema.posthoc._dcp_unpickler`), and
+    is read only through fastema's allow-list unpickler (:mod:`fastema._io.dcp_unpickler`), and
     checked by exact types against the data files before anything is read
-    (:func:`fastema.posthoc._dcp.load_dcp_metadata`); each tensor is read whole through DCP's planner
+    (:func:`fastema._io.dcp.load_dcp_metadata`); each tensor is read whole through DCP's planner
     (``dcp.load`` of that one tensor, ``no_dist``), its shards assembled by DCP. Not readable in pieces
     (:attr:`mappable` False): a merge sums DCP inputs one at a time, one tensor in memory. Optimizer
     state (``optimizer.*``) is left out unless asked for; a ``model.`` prefix common to every other
@@ -253,7 +255,7 @@ class DcpSource(WholeTensorSource):
     def __init__(self, path: str, label: str, optimizer: bool = False):
         import os
 
-        from ..posthoc._dcp import load_dcp_metadata
+        from .._io.dcp import load_dcp_metadata
 
         super().__init__(path, label)
         try:
@@ -299,8 +301,8 @@ class DcpSource(WholeTensorSource):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-        from ..posthoc._dcp import _safe_reader_type
-        from ..posthoc._safe_files import fits
+        from .._io.dcp import safe_reader_type
+        from .._io.safe_files import fits
 
         e = self.entries[name]
         try:
@@ -311,7 +313,7 @@ class DcpSource(WholeTensorSource):
             out = {self._fqn[name]: torch.empty(e.shape, dtype=getattr(torch, e.dtype))}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(out, storage_reader=_safe_reader_type()(self.path, metadata=self._md), no_dist=True)
+                dcp.load(out, storage_reader=safe_reader_type()(self.path, metadata=self._md), no_dist=True)
         except (Exception, CheckpointException) as err:  # a shard truncated, missing or damaged
             cause = getattr(err, "failures", None)
             if isinstance(cause, dict) and cause:

@@ -9,6 +9,7 @@ import time
 import zlib
 from typing import Callable, Sequence
 
+from .._io.safetensors import SafetensorsWriter
 from ._engine import Engine
 from ._safetensors_input import read_safetensors_header
 from ._source import MergeError
@@ -16,7 +17,7 @@ from .inputs import open_input
 from .plan import Plan, make_plan, shards
 from .report import MergeReport, Progress, anon_bytes
 from .weights import merge_weights
-from .writer import Output, SafetensorsWriter, copy_small, small_files
+from .writer import Output, copy_small, small_files
 
 __all__ = ["merge_checkpoints"]
 

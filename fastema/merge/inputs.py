@@ -7,7 +7,7 @@ not write:
 - a torch ``.pt``/``.pth``/``.bin`` state dict (``torch.load(weights_only=True, mmap=True)``:
   :mod:`._torch_inputs`);
 - a torch DCP checkpoint folder (``.metadata`` read through fastema's allow-list unpickler,
-  :mod:`fastema.posthoc._dcp_unpickler`; tensors through DCP's planner, one at a time:
+  :mod:`fastema._io.dcp_unpickler`; tensors through DCP's planner, one at a time:
   :mod:`._torch_inputs`);
 - a post-hoc snapshot folder of :class:`fastema.torch.PostHocEMA` (:mod:`._snapshots`).
 
@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 import stat
 
+from .._io.safe_files import os_problem, regular
 from ._safetensors_input import INDEX, SafetensorsSource, hf_folder, meta_step, trainer_step
-from ._source import Entry, MergeError, Source, os_problem, regular, step_from_name
+from ._source import Entry, MergeError, Source, refused, step_from_name
 
-__all__ = ["Entry", "MergeError", "Source", "open_input", "regular", "step_from_name"]
-
-_MAX_HEADER = 100_000_000
+__all__ = ["Entry", "MergeError", "Source", "open_input", "step_from_name"]
 
 
 def open_input(path, index: int, *, read: str = "mmap", optimizer: bool = False) -> list:
@@ -41,7 +40,8 @@ def open_input(path, index: int, *, read: str = "mmap", optimizer: bool = False)
     if stat.S_ISDIR(st.st_mode):
         return _folder(path, label, index, read, optimizer)
     if not stat.S_ISREG(st.st_mode):
-        regular(path, label)
+        with refused():
+            regular(path, label)
     try:
         with open(path, "rb") as f:
             magic = f.read(9)

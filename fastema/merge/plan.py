@@ -24,13 +24,24 @@ import math
 import re
 from typing import NamedTuple
 
-from ._dtypes import ITEMSIZE, OBJECT, OUTPUT_DTYPES, averaged
-from ._source import MergeError
+from .._io.safetensors import ITEMSIZE
+from ..kernels.kinds import BF16, F16, F32, F64
+from ._source import OBJECT, MergeError
 
 __all__ = ["Item", "Plan", "make_plan", "copy_index", "shards"]
 
+#: the dtypes that are averaged -> their storage kind in the kernels
+KIND = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
+#: what ``dtype=`` takes for the averaged tensors ("same": each tensor's input dtype)
+OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 _KEPT = re.compile(r"(^|[._/])(_extra_state|weight_scale|weight_scale_inv|input_scale|scale_inv|amax|amax_history|"
                    r"k_scale|v_scale)$")
+
+
+def averaged(dtype: str) -> bool:
+    """True for a dtype fastema averages (float64, float32, bfloat16, float16); float8, integers,
+    booleans, complex numbers and objects are copied."""
+    return dtype in KIND
 
 
 class Item(NamedTuple):

@@ -1,5 +1,6 @@
-"""The output of a merge: safetensors files written tensor by tensor into a temporary folder beside
-the output, then renamed into place in one step.
+"""The output of a merge: safetensors files written tensor by tensor
+(:class:`fastema._io.safetensors.SafetensorsWriter`) into a temporary folder beside the output, then
+renamed into place in one step.
 
 Publishing without ``overwrite`` never replaces what is at ``out`` at that moment (a file another
 merge published meanwhile, an empty folder): the rename fails on an existing target
@@ -19,23 +20,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import shutil
 import signal
 import socket
 import stat
-import struct
 import threading
-import zlib
 from typing import Iterator
 
-from .._files import alive
 from .._interrupts import ctrl_c_held
-from ._dtypes import TO_CODE
+from .._io.files import alive
 from ._source import MergeError
 
-__all__ = ["Output", "SafetensorsWriter", "copy_small", "free_bytes", "small_files"]
+__all__ = ["Output", "copy_small", "free_bytes", "small_files"]
 
 _TAG = ".fastema-merge-"
 _SKIP = ("optimizer", "scheduler", "rng_state", "trainer_state.json", "training_args.bin", "scaler.pt")
@@ -113,64 +110,6 @@ def _homes(folder: str) -> tuple:
 
 def _inside(path: str, folder: str) -> bool:
     return path != folder and os.path.commonpath([path, folder]) == folder
-
-
-class SafetensorsWriter:
-    """One safetensors file, written in order: the header from every tensor's ``(name, dtype,
-    shape, nbytes)`` first, then each tensor's bytes through :meth:`write` (pieces in C order);
-    :meth:`close` checks every byte arrived and syncs the file. ``crc``: keep a CRC-32 per tensor
-    (for ``verify``)."""
-
-    def __init__(self, path: str, tensors: list, metadata: dict, crc: bool = False):
-        header: dict = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for name, dtype, shape, nbytes in tensors:
-            header[name] = {"dtype": TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        self.path, self.size = path, 8 + len(head) + offset
-        self._left = [(name, nbytes) for name, _, _, nbytes in tensors][::-1]
-        self._name, self._due = None, 0
-        self.crcs: dict | None = {} if crc else None
-        self._f = open(path, "xb", buffering=0)
-        self._put(struct.pack("<Q", len(head)) + head)
-        self._next()
-
-    def _next(self) -> None:
-        while self._left and self._due == 0:
-            self._name, self._due = self._left.pop()
-            if self.crcs is not None:
-                self.crcs[self._name] = 0
-            if self._due:
-                break
-
-    def write(self, data) -> None:
-        """The next ``len(data)`` bytes of the tensor being written."""
-        data = memoryview(data).cast("B")
-        if len(data) > self._due:
-            raise RuntimeError(f"{self.path}: {len(data)} bytes given for {self._name!r}, {self._due} left of it")
-        self._put(data)
-        if self.crcs is not None:
-            self.crcs[self._name] = zlib.crc32(data, self.crcs[self._name])
-        self._due -= len(data)
-        self._next()
-
-    def _put(self, data) -> None:
-        view, done = memoryview(data), 0
-        while done < len(view):
-            done += self._f.write(view[done:])
-
-    def close(self) -> None:
-        left = self._due + sum(n for _, n in self._left)
-        if left:
-            raise RuntimeError(f"{self.path}: {left} bytes of {self._name!r} and later tensors were not written")
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-    def abandon(self) -> None:
-        with contextlib.suppress(OSError):
-            self._f.close()
 
 
 class Output:

@@ -12,7 +12,7 @@ Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safeten
 
 Snapshot folders are safe to read from anyone: nothing in one is executed (its one kind of
 pickle, a DCP snapshot's metadata, is read by a restricted unpickler that builds DCP's metadata
-classes only and sets no state outside them: :mod:`._dcp_unpickler`), only regular files are
+classes only and sets no state outside them: :mod:`fastema._io.dcp_unpickler`), only regular files are
 opened, and every file is checked (one run per folder, shapes, checksums, sizes) before a tensor
 of it is used. :mod:`.folder` keeps one run per folder on the writing side.
 
@@ -21,7 +21,7 @@ is written, read or synthesised.
 """
 # Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION,
 # LEGACY_RUN_ID and write_snapshot (fastema.torch's writer).
-from .._files import atomic_write  # noqa: F401
+from .._io.files import atomic_write  # noqa: F401
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
 from .plot import plot_profiles
 from .profiles import MAX_ERROR, Solution, profile, profile_dot, solve

@@ -38,9 +38,9 @@ import stat
 import time as _time
 import warnings
 
-from .._files import alive, atomic_write
+from .._io.files import alive, atomic_write
+from .._io.safe_files import few, first_line, open_regular
 from ._meta import same_run, stamp, valid_run_id
-from ._safe_files import few, first_line, open_regular
 from .snapshots import snapshot_at
 
 __all__ = ["CLAIM", "SUPERSEDED", "check_folder"]

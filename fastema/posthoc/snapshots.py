@@ -18,10 +18,10 @@ shapes; :mod:`.folder` is what a writer asks before it writes.
 Reading executes nothing from the folder. Safetensors and JSON hold no code; the one pickle, a
 DCP snapshot's ``.metadata`` (at most 256 MiB; from 16 MiB, no more than the memory free), goes
 through an allow-list unpickler that builds DCP's metadata classes and nothing else
-(:mod:`._dcp_unpickler`, the security boundary), and is then checked by exact types before
-anything reads it (:mod:`._dcp`); a DCP snapshot's ``.distcp`` data goes through
+(:mod:`fastema._io.dcp_unpickler`, the security boundary), and is then checked by exact types before
+anything reads it (:mod:`fastema._io.dcp`); a DCP snapshot's ``.distcp`` data goes through
 ``torch.load(weights_only=True)``. Only regular files are opened (a FIFO or a device named like a
-snapshot's file is refused, never read: :mod:`._safe_files`). Reading is one tensor at a time
+snapshot's file is refused, never read: :mod:`fastema._io.safe_files`). Reading is one tensor at a time
 (:func:`tensor_reader`: memory-mapped safetensors, or DCP with ``no_dist`` and the snapshot's
 metadata parsed once), every tensor checked (shape, dtype, checksum) and its size bounded before
 it is allocated: by the bytes its data files hold, and, from 16 MiB, by the memory free here (a
@@ -36,8 +36,10 @@ import os
 import zlib
 from typing import Any, Callable
 
-from .._files import atomic_write
-from ._dcp import dcp_reader, save_dcp
+from .._io.dcp import dcp_reader, save_dcp
+from .._io.files import atomic_write
+from .._io.safe_files import few, first_line, fits, open_regular, out_of_memory, regular
+from .._io.safetensors import FROM_CODE, ITEMSIZE
 from ._meta import (  # noqa: F401  (re-exported: the format's names, importable from here)
     FORMAT,
     LEGACY_RUN_ID,
@@ -53,7 +55,6 @@ from ._meta import (  # noqa: F401  (re-exported: the format's names, importable
     stamp,
     valid_run_id,
 )
-from ._safe_files import few, first_line, fits, open_regular, out_of_memory, regular
 
 __all__ = ["FORMAT", "LEGACY_RUN_ID", "VERSION", "Snapshot", "SnapshotError", "SnapshotMeta", "read_snapshots",
            "same_run", "write_snapshot"]
@@ -171,7 +172,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     (:func:`kept_key`) entries; ``meta``: the metadata strings (format, version, run id, time,
     gammas, names, shapes). A plain model's snapshot is one safetensors file (temporary file, then
     rename), ``tensors`` mapping to ``(tensor, dtype)`` pairs streamed one at a time
-    (:func:`fastema._safetensors.stream_safetensors`), with the CRC-32 of every tensor's
+    (:func:`fastema._io.safetensors.stream_safetensors`), with the CRC-32 of every tensor's
     bytes in the metadata (``checksums``). A sharded model's (``tensors`` holding DTensors) is a
     collective: one DCP checkpoint directory written by every rank from its own shards into a
     temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
@@ -182,7 +183,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     base = os.path.join(directory, f"snapshot-{stamp(time)}")
     if sharded:
         return save_dcp(base, tensors, meta)
-    from .._safetensors import stream_safetensors
+    from .._io.safetensors import stream_safetensors
 
     atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
     return base + ".safetensors"
@@ -197,7 +198,7 @@ def tensor_reader(snap: Snapshot) -> Callable[[str], Any]:
     partition), a floating dtype for the profiles, the checksum; tensors stored as bytes get their
     dtype back. Every refusal is a ValueError naming the file and the tensor."""
     meta = snap.meta
-    read = dcp_reader(snap) if snap.kind == "dcp" else _safetensors_reader(snap)
+    read = dcp_reader(snap.path) if snap.kind == "dcp" else _safetensors_reader(snap)
 
     def expected(key: str):
         if meta is None or meta.version < 2:
@@ -232,10 +233,6 @@ def tensor_reader(snap: Snapshot) -> Callable[[str], Any]:
     return get
 
 
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
-
-
 def _safetensors_reader(snap: Snapshot) -> Callable:
     from safetensors import safe_open
 
@@ -254,7 +251,7 @@ def _safetensors_reader(snap: Snapshot) -> Callable:
                              f"corrupt: move it out of the folder to synthesise from the others")
         try:
             part = handle.get_slice(key)
-            nbytes = math.prod(part.get_shape()) * _ITEMSIZE.get(part.get_dtype(), 8)
+            nbytes = math.prod(part.get_shape()) * ITEMSIZE.get(FROM_CODE.get(part.get_dtype(), ""), 8)
         except Exception as err:                  # SafetensorError
             raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({first_line(err)}); the snapshot "
                              f"is corrupt: move it out of the folder") from None

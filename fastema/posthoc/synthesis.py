@@ -11,8 +11,8 @@ import numbers
 import os
 from typing import Any
 
+from .._io.safe_files import first_line, out_of_memory
 from ._meta import Snapshot, kept_key, profile_key
-from ._safe_files import first_line, out_of_memory
 from .profiles import MAX_ERROR, Solution, solve
 from .snapshots import read_snapshots, tensor_reader
 

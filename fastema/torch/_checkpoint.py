@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch import nn
 
-from .._files import atomic_write as _atomic_write
 from .._interrupts import ctrl_c_held
-from .._safetensors import stream_safetensors, stream_torch_save
+from .._io.files import atomic_write as _atomic_write
+from .._io.safetensors import stream_safetensors, stream_torch_save
 from .._state import check_header, refuse_load
 from . import _sharded
 from ._hooks import match_names, unwrap
@@ -62,6 +62,15 @@ def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool =
     if spec is None:
         return view
     return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
+
+
+def global_shape(side: TorchModel, name: str, dst: torch.Tensor, stacked: bool) -> tuple:
+    """The shape a checkpoint entry of ``dst`` has (:func:`global_view`'s), with no collective: a
+    tensor cut into pieces over the ranks (split over replicas, ZeRO-1/2 masters) is not gathered."""
+    spec = side.specs.get(name)
+    if spec is not None and spec.pieces is not None:
+        return ((dst.shape[0],) if stacked else ()) + tuple(spec.pieces[0])
+    return tuple(global_view(side, name, dst, stacked).shape)
 
 
 def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
@@ -194,8 +203,9 @@ class TorchCheckpoint:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
         if self.sharded:
             raise TypeError("module() copies the whole model on every rank, and this average is sharded (FSDP2 / "
-                            "tensor parallel): use full_state_dict(rank0_only=True) and load it into a plain "
-                            "model, or copy_to(plain_model), or save(path)")
+                            "tensor parallel) or split over replicas (shard_replicas): use "
+                            "full_state_dict(rank0_only=True) and load it into a plain model, or "
+                            "copy_to(plain_model), or save(path)")
         state = self.averaged_state_dict(row)
         clone = copy.deepcopy(unwrap(self.side.model))
         clone.load_state_dict(state)
@@ -250,7 +260,7 @@ class TorchCheckpoint:
                 problems.append(f"{key} unexpected {unused[:5]}")
             for n, value in matched.items():
                 dst = view_of(n)
-                shape = global_view(side, n, dst, stacked).shape
+                shape = global_shape(side, n, dst, stacked)
                 if not isinstance(value, torch.Tensor):
                     problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
                     continue

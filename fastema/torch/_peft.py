@@ -16,8 +16,8 @@ from typing import Literal
 
 from torch import nn
 
-from .._files import atomic_write
-from .._safetensors import stream_safetensors
+from .._io.files import atomic_write
+from .._io.safetensors import stream_safetensors
 from ._checkpoint import TorchCheckpoint
 from ._hooks import unwrap
 from ._model import is_peft_model

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._safetensors import SAFETENSORS_DTYPES
+from .._io.safetensors import SAFETENSORS_DTYPES
 from ..average.core import Average
 from ..posthoc import MAX_ERROR, synthesize
 from ..posthoc.folder import check_folder

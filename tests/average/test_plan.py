@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import fastema.torch
-from fastema import schedules
 from fastema.average import Plan
 
 
@@ -44,16 +43,6 @@ def test_window_average_counts_with_its_own_cadence():
     for _ in range(5):
         avg.update()
     assert (avg.calls, avg.snapshots) == (5, 4)       # the construction, then calls 1, 3, 5
-
-
-@pytest.mark.parametrize("name", ["Plan", "Cadence", "Pending"])
-def test_the_engine_names_moved_out_of_schedules_warn_for_one_release(name):
-    import fastema.average
-
-    assert name not in schedules.__all__
-    with pytest.warns(DeprecationWarning, match=f"fastema.average.plan.{name}"):
-        moved = getattr(schedules, name)
-    assert moved is getattr(fastema.average.plan, name)
 
 
 def test_fastema_average_exports_what_users_call_and_nothing_else():

@@ -185,7 +185,7 @@ _HOSTILE_METADATA = r"""
 import json, os, resource, sys, warnings
 warnings.simplefilter("ignore")
 from fastema import posthoc
-import fastema.posthoc._dcp_unpickler as U
+import fastema._io.dcp_unpickler as U
 run, md = sys.argv[1], sys.argv[2]
 posthoc.synthesize(run, 0.07, max_error=1.0)               # intact: what reading imports, and its memory
 lazy = [m for m in ("torch._dynamo", "torch._inductor", "torch.onnx", "torch._export") if m not in sys.modules]
@@ -401,7 +401,7 @@ def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocati
     is refused, naming the file, before anything is allocated. Second review: it was called "forged" when its
     files hold less on disk, which a compressing file system (ZFS, btrfs) does to a real snapshot too: now a
     MemoryError that says the files are not fully stored on disk (sparse or compressed), accusing nothing."""
-    import fastema.posthoc._safe_files as F
+    import fastema._io.safe_files as F
 
     run, base = _dcp_run(tmp_path)
     numel = 16 << 20                                             # 64 MiB claimed; this machine "has" 8 MiB
@@ -625,7 +625,7 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
 def _sharded_faults(rank, world, snaps):
     from torch.distributed.fsdp import fully_shard
 
-    import fastema.posthoc._dcp as D
+    import fastema._io.dcp as D
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
+import fastema._io.safetensors as dtypes
 from fastema.__main__ import main as fastema_main
-from fastema.merge import MergeError, _dtypes, core, merge_checkpoints
+from fastema.merge import MergeError, core, merge_checkpoints
 
 
 def nothing_written(monkeypatch) -> list:
@@ -171,9 +172,9 @@ def test_a_dcp_data_file_damaged_in_place_is_a_merge_error_naming_the_input_and_
 
 def test_the_dtypes_read_and_the_safetensors_codes_written_agree():
     """M3: every dtype an input may hold has a safetensors code to be written with, and back."""
-    assert set(_dtypes.ITEMSIZE) == set(_dtypes.TO_CODE) == set(_dtypes.FROM_CODE.values())
-    assert all(_dtypes.FROM_CODE[code] == name for name, code in _dtypes.TO_CODE.items())
-    for name, size in _dtypes.ITEMSIZE.items():
+    assert set(dtypes.ITEMSIZE) == set(dtypes.TO_CODE) == set(dtypes.FROM_CODE.values())
+    assert all(dtypes.FROM_CODE[code] == name for name, code in dtypes.TO_CODE.items())
+    for name, size in dtypes.ITEMSIZE.items():
         assert torch.empty((), dtype=getattr(torch, name)).element_size() == size, name
 
 

@@ -166,7 +166,7 @@ def test_a_dcp_tensor_its_chunks_do_not_cover_is_refused_before_anything_is_writ
     chunks hold merged uninitialised memory into the output. Now refused by name at the check."""
     from safetensors.torch import save_file
 
-    from fastema.posthoc._dcp import load_dcp_metadata
+    from fastema._io.dcp import load_dcp_metadata
 
     save_dcp({"a": torch.full((1000,), 1.0)}, tmp_path / "dcp")
     md = load_dcp_metadata(str(tmp_path / "dcp" / ".metadata"))

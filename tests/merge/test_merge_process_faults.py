@@ -212,7 +212,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a shell's fo
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from fastema.cli import merge as cli
-from fastema.merge import writer
+from fastema._io import safetensors as writer
 real = writer.SafetensorsWriter.__init__
 def slow(self, *args, **kwargs):        # mid-merge: the temporary folder and its first file exist
     real(self, *args, **kwargs)

@@ -474,7 +474,7 @@ def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, m
     now, and every read of that snapshot uses it."""
     import torch.distributed.checkpoint as dcp
 
-    from fastema.posthoc._dcp_unpickler import DcpMetadataUnpickler
+    from fastema._io.dcp_unpickler import DcpMetadataUnpickler
 
     run = tmp_path / "run"
     run.mkdir()

@@ -305,7 +305,7 @@ def test_streamed_save_holds_one_host_copy_at_a_time(tmp_path, monkeypatch):
     import weakref
     import zlib
 
-    import fastema._safetensors as writer
+    import fastema._io.safetensors as writer
 
     pytest.importorskip("safetensors.torch")
     model = cnn()

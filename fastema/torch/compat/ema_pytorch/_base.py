@@ -124,8 +124,8 @@ class _Warmup(_Counters):
 
     def _init_warmup(self, beta: float, update_after_step: int, update_every: int, inv_gamma: float, power: float,
                      min_value: float) -> None:
-        S._check_decay("beta", beta)
-        S._check_count("update_every", update_every, 1)
+        S.check_decay("beta", beta)
+        S.check_count("update_every", update_every, 1)
         self.beta = beta
         self.is_frozen = beta == 1.0
         self.update_every, self.update_after_step = update_every, update_after_step

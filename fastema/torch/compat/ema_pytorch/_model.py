@@ -243,7 +243,7 @@ class KarrasEMA(_EmaPytorchBase):
                              "EDM2, then beta from gamma)")
         gamma = S.sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else typing.cast(float, gamma)
         S.gamma_to_sigma_rel(gamma)
-        S._check_count("update_every", update_every, 1)
+        S.check_count("update_every", update_every, 1)
         self.gamma = gamma
         self.frozen = frozen
         self.online_model = [model]

@@ -79,7 +79,7 @@ class PostHocEMA(nn.Module):
             self.checkpoint()
 
     def checkpoint(self):
-        from ...._files import atomic_write as _atomic_write
+        from ...._io.files import atomic_write as _atomic_write
 
         step = self.ema_models[0]._counters()[0]
         for i, e in enumerate(self.ema_models):

@@ -22,7 +22,7 @@ objects nest at most :data:`_MAX_DEPTH` deep; no string, line or frame over :dat
 no more than the file's size, is read (:class:`_BoundedInput`); every :data:`_LOOK_EVERY` opcodes
 the memory the parse holds is looked at: beyond half of what was free when it began, a MemoryError.
 What it builds is then checked whole, by exact types, before anything reads it
-(:func:`fastema.posthoc._dcp.load_dcp_metadata`). Importing this imports no framework (torch: when used).
+(:func:`fastema._io.dcp.load_dcp_metadata`). Importing this imports no framework (torch: when used).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import pickle
 import types
 from typing import Any, Callable, ClassVar, NoReturn
 
-from ._safe_files import memory_available, resident
+from .safe_files import memory_available, resident
 
 __all__ = ["MAX_METADATA", "PATHS", "DcpMetadataUnpickler", "named"]
 
@@ -386,7 +386,7 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
 
 def _field_types(md, fs, torch, paths: tuple) -> dict:
     """DCP's metadata classes -> field -> the exact types a ``.metadata`` may give it (checked at
-    BUILD; :func:`._dcp.check_dcp_metadata` then checks what the containers hold). A declared field
+    BUILD; :func:`.dcp.check_dcp_metadata` then checks what the containers hold). A declared field
     not listed here (one a later torch adds) may hold a plain value only."""
     import collections
     import dataclasses

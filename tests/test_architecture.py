@@ -1,14 +1,18 @@
-"""The structure's rules, checked from the source: kernels/ imports only NumPy, Numba and
-llvmlite (and the standard library); no module-level import cycle in fastema; frameworks are
-imported and recognised only in fastema/_backends and the faces; _launch names no framework and
-_backends never reaches _launch."""
+"""The house rules of docs/architecture.md, checked from the source: kernels/ imports only NumPy,
+Numba and llvmlite (and the standard library); no module-level import cycle in fastema; frameworks
+are imported and recognised only in fastema/_backends and the faces; _launch names no framework and
+_backends never reaches _launch; no module imports a higher layer; only the dispatch point imports
+the kernel modules; no package imports another package's private module; no deprecation shim; no
+module over 450 lines."""
+from __future__ import annotations
+
 import ast
 import pathlib
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).parents[2]
+ROOT = pathlib.Path(__file__).parents[1]
 ALLOWED_IN_KERNELS = {"numpy", "numba", "llvmlite", "functools", "math", "types", "ctypes", "fractions"}
 
 
@@ -90,8 +94,8 @@ def test_no_import_cycle_in_fastema(deferred):
 # about one framework. Everywhere else (the shadows, ops, smoothers, dispatch, the engine) asks
 # a _backends adapter instead of importing a framework or testing for one.
 FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
-                   "fastema/posthoc/snapshots.py", "fastema/posthoc/_dcp.py", "fastema/posthoc/_dcp_unpickler.py",
-                   "fastema/_safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
+                   "fastema/posthoc/snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
+                   "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow/",
                    "fastema/transformers.py", "fastema/merge/_torch_inputs.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
@@ -190,8 +194,7 @@ def test_the_model_average_engine_imports_no_framework():
 # the longest prefix listed; "fastema" itself (the package's face) is the top.
 LAYERS = (
     ("kernels", ("fastema.kernels",)),
-    ("leaves", ("fastema._files", "fastema._interrupts", "fastema._state", "fastema.schedules",
-                "fastema._safetensors")),
+    ("leaves", ("fastema._io", "fastema._interrupts", "fastema._state", "fastema.schedules")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
     ("shadows", ("fastema._checks", "fastema._bound", "fastema._layout", "fastema._sources", "fastema.flat",
@@ -238,8 +241,7 @@ def test_faces_launch_through_the_shadows_never_through_dispatch():
     assert not bad, bad
 
 
-KERNEL_MODULES = ("fastema.kernels.cpu", "fastema.kernels.cuda", "fastema.kernels.merge_cpu",
-                  "fastema.kernels.merge_cuda", "fastema.kernels._")
+KERNEL_MODULES = ("fastema.kernels.cpu", "fastema.kernels.cuda", "fastema.kernels.merge_cpu", "fastema.kernels._")
 
 
 def test_only_the_dispatch_point_imports_the_kernel_modules():
@@ -255,13 +257,11 @@ def test_only_the_dispatch_point_imports_the_kernel_modules():
 
 
 # Modules allowed over 450 lines, each with its reason (at most two).
-LONG_MODULES = {
-    "fastema/schedules.py": "a catalogue of independent pure schedules, one class each (as optax's _schedule.py)",
-}
+LONG_MODULES = {}
 
 
 def test_modules_stay_under_450_lines():
-    assert len(LONG_MODULES) <= 2
+    assert LONG_MODULES == {}
     long = {p.relative_to(ROOT).as_posix(): n for p in sorted((ROOT / "fastema").rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > 450}
     unexplained = {p: n for p, n in long.items() if p not in LONG_MODULES}
@@ -275,3 +275,110 @@ def test_mypy_checks_the_whole_torch_face():
     tomllib = pytest.importorskip("tomllib")
     files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     assert "fastema/torch" in files, "pyproject's [tool.mypy] files must name fastema/torch (the whole face)"
+
+
+# ---------------------------------------------------------------- private modules, legacy shims
+
+# The one exception to "no package imports another package's private module": the dispatch point
+# is the only reader of the kernels' private modules (held by test_only_the_dispatch_point_imports_the_kernel_modules).
+DISPATCH = (("fastema", "_launch"), ("fastema", "kernels"))
+
+
+def _sources():
+    """(dotted module path as a list, its file) for every module of the wheel (kernels/ is fastema.kernels)."""
+    for base, prefix in ((ROOT / "fastema", ["fastema"]), (ROOT / "kernels", ["fastema", "kernels"])):
+        for path in sorted(base.rglob("*.py")):
+            parts = prefix + list(path.relative_to(base).with_suffix("").parts)
+            yield (parts[:-1] if parts[-1] == "__init__" else parts), path
+
+
+def _file_of(parts: list) -> pathlib.Path | None:
+    """The file (module or package) a dotted fastema path names, or None for a name inside a module."""
+    base = ROOT / "kernels" if parts[1:2] == ["kernels"] else ROOT / "fastema"
+    rest = parts[2:] if parts[1:2] == ["kernels"] else parts[1:]
+    path = base.joinpath(*rest) if rest else base
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return None
+
+
+def _reached(module: list, path: pathlib.Path):
+    """Every fastema path ``module`` imports (``pkg.mod`` or ``pkg.mod.name``), with its line, and every
+    ``alias._name`` read of an imported fastema module."""
+    package = module if path.name == "__init__.py" else module[:-1]
+    tree = ast.parse(path.read_text(), str(path))
+    aliases: dict = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = (package[:len(package) - node.level + 1] if node.level else [])
+            source = base + (node.module.split(".") if node.module else [])
+            if source[:1] != ["fastema"]:
+                continue
+            for a in node.names:
+                target = source + [a.name]
+                if _file_of(target) is not None:
+                    aliases[a.asname or a.name] = target
+                yield target, node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "fastema":
+                    if a.asname:
+                        aliases[a.asname] = a.name.split(".")
+                    yield a.name.split("."), node.lineno
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            yield aliases[node.value.id] + [node.attr], node.lineno
+
+
+def _private_owner(target: list) -> list | None:
+    """The package whose private module or name ``target`` reaches (None when it reaches none): a
+    private module belongs to the package holding it, a private name to its module's package (to the
+    package itself when it is defined in the package's ``__init__``)."""
+    for i, part in enumerate(target[1:], 1):
+        if part.startswith("_") and not part.startswith("__"):
+            holder = _file_of(target[:i])
+            if _file_of(target[:i + 1]) is None and holder is not None and holder.name == "__init__.py":
+                return target[:i]                    # a private name of a package
+            return target[:i] if _file_of(target[:i + 1]) is not None else target[:i - 1]
+    return None
+
+
+def test_no_package_imports_another_packages_private_module():
+    """A private (underscore) module or name is its package's own: ``merge/`` and ``posthoc/`` read the
+    file formats from ``fastema._io``, not each other; a face reads the torch face's helpers by their
+    public names. Everything may use its enclosing packages' private modules (``fastema._checks``...)."""
+    found = []
+    for module, path in _sources():
+        for target, line in _reached(module, path):
+            owner = _private_owner(target)
+            if owner is None or module[:len(owner)] == owner:
+                continue
+            if tuple(module[:2]) == DISPATCH[0] and tuple(owner[:2]) == DISPATCH[1]:
+                continue
+            found.append(f"{path.relative_to(ROOT)}:{line} reaches {'.'.join(target)}")
+    assert not found, "\n".join(found)
+
+
+def test_the_private_import_rule_sees_what_it_forbids(tmp_path):
+    """The rule's two readers on known cases: a private module of a sibling package, a private name of
+    one, an attribute read through a module alias; the enclosing package's private modules are allowed."""
+    assert _private_owner(["fastema", "posthoc", "_meta", "FORMAT"]) == ["fastema", "posthoc"]
+    assert _private_owner(["fastema", "torch", "_hooks"]) == ["fastema", "torch"]
+    assert _private_owner(["fastema", "tensorflow", "ema", "_kind"]) == ["fastema", "tensorflow"]
+    assert _private_owner(["fastema", "_checks", "shadow_problems"]) == ["fastema"]
+    assert _private_owner(["fastema", "schedules", "_check_count"]) == ["fastema", "schedules"]
+    assert _private_owner(["fastema", "_checks", "_private"]) == ["fastema"]
+    assert _private_owner(["fastema", "torch", "ema", "EMA"]) is None
+    src = tmp_path / "m.py"
+    src.write_text("from fastema.torch import _hooks as H\nfrom ..posthoc._meta import FORMAT\nH._WATCHED\n")
+    got = [t for t, _ in _reached(["fastema", "merge", "m"], src)]
+    assert ["fastema", "posthoc", "_meta", "FORMAT"] in got and ["fastema", "torch", "_hooks", "_WATCHED"] in got
+
+
+def test_no_deprecation_shim_is_left_before_the_release():
+    """0.1.0 was never released, so 0.2.0 carries no deprecated alias (CHANGELOG: "Removed")."""
+    found = [f"{path.relative_to(ROOT)}" for _, path in _sources() if "DeprecationWarning" in path.read_text()]
+    assert not found, found

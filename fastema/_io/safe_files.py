@@ -1,15 +1,23 @@
-"""Safe file access for the snapshot readers and :mod:`.folder`: only regular files are opened (a
-FIFO, a socket or a device named like a snapshot's file is refused, never read; :func:`open_regular`
-checks the open file itself), and a read is bounded by the memory free here before it allocates
-(:func:`fits`). With the helpers their messages share (:func:`few`, :func:`first_line`).
+"""Safe file access for every checkpoint reader (the post-hoc snapshots, :mod:`fastema.posthoc.folder`,
+the merge's inputs): only regular files are opened (a FIFO, a socket or a device named like a
+checkpoint's file is refused, never read: :func:`regular`; :func:`open_regular` checks the open file
+itself), and a read is bounded by the memory free here before it allocates (:func:`fits`). A refusal
+is a :class:`FileRefused` (a ValueError; :mod:`fastema.merge` raises it as its MergeError, the message
+kept). With the helpers their messages share (:func:`few`, :func:`first_line`, :func:`os_problem`).
 Importing this module imports the standard library only."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
-__all__ = ["few", "first_line", "fits", "memory_available", "not_regular", "open_regular", "out_of_memory", "regular",
-           "resident", "root_error"]
+__all__ = ["FileRefused", "few", "first_line", "fits", "memory_available", "not_regular", "open_problem",
+           "open_regular", "os_problem", "out_of_memory", "regular", "resident", "root_error"]
+
+
+class FileRefused(ValueError):
+    """A file refused before it is read: not a regular file, or (read for an input named ``what``) one
+    that cannot be opened, or whose safetensors header is damaged. The message names the file and the fix."""
 
 
 def _kind(mode: int) -> str:
@@ -21,18 +29,53 @@ def _kind(mode: int) -> str:
     return "not a plain file"
 
 
-def not_regular(path: str, mode: int) -> ValueError:
-    return ValueError(f"{path!r} is {_kind(mode)}, not a regular file (reading it could block, or never end): a "
-                      f"snapshot is made of regular files; move it out of the folder")
+def not_regular(path: str, mode: int, what: str | None = None) -> FileRefused:
+    """The refusal of ``path`` (of ``mode``): a snapshot's file, or the file of the input ``what``."""
+    if what is not None:
+        return FileRefused(f"{what}: {path!r} is not a regular file (a FIFO, device or socket could block or never "
+                           f"end); give the checkpoint file itself")
+    return FileRefused(f"{path!r} is {_kind(mode)}, not a regular file (reading it could block, or never end): a "
+                       f"snapshot is made of regular files; move it out of the folder")
 
 
-def regular(path: str) -> os.stat_result:
-    """``os.stat(path)`` (a symlink followed), refused (ValueError naming it) unless a regular file:
-    a FIFO, a device or a socket named like a snapshot's file is never opened."""
-    st = os.stat(path)
+def regular(path: str, what: str | None = None) -> os.stat_result:
+    """``os.stat(path)`` (a symlink followed), refused (:class:`FileRefused` naming it) unless a regular
+    file: a FIFO, a device or a socket named like a checkpoint's file is never opened. ``what``: the
+    input the file is read for (a merge's ``input 0 (path)``), named by the refusal, which then also
+    words a file that cannot be stat'ed (:func:`os_problem`; without ``what`` that OSError is raised)."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        if what is None:
+            raise
+        raise FileRefused(os_problem(path, what, err)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise not_regular(path, st.st_mode)
+        raise not_regular(path, st.st_mode, what)
     return st
+
+
+def os_problem(path: str, what: str, err: OSError) -> str:
+    """What to say when ``path``, read for ``what``, could not be stat'ed or opened (``err``)."""
+    if err.errno == errno.ELOOP:
+        return f"{what}: {path!r} is a loop of symbolic links; point it at the checkpoint itself"
+    if err.errno == errno.ENOENT:
+        return f"{what}: {path!r} does not exist"
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return open_problem(path, what, err)
+    return f"{what}: {path!r} cannot be read ({err.strerror or err})"
+
+
+def open_problem(path: str, what: str, err: OSError) -> str:
+    """What to say when ``path`` could not be opened for lack of descriptors (EMFILE, ENFILE)."""
+    try:
+        import resource
+
+        limit = f", now {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+    except (ImportError, OSError, ValueError):
+        limit = ""
+    whose = "this process's" if err.errno == errno.EMFILE else "the system's"
+    return (f"{what}: {path!r} cannot be opened: too many open files ({whose} limit{limit}); raise the limit on "
+            f"open files (`ulimit -n`) or merge fewer inputs")
 
 
 def open_regular(path: str, follow: bool = True):

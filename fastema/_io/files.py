@@ -8,7 +8,7 @@ import shutil
 import socket
 import tempfile
 
-__all__ = ["atomic_write"]
+__all__ = ["alive", "atomic_write"]
 
 _TMP_PREFIX = ".fastema-"
 

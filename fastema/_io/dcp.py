@@ -1,7 +1,7 @@
 """DCP snapshots (a sharded model's: a torch.distributed.checkpoint directory, with a ``.json`` of
 its metadata beside it): :func:`save_dcp`, a collective of every rank, and the reading side. A
 snapshot's ``.metadata``, the one pickle a snapshot folder holds, is parsed by the allow-list
-unpickler (:mod:`._dcp_unpickler`, the security boundary), then checked whole by exact types
+unpickler (:mod:`.dcp_unpickler`, the security boundary), then checked whole by exact types
 (:func:`check_dcp_metadata`) before anything reads it; its ``.distcp`` data goes through
 ``torch.load(weights_only=True)``. Tensors are read one at a time (:func:`dcp_reader`, with
 ``no_dist``: one rank alone may read), each bounded before it is allocated. Importing this module
@@ -17,16 +17,15 @@ import stat
 import warnings
 from typing import Any, Callable
 
-from .._files import atomic_write
-from ._dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
-from ._meta import Snapshot
-from ._safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
+from .dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
+from .files import atomic_write
+from .safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
 
-__all__ = ["check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "save_dcp"]
+__all__ = ["check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "safe_reader_type", "save_dcp"]
 
 
 def save_dcp(base: str, tensors: dict, meta: dict) -> str:
-    """The DCP snapshot ``base`` (see :func:`~.snapshots.write_snapshot`), a collective: every rank
+    """The DCP snapshot ``base`` (see :func:`fastema.posthoc.snapshots.write_snapshot`), a collective: every rank
     writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it."""
     import shutil
 
@@ -212,7 +211,7 @@ def check_dcp_metadata(path: str, md) -> None:
 _SAFE_READER: Any = None
 
 
-def _safe_reader_type():
+def safe_reader_type():
     """``dcp.FileSystemReader`` whose metadata is one parsed and checked by :func:`load_dcp_metadata`:
     given (``metadata=``: a snapshot's, parsed once for all its reads), or parsed on demand (made once)."""
     global _SAFE_READER
@@ -241,14 +240,18 @@ def _safe_reader_type():
     return _SAFE_READER
 
 
-def dcp_reader(snap: Snapshot) -> Callable:
+def dcp_reader(path: str) -> Callable:
+    """``read(key, want) -> tensor`` of the DCP snapshot folder ``path``: its metadata parsed and checked
+    once (:func:`load_dcp_metadata`), each tensor read alone (``no_dist``), its size bounded before it is
+    allocated; ``want``, the shape the snapshot's ``.json`` gives (or None). ValueError or MemoryError
+    naming the snapshot and the tensor."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader_type = _safe_reader_type()
-    md = load_dcp_metadata(os.path.join(snap.path, ".metadata"))     # parsed and checked once, for every read
+    reader_type = safe_reader_type()
+    md = load_dcp_metadata(os.path.join(path, ".metadata"))          # parsed and checked once, for every read
     entries = md.state_dict_metadata
     stored: dict = {}                                   # tensor -> bytes its data files hold of it
     files_of: dict = {}                                 # tensor -> the data files holding it
@@ -259,40 +262,40 @@ def dcp_reader(snap: Snapshot) -> Callable:
     def read(key: str, want):
         meta = entries.get(key)
         if not isinstance(meta, TensorStorageMetadata):
-            raise ValueError(f"the DCP snapshot {snap.path!r} has no tensor {key!r}, which its metadata names; the "
+            raise ValueError(f"the DCP snapshot {path!r} has no tensor {key!r}, which its metadata names; the "
                              f"snapshot is corrupt: move it (and its .json) out of the folder")
         size = list(meta.size)
         if want is not None and size != list(want) and size != [math.prod(want)]:
-            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} has shape {size}, but its .json gives {want}; "
+            raise ValueError(f"the DCP snapshot {path!r}: {key!r} has shape {size}, but its .json gives {want}; "
                              f"the snapshot is corrupt")
         itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
         nbytes = math.prod(size) * itemsize
         if nbytes > stored.get(key, 0):                 # before allocating what a forged size asks for
-            raise ValueError(f"the DCP snapshot {snap.path!r}: {key!r} claims shape {size} ({math.prod(size)} "
+            raise ValueError(f"the DCP snapshot {path!r}: {key!r} claims shape {size} ({math.prod(size)} "
                              f"values), but its data files hold {stored.get(key, 0)} bytes of it; the snapshot is "
                              f"corrupt")
         files = sorted(files_of.get(key, ()))
-        fits(snap.path, repr(key), nbytes, {f: regular(os.path.join(snap.path, f)) for f in files})
+        fits(path, repr(key), nbytes, {f: regular(os.path.join(path, f)) for f in files})
         try:
             out = {key: torch.empty(tuple(size), dtype=meta.properties.dtype)}
         except (RuntimeError, MemoryError) as err:
-            raise MemoryError(f"the DCP snapshot {snap.path!r}: {nbytes} bytes for {key!r} could not be allocated "
+            raise MemoryError(f"the DCP snapshot {path!r}: {nbytes} bytes for {key!r} could not be allocated "
                               f"({first_line(err)}): synthesise on a machine with more memory") from None
         try:
             with warnings.catch_warnings():
                 # no_dist: this rank alone reads the full tensor (no collective, so rank 0 alone may synthesise)
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(out, storage_reader=reader_type(snap.path, metadata=md), no_dist=True)
+                dcp.load(out, storage_reader=reader_type(path, metadata=md), no_dist=True)
         except (Exception, CheckpointException) as err:
             cause = root_error(err)
             if out_of_memory(cause):
-                raise MemoryError(f"the DCP snapshot {snap.path!r}: reading {key!r} ({nbytes} bytes, from "
+                raise MemoryError(f"the DCP snapshot {path!r}: reading {key!r} ({nbytes} bytes, from "
                                   f"{', '.join(files)}) ran out of memory ({first_line(cause)}): synthesise on a "
                                   f"machine with more memory") from None
             why = (f"{', '.join(files)} holds a pickle that is not plain tensor data: torch.load(weights_only=True) "
                    f"refused it, nothing ran" if isinstance(cause, pickle.UnpicklingError) else
                    f"{', '.join(files)}: {first_line(cause)}")
-            raise ValueError(f"the DCP snapshot {snap.path!r}: tensor {key!r} could not be read ({why}); the "
+            raise ValueError(f"the DCP snapshot {path!r}: tensor {key!r} could not be read ({why}); the "
                              f"snapshot is truncated or corrupt: move it (and its .json) out of the folder to "
                              f"synthesise from the others") from None
         return out[key]
