@@ -104,12 +104,13 @@ class BoundLaunches:
             if g.device not in flags:
                 flags[g.device] = self._zeroed_flag(g)
             flag = flags[g.device]
+            whole = getattr(g, "scan", g)                 # a split group's sources walked whole
             if not _backends.made_here(flag):             # a caller's flag: viewed afresh at every call
-                _launch.launch("nonfinite", g, flag=self._flag_view(flags, g))
+                _launch.launch("nonfinite", whole, flag=self._flag_view(flags, g))
                 continue
             bound = scans.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not flag:
-                bound = scans[gi] = (g.tables, flag, _launch.nonfinite_launcher(g, self._flag_view(flags, g)))
+            if bound is None or bound[0] is not whole.tables or bound[1] is not flag:
+                bound = scans[gi] = (whole.tables, flag, _launch.nonfinite_launcher(whole, self._flag_view(flags, g)))
             bound[2]()
         self.skipped = {d: f for d, f in flags.items() if any(g.device == d for g in groups)}
         return flags

@@ -50,6 +50,18 @@ def window(n: int, unit: int, split: tuple[int, int] | None) -> tuple[int, int]:
     return cut(r), cut(r + 1)
 
 
+class _WholeSources:
+    """A split group seen whole, for the non-finite scan: its fields but ``tables``, which walk every
+    source entire (the scan reads the sources only). Under ``shard_replicas`` every rank scans its
+    whole replica, so every rank skips an update alike with no collective."""
+
+    def __init__(self, group: "LayoutGroup", tables):
+        self._group, self.tables = group, tables
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+
 class LayoutGroup:
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
@@ -97,6 +109,12 @@ class LayoutGroup:
         self.tables = _launch.tables(self.piece_addresses([b.address for b in bufs]), self.piece_count,
                                      self.segments(self.buffer), self.device, self.current_stream,
                                      row_stride=self.n, handed_over=self.backend.HANDS_OVER, base=base)
+        self.scan: LayoutGroup | _WholeSources = self                # what the non-finite scan walks
+        if self.split:                                             # every source whole: every rank decides alike
+            self.scan = _WholeSources(self, _launch.tables([b.address for b in bufs], self.counts,
+                                                           np.zeros(len(bufs), np.int64), self.device,
+                                                           self.current_stream, row_stride=1,
+                                                           handed_over=self.backend.HANDS_OVER))
 
     def piece_addresses(self, addresses: list) -> list:
         """The addresses of the pieces held here, from the sources' (each source's own in a whole group)."""
@@ -144,6 +162,8 @@ class FlatLayout:
     def set_addresses(self, g: LayoutGroup, addresses: list) -> None:
         """The group's sources are now at ``addresses`` (same layout)."""
         g.tables = _launch.update_addresses(g.tables, g.piece_addresses(addresses), g.device, g.current_stream)
+        if g.scan is not g:
+            g.scan.tables = _launch.update_addresses(g.scan.tables, addresses, g.device, g.current_stream)
 
     def view(self, i: int, row: int | None):
         """Shadow row ``row`` of source ``i`` shaped like it (``None``: every row, ``(rows, *shape)``)."""

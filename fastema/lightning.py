@@ -32,6 +32,7 @@ except ImportError:
 
 from .average import EMAOptions
 from .torch import EMA
+from .torch.ema import PLACEMENT
 from .track import Tracker
 
 __all__ = ["MovingAverageLogs", "WeightEMA"]
@@ -46,7 +47,8 @@ class WeightEMA(pl.Callback):
         validate_with_ema: swap the EMA in for validation (and back after it).
         test_with_ema: swap the EMA in for ``trainer.test`` / ``trainer.predict``.
         **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
-            ``update_every=``, ``shadow_dtype=``, ``exclude=`` ...).
+            ``update_every=``, ``shadow_dtype=``, ``exclude=``, ``shard_replicas=True`` under the
+            DDP strategy ...).
 
     The EMA is made when fitting (or testing) starts, after Lightning has moved the model
     to its device; it updates once per optimizer step (gradient accumulation respected).
@@ -57,7 +59,8 @@ class WeightEMA(pl.Callback):
 
     def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
         super().__init__()
-        EMAOptions.of(decay, **EMAOptions.split(ema_kwargs)[0])   # refused now, not when fit starts
+        placement = {k: v for k, v in ema_kwargs.items() if k in PLACEMENT}   # the torch face's own
+        EMAOptions.of(decay, **EMAOptions.split({k: v for k, v in ema_kwargs.items() if k not in placement})[0])
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
         self.ema_kwargs = ema_kwargs
         self.ema: EMA = None  # type: ignore[assignment]   # made when fitting (or testing) starts

@@ -74,6 +74,25 @@ def test_large_models_example_runs_under_torchrun(tmp_path):
     assert (tmp_path / "ema.safetensors").exists() and (tmp_path / "ckpt" / "ema").is_dir()
 
 
+def test_replica_split_example_runs_under_torchrun(tmp_path):
+    """The "Splitting the average across replicas" example of "Large models": torchrun, 2 ranks, gloo;
+    each rank holds about half of the shadow and reads the unsplit average's output."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    (tmp_path / "ddp_ema.py").write_text(first_python_block(guide("large_models"), "Splitting the average"))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "ddp_ema.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    found = re.findall(r"rank \d: shadow bytes (\d+) of (\d+), EMA output (-?\d+\.\d+) == unsplit (-?\d+\.\d+)",
+                       out.stdout)
+    assert len(found) == 2, out.stdout
+    for part, whole, val, ref in found:
+        assert val == ref and int(part) < 0.6 * int(whole), out.stdout
+
+
 def test_torch_compile_example_runs(capsys):
     block = first_python_block(guide("compile_and_graphs"))
     exec(compile(block, "guides/compile_and_graphs.md", "exec"), {})

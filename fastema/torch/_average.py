@@ -160,6 +160,8 @@ class TorchAverage:
         avg = self._model.avg
         if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
             return True
+        if getattr(avg, "exact_swap", False):          # split over replicas: it keeps the raw window itself
+            return False
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
                    for g in avg.groups)
@@ -241,6 +243,20 @@ class TorchAverage:
         join = getattr(self._model.avg, "join", None)
         if join is not None:
             join()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank's average holds, by device (``"cpu"``, ``"cuda:0"``...): the shadow rows (this
+        rank's slice of them with ``shard_replicas``), the copied and integer buffers' copies, a swap's
+        backup of the raw weights, an offloaded shadow's staging and pinned slots, the launch tables and
+        the device plan. The model's own tensors are not counted. Sums to :attr:`nbytes`."""
+        from ._memory import memory
+
+        return memory(self._model, self._checkpoint.core, self._backup)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank's average holds on every device together (see :meth:`memory`)."""
+        return sum(self.memory().values())
 
     @property
     def sharded(self) -> bool:

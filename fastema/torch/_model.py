@@ -113,6 +113,7 @@ class TorchModel:
         self.engine = model if type(model).__name__ == "DeepSpeedEngine" else None
         self.steps = _deepspeed.steps(self.engine)            # DeepSpeed: one fold per optimizer step (M2)
         self.specs: dict[str, _sharded.Spec] = {}            # name -> layout of a DTensor's local shard
+        self.replica_specs: dict[str, _sharded.Spec] = {}    # name -> pieces over replicas (split)
         _sharded.reshard(self.fsdp)
         averaged, copied = self._select(inner)
         self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=4)
@@ -145,6 +146,12 @@ class TorchModel:
             disjoint_groups(shadow, self.copy)
         self.slots.record()
         self.ops = self.op_lists()
+
+    def split(self, specs: dict) -> None:
+        """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every rank's
+        piece, :meth:`fastema.torch._replicas.ReplicaShadow.specs`) tell the checkpoint side so."""
+        self.replica_specs = dict(specs)
+        self.specs.update(specs)
 
     def also_written(self, tensors: list) -> None:
         """Tensors every update writes besides the shadows (the face's device-plan arrays), which the
@@ -237,7 +244,7 @@ class TorchModel:
         entries = [(0, n, "parameter" if n in params else "buffer")
                    for n in self.names[0] + self.names[1] + list(self.int_buffers)]
         masters = self.masters
-        return Slots((inner,), entries, self, sharded=bool(self.specs), fsdp=self.fsdp,
+        return Slots((inner,), entries, self, sharded=bool(set(self.specs) - set(self.replica_specs)), fsdp=self.fsdp,
                      also=masters.addresses if masters is not None else None)
 
     def _refuse_added(self) -> None:
@@ -316,6 +323,7 @@ class TorchModel:
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
+        specs.update(self.replica_specs)          # the split over replicas stays as made
         masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
         if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)
             named.update(masters.views)

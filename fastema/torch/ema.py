@@ -12,12 +12,14 @@ from .. import schedules
 from ..average import EMAOptions
 from ..average.core import Average, Face
 from ..flat import FlatShadow
-from . import _compile
+from . import _compile, _replicas, _sharded
 from ._average import TorchAverage
 from ._checkpoint import FORMAT, CheckpointCore
 from ._model import Selection, TorchModel
 
 __all__ = ["EMA"]
+
+PLACEMENT = ("shard_replicas", "gather_bucket")     # where the average lives over the ranks (this face's own)
 
 
 class EMA(Face, TorchAverage):
@@ -82,6 +84,18 @@ class EMA(Face, TorchAverage):
             PEFT model (``peft.PeftModel``, or a model with adapters in ``peft_config``), saying so
             once with what is averaged; False for any other model. :meth:`export_peft` writes the
             averaged adapter in PEFT's format.
+        shard_replicas: split the shadow over the ranks that hold replicas of the model (``True``:
+            a DDP module's process group, else the default group; or a ``ProcessGroup``, or a 1-D
+            ``DeviceMesh``): each rank keeps and updates one contiguous slice of every flat group
+            (1/N of the memory and of the update's work), with no communication per update; the
+            slices together equal the unsplit average bit for bit. Reading the average gathers it (a
+            collective every rank of the group must join): ``swap()`` / ``average_parameters()``,
+            ``copy_to()``, ``averaged_state_dict()``, ``full_state_dict()``, ``state_dict()``,
+            ``save()``. Construction checks once that the ranks hold the same weights. See the
+            large-models guide ("Splitting the average across replicas").
+        gather_bucket: bytes of each rank's part of one gather of a swap or ``copy_to()`` with
+            ``shard_replicas`` (the extra memory a read needs: the buckets, plus this rank's slice
+            of the raw weights kept during a swap).
     """
 
     def __init__(self, model: nn.Module, decay: float | Sequence[float] | None = None, *,
@@ -91,7 +105,8 @@ class EMA(Face, TorchAverage):
                  update_every: int = 1, compensate: bool = False, debias: bool = False,
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
-                 device_step: bool | None = None, offload: str | None = None, trainable_only: bool | None = None):
+                 device_step: bool | None = None, offload: str | None = None, trainable_only: bool | None = None,
+                 shard_replicas: Any = False, gather_bucket: int = 64 << 20):
         opts = EMAOptions(decay, sigma_rel=sigma_rel, half_life=half_life, bema=bema, warmup=warmup,
                           min_decay=min_decay, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
                           update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
@@ -102,10 +117,17 @@ class EMA(Face, TorchAverage):
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        if offload:
+        group = _replicas.replica_group(model, shard_replicas, type(self).__name__, offload=offload,
+                                        specs=side.specs, masters=side.masters)
+        if group is not None:                                        # one collective: the replicas agree
+            _replicas.check_replicas(side.averaged, group, type(self).__name__)
+            shadow: Any = _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
+                                                  bucket=gather_bucket)
+            side.split(shadow.specs(_sharded.mesh_of(group, _replicas.mesh_device(group))))
+        elif offload:
             from ._offload import OffloadedShadow
 
-            shadow: Any = OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype)
+            shadow = OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype)
         else:
             shadow = FlatShadow(side.averaged, rows=rows, dtype=shadow_dtype)
         side.attach(shadow)

@@ -130,3 +130,22 @@ def test_the_gpu_layout_splits_exactly_too(dtype):
         w = np.ascontiguousarray(whole.pieces()[0][0].copy_to_host()[:, real])
         c = np.ascontiguousarray(np.concatenate([p.pieces()[0][0].copy_to_host() for p in parts], axis=1)[:, real])
         assert (w.view(np.uint8) == c.view(np.uint8)).all(), ranks
+
+
+def test_every_slice_scans_the_whole_sources_so_every_rank_skips_alike():
+    """skip_nonfinite under a split: a NaN anywhere in the sources stops every rank's fold (each rank
+    scans its whole replica: the same decision everywhere with no collective), as the whole shadow's."""
+    src = [torch.randn(64), torch.randn(64)]
+    whole = FlatShadow(src)
+    parts = [FlatShadow(src, split=(r, 2)) for r in range(2)]
+    src[1][60] = float("nan")                                   # in rank 1's slice only
+    for s in [whole, *parts]:
+        s.update(0.5, skip_nonfinite=True)
+        assert int(s.skipped["cpu"][0]) == 1
+    assert torch.equal(torch.cat([p.pieces()[0][0] for p in parts], 1), whole.pieces()[0][0])
+    src[1][60] = 1.0
+    moved = [src[0], src[1].clone()]                           # a moved source is scanned at its new place
+    moved[1][3] = float("inf")
+    for s in [whole, *parts]:
+        s.update(0.5, skip_nonfinite=True, sources=moved)
+        assert int(s.skipped["cpu"][0]) == 1

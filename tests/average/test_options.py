@@ -23,9 +23,10 @@ def test_every_option_of_the_torch_signature_is_an_emaoption():
 
     torch = pytest.importorskip("torch")  # noqa: F841
     from fastema.torch import EMA
+    from fastema.torch.ema import PLACEMENT
 
-    face = set(inspect.signature(EMA).parameters) - {"model", *SELECTION}
-    assert face == set(EMAOptions.names())
+    face = set(inspect.signature(EMA).parameters) - {"model", *SELECTION, *PLACEMENT}
+    assert face == set(EMAOptions.names())          # and where the average lives over the ranks, torch's own
 
 
 def test_lists_become_tuples_so_options_compare_and_hash():

@@ -1,0 +1,277 @@
+"""The average split over data-parallel replicas (``EMA(model, shard_replicas=...)``).
+
+Replicas (DDP ranks, or the ranks of any group that holds the same parameters) each keep one slice
+of the shadow: a :class:`ReplicaShadow` is a :class:`~fastema.flat.FlatShadow` made with
+``split=(rank, ranks)``, so every (device, dtype) group's row is cut into contiguous, 16-byte
+aligned, balanced windows, and an update folds this rank's window alone from this rank's copy of
+the weights: no collective, no host sync, 1/N of the memory and of the kernel's traffic. The
+replicas hold the same weights after every optimizer step, so the windows together are the
+average an unsplit EMA would hold, bit for bit (stochastic rounding is keyed by each element's
+place in the whole group).
+
+Reading the average is the collective: :meth:`ReplicaShadow.swap` and
+:meth:`ReplicaShadow.copy_to_sources` write the gathered average into the model bucket by bucket
+(``all_gather_into_tensor`` of one bucket of every rank's window, in the model's dtype), the raw
+weights kept as this rank's window only (and gathered back on the way out, bit for bit). Exports
+and checkpoints go through the checkpoint side with the ``pieces`` layout of
+:mod:`fastema.torch._sharded` (each rank's piece of each tensor; the full tensor gathered one at a
+time). The construction checks once, with one collective, that the ranks hold the same parameters.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..flat import FlatShadow
+from . import _sharded
+
+__all__ = ["ReplicaShadow", "check_replicas", "replica_group"]
+
+DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
+
+
+def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict, masters: Any):
+    """The process group whose ranks hold replicas of ``model``'s parameters, from
+    ``shard_replicas`` (True: DDP's group, else the default group; a ``ProcessGroup``; a 1-D
+    ``DeviceMesh``), or None when it is False/None. Refuses, naming the fix, what cannot be split."""
+    if shard_replicas is None or shard_replicas is False:
+        return None
+    what = f"{kind}(shard_replicas=...)"
+    if offload:
+        raise ValueError(f"{what} does not go with offload='cpu' yet (each rank would offload its slice); make "
+                         f"the average without one of them")
+    if masters is not None:
+        raise ValueError(f"{what}: this average reads DeepSpeed's float32 masters, which the optimizer already "
+                         f"partitions over the data-parallel ranks (ZeRO-1/2/3): each rank keeps the average of its "
+                         f"partition only. Drop shard_replicas=")
+    if specs:
+        raise ValueError(f"{what}: the model's parameters are sharded (FSDP2 / tensor parallel DTensors); the "
+                         f"average of a sharded model is already split like the model. Splitting it further over "
+                         f"an HSDP replicate dimension is not supported yet: drop shard_replicas=")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{what} splits the average over the ranks of a process group, and none is initialised: "
+                         f"call torch.distributed.init_process_group() first (or drop shard_replicas=)")
+    outside = f"{what}: this rank (global rank {dist.get_rank()}) is not in the group given; pass the group of the " \
+              f"ranks that hold this rank's replicas"
+    if shard_replicas is dist.GroupMember.NON_GROUP_MEMBER:      # what new_group() gives a rank outside it
+        raise ValueError(outside)
+    if shard_replicas is True:
+        group = getattr(model, "process_group", None) if type(model).__name__ == "DistributedDataParallel" \
+            else None
+        group = group if group is not None else dist.group.WORLD
+    elif isinstance(shard_replicas, dist.ProcessGroup):
+        group = shard_replicas
+    elif type(shard_replicas).__name__ == "DeviceMesh":
+        if shard_replicas.ndim != 1:
+            raise ValueError(f"{what} takes a 1-D DeviceMesh (the replicas' dimension: mesh['replicate']), got a "
+                             f"{shard_replicas.ndim}-D mesh")
+        group = shard_replicas.get_group()
+    else:
+        raise TypeError(f"shard_replicas must be True, False, a torch.distributed.ProcessGroup or a 1-D DeviceMesh, "
+                        f"got {type(shard_replicas).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(outside)
+    return group
+
+
+def _wire_device(group, sources: list) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the GPU for NCCL, the host for gloo."""
+    if dist.get_backend(group) == "nccl":
+        cuda = [t.device for t in sources if t.device.type == "cuda"]
+        return cuda[0] if cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mesh_device(group) -> str:
+    """The device type of a mesh over ``group`` (``"cuda"`` for NCCL, else ``"cpu"``)."""
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def _wire_dtype(dtype: torch.dtype, group) -> torch.dtype:
+    """16-bit values travel as float32 on gloo (exact both ways), as they are elsewhere."""
+    if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo":
+        return torch.float32
+    return dtype
+
+
+def check_replicas(sources: dict, group, kind: str) -> None:
+    """One collective at construction: every rank of ``group`` holds the same averaged tensors (names,
+    shapes, dtypes, values: a CRC of the first three, float64 sums and sums of squares of the last).
+    Every rank sees every rank's digest, so every rank refuses alike (never a hang)."""
+    layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in sources.items())
+    total = squares = 0.0
+    with torch.no_grad():
+        for t in sources.values():
+            wide = t.detach().double()
+            total += float(wide.sum())
+            squares += float((wide * wide).sum())
+    mine = torch.tensor([float(zlib.crc32(layout.encode())), float(len(sources)), total, squares],
+                        dtype=torch.float64, device=_wire_device(group, list(sources.values())))
+    every = torch.empty(dist.get_world_size(group) * 4, dtype=torch.float64, device=mine.device)
+    _all_gather(every, mine, group)
+    rows = every.cpu().view(-1, 4).tolist()
+    if any(r[:2] != rows[0][:2] for r in rows):
+        raise ValueError(f"{kind}(shard_replicas=...): the ranks hold different models (names, shapes or dtypes "
+                         f"differ between ranks {[i for i, r in enumerate(rows) if r[:2] != rows[0][:2]][:5]} and "
+                         f"rank 0 of the group); the split average needs replicas of one model. Nothing was made.")
+    if any(r[2:] != rows[0][2:] for r in rows):
+        raise ValueError(f"{kind}(shard_replicas=...): the ranks' weights differ (group ranks "
+                         f"{[i for i, r in enumerate(rows) if r[2:] != rows[0][2:]][:5]} against rank 0): each "
+                         f"slice would average another model. Make the average after DistributedDataParallel(model) "
+                         f"has broadcast rank 0's weights, or after every rank loaded the same checkpoint. Nothing "
+                         f"was made.")
+
+
+def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
+    """Every rank's ``mine`` into ``out`` (rank order): ``all_gather_single`` where torch has it (its
+    new name), else ``all_gather_into_tensor``."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's elements in storage order, as a 1-D view (any dense layout)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class ReplicaShadow(FlatShadow):
+    """A :class:`~fastema.flat.FlatShadow` holding this rank's window of every group (see the module).
+
+    Its per-source views are this rank's pieces, 1-D (``view``: ``(count,)``, ``state_view``:
+    ``(rows, count)``; empty where it holds none of a source); :meth:`specs` describes them to the
+    checkpoint side. ``swap`` and ``copy_to_sources`` are collectives over ``group``.
+    """
+
+    exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
+
+    def __init__(self, sources: dict, *, rows: int, dtype: str, group, bucket: int = DEFAULT_BUCKET):
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 16:
+            raise ValueError(f"bucket must be a number of bytes >= 16, got {bucket!r}")
+        self.group = group
+        self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
+        self.bucket = bucket
+        super().__init__(sources, rows=rows, dtype=dtype, split=(self.rank, self.ranks))
+        self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
+        self._swapped_row: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Replica{super().__repr__()[:-1]}, rank={self.rank} of {self.ranks})"
+
+    # ------------------------------------------------------------ this rank's pieces
+
+    def _piece(self, source) -> tuple[Any, int, int, int]:
+        """``(group, first element, elements, column)`` of this rank's piece of ``source``."""
+        g, slot = self.layout.where[self.source_table.position(source)]
+        at = int(np.searchsorted(g.pieces, slot))
+        if at < len(g.pieces) and g.pieces[at] == slot:
+            first, count = int(g.piece_first[at]), int(g.piece_count[at])
+            return g, first, count, int(g.starts[slot]) + first - g.lo
+        return g, 0, 0, 0
+
+    def view(self, source: int | str, row: int | None = 0):
+        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``)."""
+        if row is not None:
+            self.check_row(row)
+        g, _, count, col = self._piece(source)
+        return g.buffer[:, col:col + count] if row is None else g.buffer[row, col:col + count]
+
+    def specs(self, group_mesh) -> dict[str, _sharded.Spec]:
+        """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
+        (``_sharded``'s ``pieces`` layout: exports gather the full tensor, a load cuts this rank's)."""
+        from torch.distributed.tensor import Replicate
+
+        out = {}
+        for i, (name, t) in enumerate(zip(self.names, self.sources)):
+            g, slot = self.layout.where[i]
+            counts = int(g.counts[slot])
+            where = []
+            for r in range(self.ranks):
+                lo, hi = _window(g, r, self.ranks)
+                first = min(max(lo - int(g.starts[slot]), 0), counts)
+                last = min(max(hi - int(g.starts[slot]), 0), counts)
+                where.append((first, max(last - first, 0)))
+            out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()),
+                                      pieces=(tuple(t.shape), tuple(where)))
+        return out
+
+    # ------------------------------------------------------------ reading the average: collectives
+
+    def swap_modes(self, lossy: bool = False) -> list:
+        return []                                # no swap kernel: a gather, exact for every dtype
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Put average ``row`` into the sources (gathered), keeping this rank's window of the raw
+        weights; called again, gather the raw windows back. Every rank of the group must call it."""
+        self.source_table.refresh()
+        if self._swapped_row is None:
+            self.check_row(row)
+            self._raw = FlatShadow(dict(zip(self.names, self.sources)), dtype="same", split=(self.rank, self.ranks))
+            _gather_into_sources(self, row)
+            self._swapped_row = row
+        else:
+            if row != self._swapped_row:
+                raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
+            assert self._raw is not None
+            _gather_into_sources(self._raw, 0, self)
+            self._swapped_row, self._raw = None, None        # its memory back until the next swap
+
+    @property
+    def swapped(self) -> bool:
+        return self._swapped_row is not None
+
+    def copy_to_sources(self, row: int = 0) -> None:
+        """Write average ``row`` into the sources (gathered): a collective over the group."""
+        self.check_row(row)
+        self.source_table.refresh()
+        _gather_into_sources(self, row)
+
+
+
+def _window(g, rank: int, ranks: int) -> tuple[int, int]:
+    from .._layout import window
+
+    return window(g.whole, 16 // g.buffer.element_size(), (rank, ranks))
+
+
+def _gather_into_sources(shadow: FlatShadow, row: int, owner: ReplicaShadow | None = None) -> None:
+    """Every rank's window of ``shadow``'s row ``row``, gathered bucket by bucket and written into the
+    sources in their own dtype (rounded to nearest from the shadow's): one ``all_gather_into_tensor``
+    per bucket and group, every rank of ``owner.group`` joining."""
+    owner = owner if owner is not None else shadow          # type: ignore[assignment]
+    assert isinstance(owner, ReplicaShadow)
+    group, ranks = owner.group, owner.ranks
+    sources = shadow.sources
+    flats = [_flat(t.detach()) for t in sources]
+    with torch.no_grad():
+        for g in shadow.layout.groups:
+            dtype = sources[g.members[0]].dtype
+            wire = _wire_dtype(dtype, group)
+            device = _wire_device(group, sources)
+            windows = [_window(g, r, ranks) for r in range(ranks)]
+            longest = max(hi - lo for lo, hi in windows)
+            per = max(1, min(longest, owner.bucket // (torch.finfo(wire).bits // 8)))
+            starts, counts = np.asarray(g.starts, np.int64), np.asarray(g.counts, np.int64)
+            mine = g.buffer[row]
+            for b0 in range(0, longest, per):
+                send = torch.zeros(per, dtype=wire, device=device)
+                part = mine[b0:b0 + per]
+                send[:part.numel()] = part.to(dtype).to(wire)      # rounded to the model's dtype once
+                got = torch.empty(ranks * per, dtype=wire, device=device)
+                _all_gather(got, send, group)
+                for r, (lo, hi) in enumerate(windows):
+                    a, b = lo + b0, min(hi, lo + b0 + per)         # the whole row's columns this piece holds
+                    if a >= b:
+                        continue
+                    first = max(int(np.searchsorted(starts, a, side="right")) - 1, 0)
+                    for slot in range(first, len(starts)):
+                        s0 = int(starts[slot])
+                        if s0 >= b:
+                            break
+                        x0, x1 = max(a, s0), min(b, s0 + int(counts[slot]))
+                        if x0 < x1:
+                            dst = flats[g.members[slot]][x0 - s0:x1 - s0]
+                            dst.copy_(got[r * per + x0 - lo - b0:r * per + x1 - lo - b0])

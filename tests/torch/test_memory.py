@@ -1,0 +1,54 @@
+"""``ema.memory()`` / ``ema.nbytes``: what a torch average holds, by device (issue 43 item 5)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastema.torch import EMA
+
+
+def _tables(shadow) -> int:
+    return sum(getattr(g.tables, f).nbytes for g in shadow.layout.groups
+               for f in ("shadow_addr", "seg_addr", "seg_offset", "chunk_seg", "chunk_begin"))
+
+
+def test_the_shadow_rows_and_the_tables_are_counted_once_each():
+    model = torch.nn.Sequential(torch.nn.Linear(50, 30), torch.nn.Linear(30, 7))
+    numel = sum(p.numel() for p in model.parameters())
+    one, three = EMA(model, 0.9), EMA(model, [0.9, 0.99, 0.999])
+    assert one.memory() == {"cpu": numel * 4 + _tables(one._avg)}
+    assert three.nbytes == numel * 4 * 3 + _tables(three._avg)
+    half = EMA(model, 0.9, shadow_dtype="bfloat16")
+    assert half.nbytes == numel * 2 + _tables(half._avg)
+
+
+def test_buffers_copies_and_a_swaps_backup_are_the_averages_and_the_model_is_not():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).half()
+    ema = EMA(model, 0.9)                                  # float32 shadow of float16 weights: a lossy swap
+    params = sum(p.numel() for p in model.parameters())
+    floats = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    counted = sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_floating_point())
+    before = ema.nbytes
+    assert before == params * 4 + floats * 2 + counted + _tables(ema._avg) + _tables(ema._copy)
+    with ema.average_parameters():
+        during = ema.nbytes
+    assert during == before + params * 2 + _tables(ema._backup)     # the raw float16 weights kept aside
+    model.float()                                                     # the model's memory is not the average's
+    assert ema.nbytes == during
+
+
+def test_memory_sums_to_nbytes_and_names_devices():
+    ema = EMA(torch.nn.Linear(4, 4), 0.9)
+    mem = ema.memory()
+    assert sum(mem.values()) == ema.nbytes and set(mem) == {"cpu"}
+    assert all(isinstance(v, int) and v > 0 for v in mem.values())
+    assert np.isfinite(ema.nbytes)
+
+
+def test_an_offloaded_average_counts_its_staging_and_host_slots_too():
+    model = torch.nn.Linear(100, 100)
+    numel = sum(p.numel() for p in model.parameters())
+    ema = EMA(model, 0.9, offload="cpu")
+    ema.update()
+    ema.join()
+    assert ema.nbytes >= numel * 4 * 2          # the host shadow and at least one staging copy of the weights

@@ -1,0 +1,198 @@
+"""``EMA(model, shard_replicas=...)``: the average split over data-parallel replicas (issue 43).
+
+Each test runs its ranks in spawned processes on gloo (tests/dist.py: FileStore, one thread per
+rank). Every rank makes a split average and an unsplit one of the same DDP model, trains it, and
+checks on its own rank that the two agree bit for bit (swap, averaged_state_dict, copy_to,
+checkpoints both ways), that the raw weights come back bit for bit, and that ``update()`` makes
+no collective call (counted); the parent checks what needs every rank (memory per rank).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from dist import run_ranks
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
+               "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
+               "isend", "irecv", "batch_isend_irecv")
+
+
+class Counted:
+    """Counts every call of torch.distributed's collectives and point-to-point calls while entered."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.calls: list = []
+        self.saved = []
+        for mod in (dist, c10d):
+            for name in COLLECTIVES:
+                fn = getattr(mod, name, None)
+                if fn is None:
+                    continue
+                self.saved.append((mod, name, fn))
+
+                def counted(*a, _fn=fn, _name=name, **k):
+                    self.calls.append(_name)
+                    return _fn(*a, **k)
+                setattr(mod, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _same(a: dict, b: dict, what: str) -> None:
+    assert list(a) == list(b), what
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(_bits(a[k].contiguous()), _bits(b[k].contiguous())), \
+            f"{what}: {k}"
+
+
+def _model(dtype):
+    torch.manual_seed(0)                           # the same initial weights on every rank
+    return torch.nn.Sequential(torch.nn.Linear(9, 33), torch.nn.LayerNorm(33), torch.nn.ReLU(),
+                               torch.nn.Linear(33, 5)).to(dtype)
+
+
+CASES = [  # (model dtype, EMA arguments)
+    (torch.float32, dict(decay=[0.9, 0.5])),
+    (torch.bfloat16, dict(decay=0.99, skip_nonfinite=True)),
+    (torch.bfloat16, dict(decay=[0.9, 0.99], shadow_dtype="bfloat16", rounding="stochastic", seed=5)),
+    (torch.float16, dict(decay=0.8, warmup="power", update_every=2)),
+]
+
+
+def _train_and_compare(rank, world, ddp: bool, bucket: int, steps: int):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastema.torch import EMA
+
+    out = {}
+    for case, (dtype, kwargs) in enumerate(CASES):
+        model = _model(dtype)
+        trained = DDP(model) if ddp else model
+        ema = EMA(trained, **kwargs, shard_replicas=True, gather_bucket=bucket)
+        ref = EMA(trained, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        data = torch.Generator().manual_seed(100 + rank)      # each rank its own batches, as under DDP
+        counted = 0
+        for _ in range(steps):
+            x = torch.randn(8, 9, generator=data).to(dtype)
+            if ddp:
+                loss = trained(x).float().square().mean()
+                loss.backward()
+            else:                                             # a replicated model kept equal by hand
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.grad = torch.full_like(p, 0.01)
+            opt.step()
+            opt.zero_grad()
+            with Counted() as c:
+                ema.update()
+            counted += len(c.calls)
+            ref.update()
+        assert counted == 0, f"update() made collective calls: {c.calls[:5]}"
+        assert ema.nbytes < ref.nbytes and sum(ema.memory().values()) == ema.nbytes
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        rows = len(kwargs["decay"]) if isinstance(kwargs["decay"], list) else 1
+        for row in range(rows):
+            with Counted() as c, ema.average_parameters(row):
+                got = {k: v.clone() for k, v in model.state_dict().items()}
+            assert c.calls, "the swap gathers: the counter must see it"
+            with ref.average_parameters(row):
+                want = {k: v.clone() for k, v in model.state_dict().items()}
+            _same(got, want, f"case {case} row {row}: swapped-in average")
+            _same(dict(model.state_dict()), raw, f"case {case}: raw weights after the swap")
+            _same(ema.averaged_state_dict(row), ref.averaged_state_dict(row), f"case {case} averaged_state_dict")
+            _same(ema.full_state_dict(row), ref.full_state_dict(row), f"case {case} full_state_dict")
+        # checkpoints both ways: split -> unsplit and unsplit -> split
+        fresh = EMA(trained, **kwargs)
+        fresh.load_state_dict(ema.state_dict())
+        _same(fresh.averaged_state_dict(0), ref.averaged_state_dict(0), f"case {case}: split -> unsplit")
+        fresh_split = EMA(trained, **kwargs, shard_replicas=True)
+        fresh_split.load_state_dict(ref.state_dict())
+        _same(fresh_split.averaged_state_dict(0), ref.averaged_state_dict(0), f"case {case}: unsplit -> split")
+        assert (fresh_split.updates, fresh_split.calls) == (ref.updates, ref.calls)
+        ema.copy_to()
+        copied = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(raw)
+        ref.copy_to()
+        _same(copied, dict(model.state_dict()), f"case {case}: copy_to")
+        groups = [(g.n, g.whole, g.buffer.element_size()) for g in ema._avg.layout.groups]
+        out[f"groups{case}"] = torch.tensor(groups, dtype=torch.int64)
+        out[f"nbytes{case}"] = torch.tensor([ema._avg.nbytes, ref._avg.nbytes])
+        dist.barrier()
+    return out
+
+
+def _check_memory(results, world):
+    for case in range(len(CASES)):
+        per_rank = [r[f"nbytes{case}"] for r in results]
+        assert sum(int(n[0]) for n in per_rank) == int(per_rank[0][1])         # the slices add up to the shadow
+        for r in results:
+            for n, whole, size in r[f"groups{case}"].tolist():
+                assert n <= -(-whole // world) + 16 // size                     # ceil(P / N) + one unit a group
+
+
+@pytest.mark.slow
+def test_ddp_split_average_equals_the_unsplit_one_bit_for_bit_on_2_ranks(tmp_path):
+    results = run_ranks(_train_and_compare, tmp_path, 2, True, 96, 21)
+    _check_memory(results, 2)
+
+
+@pytest.mark.slow
+def test_a_replicated_model_in_the_default_group_splits_over_4_ranks(tmp_path):
+    results = run_ranks(_train_and_compare, tmp_path, 4, False, 64 << 20, 12)
+    _check_memory(results, 4)
+
+
+def _refusals(rank, world):
+    import torch.distributed as dist
+
+    from fastema.torch import EMA
+
+    def refused(make, match):
+        with pytest.raises((ValueError, TypeError), match=match):
+            make()
+
+    torch.manual_seed(rank)                                   # no broadcast: each rank its own initialisation
+    differ = torch.nn.Linear(4, 4)
+    refused(lambda: EMA(differ, shard_replicas=True), "weights differ")
+    other = torch.nn.Linear(4, 4 + rank)                      # another model on each rank
+    refused(lambda: EMA(other, shard_replicas=True), "different models")
+    torch.manual_seed(0)
+    same = torch.nn.Linear(4, 4)
+    refused(lambda: EMA(same, shard_replicas=True, offload="cpu"), "offload")
+    refused(lambda: EMA(same, shard_replicas="yes"), "shard_replicas must be")
+    alone = dist.new_group([0])                               # every rank makes it; rank 1 is not in it
+    if rank == 1:
+        refused(lambda: EMA(same, shard_replicas=alone), "not in the group")
+    else:
+        EMA(same, shard_replicas=alone).update()             # a group of one: the whole average, no split
+    ok = EMA(same, shard_replicas=True)                       # after all of that the ranks still agree
+    ok.update()
+    dist.barrier()
+    return {"rank": torch.tensor(rank)}
+
+
+@pytest.mark.slow
+def test_ranks_that_differ_are_refused_on_every_rank_and_nothing_hangs(tmp_path):
+    results = run_ranks(_refusals, tmp_path, 2, timeout=120)
+    assert [int(r["rank"]) for r in results] == [0, 1]
+
+
+def test_shard_replicas_needs_a_process_group():
+    from fastema.torch import EMA
+
+    with pytest.raises(ValueError, match="init_process_group"):
+        EMA(torch.nn.Linear(2, 2), shard_replicas=True)
+    EMA(torch.nn.Linear(2, 2), shard_replicas=False).update()
