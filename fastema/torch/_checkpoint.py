@@ -52,7 +52,16 @@ def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = Fal
     pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
     sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
     staging makes them)."""
-    return {n: global_view(side, n, _host_copy(v), stacked) for n, v in views.items()}
+    out = {}
+    for n, v in views.items():
+        spec = side.specs.get(n)
+        if stacked and spec is not None and spec.slices:     # split over replicas: this rank's pieces only
+            from ._replicas import slices
+
+            out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
+        else:
+            out[n] = global_view(side, n, _host_copy(v), stacked)
+    return out
 
 
 def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool = False):
@@ -78,6 +87,10 @@ def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tens
     tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
     from a DTensor for an unsharded one (a collective)."""
     spec = side.specs.get(name)
+    if type(value).__name__ == "Slices" and (spec is None or not spec.slices):
+        raise ValueError("this entry holds one rank's pieces of an average split over replicas (shard_replicas): "
+                         "load it with torch.distributed.checkpoint (dcp.load({'ema': ema})), which reads every "
+                         "rank's pieces, or save a full checkpoint with ema.full_state_dict()")
     if spec is None:
         return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
     return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
@@ -273,7 +286,11 @@ class TorchCheckpoint:
                 if tuple(value.shape) != tuple(shape) and not flat:
                     problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
                     continue
-                value = local_part(side, n, value, dst, stacked)
+                try:
+                    value = local_part(side, n, value, dst, stacked)
+                except ValueError as e:                    # a refusal, never a one-rank raise (see below)
+                    problems.append(f"{key} {n!r}: {e}")
+                    continue
                 if spec is not None and spec.valid is not None:
                     dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
                 if value.device.type == "meta":

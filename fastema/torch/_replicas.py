@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 from ..flat import FlatShadow
 from . import _sharded
+from ._slices import Slices, rects
 
-__all__ = ["ReplicaShadow", "check_replicas", "replica_group"]
+__all__ = ["ReplicaShadow", "check_replicas", "piece_of_slices", "replica_group", "slices"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
 
@@ -195,7 +196,8 @@ class ReplicaShadow(FlatShadow):
                 last = min(max(hi - int(g.starts[slot]), 0), counts)
                 where.append((first, max(last - first, 0)))
             out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()),
-                                      pieces=(tuple(t.shape), tuple(where)))
+                                      pieces=(tuple(t.shape), tuple(where)),
+                                      slices=t.is_contiguous() and t.numel() > 0)
         return out
 
     # ------------------------------------------------------------ reading the average: collectives
@@ -275,3 +277,42 @@ def _gather_into_sources(shadow: FlatShadow, row: int, owner: ReplicaShadow | No
                         if x0 < x1:
                             dst = flats[g.members[slot]][x0 - s0:x1 - s0]
                             dst.copy_(got[r * per + x0 - lo - b0:r * per + x1 - lo - b0])
+
+
+# ------------------------------------------------------------ checkpoints: this rank's pieces only
+
+
+def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
+    """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
+    (:class:`~fastema.torch._slices.Slices`): a host copy of each rectangle the piece makes, at its
+    place in the whole tensor. No collective, and no rank stages more than it holds."""
+    assert spec.pieces is not None
+    shape, where = spec.pieces
+    rows = view.shape[0]
+    first, count = where[dist.get_rank(spec.mesh.get_group(0))]
+    pieces, at = [], 0
+    for offsets, sizes in rects(first, first + count, tuple(shape)):
+        host = torch.empty((rows, *sizes), dtype=view.dtype, device="cpu")
+        n = host[0].numel()
+        host.view(rows, n).copy_(view[:, at:at + n])
+        pieces.append(([0, *offsets], host))
+        at += n
+    return Slices(pieces, (rows, *shape), view.dtype)
+
+
+def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
+    """This rank's ``(rows, count)`` piece from a :class:`Slices` entry that :func:`slices` made (and
+    ``dcp.load`` filled); refuses one laid out otherwise."""
+    assert spec.pieces is not None
+    shape, where = spec.pieces
+    first, count = where[dist.get_rank(spec.mesh.get_group(0))]
+    expected = [[0, *o] for o, _ in rects(first, first + count, tuple(shape))]
+    got = [list(o) for o, _ in value._pieces]
+    if got != expected:
+        raise ValueError(f"a checkpoint entry of this rank's pieces at {got[:3]}, where this split average holds "
+                         f"{expected[:3]}: load a full tensor, or this average's own state_dict() filled by "
+                         f"torch.distributed.checkpoint.load")
+    rows = value.shape[0]
+    if not value._pieces:
+        return torch.empty((rows, 0), dtype=value.dtype)
+    return torch.cat([t.reshape(rows, -1) for _, t in value._pieces], dim=1)

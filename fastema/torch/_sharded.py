@@ -45,6 +45,7 @@ class Spec(NamedTuple):
     valid: int | None = None          # ZeRO-3: the partition's elements that are not padding
     view_shape: tuple | None = None   # ZeRO-3: the parameter's shape (the checkpoint keeps it flat)
     pieces: tuple | None = None       # ZeRO-1/2 masters: (parameter shape, ((start, length) of each rank, ...))
+    slices: bool = False              # shard_replicas: a checkpoint holds this rank's pieces only (_slices.Slices)
 
 
 def _dtensor_type():
@@ -247,6 +248,10 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
     (gathered first: a collective every rank must join)."""
     from torch.distributed.tensor import distribute_tensor
 
+    if spec.slices and type(value).__name__ == "Slices":       # a split average's own checkpoint entry
+        from ._replicas import piece_of_slices
+
+        return piece_of_slices(value, spec)
     if spec.pieces is not None:                                # ZeRO-1/2 masters: this rank's piece of the elements
         import torch.distributed as dist
 

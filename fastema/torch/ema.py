@@ -90,9 +90,11 @@ class EMA(Face, TorchAverage):
             (1/N of the memory and of the update's work), with no communication per update; the
             slices together equal the unsplit average bit for bit. Reading the average gathers it (a
             collective every rank of the group must join): ``swap()`` / ``average_parameters()``,
-            ``copy_to()``, ``averaged_state_dict()``, ``full_state_dict()``, ``state_dict()``,
-            ``save()``. Construction checks once that the ranks hold the same weights. See the
-            large-models guide ("Splitting the average across replicas").
+            ``copy_to()``, ``averaged_state_dict()``, ``full_state_dict()``, ``save()``;
+            ``state_dict()`` holds this rank's pieces only, which ``torch.distributed.checkpoint``
+            saves once per element and reloads on any number of ranks, split or not. Construction
+            checks once that the ranks hold the same weights. See the large-models guide
+            ("Splitting the average across replicas").
         gather_bucket: bytes of each rank's part of one gather of a swap or ``copy_to()`` with
             ``shard_replicas`` (the extra memory a read needs: the buckets, plus this rank's slice
             of the raw weights kept during a swap).

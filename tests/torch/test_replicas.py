@@ -114,10 +114,19 @@ def _train_and_compare(rank, world, ddp: bool, bucket: int, steps: int):
             _same(dict(model.state_dict()), raw, f"case {case}: raw weights after the swap")
             _same(ema.averaged_state_dict(row), ref.averaged_state_dict(row), f"case {case} averaged_state_dict")
             _same(ema.full_state_dict(row), ref.full_state_dict(row), f"case {case} full_state_dict")
-        # checkpoints both ways: split -> unsplit and unsplit -> split
+        # checkpoints: split -> split (this rank's pieces), unsplit -> split (full tensors, cut with no
+        # collective); split -> unsplit needs every rank's pieces: torch.distributed.checkpoint (below)
+        mine = ema.state_dict()
+        again = EMA(trained, **kwargs, shard_replicas=True)
+        again.load_state_dict(mine)
+        _same(again.averaged_state_dict(0), ref.averaged_state_dict(0), f"case {case}: split -> split")
         fresh = EMA(trained, **kwargs)
-        fresh.load_state_dict(ema.state_dict())
-        _same(fresh.averaged_state_dict(0), ref.averaged_state_dict(0), f"case {case}: split -> unsplit")
+        before = fresh.averaged_state_dict(0)
+        with pytest.raises(ValueError, match="dcp.load"):
+            fresh.load_state_dict(mine)
+        _same(fresh.averaged_state_dict(0), before, f"case {case}: a refused load changes nothing")
+        with pytest.raises(TypeError, match="this rank's pieces only"):
+            torch.save(mine, __import__("io").BytesIO())
         fresh_split = EMA(trained, **kwargs, shard_replicas=True)
         fresh_split.load_state_dict(ref.state_dict())
         _same(fresh_split.averaged_state_dict(0), ref.averaged_state_dict(0), f"case {case}: unsplit -> split")
@@ -196,3 +205,72 @@ def test_shard_replicas_needs_a_process_group():
     with pytest.raises(ValueError, match="init_process_group"):
         EMA(torch.nn.Linear(2, 2), shard_replicas=True)
     EMA(torch.nn.Linear(2, 2), shard_replicas=False).update()
+
+
+# ---------------------------------------------------------------- checkpoints that reshard (item 3)
+
+def _dcp_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(9, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5),
+                               torch.nn.Linear(5, 1, bias=False))
+
+
+def _dcp_trained(split: bool):
+    """The same 12 updates on every rank and world size (the replicas' weights do not depend on it)."""
+    from fastema.torch import EMA
+
+    model = _dcp_model()
+    ema = EMA(model, [0.9, 0.5], shard_replicas=split)
+    for step in range(12):
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.add_(torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step + i).view_as(p) * 0.1)
+        ema.update()
+    return model, ema
+
+
+def _dcp_save(rank, world, folder):
+    import torch.distributed.checkpoint as dcp
+
+    _, ema = _dcp_trained(True)
+    state = ema.state_dict()
+    held = sum(t.numel() for v in state["averaged"].values() for _, t in v._pieces)
+    whole = sum(2 * p.numel() for p in _dcp_model().parameters())
+    assert held <= whole // world + 2 * 4 * len(state["averaged"]), (held, whole)   # this rank's pieces only
+    dcp.async_save({"ema": ema}, checkpoint_id=folder).result()
+    return {"full0": torch.cat([v.flatten() for v in ema.full_state_dict(0).values()]),
+            "full1": torch.cat([v.flatten() for v in ema.full_state_dict(1).values()]),
+            "held": torch.tensor(held)}
+
+
+def _dcp_load(rank, world, folder):
+    import torch.distributed.checkpoint as dcp
+
+    from fastema.torch import EMA
+
+    out = {}
+    for split in (True, False):
+        ema = EMA(_dcp_model(), [0.9, 0.5], shard_replicas=split)
+        dcp.load({"ema": ema}, checkpoint_id=folder)
+        assert ema.updates == 12
+        for row in (0, 1):
+            out[f"{split}{row}"] = torch.cat([v.flatten() for v in ema.full_state_dict(row).values()])
+    return out
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_slices_saved_on_4_ranks_loads_on_2_and_1_split_or_not(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    saved = run_ranks(_dcp_save, tmp_path / "save", 4, folder)
+    for r in saved:
+        assert torch.equal(r["full0"], saved[0]["full0"]) and torch.equal(r["full1"], saved[0]["full1"])
+    for world in (2, 1):
+        for r in run_ranks(_dcp_load, tmp_path / f"load{world}", world, folder):
+            for split in (True, False):
+                assert torch.equal(r[f"{split}0"], saved[0]["full0"]) and torch.equal(r[f"{split}1"], saved[0]["full1"])
+    # and into a plain torch file, then a plain model: DCP's own converter
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, str(tmp_path / "ema.pt"))
+    plain = torch.load(tmp_path / "ema.pt", weights_only=True)["ema"]["averaged"]
+    assert torch.equal(torch.cat([v[0].flatten() for v in plain.values()]), saved[0]["full0"])

@@ -1,0 +1,102 @@
+"""A checkpoint entry that holds this rank's pieces of a tensor only: :class:`Slices`.
+
+An average split over replicas (``shard_replicas``) keeps, on each rank, a flat range of every
+tensor's elements. ``torch.distributed.checkpoint`` writes and reads rectangular chunks of a
+tensor, so a rank's range is cut into at most ``2 * ndim - 1`` rectangles (:func:`rects`, each
+contiguous in memory), and :class:`Slices` shows them to DCP as a tensor of the whole checkpoint
+entry's shape: DCP's ``_Checkpointable`` protocol (the three methods DTensor implements), so
+``dcp.save`` writes each element once (each rank its own rectangles), ``dcp.load`` fills them from
+a checkpoint of any layout (a split average on another number of ranks, an unsplit one, FSDP's),
+``dcp.async_save`` stages them (a tensor with no storage of its own: its pieces are staged), and
+``dcp_to_torch_save`` gives plain full tensors. No collective: each rank names its own pieces.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["Slices", "rects"]
+
+
+def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
+    """The elements ``[first, last)`` of a C-order tensor of ``shape`` as rectangles ``(offsets,
+    sizes)``, in order, each one contiguous in memory: at most ``2 * len(shape) - 1`` of them."""
+    if first >= last:
+        return []
+    if not shape:
+        return [([], [])]
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    lo, hi = -(-first // inner), last // inner              # the whole rows of dim 0
+    if lo > hi:                                             # within one row
+        row = first // inner
+        return [([row, *o], [1, *s]) for o, s in rects(first - row * inner, last - row * inner, shape[1:])]
+    out = []
+    if first < lo * inner:                                  # the head: the end of a row
+        row = lo - 1
+        out += [([row, *o], [1, *s]) for o, s in rects(first - row * inner, inner, shape[1:])]
+    if hi > lo:
+        out.append(([lo] + [0] * (len(shape) - 1), [hi - lo, *shape[1:]]))
+    if last > hi * inner:                                   # the tail: the start of a row
+        out += [([hi, *o], [1, *s]) for o, s in rects(0, last - hi * inner, shape[1:])]
+    return out
+
+
+class Slices(torch.Tensor):
+    """A tensor of the whole entry's ``size`` that holds only ``pieces``: ``(offsets, tensor)``, each
+    tensor the rectangle at ``offsets`` (plain host tensors). No operator runs on it (it has no
+    storage); DCP reads and writes the pieces through the methods below."""
+
+    _pieces: list
+
+    @staticmethod
+    def __new__(cls, pieces: list, size: tuple, dtype: torch.dtype):
+        self = torch.Tensor._make_wrapper_subclass(cls, torch.Size(size), dtype=dtype, device="cpu",
+                                                   requires_grad=False)
+        self._pieces = list(pieces)
+        return self
+
+    def __repr__(self) -> str:                              # type: ignore[override]
+        return f"Slices(size={tuple(self.shape)}, dtype={self.dtype}, pieces={[tuple(o) for o, _ in self._pieces]})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.new_empty.default:         # DCP's async staging: a shell, its pieces staged after
+            self = args[0]
+            return Slices([], self.shape, kwargs.get("dtype") or self.dtype)
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return args[0]
+        raise RuntimeError(f"{func} on a split average's checkpoint entry (Slices: this rank's pieces only, for "
+                           f"torch.distributed.checkpoint): load the state dict into an EMA, or gather it with "
+                           f"ema.full_state_dict()")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a split average's state_dict() holds this rank's pieces only (shard_replicas): save it "
+                        "with torch.distributed.checkpoint (dcp.save({'ema': ema}) on every rank), or gather a "
+                        "full one with ema.full_state_dict() / ema.save(path)")
+
+    # ------------------------------------------------------------ torch.distributed.checkpoint
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape),
+                              properties=TensorProperties.create_from_tensor(t), size=self.shape))
+                for offsets, t in self._pieces]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape) for offsets, t in self._pieces]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        for offsets, t in self._pieces:
+            if torch.Size(offsets) == index.offset:
+                return t
+        raise ValueError(f"{index.fqn!r}: no piece of this rank at {tuple(index.offset)}")
