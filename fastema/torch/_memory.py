@@ -40,7 +40,7 @@ def _shadow_arrays(shadow) -> list:
     if shadow is None:
         return out
     for g in shadow.layout.groups:
-        out.append(g.buffer)
+        out.append(getattr(g, "buffer", None))                    # a pair group's averages are the caller's
         if getattr(g, "scan", g) is not g:                        # a split group's whole-source scan tables
             t = g.scan.tables
             out.extend(getattr(t, f) for f in ("seg_addr", "seg_offset", "chunk_seg", "chunk_begin"))
@@ -68,9 +68,20 @@ def memory(side, core=None, backup=None) -> dict[str, int]:
     arrays += [copy for _, copy in side.int_buffers.values()]
     if backup is not None and hasattr(backup, "layout"):
         arrays += _shadow_arrays(backup)
+    return _total(arrays, core)
+
+
+def pairs_memory(pairs, core) -> dict[str, int]:
+    """``device -> bytes`` a target network holds besides the target itself (the caller's tensors,
+    which are the average): the copied buffers' tables, the flags, the launch tables, the device plan."""
+    arrays: list[Any] = _shadow_arrays(pairs.avg) + _shadow_arrays(pairs.copied) + list(pairs.flags.values())
+    return _total(arrays, core)
+
+
+def _total(arrays: list, core) -> dict[str, int]:
     plan = getattr(core, "device_plan", None)
     if plan is not None:
-        arrays += list(plan.tensors())
+        arrays = arrays + list(plan.tensors())
     seen: set = set()
     out: dict[str, int] = {}
     for a in arrays:

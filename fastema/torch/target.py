@@ -184,6 +184,19 @@ class TargetNetwork(Face):
         """True when the plan lives on the device (see the ``device_step`` argument)."""
         return self._core.device_plan is not None
 
+    def memory(self) -> dict[str, int]:
+        """Bytes this target network holds besides the target (the caller's tensors, which are the
+        average), by device: the launch tables, the non-finite flags, the device plan. Sums to
+        :attr:`nbytes`."""
+        from ._memory import pairs_memory
+
+        return pairs_memory(self._pairs, self._core)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this target network holds besides the target (see :meth:`memory`)."""
+        return sum(self.memory().values())
+
     @property
     def names(self) -> dict[str, list[str]]:
         """The target's tensors by what ``update()`` does to them: ``averaged``, ``copied``
@@ -198,18 +211,6 @@ class TargetNetwork(Face):
         if not self.skip_nonfinite:
             return {}
         return dict(self._pairs.flags if self._core.device_plan is None else self._core.device_plan.flags)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of memory this object owns: launch tables of addresses, skip flags, the device plan.
-        The average is the target's own tensors: no copy of the weights is kept."""
-        total = sum(f.numel() * f.element_size() for f in self._pairs.flags.values())
-        for g in self._pairs.avg.groups + self._pairs.copied.groups:
-            total += sum(int(getattr(a, "nbytes", 0)) for a in g.tables.args()[1:])
-        if self._core.device_plan is not None:
-            total += sum(a.numel() * a.element_size() for a in self._core.device_plan.tensors()
-                         if isinstance(a, torch.Tensor))
-        return total
 
     def __repr__(self) -> str:
         a, c, i = self._pairs.sel.names

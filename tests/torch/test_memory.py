@@ -52,3 +52,15 @@ def test_an_offloaded_average_counts_its_staging_and_host_slots_too():
     ema.update()
     ema.join()
     assert ema.nbytes >= numel * 4 * 2          # the host shadow and at least one staging copy of the weights
+
+
+def test_a_target_network_counts_what_it_adds_not_the_target():
+    import copy
+
+    from fastema.torch import TargetNetwork
+
+    online = torch.nn.Linear(100, 100)
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.01)
+    params = sum(p.numel() * 4 for p in target.parameters())
+    assert 0 < tn.nbytes < params and sum(tn.memory().values()) == tn.nbytes    # tables and a flag, no copy
