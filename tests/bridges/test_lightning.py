@@ -311,3 +311,24 @@ def test_lightnings_update_cadence_maps_to_update_every_and_update_after_step(tm
                     assert torch.equal(a[n], start[n].double()) and torch.equal(b[n], w[n]), (step, n)
                 elif i == 0 or "num_batches" not in n:
                     torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_fit_with_the_average_split_over_the_ranks_equals_the_unsplit_one(tmp_path):
+    """Two ranks under torchrun (gloo, the DDP strategy): WeightEMA(shard_replicas=True) and WeightEMA()
+    over the same fit give the same average on every rank, the split one holding less."""
+    import os
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("lightning_ddp_script.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    found = re.findall(r"rank (\d) split updates=(\d+) held=(\d+) bits=(\S+) whole updates=(\d+) held=(\d+) bits=(\S+)",
+                       out.stdout)
+    assert len(found) == 2, out.stdout
+    for _, su, sh, sb, wu, wh, wb in found:
+        assert su == wu == "8" and sb == wb and int(sh) < int(wh)
+    assert found[0][3] == found[1][3]                       # the same average on both ranks

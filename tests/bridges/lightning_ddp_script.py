@@ -1,0 +1,47 @@
+"""Run by tests/bridges/test_lightning.py under torchrun (2 ranks, gloo): the same DDP fit with
+WeightEMA(shard_replicas=True) and with WeightEMA(), each rank printing the averages' bits."""
+import os
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from fastema.lightning import WeightEMA
+
+warnings.filterwarnings("ignore")
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def fit(split: bool) -> str:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    callback = WeightEMA(0.9, shard_replicas=split)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                         callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Regressor(), data)
+    full = callback.ema.full_state_dict()
+    held = callback.ema.nbytes
+    bits = torch.cat([v.flatten() for v in full.values()]).view(torch.int32)
+    return f"updates={callback.ema.updates} held={held} bits={bits.sum().item()}:{bits.float().square().sum().item()}"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    split, whole = fit(True), fit(False)
+    print(f"rank {os.environ['RANK']} split {split} whole {whole}", flush=True)
