@@ -318,7 +318,10 @@ class EMACallback(TrainerCallback):
                             raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
                                              f"holds {tuple(value.to_local().shape)}; resume with the same world "
                                              f"size and sharding")
-                        value.to_local().copy_(local)
+                        if hasattr(value, "load_local"):    # split over replicas: this rank's pieces
+                            value.load_local(local)
+                        else:
+                            value.to_local().copy_(local)
                         state[group][name] = value
         ema.load_state_dict(state)
 

@@ -312,7 +312,4 @@ def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
         raise ValueError(f"a checkpoint entry of this rank's pieces at {got[:3]}, where this split average holds "
                          f"{expected[:3]}: load a full tensor, or this average's own state_dict() filled by "
                          f"torch.distributed.checkpoint.load")
-    rows = value.shape[0]
-    if not value._pieces:
-        return torch.empty((rows, 0), dtype=value.dtype)
-    return torch.cat([t.reshape(rows, -1) for _, t in value._pieces], dim=1)
+    return value.to_local()

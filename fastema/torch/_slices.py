@@ -73,6 +73,21 @@ class Slices(torch.Tensor):
                            f"torch.distributed.checkpoint): load the state dict into an EMA, or gather it with "
                            f"ema.full_state_dict()")
 
+    def to_local(self) -> torch.Tensor:
+        """This rank's pieces as one ``(rows, count)`` host tensor (a copy): what a per-rank file keeps."""
+        rows = self.shape[0]
+        if not self._pieces:
+            return torch.empty((rows, 0), dtype=self.dtype)
+        return torch.cat([t.reshape(rows, -1) for _, t in self._pieces], dim=1)
+
+    def load_local(self, local: torch.Tensor) -> None:
+        """The pieces <- a ``(rows, count)`` tensor that :meth:`to_local` gave (shape checked by the caller)."""
+        at = 0
+        for _, t in self._pieces:
+            n = t[0].numel() if t.shape[0] else 0
+            t.view(t.shape[0], n).copy_(local[:, at:at + n])
+            at += n
+
     def __reduce_ex__(self, protocol):
         raise TypeError("a split average's state_dict() holds this rank's pieces only (shard_replicas): save it "
                         "with torch.distributed.checkpoint (dcp.save({'ema': ema}) on every rank), or gather a "

@@ -517,3 +517,68 @@ def test_fsdp2_ranks_save_their_shards_and_resume_bit_exact(tmp_path):
     for key, value in ranks[0].items():
         if key.startswith("full/"):
             assert torch.equal(loaded[key[5:]], value), key
+
+
+def _split_hooks(rank, world, out):
+    """Rank body: the callback's hooks on a GPT-2 replicated over the ranks (the same weights and steps
+    everywhere, as DDP keeps them), with EMACallback(shard_replicas=True): save at step 2 (a file a
+    rank, its pieces), train to 4; the weights of step 2 back, a resumed callback and the same 2 steps;
+    and an unsplit callback beside it all along, for the averages' bits."""
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = arguments(out)
+    state = TrainerState()
+
+    def train(callbacks, first, last):
+        for k in range(first, last):
+            ids = Tokens(4, k).ids
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            state.global_step = k + 1
+            for callback in callbacks:
+                callback.on_step_end(args, state, TrainerControl())
+
+    split = EMACallback(decay=0.9, warmup="power", shard_replicas=True)
+    whole = EMACallback(decay=0.9, warmup="power")
+    for callback in (split, whole):
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+    train([split, whole], 0, 2)
+    os.makedirs(os.path.join(out, "checkpoint-2"), exist_ok=True)
+    torch.distributed.barrier()
+    split.on_save(args, state, TrainerControl())
+    at2 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train([split, whole], 2, 4)
+    result = {f"split/{n}": v for n, v in split.ema.full_state_dict().items()}
+    result.update({f"whole/{n}": v for n, v in whole.ema.full_state_dict().items()})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(at2[n])
+    resumed = EMACallback(decay=0.9, warmup="power", shard_replicas=True)
+    state = TrainerState(global_step=2)
+    resumed.on_train_begin(args, state, TrainerControl(), model=model)
+    train([resumed], 2, 4)
+    result.update({f"resumed/{n}": v for n, v in resumed.ema.full_state_dict().items()})
+    result["held"] = torch.tensor([split.ema.nbytes, whole.ema.nbytes])
+    return result
+
+
+@pytest.mark.slow
+def test_the_average_split_over_replicas_saves_a_file_a_rank_and_resumes_bit_exact(tmp_path):
+    """2 ranks, gloo: EMACallback(shard_replicas=True) equals the unsplit callback, each rank writes its
+    pieces into the checkpoint folder, and a resumed callback ends with the same average bit for bit."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs gloo")
+    from dist import run_ranks
+
+    out = tmp_path / "out"
+    ranks = run_ranks(_split_hooks, tmp_path / "run", 2, str(out))
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["fastema_ema-rank0-of-2.safetensors",
+                                                        "fastema_ema-rank1-of-2.safetensors"]
+    for r in ranks:
+        assert int(r["held"][0]) < int(r["held"][1])
+        for key in (k for k in r if k.startswith("split/")):
+            assert torch.equal(r[key], r[key.replace("split/", "whole/")]), key
+            assert torch.equal(r[key], r[key.replace("split/", "resumed/")]), key
