@@ -78,7 +78,8 @@ def global_shape(side: TorchModel, name: str, dst: torch.Tensor, stacked: bool) 
     tensor cut into pieces over the ranks (split over replicas, ZeRO-1/2 masters) is not gathered."""
     spec = side.specs.get(name)
     if spec is not None and spec.pieces is not None:
-        return ((dst.shape[0],) if stacked else ()) + tuple(spec.pieces[0])
+        whole = spec.shape if spec.replica_dim is not None else spec.pieces[0]     # HSDP: the global shape
+        return ((dst.shape[0],) if stacked else ()) + tuple(whole)
     return tuple(global_view(side, name, dst, stacked).shape)
 
 

@@ -120,6 +120,7 @@ class TorchModel:
         if self.masters is not None:                    # ZeRO-3: the optimizer's float32 masters read instead
             averaged.update(self.masters.views)
             self.specs.update(self.masters.specs)       # ZeRO-1/2: pieces of the parameters, gathered in exports
+        self.local_shards = bool(self.specs)            # DTensors / ZeRO-3 / masters: local shards are tracked
         self.known = set(tensors_of(inner))             # every name at construction: others are new (M4)
         if not averaged:
             raise ValueError("the model has no floating-point parameters to average (check exclude= and copy="
@@ -244,7 +245,7 @@ class TorchModel:
         entries = [(0, n, "parameter" if n in params else "buffer")
                    for n in self.names[0] + self.names[1] + list(self.int_buffers)]
         masters = self.masters
-        return Slots((inner,), entries, self, sharded=bool(set(self.specs) - set(self.replica_specs)), fsdp=self.fsdp,
+        return Slots((inner,), entries, self, sharded=self.local_shards, fsdp=self.fsdp,
                      also=masters.addresses if masters is not None else None)
 
     def _refuse_added(self) -> None:
@@ -323,6 +324,7 @@ class TorchModel:
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
+        self.local_shards = bool(specs)
         specs.update(self.replica_specs)          # the split over replicas stays as made
         masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
         if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)

@@ -36,9 +36,10 @@ DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket
 
 
 def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict, masters: Any):
-    """The process group whose ranks hold replicas of ``model``'s parameters, from
-    ``shard_replicas`` (True: DDP's group, else the default group; a ``ProcessGroup``; a 1-D
-    ``DeviceMesh``), or None when it is False/None. Refuses, naming the fix, what cannot be split."""
+    """``(group, mesh dim)``: the process group whose ranks hold replicas of ``model``'s parameters,
+    from ``shard_replicas`` (True: an HSDP mesh's replicate dimension, DDP's group, else the default
+    group; a ``ProcessGroup``; a 1-D ``DeviceMesh``), and for HSDP that dimension of the parameters'
+    mesh (else None); None when it is False/None. Refuses, naming the fix, what cannot be split."""
     if shard_replicas is None or shard_replicas is False:
         return None
     what = f"{kind}(shard_replicas=...)"
@@ -50,9 +51,7 @@ def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict
                          f"partitions over the data-parallel ranks (ZeRO-1/2/3): each rank keeps the average of its "
                          f"partition only. Drop shard_replicas=")
     if specs:
-        raise ValueError(f"{what}: the model's parameters are sharded (FSDP2 / tensor parallel DTensors); the "
-                         f"average of a sharded model is already split like the model. Splitting it further over "
-                         f"an HSDP replicate dimension is not supported yet: drop shard_replicas=")
+        return _hsdp_replicas(specs, shard_replicas, what)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{what} splits the average over the ranks of a process group, and none is initialised: "
                          f"call torch.distributed.init_process_group() first (or drop shard_replicas=)")
@@ -76,7 +75,29 @@ def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict
                         f"got {type(shard_replicas).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(outside)
-    return group
+    return group, None
+
+
+def _hsdp_replicas(specs: dict, shard_replicas, what: str):
+    """``(group, dim)`` of the mesh dimension over which every sharded parameter is replicated (HSDP's
+    replicate dimension), or the refusal: a model sharded over every rank (FSDP2, tensor parallel) has
+    no replicas, its average is already split like it."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    meshes = {id(s.mesh): s.mesh for s in specs.values()}
+    if shard_replicas is not True or len(meshes) != 1 or any(s.pieces is not None or s.valid is not None
+                                                              for s in specs.values()):
+        raise ValueError(f"{what}: the model's parameters are sharded (DTensors of several meshes, ZeRO-3 "
+                         f"partitions, or a group given for an HSDP model); pass shard_replicas=True for an HSDP "
+                         f"model (its replicate dimension is found), or drop it: the average of a sharded model "
+                         f"is already split like the model")
+    mesh = next(iter(meshes.values()))
+    dims = [d for d in range(mesh.ndim) if all(isinstance(s.placements[d], Replicate) for s in specs.values())]
+    if not dims or any(not isinstance(p, (Shard, Replicate)) for s in specs.values() for p in s.placements):
+        raise ValueError(f"{what}: no mesh dimension holds replicas of every parameter (FSDP2 or tensor parallel "
+                         f"without an HSDP replicate dimension): the average is already split like the model, "
+                         f"1/N a rank. Drop shard_replicas=")
+    return mesh.get_group(dims[0]), dims[0]
 
 
 def _wire_device(group, sources: list) -> torch.device:
@@ -180,9 +201,11 @@ class ReplicaShadow(FlatShadow):
         g, _, count, col = self._piece(source)
         return g.buffer[:, col:col + count] if row is None else g.buffer[row, col:col + count]
 
-    def specs(self, group_mesh) -> dict[str, _sharded.Spec]:
+    def specs(self, group_mesh, sharded: dict | None = None, dim: int | None = None) -> dict[str, _sharded.Spec]:
         """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
-        (``_sharded``'s ``pieces`` layout: exports gather the full tensor, a load cuts this rank's)."""
+        (``_sharded``'s ``pieces`` layout: exports gather the full tensor, a load cuts this rank's).
+        HSDP (``sharded``: the parameters' DTensor specs, split over mesh dimension ``dim``): the
+        pieces are of the local shard, and the spec keeps the DTensor's layout around them."""
         from torch.distributed.tensor import Replicate
 
         out = {}
@@ -195,9 +218,13 @@ class ReplicaShadow(FlatShadow):
                 first = min(max(lo - int(g.starts[slot]), 0), counts)
                 last = min(max(hi - int(g.starts[slot]), 0), counts)
                 where.append((first, max(last - first, 0)))
-            out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()),
-                                      pieces=(tuple(t.shape), tuple(where)),
-                                      slices=t.is_contiguous() and t.numel() > 0)
+            pieces = (tuple(t.shape), tuple(where))
+            if sharded is not None and name in sharded:
+                out[name] = sharded[name]._replace(pieces=pieces, slices=t.is_contiguous() and t.numel() > 0,
+                                                   replica_dim=dim)
+            else:
+                out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()), pieces=pieces,
+                                          slices=t.is_contiguous() and t.numel() > 0)
         return out
 
     # ------------------------------------------------------------ reading the average: collectives
@@ -286,27 +313,36 @@ def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
     """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
     (:class:`~fastema.torch._slices.Slices`): a host copy of each rectangle the piece makes, at its
     place in the whole tensor. No collective, and no rank stages more than it holds."""
-    assert spec.pieces is not None
-    shape, where = spec.pieces
     rows = view.shape[0]
-    first, count = where[dist.get_rank(spec.mesh.get_group(0))]
     pieces, at = [], 0
-    for offsets, sizes in rects(first, first + count, tuple(shape)):
+    for offsets, sizes in _chunks(spec):
         host = torch.empty((rows, *sizes), dtype=view.dtype, device="cpu")
         n = host[0].numel()
         host.view(rows, n).copy_(view[:, at:at + n])
-        pieces.append(([0, *offsets], host))
+        pieces.append((offsets, host))
         at += n
-    return Slices(pieces, (rows, *shape), view.dtype)
+    return Slices(pieces, tuple(spec.shape), view.dtype)
+
+
+def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
+    """``(offsets, sizes)`` in the ``(rows, *shape)`` entry (``spec``: a rows spec) of the rectangles
+    this rank's piece makes: of the tensor, or of the local shard, moved to its place (HSDP)."""
+    assert spec.pieces is not None
+    shape, where = spec.pieces
+    first, count = where[dist.get_rank(spec.mesh.get_group(spec.replica_dim or 0))]
+    base = [0] * (len(shape) + 1)
+    if spec.replica_dim is not None:                       # the local shard's place in the whole tensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        base = list(compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)[1])
+    return [([b + o for b, o in zip(base, [0, *offsets])], sizes)
+            for offsets, sizes in rects(first, first + count, tuple(shape))]
 
 
 def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
     """This rank's ``(rows, count)`` piece from a :class:`Slices` entry that :func:`slices` made (and
     ``dcp.load`` filled); refuses one laid out otherwise."""
-    assert spec.pieces is not None
-    shape, where = spec.pieces
-    first, count = where[dist.get_rank(spec.mesh.get_group(0))]
-    expected = [[0, *o] for o, _ in rects(first, first + count, tuple(shape))]
+    expected = [o for o, _ in _chunks(spec)]
     got = [list(o) for o, _ in value._pieces]
     if got != expected:
         raise ValueError(f"a checkpoint entry of this rank's pieces at {got[:3]}, where this split average holds "

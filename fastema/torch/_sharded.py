@@ -46,6 +46,7 @@ class Spec(NamedTuple):
     view_shape: tuple | None = None   # ZeRO-3: the parameter's shape (the checkpoint keeps it flat)
     pieces: tuple | None = None       # ZeRO-1/2 masters: (parameter shape, ((start, length) of each rank, ...))
     slices: bool = False              # shard_replicas: a checkpoint holds this rank's pieces only (_slices.Slices)
+    replica_dim: int | None = None    # shard_replicas over a DTensor's replicate mesh dim: pieces of the local shard
 
 
 def _dtensor_type():
@@ -153,9 +154,15 @@ def _gathered(piece: torch.Tensor, spec: Spec) -> torch.Tensor:
     arbitrary offsets (ZeRO-1/2, BF16_Optimizer): every rank's piece, gathered (a collective) and put
     in the parameter's shape (``spec.shape``: with the rows in front for a stack of averages)."""
     assert spec.pieces is not None                # wrap() gathers pieces only
-    _, where = spec.pieces
-    parts = gather_pieces(piece, [n for _, n in where], spec.mesh.get_group(0))
-    return torch.cat(parts, dim=-1).reshape(spec.shape)
+    local_shape, where = spec.pieces
+    parts = gather_pieces(piece, [n for _, n in where], spec.mesh.get_group(spec.replica_dim or 0))
+    if spec.replica_dim is None:
+        return torch.cat(parts, dim=-1).reshape(spec.shape)
+    from torch.distributed.tensor import DTensor  # HSDP split over its replicas: the local shard, whole
+
+    local = torch.cat(parts, dim=-1).reshape(*piece.shape[:-1], *local_shape)
+    return DTensor.from_local(local, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                              stride=spec.stride)
 
 
 def local_tensor(t):
@@ -252,6 +259,14 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
         from ._replicas import piece_of_slices
 
         return piece_of_slices(value, spec)
+    if spec.replica_dim is not None:                           # HSDP split over its replicas: the local shard's piece
+        import torch.distributed as dist
+
+        local = piece_of(value, spec._replace(pieces=None, slices=False, replica_dim=None))
+        assert spec.pieces is not None
+        shape, where = spec.pieces
+        first, count = where[dist.get_rank(spec.mesh.get_group(spec.replica_dim))]
+        return local.reshape(*local.shape[:local.dim() - len(shape)], -1)[..., first:first + count]
     if spec.pieces is not None:                                # ZeRO-1/2 masters: this rank's piece of the elements
         import torch.distributed as dist
 

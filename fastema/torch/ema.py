@@ -85,8 +85,9 @@ class EMA(Face, TorchAverage):
             once with what is averaged; False for any other model. :meth:`export_peft` writes the
             averaged adapter in PEFT's format.
         shard_replicas: split the shadow over the ranks that hold replicas of the model (``True``:
-            a DDP module's process group, else the default group; or a ``ProcessGroup``, or a 1-D
-            ``DeviceMesh``): each rank keeps and updates one contiguous slice of every flat group
+            an FSDP2 HSDP mesh's replicate dimension, a DDP module's process group, else the default
+            group; or a ``ProcessGroup``, or a 1-D ``DeviceMesh``): each rank keeps and updates one
+            contiguous slice of every flat group
             (1/N of the memory and of the update's work), with no communication per update; the
             slices together equal the unsplit average bit for bit. Reading the average gathers it (a
             collective every rank of the group must join): ``swap()`` / ``average_parameters()``,
@@ -119,13 +120,14 @@ class EMA(Face, TorchAverage):
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        group = _replicas.replica_group(model, shard_replicas, type(self).__name__, offload=offload,
+        split = _replicas.replica_group(model, shard_replicas, type(self).__name__, offload=offload,
                                         specs=side.specs, masters=side.masters)
-        if group is not None:                                        # one collective: the replicas agree
+        if split is not None:                                        # one collective: the replicas agree
+            group, dim = split
             _replicas.check_replicas(side.averaged, group, type(self).__name__)
             shadow: Any = _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
                                                   bucket=gather_bucket)
-            side.split(shadow.specs(_sharded.mesh_of(group, _replicas.mesh_device(group))))
+            side.split(shadow.specs(_sharded.mesh_of(group, _replicas.mesh_device(group)), side.specs, dim))
         elif offload:
             from ._offload import OffloadedShadow
 
