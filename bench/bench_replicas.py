@@ -7,7 +7,8 @@ Each rank count runs in spawned processes on gloo (CPU, one thread a rank), ever
 averages of the same float32 model (``--mib`` of parameters) and timing, after a warm-up, the best
 of several batches of ``update()`` calls of each (compile time excluded). The swap: one
 ``average_parameters()`` in and out (two gathers). Host memory: ``VmHWM`` is not per-call, so the
-state dict's peak is ``RssAnon`` sampled around it. Not a timed test: figures for
+state dict's memory is the growth of ``RssAnon`` while it is held (its second call); the memory each average adds, ``ema.nbytes`` and
+the growth of ``RssAnon`` when it is made (the split one first). Not a timed test: figures for
 docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -24,6 +25,13 @@ import torch.multiprocessing as mp
 
 
 def _rss_anon() -> int:
+    """Resident anonymous memory, after the C heap has given back what is free (``malloc_trim``), so
+    that memory freed earlier and reused by the next allocation does not hide it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("RssAnon:"):
@@ -55,26 +63,34 @@ def _rank(rank: int, world: int, store: str, mib: int, calls: int, out: str) -> 
     layers = max(1, (mib << 20) // (4 * width * width))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
     params = list(model.parameters())
-    whole = EMA(model, 0.999)
+    small = torch.nn.Linear(1024, 1024)                  # large enough for the parallel kernels (their threads)
+    for ema in (EMA(small, 0.999, shard_replicas=True), EMA(small, 0.999)):
+        ema.update()                                       # every kernel compiled and loaded first
+    rss0 = _rss_anon()
     split = EMA(model, 0.999, shard_replicas=True)
+    rss_split = _rss_anon() - rss0                         # resident memory the split average added
+    whole = EMA(model, 0.999)
+    rss_whole = _rss_anon() - rss0 - rss_split
     for ema in (whole, split):
         for _ in range(3):
             ema.update()                                   # compiled and warm
     times = {"unsplit": _best(whole.update, calls), "split": _best(split.update, calls)}
     held = (split.nbytes, whole.nbytes)
-    dist.barrier()
-    t = time.perf_counter()
-    with split.average_parameters():
-        pass
-    swap = time.perf_counter() - t
+    split.state_dict()                                     # its pages touched once
     before = _rss_anon()
     t = time.perf_counter()
     state = split.state_dict()
     state_s = time.perf_counter() - t
     peak = _rss_anon() - before
     del state
+    dist.barrier()
+    t = time.perf_counter()
+    with split.average_parameters():
+        pass
+    swap = time.perf_counter() - t
     row = (f"| {world} | {rank} | {sum(p.numel() for p in params) * 4 / 2**20:.0f} | {held[0] / 2**20:.1f} | "
-           f"{held[1] / 2**20:.1f} | {times['split'] * 1e3:.2f} | {times['unsplit'] * 1e3:.2f} | "
+           f"{held[1] / 2**20:.1f} | {rss_split / 2**20:.1f} | {rss_whole / 2**20:.1f} |"
+           f" {times['split'] * 1e3:.2f} | {times['unsplit'] * 1e3:.2f} | "
            f"{times['split'] / times['unsplit']:.2f} | {swap * 1e3:.1f} | {state_s * 1e3:.1f} | {peak / 2**20:.0f} |")
     with open(os.path.join(out, f"{world}-{rank}.txt"), "w") as f:
         f.write(row)
@@ -89,9 +105,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    lines = ["| ranks | rank | model MiB | split MiB held | unsplit MiB held | split update ms | unsplit update ms | "
-             "split / unsplit | swap in+out ms | state_dict ms | state_dict peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | rank | model MiB | split nbytes MiB | unsplit nbytes MiB | split RssAnon MiB | "
+             "unsplit RssAnon MiB | split update ms | unsplit update ms | split / unsplit | swap in+out ms | "
+             "state_dict ms | "
+             "state_dict peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for world in (int(w) for w in args.ranks.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             store = os.path.join(tmp, "store")

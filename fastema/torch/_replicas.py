@@ -33,6 +33,7 @@ from ._slices import Slices, rects
 __all__ = ["ReplicaShadow", "check_replicas", "piece_of_slices", "replica_group", "slices"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
+_DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
 
 
 def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict, masters: Any):
@@ -128,9 +129,11 @@ def check_replicas(sources: dict, group, kind: str) -> None:
     total = squares = 0.0
     with torch.no_grad():
         for t in sources.values():
-            wide = t.detach().double()
-            total += float(wide.sum())
-            squares += float((wide * wide).sum())
+            flat = _flat(t.detach())
+            for at in range(0, flat.numel(), _DIGEST_CHUNK):          # float64 a chunk at a time: a bounded
+                wide = flat[at:at + _DIGEST_CHUNK].double()           # temporary, whatever the tensor's size
+                total += float(wide.sum())
+                squares += float(torch.dot(wide, wide))
     mine = torch.tensor([float(zlib.crc32(layout.encode())), float(len(sources)), total, squares],
                         dtype=torch.float64, device=_wire_device(group, list(sources.values())))
     every = torch.empty(dist.get_world_size(group) * 4, dtype=torch.float64, device=mine.device)
