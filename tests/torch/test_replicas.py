@@ -335,3 +335,35 @@ def _hsdp_split(rank, world, folder):
 def test_hsdp_splits_each_local_shard_over_the_replicate_dimension(tmp_path):
     results = run_ranks(_hsdp_split, tmp_path / "run", 4, str(tmp_path / "ckpt"), timeout=300)
     assert all(torch.equal(r["full"], results[0]["full"]) for r in results)
+
+
+def _compiled_and_device_plan(rank, world):
+    """torch.compile and the plan on the device work as without the split (2 ranks)."""
+    from fastema.torch import EMA
+
+    out = {}
+    for kwargs in (dict(decay=0.9, warmup="power", device_step=True), dict(decay=[0.9, 0.99])):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        split, whole = EMA(model, **kwargs, shard_replicas=True), EMA(model, **kwargs)
+
+        @torch.compile(backend="eager", fullgraph=True)
+        def step(k):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.9).add_(k)
+            split.update()
+
+        for k in range(5):
+            step(torch.tensor(0.01 * k))
+            whole.update()
+        assert split.updates == whole.updates == 5
+        _same(split.full_state_dict(0), whole.full_state_dict(0), f"compiled {kwargs}")
+        out[str(len(out))] = torch.tensor(split.device_step)
+    return out
+
+
+@pytest.mark.slow
+def test_torch_compile_and_the_device_plan_work_split(tmp_path):
+    results = run_ranks(_compiled_and_device_plan, tmp_path, 2)
+    assert bool(results[0]["0"]) and not bool(results[0]["1"])
