@@ -7,9 +7,9 @@ Each rank count runs in spawned processes on gloo (CPU, one thread a rank), ever
 averages of the same float32 model (``--mib`` of parameters) and timing, after a warm-up, the best
 of several batches of ``update()`` calls of each (compile time excluded). The swap: one
 ``average_parameters()`` in and out (two gathers). Host memory: ``VmHWM`` is not per-call, so the
-state dict's memory is the growth of ``RssAnon`` while it is held (its second call); the memory each average adds, ``ema.nbytes`` and
-the growth of ``RssAnon`` when it is made (the split one first). Not a timed test: figures for
-docs/benchmarks.md.
+state dict's memory is the growth of ``RssAnon`` while it is held (its second call); the memory each
+average adds, ``ema.nbytes`` and the growth of ``RssAnon`` when it is made (the split one first). Not
+a timed test: figures for docs/benchmarks.md.
 """
 from __future__ import annotations
 
