@@ -282,6 +282,22 @@ class Average:
         if self.device_plan is not None:
             self.device_plan.load(self.plan, self.seed)
 
+    def memory(self) -> dict[str, int]:
+        """Bytes this average holds by device: the shadow's buffers and launch tables (arrays of the
+        framework or of NumPy, each with ``nbytes``) and the device plan's arrays."""
+        out: dict[str, int] = {}
+        arrays = []
+        for g in self.shadow.layout.groups:
+            t = g.tables
+            arrays += [(g.device, g.buffer)] + [("cpu" if isinstance(a, np.ndarray) else g.device, a)
+                                                for a in (t.shadow_addr, t.seg_addr, t.seg_offset, t.chunk_seg,
+                                                          t.chunk_begin)]
+        if self.device_plan is not None:
+            arrays += [(str(getattr(a, "device", "cpu")), a) for a in self.device_plan.tensors()]
+        for device, a in arrays:
+            out[device] = out.get(device, 0) + int(getattr(a, "nbytes", 0))
+        return out
+
     def state_dict(self) -> dict:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
         ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes

@@ -53,7 +53,7 @@ class Slices(torch.Tensor):
 
     @staticmethod
     def __new__(cls, pieces: list, size: tuple, dtype: torch.dtype):
-        self = torch.Tensor._make_wrapper_subclass(cls, torch.Size(size), dtype=dtype, device="cpu",
+        self = torch.Tensor._make_wrapper_subclass(cls, torch.Size(size), dtype=dtype, device=torch.device("cpu"),
                                                    requires_grad=False)
         self._pieces = list(pieces)
         return self

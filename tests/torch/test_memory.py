@@ -64,3 +64,27 @@ def test_a_target_network_counts_what_it_adds_not_the_target():
     tn = TargetNetwork(online, target, tau=0.01)
     params = sum(p.numel() * 4 for p in target.parameters())
     assert 0 < tn.nbytes < params and sum(tn.memory().values()) == tn.nbytes    # tables and a flag, no copy
+
+
+def test_the_jax_and_tensorflow_averages_count_their_shadow_rows_too():
+    import importlib
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for face in ("jax", "tensorflow"):
+        try:
+            mod = importlib.import_module(f"fastema.{face}")
+        except ImportError:
+            continue
+        if face == "jax":
+            import jax.numpy as jnp
+
+            ema = mod.EMA({"w": jnp.ones((100, 10)), "b": jnp.zeros(10)}, [0.9, 0.5])
+        else:
+            import tensorflow as tf
+
+            ema = mod.EMA([tf.Variable(np.ones((100, 10), np.float32)), tf.Variable(np.zeros(10, np.float32))],
+                          [0.9, 0.5])
+        mem = ema.memory()
+        assert set(mem) == {"cpu"} and sum(mem.values()) == ema.nbytes
+        assert 1010 * 4 * 2 <= ema.nbytes < 1010 * 4 * 2 + 1024, face       # two rows and the tables
