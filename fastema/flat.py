@@ -201,6 +201,7 @@ class FlatShadow(ShadowBase, BoundLaunches):
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- shadow row ``row`` (rounded to each source's dtype), e.g. for the final model."""
         self._swap.refuse("copy_to_sources()")
+        self._refuse_split("copy_to_sources()")
         self.check_row(row)
         self.check_sources()
         self.layout.copy_out(row)
@@ -213,8 +214,15 @@ class FlatShadow(ShadowBase, BoundLaunches):
         bit). Other dtype pairs round one side and need ``lossy=True``. No temporary the
         size of the model is allocated. The sources keep their layout.
         """
+        self._refuse_split("swap()")
         self.check_row(row)
         self._swap.swap(self.layout, self.source_table, row, lossy)
+
+    def _refuse_split(self, what: str) -> None:
+        if self.layout.split is not None:
+            raise RuntimeError(f"{what} of a split shadow would write this rank's slice alone, leaving the sources "
+                               f"half raw, half averaged: gather the average first (fastema.torch.EMA's "
+                               f"shard_replicas does)")
 
     # ------------------------------------------------------------ source tracking
 

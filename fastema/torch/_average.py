@@ -260,8 +260,10 @@ class TorchAverage:
 
     @property
     def sharded(self) -> bool:
-        """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP): each rank averages
-        its local shards only, and :meth:`averaged_state_dict` / :meth:`state_dict` hold DTensors."""
+        """True when each rank averages a part of the model only: a tracked tensor is a DTensor (FSDP2,
+        tensor parallel, HSDP), a ZeRO partition, or the average is split over replicas
+        (``shard_replicas``). Exports then gather (a collective), and :meth:`state_dict` holds this
+        rank's parts (DTensors; a split average's pieces)."""
         return bool(self._model.specs)
 
     @property

@@ -324,14 +324,16 @@ class TorchModel:
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
-        self.local_shards = bool(specs)
-        specs.update(self.replica_specs)          # the split over replicas stays as made
         masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
         if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)
             named.update(masters.views)
             specs.update(masters.specs)
-        moved = [n for n in set(specs) | set(self.specs) if n not in specs or n not in self.specs or
-                 specs[n].shape != self.specs[n].shape or specs[n].placements != self.specs[n].placements]
+        moved = [n for n in set(specs) | set(self.specs) if n not in self.replica_specs and (
+                 n not in specs or n not in self.specs or specs[n].shape != self.specs[n].shape or
+                 specs[n].placements != self.specs[n].placements)]
+        split = self.replica_specs                # split over replicas: each DTensor's layout as it was made
+        moved += [n for n in split if (n in specs) != (split[n].replica_dim is not None) or (
+                  n in specs and (specs[n].shape != split[n].shape or specs[n].placements != split[n].placements))]
         if moved:
             raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was made (it is laid out "
                              f"over the ranks differently now); make a new average of the model as it is, or "
@@ -351,6 +353,8 @@ class TorchModel:
                 raise
         for n, (_, copy_) in list(self.int_buffers.items()):
             self.int_buffers[n] = (named[n], copy_)
+        self.local_shards = bool(specs)
+        specs.update(self.replica_specs)          # the split over replicas stays as made
         self.specs, self.masters = specs, masters
         self.ops = self.op_lists()
         self.slots = self._slots(inner)           # follow() records them once all groups pass

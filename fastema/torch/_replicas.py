@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
 from . import _sharded
 from ._slices import Slices, rects
@@ -61,8 +62,11 @@ def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict
     if shard_replicas is dist.GroupMember.NON_GROUP_MEMBER:      # what new_group() gives a rank outside it
         raise ValueError(outside)
     if shard_replicas is True:
-        group = getattr(model, "process_group", None) if type(model).__name__ == "DistributedDataParallel" \
-            else None
+        ddp = model
+        while type(ddp).__name__ != "DistributedDataParallel" and isinstance(getattr(ddp, "_orig_mod", None),
+                                                                              torch.nn.Module):
+            ddp = ddp._orig_mod                                    # torch.compile(DDP(model))
+        group = getattr(ddp, "process_group", None) if type(ddp).__name__ == "DistributedDataParallel" else None
         group = group if group is not None else dist.group.WORLD
     elif isinstance(shard_replicas, dist.ProcessGroup):
         group = shard_replicas
@@ -101,48 +105,67 @@ def _hsdp_replicas(specs: dict, shard_replicas, what: str):
     return mesh.get_group(dims[0]), dims[0]
 
 
+def _nccl(group) -> bool:
+    """Whether ``group`` moves CUDA tensors with NCCL (``"nccl"``, or a ``"cpu:gloo,cuda:nccl"`` pair,
+    which a plain ``init_process_group()`` makes and ``get_backend`` calls ``"undefined"``)."""
+    try:
+        return "nccl" in str(dist.get_backend_config(group))
+    except (AttributeError, RuntimeError, ValueError):
+        return dist.get_backend(group) == "nccl"
+
+
 def _wire_device(group, sources: list) -> torch.device:
-    """Where a collective of ``group`` takes its tensors: the GPU for NCCL, the host for gloo."""
-    if dist.get_backend(group) == "nccl":
-        cuda = [t.device for t in sources if t.device.type == "cuda"]
+    """Where a collective of ``group`` takes its tensors: the sources' GPU with NCCL, else the host."""
+    cuda = [t.device for t in sources if t.device.type == "cuda"]
+    if _nccl(group) and (cuda or torch.cuda.is_available()):
         return cuda[0] if cuda else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def mesh_device(group) -> str:
-    """The device type of a mesh over ``group`` (``"cuda"`` for NCCL, else ``"cpu"``)."""
-    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    """The device type of a mesh over ``group`` (``"cuda"`` with NCCL, else ``"cpu"``)."""
+    return "cuda" if _nccl(group) and torch.cuda.is_available() else "cpu"
 
 
-def _wire_dtype(dtype: torch.dtype, group) -> torch.dtype:
-    """16-bit values travel as float32 on gloo (exact both ways), as they are elsewhere."""
-    if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo":
+def _wire_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """16-bit values travel as float32 through the host (gloo; exact both ways), as they are on a GPU."""
+    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
         return torch.float32
     return dtype
 
 
-def check_replicas(sources: dict, group, kind: str) -> None:
-    """One collective at construction: every rank of ``group`` holds the same averaged tensors (names,
-    shapes, dtypes, values: a CRC of the first three, float64 sums and sums of squares of the last).
-    Every rank sees every rank's digest, so every rank refuses alike (never a hang)."""
-    layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in sources.items())
-    total = squares = 0.0
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def check_replicas(sources: dict, group, kind: str, settings: str = "") -> None:
+    """One collective at construction: every rank of ``group`` holds the same averaged tensors and
+    makes the same split (a CRC of the names, shapes, strides, dtypes and the split's ``settings``:
+    rows, dtypes, schedule, seed, bucket), with the same values (two int64 sums of their bits, one
+    weighted by position: exact, order-sensitive, NaN-safe). Every rank sees every rank's digest, so
+    every rank refuses alike (never a hang)."""
+    layout = settings + ";" + ";".join(f"{n}:{tuple(t.shape)}:{tuple(t.stride())}:{t.dtype}"
+                                       for n, t in sources.items())
+    plain = bumped = 0
     with torch.no_grad():
         for t in sources.values():
-            flat = _flat(t.detach())
-            for at in range(0, flat.numel(), _DIGEST_CHUNK):          # float64 a chunk at a time: a bounded
-                wide = flat[at:at + _DIGEST_CHUNK].double()           # temporary, whatever the tensor's size
-                total += float(wide.sum())
-                squares += float(torch.dot(wide, wide))
-    mine = torch.tensor([float(zlib.crc32(layout.encode())), float(len(sources)), total, squares],
-                        dtype=torch.float64, device=_wire_device(group, list(sources.values())))
-    every = torch.empty(dist.get_world_size(group) * 4, dtype=torch.float64, device=mine.device)
+            flat = _flat(t.detach()).view(_BITS[t.element_size()])
+            for at in range(0, flat.numel(), _DIGEST_CHUNK):          # a chunk at a time: a bounded temporary
+                bits = flat[at:at + _DIGEST_CHUNK].to(torch.int64)
+                where = torch.arange(at, at + bits.numel(), device=bits.device) % 65521 + 1
+                plain += int(bits.sum())
+                bumped += int((bits * where).sum())
+    wrap = lambda v: (v + 2**63) % 2**64 - 2**63               # noqa: E731  (int64, as the sums wrap)
+    mine = torch.tensor([zlib.crc32(layout.encode()), len(sources), wrap(plain), wrap(bumped)],
+                        dtype=torch.int64, device=_wire_device(group, list(sources.values())))
+    every = torch.empty(dist.get_world_size(group) * 4, dtype=torch.int64, device=mine.device)
     _all_gather(every, mine, group)
     rows = every.cpu().view(-1, 4).tolist()
     if any(r[:2] != rows[0][:2] for r in rows):
-        raise ValueError(f"{kind}(shard_replicas=...): the ranks hold different models (names, shapes or dtypes "
-                         f"differ between ranks {[i for i, r in enumerate(rows) if r[:2] != rows[0][:2]][:5]} and "
-                         f"rank 0 of the group); the split average needs replicas of one model. Nothing was made.")
+        differ = [i for i, r in enumerate(rows) if r[:2] != rows[0][:2]][:5]
+        raise ValueError(f"{kind}(shard_replicas=...): the ranks hold different models or split them differently "
+                         f"(names, shapes, layouts, dtypes, decays, seed or gather_bucket differ between ranks "
+                         f"{differ} and rank 0 of the group); the split average needs replicas of one model, made "
+                         f"alike. Nothing was made.")
     if any(r[2:] != rows[0][2:] for r in rows):
         raise ValueError(f"{kind}(shard_replicas=...): the ranks' weights differ (group ranks "
                          f"{[i for i, r in enumerate(rows) if r[2:] != rows[0][2:]][:5]} against rank 0): each "
@@ -156,6 +179,23 @@ def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
     new name), else ``all_gather_into_tensor``."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, mine, group=group)
+
+
+def check_bucket(bucket) -> None:
+    """``gather_bucket`` is a number of bytes >= 16, or the error saying so."""
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 16:
+        raise ValueError(f"gather_bucket must be a number of bytes >= 16 (the memory a swap gathers through), got "
+                         f"{bucket!r}")
+
+
+def check_layouts(sources: dict, kind: str) -> None:
+    """The split keeps each tensor's elements in storage order and exports them in C order: a tensor
+    laid out otherwise (channels_last) is refused by name, before any collective."""
+    odd = [n for n, t in sources.items() if not t.is_contiguous()]
+    if odd:
+        raise ValueError(f"{kind}(shard_replicas=...): {odd[:3]} are not C-contiguous (channels_last or another "
+                         f"layout), which the split average does not export yet; make the model contiguous "
+                         f"(model.to(memory_format=torch.contiguous_format)) or drop shard_replicas=")
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -174,8 +214,7 @@ class ReplicaShadow(FlatShadow):
     exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
 
     def __init__(self, sources: dict, *, rows: int, dtype: str, group, bucket: int = DEFAULT_BUCKET):
-        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 16:
-            raise ValueError(f"bucket must be a number of bytes >= 16, got {bucket!r}")
+        check_bucket(bucket)
         self.group = group
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
         self.bucket = bucket
@@ -242,13 +281,15 @@ class ReplicaShadow(FlatShadow):
         if self._swapped_row is None:
             self.check_row(row)
             self._raw = FlatShadow(dict(zip(self.names, self.sources)), dtype="same", split=(self.rank, self.ranks))
-            _gather_into_sources(self, row)
-            self._swapped_row = row
+            self._swapped_row = row                  # from here the raw window is the way back, whatever happens
+            with ctrl_c_held():
+                _gather_into_sources(self, row)
         else:
             if row != self._swapped_row:
                 raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
             assert self._raw is not None
-            _gather_into_sources(self._raw, 0, self)
+            with ctrl_c_held():
+                _gather_into_sources(self._raw, 0, self)
             self._swapped_row, self._raw = None, None        # its memory back until the next swap
 
     @property
@@ -281,11 +322,11 @@ def _gather_into_sources(shadow: FlatShadow, row: int, owner: ReplicaShadow | No
     with torch.no_grad():
         for g in shadow.layout.groups:
             dtype = sources[g.members[0]].dtype
-            wire = _wire_dtype(dtype, group)
             device = _wire_device(group, sources)
+            wire = _wire_dtype(dtype, device)
             windows = [_window(g, r, ranks) for r in range(ranks)]
             longest = max(hi - lo for lo, hi in windows)
-            per = max(1, min(longest, owner.bucket // (torch.finfo(wire).bits // 8)))
+            per = max(1, min(longest, owner.bucket // ((torch.finfo(wire).bits // 8) * ranks)))   # all ranks' parts
             starts, counts = np.asarray(g.starts, np.int64), np.asarray(g.counts, np.int64)
             mine = g.buffer[row]
             for b0 in range(0, longest, per):

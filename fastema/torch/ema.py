@@ -124,7 +124,10 @@ class EMA(Face, TorchAverage):
                                         specs=side.specs, masters=side.masters)
         if split is not None:                                        # one collective: the replicas agree
             group, dim = split
-            _replicas.check_replicas(side.averaged, group, type(self).__name__)
+            _replicas.check_bucket(gather_bucket)
+            _replicas.check_layouts(side.averaged, type(self).__name__)
+            _replicas.check_replicas(side.averaged, group, type(self).__name__,
+                                     f"{opts!r};{shadow_dtype};{rows};{gather_bucket}")
             shadow: Any = _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
                                                   bucket=gather_bucket)
             side.split(shadow.specs(_sharded.mesh_of(group, _replicas.mesh_device(group)), side.specs, dim))

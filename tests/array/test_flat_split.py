@@ -92,6 +92,9 @@ def test_a_split_shadow_has_no_whole_views_and_says_why():
         part.view(1)
     with pytest.raises(ValueError, match="rank, ranks"):
         FlatShadow(src, split=(2, 2))
+    for call in (part.swap, part.copy_to_sources):              # this rank's slice alone: the sources half done
+        with pytest.raises(RuntimeError, match="split shadow"):
+            call()
 
 
 def test_moved_sources_are_followed_piece_by_piece():

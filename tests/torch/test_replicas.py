@@ -182,6 +182,16 @@ def _refusals(rank, world):
     same = torch.nn.Linear(4, 4)
     refused(lambda: EMA(same, shard_replicas=True, offload="cpu"), "offload")
     refused(lambda: EMA(same, shard_replicas="yes"), "shard_replicas must be")
+    refused(lambda: EMA(same, shard_replicas=True, gather_bucket=1024 * (rank + 1)), "split them differently")
+    refused(lambda: EMA(same, 0.9 + rank / 100, shard_replicas=True), "split them differently")
+    refused(lambda: EMA(same, shard_replicas=True, gather_bucket=8), "gather_bucket must be")
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    refused(lambda: EMA(conv, shard_replicas=True), "not C-contiguous")
+    with torch.no_grad():
+        odd = torch.nn.Linear(4, 4)
+        torch.nn.init.constant_(odd.weight, 0.5)
+        odd.weight[0, 0] = float("nan")                       # the same NaN on every rank: replicas all the same
+    EMA(odd, shard_replicas=True)
     alone = dist.new_group([0])                               # every rank makes it; rank 1 is not in it
     if rank == 1:
         refused(lambda: EMA(same, shard_replicas=alone), "not in the group")
