@@ -22,9 +22,11 @@ Install with ``pip install "fastema[transformers]"``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Sequence
@@ -46,8 +48,10 @@ __all__ = ["EMACallback", "STATE_FILE"]
 
 #: The file :class:`EMACallback` writes into every Trainer checkpoint folder (one process's EMA:
 #: replicated averages). A sharded average (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions on several
-#: ranks) writes one file per rank instead: ``fastema_ema-rank<r>-of-<world>.safetensors``.
+#: ranks, or split over replicas) writes one file per rank instead: ``fastema_ema-rank<r>-of-<world>.safetensors``
+#: (a split one records the flat range of each tensor it holds, so any world size resumes from them).
 STATE_FILE = "fastema_ema.safetensors"
+_RANK_FILE = re.compile(r"fastema_ema-rank(\d+)-of-(\d+)\.safetensors")
 
 _FORMAT = "fastema.transformers.EMACallback"
 _VERSION = 1
@@ -237,9 +241,14 @@ class EMACallback(TrainerCallback):
                                     f"under args.output_dir); with hyperparameter search, save the EMA yourself "
                                     f"with callback.ema.save(path)")
         # the EMA's state as the one codec lays it out: a JSON header, tensors named "group/name" (this rank's parts)
-        header, named = to_named(self.ema.state_dict(), host=_local, who="EMACallback")
+        state = self.ema.state_dict()
+        header, named = to_named(state, host=_local, who="EMACallback")
         tensors = {key: (t, t.dtype) for key, t in named.items()}
         meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(header)}
+        ranges = {f"{g}/{n}": v.flat_range() for g in GROUPS for n, v in state.get(g, {}).items()
+                  if hasattr(v, "flat_range")}
+        if ranges and None not in ranges.values():    # split over replicas: any world size can resume from them
+            meta["pieces"] = json.dumps(ranges)
         from ._io.safetensors import stream_safetensors
 
         atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
@@ -296,19 +305,16 @@ class EMACallback(TrainerCallback):
         from safetensors import SafetensorError
 
         path, per_rank = EMACallback._file(ema, folder)
-        if not os.path.isfile(path):
-            found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
-            raise FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs "
-                                    f"{os.path.basename(path)} (a sharded EMA saves one file per rank, a replicated "
-                                    f"one a single file: resume with the world size and sharding that wrote them)")
+        own = os.path.isfile(path)                       # else: another world size, split or not (or refused)
         try:
-            state = EMACallback._read(path)
+            state = EMACallback._read(path) if own else EMACallback._resharded(ema, folder, os.path.basename(path))
         except SafetensorError as err:                   # cut short, emptied, overwritten: safetensors names no file
-            raise load_refused(f"EMACallback: {path!r} is not a readable safetensors file ({err}): the file is "
+            where = path if own else f"a fastema_ema file in {folder}"
+            raise load_refused(f"EMACallback: {where!r} is not a readable safetensors file ({err}): the file is "
                                f"damaged (truncated, emptied or overwritten). Resume from another checkpoint "
                                f"folder, or delete the file and pass EMACallback(..., missing_state='restart') to "
                                f"start a new EMA from the resumed weights.") from None
-        if per_rank:                                      # this rank's parts into DTensors of the EMA's layout
+        if per_rank and own:                              # this rank's parts into DTensors of the EMA's layout
             template = ema.state_dict()
             for group in GROUPS:
                 for name, value in template[group].items():
@@ -324,6 +330,62 @@ class EMACallback(TrainerCallback):
                             value.to_local().copy_(local)
                         state[group][name] = value
         ema.load_state_dict(state)
+
+    @staticmethod
+    def _resharded(ema: EMA, folder: str, mine: str) -> dict:
+        """The state of ``ema`` from files another world size wrote in ``folder``: an average split
+        over replicas on W ranks (one file a rank, each with the flat range of every tensor it holds:
+        this rank's range of each tensor is read from the files that overlap it, a tensor at a time),
+        or a replicated average's single file (full tensors, which a split average cuts). Anything
+        else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files."""
+        from safetensors import safe_open
+
+        found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
+        template = ema.state_dict()
+        split = any(hasattr(v, "flat_range") for g in GROUPS for v in template.get(g, {}).values())
+        worlds: dict[int, dict[int, str]] = {}
+        for n in found:
+            if (m := _RANK_FILE.fullmatch(n)) is not None:
+                worlds.setdefault(int(m[2]), {})[int(m[1])] = os.path.join(folder, n)
+        whole = [w for w, files in worlds.items() if sorted(files) == list(range(w))]
+        refused = FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs {mine} (a sharded "
+                                    f"EMA saves one file per rank, a replicated one a single file; an EMA split over "
+                                    f"replicas resumes at any world size from a complete set of its files. Resume "
+                                    f"with the world size and sharding that wrote them)")
+        if not worlds and STATE_FILE in found and split:  # a replicated average's file: full tensors
+            return EMACallback._read(os.path.join(folder, STATE_FILE))
+        if len(whole) != 1:
+            raise refused
+        files = [worlds[whole[0]][r] for r in range(whole[0])]
+        state = EMACallback._read(files[0])              # the header, and the entries every rank holds whole
+        with contextlib.ExitStack() as stack:
+            opened = [stack.enter_context(safe_open(p, framework="pt")) for p in files]
+            ranges = [json.loads((f.metadata() or {}).get("pieces", "null")) for f in opened]
+            if any(not isinstance(r, dict) for r in ranges):
+                raise refused                            # sharded (DTensor) parts: the same world size only
+            for group in GROUPS:
+                for name, value in template.get(group, {}).items():
+                    key = f"{group}/{name}"
+                    if key not in ranges[0]:
+                        continue                         # whole on every rank: rank 0's
+                    rows, inner = value.shape[0], value[0].numel() if not hasattr(value, "flat_range") else 0
+                    first, count = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
+                    parts = []
+                    for f, held in zip(opened, ranges):
+                        f0, c0 = held.get(key, (0, 0))
+                        lo, hi = max(first, f0), min(first + count, f0 + c0)
+                        if lo < hi:
+                            parts.append(f.get_slice(key)[:, lo - f0:hi - f0])
+                    local = torch.cat(parts, 1) if parts else torch.empty((rows, 0), dtype=value.dtype)
+                    if tuple(local.shape) != (rows, count):
+                        raise ValueError(f"{files!r}: {key!r} holds {tuple(local.shape)} of this rank's "
+                                         f"{(rows, count)} elements; the files are damaged or of another model")
+                    if hasattr(value, "load_local"):     # this rank's pieces, split again
+                        value.load_local(local)
+                        state[group][name] = value
+                    else:
+                        state[group][name] = local.reshape(value.shape)
+        return state
 
     @staticmethod
     def _read(path: str) -> dict:

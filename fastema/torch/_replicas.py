@@ -31,7 +31,7 @@ from ..flat import FlatShadow
 from . import _sharded
 from ._slices import Slices, rects
 
-__all__ = ["ReplicaShadow", "check_replicas", "piece_of_slices", "replica_group", "slices"]
+__all__ = ["ReplicaShadow", "check_replicas", "piece_of_slices", "replica_group", "slices", "tensor_slices"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
@@ -366,6 +366,13 @@ def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
         pieces.append((offsets, host))
         at += n
     return Slices(pieces, tuple(spec.shape), view.dtype)
+
+
+def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> Slices:
+    """This rank's 1-D ``piece`` of one tensor (one row: a snapshot's profile) as an entry of the
+    tensor's own shape holding this rank's rectangles only (see :func:`slices`)."""
+    entry = slices(piece.reshape(1, -1), _sharded.rows_spec(spec, 1))
+    return Slices([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
 
 
 def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:

@@ -73,6 +73,26 @@ class Slices(torch.Tensor):
                            f"torch.distributed.checkpoint): load the state dict into an EMA, or gather it with "
                            f"ema.full_state_dict()")
 
+    def flat_range(self) -> tuple[int, int] | None:
+        """``(first, count)``: this rank's elements as one range of each row of the whole tensor in C
+        order (what a per-rank file records, so that another number of ranks can cut its own ranges
+        from it), or None where they are not one (HSDP pieces of a shard on an inner dimension)."""
+        shape = tuple(self.shape[1:])
+        first = at = None
+        for offsets, t in self._pieces:
+            sizes, starts = tuple(t.shape[1:]), list(offsets[1:])
+            lead = next((d for d, n in enumerate(sizes) if n > 1), len(sizes))
+            if any(sizes[d] != shape[d] for d in range(lead + 1, len(shape))):
+                return None                             # a rectangle not contiguous in the whole tensor
+            start = 0
+            for d, o in enumerate(starts):
+                start = start * shape[d] + o
+            if at is not None and start != at:
+                return None
+            first = start if first is None else first
+            at = start + t[0].numel()
+        return (0, 0) if first is None or at is None else (first, at - first)
+
     def to_local(self) -> torch.Tensor:
         """This rank's pieces as one ``(rows, count)`` host tensor (a copy): what a per-rank file keeps."""
         rows = self.shape[0]

@@ -26,6 +26,7 @@ from ..posthoc.snapshots import (
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._hooks import unwrap
+from ._replicas import tensor_slices
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]
@@ -87,7 +88,10 @@ class PostHocEMA(EMA):
     collective per update); every snapshot is a collective DCP save of the ranks' shards (see
     :meth:`snapshot`), which every rank's ``update()`` reaches at the same update. DeepSpeed
     ZeRO-3 (``PostHocEMA(engine, ...)``) too: its partitions are saved flat, with the full
-    shapes in the metadata, and synthesised in those shapes.
+    shapes in the metadata, and synthesised in those shapes. Split over data-parallel replicas
+    (``shard_replicas=True``, see :class:`EMA`): each rank tracks its slice of every profile, and
+    a snapshot is the same collective DCP save, each rank writing the pieces it holds (no
+    gather); the synthesis reads them all.
 
     ``swap()``, ``copy_to()``, ``averaged_state_dict()`` take ``row=k`` for profile ``k``;
     :meth:`synthesize` gives any other.
@@ -266,8 +270,11 @@ class PostHocEMA(EMA):
                     cast = v.to(dtype)
                     if cast.dtype != v.dtype and bool((~torch.isfinite(cast) & torch.isfinite(v)).any()):
                         overflow.append(profile_key(k, name))
-                    tensors[profile_key(k, name)] = _sharded.wrap(cast, specs[source]) if source in specs \
-                        else cast
+                    spec = specs.get(source)
+                    if spec is not None and spec.slices:  # split over replicas: this rank's pieces only
+                        tensors[profile_key(k, name)] = tensor_slices(cast, spec)
+                    else:
+                        tensors[profile_key(k, name)] = cast if spec is None else _sharded.wrap(cast, spec)
                 else:                                     # streamed to the file one tensor at a time
                     tensors[profile_key(k, name)] = (v, dtype)   # (the writer refuses values beyond dtype's range)
         if sharded:                                       # every rank refuses, or none (a collective)

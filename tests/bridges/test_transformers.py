@@ -565,10 +565,34 @@ def _split_hooks(rank, world, out):
     return result
 
 
+def _resume_elsewhere(rank, world, out, split):
+    """Rank body: the weights of step 2 again (the same steps as :func:`_split_hooks`), a callback resumed
+    from the folder that 2 ranks wrote, on ``world`` ranks, split over them or not; 2 steps on."""
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = arguments(out)
+    resumed = None
+    for k in range(4):
+        if k == 2:
+            resumed = EMACallback(decay=0.9, warmup="power", shard_replicas=split)
+            resumed.on_train_begin(args, TrainerState(global_step=2), TrainerControl(), model=model)
+        ids = Tokens(4, k).ids
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if resumed is not None:
+            resumed.on_step_end(args, TrainerState(global_step=k + 1), TrainerControl())
+    return {n: v for n, v in resumed.ema.full_state_dict().items()}
+
+
 @pytest.mark.slow
 def test_the_average_split_over_replicas_saves_a_file_a_rank_and_resumes_bit_exact(tmp_path):
     """2 ranks, gloo: EMACallback(shard_replicas=True) equals the unsplit callback, each rank writes its
-    pieces into the checkpoint folder, and a resumed callback ends with the same average bit for bit."""
+    pieces into the checkpoint folder, and a resumed callback ends with the same average bit for bit: on
+    the 2 ranks that wrote the files, on 3 ranks (each cuts its own range from the files that overlap
+    it), and on 1, unsplit."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs gloo")
     from dist import run_ranks
@@ -582,3 +606,7 @@ def test_the_average_split_over_replicas_saves_a_file_a_rank_and_resumes_bit_exa
         for key in (k for k in r if k.startswith("split/")):
             assert torch.equal(r[key], r[key.replace("split/", "whole/")]), key
             assert torch.equal(r[key], r[key.replace("split/", "resumed/")]), key
+    want = {k[len("whole/"):]: v for k, v in ranks[0].items() if k.startswith("whole/")}
+    for world, split in ((3, True), (1, False)):
+        for r in run_ranks(_resume_elsewhere, tmp_path / f"resume{world}{split}", world, str(out), split):
+            assert list(r) == list(want) and all(torch.equal(r[k], want[k]) for k in want), (world, split)
