@@ -172,6 +172,16 @@ class FlatLayout:
             return g.strided(g.buffer, slot, (self.rows,))
         return g.strided(g.buffer[row], slot)
 
+    def piece(self, i: int) -> tuple[LayoutGroup, int, int, int]:
+        """``(group, first element, elements, column in its buffer)`` of the piece of source ``i`` held
+        here (all of it in a whole group; ``(group, 0, 0, 0)`` where a split one holds none of it)."""
+        g, slot = self.where[i]
+        at = int(np.searchsorted(g.pieces, slot))
+        if at < len(g.pieces) and g.pieces[at] == slot:
+            first = int(g.piece_first[at])
+            return g, first, int(g.piece_count[at]), int(g.starts[slot]) + first - g.lo
+        return g, 0, 0, 0
+
     def pieces(self) -> list:
         """Per group: ``(buffer, [(source position, first element, elements, column), ...])``."""
         return [(g.buffer, [(g.members[int(s)], int(f), int(c), int(g.starts[s] + f - g.lo))
@@ -242,6 +252,20 @@ class ShadowBase:
 
     def __len__(self) -> int:
         return len(self.source_table)
+
+    @staticmethod
+    def check_split(split) -> None:
+        """ValueError unless ``split`` is None or ``(rank, ranks)`` with ``0 <= rank < ranks``."""
+        if split is not None and not (isinstance(split, tuple) and len(split) == 2
+                                      and all(isinstance(v, int) and not isinstance(v, bool) for v in split)
+                                      and 0 <= split[0] < split[1]):
+            raise ValueError(f"split must be (rank, ranks) with 0 <= rank < ranks, got {split!r}")
+
+    def _refuse_split(self, what: str) -> None:
+        if self.layout.split is not None:
+            raise RuntimeError(f"{what} of a split shadow would write this rank's slice alone, leaving the sources "
+                               f"half raw, half averaged: gather the average first (fastema.torch.EMA's "
+                               f"shard_replicas does)")
 
     @property
     def groups(self) -> list[dict]:

@@ -69,10 +69,7 @@ class FlatShadow(ShadowBase, BoundLaunches):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'same', got {dtype!r}")
         if init not in ("copy", "zeros"):
             raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}")
-        if split is not None and not (isinstance(split, tuple) and len(split) == 2
-                                      and all(isinstance(v, int) and not isinstance(v, bool) for v in split)
-                                      and 0 <= split[0] < split[1]):
-            raise ValueError(f"split must be (rank, ranks) with 0 <= rank < ranks, got {split!r}")
+        self.check_split(split)
         names, tensors, bufs = parse_sources(sources)
         self.names = names
         self.rows = rows
@@ -217,12 +214,6 @@ class FlatShadow(ShadowBase, BoundLaunches):
         self._refuse_split("swap()")
         self.check_row(row)
         self._swap.swap(self.layout, self.source_table, row, lossy)
-
-    def _refuse_split(self, what: str) -> None:
-        if self.layout.split is not None:
-            raise RuntimeError(f"{what} of a split shadow would write this rank's slice alone, leaving the sources "
-                               f"half raw, half averaged: gather the average first (fastema.torch.EMA's "
-                               f"shard_replicas does)")
 
     # ------------------------------------------------------------ source tracking
 

@@ -30,19 +30,26 @@ class WindowShadow(ShadowBase):
     evicts (every W pushes the sum is rebuilt from the ring in float64, so the mean stays
     within 2 ulp) and writes the mean, which is what :meth:`view`, :meth:`swap` and
     :meth:`copy_to_sources` use. The construction pushes the sources once.
+
+    ``split=(rank, ranks)`` keeps only this rank's slice of every group's row, of the ring and of
+    the sums alike (as :class:`fastema.FlatShadow`'s ``split``): the views are then this rank's
+    pieces, 1-D, and the sources are written only through a face that gathers the mean
+    (``fastema.torch.WindowAverage(shard_replicas=...)``).
     """
 
     rows = 1               # one average: the window mean
 
-    def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32"):
+    def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32",
+                 split: tuple[int, int] | None = None):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         if ring_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
+        self.check_split(split)
         names, tensors, bufs = parse_sources(sources)
         self.names = names
         self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
-        self.layout = FlatLayout(bufs, lambda b: F64 if b.kind == F64 else F32, _STATE_ROWS)
+        self.layout = FlatLayout(bufs, lambda b: F64 if b.kind == F64 else F32, _STATE_ROWS, split)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._swap = SwapState()
         self._rings = []                                # per group: (kind, (W, n) buffer, device segment table)
@@ -71,20 +78,30 @@ class WindowShadow(ShadowBase):
                                         for g, (kind, _, _) in zip(self.layout.groups, self._rings))
 
     def view(self, source: int | str, row: int = 0):
-        """The window mean of one source (by position or name), shaped and laid out like it."""
+        """The window mean of one source (by position or name), shaped and laid out like it (split:
+        this rank's piece, 1-D)."""
         self.check_row(row)
-        return self.layout.view(self.source_table.position(source), 0)
+        return self.state_view(source)[0]
 
     def state_view(self, source: int | str):
         """Everything a checkpoint keeps of one source besides the ring: the mean and the
-        compensated running sum, ``(3, *shape)`` (a view)."""
-        return self.layout.view(self.source_table.position(source), None)
+        compensated running sum, ``(3, *shape)`` (a view; split: ``(3, count)``, this rank's piece)."""
+        i = self.source_table.position(source)
+        if self.layout.split is None:
+            return self.layout.view(i, None)
+        g, _, count, col = self.layout.piece(i)
+        return g.buffer[:, col:col + count]
 
     def ring_view(self, source: int | str):
-        """The stored snapshots of one source, shape ``(window, *shape)`` (slot order, not time order)."""
-        g, slot = self.layout.where[self.source_table.position(source)]
+        """The stored snapshots of one source, shape ``(window, *shape)`` (slot order, not time order;
+        split: ``(window, count)``, this rank's piece)."""
+        i = self.source_table.position(source)
+        g, slot = self.layout.where[i]
         _, ring, _ = self._rings[self.layout.groups.index(g)]
-        return g.strided(ring, slot, (self.window,))
+        if self.layout.split is None:
+            return g.strided(ring, slot, (self.window,))
+        _, _, count, col = self.layout.piece(i)
+        return ring[:, col:col + count]
 
     # ------------------------------------------------------------ operations
 
@@ -111,6 +128,7 @@ class WindowShadow(ShadowBase):
     def copy_to_sources(self, row: int = 0) -> None:
         """The sources <- the window mean (rounded to each source's dtype)."""
         self._swap.refuse("copy_to_sources()")
+        self._refuse_split("copy_to_sources()")
         self.check_row(row)
         self.check_sources()
         self.layout.copy_out(0)
@@ -118,6 +136,7 @@ class WindowShadow(ShadowBase):
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Exchange the window mean and the sources in place; call again to swap back (see
         :meth:`fastema.FlatShadow.swap`)."""
+        self._refuse_split("swap()")
         self.check_row(row)
         self._swap.swap(self.layout, self.source_table, 0, lossy)
 

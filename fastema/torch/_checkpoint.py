@@ -56,7 +56,7 @@ def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = Fal
     for n, v in views.items():
         spec = side.specs.get(n)
         if stacked and spec is not None and spec.slices:     # split over replicas: this rank's pieces only
-            from ._replicas import slices
+            from ._slices import slices
 
             out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
         else:
@@ -94,7 +94,12 @@ def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tens
                          "rank's pieces, or save a full checkpoint with ema.full_state_dict()")
     if spec is None:
         return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
-    return _sharded.piece_of(value, _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec)
+    spec = _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec
+    if spec.slices and type(value).__name__ == "Slices":  # a split average's own checkpoint entry
+        from ._slices import piece_of_slices
+
+        return piece_of_slices(value, spec)              # type: ignore[arg-type]  # a Slices (checked above)
+    return _sharded.piece_of(value, spec)
 
 
 class CheckpointCore(Protocol):

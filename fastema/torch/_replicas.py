@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
+from ..window import WindowShadow
 from . import _sharded
-from ._slices import Slices, rects
 
-__all__ = ["ReplicaShadow", "check_replicas", "piece_of_slices", "replica_group", "slices", "tensor_slices"]
+__all__ = ["ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group", "split_shadow"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
@@ -81,6 +81,23 @@ def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict
     if dist.get_rank(group) < 0:
         raise ValueError(outside)
     return group, None
+
+
+def split_shadow(model, side, shard_replicas, kind: str, settings: str, bucket, make, *, offload: Any = None):
+    """The shadow of ``side`` (a :class:`~fastema.torch._model.TorchModel`) split over ``model``'s
+    replicas, or None when ``shard_replicas`` is off: the group found (:func:`replica_group`), the
+    bucket and layouts checked, the one collective that checks the replicas agree (``settings``: what
+    must be the same on every rank), ``make(group)`` the shadow, and the side told of its pieces."""
+    split = replica_group(model, shard_replicas, kind, offload=offload, specs=side.specs, masters=side.masters)
+    if split is None:
+        return None
+    group, dim = split
+    check_bucket(bucket)
+    check_layouts(side.averaged, kind)
+    check_replicas(side.averaged, group, kind, f"{settings};{bucket}")
+    shadow = make(group)
+    side.split(shadow.specs(_sharded.mesh_of(group, mesh_device(group)), side.specs, dim))
+    return shadow
 
 
 def _hsdp_replicas(specs: dict, shard_replicas, what: str):
@@ -203,45 +220,31 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-class ReplicaShadow(FlatShadow):
-    """A :class:`~fastema.flat.FlatShadow` holding this rank's window of every group (see the module).
-
-    Its per-source views are this rank's pieces, 1-D (``view``: ``(count,)``, ``state_view``:
-    ``(rows, count)``; empty where it holds none of a source); :meth:`specs` describes them to the
-    checkpoint side. ``swap`` and ``copy_to_sources`` are collectives over ``group``.
-    """
+class _ReplicaReads:
+    """What a shadow split over a replica group adds (a :class:`ReplicaShadow`'s or a
+    :class:`ReplicaWindow`'s, each a split shadow of its kind): its per-source views are this rank's
+    pieces, 1-D (``view``: ``(count,)``, ``state_view``: ``(rows, count)``; empty where it holds none
+    of a source); :meth:`specs` describes them to the checkpoint side; ``swap`` and
+    ``copy_to_sources`` are collectives over ``group`` that write the gathered average row."""
 
     exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
+    layout: Any
+    names: list
+    sources: list
+    source_table: Any
+    check_row: Any
 
-    def __init__(self, sources: dict, *, rows: int, dtype: str, group, bucket: int = DEFAULT_BUCKET):
+    def _join(self, group, bucket: int) -> tuple[int, int]:
+        """Take ``group`` and ``bucket``; ``(rank, ranks)``, the split to make."""
         check_bucket(bucket)
-        self.group = group
+        self.group, self.bucket = group, bucket
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
-        self.bucket = bucket
-        super().__init__(sources, rows=rows, dtype=dtype, split=(self.rank, self.ranks))
         self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
         self._swapped_row: int | None = None
+        return self.rank, self.ranks
 
     def __repr__(self) -> str:
         return f"Replica{super().__repr__()[:-1]}, rank={self.rank} of {self.ranks})"
-
-    # ------------------------------------------------------------ this rank's pieces
-
-    def _piece(self, source) -> tuple[Any, int, int, int]:
-        """``(group, first element, elements, column)`` of this rank's piece of ``source``."""
-        g, slot = self.layout.where[self.source_table.position(source)]
-        at = int(np.searchsorted(g.pieces, slot))
-        if at < len(g.pieces) and g.pieces[at] == slot:
-            first, count = int(g.piece_first[at]), int(g.piece_count[at])
-            return g, first, count, int(g.starts[slot]) + first - g.lo
-        return g, 0, 0, 0
-
-    def view(self, source: int | str, row: int | None = 0):
-        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``)."""
-        if row is not None:
-            self.check_row(row)
-        g, _, count, col = self._piece(source)
-        return g.buffer[:, col:col + count] if row is None else g.buffer[row, col:col + count]
 
     def specs(self, group_mesh, sharded: dict | None = None, dim: int | None = None) -> dict[str, _sharded.Spec]:
         """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
@@ -283,13 +286,13 @@ class ReplicaShadow(FlatShadow):
             self._raw = FlatShadow(dict(zip(self.names, self.sources)), dtype="same", split=(self.rank, self.ranks))
             self._swapped_row = row                  # from here the raw window is the way back, whatever happens
             with ctrl_c_held():
-                _gather_into_sources(self, row)
+                _gather_into_sources(self.layout, row, self)
         else:
             if row != self._swapped_row:
                 raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
             assert self._raw is not None
             with ctrl_c_held():
-                _gather_into_sources(self._raw, 0, self)
+                _gather_into_sources(self._raw.layout, 0, self)
             self._swapped_row, self._raw = None, None        # its memory back until the next swap
 
     @property
@@ -300,8 +303,30 @@ class ReplicaShadow(FlatShadow):
         """Write average ``row`` into the sources (gathered): a collective over the group."""
         self.check_row(row)
         self.source_table.refresh()
-        _gather_into_sources(self, row)
+        _gather_into_sources(self.layout, row, self)
 
+
+class ReplicaShadow(_ReplicaReads, FlatShadow):
+    """A :class:`~fastema.flat.FlatShadow` holding this rank's window of every group (see the module
+    and :class:`_ReplicaReads`)."""
+
+    def __init__(self, sources: dict, *, rows: int, dtype: str, group, bucket: int = DEFAULT_BUCKET):
+        FlatShadow.__init__(self, sources, rows=rows, dtype=dtype, split=self._join(group, bucket))
+
+    def view(self, source: int | str, row: int | None = 0):
+        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``)."""
+        if row is not None:
+            self.check_row(row)
+        g, _, count, col = self.layout.piece(self.source_table.position(source))
+        return g.buffer[:, col:col + count] if row is None else g.buffer[row, col:col + count]
+
+
+class ReplicaWindow(_ReplicaReads, WindowShadow):
+    """A :class:`~fastema.window.WindowShadow` holding this rank's window of every group: of the mean,
+    the compensated sums and the ring (``WindowAverage(model, W, shard_replicas=...)``)."""
+
+    def __init__(self, sources: dict, window: int, *, ring_dtype: str, group, bucket: int = DEFAULT_BUCKET):
+        WindowShadow.__init__(self, sources, window, ring_dtype=ring_dtype, split=self._join(group, bucket))
 
 
 def _window(g, rank: int, ranks: int) -> tuple[int, int]:
@@ -310,17 +335,16 @@ def _window(g, rank: int, ranks: int) -> tuple[int, int]:
     return window(g.whole, 16 // g.buffer.element_size(), (rank, ranks))
 
 
-def _gather_into_sources(shadow: FlatShadow, row: int, owner: ReplicaShadow | None = None) -> None:
-    """Every rank's window of ``shadow``'s row ``row``, gathered bucket by bucket and written into the
-    sources in their own dtype (rounded to nearest from the shadow's): one ``all_gather_into_tensor``
-    per bucket and group, every rank of ``owner.group`` joining."""
-    owner = owner if owner is not None else shadow          # type: ignore[assignment]
-    assert isinstance(owner, ReplicaShadow)
+def _gather_into_sources(layout, row: int, owner: _ReplicaReads) -> None:
+    """Every rank's window of row ``row`` of ``layout`` (the owner's, or its raw weights' window),
+    gathered bucket by bucket and written into the owner's sources in their own dtype (rounded to
+    nearest from the shadow's): one ``all_gather_into_tensor`` per bucket and group, every rank of
+    ``owner.group`` joining."""
     group, ranks = owner.group, owner.ranks
-    sources = shadow.sources
+    sources = owner.sources
     flats = [_flat(t.detach()) for t in sources]
     with torch.no_grad():
-        for g in shadow.layout.groups:
+        for g in layout.groups:
             dtype = sources[g.members[0]].dtype
             device = _wire_device(group, sources)
             wire = _wire_dtype(dtype, device)
@@ -348,55 +372,3 @@ def _gather_into_sources(shadow: FlatShadow, row: int, owner: ReplicaShadow | No
                         if x0 < x1:
                             dst = flats[g.members[slot]][x0 - s0:x1 - s0]
                             dst.copy_(got[r * per + x0 - lo - b0:r * per + x1 - lo - b0])
-
-
-# ------------------------------------------------------------ checkpoints: this rank's pieces only
-
-
-def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
-    """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
-    (:class:`~fastema.torch._slices.Slices`): a host copy of each rectangle the piece makes, at its
-    place in the whole tensor. No collective, and no rank stages more than it holds."""
-    rows = view.shape[0]
-    pieces, at = [], 0
-    for offsets, sizes in _chunks(spec):
-        host = torch.empty((rows, *sizes), dtype=view.dtype, device="cpu")
-        n = host[0].numel()
-        host.view(rows, n).copy_(view[:, at:at + n])
-        pieces.append((offsets, host))
-        at += n
-    return Slices(pieces, tuple(spec.shape), view.dtype)
-
-
-def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> Slices:
-    """This rank's 1-D ``piece`` of one tensor (one row: a snapshot's profile) as an entry of the
-    tensor's own shape holding this rank's rectangles only (see :func:`slices`)."""
-    entry = slices(piece.reshape(1, -1), _sharded.rows_spec(spec, 1))
-    return Slices([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
-
-
-def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
-    """``(offsets, sizes)`` in the ``(rows, *shape)`` entry (``spec``: a rows spec) of the rectangles
-    this rank's piece makes: of the tensor, or of the local shard, moved to its place (HSDP)."""
-    assert spec.pieces is not None
-    shape, where = spec.pieces
-    first, count = where[dist.get_rank(spec.mesh.get_group(spec.replica_dim or 0))]
-    base = [0] * (len(shape) + 1)
-    if spec.replica_dim is not None:                       # the local shard's place in the whole tensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        base = list(compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)[1])
-    return [([b + o for b, o in zip(base, [0, *offsets])], sizes)
-            for offsets, sizes in rects(first, first + count, tuple(shape))]
-
-
-def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
-    """This rank's ``(rows, count)`` piece from a :class:`Slices` entry that :func:`slices` made (and
-    ``dcp.load`` filled); refuses one laid out otherwise."""
-    expected = [o for o, _ in _chunks(spec)]
-    got = [list(o) for o, _ in value._pieces]
-    if got != expected:
-        raise ValueError(f"a checkpoint entry of this rank's pieces at {got[:3]}, where this split average holds "
-                         f"{expected[:3]}: load a full tensor, or this average's own state_dict() filled by "
-                         f"torch.distributed.checkpoint.load")
-    return value.to_local()

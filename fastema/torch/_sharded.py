@@ -255,10 +255,6 @@ def piece_of(value: torch.Tensor, spec: Spec) -> torch.Tensor:
     (gathered first: a collective every rank must join)."""
     from torch.distributed.tensor import distribute_tensor
 
-    if spec.slices and type(value).__name__ == "Slices":       # a split average's own checkpoint entry
-        from ._replicas import piece_of_slices
-
-        return piece_of_slices(value, spec)               # type: ignore[arg-type]  # a Slices (checked above)
     if spec.replica_dim is not None:                           # HSDP split over its replicas: the local shard's piece
         import torch.distributed as dist
 

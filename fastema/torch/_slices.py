@@ -15,8 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["Slices", "rects"]
+from . import _sharded
+
+__all__ = ["Slices", "piece_of_slices", "rects", "slices", "tensor_slices"]
 
 
 def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
@@ -135,3 +138,54 @@ class Slices(torch.Tensor):
             if torch.Size(offsets) == index.offset:
                 return t
         raise ValueError(f"{index.fqn!r}: no piece of this rank at {tuple(index.offset)}")
+
+
+# ------------------------------------------------------------ a split average's entries (see _replicas)
+
+def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
+    """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
+    (:class:`~fastema.torch._slices.Slices`): a host copy of each rectangle the piece makes, at its
+    place in the whole tensor. No collective, and no rank stages more than it holds."""
+    rows = view.shape[0]
+    pieces, at = [], 0
+    for offsets, sizes in _chunks(spec):
+        host = torch.empty((rows, *sizes), dtype=view.dtype, device="cpu")
+        n = host[0].numel()
+        host.view(rows, n).copy_(view[:, at:at + n])
+        pieces.append((offsets, host))
+        at += n
+    return Slices(pieces, tuple(spec.shape), view.dtype)
+
+
+def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> Slices:
+    """This rank's 1-D ``piece`` of one tensor (one row: a snapshot's profile) as an entry of the
+    tensor's own shape holding this rank's rectangles only (see :func:`slices`)."""
+    entry = slices(piece.reshape(1, -1), _sharded.rows_spec(spec, 1))
+    return Slices([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
+
+
+def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
+    """``(offsets, sizes)`` in the ``(rows, *shape)`` entry (``spec``: a rows spec) of the rectangles
+    this rank's piece makes: of the tensor, or of the local shard, moved to its place (HSDP)."""
+    assert spec.pieces is not None
+    shape, where = spec.pieces
+    first, count = where[dist.get_rank(spec.mesh.get_group(spec.replica_dim or 0))]
+    base = [0] * (len(shape) + 1)
+    if spec.replica_dim is not None:                       # the local shard's place in the whole tensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        base = list(compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)[1])
+    return [([b + o for b, o in zip(base, [0, *offsets])], sizes)
+            for offsets, sizes in rects(first, first + count, tuple(shape))]
+
+
+def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
+    """This rank's ``(rows, count)`` piece from a :class:`Slices` entry that :func:`slices` made (and
+    ``dcp.load`` filled); refuses one laid out otherwise."""
+    expected = [o for o, _ in _chunks(spec)]
+    got = [list(o) for o, _ in value._pieces]
+    if got != expected:
+        raise ValueError(f"a checkpoint entry of this rank's pieces at {got[:3]}, where this split average holds "
+                         f"{expected[:3]}: load a full tensor, or this average's own state_dict() filled by "
+                         f"torch.distributed.checkpoint.load")
+    return value.to_local()

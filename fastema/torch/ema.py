@@ -12,7 +12,7 @@ from .. import schedules
 from ..average import EMAOptions
 from ..average.core import Average, Face
 from ..flat import FlatShadow
-from . import _compile, _replicas, _sharded
+from . import _compile, _replicas
 from ._average import TorchAverage
 from ._checkpoint import FORMAT, CheckpointCore
 from ._model import Selection, TorchModel
@@ -120,22 +120,15 @@ class EMA(Face, TorchAverage):
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        split = _replicas.replica_group(model, shard_replicas, type(self).__name__, offload=offload,
-                                        specs=side.specs, masters=side.masters)
-        if split is not None:                                        # one collective: the replicas agree
-            group, dim = split
-            _replicas.check_bucket(gather_bucket)
-            _replicas.check_layouts(side.averaged, type(self).__name__)
-            _replicas.check_replicas(side.averaged, group, type(self).__name__,
-                                     f"{opts!r};{shadow_dtype};{rows};{gather_bucket}")
-            shadow: Any = _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
-                                                  bucket=gather_bucket)
-            side.split(shadow.specs(_sharded.mesh_of(group, _replicas.mesh_device(group)), side.specs, dim))
-        elif offload:
+        shadow: Any = _replicas.split_shadow(                        # one collective: the replicas agree
+            model, side, shard_replicas, type(self).__name__, f"{opts!r};{shadow_dtype};{rows}", gather_bucket,
+            lambda group: _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
+                                                  bucket=gather_bucket), offload=offload)
+        if shadow is None and offload:
             from ._offload import OffloadedShadow
 
             shadow = OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype)
-        else:
+        elif shadow is None:
             shadow = FlatShadow(side.averaged, rows=rows, dtype=shadow_dtype)
         side.attach(shadow)
         self._core = core = Average(opts, FORMAT, shadow, adapter=side)   # the plan, the update driver, BEMA

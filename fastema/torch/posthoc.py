@@ -26,7 +26,7 @@ from ..posthoc.snapshots import (
 from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 from . import _sharded
 from ._hooks import unwrap
-from ._replicas import tensor_slices
+from ._slices import tensor_slices
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]

@@ -3,7 +3,7 @@ or of all of them (SWA)."""
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -11,8 +11,9 @@ from torch import nn
 from ..average.plan import Cadence
 from ..flat import FlatShadow
 from ..window import WindowShadow
+from . import _replicas
 from ._average import TorchAverage
-from ._checkpoint import global_view, local_part, staged
+from ._checkpoint import global_shape, local_part, staged
 from ._hooks import match_names
 from ._model import Selection, TorchModel
 
@@ -38,11 +39,16 @@ class WindowAverage(TorchAverage):
             is rounded to bfloat16, the mean and the sum stay float32).
         buffers, exclude, copy, trainable_only: as in :class:`EMA` (adapters only for a PEFT model;
             :meth:`export_peft` writes the averaged adapter).
+        shard_replicas, gather_bucket: split the average over the ranks that hold replicas of the
+            model, as in :class:`EMA`: each rank keeps and updates one slice of the mean, of the
+            running sums and of the ring (``window=W`` holds W snapshots: 1/N of them a rank), with
+            no communication per update; reading the average gathers it, and ``state_dict()`` holds
+            this rank's pieces (the ring's too), which ``torch.distributed.checkpoint`` reshards.
     """
 
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
-                 trainable_only: bool | None = None):
+                 trainable_only: bool | None = None, shard_replicas: Any = False, gather_bucket: int = 64 << 20):
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
         if not isinstance(every, int) or every < 1:
@@ -53,8 +59,14 @@ class WindowAverage(TorchAverage):
         swap = self._new_swap()
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
-        shadow = FlatShadow(side.averaged, dtype="float32") if window is None else \
-            WindowShadow(side.averaged, window, ring_dtype=ring_dtype)
+        shadow: Any = _replicas.split_shadow(                       # one collective: the replicas agree
+            model, side, shard_replicas, type(self).__name__, f"{window};{every};{ring_dtype}", gather_bucket,
+            lambda group: _replicas.ReplicaShadow(side.averaged, rows=1, dtype="float32", group=group,
+                                                  bucket=gather_bucket) if window is None else
+            _replicas.ReplicaWindow(side.averaged, window, ring_dtype=ring_dtype, group=group, bucket=gather_bucket))
+        if shadow is None:
+            shadow = FlatShadow(side.averaged, dtype="float32") if window is None else \
+                WindowShadow(side.averaged, window, ring_dtype=ring_dtype)
         side.attach(shadow)
         self._counts = _Counts(side, window, ring_dtype, Cadence(every))
         super().__init__(side, swap, self._counts, "fastema.torch.WindowAverage", self._counts.cadence)
@@ -148,7 +160,7 @@ class _Counts:
             matched = match_names(ring, avg.names)[0] if isinstance(ring, dict) else {}
             for n in avg.names:
                 v = matched.get(n)
-                want = global_view(self.side, n, avg.ring_view(n), True).shape
+                want = global_shape(self.side, n, avg.ring_view(n), True)      # no collective
                 if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
                     problems.append(f"ring {n!r} missing or of another shape")
 

@@ -152,3 +152,32 @@ def test_every_slice_scans_the_whole_sources_so_every_rank_skips_alike():
     for s in [whole, *parts]:
         s.update(0.5, skip_nonfinite=True, sources=moved)
         assert int(s.skipped["cpu"][0]) == 1
+
+
+@pytest.mark.parametrize("ring_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_a_window_split_over_ranks_keeps_the_whole_windows_elements(ring_dtype, ranks):
+    """``WindowShadow(split=)``: each rank's slice of the mean, the compensated sums and the ring, pushed
+    apart past the window's recompute, is the whole window's bit for bit; its views are its pieces."""
+    from fastema import WindowShadow
+
+    gen = torch.Generator().manual_seed(3)
+    src = [torch.randn(n, generator=gen) for n in (15, 7, 1, 130, 48, 4096, 5)]
+    whole = WindowShadow(src, 3, ring_dtype=ring_dtype)
+    parts = [WindowShadow(src, 3, ring_dtype=ring_dtype, split=(r, ranks)) for r in range(ranks)]
+    for _ in range(7):                                           # the ring wraps twice; the sum is rebuilt
+        for t in src:
+            t.add_(torch.randn(t.shape, generator=gen))
+        for w in (whole, *parts):
+            w.push()
+    for i in range(len(src)):
+        for view in ("state_view", "ring_view"):
+            joined = torch.cat([getattr(p, view)(i) for p in parts], dim=1)
+            want = getattr(whole, view)(i)
+            assert torch.equal(_bits(joined), _bits(want.reshape(want.shape[0], -1))), (i, view)
+        assert torch.equal(torch.cat([p.view(i) for p in parts]), whole.view(i))
+    assert sum(p.nbytes for p in parts) == whole.nbytes
+    if ranks > 1:
+        for call in (parts[0].swap, parts[0].copy_to_sources):
+            with pytest.raises(RuntimeError, match="split shadow"):
+                call()
