@@ -11,6 +11,7 @@ followed (a moved tensor's NaN still skips the update).
 """
 import collections
 import copy
+import gc
 import os
 import pathlib
 import sys
@@ -54,11 +55,14 @@ def _python_calls(fn) -> collections.Counter:
         elif event == "c_call":
             calls[f"c {getattr(arg, '__qualname__', repr(arg))}"] += 1
 
+    gc.collect()
+    gc.disable()                                        # a collection's callbacks are no work of the update's
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 
