@@ -1,6 +1,6 @@
 """Host cost of fastema's CUDA launch path, measured on the CPU with the fake GPU (issue 37, D1-D2).
 
-    python bench/gpu_host_cost.py [--calls N] [--json OUT]
+    python bench/gpu_host_cost.py [--calls N] [--tensors 6,148,3000] [--json OUT]
 
 What a training step pays on the host for fastema's launches, without a GPU: ``bench/gpu_fake.py``
 stands in for numba's dispatcher, device arrays and ``numba.cuda`` (so nothing runs on a device),
@@ -17,8 +17,12 @@ and the rows are measured twice:
 
 Rows: one bound lerp launch of a 6-tensor group (host weights), the same with device weights, and
 ``EMA.update()`` of the 6-tensor RL network (3 ``Linear`` layers, float32) with the plan on the device
-(the GPU default: one plan+lerp launch per update) and on the host. Each figure is the median over 7
-batches of ``--calls`` calls (``--stat min``: their minimum), in us per call.
+(the GPU default: one plan+lerp launch per update) and on the host. Then ``EMA.update()`` (the GPU
+default) of networks of ``--tensors`` tensors (4x4 ``Linear`` layers: the host path, not bandwidth),
+and the line fitted through them (least squares): the fixed cost of an update and its cost per tensor
+(the address check that refuses a moved or freed tensor: one address read a tensor). Each figure is
+the median over 7 batches of ``--calls`` calls (fewer for the larger networks: ``--calls`` x 6 /
+tensors, at least 50; ``--stat min``: their minimum), in us per call.
 """
 from __future__ import annotations
 
@@ -51,7 +55,36 @@ def _median_us(fn, calls: int, repeats: int = 7) -> float:
     return STAT(times)
 
 
-def _rows(calls: int, stub: bool) -> dict:
+def fit(points: list) -> tuple[float, float]:
+    """``(fixed us, us per tensor)``: the least-squares line through ``(tensors, us)`` points."""
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    per = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - per * mx, per
+
+
+def _sized_rows(calls: int, tensors: list, out: dict) -> None:
+    """``EMA.update()`` (the plan on the device) of a network of ``n`` tensors for each ``n`` of
+    ``tensors``, and the fitted fixed and per-tensor costs (inside the fake GPU)."""
+    import torch
+
+    from fastema.torch import EMA
+
+    points = []
+    for n in tensors:
+        net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(max(1, n // 2))])
+        ema = EMA(net, 0.99)
+        with torch.no_grad():
+            us = _median_us(ema.update, max(50, calls * 6 // max(n, 1)))
+        out[f"EMA.update, {n} tensors"] = us
+        points.append((n, us))
+    if len(points) >= 2:
+        fixed, per = fit(points)
+        out["EMA.update fit: fixed us"] = fixed
+        out["EMA.update fit: us per tensor"] = per
+
+
+def _rows(calls: int, stub: bool, tensors: list) -> dict:
     import numpy as np
     import torch
 
@@ -85,12 +118,14 @@ def _rows(calls: int, stub: bool) -> dict:
                     _median_us(ema.update, calls)
                 out[f"context pushes per EMA.update, plan on the {'device' if device_step else 'host'}"] = \
                     float(pushes)
+        _sized_rows(calls, tensors, out)
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--tensors", default="6,148,3000", help="network sizes (tensors) of the EMA.update rows")
     ap.add_argument("--json", default=None, help="write the figures here too")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="summarise the 7 batches of a row by their median (default) or their minimum")
@@ -98,17 +133,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global STAT
     STAT = min if args.stat == "min" else statistics.median
+    tensors = [int(t) for t in args.tensors.split(",") if t]
     if args.stub_child:
-        print(json.dumps(_rows(args.calls, stub=True)))
+        print(json.dumps(_rows(args.calls, stub=True, tensors=tensors)))
         return 0
-    results = {"no driver": _rows(args.calls, stub=False)}
+    results = {"no driver": _rows(args.calls, stub=False, tensors=tensors)}
     folder = G.stub_driver_dir()
     if folder is None:
         results["stub driver"] = {"error": "no C compiler for the stub driver"}
     else:
         env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [folder,
                                                                              os.environ.get("LD_LIBRARY_PATH")])))
-        child = [sys.executable, __file__, "--stub-child", "--calls", str(args.calls), "--stat", args.stat]
+        child = [sys.executable, __file__, "--stub-child", "--calls", str(args.calls), "--stat", args.stat,
+                 "--tensors", args.tensors]
         done = subprocess.run(child, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode == 0:
             results["stub driver"] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -119,7 +156,8 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for r in rows:
         a, b = results["no driver"].get(r), results["stub driver"].get(r)
-        fmt = (lambda v: f"{v:.0f}") if r.startswith("context") else (lambda v: f"{v:.2f}")
+        fmt = (lambda v: f"{v:.0f}") if r.startswith("context") else (lambda v: f"{v:.3f}") if r.endswith(
+            "per tensor") else (lambda v: f"{v:.2f}")
         print(f"| {r} | {fmt(a)} | {fmt(b) if isinstance(b, float) else b} |")
     if "error" in results["stub driver"]:
         print(f"stub driver: {results['stub driver']['error']}")

@@ -213,10 +213,6 @@ def variants() -> list[Variant]:
     """Every per-step streaming kernel variant (issue 45 item 1)."""
     from fastema.kernels.kinds import BF16, F16, F32
 
-    sr_plan = ("the fused SR kernel: its plan step and 8 lanes of noise hashes need 80 registers under its launch "
-               "bounds (3 blocks per SM), and one 16-byte shadow and source vector a thread keep 24 KiB in flight "
-               "(issue 45 item 2: two vectors a thread)")
-    scan = "the scan loads 1 element, then branches on it (issue 45 item 2: vector loads, a register flag)"
     return [
         Variant("lerp f32<-f32", "FlatShadow.update, ema_update_, EMA (plan on the host)", "lerp",
                 _lerp(F32, F32), 64),
@@ -239,11 +235,9 @@ def variants() -> list[Variant]:
         Variant("lerp bf16<-bf16 SR dev w", "bfloat16 SR shadow, plan on the device", "lerp",
                 _lerp(BF16, BF16, True, device=True), 72, 2, 2),
         Variant("plan_lerp bf16<-bf16 SR", "EMA.update's default, bfloat16 SR shadow", "plan_lerp",
-                _plan_lerp(BF16, BF16, True), 72, 2, 2, known=(("registers", sr_plan), ("in_flight", sr_plan))),
-        Variant("scan f32", "skip_nonfinite, float32 model", "scan", _scan(F32), 96,
-                known=(("vector", scan), ("in_flight", scan))),
-        Variant("scan bf16", "skip_nonfinite, bfloat16 model", "scan", _scan(BF16), 96, x_bytes=2,
-                known=(("vector", scan), ("no_scalar16", scan), ("in_flight", scan))),
+                _plan_lerp(BF16, BF16, True), 72, 2, 2),
+        Variant("scan f32", "skip_nonfinite, float32 model", "scan", _scan(F32), 96),
+        Variant("scan bf16", "skip_nonfinite, bfloat16 model", "scan", _scan(BF16), 96, x_bytes=2),
         Variant("plan", "the device plan's step where no lerp carries it (one thread)", "other", _other("plan"), 96,
                 streaming=False, traffic=(0.0, 0.0)),
         Variant("copy f32->f32", "a model average's buffers, copied at every update", "other", _other("copy"), 96,
@@ -532,14 +526,14 @@ def _touches(lp: Loop) -> tuple[bool, bool]:
     return any(i.is_load() for i in lp.body), any(i.is_store() for i in lp.body)
 
 
-def element_loops(code: list[Instruction], chunked: bool = True) -> list[Loop]:
+def element_loops(code: list[Instruction], chunked: bool = True, loads_only: bool = False) -> list[Loop]:
     """The loops over elements: loops that load and store global memory (directly or in a loop nested
-    in them), but for the grid-stride loop over chunks around them (``chunked``: every kernel of
-    ``kernels/cuda.py``) and for the loops nested in another
-    loop over elements (the further rows of a device-weights lerp, whose row count is not known at
-    compile time: the first row is peeled into the enclosing loop)."""
+    in them; ``loads_only``: that load, for a scan, which stores once after its loops), but for the
+    grid-stride loop over chunks around them (``chunked``: every kernel of ``kernels/cuda.py``) and for
+    the loops nested in another loop over elements (the further rows of a device-weights lerp, whose
+    row count is not known at compile time: the first row is peeled into the enclosing loop)."""
     ls = loops(code)
-    both = [lp for lp in ls if all(_touches(lp))]
+    both = [lp for lp in ls if _touches(lp)[0] and (loads_only or _touches(lp)[1])]
     chunk = [lp for lp in both if chunked and any(lp.contains(o) for o in both) and not any(o.contains(lp) for o in ls)]
     rest = [lp for lp in both if not any(lp is c for c in chunk)]
     return [lp for lp in rest if not any(o.contains(lp) for o in rest)]
@@ -682,7 +676,7 @@ def analyse(built: Built) -> Report:
     if len(entry) != 1:
         raise ValueError(f"{built.variant.name}: {len(entry)} kernel register counts in the cubin, expected 1")
     figures = log_figures(built.log)
-    found = element_loops(code, built.variant.chunked)
+    found = element_loops(code, built.variant.chunked, loads_only=built.variant.family == "scan")
     vector = any(is_vector(iteration(lp, code)) for lp in found)
     figs = []
     for lp in found:

@@ -1,12 +1,19 @@
 """Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
 
     python bench/host_cost_revisions.py BASE [HEAD] [--cases target6,ema6,ema148,ema3000,foreach6] [--rounds 5]
+    python bench/host_cost_revisions.py BASE [HEAD] --cases gpuema6,gpuema148,gpuema3000,gpuskip6,gpuskip148,gpuskip3000
 
 Each revision is checked out in a temporary git worktree; every round runs each case of each
 revision in a fresh process (alternating, so both see the same machine), with tiny tensors (4x4
 linear layers: the launch and bookkeeping cost, not bandwidth) on one thread. A process times
 batches of calls after a warm-up and reports its best batch; the table gives the median over the
 rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host path.
+
+Cases ``gpuemaN`` and ``gpuskipN`` (``skip_nonfinite=True``) time ``EMA.update()`` on CUDA's launch
+path with each revision's own fake GPU (``bench/gpu_fake.py``: no driver, no device; see
+``bench/gpu_host_cost.py``): fastema's host work per update. Where a case is given at two or more sizes
+(``ema``, ``gpuema``, ``gpuskip``), each revision's fixed cost and cost per tensor are fitted (least
+squares) and printed under the table.
 
 The baselines, timed in the same processes' rounds: ``foreach6`` is ``torch._foreach_lerp_`` over the
 same 6 tensors inside ``torch.no_grad()``, as TorchRL's ``SoftUpdate`` and SB3's ``polyak_update``
@@ -23,7 +30,7 @@ import sys
 import tempfile
 
 CHILD = r"""
-import sys, time, copy
+import contextlib, sys, time, copy
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
@@ -33,7 +40,17 @@ from fastema.torch import EMA, TargetNetwork
 case = sys.argv[2]
 n = int("".join(ch for ch in case if ch.isdigit()))
 net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
-if case.startswith("foreach"):
+fake = contextlib.nullcontext()
+if case.startswith("gpu"):                     # the revision's own fake GPU (bench/gpu_fake.py), no driver
+    sys.path.insert(0, sys.argv[1] + "/bench")
+    import gpu_fake
+    fake = gpu_fake.fake_gpu(record=False)
+fake.__enter__()
+if case.startswith("gpuema"):
+    update = EMA(net, 0.999).update
+elif case.startswith("gpuskip"):
+    update = EMA(net, 0.999, skip_nonfinite=True).update
+elif case.startswith("foreach"):
     online, target = list(net.parameters()), list(copy.deepcopy(net).requires_grad_(False).parameters())
     if case.endswith("bare"):
         online = [p.detach() for p in online]
@@ -58,6 +75,14 @@ for _ in range(15):
     best = min(best, (time.perf_counter() - t) / calls * 1e6)
 print(best)
 """
+
+
+def fit(points: list) -> tuple[float, float]:
+    """``(fixed, per tensor)``: the least-squares line through ``(tensors, us)`` points."""
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    per = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - per * mx, per
 
 
 def main(argv=None) -> int:
@@ -92,6 +117,14 @@ def main(argv=None) -> int:
         a, b = (statistics.median(times[(rev, c)]) for rev in trees)
         spread = " / ".join(f"{min(times[(rev, c)]):.2f}-{max(times[(rev, c)]):.2f}" for rev in trees)
         print(f"| {c} | {a:.2f} | {b:.2f} | {b - a:+.2f} (ranges {spread}) |")
+    for prefix in ("ema", "gpuema", "gpuskip"):      # fixed us + us per tensor, fitted over the sizes given
+        sizes = sorted((int("".join(ch for ch in c if ch.isdigit())), c) for c in cases
+                       if c.rstrip("0123456789") == prefix)
+        if len(sizes) >= 2:
+            for rev in trees:
+                fixed, per = fit([(n, statistics.median(times[(rev, c)])) for n, c in sizes])
+                print(f"{prefix} {rev}: {fixed:.2f} us + {per:.4f} us a tensor (line through "
+                      f"{', '.join(str(n) for n, _ in sizes)} tensors)")
     for base in ("foreach6", "foreach6bare"):
         if "target6" in cases and base in cases:
             ratios = [statistics.median(times[(rev, "target6")]) / statistics.median(times[(rev, base)])

@@ -98,19 +98,33 @@ def encode_bf16_sr(b, noise):
 
 def sr_noise(key, index):
     """Random bits for element ``index`` (int64) under ``key`` (uint32): two rounds of
-    the bijective lowbias32 hash (C. Wellons), self-contained so both targets inline it."""
+    the bijective lowbias32 hash (C. Wellons), self-contained so both targets inline it.
+    The first round sees only the index's high 32 bits (:func:`sr_noise_first`), the second
+    its low 32 bits and the key (:func:`sr_noise_last`)."""
     i = np.uint64(index)
-    x = (i >> np.uint64(32)) + np.uint64(0x9E3779B9)
-    for r in range(2):
-        x = x & _M32
-        x = x ^ (x >> np.uint64(16))
-        x = (x * np.uint64(0x7FEB352D)) & _M32
-        x = x ^ (x >> np.uint64(15))
-        x = (x * np.uint64(0x846CA68B)) & _M32
-        x = x ^ (x >> np.uint64(16))
-        if r == 0:
-            x = x ^ (i & _M32) ^ np.uint64(key)
-    return np.uint32(x)
+    return sr_noise_last(sr_noise_first(i >> np.uint64(32)), key, i & _M32)
+
+
+def sr_noise_first(high):
+    """The first round of :func:`sr_noise` for an index whose high 32 bits are ``high``: the same
+    for every index of a run that does not cross a multiple of 2**32 (a vector's lanes share it)."""
+    return _lowbias32(np.uint64(high) + np.uint64(0x9E3779B9))
+
+
+def sr_noise_last(first, key, low):
+    """:func:`sr_noise`'s bits from its first round ``first`` and the index's low 32 bits ``low``."""
+    return np.uint32(_lowbias32(np.uint64(first) ^ (np.uint64(low) & _M32) ^ np.uint64(key)))
+
+
+def _lowbias32(x):
+    """One round of lowbias32 on the low 32 bits of ``x`` (uint64 arithmetic, masked: exact on
+    both targets); returns a uint64 below 2**32."""
+    x = x & _M32
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
 
 
 def pack_bf16(e, r):

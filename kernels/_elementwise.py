@@ -89,6 +89,11 @@ def lerp_bits(e, x, w, kind, stochastic, key, index):
     return encode(y, kind)
 
 
+def lerp_bits_noise(e, x, w, kind, noise):
+    """:func:`lerp_bits`, stochastically rounded with the random bits ``noise`` (:func:`sr_noise`'s)."""
+    return encode_bf16_sr(as_bits(lerp32(to_float(e, kind), x, np.float32(w))), noise)
+
+
 def lerp_at_wide(q, j, x, w, kind, stochastic, key, index):
     """:func:`lerp_at` in float64 (``x`` float64; no stochastic rounding)."""
     store_wide(q, j, lerp64(load_wide(q, j, kind), x, np.float64(w)), kind)

@@ -26,14 +26,20 @@ CACHE = False
 ``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1 (off by default until it has run on a GPU,
 issue #23 item 4)."""
 PLAN_LERP_BOUNDS = (256, 3)
-"""The launch bounds of :func:`plan_lerp_kernel` (float32 and 16-bit shadows): at most 256 threads a
-block (``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it
-to 80 registers on sm_90 (89-94 without them: 2 blocks; no spill with them). Checked on the machine code
-by ``tests/kernels/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
+"""The launch bounds of :func:`plan_lerp_kernel` (nearest rounding): at most 256 threads a block
+(``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it to 80
+registers on sm_90 (89-94 without them: 2 blocks; no spill with them). Checked on the machine code by
+``tests/kernels/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
 SR_LERP_BOUNDS = (256, 4)
-"""The launch bounds of the stochastic-rounding :func:`lerp_kernel`: 4 blocks per multiprocessor (64
-registers; the 8 lanes' noise hashes took 80 with device weights, and the loads of a float32 source were
-issued in two waits without them)."""
+"""The launch bounds of the stochastic-rounding :func:`lerp_kernel` and :func:`plan_lerp_kernel`: 4 blocks
+per multiprocessor, 64 registers. The plain lerp's 8 lanes of noise hashes took 80 with device weights
+without them, and the fused kernel 80 (3 blocks: 24 KiB of loads in flight per SM); under them, with the
+noise's first round shared by a vector's lanes and a 32-bit vector counter, 64 and no spill: 32 KiB in
+flight (16 bytes of shadow and 16 of source a thread)."""
+
+SCAN_BOUNDS = (256, 6)
+"""The launch bounds of :func:`nonfinite_kernel`: 6 blocks per multiprocessor (40 registers; 50 without
+them, 4 blocks): two 16-byte loads a thread in flight, 48 KiB per SM."""
 
 
 def _jit(fn, **options):
@@ -47,6 +53,7 @@ def _jit(fn, **options):
 
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
 _M16, _S16, _Z32 = np.uint32(0xFFFF), np.uint32(16), np.uint32(0)   # a 16-bit element's half of a 32-bit word
+_M32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
 
 
 def _pointer(kind):
@@ -119,7 +126,9 @@ def plan_lerp_kernel(shadow_kind, src_kind, stochastic):
                 flag[0] = sf[0]
                 done[0] = 0
 
-    return _jit(kernel) if WIDE else _jit(kernel, launch_bounds=PLAN_LERP_BOUNDS)
+    if WIDE:
+        return _jit(kernel)
+    return _jit(kernel, launch_bounds=SR_LERP_BOUNDS if stochastic else PLAN_LERP_BOUNDS)
 
 
 @cuda.jit(device=True, inline="always")
@@ -150,7 +159,8 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
     V16 = SK != F32 and SK != F64 and XK != F64         # a 16-bit shadow: vectors of 8 elements, 16 bytes
     XB = ITEMSIZE[XK]
     XMASK = 4 * XB - 1                                   # a source vector is 4 elements: 16 or 8 bytes
-    to_float, lerp_bits = E.to_float, E.lerp_bits
+    to_float, lerp_bits, lerp_bits_noise = E.to_float, E.lerp_bits, E.lerp_bits_noise
+    sr_noise_first, sr_noise_last = E.sr_noise_first, E.sr_noise_last
     load4_q, store4_q = VECTORS["load4_u32"], VECTORS["store4_u32"]
     load4_x = VECTORS["load4_u32"] if XB == 4 else VECTORS["load4_u16"]
     f32, u32 = numba_types.float32, numba_types.uint32
@@ -182,6 +192,29 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
                 xv[lane] = to_float(xw[lane], XK)
             else:
                 xv[lane] = to_float((xw[lane >> 1] >> (_S16 * np.uint32(lane & 1))) & _M16, XK)
+
+    @cuda.jit(device=True, inline="always")
+    def lerp8(ev, xv, q0, w, key, i):
+        """A 16-bit shadow's 8 elements (bits in ``ev[0:4]``, two a word, the first in the low half) lerped
+        toward ``xv`` with weight ``w`` and stored at ``q0``; ``i``: the noise index of the first, as the
+        scalar loop's."""
+        ev[4], ev[5], ev[6], ev[7] = _Z32, _Z32, _Z32, _Z32
+        if SR:                                           # the noise's first round, shared by the 8 lanes: it
+            i64 = np.uint64(i)                           # sees the index's high half only (two of them where
+            low = np.uint32(i64 & _M32)                  # the lanes cross a multiple of 2**32)
+            first0 = sr_noise_first(i64 >> _S32)
+            first1 = sr_noise_first((i64 >> _S32) + np.uint64(1))
+        for lane in range(8):                            # one body, unrolled by the compiler
+            half = _S16 * np.uint32(lane & 1)
+            e = (ev[lane >> 1] >> half) & _M16
+            if SR:
+                at = np.uint32((np.uint64(low) + np.uint64(lane)) & _M32)   # the lane's low half, wrapped
+                noise = sr_noise_last(first1 if at < low else first0, key, at)
+                bits = lerp_bits_noise(e, xv[lane], w, SK, noise)
+            else:
+                bits = lerp_bits(e, xv[lane], w, SK, False, key, i + lane)
+            ev[4 + (lane >> 1)] |= bits << half
+        store4_q(q0, ev[4], ev[5], ev[6], ev[7])
 
     def lerp_chunks(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, weights, key):
         rows = len(weights)
@@ -220,23 +253,17 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
                         lerp_vectors(ev, xv, q0, q1, two, weights[k], key)
                 start = lo + 4 * vectors
             elif V16 and rows_aligned8 and ((qa + lo * 2) & 15) == 0 and ((pa + lo * XB) & 15) == 0:
-                vectors = (hi - lo) // 8
-                for v in range(cuda.threadIdx.x, vectors, step):
+                vectors = np.int32((hi - lo) // 8)           # 32-bit: 4 registers fewer, the SR plan kernel
+                for v in range(np.int32(cuda.threadIdx.x), vectors, np.int32(step)):   # fits 64 (no spill)
                     j0 = lo + 8 * v
-                    ev[0], ev[1], ev[2], ev[3] = load4_q(qa + j0 * 2)   # the first row's shadow, then the source
+                    q0 = qa + j0 * 2
+                    ev[0], ev[1], ev[2], ev[3] = load4_q(q0)    # the first row's shadow, then the source
                     source8(xv, xw, pa, j0)
-                    for k in range(rows):
+                    lerp8(ev, xv, q0, weights[0], key, j0 + off)   # the first row peeled: its loads in one wait
+                    for k in range(1, rows):
                         q0 = qa + (k * n + j0) * 2
-                        if k > 0:
-                            ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
-                        w = weights[k]
-                        i = k * NOISE_ROW + j0 + off             # the noise index of element j0, as the scalar loop's
-                        ev[4], ev[5], ev[6], ev[7] = _Z32, _Z32, _Z32, _Z32
-                        for lane in range(8):                    # one body, unrolled by the compiler
-                            half = _S16 * np.uint32(lane & 1)
-                            e = (ev[lane >> 1] >> half) & _M16
-                            ev[4 + (lane >> 1)] |= lerp_bits(e, xv[lane], w, SK, SR, key, i + lane) << half
-                        store4_q(q0, ev[4], ev[5], ev[6], ev[7])
+                        ev[0], ev[1], ev[2], ev[3] = load4_q(q0)
+                        lerp8(ev, xv, q0, weights[k], key, k * NOISE_ROW + j0 + off)
                 start = lo + 8 * vectors
             p = xptr(pa, seg_offset[s + 1] - off)
             q = sptr(qa, (rows - 1) * n + seg_offset[s + 1] - off)
@@ -315,21 +342,62 @@ def swap_kernel(shadow_kind, src_kind, mode):
 
 @functools.cache
 def nonfinite_kernel(src_kind):
-    """See :func:`fastema.kernels.cpu.nonfinite_kernel`."""
+    """See :func:`fastema.kernels.cpu.nonfinite_kernel`.
+
+    Branch-light: a thread ORs what it finds into a register and stores the flag once, at its end
+    (only if it found something and the flag is not set yet: no store storm on a diverged model).
+    Each chunk goes by 16-byte vectors (4 float32 or 8 16-bit elements), two a thread before it tests
+    any: from the first 16-byte boundary of the source on, the few elements before it (an unaligned
+    start) and after the last whole vector taken one by one. float64 sources go element by element.
+    """
     xptr = _pointer(src_kind)
     XK = src_kind
     nonfinite_at, = bodies(E, XK == F64, "nonfinite_at")
+    is_nonfinite = E.is_nonfinite
+    VEC = XK != F64
+    XB = ITEMSIZE[XK]
+    PER = 16 // XB                                       # elements per 16-byte vector
+    load4 = VECTORS["load4_u32"]
+
+    @cuda.jit(device=True, inline="always")
+    def word_bad(w):
+        """Whether the 32-bit word ``w`` (one float32, or two 16-bit elements) holds an inf or NaN."""
+        if XB == 4:
+            return is_nonfinite(w, XK)
+        return is_nonfinite(w & _M16, XK) | is_nonfinite(w >> _S16, XK)
+
+    @cuda.jit(device=True, inline="always")
+    def vector_bad(a0, a1, a2, a3):
+        return word_bad(a0) | word_bad(a1) | word_bad(a2) | word_bad(a3)
 
     def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
+        step = cuda.blockDim.x
+        bad = False
         for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
             s = chunk_seg[c]
             off = seg_offset[s]
-            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
-            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                if nonfinite_at(p, i - off, XK) and flag[0] == 0:   # no store storm on a diverged model
-                    flag[0] = 1
+            lo = chunk_begin[c] - off                    # the chunk, as positions within its source
+            m = chunk_begin[c + 1] - off - lo            # its elements
+            pa = seg_addr[s]
+            head, vectors = m, 0                         # element by element: the head, then the tail
+            if VEC and pa % XB == 0:
+                head = min(((-(pa + lo * XB)) & 15) // XB, m)    # elements before the first 16-byte boundary
+                vectors = np.int32((m - head) // PER)       # 32-bit counters: fewer registers
+                base = pa + (lo + head) * XB
+                for v in range(np.int32(cuda.threadIdx.x), vectors, np.int32(2 * step)):
+                    a = base + 16 * v
+                    b = a + 16 * step if v + step < vectors else a   # no second vector: the first again
+                    a0, a1, a2, a3 = load4(a)
+                    b0, b1, b2, b3 = load4(b)            # both loads issued before either is tested
+                    bad |= vector_bad(a0, a1, a2, a3) | vector_bad(b0, b1, b2, b3)
+            p = xptr(pa, seg_offset[s + 1] - off)
+            mid = head + PER * vectors                   # the tail starts there
+            for t in range(cuda.threadIdx.x, m - mid + head, step):
+                bad |= nonfinite_at(p, lo + (t if t < head else t - head + mid), XK)
+        if bad and flag[0] == 0:
+            flag[0] = 1
 
-    return _jit(kernel)
+    return _jit(kernel, launch_bounds=SCAN_BOUNDS)
 
 
 @functools.cache

@@ -18,8 +18,9 @@ CUDA_THREADS = 256
 CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
 CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multiprocessor: 4 waves of the 3 blocks per
                                     # SM its launch bounds allow on sm_90 (kernels.cuda.PLAN_LERP_BOUNDS: <= 80
-                                    # registers; each block pays the plan step once). tests/kernels/test_sass.py
-                                    # checks both figures against the linked machine code
+                                    # registers), 3 waves of the 4 blocks per SM of the stochastic-rounding one
+                                    # (SR_LERP_BOUNDS: <= 64); each block pays the plan step once.
+                                    # tests/kernels/test_sass.py checks the figures against the linked machine code
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches

@@ -190,10 +190,11 @@ class TorchModel:
 
     def scan(self, flags: dict | None) -> dict:
         """Non-finite flags over every averaged and copied floating tensor (device values, no sync),
-        added to ``flags`` when given."""
-        flags = self.avg.scan_nonfinite(flags)
+        added to ``flags`` when given. The addresses are current: :meth:`begin` checked them in this
+        call (no second address read per tensor)."""
+        flags = self.avg.scan_groups(flags)
         if self.copy is not None:
-            flags = self.copy.scan_nonfinite(flags)
+            flags = self.copy.scan_groups(flags)
         return flags
 
     # ------------------------------------------------------------ the model's tensors

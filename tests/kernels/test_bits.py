@@ -104,3 +104,41 @@ def test_sr_noise_is_deterministic_and_spread():
     # uniform on [0, 65536): mean 32767.5, sd of the mean 18918/sqrt(4096) ~ 296
     assert abs(low.mean() - 32767.5) < 5 * 296
     assert len(np.unique(a)) == a.size
+
+
+def _lowbias32(x: int) -> int:
+    """One round of C. Wellons' lowbias32 on Python integers: the reference the kernels' uint64 arithmetic
+    (masked to 32 bits) must equal."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _noise_reference(key: int, index: int) -> int:
+    """Stochastic rounding's noise as fastema has always drawn it: lowbias32 of the index's high half
+    (plus the golden ratio), XOR its low half and the key, lowbias32 again."""
+    return _lowbias32(_lowbias32((index >> 32) + 0x9E3779B9) ^ (index & 0xFFFFFFFF) ^ key)
+
+
+def test_sr_noise_bits_are_the_reference_and_split_into_its_two_rounds(rng):
+    """The noise (CPU-compiled and plain Python, as the simulator runs it) equals a pure-integer reference
+    of the two-round hash, also around multiples of 2**32 and for rows far apart (kinds.NOISE_ROW); and
+    ``sr_noise_last(sr_noise_first(high), key, low)`` is it, which the CUDA vector path uses to hash the
+    first round once for 8 lanes."""
+    from fastema.kernels import cpu as K
+    from fastema.kernels.kinds import NOISE_ROW
+
+    edges = [(h << 32) + d for h in (1, 2, 7, 255) for d in (-9, -1, 0, 1, 8)]
+    indices = [int(i) for i in rng.integers(0, 1 << 50, 300)] + edges + [3 * NOISE_ROW + 5, 0, (1 << 63) - 1]
+    for key in (0, 1, 0x9E3779B1, 0xFFFFFFFF):
+        for i in indices:
+            want = _noise_reference(key, i)
+            k, x = np.uint32(key), np.int64(i)
+            assert int(K.E.sr_noise(k, x)) == int(_bits.sr_noise(k, x)) == want, (key, i)
+            first = _bits.sr_noise_first(np.uint64(i >> 32))
+            assert int(_bits.sr_noise_last(first, k, np.uint64(i & 0xFFFFFFFF))) == want, (key, i)
+            first = K.E.sr_noise_first(np.uint64(i >> 32))
+            assert int(K.E.sr_noise_last(first, k, np.uint64(i & 0xFFFFFFFF))) == want, (key, i)

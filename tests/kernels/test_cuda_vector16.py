@@ -44,24 +44,28 @@ def dev_addr(d):
     return d._ary.ctypes.data if SIM else d.device_ctypes_pointer.value
 
 
-def run_case(sk, xk, sr, counts, rows, shift, device_key, rng):
-    """The 16-bit-shadow lerp over one layout on the device and on the CPU: (device shadow, CPU shadow)."""
+def run_case(sk, xk, sr, counts, rows, shift, device_key, rng, base=0):
+    """The 16-bit-shadow lerp over one layout on the device and on the CPU: (device shadow, CPU shadow).
+    ``base``: where the group's row starts in the noise index (the tables' offsets shifted by it, as a
+    slice of a larger group's row; the addresses unchanged)."""
     srcs = [random_bits(xk, c + shift, rng) for c in counts]
     off = segment_offsets(counts)
     cs, cb = chunk_table(off, 16)
     n = int(off[-1])
+    place = off[:-1] * 2                                                  # each segment's bytes into a row
+    off, cb = off + base, cb + base
     flat = random_bits(sk, rows * n, rng, 1.0)
     weights = np.array([0.25, 0.003][:rows], np.float32)
     key = 0x9E3779B1
     host_shadow = flat.copy()
     host_src = [np.ascontiguousarray(x[shift:]) for x in srcs]
     ema_cpu.lerp_kernel(sk, xk, sr, False)(
-        n, host_shadow.ctypes.data + off[:-1] * 2, np.array([h.ctypes.data for h in host_src], np.int64), off, cs, cb,
+        n, host_shadow.ctypes.data + place, np.array([h.ctypes.data for h in host_src], np.int64), off, cs, cb,
         tuple(weights), np.zeros(1, np.int32), np.uint32(key))
     d_src = [cuda.to_device(x) for x in srcs]
     d_shadow = cuda.to_device(flat)
     seg_addr = np.array([dev_addr(d) + shift * d.dtype.itemsize for d in d_src], np.int64)
-    tables = [cuda.to_device(a) for a in (dev_addr(d_shadow) + off[:-1] * 2, seg_addr, off, cs, cb)]
+    tables = [cuda.to_device(a) for a in (dev_addr(d_shadow) + place, seg_addr, off, cs, cb)]
     if device_key:
         w, k = cuda.to_device(weights), cuda.to_device(np.array([key | (7 << 32)], np.int64))   # the low 32 bits
     else:
@@ -101,3 +105,17 @@ def test_16bit_shadow_vector_path_gives_the_cpu_bits(counted, sk, xk, sr):
         assert np.array_equal(got, want), (layout, rows, shift, device_key, np.flatnonzero(got != want)[:8])
         if SIM:                                    # the first segment is aligned whenever its source is
             assert (counted["vectors"] > before) == (shift == 0 and (rows == 1 or n % 8 == 0)), (layout, rows, shift)
+
+
+@pytest.mark.parametrize("xk", [BF16, F32], ids=["bf16<-bf16-SR", "bf16<-f32-SR"])
+def test_stochastic_bits_where_a_vector_crosses_a_multiple_of_2_to_the_32(counted, xk):
+    """The vector path hashes the noise's first round (which sees the index's high 32 bits only) once
+    for a vector's 8 lanes, and again for the lanes past a multiple of 2**32: the scalar loop's bits
+    (the CPU's) for a group whose row starts just below one, in every lane."""
+    rng = np.random.default_rng(xk)
+    for rows, device_key in ((1, False), (2, True)):
+        for below in range(1, 8):
+            for high in (1, 5):
+                base = (high << 32) - below               # element ``below`` of the row is at high << 32
+                got, want, n = run_case(BF16, xk, True, COUNTS["aligned"], rows, 0, device_key, rng, base)
+                assert np.array_equal(got, want), (rows, below, high, np.flatnonzero(got != want)[:8])

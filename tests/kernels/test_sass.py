@@ -58,22 +58,35 @@ def test_machine_code(reports, name, check):
 @needs_toolchain
 def test_fused_plan_lerp_blocks_per_sm_is_what_its_config_says(reports):
     """``CUDA_PLAN_LERP_BLOCKS_PER_SM`` caps the fused kernel's grid at whole waves of the blocks its
-    registers let reside: the launch bounds hold every fused kernel to them, and the config's comment
-    names both figures (it said 3 blocks at 70 registers while they were 89 and 94: 2 blocks)."""
+    registers let reside: the launch bounds hold every fused kernel to them (3 blocks per SM, the
+    stochastic-rounding one 4), and the config's comment names each figure (it said 3 blocks at 70
+    registers while they were 89 and 94: 2 blocks)."""
     from fastema._launch import config
     from fastema.kernels import cuda as K
 
-    threads, blocks = K.PLAN_LERP_BOUNDS
-    assert threads == config.CUDA_THREADS and K.SR_LERP_BOUNDS[0] == config.CUDA_THREADS
+    assert K.PLAN_LERP_BOUNDS[0] == K.SR_LERP_BOUNDS[0] == K.SCAN_BOUNDS[0] == config.CUDA_THREADS
     fused = [r for r in reports.values() if r.variant.family == "plan_lerp"]
-    assert len(fused) == 3 and all(r.blocks_per_sm == blocks for r in fused), [(r.variant.name, r.registers)
-                                                                               for r in fused]
-    waves, rest = divmod(config.CUDA_PLAN_LERP_BLOCKS_PER_SM, blocks)
-    assert rest == 0 and waves >= 2
+    assert len(fused) == 3
     source = (ROOT / "fastema" / "_launch" / "config.py").read_text()
     line = re.search(r"^CUDA_PLAN_LERP_BLOCKS_PER_SM = .*(?:\n +#.*)*", source, re.M).group(0)
     line = re.sub(r"\s*\n\s*#\s*", " ", line)                 # the comment as one line
-    assert f"{waves} waves" in line and f"{blocks} blocks per SM" in line, line
+    for r in fused:
+        blocks = (K.SR_LERP_BOUNDS if r.variant.name.endswith(" SR") else K.PLAN_LERP_BOUNDS)[1]
+        assert r.blocks_per_sm == blocks, (r.variant.name, r.registers)
+        waves, rest = divmod(config.CUDA_PLAN_LERP_BLOCKS_PER_SM, blocks)
+        assert rest == 0 and waves >= 2
+        assert f"{waves} waves" in line and f"{blocks} blocks per SM" in line, line
+
+
+@needs_toolchain
+def test_the_scans_keep_the_blocks_their_launch_bounds_allow(reports):
+    """The ``skip_nonfinite`` scan's launch bounds (6 blocks of 256 per SM) hold: with two 16-byte loads
+    a thread, that is what keeps 48 KiB in flight (the in_flight check holds it to 32)."""
+    from fastema.kernels import cuda as K
+
+    scans = [r for r in reports.values() if r.variant.family == "scan"]
+    assert len(scans) == 2 and all(r.blocks_per_sm == K.SCAN_BOUNDS[1] for r in scans), \
+        [(r.variant.name, r.registers) for r in scans]
 
 
 @needs_toolchain
@@ -115,6 +128,33 @@ def test_reader_finds_the_loop_its_accesses_and_the_bytes_in_flight():
     assert [i.width() for i in one if i.is_load()] == [16, 16, 8, 2]
     assert [i.width() for i in one if i.is_store()] == [16]
     assert S.bursts(one) == [40, 2]                           # FADD waits on R4 and R8; the add on R21
+
+
+SCAN_SASS = """
+//--------------------- .text._Z4scan --------------------------
+	.section	.text._Z4scan,"ax",@progbits
+.L_x_0:
+        /*0000*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R8.64] ;
+        /*0020*/                   LDG.E.128 R12, desc[UR4][R10.64] ;
+        /*0030*/                   LOP3.LUT R16, R4, 0x7f800000, RZ, 0xc0, !PT ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/               @P2 BRA `(.L_x_0) ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R5 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_reader_finds_a_scans_loop_that_only_loads():
+    """A scan's streaming loop loads and stores nothing (its flag is stored once, after its loops): found
+    with ``loads_only``, the grid-stride loop over chunks around it left out; a lerp's rule (loads and
+    stores) finds none."""
+    code = S.parse(SCAN_SASS)
+    assert S.element_loops(code) == []
+    (loop,) = S.element_loops(code, loads_only=True)
+    assert (loop.head, loop.tail) == (0x10, 0x40)
+    assert S.bursts(S.iteration(loop, code)) == [32]
 
 
 def test_occupancy_follows_the_sm90_rules():
