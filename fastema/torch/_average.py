@@ -158,10 +158,10 @@ class TorchAverage:
 
     def _lossy_swap(self) -> bool:
         avg = self._model.avg
-        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
-            return True
         if getattr(avg, "exact_swap", False):          # split over replicas: it keeps the raw window itself
             return False
+        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
+            return True
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
                    for g in avg.groups)
@@ -244,19 +244,25 @@ class TorchAverage:
         if join is not None:
             join()
 
-    def memory(self) -> dict[str, int]:
+    def memory(self, parts: bool = False) -> dict:
         """Bytes this rank's average holds, by device (``"cpu"``, ``"cuda:0"``...): the shadow rows (this
-        rank's slice of them with ``shard_replicas``), the copied and integer buffers' copies, a swap's
-        backup of the raw weights, an offloaded shadow's staging and pinned slots, the launch tables and
-        the device plan. The model's own tensors are not counted. Sums to :attr:`nbytes`."""
+        rank's slice of them with ``shard_replicas``; in host memory with ``offload="cpu"``), the copied
+        and integer buffers' copies, a swap's backup of the raw weights, an offloaded average's staging
+        chunks and pinned host slots, the launch tables and the device plan. The model's own tensors are
+        not counted. Sums to :attr:`nbytes`.
+
+        Args:
+            parts: give ``device -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied
+                buffers"``, ``"tables"``, ``"swap backup"``, ``"device plan"``, ``"staging chunks"`` and
+                ``"pinned slots"`` (offload; ``"host slots"`` where a GPU's pipeline runs on the CPU)."""
         from ._memory import memory
 
-        return memory(self._model, self._checkpoint.core, self._backup)
+        return memory(self._model, self._checkpoint.core, self._backup, parts)
 
     @property
     def nbytes(self) -> int:
         """Bytes this rank's average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
+        return sum(self.memory().values())   # type: ignore[arg-type]
 
     @property
     def sharded(self) -> bool:

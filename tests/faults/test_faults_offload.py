@@ -41,11 +41,11 @@ def _same(a: EMA, b: EMA, parts=("averaged", "copied", "int_buffers")) -> bool:
 AVERAGES = ("averaged",)
 
 
-@pytest.fixture(params=["one slot", "two slots"])
+@pytest.fixture(params=["chunks", "host slots"])
 def pipeline(request, monkeypatch):
-    """The CPU groups' pipeline: their staging is the host slot (what the CPU gets), or two host
-    slots copied into in turn (what a GPU group gets, run on the CPU)."""
-    monkeypatch.setattr(_offload, "_two_slots", lambda g: request.param == "two slots")
+    """The CPU ring's pipeline: its chunks are what the worker folds (what the CPU gets), or they are
+    copied into two host slots in turn first (what a GPU's ring does, run on the CPU)."""
+    monkeypatch.setattr(_offload, "_two_slots", lambda device: request.param == "host slots")
     return request.param
 
 
@@ -77,29 +77,26 @@ def fail_fold(monkeypatch):
 # The pipeline, update_every, the update whose fold fails, where its error surfaces (a read after
 # that call, or an update() call), and the calls the offloaded EMA loses (the failed one and every
 # one until the error surfaced, skipped calls included): the reference EMA never makes them. The
-# failing fold ends when the call where it surfaces begins. One slot: the next update waits until
-# that fold has read the staging, so it raises. Two slots: the next update copies into the other
-# slot and goes on; the one after reuses the failed fold's slot, so it waits for it and raises.
-CASES = [
-    ("one slot", 1, 4, ("join", 4), {4}),
-    ("one slot", 1, 4, ("update", 5), {4, 5}),
-    ("one slot", 2, 3, ("join", 5), {5}),
-    ("one slot", 2, 3, ("update", 7), {5, 6, 7}),
-    ("two slots", 1, 4, ("join", 4), {4}),
-    ("two slots", 1, 4, ("update", 6), {4, 5, 6}),
-    ("two slots", 2, 3, ("join", 5), {5}),
-    ("two slots", 2, 3, ("update", 9), {5, 6, 7, 8, 9}),
-]
+# failing fold ends when the call where it surfaces begins. This model is one window: update k packs
+# into chunk k % 2, so the next update packs into the other chunk and goes on; the one after reuses
+# the failed fold's chunk, so it waits for that fold and raises (both pipelines alike).
+CASES = [(name, *case) for name in ("chunks", "host slots") for case in (
+    (1, 4, ("join", 4), {4}),
+    (1, 4, ("update", 6), {4, 5, 6}),
+    (2, 3, ("join", 5), {5}),
+    (2, 3, ("update", 9), {5, 6, 7, 8, 9}),
+)]
 
 
 @pytest.mark.parametrize("name, every, failing, surfaces, lost", CASES)
 def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_that_skipped_it(
         name, every, failing, surfaces, lost, fail_fold, monkeypatch):
-    monkeypatch.setattr(_offload, "_two_slots", lambda g: name == "two slots")
+    monkeypatch.setattr(_offload, "_two_slots", lambda device: name == "host slots")
     model = _model()
     kw = dict(warmup="power", update_every=every, buffers="average", debias=False)
     off, ref = EMA(model, [0.9, 0.5], offload="cpu", **kw), EMA(model, [0.9, 0.5], **kw)
-    assert off._avg._double == [name == "two slots"]
+    assert [r.through_host for r in off._avg._ring_of.values()] == [name == "host slots"]
+    assert len(off._avg.src.windows) == 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fail_fold(failing)
     for call in range(1, 12):
