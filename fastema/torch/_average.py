@@ -278,9 +278,12 @@ class TorchAverage:
         partitions), or, for ``EMA(engine)`` of a DeepSpeed engine whose optimizer keeps float32
         masters, those masters, flat and shard-local: ``"deepspeed-zero3-fp32-masters"``,
         ``"deepspeed-zero2-fp32-masters"`` (ZeRO-1/2) or ``"deepspeed-bf16-fp32-masters"``
-        (``BF16_Optimizer``). See the large-models guide."""
+        (``BF16_Optimizer``); with ``offload="cpu"`` and masters in host memory (ZeRO-Offload), read in
+        place by the host folds, the same name ending in ``"-in-host-memory"``. See the large-models guide."""
         masters = self._model.masters
-        return masters.source if masters is not None else _deepspeed.PARAMETERS
+        if masters is None:
+            return _deepspeed.PARAMETERS
+        return masters.source + (_deepspeed.IN_HOST_MEMORY if getattr(self._model.avg, "in_place", False) else "")
 
     # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
 
