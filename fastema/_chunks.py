@@ -131,7 +131,8 @@ class ChunkedSources:
             self.windows += cut(g, gi, (int(chunk_bytes) // size) // unit * unit, unit)
         self._packs: dict = {}        # (window, chunk address, to_sources) -> (tables, bound copy)
         self._folds: dict = {}        # (window, slot address, rows address) -> fold group
-        self._lerps: dict = {}        # (fold group id, stochastic) -> bound lerp
+        self._direct: dict = {}       # (window, rows address) -> fold group reading the sources in place
+        self._lerps: dict = {}        # (window, slot address or None: in place, rows address, stochastic) -> bound lerp
 
     # ------------------------------------------------------------ what the owner reads
 
@@ -162,7 +163,8 @@ class ChunkedSources:
             out.append(g.tables)
             if g.scan is not g:
                 out.append(g.scan.tables)
-        out += [t for t, _ in self._packs.values()] + [g.tables for g in self._folds.values()]
+        out += [t for t, _ in self._packs.values()] + [g.tables for g in (*self._folds.values(),
+                                                                          *self._direct.values())]
         return out
 
     def refresh(self) -> None:
@@ -186,6 +188,11 @@ class ChunkedSources:
                 g = self.layout.groups[gi]
                 t = _launch.update_addresses(t, self._piece_addresses(i), g.device, g.current_stream)
                 self._packs[key] = (t, self._bind_pack(i, t, key[2]))
+        for key, g in list(self._direct.items()):
+            if self.windows[key[0]].gi == gi:             # host sources: the tables are host arrays
+                self._direct[key] = g._replace(tables=g.tables._replace(seg_addr=self._piece_addresses(key[0])))
+                for stochastic in (False, True):
+                    self._lerps.pop((key[0], None, key[1], stochastic), None)
 
     # ------------------------------------------------------------ the launches
 
@@ -232,14 +239,28 @@ class ChunkedSources:
             g = self._folds[key] = _launch.Group("cpu", src.shadow_kind, src.src_kind, t)
         return g
 
-    def fold(self, i: int, slot: int, rows: int, weights, stochastic: bool, key: int) -> None:
+    def _direct_group(self, i: int, rows: int):
+        key = (i, rows)
+        g = self._direct.get(key)
+        if g is None:
+            w = self.windows[i]
+            src = self.layout.groups[w.gi]
+            if src.device != "cpu":
+                raise ValueError("a window is folded in place only from sources in host memory")
+            t = _launch.tables(self._piece_addresses(i), w.count, rows + w.col * ITEMSIZE[src.shadow_kind], "cpu",
+                               row_stride=src.n, base=int(w.place[0]))
+            g = self._direct[key] = _launch.Group("cpu", src.shadow_kind, src.src_kind, t)
+        return g
+
+    def fold(self, i: int, slot: int | None, rows: int, weights, stochastic: bool, key: int) -> None:
         """Host shadow rows at address ``rows`` (the group's ``(rows, n)`` buffer) <- the lerp of window
         ``i``'s columns with its host copy at address ``slot`` (``weights``: one per row, host floats;
-        ``key``: the group's stochastic-rounding key of this update)."""
-        g = self._fold_group(i, slot, rows)
-        bound = self._lerps.get((id(g), stochastic))
+        ``key``: the group's stochastic-rounding key of this update). ``slot=None``: with the sources
+        themselves, where they are (host memory; the caller keeps them still meanwhile)."""
+        bound = self._lerps.get((i, slot, rows, stochastic))
         if bound is None:
-            bound = self._lerps[(id(g), stochastic)] = _launch.lerp_launcher(g, stochastic=stochastic)
+            g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
+            bound = self._lerps[(i, slot, rows, stochastic)] = _launch.lerp_launcher(g, stochastic=stochastic)
         bound(weights, key)
 
     def copy_in(self, i: int, slot: int, rows: int, count: int) -> None:
@@ -250,7 +271,8 @@ class ChunkedSources:
         """The host copy at ``slot`` <- row ``row`` of window ``i``'s columns, rounded to the sources' dtype."""
         _launch.launch("copy", self._fold_group(i, slot, rows), to_shadow=False, row_lo=row, row_hi=row + 1)
 
-    def bema(self, i: int, slot: int, rows: int, alpha: float) -> None:
+    def bema(self, i: int, slot: int | None, rows: int, alpha: float) -> None:
         """BEMA's output row of window ``i``'s columns (``row0 <- row1 + alpha * (row0 - row2)``; the
         host copy at ``slot`` is not read, it only names the tables a fold of the window made)."""
-        _launch.launch("bema", self._fold_group(i, slot, rows), alpha=alpha)
+        g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
+        _launch.launch("bema", g, alpha=alpha)

@@ -41,7 +41,7 @@ class Aborted(Exception):
 class Record:
     """One update's work on the worker (see the module)."""
 
-    __slots__ = ("futures", "undo", "written", "error", "aborted", "staged")
+    __slots__ = ("futures", "undo", "written", "error", "aborted", "staged", "in_place")
 
     def __init__(self) -> None:
         self.futures: list[Future] = []
@@ -50,6 +50,7 @@ class Record:
         self.error: BaseException | None = None       # set (under the queue's lock) before its job ends
         self.aborted = False                          # the training thread gave up staging it
         self.staged: list = []                        # what the training thread staged for its jobs
+        self.in_place = 0                             # windows folded from the weights in place (offload)
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)

@@ -53,6 +53,7 @@ from ._folds import Aborted, FoldQueue, Record
 __all__ = ["DEFAULT_CHUNK", "OffloadedShadow", "check_chunk"]
 
 DEFAULT_CHUNK = 64 << 20          # bytes of one staging chunk (bench/bench_offload.py)
+IN_PLACE = True                   # a CPU ring folds all but its last two windows from the weights in place
 
 
 def check_chunk(chunk) -> None:
@@ -127,6 +128,12 @@ class OffloadedShadow:
                                       nbytes=sum(h.buffer.nbytes for h in self._hosts))
         devices = dict.fromkeys(self.src.device_of(i) for i in range(len(self.src.windows)))
         self._ring_of = {d: _Ring(d, self.src.chunk_bytes(d)) for d in devices}
+        # a CPU ring's windows but its last two are folded from the weights where they are, while update()
+        # waits for them (the weights cannot change meanwhile): only the two folded after it returns need
+        # the chunks' snapshot (a GPU ring, or the GPU's pipeline run on the CPU, stages every window)
+        last = {d: [i for i in range(len(self.src.windows)) if self.src.device_of(i) == d][-2:] for d in devices}
+        self._in_place = [IN_PLACE and not self._ring_of[d].through_host and i not in last[d]
+                          for i, d in enumerate(map(self.src.device_of, range(len(self.src.windows))))]
         self._queue = FoldQueue()
         self._spare: list | None = None          # a swap's backup of the raw weights (see _HostBackup)
         self.copy_from_sources_checked()
@@ -226,10 +233,16 @@ class OffloadedShadow:
         self._queue.submit(record, self._bema, record, float(alpha))
 
     def _stage(self, record: Record) -> None:
-        """Every window into its slot, in order, each once its slot is free (see the module)."""
+        """Every window into its slot, in order, each once its slot is free (see the module); a window
+        folded in place is handed over as it is, and waited for at the end."""
         started = []
         cv = self._queue.cv
         for i in range(len(self.src.windows)):
+            if self._in_place[i]:
+                with cv:
+                    record.staged.append((i, None, None))
+                    cv.notify_all()
+                continue
             ring = self._ring_of[self.src.device_of(i)]
             c = ring.next
             ring.next ^= 1
@@ -254,6 +267,14 @@ class OffloadedShadow:
                 cv.notify_all()
         for ring in started:                                      # the next step may write the weights
             torch.cuda.current_stream(torch.device(ring.device)).wait_event(ring.packed)
+        in_place = sum(self._in_place)
+        if in_place:                                              # the weights stay until these are folded
+            with cv:
+                while record.in_place < in_place and record.error is None:
+                    cv.wait()
+            if record.in_place < in_place:
+                self.join()
+                raise RuntimeError("an offloaded fold failed")    # join() raises; this line is not reached
 
     def _stage_window(self, ring: _Ring, i: int, c: int):
         """Window ``i`` packed into chunk ``c`` and, through host slots, copied into slot ``c``; the
@@ -294,20 +315,22 @@ class OffloadedShadow:
             if stochastic and gi not in keys:
                 keys[gi] = sr_key(seed + (gi << 32), step)
             ring = self._ring_of[self.src.device_of(i)]
-            self._fold_window(i, ring.slot_at[c], weights, stochastic, keys.get(gi, 0))
+            self._fold_window(i, None if c is None else ring.slot_at[c], weights, stochastic, keys.get(gi, 0))
             record.written = True
             with cv:
-                ring.done[c] += 1
+                if c is None:
+                    record.in_place += 1
+                else:
+                    ring.done[c] += 1
                 cv.notify_all()
 
-    def _fold_window(self, i: int, slot: int, weights, stochastic: bool, key: int) -> None:
+    def _fold_window(self, i: int, slot: int | None, weights, stochastic: bool, key: int) -> None:
         self.src.fold(i, slot, self._rows_at[self.src.windows[i].gi], weights, stochastic, key)
 
     def _bema(self, record: Record, alpha: float) -> None:
-        slot = {i: c for i, c, _ in record.staged}
-        for i, w in enumerate(self.src.windows):
+        for i, c, _ in record.staged:
             ring = self._ring_of[self.src.device_of(i)]
-            self.src.bema(i, ring.slot_at[slot.get(i, 0)], self._rows_at[w.gi], alpha)
+            self.src.bema(i, None if c is None else ring.slot_at[c], self._rows_at[self.src.windows[i].gi], alpha)
 
     def join(self) -> None:
         """Wait for every queued fold; re-raise the first error of one. The average is then as it

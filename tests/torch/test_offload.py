@@ -1,8 +1,9 @@
 """EMA(model, offload="cpu"): the shadow in host memory, fed through a ring of two staging chunks and
-folded on a worker thread while training goes on. On the CPU the chunks are what the worker folds;
-the tests also run a GPU ring's pipeline on the CPU (the chunks copied into two host slots in turn,
-as the device-to-host copies land in pinned slots). Every pipeline and every chunk size must equal
-the synchronous EMA bit for bit."""
+folded on a worker thread while training goes on. On the CPU the chunks are what the worker folds, and
+all windows but the last two are folded from the weights in place while update() waits; the tests also
+run the CPU ring with every window through the chunks, and a GPU ring's pipeline on the CPU (the chunks
+copied into two host slots in turn, as the device-to-host copies land in pinned slots). Every pipeline
+and every chunk size must equal the synchronous EMA bit for bit."""
 import threading
 import time
 
@@ -14,15 +15,21 @@ from torch import nn
 from fastema.torch import EMA, _offload
 from fastema.torch._offload import OffloadedShadow
 
-#: a ring's pipeline, by the tests' name for it: the chunks folded as they are (the CPU's), or copied
-#: into two host slots first (a GPU's)
-PIPELINES = {"chunks": lambda device: False, "host slots": lambda device: True}
+#: a ring's pipeline, by the tests' name for it: (its chunks copied into two host slots first, as a GPU's
+#: are; the CPU ring's windows but its last two folded in place)
+PIPELINES = {"in place": (False, True), "chunks": (False, False), "host slots": (True, True)}
+
+
+def use(monkeypatch, name: str) -> None:
+    two_slots, in_place = PIPELINES[name]
+    monkeypatch.setattr(_offload, "_two_slots", lambda device: two_slots)
+    monkeypatch.setattr(_offload, "IN_PLACE", in_place)
 
 
 @pytest.fixture(params=list(PIPELINES))
 def pipeline(request, monkeypatch):
     """The offloaded EMAs made in the test use this pipeline for their CPU ring."""
-    monkeypatch.setattr(_offload, "_two_slots", PIPELINES[request.param])
+    use(monkeypatch, request.param)
     return request.param
 
 
@@ -156,9 +163,12 @@ def trace(monkeypatch):
     log.gate.set()                                      # a failed test leaves no fold held
 
 
-def test_a_chunk_is_packed_again_only_after_the_fold_that_read_it_and_the_next_pack_overlaps(pipeline, trace):
+@pytest.mark.parametrize("name", ["chunks", "host slots"])
+def test_a_chunk_is_packed_again_only_after_the_fold_that_read_it_and_the_next_pack_overlaps(name, monkeypatch,
+                                                                                              trace):
     # Window k goes into chunk k % 2: with the fold of window 0 held, the training thread still packs
     # window 1 (into the other chunk), and packs window 2 only once window 0's fold has read chunk 0.
+    use(monkeypatch, name)
     model = _model()
     sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
     windows = len(off._avg.src.windows)
@@ -174,6 +184,26 @@ def test_a_chunk_is_packed_again_only_after_the_fold_that_read_it_and_the_next_p
     assert trace.at("pack", 1) < trace.at("fold", 0) < trace.at("pack", 2)
     for k in range(2, windows):                        # every pack waits for the fold two windows back
         assert trace.at("fold", k - 2) < trace.at("pack", k)
+    assert _equal(sync, off)
+
+
+def test_in_place_the_windows_but_the_last_two_are_folded_from_the_weights_before_update_returns(trace):
+    # On the CPU the weights are host memory: while update() waits, the worker folds them where they are;
+    # only the last two windows, folded after it returns, are packed into the chunks
+    model = _model()
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    last = len(off._avg.src.windows) - 1
+    trace.clear()
+    trace.hold.update({last - 1, last})
+    for i in range(3):
+        _bump(model, i)
+        sync.update()
+        off.update()
+        assert [e for e in trace if e[0] == "pack"] == [("pack", last - 1), ("pack", last)] * (i + 1)
+        assert all(trace.count(("fold", k)) == i + 1 for k in range(last - 1))   # every window in place: done
+        trace.gate.set()
+        off.join()
+        trace.gate.clear()
     assert _equal(sync, off)
 
 
