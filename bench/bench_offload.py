@@ -10,15 +10,19 @@ and the memory each average adds.
 Not a timed test: figures for docs/benchmarks.md. Method:
 
 - streaming bandwidth: a NumPy copy (``np.copyto``, 8 B an element: read + write) and a STREAM triad
-  ``a = b + s * c`` in a Numba ``prange`` loop (12 B an element), 64 Mi float32 elements, best of 5;
+  ``a = b + s * c`` in a Numba ``prange`` loop (12 B an element), 64 Mi float32 elements, best of 5,
+  once for the run; and the triad again (16 Mi elements) run beside each fold measurement, which the
+  fold is compared with (the machine's load changes between them);
 - each model size runs in a fresh subprocess (its memory is its own): the model is float32 ``Linear``
-  weights of 16 MiB each; the plain update and, per chunk size, the offloaded ``update()`` (returns once
-  every window is staged) and ``update()`` + ``join()`` (every fold done) are timed as the median of
-  ``--reps`` calls after two warm-up calls (compile excluded);
+  weights of 16 MiB each; per chunk size the offloaded ``update()`` (returns once every window is
+  staged) and ``update()`` + ``join()`` (every fold done) are timed ``--reps`` times after three warm-up
+  calls (compile excluded), each between two calls of the plain EMA's ``update()``: the ratio is the
+  median of each ``update()`` + ``join()`` over the mean of its two neighbours (a shared machine's load
+  moves both alike), the times the medians;
 - the host fold alone: every window's fold run again on the training thread with nothing beside it
   (the pipeline's folds share the cores and the parallel-kernel lock with the packs), GB/s counting
-  12 B an element as STREAM's triad does (the slot and the shadow read, the shadow written); the pack
-  alone likewise at 8 B an element;
+  12 B an element as STREAM's triad does (the slot and the shadow read, the shadow written), the best
+  of ``--reps`` runs as for the streaming figures; the pack alone likewise at 8 B an element;
 - memory: ``ema.memory(parts=True)`` and the growth of ``RssAnon`` (after ``malloc_trim``) from before
   the average is made to after three updates.
 
@@ -53,26 +57,37 @@ def rss_anon() -> int:
     return 0
 
 
-def streaming(n: int = 64 << 20) -> dict:
-    """GB/s of a NumPy copy (8 B an element) and a Numba STREAM triad (12 B an element), best of 5."""
-    from numba import njit, prange
+class Stream:
+    """A NumPy copy (8 B an element) and a Numba STREAM triad ``a = b + s * c`` (12 B an element) over
+    ``n`` float32 elements: this machine's streaming bandwidth, timed on demand (GB/s)."""
 
-    @njit(parallel=True, fastmath=True)
-    def triad(a, b, c, s):
-        for i in prange(a.size):
-            a[i] = b[i] + s * c[i]
+    def __init__(self, n: int = 64 << 20):
+        from numba import njit, prange
 
-    a, b, c = (np.full(n, v, np.float32) for v in (0.0, 1.0, 2.0))
-    triad(a, b, c, np.float32(3.0))
-    best_copy = best_triad = float("inf")
-    for _ in range(5):
+        @njit(parallel=True, fastmath=True)
+        def triad(a, b, c, s):
+            for i in prange(a.size):
+                a[i] = b[i] + s * c[i]
+
+        self.n, self._triad = n, triad
+        self.a, self.b, self.c = (np.full(n, v, np.float32) for v in (0.0, 1.0, 2.0))
+        triad(self.a, self.b, self.c, np.float32(3.0))           # compiled here
+
+    def copy(self) -> float:
         t = time.perf_counter()
-        np.copyto(a, b)
-        best_copy = min(best_copy, time.perf_counter() - t)
+        np.copyto(self.a, self.b)
+        return 8 * self.n / (time.perf_counter() - t) / 1e9
+
+    def triad(self) -> float:
         t = time.perf_counter()
-        triad(a, b, c, np.float32(3.0))
-        best_triad = min(best_triad, time.perf_counter() - t)
-    return {"copy": 8 * n / best_copy / 1e9, "triad": 12 * n / best_triad / 1e9}
+        self._triad(self.a, self.b, self.c, np.float32(3.0))
+        return 12 * self.n / (time.perf_counter() - t) / 1e9
+
+
+def streaming(reps: int = 5) -> dict:
+    """The best of ``reps`` runs of each of :class:`Stream`'s measures (GB/s)."""
+    s = Stream()
+    return {"copy": max(s.copy() for _ in range(reps)), "triad": max(s.triad() for _ in range(reps))}
 
 
 def _median(fn, reps: int) -> float:
@@ -88,13 +103,19 @@ def one_size(mib: int, chunks: list[int], reps: int, device: str) -> list[dict]:
     """Every figure for one model size (run in its own process)."""
     import torch
 
+    from fastema.torch import EMA
+
     cuda = device != "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     per = 2048 * 2048 * 4                                            # one float32 16 MiB weight
     model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(max(1, mib * MIB // per))])
     model = model.to(device=device, dtype=dtype)
-    plain_s = _plain(model, reps, cuda)
-    return [_offloaded(model, mib, chunk, reps, cuda, plain_s) for chunk in chunks if chunk <= mib]
+    plain = EMA(model, 0.999, device_step=False) if cuda else EMA(model, 0.999)
+    for _ in range(2):
+        _bump(model)
+        plain.update()
+    _sync(cuda)
+    return [_offloaded(model, plain, mib, chunk, reps, cuda) for chunk in chunks if chunk <= mib]
 
 
 def _bump(model) -> None:
@@ -111,20 +132,15 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def _plain(model, reps: int, cuda: bool) -> float:
-    """Seconds of the synchronous EMA's update (median, after two warm-up calls)."""
-    from fastema.torch import EMA
-
-    plain = EMA(model, 0.999, device_step=False) if cuda else EMA(model, 0.999)
-    for _ in range(2):
-        _bump(model)
-        plain.update()
-    _sync(cuda)
-    return _median(lambda: (plain.update(), _sync(cuda)), reps)
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def _offloaded(model, mib: int, chunk: int, reps: int, cuda: bool, plain_s: float) -> dict:
-    """The offloaded EMA's figures with chunks of ``chunk`` MiB."""
+def _offloaded(model, plain, mib: int, chunk: int, reps: int, cuda: bool) -> dict:
+    """The offloaded EMA's figures with chunks of ``chunk`` MiB, its calls interleaved with the plain
+    EMA's (``plain``) so that both see the same machine: a shared VM's load moves both alike."""
     from fastema.torch import EMA
 
     numel = sum(p.numel() for p in model.parameters())
@@ -137,10 +153,15 @@ def _offloaded(model, mib: int, chunk: int, reps: int, cuda: bool, plain_s: floa
     _sync(cuda)
     added = rss_anon() - before
     parts = ema.memory(parts=True)
+    plains, updates, joined = [], [], []
+    for _ in range(reps):
+        plains.append(_timed(lambda: (plain.update(), _sync(cuda))))
+        updates.append(_timed(lambda: (ema.update(), _sync(cuda))))
+        ema.join()
+        joined.append(_timed(lambda: (ema.update(), ema.join())))
+        plains.append(_timed(lambda: (plain.update(), _sync(cuda))))
+    ratios = [j / ((a + b) / 2) for j, a, b in zip(joined, plains[::2], plains[1::2])]
     shadow = ema._avg
-    update_s = _median(lambda: (ema.update(), _sync(cuda)), reps)
-    ema.join()
-    joined_s = _median(lambda: (ema.update(), ema.join()), reps)
     windows = list(range(len(shadow.src.windows)))
     rows_at, weights = shadow._rows_at, (0.001,)
 
@@ -154,11 +175,18 @@ def _offloaded(model, mib: int, chunk: int, reps: int, cuda: bool, plain_s: floa
             shadow.src.pack(i, shadow._ring_of[shadow.src.device_of(i)].chunk_at[i % 2])
         _sync(cuda)
 
-    fold_s, pack_s = _median(folds, reps), _median(packs, reps)
-    row = {"mib": mib, "chunk": chunk, "windows": len(windows), "plain_ms": plain_s * 1e3,
-           "update_ms": update_s * 1e3, "joined_ms": joined_s * 1e3, "ratio": joined_s / plain_s,
-           "fold_gbs": 12 * numel / fold_s / 1e9, "pack_gbs": (2 if cuda else 4) * 2 * numel / pack_s / 1e9,
-           "rss_mib": added / MIB, "parts": parts}
+    stream = Stream(16 << 20)                                      # the triad again, beside each fold run
+    fold_s = pack_s = float("inf")
+    triad = 0.0
+    for _ in range(reps):                                          # bandwidth: the best of the runs
+        triad = max(triad, stream.triad())
+        fold_s = min(fold_s, _timed(folds))
+        pack_s = min(pack_s, _timed(packs))
+    del stream
+    row = {"mib": mib, "chunk": chunk, "windows": len(windows), "plain_ms": statistics.median(plains) * 1e3,
+           "update_ms": statistics.median(updates) * 1e3, "joined_ms": statistics.median(joined) * 1e3,
+           "ratio": statistics.median(ratios), "fold_gbs": 12 * numel / fold_s / 1e9, "triad_gbs": triad,
+           "pack_gbs": (2 if cuda else 4) * 2 * numel / pack_s / 1e9, "rss_mib": added / MIB, "parts": parts}
     if cuda:
         row.update(gpu_figures(ema, reps))
     return row
@@ -198,15 +226,17 @@ def gpu_figures(ema, reps: int) -> dict:
     return {"d2h_gbs": nbytes / d2h_s / 1e9, "step_ms": step_s * 1e3, "step_update_ms": both_s * 1e3}
 
 
-def table(rows: list[dict], bw: dict) -> str:
+def table(rows: list[dict]) -> str:
     lines = ["| model MiB | chunk MiB | windows | plain update ms | offloaded update() ms | update + join ms | "
-             "(update + join) / plain | host fold GB/s | fold / triad | pack GB/s | nbytes MiB | RssAnon added MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(update + join) / plain | host fold GB/s | triad beside it GB/s | fold / triad | pack GB/s | "
+             "nbytes MiB | RssAnon added MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nbytes = sum(v for d in r["parts"].values() for v in d.values()) / MIB
         lines.append(f"| {r['mib']} | {r['chunk']} | {r['windows']} | {r['plain_ms']:.1f} | {r['update_ms']:.1f} | "
-                     f"{r['joined_ms']:.1f} | {r['ratio']:.2f} | {r['fold_gbs']:.1f} | "
-                     f"{r['fold_gbs'] / bw['triad']:.0%} | {r['pack_gbs']:.1f} | {nbytes:.1f} | {r['rss_mib']:.1f} |")
+                     f"{r['joined_ms']:.1f} | {r['ratio']:.2f} | {r['fold_gbs']:.1f} | {r['triad_gbs']:.1f} | "
+                     f"{r['fold_gbs'] / r['triad_gbs']:.0%} | {r['pack_gbs']:.1f} | {nbytes:.1f} | "
+                     f"{r['rss_mib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -214,7 +244,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="64,256,1024", help="model sizes, MiB of float32 weights")
     ap.add_argument("--chunks", default="4,16,64,256", help="offload_chunk values, MiB")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None, help="write the markdown report here too")
     ap.add_argument("--gpu", action="store_true", help="the model on cuda:0")
     ap.add_argument("--ring-only", action="store_true", help="on the CPU, stage every window through the chunks "
@@ -249,7 +279,7 @@ def main(argv=None) -> int:
             f"{os.cpu_count()} CPUs ({numba.config.NUMBA_NUM_THREADS} numba threads), {device}\n\n"
             f"Streaming bandwidth, same run: NumPy copy {bw['copy']:.1f} GB/s (8 B an element), Numba STREAM "
             f"triad {bw['triad']:.1f} GB/s (12 B an element).\n\n")
-    report = head + table(rows, bw) + "\n"
+    report = head + table(rows) + "\n"
     if args.gpu:
         report += ("\n| model MiB | chunk MiB | D2H GB/s | step ms | step + offloaded update ms |\n"
                    "|---|---|---|---|---|\n")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -179,3 +180,73 @@ def test_offload_beside_other_parallel_launches_survives_the_workqueue_layer():
     out = subprocess.run([sys.executable, "-c", WORKQUEUE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
     assert "layer workqueue" in out.stdout
+
+
+@pytest.fixture
+def default_sigint():
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.usefixtures("default_sigint")
+@pytest.mark.parametrize("where", ["training thread, packing", "worker, folding, update() waiting",
+                                   "worker, folding, join() waiting"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(where, in_place, monkeypatch):
+    # A Ctrl-C (SIGINT: Python raises it in the main thread) at any point of an offloaded update: while
+    # the training thread stages the windows it is held until every window is staged and the update
+    # counted, then raised; the worker's folds are never interrupted. Either way the average ends as
+    # the synchronous EMA's that made the update, never with some windows folded and others not.
+    import signal
+
+    monkeypatch.setattr(_offload, "IN_PLACE", in_place)
+    model = _model()
+    off, ref = EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=64), EMA(model, [0.9, 0.5])
+    assert len(off._avg.src.windows) >= 6
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for call in range(1, 3):
+        _step(model, opt, call)
+        off.update()
+        ref.update()
+    pack, fold = OffloadedShadow._pack, OffloadedShadow._fold_window
+    sent = threading.Event()
+
+    def ctrl_c_once():
+        if not sent.is_set():
+            sent.set()
+            signal.raise_signal(signal.SIGINT)
+
+    last = len(off._avg.src.windows) - 1
+    if where.startswith("training"):
+        def packing(self, i, chunk):
+            if i == last - 1:
+                ctrl_c_once()
+            pack(self, i, chunk)
+
+        monkeypatch.setattr(OffloadedShadow, "_pack", packing)
+    else:
+        def folding(self, i, *args):
+            if i == (last if "join" in where else 2):   # the last window is folded after update() returns
+                if "join" in where:
+                    time.sleep(0.2)                     # and join() waits
+                ctrl_c_once()
+            fold(self, i, *args)
+
+        monkeypatch.setattr(OffloadedShadow, "_fold_window", folding)
+    _step(model, opt, 3)
+    ref.update()
+    with pytest.raises(KeyboardInterrupt):
+        off.update()
+        off.join()
+        time.sleep(1)                                   # (a regression that delivers it late raises here)
+    assert sent.is_set()
+    off.join()                                          # the folds went on: the whole update landed
+    assert (off.calls, off.updates) == (ref.calls, ref.updates) == (3, 3)
+    assert _same(off, ref)
+    _step(model, opt, 4)
+    off.update()
+    ref.update()
+    assert _same(off, ref)
