@@ -28,7 +28,7 @@ from ._peft import announce, export_peft
 from ._slots import bump_versions
 
 if TYPE_CHECKING:
-    from ._offload import _HostBackup
+    from ._offload_backup import HostBackup
 
 
 class TorchAverage:
@@ -41,7 +41,7 @@ class TorchAverage:
     ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
 
     def __init__(self, side: TorchModel, swap: ModelSwap, core: CheckpointCore, fmt: str, cadence: Cadence):
-        self._backup: FlatShadow | _HostBackup | None = None   # raw weights during a lossy swap (float16 models)
+        self._backup: FlatShadow | HostBackup | None = None   # raw weights during a lossy swap (float16 models)
         self._swap = swap
         self._model = side
         self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap)
