@@ -116,9 +116,9 @@ class EMAOptions:
         if self.offload and (self.device_step or self.skip_nonfinite):
             raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
                              "not take device_step=True or skip_nonfinite=True; drop one of them")
-        if self.is_bema and (self.offload or self.device_step):
+        if self.is_bema and self.device_step:
             raise ValueError("bema= applies its bias correction after each update on the host's schedule: it "
-                             "does not take offload= or device_step=True; drop them")
+                             "does not take device_step=True; drop it")
 
     @classmethod
     def of(cls, decay=None, /, **options) -> "EMAOptions":

@@ -28,7 +28,7 @@ from ._peft import announce, export_peft
 from ._slots import bump_versions
 
 if TYPE_CHECKING:
-    from ._offload import _HostBackup
+    from ._offload_backup import HostBackup
 
 
 class TorchAverage:
@@ -41,7 +41,7 @@ class TorchAverage:
     ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
 
     def __init__(self, side: TorchModel, swap: ModelSwap, core: CheckpointCore, fmt: str, cadence: Cadence):
-        self._backup: FlatShadow | _HostBackup | None = None   # raw weights during a lossy swap (float16 models)
+        self._backup: FlatShadow | HostBackup | None = None   # raw weights during a lossy swap (float16 models)
         self._swap = swap
         self._model = side
         self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap)
@@ -158,10 +158,10 @@ class TorchAverage:
 
     def _lossy_swap(self) -> bool:
         avg = self._model.avg
-        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
-            return True
         if getattr(avg, "exact_swap", False):          # split over replicas: it keeps the raw window itself
             return False
+        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
+            return True
         return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
                                                                  g["src_dtype"] == "bfloat16")
                    for g in avg.groups)
@@ -244,19 +244,25 @@ class TorchAverage:
         if join is not None:
             join()
 
-    def memory(self) -> dict[str, int]:
+    def memory(self, parts: bool = False) -> dict:
         """Bytes this rank's average holds, by device (``"cpu"``, ``"cuda:0"``...): the shadow rows (this
-        rank's slice of them with ``shard_replicas``), the copied and integer buffers' copies, a swap's
-        backup of the raw weights, an offloaded shadow's staging and pinned slots, the launch tables and
-        the device plan. The model's own tensors are not counted. Sums to :attr:`nbytes`."""
+        rank's slice of them with ``shard_replicas``; in host memory with ``offload="cpu"``), the copied
+        and integer buffers' copies, a swap's backup of the raw weights, an offloaded average's staging
+        chunks and pinned host slots, the launch tables and the device plan. The model's own tensors are
+        not counted. Sums to :attr:`nbytes`.
+
+        Args:
+            parts: give ``device -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied
+                buffers"``, ``"tables"``, ``"swap backup"``, ``"device plan"``, ``"staging chunks"`` and
+                ``"pinned slots"`` (offload; ``"host slots"`` where a GPU's pipeline runs on the CPU)."""
         from ._memory import memory
 
-        return memory(self._model, self._checkpoint.core, self._backup)
+        return memory(self._model, self._checkpoint.core, self._backup, parts)
 
     @property
     def nbytes(self) -> int:
         """Bytes this rank's average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
+        return sum(self.memory().values())   # type: ignore[arg-type]
 
     @property
     def sharded(self) -> bool:
@@ -272,9 +278,12 @@ class TorchAverage:
         partitions), or, for ``EMA(engine)`` of a DeepSpeed engine whose optimizer keeps float32
         masters, those masters, flat and shard-local: ``"deepspeed-zero3-fp32-masters"``,
         ``"deepspeed-zero2-fp32-masters"`` (ZeRO-1/2) or ``"deepspeed-bf16-fp32-masters"``
-        (``BF16_Optimizer``). See the large-models guide."""
+        (``BF16_Optimizer``); with ``offload="cpu"`` and masters in host memory (ZeRO-Offload), read in
+        place by the host folds, the same name ending in ``"-in-host-memory"``. See the large-models guide."""
         masters = self._model.masters
-        return masters.source if masters is not None else _deepspeed.PARAMETERS
+        if masters is None:
+            return _deepspeed.PARAMETERS
+        return masters.source + (_deepspeed.IN_HOST_MEMORY if getattr(self._model.avg, "in_place", False) else "")
 
     # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
 

@@ -23,8 +23,11 @@ parameters' own layout, the average reads them instead:
   Swap and copy-out write the masters, then do what the optimizer's step does: this rank's
   partition of the flat 16-bit buffer <- its masters (rounded), and an all-gather of the partitions.
 
-Offloaded masters (``offload_optimizer``; NVMe under ZeRO-3) and layouts not as expected are not
-read: the average reads the parameters and a warning says so once when they are 16-bit.
+Masters offloaded to host memory (ZeRO-Offload, ``offload_optimizer: {device: cpu}``) are read there:
+the shadow is then a host shadow beside them, and with ``offload="cpu"`` it folds from them in place
+on a worker thread (:mod:`fastema.torch._host_masters`; ``ema.source`` ends in
+``IN_HOST_MEMORY``). Masters swapped to NVMe and layouts not as expected are not read: the average
+reads the parameters and a warning says so once when they are 16-bit.
 
 The masters are views of the optimizer's flat buffers; DeepSpeed may move a buffer
 (``offload_states`` / ``reload_states`` set ``flat.data``), so the buffers' addresses are checked
@@ -50,6 +53,7 @@ __all__: list[str] = []
 
 PARAMETERS = "parameters"
 ZERO3_MASTERS = "deepspeed-zero3-fp32-masters"
+IN_HOST_MEMORY = "-in-host-memory"    # ema.source's suffix: offloaded, folded from host masters in place
 
 _FLAT_MASTERS = {                     # optimizer -> (masters, 16-bit flats, their partitions, params, label, source)
     "DeepSpeedZeroOptimizer": ("single_partition_of_fp32_groups", "bit16_groups_flat",
@@ -226,8 +230,8 @@ def _flat_masters(opt, kind: str, averaged: dict) -> FlatMasters:
     if not masters or not lows or not parts or not groups or dp is None or \
             not len(masters) == len(lows) == len(parts) == len(groups) == len(dp):
         raise ValueError(f"its {masters_attr} / {lows_attr} / {parts_attr} are not there as expected")
-    if getattr(opt, "cpu_offload", False) or getattr(opt, "swap_optimizer", False):
-        raise ValueError("its masters are offloaded (offload_optimizer): not read yet")
+    if getattr(opt, "swap_optimizer", False):
+        raise ValueError("its masters are swapped to NVMe (offload_optimizer: nvme): not read")
     where = {}                                    # id(param) -> (group, its offset in the flat buffer)
     for i, (params, low, pieces, master) in enumerate(zip(groups, lows, parts, masters)):
         rank = dist.get_rank(dp[i])

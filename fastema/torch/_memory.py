@@ -1,9 +1,10 @@
 """What a torch model average holds in memory, by device: ``ema.memory()`` and ``ema.nbytes``.
 
 Every allocation the average made and keeps is counted once (by its address): the shadow rows
-(this rank's slice of them under ``shard_replicas``), the copied buffers' shadow and the integer
-buffers' copies, a swap's backup of the raw weights (the raw window under ``shard_replicas``), the
-offloaded shadow's staging and pinned slots, the launch tables, and the device plan's arrays.
+(this rank's slice of them under ``shard_replicas``; an offloaded average's host shadow), the
+copied buffers' shadow and the integer buffers' copies, a swap's backup of the raw weights (the
+raw window under ``shard_replicas``), an offloaded average's two staging chunks and pinned host
+slots, the launch tables, and the device plan's arrays; ``parts=True`` tells them apart.
 The model's own tensors are not the average's and are not counted.
 """
 from __future__ import annotations
@@ -34,63 +35,80 @@ def _device_of(x) -> tuple[str, int, int] | None:
     return None
 
 
-def _shadow_arrays(shadow) -> list:
-    """The arrays a FlatShadow (or a shadow with its layout) owns: buffers and launch tables."""
-    out: list[Any] = []
-    if shadow is None:
-        return out
-    for g in shadow.layout.groups:
-        out.append(getattr(g, "buffer", None))                    # a pair group's averages are the caller's
-        if getattr(g, "scan", g) is not g:                        # a split group's whole-source scan tables
-            t = g.scan.tables
-            out.extend(getattr(t, f) for f in ("seg_addr", "seg_offset", "chunk_seg", "chunk_begin"))
-        t = g.tables
-        out.extend(getattr(t, f) for f in ("shadow_addr", "seg_addr", "seg_offset", "chunk_seg", "chunk_begin"))
-        staging = getattr(t, "staging", None)
-        if staging is not None:
-            out.extend(v for v in vars(staging).values() if hasattr(v, "__cuda_array_interface__")
-                       or isinstance(v, (np.ndarray, torch.Tensor)))
+TABLE_FIELDS = ("shadow_addr", "seg_addr", "seg_offset", "chunk_seg", "chunk_begin")
+
+
+def _table_arrays(t) -> list:
+    """The arrays of one launch table (``_launch.Tables``: host NumPy arrays or device arrays, and on
+    CUDA their pinned staging)."""
+    out = [getattr(t, f) for f in TABLE_FIELDS]
+    staging = getattr(t, "staging", None)
+    if staging is not None:
+        out.extend(v for v in vars(staging).values() if hasattr(v, "__cuda_array_interface__")
+                   or isinstance(v, (np.ndarray, torch.Tensor)))
     return out
 
 
-def memory(side, core=None, backup=None) -> dict[str, int]:
+def _shadow_parts(shadow, what: str) -> list[tuple[str, Any]]:
+    """``(part, array)`` of what a FlatShadow (or a shadow with its layout) owns: its buffers (``what``)
+    and its launch tables; a shadow that lists its own parts (offloaded) gives those."""
+    if shadow is None:
+        return []
+    own = getattr(shadow, "parts", None)
+    if callable(own):
+        return [(part, a) for part, a in own()]
+    out: list[tuple[str, Any]] = []
+    for g in shadow.layout.groups:
+        out.append((what, getattr(g, "buffer", None)))            # a pair group's averages are the caller's
+        if getattr(g, "scan", g) is not g:                        # a split group's whole-source scan tables
+            out.append(("tables", g.scan.tables))
+        out.append(("tables", g.tables))
+    return out
+
+
+def memory(side, core=None, backup=None, parts: bool = False) -> dict:
     """``device -> bytes`` the average holds (see the module): ``side`` its model side, ``core`` its
-    engine (the device plan), ``backup`` a lossy swap's backup of the raw weights."""
-    arrays: list[Any] = []
+    engine (the device plan), ``backup`` a lossy swap's backup of the raw weights. ``parts``: ``device
+    -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied buffers"``, ``"tables"``,
+    ``"swap backup"``, ``"device plan"``, and for an offloaded average ``"staging chunks"`` and
+    ``"pinned slots"`` (``"host slots"`` where the tests run a GPU's pipeline on the CPU)."""
+    items: list[tuple[str, Any]] = []
     avg = side.avg
-    arrays += _shadow_arrays(avg)
-    arrays += _shadow_arrays(getattr(avg, "_raw", None))          # shard_replicas: the raw window of a swap
-    pack = getattr(avg, "pack", None)                             # offloaded: the staging and the host slots
-    if pack is not None:
-        arrays += _shadow_arrays(pack)
-        arrays += [s for slots in getattr(avg, "_slots", ()) for s in slots]
-    arrays += _shadow_arrays(side.copy)
-    arrays += [copy for _, copy in side.int_buffers.values()]
+    items += _shadow_parts(avg, "shadow")
+    items += _shadow_parts(getattr(avg, "_raw", None), "swap backup")   # shard_replicas: the raw window of a swap
+    items += _shadow_parts(side.copy, "copied buffers")
+    items += [("copied buffers", copy) for _, copy in side.int_buffers.values()]
     if backup is not None and hasattr(backup, "layout"):
-        arrays += _shadow_arrays(backup)
-    return _total(arrays, core)
+        items += _shadow_parts(backup, "swap backup")
+    return _total(items, core, parts)
 
 
 def pairs_memory(pairs, core) -> dict[str, int]:
     """``device -> bytes`` a target network holds besides the target itself (the caller's tensors,
     which are the average): the copied buffers' tables, the flags, the launch tables, the device plan."""
-    arrays: list[Any] = _shadow_arrays(pairs.avg) + _shadow_arrays(pairs.copied) + list(pairs.flags.values())
-    return _total(arrays, core)
+    items = _shadow_parts(pairs.avg, "shadow") + _shadow_parts(pairs.copied, "copied buffers")
+    items += [("flags", f) for f in pairs.flags.values()]
+    return _total(items, core, False)
 
 
-def _total(arrays: list, core) -> dict[str, int]:
+def _total(items: list, core, parts: bool) -> dict:
     plan = getattr(core, "device_plan", None)
     if plan is not None:
-        arrays = arrays + list(plan.tensors())
+        items = items + [("device plan", a) for a in plan.tensors()]
     seen: set = set()
-    out: dict[str, int] = {}
-    for a in arrays:
-        found = _device_of(a)
-        if found is None or found[2] == 0:
-            continue
-        where, address, size = found
-        if (where, address) in seen:
-            continue
-        seen.add((where, address))
-        out[where] = out.get(where, 0) + size
+    out: dict = {}
+    for part, a in items:
+        for x in (_table_arrays(a) if hasattr(a, "chunk_begin") else [a]):
+            found = _device_of(x)
+            if found is None or found[2] == 0:
+                continue
+            where, address, size = found
+            if (where, address) in seen:
+                continue
+            seen.add((where, address))
+            if parts:
+                out.setdefault(where, {})
+                out[where][part] = out[where].get(part, 0) + size
+            else:
+                out[where] = out.get(where, 0) + size
     return out

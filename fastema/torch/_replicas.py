@@ -30,8 +30,10 @@ from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
 from ..window import WindowShadow
 from . import _sharded
+from ._offload import DEFAULT_CHUNK, OffloadedShadow
 
-__all__ = ["ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group", "split_shadow"]
+__all__ = ["OffloadedReplicaShadow", "ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group",
+           "split_shadow"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
@@ -45,9 +47,6 @@ def replica_group(model, shard_replicas, kind: str, *, offload: Any, specs: dict
     if shard_replicas is None or shard_replicas is False:
         return None
     what = f"{kind}(shard_replicas=...)"
-    if offload:
-        raise ValueError(f"{what} does not go with offload='cpu' yet (each rank would offload its slice); make "
-                         f"the average without one of them")
     if masters is not None:
         raise ValueError(f"{what}: this average reads DeepSpeed's float32 masters, which the optimizer already "
                          f"partitions over the data-parallel ranks (ZeRO-1/2/3): each rank keeps the average of its "
@@ -225,7 +224,8 @@ class _ReplicaReads:
     :class:`ReplicaWindow`'s, each a split shadow of its kind): its per-source views are this rank's
     pieces, 1-D (``view``: ``(count,)``, ``state_view``: ``(rows, count)``; empty where it holds none
     of a source); :meth:`specs` describes them to the checkpoint side; ``swap`` and
-    ``copy_to_sources`` are collectives over ``group`` that write the gathered average row."""
+    ``copy_to_sources`` are collectives over ``group`` that write the gathered average row.
+    ``_settle()`` runs before each read (an offloaded shadow waits for its folds there)."""
 
     exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
     layout: Any
@@ -245,6 +245,9 @@ class _ReplicaReads:
 
     def __repr__(self) -> str:
         return f"Replica{super().__repr__()[:-1]}, rank={self.rank} of {self.ranks})"
+
+    def _settle(self) -> None:
+        pass
 
     def specs(self, group_mesh, sharded: dict | None = None, dim: int | None = None) -> dict[str, _sharded.Spec]:
         """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
@@ -280,6 +283,7 @@ class _ReplicaReads:
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Put average ``row`` into the sources (gathered), keeping this rank's window of the raw
         weights; called again, gather the raw windows back. Every rank of the group must call it."""
+        self._settle()
         self.source_table.refresh()
         if self._swapped_row is None:
             self.check_row(row)
@@ -302,6 +306,7 @@ class _ReplicaReads:
     def copy_to_sources(self, row: int = 0) -> None:
         """Write average ``row`` into the sources (gathered): a collective over the group."""
         self.check_row(row)
+        self._settle()
         self.source_table.refresh()
         _gather_into_sources(self.layout, row, self)
 
@@ -327,6 +332,29 @@ class ReplicaWindow(_ReplicaReads, WindowShadow):
 
     def __init__(self, sources: dict, window: int, *, ring_dtype: str, group, bucket: int = DEFAULT_BUCKET):
         WindowShadow.__init__(self, sources, window, ring_dtype=ring_dtype, split=self._join(group, bucket))
+
+
+class OffloadedReplicaShadow(_ReplicaReads, OffloadedShadow):
+    """An offloaded shadow (:class:`~fastema.torch._offload.OffloadedShadow`) of this rank's window of every
+    group: each rank stages and folds its slice only, and reads gather it as :class:`ReplicaShadow`'s do
+    (after the pending folds)."""
+
+    def __init__(self, sources: dict, *, rows: int, dtype: str, group, bucket: int = DEFAULT_BUCKET,
+                 chunk: int = DEFAULT_CHUNK):
+        OffloadedShadow.__init__(self, sources, rows=rows, dtype=dtype, chunk=chunk, split=self._join(group, bucket))
+
+    def _settle(self) -> None:
+        self.join()
+
+    def view(self, source: int | str, row: int | None = 0):
+        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``), in
+        host memory, after the pending folds."""
+        if row is not None:
+            self.check_row(row)
+        self.join()
+        g, _, count, col = self.src.layout.piece(self.source_table.position(source))
+        buffer = self._hosts[self.src.layout.groups.index(g)].buffer
+        return buffer[:, col:col + count] if row is None else buffer[row, col:col + count]
 
 
 def _window(g, rank: int, ranks: int) -> tuple[int, int]:

@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 from .. import schedules
+from .._interrupts import ctrl_c_held
 from ..average import EMAOptions
 from ..average.core import Average, Face
 from ..flat import FlatShadow
-from . import _compile, _replicas
+from . import _compile, _offload, _replicas
 from ._average import TorchAverage
 from ._checkpoint import FORMAT, CheckpointCore
+from ._host_masters import HostMastersShadow, hook_of
 from ._model import Selection, TorchModel
 
 __all__ = ["EMA"]
 
-PLACEMENT = ("shard_replicas", "gather_bucket")     # where the average lives over the ranks (this face's own)
+PLACEMENT = ("shard_replicas", "gather_bucket", "offload_chunk")   # where the average lives (this face's own)
 
 
 class EMA(Face, TorchAverage):
@@ -41,7 +43,7 @@ class EMA(Face, TorchAverage):
         bema: bias-corrected EMA (``True``, or a :class:`fastema.schedules.BEMA`): row 0 is the
             output ``EMA + alpha_t (theta_t - theta_0)``, row 1 the EMA, row 2 ``theta_0`` (the
             weights at the first update); ``swap()``/``copy_to()``/``averaged_state_dict()`` read
-            row 0. Not with ``device_step`` or ``offload``.
+            row 0. Not with ``device_step``.
         warmup: ``None`` (constant decay), ``"num_updates"`` (``min(decay, (1+n)/(10+n))``,
             torch_ema/TF) or ``"power"`` (timm/diffusers/ema-pytorch:
             ``clamp(1 - (1 + s/inv_gamma)^-power, min_decay, decay)``, ``s = n - update_after_step - 1``).
@@ -66,15 +68,21 @@ class EMA(Face, TorchAverage):
             (default): on when the averaged weights are on a GPU. Every call then launches
             (a call that ``update_every`` skips writes nothing on the device). ``ema.updates``
             and ``ema.calls`` count eager calls; ``state_dict()`` reads the device's counts.
-        offload: ``"cpu"`` keeps the shadow (every average, in ``shadow_dtype``) in pinned host
-            memory: each update packs the weights into a staging buffer on their device, in their
-            own dtype (one launch; the GPU keeps this one copy of the weights instead of the
-            shadow), copies it to the host on a side stream and folds it into the shadow on a
-            worker thread. ``update()`` returns without waiting; every read waits (:meth:`join`).
-            It saves GPU memory only where the shadow is larger than the weights (bfloat16
-            weights with the float32 shadow: half; several decays); for float32 weights and one
-            decay it saves none. A fold that fails is raised at the next update or read and is not
-            counted. Not with ``device_step=True`` or ``skip_nonfinite=True``.
+        offload: ``"cpu"`` keeps the shadow (every average, in ``shadow_dtype``) in host memory: the
+            weights' device keeps no shadow, only two staging chunks of ``offload_chunk`` bytes. Each
+            update cuts the weights into chunk-sized windows (several small tensors in one, a large
+            tensor over several), packs each into a chunk on the weights' device, in their own dtype,
+            copies it to a pinned host slot on a side stream and folds it into the host shadow on a
+            worker thread, the next window's pack overlapping that fold. ``update()`` returns once
+            the last window is staged (the weights may then change) and does not wait for the last
+            folds; every read waits (:meth:`join`). With a DeepSpeed engine whose optimizer keeps
+            float32 masters in host memory (ZeRO-Offload), the folds read the masters where they are
+            (no chunk, no copy; the optimizer's next step waits for them; ``ema.source`` ends in
+            ``-in-host-memory``). A fold that fails is raised at the next update or read and is not
+            counted. Not with ``device_step=True`` or ``skip_nonfinite=True``. See the large-models guide.
+        offload_chunk: bytes of each of the two staging chunks of ``offload="cpu"`` (default 64 MiB): the
+            memory the weights' device keeps for the offloaded average (twice this), and the unit of its
+            pipeline (smaller: less memory, more launches).
         trainable_only: average only the parameters with ``requires_grad=True`` at construction
             (LoRA and other adapters: the shadow holds the adapters, not the frozen base model), and
             only the buffers of modules with a trainable parameter of their own (a frozen module's
@@ -109,7 +117,7 @@ class EMA(Face, TorchAverage):
                  shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
                  exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
                  device_step: bool | None = None, offload: str | None = None, trainable_only: bool | None = None,
-                 shard_replicas: Any = False, gather_bucket: int = 64 << 20):
+                 shard_replicas: Any = False, gather_bucket: int = 64 << 20, offload_chunk: int = 64 << 20):
         opts = EMAOptions(decay, sigma_rel=sigma_rel, half_life=half_life, bema=bema, warmup=warmup,
                           min_decay=min_decay, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step,
                           update_every=update_every, compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
@@ -120,14 +128,24 @@ class EMA(Face, TorchAverage):
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
         rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
+        if offload:
+            _offload.check_chunk(offload_chunk)
+
+        def split(group) -> Any:
+            if offload:                                              # each rank offloads its slice
+                return _replicas.OffloadedReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
+                                                        bucket=gather_bucket, chunk=offload_chunk)
+            return _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
+                                           bucket=gather_bucket)
+
         shadow: Any = _replicas.split_shadow(                        # one collective: the replicas agree
             model, side, shard_replicas, type(self).__name__, f"{opts!r};{shadow_dtype};{rows}", gather_bucket,
-            lambda group: _replicas.ReplicaShadow(side.averaged, rows=rows, dtype=shadow_dtype, group=group,
-                                                  bucket=gather_bucket), offload=offload)
-        if shadow is None and offload:
-            from ._offload import OffloadedShadow
-
-            shadow = OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype)
+            split, offload=offload)
+        if shadow is None and offload and side.masters is not None and \
+                all(t.device.type == "cpu" for t in side.averaged.values()):
+            shadow = HostMastersShadow(side.averaged, rows=rows, dtype=shadow_dtype, optimizer=hook_of(side.engine))
+        elif shadow is None and offload:
+            shadow = _offload.OffloadedShadow(side.averaged, rows=rows, dtype=shadow_dtype, chunk=offload_chunk)
         elif shadow is None:
             shadow = FlatShadow(side.averaged, rows=rows, dtype=shadow_dtype)
         side.attach(shadow)
@@ -172,10 +190,14 @@ class EMA(Face, TorchAverage):
         if self._on_gpu and self._plan_on_device is None:
             _refuse_capture(bool(self.offload))           # a capture the plan on the host cannot replay
         steps = self._steps
-        if steps is None:
+        if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside accumulation
+            return
+        if self.offload:                                  # every window staged, then counted, or none: a
+            with ctrl_c_held():                           # Ctrl-C is raised after the update is queued whole
+                self._core.update(step)
+        else:
             self._core.update(step)                       # the engine's driver: plan, checks, kernels, carry
-        elif steps.new():                                 # DeepSpeed: not a micro-step inside accumulation
-            self._core.update(step)
+        if steps is not None:
             steps.done()
 
     def _restart(self) -> None:

@@ -143,7 +143,7 @@ SCRIPT = textwrap.dedent(r"""
         raise MemoryError("injected: host fold failed")
     OffloadedShadow._fold = broken
     bump(m2, 40); off.update()                      # this update is lost
-    concurrent.futures.wait([off._avg._pending])    # the worker has run the broken fold (a busy machine may
+    concurrent.futures.wait([off._avg._queue.pending])    # the worker has run the broken fold (a busy machine may
     OffloadedShadow._fold = fold                    # start it late: restored first, the fold would succeed)
 
     def raise_next_read():
@@ -214,11 +214,11 @@ def test_a_child_forked_while_a_fold_ran_refuses_every_read():
     off.join()
     before = off.state_dict()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    shadow = off._avg
+    queue = off._avg._queue
     running = Future()                                   # never finishes: its thread "is not in the child"
-    shadow._inflight.append([running, None])
-    shadow._pending = running
-    shadow._forked()
+    queue.open().futures.append(running)
+    queue.pending = running
+    queue._forked()
     for read in (off.join, off.state_dict, off.update):
         with pytest.raises(RuntimeError, match="forked while an offloaded EMA was folding"):
             read()
@@ -227,7 +227,7 @@ def test_a_child_forked_while_a_fold_ran_refuses_every_read():
 
 
 def test_the_fork_hook_waits_for_queued_folds_and_raises_nothing(monkeypatch):
-    from fastema.torch import _offload
+    from fastema.torch import _folds, _offload
 
     model = mlp(8, 16, 4, norm=nn.BatchNorm1d, dtype=torch.float32, seed=0)
     off = EMA(model, 0.9, offload="cpu")
@@ -241,8 +241,8 @@ def test_the_fork_hook_waits_for_queued_folds_and_raises_nothing(monkeypatch):
     monkeypatch.setattr(_offload.OffloadedShadow, "_fold", slow_then_fail)
     off.update()
     threading.Timer(0.2, gate.set).start()
-    _offload._before_fork()                              # waits for the fold; keeps its error
-    assert off._avg._pending.done()
+    _folds._before_fork()                                # waits for the fold; keeps its error
+    assert off._avg._queue.pending.done()
     monkeypatch.setattr(_offload.OffloadedShadow, "_fold", fold)
     with pytest.raises(MemoryError, match="injected"):
         off.join()

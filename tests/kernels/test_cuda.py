@@ -1010,7 +1010,7 @@ def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda().bfloat16()
     sync = EMA(model, [0.99, 0.9], device_step=False)
     off = EMA(model, [0.99, 0.9], offload="cpu")
-    assert all(s.is_pinned() for slots in off._avg._slots for s in slots)
+    assert all(s.is_pinned() for ring in off._avg._ring_of.values() for s in ring.slots)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(6):
         torch.cuda._sleep(int(1e7))                       # the optimizer's writes land late

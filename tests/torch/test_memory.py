@@ -45,13 +45,24 @@ def test_memory_sums_to_nbytes_and_names_devices():
     assert np.isfinite(ema.nbytes)
 
 
-def test_an_offloaded_average_counts_its_staging_and_host_slots_too():
+def test_an_offloaded_average_counts_its_host_shadow_and_two_chunks_not_a_copy_of_the_weights():
     model = torch.nn.Linear(100, 100)
     numel = sum(p.numel() for p in model.parameters())
-    ema = EMA(model, 0.9, offload="cpu")
+    ema = EMA(model, 0.9, offload="cpu", offload_chunk=4096)
     ema.update()
     ema.join()
-    assert ema.nbytes >= numel * 4 * 2          # the host shadow and at least one staging copy of the weights
+    parts = ema.memory(parts=True)["cpu"]
+    assert parts["shadow"] == numel * 4 and parts["staging chunks"] == 2 * 4096
+    assert ema.nbytes == sum(parts.values()) < numel * 4 + 2 * 4096 + parts["tables"] + 1
+
+
+def test_memory_by_part_sums_to_the_same_bytes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).half()
+    ema = EMA(model, 0.9)
+    with ema.average_parameters():                         # float16 weights: a lossy swap keeps a backup
+        parts = ema.memory(parts=True)
+        assert {d: sum(v.values()) for d, v in parts.items()} == ema.memory()
+        assert set(parts["cpu"]) == {"shadow", "copied buffers", "tables", "swap backup"}
 
 
 def test_a_target_network_counts_what_it_adds_not_the_target():

@@ -1,8 +1,9 @@
-"""EMA(model, offload="cpu"): the shadow in host memory, folded on a worker thread while training
-goes on. On the CPU a group's staging is its host slot; the tests also run the GPU groups'
-pipeline on the CPU (a staging of its own, two host slots copied into in turn, the next update
-going on while the worker folds), and a mix of both. Every pipeline must equal the synchronous
-EMA bit for bit."""
+"""EMA(model, offload="cpu"): the shadow in host memory, fed through a ring of two staging chunks and
+folded on a worker thread while training goes on. On the CPU the chunks are what the worker folds, and
+all windows but the last two are folded from the weights in place while update() waits; the tests also
+run the CPU ring with every window through the chunks, and a GPU ring's pipeline on the CPU (the chunks
+copied into two host slots in turn, as the device-to-host copies land in pinned slots). Every pipeline
+and every chunk size must equal the synchronous EMA bit for bit."""
 import threading
 import time
 
@@ -14,16 +15,21 @@ from torch import nn
 from fastema.torch import EMA, _offload
 from fastema.torch._offload import OffloadedShadow
 
-#: which (device, dtype) groups get two host slots (the GPU's pipeline), by the test's name for it
-PIPELINES = {"one slot": lambda g: False,                          # what a CPU group gets
-             "two slots": lambda g: True,                          # what a GPU group gets
-             "mixed": lambda g: g.buffer.dtype == torch.bfloat16}  # a model with groups of both
+#: a ring's pipeline, by the tests' name for it: (its chunks copied into two host slots first, as a GPU's
+#: are; the CPU ring's windows but its last two folded in place)
+PIPELINES = {"in place": (False, True), "chunks": (False, False), "host slots": (True, True)}
 
 
-@pytest.fixture(params=["one slot", "two slots"])
+def use(monkeypatch, name: str) -> None:
+    two_slots, in_place = PIPELINES[name]
+    monkeypatch.setattr(_offload, "_two_slots", lambda device: two_slots)
+    monkeypatch.setattr(_offload, "IN_PLACE", in_place)
+
+
+@pytest.fixture(params=list(PIPELINES))
 def pipeline(request, monkeypatch):
-    """The offloaded EMAs made in the test use this pipeline for their CPU groups."""
-    monkeypatch.setattr(_offload, "_two_slots", PIPELINES[request.param])
+    """The offloaded EMAs made in the test use this pipeline for their CPU ring."""
+    use(monkeypatch, request.param)
     return request.param
 
 
@@ -44,33 +50,46 @@ def _equal(a: EMA, b: EMA) -> bool:
         and (sa["calls"], sa["updates"]) == (sb["calls"], sb["updates"])
 
 
+def _bump(model, i):
+    """Very different weights at every step: a chunk or slot read after it was overwritten shows."""
+    with torch.no_grad():
+        for j, p in enumerate(model.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * i + j)).to(p.dtype)
+                    * 10 ** (i % 3))
+
+
 @pytest.fixture
 def slow_worker(monkeypatch):
-    """Every fold first sleeps: the training thread runs ahead as far as the double buffer allows."""
-    fold = OffloadedShadow._fold
+    """Every window's fold first sleeps: the training thread runs ahead as far as the chunks allow."""
+    fold = OffloadedShadow._fold_window
     threads = set()
 
     def slow(self, *args):
         threads.add(threading.current_thread().name)
-        time.sleep(0.02)
+        time.sleep(0.002)
         return fold(self, *args)
 
-    monkeypatch.setattr(OffloadedShadow, "_fold", slow)
+    monkeypatch.setattr(OffloadedShadow, "_fold_window", slow)
     return threads
+
+
+#: chunk sizes: smaller than most tensors (16 and 100 bytes), a few tensors a chunk, larger than the model
+CHUNKS = [16, 100, 512, 1 << 20]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every", [1, 3])
-@pytest.mark.parametrize("name, seed", [("one slot", 0), ("one slot", 1), ("two slots", 2)])
-def test_offloaded_equals_synchronous_bit_for_bit(dtype, every, name, seed, monkeypatch, slow_worker):
-    monkeypatch.setattr(_offload, "_two_slots", PIPELINES[name])
-    model = _model(dtype, seed)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_offloaded_equals_synchronous_bit_for_bit(dtype, every, chunk, pipeline, slow_worker):
+    model = _model(dtype, seed=every)
     kw = dict(update_every=every, compensate=True, warmup="power", buffers="average")
-    sync, off = EMA(model, [0.9, 0.5], **kw), EMA(model, [0.9, 0.5], offload="cpu", **kw)
-    assert off._avg._double == [name == "two slots"]
+    sync, off = EMA(model, [0.9, 0.5], **kw), EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=chunk, **kw)
+    shadow = off._avg
+    assert [r.through_host for r in shadow._ring_of.values()] == [pipeline == "host slots"]
+    assert (len(shadow.src.windows) > 4) == (chunk <= 100)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(7):
-        _step(model, opt, 10 * seed + i, dtype)
+        _step(model, opt, 10 * every + i, dtype)
         sync.update()
         off.update()
     assert slow_worker == {"fastema-offload_0"}         # the folds ran on the worker thread
@@ -80,127 +99,131 @@ def test_offloaded_equals_synchronous_bit_for_bit(dtype, every, name, seed, monk
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _two_dtypes(seed=0):
-    """Two (device, dtype) groups on the CPU: float32 and bfloat16."""
-    torch.manual_seed(seed)
-    return nn.ModuleDict({"a": nn.Linear(8, 16), "b": nn.Linear(16, 4).bfloat16()})
-
-
-@pytest.mark.parametrize("name", PIPELINES)
-def test_each_slot_and_each_staging_is_kept_until_its_fold_has_read_it(name, monkeypatch, slow_worker):
-    # A slot or a staging rewritten while the fold of an earlier update still reads it gave other
-    # bits (measured on the prototype); with very different weights at every step, any such
-    # overlap shows. Two slots: an update waits for the fold two updates back; one slot: for the
-    # fold before it; mixed: each group as its pipeline says.
-    monkeypatch.setattr(_offload, "_two_slots", PIPELINES[name])
-    model = _two_dtypes()
-    sync, off = EMA(model, [0.5, 0.9]), EMA(model, [0.5, 0.9], offload="cpu")
-    assert off._avg._double == {"one slot": [False, False], "two slots": [True, True], "mixed": [False, True]}[name]
+@pytest.mark.parametrize("shadow_dtype, rounding", [("float32", "nearest"), ("bfloat16", "stochastic"),
+                                                    ("same", "nearest")])
+def test_bfloat16_weights_into_every_shadow_dtype_and_stochastic_rounding(shadow_dtype, rounding, pipeline):
+    # two (device, dtype) groups (float32 and bfloat16) share the ring; stochastic rounding draws each
+    # element's noise by its place in the whole group, as the synchronous shadow does
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(8, 40), "b": nn.Linear(40, 24).bfloat16(), "c": nn.Linear(24, 3)})
+    kw = dict(shadow_dtype=shadow_dtype, rounding=rounding, seed=7)
+    sync, off = EMA(model, [0.99, 0.7], **kw), EMA(model, [0.99, 0.7], offload="cpu", offload_chunk=96, **kw)
+    assert len(off._avg.src.layout.groups) == 2 and len(off._avg.src.windows) > 10
     for i in range(6):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float(10 ** (i % 3)))
+        _bump(model, i)
         sync.update()
         off.update()
     assert _equal(sync, off)
-    raw = {k: v.clone() for k, v in model.state_dict().items()}
-    with off.average_parameters(1):                     # the backup: slot 1, or a buffer of its own
-        want = sync.averaged_state_dict(1)
-        assert all(torch.equal(p, want[k]) for k, p in model.named_parameters())
-    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
-    assert _equal(sync, off)
+
+
+def test_one_tensor_over_many_chunks_and_thousands_of_tiny_tensors_in_one():
+    torch.manual_seed(0)
+    big = nn.Linear(256, 300)                           # 77100 weights, 1 KiB chunks: 302 windows
+    tiny = nn.ParameterList([nn.Parameter(torch.randn(3)) for _ in range(3000)])   # 3000 tensors, one chunk
+    for model, chunk, windows in ((big, 1024, 302), (tiny, 64 << 10, 1)):
+        sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=chunk)
+        assert len(off._avg.src.windows) == windows
+        for i in range(4):
+            _bump(model, i)
+            sync.update()
+            off.update()
+        assert _equal(sync, off)
 
 
 class Trace(list):
-    """What the pipeline did, in order: ("pack", group) on the training thread, ("read", slot,
-    group) on the worker once a group's fold is done. The folds of the groups in ``hold`` wait
-    for ``gate`` first (60 s at most: only a regression waits that long)."""
+    """What the pipeline did, in order: ("pack", window) on the training thread, ("fold", window) on
+    the worker once that window's fold is done. The folds of the windows in ``hold`` wait for
+    ``gate`` first (60 s at most: only a regression waits that long)."""
 
     def __init__(self):
         super().__init__()
         self.gate, self.hold = threading.Event(), set()
 
-    def packs(self, group: int) -> list:
-        return [i for i, e in enumerate(self) if e == ("pack", group)]
+    def at(self, what, window, nth=0) -> int:
+        return [i for i, e in enumerate(self) if e == (what, window)][nth]
 
 
 @pytest.fixture
 def trace(monkeypatch):
-    log, pack, fold_group = Trace(), OffloadedShadow._pack, OffloadedShadow._fold_group
+    log, pack, fold = Trace(), OffloadedShadow._pack, OffloadedShadow._fold_window
 
-    def packed(self, gi):
-        pack(self, gi)
-        log.append(("pack", gi))
+    def packed(self, i, chunk):
+        pack(self, i, chunk)
+        log.append(("pack", i))
 
-    def folded(self, gi, slot, *args):
-        if gi in log.hold:
+    def folded(self, i, *args):
+        if i in log.hold:
             log.gate.wait(60)
-        fold_group(self, gi, slot, *args)
-        log.append(("read", slot, gi))
+        fold(self, i, *args)
+        log.append(("fold", i))
 
     monkeypatch.setattr(OffloadedShadow, "_pack", packed)
-    monkeypatch.setattr(OffloadedShadow, "_fold_group", folded)
+    monkeypatch.setattr(OffloadedShadow, "_fold_window", folded)
     yield log
     log.gate.set()                                      # a failed test leaves no fold held
 
 
-@pytest.mark.parametrize("name", ["two slots", "mixed"])
-def test_with_two_slots_an_update_returns_while_the_fold_before_it_runs(name, monkeypatch, trace):
-    # The GPU groups' double buffering: the next update copies into the other slot while the
-    # worker folds; it waits only for the fold two updates back (the last reader of its slot).
-    # In a model with CPU groups too, the fold reads them first and lets the next update go on.
-    monkeypatch.setattr(_offload, "_two_slots", PIPELINES[name])
-    model = _two_dtypes()
-    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu")
-    shadow = off._avg
-    trace.hold.add(1)                                   # the bfloat16 group, two slots in both pipelines
-    for i in range(2):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(float(i + 1))
-        sync.update()
-        off.update()
-    # the fold of update 1 is held (before its bfloat16 group), yet update 2 has staged and queued
-    assert not shadow._jobs[0].done() and not shadow._jobs[1].done()
-    assert len(trace.packs(1)) == 2 and ("read", 0, 1) not in trace
-    timer = threading.Timer(0.2, trace.gate.set)        # update 3 reuses slot 0: it waits for that fold
+@pytest.mark.parametrize("name", ["chunks", "host slots"])
+def test_a_chunk_is_packed_again_only_after_the_fold_that_read_it_and_the_next_pack_overlaps(name, monkeypatch,
+                                                                                              trace):
+    # Window k goes into chunk k % 2: with the fold of window 0 held, the training thread still packs
+    # window 1 (into the other chunk), and packs window 2 only once window 0's fold has read chunk 0.
+    use(monkeypatch, name)
+    model = _model()
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    windows = len(off._avg.src.windows)
+    assert windows >= 6
+    trace.clear()
+    trace.hold.add(0)
+    _bump(model, 1)
+    timer = threading.Timer(0.2, trace.gate.set)
     timer.start()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(3.0)
     sync.update()
     off.update()
     timer.join()
-    assert trace.index(("read", 0, 1)) < trace.packs(1)[2]
+    assert trace.at("pack", 1) < trace.at("fold", 0) < trace.at("pack", 2)
+    for k in range(2, windows):                        # every pack waits for the fold two windows back
+        assert trace.at("fold", k - 2) < trace.at("pack", k)
     assert _equal(sync, off)
 
 
-def test_with_one_slot_an_update_waits_until_the_fold_before_it_has_read_the_staging(monkeypatch, trace):
-    model = _two_dtypes()
-    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu")
-    assert off._avg._double == [False, False]           # on the CPU: the staging is the slot
-    trace.hold.add(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+def test_in_place_the_windows_but_the_last_two_are_folded_from_the_weights_before_update_returns(trace):
+    # On the CPU the weights are host memory: while update() waits, the worker folds them where they are;
+    # only the last two windows, folded after it returns, are packed into the chunks
+    model = _model()
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    last = len(off._avg.src.windows) - 1
+    trace.clear()
+    trace.hold.update({last - 1, last})
+    for i in range(3):
+        _bump(model, i)
+        sync.update()
+        off.update()
+        assert [e for e in trace if e[0] == "pack"] == [("pack", last - 1), ("pack", last)] * (i + 1)
+        assert all(trace.count(("fold", k)) == i + 1 for k in range(last - 1))   # every window in place: done
+        trace.gate.set()
+        off.join()
+        trace.gate.clear()
+    assert _equal(sync, off)
+
+
+def test_update_returns_before_the_last_two_windows_are_folded(pipeline, trace):
+    model = _model()
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    last = len(off._avg.src.windows) - 1
+    trace.clear()
+    trace.hold.update({last - 1, last})
+    _bump(model, 1)
     sync.update()
-    off.update()
-    assert ("read", 0, 0) not in trace                  # held
-    timer = threading.Timer(0.2, trace.gate.set)
-    timer.start()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(2.0)
-    sync.update()
-    off.update()                                        # packs only once the fold of update 1 has read it
-    timer.join()
-    assert trace.index(("read", 0, 0)) < trace.packs(0)[1]
+    off.update()                                        # returns: every window staged, two folds held
+    assert ("pack", last) in trace and ("fold", last - 1) not in trace and ("fold", last) not in trace
+    trace.gate.set()
     assert _equal(sync, off)
 
 
 def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pipeline):
     model = _model(torch.bfloat16)
-    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu")
+    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=128)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(5, 8).bfloat16()
     for rnd in range(3):                                # evaluations between training rounds
@@ -217,7 +240,7 @@ def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pi
             got = model(x)
         assert torch.equal(got, want)
         assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())   # raw weights back, bit for bit
-    assert type(off._backup).__name__ == "_HostBackup"  # the raw weights waited in host memory
+    assert type(off._backup).__name__ == "HostBackup"  # the raw weights waited in host memory
     off.save(tmp_path / "ema.pt")
     saved = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in sync.averaged_state_dict().items())
@@ -230,6 +253,19 @@ def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pi
     resumed = EMA(model, 0.9, offload="cpu")
     resumed.load_state_dict(sync.state_dict())
     assert _equal(resumed, sync)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_bema_update_every_and_several_decays_compose_with_offload(chunk, pipeline):
+    model = _model()
+    for kw in (dict(bema=True), dict(decay=[0.9, 0.99, 0.5], update_every=2, compensate=True),
+               dict(sigma_rel=[0.05, 0.2])):
+        sync, off = EMA(model, **kw), EMA(model, **kw, offload="cpu", offload_chunk=chunk)
+        for i in range(5):
+            _bump(model, i)
+            sync.update()
+            off.update()
+        assert _equal(sync, off), kw
 
 
 def test_a_fold_error_is_raised_by_the_next_update_or_read_and_the_average_stays_valid(monkeypatch, pipeline):
@@ -250,14 +286,41 @@ def test_a_fold_error_is_raised_by_the_next_update_or_read_and_the_average_stays
         off.join()
     off.join()                                          # raised once; the average is the last good one
     monkeypatch.setattr(OffloadedShadow, "_fold", fold)
-    assert all(torch.equal(a, b) for a, b in zip(off.state_dict()["averaged"].values(),
-                                                 ref.state_dict()["averaged"].values()))
+    assert _equal(off, ref)
     monkeypatch.setattr(OffloadedShadow, "_fold", broken)
     off.update()
-    while not off._avg._pending.done():
+    while not off._avg._queue.pending.done():
         time.sleep(0.001)
     with pytest.raises(RuntimeError, match="host kernel failed"):
         off.update()                                    # the next update raises it, before staging anything
+    monkeypatch.setattr(OffloadedShadow, "_fold", fold)
+    for i in range(3):                                  # and the average goes on from the last good one
+        _bump(model, i)
+        off.update()
+        ref.update()
+    assert _equal(off, ref)
+
+
+def test_a_fold_that_fails_halfway_through_an_update_breaks_the_average_and_says_what_to_do(monkeypatch):
+    model = _model()
+    off = EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    off.update()
+    fold = OffloadedShadow._fold_window
+
+    def third_fails(self, i, *args):
+        if i == 2:
+            raise MemoryError("injected: window 2")
+        fold(self, i, *args)
+
+    monkeypatch.setattr(OffloadedShadow, "_fold_window", third_fails)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((MemoryError, RuntimeError)):    # the update that waits on the failed window's chunk
+        off.update()
+        off.join()
+    for read in (off.join, off.state_dict, off.update, off.swap):
+        with pytest.raises(RuntimeError, match="halfway through an update.*load the last checkpoint"):
+            read()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())   # the model untouched
 
 
 def test_offload_arguments_are_checked():
@@ -266,6 +329,9 @@ def test_offload_arguments_are_checked():
         EMA(model, 0.9, offload="gpu")
     with pytest.raises(ValueError, match="device_step=True or skip_nonfinite=True"):
         EMA(model, 0.9, offload="cpu", skip_nonfinite=True)
+    for bad in (8, 16.0, True, "64MiB"):
+        with pytest.raises(ValueError, match="offload_chunk must be a number of bytes >= 16"):
+            EMA(model, 0.9, offload="cpu", offload_chunk=bad)
     assert not EMA(model, 0.9, offload="cpu").device_step
 
 
@@ -274,7 +340,7 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
     model = model.to(memory_format=torch.channels_last)
     sync = EMA(model, 0.99, warmup="num_updates")
-    off = EMA(model, 0.99, warmup="num_updates", offload="cpu")
+    off = EMA(model, 0.99, warmup="num_updates", offload="cpu", offload_chunk=256)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for i in range(12):
         x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
@@ -288,6 +354,19 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
     assert v.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_moved_weights_are_followed_through_every_windows_tables():
+    model = _model()
+    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    for i in range(4):
+        _bump(model, i)
+        if i == 2:                                      # new storage under every parameter
+            for p in model.parameters():
+                p.data = p.data.clone()
+        sync.update()
+        off.update()
+    assert _equal(sync, off)
+
+
 def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
     model = _model()
     off = EMA(model, 0.9, offload="cpu")
@@ -298,19 +377,26 @@ def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
     assert off.calls == 0 and off.updates == 0
 
 
-def test_on_the_cpu_the_staging_is_the_host_slot_and_a_swap_backup_lives_until_the_next_update():
-    # L4: offload on a CPU-only machine held 4 model-sized buffers (staging, two slots, the shadow);
-    # the pack now writes straight into the one host slot, and a swap's backup is released after it.
+def test_memory_shows_the_host_shadow_the_chunks_and_the_tables_apart(pipeline):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    numel = sum(p.numel() for p in model.parameters())
+    off, sync = EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=4096), EMA(model, [0.9, 0.5])
+    off.update()
+    parts = off.memory(parts=True)
+    assert set(parts) == {"cpu"} and sum(parts["cpu"].values()) == off.nbytes == sum(off.memory().values())
+    cpu = parts["cpu"]
+    assert cpu["shadow"] == numel * 4 * 2 == sync.memory(parts=True)["cpu"]["shadow"]
+    assert cpu["staging chunks"] == 2 * 4096
+    assert cpu.get("host slots", 0) == (2 * 4096 if pipeline == "host slots" else 0)
+    assert set(cpu) <= {"shadow", "staging chunks", "host slots", "tables"}
+    with off.average_parameters():                      # the raw weights kept aside in host memory
+        assert off.memory(parts=True)["cpu"]["swap backup"] == numel * 4
+
+
+def test_on_the_cpu_a_swap_backup_lives_until_the_next_update():
     model = _model()
     off, sync = EMA(model, [0.9, 0.5], offload="cpu"), EMA(model, [0.9, 0.5])
     shadow = off._avg
-    staging = [g.buffer for g in shadow.pack.layout.groups]
-    assert all(s.data_ptr() == b.data_ptr() for slot in shadow._slots for s, b in zip(slot, staging))
-    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in staging + [h.layout.groups[0].buffer for h in shadow._hosts]}
-    params = sum(p.numel() * p.element_size() for p in model.parameters())    # the averaged tensors
-    assert sum(held.values()) == shadow.pack.nbytes + shadow.nbytes          # one staging + the shadow
-    assert shadow.nbytes == sync._avg.nbytes and params <= shadow.pack.nbytes < params + 4096
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(3):
         _step(model, opt, i, torch.float32)

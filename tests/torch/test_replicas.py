@@ -180,7 +180,6 @@ def _refusals(rank, world):
     refused(lambda: EMA(other, shard_replicas=True), "different models")
     torch.manual_seed(0)
     same = torch.nn.Linear(4, 4)
-    refused(lambda: EMA(same, shard_replicas=True, offload="cpu"), "offload")
     refused(lambda: EMA(same, shard_replicas="yes"), "shard_replicas must be")
     refused(lambda: EMA(same, shard_replicas=True, gather_bucket=1024 * (rank + 1)), "split them differently")
     refused(lambda: EMA(same, 0.9 + rank / 100, shard_replicas=True), "split them differently")
