@@ -77,6 +77,17 @@ class WindowShadow(ShadowBase):
         return self.layout.nbytes + sum(g.n * self.window * ITEMSIZE[kind]
                                         for g, (kind, _, _) in zip(self.layout.groups, self._rings))
 
+    def parts(self) -> list:
+        """``(part, array)`` of everything this shadow holds: the mean and the running sums
+        (``"shadow"``), the ring of snapshots (``"ring"``) and the launch tables (``"tables"``), for
+        a face's ``memory()``."""
+        out: list = []
+        for g, (_, ring, addr) in zip(self.layout.groups, self._rings):
+            out += [("shadow", g.buffer), ("ring", ring), ("tables", g.tables), ("tables", addr)]
+            if g.scan is not g:
+                out.append(("tables", g.scan.tables))
+        return out
+
     def view(self, source: int | str, row: int = 0):
         """The window mean of one source (by position or name), shaped and laid out like it (split:
         this rank's piece, 1-D)."""

@@ -69,7 +69,8 @@ def _shadow_parts(shadow, what: str) -> list[tuple[str, Any]]:
 def memory(side, core=None, backup=None, parts: bool = False) -> dict:
     """``device -> bytes`` the average holds (see the module): ``side`` its model side, ``core`` its
     engine (the device plan), ``backup`` a lossy swap's backup of the raw weights. ``parts``: ``device
-    -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied buffers"``, ``"tables"``,
+    -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"ring"`` (a window's snapshots),
+    ``"copied buffers"``, ``"tables"``,
     ``"swap backup"``, ``"device plan"``, and for an offloaded average ``"staging chunks"`` and
     ``"pinned slots"`` (``"host slots"`` where the tests run a GPU's pipeline on the CPU)."""
     items: list[tuple[str, Any]] = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fastema.torch import EMA
@@ -99,3 +100,22 @@ def test_the_jax_and_tensorflow_averages_count_their_shadow_rows_too():
         mem = ema.memory()
         assert set(mem) == {"cpu"} and sum(mem.values()) == ema.nbytes
         assert 1010 * 4 * 2 <= ema.nbytes < 1010 * 4 * 2 + 1024, face       # two rows and the tables
+
+
+@pytest.mark.parametrize("window,ring_dtype", [(1, "float32"), (8, "float32"), (8, "bfloat16"), (None, "float32")])
+def test_a_window_average_counts_its_ring_of_snapshots(window, ring_dtype):
+    """The ring (W snapshots of the model) is most of a window average's memory: counted, by part."""
+    from fastema.torch import WindowAverage
+
+    model = torch.nn.Linear(256, 256)
+    avg = WindowAverage(model, window, ring_dtype=ring_dtype)
+    n = sum(p.numel() for p in model.parameters())
+    by_part = avg.memory(parts=True)["cpu"]
+    if window is None:                                             # SWA: one float32 mean, no ring
+        assert by_part["shadow"] == 4 * n and "ring" not in by_part
+    else:
+        assert by_part["shadow"] == 3 * 4 * n                      # the mean and the compensated sum
+        assert by_part["ring"] == window * n * (2 if ring_dtype == "bfloat16" else 4)
+        assert avg._avg.nbytes == by_part["shadow"] + by_part["ring"]
+    assert sum(avg.memory().values()) == avg.nbytes == sum(by_part.values())
+    assert by_part["tables"] < 1024
