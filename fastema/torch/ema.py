@@ -194,9 +194,11 @@ class EMA(Face, TorchAverage):
             return
         if self.offload:                                  # every window staged, then counted, or none: a
             with ctrl_c_held():                           # Ctrl-C is raised after the update is queued whole
-                self._core.update(step)
-        else:
-            self._core.update(step)                       # the engine's driver: plan, checks, kernels, carry
+                self._core.update(step)                   # (and recorded as DeepSpeed's step folded)
+                if steps is not None:
+                    steps.done()
+            return
+        self._core.update(step)                           # the engine's driver: plan, checks, kernels, carry
         if steps is not None:
             steps.done()
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -250,3 +251,37 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
     off.update()
     ref.update()
     assert _same(off, ref)
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_a_ctrl_c_held_through_an_offloaded_update_still_records_deepspeeds_step_as_folded(monkeypatch):
+    # With a DeepSpeed engine an update folds once per optimizer step (fastema.torch._deepspeed.Steps).
+    # A Ctrl-C held through the offloaded update is raised when the hold ends: the step must be
+    # recorded as folded by then, or an update() called again before the next optimizer step (a
+    # notebook, a trainer that saves on Ctrl-C) folds the same weights a second time.
+    import signal
+
+    from fastema.torch._deepspeed import Steps
+
+    model = _model()
+    off = EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    engine = types.SimpleNamespace(global_steps=0)
+    off._steps = Steps(engine)                         # the engine's step counter, as EMA(engine) keeps it
+    pack = OffloadedShadow._pack
+    sent = threading.Event()
+
+    def packing(self, i, chunk):
+        if not sent.is_set():
+            sent.set()
+            signal.raise_signal(signal.SIGINT)
+        pack(self, i, chunk)
+
+    monkeypatch.setattr(OffloadedShadow, "_pack", packing)
+    engine.global_steps = 1
+    with pytest.raises(KeyboardInterrupt):
+        off.update()
+    off.join()
+    assert off.updates == 1
+    off.update()                                       # no optimizer step since: nothing to fold
+    off.join()
+    assert off.updates == 1
