@@ -360,8 +360,9 @@ class EMACallback(TrainerCallback):
         state = EMACallback._read(files[0])              # the header, and the entries every rank holds whole
         with contextlib.ExitStack() as stack:
             opened = [stack.enter_context(safe_open(p, framework="pt")) for p in files]
-            ranges = [json.loads((f.metadata() or {}).get("pieces", "null")) for f in opened]
-            if any(not isinstance(r, dict) for r in ranges):
+            read = [_ranges(f, p) for f, p in zip(opened, files)]
+            ranges = [r for r in read if r is not None]
+            if len(ranges) != len(read):
                 raise refused                            # sharded (DTensor) parts: the same world size only
             for group in GROUPS:
                 for name, value in template.get(group, {}).items():
@@ -369,7 +370,10 @@ class EMACallback(TrainerCallback):
                     if key not in ranges[0]:
                         continue                         # whole on every rank: rank 0's
                     rows, inner = value.shape[0], value[0].numel() if not hasattr(value, "flat_range") else 0
-                    first, count = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
+                    want = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
+                    if want is None:                     # HSDP pieces of a shard on an inner dimension
+                        raise refused
+                    first, count = want
                     parts = []
                     for f, held in zip(opened, ranges):
                         f0, c0 = held.get(key, (0, 0))
@@ -378,8 +382,9 @@ class EMACallback(TrainerCallback):
                             parts.append(f.get_slice(key)[:, lo - f0:hi - f0])
                     local = torch.cat(parts, 1) if parts else torch.empty((rows, 0), dtype=value.dtype)
                     if tuple(local.shape) != (rows, count):
-                        raise ValueError(f"{files!r}: {key!r} holds {tuple(local.shape)} of this rank's "
-                                         f"{(rows, count)} elements; the files are damaged or of another model")
+                        raise load_refused(f"EMACallback: {files!r} hold {tuple(local.shape)} of this rank's "
+                                           f"{(rows, count)} elements of {key!r}: the files are damaged or of "
+                                           f"another model. Resume from another checkpoint folder.")
                     if hasattr(value, "load_local"):     # this rank's pieces, split again
                         value.load_local(local)
                         state[group][name] = value
@@ -408,6 +413,23 @@ class EMACallback(TrainerCallback):
             if not isinstance(header, dict):
                 raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")
             return from_named(header, ((key, f.get_tensor(key)) for key in f.keys()), repr(path))
+
+
+def _ranges(f, path: str) -> dict | None:
+    """The flat range ``[first, count]`` of every tensor a split average's per-rank file holds (its
+    ``pieces`` metadata), None for a file with none (sharded parts); refused as damaged when malformed."""
+    text = (f.metadata() or {}).get("pieces")
+    if text is None:
+        return None
+    try:
+        ranges = json.loads(text)
+    except ValueError:
+        ranges = None
+    if not isinstance(ranges, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v) for v in ranges.values()):
+        raise load_refused(f"EMACallback: {path!r} has unreadable 'pieces' metadata (the flat range of each "
+                           f"tensor it holds): the file is damaged. Resume from another checkpoint folder.")
+    return ranges
 
 
 def _local(value):

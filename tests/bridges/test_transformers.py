@@ -610,3 +610,21 @@ def test_the_average_split_over_replicas_saves_a_file_a_rank_and_resumes_bit_exa
     for world, split in ((3, True), (1, False)):
         for r in run_ranks(_resume_elsewhere, tmp_path / f"resume{world}{split}", world, str(out), split):
             assert list(r) == list(want) and all(torch.equal(r[k], want[k]) for k in want), (world, split)
+
+
+@pytest.mark.parametrize("pieces", ["not json", '{"averaged/w": [0]}', '{"averaged/w": [-1, 4]}', "[1, 2]"])
+def test_damaged_flat_ranges_of_a_split_file_are_refused_by_name(tmp_path, pieces):
+    """A per-rank file of a split average names each tensor's flat range in its metadata; a resume on
+    another world size reads them, and refuses (nothing loaded) a file whose ranges are unreadable."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fastema.transformers import _ranges
+
+    path = str(tmp_path / "fastema_ema-rank0-of-2.safetensors")
+    save_file({"averaged/w": torch.zeros(1, 4)}, path, metadata={"pieces": pieces})
+    with safe_open(path, framework="pt") as f, pytest.raises(ValueError, match="damaged.*Nothing was loaded"):
+        _ranges(f, path)
+    save_file({"averaged/w": torch.zeros(1, 4)}, path, metadata={"pieces": '{"averaged/w": [2, 4]}'})
+    with safe_open(path, framework="pt") as f:
+        assert _ranges(f, path) == {"averaged/w": [2, 4]}
