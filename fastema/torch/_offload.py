@@ -93,6 +93,13 @@ class _Ring:
         self.done, self.last = list(self.uses), [None, None]
 
 
+def _after_side_stream(ring: _Ring) -> None:
+    """The caller's stream on ``ring``'s GPU waits (on the device, no host sync) for everything its side
+    stream was given: a pack or copy still reading the weights or writing a chunk or slot."""
+    if ring.stream is not None:
+        torch.cuda.current_stream(torch.device(ring.device)).wait_stream(ring.stream)
+
+
 class _HostGroup:
     """A group of the host shadow: the source group's geometry (starts, counts, pieces...) with its
     ``(rows, n)`` buffer in host memory, on device ``"cpu"`` (the weights the engine hands over)."""
@@ -353,14 +360,20 @@ class OffloadedShadow:
             raise
 
     def _resync(self) -> None:
+        """After an update that ended with an error: no slot is waited on any more, and the caller's
+        stream (what writes the weights next, and the synchronous copies through chunk 0) comes after
+        whatever the side stream had been given (packs, copies into the slots)."""
         for ring in self._ring_of.values():
             ring.resync()
+            _after_side_stream(ring)
 
     # ------------------------------------------------------------ copies in and out (synchronous)
 
     def _each_window(self, run: Callable[[int, _Ring], None]) -> None:
         """``run(i, ring)`` for every window, staged through slot 0 of its ring, waiting for each copy."""
         self.join()
+        for ring in self._ring_of.values():                      # the side stream's last copies come first
+            _after_side_stream(ring)
         for i in range(len(self.src.windows)):
             run(i, self._ring_of[self.src.device_of(i)])
 
