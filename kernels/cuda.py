@@ -11,20 +11,20 @@ import functools
 import numpy as np
 from numba import cuda
 
-from . import _bits, _cuda_hw, _elementwise, _intrinsics, _stats, _target, kinds
-from ._cache import cached_cuda
-from ._cuda_hw import HW, SIMULATOR, VECTORS
+from ._cuda_hw import VECTORS
 from ._cuda_hw import types as numba_types
-from ._target import WINDOW, bind, bodies
+from ._cuda_jit import M16 as _M16
+from ._cuda_jit import M32 as _M32
+from ._cuda_jit import S16 as _S16
+from ._cuda_jit import S32 as _S32
+from ._cuda_jit import Z32 as _Z32
+from ._cuda_jit import E
+from ._cuda_jit import jit as _jit
+from ._cuda_jit import pointer as _pointer
+from ._cuda_scan import SCAN_BOUNDS, nonfinite_kernel  # noqa: F401  (re-exported: the launchers' one module)
+from ._target import WINDOW, bodies
 from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, NOISE_ROW, PLAN_KEYS_MAX, S_NORMS, wide
 
-E = bind(functools.partial(cuda.jit, device=True, inline="always"), HW)
-_DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kinds)
-"""The modules every CUDA kernel's code depends on besides its own file (the cache's stamp)."""
-CACHE = False
-"""Kernels built from now on are cached on disk (:func:`._cache.cached_cuda`): set by
-``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1 (off by default until it has run on a GPU,
-issue #23 item 4)."""
 PLAN_LERP_BOUNDS = (256, 3)
 """The launch bounds of :func:`plan_lerp_kernel` (nearest rounding): at most 256 threads a block
 (``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it to 80
@@ -36,28 +36,6 @@ per multiprocessor, 64 registers. The plain lerp's 8 lanes of noise hashes took 
 without them, and the fused kernel 80 (3 blocks: 24 KiB of loads in flight per SM); under them, with the
 noise's first round shared by a vector's lanes and a 32-bit vector counter, 64 and no spill: 32 KiB in
 flight (16 bytes of shadow and 16 of source a thread)."""
-
-SCAN_BOUNDS = (256, 6)
-"""The launch bounds of :func:`nonfinite_kernel`: 6 blocks per multiprocessor (40 registers; 50 without
-them, 4 blocks): two 16-byte loads a thread in flight, 48 KiB per SM."""
-
-
-def _jit(fn, **options):
-    """A kernel's dispatcher, with ``cuda.jit``'s ``options`` (not in the simulator, which takes none of
-    them) and the disk cache when :data:`CACHE` (never in the simulator)."""
-    if SIMULATOR:
-        return cuda.jit(fn)
-    kernel = cuda.jit(fn, **options)
-    return cached_cuda(kernel, _DEPENDENCIES) if CACHE else kernel
-
-
-_POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
-_M16, _S16, _Z32 = np.uint32(0xFFFF), np.uint32(16), np.uint32(0)   # a 16-bit element's half of a 32-bit word
-_M32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
-
-
-def _pointer(kind):
-    return _POINTERS.get(kind, HW["u16_pointer"])
 
 
 @functools.cache
@@ -338,66 +316,6 @@ def swap_kernel(shadow_kind, src_kind, mode):
                 swap_at(q, row * n + i - off, p, i - off, SK, XK, MODE)
 
     return _jit(kernel)
-
-
-@functools.cache
-def nonfinite_kernel(src_kind):
-    """See :func:`fastema.kernels.cpu.nonfinite_kernel`.
-
-    Branch-light: a thread ORs what it finds into a register and stores the flag once, at its end
-    (only if it found something and the flag is not set yet: no store storm on a diverged model).
-    Each chunk goes by 16-byte vectors (4 float32 or 8 16-bit elements), two a thread before it tests
-    any: from the first 16-byte boundary of the source on, the few elements before it (an unaligned
-    start) and after the last whole vector taken one by one. float64 sources go element by element.
-    """
-    xptr = _pointer(src_kind)
-    XK = src_kind
-    nonfinite_at, = bodies(E, XK == F64, "nonfinite_at")
-    is_nonfinite = E.is_nonfinite
-    VEC = XK != F64
-    XB = ITEMSIZE[XK]
-    PER = 16 // XB                                       # elements per 16-byte vector
-    load4 = VECTORS["load4_u32"]
-
-    @cuda.jit(device=True, inline="always")
-    def word_bad(w):
-        """Whether the 32-bit word ``w`` (one float32, or two 16-bit elements) holds an inf or NaN."""
-        if XB == 4:
-            return is_nonfinite(w, XK)
-        return is_nonfinite(w & _M16, XK) | is_nonfinite(w >> _S16, XK)
-
-    @cuda.jit(device=True, inline="always")
-    def vector_bad(a0, a1, a2, a3):
-        return word_bad(a0) | word_bad(a1) | word_bad(a2) | word_bad(a3)
-
-    def kernel(seg_addr, seg_offset, chunk_seg, chunk_begin, flag):
-        step = cuda.blockDim.x
-        bad = False
-        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
-            s = chunk_seg[c]
-            off = seg_offset[s]
-            lo = chunk_begin[c] - off                    # the chunk, as positions within its source
-            m = chunk_begin[c + 1] - off - lo            # its elements
-            pa = seg_addr[s]
-            head, vectors = m, 0                         # element by element: the head, then the tail
-            if VEC and pa % XB == 0:
-                head = min(((-(pa + lo * XB)) & 15) // XB, m)    # elements before the first 16-byte boundary
-                vectors = np.int32((m - head) // PER)       # 32-bit counters: fewer registers
-                base = pa + (lo + head) * XB
-                for v in range(np.int32(cuda.threadIdx.x), vectors, np.int32(2 * step)):
-                    a = base + 16 * v
-                    b = a + 16 * step if v + step < vectors else a   # no second vector: the first again
-                    a0, a1, a2, a3 = load4(a)
-                    b0, b1, b2, b3 = load4(b)            # both loads issued before either is tested
-                    bad |= vector_bad(a0, a1, a2, a3) | vector_bad(b0, b1, b2, b3)
-            p = xptr(pa, seg_offset[s + 1] - off)
-            mid = head + PER * vectors                   # the tail starts there
-            for t in range(cuda.threadIdx.x, m - mid + head, step):
-                bad |= nonfinite_at(p, lo + (t if t < head else t - head + mid), XK)
-        if bad and flag[0] == 0:
-            flag[0] = 1
-
-    return _jit(kernel, launch_bounds=SCAN_BOUNDS)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
-ALLOWED_IN_KERNELS = {"numpy", "numba", "llvmlite", "functools", "math", "types", "ctypes", "fractions"}
+ALLOWED_IN_KERNELS = {"numpy", "numba", "llvmlite", "functools", "math", "types", "ctypes", "fractions", "sys"}
 
 
 def _imports(path: pathlib.Path, package: str, module_level_only: bool):
@@ -263,8 +263,9 @@ LONG_MODULES = {}
 
 def test_modules_stay_under_450_lines():
     assert LONG_MODULES == {}
-    long = {p.relative_to(ROOT).as_posix(): n for p in sorted((ROOT / "fastema").rglob("*.py"))
-            if (n := len(p.read_text().splitlines())) > 450}
+    files = sorted((ROOT / "fastema").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))   # fastema.kernels too
+    assert any(p.parent.name == "kernels" for p in files)
+    long = {p.relative_to(ROOT).as_posix(): n for p in files if (n := len(p.read_text().splitlines())) > 450}
     unexplained = {p: n for p, n in long.items() if p not in LONG_MODULES}
     assert not unexplained, (f"modules over 450 lines: {unexplained}; split them by concern (docs/architecture.md), "
                              f"or allow-list one in LONG_MODULES with its reason")

@@ -20,11 +20,12 @@ import numpy as np
 from numba import cuda
 
 from ..kernels import _cache as _kernel_cache
+from ..kernels import _cuda_jit
 from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR
 from . import config
 
-K.CACHE = config.CUDA_CACHE             # before any kernel is built (FASTEMA_CUDA_CACHE=1)
+_cuda_jit.CACHE = config.CUDA_CACHE     # before any kernel is built (FASTEMA_CUDA_CACHE=1)
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """CUDA kernels cached on disk (issue #23 item 4, ``FASTEMA_CUDA_CACHE=1``): a second process loads the
 kernels a first one compiled, and they compute the same bits. Runs on a GPU only (the simulator
 compiles nothing); the descriptions that key the cache are checked on the CPU in test_kernel_cache.py.
-Once this passes on a GPU, the cache can be switched on by default (kernels.cuda.CACHE)."""
+Once this passes on a GPU, the cache can be switched on by default (kernels._cuda_jit.CACHE)."""
 import json
 import os
 import subprocess
@@ -23,11 +23,12 @@ import numpy as np
 from numba import cuda
 from fastema import _launch
 from fastema._launch import cuda as _          # reads FASTEMA_CUDA_CACHE
+from fastema.kernels import _cuda_jit
 from fastema.kernels import cuda as K
 from fastema.kernels.kinds import BF16, F32
 from fastema.kernels.layout import chunk_table, segment_offsets
 
-assert K.CACHE
+assert _cuda_jit.CACHE
 n = 5000
 rng = np.random.default_rng(0)
 src = cuda.to_device((rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.cuda,
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from fastema.kernels import _cuda_scan  # noqa: E402
 from fastema.kernels import cpu as ema_cpu  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
 from fastema.kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES  # noqa: E402
@@ -95,7 +96,7 @@ def counted(monkeypatch):
                 return fn(*args)
             return wrapper
 
-        monkeypatch.setattr(ema_cuda, "VECTORS", {k: count(f) for k, f in _cuda_hw.VECTORS.items()})
+        monkeypatch.setattr(_cuda_scan, "VECTORS", {k: count(f) for k, f in _cuda_hw.VECTORS.items()})
     ema_cuda.nonfinite_kernel.cache_clear()
     yield used
     ema_cuda.nonfinite_kernel.cache_clear()

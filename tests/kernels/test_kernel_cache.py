@@ -310,20 +310,21 @@ def test_a_cached_cuda_kernel_is_keyed_by_its_variant_and_gpu(tmp_path, monkeypa
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     from numba import cuda
 
+    from fastema.kernels import _cuda_jit
     from fastema.kernels import cuda as K
     from fastema.kernels.kinds import BF16, F16, F32
 
     caches = []
     for xk in (BF16, F16):
         fn = K.lerp_kernel.__wrapped__(F32, xk, False, True).py_func
-        k = _cache.cached_cuda(cuda.jit(fn), K._DEPENDENCIES)
+        k = _cache.cached_cuda(cuda.jit(fn), _cuda_jit.DEPENDENCIES)
         caches.append(k._cache)
     a, b = caches
     codegen = type("Codegen", (), {"magic_tuple": lambda self: ("12.8", (9, 0))})()
     ka, kb = a._index_key(("sig",), codegen), b._index_key(("sig",), codegen)
     assert ka != kb and ka[1] == ("12.8", (9, 0)) and ka[2][1] == _cache.describe(K.lerp_kernel(F32, BF16, False, True))
     assert a._impl.filename_base != b._impl.filename_base
-    assert a._cache_file._source_stamp[1] == _cache.sources_digest(K._DEPENDENCIES)
+    assert a._cache_file._source_stamp[1] == _cache.sources_digest(_cuda_jit.DEPENDENCIES)
 
 
 def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(tmp_path, monkeypatch):
@@ -341,6 +342,7 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
     from numba import cuda
 
     from fastema._launch import cuda as launch_cuda
+    from fastema.kernels import _cuda_jit
     from fastema.kernels import cuda as K
     from fastema.kernels.kinds import BF16, F32
 
@@ -349,7 +351,7 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
     assert names["numba-cuda"] == md.version("numba-cuda") and names["cuda-core"] == md.version("cuda-core")
     assert set(names) == {"numba-cuda", "cuda-core", "nvvm", "driver"}      # the driver: "unknown" without one
     fn = K.lerp_kernel.__wrapped__(F32, BF16, False, True).py_func
-    cache = _cache.cached_cuda(cuda.jit(fn), K._DEPENDENCIES)._cache
+    cache = _cache.cached_cuda(cuda.jit(fn), _cuda_jit.DEPENDENCIES)._cache
     h100, a100 = ((type("Codegen", (), {"magic_tuple": lambda self, cc=cc: ("13.0", cc)})()) for cc in ((9, 0), (8, 0)))
     base = (("numba-cuda", "0.30.4"), ("cuda-core", "1.2.2"), ("nvvm", (2, 0)), ("driver", (13, 0)))
     monkeypatch.setattr(_cache, "CUDA_VERSIONS", lambda: base)
