@@ -9,10 +9,12 @@ and the memory each average adds.
 
 Not a timed test: figures for docs/benchmarks.md. Method:
 
-- streaming bandwidth: a NumPy copy (``np.copyto``, 8 B an element: read + write) and a STREAM triad
-  ``a = b + s * c`` in a Numba ``prange`` loop (12 B an element), 64 Mi float32 elements, best of 5,
-  once for the run; and the triad again (16 Mi elements) run beside each fold measurement, which the
-  fold is compared with (the machine's load changes between them);
+- streaming bandwidth: a NumPy copy (``np.copyto``, 8 B an element: read + write), a STREAM triad
+  ``a = b + s * c`` and an in-place triad ``a += s * b`` in Numba ``prange`` loops (12 B an element
+  counted; the STREAM one moves 16 with its write-allocate read, the in-place one 12, as the fold does),
+  64 Mi float32 elements, best of 5, once for the run; and both again (16 Mi elements) run beside each
+  fold measurement: the fold is compared with the in-place triad (its own access pattern; the machine's
+  load changes between measurements);
 - each model size runs in a fresh subprocess (its memory is its own): the model is float32 ``Linear``
   weights of 16 MiB each; per chunk size the offloaded ``update()`` (returns once every window is
   staged) and ``update()`` + ``join()`` (every fold done) are timed ``--reps`` times after three warm-up
@@ -58,8 +60,11 @@ def rss_anon() -> int:
 
 
 class Stream:
-    """A NumPy copy (8 B an element) and a Numba STREAM triad ``a = b + s * c`` (12 B an element) over
-    ``n`` float32 elements: this machine's streaming bandwidth, timed on demand (GB/s)."""
+    """A NumPy copy (8 B an element), a Numba STREAM triad ``a = b + s * c`` (12 B an element counted; its
+    stores to a third array also cost a write-allocate read, 16 B moved) and an in-place triad
+    ``a += s * b`` (12 B an element, all of them moved: the fold's own pattern, a row read and written
+    back and a slot read) over ``n`` float32 elements: this machine's streaming bandwidth, timed on
+    demand (GB/s)."""
 
     def __init__(self, n: int = 64 << 20):
         from numba import njit, prange
@@ -69,9 +74,15 @@ class Stream:
             for i in prange(a.size):
                 a[i] = b[i] + s * c[i]
 
-        self.n, self._triad = n, triad
+        @njit(parallel=True, fastmath=True)
+        def in_place(a, b, s):
+            for i in prange(a.size):
+                a[i] += s * b[i]
+
+        self.n, self._triad, self._in_place = n, triad, in_place
         self.a, self.b, self.c = (np.full(n, v, np.float32) for v in (0.0, 1.0, 2.0))
         triad(self.a, self.b, self.c, np.float32(3.0))           # compiled here
+        in_place(self.a, self.b, np.float32(0.0))
 
     def copy(self) -> float:
         t = time.perf_counter()
@@ -83,11 +94,17 @@ class Stream:
         self._triad(self.a, self.b, self.c, np.float32(3.0))
         return 12 * self.n / (time.perf_counter() - t) / 1e9
 
+    def in_place(self) -> float:
+        t = time.perf_counter()
+        self._in_place(self.a, self.b, np.float32(0.0))
+        return 12 * self.n / (time.perf_counter() - t) / 1e9
+
 
 def streaming(reps: int = 5) -> dict:
     """The best of ``reps`` runs of each of :class:`Stream`'s measures (GB/s)."""
     s = Stream()
-    return {"copy": max(s.copy() for _ in range(reps)), "triad": max(s.triad() for _ in range(reps))}
+    return {"copy": max(s.copy() for _ in range(reps)), "triad": max(s.triad() for _ in range(reps)),
+            "in_place": max(s.in_place() for _ in range(reps))}
 
 
 def _median(fn, reps: int) -> float:
@@ -175,17 +192,19 @@ def _offloaded(model, plain, mib: int, chunk: int, reps: int, cuda: bool) -> dic
             shadow.src.pack(i, shadow._ring_of[shadow.src.device_of(i)].chunk_at[i % 2])
         _sync(cuda)
 
-    stream = Stream(16 << 20)                                      # the triad again, beside each fold run
+    stream = Stream(16 << 20)                                      # the triads again, beside each fold run
     fold_s = pack_s = float("inf")
-    triad = 0.0
+    triad = in_place = 0.0
     for _ in range(reps):                                          # bandwidth: the best of the runs
         triad = max(triad, stream.triad())
+        in_place = max(in_place, stream.in_place())
         fold_s = min(fold_s, _timed(folds))
         pack_s = min(pack_s, _timed(packs))
     del stream
     row = {"mib": mib, "chunk": chunk, "windows": len(windows), "plain_ms": statistics.median(plains) * 1e3,
            "update_ms": statistics.median(updates) * 1e3, "joined_ms": statistics.median(joined) * 1e3,
            "ratio": statistics.median(ratios), "fold_gbs": 12 * numel / fold_s / 1e9, "triad_gbs": triad,
+           "in_place_gbs": in_place,
            "pack_gbs": (2 if cuda else 4) * 2 * numel / pack_s / 1e9, "rss_mib": added / MIB, "parts": parts}
     if cuda:
         row.update(gpu_figures(ema, reps))
@@ -228,14 +247,15 @@ def gpu_figures(ema, reps: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model MiB | chunk MiB | windows | plain update ms | offloaded update() ms | update + join ms | "
-             "(update + join) / plain | host fold GB/s | triad beside it GB/s | fold / triad | pack GB/s | "
-             "nbytes MiB | RssAnon added MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(update + join) / plain | host fold GB/s | in-place triad beside it GB/s | fold / in-place triad | "
+             "STREAM triad GB/s | pack GB/s | nbytes MiB | RssAnon added MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nbytes = sum(v for d in r["parts"].values() for v in d.values()) / MIB
         lines.append(f"| {r['mib']} | {r['chunk']} | {r['windows']} | {r['plain_ms']:.1f} | {r['update_ms']:.1f} | "
-                     f"{r['joined_ms']:.1f} | {r['ratio']:.2f} | {r['fold_gbs']:.1f} | {r['triad_gbs']:.1f} | "
-                     f"{r['fold_gbs'] / r['triad_gbs']:.0%} | {r['pack_gbs']:.1f} | {nbytes:.1f} | "
+                     f"{r['joined_ms']:.1f} | {r['ratio']:.2f} | {r['fold_gbs']:.1f} | {r['in_place_gbs']:.1f} | "
+                     f"{r['fold_gbs'] / r['in_place_gbs']:.0%} | {r['triad_gbs']:.1f} | {r['pack_gbs']:.1f} | "
+                     f"{nbytes:.1f} | "
                      f"{r['rss_mib']:.1f} |")
     return "\n".join(lines)
 
@@ -278,7 +298,8 @@ def main(argv=None) -> int:
             f"\n\ntorch {torch.__version__}, numba {numba.__version__}, "
             f"{os.cpu_count()} CPUs ({numba.config.NUMBA_NUM_THREADS} numba threads), {device}\n\n"
             f"Streaming bandwidth, same run: NumPy copy {bw['copy']:.1f} GB/s (8 B an element), Numba STREAM "
-            f"triad {bw['triad']:.1f} GB/s (12 B an element).\n\n")
+            f"triad {bw['triad']:.1f} GB/s (12 B an element counted), in-place triad {bw['in_place']:.1f} GB/s "
+            f"(12 B an element).\n\n")
     report = head + table(rows) + "\n"
     if args.gpu:
         report += ("\n| model MiB | chunk MiB | D2H GB/s | step ms | step + offloaded update ms |\n"
