@@ -50,6 +50,8 @@ MIB = 1 << 20
 
 
 def rss_anon() -> int:
+    """Resident anonymous memory, after the C heap has given back what is free (``malloc_trim``), so
+    that memory freed earlier and reused by the next allocation does not hide it (also bench_replicas's)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:

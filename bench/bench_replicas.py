@@ -22,21 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _rss_anon() -> int:
-    """Resident anonymous memory, after the C heap has given back what is free (``malloc_trim``), so
-    that memory freed earlier and reused by the next allocation does not hide it."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from bench_offload import rss_anon as _rss_anon  # bench/: the script's own folder
 
 
 def _best(fn, calls: int, rounds: int = 5) -> float:
