@@ -18,6 +18,7 @@ Works with ``lightning`` (``lightning.pytorch``) or the ``pytorch-lightning`` pa
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -115,6 +116,13 @@ class WeightEMA(pl.Callback):
         self._swap_out()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.ema is not None and self.ema.swapped and self.ema._checkpoint.groups(swap=True):
+            # split over replicas: the swap back is a collective that the other ranks, elsewhere, never join
+            warnings.warn("WeightEMA: training stopped with the EMA weights swapped into the model, and this "
+                          "average is split over replicas (shard_replicas), whose swap back is a collective the "
+                          "other ranks are not in: the model holds the EMA weights, not the raw ones. Resume from "
+                          "a checkpoint, or call callback.ema.swap() on every rank together.", stacklevel=2)
+            return
         self._swap_out()                                     # never leave the user with the EMA in place
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,7 +132,10 @@ class WeightEMA(pl.Callback):
         # the raw weights as the model and the average here: put them back first. Validation
         # is over by then; the model's state_dict holds references, saved after this returns.
         self._swap_out()
-        return self.ema.state_dict()
+        # Lightning calls this on every rank and rank 0 writes the checkpoint whole (torch.save): a split
+        # average (shard_replicas) gathers its slices into full tensors here, which loads on any world size
+        return self.ema._checkpoint.state_dict(gathered=True) if self.ema._checkpoint.groups(swap=True) else \
+            self.ema.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

@@ -22,11 +22,9 @@ Install with ``pip install "fastema[transformers]"``.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
-import re
 import sys
 import warnings
 from typing import Any, Sequence
@@ -39,8 +37,9 @@ except ImportError as e:                                    # pragma: no cover -
     raise ImportError('fastema.transformers needs Hugging Face transformers: pip install "fastema[transformers]"') \
         from e
 
+from . import _callback_files as _files
 from ._io.files import atomic_write
-from ._state import GROUPS, from_named, load_refused, to_named
+from ._state import GROUPS, load_refused, to_named
 from .average import EMAOptions
 from .torch import EMA, unwrap
 
@@ -50,11 +49,7 @@ __all__ = ["EMACallback", "STATE_FILE"]
 #: replicated averages). A sharded average (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions on several
 #: ranks, or split over replicas) writes one file per rank instead: ``fastema_ema-rank<r>-of-<world>.safetensors``
 #: (a split one records the flat range of each tensor it holds, so any world size resumes from them).
-STATE_FILE = "fastema_ema.safetensors"
-_RANK_FILE = re.compile(r"fastema_ema-rank(\d+)-of-(\d+)\.safetensors")
-
-_FORMAT = "fastema.transformers.EMACallback"
-_VERSION = 1
+STATE_FILE = _files.STATE_FILE
 
 
 def _ema_options() -> tuple[str, ...]:
@@ -242,9 +237,9 @@ class EMACallback(TrainerCallback):
                                     f"with callback.ema.save(path)")
         # the EMA's state as the one codec lays it out: a JSON header, tensors named "group/name" (this rank's parts)
         state = self.ema.state_dict()
-        header, named = to_named(state, host=_local, who="EMACallback")
+        header, named = to_named(state, host=_files.local, who="EMACallback")
         tensors = {key: (t, t.dtype) for key, t in named.items()}
-        meta = {"format": _FORMAT, "version": str(_VERSION), "ema": json.dumps(header)}
+        meta = {"format": _files.FORMAT, "version": str(_files.VERSION), "ema": json.dumps(header)}
         ranges = {f"{g}/{n}": v.flat_range() for g in GROUPS for n, v in state.get(g, {}).items()
                   if hasattr(v, "flat_range")}
         if ranges and None not in ranges.values():    # split over replicas: any world size can resume from them
@@ -302,12 +297,24 @@ class EMACallback(TrainerCallback):
     def _load(ema: EMA, folder: str) -> None:
         """Load this process's file in checkpoint ``folder`` into ``ema``, checked whole first by
         :meth:`fastema.torch.EMA.load_state_dict` (nothing changes if it refuses)."""
+        path, per_rank = EMACallback._file(ema, folder)
+        try:
+            state = EMACallback._read_for(ema, folder, path, per_rank)
+        except Exception as err:                         # every rank refuses with it, at once (never a hang)
+            if per_rank:
+                ema._checkpoint.join_refusing(err)
+            raise
+        ema.load_state_dict(state)
+
+    @staticmethod
+    def _read_for(ema: EMA, folder: str, path: str, per_rank: bool) -> dict:
+        """This process's state in checkpoint ``folder`` (its own file ``path``, or the files of another
+        world size), not yet checked against ``ema``; refused by name when unreadable or damaged."""
         from safetensors import SafetensorError
 
-        path, per_rank = EMACallback._file(ema, folder)
         own = os.path.isfile(path)                       # else: another world size, split or not (or refused)
         try:
-            state = EMACallback._read(path) if own else EMACallback._resharded(ema, folder, os.path.basename(path))
+            state = _files.read(path) if own else _files.resharded(ema, folder, os.path.basename(path))
         except SafetensorError as err:                   # cut short, emptied, overwritten: safetensors names no file
             where = path if own else f"a fastema_ema file in {folder}"
             raise load_refused(f"EMACallback: {where!r} is not a readable safetensors file ({err}): the file is "
@@ -329,109 +336,4 @@ class EMACallback(TrainerCallback):
                         else:
                             value.to_local().copy_(local)
                         state[group][name] = value
-        ema.load_state_dict(state)
-
-    @staticmethod
-    def _resharded(ema: EMA, folder: str, mine: str) -> dict:
-        """The state of ``ema`` from files another world size wrote in ``folder``: an average split
-        over replicas on W ranks (one file a rank, each with the flat range of every tensor it holds:
-        this rank's range of each tensor is read from the files that overlap it, a tensor at a time),
-        or a replicated average's single file (full tensors, which a split average cuts). Anything
-        else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files."""
-        from safetensors import safe_open
-
-        found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
-        template = ema.state_dict()
-        split = any(hasattr(v, "flat_range") for g in GROUPS for v in template.get(g, {}).values())
-        worlds: dict[int, dict[int, str]] = {}
-        for n in found:
-            if (m := _RANK_FILE.fullmatch(n)) is not None:
-                worlds.setdefault(int(m[2]), {})[int(m[1])] = os.path.join(folder, n)
-        whole = [w for w, files in worlds.items() if sorted(files) == list(range(w))]
-        refused = FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs {mine} (a sharded "
-                                    f"EMA saves one file per rank, a replicated one a single file; an EMA split over "
-                                    f"replicas resumes at any world size from a complete set of its files. Resume "
-                                    f"with the world size and sharding that wrote them)")
-        if not worlds and STATE_FILE in found and split:  # a replicated average's file: full tensors
-            return EMACallback._read(os.path.join(folder, STATE_FILE))
-        if len(whole) != 1:
-            raise refused
-        files = [worlds[whole[0]][r] for r in range(whole[0])]
-        state = EMACallback._read(files[0])              # the header, and the entries every rank holds whole
-        with contextlib.ExitStack() as stack:
-            opened = [stack.enter_context(safe_open(p, framework="pt")) for p in files]
-            read = [_ranges(f, p) for f, p in zip(opened, files)]
-            ranges = [r for r in read if r is not None]
-            if len(ranges) != len(read):
-                raise refused                            # sharded (DTensor) parts: the same world size only
-            for group in GROUPS:
-                for name, value in template.get(group, {}).items():
-                    key = f"{group}/{name}"
-                    if key not in ranges[0]:
-                        continue                         # whole on every rank: rank 0's
-                    rows, inner = value.shape[0], value[0].numel() if not hasattr(value, "flat_range") else 0
-                    want = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
-                    if want is None:                     # HSDP pieces of a shard on an inner dimension
-                        raise refused
-                    first, count = want
-                    parts = []
-                    for f, held in zip(opened, ranges):
-                        f0, c0 = held.get(key, (0, 0))
-                        lo, hi = max(first, f0), min(first + count, f0 + c0)
-                        if lo < hi:
-                            parts.append(f.get_slice(key)[:, lo - f0:hi - f0])
-                    local = torch.cat(parts, 1) if parts else torch.empty((rows, 0), dtype=value.dtype)
-                    if tuple(local.shape) != (rows, count):
-                        raise load_refused(f"EMACallback: {files!r} hold {tuple(local.shape)} of this rank's "
-                                           f"{(rows, count)} elements of {key!r}: the files are damaged or of "
-                                           f"another model. Resume from another checkpoint folder.")
-                    if hasattr(value, "load_local"):     # this rank's pieces, split again
-                        value.load_local(local)
-                        state[group][name] = value
-                    else:
-                        state[group][name] = local.reshape(value.shape)
         return state
-
-    @staticmethod
-    def _read(path: str) -> dict:
-        """The EMA state in the callback's file ``path``, not yet checked against an EMA (a
-        ``ValueError`` naming the file when it is not one the callback wrote)."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path!r} is not an EMACallback state file (format {meta.get('format')!r}); "
-                                 f"the callback reads only the files it wrote")
-            if meta.get("version") != str(_VERSION):
-                raise ValueError(f"{path!r} has version {meta.get('version')!r}; this fastema reads version "
-                                 f"{_VERSION}: upgrade fastema")
-            try:
-                header = json.loads(meta["ema"])
-            except (KeyError, ValueError) as err:
-                raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
-            if not isinstance(header, dict):
-                raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")
-            return from_named(header, ((key, f.get_tensor(key)) for key in f.keys()), repr(path))
-
-
-def _ranges(f, path: str) -> dict | None:
-    """The flat range ``[first, count]`` of every tensor a split average's per-rank file holds (its
-    ``pieces`` metadata), None for a file with none (sharded parts); refused as damaged when malformed."""
-    text = (f.metadata() or {}).get("pieces")
-    if text is None:
-        return None
-    try:
-        ranges = json.loads(text)
-    except ValueError:
-        ranges = None
-    if not isinstance(ranges, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v) for v in ranges.values()):
-        raise load_refused(f"EMACallback: {path!r} has unreadable 'pieces' metadata (the flat range of each "
-                           f"tensor it holds): the file is damaged. Resume from another checkpoint folder.")
-    return ranges
-
-
-def _local(value):
-    """This rank's part of a sharded (DTensor) state tensor; any other tensor as it is."""
-    return value.to_local() if hasattr(value, "to_local") else value

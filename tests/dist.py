@@ -8,6 +8,7 @@ asserts, so pytest shows the differences.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import time
@@ -18,12 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
+def _entry(rank: int, world: int, store: str, out: str, fn, args, pg_timeout: float = 120.0) -> None:
     import numba
 
     numba.set_num_threads(1)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout))     # every collective times out
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -37,11 +39,12 @@ def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(fn, tmp_path, world: int = 2, *args, timeout: float = 180.0) -> list:
-    """``fn(rank, world, *args) -> dict`` on every rank; returns the ranks' dicts in rank order."""
+def run_ranks(fn, tmp_path, world: int = 2, *args, timeout: float = 180.0, pg_timeout: float = 120.0) -> list:
+    """``fn(rank, world, *args) -> dict`` on every rank; returns the ranks' dicts in rank order. Every
+    collective times out after ``pg_timeout`` seconds (a hang is a failure, never a stuck run)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     store, out = str(tmp_path / "store"), str(tmp_path)
-    ctx = mp.start_processes(_entry, args=(world, store, out, fn, args), nprocs=world, join=False,
+    ctx = mp.start_processes(_entry, args=(world, store, out, fn, args, pg_timeout), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):

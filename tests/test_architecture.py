@@ -97,7 +97,7 @@ FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fast
                    "fastema/posthoc/snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
                    "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow/",
-                   "fastema/transformers.py", "fastema/merge/_torch_inputs.py")
+                   "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
@@ -202,7 +202,8 @@ LAYERS = (
                  "fastema.window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
-    ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema.merge",
+    ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema._callback_files",
+                             "fastema.merge",
                              "fastema.cli", "fastema.__main__", "fastema")),
 )
 

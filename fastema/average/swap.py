@@ -5,7 +5,8 @@ Keras callbacks' JAX EMA) can put one of its averages into the model for evaluat
 take it out again. :class:`ModelSwap` owns which average is in, the re-entrant
 evaluation block and the refusals while an average is in; the framework adapter supplies
 ``exchange(row, into_model)``, which moves the values (all or nothing: when it raises,
-nothing changed and the state stays as it was). A Ctrl-C during an exchange is held until
+nothing changed and the state stays as it was, unless ``held()`` says part of the average
+went in). A Ctrl-C during an exchange is held until
 the exchange and the state are done, then raised.
 """
 from __future__ import annotations
@@ -25,11 +26,16 @@ class ModelSwap:
         exchange: ``exchange(row, into_model)``: put average ``row`` into the model
             (``into_model=True``) or the model's own weights back (``False``).
         while_in: how to say, in a refusal, that an average is in the model and what to do.
+        held: whether the adapter holds part of an average in the model after an exchange in that
+            raised (a split average's gather that failed after its first bucket was written); the
+            state then says "in", so the way back (a swap) restores the raw weights. None: an
+            exchange that raises changed nothing.
     """
 
-    def __init__(self, exchange: Callable[[int, bool], None], while_in: str):
+    def __init__(self, exchange: Callable[[int, bool], None], while_in: str, held: Callable[[], bool] | None = None):
         self._exchange = exchange
         self._while_in = while_in
+        self._held = held
         self.row: int | None = None
 
     @property
@@ -42,7 +48,12 @@ class ModelSwap:
             raise RuntimeError(f"average {self.row} is swapped in; swap it back first")
         into = self.row is None
         with ctrl_c_held():                       # all of the exchange and the state, or none of it
-            self._exchange(row, into)
+            try:
+                self._exchange(row, into)
+            except BaseException:
+                if into and self._held is not None and self._held():
+                    self.row = row                # partly in (a gather that failed midway): the way back is a swap
+                raise
             self.row = row if into else None
 
     @contextlib.contextmanager

@@ -44,7 +44,8 @@ class TorchAverage:
         self._backup: FlatShadow | HostBackup | None = None   # raw weights during a lossy swap (float16 models)
         self._swap = swap
         self._model = side
-        self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap)
+        self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap,
+                                           calls=lambda: cadence.calls)
         self.model = side.model
         self.buffers, self.exclude, self.copy_patterns = side.buffers, side.exclude, side.copy_patterns
         self.trainable_only = side.trainable_only
@@ -58,7 +59,8 @@ class TorchAverage:
     def _new_swap(self) -> ModelSwap:
         """The swap state a face makes first (its model side's check refuses a swapped model)."""
         return ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the raw "
-                                         "weights then); call it outside average_parameters() or after swap()")
+                                         "weights then); call it outside average_parameters() or after swap()",
+                         held=lambda: bool(getattr(self._model.avg, "swapped", False)))
 
     def _restart(self) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
@@ -115,17 +117,34 @@ class TorchAverage:
         self._swap.swap(row)
 
     def _exchange(self, row: int, swapping_in: bool) -> None:
+        if swapping_in or not self._checkpoint.groups(swap=True):
+            self._exchange_checked(row, swapping_in)
+            return
+        try:                                           # a split average's way back is a collective
+            self._exchange_checked(row, swapping_in)
+        except Exception as err:
+            if not self._model.avg.swapped:
+                raise
+            raise RuntimeError(f"{type(self).__name__}: the raw weights could not be restored, so the model still "
+                               f"holds the average on this rank ({type(err).__name__}: {err}). A split average "
+                               f"(shard_replicas) keeps 1/N of the raw weights a rank, so its swap back is a "
+                               f"collective: every rank of the group must reach the end of the evaluation block "
+                               f"together. Call swap() again on every rank to restore them; do not save this "
+                               f"model as the training weights until then.") from err
+
+    def _exchange_checked(self, row: int, swapping_in: bool) -> None:
         side = self._model
         avg, copy = side.avg, side.copy
-        side.settle()
-        if swapping_in:
-            self._check_row(row)
-            side.follow()
-        lossy = self._lossy_swap()
-        if not lossy:
-            avg.swap_modes()
-        if copy is not None:                           # the averaged group checks itself before writing
-            copy.refresh()
+        with self._checkpoint.agreed("swap()", swap=True):   # split: the ranks agree before the gather
+            side.settle()
+            if swapping_in:
+                self._check_row(row)
+                side.follow()
+            lossy = self._lossy_swap()
+            if not lossy:
+                avg.swap_modes()
+            if copy is not None:                       # the averaged group checks itself before writing
+                copy.refresh()
         backup = self._backup
         if lossy:
             if swapping_in:
@@ -224,12 +243,13 @@ class TorchAverage:
     def _eager_copy_to(self, row: int) -> None:
         side = self._model
         avg, copy = side.avg, side.copy
-        self._check_row(row)
-        self._swap.refuse("copy_to()")
-        side.settle()
-        side.follow()
-        if copy is not None:                           # the averaged group checks itself before writing
-            copy.check_sources()
+        with self._checkpoint.agreed("copy_to()", swap=True):   # split: the ranks agree before the gather
+            self._check_row(row)
+            self._swap.refuse("copy_to()")
+            side.settle()
+            side.follow()
+            if copy is not None:                       # the averaged group checks itself before writing
+                copy.check_sources()
         avg.copy_to_sources(row)
         if side.masters is not None:                  # the masters were written: round them into the partitions
             side.masters.push()
@@ -297,7 +317,10 @@ class TorchAverage:
         """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
         takes. On a sharded average this is a collective (every rank must call it): each tensor is
         gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
-        is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
+        is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (its mesh's
+        first rank; global rank 0 for an average over every rank), the other ranks get ``{}``. On a split
+        or sharded average the ranks agree first: a rank that skipped an ``update()`` or refuses makes
+        every rank raise (see the large-models guide)."""
         return self._checkpoint.full_state_dict(row, rank0_only)
 
     def module(self, row: int = 0) -> nn.Module:
@@ -336,7 +359,8 @@ class TorchAverage:
         serializer, each record from its tensor as it is written). The file gets the mode ``torch.save`` would
         give it (0666 less the umask); temporary files left by a save that was killed are removed by
         the next save to the same path. On a sharded average it is a collective: every rank gathers the
-        full tensors one at a time (see :meth:`full_state_dict`), global rank 0 keeps host copies of
+        full tensors one at a time (see :meth:`full_state_dict`), the first rank of the average's group
+        (global rank 0 for an average over every rank) keeps host copies of
         them (the full model in its host memory) and writes the file.
         """
         self._checkpoint.save(path, row)

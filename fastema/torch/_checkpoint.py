@@ -25,7 +25,9 @@ from .._io.files import atomic_write as _atomic_write
 from .._io.safetensors import stream_safetensors, stream_torch_save
 from .._state import check_header, refuse_load
 from . import _sharded
+from ._agree import Stamp, agreed, load_stamp
 from ._hooks import match_names, unwrap
+from ._slices import full_entry
 from ._slots import local_key
 
 if TYPE_CHECKING:
@@ -125,10 +127,68 @@ class TorchCheckpoint:
         fmt: the checkpoint's ``"format"``.
         kind: the face's class name, for messages.
         swap: the face's swap state: every read and write refuses a swapped model.
+        calls: ``update()`` calls so far (what every rank of a split or sharded average must agree on
+            before a read gathers: :mod:`fastema.torch._agree`).
     """
 
-    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, kind: str, swap: ModelSwap):
+    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, kind: str, swap: ModelSwap,
+                 calls: Callable[[], int]):
         self.side, self.core, self.format, self.kind, self.swap = side, core, fmt, kind, swap
+        self.calls = calls
+
+    # ------------------------------------------------------------ the ranks' agreement (see _agree)
+
+    def groups(self, swap: bool = False) -> list:
+        """``(process group, device type)`` of every group a collective read or load of this average
+        spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or ``copy_to``
+        gathers over (a split average's replica group; none for a sharded one, which swaps its own
+        shards). Empty without a process group."""
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            return []
+        side = self.side
+        if swap:
+            group = getattr(side.avg, "group", None)      # split over replicas: its reads gather
+            return [] if group is None else [(group, _replica_device(group))]
+        groups: list = []
+        specs = side.specs
+        replicas = getattr(side.avg, "group", None)
+        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
+            spec = specs.get(n)
+            if spec is None:
+                continue
+            for dim in range(spec.mesh.ndim):
+                group = spec.mesh.get_group(dim)
+                if all(group is not g[0] for g in groups):    # the split's run id: over its replica group only
+                    here = spec.replica_dim == dim if spec.replica_dim is not None else replicas is not None
+                    groups.append((group, spec.mesh.device_type, here))
+        return groups
+
+    def agreed(self, what: str, *, swap: bool = False, gathers: bool = True, stamp: Stamp | None = None):
+        """A block of a read's (or a load's) checks after which every rank of :meth:`groups` agrees:
+        a rank whose block raises makes every rank refuse at once, and ranks whose stamps differ (a
+        rank skipped an ``update()``) refuse alike (:func:`fastema.torch._agree.agreed`). No exchange
+        where the read makes no collective (``gathers`` False, or no group)."""
+        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
+        return agreed(self.groups(swap) if gathers else [], mine, f"{self.kind}.{what}")
+
+    @property
+    def split_id(self) -> int:
+        """The split's run id: rank 0's, agreed at construction; taken from the checkpoint a load reads."""
+        return int(getattr(self.side.avg, "split_id", 0) or 0)
+
+    def writer(self) -> bool:
+        """Whether this rank writes a gathered average (``save()``) and keeps it (``rank0_only``): the
+        first rank of the average's group (the mesh's first rank; with a replica group, that group's
+        first rank), global rank 0 for an unsharded one."""
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            return True
+        specs = self.side.specs
+        if specs:
+            mesh = next(iter(specs.values())).mesh
+            return dist.get_rank() == int(mesh.mesh.flatten()[0])
+        return dist.get_rank() == 0
 
     @property
     def sharded(self) -> bool:
@@ -143,10 +203,13 @@ class TorchCheckpoint:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
         DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
         of a tied or aliased tensor gets its average."""
-        self.swap.refuse("averaged_state_dict()")
-        out = {}
         specs = self.side.specs
-        for name, t, source, value in self.entries(row):
+        gathers = any(s.pieces is not None for s in specs.values())     # split or ZeRO-1/2: pieces gathered
+        with self.agreed("averaged_state_dict()", gathers=gathers):
+            self.swap.refuse("averaged_state_dict()")
+            entries = self.entries(row)
+        out = {}
+        for name, t, source, value in entries:
             if source is None:
                 out[name] = t.detach().clone()             # excluded: the model's own value
             elif source in specs:                          # a sharded average: this rank's part, as a DTensor
@@ -188,24 +251,28 @@ class TorchCheckpoint:
         """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
         takes. On a sharded average this is a collective (every rank must call it): each tensor is
         gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
-        is kept. ``rank0_only=True``: only global rank 0 keeps them, the other ranks get ``{}``."""
+        is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (global rank 0
+        by default; see :meth:`writer`), the other ranks get ``{}``."""
         if not isinstance(rank0_only, bool):
             raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
-        self.swap.refuse("full_state_dict()")
-        keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        keep = not rank0_only or self.writer()
         out = {}
         for name, value in self.full_items(row):
             if keep:
                 out[name] = value
         return out
 
-    def full_items(self, row: int):
+    def full_items(self, row: int, what: str = "full_state_dict()"):
         """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
         collective per sharded tensor, in the model's state-dict order on every rank). The tensors
-        are fresh copies in the model's dtypes (excluded tensors: of the model's own values)."""
+        are fresh copies in the model's dtypes (excluded tensors: of the model's own values). The
+        ranks agree first (every check on every rank, the same update count)."""
+        with self.agreed(what):
+            self.swap.refuse(what)
+            entries = self.entries(row)
         own = dict(unwrap(self.side.model).named_parameters(remove_duplicate=False))
         specs = self.side.specs
-        for name, t, source, value in self.entries(row):
+        for name, t, source, value in entries:
             if source is None:
                 v = t.detach().clone()                         # excluded: the model's own value
             elif source in specs:                              # a sharded average: this rank's part, as a DTensor
@@ -232,24 +299,52 @@ class TorchCheckpoint:
 
     # ------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
+    def state_dict(self, gathered: bool = False) -> dict:
         """See ``TorchAverage.state_dict``: host copies (DTensors on a sharded average) of every shadow
-        view, the counters and settings."""
-        self.swap.refuse("state_dict()")
+        view, the counters and settings. ``gathered=True`` (a split average's checkpoint that one rank
+        writes whole: Lightning's): every entry a full tensor, gathered (a collective every rank of the
+        group joins, after they agree), which ``load_state_dict`` cuts again on any number of ranks."""
+        with self.agreed("state_dict()", gathers=gathered):
+            self.swap.refuse("state_dict()")
         side = self.side
         if side.resync:                                  # a DDP wrap since construction: start over first
             side.follow()
         avg, copied = side.avg, side.copy
-        return {
+        state = {
             "format": self.format, "version": VERSION, **self.core.plan_state(),     # "calls" first
             "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
             "averaged": staged(side, {n: avg.state_view(n) for n in avg.names}, True),
             "copied": staged(side, {n: copied.view(n) for n in copied.names}) if copied is not None else {},
             "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
         }
+        if getattr(avg, "split_id", None) is not None:
+            state["split_id"] = self.split_id            # which split run the slices are of (see _agree)
+        if gathered:
+            for key in ("averaged", "ring"):
+                if isinstance(state.get(key), dict):
+                    state[key] = {n: full_entry(side.specs, n, v) for n, v in state[key].items()}
+        return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
+        with self.agreed("load_state_dict()", stamp=load_stamp(state)):   # every rank loads, or none does
+            loads = self._checked_loads(state, strict)
+        with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
+            for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
+                dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
+            self.core.load_plan_state(state)         # the counters ("calls" too) and the face's own state
+            if "split_id" in state and getattr(self.side.avg, "split_id", None) is not None:
+                self.side.avg.split_id = int(state["split_id"])
+
+    def join_refusing(self, err: BaseException) -> None:
+        """This rank cannot read what it would load (its file is missing or damaged): join the load's
+        exchange refusing, so every rank raises at once, naming this rank (never a hang); raises."""
+        with self.agreed("load_state_dict()"):
+            raise err
+
+    def _checked_loads(self, state: dict, strict: bool) -> list:
+        """Every check of :meth:`load_state_dict` on this rank: the ``(destination, value)`` pairs to
+        write, or the refusal naming every problem."""
         kind = self.kind
         check_header(state, self.format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
                                                        f"{kind} checkpoint ({kind}.state_dict()) here")
@@ -310,52 +405,26 @@ class TorchCheckpoint:
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             problems.append(f"calls must be an int >= 0, got {calls!r}")
+        split_id = state.get("split_id", 0)
+        if isinstance(split_id, bool) or not isinstance(split_id, int):
+            problems.append(f"split_id must be an int, got {split_id!r}")
         self.core.check_plan_state(state, problems)
-        if self._refused_elsewhere(bool(problems)) and not problems:     # every rank joins, refusing or not
-            problems.append("another rank refused its part of it (see that rank's error)")
         refuse_load(kind, problems, " this model")
-        with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
-            for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
-                dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
-            self.core.load_plan_state(state)         # the counters ("calls" too) and the face's own state
-
-    def _refused_elsewhere(self, refused: bool = False) -> bool:
-        """Whether any rank holding a shard of this sharded average refuses the checkpoint it is
-        loading (``refused``: this one does): a MAX all-reduce over every mesh dimension of the
-        sharded tensors' meshes, so either every rank loads or none does. False (no collective)
-        for an unsharded average or with no process group."""
-        side = self.side
-        specs = side.specs
-        if not specs or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return refused
-        groups: list = []
-        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
-            spec = specs.get(n)
-            if spec is None:
-                continue
-            for dim in range(spec.mesh.ndim):
-                group = spec.mesh.get_group(dim)
-                if all(group is not g for g, _ in groups):
-                    groups.append((group, spec.mesh.device_type))
-        flag = torch.tensor([float(refused)])
-        for group, device_type in groups:
-            on = flag.to(device_type)
-            torch.distributed.all_reduce(on, torch.distributed.ReduceOp.MAX, group=group)
-            flag = on.cpu()
-        return bool(flag.item())
+        return loads
 
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
         path = os.fspath(path)
-        self.swap.refuse("save()")
         stream = path.endswith(".safetensors")
-        if self.sharded:                   # collective: every rank gathers, rank 0 keeps host copies and writes
-            rank0 = torch.distributed.get_rank() == 0
+        if not self.sharded:
+            self.swap.refuse("save()")
+        if self.sharded:                   # collective: every rank gathers, the group's first rank keeps and writes
+            first = self.writer()
             tensors = {}
-            for name, value in self.full_items(row):
-                if rank0:
+            for name, value in self.full_items(row, "save()"):
+                if first:
                     tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
-            if not rank0:
+            if not first:
                 return
         else:                              # every check first; the values are read while the file is written
             tensors = {name: (t.detach() if value is None else value(), t.dtype)
@@ -364,3 +433,9 @@ class TorchCheckpoint:
             _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
         else:                              # torch.save's format, one host copy at a time
             _atomic_write(path, lambda f: stream_torch_save(f, tensors))
+
+
+def _replica_device(group) -> str:
+    from ._replicas import mesh_device
+
+    return mesh_device(group)

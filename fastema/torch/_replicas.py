@@ -19,6 +19,7 @@ time). The construction checks once, with one collective, that the ranks hold th
 """
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any
 
@@ -35,7 +36,7 @@ from ._offload import DEFAULT_CHUNK, OffloadedShadow
 __all__ = ["OffloadedReplicaShadow", "ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group",
            "split_shadow"]
 
-DEFAULT_BUCKET = 64 << 20          # bytes of one rank's part of a gather bucket (the wire's dtype)
+DEFAULT_BUCKET = 64 << 20          # bytes of one gather bucket, all ranks' parts together (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
 
 
@@ -93,8 +94,9 @@ def split_shadow(model, side, shard_replicas, kind: str, settings: str, bucket, 
     group, dim = split
     check_bucket(bucket)
     check_layouts(side.averaged, kind)
-    check_replicas(side.averaged, group, kind, f"{settings};{bucket}")
+    run = check_replicas(side.averaged, group, kind, f"{settings};{bucket}")
     shadow = make(group)
+    shadow.split_id = run
     side.split(shadow.specs(_sharded.mesh_of(group, mesh_device(group)), side.specs, dim))
     return shadow
 
@@ -153,29 +155,35 @@ def _wire_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def check_replicas(sources: dict, group, kind: str, settings: str = "") -> None:
+def check_replicas(sources: dict, group, kind: str, settings: str = "") -> int:
     """One collective at construction: every rank of ``group`` holds the same averaged tensors and
     makes the same split (a CRC of the names, shapes, strides, dtypes and the split's ``settings``:
     rows, dtypes, schedule, seed, bucket), with the same values (two int64 sums of their bits, one
-    weighted by position: exact, order-sensitive, NaN-safe). Every rank sees every rank's digest, so
-    every rank refuses alike (never a hang)."""
+    weighted by its position in the whole layout: exact, order-sensitive, NaN-safe). Every rank sees
+    every rank's digest, so every rank refuses alike (never a hang). Returns the split's run id (group
+    rank 0's random number, the same on every rank): what a slice's reads and checkpoints say it is
+    of (:mod:`fastema.torch._agree`)."""
     layout = settings + ";" + ";".join(f"{n}:{tuple(t.shape)}:{tuple(t.stride())}:{t.dtype}"
                                        for n, t in sources.items())
     plain = bumped = 0
+    base = 0                                   # positions run on across tensors: exchanged tensors differ (L2)
     with torch.no_grad():
         for t in sources.values():
             flat = _flat(t.detach()).view(_BITS[t.element_size()])
             for at in range(0, flat.numel(), _DIGEST_CHUNK):          # a chunk at a time: a bounded temporary
                 bits = flat[at:at + _DIGEST_CHUNK].to(torch.int64)
-                where = torch.arange(at, at + bits.numel(), device=bits.device) % 65521 + 1
+                where = torch.arange(base + at, base + at + bits.numel(), device=bits.device) % 65521 + 1
                 plain += int(bits.sum())
                 bumped += int((bits * where).sum())
+            base += flat.numel()
     wrap = lambda v: (v + 2**63) % 2**64 - 2**63               # noqa: E731  (int64, as the sums wrap)
-    mine = torch.tensor([zlib.crc32(layout.encode()), len(sources), wrap(plain), wrap(bumped)],
+    nonce = int.from_bytes(os.urandom(8), "little") >> 1       # this rank's candidate for the split's run id
+    mine = torch.tensor([zlib.crc32(layout.encode()), len(sources), wrap(plain), wrap(bumped), nonce],
                         dtype=torch.int64, device=_wire_device(group, list(sources.values())))
-    every = torch.empty(dist.get_world_size(group) * 4, dtype=torch.int64, device=mine.device)
+    every = torch.empty(dist.get_world_size(group) * 5, dtype=torch.int64, device=mine.device)
     _all_gather(every, mine, group)
-    rows = every.cpu().view(-1, 4).tolist()
+    rows = [r[:4] for r in every.cpu().view(-1, 5).tolist()]
+    run = int(every[4])                                        # rank 0's: the run id every rank keeps
     if any(r[:2] != rows[0][:2] for r in rows):
         differ = [i for i, r in enumerate(rows) if r[:2] != rows[0][:2]][:5]
         raise ValueError(f"{kind}(shard_replicas=...): the ranks hold different models or split them differently "
@@ -188,6 +196,7 @@ def check_replicas(sources: dict, group, kind: str, settings: str = "") -> None:
                          f"slice would average another model. Make the average after DistributedDataParallel(model) "
                          f"has broadcast rank 0's weights, or after every rank loaded the same checkpoint. Nothing "
                          f"was made.")
+    return run
 
 
 def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
@@ -241,6 +250,7 @@ class _ReplicaReads:
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
         self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
         self._swapped_row: int | None = None
+        self.split_id = 0                        # the split's run id, set once the ranks agreed (split_shadow)
         return self.rank, self.ranks
 
     def __repr__(self) -> str:
@@ -288,9 +298,15 @@ class _ReplicaReads:
         if self._swapped_row is None:
             self.check_row(row)
             self._raw = FlatShadow(dict(zip(self.names, self.sources)), dtype="same", split=(self.rank, self.ranks))
-            self._swapped_row = row                  # from here the raw window is the way back, whatever happens
-            with ctrl_c_held():
-                _gather_into_sources(self.layout, row, self)
+            self._swapped_row = row                  # from here the raw window is the way back
+            written: list = []
+            try:
+                with ctrl_c_held():
+                    _gather_into_sources(self.layout, row, self, written)
+            except BaseException:
+                if not written:                      # nothing of the average went in: not swapped (H7)
+                    self._swapped_row, self._raw = None, None
+                raise
         else:
             if row != self._swapped_row:
                 raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
@@ -308,7 +324,8 @@ class _ReplicaReads:
         self.check_row(row)
         self._settle()
         self.source_table.refresh()
-        _gather_into_sources(self.layout, row, self)
+        with ctrl_c_held():                          # the whole model written, or none of it (L3)
+            _gather_into_sources(self.layout, row, self)
 
 
 class ReplicaShadow(_ReplicaReads, FlatShadow):
@@ -363,11 +380,12 @@ def _window(g, rank: int, ranks: int) -> tuple[int, int]:
     return window(g.whole, 16 // g.buffer.element_size(), (rank, ranks))
 
 
-def _gather_into_sources(layout, row: int, owner: _ReplicaReads) -> None:
+def _gather_into_sources(layout, row: int, owner: _ReplicaReads, written: list | None = None) -> None:
     """Every rank's window of row ``row`` of ``layout`` (the owner's, or its raw weights' window),
     gathered bucket by bucket and written into the owner's sources in their own dtype (rounded to
     nearest from the shadow's): one ``all_gather_into_tensor`` per bucket and group, every rank of
-    ``owner.group`` joining."""
+    ``owner.group`` joining. A bucket is ``owner.bucket`` bytes, all ranks' parts together (the
+    memory a read adds). ``written`` gets an entry once the first value is written."""
     group, ranks = owner.group, owner.ranks
     sources = owner.sources
     flats = [_flat(t.detach()) for t in sources]
@@ -387,6 +405,8 @@ def _gather_into_sources(layout, row: int, owner: _ReplicaReads) -> None:
                 send[:part.numel()] = part.to(dtype).to(wire)      # rounded to the model's dtype once
                 got = torch.empty(ranks * per, dtype=wire, device=device)
                 _all_gather(got, send, group)
+                if written is not None and not written:
+                    written.append(True)                           # from here the sources hold part of it
                 for r, (lo, hi) in enumerate(windows):
                     a, b = lo + b0, min(hi, lo + b0 + per)         # the whole row's columns this piece holds
                     if a >= b:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import _sharded
 
-__all__ = ["Slices", "piece_of_slices", "rects", "slices", "tensor_slices"]
+__all__ = ["Slices", "full_entry", "piece_of_slices", "rects", "slices", "tensor_slices"]
 
 
 def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
@@ -189,3 +189,12 @@ def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
                          f"{expected[:3]}: load a full tensor, or this average's own state_dict() filled by "
                          f"torch.distributed.checkpoint.load")
     return value.to_local()
+
+
+def full_entry(specs: dict, name: str, value):
+    """The full ``(rows, *shape)`` tensor of a split average's checkpoint entry (:class:`Slices`: this
+    rank's pieces), gathered over its group (a collective); any other entry as it is."""
+    if type(value).__name__ != "Slices":
+        return value
+    spec = _sharded.rows_spec(specs[name], value.shape[0])
+    return _sharded.full(_sharded.wrap(value.to_local(), spec))

@@ -104,8 +104,8 @@ class EMA(Face, TorchAverage):
             saves once per element and reloads on any number of ranks, split or not. Construction
             checks once that the ranks hold the same weights. See the large-models guide
             ("Splitting the average across replicas").
-        gather_bucket: bytes of each rank's part of one gather of a swap or ``copy_to()`` with
-            ``shard_replicas`` (the extra memory a read needs: the buckets, plus this rank's slice
+        gather_bucket: bytes of one gather of a swap or ``copy_to()`` with ``shard_replicas``, all
+            ranks' parts together (the extra memory a read needs: the bucket, plus this rank's slice
             of the raw weights kept during a swap).
     """
 

@@ -1,0 +1,152 @@
+"""The state files of :class:`fastema.transformers.EMACallback`: one in every Trainer checkpoint
+folder (``STATE_FILE``, a replicated average), or one a rank (``fastema_ema-rank<r>-of-<world>.safetensors``,
+a sharded average; a split one records the flat range of each tensor it holds, so that any world
+size resumes from them). Safetensors, read without code execution; a JSON header of the EMA's
+counters and settings, the same in every rank's file of one save."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+
+import torch
+
+from ._state import GROUPS, from_named, load_refused
+
+__all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "read", "resharded"]
+
+STATE_FILE = "fastema_ema.safetensors"
+_RANK_FILE = re.compile(r"fastema_ema-rank(\d+)-of-(\d+)\.safetensors")
+
+FORMAT = "fastema.transformers.EMACallback"
+VERSION = 1
+
+
+def resharded(ema, folder: str, mine: str) -> dict:
+    """The state of ``ema`` from files another world size wrote in ``folder``: an average split
+    over replicas on W ranks (one file a rank, each with the flat range of every tensor it holds:
+    this rank's range of each tensor is read from the files that overlap it, a tensor at a time),
+    or a replicated average's single file (full tensors, which a split average cuts). Anything
+    else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files."""
+    from safetensors import safe_open
+
+    found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
+    template = ema.state_dict()
+    split = any(hasattr(v, "flat_range") for g in GROUPS for v in template.get(g, {}).values())
+    worlds: dict[int, dict[int, str]] = {}
+    for n in found:
+        if (m := _RANK_FILE.fullmatch(n)) is not None:
+            worlds.setdefault(int(m[2]), {})[int(m[1])] = os.path.join(folder, n)
+    whole = [w for w, files in worlds.items() if sorted(files) == list(range(w))]
+    refused = FileNotFoundError(f"EMACallback: {folder!r} holds {found} but this process needs {mine} (a sharded "
+                                f"EMA saves one file per rank, a replicated one a single file; an EMA split over "
+                                f"replicas resumes at any world size from a complete set of its files. Resume "
+                                f"with the world size and sharding that wrote them)")
+    if not worlds and STATE_FILE in found and split:  # a replicated average's file: full tensors
+        return read(os.path.join(folder, STATE_FILE))
+    if len(whole) != 1:
+        raise refused
+    files = [worlds[whole[0]][r] for r in range(whole[0])]
+    _one_save(files)
+    state = read(files[0])                       # the header, and the entries every rank holds whole
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(safe_open(p, framework="pt")) for p in files]
+        found_ranges = [_ranges(f, p) for f, p in zip(opened, files)]
+        ranges = [r for r in found_ranges if r is not None]
+        if len(ranges) != len(found_ranges):
+            raise refused                            # sharded (DTensor) parts: the same world size only
+        for group in GROUPS:
+            for name, value in template.get(group, {}).items():
+                key = f"{group}/{name}"
+                if key not in ranges[0]:
+                    continue                         # whole on every rank: rank 0's
+                rows, inner = value.shape[0], value[0].numel() if not hasattr(value, "flat_range") else 0
+                want = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
+                if want is None:                     # HSDP pieces of a shard on an inner dimension
+                    raise refused
+                first, count = want
+                parts = []
+                for f, held in zip(opened, ranges):
+                    f0, c0 = held.get(key, (0, 0))
+                    lo, hi = max(first, f0), min(first + count, f0 + c0)
+                    if lo < hi:
+                        parts.append(f.get_slice(key)[:, lo - f0:hi - f0])
+                local = torch.cat(parts, 1) if parts else torch.empty((rows, 0), dtype=value.dtype)
+                if tuple(local.shape) != (rows, count):
+                    raise load_refused(f"EMACallback: {files!r} hold {tuple(local.shape)} of this rank's "
+                                       f"{(rows, count)} elements of {key!r}: the files are damaged or of "
+                                       f"another model. Resume from another checkpoint folder.")
+                if hasattr(value, "load_local"):     # this rank's pieces, split again
+                    value.load_local(local)
+                    state[group][name] = value
+                else:
+                    state[group][name] = local.reshape(value.shape)
+    return state
+
+def read(path: str) -> dict:
+    """The EMA state in the callback's file ``path``, not yet checked against an EMA (a
+    ``ValueError`` naming the file when it is not one the callback wrote)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path!r} is not an EMACallback state file (format {meta.get('format')!r}); "
+                             f"the callback reads only the files it wrote")
+        if meta.get("version") != str(VERSION):
+            raise ValueError(f"{path!r} has version {meta.get('version')!r}; this fastema reads version "
+                             f"{VERSION}: upgrade fastema")
+        try:
+            header = json.loads(meta["ema"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
+        if not isinstance(header, dict):
+            raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")
+        return from_named(header, ((key, f.get_tensor(key)) for key in f.keys()), repr(path))
+
+
+def _one_save(files: list) -> None:
+    """Refuse per-rank files that are not of one save: every rank's header (the counters, the split's
+    run id) must be the same. A folder re-saved where one rank failed, or written by two runs, holds
+    files of two steps, whose slices would resume at different steps."""
+    from safetensors import safe_open
+
+    heads = []
+    for p in files:
+        with safe_open(p, framework="pt") as f:
+            heads.append((f.metadata() or {}).get("ema"))
+    odd = [p for p, h in zip(files, heads) if h != heads[0]]
+    if odd:
+        def said(h):
+            try:
+                d = json.loads(h)
+                return f"calls={d.get('calls')!r}, split_id={d.get('split_id')!r}"
+            except (TypeError, ValueError):
+                return "no readable header"
+        raise load_refused(f"EMACallback: the per-rank files {[os.path.basename(p) for p in files]} are not of one "
+                           f"save ({os.path.basename(files[0])}: {said(heads[0])}; {os.path.basename(odd[0])}: "
+                           f"{said(heads[files.index(odd[0])])}): a save that failed on some ranks, or two runs "
+                           f"writing one output_dir. Resume from another checkpoint folder.")
+
+
+def _ranges(f, path: str) -> dict | None:
+    """The flat range ``[first, count]`` of every tensor a split average's per-rank file holds (its
+    ``pieces`` metadata), None for a file with none (sharded parts); refused as damaged when malformed."""
+    text = (f.metadata() or {}).get("pieces")
+    if text is None:
+        return None
+    try:
+        ranges = json.loads(text)
+    except ValueError:
+        ranges = None
+    if not isinstance(ranges, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v) for v in ranges.values()):
+        raise load_refused(f"EMACallback: {path!r} has unreadable 'pieces' metadata (the flat range of each "
+                           f"tensor it holds): the file is damaged. Resume from another checkpoint folder.")
+    return ranges
+
+
+def local(value):
+    """This rank's part of a sharded (DTensor) state tensor; any other tensor as it is."""
+    return value.to_local() if hasattr(value, "to_local") else value
