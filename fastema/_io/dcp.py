@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import warnings
 from typing import Any, Callable
@@ -21,12 +22,30 @@ from .dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
 from .files import atomic_write
 from .safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
 
-__all__ = ["check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "safe_reader_type", "save_dcp"]
+__all__ = ["STALE_TMP_AGE", "check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "remove_stale_tmps",
+           "safe_reader_type", "save_dcp"]
+
+
+# A DCP snapshot is written into ``.snapshot-<time>.tmp`` beside it, then renamed. A failed save removes
+# its own (rank 0, once DCP has raised: see save_dcp); one left by a process that died mid-save is
+# removed by a later save of this folder once it is STALE_TMP_AGE old: nothing in it written for that
+# long. A live writer's folder changes while it writes (DCP writes every rank's file, then the
+# metadata), and a writer stalled longer than that has outlived the process group's timeout (30 min
+# by default) and failed; the save of the same time removes it at once (as a killed save's).
+STALE_TMP_AGE = 3600.0
+_TMP_NAME = re.compile(r"\.snapshot-(-?[0-9]+(\.[0-9]{6})?)\.tmp")     # .snapshot-<stamp>.tmp, fastema's only
 
 
 def save_dcp(base: str, tensors: dict, meta: dict) -> str:
     """The DCP snapshot ``base`` (see :func:`fastema.posthoc.snapshots.write_snapshot`), a collective: every rank
-    writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it."""
+    writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it.
+
+    A save that fails leaves nothing: DCP raises on every rank once all have stopped writing, and
+    rank 0 then removes the temporary directory. Before writing, rank 0 removes the temporary
+    directories of earlier saves to this folder that a dead process left: this time's at once,
+    another time's once nothing in it has been written for :data:`STALE_TMP_AGE` seconds (a live
+    writer's is never that old). Only fastema's names (``.snapshot-<time>.tmp``), only directories
+    holding DCP's files and nothing else."""
     import shutil
 
     import torch.distributed as dist
@@ -36,16 +55,31 @@ def save_dcp(base: str, tensors: dict, meta: dict) -> str:
     rank = dist.get_rank()
     tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
     error = None
-    if rank == 0 and os.path.exists(tmp):
-        try:
-            shutil.rmtree(tmp)                       # left by a snapshot that was killed
-        except OSError as err:
-            error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
+    if rank == 0:
+        if os.path.exists(tmp):
+            try:
+                shutil.rmtree(tmp)                   # left by a snapshot that was killed
+            except OSError as err:
+                error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
+        remove_stale_tmps(os.path.dirname(base) or ".", keep=os.path.basename(tmp))
     _agree(error)
     try:
         dcp.save(tensors, checkpoint_id=tmp)         # DCP raises on every rank when one could not write
     except CheckpointException as err:
-        raise OSError(_errno_of(err), f"could not write the DCP snapshot {base!r}: {first_line(err)}") from None
+        # Raised by DCP's last collective of the step that failed (gathered on rank 0, then broadcast),
+        # which every rank enters only once its own writes have returned (DCP's default writer, one
+        # thread): no rank writes into tmp any more, so no barrier is needed before removing it.
+        left = ""
+        if rank == 0:                                # DCP's coordinator: rank 0 of the default group
+            try:
+                shutil.rmtree(tmp)
+            except FileNotFoundError:
+                pass
+            except OSError as removing:
+                left = (f"; its temporary folder {tmp!r} could not be removed ({removing}): a later snapshot "
+                        f"removes it")
+        raise OSError(_errno_of(err), f"could not write the DCP snapshot {base!r}: {first_line(err)}{left}") \
+            from None
     if rank == 0:
         try:
             if os.path.exists(base):                 # the same time again: the old metadata goes first
@@ -58,8 +92,56 @@ def save_dcp(base: str, tensors: dict, meta: dict) -> str:
         except OSError as err:
             error = str(err)
             shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
+            shutil.rmtree(tmp, ignore_errors=True)    # (the rename failed)
     _agree(error)
     return base
+
+
+def remove_stale_tmps(directory: str, keep: str = "", *, age: float = STALE_TMP_AGE, now: float | None = None) -> list:
+    """Remove the temporary directories of DCP snapshots that dead processes left in ``directory``:
+    those named ``.snapshot-<time>.tmp`` (fastema's), but ``keep``, that are directories (not links)
+    holding only DCP's files (``__<rank>_<n>.distcp``, ``.metadata``...: regular files), in which nothing
+    was written for ``age`` seconds. Returns the paths removed; one that cannot be removed is
+    warned about and left (a later save tries again)."""
+    import shutil
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if name == keep or not _TMP_NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            newest = st.st_mtime
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    est = entry.stat(follow_symlinks=False)
+                    if not (stat.S_ISREG(est.st_mode) and entry.name.startswith(("__", ".metadata"))):
+                        newest = math.inf            # not DCP's files alone: not ours to remove
+                        break
+                    newest = max(newest, est.st_mtime)
+        except OSError:
+            continue
+        if now - newest < age:
+            continue                                 # a live writer's, or too recent to tell
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            warnings.warn(f"could not remove {path!r}, the temporary folder of a DCP snapshot that was not "
+                          f"finished: {err}", stacklevel=2)
+            continue
+        removed.append(path)
+    return removed
 
 
 def _agree(error: str | None) -> None:

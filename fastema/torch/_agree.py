@@ -140,6 +140,6 @@ def load_stamp(state) -> Stamp:
         return Stamp(-1)
     calls, run = state.get("calls"), state.get("split_id", 0)
     counters = [state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes", "first_time",
-                                       "last_time", "run_id")]
+                                       "last_time")]       # not PostHocEMA's run_id: each rank draws its own
     return Stamp(calls if type(calls) is int else -1, run if type(run) is int else -1,
                  zlib.crc32(repr(counters).encode()))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Literal
 import torch
 from torch import nn
 
+from .._interrupts import ctrl_c_held
 from ..average.plan import Cadence
 from ..average.swap import ModelSwap
 from ..flat import FlatShadow
@@ -250,12 +251,13 @@ class TorchAverage:
             side.follow()
             if copy is not None:                       # the averaged group checks itself before writing
                 copy.check_sources()
-        avg.copy_to_sources(row)
-        if side.masters is not None:                  # the masters were written: round them into the partitions
-            side.masters.push()
-        if copy is not None:
-            copy.copy_to_sources()
-        bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
+        with ctrl_c_held():                            # the whole model written, then a Ctrl-C raised (L3)
+            avg.copy_to_sources(row)
+            if side.masters is not None:              # the masters were written: round them into the partitions
+                side.masters.push()
+            if copy is not None:
+                copy.copy_to_sources()
+            bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
 
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an

@@ -27,7 +27,8 @@ first waits for the queued folds (:meth:`OffloadedShadow.join`) and re-raises a 
 fold lost before it wrote is not counted (the engine's plan goes back to the last fold that
 finished); one that failed halfway through an update breaks the average (see ``_folds``). A Ctrl-C
 during ``update()`` is held until every window is staged (``EMA`` holds it around the whole
-update), so the worker never folds half an update.
+update), so the worker never folds half an update; one during :meth:`OffloadedShadow.copy_to_sources`
+(``copy_to()``, a lossy swap) until every window is written into the model.
 
 Memory, for P parameters of b bytes each, a shadow of K rows of s bytes and chunks of C bytes:
 the weights' device keeps two chunks (2 C) and the tables; the host keeps the shadow (K P s), two
@@ -48,6 +49,7 @@ import torch
 from .._backends.torch import dtype_of
 from .._checks import sr_key
 from .._chunks import ChunkedSources
+from .._interrupts import ctrl_c_held
 from ._folds import Aborted, FoldQueue, Record
 
 __all__ = ["DEFAULT_CHUNK", "OffloadedShadow", "check_chunk"]
@@ -406,7 +408,10 @@ class OffloadedShadow:
         self._each_window(run)
 
     def copy_to_sources(self, row: int = 0) -> None:
-        """The sources <- row ``row`` (rounded to their dtypes): host shadow -> slot -> chunk -> sources."""
+        """The sources <- row ``row`` (rounded to their dtypes): host shadow -> slot -> chunk -> sources,
+        window by window. A Ctrl-C is held until every window is written (raised then), so the model
+        holds the whole average or, if it arrives before, its own weights: never some of each, as
+        the plain average's copy (one launch) never does."""
         self.check_row(row)
         self.join()
         self.check_sources()
@@ -415,7 +420,8 @@ class OffloadedShadow:
             self.src.copy_out(i, ring.slot_at[0], self._rows_at[self.src.windows[i].gi], row)
             self._from_slot(i, ring)
 
-        self._each_window(run)
+        with ctrl_c_held():                       # the whole model written, or none of it (reliability L3)
+            self._each_window(run)
 
     def backup(self):
         """A backup of the sources for a swap, kept in host memory (the device keeps no copy)."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .._interrupts import ctrl_c_held
+
 __all__ = ["HostBackup"]
 
 
@@ -51,7 +53,8 @@ class HostBackup:
                                "average was swapped in); the model keeps the average")
         s.check_sources()
         buf = s._spare[0]
-        for i, ring, at, n in self._spans():
-            ring.slots[0][:n].copy_(buf[at:at + n])
-            s._from_slot(i, ring)
+        with ctrl_c_held():                       # every window back, or none (the swap holds it too)
+            for i, ring, at, n in self._spans():
+                ring.slots[0][:n].copy_(buf[at:at + n])
+                s._from_slot(i, ring)
 

@@ -1,6 +1,7 @@
-"""What ema-pytorch's classes share here: its per-tensor helpers (``inplace_copy`` /
-``inplace_lerp``), the ``initted`` / ``step`` buffers with their host mirror, the warm-up schedule
-of ``EMA`` and ``EMAPytree``, and the average step of every class (one fastema launch per group)."""
+"""What ema-pytorch's classes share here: the errors raised where ema-pytorch asserts, its
+per-tensor helpers (``inplace_copy`` / ``inplace_lerp``), the ``initted`` / ``step`` buffers with
+their host mirror, the warm-up schedule of ``EMA`` and ``EMAPytree``, and the average step of every
+class (one fastema launch per group)."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,25 @@ from torch import nn
 from .... import schedules as S
 from ....pairs import PairShadow
 from .._common import lerp_pairs
+
+
+class AssertionValueError(AssertionError, ValueError):
+    """Raised where ema-pytorch 0.8.3 asserts on an argument's value (``only_online`` with
+    ``only_ema``, ``sigma_rel`` with ``gamma``, ...): an ``AssertionError``, as ema-pytorch raises,
+    that is also the ``ValueError`` fastema raises for a bad value, so ``except`` either catches it.
+    Unlike a bare ``assert``, it is raised under ``python -O`` too, with a message saying the fix."""
+
+
+class AssertionTypeError(AssertionError, TypeError):
+    """Raised where ema-pytorch 0.8.3 asserts on an argument's type (``ema_module_kwargs`` not a
+    dict / list / tuple / set, ``param_or_buffer_names_no_ema`` not a set or a list): an
+    ``AssertionError`` that is also a ``TypeError``."""
+
+
+class AssertionRuntimeError(AssertionError, RuntimeError):
+    """Raised where ema-pytorch 0.8.3 asserts on the object's state (a routed forward of
+    ``EMAModuleWrapper`` before a lazy EMA copy is made): an ``AssertionError`` that is also the
+    ``RuntimeError`` fastema raises on every other way to a copy not made yet."""
 
 
 def _source_for(tgt: torch.Tensor, src: torch.Tensor, auto_move_device: bool, coerce_dtype: bool) -> torch.Tensor:

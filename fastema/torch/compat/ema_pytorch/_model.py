@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .... import schedules as S
-from ._base import _Counters, _device_options, _lerp_towards, _Warmup
+from ._base import AssertionTypeError, AssertionValueError, _Counters, _device_options, _lerp_towards, _Warmup
 from ._pytree import EMAPytree
 
 
@@ -33,7 +33,8 @@ class _EmaPytorchBase(_Counters):
                             f"{type(model).__name__}; for a tree of tensors (a tensor, or a dict / list / tuple "
                             f"of them) use fastema.torch.compat.EMA(tree), which makes an EMAPytree")
         if not isinstance(param_or_buffer_names_no_ema, (set, list)):
-            raise TypeError("param_or_buffer_names_no_ema must be a set or a list of names")
+            raise AssertionTypeError(f"param_or_buffer_names_no_ema must be a set or a list of names, got "
+                                     f"{type(param_or_buffer_names_no_ema).__name__}")
         self.param_or_buffer_names_no_ema = param_or_buffer_names_no_ema
         self.ignore_names = ignore_names
         self.ignore_startswith_names = ignore_startswith_names
@@ -164,7 +165,8 @@ class EMA(_EmaPytorchBase, _Warmup):
         self.forward_method_names = forward_method_names
         if lazy_init_ema:
             if ema_model is not None:
-                raise ValueError("lazy_init_ema=True makes the EMA copy at the first update; pass no ema_model=")
+                raise AssertionValueError("lazy_init_ema=True makes the EMA copy at the first update; pass no "
+                                          "ema_model=")
         else:
             self.init_ema(ema_model)
         self.update_model_with_ema_every = update_model_with_ema_every
@@ -181,6 +183,9 @@ class EMA(_EmaPytorchBase, _Warmup):
             setattr(self, name, getattr(self.ema_model, name))
 
     def add_to_optimizer_post_step_hook(self, optimizer):
+        if not hasattr(optimizer, "register_step_post_hook"):
+            raise AssertionTypeError(f"add_to_optimizer_post_step_hook takes a torch.optim.Optimizer (it needs "
+                                     f"register_step_post_hook), got {type(optimizer).__name__}")
         return optimizer.register_step_post_hook(lambda *_: self.update())
 
     @torch.no_grad()
@@ -239,8 +244,8 @@ class KarrasEMA(_EmaPytorchBase):
                  allow_different_devices: bool = False, move_ema_to_online_device: bool = False):
         super().__init__()
         if (sigma_rel is None) == (gamma is None):
-            raise ValueError("give exactly one of sigma_rel= and gamma= (gamma is derived from sigma_rel as in "
-                             "EDM2, then beta from gamma)")
+            raise AssertionValueError("give exactly one of sigma_rel= and gamma= (gamma is derived from sigma_rel "
+                                      "as in EDM2, then beta from gamma)")
         gamma = S.sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else typing.cast(float, gamma)
         S.gamma_to_sigma_rel(gamma)
         S.check_count("update_every", update_every, 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .... import schedules as S
+from ._base import AssertionValueError
 from ._model import KarrasEMA
 
 
@@ -30,13 +31,14 @@ class PostHocEMA(nn.Module):
                  checkpoint_dtype: torch.dtype = torch.float16, **kwargs):
         super().__init__()
         if (sigma_rels is None) == (gammas is None):
-            raise ValueError("give exactly one of sigma_rels= and gammas=")
+            raise AssertionValueError("give exactly one of sigma_rels= and gammas=")
         gammas = tuple(S.sigma_rel_to_gamma(s) for s in sigma_rels) if sigma_rels is not None else \
             tuple(typing.cast(tuple, gammas))
         if len(gammas) < 2:
-            raise ValueError("at least 2 profiles with different gammas are needed to synthesise others")
+            raise AssertionValueError("at least 2 profiles with different gammas are needed to synthesise "
+                                      "others")
         if len(set(gammas)) != len(gammas):
-            raise ValueError(f"the gammas must differ from each other, got {gammas}")
+            raise AssertionValueError(f"the gammas must differ from each other, got {gammas}")
         self.maybe_ema_model = ema_model
         self.gammas = tuple(gammas)
         self.num_ema_models = len(gammas)
@@ -89,7 +91,7 @@ class PostHocEMA(nn.Module):
     def synthesize_ema_model(self, gamma: float | None = None, sigma_rel: float | None = None,
                              step: int | None = None) -> KarrasEMA:
         if (gamma is None) == (sigma_rel is None):
-            raise ValueError("give exactly one of gamma= and sigma_rel=")
+            raise AssertionValueError("give exactly one of gamma= and sigma_rel=")
         if sigma_rel is not None:
             gamma = S.sigma_rel_to_gamma(sigma_rel)
         files = sorted(self.checkpoint_folder.glob("*.pt"))
@@ -99,7 +101,8 @@ class PostHocEMA(nn.Module):
         last = max(steps)
         step = last if step is None else step
         if step > last:
-            raise ValueError(f"you can only synthesize for a timestep that is less than the max timestep {last}")
+            raise AssertionValueError(f"you can only synthesize for a timestep that is less than the max "
+                                      f"timestep {last}")
         from ....posthoc import profile_dot
 
         t_i = np.asarray(steps, np.float64)

@@ -8,6 +8,7 @@ import typing
 import torch
 from torch import nn
 
+from ._base import AssertionRuntimeError, AssertionTypeError, AssertionValueError
 from ._model import EMA
 
 
@@ -41,8 +42,8 @@ def _parse_specs(model: nn.Module, ema_module_kwargs, default_kwarg: str) -> lis
     if isinstance(ema_module_kwargs, (list, tuple, set)):
         return [_KwargSpec(path, path, default_kwarg) for path in ema_module_kwargs]
     if not isinstance(ema_module_kwargs, dict):
-        raise TypeError(f"ema_module_kwargs must be a dict, a list, a tuple or a set of module paths, got "
-                        f"{type(ema_module_kwargs).__name__}")
+        raise AssertionTypeError(f"ema_module_kwargs must be a dict, a list, a tuple or a set of module paths, "
+                                 f"got {type(ema_module_kwargs).__name__}")
     specs = []
     for receiver, value in ema_module_kwargs.items():
         if isinstance(value, str):
@@ -169,9 +170,10 @@ class EMAModuleWrapper(nn.Module):
             params = inspect.signature(receiver.forward).parameters
             if spec.kwarg_name not in params and not any(p.kind == inspect.Parameter.VAR_KEYWORD
                                                          for p in params.values()):
-                raise ValueError(f"submodule {spec.receiver_path!r} ({type(receiver).__name__}) has no forward "
-                                 f"keyword argument {spec.kwarg_name!r} to receive the EMA output of "
-                                 f"{spec.ema_path!r}; add it to its forward or name another with ema_kwarg=")
+                raise AssertionValueError(f"submodule {spec.receiver_path!r} ({type(receiver).__name__}) has no "
+                                          f"forward keyword argument {spec.kwarg_name!r} to receive the EMA output "
+                                          f"of {spec.ema_path!r}; add it to its forward or name another with "
+                                          f"ema_kwarg=")
             routes.append((spec, ema_sub, receiver))
         captured = self._captured_ema_outputs
         for spec, ema_sub, receiver in routes:
@@ -191,18 +193,23 @@ class EMAModuleWrapper(nn.Module):
                        ema_kwargs: dict | None = None, auto_normalize_ema_args: bool = True, **kwargs):
         """Run the EMA copy (``no_grad``, eval mode; on ``ema_args`` / ``ema_kwargs`` when given,
         else on the same inputs), then the online model, which receives the routed outputs;
-        returns the online model's output. ``only_online`` / ``only_ema``: that model alone."""
+        returns the online model's output. ``only_online`` / ``only_ema``: that model alone; both,
+        or either with ``ema_args`` / ``ema_kwargs``, raise :class:`AssertionValueError` (an
+        ``AssertionError`` where ema-pytorch asserts, and a ``ValueError``)."""
         if only_online and only_ema:
-            raise ValueError("only_online=True and only_ema=True together; pick one")
+            raise AssertionValueError("only_online=True and only_ema=True together; pick one")
         if (only_online or only_ema) and (ema_args is not None or ema_kwargs is not None):
-            raise ValueError("ema_args / ema_kwargs are for the EMA copy's pass of a routed forward; drop them "
-                             "with only_online=True or only_ema=True")
+            raise AssertionValueError("ema_args / ema_kwargs are for the EMA copy's pass of a routed forward; "
+                                      "drop them with only_online=True or only_ema=True")
         if only_ema:
             return self.ema._made()(*args, **kwargs)
         if only_online:
             self._captured_ema_outputs.clear()
             return self.model(*args, **kwargs)
-        ema_model = self.ema._made()
+        if self.ema.ema_model is None:                     # ema-pytorch asserts here
+            raise AssertionRuntimeError("the EMA copy is not made yet (lazy_init_ema=True): call update() once "
+                                        "first")
+        ema_model = self.ema.ema_model
         self._captured_ema_outputs.clear()
         if auto_normalize_ema_args and ema_args is not None:
             if isinstance(ema_args, dict):                 # ema-pytorch's normalize_ema_args_kwargs
