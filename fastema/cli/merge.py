@@ -65,8 +65,11 @@ def _parser() -> Parser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs and print the weights; write nothing (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refused)")
-    p.add_argument("--read", default="mmap", choices=("mmap", "pread"),
-                   help="how inputs are read: memory-mapped, or in pieces into small buffers (default: %(default)s)")
+    p.add_argument("--read", default="pread", choices=("pread", "mmap"),
+                   help="how safetensors and torch inputs are read: pread, in pieces copied into small buffers (an "
+                        "input truncated during the merge is an error naming it); mmap, in place, memory-mapped "
+                        "(no copy, faster on some machines; but a file another program shrinks while it is mapped "
+                        "can kill the merge with SIGBUS: only for inputs nothing else writes) (default: %(default)s)")
     p.add_argument("--max-error", type=number(lambda v: v >= 0, "a number >= 0"), default=None,
                    help="the largest relative L2 error sigma_rel: weights may have (default: 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with bytes/s when "

@@ -1,12 +1,13 @@
 """Checkpoint merging: the weighted average of saved checkpoints, at disk speed, in bounded memory.
 
 ``merge_checkpoints(inputs, out, weights="uniform", dtype="same", ...)`` reads every floating
-tensor of the inputs one tensor (or one 4 MiB piece of one) at a time, memory-mapped where the
-format allows, through a compiled multi-input weighted-sum kernel (float32 accumulation,
-float64 on request; the next piece mapped and the last one written on helper threads meanwhile),
-and writes the merge into a temporary folder beside ``out`` that is renamed into place when it is
-whole. Command line: ``python -m fastema merge OUT INPUT... --weights
-minus-sqrt``.
+tensor of the inputs one tensor (or one 512 KiB piece of one) at a time, copied into small buffers
+(``read="pread"``; ``read="mmap"`` reads safetensors and torch files in place, for inputs nothing
+else writes: one shrunk during the merge can kill the process with SIGBUS), through a compiled
+multi-input weighted-sum kernel (float32 accumulation, float64 on request; the next piece read and
+the last one written on helper threads meanwhile), and writes the merge into a temporary folder
+beside ``out`` that is renamed into place when it is whole. Command line: ``python -m fastema
+merge OUT INPUT... --weights minus-sqrt``.
 
 - :mod:`.weights`: the weight styles (uniform, Megatron-LM's ``linear`` / ``minus-sqrt``, EMA by
   steps, WSM's decay-emulating weights, EDM2's ``sigma_rel``, explicit lists), each with its formula;

@@ -2,9 +2,11 @@
 kernel (:mod:`fastema.kernels.merge_cpu`, launched through :func:`fastema._launch.merge`) to the output file.
 
 Pieces flow through a two-stage pipeline: a helper thread fetches the next piece of every input
-(``pread`` into one of two sets of small buffers, or, memory-mapped, its pages mapped in one
-``madvise`` call) while this thread runs the kernel on the current one and writes its output; the
-read, the kernel and the write all release the GIL, so reading overlaps computing and writing. An
+(``read="pread"``: copied into one of two sets of small buffers; ``read="mmap"``: its pages mapped
+in one ``madvise`` call, read in place by the kernel, so a file that shrinks from then until the
+kernel has read them is SIGBUS) while this thread runs the kernel on the current one and writes its
+output; the read, the kernel and the write all release the GIL, so reading overlaps computing and
+writing. An
 input that cannot be read in pieces (a DCP checkpoint: :attr:`Source.mappable` False) is summed one
 input at a time into a whole-tensor accumulator instead: the same bits, as the kernel adds the
 inputs in the same order either way.

@@ -3,13 +3,18 @@
 parsed and checked against the file as the safetensors library checks it
 (:func:`fastema._io.safetensors.read_header`: dtypes, shapes, sizes; no name twice; the tensors'
 spans tile the data area from its first byte to the file's end): a truncated or damaged file is
-refused before anything is written. Tensors are read memory-mapped, or with ``pread`` into small
-buffers. A file that shrinks while it is read is a MergeError naming it and the tensor, not a
-SIGBUS: its size is checked before each tensor, and each piece's pages are mapped in one call that
-fails on pages past the file's end (where the system has no such call, the input is read with
-``pread``). Only a shrink in the milliseconds between that call and the kernel's read of the piece
-can still be fatal; ``read="pread"`` has no such window. A file replaced (renamed over) after its
-header was read is refused before it is mapped or opened.
+refused before anything is written. A file replaced (renamed over) after its header was read is
+refused before it is mapped or opened.
+
+Tensors are read with ``pread`` into small buffers (``read="pread"``, the default): a file that
+shrinks while it is read is a MergeError naming it and the tensor (a short read, or its size
+checked before each tensor), whenever it shrinks. ``read="mmap"`` reads them in place, memory-mapped,
+each piece's pages mapped in one call before the kernel reads it (``MADV_POPULATE_READ``, which
+fails on pages past the file's end; where the system has no such call, the input is read with
+``pread``): a file that shrank before that call is a MergeError, but one that shrinks after it, while
+the piece waits for the kernel (up to a whole piece's sum: the next piece is fetched while the
+current one is summed) or is summed, takes the mapped pages away and the process dies of SIGBUS.
+``mmap`` is for inputs nothing else writes during the merge.
 
 Descriptors stay few whatever the number of files: a map holds none (:class:`._source.FileMap`),
 a ``pread`` descriptor is opened when its file is first read and closed once its tensors are
@@ -127,11 +132,12 @@ class _File:
 
 
 class SafetensorsSource(Source):
-    """One safetensors file, or the shards of a Hugging Face folder (``files``: shard -> names)."""
+    """One safetensors file, or the shards of a Hugging Face folder (``files``: their paths), read with
+    ``pread`` or memory-mapped (``read``: see the module)."""
 
     format = "safetensors"
 
-    def __init__(self, path: str, label: str, files: list, read: str = "mmap"):
+    def __init__(self, path: str, label: str, files: list, read: str = "pread"):
         super().__init__(path, label)
         self._read = read
         self._files: dict = {}
@@ -201,10 +207,13 @@ class SafetensorsSource(Source):
                 f.changed(os.fstat(fd), name)
         done = 0
         while done < len(out):
-            got = os.preadv(fd, [out[done:]], offset + lo + done)
+            try:
+                got = os.preadv(fd, [out[done:]], offset + lo + done)
+            except OSError as err:
+                raise read_problem(f.where, name, err) from None
             if got <= 0:
-                raise MergeError(f"{self.label}: {file!r} ended while reading {name!r}: it was truncated during the "
-                                 f"merge")
+                raise MergeError(f"{f.where} was truncated during the merge: it ended while tensor {name!r} was read; "
+                                 f"let nothing rewrite a checkpoint while it is merged")
             done += got
 
     def done(self, name: str) -> None:

@@ -1,7 +1,8 @@
 """What every input of a merge is (:class:`Source`, its :class:`Entry` list) and how one fails
 (:class:`MergeError`, which :func:`refused` makes of :mod:`fastema._io`'s refusals): the pieces the
-input readers share, memory maps that hold no descriptor (:class:`FileMap`) and reading them safely
-(:func:`populate`) among them."""
+input readers share, memory maps that hold no descriptor (:class:`FileMap`), mapping a piece's pages
+before it is read (:func:`populate`) and copying it out of a map with no risk of SIGBUS
+(:func:`copy_mapped`) among them."""
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +18,14 @@ import numpy as np
 from .._io.safe_files import FileRefused
 from .._io.safetensors import ITEMSIZE
 
-__all__ = ["OBJECT", "Entry", "FileMap", "MergeError", "Source", "advise", "populate", "read_problem", "refused",
-           "step_from_name"]
+__all__ = ["OBJECT", "Entry", "FileMap", "MergeError", "Source", "advise", "copy_mapped", "populate", "read_problem",
+           "refused", "step_from_name"]
 
 POPULATE_READ, DONTNEED, _SEQUENTIAL = 22, 4, 2   # Linux madvise: map a range's pages now (5.14+) / drop them
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _libc: list = []
 POPULATE_READ_WORKS = [True]    # False once the system refused MADV_POPULATE_READ (Linux < 5.14, not Linux)
+COPY_MAPPED_WORKS = [True]      # False once the system refused process_vm_readv (not Linux, a seccomp filter)
 _UNREADABLE = (errno.EFAULT, errno.EIO, getattr(errno, "EHWPOISON", 133))   # populate: a page past the end, bad
 
 OBJECT = "object"                     # an entry that is not a tensor (a step counter, a string, bytes)
@@ -65,8 +67,13 @@ def read_problem(where: str, name: str, err: OSError) -> MergeError:
                       f"was truncated during the merge")
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
 def _c():
-    """libc with ``madvise``, ``mmap`` and ``munmap`` typed, or None where there is none."""
+    """libc with ``madvise``, ``mmap`` and ``munmap`` typed (and ``process_vm_readv`` where it has
+    one), or None where there is none."""
     if not _libc:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -78,6 +85,14 @@ def _c():
             _libc.append(libc)
         except (OSError, AttributeError):
             _libc.append(None)
+        else:
+            try:
+                vec = ctypes.POINTER(_IoVec)
+                libc.process_vm_readv.argtypes = (ctypes.c_int, vec, ctypes.c_ulong, vec, ctypes.c_ulong,
+                                                  ctypes.c_ulong)
+                libc.process_vm_readv.restype = ctypes.c_ssize_t
+            except AttributeError:          # not Linux
+                COPY_MAPPED_WORKS[0] = False
     return _libc[0]
 
 
@@ -117,6 +132,32 @@ def populate(address: int, nbytes: int) -> bool:
         if err not in (errno.EINTR, errno.EAGAIN):
             break
     return True                                  # ENOMEM and the like: plain page faults, as before 5.14
+
+
+def copy_mapped(dst: int, src: int, nbytes: int) -> bool:
+    """Copy ``nbytes`` from ``src``, in a file mapping, to ``dst`` (this process's memory) the way the
+    kernel copies for a system call (``process_vm_readv`` of this process): a page past the file's end
+    (it shrank since it was mapped) is EFAULT, never SIGBUS. True when done; False where the system
+    cannot (not Linux, a seccomp filter): then nothing was copied. OSError (EFAULT, EIO) when a page
+    lies past the file's end or cannot be read: :func:`read_problem` words it."""
+    libc = _c()
+    if libc is None or not COPY_MAPPED_WORKS[0]:
+        return False
+    done, pid = 0, os.getpid()
+    while done < nbytes:
+        local, remote = _IoVec(dst + done, nbytes - done), _IoVec(src + done, nbytes - done)
+        got = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got > 0:
+            done += got
+            continue
+        err = ctypes.get_errno() if got < 0 else errno.EFAULT   # 0 bytes: the first page is unreadable
+        if err == errno.EINTR:
+            continue
+        if done == 0 and err in (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL):
+            COPY_MAPPED_WORKS[0] = False    # refused (a seccomp filter): never tried again
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 class _Mapping:

@@ -4,6 +4,15 @@ for anything but tensors and plain containers is refused, nothing of it runs; te
 the file's memory map), and DCP checkpoint folders (below). The one module of
 :mod:`fastema.merge` that imports torch.
 
+A torch file's pieces are copied out of torch's map into small buffers (``read="pread"``, the
+default) by a copy that a page past the file's end fails with EFAULT (:func:`._source.copy_mapped`),
+so a file that shrinks while it is merged is a MergeError naming it and the tensor, whenever it
+shrinks (where the system refuses that copy, they are read from the map as with ``mmap``). With
+``read="mmap"`` the kernel reads them in the map, each piece's pages mapped first
+(:func:`._source.populate`): a file that shrinks after that call, while the piece waits for the
+kernel or is summed, kills the process with SIGBUS. A tensor saved as a strided view is made
+contiguous from a copy of its bytes (``pread``) or from the map (``mmap``).
+
 A checkpoint that wraps the model's state (``{"model": {...}, "optimizer": {...}, "step": 5}``:
 fairseq, Megatron, Lightning's ``state_dict``, DeepSpeed's ``module``) is read from that entry;
 optimizer and scheduler state is left out unless asked for (then copied from the ``copy_from``
@@ -31,6 +40,7 @@ from ._source import (
     Source,
     WholeTensorSource,
     advise,
+    copy_mapped,
     populate,
     read_problem,
     refused,
@@ -58,10 +68,11 @@ class TorchFileSource(Source):
 
     format = "torch"
 
-    def __init__(self, path: str, label: str, optimizer: bool = False):
+    def __init__(self, path: str, label: str, optimizer: bool = False, read: str = "pread"):
         import torch
 
         super().__init__(path, label)
+        self._read = read
         with refused():
             regular(path, label)
         try:
@@ -147,20 +158,44 @@ class TorchFileSource(Source):
                 if isinstance(v, int) and not isinstance(v, bool):
                     return v
                 if hasattr(v, "numel") and v.numel() == 1 and not v.is_floating_point():
-                    return int(v)
+                    return int(self._contiguous(key, v))         # its bytes copied out of the map first
         return None
 
     def _address(self, name: str) -> int:
         t = self._tensors[name]
         if not t.is_contiguous():                      # a view saved as it was: a C-order copy until done()
             if name not in self._dense:
-                self._dense[name] = t.contiguous()
+                self._dense[name] = self._contiguous(name, t)
             t = self._dense[name]
         return t.data_ptr()
+
+    def _contiguous(self, name: str, t):
+        """A C-order copy of the strided view ``t``; with ``pread``, made from a copy of the bytes it
+        spans, never read in the map."""
+        import torch
+
+        if self._read == "mmap":
+            return t.contiguous()
+        span = (sum((n - 1) * step for n, step in zip(t.shape, t.stride())) + 1) * t.element_size()
+        raw = torch.empty(span, dtype=torch.uint8)
+        if not self._copied(name, raw.data_ptr(), t.data_ptr(), span):
+            return t.contiguous()
+        return raw.view(t.dtype).as_strided(t.shape, t.stride()).contiguous()
+
+    def _copied(self, name: str, dst: int, src: int, nbytes: int) -> bool:
+        """``nbytes`` at ``src`` (in the map) copied to ``dst`` with no risk of SIGBUS; False where the
+        system refuses the copy (then read in the map)."""
+        try:
+            return copy_mapped(dst, src, nbytes)
+        except OSError as err:
+            raise read_problem(self.label, name, err) from None
 
     def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
         itemsize = ITEMSIZE[self.entries[name].dtype]
         address = self._address(name) + lo * itemsize
+        if self._read == "pread" and name not in self._dense:
+            if self._copied(name, scratch.ctypes.data, address, count * itemsize):
+                return scratch.ctypes.data
         self._populate(name, address, count * itemsize)
         return address
 
@@ -168,6 +203,9 @@ class TorchFileSource(Source):
         if nbytes == 0:
             return memoryview(b"")
         address = self._address(name) + lo
+        if self._read == "pread" and name not in self._dense:
+            if self._copied(name, scratch.ctypes.data, address, nbytes):
+                return scratch.view(np.uint8).data[:nbytes]
         self._populate(name, address, nbytes)
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).data
 

@@ -12,9 +12,14 @@ not write:
 - a post-hoc snapshot folder of :class:`fastema.torch.PostHocEMA` (:mod:`._snapshots`).
 
 Each is a :class:`Source`: its entries (name, dtype, shape), its training step when it records
-one, and reads of a tensor's elements, memory-mapped where the format allows (safetensors,
-``mmap=True`` torch files). Only regular files are opened; a symbolic-link loop, a FIFO, a
-truncated or damaged file is a :class:`MergeError` naming the input (and the tensor).
+one, and reads of a tensor's elements. ``read`` says how safetensors and torch files are read: copied
+in pieces into small buffers (``"pread"``, the default: a file that shrinks during the merge is a
+MergeError naming it), or read in place, memory-mapped (``"mmap"``: a file another program shrinks
+during the merge can kill the process with SIGBUS). DCP folders and post-hoc snapshots are read
+whole, one tensor at a time, by their own readers, whatever ``read`` says (a safetensors snapshot
+through the safetensors library, which maps it). Only regular files are opened; a symbolic-link
+loop, a FIFO, a truncated or damaged file is a :class:`MergeError` naming the input (and the
+tensor).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from ._source import Entry, MergeError, Source, refused, step_from_name
 __all__ = ["Entry", "MergeError", "Source", "open_input", "step_from_name"]
 
 
-def open_input(path, index: int, *, read: str = "mmap", optimizer: bool = False) -> list:
+def open_input(path, index: int, *, read: str = "pread", optimizer: bool = False) -> list:
     """The :class:`Source` (a list: a snapshot folder gives one per stored profile) of input
     ``index`` at ``path``, detected from what is there."""
     path = os.fspath(path)
@@ -58,7 +63,7 @@ def open_input(path, index: int, *, read: str = "mmap", optimizer: bool = False)
         src.step = step if step is not None else step_from_name(path)
         return [src]
     from ._torch_inputs import TorchFileSource
-    return [TorchFileSource(path, label, optimizer)]
+    return [TorchFileSource(path, label, optimizer, read)]
 
 
 def _looks_like_safetensors(magic: bytes, size: int) -> bool:
@@ -77,7 +82,7 @@ def _folder(path: str, label: str, index: int, read: str, optimizer: bool) -> li
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if os.path.lexists(os.path.join(path, name)):
             from ._torch_inputs import TorchFileSource
-            src = TorchFileSource(os.path.join(path, name), label, optimizer)
+            src = TorchFileSource(os.path.join(path, name), label, optimizer, read)
             src.folder, src.step = path, src.step if src.step is not None else trainer_step(path, label)
             return [src]
     from ._snapshots import snapshot_folder

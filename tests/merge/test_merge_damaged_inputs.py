@@ -1,5 +1,6 @@
-"""Inputs damaged before or during a merge: a file truncated while it is memory-mapped (no SIGBUS: a
-MergeError naming the input and the tensor), a damaged DCP data file, a dtype safetensors cannot
+"""Inputs damaged before or during a merge: a file truncated while it is read (no SIGBUS: a MergeError
+naming the input and the tensor; under read="mmap", when it shrank before its piece's pages were
+mapped), a damaged DCP data file, a dtype safetensors cannot
 store, header dimensions past what a reader takes, more files than descriptors, and crafted headers
 the safetensors library refuses (a name twice, overlapping spans, gaps, bytes after the last
 tensor). Each refusal leaves no temporary folder and changes no input; whatever could kill the
@@ -14,6 +15,7 @@ from merge_helpers import crafted, fingerprint, model_state, run_python, tempora
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
 
 import fastema._io.safetensors as dtypes
 from fastema.__main__ import main as fastema_main
@@ -64,8 +66,8 @@ _TRUNCATED_MIDWAY = """
 import json, os, sys
 from fastema.merge import _engine, _source, core
 from fastema.merge._safetensors_input import SafetensorsSource
-_engine.PIECE_BYTES["mmap"] = 64 << 10                  # four pieces a tensor
-case, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+_engine.PIECE_BYTES.update(mmap=64 << 10, pread=64 << 10)   # four pieces a tensor
+case, read, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 if case == "without populate":
     _source.POPULATE_READ_WORKS[0] = False            # as on a kernel older than 5.14
 victim, method, name, lo = {"inside a tensor": (0, "piece", "a", 16384), "without populate": (0, "piece", "a", 16384),
@@ -82,7 +84,7 @@ def truncating(self, tensor, at, size, scratch):   # what a trainer rewriting th
     return real(self, tensor, at, size, scratch)
 setattr(SafetensorsSource, method, truncating)
 try:
-    core.merge_checkpoints(paths, out)
+    core.merge_checkpoints(paths, out, read=read)
 except Exception as err:
     print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
 else:
@@ -90,12 +92,15 @@ else:
 """
 
 
-@pytest.mark.parametrize("case", ["inside a tensor", "between tensors", "a copied tensor", "without populate"])
-def test_an_input_truncated_during_a_mapped_merge_is_a_merge_error_naming_it(tmp_path, case):
+@pytest.mark.parametrize("case, read", [(c, r) for c in ("inside a tensor", "between tensors", "a copied tensor")
+                                        for r in ("mmap", "pread")] + [("without populate", "mmap")])
+def test_an_input_truncated_during_a_merge_before_its_piece_is_read_is_a_merge_error_naming_it(tmp_path, case,
+                                                                                              read):
     """H1: an input that shrank under read="mmap" killed the process with SIGBUS (the populate call's
     EFAULT was ignored, then the kernel touched the page); now a MergeError naming the input and the
     tensor, whether the populate call, the size check before each tensor, or (where populate is not
-    available) pread notices it."""
+    available, and with read="pread") pread notices it. (A shrink after the populate call, under
+    mmap, is still SIGBUS: H6, below.)"""
     paths = []
     for i in range(2):
         state = {"a": np.full(1 << 16, 1.0 + i, np.float32), "b": np.full(1 << 16, 3.0 + i, np.float32),
@@ -104,7 +109,7 @@ def test_an_input_truncated_during_a_mapped_merge_is_a_merge_error_naming_it(tmp
         save_numpy(state, paths[-1])
     victim = 1 if case == "a copied tensor" else 0
     untouched = fingerprint([paths[1 - victim]])
-    r = run_python(_TRUNCATED_MIDWAY, case, tmp_path / "out.safetensors", *paths)
+    r = run_python(_TRUNCATED_MIDWAY, case, read, tmp_path / "out.safetensors", *paths)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])             # no SIGBUS (-7)
     tensor = {"inside a tensor": "a", "without populate": "a", "between tensors": "b", "a copied tensor": "ids"}[case]
     assert r.stdout.startswith("fired=True failed: MergeError: "), r.stdout
@@ -135,6 +140,86 @@ def test_an_input_that_changed_size_after_its_header_was_read_is_refused_before_
     with pytest.raises(MergeError, match=r"input 0 \(.*ckpt-0.safetensors\).*rewritten during the merge.*'a'"):
         merge_checkpoints(paths, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists() and temporary_entries(tmp_path) == []
+
+
+# ------------------------------------------------------------ H6: shrunk between a piece's read and its sum
+
+
+_SHRUNK_AT_THE_FIRST_LAUNCH = """
+import os, sys
+import fastema._launch as launch
+face, victim, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+real, fired = launch.merge, []
+def shrinking(*args):               # the pieces this launch sums were fetched just before (read, or mapped)
+    if not fired:
+        os.truncate(victim, 4096)       # what another program rewriting the file in place does
+        fired.append(True)
+    return real(*args)
+launch.merge = shrinking
+if face == "cli":
+    from fastema.__main__ import main
+    rc = main(["merge", out, *paths, "--no-progress"])
+    print(f"fired={bool(fired)} rc={rc}")
+else:
+    from fastema.merge import merge_checkpoints
+    try:
+        merge_checkpoints(paths, out, progress=False)
+    except Exception as err:
+        print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
+    else:
+        print(f"fired={bool(fired)} written")
+"""
+
+
+def _eight_mib_inputs(folder, fmt: str) -> list:
+    """Two inputs of 8 MiB (one float32 tensor of 2 Mi elements, and a copied step), as ``fmt``."""
+    os.makedirs(folder)
+    paths = []
+    for i in range(2):
+        state = {"w": torch.full((1 << 21,), 1.0 + i), "step": torch.tensor(100 * (i + 1))}
+        paths.append(str(folder / f"ckpt-{i}.{fmt}"))
+        if fmt == "safetensors":
+            save_file(state, paths[-1])
+        else:
+            torch.save(state, paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("face, fmt", [("api", "safetensors"), ("cli", "safetensors"), ("api", "pt")])
+def test_an_input_shrunk_after_its_piece_was_read_is_a_merge_error_by_default_never_sigbus(tmp_path, face, fmt):
+    """H6: the second of two 8 MiB inputs truncated to 4 KiB right before the first kernel launch, after
+    its piece was fetched. Under the old default (read="mmap") the piece's pages were mapped and
+    populated, the truncation unmapped them and the kernel died of SIGBUS (rc -7), leaving the temporary
+    file. The default (read="pread") copies every piece out of the file first: a MergeError naming the
+    input (exit status 1 from the command), nothing left in the output's folder."""
+    paths = _eight_mib_inputs(tmp_path / "in", fmt)
+    os.makedirs(tmp_path / "out")
+    out = tmp_path / "out" / "merged.safetensors"
+    r = run_python(_SHRUNK_AT_THE_FIRST_LAUNCH, face, paths[1], out, *paths)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])   # no SIGBUS (-7)
+    said = r.stdout if face == "api" else r.stderr
+    if face == "api":
+        assert r.stdout.startswith("fired=True failed: MergeError: "), r.stdout
+    else:
+        assert r.stdout.strip().endswith("fired=True rc=1") and "error: " in r.stderr, (r.stdout, r.stderr[-2000:])
+    assert f"input 1 ({paths[1]})" in said and "truncated" in said, said
+    assert os.listdir(tmp_path / "out") == []                               # no temporary file left
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_read_mmap_still_merges_healthy_inputs_to_the_bits_of_the_default(tmp_path, fmt):
+    """read="mmap" (``--read mmap``), the opt-in for inputs nothing else writes: the same bits as the
+    default read, through the API and the command."""
+    paths = _eight_mib_inputs(tmp_path / "in", fmt)
+    merge_checkpoints(paths, tmp_path / "pread.safetensors", progress=False)
+    merge_checkpoints(paths, tmp_path / "mmap.safetensors", read="mmap", progress=False)
+    assert fastema_main(["merge", str(tmp_path / "cli.safetensors"), *paths, "--read", "mmap", "--no-progress"]) == 0
+    want = load_numpy(str(tmp_path / "pread.safetensors"))
+    assert np.array_equal(want["w"], np.full(1 << 21, 1.5, np.float32)) and int(want["step"]) == 200
+    for name in ("mmap", "cli"):
+        got = load_numpy(str(tmp_path / f"{name}.safetensors"))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert temporary_entries(tmp_path) == []
 
 
 # ------------------------------------------------------------ M2: a damaged DCP data file

@@ -53,13 +53,43 @@ def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path, monk
             merge_checkpoints(paths, out, weights="wsm:1-sqrt", read=read)
             outs.append(load(out))
     monkeypatch.setitem(_engine.PIECE_BYTES, "mmap", 64)    # every tensor in many pieces
-    paths, _ = checkpoints(tmp_path / "again", "safetensors")
-    merge_checkpoints(paths, tmp_path / "pieces.safetensors", weights="wsm:1-sqrt")
-    outs.append(load(tmp_path / "pieces.safetensors"))
+    monkeypatch.setitem(_engine.PIECE_BYTES, "pread", 64)
+    for fmt in ("safetensors", "pt"):
+        paths, _ = checkpoints(tmp_path / f"again-{fmt}", fmt)
+        for read in ("mmap", "pread"):
+            merge_checkpoints(paths, tmp_path / "pieces.safetensors", weights="wsm:1-sqrt", read=read, overwrite=True)
+            outs.append(load(tmp_path / "pieces.safetensors"))
     for other in outs[1:]:
         assert other.keys() == outs[0].keys()
         for name in outs[0]:
             assert outs[0][name].view(-1).view(torch.uint8).equal(other[name].view(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("read, copy", [("pread", True), ("pread", False), ("mmap", True)],
+                         ids=["pread", "pread, process_vm_readv refused", "mmap"])
+def test_torch_files_of_strided_views_and_step_tensors_merge_alike_in_every_read_mode(tmp_path, monkeypatch, read,
+                                                                                       copy):
+    """A torch file's pieces under read="pread" are copied out of torch's map (process_vm_readv); a
+    tensor saved as a strided view is made contiguous from a copy of the bytes it spans, and a step
+    saved as a tensor is read from a copy too. Where the system refuses process_vm_readv, they are read
+    in the map, as with read="mmap": the same values either way."""
+    from fastema.merge import _source
+
+    monkeypatch.setattr(_source, "COPY_MAPPED_WORKS", [copy])
+    monkeypatch.setitem(_engine.PIECE_BYTES, read, 256)     # a view's pieces, and its copy, in several pieces
+    base = torch.arange(12 * 40, dtype=torch.float32).reshape(12, 40)
+    paths, states = [], []
+    for i in range(2):
+        state = {"t": (base + i).t()[3:, ::2], "b": torch.full((300,), float(i)).bfloat16(), "k": torch.arange(5) + i}
+        assert not state["t"].is_contiguous()
+        paths.append(str(tmp_path / f"ckpt-{i}.pt"))
+        torch.save({"model": state, "step": torch.tensor(100 * (i + 1))}, paths[-1])
+        states.append(state)
+    report = merge_checkpoints(paths, tmp_path / "out.safetensors", read=read)
+    got = load(tmp_path / "out.safetensors")
+    assert report.steps == [100, 200]
+    assert torch.equal(got["t"], (states[0]["t"] + states[1]["t"]) / 2)
+    assert torch.equal(got["b"], torch.full((300,), 0.5).bfloat16()) and torch.equal(got["k"], states[1]["k"])
 
 
 def test_mixed_formats_merge_when_names_and_shapes_agree(tmp_path):
