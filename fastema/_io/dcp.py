@@ -107,7 +107,7 @@ def remove_stale_tmps(directory: str, keep: str = "", *, age: float = STALE_TMP_
     import time
 
     now = time.time() if now is None else now
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
