@@ -33,9 +33,11 @@ _TEXT = 224                         # bytes of a refusal's reason (UTF-8, cut th
 SIZE = _FIELDS * 8 + _TEXT          # bytes each rank sends
 
 
-class Disagreement(RuntimeError):
+class Disagreement(RuntimeError, ValueError):
     """The ranks of a split or sharded average refused a read or a load together: one of them refused
-    (its reason is in the message), or their averages are not of one state."""
+    (its reason is in the message), or their averages are not of one state. Also a ``ValueError``, what
+    a refused load raises on the rank that refused it, so ``except ValueError`` around a load catches it
+    on every rank."""
 
 
 class Stamp(NamedTuple):

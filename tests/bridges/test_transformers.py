@@ -619,7 +619,7 @@ def test_damaged_flat_ranges_of_a_split_file_are_refused_by_name(tmp_path, piece
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from fastema.transformers import _ranges
+    from fastema._callback_files import _ranges
 
     path = str(tmp_path / "fastema_ema-rank0-of-2.safetensors")
     save_file({"averaged/w": torch.zeros(1, 4)}, path, metadata={"pieces": pieces})

@@ -293,7 +293,8 @@ def _dcp_resume(rank, world, ckpt, plain_ckpt, v1_path):
     try:
         dcp.load({"ema": ema}, checkpoint_id=ckpt + "_nan")
     except ValueError as err:
-        out["nan_refused"] = torch.tensor(("NaN" in str(err)) == (rank == 1) and "Nothing was loaded" in str(err))
+        out["nan_refused"] = torch.tensor("NaN" in str(err) and (rank == 1 or "refused on rank 1" in str(err)) and
+                                          "Nothing was loaded" in str(err))       # every rank names the reason
     out.update(_results("after_nan", model, ema))
     try:
         dcp.load({"ema": ema}, checkpoint_id=ckpt + "_cut")
