@@ -11,7 +11,9 @@ import warnings
 from ..kernels import _cache as _kernel_cache
 
 CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
-CPU_SERIAL_BELOW = 1 << 15   # total elements below which the serial kernel runs (thread start-up costs more)
+CPU_SERIAL_BELOW = 1 << 18   # total elements below which the serial kernel runs: 2 threads pay off from about
+                             # 256k on a quiet 2-core machine (bench/bench_threads.py), and a small update stays
+                             # serial when the cores the user asked for are busy
 CPU_STREAMS_SERIAL_BELOW = 1 << 16   # metric streams below which the smoother kernels run serially
 CUDA_CHUNK = 1 << 12         # elements per CUDA block iteration
 CUDA_THREADS = 256
@@ -25,6 +27,24 @@ CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many b
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches
 CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "0") == "1"   # CUDA kernels cached on disk (read at import)
+
+
+def _threads_from_env(name: str) -> int | None:
+    """A positive thread count from the environment variable ``name``, or None where it is unset or empty;
+    anything else is named in one warning and ignored."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    warnings.warn(f"fastema: {name}={value!r} is not a positive whole number, so it is ignored and the CPU kernels "
+                  f"follow torch's thread count (else OMP_NUM_THREADS); set it to one, e.g. {name}=4",
+                  RuntimeWarning, stacklevel=2)
+    return None
+
+
+CPU_THREADS = _threads_from_env("FASTEMA_NUM_THREADS")   # threads of every parallel CPU kernel, None: follow
+                                                         # torch's count, else OMP_NUM_THREADS, else numba's (cpu.team)
 
 
 def _cache_warning(message: str) -> None:

@@ -1,6 +1,12 @@
 """CPU launchers: one function per kernel family, ``op(group, stream, **args)`` (``stream``
 is unused on the CPU), serial or parallel by the work's size (see :mod:`.config`).
 
+A parallel kernel runs on as many threads as the user gave torch (:func:`team`, :mod:`.threads`):
+torch's count on the calling thread where torch is imported, else ``OMP_NUM_THREADS``, else numba's
+own; the ``FASTEMA_NUM_THREADS`` environment variable (:data:`.config.CPU_THREADS`) overrides them.
+One thread is the serial twin. numba's parallel regions take their team size from the calling
+thread's numba setting, so a launch sets that for itself and puts back the caller's.
+
 Two rules hold process-wide (docs/guides/processes.md):
 
 - fastema's parallel kernels run one at a time (a lock around each parallel launch): an
@@ -29,7 +35,7 @@ import numpy as np
 
 from ..kernels import _cache, merge_cpu
 from ..kernels import cpu as K
-from . import config
+from . import config, threads
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
 
@@ -114,22 +120,35 @@ def _openmp_libraries() -> list:
     return libs
 
 
+def team() -> int:
+    """The threads a parallel kernel launched now gets (2 or more), or 0: run its serial twin
+    (:func:`.threads.chosen`; where nothing says, numba's count on the calling thread, read after
+    :func:`start_pool` so that reading it changes no setting of the user's)."""
+    n = threads.chosen()
+    if not n:
+        if not _pool_started:
+            start_pool()
+        n = numba.get_num_threads()
+    return threads.capped(n)
+
+
 def _parallel(group, rows: int) -> bool:
     t = group.tables
-    return PARALLEL and t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1
+    return PARALLEL and t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1 and team() > 0
 
 
 def run(kernel, parallel: bool, *args) -> None:
-    """Call ``kernel(*args)``: a parallel kernel after :func:`start_pool` and under the lock that
-    runs fastema's parallel kernels one at a time (see the module's docstring)."""
+    """Call ``kernel(*args)``: a parallel kernel after :func:`start_pool`, on :func:`team`'s threads
+    and under the lock that runs fastema's parallel kernels one at a time (see the module's
+    docstring)."""
     if parallel:
         if not _pool_started:
             start_pool()
+        n = team() or 1                              # 1: the count fell to one since the caller chose
         with _one_at_a_time:
-            kernel(*args)
+            threads.run_on(kernel, n, args)
     else:
         kernel(*args)
-
 
 
 
@@ -221,7 +240,8 @@ class LerpLaunch:
             self._weights(weights)
         if key is not self._k_in:
             self._key(key)
-        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW             # _parallel(group, rows)
+        n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0   # _parallel(group, rows)
+        par = n > 0
         fn = self._fns[par]
         if fn is None:                                  # the first call: the dispatcher, then its entry point
             k = K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY)
@@ -229,7 +249,7 @@ class LerpLaunch:
             self._fns[par] = self._calls[(par, self._wtype, self._ktype)] = _entry_point(k, self._args)
         elif par:
             with _one_at_a_time:
-                fn(*self._args)
+                threads.run_on(fn, n, self._args)
         else:
             fn(*self._args)
 
@@ -249,7 +269,8 @@ class BoundLaunch:
 
     def __call__(self, *middle) -> None:
         args = (*self._head, *middle, *self._tail)
-        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW
+        n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0
+        par = n > 0
         fn = self._fns[par]
         if fn is None:                                  # the first call: the dispatcher, then its entry point
             k = self._kernel_of(par)
@@ -257,7 +278,7 @@ class BoundLaunch:
             self._fns[par] = _entry_point(k, args)
         elif par:
             with _one_at_a_time:
-                fn(*args)
+                threads.run_on(fn, n, args)
         else:
             fn(*args)
 
@@ -344,12 +365,12 @@ def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute)
 
 
 def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
-    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
+    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
     run(K.ema_kernel(group.src_kind, mode, skip, par), par, values, w0, c, per_stream, a, b, d)
 
 
 def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
-    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW
+    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
     run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
          n, bad, slot)
 
@@ -366,6 +387,6 @@ def merge(in_kind: int, out_kind: int, wide: bool, stochastic: bool, may_paralle
     """One piece of a checkpoint merge (``kernels.merge_cpu.merge_kernel``; the arguments are
     documented there): parallel over chunks when ``may_parallel`` and the piece is large (8x
     :data:`config.CPU_SERIAL_BELOW`: the merge's reader thread shares the cores)."""
-    par = may_parallel and PARALLEL and count >= config.CPU_SERIAL_BELOW * 8
+    par = may_parallel and PARALLEL and count >= config.CPU_SERIAL_BELOW * 8 and team() > 0
     run(merge_cpu.merge_kernel(in_kind, out_kind, wide, stochastic, par), par, count, out_addr, acc_addr, in_addr,
         weights, start, finish, np.uint32(key), first, config.CPU_CHUNK)
