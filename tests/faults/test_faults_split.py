@@ -350,7 +350,7 @@ def _callback_files(rank, world, root):
     return {"cases": out}
 
 
-def test_per_rank_files_of_two_saves_or_one_missing_refuse_on_every_rank(tmp_path):
+def test_per_rank_files_of_two_saves_or_one_missing_refuse_on_every_rank_and_world_size(tmp_path):
     ranks = run_ranks(_callback_files, tmp_path, 2, str(tmp_path), timeout=300, pg_timeout=_COLLECTIVE_S)
     for r in (0, 1):
         c = ranks[r]["cases"]
@@ -363,4 +363,21 @@ def test_per_rank_files_of_two_saves_or_one_missing_refuse_on_every_rank(tmp_pat
         kind, msg = c["one_save"]
         assert kind == "ValueError" and "not of one" in msg and "calls=4" in msg and "calls=2" in msg, (r, msg)
         assert c["unchanged"] and c["good"] == "ok" and c["calls"] == 2, (r, c)
+    (one,) = run_ranks(_resume_on_one, tmp_path / "one", 1, str(tmp_path), timeout=300, pg_timeout=_COLLECTIVE_S)
+    assert bool(one["mixed"]) and bool(one["good"])         # on another world size too (resharded)
+
+
+
+def _resume_on_one(rank, world, root):
+    """The 2 ranks' folders resumed on 1 rank (another world size: the files are resharded): the mixed
+    one (rank 1's file of another save) is refused naming both counts (H2); the whole one loads."""
+    from fastema.torch import EMA
+    from fastema.transformers import EMACallback
+
+    m = _model()
+    ema = EMA(m, 0.5, shard_replicas=True)
+    kind, msg, _ = _outcome(lambda: EMACallback._load(ema, f"{root}/mixed"))
+    good = _outcome(lambda: EMACallback._load(ema, f"{root}/checkpoint-4"))[0]
+    return {"mixed": torch.tensor(kind == "ValueError" and "calls=4" in msg and "calls=2" in msg),
+            "good": torch.tensor(good == "ok" and ema.calls == 4)}
 
