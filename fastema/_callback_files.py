@@ -23,16 +23,17 @@ FORMAT = "fastema.transformers.EMACallback"
 VERSION = 1
 
 
-def resharded(ema, folder: str, mine: str) -> dict:
+def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict:
     """The state of ``ema`` from files another world size wrote in ``folder``: an average split
     over replicas on W ranks (one file a rank, each with the flat range of every tensor it holds:
     this rank's range of each tensor is read from the files that overlap it, a tensor at a time),
     or a replicated average's single file (full tensors, which a split average cuts). Anything
-    else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files."""
+    else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files. ``template``:
+    ``ema.state_dict()``, made on every rank before any file is read."""
     from safetensors import safe_open
 
     found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
-    template = ema.state_dict()
+    template = template if template is not None else ema.state_dict()   # (a collective with ZeRO-1/2 masters)
     split = any(hasattr(v, "flat_range") for g in GROUPS for v in template.get(g, {}).values())
     worlds: dict[int, dict[int, str]] = {}
     for n in found:

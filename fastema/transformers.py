@@ -253,7 +253,15 @@ class EMACallback(TrainerCallback):
             return
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         if best is not None and os.path.isdir(best):      # the Trainer has put the best step's weights back:
-            if os.path.isfile(self._file(self.ema, best)[0]):      # the EMA of that step goes with them
+            path, per_rank = self._file(self.ema, best)
+            if per_rank:                                   # a collective: every rank loads, or every rank warns
+                try:
+                    self._load(self.ema, best)
+                except (OSError, ValueError) as err:       # nothing was loaded on any rank
+                    warnings.warn(f"EMACallback: the best checkpoint {best!r} has no readable EMA state on every "
+                                  f"rank ({err}); the EMA stays the one of the last step ({state.global_step})",
+                                  stacklevel=2)
+            elif os.path.isfile(path):                     # the EMA of that step goes with them
                 self._load(self.ema, best)
             else:
                 warnings.warn(f"EMACallback: the best checkpoint {best!r} has no {STATE_FILE}; the EMA stays the one "
@@ -298,8 +306,9 @@ class EMACallback(TrainerCallback):
         """Load this process's file in checkpoint ``folder`` into ``ema``, checked whole first by
         :meth:`fastema.torch.EMA.load_state_dict` (nothing changes if it refuses)."""
         path, per_rank = EMACallback._file(ema, folder)
-        try:
-            state = EMACallback._read_for(ema, folder, path, per_rank)
+        template = ema.state_dict() if per_rank else None  # on every rank, before any read can refuse (ZeRO-1/2
+        try:                                               # masters gather in it: a collective)
+            state = EMACallback._read_for(ema, folder, path, per_rank, template)
         except Exception as err:                         # every rank refuses with it, at once (never a hang)
             if per_rank:
                 ema._checkpoint.join_refusing(err)
@@ -307,14 +316,14 @@ class EMACallback(TrainerCallback):
         ema.load_state_dict(state)
 
     @staticmethod
-    def _read_for(ema: EMA, folder: str, path: str, per_rank: bool) -> dict:
+    def _read_for(ema: EMA, folder: str, path: str, per_rank: bool, template: dict | None = None) -> dict:
         """This process's state in checkpoint ``folder`` (its own file ``path``, or the files of another
         world size), not yet checked against ``ema``; refused by name when unreadable or damaged."""
         from safetensors import SafetensorError
 
         own = os.path.isfile(path)                       # else: another world size, split or not (or refused)
         try:
-            state = _files.read(path) if own else _files.resharded(ema, folder, os.path.basename(path))
+            state = _files.read(path) if own else _files.resharded(ema, folder, os.path.basename(path), template)
         except SafetensorError as err:                   # cut short, emptied, overwritten: safetensors names no file
             where = path if own else f"a fastema_ema file in {folder}"
             raise load_refused(f"EMACallback: {where!r} is not a readable safetensors file ({err}): the file is "
@@ -322,7 +331,7 @@ class EMACallback(TrainerCallback):
                                f"folder, or delete the file and pass EMACallback(..., missing_state='restart') to "
                                f"start a new EMA from the resumed weights.") from None
         if per_rank and own:                              # this rank's parts into DTensors of the EMA's layout
-            template = ema.state_dict()
+            template = template if template is not None else ema.state_dict()
             for group in GROUPS:
                 for name, value in template[group].items():
                     local = state[group].get(name)

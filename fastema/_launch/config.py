@@ -14,6 +14,8 @@ CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: th
 CPU_SERIAL_BELOW = 1 << 18   # total elements below which the serial kernel runs: 2 threads pay off from about
                              # 256k on a quiet 2-core machine (bench/bench_threads.py), and a small update stays
                              # serial when the cores the user asked for are busy
+CPU_MERGE_SERIAL_BELOW = 1 << 18     # a merge piece's elements below which its kernel runs serially (8 x 32k, as
+                                     # measured for the merge; its reader thread shares the cores)
 CPU_STREAMS_SERIAL_BELOW = 1 << 16   # metric streams below which the smoother kernels run serially
 CUDA_CHUNK = 1 << 12         # elements per CUDA block iteration
 CUDA_THREADS = 256

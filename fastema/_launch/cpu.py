@@ -385,8 +385,8 @@ def first_bad_weight(c: np.ndarray) -> int:
 def merge(in_kind: int, out_kind: int, wide: bool, stochastic: bool, may_parallel: bool, count: int, out_addr: int,
           acc_addr: int, in_addr, weights, start: bool, finish: bool, key: int, first: int) -> None:
     """One piece of a checkpoint merge (``kernels.merge_cpu.merge_kernel``; the arguments are
-    documented there): parallel over chunks when ``may_parallel`` and the piece is large (8x
-    :data:`config.CPU_SERIAL_BELOW`: the merge's reader thread shares the cores)."""
-    par = may_parallel and PARALLEL and count >= config.CPU_SERIAL_BELOW * 8 and team() > 0
+    documented there): parallel over chunks when ``may_parallel`` and the piece is large
+    (:data:`config.CPU_MERGE_SERIAL_BELOW`: the merge's reader thread shares the cores)."""
+    par = may_parallel and PARALLEL and count >= config.CPU_MERGE_SERIAL_BELOW and team() > 0
     run(merge_cpu.merge_kernel(in_kind, out_kind, wide, stochastic, par), par, count, out_addr, acc_addr, in_addr,
         weights, start, finish, np.uint32(key), first, config.CPU_CHUNK)

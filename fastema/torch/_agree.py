@@ -12,7 +12,7 @@ gathers the others' slices. Two things break that silently or hang it, and this 
   id, a digest of the counters of what it loads) travels in the same exchange, and every rank
   refuses alike, naming the ranks and what differs.
 
-The exchange is one all-gather of :data:`SIZE` bytes per rank and group, made at the start of each
+The exchange is one all-gather of :data:`SIZE` (512) bytes per rank and group, made at the start of each
 gathering read (swap of a split average, ``copy_to``, ``full_state_dict``, ``save``, a gathered
 ``state_dict``) and each load (where it replaces the load's own refusal all-reduce): the header
 travels alone, before the first bucket, so that a rank refusing before it knows what it would
@@ -28,9 +28,10 @@ import torch
 
 __all__ = ["SIZE", "Disagreement", "Stamp", "agree", "agreed", "load_stamp"]
 
-_FIELDS = 4                         # int64: refused, calls, run, digest
-_TEXT = 224                         # bytes of a refusal's reason (UTF-8, cut there)
-SIZE = _FIELDS * 8 + _TEXT          # bytes each rank sends
+_FIELDS = 11      # int64: refused, its global rank, what differs (1 calls, 2 run, 4 digest), calls: lowest and its
+                  # global rank, highest and its global rank; run id: lowest, highest; digest: lowest, highest
+_TEXT = 424       # bytes of a refusal's reason (UTF-8, cut there)
+SIZE = _FIELDS * 8 + _TEXT          # bytes each rank sends (512)
 
 
 class Disagreement(RuntimeError, ValueError):
@@ -56,63 +57,68 @@ def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | N
     """Exchange ``mine`` (and ``refusal``, this rank's reason for refusing) with every rank of each of
     ``groups`` (``(process group, device type[, compare the run id])``, every rank in the same order); raise
     :class:`Disagreement` on every rank when a rank refused or the stamps differ. ``what``: the read
-    or load, for the message. A rank that refused raises the same error (chained to its own)."""
+    or load, for the message. A rank that refused raises the same error (chained to its own).
+
+    Every group is exchanged before anything is raised, and what a rank learnt (a refusal, the lowest
+    and highest stamps) travels on in its next groups' exchanges: over the groups of a mesh's dimensions,
+    one after the other, that reaches every rank of the mesh (as an all-reduce by dimensions), so no
+    rank is left waiting in an exchange that another has left. The run id is compared over the groups
+    that agreed it (the replica group: put first), and a difference there travels on as a flag."""
     import torch.distributed as dist
 
+    me = dist.get_rank()
     text = b"" if refusal is None else (str(refusal) or type(refusal).__name__).encode("utf-8", "replace")[:_TEXT]
-    head = torch.tensor([int(refusal is not None), _int64(mine.calls), _int64(mine.run), _int64(mine.digest)],
-                        dtype=torch.int64)
-    payload = torch.zeros(SIZE, dtype=torch.uint8)
-    payload[:_FIELDS * 8] = head.view(torch.uint8)
-    payload[_FIELDS * 8:_FIELDS * 8 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) \
-        if text else payload[:0]
-    for group, device, *run_here in groups:
+    c, r, d = _int64(mine.calls), _int64(mine.run), _int64(mine.digest)
+    state = [int(refusal is not None), me, 0, c, me, c, me, r, r, d, d]
+    ordered = sorted(groups, key=lambda g: not (g[2] if len(g) > 2 else True))    # the run id's groups first
+    for group, device, *run_here in ordered:
+        with_run = run_here[0] if run_here else True
         ranks = dist.get_world_size(group)
-        sent = payload.to(device, copy=True)
-        if run_here and not run_here[0]:         # the run id is agreed over the replica group only (HSDP)
-            sent[16:24] = 0
+        sent = torch.zeros(SIZE, dtype=torch.uint8)
+        sent[:_FIELDS * 8] = torch.tensor(state, dtype=torch.int64).view(torch.uint8)
+        if text:
+            sent[_FIELDS * 8:_FIELDS * 8 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         got = torch.empty(ranks * SIZE, dtype=torch.uint8, device=device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(got, sent, group=group)
+        gather(got, sent.to(device), group=group)
         rows = got.cpu().view(ranks, SIZE)
         heads = rows[:, :_FIELDS * 8].contiguous().view(torch.int64).view(ranks, _FIELDS).tolist()
-        where = lambda r: _where(group, r)          # noqa: E731
-        refused = [r for r in range(ranks) if heads[r][0]]
-        if refused:
-            r = refused[0]
-            reason = bytes(rows[r, _FIELDS * 8:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
-            others = f" (and {len(refused) - 1} other rank(s))" if len(refused) > 1 else ""
-            err = Disagreement(f"{what} refused on {where(r)}{others}, so on every rank: {reason}")
-            raise err from (refusal if isinstance(refusal, BaseException) else None)
-        stamps = [tuple(h[1:]) for h in heads]
-        if any(s != stamps[0] for s in stamps):
-            raise Disagreement(_differ(what, stamps, where))
+        for k, h in enumerate(heads):
+            if h[0] and (not state[0] or h[1] < state[1]):     # the refusal of the lowest global rank
+                state[0], state[1] = 1, h[1]
+                text = bytes(rows[k, _FIELDS * 8:].tolist()).rstrip(b"\0")
+            state[2] |= h[2]
+            if (h[3], h[4]) < (state[3], state[4]):
+                state[3], state[4] = h[3], h[4]
+            if (h[5], -h[6]) > (state[5], -state[6]):
+                state[5], state[6] = h[5], h[6]
+            if with_run:
+                state[7], state[8] = min(state[7], h[7]), max(state[8], h[8])
+            state[9], state[10] = min(state[9], h[9]), max(state[10], h[10])
+        state[2] |= (state[3] != state[5]) | (state[7] != state[8]) << 1 | (state[9] != state[10]) << 2
+    if state[0]:
+        reason = text.decode("utf-8", "replace")
+        err = Disagreement(f"{what} refused on rank {state[1]} (its global rank), so on every rank: {reason}")
+        raise err from (refusal if isinstance(refusal, BaseException) else None)
+    if state[2]:
+        raise Disagreement(_differ(what, state))
 
 
-def _where(group, r: int) -> str:
-    import torch.distributed as dist
-
-    try:
-        g = dist.get_global_rank(group, r)
-    except (RuntimeError, ValueError):
-        return f"rank {r} of the group"
-    return f"rank {r} of the group (global rank {g})" if g != r else f"rank {r}"
-
-
-def _differ(what: str, stamps: list, where) -> str:
-    first = stamps[0]
-    odd = [r for r, s in enumerate(stamps) if s != first]
-    said = ", ".join(f"{where(r)}: {stamps[r][0]} update() calls" for r in [0, *odd[:4]])
-    if any(s[0] != first[0] for s in stamps):
+def _differ(what: str, state: list) -> str:
+    mask, lo, lo_rank, hi, hi_rank = state[2:7]
+    if mask & 1:
+        said = f"rank {lo_rank}: {lo} update() calls, rank {hi_rank}: {hi} update() calls"
         why = ("a rank skipped update() (call it on every rank after every optimizer step, whatever that rank's "
                "batch gave: skip_nonfinite=True skips a bad step on the device) or loaded another save")
-    elif any(s[1] != first[1] for s in stamps):
+    elif mask & 2:
+        said = f"{lo} update() calls on every rank, split run ids differ"
         why = "the ranks loaded checkpoints of different runs, or made their averages separately"
     else:
-        why = "the ranks loaded different saves (their counters differ)"
-    return (f"{what}: the ranks' slices of the average are not of one state ({said}; {why}). Each slice would "
-            f"be read from another step, so nothing was read or changed, on every rank. Load one checkpoint "
-            f"on every rank to go on.")
+        said = f"{lo} update() calls on every rank, other counters differ"
+        why = "the ranks loaded different saves"
+    return (f"{what}: the ranks' slices of the average are not of one state ({said}, global ranks; {why}). "
+            f"Each slice would be read from another step, so nothing was read or changed, on every rank. Load "
+            f"one checkpoint on every rank to go on.")
 
 
 @contextlib.contextmanager
@@ -125,7 +131,7 @@ def agreed(groups: list, mine: Stamp, what: str) -> Iterator[None]:
         return
     try:
         yield
-    except Exception as err:
+    except BaseException as err:                        # a Ctrl-C in the checks too: the others must not wait
         try:
             agree(groups, mine, what, err)
         except Disagreement:

@@ -253,21 +253,25 @@ class TorchCheckpoint:
         gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
         is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (global rank 0
         by default; see :meth:`writer`), the other ranks get ``{}``."""
-        if not isinstance(rank0_only, bool):
-            raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
-        keep = not rank0_only or self.writer()
+        def check() -> None:
+            if not isinstance(rank0_only, bool):
+                raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
+
+        keep = rank0_only is not True or self.writer()
         out = {}
-        for name, value in self.full_items(row):
+        for name, value in self.full_items(row, check=check):
             if keep:
                 out[name] = value
         return out
 
-    def full_items(self, row: int, what: str = "full_state_dict()"):
+    def full_items(self, row: int, what: str = "full_state_dict()", check: Callable[[], None] | None = None):
         """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
         collective per sharded tensor, in the model's state-dict order on every rank). The tensors
         are fresh copies in the model's dtypes (excluded tensors: of the model's own values). The
         ranks agree first (every check on every rank, the same update count)."""
         with self.agreed(what):
+            if check is not None:
+                check()                                        # the caller's argument checks: inside, never a hang
             self.swap.refuse(what)
             entries = self.entries(row)
         own = dict(unwrap(self.side.model).named_parameters(remove_duplicate=False))
@@ -414,25 +418,26 @@ class TorchCheckpoint:
 
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
-        path = os.fspath(path)
-        stream = path.endswith(".safetensors")
-        if not self.sharded:
-            self.swap.refuse("save()")
+        checked: list = []                 # the path, checked (inside the ranks' agreement when sharded)
         if self.sharded:                   # collective: every rank gathers, the group's first rank keeps and writes
             first = self.writer()
             tensors = {}
-            for name, value in self.full_items(row, "save()"):
+            for name, value in self.full_items(row, "save()", check=lambda: checked.append(os.fspath(path))):
                 if first:
                     tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
             if not first:
                 return
         else:                              # every check first; the values are read while the file is written
+            checked.append(os.fspath(path))
+            self.swap.refuse("save()")
             tensors = {name: (t.detach() if value is None else value(), t.dtype)
                        for name, t, _, value in self.entries(row)}
+        target: str = checked[0]
+        stream = target.endswith(".safetensors")
         if stream:
-            _atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+            _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
         else:                              # torch.save's format, one host copy at a time
-            _atomic_write(path, lambda f: stream_torch_save(f, tensors))
+            _atomic_write(target, lambda f: stream_torch_save(f, tensors))
 
 
 def _replica_device(group) -> str:

@@ -381,3 +381,38 @@ def _resume_on_one(rank, world, root):
     return {"mixed": torch.tensor(kind == "ValueError" and "calls=4" in msg and "calls=2" in msg),
             "good": torch.tensor(good == "ok" and ema.calls == 4)}
 
+
+
+def _mesh_agreement(rank, world, root):
+    """The agreement over a 2 x 2 mesh's two dimensions (HSDP, FSDP with tensor parallel): one rank's
+    refusal, or one rank's count, reaches all 4 ranks, each of which raises at once (none is left in an
+    exchange another has left)."""
+    import torch.distributed as dist
+
+    from fastema.torch._agree import Stamp, agree
+
+    rows = [dist.new_group([0, 2]), dist.new_group([1, 3])]       # dimension 0 (the replicas: run ids agreed)
+    cols = [dist.new_group([0, 1]), dist.new_group([2, 3])]       # dimension 1
+    groups = [(rows[rank % 2], "cpu", True), (cols[rank // 2], "cpu", False)]
+    out = {}
+    cases = {
+        "refused": lambda: agree(groups, Stamp(5, 7), "read()", "no file here" if rank == 0 else None),
+        "skipped": lambda: agree(groups, Stamp(4 if rank == 3 else 5, 7), "read()"),
+        "runs": lambda: agree(groups, Stamp(5, 7 + rank % 2), "read()"),      # each replica group its own run
+        "agreed": lambda: agree(groups, Stamp(5, 7), "read()"),
+    }
+    for name, fn in cases.items():
+        kind, msg, s = _outcome(fn)
+        out[name] = (kind, msg, s)
+    return {"cases": out}
+
+
+def test_the_agreement_reaches_every_rank_of_a_2d_mesh(tmp_path):
+    ranks = run_ranks(_mesh_agreement, tmp_path, 4, str(tmp_path), timeout=300, pg_timeout=_COLLECTIVE_S)
+    for r in range(4):
+        c = ranks[r]["cases"]
+        kind, msg, s = c["refused"]
+        assert kind == "Disagreement" and "refused on rank 0" in msg and "no file here" in msg and s < _BOUND_S, r
+        kind, msg, s = c["skipped"]
+        assert kind == "Disagreement" and "rank 3: 4 update() calls" in msg and s < _BOUND_S, (r, msg)
+        assert c["runs"][0] == "ok" and c["agreed"][0] == "ok", (r, c["runs"])

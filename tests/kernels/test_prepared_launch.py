@@ -108,7 +108,7 @@ def test_no_numba_dispatcher_after_the_first_call():
 
 
 def test_follows_a_forks_serial_twins_and_the_tunables(monkeypatch):
-    sources = [torch.randn(50_000), torch.randn(50_000)]
+    sources = [torch.randn(150_000), torch.randn(150_000)]      # 300k elements: over the serial threshold (256k)
     fs = FlatShadow(sources)
     (g,) = fs.layout.groups
     run = _launch.lerp_launcher(g)
