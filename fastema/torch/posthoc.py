@@ -248,7 +248,9 @@ class PostHocEMA(EMA):
         tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
         overflow: list[str] = []
         sharded, specs = self.sharded, self._model.specs
-        for name, t, source, value in self._checkpoint.entries(0):         # one walk and check for every row
+        with self._checkpoint.agreed("snapshot()", gathers=sharded):      # a DCP save: the ranks' slices agree
+            entries = self._checkpoint.entries(0)
+        for name, t, source, value in entries:                              # one walk and check for every row
             if source is None or source not in self._avg.names:
                 kept = t.detach() if value is None else value()
                 shapes[name] = list(kept.shape)

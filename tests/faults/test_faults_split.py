@@ -82,9 +82,11 @@ def _skipped_update(rank, world, root):
             if not (rank == 1 and i == 2):
                 avg.update()
         raw = _raw(m)
-        for read, fn in _reads(avg, f"{root}/{face}.safetensors").items():
-            if face == "PostHocEMA" and read == "state_dict(gathered)":
-                continue
+        reads = _reads(avg, f"{root}/{face}.safetensors")
+        if face == "PostHocEMA":
+            del reads["state_dict(gathered)"]                               # Lightning's (WeightEMA is an EMA)
+            reads["snapshot"] = avg.snapshot                                # a DCP save of every rank's slices
+        for read, fn in reads.items():
             kind, msg, s = _outcome(fn)
             out[f"{face}.{read}"] = (kind, "update() calls" in msg and "rank 1" in msg, s, _same(raw, _raw(m)),
                                      avg.swapped)
