@@ -12,10 +12,15 @@ and their own captures, intrinsics by name):
 
 - one index file per variant (``<qualname>.v<variant digest>-<line>.pyXY.nbi``), in numba's usual
   place: ``__pycache__`` next to the source, or ``NUMBA_CACHE_DIR``, or, where the package
-  is read-only (an installed ``site-packages``), numba's user cache directory;
-- the index is stamped with numba's stamp of the kernel's file *and* a digest of the
-  kernels' other sources (:data:`DEPENDENCIES`): numba alone would not see an edit of the
+  is read-only (an installed ``site-packages``), a node-local folder (below);
+- the index is stamped with a digest of the kernel's file's content (never its mtime: a touched or
+  reinstalled file that is unchanged keeps its kernels, an edit always drops them) *and* a digest of
+  the kernels' other sources (:data:`DEPENDENCIES`): numba alone would not see an edit of the
   element bodies in ``_elementwise.py``; a stale index is replaced, not added to;
+- one compile per node (:mod:`._cache_node`): the CPU kernels' default folder, where the package is
+  read-only and ``NUMBA_CACHE_DIR`` unset, is node-local (``<temp>/fastema-<uid>/numba``), and a
+  process that misses a kernel takes that kernel's lock, looks again and compiles only if it is
+  still missing: N processes started at once compile it once, the others wait and load it;
 - each data file holds its own key and is used only when the key matches: two processes
   that compile at once may number their files alike (numba's index update is not atomic),
   and must then recompile, never run another variant's code;
@@ -37,7 +42,7 @@ from numba.core.dispatcher import Dispatcher
 from numba.core.extending import _Intrinsic
 from numba.core.types import Type
 
-from . import _bits, _cpu_hw, _elementwise, _intrinsics, _stats, _target, kinds
+from . import _bits, _cache_node, _cpu_hw, _elementwise, _intrinsics, _stats, _target, kinds
 
 DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cpu_hw, kinds)
 """The modules every CPU kernel's code depends on besides its own file (add a new one here)."""
@@ -148,8 +153,8 @@ def _trusted(cache) -> bool:
             REPORT(f"the kernel cache folder {folder} is not used: {why}. numba's cache files are pickles, so a "
                    f"file someone else put there would run as code in this process; the kernels are compiled in "
                    f"memory instead, in every process (seconds at the first update). Set NUMBA_CACHE_DIR to a "
-                   f"folder only you can write (chmod go-w), or leave it unset for numba's default (beside "
-                   f"fastema's package, or your own user cache folder).")
+                   f"folder only you can write (chmod go-w), or leave it unset for fastema's default (beside "
+                   f"fastema's package, or a node-local folder of your own: <temp>/fastema-<uid>/numba).")
     return False
 
 
@@ -201,15 +206,17 @@ def _checked(index_file_class):
 
 def _keyed(cache_class, index_file_class, name: str, extra=None):
     """``cache_class`` (numba's ``FunctionCache`` or numba-cuda's ``CUDACache``) keyed by the variant's
-    :func:`describe_function` instead of pickled cells, its index stamped with the sources of the
-    kernels' other modules too, each entry checked against its key (:func:`_checked`). ``extra``: a
-    function whose result every key also holds (the CUDA cache: :data:`CUDA_VERSIONS`)."""
+    :func:`describe_function` instead of pickled cells, its index stamped with the content of its own
+    file and the sources of the kernels' other modules, each entry checked against its key
+    (:func:`_checked`). ``extra``: a function whose result every key also holds (the CUDA cache:
+    :data:`CUDA_VERSIONS`)."""
     CheckedFile = _checked(index_file_class)
 
     def __init__(self, py_func, variant: str, dependencies: tuple = DEPENDENCIES):
         cache_class.__init__(self, py_func)
         self._variant = variant
-        stamp = (self._impl.locator.get_source_stamp(), sources_digest(dependencies))
+        own = _cache_node.source_stamp(py_func.__code__.co_filename) or self._impl.locator.get_source_stamp()
+        stamp = (own, sources_digest(dependencies))
         self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
                                        source_stamp=stamp)
 
@@ -232,14 +239,18 @@ def _internals_known(cache_class, base) -> bool:
 
 @functools.cache
 def _cache_class():
-    """The cache class, built on numba's internals at first use; None where they moved."""
+    """The CPU cache class, built on numba's internals at first use: the node-local default folder and
+    the lock of :mod:`._cache_node`; None where numba's internals moved."""
     try:
-        from numba.core.caching import FunctionCache, IndexDataCacheFile
+        from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile
     except ImportError:
         return None
-    if not _internals_known(FunctionCache, FunctionCache):
+    if not _internals_known(FunctionCache, FunctionCache) or not hasattr(CompileResultCacheImpl, "_locator_classes"):
         return None
-    return _keyed(FunctionCache, IndexDataCacheFile, "VariantCache")
+    impl = type("NodeLocalImpl", (CompileResultCacheImpl,),
+                {"_locator_classes": _cache_node.node_locators(CompileResultCacheImpl._locator_classes)})
+    node_local = type("NodeLocalFunctionCache", (FunctionCache,), {"_impl_class": impl})
+    return _cache_node.locking(_keyed(node_local, IndexDataCacheFile, "VariantCache"))
 
 
 SHARED = _cache_class() is not None
@@ -292,6 +303,8 @@ def _attach(dispatcher, cls, *dependencies: tuple) -> None:
     cache = cls(fn, variant, *dependencies)
     if _trusted(cache):
         dispatcher._cache = cache
+        if hasattr(cache, "release"):                   # a locking cache (:func:`._cache_node.locking`)
+            _cache_node.released_after(dispatcher, cache)
 
 
 # ---------------------------------------------------------------- CUDA kernels (issue #23 item 4)
