@@ -40,6 +40,11 @@ class FakeDeviceArray:
         self._numba_type_ = nb.Array(numpy_support.from_dtype(self.dtype), 1, "C")
         self.host = np.zeros(self.size, self.dtype) if host is None else host
 
+    @property
+    def __cuda_array_interface__(self):                   # what fastema's own ABI (fastema._launch.abi) reads
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
+                "version": 3}
+
     def to_device(self, retr, stream):                   # wrap_arg(value).to_device(...) gives back itself
         return self
 
@@ -276,6 +281,20 @@ def _stub_kernel():
     return _STUB_KERNEL[0]
 
 
+def _loaded(event: tuple, name: str):
+    """A variant's code as ``device_code.Loaded`` (its handle: the stub driver's kernel, or a fake)."""
+    from fastema._launch import device_code
+
+    FAKE.log.append(("load", FAKE.device_now(), name))
+    FAKE.launches.append(event)
+    if FAKE.stub_driver:
+        kernel = _stub_kernel()
+        from cuda.bindings import driver
+
+        return device_code.Loaded(driver.CUfunction(int(kernel.handle)), kernel, "stub")
+    return device_code.Loaded(FAKE.handle_of(name), None, "fake")
+
+
 def _dispatcher(name):
     def factory(*kinds):
         key = (name, kinds)
@@ -294,16 +313,17 @@ def _launch_modules():
     import importlib
 
     mods = [importlib.import_module("fastema._launch.cuda")]
-    try:
-        mods.append(importlib.import_module("fastema._launch.cuda_bound"))
-    except ImportError:
-        pass
+    for name in ("cuda_base", "cuda_launch", "cuda_bound"):  # the launch path's modules, where this fastema has them
+        try:
+            mods.append(importlib.import_module(f"fastema._launch.{name}"))
+        except ImportError:
+            pass
     return mods
 
 
 @contextlib.contextmanager
 def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = True, record: bool = True,
-             stub_driver: bool = False, cached: bool = True):
+             stub_driver: bool = False, cached: bool = True, real_kernels: bool = False):
     """fastema's CUDA launch path on fakes (see the module docstring) for the ``with`` block.
 
     ``driver``: called as ``driver(kernel_args)`` where the real launch would call the driver, with
@@ -315,12 +335,17 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
     launch and the context query are fastema's real ones (cuda.core / cuda-bindings) into the stub
     driver (the process must have started with :func:`stub_driver_dir` on LD_LIBRARY_PATH); ``driver``
     and ``record`` are then unused. ``cached``: what ``cached_launch_available()`` says (False: every
-    launch through the dispatcher, as with another numba-cuda)."""
+    launch through the dispatcher). ``real_kernels``: fastema's real kernel factories and shipped device code
+    (``fastema._launch.device_code``) find each variant's code; only its loading into the driver is faked
+    (``("load", source, entry)`` in ``FAKE.launches``; compute capability 9.0), so a variant that is not
+    shipped reaches numba-cuda's real compiler (what the NVVM-count tests count). Otherwise the kernel
+    factories give fake dispatchers and loading a variant's code records ``("load", name)``."""
     from numba.cuda import dispatcher as D
 
     import fastema
     from fastema import _backends
     from fastema._backends import torch as tb
+    from fastema._launch import device_code
 
     FAKE.reset()
     DISPATCHERS.clear()
@@ -366,9 +391,18 @@ def fake_gpu(driver=None, torch_on_gpu: bool = True, primary_current: bool = Tru
             if hasattr(mod, name) and name not in real:
                 patch(mod, name, value)
         k = getattr(mod, "K", None)
-        if k is not None:
+        if k is not None and not real_kernels:
             for name in _KERNELS:
                 patch(k, name, _dispatcher(name))
+        loaded = getattr(mod, "_LOADED", None)
+        if isinstance(loaded, dict):
+            patch(mod, "_LOADED", {})
+    if real_kernels:
+        patch(device_code, "compute_capability", lambda index: (9, 0))
+        patch(device_code, "_load", lambda kind, code, entry, source: _loaded(("load", source, entry), entry))
+    else:
+        patch(device_code, "kernel", lambda dispatcher, types, index: _loaded(("load", dispatcher.name),
+                                                                             dispatcher.name))
     patch(D, "wrap_arg", lambda v: v)
     for mod in mods:                                  # zero flags kept for good: the fake's own, for the block
         flags = getattr(getattr(mod, "_zero_flag", None), "flags", None)

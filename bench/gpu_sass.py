@@ -318,14 +318,44 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def build(variant: Variant, folder: Path | None = None) -> Built:
-    """``variant`` compiled, linked and disassembled. With ``folder``, the artefacts are kept there
-    (``<name>.ltoir/.ptx``, ``.cubin``, ``.log``, ``.sass``) and reused while the kernels' sources and
-    the compilers are unchanged."""
+def shipped(variant: Variant) -> tuple[bytes, str]:
+    """``(cubin, nvJitLink's info log)`` of ``variant`` as fastema ships it for sm_90 (``kernels/device``,
+    what a user's H100 runs: ``fastema._launch.device_code``), checked against its manifest's SHA-256;
+    LookupError naming what is missing where it is not shipped (or the shipped code is stale)."""
+    from fastema._launch import device_code
+    from fastema._launch.variants import variant_key
+    from fastema.kernels._cuda_jit import VARIANTS
+
+    data, problem = device_code._read_manifest()
+    if problem:
+        raise LookupError(problem)
+    dispatcher, args = variant.build()
+    key = variant_key(VARIANTS[dispatcher], argument_types(args))
+    entry = data["variants"].get(key)
+    if entry is None:
+        raise LookupError(f"{variant.name}: {key} is not shipped (not a variant the launchers ask for)")
+    found = device_code.shipped(key, CC)
+    if found is None or found[3] != ARCH:
+        raise LookupError(f"{variant.name}: no {ARCH} cubin shipped for {key}")
+    f = entry["link"][ARCH]                        # nvJitLink's figures, as its log says them (log_figures)
+    log = (f"{f['stack']} bytes stack frame, {f['spill_stores']} bytes spill stores, {f['spill_loads']} bytes "
+           f"spill loads\nUsed {f['registers']} registers\n{f['smem']} bytes smem\n")
+    return found[1], log
+
+
+def build(variant: Variant, folder: Path | None = None, source: str = "compile") -> Built:
+    """``variant`` compiled, linked and disassembled (``source="shipped"``: its shipped sm_90 cubin,
+    :func:`shipped`, disassembled). With ``folder``, the artefacts are kept there (``<name>.ltoir/.ptx``,
+    ``.cubin``, ``.log``, ``.sass``) and reused while the kernels' sources and the compilers are unchanged."""
     dispatcher, args = variant.build()
     types = argument_types(args)
     opts = options(dispatcher)
     stem = _slug(variant.name)
+    if source == "shipped":
+        cubin, log = shipped(variant)
+        where = folder if folder is not None else Path(_tmp())
+        where.mkdir(parents=True, exist_ok=True)
+        return Built(variant, types, opts, cubin, log, disassemble(cubin, where, f"{stem}.shipped"))
     key = hashlib.sha256(f"{_stamp()} {types} {sorted(opts.items())}".encode()).hexdigest()[:16]
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -761,10 +791,26 @@ def table(reports: list[Report], latency_ns: float = LATENCY_NS) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def build_all(chosen: list[Variant], folder: Path, jobs: int = 1) -> list[Built]:
+def shipped_problem() -> str | None:
+    """Why the shipped sm_90 code cannot be read here (what to do), or None."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "reads the real target's code, not the simulator's"
+    if nvdisasm() is None:
+        return "needs nvdisasm: pip install nvidia-cuda-nvdisasm (the cuda extra)"
+    try:
+        from fastema._launch import device_code
+
+        return device_code._read_manifest()[1]
+    except Exception as err:                        # noqa: BLE001 - numba-cuda missing
+        return f"needs numba-cuda: pip install 'fastema[cuda]' ({err.__class__.__name__}: {err})"
+
+
+def build_all(chosen: list[Variant], folder: Path, jobs: int = 1, source: str = "compile") -> list[Built]:
     """Every variant of ``chosen`` built (:func:`build`) into ``folder``: ``jobs - 1`` of every ``jobs`` of
     them by child processes (``python bench/gpu_sass.py --build-only``), the rest here, then all read
-    back from the folder."""
+    back from the folder. ``source="shipped"``: the shipped cubins, read here (nothing compiled)."""
+    if source == "shipped":
+        return [build(v, folder, source="shipped") for v in chosen]
     children = []
     for j in range(1, max(1, jobs)):
         names = [v.name for v in chosen[j::jobs]]

@@ -1,7 +1,10 @@
 """What every CUDA kernel module of fastema shares: the element bodies bound for CUDA (:data:`E`), the
-dispatcher maker (:func:`jit`: ``cuda.jit``'s options, the disk cache when :data:`CACHE`), raw pointers
-by storage kind, and the masks of a 16-bit element's half of a 32-bit word."""
+dispatcher maker (:func:`jit`: ``cuda.jit``'s options, the disk cache when :data:`CACHE`), the kernel
+factories' decorator (:func:`variant`: every kernel named by its factory and arguments, the name its
+shipped device code is found by), raw pointers by storage kind, and the masks of a 16-bit element's half
+of a 32-bit word."""
 import functools
+import inspect
 import sys
 
 import numpy as np
@@ -18,9 +21,10 @@ DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kin
 """The modules every CUDA kernel's code depends on besides its own file (the cache's stamp): this one's
 pointers and masks too."""
 CACHE = False
-"""Kernels built from now on are cached on disk (:func:`._cache.cached_cuda`): set by
-``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1 (off by default until it has run on a GPU,
-issue #23 item 4)."""
+"""Kernels built from now on by numba's dispatcher are cached on disk (:func:`._cache.cached_cuda`): set by
+``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1. Only the dispatcher path uses it (the Numba CUDA
+simulator has none; ``FASTEMA_CUDA_LAUNCH=dispatcher``): every other launch runs the shipped device code,
+or code compiled once per node into fastema's own cache (``fastema._launch.device_code``)."""
 
 
 def jit(fn, **options):
@@ -30,6 +34,34 @@ def jit(fn, **options):
         return cuda.jit(fn)
     kernel = cuda.jit(fn, **options)
     return cached_cuda(kernel, DEPENDENCIES) if CACHE else kernel
+
+
+VARIANTS: dict = {}
+"""``dispatcher -> "factory(arg,...)"``: the name of every kernel a factory decorated by :func:`variant` made
+in this process (the first half of a shipped variant's key: ``fastema._launch.device_code``)."""
+
+
+def variant(factory):
+    """A kernel factory made once per arguments (as ``functools.cache``), each kernel it makes named in
+    :data:`VARIANTS` by the factory's name and its arguments with their defaults, as integers
+    (``lerp_kernel(0,1,0,0)``): the same kernel, however it was asked for, has one name."""
+    signature = inspect.signature(factory)
+
+    @functools.cache
+    def made(*args):
+        dispatcher = factory(*args)
+        VARIANTS[dispatcher] = f"{factory.__name__}({','.join(str(int(a)) for a in args)})"
+        return dispatcher
+
+    @functools.wraps(factory)
+    def named(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return made(*(int(a) for a in bound.args))
+
+    named.cache_clear = made.cache_clear             # fastema.clear_caches()
+    named.cache_info = made.cache_info
+    return named
 
 
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}

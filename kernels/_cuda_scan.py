@@ -1,12 +1,12 @@
 """The CUDA ``skip_nonfinite`` scan (:func:`nonfinite_kernel`), re-exported by :mod:`.cuda`: a streaming
 kernel of its own, vectorised (16-byte loads, two a thread in flight) and branch-light."""
-import functools
 
 import numpy as np
 from numba import cuda
 
 from ._cuda_hw import VECTORS
 from ._cuda_jit import M16, S16, E, jit, pointer
+from ._cuda_jit import variant as _variant
 from ._target import bodies
 from .kinds import F64, ITEMSIZE
 
@@ -15,7 +15,7 @@ SCAN_BOUNDS = (256, 6)
 them, 4 blocks): two 16-byte loads a thread in flight, 48 KiB per SM."""
 
 
-@functools.cache
+@_variant
 def nonfinite_kernel(src_kind):
     """See :func:`fastema.kernels.cpu.nonfinite_kernel`.
 

@@ -21,6 +21,7 @@ from ._cuda_jit import Z32 as _Z32
 from ._cuda_jit import E
 from ._cuda_jit import jit as _jit
 from ._cuda_jit import pointer as _pointer
+from ._cuda_jit import variant as _variant
 from ._cuda_scan import SCAN_BOUNDS, nonfinite_kernel  # noqa: F401  (re-exported: the launchers' one module)
 from ._target import WINDOW, bodies
 from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, NOISE_ROW, PLAN_KEYS_MAX, S_NORMS, wide
@@ -38,7 +39,7 @@ noise's first round shared by a vector's lanes and a 32-bit vector counter, 64 a
 flight (16 bytes of shadow and 16 of source a thread)."""
 
 
-@functools.cache
+@_variant
 def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
     """See :func:`fastema.kernels.cpu.lerp_kernel`; each thread reads a source element once
     (:func:`_lerp_chunks`)."""
@@ -53,7 +54,7 @@ def lerp_kernel(shadow_kind, src_kind, stochastic, device_key=False):
     return _jit(kernel, launch_bounds=SR_LERP_BOUNDS) if stochastic else _jit(kernel)
 
 
-@functools.cache
+@_variant
 def plan_lerp_kernel(shadow_kind, src_kind, stochastic):
     """See :func:`fastema.kernels.cpu.plan_lerp_kernel`: the plan kernel and the lerp in one launch.
 
@@ -253,7 +254,7 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
     return cuda.jit(device=True, inline="always")(lerp_chunks)
 
 
-@functools.cache
+@_variant
 def bema_kernel(shadow_kind):
     """See :func:`fastema.kernels.cpu.bema_kernel` (grid-stride over chunks, threads over elements)."""
     sptr = _pointer(shadow_kind)
@@ -273,7 +274,7 @@ def bema_kernel(shadow_kind):
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def copy_kernel(shadow_kind, src_kind, to_shadow):
     """See :func:`fastema.kernels.cpu.copy_kernel`."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
@@ -299,7 +300,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow):
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def swap_kernel(shadow_kind, src_kind, mode):
     """See :func:`fastema.kernels.cpu.swap_kernel`."""
     xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
@@ -318,7 +319,7 @@ def swap_kernel(shadow_kind, src_kind, mode):
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def window_kernel(ring_kind, src_kind):
     """See :func:`fastema.kernels.cpu.window_kernel`."""
     rptr, xptr = _pointer(ring_kind), _pointer(src_kind)
@@ -351,7 +352,7 @@ def window_kernel(ring_kind, src_kind):
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def plan_kernel():
     """See :func:`fastema.kernels.cpu.plan_kernel` (the first thread does it)."""
     plan_step = E.plan_step
@@ -363,7 +364,7 @@ def plan_kernel():
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def zero_kernel():
     """``a[:] = 0`` (an int32 flag): zeroing on the stream, capturable, no host copy."""
 
@@ -377,7 +378,7 @@ def zero_kernel():
 # ---------------------------------------------------------------- metric smoothers: see cpu.py
 
 
-@functools.cache
+@_variant
 def ema_kernel(kind, mode, skip):
     """See :func:`fastema.kernels.cpu.ema_kernel` (grid-stride over streams)."""
     K, M, SKIP = kind, mode, skip
@@ -390,7 +391,7 @@ def ema_kernel(kind, mode, skip):
     return _jit(kernel)
 
 
-@functools.cache
+@_variant
 def sma_kernel(kind, skip):
     """See :func:`fastema.kernels.cpu.sma_kernel` (grid-stride over streams)."""
     K, SKIP = kind, skip

@@ -23,8 +23,8 @@ def test_help_is_a_usage_line_and_a_plain_list_of_the_commands(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "give a command: demo, plot, bench, posthoc, merge"),
-    (["nope"], "unknown command 'nope'; the commands are demo, plot, bench, posthoc, merge"),
+    ([], "give a command: demo, plot, bench, posthoc, merge, warm"),
+    (["nope"], "unknown command 'nope'; the commands are demo, plot, bench, posthoc, merge, warm"),
 ])
 def test_no_or_an_unknown_command_prints_the_usage_and_exits_2(capsys, argv, message):
     # L14: `python -m fastema` alone exited 2 printing nothing on stderr

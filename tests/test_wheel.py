@@ -111,6 +111,10 @@ def test_wheel_holds_every_package_and_module(built):
     missing = sorted(_tree_modules() - names)
     assert not missing, f"modules of the tree missing from the wheel: {missing}"
     assert "fastema/py.typed" in names
+    shipped = {f"fastema/kernels/device/{n}" for n in ("manifest.json", "ptx.xz", "sm_80.xz", "sm_90.xz", "sm_100.xz",
+                                                         "sm_120.xz")}
+    assert shipped <= names, f"the shipped device code missing from the wheel: {sorted(shipped - names)}"
+    assert "fastema/kernels/device/ltoir.xz" not in names                # kept for the next build, not shipped
     dist_info = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
     assert len(dist_info) == 1, dist_info
     stray = sorted(n for n in names if n.split("/")[0] not in {"fastema"} | dist_info)
@@ -150,6 +154,17 @@ for name in modules:
         if not e.name or e.name.split(".")[0] == "fastema":
             raise
         out["skipped"][name] = e.name
+
+if importlib.util.find_spec("numba.cuda"):              # the shipped device code, found and whole
+    from fastema._launch import device_code
+
+    data, problem = device_code._read_manifest()
+    assert problem is None, problem
+    assert device_code.device_dir().startswith(venv + os.sep), device_code.device_dir()
+    entry = next(iter(data["variants"].values()))
+    for arch in ["ptx"] + data["cubins"]:
+        device_code.member(arch, entry)
+    out["device_code"] = len(data["variants"])
 
 d = 0.75                                                 # every value below is exact in float32
 a0 = np.array([1.0, 2.0, 4.0], np.float32)
@@ -252,6 +267,9 @@ def test_wheel_installs_and_works_outside_the_tree(built, tmp_path):
     expected = ["ema_update_", "FlatShadow"] + [f for f in ("torch", "jax", "tensorflow")
                                                  if importlib.util.find_spec(f)]
     assert out["faces"] == expected, out
+    if importlib.util.find_spec("numba.cuda"):
+        assert out["device_code"] == len(json.loads((ROOT / "kernels" / "device" / "manifest.json").read_text())[
+            "variants"]), out
 
 
 def test_setuptools_floor_builds_the_wheel(built, tmp_path):

@@ -121,7 +121,7 @@ def launch(op: str, group, **args) -> None:
             cuda.prune_retired(group.device, raw)
         if t is not None and cuda.capturing(group.device, raw):
             _CAPTURED.append(t)                    # a graph reads these tables at every replay: never freed
-        getattr(cuda, op)(group, cuda.external_stream(raw), **args)
+        getattr(cuda, op)(group, raw, **args)
     else:
         getattr(_cpu_target, op)(group, 0, **args)
 

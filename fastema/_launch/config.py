@@ -28,7 +28,7 @@ CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multi
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches
-CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "0") == "1"   # CUDA kernels cached on disk (read at import)
+CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "1") != "0"   # CUDA kernels compiled at run time cached on disk
 
 
 def _threads_from_env(name: str) -> int | None:

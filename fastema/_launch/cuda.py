@@ -1,6 +1,7 @@
 """CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: stream
-objects, table upload and in-place update, retirement events, the capture query. The launches
-bound once per group (the per-step path) are in :mod:`.cuda_bound`.
+objects, table upload and in-place update, retirement events, the capture query. Every launch goes
+through :mod:`.cuda_bound` (the shipped device code, fastema's own argument block); the launches bound
+once per group (the per-step path) live there too. The ops take the raw handle of the stream to launch on.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are
 allocated once, at construction, and copied there on a private stream that is waited for (so
@@ -19,81 +20,26 @@ import functools
 import numpy as np
 from numba import cuda
 
-from ..kernels import _cache as _kernel_cache
-from ..kernels import _cuda_jit
 from ..kernels import cuda as K
-from ..kernels._cuda_hw import SIMULATOR
 from . import config
-
-_cuda_jit.CACHE = config.CUDA_CACHE     # before any kernel is built (FASTEMA_CUDA_CACHE=1)
-
-
-@functools.cache
-def cuda_versions() -> tuple:
-    """``(name, version)`` of what built a CUDA kernel besides numba-cuda's magic tuple (NVRTC's
-    version and the GPU's compute capability): numba-cuda, cuda-core, NVVM and the driver. The disk
-    cache keys every kernel with them (:data:`fastema.kernels._cache.CUDA_VERSIONS`): a kernel
-    compiled by another numba-cuda or NVVM is compiled again, not loaded (issue 37, C6). A version
-    that cannot be read is ``"unknown"``."""
-    import importlib.metadata as md
-
-    from numba.cuda.cudadrv import nvvm
-    from numba.cuda.cudadrv.driver import driver
-
-    def read(fn) -> str:
-        try:
-            return str(fn())
-        except Exception:                                 # noqa: BLE001 - a missing library: unknown
-            return "unknown"
-
-    return (("numba-cuda", read(lambda: md.version("numba-cuda"))),
-            ("cuda-core", read(lambda: md.version("cuda-core"))),
-            ("nvvm", read(lambda: nvvm.NVVM().get_version())), ("driver", read(driver.get_version)))
-
-
-_kernel_cache.CUDA_VERSIONS = cuda_versions      # before any kernel is built
-
-
-def _index(device: str) -> int:
-    """N of "cuda:N" (the names fastema._backends.device_name gives)."""
-    return int(device.split(":")[1])
-
-
-@functools.cache
-def _driver():
-    """cuda-bindings' driver module (numba-cuda 0.30 runs on it)."""
-    from cuda.bindings import driver
-
-    return driver
-
-
-@functools.lru_cache(maxsize=64)
-def external_stream(ptr: int):
-    """The Numba stream object of a raw CUDA stream handle (0: 0, the legacy default stream)."""
-    return cuda.external_stream(ptr) if ptr else 0
+from .cuda_base import (  # noqa: F401
+    SIMULATOR,
+    WAITING,
+    _dispatch,
+    _driver,
+    _index,
+    capturing,
+    cuda_versions,
+    external_stream,
+    prune_retired,
+)
+from .cuda_launch import launch_once
 
 
 def _on(stream):
     """A Numba stream object for ``stream`` (0: the legacy default stream, as a stream, so
     copies on it are asynchronous: numba makes a synchronous copy when given no stream)."""
     return stream if stream else cuda.default_stream()
-
-
-def capturing(device: str, raw: int) -> bool:
-    """Whether work queued on the raw stream ``raw`` of ``device`` now would be captured into a CUDA
-    graph rather than run: the stream is capturing, or (the legacy stream) another stream's capture
-    makes work on it illegal. One driver query (cuStreamIsCapturing); False in the simulator and
-    where the query itself fails (no context: nothing can be capturing)."""
-    if SIMULATOR:
-        return False
-    d = _driver()
-    try:
-        err, status = d.cuStreamIsCapturing(d.CUstream(raw))
-    except Exception:                               # noqa: BLE001 - no driver: no capture
-        return False
-    if err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
-        return True
-    return not err and status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
 
 
 @functools.cache
@@ -223,12 +169,11 @@ class _ZeroFlags:
 _zero_flag = _ZeroFlags()
 
 
-def _run(kernel, device: str, stream, blocks, *args):
-    with cuda.gpus[_index(device)]:
-        if SIMULATOR or not stream:
-            kernel[blocks, config.CUDA_THREADS](*args)
-        else:
-            kernel[blocks, config.CUDA_THREADS, stream](*args)
+def _run(kernel, device: str, stream: int, blocks, *args):
+    """Launch ``kernel`` on the raw stream ``stream`` of ``device``: its shipped (or once-compiled) device code
+    with an argument block of fastema's own (:func:`.cuda_launch.launch_once`), or through numba's dispatcher
+    where that cannot run (:func:`.cuda_base._dispatch`)."""
+    launch_once(kernel, device, stream, blocks, args)
 
 
 def _chunks(group, stream, kernel, *args):
@@ -320,19 +265,3 @@ class Retired:
         """Drop what sits behind passed events (event queries: no wait)."""
         while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
             self.pending.pop(0)
-
-
-WAITING: list = []
-"""The :class:`Retired` holders with objects pending; every launch looks at it (empty: one truth
-test) and prunes them once it is not empty (:func:`prune_retired`)."""
-
-
-def prune_retired(device: str, raw: int) -> None:
-    """Drop the retired objects whose events have passed (:class:`Retired`). Skipped while the launch
-    stream ``raw`` is being captured: event queries are not allowed during a capture."""
-    if capturing(device, raw):
-        return
-    for r in list(WAITING):
-        r.prune()
-        if not r.pending:
-            WAITING.remove(r)

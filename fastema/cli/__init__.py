@@ -4,7 +4,8 @@
 - :mod:`.plot`: raw, SMA and EMA curves of a logged metric, to a PNG;
 - :mod:`.bench`: run the benchmark suite and write its report;
 - :mod:`.posthoc`: synthesise a post-hoc EMA from ``PostHocEMA`` snapshots;
-- :mod:`.merge`: merge saved checkpoints (the weighted average of their tensors).
+- :mod:`.merge`: merge saved checkpoints (the weighted average of their tensors);
+- :mod:`.warm`: compile the kernels into this machine's caches (container builds, job prologs).
 
 Each has ``main(argv) -> int``; :mod:`fastema.__main__` dispatches to them. What the commands
 share is here: :data:`COMMANDS` (the one-line summaries ``--help`` lists) and the argument
@@ -26,6 +27,7 @@ COMMANDS = {
     "bench": "run the benchmark suite of a source checkout and write its table and plot",
     "posthoc": "synthesise a post-hoc EMA from the snapshots of fastema.torch.PostHocEMA",
     "merge": "merge saved checkpoints: the weighted average of their tensors (uniform, minus-sqrt, EMA, WSM, ...)",
+    "warm": "compile fastema's kernels into this machine's caches, for container builds and job prologs",
 }
 
 

@@ -243,12 +243,12 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
     """The stream is the caller's at each call, never the one current when the shadow was made
     (a shadow made on the default stream and updated under ``torch.cuda.stream(side)`` or a
     graph capture raced with the side stream / ran uncaptured). Both launch paths are watched:
-    numba's dispatcher (``_run``: the simulator, the array functions, a binding's first launch) gets
-    the Numba stream of the raw handle current then, and the bound launch (``_driver_launch``, on a
-    GPU) that raw handle itself (issue 37, B1)."""
+    numba's dispatcher (``cuda_base._dispatch``: the simulator) gets the raw handle current then (and
+    makes its Numba stream), and fastema's own launch (``cuda_launch._driver_launch``, on a GPU) that
+    raw handle itself (issue 37, B1)."""
     from fastema import _backends
     from fastema._launch import cuda as launch_cuda
-    from fastema._launch import cuda_bound
+    from fastema._launch import cuda_base, cuda_launch
 
     first, later = cuda.stream(), cuda.stream()
     handles = {first: 101, later: 202} if SIM else {s: int(s.handle) for s in (first, later)}
@@ -259,18 +259,19 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
     dev = [cuda.to_device(h) for h in host]
     monkeypatch.setattr(_backends, "stream_getter", lambda framework, device: lambda: current[0])
     monkeypatch.setattr(launch_cuda, "external_stream", lambda handle: streams[handle])
-    run, driver_launch = launch_cuda._run, cuda_bound._driver_launch
+    monkeypatch.setattr(cuda_base, "external_stream", lambda handle: streams[handle])
+    dispatch, driver_launch = cuda_base._dispatch, cuda_launch._driver_launch
 
-    def spy(kernel, device, stream, blocks, *args):
-        seen.append(handles[stream])
-        return run(kernel, device, stream, blocks, *args)
+    def spy(kernel, device, raw, blocks, *args):
+        seen.append(raw)
+        return dispatch(kernel, device, raw, blocks, *args)
 
     def driver_spy(func, blocks, threads, stream, params):
         seen.append(int(stream))
         return driver_launch(func, blocks, threads, stream, params)
 
-    monkeypatch.setattr(launch_cuda, "_run", spy)
-    monkeypatch.setattr(cuda_bound, "_driver_launch", driver_spy)
+    monkeypatch.setattr(cuda_base, "_dispatch", spy)
+    monkeypatch.setattr(cuda_launch, "_driver_launch", driver_spy)
     flat = fastema.FlatShadow(dev)                         # copies on fastema's own upload stream
     many = [cuda.to_device(np.zeros_like(h)) for h in host]
     fastema.ema_update_many_(many, dev, decay=0.5)

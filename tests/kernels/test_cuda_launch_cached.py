@@ -1,11 +1,11 @@
-"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3, C4, C7),
-on the CPU with the fake GPU of ``bench/gpu_fake.py``: numba's dispatcher makes the first launch and
-the overload it compiled for the arguments' types is kept; every later call launches one parameter
-block, packed once from numba-cuda's own ``_Kernel._prepare_args`` values and patched in place where
-an argument changed, byte for byte what cuda.core's ``ParamHolder`` would pack for numba's own launch.
-No later call may reach the dispatcher unless an argument's numba type changes; no context push
-where the device's primary context is current; every CUDA call of a binding inside its device's
-context. The real launch runs in the GPU plan."""
+"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3, C4, C7,
+issue 54 item 2), on the CPU with the fake GPU of ``bench/gpu_fake.py``: the first call loads the
+variant's device code (the shipped code: ``fastema._launch.device_code``; faked here) and packs one
+parameter block with fastema's own ABI (``fastema._launch.abi``), patched in place where an argument
+changed, byte for byte what cuda.core's ``ParamHolder`` packs for numba-cuda's own ``_prepare_args``
+values. No call reaches numba's dispatcher; a variant's code is loaded again only when an argument's
+numba type changes to one not loaded yet; no context push where the device's primary context is
+current; every CUDA call of a binding inside its device's context. The real launch runs in the GPU plan."""
 import ctypes
 import os
 import pathlib
@@ -48,7 +48,7 @@ def fake(monkeypatch):
 
 
 def _launches(fake):
-    return [e for e in fake.launches if e[0] in ("launch", "dispatcher")]
+    return [e for e in fake.launches if e[0] in ("launch", "dispatcher", "load")]
 
 
 def _argument_types(args):
@@ -72,18 +72,18 @@ def _block_bytes(address: int, sizes: list) -> list:
 def assert_packed_like_cuda_core(address: int, run, args):
     """The block at ``address`` holds, value for value and byte for byte, what cuda.core's ParamHolder
     packs for numba's own argument list of ``args``."""
-    want = _reference(args, run.types)
+    want = _reference(args, run.block.types)
     sizes = [ctypes.sizeof(s) for s in run.block.slots]
     assert len(sizes) == len(want)
     holder = ParamHolder(want)
     assert _block_bytes(address, sizes) == _block_bytes(holder.ptr, sizes)
 
 
-def test_first_call_through_the_dispatcher_then_one_block_packed_once_and_patched(fake):
+def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
     run = _launch.lerp_launcher(fake.group)
     assert isinstance(run, B.LerpLaunch)
     run((0.1,))
-    assert [e[0] for e in _launches(fake)] == ["dispatcher"]
+    assert [e[0] for e in _launches(fake)] == ["load", "launch"]
     addresses = []
     for w, key in [((0.1,), 0), ((0.1,), 0), ((0.25,), 0), ((0.25,), 7), ((0.25,), 0)]:
         run(w, key)
@@ -94,7 +94,8 @@ def test_first_call_through_the_dispatcher_then_one_block_packed_once_and_patche
         args = (*fake.group.tables.args(), (np.float32(w[0]),), fake.flag, np.uint32(key))
         assert_packed_like_cuda_core(run.block.address, run, args)
     assert len(set(addresses)) == 1                                         # one block, patched in place
-    assert sum(e[0] == "dispatcher" for e in _launches(fake)) == 1          # no later call reached the dispatcher
+    assert [e[0] for e in _launches(fake)].count("load") == 1               # loaded once
+    assert "dispatcher" not in [e[0] for e in _launches(fake)]              # numba's dispatcher never
 
 
 def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fake, monkeypatch):
@@ -107,33 +108,33 @@ def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fak
         weights = (0.1,)
         for _ in range(4):
             run(weights)
-    assert len(handed) == 3
+    assert len(handed) == 4
     assert all(isinstance(h, int) for h in handed) and len(set(handed)) == 1
 
 
-def test_an_argument_of_another_type_goes_through_the_dispatcher_again(fake):
+def test_an_argument_of_another_type_binds_again(fake):
     run = _launch.lerp_launcher(fake.group)
     run((0.1,))
     run((0.1,))
     weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)          # a device plan's weights: another overload
     run(weights)
-    assert [e[0] for e in _launches(fake)] == ["dispatcher", "launch", "dispatcher"]
-    run(weights)                                                     # and that overload is kept now
+    assert [e[0] for e in _launches(fake)] == ["load", "launch", "launch", "load", "launch"]
+    run(weights)                                                     # and that variant is bound now
     assert fake.launches[-1][0] == "launch"
     assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
 
 
 def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fake):
     """Device weights, then host weights (another overload kept), then the same device weights again:
-    the last call must not reuse the first overload's block with the second overload (it goes
-    through the dispatcher)."""
+    the last call must not reuse the first variant's block with the second variant's code (it binds
+    again, to the code loaded already)."""
     weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)
     run = _launch.lerp_launcher(fake.group)
     run(weights)
     run(weights)
     run((0.1,))
     run(weights)
-    assert [e[0] for e in _launches(fake)] == ["dispatcher", "launch", "dispatcher", "dispatcher"]
+    assert [e[0] for e in _launches(fake)] == ["load", "launch", "launch", "load", "launch", "launch"]
     run(weights)
     assert fake.launches[-1][0] == "launch"
     assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]
@@ -148,7 +149,7 @@ def _plan():
 def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
     """``plan_lerp_launcher`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
     the group index bound once, the step ``given`` the only argument that changes; numba's own argument
-    values, one dispatcher call."""
+    values, one load."""
     plan = _plan()
     run = _launch.plan_lerp_launcher(fake.group, plan, 1)
     assert isinstance(run, B.BoundLaunch)
@@ -160,7 +161,7 @@ def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
         args = (*fake.group.tables.args(), plan["state"], plan["params"], plan["decays"], np.int64(given), plan["w32"],
                 plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(1))
         assert_packed_like_cuda_core(run.block.address, run, args)
-    assert sum(e[0] == "dispatcher" for e in _launches(fake)) == 1
+    assert [e[0] for e in _launches(fake)].count("load") == 1 and "dispatcher" not in [e[0] for e in fake.launches]
 
 
 def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
@@ -174,7 +175,8 @@ def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
         for given in (-1, -1):
             run(given)
         per_sm = getattr(config, "CUDA_PLAN_LERP_BLOCKS_PER_SM", 12)
-        assert fake.launches[0][2][0] == fake.launches[-1][2] == per_sm * 132
+        assert [e[0] for e in fake.launches] == ["load", "launch", "launch"]
+        assert fake.launches[1][2] == fake.launches[-1][2] == per_sm * 132
         lerp = _launch.lerp_launcher(group)
         lerp((0.5,))
         lerp((0.5,))
@@ -192,13 +194,13 @@ def test_the_buffer_copy_launch_is_bound_once(fake):
     run = _launch.copy_launcher(fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
     for _ in range(4):
         run()
-    assert [e[0] for e in _launches(fake)] == ["dispatcher"] + ["launch"] * 3
+    assert [e[0] for e in _launches(fake)] == ["load"] + ["launch"] * 4
     assert_packed_like_cuda_core(run.block.address, run, (*fake.group.tables.args(), 0, 2, flag))
 
 
 def test_the_plan_step_and_the_nonfinite_scan_are_bound_the_same_way(fake):
     """D5: ``plan_launcher`` (a device plan's step where no lerp carries it: one block) and
-    ``nonfinite_launcher`` (skip_nonfinite's scan: the sources' tables only) reach the dispatcher once,
+    ``nonfinite_launcher`` (skip_nonfinite's scan: the sources' tables only) load their code once,
     then launch their packed blocks, numba's own values."""
     plan = {k: v for k, v in _plan().items() if k != "done"}
     step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None, lambda: 77), plan)
@@ -207,7 +209,7 @@ def test_the_plan_step_and_the_nonfinite_scan_are_bound_the_same_way(fake):
     for given in (-1, 5, -1):
         step(given)
         scan()
-    assert [e[0] for e in _launches(fake)] == ["dispatcher", "dispatcher"] + ["launch"] * 4
+    assert [e[0] for e in _launches(fake)] == ["load", "launch", "load", "launch"] + ["launch"] * 4
     assert fake.launches[-2][2] == 1 and fake.launches[-1][2] == 3      # one block; a block per chunk (<= 3)
     assert_packed_like_cuda_core(step.block.address, step, (plan["state"], plan["params"], plan["decays"],
                                                             np.int64(-1), plan["w32"], plan["w64"], plan["flag"],
@@ -238,9 +240,8 @@ def test_no_context_push_where_the_devices_primary_context_is_current():
 
 def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
     """C4: a group on cuda:1 while the thread's device is cuda:0: its tables' uploads, the zero flag,
-    the first (dispatcher) launch and loading the kernel's module (``get_cufunc``, which loads into the
-    current context's device) all run inside ``cuda.gpus[1]``; later launches run there or with the
-    device's primary context current."""
+    loading the variant's code and the first launch all run inside ``cuda.gpus[1]``; later launches run
+    there or with the device's primary context current."""
     with G.fake_gpu(torch_on_gpu=False, primary_current=False) as fake:
         host = _launch.Tables(np.array([0x1000], np.int64), np.array([0x2000], np.int64),
                               np.array([0, 100], np.int64), np.zeros(1, np.int32), np.array([0, 100], np.int64), 100, 1)
@@ -252,33 +253,22 @@ def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
             run((0.5,))
             plan(-1)
         _launch.update_addresses(tables, [0x3000], "cuda:1", lambda: 77)
-        calls = [e for e in fake.log if e[0] in ("to_device", "copy_to_device", "dispatcher", "get_cufunc", "launch",
+        calls = [e for e in fake.log if e[0] in ("to_device", "copy_to_device", "dispatcher", "load", "launch",
                                                   "event.record", "stream.synchronize")]
-        assert {e[0] for e in calls} >= {"to_device", "dispatcher", "get_cufunc", "launch", "copy_to_device"}
+        assert {e[0] for e in calls} >= {"to_device", "load", "launch", "copy_to_device"}
         assert all(e[1] == 1 for e in calls), [e for e in calls if e[1] != 1]
 
 
-def test_the_kept_overload_comes_from_the_dispatchers_overloads_not_a_shared_callback(fake):
-    """C7: numba-cuda's ``dispatcher[grid, block, stream]`` is one lru-cached configuration shared by every
-    caller; fastema appended its keeper to that configuration's ``pre_launch_callbacks``, where a launch
-    from another thread through the same configuration could run it and hand over its overload.
-    Now nothing is added to a shared configuration, and a concurrent launch of another overload
-    through it changes nothing of what a binding keeps."""
+def test_a_binding_never_goes_through_numbas_dispatcher(fake):
+    """C7 and issue 54 item 2: a binding used to keep the overload numba's dispatcher compiled (a shared,
+    lru-cached launch configuration, and numba-cuda's private ``overloads``); now no configuration of the
+    dispatcher is made or called, and the variant's code is found by its factory and argument types."""
     dispatcher = C.K.lerp_kernel(F32, F32, False, False)
-
-    class Watched(list):
-        def append(self, item):
-            raise AssertionError("a callback was added to numba's shared launch configuration")
-
-    shape = (3, config.CUDA_THREADS, C.external_stream(77))            # the configuration the binding uses
-    dispatcher[shape].pre_launch_callbacks = Watched()
-    other = (*fake.group.tables.args(), G.FakeDeviceArray(1, np.float32), fake.flag, np.uint32(0))
-    dispatcher[shape](*other)                                            # another caller's overload, launched last
     run = _launch.lerp_launcher(fake.group)
     run((0.1,))
-    dispatcher[shape](*other)
-    assert run.types[6] == B._typeof((np.float32(0.1),))                   # the host-weights overload, kept
     run((0.1,))
+    assert not dispatcher.configs                                      # never configured, never called
+    assert run.block.types[6] == B._typeof((np.float32(0.1),))
     assert fake.launches[-1][0] == "launch"
 
 
@@ -336,25 +326,32 @@ def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it(
         assert old() is None                           # dropped at the next launch
 
 
-def test_without_the_internals_every_launch_is_the_dispatchers(monkeypatch):
+def test_where_fastemas_launch_cannot_run_every_launch_is_the_dispatchers(monkeypatch):
     ran = []
     monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    monkeypatch.setattr(C, "_run", lambda kernel, device, stream, blocks, *args: ran.append((stream, blocks)))
+    from fastema._launch import cuda_base
+
+    monkeypatch.setattr(cuda_base, "_dispatch", lambda kernel, device, raw, blocks, *args: ran.append((raw, blocks)))
     with G.fake_gpu(torch_on_gpu=False, cached=False) as fake:
         run = _launch.lerp_launcher(_group())
         for _ in range(3):
             run((0.1,))
-    assert [(s.name, b) for s, b in ran] == [(77, 3)] * 3 and not fake.launches
+    assert ran == [(77, 3)] * 3 and not fake.launches
 
 
-def test_an_unknown_numba_cuda_warns_once_and_uses_the_dispatcher(monkeypatch):
+def test_numba_cudas_version_does_not_decide_the_fast_path(monkeypatch):
+    """Issue 54 item 2: the bound path rested on numba-cuda 0.30's private internals and dropped to the
+    dispatcher (100-600 us a launch) on any other numba-cuda; now only the simulator and
+    FASTEMA_CUDA_LAUNCH=dispatcher turn it off."""
     import importlib.metadata as md
+    import warnings
 
     real = md.version
     monkeypatch.setattr(C, "SIMULATOR", False)
     monkeypatch.setattr(md, "version", lambda name: "0.99.0" if name == "numba-cuda" else real(name))
-    with pytest.warns(RuntimeWarning, match="numba-cuda 0.99.0's launch internals are not the ones fastema knows"):
-        assert B.cached_launch_available.__wrapped__() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert B.cached_launch_available.__wrapped__() is True
     monkeypatch.setenv("FASTEMA_CUDA_LAUNCH", "dispatcher")
     assert B.cached_launch_available.__wrapped__() is False
 
@@ -374,5 +371,5 @@ def test_an_ema_update_of_a_6_tensor_network_is_one_launch_with_no_context_push(
             fake.pushes.clear()
             for _ in range(4):
                 ema.update()
-        assert [e[0] for e in fake.launches] == ["launch"] * 4
+        assert [e[0] for e in fake.launches] == ["launch"] * 4         # nothing loaded again
         assert not sum(fake.pushes.values())

@@ -1,0 +1,342 @@
+"""fastema's CUDA device code: shipped compiled, loaded with cuda.core, compiled at run time only where not shipped.
+
+Every kernel variant the launchers can ask for (:mod:`.variants`) is compiled when fastema is built
+(``scripts/build_device_code.py``) and shipped in the package, under ``kernels/device/``: a cubin per
+architecture of the manifest (sm_80, sm_90, sm_100, sm_120) and PTX for ``compute_80`` (one xz file per
+architecture holds every variant's code), each checked by its SHA-256, with a manifest stamped by the
+digest of the kernel sources (:func:`sources_digest`).
+:func:`kernel` finds a variant's code for a device: the cubin of the device's major architecture with
+the highest minor at most its own (an sm_80 cubin runs on sm_86 and sm_89), else the PTX, which the
+driver compiles for the device (and keeps in its own cache); loaded with cuda.core (``ObjectCode``,
+``get_kernel``), no NVVM and no numba dispatcher.
+
+Compiled at run time instead, through numba-cuda's public ``compile_ptx`` and nvJitLink, with one
+warning that says why (once per process and reason):
+
+- a variant not shipped (an array function's unusual storage kinds; a launcher newer than the build);
+- shipped code that does not match this installation's kernel sources (an edited checkout: the manifest's
+  stamp differs), or that the driver refuses (a driver older than the PTX), or that is damaged;
+- a device older than sm_80.
+
+Run-time compiles go into a cache, once per node: an entry per (variant, kernel sources, numba-cuda, NVVM,
+compute capability), named by their SHA-256 (never a file's date), written whole (``os.replace``) under
+a lock (``kernels._filelock``), so N processes starting at once compile each variant once while the
+others wait and load it; an entry whose checksum fails is compiled again. The folder:
+``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp dir>/fastema-<uid>/fastema-device`` (node-local), used only
+where the kernel cache's trust rules allow (``kernels._cache.TRUST``: nobody else can write it or a folder
+above it). ``FASTEMA_CUDA_CACHE=0`` compiles in memory.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+
+from . import config
+
+FORMAT = 1
+_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
+_MAGIC = b"fastema-device-code 1\n"
+_WARNED: set = set()
+
+
+def device_dir() -> str:
+    """The folder of the shipped device code: ``device/`` in the kernels package."""
+    from .. import kernels
+
+    return os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "device")
+
+
+@functools.cache
+def sources_digest() -> str:
+    """SHA-256 of the sources every CUDA kernel's device code is compiled from (the kernel modules and
+    what they depend on: ``kernels._cuda_jit.DEPENDENCIES``, ``kernels.cuda``, ``kernels._cuda_scan``),
+    by module name and bytes: the stamp the shipped manifest carries (an edited source never loads
+    stale device code)."""
+    from ..kernels import _cuda_jit, _cuda_scan
+    from ..kernels import cuda as kernels_cuda
+
+    modules = {m.__name__: m for m in (*_cuda_jit.DEPENDENCIES, kernels_cuda, _cuda_scan)}
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        with open(modules[name].__file__, "rb") as f:
+            data = f.read()
+        h.update(f"{name.rsplit('.', 1)[-1]}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def variant_key(kernel: str, types) -> str:
+    """A variant's name: its kernel's (``lerp_kernel(0,1,0,0)``) and its arguments' numba types."""
+    return f"{kernel}[{', '.join(map(str, types))}]"
+
+
+def _warn(reason: str, message: str) -> None:
+    """One RuntimeWarning per process and ``reason``."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _read_manifest() -> tuple[dict | None, str | None]:
+    path = os.path.join(device_dir(), "manifest.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, f"no shipped device code ({path} is missing)"
+    except (OSError, ValueError) as err:
+        return None, f"the shipped device code's manifest {path} cannot be read ({err})"
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("variants"), dict):
+        return None, f"the shipped device code's manifest {path} is not format {FORMAT}"
+    if data.get("sources") != sources_digest():
+        return None, ("the shipped device code was built from other kernel sources than these (an edited "
+                      "checkout: run scripts/build_device_code.py)")
+    return data, None
+
+
+@functools.cache
+def manifest() -> dict | None:
+    """The shipped manifest where it matches these kernel sources, else None (with one warning)."""
+    data, problem = _read_manifest()
+    if problem:
+        _warn("manifest", f"{problem}, so CUDA kernels are compiled at their first use (once per node, cached)")
+    return data
+
+
+def stale(keys) -> str | None:
+    """Why the shipped device code does not hold exactly the variants ``keys`` for these sources, or None."""
+    data, problem = _read_manifest()
+    if problem:
+        return problem
+    missing = sorted(set(keys) - set(data["variants"]))
+    extra = sorted(set(data["variants"]) - set(keys))
+    if missing or extra:
+        return (f"the shipped device code lacks {len(missing)} variants the launchers ask for and holds {len(extra)} "
+                f"they do not (first: {(missing or extra)[0]}): run scripts/build_device_code.py")
+    return None
+
+
+def choose(cc: tuple, data: dict | None = None) -> str | None:
+    """Which shipped code a device of compute capability ``cc`` loads: ``"sm_XY"`` (a cubin of its major
+    architecture, minor at most its own), ``"ptx"``, or None (nothing shipped runs there)."""
+    data = manifest() if data is None else data
+    if data is None:
+        return None
+    best = None
+    for arch in data.get("cubins", ()):
+        major, minor = int(arch[3:-1]), int(arch[-1])
+        if major == cc[0] and minor <= cc[1] and (best is None or minor > best[1]):
+            best = (arch, minor)
+    if best is not None:
+        return best[0]
+    ptx = data.get("ptx", "compute_99")
+    return "ptx" if tuple(cc) >= (int(ptx[8:-1]), int(ptx[-1])) else None
+
+
+@functools.cache
+def _blob(arch: str) -> bytes:
+    """The shipped code of ``arch`` (``"ptx"`` or ``"sm_XY"``): every variant's, one after another
+    (``kernels/device/<arch>.xz``), decompressed once per process."""
+    import lzma
+
+    with open(os.path.join(device_dir(), f"{arch}.xz"), "rb") as f:
+        return lzma.decompress(f.read())
+
+
+def member(arch: str, entry: dict) -> bytes:
+    """Variant ``entry``'s (a manifest record) code for ``arch``, checked against its SHA-256
+    (ValueError where it fails)."""
+    at, size = entry["at"][arch]
+    code = _blob(arch)[at:at + size]
+    if len(code) != size or hashlib.sha256(code).hexdigest() != entry["sha256"][arch]:
+        raise ValueError(f"its {arch} code fails its checksum")
+    return code
+
+
+def shipped(key: str, cc: tuple) -> tuple | None:
+    """``(kind, bytes, entry, arch)`` of variant ``key``'s shipped code for compute capability ``cc``
+    (kind ``"cubin"`` or ``"ptx"``), checked against the manifest's SHA-256; None where none is
+    shipped for it (with one warning where the file is missing or damaged)."""
+    data = manifest()
+    entry = None if data is None else data["variants"].get(key)
+    arch = choose(cc, data)
+    if entry is None or arch is None:
+        return None
+    try:
+        code = member(arch, entry)
+    except (OSError, KeyError, ValueError, TypeError) as err:   # LZMAError is an Exception, below
+        _warn("damaged", f"the shipped device code of {key} for {arch} cannot be read ({err}): compiled instead")
+        return None
+    except Exception as err:                              # noqa: BLE001 - a damaged xz stream
+        _warn("damaged", f"the shipped device code for {arch} cannot be read ({err}): compiled instead")
+        return None
+    return "ptx" if arch == "ptx" else "cubin", code, entry["entry"], arch
+
+
+# ---------------------------------------------------------------- loading and the run-time compile
+
+class Loaded:
+    """A variant's code loaded for a device: ``func`` (the handle ``cuLaunchKernel`` takes), what it
+    came from (``source``: ``"sm_90"``, ``"ptx"`` or ``"compiled"``) and the cuda.core kernel that
+    keeps it loaded."""
+
+    __slots__ = ("func", "kernel", "source")
+
+    def __init__(self, func, kernel, source: str):
+        self.func, self.kernel, self.source = func, kernel, source
+
+
+def _load(kind: str, code: bytes, entry: str, source: str) -> Loaded:
+    """The kernel ``entry`` of ``code`` loaded by cuda.core (the driver compiles PTX for the device)."""
+    from cuda.core import ObjectCode
+
+    from . import cuda_base as C
+
+    obj = ObjectCode.from_cubin(code) if kind == "cubin" else ObjectCode.from_ptx(code)
+    k = obj.get_kernel(entry)
+    return Loaded(C._driver().CUfunction(int(k.handle)), k, source)
+
+
+def compute_capability(index: int) -> tuple:
+    from numba import cuda
+
+    return tuple(cuda.gpus[index].compute_capability)
+
+
+def _compile(dispatcher, types, cc: tuple) -> tuple:
+    """``(kind, code, entry)`` for compute capability ``cc``, as numba-cuda compiles at a launch: NVVM to
+    LTO-IR with the dispatcher's options, linked by nvJitLink with link-time optimisation into a cubin;
+    where nvJitLink is missing, NVVM's PTX (the driver assembles it)."""
+    from numba import cuda
+
+    o = dispatcher.targetoptions
+    options = dict(debug=bool(o.get("debug")), lineinfo=bool(o.get("lineinfo")), device=False,
+                   fastmath=bool(o.get("fastmath")), cc=tuple(cc), opt=o.get("opt", True), abi="numba",
+                   launch_bounds=o.get("launch_bounds"))
+    try:
+        from cuda.core import Linker, LinkerOptions, ObjectCode
+
+        ir, _ = cuda.compile(dispatcher.py_func, tuple(types), output="ltoir", **options)
+
+        def link(target, **more):
+            linker = Linker(ObjectCode.from_ltoir(bytes(ir)), options=LinkerOptions(link_time_optimization=True,
+                                                                                     **more))
+            try:
+                return bytes(linker.link(target).code)
+            finally:
+                linker.close()
+
+        arch = f"sm_{cc[0]}{cc[1]}"
+        ptx = link("ptx", arch=arch, ptx=True).decode()
+        return "cubin", link("cubin", arch=arch), _ENTRY.findall(ptx)[0]
+    except ImportError:                                   # no nvJitLink: PTX for the driver
+        ptx, _ = cuda.compile(dispatcher.py_func, tuple(types), output="ptx", **options)
+        return "ptx", ptx.encode(), _ENTRY.findall(ptx)[0]
+
+
+def cache_folder() -> str | None:
+    """The folder of run-time compiled device code (see the module docstring), created; None where the
+    cache is off or the folder fails the kernel cache's trust rules (``docs/install.md``; one warning)."""
+    from ..kernels import _cache, _cache_node
+
+    if not config.CUDA_CACHE:
+        return None
+    base = os.environ.get("NUMBA_CACHE_DIR") or _cache_node.node_folder()
+    folder = None if base is None else os.path.join(base, "fastema-device")
+    try:
+        if folder is None:
+            raise OSError(f"no folder of your own in {tempfile.gettempdir()}")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        why = None if _cache.TRUST is None else _cache.TRUST(folder)
+    except OSError as err:
+        why = str(err)
+    if why is None:
+        return folder
+    _warn("cache", f"CUDA kernels compiled at run time are not cached in {folder} ({why}); they are compiled in "
+                   f"every process. Set NUMBA_CACHE_DIR to a folder only you can write")
+    return None
+
+
+def _entry_name(key: str, cc: tuple) -> str:
+    from .cuda_base import cuda_versions
+
+    text = "\0".join((key, sources_digest(), repr(cuda_versions()[:3]), f"sm_{cc[0]}{cc[1]}"))
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def _read_entry(path: str) -> tuple | None:
+    """``(kind, code, entry)`` of a cache entry, or None where it is missing or damaged."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(_MAGIC):
+            raise ValueError("not a fastema device-code entry")
+        header, code = data[len(_MAGIC):].split(b"\n", 1)
+        meta = json.loads(header)
+        if hashlib.sha256(code).hexdigest() != meta["sha256"] or meta["kind"] not in ("cubin", "ptx"):
+            raise ValueError("its checksum fails")
+        return meta["kind"], code, meta["entry"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as err:
+        _warn("cache-damaged", f"a cached CUDA kernel {path} is damaged ({err}): compiled again")
+        return None
+
+
+COMPILES: list = []
+"""Keys compiled in this process (tests and ``python -m fastema warm`` read it)."""
+
+
+def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
+    """``(kind, code, entry)`` of variant ``key`` for ``cc``: read from the cache, or compiled once per
+    node (under the entry's lock) and written there."""
+    from ..kernels._filelock import locked, write_whole
+
+    folder = cache_folder()
+    if folder is None:
+        COMPILES.append(key)
+        return _compile(dispatcher, types, cc)
+    path = os.path.join(folder, _entry_name(key, cc) + ".code")
+    with locked(path):
+        found = _read_entry(path)
+        if found is not None:
+            return found
+        COMPILES.append(key)
+        kind, code, entry = _compile(dispatcher, types, cc)
+        meta = json.dumps({"kind": kind, "entry": entry, "sha256": hashlib.sha256(code).hexdigest(), "key": key})
+        try:
+            write_whole(path, _MAGIC + meta.encode() + b"\n" + code)
+        except OSError as err:
+            _warn("cache-write", f"a CUDA kernel compiled at run time could not be cached in {folder} ({err})")
+        return kind, code, entry
+
+
+def kernel(dispatcher, types, index: int) -> Loaded | None:
+    """Variant (``dispatcher``, ``types``) loaded for device ``index``: the shipped code, else compiled
+    (see the module docstring); None where fastema does not know the kernel (not made by a
+    ``kernels._cuda_jit.variant`` factory): the caller launches through the dispatcher."""
+    from ..kernels._cuda_jit import VARIANTS
+
+    name = VARIANTS.get(dispatcher)
+    if name is None:
+        return None
+    key = variant_key(name, types)
+    cc = compute_capability(index)
+    found = shipped(key, cc)
+    if found is not None:
+        kind, code, entry, arch = found
+        try:
+            return _load(kind, code, entry, arch)
+        except Exception as err:                          # noqa: BLE001 - the driver refused it
+            _warn("refused", f"the driver refused fastema's shipped {arch} code ({err}; an older driver than the "
+                             f"PTX needs?), so CUDA kernels are compiled at their first use (once per node)")
+    elif manifest() is not None:
+        why = "not shipped" if choose(cc) else f"no code is shipped for compute capability {cc[0]}.{cc[1]}"
+        _warn("unshipped", f"CUDA kernel {key} is {why}: compiled at its first use (once per node, cached)")
+    kind, code, entry = compiled(dispatcher, types, key, cc)
+    return _load(kind, code, entry, "compiled")

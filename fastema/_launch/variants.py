@@ -1,0 +1,164 @@
+"""Every CUDA kernel variant fastema's launchers can ask for, enumerated from the launchers themselves.
+
+A variant is a kernel (its factory and the factory's arguments: ``kernels._cuda_jit.VARIANTS``) and the
+numba types of the arguments its launcher passes. :func:`every_variant` runs every launcher of
+:mod:`fastema._launch` (the per-step ones bound once, and :func:`fastema._launch.launch`'s ops) over the
+space its callers use, with placeholder device arrays of the dtypes those callers pass, and records what
+reaches the launch instead of launching: the launchers' own code picks the kernel and builds the
+arguments, so a new launcher argument or kernel choice changes the enumeration without a hand list.
+
+The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions can
+ask for others, which compile at their first use, once per node: ``device_code``):
+
+- shadow <- source kinds (:data:`PAIRS`): float32, bfloat16, float16 (nearest and stochastic rounding)
+  or float64 shadows of float32, bfloat16 and float16 sources; float64 <- float64;
+- the lerp with host weights for 1 to ``MAX_ROWS`` rows, with device weights (the flat API) and with
+  device weights and key (a device plan's groups that do not carry the plan step); the fused plan step
+  and lerp; the plan step alone; the buffer copy both ways, with and without a skip flag; the
+  non-finite scan; the swaps (``EXCHANGE``; ``PACK``/``UNPACK`` for float32 <- bfloat16); BEMA; the
+  window push (float32 and bfloat16 rings; float64 for float64 sources); the metric smoothers.
+
+Used by ``scripts/build_device_code.py`` (what is compiled and shipped), :func:`warm` (``python -m fastema
+warm``) and the tests that hold the shipped manifest to it. Needs numba-cuda (its types); no GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
+from . import device_code
+from .device_code import variant_key
+
+PAIRS = tuple((sk, xk) for sk in (F32, BF16, F16, F64) for xk in (F32, BF16, F16)) + ((F64, F64),)
+"""The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64 shadow
+(``shadow_dtype``, ``"same"``) of 32- and 16-bit sources; float64 sources keep float64 shadows. A source's
+own kind is also the offload pack's chunk (the buffer copy of a pair of one kind)."""
+_BITS = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}   # a metric value's kernel view
+_WINDOWS = ((F32, F32), (F32, BF16), (F32, F16), (BF16, F32), (BF16, BF16), (BF16, F16), (F64, F64))   # ring, source
+
+
+class _Placeholder:
+    """A device array as numba's ``typeof`` sees it (``_numba_type_``): a 1-D C-order array of
+    ``dtype``; never read or written."""
+
+    def __init__(self, dtype, size: int = 4):
+        from numba.cuda import types
+        from numba.cuda.np import numpy_support
+
+        self.dtype, self.size, self.shape = np.dtype(dtype), size, (size,)
+        self._numba_type_ = types.Array(numpy_support.from_dtype(self.dtype), 1, "C")
+
+    def __getitem__(self, item):
+        return self
+
+
+def _tables():
+    from . import Tables
+
+    P = _Placeholder
+    return Tables(P(np.int64), P(np.int64), P(np.int64), P(np.int32), P(np.int64), n=1024, chunks=4)
+
+
+def _plan() -> dict:
+    P = _Placeholder
+    return {"state": P(np.float64), "params": P(np.float64), "decays": P(np.float64, 2), "w32": P(np.float32),
+            "w64": P(np.float64), "flag": P(np.int32), "keys": P(np.int64), "done": P(np.int32)}
+
+
+@contextlib.contextmanager
+def _recording(seen: dict):
+    """The CUDA launchers with their launches recorded into ``seen`` (``key -> (dispatcher, types)``)
+    instead of made, and no device touched (the zero flag a placeholder, no capture)."""
+    from numba.cuda.typing.typeof import Purpose, typeof
+
+    from ..kernels._cuda_jit import VARIANTS
+    from . import cuda as C
+    from . import cuda_launch as B
+
+    def record(dispatcher, args) -> None:
+        types = tuple(typeof(a, Purpose.argument) for a in args)
+        seen.setdefault(variant_key(VARIANTS[dispatcher], types), (dispatcher, types))
+
+    def run(kernel, device, stream, blocks, *args):
+        record(kernel, args)
+
+    def bound(self, dispatcher, args, raw, blocks):
+        record(dispatcher(args), args)
+
+    saved = C._run, C._zero_flag, C.capturing, B._Bound._launch
+    C._run, C.capturing = run, (lambda device, raw: False)
+    C._zero_flag = lambda device: _Placeholder(np.int32, 1)
+    B._Bound._launch = bound
+    try:
+        yield
+    finally:
+        C._run, C._zero_flag, C.capturing, B._Bound._launch = saved
+
+
+def every_variant() -> dict:
+    """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a stable
+    order (sorted by key)."""
+    from .. import _launch as L
+
+    seen: dict = {}
+    P = _Placeholder
+    with _recording(seen):
+        for sk, xk in PAIRS:
+            g = L.Group("cuda:0", sk, xk, _tables())
+            w = np.float64 if wide(sk, xk) else np.float32
+            for stochastic in (False, True) if sk in (BF16, F16) else (False,):
+                for rows in range(1, MAX_ROWS + 1):
+                    L.lerp_launcher(g, stochastic=stochastic)((0.5,) * rows, 1 if stochastic else 0)
+                L.launch("lerp", g, weights=P(w), stochastic=stochastic)                   # the flat API
+                L.lerp_launcher(g, flag=P(np.int32, 1), stochastic=stochastic)(P(w), P(np.int64, 1))
+                L.plan_lerp_launcher(g, _plan(), 0, stochastic=stochastic)(-1)
+            for to_shadow in (True, False):
+                for flag in (None, P(np.int32, 1)):
+                    L.copy_launcher(g, to_shadow=to_shadow, row_lo=0, row_hi=1, flag=flag)()
+                L.launch("copy", g, to_shadow=to_shadow, row_lo=0, row_hi=1)
+            L.nonfinite_launcher(g, P(np.int32, 1))()
+            for mode in (EXCHANGE, PACK, UNPACK) if (sk, xk) == (F32, BF16) else (EXCHANGE,):
+                L.launch("swap", g, mode=mode, row=0)
+            L.launch("bema", g, alpha=0.5)
+            L.launch("bema", g, alpha=0.5, flag=P(np.int32, 1))
+        L.plan_launcher(L.Group("cuda:0", F32, F32, _tables()), _plan())(-1)
+        for rk, xk in _WINDOWS:
+            g = L.Group("cuda:0", F32, xk, _tables())
+            for recompute in (False, True):
+                L.launch("window", g, ring_kind=rk, ring_addr=P(np.int64), slot=0, full=False, count=1,
+                         recompute=recompute)
+        for kind in (F32, F64, BF16, F16):
+            g = L.Group("cuda:0", None, kind, None)
+            y, f64, i64 = P(_BITS[kind]), P(np.float64), P(np.int64)
+            for skip in (False, True):
+                for mode in (DEBIASED, SEEDED, ZEROS):
+                    L.launch("ema_streams", g, values=y, w0=1.0, c=f64, per_stream=False, a=f64, b=f64, d=0.5,
+                             mode=mode, skip=skip)
+                L.launch("sma_streams", g, values=y, w0=1.0, c=f64, per_stream=False, ring_v=f64, ring_w=f64,
+                         s=f64, comp=f64, ws=f64, wcomp=f64, n=i64, bad=i64, slot=0, skip=skip)
+    return dict(sorted(seen.items()))
+
+
+def warm() -> list:
+    """Compile into the cache every variant not shipped for the visible GPUs' architectures (``python -m
+    fastema warm``); ``[(key, seconds)]`` of what was compiled (nothing where no GPU is visible)."""
+    import time
+
+    from numba import cuda
+
+    if not cuda.is_available():
+        return []
+    done = []
+    ccs = sorted({tuple(g.compute_capability) for g in cuda.gpus})
+    for cc in ccs:
+        for key, (dispatcher, types) in every_variant().items():
+            if device_code.shipped(key, cc) is not None:
+                continue
+            t = time.perf_counter()
+            before = len(device_code.COMPILES)
+            device_code.compiled(dispatcher, types, key, cc)
+            if len(device_code.COMPILES) > before:
+                done.append((f"{key} sm_{cc[0]}{cc[1]}", time.perf_counter() - t))
+    return done

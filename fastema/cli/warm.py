@@ -1,0 +1,248 @@
+"""``python -m fastema warm``: fill this machine's kernel caches, for container builds and job prologs.
+
+The CPU kernels a first update needs are found by making those first updates, through the public
+paths, on tiny inputs: ``fastema.torch.EMA`` over float32, bfloat16 (float32 and bfloat16 shadows,
+stochastic rounding), float64 models, two decays, ``skip_nonfinite``, a swap, ``WindowAverage``;
+``FlatShadow``, ``WindowShadow`` and ``Smoother`` over NumPy arrays. Each runs twice: as is (the
+serial kernels) and with the launch tunables shrunk so that the same tiny inputs take the parallel
+kernels a real model takes. Nothing is listed by hand, so the set follows the launchers. Every kernel
+numba compiles is counted at numba's compile event (a kernel loaded from the cache is not).
+
+Where a CUDA GPU is visible, the CUDA variants not shipped for it are compiled too
+(``fastema._launch.variants.warm``).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+from . import Parser, parse
+
+__all__ = ["main"]
+
+PROG = "python -m fastema warm"
+
+
+def _parser() -> Parser:
+    ap = Parser(prog=PROG,
+                description="Compile fastema's kernels into the caches of this machine, so that a training job's "
+                            "first update loads them instead of compiling (seconds per kernel, in every process "
+                            "started on an empty cache). Run it in a container build or a job prolog, as the "
+                            "user and with the environment (NUMBA_CACHE_DIR, TMPDIR) of the jobs.",
+                epilog="Exits 1 with the reason where the kernels cannot be cached (no writable folder, or one "
+                       "others can write). Running it again compiles nothing.")
+    ap.add_argument("--cpu-only", action="store_true", help="do not compile CUDA kernels even where a GPU is visible")
+    return ap
+
+
+class _Compiles:
+    """numba's compile events of fastema's kernels: ``(qualname, cache folder or None)`` each."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def __enter__(self):
+        from numba.core import event
+
+        compiles = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                dispatcher = ev.data["dispatcher"]
+                if dispatcher.py_func.__module__.startswith("fastema.kernels"):
+                    compiles.seen.append((dispatcher.py_func.__qualname__, dispatcher.stats.cache_path))
+
+            def on_end(self, ev):
+                pass
+
+        self._listener = Listener()
+        event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from numba.core import event
+
+        event.unregister("numba:compile", self._listener)
+
+
+def _numpy_updates():
+    import numpy as np
+
+    import fastema
+
+    def arrays(dtype):
+        return [np.linspace(-1, 1, 96, dtype=dtype).reshape(8, 12), np.ones(24, dtype)]
+
+    yield "FlatShadow, float32", lambda: fastema.FlatShadow(arrays(np.float32)).update(0.99)
+    yield "FlatShadow, float64", lambda: fastema.FlatShadow(arrays(np.float64), dtype="same").update(0.99)
+    yield "FlatShadow, two decays, skip_nonfinite", lambda: fastema.FlatShadow(arrays(np.float32), rows=2).update(
+        (0.9, 0.99), skip_nonfinite=True)
+    yield "WindowShadow", lambda: fastema.WindowShadow(arrays(np.float32), 4).push()
+
+    def smoother():
+        s = fastema.Smoother(decay=0.9, window=4)
+        s.update(np.linspace(0, 1, 64))
+    yield "Smoother (EMA and SMA)", smoother
+
+
+def _torch_updates():
+    import torch
+    from torch import nn
+
+    from fastema.torch import EMA, WindowAverage
+
+    def model(dtype=torch.float32):
+        return nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8)).to(dtype)
+
+    def swap():
+        ema = EMA(model())
+        ema.update()
+        with ema.average_parameters():
+            pass
+
+    yield "EMA, float32 model", lambda: EMA(model()).update()
+    yield "EMA, bfloat16 model, float32 shadow", lambda: EMA(model(torch.bfloat16)).update()
+    yield "EMA, bfloat16 shadow, stochastic rounding", lambda: EMA(
+        model(), shadow_dtype="bfloat16", rounding="stochastic").update()
+    yield "EMA, float64 model", lambda: EMA(model(torch.float64)).update()
+    yield "EMA, two decays", lambda: EMA(model(), decay=(0.99, 0.999)).update()
+    yield "EMA, skip_nonfinite", lambda: EMA(model(), skip_nonfinite=True).update()
+    yield "EMA, swap for evaluation", swap
+    yield "WindowAverage", lambda: WindowAverage(model(), 4).update()
+
+
+def _updates(say) -> list:
+    out = list(_numpy_updates())
+    try:
+        out += list(_torch_updates())
+    except ImportError:
+        say("  (torch is not installed: the fastema.torch updates are skipped)")
+    return out
+
+
+class _Parallel:
+    """The launch tunables shrunk so tiny inputs take the parallel kernels (on 2 threads), put back after."""
+
+    NAMES = ("CPU_SERIAL_BELOW", "CPU_STREAMS_SERIAL_BELOW", "CPU_CHUNK", "CPU_THREADS")
+
+    def __enter__(self):
+        from fastema._launch import config
+
+        self.saved = [getattr(config, name) for name in self.NAMES]
+        config.CPU_SERIAL_BELOW, config.CPU_STREAMS_SERIAL_BELOW, config.CPU_CHUNK, config.CPU_THREADS = 0, 0, 16, 2
+
+    def __exit__(self, *exc):
+        from fastema._launch import config
+
+        for name, value in zip(self.NAMES, self.saved):
+            setattr(config, name, value)
+
+
+def _warm_cpu(say) -> tuple[int, list, list]:
+    """Make every first update twice (serial, parallel), stopping at the first kernel that is not cached;
+    returns (kernels compiled, their cache folders (None: not cached), the RuntimeWarnings raised meanwhile)."""
+    import numba
+
+    passes = [("serial", None)]
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        passes.append(("parallel", _Parallel))
+    else:
+        say("  (NUMBA_NUM_THREADS=1: parallel kernels never run here, so they are not compiled)")
+    updates = _updates(say)
+    total, folders = 0, []
+    with warnings.catch_warnings(record=True) as caught, _Compiles() as compiles:
+        warnings.simplefilter("always", RuntimeWarning)
+        for mode, context in passes:
+            for name, update in updates:
+                before, t = len(compiles.seen), time.perf_counter()
+                if context is None:
+                    update()
+                else:
+                    with context():
+                        update()
+                got = compiles.seen[before:]
+                total += len(got)
+                folders += [folder for _, folder in got]
+                what = f"{len(got)} compiled" if got else "cached"
+                say(f"  {name + ', ' + mode:<58} {what:>12}  {time.perf_counter() - t:6.2f} s")
+                if None in folders:                  # not cached: no use compiling the rest
+                    break
+            if None in folders:
+                break
+    return total, folders, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _why_not_cached(warned: list) -> str:
+    """Why the kernels were not cached: NUMBA_CACHE_DIR refused by the trust rules, or the launch layer's
+    warning (said at import, so perhaps above this), or numba's want of a writable folder."""
+    import os
+
+    folder = os.environ.get("NUMBA_CACHE_DIR")
+    if folder:
+        from fastema._launch.config import cache_folder_problem
+
+        problem = cache_folder_problem(os.path.realpath(folder))
+        if problem is not None:
+            return f"NUMBA_CACHE_DIR={folder} is not used, as {problem} (the cache files are pickles, run as code)"
+    said = next((w.removeprefix("fastema: ") for w in warned if "cache" in w), None)
+    return said.rstrip(".") if said else "numba found no writable cache folder (see the warning above)"
+
+
+def _warm_cuda(say) -> int:
+    """The CUDA variants not shipped for the visible GPU (``fastema._launch.variants.warm``); the exit status."""
+    try:
+        from numba import cuda
+
+        visible = cuda.is_available()
+    except Exception:                      # numba-cuda missing or no driver: no GPU to compile for
+        visible = False
+    if not visible:
+        say("CUDA: no GPU visible, nothing to compile")
+        return 0
+    from fastema._launch.variants import warm
+    t = time.perf_counter()
+    try:
+        compiled = warm()
+    except Exception as err:               # the device code's own failure, said in one line
+        print(f"{PROG}: error: the CUDA kernels could not be compiled ({type(err).__name__}: {err}); run the "
+              f"CUDA check of docs/install.md, or pass --cpu-only", file=sys.stderr)
+        return 1
+    for variant, seconds in compiled:
+        say(f"  {variant:<58} {seconds:6.2f} s")
+    say(f"CUDA: {len(compiled)} variant(s) compiled in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(_parser(), argv)
+    if isinstance(args, int):
+        return args
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        import numba  # noqa: F401
+        import numpy  # noqa: F401
+    except ImportError as err:
+        print(f"{PROG}: error: {err.name or err} is not installed; fastema's kernels need numpy and numba: "
+              f"pip install 'numba>=0.59'", file=sys.stderr)
+        return 1
+    say("CPU kernels (the first updates of fastema's public paths, on tiny inputs):")
+    t = time.perf_counter()
+    total, folders, warned = _warm_cpu(say)
+    uncached = [f for f in folders if f is None]
+    cached_in = sorted({f for f in folders if f is not None})
+    if uncached:
+        print(f"{PROG}: error: {len(uncached)} kernel(s) were compiled but cannot be cached, so every process "
+              f"will compile them again: {_why_not_cached(warned)}. Set NUMBA_CACHE_DIR to a folder only you can "
+              f"write (mkdir -m 700 -p ~/.cache/fastema-numba), or leave it unset for fastema's default, then run "
+              f"'{PROG}' again.", file=sys.stderr)
+        return 1
+    if total:
+        say(f"CPU: {total} kernel(s) compiled in {time.perf_counter() - t:.1f} s, cached in "
+            f"{', '.join(cached_in)}")
+    else:
+        say(f"CPU: nothing to compile, every kernel was in the cache already ({time.perf_counter() - t:.1f} s)")
+    return 0 if args.cpu_only else _warm_cuda(say)

@@ -1,0 +1,287 @@
+"""The device code fastema ships (``kernels/device``, ``fastema._launch.device_code``; issue 54 items 1-3, 5).
+
+- The shipped code is current: built from these kernel sources (the manifest's stamp) for exactly the
+  variants the launchers ask for (``fastema._launch.variants``), every file whole (SHA-256), a cubin per
+  architecture and PTX. ``scripts/build_device_code.py`` rebuilds it; the failure names that command.
+- A fresh process's first update on the fake GPU makes no NVVM call and no numba front-end compile: every
+  variant it binds is the shipped sm_90 code (counted at numba-cuda's compile entry points).
+- Which code a device loads (its major architecture's cubin, else PTX, else a compile), and what compiles
+  instead, with one warning that says why: an edited kernel source (stale stamp), a damaged file, code
+  the driver refuses, a variant not shipped.
+- What is compiled at run time is compiled once per node: N processes on one empty cache compile a
+  variant once, the others wait and read it; a damaged entry is compiled again; a cache folder others can
+  write is not used.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("the simulator runs no device code", allow_module_level=True)
+pytest.importorskip("numba.cuda")
+pytest.importorskip("cuda.core")
+
+from fastema._launch import device_code as D  # noqa: E402
+from fastema._launch.variants import every_variant  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """device_code's per-process state reset around a test (warnings, the manifest read once)."""
+    monkeypatch.setattr(D, "_WARNED", set())
+    D.manifest.cache_clear()
+    yield D
+    D.manifest.cache_clear()
+
+
+def test_the_shipped_device_code_is_current():
+    problem = D.stale(list(every_variant()))
+    assert problem is None, f"{problem} (then commit kernels/device/)"
+
+
+def test_every_shipped_file_is_whole_and_each_variant_has_every_architecture():
+    data, problem = D._read_manifest()
+    assert problem is None, problem
+    assert data["cubins"] == ["sm_80", "sm_90", "sm_100", "sm_120"] and data["ptx"] == "compute_80"
+    for key, entry in data["variants"].items():
+        ptx = D.member("ptx", entry)
+        assert f".entry {entry['entry']}(".encode() in ptx and b".target sm_80" in ptx, key
+        for arch in data["cubins"]:
+            cubin = D.member(arch, entry)
+            assert cubin[:4] == b"\x7fELF", (key, arch)
+            assert entry["link"][arch]["registers"] > 0, (key, arch)        # nvJitLink's figures, kept
+
+
+def test_a_damaged_member_fails_its_checksum(fresh, monkeypatch):
+    data = D.manifest()
+    key, entry = next(iter(data["variants"].items()))
+    at, size = entry["at"]["sm_90"]
+    blob = bytearray(D._blob("sm_90"))
+    blob[at + size // 2] ^= 0xFF
+    monkeypatch.setattr(D, "_blob", lambda arch: bytes(blob))
+    with pytest.raises(ValueError, match="checksum"):
+        D.member("sm_90", entry)
+    with pytest.warns(RuntimeWarning, match="cannot be read .*checksum.*compiled instead"):
+        assert D.shipped(key, (9, 0)) is None
+
+
+@pytest.mark.parametrize("cc,arch", [((8, 0), "sm_80"), ((8, 6), "sm_80"), ((8, 9), "sm_80"), ((9, 0), "sm_90"),
+                                     ((10, 0), "sm_100"), ((10, 3), "sm_100"), ((12, 0), "sm_120"),
+                                     ((12, 1), "sm_120"), ((11, 0), "ptx"), ((13, 0), "ptx"), ((7, 5), None)])
+def test_a_device_loads_its_major_architectures_cubin_else_the_ptx(cc, arch):
+    assert D.choose(cc) == arch
+
+
+CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numba.cuda.compiler as compiler
+import numba.cuda.cudadrv.nvvm as nvvm
+calls = {"nvvm": 0, "front_end": 0}
+real_ir, real_cuda = nvvm.compile_ir, compiler.compile_cuda
+def ir(*a, **k):
+    calls["nvvm"] += 1
+    return real_ir(*a, **k)
+def front(*a, **k):
+    calls["front_end"] += 1
+    return real_cuda(*a, **k)
+nvvm.compile_ir, compiler.compile_cuda = ir, front
+import torch
+import gpu_fake as G
+from fastema.torch import EMA
+scenario = sys.argv[2]
+with G.fake_gpu(real_kernels=True) as fake:
+    model = G.rl_mlp()
+    if scenario == "bf16":
+        model = model.to(torch.bfloat16)
+    kw = {"fp32": {}, "bf16": {}, "bf16_sr": {"shadow_dtype": "bfloat16", "rounding": "stochastic"},
+          "two_decays": {}, "skip_nonfinite": {"skip_nonfinite": True}, "device_plan": {"device_step": True},
+          "window": {}}
+    if scenario == "bf16_sr":
+        model = model.to(torch.bfloat16)
+    decay = (0.99, 0.999) if scenario == "two_decays" else 0.99
+    if scenario == "window":
+        from fastema.torch import WindowAverage
+        ema = WindowAverage(model, 3)
+    else:
+        ema = EMA(model, decay, **kw[scenario])
+    with torch.no_grad():
+        ema.update()
+        ema.update()
+    loads = [e for e in fake.launches if e[0] == "load"]
+    dispatched = [e for e in fake.launches if e[0] == "dispatcher"]
+print(json.dumps({"calls": calls, "loads": [e[1] for e in loads], "dispatcher": len(dispatched),
+                  "launches": sum(e[0] == "launch" for e in fake.launches)}))
+"""
+
+
+@pytest.mark.parametrize("scenario", ["fp32", "bf16", "bf16_sr", "two_decays", "skip_nonfinite", "device_plan",
+                                      "window"])
+def test_a_fresh_processs_first_update_makes_no_nvvm_call(scenario, tmp_path):
+    """Issue 54 item 5: on the fake GPU (an sm_90 device), with fastema's real kernel factories, a fresh
+    process's first two ``EMA.update()`` calls (``WindowAverage``'s for "window") bind every kernel they
+    launch to the shipped sm_90 code:
+    numba-cuda's NVVM entry (``nvvm.compile_ir``) and front end (``compiler.compile_cuda``) are never
+    called, and numba's dispatcher never launches."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "bench"), scenario], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["calls"] == {"nvvm": 0, "front_end": 0}, out
+    assert out["loads"] and set(out["loads"]) == {"sm_90"}, out
+    assert out["dispatcher"] == 0 and out["launches"] >= 2, out
+
+
+def _one_variant():
+    for key, (dispatcher, types) in every_variant().items():
+        if key.startswith("nonfinite_kernel(3)"):
+            return key, dispatcher, types
+    raise AssertionError("no float64 scan variant")
+
+
+def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, monkeypatch):
+    """The manifest's stamp is the digest of the kernel sources: another digest (an edited checkout)
+    makes every variant compile (one warning naming the build command), never load the shipped code."""
+    key, dispatcher, types = _one_variant()
+    monkeypatch.setattr(D, "sources_digest", lambda: "0" * 64)
+    monkeypatch.setattr(D, "compute_capability", lambda index: (9, 0))
+    loaded, compiles = [], []
+    monkeypatch.setattr(D, "_load", lambda kind, code, entry, source: loaded.append((kind, code, source)) or source)
+    monkeypatch.setattr(D, "compiled", lambda d, t, k, cc: compiles.append(k) or ("cubin", b"new", "entry"))
+    with pytest.warns(RuntimeWarning, match="built from other kernel sources.*build_device_code"):
+        assert D.kernel(dispatcher, types, 0) == "compiled"
+    assert compiles == [key] and loaded == [("cubin", b"new", "compiled")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # one warning a process
+        assert D.kernel(dispatcher, types, 0) == "compiled"
+
+
+def test_code_the_driver_refuses_is_compiled_with_one_warning(fresh, monkeypatch):
+    key, dispatcher, types = _one_variant()
+    monkeypatch.setattr(D, "compute_capability", lambda index: (9, 0))
+
+    def load(kind, code, entry, source):
+        if source != "compiled":
+            raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+        return source
+
+    monkeypatch.setattr(D, "_load", load)
+    monkeypatch.setattr(D, "compiled", lambda d, t, k, cc: ("cubin", b"new", "entry"))
+    with pytest.warns(RuntimeWarning, match="driver refused fastema's shipped sm_90 code"):
+        assert D.kernel(dispatcher, types, 0) == "compiled"
+
+
+def test_a_variant_not_shipped_compiles_with_one_warning(fresh, monkeypatch):
+    from numba.cuda import types as T
+
+    from fastema.kernels import cuda as K
+    from fastema.kernels.kinds import F32
+
+    dispatcher = K.lerp_kernel(F32, F32, False)
+    A = T.Array(T.int64, 1, "C")
+    types = (T.int64, A, A, A, T.Array(T.int32, 1, "C"), A, T.UniTuple(T.float64, 9), T.Array(T.int32, 1, "C"),
+             T.uint32)                                    # 9 float64 weights: no launcher passes that
+    monkeypatch.setattr(D, "compute_capability", lambda index: (9, 0))
+    monkeypatch.setattr(D, "_load", lambda kind, code, entry, source: source)
+    monkeypatch.setattr(D, "compiled", lambda d, t, k, cc: ("cubin", b"new", "entry"))
+    with pytest.warns(RuntimeWarning, match="is not shipped: compiled at its first use"):
+        assert D.kernel(dispatcher, types, 0) == "compiled"
+
+
+def test_a_kernel_fastema_did_not_make_goes_to_the_dispatcher():
+    assert D.kernel(object(), (), 0) is None
+
+
+COMPILE = r"""
+import json, os, sys, time
+from fastema._launch import device_code as D
+from fastema._launch.variants import every_variant
+
+def slow_compile(dispatcher, types, cc):                # NVVM's seconds, without NVVM: CI compiles no CUDA kernel
+    time.sleep(1.5)
+    return "cubin", b"\x7fELF" + sys.argv[1].encode() * 50, "entry"
+
+D._compile = slow_compile
+key = sys.argv[1]
+dispatcher, types = every_variant()[key]
+with open(sys.argv[2], "a") as f:                       # started: the test releases every process at once
+    f.write("x")
+while not os.path.exists(sys.argv[2] + ".go"):
+    time.sleep(0.01)
+kind, code, entry = D.compiled(dispatcher, types, key, (9, 0))
+print(json.dumps({"compiles": len(D.COMPILES), "kind": kind, "size": len(code), "entry": entry}))
+"""
+
+
+def _compile_in(processes: int, key: str, env: dict, folder) -> list:
+    import time
+
+    gate = folder / f"gate{processes}"
+    procs = [subprocess.Popen([sys.executable, "-c", COMPILE, key, str(gate)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    deadline = time.monotonic() + 300
+    while (not gate.exists() or len(gate.read_text()) < processes) and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    (folder / f"gate{processes}.go").write_text("")
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_processes_on_one_empty_cache_compile_a_variant_once(tmp_path):
+    """Item 3: four processes released at once on an empty cache need the same variant that is not
+    shipped: one compiles it (1.5 s here, standing in for NVVM's seconds), the others wait on its lock
+    and read it; all get the same code. Then a damaged entry is compiled again."""
+    key, _, _ = _one_variant()
+    cache = tmp_path / "cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="1")
+    outs = _compile_in(4, key, env, tmp_path)
+    assert sum(o["compiles"] for o in outs) == 1, outs
+    assert len({(o["kind"], o["size"], o["entry"]) for o in outs}) == 1
+    (entry,) = (cache / "fastema-device").glob("*.code")
+    entry.write_bytes(entry.read_bytes()[:-100])          # truncated: a crash while another tool wrote it
+    (again,) = _compile_in(1, key, env, tmp_path)
+    assert again["compiles"] == 1 and again["size"] == outs[0]["size"]
+
+
+def test_a_cache_folder_others_can_write_is_not_used(fresh, monkeypatch, tmp_path):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs" / "fastema-device"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(mine))
+    assert D.cache_folder() == str(mine / "fastema-device")
+    theirs.mkdir(parents=True)
+    theirs.chmod(0o777)                                   # the kernel cache's trust rules: others can write it
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(theirs.parent))
+    with pytest.warns(RuntimeWarning, match="not cached in .*fastema-device .*writable by everyone"):
+        assert D.cache_folder() is None
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(mine))
+    monkeypatch.setattr(D.config, "CUDA_CACHE", False)
+    assert D.cache_folder() is None
+
+
+def test_a_cache_entry_is_checked_before_it_is_used(fresh, tmp_path):
+    path = str(tmp_path / "x.code")
+    code = b"\x7fELF" + bytes(range(200))
+    meta = json.dumps({"kind": "cubin", "entry": "k", "sha256": __import__("hashlib").sha256(code).hexdigest()})
+    with open(path, "wb") as f:
+        f.write(D._MAGIC + meta.encode() + b"\n" + code)
+    assert D._read_entry(path) == ("cubin", code, "k")
+    with open(path, "r+b") as f:
+        f.seek(-3, 2)
+        f.write(b"xyz")
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert D._read_entry(path) is None
+    assert D._read_entry(str(tmp_path / "missing.code")) is None
