@@ -10,7 +10,9 @@ rewritten after each:
 4. an update under a side stream is ordered after that stream's writes;
 5. ``FlatShadow.update(weight=tensor)`` captured in a CUDA graph and replayed twice;
 6. the host returned from an update while the GPU was still busy (no hidden sync);
-7. host us of a bound launch against numba's ``kernel[grid, block](...)`` and of the whole update.
+7. host us of a bound launch against numba's ``kernel[grid, block](...)`` and of the whole update;
+   and (``2b``) which device code those launches loaded: the shipped cubin's architecture, "ptx" or
+   "compiled", and how many variants were compiled at run time (0 expected: issue 54).
 
     python3 bench/gpu_smoke.py OUTDIR [--simulate]
 
@@ -58,6 +60,15 @@ def main(argv) -> int:
         return C.no_sync(lambda: flat.update(0.99))()
 
     rec.check("6 host returned while the GPU was busy (FlatShadow.update)", busy)
+
+    def shipped():                                        # issue 54: what the launches above loaded
+        from fastema._launch import cuda_launch, device_code
+        sources = sorted({str(getattr(v, "source", None)) for v in cuda_launch._LOADED.values()})
+        rec.note("host", "2b device code loaded", {"sources": sources, "run-time compiles": len(device_code.COMPILES),
+                                                   "shipped for": device_code.choose(device_code.compute_capability(0))
+                                                   if not G.SIM else "simulator"})
+
+    rec.guarded("host", "2b device code loaded", shipped)
     rec.guarded("host", "7 launch host us", lambda: rec.note("host", "7 launch host us",
                                                              C.launch_costs(n=3 if G.SIM else 500)))
     checks = rec.data["checks"]

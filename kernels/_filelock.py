@@ -61,10 +61,12 @@ def _wait(fd: int, fcntl, deadline: float) -> None:
 
 
 def write_whole(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file beside it, then ``os.replace``)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Write ``data`` to ``path`` atomically (a temporary file of a unique name beside it, then ``os.replace``)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

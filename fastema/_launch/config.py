@@ -28,7 +28,9 @@ CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multi
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches
-CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "1") != "0"   # CUDA kernels compiled at run time cached on disk
+CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "") != "0"   # CUDA kernels compiled at run time cached on disk
+CUDA_DISPATCHER_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "") == "1"   # and, asked for, numba's cache of the
+                                                                        # dispatcher path (no lock: opt-in)
 
 
 def _threads_from_env(name: str) -> int | None:

@@ -14,7 +14,7 @@ from ..kernels import _cuda_jit
 from ..kernels._cuda_hw import SIMULATOR
 from . import config
 
-_cuda_jit.CACHE = config.CUDA_CACHE     # before any kernel is built (FASTEMA_CUDA_CACHE=0 turns it off)
+_cuda_jit.CACHE = config.CUDA_DISPATCHER_CACHE     # numba's own cache of the dispatcher path: FASTEMA_CUDA_CACHE=1
 
 
 @functools.cache

@@ -25,7 +25,7 @@ def cached_launch_available() -> bool:
     if C.SIMULATOR or os.environ.get("FASTEMA_CUDA_LAUNCH", "bound") == "dispatcher":
         return False
     try:
-        importlib.import_module("cuda.core")              # loads the shipped device code
+        importlib.import_module("cuda.core")              # what device_code loads the shipped code with
         driver = C._driver()
         ok = all(hasattr(driver, f) for f in ("cuLaunchKernel", "cuCtxGetCurrent", "CUfunction", "CUstream"))
         why = "its driver bindings lack cuLaunchKernel"

@@ -19,12 +19,13 @@ warning that says why (once per process and reason):
 - a device older than sm_80.
 
 Run-time compiles go into a cache, once per node: an entry per (variant, kernel sources, numba-cuda, NVVM,
-compute capability), named by their SHA-256 (never a file's date), written whole (``os.replace``) under
-a lock (``kernels._filelock``), so N processes starting at once compile each variant once while the
-others wait and load it; an entry whose checksum fails is compiled again. The folder:
-``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp dir>/fastema-<uid>/fastema-device`` (node-local), used only
-where the kernel cache's trust rules allow (``kernels._cache.TRUST``: nobody else can write it or a folder
-above it). ``FASTEMA_CUDA_CACHE=0`` compiles in memory.
+compute capability), named by their SHA-256 (never a file's date), written whole (``os.replace``) under a
+node-local lock (``kernels._cache_node.hold``: lock files in ``<temp>/fastema-<uid>/locks``, never on a
+network file system, given up after ``LOCK_WAIT`` seconds), so N processes starting at once compile each
+variant once while the others wait and load it; an entry whose checksum fails is compiled again. The
+folder: ``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp dir>/fastema-<uid>/fastema-device``
+(node-local), used only where the kernel cache's trust rules allow (``kernels._cache.TRUST``: nobody else
+can write it or a folder above it). ``FASTEMA_CUDA_CACHE=0`` compiles in memory.
 """
 from __future__ import annotations
 
@@ -192,14 +193,24 @@ class Loaded:
 
 
 def _load(kind: str, code: bytes, entry: str, source: str) -> Loaded:
-    """The kernel ``entry`` of ``code`` loaded by cuda.core (the driver compiles PTX for the device)."""
+    """The kernel ``entry`` of ``code`` loaded by cuda.core and, in the current context (the device's
+    primary one: :func:`kernel` runs inside it), made a function there: the driver loads the code (and
+    compiles PTX for the device) now, where a refusal can still fall back, rather than lazily at the
+    first launch (``CUDA_MODULE_LOADING=LAZY``, the default), which could be inside a graph capture."""
     from cuda.core import ObjectCode
 
     from . import cuda_base as C
 
     obj = ObjectCode.from_cubin(code) if kind == "cubin" else ObjectCode.from_ptx(code)
     k = obj.get_kernel(entry)
-    return Loaded(C._driver().CUfunction(int(k.handle)), k, source)
+    d = C._driver()
+    err, ctx = d.cuCtxGetCurrent()
+    if err or not int(ctx):                               # no context: the kernel handle, loaded at its launch
+        return Loaded(d.CUfunction(int(k.handle)), k, source)
+    err, func = d.cuKernelGetFunction(d.CUkernel(int(k.handle)), ctx)
+    if err:                                               # the driver refused the code (now, not at a launch)
+        raise RuntimeError(f"cuKernelGetFunction: {err!r}")
+    return Loaded(func, k, source)
 
 
 def compute_capability(index: int) -> tuple:
@@ -263,9 +274,15 @@ def cache_folder() -> str | None:
 
 
 def _entry_name(key: str, cc: tuple) -> str:
+    import importlib.metadata as md
+
     from .cuda_base import cuda_versions
 
-    text = "\0".join((key, sources_digest(), repr(cuda_versions()[:3]), f"sm_{cc[0]}{cc[1]}"))
+    try:
+        nvjitlink = md.version("nvidia-nvjitlink")
+    except md.PackageNotFoundError:
+        nvjitlink = "unknown"
+    text = "\0".join((key, sources_digest(), repr(cuda_versions()[:3]), nvjitlink, f"sm_{cc[0]}{cc[1]}"))
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -283,7 +300,7 @@ def _read_entry(path: str) -> tuple | None:
         return meta["kind"], code, meta["entry"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         _warn("cache-damaged", f"a cached CUDA kernel {path} is damaged ({err}): compiled again")
         return None
 
@@ -295,14 +312,15 @@ COMPILES: list = []
 def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
     """``(kind, code, entry)`` of variant ``key`` for ``cc``: read from the cache, or compiled once per
     node (under the entry's lock) and written there."""
-    from ..kernels._filelock import locked, write_whole
+    from ..kernels._cache_node import hold
+    from ..kernels._filelock import write_whole
 
     folder = cache_folder()
     if folder is None:
         COMPILES.append(key)
         return _compile(dispatcher, types, cc)
     path = os.path.join(folder, _entry_name(key, cc) + ".code")
-    with locked(path):
+    with hold(path):                                      # node-local lock file, given up after LOCK_WAIT s
         found = _read_entry(path)
         if found is not None:
             return found
@@ -339,4 +357,10 @@ def kernel(dispatcher, types, index: int) -> Loaded | None:
         why = "not shipped" if choose(cc) else f"no code is shipped for compute capability {cc[0]}.{cc[1]}"
         _warn("unshipped", f"CUDA kernel {key} is {why}: compiled at its first use (once per node, cached)")
     kind, code, entry = compiled(dispatcher, types, key, cc)
-    return _load(kind, code, entry, "compiled")
+    try:
+        return _load(kind, code, entry, "compiled")
+    except Exception as err:                              # noqa: BLE001 - refused too: numba's own launch
+        _warn("compiled-refused", f"the driver refused CUDA kernel {key} as compiled here too ({err}), so it is "
+                                  f"launched through numba's dispatcher. A CUDA 12 driver needs numba-cuda[cu12] "
+                                  f"(pip install 'fastema[cuda12]') or a driver update to R580 or newer")
+        return None

@@ -142,23 +142,29 @@ def every_variant() -> dict:
 
 
 def warm() -> list:
-    """Compile into the cache every variant not shipped for the visible GPUs' architectures (``python -m
-    fastema warm``); ``[(key, seconds)]`` of what was compiled (nothing where no GPU is visible)."""
+    """Load every variant on every visible GPU (``python -m fastema warm``): its shipped code where the
+    driver takes it, else compiled into the cache (a variant not shipped for the GPU's architecture, code
+    the driver refuses); ``[(what, seconds)]`` of what was compiled (nothing where no GPU is visible).
+    RuntimeError, saying what to do, where nothing compiled could be kept (the cache off or its folder
+    refused)."""
     import time
 
     from numba import cuda
 
     if not cuda.is_available():
         return []
+    if device_code.cache_folder() is None:
+        raise RuntimeError("the CUDA kernel cache is off (FASTEMA_CUDA_CACHE=0) or its folder is not one of your "
+                           "own, so nothing compiled now would be kept; set NUMBA_CACHE_DIR to a folder only you "
+                           "can write")
     done = []
-    ccs = sorted({tuple(g.compute_capability) for g in cuda.gpus})
-    for cc in ccs:
-        for key, (dispatcher, types) in every_variant().items():
-            if device_code.shipped(key, cc) is not None:
-                continue
-            t = time.perf_counter()
-            before = len(device_code.COMPILES)
-            device_code.compiled(dispatcher, types, key, cc)
-            if len(device_code.COMPILES) > before:
-                done.append((f"{key} sm_{cc[0]}{cc[1]}", time.perf_counter() - t))
+    for index, gpu in enumerate(cuda.gpus):
+        cc = tuple(gpu.compute_capability)
+        with gpu:
+            for key, (dispatcher, types) in every_variant().items():
+                t = time.perf_counter()
+                before = len(device_code.COMPILES)
+                device_code.kernel(dispatcher, types, index)
+                if len(device_code.COMPILES) > before:
+                    done.append((f"{key} sm_{cc[0]}{cc[1]}", time.perf_counter() - t))
     return done

@@ -81,6 +81,23 @@ def test_fastemas_block_is_numba_cudas_byte_for_byte(key):
     for i, value in enumerate(args):                      # patching an argument in place packs the same
         block.patch(i, value)
     assert _bytes(block.address, sizes) == _bytes(holder.ptr, sizes)
+    assert sizes == _ptx_parameter_sizes(key), key        # and each is the size the shipped kernel declares
+
+
+_PARAM = re.compile(r"\.param\s+\.([a-z]+)(\d+)\s+\S+_param_\d+")
+
+
+def _ptx_parameter_sizes(key: str) -> list:
+    """The byte size of each parameter the shipped PTX of variant ``key`` declares (``.param .u64 ...``)."""
+    from fastema._launch import device_code
+
+    data, problem = device_code._read_manifest()
+    assert problem is None, problem
+    entry = data["variants"][key]
+    ptx = device_code.member("ptx", entry).decode()
+    start = ptx.index(f".entry {entry['entry']}(")
+    head = ptx[start:ptx.index(")", start)]
+    return [int(bits) // 8 for _, bits in _PARAM.findall(head)]
 
 
 def test_an_array_argument_must_be_device_memory():

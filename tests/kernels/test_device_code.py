@@ -285,3 +285,72 @@ def test_a_cache_entry_is_checked_before_it_is_used(fresh, tmp_path):
     with pytest.warns(RuntimeWarning, match="damaged"):
         assert D._read_entry(path) is None
     assert D._read_entry(str(tmp_path / "missing.code")) is None
+
+
+class _FakeDriver:
+    """What ``device_code._load`` asks of cuda-bindings' driver, with ``refuse`` set: the driver refuses
+    to make the loaded kernel a function in the current context (as it does for PTX it cannot read)."""
+
+    def __init__(self, refuse: bool):
+        self.refuse, self.calls = refuse, []
+
+    def cuCtxGetCurrent(self):
+        return 0, 0xC7
+
+    def CUkernel(self, handle):
+        return ("kernel", handle)
+
+    def CUfunction(self, handle):
+        return ("function", handle)
+
+    def cuKernelGetFunction(self, kernel, ctx):
+        self.calls.append((kernel, ctx))
+        return (218 if self.refuse else 0), ("function in context", kernel[1], ctx)
+
+
+class _FakeObjectCode:
+    loaded: list = []
+
+    def __init__(self, kind, code):
+        self.kind, self.code = kind, code
+
+    @classmethod
+    def from_cubin(cls, code):
+        return cls("cubin", code)
+
+    @classmethod
+    def from_ptx(cls, code):
+        return cls("ptx", code)
+
+    def get_kernel(self, entry):
+        _FakeObjectCode.loaded.append((self.kind, entry))
+        return type("K", (), {"handle": 0xBEEF})()
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_code_is_loaded_into_the_context_at_binding_not_at_a_launch(fresh, monkeypatch, refuse):
+    """Review of issue 54: with lazy loading (CUDA's default) a library's code is loaded into a context,
+    and PTX compiled, only at its first launch, where a refusal could no longer fall back (and could
+    happen inside a graph capture). ``_load`` makes the kernel a function of the current context at
+    once (``cuKernelGetFunction``); a refusal there falls back to a compile, and where the compiled code
+    is refused too the dispatcher launches it (None), each with one warning."""
+    import cuda.core
+
+    from fastema._launch import cuda_base
+
+    driver = _FakeDriver(refuse)
+    monkeypatch.setattr(cuda_base, "_driver", lambda: driver)
+    monkeypatch.setattr(cuda.core, "ObjectCode", _FakeObjectCode)
+    monkeypatch.setattr(D, "compute_capability", lambda index: (9, 0))
+    monkeypatch.setattr(D, "compiled", lambda d, t, k, cc: ("cubin", b"\x7fELF compiled", "compiled_entry"))
+    key, dispatcher, types = _one_variant()
+    if not refuse:
+        loaded = D.kernel(dispatcher, types, 0)
+        assert loaded.func == ("function in context", 0xBEEF, 0xC7) and loaded.source == "sm_90"
+        assert driver.calls == [(("kernel", 0xBEEF), 0xC7)]
+        return
+    with pytest.warns(RuntimeWarning) as caught:
+        assert D.kernel(dispatcher, types, 0) is None
+    said = " ".join(str(w.message) for w in caught)
+    assert "refused fastema's shipped sm_90 code" in said and "launched through numba's dispatcher" in said
+    assert len(driver.calls) == 2                         # the shipped code, then the compiled one
