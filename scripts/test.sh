@@ -3,13 +3,13 @@
 # needed), bench, distributed (DeepSpeed, run on the CPU) and docs (Sphinx) extras, then
 #   0. ruff (lint and import order) and mypy (the public modules), failing early,
 #   1. in two lanes at once, one a core (each lane's output printed when both are done):
-#      a. CPU tests of the kernels, arrays, merging and schedules (every CUDA kernel compiled
-#         to sm_90 PTX and machine code through the real numba-cuda pipeline), then the
-#         documentation (docs extra): a Sphinx build with warnings as errors and the coverage
-#         check (every public name in the API pages, with a docstring);
-#      b. CPU tests of the models' faces, bridges, faults, the docs' examples and the wheel,
-#         then the CUDA kernel tests in the Numba CUDA simulator, in their own process (the
-#         simulator must be switched on before numba is imported);
+#      a. CPU tests of the kernels, arrays, merging and schedules (the shipped CUDA device code
+#         checked: its stamp, its sm_90 machine code and PTX; nothing compiled), then the CUDA
+#         kernel tests in the Numba CUDA simulator, in their own process (the simulator must be
+#         switched on before numba is imported), then the documentation (docs extra): a Sphinx
+#         build with warnings as errors and the coverage check (every public name in the API
+#         pages, with a docstring);
+#      b. CPU tests of the models' faces, bridges, faults, the docs' examples and the wheel;
 #   2. the CUDA tests on the real GPU when one is present,
 #   3. the benchmark suite in quick mode (python -m fastema bench --quick), alone on the
 #      machine: its table is printed; timings never fail the run, errors do.
@@ -34,6 +34,9 @@ echo "== CPU tests, the simulator and the docs in two lanes $(date +%T)"
   echo "== lane a: CPU tests of the kernels, arrays, merging, schedules"
   "$py" -m pytest tests "${models[@]/#/--ignore=}" -m "not cuda" -q --durations=15 \
     --junitxml=bench/out/tests-cpu-kernels.xml --basetemp="$lanes/a"
+  echo "== lane a: CUDA kernels in the Numba CUDA simulator $(date +%T)"
+  NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider \
+    --junitxml=bench/out/tests-cudasim.xml --basetemp="$lanes/c"
   echo "== lane a: documentation (warnings are errors; site: docs/_build/html) $(date +%T)"
   rm -rf docs/_build/html
   "$py" -m sphinx -W --keep-going -b html docs docs/_build/html -q
@@ -45,9 +48,6 @@ lane_a=$!
   echo "== lane b: CPU tests of the faces, bridges, faults, the docs' examples, the wheel"
   "$py" -m pytest "${models[@]}" -m "not cuda" -q --durations=15 \
     --junitxml=bench/out/tests-cpu-models.xml --basetemp="$lanes/b"
-  echo "== lane b: CUDA kernels in the Numba CUDA simulator $(date +%T)"
-  NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider \
-    --junitxml=bench/out/tests-cudasim.xml --basetemp="$lanes/c"
   echo "== lane b: done $(date +%T)"
 } >"$lanes/b.log" 2>&1 &
 lane_b=$!
