@@ -12,7 +12,8 @@ rewritten after each:
 6. the host returned from an update while the GPU was still busy (no hidden sync);
 7. host us of a bound launch against numba's ``kernel[grid, block](...)`` and of the whole update;
    and (``2b``) which device code those launches loaded: the shipped cubin's architecture, "ptx" or
-   "compiled", and how many variants were compiled at run time (0 expected: issue 54).
+   "compiled", and how many variants were compiled at run time (0 expected: issue 54); (``2c``) every
+   shipped variant loaded on the GPU, counted by what loaded (all "sm_90" expected on an H100).
 
     python3 bench/gpu_smoke.py OUTDIR [--simulate]
 
@@ -69,6 +70,34 @@ def main(argv) -> int:
                                                    if not G.SIM else "simulator"})
 
     rec.guarded("host", "2b device code loaded", shipped)
+
+    def every_variant():                                  # issue 54 item 7: every shipped variant loads here
+        if G.SIM:
+            return rec.note("host", "2c every variant loads", "simulator")
+        import time
+
+        from numba import cuda
+
+        from fastema._launch import device_code
+        from fastema._launch.variants import every_variant as variants
+        t, cc, counts, refused = time.perf_counter(), device_code.compute_capability(0), {}, []
+        with cuda.gpus[0]:                                # loaded, never compiled: no NVVM in the stage's budget
+            for key in variants():
+                found = device_code.shipped(key, cc)
+                if found is None:
+                    counts["not shipped"] = counts.get("not shipped", 0) + 1
+                    continue
+                kind, code, entry, arch = found
+                try:
+                    device_code._load(kind, code, entry, arch)
+                    counts[arch] = counts.get(arch, 0) + 1
+                except Exception as err:                  # noqa: BLE001 - the driver refused it: say which
+                    refused.append(f"{key[:60]}: {err}"[:200])
+        rec.note("host", "2c every variant loads", {"loaded by architecture": counts, "refused": len(refused),
+                                                    "first refused": refused[:3],
+                                                    "seconds": round(time.perf_counter() - t, 2)})
+
+    rec.guarded("host", "2c every variant loads", every_variant)
     rec.guarded("host", "7 launch host us", lambda: rec.note("host", "7 launch host us",
                                                              C.launch_costs(n=3 if G.SIM else 500)))
     checks = rec.data["checks"]
