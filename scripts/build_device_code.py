@@ -60,17 +60,10 @@ def _versions() -> dict:
 def _link(ltoir: bytes) -> tuple:
     """``(ptx, {arch: (cubin, nvJitLink's info log)})``: the LTO-IR linked with link-time optimisation (as
     numba-cuda links at a launch) into a cubin for each of :data:`CUBINS`, and into PTX for ``compute_80``."""
-    from cuda.core import Linker, LinkerOptions, ObjectCode
+    from fastema._launch.device_code import link
 
-    def link(target: str, **options):
-        linker = Linker(ObjectCode.from_ltoir(ltoir), options=LinkerOptions(link_time_optimization=True, **options))
-        try:
-            return bytes(linker.link(target).code), linker.get_info_log()
-        finally:
-            linker.close()
-
-    ptx, _ = link("ptx", arch=f"sm_{PTX_CC[0]}{PTX_CC[1]}", ptx=True)
-    return _lowered(ptx), {arch: link("cubin", arch=arch, verbose=True) for arch in CUBINS}
+    ptx, _ = link(ltoir, "ptx", arch=f"sm_{PTX_CC[0]}{PTX_CC[1]}", ptx=True)
+    return _lowered(ptx), {arch: link(ltoir, "cubin", arch=arch, verbose=True) for arch in CUBINS}
 
 
 def _lowered(ptx: bytes) -> bytes:
@@ -127,8 +120,7 @@ def _compile(keys: list) -> list:
     once per variant, to LTO-IR for cc 8.0, with the dispatcher's own options (numba-cuda's default path
     where nvJitLink is present: the LTO-IR is optimised again for each architecture at the link, which keeps
     the per-step kernels within their launch bounds without a spill where PTX assembled by ptxas spills)."""
-    from numba import cuda
-
+    from fastema._launch.device_code import nvvm
     from fastema._launch.variants import every_variant
 
     variants = every_variant()
@@ -136,13 +128,10 @@ def _compile(keys: list) -> list:
     for key in keys:
         t = time.perf_counter()
         dispatcher, types = variants[key]
-        o = dispatcher.targetoptions
-        ir, _ = cuda.compile(dispatcher.py_func, types, debug=bool(o.get("debug")), lineinfo=bool(o.get("lineinfo")),
-                             device=False, fastmath=bool(o.get("fastmath")), cc=PTX_CC, opt=o.get("opt", True),
-                             abi="numba", output="ltoir", launch_bounds=o.get("launch_bounds"))
+        ir = nvvm(dispatcher, types, PTX_CC)
         seconds = time.perf_counter() - t
-        ptx, cubins = _link(bytes(ir))
-        out.append((key, bytes(ir), ptx, cubins, seconds))
+        ptx, cubins = _link(ir)
+        out.append((key, ir, ptx, cubins, seconds))
         print(f"{seconds:6.1f} s  {key}", flush=True)
     return out
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from compile_count import COUNT_COMPILES
 
 from fastema.__main__ import _help
 from fastema.kernels import _cache
@@ -14,20 +15,8 @@ from fastema.kernels import _cache
 # A fresh process's first updates: a float32 model large enough for the parallel kernels, a bfloat16 one,
 # two decays and skip_nonfinite; prints how many fastema kernels numba compiled (its compile event fires
 # only where nothing was loaded from the cache).
-FIRST_UPDATE = r"""
+FIRST_UPDATE = COUNT_COMPILES + r"""
 import json
-from numba.core import event
-compiled = []
-
-class Count(event.Listener):
-    def on_start(self, ev):
-        fn = ev.data["dispatcher"].py_func
-        if fn.__module__.startswith("fastema.kernels"):
-            compiled.append(fn.__qualname__)
-    def on_end(self, ev):
-        pass
-
-event.register("numba:compile", Count())
 import torch
 from torch import nn
 from fastema.torch import EMA

@@ -219,34 +219,42 @@ def compute_capability(index: int) -> tuple:
     return tuple(cuda.gpus[index].compute_capability)
 
 
-def _compile(dispatcher, types, cc: tuple) -> tuple:
-    """``(kind, code, entry)`` for compute capability ``cc``, as numba-cuda compiles at a launch: NVVM to
-    LTO-IR with the dispatcher's options, linked by nvJitLink with link-time optimisation into a cubin;
-    where nvJitLink is missing, NVVM's PTX (the driver assembles it)."""
+def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir"):
+    """The kernel's code from NVVM (numba-cuda's public ``compile``) for compute capability ``cc``, with the
+    dispatcher's own options: LTO-IR (bytes) or PTX (str)."""
     from numba import cuda
 
     o = dispatcher.targetoptions
-    options = dict(debug=bool(o.get("debug")), lineinfo=bool(o.get("lineinfo")), device=False,
-                   fastmath=bool(o.get("fastmath")), cc=tuple(cc), opt=o.get("opt", True), abi="numba",
-                   launch_bounds=o.get("launch_bounds"))
+    code, _ = cuda.compile(dispatcher.py_func, tuple(types), debug=bool(o.get("debug")),
+                           lineinfo=bool(o.get("lineinfo")), device=False, fastmath=bool(o.get("fastmath")),
+                           cc=tuple(cc), opt=o.get("opt", True), abi="numba", output=output,
+                           launch_bounds=o.get("launch_bounds"))
+    return bytes(code) if output == "ltoir" else code
+
+
+def link(ltoir: bytes, target: str, **options) -> tuple[bytes, str]:
+    """``(code, info log)``: ``ltoir`` linked by nvJitLink (cuda.core's ``Linker``) with link-time
+    optimisation, as numba-cuda links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``)."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    linker = Linker(ObjectCode.from_ltoir(ltoir), options=LinkerOptions(link_time_optimization=True, **options))
     try:
-        from cuda.core import Linker, LinkerOptions, ObjectCode
+        return bytes(linker.link(target).code), linker.get_info_log()
+    finally:
+        linker.close()
 
-        ir, _ = cuda.compile(dispatcher.py_func, tuple(types), output="ltoir", **options)
 
-        def link(target, **more):
-            linker = Linker(ObjectCode.from_ltoir(bytes(ir)), options=LinkerOptions(link_time_optimization=True,
-                                                                                     **more))
-            try:
-                return bytes(linker.link(target).code)
-            finally:
-                linker.close()
-
+def _compile(dispatcher, types, cc: tuple) -> tuple:
+    """``(kind, code, entry)`` for compute capability ``cc``, as numba-cuda compiles at a launch: NVVM to
+    LTO-IR, linked with link-time optimisation into a cubin; where nvJitLink is missing, NVVM's PTX (the
+    driver assembles it)."""
+    try:
+        ir = nvvm(dispatcher, types, cc)
         arch = f"sm_{cc[0]}{cc[1]}"
-        ptx = link("ptx", arch=arch, ptx=True).decode()
-        return "cubin", link("cubin", arch=arch), _ENTRY.findall(ptx)[0]
+        ptx, _ = link(ir, "ptx", arch=arch, ptx=True)
+        return "cubin", link(ir, "cubin", arch=arch)[0], _ENTRY.findall(ptx.decode())[0]
     except ImportError:                                   # no nvJitLink: PTX for the driver
-        ptx, _ = cuda.compile(dispatcher.py_func, tuple(types), output="ptx", **options)
+        ptx = nvvm(dispatcher, types, cc, output="ptx")
         return "ptx", ptx.encode(), _ENTRY.findall(ptx)[0]
 
 

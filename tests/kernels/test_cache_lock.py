@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from compile_count import COUNT_COMPILES
 
 from fastema.kernels import _cache, _cache_node, _filelock
 
@@ -18,21 +19,9 @@ pytestmark = pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache in
 # argv[1]/go, then makes a first update's kernels (a serial and a parallel lerp, float32 shadow and
 # bfloat16 source, and a copy). Prints every fastema kernel numba compiled here (counted at numba's
 # compile event, which fires only where nothing was loaded from the cache), the hits and the bits.
-CHILD = r"""
+CHILD = COUNT_COMPILES + r"""
 import json, os, sys, time
-from numba.core import event
 import numpy as np
-compiled = []
-
-class Count(event.Listener):
-    def on_start(self, ev):
-        fn = ev.data["dispatcher"].py_func
-        if fn.__module__.startswith("fastema.kernels"):
-            compiled.append(fn.__qualname__)
-    def on_end(self, ev):
-        pass
-
-event.register("numba:compile", Count())
 from fastema.kernels import cpu as K
 from fastema.kernels.kinds import BF16, F32
 from fastema.kernels.layout import chunk_table, segment_offsets
