@@ -1,4 +1,4 @@
-"""Offload through two staging chunks (issue 44 item 6): ``EMA(model, offload="cpu", offload_chunk=C)``
+"""Offload through two staging chunks (issue 44 item 6): ``EMA(model, offload=Offload(chunk=C))``
 against a plain ``EMA(model)`` in the same run, on the CPU, for float32 models of several sizes and several
 chunk sizes; the host fold's GB/s against this machine's streaming bandwidth (measured in the same run);
 and the memory each average adds.
@@ -160,11 +160,11 @@ def _timed(fn) -> float:
 def _offloaded(model, plain, mib: int, chunk: int, reps: int, cuda: bool) -> dict:
     """The offloaded EMA's figures with chunks of ``chunk`` MiB, its calls interleaved with the plain
     EMA's (``plain``) so that both see the same machine: a shared VM's load moves both alike."""
-    from fastema.torch import EMA
+    from fastema.torch import EMA, Offload
 
     numel = sum(p.numel() for p in model.parameters())
     before = rss_anon()
-    ema = EMA(model, 0.999, offload="cpu", offload_chunk=chunk * MIB)
+    ema = EMA(model, 0.999, offload=Offload(chunk=chunk * MIB))
     for _ in range(3):
         _bump(model)
         ema.update()
@@ -265,7 +265,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="64,256,1024", help="model sizes, MiB of float32 weights")
-    ap.add_argument("--chunks", default="4,16,64,256", help="offload_chunk values, MiB")
+    ap.add_argument("--chunks", default="4,16,64,256", help="Offload(chunk=) values, MiB")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None, help="write the markdown report here too")
     ap.add_argument("--gpu", action="store_true", help="the model on cuda:0")
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     device = "cuda:0" if args.gpu else "cpu"
     if args.one is not None:
         if args.ring_only:
-            from fastema.torch import _offload
+            from fastema.torch._placement import offload as _offload
 
             _offload.IN_PLACE = False
         print("ROWS " + json.dumps(one_size(args.one, chunks, args.reps, device)))

@@ -309,10 +309,11 @@ def ema_graph_case():
     import torch
     from torch import nn
 
+    from fastema.schedules import PowerWarmup
     from fastema.torch import EMA
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8)).cuda().bfloat16()
-    kw = dict(decay=0.999, warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic")
+    kw = dict(decay=PowerWarmup(0.999), update_every=2, shadow_dtype="bfloat16", rounding="stochastic")
     graphed, eager = EMA(model, **kw), EMA(model, **kw)
     params = list(model.parameters())
     torch.cuda.synchronize()

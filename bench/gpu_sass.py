@@ -142,7 +142,7 @@ def _tables():
 
 
 def _plan(rows: int = 1, groups: int = 2) -> dict:
-    """A device plan's arrays (``fastema.average.device_plan._OnDevice``'s, by dtype)."""
+    """A device plan's arrays (``fastema.average._device_plan._OnDevice``'s, by dtype)."""
     from fastema.kernels.kinds import PLAN_PARAMS, S_NORMS
 
     sizes = dict(state=(S_NORMS + rows, np.float64), params=(PLAN_PARAMS + 4 * rows, np.float64),

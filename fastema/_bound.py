@@ -34,7 +34,7 @@ class BoundLaunches:
         """The launches of an update whose arguments are checked and whose addresses are current
         (the model averages check the addresses themselves, in one pass with the model's own
         tensors). ``weights_by_device``: :func:`fastema._checks.resolve_weights` per device; or
-        ``plan``, a :class:`fastema.average.device_plan.DevicePlan` whose device arrays hold the
+        ``plan``, a :class:`fastema.average._device_plan.DevicePlan` whose device arrays hold the
         weights and the rounding keys (``seed`` and ``step`` unused). ``given`` (with ``plan``):
         this call's plan step (the training step, -1 for the update count) rides in the first
         launch of each device the plan lists in ``carriers`` (one launch for the plan and that

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _backends, _launch
 from ._backends import Buf, describe, disjoint, empty
+from ._shadow import Capabilities
 from .kernels import kinds
 from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
 
@@ -195,6 +196,12 @@ class FlatLayout:
     def nbytes(self) -> int:
         return sum(g.n * self.rows * ITEMSIZE[g.shadow_kind] for g in self.groups)
 
+    def swap_exact(self) -> bool:
+        """True when a swap rounds neither side in any group (equal kinds, or a float32 shadow of
+        bfloat16 sources, which a swap packs and unpacks exactly)."""
+        return all(g.shadow_kind == g.src_kind or (g.shadow_kind == F32 and g.src_kind == BF16)
+                   for g in self.groups)
+
     def swap_modes(self, swapped: bool, lossy: bool) -> list:
         """The swap kernel mode of each group, or ValueError if a swap would round without ``lossy``."""
         modes = []
@@ -244,7 +251,7 @@ class SwapState:
                                f"call swap() again first")
 
 
-class ShadowBase:
+class ShadowBase(Capabilities):
     """What :class:`fastema.FlatShadow` and :class:`fastema.WindowShadow` share, read through their
     ``layout`` (:class:`FlatLayout`), ``source_table`` (:class:`~fastema._sources.SourceTable`),
     ``_swap`` (:class:`SwapState`) and ``names``: a shadow is built from these, and this class

@@ -59,8 +59,6 @@ class FlatShadow(ShadowBase, BoundLaunches):
             hold; there are no per-source views (:meth:`pieces` gives the slice).
     """
 
-    folds_later = False       # update_checked() writes now (an offloaded shadow queues; see fastema.average.core)
-
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
                  init: str = "copy", split: tuple[int, int] | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
@@ -214,6 +212,11 @@ class FlatShadow(ShadowBase, BoundLaunches):
         self._refuse_split("swap()")
         self.check_row(row)
         self._swap.swap(self.layout, self.source_table, row, lossy)
+
+    def backup(self) -> "FlatShadow":
+        """A copy of the sources in their own dtypes, for a face's swap that would round (see
+        :attr:`exact_swap`): ``copy_to_sources()`` puts them back bit for bit."""
+        return FlatShadow(dict(zip(self.names, self.sources)), dtype="same")
 
     # ------------------------------------------------------------ source tracking
 

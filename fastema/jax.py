@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _backends
-from .average import HOST_ONLY_REFUSALS, EMAOptions
-from .average.core import Average, Face
+from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, document
 
 __all__ = ["EMA"]
 
@@ -79,9 +78,9 @@ class EMA(Face):
 
     Args:
         params: the pytree to average; its values start the average.
-        decay: a float, or up to 8 floats (several averages in one pass); default 0.9999.
+        {decay}
         **options: any :class:`fastema.average.EMAOptions` option, as on every face
-            (``sigma_rel=``, ``bema=``, ``update_every=``, ``shadow_dtype=``...); the two in
+            (``update_every=``, ``shadow_dtype=``...); the two in
             :data:`REFUSED` are refused by name, with the reason.
     """
 
@@ -268,3 +267,6 @@ class EMA(Face):
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._others)}, "
                 f"shadow={self._core.shadow!r})")
+
+
+EMA.__doc__ = document(EMA.__doc__)

@@ -44,11 +44,12 @@ class WeightEMA(pl.Callback):
 
     Args:
         decay: the EMA decay (default 0.9999), or a list of decays (the first is used for
-            evaluation); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
+            evaluation); or a schedule
+            of :mod:`fastema.schedules` (``decay=`` of :class:`fastema.average.EMAOptions`).
         validate_with_ema: swap the EMA in for validation (and back after it).
         test_with_ema: swap the EMA in for ``trainer.test`` / ``trainer.predict``.
-        **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
-            ``update_every=``, ``shadow_dtype=``, ``exclude=``, ``shard_replicas=True`` under the
+        **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``update_every=``,
+            ``shadow_dtype=``, ``exclude=``, ``shard_replicas=True`` under the
             DDP strategy ...).
 
     The EMA is made when fitting (or testing) starts, after Lightning has moved the model

@@ -19,6 +19,7 @@ from . import _backends, _launch
 from ._backends import describe, disjoint
 from ._bound import BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
+from ._shadow import Capabilities, table_parts
 from .kernels.kinds import BF16
 
 __all__ = ["PairShadow"]
@@ -78,7 +79,7 @@ class _Groups:
         self.groups = groups
 
 
-class PairShadow(BoundLaunches):
+class PairShadow(Capabilities, BoundLaunches):
     """Averages kept in the caller's tensors: ``shadows[i] <- lerp(shadows[i], sources[i], w)``.
 
     One launch per (device, shadow dtype, source dtype) group, computed as ``torch.lerp`` does
@@ -94,7 +95,6 @@ class PairShadow(BoundLaunches):
     """
 
     rows = 1
-    folds_later = False       # update_checked() writes now (see fastema.average.core)
 
     def __init__(self, shadows: Sequence, sources: Sequence, names: tuple[list, list] | None = None, *,
                  groups: list | None = None):
@@ -114,6 +114,13 @@ class PairShadow(BoundLaunches):
 
     def __repr__(self) -> str:
         return f"PairShadow({len(self)} pairs, {len(self.layout.groups)} groups)"
+
+    def parts(self, what: str = "shadow") -> list:
+        """``(part, array)`` of what this holds: the launch tables (the averages are the caller's)."""
+        return table_parts(*(g.tables for g in self.layout.groups))
+
+    def written(self) -> list:
+        return []                       # the caller's tensors: theirs to name
 
     def regroup(self, groups: list[PairGroup]) -> None:
         """Follow the pairs to new addresses: ``groups`` from :func:`pair_groups` over the tensors

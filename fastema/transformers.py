@@ -41,6 +41,7 @@ from . import _callback_files as _files
 from ._io.files import atomic_write
 from ._state import GROUPS, load_refused, to_named
 from .average import EMAOptions
+from .schedules import BEMA
 from .torch import EMA, unwrap
 
 __all__ = ["EMACallback", "STATE_FILE"]
@@ -75,7 +76,8 @@ class EMACallback(TrainerCallback):
 
     Args:
         decay: the EMA decay (default 0.9999), or several decays (the first is the one evaluated and
-            exported); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
+            exported); or a schedule
+            of :mod:`fastema.schedules` (``decay=`` of :class:`fastema.average.EMAOptions`).
         eval_with_ema: run ``trainer.evaluate()`` and ``trainer.predict()`` (during training and
             after it) with the averaged weights swapped into the model, and the raw weights put
             back, bit for bit, when they return (or raise).
@@ -86,17 +88,18 @@ class EMACallback(TrainerCallback):
             ``"error"`` (default: ``FileNotFoundError`` before training goes on, nothing changed) or
             ``"restart"`` (a warning, and a new EMA of the resumed weights: for adding the callback
             to a run that had none).
-        **ema_options: the rest of :class:`fastema.torch.EMA` (``warmup="power"``,
-            ``update_after_step=``, ``update_every=``, ``shadow_dtype=``, ``exclude=`` ...). They
+        **ema_options: the rest of :class:`fastema.torch.EMA` (``update_every=``,
+            ``shadow_dtype=``, ``exclude=`` ...). They
             are checked here: an unknown name is a ``TypeError`` listing the options, a bad value
             the EMA's own error.
 
     The EMA (:attr:`ema`, a :class:`fastema.torch.EMA`) is made at ``on_train_begin`` from the
     model the Trainer trains (its DDP / DeepSpeed / ``torch.compile`` wrappers looked through),
     after the Trainer has loaded a checkpoint it resumes from; every ``trainer.train()`` makes a
-    new one. It updates at ``on_step_end`` with ``step=state.global_step``, so ``warmup`` and
-    ``update_after_step`` count optimizer steps. With ``bema=``, the callback makes BEMA's first
-    update (its copy into ``theta_0`` and the EMA) at ``on_train_begin`` unless it resumes, as TRL's
+    new one. It updates at ``on_step_end`` with ``step=state.global_step``, so a warm-up
+    (``PowerWarmup``'s ``update_after_step`` too) counts optimizer steps. With ``decay=BEMA()``, the
+    callback makes BEMA's first update (its copy into ``theta_0`` and the EMA) at ``on_train_begin``
+    unless it resumes, as TRL's
     ``BEMACallback`` does: BEMA's time is the optimizer step, counted from the weights training
     begins with (``update_every`` is TRL's ``update_freq``). ``on_save`` writes :data:`STATE_FILE`
     into the checkpoint folder the Trainer has just written (``save_total_limit`` removes it with its folder);
@@ -211,7 +214,7 @@ class EMACallback(TrainerCallback):
         ema = EMA(source, self.decay, **self.ema_options)
         if folder is not None:
             self._load(ema, folder)                       # refused: the callback keeps what it had
-        elif self.ema_options.get("bema") not in (None, False):
+        elif isinstance(self.decay, BEMA):
             # TRL's BEMACallback: theta_0 (and the EMA) are the weights training begins with, and tau
             # counts optimizer steps from there; BEMA's first update is that copy
             ema.update(step=state.global_step)

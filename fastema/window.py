@@ -13,7 +13,9 @@ from typing import Sequence
 from . import _launch
 from ._backends import describe, empty, zero_
 from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
+from ._shadow import table_parts
 from ._sources import SourceTable
+from .flat import FlatShadow
 from .kernels.kinds import F32, F64, ITEMSIZE, KIND_NAMES
 
 __all__ = ["WindowShadow"]
@@ -77,16 +79,23 @@ class WindowShadow(ShadowBase):
         return self.layout.nbytes + sum(g.n * self.window * ITEMSIZE[kind]
                                         for g, (kind, _, _) in zip(self.layout.groups, self._rings))
 
-    def parts(self) -> list:
+    def parts(self, what: str = "shadow") -> list:
         """``(part, array)`` of everything this shadow holds: the mean and the running sums
-        (``"shadow"``), the ring of snapshots (``"ring"``) and the launch tables (``"tables"``), for
+        (``what``), the ring of snapshots (``"ring"``) and the launch tables (``"tables"``), for
         a face's ``memory()``."""
         out: list = []
         for g, (_, ring, addr) in zip(self.layout.groups, self._rings):
-            out += [("shadow", g.buffer), ("ring", ring), ("tables", g.tables), ("tables", addr)]
-            if g.scan is not g:
-                out.append(("tables", g.scan.tables))
+            out += [(what, g.buffer), ("ring", ring), ("tables", addr)]
+            out += table_parts(g.tables, *([g.scan.tables] if g.scan is not g else []))
         return out
+
+    def written(self) -> list:
+        """The buffers a push writes: the mean and sums of every group, and the rings."""
+        return [g.buffer for g in self.layout.groups] + [ring for _, ring, _ in self._rings]
+
+    def backup(self) -> FlatShadow:
+        """A copy of the sources in their own dtypes, for a face's swap that would round."""
+        return FlatShadow(dict(zip(self.names, self.sources)), dtype="same")
 
     def view(self, source: int | str, row: int = 0):
         """The window mean of one source (by position or name), shaped and laid out like it (split:

@@ -65,7 +65,7 @@ def assert_cuda_plan_kernel_equals_the_cpu_one(plan, seed: int, steps, exact: bo
     else the float64 and float32 arrays to 4 ulps (a GPU's double cos, sin or pow)."""
     from numba import cuda
 
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels import cpu
     from fastema.kernels import cuda as ema_cuda
     from fastema.kernels.kinds import S_NORMS

@@ -96,11 +96,12 @@ def test_no_import_cycle_in_fastema(deferred):
 # Where framework code may live: the boundary (_backends), the faces and the tools that are
 # about one framework. Everywhere else (the shadows, ops, smoothers, dispatch, the engine) asks
 # a _backends adapter instead of importing a framework or testing for one.
-FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/synthesis.py",
-                   "fastema/posthoc/snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
+FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/_synthesis.py",
+                   "fastema/posthoc/_snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
                    "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
                    "fastema/tensorflow/",
-                   "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py")
+                   "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py",
+                   "fastema/trl.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
@@ -201,12 +202,12 @@ LAYERS = (
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
     ("shadows", ("fastema._checks", "fastema._bound", "fastema._chunks", "fastema._layout", "fastema._sources",
-                 "fastema.flat",
+                 "fastema._shadow", "fastema.flat",
                  "fastema.window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
     ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema._callback_files",
-                             "fastema.merge",
+                             "fastema.merge", "fastema.trl",
                              "fastema.cli", "fastema.__main__", "fastema")),
 )
 
@@ -372,19 +373,42 @@ def test_the_private_import_rule_sees_what_it_forbids(tmp_path):
     """The rule's two readers on known cases: a private module of a sibling package, a private name of
     one, an attribute read through a module alias; the enclosing package's private modules are allowed."""
     assert _private_owner(["fastema", "posthoc", "_meta", "FORMAT"]) == ["fastema", "posthoc"]
-    assert _private_owner(["fastema", "torch", "_hooks"]) == ["fastema", "torch"]
+    assert _private_owner(["fastema", "torch", "_compile"]) == ["fastema", "torch"]
     assert _private_owner(["fastema", "tensorflow", "ema", "_kind"]) == ["fastema", "tensorflow"]
     assert _private_owner(["fastema", "_checks", "shadow_problems"]) == ["fastema"]
     assert _private_owner(["fastema", "schedules", "_check_count"]) == ["fastema", "schedules"]
     assert _private_owner(["fastema", "_checks", "_private"]) == ["fastema"]
     assert _private_owner(["fastema", "torch", "ema", "EMA"]) is None
     src = tmp_path / "m.py"
-    src.write_text("from fastema.torch import _hooks as H\nfrom ..posthoc._meta import FORMAT\nH._WATCHED\n")
+    src.write_text("from fastema.torch import _compile as H\nfrom ..posthoc._meta import FORMAT\nH._WATCHED\n")
     got = [t for t, _ in _reached(["fastema", "merge", "m"], src)]
-    assert ["fastema", "posthoc", "_meta", "FORMAT"] in got and ["fastema", "torch", "_hooks", "_WATCHED"] in got
+    assert ["fastema", "posthoc", "_meta", "FORMAT"] in got and ["fastema", "torch", "_compile", "_WATCHED"] in got
 
 
 def test_no_deprecation_shim_is_left_before_the_release():
     """0.1.0 was never released, so 0.2.0 carries no deprecated alias (CHANGELOG: "Removed")."""
     found = [f"{path.relative_to(ROOT)}" for _, path in _sources() if "DeprecationWarning" in path.read_text()]
     assert not found, found
+
+
+def test_files_and_folders_are_published_only_through_the_io_publish_protocol():
+    """No module but the publishers renames into place or creates exclusively (``os.rename``, ``os.replace``,
+    ``os.link``, ``O_EXCL``, ``mkstemp``, ``renameat2``): merge/ and posthoc/ publish through fastema._io.files,
+    the one publish protocol (atomic files, staged folders, the one stale-temporary sweep); fastema/_io/dcp.py
+    renames a DCP snapshot, a collective of every rank, into place itself. kernels/ keeps its own (it imports
+    nothing of fastema)."""
+    publishers = ("fastema/_io/files.py", "fastema/_io/dcp.py")
+    names = {"rename", "renames", "replace", "link", "O_EXCL", "mkstemp", "renameat2"}
+    bad = []
+    for path in sorted((ROOT / "fastema").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in publishers:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in names and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("os", "tempfile", "ctypes"):
+                bad.append(f"{rel}:{node.lineno} {node.value.id}.{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module in ("os", "tempfile") and \
+                    any(a.name in names for a in node.names):
+                bad.append(f"{rel}:{node.lineno} imports {node.module}'s {[a.name for a in node.names]}")
+    assert not bad, bad

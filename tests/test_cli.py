@@ -137,3 +137,67 @@ def test_plot_names_a_log_it_cannot_read(tmp_path, capsys, what):
     assert main(["plot", str(log)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"python -m fastema plot: error: LOG {str(log)!r} ") and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------ merge: the flags are MergeOptions' fields
+
+
+def test_every_merge_option_has_one_flag_with_the_options_own_help():
+    """issue 51: cli/merge.py wrote each of the 18 options by hand a second time; now each flag is a field of
+    MergeOptions, its help the option's text, its default the field's."""
+    import dataclasses
+
+    from fastema.merge import MergeOptions
+
+    actions = {a.dest: a for a in merge._parser()._actions if a.option_strings and a.dest != "help"}
+    assert set(actions) == set(MergeOptions.names())
+    for f in dataclasses.fields(MergeOptions):
+        a = actions[f.name]
+        assert a.help == MergeOptions.text(f.name, flag=True) and a.default == f.default, f.name
+        assert a.option_strings == [f.metadata["flag"].get("name", "--" + f.name.replace("_", "-"))], f.name
+    assert actions["progress"].option_strings == ["--no-progress"] and actions["progress"].const is False
+
+
+def test_merge_flags_reach_merge_checkpoints_as_its_keywords(monkeypatch, capsys, tmp_path):
+    import fastema.merge as M
+    from fastema.merge import MergeOptions
+
+    calls = []
+
+    class Report:
+        def summary(self):
+            return "done"
+
+    monkeypatch.setattr(M, "merge_checkpoints", lambda *a, **k: calls.append((a, k)) or Report())
+    out, a, b = (str(tmp_path / n) for n in ("out", "a", "b"))
+    assert merge.main([out, a, b]) == 0
+    (args, kwargs), = calls
+    assert args == ([a, b], out) and kwargs.pop("log") is print
+    assert kwargs == {f: getattr(MergeOptions(), f) for f in MergeOptions.names()}     # the defaults, each once
+    calls.clear()
+    assert merge.main([out, a, b, "--weights", "0.25,0.75", "--steps", "100,200", "--seed", "7", "--copy-from",
+                       "first", "--only", "^block", "--no-progress", "--allow-negative", "--max-error", "0.1",
+                       "--read", "mmap", "--accumulate", "float64", "--dtype", "bfloat16"]) == 0
+    kwargs = calls[0][1]
+    assert MergeOptions(**{n: kwargs[n] for n in MergeOptions.names()}) == MergeOptions(
+        weights="0.25,0.75", steps=(100.0, 200.0), seed=7, copy_from="first", only="^block", progress=False,
+        allow_negative=True, max_error=0.1, read="mmap", accumulate="float64", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "argument --seed: seed must be an int in [0, 4294967295], got -1"),
+    (["--seed", "x"], "argument --seed: seed must be an int in [0, 4294967295], got 'x'"),
+    (["--weights", "cosine"], "argument --weights: unknown weights 'cosine'; the styles are uniform"),
+    (["--steps", "1,x"], "argument --steps: must be numbers separated by commas, got '1,x'"),
+    (["--copy-from", "middle"], "argument --copy-from: copy_from must be 'last', 'first' or an input index"),
+    (["--only", "("], "argument --only: only: '(' is not a regular expression"),
+    (["--max-error", "-1"], "argument --max-error: max_error must be None (0.05) or a number >= 0, got -1.0"),
+    (["--max-error", "nan"], "argument --max-error: max_error must be None (0.05) or a number >= 0, got 'nan'"),
+    (["--read", "mmap2"], "argument --read: invalid choice: 'mmap2'"),
+])
+def test_a_bad_merge_flag_is_a_usage_error_naming_it_from_the_options_check(tmp_path, capsys, args, message):
+    assert merge.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a"), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []

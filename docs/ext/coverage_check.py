@@ -43,6 +43,7 @@ PUBLIC_MODULES = (
     "fastema.keras",
     "fastema.lightning",
     "fastema.transformers",
+    "fastema.trl",
 )
 
 

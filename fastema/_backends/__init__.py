@@ -263,6 +263,27 @@ def location(a) -> tuple:
     return ("numpy", "cpu") if backend is None else backend.location(a)
 
 
+def allocation(x) -> tuple[str, int, int] | None:
+    """``(device, address, bytes)`` of the allocation that holds ``x`` (a torch tensor's whole
+    storage, a NumPy array's base, a CUDA device array), for a face's memory accounting; None for
+    anything else."""
+    if is_torch(x):
+        storage = x.untyped_storage()
+        return ("cpu" if x.device.type == "cpu" else str(x.device)), storage.data_ptr(), storage.nbytes()
+    if isinstance(x, np.ndarray):
+        base = x if x.base is None else x.base
+        if isinstance(base, np.ndarray):
+            return "cpu", base.__array_interface__["data"][0], base.nbytes
+        return "cpu", x.__array_interface__["data"][0], x.nbytes
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        device = getattr(getattr(x, "gpu_data", None), "device", None)
+        index = getattr(getattr(x, "_numba_type_", None), "device", None)
+        name = f"cuda:{getattr(device, 'id', index) or 0}"
+        return name, cai["data"][0], int(getattr(x, "nbytes", 0) or getattr(x, "alloc_size", 0))
+    return None
+
+
 def address_key(objs: list) -> tuple | None:
     """A cheap key of ``objs``' addresses (see :meth:`Backend.address_key`), or None."""
     if not objs:

@@ -37,7 +37,7 @@ _TMP_NAME = re.compile(r"\.snapshot-(-?[0-9]+(\.[0-9]{6})?)\.tmp")     # .snapsh
 
 
 def save_dcp(base: str, tensors: dict, meta: dict) -> str:
-    """The DCP snapshot ``base`` (see :func:`fastema.posthoc.snapshots.write_snapshot`), a collective: every rank
+    """The DCP snapshot ``base`` (see ``fastema.posthoc.write_snapshot``), a collective: every rank
     writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it.
 
     A save that fails leaves nothing: DCP raises on every rank once all have stopped writing, and

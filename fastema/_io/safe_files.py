@@ -1,4 +1,4 @@
-"""Safe file access for every checkpoint reader (the post-hoc snapshots, :mod:`fastema.posthoc.folder`,
+"""Safe file access for every checkpoint reader (the post-hoc snapshots, ``fastema.posthoc.check_folder``,
 the merge's inputs): only regular files are opened (a FIFO, a socket or a device named like a
 checkpoint's file is refused, never read: :func:`regular`; :func:`open_regular` checks the open file
 itself), and a read is bounded by the memory free here before it allocates (:func:`fits`). A refusal

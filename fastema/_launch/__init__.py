@@ -71,6 +71,13 @@ class Tables(NamedTuple):
     def args(self):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
+    def arrays(self) -> list:
+        """Every array these tables hold (on CUDA their pinned staging too), for memory accounting."""
+        out = [self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin]
+        if self.staging is not None:
+            out += list(vars(self.staging).values())        # the caller keeps the arrays among them
+        return out
+
     def __reduce_ex__(self, protocol):
         # A copy in another process (multiprocessing 'spawn', torch.multiprocessing) would launch on
         # addresses of this one (a spawned child crashed with SIGSEGV at its first update), a copy

@@ -1,6 +1,9 @@
 """``python -m fastema merge OUT INPUT... --weights minus-sqrt``: the weighted average of saved
 checkpoints (:func:`fastema.merge.merge_checkpoints`).
 
+Its flags are the options of :class:`fastema.merge.MergeOptions`, one each, their help the
+options' own text; a flag's value is checked by its option's check (a usage error, status 2).
+
 The weights are printed before the merge. Bad input prints one line, never a traceback, and exits
 with status 1 (2 for usage errors): inputs that do not match, a truncated or damaged file, a pickle
 that is not a state dict, refused weights, too little disk. A Ctrl-C exits with 130; while the
@@ -11,19 +14,21 @@ written and no input changes. An error fastema does not expect (a bug) still pri
 traceback."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
-from . import Parser, integer, number, parse
+from . import Parser, parse
 
 __all__ = ["main"]
 
 
 def _parser() -> Parser:
-    from ..merge.weights import STYLES
+    from ..merge import MergeOptions
 
     p = Parser(prog="python -m fastema merge",
                description="Merge checkpoints: every floating tensor becomes the weighted average of the inputs' "
@@ -36,71 +41,37 @@ def _parser() -> Parser:
     p.add_argument("out", help="the output: a .safetensors file, or a folder (a Hugging Face model folder, with the "
                                "--copy-from input's config and tokenizer when it is one)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="the checkpoints, oldest first")
-    p.add_argument("--weights", default="uniform",
-                   help=f"the weight style: {', '.join(STYLES)}; linear and minus-sqrt also with Megatron-LM's "
-                        f"__reverse or __scramble (default: %(default)s)")
-    p.add_argument("--dtype", default="same", choices=("same", "float32", "bfloat16", "float16"),
-                   help="the averaged tensors' output dtype; same: each tensor's input dtype (default: %(default)s)")
-    p.add_argument("--copy-from", default="last",
-                   help="the input that integer, boolean, float8 and non-tensor entries, and tensors --only/--exclude "
-                        "leave out, are copied from: last, first or an index (default: %(default)s)")
-    p.add_argument("--only", metavar="REGEX", help="average only the tensors whose names match (others are copied "
-                                                   "from --copy-from) (default: every floating tensor)")
-    p.add_argument("--exclude", metavar="REGEX", help="copy the tensors whose names match from --copy-from instead of "
-                                                      "averaging them (default: none)")
-    p.add_argument("--steps", help="each input's training step, comma-separated, for ema: and wsm: weights "
-                                   "(default: read from the checkpoints or their names)")
-    p.add_argument("--allow-negative", action="store_true",
-                   help="accept negative weights (extrapolation; sigma_rel: often needs it) (default: refused)")
-    p.add_argument("--stochastic-rounding", action="store_true",
-                   help="round bfloat16 outputs stochastically, reproducibly from --seed (default: to nearest even)")
-    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0,
-                   help="seed of --stochastic-rounding and of __scramble (default: %(default)s)")
-    p.add_argument("--accumulate", default="float32", choices=("float32", "float64"),
-                   help="the sums' dtype (float64 tensors are always summed in float64) (default: %(default)s)")
-    p.add_argument("--optimizer", action="store_true",
-                   help="keep the optimizer state of torch inputs, copied from --copy-from (default: left out)")
-    p.add_argument("--verify", action="store_true",
-                   help="read the output back and check every tensor before it is published (default: off)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the inputs and print the weights; write nothing (default: off)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refused)")
-    p.add_argument("--read", default="pread", choices=("pread", "mmap"),
-                   help="how safetensors and torch inputs are read: pread, in pieces copied into small buffers (an "
-                        "input truncated during the merge is an error naming it); mmap, in place, memory-mapped "
-                        "(no copy, faster on some machines; but a file another program shrinks while it is mapped "
-                        "can kill the merge with SIGBUS: only for inputs nothing else writes) (default: %(default)s)")
-    p.add_argument("--max-error", type=number(lambda v: v >= 0, "a number >= 0"), default=None,
-                   help="the largest relative L2 error sigma_rel: weights may have (default: 0.05)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with bytes/s when "
-                                                              "stderr is a terminal and tqdm is installed)")
+    for f in dataclasses.fields(MergeOptions):          # one flag per option, its help the option's own text
+        flag = dict(f.metadata["flag"])
+        name = flag.pop("name", "--" + f.name.replace("_", "-"))
+        if "action" not in flag and "choices" not in flag:
+            flag["type"] = _checked(f.metadata["parse"], f.metadata["check"])
+        p.add_argument(name, dest=f.name, default=f.default, help=MergeOptions.text(f.name, flag=True), **flag)
     return p
 
 
-def _steps(text: str | None) -> list | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--steps must be numbers separated by commas, got {text!r}") from None
+def _checked(parse: Callable | None, check: Callable) -> Callable:
+    """An argparse ``type``: the flag's text parsed (``parse``, else kept as text) and checked by the
+    option's own check; a refusal is a usage error naming the flag."""
+    def option(text: str):
+        try:
+            return check(parse(text) if parse is not None else text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return option
 
 
 def main(argv=None) -> int:
     args = parse(_parser(), argv)
     if isinstance(args, int):
         return args
-    from ..merge import MergeError, merge_checkpoints
+    from ..merge import MergeError, MergeOptions, merge_checkpoints
 
     received: list = []
     try:
         with _terminating_as_ctrl_c(received):
-            report = merge_checkpoints(
-                args.inputs, args.out, args.weights, args.dtype, copy_from=args.copy_from, only=args.only,
-                exclude=args.exclude, steps=_steps(args.steps), allow_negative=args.allow_negative,
-                stochastic_rounding=args.stochastic_rounding, seed=args.seed, accumulate=args.accumulate,
-                optimizer=args.optimizer, verify=args.verify, dry_run=args.dry_run, overwrite=args.overwrite,
-                progress=False if args.no_progress else None, log=print, read=args.read, max_error=args.max_error)
+            report = merge_checkpoints(args.inputs, args.out, log=print,
+                                       **{name: getattr(args, name) for name in MergeOptions.names()})
     except KeyboardInterrupt:
         signum = received[0] if received else signal.SIGINT
         by = f" by {signal.Signals(signum).name}" if received else ""

@@ -16,9 +16,7 @@ import sys
 import tempfile
 
 from .._io.files import atomic_write
-from ..posthoc.plot import plot_profiles
-from ..posthoc.profiles import MAX_ERROR
-from ..posthoc.synthesis import synthesize
+from ..posthoc import MAX_ERROR, plot_profiles, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 

@@ -12,8 +12,7 @@ renames them fails there, not in a user's fit.
 """
 from __future__ import annotations
 
-from ..average.core import Face
-from ..average.swap import ModelSwap
+from ..average import Face, ModelSwap
 
 __all__ = ["metric_values", "sync", "trainable_values"]
 

@@ -35,7 +35,7 @@ class WeightEMA(keras.callbacks.Callback):
     optimizer's first step and averages from there: ``d**(n-1) w_1 + sum_{k>=2} (1 - d)
     d**(n - k) w_k``. The two differ by ``d**n (w_0 - w_1)``, which halves every
     ``0.69 / (1 - d)`` updates (the first step's move, fading). To start as
-    ``use_ema(ema_momentum=d)`` does, give ``warmup="power", min_decay=d``: the first update
+    ``use_ema(ema_momentum=d)`` does, give ``decay=PowerWarmup(d, min_decay=d)``: the first update
     copies the weights, every later one uses ``d`` (tested side by side with ``use_ema``).
     This callback adds the swap for validation, debiasing/warm-ups, a float32 shadow for
     low-precision weights, and checkpoints.
@@ -48,12 +48,13 @@ class WeightEMA(keras.callbacks.Callback):
 
     Args:
         decay: the EMA decay (default 0.9999, as every fastema EMA), or a list of decays (the
-            first is swapped in); or leave it out and give ``sigma_rel=``, ``half_life=`` or ``bema=``.
+            first is swapped in); or a schedule
+            of :mod:`fastema.schedules` (``decay=`` of :class:`fastema.average.EMAOptions`).
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
         **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
-            ``sigma_rel=``, ``warmup=``, ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
+            ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
             same on every backend; the torch backend also takes the model selection
             (``buffers=``, ``exclude=``, ``copy=``, ``trainable_only=``). An option the backend's EMA cannot run is
             refused here, by name.
@@ -82,10 +83,8 @@ class WeightEMA(keras.callbacks.Callback):
         options, selection = EMAOptions.split(ema_kwargs)
         if decay is _DEFAULT:
             decay = None
-            if all(options.get(k) in (None, False) for k in ("sigma_rel", "half_life", "bema")):
-                warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
-                              "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning,
-                              stacklevel=2)
+            warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
+                          "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning, stacklevel=2)
         _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.ema_kwargs = ema_kwargs

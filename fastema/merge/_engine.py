@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _launch
 from .._io.safetensors import ITEMSIZE
-from .plan import KIND, Item
+from ._plan import KIND, Item
 
 __all__ = ["Engine", "PIECE_BYTES"]
 

@@ -4,7 +4,7 @@
 
 Read through :mod:`fastema.posthoc`'s own checks: the folder's snapshots by
 :func:`fastema.posthoc.read_snapshots` (one run, shapes agree, regular files only), each tensor by
-:func:`fastema.posthoc.snapshots.tensor_reader` (the checksum, the shape, a DCP snapshot's metadata
+``fastema.posthoc.tensor_reader`` (the checksum, the shape, a DCP snapshot's metadata
 through the allow-list unpickler). A snapshot's tensors are read whole (:attr:`mappable` False);
 the tensors it keeps as they are (``"model:{name}"``) are copied from the ``copy_from`` input.
 """
@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from .._io.safetensors import ITEMSIZE
-from ..posthoc.snapshots import FORMAT, kept_key, profile_key
+from ..posthoc import FORMAT, kept_key, profile_key
 from ._safetensors_input import read_safetensors_header
 from ._source import Entry, MergeError, WholeTensorSource
 
@@ -55,7 +55,7 @@ class _Snapshot:
         return Entry(name, dtype, shape, math.prod(shape) * ITEMSIZE[dtype])
 
     def read(self, key: str):
-        from ..posthoc.snapshots import tensor_reader
+        from ..posthoc import tensor_reader
 
         if self._read is None:
             self._read = tensor_reader(self.snap)
@@ -105,7 +105,7 @@ def snapshot_file(src, read: str) -> list:
     for a safetensors file that is not one."""
     if src.meta.get("format") != FORMAT:
         return []
-    from ..posthoc.snapshots import snapshot_at
+    from ..posthoc import snapshot_at
 
     try:
         snap = snapshot_at(os.path.dirname(os.path.abspath(src.path)), os.path.basename(src.path))
@@ -122,7 +122,7 @@ def snapshot_folder(path: str, label: str, read: str) -> list:
     or [] when the folder holds no snapshot."""
     if not any(n.startswith("snapshot-") for n in os.listdir(path)):
         return []
-    from ..posthoc.snapshots import read_snapshots
+    from ..posthoc import read_snapshots
 
     try:
         snaps = read_snapshots(path)

@@ -15,7 +15,7 @@ def as_python(value):
     NumPy scalars pass the checks as numbers (``numbers.Real`` / ``numbers.Integral``); kept as they
     are, they would reach the checkpoints, which must stay plain Python (``json.dumps``,
     ``torch.load(weights_only=True)``, ``tf.train.Checkpoint``). So the schedules (:func:`_plain_fields`),
-    :class:`~fastema.average.EMAOptions` and :class:`~fastema.average.plan.Cadence` take their numbers
+    :class:`~fastema.average.EMAOptions` and :class:`~fastema.average.Cadence` take their numbers
     through this once, when they are made."""
     if isinstance(value, np.generic):
         if isinstance(value, np.bool_):

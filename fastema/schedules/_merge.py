@@ -21,7 +21,7 @@ from ._base import _plain_fields, check_decay
 
 #: The decay shapes of WSM (Tian et al., arXiv 2507.17634) on ``[0, 1]``, ``name -> (f, F)`` with ``F``
 #: the antiderivative of ``f``, the plan kernel's :func:`~fastema.kernels.formulas.wsm_antiderivative`: the
-#: offline merge's ``wsm:`` weights (:mod:`fastema.merge.weights`), :class:`WSM` and the device plan
+#: offline merge's ``wsm:`` weights (:func:`fastema.merge.merge_weights`), :class:`WSM` and the device plan
 #: compute them alike.
 WSM_SHAPES = {
     "linear": (lambda x: 1.0 - x, lambda x: wsm_antiderivative(WSM_SHAPE_CODES["linear"], x)),

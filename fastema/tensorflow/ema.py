@@ -17,9 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._backends import to_host
-from ..average import HOST_ONLY_REFUSALS, EMAOptions
-from ..average.core import Average, Face
-from ..average.swap import ModelSwap
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, ModelSwap
 from . import _checkpoint
 
 __all__ = ["EMA", "REFUSED"]

@@ -5,24 +5,30 @@ flat buffers (one per device and dtype) and updates all of them with one kernel
 launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
 ``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
 
-One concern per module: ``_hooks`` (registration hooks, names and patterns), ``_slots`` (``Slots``:
-where tracked tensors sit and the per-step check; storage keys, the writes besides the kernels),
-``_model`` (``TorchModel``: selection, following the model, the engine's adapter), ``_pairs``
-(``TorchPairs``: a target network's), ``_checkpoint`` (``TorchCheckpoint``: state dicts,
-checkpoints, ``save``), ``_average`` (``TorchAverage``, which holds a ``TorchModel`` and a
-``TorchCheckpoint``: swap, ``copy_to``), ``ema`` / ``window`` / ``posthoc`` / ``target`` (the
-public classes), ``_compile``, ``_offload`` and ``_sharded``.
+The faces are modules here (``ema``, ``window``, ``posthoc``, ``target``), with two shared
+modules (``_average``: ``TorchAverage``, swap and copy-out; ``_compile``: the custom operators of
+``torch.compile``). The rest is in sub-packages by the question they answer, each importing only
+those listed before it:
+
+- ``_sharding``: other libraries' sharding (DTensors, ZeRO-3 partitions, DeepSpeed's masters);
+- ``_tensors``: which tensors are averaged and where they sit (hooks, slots, the model side, a
+  target network's pairs, following a changed model);
+- ``_placement``: where the average lives (the one picker ``make_shadow``; offload, replicas, host
+  masters) and what it holds in memory;
+- ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
+  agreement before a collective read, PEFT adapters).
 """
-from ._checkpoint import FORMAT, VERSION  # noqa: F401
-from ._hooks import HOOKS as _HOOKS  # noqa: F401
-from ._hooks import normalize_name, registration_hooks, unwrap
+from ._placement.pick import Offload, ShardReplicas
+from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
+from ._tensors.hooks import HOOKS as _HOOKS  # noqa: F401
+from ._tensors.hooks import normalize_name, registration_hooks, unwrap
 from .ema import EMA
 from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "PostHocEMA", "TargetNetwork", "WindowAverage", "normalize_name", "registration_hooks",
-           "unwrap"]
+__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "TargetNetwork", "WindowAverage", "normalize_name",
+           "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _HOOKS, the installed registration hooks (tests).

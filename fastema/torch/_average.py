@@ -1,8 +1,8 @@
 """``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
 :class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares. It has a
-:class:`~fastema.torch._model.TorchModel` (``self._model``: the model side, which the engine's
-update drives as its adapter), a :class:`~fastema.average.swap.ModelSwap` and a
-:class:`~fastema.torch._checkpoint.TorchCheckpoint` (``self._checkpoint``: state dicts,
+:class:`~fastema.torch._tensors.model.TorchModel` (``self._model``: the model side, which the engine's
+update drives as its adapter), a :class:`~fastema.average.ModelSwap` and a
+:class:`~fastema.torch._state.checkpoint.TorchCheckpoint` (``self._checkpoint``: state dicts,
 checkpoints, ``save``, ``export_peft``), each built by the face and handed over at construction.
 
 This module owns construction, the update bookkeeping (``calls``), swap with a lossy backup
@@ -12,24 +12,21 @@ checkpoint methods, each one line into the checkpoint side.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, ContextManager, Literal
+from typing import Any, Callable, ContextManager, Literal
 
 import torch
 from torch import nn
 
 from .._interrupts import ctrl_c_held
-from ..average.plan import Cadence
-from ..average.swap import ModelSwap
-from ..flat import FlatShadow
-from . import _compile, _deepspeed, _sharded
-from ._checkpoint import CheckpointCore, TorchCheckpoint
-from ._hooks import unwrap
-from ._model import TorchModel
-from ._peft import announce, export_peft
-from ._slots import bump_versions
-
-if TYPE_CHECKING:
-    from ._offload_backup import HostBackup
+from ..average import Cadence, ModelSwap
+from . import _compile
+from ._sharding import masters as _deepspeed
+from ._sharding import tensors as _sharded
+from ._state.checkpoint import CheckpointCore, TorchCheckpoint
+from ._state.peft import announce, export_peft
+from ._tensors.hooks import unwrap
+from ._tensors.model import TorchModel
+from ._tensors.slots import bump_versions
 
 
 class TorchAverage:
@@ -41,8 +38,10 @@ class TorchAverage:
 
     ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
 
+    _plan_on_device: Any = None                 # the engine's device plan (EMA with device_step)
+
     def __init__(self, side: TorchModel, swap: ModelSwap, core: CheckpointCore, fmt: str, cadence: Cadence):
-        self._backup: FlatShadow | HostBackup | None = None   # raw weights during a lossy swap (float16 models)
+        self._backup: Any = None       # raw weights during a lossy swap (float16 models): the shadow's backup()
         self._swap = swap
         self._model = side
         self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap,
@@ -61,7 +60,7 @@ class TorchAverage:
         """The swap state a face makes first (its model side's check refuses a swapped model)."""
         return ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the raw "
                                          "weights then); call it outside average_parameters() or after swap()",
-                         held=lambda: bool(getattr(self._model.avg, "swapped", False)))
+                         held=lambda: self._model.avg.swapped)
 
     def _restart(self) -> None:
         """Start the averages over from the model's current weights (the model was wrapped in DDP,
@@ -149,9 +148,8 @@ class TorchAverage:
         backup = self._backup
         if lossy:
             if swapping_in:
-                if backup is None:                    # offloaded: the backup is in host memory
-                    backup = self._backup = avg.backup() if getattr(avg, "offloaded", False) else \
-                        FlatShadow(dict(zip(avg.names, avg.sources)), dtype="same")
+                if backup is None:                    # the shadow's own kind (offloaded: in host memory)
+                    backup = self._backup = avg.backup()
                 else:
                     backup.rebind(dict(zip(avg.names, avg.sources)))
                     backup.copy_from_sources()
@@ -177,14 +175,7 @@ class TorchAverage:
             side.masters.exchanged(swapping_in)
 
     def _lossy_swap(self) -> bool:
-        avg = self._model.avg
-        if getattr(avg, "exact_swap", False):          # split over replicas: it keeps the raw window itself
-            return False
-        if getattr(avg, "offloaded", False):           # the shadow is in host memory: back the weights up
-            return True
-        return any(g["shadow_dtype"] != g["src_dtype"] and not (g["shadow_dtype"] == "float32" and
-                                                                 g["src_dtype"] == "bfloat16")
-                   for g in avg.groups)
+        return not self._model.avg.exact_swap          # see fastema._shadow.Capabilities
 
     def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
@@ -262,9 +253,7 @@ class TorchAverage:
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
         error of one; a no-op otherwise. Every read of the averages does it first."""
-        join = getattr(self._model.avg, "join", None)
-        if join is not None:
-            join()
+        self._model.avg.join()
 
     def memory(self, parts: bool = False) -> dict:
         """Bytes this rank's average holds, by device (``"cpu"``, ``"cuda:0"``...): the shadow rows (this
@@ -277,9 +266,9 @@ class TorchAverage:
             parts: give ``device -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied
                 buffers"``, ``"tables"``, ``"swap backup"``, ``"device plan"``, ``"staging chunks"`` and
                 ``"pinned slots"`` (offload; ``"host slots"`` where a GPU's pipeline runs on the CPU)."""
-        from ._memory import memory
+        from ._placement.memory import memory
 
-        return memory(self._model, self._checkpoint.core, self._backup, parts)
+        return memory(self._model, self._plan_on_device, self._backup, parts)
 
     @property
     def nbytes(self) -> int:
@@ -305,7 +294,7 @@ class TorchAverage:
         masters = self._model.masters
         if masters is None:
             return _deepspeed.PARAMETERS
-        return masters.source + (_deepspeed.IN_HOST_MEMORY if getattr(self._model.avg, "in_place", False) else "")
+        return masters.source + (_deepspeed.IN_HOST_MEMORY if self._model.avg.in_place else "")
 
     # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
 

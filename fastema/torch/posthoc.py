@@ -11,22 +11,23 @@ import torch
 from torch import nn
 
 from .._io.safetensors import SAFETENSORS_DTYPES
-from ..average.core import Average
-from ..posthoc import MAX_ERROR, synthesize
-from ..posthoc.folder import check_folder
-from ..posthoc.snapshots import (
+from ..average import Average
+from ..posthoc import (
     LEGACY_RUN_ID,
+    MAX_ERROR,
     SnapshotError,
     SnapshotMeta,
+    check_folder,
     kept_key,
     profile_key,
+    synthesize,
     valid_run_id,
     write_snapshot,
 )
-from ..schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
-from . import _sharded
-from ._hooks import unwrap
-from ._slices import tensor_slices
+from ..schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
+from ._sharding import tensors as _sharded
+from ._state.slices import tensor_slices
+from ._tensors.hooks import unwrap
 from .ema import EMA
 
 __all__ = ["PostHocEMA"]
@@ -64,7 +65,7 @@ class PostHocEMA(EMA):
     snapshots later than its time, left by the trajectory after the
     checkpoint it resumed from (a preemption), are moved into ``DIR/superseded-<time>/`` (not read
     by synthesis) with a warning naming them, and the run goes on. See
-    :mod:`fastema.posthoc.folder`.
+    ``fastema.posthoc.check_folder``.
 
     A snapshot that cannot be written (a full disk, a file size limit, the folder gone, values
     beyond ``snapshot_dtype``'s range) raises :class:`fastema.posthoc.SnapshotError` (an
@@ -100,7 +101,7 @@ class PostHocEMA(EMA):
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
                  snapshot_every: int | None, path: str | os.PathLike, update_every: int = 1,
                  snapshot_dtype: str = "float32", **kwargs):
-        for key in ("decay", "sigma_rel", "half_life", "bema", "offload"):
+        for key in ("decay", "offload"):
             if key in kwargs:
                 raise TypeError(f"PostHocEMA tracks the profiles sigma_rels=; it takes no {key}=")
         if isinstance(sigma_rels, (int, float)):
@@ -115,7 +116,7 @@ class PostHocEMA(EMA):
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
         self._given_sigma_rels = sigma_rels
         self._run: _Run                          # this run (its id, its folder checked, a snapshot due): see below
-        super().__init__(model, sigma_rel=list(sigma_rels), update_every=update_every, **kwargs)
+        super().__init__(model, [PowerFunction.of(s) for s in sigma_rels], update_every=update_every, **kwargs)
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)
@@ -176,7 +177,7 @@ class PostHocEMA(EMA):
         self._write(applied=True)
 
     def _check_folder(self, writing: bool, stacklevel: int) -> None:
-        """ValueError when this run may not write into its folder (see :func:`fastema.posthoc.folder.check_folder`:
+        """ValueError when this run may not write into its folder (see ``fastema.posthoc.check_folder``:
         it also moves this run's superseded snapshots aside and, before a write, claims the folder);
         on a sharded model rank 0 looks (and moves, and claims) and every rank raises (a collective)."""
         problem = None

@@ -1,7 +1,7 @@
 """``fastema.torch.TargetNetwork``: a target network (RL) or a momentum teacher (self-supervised
 learning) kept as the moving average of an online network, in the target module's own tensors:
-the engine (:class:`~fastema.average.core.Average`) over a :class:`~fastema.pairs.PairShadow` of
-the two networks, paired and followed by :class:`~fastema.torch._pairs.TorchPairs`."""
+the engine (:class:`~fastema.average.Average`) over a :class:`~fastema.pairs.PairShadow` of
+the two networks, paired and followed by :class:`~fastema.torch._tensors.pairs.TorchPairs`."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -11,28 +11,30 @@ from torch import nn
 
 from .._checks import check_rounding, stochastic_rounding
 from .._state import check_header, load_refused
-from ..average.core import Average, Face
-from ..average.device_plan import check_state as check_device_state
-from ..average.options import EMAOptions
-from ..schedules import MOMENTUM_SCHEDULES, Constant, NumUpdates, PowerWarmup, from_state
+from ..average import Average, EMAOptions, Face, check_device_state
+from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
-from ._hooks import patterns, unwrap
-from ._pairs import TorchPairs
+from ._tensors.hooks import patterns, unwrap
+from ._tensors.pairs import TorchPairs
 
-__all__ = ["REFUSALS", "TargetNetwork"]
+__all__ = ["REFUSALS", "SCHEDULE_REFUSALS", "TargetNetwork"]
 
 FORMAT = "fastema.torch.TargetNetwork"
 VERSION = 1
 
-_MOMENTUMS = (Constant, NumUpdates, PowerWarmup, *MOMENTUM_SCHEDULES)   # what momentum= and warmup= make
+_MOMENTUMS = (Constant, NumUpdates, PowerWarmup, *MOMENTUM_SCHEDULES)   # what momentum= takes
+
+#: The schedules a target network does not take as ``momentum=``, and why.
+SCHEDULE_REFUSALS = {
+    PowerFunction: "a target network keeps one average in the target's tensors; post-hoc profiles need the "
+                   "shadow rows of fastema.torch.EMA or PostHocEMA",
+    HalfLife: "give the momentum per update (momentum=, or a momentum schedule: fastema.schedules.Cosine...)",
+    BEMA: "BEMA keeps three rows (the output, the EMA, theta_0) in a shadow of its own: use fastema.torch.EMA",
+}
 
 #: What a target network does not take of :class:`~fastema.average.EMAOptions`, and why: the
 #: average is the target's own tensors, used where and as they are.
 REFUSALS = {
-    "sigma_rel": "a target network keeps one average in the target's tensors; post-hoc profiles need the "
-                 "shadow rows of fastema.torch.EMA or PostHocEMA",
-    "half_life": "give the momentum per update (momentum=, or a momentum schedule: fastema.schedules.Cosine...)",
-    "bema": "BEMA keeps three rows (the output, the EMA, theta_0) in a shadow of its own: use fastema.torch.EMA",
     "debias": "a target network starts as a copy of the online network, not from zero",
     "shadow_dtype": "the average is the target network's own tensors, in their dtypes: make the target in the "
                     "dtype you want (target.to(torch.bfloat16))",
@@ -56,10 +58,10 @@ class TargetNetwork(Face):
     It differs from :class:`EMA` only in where the average lives: an :class:`EMA` owns its
     shadow (flat buffers that it swaps into the model, exports, offloads, keeps several decays
     or BEMA's rows in); here the average is a module that the user owns, runs and checkpoints.
-    So it is the same engine (:class:`fastema.average.core.Average`: :class:`~fastema.average.EMAOptions`,
+    So it is the same engine (:class:`fastema.average.Average`: :class:`~fastema.average.EMAOptions`,
     the plan, the one update driver, the device plan) over a :class:`fastema.pairs.PairShadow` of
     the two networks' tensors, found by name in both and followed in both
-    (:class:`fastema.torch._pairs.TorchPairs`); what an :class:`EMA` option means for a shadow
+    (:class:`fastema.torch._tensors.pairs.TorchPairs`); what an :class:`EMA` option means for a shadow
     it owns is refused here by name (:data:`REFUSALS`).
 
     The pairs are matched by normalised name (``module.`` and ``_orig_mod.`` prefixes stripped):
@@ -71,7 +73,7 @@ class TargetNetwork(Face):
 
     Every ``update()`` checks that both modules still hold the tensors it paired (a dict lookup,
     one ``data_ptr()`` and a layout check a tensor, with torch's registration hooks watching the
-    modules; see :meth:`fastema.torch._pairs.TorchPairs.follow`): a tensor whose storage moved
+    modules; see :meth:`fastema.torch._tensors.pairs.TorchPairs.follow`): a tensor whose storage moved
     (``p.data = new``) is followed; a tensor or module replaced, added or removed is looked up
     again by name and followed if it still fits, or refused by name, before anything is written.
 
@@ -86,9 +88,9 @@ class TargetNetwork(Face):
         tau: the weight of the online network, in ``[0, 1]`` (default 0.005, SB3's, when
             ``momentum`` is not given).
         momentum: instead of ``tau``: the weight kept from the target (``1 - tau``), a float or a
-            schedule :class:`fastema.EMA` takes as ``decay=`` (DINO's cosine from 0.996 to 1).
-        warmup, min_decay, inv_gamma, power, update_after_step: a warm-up of the momentum, as
-            :class:`fastema.torch.EMA`'s.
+            schedule :class:`fastema.torch.EMA` takes as ``decay=`` (DINO's cosine from 0.996 to 1;
+            a warm-up, ``PowerWarmup(0.999, ...)``); not the schedules over training time
+            (``PowerFunction``, ``HalfLife``, ``BEMA``: :data:`SCHEDULE_REFUSALS`).
         update_every: update on every k-th call of ``update()`` (the first call updates);
             ``compensate=True`` uses ``momentum ** k``.
         buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default: the online
@@ -103,16 +105,15 @@ class TargetNetwork(Face):
             the rounding key in device memory, advanced by a one-thread kernel at every call, so
             ``update()`` captured in a CUDA graph replays the schedule exactly. ``None`` (default):
             on when the networks are on a GPU.
-        **options: any other :class:`~fastema.average.EMAOptions` name (``sigma_rel``,
-            ``half_life``, ``bema``, ``debias``, ``shadow_dtype``, ``offload``) is refused by name
+        **options: any other :class:`~fastema.average.EMAOptions` name (``debias``,
+            ``shadow_dtype``, ``offload``) is refused by name
             with the reason (:data:`REFUSALS`); an unknown name is a ``TypeError`` with the list.
 
     Inside a ``torch.compile``-d function ``update()`` is one custom operator (see :meth:`update`).
     """
 
     def __init__(self, online: nn.Module, target: nn.Module, tau: float | None = None, *,
-                 momentum: Any = None, warmup: str | None = None, min_decay: float = 0.0, inv_gamma: float = 1.0,
-                 power: float = 2 / 3, update_after_step: int = 0, update_every: int = 1, compensate: bool = False,
+                 momentum: Any = None, update_every: int = 1, compensate: bool = False,
                  buffers: str = "copy", exclude: Sequence[str] = (), rounding: str = "nearest", seed: int = 0,
                  skip_nonfinite: bool = False, device_step: bool | None = None, **options):
         for what, m in (("online", online), ("target", target)):
@@ -133,11 +134,14 @@ class TargetNetwork(Face):
         EMAOptions(**options).refuse("TargetNetwork", REFUSALS)    # by name, before anything else is read
         if momentum is None:
             momentum = 1.0 - (0.005 if tau is None else float(tau))
+        for m in momentum if isinstance(momentum, (list, tuple)) else [momentum]:
+            if type(m) in SCHEDULE_REFUSALS:
+                raise ValueError(f"TargetNetwork does not take momentum={type(m).__name__}(...): "
+                                 f"{SCHEDULE_REFUSALS[type(m)]}")
         check_rounding(rounding, "bfloat16")           # the value; each target dtype is checked below
         # The rounding is per target dtype (a bfloat16 target may round stochastically), so the
         # options are checked with the nearest one and the engine is given the one asked for.
-        opts = EMAOptions(momentum, warmup=warmup, min_decay=min_decay, inv_gamma=inv_gamma, power=power,
-                          update_after_step=update_after_step, update_every=update_every, compensate=compensate,
+        opts = EMAOptions(momentum, update_every=update_every, compensate=compensate,
                           seed=seed, skip_nonfinite=skip_nonfinite, device_step=device_step)
         if opts.shadow_rows != 1:
             raise ValueError(f"TargetNetwork does not take several decays (momentum={momentum!r}): a target "
@@ -188,9 +192,9 @@ class TargetNetwork(Face):
         """Bytes this target network holds besides the target (the caller's tensors, which are the
         average), by device: the launch tables, the non-finite flags, the device plan. Sums to
         :attr:`nbytes`."""
-        from ._memory import pairs_memory
+        from ._placement.memory import pairs_memory
 
-        return pairs_memory(self._pairs, self._core)
+        return pairs_memory(self._pairs, self._core.device_plan)
 
     @property
     def nbytes(self) -> int:

@@ -8,14 +8,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..average.plan import Cadence
-from ..flat import FlatShadow
-from ..window import WindowShadow
-from . import _replicas
+from ..average import Cadence, document
 from ._average import TorchAverage
-from ._checkpoint import global_shape, local_part, staged
-from ._hooks import match_names
-from ._model import Selection, TorchModel
+from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
+from ._state.checkpoint import global_shape, local_part, staged
+from ._tensors.hooks import match_names
+from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
 
 __all__ = ["WindowAverage"]
 
@@ -37,18 +35,19 @@ class WindowAverage(TorchAverage):
         every: take a snapshot on every k-th call of ``update()`` (the first call snapshots).
         ring_dtype: ``"float32"`` or ``"bfloat16"`` snapshots (half the memory; each snapshot
             is rounded to bfloat16, the mean and the sum stay float32).
-        buffers, exclude, copy, trainable_only: as in :class:`EMA` (adapters only for a PEFT model;
-            :meth:`export_peft` writes the averaged adapter).
-        shard_replicas, gather_bucket: split the average over the ranks that hold replicas of the
-            model, as in :class:`EMA`: each rank keeps and updates one slice of the mean, of the
-            running sums and of the ring (``window=W`` holds W snapshots: 1/N of them a rank), with
-            no communication per update; reading the average gathers it, and ``state_dict()`` holds
-            this rank's pieces (the ring's too), which ``torch.distributed.checkpoint`` reshards.
+        {buffers}
+        {exclude}
+        {copy}
+        {trainable_only}
+        {shard_replicas}
+            A window average split so keeps 1/N of the mean, of the running sums and of the ring
+            (``window=W`` holds W snapshots: 1/N of them a rank), and ``state_dict()`` holds this
+            rank's pieces (the ring's too).
     """
 
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
-                 trainable_only: bool | None = None, shard_replicas: Any = False, gather_bucket: int = 64 << 20):
+                 trainable_only: bool | None = None, shard_replicas: Any = False):
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
         if not isinstance(every, int) or every < 1:
@@ -59,14 +58,9 @@ class WindowAverage(TorchAverage):
         swap = self._new_swap()
         side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
                           check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
-        shadow: Any = _replicas.split_shadow(                       # one collective: the replicas agree
-            model, side, shard_replicas, type(self).__name__, f"{window};{every};{ring_dtype}", gather_bucket,
-            lambda group: _replicas.ReplicaShadow(side.averaged, rows=1, dtype="float32", group=group,
-                                                  bucket=gather_bucket) if window is None else
-            _replicas.ReplicaWindow(side.averaged, window, ring_dtype=ring_dtype, group=group, bucket=gather_bucket))
-        if shadow is None:
-            shadow = FlatShadow(side.averaged, dtype="float32") if window is None else \
-                WindowShadow(side.averaged, window, ring_dtype=ring_dtype)
+        rows = 1 if window is None else Window(window, ring_dtype)    # a cumulative mean is one float32 row
+        shadow = make_shadow(side, rows, "float32", Placement.of(None, shard_replicas), kind=type(self).__name__,
+                             settings=f"{window};{every};{ring_dtype}")
         side.attach(shadow)
         self._counts = _Counts(side, window, ring_dtype, Cadence(every))
         super().__init__(side, swap, self._counts, "fastema.torch.WindowAverage", self._counts.cadence)
@@ -123,6 +117,9 @@ class WindowAverage(TorchAverage):
         kind = "cumulative" if self.window is None else f"window={self.window}"
         return f"WindowAverage({kind}, snapshots={self.snapshots}, averaged={len(self._avg)} tensors)"
 
+
+
+WindowAverage.__doc__ = document(WindowAverage.__doc__, SELECTION_DOCS, PLACEMENT_DOCS)
 
 class _Counts:
     """What a window average's checkpoint keeps besides the model side's tensors (the checkpoint

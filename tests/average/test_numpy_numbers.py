@@ -59,25 +59,27 @@ def test_every_schedule_keeps_numpy_scalars_as_python_numbers(make, args):
         assert [schedule(n) for n in (1, 50, 101)] == [make(*_python(args))(n) for n in (1, 50, 101)]
 
 
-# EMAOptions with each number given as a NumPy scalar, and the same with Python numbers
+# EMAOptions with each number given as a NumPy scalar (``c``: as it is), and the same with Python
+# numbers (``c=_python``; a schedule's numbers too)
 OPTIONS = {
-    "constant decays": dict(decay=[f32(0.75), f64(0.5)], update_every=i64(2), seed=u64(7)),
-    "power warm-up": dict(decay=f32(0.99), warmup="power", min_decay=f32(0.25), inv_gamma=f64(2.0),
-                          power=f32(0.75), update_after_step=i64(3), update_every=i64(2)),
-    "num_updates": dict(decay=f64(0.999), warmup="num_updates", update_every=np.int8(3), compensate=True),
-    "cosine": dict(decay=S.Cosine(f32(0.99), 1.0, i64(100)), update_every=i64(2)),
-    "linear": dict(decay=[S.Linear(0.5, f32(0.75), total_steps=i64(100))] * 2),
-    "sigma_rel": dict(sigma_rel=[f32(0.05), f64(0.1)]),
-    "half_life": dict(half_life=i64(500)),
-    "bema": dict(bema=S.BEMA(lag=f32(4.0)), update_every=i64(2)),
+    "constant decays": lambda c: dict(decay=[c(f32(0.75)), c(f64(0.5))], update_every=c(i64(2)), seed=c(u64(7))),
+    "power warm-up": lambda c: dict(decay=S.PowerWarmup(c(f32(0.99)), min_decay=c(f32(0.25)), inv_gamma=c(f64(2.0)),
+                                                        power=c(f32(0.75)), update_after_step=c(i64(3))),
+                                    update_every=c(i64(2))),
+    "num_updates": lambda c: dict(decay=S.NumUpdates(c(f64(0.999))), update_every=c(np.int8(3)), compensate=True),
+    "cosine": lambda c: dict(decay=S.Cosine(c(f32(0.99)), 1.0, c(i64(100))), update_every=c(i64(2))),
+    "linear": lambda c: dict(decay=[S.Linear(0.5, c(f32(0.75)), total_steps=c(i64(100)))] * 2),
+    "sigma_rel": lambda c: dict(decay=[S.PowerFunction.of(c(f32(0.05))), S.PowerFunction.of(c(f64(0.1)))]),
+    "half_life": lambda c: dict(decay=S.HalfLife(c(i64(500)))),
+    "bema": lambda c: dict(decay=S.BEMA(lag=c(f32(4.0))), update_every=c(i64(2))),
 }
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_every_option_keeps_numpy_scalars_as_python_numbers(name):
-    given = OPTIONS[name]
+    given = OPTIONS[name](lambda v: v)
     opts = EMAOptions(**given)
-    python = EMAOptions(**{k: _python(v) for k, v in given.items()})
+    python = EMAOptions(**OPTIONS[name](_python))
     assert opts == python and _plain(opts.given()) and _plain(list(opts.shadow()))
     plan = opts.plan()
     for step in (None, i64(4), i64(6)):                     # a step given as a NumPy int too
@@ -95,11 +97,11 @@ def test_every_option_keeps_numpy_scalars_as_python_numbers(name):
 
 
 def test_a_plan_made_directly_keeps_numpy_scalars_as_python_numbers():
-    plan = Plan(f32(0.5), update_every=i64(2), warmup="power", update_after_step=i64(3))
+    plan = Plan(S.PowerWarmup(f32(0.5), update_after_step=i64(3)), update_every=i64(2))
     state = plan.state()
     assert _plain(state) and state["update_every"] == 2 and type(state["update_every"]) is int
     json.dumps(state)
-    assert state == Plan(0.5, update_every=2, warmup="power", update_after_step=3).state()
+    assert state == Plan(S.PowerWarmup(0.5, update_after_step=3), update_every=2).state()
 
 
 def test_a_torch_ema_state_with_numpy_scalars_loads_with_weights_only():
@@ -107,7 +109,7 @@ def test_a_torch_ema_state_with_numpy_scalars_loads_with_weights_only():
     from fastema.torch import EMA
 
     model = torch.nn.Linear(4, 3)
-    for options in (dict(decay=f32(0.75), warmup="power", update_after_step=i64(3), update_every=i64(2),
+    for options in (dict(decay=S.PowerWarmup(f32(0.75), update_after_step=i64(3)), update_every=i64(2),
                          seed=u64(5)),
                     dict(decay=S.Cosine(f32(0.99), 1.0, i64(100)), update_every=i64(2)),
                     dict(decay=S.Linear(0.5, f32(0.75), total_steps=i64(100)))):

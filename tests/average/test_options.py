@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from fastema.average import HOST_ONLY_REFUSALS, EMAOptions, Plan
-from fastema.average.options import SELECTION
-from fastema.schedules import BEMA, HalfLife, PowerFunction
+from fastema.average._options import SELECTION
+from fastema.schedules import BEMA, HalfLife, PowerFunction, PowerWarmup
 
 
 def test_the_defaults_are_one_constant_decay_of_0_9999():
@@ -37,24 +37,27 @@ def test_lists_become_tuples_so_options_compare_and_hash():
         a.decay = 0.5                                        # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kw, kind, rows", [
-    (dict(sigma_rel=[0.05, 0.1]), PowerFunction, 2),
-    (dict(half_life=3.0), HalfLife, 1),
-    (dict(bema=True), BEMA, 3),
+@pytest.mark.parametrize("decay, kind, rows", [
+    ([PowerFunction.of(0.05), PowerFunction.of(0.1)], PowerFunction, 2),
+    (HalfLife(3.0), HalfLife, 1),
+    (BEMA(), BEMA, 3),
 ])
-def test_timed_schedules_and_bema_make_their_plan_and_rows(kw, kind, rows):
-    opts = EMAOptions.of(**kw)
+def test_timed_schedules_and_bema_make_their_plan_and_rows(decay, kind, rows):
+    opts = EMAOptions.of(decay)
     assert all(isinstance(s, kind) for s in opts.plan().schedules)
     assert opts.shadow_rows == rows                          # BEMA keeps output, EMA and theta_0
     assert opts.plan().rows == len(opts.plan().schedules)     # ...and shows one average
 
 
 @pytest.mark.parametrize("kw, error, words", [
-    (dict(decay=0.9, sigma_rel=0.1), ValueError, "give one of decay, sigma_rel"),
+    (dict(decay=[0.9, PowerFunction.of(0.1)]), ValueError, "decay= takes one kind of schedule for every average"),
+    (dict(decay=[PowerWarmup(0.9), PowerFunction.of(0.1)]), ValueError, "decay= takes one kind of schedule"),
     (dict(decay=1.5), ValueError, "decay must be a float in"),
     (dict(decay=[0.9] * 9), ValueError, "1 to 8 decays"),
-    (dict(warmup="cosine"), ValueError, "warmup must be None"),
-    (dict(sigma_rel=0.1, warmup="power"), ValueError, "takes no warmup="),
+    (dict(warmup="power"), TypeError, "unknown EMA option(s) ['warmup']"),
+    (dict(decay=PowerFunction.of(0.1), update_every=2, compensate=True), ValueError,
+     "decay=PowerFunction(...) is a schedule over training time, exact for any update interval: it takes no "
+     "compensate="),
     (dict(rounding="up"), ValueError, "rounding must be 'nearest' or 'stochastic'"),
     (dict(rounding="stochastic"), ValueError, "stochastic rounding is for bfloat16 shadows"),
     (dict(seed=-1), ValueError, "seed must be an int in"),
@@ -63,25 +66,35 @@ def test_timed_schedules_and_bema_make_their_plan_and_rows(kw, kind, rows):
     (dict(device_step="yes"), TypeError, "device_step must be True, False or None"),
     (dict(offload="disk"), ValueError, "offload must be None or 'cpu'"),
     (dict(offload="cpu", skip_nonfinite=True), ValueError, "does not take device_step=True or skip_nonfinite"),
-    (dict(bema=True, device_step=True), ValueError, "bema= applies its bias correction"),
-    (dict(bema=True, debias=True), ValueError, "takes no debias="),
+    (dict(decay=BEMA(), device_step=True), ValueError, "decay=BEMA(...) applies its bias correction"),
+    (dict(decay=BEMA(), debias=True), ValueError, "decay=BEMA(...) keeps one average"),
+    (dict(decay=[BEMA(), BEMA(lag=5.0)]), ValueError, "decay=BEMA(...) keeps one average.*give one BEMA"),
     (dict(update_every=0), ValueError, "update_every must be an int >= 1"),
 ])
 def test_a_bad_value_is_refused_with_the_rule_and_the_fix(kw, error, words):
     decay = kw.pop("decay", None)
-    with pytest.raises(error, match=words.replace("(", r"\(")):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         EMAOptions.of(decay, **kw)
 
 
+def test_the_options_are_one_knob_per_concept():
+    assert EMAOptions.names() == ("decay", "update_every", "compensate", "debias", "shadow_dtype", "rounding",
+                                  "seed", "skip_nonfinite", "device_step", "offload")
+
+
 def test_an_unknown_name_is_refused_with_the_list_of_options():
-    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['sigma'\].*sigma_rel.*offload"):
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['sigma'\].*decay, update_every.*offload"):
         EMAOptions.of(0.9, sigma=0.1)
+    for removed in ("sigma_rel", "half_life", "bema", "warmup", "min_decay", "inv_gamma", "power",
+                    "update_after_step"):             # the schedule parameters are decay='s schedules now
+        with pytest.raises(TypeError, match=rf"unknown EMA option\(s\) \['{removed}'\]"):
+            EMAOptions.of(0.9, **{removed: 1})
 
 
 def test_split_separates_the_torch_model_selection_and_refuses_unknown_names():
-    options, selection = EMAOptions.split({"sigma_rel": 0.1, "exclude": ["head.*"], "buffers": "average",
-                                           "trainable_only": True})
-    assert options == {"sigma_rel": 0.1}
+    options, selection = EMAOptions.split({"decay": PowerFunction.of(0.1), "exclude": ["head.*"],
+                                           "buffers": "average", "trainable_only": True})
+    assert options == {"decay": PowerFunction.of(0.1)}
     assert selection == {"exclude": ["head.*"], "buffers": "average", "trainable_only": True}
     with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['excludes'\].*exclude"):
         EMAOptions.split({"excludes": ["x"]})

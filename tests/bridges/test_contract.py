@@ -34,6 +34,10 @@ class TorchModel:
         """The words of this face's refusal of ``option`` (None: it takes it)."""
         return None
 
+    def schedule_refusal(self, decay):
+        """The words of this face's refusal of ``decay=`` given this schedule (None: it takes it)."""
+        return None
+
     def state(self, ema):
         return ema.state_dict()
 
@@ -72,13 +76,16 @@ class TorchModel:
 class HostPlanFace:
     """What the faces whose update runs eagerly with the plan on the host (JAX, TensorFlow) share."""
     many = [0.9, 0.5]
-    unknown = "unknown EMA option.*'sigma'.*sigma_rel"
+    unknown = r"unknown EMA option.*'sigma'.*decay, update_every"
 
     def refusal(self, option):
         from fastema.average import HOST_ONLY_REFUSALS
 
         why = HOST_ONLY_REFUSALS.get(option)
         return None if why is None else f"does not take {option}=.*: {why[:20]}"
+
+    def schedule_refusal(self, decay):
+        return None                        # the host plan runs every schedule
 
     def state(self, ema):
         return ema.state_dict()
@@ -161,6 +168,14 @@ class TargetModel:
         why = REFUSALS.get(option) if option != "shadow_dtype" else None
         return None if why is None else f"does not take {option}=.*: {why[:20]}"
 
+    def schedule_refusal(self, decay):
+        from fastema.torch.target import SCHEDULE_REFUSALS
+
+        kind = type(decay[0] if isinstance(decay, list) else decay)
+        if kind in SCHEDULE_REFUSALS:                    # refused by name, one or several
+            return rf"does not take momentum={kind.__name__}\(\.\.\.\): {SCHEDULE_REFUSALS[kind][:20]}"
+        return "does not take several decays" if isinstance(decay, list) else None
+
     def ema(self, decay, shadow_dtype=None, **kw):
         import copy
 
@@ -231,7 +246,7 @@ def test_update_every_updates_on_the_first_call_then_every_kth(model):
 
 
 def test_power_warmup_uses_the_schedule_at_each_step(model):
-    ema = model.ema(0.999, warmup="power", power=0.75)
+    ema = model.ema(schedules.PowerWarmup(0.999, power=0.75))
     sched = schedules.PowerWarmup(0.999, 0.0, 1.0, 0.75, 0)
     seen = []
     for k in range(1, 5):
@@ -331,14 +346,6 @@ def test_smoother_checkpoint_header_follows_the_same_rule():
 
 OPTION_CASES = {        # one non-default value of every EMAOptions field, with what it needs
     "decay": dict(decay=[0.9, 0.5]),
-    "sigma_rel": dict(decay=None, sigma_rel=0.2),
-    "half_life": dict(decay=None, half_life=2.0),
-    "bema": dict(decay=None, bema=True),
-    "warmup": dict(decay=0.99, warmup="num_updates"),
-    "min_decay": dict(decay=0.99, warmup="power", min_decay=0.5),
-    "inv_gamma": dict(decay=0.99, warmup="power", inv_gamma=2.0),
-    "power": dict(decay=0.99, warmup="power", power=0.75),
-    "update_after_step": dict(decay=0.9, warmup="power", update_after_step=2),
     "update_every": dict(decay=0.5, update_every=2),
     "compensate": dict(decay=0.9, update_every=2, compensate=True),
     "debias": dict(decay=0.9, debias=True),
@@ -357,15 +364,27 @@ def test_the_option_cases_cover_every_option():
     assert list(OPTION_CASES) == list(EMAOptions.names())
 
 
-@pytest.mark.parametrize("option", list(OPTION_CASES))
-def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
-    kw = dict(OPTION_CASES[option])
-    decay = kw.pop("decay")
-    from fastema.average import HOST_ONLY_REFUSALS
+#: decay='s schedules (what sigma_rel=, half_life=, bema= and warmup= with its parameters were before
+#: 0.2's one knob per concept): each kind, and each parameter of the power warm-up
+SCHEDULE_CASES = {
+    "power_function": dict(decay=schedules.PowerFunction.of(0.2)),
+    "power_functions": dict(decay=[schedules.PowerFunction.of(0.05), schedules.PowerFunction.of(0.2)]),
+    "half_life": dict(decay=schedules.HalfLife(2.0)),
+    "bema": dict(decay=schedules.BEMA()),
+    "num_updates": dict(decay=schedules.NumUpdates(0.99)),
+    "min_decay": dict(decay=schedules.PowerWarmup(0.99, min_decay=0.5)),
+    "inv_gamma": dict(decay=schedules.PowerWarmup(0.99, inv_gamma=2.0)),
+    "power": dict(decay=schedules.PowerWarmup(0.99, power=0.75)),
+    "update_after_step": dict(decay=schedules.PowerWarmup(0.9, update_after_step=2)),
+    "start_only": dict(decay=schedules.PowerWarmup(0.9, update_after_step=2, warmup=False)),
+}
 
-    refused = model.refusal(option)        # JAX and TF: exactly HOST_ONLY_REFUSALS; a target network: REFUSALS
-    assert (model.name in ("jax", "tensorflow") and option in HOST_ONLY_REFUSALS) == (
-        model.name in ("jax", "tensorflow") and refused is not None)
+
+def _takes_like_torch(model, kw, refused):
+    """``model.ema(**kw)`` refused with ``refused`` (words), or taken and equal to the torch face's average
+    after five updates, its checkpoint round-tripping."""
+    kw = dict(kw)
+    decay = kw.pop("decay")
     if refused:
         with pytest.raises(ValueError, match=refused):
             model.ema(decay, **kw)
@@ -373,7 +392,7 @@ def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
     ema = model.ema(decay, **kw)
     reference = TorchModel()
     ref = reference.ema(decay, **kw)
-    steps = [1, 2, NAN_STEP, 3, 4] if option == "skip_nonfinite" else range(1, 6)   # the guard skips a step
+    steps = [1, 2, NAN_STEP, 3, 4] if kw.get("skip_nonfinite") else range(1, 6)   # the guard skips a step
     for k in steps:
         model.set(k)
         reference.set(k)
@@ -391,6 +410,27 @@ def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("option", list(OPTION_CASES))
+def test_every_face_takes_every_option_or_refuses_it_by_name(model, option):
+    from fastema.average import HOST_ONLY_REFUSALS
+
+    refused = model.refusal(option)        # JAX and TF: exactly HOST_ONLY_REFUSALS; a target network: REFUSALS
+    assert (model.name in ("jax", "tensorflow") and option in HOST_ONLY_REFUSALS) == (
+        model.name in ("jax", "tensorflow") and refused is not None)
+    _takes_like_torch(model, OPTION_CASES[option], refused)
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_every_face_takes_every_schedule_or_refuses_it_by_name(model, case):
+    """JAX and TF run every schedule (the plan on the host); a target network refuses the schedules
+    over training time by name (``SCHEDULE_REFUSALS``) and several decays."""
+    decay = SCHEDULE_CASES[case]["decay"]
+    refused = model.schedule_refusal(decay)
+    assert (refused is not None) == (model.name == "target" and case in ("power_function", "power_functions",
+                                                                         "half_life", "bema"))
+    _takes_like_torch(model, SCHEDULE_CASES[case], refused)
+
+
 def test_a_merge_schedule_with_update_every_is_refused_with_the_fix(model):
     """update_every's skipped calls would miss some of a merge schedule's checkpoints: every face refuses
     it with the same words, before anything is made."""
@@ -405,9 +445,9 @@ def test_an_unknown_option_is_refused_with_the_list(model):
 
 
 def test_bema_shows_one_average_and_refuses_its_internal_rows(model):
-    if model.refusal("bema"):
-        pytest.skip(f"{model.name} refuses bema= (the option cases check the refusal)")
-    ema = model.ema(None, bema=True)
+    if model.schedule_refusal(schedules.BEMA()):
+        pytest.skip(f"{model.name} refuses decay=BEMA() (the schedule cases check the refusal)")
+    ema = model.ema(schedules.BEMA())
     assert ema.rows == 1
     for k in range(1, 4):
         model.set(k)

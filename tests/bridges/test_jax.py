@@ -18,6 +18,7 @@ from reference import ULP, assert_close_to_reference  # noqa: E402
 import fastema  # noqa: E402
 from fastema.average import Plan  # noqa: E402
 from fastema.jax import EMA  # noqa: E402
+from fastema.schedules import NumUpdates, PowerWarmup  # noqa: E402
 
 
 class Block(NamedTuple):
@@ -63,18 +64,19 @@ def float_leaves(tree):
     return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree) if x.dtype != jnp.int32]
 
 
-@pytest.mark.parametrize("warmup", [None, "num_updates", "power"])
+@pytest.mark.parametrize("decay", [0.95, NumUpdates(0.95), PowerWarmup(0.95, update_after_step=3)],
+                         ids=["constant", "num_updates", "power"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_jitted_training_loop_matches_float64_reference(warmup, dtype):
+def test_jitted_training_loop_matches_float64_reference(decay, dtype):
     params = init_params(jax.random.PRNGKey(0), dtype)
-    ema = EMA(params, 0.95, warmup=warmup, update_after_step=3)
+    ema = EMA(params, decay)
     ref = float_leaves(params)
     losses = []
     for n, (x, y) in enumerate(batches(60), start=1):
         params, loss = train_step(params, x, y)
         losses.append(loss)
         ema.update(params)
-        d = Plan(0.95, warmup=warmup, update_after_step=3).schedules[0](n)
+        d = Plan(decay).schedules[0](n)
         ref = [d * r + (1 - d) * p for r, p in zip(ref, float_leaves(params))]
     assert float(losses[-1]) < float(losses[0])            # it trained
     state = ema.state_dict()
@@ -142,7 +144,7 @@ def test_shadow_is_a_copy_and_bfloat16_stays_bfloat16():
 def test_resume_equals_uninterrupted_run(tmp_path):
     def run(steps, ema=None, params=None, start=0):
         params = init_params(jax.random.PRNGKey(2)) if params is None else params
-        ema = EMA(params, 0.9, warmup="power") if ema is None else ema
+        ema = EMA(params, PowerWarmup(0.9)) if ema is None else ema
         for i, (x, y) in enumerate(batches(start + steps)):
             if i < start:
                 continue
@@ -272,8 +274,8 @@ def test_update_inside_jax_jit_equals_the_update_outside(dtype):
     """ema.update() inside the jitted step (an ordered io_callback that runs the eager update on
     the values the step computed, every call) equals update() on what the step returns."""
     params = init_params(jax.random.PRNGKey(0), dtype)
-    inside = EMA(params, [0.95, 0.8], warmup="power", update_every=2)
-    outside = EMA(params, [0.95, 0.8], warmup="power", update_every=2)
+    inside = EMA(params, [PowerWarmup(0.95), PowerWarmup(0.8)], update_every=2)
+    outside = EMA(params, [PowerWarmup(0.95), PowerWarmup(0.8)], update_every=2)
 
     @jax.jit
     def step_with_ema(params, x, y):

@@ -20,6 +20,7 @@ from models import keras_model as make_model
 from models import keras_probe
 
 from fastema.keras import MovingAverageLogs, WeightEMA  # noqa: E402
+from fastema.schedules import BEMA, PowerFunction, PowerWarmup  # noqa: E402
 
 
 class BatchLosses(keras.callbacks.Callback):
@@ -350,6 +351,7 @@ import json, warnings
 import keras, numpy as np
 from fastema.keras import _jax
 from fastema.keras import WeightEMA
+from fastema.schedules import BEMA, HalfLife, PowerFunction
 out = {}
 
 class Pin(keras.callbacks.Callback):      # the private Keras state the shim reads on JAX is still there
@@ -362,8 +364,8 @@ class Pin(keras.callbacks.Callback):      # the private Keras state the shim rea
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 4)).astype("float32")
 y = np.sin(x).sum(1, keepdims=True).astype("float32")
-for name, kw in [("sigma_rel", dict(decay=None, sigma_rel=0.1)), ("half_life", dict(decay=None, half_life=4.0)),
-                 ("bema", dict(decay=None, bema=True)), ("update_every", dict(decay=0.9, update_every=2))]:
+for name, kw in [("sigma_rel", dict(decay=PowerFunction.of(0.1))), ("half_life", dict(decay=HalfLife(4.0))),
+                 ("bema", dict(decay=BEMA())), ("update_every", dict(decay=0.9, update_every=2))]:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.05), "mse")
@@ -392,7 +394,7 @@ script("OPTIONS_FIT", OPTIONS_FIT, ("tensorflow", "jax"))
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_weight_ema_takes_every_schedule_option_on_every_backend(backend):
-    """WeightEMA(decay=None, sigma_rel=0.1) used to be accepted, then fail in fit() with a TypeError on the
+    """WeightEMA(decay=PowerFunction.of(0.1)) used to be accepted, then fail in fit() with a TypeError on the
     JAX and TensorFlow backends: every backend's EMA now takes the options (or refuses one by name at
     construction)."""
     pytest.importorskip(backend)
@@ -409,12 +411,12 @@ def test_weight_ema_takes_every_schedule_option_on_every_backend(backend):
 
 def test_weight_ema_takes_every_schedule_option_on_the_torch_backend():
     x, y = data(64)
-    for kw, kind in ((dict(decay=None, sigma_rel=0.1), "PowerFunction"), (dict(decay=None, bema=True), "BEMA")):
+    for kw, kind in ((dict(decay=PowerFunction.of(0.1)), "PowerFunction"), (dict(decay=BEMA()), "BEMA")):
         model = make_model()
         cb = WeightEMA(**kw)
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y), callbacks=[cb])
         assert cb.ema.updates == 8 and type(cb.ema.plan.schedules[0]).__name__ == kind and not cb.ema.swapped
-    for unset in ({}, dict(sigma_rel=None), dict(bema=False)):       # options from a config: unset ones count
+    for unset in ({}, dict(update_every=1), dict(debias=False)):    # options from a config: default ones count
         with pytest.warns(FutureWarning, match="0.9999"):
             WeightEMA(**unset)
     with pytest.raises(TypeError, match="unknown EMA option.*'sigma'"):
@@ -445,7 +447,7 @@ def test_seeded_ema_of_the_logs_is_pandas_adjust_false():
 
 def test_keras_use_ema_start_is_an_option_and_the_default_starts_from_the_initial_weights():
     """Keras's optimizer use_ema copies the weights at the optimizer's first step, then averages with
-    ema_momentum; WeightEMA starts from the weights when fit starts. warmup="power", min_decay=decay
+    ema_momentum; WeightEMA starts from the weights when fit starts. PowerWarmup(decay, min_decay=decay)
     (the first update copies, then decay) is Keras's start: side by side with use_ema."""
     x, y = data(96)
 
@@ -457,7 +459,7 @@ def test_keras_use_ema_start_is_an_option_and_the_default_starts_from_the_initia
         return model, probe
 
     keras_ema, _ = fit(keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=0.9))   # written into the model
-    like_keras, _ = fit(keras.optimizers.SGD(0.05), [WeightEMA(0.9, warmup="power", min_decay=0.9,
+    like_keras, _ = fit(keras.optimizers.SGD(0.05), [WeightEMA(PowerWarmup(0.9, min_decay=0.9),
                                                                write_at_end=True)])
     default, probe = fit(keras.optimizers.SGD(0.05), [WeightEMA(0.9, write_at_end=True)])
     assert len(probe.steps) == 12

@@ -116,14 +116,17 @@ def test_ema_follows_optimizer_steps_and_is_used_for_validation(tmp_path):
 
 
 def test_power_function_profile_through_the_callback(tmp_path):
-    """WeightEMA(sigma_rel=...) (no decay): the EMA follows the optimizer steps with the exact
-    power-function weights; decay together with sigma_rel is refused when the callback is made."""
-    from fastema.schedules import sigma_rel_to_gamma
+    """WeightEMA(decay=PowerFunction.of(sigma_rel)): the EMA follows the optimizer steps with the exact
+    power-function weights; a constant decay beside the profile (another kind of schedule) is refused
+    when the callback is made, and so is the old spelling sigma_rel= (an unknown option)."""
+    from fastema.schedules import PowerFunction, sigma_rel_to_gamma
 
-    with pytest.raises(ValueError, match="give one of decay, sigma_rel"):
+    with pytest.raises(ValueError, match="decay= takes one kind of schedule for every average"):
+        WeightEMA(decay=[0.9, PowerFunction.of(0.1)])
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['sigma_rel'\]"):
         WeightEMA(decay=0.9, sigma_rel=0.1)
     probe = Probe()
-    cb = WeightEMA(sigma_rel=0.1)
+    cb = WeightEMA(decay=PowerFunction.of(0.1))
     trainer(tmp_path, [cb, probe]).fit(Regressor(), loader(), loader(32, seed=1))
     steps = {}
     for step, w in probe.steps:
@@ -240,21 +243,22 @@ class Averages(pl.Callback):
 
 @pytest.mark.parametrize("d", [0.5, 0.9])
 def test_weight_ema_set_as_the_guide_says_reproduces_lightnings_ema_weight_averaging(tmp_path, d, one_thread):
-    """The settings docs/guides/lightning.md gives, read from the guide (WeightEMA(decay=d, warmup="power",
-    min_decay=d, buffers="average")), give EMAWeightAveraging(decay=d)'s average after every optimizer step
+    """The settings docs/guides/lightning.md gives, read from the guide (WeightEMA(decay=PowerWarmup(d,
+    min_decay=d), buffers="average")), give EMAWeightAveraging(decay=d)'s average after every optimizer step
     (its first update copies the weights; the integer BatchNorm counter aside, which fastema copies); after
     fit Lightning's model holds the average and fastema's the raw weights, until ema.copy_to().
     WeightAveraging with fastema's multi_avg_fn gives EMAWeightAveraging's average too, integer buffers
     included."""
     from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
 
+    from fastema.schedules import PowerWarmup
     from fastema.torch.compat import get_ema_multi_avg_fn
 
     guide = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "lightning.md").read_text()
-    settings = re.search(r"(WeightEMA\(decay=d[^()]*\)) +# = EMAWeightAveraging\(decay=d\)", guide).group(1)
+    settings = re.search(r"(WeightEMA\(decay=[^\n#]*\)) +# = EMAWeightAveraging\(decay=d\)", guide).group(1)
     assert "callback.ema.copy_to()" in guide
     callbacks = {"lightning": EMAWeightAveraging(decay=d),
-                 "fastema": eval(settings, {"WeightEMA": WeightEMA, "d": d}),
+                 "fastema": eval(settings, {"WeightEMA": WeightEMA, "PowerWarmup": PowerWarmup, "d": d}),
                  "multi_avg_fn": WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(d))}
     reads = {"lightning": lambda: callbacks["lightning"]._average_model.module.state_dict(),
              "fastema": lambda: callbacks["fastema"].ema.averaged_state_dict(),
@@ -290,15 +294,18 @@ def test_weight_ema_set_as_the_guide_says_reproduces_lightnings_ema_weight_avera
 def test_lightnings_update_cadence_maps_to_update_every_and_update_after_step(tmp_path, one_thread):
     """The guide's mapping of EMAWeightAveraging's other arguments: update_every_n_steps=k is update_every=k
     and use_buffers=False is buffers="copy" (the average after every step); update_starting_at_step=s is
-    update_after_step=s from the first update on (global step s + 1): before it Lightning's average holds
+    PowerWarmup(d, min_decay=d, update_after_step=s) from the first update on (global step s + 1): before it
+    Lightning's average holds
     the weights fit started from, fastema's follows the weights."""
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
-    d, settings = 0.9, {"warmup": "power", "min_decay": 0.9}
+    from fastema.schedules import PowerWarmup
+
+    d = 0.9
     pairs = [(EMAWeightAveraging(decay=d, update_every_n_steps=3, use_buffers=False),
-              WeightEMA(decay=d, update_every=3, buffers="copy", **settings)),
+              WeightEMA(decay=PowerWarmup(d, min_decay=d), update_every=3, buffers="copy")),
              (EMAWeightAveraging(decay=d, update_starting_at_step=4),
-              WeightEMA(decay=d, update_after_step=4, buffers="average", **settings))]
+              WeightEMA(decay=PowerWarmup(d, min_decay=d, update_after_step=4), buffers="average"))]
     for i, (theirs, ours) in enumerate(pairs):
         probes = [Averages(lambda cb=theirs: cb._average_model.module.state_dict()),   # made at fit start
                   Averages(lambda cb=ours: cb.ema.averaged_state_dict())]

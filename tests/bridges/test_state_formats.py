@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fastema._state import GROUPS, from_named, from_parts, load_refused, refuse_load, to_named, to_parts
+from fastema.schedules import PowerWarmup
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -96,7 +97,7 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
 
     def resumed(model):
         """A WeightEMA of the next fit, made on ``model`` (it takes the loaded average)."""
-        cb = fk.WeightEMA([0.9, 0.5], warmup="power")
+        cb = fk.WeightEMA([PowerWarmup(0.9), PowerWarmup(0.5)])
         cb.set_model(model)
         cb.on_train_begin()
         return cb
@@ -134,14 +135,14 @@ def test_an_emacallback_file_written_before_the_codec_loads_and_writes_the_same(
     old = DATA / "transformers" / "checkpoint-5"
     fixtures = _fixtures()
     model = fixtures.ema_module()
-    ema = EMA(model, [0.9, 0.99], warmup="power")
+    ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)])
     EMACallback._load(ema, str(old))
     assert ema.calls == ema.updates == 5
     with safe_open(str(old / STATE_FILE), framework="pt") as f:
         for key in f.keys():
             group, _, name = key.partition("/")
             assert ema.state_dict()[group][name].equal(f.get_tensor(key)), key
-    cb = EMACallback([0.9, 0.99], warmup="power")
+    cb = EMACallback([PowerWarmup(0.9), PowerWarmup(0.99)])
     cb.ema = ema
     (tmp_path / "checkpoint-5").mkdir()
     cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path), should_save=True),

@@ -17,6 +17,7 @@ from reference import assert_close_to_reference  # noqa: E402
 
 import fastema  # noqa: E402
 from fastema.average import Plan  # noqa: E402
+from fastema.schedules import NumUpdates, PowerWarmup  # noqa: E402
 from fastema.tensorflow import EMA  # noqa: E402
 
 
@@ -59,16 +60,17 @@ def values(variables):
     return [np.asarray(v.numpy(), np.float64) for v in variables]
 
 
-@pytest.mark.parametrize("warmup", [None, "num_updates", "power"])
+@pytest.mark.parametrize("decay", [0.95, NumUpdates(0.95), PowerWarmup(0.95, update_after_step=3)],
+                         ids=["constant", "num_updates", "power"])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
-def test_training_loop_matches_float64_reference(warmup, dtype):
+def test_training_loop_matches_float64_reference(decay, dtype):
     model = MLP(dtype)
-    ema = EMA(model, 0.95, warmup=warmup, update_after_step=3)
+    ema = EMA(model, decay)
     assert [v.name for v in ema.variables] == [v.name for v in model.trainable_variables]
     ref = values(ema.variables)
     step = make_step(model)
     losses = []
-    sched = Plan(0.95, warmup=warmup, update_after_step=3).schedules[0]
+    sched = Plan(decay).schedules[0]
     for n, (x, y) in enumerate(batches(60), start=1):
         losses.append(float(step(x, y)))
         ema.update()
@@ -146,10 +148,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
                 ema.update()
 
     full_model = MLP()
-    full = EMA(full_model, 0.9, warmup="power")
+    full = EMA(full_model, PowerWarmup(0.9))
     run(full_model, full, 0, 20)
     model = MLP()
-    half = EMA(model, 0.9, warmup="power")
+    half = EMA(model, PowerWarmup(0.9))
     run(model, half, 0, 10)
     path = tmp_path / "ema.pkl"
     path.write_bytes(pickle.dumps(half.state_dict()))
@@ -286,8 +288,8 @@ def test_average_parameters_swaps_in_and_back_and_the_development_alias_is_gone(
 def test_update_inside_tf_function_matches_eager_update_and_float64_reference():
     """The update as an op of the training step (step as a tensor) equals the eager update after it."""
     graph_model, eager_model = MLP(), MLP()
-    in_graph = EMA(graph_model, 0.9, warmup="num_updates")
-    eager = EMA(eager_model, 0.9, warmup="num_updates")
+    in_graph = EMA(graph_model, NumUpdates(0.9))
+    eager = EMA(eager_model, NumUpdates(0.9))
     sgd, eager_step = make_step(graph_model), make_step(eager_model)
 
     @tf.function
@@ -297,7 +299,7 @@ def test_update_inside_tf_function_matches_eager_update_and_float64_reference():
         return loss, count
 
     ref = values(in_graph.variables)
-    sched = Plan(0.9, warmup="num_updates").schedules[0]
+    sched = Plan(NumUpdates(0.9)).schedules[0]
     for n, (x, y) in enumerate(batches(12), start=1):
         _, count = step(x, y)
         eager_step(x, y)
@@ -332,7 +334,7 @@ def _trained(model, ema, steps, seed=1):
 @pytest.mark.parametrize("shadow_dtype", ["float32", "bfloat16"])
 def test_checkpoint_manager_round_trip_is_bit_exact_and_resumes(tmp_path, shadow_dtype):
     model = MLP(tf.bfloat16)
-    ema = EMA(model, [0.9, 0.99], warmup="power", update_every=2, shadow_dtype=shadow_dtype)
+    ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, shadow_dtype=shadow_dtype)
     _trained(model, ema, 7)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, ema=ema), str(tmp_path), max_to_keep=2)
     path = manager.save()
@@ -389,6 +391,7 @@ import json
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from fastema.schedules import NumUpdates
 from fastema.tensorflow import EMA
 from fastema.tensorflow.compat import ExponentialMovingAverage
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -396,7 +399,7 @@ with strategy.scope():
     w = tf.Variable(tf.zeros((4,)))
     theirs = tf.train.ExponentialMovingAverage(0.5)
     theirs.apply([w])
-ema, ours, stepped = EMA([w], 0.5), ExponentialMovingAverage(0.5), EMA([w], 0.5, warmup="num_updates")
+ema, ours, stepped = EMA([w], 0.5), ExponentialMovingAverage(0.5), EMA([w], NumUpdates(0.5))
 ours.apply([w])
 steps = tf.Variable(0, dtype=tf.int64)
 

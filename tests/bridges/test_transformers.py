@@ -23,6 +23,7 @@ pytest.importorskip("safetensors")
 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from fastema.schedules import BEMA, PowerWarmup  # noqa: E402
 from fastema.transformers import STATE_FILE, EMACallback  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*loss_type.*")
@@ -82,7 +83,8 @@ class Recorder(TrainerCallback):
 
 
 def power_decay(step, decay, after):
-    """``warmup="power"`` (inv_gamma 1, power 2/3) as the EMA's plan defines it, for the reference."""
+    """``PowerWarmup(decay, update_after_step=after)`` (inv_gamma 1, power 2/3) as the EMA's plan defines it,
+    for the reference."""
     s = step - after - 1
     return 0.0 if s <= 0 else min(decay, 1.0 - (1.0 + s) ** (-2 / 3))
 
@@ -101,7 +103,7 @@ def test_shadow_follows_optimizer_steps_with_delayed_start_and_exports(tmp_path)
     post-step weights; save_ema_model writes a model from_pretrained loads with the averaged weights,
     and the trained model is left as it was."""
     model = tiny_gpt2()
-    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=2, save_ema_model=tmp_path / "ema")
+    ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=2), save_ema_model=tmp_path / "ema")
     rec = Recorder(ema_cb)
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=5, gradient_accumulation_steps=2),
                       train_dataset=Tokens(64, 0), callbacks=[ema_cb, rec])
@@ -173,7 +175,7 @@ def test_load_best_model_at_end_brings_back_the_best_steps_ema(tmp_path):
 
 def run(tmp_path, name, resume=None, model=None, **callback_kw):
     model = model if model is not None else tiny_gpt2()
-    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1, **callback_kw)
+    ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=1), **callback_kw)
     trainer = Trainer(model=model, args=arguments(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=2,
                                                   save_total_limit=2), train_dataset=Tokens(64, 0),
                       callbacks=[ema_cb])
@@ -231,7 +233,7 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path,
         trainer.train(resume_from_checkpoint=str(ckpt))
     from safetensors.torch import save_file
 
-    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=1))
     trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "y", max_steps=7), train_dataset=Tokens(64, 0),
                       callbacks=[ema_cb])
     trainer.train(resume_from_checkpoint=str(ckpt))
@@ -252,7 +254,7 @@ def test_a_truncated_emptied_or_replaced_state_file_is_refused_naming_the_file(t
     shutil.copytree(uninterrupted[0] / "checkpoint-6", ckpt)
     path = ckpt / STATE_FILE
     whole = path.read_bytes()
-    ema_cb = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=1))
     trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "y", max_steps=7), train_dataset=Tokens(64, 0),
                       callbacks=[ema_cb])
     trainer.train(resume_from_checkpoint=str(ckpt))
@@ -290,28 +292,27 @@ def test_finding_the_trainer_keeps_nothing_of_the_callers_alive(tmp_path):
 
 
 def test_bema_equals_trl_bemacallback_on_the_same_run(tmp_path):
-    """EMACallback(bema=...) and TRL's BEMACallback in one Trainer run (the same weights at every
+    """EMACallback(decay=BEMA(...)) and TRL's BEMACallback in one Trainer run (the same weights at every
     step) end with the same averaged weights: theta_0 and the EMA start from the weights training
     begins with, and tau counts optimizer steps from 0 (TRL's update_after=0), TRL's update_freq
     being update_every; with TRL's defaults and with other values of every schedule parameter.
     TRL's update_after=a (theta_0 taken at step a, tau still counted from 0) is a fastema EMA
     whose updates start at step a with lag + multiplier * a, as the guide says."""
     trl = pytest.importorskip("trl")
-    from fastema.schedules import BEMA
     from fastema.torch import EMA
 
     other = dict(ema_power=0.7, bias_power=0.4, lag=3, multiplier=0.5, min_ema_multiplier=0.2)
 
     class Later(TrainerCallback):                 # TRL's update_after=3 with update_freq=2, by hand
         def on_train_begin(self, args, state, control, model=None, **kw):
-            self.ema = EMA(model, bema=BEMA(**{**other, "lag": 3 + 0.5 * 3}), update_every=2)
+            self.ema = EMA(model, BEMA(**{**other, "lag": 3 + 0.5 * 3}), update_every=2)
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step >= 3:
                 self.ema.update(step=state.global_step)
 
-    pairs = [(trl.BEMACallback(update_freq=1), EMACallback(bema=True)),
-             (trl.BEMACallback(update_freq=3, **other), EMACallback(bema=BEMA(**other), update_every=3)),
+    pairs = [(trl.BEMACallback(update_freq=1), EMACallback(decay=BEMA())),
+             (trl.BEMACallback(update_freq=3, **other), EMACallback(decay=BEMA(**other), update_every=3)),
              (trl.BEMACallback(update_freq=2, update_after=3, **other), Later())]
     model = tiny_gpt2()
     Trainer(model=model, args=arguments(tmp_path, max_steps=7, learning_rate=0.05), train_dataset=Tokens(64, 0),
@@ -332,7 +333,7 @@ def test_bema_resumes_bit_exact_and_a_restart_starts_from_the_resumed_weights(tm
     ends with the uninterrupted run's BEMA bit for bit (no second copy); missing_state="restart"
     takes theta_0 from the weights it resumes with, and counts tau from that step."""
     def bema_run(name, resume=None, **kw):
-        ema_cb = EMACallback(bema=True, update_every=2, **kw)
+        ema_cb = EMACallback(decay=BEMA(), update_every=2, **kw)
         Trainer(model=tiny_gpt2(), args=arguments(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=2),
                 train_dataset=Tokens(64, 0), callbacks=[ema_cb]).train(resume_from_checkpoint=resume)
         return ema_cb.ema
@@ -372,12 +373,17 @@ def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
 
 
 def test_bad_options_are_refused_at_construction():
-    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['decya'\]; the options are .*update_after_step"):
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['decya'\]; the options are update_every, .*"
+                                        r"trainable_only"):
         EMACallback(decya=0.9)
     with pytest.raises(ValueError, match="decay"):
         EMACallback(decay=1.5)
-    with pytest.raises(ValueError, match="warmup"):
-        EMACallback(decay=0.9, warmup="linear")
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['warmup'\]"):      # decay=PowerWarmup(...) now
+        EMACallback(decay=0.9, warmup="power")
+    with pytest.raises(ValueError, match="decay= takes one kind of schedule for every average"):
+        EMACallback(decay=[0.9, PowerWarmup(0.99)])
+    with pytest.raises(ValueError, match=r"decay=BEMA\(\.\.\.\) keeps one average"):
+        EMACallback(decay=BEMA(), debias=True)
     with pytest.raises(ValueError, match="missing_state"):
         EMACallback(missing_state="ignore")
     with pytest.raises(TypeError, match="eval_with_ema"):
@@ -406,7 +412,7 @@ def test_accelerate_register_for_checkpointing(tmp_path):
     model = tiny_gpt2()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(model, 0.9, warmup="power")
+    ema = EMA(model, PowerWarmup(0.9))
     accelerator.register_for_checkpointing(ema)
     batches = Tokens(12, 0).ids.split(4)
 
@@ -475,7 +481,7 @@ def _fsdp2_hooks(rank, world, out):
     def local(callback):
         return {f"{n}": v.to_local().clone() for n, v in callback.ema.state_dict()["averaged"].items()}
 
-    first = EMACallback(decay=0.9, warmup="power", update_after_step=1, save_ema_model=os.path.join(out, "ema"))
+    first = EMACallback(decay=PowerWarmup(0.9, update_after_step=1), save_ema_model=os.path.join(out, "ema"))
     first.on_train_begin(args, state, TrainerControl(), model=model)
     train(first, 0, 2)
     os.makedirs(os.path.join(out, "checkpoint-2"), exist_ok=True)
@@ -489,7 +495,7 @@ def _fsdp2_hooks(rank, world, out):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.to_local().copy_(at2[n])
-    resumed = EMACallback(decay=0.9, warmup="power", update_after_step=1)
+    resumed = EMACallback(decay=PowerWarmup(0.9, update_after_step=1))
     state = TrainerState(global_step=2)
     resumed.on_train_begin(args, state, TrainerControl(), model=model)
     train(resumed, 2, 4)
@@ -541,8 +547,8 @@ def _split_hooks(rank, world, out):
             for callback in callbacks:
                 callback.on_step_end(args, state, TrainerControl())
 
-    split = EMACallback(decay=0.9, warmup="power", shard_replicas=True)
-    whole = EMACallback(decay=0.9, warmup="power")
+    split = EMACallback(decay=PowerWarmup(0.9), shard_replicas=True)
+    whole = EMACallback(decay=PowerWarmup(0.9))
     for callback in (split, whole):
         callback.on_train_begin(args, state, TrainerControl(), model=model)
     train([split, whole], 0, 2)
@@ -556,7 +562,7 @@ def _split_hooks(rank, world, out):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(at2[n])
-    resumed = EMACallback(decay=0.9, warmup="power", shard_replicas=True)
+    resumed = EMACallback(decay=PowerWarmup(0.9), shard_replicas=True)
     state = TrainerState(global_step=2)
     resumed.on_train_begin(args, state, TrainerControl(), model=model)
     train([resumed], 2, 4)
@@ -576,7 +582,7 @@ def _resume_elsewhere(rank, world, out, split):
     resumed = None
     for k in range(4):
         if k == 2:
-            resumed = EMACallback(decay=0.9, warmup="power", shard_replicas=split)
+            resumed = EMACallback(decay=PowerWarmup(0.9), shard_replicas=split)
             resumed.on_train_begin(args, TrainerState(global_step=2), TrainerControl(), model=model)
         ids = Tokens(4, k).ids
         model(input_ids=ids, labels=ids).loss.backward()

@@ -27,8 +27,9 @@ SCRIPT = textwrap.dedent(r"""
     from torch import nn
     import fastema
     from fastema._launch import config
+    from fastema.schedules import PowerWarmup
     from fastema.torch import EMA
-    from fastema.torch._offload import OffloadedShadow
+    from fastema.torch._placement.offload import OffloadedShadow
 
     config.CPU_SERIAL_BELOW, config.CPU_CHUNK = 0, 1024       # every kernel of these small models in parallel
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ SCRIPT = textwrap.dedent(r"""
 
     # ---- a synchronous EMA and an array function
     m = model()
-    e = EMA(m, [0.9, 0.5], warmup="power", buffers="average")
+    e = EMA(m, [PowerWarmup(0.9), PowerWarmup(0.5)], buffers="average")
     for k in range(3):
         bump(m, k); e.update()
     a = np.linspace(-1, 1, 8192, dtype=np.float32); x = np.cos(a) * 3
@@ -227,7 +228,8 @@ def test_a_child_forked_while_a_fold_ran_refuses_every_read():
 
 
 def test_the_fork_hook_waits_for_queued_folds_and_raises_nothing(monkeypatch):
-    from fastema.torch import _folds, _offload
+    from fastema.torch._placement import folds as _folds
+    from fastema.torch._placement import offload as _offload
 
     model = mlp(8, 16, 4, norm=nn.BatchNorm1d, dtype=torch.float32, seed=0)
     off = EMA(model, 0.9, offload="cpu")

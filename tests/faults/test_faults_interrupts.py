@@ -68,7 +68,7 @@ def test_a_ctrl_c_during_an_engine_load_is_raised_once_every_row_and_the_plan_ar
 
     from fastema import _backends
     from fastema.average import EMAOptions
-    from fastema.average.core import Average
+    from fastema.average._core import Average
 
     def average(values):
         sources = {n: np.full(4, v, np.float32) for n, v in values.items()}

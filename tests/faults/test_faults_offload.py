@@ -15,8 +15,11 @@ import torch
 from models import mlp
 from torch import nn
 
-from fastema.torch import EMA, _offload
-from fastema.torch._offload import OffloadedShadow
+from fastema.schedules import PowerWarmup
+from fastema.torch import EMA, Offload
+from fastema.torch._placement import offload as _offload
+from fastema.torch._placement import offload_ring as _offload_ring
+from fastema.torch._placement.offload import OffloadedShadow
 
 
 def _model():
@@ -47,7 +50,7 @@ AVERAGES = ("averaged",)
 def pipeline(request, monkeypatch):
     """The CPU ring's pipeline: its chunks are what the worker folds (what the CPU gets), or they are
     copied into two host slots in turn first (what a GPU's ring does, run on the CPU)."""
-    monkeypatch.setattr(_offload, "_two_slots", lambda device: request.param == "host slots")
+    monkeypatch.setattr(_offload_ring, "_two_slots", lambda device: request.param == "host slots")
     return request.param
 
 
@@ -93,10 +96,11 @@ CASES = [(name, *case) for name in ("chunks", "host slots") for case in (
 @pytest.mark.parametrize("name, every, failing, surfaces, lost", CASES)
 def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_that_skipped_it(
         name, every, failing, surfaces, lost, fail_fold, monkeypatch):
-    monkeypatch.setattr(_offload, "_two_slots", lambda device: name == "host slots")
+    monkeypatch.setattr(_offload_ring, "_two_slots", lambda device: name == "host slots")
     model = _model()
-    kw = dict(warmup="power", update_every=every, buffers="average", debias=False)
-    off, ref = EMA(model, [0.9, 0.5], offload="cpu", **kw), EMA(model, [0.9, 0.5], **kw)
+    decays = [PowerWarmup(0.9), PowerWarmup(0.5)]
+    kw = dict(update_every=every, buffers="average", debias=False)
+    off, ref = EMA(model, decays, offload="cpu", **kw), EMA(model, decays, **kw)
     assert [r.through_host for r in off._avg._ring_of.values()] == [name == "host slots"]
     assert len(off._avg.src.windows) == 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -205,7 +209,7 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
 
     monkeypatch.setattr(_offload, "IN_PLACE", in_place)
     model = _model()
-    off, ref = EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=64), EMA(model, [0.9, 0.5])
+    off, ref = EMA(model, [0.9, 0.5], offload=Offload(chunk=64)), EMA(model, [0.9, 0.5])
     assert len(off._avg.src.windows) >= 6
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for call in range(1, 3):
@@ -255,16 +259,16 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
 
 @pytest.mark.usefixtures("default_sigint")
 def test_a_ctrl_c_held_through_an_offloaded_update_still_records_deepspeeds_step_as_folded(monkeypatch):
-    # With a DeepSpeed engine an update folds once per optimizer step (fastema.torch._deepspeed.Steps).
+    # With a DeepSpeed engine an update folds once per optimizer step (fastema.torch._sharding.masters.Steps).
     # A Ctrl-C held through the offloaded update is raised when the hold ends: the step must be
     # recorded as folded by then, or an update() called again before the next optimizer step (a
     # notebook, a trainer that saves on Ctrl-C) folds the same weights a second time.
     import signal
 
-    from fastema.torch._deepspeed import Steps
+    from fastema.torch._sharding.masters import Steps
 
     model = _model()
-    off = EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    off = EMA(model, 0.9, offload=Offload(chunk=64))
     engine = types.SimpleNamespace(global_steps=0)
     off._steps = Steps(engine)                         # the engine's step counter, as EMA(engine) keeps it
     pack = OffloadedShadow._pack

@@ -20,12 +20,13 @@ CASE = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     from torch import nn
-    from fastema.torch import EMA, _offload
-    from fastema.torch._offload import OffloadedShadow
+    from fastema.torch import EMA, Offload
+    from fastema.torch._placement import offload_ring as _offload_ring
+    from fastema.torch._placement.offload import OffloadedShadow
 
     torch.set_num_threads(1)
     pipeline, through = sys.argv[1], sys.argv[2]
-    _offload._two_slots = lambda device: pipeline == "host slots"   # a GPU ring's pipeline, run on the CPU
+    _offload_ring._two_slots = lambda device: pipeline == "host slots"   # a GPU ring's pipeline, on the CPU
 
     def model():
         torch.manual_seed(0)
@@ -33,7 +34,7 @@ CASE = textwrap.dedent("""
 
     plain_model, off_model = model(), model()
     plain = EMA(plain_model, 0.9)
-    off = EMA(off_model, 0.9, offload="cpu", offload_chunk=1024)
+    off = EMA(off_model, 0.9, offload=Offload(chunk=1024))
     for step in range(5):                              # the same weights, the same updates
         for m in (plain_model, off_model):
             g = torch.Generator().manual_seed(step)

@@ -150,17 +150,18 @@ def test_a_rank_that_refuses_a_read_makes_every_rank_refuse_at_once(tmp_path):
 def _failed_gathers(rank, world, root):
     """H7: the swap-in's first gather fails on every rank (a simulated out-of-memory): nothing went in,
     so the state says "not swapped" and a retry evaluates the average. A failure after the first
-    bucket (gather_bucket=16): part went in, so swap() leaves the state "swapped" and swap() again
+    bucket (ShardReplicas(bucket=16)): part went in, so swap() leaves the state "swapped" and swap() again
     restores the raw weights; inside average_parameters() the block's exit restores them at once.
     M1: the way back fails: the error says the raw weights were not restored, and swap() again
     restores them."""
-    from fastema.torch import EMA, _replicas
+    from fastema.torch import EMA, ShardReplicas
+    from fastema.torch._placement import replicas as _replicas
 
     real = _replicas._all_gather
     out = {}
     for case, fail_at, block in (("first", 1, True), ("later", 2, False), ("later in a block", 2, True)):
         m = _model()
-        ema = EMA(m, 0.5, shard_replicas=True, gather_bucket=16)
+        ema = EMA(m, 0.5, shard_replicas=ShardReplicas(True, bucket=16))
         unsplit = EMA(m, 0.5)
         for i in range(2):
             _step(m, i)
@@ -391,7 +392,7 @@ def _mesh_agreement(rank, world, root):
     exchange another has left)."""
     import torch.distributed as dist
 
-    from fastema.torch._agree import Stamp, agree
+    from fastema.torch._state.agree import Stamp, agree
 
     rows = [dist.new_group([0, 2]), dist.new_group([1, 3])]       # dimension 0 (the replicas: run ids agreed)
     cols = [dist.new_group([0, 1]), dist.new_group([2, 3])]       # dimension 1

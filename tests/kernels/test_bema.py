@@ -1,6 +1,6 @@
 """BEMA's bias correction ``row0 <- row1 + alpha * (row0 - row2)`` (``_elementwise.bema_at``):
 the element body against a float64 reference, the CPU kernel (serial and parallel, many chunks
-and groups) against the body, the non-finite guard, FlatShadow's checks, and torch's EMA(bema=).
+and groups) against the body, the non-finite guard, FlatShadow's checks, and torch's EMA(decay=BEMA()).
 
 Tolerance against the float64 reference ``ema + alpha * (out - first)`` of the stored values
 (for float64 shadows: in rational arithmetic, rounded once to float64): the difference rounds
@@ -244,16 +244,17 @@ def test_bias_correct_refused_while_swapped():
     fs.bias_correct(0.5)
 
 
-# ---------------------------------------------------------------- torch EMA(bema=)
+# ---------------------------------------------------------------- torch EMA(decay=BEMA())
 
 
 def test_torch_bema_skipped_step_leaves_every_row():
     """skip_nonfinite: a step with a NaN weight writes no row, the output included (the
     correction is skipped with the update's flag)."""
+    from fastema.schedules import BEMA
     from fastema.torch import EMA
 
     net = torch.nn.Linear(4, 3)
-    ema = EMA(net, bema=True, skip_nonfinite=True)
+    ema = EMA(net, BEMA(), skip_nonfinite=True)
     for _ in range(3):
         with torch.no_grad():
             net.weight.add_(0.1)
@@ -267,8 +268,9 @@ def test_torch_bema_skipped_step_leaves_every_row():
 
 
 def test_torch_bema_output_is_the_corrected_ema(monkeypatch):
-    """EMA(bema=) corrects row 0 through FlatShadow.bias_correct: the rows it is handed give
+    """EMA(decay=BEMA()) corrects row 0 through FlatShadow.bias_correct: the rows it is handed give
     the output within float32 rounding (see the module docstring), rows 1 and 2 untouched."""
+    from fastema.schedules import BEMA
     from fastema.torch import EMA
 
     seen = []
@@ -282,7 +284,7 @@ def test_torch_bema_output_is_the_corrected_ema(monkeypatch):
     monkeypatch.setattr(FlatShadow, "bias_correct", spy)
     torch.manual_seed(0)
     net = torch.nn.Linear(16, 8)
-    ema = EMA(net, bema=True)
+    ema = EMA(net, BEMA())
     for _ in range(4):
         with torch.no_grad():
             for p in net.parameters():

@@ -24,6 +24,7 @@ from fastema.kernels import cpu as ema_cpu  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
 from fastema.kernels._bits import BF16, F16, F32  # noqa: E402
 from fastema.kernels.layout import chunk_table, segment_offsets  # noqa: E402
+from fastema.schedules import HalfLife, NumUpdates, PowerFunction, PowerWarmup  # noqa: E402
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 KINDS = (F32, BF16, F16)
@@ -342,12 +343,13 @@ def _assert_plan(got, want, where, calls: int = 1):
         assert _ulps(got, want) <= PLAN_ULPS * calls, (where, got, want)
 
 
-@pytest.mark.parametrize("plan_kw", [dict(decay=[0.9, 0.99], warmup="power", update_every=2, compensate=True,
-                                           debias=True), dict(decay=0.999, warmup="num_updates"),
-                                      dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=50.0)])
+@pytest.mark.parametrize("plan_kw", [dict(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, compensate=True,
+                                           debias=True), dict(decay=NumUpdates(0.999)),
+                                      dict(decay=[PowerFunction.of(0.05), PowerFunction.of(0.1)], update_every=3),
+                                      dict(decay=HalfLife(50.0))])
 def test_plan_kernel_matches_cpu(plan_kw):
     from fastema.average import Plan
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels import cpu as kcpu
     from fastema.kernels.kinds import S_NORMS
 
@@ -371,11 +373,11 @@ def test_the_bound_plan_step_and_nonfinite_scan_match_the_cpu():
     """``plan_launcher`` / ``nonfinite_launcher`` on the device (issue 37, D5): the plan arrays as the CPU
     plan kernel leaves them call after call, the flag set by a NaN in the sources."""
     from fastema.average import Plan
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels import cpu as kcpu
     from fastema.kernels.kinds import S_NORMS
 
-    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    plan = Plan(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, debias=True)
     params, decays = parameters(plan, 11)
     host = dict(state=np.zeros(S_NORMS + 2), w32=np.zeros(2, np.float32), w64=np.zeros(2),
                 flag=np.zeros(1, np.int32), keys=np.zeros(3, np.int64))
@@ -409,11 +411,11 @@ def test_fused_plan_and_lerp_equals_the_plan_kernel_then_the_lerp(sk, xk, stocha
     the device-key lerp, call after call: skipped calls (update_every), debiased warm-up weights,
     an explicit step, the rounding key of group 1 of 3; and as the CPU twin."""
     from fastema.average import Plan
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels.kinds import S_NORMS
 
     rng = np.random.default_rng(11 + sk)
-    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    plan = Plan(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, debias=True)
     params, decays = parameters(plan, (5 << 32) + 3)
     counts = [37, 0, 64, 9]
     srcs = sources(xk, counts, rng) if xk != kinds.F64 else [rng.standard_normal(c) for c in counts]
@@ -826,10 +828,11 @@ def test_torch_ema_on_gpu_without_host_sync():
 
 
 @pytest.mark.skipif(SIM, reason="needs a GPU")
-@pytest.mark.parametrize("kw", [dict(decay=0.99, warmup="power", update_every=2),
+@pytest.mark.parametrize("kw", [dict(decay=PowerWarmup(0.99), update_every=2),
                                 dict(decay=[0.9, 0.999], debias=True, skip_nonfinite=True),
-                                dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic"),
-                                dict(sigma_rel=[0.05, 0.1], update_every=2), dict(half_life=3.0)])
+                                dict(decay=PowerWarmup(0.999), shadow_dtype="bfloat16", rounding="stochastic"),
+                                dict(decay=[PowerFunction.of(0.05), PowerFunction.of(0.1)], update_every=2),
+                                dict(decay=HalfLife(3.0))])
 def test_torch_ema_captured_once_and_replayed_equals_eager_calls(kw):
     """EMA.update() captured in a CUDA graph and replayed N times equals N eager calls bit for
     bit: the warm-up schedule, update_every's skips and the stochastic-rounding key advance on
@@ -1045,8 +1048,9 @@ def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, ro
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda().bfloat16()
-    kw = dict(warmup="power", shadow_dtype=shadow_dtype, rounding=rounding, seed=5)
-    inside, eager = EMA(model, [0.99, 0.9], **kw), EMA(model, [0.99, 0.9], **kw)
+    kw = dict(shadow_dtype=shadow_dtype, rounding=rounding, seed=5)
+    decays = [PowerWarmup(0.99), PowerWarmup(0.9)]
+    inside, eager = EMA(model, decays, **kw), EMA(model, decays, **kw)
     params = list(model.parameters())
 
     def step(direction):
@@ -1080,7 +1084,7 @@ def test_reduce_overhead_really_captures_and_replays_a_cuda_graph():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda()
-    inside, eager = EMA(model, 0.99, warmup="power"), EMA(model, 0.99, warmup="power")
+    inside, eager = EMA(model, PowerWarmup(0.99)), EMA(model, PowerWarmup(0.99))
     params = list(model.parameters())
 
     def step():

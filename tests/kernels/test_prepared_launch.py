@@ -200,10 +200,11 @@ def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_write
     call no numba dispatcher, and the plan arrays and flags end as ``launch("plan"/"nonfinite")`` leaves
     them, call after call, with skipped calls (update_every) and an explicit step."""
     from fastema.average import Plan
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels.kinds import S_NORMS
+    from fastema.schedules import PowerWarmup
 
-    plan = Plan(decay=[0.9, 0.99], warmup="power", update_every=2, debias=True)
+    plan = Plan(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, debias=True)
     params, decays = parameters(plan, 7)
 
     def arrays():

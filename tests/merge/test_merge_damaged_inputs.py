@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import fastema._io.safetensors as dtypes
 from fastema.__main__ import main as fastema_main
-from fastema.merge import MergeError, core, merge_checkpoints
+from fastema.merge import MergeError, _core, merge_checkpoints
 
 
 def nothing_written(monkeypatch) -> list:
@@ -27,12 +27,12 @@ def nothing_written(monkeypatch) -> list:
     writing anything)."""
     made: list = []
 
-    class Recorded(core.Output):
+    class Recorded(_core.Output):
         def __init__(self, out, *args, **kwargs):
             made.append(out)
             super().__init__(out, *args, **kwargs)
 
-    monkeypatch.setattr(core, "Output", Recorded)
+    monkeypatch.setattr(_core, "Output", Recorded)
     return made
 
 
@@ -64,7 +64,7 @@ def library_refuses(path) -> bool:
 
 _TRUNCATED_MIDWAY = """
 import json, os, sys
-from fastema.merge import _engine, _source, core
+from fastema.merge import _core, _engine, _source
 from fastema.merge._safetensors_input import SafetensorsSource
 _engine.PIECE_BYTES.update(mmap=64 << 10, pread=64 << 10)   # four pieces a tensor
 case, read, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -84,7 +84,7 @@ def truncating(self, tensor, at, size, scratch):   # what a trainer rewriting th
     return real(self, tensor, at, size, scratch)
 setattr(SafetensorsSource, method, truncating)
 try:
-    core.merge_checkpoints(paths, out, read=read)
+    _core.merge_checkpoints(paths, out, read=read)
 except Exception as err:
     print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
 else:
@@ -297,7 +297,7 @@ def test_a_header_dimension_past_int64_is_refused_as_damaged_before_anything_is_
 
 _FEW_DESCRIPTORS = """
 import os, resource, sys
-from fastema.merge import core
+from fastema.merge import _core
 limit, read, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 if limit == "none":                     # the lowest free descriptor number: none can be opened
     limit = os.open(os.devnull, os.O_RDONLY)
@@ -305,7 +305,7 @@ if limit == "none":                     # the lowest free descriptor number: non
 limit = int(limit)
 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 try:
-    report = core.merge_checkpoints(paths, out, read=read)
+    report = _core.merge_checkpoints(paths, out, read=read)
 except Exception as err:
     print(f"failed: {type(err).__name__}: {err}")
 else:

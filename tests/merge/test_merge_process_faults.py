@@ -18,8 +18,9 @@ from merge_helpers import checkpoints, fingerprint, leftovers, run_python, tree_
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
+from fastema._io import files
 from fastema.cli import merge as cli
-from fastema.merge import MergeError, core, merge_checkpoints, writer
+from fastema.merge import MergeError, _core, _writer, merge_checkpoints
 
 CLI = "import sys\nfrom fastema.cli import merge as cli\nsys.exit(cli.main(sys.argv[1:]))\n"
 
@@ -38,12 +39,12 @@ def _publish_with(monkeypatch, way: str) -> None:
     """Publishing as on a system without ``renameat2`` (``link``) and without hard links either
     (``claim``: the name claimed first)."""
     if way != "renameat2":
-        monkeypatch.setattr(writer, "_rename_noreplace", lambda src, dst: False)
+        monkeypatch.setattr(files, "_rename_noreplace", lambda src, dst: False)
     if way == "claim":
         def no_links(*args, **kwargs):
             raise OSError(errno.EPERM, "Operation not permitted")
 
-        monkeypatch.setattr(writer.os, "link", no_links)
+        monkeypatch.setattr(files.os, "link", no_links)
 
 
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
@@ -57,7 +58,7 @@ def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_sa
     merge_checkpoints(paths, tmp_path / ("clean" + out_name))          # with nothing there: published
     assert _payload(tmp_path / ("clean" + out_name))
     out = tmp_path / out_name
-    real = writer.Output.publish
+    real = _writer.Output.publish
 
     def appearing_first(self):              # the other writer wins the race, deterministically
         if appears == "file":
@@ -68,7 +69,7 @@ def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_sa
                 (out / "mine.txt").write_bytes(b"precious")
         real(self)
 
-    monkeypatch.setattr(writer.Output, "publish", appearing_first)
+    monkeypatch.setattr(_writer.Output, "publish", appearing_first)
     with pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out)
     if appears == "file":
@@ -90,7 +91,7 @@ def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_
     alone = tmp_path / "alone" / out_name
     alone.parent.mkdir()
     merge_checkpoints(paths, alone, weights="3,1")
-    real, nested = writer.Output.publish, []
+    real, nested = _writer.Output.publish, []
 
     def another_merge_first(self):          # merge 1 is about to publish: merge 2 runs whole, publishes
         if not nested:
@@ -98,7 +99,7 @@ def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_
             merge_checkpoints(paths, out, weights="3,1")
         real(self)
 
-    monkeypatch.setattr(writer.Output, "publish", another_merge_first)
+    monkeypatch.setattr(_writer.Output, "publish", another_merge_first)
     with pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out, weights="1,3")
     assert _payload(out) == _payload(alone)              # merge 2's, whole
@@ -123,15 +124,15 @@ def test_temporary_folders_of_dead_merges_are_removed_and_those_of_running_ones_
 _RACING = """
 import os, sys, time
 from fastema.cli import merge as cli
-from fastema.merge import writer
-real, sync = writer.Output.publish, os.environ["FASTEMA_TEST_SYNC"]
+from fastema.merge import _writer
+real, sync = _writer.Output.publish, os.environ["FASTEMA_TEST_SYNC"]
 def publish(self):              # both merges are past their checks, their temporary folders made
     open(os.path.join(sync, str(os.getpid())), "w").close()
     end = time.monotonic() + 30
     while len(os.listdir(sync)) < 2 and time.monotonic() < end:
         time.sleep(0.005)
     real(self)
-writer.Output.publish = publish
+_writer.Output.publish = publish
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -163,10 +164,10 @@ def test_two_merge_processes_into_the_same_new_out_one_wins_the_other_says_out_e
 
 _NO_DESCRIPTORS_LEFT = """
 import os, resource, sys
-from fastema.merge import core
+from fastema.merge import _core
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
-real, last = core.open_input, len(sys.argv) - 3
+real, last = _core.open_input, len(sys.argv) - 3
 def hoarding(path, i, **kwargs):        # the last input holds every descriptor left, until it is closed
     sources = real(path, i, **kwargs)
     if i == last:
@@ -183,9 +184,9 @@ def hoarding(path, i, **kwargs):        # the last input holds every descriptor 
                 os.close(held.pop())
         sources[-1].close = closing
     return sources
-core.open_input = hoarding
+_core.open_input = hoarding
 try:
-    core.merge_checkpoints(sys.argv[2:], sys.argv[1])
+    _core.merge_checkpoints(sys.argv[2:], sys.argv[1])
 except Exception as err:
     print("failed:", type(err).__name__, err)
 else:
@@ -398,7 +399,7 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     for s, p in zip(states, paths):
         save_file(s, p)
     before = fingerprint(paths)
-    real, pieces = core.open_input, []
+    real, pieces = _core.open_input, []
 
     def watched(path, i, **kwargs):
         sources = real(path, i, **kwargs)
@@ -407,7 +408,7 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
             s.piece = lambda name, *a, _piece=piece, _i=i: pieces.append(_i) or _piece(name, *a)
         return sources
 
-    monkeypatch.setattr(core, "open_input", watched)
+    monkeypatch.setattr(_core, "open_input", watched)
     weights = [0, 1] if zero == 0 else [1, 0]
     report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=weights)
     got = load_numpy(tmp_path / "out.safetensors")
@@ -421,11 +422,11 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
 def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, monkeypatch):
     """M5: shutil.rmtree needs two descriptors (the folder's and its scandir's); a merge that ran out of
     them left its temporary folder. discard() then removes it by path, one descriptor at a time."""
-    out = writer.Output(str(tmp_path / "out"), True, False, 0)
+    out = _writer.Output(str(tmp_path / "out"), True, False, 0)
     os.mkdir(os.path.join(out.folder, "sub"))
     for name in ("model.safetensors", os.path.join("sub", "config.json")):
         with open(os.path.join(out.folder, name), "wb") as f:
             f.write(b"x")
-    monkeypatch.setattr(writer.shutil, "rmtree", lambda *a, **k: None)      # as with one descriptor free
+    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)      # as with one descriptor free
     out.discard()
     assert leftovers(tmp_path) == [] and not os.path.exists(out.folder)

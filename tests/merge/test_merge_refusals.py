@@ -11,7 +11,7 @@ import torch
 from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
 
 from fastema.cli import merge as cli
-from fastema.merge import MergeError, _engine, merge_checkpoints, writer
+from fastema.merge import MergeError, _engine, _writer, merge_checkpoints
 
 
 def refused(tmp_path, paths, match, **kwargs):
@@ -101,7 +101,7 @@ def test_a_symlink_loop_and_a_fifo_are_refused_by_name(tmp_path):
 
 def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch):
     paths, _ = checkpoints(tmp_path / "in", "safetensors")
-    monkeypatch.setattr(writer, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(_writer, "free_bytes", lambda folder: 1000)
     refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
 
 

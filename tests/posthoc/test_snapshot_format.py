@@ -417,7 +417,7 @@ def test_of_runs_that_find_one_stale_claim_one_takes_it(tmp_path, monkeypatch):
     import socket
     import threading
 
-    from fastema.posthoc import folder as F
+    from fastema.posthoc import _folder as F
 
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
-from fastema.average.device_plan import parameters
+from fastema.average._device_plan import parameters
 from fastema.kernels import cpu
 from fastema.kernels.kinds import S_NORMS, S_UPDATES
 from fastema.merge import merge_weights

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
-from fastema.average.device_plan import parameters
+from fastema.average._device_plan import parameters
 from fastema.kernels import cpu
 from fastema.merge import merge_checkpoints, merge_weights
 from fastema.schedules import (
@@ -42,6 +42,7 @@ from fastema.schedules import (
     WSM_SHAPES,
     Cosine,
     EmaDecaySqrt,
+    PowerWarmup,
     from_state,
     merged_weight,
     wsm_coefficients,
@@ -592,10 +593,11 @@ def test_cuda_plan_kernel_equals_the_cpu_one(rows):
     (lambda: Plan(WSM("cosine", 0, 10), debias=True), "takes no debias="),
     (lambda: Plan(EmaDecaySqrt(0, 10), update_every=5, compensate=True), "takes no compensate="),
     (lambda: Plan(WSM("cosine", 0, 10), update_every=5), "update_every=5 skips calls.*leave update_every at 1"),
-    (lambda: Plan(WSM("cosine", 0, 10), warmup="power"), "takes no warmup"),
-    (lambda: Plan([WSM("cosine", 0, 10), EmaDecaySqrt(0, 10)]), "one kind of momentum schedule for every average"),
-    (lambda: Plan([WSM("cosine", 0, 10), 0.99]), "one kind of momentum schedule for every average"),
-    (lambda: Plan([WSM("cosine", 0, 10), Cosine(0.9, 1.0, 5)]), "one kind of momentum schedule"),
+    (lambda: Plan([WSM("cosine", 0, 10), PowerWarmup(0.99)]), "one kind of schedule for every average, got WSM, "
+                                                              "PowerWarmup"),
+    (lambda: Plan([WSM("cosine", 0, 10), EmaDecaySqrt(0, 10)]), "one kind of schedule for every average"),
+    (lambda: Plan([WSM("cosine", 0, 10), 0.99]), "one kind of schedule for every average"),
+    (lambda: Plan([WSM("cosine", 0, 10), Cosine(0.9, 1.0, 5)]), "one kind of schedule"),
 ])
 def test_bad_parameters_are_refused_with_the_fix(make, words):
     with pytest.raises(ValueError, match=words):

@@ -32,9 +32,20 @@ from reference import assert_cuda_plan_kernel_equals_the_cpu_one
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
-from fastema.average.device_plan import parameters
+from fastema.average._device_plan import parameters
 from fastema.kernels import cpu
-from fastema.schedules import MAX_BOUNDARIES, Cosine, HalfLife, Linear, PiecewiseConstant, PowerFunction, from_state
+from fastema.schedules import (
+    BEMA,
+    MAX_BOUNDARIES,
+    Cosine,
+    HalfLife,
+    Linear,
+    NumUpdates,
+    PiecewiseConstant,
+    PowerFunction,
+    PowerWarmup,
+    from_state,
+)
 from fastema.torch import EMA
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -175,28 +186,32 @@ def test_piecewise_constant_takes_sequences_only():
         PiecewiseConstant(3, [0.1, 0.2])
 
 
-def test_as_decay_with_options_that_do_not_apply_is_refused():
+def test_as_decay_with_other_kinds_or_options_that_do_not_apply_is_refused():
+    """A momentum schedule is one kind of decay= among others: beside a warm-up, a constant decay or a
+    schedule over training time it is refused (one kind for every average); the warm-up's parameters
+    are no options of their own any more (PowerWarmup's)."""
     c = Cosine(0.99, 1.0, 10)
-    with pytest.raises(ValueError, match="is a schedule of its own: it takes no warmup"):
+    with pytest.raises(ValueError, match="one kind of schedule for every average, got Cosine, PowerWarmup"):
+        Plan([c, PowerWarmup(0.99)])                    # a warm-up of constant decays is no momentum schedule's
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'"):
         Plan(c, warmup="power")
-    with pytest.raises(ValueError, match="update_after_step"):
-        EMAOptions(c, update_after_step=5)
-    with pytest.raises(ValueError, match="one kind of momentum schedule for every average, got Cosine, float"):
+    with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['update_after_step'\]"):
+        EMAOptions.of(c, update_after_step=5)
+    with pytest.raises(ValueError, match="one kind of schedule for every average, got Cosine, Constant"):
         Plan([c, 0.5])
     with pytest.raises(ValueError, match="got Cosine, Linear"):
         Plan([c, Linear(0.9, 1.0, 3)])
-    with pytest.raises(TypeError, match="give PowerFunction as sigma_rel="):
-        Plan(PowerFunction(7.0))
-    with pytest.raises(TypeError, match="HalfLife"):
-        Plan([HalfLife(10.0)])
-    with pytest.raises(ValueError, match="give one of decay, sigma_rel"):
-        Plan(c, half_life=5.0)
+    for timed in (PowerFunction(7.0), HalfLife(10.0), BEMA()):    # decay= takes them, alone: not beside c
+        assert Plan(timed).timed
+        with pytest.raises(ValueError, match=f"one kind of schedule for every average, got Cosine, "
+                                             f"{type(timed).__name__}"):
+            Plan([c, timed])
     with pytest.raises(ValueError, match="1 to 8 decays"):
         Plan([c] * 9)
     m = nn.Linear(3, 3)
     before = m.weight.detach().clone()
-    with pytest.raises(ValueError, match="takes no warmup"):
-        EMA(m, decay=c, warmup="num_updates")
+    with pytest.raises(ValueError, match="one kind of schedule for every average, got Cosine, NumUpdates"):
+        EMA(m, decay=[c, NumUpdates(0.99)])
     assert torch.equal(m.weight, before)
 
 

@@ -11,6 +11,7 @@ import torch._dynamo as dynamo
 from models import mlp
 from torch import nn
 
+from fastema.schedules import PowerWarmup
 from fastema.torch import EMA
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -20,12 +21,15 @@ def _model(seed=0):
     return mlp(8, 16, 4, seed=seed)
 
 
+WARMUPS = [PowerWarmup(0.99), PowerWarmup(0.9)]      # two averages whose decay changes at every step
+
+
 def _two(model=None, **kw):
     """A model and two EMAs of it: one updated inside compiled code, one by eager calls made
     right after, on the same weights (compiled forward/backward kernels round differently
     from eager ones, so two models would drift apart by themselves)."""
     model = _model() if model is None else model
-    return model, EMA(model, [0.99, 0.9], warmup="power", **kw), EMA(model, [0.99, 0.9], warmup="power", **kw)
+    return model, EMA(model, WARMUPS, **kw), EMA(model, WARMUPS, **kw)
 
 
 def _assert_same(a: EMA, b: EMA):
@@ -51,7 +55,7 @@ def _op_args(code: str, op: str) -> list[str]:
 def test_opcheck_passes_for_every_operator():
     m = _model()
     for kw in ({}, {"device_step": True}, {"buffers": "average"}):
-        ema = EMA(nn.Sequential(m, nn.BatchNorm1d(4)), [0.99, 0.9], warmup="power", **kw)
+        ema = EMA(nn.Sequential(m, nn.BatchNorm1d(4)), WARMUPS, **kw)
         ema.update()
         for op, args in (("update", lambda w, r: (w, r, ema._handle, -1)),
                          ("update", lambda w, r: (w, r, ema._handle, 7)),
@@ -344,7 +348,7 @@ def _averages():
     from fastema.torch import TargetNetwork
 
     model = _model()
-    yield "EMA", EMA(model, [0.99, 0.9], warmup="power")
+    yield "EMA", EMA(model, WARMUPS)
     yield "EMA(device_step=True)", EMA(model, 0.9, device_step=True)
     yield "TargetNetwork", TargetNetwork(model, _model(seed=1), tau=0.1)
 

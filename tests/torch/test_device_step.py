@@ -17,17 +17,20 @@ from models import assert_same_averages
 from models import device_step_model as model
 from torch import nn
 
+from fastema.schedules import HalfLife, NumUpdates, PowerFunction, PowerWarmup
 from fastema.torch import EMA
 
 CASES = {
     "constant": dict(),
-    "power": dict(warmup="power", update_after_step=2, inv_gamma=1.5, power=0.75, min_decay=0.1),
-    "power no warmup": dict(warmup="power", update_after_step=3, power=0.75, inv_gamma=1.0),
-    "num_updates": dict(warmup="num_updates"),
-    "every 3 compensated": dict(update_every=3, compensate=True, warmup="power"),
+    "power": dict(decay=PowerWarmup(0.9, update_after_step=2, inv_gamma=1.5, power=0.75, min_decay=0.1)),
+    "power no warmup": dict(decay=PowerWarmup(0.9, update_after_step=3, power=0.75, inv_gamma=1.0)),
+    "power start only": dict(decay=PowerWarmup(0.9, update_after_step=3, warmup=False)),
+    "num_updates": dict(decay=NumUpdates(0.9)),
+    "every 3 compensated": dict(update_every=3, compensate=True, decay=PowerWarmup(0.9)),
     "debias, two decays": dict(debias=True, decay=[0.9, 0.99]),
-    "bf16 stochastic": dict(shadow_dtype="bfloat16", rounding="stochastic", seed=(7 << 32) + 5, warmup="power"),
-    "guarded": dict(skip_nonfinite=True, warmup="num_updates"),
+    "bf16 stochastic": dict(shadow_dtype="bfloat16", rounding="stochastic", seed=(7 << 32) + 5,
+                            decay=PowerWarmup(0.9)),
+    "guarded": dict(skip_nonfinite=True, decay=NumUpdates(0.9)),
 }
 
 
@@ -65,7 +68,7 @@ def test_replayed_launches_advance_the_schedule_and_the_counts():
     """What a CUDA graph holds is the launches of one call (plan kernel, guard, update, buffer
     copy), not its Python: replaying them N times must equal N eager calls, the warm-up
     schedule and the stochastic-rounding key included; state_dict() reads the device's counts."""
-    kw = dict(decay=0.99, warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
+    kw = dict(decay=PowerWarmup(0.99), update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
               skip_nonfinite=True)
     m = model()
     replayed, eager = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
@@ -81,7 +84,7 @@ def test_replayed_launches_advance_the_schedule_and_the_counts():
 
 
 def test_explicit_step_drives_the_device_schedule():
-    kw = dict(decay=0.999, warmup="power", shadow_dtype="bfloat16", rounding="stochastic")
+    kw = dict(decay=PowerWarmup(0.999), shadow_dtype="bfloat16", rounding="stochastic")
     m = model()
     dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
     for step in (10, 20, 35, 1000):
@@ -92,7 +95,7 @@ def test_explicit_step_drives_the_device_schedule():
 
 
 def test_checkpoint_round_trip_keeps_the_device_plan():
-    kw = dict(decay=[0.9, 0.999], warmup="power", debias=True)
+    kw = dict(decay=[PowerWarmup(0.9), PowerWarmup(0.999)], debias=True)
     m = model()
     a, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
     for step in range(4):
@@ -125,7 +128,8 @@ def test_a_checkpoint_the_device_plan_cannot_run_is_refused_before_anything_is_w
     saved["averaged"] = {n: v + 5 for n, v in saved["averaged"].items()}     # other values than dev's
     saved["schedules"] = [BEMA().state()]                                      # a host plan takes it
     before, plan = dev.state_dict(), dev.plan.state()
-    with pytest.raises(ValueError, match="bema= keeps its bias correction on the host.*Nothing was loaded"):
+    with pytest.raises(ValueError, match=r"decay=BEMA\(\.\.\.\) keeps its bias correction on the host.*"
+                                         r"Nothing was loaded"):
         dev.load_state_dict(saved)
     after = dev.state_dict()
     assert dev.plan.state() == plan
@@ -146,12 +150,13 @@ def test_plan_kernel_equals_the_python_plan_and_sr_key(given):
     import numpy as np
 
     from fastema.average import Plan
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels import cpu
     from fastema.ops import sr_key
 
-    kw = dict(warmup="power", update_every=2, compensate=True, debias=True, update_after_step=1, inv_gamma=2.0)
-    plan, seed, groups = Plan([0.9, 0.999], **kw), (3 << 32) + 9, 3
+    kw = dict(update_every=2, compensate=True, debias=True)
+    decays = [PowerWarmup(d, update_after_step=1, inv_gamma=2.0) for d in (0.9, 0.999)]
+    plan, seed, groups = Plan(decays, **kw), (3 << 32) + 9, 3
     params, decays = parameters(plan, seed)
     state = np.array([0.0, 0.0, 0.0, 0.0, 0.0])
     w32, w64 = np.zeros(2, np.float32), np.zeros(2)
@@ -173,7 +178,7 @@ def test_a_host_plan_refuses_to_be_captured(monkeypatch):
     """device_step=False on a GPU model inside a CUDA-graph capture would freeze the schedule
     and the rounding key in the graph: refused before anything is launched or counted."""
     m = model()
-    ema = EMA(m, 0.9, warmup="power", device_step=False)
+    ema = EMA(m, PowerWarmup(0.9), device_step=False)
     before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
     ema._on_gpu = True                                    # as for a model on a GPU
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -191,7 +196,7 @@ def _run_plan_kernel(plan, seed, steps, groups=2):
     """Drive the CPU plan kernel and the Python Plan side by side; yield what each call gave."""
     import numpy as np
 
-    from fastema.average.device_plan import parameters
+    from fastema.average._device_plan import parameters
     from fastema.kernels import cpu
 
     params, decays = parameters(plan, seed)
@@ -221,7 +226,7 @@ def _assert_kernel_follows(plan, ref, seed, steps):
 
 
 @given(decays=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
-       warmup=st.sampled_from([None, "num_updates", "power"]),
+       warmup=st.sampled_from([None, "num_updates", "power", "start only"]),
        after=st.integers(0, 5), inv_gamma=st.floats(0.5, 10.0), power=st.floats(0.1, 1.5),
        min_decay=st.floats(0.0, 0.5), every=st.integers(1, 4), compensate=st.booleans(), debias=st.booleans(),
        seed=st.integers(0, 2 ** 63), steps=st.lists(st.one_of(st.none(), st.integers(0, 10 ** 6)), max_size=12))
@@ -232,9 +237,12 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
     Plan's bit for bit (the graph-replayed EMA and the eager one read the same numbers)."""
     from fastema.average import Plan
 
-    kw = dict(warmup=warmup, update_after_step=after, inv_gamma=inv_gamma, power=power, min_decay=min_decay,
-              update_every=every, compensate=compensate, debias=debias)
-    _assert_kernel_follows(Plan(decays, **kw), Plan(decays, **kw), seed, steps)
+    power_kw = dict(update_after_step=after, inv_gamma=inv_gamma, power=power, min_decay=min_decay)
+    schedules = {None: lambda d: d, "num_updates": NumUpdates, "power": lambda d: PowerWarmup(d, **power_kw),
+                 "start only": lambda d: PowerWarmup(d, **power_kw, warmup=False)}[warmup]
+    decay = [schedules(d) for d in decays]
+    kw = dict(update_every=every, compensate=compensate, debias=debias)
+    _assert_kernel_follows(Plan(decay, **kw), Plan(decay, **kw), seed, steps)
 
 
 @given(kind=st.sampled_from(["sigma_rel", "half_life"]), values=st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3),
@@ -245,8 +253,8 @@ def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, ev
     back) give the same weights, skips, times and counts on the device as in the Python Plan."""
     from fastema.average import Plan
 
-    kw = {kind: values if kind == "sigma_rel" else [v * 1000 for v in values], "update_every": every,
-          "debias": debias}
+    decay = [PowerFunction.of(v) for v in values] if kind == "sigma_rel" else [HalfLife(v * 1000) for v in values]
+    kw = {"decay": decay, "update_every": every, "debias": debias}
     steps = [int(s) for s in np.cumsum(gaps)] if given_steps else [None] * len(gaps)
     _assert_kernel_follows(Plan(**kw), Plan(**kw), seed, steps)
 
@@ -260,7 +268,7 @@ def test_training_loop_with_the_plan_on_the_device_equals_the_host_plan(guarded)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    kw = dict(decay=0.99, warmup="power", update_every=2, skip_nonfinite=guarded)
+    kw = dict(decay=PowerWarmup(0.99), update_every=2, skip_nonfinite=guarded)
     dev, host = EMA(net, **kw, device_step=True), EMA(net, **kw, device_step=False)
     x = torch.randn(256, 8)
     y = x.sum(1, keepdim=True).sin()
@@ -322,8 +330,8 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
         return fused
 
     m = _Mixed()
-    kw = dict(decay=[0.9, 0.99], warmup="power", update_every=2, shadow_dtype="bfloat16", rounding="stochastic",
-              seed=3, skip_nonfinite=guarded)
+    kw = dict(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, shadow_dtype="bfloat16",
+              rounding="stochastic", seed=3, skip_nonfinite=guarded)
     dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
     assert len(dev._avg.layout.groups) == 3 and dev._avg.layout.groups[0].tables.chunks == 0
     assert dev._plan_on_device.carriers == {"cpu": 1}
@@ -348,7 +356,7 @@ def test_integer_buffers_behind_a_flag_take_one_where_each_and_one_foreach_copy(
     ``_foreach_copy_`` (it was four operations per tensor, each a launch on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastema.torch._slots import copy_unless_flagged_
+    from fastema.torch._tensors.slots import copy_unless_flagged_
 
     class Count(TorchDispatchMode):
         def __init__(self):

@@ -25,10 +25,11 @@ def mlp():
 
 
 @pytest.mark.parametrize("make", [mlp, cnn])
-@pytest.mark.parametrize("warmup", [None, "num_updates", "power"])
-def test_training_loop_matches_float64_reference(make, warmup):
+@pytest.mark.parametrize("decay", [0.99, S.NumUpdates(0.99), S.PowerWarmup(0.99, update_after_step=3)],
+                         ids=["constant", "num_updates", "power"])
+def test_training_loop_matches_float64_reference(make, decay):
     model = make()
-    ema = EMA(model, 0.99, warmup=warmup, update_after_step=3)
+    ema = EMA(model, decay)
     sched = ema.plan.schedules[0]
     ref = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -191,7 +192,7 @@ def test_bfloat16_model_float32_shadow_keeps_moving():
 
 def test_checkpoint_resume_is_bit_identical(tmp_path):
     model = cnn()
-    ema = EMA(model, [0.9, 0.99], warmup="power", debias=False)
+    ema = EMA(model, [S.PowerWarmup(0.9), S.PowerWarmup(0.99)], debias=False)
     opt = train(model, 15, ema)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()}, tmp_path / "c.pt")
     # uninterrupted
@@ -431,7 +432,10 @@ def test_model_state_dict_is_not_an_ema_checkpoint():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(decay=1.1), r"decay must be"), (dict(warmup="linear"), "warmup must be"),
+    (dict(decay=1.1), r"decay must be"), (dict(warmup="power"), "unexpected keyword argument 'warmup'"),
+    (dict(decay=[0.9, S.HalfLife(5.0)]), "decay= takes one kind of schedule for every average"),
+    (dict(decay=S.BEMA(), debias=True), r"decay=BEMA\(\.\.\.\) keeps one average"),
+    (dict(decay=S.HalfLife(5.0), update_every=2, compensate=True), r"decay=HalfLife\(\.\.\.\).*takes no compensate="),
     (dict(buffers="keep"), "buffers must be"), (dict(update_every=0), "update_every"),
     (dict(rounding="stochastic"), "shadow_dtype='bfloat16'"), (dict(exclude=["*"]), "no floating-point"),
     (dict(decay=[0.9] * 9), "1 to 8 decays"),
@@ -651,7 +655,7 @@ def test_state_dict_hands_out_one_contiguous_host_copy_a_tensor_never_the_shadow
 def test_bema_skipped_nan_step_moves_no_export(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     model = nn.Linear(4, 3)
-    ema = EMA(model, bema=True, skip_nonfinite=True)
+    ema = EMA(model, S.BEMA(), skip_nonfinite=True)
     for _ in range(3):
         moved(ema, model, by=0.1)
     before = ema.averaged_state_dict()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastema.torch import EMA
+from fastema.torch import EMA, Offload
 
 
 def _tables(shadow) -> int:
@@ -49,7 +49,7 @@ def test_memory_sums_to_nbytes_and_names_devices():
 def test_an_offloaded_average_counts_its_host_shadow_and_two_chunks_not_a_copy_of_the_weights():
     model = torch.nn.Linear(100, 100)
     numel = sum(p.numel() for p in model.parameters())
-    ema = EMA(model, 0.9, offload="cpu", offload_chunk=4096)
+    ema = EMA(model, 0.9, offload=Offload(chunk=4096))
     ema.update()
     ema.join()
     parts = ema.memory(parts=True)["cpu"]

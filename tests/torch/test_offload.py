@@ -12,8 +12,11 @@ import torch
 from models import mlp
 from torch import nn
 
-from fastema.torch import EMA, _offload
-from fastema.torch._offload import OffloadedShadow
+from fastema.schedules import BEMA, NumUpdates, PowerFunction, PowerWarmup
+from fastema.torch import EMA, Offload
+from fastema.torch._placement import offload as _offload
+from fastema.torch._placement import offload_ring as _offload_ring
+from fastema.torch._placement.offload import OffloadedShadow
 
 #: a ring's pipeline, by the tests' name for it: (its chunks copied into two host slots first, as a GPU's
 #: are; the CPU ring's windows but its last two folded in place)
@@ -22,7 +25,7 @@ PIPELINES = {"in place": (False, True), "chunks": (False, False), "host slots": 
 
 def use(monkeypatch, name: str) -> None:
     two_slots, in_place = PIPELINES[name]
-    monkeypatch.setattr(_offload, "_two_slots", lambda device: two_slots)
+    monkeypatch.setattr(_offload_ring, "_two_slots", lambda device: two_slots)
     monkeypatch.setattr(_offload, "IN_PLACE", in_place)
 
 
@@ -82,8 +85,9 @@ CHUNKS = [16, 100, 512, 1 << 20]
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_offloaded_equals_synchronous_bit_for_bit(dtype, every, chunk, pipeline, slow_worker):
     model = _model(dtype, seed=every)
-    kw = dict(update_every=every, compensate=True, warmup="power", buffers="average")
-    sync, off = EMA(model, [0.9, 0.5], **kw), EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=chunk, **kw)
+    kw = dict(update_every=every, compensate=True, buffers="average")
+    decays = [PowerWarmup(0.9), PowerWarmup(0.5)]
+    sync, off = EMA(model, decays, **kw), EMA(model, decays, offload=Offload(chunk=chunk), **kw)
     shadow = off._avg
     assert [r.through_host for r in shadow._ring_of.values()] == [pipeline == "host slots"]
     assert (len(shadow.src.windows) > 4) == (chunk <= 100)
@@ -107,7 +111,7 @@ def test_bfloat16_weights_into_every_shadow_dtype_and_stochastic_rounding(shadow
     torch.manual_seed(0)
     model = nn.ModuleDict({"a": nn.Linear(8, 40), "b": nn.Linear(40, 24).bfloat16(), "c": nn.Linear(24, 3)})
     kw = dict(shadow_dtype=shadow_dtype, rounding=rounding, seed=7)
-    sync, off = EMA(model, [0.99, 0.7], **kw), EMA(model, [0.99, 0.7], offload="cpu", offload_chunk=96, **kw)
+    sync, off = EMA(model, [0.99, 0.7], **kw), EMA(model, [0.99, 0.7], offload=Offload(chunk=96), **kw)
     assert len(off._avg.src.layout.groups) == 2 and len(off._avg.src.windows) > 10
     for i in range(6):
         _bump(model, i)
@@ -121,7 +125,7 @@ def test_one_tensor_over_many_chunks_and_thousands_of_tiny_tensors_in_one():
     big = nn.Linear(256, 300)                           # 77100 weights, 1 KiB chunks: 302 windows
     tiny = nn.ParameterList([nn.Parameter(torch.randn(3)) for _ in range(3000)])   # 3000 tensors, one chunk
     for model, chunk, windows in ((big, 1024, 302), (tiny, 64 << 10, 1)):
-        sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=chunk)
+        sync, off = EMA(model, 0.9), EMA(model, 0.9, offload=Offload(chunk=chunk))
         assert len(off._avg.src.windows) == windows
         for i in range(4):
             _bump(model, i)
@@ -170,7 +174,7 @@ def test_a_chunk_is_packed_again_only_after_the_fold_that_read_it_and_the_next_p
     # window 1 (into the other chunk), and packs window 2 only once window 0's fold has read chunk 0.
     use(monkeypatch, name)
     model = _model()
-    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload=Offload(chunk=64))
     windows = len(off._avg.src.windows)
     assert windows >= 6
     trace.clear()
@@ -191,7 +195,7 @@ def test_in_place_the_windows_but_the_last_two_are_folded_from_the_weights_befor
     # On the CPU the weights are host memory: while update() waits, the worker folds them where they are;
     # only the last two windows, folded after it returns, are packed into the chunks
     model = _model()
-    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload=Offload(chunk=64))
     last = len(off._avg.src.windows) - 1
     trace.clear()
     trace.hold.update({last - 1, last})
@@ -209,7 +213,7 @@ def test_in_place_the_windows_but_the_last_two_are_folded_from_the_weights_befor
 
 def test_update_returns_before_the_last_two_windows_are_folded(pipeline, trace):
     model = _model()
-    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload="cpu", offload_chunk=64)
+    sync, off = EMA(model, 0.5), EMA(model, 0.5, offload=Offload(chunk=64))
     last = len(off._avg.src.windows) - 1
     trace.clear()
     trace.hold.update({last - 1, last})
@@ -223,7 +227,7 @@ def test_update_returns_before_the_last_two_windows_are_folded(pipeline, trace):
 
 def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pipeline):
     model = _model(torch.bfloat16)
-    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=128)
+    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload=Offload(chunk=128))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(5, 8).bfloat16()
     for rnd in range(3):                                # evaluations between training rounds
@@ -258,9 +262,9 @@ def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pi
 @pytest.mark.parametrize("chunk", [64, 1 << 20])
 def test_bema_update_every_and_several_decays_compose_with_offload(chunk, pipeline):
     model = _model()
-    for kw in (dict(bema=True), dict(decay=[0.9, 0.99, 0.5], update_every=2, compensate=True),
-               dict(sigma_rel=[0.05, 0.2])):
-        sync, off = EMA(model, **kw), EMA(model, **kw, offload="cpu", offload_chunk=chunk)
+    for kw in (dict(decay=BEMA()), dict(decay=[0.9, 0.99, 0.5], update_every=2, compensate=True),
+               dict(decay=[PowerFunction.of(0.05), PowerFunction.of(0.2)])):
+        sync, off = EMA(model, **kw), EMA(model, **kw, offload=Offload(chunk=chunk))
         for i in range(5):
             _bump(model, i)
             sync.update()
@@ -303,7 +307,7 @@ def test_a_fold_error_is_raised_by_the_next_update_or_read_and_the_average_stays
 
 def test_a_fold_that_fails_halfway_through_an_update_breaks_the_average_and_says_what_to_do(monkeypatch):
     model = _model()
-    off = EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    off = EMA(model, 0.9, offload=Offload(chunk=64))
     off.update()
     fold = OffloadedShadow._fold_window
 
@@ -325,13 +329,15 @@ def test_a_fold_that_fails_halfway_through_an_update_breaks_the_average_and_says
 
 def test_offload_arguments_are_checked():
     model = _model()
-    with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
+    with pytest.raises(ValueError, match="offload must be None, 'cpu' or a fastema.torch.Offload"):
         EMA(model, 0.9, offload="gpu")
+    with pytest.raises(ValueError, match="keeps the average in host memory: device='cpu'"):
+        EMA(model, 0.9, offload=Offload(device="cuda"))
     with pytest.raises(ValueError, match="device_step=True or skip_nonfinite=True"):
         EMA(model, 0.9, offload="cpu", skip_nonfinite=True)
     for bad in (8, 16.0, True, "64MiB"):
-        with pytest.raises(ValueError, match="offload_chunk must be a number of bytes >= 16"):
-            EMA(model, 0.9, offload="cpu", offload_chunk=bad)
+        with pytest.raises(ValueError, match="must be a number of bytes >= 16"):
+            EMA(model, 0.9, offload=Offload(chunk=bad))
     assert not EMA(model, 0.9, offload="cpu").device_step
 
 
@@ -339,8 +345,8 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
     model = model.to(memory_format=torch.channels_last)
-    sync = EMA(model, 0.99, warmup="num_updates")
-    off = EMA(model, 0.99, warmup="num_updates", offload="cpu", offload_chunk=256)
+    sync = EMA(model, NumUpdates(0.99))
+    off = EMA(model, NumUpdates(0.99), offload=Offload(chunk=256))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for i in range(12):
         x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
@@ -356,7 +362,7 @@ def test_offloaded_ema_in_a_training_loop_with_a_real_optimizer():
 
 def test_moved_weights_are_followed_through_every_windows_tables():
     model = _model()
-    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload="cpu", offload_chunk=64)
+    sync, off = EMA(model, 0.9), EMA(model, 0.9, offload=Offload(chunk=64))
     for i in range(4):
         _bump(model, i)
         if i == 2:                                      # new storage under every parameter
@@ -380,7 +386,7 @@ def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
 def test_memory_shows_the_host_shadow_the_chunks_and_the_tables_apart(pipeline):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
     numel = sum(p.numel() for p in model.parameters())
-    off, sync = EMA(model, [0.9, 0.5], offload="cpu", offload_chunk=4096), EMA(model, [0.9, 0.5])
+    off, sync = EMA(model, [0.9, 0.5], offload=Offload(chunk=4096)), EMA(model, [0.9, 0.5])
     off.update()
     parts = off.memory(parts=True)
     assert set(parts) == {"cpu"} and sum(parts["cpu"].values()) == off.nbytes == sum(off.memory().values())

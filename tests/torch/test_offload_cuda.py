@@ -26,11 +26,11 @@ def _step(model, opt, i):
 
 @pytest.mark.parametrize("chunk", [256, 4096, 1 << 20])
 def test_many_windows_through_pinned_slots_equal_the_synchronous_ema(chunk):
-    from fastema.torch import EMA
+    from fastema.torch import EMA, Offload
 
     model = _model()
     sync = EMA(model, [0.99, 0.9], device_step=False)
-    off = EMA(model, [0.99, 0.9], offload="cpu", offload_chunk=chunk)
+    off = EMA(model, [0.99, 0.9], offload=Offload(chunk=chunk))
     ring = off._avg._ring_of["cuda:0"]
     assert all(s.is_pinned() for s in ring.slots) and ring.stream is not None
     parts = off.memory(parts=True)
@@ -52,10 +52,10 @@ def test_many_windows_through_pinned_slots_equal_the_synchronous_ema(chunk):
 
 
 def test_an_update_of_one_or_two_windows_waits_for_nothing_on_the_host():
-    from fastema.torch import EMA
+    from fastema.torch import EMA, Offload
 
     model = _model()
-    off = EMA(model, 0.9, offload="cpu", offload_chunk=1 << 20)      # the whole model in one window
+    off = EMA(model, 0.9, offload=Offload(chunk=1 << 20))      # the whole model in one window
     assert len(off._avg.src.windows) == 1
     torch.cuda._sleep(int(3e8))
     off.update()

@@ -35,7 +35,7 @@ def _engine(rank, world, stage):
 
 def _case(rank, world, stage, out):
     from fastema.torch import EMA
-    from fastema.torch._host_masters import HostMastersShadow
+    from fastema.torch._placement.host_masters import HostMastersShadow
 
     engine = _engine(rank, world, stage)
     ema, plain = EMA(engine, list(DECAYS), offload="cpu"), EMA(engine, list(DECAYS))

@@ -14,7 +14,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import ctypes, gc, json
     import torch
-    from fastema.torch import EMA
+    from fastema.torch import EMA, Offload
 
     libc = ctypes.CDLL("libc.so.6")
 
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
                 p.add_(0.01)
 
     warm = torch.nn.Linear(512, 512)              # the same kernels, parallel, and numba's threads started
-    ema = EMA(warm, 0.999, offload="cpu", offload_chunk=256 << 10)
+    ema = EMA(warm, 0.999, offload=Offload(chunk=256 << 10))
     for _ in range(3):
         bump(warm)
         ema.update()
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     del ema, warm
     model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(16)])   # 256 MiB
     before = rss_anon()
-    ema = EMA(model, 0.999, offload="cpu", offload_chunk=16 << 20)
+    ema = EMA(model, 0.999, offload=Offload(chunk=16 << 20))
     for _ in range(3):
         bump(model)
         ema.update()

@@ -14,8 +14,8 @@ def _offloaded_split(rank, world):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from fastema.torch import EMA
-    from fastema.torch._replicas import OffloadedReplicaShadow
+    from fastema.torch import EMA, Offload, ShardReplicas
+    from fastema.torch._placement.replicas import OffloadedReplicaShadow
 
     out = {}
     for case, (dtype, kwargs) in enumerate(CASES):
@@ -23,7 +23,7 @@ def _offloaded_split(rank, world):
             continue                                          # not with offload (refused by name)
         model = _model(dtype)
         trained = DDP(model)
-        ema = EMA(trained, **kwargs, shard_replicas=True, offload="cpu", offload_chunk=64, gather_bucket=96)
+        ema = EMA(trained, **kwargs, shard_replicas=ShardReplicas(True, bucket=96), offload=Offload(chunk=64))
         ref = EMA(trained, **kwargs)
         assert isinstance(ema._avg, OffloadedReplicaShadow) and len(ema._avg.src.windows) > 4
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -44,7 +44,7 @@ def _offloaded_split(rank, world):
         _same(got, want, f"case {case}: swapped-in average")
         _same(dict(model.state_dict()), raw, f"case {case}: raw weights after the swap")
         _same(ema.full_state_dict(0), ref.full_state_dict(0), f"case {case}: full_state_dict")
-        again = EMA(trained, **kwargs, shard_replicas=True, offload="cpu", offload_chunk=4096)
+        again = EMA(trained, **kwargs, shard_replicas=True, offload=Offload(chunk=4096))
         again.load_state_dict(ref.state_dict())              # unsplit -> split offloaded: cut with no collective
         plain = EMA(trained, **kwargs, shard_replicas=True)
         plain.load_state_dict(ema.state_dict())              # split offloaded -> split: this rank's pieces

@@ -60,7 +60,7 @@ from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
 from fastema.average import Plan  # noqa: E402
-from fastema.schedules import BEMA, PowerFunction  # noqa: E402
+from fastema.schedules import BEMA, HalfLife, PowerFunction, PowerWarmup  # noqa: E402
 from fastema.torch import EMA, PostHocEMA  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def test_with_update_every_4_the_realised_profile_is_the_exact_delta_t_one():
     p = nn.Parameter(torch.zeros(T, dtype=torch.float64))
     holder = nn.Module()
     holder.p = p
-    ema = EMA(holder, sigma_rel=sigma, update_every=every)
+    ema = EMA(holder, PowerFunction.of(sigma), update_every=every)
     with torch.no_grad():
         for c in range(1, T + 1):
             p.zero_()
@@ -135,8 +135,8 @@ def test_with_update_every_4_the_realised_profile_is_the_exact_delta_t_one():
 
 def test_half_life_schedule_is_exact_for_any_interval_and_for_steps_in_samples():
     net = _net()
-    by_calls = EMA(net, half_life=7.0, update_every=3)
-    by_samples = EMA(net, half_life=640.0)
+    by_calls = EMA(net, HalfLife(7.0), update_every=3)
+    by_samples = EMA(net, HalfLife(640.0))
     ref_c = {k: v.detach().double().clone() for k, v in net.named_parameters()}
     ref_s = {k: v.clone() for k, v in ref_c.items()}
     seen, last_c, last_s = 0, 0, 0
@@ -168,7 +168,7 @@ def test_bema_equals_its_formula_over_a_training_loop():
     the first update, which copies (TRL's BEMACallback with update_freq = update_every)."""
     net = _net()
     sched = BEMA(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0, min_ema_multiplier=0.05)
-    ema = EMA(net, bema=sched, update_every=2)
+    ema = EMA(net, sched, update_every=2)
     ref = {}
 
     def record(i):
@@ -200,7 +200,8 @@ def test_bema_equals_its_formula_over_a_training_loop():
 
 
 def test_timed_schedules_resume_bit_exact_from_a_checkpoint():
-    for kw in (dict(sigma_rel=[0.05, 0.1], update_every=3), dict(half_life=5.0), dict(bema=True)):
+    for kw in (dict(decay=[PowerFunction.of(0.05), PowerFunction.of(0.1)], update_every=3),
+               dict(decay=HalfLife(5.0)), dict(decay=BEMA())):
         a_net, b_net = _net(), _net()
         a = EMA(a_net, **kw)
         _train(a_net, 10, a)
@@ -227,27 +228,41 @@ def test_a_checkpoint_from_before_the_timed_schedules_still_loads():
     assert all(torch.equal(v, ema.averaged_state_dict()[k]) for k, v in again.averaged_state_dict().items())
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(decay=0.9, sigma_rel=0.1), "give one of decay, sigma_rel"),
-    (dict(sigma_rel=0.1, half_life=3.0), "give one of"),
-    (dict(sigma_rel=0.1, warmup="power"), "takes no warmup= or compensate="),
-    (dict(half_life=10.0, compensate=True, update_every=2), "takes no warmup= or compensate="),
-    (dict(sigma_rel=0.1, update_after_step=100), "nor update_after_step"),
-    (dict(bema=True, min_decay=0.5), "nor min_decay"),
-    (dict(sigma_rel=0.3), "sigma_rel must be a number in"),
-    (dict(half_life=0.0), "half_life must be a finite number > 0"),
-    (dict(bema=True, debias=True), "takes no debias="),
-    (dict(bema=True, device_step=True), "does not take device_step=True"),
-    (dict(bema="yes"), "bema must be True or"),
-])
-def test_bad_schedule_arguments_are_refused(kw, match):
+BAD_SCHEDULES = {      # the keyword arguments of EMA (made when the case runs: a bad schedule raises when made)
+    "decay and a profile": (lambda: dict(decay=[0.9, PowerFunction.of(0.1)]),
+                            "one kind of schedule for every average, got Constant, PowerFunction"),
+    "a profile and a half-life": (lambda: dict(decay=[PowerFunction.of(0.1), HalfLife(3.0)]),
+                                  "one kind of schedule for every average, got PowerFunction, HalfLife"),
+    "a profile and a warm-up": (lambda: dict(decay=[PowerFunction.of(0.1), PowerWarmup(0.9)]),
+                                "one kind of schedule for every average"),
+    "a profile compensated": (lambda: dict(decay=PowerFunction.of(0.1), compensate=True, update_every=2),
+                              r"decay=PowerFunction\(\.\.\.\) is a schedule over training time.*takes no compensate="),
+    "a half-life compensated": (lambda: dict(decay=HalfLife(10.0), compensate=True, update_every=2),
+                                r"decay=HalfLife\(\.\.\.\) is a schedule over training time.*takes no compensate="),
+    "BEMA compensated": (lambda: dict(decay=BEMA(), compensate=True, update_every=2), "takes no compensate="),
+    "a warm-up setting beside a profile": (lambda: dict(decay=PowerFunction.of(0.1), update_after_step=100),
+                                           "unexpected keyword argument 'update_after_step'"),
+    "a warm-up setting beside BEMA": (lambda: dict(decay=BEMA(), min_decay=0.5),
+                                      "unexpected keyword argument 'min_decay'"),
+    "sigma_rel too wide": (lambda: dict(decay=PowerFunction.of(0.3)), "sigma_rel must be a number in"),
+    "half-life of 0": (lambda: dict(decay=HalfLife(0.0)), "half_life must be a finite number > 0"),
+    "BEMA debiased": (lambda: dict(decay=BEMA(), debias=True), r"decay=BEMA\(\.\.\.\) keeps one average.*no debias="),
+    "two BEMAs": (lambda: dict(decay=[BEMA(), BEMA(lag=5.0)]), r"decay=BEMA\(\.\.\.\) keeps one average.*one BEMA"),
+    "BEMA on the device": (lambda: dict(decay=BEMA(), device_step=True), "does not take device_step=True"),
+    "not a schedule": (lambda: dict(decay="yes"), "decay must be"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCHEDULES)
+def test_bad_schedule_arguments_are_refused(case):
+    make, match = BAD_SCHEDULES[case]
     with pytest.raises((ValueError, TypeError), match=match):
-        EMA(_net(), **kw)
+        EMA(_net(), **make())
 
 
 def test_a_step_that_goes_back_is_refused_and_changes_nothing():
     net = _net()
-    ema = EMA(net, sigma_rel=0.1)
+    ema = EMA(net, PowerFunction.of(0.1))
     ema.update(step=10)
     before = {k: v.clone() for k, v in ema.averaged_state_dict().items()}
     with pytest.raises(ValueError, match="do not go back"):
@@ -262,7 +277,7 @@ def test_power_function_closed_form():
     assert s.between(None, 0, 5) == 0.0                       # the first update copies
     assert s.between(1, 3, 7) == pytest.approx((3 / 7) ** (s.gamma + 1), rel=1e-15)
     assert s(8) == pytest.approx((1 - 1 / 8) ** (s.gamma + 1), rel=1e-15)      # EDM2's unit-step form
-    assert Plan(sigma_rel=0.1).decay == 0.0
+    assert Plan(PowerFunction.of(0.1)).decay == 0.0
 
 
 # --------------------------------------------------------------------------- synthesis
@@ -291,7 +306,7 @@ def test_synthesis_between_two_tracked_profiles_on_a_training_run(tmp_path):
     distance between those two of an EMA tracked at 0.07; the blend of the last snapshots is not."""
     net = _net()
     ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=20, path=tmp_path)
-    truth = EMA(net, sigma_rel=0.07)
+    truth = EMA(net, PowerFunction.of(0.07))
     _train(net, 600, ph, truth)
     assert len(list(tmp_path.glob("snapshot-*.safetensors"))) == 30
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fastema-") and p.name != ".fastema-run"]

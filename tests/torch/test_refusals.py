@@ -14,6 +14,7 @@ import torch
 from models import moved
 from torch import nn
 
+from fastema.schedules import NumUpdates, PowerWarmup
 from fastema.torch import EMA
 from fastema.torch.compat import ModelEmaV3
 
@@ -158,7 +159,7 @@ def test_a_refused_swap_or_update_leaves_everything_as_it_was():
 
 # reliability review L1, L3-L5
 def test_refused_updates_are_not_counted_and_arguments_are_checked_early():
-    ema = EMA(nn.Linear(4, 4), 0.5, warmup="num_updates")
+    ema = EMA(nn.Linear(4, 4), NumUpdates(0.5))
     for step in ("abc", -10, float("nan"), 1.5):
         with pytest.raises(ValueError, match="step must be an int >= 0"):
             ema.update(step=step)
@@ -168,17 +169,17 @@ def test_refused_updates_are_not_counted_and_arguments_are_checked_early():
 
 
 # reliability review L1, L3-L5
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(rounding="stochastic", shadow_dtype="bfloat16", seed=-1), "seed must be"),
-    (dict(rounding="stochastic", shadow_dtype="bfloat16", seed="abc"), "seed must be"),
-    (dict(min_decay=5), "min_decay must be"),
-    (dict(inv_gamma=-1), "inv_gamma must be"),
-    (dict(update_after_step=1.5), "update_after_step must be"),
-    (dict(skip_nonfinite="yes"), "skip_nonfinite must be"),
+@pytest.mark.parametrize("decay,kwargs,match", [
+    (lambda: 0.5, dict(rounding="stochastic", shadow_dtype="bfloat16", seed=-1), "seed must be"),
+    (lambda: 0.5, dict(rounding="stochastic", shadow_dtype="bfloat16", seed="abc"), "seed must be"),
+    (lambda: PowerWarmup(0.5, min_decay=5, warmup=False), {}, "min_decay must be"),      # the start-only variant too
+    (lambda: PowerWarmup(0.5, inv_gamma=-1, warmup=False), {}, "inv_gamma must be"),
+    (lambda: PowerWarmup(0.5, update_after_step=1.5), {}, "update_after_step must be"),
+    (lambda: 0.5, dict(skip_nonfinite="yes"), "skip_nonfinite must be"),
 ])
-def test_bad_constructor_arguments_are_refused_whatever_the_warmup(kwargs, match):
+def test_bad_constructor_arguments_are_refused_whatever_the_warmup(decay, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        EMA(nn.Linear(4, 4), 0.5, **kwargs)
+        EMA(nn.Linear(4, 4), decay(), **kwargs)
 
 
 # reliability review L1, L3-L5

@@ -12,6 +12,8 @@ import pytest
 import torch
 from dist import run_ranks
 
+from fastema.schedules import PowerWarmup
+
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
                "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
@@ -66,7 +68,7 @@ CASES = [  # (model dtype, EMA arguments)
     (torch.float32, dict(decay=[0.9, 0.5])),
     (torch.bfloat16, dict(decay=0.99, skip_nonfinite=True)),
     (torch.bfloat16, dict(decay=[0.9, 0.99], shadow_dtype="bfloat16", rounding="stochastic", seed=5)),
-    (torch.float16, dict(decay=0.8, warmup="power", update_every=2)),
+    (torch.float16, dict(decay=PowerWarmup(0.8), update_every=2)),
 ]
 
 
@@ -74,13 +76,13 @@ def _train_and_compare(rank, world, ddp: bool, bucket: int, steps: int):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from fastema.torch import EMA
+    from fastema.torch import EMA, ShardReplicas
 
     out = {}
     for case, (dtype, kwargs) in enumerate(CASES):
         model = _model(dtype)
         trained = DDP(model) if ddp else model
-        ema = EMA(trained, **kwargs, shard_replicas=True, gather_bucket=bucket)
+        ema = EMA(trained, **kwargs, shard_replicas=ShardReplicas(True, bucket=bucket))
         ref = EMA(trained, **kwargs)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         data = torch.Generator().manual_seed(100 + rank)      # each rank its own batches, as under DDP
@@ -167,7 +169,7 @@ def test_a_replicated_model_in_the_default_group_splits_over_4_ranks(tmp_path):
 def _refusals(rank, world):
     import torch.distributed as dist
 
-    from fastema.torch import EMA
+    from fastema.torch import EMA, ShardReplicas
 
     def refused(make, match):
         with pytest.raises((ValueError, TypeError), match=match):
@@ -181,9 +183,9 @@ def _refusals(rank, world):
     torch.manual_seed(0)
     same = torch.nn.Linear(4, 4)
     refused(lambda: EMA(same, shard_replicas="yes"), "shard_replicas must be")
-    refused(lambda: EMA(same, shard_replicas=True, gather_bucket=1024 * (rank + 1)), "split them differently")
+    refused(lambda: EMA(same, shard_replicas=ShardReplicas(True, bucket=1024 * (rank + 1))), "split them differently")
     refused(lambda: EMA(same, 0.9 + rank / 100, shard_replicas=True), "split them differently")
-    refused(lambda: EMA(same, shard_replicas=True, gather_bucket=8), "gather_bucket must be")
+    refused(lambda: EMA(same, shard_replicas=ShardReplicas(True, bucket=8)), r"ShardReplicas\(bucket=\.\.\.\) must be")
     conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     refused(lambda: EMA(conv, shard_replicas=True), "not C-contiguous")
     with torch.no_grad():
@@ -351,7 +353,7 @@ def _compiled_and_device_plan(rank, world):
     from fastema.torch import EMA
 
     out = {}
-    for kwargs in (dict(decay=0.9, warmup="power", device_step=True), dict(decay=[0.9, 0.99])):
+    for kwargs in (dict(decay=PowerWarmup(0.9), device_step=True), dict(decay=[0.9, 0.99])):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
         split, whole = EMA(model, **kwargs, shard_replicas=True), EMA(model, **kwargs)

@@ -66,7 +66,7 @@ def test_posthoc_split_over_replicas_writes_each_element_once_and_synthesises_th
 @settings(max_examples=60, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data())
 def test_a_flat_range_cut_into_rectangles_is_found_again(shape, data):
-    from fastema.torch._slices import Slices, rects
+    from fastema.torch._state.slices import Slices, rects
 
     n = int(torch.Size(shape).numel())
     first = data.draw(st.integers(0, n))
@@ -77,7 +77,7 @@ def test_a_flat_range_cut_into_rectangles_is_found_again(shape, data):
 
 
 def test_rectangles_not_one_flat_range_have_none():
-    from fastema.torch._slices import Slices
+    from fastema.torch._state.slices import Slices
 
     block = Slices([([0, 0, 2], torch.zeros((1, 2, 2)))], (1, 3, 4), torch.float32)   # 2 rows x half of them
     assert block.flat_range() is None
@@ -89,12 +89,12 @@ def test_rectangles_not_one_flat_range_have_none():
 def _window(rank, world, folder):
     import torch.distributed.checkpoint as dcp
 
-    from fastema.torch import WindowAverage
+    from fastema.torch import ShardReplicas, WindowAverage
 
     out = {}
     for case, kwargs in enumerate([dict(window=None), dict(window=3), dict(window=4, ring_dtype="bfloat16", every=2)]):
         model, ddp = _ddp_model()
-        split = WindowAverage(ddp, **kwargs, shard_replicas=True, gather_bucket=256)
+        split = WindowAverage(ddp, **kwargs, shard_replicas=ShardReplicas(True, bucket=256))
         whole = WindowAverage(ddp, **kwargs)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         data = torch.Generator().manual_seed(rank)

@@ -219,13 +219,14 @@ def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
 
 
 def _make(seed, sharded=True):
+    from fastema.schedules import PowerWarmup
     from fastema.torch import EMA
 
     model = _model(seed)
     if sharded:
         _shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ema = EMA(model, list(DECAYS), warmup="power", update_every=2)
+    ema = EMA(model, [PowerWarmup(d) for d in DECAYS], update_every=2)
     return model, opt, ema
 
 

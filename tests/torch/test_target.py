@@ -47,8 +47,8 @@ def assert_tracks(target, ref64, n):
 
 # ------------------------------------------------------------------------------ references
 
-@pytest.mark.parametrize("kw", [dict(tau=0.05), dict(momentum=0.9, warmup="num_updates"),
-                                dict(momentum=0.95, warmup="power", update_after_step=2, power=0.75),
+@pytest.mark.parametrize("kw", [dict(tau=0.05), dict(momentum=S.NumUpdates(0.9)),
+                                dict(momentum=S.PowerWarmup(0.95, update_after_step=2, power=0.75)),
                                 dict(tau=0.2, update_every=3), dict(tau=0.2, update_every=3, compensate=True)])
 def test_matches_float64_reference_and_foreach_lerp(kw):
     online, target = pair()
@@ -97,7 +97,7 @@ def test_float32_target_of_bfloat16_online():
 def test_device_step_on_the_cpu_equals_the_host_plan():
     a_on, a_tg = pair()
     b_on, b_tg = pair()
-    kw = dict(momentum=0.9, warmup="power", update_after_step=1, update_every=2)
+    kw = dict(momentum=S.PowerWarmup(0.9, update_after_step=1), update_every=2)
     host, dev = TargetNetwork(a_on, a_tg, **kw), TargetNetwork(b_on, b_tg, device_step=True, **kw)
     assert dev.device_step and not host.device_step
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -237,7 +237,7 @@ def test_update_reads_no_tensor_value_on_the_host(device_step):
 
     online = models.mlp(4, 8, 2, norm=nn.BatchNorm1d, seed=14)
     target = copy.deepcopy(online).requires_grad_(False)
-    tn = TargetNetwork(online, target, momentum=0.9, warmup="num_updates", update_every=2, skip_nonfinite=True,
+    tn = TargetNetwork(online, target, momentum=S.NumUpdates(0.9), update_every=2, skip_nonfinite=True,
                        device_step=device_step)
     online(torch.randn(8, 4))
     with no_host_reads():
@@ -251,7 +251,7 @@ def test_update_reads_no_tensor_value_on_the_host(device_step):
 # ------------------------------------------------------------------------------ checkpoints
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
-    kw = dict(momentum=0.9, warmup="power", update_after_step=2, update_every=2)
+    kw = dict(momentum=S.PowerWarmup(0.9, update_after_step=2), update_every=2)
 
     def run(online, target, tn, steps, gen):
         for _ in range(steps):
@@ -499,7 +499,7 @@ def test_turning_the_guard_on_after_updates_rebinds_the_launches():
     still equals the host-planned one, a diverged step skipped by both."""
     a_on, a_tg = pair()
     b_on, b_tg = pair()
-    kw = dict(momentum=0.9, warmup="power", update_every=2)
+    kw = dict(momentum=S.PowerWarmup(0.9), update_every=2)
     host, dev = TargetNetwork(a_on, a_tg, **kw), TargetNetwork(b_on, b_tg, device_step=True, **kw)
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step in range(8):
@@ -675,22 +675,27 @@ def test_refusals_after_construction_name_the_parameter_not_a_launch_position(ch
         assert torch.equal(target.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("option, value, words", [
-    ("shadow_dtype", "bfloat16", r"target.to\(torch.bfloat16\)"),
-    ("offload", "cpu", "target.to\\('cpu'\\)"),
-    ("debias", True, "starts as a copy of the online network"),
-    ("sigma_rel", 0.1, "PostHocEMA"),
-    ("bema", True, "three rows"),
+@pytest.mark.parametrize("kw, words", [
+    (dict(tau=0.5, shadow_dtype="bfloat16"), r"shadow_dtype=.*target.to\(torch.bfloat16\)"),
+    (dict(tau=0.5, offload="cpu"), "offload=.*target.to\\('cpu'\\)"),
+    (dict(tau=0.5, debias=True), "debias=.*starts as a copy of the online network"),
+    (dict(momentum=S.PowerFunction.of(0.1)), r"momentum=PowerFunction\(\.\.\.\):.*PostHocEMA"),
+    (dict(momentum=[S.PowerFunction.of(0.05), S.PowerFunction.of(0.1)]), r"momentum=PowerFunction\(\.\.\.\)"),
+    (dict(momentum=S.HalfLife(10.0)), r"momentum=HalfLife\(\.\.\.\):.*momentum per update"),
+    (dict(momentum=S.BEMA()), r"momentum=BEMA\(\.\.\.\):.*three rows"),
 ])
-def test_what_an_ema_keeps_in_a_shadow_of_its_own_is_refused_by_name(option, value, words):
+def test_what_an_ema_keeps_in_a_shadow_of_its_own_is_refused_by_name(kw, words):
     """TargetNetwork takes EMAOptions (the contract suite runs it with every option): what only means
-    something for a shadow fastema owns is refused by name, with the way out, before anything is read."""
+    something for a shadow fastema owns (an option, or a schedule over training time as momentum=) is
+    refused by name, with the way out, before anything is read."""
     online, target = pair()
     before = copy.deepcopy(target.state_dict())
-    with pytest.raises(ValueError, match=f"TargetNetwork does not take {option}=.*{words}"):
-        TargetNetwork(online, target, tau=0.5, **{option: value})
+    with pytest.raises(ValueError, match=f"TargetNetwork does not take {words}"):
+        TargetNetwork(online, target, **kw)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['decay'\]; it takes tau or momentum"):
         TargetNetwork(online, target, decay=0.5)
-    TargetNetwork(online, target, tau=0.5, bema=False, debias=False, offload=None)   # "off" is no refusal
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['bema'\]"):          # a schedule, given as momentum=
+        TargetNetwork(online, target, tau=0.5, bema=True)
+    TargetNetwork(online, target, tau=0.5, debias=False, offload=None)   # "off" is no refusal
     for k, v in before.items():
         assert torch.equal(target.state_dict()[k], v)

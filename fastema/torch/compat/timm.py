@@ -15,7 +15,7 @@ from torch import nn
 from ... import schedules as S
 from ..._backends import address_key, layout_guard
 from ...pairs import PairShadow
-from .._hooks import unsynced, unwrap, watch
+from .._tensors.hooks import unsynced, unwrap, watch
 from ._common import kernel_pair
 
 __all__ = ["ModelEmaV3"]
@@ -65,7 +65,7 @@ class ModelEmaV3(nn.Module):
         if dtype is not None:
             self.module.to(dtype=dtype)
         self._cached = None          # (model, tensors, addresses, pairs, copies, slow, layout check)
-        self._stale = False
+        self.stale = False
         self.resync = False          # the model was wrapped in DDP after construction (see restart)
         self._updates = 0            # updates made: the stochastic-rounding counter
         watch((self.module, unwrap(model)), self)
@@ -96,7 +96,7 @@ class ModelEmaV3(nn.Module):
         # takes another dtype, shape or layout (p.data = p.data.t(): same address, other strides).
         # Per step: one data_ptr and one batched layout check a tensor (~0.1 us), nothing kept.
         cached = self._cached
-        if cached is not None and cached[0] is model and not self._stale and cached[6] is not None and \
+        if cached is not None and cached[0] is model and not self.stale and cached[6] is not None and \
                 address_key(cached[1]) == cached[2] and cached[6](cached[1]):
             return cached[3], cached[4], cached[5]
         if self.exclude_buffers:
@@ -120,7 +120,7 @@ class ModelEmaV3(nn.Module):
         watch((unwrap(model), self.module), self)
         key = address_key(tensors)
         self._cached = (model, tensors, key, pairs, copies, slow, None if key is None else layout_guard(tensors))
-        self._stale = False
+        self.stale = False
         return pairs, copies, slow
 
     @torch.no_grad()

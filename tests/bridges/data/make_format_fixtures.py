@@ -26,9 +26,10 @@ def keras_files(out=HERE):
     from models import keras_data, keras_model
 
     from fastema.keras import WeightEMA
+    from fastema.schedules import PowerWarmup
 
     x, y = keras_data(32)
-    model, cb = keras_model(batchnorm=True), WeightEMA([0.9, 0.5], warmup="power")
+    model, cb = keras_model(batchnorm=True), WeightEMA([PowerWarmup(0.9), PowerWarmup(0.5)])
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
     model.save(out / "keras_torch.keras")
     model.save_weights(out / "keras_torch.weights.h5")
@@ -56,12 +57,13 @@ def ema_steps(model, ema, steps):
 
 
 def transformers_file(out=HERE):
+    from fastema.schedules import PowerWarmup
     from fastema.torch import EMA
     from fastema.transformers import EMACallback
 
     model = ema_module()
-    cb = EMACallback([0.9, 0.99], warmup="power")
-    cb.ema = EMA(model, [0.9, 0.99], warmup="power")
+    cb = EMACallback([PowerWarmup(0.9), PowerWarmup(0.99)])
+    cb.ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)])
     ema_steps(model, cb.ema, 5)
     args = types.SimpleNamespace(output_dir=str(out / "transformers"), should_save=True)
     os.makedirs(out / "transformers" / "checkpoint-5", exist_ok=True)

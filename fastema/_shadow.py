@@ -1,0 +1,187 @@
+"""What a shadow is: the protocols (:class:`Shadow`, what the faces read; :class:`Updatable`,
+what the engine's update driver calls; :class:`AveragingShadow`, both) and :class:`Capabilities`,
+the one small base that declares the optional members with their defaults.
+
+A shadow keeps the averages of a list of sources: :class:`fastema.FlatShadow` (flat buffers),
+:class:`fastema.WindowShadow` (a window mean and its ring), :class:`fastema.pairs.PairShadow`
+(the caller's own tensors), and the torch face's placements built on them (an offloaded shadow
+in host memory, a shadow split over replicas, one that reads an optimizer's host masters).
+What one of them can or cannot do is an attribute declared here, never a ``getattr`` probe:
+
+- ``folds_later``: ``update_checked()`` queues its fold (on a worker thread); the engine then
+  hands it, after each call, the way back to the plan before it (``queued(undo)``), and every
+  read waits for the folds first (``join()``).
+- ``exact_swap``: ``swap()`` exchanges the average and the sources without rounding either, so
+  a face needs no backup of the raw weights (equal dtypes, a float32 shadow of bfloat16
+  sources, or a shadow that keeps the raw weights itself).
+- ``in_place``: the folds read the sources where they are (host masters): the face says so.
+- ``group`` / ``split_id``: the process group of a shadow split over replicas (its reads are
+  collectives over it) and the split's run id; None for a whole shadow.
+- ``parts()``: every allocation the shadow holds, ``(part, array)``, for a face's ``memory()``;
+  ``written()``: the buffers an update writes (what ``torch.compile``'s functionalization must
+  see); ``backup()``: a backup of the sources for a swap that would round.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "table_parts"]
+
+
+def table_parts(*tables) -> list[tuple[str, Any]]:
+    """``("tables", array)`` of every array of these launch tables (:class:`fastema._launch.Tables`)."""
+    return [("tables", a) for t in tables for a in t.arrays()]
+
+
+class Capabilities:
+    """The optional members of a shadow, declared once with their defaults (see the module)."""
+
+    folds_later: bool = False
+    in_place: bool = False
+    group: Any = None
+    split_id: int | None = None
+    layout: Any
+
+    @property
+    def exact_swap(self) -> bool:
+        """True when ``swap()`` rounds neither side (by default: every group's shadow and source
+        dtypes allow it, see :meth:`fastema._layout.FlatLayout.swap_exact`)."""
+        return self.layout.swap_exact()
+
+    @property
+    def swapped(self) -> bool:
+        """True while a row is in the sources (a shadow that swaps in place says so)."""
+        return False
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Exchange row ``row`` and the sources in place (a shadow with no in-place swap: refused;
+        a face copies the average out after a :meth:`backup` instead, as ``exact_swap`` is False)."""
+        raise TypeError(f"{type(self).__name__} has no in-place swap: back the sources up (backup()) and "
+                        f"copy the average out (copy_to_sources())")
+
+    def swap_modes(self, lossy: bool = False) -> list:
+        """The swap kernel of each group (see :meth:`swap`)."""
+        raise TypeError(f"{type(self).__name__} has no in-place swap (see swap())")
+
+    def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
+        """BEMA's correction of row 0 (a shadow of one row: refused)."""
+        raise TypeError(f"{type(self).__name__} keeps no BEMA rows")
+
+    def join(self) -> None:
+        """Wait for the updates still running and raise the error of one (a no-op where every
+        update writes before it returns)."""
+
+    def queued(self, undo: Callable[[], None]) -> None:
+        """Take the way back to the plan before the update just queued (``folds_later`` only)."""
+        raise TypeError(f"{type(self).__name__} folds every update before it returns: nothing is queued")
+
+    def parts(self, what: str = "shadow") -> list[tuple[str, Any]]:
+        """``(part, array)`` of every allocation this shadow holds: its buffers (named ``what``) and
+        its launch tables (a split group's whole-source scan tables too)."""
+        out: list[tuple[str, Any]] = []
+        for g in self.layout.groups:
+            out.append((what, g.buffer))
+            out += table_parts(g.tables, *([g.scan.tables] if g.scan is not g else []))
+        return out
+
+    def written(self) -> list:
+        """The buffers an update writes (the shadow rows of every group)."""
+        return [g.buffer for g in self.layout.groups]
+
+
+@runtime_checkable
+class Updatable(Protocol):
+    """What the engine's update driver (:class:`fastema.average.Average`) calls: every shadow
+    an :class:`~fastema.average.Average` holds (a target network's
+    :class:`~fastema.pairs.PairShadow` too)."""
+
+    rows: int
+    layout: Any
+    skipped: dict
+    folds_later: bool
+
+    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
+               rounding: str = "nearest", seed: int = 0, step: int = 0) -> None: ...
+
+    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
+                       plan=None) -> None: ...
+
+    def scan_groups(self, flags: dict | None = None) -> dict: ...
+
+    def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None: ...
+
+    def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None: ...
+
+    def queued(self, undo: Callable[[], None]) -> None: ...
+
+    def join(self) -> None: ...
+
+    def parts(self, what: str = "shadow") -> list[tuple[str, Any]]: ...
+
+
+@runtime_checkable
+class Shadow(Protocol):
+    """What a face reads of a model's shadow (an EMA's, a window average's): its sources and views,
+    swap and copy-out, following moved sources, memory. The optional members have their defaults
+    in :class:`Capabilities`; ``tests/array/test_shadow_protocol.py`` holds every shadow class to
+    these protocols."""
+
+    names: list
+    rows: int
+    layout: Any
+    in_place: bool
+    group: Any
+    split_id: int | None
+
+    @property
+    def sources(self) -> list: ...
+
+    @property
+    def groups(self) -> list[dict]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def swapped(self) -> bool: ...
+
+    @property
+    def exact_swap(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def view(self, source: int | str, row: int | None = 0) -> Any: ...
+
+    def state_view(self, source: int | str) -> Any: ...
+
+    def copy_to_sources(self, row: int = 0) -> None: ...
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None: ...
+
+    def swap_modes(self, lossy: bool = False) -> list: ...
+
+    def check_row(self, row: int) -> None: ...
+
+    def check_sources(self) -> None: ...
+
+    def refresh(self) -> None: ...
+
+    def rebind(self, sources) -> None: ...
+
+    def retarget(self, sources) -> None: ...
+
+    def join(self) -> None: ...
+
+    def parts(self, what: str = "shadow") -> list[tuple[str, Any]]: ...
+
+    def written(self) -> list: ...
+
+    def backup(self) -> Any: ...
+
+
+@runtime_checkable
+class AveragingShadow(Shadow, Updatable, Protocol):
+    """An EMA's shadow: read by the face, updated by the engine (every placement the torch face's
+    picker makes for :class:`fastema.torch.EMA`)."""
+
+    def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None: ...

@@ -1,0 +1,342 @@
+"""The model-average engine: when and in what order an EMA's update runs, and its checkpoint.
+
+:class:`Average` holds a model EMA's options, its :class:`~fastema.average.Plan` and a
+:class:`~fastema.flat.FlatShadow` of the model's floating tensors, and drives every update
+the same way on every face: the plan says what the call does, the face's adapter hands the
+current tensors over (or none: the shadow follows them itself), one kernel launch per
+(device, dtype) group folds them in, BEMA's correction runs as one more launch, and the
+plan records the call. It names no framework: the faces (:mod:`fastema.jax`,
+:mod:`fastema.tensorflow`) are adapters that find the model's tensors and put values back.
+
+Its checkpoint (:meth:`Average.state_dict`) is plain Python and NumPy, validated in full
+before anything is loaded.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .. import _backends
+from .._checks import resolve_weights, shadow_problems, stochastic_rounding
+from .._interrupts import ctrl_c_held
+from .._state import check_header, refuse_load
+from ..flat import FlatShadow
+from ._device_plan import DevicePlan
+from ._device_plan import check_state as check_device_state
+from ._options import EMAOptions
+from ._plan import Pending, Plan
+
+__all__ = ["Average", "Face", "ModelAdapter"]
+
+
+class Face:
+    """The read side every face built on an :class:`Average` (``self._core``) shares: its plan,
+    counters and shadow settings, one definition so they read the same on every face. ``decay``,
+    ``updates`` and ``rows`` are the conveniences; everything else is read on ``ema.plan``."""
+
+    _core: "Average"
+
+    @property
+    def plan(self) -> Plan:
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
+        return self._core.plan
+
+    @property
+    def decay(self) -> float | list[float]:
+        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
+        return self._core.plan.decay
+
+    @property
+    def updates(self) -> int:
+        """Updates made (calls skipped by ``update_every`` not counted)."""
+        return self._core.plan.updates
+
+    @property
+    def rows(self) -> int:
+        """Averages kept (one per decay or profile; BEMA's output is one)."""
+        return self._core.plan.rows
+
+    @property
+    def rounding(self) -> str:
+        """``"nearest"`` or ``"stochastic"`` (as made, or as a loaded checkpoint says)."""
+        return self._core.rounding
+
+    @property
+    def seed(self) -> int:
+        """The stochastic-rounding seed (as made, or as a loaded checkpoint says)."""
+        return self._core.seed
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether an update is skipped (decided on the device, no sync) when a tensor it reads holds
+        inf/NaN; it may be switched between updates (not on an offloaded average)."""
+        return self._core.skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {value!r}")
+        if value and self._core.options.offload:
+            raise ValueError("skip_nonfinite=True does not go with offload='cpu' (the fold runs on a host thread); "
+                             "make the average without offload= to guard its updates")
+        self._core.skip_nonfinite = value
+
+
+class ModelAdapter(Protocol):
+    """What the update driver asks of a face that checks and follows the model's tensors itself
+    (the torch face: it compares the model's slots with the shadow's addresses once per update;
+    a target network: both networks' slots against its pairs)."""
+
+    def begin(self, due: bool) -> None:
+        """Before an update call: refuse it (a swapped model, a capture the plan cannot replay), and
+        when ``due`` (this call folds), follow moved tensors or refuse, before anything is written."""
+
+    def scan(self, flags: dict | None) -> dict:
+        """Non-finite flags of every tensor the update reads (device values, no sync)."""
+
+    def carry(self, flags: dict | None) -> None:
+        """After the update: the tensors carried along as they are (copied buffers), skipped where
+        ``flags`` is set."""
+
+
+class Average:
+    """A model EMA over a shadow of the model's floating tensors: a :class:`~fastema.flat.FlatShadow`
+    (fastema's own buffers), or a :class:`~fastema.pairs.PairShadow` (the average kept in the
+    caller's tensors: a target network), or a shadow with their methods (the offloaded shadow).
+
+    Args:
+        options: the checked options (:class:`~fastema.average.EMAOptions`).
+        fmt: the checkpoint's ``format`` (``"fastema.jax.EMA"``...).
+        shadow: the shadow, one row per average (BEMA: three); see :meth:`of_sources`.
+        shapes: each source's shape, as the checkpoint keeps it.
+        adapter: a :class:`ModelAdapter` when the face checks the model's addresses itself before
+            each update (then the shadow is updated unchecked); None: the shadow checks and follows
+            the sources it is handed. The plan on the device (:meth:`plan_on_device`) needs one.
+
+    A shadow whose ``update_checked`` only queues the fold (``folds_later = True``: the offloaded
+    shadow of :mod:`fastema.torch`) is handed, after each call it queued, a function that puts
+    the plan back as it was before that call (``shadow.queued(undo)``); when the fold fails, the
+    shadow calls the undo of the first fold lost as it raises the error, so the counters stay
+    those of the last fold that finished.
+
+    A BEMA average keeps three shadow rows (the output, the EMA, ``theta_0``) and shows one
+    (``plan.rows``): every read of row 0 is the output.
+    """
+
+    version = 1
+
+    def __init__(self, options: EMAOptions, fmt: str, shadow, shapes: Sequence = (), adapter=None):
+        self.options = options
+        self.plan: Plan = options.plan()       # the schedule and the counters
+        self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
+        self.format = fmt
+        self.shapes = [tuple(s) for s in shapes]
+        self.shadow = shadow                    # a FlatShadow (or a shadow with its methods), built before the engine
+        self.adapter = adapter
+        self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
+        self._bema = options.is_bema            # the options are frozen
+        self.device_plan: DevicePlan | None = None   # see plan_on_device()
+
+    @classmethod
+    def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
+        """An average with a new :class:`~fastema.flat.FlatShadow` of ``sources`` (``name -> tensor``;
+        their values start it), one row per average (BEMA: three)."""
+        return cls(options, fmt, FlatShadow(sources, rows=options.shadow_rows, dtype=options.shadow_dtype), shapes)
+
+    @property
+    def names(self) -> list:
+        return list(self.shadow.names)
+
+    def check_row(self, row: int) -> None:
+        """``row`` is one of the averages shown (BEMA: only its output, 0)."""
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.plan.rows:
+            raise IndexError(f"row must be an int in [0, {self.plan.rows}) (one per average), got {row!r}")
+
+    # ------------------------------------------------------------ the update driver
+
+    def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None) -> None:
+        """One ``update()`` call of every face: the plan says what it does (``step`` checked first;
+        nothing is recorded when a check refuses the call); the adapter, when there is one, checks
+        and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
+        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
+        call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
+        None when the shadow follows them itself), called only when the call updates."""
+        pending = self.plan.next(step)         # checks step; records nothing yet
+        adapter = self.adapter
+        plan = self.device_plan
+        if plan is not None:                    # every call launches; the device skips
+            adapter.begin(True)
+            self.fold_on_device(step, plan)
+        elif pending.due:
+            if adapter is not None:
+                adapter.begin(True)             # addresses checked (or refused) here
+            self.fold(pending, None if read is None else read())
+            return
+        elif adapter is not None:
+            adapter.begin(False)
+        self.plan.done(pending)
+
+    def fold(self, pending: Pending, sources: Sequence | None = None) -> None:
+        """The update :meth:`fastema.average.Plan.next` described, from ``sources`` (None: as
+        the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
+        weights = pending.weights
+        shadow, adapter, plan = self.shadow, self.adapter, self.plan
+        # a shadow that folds later (offload) gets, with each fold it queued, the way back to the
+        # plan before this call: when that fold fails on its worker, the counters follow the shadow
+        before = plan.mark() if shadow.folds_later else None
+        if self._bema:                          # rows: output <- theta_t, EMA, theta_0 (first update)
+            weights = [1.0, weights[0], 1.0 if plan.first_time is None else 0.0]
+        if adapter is None:
+            shadow.update(weight=weights, rounding=self.rounding, seed=self.seed, step=pending.n,
+                          skip_nonfinite=self.skip_nonfinite, sources=sources)
+            flags = shadow.skipped if self.skip_nonfinite else None
+        else:                                   # the face checked the addresses in this call
+            flags = adapter.scan(None) if self.skip_nonfinite else None
+            memo = self._weights_memo           # weights_by_device's memo, looked at here (the per-step path)
+            by_device = memo[3] if (memo is not None and memo[0] is shadow.layout.groups and memo[1] == weights
+                                    and memo[2] == self.rounding) else self.weights_by_device(weights)
+            shadow.update_checked(by_device, self.rounding, self.seed, pending.n, flags)
+        if self._bema:
+            shadow.bias_correct(plan.alpha(pending), skip_if=flags)
+        if adapter is not None:
+            adapter.carry(flags)
+        plan.done(pending)
+        if before is not None:
+            shadow.queued(functools.partial(plan.restore, before))
+
+    def weights_by_device(self, weights: Sequence[float]) -> dict:
+        """The kernels' weights per device (host floats, no device read), with the rounding checked
+        against each group's shadow dtype; the last call's, when its weights, groups and rounding
+        are this call's (a constant decay: every step)."""
+        groups, memo = self.shadow.layout.groups, self._weights_memo
+        if memo is not None and memo[0] is groups and memo[1] == weights and memo[2] == self.rounding:
+            return memo[3]
+        out = {}
+        for g in self.shadow.layout.groups:
+            if g.device not in out:
+                out[g.device] = resolve_weights(None, weights, self.shadow.rows, g.device)
+            stochastic_rounding(self.rounding, g.shadow_kind)
+        self._weights_memo = (groups, list(weights), self.rounding, out)
+        return out
+
+    def fold_on_device(self, step: int | None, plan) -> None:
+        """The launches of one ``update()`` call with the plan on the device (``plan``, a
+        :class:`~fastema.average._device_plan.DevicePlan`): what a CUDA graph captures and replays (no
+        host value of the call is baked into it but ``step``). The plan step rides in each device's
+        first lerp launch (``DevicePlan.carriers``), except behind a non-finite scan, which must run
+        between the two. The adapter carries the rest along behind the plan's flags."""
+        flags = plan.flags
+        if self.skip_nonfinite:
+            plan.advance(step)
+            flags = self.adapter.scan(flags)
+            self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan)
+        else:
+            plan.advance(step, carried=True)    # the devices no lerp launch carries it for
+            self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
+                                       given=-1 if step is None else step)
+        self.adapter.carry(flags)
+
+    def plan_on_device(self, also: Sequence = ()) -> None:
+        """Keep the plan in device memory from now on (:class:`~fastema.average._device_plan.DevicePlan`
+        over the shadow's groups; ``also``: ``(framework, device)`` of what the adapter carries
+        where no group is), and compile and load every kernel an update launches now, not inside a
+        first graph capture: one update against a scratch plan whose call is skipped, so every
+        kernel runs and none writes."""
+        groups = self.shadow.layout.groups
+        self.device_plan = DevicePlan(self.plan, groups, self.seed, also=also)
+        scratch = DevicePlan(self.plan, groups, self.seed, also=also)
+        scratch.skip_next()
+        self.fold_on_device(None, scratch)
+        self.shadow.skipped = {}
+
+    def view(self, slot: int, row: int = 0):
+        """Average ``row`` of source ``slot``, a view of the shadow in its dtype."""
+        self.check_row(row)
+        return self.shadow.view(slot, row)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def plan_state(self) -> dict:
+        """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them
+        (with the plan on the device, its counts: replayed graphs advanced the device only)."""
+        if self.device_plan is not None:
+            self.device_plan.read_into(self.plan)
+        return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
+
+    def check_plan_state(self, state: dict, problems: list) -> None:
+        """Append to ``problems`` what keeps :meth:`plan_state`'s part of ``state`` from loading."""
+        self.plan.check_state(state, problems)
+        if "rounding" not in state or "seed" not in state:
+            problems.append("no 'rounding' or 'seed'")
+        else:
+            problems += shadow_problems(self.shadow_dtype, state["rounding"], state["seed"])
+        if self.device_plan is not None and not problems:   # before anything is written (M4)
+            check_device_state(self.plan, state, state["seed"], problems)
+
+    def load_plan_state(self, state: dict) -> None:
+        """Load what :meth:`check_plan_state` passed."""
+        self.plan.load_state(state)
+        self.rounding, self.seed = state["rounding"], state["seed"]
+        if self.device_plan is not None:
+            self.device_plan.load(self.plan, self.seed)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this average holds by device: the shadow's buffers and launch tables (arrays of the
+        framework or of NumPy, each with ``nbytes``) and the device plan's arrays."""
+        out: dict[str, int] = {}
+        arrays = []
+        for g in self.shadow.layout.groups:
+            t = g.tables
+            arrays += [(g.device, g.buffer)] + [("cpu" if isinstance(a, np.ndarray) else g.device, a)
+                                                for a in (t.shadow_addr, t.seg_addr, t.seg_offset, t.chunk_seg,
+                                                          t.chunk_begin)]
+        if self.device_plan is not None:
+            arrays += [(str(getattr(a, "device", "cpu")), a) for a in self.device_plan.tensors()]
+        for device, a in arrays:
+            out[device] = out.get(device, 0) + int(getattr(a, "nbytes", 0))
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
+        ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
+        through pickle, ``np.savez``, orbax or flax serialization."""
+        return {"format": self.format, "version": self.version, **self.plan_state(),
+                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and
+        finiteness are checked first; nothing changes if anything is off."""
+        check_header(state, self.format, self.version, "pass what EMA.state_dict() returned")
+        problems: list[str] = []
+        self.check_plan_state(state, problems)
+        saved = state.get("averaged")
+        if not isinstance(saved, dict):
+            problems.append("no 'averaged' arrays")
+            saved = {}
+        missing = [n for n in self.names if n not in saved]
+        extra = [n for n in saved if n not in self.names]
+        if missing:
+            problems.append(f"missing {missing[:5]}")
+        if extra:
+            problems.append(f"unexpected {extra[:5]}")
+        arrays = {}
+        for slot, (n, shape) in enumerate(zip(self.names, self.shapes)):
+            if n not in saved:
+                continue
+            a = np.asarray(saved[n])
+            expected = (self.shadow.rows, *shape)
+            if a.shape != expected:
+                problems.append(f"{n} has shape {a.shape}, expected {expected}")
+            elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+                problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
+            elif not np.all(np.isfinite(a.astype(np.float32))):
+                problems.append(f"{n} holds inf or NaN")
+            arrays[slot] = a
+        refuse_load(self.format, problems)
+        with ctrl_c_held():                     # a Ctrl-C here is raised once every row and the plan are in
+            for slot, a in arrays.items():
+                for r in range(self.shadow.rows):
+                    _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
+            self.load_plan_state(state)

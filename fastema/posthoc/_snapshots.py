@@ -1,0 +1,278 @@
+"""THE post-hoc snapshot file format: written and read here, and nowhere else.
+
+Snapshot files (written by :class:`fastema.torch.PostHocEMA` through :func:`write_snapshot`) are
+safetensors, one per snapshot (a sharded model's: one DCP checkpoint directory each, with a
+``.json`` of the same metadata beside it), every tracked profile in each: the tensor
+``"{k}:{name}"`` is profile ``k`` of the averaged tensor ``name``, ``"model:{name}"`` a tensor
+that is not averaged (copied buffers, excluded tensors; taken from the last snapshot), and the
+metadata (:class:`SnapshotMeta`, strings only) holds the run id, the time, the exponents, the
+names and shapes, and (safetensors) a CRC-32 of every tensor's bytes. The metadata, the tensor
+keys and run ids are spelled in :mod:`._meta` only.
+
+Version 2 (this one) adds the run id, every tensor's shape, the checksums and tensors stored as
+their bytes (dtypes safetensors has no name for); version 1 snapshots, and those of a run resumed
+from a 0.1 checkpoint (:data:`LEGACY_RUN_ID`), are read as one legacy run, never mixed with
+another. One folder holds one run: :func:`read_snapshots` refuses a folder that mixes runs or
+shapes; :func:`fastema.posthoc.check_folder` is what a writer asks before it writes.
+
+Reading executes nothing from the folder. Safetensors and JSON hold no code; the one pickle, a
+DCP snapshot's ``.metadata`` (at most 256 MiB; from 16 MiB, no more than the memory free), goes
+through an allow-list unpickler that builds DCP's metadata classes and nothing else
+(:mod:`fastema._io.dcp_unpickler`, the security boundary), and is then checked by exact types before
+anything reads it (:mod:`fastema._io.dcp`); a DCP snapshot's ``.distcp`` data goes through
+``torch.load(weights_only=True)``. Only regular files are opened (a FIFO or a device named like a
+snapshot's file is refused, never read: :mod:`fastema._io.safe_files`). Reading is one tensor at a time
+(:func:`tensor_reader`: memory-mapped safetensors, or DCP with ``no_dist`` and the snapshot's
+metadata parsed once), every tensor checked (shape, dtype, checksum) and its size bounded before
+it is allocated: by the bytes its data files hold, and, from 16 MiB, by the memory free here (a
+MemoryError, which says so when the files are not fully stored on disk: sparse or compressed).
+Importing this module imports numpy only; torch and safetensors when used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from typing import Any, Callable
+
+from .._io.dcp import dcp_reader, save_dcp
+from .._io.files import atomic_write
+from .._io.safe_files import few, first_line, fits, open_regular, out_of_memory, regular
+from .._io.safetensors import FROM_CODE, ITEMSIZE
+from ._meta import (  # noqa: F401  (re-exported: the format's names, importable from here)
+    FORMAT,
+    LEGACY_RUN_ID,
+    SNAPSHOT_DTYPES,
+    VERSION,
+    Snapshot,
+    SnapshotError,
+    SnapshotMeta,
+    kept_key,
+    profile_key,
+    same_run,
+    split_key,
+    stamp,
+    valid_run_id,
+)
+
+__all__ = ["FORMAT", "LEGACY_RUN_ID", "VERSION", "Snapshot", "SnapshotError", "SnapshotMeta", "read_snapshots",
+           "same_run", "write_snapshot"]
+
+_MAX_JSON = 64 << 20                  # a DCP snapshot's .json is small; a larger file is not one
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _safetensors_metadata(path: str) -> dict:
+    from safetensors import safe_open
+
+    regular(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:                      # SafetensorError, OSError: a file that is not one
+        raise ValueError(f"{path!r} is not a readable safetensors snapshot ({first_line(err)}); it is truncated, "
+                         f"empty or corrupt: move it out of the folder to synthesise from the others") from None
+
+
+def _json_metadata(path: str) -> dict:
+    with open_regular(path) as f:
+        data = f.read(_MAX_JSON + 1)
+    try:
+        if len(data) > _MAX_JSON:
+            raise ValueError(f"larger than {_MAX_JSON} bytes")
+        meta = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path!r} is not a DCP snapshot's metadata (not JSON: {first_line(err)}); it is "
+                         f"corrupt: move it (and its directory) out of the folder to synthesise from the others") \
+            from None
+    return meta
+
+
+def snapshot_at(directory: str, name: str) -> Snapshot | None:
+    """The snapshot whose file in ``directory`` is ``name`` (None: not a snapshot's name)."""
+    path = os.path.join(directory, name)
+    if not name.startswith("snapshot-"):
+        return None
+    if name.endswith(".json"):                    # a sharded model's DCP snapshot
+        meta = _json_metadata(path)
+        data = path[:-len(".json")]
+        m = SnapshotMeta.from_metadata(meta, path)
+        if m.kind != "dcp":
+            raise ValueError(f"{path!r} is a snapshot's .json, but its kind is {m.kind!r}, not 'dcp'")
+        if not os.path.isdir(data):
+            raise FileNotFoundError(f"{path!r} describes a DCP snapshot, but {data!r} is missing")
+    elif name.endswith(".safetensors"):
+        data = path
+        m = SnapshotMeta.from_metadata(_safetensors_metadata(path), path)
+        if m.kind != "safetensors":
+            raise ValueError(f"{path!r} is a safetensors file, but its metadata says kind {m.kind!r}")
+    else:
+        return None
+    return Snapshot(data, m.time, m.updates, m.gammas, m.averaged, m.others, m.kind, m.shapes, m.run_id, m)
+
+
+def _run_name(run_id: str | None) -> str:
+    return "version-1 snapshots (no run id)" if run_id is None else f"run {run_id}"
+
+
+def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
+    """The snapshots in ``directory`` (their metadata only, checked), by time.
+
+    Refuses (``ValueError`` naming the files) a file named like a snapshot that is not a readable
+    one (or not a regular file), a folder that holds the snapshots of more than one run (version-1
+    snapshots, and those of a run resumed from a 0.1 checkpoint, count as one legacy run), two
+    snapshots of one time, and snapshots whose tensors' names or shapes differ. Subfolders
+    (``superseded-*``: snapshots a resumed run moved aside) are not read.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory of post-hoc EMA snapshots")
+    out = []
+    for name in sorted(os.listdir(directory)):
+        snap = snapshot_at(directory, name)
+        if snap is not None:
+            out.append(snap)
+    if not out:
+        raise FileNotFoundError(f"no snapshot-*.safetensors files (or snapshot-*.json DCP snapshots) in "
+                                f"{directory!r}")
+    runs: dict = {}
+    for s in out:
+        runs.setdefault(same_run(s.run_id), []).append(s.path)
+    if len(runs) > 1:
+        listed = "; ".join(f"{_run_name(r)}: {few(p)}" for r, p in runs.items())
+        raise ValueError(f"{directory!r} holds the snapshots of {len(runs)} runs ({listed}). Synthesis combines "
+                         f"the snapshots of one run: move each run's snapshots into a folder of its own")
+    out.sort(key=lambda s: s.time)
+    for a, b in zip(out, out[1:]):
+        if a.time == b.time:
+            raise ValueError(f"{a.path!r} and {b.path!r} are two snapshots of time {a.time:g}: keep one of them")
+    last = out[-1]
+    for s in out:
+        if s.averaged != last.averaged:
+            raise ValueError(f"{s.path!r} holds other tensors than {last.path!r}: snapshots of different "
+                             f"models in one directory")
+        for n in last.averaged:
+            if n in s.shapes and n in last.shapes and s.shapes[n] != last.shapes[n]:
+                raise ValueError(f"{s.path!r} stores {n!r} with shape {s.shapes[n]}, {last.path!r} with shape "
+                                 f"{last.shapes[n]}: snapshots of different models in one directory")
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMeta | dict, *,
+                   sharded: bool = False) -> str:
+    """Write one snapshot of time ``time`` into ``directory``, whole or not at all; returns its path.
+
+    ``tensors``: ``"{k}:{name}"`` (profile ``k``, :func:`profile_key`) and ``"model:{name}"``
+    (:func:`kept_key`) entries; ``meta``: the metadata strings (format, version, run id, time,
+    gammas, names, shapes). A plain model's snapshot is one safetensors file (temporary file, then
+    rename), ``tensors`` mapping to ``(tensor, dtype)`` pairs streamed one at a time
+    (:func:`fastema._io.safetensors.stream_safetensors`), with the CRC-32 of every tensor's
+    bytes in the metadata (``checksums``). A sharded model's (``tensors`` holding DTensors) is a
+    collective: one DCP checkpoint directory written by every rank from its own shards into a
+    temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
+    readers ignore a snapshot without it. Every rank raises the same error when a rank could not
+    write. ``meta`` may be a :class:`SnapshotMeta` (written through :meth:`SnapshotMeta.to_metadata`)."""
+    if isinstance(meta, SnapshotMeta):
+        meta = meta.to_metadata()
+    base = os.path.join(directory, f"snapshot-{stamp(time)}")
+    if sharded:
+        return save_dcp(base, tensors, meta)
+    from .._io.safetensors import stream_safetensors
+
+    atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
+    return base + ".safetensors"
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+
+def tensor_reader(snap: Snapshot) -> Callable[[str], Any]:
+    """``key -> tensor`` of one snapshot, read on demand (one tensor at a time), each checked: a
+    key the metadata names, the shape the metadata gives (or the flat form of a ZeRO-3
+    partition), a floating dtype for the profiles, the checksum; tensors stored as bytes get their
+    dtype back. Every refusal is a ValueError naming the file and the tensor."""
+    meta = snap.meta
+    read = dcp_reader(snap.path) if snap.kind == "dcp" else _safetensors_reader(snap)
+
+    def expected(key: str):
+        if meta is None or meta.version < 2:
+            return None
+        return meta.shapes.get(split_key(key)[0])
+
+    def get(key: str):
+        import torch
+
+        want = expected(key)
+        t = read(key, want)
+        averaged = not split_key(key)[1]
+        if meta is not None and key in meta.raw:
+            dtype = getattr(torch, meta.raw[key], None)
+            if not isinstance(dtype, torch.dtype) or t.dtype != torch.uint8:
+                raise ValueError(f"{snap.path!r}: {key!r} is stored as {t.dtype}, with raw dtype "
+                                 f"{meta.raw[key]!r}; the snapshot is corrupt")
+            try:
+                t = t.reshape(-1).view(dtype).reshape(want if want is not None else (-1,))
+            except RuntimeError as err:
+                raise ValueError(f"{snap.path!r}: {key!r} does not hold whole {dtype} values ({err}); the "
+                                 f"snapshot is corrupt") from None
+        if want is not None and list(t.shape) != list(want) and not (
+                averaged and t.dim() == 1 and t.numel() == math.prod(want)):
+            raise ValueError(f"{snap.path!r}: {key!r} has shape {list(t.shape)}, but the metadata gives {want}; "
+                             f"the snapshot is corrupt: move it out of the folder to synthesise from the others")
+        if averaged and not t.is_floating_point():
+            raise ValueError(f"{snap.path!r}: the profile {key!r} is {t.dtype}, not a floating dtype; the snapshot "
+                             f"is corrupt")
+        return t
+
+    return get
+
+
+def _safetensors_reader(snap: Snapshot) -> Callable:
+    from safetensors import safe_open
+
+    st = regular(snap.path)
+    try:
+        handle = safe_open(snap.path, framework="pt")
+        keys = set(handle.keys())
+    except Exception as err:                      # SafetensorError, OSError
+        raise ValueError(f"{snap.path!r} is not a readable safetensors snapshot ({first_line(err)}); move it out "
+                         f"of the folder to synthesise from the others") from None
+    checksums = snap.meta.checksums if snap.meta is not None else {}
+
+    def read(key: str, want):
+        if key not in keys:
+            raise ValueError(f"{snap.path!r} has no tensor {key!r}, which its metadata names; the snapshot is "
+                             f"corrupt: move it out of the folder to synthesise from the others")
+        try:
+            part = handle.get_slice(key)
+            nbytes = math.prod(part.get_shape()) * ITEMSIZE.get(FROM_CODE.get(part.get_dtype(), ""), 8)
+        except Exception as err:                  # SafetensorError
+            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({first_line(err)}); the snapshot "
+                             f"is corrupt: move it out of the folder") from None
+        fits(snap.path, repr(key), nbytes, {os.path.basename(snap.path): st})
+        try:
+            t = handle.get_tensor(key)
+        except Exception as err:                  # SafetensorError, an allocation that failed
+            if out_of_memory(err):
+                raise MemoryError(f"{snap.path!r}: reading {key!r} ({nbytes} bytes) ran out of memory "
+                                  f"({first_line(err)}): synthesise on a machine with more memory") from None
+            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({first_line(err)}); the snapshot "
+                             f"is corrupt: move it out of the folder") from None
+        if key in checksums:
+            import torch
+
+            data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()) if t.numel() else b""
+            crc = f"{zlib.crc32(data):08x}"
+            if crc != checksums[key]:
+                raise ValueError(f"{snap.path!r}: tensor {key!r} fails its checksum (CRC-32 {crc}, written "
+                                 f"{checksums[key]}): the file was changed or damaged on disk after it was written. "
+                                 f"Move it out of the folder to synthesise from the others")
+        return t
+
+    return read

@@ -1,0 +1,148 @@
+"""Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
+time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model.
+
+Every tensor read is checked (:func:`~._snapshots.tensor_reader`: shape, dtype,
+checksum, a size this machine's memory can hold), every profile read must be finite, and so must
+the result. Running out of memory is a MemoryError naming the tensor (and the file, when reading)."""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any
+
+from .._io.safe_files import first_line, out_of_memory
+from ._meta import Snapshot, kept_key, profile_key
+from ._profiles import MAX_ERROR, Solution, solve
+from ._snapshots import read_snapshots, tensor_reader
+
+__all__ = ["Synthesized", "synthesize"]
+
+
+class Synthesized(dict):
+    """``name -> tensor`` of a synthesised average; ``.solution`` tells how it was made
+    (coefficients, relative error, condition number, time, gamma, sigma_rel)."""
+    solution: Solution
+
+
+def _solution_for(snaps: list[Snapshot], sigma_rel, gamma, time, max_error) -> Solution:
+    times = [s.time for s in snaps for _ in s.gammas]
+    gammas = [g for s in snaps for g in s.gammas]
+    return solve(times, gammas, sigma_rel=sigma_rel, gamma=gamma, time=time, max_error=max_error)
+
+
+def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
+    """The snapshots a synthesis at ``time`` combines (all of them when ``time`` is None)."""
+    if time is None:
+        return snaps
+    if isinstance(time, bool) or not isinstance(time, numbers.Real) or not math.isfinite(time):
+        raise ValueError(f"time must be a finite number, got {time!r}")
+    return [s for s in snaps if s.time <= float(time)] or snaps
+
+
+def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
+               time: float | None = None, max_error: float = MAX_ERROR, dtype=None, into=None) -> Synthesized:
+    """The average of the power-function profile ``sigma_rel`` (or ``gamma``) at ``time``
+    (default: the last snapshot's), from the snapshots in ``directory``, computed in float64 one
+    tensor at a time. Returns a :class:`Synthesized` ``name -> tensor`` dict (``dtype``: default
+    float32) whose ``.solution`` holds the coefficients and the relative error; ``into=model``
+    also loads it into that ``nn.Module`` (strict; an FSDP2 / tensor-parallel model through
+    ``set_model_state_dict``, which every rank must call). Reading is local to the caller (DCP
+    snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
+    represent to ``max_error`` (see :func:`solve`).
+
+    Nothing in ``directory`` can run code (see :mod:`fastema.posthoc`). Refused with a
+    ``ValueError`` naming the file (and the tensor): a folder that mixes runs or shapes (see
+    :func:`read_snapshots`), a snapshot that is truncated, corrupt or fails its checksum (move it
+    out of the folder to synthesise from the others), a profile holding inf or NaN, and a result
+    that is not finite in ``dtype``.
+    """
+    import torch
+
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype (default torch.float32), got {dtype!r}")
+    snaps = _up_to(read_snapshots(directory), time)
+    sol = _solution_for(snaps, sigma_rel, gamma, time, max_error)
+    dtype = torch.float32 if dtype is None else dtype
+    terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
+    files: dict = {}
+
+    def read(s: Snapshot, key: str):
+        if s.path not in files:
+            files[s.path] = tensor_reader(s)
+        return files[s.path](key)
+
+    out = Synthesized()
+    last = snaps[-1]
+    for name in last.averaged:
+        try:
+            out[name] = _combine(name, terms, sol, last, read, dtype)
+        except (RuntimeError, MemoryError) as err:
+            if not out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
+                raise                                 # not memory, or a reader's MemoryError naming its file
+            size = math.prod(last.shapes.get(name, [0]))
+            raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
+                              f"({first_line(err)}): synthesise on a machine with more memory") from None
+    for name in last.others:
+        out[name] = read(last, kept_key(name))
+    out.solution = sol
+    if into is not None:
+        _load_into(into, out)
+    return out
+
+
+def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype):
+    """One averaged tensor: the sum of its profiles by the coefficients, in float64, checked."""
+    import torch
+
+    acc: Any = None
+    first = None
+    for (s, k), x in zip(terms, sol.coefficients):
+        v = read(s, profile_key(k, name))
+        if first is None:
+            first = (s, v.shape)
+        elif v.shape != first[1]:
+            raise ValueError(f"{s.path!r} stores {name!r} with shape {list(v.shape)}, {first[0].path!r} with "
+                             f"shape {list(first[1])}: snapshots of different models in one directory")
+        v = v.to(torch.float64)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{s.path!r}: the profile {profile_key(k, name)} holds inf or NaN (a run that diverged, "
+                             f"or a float16 snapshot of values beyond +-65504): synthesise at a time before it "
+                             f"(time=), or move it out of the folder")
+        acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
+    shape = last.shapes.get(name, list(acc.shape))
+    if acc.numel() != math.prod(shape):
+        raise ValueError(f"{last.path!r} gives {name!r} the shape {shape}, but stores {acc.numel()} values; the "
+                         f"snapshot is corrupt")
+    result = acc.to(dtype).reshape(shape)
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(f"the synthesised {name!r} does not fit in {dtype} (values beyond its range): pass "
+                         f"dtype=torch.float32")
+    return result
+
+
+def _load_into(model, weights: dict) -> None:
+    import torch
+
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise ValueError(f"the snapshots do not match this model: missing {missing[:5]}, unexpected {extra[:5]}; "
+                         f"load them into the model they were taken of")
+    if any(type(t).__name__ == "DTensor" for t in own.values()):      # FSDP2 / TP: each rank keeps its part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
+        return
+    bad = [f"{n} {tuple(weights[n].shape)} into {tuple(t.shape)}" for n, t in own.items()
+           if t.shape != weights[n].shape]
+    if bad:
+        hint = (" (DeepSpeed ZeRO-3 parameters are partitioned: load inside deepspeed.zero.GatheredParameters("
+                "params, modifier_rank=0), or into an unpartitioned copy of the model)"
+                if any(hasattr(t, "ds_shape") for t in own.values()) else "")
+        raise ValueError(f"the synthesised tensors do not fit this model: {', '.join(bad[:3])}{hint}; nothing "
+                         f"was loaded")
+    with torch.no_grad():
+        for name, t in own.items():
+            t.copy_(weights[name])

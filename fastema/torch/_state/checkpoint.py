@@ -1,0 +1,446 @@
+"""The checkpoint side of a torch model average: torch tensor forms of the averages.
+
+Model-style state dicts of the averaged weights (:meth:`~TorchCheckpoint.averaged_state_dict`,
+DTensors on a sharded average, full tensors from :meth:`~TorchCheckpoint.full_state_dict`),
+a standalone ``module()`` copy, the average's own checkpoint (``state_dict`` /
+``load_state_dict``: schema :data:`FORMAT` / :data:`VERSION`, checked in full before anything is
+loaded; ZeRO-3 flat forms and DTensors of any layout) and ``save()`` to a model checkpoint file.
+A :class:`TorchCheckpoint` is held by every ``TorchAverage`` (:mod:`fastema.torch._average`,
+``self._checkpoint``): it reads the model side (:class:`~fastema.torch._tensors.model.TorchModel`) and
+what the face keeps besides the tensors (a :class:`CheckpointCore`: the engine's plan and
+counters, a window's ring), each handed to it at construction.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..._interrupts import ctrl_c_held
+from ..._io.files import atomic_write as _atomic_write
+from ..._io.safetensors import stream_safetensors, stream_torch_save
+from ..._state import check_header, refuse_load
+from .._sharding import tensors as _sharded
+from .._tensors.hooks import match_names, unwrap
+from .._tensors.slots import local_key
+from .agree import Stamp, agreed, load_stamp
+from .slices import full_entry
+
+if TYPE_CHECKING:
+    from ...average import ModelSwap
+    from .._tensors.model import TorchModel
+
+__all__ = ["FORMAT", "VERSION", "CheckpointCore", "TorchCheckpoint", "global_view", "local_part", "staged"]
+
+FORMAT = "fastema.torch.EMA"
+VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host copy of ``t`` with a storage of its own (what a checkpoint entry should be:
+    ``safetensors.torch.save_file`` takes it, ``torch.save`` of it writes it alone, holding it keeps
+    nothing else alive). Synchronous: the values are there on return."""
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
+
+
+def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
+    """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
+    :func:`global_view`): what ``state_dict()`` hands out, so that ``dcp.load`` writes into them and
+    not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
+    pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
+    sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
+    staging makes them)."""
+    out = {}
+    for n, v in views.items():
+        spec = side.specs.get(n)
+        if stacked and spec is not None and spec.slices:     # split over replicas: this rank's pieces only
+            from .slices import slices
+
+            out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
+        else:
+            out[n] = global_view(side, n, _host_copy(v), stacked)
+    return out
+
+
+def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool = False):
+    """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
+    (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
+    spec = side.specs.get(name)
+    if spec is None:
+        return view
+    return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
+
+
+def global_shape(side: TorchModel, name: str, dst: torch.Tensor, stacked: bool) -> tuple:
+    """The shape a checkpoint entry of ``dst`` has (:func:`global_view`'s), with no collective: a
+    tensor cut into pieces over the ranks (split over replicas, ZeRO-1/2 masters) is not gathered."""
+    spec = side.specs.get(name)
+    if spec is not None and spec.pieces is not None:
+        whole = spec.shape if spec.replica_dim is not None else spec.pieces[0]     # HSDP: the global shape
+        return ((dst.shape[0],) if stacked else ()) + tuple(whole)
+    return tuple(global_view(side, name, dst, stacked).shape)
+
+
+def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
+    tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
+    from a DTensor for an unsharded one (a collective)."""
+    spec = side.specs.get(name)
+    if type(value).__name__ == "Slices" and (spec is None or not spec.slices):
+        raise ValueError("this entry holds one rank's pieces of an average split over replicas (shard_replicas): "
+                         "load it with torch.distributed.checkpoint (dcp.load({'ema': ema})), which reads every "
+                         "rank's pieces, or save a full checkpoint with ema.full_state_dict()")
+    if spec is None:
+        return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
+    spec = _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec
+    if spec.slices and type(value).__name__ == "Slices":  # a split average's own checkpoint entry
+        from .slices import piece_of_slices
+
+        return piece_of_slices(value, spec)              # type: ignore[arg-type]  # a Slices (checked above)
+    return _sharded.piece_of(value, spec)
+
+
+class CheckpointCore(Protocol):
+    """What a face keeps in its checkpoint besides the model side's tensors: the engine
+    (:class:`~fastema.average.Average`: its plan and counters) or a window's counts and ring.
+    ``plan_state()`` holds ``"calls"`` (``update()`` calls so far), which ``load_plan_state`` loads."""
+
+    def check_row(self, row: int) -> None: ...
+
+    def plan_state(self) -> dict: ...
+
+    def check_plan_state(self, state: dict, problems: list) -> None: ...
+
+    def load_plan_state(self, state: dict) -> None: ...
+
+
+class TorchCheckpoint:
+    """Export and checkpoints of a torch model average (held as ``TorchAverage._checkpoint``).
+
+    Args:
+        side: the model side (shadows, names, layouts, following the model).
+        core: what the face keeps besides the tensors (see :class:`CheckpointCore`).
+        fmt: the checkpoint's ``"format"``.
+        kind: the face's class name, for messages.
+        swap: the face's swap state: every read and write refuses a swapped model.
+        calls: ``update()`` calls so far (what every rank of a split or sharded average must agree on
+            before a read gathers: :mod:`fastema.torch._state.agree`).
+    """
+
+    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, kind: str, swap: ModelSwap,
+                 calls: Callable[[], int]):
+        self.side, self.core, self.format, self.kind, self.swap = side, core, fmt, kind, swap
+        self.calls = calls
+
+    # ------------------------------------------------------------ the ranks' agreement (see _agree)
+
+    def groups(self, swap: bool = False) -> list:
+        """``(process group, device type)`` of every group a collective read or load of this average
+        spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or ``copy_to``
+        gathers over (a split average's replica group; none for a sharded one, which swaps its own
+        shards). Empty without a process group."""
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            return []
+        side = self.side
+        if swap:
+            group = side.avg.group                        # split over replicas: its reads gather
+            return [] if group is None else [(group, _replica_device(group))]
+        groups: list = []
+        specs = side.specs
+        replicas = side.avg.group
+        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
+            spec = specs.get(n)
+            if spec is None:
+                continue
+            for dim in range(spec.mesh.ndim):
+                group = spec.mesh.get_group(dim)
+                if all(group is not g[0] for g in groups):    # the split's run id: over its replica group only
+                    here = spec.replica_dim == dim if spec.replica_dim is not None else replicas is not None
+                    groups.append((group, spec.mesh.device_type, here))
+        return groups
+
+    def agreed(self, what: str, *, swap: bool = False, gathers: bool = True, stamp: Stamp | None = None):
+        """A block of a read's (or a load's) checks after which every rank of :meth:`groups` agrees:
+        a rank whose block raises makes every rank refuse at once, and ranks whose stamps differ (a
+        rank skipped an ``update()``) refuse alike (:func:`fastema.torch._state.agree.agreed`). No exchange
+        where the read makes no collective (``gathers`` False, or no group)."""
+        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
+        return agreed(self.groups(swap) if gathers else [], mine, f"{self.kind}.{what}")
+
+    @property
+    def split_id(self) -> int:
+        """The split's run id: rank 0's, agreed at construction; taken from the checkpoint a load reads."""
+        return int(self.side.avg.split_id or 0)
+
+    def writer(self) -> bool:
+        """Whether this rank writes a gathered average (``save()``) and keeps it (``rank0_only``): the
+        first rank of the average's group (the mesh's first rank; with a replica group, that group's
+        first rank), global rank 0 for an unsharded one."""
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            return True
+        specs = self.side.specs
+        if specs:
+            mesh = next(iter(specs.values())).mesh
+            return dist.get_rank() == int(mesh.mesh.flatten()[0])
+        return dist.get_rank() == 0
+
+    @property
+    def sharded(self) -> bool:
+        """True when a tracked tensor is a DTensor (FSDP2, tensor parallel, HSDP)."""
+        return bool(self.side.specs)
+
+    def check_row(self, row: int) -> None:
+        """IndexError unless ``row`` is one of the averages the face shows."""
+        self.core.check_row(row)
+
+    def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+        """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
+        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
+        of a tied or aliased tensor gets its average."""
+        specs = self.side.specs
+        gathers = any(s.pieces is not None for s in specs.values())     # split or ZeRO-1/2: pieces gathered
+        with self.agreed("averaged_state_dict()", gathers=gathers):
+            self.swap.refuse("averaged_state_dict()")
+            entries = self.entries(row)
+        out = {}
+        for name, t, source, value in entries:
+            if source is None:
+                out[name] = t.detach().clone()             # excluded: the model's own value
+            elif source in specs:                          # a sharded average: this rank's part, as a DTensor
+                out[name] = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
+            else:
+                out[name] = value().to(t.dtype, copy=True)
+        return out
+
+    def entries(self, row: int) -> list:
+        """``(name, model tensor, source, value)`` for every entry of the model's state dict:
+        ``source`` the name this average tracks it under (None: not tracked), ``value()`` its
+        average of ``row`` (averaged), its copy (copied buffers) or None. Checks the sources."""
+        self.check_row(row)
+        side = self.side
+        side.follow()
+        avg, copied, ints = side.avg, side.copy, side.int_buffers
+        avg.check_sources()                            # a same-address reshape or cast is named here
+        if copied is not None:
+            copied.check_sources()
+        tracked: dict[str, Callable[..., torch.Tensor]] = {}
+        for n in avg.names:
+            tracked[n] = lambda n=n: avg.view(n, row)
+        if copied is not None:
+            for n in copied.names:
+                tracked[n] = functools.partial(copied.view, n)
+        for n in ints:
+            tracked[n] = lambda n=n: ints[n][1]
+        inner = unwrap(side.model)
+        own: dict[str, torch.Tensor] = dict(inner.named_parameters(remove_duplicate=False))
+        own.update(inner.named_buffers(remove_duplicate=False))
+        by_key = {local_key(own[n]): n for n in tracked if n in own and local_key(own[n]) is not None}
+        out = []
+        for name, t in inner.state_dict(keep_vars=True).items():
+            source = name if name in tracked else by_key.get(local_key(t))
+            out.append((name, t, source, None if source is None else tracked[source]))
+        return out
+
+    def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
+        takes. On a sharded average this is a collective (every rank must call it): each tensor is
+        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
+        is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (global rank 0
+        by default; see :meth:`writer`), the other ranks get ``{}``."""
+        def check() -> None:
+            if not isinstance(rank0_only, bool):
+                raise TypeError(f"rank0_only must be True or False, got {rank0_only!r}")
+
+        keep = rank0_only is not True or self.writer()
+        out = {}
+        for name, value in self.full_items(row, check=check):
+            if keep:
+                out[name] = value
+        return out
+
+    def full_items(self, row: int, what: str = "full_state_dict()", check: Callable[[], None] | None = None):
+        """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
+        collective per sharded tensor, in the model's state-dict order on every rank). The tensors
+        are fresh copies in the model's dtypes (excluded tensors: of the model's own values). The
+        ranks agree first (every check on every rank, the same update count)."""
+        with self.agreed(what):
+            if check is not None:
+                check()                                        # the caller's argument checks: inside, never a hang
+            self.swap.refuse(what)
+            entries = self.entries(row)
+        own = dict(unwrap(self.side.model).named_parameters(remove_duplicate=False))
+        specs = self.side.specs
+        for name, t, source, value in entries:
+            if source is None:
+                v = t.detach().clone()                         # excluded: the model's own value
+            elif source in specs:                              # a sharded average: this rank's part, as a DTensor
+                v = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
+            else:
+                v = value().to(t.dtype, copy=True)
+            v = _sharded.full(v)
+            ds_shape = getattr(own.get(name), "ds_shape", None)
+            if ds_shape is not None:
+                v = v.view(ds_shape)                           # ZeRO-3 partitions gather flat
+            yield name, v
+
+    def module(self, row: int = 0) -> nn.Module:
+        """A standalone copy of the model holding the averaged weights (for export or another process)."""
+        if self.sharded:
+            raise TypeError("module() copies the whole model on every rank, and this average is sharded (FSDP2 / "
+                            "tensor parallel) or split over replicas (shard_replicas): use "
+                            "full_state_dict(rank0_only=True) and load it into a plain model, or "
+                            "copy_to(plain_model), or save(path)")
+        state = self.averaged_state_dict(row)
+        clone = copy.deepcopy(unwrap(self.side.model))
+        clone.load_state_dict(state)
+        return clone
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self, gathered: bool = False) -> dict:
+        """See ``TorchAverage.state_dict``: host copies (DTensors on a sharded average) of every shadow
+        view, the counters and settings. ``gathered=True`` (a split average's checkpoint that one rank
+        writes whole: Lightning's): every entry a full tensor, gathered (a collective every rank of the
+        group joins, after they agree), which ``load_state_dict`` cuts again on any number of ranks."""
+        with self.agreed("state_dict()", gathers=gathered):
+            self.swap.refuse("state_dict()")
+        side = self.side
+        if side.resync:                                  # a DDP wrap since construction: start over first
+            side.follow()
+        avg, copied = side.avg, side.copy
+        state = {
+            "format": self.format, "version": VERSION, **self.core.plan_state(),     # "calls" first
+            "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
+            "averaged": staged(side, {n: avg.state_view(n) for n in avg.names}, True),
+            "copied": staged(side, {n: copied.view(n) for n in copied.names}) if copied is not None else {},
+            "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
+        }
+        if avg.split_id is not None:
+            state["split_id"] = self.split_id            # which split run the slices are of (see _agree)
+        if gathered:
+            for key in ("averaged", "ring"):
+                if isinstance(state.get(key), dict):
+                    state[key] = {n: full_entry(side.specs, n, v) for n, v in state[key].items()}
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
+        with self.agreed("load_state_dict()", stamp=load_stamp(state)):   # every rank loads, or none does
+            loads = self._checked_loads(state, strict)
+        with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
+            for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
+                dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
+            self.core.load_plan_state(state)         # the counters ("calls" too) and the face's own state
+            if "split_id" in state and self.side.avg.split_id is not None:
+                self.side.avg.split_id = int(state["split_id"])
+
+    def join_refusing(self, err: BaseException) -> None:
+        """This rank cannot read what it would load (its file is missing or damaged): join the load's
+        exchange refusing, so every rank raises at once, naming this rank (never a hang); raises."""
+        with self.agreed("load_state_dict()"):
+            raise err
+
+    def _checked_loads(self, state: dict, strict: bool) -> list:
+        """Every check of :meth:`load_state_dict` on this rank: the ``(destination, value)`` pairs to
+        write, or the refusal naming every problem."""
+        kind = self.kind
+        check_header(state, self.format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
+                                                       f"{kind} checkpoint ({kind}.state_dict()) here")
+        self.swap.refuse("load_state_dict()")
+        problems = []
+        loads = []                                   # (destination view, value), written only if all is well
+        side = self.side
+        avg, copied, ints = side.avg, side.copy, side.int_buffers
+
+        def copied_view(n: str) -> torch.Tensor:
+            assert copied is not None                # asked of its names only
+            return copied.view(n)
+
+        groups = (("averaged", avg.names, avg.state_view, True, True),
+                  ("copied", copied.names if copied is not None else [], copied_view, False, False),
+                  ("int_buffers", list(ints), lambda n: ints[n][1], False, False))
+        for key, names, view_of, finite, stacked in groups:
+            saved = state.get(key, {})
+            if not isinstance(saved, dict):
+                problems.append(f"{key} is a {type(saved).__name__}, expected a dict of tensors")
+                continue
+            matched, unused = match_names(saved, names)
+            missing = [n for n in names if n not in matched]
+            if missing:
+                problems.append(f"{key} missing {missing[:5]}")
+            if unused and strict:
+                problems.append(f"{key} unexpected {unused[:5]}")
+            for n, value in matched.items():
+                dst = view_of(n)
+                shape = global_shape(side, n, dst, stacked)
+                if not isinstance(value, torch.Tensor):
+                    problems.append(f"{key} {n!r} is a {type(value).__name__}, expected a tensor")
+                    continue
+                spec = side.specs.get(n)
+                # ZeRO-3 averages are saved flat, (rows, numel); either form loads into either layout
+                flat = stacked and not _sharded.is_dtensor(value) and value.dim() >= 1 and len(shape) >= 1 and (
+                    (spec is not None and spec.view_shape is not None and
+                     tuple(value.shape) == (shape[0], *spec.view_shape)) or
+                    (spec is None and tuple(value.shape) == (shape[0], dst[0].numel()) and len(shape) != 2))
+                if tuple(value.shape) != tuple(shape) and not flat:
+                    problems.append(f"{key} {n!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+                    continue
+                try:
+                    value = local_part(side, n, value, dst, stacked)
+                except ValueError as e:                    # a refusal, never a one-rank raise (see below)
+                    problems.append(f"{key} {n!r}: {e}")
+                    continue
+                if spec is not None and spec.valid is not None:
+                    dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
+                if value.device.type == "meta":
+                    problems.append(f"{key} {n!r} is a meta tensor (no values)")
+                elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
+                    problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
+                elif finite and not bool(torch.isfinite(value).all()):
+                    problems.append(f"{key} {n!r} holds inf or NaN")
+                else:
+                    loads.append((dst, value))
+        calls = state.get("calls")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            problems.append(f"calls must be an int >= 0, got {calls!r}")
+        split_id = state.get("split_id", 0)
+        if isinstance(split_id, bool) or not isinstance(split_id, int):
+            problems.append(f"split_id must be an int, got {split_id!r}")
+        self.core.check_plan_state(state, problems)
+        refuse_load(kind, problems, " this model")
+        return loads
+
+    def save(self, path: str | os.PathLike, row: int = 0) -> None:
+        """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
+        checked: list = []                 # the path, checked (inside the ranks' agreement when sharded)
+        if self.sharded:                   # collective: every rank gathers, the group's first rank keeps and writes
+            first = self.writer()
+            tensors = {}
+            for name, value in self.full_items(row, "save()", check=lambda: checked.append(os.fspath(path))):
+                if first:
+                    tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
+            if not first:
+                return
+        else:                              # every check first; the values are read while the file is written
+            checked.append(os.fspath(path))
+            self.swap.refuse("save()")
+            tensors = {name: (t.detach() if value is None else value(), t.dtype)
+                       for name, t, _, value in self.entries(row)}
+        target: str = checked[0]
+        stream = target.endswith(".safetensors")
+        if stream:
+            _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+        else:                              # torch.save's format, one host copy at a time
+            _atomic_write(target, lambda f: stream_torch_save(f, tensors))
+
+
+def _replica_device(group) -> str:
+    from .._placement.replicas import mesh_device
+
+    return mesh_device(group)

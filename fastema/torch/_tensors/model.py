@@ -1,0 +1,439 @@
+"""The model side of a torch model average: :class:`TorchModel`, which of the model's tensors are
+averaged or copied, where they are, and following the model as it changes under the average.
+
+A :class:`TorchModel` owns its selection (:class:`Selection`: averaged and copied names, integer
+buffers, DTensor layouts, DeepSpeed's float32 masters; PEFT models: :func:`resolve_trainable_only`),
+the two shadows of what it reads (``avg``, made by the face from :attr:`~TorchModel.averaged` and
+handed over by :meth:`~TorchModel.attach`; ``copy``, the copied floating buffers), where the
+tensors sit (a :class:`~fastema.torch._tensors.slots.Slots`, which makes the per-step check), following
+re-registered or moved tensors (:meth:`TorchModel.follow`), the restart after a DDP wrap
+(:attr:`~TorchModel.resync`), settling FSDP2 / ZeRO-3 gathered copies before the model's tensors
+are written, and the tensors the ``torch.compile`` operators declare. It is the engine's
+``ModelAdapter`` (:meth:`~TorchModel.begin`, :meth:`~TorchModel.scan`, :meth:`~TorchModel.carry`)
+and what the registration hooks (:mod:`fastema.torch._tensors.hooks`) watch. The averages
+(:mod:`fastema.torch._average`) have one.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from ..._backends.torch import refuse_foreign as _refuse_foreign_torch
+from ...flat import FlatShadow
+from .._sharding import masters as _deepspeed
+from .._sharding import tensors as _sharded
+from .follow import Followed
+from .hooks import matches, patterns, unsynced, unwrap, watch
+from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, storage_key, tensors_of
+
+__all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only"]
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
+    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` / ``load_adapter``).
+    Does not import peft."""
+    inner = unwrap(model)
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
+        return True
+    config = getattr(inner, "peft_config", None)
+    return isinstance(config, dict) and bool(config)
+
+
+def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tuple[bool, bool]:
+    """``(trainable_only, defaulted)``: ``None`` means True for a PEFT model (``defaulted`` is
+    then True: the average says so once it is made), False for any other model."""
+    if trainable_only is None:
+        peft = is_peft_model(model)
+        return peft, peft
+    if not isinstance(trainable_only, bool):
+        raise TypeError(f"trainable_only must be True, False or None (True for PEFT models), got {trainable_only!r}")
+    return trainable_only, False
+
+
+class Selection(NamedTuple):
+    """What a model average reads of a model: the face's arguments (see :class:`fastema.torch.EMA`)."""
+
+    buffers: str = "copy"                        # floating buffers: "copy", "average" or "ignore"
+    exclude: Sequence[str] = ()                  # name patterns left out
+    copy: Sequence[str] = ()                     # name patterns copied instead of averaged
+    trainable_only: bool | None = None           # None: True for a PEFT model
+
+
+def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
+    """What ``trainable_only=True`` leaves out: a parameter with ``requires_grad=False``, a buffer
+    of a module with no trainable parameter of its own (a frozen base model's statistics)."""
+    if kind == "parameter":
+        return not t.requires_grad
+    prefix = name.rpartition(".")[0]
+    owner = model.get_submodule(prefix) if prefix else model
+    return not any(p is not None and p.requires_grad for p in owner._parameters.values())
+
+
+class TorchModel(Followed):
+    """The model side of one torch model average: which tensors it tracks and where they are now.
+
+    Built in one direction: ``TorchModel(model, selection, ...)`` selects the tensors
+    (:attr:`averaged` is what the face's shadow is made of), then :meth:`attach` takes that shadow
+    (``avg``) and makes the compiled operators' lists once.
+
+    Args:
+        model: the model (bare, DDP-, torch.compile- or DeepSpeed-wrapped).
+        selection: what is read of it (see :class:`fastema.torch.EMA`).
+        kind: the face's class name, for messages (``"EMA"``).
+        check: the face's refusal before every update call (a swapped model), a plain function;
+            :meth:`begin` calls it first.
+        on_restart: the face's: start its averages over from the model, unless something but the
+            construction went into them (then False). See :attr:`resync`.
+
+    ``resync`` is set by the registration hooks when the model is wrapped in
+    DistributedDataParallel after construction (which broadcast rank 0's weights into it):
+    :meth:`restart` then runs ``on_restart`` at the model's first forward, or at the next read
+    (:meth:`follow`) if that comes first, and warns when the averages could not start over.
+    """
+
+    def __init__(self, model: nn.Module, selection: Selection, *, kind: str, check: Callable[[], None],
+                 on_restart: Callable[[], bool]):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        buffers = selection.buffers
+        if buffers not in ("copy", "average", "ignore"):
+            raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
+        self.kind, self.check, self.on_restart = kind, check, on_restart
+        self.resync = False                            # wrapped in DDP after construction: restart() pending
+        self.buffers = buffers
+        self.exclude, self.copy_patterns = patterns("exclude", selection.exclude), patterns("copy", selection.copy)
+        self.trainable_only, self.defaulted = resolve_trainable_only(model, selection.trainable_only)
+        self.model = model
+        inner = unwrap(model)
+        self.int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
+        self.fsdp = _sharded.fsdp_modules(inner)              # FSDP2 modules, resharded before any read
+        self.engine = model if type(model).__name__ == "DeepSpeedEngine" else None
+        self.steps = _deepspeed.steps(self.engine)            # DeepSpeed: one fold per optimizer step (M2)
+        self.specs: dict[str, _sharded.Spec] = {}            # name -> layout of a DTensor's local shard
+        self.replica_specs: dict[str, _sharded.Spec] = {}    # name -> pieces over replicas (split)
+        _sharded.reshard(self.fsdp)
+        averaged, copied = self._select(inner)
+        self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=4)
+        if self.masters is not None:                    # ZeRO-3: the optimizer's float32 masters read instead
+            averaged.update(self.masters.views)
+            self.specs.update(self.masters.specs)       # ZeRO-1/2: pieces of the parameters, gathered in exports
+        self.local_shards = bool(self.specs)            # DTensors / ZeRO-3 / masters: local shards are tracked
+        self.known = set(tensors_of(inner))             # every name at construction: others are new (M4)
+        if not averaged:
+            raise ValueError("the model has no floating-point parameters to average (check exclude= and copy="
+                             + (", and trainable_only" + (" (True by default for a PEFT model)" if self.defaulted
+                                                          else "") + ": no parameter has requires_grad=True)"
+                                if self.trainable_only else ")"))
+        self.names = (list(averaged), list(copied))
+        self.averaged = averaged                        # name -> tensor: what the face's shadow is made of
+        self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
+        self.copy = FlatShadow(copied, dtype="same") if copied else None
+        self.avg: Any = None                            # the face's shadow of averaged (attach)
+        self.slots = self._slots(inner)
+        self.plan_tensors: list = []                    # the face's device-plan arrays (written by an update)
+        self.ops: dict = {}                             # the compiled operators' lists (attach)
+        watch((inner,), self)
+
+    def attach(self, shadow) -> None:
+        """Take the face's shadow of :attr:`averaged` (``avg``; a ``FlatShadow`` or one with its
+        methods): checked against the copied group (no memory in both), the slots recorded, the
+        compiled operators' lists made."""
+        self.avg = shadow
+        if self.copy is not None:                       # no memory in both groups (a buffer viewing a weight)
+            disjoint_groups(shadow, self.copy)
+        self.slots.record()
+        self.ops = self.op_lists()
+
+    def split(self, specs: dict) -> None:
+        """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every rank's
+        piece, :meth:`fastema.torch._placement.replicas.ReplicaShadow.specs`) tell the checkpoint side so."""
+        self.replica_specs = dict(specs)
+        self.specs.update(specs)
+
+    def also_written(self, tensors: list) -> None:
+        """Tensors every update writes besides the shadows (the face's device-plan arrays), which the
+        compiled operators declare too (added to the lists :meth:`attach` made)."""
+        self.plan_tensors = list(tensors)
+        self.ops["update"][0].extend(_static(self.plan_tensors))
+
+    # ------------------------------------------------------------ the engine's ModelAdapter
+
+    def begin(self, due: bool) -> None:
+        """Before an update call: the face's refusals, then, when the call folds, follow the model
+        (every group, or a refusal before anything is written)."""
+        self.check()
+        if due and (self.resync or not self.slots.unchanged(self.stale)):    # follow()'s usual step, inlined
+            self.follow()
+
+    def carry(self, flags: dict | None) -> None:
+        """After an update (:meth:`begin` followed the model in this call): the copied buffers, the
+        integer ones (copied with torch), each kept where ``flags`` is set on its device."""
+        copy = self.copy
+        if copy is not None:                        # addresses checked by follow() in this update
+            copy.copy_from_sources_checked(flags)
+        if self.int_buffers:
+            srcs, dsts = zip(*self.int_buffers.values())
+            copy_unless_flagged_(dsts, srcs, flags)
+
+    def copy_buffers(self) -> None:
+        """The copied and integer buffers from the model, as they are now (a restart, a snapshot of
+        a window: the shadows check the addresses themselves)."""
+        if self.copy is not None:
+            self.copy.copy_from_sources()
+        if self.int_buffers:
+            srcs, dsts = zip(*self.int_buffers.values())
+            copy_unless_flagged_(dsts, srcs, None)
+
+    def scan(self, flags: dict | None) -> dict:
+        """Non-finite flags over every averaged and copied floating tensor (device values, no sync),
+        added to ``flags`` when given. The addresses are current: :meth:`begin` checked them in this
+        call (no second address read per tensor)."""
+        flags = self.avg.scan_groups(flags)
+        if self.copy is not None:
+            flags = self.copy.scan_groups(flags)
+        return flags
+
+    # ------------------------------------------------------------ the model's tensors
+
+    def _select(self, model: nn.Module) -> tuple[dict, dict]:
+        """``(averaged, copied)``: ``name -> tensor`` of what this average reads (local shards of
+        sharded tensors); integer and complex-copied tensors go to ``int_buffers``."""
+        averaged, copied = {}, {}
+        wrapped = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module." in n]
+        if wrapped:
+            raise TypeError(f"the model is wrapped by FSDP1 (FullyShardedDataParallel; {wrapped[0]!r}): its "
+                            f"parameters are rank-dependent pieces of flat parameters. Use FSDP2 "
+                            f"(torch.distributed.fsdp.fully_shard), or make the EMA of an unwrapped copy of "
+                            f"the model. Nothing was written.")
+        seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
+                    continue
+                if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
+                    t, self.specs[name] = _sharded.local(t, f"{kind} {name!r}")
+                _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
+                key = storage_key(t)
+                if key is not None and key in seen:
+                    continue                    # the same memory under another name: exported under both
+                if key is not None:
+                    seen[key] = name
+                if t.is_complex():
+                    if not matches(name, self.copy_patterns):
+                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages real "
+                                        f"floating tensors; list it in copy= to carry its latest value, or "
+                                        f"exclude= it")
+                    self.int_buffers[name] = (t, t.detach().clone())
+                elif not t.is_floating_point():   # integer tensors travel as copies
+                    self.int_buffers[name] = (t, t.detach().clone())
+                elif kind == "buffer" and self.buffers == "ignore":
+                    continue
+                elif matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
+                    copied[name] = t
+                else:
+                    averaged[name] = t
+        return averaged, copied
+
+    def _slots(self, inner: nn.Module) -> Slots:
+        """Where every tracked tensor sits in the model (see :class:`~fastema.torch._tensors.slots.Slots`),
+        not recorded yet: the per-step check that the model still holds the tensors the shadows
+        read (H3), and what ``DeepSpeed`` may move (its flat master buffers: ``offload_states``)."""
+        params = {n for n, _ in inner.named_parameters()}
+        entries = [(0, n, "parameter" if n in params else "buffer")
+                   for n in self.names[0] + self.names[1] + list(self.int_buffers)]
+        masters = self.masters
+        return Slots((inner,), entries, self, sharded=self.local_shards, fsdp=self.fsdp,
+                     also=masters.addresses if masters is not None else None)
+
+    def _refuse_added(self) -> None:
+        """Refuse, naming them, parameters and buffers added to the model after construction that this
+        average does not track: an update would skip them and every export (``averaged_state_dict``,
+        ``save``, ``module``, a swap, snapshots) would carry their raw values as averages (M4). Fine:
+        other names of tracked (or excluded) tensors, names matching ``exclude=``, buffers with
+        ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
+        averaged. A walk of the model's modules: run when the registration hooks marked the average
+        stale or a slot moved, or, without the hooks, when a module's tables changed."""
+        inner = unwrap(self.model)
+        now = tensors_of(inner)
+        new = [n for n in now if n not in self.known]
+        if not new:
+            return
+        known_memory = {local_key(now[n][1]) for n in now if n in self.known}
+        added = []
+        for n in new:
+            kind, t, persistent = now[n]
+            if matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
+                    not persistent and self.buffers == "copy"))):
+                continue
+            if self.trainable_only and _frozen(inner, kind, n, t):
+                continue                          # frozen: not tracked (a new PEFT adapter is added frozen)
+            key = local_key(t)
+            if key is not None and key in known_memory:
+                continue                          # another name of a tensor the average knows (a new tie)
+            added.append(n)
+        if added:
+            kind = self.kind
+            raise ValueError(f"the model has {len(added)} parameter(s) or buffer(s) added after {kind}(model) that "
+                             f"this average does not track: {added[:5]}; an update would leave them out and an "
+                             f"export would carry their raw values as averages. Make a new {kind} of the changed "
+                             f"model, or exclude= them (exclude={added[:3]!r}). Nothing was written.")
+
+    def follow(self) -> bool:
+        """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
+        anything is written; :class:`~fastema.torch._tensors.follow.Followed`), and start over from the
+        model after a DDP wrap (:meth:`restart`). True: the shadows' addresses are current."""
+        Followed.follow(self)
+        if self.resync:
+            self.restart()
+        return True
+
+    def _relook(self, moved: bool, renamed: bool) -> None:
+        if moved or renamed:                          # something was registered, or a table changed: new names?
+            self._refuse_added()
+        if moved or self.stale:
+            self._rebind()
+            self.avg.refresh()                        # storage moved under a tensor the shadow already holds
+            if self.copy is not None:
+                self.copy.refresh()
+        self.slots.record()                           # once every group passed
+
+    def restart(self, model: nn.Module | None = None) -> None:
+        """After a DDP wrap (:attr:`resync`): start the averages over from the model's weights (rank
+        0's, broadcast by the wrap), or warn that the ranks' averages may differ when updates went
+        into them already. Called at the model's first forward (``model``) or the next read."""
+        if self.resync:
+            self.resync = False
+            if not self.on_restart():
+                unsynced(self.kind)
+
+    def _rebind(self) -> None:
+        # A parameter or buffer was re-registered (load_state_dict(assign=True), ...):
+        # follow the new tensors if they fit the shadow, else refuse before writing anything.
+        inner = unwrap(self.model)
+        named: dict[str, torch.Tensor] = dict(inner.named_parameters())
+        named.update(inner.named_buffers())
+        wanted = self.names[0] + self.names[1] + list(self.int_buffers)
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
+                             f"make a new EMA for the new model. Nothing was updated.")
+        specs = {}
+        for n in wanted:                          # sharded parameters: their local shards
+            if _sharded.is_sharded(named[n]):
+                named[n], specs[n] = _sharded.local(named[n], repr(n))
+        masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
+        if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)
+            named.update(masters.views)
+            specs.update(masters.specs)
+        moved = [n for n in set(specs) | set(self.specs) if n not in self.replica_specs and (
+                 n not in specs or n not in self.specs or specs[n].shape != self.specs[n].shape or
+                 specs[n].placements != self.specs[n].placements)]
+        split = self.replica_specs                # split over replicas: each DTensor's layout as it was made
+        moved += [n for n in split if (n in specs) != (split[n].replica_dim is not None) or (
+                  n in specs and (specs[n].shape != split[n].shape or specs[n].placements != split[n].placements))]
+        if moved:
+            raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was made (it is laid out "
+                             f"over the ranks differently now); make a new average of the model as it is, or "
+                             f"load this one's checkpoint into it. Nothing was updated.")
+        for n, (_, copy_) in self.int_buffers.items():
+            if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
+                raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
+                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
+        old = self.avg.sources
+        self.avg.rebind({n: named[n] for n in self.names[0]})
+        if self.copy is not None:
+            try:
+                self.copy.rebind({n: named[n] for n in self.names[1]})
+                disjoint_groups(self.avg, self.copy)
+            except Exception:
+                self.avg.rebind(old)
+                raise
+        for n, (_, copy_) in list(self.int_buffers.items()):
+            self.int_buffers[n] = (named[n], copy_)
+        self.local_shards = bool(specs)
+        specs.update(self.replica_specs)          # the split over replicas stays as made
+        self.specs, self.masters = specs, masters
+        self.ops = self.op_lists()
+        self.slots = self._slots(inner)           # follow() records them once all groups pass
+        self.stale = False
+        watch((inner,), self)                    # new submodules are watched too
+
+    def settle(self) -> None:
+        """Before the model's tensors are written (swap, copy-out): no gathered copy may outlive the
+        write. FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules,
+        which the next forward would use as they are (the EMA weights after a swap back): reshard.
+        ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
+        _sharded.reshard(self.fsdp)
+        if self.fsdp and torch.cuda.is_available() and any(t.device.type == "cpu" for t in self.avg.sources):
+            torch.cuda.current_stream().synchronize()   # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
+        if self.zero3:
+            _sharded.release_zero3(self.zero3, self.engine)
+
+    # ------------------------------------------------------------ torch.compile
+
+    def op_lists(self) -> dict:
+        """``op -> (tensors it writes, tensors it reads)`` for the compiled operators (``_compile``):
+        every tensor an eager call touches, so functionalization sees each write. Made when the
+        tensors change (construction, rebind), never while tracing."""
+        avg, copy = self.avg, self.copy
+        shadows = avg.written() + (copy.written() if copy is not None else [])
+        sources = list(avg.sources) + (list(copy.sources) if copy is not None else [])
+        ints = list(self.int_buffers.values())
+        owned = _static(shadows + [d for _, d in ints] + self.plan_tensors)
+        return {"update": (owned, sources + [s for s, _ in ints]),
+                "swap": (shadows + sources, []),
+                "copy_to": (sources, shadows)}
+
+    def read_from(self, read: list) -> Callable[[], None]:
+        """Read the sources from ``read`` (in :meth:`op_lists` order) until the returned function
+        is called: a compiled operator handed other tensors than the model's own."""
+        avg, copy = self.avg, self.copy
+        n_avg = len(avg.sources)
+        n_copy = len(copy.sources) if copy is not None else 0
+        old = (list(avg.sources), list(copy.sources) if copy is not None else [], dict(self.int_buffers))
+        avg.retarget(read[:n_avg])
+        if copy is not None:
+            copy.retarget(read[n_avg:n_avg + n_copy])
+        for (name, (_, dst)), src in zip(list(self.int_buffers.items()), read[n_avg + n_copy:]):
+            self.int_buffers[name] = (src, dst)
+
+        def restore() -> None:
+            avg.retarget(old[0])
+            if copy is not None:
+                copy.retarget(old[1])
+            self.int_buffers.update(old[2])
+
+        return restore
+
+
+def _static(owned: list) -> list:
+    """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip a
+    graph that writes a tensor that is not (issue 37, B5): what ``torch._dynamo.mark_static_address``
+    sets."""
+    for t in owned:
+        if t.is_cuda:
+            t._dynamo_static_input_type = "unguarded"
+    return owned
+
+
+#: The model-selection options' text, written once (see :func:`fastema.average._options.document`).
+SELECTION_DOCS = {
+    "buffers": """buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
+    or ``"ignore"``. Integer buffers are always copied.""",
+    "exclude": """exclude: name patterns (fnmatch, normalised names) left out entirely.""",
+    "copy": """copy: name patterns copied instead of averaged.""",
+    "trainable_only": """trainable_only: average only the parameters with ``requires_grad=True`` at construction
+    (LoRA and other adapters: the shadow holds the adapters, not the frozen base model), and
+    only the buffers of modules with a trainable parameter of their own (a frozen module's
+    BatchNorm statistics are left alone, as its weights are). The set is fixed at
+    construction, as ``exclude=``'s is: a parameter unfrozen later is not averaged (its own
+    value is exported), one frozen later is still averaged. ``None`` (default): True for a
+    PEFT model (``peft.PeftModel``, or a model with adapters in ``peft_config``), saying so
+    once with what is averaged; False for any other model. ``export_peft()`` writes the
+    averaged adapter in PEFT's format.""",
+}

@@ -1,0 +1,268 @@
+"""The pair side of :class:`fastema.torch.TargetNetwork`: two modules paired by name, checked,
+and followed at every update, as the engine's :class:`~fastema.average.ModelAdapter` over
+the two :class:`~fastema.pairs.PairShadow` of their tensors (the averaged pairs, the copied
+floating buffers) and the integer buffers copied with torch. Where the tensors sit, and the
+per-step check that they still sit there, is a :class:`~fastema.torch._tensors.slots.Slots` over both
+modules; this module keeps the selection (by name, every check made)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ... import _backends
+from ..._backends.torch import refuse_foreign, span
+from ...pairs import PairShadow, pair_groups
+from .._sharding import tensors as _sharded
+from .follow import Followed
+from .hooks import matches, normalize_name, unwrap, watch
+from .slots import Slots, bump_versions, copy_unless_flagged_, device_name
+
+__all__ = ["TorchPairs"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
+    """``normalised name -> (kind, tensor)`` of what a target network tracks in ``module``."""
+    out = {}
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            name = normalize_name(name)
+            if matches(name, exclude) or (kind == "buffer" and buffers == "ignore"):
+                continue
+            out[name] = (kind, t)
+    return out
+
+
+class _Selection:
+    """What a target network reads and writes, found by name in both modules, every check made.
+
+    ``tensors`` lists the targets' tensors then the online ones, in the order: averaged, copied
+    (floating buffers with ``buffers="copy"``), integer (copied with torch); ``slots`` is where
+    they sit (not recorded yet), the modules on the way held weakly (a freed one marks ``owner``
+    stale); ``groups`` the launch groups of their addresses."""
+
+    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str, owner):
+        mine, theirs = _named(target, exclude, buffers), _named(online, exclude, buffers)
+        missing, extra = [n for n in theirs if n not in mine], [n for n in mine if n not in theirs]
+        if missing or extra:
+            what = " and ".join(f"{k} {v[:5]}{e}" for k, v, e in (("lacks", missing, ""),
+                                                                   ("has", extra, ", which the online network lacks"))
+                                if v)
+            raise ValueError(f"the target's names do not match the online network's: the target {what}; make the "
+                             f"target a copy of the online network (copy.deepcopy(online)), or exclude= the names "
+                             f"that differ. Nothing was written.")
+        pieces: dict = {}                               # id(a DTensor) -> its local shard (FSDP2, TP, HSDP)
+        for side, named in (("online network", theirs), ("target", mine)):
+            for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
+                what = f"the {side}'s {kind} {name!r}"
+                if _sharded.is_dtensor(t):
+                    pieces[id(t)] = _sharded.local(t, what)[0]
+                    t = pieces[id(t)]
+                refuse_foreign(t, what)
+
+        def local(t) -> torch.Tensor:
+            return pieces.get(id(t), t)
+
+        averaged: list = []
+        copied: list = []
+        ints: list = []
+        for name, (kind, src) in theirs.items():
+            dst = mine[name][1]
+            if (id(dst) in pieces) != (id(src) in pieces):
+                side, other = ("target", "online network") if id(dst) in pieces else ("online network", "target")
+                raise ValueError(f"{name!r} is sharded (a DTensor) in the {side} but not in the {other}; shard both "
+                                 f"networks the same way (fully_shard(target) with the online network's mesh and "
+                                 f"policy). Nothing was written.")
+            if id(dst) in pieces and (dst.device_mesh != src.device_mesh or
+                                      tuple(dst.placements) != tuple(src.placements) or
+                                      tuple(local(dst).shape) != tuple(local(src).shape)):
+                raise ValueError(f"{name!r} is sharded differently in the target ({tuple(dst.placements)} on "
+                                 f"{dst.device_mesh}, local shape {tuple(local(dst).shape)}) and the online network "
+                                 f"({tuple(src.placements)} on {src.device_mesh}, local shape "
+                                 f"{tuple(local(src).shape)}); each rank averages its own shards, so shard both the "
+                                 f"same way. Nothing was written.")
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"{name!r} has shape {tuple(dst.shape)} in the target but {tuple(src.shape)} in the "
+                                 f"online network; they must match. Nothing was written.")
+            if dst.device != src.device:
+                raise ValueError(f"{name!r} is on {dst.device} in the target but on {src.device} in the online "
+                                 f"network; put both networks on one device. Nothing was written.")
+            if src.is_complex() or dst.is_complex():
+                raise TypeError(f"{name!r} is complex ({src.dtype} -> {dst.dtype}): fastema averages real floating "
+                                f"tensors; exclude= it. Nothing was written.")
+            if src.is_floating_point() != dst.is_floating_point() or not (
+                    src.is_floating_point() or src.dtype == dst.dtype):
+                raise TypeError(f"{name!r} is {src.dtype} in the online network but {dst.dtype} in the target; an "
+                                f"integer tensor needs the same dtype on both sides. Nothing was written.")
+            if not src.is_floating_point():
+                ints.append(name)
+                continue
+            if src.dtype not in _KERNEL_DTYPES or dst.dtype not in _KERNEL_DTYPES:
+                raise TypeError(f"{name!r} is {src.dtype} -> {dst.dtype}: fastema's kernels take float32, bfloat16, "
+                                f"float16 and float64; exclude= it. Nothing was written.")
+            (copied if kind == "buffer" and buffers == "copy" else averaged).append(name)
+        if not averaged:
+            raise ValueError("the online network has no floating-point parameters to average (check exclude=). "
+                             "Nothing was written.")
+        self.names = (averaged, copied, ints)
+        order = averaged + copied + ints
+        self.labels = ([f"the target's {n!r}" for n in order], [f"the online network's {n!r}" for n in order])
+        sharded = bool(pieces)                          # then every average reads and writes local shards
+        fsdp = _sharded.fsdp_modules(online) + _sharded.fsdp_modules(target) if sharded else []
+        entries = [(0, n, mine[n][0]) for n in order] + [(1, n, theirs[n][0]) for n in order]
+        self.slots = Slots((target, online), entries, owner, sharded=sharded, layouts=True, fsdp=fsdp)
+        self.tensors = self.slots.tensors
+        self.written = self.tensors[:len(averaged) + len(copied)]     # by the kernels: versions bumped by hand
+        self.specs = [(t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) for t in self.tensors]
+        self.groups = self.group(self.tensors)
+        self.ints = self.groups[2]
+
+    def group(self, tensors: list) -> tuple:
+        """``(averaged groups, copied groups, integer pairs)`` of ``tensors``, checked: no target
+        tensor shares a byte with an online one; layouts, devices and no shared memory among the
+        targets (:func:`fastema.pairs.pair_groups`), every refusal naming the tensor."""
+        n = len(tensors) // 2
+        for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
+            if (t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) != spec:
+                raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]}{' sharded' if spec[2] else ''} to "
+                                 f"{t.dtype} {tuple(t.shape)}{' sharded' if _sharded.is_dtensor(t) else ''} after "
+                                 f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
+        pieces = self.slots.pieces(tensors)
+        dst, src = pieces[:n], pieces[n:]
+        shared = _backends.first_shared(list(map(span, dst)), list(map(span, src)))
+        if shared is not None:
+            mine, theirs = self.labels[0][shared[0]], self.labels[1][shared[1]]
+            raise ValueError(f"{mine} shares memory with {theirs} (the same tensor or a view into it): an update "
+                             f"would write the online network. The target must be a copy of its own "
+                             f"(copy.deepcopy(online)). Nothing was written.")
+        a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
+        dsts, srcs = self.labels
+        try:
+            return (pair_groups(dst[:a], src[:a], (dsts[:a], srcs[:a])),
+                    pair_groups(dst[a:c], src[a:c], (dsts[a:c], srcs[a:c])) if c > a else [], (dst[c:], src[c:]))
+        except (ValueError, TypeError) as err:
+            if "Nothing was written" in str(err):
+                raise
+            raise type(err)(f"{err}. Nothing was written.") from None
+
+
+class TorchPairs(Followed):
+    """The engine's adapter of a target network: a :class:`_Selection` of both modules, the
+    averaged pairs (:attr:`avg`, the engine's shadow) and the copied floating buffers
+    (:attr:`copied`) as :class:`~fastema.pairs.PairShadow`, the integer buffers (copied with
+    torch), and the per-step check that both modules still hold what was paired (:meth:`follow`).
+    Watched by torch's registration hooks (``stale``). ``check``: the face's refusal before every
+    update call, a plain function, or None (a capture the host plan cannot replay: the face sets
+    it once it has put its plan on the host or the device)."""
+
+    def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
+        self.online, self.target, self.exclude, self.buffers = online, target, exclude, buffers
+        self.check: Callable[[], None] | None = None
+        self.sel = sel = _Selection(unwrap(online), unwrap(target), exclude, buffers, self)
+        self.slots = sel.slots
+        averaged, copied, _ = sel.groups
+        self.avg = PairShadow((), (), groups=averaged)
+        self.copied = PairShadow((), (), groups=copied)
+        self.devices = sorted({g.device for gs in sel.groups[:2] for g in gs})
+        self.flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self.devices}   # the host plan's
+        for f in self.flags.values():
+            _backends.mark_made_here(f)                  # fastema's own: launches bind their views once
+        watch((unwrap(online), unwrap(target)), self)
+        self.slots.record()
+
+    def behind_flags(self) -> list[tuple[str, str]]:
+        """``(framework, device)`` of the copied buffers (floating and integer): a device plan's flags
+        must cover their devices too, where no averaged tensor may be."""
+        return [(g.framework, g.device) for g in self.sel.groups[1]] + \
+            [("torch", device_name(t)) for t in self.sel.ints[0]]
+
+    # ------------------------------------------------------------ ModelAdapter
+
+    def begin(self, due: bool) -> None:
+        """Before an update call: the face's refusal, then, when the call folds, both networks
+        followed (:meth:`follow`; its usual step, one check, inlined: the per-step path)."""
+        if self.check is not None:
+            self.check()
+        if due and not self.slots.unchanged(self.stale):
+            self.follow()
+
+    def scan(self, flags: dict | None) -> dict:
+        """The online tensors' inf/NaN added to ``flags`` (a device plan's), or to this object's own
+        flags, zeroed first (the host plan's): on the device, no sync."""
+        if flags is None:
+            flags = self.flags
+            for f in flags.values():
+                _backends.zero_(f)                       # on the device, stream-ordered: no sync
+        flags = self.avg.scan_groups(flags)
+        return self.copied.scan_groups(flags)
+
+    def carry(self, flags: dict | None) -> None:
+        """After the lerps: the copied buffers (behind ``flags``), the integer ones, and the autograd
+        versions of what the kernels wrote, as torch's ``lerp_`` bumps them (a backward that saved
+        the old target raises "modified by an inplace operation")."""
+        sel = self.sel
+        if sel.groups[1]:
+            self.copied.copy_from_sources_checked(flags)
+        dst, src = sel.ints
+        if dst:
+            copy_unless_flagged_(dst, src, flags)
+        bump_versions(sel.written)
+
+    def copy_all(self) -> None:
+        """``target <- online`` for every tensor tracked (a hard update), autograd versions bumped."""
+        self.follow()
+        self.avg.copy_from_sources_checked(None)
+        self.carry(None)
+
+    # ------------------------------------------------------------ following the modules
+
+    def follow(self) -> bool:
+        """Make the pairs those of the tensors the modules hold now: nothing to do when nothing
+        moved; else looked up again by name and checked (or refused, writing nothing).
+
+        The usual step costs one dict lookup, one ``data_ptr()`` and a layout check per tensor,
+        and a ``len()`` per module table on the way (:meth:`fastema.torch._tensors.slots.Slots.unchanged`):
+        torch's registration hooks (installed with :func:`fastema.torch.registration_hooks`, the
+        default) mark this object stale when a parameter, buffer or submodule is set on a watched
+        module, so no module identity is checked unless one fired (then the names are looked up
+        again: a tensor registered anywhere in the networks is followed or refused by name);
+        writes the hooks do not see (``p.data = new``, a direct ``_parameters[k] = t``, ``del
+        model[0]``) show as an address or a length. Two writes show only without the hooks, as
+        for :class:`fastema.torch.EMA`: a module put into a ``_modules`` dict directly, over
+        another (the old module's tensors, still alive, would be averaged), and a tensor put
+        directly into the dict of a module holding no tracked tensor. Without the hooks, the
+        modules on the way and the tensors' identities are checked at every step, and every
+        module's tables (a ``len()`` each, an identity per submodule)."""
+        return Followed.follow(self)
+
+    def _relook(self, moved: bool, renamed: bool) -> None:
+        sel, slots = self.sel, self.slots
+        now = None if renamed else slots.current()       # (a registration, a module's table: new names?)
+        if now is not None and not moved:
+            return
+        if now is None:                                  # a tensor or module replaced, added or removed
+            try:
+                sel = _Selection(unwrap(self.online), unwrap(self.target), self.exclude, self.buffers, self)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"the networks changed after TargetNetwork(online, target): {err}") from None
+            if sel.names != self.sel.names:
+                old, new = set(sum(self.sel.names, [])), set(sum(sel.names, []))
+                what = "; ".join(f"{k} {sorted(v)[:5]}" for k, v in (("without", old - new), ("with new", new - old))
+                                 if v) or "a tensor changed kind (averaged, copied or an integer buffer)"
+                raise ValueError(f"the networks changed after TargetNetwork(online, target): {what}; make a new "
+                                 f"TargetNetwork. Nothing was written.")
+            sel.specs = self.sel.specs
+            sel.groups = sel.group(sel.tensors)          # checked against the construction's dtypes, shapes
+            sel.ints = sel.groups[2]
+            self.sel, self.slots = sel, sel.slots
+            sel.slots.record()
+            watch((unwrap(self.online), unwrap(self.target)), self)    # new modules, if any
+        else:
+            sel.groups = sel.group(now)                  # storage moved under a tensor (p.data = new)
+            sel.ints = sel.groups[2]
+            slots.record(now)
+        self.avg.regroup(sel.groups[0])
+        self.copied.regroup(sel.groups[1])

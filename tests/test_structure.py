@@ -1,0 +1,175 @@
+"""The shape of 0.2.0, part two (docs/architecture.md, "Rules"): the shadow protocol and its one
+picker, the torch face by concern, one knob per concept, and surface versus plumbing. Each test
+reads the sources (no import of a framework), so a change that breaks a rule fails here by name."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import pathlib
+import re
+
+from test_architecture import _module_graph
+
+ROOT = pathlib.Path(__file__).parents[1]
+TORCH = ROOT / "fastema" / "torch"
+
+
+def _py(*parts: str) -> list[pathlib.Path]:
+    return sorted((ROOT.joinpath(*parts)).rglob("*.py"))
+
+
+# ------------------------------------------------------------ the shadow protocol
+
+
+def test_no_face_or_engine_probes_a_shadow():
+    """What a shadow can do is declared (fastema._shadow.Capabilities), never probed."""
+    probe = re.compile(r"(getattr|hasattr)\((avg|shadow|s|self\._avg|side\.avg|self\.avg|self\._model\.avg)\b")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in _py("fastema", "torch") + _py("fastema", "average")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
+    assert not found, found
+
+
+PRIVATE_STATE = ("_spare", "_raw", "_rings", "_stale")
+
+
+def test_no_module_reads_another_modules_objects_private_state():
+    """A shadow's (or a side's) private fields are read and written by its own module only."""
+    owners: dict[str, set] = {}
+    reads: list[tuple[str, str, int]] = []
+    for path in _py("fastema"):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in PRIVATE_STATE:
+                if isinstance(node.value, ast.Name) and node.value.id == "self":
+                    owners.setdefault(node.attr, set()).add(rel)
+                else:
+                    reads.append((node.attr, rel, node.lineno))
+    bad = [f"{rel}:{line} reads .{attr} (owned by {sorted(owners.get(attr, ()))})" for attr, rel, line in reads
+           if rel not in owners.get(attr, set())]
+    assert not bad, bad
+
+
+def _calls(path: pathlib.Path, names: set) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in names:
+                out.append(name)
+    return out
+
+
+SHADOW_CLASSES = {"FlatShadow", "WindowShadow", "ReplicaShadow", "ReplicaWindow", "OffloadedShadow",
+                  "OffloadedReplicaShadow", "HostMastersShadow"}
+
+
+def test_each_face_picks_its_shadow_once_through_the_picker():
+    assert _calls(TORCH / "ema.py", {"make_shadow"}) == ["make_shadow"]
+    assert _calls(TORCH / "window.py", {"make_shadow"}) == ["make_shadow"]
+    made = {str(p.relative_to(ROOT)): _calls(p, SHADOW_CLASSES) for p in sorted(TORCH.glob("*.py"))}
+    assert not any(made.values()), made          # the faces make no shadow themselves
+    pickers = [str(p.relative_to(ROOT)) for p in _py("fastema")
+               if re.search(r"^def make_shadow\(", p.read_text(), re.M)]
+    assert pickers == ["fastema/torch/_placement/pick.py"]
+
+
+# ------------------------------------------------------------ the torch face by concern
+
+FACES = {"ema.py", "window.py", "posthoc.py", "target.py"}
+SHARED = {"_average.py", "_compile.py"}
+SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
+
+
+def test_the_torch_face_is_its_faces_two_shared_modules_and_subpackages_by_concern():
+    assert {p.name for p in TORCH.glob("*.py")} == FACES | SHARED | {"__init__.py"}
+    packages = {p.name for p in TORCH.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(SUBPACKAGES) | {"compat"}
+
+
+def _rank(module: str) -> int:
+    parts = module.split(".")
+    if parts[:2] != ["fastema", "torch"] or len(parts) < 3 or parts[2] not in SUBPACKAGES:
+        return len(SUBPACKAGES)                    # the faces, the shared modules, compat: the top
+    return SUBPACKAGES.index(parts[2])
+
+
+def test_the_torch_subpackages_import_one_way():
+    graph = _module_graph(deferred=True)
+    bad = [f"{a} imports {b}" for a in sorted(graph) if a.startswith("fastema.torch.")
+           for b in sorted(graph[a]) if b.startswith("fastema.torch.") and _rank(b) > _rank(a)]
+    assert not bad, bad
+    assert _rank("fastema.torch._state.checkpoint") > _rank("fastema.torch._placement.replicas") > \
+        _rank("fastema.torch._tensors.model") > _rank("fastema.torch._sharding.tensors")
+
+
+# ------------------------------------------------------------ one knob per concept
+
+
+def test_the_ema_constructor_has_one_knob_per_concept():
+    from fastema.torch import EMA
+
+    params = inspect.signature(EMA.__init__).parameters
+    assert len(params) <= 18, list(params)
+    gone = {"sigma_rel", "half_life", "bema", "warmup", "min_decay", "inv_gamma", "power", "update_after_step",
+            "offload_chunk", "gather_bucket"}
+    assert not gone & set(params)
+
+
+def test_each_option_is_written_once_and_interpolated_into_each_face():
+    import fastema.jax
+    from fastema.average import OPTION_DOCS
+    from fastema.torch import EMA, WindowAverage
+    from fastema.torch._placement.pick import PLACEMENT_DOCS
+    from fastema.torch._tensors.model import SELECTION_DOCS
+
+    texts = {**OPTION_DOCS, **SELECTION_DOCS, **PLACEMENT_DOCS}
+    flat = lambda s: " ".join(s.split())                   # noqa: E731
+    for cls, path in ((EMA, TORCH / "ema.py"), (WindowAverage, TORCH / "window.py"),
+                      (fastema.jax.EMA, ROOT / "fastema" / "jax.py")):
+        source = path.read_text()
+        for name in inspect.signature(cls.__init__).parameters:
+            if name in texts:
+                assert f"{{{name}}}" in source, f"{cls.__qualname__}: {name} is written by hand in {path.name}"
+                assert flat(texts[name]) in flat(cls.__doc__), f"{cls.__qualname__}: {name} not interpolated"
+
+
+# ------------------------------------------------------------ surface versus plumbing
+
+#: Modules with public names besides the packages' __init__: the documented import paths (the docs'
+#: coverage check, docs/ext/coverage_check.py), the face modules and the commands of ``python -m fastema``.
+NAMED_PUBLIC = {
+    "fastema.flat", "fastema.pairs", "fastema.smooth", "fastema.jax", "fastema.lightning", "fastema.transformers",
+    "fastema.window", "fastema.ops", "fastema.track", "fastema.tensorflow.compat", "fastema.tensorflow.ema",
+    "fastema.torch.ema", "fastema.torch.window", "fastema.torch.posthoc", "fastema.torch.target",
+    "fastema.torch.compat.diffusers", "fastema.torch.compat.sb3", "fastema.torch.compat.swa_utils",
+    "fastema.torch.compat.timm", "fastema.torch.compat.torch_ema", "fastema.torch.compat.torchrl",
+    "fastema.cli.bench", "fastema.cli.demo", "fastema.cli.merge", "fastema.cli.plot", "fastema.cli.posthoc",
+    "fastema.cli.warm", "fastema.trl",
+}
+
+
+def _modules() -> list[str]:
+    out = []
+    for p in _py("fastema"):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] in ("__init__", "__main__"):
+            continue
+        out.append(".".join(parts))
+    return out
+
+
+def test_a_package_surface_is_its_init_and_the_named_public_modules():
+    """Every module whose import path has no underscore part is named public; the rest is plumbing."""
+    public = [m for m in _modules() if not any(part.startswith("_") for part in m.split("."))]
+    assert sorted(set(public) - NAMED_PUBLIC) == [], "plumbing with a public-looking name: add an underscore"
+    assert sorted(NAMED_PUBLIC - set(public)) == []
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert "Surface and plumbing" in text and all(f"`{m}`" in text for m in sorted(NAMED_PUBLIC))
+    spec = importlib.util.spec_from_file_location("coverage_check", ROOT / "docs" / "ext" / "coverage_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    PUBLIC_MODULES = check.PUBLIC_MODULES
+    packages = {m for m in PUBLIC_MODULES if (ROOT / m.replace(".", "/") / "__init__.py").exists()}
+    assert set(PUBLIC_MODULES) - packages <= NAMED_PUBLIC
