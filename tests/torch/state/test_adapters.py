@@ -295,7 +295,7 @@ def test_a_frozen_adapter_added_after_construction_is_not_refused():
 
 def test_the_adapters_guide_example_runs(tmp_path, monkeypatch):
     """docs/guides/adapters.md's example, as written (in this process: its imports are loaded already)."""
-    text = (__import__("pathlib").Path(__file__).parents[2] / "docs" / "guides" / "adapters.md").read_text()
+    text = (__import__("pathlib").Path(__file__).parents[3] / "docs" / "guides" / "adapters.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

@@ -7,7 +7,7 @@ import torch
 
 import fastema.torch
 
-DATA = pathlib.Path(__file__).parent / "data" / "checkpoints-v1.pt"
+DATA = pathlib.Path(__file__).parents[1] / "data" / "checkpoints-v1.pt"
 
 
 def _model():
