@@ -134,6 +134,7 @@ class TorchModel(Followed):
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
         self.copy = FlatShadow(copied, dtype="same") if copied else None
         self.avg: Any = None                            # the face's shadow of averaged (attach)
+        self.stale = False                              # set by torch's registration hooks (see Followed)
         self.slots = self._slots(inner)
         self.plan_tensors: list = []                    # the face's device-plan arrays (written by an update)
         self.ops: dict = {}                             # the compiled operators' lists (attach)

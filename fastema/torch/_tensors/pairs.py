@@ -161,6 +161,7 @@ class TorchPairs(Followed):
     def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
         self.online, self.target, self.exclude, self.buffers = online, target, exclude, buffers
         self.check: Callable[[], None] | None = None
+        self.stale = False                               # set by torch's registration hooks (see Followed)
         self.sel = sel = _Selection(unwrap(online), unwrap(target), exclude, buffers, self)
         self.slots = sel.slots
         averaged, copied, _ = sel.groups
