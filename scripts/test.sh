@@ -1,70 +1,106 @@
 #!/usr/bin/env bash
-# The whole test suite: set up .venv with the dev, cuda (numba-cuda's compilers: no GPU
-# needed), bench, distributed (DeepSpeed, run on the CPU) and docs (Sphinx) extras, then
-#   0. ruff (lint and import order) and mypy (the public modules), failing early,
-#   1. in two lanes at once, one a core (each lane's output printed when both are done):
-#      a. CPU tests of the kernels, arrays, merging and schedules (the shipped CUDA device code
-#         checked: its stamp, its sm_90 machine code and PTX; nothing compiled), then the CUDA
-#         kernel tests in the Numba CUDA simulator, in their own process (the simulator must be
-#         switched on before numba is imported), then the documentation (docs extra): a Sphinx
-#         build with warnings as errors and the coverage check (every public name in the API
-#         pages, with a docstring);
-#      b. CPU tests of the models' faces, bridges, faults, the docs' examples and the wheel;
-#   2. the CUDA tests on the real GPU when one is present,
-#   3. the benchmark suite in quick mode (python -m fastema bench --quick), alone on the
-#      machine: its table is printed; timings never fail the run, errors do.
-# A pytest run that collects no test exits 5, which fails this script.
+# The whole test suite, on 2 cores: set up .venv with the dev, cuda (numba-cuda's compilers: no GPU
+# needed), bench, distributed (DeepSpeed, run on the CPU) and docs (Sphinx) extras, then, all at once:
+#   - every test but the CUDA ones on pytest-xdist's 2 workers (-n 2 --dist loadfile: each file's tests
+#     in one worker, the files handed out longest first by their measured times, tests/durations.json,
+#     so that both cores end together); the distributed tests run in long-lived gloo worlds, one per
+#     size per worker (tests/worlds.py);
+#   - in the background, one after the other: the CUDA kernel tests in the Numba CUDA simulator, in
+#     their own process (the simulator must be switched on before numba is imported), then the
+#     documentation (docs extra): a Sphinx build with warnings as errors and the coverage check
+#     (every public name in the API pages, with a docstring);
+#   - in the background: ruff (lint and import order) and mypy (the public modules);
+# then the background jobs' output, the files' times from the JUnit XML (the slowest first) and the
+# count of test cases; a failure of any of them fails the run here, after every one has run. Then
+#   - the CUDA tests on the real GPU when one is present,
+#   - the benchmark suite in quick mode (python -m fastema bench --quick), alone on the machine: its
+#     table is printed; timings never fail the run, errors do;
+#   - the bench gates (python -m bench.gates check, issue 53): deterministic figures (instructions per
+#     update, launches, syncs, allocations, collectives, machine code) against bench/gates.json, and
+#     same-run ratios with a wide factor; a gate that fails names its scenario and the update command;
+# and each stage's time. A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+stages=()
+stage() { stages+=("$(printf '%5ds  %s' "$2" "$1")"); }      # stage NAME SECONDS
+
 echo "== set-up $(date +%T)"
 bash scripts/setup.sh dev,cuda,bench,distributed,docs
+stage "set-up" $((SECONDS - start))
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 
-echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the public modules) $(date +%T)"
-"$py" -m ruff check .
-"$py" -m mypy
-
-# Every test's time is kept in bench/out/tests-*.xml (JUnit XML); each lane prints its slowest 15.
+# Every test's time is kept in bench/out/tests-*.xml (JUnit XML): this run's files only.
 mkdir -p bench/out
-lanes=$(mktemp -d)
-models=(tests/torch tests/bridges tests/faults tests/test_docs.py tests/test_demo.py tests/test_wheel.py)
-echo "== CPU tests, the simulator and the docs in two lanes $(date +%T)"
-{
-  echo "== lane a: CPU tests of the kernels, arrays, merging, schedules"
-  "$py" -m pytest tests "${models[@]/#/--ignore=}" -m "not cuda" -q --durations=15 \
-    --junitxml=bench/out/tests-cpu-kernels.xml --basetemp="$lanes/a"
-  echo "== lane a: CUDA kernels in the Numba CUDA simulator $(date +%T)"
+rm -f bench/out/tests-*.xml
+
+lint() {
+  local rc=0
+  echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the public modules)"
+  "$py" -m ruff check . || rc=1
+  "$py" -m mypy || rc=1
+  return $rc
+}
+
+simulator_and_docs() {
+  local rc=0 t=$SECONDS
+  echo "== CUDA kernels in the Numba CUDA simulator"
   NUMBA_ENABLE_CUDASIM=1 "$py" -m pytest tests -m cuda -q -p no:cacheprovider \
-    --junitxml=bench/out/tests-cudasim.xml --basetemp="$lanes/c"
-  echo "== lane a: documentation (warnings are errors; site: docs/_build/html) $(date +%T)"
+    --junitxml=bench/out/tests-cudasim.xml --basetemp="$work/cudasim" || rc=1
+  echo "$((SECONDS - t))" >"$work/simulator.s"
+  t=$SECONDS
+  echo "== documentation (warnings are errors; site: docs/_build/html)"
   rm -rf docs/_build/html
-  "$py" -m sphinx -W --keep-going -b html docs docs/_build/html -q
-  "$py" docs/ext/coverage_check.py docs/_build/html
-  echo "== lane a: done $(date +%T)"
-} >"$lanes/a.log" 2>&1 &
-lane_a=$!
-{
-  echo "== lane b: CPU tests of the faces, bridges, faults, the docs' examples, the wheel"
-  "$py" -m pytest "${models[@]}" -m "not cuda" -q --durations=15 \
-    --junitxml=bench/out/tests-cpu-models.xml --basetemp="$lanes/b"
-  echo "== lane b: done $(date +%T)"
-} >"$lanes/b.log" 2>&1 &
-lane_b=$!
-rc_a=0; wait "$lane_a" || rc_a=$?
-rc_b=0; wait "$lane_b" || rc_b=$?
-cat "$lanes/a.log" "$lanes/b.log"
-rm -rf "$lanes"
-if [ "$rc_a" -ne 0 ] || [ "$rc_b" -ne 0 ]; then
-  echo "tests failed: lane a exit $rc_a, lane b exit $rc_b (their output above)" >&2
+  "$py" -m sphinx -W --keep-going -b html docs docs/_build/html -q || rc=1
+  "$py" docs/ext/coverage_check.py docs/_build/html || rc=1
+  echo "$((SECONDS - t))" >"$work/docs.s"
+  return $rc
+}
+
+echo "== tests on 2 workers; the simulator's tests, the docs, lint and types in the background $(date +%T)"
+t=$SECONDS
+{ s=$SECONDS; rc=0; lint || rc=$?; echo "$((SECONDS - s))" >"$work/lint.s"; exit $rc; } >"$work/lint.log" 2>&1 &
+lint_pid=$!
+{ rc=0; simulator_and_docs || rc=$?; exit $rc; } >"$work/side.log" 2>&1 &
+side_pid=$!
+rc_tests=0
+"$py" -m pytest tests -m "not cuda" -n 2 --dist loadfile -q --durations=10 \
+  --junitxml=bench/out/tests-cpu.xml --basetemp="$work/cpu" || rc_tests=$?
+stage "CPU tests (2 workers, pytest-xdist)" $((SECONDS - t))
+rc_side=0; wait "$side_pid" || rc_side=$?
+rc_lint=0; wait "$lint_pid" || rc_lint=$?
+stage "  the simulator's CUDA tests (background)" "$(cat "$work/simulator.s" 2>/dev/null || echo '?')"
+stage "  documentation (background)" "$(cat "$work/docs.s" 2>/dev/null || echo '?')"
+stage "  lint and types (background)" "$(cat "$work/lint.s" 2>/dev/null || echo '?')"
+stage "tests, docs, lint: all done" $((SECONDS - t))
+cat "$work/side.log" "$work/lint.log"
+echo "== the test files' times (JUnit XML: bench/out/tests-*.xml) $(date +%T)"
+"$py" tests/timings.py table bench/out/tests-*.xml
+if [ "$rc_tests" -ne 0 ] || [ "$rc_side" -ne 0 ] || [ "$rc_lint" -ne 0 ]; then
+  echo "failed: CPU tests exit $rc_tests, simulator and docs exit $rc_side, lint and types exit $rc_lint" \
+       "(their output above)" >&2
   exit 1
 fi
 
 if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() else 1)" 2>/dev/null; then
   echo "== CUDA tests on the GPU $(date +%T)"
+  t=$SECONDS
   "$py" -m pytest tests -m cuda -q
+  stage "CUDA tests on the GPU" $((SECONDS - t))
 fi
 
 echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png) $(date +%T)"
+t=$SECONDS
 "$py" -m fastema bench --quick --out bench/out
+stage "quick benchmarks" $((SECONDS - t))
+echo "== bench gates: deterministic figures against bench/gates.json, same-run ratios (bench/README.md) $(date +%T)"
+t=$SECONDS
+"$py" -m bench.gates check
+stage "bench gates" $((SECONDS - t))
+stage "total" $((SECONDS - start))
+echo "== stages (seconds)"
+printf '%s\n' "${stages[@]}"
 echo "== done $(date +%T)"

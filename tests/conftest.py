@@ -1,7 +1,10 @@
-"""pytest set-up for every test folder: hypothesis profiles, the Keras backend, fixtures.
+"""pytest set-up for every test folder: hypothesis profiles, the Keras backend, fixtures; the ``slow``
+mark and the files' order from the measured times (``durations.json``, see ``timings.py``); the
+distributed tests' long-lived worlds ended with the session (``worlds.py``).
 
 References and helpers are in ``reference.py``."""
 import os
+import sys
 
 # Keras picks its backend when first imported, by whichever test module gets there first
 # (TensorFlow may import it); the in-process Keras tests run on torch, others use subprocesses.
@@ -9,6 +12,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest
+import timings
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, deadline=None,
@@ -34,3 +38,40 @@ def _sb3_logs_in_tmp(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+_MEASURED = timings.load()
+
+
+def pytest_configure(config):
+    """In a pytest-xdist worker: the environment as in a plain pytest run, for the processes the tests
+    start (xdist's PYTEST_XDIST_* variables make a child pytest believe it is an xdist worker:
+    pytest-benchmark then disables its benchmarks, bench/gpu.sh's bench stage among them)."""
+    if hasattr(config, "workerinput"):
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            os.environ.pop(name, None)
+
+
+@pytest.hookimpl(tryfirst=True)          # before ``-m`` deselects: the marks below count
+def pytest_collection_modifyitems(config, items):
+    """``slow``: the tests measured over ~5 s on CI's 2 cores (``durations.json``; a test may carry the
+    mark itself too). Under pytest-xdist (``-n``): the files longest first, each file's tests in their
+    order, so that the last tests the workers run are short ones and the cores end together."""
+    slow = set(_MEASURED.get("slow", ()))
+    for item in items:
+        if timings.key(item.nodeid) in slow:
+            item.add_marker(pytest.mark.slow)
+    if not hasattr(config, "workerinput"):
+        return
+    seconds = _MEASURED.get("files", {})
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = sorted(files, key=lambda f: -seconds.get(f, timings.SLOW_S))      # stable: ties keep their order
+    items[:] = [item for f in order for item in files[f]]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    worlds = sys.modules.get("worlds")          # the distributed tests' worlds, if any started
+    if worlds is not None:
+        worlds.close_all()

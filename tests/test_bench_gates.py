@@ -202,9 +202,12 @@ def test_the_counters_see_allocations_syncs_leaks_and_collectives(gates):
     torch = pytest.importorskip("torch")
     figures = gates.count_one(lambda: torch.zeros(4).add(1).sum().item(), None)
     assert (figures["device_allocs"], figures["host_syncs"], figures["launches"]) == (3, 1, 0)
-    assert figures["heap_blocks"] == 0
-    kept = []
-    assert gates.count_one(lambda: kept.append(object()), None)["heap_blocks"] == 1
+    # sys.getallocatedblocks() is the process's: under pytest-xdist another thread (execnet's) allocates and
+    # frees beside the update, a few blocks a window, so a leak is measured big enough to stand out of that
+    # (the gates themselves run in a process of their own, where the count is exact)
+    assert abs(figures["heap_blocks"]) <= 1
+    kept: list = []
+    assert 60 <= gates.count_one(lambda: kept.extend(object() for _ in range(64)), None)["heap_blocks"] <= 68
     import torch.distributed as dist
 
     counters = gates._Counters(None)
