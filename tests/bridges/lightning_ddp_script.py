@@ -60,3 +60,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     split, whole = fit(True), fit(False)
     print(f"rank {os.environ['RANK']} split {split} whole {whole}", flush=True)
+    # a barrier, then the group torn down here, not by the interpreter's exit: gloo's threads left to the
+    # exit's destructors could abort a rank ("terminate called without an active exception") under load
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
