@@ -38,3 +38,24 @@ def run_ranks(fn, tmp_path, world: int = 2, *args, timeout: float = 180.0, pg_ti
         if fresh:
             w.close()
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def deepspeed_on_cpu(rank: int, world: int):
+    """DeepSpeed on the CPU accelerator for a rank body (imported in the ranks only, never in pytest's
+    process): the environment its launcher would set, and no JIT build of its shared-memory all-reduce.
+
+    DeepSpeed's CPU backend compiles that op (``deepspeed_shm_comm``, 40-100 s of C++ on a 2-core machine)
+    at the first ``init_distributed`` of every fresh checkout, with both ranks waiting on one file lock in
+    ``~/.cache/torch_extensions``; a world killed mid-build leaves the lock behind and every later DeepSpeed
+    test waits on it (CI's failure at 9c2e901). The op only serves all-reduces when ``LOCAL_SIZE`` equals
+    the world size, which these tests never set, so gloo carries every collective with or without it."""
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.pop("LOCAL_SIZE", None)
+    import importlib
+
+    import deepspeed
+
+    # by its module's name: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``,
+    # which is PyTorch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed

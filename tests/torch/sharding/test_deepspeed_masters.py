@@ -8,13 +8,12 @@ masters back bit for bit; the full export, a DCP round trip and ``copy_to()``. Z
 BF16_Optimizer: the parameters are read, and a warning says so. One spawn for everything (the
 ranks are slow to start). Needs the ``distributed`` extra (deepspeed)."""
 import importlib.util
-import os
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import deepspeed_on_cpu, run_ranks
 from models import mlp
 
 # found, not imported: deepspeed is imported in the ranks only (with DS_ACCELERATOR=cpu), never in pytest's process
@@ -33,8 +32,7 @@ def _model():
 
 
 def _engine(rank, world, stage, accumulation=1):
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
+    deepspeed = deepspeed_on_cpu(rank, world)
 
     model = _model()
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accumulation,
@@ -83,9 +81,24 @@ def _masters(engine):
     return out
 
 
-def _low(engine):
-    """What evaluation reads: ZeRO-3's bf16 partitions, or the whole bf16 parameters."""
-    return {n: getattr(p, "ds_tensor", p).detach().clone() for n, p in engine.module.named_parameters()}
+def _low(engine, valid=False):
+    """What evaluation reads: ZeRO-3's bf16 partitions, or the whole bf16 parameters. ``valid``: a ZeRO-3
+    partition without its padding (the tail of the last ranks' partitions, memory DeepSpeed never writes:
+    it may hold a NaN, which no comparison of values passes)."""
+    out = {}
+    for n, p in engine.module.named_parameters():
+        t = getattr(p, "ds_tensor", p).detach().clone()
+        if valid and hasattr(p, "ds_tensor"):
+            t = t[:max(0, min(t.numel(), p.ds_numel - dist.get_rank() * t.numel()))]
+        out[n] = t
+    return out
+
+
+def _same_bits(a: dict, b: dict) -> bool:
+    """Bit for bit, padding included (its NaN too)."""
+    as_int = {2: torch.int16, 4: torch.int32}
+    return a.keys() == b.keys() and all(
+        torch.equal(a[n].view(as_int[a[n].element_size()]), b[n].view(as_int[b[n].element_size()])) for n in a)
 
 
 def _shadow(state, rows):
@@ -141,13 +154,13 @@ def _case(rank, world, stage, ckpt, out, exports=True):
         out[f"{stage}/raw_before"] = engine(x)
         with ema.average_parameters():
             out[f"{stage}/swap_low_ok"] = torch.tensor(all(
-                torch.equal(v, ref32[0][n].bfloat16()) for n, v in _low(engine).items()))
+                torch.equal(v, ref32[0][n].bfloat16()[:v.numel()]) for n, v in _low(engine, valid=True).items()))
             out[f"{stage}/swapped"] = engine(x)
         out[f"{stage}/raw_after"] = engine(x)
     engine.train()
     out["x"] = x
-    out[f"{stage}/restored"] = torch.tensor(all(torch.equal(before_m[n], v) for n, v in _masters(engine).items()) and
-                                            all(torch.equal(before_low[n], v) for n, v in _low(engine).items()))
+    out[f"{stage}/restored"] = torch.tensor(_same_bits(before_m, _masters(engine)) and
+                                            _same_bits(before_low, _low(engine)))
 
     if not exports:                              # the same code as ZeRO-2's (the ranks are slow: CI time)
         return engine
@@ -163,9 +176,10 @@ def _case(rank, world, stage, ckpt, out, exports=True):
 
     # copy_to(): the masters get the average, the bf16 parameters its rounding
     ema.copy_to()
-    m, now = _masters(engine), _low(engine)
-    out[f"{stage}/copied"] = torch.tensor(all(torch.equal(m[n].flatten()[:saved[n].shape[1]], saved[n][0]) and
-                                              torch.equal(now[n], m[n].bfloat16()) for n in m))
+    m, now = _masters(engine), _low(engine, valid=True)
+    out[f"{stage}/copied"] = torch.tensor(all(
+        torch.equal(m[n].flatten()[:saved[n].shape[1]], saved[n][0]) and
+        torch.equal(now[n].flatten(), m[n].bfloat16().flatten()[:now[n].numel()]) for n in m))
     return engine
 
 
@@ -200,7 +214,8 @@ def test_deepspeed_fp32_masters(tmp_path):
                     torch.testing.assert_close(v.double(), r[f"{stage}/ref64/{rest}"], rtol=4e-7, atol=1e-8)
                     if rest.startswith("0/"):
                         lost += int((v != r[f"{stage}/low/{rest[2:]}"]).sum())
-            assert r[f"{stage}/swap_low_ok"] and r[f"{stage}/restored"], stage
+            assert r[f"{stage}/swap_low_ok"], f"stage {stage}: in the swap, the bf16 parameters are the rounded average"
+            assert r[f"{stage}/restored"], f"stage {stage}: after the swap, the masters and parameters are back"
             assert torch.equal(r[f"{stage}/raw_before"], r[f"{stage}/raw_after"]), stage
             assert not torch.equal(r[f"{stage}/swapped"], r[f"{stage}/raw_before"]), stage
             if stage != 1:                            # BF16_Optimizer: exports are ZeRO-2's code (not run again)

@@ -6,13 +6,12 @@ addresses, ``update()`` returns before its fold and the optimizer's next step wa
 average equals a float32 lerp of the masters and the synchronous EMA(engine) bit for bit, swaps included.
 Needs the ``distributed`` extra (deepspeed)."""
 import importlib.util
-import os
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import deepspeed_on_cpu, run_ranks
 from test_deepspeed_masters import DECAYS, SOURCES, _masters, _model, _step
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -21,8 +20,7 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 
 def _engine(rank, world, stage):
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
+    deepspeed = deepspeed_on_cpu(rank, world)
 
     model = _model()
     cfg = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,

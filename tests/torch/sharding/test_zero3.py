@@ -4,12 +4,11 @@ writes the EMA into the partitions, with the persistent (gathered) parameters re
 partitions checkpointed as 1-D sharded DTensors through DCP, resumed bit for bit, and read by
 a plain model's EMA. Needs the ``distributed`` extra (deepspeed)."""
 import importlib.util
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import deepspeed_on_cpu, run_ranks
 from models import mlp
 from torch import nn
 
@@ -28,8 +27,7 @@ def _model(seed=0):
 
 
 def _engine(rank, world, seed, persistence):
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
+    deepspeed = deepspeed_on_cpu(rank, world)
 
     model = _model(seed)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
