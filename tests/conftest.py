@@ -4,6 +4,7 @@ distributed tests' long-lived worlds ended with the session (``worlds.py``).
 
 References and helpers are in ``reference.py``."""
 import os
+import signal
 import sys
 
 # Keras picks its backend when first imported, by whichever test module gets there first
@@ -44,9 +45,14 @@ _MEASURED = timings.load()
 
 
 def pytest_configure(config):
-    """In a pytest-xdist worker: the environment as in a plain pytest run, for the processes the tests
-    start (xdist's PYTEST_XDIST_* variables make a child pytest believe it is an xdist worker:
-    pytest-benchmark then disables its benchmarks, bench/gpu.sh's bench stage among them)."""
+    """Ctrl-C as in a terminal: a run started in the background by a script (``cmd &`` without job
+    control, ``nohup``) inherits SIGINT ignored, and Python then leaves it ignored: the tests of what a
+    Ctrl-C does (and the processes they start, which inherit an ignored signal) would see none. In a
+    pytest-xdist worker: the environment as in a plain pytest run, for the processes the tests start
+    (xdist's PYTEST_XDIST_* variables make a child pytest believe it is an xdist worker: pytest-benchmark
+    then disables its benchmarks, bench/gpu.sh's bench stage among them)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(config, "workerinput"):
         for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
             os.environ.pop(name, None)

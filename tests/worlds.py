@@ -169,9 +169,9 @@ def _serve(rank: int, size: int, store: str, conn) -> None:
         sys.path[:] = path
         c10d._set_pg_timeout(datetime.timedelta(seconds=pg_timeout), group)
         torch.seed()                                              # as a fresh process: a seed from the OS
-        saved = _Saved()
         try:
-            fn, args = pickle.loads(payload)
+            fn, args = pickle.loads(payload)      # imports the test's module: what its import sets stays set
+            saved = _Saved()
             result = fn(rank, size, *args)
             torch.save(result, os.path.join(out, f"rank{rank}.pt"))
             del result, fn, args
@@ -204,10 +204,6 @@ def _entry(rank: int, size: int, store: str, conn) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the parent
-
-class WorldError(RuntimeError):
-    pass
-
 
 class World:
     """``size`` ranks in one gloo group, serving test bodies in turn (see the module's text)."""
