@@ -13,7 +13,8 @@ trainers (SDPO, SDFT: ``teacher_model_kind="ema"``): every ``sync_steps`` optimi
 ``ref <- (1 - rate) * ref + rate * policy``, where the rate is the weight of the **policy** (the student)
 in TRL's every spelling (``ref_model_mixup_alpha``, ``teacher_update_rate``). The sync is
 :class:`fastema.torch.TargetNetwork`: one kernel launch per dtype group of (ref, policy) tensors,
-no host sync, no copy of the weights, each rank's own shards under FSDP2.
+no host sync, no copy of the weights, each rank's own shards under FSDP2 and its own partitions
+under DeepSpeed ZeRO-3 (no gather, no collective).
 
 Install with ``pip install "fastema[transformers]" trl``.
 """
@@ -113,22 +114,6 @@ def _resolve(knob: str, given: Any, args: Any) -> Any:
     return _check(knob, value, f"args.{name}")
 
 
-def _zero3_parameter(model: nn.Module) -> str | None:
-    """The name of a DeepSpeed ZeRO-3 partitioned parameter of ``model``, or None."""
-    for name, p in model.named_parameters():
-        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-            return name
-    return None
-
-
-def _refuse_zero3(what: str) -> None:
-    raise NotImplementedError(
-        f"RefSyncCallback does not sync DeepSpeed ZeRO-3 models yet ({what}): fastema.torch.TargetNetwork "
-        f"averages shard-local pairs of FSDP2 / tensor-parallel DTensors, but not ZeRO-3 partitions (fastema "
-        f"issue 52, item 2). Under ZeRO-3 keep TRL's own SyncRefModelCallback (it gathers every parameter of both "
-        f"models to rank 0 at each sync), or train with ZeRO-1/2, DDP or FSDP2. Nothing was written.")
-
-
 class RefSyncCallback(TrainerCallback):
     """A TRL trainer's reference or teacher model kept as the moving average of the policy.
 
@@ -162,8 +147,15 @@ class RefSyncCallback(TrainerCallback):
     arithmetic; ``rounding="stochastic"`` follows the exact average.
 
     Supported: plain, DDP (and ZeRO-1/2: full parameters on every rank), FSDP2 with both models sharded
-    alike (each rank averages its own shards, no collective). DeepSpeed ZeRO-3 is refused by name:
-    TargetNetwork does not pair ZeRO-3 partitions yet; keep TRL's callback there.
+    alike, and DeepSpeed ZeRO-3 with both models partitioned alike (the policy's engine and the reference
+    engine TRL's ``prepare_deepspeed`` makes with the same stage-3 config): each rank averages its own
+    shards or partitions in place, with no gather and no collective in a sync, where TRL's callback
+    gathers every parameter of both models under ZeRO-3 (``deepspeed.zero.GatheredParameters``), computes
+    on rank 0 and broadcasts. Under ZeRO-3 the reference's persistent parameters (those DeepSpeed keeps
+    gathered, under ``stage3_param_persistence_threshold``) are released at a sync, as TRL's gather
+    releases them, so that its next forward gathers the synced partitions. Models partitioned
+    differently (one of them not ZeRO-3, or over other ranks) are refused by name when training begins,
+    nothing written.
 
     Args:
         ref_model: the reference (TR-DPO) or teacher (SDPO/SDFT) model, updated in place (``trainer.ref_model``,
@@ -199,9 +191,6 @@ class RefSyncCallback(TrainerCallback):
                             f"and {', '.join(known)}")
         self.update_rate = None if update_rate is None else _check("update_rate", update_rate, "update_rate")
         self.sync_steps = None if sync_steps is None else _check("sync_steps", sync_steps, "sync_steps")
-        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-        if getattr(plugin, "zero_stage", None) == 3:
-            _refuse_zero3("the accelerator runs DeepSpeed ZeRO stage 3")
         self.ref_model, self.accelerator = ref_model, accelerator
         self.options = {"buffers": "ignore", **options}
         self.network: TargetNetwork | None = None
@@ -237,12 +226,7 @@ class RefSyncCallback(TrainerCallback):
                                "callback: add it with trainer.add_callback(...) or Trainer(callbacks=[...])")
         policy = self._policy(model)
         if self.network is None or self.network.online is not policy:
-            ref = unwrap(self.ref_model)
-            for what, m in (("the policy", policy), ("the reference", ref)):
-                name = _zero3_parameter(m)
-                if name is not None:
-                    _refuse_zero3(f"{what}'s parameter {name!r} is ZeRO-3 partitioned")
-            self.network = TargetNetwork(policy, ref, tau=rate, **self.options)
+            self.network = TargetNetwork(policy, unwrap(self.ref_model), tau=rate, **self.options)
         return self.network
 
     # ------------------------------------------------------------ events

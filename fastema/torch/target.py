@@ -81,6 +81,19 @@ class TargetNetwork(Face):
     averages its own local shards in place, with no collective; a forward that left unsharded
     copies on the modules is resharded first.
 
+    DeepSpeed ZeRO-3, partitioned alike (the policy's engine and a reference engine made with the
+    same stage-3 config, ``deepspeed.initialize(model=ref, config=cfg)``, as TRL's
+    ``prepare_deepspeed`` does; pass the engines or their modules): each rank lerps the elements of
+    its own partitions (``p.ds_tensor`` of the target towards the online's), in place, with no
+    gather, no collective and no full parameter allocated; the partitions' padding is never read or
+    written. The target's gathered copies (DeepSpeed keeps the parameters under
+    ``stage3_param_persistence_threshold`` gathered after a forward, and a forward reads that copy)
+    are released before each update and :meth:`hard_update`, as DeepSpeed's own
+    ``GatheredParameters`` releases them, so that the target's next forward gathers the averaged
+    partitions; an update while they are in use (inside the target's forward or a
+    ``GatheredParameters`` block) is refused. Parameters partitioned in one network and not in the
+    other, or over other ranks, are refused by name.
+
     Args:
         online: the network being trained (bare, DDP- or torch.compile-wrapped).
         target: its copy, updated in place (typically ``copy.deepcopy(online)`` with

@@ -9,7 +9,7 @@
 - inside a real TRL ``DPOTrainer`` (TR-DPO, ``sync_ref_model=True``; a tiny LLaMA built from a config, a
   word-level tokenizer built here, no downloads): TRL's callback and this one on the same steps, and
   ``replace_sync`` driving the trainer's own reference;
-- DDP and FSDP2 on 2 gloo ranks (no collective in a sync), DeepSpeed ZeRO-3 refused by name;
+- DDP, FSDP2 and DeepSpeed ZeRO-3 on 2 gloo ranks (no collective in a sync; ZeRO-3 against TRL's gathered sync);
 - the spellings: read from the trainer's arguments, contradictions refused by name;
 - the guide's examples (docs/guides/rl_teachers.md) run as written.
 """
@@ -389,17 +389,16 @@ def test_the_spellings_and_their_contradictions_are_refused_by_name():
         RefSyncCallback(None)
 
 
-def test_an_accelerator_running_zero3_is_refused_at_construction():
-    """accelerate's DeepSpeed plugin at stage 3 (TRL reads the same attribute): refused before any model is
-    read; stages 0-2 are not (the 2-rank test below refuses real ZeRO-3 engines when training begins)."""
+def test_an_accelerator_running_zero3_is_taken():
+    """accelerate's DeepSpeed plugin at stage 3 (what TRL reads to take its gathered path): taken like any other
+    stage, the network made when training begins (the 2-rank test below syncs real ZeRO-3 engines)."""
     from accelerate.utils import DeepSpeedPlugin
 
     def accelerator(stage):
         return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(zero_stage=stage)))
 
-    with pytest.raises(NotImplementedError, match=r"ZeRO stage 3.*issue 52, item 2.*SyncRefModelCallback"):
-        RefSyncCallback(nn.Linear(2, 2), accelerator(3))
-    assert RefSyncCallback(nn.Linear(2, 2), accelerator(2)).network is None
+    for stage in (2, 3):
+        assert RefSyncCallback(nn.Linear(2, 2), accelerator(stage)).network is None
 
 
 def test_the_policy_is_unwrapped_and_a_new_policy_makes_a_new_network():
@@ -527,37 +526,92 @@ def _ddp_fsdp2(rank, world):
     return out
 
 
+def _valid(p):
+    """This rank's ZeRO-3 partition of ``p`` without its padding (a view)."""
+    size = p.ds_tensor.numel()
+    return p.ds_tensor[:max(0, min(size, p.ds_numel - dist.get_rank() * size))]
+
+
 def _zero3(rank, world):
-    """A ZeRO-3 policy engine and a ZeRO-3 reference engine (as TRL's prepare_deepspeed makes it):
-    RefSyncCallback refuses by name when training begins, writing nothing."""
+    """A ZeRO-3 policy engine and two ZeRO-3 reference engines made as TRL's prepare_deepspeed makes them (the
+    policy's stage-3 config, no optimizer, a larger persistence threshold): TRL's own ZeRO-3 sync
+    (``SyncRefModelCallback.sync_target_model``: every parameter of both gathered, the sync on rank 0, broadcast
+    back) on one, RefSyncCallback on the other, at steps 2 and 4, each sync from the same partitions (ours reset
+    to TRL's after each); the references run a forward every step (their persistent parameters, the biases and
+    the first weight, stay gathered between)."""
+    import trl.trainer.callbacks as trl_callbacks
     from dist import deepspeed_on_cpu
 
     deepspeed = deepspeed_on_cpu(rank, world)
-
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 64}}
     policy = _mlp(1)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1),
                                       config=cfg)
-    ref, *_ = deepspeed.initialize(model=_mlp(1), config=cfg)
-    before = [p.ds_tensor.clone() for p in ref.module.parameters()]
-    callback = RefSyncCallback(ref, update_rate=0.6, sync_steps=1)
+
+    def reference():
+        ref = _mlp(1)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+        # prepare_deepspeed's config: the policy's, the persistence threshold 10 x hidden size (32)
+        ref_cfg = {**cfg, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 320}}
+        return deepspeed.initialize(model=ref, config=ref_cfg)[0]
+
+    theirs, ours = reference(), reference()
+    # TRL takes its ZeRO-3 path when accelerate's state says stage 3, as a trainer launched on ZeRO-3 sets it
+    saved = trl_callbacks.AcceleratorState
+    trl_callbacks.AcceleratorState = lambda: types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=3))
+    args = types.SimpleNamespace(ref_model_mixup_alpha=ALPHA, ref_model_sync_steps=2)
+    callback = RefSyncCallback(ours, update_rate=ALPHA, sync_steps=2)
+    worst, exact, calls, theirs_calls, changed = 0.0, True, [], [], []
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
     try:
-        callback.on_train_begin(None, state(0), None, model=engine.module)
-        refused = ""
-    except NotImplementedError as err:
-        refused = str(err)
-    unchanged = all(torch.equal(b.view(torch.int32), p.ds_tensor.view(torch.int32))     # bits: the padding
-                    for b, p in zip(before, ref.module.parameters()))                  # may hold a NaN
-    return {"zero3/refused": torch.tensor("ZeRO-3 partitioned" in refused and "issue 52, item 2" in refused),
-            "zero3/unchanged": torch.tensor(unchanged)}
+        callback.on_train_begin(args, state(0), None, model=engine)
+        for step in range(1, 5):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            engine.backward((engine(torch.randn(4, 8, generator=g)) - 1).square().mean())
+            engine.step()
+            with torch.no_grad():
+                theirs(x), ours(x)
+            before = [_valid(p).clone() for p in ours.module.parameters()]
+            pol = [_valid(p) for p in policy.parameters()]
+            if step % args.ref_model_sync_steps == 0:
+                with Counted() as c:
+                    SyncRefModelCallback.sync_target_model(policy, theirs.module, ALPHA)
+                theirs_calls += c.calls
+            with Counted() as c:
+                callback.on_step_end(args, state(step), None, model=engine)
+            calls += c.calls
+            now = [_valid(p).clone() for p in ours.module.parameters()]
+            if any(not torch.equal(a, b) for a, b in zip(now, before)):
+                changed.append(step)
+                for a, t, b, q in zip(now, theirs.module.parameters(), before, pol):
+                    worst = max(worst, ulps(a, _valid(t), b, q))
+                    exact &= torch.equal(a, torch.lerp(b, q, ALPHA))
+                with torch.no_grad():                  # the synced reference's forward: persistent ones gathered anew
+                    forward = torch.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+            with torch.no_grad():
+                for a, b in zip(ours.module.parameters(), theirs.module.parameters()):
+                    _valid(a).copy_(_valid(b))
+            held = [p for p in ours.module.parameters() if p.ds_status.name == "AVAILABLE"]
+            if held:                                   # their gathered copies: stale now, released
+                held[0].partition(param_list=held)
+    finally:
+        trl_callbacks.AcceleratorState = saved
+    return {"zero3/worst": torch.tensor(worst), "zero3/exact": torch.tensor(exact),
+            "zero3/collectives": torch.tensor(len(calls)), "zero3/trl_collectives": torch.tensor(len(theirs_calls)),
+            "zero3/changed": torch.tensor(changed), "zero3/forward": torch.tensor(forward),
+            "zero3/shard_local": torch.tensor(sum(_valid(p).numel() for p in ours.module.parameters()) <
+                                              sum(p.ds_numel for p in ours.module.parameters()))}
 
 
 @pytest.mark.slow
 def test_ddp_fsdp2_and_zero3_on_two_gloo_ranks(tmp_path):
-    """DDP and FSDP2 (2 gloo ranks): the reference syncs at steps 2 and 4, each sync a float32 lerp of the local
-    shards bit for bit, within 1 ulp of TRL's, with no collective; the ranks' full references agree. DeepSpeed
-    ZeRO-3 (on the CPU accelerator, where deepspeed is installed): refused by name, nothing written."""
+    """DDP, FSDP2 and DeepSpeed ZeRO-3 (on the CPU accelerator, where deepspeed is installed), 2 gloo ranks: the
+    reference syncs at steps 2 and 4, each sync a float32 lerp of the local shards or partitions bit for bit,
+    within 1 ulp of TRL's (its ZeRO-3 path: gathered, synced on rank 0, broadcast), with no collective where
+    TRL's makes some; the ranks' full references agree."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs gloo")
     from dist import run_ranks
@@ -565,7 +619,10 @@ def test_ddp_fsdp2_and_zero3_on_two_gloo_ranks(tmp_path):
     ranks = run_ranks(_ddp_fsdp2, tmp_path, 2)
     if importlib.util.find_spec("deepspeed") is not None:
         for r in ranks:
-            assert bool(r["zero3/refused"]) and bool(r["zero3/unchanged"])
+            assert r["zero3/changed"].tolist() == [2, 4] and bool(r["zero3/exact"]) and bool(r["zero3/shard_local"])
+            assert float(r["zero3/worst"]) <= 1.0, float(r["zero3/worst"])
+            assert int(r["zero3/collectives"]) == 0 and int(r["zero3/trl_collectives"]) > 0
+            assert bool(r["zero3/forward"])
     for kind in ("ddp", "fsdp2"):
         for r in ranks:
             assert r[f"{kind}/changed"].tolist() == [2, 4], kind

@@ -325,6 +325,22 @@ def test_construction_refusals_name_the_tensor():
         "0.weight", "0.bias", "4.weight", "4.bias"]
 
 
+def test_a_zero3_parameter_outside_a_distributed_run_is_refused_by_name():
+    """What DeepSpeed ZeRO-3 leaves on a module (an empty tensor, the partition in ``ds_tensor``) with no process
+    group: refused by name before anything is read (tests/torch/sharding/test_zero3_pairs.py pairs real ones)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is up in this process")
+    online, target = pair()
+    p = nn.Parameter(torch.empty(0), requires_grad=False)
+    p.ds_id, p.ds_shape, p.ds_numel, p.ds_tensor = 0, (16, 5), 80, torch.zeros(40)
+    target[0].weight = p
+    before = [t.clone() for t in target.parameters()]
+    with pytest.raises(TypeError, match=r"target's parameter '0.weight' is a DeepSpeed ZeRO-3 partitioned parameter "
+                                        r"\(full shape \(16, 5\)\), but torch.distributed is not initialized"):
+        TargetNetwork(online, target)
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+
 def test_wrapped_online_matches_by_normalised_name():
     class Compiled(nn.Module):                                       # torch.compile's wrapper, as it nests
         def __init__(self, inner):

@@ -14,7 +14,9 @@ A ZeRO-3 parameter keeps ``p.data`` empty and this rank's partition in ``p.ds_te
 ``ceil(numel / world)`` elements from ``rank * ceil(numel / world)`` of the flattened parameter,
 padded at the end. That is ``torch.chunk``'s split, so the partitions are described as a 1-D
 ``Shard(0)`` DTensor of ``numel`` elements over the parameter's process group (``valid``: the
-elements of the partition that are not padding).
+elements of the partition that are not padding). A target network pairs two ZeRO-3 parameters
+partitioned alike, rank-locally (:func:`zero3_piece`: the partition without its padding, and what the
+two must share), and drops the target's gathered copies before it writes (:func:`release_gathered`).
 
 The float32 masters of DeepSpeed ZeRO-1/2 and BF16_Optimizer (:mod:`fastema.torch._sharding.masters`)
 give each rank a piece of a parameter's flattened elements at an arbitrary offset, which no
@@ -95,7 +97,9 @@ def local(t, what: str):
 _MESHES: dict = {}
 
 
-def _zero3_local(t, what: str):
+def _zero3_checked(t, what: str):
+    """``(partition, process group, world, rank, numel)`` of a ZeRO-3 parameter, refused by name where
+    the partition is not DeepSpeed's ceil(numel / world) split held in memory. No collective."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -112,12 +116,65 @@ def _zero3_local(t, what: str):
     numel, size = int(t.ds_numel), part.numel()
     if size * world < numel or size != -(-numel // world):
         raise TypeError(f"{what}: a ZeRO-3 partition of {size} elements for {numel} over {world} ranks is not "
-                        f"DeepSpeed's ceil(numel / world) split; nothing was written")
+                        f"DeepSpeed's ceil(numel / world) split. Nothing was written.")
+    return part, group, world, rank, numel
+
+
+def _zero3_local(t, what: str):
     from torch.distributed.tensor import Shard
 
+    part, group, world, rank, numel = _zero3_checked(t, what)
+    size = part.numel()
     valid = max(0, min(size, numel - rank * size))
     return part, Spec(mesh_of(group, part.device.type), (Shard(0),), torch.Size((numel,)), (1,), valid,
                       tuple(t.ds_shape))
+
+
+def zero3_piece(t, what: str):
+    """``(valid part, layout)`` of a ZeRO-3 parameter on this rank, for pairing it with another
+    rank-locally (a target network): the partition without its padding (a view: the tail of the
+    last ranks' partitions is memory DeepSpeed never writes), and what two parameters must share to
+    be paired element for element on every rank: ``(the group's global ranks, this rank, partition
+    size, numel, full shape)``. No collective (the ranks are read from the group)."""
+    import torch.distributed as dist
+
+    part, group, world, rank, numel = _zero3_checked(t, what)
+    size = part.numel()
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))  # type: ignore[arg-type]
+    return part[:max(0, min(size, numel - rank * size))], (ranks, rank, size, numel, tuple(t.ds_shape))
+
+
+def full_shape(t) -> tuple:
+    """A parameter's shape: a ZeRO-3 parameter's full ``ds_shape`` (its ``shape`` is ``(0,)`` while
+    partitioned, the full shape while gathered)."""
+    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
+
+
+_DEPTH = "_ds_z3_gathered_param_context_depth"     # GatheredParameters' nesting (newer DeepSpeed; else 0)
+
+
+def release_gathered(params: list, what: str) -> None:
+    """Before partitions are written in place: drop the gathered copies ``params`` hold (persistent
+    parameters stay gathered after a forward and a forward reads that copy, not the partition), so
+    that the next forward gathers the written partitions. DeepSpeed's own release (``partition()``, as
+    ``GatheredParameters`` does on exit): the copies freed, the partitions unchanged, no collective.
+    Refused by name, nothing released, while one is in use (inside a forward or a ``GatheredParameters``
+    block): a write then would be lost or half seen."""
+    if params[0].ds_tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"the update of {what}, ZeRO-3 partitioned, is being captured in a CUDA graph: its "
+                           f"gathered copies are released at every update, which a replay would not do. Update it "
+                           f"eagerly. Nothing was written.")
+    status = type(params[0].ds_status)                 # DeepSpeed's ZeroParamStatus
+    gone, whole = status.NOT_AVAILABLE, status.AVAILABLE
+    held = [p for p in params if p.ds_status is not gone]
+    if not held:
+        return
+    busy = [p for p in held if p.ds_status is not whole or p.ds_active_sub_modules or getattr(p, _DEPTH, 0)]
+    if busy:
+        raise RuntimeError(f"{len(busy)} ZeRO-3 parameters of {what} are gathered and in use now (inside its "
+                           f"forward, or a deepspeed.zero.GatheredParameters block): the partitions cannot be "
+                           f"written under them. Update outside the forward and the block. Nothing was written.")
+    held[0].partition(param_list=held)
 
 
 def mesh_of(group, device_type: str):

@@ -55,16 +55,25 @@ class _Selection:
                              f"target a copy of the online network (copy.deepcopy(online)), or exclude= the names "
                              f"that differ. Nothing was written.")
         pieces: dict = {}                               # id(a DTensor) -> its local shard (FSDP2, TP, HSDP)
+        zero3: dict = {}                                # id(a ZeRO-3 parameter) -> (valid part, layout)
         for side, named in (("online network", theirs), ("target", mine)):
             for name, (kind, t) in named.items():       # sharded, lazy, ZeRO-3...: by name, before any address
                 what = f"the {side}'s {kind} {name!r}"
                 if _sharded.is_dtensor(t):
                     pieces[id(t)] = _sharded.local(t, what)[0]
                     t = pieces[id(t)]
+                elif _sharded.is_zero3(t):
+                    if side == "target" and getattr(t, "ds_secondary_tensor", None) is not None:
+                        raise TypeError(f"{what} has a secondary ZeRO-3 partition (ZeRO++ hpZ, "
+                                        f"zero_hpz_partition_size), which its forward gathers from and an update "
+                                        f"of the primary one would leave stale: make the target without hpZ. "
+                                        f"Nothing was written.")
+                    zero3[id(t)] = _sharded.zero3_piece(t, what)
+                    t = zero3[id(t)][0]
                 refuse_foreign(t, what)
 
         def local(t) -> torch.Tensor:
-            return pieces.get(id(t), t)
+            return zero3[id(t)][0] if id(t) in zero3 else pieces.get(id(t), t)
 
         averaged: list = []
         copied: list = []
@@ -84,12 +93,14 @@ class _Selection:
                                  f"({tuple(src.placements)} on {src.device_mesh}, local shape "
                                  f"{tuple(local(src).shape)}); each rank averages its own shards, so shard both the "
                                  f"same way. Nothing was written.")
-            if tuple(dst.shape) != tuple(src.shape):
-                raise ValueError(f"{name!r} has shape {tuple(dst.shape)} in the target but {tuple(src.shape)} in the "
-                                 f"online network; they must match. Nothing was written.")
-            if dst.device != src.device:
-                raise ValueError(f"{name!r} is on {dst.device} in the target but on {src.device} in the online "
-                                 f"network; put both networks on one device. Nothing was written.")
+            if _sharded.full_shape(dst) != _sharded.full_shape(src):
+                raise ValueError(f"{name!r} has shape {_sharded.full_shape(dst)} in the target but "
+                                 f"{_sharded.full_shape(src)} in the online network; they must match. Nothing was "
+                                 f"written.")
+            _zero3_alike(name, zero3.get(id(dst)), zero3.get(id(src)))
+            if local(dst).device != local(src).device:
+                raise ValueError(f"{name!r} is on {local(dst).device} in the target but on {local(src).device} in the "
+                                 f"online network; put both networks on one device. Nothing was written.")
             if src.is_complex() or dst.is_complex():
                 raise TypeError(f"{name!r} is complex ({src.dtype} -> {dst.dtype}): fastema averages real floating "
                                 f"tensors; exclude= it. Nothing was written.")
@@ -110,13 +121,17 @@ class _Selection:
         self.names = (averaged, copied, ints)
         order = averaged + copied + ints
         self.labels = ([f"the target's {n!r}" for n in order], [f"the online network's {n!r}" for n in order])
-        sharded = bool(pieces)                          # then every average reads and writes local shards
-        fsdp = _sharded.fsdp_modules(online) + _sharded.fsdp_modules(target) if sharded else []
+        sharded = bool(pieces) or bool(zero3)           # then every average reads and writes local shards
+        fsdp = _sharded.fsdp_modules(online) + _sharded.fsdp_modules(target) if pieces else []
         entries = [(0, n, mine[n][0]) for n in order] + [(1, n, theirs[n][0]) for n in order]
         self.slots = Slots((target, online), entries, owner, sharded=sharded, layouts=True, fsdp=fsdp)
         self.tensors = self.slots.tensors
         self.written = self.tensors[:len(averaged) + len(copied)]     # by the kernels: versions bumped by hand
-        self.specs = [(t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) for t in self.tensors]
+        self.specs = [_spec(t) for t in self.tensors]
+        # ZeRO-3: the elements of each partition that are not padding (None: not partitioned); the
+        # target's partitioned parameters, whose gathered copies are released before a write
+        self.valid = [zero3[id(t)][0].numel() if id(t) in zero3 else None for t in self.tensors]
+        self.zero3 = [t for t in self.tensors[:len(order)] if id(t) in zero3]
         self.groups = self.group(self.tensors)
         self.ints = self.groups[2]
 
@@ -126,11 +141,12 @@ class _Selection:
         targets (:func:`fastema.pairs.pair_groups`), every refusal naming the tensor."""
         n = len(tensors) // 2
         for name, t, spec in zip((self.names[0] + self.names[1] + self.names[2]) * 2, tensors, self.specs):
-            if (t.dtype, tuple(t.shape), _sharded.is_dtensor(t)) != spec:
+            if _spec(t) != spec:
+                now = _spec(t)
                 raise ValueError(f"{name!r} changed from {spec[0]} {spec[1]}{' sharded' if spec[2] else ''} to "
-                                 f"{t.dtype} {tuple(t.shape)}{' sharded' if _sharded.is_dtensor(t) else ''} after "
+                                 f"{now[0]} {now[1]}{' sharded' if now[2] else ''} after "
                                  f"TargetNetwork(online, target); make a new TargetNetwork. Nothing was written.")
-        pieces = self.slots.pieces(tensors)
+        pieces = [p if v is None else p[:v] for p, v in zip(self.slots.pieces(tensors), self.valid)]
         dst, src = pieces[:n], pieces[n:]
         shared = _backends.first_shared(list(map(span, dst)), list(map(span, src)))
         if shared is not None:
@@ -147,6 +163,31 @@ class _Selection:
             if "Nothing was written" in str(err):
                 raise
             raise type(err)(f"{err}. Nothing was written.") from None
+
+
+def _spec(t) -> tuple:
+    """What a tracked tensor must stay: its dtype, full shape, and whether it is sharded."""
+    return t.dtype, _sharded.full_shape(t), _sharded.is_sharded(t)
+
+
+def _zero3_alike(name: str, dst, src) -> None:
+    """Refuse, by name, a pair whose ZeRO-3 partitions (``(valid part, layout)`` of
+    :func:`fastema.torch._sharding.tensors.zero3_piece`, or None) are not the same elements of the
+    parameter on this rank: each rank averages its own partitions, with no gather."""
+    if dst is None and src is None:
+        return
+    if dst is None or src is None:
+        side, other = ("target", "online network") if dst is not None else ("online network", "target")
+        raise ValueError(f"{name!r} is DeepSpeed ZeRO-3 partitioned in the {side} but not in the {other}; each rank "
+                         f"averages its own partitions, so make both with the same stage-3 config (the reference "
+                         f"as TRL's prepare_deepspeed makes it: deepspeed.initialize(model=ref, config=the policy's "
+                         f"config)). Nothing was written.")
+    if dst[1] != src[1]:
+        (r1, k1, s1, n1, _), (r2, k2, s2, n2, _) = dst[1], src[1]
+        raise ValueError(f"{name!r} is ZeRO-3 partitioned differently in the target (rank {k1} of ranks {list(r1)}, "
+                         f"partitions of {s1} of {n1} elements) and the online network (rank {k2} of {list(r2)}, "
+                         f"{s2} of {n2}); each rank averages its own partitions, so partition both over the same "
+                         f"ranks (the same stage-3 config and data-parallel group). Nothing was written.")
 
 
 class TorchPairs(Followed):
@@ -189,6 +230,8 @@ class TorchPairs(Followed):
             self.check()
         if due and not self.slots.unchanged(self.stale):
             self.follow()
+        if due and self.sel.zero3:                       # ZeRO-3: no gathered copy may outlive the write
+            _sharded.release_gathered(self.sel.zero3, "the target")
 
     def scan(self, flags: dict | None) -> dict:
         """The online tensors' inf/NaN added to ``flags`` (a device plan's), or to this object's own
@@ -215,6 +258,8 @@ class TorchPairs(Followed):
     def copy_all(self) -> None:
         """``target <- online`` for every tensor tracked (a hard update), autograd versions bumped."""
         self.follow()
+        if self.sel.zero3:
+            _sharded.release_gathered(self.sel.zero3, "the target")
         self.avg.copy_from_sources_checked(None)
         self.carry(None)
 
