@@ -20,6 +20,7 @@ those listed before it:
 """
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
+from ._state.stream import WeightMeta
 from ._tensors.hooks import HOOKS as _HOOKS  # noqa: F401
 from ._tensors.hooks import normalize_name, registration_hooks, unwrap
 from .ema import EMA
@@ -27,8 +28,8 @@ from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "TargetNetwork", "WindowAverage", "normalize_name",
-           "registration_hooks", "unwrap"]
+__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "TargetNetwork", "WeightMeta", "WindowAverage",
+           "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _HOOKS, the installed registration hooks (tests).

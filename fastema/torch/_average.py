@@ -24,6 +24,7 @@ from ._sharding import masters as _deepspeed
 from ._sharding import tensors as _sharded
 from ._state.checkpoint import CheckpointCore, TorchCheckpoint
 from ._state.peft import announce, export_peft
+from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
 from ._tensors.hooks import unwrap
 from ._tensors.model import TorchModel
 from ._tensors.slots import bump_versions
@@ -307,12 +308,55 @@ class TorchAverage:
     def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
         takes. On a sharded average this is a collective (every rank must call it): each tensor is
-        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
-        is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (its mesh's
+        gathered in turn (``DTensor.full_tensor()``; split over replicas: a ``ShardReplicas(bucket=)`` at a
+        time), so at most one full tensor (and one bucket) is in flight beyond what is kept.
+        ``rank0_only=True``: only the first rank of the average's group keeps them (its mesh's
         first rank; global rank 0 for an average over every rank), the other ranks get ``{}``. On a split
         or sharded average the ranks agree first: a rank that skipped an ``update()`` or refuses makes
         every rank raise (see the large-models guide)."""
         return self._checkpoint.full_state_dict(row, rank0_only)
+
+    def iter_weights(self, row: int = 0, *, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
+                     to: Ranks = "all") -> Stream:
+        """Average ``row`` streamed out as ``(name, tensor)``, in the model's ``state_dict()`` order (the
+        names of :meth:`full_state_dict`), for engines that load weights from a stream (vLLM's
+        ``load_weights`` / ``WeightSource``, SGLang's buckets) with bounded memory.
+
+        Every tensor is a fresh full tensor of its own (never a view that a later swap, update or export
+        overwrites), equal to ``full_state_dict(row)[name].to(dtype)`` bit for bit, on the model's
+        device. A tied tensor (several names of one tensor) is yielded once, under its first name
+        (:meth:`weights_metadata` lists the same names); tensors not averaged (``exclude=``, integer
+        buffers) are the model's values, as in :meth:`full_state_dict`.
+
+        On a split average (``shard_replicas``) the tensors are read bucket by bucket: each rank's
+        pieces, in this order, cut into buckets of at most ``bucket_bytes``, one broadcast from the rank
+        holding a bucket, each full tensor made as its buckets come, so streaming adds one bucket and
+        the largest tensor (HSDP: then one ``full_tensor()`` per parameter over the shard dimension).
+        Sharded tensors (FSDP2, tensor parallel, ZeRO) are gathered one ``full_tensor()`` each; an
+        offloaded average is brought to the device as it is read.
+
+        **A collective where the average is sharded or split**: every rank must call it and consume
+        the iterator to the end, in step (the ranks not in ``to`` get an iterator that yields nothing,
+        and must exhaust it too). The ranks agree at the call: a rank that skipped an ``update()``,
+        refuses, or passes other arguments makes every rank raise the same error, never a hang. A
+        stream is of one state: an ``update()`` or ``swap()`` before it is consumed makes its next step
+        raise. Refused while the average is swapped in. ``update()`` stays free of collectives.
+
+        Args:
+            row: which average (several decays; BEMA's output is row 0).
+            dtype: the wire dtype every floating tensor is cast to (None: the model's dtypes);
+                integer tensors are never cast.
+            bucket_bytes: the bytes one bucket of a split average holds at most (at least 16; a
+                larger tensor spans several).
+            to: which global ranks receive: ``"all"``, one rank, or a collection of ranks.
+        """
+        return average_stream(self._checkpoint, row, dtype, bucket_bytes, to)
+
+    def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
+        """``WeightMeta(name, dtype, shape)`` of every tensor :meth:`iter_weights` yields, in its order:
+        global names, full shapes, wire dtypes, for engines that allocate before receiving. Reads the
+        model only: no gather, no collective (any rank may call it alone)."""
+        return average_meta(self._checkpoint, row, dtype)
 
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""

@@ -27,6 +27,16 @@ from ..posthoc import (
 from ..schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
 from ._sharding import tensors as _sharded
 from ._state.slices import tensor_slices
+from ._state.stream import (
+    DEFAULT_BUCKET,
+    Ranks,
+    Stream,
+    WeightMeta,
+    check_stream,
+    receives,
+    synthesized_meta,
+    synthesized_stream,
+)
 from ._tensors.hooks import unwrap
 from .ema import EMA
 
@@ -305,6 +315,40 @@ class PostHocEMA(EMA):
         ``into`` may be DDP- or torch.compile-wrapped (the names are the inner model's)."""
         return synthesize(self.path, sigma_rel, gamma=gamma, time=time, max_error=max_error,
                           into=None if into is None else unwrap(into), dtype=dtype)
+
+    def iter_weights(self, sigma_rel: float | None = None, *, gamma: float | None = None,  # type: ignore[override]
+                     time: float | None = None, max_error: float = MAX_ERROR, row: int | None = None,
+                     dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
+                     to: Ranks = "all") -> Stream:
+        """The synthesised average of ``sigma_rel`` (or ``gamma``) at ``time`` streamed out as ``(name,
+        tensor)`` in the model's ``state_dict()`` order: :meth:`synthesize`'s tensors (its arguments and
+        checks; averaged tensors in ``dtype``, default float32), each tied tensor once (its first name),
+        every floating tensor in ``dtype`` when given, fresh host tensors handed over as they are
+        yielded. ``row=k`` instead streams tracked profile ``k`` as :meth:`EMA.iter_weights` does.
+
+        The synthesis reads the snapshots on each rank of ``to`` (no collective; the other ranks read
+        nothing and get an empty iterator). It combines the whole average before the first tensor is
+        yielded (one synthesised model in host memory, handed over tensor by tensor)."""
+        if row is not None:
+            if sigma_rel is not None or gamma is not None or time is not None:
+                raise ValueError("give row= (a tracked profile) or sigma_rel= / gamma= (a synthesised one), not both")
+            return super().iter_weights(row, dtype=dtype, bucket_bytes=bucket_bytes, to=to)
+        if not receives(check_stream(dtype, bucket_bytes, to)):
+            return iter(())
+        weights = self.synthesize(sigma_rel, gamma=gamma, time=time, max_error=max_error, dtype=dtype)
+        return synthesized_stream(self.model, weights, dtype)
+
+    def weights_metadata(self, sigma_rel: float | None = None, *,  # type: ignore[override]
+                         gamma: float | None = None, row: int | None = None,
+                         dtype: torch.dtype | None = None) -> list[WeightMeta]:
+        """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields for the same arguments,
+        from the model alone (no snapshot read, no collective); ``sigma_rel`` / ``gamma`` name the
+        profile only for symmetry (every profile has the same tensors)."""
+        if row is not None:
+            if sigma_rel is not None or gamma is not None:
+                raise ValueError("give row= (a tracked profile) or sigma_rel= / gamma= (a synthesised one), not both")
+            return super().weights_metadata(row, dtype=dtype)
+        return synthesized_meta(self._checkpoint, dtype)
 
     def __repr__(self) -> str:
         return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="

@@ -14,6 +14,7 @@ from .._state import check_header, load_refused
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
+from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, target_meta, target_stream
 from ._tensors.hooks import patterns, unwrap
 from ._tensors.pairs import TorchPairs
 
@@ -344,6 +345,25 @@ class TargetNetwork(Face):
         self.plan.load_state(state["plan"])
         if self._core.device_plan is not None:
             self._core.device_plan.load(self.plan, self.seed)
+
+    # ------------------------------------------------------------ the target streamed out
+
+    def iter_weights(self, row: int = 0, *, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
+                     to: Ranks = "all") -> Stream:
+        """The target's weights streamed out as ``(name, tensor)`` in its ``state_dict()`` order (see
+        :meth:`fastema.torch.EMA.iter_weights`): fresh full tensors (never views of the target, which
+        the next ``update()`` writes), floating ones cast to ``dtype``, each tied tensor once (its first
+        name). A sharded target (FSDP2, tensor parallel, HSDP) is gathered one ``full_tensor()`` a
+        parameter: a collective, which every rank calls and consumes to the end (the ranks not in
+        ``to`` get nothing), after the ranks agree (a rank that skipped an ``update()`` or refuses makes
+        every rank raise). ``row`` must be 0 (one average); ``bucket_bytes`` is checked and kept for
+        symmetry with the other averages (nothing here is bucketed)."""
+        return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to)
+
+    def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
+        """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone
+        (no gather, no collective)."""
+        return target_meta(self.target, row, dtype)
 
 
 def _refuse_capture() -> None:

@@ -34,7 +34,7 @@ from .._sharding import tensors as _sharded
 from .offload import DEFAULT_CHUNK, OffloadedShadow
 
 __all__ = ["OffloadedReplicaShadow", "ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group",
-           "split_shadow"]
+           "split_shadow", "transport"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one gather bucket, all ranks' parts together (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
@@ -107,7 +107,7 @@ def _hsdp_replicas(specs: dict, shard_replicas, what: str):
     no replicas, its average is already split like it."""
     from torch.distributed.tensor import Replicate, Shard
 
-    meshes = {id(s.mesh): s.mesh for s in specs.values()}
+    meshes = {s.mesh: s.mesh for s in specs.values()}      # by equality: DTensors may hold equal copies of a mesh
     if shard_replicas is not True or len(meshes) != 1 or any(s.pieces is not None or s.valid is not None
                                                               for s in specs.values()):
         raise ValueError(f"{what}: the model's parameters are sharded (DTensors of several meshes, ZeRO-3 "
@@ -150,6 +150,12 @@ def _wire_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
         return torch.float32
     return dtype
+
+
+def transport(group, dtype: torch.dtype, sources: list) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` a gather over ``group`` carries values of ``dtype`` in (see ``_wire_device``)."""
+    device = _wire_device(group, sources)
+    return device, _wire_dtype(dtype, device)
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

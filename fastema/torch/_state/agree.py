@@ -53,7 +53,8 @@ def _int64(v: int) -> int:
     return (int(v) + 2**63) % 2**64 - 2**63
 
 
-def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | None = None) -> None:
+def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | None = None,
+          differs: str | None = None) -> None:
     """Exchange ``mine`` (and ``refusal``, this rank's reason for refusing) with every rank of each of
     ``groups`` (``(process group, device type[, compare the run id])``, every rank in the same order); raise
     :class:`Disagreement` on every rank when a rank refused or the stamps differ. ``what``: the read
@@ -63,7 +64,8 @@ def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | N
     and highest stamps) travels on in its next groups' exchanges: over the groups of a mesh's dimensions,
     one after the other, that reaches every rank of the mesh (as an all-reduce by dimensions), so no
     rank is left waiting in an exchange that another has left. The run id is compared over the groups
-    that agreed it (the replica group: put first), and a difference there travels on as a flag."""
+    that agreed it (the replica group: put first), and a difference there travels on as a flag. ``differs``:
+    what a difference of the digests means (default: the counters of what the ranks load)."""
     import torch.distributed as dist
 
     me = dist.get_rank()
@@ -101,10 +103,10 @@ def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | N
         err = Disagreement(f"{what} refused on rank {state[1]} (its global rank), so on every rank: {reason}")
         raise err from (refusal if isinstance(refusal, BaseException) else None)
     if state[2]:
-        raise Disagreement(_differ(what, state))
+        raise Disagreement(_differ(what, state, differs))
 
 
-def _differ(what: str, state: list) -> str:
+def _differ(what: str, state: list, differs: str | None = None) -> str:
     mask, lo, lo_rank, hi, hi_rank = state[2:7]
     if mask & 1:
         said = f"rank {lo_rank}: {lo} update() calls, rank {hi_rank}: {hi} update() calls"
@@ -113,6 +115,8 @@ def _differ(what: str, state: list) -> str:
     elif mask & 2:
         said = f"{lo} update() calls on every rank, split run ids differ"
         why = "the ranks loaded checkpoints of different runs, or made their averages separately"
+    elif differs is not None:                    # the read's own arguments (iter_weights: dtype, bucket, to)
+        said, why = f"{lo} update() calls on every rank, {differs} differ", f"pass the same {differs} on every rank"
     else:
         said = f"{lo} update() calls on every rank, other counters differ"
         why = "the ranks loaded different saves"
@@ -122,7 +126,7 @@ def _differ(what: str, state: list) -> str:
 
 
 @contextlib.contextmanager
-def agreed(groups: list, mine: Stamp, what: str) -> Iterator[None]:
+def agreed(groups: list, mine: Stamp, what: str, differs: str | None = None) -> Iterator[None]:
     """Run the block (a read's or a load's checks), then :func:`agree`: when the block raises, this rank
     joins refusing and its error goes on; when it does not, every rank checks the others. No
     exchange when ``groups`` is empty."""
@@ -133,11 +137,11 @@ def agreed(groups: list, mine: Stamp, what: str) -> Iterator[None]:
         yield
     except BaseException as err:                        # a Ctrl-C in the checks too: the others must not wait
         try:
-            agree(groups, mine, what, err)
+            agree(groups, mine, what, err, differs)
         except Disagreement:
             pass                                        # every rank raises: this one its own error
         raise
-    agree(groups, mine, what)
+    agree(groups, mine, what, differs=differs)
 
 
 def load_stamp(state) -> Stamp:

@@ -164,13 +164,15 @@ class TorchCheckpoint:
                     groups.append((group, spec.mesh.device_type, here))
         return groups
 
-    def agreed(self, what: str, *, swap: bool = False, gathers: bool = True, stamp: Stamp | None = None):
+    def agreed(self, what: str, *, swap: bool = False, gathers: bool = True, stamp: Stamp | None = None,
+               differs: str | None = None):
         """A block of a read's (or a load's) checks after which every rank of :meth:`groups` agrees:
         a rank whose block raises makes every rank refuse at once, and ranks whose stamps differ (a
         rank skipped an ``update()``) refuse alike (:func:`fastema.torch._state.agree.agreed`). No exchange
-        where the read makes no collective (``gathers`` False, or no group)."""
+        where the read makes no collective (``gathers`` False, or no group). ``differs``: what differing
+        stamp digests mean."""
         mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
-        return agreed(self.groups(swap) if gathers else [], mine, f"{self.kind}.{what}")
+        return agreed(self.groups(swap) if gathers else [], mine, f"{self.kind}.{what}", differs)
 
     @property
     def split_id(self) -> int:
@@ -250,8 +252,9 @@ class TorchCheckpoint:
     def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
         takes. On a sharded average this is a collective (every rank must call it): each tensor is
-        gathered in turn (``DTensor.full_tensor()``), so at most one full tensor is in flight beyond what
-        is kept. ``rank0_only=True``: only the first rank of the average's group keeps them (global rank 0
+        gathered in turn (``DTensor.full_tensor()``; split over replicas: a ``ShardReplicas(bucket=)`` at a
+        time), so at most one full tensor (and one bucket) is in flight beyond what is kept.
+        ``rank0_only=True``: only the first rank of the average's group keeps them (global rank 0
         by default; see :meth:`writer`), the other ranks get ``{}``."""
         def check() -> None:
             if not isinstance(rank0_only, bool):
@@ -266,28 +269,14 @@ class TorchCheckpoint:
 
     def full_items(self, row: int, what: str = "full_state_dict()", check: Callable[[], None] | None = None):
         """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
-        collective per sharded tensor, in the model's state-dict order on every rank). The tensors
-        are fresh copies in the model's dtypes (excluded tensors: of the model's own values). The
-        ranks agree first (every check on every rank, the same update count)."""
-        with self.agreed(what):
-            if check is not None:
-                check()                                        # the caller's argument checks: inside, never a hang
-            self.swap.refuse(what)
-            entries = self.entries(row)
-        own = dict(unwrap(self.side.model).named_parameters(remove_duplicate=False))
-        specs = self.side.specs
-        for name, t, source, value in entries:
-            if source is None:
-                v = t.detach().clone()                         # excluded: the model's own value
-            elif source in specs:                              # a sharded average: this rank's part, as a DTensor
-                v = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
-            else:
-                v = value().to(t.dtype, copy=True)
-            v = _sharded.full(v)
-            ds_shape = getattr(own.get(name), "ds_shape", None)
-            if ds_shape is not None:
-                v = v.view(ds_shape)                           # ZeRO-3 partitions gather flat
-            yield name, v
+        collective per sharded tensor, a split average's pieces a bucket at a time, in the model's
+        state-dict order on every rank: :mod:`.stream`'s engine, every name of a tied tensor kept, the
+        bucket ``ShardReplicas(bucket=)``'s). The tensors are fresh copies in the model's dtypes (excluded
+        tensors: of the model's own values). The ranks agree first (every check on every rank, the same
+        update count)."""
+        from .stream import average_stream
+
+        yield from average_stream(self, row, None, None, "all", what, check=check, whole=True)
 
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""

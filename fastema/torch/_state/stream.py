@@ -1,0 +1,434 @@
+"""The average streamed out: ``(name, tensor)`` in the model's state-dict order, with bounded memory.
+
+What ``iter_weights()`` / ``weights_metadata()`` of the torch faces run (``EMA``, ``WindowAverage``,
+``PostHocEMA``'s synthesised averages, ``TargetNetwork``'s target), for engines that take weights as
+a stream (vLLM's ``WeightSource``, SGLang's buckets, TRL's and verl's loops):
+
+- every tensor yielded is a fresh tensor of its own: never a view of the shadow, of the model or of
+  a buffer a later swap, update or export writes (verl#7014: a lazy iterator yielding live views);
+- an average split over replicas (``shard_replicas``) is read bucket by bucket: its pieces in the
+  stream's order, cut into buckets of one rank's consecutive pieces of at most ``bucket_bytes``, one
+  broadcast from that rank per bucket, each full tensor made from the buckets as they come (HSDP:
+  each local shard so made, then one ``full_tensor()`` per parameter over the shard dimension). What
+  streaming adds is one bucket and the tensor being made. (An all-gather per bucket would be
+  balanced only in the slices' own order, not the state dict's: in the state dict's order
+  consecutive tensors lie in one rank's slice, so each rank's part of a bucket would be padded to
+  that rank's, ``ranks`` times the bytes moved and held.) Other sharded tensors (FSDP2, tensor
+  parallel, ZeRO) are gathered one at a time (one ``full_tensor()`` per parameter);
+- an offloaded average (host shadow) is brought to the model's device a tensor at a time (the
+  split one: a bucket at a time, through the owner's packing);
+- each floating tensor is cast to the wire ``dtype`` on the way (from the model's dtype: a streamed
+  tensor is ``full_state_dict()[name].to(dtype)`` bit for bit); integer tensors never;
+- a tied tensor (several state-dict names of one tensor) is yielded once, under its first name;
+- it is a collective where the average is sharded or split: every rank iterates to the end, in the
+  same order, and the ranks of ``to`` keep what is gathered (the others' iterators yield nothing).
+  The ranks agree first, in the exchange every gathering read makes (:mod:`.agree`): a rank that
+  skipped an ``update()``, refuses an argument, or passes other arguments makes every rank raise.
+
+``update()`` is untouched: it makes no collective and knows of no stream. A stream is of one state:
+an ``update()`` or a swap while it is open makes its next step raise (every rank does the same when
+every rank updated, as they must).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Union
+
+import torch
+
+from .._sharding import tensors as _sharded
+from .agree import Stamp, agreed
+
+TorchCheckpoint = Any       # .checkpoint.TorchCheckpoint, which reads through this module (full_items)
+
+__all__ = ["DEFAULT_BUCKET", "Ranks", "Stream", "WeightMeta", "average_meta", "average_stream", "check_stream",
+           "receives", "synthesized_meta", "synthesized_order", "synthesized_stream", "target_meta", "target_stream",
+           "tied_once"]
+
+DEFAULT_BUCKET = 256 << 20        # bytes of one bucket read (TRL's 256 MB)
+Stream = Iterator[tuple[str, torch.Tensor]]        # what iter_weights() returns
+Ranks = Union[str, int, Iterable[int]]             # to=: "all", a global rank, or a collection of them
+_DIFFERS = "iter_weights() arguments (row, dtype, bucket_bytes, to)"
+
+
+class WeightMeta(NamedTuple):
+    """One tensor of a stream, known before anything is gathered (vLLM's ``ParamMeta``)."""
+    name: str                 # its state-dict name (the first one of a tied tensor)
+    dtype: torch.dtype        # the dtype it is streamed in (the wire dtype for floating tensors)
+    shape: torch.Size         # its full, global shape
+
+
+def check_stream(dtype, bucket_bytes, to) -> frozenset | None:
+    """The stream's arguments checked (each refusal names the fix); returns the receiving global
+    ranks (None: every rank)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None (the model's dtypes) or a floating torch dtype (torch.bfloat16, ...), "
+                        f"got {dtype!r}")
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 16:
+        raise ValueError(f"bucket_bytes must be a number of bytes >= 16 (what one bucket read from a split "
+                         f"average may hold), got {bucket_bytes!r}")
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if isinstance(to, str):
+        if to != "all":
+            raise ValueError(f"to must be 'all', a global rank or a collection of global ranks, got {to!r}")
+        return None
+    ranks = [to] if isinstance(to, int) else list(to) if isinstance(to, (list, tuple, set, frozenset, range)) else None
+    if ranks is None or not ranks or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+        raise TypeError(f"to must be 'all', a global rank (int) or a non-empty collection of global ranks, "
+                        f"got {to!r}")
+    bad = [r for r in ranks if not 0 <= r < world]
+    if bad:
+        raise ValueError(f"to={to!r} names rank(s) {bad[:5]} outside the {world} rank(s) of this job (global ranks "
+                         f"0..{world - 1}{'; no process group is initialised' if world == 1 else ''})")
+    return frozenset(ranks)
+
+
+def receives(receivers: frozenset | None) -> bool:
+    """Whether this rank keeps what a stream to ``receivers`` (:func:`check_stream`'s) yields."""
+    dist = torch.distributed
+    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return receivers is None or me in receivers
+
+
+def _wire(model_dtype: torch.dtype, dtype) -> torch.dtype:
+    return dtype if dtype is not None and model_dtype.is_floating_point else model_dtype
+
+
+def _shape(t) -> torch.Size:
+    ds_shape = getattr(t, "ds_shape", None)               # a ZeRO-3 parameter: its full shape
+    return torch.Size(ds_shape) if ds_shape is not None else torch.Size(t.shape)
+
+
+def tied_once(entries: list) -> list:
+    """``entries`` (``(name, model tensor, source, value)``) with each tied tensor once, under its first
+    name: one tracked source, or one model tensor where nothing tracks it."""
+    seen: set = set()
+    out = []
+    for e in entries:
+        key = ("source", e[2]) if e[2] is not None else ("tensor", id(e[1]))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _fresh(out: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+    """``out`` itself when it shares no storage with ``sources``, else a copy of it."""
+    ptr = out.untyped_storage().data_ptr()
+    if any(s.untyped_storage().data_ptr() == ptr for s in sources if s.device == out.device):
+        return out.clone()
+    return out
+
+
+# ------------------------------------------------------------------ a model average (EMA, WindowAverage)
+
+def average_meta(ckpt: TorchCheckpoint, row: int, dtype) -> list[WeightMeta]:
+    """What :func:`average_stream` yields, described from the model alone: no gather, no collective."""
+    check_stream(dtype, DEFAULT_BUCKET, "all")
+    return [WeightMeta(name, _wire(t.dtype, dtype), _shape(t)) for name, t, _, _ in tied_once(ckpt.entries(row))]
+
+
+class _Item(NamedTuple):
+    name: str
+    t: Any                      # the model's tensor (a DTensor, a ZeRO-3 parameter, or plain)
+    source: str | None          # what the average tracks it as (None: the model's own value is streamed)
+    value: Callable | None      # this rank's part of the average (or the copied buffer)
+    wire: torch.dtype
+    spec: Any                   # the sharding Spec of the source, or None
+    home: torch.device | None   # where the streamed tensor is made (None: where it is read)
+
+
+def average_stream(ckpt: TorchCheckpoint, row: int, dtype, bucket_bytes: int | None, to, what: str = "iter_weights()",
+                   check: Callable[[], None] | None = None, whole: bool = False) -> Stream:
+    """The stream of average ``row`` (see the module). The ranks agree now, at the call (a collective
+    where the average is sharded or split); the tensors are read as the iterator is consumed.
+    ``check``: the caller's checks, run inside the agreement. ``whole``: ``full_state_dict()``'s form
+    (every name of a tied tensor, each tensor where it is read, the arguments its own). ``bucket_bytes``
+    None: the split's own bucket (``ShardReplicas(bucket=)``)."""
+    if bucket_bytes is None:
+        bucket_bytes = int(ckpt.side.avg.bucket) if ckpt.side.avg.split_id is not None else DEFAULT_BUCKET
+    box: list = []
+    stamp = None if whole else Stamp(ckpt.calls(), ckpt.split_id, _digest(row, dtype, bucket_bytes, to))
+    with ckpt.agreed(what, stamp=stamp, differs=_DIFFERS):
+        if check is not None:
+            check()                                    # the caller's argument checks: inside, never a hang
+        box.append(check_stream(dtype, bucket_bytes, to))
+        ckpt.swap.refuse(what)
+        entries = ckpt.entries(row)
+    specs = ckpt.side.specs
+    items = []
+    for name, t, source, value in entries if whole else tied_once(entries):
+        spec = specs.get(source) if source else None
+        split = spec is not None and spec.pieces is not None and spec.slices
+        home = None if whole and not split else _sharded.local_tensor(t).device   # whole: where it is read
+        items.append(_Item(name, t, source, value, _wire(t.dtype, dtype), spec, home))
+    calls = ckpt.calls()
+
+    def unchanged() -> None:
+        if ckpt.calls() != calls or ckpt.swap.swapped:
+            raise RuntimeError(f"{ckpt.kind}.{what}: the average changed while it was streamed (update() or swap() "
+                               f"was called after iter_weights() began); the tensors yielded so far are of the "
+                               f"earlier state. Consume a stream whole between two updates (on every rank), then "
+                               f"start a new one")
+
+    return _stream(items, box[0], bucket_bytes, unchanged)
+
+
+def _digest(*args) -> int:
+    """A digest of a stream's arguments (``to`` as the ranks it names), which every rank must pass alike."""
+    to = args[-1]
+    try:
+        ranks = check_stream(None, 16, to)
+        to = "all" if ranks is None else sorted(ranks)
+    except (TypeError, ValueError):
+        to = repr(to)                                  # refused by the checks, inside the agreement
+    return zlib.crc32(repr((*map(str, args[:-1]), to)).encode())
+
+
+def _bucketed(item: _Item) -> bool:
+    """Whether ``item`` is read in buckets: a piece of an average split over replicas."""
+    return item.spec is not None and item.spec.pieces is not None and item.spec.slices
+
+
+class _Seg(NamedTuple):
+    item: int                   # the entry's index in the stream
+    at: int                     # where its elements go in the entry's whole (flat; HSDP: the local shard)
+    src: int                    # where they are in the owner's piece of the entry
+    n: int                      # how many
+    where: int                  # where they are in the bucket
+
+
+class _Bucket:
+    """One broadcast: consecutive pieces (in the stream's order) that one rank of a replica group holds,
+    at most ``bucket_bytes`` in the dtype they are carried in."""
+
+    def __init__(self, owner: int, group, device: torch.device, carry: torch.dtype):
+        self.owner, self.group, self.device, self.carry = owner, group, device, carry
+        self.segs: list[_Seg] = []
+        self.size = 0                           # elements
+
+
+def _plan(items: list, bucket_bytes: int) -> list[_Bucket]:
+    """The broadcasts that read ``items``' split pieces, every rank alike: each entry's pieces in rank
+    order (its elements in order), cut into buckets of one owner's consecutive pieces, each filled to
+    ``bucket_bytes`` (a piece longer than that spans several)."""
+    from .._placement.replicas import transport
+
+    buckets: list[_Bucket] = []
+    cur: _Bucket | None = None
+    for k, item in enumerate(items):
+        if not _bucketed(item):
+            continue
+        spec = item.spec
+        group = spec.mesh.get_group(spec.replica_dim or 0)
+        device, carry = transport(group, item.wire, [_sharded.local_tensor(item.t)])
+        cap = max(1, bucket_bytes // carry.itemsize)
+        for r, (first, count) in enumerate(spec.pieces[1]):
+            done = 0
+            while done < count:
+                if cur is None or cur.size == cap or (cur.owner, cur.device, cur.carry) != (r, device, carry) or \
+                        cur.group is not group:
+                    cur = _Bucket(r, group, device, carry)
+                    buckets.append(cur)
+                n = min(count - done, cap - cur.size)
+                cur.segs.append(_Seg(k, first + done, done, n, cur.size))
+                cur.size += n
+                done += n
+    return buckets
+
+
+def _stream(items: list, receivers, bucket_bytes: int, unchanged) -> Stream:
+    """Every entry of ``items`` in order: split pieces through :func:`_plan`'s broadcasts, each received
+    when the entry being made needs it, the others one at a time. Held besides what the consumer holds:
+    the latest bucket and the entry being made (its pieces copied out of a bucket before the next
+    replaces it, or out of the latest when it is finished), never more."""
+    keep = receives(receivers)
+    buckets = _plan(items, bucket_bytes)
+    segs: dict[int, list] = {}                  # entry -> (bucket, segment) of each of its pieces
+    for b, bucket in enumerate(buckets):
+        for seg in bucket.segs:
+            segs.setdefault(seg.item, []).append((b, seg))
+    buf: torch.Tensor | None = None             # the latest bucket received (buckets[done - 1])
+    done = 0
+    for k, item in enumerate(items):
+        if _bucketed(item):
+            part = None
+            for b, seg in segs.get(k, []):
+                if b >= done:                   # not received yet: the latest bucket's pieces of it first
+                    unchanged()                 # before each read, on every rank alike
+                    buf = None                  # the previous bucket's pieces are copied out: free it first
+                    buf = _receive(buckets[b], items)
+                    done = b + 1
+                assert buf is not None and b == done - 1    # an entry's pieces come in the buckets' order
+                part = _copy_out(item, seg, buf, part, buckets[b], keep)
+            out = _finish(item, part, keep)
+        else:
+            unchanged()
+            out = _one(item, keep)
+        if out is not None:
+            yield item.name, out
+            out = None                          # the consumer holds it, the stream does not
+
+
+def _receive(bucket: _Bucket, items: list) -> torch.Tensor:
+    """One bucket: its owner packs its pieces (the model's dtype, then the wire's), then one broadcast
+    over the replica group."""
+    dist = torch.distributed
+    buf = torch.empty(bucket.size, dtype=bucket.carry, device=bucket.device)
+    with torch.no_grad():
+        if dist.get_rank(bucket.group) == bucket.owner:
+            for seg in bucket.segs:
+                item = items[seg.item]
+                piece = item.value()[seg.src:seg.src + seg.n]
+                buf[seg.where:seg.where + seg.n] = piece.to(item.t.dtype).to(item.wire)   # rounded as the model's
+        dist.broadcast(buf, src=dist.get_global_rank(bucket.group, bucket.owner), group=bucket.group)
+    return buf
+
+
+def _copy_out(item: _Item, seg: _Seg, buf: torch.Tensor, part: torch.Tensor | None, bucket: _Bucket,
+              keep: bool) -> torch.Tensor | None:
+    """``seg`` of ``item`` copied from the bucket into the entry being made (made at its first piece);
+    nothing where this rank keeps nothing (HSDP: every rank makes the local shard, for its gather)."""
+    hsdp = item.spec.replica_dim is not None
+    if not keep and not hsdp:
+        return None
+    if part is None:
+        numel = sum(n for _, n in item.spec.pieces[1])
+        part = torch.empty(numel, dtype=bucket.carry if hsdp else item.wire, device=bucket.device)
+    part[seg.at:seg.at + seg.n] = buf[seg.where:seg.where + seg.n]
+    return part
+
+
+def _finish(item: _Item, part: torch.Tensor | None, keep: bool) -> torch.Tensor | None:
+    """A split entry made whole (fresh): the tensor, or with HSDP its local shard, then one
+    ``full_tensor()`` over the shard dimension (every rank of it joins)."""
+    spec = item.spec
+    if part is None:
+        return None                             # not kept here
+    out = part.view(spec.pieces[0])
+    if spec.replica_dim is not None:
+        from torch.distributed.tensor import DTensor
+
+        home = item.home or _sharded.local_tensor(item.t).device
+        out = DTensor.from_local(out.to(home), spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                                 stride=spec.stride).full_tensor()
+        if not keep:
+            return None
+    return _cast(out, item.wire, item.home)
+
+
+def _one(item: _Item, keep: bool) -> torch.Tensor | None:
+    """One entry that is not a split piece, fresh, cast, on its device: the model's own value (not
+    averaged), a plain average or copied buffer, or a sharded one gathered (``full_tensor()``: a
+    collective every rank joins, receiving or not)."""
+    name, t, source, value, wire, spec, home = item
+    with torch.no_grad():
+        if source is None or value is None:
+            v = t.detach()
+            if _sharded.is_dtensor(v):                    # gathered on every rank (a collective)
+                full = _fresh(_sharded.full(v), v.to_local())
+                return _cast(full, wire, home) if keep else None
+            return v.to(device=home or v.device, dtype=wire, copy=True) if keep else None
+        if spec is None:
+            v = value().to(t.dtype)
+            return v.to(device=home or v.device, dtype=wire, copy=True) if keep else None
+        v = _sharded.full(_sharded.wrap(value().to(t.dtype, copy=True), spec))   # fresh: gathered from a copy
+        ds_shape = getattr(t, "ds_shape", None)
+        if ds_shape is not None:
+            v = v.view(ds_shape)                          # ZeRO-3 partitions gather flat
+        return _cast(v, wire, home) if keep else None
+
+
+def _cast(v: torch.Tensor, wire: torch.dtype, home: torch.device | None) -> torch.Tensor:
+    return v.to(device=home or v.device, dtype=wire)
+
+
+# ------------------------------------------------------------------ a target network's target
+
+def _target_entries(target) -> list:
+    from .._tensors.hooks import unwrap
+
+    return tied_once([(n, t, None, None) for n, t in unwrap(target).state_dict(keep_vars=True).items()])
+
+
+def _one_row(row) -> None:
+    if row != 0 or isinstance(row, bool):
+        raise IndexError(f"row must be 0: a target network keeps one average (its target), got {row!r}")
+
+
+def target_meta(target, row: int, dtype) -> list[WeightMeta]:
+    """What :func:`target_stream` yields, described from the target alone: no gather, no collective."""
+    _one_row(row)
+    check_stream(dtype, DEFAULT_BUCKET, "all")
+    return [WeightMeta(n, _wire(t.dtype, dtype), _shape(t)) for n, t, _, _ in _target_entries(target)]
+
+
+def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_bytes: int, to,
+                  what: str = "TargetNetwork.iter_weights()") -> Stream:
+    """The target network's tensors streamed (see the module): each a fresh copy; a sharded one
+    (DTensor) gathered with one ``full_tensor()``, a collective every rank of its mesh joins after the
+    ranks agree. ZeRO-3 partitions are refused by name."""
+    entries = _target_entries(target)
+    groups: list = []
+    for _, t, _, _ in entries:
+        if _sharded.is_dtensor(t):
+            for dim in range(t.device_mesh.ndim):
+                group = t.device_mesh.get_group(dim)
+                if all(group is not g[0] for g in groups):
+                    groups.append((group, t.device_mesh.device_type))
+    box: list = []
+    with agreed(groups, Stamp(calls(), 0, _digest(dtype, bucket_bytes, to)), what, _DIFFERS):
+        _one_row(row)
+        box.append(check_stream(dtype, bucket_bytes, to))
+        zero3 = [n for n, t, _, _ in entries if _sharded.is_zero3(t)]
+        if zero3:
+            raise ValueError(f"{what}: {zero3[:3]} are DeepSpeed ZeRO-3 partitions, which are not streamed yet: "
+                             f"gather them (deepspeed.zero.GatheredParameters(target.parameters())) and read "
+                             f"target.state_dict() inside")
+    items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
+             for n, t, _, _ in entries]
+    first = calls()
+
+    def unchanged() -> None:
+        if calls() != first:
+            raise RuntimeError(f"{what}: the target changed while it was streamed (update() was called after "
+                               f"iter_weights() began); the tensors yielded so far are of the earlier state. "
+                               f"Consume a stream whole between two updates (on every rank), then start a new one")
+
+    return _stream(items, box[0], bucket_bytes, unchanged)
+
+
+# ------------------------------------------------------------------ PostHocEMA's synthesised averages
+
+def synthesized_meta(ckpt: TorchCheckpoint, dtype) -> list[WeightMeta]:
+    """What :func:`synthesized_stream` yields, described from the model alone (no snapshot read): the
+    averaged tensors in ``dtype`` (synthesis's default: float32), the others in the model's (or the
+    wire) dtype."""
+    check_stream(dtype, DEFAULT_BUCKET, "all")
+    averaged = set(ckpt.side.avg.names)
+    return [WeightMeta(n, (dtype or torch.float32) if s in averaged else _wire(t.dtype, dtype), _shape(t))
+            for n, t, s, _ in tied_once(ckpt.entries(0))]
+
+
+def synthesized_stream(model, weights: dict, dtype) -> Stream:
+    """A synthesised average (``name -> tensor``, fresh: computed or read from the snapshots) in
+    ``model``'s state-dict order, each tied tensor once, floating tensors in ``dtype``; each handed
+    over as it is yielded (the stream keeps none)."""
+    for name in synthesized_order(model, weights):
+        v = weights.pop(name)
+        yield name, v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    weights.clear()
+
+
+def synthesized_order(model, names: Iterable[str]) -> list[str]:
+    """``names`` (a synthesised average's) in ``model``'s state-dict order, each tied tensor once (its
+    first name), then any the model does not name."""
+    from .._tensors.hooks import unwrap
+
+    given = list(names)
+    wanted = set(given)
+    order = [n for n, _, _, _ in tied_once([(n, t, None, None) for n, t in
+                                            unwrap(model).state_dict(keep_vars=True).items()])]
+    named = set(unwrap(model).state_dict().keys())
+    return [n for n in order if n in wanted] + [n for n in given if n not in named]
