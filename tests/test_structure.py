@@ -77,7 +77,7 @@ def test_each_face_picks_its_shadow_once_through_the_picker():
 
 # ------------------------------------------------------------ the torch face by concern
 
-FACES = {"ema.py", "window.py", "posthoc.py", "target.py"}
+FACES = {"ema.py", "window.py", "posthoc.py", "target.py", "engines.py"}    # engines: the faces' streams, to engines
 SHARED = {"_average.py", "_compile.py"}
 SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
 
@@ -146,7 +146,7 @@ NAMED_PUBLIC = {
     "fastema.torch.compat.diffusers", "fastema.torch.compat.sb3", "fastema.torch.compat.swa_utils",
     "fastema.torch.compat.timm", "fastema.torch.compat.torch_ema", "fastema.torch.compat.torchrl",
     "fastema.cli.bench", "fastema.cli.demo", "fastema.cli.merge", "fastema.cli.plot", "fastema.cli.posthoc",
-    "fastema.cli.warm", "fastema.trl",
+    "fastema.cli.warm", "fastema.trl", "fastema.torch.engines",
 }
 
 

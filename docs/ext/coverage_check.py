@@ -37,6 +37,7 @@ PUBLIC_MODULES = (
     "fastema.merge",
     "fastema.torch",
     "fastema.torch.compat",
+    "fastema.torch.engines",
     "fastema.jax",
     "fastema.tensorflow",
     "fastema.tensorflow.compat",
