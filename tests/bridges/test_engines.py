@@ -653,11 +653,9 @@ def test_a_posthoc_synthesised_average_as_a_weight_source(tmp_path):
     assert_same(receiver.got.items(), want)
 
 def test_the_guides_hugging_face_recipe_runs_as_written(capsys):
-    """The streamed copy into a transformers model (docs/guides/rl_teachers.md, drafted in _draft_engines.md)."""
+    """The streamed copy into a transformers model (docs/guides/rl_teachers.md)."""
     pytest.importorskip("transformers")
-    guides = pathlib.Path(__file__).parents[2] / "docs" / "guides"
-    heading = r"## Into a Hugging Face model.*?```python\n(.*?)```"
-    pages = [p.read_text() for p in (guides / "rl_teachers.md", guides / "_draft_engines.md") if p.exists()]
-    block = next(m.group(1) for m in (re.search(heading, text, re.S) for text in pages) if m)
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "rl_teachers.md").read_text()
+    block = re.search(r"## Into a Hugging Face model.*?```python\n(.*?)```", text, re.S).group(1)
     exec(compile(block, "rl_teachers.md: into a Hugging Face model", "exec"), {})
     assert capsys.readouterr().out.strip() == "True"
