@@ -1,18 +1,7 @@
 """The average handed to inference engines: vLLM's ``WeightSource``, SGLang's flattened buckets, ``load_weights``.
 
-::
-
-    source = WeightSource(ema, dtype=torch.bfloat16)            # vLLM >= 0.29, trainer side
-    engine = NCCLTrainerWeightTransferEngine.trainer_init(config, init_info, client=client, source=source)
-    engine.send_weights()                                        # on every rank, each publication
-
-    for bucket in flattened_buckets(ema.iter_weights(dtype=torch.bfloat16)):      # SGLang
-        payloads = [MultiprocessingSerializer.serialize(bucket, output_str=True) for _ in range(tp_size)]
-        sgl_engine.update_weights_from_tensor(payloads, load_format="flattened_bucket", flush_cache=False)
-
-    load_weights(model, ema.iter_weights())                      # any model.load_weights(Iterable[(name, tensor)])
-
-Every form consumes ``(name, tensor)`` pairs in the model's state-dict order: an average's ``iter_weights()``
+Recipes: ``docs/guides/rl_teachers.md`` ("Publishing to inference engines"). Every form consumes
+``(name, tensor)`` pairs in the model's state-dict order: an average's ``iter_weights()``
 (fresh tensors, gathered bucket by bucket where the average is sharded or split: a collective there, which
 every rank consumes whole) or any iterable of pairs. Buckets fill in stream order up to ``bucket_bytes``; a
 larger tensor travels alone, in a bucket of its own size (vLLM's packed IPC producer refuses one; verl's
@@ -271,9 +260,9 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
     weights (and what vLLM's weight-transfer engines call with each received chunk). With
     ``bucket_bytes=None`` the checked stream is handed over in one call, one tensor at a time; with a size,
     the model gets one call per bucket of :func:`named_tensor_buckets` (a list), as vLLM's packed NCCL
-    receiver calls it. The whole stream is always consumed, even where the model stops early (the stream is
-    a collective on a sharded average: every rank must finish it); a model that stopped early is then
-    refused by name. A stream that yields nothing (a rank outside ``iter_weights(to=...)``) calls nothing.
+    receiver calls it. The whole stream is always consumed, even where the model stops early or raises (the
+    stream is a collective on a sharded average: every rank must finish it); a model that stopped early is
+    then refused by name. A stream that yields nothing (a rank outside ``iter_weights(to=...)``) calls nothing.
 
     Args:
         model: anything with a callable ``load_weights(iterable)`` (a vLLM or SGLang model, or
@@ -302,8 +291,12 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
         loaded.update(result if isinstance(result, (set, frozenset, list, tuple)) else names)
 
     if size is not None:
-        for bucket in named_tensor_buckets(weights, size):
-            report(loader(bucket), [name for name, _ in bucket])
+        try:
+            for bucket in named_tensor_buckets(weights, size):
+                report(loader(bucket), [name for name, _ in bucket])
+        except Exception:
+            _drain(weights)                         # the other ranks' gathers go on: this rank joins them, then raises
+            raise
         return loaded
     stream = _pairs(weights, where)
     first = next(stream, None)
@@ -315,7 +308,11 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
             fed.append(name)
             yield name, tensor
 
-    report(loader(counted()), fed)
+    try:
+        report(loader(counted()), fed)
+    except Exception:
+        _drain(stream)
+        raise
     left = sum(1 for _ in stream)                   # drained: on a sharded average the other ranks' gathers go on
     if left:
         raise ValueError(f"{where}: {type(model).__name__}.load_weights returned after {len(fed)} of the "
@@ -338,8 +335,7 @@ class WeightSource:
       replays the source each round): fresh tensors, gathered a bucket at a time where the average is sharded
       or split (a collective: every rank iterates, as vLLM's engines do on every trainer rank). Each tensor is
       checked against the metadata as it comes (vLLM has already allocated from it).
-    - When vLLM is importable, this class is registered as a virtual subclass of vLLM's ``WeightSource`` ABC
-      (``isinstance`` holds), on first construction; vLLM is never imported otherwise.
+    - Where vLLM is importable, this is registered as a virtual subclass of vLLM's ``WeightSource`` ABC.
 
     Args:
         average: a fastema torch average with ``iter_weights`` and ``weights_metadata``
@@ -348,11 +344,9 @@ class WeightSource:
             ``sigma_rel``; None for the average's default (row 0).
         dtype: the wire dtype (the engine's, e.g. ``torch.bfloat16``), or None for the average's own.
         bucket_bytes: the gather bucket of ``iter_weights`` (bounds the extra memory while streaming).
-        to: the ranks that keep the gathered tensors, passed on to ``iter_weights`` (the others iterate and
-            get nothing): vLLM's sender, the trainer rank its ``TrainerInitInfo`` calls 0, is enough.
-        names: a predicate on the name keeping the tensors to send (the others are read, so the gathers stay
-            in step), or None: vLLM models load parameters, and vLLM's packed path views each tensor at its byte
-            offset, which fails after an odd-sized ``bool`` / ``uint8`` buffer (send floats in one ``dtype``).
+        to: the ranks that keep the gathered tensors (``iter_weights``'s; vLLM's sender, rank 0, is enough).
+        names: a predicate on the name keeping the tensors to send (the others are read: the gathers stay in
+            step), or None; vLLM's packed path fails after an odd-sized ``bool``/``uint8`` buffer: send floats.
 
     Raises:
         TypeError: ``average`` without ``iter_weights`` / ``weights_metadata``, or ``dtype`` not a torch dtype.
@@ -424,19 +418,29 @@ def _receives(to: Any) -> bool:
     return to == "all" or to == rank or (isinstance(to, (list, tuple, set, frozenset, range)) and rank in to)
 
 
-def _matching(metas: list[Any], stream: Iterable[tuple[str, torch.Tensor]], owner: str, receiving: bool
+def _drain(weights: Any) -> None:
+    """The rest of a stream read and dropped (an iterator's: a rank stopping on an error joins the others' gathers)."""
+    if isinstance(weights, Iterator):
+        for _ in weights:
+            pass
+
+
+def _matching(metas: list[Any], stream: Iterator[tuple[str, torch.Tensor]], owner: str, receiving: bool
               ) -> Iterator[tuple[str, torch.Tensor]]:
     """The stream, each pair checked against the metadata the receivers allocated from (a rank outside
-    ``to=`` gets nothing)."""
+    ``to=`` gets nothing). On a mismatch the rest of the stream is drained before the error (every rank
+    goes on to its end, as the other ranks' gathers need)."""
     count = 0
     for count, (name, tensor) in enumerate(stream, 1):
         if count > len(metas):
+            _drain(stream)
             raise RuntimeError(f"WeightSource: the {owner} yielded {name!r} after the {len(metas)} tensors of its "
                                "metadata; was the model changed between metadata() and the iteration?")
         meta = metas[count - 1]
         if name != meta.name or (isinstance(tensor, torch.Tensor) and (
                 tensor.dtype != meta.dtype or tuple(tensor.shape) != tuple(meta.shape))):
             got = (name, tensor.dtype, tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else (name,)
+            _drain(stream)
             raise RuntimeError(f"WeightSource: tensor {count} of the {owner}'s stream is {got}, but metadata() "
                                f"said {(meta.name, meta.dtype, tuple(meta.shape))}; the receivers allocate from "
                                "the metadata: was the model changed between metadata() and the iteration?")

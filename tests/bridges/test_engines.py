@@ -455,6 +455,33 @@ def test_load_weights_drains_a_stream_the_model_left_and_refuses_it():
     assert next(stream, None) is None
 
 
+@pytest.mark.parametrize("bucket_bytes", [None, 64])
+def test_a_loader_that_raises_or_a_drifted_stream_drains_the_stream_first(bucket_bytes):
+    """A rank that stops on an error reads the rest of its stream first: on a sharded average the other
+    ranks' streams gather with it (no hang), and the error is raised after."""
+    class Broken:
+        def load_weights(self, weights):
+            next(iter(weights))
+            raise KeyError("unknown name")                 # as vLLM's loaders raise on a name they lack
+
+    stream = StandIn(mixed()).iter_weights()
+    with pytest.raises(KeyError, match="unknown name"):
+        load_weights(Broken(), stream, bucket_bytes=bucket_bytes)
+    assert next(stream, None) is None
+
+    read = []
+
+    class Drifted(StandIn):
+        def iter_weights(self, row=0, **kw):
+            for name, tensor in super().iter_weights(row, **kw):
+                read.append(name)
+                yield name, (tensor.double() if name == "fc.bias" else tensor)
+
+    with pytest.raises(RuntimeError, match="metadata"):
+        list(WeightSource(Drifted(mixed())))
+    assert read == list(mixed())                            # every tensor read before the error
+
+
 # ------------------------------------------------------------ refusals
 
 
