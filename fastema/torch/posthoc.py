@@ -348,6 +348,8 @@ class PostHocEMA(EMA):
             if sigma_rel is not None or gamma is not None:
                 raise ValueError("give row= (a tracked profile) or sigma_rel= / gamma= (a synthesised one), not both")
             return super().weights_metadata(row, dtype=dtype)
+        if sigma_rel is None and gamma is None:                 # what iter_weights() would refuse, refused here
+            raise ValueError("give sigma_rel= or gamma= (the profile to synthesise), or row= (a tracked profile)")
         return synthesized_meta(self._checkpoint, dtype)
 
     def __repr__(self) -> str:

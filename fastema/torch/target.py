@@ -165,6 +165,7 @@ class TargetNetwork(Face):
         self.online, self.target = online, target
         self.buffers, self.exclude = buffers, patterns("exclude", exclude)
         self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers)
+        self._copies = 0                        # hard updates made: a stream of the target checks them too
         for g in pairs.avg.groups:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
         self._core = core = Average(opts, FORMAT, pairs.avg, adapter=pairs)
@@ -267,6 +268,7 @@ class TargetNetwork(Face):
     def hard_update(self) -> None:
         """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,
         TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced."""
+        self._copies += 1
         self._pairs.copy_all()
 
     # ------------------------------------------------------------ torch.compile (_compile.UpdateOwner)
@@ -358,7 +360,8 @@ class TargetNetwork(Face):
         ``to`` get nothing), after the ranks agree (a rank that skipped an ``update()`` or refuses makes
         every rank raise). ``row`` must be 0 (one average); ``bucket_bytes`` is checked and kept for
         symmetry with the other averages (nothing here is bucketed)."""
-        return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to)
+        return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to,
+                             version=lambda: (self.calls, self._copies))
 
     def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone

@@ -144,6 +144,17 @@ def zero3_piece(t, what: str):
     return part[:max(0, min(size, numel - rank * size))], (ranks, rank, size, numel, tuple(t.ds_shape))
 
 
+def zero3_full(t) -> torch.Tensor:
+    """A fresh copy of a ZeRO-3 parameter's whole value (one the average does not track: excluded,
+    frozen), gathered by DeepSpeed's ``GatheredParameters`` (read only: a collective every rank of
+    the parameter's group joins). A partitioned parameter's own ``data`` is a placeholder of shape
+    ``(0,)``; a persistent one may be gathered or not, so it is always gathered here."""
+    import deepspeed  # deepspeed.zero is its attribute, not a module
+
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([t]):
+        return t.detach().clone().view(tuple(t.ds_shape))
+
+
 def full_shape(t) -> tuple:
     """A parameter's shape: a ZeRO-3 parameter's full ``ds_shape`` (its ``shape`` is ``(0,)`` while
     partitioned, the full shape while gathered)."""

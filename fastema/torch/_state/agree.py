@@ -116,7 +116,9 @@ def _differ(what: str, state: list, differs: str | None = None) -> str:
         said = f"{lo} update() calls on every rank, split run ids differ"
         why = "the ranks loaded checkpoints of different runs, or made their averages separately"
     elif differs is not None:                    # the read's own arguments (iter_weights: dtype, bucket, to)
-        said, why = f"{lo} update() calls on every rank, {differs} differ", f"pass the same {differs} on every rank"
+        return (f"{what}: the ranks called it with other {differs} ({lo} update() calls on every rank). Every "
+                f"rank joins each gather of the read, so pass the same {differs} on every rank (to= names the "
+                f"ranks that keep the tensors). Nothing was read or changed, on every rank.")
     else:
         said = f"{lo} update() calls on every rank, other counters differ"
         why = "the ranks loaded different saves"

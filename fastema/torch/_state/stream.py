@@ -161,7 +161,10 @@ def average_stream(ckpt: TorchCheckpoint, row: int, dtype, bucket_bytes: int | N
     for name, t, source, value in entries if whole else tied_once(entries):
         spec = specs.get(source) if source else None
         split = spec is not None and spec.pieces is not None and spec.slices
-        home = None if whole and not split else _sharded.local_tensor(t).device   # whole: where it is read
+        if whole:             # full_state_dict(): where the average is kept (an offloaded one's: the host)
+            home = value().device if split else None
+        else:                 # a stream: on the model's device (an offloaded average brought there)
+            home = _sharded.local_tensor(t).device
         items.append(_Item(name, t, source, value, _wire(t.dtype, dtype), spec, home))
     calls = ckpt.calls()
 
@@ -310,7 +313,7 @@ def _finish(item: _Item, part: torch.Tensor | None, keep: bool) -> torch.Tensor 
     if spec.replica_dim is not None:
         from torch.distributed.tensor import DTensor
 
-        home = item.home or _sharded.local_tensor(item.t).device
+        home = _sharded.local_tensor(item.t).device     # the mesh's device, for the gather
         out = DTensor.from_local(out.to(home), spec.mesh, spec.placements, run_check=False, shape=spec.shape,
                                  stride=spec.stride).full_tensor()
         if not keep:
@@ -325,6 +328,9 @@ def _one(item: _Item, keep: bool) -> torch.Tensor | None:
     name, t, source, value, wire, spec, home = item
     with torch.no_grad():
         if source is None or value is None:
+            if _sharded.is_zero3(t):                      # not averaged: gathered on every rank (a collective)
+                full = _sharded.zero3_full(t)
+                return _cast(full, wire, home) if keep else None
             v = t.detach()
             if _sharded.is_dtensor(v):                    # gathered on every rank (a collective)
                 full = _fresh(_sharded.full(v), v.to_local())
@@ -365,36 +371,37 @@ def target_meta(target, row: int, dtype) -> list[WeightMeta]:
 
 
 def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_bytes: int, to,
-                  what: str = "TargetNetwork.iter_weights()") -> Stream:
+                  what: str = "TargetNetwork.iter_weights()", version: Callable[[], Any] | None = None) -> Stream:
     """The target network's tensors streamed (see the module): each a fresh copy; a sharded one
-    (DTensor) gathered with one ``full_tensor()``, a collective every rank of its mesh joins after the
-    ranks agree. ZeRO-3 partitions are refused by name."""
+    (DTensor) gathered with one ``full_tensor()``, a ZeRO-3 one with DeepSpeed's ``GatheredParameters``,
+    collectives every rank of the group joins after the ranks agree. ``version``: what changes with
+    every write of the target (default: ``calls``)."""
+    import torch.distributed as dist
+
     entries = _target_entries(target)
     groups: list = []
     for _, t, _, _ in entries:
+        found: list = []
         if _sharded.is_dtensor(t):
-            for dim in range(t.device_mesh.ndim):
-                group = t.device_mesh.get_group(dim)
-                if all(group is not g[0] for g in groups):
-                    groups.append((group, t.device_mesh.device_type))
+            found = [(t.device_mesh.get_group(d), t.device_mesh.device_type) for d in range(t.device_mesh.ndim)]
+        elif _sharded.is_zero3(t):
+            found = [(getattr(t, "ds_process_group", None) or dist.group.WORLD, t.ds_tensor.device.type)]
+        groups += [g for g in found if all(g[0] is not h[0] for h in groups)]
     box: list = []
     with agreed(groups, Stamp(calls(), 0, _digest(dtype, bucket_bytes, to)), what, _DIFFERS):
         _one_row(row)
         box.append(check_stream(dtype, bucket_bytes, to))
-        zero3 = [n for n, t, _, _ in entries if _sharded.is_zero3(t)]
-        if zero3:
-            raise ValueError(f"{what}: {zero3[:3]} are DeepSpeed ZeRO-3 partitions, which are not streamed yet: "
-                             f"gather them (deepspeed.zero.GatheredParameters(target.parameters())) and read "
-                             f"target.state_dict() inside")
     items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
              for n, t, _, _ in entries]
-    first = calls()
+    version = version or calls
+    first = version()
 
     def unchanged() -> None:
-        if calls() != first:
-            raise RuntimeError(f"{what}: the target changed while it was streamed (update() was called after "
-                               f"iter_weights() began); the tensors yielded so far are of the earlier state. "
-                               f"Consume a stream whole between two updates (on every rank), then start a new one")
+        if version() != first:
+            raise RuntimeError(f"{what}: the target changed while it was streamed (update() or hard_update() was "
+                               f"called after iter_weights() began); the tensors yielded so far are of the earlier "
+                               f"state. Consume a stream whole between two updates (on every rank), then start a "
+                               f"new one")
 
     return _stream(items, box[0], bucket_bytes, unchanged)
 

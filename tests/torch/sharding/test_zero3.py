@@ -106,6 +106,17 @@ def _zero3(rank, world, ckpt):
             for row in (0, 1):
                 out.update({f"ph/{ph.updates}/{row}/{n}": v for n, v in ph.full_state_dict(row).items()})
 
+    # a parameter the average does not track (exclude=): exported and streamed as the model's own value,
+    # gathered on every rank (its own data is a (0,) placeholder, or the gathered copy of a persistent one)
+    partial = EMA(engine, 0.9, exclude=["2.weight"])
+    _step(engine, rank, 30)
+    partial.update()
+    out["excluded/ref"] = _gathered(engine)["2.weight"]
+    out["excluded/full"] = partial.full_state_dict()["2.weight"]
+    out["excluded/stream"] = dict(partial.iter_weights(dtype=torch.bfloat16))["2.weight"]
+    out["excluded/meta"] = torch.tensor([m.shape == (16, 5) for m in partial.weights_metadata()
+                                         if m.name == "2.weight"])
+
     # made of the inner module (no engine): gathered persistent parameters are refused, not ignored
     bare = EMA(engine.module, 0.9)
     with torch.no_grad():
@@ -130,6 +141,8 @@ def test_zero3_partitions_exact_swap_and_checkpoint(tmp_path):
         assert not torch.equal(r["swapped"], r["raw_before"])
         assert r["weights_after_swap"] and r["resumed_equal"] and r["bare_refused"]
         assert r["updates"].tolist() == [4, 4]
+        assert torch.equal(r["excluded/full"], r["excluded/ref"]) and r["excluded/ref"].shape == (16, 5)
+        assert torch.equal(r["excluded/stream"], r["excluded/ref"].bfloat16()) and r["excluded/meta"].tolist() == [True]
     plain = _model()
     plain.load_state_dict({n: r0[f"ref/0/{n}"] for n, _ in plain.named_parameters()})
     with torch.no_grad():

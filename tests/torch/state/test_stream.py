@@ -176,6 +176,11 @@ def test_a_target_network_streams_its_target():
     assert all(torch.equal(t, kept[n]) for n, t in got)
     with pytest.raises(IndexError, match="one average"):
         net.iter_weights(1)
+    it = net.iter_weights()                               # a hard update is a write of the target too
+    next(it)
+    net.hard_update()
+    with pytest.raises(RuntimeError, match=r"changed while it was streamed \(update\(\) or hard_update\(\)"):
+        next(it)
 
 
 def test_posthoc_streams_a_synthesised_average_and_its_tracked_profiles(tmp_path):
@@ -195,6 +200,8 @@ def test_posthoc_streams_a_synthesised_average_and_its_tracked_profiles(tmp_path
           "tracked profile 1")
     with pytest.raises(ValueError, match="not both"):
         ema.iter_weights(0.07, row=0)
+    with pytest.raises(ValueError, match="give sigma_rel= or gamma="):   # no profile: refused as iter_weights does
+        ema.weights_metadata()
 
 
 # ------------------------------------------------------------------ four gloo ranks
@@ -226,10 +233,15 @@ def _split(rank, world):
     split = EMA(model, [0.9, 0.5], shard_replicas=ShardReplicas(True, bucket=256))
     window = WindowAverage(model, 3, shard_replicas=True)
     offloaded = EMA(model, 0.9, shard_replicas=True, offload="cpu")
-    _steps(model, [split, window, offloaded])
+    # the same averages unsplit: full_state_dict() reads a split average through the stream's own code,
+    # so each split stream is also held to the unsplit average (the split is bit for bit the unsplit one)
+    unsplit = {split: EMA(model, [0.9, 0.5]), window: WindowAverage(model, 3), offloaded: EMA(model, 0.9)}
+    _steps(model, [split, window, offloaded, *unsplit.values()])
     n = len(list(model.state_dict()))
     for avg in (split, window, offloaded):
         full = avg.full_state_dict()
+        _same(list(avg.iter_weights(bucket_bytes=16)), unsplit[avg].full_state_dict(),
+              f"{type(avg).__name__} against the unsplit average")
         specs = avg._model.specs
         held = [sum(specs[name].pieces[1][r][1] for name in specs) for r in range(world)]   # each rank's slice
         for bucket in (16, 1 << 8, 1 << 30):
@@ -289,6 +301,7 @@ def _hsdp(rank, world):
     whole = EMA(model, 0.9)
     net = TargetNetwork(model, target, tau=0.5)
     _steps(model, [split, whole, net])
+    _same(list(split.iter_weights(bucket_bytes=16)), whole.full_state_dict(), "HSDP split against the unsplit")
     for avg in (split, whole):
         full = avg.full_state_dict()
         for bucket in (16, 1 << 20):
