@@ -40,6 +40,46 @@ def run_ranks(fn, tmp_path, world: int = 2, *args, timeout: float = 180.0, pg_ti
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
+#: torch.distributed's collectives and point-to-point calls, as :class:`Counted` counts them (by name)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
+               "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
+               "isend", "irecv", "batch_isend_irecv")
+GATHERS = ("all_gather_into_tensor", "all_gather_single")
+
+
+class Counted:
+    """Counts every call of torch.distributed's collectives and point-to-point calls while entered
+    (``calls``: their names in order), through both ``torch.distributed`` and ``distributed_c10d``."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.calls: list = []
+        self.saved: list = []
+        for mod in (dist, c10d):
+            for name in COLLECTIVES:
+                fn = getattr(mod, name, None)
+                if fn is None:
+                    continue
+                self.saved.append((mod, name, fn))
+
+                def counted(*a, _fn=fn, _name=name, **k):
+                    self.calls.append(_name)
+                    return _fn(*a, **k)
+                setattr(mod, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+    def gathers(self) -> int:
+        """The all-gathers into one tensor counted."""
+        return sum(c in GATHERS for c in self.calls)
+
+
 def deepspeed_on_cpu(rank: int, world: int):
     """DeepSpeed on the CPU accelerator for a rank body (imported in the ranks only, never in pytest's
     process): the environment its launcher would set, and no JIT build of its shared-memory all-reduce.

@@ -22,6 +22,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+from dist import Counted
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -425,35 +426,6 @@ def test_buffers_are_left_alone_as_trl_does_unless_asked():
 
 
 # ------------------------------------------------------------------------------------------ distributed
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
-               "send", "recv", "isend", "irecv")
-
-
-class Counted:
-    """Counts calls of torch.distributed's collectives while entered."""
-
-    def __enter__(self):
-        import torch.distributed.distributed_c10d as c10d
-
-        self.calls, self.saved = [], []
-        for mod in (dist, c10d):
-            for name in COLLECTIVES:
-                fn = getattr(mod, name, None)
-                if fn is not None:
-                    self.saved.append((mod, name, fn))
-
-                    def counted(*a, _fn=fn, _name=name, **k):
-                        self.calls.append(_name)
-                        return _fn(*a, **k)
-                    setattr(mod, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for mod, name, fn in self.saved:
-            setattr(mod, name, fn)
-
 
 def _mlp(seed):
     torch.manual_seed(seed)

@@ -10,41 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist import run_ranks
+from dist import Counted, run_ranks
 
 from fastema.schedules import PowerWarmup
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
-               "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
-               "isend", "irecv", "batch_isend_irecv")
-
-
-class Counted:
-    """Counts every call of torch.distributed's collectives and point-to-point calls while entered."""
-
-    def __enter__(self):
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        self.calls: list = []
-        self.saved = []
-        for mod in (dist, c10d):
-            for name in COLLECTIVES:
-                fn = getattr(mod, name, None)
-                if fn is None:
-                    continue
-                self.saved.append((mod, name, fn))
-
-                def counted(*a, _fn=fn, _name=name, **k):
-                    self.calls.append(_name)
-                    return _fn(*a, **k)
-                setattr(mod, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for mod, name, fn in self.saved:
-            setattr(mod, name, fn)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
