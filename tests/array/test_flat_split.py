@@ -114,12 +114,15 @@ def test_moved_sources_are_followed_piece_by_piece():
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_gpu_layout_splits_exactly_too(dtype):
     """The GPU layout pads every source to 16 bytes; a slice keeps the padding where the whole row has
-    it, so its vector paths stay aligned, and a rank that holds nothing still launches (one block)."""
+    it, so its vector paths stay aligned, and a rank that holds nothing still launches (one block).
+    (The simulator runs every launch's threads in Python: the ranks that hold nothing come from 2
+    small sources, 2-3 units of 16 bytes over 5 ranks, not from 40 ranks over the 5 sources.)"""
     from numba import cuda
 
     rng = np.random.default_rng(0)
-    src = [cuda.to_device(rng.standard_normal(n).astype(np.float32)) for n in (5, 17, 1, 40, 64)]
-    for ranks in (2, 3, 5, 40):
+    sizes = (5, 17, 1, 40, 64)
+    for ranks, shape in ((2, sizes), (3, sizes), (5, sizes), (5, (5, 1))):
+        src = [cuda.to_device(rng.standard_normal(n).astype(np.float32)) for n in shape]
         whole = FlatShadow(src, rows=2, dtype=dtype)
         parts = [FlatShadow(src, rows=2, dtype=dtype, split=(r, ranks)) for r in range(ranks)]
         for step in range(3):
@@ -133,6 +136,8 @@ def test_the_gpu_layout_splits_exactly_too(dtype):
         w = np.ascontiguousarray(whole.pieces()[0][0].copy_to_host()[:, real])
         c = np.ascontiguousarray(np.concatenate([p.pieces()[0][0].copy_to_host() for p in parts], axis=1)[:, real])
         assert (w.view(np.uint8) == c.view(np.uint8)).all(), ranks
+        held = [p.layout.groups[0].n for p in parts]
+        assert sum(held) == g.whole and (0 in held) == (shape != sizes), (ranks, held)
 
 
 def test_every_slice_scans_the_whole_sources_so_every_rank_skips_alike():
