@@ -1,0 +1,120 @@
+"""Expectations against measurements (pure, tested): a :class:`Failure` per figure that moved, with the
+message naming the command that rewrites it; the ratio gate with its confirming rerun."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def update_command(section: str) -> str:
+    """The one command that rewrites ``section``'s expectations (to commit with the change that moved them)."""
+    return f"python -m bench.gates update --only {section}"
+
+
+@dataclasses.dataclass
+class Failure:
+    section: str
+    scenario: str
+    figure: str
+    expected: object
+    measured: object
+    rule: str
+
+    def message(self) -> str:
+        return (f"GATE FAILED [{self.section}] {self.scenario}: {self.figure} measured {fmt(self.measured)}, "
+                f"expected {fmt(self.expected)} ({self.rule}). If the change is meant, rewrite the expectation "
+                f"and commit bench/gates.json with it: {update_command(self.section)}")
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return repr(v)
+
+
+def compare_instructions(expected: dict, measured: dict, tolerance: float) -> list[Failure]:
+    """A failure for each scenario whose instructions per update moved more than ``tolerance`` (relative,
+    either way: a gain is locked in by updating), is not measured, or has no expectation."""
+    out = []
+    for name in sorted(set(expected) | set(measured)):
+        e, m = expected.get(name), measured.get(name)
+        if e is None:
+            out.append(Failure("instructions", name, "instructions per update", "none committed", m,
+                               "a new scenario has no expectation"))
+        elif m is None:
+            out.append(Failure("instructions", name, "instructions per update", e, "not measured",
+                               "the scenario did not run"))
+        else:
+            moved = m / e - 1.0
+            if abs(moved) > tolerance:
+                out.append(Failure("instructions", name, "instructions per update", e, m,
+                                   f"{moved:+.1%}, tolerance {tolerance:.0%}"
+                                   + ("; fewer is good: update to keep the gain" if moved < 0 else "")))
+    return out
+
+
+def compare_exact(section: str, expected: dict, measured: dict) -> list[Failure]:
+    """A failure for each figure of each scenario that differs from its expectation (exact)."""
+    out = []
+    for name in sorted(set(expected) | set(measured)):
+        e, m = expected.get(name), measured.get(name)
+        if e is None or m is None:
+            out.append(Failure(section, name, "all figures", "none committed" if e is None else e,
+                               "not measured" if m is None else m,
+                               "a new scenario has no expectation" if e is None else "the scenario did not run"))
+            continue
+        for fig in sorted(set(e) | set(m)):
+            if e.get(fig, "absent") != m.get(fig, "absent"):
+                out.append(Failure(section, name, fig, e.get(fig, "absent"), m.get(fig, "absent"), "exact"))
+    return out
+
+
+@dataclasses.dataclass
+class RatioResult:
+    scenario: str
+    expected: float | None
+    ratio: float                    # the first measurement
+    rerun: float | None = None      # the confirming measurement, when the first was past the factor
+    times: dict = dataclasses.field(default_factory=dict)
+    failed: bool = False
+
+    def note(self, factor: float) -> str:
+        if self.expected is None:
+            return "no committed ratio"
+        limit = factor * self.expected
+        if self.rerun is None:
+            return f"ok (limit {limit:.3g})"
+        if self.failed:
+            return f"FAILED: {self.ratio:.3g} then {self.rerun:.3g} on the rerun, limit {limit:.3g}"
+        return f"ok: {self.ratio:.3g} was past {limit:.3g}, the rerun gave {self.rerun:.3g} (noise)"
+
+
+def ratio_gate(expected: dict, measure, factor: float, rerun: bool = True,
+               names: list | None = None) -> tuple[list[RatioResult], list[Failure]]:
+    """Each scenario of ``names`` (default: ``expected``'s) measured by ``measure(name) -> (ratio, times)``;
+    one past ``factor`` x its committed ratio is measured again (``rerun``: ``measure(name, True)``, which
+    may take more rounds) and fails only if the rerun is past it too. A scenario without a committed
+    ratio fails (run update)."""
+    results, failures = [], []
+    for name in (names if names is not None else sorted(expected)):
+        exp = expected.get(name)
+        ratio, times = measure(name)
+        r = RatioResult(name, exp, ratio, times=times)
+        if exp is None:
+            r.failed = True
+            failures.append(Failure("ratios", name, "fastema / baseline time", "none committed", ratio,
+                                    "a new scenario has no committed ratio"))
+        elif ratio > factor * exp:
+            if rerun:
+                r.rerun, r.times["rerun"] = measure(name, True)
+            r.failed = not rerun or r.rerun > factor * exp
+            if r.failed:
+                confirmed = f"confirmed by a rerun ({r.rerun:.3g})" if rerun else "no rerun asked"
+                sides = (f"; fastema {times['fastema_ms']} ms, baseline {times['baseline_ms']} ms"
+                         if "fastema_ms" in times and "baseline_ms" in times else "")
+                failures.append(Failure("ratios", name, "fastema / baseline time (min of N, same run)", exp, ratio,
+                                        f"past {factor:g}x the committed ratio ({factor * exp:.3g}), {confirmed}"
+                                        + sides))
+        results.append(r)
+    return results, failures

@@ -1,0 +1,200 @@
+"""Host instructions per update, counted by valgrind (callgrind): :class:`Instructions` starts the valgrind
+process, which runs ``python -m bench.gates.instructions [NAMES]`` from the tree's root (this module's
+``__main__``: :func:`_instructions_child`)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import ROOT, ToolMissing, use_tree
+from .scenarios import HOST, WHERE, build, host_names, region_updates
+
+CLIENT_SOURCE = r"""
+#include <valgrind/callgrind.h>
+int gates_on_valgrind(void) { return RUNNING_ON_VALGRIND; }
+void gates_instrument(void) { CALLGRIND_START_INSTRUMENTATION; }
+void gates_zero(void) { CALLGRIND_ZERO_STATS; }
+void gates_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void gates_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
+"""
+# glibc's memcpy/memset choose ``rep movsb``/``rep stosb`` (counted per byte) or vector loops by the
+# addresses' alignment: a realloc'd list's copy then moved ema3000's count by 2-4 % between runs. Never
+# the rep forms: runs agree within 0.02 % even with address randomisation on.
+GLIBC_TUNABLES = "glibc.cpu.x86_rep_movsb_threshold=1000000000000:glibc.cpu.x86_rep_stosb_threshold=1000000000000"
+
+
+def client_library() -> str:
+    """A shared library of callgrind client requests (built once per user with the C compiler)."""
+    vg = shutil.which("valgrind")
+    if vg is None:
+        raise ToolMissing("valgrind is not installed (apt-get install valgrind; it brings valgrind/callgrind.h)")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise ToolMissing("no C compiler for the callgrind client requests (apt-get install gcc)")
+    include = Path(vg).resolve().parents[1] / "include"
+    digest = hashlib.sha256((CLIENT_SOURCE + str(include)).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"fastema-gates-{os.getuid()}"
+    lib = folder / f"client-{digest}.so"
+    if lib.exists():
+        return str(lib)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / f"client-{digest}.c"
+    src.write_text(CLIENT_SOURCE)
+    tmp = folder / f"client-{digest}.{os.getpid()}.so"
+    done = subprocess.run([cc, "-shared", "-fPIC", "-O2", f"-I{include}", "-o", str(tmp), str(src)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise ToolMissing(f"the callgrind client requests did not build (valgrind's headers missing?): "
+                          f"{done.stderr.strip()[-400:]}")
+    os.replace(tmp, lib)
+    return str(lib)
+
+
+def child_env(**extra) -> dict:
+    """A fixed environment: the same hash seed, one thread everywhere, glibc's string routines pinned."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "NUMBA_CACHE_DIR", "LANG", "USER")
+           if k in os.environ}
+    env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               FASTEMA_NUM_THREADS="1", GLIBC_TUNABLES=GLIBC_TUNABLES, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def parse_callgrind(text: str) -> dict:
+    """``{dump name: instructions}`` of a callgrind file with one dump per client request."""
+    out, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("desc: Trigger: Client Request: "):
+            name = line[len("desc: Trigger: Client Request: "):].strip()
+        elif name is not None and line.startswith(("totals:", "summary:")):
+            out[name] = int(line.split()[1])
+            name = None
+    return out
+
+
+def per_update(dumps: dict) -> dict:
+    """Instructions per update from the ``NAME@N`` and ``NAME@2N`` dumps: (I(2N) - I(N)) / N."""
+    regions: dict = {}
+    for key, value in dumps.items():
+        name, _, n = key.rpartition("@")
+        if name:
+            regions.setdefault(name, {})[int(n)] = value
+    out = {}
+    for name, r in regions.items():
+        if len(r) == 2:
+            n, n2 = sorted(r)
+            out[name] = round((r[n2] - r[n]) / (n2 - n))
+    return out
+
+
+def precompile() -> None:
+    """Byte-compile this tree's Python (as a first import would): the valgrind process then reads the same
+    files whether or not anything ran here before (it writes none: a first run's writes moved the counts)."""
+    import compileall
+
+    for folder in ("fastema", "kernels", "bench"):
+        compileall.compile_dir(str(ROOT / folder), quiet=2, workers=1)
+
+
+class Instructions:
+    """The valgrind process (started at once, so that other sections run beside it); :meth:`result`."""
+
+    def __init__(self, names: list | None = None):
+        lib = client_library()
+        precompile()
+        self.tmp = tempfile.mkdtemp(prefix="fastema-gates-")
+        self.out = Path(self.tmp) / "callgrind.out"
+        # the child is this module's __main__, run from ROOT (the cwd below): this tree's bench.gates
+        cmd = [shutil.which("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+               "--combine-dumps=yes", f"--callgrind-out-file={self.out}", sys.executable, "-m",
+               "bench.gates.instructions"] + list(names or [])
+        setarch = shutil.which("setarch")
+        if setarch and subprocess.run([setarch, platform.machine(), "-R", "true"], capture_output=True).returncode == 0:
+            cmd = [setarch, platform.machine(), "-R"] + cmd      # no address randomisation: same layout each run
+        self.cmd = cmd
+        self.started = time.perf_counter()
+        self.log = Path(self.tmp) / "valgrind.log"     # a file, not a pipe: nothing waits on this process
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1"),
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def result(self, timeout: float = 600) -> dict:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the valgrind process ran past {timeout:.0f} s:\n"
+                               f"{self.log.read_text(errors='replace')[-3000:]}")
+        log = self.log.read_text(errors="replace")
+        self.seconds = time.perf_counter() - self.started
+        if self.proc.returncode or not self.out.exists():
+            raise RuntimeError(f"the valgrind process failed ({self.proc.returncode}):\n{log[-3000:]}")
+        figures = per_update(parse_callgrind(self.out.read_text(errors="replace")))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return figures
+
+
+def _instructions_child(names: list) -> int:
+    """Runs inside valgrind (instrumentation off until every scenario is built and warm)."""
+    import ctypes
+    import gc
+
+    lib = ctypes.CDLL(os.environ["GATES_CLIENT"])
+    lib.gates_dump.argtypes = [ctypes.c_char_p]
+    if not lib.gates_on_valgrind():
+        print("not under valgrind", file=sys.stderr)
+        return 2
+    use_tree()
+    import torch
+
+    torch.set_num_threads(1)
+    import gpu_fake as G
+
+    import fastema
+
+    assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
+    wanted = set(names or host_names())
+    built: dict = {w: [] for w in WHERE}
+
+    def make(where):
+        for what, n in HOST:
+            name = f"{where} {what}, {n} tensors"
+            if name in wanted:
+                update, _ = build(what, n, where == "fake-gpu")
+                for _ in range(64):                      # past CPython's specialisation warm-up
+                    update()
+                built[where].append((name, update, region_updates(n)))
+
+    def measure(where):
+        for name, update, n in built[where]:
+            for _ in range(3):                           # instrumented, not counted
+                update()
+            for k in (n, 2 * n):
+                lib.gates_zero()
+                lib.gates_toggle()
+                for _ in range(k):
+                    update()
+                lib.gates_toggle()
+                lib.gates_dump(f"{name}@{k}".encode())
+
+    make("cpu")
+    with G.fake_gpu(record=False):
+        make("fake-gpu")
+        gc.collect()
+        gc.disable()
+        lib.gates_instrument()
+        measure("fake-gpu")
+    measure("cpu")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_instructions_child(sys.argv[1:]))

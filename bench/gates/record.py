@@ -1,0 +1,83 @@
+"""A run's record: its figures with the commit, date, machine and versions (``bench/out/gates-*.json``),
+and the committed expectations (``bench/gates.json``)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from .common import EXPECT, OUT, ROOT, SCHEMA
+
+
+def git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "system": f"{platform.system()} {platform.release()}"}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "numba", "numpy", "llvmlite", "numba-cuda", "nvidia-cuda-nvdisasm"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "absent"
+    vg = shutil.which("valgrind")
+    if vg:
+        out["valgrind"] = subprocess.run([vg, "--version"], capture_output=True, text=True).stdout.strip()
+    return out
+
+
+def gpu() -> str | None:
+    """The machine's GPU, where torch sees one (the gates' figures are still the CPU's and the fake's)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except Exception:                                # noqa: BLE001 - no torch: no GPU
+        pass
+    return None
+
+
+def record(figures: dict, failures: list, notes: list, wall_s: float, command: str, on: str = "cpu") -> dict:
+    """One run's figures with where and when they were measured (what ``bench/out`` and the history keep).
+    ``on``: the device the figures were measured on (``device``; the history draws one series per device:
+    a GPU run's file, with its device named, goes in beside the CPU's)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"schema": SCHEMA, "run": f"{now.strftime('%Y%m%dT%H%M%SZ')}-{commit[:10]}", "command": command,
+            "commit": commit, "dirty": dirty, "subject": git("log", "-1", "--format=%s")[:100],
+            "date": now.isoformat(timespec="seconds"), "machine": {**machine(), "gpu": gpu()}, "device": on,
+            "versions": versions(), "figures": figures, "passed": not failures,
+            "failures": [f.message() for f in failures], "notes": notes, "wall_s": round(wall_s, 1)}
+
+
+def write_record(rec: dict, folder: Path = OUT) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"gates-{rec['run']}.json"
+    path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_expectations(path: Path = EXPECT) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,77 @@
+"""The host scenarios (``instructions`` and ``counts`` measure the same ones): which update, at how many
+tensors, on the CPU kernels or under the fake GPU. fastema is imported when one is built: call
+:func:`~bench.gates.common.use_tree` first."""
+from __future__ import annotations
+
+import contextlib
+
+from .common import DECAY
+
+HOST = (("EMA.update", 6), ("EMA.update", 148), ("EMA.update", 3000), ("TargetNetwork.update", 6),
+        ("FlatShadow.update", 148), ("ema_update_many_", 148))
+WHERE = ("cpu", "fake-gpu")
+
+
+def host_names() -> list[str]:
+    return [f"{where} {what}, {n} tensors" for where in WHERE for what, n in HOST]
+
+
+def _net(n: int):
+    """``n`` tensors of 4x4 ``Linear`` layers: the host path, not bandwidth (as bench/gpu_host_cost.py)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(max(1, n // 2))])
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _cuda_factories_on_cpu():
+    """Tensors asked for on ``cuda`` made on the CPU (the fake GPU's stand-ins), for a constructor that
+    makes its own (``TargetNetwork``'s flags); used around construction only."""
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs = dict(kwargs, device="cpu")
+            return func(*args, **kwargs)
+
+    with Mode():
+        yield
+
+
+def build(what: str, n: int, fake: bool):
+    """``(update, bytes the update's kernels move)`` for one host scenario (public names only)."""
+    import copy
+
+    import fastema
+    from fastema.torch import EMA, TargetNetwork
+
+    net = _net(n)
+    params = [p.detach() for p in net.parameters()]
+    if what == "EMA.update":
+        ema = EMA(net, DECAY)
+        shadow = sum(parts.get("shadow", 0) for parts in ema.memory(parts=True).values())
+        return ema.update, 2 * shadow + _bytes(params)
+    if what == "TargetNetwork.update":
+        target = copy.deepcopy(net).requires_grad_(False)
+        with _cuda_factories_on_cpu() if fake else contextlib.nullcontext():
+            tn = TargetNetwork(net, target, tau=0.005)
+        return tn.update, 2 * _bytes(target.parameters()) + _bytes(params)
+    if what == "FlatShadow.update":
+        flat = fastema.FlatShadow(params)
+        return (lambda: flat.update(DECAY)), 2 * flat.nbytes + _bytes(params)
+    if what == "ema_update_many_":
+        shadows = [p.clone() for p in params]
+        return (lambda: fastema.ema_update_many_(shadows, params, DECAY)), 3 * _bytes(params)
+    raise ValueError(what)
+
+
+def region_updates(n_tensors: int) -> int:
+    """N of the instruction regions (N and 2N updates): short regions, valgrind is ~50x slow."""
+    return 20 if n_tensors <= 6 else 8 if n_tensors <= 200 else 3
