@@ -4,10 +4,10 @@ Karras et al. 2024 (EDM2, arXiv 2312.02696, Sec. 3 and App. C) track a few power
 profiles during training (:class:`fastema.torch.PostHocEMA`), store snapshots of them, and
 afterwards reconstruct the average of any other profile as the least-squares combination of
 the stored ones (:func:`solve`: the maths, numpy only). :func:`synthesize` combines the
-snapshots, one tensor at a time, and loads the result into a model; :func:`plot_profiles` draws
-the profiles. The snapshot file format is fastema's own (version 2: :data:`FORMAT`, written by
-``write_snapshot``, read and checked by :func:`read_snapshots`). This ``__init__`` is the package's
-surface; its modules are private.
+snapshots, one tensor at a time, and loads the result into a model (:func:`synthesize_iter` yields
+the tensors as they are combined); :func:`plot_profiles` draws the profiles. The snapshot file
+format is fastema's own (version 2: :data:`FORMAT`, written by ``write_snapshot``, read and checked
+by :func:`read_snapshots`). This ``__init__`` is the package's surface; its modules are private.
 
 Command line: ``python -m fastema posthoc DIR --sigma-rel 0.07 --out ema.safetensors``
 (``--plot profiles.png`` draws the profiles; :mod:`fastema.cli.posthoc`).
@@ -24,7 +24,7 @@ is written, read or synthesised.
 """
 # Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION,
 # LEGACY_RUN_ID; what fastema.torch's writer and fastema.merge's reader call (check_folder, write_snapshot,
-# valid_run_id, the tensor keys, snapshot_at, tensor_reader).
+# valid_run_id, the tensor keys, snapshot_at, tensor_reader; SynthesisPlan, PostHocEMA.iter_weights' synthesis).
 from .._io.files import atomic_write  # noqa: F401
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
 from ._folder import check_folder  # noqa: F401
@@ -45,8 +45,8 @@ from ._snapshots import (  # noqa: F401
     valid_run_id,
     write_snapshot,
 )
-from ._synthesis import Synthesized, synthesize
+from ._synthesis import SynthesisPlan, Synthesized, synthesize, synthesize_iter  # noqa: F401
 
 __all__ = ["FORMAT", "MAX_ERROR", "Snapshot", "SnapshotError", "SnapshotMeta", "Solution", "Synthesized",
-           "plot_profiles", "profile", "profile_dot", "read_snapshots", "solve", "synthesize"]
+           "plot_profiles", "profile", "profile_dot", "read_snapshots", "solve", "synthesize", "synthesize_iter"]
 

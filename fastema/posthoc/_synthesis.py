@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .._io.safe_files import first_line, out_of_memory
 from ._meta import Snapshot, kept_key, profile_key
 from ._profiles import MAX_ERROR, Solution, solve
 from ._snapshots import read_snapshots, tensor_reader
 
-__all__ = ["Synthesized", "synthesize"]
+__all__ = ["SynthesisPlan", "Synthesized", "synthesize", "synthesize_iter"]
 
 
 class Synthesized(dict):
@@ -40,6 +40,55 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
     return [s for s in snaps if s.time <= float(time)] or snaps
 
 
+class SynthesisPlan:
+    """A synthesis made ready (:func:`synthesize`'s arguments checked, the folder read, the
+    coefficients solved), whose tensors are computed one at a time: ``names`` (the averaged tensors,
+    then the ones kept as they are), ``tensor(name)`` (each checked as :func:`synthesize` checks it),
+    ``solution``. It keeps each snapshot's reader (:func:`~._snapshots.tensor_reader`: a safetensors
+    file open and memory-mapped, a DCP snapshot's parsed metadata) until :meth:`close`."""
+
+    def __init__(self, directory: str | os.PathLike, sigma_rel: float | None, gamma: float | None,
+                 time: float | None, max_error: float, dtype: Any) -> None:
+        import torch
+
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype (default torch.float32), got {dtype!r}")
+        snaps = _up_to(read_snapshots(directory), time)
+        self.solution = _solution_for(snaps, sigma_rel, gamma, time, max_error)
+        self.dtype = torch.float32 if dtype is None else dtype
+        self.terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
+        self.last = snaps[-1]
+        self.names: list[str] = [*self.last.averaged, *self.last.others]
+        self._averaged, self._kept = set(self.last.averaged), set(self.last.others)
+        self._files: dict = {}
+
+    def _read(self, s: Snapshot, key: str):
+        if s.path not in self._files:
+            self._files[s.path] = tensor_reader(s)
+        return self._files[s.path](key)
+
+    def tensor(self, name: str):
+        """The synthesised tensor ``name`` (an averaged one combined in float64, in ``dtype``; one kept
+        as it is read from the last snapshot)."""
+        last = self.last
+        if name not in self._averaged:
+            if name not in self._kept:
+                raise KeyError(f"the snapshots hold no tensor {name!r}")
+            return self._read(last, kept_key(name))
+        try:
+            return _combine(name, self.terms, self.solution, last, self._read, self.dtype)
+        except (RuntimeError, MemoryError) as err:
+            if not out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
+                raise                                 # not memory, or a reader's MemoryError naming its file
+            size = math.prod(last.shapes.get(name, [0]))
+            raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
+                              f"({first_line(err)}): synthesise on a machine with more memory") from None
+
+    def close(self) -> None:
+        """Drops the snapshots' readers (their open files)."""
+        self._files.clear()
+
+
 def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
                time: float | None = None, max_error: float = MAX_ERROR, dtype=None, into=None) -> Synthesized:
     """The average of the power-function profile ``sigma_rel`` (or ``gamma``) at ``time``
@@ -49,7 +98,8 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     also loads it into that ``nn.Module`` (strict; an FSDP2 / tensor-parallel model through
     ``set_model_state_dict``, which every rank must call). Reading is local to the caller (DCP
     snapshots with ``no_dist``): one rank alone may synthesise. Refuses a target the snapshots cannot
-    represent to ``max_error`` (see :func:`solve`).
+    represent to ``max_error`` (see :func:`solve`). :func:`synthesize_iter` yields the same tensors
+    one at a time, never holding the whole average.
 
     Nothing in ``directory`` can run code (see :mod:`fastema.posthoc`). Refused with a
     ``ValueError`` naming the file (and the tensor): a folder that mixes runs or shapes (see
@@ -57,38 +107,43 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     out of the folder to synthesise from the others), a profile holding inf or NaN, and a result
     that is not finite in ``dtype``.
     """
-    import torch
-
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype (default torch.float32), got {dtype!r}")
-    snaps = _up_to(read_snapshots(directory), time)
-    sol = _solution_for(snaps, sigma_rel, gamma, time, max_error)
-    dtype = torch.float32 if dtype is None else dtype
-    terms = [(s, k) for s in snaps for k in range(len(s.gammas))]
-    files: dict = {}
-
-    def read(s: Snapshot, key: str):
-        if s.path not in files:
-            files[s.path] = tensor_reader(s)
-        return files[s.path](key)
-
+    plan = SynthesisPlan(directory, sigma_rel, gamma, time, max_error, dtype)
     out = Synthesized()
-    last = snaps[-1]
-    for name in last.averaged:
-        try:
-            out[name] = _combine(name, terms, sol, last, read, dtype)
-        except (RuntimeError, MemoryError) as err:
-            if not out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
-                raise                                 # not memory, or a reader's MemoryError naming its file
-            size = math.prod(last.shapes.get(name, [0]))
-            raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
-                              f"({first_line(err)}): synthesise on a machine with more memory") from None
-    for name in last.others:
-        out[name] = read(last, kept_key(name))
-    out.solution = sol
+    for name in plan.names:
+        out[name] = plan.tensor(name)
+    plan.close()
+    out.solution = plan.solution
     if into is not None:
         _load_into(into, out)
     return out
+
+
+def synthesize_iter(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
+                    time: float | None = None, max_error: float = MAX_ERROR, dtype=None,
+                    order: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """:func:`synthesize`'s tensors as ``(name, tensor)`` pairs, each computed when the iterator
+    reaches it (bit for bit :func:`synthesize`'s): host memory holds one tensor's float64 sum while
+    it is combined and the tensor yielded, never the whole average. ``order``: the names to yield, in
+    that order (default: every tensor, the averaged ones first, in the snapshots' order).
+
+    The arguments are checked, the folder read and the coefficients solved when it is called (each
+    refusal of :func:`synthesize`, and a name in ``order`` the snapshots do not hold, raised then); a
+    profile holding inf or NaN, a result not finite in ``dtype`` or a damaged tensor raises when the
+    iterator reaches that tensor, after the ones before it were yielded."""
+    plan = SynthesisPlan(directory, sigma_rel, gamma, time, max_error, dtype)
+    names = plan.names if order is None else list(order)
+    unknown = sorted(set(names) - set(plan.names))
+    if unknown:
+        raise ValueError(f"order names tensors the snapshots do not hold: {unknown[:5]}")
+    return _yielded(plan, names)
+
+
+def _yielded(plan: SynthesisPlan, names: list[str]) -> Iterator[tuple[str, Any]]:
+    try:
+        for name in names:
+            yield name, plan.tensor(name)
+    finally:
+        plan.close()
 
 
 def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype):

@@ -17,6 +17,7 @@ from ..posthoc import (
     MAX_ERROR,
     SnapshotError,
     SnapshotMeta,
+    SynthesisPlan,
     check_folder,
     kept_key,
     profile_key,
@@ -327,16 +328,23 @@ class PostHocEMA(EMA):
         yielded. ``row=k`` instead streams tracked profile ``k`` as :meth:`EMA.iter_weights` does.
 
         The synthesis reads the snapshots on each rank of ``to`` (no collective; the other ranks read
-        nothing and get an empty iterator). It combines the whole average before the first tensor is
-        yielded (one synthesised model in host memory, handed over tensor by tensor)."""
+        nothing and get an empty iterator) and combines one tensor at a time as the stream reaches it
+        (:func:`fastema.posthoc.synthesize_iter`): host memory holds one tensor's float64 sum (and the
+        float64 profile being added to it) and the tensor yielded, never the whole average, plus each
+        snapshot's reader, kept until the stream ends (a safetensors file open and memory-mapped,
+        which caches no tensor; a DCP snapshot's parsed metadata). The arguments, the folder and the
+        solution (a target the snapshots cannot represent) are refused when ``iter_weights()`` is
+        called, before the first tensor; a profile holding inf or NaN, a result beyond ``dtype``'s
+        range or a damaged tensor raises when the stream reaches it, after the tensors before it
+        were yielded: the consumer then holds part of a model, and should load a whole one again."""
         if row is not None:
             if sigma_rel is not None or gamma is not None or time is not None:
                 raise ValueError("give row= (a tracked profile) or sigma_rel= / gamma= (a synthesised one), not both")
             return super().iter_weights(row, dtype=dtype, bucket_bytes=bucket_bytes, to=to)
         if not receives(check_stream(dtype, bucket_bytes, to)):
             return iter(())
-        weights = self.synthesize(sigma_rel, gamma=gamma, time=time, max_error=max_error, dtype=dtype)
-        return synthesized_stream(self.model, weights, dtype)
+        plan = SynthesisPlan(self.path, sigma_rel, gamma, time, max_error, dtype)   # refuses now, not when read
+        return synthesized_stream(self.model, plan, dtype)
 
     def weights_metadata(self, sigma_rel: float | None = None, *,  # type: ignore[override]
                          gamma: float | None = None, row: int | None = None,

@@ -418,14 +418,16 @@ def synthesized_meta(ckpt: TorchCheckpoint, dtype) -> list[WeightMeta]:
             for n, t, s, _ in tied_once(ckpt.entries(0))]
 
 
-def synthesized_stream(model, weights: dict, dtype) -> Stream:
-    """A synthesised average (``name -> tensor``, fresh: computed or read from the snapshots) in
-    ``model``'s state-dict order, each tied tensor once, floating tensors in ``dtype``; each handed
-    over as it is yielded (the stream keeps none)."""
-    for name in synthesized_order(model, weights):
-        v = weights.pop(name)
-        yield name, v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    weights.clear()
+def synthesized_stream(model, plan, dtype) -> Stream:
+    """A synthesis (``plan``: ``.names``, ``.tensor(name)``, fresh: computed or read from the snapshots
+    when the stream reaches it) in ``model``'s state-dict order, each tied tensor once, floating tensors
+    in ``dtype``; each handed over as it is yielded (the stream keeps none)."""
+    try:
+        for name in synthesized_order(model, plan.names):
+            v = plan.tensor(name)
+            yield name, v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    finally:
+        plan.close()                                   # also when the consumer stops early or it raised
 
 
 def synthesized_order(model, names: Iterable[str]) -> list[str]:

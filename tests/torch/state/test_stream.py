@@ -169,6 +169,93 @@ def test_posthoc_streams_a_synthesised_average_and_its_tracked_profiles(tmp_path
         ema.weights_metadata()
 
 
+def test_posthoc_synthesises_one_tensor_at_a_time_as_the_stream_is_consumed(tmp_path, monkeypatch):
+    """The synthesised stream never holds the whole average: nothing is combined when iter_weights()
+    returns, each averaged tensor is combined when the stream reaches it, and when a tensor is yielded
+    it is the only combined tensor alive (the consumer dropped the earlier ones)."""
+    import gc
+    import weakref
+
+    from fastema.posthoc import _synthesis, read_snapshots
+
+    torch.manual_seed(0)
+    model = Tied()
+    ema = PostHocEMA(model, (0.05, 0.10), snapshot_every=2, path=tmp_path)
+    _train(model, ema, steps=6)
+    want = ema.synthesize(0.07)
+    averaged = set(read_snapshots(tmp_path)[-1].averaged)
+    made: list = []                                       # (name, weakref to the combined tensor)
+    combine = _synthesis._combine
+
+    def spy(name, *args):
+        out = combine(name, *args)
+        made.append((name, weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(_synthesis, "_combine", spy)
+    stream = ema.iter_weights(0.07)
+    assert made == []                                     # the solution is ready, no tensor combined yet
+    seen = []
+    for name, t in stream:
+        seen.append(name)
+        assert torch.equal(_bits(t), _bits(want[name])), name
+        gc.collect()
+        assert [n for n, _ in made] == [n for n in seen if n in averaged], name         # each when reached
+        alive = [n for n, r in made if r() is not None]
+        assert alive == ([name] if made and made[-1][0] == name else []), (name, alive)
+        del t
+    assert seen == [n for n in model.state_dict() if n != "head.weight"]
+
+
+def test_posthoc_stream_refuses_before_the_first_tensor_or_when_it_reaches_a_bad_one(tmp_path):
+    """The arguments, the folder and the solution are refused when iter_weights() is called; a
+    profile holding NaN in a later tensor when the stream reaches it, with synthesize()'s message,
+    after the tensors before it were yielded."""
+    torch.manual_seed(0)
+    model = Tied()
+    ema = PostHocEMA(model, (0.05, 0.10), snapshot_every=2, path=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):     # nothing written yet: an empty folder
+        ema.iter_weights(0.07)
+    _train(model, ema, steps=4)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        ema.iter_weights(5.0)
+    with pytest.raises(ValueError, match="time must be a finite number"):
+        ema.iter_weights(0.07, time=float("nan"))
+    with pytest.raises(ValueError, match="max_error"):              # a target the snapshots cannot represent
+        ema.iter_weights(0.25, max_error=1e-9)
+    with torch.no_grad():
+        model.body.bias[0] = float("nan")                # the last snapshot's body.bias: the third tensor
+    _train(model, ema, steps=2)
+    with pytest.raises(ValueError, match=r"the profile 0:body.bias holds inf or NaN") as whole:
+        ema.synthesize(0.07)
+    stream = ema.iter_weights(0.07)                       # no refusal yet: body.bias is not reached
+    got = [next(stream)[0], next(stream)[0]]
+    assert got == ["emb.weight", "body.weight"]
+    with pytest.raises(ValueError) as streamed:
+        next(stream)
+    assert str(streamed.value) == str(whole.value)
+    assert ema.synthesize(0.07, time=4, max_error=1.0)    # before it: whole again
+
+
+def test_synthesize_iter_yields_synthesize_tensors_in_the_order_asked(tmp_path):
+    from fastema import posthoc
+
+    torch.manual_seed(0)
+    model = Tied()
+    ema = PostHocEMA(model, (0.05, 0.10), snapshot_every=2, path=tmp_path)
+    _train(model, ema, steps=6)
+    for dtype in (None, torch.bfloat16):
+        want = posthoc.synthesize(tmp_path, 0.07, dtype=dtype)
+        _same(list(posthoc.synthesize_iter(tmp_path, 0.07, dtype=dtype)), dict(want), f"synthesize_iter {dtype}")
+    order = ["norm.num_batches_tracked", "body.bias", "emb.weight"]
+    _same(list(posthoc.synthesize_iter(tmp_path, gamma=7.0, order=order)),
+          {n: posthoc.synthesize(tmp_path, gamma=7.0)[n] for n in order}, "ordered")
+    with pytest.raises(ValueError, match=r"order names tensors the snapshots do not hold: \['nope'\]"):
+        posthoc.synthesize_iter(tmp_path, 0.07, order=["emb.weight", "nope"])
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        posthoc.synthesize_iter(tmp_path, 0.07, dtype=torch.int8)
+
+
 # ------------------------------------------------------------------ four gloo ranks
 
 def _mlp() -> nn.Module:
