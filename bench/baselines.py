@@ -70,3 +70,27 @@ def timm_bfloat16_stochastic_update(ema_params, model_params, decay):
     rounded = bits.view(torch.float32).bfloat16()               # exact: the low 16 bits are zero
     torch._foreach_copy_(ema_params, [c.view_as(e) for c, e in zip(rounded.split([e.numel() for e in ema_params]),
                                                                    ema_params)])
+
+
+class TorchSmoother:
+    """The smoother's baseline in float64 torch ops: the debiased EMA (non-finite values skipped) and
+    an SMA ring with its valid counts (test_bench_smooth.py's and the gates' ratio)."""
+
+    def __init__(self, decay, window, shape, device):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.d, self.window, self.i = decay, window, 0
+        self.num, self.den = z(shape), z(shape)
+        self.ring, self.valid = z(window, shape), z(window, shape)
+
+    def update(self, v):
+        v = v.double()
+        ok = torch.isfinite(v)
+        v0 = torch.where(ok, v, torch.zeros_like(v))
+        self.num = torch.where(ok, self.d * self.num + v0, self.num)
+        self.den = torch.where(ok, self.d * self.den + 1, self.den)
+        self.ring[self.i % self.window] = v0
+        self.valid[self.i % self.window] = ok.double()
+        self.i += 1
+
+    def read(self):
+        return self.num / self.den, self.ring.sum(0) / self.valid.sum(0)

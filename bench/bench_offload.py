@@ -49,16 +49,22 @@ import numpy as np
 MIB = 1 << 20
 
 
+def proc_status(key: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (``RssAnon``, ``VmRSS``, ``VmHWM``...)
+    in bytes; 0 where it is not there (also bench_stream's and bench_teacher_sync's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def rss_anon() -> int:
     """Resident anonymous memory, after the C heap has given back what is free (``malloc_trim``), so
     that memory freed earlier and reused by the next allocation does not hide it (also bench_replicas's)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status("RssAnon")
 
 
 class Stream:

@@ -34,16 +34,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_offload import proc_status as _status
 
 MIB = 1 << 20
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _settle() -> int:

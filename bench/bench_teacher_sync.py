@@ -40,6 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_offload import proc_status as _status
 
 ALPHA = 0.05                     # SDPO/SDFT's teacher_update_rate; any rate costs the same
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce",
@@ -58,14 +59,6 @@ def _deepspeed(rank: int, world: int):
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 @contextlib.contextmanager

@@ -8,30 +8,10 @@ so it is measured against an SMA-only Smoother at K = 1.
 """
 import pytest
 import torch
+from baselines import TorchSmoother
 from conftest import devices
 
 from fastema.smooth import Smoother
-
-
-class TorchSmoother:
-    def __init__(self, decay, window, shape, device):
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        self.d, self.window, self.i = decay, window, 0
-        self.num, self.den = z(shape), z(shape)
-        self.ring, self.valid = z(window, shape), z(window, shape)
-
-    def update(self, v):
-        v = v.double()
-        ok = torch.isfinite(v)
-        v0 = torch.where(ok, v, torch.zeros_like(v))
-        self.num = torch.where(ok, self.d * self.num + v0, self.num)
-        self.den = torch.where(ok, self.d * self.den + 1, self.den)
-        self.ring[self.i % self.window] = v0
-        self.valid[self.i % self.window] = ok.double()
-        self.i += 1
-
-    def read(self):
-        return self.num / self.den, self.ring.sum(0) / self.valid.sum(0)
 
 
 @pytest.mark.parametrize("device", devices())

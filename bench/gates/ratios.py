@@ -18,30 +18,6 @@ RATIOS = {
 ROUNDS = {"flat": 31, "gpt2": 7, "bf16": 11, "many": 15, "swap": 11, "smooth": 7}   # by a call's cost
 
 
-class _TorchSmoother:
-    """bench/test_bench_smooth.py's baseline: the debiased EMA and an SMA(50) ring in float64 torch ops."""
-
-    def __init__(self, decay, window, shape):
-        import torch
-
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.d, self.window, self.i = decay, window, 0
-        self.num, self.den = z(shape), z(shape)
-        self.ring, self.valid = z(window, shape), z(window, shape)
-
-    def update(self, v):
-        import torch
-
-        v = v.double()
-        ok = torch.isfinite(v)
-        v0 = torch.where(ok, v, torch.zeros_like(v))
-        self.num = torch.where(ok, self.d * self.num + v0, self.num)
-        self.den = torch.where(ok, self.d * self.den + 1, self.den)
-        self.ring[self.i % self.window] = v0
-        self.valid[self.i % self.window] = ok.double()
-        self.i += 1
-
-
 def ratio_setup(kind: str):
     """``(fastema, baseline)``: two callables doing the same update, on the same inputs."""
     import torch
@@ -94,8 +70,10 @@ def ratio_setup(kind: str):
                 p.data.copy_(c.data)
         return fast, base
     if kind == "smooth":
+        from baselines import TorchSmoother  # bench/test_bench_smooth.py's baseline
+
         values = torch.randn(10 ** 6, generator=g)
-        s, t = Smoother(decay=0.99, window=50), _TorchSmoother(0.99, 50, 10 ** 6)
+        s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")
         return (lambda: s.update(values)), (lambda: t.update(values))
     raise ValueError(kind)
 
