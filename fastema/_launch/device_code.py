@@ -207,7 +207,7 @@ def _load(kind: str, code: bytes, entry: str, source: str) -> Loaded:
     err, ctx = d.cuCtxGetCurrent()
     if err or not int(ctx):                               # no context: the kernel handle, loaded at its launch
         return Loaded(d.CUfunction(int(k.handle)), k, source)
-    err, func = d.cuKernelGetFunction(d.CUkernel(int(k.handle)), ctx)
+    err, func = d.cuKernelGetFunction(d.CUkernel(int(k.handle)))   # a function of the current context
     if err:                                               # the driver refused the code (now, not at a launch)
         raise RuntimeError(f"cuKernelGetFunction: {err!r}")
     return Loaded(func, k, source)

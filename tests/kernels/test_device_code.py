@@ -303,9 +303,9 @@ class _FakeDriver:
     def CUfunction(self, handle):
         return ("function", handle)
 
-    def cuKernelGetFunction(self, kernel, ctx):
-        self.calls.append((kernel, ctx))
-        return (218 if self.refuse else 0), ("function in context", kernel[1], ctx)
+    def cuKernelGetFunction(self, kernel):                 # cuda-bindings' signature: the current context's
+        self.calls.append((kernel, self.cuCtxGetCurrent()[1]))
+        return (218 if self.refuse else 0), ("function in context", kernel[1], self.cuCtxGetCurrent()[1])
 
 
 class _FakeObjectCode:
@@ -354,3 +354,41 @@ def test_the_code_is_loaded_into_the_context_at_binding_not_at_a_launch(fresh, m
     said = " ".join(str(w.message) for w in caught)
     assert "refused fastema's shipped sm_90 code" in said and "launched through numba's dispatcher" in said
     assert len(driver.calls) == 2                         # the shipped code, then the compiled one
+
+
+def test_the_kernel_is_made_a_function_as_cuda_bindings_takes_the_call(monkeypatch):
+    """The GPU run of 2026-11-26 (bench/results/gpu-2026-11-26-h100-*) found ``_load`` passing the context
+    to ``cuKernelGetFunction``, which takes the kernel alone (the current context's function): the
+    TypeError was taken for a refusal, so no shipped kernel was used. Here the call reaches cuda-bindings'
+    own function, whose argument check comes before any driver call (no GPU needed; where one is, a null
+    kernel handle is refused, not run)."""
+    driver = pytest.importorskip("cuda.bindings.driver")
+    import cuda.core
+
+    from fastema._launch import cuda_base
+
+    reached = []
+
+    class Bindings:
+        CUfunction = driver.CUfunction
+
+        def CUkernel(self, handle):
+            return driver.CUkernel(0)
+
+        def cuCtxGetCurrent(self):
+            return 0, 0xC7
+
+        def cuKernelGetFunction(self, *args):
+            try:
+                out = driver.cuKernelGetFunction(*args)   # a wrong argument count: TypeError, here
+            except TypeError:
+                raise
+            except Exception:                              # no driver on this machine: past the arguments
+                out = (0, driver.CUfunction(0))
+            reached.append(len(args))
+            return 0, out[1]
+
+    monkeypatch.setattr(cuda_base, "_driver", lambda: Bindings())
+    monkeypatch.setattr(cuda.core, "ObjectCode", _FakeObjectCode)
+    loaded = D._load("cubin", b"\x7fELF", "entry", "sm_90")
+    assert reached == [1] and loaded.source == "sm_90"
