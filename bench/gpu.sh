@@ -7,7 +7,7 @@
 #          llvmlite, numpy, nvjitlink, cuda-toolkit, NVVM, pytest-xdist, cached_launch) and the
 #          preflight bench/gpu_smoke.py (smoke.json, rewritten after each of its lines; smoke.log)
 #   tests  the CUDA tests (pytest -m cuda; -n 4 --dist loadfile where pytest-xdist is there;
-#          --durations=20 -rfE): cuda-tests.log. EXTRA ARGS go to pytest (e.g. -- -k vector)
+#          --durations=20 -rfE -v): cuda-tests.log. EXTRA ARGS go to pytest (e.g. -- -k vector)
 #   probe  bench/gpu_probe.py: probe.json (rewritten after every check and timing), probe.md,
 #          lerp_f32.sass, probe.log
 #   bench  the benchmark's CUDA rows (python -m fastema bench -k cuda): bench.json, bench.md,
@@ -63,7 +63,7 @@ case "$stage" in
     fi
     "$PY" -c "import xdist" 2>/dev/null && args+=(-n 4 --dist loadfile)
     "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 180)   # one hung test is not all
-    args+=(--durations=20 -rfE -q -p no:cacheprovider "${extra[@]}")
+    args+=(--durations=20 -rfE -v --tb=line -p no:cacheprovider "${extra[@]}")   # -v: each test named as it ends (a cut run still says which failed)
     echo "pytest ${args[*]}" | tee "$out/cuda-tests.log"
     timeout -k 10 400 "$PY" -m pytest "${args[@]}" 2>&1 | tee -a "$out/cuda-tests.log"
     rc=${PIPESTATUS[0]}

@@ -75,7 +75,7 @@ def test_each_stage_runs_in_the_simulator_and_writes_its_files(stages, stage):
     elif stage == "tests":
         log = (folder / "cuda-tests.log").read_text()
         assert log.startswith("pytest tests/kernels/test_cuda.py -m cuda")
-        assert "--durations=20 -rfE -q -p no:cacheprovider" in log.splitlines()[0]
+        assert "--durations=20 -rfE -v --tb=line -p no:cacheprovider" in log.splitlines()[0]
         assert re.search(r"\b2 passed\b.* in [\d.]+s", log)
     elif stage == "probe":
         probe = json.loads((folder / "probe.json").read_text())
