@@ -28,27 +28,52 @@ CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multi
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches
-CUDA_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "") != "0"   # CUDA kernels compiled at run time cached on disk
-CUDA_DISPATCHER_CACHE = os.environ.get("FASTEMA_CUDA_CACHE", "") == "1"   # and, asked for, numba's cache of the
-                                                                        # dispatcher path (no lock: opt-in)
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
-def _threads_from_env(name: str) -> int | None:
-    """A positive thread count from the environment variable ``name``, or None where it is unset or empty;
-    anything else is named in one warning and ignored."""
+def _switch(name: str, default: str) -> bool | None:
+    """The environment variable ``name`` as on (True: 1, true, on, yes, any case) or off (False:
+    0, false, off, no); None where it is unset or empty, and, named in one warning that says the
+    ``default`` holds, anything else."""
     value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    warnings.warn(f"fastema: {name}={value!r} is not a positive whole number, so it is ignored and the CPU kernels "
-                  f"follow torch's thread count (else OMP_NUM_THREADS); set it to one, e.g. {name}=4",
-                  RuntimeWarning, stacklevel=2)
+    if value.lower() in _ON + _OFF:
+        return value.lower() in _ON
+    if value:
+        warnings.warn(f"fastema: {name}={value!r} is neither on ({', '.join(_ON)}) nor off "
+                      f"({', '.join(_OFF)}), so it is ignored and the default holds ({default}); "
+                      f"set one of those", RuntimeWarning, stacklevel=2)
     return None
 
 
-CPU_THREADS = _threads_from_env("FASTEMA_NUM_THREADS")   # threads of every parallel CPU kernel, None: follow
-                                                         # torch's count, else OMP_NUM_THREADS, else numba's (cpu.team)
+_CUDA_CACHE_SET = _switch("FASTEMA_CUDA_CACHE",
+                          "CUDA kernels compiled at run time are cached, the dispatcher's are not")
+CUDA_CACHE = _CUDA_CACHE_SET is not False   # CUDA kernels compiled at run time cached (the default)
+CUDA_DISPATCHER_CACHE = _CUDA_CACHE_SET is True   # and, asked for, numba's cache of the dispatcher
+                                                  # path (no lock: opt-in)
+
+
+def thread_count(name: str, value: str, instead: str) -> int | None:
+    """``value`` of the environment variable ``name`` as a positive thread count, or None where it
+    is empty; anything else (not a whole number in decimal digits: ``'²'`` is a digit, not a
+    decimal one) is named in one warning that says what is used ``instead``, and ignored."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        count = int(value) if value.isdecimal() else 0
+    except ValueError:                  # more digits than int() reads (sys.get_int_max_str_digits)
+        count = 0
+    if count > 0:
+        return count
+    warnings.warn(f"fastema: {name}={value!r} is not a positive whole number, so it is ignored and "
+                  f"{instead}; set it to one, e.g. {name}=4", RuntimeWarning, stacklevel=2)
+    return None
+
+
+CPU_THREADS = thread_count("FASTEMA_NUM_THREADS", os.environ.get("FASTEMA_NUM_THREADS", ""),
+                           "the CPU kernels follow torch's thread count (else OMP_NUM_THREADS)")
+"""Threads of every parallel CPU kernel; None: follow torch's count, else OMP_NUM_THREADS, else
+numba's (:func:`fastema._launch.cpu.team`)."""
 
 
 def _cache_warning(message: str) -> None:

@@ -30,9 +30,11 @@ __all__ = ["capped", "chosen", "run_on"]
 
 
 def _omp_threads() -> int:
-    """The thread count ``OMP_NUM_THREADS`` gives (the first of ``"4,2"``), 0 where unset or not a count."""
-    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
+    """The thread count ``OMP_NUM_THREADS`` gives (the first of ``"4,2"``), 0 where unset; a value
+    that is not a count is named in one warning and ignored (0)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    instead = "the CPU kernels follow torch's thread count where torch is imported, else numba's"
+    return config.thread_count("OMP_NUM_THREADS", first, instead) or 0
 
 
 _OMP = _omp_threads()

@@ -14,6 +14,7 @@ calling thread's numba thread count then: the count numba's parallel region read
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -177,13 +178,15 @@ def test_fastema_num_threads_wins(override, torch, team):
     assert out["torch"] == torch, out
 
 
-@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
-def test_a_bad_fastema_num_threads_is_named_and_ignored(monkeypatch, value):
-    monkeypatch.setenv("FASTEMA_NUM_THREADS", value)
-    with pytest.warns(RuntimeWarning, match=f"FASTEMA_NUM_THREADS={value!r}"):
-        assert config._threads_from_env("FASTEMA_NUM_THREADS") is None
-    for good, count in [("4", 4), (" 2 ", 2), ("", None)]:
-        monkeypatch.setenv("FASTEMA_NUM_THREADS", good)
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5", "²", "4²", "9" * 5000])
+def test_a_bad_thread_count_is_named_and_ignored(value):
+    """'²' is a digit (``str.isdigit``) that ``int`` refuses: it made ``import fastema`` raise
+    (round 7 L4), as would a count of more digits than ``int`` reads; each is named in one warning
+    and ignored."""
+    said = re.escape(f"FASTEMA_NUM_THREADS={value!r} is not a positive")
+    with pytest.warns(RuntimeWarning, match=said):
+        assert config.thread_count("FASTEMA_NUM_THREADS", value, "what then") is None
+    for good, count in [("4", 4), (" 2 ", 2), ("", None), ("٣", 3)]:    # '٣': a decimal digit
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert config._threads_from_env("FASTEMA_NUM_THREADS") == count
+            assert config.thread_count("FASTEMA_NUM_THREADS", good, "what then") == count
