@@ -29,7 +29,10 @@ and their own captures, intrinsics by name):
   compiled again and the file rewritten, and the first such file is reported (:data:`REPORT`);
 - the files are pickles, so whoever can write the cache folder runs code in every process that
   reads it: a folder others can write (:data:`TRUST` says why) is neither read nor written,
-  and the kernels are compiled in memory, with one warning naming the folder.
+  and the kernels are compiled in memory, with one warning naming the folder;
+- a kernel that cannot be saved (a full, size-limited or read-only folder: ENOSPC, EFBIG, EROFS,
+  EACCES; or its lock not had) is used from memory: the update goes on, with one warning per
+  process naming the folder and the fix (:func:`unsaved`; the CUDA run-time cache reports the same).
 
 This package imports only NumPy, Numba, llvmlite and a few standard modules, so the
 digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
@@ -167,6 +170,24 @@ def _damaged(path: str, err: BaseException) -> None:
                f"it does this once; other damaged files are repaired the same way without another warning.")
 
 
+UNSAVED: list = []
+"""``(folder, why)`` of each compiled kernel this process could not save in its cache folder (the
+CPU kernels' cache and the CUDA run-time cache alike): each is used from memory; the first was
+reported."""
+
+
+def unsaved(folder: str, why: str) -> None:
+    """A compiled kernel could not be saved in the cache folder ``folder`` (``why``) and is used
+    from memory: recorded, and reported when it is the first in this process."""
+    UNSAVED.append((folder, why))
+    if len(UNSAVED) == 1 and REPORT is not None:
+        REPORT(f"a compiled kernel could not be cached in {folder} ({why}), so it is used from "
+               f"memory and the update goes on; the next process that needs it compiles it again "
+               f"(seconds). Free space there, or set NUMBA_CACHE_DIR to a folder of your own with "
+               f"room (only you can write it; TMPDIR moves the node-local default). Other kernels "
+               f"that cannot be cached are kept in memory without another warning.")
+
+
 def _checked(index_file_class):
     """``index_file_class`` storing each entry with its key: an entry found under another key (two
     processes that numbered their files alike) reads as a miss, and so does an index or an entry
@@ -208,8 +229,8 @@ def _keyed(cache_class, index_file_class, name: str, extra=None):
     """``cache_class`` (numba's ``FunctionCache`` or numba-cuda's ``CUDACache``) keyed by the variant's
     :func:`describe_function` instead of pickled cells, its index stamped with the content of its own
     file and the sources of the kernels' other modules, each entry checked against its key
-    (:func:`_checked`). ``extra``: a function whose result every key also holds (the CUDA cache:
-    :data:`CUDA_VERSIONS`)."""
+    (:func:`_checked`), a save that fails used from memory (:func:`unsaved`). ``extra``: a function
+    whose result every key also holds (the CUDA cache: :data:`CUDA_VERSIONS`)."""
     CheckedFile = _checked(index_file_class)
 
     def __init__(self, py_func, variant: str, dependencies: tuple = DEPENDENCIES):
@@ -220,6 +241,12 @@ def _keyed(cache_class, index_file_class, name: str, extra=None):
         self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
                                        source_stamp=stamp)
 
+    def save_overload(self, sig, data):
+        try:
+            cache_class.save_overload(self, sig, data)
+        except OSError as err:          # a full, size-limited or read-only folder: used from memory
+            unsaved(self._cache_path, str(err))
+
     def _index_key(self, sig, codegen):
         key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
         if extra is not None:
@@ -227,7 +254,8 @@ def _keyed(cache_class, index_file_class, name: str, extra=None):
         launch_config = getattr(self, "_launch_config_key", None)    # numba-cuda: launch-config-sensitive kernels
         return key if launch_config is None else key + (("launch_config", launch_config),)
 
-    return type(name, (cache_class,), {"__init__": __init__, "_index_key": _index_key, "__doc__": _keyed.__doc__})
+    return type(name, (cache_class,), {"__init__": __init__, "save_overload": save_overload,
+                                       "_index_key": _index_key, "__doc__": _keyed.__doc__})
 
 
 def _internals_known(cache_class, base) -> bool:

@@ -5,10 +5,12 @@ runs: N processes that miss the same entry at once queue there, the first compil
 the others find it written when their turn comes and read it instead of compiling. The lock is
 advisory and per open file, so a process that dies holding it releases it at once (no stale lock to
 clean up), and the lock file itself is never removed (removing it would let two processes lock two
-different files of one name). Where the folder cannot hold a lock (a read-only folder, a file
-system without ``flock``), the body runs unlocked: a cache that cannot be locked can still be read,
-and a compile in memory is always right. With a ``timeout``, a lock not had in time (a holder
-stopped in a debugger) is given up the same way.
+different files of one name). A lock that cannot be had (a read-only or full folder, a file system
+without ``flock``, a symbolic link where the lock file should be: never followed) raises ``OSError``
+before the body runs, and with a ``timeout`` so does a lock not had in time (``TimeoutError``: a
+holder stopped in a debugger): the caller then compiles in memory and writes nothing
+(:func:`fastema.kernels._cache_node.hold`). Where the system has no ``flock`` at all (Windows) the
+body runs unlocked.
 
 :func:`write_whole` writes through a temporary file in the same folder and ``os.replace``: a reader
 sees the old entry, none, or the whole new one, never a part.
@@ -22,28 +24,28 @@ import time
 
 @contextlib.contextmanager
 def locked(path: str, timeout: float | None = None):
-    """Hold the lock of the cache entry ``path`` (``<path>.lock``) while the body runs; yields True
-    when it is held, False where the folder could not hold one (the body runs anyway). ``timeout``:
-    seconds to wait for another holder before running the body unlocked (False), None: wait as long
-    as it takes."""
-    fd = -1
+    """Hold the lock of the cache entry ``path`` (``<path>.lock``, opened with ``O_NOFOLLOW``) while
+    the body runs; yields True when it is held, False where the system has no ``flock`` (the body
+    runs unlocked). ``OSError`` where it cannot be had, ``TimeoutError`` where another holder keeps
+    it over ``timeout`` seconds (None: wait as long as it takes); the body does not run then."""
     try:
         import fcntl
-
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except ImportError:                            # no flock on this system (Windows): unlocked
+        yield False
+        return
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
         if timeout is None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         else:
             _wait(fd, fcntl, time.monotonic() + timeout)
-    except (OSError, ImportError):
-        if fd >= 0:
-            os.close(fd)
-        fd = -1
+    except BaseException:
+        os.close(fd)
+        raise
     try:
-        yield fd >= 0
+        yield True
     finally:
-        if fd >= 0:
-            os.close(fd)                           # closing the file releases the flock
+        os.close(fd)                               # closing the file releases the flock
 
 
 def _wait(fd: int, fcntl, deadline: float) -> None:
@@ -55,7 +57,7 @@ def _wait(fd: int, fcntl, deadline: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"the lock of {fd} was not had in time") from None
+                raise TimeoutError("the lock was not had in time") from None
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 

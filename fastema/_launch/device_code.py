@@ -22,7 +22,9 @@ Run-time compiles go into a cache, once per node: an entry per (variant, kernel 
 compute capability), named by their SHA-256 (never a file's date), written whole (``os.replace``) under a
 node-local lock (``kernels._cache_node.hold``: lock files in ``<temp>/fastema-<uid>/locks``, never on a
 network file system, given up after ``LOCK_WAIT`` seconds), so N processes starting at once compile each
-variant once while the others wait and load it; an entry whose checksum fails is compiled again. The
+variant once while the others wait and load it; an entry whose checksum fails is compiled again, and
+one that cannot be written or locked (a full or read-only folder, a lock not had) is used from
+memory (one warning a process, ``kernels._cache.unsaved``). The
 folder: ``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp dir>/fastema-<uid>/fastema-device``
 (node-local), used only where the kernel cache's trust rules allow (``kernels._cache.TRUST``: nobody else
 can write it or a folder above it). ``FASTEMA_CUDA_CACHE=0`` compiles in memory.
@@ -34,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 
 from . import config
@@ -94,10 +95,25 @@ def _read_manifest() -> tuple[dict | None, str | None]:
         return None, f"the shipped device code's manifest {path} cannot be read ({err})"
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("variants"), dict):
         return None, f"the shipped device code's manifest {path} is not format {FORMAT}"
+    bad = _bad_architectures(data)
+    if bad:
+        return None, (f"the shipped device code's manifest {path} cannot be read (architecture "
+                      f"names {', '.join(map(repr, bad))} are not sm_XY cubins or compute_XY PTX)")
     if data.get("sources") != sources_digest():
         return None, ("the shipped device code was built from other kernel sources than these (an edited "
                       "checkout: run scripts/build_device_code.py)")
     return data, None
+
+
+def _bad_architectures(data: dict) -> list:
+    """The architecture names of manifest ``data`` that :func:`choose` cannot read: cubins not
+    ``sm_XY`` (a list of them), a PTX not ``compute_XY``."""
+    cubins, ptx = data.get("cubins", []), data.get("ptx", "compute_99")
+    if not isinstance(cubins, list):
+        return [cubins]
+    bad = [name for name in cubins
+           if not (isinstance(name, str) and re.fullmatch(r"sm_[0-9]{2,}", name))]
+    return bad if isinstance(ptx, str) and re.fullmatch(r"compute_[0-9]{2,}", ptx) else [*bad, ptx]
 
 
 @functools.cache
@@ -265,15 +281,17 @@ def cache_folder() -> str | None:
 
     if not config.CUDA_CACHE:
         return None
-    base = os.environ.get("NUMBA_CACHE_DIR") or _cache_node.node_folder()
-    folder = None if base is None else os.path.join(base, "fastema-device")
-    try:
-        if folder is None:
-            raise OSError(f"no folder of your own in {tempfile.gettempdir()}")
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        why = None if _cache.TRUST is None else _cache.TRUST(folder)
-    except OSError as err:
-        why = str(err)
+    base = os.environ.get("NUMBA_CACHE_DIR")
+    root, why = (base, None) if base else _cache_node.node_root()
+    folder = os.path.join(root, "fastema-device")
+    if why is not None:
+        why = f"{root}: {why}"
+    else:
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            why = None if _cache.TRUST is None else _cache.TRUST(folder)
+        except OSError as err:
+            why = str(err)
     if why is None:
         return folder
     _warn("cache", f"CUDA kernels compiled at run time are not cached in {folder} ({why}); they are compiled in "
@@ -319,7 +337,10 @@ COMPILES: list = []
 
 def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
     """``(kind, code, entry)`` of variant ``key`` for ``cc``: read from the cache, or compiled once per
-    node (under the entry's lock) and written there."""
+    node (under the entry's lock) and written there; where the lock cannot be had or the entry
+    cannot be written (a full or read-only folder), compiled and used from memory, with one warning
+    a process (``kernels._cache.unsaved``, shared with the CPU kernels' cache)."""
+    from ..kernels._cache import unsaved
     from ..kernels._cache_node import hold
     from ..kernels._filelock import write_whole
 
@@ -328,17 +349,20 @@ def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
         COMPILES.append(key)
         return _compile(dispatcher, types, cc)
     path = os.path.join(folder, _entry_name(key, cc) + ".code")
-    with hold(path):                                      # node-local lock file, given up after LOCK_WAIT s
+    with hold(path) as refused:               # node-local lock file, given up after LOCK_WAIT s
         found = _read_entry(path)
         if found is not None:
             return found
         COMPILES.append(key)
         kind, code, entry = _compile(dispatcher, types, cc)
+        if refused is not None:                           # the lock was not had: used from memory
+            unsaved(folder, refused)
+            return kind, code, entry
         meta = json.dumps({"kind": kind, "entry": entry, "sha256": hashlib.sha256(code).hexdigest(), "key": key})
         try:
             write_whole(path, _MAGIC + meta.encode() + b"\n" + code)
-        except OSError as err:
-            _warn("cache-write", f"a CUDA kernel compiled at run time could not be cached in {folder} ({err})")
+        except OSError as err:                            # a full, size-limited or read-only folder
+            unsaved(folder, str(err))
         return kind, code, entry
 
 

@@ -182,12 +182,16 @@ def test_where_the_package_folder_is_read_only_the_default_folder_is_node_local(
 
 
 def test_a_lock_held_elsewhere_is_waited_for_then_given_up_after_the_timeout(tmp_path):
+    """A lock another open file holds is waited for, then given up: TimeoutError before the body
+    runs (the caller compiles in memory: tests/faults/test_faults_caches.py)."""
     path = str(tmp_path / "entry")
     with _filelock.locked(path) as held:
         assert held
         t = time.monotonic()
-        with _filelock.locked(path, timeout=0.2) as second:    # another open file: flock conflicts with it
-            assert not second and 0.2 <= time.monotonic() - t < 2
+        with pytest.raises(TimeoutError):           # another open file: flock conflicts with it
+            with _filelock.locked(path, timeout=0.2):
+                raise AssertionError("the body ran without the lock")
+        assert 0.2 <= time.monotonic() - t < 2
     with _filelock.locked(path, timeout=0.2) as again:          # released: had at once
         assert again
 
