@@ -1,17 +1,20 @@
-"""What shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this CPU.
+"""What shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
+CPU.
 
     .venv/bin/python bench/bench_device_code.py [--out FILE.md]
 
 1. NVVM's seconds for every shipped variant, as ``scripts/build_device_code.py`` measured them (the
    manifest keeps them; two build processes on this machine's cores), by kernel family.
-2. The variants a fresh process's first two ``EMA.update()`` calls bind, for a float32 and a bfloat16
-   model (the RL network of the probe, on the fake GPU of ``gpu_fake.py`` with fastema's real kernels,
-   an sm_90 device), and what compiling them costs here, one after another in one process: NVVM to
-   LTO-IR, then nvJitLink for sm_90 (what numba-cuda does at a first launch). Before issue 54 every process paid that at
-   its first update (each of 8 ranks on a node, again at every restart); now 0 NVVM calls (counted).
+2. The variants a fresh process's first two ``EMA.update()`` calls bind, for a float32 and a
+bfloat16
+   model (the RL network of the probe, on the fake GPU of ``tests/support`` (an sm_90 device under
+   fastema's real kernels and shipped code), and what compiling them costs here, one after another
+   in one process: NVVM to LTO-IR, then nvJitLink for sm_90 (what numba-cuda does at a first
+   launch). Before issue 54 every process paid that at its first update (each of 8 ranks on a node,
+   again at every restart); now 0 NVVM calls (counted).
 3. The host time of ``EMA(model)`` and that first update in a fresh process with the shipped code
-   (manifest read, xz decompressed, variants found; the driver's load is faked, so a GPU adds its module
-   loads).
+   (manifest read, xz decompressed, variants found; the driver's load is faked, so a GPU adds its
+   module loads).
 
 No GPU needed. Results go to stdout (a Markdown table) and, with ``--out``, to a file.
 """
@@ -44,7 +47,7 @@ nvvm.compile_ir = counted
 import torch
 import gpu_fake as G
 from fastema.torch import EMA
-with G.fake_gpu(real_kernels=True) as fake:
+with G.fake_gpu() as fake:
     model = G.rl_mlp()
     if sys.argv[2] == "bf16":
         model = model.to(torch.bfloat16)
@@ -72,16 +75,16 @@ def first_update(model: str) -> dict:
 
 def compile_seconds(keys: list) -> list:
     """``[(key, seconds)]``: each variant compiled as numba-cuda compiles it at a first launch on an sm_90
-    device (NVVM to LTO-IR, nvJitLink with link-time optimisation: ``device_code._compile``, the run-time
-    fallback, which this exercises)."""
-    from fastema._launch import device_code
+    device (NVVM to LTO-IR, nvJitLink with link-time optimisation: the run-time compiler,
+    ``fastema._launch.compiler.current()``, which this exercises)."""
+    from fastema._launch import compiler
     from fastema._launch.variants import every_variant
 
     variants, out = every_variant(), []
     for key in keys:
         dispatcher, types = variants[key]
         t = time.perf_counter()
-        kind, code, _ = device_code._compile(dispatcher, types, (9, 0))
+        kind, code, _ = compiler.current().compile(dispatcher, types, (9, 0))
         assert kind == "cubin" and code[:4] == b"\x7fELF", key
         out.append((key, time.perf_counter() - t))
     return out

@@ -359,7 +359,7 @@ def launch_costs(n: int = 2000) -> dict:
     (``fastema._launch.lerp_launcher``) and of numba's ``kernel[grid, block](...)`` with the same
     arguments, and whether the cached launch is in use (``cached_launch_available``)."""
     from fastema import _launch
-    from fastema._launch import config, cuda_bound, cuda_launch
+    from fastema._launch import config, cuda_bound, drivers
     from fastema._launch import cuda as launch_cuda
 
     dev = [G.to_device(a) for a in G.host_arrays("float32", [16] * 10, 6)]
@@ -386,9 +386,11 @@ def launch_costs(n: int = 2000) -> dict:
 
         t = torch.randn(16, device="cuda")
         out["with cuda.gpus[0]: pass us"] = per_call_us(ctx, n)
-        out["cuCtxGetCurrent (the bound launch's context check) us"] = per_call_us(cuda_launch._current_context, n)
+        driver = drivers.current()
+        out["cuCtxGetCurrent (the bound launch's context check) us"] = \
+            per_call_us(driver.current_context, n)
         out["the primary context is current (no push per launch)"] = \
-            cuda_launch._current_context() == cuda_launch._primary_context(0)
+            driver.current_context() == driver.primary_context(0)
         out["torch.cuda.current_stream().cuda_stream us"] = per_call_us(lambda: torch.cuda.current_stream().cuda_stream,
                                                                         n)
         out["torch lerp_ on a tiny tensor us"] = per_call_us(lambda: t.lerp_(t, 0.1), n)

@@ -2,16 +2,17 @@
 
     python bench/gpu_host_cost.py [--calls N] [--tensors 6,148,3000] [--json OUT]
 
-What a training step pays on the host for fastema's launches, without a GPU: ``bench/gpu_fake.py``
-stands in for numba's dispatcher, device arrays and ``numba.cuda`` (so nothing runs on a device),
-and the rows are measured twice:
+What a training step pays on the host for fastema's launches, without a GPU: the fake GPU of
+``tests/support`` (a launch driver, ``FakeDriver``, and fake device arrays: nothing runs on a
+device) stands in for the GPU under fastema's real kernel factories and shipped code, and the rows
+are measured twice:
 
-- **no driver**: the final launch call (``cuda.core.launch``, or the pre-packed driver launch) is a
-  no-op: fastema's own Python per launch;
-- **stub driver**: the launch and the context query are the real ones (cuda.core / cuda-bindings)
-  into a stub ``libcuda.so.1`` that returns at once (built with the C compiler, run in a child
-  process with it on ``LD_LIBRARY_PATH``): everything on the host but the driver's own work, about
-  1.5-2 us a launch on a GPU, which comes on top in both columns. Context pushes are the fake's
+- **no driver**: the fake driver's launch is a no-op: fastema's own Python per launch;
+- **stub driver**: the loads, the launch and the context query are fastema's real cuda.core driver's
+  (``fastema._launch.drivers.CudaCoreDriver``) into a stub ``libcuda.so.1`` that returns at once
+  (built with the C compiler, run in a child process with it on ``LD_LIBRARY_PATH``): everything on
+  the host but the driver's own work, about 1.5-2 us a launch on a GPU, which comes on top in both
+  columns. Context pushes are the fake's
   (free here); on the 11-22 H100 machine a push and pop cost 10.2 us, so the figures also give the
   number of pushes per call.
 

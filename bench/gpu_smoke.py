@@ -63,11 +63,14 @@ def main(argv) -> int:
     rec.check("6 host returned while the GPU was busy (FlatShadow.update)", busy)
 
     def shipped():                                        # issue 54: what the launches above loaded
-        from fastema._launch import cuda_launch, device_code
-        sources = sorted({str(getattr(v, "source", None)) for v in cuda_launch._LOADED.values()})
+        from fastema._launch import device_code, drivers
+        driver = drivers.current()
+        sources = sorted({str(getattr(v, "source", None)) for v in driver.images.values()})
+        shipped_for = "simulator" if G.SIM else device_code.choose(driver.compute_capability(0))
         rec.note("host", "2b device code loaded", {"sources": sources, "run-time compiles": len(device_code.COMPILES),
-                                                   "shipped for": device_code.choose(device_code.compute_capability(0))
-                                                   if not G.SIM else "simulator"})
+                                                   "shipped for": shipped_for,
+                                                   "driver": driver.name,
+                                                   "driver version": driver.version()})
 
     rec.guarded("host", "2b device code loaded", shipped)
 
@@ -76,12 +79,12 @@ def main(argv) -> int:
             return rec.note("host", "2c every variant loads", "simulator")
         import time
 
-        from numba import cuda
-
-        from fastema._launch import device_code
+        from fastema._launch import device_code, drivers
+        from fastema._launch.driver import Refused
         from fastema._launch.variants import every_variant as variants
-        t, cc, counts, refused = time.perf_counter(), device_code.compute_capability(0), {}, []
-        with cuda.gpus[0]:                                # loaded, never compiled: no NVVM in the stage's budget
+        driver = drivers.current()
+        t, cc, counts, refused = time.perf_counter(), driver.compute_capability(0), {}, []
+        with driver.activate(0):                          # loaded, never compiled: no NVVM here
             for key in variants():
                 found = device_code.shipped(key, cc)
                 if found is None:
@@ -89,9 +92,9 @@ def main(argv) -> int:
                     continue
                 kind, code, entry, arch = found
                 try:
-                    device_code._load(kind, code, entry, arch)
+                    driver.load(kind, code, entry)
                     counts[arch] = counts.get(arch, 0) + 1
-                except Exception as err:                  # noqa: BLE001 - the driver refused it: say which
+                except Refused as err:                    # say which (anything else raises)
                     refused.append(f"{key[:60]}: {err}"[:200])
         rec.note("host", "2c every variant loads", {"loaded by architecture": counts, "refused": len(refused),
                                                     "first refused": refused[:3],

@@ -10,8 +10,12 @@ batches of calls after a warm-up and reports its best batch; the table gives the
 rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host path.
 
 Cases ``gpuemaN`` and ``gpuskipN`` (``skip_nonfinite=True``) time ``EMA.update()`` on CUDA's launch
-path with each revision's own fake GPU (``bench/gpu_fake.py``: no driver, no device; see
-``bench/gpu_host_cost.py``): fastema's host work per update. Where a case is given at two or more sizes
+path with each revision's own fake GPU (``tests/support``: a launch driver that launches nothing, no
+device; see ``bench/gpu_host_cost.py``): fastema's host work per update. Only revisions that have
+the launch driver (``fastema/_launch/driver.py`` and ``tests/support/fake_gpu.py``, issue 60) can
+be compared so: an older revision's fake GPU replaced names of its ``_launch`` modules, so its
+figures measured another fake; its child fails with ``ModuleNotFoundError`` rather than time
+something else. Where a case is given at two or more sizes
 (``ema``, ``gpuema``, ``gpuskip``), each revision's fixed cost and cost per tensor are fitted (least
 squares) and printed under the table.
 
@@ -41,10 +45,10 @@ case = sys.argv[2]
 n = int("".join(ch for ch in case if ch.isdigit()))
 net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
 fake = contextlib.nullcontext()
-if case.startswith("gpu"):                     # the revision's own fake GPU (bench/gpu_fake.py), no driver
-    sys.path.insert(0, sys.argv[1] + "/bench")
-    import gpu_fake
-    fake = gpu_fake.fake_gpu(record=False)
+if case.startswith("gpu"):                     # the revision's own fake GPU (tests/support)
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from support.fake_gpu import fake_gpu
+    fake = fake_gpu(record=False)
 fake.__enter__()
 if case.startswith("gpuema"):
     update = EMA(net, 0.999).update

@@ -47,8 +47,7 @@ def clear_caches() -> None:
     ops._single_tables.cache_clear()
     cuda = sys.modules.get(f"{__name__}._launch.cuda")
     if cuda is not None:
-        cuda.external_stream.cache_clear()
-        cuda._zero_flag.cache_clear()
+        cuda.clear_caches()
 
 
 __version__ = "0.2.0"

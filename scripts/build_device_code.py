@@ -60,7 +60,7 @@ def _versions() -> dict:
 def _link(ltoir: bytes) -> tuple:
     """``(ptx, {arch: (cubin, nvJitLink's info log)})``: the LTO-IR linked with link-time optimisation (as
     numba-cuda links at a launch) into a cubin for each of :data:`CUBINS`, and into PTX for ``compute_80``."""
-    from fastema._launch.device_code import link
+    from fastema._launch.compiler import link
 
     ptx, _ = link(ltoir, "ptx", arch=f"sm_{PTX_CC[0]}{PTX_CC[1]}", ptx=True)
     return _lowered(ptx), {arch: link(ltoir, "cubin", arch=arch, verbose=True) for arch in CUBINS}
@@ -120,7 +120,7 @@ def _compile(keys: list) -> list:
     once per variant, to LTO-IR for cc 8.0, with the dispatcher's own options (numba-cuda's default path
     where nvJitLink is present: the LTO-IR is optimised again for each architecture at the link, which keeps
     the per-step kernels within their launch bounds without a spill where PTX assembled by ptxas spills)."""
-    from fastema._launch.device_code import nvvm
+    from fastema._launch.compiler import nvvm
     from fastema._launch.variants import every_variant
 
     variants = every_variant()

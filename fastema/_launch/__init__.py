@@ -124,9 +124,10 @@ def launch(op: str, group, **args) -> None:
     if is_cuda(group.device):
         cuda = _cuda()
         raw = group.current_stream()
+        driver = cuda.current()
         if cuda.WAITING:                           # released sources waiting for their events
-            cuda.prune_retired(group.device, raw)
-        if t is not None and cuda.capturing(group.device, raw):
+            cuda.prune_retired(driver, raw)
+        if t is not None and driver.capturing(raw):
             _CAPTURED.append(t)                    # a graph reads these tables at every replay: never freed
         getattr(cuda, op)(group, raw, **args)
     else:
@@ -283,10 +284,10 @@ def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:
 
 
 def retired(at_launches: bool = False):
-    """A holder of replaced CUDA sources: ``.release(kept, device, stream)`` keeps ``kept`` alive
-    until the launches issued so far on ``stream`` (see :func:`stream_of`) have run, without
-    a sync (then dropped at the next release, or with ``at_launches`` at the next launch after
-    that: ``cuda.Retired``)."""
+    """A holder of replaced CUDA sources: ``.release(kept, device, raw)`` keeps ``kept`` alive until
+    the launches issued so far on the raw stream ``raw`` (see :func:`stream_of`) have run, without a
+    sync (then dropped at the next release, or with ``at_launches`` at the next launch after that:
+    ``cuda.Retired``)."""
     return _cuda().Retired(at_launches)
 
 
@@ -296,13 +297,14 @@ def update_addresses(t: Tables, addresses, device: str, current_stream=default_s
     seg_addr = np.asarray(addresses, np.int64).reshape(-1)
     if is_cuda(device):                            # (the caller refused it during a capture: _sources)
         cuda = _cuda()
-        return cuda.update_addresses(t, seg_addr, device, cuda.external_stream(current_stream()))
+        return cuda.update_addresses(t, seg_addr, device, current_stream())
     return t._replace(seg_addr=seg_addr)
 
 
-def stream_of(group) -> Any:
-    """The Numba stream a launch for ``group`` goes on now (0: the legacy default stream)."""
-    return _cuda().external_stream(group.current_stream()) if is_cuda(group.device) else 0
+def stream_of(group) -> int:
+    """The raw handle of the stream a launch for ``group`` goes on now (0: the legacy default
+    stream, and on the CPU)."""
+    return group.current_stream() if is_cuda(group.device) else 0
 
 
 _FORKED_AFTER_CUDA = False      # this process was forked from one that had launched on a GPU

@@ -1,72 +1,50 @@
-"""CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: stream
-objects, table upload and in-place update, retirement events, the capture query. Every launch goes
-through :mod:`.cuda_bound` (the shipped device code, fastema's own argument block); the launches bound
-once per group (the per-step path) live there too. The ops take the raw handle of the stream to launch on.
+"""CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: table upload
+and in-place update, retirement events, the capture query. Every launch goes through
+:mod:`.cuda_bound` (the shipped device code, fastema's own argument block); the launches bound once
+per group (the per-step path) live there too. The ops take the raw handle of the stream to launch
+on. Every call to the GPU is the launch driver's (:mod:`.driver`): the one :func:`.drivers.current`
+gives when tables are made or a launch is bound.
 
-Nothing on a per-step path allocates, frees or copies from pageable memory: tables are
-allocated once, at construction, and copied there on a private stream that is waited for (so
-a first launch on any stream reads them written, and nothing waits for other work); later
-address changes are written into the same device table from pinned staging slots on the
-caller's stream (so a captured CUDA graph keeps reading a live table that follows re-allocated
-sources); flags are zeroed by their framework (:meth:`fastema._backends.Backend.zero_`).
+Nothing on a per-step path allocates, frees or copies from pageable memory: tables are allocated
+once, at construction, and copied there on a private stream that is waited for (so a first launch on
+any stream reads them written, and nothing waits for other work); later address changes are written
+into the same device table from pinned staging slots on the caller's stream (so a captured CUDA
+graph keeps reading a live table that follows re-allocated sources); flags are zeroed by their
+framework (:meth:`fastema._backends.Backend.zero_`).
 
-Imported only when a CUDA buffer arrives (or under the Numba CUDA simulator). Imports
-nothing back from the package: its tunables come from :mod:`.config`.
+Imported only when a CUDA buffer arrives (or under the Numba CUDA simulator). Imports nothing back
+from the package: its tunables come from :mod:`.config`.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-from numba import cuda
 
 from ..kernels import cuda as K
+from ..kernels._cuda_hw import SIMULATOR  # noqa: F401  (fastema._launch's fork check reads it)
 from . import config
-from .cuda_base import (  # noqa: F401
-    SIMULATOR,
-    WAITING,
-    _dispatch,
-    _driver,
-    _index,
-    capturing,
-    cuda_versions,
-    external_stream,
-    prune_retired,
-)
+from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
 from .cuda_launch import launch_once
+from .drivers import current, using  # noqa: F401
 
 
-def _on(stream):
-    """A Numba stream object for ``stream`` (0: the legacy default stream, as a stream, so
-    copies on it are asynchronous: numba makes a synchronous copy when given no stream)."""
-    return stream if stream else cuda.default_stream()
+def capturing(device: str, raw: int) -> bool:
+    """Whether work queued on the raw stream ``raw`` of ``device`` now would be captured into a CUDA
+    graph rather than run (the current driver's query: :meth:`.driver.Driver.capturing`)."""
+    return current().capturing(raw)
 
 
-@functools.cache
-def _upload_stream(index: int):
-    """A stream of fastema's own on device ``index``, non-blocking (it waits for no other stream's
-    work, the legacy stream's included), for the construction-time uploads."""
-    if SIMULATOR:
-        return cuda.stream()
-    from numba.cuda.cudadrv.driver import binding, driver
-
-    with cuda.gpus[index]:
-        handle = driver.cuStreamCreate(binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
-        return cuda.external_stream(int(handle))     # never destroyed: one per device and process
+def clear_caches() -> None:
+    """Drop the stream objects the current driver keeps (``fastema.clear_caches()``); the zero flags
+    stay (see :func:`_zero_flag`)."""
+    current().clear()
 
 
-def to_device(a: np.ndarray, device: str):
-    """A new device copy of ``a``, written when this returns: copied on fastema's upload stream
-    (:func:`_upload_stream`), which is then waited for. That wait is for this copy only (the
-    stream waits for nothing else), and it orders the copy before every launch queued after it,
-    on any stream: the caller's stream at construction (whatever it is) and the stream of a first
-    launch may be two non-blocking streams that nothing orders (issue 37, C1)."""
-    index = _index(device)
-    with cuda.gpus[index]:
-        stream = _upload_stream(index)
-        out = cuda.to_device(np.ascontiguousarray(a), stream=stream)
-        stream.synchronize()
-        return out
+def to_device(a: np.ndarray, device: str, driver=None):
+    """A new device copy of ``a``, written when this returns (:meth:`.driver.Driver.upload`: copied
+    on fastema's upload stream, which is then waited for, so the copy is ordered before every launch
+    queued after it, on any stream: the caller's stream at construction and the stream of a first
+    launch may be two non-blocking streams that nothing orders; issue 37, C1)."""
+    return (driver or current()).upload(a, _index(device))
 
 
 class Staging:
@@ -74,27 +52,29 @@ class Staging:
     order. A slot is reused only once the copy that read it has run (an event per slot);
     only ``config.CUDA_STAGING_SLOTS`` rewrites queued on the GPU at once make the host wait."""
 
-    def __init__(self, size: int, dtype, device: str):
-        with cuda.gpus[_index(device)]:
-            self.host = [cuda.pinned_array(max(size, 1), dtype) for _ in range(config.CUDA_STAGING_SLOTS)]
+    def __init__(self, size: int, dtype, device: str, driver=None):
+        self.driver = d = driver or current()
+        with d.activate(_index(device)):
+            self.host = [d.pinned(size, dtype) for _ in range(config.CUDA_STAGING_SLOTS)]
         self.events: list = [None] * len(self.host)
         self.next = 0
 
-    def write(self, device_array, values: np.ndarray, device: str, stream) -> None:
+    def write(self, device_array, values: np.ndarray, device: str, raw: int) -> None:
+        """``values`` into ``device_array`` on the raw stream ``raw``, through the next slot."""
         i = self.next
         self.next = (i + 1) % len(self.host)
-        with cuda.gpus[_index(device)]:
+        d = self.driver
+        with d.activate(_index(device)):
             event = self.events[i]
             if event is not None and not event.query():
                 event.synchronize()           # rare: every slot still has a copy queued behind it
             slot = self.host[i][:len(values)]
             slot[:] = values
-            device_array.copy_to_device(slot, stream=_on(stream))
-            if SIMULATOR:                     # the simulator copies at once
-                return
+            d.copy(device_array, slot, raw)
             if event is None:
-                event = self.events[i] = cuda.event(timing=False)
-            event.record(_on(stream))
+                event = self.events[i] = d.event()
+            if event is not None:             # None: the copy has run (the simulator)
+                event.record(raw)
 
 
 class AddressTables:
@@ -107,20 +87,21 @@ class AddressTables:
     addresses seen in either table switch to it with no copy; new ones overwrite the other
     table, in stream order after the launches that read it."""
 
-    def __init__(self, first, addresses: np.ndarray, slots: int, device: str):
-        self.arrays = [first] + [to_device(addresses, device) for _ in range(slots - 1)]
+    def __init__(self, first, addresses: np.ndarray, slots: int, device: str, driver=None):
+        driver = driver or current()
+        self.arrays = [first] + [to_device(addresses, device, driver) for _ in range(slots - 1)]
         self.held = [addresses.copy() for _ in range(slots)]
         self.current = 0
-        self.staging = Staging(len(addresses), np.int64, device)
+        self.staging = Staging(len(addresses), np.int64, device, driver)
 
-    def point(self, addresses: np.ndarray, device: str, stream):
+    def point(self, addresses: np.ndarray, device: str, raw: int):
         """The device table holding ``addresses`` (written now if none does)."""
         for i, held in enumerate(self.held):
             if np.array_equal(held, addresses):
                 self.current = i
                 return self.arrays[i]
         i = (self.current + 1) % len(self.arrays)
-        self.staging.write(self.arrays[i], addresses, device, stream)
+        self.staging.write(self.arrays[i], addresses, device, raw)
         self.held[i] = addresses.copy()
         self.current = i
         return self.arrays[i]
@@ -130,49 +111,40 @@ def upload(t, device: str, slots: int = 1):
     """The tables on ``device`` (allocated once, written when this returns: :func:`to_device`), with
     ``slots`` address tables for later address changes (0: the addresses never change); the
     default flag is made now, not at a first update inside a graph capture."""
-    d = functools.partial(to_device, device=device)
-    _zero_flag(device)
+    driver = current()
+
+    def d(a):
+        return to_device(a, device, driver)
+
+    _zero_flag(device, driver)
     seg_addr = d(t.seg_addr)
+    staging = AddressTables(seg_addr, t.seg_addr, slots, device, driver) if slots else None
     return t._replace(shadow_addr=d(t.shadow_addr), seg_addr=seg_addr, seg_offset=d(t.seg_offset),
-                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin),
-                      staging=AddressTables(seg_addr, t.seg_addr, slots, device) if slots else None)
+                      chunk_seg=d(t.chunk_seg), chunk_begin=d(t.chunk_begin), staging=staging)
 
 
-def update_addresses(t, addresses: np.ndarray, device: str, stream=0):
+def update_addresses(t, addresses: np.ndarray, device: str, raw: int = 0):
     """``t`` pointing at a device table that holds ``addresses`` (see :class:`AddressTables`):
-    written on ``stream`` from pinned staging, nothing copied when a table holds them already."""
-    return t._replace(seg_addr=t.staging.point(addresses, device, stream))
+    written on the raw stream ``raw`` from pinned staging, nothing copied when a table holds them
+    already."""
+    return t._replace(seg_addr=t.staging.point(addresses, device, raw))
 
 
-class _ZeroFlags:
-    """``_zero_flag(device)``: an int32[1] zero per device, the flag of launches with no guard (never
-    written), made once (written when it returns: :func:`to_device`) and never freed: a captured
-    CUDA graph may read it at every replay, so ``cache_clear()`` (``fastema.clear_caches()``) keeps
-    it. ``cache_info().currsize``: how many devices have one."""
-
-    def __init__(self):
-        self.flags: dict = {}
-
-    def __call__(self, device: str):
-        flag = self.flags.get(device)
-        if flag is None:
-            flag = self.flags[device] = to_device(np.zeros(1, np.int32), device)
-        return flag
-
-    def cache_clear(self) -> None:
-        """Keeps the flags (see the class docstring)."""
-
-    def cache_info(self):
-        return functools._CacheInfo(0, 0, None, len(self.flags))
-
-
-_zero_flag = _ZeroFlags()
+def _zero_flag(device: str, driver=None):
+    """An int32[1] zero on ``device``, the flag of launches with no guard (never written), made once
+    per driver and device (written when it returns: :func:`to_device`) and never freed: a captured
+    CUDA graph may read it at every replay, so ``fastema.clear_caches()`` keeps it."""
+    d = driver or current()
+    flag = d.zero_flags.get(device)
+    if flag is None:
+        flag = d.zero_flags[device] = to_device(np.zeros(1, np.int32), device, d)
+    return flag
 
 
 def _run(kernel, device: str, stream: int, blocks, *args):
     """Launch ``kernel`` on the raw stream ``stream`` of ``device``: its shipped (or once-compiled) device code
     with an argument block of fastema's own (:func:`.cuda_launch.launch_once`), or through numba's dispatcher
-    where that cannot run (:func:`.cuda_base._dispatch`)."""
+    where that cannot run (:meth:`.driver.Driver.dispatch`)."""
     launch_once(kernel, device, stream, blocks, args)
 
 
@@ -243,20 +215,23 @@ class Retired:
     fastema's launches on another stream (an update under ``torch.cuda.stream(side)``): its block
     could go to a new tensor while a queued kernel of fastema still reads it (issue 37, C2)."""
 
-    def __init__(self, at_launches: bool = False):
+    def __init__(self, at_launches: bool = False, driver=None):
+        self.driver = driver or current()
         self.pending: list = []               # (event, kept objects), oldest first
         self.at_launches = at_launches        # pruned at launches too (torch: releases are rare); else only at
                                               # the next release (JAX, TensorFlow: a release every step)
 
-    def release(self, kept, device: str, stream) -> None:
+    def release(self, kept, device: str, raw: int) -> None:
+        """``kept`` held until the launches issued so far on the raw stream ``raw`` have run."""
         self.prune()
         if len(self.pending) >= config.CUDA_RETIRED_MAX:
             self.pending.pop(0)[0].synchronize()
-        if SIMULATOR:                         # the simulator runs every launch to completion
-            return
-        with cuda.gpus[_index(device)]:
-            event = cuda.event(timing=False)
-            event.record(_on(stream))
+        d = self.driver
+        with d.activate(_index(device)):
+            event = d.event()
+            if event is None:                 # the simulator runs every launch to completion
+                return
+            event.record(raw)
         self.pending.append((event, kept))
         if self.at_launches and self not in WAITING:
             WAITING.append(self)

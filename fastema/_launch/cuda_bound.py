@@ -14,7 +14,8 @@ fastema does none of that per step:
 - the launch is ``cuLaunchKernel`` with the block's address, with no context push and pop where the
   device's primary context is current already (one ``cuCtxGetCurrent``; torch keeps it current), else
   inside ``cuda.gpus[device]`` (D1). Every CUDA call of a binding (loading the code) runs inside its
-  device's context (C4).
+  device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
+  launch is bound (:func:`.drivers.current`), which the binding keeps.
 
 A bound launch (:class:`LerpLaunch`, :class:`BoundLaunch`) keeps its block from step to step; a launch
 made once (:func:`launch_once`: the ops of :func:`fastema._launch.launch`) packs a block for that call.
@@ -32,7 +33,7 @@ import numpy as np
 from ..kernels import cuda as K
 from . import config
 from . import cuda as C
-from .cuda_launch import _Bound, _sm_count, _typeof, cached_launch_available, launch_once  # noqa: F401
+from .cuda_launch import _Bound, _typeof, cached_launch_available, launch_once  # noqa: F401
 
 _ZERO_KEY = np.uint32(0)
 
@@ -47,7 +48,7 @@ class LerpLaunch(_Bound):
     def __init__(self, group, flag, stochastic: bool, cast):
         super().__init__(group.device)
         self.group, self.stochastic, self.cast = group, stochastic, cast
-        self.flag = C._zero_flag(group.device) if flag is None else flag     # the zero flag is never freed
+        self.flag = C._zero_flag(group.device, self.driver) if flag is None else flag   # kept
         self.w_in: object = self                          # no host weights yet
         self.w: tuple = ()
 
@@ -99,7 +100,7 @@ class BoundLaunch(_Bound):
             return self.grid
         blocks = max(1, min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS))   # a rank may hold no element
         if self.per_sm is not None:
-            cap = getattr(config, self.per_sm) * _sm_count(self.index)
+            cap = getattr(config, self.per_sm) * self.driver.sm_count(self.index)
             if cap:
                 blocks = min(blocks, cap)
         return blocks

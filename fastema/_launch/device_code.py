@@ -1,33 +1,44 @@
-"""fastema's CUDA device code: shipped compiled, loaded with cuda.core, compiled at run time only where not shipped.
+"""fastema's CUDA device code: shipped compiled, loaded with cuda.core, compiled at run time only
+where not shipped.
 
 Every kernel variant the launchers can ask for (:mod:`.variants`) is compiled when fastema is built
-(``scripts/build_device_code.py``) and shipped in the package, under ``kernels/device/``: a cubin per
-architecture of the manifest (sm_80, sm_90, sm_100, sm_120) and PTX for ``compute_80`` (one xz file per
-architecture holds every variant's code), each checked by its SHA-256, with a manifest stamped by the
-digest of the kernel sources (:func:`sources_digest`).
-:func:`kernel` finds a variant's code for a device: the cubin of the device's major architecture with
-the highest minor at most its own (an sm_80 cubin runs on sm_86 and sm_89), else the PTX, which the
-driver compiles for the device (and keeps in its own cache); loaded with cuda.core (``ObjectCode``,
-``get_kernel``), no NVVM and no numba dispatcher.
+(``scripts/build_device_code.py``) and shipped in the package, under ``kernels/device/``: a cubin
+per architecture of the manifest (sm_80, sm_90, sm_100, sm_120) and PTX for ``compute_80`` (one xz
+file per architecture holds every variant's code), each checked by its SHA-256, with a manifest
+stamped by the digest of the kernel sources (:func:`sources_digest`).
+:func:`kernel` finds a variant's code for a device: the cubin of the device's major architecture
+with the highest minor at most its own (an sm_80 cubin runs on sm_86 and sm_89), else the PTX, which
+the driver compiles for the device (and keeps in its own cache); loaded with cuda.core
+(``ObjectCode``, ``get_kernel``), no NVVM and no numba dispatcher.
 
-Compiled at run time instead, through numba-cuda's public ``compile_ptx`` and nvJitLink, with one
-warning that says why (once per process and reason):
+Loading is the launch driver's (:meth:`.driver.Driver.load`); a driver's refusal
+(:class:`.driver.Refused`: no image for this GPU, a PTX version or an image this driver cannot read)
+is the only error that falls back, and anything else a driver raises propagates (a ``TypeError`` in
+the call above all).
 
-- a variant not shipped (an array function's unusual storage kinds; a launcher newer than the build);
-- shipped code that does not match this installation's kernel sources (an edited checkout: the manifest's
-  stamp differs), or that the driver refuses (a driver older than the PTX), or that is damaged;
+Compiled at run time instead, by the run-time compiler (:mod:`.compiler`: numba-cuda's NVVM and
+nvJitLink today), with one warning that says why (once per process and reason):
+
+- a variant not shipped (an array function's unusual storage kinds; a launcher newer than the
+  build);
+- shipped code that does not match this installation's kernel sources (an edited checkout: the
+  manifest's stamp differs), or that the driver refuses (naming the driver's CUDA version and the
+  code's architecture: a CUDA 12 driver and the PTX of a newer ISA), or that is damaged;
 - a device older than sm_80.
 
-Run-time compiles go into a cache, once per node: an entry per (variant, kernel sources, numba-cuda, NVVM,
-compute capability), named by their SHA-256 (never a file's date), written whole (``os.replace``) under a
-node-local lock (``kernels._cache_node.hold``: lock files in ``<temp>/fastema-<uid>/locks``, never on a
-network file system, given up after ``LOCK_WAIT`` seconds), so N processes starting at once compile each
-variant once while the others wait and load it; an entry whose checksum fails is compiled again, and
-one that cannot be written or locked (a full or read-only folder, a lock not had) is used from
-memory (one warning a process, ``kernels._cache.unsaved``). The
-folder: ``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp dir>/fastema-<uid>/fastema-device``
-(node-local), used only where the kernel cache's trust rules allow (``kernels._cache.TRUST``: nobody else
-can write it or a folder above it). ``FASTEMA_CUDA_CACHE=0`` compiles in memory.
+Where the driver refuses what was compiled here too, numba's dispatcher launches the variant.
+
+Run-time compiles go into a cache, once per node: an entry per (variant, kernel sources, the
+compiler's versions, compute capability), named by their SHA-256 (never a file's date), written
+whole (``os.replace``) under a node-local lock (``kernels._cache_node.hold``: lock files in
+``<temp>/fastema-<uid>/locks``, never on a network file system, given up after ``LOCK_WAIT``
+seconds), so N processes starting at once compile each variant once while the others wait and load
+it; an entry whose checksum fails is compiled again, and one that cannot be written or locked (a
+full or read-only folder, a lock not had) is used from memory (one warning a process,
+``kernels._cache.unsaved``). The folder: ``$NUMBA_CACHE_DIR/fastema-device``, else
+``<temp dir>/fastema-<uid>/fastema-device`` (node-local), used only where the kernel cache's trust
+rules allow (``kernels._cache.TRUST``: nobody else can write it or a folder above it).
+``FASTEMA_CUDA_CACHE=0`` compiles in memory.
 """
 from __future__ import annotations
 
@@ -38,10 +49,10 @@ import os
 import re
 import warnings
 
-from . import config
+from . import compiler, config
+from .driver import Loaded, Refused
 
 FORMAT = 1
-_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
 _MAGIC = b"fastema-device-code 1\n"
 _WARNED: set = set()
 
@@ -184,94 +195,25 @@ def shipped(key: str, cc: tuple) -> tuple | None:
     arch = choose(cc, data)
     if entry is None or arch is None:
         return None
+    import lzma
+
     try:
         code = member(arch, entry)
-    except (OSError, KeyError, ValueError, TypeError) as err:   # LZMAError is an Exception, below
+    except (OSError, KeyError, ValueError, TypeError) as err:
         _warn("damaged", f"the shipped device code of {key} for {arch} cannot be read ({err}): compiled instead")
         return None
-    except Exception as err:                              # noqa: BLE001 - a damaged xz stream
+    except lzma.LZMAError as err:                         # a damaged xz stream
         _warn("damaged", f"the shipped device code for {arch} cannot be read ({err}): compiled instead")
         return None
     return "ptx" if arch == "ptx" else "cubin", code, entry["entry"], arch
 
 
-# ---------------------------------------------------------------- loading and the run-time compile
-
-class Loaded:
-    """A variant's code loaded for a device: ``func`` (the handle ``cuLaunchKernel`` takes), what it
-    came from (``source``: ``"sm_90"``, ``"ptx"`` or ``"compiled"``) and the cuda.core kernel that
-    keeps it loaded."""
-
-    __slots__ = ("func", "kernel", "source")
-
-    def __init__(self, func, kernel, source: str):
-        self.func, self.kernel, self.source = func, kernel, source
-
-
-def _load(kind: str, code: bytes, entry: str, source: str) -> Loaded:
-    """The kernel ``entry`` of ``code`` loaded by cuda.core and, in the current context (the device's
-    primary one: :func:`kernel` runs inside it), made a function there: the driver loads the code (and
-    compiles PTX for the device) now, where a refusal can still fall back, rather than lazily at the
-    first launch (``CUDA_MODULE_LOADING=LAZY``, the default), which could be inside a graph capture."""
-    from cuda.core import ObjectCode
-
-    from . import cuda_base as C
-
-    obj = ObjectCode.from_cubin(code) if kind == "cubin" else ObjectCode.from_ptx(code)
-    k = obj.get_kernel(entry)
-    d = C._driver()
-    err, ctx = d.cuCtxGetCurrent()
-    if err or not int(ctx):                               # no context: the kernel handle, loaded at its launch
-        return Loaded(d.CUfunction(int(k.handle)), k, source)
-    err, func = d.cuKernelGetFunction(d.CUkernel(int(k.handle)))   # a function of the current context
-    if err:                                               # the driver refused the code (now, not at a launch)
-        raise RuntimeError(f"cuKernelGetFunction: {err!r}")
-    return Loaded(func, k, source)
-
-
-def compute_capability(index: int) -> tuple:
-    from numba import cuda
-
-    return tuple(cuda.gpus[index].compute_capability)
-
-
-def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir"):
-    """The kernel's code from NVVM (numba-cuda's public ``compile``) for compute capability ``cc``, with the
-    dispatcher's own options: LTO-IR (bytes) or PTX (str)."""
-    from numba import cuda
-
-    o = dispatcher.targetoptions
-    code, _ = cuda.compile(dispatcher.py_func, tuple(types), debug=bool(o.get("debug")),
-                           lineinfo=bool(o.get("lineinfo")), device=False, fastmath=bool(o.get("fastmath")),
-                           cc=tuple(cc), opt=o.get("opt", True), abi="numba", output=output,
-                           launch_bounds=o.get("launch_bounds"))
-    return bytes(code) if output == "ltoir" else code
-
-
-def link(ltoir: bytes, target: str, **options) -> tuple[bytes, str]:
-    """``(code, info log)``: ``ltoir`` linked by nvJitLink (cuda.core's ``Linker``) with link-time
-    optimisation, as numba-cuda links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``)."""
-    from cuda.core import Linker, LinkerOptions, ObjectCode
-
-    linker = Linker(ObjectCode.from_ltoir(ltoir), options=LinkerOptions(link_time_optimization=True, **options))
-    try:
-        return bytes(linker.link(target).code), linker.get_info_log()
-    finally:
-        linker.close()
-
+# ---------------------------------------------------------------- the run-time compile
 
 def _compile(dispatcher, types, cc: tuple) -> tuple:
-    """``(kind, code, entry)`` for compute capability ``cc``, as numba-cuda compiles at a launch: NVVM to
-    LTO-IR, linked with link-time optimisation into a cubin; where nvJitLink is missing, NVVM's PTX (the
-    driver assembles it)."""
-    try:
-        ir = nvvm(dispatcher, types, cc)
-        arch = f"sm_{cc[0]}{cc[1]}"
-        ptx, _ = link(ir, "ptx", arch=arch, ptx=True)
-        return "cubin", link(ir, "cubin", arch=arch)[0], _ENTRY.findall(ptx.decode())[0]
-    except ImportError:                                   # no nvJitLink: PTX for the driver
-        ptx = nvvm(dispatcher, types, cc, output="ptx")
-        return "ptx", ptx.encode(), _ENTRY.findall(ptx)[0]
+    """``(kind, code, entry)`` for compute capability ``cc``, by the run-time compiler in use
+    (:func:`.compiler.current`)."""
+    return compiler.current().compile(dispatcher, types, cc)
 
 
 def cache_folder() -> str | None:
@@ -300,15 +242,7 @@ def cache_folder() -> str | None:
 
 
 def _entry_name(key: str, cc: tuple) -> str:
-    import importlib.metadata as md
-
-    from .cuda_base import cuda_versions
-
-    try:
-        nvjitlink = md.version("nvidia-nvjitlink")
-    except md.PackageNotFoundError:
-        nvjitlink = "unknown"
-    text = "\0".join((key, sources_digest(), repr(cuda_versions()[:3]), nvjitlink, f"sm_{cc[0]}{cc[1]}"))
+    text = "\0".join((key, sources_digest(), compiler.current().identity(), f"sm_{cc[0]}{cc[1]}"))
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -366,33 +300,57 @@ def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
         return kind, code, entry
 
 
-def kernel(dispatcher, types, index: int) -> Loaded | None:
-    """Variant (``dispatcher``, ``types``) loaded for device ``index``: the shipped code, else compiled
-    (see the module docstring); None where fastema does not know the kernel (not made by a
-    ``kernels._cuda_jit.variant`` factory): the caller launches through the dispatcher."""
+def _driver_named(driver) -> str:
+    """``"the CUDA 12.4 driver (cuda.core)"``: the driver's CUDA version (``cuDriverGetVersion``)
+    and which."""
+    v = driver.version()
+    if not v:
+        return f"the driver ({driver.name})"
+    return f"the CUDA {v // 1000}.{v % 1000 // 10} driver ({driver.name})"
+
+
+def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
+    """Variant (``dispatcher``, ``types``) loaded for device ``index`` by ``driver`` (default: the
+    current one, :func:`.drivers.current`): the shipped code, else compiled (see the module
+    docstring); None where fastema does not know the kernel (not made by a
+    ``kernels._cuda_jit.variant`` factory) or the driver refused what was compiled here too: the
+    caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`) falls back
+    with one warning; anything else it raises propagates."""
     from ..kernels._cuda_jit import VARIANTS
 
     name = VARIANTS.get(dispatcher)
     if name is None:
         return None
+    if driver is None:
+        from .drivers import current
+
+        driver = current()
     key = variant_key(name, types)
-    cc = compute_capability(index)
+    cc = driver.compute_capability(index)
     found = shipped(key, cc)
     if found is not None:
         kind, code, entry, arch = found
         try:
-            return _load(kind, code, entry, arch)
-        except Exception as err:                          # noqa: BLE001 - the driver refused it
-            _warn("refused", f"the driver refused fastema's shipped {arch} code ({err}; an older driver than the "
-                             f"PTX needs?), so CUDA kernels are compiled at their first use (once per node)")
+            return _as(driver.load(kind, code, entry), arch)
+        except Refused as err:
+            built = (manifest() or {}).get("built_by", {}).get("nvidia-nvjitlink", "?")
+            _warn("refused", f"{_driver_named(driver)} refused fastema's shipped {arch} code, "
+                             f"built by CUDA {built} ({err.result}), so CUDA kernels are compiled "
+                             f"at their first use (once per node)")
     elif manifest() is not None:
         why = "not shipped" if choose(cc) else f"no code is shipped for compute capability {cc[0]}.{cc[1]}"
         _warn("unshipped", f"CUDA kernel {key} is {why}: compiled at its first use (once per node, cached)")
     kind, code, entry = compiled(dispatcher, types, key, cc)
     try:
-        return _load(kind, code, entry, "compiled")
-    except Exception as err:                              # noqa: BLE001 - refused too: numba's own launch
-        _warn("compiled-refused", f"the driver refused CUDA kernel {key} as compiled here too ({err}), so it is "
-                                  f"launched through numba's dispatcher. A CUDA 12 driver needs numba-cuda[cu12] "
-                                  f"(pip install 'fastema[cuda12]') or a driver update to R580 or newer")
+        return _as(driver.load(kind, code, entry), "compiled")
+    except Refused as err:
+        _warn("compiled-refused", f"{_driver_named(driver)} refused CUDA kernel {key} as compiled "
+                                  f"here too ({err.result}), so it is launched through numba's "
+                                  f"dispatcher. A CUDA 12 driver needs numba-cuda[cu12] (pip "
+                                  f"install 'fastema[cuda12]') or a driver update to R580 or newer")
         return None
+
+
+def _as(loaded: Loaded, source: str) -> Loaded:
+    loaded.source = source
+    return loaded

@@ -1,25 +1,30 @@
-"""Every CUDA kernel variant fastema's launchers can ask for, enumerated from the launchers themselves.
+"""Every CUDA kernel variant fastema's launchers can ask for, enumerated from the launchers
+themselves.
 
-A variant is a kernel (its factory and the factory's arguments: ``kernels._cuda_jit.VARIANTS``) and the
-numba types of the arguments its launcher passes. :func:`every_variant` runs every launcher of
-:mod:`fastema._launch` (the per-step ones bound once, and :func:`fastema._launch.launch`'s ops) over the
-space its callers use, with placeholder device arrays of the dtypes those callers pass, and records what
-reaches the launch instead of launching: the launchers' own code picks the kernel and builds the
-arguments, so a new launcher argument or kernel choice changes the enumeration without a hand list.
+A variant is a kernel (its factory and the factory's arguments: ``kernels._cuda_jit.VARIANTS``) and
+the numba types of the arguments its launcher passes. :func:`every_variant` runs every launcher of
+:mod:`fastema._launch` (the per-step ones bound once, and :func:`fastema._launch.launch`'s ops) over
+the space its callers use, with placeholder device arrays of the dtypes those callers pass, and
+records what reaches the launch instead of launching (through an ordinary launch driver that
+records,
+:class:`RecordingDriver`, given to :func:`.drivers.using`): the launchers' own code picks the kernel
+and builds the arguments, so a new launcher argument or kernel choice changes the enumeration
+without a hand list.
 
-The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions can
-ask for others, which compile at their first use, once per node: ``device_code``):
+The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions
+can ask for others, which compile at their first use, once per node: ``device_code``):
 
-- shadow <- source kinds (:data:`PAIRS`): float32, bfloat16, float16 (nearest and stochastic rounding)
-  or float64 shadows of float32, bfloat16 and float16 sources; float64 <- float64;
+- shadow <- source kinds (:data:`PAIRS`): float32, bfloat16, float16 (nearest and stochastic
+  rounding) or float64 shadows of float32, bfloat16 and float16 sources; float64 <- float64;
 - the lerp with host weights for 1 to ``MAX_ROWS`` rows, with device weights (the flat API) and with
-  device weights and key (a device plan's groups that do not carry the plan step); the fused plan step
-  and lerp; the plan step alone; the buffer copy both ways, with and without a skip flag; the
+  device weights and key (a device plan's groups that do not carry the plan step); the fused plan
+  step and lerp; the plan step alone; the buffer copy both ways, with and without a skip flag; the
   non-finite scan; the swaps (``EXCHANGE``; ``PACK``/``UNPACK`` for float32 <- bfloat16); BEMA; the
   window push (float32 and bfloat16 rings; float64 for float64 sources); the metric smoothers.
 
-Used by ``scripts/build_device_code.py`` (what is compiled and shipped), :func:`warm` (``python -m fastema
-warm``) and the tests that hold the shipped manifest to it. Needs numba-cuda (its types); no GPU.
+Used by ``scripts/build_device_code.py`` (what is compiled and shipped), :func:`warm` (``python -m
+fastema warm``) and the tests that hold the shipped manifest to it. Needs numba-cuda (its types); no
+GPU.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
 from . import device_code
 from .device_code import variant_key
+from .driver import Driver
 
 PAIRS = tuple((sk, xk) for sk in (F32, BF16, F16, F64) for xk in (F32, BF16, F16)) + ((F64, F64),)
 """The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64 shadow
@@ -48,7 +54,8 @@ class _Placeholder:
         from numba.cuda.np import numpy_support
 
         self.dtype, self.size, self.shape = np.dtype(dtype), size, (size,)
-        self._numba_type_ = types.Array(numpy_support.from_dtype(self.dtype), 1, "C")
+        array = types.Array                               # type: ignore[attr-defined]
+        self._numba_type_ = array(numpy_support.from_dtype(self.dtype), 1, "C")
 
     def __getitem__(self, item):
         return self
@@ -67,44 +74,84 @@ def _plan() -> dict:
             "w64": P(np.float64), "flag": P(np.int32), "keys": P(np.int64), "done": P(np.int32)}
 
 
-@contextlib.contextmanager
-def _recording(seen: dict):
-    """The CUDA launchers with their launches recorded into ``seen`` (``key -> (dispatcher, types)``)
-    instead of made, and no device touched (the zero flag a placeholder, no capture)."""
-    from numba.cuda.typing.typeof import Purpose, typeof
+class RecordingDriver:
+    """A launch driver (:class:`.driver.Driver`) that records each launch the launchers ask for into
+    ``seen`` (``key -> (dispatcher, argument types)``) instead of making it: it loads no image, so
+    every launch reaches :meth:`dispatch`, and touches no device (its uploads are placeholders, no
+    stream captures)."""
 
-    from ..kernels._cuda_jit import VARIANTS
-    from . import cuda as C
-    from . import cuda_launch as B
+    name = "recorder"
+    loads = False
 
-    def record(dispatcher, args) -> None:
+    def __init__(self, seen: dict):
+        self.seen = seen
+        self.zero_flags: dict = {}
+        self.images: dict = {}
+
+    def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
+                 args: tuple) -> None:
+        from numba.cuda.typing.typeof import Purpose, typeof
+
+        from ..kernels._cuda_jit import VARIANTS
+
         types = tuple(typeof(a, Purpose.argument) for a in args)
-        seen.setdefault(variant_key(VARIANTS[dispatcher], types), (dispatcher, types))
+        self.seen.setdefault(variant_key(VARIANTS[kernel], types), (kernel, types))
 
-    def run(kernel, device, stream, blocks, *args):
-        record(kernel, args)
+    def upload(self, array, index: int):
+        return _Placeholder(array.dtype, array.size)
 
-    def bound(self, dispatcher, args, raw, blocks):
-        record(dispatcher(args), args)
+    def capturing(self, raw: int) -> bool:
+        return False
 
-    saved = C._run, C._zero_flag, C.capturing, B._Bound._launch
-    C._run, C.capturing = run, (lambda device, raw: False)
-    C._zero_flag = lambda device: _Placeholder(np.int32, 1)
-    B._Bound._launch = bound
-    try:
-        yield
-    finally:
-        C._run, C._zero_flag, C.capturing, B._Bound._launch = saved
+    def activate(self, index: int):
+        return contextlib.nullcontext()
+
+    def sm_count(self, index: int) -> int:
+        return 1
+
+    def compute_capability(self, index: int) -> tuple[int, int]:
+        return 0, 0
+
+    def version(self) -> int:
+        return 0
+
+    def current_context(self) -> int:
+        return 0
+
+    def primary_context(self, index: int) -> int:
+        return 0
+
+    def stream(self, raw: int):
+        return raw
+
+    def pinned(self, size: int, dtype):
+        return np.zeros(max(size, 1), dtype)
+
+    def copy(self, device_array, values, raw: int) -> None:
+        pass
+
+    def event(self):
+        return None
+
+    def clear(self) -> None:
+        pass
+
+    def load(self, kind: str, code: bytes, entry: str):
+        raise RuntimeError("fastema: the variant recorder loads no image")
+
+    def launch(self, func, blocks: int, threads: int, stream, params: int) -> None:
+        raise RuntimeError("fastema: the variant recorder launches no image")
 
 
 def every_variant() -> dict:
     """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a stable
     order (sorted by key)."""
     from .. import _launch as L
+    from .drivers import using
 
     seen: dict = {}
     P = _Placeholder
-    with _recording(seen):
+    with using(RecordingDriver(seen)):
         for sk, xk in PAIRS:
             g = L.Group("cuda:0", sk, xk, _tables())
             w = np.float64 if wide(sk, xk) else np.float32
@@ -168,3 +215,7 @@ def warm() -> list:
                 if len(device_code.COMPILES) > before:
                     done.append((f"{key} sm_{cc[0]}{cc[1]}", time.perf_counter() - t))
     return done
+
+
+def _typed(recorder: RecordingDriver) -> Driver:          # mypy: the recorder is a launch driver
+    return recorder

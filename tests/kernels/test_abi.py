@@ -11,7 +11,6 @@ import ctypes
 import os
 import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -21,12 +20,12 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda.dispatcher")
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
+from support.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
+
 from fastema._launch import abi  # noqa: E402
 from fastema._launch.variants import every_variant  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_fake as G  # noqa: E402
 
 VARIANTS = every_variant()
 
@@ -37,7 +36,8 @@ def _value(ty, i: int):
 
     name = str(ty)
     if hasattr(ty, "ndim"):
-        return G.FakeDeviceArray(3 + i, numpy_support.as_dtype(ty.dtype), ptr=0x7F0000001000 + 0x1000 * i)
+        dtype = numpy_support.as_dtype(ty.dtype)
+        return FakeDeviceArray(3 + i, dtype, ptr=0x7F0000001000 + 0x1000 * i)
     if hasattr(ty, "types"):
         return tuple(_value(t, i + k) for k, t in enumerate(ty.types))
     if name == "bool":
@@ -47,15 +47,6 @@ def _value(ty, i: int):
     return getattr(np, name)(0.25 + i)
 
 
-def _numba_block(types, args) -> list:
-    out, retr = [], []
-    kernel = G.FakeKernel("reference", types)
-    for t, v in zip(types, args):
-        kernel._prepare_args(t, v, 0, retr, out)
-    assert not retr
-    return out
-
-
 def _bytes(address: int, sizes: list) -> list:
     pointers = (ctypes.c_void_p * len(sizes)).from_address(address)
     return [ctypes.string_at(pointers[i], n) for i, n in enumerate(sizes)]
@@ -63,16 +54,10 @@ def _bytes(address: int, sizes: list) -> list:
 
 @pytest.mark.parametrize("key", list(VARIANTS))
 def test_fastemas_block_is_numba_cudas_byte_for_byte(key):
-    from numba.cuda import dispatcher as D
-
     _, types = VARIANTS[key]
     args = tuple(_value(t, i) for i, t in enumerate(types))
-    real_wrap = D.wrap_arg
-    D.wrap_arg = lambda v: v                               # a fake device array is on the device already
-    try:
-        want = _numba_block(types, args)
-    finally:
-        D.wrap_arg = real_wrap
+    with numba_marshalling() as params:                   # numba-cuda 0.30's own values for them
+        want = params(types, args)
     block = abi.Block(types, args)
     holder = ParamHolder(want)
     sizes = [ctypes.sizeof(s) for s in block.slots]

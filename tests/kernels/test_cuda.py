@@ -31,6 +31,45 @@ KINDS = (F32, BF16, F16)
 UINT = {F32: np.uint32, BF16: np.uint16, F16: np.uint16}
 
 
+class Watching:
+    """The process's launch driver (numba's simulator, or cuda.core's on a GPU) with what the launch
+    path asks of it watched: the raw stream of every launch (``streams``: numba's dispatcher in the
+    simulator, fastema's own launch on a GPU), the values of every staged copy (``copies``);
+    ``capture`` (True or False) overrides what the capture query says (the simulator has no graphs).
+    """
+
+    def __init__(self, inner):
+        self.inner, self.streams, self.copies, self.capture = inner, [], [], None
+        self.zero_flags, self.images = {}, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def dispatch(self, kernel, index, raw, blocks, threads, args):
+        self.streams.append(raw)
+        self.inner.dispatch(kernel, index, raw, blocks, threads, args)
+
+    def launch(self, func, blocks, threads, stream, params):
+        self.streams.append(int(stream))
+        self.inner.launch(func, blocks, threads, stream, params)
+
+    def copy(self, device_array, values, raw):
+        self.copies.append(values.copy())
+        self.inner.copy(device_array, values, raw)
+
+    def capturing(self, raw):
+        return self.inner.capturing(raw) if self.capture is None else self.capture
+
+
+@pytest.fixture
+def watched():
+    """A :class:`Watching` driver given to the launch path for the test."""
+    from fastema._launch import drivers
+
+    with drivers.using(Watching(drivers.default())) as w:
+        yield w
+
+
 @pytest.fixture(autouse=True)
 def small_launches(monkeypatch):
     monkeypatch.setattr(_launch.config, "CUDA_CHUNK", 16)
@@ -214,7 +253,7 @@ def test_clear_caches_drops_the_stream_cache_and_keeps_what_a_captured_graph_rea
     flag = _launch.cuda._zero_flag("cuda:0")
     fastema.clear_caches()
     assert _launch.cuda._zero_flag("cuda:0") is flag
-    assert _launch.cuda.external_stream.cache_info().currsize == 0
+    assert _launch.cuda.current().numba_stream.cache_info().currsize == 0
     assert fastema.ops._single_tables.cache_info().currsize == 0
     fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # and launches still work after it
     assert np.array_equal(d_shadow.copy_to_host(), np.full(10, 0.75, np.float32))
@@ -240,39 +279,21 @@ def test_flat_shadow_on_device_arrays():
     assert all(np.array_equal(d.copy_to_host(), h) for d, h in zip(dev, host))
 
 
-def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
+def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch, watched):
     """The stream is the caller's at each call, never the one current when the shadow was made
     (a shadow made on the default stream and updated under ``torch.cuda.stream(side)`` or a
-    graph capture raced with the side stream / ran uncaptured). Both launch paths are watched:
-    numba's dispatcher (``cuda_base._dispatch``: the simulator) gets the raw handle current then (and
-    makes its Numba stream), and fastema's own launch (``cuda_launch._driver_launch``, on a GPU) that
-    raw handle itself (issue 37, B1)."""
+    graph capture raced with the side stream / ran uncaptured). The launch driver is handed the raw
+    handle current then: numba's dispatcher in the simulator, fastema's own launch on a GPU
+    (issue 37, B1)."""
     from fastema import _backends
-    from fastema._launch import cuda as launch_cuda
-    from fastema._launch import cuda_base, cuda_launch
 
     first, later = cuda.stream(), cuda.stream()
     handles = {first: 101, later: 202} if SIM else {s: int(s.handle) for s in (first, later)}
-    streams = {h: s for s, h in handles.items()}
     current = [handles[first]]
-    seen = []
+    seen = watched.streams
     host = [np.arange(n, dtype=np.float32) for n in (5, 40)]
     dev = [cuda.to_device(h) for h in host]
     monkeypatch.setattr(_backends, "stream_getter", lambda framework, device: lambda: current[0])
-    monkeypatch.setattr(launch_cuda, "external_stream", lambda handle: streams[handle])
-    monkeypatch.setattr(cuda_base, "external_stream", lambda handle: streams[handle])
-    dispatch, driver_launch = cuda_base._dispatch, cuda_launch._driver_launch
-
-    def spy(kernel, device, raw, blocks, *args):
-        seen.append(raw)
-        return dispatch(kernel, device, raw, blocks, *args)
-
-    def driver_spy(func, blocks, threads, stream, params):
-        seen.append(int(stream))
-        return driver_launch(func, blocks, threads, stream, params)
-
-    monkeypatch.setattr(cuda_base, "_dispatch", spy)
-    monkeypatch.setattr(cuda_launch, "_driver_launch", driver_spy)
     flat = fastema.FlatShadow(dev)                         # copies on fastema's own upload stream
     many = [cuda.to_device(np.zeros_like(h)) for h in host]
     fastema.ema_update_many_(many, dev, decay=0.5)
@@ -289,15 +310,11 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch):
     assert np.array_equal(flat.view(1).copy_to_host(), host[1])
 
 
-def test_address_changes_rewrite_the_device_table_in_place(monkeypatch):
+def test_address_changes_rewrite_the_device_table_in_place(watched):
     """A rebind writes the new addresses into the same device table on the stream (a captured
     graph keeps reading a live table; no allocation, no free), and copies nothing when the
     addresses did not change."""
-    from fastema._launch import cuda as launch_cuda
-
-    writes = []
-    write = launch_cuda.Staging.write
-    monkeypatch.setattr(launch_cuda.Staging, "write", lambda self, *a: (writes.append(a[1].copy()), write(self, *a)))
+    writes = watched.copies
     host = [np.arange(n, dtype=np.float32) for n in (5, 40, 3)]
     dev = [cuda.to_device(h) for h in host]
     flat = fastema.FlatShadow(dev)
@@ -587,15 +604,11 @@ def test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu(src_kind):
             assert np.array_equal(flat.view(i, r).copy_to_host(), ref.view(i, r))
 
 
-def test_handed_over_sources_alternate_between_two_address_tables(monkeypatch):
+def test_handed_over_sources_alternate_between_two_address_tables(watched):
     """JAX and TensorFlow hand over new arrays every step, usually at two alternating sets of
     addresses: the second table is made at construction, and a repeat switches tables with no
     copy; torch-like frameworks keep one table, rewritten in place."""
-    from fastema._launch import cuda as launch_cuda
-
-    writes = []
-    write = launch_cuda.Staging.write
-    monkeypatch.setattr(launch_cuda.Staging, "write", lambda self, *a: (writes.append(1), write(self, *a)))
+    writes = watched.copies
     a, b, c = ([cuda.to_device(np.full(n, v, np.float32)) for n in (8, 3)] for v in (1.0, 2.0, 3.0))
     addr = lambda xs: [dev_addr(x) for x in xs]  # noqa: E731
     t = _launch.tables(addr(a), [8, 3], [0, 0], "cuda:0", handed_over=True)
@@ -614,13 +627,22 @@ def test_handed_over_sources_alternate_between_two_address_tables(monkeypatch):
         assert one.seg_addr is first and list(first.copy_to_host()) == addr(xs)
 
 
+class _Capture:
+    """``capture["on"] = True``: the launch driver says every stream is capturing a CUDA graph (its
+    capture query, ``cuStreamIsCapturing``, answered by :class:`Watching`: the simulator has no
+    graphs)."""
+
+    def __init__(self, driver):
+        self.driver = driver
+        driver.capture = False
+
+    def __setitem__(self, key, on):
+        self.driver.capture = on
+
+
 @pytest.fixture
-def capture(monkeypatch):
-    """``capture["on"] = True``: the driver says every stream is capturing a CUDA graph (the capture
-    query, ``cuStreamIsCapturing``, monkeypatched: the simulator has no graphs)."""
-    state = {"on": False}
-    monkeypatch.setattr(_launch.cuda, "capturing", lambda device, raw: state["on"])
-    return state
+def capture(watched):
+    return _Capture(watched)
 
 
 def test_new_tables_during_a_capture_are_refused_and_a_captured_pairs_tables_are_never_freed(capture):

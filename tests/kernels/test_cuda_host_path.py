@@ -5,7 +5,7 @@ one address read (``data_ptr()``) a tensor. Everything else (the plan, the launc
 scan) costs the same at 6 tensors as at 40: counted by the torch functions an update calls (a
 ``TorchFunctionMode`` sees every ``Tensor`` method, also those called from C through ``map``) and by
 the Python and C functions its Python code calls (``sys.setprofile``). On the CPU with the fake GPU of
-``bench/gpu_fake.py`` (no driver: numba's dispatcher and the device arrays stand-ins), and for the same
+``tests/support`` (a launch driver that launches nothing, fake device arrays), and for the same
 reason on the CPU kernels' path. Also: with ``skip_nonfinite`` the scan reads the tensors the check
 followed (a moved tensor's NaN still skips the update).
 """
@@ -13,7 +13,6 @@ import collections
 import copy
 import gc
 import os
-import pathlib
 import sys
 
 import pytest
@@ -27,8 +26,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the fake stands in for 
     pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
 
 pytest.importorskip("numba.cuda.dispatcher")
-sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "bench"))
-import gpu_fake as G  # noqa: E402
+from support.fake_gpu import fake_gpu  # noqa: E402
 
 SIZES = (6, 40)
 
@@ -99,7 +97,7 @@ def _assert_one_address_read_a_tensor(make, tensors_per_net=1):
 def test_an_ema_update_on_cuda_reads_one_address_a_tensor_and_nothing_else_per_tensor(device_step, skip_nonfinite):
     """With ``skip_nonfinite`` the scan once read every address again (``FlatShadow.scan_nonfinite``'s
     refresh): 2 reads a tensor."""
-    with G.fake_gpu(record=False):
+    with fake_gpu(record=False):
         _assert_one_address_read_a_tensor(
             lambda net: EMA(net, 0.99, device_step=device_step, skip_nonfinite=skip_nonfinite).update)
 

@@ -1,15 +1,15 @@
-"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3, C4, C7,
-issue 54 item 2), on the CPU with the fake GPU of ``bench/gpu_fake.py``: the first call loads the
-variant's device code (the shipped code: ``fastema._launch.device_code``; faked here) and packs one
+"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3,
+C4, C7, issue 54 item 2), on the CPU with the fake GPU of ``tests/support`` (a launch driver,
+``FakeDriver``, under fastema's real kernel factories and shipped device code): the first call loads
+the variant's device code (the shipped sm_90 code: ``fastema._launch.device_code``) and packs one
 parameter block with fastema's own ABI (``fastema._launch.abi``), patched in place where an argument
 changed, byte for byte what cuda.core's ``ParamHolder`` packs for numba-cuda's own ``_prepare_args``
 values. No call reaches numba's dispatcher; a variant's code is loaded again only when an argument's
 numba type changes to one not loaded yet; no context push where the device's primary context is
-current; every CUDA call of a binding inside its device's context. The real launch runs in the GPU plan."""
+current; every CUDA call of a binding inside its device's context. The real launch runs in the GPU
+plan."""
 import ctypes
 import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -24,24 +24,23 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the simulator has no _K
 pytest.importorskip("numba.cuda.dispatcher")
 B = pytest.importorskip("fastema._launch.cuda_bound")
 C = B.C
-sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "bench"))
-import gpu_fake as G  # noqa: E402
+from support.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
+from support.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
 
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
 
 def _group(device="cuda:0", chunks=8):
-    tables = _launch.Tables(*(G.FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
-                            G.FakeDeviceArray(8, np.int32, ptr=0x5000), G.FakeDeviceArray(9, np.int64, ptr=0x6000),
-                            n=4096, chunks=chunks)
+    tables = _launch.Tables(*(FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
+                            FakeDeviceArray(8, np.int32, ptr=0x5000),
+                            FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=chunks)
     return _launch.Group(device, F32, F32, tables, current_stream=lambda: 77)
 
 
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    with G.fake_gpu(torch_on_gpu=False) as f:
-        f.blocks: list = []
+    with fake_gpu(torch_on_gpu=False) as f:
         f.group = _group()
         f.flag = C._zero_flag("cuda:0")
         yield f
@@ -51,32 +50,28 @@ def _launches(fake):
     return [e for e in fake.launches if e[0] in ("launch", "dispatcher", "load")]
 
 
-def _argument_types(args):
-    return tuple(B._typeof(a) for a in args)
-
-
-def _reference(args, argument_types):
-    """What numba-cuda's ``_Kernel.launch`` hands ``cuda.core.launch`` for ``args``."""
-    out, retr = [], []
-    kernel = G.FakeKernel("reference", argument_types)
-    for t, v in zip(argument_types, args):
-        kernel._prepare_args(t, v, 0, retr, out)
-    return out
-
-
 def _block_bytes(address: int, sizes: list) -> list:
     pointers = (ctypes.c_void_p * len(sizes)).from_address(address)
     return [ctypes.string_at(pointers[i], size) for i, size in enumerate(sizes)]
 
 
 def assert_packed_like_cuda_core(address: int, run, args):
-    """The block at ``address`` holds, value for value and byte for byte, what cuda.core's ParamHolder
-    packs for numba's own argument list of ``args``."""
-    want = _reference(args, run.block.types)
+    """The block at ``address`` holds, value for value and byte for byte, what cuda.core's
+    ParamHolder packs for numba's own argument list of ``args`` (what numba-cuda's
+    ``_Kernel.launch`` hands it)."""
+    with numba_marshalling() as params:
+        want = params(run.block.types, args)
     sizes = [ctypes.sizeof(s) for s in run.block.slots]
     assert len(sizes) == len(want)
     holder = ParamHolder(want)
     assert _block_bytes(address, sizes) == _block_bytes(holder.ptr, sizes)
+
+
+def _entry(run) -> str:
+    """The entry name of the code ``run`` is bound to (what the fake driver's handles are named by).
+    """
+    d = run.driver
+    return next(e[2] for e in d.launches if e[0] == "load" and d.handle_of(e[2]) == int(run.func))
 
 
 def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
@@ -89,7 +84,7 @@ def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
         run(w, key)
         kind, stream, blocks, func = fake.launches[-1]
         assert kind == "launch" and blocks == 3 and int(stream) == 77      # min(chunks, CUDA_MAX_BLOCKS) blocks
-        assert int(func) == fake.handle_of(C.K.lerp_kernel(F32, F32, False, False).name)
+        assert func is run.func and run.loaded.source == "sm_90" and "lerp" in _entry(run)
         addresses.append(run.block.address)
         args = (*fake.group.tables.args(), (np.float32(w[0]),), fake.flag, np.uint32(key))
         assert_packed_like_cuda_core(run.block.address, run, args)
@@ -103,7 +98,7 @@ def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fak
     cuda.core pack it into a new ParamHolder at every launch (45 values for a lerp); now the driver gets
     the address of the binding's block, the same at every call."""
     handed = []
-    with G.fake_gpu(torch_on_gpu=False, driver=handed.append, record=False):
+    with fake_gpu(torch_on_gpu=False, on_launch=handed.append, record=False):
         run = _launch.lerp_launcher(_group())
         weights = (0.1,)
         for _ in range(4):
@@ -116,7 +111,7 @@ def test_an_argument_of_another_type_binds_again(fake):
     run = _launch.lerp_launcher(fake.group)
     run((0.1,))
     run((0.1,))
-    weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)          # a device plan's weights: another overload
+    weights = FakeDeviceArray(1, np.float32, ptr=0x7000)          # a device plan's: another type
     run(weights)
     assert [e[0] for e in _launches(fake)] == ["load", "launch", "launch", "load", "launch"]
     run(weights)                                                     # and that variant is bound now
@@ -128,7 +123,7 @@ def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fa
     """Device weights, then host weights (another overload kept), then the same device weights again:
     the last call must not reuse the first variant's block with the second variant's code (it binds
     again, to the code loaded already)."""
-    weights = G.FakeDeviceArray(1, np.float32, ptr=0x7000)
+    weights = FakeDeviceArray(1, np.float32, ptr=0x7000)
     run = _launch.lerp_launcher(fake.group)
     run(weights)
     run(weights)
@@ -141,7 +136,7 @@ def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fa
 
 
 def _plan():
-    return {name: G.FakeDeviceArray(n, dt, ptr=0x20000 + 0x100 * i) for i, (name, n, dt) in enumerate(
+    return {name: FakeDeviceArray(n, dt, ptr=0x20000 + 0x100 * i) for i, (name, n, dt) in enumerate(
         [("state", 5, np.float64), ("params", 40, np.float64), ("decays", 2, np.float64), ("w32", 2, np.float32),
          ("w64", 2, np.float64), ("flag", 1, np.int32), ("keys", 3, np.int64), ("done", 1, np.int32)])}
 
@@ -169,7 +164,7 @@ def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
     CUDA_PLAN_LERP_BLOCKS_PER_SM blocks per multiprocessor (it grid-strides over the chunks), where a
     block per chunk (up to CUDA_MAX_BLOCKS, 32768) paid the step ~30000 times on GPT-2 sizes. The plain
     lerp keeps a block per chunk."""
-    with G.fake_gpu(torch_on_gpu=False) as fake:
+    with fake_gpu(torch_on_gpu=False) as fake:
         group = _group(chunks=30000)
         run = _launch.plan_lerp_launcher(group, _plan(), 0)
         for given in (-1, -1):
@@ -190,7 +185,7 @@ def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
 
 def test_the_buffer_copy_launch_is_bound_once(fake):
     """``copy_launcher``: a model average's buffer copy behind its plan's flag, every argument bound."""
-    flag = G.FakeDeviceArray(1, np.int32, ptr=0x30000)
+    flag = FakeDeviceArray(1, np.int32, ptr=0x30000)
     run = _launch.copy_launcher(fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
     for _ in range(4):
         run()
@@ -204,7 +199,7 @@ def test_the_plan_step_and_the_nonfinite_scan_are_bound_the_same_way(fake):
     then launch their packed blocks, numba's own values."""
     plan = {k: v for k, v in _plan().items() if k != "done"}
     step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None, lambda: 77), plan)
-    flag = G.FakeDeviceArray(1, np.int32, ptr=0x40000)
+    flag = FakeDeviceArray(1, np.int32, ptr=0x40000)
     scan = _launch.nonfinite_launcher(fake.group, flag)
     for given in (-1, 5, -1):
         step(given)
@@ -224,7 +219,7 @@ def test_no_context_push_where_the_devices_primary_context_is_current():
     Where the device's primary context is current (torch keeps it so) a bound launch pushes nothing;
     where another context (or none) is current, it pushes the device's."""
     for primary_current, pushes in ((True, 0), (False, 5)):
-        with G.fake_gpu(torch_on_gpu=False, primary_current=primary_current) as fake:
+        with fake_gpu(torch_on_gpu=False, primary_current=primary_current) as fake:
             group = _group()
             runs = [_launch.lerp_launcher(group), _launch.plan_lerp_launcher(group, _plan(), 0),
                     _launch.copy_launcher(group, to_shadow=True, row_lo=0, row_hi=1)]
@@ -242,7 +237,7 @@ def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
     """C4: a group on cuda:1 while the thread's device is cuda:0: its tables' uploads, the zero flag,
     loading the variant's code and the first launch all run inside ``cuda.gpus[1]``; later launches run
     there or with the device's primary context current."""
-    with G.fake_gpu(torch_on_gpu=False, primary_current=False) as fake:
+    with fake_gpu(torch_on_gpu=False, primary_current=False) as fake:
         host = _launch.Tables(np.array([0x1000], np.int64), np.array([0x2000], np.int64),
                               np.array([0, 100], np.int64), np.zeros(1, np.int32), np.array([0, 100], np.int64), 100, 1)
         tables = C.upload(host, "cuda:1", slots=1)
@@ -260,14 +255,16 @@ def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
 
 
 def test_a_binding_never_goes_through_numbas_dispatcher(fake):
-    """C7 and issue 54 item 2: a binding used to keep the overload numba's dispatcher compiled (a shared,
-    lru-cached launch configuration, and numba-cuda's private ``overloads``); now no configuration of the
-    dispatcher is made or called, and the variant's code is found by its factory and argument types."""
+    """C7 and issue 54 item 2: a binding used to keep the overload numba's dispatcher compiled (a
+    shared, lru-cached launch configuration, and numba-cuda's private ``overloads``); now the
+    dispatcher neither launches nor compiles anything, and the variant's code is found by its
+    factory and argument types."""
     dispatcher = C.K.lerp_kernel(F32, F32, False, False)
     run = _launch.lerp_launcher(fake.group)
     run((0.1,))
     run((0.1,))
-    assert not dispatcher.configs                                      # never configured, never called
+    assert not dispatcher.overloads                                    # numba compiled nothing
+    assert not [e for e in fake.launches if e[0] == "dispatcher"]      # nor launched
     assert run.block.types[6] == B._typeof((np.float32(0.1),))
     assert fake.launches[-1][0] == "launch"
 
@@ -279,7 +276,7 @@ def test_construction_uploads_are_written_when_construction_returns():
     the update skipped). Every construction-time copy now goes on fastema's own upload stream, which
     is waited for before the tables are handed out (a wait for those copies only: the stream is
     non-blocking and waits for no other work)."""
-    with G.fake_gpu(torch_on_gpu=False) as fake:
+    with fake_gpu(torch_on_gpu=False) as fake:
         t = _launch.tables([0x1000, 0x2000], [100, 50], [0x9000, 0x9400], "cuda:0", lambda: 77, handed_over=True)
         events = [(e[0], getattr(e[2], "name", e[2])) for e in fake.log
                   if e[0] in ("to_device", "stream.synchronize", "copy_to_device")]
@@ -304,7 +301,7 @@ def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it(
     torch = pytest.importorskip("torch")
     import fastema
 
-    with G.fake_gpu() as fake:
+    with fake_gpu() as fake:
         params = [torch.randn(n) for n in (300, 7)]
         flat = fastema.FlatShadow(params)
         flat.update(0.5)
@@ -316,7 +313,7 @@ def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it(
         gc.collect()
         assert old() is not None                       # held: the event has not passed
         recorded = [e for e in fake.log if e[0] == "event.record"]
-        assert recorded and all(getattr(e[2], "name", None) == 77 for e in recorded)   # on the launch stream
+        assert recorded and all(e[2] == 77 for e in recorded)   # on the launch stream
         flat.update(0.5)
         gc.collect()
         assert old() is not None
@@ -327,33 +324,42 @@ def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it(
 
 
 def test_where_fastemas_launch_cannot_run_every_launch_is_the_dispatchers(monkeypatch):
-    ran = []
+    """A driver that loads no image (numba's dispatcher: the simulator,
+    FASTEMA_CUDA_LAUNCH=dispatcher, no cuda.core) gets every launch of a binding as a dispatch, on
+    the stream current at that call."""
     monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    from fastema._launch import cuda_base
-
-    monkeypatch.setattr(cuda_base, "_dispatch", lambda kernel, device, raw, blocks, *args: ran.append((raw, blocks)))
-    with G.fake_gpu(torch_on_gpu=False, cached=False) as fake:
+    with fake_gpu(torch_on_gpu=False, loads=False) as fake:
         run = _launch.lerp_launcher(_group())
         for _ in range(3):
             run((0.1,))
-    assert ran == [(77, 3)] * 3 and not fake.launches
+    shape = (3, config.CUDA_THREADS, 77)
+    assert [(e[0], e[2]) for e in fake.launches] == [("dispatcher", shape)] * 3
+    assert "lerp_kernel" in fake.launches[0][1]
 
 
 def test_numba_cudas_version_does_not_decide_the_fast_path(monkeypatch):
-    """Issue 54 item 2: the bound path rested on numba-cuda 0.30's private internals and dropped to the
-    dispatcher (100-600 us a launch) on any other numba-cuda; now only the simulator and
-    FASTEMA_CUDA_LAUNCH=dispatcher turn it off."""
+    """Issue 54 item 2: the bound path rested on numba-cuda 0.30's private internals and dropped to
+    the dispatcher (100-600 us a launch) on any other numba-cuda; now only the simulator,
+    FASTEMA_CUDA_LAUNCH=dispatcher and a cuda.core that cannot be imported (one warning) turn it
+    off."""
     import importlib.metadata as md
+    import sys
     import warnings
 
+    from fastema._launch import drivers
+
     real = md.version
-    monkeypatch.setattr(C, "SIMULATOR", False)
     monkeypatch.setattr(md, "version", lambda name: "0.99.0" if name == "numba-cuda" else real(name))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert B.cached_launch_available.__wrapped__() is True
+        assert type(drivers.default.__wrapped__()) is drivers.CudaCoreDriver
     monkeypatch.setenv("FASTEMA_CUDA_LAUNCH", "dispatcher")
-    assert B.cached_launch_available.__wrapped__() is False
+    assert type(drivers.default.__wrapped__()) is drivers.DispatcherDriver
+    monkeypatch.delenv("FASTEMA_CUDA_LAUNCH")
+    monkeypatch.setitem(sys.modules, "cuda.core", None)                # not importable
+    said = "cuda.core cannot launch here .*ModuleNotFoundError.*numba.s dispatcher"
+    with pytest.warns(RuntimeWarning, match=said):
+        assert type(drivers.default.__wrapped__()) is drivers.DispatcherDriver
 
 
 def test_an_ema_update_of_a_6_tensor_network_is_one_launch_with_no_context_push():
@@ -362,8 +368,8 @@ def test_an_ema_update_of_a_6_tensor_network_is_one_launch_with_no_context_push(
     torch = pytest.importorskip("torch")
     from fastema.torch import EMA
 
-    with G.fake_gpu() as fake:
-        model = G.rl_mlp()
+    with fake_gpu() as fake:
+        model = rl_mlp()
         ema = EMA(model, 0.99, device_step=True)
         with torch.no_grad():
             ema.update()

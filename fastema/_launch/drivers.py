@@ -1,0 +1,307 @@
+"""fastema's launch drivers (:class:`.driver.Driver`) and the one switch the launch path reads.
+
+- :class:`CudaCoreDriver`, the fast path: each variant's image loaded by cuda.core (``ObjectCode``,
+  ``get_kernel``) and made a function of the current context (``cuKernelGetFunction``), launched by
+  ``cuLaunchKernel`` with fastema's own parameter block; the context, capture and version queries
+  are cuda-bindings' calls.
+- :class:`DispatcherDriver`: numba's dispatcher launches every kernel (compiling it at its first
+  use): the Numba CUDA simulator, ``FASTEMA_CUDA_LAUNCH=dispatcher``, or where cuda.core cannot be
+  used.
+
+Both do the device work around the launches through numba-cuda, whose device arrays fastema's tables
+are: uploads on a stream of fastema's own, pinned staging, events, the context push
+(``numba.cuda.gpus[i]``), the compute capability, the multiprocessor count.
+
+Where cuda.core or the driver says an image cannot run here (a result of :data:`.driver.REFUSALS`),
+:meth:`CudaCoreDriver.load` raises :class:`.driver.Refused`; every other error is raised as it is.
+
+:func:`current` is the driver given to :func:`using` (the tests' fake GPU, the variant enumeration's
+recorder, a benchmark), else the process's default (:func:`default`). The switch is process-wide,
+for tests, tools and benchmarks, not for threads that launch meanwhile; the launch path reads it
+when a launch is bound or tables are made (a bound launch keeps its driver), and at each unbound
+launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+from numba import cuda
+
+from ..kernels._cuda_hw import SIMULATOR
+from .driver import REFUSALS, Driver, Loaded, Refused
+
+_STACK: list = []
+
+
+@contextlib.contextmanager
+def using(driver: Driver) -> Iterator[Driver]:
+    """``driver`` is the one the launch path takes (:func:`current`) for the ``with`` block."""
+    _STACK.append(driver)
+    try:
+        yield driver
+    finally:
+        _STACK.remove(driver)
+
+
+def current() -> Driver:
+    """The driver the launch path takes now: the innermost :func:`using`'s, else :func:`default`."""
+    return _STACK[-1] if _STACK else default()
+
+
+@functools.cache
+def default() -> Driver:
+    """The process's driver, chosen once: numba's dispatcher in the simulator and under
+    ``FASTEMA_CUDA_LAUNCH=dispatcher``, and (with one warning saying why) where cuda.core cannot
+    load and launch; else cuda.core's."""
+    if SIMULATOR:
+        return DispatcherDriver(simulated=True)
+    if os.environ.get("FASTEMA_CUDA_LAUNCH", "bound") == "dispatcher":
+        return DispatcherDriver()
+    why = CudaCoreDriver.unavailable()
+    if why is None:
+        return CudaCoreDriver()
+    warnings.warn(f"fastema: cuda.core cannot launch here ({why}), so every CUDA launch goes "
+                  f"through numba's dispatcher (tens to hundreds of us of host time a call; "
+                  f"kernels compiled at first use)", RuntimeWarning, stacklevel=4)
+    return DispatcherDriver()
+
+
+class _Event:
+    """A numba event, recorded on raw stream handles."""
+
+    __slots__ = ("event", "streams")
+
+    def __init__(self, event, streams):
+        self.event, self.streams = event, streams
+
+    def record(self, raw: int) -> None:
+        self.event.record(self.streams(raw))
+
+    def query(self) -> bool:
+        return bool(self.event.query())
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+
+class _Numba:
+    """The device work both drivers do through numba-cuda (see the module docstring), and the
+    queries they make through cuda-bindings (none in the simulator)."""
+
+    name = "numba"
+    loads = False
+
+    def __init__(self, simulated: bool = False, bindings=None):
+        self.simulated = simulated
+        self.zero_flags: dict = {}
+        self.images: dict = {}
+        self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
+        self.primary_context = functools.cache(self._primary_context)
+        self.sm_count = functools.cache(self._sm_count)
+        self._uploads: dict = {}
+        if bindings is None and not simulated:
+            from cuda.bindings import driver
+
+            bindings = driver
+        self.d = bindings
+
+    @staticmethod
+    def _numba_stream(raw: int):
+        """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
+        that copies on it are asynchronous: numba copies synchronously where given no stream)."""
+        return cuda.external_stream(raw) if raw else cuda.default_stream()
+
+    def activate(self, index: int):
+        return cuda.gpus[index]
+
+    def compute_capability(self, index: int) -> tuple[int, int]:
+        cc = tuple(cuda.gpus[index].compute_capability)
+        return int(cc[0]), int(cc[1])
+
+    def _sm_count(self, index: int) -> int:
+        return 0 if self.simulated else int(cuda.gpus[index].MULTIPROCESSOR_COUNT)
+
+    def _primary_context(self, index: int) -> int:
+        """Device ``index``'s primary context (retained once by numba; not pushed)."""
+        return 0 if self.simulated else int(cuda.gpus[index].get_primary_context().handle)
+
+    def current_context(self) -> int:
+        if self.simulated:
+            return 0
+        err, ctx = self.d.cuCtxGetCurrent()
+        return 0 if err else int(ctx)
+
+    def capturing(self, raw: int) -> bool:
+        """One ``cuStreamIsCapturing``; False in the simulator, and where the query fails (no
+        context: nothing can be capturing)."""
+        if self.simulated:
+            return False
+        d = self.d
+        err, status = d.cuStreamIsCapturing(d.CUstream(raw))
+        if err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+            return True
+        return not err and status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def version(self) -> int:
+        if self.simulated:
+            return 0
+        err, version = self.d.cuDriverGetVersion()
+        if err:
+            raise _api_error("cuDriverGetVersion", err)
+        return int(version)
+
+    def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
+                 args: tuple) -> None:
+        with cuda.gpus[index]:
+            if self.simulated or not raw:
+                kernel[blocks, threads](*args)
+            else:
+                kernel[blocks, threads, self.numba_stream(raw)](*args)
+
+    def _upload_stream(self, index: int):
+        """A stream of fastema's own on device ``index`` (current), non-blocking (it waits for no
+        other stream's work, the legacy stream's included), for the construction-time uploads."""
+        stream = self._uploads.get(index)
+        if stream is None:
+            if self.simulated:
+                stream = cuda.stream()
+            else:
+                from numba.cuda.cudadrv.driver import binding, driver
+
+                handle = driver.cuStreamCreate(binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
+                stream = cuda.external_stream(int(handle))   # one per device and process, kept
+            self._uploads[index] = stream
+        return stream
+
+    def upload(self, array, index: int):
+        """Copied on fastema's upload stream, which is then waited for: a wait for this copy only
+        (the stream waits for nothing else), which orders it before every launch queued after it, on
+        any stream (issue 37, C1)."""
+        with cuda.gpus[index]:
+            stream = self._upload_stream(index)
+            out = cuda.to_device(np.ascontiguousarray(array), stream=stream)
+            stream.synchronize()
+            return out
+
+    def pinned(self, size: int, dtype):
+        return cuda.pinned_array(max(size, 1), dtype)
+
+    def copy(self, device_array, values, raw: int) -> None:
+        if self.simulated:                                # copies at once; no external streams
+            device_array.copy_to_device(values)
+        else:
+            device_array.copy_to_device(values, stream=self.numba_stream(raw))
+
+    def event(self):
+        return None if self.simulated else _Event(cuda.event(timing=False), self.numba_stream)
+
+    def clear(self) -> None:
+        self.numba_stream.cache_clear()
+
+    def load(self, kind: str, code: bytes, entry: str) -> Loaded:
+        raise RuntimeError(f"fastema: {self.name} loads no image (asking it is a defect)")
+
+    def launch(self, func, blocks: int, threads: int, stream, params: int) -> None:
+        raise RuntimeError(f"fastema: {self.name} launches no image (asking it is a defect)")
+
+    def stream(self, raw: int):
+        return raw
+
+
+def _api_error(call: str, err):
+    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    return CudaAPIError(int(err), f"{call}: {err!r}")
+
+
+class DispatcherDriver(_Numba):
+    """numba's dispatcher launches every kernel; see the module docstring."""
+
+    name = "numba's dispatcher"
+    loads = False
+
+
+class CudaCoreDriver(_Numba):
+    """cuda.core and cuda-bindings: see the module docstring. ``bindings`` (cuda-bindings'
+    ``driver`` module) and ``core`` (the ``cuda.core`` module) are what it calls (the tests give
+    stand-ins that check the real bindings' arguments)."""
+
+    name = "cuda.core"
+    loads = True
+
+    def __init__(self, bindings=None, core=None):
+        super().__init__(bindings=bindings)
+        if core is None:
+            import cuda.core as core
+        self.core = core
+        self.core_error = _core_error()
+        self._streams = functools.lru_cache(maxsize=64)(self.d.CUstream)   # a C call per launch
+        self.stream = self._streams                       # type: ignore[method-assign]
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why this driver cannot run here (cuda.core, or what of cuda-bindings it calls, missing),
+        or None."""
+        try:
+            import cuda.core  # noqa: F401
+            from cuda.bindings import driver
+
+            _core_error()
+        except ImportError as err:
+            return f"{err.__class__.__name__}: {err}"
+        calls = ("cuLaunchKernel", "cuCtxGetCurrent", "cuKernelGetFunction", "cuStreamIsCapturing",
+                 "cuDriverGetVersion", "CUfunction", "CUkernel", "CUstream")
+        missing = [f for f in calls if not hasattr(driver, f)]
+        return f"its driver bindings lack {', '.join(missing)}" if missing else None
+
+    def load(self, kind: str, code: bytes, entry: str) -> Loaded:
+        """Loaded by cuda.core, then (where a context is current: ``device_code`` runs inside the
+        device's) made a function of that context now, where a refusal can still fall back, rather
+        than lazily at the first launch (``CUDA_MODULE_LOADING=LAZY``, the default), which could be
+        inside a capture."""
+        obj = self.core.ObjectCode
+        try:
+            k = (obj.from_cubin(code) if kind == "cubin" else obj.from_ptx(code)).get_kernel(entry)
+        except self.core_error as error:                  # cuda.core's "CUDA_ERROR_...: meaning"
+            result, _, said = str(error).partition(":")
+            if result.strip() in REFUSALS:
+                raise Refused(result.strip(), said.strip()) from error
+            raise
+        d = self.d
+        err, ctx = d.cuCtxGetCurrent()
+        if err or not int(ctx):                           # no context: loaded at its launch
+            return Loaded(d.CUfunction(int(k.handle)), k, kind)
+        err, func = d.cuKernelGetFunction(d.CUkernel(int(k.handle)))   # the current context's
+        if err:
+            if err.name in REFUSALS:
+                raise Refused(err.name, "cuKernelGetFunction")
+            raise _api_error("cuKernelGetFunction", err)
+        return Loaded(func, k, kind)
+
+    def launch(self, func, blocks: int, threads: int, stream, params: int) -> None:
+        err, = self.d.cuLaunchKernel(func, blocks, 1, 1, threads, 1, 1, 0, stream, params, 0)
+        if err:
+            raise _api_error("cuLaunchKernel", err)
+
+    def clear(self) -> None:
+        super().clear()
+        self._streams.cache_clear()
+
+
+def _core_error() -> Any:
+    """The exception cuda.core raises for a driver's error, whose message starts with the result's
+    name (``cuda.core._utils.cuda_utils.CUDAError``, cuda.core 0.3 to 1.2: its
+    ``_check_driver_error``)."""
+    from cuda.core._utils.cuda_utils import CUDAError
+
+    return CUDAError
+
+
+
+def _typed(core: CudaCoreDriver, numba: DispatcherDriver) -> tuple[Driver, Driver]:   # for mypy
+    return core, numba
