@@ -19,7 +19,8 @@ What one of them can or cannot do is an attribute declared here, never a ``getat
   collectives over it) and the split's run id; None for a whole shadow.
 - ``parts()``: every allocation the shadow holds, ``(part, array)``, for a face's ``memory()``;
   ``written()``: the buffers an update writes (what ``torch.compile``'s functionalization must
-  see); ``backup()``: a backup of the sources for a swap that would round.
+  see); ``backup()``: a backup of the sources for a swap that would round; ``reserve()`` /
+  ``release()``: what a swap or a copy-out allocates, allocated first (a split shadow's reads).
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ class Capabilities:
     def swap_modes(self, lossy: bool = False) -> list:
         """The swap kernel of each group (see :meth:`swap`)."""
         raise TypeError(f"{type(self).__name__} has no in-place swap (see swap())")
+
+    def reserve(self, row: int, swap: bool) -> None:
+        """Allocate now what the next ``swap()`` (``swap``) or ``copy_to_sources()`` of ``row``
+        needs beyond the shadow (a split shadow: its gather buckets, a swap's raw window), so that a
+        failure is raised before anything is read or written; nothing by default."""
+
+    def release(self) -> None:
+        """Free what :meth:`reserve` allocated for a read not made; nothing by default."""
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's correction of row 0 (a shadow of one row: refused)."""
@@ -159,6 +168,10 @@ class Shadow(Protocol):
     def swap(self, row: int = 0, *, lossy: bool = False) -> None: ...
 
     def swap_modes(self, lossy: bool = False) -> list: ...
+
+    def reserve(self, row: int, swap: bool) -> None: ...
+
+    def release(self) -> None: ...
 
     def check_row(self, row: int) -> None: ...
 

@@ -173,3 +173,93 @@ def test_a_package_surface_is_its_init_and_the_named_public_modules():
     PUBLIC_MODULES = check.PUBLIC_MODULES
     packages = {m for m in PUBLIC_MODULES if (ROOT / m.replace(".", "/") / "__init__.py").exists()}
     assert set(PUBLIC_MODULES) - packages <= NAMED_PUBLIC
+
+
+# ------------------------------------------------------------ the ranks' agreement: one protocol
+
+
+def _read_params(trees: dict) -> dict[tuple[str, str], int]:
+    """``("name" or "attr", function name) -> position`` of its ``read: Read`` parameter, for every
+    function ("name": called by its name) and method ("attr": called as an attribute, counted
+    without ``self``) of the library (``trees``: its modules parsed) that takes one."""
+    out: dict[tuple[str, str], int] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                method = bool(node.args.args) and node.args.args[0].arg == "self"
+                args = node.args.args[1:] if method else node.args.args
+                for i, a in enumerate(args):
+                    note = a.annotation
+                    named = getattr(note, "id", getattr(note, "value", None))   # Name, or a string
+                    if a.arg == "read" and named == "Read":
+                        out["attr" if method else "name", node.name] = i
+    return out
+
+
+def _passes_a_read(arg: ast.expr, names: set, kinds: tuple) -> bool:
+    """``Read("<kind>", ...)`` with a kind of ``KINDS``, ``<such a read>._replace(...)``, or one of
+    ``names``: the enclosing function's own ``read`` parameter (itself checked at every call of that
+    function) or a local name given such a read."""
+    if not isinstance(arg, ast.Call):
+        return isinstance(arg, ast.Name) and arg.id in names
+    f = arg.func
+    if isinstance(f, ast.Attribute) and f.attr == "_replace":
+        return _passes_a_read(f.value, names, kinds)
+    if isinstance(f, ast.Name) and f.id == "Read":
+        kind = arg.args[0] if arg.args else None
+        return isinstance(kind, ast.Constant) and kind.value in kinds
+    return isinstance(arg, ast.Name) and arg.id in names
+
+
+def test_every_collective_read_passes_its_kind_to_the_agreement():
+    """Every call of the agreement (``agree``, ``agreed``, a checkpoint side's ``agreed``) and of
+    every function that hands a read on to it (``average_stream``, ``whole_read``...) passes the
+    read it makes: a ``Read`` of a kind of ``KINDS`` (the agreement compares kind, direction and row
+    on every rank), never a bare string or nothing; and every ``Read(...)`` names a kind of
+    ``KINDS`` (docs/architecture.md, "Rules and their tests")."""
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in _py("fastema")}
+    takes = _read_params({w: ast.parse(t) for w, t in texts.items() if "read: Read" in t})
+    mentions = re.compile(r"\b(Read|%s)\(" % "|".join(name for _, name in takes))
+    trees = {w: ast.parse(t) for w, t in texts.items() if mentions.search(t)}   # that may call
+    KINDS = next(ast.literal_eval(n.value) for n in trees["fastema/torch/_state/agree.py"].body
+                 if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "KINDS"
+                                                      for t in n.targets))
+    assert {("name", "agree"), ("name", "agreed"), ("attr", "agreed"), ("name", "average_stream"),
+            ("attr", "whole_read")} <= set(takes), takes
+    bad: list[str] = []
+    calls = 0
+
+    def given(arg: ast.expr, functions: list) -> bool:
+        """``arg`` a read: of a kind, or the ``read`` parameter or a local given a read of an
+        enclosing function."""
+        names = {a.arg for fn in functions for a in fn.args.args if a.arg == "read"}
+        if isinstance(arg, ast.Name) and arg.id not in names:
+            names |= {t.id for fn in functions for n in ast.walk(fn) if isinstance(n, ast.Assign)
+                      and _passes_a_read(n.value, names, KINDS)
+                      for t in n.targets if isinstance(t, ast.Name)}
+        return _passes_a_read(arg, names, KINDS)
+
+    def visit(node: ast.AST, functions: list, where: str) -> None:
+        nonlocal calls
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions = functions + [node]
+        if isinstance(node, ast.Call):
+            f = node.func
+            key = ("name", f.id) if isinstance(f, ast.Name) else \
+                ("attr", f.attr) if isinstance(f, ast.Attribute) else None
+            at = f"{where}:{node.lineno}"
+            if key == ("name", "Read") and not _passes_a_read(node, set(), KINDS):
+                bad.append(f"{at}: Read() of no kind of KINDS")
+            if key in takes:
+                n = takes[key]
+                arg = [k.value for k in node.keywords if k.arg == "read"] or node.args[n:n + 1]
+                calls += 1
+                if not arg or not given(arg[0], functions):
+                    bad.append(f"{at}: {key[1]}() without the read's kind")
+        for child in ast.iter_child_nodes(node):
+            visit(child, functions, where)
+
+    for where, tree in trees.items():
+        visit(tree, [], where)
+    assert not bad, bad
+    assert calls >= 15, calls          # swap in/back, copy_to, state dicts, save, loads, streams

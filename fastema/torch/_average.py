@@ -22,6 +22,7 @@ from ..average import Cadence, ModelSwap
 from . import _compile
 from ._sharding import masters as _deepspeed
 from ._sharding import tensors as _sharded
+from ._state.agree import Read
 from ._state.checkpoint import CheckpointCore, TorchCheckpoint
 from ._state.peft import announce, export_peft
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
@@ -119,33 +120,44 @@ class TorchAverage:
 
     def _exchange(self, row: int, swapping_in: bool) -> None:
         if swapping_in or not self._checkpoint.groups(swap=True):
-            self._exchange_checked(row, swapping_in)
+            self._exchange_checked(row, swapping_in, [])
             return
-        try:                                           # a split average's way back is a collective
-            self._exchange_checked(row, swapping_in)
+        gathering: list = []                           # a split average's way back is a collective
+        try:
+            self._exchange_checked(row, swapping_in, gathering)
         except Exception as err:
             if not self._model.avg.swapped:
                 raise
-            raise RuntimeError(f"{type(self).__name__}: the raw weights could not be restored, so the model still "
-                               f"holds the average on this rank ({type(err).__name__}: {err}). A split average "
-                               f"(shard_replicas) keeps 1/N of the raw weights a rank, so its swap back is a "
-                               f"collective: every rank of the group must reach the end of the evaluation block "
-                               f"together. Call swap() again on every rank to restore them; do not save this "
-                               f"model as the training weights until then.") from err
+            holds = ("still holds the average on this rank: nothing of the raw weights went back"
+                     if not gathering else "may hold part of the raw weights on this rank (the "
+                                           "gather back stopped after the ranks agreed)")
+            why = ("A split average (shard_replicas) keeps 1/N of the raw weights a rank, so its "
+                   "swap back is a collective: every rank of the group must reach the end of the "
+                   "evaluation block together. Call swap() again on every rank to restore them; do "
+                   "not save this model as the training weights until then.")
+            raise RuntimeError(f"{type(self).__name__}: the raw weights could not be restored "
+                               f"({type(err).__name__}: {err}); the model {holds}. {why}") from err
 
-    def _exchange_checked(self, row: int, swapping_in: bool) -> None:
+    def _exchange_checked(self, row: int, swapping_in: bool, gathering: list) -> None:
         side = self._model
         avg, copy = side.avg, side.copy
-        with self._checkpoint.agreed("swap()", swap=True):   # split: the ranks agree before the gather
-            side.settle()
-            if swapping_in:
-                self._check_row(row)
-                side.follow()
-            lossy = self._lossy_swap()
-            if not lossy:
-                avg.swap_modes()
-            if copy is not None:                       # the averaged group checks itself before writing
-                copy.refresh()
+        read = Read("swap()", "in" if swapping_in else "back", row)
+        try:
+            with self._checkpoint.agreed(read, swap=True):   # split: agreed before the gather
+                side.settle()
+                if swapping_in:
+                    self._check_row(row)
+                    side.follow()
+                lossy = self._lossy_swap()
+                if not lossy:
+                    avg.swap_modes()
+                    avg.reserve(row, True)             # a split swap's raw window, buckets
+                if copy is not None:                   # the averaged group checks itself
+                    copy.refresh()
+        except BaseException:
+            avg.release()
+            raise
+        gathering.append(True)                         # agreed: the gathers write into the model
         backup = self._backup
         if lossy:
             if swapping_in:
@@ -236,13 +248,18 @@ class TorchAverage:
     def _eager_copy_to(self, row: int) -> None:
         side = self._model
         avg, copy = side.avg, side.copy
-        with self._checkpoint.agreed("copy_to()", swap=True):   # split: the ranks agree before the gather
-            self._check_row(row)
-            self._swap.refuse("copy_to()")
-            side.settle()
-            side.follow()
-            if copy is not None:                       # the averaged group checks itself before writing
-                copy.check_sources()
+        try:
+            with self._checkpoint.agreed(Read("copy_to()", row=row), swap=True):
+                self._check_row(row)
+                self._swap.refuse("copy_to()")
+                side.settle()
+                side.follow()
+                if copy is not None:                   # the averaged group checks itself
+                    copy.check_sources()
+                avg.reserve(row, False)                # a split average's buckets
+        except BaseException:
+            avg.release()
+            raise
         with ctrl_c_held():                            # the whole model written, then a Ctrl-C raised (L3)
             avg.copy_to_sources(row)
             if side.masters is not None:              # the masters were written: round them into the partitions
@@ -318,29 +335,33 @@ class TorchAverage:
 
     def iter_weights(self, row: int = 0, *, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
                      to: Ranks = "all") -> Stream:
-        """Average ``row`` streamed out as ``(name, tensor)``, in the model's ``state_dict()`` order (the
-        names of :meth:`full_state_dict`), for engines that load weights from a stream (vLLM's
+        """Average ``row`` streamed out as ``(name, tensor)``, in the model's ``state_dict()`` order
+        (the names of :meth:`full_state_dict`), for engines that load weights from a stream (vLLM's
         ``load_weights`` / ``WeightSource``, SGLang's buckets) with bounded memory.
 
-        Every tensor is a fresh full tensor of its own (never a view that a later swap, update or export
-        overwrites), equal to ``full_state_dict(row)[name].to(dtype)`` bit for bit, on the model's
-        device. A tied tensor (several names of one tensor) is yielded once, under its first name
-        (:meth:`weights_metadata` lists the same names); tensors not averaged (``exclude=``, integer
-        buffers) are the model's values, as in :meth:`full_state_dict`.
+        Every tensor is a fresh full tensor of its own (never a view that a later swap, update or
+        export overwrites), equal to ``full_state_dict(row)[name].to(dtype)`` bit for bit, on the
+        model's device. A tied tensor (several names of one tensor) is yielded once, under its first
+        name (:meth:`weights_metadata` lists the same names); tensors not averaged (``exclude=``,
+        integer buffers) are the model's values, as in :meth:`full_state_dict`.
 
         On a split average (``shard_replicas``) the tensors are read bucket by bucket: each rank's
-        pieces, in this order, cut into buckets of at most ``bucket_bytes``, one broadcast from the rank
-        holding a bucket, each full tensor made as its buckets come, so streaming adds one bucket and
-        the largest tensor (HSDP: then one ``full_tensor()`` per parameter over the shard dimension).
-        Sharded tensors (FSDP2, tensor parallel, ZeRO) are gathered one ``full_tensor()`` each; an
-        offloaded average is brought to the device as it is read.
+        pieces, in this order, cut into buckets of at most ``bucket_bytes``, one broadcast from the
+        rank holding a bucket, each full tensor made as its buckets come, so streaming adds one
+        bucket and the largest tensor (HSDP: then one ``full_tensor()`` per parameter over the shard
+        dimension). Sharded tensors (FSDP2, tensor parallel, ZeRO) are gathered one
+        ``full_tensor()`` each; an offloaded average is brought to the device as it is read.
 
-        **A collective where the average is sharded or split**: every rank must call it and consume
-        the iterator to the end, in step (the ranks not in ``to`` get an iterator that yields nothing,
-        and must exhaust it too). The ranks agree at the call: a rank that skipped an ``update()``,
-        refuses, or passes other arguments makes every rank raise the same error, never a hang. A
-        stream is of one state: an ``update()`` or ``swap()`` before it is consumed makes its next step
-        raise. Refused while the average is swapped in. ``update()`` stays free of collectives.
+        **A collective where the average is sharded or split**: every rank must call it and iterate
+        it, in step (the ranks not in ``to`` get an iterator that yields nothing, and iterate it
+        too). A stream closed early (a ``break``, a consumer that raises, an iterator dropped or
+        ``close()``-d) reads the rest of its collectives without yielding, so the other ranks finish
+        and the next read works; the consumer's exception is unchanged. A stream held, not iterated
+        and not closed leaves the other ranks waiting. The ranks agree at the call: a rank that
+        skipped an ``update()``, makes another read, refuses, or passes other arguments makes every
+        rank raise the same error, never a hang. A stream is of one state: an ``update()`` or
+        ``swap()`` before it is consumed makes its next step raise. Refused while the average is
+        swapped in. ``update()`` stays free of collectives.
 
         Args:
             row: which average (several decays; BEMA's output is row 0).
@@ -350,7 +371,8 @@ class TorchAverage:
                 larger tensor spans several).
             to: which global ranks receive: ``"all"``, one rank, or a collection of ranks.
         """
-        return average_stream(self._checkpoint, row, dtype, bucket_bytes, to)
+        read = Read("iter_weights()", row=row)
+        return average_stream(self._checkpoint, read, dtype, bucket_bytes, to)
 
     def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
         """``WeightMeta(name, dtype, shape)`` of every tensor :meth:`iter_weights` yields, in its order:

@@ -27,6 +27,7 @@ from ..posthoc import (
 )
 from ..schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
 from ._sharding import tensors as _sharded
+from ._state.agree import Read
 from ._state.slices import tensor_slices
 from ._state.stream import (
     DEFAULT_BUCKET,
@@ -260,38 +261,42 @@ class PostHocEMA(EMA):
         tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
         overflow: list[str] = []
         sharded, specs = self.sharded, self._model.specs
-        with self._checkpoint.agreed("snapshot()", gathers=sharded):      # a DCP save: the ranks' slices agree
+        # a DCP save: the slices agree, each rank's casts made inside (what can fail on one rank)
+        with self._checkpoint.agreed(Read("snapshot()"), gathers=sharded):
             entries = self._checkpoint.entries(0)
-        for name, t, source, value in entries:                              # one walk and check for every row
-            if source is None or source not in self._avg.names:
-                kept = t.detach() if value is None else value()
-                shapes[name] = list(kept.shape)
-                key = kept_key(name)
-                if sharded:
-                    tensors[key] = kept
-                elif str(kept.dtype).removeprefix("torch.") in SAFETENSORS_DTYPES:
-                    tensors[key] = (kept, kept.dtype)
-                else:                                     # complex, uint16, float8...: stored as its bytes
-                    tensors[key] = (kept.reshape(-1).view(torch.uint8), torch.uint8)
-                    raw[key] = str(kept.dtype).removeprefix("torch.")
-                others.append(name)
-                continue
-            averaged.append(name)
-            shapes[name] = list(t.ds_shape) if hasattr(t, "ds_shape") else list(t.shape)   # ZeRO-3: saved flat
-            for k in range(self.plan.rows):
-                v = self._avg.view(source, k)
-                if sharded:                               # DCP reads the shards in place (a copy only to cast)
-                    cast = v.to(dtype)
-                    if cast.dtype != v.dtype and bool((~torch.isfinite(cast) & torch.isfinite(v)).any()):
-                        overflow.append(profile_key(k, name))
-                    spec = specs.get(source)
-                    if spec is not None and spec.slices:  # split over replicas: this rank's pieces only
-                        tensors[profile_key(k, name)] = tensor_slices(cast, spec)
-                    else:
-                        tensors[profile_key(k, name)] = cast if spec is None else _sharded.wrap(cast, spec)
-                else:                                     # streamed to the file one tensor at a time
-                    tensors[profile_key(k, name)] = (v, dtype)   # (the writer refuses values beyond dtype's range)
-        if sharded:                                       # every rank refuses, or none (a collective)
+            for name, t, source, value in entries:  # one walk and check for every row
+                if source is None or source not in self._avg.names:
+                    kept = t.detach() if value is None else value()
+                    shapes[name] = list(kept.shape)
+                    key = kept_key(name)
+                    if sharded:
+                        tensors[key] = kept
+                    elif str(kept.dtype).removeprefix("torch.") in SAFETENSORS_DTYPES:
+                        tensors[key] = (kept, kept.dtype)
+                    else:  # complex, uint16, float8...: stored as its bytes
+                        tensors[key] = (kept.reshape(-1).view(torch.uint8), torch.uint8)
+                        raw[key] = str(kept.dtype).removeprefix("torch.")
+                    others.append(name)
+                    continue
+                averaged.append(name)
+                # ZeRO-3: saved flat
+                shapes[name] = list(t.ds_shape) if hasattr(t, "ds_shape") else list(t.shape)
+                for k in range(self.plan.rows):
+                    v = self._avg.view(source, k)
+                    if sharded:  # DCP reads the shards in place (a copy only to cast)
+                        cast = v.to(dtype)
+                        beyond = ~torch.isfinite(cast) & torch.isfinite(v)
+                        if cast.dtype != v.dtype and bool(beyond.any()):
+                            overflow.append(profile_key(k, name))
+                        spec = specs.get(source)
+                        key = profile_key(k, name)
+                        if spec is not None and spec.slices:     # split: this rank's pieces
+                            tensors[key] = tensor_slices(cast, spec)
+                        else:
+                            tensors[key] = cast if spec is None else _sharded.wrap(cast, spec)
+                    else:  # streamed to the file a tensor at a time (refused beyond dtype)
+                        tensors[profile_key(k, name)] = (v, dtype)
+        if sharded:  # every rank refuses, or none (a collective)
             found: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(found, overflow)
             names = sorted({key for keys in found for key in keys})

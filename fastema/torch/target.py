@@ -14,6 +14,7 @@ from .._state import check_header, load_refused
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
+from ._state.agree import Sequence as Agreements
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, target_meta, target_stream
 from ._tensors.hooks import patterns, unwrap
 from ._tensors.pairs import TorchPairs
@@ -166,6 +167,7 @@ class TargetNetwork(Face):
         self.buffers, self.exclude = buffers, patterns("exclude", exclude)
         self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers)
         self._copies = 0                        # hard updates made: a stream of the target checks them too
+        self._reads = Agreements()                # its streams' agreements (the same on every rank)
         for g in pairs.avg.groups:
             stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
         self._core = core = Average(opts, FORMAT, pairs.avg, adapter=pairs)
@@ -356,12 +358,13 @@ class TargetNetwork(Face):
         :meth:`fastema.torch.EMA.iter_weights`): fresh full tensors (never views of the target, which
         the next ``update()`` writes), floating ones cast to ``dtype``, each tied tensor once (its first
         name). A sharded target (FSDP2, tensor parallel, HSDP) is gathered one ``full_tensor()`` a
-        parameter: a collective, which every rank calls and consumes to the end (the ranks not in
-        ``to`` get nothing), after the ranks agree (a rank that skipped an ``update()`` or refuses makes
-        every rank raise). ``row`` must be 0 (one average); ``bucket_bytes`` is checked and kept for
-        symmetry with the other averages (nothing here is bucketed)."""
+        parameter: a collective, which every rank calls and iterates (the ranks not in ``to`` get
+        nothing; one closed early reads the rest), after the ranks agree (a rank that skipped an
+        ``update()`` or refuses makes every rank raise). ``row`` must be 0 (one average);
+        ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
+        bucketed)."""
         return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to,
-                             version=lambda: (self.calls, self._copies))
+                             self._reads, version=lambda: (self.calls, self._copies))
 
     def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone

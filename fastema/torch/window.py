@@ -11,7 +11,7 @@ from torch import nn
 from ..average import Cadence, document
 from ._average import TorchAverage
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
-from ._state.checkpoint import global_shape, local_part, staged
+from ._state.entries import global_shape, local_part, staged
 from ._tensors.hooks import match_names
 from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
 

@@ -155,9 +155,9 @@ def _failed_gathers(rank, world, root):
     M1: the way back fails: the error says the raw weights were not restored, and swap() again
     restores them."""
     from fastema.torch import EMA, ShardReplicas
-    from fastema.torch._placement import replicas as _replicas
+    from fastema.torch._placement import gather as _gather
 
-    real = _replicas._all_gather
+    real = _gather.all_gather
     out = {}
     for case, fail_at, block in (("first", 1, True), ("later", 2, False), ("later in a block", 2, True)):
         m = _model()
@@ -176,11 +176,11 @@ def _failed_gathers(rank, world, root):
                 raise torch.OutOfMemoryError("simulated: no memory for the gather's bucket")
             real(o, mine, group)
 
-        _replicas._all_gather = failing
+        _gather.all_gather = failing
         try:
             kind, _, _ = _outcome(lambda: ema.average_parameters().__enter__() if block else ema.swap())
         finally:
-            _replicas._all_gather = real
+            _gather.all_gather = real
         state = (ema.swapped, _same(raw, _raw(m)))
         if ema.swapped:
             ema.swap()                                   # the way back, as average_parameters' exit would
@@ -196,11 +196,12 @@ def _failed_gathers(rank, world, root):
     ema.update()
     raw = _raw(m)
     ema.swap()
-    _replicas._all_gather = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated: gloo timed out"))
+    timed_out = RuntimeError("simulated: gloo timed out")
+    _gather.all_gather = lambda *a, **k: (_ for _ in ()).throw(timed_out)
     try:
         kind, msg, _ = _outcome(ema.swap)
     finally:
-        _replicas._all_gather = real
+        _gather.all_gather = real
     still = ema.swapped
     ema.swap()
     out["back"] = (kind, "raw weights could not be restored" in msg, still, ema.swapped, _same(raw, _raw(m)))
@@ -392,17 +393,19 @@ def _mesh_agreement(rank, world, root):
     exchange another has left)."""
     import torch.distributed as dist
 
-    from fastema.torch._state.agree import Stamp, agree
+    from fastema.torch._state.agree import Read, Sequence, Stamp, agree
 
     rows = [dist.new_group([0, 2]), dist.new_group([1, 3])]       # dimension 0 (the replicas: run ids agreed)
     cols = [dist.new_group([0, 1]), dist.new_group([2, 3])]       # dimension 1
     groups = [(rows[rank % 2], "cpu", True), (cols[rank // 2], "cpu", False)]
     out = {}
+    read, seq = Read("copy_to()"), Sequence()
     cases = {
-        "refused": lambda: agree(groups, Stamp(5, 7), "read()", "no file here" if rank == 0 else None),
-        "skipped": lambda: agree(groups, Stamp(4 if rank == 3 else 5, 7), "read()"),
-        "runs": lambda: agree(groups, Stamp(5, 7 + rank % 2), "read()"),      # each replica group its own run
-        "agreed": lambda: agree(groups, Stamp(5, 7), "read()"),
+        "refused": lambda: agree(groups, read, Stamp(5, 7), seq, "no file here" if rank == 0 else
+                                 None),
+        "skipped": lambda: agree(groups, read, Stamp(4 if rank == 3 else 5, 7), seq),
+        "runs": lambda: agree(groups, read, Stamp(5, 7 + rank % 2), seq),   # each group's own run
+        "agreed": lambda: agree(groups, read, Stamp(5, 7), seq),
     }
     for name, fn in cases.items():
         kind, msg, s = _outcome(fn)

@@ -23,7 +23,6 @@ import os
 import zlib
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,10 +30,11 @@ from ..._interrupts import ctrl_c_held
 from ...flat import FlatShadow
 from ...window import WindowShadow
 from .._sharding import tensors as _sharded
+from . import gather
 from .offload import DEFAULT_CHUNK, OffloadedShadow
 
 __all__ = ["OffloadedReplicaShadow", "ReplicaShadow", "ReplicaWindow", "check_replicas", "replica_group",
-           "split_shadow", "transport"]
+           "split_shadow"]
 
 DEFAULT_BUCKET = 64 << 20          # bytes of one gather bucket, all ranks' parts together (the wire's dtype)
 _DIGEST_CHUNK = 1 << 20            # elements the construction check widens to float64 at a time (8 MiB)
@@ -97,7 +97,7 @@ def split_shadow(model, side, shard_replicas, kind: str, settings: str, bucket, 
     run = check_replicas(side.averaged, group, kind, f"{settings};{bucket}")
     shadow = make(group)
     shadow.split_id = run
-    side.split(shadow.specs(_sharded.mesh_of(group, mesh_device(group)), side.specs, dim))
+    side.split(shadow.specs(_sharded.mesh_of(group, gather.mesh_device(group)), side.specs, dim))
     return shadow
 
 
@@ -123,41 +123,6 @@ def _hsdp_replicas(specs: dict, shard_replicas, what: str):
     return mesh.get_group(dims[0]), dims[0]
 
 
-def _nccl(group) -> bool:
-    """Whether ``group`` moves CUDA tensors with NCCL (``"nccl"``, or a ``"cpu:gloo,cuda:nccl"`` pair,
-    which a plain ``init_process_group()`` makes and ``get_backend`` calls ``"undefined"``)."""
-    try:
-        return "nccl" in str(dist.get_backend_config(group))
-    except (AttributeError, RuntimeError, ValueError):
-        return dist.get_backend(group) == "nccl"
-
-
-def _wire_device(group, sources: list) -> torch.device:
-    """Where a collective of ``group`` takes its tensors: the sources' GPU with NCCL, else the host."""
-    cuda = [t.device for t in sources if t.device.type == "cuda"]
-    if _nccl(group) and (cuda or torch.cuda.is_available()):
-        return cuda[0] if cuda else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def mesh_device(group) -> str:
-    """The device type of a mesh over ``group`` (``"cuda"`` with NCCL, else ``"cpu"``)."""
-    return "cuda" if _nccl(group) and torch.cuda.is_available() else "cpu"
-
-
-def _wire_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """16-bit values travel as float32 through the host (gloo; exact both ways), as they are on a GPU."""
-    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
-        return torch.float32
-    return dtype
-
-
-def transport(group, dtype: torch.dtype, sources: list) -> tuple[torch.device, torch.dtype]:
-    """``(device, dtype)`` a gather over ``group`` carries values of ``dtype`` in (see ``_wire_device``)."""
-    device = _wire_device(group, sources)
-    return device, _wire_dtype(dtype, device)
-
-
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -175,19 +140,19 @@ def check_replicas(sources: dict, group, kind: str, settings: str = "") -> int:
     base = 0                                   # positions run on across tensors: exchanged tensors differ (L2)
     with torch.no_grad():
         for t in sources.values():
-            flat = _flat(t.detach()).view(_BITS[t.element_size()])
-            for at in range(0, flat.numel(), _DIGEST_CHUNK):          # a chunk at a time: a bounded temporary
-                bits = flat[at:at + _DIGEST_CHUNK].to(torch.int64)
+            bits_of = gather.flat(t.detach()).view(_BITS[t.element_size()])
+            for at in range(0, bits_of.numel(), _DIGEST_CHUNK):     # a chunk at a time: bounded
+                bits = bits_of[at:at + _DIGEST_CHUNK].to(torch.int64)
                 where = torch.arange(base + at, base + at + bits.numel(), device=bits.device) % 65521 + 1
                 plain += int(bits.sum())
                 bumped += int((bits * where).sum())
-            base += flat.numel()
+            base += bits_of.numel()
     wrap = lambda v: (v + 2**63) % 2**64 - 2**63               # noqa: E731  (int64, as the sums wrap)
     nonce = int.from_bytes(os.urandom(8), "little") >> 1       # this rank's candidate for the split's run id
     mine = torch.tensor([zlib.crc32(layout.encode()), len(sources), wrap(plain), wrap(bumped), nonce],
-                        dtype=torch.int64, device=_wire_device(group, list(sources.values())))
+                        dtype=torch.int64, device=gather.wire_device(group, list(sources.values())))
     every = torch.empty(dist.get_world_size(group) * 5, dtype=torch.int64, device=mine.device)
-    _all_gather(every, mine, group)
+    gather.all_gather(every, mine, group)
     rows = [r[:4] for r in every.cpu().view(-1, 5).tolist()]
     run = int(every[4])                                        # rank 0's: the run id every rank keeps
     if any(r[:2] != rows[0][:2] for r in rows):
@@ -203,13 +168,6 @@ def check_replicas(sources: dict, group, kind: str, settings: str = "") -> int:
                          f"has broadcast rank 0's weights, or after every rank loaded the same checkpoint. Nothing "
                          f"was made.")
     return run
-
-
-def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
-    """Every rank's ``mine`` into ``out`` (rank order): ``all_gather_single`` where torch has it (its
-    new name), else ``all_gather_into_tensor``."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, mine, group=group)
 
 
 def check_bucket(bucket) -> None:
@@ -229,11 +187,6 @@ def check_layouts(sources: dict, kind: str) -> None:
                          f"(model.to(memory_format=torch.contiguous_format)) or drop shard_replicas=")
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's elements in storage order, as a 1-D view (any dense layout)."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
 class _ReplicaReads:
     """What a shadow split over a replica group adds (a :class:`ReplicaShadow`'s or a
     :class:`ReplicaWindow`'s, each a split shadow of its kind): its per-source views are this rank's
@@ -249,6 +202,7 @@ class _ReplicaReads:
     sources: list
     source_table: Any
     check_row: Any
+    _reserved: tuple[FlatShadow | None, gather.Buckets] | None
 
     def _join(self, group, bucket: int) -> tuple[int, int]:
         """Take ``group`` and ``bucket``; ``(rank, ranks)``, the split to make."""
@@ -257,6 +211,7 @@ class _ReplicaReads:
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
         self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
         self._swapped_row: int | None = None
+        self.release()                           # nothing reserved for a read (reserve)
         self.split_id = 0                        # the split's run id, set once the ranks agreed (split_shadow)
         return self.rank, self.ranks
 
@@ -284,7 +239,7 @@ class _ReplicaReads:
             counts = int(g.counts[slot])
             where = []
             for r in range(self.ranks):
-                lo, hi = _window(g, r, self.ranks)
+                lo, hi = gather.window(g, r, self.ranks)
                 first = min(max(lo - int(g.starts[slot]), 0), counts)
                 last = min(max(hi - int(g.starts[slot]), 0), counts)
                 where.append((first, max(last - first, 0)))
@@ -302,29 +257,57 @@ class _ReplicaReads:
     def swap_modes(self, lossy: bool = False) -> list:
         return []                                # no swap kernel: a gather, exact for every dtype
 
+    def reserve(self, row: int, swap: bool) -> None:
+        """Allocate what the next :meth:`swap` (``swap``) or :meth:`copy_to_sources` of ``row``
+        needs, after the checks it makes: its gather buckets, and for a swap in the raw weights'
+        window (this rank's window of the sources, copied now). Called inside the ranks' agreement,
+        so a failure here (out of memory on one rank) is a refusal every rank raises, never a rank
+        leaving the read after the others entered its gathers."""
+        self.release()
+        self._settle()
+        self.source_table.refresh()
+        if swap and self._swapped_row is not None:
+            if row != self._swapped_row:
+                raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before "
+                                   f"swapping row {row}")
+            assert self._raw is not None
+            self._reserved = (None, gather.reserve(self._raw.layout, self))
+            return
+        self.check_row(row)
+        mine = dict(zip(self.names, self.sources))
+        raw = FlatShadow(mine, dtype="same", split=(self.rank, self.ranks)) if swap else None
+        self._reserved = (raw, gather.reserve(self.layout, self))
+
+    def release(self) -> None:
+        """Free what :meth:`reserve` allocated for a read that was then refused."""
+        self._reserved = None
+
+    def _take(self, row: int, swap: bool) -> tuple[FlatShadow | None, gather.Buckets]:
+        if self._reserved is None:                   # not reserved by a face: now (a direct call)
+            self.reserve(row, swap)
+        reserved, self._reserved = self._reserved, None
+        assert reserved is not None
+        return reserved
+
     def swap(self, row: int = 0, *, lossy: bool = False) -> None:
         """Put average ``row`` into the sources (gathered), keeping this rank's window of the raw
         weights; called again, gather the raw windows back. Every rank of the group must call it."""
-        self._settle()
+        raw, buckets = self._take(row, True)
         self.source_table.refresh()
         if self._swapped_row is None:
-            self.check_row(row)
-            self._raw = FlatShadow(dict(zip(self.names, self.sources)), dtype="same", split=(self.rank, self.ranks))
-            self._swapped_row = row                  # from here the raw window is the way back
+            self._raw, self._swapped_row = raw, row  # from here the raw window is the way back
             written: list = []
             try:
                 with ctrl_c_held():
-                    _gather_into_sources(self.layout, row, self, written)
+                    gather.gather_into_sources(self.layout, row, self, buckets, written)
             except BaseException:
                 if not written:                      # nothing of the average went in: not swapped (H7)
                     self._swapped_row, self._raw = None, None
                 raise
         else:
-            if row != self._swapped_row:
-                raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before swapping row {row}")
             assert self._raw is not None
             with ctrl_c_held():
-                _gather_into_sources(self._raw.layout, 0, self)
+                gather.gather_into_sources(self._raw.layout, 0, self, buckets)
             self._swapped_row, self._raw = None, None        # its memory back until the next swap
 
     @property
@@ -333,11 +316,10 @@ class _ReplicaReads:
 
     def copy_to_sources(self, row: int = 0) -> None:
         """Write average ``row`` into the sources (gathered): a collective over the group."""
-        self.check_row(row)
-        self._settle()
+        _, buckets = self._take(row, False)
         self.source_table.refresh()
         with ctrl_c_held():                          # the whole model written, or none of it (L3)
-            _gather_into_sources(self.layout, row, self)
+            gather.gather_into_sources(self.layout, row, self, buckets)
 
 
 class ReplicaShadow(_ReplicaReads, FlatShadow):
@@ -384,51 +366,3 @@ class OffloadedReplicaShadow(_ReplicaReads, OffloadedShadow):
         g, _, count, col = self.src.layout.piece(self.source_table.position(source))
         buffer = self._hosts[self.src.layout.groups.index(g)].buffer
         return buffer[:, col:col + count] if row is None else buffer[row, col:col + count]
-
-
-def _window(g, rank: int, ranks: int) -> tuple[int, int]:
-    from ..._layout import window
-
-    return window(g.whole, 16 // g.buffer.element_size(), (rank, ranks))
-
-
-def _gather_into_sources(layout, row: int, owner: _ReplicaReads, written: list | None = None) -> None:
-    """Every rank's window of row ``row`` of ``layout`` (the owner's, or its raw weights' window),
-    gathered bucket by bucket and written into the owner's sources in their own dtype (rounded to
-    nearest from the shadow's): one ``all_gather_into_tensor`` per bucket and group, every rank of
-    ``owner.group`` joining. A bucket is ``owner.bucket`` bytes, all ranks' parts together (the
-    memory a read adds). ``written`` gets an entry once the first value is written."""
-    group, ranks = owner.group, owner.ranks
-    sources = owner.sources
-    flats = [_flat(t.detach()) for t in sources]
-    with torch.no_grad():
-        for g in layout.groups:
-            dtype = sources[g.members[0]].dtype
-            device = _wire_device(group, sources)
-            wire = _wire_dtype(dtype, device)
-            windows = [_window(g, r, ranks) for r in range(ranks)]
-            longest = max(hi - lo for lo, hi in windows)
-            per = max(1, min(longest, owner.bucket // ((torch.finfo(wire).bits // 8) * ranks)))   # all ranks' parts
-            starts, counts = np.asarray(g.starts, np.int64), np.asarray(g.counts, np.int64)
-            mine = g.buffer[row]
-            for b0 in range(0, longest, per):
-                send = torch.zeros(per, dtype=wire, device=device)
-                part = mine[b0:b0 + per]
-                send[:part.numel()] = part.to(dtype).to(wire)      # rounded to the model's dtype once
-                got = torch.empty(ranks * per, dtype=wire, device=device)
-                _all_gather(got, send, group)
-                if written is not None and not written:
-                    written.append(True)                           # from here the sources hold part of it
-                for r, (lo, hi) in enumerate(windows):
-                    a, b = lo + b0, min(hi, lo + b0 + per)         # the whole row's columns this piece holds
-                    if a >= b:
-                        continue
-                    first = max(int(np.searchsorted(starts, a, side="right")) - 1, 0)
-                    for slot in range(first, len(starts)):
-                        s0 = int(starts[slot])
-                        if s0 >= b:
-                            break
-                        x0, x1 = max(a, s0), min(b, s0 + int(counts[slot]))
-                        if x0 < x1:
-                            dst = flats[g.members[slot]][x0 - s0:x1 - s0]
-                            dst.copy_(got[r * per + x0 - lo - b0:r * per + x1 - lo - b0])

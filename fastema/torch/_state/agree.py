@@ -1,22 +1,38 @@
-"""The ranks' agreement before a read or a load of a split or sharded average.
+"""The ranks' agreement before a collective read or load: one protocol for every one of them.
 
-A split (``shard_replicas``) or sharded average is read and loaded by collectives: each rank
-gathers the others' slices. Two things break that silently or hang it, and this module stops both:
+A split (``shard_replicas``) or sharded average is read and loaded by collectives: each rank gathers
+the others' slices. What breaks that silently or hangs it, and how this module stops it:
 
 - a rank that refuses (a bad argument, a model changed on that rank alone, a missing or damaged
-  file) before the collective leaves the others waiting in it until the process group's timeout
-  (30 minutes on gloo). Here it joins a small exchange *refusing*, with its reason, and every rank
-  raises at once, naming that rank;
+  file, an allocation that failed) before the collective would leave the others waiting in it until
+  the process group's timeout (30 minutes on gloo). Here it joins a small exchange *refusing*, with
+  its reason, and every rank raises at once, naming that rank. So whatever can fail on one rank (the
+  checks, and the buffers a read allocates: a swap's raw window, the gather buckets) runs inside the
+  agreed block;
+- ranks making different reads (one swaps back while another copies the average out, other rows or
+  directions) would pair gathers of different things and mix raw and averaged slices. Each rank's
+  :class:`Read` (its kind, direction and row) travels in the exchange, and every rank refuses,
+  naming both;
 - ranks whose slices are not of one state (a rank skipped an ``update()``, loaded another save's
-  file) gather a mix of two steps. Each rank's :class:`Stamp` (``update()`` calls, the split's run
-  id, a digest of the counters of what it loads) travels in the same exchange, and every rank
-  refuses alike, naming the ranks and what differs.
+  file) would gather a mix of two steps. Each rank's :class:`Stamp` (``update()`` calls, the split's
+  run id, a digest of the counters of what it loads) travels in the same exchange, and every rank
+  refuses alike;
+- ranks out of step (a read that ran on some ranks only, a rank still inside another collective)
+  would pair an exchange with another rank's gather bucket and read data as a header. The header
+  starts with a magic number and the average's sequence number (:class:`Sequence`: the exchanges
+  this average made, the same on every rank): a row without the magic is no header, and sequence
+  numbers that differ mean a read ran on some ranks only. Both are reported as "collectives out of
+  step", naming both reads, never read as a refusal; the sequence numbers are then made equal again
+  on every rank, so the next read works.
 
-The exchange is one all-gather of :data:`SIZE` (512) bytes per rank and group, made at the start of each
-gathering read (swap of a split average, ``copy_to``, ``full_state_dict``, ``save``, a gathered
-``state_dict``) and each load (where it replaces the load's own refusal all-reduce): the header
-travels alone, before the first bucket, so that a rank refusing before it knows what it would
-have sent still joins. Never in ``update()``: a step stays free of collectives.
+The exchange is one all-gather of :data:`SIZE` bytes per rank and group, made at the start of each
+gathering read (a split average's swap in and back and ``copy_to``, ``full_state_dict``, ``save``, a
+gathered ``state_dict``, ``averaged_state_dict``, a stream, a sharded snapshot) and each load (where
+it replaces the load's own refusal all-reduce), and at the end of the whole reads that hand out
+nothing until every rank finished (``full_state_dict``, ``save``: a failure on one rank after the
+start, such as the file that could not be written, is then raised on every rank). The header travels
+alone, before the first bucket, so that a rank refusing before it knows what it would have sent
+still joins. Never in ``update()``: a step stays free of collectives.
 """
 from __future__ import annotations
 
@@ -26,19 +42,26 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-__all__ = ["SIZE", "Disagreement", "Stamp", "agree", "agreed", "load_stamp"]
+__all__ = ["KINDS", "MAGIC", "SIZE", "Disagreement", "Read", "Sequence", "Stamp", "agree", "agreed",
+           "load_stamp"]
 
-_FIELDS = 11      # int64: refused, its global rank, what differs (1 calls, 2 run, 4 digest), calls: lowest and its
-                  # global rank, highest and its global rank; run id: lowest, highest; digest: lowest, highest
-_TEXT = 424       # bytes of a refusal's reason (UTF-8, cut there)
-SIZE = _FIELDS * 8 + _TEXT          # bytes each rank sends (512)
+#: the collective reads and loads, by the method making them (what :class:`Read`'s ``kind`` names)
+KINDS = ("swap()", "copy_to()", "averaged_state_dict()", "full_state_dict()", "state_dict()",
+         "load_state_dict()", "save()", "iter_weights()", "snapshot()")
+MAGIC = int.from_bytes(b"fastema\x07", "little")   # every header's first field (an int64 > 0)
+_FIELDS = 22      # int64: see _fresh_state
+_NAME = 80        # bytes of a read's name; four of them: the lowest and highest read's, the lowest
+                  # and highest sequence number's
+SIZE = 1024       # bytes a rank sends: the fields, the names, then a refusal's reason (UTF-8, cut)
+_TEXT = SIZE - _FIELDS * 8 - 4 * _NAME
 
 
 class Disagreement(RuntimeError, ValueError):
-    """The ranks of a split or sharded average refused a read or a load together: one of them refused
-    (its reason is in the message), or their averages are not of one state. Also a ``ValueError``, what
-    a refused load raises on the rank that refused it, so ``except ValueError`` around a load catches it
-    on every rank."""
+    """The ranks of a split or sharded average refused a read or a load together: one of them
+    refused (its reason is in the message), their averages are not of one state, they make
+    different reads, or their collectives are out of step. Also a ``ValueError``, what a refused
+    load raises on the rank that refused it, so ``except ValueError`` around a load catches it on
+    every rank."""
 
 
 class Stamp(NamedTuple):
@@ -49,101 +72,218 @@ class Stamp(NamedTuple):
     digest: int = 0
 
 
+class Read(NamedTuple):
+    """Which collective read (or load) a rank makes: what every rank must make alike."""
+    kind: str                    # one of KINDS: the method ("swap()", "copy_to()", ...)
+    direction: str = ""          # "in" / "back" (swap), "end" (a whole read's last agreement), ...
+    row: int | None = None       # the average read (None: the read names no row)
+    owner: str = ""              # the face's class name ("EMA"): the checkpoint side sets it
+
+    def __str__(self) -> str:
+        name = f"{self.owner}.{self.kind}" if self.owner else self.kind
+        name += f" {self.direction}" if self.direction else ""
+        return name + (f" of row {self.row}" if self.row is not None else "")
+
+
+class Sequence:
+    """The exchanges an average made (``count``: the same on every rank, as every rank makes each)
+    and the read every rank agreed last (``last``: what a rank still in a read's collectives is
+    in)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: str | None = None
+
+
 def _int64(v: int) -> int:
     return (int(v) + 2**63) % 2**64 - 2**63
 
 
-def agree(groups: list, mine: Stamp, what: str, refusal: BaseException | str | None = None,
-          differs: str | None = None) -> None:
-    """Exchange ``mine`` (and ``refusal``, this rank's reason for refusing) with every rank of each of
-    ``groups`` (``(process group, device type[, compare the run id])``, every rank in the same order); raise
-    :class:`Disagreement` on every rank when a rank refused or the stamps differ. ``what``: the read
-    or load, for the message. A rank that refused raises the same error (chained to its own).
+def _cut(text: str, size: int) -> bytes:
+    """``text`` in UTF-8, cut to at most ``size`` bytes at a character's end."""
+    data = text.encode("utf-8", "replace")
+    return data if len(data) <= size else data[:size].decode("utf-8", "ignore").encode()
 
-    Every group is exchanged before anything is raised, and what a rank learnt (a refusal, the lowest
-    and highest stamps) travels on in its next groups' exchanges: over the groups of a mesh's dimensions,
-    one after the other, that reaches every rank of the mesh (as an all-reduce by dimensions), so no
-    rank is left waiting in an exchange that another has left. The run id is compared over the groups
-    that agreed it (the replica group: put first), and a difference there travels on as a flag. ``differs``:
-    what a difference of the digests means (default: the counters of what the ranks load)."""
+
+def _fresh_state(me: int, seq: int, read: int, refused: bool, stamp: Stamp) -> list:
+    c, r, d = _int64(stamp.calls), _int64(stamp.run), _int64(stamp.digest)
+    return [MAGIC,
+            seq, me, seq, me,        # 1-4 sequence number: lowest, its global rank, highest, its
+            read, me, read, me,      # 5-8 the read's digest: the same
+            int(refused), me,        # 9-10 refused, and the refusing global rank
+            0,                       # 11 what differs: 1 calls, 2 run id, 4 digest
+            c, me, c, me,            # 12-15 calls: lowest, its rank, highest, its rank
+            r, r, d, d,              # 16-19 run id: lowest, highest; digest: lowest, highest
+            -1, -1]                  # 20-21 a rank that received no header, and its sender
+
+
+def agree(groups: list, read: Read, mine: Stamp, seq: Sequence,
+          refusal: BaseException | str | None = None, differs: str | None = None) -> None:
+    """Exchange ``read``, ``mine`` and ``seq``'s next number (and ``refusal``, this rank's reason
+    for refusing) with every rank of each of ``groups`` (``(process group, device type[, compare the
+    run id])``, every rank in the same order); raise :class:`Disagreement` on every rank when a rank
+    refused, the reads or stamps differ, or the collectives are out of step. A rank that refused
+    raises the same error (chained to its own). ``differs``: what a difference of the stamps'
+    digests means (default: the counters of what the ranks load).
+
+    Every group is exchanged before anything is raised, and what a rank learnt (a refusal, the
+    lowest and highest values) travels on in its next groups' exchanges: over the groups of a mesh's
+    dimensions, one after the other, that reaches every rank of the mesh (as an all-reduce by
+    dimensions), so no rank is left waiting in an exchange that another has left. The run id is
+    compared over the groups that agreed it (the replica group: put first), and a difference there
+    travels on as a flag."""
     import torch.distributed as dist
 
+    if read.kind not in KINDS:
+        raise ValueError(f"unknown read kind {read.kind!r}: one of {KINDS}")
     me = dist.get_rank()
-    text = b"" if refusal is None else (str(refusal) or type(refusal).__name__).encode("utf-8", "replace")[:_TEXT]
-    c, r, d = _int64(mine.calls), _int64(mine.run), _int64(mine.digest)
-    state = [int(refusal is not None), me, 0, c, me, c, me, r, r, d, d]
-    ordered = sorted(groups, key=lambda g: not (g[2] if len(g) > 2 else True))    # the run id's groups first
+    name = str(read)
+    seq.count += 1
+    text = b"" if refusal is None else _cut(str(refusal) or type(refusal).__name__, _TEXT)
+    state = _fresh_state(me, seq.count, zlib.crc32(name.encode()), refusal is not None, mine)
+    names = [_cut(name, _NAME)] * 4          # the lowest and highest read's, number's
+    ordered = sorted(groups, key=lambda g: not (g[2] if len(g) > 2 else True))   # run id's first
     for group, device, *run_here in ordered:
-        with_run = run_here[0] if run_here else True
-        ranks = dist.get_world_size(group)
-        sent = torch.zeros(SIZE, dtype=torch.uint8)
-        sent[:_FIELDS * 8] = torch.tensor(state, dtype=torch.int64).view(torch.uint8)
-        if text:
-            sent[_FIELDS * 8:_FIELDS * 8 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        got = torch.empty(ranks * SIZE, dtype=torch.uint8, device=device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(got, sent.to(device), group=group)
-        rows = got.cpu().view(ranks, SIZE)
-        heads = rows[:, :_FIELDS * 8].contiguous().view(torch.int64).view(ranks, _FIELDS).tolist()
-        for k, h in enumerate(heads):
-            if h[0] and (not state[0] or h[1] < state[1]):     # the refusal of the lowest global rank
-                state[0], state[1] = 1, h[1]
-                text = bytes(rows[k, _FIELDS * 8:].tolist()).rstrip(b"\0")
-            state[2] |= h[2]
-            if (h[3], h[4]) < (state[3], state[4]):
-                state[3], state[4] = h[3], h[4]
-            if (h[5], -h[6]) > (state[5], -state[6]):
-                state[5], state[6] = h[5], h[6]
-            if with_run:
-                state[7], state[8] = min(state[7], h[7]), max(state[8], h[8])
-            state[9], state[10] = min(state[9], h[9]), max(state[10], h[10])
-        state[2] |= (state[3] != state[5]) | (state[7] != state[8]) << 1 | (state[9] != state[10]) << 2
-    if state[0]:
+        rows = _exchange(group, device, state, names, text)
+        for k, row in enumerate(rows):
+            h = row[:_FIELDS * 8].contiguous().view(torch.int64).tolist()
+            if h[0] != MAGIC:                 # no header: that rank is inside another collective
+                if state[20] < 0:
+                    state[20], state[21] = me, dist.get_global_rank(group, k)
+                continue
+            at = _FIELDS * 8
+            got = [bytes(row[at + i * _NAME:at + (i + 1) * _NAME].tolist()).rstrip(b"\0")
+                   for i in range(4)]
+            text = _merge(state, names, h, got, row, text, run_here[0] if run_here else True)
+    _raise(name, state, names, text, seq, refusal, differs)
+
+
+def _exchange(group, device, state: list, names: list, text: bytes) -> torch.Tensor:
+    """One all-gather of every rank's header over ``group``: ``(ranks, SIZE)`` bytes on the host."""
+    import torch.distributed as dist
+
+    sent = torch.zeros(SIZE, dtype=torch.uint8)
+    at = _FIELDS * 8
+    sent[:at] = torch.tensor(state, dtype=torch.int64).view(torch.uint8)
+    for i, n in enumerate(names + [text]):     # the reason after the four names
+        if n:
+            start = at + i * _NAME
+            sent[start:start + len(n)] = torch.frombuffer(bytearray(n), dtype=torch.uint8)
+    ranks = dist.get_world_size(group)
+    got = torch.empty(ranks * SIZE, dtype=torch.uint8, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(got, sent.to(device), group=group)
+    return got.cpu().view(ranks, SIZE)
+
+
+def _merge(state: list, names: list, h: list, got: list, row: torch.Tensor, text: bytes,
+           with_run: bool) -> bytes:
+    """``state`` and ``names`` with one rank's header ``h`` (its names ``got``) taken in; returns
+    the refusal's reason (the lowest refusing rank's)."""
+    for at, lo, hi in ((1, 2, 3), (5, 0, 1)):        # the sequence number, then the read
+        if (h[at], h[at + 1]) < (state[at], state[at + 1]):
+            state[at], state[at + 1], names[lo] = h[at], h[at + 1], got[lo]
+        if (h[at + 2], -h[at + 3]) > (state[at + 2], -state[at + 3]):
+            state[at + 2], state[at + 3], names[hi] = h[at + 2], h[at + 3], got[hi]
+    if h[9] and (not state[9] or h[10] < state[10]):   # the refusal of the lowest global rank
+        state[9], state[10] = 1, h[10]
+        text = bytes(row[_FIELDS * 8 + 4 * _NAME:].tolist()).rstrip(b"\0")
+    state[11] |= h[11]
+    if (h[12], h[13]) < (state[12], state[13]):
+        state[12], state[13] = h[12], h[13]
+    if (h[14], -h[15]) > (state[14], -state[15]):
+        state[14], state[15] = h[14], h[15]
+    if with_run:
+        state[16], state[17] = min(state[16], h[16]), max(state[17], h[17])
+    state[18], state[19] = min(state[18], h[18]), max(state[19], h[19])
+    if state[20] < 0 <= h[20]:
+        state[20], state[21] = h[20], h[21]
+    state[11] |= ((state[12] != state[14]) | (state[16] != state[17]) << 1
+                  | (state[18] != state[19]) << 2)
+    return text
+
+
+def _raise(name: str, state: list, names: list, text: bytes, seq: Sequence,
+           refusal: BaseException | str | None, differs: str | None) -> None:
+    said = [n.decode("utf-8", "replace") for n in names]
+    chained = refusal if isinstance(refusal, BaseException) else None
+    nothing = "Nothing was read or changed, on every rank"
+    if state[20] >= 0:                       # a rank received no header: no exchange was paired
+        seq.count -= 1
+        last = (f"most likely still in the collectives of {seq.last} (read {seq.count} of this "
+                f"average, the last one every rank agreed), which stopped on the ranks sending "
+                f"headers after its agreement" if seq.last is not None else
+                "this average made no read before: a collective of another average or of the "
+                "training loop")
+        raise Disagreement(f"{name}: collectives out of step: rank {state[20]} received no "
+                           f"agreement's header from rank {state[21]} (global ranks), which is "
+                           f"inside another collective, {last}, while this rank began {name}. "
+                           f"Nothing was read or changed here. Every rank must make the same reads "
+                           f"in the same order; a read that stops on one rank after its agreement "
+                           f"is a bug of fastema's (please report it)") from chained
+    if state[1] != state[3]:                 # a read ran on some ranks only: count alike again
+        seq.count = state[3]
+        raise Disagreement(f"{name}: collectives out of step: rank {state[2]} makes read "
+                           f"{state[1]} of this average ({said[2]}), rank {state[4]} read "
+                           f"{state[3]} ({said[3]}) (global ranks): a read ran on some ranks "
+                           f"only. {nothing}; the ranks count alike again, so the next read made "
+                           f"on every rank works") from chained
+    if state[5] != state[7]:
+        raise Disagreement(f"{name}: the ranks make different reads ({said[0]} on rank {state[6]}, "
+                           f"{said[1]} on rank {state[8]}, global ranks). Every rank joins each "
+                           f"gather of one read, so every rank must make the same read (kind, "
+                           f"direction and row) in the same order: a read on some ranks only would "
+                           f"pair raw with averaged slices. {nothing}") from chained
+    if state[9]:
         reason = text.decode("utf-8", "replace")
-        err = Disagreement(f"{what} refused on rank {state[1]} (its global rank), so on every rank: {reason}")
-        raise err from (refusal if isinstance(refusal, BaseException) else None)
-    if state[2]:
-        raise Disagreement(_differ(what, state, differs))
+        raise Disagreement(f"{name} refused on rank {state[10]} (its global rank), so on every "
+                           f"rank: {reason}") from chained
+    if state[11]:
+        raise Disagreement(_differ(name, state, differs))
+    seq.last = name
 
 
 def _differ(what: str, state: list, differs: str | None = None) -> str:
-    mask, lo, lo_rank, hi, hi_rank = state[2:7]
+    mask, lo, lo_rank, hi, hi_rank = state[11:16]
     if mask & 1:
         said = f"rank {lo_rank}: {lo} update() calls, rank {hi_rank}: {hi} update() calls"
-        why = ("a rank skipped update() (call it on every rank after every optimizer step, whatever that rank's "
-               "batch gave: skip_nonfinite=True skips a bad step on the device) or loaded another save")
+        why = ("a rank skipped update() (call it on every rank after every optimizer step, "
+               "whatever that rank's batch gave: skip_nonfinite=True skips a bad step on the "
+               "device) or loaded another save")
     elif mask & 2:
         said = f"{lo} update() calls on every rank, split run ids differ"
         why = "the ranks loaded checkpoints of different runs, or made their averages separately"
-    elif differs is not None:                    # the read's own arguments (iter_weights: dtype, bucket, to)
-        return (f"{what}: the ranks called it with other {differs} ({lo} update() calls on every rank). Every "
-                f"rank joins each gather of the read, so pass the same {differs} on every rank (to= names the "
-                f"ranks that keep the tensors). Nothing was read or changed, on every rank.")
+    elif differs is not None:             # the read's own arguments (iter_weights: dtype, to...)
+        return (f"{what}: the ranks called it with other {differs} ({lo} update() calls on every "
+                f"rank). Every rank joins each gather of the read, so pass the same {differs} on "
+                f"every rank (to= names the ranks that keep the tensors). Nothing was read or "
+                f"changed, on every rank.")
     else:
         said = f"{lo} update() calls on every rank, other counters differ"
         why = "the ranks loaded different saves"
-    return (f"{what}: the ranks' slices of the average are not of one state ({said}, global ranks; {why}). "
-            f"Each slice would be read from another step, so nothing was read or changed, on every rank. Load "
-            f"one checkpoint on every rank to go on.")
+    return (f"{what}: the ranks' slices of the average are not of one state ({said}, global ranks; "
+            f"{why}). Each slice would be read from another step, so nothing was read or changed, "
+            f"on every rank. Load one checkpoint on every rank to go on.")
 
 
 @contextlib.contextmanager
-def agreed(groups: list, mine: Stamp, what: str, differs: str | None = None) -> Iterator[None]:
-    """Run the block (a read's or a load's checks), then :func:`agree`: when the block raises, this rank
-    joins refusing and its error goes on; when it does not, every rank checks the others. No
-    exchange when ``groups`` is empty."""
+def agreed(groups: list, read: Read, mine: Stamp, seq: Sequence,
+           differs: str | None = None) -> Iterator[None]:
+    """Run the block (a read's or a load's checks and allocations), then :func:`agree`: when the
+    block raises, this rank joins refusing and its error goes on; when it does not, every rank
+    checks the others. No exchange when ``groups`` is empty."""
     if not groups:
         yield
         return
     try:
         yield
-    except BaseException as err:                        # a Ctrl-C in the checks too: the others must not wait
+    except BaseException as err:         # a Ctrl-C in the checks too: the others must not wait
         try:
-            agree(groups, mine, what, err, differs)
+            agree(groups, read, mine, seq, err, differs)
         except Disagreement:
-            pass                                        # every rank raises: this one its own error
+            pass                         # every rank raises: this one its own error
         raise
-    agree(groups, mine, what, differs=differs)
+    agree(groups, read, mine, seq, differs=differs)
 
 
 def load_stamp(state) -> Stamp:
@@ -153,7 +293,7 @@ def load_stamp(state) -> Stamp:
     if not isinstance(state, dict):
         return Stamp(-1)
     calls, run = state.get("calls"), state.get("split_id", 0)
-    counters = [state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes", "first_time",
-                                       "last_time")]       # not PostHocEMA's run_id: each rank draws its own
+    counters = [state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes",
+                                       "first_time", "last_time")]   # not PostHocEMA's run_id
     return Stamp(calls if type(calls) is int else -1, run if type(run) is int else -1,
                  zlib.crc32(repr(counters).encode()))

@@ -27,81 +27,18 @@ from ..._state import check_header, refuse_load
 from .._sharding import tensors as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
-from .agree import Stamp, agreed, load_stamp
+from .agree import Read, Sequence, Stamp, agreed, load_stamp
+from .entries import global_shape, local_part, staged
 from .slices import full_entry
 
 if TYPE_CHECKING:
     from ...average import ModelSwap
     from .._tensors.model import TorchModel
 
-__all__ = ["FORMAT", "VERSION", "CheckpointCore", "TorchCheckpoint", "global_view", "local_part", "staged"]
+__all__ = ["FORMAT", "VERSION", "CheckpointCore", "TorchCheckpoint"]
 
 FORMAT = "fastema.torch.EMA"
 VERSION = 2                                  # 2: sharded averages saved as DTensors; reads version 1 too
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of ``t`` with a storage of its own (what a checkpoint entry should be:
-    ``safetensors.torch.save_file`` takes it, ``torch.save`` of it writes it alone, holding it keeps
-    nothing else alive). Synchronous: the values are there on return."""
-    return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
-
-
-def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
-    """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
-    :func:`global_view`): what ``state_dict()`` hands out, so that ``dcp.load`` writes into them and
-    not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
-    pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
-    sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
-    staging makes them)."""
-    out = {}
-    for n, v in views.items():
-        spec = side.specs.get(n)
-        if stacked and spec is not None and spec.slices:     # split over replicas: this rank's pieces only
-            from .slices import slices
-
-            out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
-        else:
-            out[n] = global_view(side, n, _host_copy(v), stacked)
-    return out
-
-
-def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool = False):
-    """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
-    (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
-    spec = side.specs.get(name)
-    if spec is None:
-        return view
-    return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
-
-
-def global_shape(side: TorchModel, name: str, dst: torch.Tensor, stacked: bool) -> tuple:
-    """The shape a checkpoint entry of ``dst`` has (:func:`global_view`'s), with no collective: a
-    tensor cut into pieces over the ranks (split over replicas, ZeRO-1/2 masters) is not gathered."""
-    spec = side.specs.get(name)
-    if spec is not None and spec.pieces is not None:
-        whole = spec.shape if spec.replica_dim is not None else spec.pieces[0]     # HSDP: the global shape
-        return ((dst.shape[0],) if stacked else ()) + tuple(whole)
-    return tuple(global_view(side, name, dst, stacked).shape)
-
-
-def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tensor, stacked: bool) -> torch.Tensor:
-    """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
-    tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
-    from a DTensor for an unsharded one (a collective)."""
-    spec = side.specs.get(name)
-    if type(value).__name__ == "Slices" and (spec is None or not spec.slices):
-        raise ValueError("this entry holds one rank's pieces of an average split over replicas (shard_replicas): "
-                         "load it with torch.distributed.checkpoint (dcp.load({'ema': ema})), which reads every "
-                         "rank's pieces, or save a full checkpoint with ema.full_state_dict()")
-    if spec is None:
-        return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
-    spec = _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec
-    if spec.slices and type(value).__name__ == "Slices":  # a split average's own checkpoint entry
-        from .slices import piece_of_slices
-
-        return piece_of_slices(value, spec)              # type: ignore[arg-type]  # a Slices (checked above)
-    return _sharded.piece_of(value, spec)
 
 
 class CheckpointCore(Protocol):
@@ -135,6 +72,7 @@ class TorchCheckpoint:
                  calls: Callable[[], int]):
         self.side, self.core, self.format, self.kind, self.swap = side, core, fmt, kind, swap
         self.calls = calls
+        self.sequence = Sequence()          # the agreements made, alike on every rank (see .agree)
 
     # ------------------------------------------------------------ the ranks' agreement (see _agree)
 
@@ -164,15 +102,17 @@ class TorchCheckpoint:
                     groups.append((group, spec.mesh.device_type, here))
         return groups
 
-    def agreed(self, what: str, *, swap: bool = False, gathers: bool = True, stamp: Stamp | None = None,
-               differs: str | None = None):
-        """A block of a read's (or a load's) checks after which every rank of :meth:`groups` agrees:
-        a rank whose block raises makes every rank refuse at once, and ranks whose stamps differ (a
-        rank skipped an ``update()``) refuse alike (:func:`fastema.torch._state.agree.agreed`). No exchange
-        where the read makes no collective (``gathers`` False, or no group). ``differs``: what differing
-        stamp digests mean."""
+    def agreed(self, read: Read, *, swap: bool = False, gathers: bool = True,
+               stamp: Stamp | None = None, differs: str | None = None):
+        """A block of ``read``'s checks and allocations after which every rank of :meth:`groups`
+        agrees: a rank whose block raises makes every rank refuse at once, and ranks making other
+        reads or whose stamps differ (a rank skipped an ``update()``) refuse alike
+        (:func:`fastema.torch._state.agree.agreed`, this average's :class:`~.agree.Sequence`). No
+        exchange where the read makes no collective (``gathers`` False, or no group). ``differs``:
+        what differing stamp digests mean."""
         mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
-        return agreed(self.groups(swap) if gathers else [], mine, f"{self.kind}.{what}", differs)
+        groups = self.groups(swap) if gathers else []
+        return agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
 
     @property
     def split_id(self) -> int:
@@ -207,7 +147,7 @@ class TorchCheckpoint:
         of a tied or aliased tensor gets its average."""
         specs = self.side.specs
         gathers = any(s.pieces is not None for s in specs.values())     # split or ZeRO-1/2: pieces gathered
-        with self.agreed("averaged_state_dict()", gathers=gathers):
+        with self.agreed(Read("averaged_state_dict()", row=row), gathers=gathers):
             self.swap.refuse("averaged_state_dict()")
             entries = self.entries(row)
         out = {}
@@ -262,21 +202,37 @@ class TorchCheckpoint:
 
         keep = rank0_only is not True or self.writer()
         out = {}
-        for name, value in self.full_items(row, check=check):
+
+        def take(name: str, value: torch.Tensor) -> None:
             if keep:
                 out[name] = value
+
+        self.whole_read(Read("full_state_dict()", row=row), take, check)
         return out
 
-    def full_items(self, row: int, what: str = "full_state_dict()", check: Callable[[], None] | None = None):
-        """``(name, full tensor)`` of every entry of :meth:`full_state_dict`, made one at a time (a
-        collective per sharded tensor, a split average's pieces a bucket at a time, in the model's
-        state-dict order on every rank: :mod:`.stream`'s engine, every name of a tied tensor kept, the
-        bucket ``ShardReplicas(bucket=)``'s). The tensors are fresh copies in the model's dtypes (excluded
-        tensors: of the model's own values). The ranks agree first (every check on every rank, the same
-        update count)."""
+    def whole_read(self, read: Read, take: Callable[[str, torch.Tensor], None],
+                   check: Callable[[], None] | None = None,
+                   then: Callable[[], None] | None = None) -> None:
+        """``take(name, full tensor)`` of every entry of :meth:`full_state_dict` of ``read.row``,
+        made one at a time (a collective per sharded tensor, a split average's pieces a bucket at a
+        time, in the model's state-dict order on every rank: :mod:`.stream`'s engine, every name of
+        a tied tensor kept, the bucket ``ShardReplicas(bucket=)``'s), then ``then()``. The tensors
+        are fresh copies in the model's dtypes (excluded tensors: of the model's own values). A
+        collective read's ranks agree first (every check on every rank, the same update count, the
+        same read) and last: a rank whose ``take`` or ``then`` raised (its stream read to the end
+        first, so the others' gathers finish) makes every rank raise, so a whole read succeeds on
+        every rank or on none."""
         from .stream import average_stream
 
-        yield from average_stream(self, row, None, None, "all", what, check=check, whole=True)
+        stream = average_stream(self, read, None, None, "all", check=check, whole=True)  # agreed
+        with self.agreed(read._replace(direction="end")):
+            try:
+                for name, value in stream:
+                    take(name, value)
+            finally:
+                stream.close()                   # the rest read (a collective read's), nothing kept
+            if then is not None:
+                then()
 
     def module(self, row: int = 0) -> nn.Module:
         """A standalone copy of the model holding the averaged weights (for export or another process)."""
@@ -297,19 +253,20 @@ class TorchCheckpoint:
         view, the counters and settings. ``gathered=True`` (a split average's checkpoint that one rank
         writes whole: Lightning's): every entry a full tensor, gathered (a collective every rank of the
         group joins, after they agree), which ``load_state_dict`` cuts again on any number of ranks."""
-        with self.agreed("state_dict()", gathers=gathered):
-            self.swap.refuse("state_dict()")
-        side = self.side
-        if side.resync:                                  # a DDP wrap since construction: start over first
-            side.follow()
-        avg, copied = side.avg, side.copy
-        state = {
-            "format": self.format, "version": VERSION, **self.core.plan_state(),     # "calls" first
-            "layout": "sharded" if self.sharded else "replicated",     # informational: loading never reads it
-            "averaged": staged(side, {n: avg.state_view(n) for n in avg.names}, True),
-            "copied": staged(side, {n: copied.view(n) for n in copied.names}) if copied is not None else {},
-            "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
-        }
+        with self.agreed(Read("state_dict()", "gathered" if gathered else ""), gathers=gathered):
+            self.swap.refuse("state_dict()")     # and the host copies made (can fail on one rank)
+            side = self.side
+            if side.resync:                      # a DDP wrap since construction: start over first
+                side.follow()
+            avg, copied = side.avg, side.copy
+            state = {
+                "format": self.format, "version": VERSION, **self.core.plan_state(),  # "calls" 1st
+                "layout": "sharded" if self.sharded else "replicated",   # information, never loaded
+                "averaged": staged(side, {n: avg.state_view(n) for n in avg.names}, True),
+                "copied": {} if copied is None else staged(side, {n: copied.view(n)
+                                                                  for n in copied.names}),
+                "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
+            }
         if avg.split_id is not None:
             state["split_id"] = self.split_id            # which split run the slices are of (see _agree)
         if gathered:
@@ -320,7 +277,7 @@ class TorchCheckpoint:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
-        with self.agreed("load_state_dict()", stamp=load_stamp(state)):   # every rank loads, or none does
+        with self.agreed(Read("load_state_dict()"), stamp=load_stamp(state)):   # all load, or none
             loads = self._checked_loads(state, strict)
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
@@ -332,7 +289,7 @@ class TorchCheckpoint:
     def join_refusing(self, err: BaseException) -> None:
         """This rank cannot read what it would load (its file is missing or damaged): join the load's
         exchange refusing, so every rank raises at once, naming this rank (never a hang); raises."""
-        with self.agreed("load_state_dict()"):
+        with self.agreed(Read("load_state_dict()")):
             raise err
 
     def _checked_loads(self, state: dict, strict: bool) -> list:
@@ -408,28 +365,33 @@ class TorchCheckpoint:
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
         checked: list = []                 # the path, checked (inside the ranks' agreement when sharded)
-        if self.sharded:                   # collective: every rank gathers, the group's first rank keeps and writes
-            first = self.writer()
-            tensors = {}
-            for name, value in self.full_items(row, "save()", check=lambda: checked.append(os.fspath(path))):
+        tensors: dict = {}
+
+        def write() -> None:
+            target: str = checked[0]
+            if target.endswith(".safetensors"):
+                _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
+            else:                          # torch.save's format, one host copy at a time
+                _atomic_write(target, lambda f: stream_torch_save(f, tensors))
+
+        if self.sharded:                   # collective: every rank gathers, the group's first rank
+            first = self.writer()          # keeps and writes; a file it cannot write: all raise
+
+            def take(name: str, value: torch.Tensor) -> None:
                 if first:
                     tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
-            if not first:
-                return
-        else:                              # every check first; the values are read while the file is written
-            checked.append(os.fspath(path))
-            self.swap.refuse("save()")
-            tensors = {name: (t.detach() if value is None else value(), t.dtype)
-                       for name, t, _, value in self.entries(row)}
-        target: str = checked[0]
-        stream = target.endswith(".safetensors")
-        if stream:
-            _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
-        else:                              # torch.save's format, one host copy at a time
-            _atomic_write(target, lambda f: stream_torch_save(f, tensors))
+
+            self.whole_read(Read("save()", row=row), take, lambda: checked.append(os.fspath(path)),
+                            write if first else None)
+            return
+        checked.append(os.fspath(path))    # every check first; values read as the file is written
+        self.swap.refuse("save()")
+        tensors.update({name: (t.detach() if value is None else value(), t.dtype)
+                        for name, t, _, value in self.entries(row)})
+        write()
 
 
 def _replica_device(group) -> str:
-    from .._placement.replicas import mesh_device
+    from .._placement.gather import mesh_device
 
     return mesh_device(group)

@@ -20,10 +20,14 @@ a stream (vLLM's ``WeightSource``, SGLang's buckets, TRL's and verl's loops):
 - each floating tensor is cast to the wire ``dtype`` on the way (from the model's dtype: a streamed
   tensor is ``full_state_dict()[name].to(dtype)`` bit for bit); integer tensors never;
 - a tied tensor (several state-dict names of one tensor) is yielded once, under its first name;
-- it is a collective where the average is sharded or split: every rank iterates to the end, in the
-  same order, and the ranks of ``to`` keep what is gathered (the others' iterators yield nothing).
-  The ranks agree first, in the exchange every gathering read makes (:mod:`.agree`): a rank that
-  skipped an ``update()``, refuses an argument, or passes other arguments makes every rank raise.
+- it is a collective where the average is sharded or split: every rank iterates it, in the same
+  order, and the ranks of ``to`` keep what is gathered (the others' iterators yield nothing). The
+  ranks agree first, in the exchange every gathering read makes (:mod:`.agree`): a rank that skipped
+  an ``update()``, makes another read, refuses an argument, or passes other arguments makes every
+  rank raise. A stream ends on every rank: one closed early on a rank (a ``break``, a consumer that
+  raised, an iterator dropped or closed, even before its first item) reads the rest of its
+  collectives there without yielding, and so does one that ran out of memory making a split entry
+  this rank keeps (its buckets: :mod:`.buckets`), so the other ranks finish and the next read works.
 
 ``update()`` is untouched: it makes no collective and knows of no stream. A stream is of one state:
 an ``update()`` or a swap while it is open makes its next step raise (every rank does the same when
@@ -32,14 +36,15 @@ every rank updated, as they must).
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Union
 
 import torch
 
 from .._sharding import tensors as _sharded
-from .agree import Stamp, agreed
+from .agree import Read, Sequence, Stamp, agreed
+from .buckets import BucketReads, bucketed
 
-TorchCheckpoint = Any       # .checkpoint.TorchCheckpoint, which reads through this module (full_items)
+TorchCheckpoint = Any       # .checkpoint.TorchCheckpoint, which reads through this module
 
 __all__ = ["DEFAULT_BUCKET", "Ranks", "Stream", "WeightMeta", "average_meta", "average_stream", "check_stream",
            "receives", "synthesized_meta", "synthesized_order", "synthesized_stream", "target_meta", "target_stream",
@@ -47,6 +52,7 @@ __all__ = ["DEFAULT_BUCKET", "Ranks", "Stream", "WeightMeta", "average_meta", "a
 
 DEFAULT_BUCKET = 256 << 20        # bytes of one bucket read (TRL's 256 MB)
 Stream = Iterator[tuple[str, torch.Tensor]]        # what iter_weights() returns
+_Closable = Generator[tuple[str, torch.Tensor], None, None]   # close() reads the rest
 Ranks = Union[str, int, Iterable[int]]             # to=: "all", a global rank, or a collection of them
 _DIFFERS = "iter_weights() arguments (row, dtype, bucket_bytes, to)"
 
@@ -139,33 +145,28 @@ class _Item(NamedTuple):
     home: torch.device | None   # where the streamed tensor is made (None: where it is read)
 
 
-def average_stream(ckpt: TorchCheckpoint, row: int, dtype, bucket_bytes: int | None, to, what: str = "iter_weights()",
-                   check: Callable[[], None] | None = None, whole: bool = False) -> Stream:
-    """The stream of average ``row`` (see the module). The ranks agree now, at the call (a collective
-    where the average is sharded or split); the tensors are read as the iterator is consumed.
-    ``check``: the caller's checks, run inside the agreement. ``whole``: ``full_state_dict()``'s form
-    (every name of a tied tensor, each tensor where it is read, the arguments its own). ``bucket_bytes``
-    None: the split's own bucket (``ShardReplicas(bucket=)``)."""
+def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int | None, to,
+                   check: Callable[[], None] | None = None, whole: bool = False) -> _Closable:
+    """The stream of average ``read.row`` (see the module). The ranks agree now, at the call (a
+    collective where the average is sharded or split; ``read``: which read it is); the tensors are
+    read as the iterator is consumed. ``check``: the caller's checks, run inside the agreement.
+    ``whole``: ``full_state_dict()``'s form (every name of a tied tensor, each tensor where it is
+    read, the arguments its own). ``bucket_bytes`` None: the split's own bucket
+    (``ShardReplicas(bucket=)``)."""
+    row, what = read.row, read.kind
     if bucket_bytes is None:
         bucket_bytes = int(ckpt.side.avg.bucket) if ckpt.side.avg.split_id is not None else DEFAULT_BUCKET
     box: list = []
     stamp = None if whole else Stamp(ckpt.calls(), ckpt.split_id, _digest(row, dtype, bucket_bytes, to))
-    with ckpt.agreed(what, stamp=stamp, differs=_DIFFERS):
+    with ckpt.agreed(read, stamp=stamp, differs=_DIFFERS):
         if check is not None:
             check()                                    # the caller's argument checks: inside, never a hang
         box.append(check_stream(dtype, bucket_bytes, to))
         ckpt.swap.refuse(what)
         entries = ckpt.entries(row)
-    specs = ckpt.side.specs
-    items = []
-    for name, t, source, value in entries if whole else tied_once(entries):
-        spec = specs.get(source) if source else None
-        split = spec is not None and spec.pieces is not None and spec.slices
-        if whole:             # full_state_dict(): where the average is kept (an offloaded one's: the host)
-            home = value().device if split else None
-        else:                 # a stream: on the model's device (an offloaded average brought there)
-            home = _sharded.local_tensor(t).device
-        items.append(_Item(name, t, source, value, _wire(t.dtype, dtype), spec, home))
+        items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
+        reads = BucketReads(items, bucket_bytes)
+        reads.reserve()                                # its buckets' buffer: a refusal if it fails
     calls = ckpt.calls()
 
     def unchanged() -> None:
@@ -175,7 +176,21 @@ def average_stream(ckpt: TorchCheckpoint, row: int, dtype, bucket_bytes: int | N
                                f"earlier state. Consume a stream whole between two updates (on every rank), then "
                                f"start a new one")
 
-    return _stream(items, box[0], bucket_bytes, unchanged)
+    return _primed(items, box[0], reads, unchanged, bool(ckpt.groups()))
+
+
+def _items(ckpt: TorchCheckpoint, entries: list, dtype, whole: bool) -> list[_Item]:
+    specs = ckpt.side.specs
+    items = []
+    for name, t, source, value in entries:
+        spec = specs.get(source) if source else None
+        split = spec is not None and spec.pieces is not None and spec.slices
+        if whole:             # full_state_dict(): where the average is kept (offloaded: the host)
+            home = value().device if split else None
+        else:                 # a stream: on the model's device (an offloaded average brought there)
+            home = _sharded.local_tensor(t).device
+        items.append(_Item(name, t, source, value, _wire(t.dtype, dtype), spec, home))
+    return items
 
 
 def _digest(*args) -> int:
@@ -189,136 +204,55 @@ def _digest(*args) -> int:
     return zlib.crc32(repr((*map(str, args[:-1]), to)).encode())
 
 
-def _bucketed(item: _Item) -> bool:
-    """Whether ``item`` is read in buckets: a piece of an average split over replicas."""
-    return item.spec is not None and item.spec.pieces is not None and item.spec.slices
+def _primed(items: list, receivers, reads: BucketReads, unchanged, collective: bool) -> _Closable:
+    """:func:`_stream`, started: from here its close (even before its first item) reads the rest."""
+    stream = _stream(items, receivers, reads, unchanged, collective)
+    next(stream)
+    return stream
 
 
-class _Seg(NamedTuple):
-    item: int                   # the entry's index in the stream
-    at: int                     # where its elements go in the entry's whole (flat; HSDP: the local shard)
-    src: int                    # where they are in the owner's piece of the entry
-    n: int                      # how many
-    where: int                  # where they are in the bucket
+def _stream(items: list, receivers, reads: BucketReads, unchanged, collective: bool) -> _Closable:
+    """Every entry of ``items`` in order: split pieces through ``reads``' broadcasts, each received
+    when the entry being made needs it, the others one at a time. Held besides what the consumer
+    holds: the latest bucket and the entry being made, never more.
 
-
-class _Bucket:
-    """One broadcast: consecutive pieces (in the stream's order) that one rank of a replica group holds,
-    at most ``bucket_bytes`` in the dtype they are carried in."""
-
-    def __init__(self, owner: int, group, device: torch.device, carry: torch.dtype):
-        self.owner, self.group, self.device, self.carry = owner, group, device, carry
-        self.segs: list[_Seg] = []
-        self.size = 0                           # elements
-
-
-def _plan(items: list, bucket_bytes: int) -> list[_Bucket]:
-    """The broadcasts that read ``items``' split pieces, every rank alike: each entry's pieces in rank
-    order (its elements in order), cut into buckets of one owner's consecutive pieces, each filled to
-    ``bucket_bytes`` (a piece longer than that spans several)."""
-    from .._placement.replicas import transport
-
-    buckets: list[_Bucket] = []
-    cur: _Bucket | None = None
-    for k, item in enumerate(items):
-        if not _bucketed(item):
-            continue
-        spec = item.spec
-        group = spec.mesh.get_group(spec.replica_dim or 0)
-        device, carry = transport(group, item.wire, [_sharded.local_tensor(item.t)])
-        cap = max(1, bucket_bytes // carry.itemsize)
-        for r, (first, count) in enumerate(spec.pieces[1]):
-            done = 0
-            while done < count:
-                if cur is None or cur.size == cap or (cur.owner, cur.device, cur.carry) != (r, device, carry) or \
-                        cur.group is not group:
-                    cur = _Bucket(r, group, device, carry)
-                    buckets.append(cur)
-                n = min(count - done, cap - cur.size)
-                cur.segs.append(_Seg(k, first + done, done, n, cur.size))
-                cur.size += n
-                done += n
-    return buckets
-
-
-def _stream(items: list, receivers, bucket_bytes: int, unchanged) -> Stream:
-    """Every entry of ``items`` in order: split pieces through :func:`_plan`'s broadcasts, each received
-    when the entry being made needs it, the others one at a time. Held besides what the consumer holds:
-    the latest bucket and the entry being made (its pieces copied out of a bucket before the next
-    replaces it, or out of the latest when it is finished), never more."""
+    ``collective`` (the ranks agreed: every rank joins each collective): a stream closed before its
+    end (a ``break``, a consumer that raised, an iterator dropped or closed) reads the rest of its
+    collectives without yielding (nothing kept), and so does one that ran out of memory making a
+    split entry this rank keeps, so that the other ranks finish; then the consumer's exception, or
+    the error, goes on."""
     keep = receives(receivers)
-    buckets = _plan(items, bucket_bytes)
-    segs: dict[int, list] = {}                  # entry -> (bucket, segment) of each of its pieces
-    for b, bucket in enumerate(buckets):
-        for seg in bucket.segs:
-            segs.setdefault(seg.item, []).append((b, seg))
-    buf: torch.Tensor | None = None             # the latest bucket received (buckets[done - 1])
-    done = 0
-    for k, item in enumerate(items):
-        if _bucketed(item):
-            part = None
-            for b, seg in segs.get(k, []):
-                if b >= done:                   # not received yet: the latest bucket's pieces of it first
-                    unchanged()                 # before each read, on every rank alike
-                    buf = None                  # the previous bucket's pieces are copied out: free it first
-                    buf = _receive(buckets[b], items)
-                    done = b + 1
-                assert buf is not None and b == done - 1    # an entry's pieces come in the buckets' order
-                part = _copy_out(item, seg, buf, part, buckets[b], keep)
-            out = _finish(item, part, keep)
-        else:
-            unchanged()
-            out = _one(item, keep)
-        if out is not None:
-            yield item.name, out
-            out = None                          # the consumer holds it, the stream does not
+    k = -1
+    try:
+        yield None                              # type: ignore[misc]  # primed: not handed out
+        for k in range(len(items)):
+            out = _entry(items, reads, k, keep, unchanged)
+            if out is not None:
+                yield items[k].name, out
+                out = None                      # the consumer holds it, the stream does not
+    except GeneratorExit:                       # closed at a yield: entry k was read whole
+        if collective:
+            _rest(items, reads, k + 1, unchanged)
+        raise
+    except (torch.OutOfMemoryError, MemoryError):
+        if collective and bucketed(items[k]):   # a kept entry's allocation: before its collectives
+            _rest(items, reads, k, unchanged)
+        raise
 
 
-def _receive(bucket: _Bucket, items: list) -> torch.Tensor:
-    """One bucket: its owner packs its pieces (the model's dtype, then the wire's), then one broadcast
-    over the replica group."""
-    dist = torch.distributed
-    buf = torch.empty(bucket.size, dtype=bucket.carry, device=bucket.device)
-    with torch.no_grad():
-        if dist.get_rank(bucket.group) == bucket.owner:
-            for seg in bucket.segs:
-                item = items[seg.item]
-                piece = item.value()[seg.src:seg.src + seg.n]
-                buf[seg.where:seg.where + seg.n] = piece.to(item.t.dtype).to(item.wire)   # rounded as the model's
-        dist.broadcast(buf, src=dist.get_global_rank(bucket.group, bucket.owner), group=bucket.group)
-    return buf
+def _entry(items: list, reads: BucketReads, k: int, keep: bool, unchanged) -> torch.Tensor | None:
+    if bucketed(items[k]):
+        return reads.entry(k, keep, unchanged)
+    unchanged()
+    return _one(items[k], keep)
 
 
-def _copy_out(item: _Item, seg: _Seg, buf: torch.Tensor, part: torch.Tensor | None, bucket: _Bucket,
-              keep: bool) -> torch.Tensor | None:
-    """``seg`` of ``item`` copied from the bucket into the entry being made (made at its first piece);
-    nothing where this rank keeps nothing (HSDP: every rank makes the local shard, for its gather)."""
-    hsdp = item.spec.replica_dim is not None
-    if not keep and not hsdp:
-        return None
-    if part is None:
-        numel = sum(n for _, n in item.spec.pieces[1])
-        part = torch.empty(numel, dtype=bucket.carry if hsdp else item.wire, device=bucket.device)
-    part[seg.at:seg.at + seg.n] = buf[seg.where:seg.where + seg.n]
-    return part
-
-
-def _finish(item: _Item, part: torch.Tensor | None, keep: bool) -> torch.Tensor | None:
-    """A split entry made whole (fresh): the tensor, or with HSDP its local shard, then one
-    ``full_tensor()`` over the shard dimension (every rank of it joins)."""
-    spec = item.spec
-    if part is None:
-        return None                             # not kept here
-    out = part.view(spec.pieces[0])
-    if spec.replica_dim is not None:
-        from torch.distributed.tensor import DTensor
-
-        home = _sharded.local_tensor(item.t).device     # the mesh's device, for the gather
-        out = DTensor.from_local(out.to(home), spec.mesh, spec.placements, run_check=False, shape=spec.shape,
-                                 stride=spec.stride).full_tensor()
-        if not keep:
-            return None
-    return _cast(out, item.wire, item.home)
+def _rest(items: list, reads: BucketReads, start: int, unchanged) -> None:
+    """Entries ``start..`` read and dropped: every collective of the stream joined, nothing kept (an
+    ``unchanged()`` that fails stops it there: the owner's pieces must not come from another state).
+    """
+    for k in range(start, len(items)):
+        _entry(items, reads, k, False, unchanged)
 
 
 def _one(item: _Item, keep: bool) -> torch.Tensor | None:
@@ -337,6 +271,8 @@ def _one(item: _Item, keep: bool) -> torch.Tensor | None:
                 return _cast(full, wire, home) if keep else None
             return v.to(device=home or v.device, dtype=wire, copy=True) if keep else None
         if spec is None:
+            if not keep:
+                return None                               # a plain average: nothing to gather
             v = value().to(t.dtype)
             return v.to(device=home or v.device, dtype=wire, copy=True) if keep else None
         v = _sharded.full(_sharded.wrap(value().to(t.dtype, copy=True), spec))   # fresh: gathered from a copy
@@ -371,11 +307,13 @@ def target_meta(target, row: int, dtype) -> list[WeightMeta]:
 
 
 def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_bytes: int, to,
-                  what: str = "TargetNetwork.iter_weights()", version: Callable[[], Any] | None = None) -> Stream:
+                  sequence: Sequence, what: str = "TargetNetwork.iter_weights()",
+                  version: Callable[[], Any] | None = None) -> _Closable:
     """The target network's tensors streamed (see the module): each a fresh copy; a sharded one
-    (DTensor) gathered with one ``full_tensor()``, a ZeRO-3 one with DeepSpeed's ``GatheredParameters``,
-    collectives every rank of the group joins after the ranks agree. ``version``: what changes with
-    every write of the target (default: ``calls``)."""
+    (DTensor) gathered with one ``full_tensor()``, a ZeRO-3 one with DeepSpeed's
+    ``GatheredParameters``, collectives every rank of the group joins after the ranks agree
+    (``sequence``: the target's agreements so far). ``version``: what changes with every write of
+    the target (default: ``calls``)."""
     import torch.distributed as dist
 
     entries = _target_entries(target)
@@ -388,7 +326,9 @@ def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_byte
             found = [(getattr(t, "ds_process_group", None) or dist.group.WORLD, t.ds_tensor.device.type)]
         groups += [g for g in found if all(g[0] is not h[0] for h in groups)]
     box: list = []
-    with agreed(groups, Stamp(calls(), 0, _digest(dtype, bucket_bytes, to)), what, _DIFFERS):
+    read = Read("iter_weights()", row=row if isinstance(row, int) else None, owner="TargetNetwork")
+    stamp = Stamp(calls(), 0, _digest(dtype, bucket_bytes, to))
+    with agreed(groups, read, stamp, sequence, _DIFFERS):
         _one_row(row)
         box.append(check_stream(dtype, bucket_bytes, to))
     items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
@@ -403,7 +343,7 @@ def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_byte
                                f"state. Consume a stream whole between two updates (on every rank), then start a "
                                f"new one")
 
-    return _stream(items, box[0], bucket_bytes, unchanged)
+    return _primed(items, box[0], BucketReads(items, bucket_bytes), unchanged, bool(groups))
 
 
 # ------------------------------------------------------------------ PostHocEMA's synthesised averages

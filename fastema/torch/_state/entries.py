@@ -1,0 +1,85 @@
+"""A checkpoint entry's torch forms: the host copies a ``state_dict()`` hands out (:func:`staged`),
+a shadow view as the checkpoint holds it (:func:`global_view`: a DTensor for a sharded tensor), its
+shape with no collective (:func:`global_shape`), and what this rank keeps of a loaded entry
+(:func:`local_part`). Used by :mod:`.checkpoint` and by the faces with a checkpoint of their own
+(``WindowAverage``'s ring).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .._sharding import tensors as _sharded
+
+if TYPE_CHECKING:
+    from .._tensors.model import TorchModel
+
+__all__ = ["global_shape", "global_view", "local_part", "staged"]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host copy of ``t`` with a storage of its own (what a checkpoint entry should be:
+    ``safetensors.torch.save_file`` takes it, ``torch.save`` of it writes it alone, holding it keeps
+    nothing else alive). Synchronous: the values are there on return."""
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
+
+
+def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = False) -> dict:
+    """Host copies of shadow views (``name -> view``) as the checkpoint holds them (see
+    :func:`global_view`): what ``state_dict()`` hands out, so that ``dcp.load`` writes into them and
+    not into the shadow. One contiguous copy a tensor, each with a storage of its own, in
+    pageable host memory (no GPU memory, and nothing left in torch's pinned-memory cache). A
+    sharded tensor stays a DTensor of its mesh with a host local tensor (as DCP's own CPU
+    staging makes them)."""
+    out = {}
+    for n, v in views.items():
+        spec = side.specs.get(n)
+        if stacked and spec is not None and spec.slices:     # split: this rank's pieces only
+            from .slices import slices
+
+            out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
+        else:
+            out[n] = global_view(side, n, _host_copy(v), stacked)
+    return out
+
+
+def global_view(side: TorchModel, name: str, view: torch.Tensor, stacked: bool = False):
+    """A shadow view as the checkpoint holds it: as it is, or a DTensor for a sharded tensor
+    (``stacked``: the view is a ``(rows, *shape)`` stack of the tensor's averages)."""
+    spec = side.specs.get(name)
+    if spec is None:
+        return view
+    return _sharded.wrap(view, _sharded.rows_spec(spec, view.shape[0]) if stacked else spec)
+
+
+def global_shape(side: TorchModel, name: str, dst: torch.Tensor, stacked: bool) -> tuple:
+    """The shape a checkpoint entry of ``dst`` has (:func:`global_view`'s), with no collective: a
+    tensor cut into pieces over the ranks (split over replicas, ZeRO-1/2 masters) is not gathered.
+    """
+    spec = side.specs.get(name)
+    if spec is not None and spec.pieces is not None:
+        whole = spec.shape if spec.replica_dim is not None else spec.pieces[0]   # HSDP: global
+        return ((dst.shape[0],) if stacked else ()) + tuple(whole)
+    return tuple(global_view(side, name, dst, stacked).shape)
+
+
+def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tensor,
+               stacked: bool) -> torch.Tensor:
+    """What this rank keeps of a checkpoint tensor: its shard of a sharded tensor (from a full
+    tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
+    from a DTensor for an unsharded one (a collective)."""
+    spec = side.specs.get(name)
+    if type(value).__name__ == "Slices" and (spec is None or not spec.slices):
+        raise ValueError("this entry holds one rank's pieces of an average split over replicas "
+                         "(shard_replicas): load it with torch.distributed.checkpoint "
+                         "(dcp.load({'ema': ema})), which reads every rank's pieces, or save a "
+                         "full checkpoint with ema.full_state_dict()")
+    if spec is None:
+        return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
+    spec = _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec
+    if spec.slices and type(value).__name__ == "Slices":  # a split average's own checkpoint entry
+        from .slices import piece_of_slices
+
+        return piece_of_slices(value, spec)  # type: ignore[arg-type]  # a Slices (checked above)
+    return _sharded.piece_of(value, spec)
