@@ -1,11 +1,12 @@
 """The average handed to inference engines: vLLM's ``WeightSource``, SGLang's flattened buckets, ``load_weights``.
 
 Recipes: ``docs/guides/rl_teachers.md`` ("Publishing to inference engines"). Every form consumes
-``(name, tensor)`` pairs in the model's state-dict order: an average's ``iter_weights()``
-(fresh tensors, gathered bucket by bucket where the average is sharded or split: a collective there, which
-every rank consumes whole) or any iterable of pairs. Buckets fill in stream order up to ``bucket_bytes``; a
-larger tensor travels alone, in a bucket of its own size (vLLM's packed IPC producer refuses one; verl's
-bucketing sends it alone, as here).
+``(name, tensor)`` pairs in the model's state-dict order: an average's ``iter_weights()`` (fresh
+tensors, gathered bucket by bucket where the average is sharded or split: a collective there, which
+every rank iterates; a form stopped early closes it, and it reads the rest of its collectives, so
+the other ranks finish) or any iterable of pairs. Buckets fill in stream order up to
+``bucket_bytes``; a larger tensor travels alone, in a bucket of its own size (vLLM's packed IPC
+producer refuses one; verl's bucketing sends it alone, as here).
 
 **Checked against consumers written from the engines' sources, untested against the engines themselves**
 (they cannot be installed where fastema is tested): ``tests/bridges/test_engines.py`` round-trips each form bit
@@ -19,7 +20,7 @@ import dataclasses
 import importlib
 import itertools
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sized
 from types import ModuleType
 from typing import Any
 
@@ -39,10 +40,9 @@ _STREAM_HINT = "pass an average's iter_weights(...) (one pass: a new one each ti
 class FlattenedTensorMetadata:
     """Where one tensor sits in a flattened bucket: SGLang's ``FlattenedTensorMetadata``, field for field.
 
-    :func:`flattened_buckets` builds SGLang's own class when ``sglang`` is importable (the engine process then
-    unpickles nothing of fastema's) and this one otherwise (the engine then needs fastema importable, or
-    ``metadata_type=`` names the class). Offsets are in bytes in a ``uint8`` bucket of several dtypes, in
-    elements in a bucket of one dtype (SGLang before ``supports_multi_dtypes``)."""
+    :func:`flattened_buckets` builds SGLang's class where ``sglang`` imports (the engine unpickles
+    nothing of fastema's), else this one (or ``metadata_type=``'s). Offsets: bytes in a ``uint8``
+    bucket of several dtypes, elements in one of one dtype (older SGLang)."""
 
     name: str                  # the tensor's name in the stream (the model's state-dict key)
     shape: torch.Size          # its shape
@@ -78,6 +78,14 @@ def _pairs(weights: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _checked(weights: Iterable[Any], where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        yield from _each(weights, where)
+    finally:                                # stopped early (a break, an error) or raised:
+        if isinstance(weights, Generator):  # a stream (iter_weights) reads its other collectives
+            weights.close()
+
+
+def _each(weights: Iterable[Any], where: str) -> Iterator[tuple[str, torch.Tensor]]:
     seen: set[str] = set()
     for i, item in enumerate(weights):
         if not (isinstance(item, tuple) and len(item) == 2):
@@ -103,20 +111,16 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _aligned(offset: int, tensor: torch.Tensor) -> int:
-    """``offset`` rounded up to the tensor's element size: ``uint8[start:end].view(dtype)`` needs it."""
-    size = tensor.element_size()
-    return -(-offset // size) * size
-
-
 def _buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int, align: bool
              ) -> Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]]:
     """Consecutive runs of the stream, each at most ``bucket_bytes`` (a larger tensor alone), with each
-    tensor's byte offset in its run (aligned to its element size when ``align``) and the run's size."""
+    tensor's byte offset in its run (aligned to its element size when ``align``, as
+    ``uint8[start:end].view(dtype)`` needs) and the run's size."""
     bucket: list[tuple[str, torch.Tensor, int]] = []
     size = 0
     for name, tensor in pairs:
-        start = _aligned(size, tensor) if align else size
+        unit = tensor.element_size() if align else 1
+        start = -(-size // unit) * unit
         if bucket and start + _nbytes(tensor) > bucket_bytes:
             yield bucket, size
             bucket, start = [], 0
@@ -142,7 +146,7 @@ def named_tensor_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[s
 
     Yields:
         ``list[tuple[str, torch.Tensor]]``, never empty; none from a stream that yields nothing (a rank
-        outside ``iter_weights(to=...)``, which must still consume its stream).
+        outside ``iter_weights(to=...)``, which must still iterate its stream).
 
     Raises:
         ValueError: ``bucket_bytes`` not a positive int, a name twice, or an empty mapping or list.
@@ -197,9 +201,8 @@ def flattened_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str,
     - ``None`` (the default): as the SGLang importable here says (its ``FlattenedTensorBucket``'s flag, read
       as slime reads it: absent is ``False``); ``True`` where SGLang is not importable.
 
-    Every bucket is a fresh tensor: SGLang may still be copying from one over CUDA IPC after its call
-    returns, so none is reused. The bytes of each ``flattened_tensor`` are at most ``bucket_bytes``, except
-    for a tensor larger than ``bucket_bytes``, which goes alone in a bucket of its own size.
+    Every bucket is a fresh tensor (SGLang may still copy from one over CUDA IPC after its call
+    returns) of at most ``bucket_bytes``, but a larger tensor, alone in a bucket of its own size.
 
     Args:
         weights: ``(name, tensor)`` pairs: an average's ``iter_weights(dtype=...)`` (cast to the engine's dtype
@@ -331,10 +334,9 @@ class WeightSource:
 
     - ``metadata()`` is the average's ``weights_metadata(row, dtype=dtype)``: names, wire dtypes and full
       shapes, no gather; as vLLM's ``ParamMeta`` when vLLM is importable here.
-    - ``iter(source)`` is a new ``iter_weights(row, dtype=..., bucket_bytes=..., to=...)`` each time (vLLM
-      replays the source each round): fresh tensors, gathered a bucket at a time where the average is sharded
-      or split (a collective: every rank iterates, as vLLM's engines do on every trainer rank). Each tensor is
-      checked against the metadata as it comes (vLLM has already allocated from it).
+    - ``iter(source)`` is a new ``iter_weights(row, dtype=..., bucket_bytes=..., to=...)`` each time
+      (vLLM replays the source each round; a collective where the average is sharded or split, which
+      every rank iterates), each tensor checked against the metadata (vLLM allocated from it).
     - Where vLLM is importable, this is registered as a virtual subclass of vLLM's ``WeightSource`` ABC.
 
     Args:
@@ -418,11 +420,9 @@ def _receives(to: Any) -> bool:
     return to == "all" or to == rank or (isinstance(to, (list, tuple, set, frozenset, range)) and rank in to)
 
 
-def _drain(weights: Any) -> None:
-    """The rest of a stream read and dropped (an iterator's: a rank stopping on an error joins the others' gathers)."""
-    if isinstance(weights, Iterator):
-        for _ in weights:
-            pass
+def _drain(weights: Any) -> None:  # the rest of a stream read and dropped: a rank joins the others
+    for _ in weights if isinstance(weights, Iterator) else ():
+        pass
 
 
 def _matching(metas: list[Any], stream: Iterator[tuple[str, torch.Tensor]], owner: str, receiving: bool

@@ -10,6 +10,7 @@ collective.
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -366,9 +367,24 @@ def _hsdp(rank, world):
         list(split.iter_weights(bucket_bytes=1 << 20))
     want = {n: t.full_tensor() for n, t in target.state_dict().items()}
     _same(list(net.iter_weights()), want, "HSDP target")
+    # round 7's HS02: rank 2 stops each stream early (a consumer that raises), the other three read
+    # it whole, at once, and the next read works on every rank
+    full = split.full_state_dict()
+    for avg, right in ((split, full), (net, want)):
+        t0 = time.monotonic()
+        try:
+            got = [] if rank == 2 else list(avg.iter_weights())
+            for _ in avg.iter_weights() if rank == 2 else ():
+                raise KeyError("an engine's name it does not know")
+        except KeyError:
+            pass
+        assert time.monotonic() - t0 < 10, "a rank waited for the one that stopped"
+        if rank != 2:
+            _same(got, right, "HSDP: the whole stream beside a rank that stopped")
+    _same(list(split.full_state_dict().items()), full, "HSDP: the next read")
     return {"calls": torch.tensor(len(c.calls)), "broadcasts": torch.tensor(c.calls.count("broadcast"))}
 
 
 def test_hsdp_2x2_streams_bit_for_bit(tmp_path):
-    results = run_ranks(_hsdp, tmp_path, 4, timeout=240)
+    results = run_ranks(_hsdp, tmp_path, 4, timeout=240, pg_timeout=30)
     assert len({int(r["calls"]) for r in results}) == 1 and int(results[0]["broadcasts"]) >= 2
