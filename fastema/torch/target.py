@@ -96,6 +96,15 @@ class TargetNetwork(Face):
     ``GatheredParameters`` block) is refused. Parameters partitioned in one network and not in the
     other, or over other ranks, are refused by name.
 
+    Sharded or partitioned, ``update()`` and :meth:`hard_update` are rank-local: call them on every
+    rank. One that raises on one rank (a network changed there, a bad argument) wrote and counted
+    nothing there, while the others went on; make it again on that rank before the target is read.
+    Until then the ranks' pieces are of different updates, and under ZeRO-3 the other ranks have
+    released the target's gathered copies and that rank has not, so DeepSpeed's next gathers of the
+    target (its forward) go out of step. :meth:`iter_weights` refuses on every rank while the ranks'
+    counts of ``update()`` and :meth:`hard_update` calls differ. ``skip_nonfinite=True`` looks at
+    each rank's own pieces: an inf/NaN in one rank's piece skips that rank's fold alone.
+
     Args:
         online: the network being trained (bare, DDP- or torch.compile-wrapped).
         target: its copy, updated in place (typically ``copy.deepcopy(online)`` with
@@ -360,7 +369,8 @@ class TargetNetwork(Face):
         name). A sharded target (FSDP2, tensor parallel, HSDP) is gathered one ``full_tensor()`` a
         parameter: a collective, which every rank calls and iterates (the ranks not in ``to`` get
         nothing; one closed early reads the rest), after the ranks agree (a rank that skipped an
-        ``update()`` or refuses makes every rank raise). ``row`` must be 0 (one average);
+        ``update()`` or a :meth:`hard_update`, or refuses, makes every rank raise). ``row`` must be
+        0 (one average);
         ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
         bucketed)."""
         return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to,

@@ -55,6 +55,8 @@ Stream = Iterator[tuple[str, torch.Tensor]]        # what iter_weights() returns
 _Closable = Generator[tuple[str, torch.Tensor], None, None]   # close() reads the rest
 Ranks = Union[str, int, Iterable[int]]             # to=: "all", a global rank, or a collection of them
 _DIFFERS = "iter_weights() arguments (row, dtype, bucket_bytes, to)"
+_TARGET_DIFFERS = ("iter_weights() arguments (row, dtype, bucket_bytes, to) or number of "
+                   "hard_update() calls")
 
 
 class WeightMeta(NamedTuple):
@@ -313,7 +315,7 @@ def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_byte
     (DTensor) gathered with one ``full_tensor()``, a ZeRO-3 one with DeepSpeed's
     ``GatheredParameters``, collectives every rank of the group joins after the ranks agree
     (``sequence``: the target's agreements so far). ``version``: what changes with every write of
-    the target (default: ``calls``)."""
+    the target (default: ``calls``), which the ranks agree on too."""
     import torch.distributed as dist
 
     entries = _target_entries(target)
@@ -327,8 +329,11 @@ def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_byte
         groups += [g for g in found if all(g[0] is not h[0] for h in groups)]
     box: list = []
     read = Read("iter_weights()", row=row if isinstance(row, int) else None, owner="TargetNetwork")
-    stamp = Stamp(calls(), 0, _digest(dtype, bucket_bytes, to))
-    with agreed(groups, read, stamp, sequence, _DIFFERS):
+    # the target's writes besides update() (hard_update()) travel in the digest: a rank that
+    # copied alone holds other values, which a gather would mix (ZeRO-3: gathers out of step)
+    writes = () if version is None else (version(),)
+    stamp = Stamp(calls(), 0, _digest(dtype, bucket_bytes, *writes, to))
+    with agreed(groups, read, stamp, sequence, _DIFFERS if version is None else _TARGET_DIFFERS):
         _one_row(row)
         box.append(check_stream(dtype, bucket_bytes, to))
     items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
