@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any
+import operator
+from typing import Any, Callable
 
 try:
     from transformers import TrainerCallback
@@ -33,6 +34,7 @@ except ImportError as e:                                    # pragma: no cover -
 from torch import nn
 
 from .torch import TargetNetwork, unwrap
+from .torch.target import made_on_every_rank
 
 __all__ = ["SPELLINGS", "RefSyncCallback", "replace_sync"]
 
@@ -70,6 +72,17 @@ def _check(knob: str, value: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where} must be an int >= 1 (optimizer steps between syncs), got {value!r}")
     return value
+
+
+def _spellings(args: Any) -> Callable[[Any], Any]:
+    """A reader of the spellings of :data:`SPELLINGS` that ``args`` has: their values now (one
+    ``attrgetter`` call a step, the per-step path)."""
+    present = [n for names in SPELLINGS.values() for n in names if hasattr(args, n)]
+    return operator.attrgetter(*present) if present else _nothing
+
+
+def _nothing(args: Any) -> None:
+    return None
 
 
 def _defaults(args: Any) -> dict[str, Any]:
@@ -130,16 +143,20 @@ class RefSyncCallback(TrainerCallback):
     way to the student; TRL's review of its SDPO trainer found it passed inverted, as the retention).
     In fastema's words ``update_rate`` is :class:`~fastema.torch.TargetNetwork`'s ``tau``, ``1 - momentum``.
 
-    Each knob comes from the constructor or from the trainer's arguments (``args``) in either spelling of
-    :data:`SPELLINGS`, resolved when training begins. A value set in ``args`` (other than its field's
-    default) that contradicts the constructor's or the other spelling's is refused by name; a defaulted
-    one (``DPOConfig``'s ``ref_model_mixup_alpha=0.6``) gives way to the constructor's.
+    Each knob comes from the constructor or from the trainer's arguments (``args``) in either
+    spelling of :data:`SPELLINGS`, resolved when training begins and again whenever their values in
+    ``args`` change (TRL's callbacks read them at every step: a trainer that anneals them in place
+    syncs as TRL's). A value set in ``args`` (other than its field's default) that contradicts the
+    constructor's or the other spelling's is refused by name; a defaulted one (``DPOConfig``'s
+    ``ref_model_mixup_alpha=0.6``) gives way to the constructor's.
 
     The arithmetic is :class:`fastema.torch.TargetNetwork`'s: ``ref.lerp_(policy, update_rate)`` computed
     in float32 (float64 for float64 tensors), rounded once to the ref's dtype, one kernel launch per
     (device, dtype) group, no host sync. TRL computes ``ref.mul_(1 - alpha).add_(policy, alpha=alpha)``,
     two roundings (and ``float32(1 - alpha) + float32(alpha)`` need not be 1). In float32 the two agree bit
-    for bit at rates 0 and 1 and on most elements otherwise (61-99 % measured, by rate); elsewhere they
+    for bit at rates 0 and 1 (for finite weights: an infinite reference element at rate 0 stays
+    infinite in TRL's and becomes NaN in the lerp, as in ``torch.lerp``; ``network.hard_update()``
+    copies exactly) and on most elements otherwise (61-99 % measured, by rate); elsewhere they
     differ by 1 ulp of ``max(|ref|, |policy|, |policy - ref|)`` per sync, at most (measured on the CPU,
     rates 0.001 to 0.999; the tests assert it, inside a real ``DPOTrainer`` too). Against a float64
     reference the lerp is as close or closer on average (mean error 0.21 ulp against TRL's 0.29 at rate
@@ -155,7 +172,10 @@ class RefSyncCallback(TrainerCallback):
     gathered, under ``stage3_param_persistence_threshold``) are released at a sync, as TRL's gather
     releases them, so that its next forward gathers the synced partitions. Models partitioned
     differently (one of them not ZeRO-3, or over other ranks) are refused by name when training begins,
-    nothing written.
+    nothing written, on every rank (:meth:`on_train_begin`: the ranks agree, once). A sync is
+    rank-local: one that raises on one rank alone wrote and counted nothing there; make it again
+    on that rank before the reference is read (its forward, ``network.iter_weights()``, which
+    refuses on every rank while the ranks' counts differ).
 
     Args:
         ref_model: the reference (TR-DPO) or teacher (SDPO/SDFT) model, updated in place (``trainer.ref_model``,
@@ -195,7 +215,8 @@ class RefSyncCallback(TrainerCallback):
         self.options = {"buffers": "ignore", **options}
         self.network: TargetNetwork | None = None
         self.syncs = 0
-        self._resolved: tuple[Any, float, int] | None = None      # (args, rate, period)
+        # (args, rate, period, the spellings' values, their reader)
+        self._resolved: tuple[Any, float, int, Any, Callable[[Any], Any]] | None = None
 
     def __repr__(self) -> str:
         rate = self.update_rate if self._resolved is None else self._resolved[1]
@@ -206,14 +227,18 @@ class RefSyncCallback(TrainerCallback):
 
     def resolve(self, args: Any) -> tuple[float, int]:
         """``(update_rate, sync_steps)`` for the trainer arguments ``args`` (see the class docstring);
-        refused by name when missing, out of range or contradictory."""
-        if self._resolved is None or self._resolved[0] is not args:
-            rate = _resolve("update_rate", self.update_rate, args)
-            steps = _resolve("sync_steps", self.sync_steps, args)
-            if self.network is not None and self._resolved is not None and rate != self._resolved[1]:
-                self.network = None                               # the rate is the network's: made again
-            self._resolved = (args, rate, steps)
-        return self._resolved[1], self._resolved[2]
+        refused by name when missing, out of range or contradictory. Read again when ``args`` or the
+        value of one of its spellings changed (as TRL's callbacks read them at every step)."""
+        last = self._resolved
+        if last is not None and last[0] is args and last[4](args) == last[3]:
+            return last[1], last[2]
+        rate = _resolve("update_rate", self.update_rate, args)
+        steps = _resolve("sync_steps", self.sync_steps, args)
+        if self.network is not None and last is not None and rate != last[1]:
+            self.network = None                           # the rate is the network's: made again
+        read = _spellings(args)
+        self._resolved = (args, rate, steps, read(args), read)
+        return rate, steps
 
     def _policy(self, model: nn.Module) -> nn.Module:
         if self.accelerator is not None:
@@ -232,8 +257,24 @@ class RefSyncCallback(TrainerCallback):
     # ------------------------------------------------------------ events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        rate, _ = self.resolve(args)
-        self._network(model, rate)                                 # refusals now, before the first step
+        """The knobs resolved and the network made: refusals now, before the first step. Under
+        ``torch.distributed`` (more than one rank) the ranks then agree, once
+        (``fastema.torch.target.made_on_every_rank``): a rank that refused makes every rank
+        raise, with its reason (a reference partitioned otherwise on that rank alone, a bad
+        argument there), and ranks whose rate, period, options or synced names differ refuse
+        alike; else the others would go on into the first step's collectives and wait there for
+        the rank that raised. Every rank must call it."""
+        def make():
+            rate, steps = self.resolve(args)
+            options = {k: tuple(v) if k == "exclude" else v            # a seed may be the rank's
+                       for k, v in sorted(self.options.items()) if k != "seed"}
+            return self._network(model, rate), f"update_rate={rate}, sync_steps={steps}, {options}"
+
+        try:
+            made_on_every_rank(make, "RefSyncCallback.on_train_begin()")
+        except BaseException:                         # nothing kept: the next begin makes it again
+            self.network = None
+            raise
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         rate, steps = self.resolve(args)

@@ -4,7 +4,8 @@ the engine (:class:`~fastema.average.Average`) over a :class:`~fastema.pairs.Pai
 the two networks, paired and followed by :class:`~fastema.torch._tensors.pairs.TorchPairs`."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import zlib
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from .._state import check_header, load_refused
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
+from ._state.agree import Disagreement, Read, Stamp, agree
 from ._state.agree import Sequence as Agreements
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, target_meta, target_stream
 from ._tensors.hooks import patterns, unwrap
@@ -380,6 +382,48 @@ class TargetNetwork(Face):
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone
         (no gather, no collective)."""
         return target_meta(self.target, row, dtype)
+
+
+def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str) -> TargetNetwork:
+    """``make()`` (a :class:`TargetNetwork`, and a text of the settings every rank must share: a
+    callback's period...), then, where ``torch.distributed`` runs more than one rank, the ranks of
+    the world agree, once (one or two exchanges of 512 bytes; never per step): a rank whose
+    ``make()`` raised makes every rank raise (its own error there, a ``Disagreement`` with its
+    reason on the others), and ranks whose networks (tau, the names they sync), counts of updates or
+    settings differ refuse alike. Every rank must call it; ``what`` names it in the errors. For a
+    training loop's start (``fastema.trl.RefSyncCallback.on_train_begin``), where the other ranks
+    would otherwise go on into the first step's collectives and wait there for the rank that
+    raised. (fastema's callbacks' helper: not in ``__all__``.)"""
+    import torch.distributed as dist
+
+    groups: list = []
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from ._placement.replicas import mesh_device
+
+        groups = [(dist.group.WORLD, mesh_device(dist.group.WORLD))]
+    read, seq = Read("start()", owner="TargetNetwork"), Agreements()    # one of its own: once
+    try:
+        network, shared = make()
+    except BaseException as err:                        # a Ctrl-C too: the others must not wait
+        if groups:
+            try:
+                agree(groups, read, Stamp(0), seq, err)
+            except Disagreement:
+                pass                                    # every rank raises: this one its own error
+        raise
+    if not groups:
+        return network
+    agree(groups, read, Stamp(network.calls), seq)      # a refusal; updates made before (a 2nd run)
+    digest = zlib.crc32(repr((network.tau, network.names, shared)).encode())
+    try:
+        agree(groups, read._replace(direction="settings"), Stamp(network.calls, 0, digest), seq)
+    except Disagreement:
+        raise Disagreement(f"{what}: the ranks' target networks differ in their tau, the names "
+                           f"they sync or their settings (on global rank {dist.get_rank()}: "
+                           f"tau={network.tau:.6g}, {shared}): each rank averages its own part of "
+                           f"the target, so give every rank the same arguments and models. Nothing "
+                           f"was written.") from None
+    return network
 
 
 def _refuse_capture() -> None:

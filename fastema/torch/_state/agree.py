@@ -47,7 +47,8 @@ __all__ = ["KINDS", "MAGIC", "SIZE", "Disagreement", "Read", "Sequence", "Stamp"
 
 #: the collective reads and loads, by the method making them (what :class:`Read`'s ``kind`` names)
 KINDS = ("swap()", "copy_to()", "averaged_state_dict()", "full_state_dict()", "state_dict()",
-         "load_state_dict()", "save()", "iter_weights()", "snapshot()")
+         "load_state_dict()", "save()", "iter_weights()", "snapshot()",
+         "start()")       # start(): a training loop's start (fastema.torch.target.made_on_every_rank)
 MAGIC = int.from_bytes(b"fastema\x07", "little")   # every header's first field (an int64 > 0)
 _FIELDS = 22      # int64: see _fresh_state
 _NAME = 80        # bytes of a read's name; four of them: the lowest and highest read's, the lowest
