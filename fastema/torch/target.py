@@ -398,10 +398,11 @@ def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str)
 
     groups: list = []
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from ._placement.replicas import mesh_device
+        from ._placement.gather import mesh_device
 
         groups = [(dist.group.WORLD, mesh_device(dist.group.WORLD))]
-    read, seq = Read("start()", owner="TargetNetwork"), Agreements()    # one of its own: once
+    read = Read("start()", owner="TargetNetwork")
+    seq = Agreements()                                  # a sequence of its own: made once
     try:
         network, shared = make()
     except BaseException as err:                        # a Ctrl-C too: the others must not wait
@@ -416,7 +417,8 @@ def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str)
     agree(groups, read, Stamp(network.calls), seq)      # a refusal; updates made before (a 2nd run)
     digest = zlib.crc32(repr((network.tau, network.names, shared)).encode())
     try:
-        agree(groups, read._replace(direction="settings"), Stamp(network.calls, 0, digest), seq)
+        agree(groups, Read("start()", "settings", owner="TargetNetwork"), Stamp(network.calls, 0, digest),
+              seq)
     except Disagreement:
         raise Disagreement(f"{what}: the ranks' target networks differ in their tau, the names "
                            f"they sync or their settings (on global rank {dist.get_rank()}: "

@@ -230,11 +230,13 @@ def _raise(name: str, state: list, names: list, text: bytes, seq: Sequence,
                            f"only. {nothing}; the ranks count alike again, so the next read made "
                            f"on every rank works") from chained
     if state[5] != state[7]:
+        also = "" if not state[9] else (f" Rank {state[10]} also refused its read: "
+                                        f"{text.decode('utf-8', 'replace')}.")
         raise Disagreement(f"{name}: the ranks make different reads ({said[0]} on rank {state[6]}, "
                            f"{said[1]} on rank {state[8]}, global ranks). Every rank joins each "
                            f"gather of one read, so every rank must make the same read (kind, "
                            f"direction and row) in the same order: a read on some ranks only would "
-                           f"pair raw with averaged slices. {nothing}") from chained
+                           f"pair raw with averaged slices.{also} {nothing}") from chained
     if state[9]:
         reason = text.decode("utf-8", "replace")
         raise Disagreement(f"{name} refused on rank {state[10]} (its global rank), so on every "
