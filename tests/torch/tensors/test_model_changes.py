@@ -33,11 +33,18 @@ def test_assign_load_is_followed():
     assert all((v == 3.0).all() for v in ema.state_dict()["averaged"].values())
 
 
-def test_model_moved_or_cast_is_refused():
+@pytest.mark.parametrize("swap", [False, True], ids=["data assigned", "tensors swapped"])
+def test_model_moved_or_cast_is_refused(swap):
     model = mlp(6, 32, 1, act=nn.Tanh)
     ema = EMA(model, 0.9)
     before = ema.state_dict()["averaged"]["0.weight"].clone()
-    model.double()
+    weight = model[0].weight
+    torch.__future__.set_swap_module_params_on_conversion(swap)   # torch.utils.swap_tensors:
+    try:                                           # the same Parameter objects, other TensorImpls
+        model.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert model[0].weight is weight
     with pytest.raises((ValueError, TypeError), match="float64"):
         ema.update()
     assert torch.equal(ema.state_dict()["averaged"]["0.weight"], before)
