@@ -96,13 +96,13 @@ def _measure(values):
 
 def test_a_ratio_under_the_factor_is_measured_once(gates):
     measure, calls = _measure([1.4])
-    results, failures = gates.compare.ratio_gate({"flat": 1.0}, measure, 1.5)
+    results, failures = gates.compare.ratio_gate({"Xeon": {"flat": 1.0}}, "Xeon", measure, 1.5)
     assert failures == [] and calls == ["flat"] and results[0].rerun is None
 
 
 def test_a_ratio_past_the_factor_that_a_rerun_does_not_confirm_passes(gates):
     measure, calls = _measure([1.6, 1.2])
-    results, failures = gates.compare.ratio_gate({"flat": 1.0}, measure, 1.5)
+    results, failures = gates.compare.ratio_gate({"Xeon": {"flat": 1.0}}, "Xeon", measure, 1.5)
     assert failures == [] and calls == ["flat", "flat again"]
     assert results[0].rerun == 1.2 and not results[0].failed
     assert "noise" in results[0].note(1.5)
@@ -110,24 +110,139 @@ def test_a_ratio_past_the_factor_that_a_rerun_does_not_confirm_passes(gates):
 
 def test_a_ratio_past_the_factor_confirmed_by_the_rerun_fails(gates):
     measure, calls = _measure([2.0, 1.9])
-    results, [f] = gates.compare.ratio_gate({"GPT-2": 0.8}, measure, 1.5)
+    results, [f] = gates.compare.ratio_gate({"AMD EPYC": {"GPT-2": 0.8}}, "AMD EPYC", measure, 1.5)
     assert calls == ["GPT-2", "GPT-2 again"] and results[0].failed
     msg = f.message()
-    for part in ("[ratios]", "GPT-2", "measured 2", "expected 0.8", "1.5x", "1.2", "confirmed by a rerun (1.9)",
-                 "fastema 1.0 ms, baseline 1.0 ms", "python -m bench.gates update --only ratios"):
+    for part in ("[ratios]", "GPT-2", "measured 2", "expected 0.8", "1.5x AMD EPYC's ratio", "1.2",
+                 "confirmed by a rerun (1.9)", "fastema 1.0 ms, baseline 1.0 ms",
+                 "python -m bench.gates update --only ratios"):
         assert part in msg, (part, msg)
 
 
 def test_without_a_rerun_the_first_measurement_decides(gates):
     measure, calls = _measure([2.0])
-    _, [f] = gates.compare.ratio_gate({"flat": 1.0}, measure, 1.5, rerun=False)
+    _, [f] = gates.compare.ratio_gate({"F": {"flat": 1.0}}, "F", measure, 1.5, rerun=False)
     assert calls == ["flat"] and "no rerun" in f.message()
 
 
-def test_a_ratio_with_no_committed_value_fails(gates):
-    measure, _ = _measure([1.0])
-    _, [f] = gates.compare.ratio_gate({}, measure, 1.5, names=["new scenario"])
-    assert "no committed ratio" in f.message()
+def test_a_ratio_is_judged_against_its_own_cpu_familys_expectation_only(gates):
+    gate = gates.compare.ratio_gate
+    committed = {"AMD EPYC": {"smoother": 1.0, "flat": 1.0},
+                 "Intel Xeon": {"smoother": 4.0, "flat": 1.0}}
+    measure, _ = _measure([5.0, 5.0, 5.0, 1.0])
+    _, [f] = gate(committed, "AMD EPYC", measure, 1.5, names=["smoother", "flat"])
+    assert "AMD EPYC" in f.message() and "expected 1" in f.message() and f.scenario == "smoother"
+    measure, _ = _measure([5.0])
+    results, failures = gate(committed, "Intel Xeon", measure, 1.5, names=["smoother"])
+    assert failures == [] and results[0].expected == 4.0 and results[0].rerun is None   # 5 < 6
+
+
+def test_an_unknown_cpu_family_is_measured_and_printed_but_not_judged(gates):
+    measure, calls = _measure([9.0, 9.0])
+    committed = {"AMD EPYC": {"flat": 1.0, "swap": 0.3}}
+    results, failures = gates.compare.ratio_gate(committed, "Hygon Dhyana", measure, 1.5,
+                                                 names=["flat", "swap"])
+    assert failures == [] and calls == ["flat", "swap"]           # no rerun either: nothing judged
+    assert all(r.not_judged and not r.failed for r in results)
+    assert results[0].note(1.5) == "not judged: no Hygon Dhyana expectations"
+    why = gates.compare.unjudged_family("Hygon Dhyana", committed)
+    for part in ("no ratios for this CPU family, Hygon Dhyana", "it has: AMD EPYC",
+                 "another family", "python -m bench.gates update --only ratios",
+                 "commit bench/gates.json"):
+        assert part in why, (part, why)
+    header = gates.cli._ratios_header("Hygon Dhyana", committed, {})
+    assert "NOT JUDGED" in header and why in header
+
+
+def test_a_scenario_its_family_has_not_recorded_is_not_judged_and_says_how_to_record_it(gates):
+    measure, _ = _measure([9.0])
+    [r], failures = gates.compare.ratio_gate({"AMD EPYC": {"flat": 1.0}}, "AMD EPYC", measure, 1.5,
+                                             names=["smoother"])
+    assert failures == [] and not r.failed
+    assert "no AMD EPYC expectation for this scenario" in r.note(1.5)
+    assert "python -m bench.gates update --only ratios" in r.note(1.5)
+
+
+@pytest.mark.parametrize("vendor, model, family", [
+    ("AuthenticAMD", "AMD EPYC 7763 64-Core Processor", "AMD EPYC"),
+    ("AuthenticAMD", "AMD EPYC 9654 96-Core Processor", "AMD EPYC"),
+    ("GenuineIntel", "Intel(R) Xeon(R) Processor", "Intel Xeon"),     # a VM hides the model
+    ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+", "Intel Xeon"),
+    ("GenuineIntel", "Intel(R) Core(TM) i7-9750H CPU @ 2.60GHz", "Intel Core"),
+    ("AuthenticAMD", "AMD Ryzen 9 5950X 16-Core Processor", "AMD Ryzen"),
+])
+def test_the_cpu_family_is_vendor_and_brand_from_proc_cpuinfo(gates, vendor, model, family):
+    text = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nmodel\t\t: 1\n"
+            f"model name\t: {model}\n")
+    assert gates.record.cpu_family(text + text.replace(": 0", ": 1")) == family
+
+
+def test_a_cpuinfo_without_vendor_or_model_names_the_architecture(gates):
+    import platform
+
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n"
+    assert gates.record.cpu_family(arm) == (platform.machine() or "unknown")
+    assert gates.record.machine()["cpu_family"] == gates.record.cpu_family()
+
+
+def test_update_replaces_its_own_familys_ratios_and_keeps_the_others(gates):
+    old = {"commit": "old"}
+    exp = {"ratios": {"AMD EPYC": {"a": 1.0}, "Intel Xeon": {"a": 2.0}}, "instructions": {"x": 1},
+           "measured_on": {"ratios": {"AMD EPYC": old, "Intel Xeon": old},
+                           "instructions": {"commit": "i"}}}
+    new = gates.record.with_family_ratios(exp, "Intel Xeon", {"a": 2.5, "b": 0.5},
+                                          {"commit": "new"})
+    assert new["ratios"] == {"AMD EPYC": {"a": 1.0}, "Intel Xeon": {"a": 2.5, "b": 0.5}}
+    assert new["measured_on"]["ratios"] == {"AMD EPYC": old, "Intel Xeon": {"commit": "new"}}
+    assert new["instructions"] == {"x": 1} and new["measured_on"]["instructions"] == {"commit": "i"}
+    assert exp["ratios"]["Intel Xeon"] == {"a": 2.0}                   # the caller's is unchanged
+    fresh = gates.record.with_family_ratios({}, "AMD EPYC", {"a": 1.0}, {"commit": "c"})
+    assert fresh["ratios"] == {"AMD EPYC": {"a": 1.0}}
+    assert fresh["measured_on"]["ratios"] == {"AMD EPYC": {"commit": "c"}}
+
+
+# ---------------------------------------------------------------- ratios: the clock
+
+
+def test_a_call_on_the_calling_thread_alone_is_charged_its_thread_cpu_time(gates):
+    charged = gates.ratios.charged
+    assert charged(wall=0.050, thread=0.010, process=0.0101) == (0.010, "thread CPU")   # preempted
+    assert charged(wall=0.000_3, thread=0.000_2, process=0.000_21) == (0.000_2, "thread CPU")
+
+
+def test_a_call_other_threads_worked_for_is_charged_its_wall_time(gates):
+    charged = gates.ratios.charged
+    assert charged(wall=0.006, thread=0.005, process=0.010) == (0.006, "wall")     # parallel kernel
+    assert charged(wall=0.020, thread=0.000_1, process=0.019) == (0.020, "wall")   # on a worker
+
+
+def _busy(seconds):
+    import time
+
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_multi_threaded_call_is_timed_on_the_wall_clock_not_the_calling_threads(gates):
+    """The work done on a helper thread while the calling thread waits: on the calling thread's CPU
+    clock that call would cost nothing (a ratio near 0); charged its wall time, it costs what the
+    same work on the calling thread costs (a ratio near 1; a loaded machine only makes the wall
+    side longer)."""
+    import threading
+
+    def on_a_helper():
+        t = threading.Thread(target=_busy, args=(0.004,))
+        t.start()
+        t.join()
+
+    def setup(kind):
+        return on_a_helper, (lambda: _busy(0.004))
+
+    name = next(iter(gates.ratios.RATIOS))
+    ratio, times = gates.ratios.measure_ratio(name, rounds=3, setup=setup)
+    assert times["fastema_clock"] == "wall" and times["baseline_clock"] == "thread CPU", times
+    assert ratio > 0.5, times
 
 
 # ---------------------------------------------------------------- valgrind's output
@@ -150,7 +265,10 @@ def test_the_committed_expectations_cover_every_scenario(gates):
     exp = gates.record.load_expectations()
     assert set(exp["instructions"]) == set(gates.scenarios.host_names())
     assert set(exp["counts"]) == set(gates.scenarios.host_names())
-    assert set(exp["ratios"]) == set(gates.ratios.RATIOS)
+    families = exp["ratios"]                                     # {CPU family: {scenario: ratio}}
+    assert set().union(*families.values()) == set(gates.ratios.RATIOS)      # each judged somewhere
+    assert all(set(ratios) <= set(gates.ratios.RATIOS) for ratios in families.values())
+    assert set(exp["measured_on"]["ratios"]) == set(families)               # each one stamped
     assert all(v["collectives"] == 0 for v in exp["counts"].values())     # no per-step path makes one
     assert exp["tolerance"]["ratio_factor"] >= 1.5 and exp["tolerance"]["instructions"] <= 0.03
 

@@ -22,13 +22,26 @@ from .common import (
     ToolMissing,
     use_tree,
 )
-from .compare import compare_exact, compare_instructions, fmt, ratio_gate
+from .compare import compare_exact, compare_instructions, fmt, ratio_gate, unjudged_family
 from .counts import measure_counts
 from .history import append_history, plot_history, read_history
 from .instructions import Instructions
-from .ratios import RATIOS, measure_ratio
-from .record import git, load_expectations, machine, record, write_record
+from .ratios import CLOCK, RATIOS, measure_ratio
+from .record import (
+    cpu_family,
+    git,
+    load_expectations,
+    machine,
+    record,
+    with_family_ratios,
+    write_record,
+)
 from .sass import measure_sass
+
+ABOUT = ("fastema's performance gates (bench/gates/, issue 53): expected figures per scenario; "
+         "the ratios one set per CPU family (bench.gates.record.cpu_family), judged only on a "
+         "machine of that family. Rewrite with `python -m bench.gates update [--only SECTION]` "
+         "and commit with the change that moved them.")
 
 
 def measure(sections: list, notes: list, ratios=None, log=print) -> tuple[dict, dict]:
@@ -83,6 +96,19 @@ def _table(section: str, expected: dict, measured: dict, failures: list) -> str:
     return "\n".join(lines)
 
 
+def _ratios_header(family: str, committed: dict, stamps: dict) -> str:
+    """The ratios' first line: the clock and threads, this CPU and whose expectations judge it."""
+    cpu = machine()["cpu"]
+    head = (f"  one thread each; a call's time is its wall time, less the waits for other "
+            f"processes where it ran on the calling thread alone; this CPU: {cpu} (family "
+            f"{family}): ")
+    if family not in committed:
+        return head + "NOT JUDGED: " + unjudged_family(family, committed)
+    stamp = stamps.get(family, {})
+    where = ", ".join(f"{k} {stamp[k]}" for k in ("machine", "commit", "date") if k in stamp)
+    return head + f"judged against {family}'s expectations" + (f" ({where})" if where else "")
+
+
 def cmd_check(args) -> int:
     t0 = time.perf_counter()
     exp = load_expectations()
@@ -92,13 +118,18 @@ def cmd_check(args) -> int:
     notes: list = []
     results: list = []
 
+    family = cpu_family()
+    committed = exp.get("ratios", {})
+
     def ratios():
-        found, fails = ratio_gate(exp.get("ratios", {}), measure_ratio, factor, rerun=not args.no_rerun,
+        found, fails = ratio_gate(committed, family, measure_ratio, factor, rerun=not args.no_rerun,
                                   names=list(RATIOS))
         results.extend(found)
         ratio_failures.extend(fails)
-        return {r.scenario: {"ratio": round(r.ratio, 4), "rerun": None if r.rerun is None else round(r.rerun, 4),
-                             **r.times} for r in found}
+        return {r.scenario: {"ratio": round(r.ratio, 4),
+                             "rerun": None if r.rerun is None else round(r.rerun, 4),
+                             "expected": r.expected, "judged": r.not_judged is None, **r.times}
+                for r in found}
 
     ratio_failures: list = []
     try:
@@ -118,11 +149,15 @@ def cmd_check(args) -> int:
             continue
         print(f"== {section} ({seconds.get(section, '-')} s)")
         if section == "ratios":
+            print(_ratios_header(family, committed, exp.get("measured_on", {}).get("ratios", {})))
             for r in results:
                 v = figures["ratios"][r.scenario]
-                print(f"  {'FAIL' if r.failed else 'ok':4} {r.scenario}: {v['ratio']:.3g} (committed "
-                      f"{fmt(r.expected) if r.expected else '-'}; CPU ms fastema {v['fastema_ms']}, baseline "
-                      f"{v['baseline_ms']}; wall-time ratio {v['wall_ratio']:.3g}) {r.note(factor)}")
+                state = "FAIL" if r.failed else "--" if r.not_judged else "ok"
+                print(f"  {state:4} {r.scenario}: {v['ratio']:.3g} (expected "
+                      f"{fmt(r.expected) if r.expected else '-'}; ms fastema {v['fastema_ms']}, "
+                      f"baseline {v['baseline_ms']}, on the clocks {v['fastema_clock']}, "
+                      f"{v['baseline_clock']}; wall-clock ratio {v['wall_ratio']:.3g}) "
+                      f"{r.note(factor)}")
         else:
             print(_table(section, exp.get(section, {}), figures[section], failures))
     for n in notes:
@@ -150,7 +185,7 @@ def cmd_update(args) -> int:
     def ratios():                                     # the median of 3 measurements: a typical run's ratio
         raw = {}
         for name in RATIOS:
-            runs = sorted(measure_ratio(name) for _ in range(3))
+            runs = sorted((measure_ratio(name) for _ in range(3)), key=lambda run: run[0])
             committed[name] = round(runs[1][0], 4)
             raw[name] = {"ratio": committed[name], **runs[1][1]}
             print(f"ratios: {name}: {committed[name]:.3g} (3 runs: {', '.join(f'{r:.3g}' for r, _ in runs)})")
@@ -161,19 +196,19 @@ def cmd_update(args) -> int:
     except ToolMissing as err:
         print(f"gates: {err}", file=sys.stderr)
         return 2
-    if committed:
-        exp["ratios"] = committed
     for section in DETERMINISTIC:
         if section in figures:
             exp[section] = figures[section]
     exp["tolerance"] = exp.get("tolerance", {"instructions": INSTR_TOLERANCE, "ratio_factor": RATIO_FACTOR})
-    exp["about"] = ("fastema's performance gates (bench/gates/, issue 53): expected figures per scenario. Rewrite "
-                    "with `python -m bench.gates update [--only SECTION]` and commit with the change that moved them.")
+    exp["about"] = ABOUT
     exp.setdefault("measured_on", {})
     stamp = {"commit": git("rev-parse", "--short", "HEAD"), "date": datetime.date.today().isoformat(),
              "machine": machine()["cpu"], "cores": os.cpu_count()}
     for section in args.only:
-        exp["measured_on"][section] = stamp
+        if section != "ratios":
+            exp["measured_on"][section] = stamp
+    if committed:                                     # this CPU family's, the others' kept
+        exp = with_family_ratios(exp, cpu_family(), committed, {**stamp, "clock": CLOCK})
     EXPECT.write_text(json.dumps(exp, indent=1, sort_keys=True) + "\n")
     rec = record(figures, [], notes, time.perf_counter() - t0, "update " + ",".join(args.only))
     rec["seconds"] = seconds
@@ -220,7 +255,9 @@ def main(argv=None) -> int:
     h.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     if args.command in ("check", "update"):
-        os.environ.setdefault("FASTEMA_NUM_THREADS", "1")      # before fastema is imported: the ratios' one thread
+        # before fastema is imported: the ratios' one thread, always (whatever the environment
+        # says: an expectation holds for the settings it was recorded with)
+        os.environ["FASTEMA_NUM_THREADS"] = "1"
         use_tree()
     return {"check": cmd_check, "update": cmd_update, "history": cmd_history}[args.command](args)
 

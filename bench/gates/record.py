@@ -20,14 +20,51 @@ def git(*args) -> str:
         return ""
 
 
-def machine() -> dict:
-    cpu = ""
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            return f.read(1 << 16)
     except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+        return ""
+
+
+def _field(cpuinfo: str, key: str) -> str:
+    """The first ``key : value`` line's value in /proc/cpuinfo's text, or ""."""
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    return ""
+
+
+_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon",
+            "CentaurHauls": "Centaur"}
+_NOT_BRANDS = {"intel", "amd", "cpu", "processor", "genuine", "authentic"}
+
+
+def cpu_family(cpuinfo: str | None = None) -> str:
+    """The CPU's family as the ratio gates key their expectations: the vendor (``vendor_id``) and
+    the brand, the first word of the ``model name`` after the vendor's (``Intel(R) Xeon(R)
+    Processor`` -> ``Intel Xeon``, ``AMD EPYC 7763 64-Core Processor`` -> ``AMD EPYC``,
+    ``Intel(R) Core(TM) i7-9750H`` -> ``Intel Core``): stable across a family's models, which VMs
+    often hide. Without either field (another architecture's /proc/cpuinfo), the machine's
+    architecture (``aarch64``). ``cpuinfo``: the text of /proc/cpuinfo (default: this machine's)."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    vendor_id, model = _field(text, "vendor_id"), _field(text, "model name")
+    vendor = _VENDORS.get(vendor_id, vendor_id)
+    for mark in ("(R)", "(TM)", "(tm)", "(r)"):
+        model = model.replace(mark, " ")
+    skip = _NOT_BRANDS | {vendor.lower()}
+    brand = next((w for w in model.split() if w.isalpha() and w.lower() not in skip), "")
+    family = " ".join(part for part in (vendor, brand) if part)
+    return family or platform.machine() or "unknown"
+
+
+def machine() -> dict:
+    text = _cpuinfo()
+    cpu = _field(text, "model name")
+    return {"host": platform.node(), "cpu": cpu or platform.processor(),
+            "cpu_family": cpu_family(text), "cores": os.cpu_count(),
             "system": f"{platform.system()} {platform.release()}"}
 
 
@@ -77,6 +114,15 @@ def write_record(rec: dict, folder: Path = OUT) -> Path:
     path = folder / f"gates-{rec['run']}.json"
     path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return path
+
+
+def with_family_ratios(exp: dict, family: str, ratios: dict, stamp: dict) -> dict:
+    """``exp`` (bench/gates.json's content) with ``family``'s ratio expectations replaced by
+    ``ratios`` and stamped (``measured_on.ratios[family]``); the other families' kept."""
+    measured_on = exp.get("measured_on", {})
+    stamps = {**measured_on.get("ratios", {}), family: stamp}
+    return {**exp, "ratios": {**exp.get("ratios", {}), family: ratios},
+            "measured_on": {**measured_on, "ratios": stamps}}
 
 
 def load_expectations(path: Path = EXPECT) -> dict:
