@@ -1,18 +1,23 @@
 """``python -m fastema warm``: fill this machine's kernel caches, for container builds and job prologs.
 
-The CPU kernels a first update needs are found by making those first updates, through the public
-paths, on tiny inputs: ``fastema.torch.EMA`` over float32, bfloat16 (float32 and bfloat16 shadows,
-stochastic rounding), float64 models, two decays, ``skip_nonfinite``, a swap, ``WindowAverage``;
-``FlatShadow``, ``WindowShadow`` and ``Smoother`` over NumPy arrays. Each runs twice: as is (the
-serial kernels) and with the launch tunables shrunk so that the same tiny inputs take the parallel
-kernels a real model takes. Nothing is listed by hand, so the set follows the launchers. Every kernel
-numba compiles is counted at numba's compile event (a kernel loaded from the cache is not).
+The CPU kernels a model average's first uses need are found by making those first uses, through the
+public paths, on tiny inputs: for each dtype pair of :data:`AVERAGES` (float32, bfloat16 and float16
+models with float32 averages, bfloat16 averages of bfloat16 and float32 models in both roundings,
+float64 models), ``fastema.torch.EMA``'s first update, swap in and back (``average_parameters``:
+exchanged, packed or through a backup, as the pair needs) and ``copy_to``; then two decays,
+``skip_nonfinite`` and ``WindowAverage`` over a float32 model, and ``FlatShadow``, ``WindowShadow``
+and ``Smoother`` over NumPy arrays. Each runs twice: as is (the serial kernels) and with the launch
+tunables shrunk so that the same tiny inputs take the parallel kernels a real model takes. No kernel
+is listed by hand, so the set follows the launchers. ``--dtypes`` keeps the first uses of some
+dtypes only. Every kernel numba compiles is counted at numba's compile event (a kernel loaded from
+the cache is not).
 
 Where a CUDA GPU is visible, the CUDA variants not shipped for it are compiled too
 (``fastema._launch.variants.warm``).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -22,6 +27,18 @@ from . import Parser, parse
 __all__ = ["main"]
 
 PROG = "python -m fastema warm"
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _dtypes(text: str) -> tuple:
+    """``--dtypes``' type: a comma list of :data:`DTYPES`, else a usage error naming the bad."""
+    chosen = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in chosen if d not in DTYPES]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(DTYPES)}, "
+                                         f"got {text!r}")
+    return tuple(d for d in DTYPES if d in chosen)
 
 
 def _parser() -> Parser:
@@ -33,6 +50,9 @@ def _parser() -> Parser:
                 epilog="Exits 1 with the reason where the kernels cannot be cached (no writable folder, or one "
                        "others can write). Running it again compiles nothing.")
     ap.add_argument("--cpu-only", action="store_true", help="do not compile CUDA kernels even where a GPU is visible")
+    ap.add_argument("--dtypes", type=_dtypes, default=DTYPES, metavar="LIST",
+                    help=f"comma list of the model (and array) dtypes whose first uses to make, "
+                         f"of {', '.join(DTYPES)} (default: all); a bfloat16 job needs bfloat16")
     return ap
 
 
@@ -67,6 +87,7 @@ class _Compiles:
 
 
 def _numpy_updates():
+    """``(name, dtype, first use)`` of the NumPy paths."""
     import numpy as np
 
     import fastema
@@ -74,51 +95,79 @@ def _numpy_updates():
     def arrays(dtype):
         return [np.linspace(-1, 1, 96, dtype=dtype).reshape(8, 12), np.ones(24, dtype)]
 
-    yield "FlatShadow, float32", lambda: fastema.FlatShadow(arrays(np.float32)).update(0.99)
-    yield "FlatShadow, float64", lambda: fastema.FlatShadow(arrays(np.float64), dtype="same").update(0.99)
-    yield "FlatShadow, two decays, skip_nonfinite", lambda: fastema.FlatShadow(arrays(np.float32), rows=2).update(
-        (0.9, 0.99), skip_nonfinite=True)
-    yield "WindowShadow", lambda: fastema.WindowShadow(arrays(np.float32), 4).push()
-
     def smoother():
         s = fastema.Smoother(decay=0.9, window=4)
         s.update(np.linspace(0, 1, 64))
-    yield "Smoother (EMA and SMA)", smoother
+
+    f32, f64 = np.float32, np.float64
+    yield "FlatShadow, float32", "float32", lambda: fastema.FlatShadow(arrays(f32)).update(0.99)
+    yield "FlatShadow, float64", "float64", lambda: fastema.FlatShadow(
+        arrays(f64), dtype="same").update(0.99)
+    yield "FlatShadow, two decays, skip_nonfinite", "float32", lambda: fastema.FlatShadow(
+        arrays(f32), rows=2).update((0.9, 0.99), skip_nonfinite=True)
+    yield "WindowShadow", "float32", lambda: fastema.WindowShadow(arrays(f32), 4).push()
+    yield "Smoother (EMA and SMA)", "float64", smoother
+
+
+AVERAGES = (
+    ("float32", {}),
+    ("bfloat16", {}),
+    ("float16", {}),
+    ("bfloat16", {"shadow_dtype": "bfloat16"}),
+    ("bfloat16", {"shadow_dtype": "bfloat16", "rounding": "stochastic"}),
+    ("float32", {"shadow_dtype": "bfloat16"}),
+    ("float32", {"shadow_dtype": "bfloat16", "rounding": "stochastic"}),
+    ("float64", {}),
+)
+"""The model averages whose first uses :func:`_first_uses` makes: ``(model dtype, EMA options)``:
+float32, bfloat16 and float16 models with float32 averages, bfloat16 averages of bfloat16 and
+float32 models (round to nearest, stochastic rounding), float64 models with float64 averages."""
+
+
+def _average_name(dtype: str, options: dict) -> str:
+    shadow = options.get("shadow_dtype", "float64" if dtype == "float64" else "float32")
+    rounding = ", stochastic rounding" if options.get("rounding") == "stochastic" else ""
+    return f"EMA, {dtype} model, {shadow} average{rounding}"
+
+
+def _first_uses(model, EMA, options: dict) -> None:
+    """A model average's first uses, each of which may need kernels of its own: an update, the swap
+    in and back of an evaluation block, a ``copy_to``."""
+    ema = EMA(model, **options)
+    ema.update()
+    with ema.average_parameters():
+        pass
+    ema.copy_to()
 
 
 def _torch_updates():
+    """``(name, dtype, first use)`` of the fastema.torch paths."""
     import torch
     from torch import nn
 
     from fastema.torch import EMA, WindowAverage
 
-    def model(dtype=torch.float32):
-        return nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8)).to(dtype)
+    def model(dtype="float32"):
+        return nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8)).to(getattr(torch, dtype))
 
-    def swap():
-        ema = EMA(model())
-        ema.update()
-        with ema.average_parameters():
-            pass
-
-    yield "EMA, float32 model", lambda: EMA(model()).update()
-    yield "EMA, bfloat16 model, float32 shadow", lambda: EMA(model(torch.bfloat16)).update()
-    yield "EMA, bfloat16 shadow, stochastic rounding", lambda: EMA(
-        model(), shadow_dtype="bfloat16", rounding="stochastic").update()
-    yield "EMA, float64 model", lambda: EMA(model(torch.float64)).update()
-    yield "EMA, two decays", lambda: EMA(model(), decay=(0.99, 0.999)).update()
-    yield "EMA, skip_nonfinite", lambda: EMA(model(), skip_nonfinite=True).update()
-    yield "EMA, swap for evaluation", swap
-    yield "WindowAverage", lambda: WindowAverage(model(), 4).update()
+    for dtype, options in AVERAGES:
+        yield (_average_name(dtype, options), dtype,
+               lambda d=dtype, o=options: _first_uses(model(d), EMA, o))
+    yield "EMA, float32 model, two decays", "float32", lambda: EMA(
+        model(), decay=(0.99, 0.999)).update()
+    yield "EMA, float32 model, skip_nonfinite", "float32", lambda: EMA(
+        model(), skip_nonfinite=True).update()
+    yield "WindowAverage, float32 model", "float32", lambda: WindowAverage(model(), 4).update()
 
 
-def _updates(say) -> list:
+def _updates(say, dtypes: tuple = DTYPES) -> list:
+    """``(name, first use)`` of every path whose dtype is one of ``dtypes``."""
     out = list(_numpy_updates())
     try:
         out += list(_torch_updates())
     except ImportError:
         say("  (torch is not installed: the fastema.torch updates are skipped)")
-    return out
+    return [(name, use) for name, dtype, use in out if dtype in dtypes]
 
 
 class _Parallel:
@@ -139,7 +188,7 @@ class _Parallel:
             setattr(config, name, value)
 
 
-def _warm_cpu(say) -> tuple[int, list, list]:
+def _warm_cpu(say, dtypes: tuple = DTYPES) -> tuple[int, list, list]:
     """Make every first update twice (serial, parallel), stopping at the first kernel that is not cached;
     returns (kernels compiled, their cache folders (None: not cached), the RuntimeWarnings raised meanwhile)."""
     import numba
@@ -149,7 +198,7 @@ def _warm_cpu(say) -> tuple[int, list, list]:
         passes.append(("parallel", _Parallel))
     else:
         say("  (NUMBA_NUM_THREADS=1: parallel kernels never run here, so they are not compiled)")
-    updates = _updates(say)
+    updates = _updates(say, dtypes)
     total, folders = 0, []
     with warnings.catch_warnings(record=True) as caught, _Compiles() as compiles:
         warnings.simplefilter("always", RuntimeWarning)
@@ -229,9 +278,10 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {err.name or err} is not installed; fastema's kernels need numpy and numba: "
               f"pip install 'numba>=0.59'", file=sys.stderr)
         return 1
-    say("CPU kernels (the first updates of fastema's public paths, on tiny inputs):")
+    say("CPU kernels (the first uses of fastema's public paths, on tiny inputs"
+        + ("" if args.dtypes == DTYPES else f"; {', '.join(args.dtypes)} only") + "):")
     t = time.perf_counter()
-    total, folders, warned = _warm_cpu(say)
+    total, folders, warned = _warm_cpu(say, args.dtypes)
     uncached = [f for f in folders if f is None]
     cached_in = sorted({f for f in folders if f is not None})
     if uncached:
