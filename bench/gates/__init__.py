@@ -21,10 +21,13 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
 - ``sass``: the sm_90 machine code of every per-step CUDA kernel as shipped (``kernels/device``), read by
   ``bench/gpu_sass.py`` (registers, spills, stack frame, blocks per SM, the streaming loop's load and
   store widths, bytes in flight). Gate: exact, so a change shows in review.
-- ``ratios``: time, fastema over its baseline, both in this process, interleaved, min of N (one thread
-  each; the thread's CPU time, so that preemption by other processes is not charged; the wall-time
-  ratio is recorded beside it). Gate: fails only past ``tolerance.ratio_factor`` (1.5x) times the
-  committed ratio, and only when a rerun of that scenario (twice the rounds) confirms it.
+- ``ratios``: time, fastema over its baseline, both in this process on one thread, interleaved, min
+  of N; a call is charged its wall time, less its waits for other processes where it ran on the
+  calling thread alone (its thread's CPU time: never a multi-threaded call's). Judged against the
+  expectations of this machine's CPU family only (``record.cpu_family``: ``Intel Xeon``, ``AMD
+  EPYC``; a family with none is measured and printed, not judged, and the line says how to record
+  them). Gate: fails only past ``tolerance.ratio_factor`` (1.5x) times the family's ratio, and only
+  when a rerun of that scenario (twice the rounds) confirms it.
 
 Every ``check`` and ``update`` writes its figures (commit, date, machine, versions) to
 ``bench/out/gates-STAMP.json``; ``history`` appends those not yet there to ``bench/history.jsonl`` (one
