@@ -1,7 +1,9 @@
 """Safe file access for every checkpoint reader (the post-hoc snapshots, ``fastema.posthoc.check_folder``,
 the merge's inputs): only regular files are opened (a FIFO, a socket or a device named like a
 checkpoint's file is refused, never read: :func:`regular`; :func:`open_regular` checks the open file
-itself), and a read is bounded by the memory free here before it allocates (:func:`fits`). A refusal
+itself), a read is bounded by the memory free here before it allocates (:func:`fits`), and bytes are
+read with ``pread`` from a descriptor the reader holds (:func:`pread_into`: never a memory map, so a
+file that shrinks while it is read is a short read, never SIGBUS). A refusal
 is a :class:`FileRefused` (a ValueError; :mod:`fastema.merge` raises it as its MergeError, the message
 kept). With the helpers their messages share (:func:`few`, :func:`first_line`, :func:`os_problem`).
 Importing this module imports the standard library only."""
@@ -12,7 +14,8 @@ import os
 import stat
 
 __all__ = ["FileRefused", "few", "first_line", "fits", "memory_available", "not_regular", "open_problem",
-           "open_regular", "os_problem", "out_of_memory", "regular", "resident", "root_error"]
+           "open_regular", "os_problem", "out_of_memory", "pread_into", "regular", "resident",
+           "root_error"]
 
 
 class FileRefused(ValueError):
@@ -94,6 +97,22 @@ def open_regular(path: str, follow: bool = True):
     except BaseException:
         os.close(fd)
         raise
+
+
+def pread_into(fd: int, out, offset: int) -> int:
+    """Fill ``out`` (a writable buffer) with the bytes of the file open at ``fd`` from ``offset``
+    (``pread``: the descriptor's position is not used, so threads may share it); returns how many
+    were read, fewer than ``len(out)`` only where the file ended first (it shrank since its size was
+    read: the caller says so, naming the file). OSError (EIO: the disk) passes through. The one
+    ``pread`` loop of the checkpoint readers (the merge's ``read="pread"``, post-hoc snapshots)."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)      # EINTR is retried by Python
+        if got <= 0:
+            break
+        done += got
+    return done
 
 
 def memory_available() -> int | None:

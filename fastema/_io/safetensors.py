@@ -23,7 +23,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, NamedTuple
 
-from .safe_files import FileRefused, os_problem, regular
+from .safe_files import FileRefused, os_problem, pread_into, regular
 
 if TYPE_CHECKING:
     import torch
@@ -306,26 +306,35 @@ def file_label(label: str, path: str) -> str:
     return label if f"({path})" in label else f"{label}, file {path!r}"
 
 
-def read_header(path: str, label: str) -> Header:
+def read_header(path: str, label: str, fd: int | None = None) -> Header:
     """The :class:`Header` of the safetensors file ``path`` (read for ``label``, the input messages
     name), every field checked against the file as the safetensors library checks it: a file that is
     not regular, cannot be read, is truncated or damaged is a :class:`FileRefused` naming it (and the
-    tensor)."""
-    regular(path, label)
+    tensor). ``fd``: a descriptor of ``path`` the caller holds (and checked to be a regular file),
+    read with ``pread`` (:func:`~.safe_files.pread_into`): the header of the file the caller reads
+    the tensors from; without it, ``path`` is opened for the header alone."""
+    if fd is None:
+        regular(path, label)
+        try:
+            with open(path, "rb") as f:
+                return read_header(path, label, f.fileno())
+        except OSError as err:
+            raise FileRefused(os_problem(path, label, err)) from None
     where = file_label(label, path)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise FileRefused(f"{where} is not a safetensors file ({size} bytes, shorter than its header's "
-                                  f"length)")
-            n = int.from_bytes(head, "little")
-            if n < 2 or n > MAX_HEADER or 8 + n > size:
-                raise FileRefused(f"{where} is not a safetensors file, or is truncated (a header of {n} bytes in a "
-                                  f"file of {size})")
-            text = f.read(n)
+        st = os.fstat(fd)
+        size = st.st_size
+        head = bytearray(8)
+        if pread_into(fd, head, 0) < 8:
+            raise FileRefused(f"{where} is not a safetensors file ({size} bytes, shorter than its "
+                              f"header's length)")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
+            raise FileRefused(f"{where} is not a safetensors file, or is truncated (a header of "
+                              f"{n} bytes in a file of {size})")
+        text = bytearray(n)
+        if pread_into(fd, text, 8) < n:
+            raise FileRefused(f"{where} was truncated while its header was read")
     except OSError as err:
         raise FileRefused(os_problem(path, label, err)) from None
     try:

@@ -27,7 +27,7 @@ import threading
 
 import numpy as np
 
-from .._io.safe_files import os_problem, regular
+from .._io.safe_files import os_problem, pread_into, regular
 from .._io.safetensors import ITEMSIZE, file_label, read_header
 from ._source import (
     DONTNEED,
@@ -205,16 +205,14 @@ class SafetensorsSource(Source):
             fd = f.fd
             if first:
                 f.changed(os.fstat(fd), name)
-        done = 0
-        while done < len(out):
-            try:
-                got = os.preadv(fd, [out[done:]], offset + lo + done)
-            except OSError as err:
-                raise read_problem(f.where, name, err) from None
-            if got <= 0:
-                raise MergeError(f"{f.where} was truncated during the merge: it ended while tensor {name!r} was read; "
-                                 f"let nothing rewrite a checkpoint while it is merged")
-            done += got
+        try:
+            got = pread_into(fd, out, offset + lo)
+        except OSError as err:
+            raise read_problem(f.where, name, err) from None
+        if got < len(out):
+            raise MergeError(f"{f.where} was truncated during the merge: it ended while tensor "
+                             f"{name!r} was read; let nothing rewrite a checkpoint while it is "
+                             f"merged")
 
     def done(self, name: str) -> None:
         file, offset = self._where[name]

@@ -5,7 +5,9 @@
 Read through :mod:`fastema.posthoc`'s own checks: the folder's snapshots by
 :func:`fastema.posthoc.read_snapshots` (one run, shapes agree, regular files only), each tensor by
 ``fastema.posthoc.tensor_reader`` (the checksum, the shape, a DCP snapshot's metadata
-through the allow-list unpickler). A snapshot's tensors are read whole (:attr:`mappable` False);
+through the allow-list unpickler). A snapshot's tensors are read whole (:attr:`mappable` False),
+with ``pread`` from a descriptor held until the merge closes its inputs, whatever ``read=`` says (a
+snapshot truncated during the merge is a MergeError naming it, never SIGBUS);
 the tensors it keeps as they are (``"model:{name}"``) are copied from the ``copy_from`` input.
 """
 from __future__ import annotations
@@ -64,6 +66,12 @@ class _Snapshot:
         except (ValueError, MemoryError, OSError) as err:
             raise MergeError(f"{self.label}: {' '.join(str(err).split())}") from None
 
+    def close(self) -> None:
+        """Closes the snapshot's file (each row's :meth:`SnapshotSource.close` calls it)."""
+        if self._read is not None:
+            read, self._read = self._read, None
+            read.close()
+
 
 class SnapshotSource(WholeTensorSource):
     """Stored profile ``row`` of one post-hoc snapshot (see the module)."""
@@ -89,6 +97,10 @@ class SnapshotSource(WholeTensorSource):
         if name not in self._loaded:                   # until done(name): a piece may still be read
             self._loaded[name] = self._shared.read(self._keys[name])
         return self._loaded[name]
+
+    def close(self) -> None:
+        super().close()
+        self._shared.close()
 
 
 

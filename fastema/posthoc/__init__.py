@@ -19,8 +19,9 @@ opened, and every file is checked (one run per folder, shapes, checksums, sizes)
 of it is used. On the writing side, ``check_folder`` keeps one run per folder (a claim file,
 created whole and exclusively through :mod:`fastema._io.files`).
 
-Importing this package imports numpy only; torch and safetensors are imported when a snapshot
-is written, read or synthesised.
+Importing this package imports numpy only; torch is imported when a snapshot is written, read or
+synthesised (safetensors files are read by fastema's own reader: ``pread`` from a descriptor held
+open, never a memory map, so a snapshot truncated while it is read is a ValueError naming it).
 """
 # Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION,
 # LEGACY_RUN_ID; what fastema.torch's writer and fastema.merge's reader call (check_folder, write_snapshot,

@@ -22,24 +22,36 @@ through an allow-list unpickler that builds DCP's metadata classes and nothing e
 anything reads it (:mod:`fastema._io.dcp`); a DCP snapshot's ``.distcp`` data goes through
 ``torch.load(weights_only=True)``. Only regular files are opened (a FIFO or a device named like a
 snapshot's file is refused, never read: :mod:`fastema._io.safe_files`). Reading is one tensor at a time
-(:func:`tensor_reader`: memory-mapped safetensors, or DCP with ``no_dist`` and the snapshot's
-metadata parsed once), every tensor checked (shape, dtype, checksum) and its size bounded before
-it is allocated: by the bytes its data files hold, and, from 16 MiB, by the memory free here (a
-MemoryError, which says so when the files are not fully stored on disk: sparse or compressed).
-Importing this module imports numpy only; torch and safetensors when used.
+(:func:`tensor_reader`: a safetensors snapshot with ``pread`` of each tensor's bytes from one
+descriptor held open, its header parsed from it, never a memory map; a DCP snapshot with
+``no_dist`` and its metadata parsed once), every tensor checked (shape, dtype, checksum) and its
+size bounded before it is allocated: by the bytes its data files hold, and, from 16 MiB, by the
+memory free here (a MemoryError, which says so when the files are not fully stored on disk:
+sparse or compressed). The held descriptor keeps the file it opened: a snapshot removed or
+renamed over while it is read is read whole; one truncated in place is a ValueError naming it
+(never SIGBUS); one rewritten in place fails its checksum. Importing this module imports numpy
+only; torch when a tensor is read or written.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import zlib
-from typing import Any, Callable
 
 from .._io.dcp import dcp_reader, save_dcp
 from .._io.files import atomic_write
-from .._io.safe_files import few, first_line, fits, open_regular, out_of_memory, regular
-from .._io.safetensors import FROM_CODE, ITEMSIZE
+from .._io.safe_files import (
+    FileRefused,
+    few,
+    first_line,
+    fits,
+    open_regular,
+    out_of_memory,
+    pread_into,
+)
+from .._io.safetensors import read_header
 from ._meta import (  # noqa: F401  (re-exported: the format's names, importable from here)
     FORMAT,
     LEGACY_RUN_ID,
@@ -65,16 +77,22 @@ _MAX_JSON = 64 << 20                  # a DCP snapshot's .json is small; a large
 # --------------------------------------------------------------------------- reading
 
 
-def _safetensors_metadata(path: str) -> dict:
-    from safetensors import safe_open
+def _label(path: str) -> str:
+    """How :func:`~fastema._io.safetensors.read_header`'s refusals name a snapshot's file."""
+    return f"snapshot ({path})"
 
-    regular(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as err:                      # SafetensorError, OSError: a file that is not one
-        raise ValueError(f"{path!r} is not a readable safetensors snapshot ({first_line(err)}); it is truncated, "
-                         f"empty or corrupt: move it out of the folder to synthesise from the others") from None
+
+def _unreadable(err: FileRefused) -> ValueError:
+    return ValueError(f"{err}; it is not a readable safetensors snapshot: move it out of the "
+                      f"folder to synthesise from the others")
+
+
+def _safetensors_metadata(path: str) -> dict:
+    with open_regular(path) as f:           # a FIFO is refused, never read (opened not blocking)
+        try:
+            return read_header(path, _label(path), f.fileno()).metadata
+        except FileRefused as err:          # truncated, empty, damaged: not a safetensors file
+            raise _unreadable(err) from None
 
 
 def _json_metadata(path: str) -> dict:
@@ -192,24 +210,36 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
 # --------------------------------------------------------------------------- reading tensors
 
 
-def tensor_reader(snap: Snapshot) -> Callable[[str], Any]:
+def tensor_reader(snap: Snapshot) -> TensorReader:
+    """The :class:`TensorReader` of one snapshot (``reader(key) -> tensor``; ``reader.close()``)."""
+    return TensorReader(snap)
+
+
+class TensorReader:
     """``key -> tensor`` of one snapshot, read on demand (one tensor at a time), each checked: a
     key the metadata names, the shape the metadata gives (or the flat form of a ZeRO-3
     partition), a floating dtype for the profiles, the checksum; tensors stored as bytes get their
-    dtype back. Every refusal is a ValueError naming the file and the tensor."""
-    meta = snap.meta
-    read = dcp_reader(snap.path) if snap.kind == "dcp" else _safetensors_reader(snap)
+    dtype back. Every refusal is a ValueError naming the file and the tensor. A safetensors
+    snapshot is read with ``pread`` from one descriptor held until :meth:`close` (see
+    :class:`_SafetensorsFile`), a DCP snapshot through its metadata parsed once."""
 
-    def expected(key: str):
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self._file = _SafetensorsFile(snap) if snap.kind != "dcp" else None
+        self._read = self._file.read if self._file is not None else dcp_reader(snap.path)
+
+    def _expected(self, key: str):
+        meta = self.snap.meta
         if meta is None or meta.version < 2:
             return None
         return meta.shapes.get(split_key(key)[0])
 
-    def get(key: str):
+    def __call__(self, key: str):
         import torch
 
-        want = expected(key)
-        t = read(key, want)
+        snap, meta = self.snap, self.snap.meta
+        want = self._expected(key)
+        t = self._read(key, want)
         averaged = not split_key(key)[1]
         if meta is not None and key in meta.raw:
             dtype = getattr(torch, meta.raw[key], None)
@@ -230,49 +260,85 @@ def tensor_reader(snap: Snapshot) -> Callable[[str], Any]:
                              f"is corrupt")
         return t
 
-    return get
+    def close(self) -> None:
+        """Closes the snapshot's file (a DCP snapshot's reader holds none)."""
+        if self._file is not None:
+            self._file.close()
 
 
-def _safetensors_reader(snap: Snapshot) -> Callable:
-    from safetensors import safe_open
+class _SafetensorsFile:
+    """A safetensors snapshot's tensors, each read with ``pread`` of its byte range into a tensor
+    of its own (no memory map), from one descriptor opened when the reader is made, its header
+    parsed from that descriptor (:func:`fastema._io.safetensors.read_header`: every field checked
+    against the file). The descriptor keeps the file: a snapshot removed or renamed over while it
+    is read is read whole. A snapshot truncated in place reads short: a ValueError naming it,
+    never SIGBUS; one rewritten in place fails its checksum (a ValueError naming it)."""
 
-    st = regular(snap.path)
-    try:
-        handle = safe_open(snap.path, framework="pt")
-        keys = set(handle.keys())
-    except Exception as err:                      # SafetensorError, OSError
-        raise ValueError(f"{snap.path!r} is not a readable safetensors snapshot ({first_line(err)}); move it out "
-                         f"of the folder to synthesise from the others") from None
-    checksums = snap.meta.checksums if snap.meta is not None else {}
-
-    def read(key: str, want):
-        if key not in keys:
-            raise ValueError(f"{snap.path!r} has no tensor {key!r}, which its metadata names; the snapshot is "
-                             f"corrupt: move it out of the folder to synthesise from the others")
+    def __init__(self, snap: Snapshot) -> None:
+        self.path = snap.path
+        self.checksums = snap.meta.checksums if snap.meta is not None else {}
         try:
-            part = handle.get_slice(key)
-            nbytes = math.prod(part.get_shape()) * ITEMSIZE.get(FROM_CODE.get(part.get_dtype(), ""), 8)
-        except Exception as err:                  # SafetensorError
-            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({first_line(err)}); the snapshot "
-                             f"is corrupt: move it out of the folder") from None
-        fits(snap.path, repr(key), nbytes, {os.path.basename(snap.path): st})
+            self._f = open_regular(snap.path)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                raise OSError(err.errno, f"{snap.path!r} cannot be opened: too many open files "
+                                         f"(a synthesis holds one descriptor per snapshot it "
+                                         f"combines): raise the limit on open files (`ulimit "
+                                         f"-n`), or synthesise from fewer snapshots (time=)") \
+                    from None
+            raise
         try:
-            t = handle.get_tensor(key)
-        except Exception as err:                  # SafetensorError, an allocation that failed
+            self.st = os.fstat(self._f.fileno())
+            self.tensors = read_header(snap.path, _label(snap.path), self._f.fileno()).tensors
+        except FileRefused as err:
+            self._f.close()
+            raise _unreadable(err) from None
+        except BaseException:
+            self._f.close()
+            raise
+
+    def read(self, key: str, want):
+        import torch
+
+        path = self.path
+        if key not in self.tensors:
+            raise ValueError(f"{path!r} has no tensor {key!r}, which its metadata names; the "
+                             f"snapshot is corrupt: move it out of the folder to synthesise from "
+                             f"the others")
+        if self._f.closed:
+            raise ValueError(f"{path!r} was closed: its reader is not used after close()")
+        dtype, shape, nbytes, offset = self.tensors[key]
+        fits(path, repr(key), nbytes, {os.path.basename(path): self.st})
+        try:
+            data = torch.empty(nbytes, dtype=torch.uint8)
+        except (RuntimeError, MemoryError) as err:
             if out_of_memory(err):
-                raise MemoryError(f"{snap.path!r}: reading {key!r} ({nbytes} bytes) ran out of memory "
-                                  f"({first_line(err)}): synthesise on a machine with more memory") from None
-            raise ValueError(f"{snap.path!r}: tensor {key!r} could not be read ({first_line(err)}); the snapshot "
-                             f"is corrupt: move it out of the folder") from None
-        if key in checksums:
-            import torch
+                raise MemoryError(f"{path!r}: reading {key!r} ({nbytes} bytes) ran out of memory "
+                                  f"({first_line(err)}): synthesise on a machine with more "
+                                  f"memory") from None
+            raise
+        view = data.numpy().data               # a memoryview of its bytes
+        try:
+            got = pread_into(self._f.fileno(), view, offset)
+        except OSError as err:
+            raise ValueError(f"{path!r}: tensor {key!r} could not be read ({err.strerror or err}): "
+                             f"the disk failed, or the file was damaged; move it out of the "
+                             f"folder") from None
+        if got < nbytes:
+            now = os.fstat(self._f.fileno()).st_size
+            raise ValueError(f"{path!r} was truncated while it was read: it has {now} bytes now "
+                             f"({self.st.st_size} when it was opened), and tensor {key!r} lies at "
+                             f"bytes {offset} to {offset + nbytes}. Let nothing rewrite, truncate "
+                             f"or clean up snapshots while they are synthesised; move it out of "
+                             f"the folder to synthesise from the others")
+        if key in self.checksums:
+            crc = f"{zlib.crc32(view):08x}"
+            if crc != self.checksums[key]:
+                raise ValueError(f"{path!r}: tensor {key!r} fails its checksum (CRC-32 {crc}, "
+                                 f"written {self.checksums[key]}): the file was changed or "
+                                 f"damaged on disk after it was written. Move it out of the "
+                                 f"folder to synthesise from the others")
+        return data.view(getattr(torch, dtype)).reshape(shape)
 
-            data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()) if t.numel() else b""
-            crc = f"{zlib.crc32(data):08x}"
-            if crc != checksums[key]:
-                raise ValueError(f"{snap.path!r}: tensor {key!r} fails its checksum (CRC-32 {crc}, written "
-                                 f"{checksums[key]}): the file was changed or damaged on disk after it was written. "
-                                 f"Move it out of the folder to synthesise from the others")
-        return t
-
-    return read
+    def close(self) -> None:
+        self._f.close()

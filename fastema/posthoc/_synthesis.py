@@ -1,5 +1,5 @@
 """Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
-time (memory: one tensor per snapshot, as memory-mapped reads), and loaded into a model.
+time (memory: one tensor per snapshot, each read with ``pread``), and loaded into a model.
 
 Every tensor read is checked (:func:`~._snapshots.tensor_reader`: shape, dtype,
 checksum, a size this machine's memory can hold), every profile read must be finite, and so must
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .._io.safe_files import first_line, out_of_memory
 from ._meta import Snapshot, kept_key, profile_key
@@ -45,10 +45,13 @@ class SynthesisPlan:
     coefficients solved), whose tensors are computed one at a time: ``names`` (the averaged tensors,
     then the ones kept as they are), ``tensor(name)`` (each checked as :func:`synthesize` checks it),
     ``solution``. It keeps each snapshot's reader (:func:`~._snapshots.tensor_reader`: a safetensors
-    file open and memory-mapped, a DCP snapshot's parsed metadata) until :meth:`close`."""
+    snapshot's descriptor, held open, its tensors read with ``pread``; a DCP snapshot's parsed
+    metadata) from its first read until :meth:`close`. ``reader``: ``snapshot -> reader`` (a
+    ``key -> tensor`` callable with ``close()``; default :func:`~._snapshots.tensor_reader`)."""
 
     def __init__(self, directory: str | os.PathLike, sigma_rel: float | None, gamma: float | None,
-                 time: float | None, max_error: float, dtype: Any) -> None:
+                 time: float | None, max_error: float, dtype: Any,
+                 reader: Callable[[Snapshot], Any] = tensor_reader) -> None:
         import torch
 
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -61,10 +64,11 @@ class SynthesisPlan:
         self.names: list[str] = [*self.last.averaged, *self.last.others]
         self._averaged, self._kept = set(self.last.averaged), set(self.last.others)
         self._files: dict = {}
+        self._reader = reader
 
     def _read(self, s: Snapshot, key: str):
         if s.path not in self._files:
-            self._files[s.path] = tensor_reader(s)
+            self._files[s.path] = self._reader(s)
         return self._files[s.path](key)
 
     def tensor(self, name: str):
@@ -85,8 +89,10 @@ class SynthesisPlan:
                               f"({first_line(err)}): synthesise on a machine with more memory") from None
 
     def close(self) -> None:
-        """Drops the snapshots' readers (their open files)."""
-        self._files.clear()
+        """Closes the snapshots' readers (their open files)."""
+        files, self._files = self._files, {}
+        for read in files.values():
+            read.close()
 
 
 def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, gamma: float | None = None,
@@ -104,14 +110,18 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     Nothing in ``directory`` can run code (see :mod:`fastema.posthoc`). Refused with a
     ``ValueError`` naming the file (and the tensor): a folder that mixes runs or shapes (see
     :func:`read_snapshots`), a snapshot that is truncated, corrupt or fails its checksum (move it
-    out of the folder to synthesise from the others), a profile holding inf or NaN, and a result
-    that is not finite in ``dtype``.
+    out of the folder to synthesise from the others; also one truncated or rewritten in place while
+    it is read: each snapshot's tensors are read with ``pread`` from a descriptor held until the
+    synthesis is done, never memory-mapped), a profile holding inf or NaN, and a result that is
+    not finite in ``dtype``.
     """
     plan = SynthesisPlan(directory, sigma_rel, gamma, time, max_error, dtype)
     out = Synthesized()
-    for name in plan.names:
-        out[name] = plan.tensor(name)
-    plan.close()
+    try:
+        for name in plan.names:
+            out[name] = plan.tensor(name)
+    finally:
+        plan.close()                          # the snapshots' files, also when a read raised
     out.solution = plan.solution
     if into is not None:
         _load_into(into, out)
@@ -129,7 +139,12 @@ def synthesize_iter(directory: str | os.PathLike, sigma_rel: float | None = None
     The arguments are checked, the folder read and the coefficients solved when it is called (each
     refusal of :func:`synthesize`, and a name in ``order`` the snapshots do not hold, raised then); a
     profile holding inf or NaN, a result not finite in ``dtype`` or a damaged tensor raises when the
-    iterator reaches that tensor, after the ones before it were yielded."""
+    iterator reaches that tensor, after the ones before it were yielded.
+
+    Each snapshot is opened when the iterator first reads it and its descriptor held until the
+    iterator ends or is closed: its tensors are read with ``pread`` (never memory-mapped), so a
+    snapshot truncated in place meanwhile is a ValueError naming it (never SIGBUS), one rewritten
+    in place fails its checksum, and one removed or renamed over is read whole."""
     plan = SynthesisPlan(directory, sigma_rel, gamma, time, max_error, dtype)
     names = plan.names if order is None else list(order)
     unknown = sorted(set(names) - set(plan.names))
