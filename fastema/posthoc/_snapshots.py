@@ -39,6 +39,7 @@ import json
 import math
 import os
 import zlib
+from typing import Any
 
 from .._io.dcp import dcp_reader, save_dcp
 from .._io.files import atomic_write
@@ -215,18 +216,38 @@ def tensor_reader(snap: Snapshot) -> TensorReader:
     return TensorReader(snap)
 
 
+class Scratch:
+    """One buffer that reads reuse (:class:`TensorReader`'s ``scratch``), grown to the largest
+    tensor read into it: for a tensor used and dropped before the next read (a synthesis's
+    profiles), no fresh memory (and its page faults) for each read."""
+
+    def __init__(self) -> None:
+        self._buffer: Any = None
+
+    def take(self, nbytes: int):
+        """A uint8 tensor of ``nbytes`` bytes: the buffer's first, valid until the next call."""
+        import torch
+
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = None                    # the old one freed before the larger is made
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes]
+
+
 class TensorReader:
     """``key -> tensor`` of one snapshot, read on demand (one tensor at a time), each checked: a
     key the metadata names, the shape the metadata gives (or the flat form of a ZeRO-3
     partition), a floating dtype for the profiles, the checksum; tensors stored as bytes get their
     dtype back. Every refusal is a ValueError naming the file and the tensor. A safetensors
     snapshot is read with ``pread`` from one descriptor held until :meth:`close` (see
-    :class:`_SafetensorsFile`), a DCP snapshot through its metadata parsed once."""
+    :class:`_SafetensorsFile`), a DCP snapshot through its metadata parsed once. ``reader(key,
+    scratch)``: a safetensors tensor read into a :class:`Scratch` (its memory, valid until the
+    scratch's next read) instead of memory of its own."""
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
         self._file = _SafetensorsFile(snap) if snap.kind != "dcp" else None
-        self._read = self._file.read if self._file is not None else dcp_reader(snap.path)
+        self._dcp: Any = dcp_reader(snap.path) if self._file is None else None
 
     def _expected(self, key: str):
         meta = self.snap.meta
@@ -234,12 +255,12 @@ class TensorReader:
             return None
         return meta.shapes.get(split_key(key)[0])
 
-    def __call__(self, key: str):
+    def __call__(self, key: str, scratch: Scratch | None = None):
         import torch
 
         snap, meta = self.snap, self.snap.meta
         want = self._expected(key)
-        t = self._read(key, want)
+        t = self._file.read(key, want, scratch) if self._file is not None else self._dcp(key, want)
         averaged = not split_key(key)[1]
         if meta is not None and key in meta.raw:
             dtype = getattr(torch, meta.raw[key], None)
@@ -297,7 +318,7 @@ class _SafetensorsFile:
             self._f.close()
             raise
 
-    def read(self, key: str, want):
+    def read(self, key: str, want, scratch: Scratch | None = None):
         import torch
 
         path = self.path
@@ -310,7 +331,10 @@ class _SafetensorsFile:
         dtype, shape, nbytes, offset = self.tensors[key]
         fits(path, repr(key), nbytes, {os.path.basename(path): self.st})
         try:
-            data = torch.empty(nbytes, dtype=torch.uint8)
+            if scratch is None:
+                data = torch.empty(nbytes, dtype=torch.uint8)
+            else:
+                data = scratch.take(nbytes)
         except (RuntimeError, MemoryError) as err:
             if out_of_memory(err):
                 raise MemoryError(f"{path!r}: reading {key!r} ({nbytes} bytes) ran out of memory "

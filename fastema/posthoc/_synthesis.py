@@ -1,5 +1,6 @@
 """Synthesis: the average of any profile from the snapshots, computed in float64 one tensor at a
-time (memory: one tensor per snapshot, each read with ``pread``), and loaded into a model.
+time (memory: that tensor's float64 sum, and one buffer its profiles are read into in turn, with
+``pread``), and loaded into a model.
 
 Every tensor read is checked (:func:`~._snapshots.tensor_reader`: shape, dtype,
 checksum, a size this machine's memory can hold), every profile read must be finite, and so must
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .._io.safe_files import first_line, out_of_memory
 from ._meta import Snapshot, kept_key, profile_key
 from ._profiles import MAX_ERROR, Solution, solve
-from ._snapshots import read_snapshots, tensor_reader
+from ._snapshots import Scratch, read_snapshots, tensor_reader
 
 __all__ = ["SynthesisPlan", "Synthesized", "synthesize", "synthesize_iter"]
 
@@ -65,11 +66,14 @@ class SynthesisPlan:
         self._averaged, self._kept = set(self.last.averaged), set(self.last.others)
         self._files: dict = {}
         self._reader = reader
+        self._scratch = Scratch()
 
-    def _read(self, s: Snapshot, key: str):
+    def _read(self, s: Snapshot, key: str, reuse: bool = False):
+        """Tensor ``key`` of snapshot ``s``; ``reuse``: read into the plan's one buffer (valid until
+        the next such read: a profile, added to the sum and dropped)."""
         if s.path not in self._files:
             self._files[s.path] = self._reader(s)
-        return self._files[s.path](key)
+        return self._files[s.path](key, self._scratch if reuse else None)
 
     def tensor(self, name: str):
         """The synthesised tensor ``name`` (an averaged one combined in float64, in ``dtype``; one kept
@@ -89,8 +93,9 @@ class SynthesisPlan:
                               f"({first_line(err)}): synthesise on a machine with more memory") from None
 
     def close(self) -> None:
-        """Closes the snapshots' readers (their open files)."""
+        """Closes the snapshots' readers (their open files) and frees the read buffer."""
         files, self._files = self._files, {}
+        self._scratch = Scratch()
         for read in files.values():
             read.close()
 
@@ -168,18 +173,20 @@ def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype)
     acc: Any = None
     first = None
     for (s, k), x in zip(terms, sol.coefficients):
-        v = read(s, profile_key(k, name))
+        v = read(s, profile_key(k, name), True)     # in the plan's read buffer: added, then dropped
         if first is None:
             first = (s, v.shape)
         elif v.shape != first[1]:
             raise ValueError(f"{s.path!r} stores {name!r} with shape {list(v.shape)}, {first[0].path!r} with "
                              f"shape {list(first[1])}: snapshots of different models in one directory")
-        v = v.to(torch.float64)
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{s.path!r}: the profile {profile_key(k, name)} holds inf or NaN (a run that diverged, "
                              f"or a float16 snapshot of values beyond +-65504): synthesise at a time before it "
                              f"(time=), or move it out of the folder")
-        acc = v.mul_(float(x)) if acc is None else acc.add_(v, alpha=float(x))
+        if acc is None:
+            acc = v.to(torch.float64, copy=True).mul_(float(x))
+        else:
+            acc.add_(v, alpha=float(x))             # in float64, of v's values (exact in float64)
     shape = last.shapes.get(name, list(acc.shape))
     if acc.numel() != math.prod(shape):
         raise ValueError(f"{last.path!r} gives {name!r} the shape {shape}, but stores {acc.numel()} values; the "
