@@ -51,6 +51,7 @@ from .._io.safe_files import (
     open_regular,
     out_of_memory,
     pread_into,
+    regular,
 )
 from .._io.safetensors import read_header
 from ._meta import (  # noqa: F401  (re-exported: the format's names, importable from here)
@@ -89,7 +90,8 @@ def _unreadable(err: FileRefused) -> ValueError:
 
 
 def _safetensors_metadata(path: str) -> dict:
-    with open_regular(path) as f:           # a FIFO is refused, never read (opened not blocking)
+    regular(path)                           # a FIFO or device is refused, never opened
+    with open_regular(path) as f:           # (one swapped in since: refused, opened not blocking)
         try:
             return read_header(path, _label(path), f.fileno()).metadata
         except FileRefused as err:          # truncated, empty, damaged: not a safetensors file
@@ -299,6 +301,7 @@ class _SafetensorsFile:
         self.path = snap.path
         self.checksums = snap.meta.checksums if snap.meta is not None else {}
         try:
+            regular(snap.path)                  # a FIFO or device is refused, never opened
             self._f = open_regular(snap.path)
         except OSError as err:
             if err.errno in (errno.EMFILE, errno.ENFILE):
