@@ -29,6 +29,7 @@ import torch
 from fastema import posthoc
 from fastema.posthoc import _synthesis
 
+torch.set_num_threads(1)        # small tensors: a 2nd thread only waits for a core on a busy host
 root, run = sys.argv[1], sys.argv[2]
 ref = posthoc.synthesize(run, 0.08)
 
