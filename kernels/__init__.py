@@ -13,6 +13,8 @@ Installed as ``fastema.kernels`` from the top-level ``kernels/`` folder (``packa
   :mod:`._cpu_hw` and :mod:`._cuda_hw` instantiate them (the CUDA one falls back to plain
   Python under the simulator).
 - :mod:`._target`: compiles the plain element bodies for one target.
+- :mod:`._toolchain_cu12`, :mod:`._bounds`: the CUDA 12 set's toolchain (the build only) and the launch
+  bounds per compiled set and architecture.
 - :mod:`.layout`: segment and chunk tables for many tensors in one launch.
 - :mod:`.cpu`: every CPU kernel (chunk loops under ``prange``); :mod:`.cuda`: every CUDA
   kernel (grid-stride loops), imported lazily.

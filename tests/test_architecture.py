@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).parents[1]
 ALLOWED_IN_KERNELS = {"numpy", "numba", "llvmlite", "functools", "math", "types", "ctypes", "fractions", "sys",
                       # the disk cache's node-local folder and lock (kernels/_cache_node.py, _filelock.py)
                       "__future__", "contextlib", "fcntl", "os", "stat", "tempfile", "time",
-                      "inspect"}                  # a kernel factory's arguments named with their defaults (_cuda_jit)
+                      "inspect",                  # a kernel factory's arguments named with their defaults (_cuda_jit)
+                      "re", "subprocess"}         # the CUDA 12 build's ptxas and its log (_toolchain_cu12)
 
 
 def _imports(path: pathlib.Path, package: str, module_level_only: bool):
