@@ -19,17 +19,23 @@ a kernel that exists, to 256 threads and to fewer blocks than the kernel's own.
 from __future__ import annotations
 
 _SCAN_F32 = "nonfinite_kernel(0)"       # the float32 scan: at 6 blocks, 40 registers spill
+_PLAN_F32 = "plan_lerp_kernel(0,0,0)"    # the fused plan + lerp, float32 <- float32, nearest
 _SR_PLAN = ("plan_lerp_kernel(1,0,1)", "plan_lerp_kernel(1,1,1)", "plan_lerp_kernel(1,2,1)",
             "plan_lerp_kernel(2,0,1)", "plan_lerp_kernel(2,1,1)", "plan_lerp_kernel(2,2,1)")
 _SR_LERP_F16 = ("lerp_kernel(1,2,1,0)", "lerp_kernel(1,2,1,1)", "lerp_kernel(2,2,1,0)",
                 "lerp_kernel(2,2,1,1)")   # 16-bit shadows of float16 sources, stochastic rounding
 
 OVERRIDES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {
-    # CUDA 12.0 (ptxas 12.0 on NVVM 12.0's PTX)
-    ("cu12", "sm_70"): {_SCAN_F32: (256, 5)},                     # 48 registers, no spill
-    ("cu12", "sm_80"): {_SCAN_F32: (256, 4)},                     # 59; at 5 blocks 48 spill 8/4
-    ("cu12", "sm_86"): {_SCAN_F32: (256, 4)},
-    ("cu12", "sm_89"): {_SCAN_F32: (256, 4)},
+    # CUDA 12.0 (ptxas 12.0 on NVVM 12.0's PTX). The float32 fused kernel (nearest rounding) at 3
+    # blocks spills 12-20/28-36 bytes at 80 registers before sm_90: 2 blocks, 98-100 registers
+    ("cu12", "sm_70"): {_SCAN_F32: (256, 5),                      # 48 registers, no spill
+                        _PLAN_F32: (256, 2), **dict.fromkeys(_SR_PLAN, (256, 3))},   # 73-79
+    ("cu12", "sm_75"): {_PLAN_F32: (256, 2)},
+    ("cu12", "sm_80"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},   # 59; at 5 blocks 48 spill
+    ("cu12", "sm_86"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},
+    ("cu12", "sm_89"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},
+    ("cu12", "sm_90"): dict.fromkeys(("plan_lerp_kernel(1,0,1)", "plan_lerp_kernel(1,2,1)"),
+                                     (256, 3)),                # 80; at 4 blocks 12/12 bytes
     # CUDA 13.5 (nvJitLink's LTO of NVVM 13.5's LTO-IR for cc 8.0)
     ("cu13", "sm_80"): {_SCAN_F32: (256, 4)},                     # 59; at 5 blocks 48 spill 8/4
     ("cu13", "sm_100"): {_SCAN_F32: (256, 5)},                    # 48
