@@ -334,16 +334,14 @@ class PostHocEMA(EMA):
 
         The synthesis reads the snapshots on each rank of ``to`` (no collective; the other ranks read
         nothing and get an empty iterator) and combines one tensor at a time as the stream reaches it
-        (:func:`fastema.posthoc.synthesize_iter`): host memory holds one tensor's float64 sum (and the
-        float64 profile being added to it) and the tensor yielded, never the whole average, plus each
-        snapshot's reader, kept until the stream ends (a safetensors file's descriptor, its tensors
-        read with ``pread``, never memory-mapped; a DCP snapshot's parsed metadata). The arguments,
-        the folder and the solution (a target the snapshots cannot represent) are refused when
-        ``iter_weights()`` is called, before the first tensor; a profile holding inf or NaN, a
-        result beyond ``dtype``'s range or a damaged tensor (a snapshot truncated or rewritten in
-        place while it is streamed: a ValueError naming it) raises when the stream reaches it,
-        after the tensors before it were yielded: the consumer then holds part of a model, and
-        should load a whole one again."""
+        (:func:`fastema.posthoc.synthesize_iter`): host memory holds one tensor's float64 sum, the
+        profile being added and the tensor yielded, never the whole average, plus each snapshot's
+        reader until the stream ends (a file descriptor, read with ``pread``, never mapped; a DCP
+        snapshot's metadata). The arguments, the folder and the solution are refused at the call,
+        before the first tensor; a profile holding inf or NaN, a result beyond ``dtype``'s range or a
+        damaged tensor (a snapshot truncated or rewritten in place while it is streamed: a
+        ValueError naming it) raises when the stream reaches it, after the tensors before it were
+        yielded: the consumer then holds part of a model, and should load a whole one again."""
         if row is not None:
             if sigma_rel is not None or gamma is not None or time is not None:
                 raise ValueError("give row= (a tracked profile) or sigma_rel= / gamma= (a synthesised one), not both")
