@@ -294,7 +294,7 @@ def sweep_stale(directory: str, prefix: str, suffixes: tuple = (".tmp",)) -> lis
                 continue
             who, at, where = entry[len(prefix):len(entry) - len(suffix)].partition("@")
             pid, _, token = who.partition("-")        # <pid>-<token> (a staging folder) or <pid>
-            if not (at and pid.isdigit() and (token == "" or token.isalnum())):
+            if not (at and pid.isdecimal() and (token == "" or token.isalnum())):
                 continue
             if (where == host or where.startswith(host + ".")) and gone(int(pid), host):
                 _remove(os.path.join(directory, entry))

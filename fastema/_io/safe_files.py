@@ -124,7 +124,7 @@ def memory_available() -> int | None:
             info = {}
             for line in f.read(1 << 16).decode("ascii", "replace").splitlines():
                 key, _, value = line.partition(":")
-                if value.split() and value.split()[0].isdigit():
+                if value.split() and value.split()[0].isdecimal():
                     info[key] = int(value.split()[0]) * 1024
         avail = info["MemAvailable"] + info.get("SwapFree", 0)
     except (OSError, KeyError):

@@ -129,7 +129,7 @@ def _problems(model, entry: dict, place: int) -> list[str]:
             kind, _, i = key.partition("/")
             if kind not in variables:
                 continue                                    # by name (a torch buffer): the EMA checks it
-            if not i.isdigit() or int(i) >= len(variables[kind]):
+            if not i.isdecimal() or int(i) >= len(variables[kind]):
                 out.append(f"{key} is saved but the model has {len(variables[kind])} {kind} variables")
                 continue
             shape = tuple(variables[kind][int(i)].shape)
@@ -145,4 +145,4 @@ def _problems(model, entry: dict, place: int) -> list[str]:
 
 def _natural(key: str) -> tuple:
     kind, _, i = key.partition("/")
-    return (kind, int(i)) if i.isdigit() else (kind, -1, i)
+    return (kind, int(i)) if i.isdecimal() else (kind, -1, i)

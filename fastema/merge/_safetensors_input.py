@@ -287,6 +287,6 @@ def trainer_step(folder: str, label: str) -> int | None:
 def meta_step(meta: dict) -> int | None:
     for key in _STEP_KEYS:
         value = meta.get(key)
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isdecimal():
             return int(value)
     return None

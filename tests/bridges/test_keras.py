@@ -805,3 +805,11 @@ def test_the_guide_example_runs_on_the_tensorflow_and_jax_backends(backend):
         np.testing.assert_allclose(rows[:, 0], res["truth"], rtol=2e-6)
         np.testing.assert_allclose(rows[:, 1], pd.Series(res["truth"]).ewm(alpha=0.2).mean(), rtol=1e-5)
         assert np.all(rows[:, 2] > 0)
+
+
+def test_a_superscript_index_in_a_saved_key_sorts_by_name():
+    """A saved key's index that ``str.isdigit`` takes and ``int`` refuses (``'²'``) is a name."""
+    from fastema.keras._entries import _natural
+
+    assert _natural("trainable/²") == ("trainable", -1, "²")
+    assert _natural("trainable/3") == ("trainable", 3)
