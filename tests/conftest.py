@@ -42,6 +42,7 @@ def rng():
 
 
 _MEASURED = timings.load()
+pytest_plugins = ["support.shipped"]          # cuda tests: the shipped device code, no compile
 
 
 def pytest_configure(config):

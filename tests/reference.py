@@ -64,6 +64,7 @@ def assert_cuda_plan_kernel_equals_the_cpu_one(plan, seed: int, steps, exact: bo
     (its device parameters with ``seed``): bit for bit where ``exact`` (or for the flag and keys),
     else the float64 and float32 arrays to 4 ulps (a GPU's double cos, sin or pow)."""
     from numba import cuda
+    from support.shipped import launch  # the shipped plan kernel, never compiled
 
     from fastema.average._device_plan import parameters
     from fastema.kernels import cpu
@@ -78,8 +79,8 @@ def assert_cuda_plan_kernel_equals_the_cpu_one(plan, seed: int, steps, exact: bo
     d_params, d_decays = cuda.to_device(params), cuda.to_device(decays)
     for call, step in enumerate(steps):
         cpu.plan_kernel()(host["state"], params, decays, step, host["w32"], host["w64"], host["flag"], host["keys"])
-        ema_cuda.plan_kernel()[1, 1](dev["state"], d_params, d_decays, np.int64(step), dev["w32"], dev["w64"],
-                                     dev["flag"], dev["keys"])
+        launch(ema_cuda.plan_kernel(), 1, 1, dev["state"], d_params, d_decays, np.int64(step),
+               dev["w32"], dev["w64"], dev["flag"], dev["keys"])
         for k, v in host.items():
             got = dev[k].copy_to_host()
             if exact or k in ("flag", "keys"):

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.cuda
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support.shipped import launch  # noqa: E402
 from test_bema import assert_close, math_alpha, three_rows, values  # noqa: E402
 
 import fastema  # noqa: E402
@@ -50,7 +51,7 @@ def run_both(kind, counts, q, alpha, flag):
     ema_cpu.bema_kernel(kind, False)(n, shadow, no_src, off, cs, cb, a, flag)
     d = cuda.to_device(q)
     tabs = [cuda.to_device(t) for t in (_launch.flat_shadow(dev_addr(d), counts, q.itemsize), no_src, off, cs, cb)]
-    ema_cuda.bema_kernel(kind)[2, 8](n, *tabs, a, cuda.to_device(flag))
+    launch(ema_cuda.bema_kernel(kind), 2, 8, n, *tabs, a, cuda.to_device(flag))
     return expected, d.copy_to_host()
 
 

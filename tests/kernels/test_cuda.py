@@ -7,6 +7,7 @@ several blocks and the grid-stride loop over chunks all run on tiny inputs.
 """
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.cuda
 
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
+
+from support.shipped import launch  # noqa: E402
 
 import fastema  # noqa: E402
 from fastema import _launch  # noqa: E402
@@ -66,7 +69,7 @@ def watched():
     """A :class:`Watching` driver given to the launch path for the test."""
     from fastema._launch import drivers
 
-    with drivers.using(Watching(drivers.default())) as w:
+    with drivers.using(Watching(drivers.current())) as w:
         yield w
 
 
@@ -127,7 +130,8 @@ def test_lerp_kernel_matches_cpu_kernel(sk, xk, rows):
     dev_srcs, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     args = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, sk), addr, off, cs, cb)]
-    ema_cuda.lerp_kernel(sk, xk, False)[2, 8](n, *args, weights, cuda.to_device(flag), np.uint32(0))
+    launch(ema_cuda.lerp_kernel(sk, xk, False), 2, 8, n, *args, weights, cuda.to_device(flag),
+           np.uint32(0))
     got = d.copy_to_host()
     assert np.array_equal(got, expected)
 
@@ -149,7 +153,7 @@ def test_stochastic_rounding_identical_to_cpu():
     _, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, BF16), addr, off, cs, cb)]
-    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](n, *tabs, w, cuda.to_device(flag), key)
+    launch(ema_cuda.lerp_kernel(BF16, F32, True), 3, 8, n, *tabs, w, cuda.to_device(flag), key)
     assert np.array_equal(d.copy_to_host(), expected)
 
 
@@ -176,7 +180,7 @@ def test_stochastic_rounding_on_a_padded_gpu_shadow_equals_the_packed_cpu_shadow
     _, addr = cuda_sources(srcs)
     d = cuda.to_device(padded)
     tabs = [cuda.to_device(a) for a in (dev_addr(d) + starts * 2, addr, off, cs, cb)]
-    ema_cuda.lerp_kernel(BF16, F32, True)[3, 8](n_pad, *tabs, w, cuda.to_device(flag), key)
+    launch(ema_cuda.lerp_kernel(BF16, F32, True), 3, 8, n_pad, *tabs, w, cuda.to_device(flag), key)
     out = d.copy_to_host()
     for r in range(2):
         for s_, c in enumerate(counts):
@@ -201,13 +205,13 @@ def test_swap_and_copy_kernels_match_cpu(sk, xk, mode):
     dev_srcs, addr = cuda_sources(srcs)
     d = cuda.to_device(shadow)
     tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d), counts, sk), addr, off, cs, cb)]
-    ema_cuda.swap_kernel(sk, xk, mode)[2, 8](n, *tabs, 1)
+    launch(ema_cuda.swap_kernel(sk, xk, mode), 2, 8, n, *tabs, 1)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
     for ds, cs_ in zip(dev_srcs, cpu_srcs):
         assert np.array_equal(ds.copy_to_host(), cs_)
     # copy: sources -> both rows, then row 0 -> sources
     no_flag = np.zeros(1, np.int32)
-    ema_cuda.copy_kernel(sk, xk, True)[2, 8](n, *tabs, 0, 2, cuda.to_device(no_flag))
+    launch(ema_cuda.copy_kernel(sk, xk, True), 2, 8, n, *tabs, 0, 2, cuda.to_device(no_flag))
     ema_cpu.copy_kernel(sk, xk, True, False)(n, cpu_tab, cpu_addr, off, cs, cb, 0, 2, no_flag)
     assert np.array_equal(d.copy_to_host(), cpu_shadow)
 
@@ -223,7 +227,8 @@ def test_nonfinite_kernel(xk):
             srcs[1][13] = bad
         _, addr = cuda_sources(srcs)
         flag = cuda.to_device(np.zeros(1, np.int32))
-        ema_cuda.nonfinite_kernel(xk)[2, 8](*[cuda.to_device(a) for a in (addr, off, cs, cb)], flag)
+        tables = [cuda.to_device(a) for a in (addr, off, cs, cb)]
+        launch(ema_cuda.nonfinite_kernel(xk), 2, 8, *tables, flag)
         assert flag.copy_to_host()[0] == int(poison)
 
 
@@ -380,8 +385,8 @@ def test_plan_kernel_matches_cpu(plan_kw):
     for call in range(7):
         given = 100 + call if call == 4 else -1
         kcpu.plan_kernel()(host["state"], params, decays, given, host["w32"], host["w64"], host["flag"], host["keys"])
-        ema_cuda.plan_kernel()[1, 8](dev["state"], d_params, d_decays, np.int64(given), dev["w32"], dev["w64"],
-                                     dev["flag"], dev["keys"])
+        launch(ema_cuda.plan_kernel(), 1, 8, dev["state"], d_params, d_decays, np.int64(given),
+               dev["w32"], dev["w64"], dev["flag"], dev["keys"])
         for name, v in host.items():
             _assert_plan(dev[name].copy_to_host(), v, (call, name), call + 1 if name == "state" else 1)
 
@@ -457,10 +462,12 @@ def test_fused_plan_and_lerp_equals_the_plan_kernel_then_the_lerp(sk, xk, stocha
     for call in range(6):
         given = np.int64(40 + call if call == 3 else -1)
         f, a = two["fused"], two["apart"]
-        fused[3, 8](n, *tables["fused"], f["state"], p, dec, given, f["w32"], f["w64"], f["flag"], f["keys"],
-                    f["done"], np.int64(1))
-        ema_cuda.plan_kernel()[1, 8](a["state"], p, dec, given, a["w32"], a["w64"], a["flag"], a["keys"])
-        lerp[3, 8](n, *tables["apart"], a["w64"] if wide else a["w32"], a["flag"], a["keys"][1:2])
+        launch(fused, 3, 8, n, *tables["fused"], f["state"], p, dec, given, f["w32"], f["w64"],
+               f["flag"], f["keys"], f["done"], np.int64(1))
+        launch(ema_cuda.plan_kernel(), 1, 8, a["state"], p, dec, given, a["w32"], a["w64"],
+               a["flag"], a["keys"])
+        launch(lerp, 3, 8, n, *tables["apart"], a["w64"] if wide else a["w32"], a["flag"],
+               a["keys"][1:2])
         ema_cpu.plan_lerp_kernel(sk, xk, stochastic, False)(n, *cpu_tables, cpu["state"], params, decays, given,
                                                             cpu["w32"], cpu["w64"], cpu["flag"], cpu["keys"],
                                                             cpu["done"], 1)
@@ -490,9 +497,10 @@ def _vector_case(src_kind, counts, rows, shift, rng):
     seg_addr = np.array([dev_addr(d) + shift * d.dtype.itemsize for d in d_src], np.int64)
     shadow_addr = dev_addr(d_shadow) + off[:-1] * 4
     weights = (np.float32(0.25), np.float32(0.5))[:rows]
-    ema_cuda.lerp_kernel(F32, src_kind, False)[3, 8](
-        n, cuda.to_device(shadow_addr), cuda.to_device(seg_addr), cuda.to_device(off), cuda.to_device(cs),
-        cuda.to_device(cb), weights, cuda.to_device(np.zeros(1, np.int32)), np.uint32(0))
+    flag = np.zeros(1, np.int32)
+    tables = [cuda.to_device(a) for a in (shadow_addr, seg_addr, off, cs, cb, flag)]
+    launch(ema_cuda.lerp_kernel(F32, src_kind, False), 3, 8, n, *tables[:5], weights, tables[5],
+           np.uint32(0))
     host_shadow = np.ascontiguousarray(flat_host)
     host_src = [np.ascontiguousarray(x[shift:]) for x in srcs]
     ema_cpu.lerp_kernel(F32, src_kind, False, False)(
@@ -577,18 +585,25 @@ def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch)
 @pytest.mark.skipif(SIM, reason="the GPU twin of the simulator's counted vector tests")
 @pytest.mark.parametrize("src_kind", KINDS)
 def test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu(src_kind):
-    """On a GPU (the kernels compiled for the device's own architecture, where the simulator's counting
-    closures cannot compile): the float32-shadow lerp the dispatcher compiled has 16-byte shadow
-    loads and stores and 16- (float32) or 8-byte (16-bit) source loads in its PTX, and equals the
-    CPU kernel bit for bit on aligned and misaligned cases alike; a FlatShadow's padded shadow
-    starts every source 16-byte aligned and its update equals the CPU's (issue 37, B2)."""
+    """On a GPU (the shipped kernels, where the simulator's counting closures cannot run): the
+    float32-shadow lerp has 16-byte shadow loads and stores and 16- (float32) or 8-byte (16-bit)
+    source loads in its shipped PTX (read, not compiled), and equals the CPU kernel bit for bit on
+    aligned and misaligned cases alike; a FlatShadow's padded shadow starts every source 16-byte
+    aligned and its update equals the CPU's (issue 37, B2)."""
+    from fastema._launch import device_code
+
     rng = np.random.default_rng(11)
     for counts, rows, shift in VECTOR_CASES:
         got, want, n = _vector_case(src_kind, counts, rows, shift, rng)
         assert np.array_equal(got, want), (rows, shift)
-    ptx = "\n".join(ema_cuda.lerp_kernel(F32, src_kind, False).inspect_asm().values())
-    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
-    assert ("ld.global.v4.u32" if src_kind == F32 else "ld.global.v4.u16") in ptx
+    shipped = device_code.manifest()
+    assert shipped is not None, "the shipped device code does not match these kernel sources"
+    name = f"lerp_kernel(0,{src_kind},0,0)["
+    ptx = "\n".join(device_code.member("ptx", v).decode() for k, v in shipped["variants"].items()
+                    if k.startswith(name) and "UniTuple(float32 x 2)" in k)
+    vector = r"global\.v4\.[bfu]"                 # 4 lanes of 32 bits (16 bytes) or of 16 bits (8)
+    assert re.search(f"ld\\.{vector}32", ptx) and re.search(f"st\\.{vector}32", ptx)
+    assert re.search(f"ld\\.{vector}{32 if src_kind == F32 else 16}", ptx)
     host = [rng.standard_normal(c).astype(np.float32) for c in (7, 33, 1, 64, 5)]
     dev = [cuda.to_device(h) for h in host]
     flat, ref = fastema.FlatShadow(dev, rows=2), fastema.FlatShadow(host, rows=2)
@@ -917,13 +932,13 @@ def test_smoother_kernels_match_cpu(kind, skip):
         per_stream = step % 2 == 1
         mode = _smooth.DEBIASED
         smooth_cpu.ema_kernel(kind, mode, skip, False)(y, 2.0, weights, per_stream, cpu["a"], cpu["b"], 0.8)
-        smooth_cuda.ema_kernel(kind, mode, skip)[2, 8](cuda.to_device(y), 2.0, cuda.to_device(weights),
-                                                       per_stream, dev["a"], dev["b"], 0.8)
+        launch(smooth_cuda.ema_kernel(kind, mode, skip), 2, 8, cuda.to_device(y), 2.0,
+               cuda.to_device(weights), per_stream, dev["a"], dev["b"], 0.8)
         args = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
         smooth_cpu.sma_kernel(kind, skip, False)(y, 2.0, weights, per_stream, *[cpu[n] for n in args],
                                                  step % window)
-        smooth_cuda.sma_kernel(kind, skip)[2, 8](cuda.to_device(y), 2.0, cuda.to_device(weights), per_stream,
-                                                 *[dev[n] for n in args], step % window)
+        launch(smooth_cuda.sma_kernel(kind, skip), 2, 8, cuda.to_device(y), 2.0,
+               cuda.to_device(weights), per_stream, *[dev[n] for n in args], step % window)
     for n, v in cpu.items():
         np.testing.assert_allclose(dev[n].copy_to_host(), v, rtol=1e-15, atol=0, err_msg=n)
 
@@ -972,7 +987,8 @@ def test_window_kernel_matches_cpu(ring_kind):
                                                      full, count, recompute)
         _, addr = cuda_sources(srcs)
         tabs = [cuda.to_device(a) for a in (shadow_table(dev_addr(d_sh), counts, F32), addr, off, cs, cb)]
-        ema_cuda.window_kernel(ring_kind, F32)[2, 8](n, *tabs, dev_ring_tab, slot, full, count, recompute)
+        launch(ema_cuda.window_kernel(ring_kind, F32), 2, 8, n, *tabs, dev_ring_tab, slot, full,
+               count, recompute)
     np.testing.assert_array_equal(d_ring.copy_to_host(), cpu_ring)
     np.testing.assert_allclose(d_sh.copy_to_host(), cpu_sh, rtol=2e-7, atol=1e-7)
 
@@ -1057,6 +1073,7 @@ def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
     assert torch.equal(got, want)
 
 
+@pytest.mark.compiles                             # torch.compile: inductor and Triton, many seconds
 @pytest.mark.skipif(SIM, reason="needs a GPU")
 @pytest.mark.parametrize("shadow_dtype, rounding", [("float32", "nearest"), ("bfloat16", "stochastic")])
 def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, rounding):
@@ -1091,6 +1108,7 @@ def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, ro
         assert torch.equal(a["averaged"][k], b["averaged"][k]), k
 
 
+@pytest.mark.compiles
 @pytest.mark.skipif(SIM, reason="needs a GPU")
 def test_reduce_overhead_really_captures_and_replays_a_cuda_graph():
     """torch.compile(mode="reduce-overhead") with ema.update() inside records a CUDA graph and replays it:

@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.cuda,
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support.shipped import launch  # noqa: E402
+
 from fastema.kernels import _cuda_scan  # noqa: E402
 from fastema.kernels import cpu as ema_cpu  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
@@ -79,7 +81,8 @@ def scan(kind, srcs, shift):
     assert all(dev_addr(d) % 16 == 0 for d in d_src)       # so ``shift`` decides each source's head
     addr = np.array([dev_addr(d) + shift * ITEMSIZE[kind] for d in d_src], np.int64)
     flag = cuda.to_device(np.zeros(1, np.int32))
-    ema_cuda.nonfinite_kernel(kind)[3, THREADS](*[cuda.to_device(a) for a in (addr, off, cs, cb)], flag)
+    tables = [cuda.to_device(a) for a in (addr, off, cs, cb)]
+    launch(ema_cuda.nonfinite_kernel(kind), 3, THREADS, *tables, flag)
     return bool(flag.copy_to_host()[0]), bool(cpu_flag[0]), want
 
 
@@ -141,5 +144,6 @@ def test_a_set_flag_is_kept_and_never_cleared():
     d_src = [cuda.to_device(x) for x in srcs]
     addr = np.array([dev_addr(d) for d in d_src], np.int64)
     flag = cuda.to_device(np.ones(1, np.int32))
-    ema_cuda.nonfinite_kernel(F32)[3, THREADS](*[cuda.to_device(a) for a in (addr, off, cs, cb)], flag)
+    tables = [cuda.to_device(a) for a in (addr, off, cs, cb)]
+    launch(ema_cuda.nonfinite_kernel(F32), 3, THREADS, *tables, flag)
     assert flag.copy_to_host()[0] == 1

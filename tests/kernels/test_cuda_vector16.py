@@ -19,6 +19,8 @@ pytestmark = [pytest.mark.cuda,
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support.shipped import launch  # noqa: E402
+
 from fastema.kernels import _bits  # noqa: E402
 from fastema.kernels import cpu as ema_cpu  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
@@ -70,7 +72,8 @@ def run_case(sk, xk, sr, counts, rows, shift, device_key, rng, base=0):
         w, k = cuda.to_device(weights), cuda.to_device(np.array([key | (7 << 32)], np.int64))   # the low 32 bits
     else:
         w, k = tuple(weights), np.uint32(key)
-    ema_cuda.lerp_kernel(sk, xk, sr, device_key)[3, 8](n, *tables, w, cuda.to_device(np.zeros(1, np.int32)), k)
+    launch(ema_cuda.lerp_kernel(sk, xk, sr, device_key), 3, 8, n, *tables, w,
+           cuda.to_device(np.zeros(1, np.int32)), k)
     return d_shadow.copy_to_host(), host_shadow, n
 
 
