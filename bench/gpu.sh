@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# The GPU plan in four stages, each one command on a device machine (issue 37):
+# The GPU plan in two commands, each one device command on a bare or a warm machine (issue 63):
 #
-#   bash bench/gpu.sh STAGE OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
+#   bash bench/gpu.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
 #
-#   env    the versions (env.txt: driver, python, torch, numba, numba-cuda, cuda-core, cuda-bindings,
-#          llvmlite, numpy, nvjitlink, cuda-toolkit, NVVM, pytest-xdist, cached_launch) and the
-#          preflight bench/gpu_smoke.py (smoke.json, rewritten after each of its lines; smoke.log)
-#   tests  the CUDA tests (pytest -m cuda; -n 4 --dist loadfile where pytest-xdist is there;
-#          --durations=20 -rfE -v): cuda-tests.log. EXTRA ARGS go to pytest (e.g. -- -k vector)
-#   probe  bench/gpu_probe.py: probe.json (rewritten after every check and timing), probe.md,
-#          lerp_f32.sass, probe.log
-#   bench  the benchmark's CUDA rows (python -m fastema bench -k cuda): bench.json, bench.md,
-#          bench.png, bench.log. EXTRA ARGS go to the suite's pytest
+#   all    what one GPU window must give, in this order, at most 8 minutes with its set-up:
+#          1. the versions (env.txt: the GPU's name from nvidia-smi, driver, python, torch, numba,
+#             numba-cuda, cuda-core, NVVM, cached_launch...) and the preflight bench/gpu_smoke.py
+#             (smoke.json, rewritten after each check);
+#          2. the CUDA tests (bench/gpu_tests.py: cuda-tests.log, a line a test as it ends with its
+#             result, seconds and NVVM calls; the kernels and the launch path first, the tests that
+#             compile last; a timeout a test). EXTRA ARGS go to pytest (e.g. -- -k vector);
+#          3. the headline figures against their baselines in the same process (bench/
+#             gpu_headline.py: headline.json after every figure, headline.md): EMA.update() host and
+#             device time at 6, 148 and 3000 tensors against torch._foreach_lerp_, a flat 2^28
+#             lerp against a device copy, the first update of a fresh process and its NVVM calls,
+#             a GPT-2-size training step with and without the update (float32, bfloat16);
+#          then the gpu-summary line (summary.txt).
+#   rest   what a window with time left after `all` adds, in this order: the probe (bench/
+#          gpu_probe.py: probe.json, probe.md, lerp_f32.sass), the offloaded EMA's figures (bench/
+#          bench_offload.py --gpu: offload.md), the benchmark suite's CUDA rows (python -m fastema
+#          bench -k cuda --quick: bench.json, bench.md, bench.png). EXTRA ARGS go to the suite.
 #
-# Every stage first sources bench/gpu_env.sh (numpy without row_stack fixed, fastema importable from
-# this tree; setup.log), so each runs on a fresh machine as on a warm one. Every stage writes its files
-# as it goes (tee, never tail) and at most 8 files into OUTDIR (the device returns at most 8); each
-# stage's timeouts, the set-up's included, add up to less than 540 s (tests/test_gpu_plan.py checks
-# both), so a 570-s device command always returns its files. --quick: the probe's and the bench's
-# quick modes. --simulate (or GPU_SIMULATE=1): the Numba CUDA simulator at tiny sizes, nothing
-# installed (CI runs every stage so: tests/test_gpu_plan.py). The exact device commands, in order,
-# and the summary: bench/README.md, "GPU runs". Exit status: the stage's main command's (124: its
-# timeout; the smoke: 1 when a check failed).
+# Every command first sources bench/gpu_env.sh (numpy without row_stack fixed, fastema importable
+# from this tree). Each writes its files as it goes (tee, never tail), run.log holding what it
+# printed (the set-up's pip output too), and at most 8 files into OUTDIR (the device returns at most
+# 8); its timeouts, the set-up's included, add up to at most 480 s (tests/test_gpu_plan.py checks
+# it and runs `all` and `rest` in the simulator), so a 540-s device command always returns its
+# files. --quick: the probe's quick mode. --simulate (or GPU_SIMULATE=1): the Numba CUDA simulator
+# at tiny sizes, nothing installed (CI); GPU_PROBE_BUDGET: the probe's budget (120 s). The device
+# calls, in order, and where the results go: bench/README.md, "GPU runs". Exit status: 0 when
+# every part did; else the first failure's (124: a timeout; 1: a failed check or test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: bash bench/gpu.sh env|tests|probe|bench OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
+usage="usage: bash bench/gpu.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
 stage=${1:?$usage}
 out=${2:?$usage}
 shift 2
@@ -38,56 +46,61 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+case "$stage" in all|rest) ;; *) echo "$usage" >&2; exit 2 ;; esac
 export GPU_SIMULATE=${GPU_SIMULATE:-0}
 [ "$GPU_SIMULATE" = 1 ] && sim=(--simulate)
 mkdir -p "$out"
 out=$(cd "$out" && pwd -P)
 export OUT_DIR=$out
-echo "== gpu.sh $stage into $out ($(date -u +%FT%TZ))${sim:+, simulator}"
-GPU_SETUP_LOG=$out/setup.log
-: >"$GPU_SETUP_LOG"
+log=$out/run.log
+: >"$log"
+say() { echo "$*" | tee -a "$log"; }
+say "== gpu.sh $stage into $out ($(date -u +%FT%TZ))${sim:+, simulator}"
+GPU_SETUP_LOG=$log                          # what pip printed, into run.log too
 # shellcheck source=bench/gpu_env.sh
-source bench/gpu_env.sh
+source bench/gpu_env.sh >>"$log" 2>&1
+grep "^gpu_env:" "$log"
+status=0
+part() {                                  # part NAME RC: the first failure is the command's status
+  [ "$2" = 124 ] && say "gpu.sh: $1 stopped at its timeout: its files hold what it wrote until then"
+  say "== $1: exit $2 after ${SECONDS}s"
+  [ "$status" = 0 ] && [ "$2" != 0 ] && status=$2
+  return 0
+}
 
 case "$stage" in
-  env)
-    timeout -k 5 60 "$PY" bench/gpu_versions.py "$out/env.txt" "${sim[@]}"
-    timeout -k 10 240 "$PY" bench/gpu_smoke.py "$out" "${sim[@]}" 2>&1 | tee "$out/smoke.log"
-    rc=${PIPESTATUS[0]}
+  all)
+    timeout -k 5 30 "$PY" bench/gpu_versions.py "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
+    part versions "${PIPESTATUS[0]}"
+    timeout -k 5 50 "$PY" bench/gpu_smoke.py "$out" "${sim[@]}" 2>&1 | tee -a "$log"
+    part smoke "${PIPESTATUS[0]}"
+    timeout -k 10 215 "$PY" bench/gpu_tests.py "$out" --budget 200 "${sim[@]}" -- "${extra[@]}"
+    part "CUDA tests" "$?"
+    timeout -k 5 85 "$PY" bench/gpu_headline.py "$out" --budget 55 "${sim[@]}" 2>&1 | tee -a "$log"
+    part headline "${PIPESTATUS[0]}"
     ;;
-  tests)
-    args=(tests -m cuda)
-    if [ "$GPU_SIMULATE" = 1 ]; then      # CI: two small simulator tests, the command's plumbing
-      args=(tests/kernels/test_cuda.py -m cuda
-            -k "test_ema_update_on_device_arrays_matches_cpu or test_flat_shadow_on_device_arrays")
+  rest)
+    timeout -k 10 180 "$PY" bench/gpu_probe.py "$out" --budget "${GPU_PROBE_BUDGET:-120}" \
+      "${quick[@]}" "${sim[@]}" 2>&1 | tee -a "$log"
+    part probe "${PIPESTATUS[0]}"
+    if [ "$GPU_SIMULATE" = 1 ]; then          # its --gpu mode needs torch CUDA
+      say "== offload: needs a GPU (not in the simulator)"
+    else
+      timeout -k 5 90 "$PY" bench/bench_offload.py --gpu --sizes 256,1024 --chunks 16,64,256 \
+        --reps 5 --out "$out/offload.md" 2>&1 | tee -a "$log"
+      part offload "${PIPESTATUS[0]}"
     fi
-    "$PY" -c "import xdist" 2>/dev/null && args+=(-n 4 --dist loadfile)
-    "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 180)   # one hung test is not all
-    args+=(--durations=20 -rfE -v --tb=line -p no:cacheprovider "${extra[@]}")   # -v: each test named as it ends (a cut run still says which failed)
-    echo "pytest ${args[*]}" | tee "$out/cuda-tests.log"
-    timeout -k 10 400 "$PY" -m pytest "${args[@]}" 2>&1 | tee -a "$out/cuda-tests.log"
-    rc=${PIPESTATUS[0]}
-    ;;
-  probe)
-    timeout -k 10 400 "$PY" bench/gpu_probe.py "$out" --budget 330 "${quick[@]}" "${sim[@]}" 2>&1 \
-      | tee "$out/probe.log"
-    rc=${PIPESTATUS[0]}
-    ;;
-  bench)
-    select=(-k cuda)
-    if [ "$GPU_SIMULATE" = 1 ]; then      # CI: no CUDA rows without a GPU; four tiny CPU rows instead
-      select=(-k "test_flat_float32 and cpu and 16") quick=(--quick)
+    select=(-k cuda --quick)
+    if [ "$GPU_SIMULATE" = 1 ]; then          # CI: no CUDA rows without a GPU; four tiny CPU rows
+      select=(-k "test_flat_float32 and cpu and 16" --quick)
     fi
-    timeout -k 10 400 "$PY" -m fastema bench --out "$out" "${select[@]}" "${quick[@]}" "${extra[@]}" 2>&1 \
-      | tee "$out/bench.log"
-    rc=${PIPESTATUS[0]}
-    ;;
-  *)
-    echo "$usage" >&2
-    exit 2
+    timeout -k 10 110 "$PY" -m fastema bench --out "$out" "${select[@]}" "${extra[@]}" 2>&1 \
+      | tee -a "$log"
+    part "benchmark suite" "${PIPESTATUS[0]}"
     ;;
 esac
-[ "$rc" = 124 ] && echo "gpu.sh: $stage stopped at its timeout: its files hold what it wrote until then"
-echo "== gpu.sh $stage: exit $rc after ${SECONDS}s; files: $(cd "$out" && ls | tr '\n' ' ')"
-"$PY" bench/gpu_summary.py "$out" 2>/dev/null || true
-exit "$rc"
+summary=$out/summary.txt                 # all: 7 files; rest: 8 without it (the line is in run.log)
+[ "$stage" = rest ] && summary=/dev/null
+timeout -k 5 10 "$PY" bench/gpu_summary.py "$out" 2>>"$log" | tee "$summary" | tee -a "$log"
+say "== gpu.sh $stage: exit $status after ${SECONDS}s; files: $(cd "$out" && ls | tr '\n' ' ')"
+exit "$status"

@@ -1,4 +1,4 @@
-"""What the GPU plan's Python stages share (``bench/gpu_smoke.py``, ``bench/gpu_probe.py`` and its
+"""What the GPU plan's Python parts share (``bench/gpu_smoke.py``, ``bench/gpu_probe.py`` and its
 modules): the mode, arrays on the device, syncs and timers, and a record rewritten after every entry.
 
 Two modes:
@@ -6,11 +6,12 @@ Two modes:
 - **GPU** (the device machine): device arrays are torch CUDA tensors; syncs, GPU sleeps and CUDA
   events are torch's.
 - **Simulator** (``NUMBA_ENABLE_CUDASIM=1``; ``--simulate`` on a script's command line sets it
-  before this module and numba are imported; CI runs every stage so): device arrays are the Numba CUDA
-  simulator's (``numba.cuda.to_device``, which fastema takes through ``fastema/_backends/cudasim.py``),
-  at tiny sizes; torch runs on the CPU; syncs and sleeps do nothing and events read
-  ``time.perf_counter``. A check that needs torch CUDA (streams, graphs, a busy GPU) raises
-  :class:`Skip` and is recorded ``{"ok": None, "skipped": ...}``, not as a failure.
+  before this module and numba are imported; CI runs the commands so): device arrays are the Numba
+  CUDA simulator's (``numba.cuda.to_device``, which fastema takes through
+  ``fastema/_backends/cudasim.py``), at tiny sizes; torch runs on the CPU; syncs and sleeps do
+  nothing and events read ``time.perf_counter``. A check that needs torch CUDA (streams, graphs, a
+  busy GPU) raises :class:`Skip` and is recorded ``{"ok": None, "skipped": ...}``, not as a
+  failure.
 
 The CPU reference of every kernel check is NumPy arrays (``ml_dtypes.bfloat16`` for bfloat16) run
 through fastema's CPU kernels, in both modes.

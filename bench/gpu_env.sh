@@ -1,6 +1,7 @@
-# Sourced by bench/gpu.sh at the start of every stage, from the repository root: the one environment
-# every stage runs in. Each stage may land on a fresh machine (a device machine goes back 30 s after
-# a call), so each sets it up again; what a warm machine already has is kept (idempotent).
+# Sourced by bench/gpu.sh at the start of every command (all, rest), from the repository root: the
+# one environment each runs in. Each command may land on a fresh machine (a device machine goes back
+# 30 s after a call), so each sets it up again; what a warm machine already has is kept
+# (idempotent).
 #
 #   PY                 python3, or $PYTHON
 #   exported           PYTHONUNBUFFERED=1, XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX in one xdist
@@ -13,13 +14,13 @@
 #                      doing numpy.row_stack = numpy.vstack. GPU_NUMPY_FIX says which.
 #   fastema            pip install --no-deps --no-build-isolation --no-index -e . only where fastema
 #                      does not import from this tree; if that fails, the tree on PYTHONPATH (and
-#                      in later stages too: $GPU_NO_EDITABLE marks it). GPU_FASTEMA_INSTALL says which,
+#                      in later commands: $GPU_NO_EDITABLE marks it). GPU_FASTEMA_INSTALL: which,
 #                      and setuptools' version (GPU_SETUPTOOLS; the editable build uses it: >= 77 needed).
 #   GPU_SIMULATE=1     the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and nothing installed: the
 #                      tree on PYTHONPATH, the numpy shim only where numpy lacks row_stack (CI).
 #
-# What pip printed goes to $GPU_SETUP_LOG (default /dev/null); one line a step to stdout.
-# The timeouts here count in every stage's budget (tests/test_gpu_plan.py adds them up).
+# What pip printed goes to $GPU_SETUP_LOG (default /dev/null; gpu.sh: run.log); one line a step to
+# stdout. The timeouts here count in every command's 480 s (tests/test_gpu_plan.py adds them up).
 
 GPU_ROOT=$(pwd -P)
 PY=${PYTHON:-python3}
@@ -70,8 +71,8 @@ else
   whl=$(ls .whl/numpy-2.4.*.whl 2>/dev/null | head -n 1)
   if [ -n "$whl" ] && [ "${GPU_SIMULATE:-0}" != 1 ]; then
     echo "gpu_env: numpy lacks row_stack: installing the carried $whl into $GPU_SITE"
-    if timeout -k 5 45 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$GPU_SITE" "$whl" >>"$GPU_SETUP_LOG" 2>&1; then
+    if timeout -k 5 20 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$GPU_SITE" "$whl" >>"$GPU_SETUP_LOG" 2>&1; then
       gpu_path_prepend "$GPU_SITE"
       gpu_numpy_ok && GPU_NUMPY_FIX="carried wheel $(basename "$whl") in $GPU_SITE"
     fi
@@ -100,10 +101,10 @@ elif [ "${GPU_SIMULATE:-0}" = 1 ]; then
   GPU_FASTEMA_INSTALL="the tree on PYTHONPATH (simulate: nothing installed)"
 elif [ -f "$GPU_NO_EDITABLE" ]; then
   gpu_path_prepend "$GPU_ROOT"
-  GPU_FASTEMA_INSTALL="the tree on PYTHONPATH (pip install -e . failed in an earlier stage)"
+  GPU_FASTEMA_INSTALL="the tree on PYTHONPATH (pip install -e . failed in an earlier command)"
 else
   echo "gpu_env: pip install -e . (no index, no dependencies, no build isolation)"
-  if timeout -k 5 60 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  if timeout -k 5 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
       >>"$GPU_SETUP_LOG" 2>&1 && gpu_fastema_here; then
     GPU_FASTEMA_INSTALL="pip install -e . (editable)"
   else

@@ -1,4 +1,6 @@
-"""How the probe times one implementation (``measure``), and the bytes each implementation moves.
+"""How the probe times one implementation (``measure``), how the headline times several against
+each other (``interleaved``: the same figures, the implementations' batches taken in turn), and the
+bytes each implementation moves.
 
 ``measure(fn)`` gives, per call of ``fn``:
 
@@ -114,6 +116,68 @@ def measure(fn, calls: int | None = None, batches: int | None = None) -> dict:
                 host_us_max=max(host) * us, host_gpu_caught_up=caught, pipelined_us=statistics.median(pipe) * us,
                 device_us=statistics.median(dev) * us, host_bound=bound > 0, host_bound_batches=bound,
                 e2e_us=statistics.median(e2e) * us)
+
+
+def _calibrated(fn, calls: int) -> tuple[int, float]:
+    """``(calls a batch, host seconds a call)`` for ``fn``: warmed, then the calls a batch cut to a
+    quarter (down to 10) while the GPU catches up with the host in a batch (see :func:`measure`)."""
+    for _ in range(3):
+        fn()
+    G.sync()
+    est, _ = _host_batch(fn, min(calls, 20), 50.0)
+    while True:
+        t, caught = _host_batch(fn, calls, _sleep_for(est, calls))
+        est = max(est, t)
+        if not caught or calls <= 10:
+            return calls, est
+        calls = max(10, calls // 4)
+
+
+def interleaved(fns: dict, calls: int | None = None, batches: int | None = None) -> dict:
+    """``{name: figures}`` of each implementation of ``fns`` (``name -> fn``), timed as
+    :func:`measure` times one (host, device and end-to-end figures, the same keys but
+    ``pipelined_us``), with the batches taken in turn (each implementation's first batch, then
+    each one's second...): clocks, the other work of the machine and the GPU's state fall on all of
+    them alike, so their ratios hold within a run."""
+    asked = min(calls or CALLS, CALLS)
+    batches = max(batches or BATCHES, 1)
+    plan = {name: _calibrated(fn, asked) for name, fn in fns.items()}
+    host: dict = {name: [] for name in fns}
+    caught: dict = {name: 0 for name in fns}
+    for _ in range(batches):
+        for name, fn in fns.items():
+            n, est = plan[name]
+            t, c = _host_batch(fn, n, _sleep_for(est, n))
+            host[name].append(t)
+            caught[name] += c
+    dev: dict = {name: [] for name in fns}
+    bound: dict = {name: 0 for name in fns}
+    start, end = G.event(), G.event()
+    for _ in range(batches):
+        for name, fn in fns.items():
+            n = plan[name][0]
+            G.gpu_busy(_sleep_for(max(host[name]), n))
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            bound[name] += bool(start.query())
+            end.synchronize()
+            dev[name].append(start.elapsed_time(end) * 1e-3 / n)
+    e2e: dict = {name: [] for name in fns}
+    for _ in range(E2E):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            G.sync()
+            e2e[name].append(time.perf_counter() - t0)
+    us = 1e6
+    return {name: dict(calls=plan[name][0], calls_asked=asked, batches=batches,
+                       host_us=statistics.median(host[name]) * us, host_us_min=min(host[name]) * us,
+                       host_us_max=max(host[name]) * us, host_gpu_caught_up=caught[name],
+                       device_us=statistics.median(dev[name]) * us, host_bound=bound[name] > 0,
+                       host_bound_batches=bound[name], e2e_us=statistics.median(e2e[name]) * us)
+            for name in fns}
 
 
 def with_bandwidth(m: dict, elements: int, kind: str | None) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Preflight of a GPU session, about a minute (stage ``env`` of ``bench/gpu.sh``): the five biggest
-unknowns before the tests and the probe spend their minutes. One line each, and OUTDIR/smoke.json
+"""Preflight of a GPU session, about a minute (part 1 of ``bash bench/gpu.sh all``): the five
+biggest unknowns before the tests and the probe spend their minutes. One line each, and OUTDIR/smoke.json
 rewritten after each:
 
 1. a kernel compiles and launches (a plain numba kernel, then fastema's ``ema_update_``);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The versions a GPU run depends on, one ``key=value`` a line (stage ``env`` of ``bench/gpu.sh``
+"""The versions a GPU run depends on, one ``key=value`` a line (part 1 of ``bash bench/gpu.sh all``
 writes them to ``env.txt``; ``bench/gpu_summary.py`` reads ``driver``, ``numba-cuda``, ``cuda-core``
 and ``cached_launch`` from it):
 

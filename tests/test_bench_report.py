@@ -71,15 +71,30 @@ def _gpu_summary():
 
 
 def _timings(s):
-    m = lambda host, e2e, dev=0.0: {"host_us": host, "e2e_us": e2e, "device_us": dev}  # noqa: E731
+    def m(host, e2e, dev=0.0, gbps=None):
+        return {"host_us": host, "e2e_us": e2e, "device_us": dev, "device_GBps": gbps}
+
     return {
-        "host-cost rl6 float32": {s.EMA: m(9.5, 20.0), s.FOREACH: m(11.0, 30.0)},
-        "host-cost gpt2 float32": {s.EMA: m(12.25, 600.0), s.FOREACH: m(40.0, 660.0)},
+        "host-cost rl6 float32": {s.EMA: m(9.5, 20.0, 3.0), s.FOREACH: m(11.0, 30.0, 4.0)},
+        "host-cost gpt2 float32": {s.EMA: m(12.25, 600.0, 510.0), s.FOREACH: m(40.0, 660.0, 560.0)},
         "host-cost gpt2 bf16": {s.EMA: m(12.0, 500.0), s.MIXED: m(50.0, 1000.0)},
-        "host-cost 3000x4096 float32": {s.EMA: m(300.0, 700.0), s.FOREACH: m(1500.0, 1600.0)},
-        "flat float32 2^28": {"fastema.ema_update_": m(1, 1, 1100.0), "torch.lerp_": m(1, 1, 1045.0),
-                              s.EMA: m(1, 1, 1000.0)},
+        "host-cost 3000x4096 float32": {s.EMA: m(300.0, 700.0, 60.0),
+                                        s.FOREACH: m(1500.0, 1600.0, 70.0)},
+        "flat float32 2^28": {"fastema.ema_update_": m(1, 1, 1100.0, 2760.0),
+                              "torch.lerp_": m(1, 1, 1045.0), s.EMA: m(1, 1, 1000.0, 2700.0),
+                              "copy (ceiling)": m(1, 1, 700.0, 3000.0)},
     }
+
+
+def _headline(s):
+    """headline.json's steps, first update and checks (bench/gpu_headline.py)."""
+    def step(ours, base, baseline):
+        return {s.EMA: {"update_in_step_us": ours}, base: {"update_in_step_us": baseline}}
+
+    return {"steps": {"gpt2 float32": step(500.0, s.FOREACH, 550.0),
+                      "gpt2 bf16": step(400.0, s.MIXED, 800.0)},
+            "first_update": {"fresh process": {"first_update_s": 0.4213, "nvvm_calls": 0}},
+            "checks": {"x": {"ok": False}, "y": {"ok": None, "skipped": "out of time"}}}
 
 
 def test_gpu_summary_line_has_the_fields_the_maintainers_read():
@@ -88,18 +103,33 @@ def test_gpu_summary_line_has_the_fields_the_maintainers_read():
               "skipped in the simulator": {"ok": None, "skipped": "needs CUDA graphs"}}
     log = "....F..\n=== 2 failed, 61 passed, 1 error in 12.3s ===\n"
     env = {"numba-cuda": "0.30.4", "cuda-core": "1.2.0", "driver": "580.159.04", "cached_launch": True}
-    line = s.summary_line(_timings(s), checks, "NVIDIA H100 80GB HBM3", log, env)
+    line = s.summary_line(_timings(s), checks, "NVIDIA H100 80GB HBM3", log, env, _headline(s))
     assert line == ("gpu-summary: device=NVIDIA_H100_80GB_HBM3 host_us_6=9.5 host_us_148=12.2 host_us_3000=300.0 "
                     "foreach_host_us_6=11.0 foreach_host_us_148=40.0 foreach_host_us_3000=1500.0 "
                     "e2e_rl6_vs_foreach=1.50x e2e_gpt2_fp32_vs_foreach=1.10x e2e_gpt2_bf16_vs_foreach=2.00x "
                     "flat28_device_vs_lerp=0.95x cuda_tests_failed=3 probe_failed=2 numba_cuda=0.30.4 "
-                    "cuda_core=1.2.0 driver=580.159.04 cached_launch=True flat28_ema_device_vs_lerp=1.04x")
+                    "cuda_core=1.2.0 driver=580.159.04 cached_launch=True "
+                    "flat28_ema_device_vs_lerp=1.04x device_us_6=3.0 device_us_148=510.0 "
+                    "device_us_3000=60.0 foreach_device_us_6=4.0 foreach_device_us_148=560.0 "
+                    "foreach_device_us_3000=70.0 flat28_pct_of_copy=92.0 "
+                    "flat28_ema_pct_of_copy=90.0 step_gpt2_fp32_vs_foreach=1.10x step_gpt2_bf16_vs_foreach=2.00x "
+                    "first_update_s=0.421 first_update_nvvm=0 cuda_tests_passed=61 "
+                    "headline_failed=1")
     # what was not measured says so, and no log is not "no failure"
     empty = s.summary_line({}, {}, "", None)
     assert "host_us_6=nan" in empty and "flat28_device_vs_lerp=nanx" in empty and "cuda_tests_failed=-1" in empty
-    assert empty.endswith("numba_cuda=unknown cuda_core=unknown driver=unknown cached_launch=unknown "
-                          "flat28_ema_device_vs_lerp=nanx")
+    assert "numba_cuda=unknown cuda_core=unknown driver=unknown cached_launch=unknown " \
+           "flat28_ema_device_vs_lerp=nanx device_us_6=nan " in empty
+    assert empty.endswith("first_update_s=nan first_update_nvvm=-1 cuda_tests_passed=-1 "
+                          "headline_failed=-1")
     assert s.failed_tests("== 62 passed in 3.0s ==") == 0
+    # the GPU command's [test] lines (bench/gpu_testlog.py) count, a run cut before pytest's
+    # summary too
+    cut = ("pytest x\n[test] PASSED 0.10s nvvm=0 a\n[test] FAILED 0.20s nvvm=0 b\n"
+           "[test] ERROR 0.00s nvvm=- c\n")
+    assert (s.failed_tests(cut), s.passed_tests(cut)) == (2, 1)
+    summary = "=== 5 passed in 1.0s ===\n"
+    assert (s.failed_tests(cut + summary), s.passed_tests(summary)) == (2, 5)
     # a version that could not be read is unknown, not its error message
     odd = s.summary_line({}, {}, "x", None, {"driver": "none", "numba-cuda": "not installed",
                                              "cuda-core": "unavailable (ImportError: x)", "cached_launch": False})
@@ -131,5 +161,15 @@ def test_gpu_summary_rebuilds_the_line_from_the_stage_folders(tmp_path, capsys):
     line, found = s.from_folders([str(env), str(tests), str(probe)])
     assert "cuda_tests_failed=-1" in line and "cached_launch=False" in line and "device=unknown" in line
     assert set(found) == {"env.txt", "smoke.json", "cuda-tests.log", "probe.json"}
+    # headline.json (the all command): its figures win over the probe's; its steps, first update
+    # and checks are read
+    (probe / "probe.json").write_text(json.dumps({"timings": _timings(s)}))
+    rows = {"host-cost rl6 float32": {s.EMA: {"host_us": 4.5}}}
+    headline = dict(_headline(s), timings=rows, env={"gpu": "NVIDIA H200"})
+    (tests / "headline.json").write_text(json.dumps(headline))
+    line, found = s.from_folders([str(env), str(tests), str(probe)])
+    assert "device=NVIDIA_H200 host_us_6=4.5 host_us_148=12.2 " in line
+    assert " first_update_s=0.421 first_update_nvvm=0 " in line and " headline_failed=1" in line
+    assert "step_gpt2_bf16_vs_foreach=2.00x" in line
     assert s.main([str(tmp_path / "nothing")]) == 1
     assert s.main([]) == 2

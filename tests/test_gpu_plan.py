@@ -1,13 +1,17 @@
-"""The GPU plan (``bench/gpu.sh`` and its Python stages) runs end to end without a GPU (issue 37 item 2).
+"""The GPU plan (``bench/gpu.sh all`` and ``rest`` and their Python parts) runs end to end without a
+GPU (issues 37 and 63).
 
-GPU time is rare (a 30-minute lease, each command at most 10 minutes, at most 8 files back): a plan
-that breaks on the day wastes it. So CI runs every stage in the Numba CUDA simulator at tiny sizes
-(``--simulate``; each in a subprocess, the simulator being switched on before numba is imported) and
-checks that each writes its files, that the summary line parses, that each stage's timeouts fit in
-a 9-minute command, that the numpy shim lets numba-cuda compile where numpy lacks ``row_stack``, that
-the probe's GPU-mode array adapters agree with the CPU kernels (on CPU tensors), and that the timing
-flags a host-bound run. Not cuda-marked: the simulator runs inside the subprocesses.
+GPU time is rare (15 minutes of device time a session, the machine's start included; at most 8
+files back from a command; no network there): a plan that breaks on the day wastes it. So CI runs
+both commands in the Numba CUDA simulator at tiny sizes (``--simulate``; each in a subprocess, the
+simulator being switched on before numba is imported) and checks that each writes its files as the
+device returns them, that the summary line parses, that each command's timeouts add up to one
+window's 8 minutes, that a test run stopped at its budget says so, that the numpy shim lets
+numba-cuda compile where numpy lacks ``row_stack``, that the probe's GPU-mode array adapters agree
+with the CPU kernels (on CPU tensors), and that the timing flags a host-bound run and takes the
+implementations' batches in turn. Not cuda-marked: the simulator runs inside the subprocesses.
 """
+import importlib.util
 import json
 import math
 import os
@@ -20,139 +24,231 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-STAGES = {"env": {"env.txt", "smoke.json", "smoke.log", "setup.log"},
-          "tests": {"cuda-tests.log", "setup.log"},
-          "probe": {"probe.json", "probe.md", "probe.log", "setup.log"},
-          "bench": {"bench.json", "bench.md", "bench.log", "setup.log"}}
-MAX_FILES, STAGE_LIMIT_S = 8, 540
+FILES = {"all": {"run.log", "env.txt", "smoke.json", "cuda-tests.log", "headline.json",
+                 "headline.md", "summary.txt"},
+         "rest": {"run.log", "probe.json", "probe.md", "bench.json", "bench.md"}}
+MAX_FILES, WINDOW_S = 8, 480
+MIXED = "torch._foreach_mul_+_foreach_add_"
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the GPU plan is bash on Linux")
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPU_SIMULATE", "PYTHONPATH")}
+    drop = ("NUMBA_ENABLE_CUDASIM", "GPU_SIMULATE", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", **extra)
     return env
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """Every stage run once in the simulator: {stage: (exit status, output, its folder)}."""
+def runs(tmp_path_factory):
+    """Both commands run once in the simulator (``rest``'s probe with a budget of 0: its checks
+    run, its timings are recorded out of time), and the tests part alone with a budget of 1 s:
+    ``{name: (exit status, output, its folder)}``."""
     base = tmp_path_factory.mktemp("gpu-plan")
-    runs = {}
-    for stage in STAGES:
-        folder = base / stage
-        p = subprocess.run(["bash", str(BENCH / "gpu.sh"), stage, str(folder), "--simulate"], cwd=ROOT, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-        runs[stage] = (p.returncode, p.stdout + p.stderr, folder)
-    return runs
+    done = {}
+    for name, command, extra in (
+            ("all", ["bash", str(BENCH / "gpu.sh"), "all"], {}),
+            ("rest", ["bash", str(BENCH / "gpu.sh"), "rest"], {"GPU_PROBE_BUDGET": "0"}),
+            ("cut", [sys.executable, str(BENCH / "gpu_tests.py")], {})):
+        folder = base / name
+        args = [*command, str(folder), "--simulate"] + (["--budget", "1"] if name == "cut" else [])
+        p = subprocess.run(args, cwd=ROOT, env=_env(**extra), capture_output=True, text=True,
+                           timeout=300)
+        done[name] = (p.returncode, p.stdout + p.stderr, folder)
+    return done
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_each_stage_runs_in_the_simulator_and_writes_its_files(stages, stage):
-    rc, output, folder = stages[stage]
+def _files(folder) -> set:
+    names = {p.name for p in folder.iterdir()}
+    assert len(names) <= MAX_FILES, names                         # the device returns 8, flat
+    assert all((folder / f).is_file() for f in names), names
+    return names
+
+
+def _smoke_and_versions(folder) -> None:
+    env = dict(ln.split("=", 1) for ln in (folder / "env.txt").read_text().splitlines())
+    for key in ("gpu", "driver", "python", "torch", "numba", "numba-cuda", "cuda-core",
+                "cuda-bindings", "llvmlite", "numpy", "nvidia-nvjitlink", "cuda-toolkit", "nvvm",
+                "pytest-xdist", "cached_launch", "numpy_row_stack", "numpy_fix", "fastema_install"):
+        assert key in env, key
+    assert env["simulator"] == "True" and env["cached_launch"] == "False"
+    checks = json.loads((folder / "smoke.json").read_text())["checks"]
+    assert [k[0] for k in checks] == ["1", "3", "4", "5", "6"]
+    assert checks["1 compile and launch"]["ok"] is True
+    assert checks["3 FlatShadow.update of 3 odd-sized float32 tensors == CPU kernel"]["ok"] is True
+    for k, v in checks.items():
+        if k[0] in "456":
+            assert v["ok"] is None and "simulator" in v["skipped"], k
+
+
+def _tests_log(folder) -> None:
+    """Each test named with its result, seconds and NVVM calls; the compiles run last; the count."""
+    log = (folder / "cuda-tests.log").read_text()
+    runs_ = re.findall(r"^pytest (.*)$", log, re.M)
+    assert len(runs_) == 2 and "'cuda and not compiles'" in runs_[0]
+    assert "'cuda and compiles'" in runs_[1] and "tests/kernels/test_cuda.py" in runs_[0]
+    assert "-p bench.gpu_testlog" in runs_[0]
+    tests = re.findall(r"^\[test\] (\w+) ([\d.]+)s nvvm=(\S+) (\S+)$", log, re.M)
+    assert {(t[0], t[3].split("::")[1]) for t in tests} == {
+        ("PASSED", "test_ema_update_on_device_arrays_matches_cpu"),
+        ("PASSED", "test_flat_shadow_on_device_arrays")}
+    assert log.rstrip().splitlines()[-1].startswith("[tests] 2 passed in ")
+
+
+def _headline(folder) -> None:
+    """The headline figures, each against its baseline in the same run."""
+    data = json.loads((folder / "headline.json").read_text())
+    assert not [k for k, v in data["checks"].items() if v.get("ok") is False], data["checks"]
+    timings = data["timings"]
+    for count in ("rl6", "gpt2", "3000x4096"):
+        for impl in ("fastema EMA.update", "torch._foreach_lerp_"):
+            row = timings[f"host-cost {count} float32"][impl]
+            assert row["host_us"] > 0 and row["device_us"] > 0 and row["e2e_us"] > 0
+            assert row["batches"] == 2
+    assert set(timings["host-cost gpt2 bf16"]) == {"fastema EMA.update", MIXED}
+    flat = timings["flat float32 2^10"]
+    assert flat["copy (ceiling)"]["pct_of_copy"] == pytest.approx(100)
+    assert flat["fastema.ema_update_"]["pct_of_copy"] > 0
+    first = data["first_update"]["fresh process"]
+    assert first["nvvm_calls"] == 0 and first["run_time_compiles"] == 0 and first["tensors"] == 148
+    for dt, base in (("float32", "torch._foreach_lerp_"), ("bf16", MIXED)):
+        step = data["steps"][f"gpt2 {dt}"]
+        assert step["tensors"] == 16 and step["step alone"]["step_ms"] > 0
+        assert all("update_in_step_us" in step[way] for way in ("fastema EMA.update", base))
+
+
+def test_all_runs_in_the_simulator_and_writes_its_files(runs):
+    rc, output, folder = runs["all"]
     assert rc == 0, output[-4000:]
-    files = {p.name for p in folder.iterdir()}
-    assert STAGES[stage] <= files, (files, output[-2000:])
-    assert len(files) <= MAX_FILES and all((folder / f).is_file() for f in files)   # the device returns 8, flat
+    assert FILES["all"] <= _files(folder), output[-2000:]
     assert "gpu_env: numpy:" in output and "gpu_env: fastema:" in output
-    if stage == "env":
-        env = dict(ln.split("=", 1) for ln in (folder / "env.txt").read_text().splitlines())
-        for key in ("driver", "python", "torch", "numba", "numba-cuda", "cuda-core", "cuda-bindings", "llvmlite",
-                    "numpy", "nvidia-nvjitlink", "cuda-toolkit", "nvvm", "pytest-xdist", "cached_launch",
-                    "numpy_row_stack", "numpy_fix", "fastema_install"):
-            assert key in env, key
-        assert env["simulator"] == "True" and env["cached_launch"] == "False"
-        smoke = json.loads((folder / "smoke.json").read_text())
-        checks = smoke["checks"]
-        assert [k[0] for k in checks] == ["1", "3", "4", "5", "6"]
-        assert checks["1 compile and launch"]["ok"] is True
-        assert checks["3 FlatShadow.update of 3 odd-sized float32 tensors == CPU kernel"]["ok"] is True
-        assert all(v["ok"] is None and "simulator" in v["skipped"] for k, v in checks.items() if k[0] in "456")
-        assert smoke["host"]["2 cached_launch_available"] is False
-        assert set(smoke["host"]["7 launch host us"]) >= {"cached_launch", "the group's bound lerp launch alone us",
-                                                          "numba kernel[grid, block](...) of the same kernel us"}
-    elif stage == "tests":
-        log = (folder / "cuda-tests.log").read_text()
-        assert log.startswith("pytest tests/kernels/test_cuda.py -m cuda")
-        assert "--durations=20 -rfE -v --tb=line -p no:cacheprovider" in log.splitlines()[0]
-        assert re.search(r"\b2 passed\b.* in [\d.]+s", log)
-    elif stage == "probe":
-        probe = json.loads((folder / "probe.json").read_text())
-        failed = {k: v for k, v in probe["checks"].items() if v.get("ok") is False}
-        assert not failed, failed
-        passed = [k for k, v in probe["checks"].items() if v.get("ok") is True]
-        assert len(passed) >= 9 and any(k.startswith("lerp bfloat16->float32") for k in passed)
-        assert probe["checks"]["CUDA graph capture of FlatShadow.update(weight=tensor)"]["ok"] is None
-        row = probe["timings"]["host-cost rl6 float32"]["fastema EMA.update"]
-        for key in ("host_us", "host_us_min", "host_us_max", "device_us", "pipelined_us", "e2e_us", "host_bound",
-                    "host_bound_batches", "calls", "batches", "bytes_per_element", "device_GBps"):
-            assert key in row, key
-        assert row["bytes_per_element"] == 12
-        assert probe["timings"]["host-cost rl6 bf16"]["torch._foreach_mul_+_foreach_add_"]["bytes_per_element"] == 18
-        assert {"fastema EMA.update", "fastema FlatShadow.update", "fastema.ema_update_", "torch.lerp_"} <= \
-            set(probe["timings"]["flat float32 2^10"])
-        assert (folder / "probe.md").read_text().startswith("gpu-summary: device=simulator ")
-    else:
-        bench = json.loads((folder / "bench.json").read_text())
-        assert len(bench["benchmarks"]) == 4 and "| fastema |" in (folder / "bench.md").read_text()
+    _smoke_and_versions(folder)
+    _tests_log(folder)
+    _headline(folder)
+    summary = (folder / "summary.txt").read_text().strip()
+    assert summary == (folder / "headline.md").read_text().splitlines()[0]
+    fields = _fields(summary)
+    assert fields["cuda_tests_failed"] == "0" and fields["cuda_tests_passed"] == "2"
+    assert fields["first_update_nvvm"] == "0" and fields["headline_failed"] == "0"
 
 
-FIELDS = ["device", "host_us_6", "host_us_148", "host_us_3000", "foreach_host_us_6", "foreach_host_us_148",
-          "foreach_host_us_3000", "e2e_rl6_vs_foreach", "e2e_gpt2_fp32_vs_foreach", "e2e_gpt2_bf16_vs_foreach",
-          "flat28_device_vs_lerp", "cuda_tests_failed", "probe_failed", "numba_cuda", "cuda_core", "driver",
-          "cached_launch", "flat28_ema_device_vs_lerp"]
+def test_rest_runs_in_the_simulator_and_writes_its_files(runs):
+    rc, output, folder = runs["rest"]
+    assert rc == 0, output[-4000:]
+    assert FILES["rest"] <= _files(folder), output[-2000:]
+    probe = json.loads((folder / "probe.json").read_text())
+    failed = {k: v for k, v in probe["checks"].items() if v.get("ok") is False}
+    assert not failed, failed
+    passed = [k for k, v in probe["checks"].items() if v.get("ok") is True]
+    assert len(passed) >= 9 and any(k.startswith("lerp bfloat16->float32") for k in passed)
+    assert probe["checks"]["CUDA graph capture of FlatShadow.update(weight=tensor)"]["ok"] is None
+    rows = [m for impls in probe["timings"].values() for m in impls.values()]     # budget 0 s
+    assert rows and all("out of time" in m.get("skipped", "") for m in rows)
+    probe_md = (folder / "probe.md").read_text()
+    assert probe_md.startswith("gpu-summary: device=simulator host_us_6=nan ")
+    bench = json.loads((folder / "bench.json").read_text())
+    assert len(bench["benchmarks"]) == 4 and "| fastema |" in (folder / "bench.md").read_text()
+    assert "offload: needs a GPU" in output
 
 
-def test_summary_line_of_the_stage_folders_parses(stages):
-    folders = [str(stages[s][2]) for s in STAGES]
-    p = subprocess.run([sys.executable, str(BENCH / "gpu_summary.py"), *folders], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    line = p.stdout.strip()
+def test_a_test_run_stopped_at_its_budget_says_so(runs):
+    rc, output, folder = runs["cut"]
+    log = (folder / "cuda-tests.log").read_text()
+    assert rc == 124, output[-3000:]
+    assert log.startswith("pytest tests/kernels/test_cuda.py -k ")
+    assert "[tests] stopped at the budget's end" in log
+    assert "the compiles run was not started" in log
+    assert log.rstrip().endswith("(stopped at the budget)")
+
+
+FIELDS = ["device", "host_us_6", "host_us_148", "host_us_3000", "foreach_host_us_6",
+          "foreach_host_us_148", "foreach_host_us_3000", "e2e_rl6_vs_foreach",
+          "e2e_gpt2_fp32_vs_foreach", "e2e_gpt2_bf16_vs_foreach", "flat28_device_vs_lerp",
+          "cuda_tests_failed", "probe_failed", "numba_cuda", "cuda_core", "driver", "cached_launch",
+          "flat28_ema_device_vs_lerp", "device_us_6", "device_us_148", "device_us_3000",
+          "foreach_device_us_6", "foreach_device_us_148", "foreach_device_us_3000",
+          "flat28_pct_of_copy", "flat28_ema_pct_of_copy", "step_gpt2_fp32_vs_foreach",
+          "step_gpt2_bf16_vs_foreach", "first_update_s", "first_update_nvvm", "cuda_tests_passed",
+          "headline_failed"]
+WORDS = ("device", "numba_cuda", "cuda_core", "driver", "cached_launch")
+COUNTS = ("cuda_tests_failed", "probe_failed", "cuda_tests_passed", "first_update_nvvm",
+          "headline_failed")
+
+
+def _fields(line: str) -> dict:
     assert line.startswith("gpu-summary: ") and "\n" not in line
     fields = dict(f.split("=", 1) for f in line.split()[1:])
     assert list(fields) == FIELDS
     for key, value in fields.items():
-        if key in ("device", "numba_cuda", "cuda_core", "driver", "cached_launch"):
+        if key in WORDS:
             assert re.fullmatch(r"\S+", value)
-        elif key in ("cuda_tests_failed", "probe_failed"):
+        elif key in COUNTS:
             assert int(value) >= -1
         else:
             number = float(value.removesuffix("x"))
-            assert math.isnan(number) or number > 0, (key, value)
-    assert fields["device"] == "simulator" and fields["cuda_tests_failed"] == "0" and fields["probe_failed"] == "0"
-    assert fields["cached_launch"] == "False" and fields["numba_cuda"] != "unknown"
-    assert not math.isnan(float(fields["host_us_6"]))                        # the host-cost rows ran
+            assert math.isnan(number) or math.isfinite(number), (key, value)
+    return fields
 
 
-def _stage_branches(text: str) -> dict:
-    body = text[text.index('case "$stage" in'):]
+def test_summary_line_of_both_commands_folders_parses(runs):
+    folders = [str(runs[s][2]) for s in ("all", "rest")]
+    p = subprocess.run([sys.executable, str(BENCH / "gpu_summary.py"), *folders], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    fields = _fields(p.stdout.strip())
+    assert fields["device"] == "simulator" and fields["cuda_tests_failed"] == "0"
+    assert fields["probe_failed"] == "0" and fields["cached_launch"] == "False"
+    assert fields["numba_cuda"] != "unknown"
+    for key in ("host_us_6", "host_us_3000", "foreach_host_us_3000", "device_us_148",
+                "first_update_s"):
+        assert float(fields[key]) > 0, key          # the headline's rows, not the probe's skipped
+
+
+def _branches(text: str) -> dict:
+    body = text[text.index('case "$stage" in\n  all)'):]
     return dict(re.findall(r"^  (\w+)\)\n(.*?)^    ;;", body, re.S | re.M))
 
 
 def _seconds(text: str) -> int:
-    """What the ``timeout`` calls in ``text`` may take at most: each limit plus its kill-after (not
-    pytest-timeout's per-test ``--timeout``)."""
-    return sum(int(k or 0) + int(s) for k, s in re.findall(r"(?<![-\w])timeout(?:\s+-k\s+(\d+))?\s+(\d+)\b", text))
+    """What the ``timeout`` calls in ``text`` may take at most: each limit plus its kill-after
+    (not pytest-timeout's per-test ``--timeout``)."""
+    found = re.findall(r"(?<![-\w])timeout(?:\s+-k\s+(\d+))?\s+(\d+)\b", text)
+    return sum(int(k or 0) + int(s) for k, s in found)
 
 
-def test_each_stage_fits_in_one_device_command():
-    """Every stage's timeouts, the set-up's (bench/gpu_env.sh, sourced by every stage) included, add
-    up to less than 9 minutes; output is teed, never piped through tail; the probe stops starting
-    timings well before its timeout."""
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_command_fits_one_window():
+    """Each command's timeouts, the set-up's (bench/gpu_env.sh, sourced first) and the summary's
+    included, add up to at most 8 minutes; the budgets inside stop starting work well before
+    their timeouts; output is teed, never piped through tail."""
     script, setup = (BENCH / "gpu.sh").read_text(), (BENCH / "gpu_env.sh").read_text()
-    branches = _stage_branches(script)
-    assert set(branches) == set(STAGES)
-    assert _seconds(setup) > 0
+    branches = _branches(script)
+    assert set(branches) == {"all", "rest"}
+    tail = script[script.index("\nesac\n", script.index('case "$stage" in\n  all)')):]
+    assert _seconds(setup) > 0 and _seconds(tail) > 0
     for stage, body in branches.items():
-        total = _seconds(setup) + _seconds(body)
-        assert 0 < _seconds(body) and total < STAGE_LIMIT_S, (stage, total)
+        total = _seconds(setup) + _seconds(body) + _seconds(tail)
+        assert 0 < _seconds(body) and total <= WINDOW_S, (stage, total)
     for text in (script, setup):
         assert not re.search(r"\|\s*tail\b", text)
-    assert "set -uo pipefail" in script and script.count("PIPESTATUS[0]") == len(STAGES)
-    budget = int(re.search(r"--budget (\d+)", branches["probe"]).group(1))
-    assert budget + 60 < _seconds(branches["probe"])
+    assert "set -uo pipefail" in script
+    budget = r"timeout -k \d+ (\d+) .*--budget \"?(?:\$\{GPU_PROBE_BUDGET:-)?(\d+)"
+    found = re.findall(budget, branches["all"] + branches["rest"])
+    assert len(found) == 3                                    # tests, headline, probe
+    for limit, inner in found:
+        assert int(inner) + 15 <= int(limit), (limit, inner)  # room to report after the budget
+    tests = _module("gpu_tests")
+    limit = int(re.search(r"gpu_tests.py .*--budget (\d+)", branches["all"]).group(1))
+    assert tests.TEST_TIMEOUT < tests.COMPILE_TIMEOUT <= limit and tests.MIN_LAST < limit
+    files = tests.cuda_files()
+    assert set(tests.PRIORITY) <= set(files) and files[:len(tests.PRIORITY)] == tests.PRIORITY
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_env.sh")]).returncode == 0
 
@@ -224,7 +320,8 @@ sys.exit(1 if bad or len(rec.data["checks"]) < 14 else 0)
 def test_measure_flags_a_host_bound_run_and_fewer_calls_where_the_queue_fills(monkeypatch):
     """Device time is flagged host-bound when the event at the end of the GPU sleep has completed
     before the host finished queueing; host batches in which the GPU caught up are retried with a
-    quarter of the calls. Fakes stand in for the GPU (no device)."""
+    quarter of the calls; ``interleaved`` takes the implementations' batches in turn. Fakes stand
+    in for the GPU (no device)."""
     monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
     import gpu_common as G
@@ -259,15 +356,12 @@ def test_measure_flags_a_host_bound_run_and_fewer_calls_where_the_queue_fills(mo
     assert m["host_bound"] and m["host_bound_batches"] == 5 and m["calls"] == 10 and m["calls_asked"] == 200
     m = M.with_bandwidth(dict(m, device_us=2.0, e2e_us=4.0), 1000, "mul+add bf16->f32")
     assert m["bytes"] == 18_000 and m["device_GBps"] == pytest.approx(9.0)
-
-
-def test_probe_out_of_budget_still_writes_its_report(tmp_path):
-    """Past --budget no timing starts (recorded 'skipped: out of time'), and probe.md is written."""
-    p = subprocess.run([sys.executable, str(BENCH / "gpu_probe.py"), str(tmp_path), "--simulate", "--quick",
-                        "--budget", "0"], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
-    probe = json.loads((tmp_path / "probe.json").read_text())
-    rows = [m for impls in probe["timings"].values() for m in impls.values()]
-    assert rows and all("out of time" in m.get("skipped", "") for m in rows)
-    assert (tmp_path / "probe.md").read_text().startswith("gpu-summary: device=simulator host_us_6=nan ")
+    state["idle"] = False
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    rows = M.interleaved(fns, calls=40, batches=3)
+    assert set(rows) == {"a", "b"}
+    assert all(r["calls"] == 40 and r["batches"] == 3 for r in rows.values())
+    timed = order[2 * (3 + 20 + 40):]          # after each one's warm-up, estimate and calibration
+    runs = [k for i, k in enumerate(timed) if i == 0 or timed[i - 1] != k]
+    assert runs[:12] == ["a", "b"] * 6 and rows["a"]["device_us"] == pytest.approx(1e3 / 40)

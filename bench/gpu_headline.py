@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""fastema's headline GPU figures, each against its baseline in the same process, the batches taken
+in turn (the third part of ``bash bench/gpu.sh all``, issue 63):
+
+    python3 bench/gpu_headline.py OUTDIR [--budget SECONDS] [--simulate]
+
+1. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
+   3000 (3000 x 4096) float32 tensors, and against ``_foreach_mul_`` + ``_foreach_add_`` at 148
+   bfloat16 tensors into a float32 shadow: host submit time, device time, one call and a sync
+   (``gpu_measure.interleaved``);
+2. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
+   ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy;
+3. the first ``EMA.update()`` of a fresh process (GPT-2 small's 148 tensors, float32) with the
+   shipped device code: seconds, and NVVM's calls (0: nothing compiled), in a child process with
+   an empty kernel cache (a compile cannot hide behind a cached entry);
+4. one training step of a GPT-2-size model, float32 and bfloat16 weights, alone, with fastema's
+   update and with the baseline's (``bench/gpu_steps.py``).
+
+``OUTDIR/headline.json`` is rewritten after every figure (a run cut at its limit keeps what it
+measured; the scenario and implementation names are the probe's, so ``bench/gpu_summary.py``
+reads either); ``headline.md`` (the ``gpu-summary`` line, then the tables) is written at the end.
+A figure started after ``--budget`` seconds (default 80) is recorded ``skipped: out of time``; one
+that raises is a failed check (exit status 1). ``--simulate`` (or ``NUMBA_ENABLE_CUDASIM=1``): the
+Numba CUDA simulator, torch on the CPU at tiny sizes: plumbing only (CI).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+if "--simulate" in sys.argv:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import gpu_common as G  # noqa: E402
+import gpu_measure as M  # noqa: E402
+import gpu_steps  # noqa: E402
+from gpu_summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
+
+FLAT = 10 if G.SIM else 28
+FIRST_UPDATE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+calls = [0]
+sim = sys.argv[1] == "sim"
+if not sim:
+    from numba.cuda.cudadrv import nvvm
+    real = nvvm.compile_ir
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+    nvvm.compile_ir = counted
+import torch
+from torch import nn
+from fastema.torch import EMA
+from fastema._launch import device_code, drivers
+from shapes import gpt2_small
+dev = "cpu" if sim else "cuda"
+shapes = [(4, 4)] * 148 if sim else gpt2_small()
+model = nn.ParameterList([nn.Parameter(torch.randn(s, device=dev)) for s in shapes])
+sync = (lambda: None) if sim else torch.cuda.synchronize
+sync()
+t1 = time.perf_counter()
+with torch.no_grad():
+    ema = EMA(model, 0.999)
+    ema.update()
+    sync()
+    t2 = time.perf_counter()
+    ema.update()
+    sync()
+t3 = time.perf_counter()
+images = [v for v in drivers.current().images.values() if v is not None]
+print(json.dumps({"first_update_s": t2 - t1, "second_update_s": t3 - t2, "nvvm_calls": calls[0],
+                  "run_time_compiles": len(device_code.COMPILES),
+                  "loaded": sorted({v.source for v in images}), "variants_loaded": len(images),
+                  "process_s": t3 - t0, "tensors": len(shapes)}))
+"""
+
+
+def _rows(rec, scenario: str) -> dict:
+    return rec.data.setdefault("timings", {}).setdefault(scenario, {})
+
+
+def host_cost(rec, count: int, dt: str) -> None:
+    """Row 1 (see the module docstring) for ``count`` tensors of ``dt``."""
+    import gpu_timings
+    import torch
+    from torch import nn
+
+    from fastema.torch import EMA as Ema
+
+    dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+    dev = G.torch_device()
+    model = nn.ParameterList([nn.Parameter(torch.randn(s, device=dev).to(dtype))
+                              for s in gpu_timings.shapes(count)])
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    ema = Ema(model, 0.999)
+    f32 = [p.detach().float() for p in params]
+    if dt == "float32":
+        kinds = {EMA: "lerp f32", FOREACH: "lerp f32"}
+        fns = {EMA: ema.update, FOREACH: lambda: torch._foreach_lerp_(f32, params, 0.001)}
+    else:
+        kinds = {EMA: "lerp bf16->f32", MIXED: "mul+add bf16->f32"}
+        fns = {EMA: ema.update, MIXED: lambda: (torch._foreach_mul_(f32, 0.999),
+                                                torch._foreach_add_(f32, params, alpha=0.001))}
+    with torch.no_grad():
+        rows = M.interleaved(fns)
+    sc = f"{HOST_COST[count]} {dt}"
+    for impl, m in rows.items():
+        _rows(rec, sc)[impl] = M.with_bandwidth(m, n, kinds[impl])
+    rec.note("host", f"{sc}: host us, fastema / baseline",
+             [round(m["host_us"], 1) for m in rows.values()])
+
+
+def flat(rec) -> None:
+    """Row 2: one flat float32 tensor of 2^FLAT elements."""
+    import torch
+    from torch import nn
+
+    import fastema
+    from fastema.flat import FlatShadow
+    from fastema.torch import EMA as Ema
+
+    n = 1 << FLAT
+    a, b, c = (torch.randn(n, device=G.torch_device()) for _ in range(3))
+    flat_shadow = FlatShadow([b])
+    one = nn.Module()
+    one.w = nn.Parameter(b, requires_grad=False)              # the same storage as b
+    ema = Ema(one, 0.999)
+    fns = {"copy (ceiling)": lambda: c.copy_(a),
+           "fastema.ema_update_": lambda: fastema.ema_update_(a, b, decay=0.999),
+           "fastema FlatShadow.update": lambda: flat_shadow.update(0.999), EMA: ema.update,
+           "torch.lerp_": lambda: a.lerp_(b, 0.001),
+           FOREACH: lambda: torch._foreach_lerp_([a], [b], 0.001)}
+    with torch.no_grad():
+        rows = M.interleaved(fns, calls=20)
+    sc = f"flat float32 2^{FLAT}"
+    copy = M.with_bandwidth(rows["copy (ceiling)"], n, "copy")["device_GBps"] or 0
+    for impl, m in rows.items():
+        m = M.with_bandwidth(m, n, "copy" if impl.startswith("copy") else "lerp f32")
+        m["pct_of_copy"] = 100 * m["device_GBps"] / copy if copy and m["device_GBps"] else None
+        _rows(rec, sc)[impl] = m
+    rec.note("host", f"{sc}: % of copy",
+             {k: round(v.get("pct_of_copy") or 0, 1) for k, v in _rows(rec, sc).items()})
+
+
+def first_update(rec) -> None:
+    """Row 3 (the simulator's child keeps the kernel cache: its CPU kernels would compile)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ) if G.SIM else dict(os.environ, NUMBA_CACHE_DIR=cache)
+        args = [sys.executable, "-c", FIRST_UPDATE, "sim" if G.SIM else "gpu"]
+        done = subprocess.run(args, cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    rec.note("first_update", "fresh process", json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def steps(rec, dt: str) -> None:
+    """Row 4 (``bench/gpu_steps.py``) for ``dt`` weights."""
+    import torch
+
+    dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+    rec.note("steps", f"gpt2 {dt}", gpu_steps.step_row(dtype))
+
+
+def environment(rec) -> None:
+    import torch
+
+    env = {"gpu": "simulator" if G.SIM else torch.cuda.get_device_name(0),
+           "torch": torch.__version__}
+    if not G.SIM:
+        props = torch.cuda.get_device_properties(0)
+        env.update(sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    for k, v in env.items():
+        rec.data["env"][k] = v
+    rec.save()
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def report(data: dict, out: str) -> str:
+    """``headline.md``: the summary line (with this folder's env.txt and cuda-tests.log), then
+    each section as a table."""
+    env = dict(data.get("env", {}), **read_env(_read(os.path.join(out, "env.txt")) or ""))
+    line = summary_line(data.get("timings", {}), {}, str(data["env"].get("gpu", "")),
+                        _read(os.path.join(out, "cuda-tests.log")), env, headline=data)
+    lines = [line, "", "| scenario | impl | calls | host us | device us | host-bound | e2e us | "
+                       "GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|"]
+    for sc, impls in data.get("timings", {}).items():
+        for impl, m in impls.items():
+            def f(k, fmt="{:.1f}", m=m):
+                return fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "-"
+
+            lines.append(f"| {sc} | {impl} | {m.get('calls')} | {f('host_us')} | "
+                         f"{f('device_us')} | {m.get('host_bound_batches')}/{m.get('batches')} | "
+                         f"{f('e2e_us')} | {f('device_GBps', '{:.0f}')} | "
+                         f"{f('pct_of_copy', '{:.0f}')} |")
+    for section in ("steps", "first_update", "checks", "host"):
+        if data.get(section):
+            lines += ["", f"| {section} | value |", "|---|---|"]
+            lines += [f"| {k} | {json.dumps(v, default=str)} |" for k, v in data[section].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=os.environ.get("OUT", "headline-out"))
+    ap.add_argument("--budget", type=float, default=80.0, help="no figure starts after it")
+    ap.add_argument("--simulate", action="store_true", help="the simulator, tiny sizes (CI)")
+    opts = ap.parse_args(argv)
+    os.makedirs(opts.out, exist_ok=True)
+    sections = ["env", "checks", "timings", "steps", "first_update", "host"]
+    rec = G.Record(os.path.join(opts.out, "headline.json"), sections)
+    rec.data["env"]["budget_s"] = opts.budget
+    rec.guarded("checks", "environment", lambda: environment(rec))
+    plan = [(f"{HOST_COST[c]} {dt}", lambda c=c, dt=dt: host_cost(rec, c, dt))
+            for c, dt in ((6, "float32"), (148, "float32"), (3000, "float32"), (148, "bf16"))]
+    plan += [(f"flat float32 2^{FLAT}", lambda: flat(rec)),
+             ("first update", lambda: first_update(rec)),
+             ("gpt2 step float32", lambda: steps(rec, "float32")),
+             ("gpt2 step bf16", lambda: steps(rec, "bf16"))]
+    for name, fn in plan:
+        if rec.elapsed() > opts.budget:
+            why = f"out of time (the budget of {opts.budget:.0f} s was spent)"
+            rec.note("checks", name, {"ok": None, "skipped": why})
+            continue
+        t0 = time.perf_counter()
+        rec.guarded("checks", name, fn)
+        rec.data["host"][f"{name} s"] = round(time.perf_counter() - t0, 1)
+        if not G.SIM:
+            import torch
+
+            torch.cuda.empty_cache()
+    rec.note("host", "headline seconds", round(rec.elapsed(), 1))
+    text = report(rec.data, opts.out)
+    with open(os.path.join(opts.out, "headline.md"), "w") as fh:
+        fh.write(text)
+    print(text, flush=True)
+    return 1 if G.failed(rec.data["checks"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
