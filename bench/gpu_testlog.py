@@ -43,6 +43,8 @@ def _outcome(report) -> str | None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report) -> None:
+    if _WORKER:                                   # an xdist worker: the controller writes the line
+        return
     row = _SEEN.setdefault(report.nodeid, {"outcome": None, "s": 0.0, "nvvm": "-"})
     row["s"] += report.duration
     for key, value in report.user_properties:
@@ -58,7 +60,7 @@ def pytest_runtest_logreport(report) -> None:
 
 
 def pytest_collectreport(report) -> None:
-    if report.failed:
+    if report.failed and not _WORKER:
         text = str(report.longrepr).strip().splitlines()
         _write(_CONFIG[0], f"[test] ERROR 0.00s nvvm=- {report.nodeid} (collection: "
                            f"{text[-1][:200] if text else 'failed'})")
@@ -74,7 +76,10 @@ def pytest_report_teststatus(report, config):
 
 
 _CONFIG: list = []
+_WORKER = False
 
 
 def pytest_configure(config) -> None:
+    global _WORKER
     _CONFIG[:] = [config]
+    _WORKER = hasattr(config, "workerinput")

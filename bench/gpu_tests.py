@@ -10,16 +10,19 @@ ends (``bench/gpu_testlog.py``), all into ``OUTDIR/cuda-tests.log`` as it is pri
    seconds (pytest-timeout, where installed); none compiles a kernel (``tests/support/shipped.py``
    fails one that does);
 2. ``-m "cuda and compiles"`` (the run-time compile path, torch.compile): last, with what is left
-   of the budget, each test at most ``COMPILE_TIMEOUT`` seconds, if ``MIN_LAST`` are left.
+   of the budget, each test at most ``COMPILE_TIMEOUT`` seconds, if ``MIN_LAST`` are left; on
+   ``COMPILE_WORKERS`` pytest-xdist workers (not in the simulator): each of these tests spends its
+   time compiling on the CPU (NVVM in child processes, inductor and Triton), and the machine has 16
+   cores.
 
 Only the files that hold cuda tests are collected (every other test module's imports, TensorFlow,
 JAX, transformers..., would cost each run tens of seconds). One process by default (the files run
-in the order given); ``--workers N``: pytest-xdist's ``-n N --dist load``. A run is stopped at the
-budget's end (default 220 s for both; the second gets what the first left), its output kept, and
-so is it when this process is sent SIGTERM (an outer ``timeout``). The last line, ``[tests] N
-passed, N failed, ... in S s (done)``, counts the ``[test]`` lines. ``--simulate``: the Numba CUDA
-simulator, each run cut to a few tests (CI). Exit status: 1 when a test failed or erred, 124 when
-the budget ran out first, else 0.
+in the order given); ``--workers N``: pytest-xdist's ``-n N --dist load`` for the first run. A run
+is stopped at the budget's end (default 220 s for both; the second gets what the first left), its
+output kept, and so is it when this process is sent SIGTERM (an outer ``timeout``). The last
+line, ``[tests] N passed, N failed, ... in S s (done)``, counts the ``[test]`` lines.
+``--simulate``: the Numba CUDA simulator, each run cut to a few tests (CI). Exit status: 1 when a
+test failed or erred, 124 when the budget ran out first, else 0.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ PRIORITY = ["tests/kernels/test_cuda.py", "tests/kernels/test_cuda_vector16.py",
             "tests/schedules/test_momentum_schedules.py"]
 """The CUDA test files, most important first: the kernels against the CPU, the launch path, torch
 on a GPU (streams, graphs, capture), then the faces and the array layer."""
-TEST_TIMEOUT, COMPILE_TIMEOUT, MIN_LAST = 60, 150, 20
+TEST_TIMEOUT, COMPILE_TIMEOUT, MIN_LAST, COMPILE_WORKERS = 60, 150, 20, 3
 SIMULATED = {"not compiles": ["tests/kernels/test_cuda.py", "-k",
                               "test_ema_update_on_device_arrays_matches_cpu or "
                               "test_flat_shadow_on_device_arrays"],
@@ -145,8 +148,7 @@ def main(argv) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     os.makedirs(opts.out, exist_ok=True)
     common = ["-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", "-p", PLUGIN, "--durations=15"]
-    if opts.workers > 1 and _has("xdist"):
-        common += ["-n", str(opts.workers), "--dist", "load"]
+    workers = {"not compiles": opts.workers, "compiles": 1 if simulate else COMPILE_WORKERS}
     t0, status = time.monotonic(), 0
     path = os.path.join(opts.out, "cuda-tests.log")
     with open(path, "w", encoding="utf-8") as log:
@@ -161,6 +163,8 @@ def main(argv) -> int:
             else:
                 files = cuda_files() if phase == "not compiles" else cuda_files("mark.compiles")
             args = [*files, "-m", f"cuda and {phase}", *common, *extra]
+            if workers[phase] > 1 and _has("xdist"):
+                args += ["-n", str(workers[phase]), "--dist", "load"]
             if _has("pytest_timeout"):
                 args += ["--timeout", str(int(min(per_test, left)))]
             rc = _run(args, left, log)
