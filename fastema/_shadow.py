@@ -1,16 +1,25 @@
 """What a shadow is: the protocols (:class:`Shadow`, what the faces read; :class:`Updatable`,
-what the engine's update driver calls; :class:`AveragingShadow`, both) and :class:`Capabilities`,
-the one small base that declares the optional members with their defaults.
+what the engine's update driver calls; :class:`AveragingShadow`, both; :class:`WindowingShadow`,
+a window's ring) and :class:`Capabilities`, the one small base that declares the optional members
+with their defaults.
 
 A shadow keeps the averages of a list of sources: :class:`fastema.FlatShadow` (flat buffers),
 :class:`fastema.WindowShadow` (a window mean and its ring), :class:`fastema.pairs.PairShadow`
-(the caller's own tensors), and the torch face's placements built on them (an offloaded shadow
-in host memory, a shadow split over replicas, one that reads an optimizer's host masters).
-What one of them can or cannot do is an attribute declared here, never a ``getattr`` probe:
+(the caller's own tensors), and the torch face's placements, composed (:mod:`fastema.torch._placement`):
+a *storage* (device rows: those two; staged host rows: an offloaded shadow; an optimizer's host
+masters read in place), optionally wrapped by a *split* over replicas (each rank keeps a slice;
+reads gather). What one of them can or cannot do is an attribute declared here, never a
+``getattr`` probe, and never read off its class name:
 
 - ``folds_later``: ``update_checked()`` queues its fold (on a worker thread); the engine then
   hands it, after each call, the way back to the plan before it (``queued(undo)``), and every
   read waits for the folds first (``join()``).
+- ``host_plan_only``: its updates run on the host's plan (no device plan, no skip flags: they
+  fold on a host thread); the engine refuses ``device_step`` and ``skip_nonfinite`` for it, and a
+  face refuses a CUDA graph capture of its update. ``placement`` names it in those refusals.
+- ``holds_interrupts``: a Ctrl-C during ``update()`` is held until the update is queued whole
+  (every window staged), so a worker never folds half an update.
+- ``gather_bucket``: the bytes one gather of a split shadow's reads carries (None: a whole shadow).
 - ``exact_swap``: ``swap()`` exchanges the average and the sources without rounding either, so
   a face needs no backup of the raw weights (equal dtypes, a float32 shadow of bfloat16
   sources, or a shadow that keeps the raw weights itself).
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "table_parts"]
+__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "WindowingShadow", "table_parts"]
 
 
 def table_parts(*tables) -> list[tuple[str, Any]]:
@@ -38,9 +47,13 @@ class Capabilities:
     """The optional members of a shadow, declared once with their defaults (see the module)."""
 
     folds_later: bool = False
+    host_plan_only: bool = False
+    holds_interrupts: bool = False
+    placement: str = ""
     in_place: bool = False
     group: Any = None
     split_id: int | None = None
+    gather_bucket: int | None = None
     layout: Any
 
     @property
@@ -108,6 +121,8 @@ class Updatable(Protocol):
     layout: Any
     skipped: dict
     folds_later: bool
+    host_plan_only: bool
+    placement: str
 
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
                rounding: str = "nearest", seed: int = 0, step: int = 0) -> None: ...
@@ -139,8 +154,11 @@ class Shadow(Protocol):
     rows: int
     layout: Any
     in_place: bool
+    host_plan_only: bool
+    holds_interrupts: bool
     group: Any
     split_id: int | None
+    gather_bucket: int | None
 
     @property
     def sources(self) -> list: ...
@@ -198,3 +216,17 @@ class AveragingShadow(Shadow, Updatable, Protocol):
     picker makes for :class:`fastema.torch.EMA`)."""
 
     def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None: ...
+
+
+@runtime_checkable
+class WindowingShadow(Shadow, Protocol):
+    """A window average's shadow (:class:`fastema.WindowShadow`, or one split over replicas): read by
+    the face as any shadow, fed by :meth:`push` (one snapshot) and checkpointed with its ring."""
+
+    pushes: int
+
+    def push(self) -> None: ...
+
+    def restart(self) -> None: ...
+
+    def ring_view(self, source: int | str) -> Any: ...

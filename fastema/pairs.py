@@ -127,8 +127,8 @@ class PairShadow(Capabilities, BoundLaunches):
         as they are now (the bound launches are made again at the next update)."""
         self.layout = _Groups(groups)
 
-    def update(self, decay: float | None = None, *, weight: Any = None, rounding: str = "nearest", seed: int = 0,
-               step: int = 0, bf16_stochastic: bool = False) -> None:
+    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None, rounding: str = "nearest",
+               seed: int = 0, step: int = 0, bf16_stochastic: bool = False) -> None:
         """One lerp launch per group, every argument checked first; the key of the stochastic
         rounding is ``sr_key(seed, step)`` for every group (:func:`fastema.ema_update_many_`).
 
@@ -136,10 +136,11 @@ class PairShadow(Capabilities, BoundLaunches):
         rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
         says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
         groups = self.layout.groups
+        decays = None if decay is None else list(decay) if isinstance(decay, (list, tuple)) else [decay]
         weights = {}
         for g in groups:                                  # every check before any launch
             if g.device not in weights:
-                weights[g.device] = resolve_weights(None if decay is None else [decay], weight, 1, g.device)
+                weights[g.device] = resolve_weights(decays, weight, 1, g.device)
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0

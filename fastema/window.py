@@ -97,9 +97,11 @@ class WindowShadow(ShadowBase):
         """A copy of the sources in their own dtypes, for a face's swap that would round."""
         return FlatShadow(dict(zip(self.names, self.sources)), dtype="same")
 
-    def view(self, source: int | str, row: int = 0):
+    def view(self, source: int | str, row: int | None = 0):
         """The window mean of one source (by position or name), shaped and laid out like it (split:
-        this rank's piece, 1-D)."""
+        this rank's piece, 1-D); ``row=None``: ``(1, *shape)``, as every row of a one-row shadow."""
+        if row is None:
+            return self.state_view(source)[:1]
         self.check_row(row)
         return self.state_view(source)[0]
 

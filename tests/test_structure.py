@@ -61,8 +61,7 @@ def _calls(path: pathlib.Path, names: set) -> list[str]:
     return out
 
 
-SHADOW_CLASSES = {"FlatShadow", "WindowShadow", "ReplicaShadow", "ReplicaWindow", "OffloadedShadow",
-                  "OffloadedReplicaShadow", "HostMastersShadow"}
+SHADOW_CLASSES = {"FlatShadow", "WindowShadow", "OffloadedShadow", "HostMastersShadow", "Split", "SplitWindow"}
 
 
 def test_each_face_picks_its_shadow_once_through_the_picker():
@@ -73,6 +72,64 @@ def test_each_face_picks_its_shadow_once_through_the_picker():
     pickers = [str(p.relative_to(ROOT)) for p in _py("fastema")
                if re.search(r"^def make_shadow\(", p.read_text(), re.M)]
     assert pickers == ["fastema/torch/_placement/pick.py"]
+
+
+def test_no_class_combines_two_placements():
+    """A shadow is a storage (device rows, staged host rows, host masters), optionally wrapped by a
+    split (docs/architecture.md, "A placement"): no class derives from two placements, and the split
+    derives from no storage (it holds one)."""
+    import fastema.torch._placement as package
+    from fastema import FlatShadow, WindowShadow
+    from fastema.torch._placement.host_masters import HostMastersShadow
+    from fastema.torch._placement.offload import OffloadedShadow
+    from fastema.torch._placement.split import Split
+
+    placements = (OffloadedShadow, HostMastersShadow, Split)
+    classes = [c for m in _placement_modules(package) for c in vars(m).values()
+               if inspect.isclass(c) and c.__module__ == m.__name__]
+    assert Split in classes and OffloadedShadow in classes
+    combined = [c.__qualname__ for c in classes if sum(issubclass(c, p) for p in placements) > 1]
+    assert not combined, combined
+    assert not any(issubclass(Split, s) for s in (FlatShadow, WindowShadow, OffloadedShadow))
+
+
+def _placement_modules(package) -> list:
+    import importlib
+    import pkgutil
+
+    return [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+
+
+def _code_words(path: pathlib.Path) -> set[str]:
+    """The names, attributes, keywords and string values of a module's code: not its docstrings or
+    comments (prose)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.keyword) and n.arg:
+            out.add(n.arg)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            out.add(n.value)
+    return out
+
+
+def test_the_engine_knows_no_placement_and_the_face_asks_the_shadow():
+    """The engine (fastema/average) names no placement in its code (its refusals are derived from
+    what the shadow declares: host_plan_only, placement); the EMA face asks its shadow
+    (holds_interrupts, host_plan_only), never its offload= argument."""
+    found = {str(p.relative_to(ROOT)): sorted(w for w in _code_words(p) if "offload" in w.lower())
+             for p in _py("fastema", "average")}
+    assert not any(found.values()), found
+    assert "self.offload" not in (TORCH / "ema.py").read_text()
 
 
 # ------------------------------------------------------------ the torch face by concern

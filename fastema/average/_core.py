@@ -14,13 +14,14 @@ before anything is loaded.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .. import _backends
 from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._interrupts import ctrl_c_held
+from .._shadow import Updatable
 from .._state import check_header, refuse_load
 from ..flat import FlatShadow
 from ._device_plan import DevicePlan
@@ -71,16 +72,16 @@ class Face:
     @property
     def skip_nonfinite(self) -> bool:
         """Whether an update is skipped (decided on the device, no sync) when a tensor it reads holds
-        inf/NaN; it may be switched between updates (not on an offloaded average)."""
+        inf/NaN; it may be switched between updates (not where the shadow folds on a host thread:
+        an offloaded average)."""
         return self._core.skip_nonfinite
 
     @skip_nonfinite.setter
     def skip_nonfinite(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {value!r}")
-        if value and self._core.options.offload:
-            raise ValueError("skip_nonfinite=True does not go with offload='cpu' (the fold runs on a host thread); "
-                             "make the average without offload= to guard its updates")
+        if value:
+            self._core.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
         self._core.skip_nonfinite = value
 
 
@@ -104,7 +105,9 @@ class ModelAdapter(Protocol):
 class Average:
     """A model EMA over a shadow of the model's floating tensors: a :class:`~fastema.flat.FlatShadow`
     (fastema's own buffers), or a :class:`~fastema.pairs.PairShadow` (the average kept in the
-    caller's tensors: a target network), or a shadow with their methods (the offloaded shadow).
+    caller's tensors: a target network), or a torch face's placement; whatever it is, it holds to
+    :class:`fastema._shadow.Updatable` (mypy checks it at each construction), and what it can do is
+    read off its declared capabilities, never its kind.
 
     Args:
         options: the checked options (:class:`~fastema.average.EMAOptions`).
@@ -127,14 +130,17 @@ class Average:
 
     version = 1
 
-    def __init__(self, options: EMAOptions, fmt: str, shadow, shapes: Sequence = (), adapter=None):
+    def __init__(self, options: EMAOptions, fmt: str, shadow: Updatable, shapes: Sequence = (),
+                 adapter: ModelAdapter | None = None):
         self.options = options
         self.plan: Plan = options.plan()       # the schedule and the counters
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
-        self.shadow = shadow                    # a FlatShadow (or a shadow with its methods), built before the engine
-        self.adapter = adapter
+        self.shadow: Any = shadow               # a FlatShadow, PairShadow or a torch placement: built before
+        self.adapter: Any = adapter
+        if self.skip_nonfinite:
+            self.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
         self._bema = options.is_bema            # the options are frozen
         self.device_plan: DevicePlan | None = None   # see plan_on_device()
@@ -238,12 +244,21 @@ class Average:
                                        given=-1 if step is None else step)
         self.adapter.carry(flags)
 
+    def refuse_on_the_host(self, what: str, why: str) -> None:
+        """ValueError naming ``what`` where the shadow folds on a host thread (it declares
+        ``host_plan_only``: an offloaded one), which takes no device plan and no skip flags."""
+        if self.shadow.host_plan_only:
+            placement = self.shadow.placement or "this placement"
+            raise ValueError(f"{what} does not go with {placement} (its folds run on a host thread, on the "
+                             f"host's plan); make the average without {placement} {why}")
+
     def plan_on_device(self, also: Sequence = ()) -> None:
         """Keep the plan in device memory from now on (:class:`~fastema.average._device_plan.DevicePlan`
         over the shadow's groups; ``also``: ``(framework, device)`` of what the adapter carries
         where no group is), and compile and load every kernel an update launches now, not inside a
         first graph capture: one update against a scratch plan whose call is skipped, so every
-        kernel runs and none writes."""
+        kernel runs and none writes. Refused where the shadow folds on a host thread."""
+        self.refuse_on_the_host("device_step=True", "to replay its updates in CUDA graphs")
         groups = self.shadow.layout.groups
         self.device_plan = DevicePlan(self.plan, groups, self.seed, also=also)
         scratch = DevicePlan(self.plan, groups, self.seed, also=also)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
 from .._checks import shadow_problems
+from .._placement_options import PLACEMENT_REFUSALS, PlacementOptions
 from ..schedules import BEMA, as_python
 from ._plan import Plan
 
@@ -29,10 +30,10 @@ PLAN_OPTIONS = ("decay", "update_every", "compensate", "debias")
 SELECTION = ("buffers", "exclude", "copy", "trainable_only")
 
 
-#: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and why.
+#: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and why:
+#: the placements (where the average lives: fastema._placement_options) and the plan on the device.
 HOST_ONLY_REFUSALS = {
-    "offload": "offload='cpu' is the torch face's (pinned host memory, CUDA side streams); here the shadow lives "
-               "on the device of the arrays it averages",
+    **PLACEMENT_REFUSALS,
     "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); this face updates "
                    "eagerly with the plan on the host, exact for every schedule: leave device_step unset",
 }
@@ -47,8 +48,26 @@ class ShadowSettings(NamedTuple):
 
 
 @dataclass(frozen=True)
-class EMAOptions:
-    """A model EMA's options, checked together at construction. A number may be given as a NumPy
+class _EngineOptions:
+    """The engine's options: the fields of :class:`EMAOptions` before the placement's."""
+
+    decay: Any = None
+    update_every: int = 1
+    compensate: bool = False
+    debias: bool = False
+    shadow_dtype: str = "float32"
+    rounding: str = "nearest"
+    seed: int = 0
+    skip_nonfinite: bool = False
+    device_step: bool | None = None
+
+
+@dataclass(frozen=True)
+class EMAOptions(PlacementOptions, _EngineOptions):
+    """A model EMA's options, checked together at construction: the engine's (the schedule, the
+    shadow's dtype and rounding, the guard, where the plan lives) and the placement's (where the
+    average lives: :class:`fastema._placement_options.PlacementOptions`, which the engine never
+    reads; it reads what the shadow made of them declares). A number may be given as a NumPy
     scalar (``np.float32(0.99)``): it is kept as the Python number of its value, so states and
     checkpoints stay plain Python (:func:`fastema.schedules.as_python`).
 
@@ -71,17 +90,6 @@ class EMAOptions:
         offload: ``"cpu"`` keeps the shadow in host memory (torch on a GPU), or ``None``.
     """
 
-    decay: Any = None
-    update_every: int = 1
-    compensate: bool = False
-    debias: bool = False
-    shadow_dtype: str = "float32"
-    rounding: str = "nearest"
-    seed: int = 0
-    skip_nonfinite: bool = False
-    device_step: bool | None = None
-    offload: str | None = None
-
     def __post_init__(self):
         for f in fields(self):          # NumPy scalars as Python numbers (plain checkpoints); lists as tuples
             value = getattr(self, f.name)
@@ -96,11 +104,7 @@ class EMAOptions:
             raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")
         if self.device_step is not None and not isinstance(self.device_step, bool):
             raise TypeError(f"device_step must be True, False or None, got {self.device_step!r}")
-        if self.offload not in (None, "cpu"):
-            raise ValueError(f"offload must be None or 'cpu', got {self.offload!r}")
-        if self.offload and (self.device_step or self.skip_nonfinite):
-            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
-                             "not take device_step=True or skip_nonfinite=True; drop one of them")
+        self.check_placement(self.device_step, self.skip_nonfinite)
         if self.is_bema and self.device_step:
             raise ValueError("decay=BEMA(...) applies its bias correction after each update on the host's schedule: "
                              "it does not take device_step=True; drop it")

@@ -65,12 +65,12 @@ class EMA(Face, TorchAverage):
                              settings=f"{opts!r};{shadow_dtype};{rows}")
         side.attach(shadow)
         self._core = core = Average(opts, FORMAT, shadow, adapter=side)   # the plan, the update driver, BEMA
-        self.shadow_dtype, self.offload = shadow_dtype, placement.offload
+        self.shadow_dtype = shadow_dtype
         self._bema = core.plan.schedules[0] if opts.is_bema else None
         super().__init__(side, swap, self._checkpoint_core(core), FORMAT, core.plan.cadence)
         self._on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
         if device_step is None:
-            device_step = self._on_gpu and not placement.offload and self._bema is None
+            device_step = self._on_gpu and not shadow.host_plan_only and self._bema is None
         if device_step:
             core.plan_on_device()                    # and every kernel compiled and loaded now
         self._plan_on_device = plan = core.device_plan
@@ -103,11 +103,11 @@ class EMA(Face, TorchAverage):
 
     def _eager_update(self, step: int | None) -> None:
         if self._on_gpu and self._plan_on_device is None:
-            _refuse_capture(bool(self.offload))           # a capture the plan on the host cannot replay
+            _refuse_capture(self._avg)                    # a capture the plan on the host cannot replay
         steps = self._steps
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside accumulation
             return
-        if self.offload:                                  # every window staged, then counted, or none: a
+        if self._avg.holds_interrupts:                    # every window staged, then counted, or none: a
             with ctrl_c_held():                           # Ctrl-C is raised after the update is queued whole
                 self._core.update(step)                   # (and recorded as DeepSpeed's step folded)
                 if steps is not None:
@@ -127,13 +127,13 @@ class EMA(Face, TorchAverage):
                 f"copied={len(self._copy) if self._copy else 0}{source}, shadow={self._avg!r})")
 
 
-def _refuse_capture(offloaded: bool) -> None:
+def _refuse_capture(shadow) -> None:
     """Refuse a CUDA graph capture of ``update()`` that the plan on the host cannot replay."""
     if torch.cuda.is_current_stream_capturing():
-        if offloaded:
-            raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA is offloaded: "
-                               "its update runs on a host thread, which a replay would not run. Call update() "
-                               "outside the graph, or make the EMA without offload=.")
+        if shadow.host_plan_only:
+            raise RuntimeError(f"EMA.update() is being captured in a CUDA graph, but this EMA is offloaded "
+                               f"({shadow.placement}): its update runs on a host thread, which a replay would "
+                               f"not run. Call update() outside the graph, or make the EMA without it.")
         raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
                            "on the host (device_step=False): every replay would repeat this call's weights "
                            "and rounding key. Make the EMA with device_step=True (the default on a GPU).")

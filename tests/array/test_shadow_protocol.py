@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastema import FlatShadow, WindowShadow
-from fastema._shadow import AveragingShadow, Capabilities, Shadow, Updatable
+from fastema._shadow import AveragingShadow, Capabilities, Shadow, Updatable, WindowingShadow
 from fastema.pairs import PairShadow
 from tests.dist import run_ranks
 
@@ -99,25 +99,50 @@ def test_the_capability_defaults():
 def _split_shadows(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from fastema.torch._placement.replicas import OffloadedReplicaShadow, ReplicaShadow, ReplicaWindow
+    from fastema.torch._placement.offload import OffloadedShadow
+    from fastema.torch._placement.split import Split, SplitWindow, split_of
 
     group = dist.group.WORLD
-    src = sources()
-    made = {"replica": ReplicaShadow(src, rows=1, dtype="float32", group=group),
-            "replica-window": ReplicaWindow(src, 2, ring_dtype="float32", group=group),
-            "offloaded-replica": OffloadedReplicaShadow(src, rows=1, dtype="float32", group=group, chunk=64)}
-    protos = {"replica": AveragingShadow, "replica-window": Shadow, "offloaded-replica": AveragingShadow}
+    src, part = sources(), split_of(group)
+    made = {"replica": Split(FlatShadow(src, rows=1, split=part), group, 64, 7),
+            "replica-window": SplitWindow(WindowShadow(src, 2, split=part), group, 64, 7),
+            "offloaded-replica": Split(OffloadedShadow(src, rows=1, dtype="float32", chunk=64, split=part),
+                                       group, 64, 7)}
+    protos = {"replica": AveragingShadow, "replica-window": WindowingShadow, "offloaded-replica": AveragingShadow}
     out = {f"missing {k}": ",".join(missing(s, protos[k])) for k, s in made.items()}
-    out.update({f"group {k}": s.group is group and s.exact_swap for k, s in made.items()})
+    out.update({f"group {k}": s.group is group and s.exact_swap and s.split_id == 7 and s.gather_bucket == 64
+                for k, s in made.items()})
+    out["declared"] = [(s.folds_later, s.host_plan_only, s.holds_interrupts) for s in made.values()]
     for s in made.values():
         s.join()
     return out
 
 
 def test_the_split_shadows_hold_to_the_protocols(tmp_path):
+    """A split is a wrapper of a storage made with this rank's slice: it holds to the storage's
+    protocol, and declares the storage's capabilities as its own (an offloaded storage folds later
+    and on the host's plan, split or not)."""
     for result in run_ranks(_split_shadows, tmp_path, 2):
         assert {k: v for k, v in result.items() if k.startswith("missing") and v} == {}
         assert all(v for k, v in result.items() if k.startswith("group"))
+        assert result["declared"] == [(False, False, False), (False, False, False), (True, True, True)]
+
+
+def _other_slice(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from fastema.torch._placement.split import Split
+
+    try:
+        Split(FlatShadow(sources(), split=(world - 1 - rank, world)), dist.group.WORLD, 64, 0)
+    except ValueError as err:
+        return {"said": str(err)}
+    return {"said": ""}
+
+
+def test_a_split_refuses_a_storage_of_another_slice(tmp_path):
+    for result in run_ranks(_other_slice, tmp_path, 2):
+        assert "split=split_of(group)" in result["said"]
 
 
 def test_the_protocol_members_are_declared_not_probed():

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ...flat import FlatShadow
 from .folds import FoldQueue, Record
+from .offload import PLACEMENT
 
 __all__ = ["HostMastersShadow", "hook_of"]
 
@@ -35,6 +36,9 @@ class HostMastersShadow(FlatShadow):
     or None (then every update waits for its own fold)."""
 
     folds_later = True
+    host_plan_only = True         # folded on a host thread: no device plan, no skip flags, no graph capture
+    holds_interrupts = True       # queued whole, then counted (a Ctrl-C waits for the update's end)
+    placement = PLACEMENT
     in_place = True               # read where the masters are: ema.source says so
 
     def __init__(self, sources: dict, *, rows: int, dtype: str, optimizer=None):

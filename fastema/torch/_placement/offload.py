@@ -40,7 +40,6 @@ The rings and the host groups are :mod:`fastema.torch._placement.offload_ring`'s
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -51,11 +50,12 @@ from ..._chunks import ChunkedSources
 from ..._interrupts import ctrl_c_held
 from ..._shadow import Capabilities, table_parts
 from .folds import Aborted, FoldQueue, Record
-from .offload_ring import DEFAULT_CHUNK, HostGroup, Ring, after_side_stream, check_chunk
+from .offload_ring import DEFAULT_CHUNK, HostGroup, HostLayout, Ring, after_side_stream, check_chunk
 
-__all__ = ["DEFAULT_CHUNK", "HostBackup", "OffloadedShadow", "check_chunk"]
+__all__ = ["DEFAULT_CHUNK", "PLACEMENT", "HostBackup", "OffloadedShadow", "check_chunk"]
 
 IN_PLACE = True                   # a CPU ring folds all but its last two windows from the weights in place
+PLACEMENT = "offload='cpu'"       # how a refusal names this placement (Capabilities.placement)
 
 
 class OffloadedShadow(Capabilities):
@@ -64,6 +64,9 @@ class OffloadedShadow(Capabilities):
 
     exact_swap = False            # in host memory: a swap copies the average out, the raw weights backed up
     folds_later = True            # update_checked() queues the fold: the engine hands it each one's undo (queued)
+    host_plan_only = True         # folded on a host thread: no device plan, no skip flags, no graph capture
+    holds_interrupts = True       # every window staged, then counted, or none (a Ctrl-C waits for the last)
+    placement = PLACEMENT
 
     def __init__(self, sources: dict, *, rows: int, dtype: str, chunk: int = DEFAULT_CHUNK,
                  split: tuple[int, int] | None = None):
@@ -74,9 +77,7 @@ class OffloadedShadow(Capabilities):
         groups = self.src.layout.groups
         self._hosts = [HostGroup(g, torch.zeros((rows, g.n), dtype=dtype_of(g.shadow_kind))) for g in groups]
         self._rows_at = [h.buffer.data_ptr() for h in self._hosts]
-        where = {i: (self._hosts[groups.index(g)], slot) for i, (g, slot) in self.src.layout.where.items()}
-        self.layout = SimpleNamespace(groups=self._hosts, where=where, split=split,
-                                      nbytes=sum(h.buffer.nbytes for h in self._hosts))
+        self.layout = HostLayout(self.src.layout, self._hosts)
         devices = dict.fromkeys(self.src.device_of(i) for i in range(len(self.src.windows)))
         self._ring_of = {d: Ring(d, self.src.chunk_bytes(d)) for d in devices}
         # a CPU ring's windows but its last two are folded from the weights where they are, while update()

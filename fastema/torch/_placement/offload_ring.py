@@ -76,3 +76,20 @@ class HostGroup:
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)
+
+
+class HostLayout:
+    """The host shadow's layout: its :class:`HostGroup` per source group, where each source sits
+    (``where``: position -> (host group, slot)), the split it holds (``split``), and this rank's
+    piece of a source (:meth:`piece`, as :meth:`fastema._layout.FlatLayout.piece`)."""
+
+    def __init__(self, source_layout, hosts: list[HostGroup]):
+        self.source, self.groups, self.split = source_layout, hosts, source_layout.split
+        self.where = {i: (hosts[source_layout.groups.index(g)], slot)
+                      for i, (g, slot) in source_layout.where.items()}
+        self.nbytes = sum(h.buffer.nbytes for h in hosts)
+
+    def piece(self, i: int) -> tuple:
+        """``(host group, first element, elements, column)`` of source ``i``'s piece held here."""
+        g, first, count, col = self.source.piece(i)
+        return self.groups[self.source.groups.index(g)], first, count, col

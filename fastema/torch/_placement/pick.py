@@ -2,28 +2,38 @@
 options it reads, :class:`Offload` (``offload=``) and :class:`ShardReplicas` (``shard_replicas=``),
 each carrying its own byte-size tunable.
 
+A shadow is a *storage*, optionally wrapped by a *split*: the two compose, no class combines them.
+
 =====================================  ==========================================================
-placement                              shadow
+storage (where the rows live)          class
 =====================================  ==========================================================
-plain (EMA rows / a cumulative mean)   :class:`fastema.FlatShadow`
-plain window                           :class:`fastema.WindowShadow`
-``offload="cpu"``                      :class:`.offload.OffloadedShadow` (host memory, two chunks)
+device rows (EMA rows, a cumulative    :class:`fastema.FlatShadow`
+mean)
+device rows, a window and its ring     :class:`fastema.WindowShadow`
+``offload="cpu"``: staged host rows    :class:`.offload.OffloadedShadow` (host memory, two chunks)
 ``offload="cpu"``, host masters        :class:`.host_masters.HostMastersShadow` (read in place)
-``shard_replicas``                     :class:`.replicas.ReplicaShadow` / ``ReplicaWindow``
-``shard_replicas`` and ``offload``     :class:`.replicas.OffloadedReplicaShadow`
 =====================================  ==========================================================
+
+``shard_replicas`` wraps the storage, made with this rank's slice (``split=``), in
+:class:`.split.Split` (a window's: :class:`.split.SplitWindow`); the replicas are found, and checked
+alike with one collective, by :func:`.replicas.found_replicas`. What each can do is declared on it
+(:class:`fastema._shadow.Capabilities`), and :func:`make_shadow`'s return type holds every class to
+the shadow protocols when mypy runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
+from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
 from ...window import WindowShadow
-from . import replicas
+from .._sharding import tensors as _sharded
+from . import gather, replicas
 from .host_masters import HostMastersShadow, hook_of
 from .offload import OffloadedShadow
 from .offload_ring import DEFAULT_CHUNK, check_chunk
+from .split import Split, SplitWindow, split_of
 
 __all__ = ["Offload", "Placement", "ShardReplicas", "Window", "make_shadow"]
 
@@ -88,37 +98,56 @@ class Placement(NamedTuple):
         return cls(offload, shard_replicas)
 
 
-def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, kind: str, settings: str):
+@overload
+def make_shadow(side, rows: int, dtype: str, placement: Placement, *, kind: str,
+                settings: str) -> AveragingShadow: ...
+
+
+@overload
+def make_shadow(side, rows: Window, dtype: str, placement: Placement, *, kind: str,
+                settings: str) -> WindowingShadow: ...
+
+
+def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, kind: str,
+                settings: str) -> AveragingShadow | WindowingShadow:
     """The shadow of ``side``'s averaged tensors (a :class:`~fastema.torch._tensors.model.TorchModel`):
     ``rows`` averages of ``dtype`` (or a :class:`Window`), placed as ``placement`` says (see the
     module). ``kind`` names the face in the messages; ``settings`` is what the ranks of a split must
     hold alike (checked by the one collective of construction)."""
-    offload, split = placement.offload, placement.replicas
-    window, rows = (rows, 1) if isinstance(rows, Window) else (None, rows)
+    offload, wanted = placement.offload, placement.replicas
+    window = rows if isinstance(rows, Window) else None
     if window is not None and offload is not None:
         raise ValueError(f"{kind} keeps its window on the weights' device: it takes no offload=")
-    if split is not None:
-        bucket = split.bucket
-
-        def make(group):
-            if window is not None:
-                return replicas.ReplicaWindow(side.averaged, window.size, ring_dtype=window.ring_dtype, group=group,
-                                              bucket=bucket)
-            if offload is not None:                              # each rank offloads its slice
-                return replicas.OffloadedReplicaShadow(side.averaged, rows=rows, dtype=dtype, group=group,
-                                                       bucket=bucket, chunk=offload.chunk)
-            return replicas.ReplicaShadow(side.averaged, rows=rows, dtype=dtype, group=group, bucket=bucket)
-
-        return replicas.split_shadow(side.model, side, split.group, kind, settings,
-                                     bucket, make, offload=offload)   # one collective: the replicas agree
+    found = None if wanted is None else replicas.found_replicas(side, wanted.group, kind, settings,
+                                                                 wanted.bucket)   # one collective
+    part = None if found is None else split_of(found.group)
+    sources = side.averaged
     if window is not None:
-        return WindowShadow(side.averaged, window.size, ring_dtype=window.ring_dtype)
+        ring = WindowShadow(sources, window.size, ring_dtype=window.ring_dtype, split=part)
+        if found is None:
+            return ring
+        split_ring = SplitWindow(ring, found.group, found.bucket, found.run)
+        side.split(split_ring.specs(_mesh(found.group), side.specs, found.dim))
+        return split_ring
+    assert isinstance(rows, int)
+    storage: AveragingShadow
     if offload is not None and side.masters is not None and all(t.device.type == "cpu"
-                                                                for t in side.averaged.values()):
-        return HostMastersShadow(side.averaged, rows=rows, dtype=dtype, optimizer=hook_of(side.engine))
-    if offload is not None:
-        return OffloadedShadow(side.averaged, rows=rows, dtype=dtype, chunk=offload.chunk)
-    return FlatShadow(side.averaged, rows=rows, dtype=dtype)
+                                                                for t in sources.values()):
+        storage = HostMastersShadow(sources, rows=rows, dtype=dtype, optimizer=hook_of(side.engine))
+    elif offload is not None:
+        storage = OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=offload.chunk, split=part)
+    else:
+        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part)
+    if found is None:
+        return storage
+    split = Split(storage, found.group, found.bucket, found.run)
+    side.split(split.specs(_mesh(found.group), side.specs, found.dim))
+    return split
+
+
+def _mesh(group):
+    """A 1-D mesh over a replica group (what a split's pieces are laid out on in checkpoints)."""
+    return _sharded.mesh_of(group, gather.mesh_device(group))
 
 
 #: The placement options' text, written once (see :func:`fastema.average._options.document`).

@@ -157,7 +157,7 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
     (``ShardReplicas(bucket=)``)."""
     row, what = read.row, read.kind
     if bucket_bytes is None:
-        bucket_bytes = int(ckpt.side.avg.bucket) if ckpt.side.avg.split_id is not None else DEFAULT_BUCKET
+        bucket_bytes = ckpt.side.avg.gather_bucket or DEFAULT_BUCKET     # a split's own, declared
     box: list = []
     stamp = None if whole else Stamp(ckpt.calls(), ckpt.split_id, _digest(row, dtype, bucket_bytes, to))
     with ckpt.agreed(read, stamp=stamp, differs=_DIFFERS):

@@ -15,7 +15,8 @@ def _offloaded_split(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fastema.torch import EMA, Offload, ShardReplicas
-    from fastema.torch._placement.replicas import OffloadedReplicaShadow
+    from fastema.torch._placement.offload import OffloadedShadow
+    from fastema.torch._placement.split import Split
 
     out = {}
     for case, (dtype, kwargs) in enumerate(CASES):
@@ -25,7 +26,8 @@ def _offloaded_split(rank, world):
         trained = DDP(model)
         ema = EMA(trained, **kwargs, shard_replicas=ShardReplicas(True, bucket=96), offload=Offload(chunk=64))
         ref = EMA(trained, **kwargs)
-        assert isinstance(ema._avg, OffloadedReplicaShadow) and len(ema._avg.src.windows) > 4
+        avg = ema._avg                                        # a split of an offloaded storage: composed
+        assert type(avg) is Split and isinstance(avg.storage, OffloadedShadow) and len(avg.storage.src.windows) > 4
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         data = torch.Generator().manual_seed(100 + rank)
         for _ in range(9):

@@ -1,0 +1,277 @@
+"""A shadow split over data-parallel replicas, by composition: :class:`Split` wraps a *storage*
+(device rows, :class:`~fastema.FlatShadow` or :class:`~fastema.WindowShadow`; staged host rows,
+:class:`~fastema.torch._placement.offload.OffloadedShadow`) made with ``split=(rank, ranks)``, which
+keeps and updates this rank's slice of every group's row, and adds what a split needs: its views
+are this rank's pieces, 1-D (``view``: ``(count,)``, ``state_view``: ``(rows, count)``; empty where
+it holds none of a source); :meth:`Split.specs` describes them to the checkpoint side; ``swap`` and
+``copy_to_sources`` are collectives over ``group`` that write the gathered average row, bucket by
+bucket (:mod:`.gather`). Everything else is the storage's, forwarded: its updates (a fold queued on
+a worker thread for an offloaded one, which every read here waits for first), its capabilities.
+
+No class combines two placements: ``Split(OffloadedShadow(..., split=...), ...)`` is an offloaded
+average split over replicas, ``SplitWindow(WindowShadow(..., split=...), ...)`` a window's. The
+group, the one collective that checks the replicas agree and the split's run id are
+:mod:`.replicas`'.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.distributed as dist
+
+from ..._interrupts import ctrl_c_held
+from ...flat import FlatShadow
+from .._sharding import tensors as _sharded
+from . import gather
+
+__all__ = ["Split", "SplitWindow", "split_of"]
+
+
+def split_of(group) -> tuple[int, int]:
+    """``(rank, ranks)`` of this process in ``group``: the slice its storage keeps."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Split:
+    """``storage`` (made with ``split=split_of(group)``) split over the ranks of ``group``: see the
+    module. ``bucket``: the bytes of one gather, all ranks' parts together; ``split_id``: the
+    split's run id (the same on every rank: :func:`fastema.torch._placement.replicas.check_replicas`)."""
+
+    exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
+
+    def __init__(self, storage, group, bucket: int, split_id: int):
+        self.storage = storage
+        self.group = group
+        self.gather_bucket: int | None = bucket        # declared (Capabilities): what one gather carries
+        self.split_id: int | None = split_id           # a load takes the checkpoint's
+        self.rank, self.ranks = split_of(group)
+        if storage.layout.split != (self.rank, self.ranks):
+            raise ValueError(f"the storage holds the slice {storage.layout.split} of its sources, this rank is "
+                             f"{(self.rank, self.ranks)} of the group: make it with split=split_of(group)")
+        self.names, self.rows, self.layout = storage.names, storage.rows, storage.layout
+        self.folds_later, self.host_plan_only = storage.folds_later, storage.host_plan_only
+        self.holds_interrupts, self.placement = storage.holds_interrupts, storage.placement
+        self.in_place = storage.in_place
+        self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
+        self._swapped_row: int | None = None
+        self._reserved: tuple[FlatShadow | None, gather.Buckets] | None = None   # for a read (reserve)
+
+    def __repr__(self) -> str:
+        return f"Split({self.storage!r}, rank={self.rank} of {self.ranks})"
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+    @property
+    def sources(self) -> list:
+        return self.storage.sources
+
+    @property
+    def groups(self) -> list[dict]:
+        return self.storage.groups
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.nbytes
+
+    @property
+    def skipped(self) -> dict:
+        return self.storage.skipped
+
+    @skipped.setter
+    def skipped(self, value: dict) -> None:
+        self.storage.skipped = value
+
+    def parts(self, what: str = "shadow") -> list:
+        """The storage's parts, and during a swap the raw weights' window (``"swap backup"``)."""
+        raw = self._raw.parts("swap backup") if self._raw is not None else []
+        return self.storage.parts(what) + raw
+
+    def written(self) -> list:
+        return self.storage.written()
+
+    def specs(self, group_mesh, sharded: dict | None = None, dim: int | None = None) -> dict[str, _sharded.Spec]:
+        """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
+        (``_sharded``'s ``pieces`` layout: exports gather the full tensor, a load cuts this rank's).
+        HSDP (``sharded``: the parameters' DTensor specs, split over mesh dimension ``dim``): the
+        pieces are of the local shard, and the spec keeps the DTensor's layout around them."""
+        from torch.distributed.tensor import Replicate
+
+        out = {}
+        for i, (name, t) in enumerate(zip(self.names, self.sources)):
+            g, slot = self.layout.where[i]
+            counts = int(g.counts[slot])
+            where = []
+            for r in range(self.ranks):
+                lo, hi = gather.window(g, r, self.ranks)
+                first = min(max(lo - int(g.starts[slot]), 0), counts)
+                last = min(max(hi - int(g.starts[slot]), 0), counts)
+                where.append((first, max(last - first, 0)))
+            pieces = (tuple(t.shape), tuple(where))
+            if sharded is not None and name in sharded:
+                out[name] = sharded[name]._replace(pieces=pieces, slices=t.is_contiguous() and t.numel() > 0,
+                                                   replica_dim=dim)
+            else:
+                out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()), pieces=pieces,
+                                          slices=t.is_contiguous() and t.numel() > 0)
+        return out
+
+    # ------------------------------------------------------------ this rank's pieces
+
+    def view(self, source: int | str, row: int | None = 0):
+        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``),
+        after the storage's pending folds."""
+        if row is not None:
+            self.check_row(row)
+        self.storage.join()
+        g, _, count, col = self.layout.piece(self.storage.source_table.position(source))
+        return g.buffer[:, col:col + count] if row is None else g.buffer[row, col:col + count]
+
+    def state_view(self, source: int | str):
+        """Everything a checkpoint keeps of ``source`` here: every row of its piece (a window's
+        mean and sums: the ring is :meth:`SplitWindow.ring_view`'s)."""
+        self.storage.join()
+        g, _, count, col = self.layout.piece(self.storage.source_table.position(source))
+        return g.buffer[:, col:col + count]
+
+    # ------------------------------------------------------------ reading the average: collectives
+
+    @property
+    def swapped(self) -> bool:
+        return self._swapped_row is not None
+
+    def swap_modes(self, lossy: bool = False) -> list:
+        return []                                # no swap kernel: a gather, exact for every dtype
+
+    def reserve(self, row: int, swap: bool) -> None:
+        """Allocate what the next :meth:`swap` (``swap``) or :meth:`copy_to_sources` of ``row``
+        needs, after the checks it makes: its gather buckets, and for a swap in the raw weights'
+        window (this rank's window of the sources, copied now). Called inside the ranks' agreement,
+        so a failure here (out of memory on one rank) is a refusal every rank raises, never a rank
+        leaving the read after the others entered its gathers."""
+        self.release()
+        self.storage.join()
+        self.storage.source_table.refresh()
+        if swap and self._swapped_row is not None:
+            if row != self._swapped_row:
+                raise RuntimeError(f"row {self._swapped_row} is swapped in; swap it back before "
+                                   f"swapping row {row}")
+            assert self._raw is not None
+            self._reserved = (None, gather.reserve(self._raw.layout, self))
+            return
+        self.check_row(row)
+        mine = dict(zip(self.names, self.sources))
+        raw = FlatShadow(mine, dtype="same", split=(self.rank, self.ranks)) if swap else None
+        self._reserved = (raw, gather.reserve(self.layout, self))
+
+    def release(self) -> None:
+        """Free what :meth:`reserve` allocated for a read that was then refused."""
+        self._reserved = None
+
+    def _take(self, row: int, swap: bool) -> tuple[FlatShadow | None, gather.Buckets]:
+        if self._reserved is None:                   # not reserved by a face: now (a direct call)
+            self.reserve(row, swap)
+        reserved, self._reserved = self._reserved, None
+        assert reserved is not None
+        return reserved
+
+    def swap(self, row: int = 0, *, lossy: bool = False) -> None:
+        """Put average ``row`` into the sources (gathered), keeping this rank's window of the raw
+        weights; called again, gather the raw windows back. Every rank of the group must call it."""
+        raw, buckets = self._take(row, True)
+        self.storage.source_table.refresh()
+        if self._swapped_row is None:
+            self._raw, self._swapped_row = raw, row  # from here the raw window is the way back
+            written: list = []
+            try:
+                with ctrl_c_held():
+                    gather.gather_into_sources(self.layout, row, self, buckets, written)
+            except BaseException:
+                if not written:                      # nothing of the average went in: not swapped (H7)
+                    self._swapped_row, self._raw = None, None
+                raise
+        else:
+            assert self._raw is not None
+            with ctrl_c_held():
+                gather.gather_into_sources(self._raw.layout, 0, self, buckets)
+            self._swapped_row, self._raw = None, None        # its memory back until the next swap
+
+    def copy_to_sources(self, row: int = 0) -> None:
+        """Write average ``row`` into the sources (gathered): a collective over the group."""
+        _, buckets = self._take(row, False)
+        self.storage.source_table.refresh()
+        with ctrl_c_held():                          # the whole model written, or none of it (L3)
+            gather.gather_into_sources(self.layout, row, self, buckets)
+
+    # ------------------------------------------------------------ the storage's, forwarded
+
+    def check_row(self, row: int) -> None:
+        self.storage.check_row(row)
+
+    def check_sources(self) -> None:
+        self.storage.check_sources()
+
+    def refresh(self) -> None:
+        self.storage.refresh()
+
+    def rebind(self, sources) -> None:
+        self.storage.rebind(sources)
+
+    def retarget(self, sources) -> None:
+        self.storage.retarget(sources)
+
+    def join(self) -> None:
+        self.storage.join()
+
+    def backup(self) -> Any:
+        return self.storage.backup()
+
+    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
+               rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
+        self.storage.update(decay, weight=weight, rounding=rounding, seed=seed, step=step)
+
+    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
+                       plan=None, given=None) -> None:
+        if given is None:                        # the host plan's call (offloaded storages take no more)
+            self.storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan)
+        else:
+            self.storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan, given=given)
+
+    def scan_groups(self, flags: dict | None = None) -> dict:
+        return self.storage.scan_groups(flags)
+
+    def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
+        self.storage.bias_correct(alpha, skip_if=skip_if)
+
+    def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
+        self.storage.copy_from_sources(skip_if=skip_if)
+
+    def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
+        self.storage.copy_from_sources_checked(skip_if)
+
+    def queued(self, undo: Callable[[], None]) -> None:
+        self.storage.queued(undo)
+
+
+class SplitWindow(Split):
+    """A window average's shadow (:class:`~fastema.WindowShadow`, made with ``split=``) split over
+    replicas: the mean, the compensated sums and the ring each a slice a rank
+    (``WindowAverage(model, W, shard_replicas=...)``)."""
+
+    @property
+    def pushes(self) -> int:
+        return self.storage.pushes
+
+    @pushes.setter
+    def pushes(self, value: int) -> None:
+        self.storage.pushes = value
+
+    def push(self) -> None:
+        self.storage.push()
+
+    def restart(self) -> None:
+        self.storage.restart()
+
+    def ring_view(self, source: int | str):
+        """This rank's piece of the stored snapshots of ``source``, ``(window, count)``."""
+        return self.storage.ring_view(source)
