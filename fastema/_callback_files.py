@@ -13,8 +13,9 @@ import re
 import torch
 
 from ._state import GROUPS, from_named, load_refused
+from .torch import SplitEntry
 
-__all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "read", "resharded"]
+__all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "parted", "read", "resharded"]
 
 STATE_FILE = "fastema_ema.safetensors"
 _RANK_FILE = re.compile(r"fastema_ema-rank(\d+)-of-(\d+)\.safetensors")
@@ -34,7 +35,7 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
 
     found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
     template = template if template is not None else ema.state_dict()   # (a collective with ZeRO-1/2 masters)
-    split = any(hasattr(v, "flat_range") for g in GROUPS for v in template.get(g, {}).values())
+    split = any(isinstance(v, SplitEntry) for g in GROUPS for v in template.get(g, {}).values())
     worlds: dict[int, dict[int, str]] = {}
     for n in found:
         if (m := _RANK_FILE.fullmatch(n)) is not None:
@@ -62,8 +63,9 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
                 key = f"{group}/{name}"
                 if key not in ranges[0]:
                     continue                         # whole on every rank: rank 0's
-                rows, inner = value.shape[0], value[0].numel() if not hasattr(value, "flat_range") else 0
-                want = value.flat_range() if hasattr(value, "flat_range") else (0, inner)
+                pieces = isinstance(value, SplitEntry)
+                rows, inner = value.shape[0], 0 if pieces else value[0].numel()
+                want = value.flat_range() if pieces else (0, inner)
                 if want is None:                     # HSDP pieces of a shard on an inner dimension
                     raise refused
                 first, count = want
@@ -78,7 +80,7 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
                     raise load_refused(f"EMACallback: {files!r} hold {tuple(local.shape)} of this rank's "
                                        f"{(rows, count)} elements of {key!r}: the files are damaged or of "
                                        f"another model. Resume from another checkpoint folder.")
-                if hasattr(value, "load_local"):     # this rank's pieces, split again
+                if pieces:                           # this rank's pieces, split again
                     value.load_local(local)
                     state[group][name] = value
                 else:
@@ -148,6 +150,25 @@ def _ranges(f, path: str) -> dict | None:
     return ranges
 
 
+def parted(value) -> bool:
+    """Whether a state tensor is one rank's part of a tensor: a split average's
+    :class:`~fastema.torch.SplitEntry`, or a sharded average's DTensor."""
+    return isinstance(value, SplitEntry) or isinstance(value, _dtensor())
+
+
 def local(value):
-    """This rank's part of a sharded (DTensor) state tensor; any other tensor as it is."""
-    return value.to_local() if hasattr(value, "to_local") else value
+    """This rank's part of a sharded (DTensor) or split state tensor; any other tensor as it is."""
+    return value.to_local() if parted(value) else value
+
+
+class _NoDTensor:
+    """What nothing is an instance of: the DTensor class of a torch without a distributed package."""
+
+
+def _dtensor() -> type:
+    """torch's DTensor class (no process group needed), or :class:`_NoDTensor`."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                                    # pragma: no cover - a torch without distributed
+        return _NoDTensor
+    return DTensor

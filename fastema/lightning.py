@@ -117,7 +117,7 @@ class WeightEMA(pl.Callback):
         self._swap_out()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self.ema is not None and self.ema.swapped and self.ema._checkpoint.groups(swap=True):
+        if self.ema is not None and self.ema.swapped and self.ema.split:
             # split over replicas: the swap back is a collective that the other ranks, elsewhere, never join
             warnings.warn("WeightEMA: training stopped with the EMA weights swapped into the model, and this "
                           "average is split over replicas (shard_replicas), whose swap back is a collective the "
@@ -135,8 +135,7 @@ class WeightEMA(pl.Callback):
         self._swap_out()
         # Lightning calls this on every rank and rank 0 writes the checkpoint whole (torch.save): a split
         # average (shard_replicas) gathers its slices into full tensors here, which loads on any world size
-        return self.ema._checkpoint.state_dict(gathered=True) if self.ema._checkpoint.groups(swap=True) else \
-            self.ema.state_dict()
+        return self.ema.gathered_state_dict() if self.ema.split else self.ema.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

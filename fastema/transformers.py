@@ -42,7 +42,7 @@ from ._io.files import atomic_write
 from ._state import GROUPS, load_refused, to_named
 from .average import EMAOptions
 from .schedules import BEMA
-from .torch import EMA, unwrap
+from .torch import EMA, SplitEntry, unwrap
 
 __all__ = ["EMACallback", "STATE_FILE"]
 
@@ -244,7 +244,7 @@ class EMACallback(TrainerCallback):
         tensors = {key: (t, t.dtype) for key, t in named.items()}
         meta = {"format": _files.FORMAT, "version": str(_files.VERSION), "ema": json.dumps(header)}
         ranges = {f"{g}/{n}": v.flat_range() for g in GROUPS for n, v in state.get(g, {}).items()
-                  if hasattr(v, "flat_range")}
+                  if isinstance(v, SplitEntry)}
         if ranges and None not in ranges.values():    # split over replicas: any world size can resume from them
             meta["pieces"] = json.dumps(ranges)
         from ._io.safetensors import stream_safetensors
@@ -314,7 +314,7 @@ class EMACallback(TrainerCallback):
             state = EMACallback._read_for(ema, folder, path, per_rank, template)
         except Exception as err:                         # every rank refuses with it, at once (never a hang)
             if per_rank:
-                ema._checkpoint.join_refusing(err)
+                ema.refuse_on_every_rank(err)
             raise
         ema.load_state_dict(state)
 
@@ -338,12 +338,12 @@ class EMACallback(TrainerCallback):
             for group in GROUPS:
                 for name, value in template[group].items():
                     local = state[group].get(name)
-                    if hasattr(value, "to_local") and isinstance(local, torch.Tensor):
+                    if _files.parted(value) and isinstance(local, torch.Tensor):
                         if tuple(local.shape) != tuple(value.to_local().shape):
                             raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
                                              f"holds {tuple(value.to_local().shape)}; resume with the same world "
                                              f"size and sharding")
-                        if hasattr(value, "load_local"):    # split over replicas: this rank's pieces
+                        if isinstance(value, SplitEntry):   # split over replicas: this rank's pieces
                             value.load_local(local)
                         else:
                             value.to_local().copy_(local)

@@ -199,7 +199,8 @@ def test_the_model_average_engine_imports_no_framework():
 # the longest prefix listed; "fastema" itself (the package's face) is the top.
 LAYERS = (
     ("kernels", ("fastema.kernels",)),
-    ("leaves", ("fastema._io", "fastema._interrupts", "fastema._state", "fastema.schedules")),
+    ("leaves", ("fastema._io", "fastema._interrupts", "fastema._state", "fastema.schedules",
+                "fastema._placement_options")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
     ("shadows", ("fastema._checks", "fastema._bound", "fastema._chunks", "fastema._layout", "fastema._sources",

@@ -24,7 +24,7 @@ def _py(*parts: str) -> list[pathlib.Path]:
 
 def test_no_face_or_engine_probes_a_shadow():
     """What a shadow can do is declared (fastema._shadow.Capabilities), never probed."""
-    probe = re.compile(r"(getattr|hasattr)\((avg|shadow|s|self\._avg|side\.avg|self\.avg|self\._model\.avg)\b")
+    probe = re.compile(r"(getattr|hasattr)\((avg|shadow|s|self\._avg|side\.avg|self\.avg|self\._side\.avg)\b")
     found = [f"{p.relative_to(ROOT)}:{i}" for p in _py("fastema", "torch") + _py("fastema", "average")
              for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
     assert not found, found
@@ -135,11 +135,11 @@ def test_the_engine_knows_no_placement_and_the_face_asks_the_shadow():
 # ------------------------------------------------------------ the torch face by concern
 
 FACES = {"ema.py", "window.py", "posthoc.py", "target.py", "engines.py"}    # engines: the faces' streams, to engines
-SHARED = {"_average.py", "_compile.py"}
+SHARED = {"_face.py", "_average.py", "_swap.py", "_compile.py"}
 SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
 
 
-def test_the_torch_face_is_its_faces_two_shared_modules_and_subpackages_by_concern():
+def test_the_torch_face_is_its_faces_shared_modules_and_subpackages_by_concern():
     assert {p.name for p in TORCH.glob("*.py")} == FACES | SHARED | {"__init__.py"}
     packages = {p.name for p in TORCH.iterdir() if (p / "__init__.py").exists()}
     assert packages == set(SUBPACKAGES) | {"compat"}
@@ -159,6 +159,83 @@ def test_the_torch_subpackages_import_one_way():
     assert not bad, bad
     assert _rank("fastema.torch._state.checkpoint") > _rank("fastema.torch._placement.replicas") > \
         _rank("fastema.torch._tensors.model") > _rank("fastema.torch._sharding.tensors")
+
+
+# ------------------------------------------------------------ one torch-face contract
+
+
+def test_every_torch_face_is_built_from_its_parts():
+    """Every torch face derives from the one base, which takes the parts its builder made
+    (docs/architecture.md, "A torch face"): no face hands out a half-built self (no bound method
+    of a face passed on in its constructor but the base's), patches a part after it was made, or
+    leaves a template hook or a NotImplementedError base method."""
+    from fastema.torch import EMA, PostHocEMA, TargetNetwork, WindowAverage
+    from fastema.torch._face import TorchFace
+
+    assert all(issubclass(c, TorchFace) for c in (EMA, WindowAverage, PostHocEMA, TargetNetwork))
+    text = "\n".join(p.read_text() for p in _py("fastema", "torch"))
+    assert not re.search(r"_new_swap|_checkpoint_core|also_written", text)
+    for path in [TORCH / n for n in sorted(FACES | SHARED)]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and "NotImplementedError" in ast.unparse(node):
+                raise AssertionError(f"{path.name}:{node.lineno}: a NotImplementedError base method")
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__" and path.name != "_face.py":
+                handed = [ast.unparse(a) for c in ast.walk(node) if isinstance(c, ast.Call)
+                          for a in list(c.args) + [k.value for k in c.keywords]
+                          if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name)
+                          and a.value.id == "self" and a.attr.startswith("_") and callable_name(a.attr)]
+                assert not handed, f"{path.name}:{node.lineno}: hands out {handed}"
+
+
+def callable_name(attr: str) -> bool:
+    """A method-like private name (``self._exchange``, ``self._restart_if_fresh``): not a field."""
+    return attr.startswith("_") and not attr.startswith("__") and attr not in {
+        "_side", "_avg", "_core", "_checkpoint", "_swap", "_copy", "_steps", "_counts", "_run", "_reads"}
+
+
+def test_the_compiled_operators_read_only_the_compiled_contract():
+    """fastema/torch/_compile.py's operators reach a face only through its ``Compiled`` (``face.compiled``:
+    ops, eager_update, read_from, eager_copy_to, swap, handle), never a private name of it."""
+    tree = ast.parse((TORCH / "_compile.py").read_text())
+    owners = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Name) and n.value.id == "owner"]
+    assert owners and all(o.split(".")[1] in {"ops", "eager_update", "read_from", "eager_copy_to", "swap",
+                                              "handle"} for o in owners), owners
+
+
+CALLBACKS = ("lightning.py", "transformers.py", "_callback_files.py")
+
+
+def _private_names_of(path: pathlib.Path) -> set[str]:
+    """The private names a module defines: its functions, methods and classes, and ``self._x`` it assigns."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name.startswith("_"):
+            out.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
+            out.add(node.attr)
+    return {n for n in out if not n.startswith("__")}
+
+
+def test_no_callback_reads_a_private_of_a_face():
+    """The callbacks (Lightning, transformers, their state files) read a face's documented surface
+    (``ema.split``, ``ema.gathered_state_dict()``, ``ema.refuse_on_every_rank(err)``, the split
+    checkpoint entry tested with ``isinstance(v, fastema.torch.SplitEntry)``): no attribute named
+    like a private of another fastema module (``ema._checkpoint``), no ``hasattr`` on what they read."""
+    others = set().union(*(_private_names_of(p) for p in _py("fastema") if p.name not in CALLBACKS))
+    bad = []
+    for name in CALLBACKS:
+        path = ROOT / "fastema" / name
+        own = _private_names_of(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in others and node.attr not in own:
+                bad.append(f"{name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr" and \
+                    isinstance(node.args[1], ast.Constant) and node.args[1].value in (
+                    "flat_range", "load_local", "to_local", "full_tensor"):
+                bad.append(f"{name}:{node.lineno} hasattr(..., {node.args[1].value!r})")
+    assert not bad, bad
 
 
 # ------------------------------------------------------------ one knob per concept

@@ -5,10 +5,12 @@ flat buffers (one per device and dtype) and updates all of them with one kernel
 launch per buffer, with no host sync. Drop-in classes for torch_ema, timm and
 ``torch.optim.swa_utils`` live in :mod:`fastema.torch.compat`.
 
-The faces are modules here (``ema``, ``window``, ``posthoc``, ``target``), with two shared
-modules (``_average``: ``TorchAverage``, swap and copy-out; ``_compile``: the custom operators of
-``torch.compile``). The rest is in sub-packages by the question they answer, each importing only
-those listed before it:
+The faces are modules here (``ema``, ``window``, ``posthoc``, ``target``), each a subclass of one
+base built from its parts (``_face``: ``FaceParts``, made by a builder before the face exists, and
+``TorchFace``), with the shared modules of the model averages (``_average``: ``TorchAverage``;
+``_swap``: swap and copy-out) and of ``torch.compile`` (``_compile``: the custom operators and the
+compiled-step contract, ``face.compiled``). The rest is in sub-packages by the question they
+answer, each importing only those listed before it:
 
 - ``_sharding``: other libraries' sharding (DTensors, ZeRO-3 partitions, DeepSpeed's masters);
 - ``_tensors``: which tensors are averaged and where they sit (hooks, slots, the model side, a
@@ -20,6 +22,7 @@ those listed before it:
 """
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
+from ._state.slices import SplitEntry
 from ._state.stream import WeightMeta
 from ._tensors.hooks import HOOKS as _HOOKS  # noqa: F401
 from ._tensors.hooks import normalize_name, registration_hooks, unwrap
@@ -28,8 +31,8 @@ from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "TargetNetwork", "WeightMeta", "WindowAverage",
-           "normalize_name", "registration_hooks", "unwrap"]
+__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork", "WeightMeta",
+           "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _HOOKS, the installed registration hooks (tests).

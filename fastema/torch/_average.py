@@ -1,106 +1,60 @@
 """``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
-:class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares. It has a
-:class:`~fastema.torch._tensors.model.TorchModel` (``self._model``: the model side, which the engine's
-update drives as its adapter), a :class:`~fastema.average.ModelSwap` and a
-:class:`~fastema.torch._state.checkpoint.TorchCheckpoint` (``self._checkpoint``: state dicts,
-checkpoints, ``save``, ``export_peft``), each built by the face and handed over at construction.
-
-This module owns construction, the update bookkeeping (``calls``), swap with a lossy backup
-(``swap`` / ``_exchange`` / ``average_parameters``), ``copy_to`` and ``join``, and the public
-checkpoint methods, each one line into the checkpoint side.
+:class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares on top of the
+torch-face contract (:class:`~fastema.torch._face.TorchFace`, built from the parts
+:func:`~fastema.torch._face.model_parts` makes): the model's read side (its selection, ``source``,
+``sharded``, ``split``), swap and ``average_parameters()`` (through the swap part,
+:class:`~fastema.torch._swap.ShadowSwap`), ``copy_to``, ``join``, ``memory``, and the public
+checkpoint methods, each one line into the checkpoint side
+(:class:`~fastema.torch._state.checkpoint.TorchCheckpoint`), with what a callback reads of them:
+:attr:`~TorchAverage.split`, :meth:`~TorchAverage.gathered_state_dict` and
+:meth:`~TorchAverage.refuse_on_every_rank`.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ContextManager, Literal
+from typing import ContextManager, Literal
 
 import torch
 from torch import nn
 
-from .._interrupts import ctrl_c_held
-from ..average import Cadence, ModelSwap
 from . import _compile
+from ._face import FaceParts, TorchFace
 from ._sharding import masters as _deepspeed
 from ._sharding import tensors as _sharded
 from ._state.agree import Read
-from ._state.checkpoint import CheckpointCore, TorchCheckpoint
-from ._state.peft import announce, export_peft
+from ._state.peft import export_peft
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
 from ._tensors.hooks import unwrap
-from ._tensors.model import TorchModel
-from ._tensors.slots import bump_versions
 
 
-class TorchAverage:
-    """What every model-level average shares: the model side (:class:`TorchModel`: which tensors
-    are averaged or copied, the flat shadows, following a changed model), swap / copy-out, and
-    the checkpoint side (:class:`TorchCheckpoint`: export and checkpoints). A face builds them in
-    one direction (model side, its shadow, then the engine) and hands them over here; it defines
-    ``update()``, ``_eager_update()`` and ``_restart()``.
+class TorchAverage(TorchFace):
+    """What every model-level average shares (see the module): its parts (:class:`FaceParts`) made
+    by :func:`~fastema.torch._face.model_parts`. ``_avg`` and ``_copy`` are the model side's two
+    shadows (the same objects, never replaced)."""
 
-    ``_avg`` and ``_copy`` are the model side's two shadows (the same objects, never replaced)."""
-
-    _plan_on_device: Any = None                 # the engine's device plan (EMA with device_step)
-
-    def __init__(self, side: TorchModel, swap: ModelSwap, core: CheckpointCore, fmt: str, cadence: Cadence):
-        self._backup: Any = None       # raw weights during a lossy swap (float16 models): the shadow's backup()
-        self._swap = swap
-        self._model = side
-        self._checkpoint = TorchCheckpoint(side, core, fmt, kind=type(self).__name__, swap=swap,
-                                           calls=lambda: cadence.calls)
+    def __init__(self, parts: FaceParts):
+        side = parts.side
         self.model = side.model
         self.buffers, self.exclude, self.copy_patterns = side.buffers, side.exclude, side.copy_patterns
         self.trainable_only = side.trainable_only
-        self._avg, self._copy = side.avg, side.copy
+        self._copy = side.copy
         self._steps = side.steps                # DeepSpeed: one fold per optimizer step (M2)
-        self.cadence = cadence                  # counts update() calls
-        self._handle = _compile.register(self)  # what the compiled operators find this average by
-        if side.defaulted:
-            announce(type(self).__name__, side.avg)   # trainable_only=None on a PEFT model: say what is averaged
-
-    def _new_swap(self) -> ModelSwap:
-        """The swap state a face makes first (its model side's check refuses a swapped model)."""
-        return ModelSwap(self._exchange, "the EMA weights are swapped into the model (the shadow holds the raw "
-                                         "weights then); call it outside average_parameters() or after swap()",
-                         held=lambda: self._model.avg.swapped)
-
-    def _restart(self) -> None:
-        """Start the averages over from the model's current weights (the model was wrapped in DDP,
-        which broadcast rank 0's weights into it)."""
-        raise NotImplementedError
-
-    def _restart_if_fresh(self) -> bool:
-        """The model side's ``on_restart``: :meth:`_restart` while nothing but the construction went
-        into the averages (no ``update()`` call, not swapped); False otherwise."""
-        if self.calls or self.swapped:
-            return False
-        self._restart()
-        return True
-
-    def _eager_update(self, step: int | None) -> None:
-        """The eager ``update()`` (checks, schedule, launches): the compiled operator runs it."""
-        raise NotImplementedError
-
-    @property
-    def calls(self) -> int:
-        """``update()`` calls so far, skipped ones included."""
-        return self.cadence.calls
+        self._plan_on_device = None if parts.engine is None else parts.engine.device_plan
+        assert parts.swap is not None           # a model average writes its model
+        self._swapper = parts.swap              # copy-out; its backup (a lossy swap's raw weights): memory()
+        super().__init__(parts)
 
     @property
     def swapped(self) -> bool:
         return self._swap.swapped
 
-    # ------------------------------------------------------------ torch.compile
-
     @property
-    def _ops(self) -> dict:
-        """``op -> (tensors it writes, tensors it reads)`` of the compiled operators (the model side's,
-        made when the tensors change)."""
-        return self._model.ops
-
-    def _read_from(self, read: list) -> Callable[[], None]:
-        """Read the sources from ``read`` until the returned function is called (see ``_compile``)."""
-        return self._model.read_from(read)
+    def split(self) -> bool:
+        """True when the average is split over replicas (``shard_replicas``): its swap, ``copy_to`` and
+        whole reads gather it, a collective every rank of the replica group joins, and
+        :meth:`state_dict` holds this rank's pieces (:class:`~fastema.torch.SplitEntry`; one rank
+        writing a whole checkpoint reads :meth:`gathered_state_dict` instead)."""
+        return self._avg.group is not None
 
     # ------------------------------------------------------------ swap and copy-out
 
@@ -114,81 +68,10 @@ class TorchAverage:
         written, so a refused swap leaves the model and the averages as they were.
         """
         if torch.compiler.is_compiling():
-            torch.ops.fastema.swap_(self._ops["swap"][0], self._handle, row)
+            compiled = self.compiled
+            torch.ops.fastema.swap_(compiled.ops["swap"][0], compiled.handle, row)
             return
         self._swap.swap(row)
-
-    def _exchange(self, row: int, swapping_in: bool) -> None:
-        if swapping_in or not self._checkpoint.groups(swap=True):
-            self._exchange_checked(row, swapping_in, [])
-            return
-        gathering: list = []                           # a split average's way back is a collective
-        try:
-            self._exchange_checked(row, swapping_in, gathering)
-        except Exception as err:
-            if not self._model.avg.swapped:
-                raise
-            holds = ("still holds the average on this rank: nothing of the raw weights went back"
-                     if not gathering else "may hold part of the raw weights on this rank (the "
-                                           "gather back stopped after the ranks agreed)")
-            why = ("A split average (shard_replicas) keeps 1/N of the raw weights a rank, so its "
-                   "swap back is a collective: every rank of the group must reach the end of the "
-                   "evaluation block together. Call swap() again on every rank to restore them; do "
-                   "not save this model as the training weights until then.")
-            raise RuntimeError(f"{type(self).__name__}: the raw weights could not be restored "
-                               f"({type(err).__name__}: {err}); the model {holds}. {why}") from err
-
-    def _exchange_checked(self, row: int, swapping_in: bool, gathering: list) -> None:
-        side = self._model
-        avg, copy = side.avg, side.copy
-        read = Read("swap()", "in" if swapping_in else "back", row)
-        try:
-            with self._checkpoint.agreed(read, swap=True):   # split: agreed before the gather
-                side.settle()
-                if swapping_in:
-                    self._check_row(row)
-                    side.follow()
-                lossy = self._lossy_swap()
-                if not lossy:
-                    avg.swap_modes()
-                    avg.reserve(row, True)             # a split swap's raw window, buckets
-                if copy is not None:                   # the averaged group checks itself
-                    copy.refresh()
-        except BaseException:
-            avg.release()
-            raise
-        gathering.append(True)                         # agreed: the gathers write into the model
-        backup = self._backup
-        if lossy:
-            if swapping_in:
-                if backup is None:                    # the shadow's own kind (offloaded: in host memory)
-                    backup = self._backup = avg.backup()
-                else:
-                    backup.rebind(dict(zip(avg.names, avg.sources)))
-                    backup.copy_from_sources()
-                avg.copy_to_sources(row)
-            else:
-                assert backup is not None             # swapped in lossily: the raw weights are there
-                backup.copy_to_sources()
-        else:
-            avg.swap(row)
-        if copy is not None:
-            try:
-                copy.swap()
-            except BaseException:                      # put the averaged group back as it was
-                if not lossy:
-                    avg.swap(row)
-                elif swapping_in:
-                    assert backup is not None
-                    backup.copy_to_sources()
-                else:
-                    avg.copy_to_sources(row)
-                raise
-        if side.masters is not None:                  # the masters were exchanged: now the partitions evaluation reads
-            side.masters.exchanged(swapping_in)
-
-    def _lossy_swap(self) -> bool:
-        return not self._model.avg.exact_swap          # see fastema._shadow.Capabilities
 
     def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
@@ -210,11 +93,11 @@ class TorchAverage:
         that saved the old weights raises.
         """
         if (model is None or model is self.model) and torch.compiler.is_compiling():
-            written, read = self._ops["copy_to"]
-            torch.ops.fastema.copy_to_(written, read, self._handle, row)
+            written, read = self.compiled.ops["copy_to"]
+            torch.ops.fastema.copy_to_(written, read, self.compiled.handle, row)
             return
         if model is None or model is self.model:
-            self._eager_copy_to(row)
+            self._swapper.copy_to(row)
             return
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -233,45 +116,10 @@ class TorchAverage:
                              f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
         target.load_state_dict(state, strict=True)
 
-    def __copy__(self):
-        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the addresses of its own "
-                        f"buffers and of the model's tensors. Make a new one of the (copied) model and load this "
-                        f"one's state: new.load_state_dict(old.state_dict())")
-
-    def __deepcopy__(self, memo):
-        self.__copy__()
-
-    def _check_row(self, row: int) -> None:
-        """IndexError unless ``row`` is one of the averages this average shows."""
-        self._checkpoint.check_row(row)
-
-    def _eager_copy_to(self, row: int) -> None:
-        side = self._model
-        avg, copy = side.avg, side.copy
-        try:
-            with self._checkpoint.agreed(Read("copy_to()", row=row), swap=True):
-                self._check_row(row)
-                self._swap.refuse("copy_to()")
-                side.settle()
-                side.follow()
-                if copy is not None:                   # the averaged group checks itself
-                    copy.check_sources()
-                avg.reserve(row, False)                # a split average's buckets
-        except BaseException:
-            avg.release()
-            raise
-        with ctrl_c_held():                            # the whole model written, then a Ctrl-C raised (L3)
-            avg.copy_to_sources(row)
-            if side.masters is not None:              # the masters were written: round them into the partitions
-                side.masters.push()
-            if copy is not None:
-                copy.copy_to_sources()
-            bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
-
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
         error of one; a no-op otherwise. Every read of the averages does it first."""
-        self._model.avg.join()
+        self._avg.join()
 
     def memory(self, parts: bool = False) -> dict:
         """Bytes this rank's average holds, by device (``"cpu"``, ``"cuda:0"``...): the shadow rows (this
@@ -286,7 +134,7 @@ class TorchAverage:
                 ``"pinned slots"`` (offload; ``"host slots"`` where a GPU's pipeline runs on the CPU)."""
         from ._placement.memory import memory
 
-        return memory(self._model, self._plan_on_device, self._backup, parts)
+        return memory(self._side, self._plan_on_device, self._swapper.backup, parts)
 
     @property
     def nbytes(self) -> int:
@@ -299,7 +147,7 @@ class TorchAverage:
         tensor parallel, HSDP), a ZeRO partition, or the average is split over replicas
         (``shard_replicas``). Exports then gather (a collective), and :meth:`state_dict` holds this
         rank's parts (DTensors; a split average's pieces)."""
-        return bool(self._model.specs)
+        return bool(self._side.specs)
 
     @property
     def source(self) -> str:
@@ -309,10 +157,10 @@ class TorchAverage:
         ``"deepspeed-zero2-fp32-masters"`` (ZeRO-1/2) or ``"deepspeed-bf16-fp32-masters"``
         (``BF16_Optimizer``); with ``offload="cpu"`` and masters in host memory (ZeRO-Offload), read in
         place by the host folds, the same name ending in ``"-in-host-memory"``. See the large-models guide."""
-        masters = self._model.masters
+        masters = self._side.masters
         if masters is None:
             return _deepspeed.PARAMETERS
-        return masters.source + (_deepspeed.IN_HOST_MEMORY if self._model.avg.in_place else "")
+        return masters.source + (_deepspeed.IN_HOST_MEMORY if self._avg.in_place else "")
 
     # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
 
@@ -402,9 +250,26 @@ class TorchAverage:
         """
         return self._checkpoint.state_dict()
 
+    def gathered_state_dict(self) -> dict:
+        """:meth:`state_dict` with every entry a full tensor: what one rank writes as a whole
+        checkpoint of a split average (Lightning's, which rank 0 saves with ``torch.save``), and
+        :meth:`load_state_dict` cuts again on any number of ranks, split or not. On a split average
+        (:attr:`split`) it is a collective: every rank of the replica group calls it, after they
+        agree. Entries that are not a split's pieces are :meth:`state_dict`'s as they are (a sharded
+        average's DTensors)."""
+        return self._checkpoint.state_dict(gathered=True)
+
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
         self._checkpoint.load_state_dict(state, strict)
+
+    def refuse_on_every_rank(self, err: BaseException) -> None:
+        """This rank cannot read the state it would load (its file is missing or damaged: ``err``)
+        while the other ranks of a split or sharded average load theirs: join the load's agreement
+        refusing, so every rank raises at once, naming this rank and ``err`` (never a hang); raises
+        ``err`` here. The other ranks' :meth:`load_state_dict` raise a ``Disagreement`` (a
+        ``ValueError``) and load nothing."""
+        self._checkpoint.join_refusing(err)
 
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).

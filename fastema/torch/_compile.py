@@ -1,14 +1,16 @@
-"""fastema's in-place model-average operations as PyTorch custom operators, for ``torch.compile``.
+"""fastema's in-place model-average operations as PyTorch custom operators, for ``torch.compile``,
+and the compiled-step contract of a torch face (:class:`Compiled`, what ``face.compiled`` is).
 
 Dynamo cannot trace numba's dispatcher (nor the address checks, which read ``data_ptr()``), so
 inside a compiled function :meth:`EMA.update`, :meth:`EMA.swap` and :meth:`EMA.copy_to` call
 these operators instead. Each takes the tensors the operation writes (``written``: the flat
 shadows, the copied buffers, the device plan's arrays, and for a swap the model's tensors) and
-the tensors it reads (``read``: the model's tensors), plus an integer handle of the average (a
-graph constant: one compiled graph per average object). Its implementation runs the eager
-operation, so at every call of the compiled code the checks, the schedule and the launches are
-those of an eager call: a changing decay schedule needs no recompilation, and the generated code
-hands the operator the shadow itself (it is declared mutated, so Inductor re-inplaces it: no copy).
+the tensors it reads (``read``: the model's tensors), plus an integer handle of the face's
+:class:`Compiled` (a graph constant: one compiled graph per average object). Its implementation runs
+the eager operation, so at every call of the compiled code the checks, the schedule and the
+launches are those of an eager call: a changing decay schedule needs no recompilation, and the
+generated code hands the operator the shadow itself (it is declared mutated, so Inductor
+re-inplaces it: no copy).
 
 Functionalization without re-inplacing, and ``torch.library.opcheck``, pass other tensors than
 the average's own (clones, or a parameter's updated value computed earlier in the same graph).
@@ -27,54 +29,54 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["CompiledOwner", "UpdateOwner", "install", "register"]
+__all__ = ["Compiled", "compiled_update", "install"]
 
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
 
 
-class UpdateOwner(Protocol):
-    """What the ``update_`` operator asks of the object it updates (a model average, or a
-    :class:`fastema.torch.TargetNetwork`): the documented protocol between the compiled path and
-    the eager one, nothing else is reached."""
+class Compiled:
+    """A torch face's compiled-step contract (``face.compiled``): everything the custom operators
+    of this module ask of the face they run, and nothing else is reached. Made by the face from its
+    parts (:class:`fastema.torch._face.FaceParts`) once it is complete; registered under
+    :attr:`handle`, which the operators find it by (held weakly: a graph of an average that is
+    gone raises, naming it).
 
-    _handle: int          # from register()
+    Args:
+        ops: ``() -> {op: (tensors it writes, tensors it reads)}`` for ``"update"`` (and, for a
+            model average, ``"swap"`` and ``"copy_to"``): every tensor an eager call touches, so
+            functionalization sees each write; made again when the tensors change, never while
+            tracing.
+        eager_update: the eager ``update(step)`` (checks, schedule, launches; ``None``: no step).
+        read_from: ``read_from(tensors) -> restore``: read the sources from ``tensors`` (in the
+            ``"update"`` list's order) until ``restore()`` is called (an operator handed other
+            tensors than the face's own: a slow path).
+        eager_copy_to: the eager ``copy_to(row)`` into the tracked model (None: the face writes no
+            model: a target network).
+        swap: the swap state (:class:`fastema.average.ModelSwap`: ``swap.swap(row)``), or None.
+    """
+
+    def __init__(self, ops: Callable[[], dict], eager_update: Callable[[int | None], None],
+                 read_from: Callable[[list], Callable[[], None]], *,
+                 eager_copy_to: Callable[[int], None] | None = None, swap: Any = None):
+        self._ops = ops
+        self.eager_update, self.read_from = eager_update, read_from
+        self.eager_copy_to, self.swap = eager_copy_to, swap
+        self.handle = next(_IDS)
+        handle = self.handle
+        _OWNERS[handle] = weakref.ref(self, lambda _: _OWNERS.pop(handle, None))
 
     @property
-    def _ops(self) -> dict:
-        """op -> (tensors it writes, tensors it reads), made when the tensors change."""
-
-    def _eager_update(self, step: int | None) -> None:
-        """The eager ``update()`` (checks, schedule, launches)."""
-
-    def _read_from(self, read: list) -> Callable[[], None]:
-        """Read the sources from ``read`` until the returned function is called."""
+    def ops(self) -> dict:
+        """``op -> (tensors it writes, tensors it reads)`` (see the class)."""
+        return self._ops()
 
 
-class CompiledOwner(UpdateOwner, Protocol):
-    """What every operator asks of the average it runs (``fastema.torch._average.TorchAverage``):
-    ``update_``'s protocol, and ``swap_``'s and ``copy_to_``'s."""
-
-    def _eager_copy_to(self, row: int) -> None:
-        """The eager ``copy_to()`` into the tracked model."""
-
-    @property
-    def _swap(self):
-        """The swap state (:class:`fastema.average.ModelSwap`): ``_swap.swap(row)``."""
-
-
-def register(owner: UpdateOwner) -> int:
-    """A handle for ``owner`` (an average), which the operators find it by."""
-    handle = next(_IDS)
-    _OWNERS[handle] = weakref.ref(owner, lambda _: _OWNERS.pop(handle, None))
-    return handle
-
-
-def _owner(handle: int) -> Any:
+def _owner(handle: int) -> Compiled:
     ref = _OWNERS.get(handle)
     owner = ref() if ref is not None else None
     if owner is None:
@@ -89,7 +91,8 @@ def _is(a, b) -> bool:
 
 
 @contextlib.contextmanager
-def _through(owner, written: list, read: list, own_written: list, own_read: list, reads_sources: bool = True):
+def _through(owner: Compiled, written: list, read: list, own_written: list, own_read: list,
+             reads_sources: bool = True):
     """Run the eager operation of ``owner`` as if on ``written`` and ``read`` (see the module
     docstring): nothing to do for the tensors that are the average's own. ``reads_sources``: the
     read tensors are the model's (followed by a rebind), else the average's own (copied in)."""
@@ -107,7 +110,7 @@ def _through(owner, written: list, read: list, own_written: list, own_read: list
         backup = [o.clone() for o, _ in copied_in]
         for o, g in copied_in:
             o.copy_(g)
-        restore = owner._read_from(read) if other_read and reads_sources else None
+        restore = owner.read_from(read) if other_read and reads_sources else None
         try:
             yield
             for o, g in other:
@@ -123,9 +126,9 @@ def _through(owner, written: list, read: list, own_written: list, own_read: list
 def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, step: int) -> None:
     """One ``update()`` of the average ``handle`` (``step < 0``: no explicit step)."""
     owner = _owner(handle)
-    own_written, own_read = owner._ops["update"]
+    own_written, own_read = owner.ops["update"]
     with _through(owner, written, read, own_written, own_read):
-        owner._eager_update(None if step < 0 else step)
+        owner.eager_update(None if step < 0 else step)
 
 
 @update_.register_fake
@@ -154,14 +157,15 @@ def _(written, message, tensor, number):
     return None
 
 
-def compiled_update(owner: UpdateOwner, step) -> None:
-    """``owner.update(step)`` inside a traced function: one :func:`update_` operator in the graph,
+def compiled_update(owner: Compiled, step) -> None:
+    """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): one
+    :func:`update_` operator in the graph,
     or, for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
     graph runs (nothing is updated or counted). A tensor step is refused, in compiled code as in
     eager: its value is on its device, and the schedule would read it on the host at every call."""
     from ..schedules import check_step
 
-    written, read = owner._ops["update"]
+    written, read = owner.ops["update"]
     if isinstance(step, (torch.Tensor, float)):          # traced values: their repr is known only at run time
         tensor = step if isinstance(step, torch.Tensor) else None
         torch.ops.fastema.refuse_update_(written, "", tensor, None if tensor is not None else step)
@@ -174,16 +178,16 @@ def compiled_update(owner: UpdateOwner, step) -> None:
         except ValueError as err:
             torch.ops.fastema.refuse_update_(written, str(err), None, None)
             return
-    torch.ops.fastema.update_(written, read, owner._handle, -1 if step is None else step)
+    torch.ops.fastema.update_(written, read, owner.handle, -1 if step is None else step)
 
 
 @torch.library.custom_op("fastema::swap_", mutates_args=("written",))
 def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     """``swap(row)`` of the average ``handle``: average ``row`` in, or the raw weights back."""
     owner = _owner(handle)
-    own_written, _ = owner._ops["swap"]
+    own_written, _ = owner.ops["swap"]
     with _through(owner, written, [], own_written, []):
-        owner._swap.swap(row)
+        owner.swap.swap(row)
 
 
 @swap_.register_fake
@@ -195,9 +199,10 @@ def _(written, handle, row):
 def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, row: int) -> None:
     """``copy_to()`` of the average ``handle``: average ``row`` into the model it tracks."""
     owner = _owner(handle)
-    own_written, own_read = owner._ops["copy_to"]
+    own_written, own_read = owner.ops["copy_to"]
+    assert owner.eager_copy_to is not None          # "copy_to" is in the lists of a face that has it
     with _through(owner, written, read, own_written, own_read, reads_sources=False):
-        owner._eager_copy_to(row)
+        owner.eager_copy_to(row)
 
 
 @copy_to_.register_fake

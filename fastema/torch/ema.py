@@ -3,7 +3,7 @@ several decays in one pass, BEMA, the plan on the device for CUDA graphs, CPU of
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from .._interrupts import ctrl_c_held
 from ..average import Average, EMAOptions, Face, document
 from . import _compile
 from ._average import TorchAverage
+from ._face import FaceParts, model_parts
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
 from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
@@ -52,35 +53,20 @@ class EMA(Face, TorchAverage):
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
                  skip_nonfinite: bool = False, device_step: bool | None = None, offload: str | Offload | None = None,
                  trainable_only: bool | None = None, shard_replicas: Any = False):
-        placement = Placement.of(offload, shard_replicas)
-        opts = EMAOptions(decay, update_every=update_every, compensate=compensate, debias=debias,
-                          shadow_dtype=shadow_dtype, rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite,
-                          device_step=device_step, offload="cpu" if placement.offload else None)
-        # Built in one direction: the model side, its shadow, the engine over both, then the rest.
-        swap = self._new_swap()
-        side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
-                          check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
-        rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-        shadow = make_shadow(side, rows, shadow_dtype, placement, kind=type(self).__name__,
-                             settings=f"{opts!r};{shadow_dtype};{rows}")
-        side.attach(shadow)
-        self._core = core = Average(opts, FORMAT, shadow, adapter=side)   # the plan, the update driver, BEMA
-        self.shadow_dtype = shadow_dtype
-        self._bema = core.plan.schedules[0] if opts.is_bema else None
-        super().__init__(side, swap, self._checkpoint_core(core), FORMAT, core.plan.cadence)
-        self._on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
-        if device_step is None:
-            device_step = self._on_gpu and not shadow.host_plan_only and self._bema is None
-        if device_step:
-            core.plan_on_device()                    # and every kernel compiled and loaded now
-        self._plan_on_device = plan = core.device_plan
-        if plan is not None:                         # its arrays are written by every update too
-            side.also_written([t for t in plan.tensors() if isinstance(t, torch.Tensor)])
+        self._from_parts(ema_parts(model, decay, kind=type(self).__name__, update_every=update_every,
+                                   compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
+                                   rounding=rounding, seed=seed, buffers=buffers, exclude=exclude, copy=copy,
+                                   skip_nonfinite=skip_nonfinite, device_step=device_step, offload=offload,
+                                   trainable_only=trainable_only, shard_replicas=shard_replicas))
 
-    def _checkpoint_core(self, core: Average) -> CheckpointCore:
-        """What the checkpoint keeps besides the tensors: the engine's plan and counters (the device
-        plan's counts with the plan on the device; its checks too, M4)."""
-        return core
+    def _from_parts(self, parts: FaceParts) -> None:
+        """The EMA's own fields, read off its parts, then the face (see :class:`TorchFace`)."""
+        core = parts.engine
+        assert core is not None                      # an EMA's builder makes one
+        self.shadow_dtype = core.shadow_dtype
+        self._bema = core.plan.schedules[0] if core.options.is_bema else None
+        self._on_gpu = any(t.device.type != "cpu" for t in parts.shadow.sources)
+        TorchAverage.__init__(self, parts)
 
     @property
     def device_step(self) -> bool:
@@ -97,7 +83,7 @@ class EMA(Face, TorchAverage):
                 schedules refuse a step before the last update's.
         """
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
-            _compile.compiled_update(self, step)
+            _compile.compiled_update(self.compiled, step)
             return
         self._eager_update(step)
 
@@ -117,14 +103,42 @@ class EMA(Face, TorchAverage):
         if steps is not None:
             steps.done()
 
-    def _restart(self) -> None:
-        self._avg.copy_from_sources()
-        self._model.copy_buffers()
-
     def __repr__(self) -> str:
         source = "" if self.source == "parameters" else f", source={self.source!r}"
         return (f"EMA(decay={self.decay}, updates={self.updates}, averaged={len(self._avg)} tensors, "
                 f"copied={len(self._copy) if self._copy else 0}{source}, shadow={self._avg!r})")
+
+
+def ema_parts(model: nn.Module, decay: Any = None, *, kind: str, run: Callable[[Average], CheckpointCore] | None = None,
+              update_every: int = 1, compensate: bool = False, debias: bool = False, shadow_dtype: str = "float32",
+              rounding: str = "nearest", seed: int = 0, buffers: str = "copy", exclude: Sequence[str] = (),
+              copy: Sequence[str] = (), skip_nonfinite: bool = False, device_step: bool | None = None,
+              offload: str | Offload | None = None, trainable_only: bool | None = None,
+              shard_replicas: Any = False) -> FaceParts:
+    """The builder of an :class:`EMA` (and a :class:`~fastema.torch.PostHocEMA`): its arguments
+    checked, then its parts in one direction: the model side, its shadow (the picker), the engine
+    over both, and the rest (:func:`~fastema.torch._face.model_parts`). ``kind`` names the face;
+    ``run(engine)``: what the checkpoint keeps besides the tensors (default: the engine's plan and
+    counters; a post-hoc run adds its id)."""
+    placement = Placement.of(offload, shard_replicas)
+    opts = EMAOptions(decay, update_every=update_every, compensate=compensate, debias=debias,
+                      shadow_dtype=shadow_dtype, rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite,
+                      device_step=device_step, offload="cpu" if placement.offload else None)
+    side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=kind)
+    rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
+    shadow = make_shadow(side, rows, shadow_dtype, placement, kind=kind, settings=f"{opts!r};{shadow_dtype};{rows}")
+    engine = Average(opts, FORMAT, shadow, adapter=side)         # the plan, the update driver, BEMA
+    if device_step is None:                                      # on a GPU, unless it folds on the host
+        on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
+        device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
+    return model_parts(side, shadow, engine, engine if run is None else run(engine), FORMAT, engine.plan.cadence,
+                       functools.partial(_start_over, side), device_step=device_step)
+
+
+def _start_over(side: TorchModel) -> None:
+    """Every average from the model's weights as they are (a restart after a DDP wrap)."""
+    side.avg.copy_from_sources()
+    side.copy_buffers()
 
 
 def _refuse_capture(shadow) -> None:

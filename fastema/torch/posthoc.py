@@ -3,6 +3,7 @@ the snapshots that :mod:`fastema.posthoc` synthesises other profiles from."""
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import os
 import uuid
 from typing import Sequence
@@ -40,7 +41,7 @@ from ._state.stream import (
     synthesized_stream,
 )
 from ._tensors.hooks import unwrap
-from .ema import EMA
+from .ema import EMA, ema_parts
 
 __all__ = ["PostHocEMA"]
 
@@ -126,19 +127,18 @@ class PostHocEMA(EMA):
             raise ValueError(f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}")
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
-        self._given_sigma_rels = sigma_rels
-        self._run: _Run                          # this run (its id, its folder checked, a snapshot due): see below
-        super().__init__(model, [PowerFunction.of(s) for s in sigma_rels], update_every=update_every, **kwargs)
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)
         self._seen: dict = {}                    # check_folder's cache of the folder's files
+        parts = ema_parts(model, [PowerFunction.of(s) for s in sigma_rels], kind=type(self).__name__,
+                          run=functools.partial(_Run, given=sigma_rels), update_every=update_every, **kwargs)
+        run = parts.checkpoint.core              # the engine's checkpoint, and this run's id
+        assert isinstance(run, _Run)
+        self._run = run                          # this run (its id, its folder checked, a snapshot due): see below
+        self._from_parts(parts)
         self._check_storable()
         os.makedirs(self.path, exist_ok=True)
-
-    def _checkpoint_core(self, core: Average) -> _Run:
-        self._run = _Run(core, self._given_sigma_rels)   # the engine's checkpoint, and this run's id
-        return self._run
 
     @property
     def run_id(self) -> str:
@@ -260,9 +260,9 @@ class PostHocEMA(EMA):
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
         tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
         overflow: list[str] = []
-        sharded, specs = self.sharded, self._model.specs
+        sharded, specs = self.sharded, self._side.specs
         # a DCP save: the slices agree, each rank's casts made inside (what can fail on one rank)
-        with self._checkpoint.agreed(Read("snapshot()"), gathers=sharded):
+        with self._checkpoint.agreement.agreed(Read("snapshot()"), gathers=sharded):
             entries = self._checkpoint.entries(0)
             for name, t, source, value in entries:  # one walk and check for every row
                 if source is None or source not in self._avg.names:

@@ -15,6 +15,7 @@ from .._state import check_header, load_refused
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
+from ._face import FaceParts, TorchFace
 from ._state.agree import Disagreement, Read, Stamp, agree
 from ._state.agree import Sequence as Agreements
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, target_meta, target_stream
@@ -47,7 +48,7 @@ REFUSALS = {
 }
 
 
-class TargetNetwork(Face):
+class TargetNetwork(Face, TorchFace):
     """A target network kept as the moving average of an online network, in its own tensors.
 
     ``target <- tau * online + (1 - tau) * target`` at every ``update()``, for every floating
@@ -176,23 +177,13 @@ class TargetNetwork(Face):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
         self.online, self.target = online, target
         self.buffers, self.exclude = buffers, patterns("exclude", exclude)
-        self._pairs = pairs = TorchPairs(online, target, self.exclude, buffers)
         self._copies = 0                        # hard updates made: a stream of the target checks them too
         self._reads = Agreements()                # its streams' agreements (the same on every rank)
-        for g in pairs.avg.groups:
-            stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
-        self._core = core = Average(opts, FORMAT, pairs.avg, adapter=pairs)
-        core.rounding = rounding
-        self._on_gpu = any(d != "cpu" for d in pairs.devices)
-        if device_step is None:
-            device_step = self._on_gpu
-        if device_step:
-            core.plan_on_device(also=pairs.behind_flags())   # and every kernel compiled and loaded now
-        elif self._on_gpu:
-            pairs.check = _refuse_capture
-        self._handle = _compile.register(self)          # what torch.compile's operator finds this object by
-        self._ops_of: Any = None                         # the selection and guard _ops was made for
-        self._ops_guarded: Any = None
+        parts = target_parts(online, target, opts, self.exclude, buffers, rounding, device_step)
+        on_gpu = any(d != "cpu" for d in parts.side.devices)
+        assert parts.engine is not None
+        self._refuses_capture = on_gpu and parts.engine.device_plan is None   # the host plan: not in a graph
+        super().__init__(parts)
 
     # ------------------------------------------------------------ what it is
 
@@ -207,11 +198,6 @@ class TargetNetwork(Face):
         return 1.0 - self.momentum
 
     @property
-    def calls(self) -> int:
-        """``update()`` calls so far, skipped ones included."""
-        return self.plan.calls
-
-    @property
     def device_step(self) -> bool:
         """True when the plan lives on the device (see the ``device_step`` argument)."""
         return self._core.device_plan is not None
@@ -222,7 +208,7 @@ class TargetNetwork(Face):
         :attr:`nbytes`."""
         from ._placement.memory import pairs_memory
 
-        return pairs_memory(self._pairs, self._core.device_plan)
+        return pairs_memory(self._side, self._core.device_plan)
 
     @property
     def nbytes(self) -> int:
@@ -233,7 +219,7 @@ class TargetNetwork(Face):
     def names(self) -> dict[str, list[str]]:
         """The target's tensors by what ``update()`` does to them: ``averaged``, ``copied``
         (floating buffers) and ``integer`` (copied)."""
-        return dict(zip(("averaged", "copied", "integer"), (list(n) for n in self._pairs.sel.names)))
+        return self._checkpoint.names
 
     @property
     def skipped(self) -> dict[str, torch.Tensor]:
@@ -242,20 +228,12 @@ class TargetNetwork(Face):
         call ``update_every`` skips). Read them when you need them: a read waits for the device."""
         if not self.skip_nonfinite:
             return {}
-        return dict(self._pairs.flags if self._core.device_plan is None else self._core.device_plan.flags)
+        return dict(self._side.flags if self._core.device_plan is None else self._core.device_plan.flags)
 
     def __repr__(self) -> str:
-        a, c, i = self._pairs.sel.names
+        a, c, i = self._side.sel.names
         return (f"TargetNetwork(tau={self.tau:.6g}, {len(a)} averaged, {len(c)} copied, {len(i)} integer, "
                 f"updates={self.updates}, device_step={self.device_step})")
-
-    def __copy__(self):
-        raise TypeError("a TargetNetwork cannot be copied: its launch tables hold the addresses of both networks' "
-                        "tensors. Make a new one of the (copied) networks and load this one's state: "
-                        "new.load_state_dict(old.state_dict())")
-
-    def __deepcopy__(self, memo):
-        self.__copy__()
 
     # ------------------------------------------------------------ the per-step path
 
@@ -271,95 +249,34 @@ class TargetNetwork(Face):
                 updates made.
         """
         if torch.compiler.is_compiling():
-            _compile.compiled_update(self, step)
+            _compile.compiled_update(self.compiled, step)
             return
+        if self._refuses_capture:
+            _refuse_capture()
         self._core.update(step)
 
     def _eager_update(self, step: int | None) -> None:
+        if self._refuses_capture:
+            _refuse_capture()
         self._core.update(step)                          # the engine's driver: plan, follow, kernels, carry
 
     def hard_update(self) -> None:
         """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,
         TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced."""
         self._copies += 1
-        self._pairs.copy_all()
-
-    # ------------------------------------------------------------ torch.compile (_compile.UpdateOwner)
-
-    @property
-    def _ops(self) -> dict:
-        """``{"update": (tensors it writes, tensors it reads)}`` for the compiled operator: the target's
-        tensors, the skip flags and the device plan's arrays; the online network's tensors. Made
-        again when the pairs were looked up again (a changed network followed), never while tracing."""
-        sel = self._pairs.sel
-        if self._ops_of is not sel or self._ops_guarded is not self.skip_nonfinite:
-            n = len(sel.tensors) // 2
-            plan = [] if self._core.device_plan is None else [
-                t for t in self._core.device_plan.tensors() if isinstance(t, torch.Tensor)]
-            flags = list(self._pairs.flags.values()) if self.skip_nonfinite else []
-            self._ops_cache = {"update": (sel.tensors[:n] + flags + plan, sel.tensors[n:])}
-            self._ops_of, self._ops_guarded = sel, self.skip_nonfinite
-        return self._ops_cache
-
-    def _read_from(self, read: list):
-        """Read the online network's tensors from ``read`` until the returned function is called (the
-        operator handed other tensors than the network's own: a slow path, see ``_compile``): their
-        values are copied in, and the online network's own values are put back after."""
-        own = self._pairs.sel.tensors[len(self._pairs.sel.tensors) // 2:]
-        with torch.no_grad():
-            backup = [o.detach().clone() for o in own]
-            for o, r in zip(own, read):
-                if o is not r:
-                    o.copy_(r)
-
-        def restore():
-            with torch.no_grad():
-                for o, b in zip(own, backup):
-                    o.copy_(b)
-
-        return restore
+        self._side.copy_all()
 
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
         """The counters and the schedule (plain Python values). The averaged weights are the
         target's own: save ``target.state_dict()`` beside this."""
-        if self._core.device_plan is not None:
-            self._core.device_plan.read_into(self.plan)  # replayed graphs advanced the device only
-        a, c, i = self._pairs.sel.names
-        return {"format": FORMAT, "version": VERSION, "plan": self.plan.state(),
-                "names": {"averaged": list(a), "copied": list(c), "integer": list(i)}}
+        return self._checkpoint.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Load :meth:`state_dict`'s counters and schedule; everything is checked before anything
         changes (load the target's weights with ``target.load_state_dict``)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from TargetNetwork.state_dict(), got {type(state).__name__}")
-        check_header(state, FORMAT, VERSION, "pass what TargetNetwork.state_dict() returned")
-        problems: list[str] = []
-        names = state.get("names")
-        if names != self.names:
-            problems.append("the checkpoint's tensor names differ from these networks' (saved for other "
-                            "networks, or with other exclude= / buffers=)")
-        plan = state.get("plan")
-        if not isinstance(plan, dict):
-            problems.append("the checkpoint has no plan state")
-        else:
-            self.plan.check_state(plan, problems)
-            if not problems:                             # what TargetNetwork(...) itself refuses
-                other = [s["kind"] for s in plan["schedules"] if not isinstance(from_state(s), _MOMENTUMS)]
-                if other:
-                    problems.append(f"its schedule is {other[0]!r}, which momentum= does not take (a float, a "
-                                    f"warm-up or a momentum schedule: Cosine, Linear, PiecewiseConstant)")
-                if plan["debias"]:
-                    problems.append("its plan is debiased (debias=True), which a target network is not")
-            if not problems and self._core.device_plan is not None:
-                check_device_state(self.plan, plan, self.seed, problems)
-        if problems:
-            raise load_refused("cannot load this TargetNetwork state: " + "; ".join(problems) + ".")
-        self.plan.load_state(state["plan"])
-        if self._core.device_plan is not None:
-            self._core.device_plan.load(self.plan, self.seed)
+        self._checkpoint.load_state_dict(state)
 
     # ------------------------------------------------------------ the target streamed out
 
@@ -382,6 +299,78 @@ class TargetNetwork(Face):
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone
         (no gather, no collective)."""
         return target_meta(self.target, row, dtype)
+
+
+def target_parts(online: nn.Module, target: nn.Module, opts: EMAOptions, exclude: tuple, buffers: str,
+                 rounding: str, device_step: bool | None) -> FaceParts:
+    """The builder of a :class:`TargetNetwork`, its arguments checked: its side (the two networks
+    paired: :class:`~fastema.torch._tensors.pairs.TorchPairs`), whose pair shadow is the engine's
+    shadow, the engine over both (the plan on the device where ``device_step`` says, or by default
+    on a GPU: every kernel compiled and loaded now), its checkpoint side (:class:`TargetState`) and
+    the compiled operator's lists. A target network writes no model of its own: no swap."""
+    pairs = TorchPairs(online, target, exclude, buffers)
+    for g in pairs.avg.groups:
+        stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
+    engine = Average(opts, FORMAT, pairs.avg, adapter=pairs)
+    engine.rounding = rounding
+    if device_step is None:
+        device_step = any(d != "cpu" for d in pairs.devices)
+    plan: list = []
+    if device_step:
+        engine.plan_on_device(also=pairs.behind_flags())   # and every kernel compiled and loaded now
+        assert engine.device_plan is not None
+        plan = [t for t in engine.device_plan.tensors() if isinstance(t, torch.Tensor)]
+    pairs.op_lists(engine.skip_nonfinite, plan)        # made now, not in a traced function's first call
+    return FaceParts(pairs, pairs.avg, engine, TargetState(engine, pairs), None, engine.plan.cadence,
+                     lambda: pairs.op_lists(engine.skip_nonfinite, plan))
+
+
+class TargetState:
+    """A target network's checkpoint side: its counters and its schedule, plain Python values, and
+    the names it syncs (the averaged weights are the target's own tensors, which the user saves)."""
+
+    def __init__(self, engine: Average, pairs: TorchPairs):
+        self.engine, self.pairs = engine, pairs
+
+    @property
+    def names(self) -> dict[str, list[str]]:
+        return dict(zip(("averaged", "copied", "integer"), (list(n) for n in self.pairs.sel.names)))
+
+    def state_dict(self) -> dict:
+        engine = self.engine
+        if engine.device_plan is not None:
+            engine.device_plan.read_into(engine.plan)  # replayed graphs advanced the device only
+        return {"format": FORMAT, "version": VERSION, "plan": engine.plan.state(), "names": self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        engine = self.engine
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from TargetNetwork.state_dict(), got {type(state).__name__}")
+        check_header(state, FORMAT, VERSION, "pass what TargetNetwork.state_dict() returned")
+        problems: list[str] = []
+        names = state.get("names")
+        if names != self.names:
+            problems.append("the checkpoint's tensor names differ from these networks' (saved for other "
+                            "networks, or with other exclude= / buffers=)")
+        plan = state.get("plan")
+        if not isinstance(plan, dict):
+            problems.append("the checkpoint has no plan state")
+        else:
+            engine.plan.check_state(plan, problems)
+            if not problems:                             # what TargetNetwork(...) itself refuses
+                other = [s["kind"] for s in plan["schedules"] if not isinstance(from_state(s), _MOMENTUMS)]
+                if other:
+                    problems.append(f"its schedule is {other[0]!r}, which momentum= does not take (a float, a "
+                                    f"warm-up or a momentum schedule: Cosine, Linear, PiecewiseConstant)")
+                if plan["debias"]:
+                    problems.append("its plan is debiased (debias=True), which a target network is not")
+            if not problems and engine.device_plan is not None:
+                check_device_state(engine.plan, plan, engine.seed, problems)
+        if problems:
+            raise load_refused("cannot load this TargetNetwork state: " + "; ".join(problems) + ".")
+        engine.plan.load_state(state["plan"])
+        if engine.device_plan is not None:
+            engine.device_plan.load(engine.plan, engine.seed)
 
 
 def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str) -> TargetNetwork:

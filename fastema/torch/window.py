@@ -2,7 +2,6 @@
 or of all of them (SWA)."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from ..average import Cadence, document
 from ._average import TorchAverage
+from ._face import model_parts
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
 from ._state.entries import global_shape, local_part, staged
 from ._tensors.hooks import match_names
@@ -55,15 +55,14 @@ class WindowAverage(TorchAverage):
         if ring_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")
         self.window, self.ring_dtype = window, ring_dtype
-        swap = self._new_swap()
-        side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=type(self).__name__,
-                          check=functools.partial(swap.refuse, "update()"), on_restart=self._restart_if_fresh)
+        kind = type(self).__name__
+        side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=kind)
         rows = 1 if window is None else Window(window, ring_dtype)    # a cumulative mean is one float32 row
-        shadow = make_shadow(side, rows, "float32", Placement.of(None, shard_replicas), kind=type(self).__name__,
+        shadow = make_shadow(side, rows, "float32", Placement.of(None, shard_replicas), kind=kind,
                              settings=f"{window};{every};{ring_dtype}")
-        side.attach(shadow)
-        self._counts = _Counts(side, window, ring_dtype, Cadence(every))
-        super().__init__(side, swap, self._counts, "fastema.torch.WindowAverage", self._counts.cadence)
+        self._counts = counts = _Counts(side, window, ring_dtype, Cadence(every))
+        super().__init__(model_parts(side, shadow, None, counts, "fastema.torch.WindowAverage", counts.cadence,
+                                     counts.start_over))
 
     @property
     def every(self) -> int:
@@ -83,8 +82,8 @@ class WindowAverage(TorchAverage):
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
-            written, read = self._ops["update"]
-            torch.ops.fastema.update_(written, read, self._handle, -1)
+            written, read = self.compiled.ops["update"]
+            torch.ops.fastema.update_(written, read, self.compiled.handle, -1)
             return
         self._eager_update(None)
 
@@ -93,25 +92,17 @@ class WindowAverage(TorchAverage):
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
             return
         due = self.cadence.due()
-        self._model.begin(due)                            # refusals, and when due the model followed
+        self._side.begin(due)                             # refusals, and when due the model followed
         if due:
             if self.window is None:
                 self._avg.update(weight=1.0 / (self.snapshots + 1))
             else:
                 self._avg.push()
-            self._model.copy_buffers()
+            self._side.copy_buffers()
             self._counts.snapshots += 1
         self.cadence.called()
         if steps is not None:
             steps.done()
-
-    def _restart(self) -> None:
-        if self.window is None:
-            self._avg.copy_from_sources()
-        else:
-            self._avg.restart()
-        self._model.copy_buffers()
-        self._counts.snapshots = 1
 
     def __repr__(self) -> str:
         kind = "cumulative" if self.window is None else f"window={self.window}"
@@ -131,6 +122,15 @@ class _Counts:
 
     def check_row(self, row: int) -> None:
         self.side.avg.check_row(row)
+
+    def start_over(self) -> None:
+        """The window from the model's weights as they are: one snapshot (a restart after a DDP wrap)."""
+        if self.window is None:
+            self.side.avg.copy_from_sources()
+        else:
+            self.side.avg.restart()
+        self.side.copy_buffers()
+        self.snapshots = 1
 
     def plan_state(self) -> dict:
         avg = self.side.avg

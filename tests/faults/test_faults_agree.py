@@ -127,7 +127,7 @@ def _different_reads(rank, world, root):
         "full_state_dict": lambda: ema.full_state_dict(),
         "save": lambda: ema.save(f"{root}/different.safetensors"),
         "iter_weights": lambda: list(ema.iter_weights()),
-        "state_dict(gathered)": lambda: ema._checkpoint.state_dict(gathered=True),
+        "state_dict(gathered)": lambda: ema.gathered_state_dict(),
         "load_state_dict": lambda: ema.load_state_dict(state),
         "averaged_state_dict": lambda: ema.averaged_state_dict(),
     }
@@ -157,7 +157,7 @@ def _different_reads(rank, world, root):
         inside = _raw(m)
     return {"cases": out, "after": (_same(raw, _raw(m)), _same(inside, averaged),
                                     _same(ema.full_state_dict(1), ref.full_state_dict(1)),
-                                    ema._checkpoint.sequence.count)}
+                                    ema._checkpoint.agreement.sequence.count)}
 
 
 def test_ranks_making_different_reads_refuse_on_every_rank_naming_both(tmp_path):
@@ -182,7 +182,7 @@ def _swap_in_raw_window(rank, world, root):
     once (rank 1 its own out-of-memory error, rank 0 a Disagreement naming rank 1 and its reason),
     the retry evaluates the average bit for bit, and the raw weights come back."""
     from fastema.torch import ShardReplicas
-    from fastema.torch._placement import replicas
+    from fastema.torch._placement import split as splits  # a split's swap makes its raw window there
 
     out = {}
     for case, split in (("A08", True), ("A08b bucket 1024", ShardReplicas(True, bucket=1024))):
@@ -191,7 +191,7 @@ def _swap_in_raw_window(rank, world, root):
         with ref.average_parameters(1):
             want = _raw(m)
         errors, inside = [], []
-        with _failing(replicas, "FlatShadow", lambda n: rank == 1 and n == 1, _oom("the window")):
+        with _failing(splits, "FlatShadow", lambda n: rank == 1 and n == 1, _oom("the window")):
             for _ in range(2):
                 kind, msg, s = _outcome(lambda: _evaluate(ema, m, 1, inside))
                 errors.append((kind, msg[:300], s))
@@ -254,7 +254,7 @@ def _retries(rank, world, root):
     case("full_state_dict", lambda: got.update(ema.full_state_dict()), lambda: _same(full, got))
     case("full_state_dict mid-stream", lambda: got.update(ema.full_state_dict()),
          lambda: _same(full, got), at=2)
-    case("state_dict(gathered)", lambda: got.update(ema._checkpoint.state_dict(gathered=True)),
+    case("state_dict(gathered)", lambda: got.update(ema.gathered_state_dict()),
          lambda: _same(got["averaged"], gathered), module=checkpoint, attr="staged")
     path, path2 = f"{root}/retried.safetensors", f"{root}/written.safetensors"
     case("save", lambda: ema.save(path), lambda: rank == 1 or _same(load_file(path), full))
@@ -268,7 +268,7 @@ def _retries(rank, world, root):
     case("iter_weights mid-stream", lambda: streamed.append(list(ema.iter_weights())),
          lambda: _same(dict(streamed[-1]), full), at=2)
     return {"cases": out, "after": (_same(raw, _raw(m)), ema.swapped,
-                                    ema._checkpoint.sequence.count)}
+                                    ema._checkpoint.agreement.sequence.count)}
 
 
 def test_a_one_rank_failure_of_every_read_is_raised_on_every_rank_and_the_retry_works(tmp_path):

@@ -58,7 +58,7 @@ def _reads(ema, path):
         "copy_to": lambda: ema.copy_to(),
         "averaged_state_dict": lambda: ema.averaged_state_dict(),
         "save": lambda: ema.save(path),
-        "state_dict(gathered)": lambda: ema._checkpoint.state_dict(gathered=True),
+        "state_dict(gathered)": lambda: ema.gathered_state_dict(),
     }
 
 

@@ -163,10 +163,10 @@ def _target_cases(rank, engine, ref, x):
     def inject():
         def fails(*a, **k):
             raise RuntimeError("injected: the kernels' launch failed")
-        tn._pairs.avg.update_checked = fails      # the averaged pairs' launch, after every check
+        tn._side.avg.update_checked = fails      # the averaged pairs' launch, after every check
 
     def uninject():
-        del tn._pairs.avg.update_checked
+        del tn._side.avg.update_checked
 
     cases = {
         "model changed": types.SimpleNamespace(fail=changed.fail, undo=changed.undo, call=tn.update,

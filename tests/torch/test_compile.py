@@ -57,11 +57,11 @@ def test_opcheck_passes_for_every_operator():
     for kw in ({}, {"device_step": True}, {"buffers": "average"}):
         ema = EMA(nn.Sequential(m, nn.BatchNorm1d(4)), WARMUPS, **kw)
         ema.update()
-        for op, args in (("update", lambda w, r: (w, r, ema._handle, -1)),
-                         ("update", lambda w, r: (w, r, ema._handle, 7)),
-                         ("copy_to", lambda w, r: (w, r, ema._handle, 1)),
-                         ("swap", lambda w, r: (w, ema._handle, 0))):
-            written, read = ema._ops[op]
+        for op, args in (("update", lambda w, r: (w, r, ema.compiled.handle, -1)),
+                         ("update", lambda w, r: (w, r, ema.compiled.handle, 7)),
+                         ("copy_to", lambda w, r: (w, r, ema.compiled.handle, 1)),
+                         ("swap", lambda w, r: (w, ema.compiled.handle, 0))):
+            written, read = ema.compiled.ops[op]
             fn = getattr(torch.ops.fastema, f"{op}_")
             with torch.no_grad():
                 torch.library.opcheck(fn, args(written, read),
@@ -72,9 +72,9 @@ def test_opcheck_passes_for_every_operator():
 
     for avg in (WindowAverage(m, 3), WindowAverage(m, None)):
         avg.update()
-        written, read = avg._ops["update"]
+        written, read = avg.compiled.ops["update"]
         with torch.no_grad():
-            torch.library.opcheck(torch.ops.fastema.update_, (written, read, avg._handle, -1),
+            torch.library.opcheck(torch.ops.fastema.update_, (written, read, avg.compiled.handle, -1),
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -214,8 +214,8 @@ def test_eager_calls_do_not_go_through_the_operator(monkeypatch):
 def test_compiled_code_of_a_collected_average_says_so():
     m = _model()
     ema = EMA(m, 0.9)
-    written, read = ema._ops["update"]
-    handle = ema._handle
+    written, read = ema.compiled.ops["update"]
+    handle = ema.compiled.handle
     del ema
     import gc
 

@@ -111,7 +111,7 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
     from fastema._launch import cpu as C
 
-    run = dev._pairs.avg._lerps[0][4]                         # the plan step rode in the lerp launch
+    run = dev._side.avg._lerps[0][4]                         # the plan step rode in the lerp launch
     assert isinstance(run, C.BoundLaunch) and run._kernel_of(False).py_func.__qualname__.startswith("plan_lerp")
 
 

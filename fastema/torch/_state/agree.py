@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-__all__ = ["KINDS", "MAGIC", "SIZE", "Disagreement", "Read", "Sequence", "Stamp", "agree", "agreed",
-           "load_stamp"]
+__all__ = ["KINDS", "MAGIC", "SIZE", "Agreement", "Disagreement", "Read", "Sequence", "Stamp", "agree",
+           "agreed", "load_stamp"]
 
 #: the collective reads and loads, by the method making them (what :class:`Read`'s ``kind`` names)
 KINDS = ("swap()", "copy_to()", "averaged_state_dict()", "full_state_dict()", "state_dict()",
@@ -300,3 +300,67 @@ def load_stamp(state) -> Stamp:
                                        "first_time", "last_time")]   # not PostHocEMA's run_id
     return Stamp(calls if type(calls) is int else -1, run if type(run) is int else -1,
                  zlib.crc32(repr(counters).encode()))
+
+
+class Agreement:
+    """One average's agreement: the groups its collective reads span (:meth:`groups`) and the block
+    each read's checks run in (:meth:`agreed`), numbered by one :class:`Sequence` for every read of
+    the average: its checkpoint side's, its swaps' and copy-outs' (both hold this object).
+
+    Args:
+        side: the model side (its shadow's replica group, its sharded tensors' meshes).
+        kind: the face's class name (every read's owner, in the messages).
+        calls: ``update()`` calls so far (what every rank must agree on before a read gathers).
+    """
+
+    def __init__(self, side, kind: str, calls: Callable[[], int]):
+        self.side, self.kind, self.calls = side, kind, calls
+        self.sequence = Sequence()          # the agreements made, alike on every rank
+
+    def groups(self, swap: bool = False) -> list:
+        """``(process group, device type)`` of every group a collective read or load of this average
+        spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or ``copy_to``
+        gathers over (a split average's replica group; none for a sharded one, which swaps its own
+        shards). Empty without a process group."""
+        dist = torch.distributed
+        if not dist.is_available() or not dist.is_initialized():
+            return []
+        side = self.side
+        if swap:
+            group = side.avg.group                        # split over replicas: its reads gather
+            return [] if group is None else [(group, _replica_device(group))]
+        groups: list = []
+        specs = side.specs
+        replicas = side.avg.group
+        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
+            spec = specs.get(n)
+            if spec is None:
+                continue
+            for dim in range(spec.mesh.ndim):
+                group = spec.mesh.get_group(dim)
+                if all(group is not g[0] for g in groups):    # the split's run id: over its replica group only
+                    here = spec.replica_dim == dim if spec.replica_dim is not None else replicas is not None
+                    groups.append((group, spec.mesh.device_type, here))
+        return groups
+
+    def agreed(self, read: Read, *, swap: bool = False, gathers: bool = True,
+               stamp: Stamp | None = None, differs: str | None = None):
+        """A block of ``read``'s checks and allocations after which every rank of :meth:`groups`
+        agrees: a rank whose block raises makes every rank refuse at once, and ranks making other
+        reads or whose stamps differ (a rank skipped an ``update()``) refuse alike (:func:`agreed`,
+        this average's :class:`Sequence`). No exchange where the read makes no collective
+        (``gathers`` False, or no group). ``differs``: what differing stamp digests mean."""
+        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
+        groups = self.groups(swap) if gathers else []
+        return agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
+
+    @property
+    def split_id(self) -> int:
+        """The split's run id: rank 0's, agreed at construction; taken from the checkpoint a load reads."""
+        return int(self.side.avg.split_id or 0)
+
+
+def _replica_device(group) -> str:
+    from .._placement.gather import mesh_device
+
+    return mesh_device(group)

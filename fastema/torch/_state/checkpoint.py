@@ -27,7 +27,7 @@ from ..._state import check_header, refuse_load
 from .._sharding import tensors as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
-from .agree import Read, Sequence, Stamp, agreed, load_stamp
+from .agree import Agreement, Read, load_stamp
 from .entries import global_shape, local_part, staged
 from .slices import full_entry
 
@@ -56,68 +56,22 @@ class CheckpointCore(Protocol):
 
 
 class TorchCheckpoint:
-    """Export and checkpoints of a torch model average (held as ``TorchAverage._checkpoint``).
+    """Export and checkpoints of a torch model average (its face's checkpoint side).
 
     Args:
         side: the model side (shadows, names, layouts, following the model).
         core: what the face keeps besides the tensors (see :class:`CheckpointCore`).
         fmt: the checkpoint's ``"format"``.
-        kind: the face's class name, for messages.
         swap: the face's swap state: every read and write refuses a swapped model.
-        calls: ``update()`` calls so far (what every rank of a split or sharded average must agree on
-            before a read gathers: :mod:`fastema.torch._state.agree`).
+        agreement: the average's agreement (:class:`~fastema.torch._state.agree.Agreement`: the
+            groups a read spans, the block every rank agrees in, the face's name, ``update()``
+            calls), shared with its swaps and copy-outs.
     """
 
-    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, kind: str, swap: ModelSwap,
-                 calls: Callable[[], int]):
-        self.side, self.core, self.format, self.kind, self.swap = side, core, fmt, kind, swap
-        self.calls = calls
-        self.sequence = Sequence()          # the agreements made, alike on every rank (see .agree)
-
-    # ------------------------------------------------------------ the ranks' agreement (see _agree)
-
-    def groups(self, swap: bool = False) -> list:
-        """``(process group, device type)`` of every group a collective read or load of this average
-        spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or ``copy_to``
-        gathers over (a split average's replica group; none for a sharded one, which swaps its own
-        shards). Empty without a process group."""
-        dist = torch.distributed
-        if not dist.is_available() or not dist.is_initialized():
-            return []
-        side = self.side
-        if swap:
-            group = side.avg.group                        # split over replicas: its reads gather
-            return [] if group is None else [(group, _replica_device(group))]
-        groups: list = []
-        specs = side.specs
-        replicas = side.avg.group
-        for n in side.avg.names + (side.copy.names if side.copy is not None else []):
-            spec = specs.get(n)
-            if spec is None:
-                continue
-            for dim in range(spec.mesh.ndim):
-                group = spec.mesh.get_group(dim)
-                if all(group is not g[0] for g in groups):    # the split's run id: over its replica group only
-                    here = spec.replica_dim == dim if spec.replica_dim is not None else replicas is not None
-                    groups.append((group, spec.mesh.device_type, here))
-        return groups
-
-    def agreed(self, read: Read, *, swap: bool = False, gathers: bool = True,
-               stamp: Stamp | None = None, differs: str | None = None):
-        """A block of ``read``'s checks and allocations after which every rank of :meth:`groups`
-        agrees: a rank whose block raises makes every rank refuse at once, and ranks making other
-        reads or whose stamps differ (a rank skipped an ``update()``) refuse alike
-        (:func:`fastema.torch._state.agree.agreed`, this average's :class:`~.agree.Sequence`). No
-        exchange where the read makes no collective (``gathers`` False, or no group). ``differs``:
-        what differing stamp digests mean."""
-        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
-        groups = self.groups(swap) if gathers else []
-        return agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
-
-    @property
-    def split_id(self) -> int:
-        """The split's run id: rank 0's, agreed at construction; taken from the checkpoint a load reads."""
-        return int(self.side.avg.split_id or 0)
+    def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, swap: ModelSwap,
+                 agreement: Agreement):
+        self.side, self.core, self.format, self.swap = side, core, fmt, swap
+        self.agreement, self.kind = agreement, agreement.kind
 
     def writer(self) -> bool:
         """Whether this rank writes a gathered average (``save()``) and keeps it (``rank0_only``): the
@@ -147,7 +101,7 @@ class TorchCheckpoint:
         of a tied or aliased tensor gets its average."""
         specs = self.side.specs
         gathers = any(s.pieces is not None for s in specs.values())     # split or ZeRO-1/2: pieces gathered
-        with self.agreed(Read("averaged_state_dict()", row=row), gathers=gathers):
+        with self.agreement.agreed(Read("averaged_state_dict()", row=row), gathers=gathers):
             self.swap.refuse("averaged_state_dict()")
             entries = self.entries(row)
         out = {}
@@ -225,7 +179,7 @@ class TorchCheckpoint:
         from .stream import average_stream
 
         stream = average_stream(self, read, None, None, "all", check=check, whole=True)  # agreed
-        with self.agreed(read._replace(direction="end")):
+        with self.agreement.agreed(read._replace(direction="end")):
             try:
                 for name, value in stream:
                     take(name, value)
@@ -253,7 +207,7 @@ class TorchCheckpoint:
         view, the counters and settings. ``gathered=True`` (a split average's checkpoint that one rank
         writes whole: Lightning's): every entry a full tensor, gathered (a collective every rank of the
         group joins, after they agree), which ``load_state_dict`` cuts again on any number of ranks."""
-        with self.agreed(Read("state_dict()", "gathered" if gathered else ""), gathers=gathered):
+        with self.agreement.agreed(Read("state_dict()", "gathered" if gathered else ""), gathers=gathered):
             self.swap.refuse("state_dict()")     # and the host copies made (can fail on one rank)
             side = self.side
             if side.resync:                      # a DDP wrap since construction: start over first
@@ -268,7 +222,7 @@ class TorchCheckpoint:
                 "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
             }
         if avg.split_id is not None:
-            state["split_id"] = self.split_id            # which split run the slices are of (see _agree)
+            state["split_id"] = self.agreement.split_id  # which split run the slices are of (see .agree)
         if gathered:
             for key in ("averaged", "ring"):
                 if isinstance(state.get(key), dict):
@@ -277,7 +231,7 @@ class TorchCheckpoint:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
-        with self.agreed(Read("load_state_dict()"), stamp=load_stamp(state)):   # all load, or none
+        with self.agreement.agreed(Read("load_state_dict()"), stamp=load_stamp(state)):   # all load, or none
             loads = self._checked_loads(state, strict)
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
@@ -289,7 +243,7 @@ class TorchCheckpoint:
     def join_refusing(self, err: BaseException) -> None:
         """This rank cannot read what it would load (its file is missing or damaged): join the load's
         exchange refusing, so every rank raises at once, naming this rank (never a hang); raises."""
-        with self.agreed(Read("load_state_dict()")):
+        with self.agreement.agreed(Read("load_state_dict()")):
             raise err
 
     def _checked_loads(self, state: dict, strict: bool) -> list:
@@ -390,8 +344,3 @@ class TorchCheckpoint:
                         for name, t, _, value in self.entries(row)})
         write()
 
-
-def _replica_device(group) -> str:
-    from .._placement.gather import mesh_device
-
-    return mesh_device(group)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._sharding import tensors as _sharded
+from .slices import SplitEntry, piece_of_slices, slices
 
 if TYPE_CHECKING:
     from .._tensors.model import TorchModel
@@ -36,8 +37,6 @@ def staged(side: TorchModel, views: dict[str, torch.Tensor], stacked: bool = Fal
     for n, v in views.items():
         spec = side.specs.get(n)
         if stacked and spec is not None and spec.slices:     # split: this rank's pieces only
-            from .slices import slices
-
             out[n] = slices(v, _sharded.rows_spec(spec, v.shape[0]))
         else:
             out[n] = global_view(side, n, _host_copy(v), stacked)
@@ -70,7 +69,7 @@ def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tens
     tensor, or a DTensor of any layout: a collective when the layouts differ); a full plain tensor
     from a DTensor for an unsharded one (a collective)."""
     spec = side.specs.get(name)
-    if type(value).__name__ == "Slices" and (spec is None or not spec.slices):
+    if isinstance(value, SplitEntry) and (spec is None or not spec.slices):
         raise ValueError("this entry holds one rank's pieces of an average split over replicas "
                          "(shard_replicas): load it with torch.distributed.checkpoint "
                          "(dcp.load({'ema': ema})), which reads every rank's pieces, or save a "
@@ -78,8 +77,6 @@ def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tens
     if spec is None:
         return _sharded.full(value).reshape(dst.shape)     # a flat ZeRO-3 entry takes the shape
     spec = _sharded.rows_spec(spec, dst.shape[0]) if stacked else spec
-    if spec.slices and type(value).__name__ == "Slices":  # a split average's own checkpoint entry
-        from .slices import piece_of_slices
-
-        return piece_of_slices(value, spec)  # type: ignore[arg-type]  # a Slices (checked above)
+    if spec.slices and isinstance(value, SplitEntry):  # a split average's own checkpoint entry
+        return piece_of_slices(value, spec)
     return _sharded.piece_of(value, spec)

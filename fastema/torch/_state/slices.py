@@ -1,9 +1,9 @@
-"""A checkpoint entry that holds this rank's pieces of a tensor only: :class:`Slices`.
+"""A checkpoint entry that holds this rank's pieces of a tensor only: :class:`SplitEntry`.
 
 An average split over replicas (``shard_replicas``) keeps, on each rank, a flat range of every
 tensor's elements. ``torch.distributed.checkpoint`` writes and reads rectangular chunks of a
 tensor, so a rank's range is cut into at most ``2 * ndim - 1`` rectangles (:func:`rects`, each
-contiguous in memory), and :class:`Slices` shows them to DCP as a tensor of the whole checkpoint
+contiguous in memory), and :class:`SplitEntry` shows them to DCP as a tensor of the whole checkpoint
 entry's shape: DCP's ``_Checkpointable`` protocol (the three methods DTensor implements), so
 ``dcp.save`` writes each element once (each rank its own rectangles), ``dcp.load`` fills them from
 a checkpoint of any layout (a split average on another number of ranks, an unsplit one, FSDP's),
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .._sharding import tensors as _sharded
 
-__all__ = ["Slices", "full_entry", "piece_of_slices", "rects", "slices", "tensor_slices"]
+__all__ = ["SplitEntry", "full_entry", "piece_of_slices", "rects", "slices", "tensor_slices"]
 
 
 def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
@@ -47,10 +47,15 @@ def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
     return out
 
 
-class Slices(torch.Tensor):
-    """A tensor of the whole entry's ``size`` that holds only ``pieces``: ``(offsets, tensor)``, each
-    tensor the rectangle at ``offsets`` (plain host tensors). No operator runs on it (it has no
-    storage); DCP reads and writes the pieces through the methods below."""
+class SplitEntry(torch.Tensor):
+    """A checkpoint entry of an average split over replicas (``shard_replicas``): this rank's pieces
+    of one tensor, shown as a tensor of the whole entry's ``size`` (``fastema.torch.SplitEntry``,
+    what a split average's ``state_dict()`` holds; test for it with ``isinstance``). It holds only
+    ``pieces``: ``(offsets, tensor)``, each tensor the rectangle at ``offsets`` (plain host tensors).
+    No operator runs on it (it has no storage); ``torch.distributed.checkpoint`` reads and writes the
+    pieces through its ``__create_write_items__`` / ``__create_chunk_list__`` / ``__get_tensor_shard__``
+    methods, and a file of one rank's own (a callback's) through :meth:`flat_range`,
+    :meth:`to_local` and :meth:`load_local`."""
 
     _pieces: list
 
@@ -62,17 +67,17 @@ class Slices(torch.Tensor):
         return self
 
     def __repr__(self) -> str:                              # type: ignore[override]
-        return f"Slices(size={tuple(self.shape)}, dtype={self.dtype}, pieces={[tuple(o) for o, _ in self._pieces]})"
+        return f"SplitEntry(size={tuple(self.shape)}, dtype={self.dtype}, pieces={[tuple(o) for o, _ in self._pieces]})"
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.new_empty.default:         # DCP's async staging: a shell, its pieces staged after
             self = args[0]
-            return Slices([], self.shape, kwargs.get("dtype") or self.dtype)
+            return SplitEntry([], self.shape, kwargs.get("dtype") or self.dtype)
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return args[0]
-        raise RuntimeError(f"{func} on a split average's checkpoint entry (Slices: this rank's pieces only, for "
+        raise RuntimeError(f"{func} on a split average's checkpoint entry (SplitEntry: this rank's pieces only, for "
                            f"torch.distributed.checkpoint): load the state dict into an EMA, or gather it with "
                            f"ema.full_state_dict()")
 
@@ -142,9 +147,9 @@ class Slices(torch.Tensor):
 
 # ------------------------------------------------------------ a split average's entries (see _replicas)
 
-def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
+def slices(view: torch.Tensor, spec: _sharded.Spec) -> SplitEntry:
     """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
-    (:class:`~fastema.torch._state.slices.Slices`): a host copy of each rectangle the piece makes, at its
+    (:class:`~fastema.torch._state.slices.SplitEntry`): a host copy of each rectangle the piece makes, at its
     place in the whole tensor. No collective, and no rank stages more than it holds."""
     rows = view.shape[0]
     pieces, at = [], 0
@@ -154,14 +159,14 @@ def slices(view: torch.Tensor, spec: _sharded.Spec) -> Slices:
         host.view(rows, n).copy_(view[:, at:at + n])
         pieces.append((offsets, host))
         at += n
-    return Slices(pieces, tuple(spec.shape), view.dtype)
+    return SplitEntry(pieces, tuple(spec.shape), view.dtype)
 
 
-def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> Slices:
+def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> SplitEntry:
     """This rank's 1-D ``piece`` of one tensor (one row: a snapshot's profile) as an entry of the
     tensor's own shape holding this rank's rectangles only (see :func:`slices`)."""
     entry = slices(piece.reshape(1, -1), _sharded.rows_spec(spec, 1))
-    return Slices([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
+    return SplitEntry([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
 
 
 def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
@@ -179,8 +184,8 @@ def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
             for offsets, sizes in rects(first, first + count, tuple(shape))]
 
 
-def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
-    """This rank's ``(rows, count)`` piece from a :class:`Slices` entry that :func:`slices` made (and
+def piece_of_slices(value: SplitEntry, spec: _sharded.Spec) -> torch.Tensor:
+    """This rank's ``(rows, count)`` piece from a :class:`SplitEntry` entry that :func:`slices` made (and
     ``dcp.load`` filled); refuses one laid out otherwise."""
     expected = [o for o, _ in _chunks(spec)]
     got = [list(o) for o, _ in value._pieces]
@@ -192,9 +197,9 @@ def piece_of_slices(value: Slices, spec: _sharded.Spec) -> torch.Tensor:
 
 
 def full_entry(specs: dict, name: str, value):
-    """The full ``(rows, *shape)`` tensor of a split average's checkpoint entry (:class:`Slices`: this
+    """The full ``(rows, *shape)`` tensor of a split average's checkpoint entry (:class:`SplitEntry`: this
     rank's pieces), gathered over its group (a collective); any other entry as it is."""
-    if type(value).__name__ != "Slices":
+    if not isinstance(value, SplitEntry):
         return value
     spec = _sharded.rows_spec(specs[name], value.shape[0])
     return _sharded.full(_sharded.wrap(value.to_local(), spec))

@@ -159,8 +159,9 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
     if bucket_bytes is None:
         bucket_bytes = ckpt.side.avg.gather_bucket or DEFAULT_BUCKET     # a split's own, declared
     box: list = []
-    stamp = None if whole else Stamp(ckpt.calls(), ckpt.split_id, _digest(row, dtype, bucket_bytes, to))
-    with ckpt.agreed(read, stamp=stamp, differs=_DIFFERS):
+    agreement = ckpt.agreement
+    stamp = None if whole else Stamp(agreement.calls(), agreement.split_id, _digest(row, dtype, bucket_bytes, to))
+    with agreement.agreed(read, stamp=stamp, differs=_DIFFERS):
         if check is not None:
             check()                                    # the caller's argument checks: inside, never a hang
         box.append(check_stream(dtype, bucket_bytes, to))
@@ -169,16 +170,16 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
         reads = BucketReads(items, bucket_bytes)
         reads.reserve()                                # its buckets' buffer: a refusal if it fails
-    calls = ckpt.calls()
+    calls = agreement.calls()
 
     def unchanged() -> None:
-        if ckpt.calls() != calls or ckpt.swap.swapped:
+        if agreement.calls() != calls or ckpt.swap.swapped:
             raise RuntimeError(f"{ckpt.kind}.{what}: the average changed while it was streamed (update() or swap() "
                                f"was called after iter_weights() began); the tensors yielded so far are of the "
                                f"earlier state. Consume a stream whole between two updates (on every rank), then "
                                f"start a new one")
 
-    return _primed(items, box[0], reads, unchanged, bool(ckpt.groups()))
+    return _primed(items, box[0], reads, unchanged, bool(agreement.groups()))
 
 
 def _items(ckpt: TorchCheckpoint, entries: list, dtype, whole: bool) -> list[_Item]:

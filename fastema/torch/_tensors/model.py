@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..._backends.torch import refuse_foreign as _refuse_foreign_torch
+from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
 from .._sharding import masters as _deepspeed
 from .._sharding import tensors as _sharded
@@ -29,7 +30,7 @@ from .follow import Followed
 from .hooks import matches, patterns, unsynced, unwrap, watch
 from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, storage_key, tensors_of
 
-__all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only"]
+__all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only", "static"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -77,33 +78,34 @@ def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
 class TorchModel(Followed):
     """The model side of one torch model average: which tensors it tracks and where they are now.
 
-    Built in one direction: ``TorchModel(model, selection, ...)`` selects the tensors
-    (:attr:`averaged` is what the face's shadow is made of), then :meth:`attach` takes that shadow
-    (``avg``) and makes the compiled operators' lists once.
+    Built in two steps, by the face's builder (:mod:`fastema.torch._face`), before the face exists:
+    ``TorchModel(model, selection, kind=...)`` selects the tensors (:attr:`averaged` is what the
+    shadow is made of); then, once the shadow and what reads it are made (the engine, the swap),
+    :meth:`attach` takes the shadow (``avg``), the refusal before every update and the restart
+    after a DDP wrap, and records where the tensors sit. What is made between the two steps keeps
+    the side and reads it only when called.
 
     Args:
         model: the model (bare, DDP-, torch.compile- or DeepSpeed-wrapped).
         selection: what is read of it (see :class:`fastema.torch.EMA`).
         kind: the face's class name, for messages (``"EMA"``).
-        check: the face's refusal before every update call (a swapped model), a plain function;
-            :meth:`begin` calls it first.
-        on_restart: the face's: start its averages over from the model, unless something but the
-            construction went into them (then False). See :attr:`resync`.
 
     ``resync`` is set by the registration hooks when the model is wrapped in
     DistributedDataParallel after construction (which broadcast rank 0's weights into it):
-    :meth:`restart` then runs ``on_restart`` at the model's first forward, or at the next read
-    (:meth:`follow`) if that comes first, and warns when the averages could not start over.
+    :meth:`restart` then runs the restart :meth:`attach` took at the model's first forward, or at
+    the next read (:meth:`follow`) if that comes first, and warns when the averages could not
+    start over.
     """
 
-    def __init__(self, model: nn.Module, selection: Selection, *, kind: str, check: Callable[[], None],
-                 on_restart: Callable[[], bool]):
+    def __init__(self, model: nn.Module, selection: Selection, *, kind: str):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         buffers = selection.buffers
         if buffers not in ("copy", "average", "ignore"):
             raise ValueError(f"buffers must be 'copy', 'average' or 'ignore', got {buffers!r}")
-        self.kind, self.check, self.on_restart = kind, check, on_restart
+        self.kind = kind
+        self.check: Callable[[], None] = _unattached          # attach(): the face's refusal
+        self.on_restart: Callable[[], bool] = _unattached_restart
         self.resync = False                            # wrapped in DDP after construction: restart() pending
         self.buffers = buffers
         self.exclude, self.copy_patterns = patterns("exclude", selection.exclude), patterns("copy", selection.copy)
@@ -136,17 +138,21 @@ class TorchModel(Followed):
         self.avg: Any = None                            # the face's shadow of averaged (attach)
         self.stale = False                              # set by torch's registration hooks (see Followed)
         self.slots = self._slots(inner)
-        self.plan_tensors: list = []                    # the face's device-plan arrays (written by an update)
         self.ops: dict = {}                             # the compiled operators' lists (attach)
         watch((inner,), self)
 
-    def attach(self, shadow) -> None:
-        """Take the face's shadow of :attr:`averaged` (``avg``; a ``FlatShadow`` or one with its
-        methods): checked against the copied group (no memory in both), the slots recorded, the
-        compiled operators' lists made."""
+    def attach(self, shadow: AveragingShadow | WindowingShadow, *, check: Callable[[], None],
+               restart: Callable[[], bool]) -> None:
+        """The second step of the build: take the shadow of :attr:`averaged` (``avg``), checked
+        against the copied group (no memory in both); ``check``, the face's refusal before every
+        update call (a swapped model), which :meth:`begin` calls first; ``restart``, what starts the
+        averages over from the model unless something but the construction went into them (then
+        False; see :attr:`resync`). Then the slots are recorded and the compiled operators' lists
+        made."""
         self.avg = shadow
         if self.copy is not None:                       # no memory in both groups (a buffer viewing a weight)
             disjoint_groups(shadow, self.copy)
+        self.check, self.on_restart = check, restart
         self.slots.record()
         self.ops = self.op_lists()
 
@@ -155,12 +161,6 @@ class TorchModel(Followed):
         piece, :meth:`fastema.torch._placement.replicas.ReplicaShadow.specs`) tell the checkpoint side so."""
         self.replica_specs = dict(specs)
         self.specs.update(specs)
-
-    def also_written(self, tensors: list) -> None:
-        """Tensors every update writes besides the shadows (the face's device-plan arrays), which the
-        compiled operators declare too (added to the lists :meth:`attach` made)."""
-        self.plan_tensors = list(tensors)
-        self.ops["update"][0].extend(_static(self.plan_tensors))
 
     # ------------------------------------------------------------ the engine's ModelAdapter
 
@@ -385,7 +385,7 @@ class TorchModel(Followed):
         shadows = avg.written() + (copy.written() if copy is not None else [])
         sources = list(avg.sources) + (list(copy.sources) if copy is not None else [])
         ints = list(self.int_buffers.values())
-        owned = _static(shadows + [d for _, d in ints] + self.plan_tensors)
+        owned = static(shadows + [d for _, d in ints])
         return {"update": (owned, sources + [s for s, _ in ints]),
                 "swap": (shadows + sources, []),
                 "copy_to": (sources, shadows)}
@@ -412,7 +412,16 @@ class TorchModel(Followed):
         return restore
 
 
-def _static(owned: list) -> list:
+def _unattached() -> None:
+    raise RuntimeError("the model side is not attached to its average yet (TorchModel.attach)")
+
+
+def _unattached_restart() -> bool:
+    _unattached()
+    return False
+
+
+def static(owned: list) -> list:
     """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip a
     graph that writes a tensor that is not (issue 37, B5): what ``torch._dynamo.mark_static_address``
     sets."""

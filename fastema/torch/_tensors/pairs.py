@@ -191,17 +191,15 @@ def _zero3_alike(name: str, dst, src) -> None:
 
 
 class TorchPairs(Followed):
-    """The engine's adapter of a target network: a :class:`_Selection` of both modules, the
-    averaged pairs (:attr:`avg`, the engine's shadow) and the copied floating buffers
+    """The engine's adapter of a target network (its face's side): a :class:`_Selection` of both
+    modules, the averaged pairs (:attr:`avg`, the engine's shadow) and the copied floating buffers
     (:attr:`copied`) as :class:`~fastema.pairs.PairShadow`, the integer buffers (copied with
-    torch), and the per-step check that both modules still hold what was paired (:meth:`follow`).
-    Watched by torch's registration hooks (``stale``). ``check``: the face's refusal before every
-    update call, a plain function, or None (a capture the host plan cannot replay: the face sets
-    it once it has put its plan on the host or the device)."""
+    torch), the per-step check that both modules still hold what was paired (:meth:`follow`), and
+    the compiled operator's lists (:meth:`op_lists`, :meth:`read_from`). Watched by torch's
+    registration hooks (``stale``)."""
 
     def __init__(self, online: nn.Module, target: nn.Module, exclude: tuple, buffers: str):
         self.online, self.target, self.exclude, self.buffers = online, target, exclude, buffers
-        self.check: Callable[[], None] | None = None
         self.stale = False                               # set by torch's registration hooks (see Followed)
         self.sel = sel = _Selection(unwrap(online), unwrap(target), exclude, buffers, self)
         self.slots = sel.slots
@@ -214,6 +212,7 @@ class TorchPairs(Followed):
             _backends.mark_made_here(f)                  # fastema's own: launches bind their views once
         watch((unwrap(online), unwrap(target)), self)
         self.slots.record()
+        self._ops: tuple = (None, None, {})              # (the selection, the guard, the lists made for them)
 
     def behind_flags(self) -> list[tuple[str, str]]:
         """``(framework, device)`` of the copied buffers (floating and integer): a device plan's flags
@@ -224,10 +223,8 @@ class TorchPairs(Followed):
     # ------------------------------------------------------------ ModelAdapter
 
     def begin(self, due: bool) -> None:
-        """Before an update call: the face's refusal, then, when the call folds, both networks
-        followed (:meth:`follow`; its usual step, one check, inlined: the per-step path)."""
-        if self.check is not None:
-            self.check()
+        """Before an update call that folds: both networks followed (:meth:`follow`; its usual step,
+        one check, inlined: the per-step path)."""
         if due and not self.slots.unchanged(self.stale):
             self.follow()
         if due and self.sel.zero3:                       # ZeRO-3: no gathered copy may outlive the write
@@ -262,6 +259,40 @@ class TorchPairs(Followed):
             _sharded.release_gathered(self.sel.zero3, "the target")
         self.avg.copy_from_sources_checked(None)
         self.carry(None)
+
+    # ------------------------------------------------------------ torch.compile (fastema.torch._compile)
+
+    def op_lists(self, guarded: bool, plan: list) -> dict:
+        """``{"update": (tensors it writes, tensors it reads)}`` for the compiled operator: the
+        target's tensors, the skip flags (``guarded``: ``skip_nonfinite``) and the device plan's
+        arrays (``plan``); the online network's tensors. Made again when the pairs were looked up
+        again (a changed network followed) or the guard switched, never while tracing."""
+        sel = self.sel
+        of, was, ops = self._ops
+        if of is not sel or was is not guarded:
+            n = len(sel.tensors) // 2
+            flags = list(self.flags.values()) if guarded else []
+            ops = {"update": (sel.tensors[:n] + flags + plan, sel.tensors[n:])}
+            self._ops = (sel, guarded, ops)
+        return ops
+
+    def read_from(self, read: list) -> Callable[[], None]:
+        """Read the online network's tensors from ``read`` until the returned function is called (the
+        operator handed other tensors than the network's own: a slow path, see ``_compile``): their
+        values are copied in, and the online network's own values are put back after."""
+        own = self.sel.tensors[len(self.sel.tensors) // 2:]
+        with torch.no_grad():
+            backup = [o.detach().clone() for o in own]
+            for o, r in zip(own, read):
+                if o is not r:
+                    o.copy_(r)
+
+        def restore():
+            with torch.no_grad():
+                for o, b in zip(own, backup):
+                    o.copy_(b)
+
+        return restore
 
     # ------------------------------------------------------------ following the modules
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ... import _backends
-from ...flat import FlatShadow
+from ..._shadow import Shadow
 from .._sharding import tensors as _sharded
 from .hooks import HOOKS, tables_changed, tables_of
 
@@ -266,7 +266,7 @@ def device_name(t: torch.Tensor) -> str:
     return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
 
 
-def disjoint_groups(a: FlatShadow, b: FlatShadow) -> None:
+def disjoint_groups(a: Shadow, b: Shadow) -> None:
     """Refuse, naming them, an averaged and a copied tensor that share memory (a buffer viewing a weight)."""
     from ..._backends import describe, disjoint
 

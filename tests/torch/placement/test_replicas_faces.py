@@ -1,7 +1,7 @@
 """The faces over the torch average with ``shard_replicas`` (issue 43 item 6): ``PostHocEMA`` (each
 rank writes the snapshot pieces it owns; the synthesis reads them all) and ``WindowAverage`` (the
 window's ring and sums split like an EMA's rows), on 2 gloo ranks (tests/dist.py), against the
-unsplit face bit for bit; and the flat ranges a per-rank file records (``Slices.flat_range``)."""
+unsplit face bit for bit; and the flat ranges a per-rank file records (``SplitEntry.flat_range``)."""
 from __future__ import annotations
 
 import os
@@ -66,22 +66,22 @@ def test_posthoc_split_over_replicas_writes_each_element_once_and_synthesises_th
 @settings(max_examples=60, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data())
 def test_a_flat_range_cut_into_rectangles_is_found_again(shape, data):
-    from fastema.torch._state.slices import Slices, rects
+    from fastema.torch._state.slices import SplitEntry, rects
 
     n = int(torch.Size(shape).numel())
     first = data.draw(st.integers(0, n))
     last = data.draw(st.integers(first, n))
     pieces = [([0, *o], torch.zeros((2, *s))) for o, s in rects(first, last, tuple(shape))]
-    got = Slices(pieces, (2, *shape), torch.float32).flat_range()
+    got = SplitEntry(pieces, (2, *shape), torch.float32).flat_range()
     assert got == ((first, last - first) if last > first else (0, 0))
 
 
 def test_rectangles_not_one_flat_range_have_none():
-    from fastema.torch._state.slices import Slices
+    from fastema.torch._state.slices import SplitEntry
 
-    block = Slices([([0, 0, 2], torch.zeros((1, 2, 2)))], (1, 3, 4), torch.float32)   # 2 rows x half of them
+    block = SplitEntry([([0, 0, 2], torch.zeros((1, 2, 2)))], (1, 3, 4), torch.float32)   # 2 rows x half of them
     assert block.flat_range() is None
-    apart = Slices([([0, 0, 0], torch.zeros((1, 1, 4))), ([0, 2, 0], torch.zeros((1, 1, 4)))], (1, 3, 4),
+    apart = SplitEntry([([0, 0, 0], torch.zeros((1, 1, 4))), ([0, 2, 0], torch.zeros((1, 1, 4)))], (1, 3, 4),
                    torch.float32)                                                      # rows 0 and 2
     assert apart.flat_range() is None
 

@@ -253,7 +253,7 @@ def test_a_plain_model_with_frozen_parameters():
     assert said == [] and sorted(ema._avg.names) == sorted(trainable(net))
     # the head's BatchNorm statistics are copied, its counter too; the frozen body's are left alone
     assert sorted(ema._copy.names) == ["head.1.running_mean", "head.1.running_var"]
-    assert list(ema._model.int_buffers) == ["head.1.num_batches_tracked"]
+    assert list(ema._side.int_buffers) == ["head.1.num_batches_tracked"]
     body_state = {k: v.clone() for k, v in net.body.state_dict().items()}
     reference = {n: p.detach().double().clone() for n, p in trainable(net).items()}
     opt = torch.optim.SGD(trainable(net).values(), lr=0.1)

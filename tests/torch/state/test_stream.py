@@ -295,7 +295,7 @@ def _split(rank, world):
         full = avg.full_state_dict()
         _same(list(avg.iter_weights(bucket_bytes=16)), unsplit[avg].full_state_dict(),
               f"{type(avg).__name__} against the unsplit average")
-        specs = avg._model.specs
+        specs = avg._side.specs
         held = [sum(specs[name].pieces[1][r][1] for name in specs) for r in range(world)]   # each rank's slice
         for bucket in (16, 1 << 8, 1 << 30):
             with Counted() as c:

@@ -1,0 +1,158 @@
+"""The torch-face contract: what every torch face is built from, and the one base that takes it.
+
+A face is three things: a *side* (the tensors it reads and writes, followed as the model changes:
+:class:`~fastema.torch._tensors.model.TorchModel` for a model average,
+:class:`~fastema.torch._tensors.pairs.TorchPairs` for a target network's two networks), a *builder*
+(a function that makes the face's parts before the face exists: :class:`FaceParts`) and the *face*
+(a subclass of :class:`TorchFace`: its arguments, its ``update()``, its reads). Every part is
+complete when made and is handed to the face at once; the face hands itself to nobody while it is
+being made. :class:`TorchFace` shows the compiled-step contract as ``face.compiled``
+(:class:`fastema.torch._compile.Compiled`), made from the parts once the face is complete.
+
+The model averages (:class:`~fastema.torch.EMA`, :class:`~fastema.torch.WindowAverage`,
+:class:`~fastema.torch.PostHocEMA`) share :func:`model_parts`: after a face's builder has made its
+side, its shadow (:func:`~fastema.torch._placement.pick.make_shadow`) and its engine, it makes the
+average's agreement, its swap and copy-out (:class:`~fastema.torch._swap.ShadowSwap`), the restart
+after a DDP wrap (:class:`Restart`), attaches them to the side, and makes the checkpoint side.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..average import Average, Cadence
+from ._compile import Compiled
+from ._state.agree import Agreement
+from ._state.checkpoint import CheckpointCore, TorchCheckpoint
+from ._state.peft import announce
+from ._swap import ShadowSwap
+from ._tensors.model import TorchModel, static
+
+__all__ = ["FaceParts", "Restart", "TorchFace", "model_parts"]
+
+
+class FaceParts(NamedTuple):
+    """Everything a torch face is built from, made by its builder before the face exists.
+
+    ``side``: the tensors read and written (a model side, or a target network's pairs); ``shadow``:
+    where the average lives (:mod:`fastema._shadow`'s protocols); ``engine``: the update driver
+    (:class:`~fastema.average.Average`; None for a window average, which pushes snapshots);
+    ``checkpoint``: the checkpoint side (a model average's
+    :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, a target network's counters);
+    ``swap``: the swap and copy-out (:class:`~fastema.torch._swap.ShadowSwap`; None for a target
+    network, which writes no model); ``cadence``: counts ``update()`` calls; ``ops``: the compiled
+    operators' lists (see :class:`~fastema.torch._compile.Compiled`)."""
+
+    side: Any
+    shadow: Any
+    engine: Average | None
+    checkpoint: Any
+    swap: ShadowSwap | None
+    cadence: Cadence
+    ops: Callable[[], dict]
+
+
+class TorchFace:
+    """The one base of fastema's torch faces: it takes the :class:`FaceParts` its builder made
+    (``_side``, ``_avg``, ``_core``, ``_checkpoint``, ``_swap``: the swap state, ``cadence``) and
+    makes ``compiled`` (:class:`~fastema.torch._compile.Compiled`), the documented compiled-step
+    contract: a subclass sets its own fields first, and calls ``TorchFace.__init__`` last, so the
+    face is complete when its eager update is handed out. It defines ``_eager_update(step)``."""
+
+    _eager_update: Callable[[int | None], None]      # the face's eager update() (checks, schedule, launches)
+    _side: Any
+    _avg: Any
+    _core: Any
+    _checkpoint: Any
+    _swap: Any
+
+    def __init__(self, parts: FaceParts):
+        self._side = parts.side
+        self._avg = parts.shadow
+        self._core = parts.engine
+        self._checkpoint = parts.checkpoint
+        self._swap = None if parts.swap is None else parts.swap.state
+        self.cadence = parts.cadence                     # counts update() calls
+        self.compiled = Compiled(parts.ops, self._eager_update, parts.side.read_from,
+                                 eager_copy_to=None if parts.swap is None else parts.swap.copy_to,
+                                 swap=self._swap)
+
+    @property
+    def calls(self) -> int:
+        """``update()`` calls so far, skipped ones included."""
+        return self.cadence.calls
+
+    def __copy__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the addresses of the "
+                        f"tensors it reads and writes. Make a new one of the (copied) model and load this "
+                        f"one's state: new.load_state_dict(old.state_dict())")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+
+class Restart:
+    """What a DDP wrap after construction does to a model average (its side's restart, see
+    :attr:`~fastema.torch._tensors.model.TorchModel.resync`): start the averages over from the
+    model's weights (``start_over()``), unless something but the construction went into them (an
+    ``update()`` call, counted by ``cadence``, or a swap in); then False."""
+
+    def __init__(self, cadence: Cadence, swap: ShadowSwap, start_over: Callable[[], None]):
+        self.cadence, self.swap, self.start_over = cadence, swap, start_over
+
+    def __call__(self) -> bool:
+        if self.cadence.calls or self.swap.state.swapped:
+            return False
+        self.start_over()
+        return True
+
+
+class _WithWritten:
+    """The model side's operator lists with the tensors every update writes besides its shadows
+    (the device plan's arrays): made now, and again when the side has made new lists (a changed
+    model, followed in an eager call), in plain Python Dynamo traces (a ``torch.compile``-d
+    function reading them first after a change)."""
+
+    def __init__(self, side: TorchModel, written: list):
+        self.side, self.written = side, static(written)
+        self.of: dict = {}
+        self.made: dict = {}
+        self()
+
+    def __call__(self) -> dict:
+        ops = self.side.ops
+        if not self.written:
+            return ops
+        if ops is not self.of:
+            written, read = ops["update"]
+            self.made = {"update": (written + self.written, read), "swap": ops["swap"],
+                         "copy_to": ops["copy_to"]}
+            self.of = ops
+        return self.made
+
+
+def model_parts(side: TorchModel, shadow, engine: Average | None, core: CheckpointCore, fmt: str,
+                cadence: Cadence, start_over: Callable[[], None], *, device_step: bool = False) -> FaceParts:
+    """The parts of a model average, once its builder has made ``side`` (not attached yet), its
+    ``shadow`` and its ``engine`` (or None) with ``core``, what its checkpoint keeps besides the
+    tensors: the agreement, the swap and copy-out, the restart after a DDP wrap
+    (``start_over``), the side attached to all of them, the plan put on the device
+    (``device_step``: every kernel compiled and loaded now), the checkpoint side (``fmt``) and the
+    compiled operators' lists (the device plan's arrays are written by every update too)."""
+    kind = side.kind
+    agreement = Agreement(side, kind, lambda: cadence.calls)
+    swap = ShadowSwap(side, agreement, core.check_row)
+    side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
+                restart=Restart(cadence, swap, start_over))
+    ops: Callable[[], dict] = _WithWritten(side, [])
+    if device_step:
+        assert engine is not None                       # a window average has no device plan
+        engine.plan_on_device()
+        assert engine.device_plan is not None
+        ops = _WithWritten(side, [t for t in engine.device_plan.tensors() if isinstance(t, torch.Tensor)])
+    if side.defaulted:
+        announce(kind, shadow)                          # trainable_only=None on a PEFT model: say what is averaged
+    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
+    return FaceParts(side, shadow, engine, checkpoint, swap, cadence, ops)

@@ -1,0 +1,142 @@
+"""Writing a model average into its model: the swap (average in, raw weights back) and the copy-out
+(``copy_to()`` of the tracked model), a part of the face (:class:`~fastema.torch._face.FaceParts`)
+made before it, over the model side and the average's agreement.
+
+A swap is exact in place where the shadow can be (equal dtypes, a float32 shadow of bfloat16
+weights, a split shadow, which keeps the raw weights' window: the shadow declares ``exact_swap``);
+otherwise the raw weights are backed up once (the shadow's own kind of backup: in host memory for an
+offloaded one) and the average copied out. Every tensor is checked before the first one is written,
+inside the ranks' agreement where the average is split (its swap is then a gather, every rank of the
+replica group joining).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .._interrupts import ctrl_c_held
+from ..average import ModelSwap
+from ._state.agree import Agreement, Read
+from ._tensors.model import TorchModel
+from ._tensors.slots import bump_versions
+
+__all__ = ["ShadowSwap"]
+
+_WHILE_IN = ("the EMA weights are swapped into the model (the shadow holds the raw weights then); call it outside "
+             "average_parameters() or after swap()")
+
+
+class ShadowSwap:
+    """The swap and the copy-out of one model average (see the module).
+
+    Args:
+        side: the model side (its shadows, the model's tensors, settling and following them).
+        agreement: the average's agreement (a split average's swap and copy-out are collectives).
+        check_row: refuses a row the face does not show (its engine's, or a window's).
+
+    ``state`` is the swap state (:class:`fastema.average.ModelSwap`: ``swap(row)``, the evaluation
+    block, the refusals while the average is in); ``backup`` the raw weights of a swap that would
+    round (None until the first such swap)."""
+
+    def __init__(self, side: TorchModel, agreement: Agreement, check_row: Callable[[int], None]):
+        self.side, self.agreement, self.check_row = side, agreement, check_row
+        self.backup: Any = None        # raw weights during a lossy swap (float16 models): the shadow's backup()
+        self.state = ModelSwap(self.exchange, _WHILE_IN, held=self.held)
+
+    def held(self) -> bool:
+        """Whether part of the average sits in the model after a swap in that raised (a split one)."""
+        return self.side.avg.swapped
+
+    def exchange(self, row: int, swapping_in: bool) -> None:
+        """:class:`~fastema.average.ModelSwap`'s exchange: average ``row`` in, or the raw weights back."""
+        if swapping_in or not self.agreement.groups(swap=True):
+            self._exchange_checked(row, swapping_in, [])
+            return
+        gathering: list = []                           # a split average's way back is a collective
+        try:
+            self._exchange_checked(row, swapping_in, gathering)
+        except Exception as err:
+            if not self.side.avg.swapped:
+                raise
+            holds = ("still holds the average on this rank: nothing of the raw weights went back"
+                     if not gathering else "may hold part of the raw weights on this rank (the "
+                                           "gather back stopped after the ranks agreed)")
+            why = ("A split average (shard_replicas) keeps 1/N of the raw weights a rank, so its "
+                   "swap back is a collective: every rank of the group must reach the end of the "
+                   "evaluation block together. Call swap() again on every rank to restore them; do "
+                   "not save this model as the training weights until then.")
+            raise RuntimeError(f"{self.agreement.kind}: the raw weights could not be restored "
+                               f"({type(err).__name__}: {err}); the model {holds}. {why}") from err
+
+    def _exchange_checked(self, row: int, swapping_in: bool, gathering: list) -> None:
+        side = self.side
+        avg, copy = side.avg, side.copy
+        read = Read("swap()", "in" if swapping_in else "back", row)
+        try:
+            with self.agreement.agreed(read, swap=True):   # split: agreed before the gather
+                side.settle()
+                if swapping_in:
+                    self.check_row(row)
+                    side.follow()
+                lossy = not avg.exact_swap             # see fastema._shadow.Capabilities
+                if not lossy:
+                    avg.swap_modes()
+                    avg.reserve(row, True)             # a split swap's raw window, buckets
+                if copy is not None:                   # the averaged group checks itself
+                    copy.refresh()
+        except BaseException:
+            avg.release()
+            raise
+        gathering.append(True)                         # agreed: the gathers write into the model
+        backup = self.backup
+        if lossy:
+            if swapping_in:
+                if backup is None:                    # the shadow's own kind (offloaded: in host memory)
+                    backup = self.backup = avg.backup()
+                else:
+                    backup.rebind(dict(zip(avg.names, avg.sources)))
+                    backup.copy_from_sources()
+                avg.copy_to_sources(row)
+            else:
+                assert backup is not None             # swapped in lossily: the raw weights are there
+                backup.copy_to_sources()
+        else:
+            avg.swap(row)
+        if copy is not None:
+            try:
+                copy.swap()
+            except BaseException:                      # put the averaged group back as it was
+                if not lossy:
+                    avg.swap(row)
+                elif swapping_in:
+                    assert backup is not None
+                    backup.copy_to_sources()
+                else:
+                    avg.copy_to_sources(row)
+                raise
+        if side.masters is not None:                  # the masters were exchanged: now the partitions evaluation reads
+            side.masters.exchanged(swapping_in)
+
+    def copy_to(self, row: int) -> None:
+        """Write average ``row`` into the tracked model (the eager ``copy_to()``): checked first (inside
+        the ranks' agreement where it gathers), then the whole model written, a Ctrl-C held until it is."""
+        side = self.side
+        avg, copy = side.avg, side.copy
+        try:
+            with self.agreement.agreed(Read("copy_to()", row=row), swap=True):
+                self.check_row(row)
+                self.state.refuse("copy_to()")
+                side.settle()
+                side.follow()
+                if copy is not None:                   # the averaged group checks itself
+                    copy.check_sources()
+                avg.reserve(row, False)                # a split average's buckets
+        except BaseException:
+            avg.release()
+            raise
+        with ctrl_c_held():                            # the whole model written, then a Ctrl-C raised (L3)
+            avg.copy_to_sources(row)
+            if side.masters is not None:              # the masters were written: round them into the partitions
+                side.masters.push()
+            if copy is not None:
+                copy.copy_to_sources()
+            bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
