@@ -162,13 +162,13 @@ def local(value):
 
 
 class _NoDTensor:
-    """What nothing is an instance of: the DTensor class of a torch without a distributed package."""
+    """What nothing is an instance of: DTensor where torch has no distributed package."""
 
 
 def _dtensor() -> type:
     """torch's DTensor class (no process group needed), or :class:`_NoDTensor`."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:                                    # pragma: no cover - a torch without distributed
+    except ImportError:                                  # pragma: no cover - no torch.distributed
         return _NoDTensor
     return DTensor

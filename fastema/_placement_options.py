@@ -18,8 +18,8 @@ __all__ = ["PLACEMENT_REFUSALS", "PlacementOptions"]
 
 #: What a face that keeps its shadow where its arrays are refuses of the placement options, and why.
 PLACEMENT_REFUSALS = {
-    "offload": "offload='cpu' is the torch face's (pinned host memory, CUDA side streams); here the shadow lives "
-               "on the device of the arrays it averages",
+    "offload": "offload='cpu' is the torch face's (pinned host memory, CUDA side streams); here "
+               "the shadow lives on the device of the arrays it averages",
 }
 
 
@@ -41,5 +41,6 @@ class PlacementOptions:
         if self.offload not in (None, "cpu"):
             raise ValueError(f"offload must be None or 'cpu', got {self.offload!r}")
         if self.offload and (device_step or skip_nonfinite):
-            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker thread: it does "
-                             "not take device_step=True or skip_nonfinite=True; drop one of them")
+            raise ValueError("offload='cpu' keeps the schedule on the host and folds on a worker "
+                             "thread: it does not take device_step=True or skip_nonfinite=True; "
+                             "drop one of them")

@@ -5,11 +5,11 @@ with their defaults.
 
 A shadow keeps the averages of a list of sources: :class:`fastema.FlatShadow` (flat buffers),
 :class:`fastema.WindowShadow` (a window mean and its ring), :class:`fastema.pairs.PairShadow`
-(the caller's own tensors), and the torch face's placements, composed (:mod:`fastema.torch._placement`):
-a *storage* (device rows: those two; staged host rows: an offloaded shadow; an optimizer's host
-masters read in place), optionally wrapped by a *split* over replicas (each rank keeps a slice;
-reads gather). What one of them can or cannot do is an attribute declared here, never a
-``getattr`` probe, and never read off its class name:
+(the caller's own tensors), and the torch face's placements, composed
+(:mod:`fastema.torch._placement`): a *storage* (device rows: those two; staged host rows: an
+offloaded shadow; an optimizer's host masters read in place), optionally wrapped by a *split*
+over replicas (each rank keeps a slice; reads gather). What one of them can or cannot do is an
+attribute declared here, never a ``getattr`` probe, and never read off its class name:
 
 - ``folds_later``: ``update_checked()`` queues its fold (on a worker thread); the engine then
   hands it, after each call, the way back to the plan before it (``queued(undo)``), and every
@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "WindowingShadow", "table_parts"]
+__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "WindowingShadow",
+           "table_parts"]
 
 
 def table_parts(*tables) -> list[tuple[str, Any]]:
@@ -220,8 +221,9 @@ class AveragingShadow(Shadow, Updatable, Protocol):
 
 @runtime_checkable
 class WindowingShadow(Shadow, Protocol):
-    """A window average's shadow (:class:`fastema.WindowShadow`, or one split over replicas): read by
-    the face as any shadow, fed by :meth:`push` (one snapshot) and checkpointed with its ring."""
+    """A window average's shadow (:class:`fastema.WindowShadow`, or one split over replicas):
+    read by the face as any shadow, fed by :meth:`push` (one snapshot) and checkpointed with its
+    ring."""
 
     pushes: int
 

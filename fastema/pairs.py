@@ -127,8 +127,9 @@ class PairShadow(Capabilities, BoundLaunches):
         as they are now (the bound launches are made again at the next update)."""
         self.layout = _Groups(groups)
 
-    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None, rounding: str = "nearest",
-               seed: int = 0, step: int = 0, bf16_stochastic: bool = False) -> None:
+    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
+               rounding: str = "nearest", seed: int = 0, step: int = 0,
+               bf16_stochastic: bool = False) -> None:
         """One lerp launch per group, every argument checked first; the key of the stochastic
         rounding is ``sr_key(seed, step)`` for every group (:func:`fastema.ema_update_many_`).
 
@@ -136,7 +137,7 @@ class PairShadow(Capabilities, BoundLaunches):
         rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
         says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
         groups = self.layout.groups
-        decays = None if decay is None else list(decay) if isinstance(decay, (list, tuple)) else [decay]
+        decays = [decay] if decay is not None and not isinstance(decay, (list, tuple)) else decay
         weights = {}
         for g in groups:                                  # every check before any launch
             if g.device not in weights:

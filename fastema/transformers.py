@@ -343,7 +343,7 @@ class EMACallback(TrainerCallback):
                             raise ValueError(f"{path!r}: {group} {name!r} has shape {tuple(local.shape)}, this rank "
                                              f"holds {tuple(value.to_local().shape)}; resume with the same world "
                                              f"size and sharding")
-                        if isinstance(value, SplitEntry):   # split over replicas: this rank's pieces
+                        if isinstance(value, SplitEntry):   # split over replicas: its pieces
                             value.load_local(local)
                         else:
                             value.to_local().copy_(local)

@@ -24,7 +24,8 @@ def _py(*parts: str) -> list[pathlib.Path]:
 
 def test_no_face_or_engine_probes_a_shadow():
     """What a shadow can do is declared (fastema._shadow.Capabilities), never probed."""
-    probe = re.compile(r"(getattr|hasattr)\((avg|shadow|s|self\._avg|side\.avg|self\.avg|self\._side\.avg)\b")
+    probe = re.compile(r"(getattr|hasattr)\((avg|shadow|s|self\._avg|side\.avg|self\.avg|"
+                       r"self\._side\.avg)\b")
     found = [f"{p.relative_to(ROOT)}:{i}" for p in _py("fastema", "torch") + _py("fastema", "average")
              for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
     assert not found, found
@@ -61,7 +62,8 @@ def _calls(path: pathlib.Path, names: set) -> list[str]:
     return out
 
 
-SHADOW_CLASSES = {"FlatShadow", "WindowShadow", "OffloadedShadow", "HostMastersShadow", "Split", "SplitWindow"}
+SHADOW_CLASSES = {"FlatShadow", "WindowShadow", "OffloadedShadow", "HostMastersShadow", "Split",
+                  "SplitWindow"}
 
 
 def test_each_face_picks_its_shadow_once_through_the_picker():
@@ -97,16 +99,18 @@ def _placement_modules(package) -> list:
     import importlib
     import pkgutil
 
-    return [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    return [importlib.import_module(f"{package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(package.__path__)]
 
 
 def _code_words(path: pathlib.Path) -> set[str]:
     """The names, attributes, keywords and string values of a module's code: not its docstrings or
     comments (prose)."""
     tree = ast.parse(path.read_text())
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
-            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            if isinstance(n, scopes) and n.body and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)}
     out: set[str] = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
@@ -179,41 +183,47 @@ def test_every_torch_face_is_built_from_its_parts():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Raise) and "NotImplementedError" in ast.unparse(node):
-                raise AssertionError(f"{path.name}:{node.lineno}: a NotImplementedError base method")
-            if isinstance(node, ast.FunctionDef) and node.name == "__init__" and path.name != "_face.py":
+                raise AssertionError(f"{path.name}:{node.lineno}: a NotImplementedError method")
+            init = isinstance(node, ast.FunctionDef) and node.name == "__init__"
+            if init and path.name != "_face.py":
                 handed = [ast.unparse(a) for c in ast.walk(node) if isinstance(c, ast.Call)
                           for a in list(c.args) + [k.value for k in c.keywords]
                           if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name)
-                          and a.value.id == "self" and a.attr.startswith("_") and callable_name(a.attr)]
+                          and a.value.id == "self" and callable_name(a.attr)]
                 assert not handed, f"{path.name}:{node.lineno}: hands out {handed}"
 
 
 def callable_name(attr: str) -> bool:
     """A method-like private name (``self._exchange``, ``self._restart_if_fresh``): not a field."""
     return attr.startswith("_") and not attr.startswith("__") and attr not in {
-        "_side", "_avg", "_core", "_checkpoint", "_swap", "_copy", "_steps", "_counts", "_run", "_reads"}
+        "_side", "_avg", "_core", "_checkpoint", "_swap", "_copy", "_steps", "_counts", "_run",
+        "_reads"}
 
 
 def test_the_compiled_operators_read_only_the_compiled_contract():
-    """fastema/torch/_compile.py's operators reach a face only through its ``Compiled`` (``face.compiled``:
-    ops, eager_update, read_from, eager_copy_to, swap, handle), never a private name of it."""
+    """fastema/torch/_compile.py's operators reach a face only through its ``Compiled``
+    (``face.compiled``: ops, eager_update, read_from, eager_copy_to, swap, handle), never a private
+    name of it."""
     tree = ast.parse((TORCH / "_compile.py").read_text())
     owners = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
               and isinstance(n.value, ast.Name) and n.value.id == "owner"]
-    assert owners and all(o.split(".")[1] in {"ops", "eager_update", "read_from", "eager_copy_to", "swap",
-                                              "handle"} for o in owners), owners
+    contract = {"ops", "eager_update", "read_from", "eager_copy_to", "swap", "handle"}
+    assert owners and all(o.split(".")[1] in contract for o in owners), owners
 
 
 CALLBACKS = ("lightning.py", "transformers.py", "_callback_files.py")
 
 
 def _private_names_of(path: pathlib.Path) -> set[str]:
-    """The private names a module defines: its functions, methods and classes, and ``self._x`` it assigns."""
+    """The private names a module defines: its functions, methods and classes, and the
+    ``x._name`` it assigns."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name.startswith("_"):
+        defines = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        if isinstance(node, defines) and node.name.startswith("_"):
             out.add(node.name)
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+                node.attr.startswith("_"):
             out.add(node.attr)
     return {n for n in out if not n.startswith("__")}
 
@@ -222,7 +232,8 @@ def test_no_callback_reads_a_private_of_a_face():
     """The callbacks (Lightning, transformers, their state files) read a face's documented surface
     (``ema.split``, ``ema.gathered_state_dict()``, ``ema.refuse_on_every_rank(err)``, the split
     checkpoint entry tested with ``isinstance(v, fastema.torch.SplitEntry)``): no attribute named
-    like a private of another fastema module (``ema._checkpoint``), no ``hasattr`` on what they read."""
+    like a private of another fastema module (``ema._checkpoint``), no ``hasattr`` on what they
+    read."""
     others = set().union(*(_private_names_of(p) for p in _py("fastema") if p.name not in CALLBACKS))
     bad = []
     for name in CALLBACKS:

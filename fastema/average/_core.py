@@ -137,7 +137,7 @@ class Average:
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
-        self.shadow: Any = shadow               # a FlatShadow, PairShadow or a torch placement: built before
+        self.shadow: Any = shadow               # FlatShadow, PairShadow, a torch placement
         self.adapter: Any = adapter
         if self.skip_nonfinite:
             self.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
@@ -249,8 +249,9 @@ class Average:
         ``host_plan_only``: an offloaded one), which takes no device plan and no skip flags."""
         if self.shadow.host_plan_only:
             placement = self.shadow.placement or "this placement"
-            raise ValueError(f"{what} does not go with {placement} (its folds run on a host thread, on the "
-                             f"host's plan); make the average without {placement} {why}")
+            raise ValueError(f"{what} does not go with {placement} (its folds run on a host "
+                             f"thread, on the host's plan); make the average without {placement} "
+                             f"{why}")
 
     def plan_on_device(self, also: Sequence = ()) -> None:
         """Keep the plan in device memory from now on (:class:`~fastema.average._device_plan.DevicePlan`

@@ -30,8 +30,9 @@ PLAN_OPTIONS = ("decay", "update_every", "compensate", "debias")
 SELECTION = ("buffers", "exclude", "copy", "trainable_only")
 
 
-#: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and why:
-#: the placements (where the average lives: fastema._placement_options) and the plan on the device.
+#: What a face whose update runs eagerly with the plan on the host (JAX, TensorFlow) refuses, and
+#: why: the placements (where the average lives: fastema._placement_options) and the plan on the
+#: device.
 HOST_ONLY_REFUSALS = {
     **PLACEMENT_REFUSALS,
     "device_step": "the plan on the device exists for CUDA-graph replays of torch's update(); this face updates "

@@ -31,8 +31,8 @@ from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork", "WeightMeta",
-           "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
+__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork",
+           "WeightMeta", "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
 # _HOOKS, the installed registration hooks (tests).

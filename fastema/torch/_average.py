@@ -41,7 +41,7 @@ class TorchAverage(TorchFace):
         self._steps = side.steps                # DeepSpeed: one fold per optimizer step (M2)
         self._plan_on_device = None if parts.engine is None else parts.engine.device_plan
         assert parts.swap is not None           # a model average writes its model
-        self._swapper = parts.swap              # copy-out; its backup (a lossy swap's raw weights): memory()
+        self._swapper = parts.swap              # copy-out; a lossy swap's backup (memory())
         super().__init__(parts)
 
     @property
@@ -50,8 +50,8 @@ class TorchAverage(TorchFace):
 
     @property
     def split(self) -> bool:
-        """True when the average is split over replicas (``shard_replicas``): its swap, ``copy_to`` and
-        whole reads gather it, a collective every rank of the replica group joins, and
+        """True when the average is split over replicas (``shard_replicas``): its swap, ``copy_to``
+        and whole reads gather it, a collective every rank of the replica group joins, and
         :meth:`state_dict` holds this rank's pieces (:class:`~fastema.torch.SplitEntry`; one rank
         writing a whole checkpoint reads :meth:`gathered_state_dict` instead)."""
         return self._avg.group is not None

@@ -200,7 +200,7 @@ def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
     """``copy_to()`` of the average ``handle``: average ``row`` into the model it tracks."""
     owner = _owner(handle)
     own_written, own_read = owner.ops["copy_to"]
-    assert owner.eager_copy_to is not None          # "copy_to" is in the lists of a face that has it
+    assert owner.eager_copy_to is not None          # "copy_to" is listed by a face that has it
     with _through(owner, written, read, own_written, own_read, reads_sources=False):
         owner.eager_copy_to(row)
 

@@ -61,7 +61,7 @@ class TorchFace:
     contract: a subclass sets its own fields first, and calls ``TorchFace.__init__`` last, so the
     face is complete when its eager update is handed out. It defines ``_eager_update(step)``."""
 
-    _eager_update: Callable[[int | None], None]      # the face's eager update() (checks, schedule, launches)
+    _eager_update: Callable[[int | None], None]      # its update(): checks, schedule, launches
     _side: Any
     _avg: Any
     _core: Any
@@ -85,9 +85,10 @@ class TorchFace:
         return self.cadence.calls
 
     def __copy__(self):
-        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the addresses of the "
-                        f"tensors it reads and writes. Make a new one of the (copied) model and load this "
-                        f"one's state: new.load_state_dict(old.state_dict())")
+        raise TypeError(f"a {type(self).__name__} cannot be copied: its kernel tables hold the "
+                        f"addresses of the tensors it reads and writes. Make a new one of the "
+                        f"(copied) model and load this one's state: "
+                        f"new.load_state_dict(old.state_dict())")
 
     def __deepcopy__(self, memo):
         self.__copy__()
@@ -134,7 +135,8 @@ class _WithWritten:
 
 
 def model_parts(side: TorchModel, shadow, engine: Average | None, core: CheckpointCore, fmt: str,
-                cadence: Cadence, start_over: Callable[[], None], *, device_step: bool = False) -> FaceParts:
+                cadence: Cadence, start_over: Callable[[], None], *,
+                device_step: bool = False) -> FaceParts:
     """The parts of a model average, once its builder has made ``side`` (not attached yet), its
     ``shadow`` and its ``engine`` (or None) with ``core``, what its checkpoint keeps besides the
     tensors: the agreement, the swap and copy-out, the restart after a DDP wrap
@@ -151,8 +153,9 @@ def model_parts(side: TorchModel, shadow, engine: Average | None, core: Checkpoi
         assert engine is not None                       # a window average has no device plan
         engine.plan_on_device()
         assert engine.device_plan is not None
-        ops = _WithWritten(side, [t for t in engine.device_plan.tensors() if isinstance(t, torch.Tensor)])
+        plan = engine.device_plan.tensors()
+        ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
-        announce(kind, shadow)                          # trainable_only=None on a PEFT model: say what is averaged
+        announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
     checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
     return FaceParts(side, shadow, engine, checkpoint, swap, cadence, ops)

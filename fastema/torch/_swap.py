@@ -21,8 +21,8 @@ from ._tensors.slots import bump_versions
 
 __all__ = ["ShadowSwap"]
 
-_WHILE_IN = ("the EMA weights are swapped into the model (the shadow holds the raw weights then); call it outside "
-             "average_parameters() or after swap()")
+_WHILE_IN = ("the EMA weights are swapped into the model (the shadow holds the raw weights then); "
+             "call it outside average_parameters() or after swap()")
 
 
 class ShadowSwap:
@@ -39,15 +39,16 @@ class ShadowSwap:
 
     def __init__(self, side: TorchModel, agreement: Agreement, check_row: Callable[[int], None]):
         self.side, self.agreement, self.check_row = side, agreement, check_row
-        self.backup: Any = None        # raw weights during a lossy swap (float16 models): the shadow's backup()
+        self.backup: Any = None        # a lossy swap's raw weights (float16 models): backup()
         self.state = ModelSwap(self.exchange, _WHILE_IN, held=self.held)
 
     def held(self) -> bool:
-        """Whether part of the average sits in the model after a swap in that raised (a split one)."""
+        """Whether part of the average is in the model after a swap in that raised (a split one)."""
         return self.side.avg.swapped
 
     def exchange(self, row: int, swapping_in: bool) -> None:
-        """:class:`~fastema.average.ModelSwap`'s exchange: average ``row`` in, or the raw weights back."""
+        """:class:`~fastema.average.ModelSwap`'s exchange: average ``row`` in, or the raw weights
+        back."""
         if swapping_in or not self.agreement.groups(swap=True):
             self._exchange_checked(row, swapping_in, [])
             return
@@ -90,14 +91,14 @@ class ShadowSwap:
         backup = self.backup
         if lossy:
             if swapping_in:
-                if backup is None:                    # the shadow's own kind (offloaded: in host memory)
+                if backup is None:                    # the shadow's own kind (offloaded: host)
                     backup = self.backup = avg.backup()
                 else:
                     backup.rebind(dict(zip(avg.names, avg.sources)))
                     backup.copy_from_sources()
                 avg.copy_to_sources(row)
             else:
-                assert backup is not None             # swapped in lossily: the raw weights are there
+                assert backup is not None             # swapped in lossily: raw weights in it
                 backup.copy_to_sources()
         else:
             avg.swap(row)
@@ -113,12 +114,13 @@ class ShadowSwap:
                 else:
                     avg.copy_to_sources(row)
                 raise
-        if side.masters is not None:                  # the masters were exchanged: now the partitions evaluation reads
+        if side.masters is not None:                  # masters exchanged: the partitions follow
             side.masters.exchanged(swapping_in)
 
     def copy_to(self, row: int) -> None:
-        """Write average ``row`` into the tracked model (the eager ``copy_to()``): checked first (inside
-        the ranks' agreement where it gathers), then the whole model written, a Ctrl-C held until it is."""
+        """Write average ``row`` into the tracked model (the eager ``copy_to()``): checked first
+        (inside the ranks' agreement where it gathers), then the whole model written, a Ctrl-C held
+        until it is."""
         side = self.side
         avg, copy = side.avg, side.copy
         try:
@@ -133,10 +135,10 @@ class ShadowSwap:
         except BaseException:
             avg.release()
             raise
-        with ctrl_c_held():                            # the whole model written, then a Ctrl-C raised (L3)
+        with ctrl_c_held():                            # the whole model written, then a Ctrl-C (L3)
             avg.copy_to_sources(row)
-            if side.masters is not None:              # the masters were written: round them into the partitions
+            if side.masters is not None:              # masters written: rounded into the partitions
                 side.masters.push()
             if copy is not None:
                 copy.copy_to_sources()
-            bump_versions(avg.sources + (copy.sources if copy is not None else []))   # as torch's copy_
+            bump_versions(avg.sources + (copy.sources if copy is not None else []))  # as copy_ does

@@ -53,11 +53,12 @@ class EMA(Face, TorchAverage):
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
                  skip_nonfinite: bool = False, device_step: bool | None = None, offload: str | Offload | None = None,
                  trainable_only: bool | None = None, shard_replicas: Any = False):
-        self._from_parts(ema_parts(model, decay, kind=type(self).__name__, update_every=update_every,
-                                   compensate=compensate, debias=debias, shadow_dtype=shadow_dtype,
-                                   rounding=rounding, seed=seed, buffers=buffers, exclude=exclude, copy=copy,
-                                   skip_nonfinite=skip_nonfinite, device_step=device_step, offload=offload,
-                                   trainable_only=trainable_only, shard_replicas=shard_replicas))
+        self._from_parts(ema_parts(
+            model, decay, kind=type(self).__name__, update_every=update_every,
+            compensate=compensate, debias=debias, shadow_dtype=shadow_dtype, rounding=rounding,
+            seed=seed, buffers=buffers, exclude=exclude, copy=copy, skip_nonfinite=skip_nonfinite,
+            device_step=device_step, offload=offload, trainable_only=trainable_only,
+            shard_replicas=shard_replicas))
 
     def _from_parts(self, parts: FaceParts) -> None:
         """The EMA's own fields, read off its parts, then the face (see :class:`TorchFace`)."""
@@ -66,6 +67,7 @@ class EMA(Face, TorchAverage):
         self.shadow_dtype = core.shadow_dtype
         self._bema = core.plan.schedules[0] if core.options.is_bema else None
         self._on_gpu = any(t.device.type != "cpu" for t in parts.shadow.sources)
+        self._holds = parts.shadow.holds_interrupts   # the shadow's, read once (the per-step path)
         TorchAverage.__init__(self, parts)
 
     @property
@@ -89,12 +91,12 @@ class EMA(Face, TorchAverage):
 
     def _eager_update(self, step: int | None) -> None:
         if self._on_gpu and self._plan_on_device is None:
-            _refuse_capture(self._avg)                    # a capture the plan on the host cannot replay
+            _refuse_capture(self._avg)                    # a capture the host plan cannot replay
         steps = self._steps
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside accumulation
             return
-        if self._avg.holds_interrupts:                    # every window staged, then counted, or none: a
-            with ctrl_c_held():                           # Ctrl-C is raised after the update is queued whole
+        if self._holds:                          # holds_interrupts: every window staged, then
+            with ctrl_c_held():                  # counted, or none (a Ctrl-C waits for the end)
                 self._core.update(step)                   # (and recorded as DeepSpeed's step folded)
                 if steps is not None:
                     steps.done()
@@ -109,12 +111,13 @@ class EMA(Face, TorchAverage):
                 f"copied={len(self._copy) if self._copy else 0}{source}, shadow={self._avg!r})")
 
 
-def ema_parts(model: nn.Module, decay: Any = None, *, kind: str, run: Callable[[Average], CheckpointCore] | None = None,
-              update_every: int = 1, compensate: bool = False, debias: bool = False, shadow_dtype: str = "float32",
-              rounding: str = "nearest", seed: int = 0, buffers: str = "copy", exclude: Sequence[str] = (),
-              copy: Sequence[str] = (), skip_nonfinite: bool = False, device_step: bool | None = None,
-              offload: str | Offload | None = None, trainable_only: bool | None = None,
-              shard_replicas: Any = False) -> FaceParts:
+def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
+              run: Callable[[Average], CheckpointCore] | None = None, update_every: int = 1,
+              compensate: bool = False, debias: bool = False, shadow_dtype: str = "float32",
+              rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
+              exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
+              device_step: bool | None = None, offload: str | Offload | None = None,
+              trainable_only: bool | None = None, shard_replicas: Any = False) -> FaceParts:
     """The builder of an :class:`EMA` (and a :class:`~fastema.torch.PostHocEMA`): its arguments
     checked, then its parts in one direction: the model side, its shadow (the picker), the engine
     over both, and the rest (:func:`~fastema.torch._face.model_parts`). ``kind`` names the face;
@@ -122,16 +125,19 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str, run: Callable[[
     counters; a post-hoc run adds its id)."""
     placement = Placement.of(offload, shard_replicas)
     opts = EMAOptions(decay, update_every=update_every, compensate=compensate, debias=debias,
-                      shadow_dtype=shadow_dtype, rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite,
-                      device_step=device_step, offload="cpu" if placement.offload else None)
+                      shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
+                      skip_nonfinite=skip_nonfinite, device_step=device_step,
+                      offload="cpu" if placement.offload else None)
     side = TorchModel(model, Selection(buffers, exclude, copy, trainable_only), kind=kind)
     rows = opts.shadow_rows                                      # BEMA: output, EMA, theta_0
-    shadow = make_shadow(side, rows, shadow_dtype, placement, kind=kind, settings=f"{opts!r};{shadow_dtype};{rows}")
+    shadow = make_shadow(side, rows, shadow_dtype, placement, kind=kind,
+                         settings=f"{opts!r};{shadow_dtype};{rows}")
     engine = Average(opts, FORMAT, shadow, adapter=side)         # the plan, the update driver, BEMA
-    if device_step is None:                                      # on a GPU, unless it folds on the host
+    if device_step is None:                              # a GPU's, unless it folds on the host
         on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
         device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
-    return model_parts(side, shadow, engine, engine if run is None else run(engine), FORMAT, engine.plan.cadence,
+    core = engine if run is None else run(engine)
+    return model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
                        functools.partial(_start_over, side), device_step=device_step)
 
 
@@ -145,9 +151,10 @@ def _refuse_capture(shadow) -> None:
     """Refuse a CUDA graph capture of ``update()`` that the plan on the host cannot replay."""
     if torch.cuda.is_current_stream_capturing():
         if shadow.host_plan_only:
-            raise RuntimeError(f"EMA.update() is being captured in a CUDA graph, but this EMA is offloaded "
-                               f"({shadow.placement}): its update runs on a host thread, which a replay would "
-                               f"not run. Call update() outside the graph, or make the EMA without it.")
+            raise RuntimeError(f"EMA.update() is being captured in a CUDA graph, but this EMA "
+                               f"is offloaded ({shadow.placement}): its update runs on a host "
+                               f"thread, which a replay would not run. Call update() outside the "
+                               f"graph, or make the EMA without it.")
         raise RuntimeError("EMA.update() is being captured in a CUDA graph, but this EMA keeps its schedule "
                            "on the host (device_step=False): every replay would repeat this call's weights "
                            "and rounding key. Make the EMA with device_step=True (the default on a GPU).")

@@ -5,16 +5,13 @@ from __future__ import annotations
 import errno as _errno
 import functools
 import os
-import uuid
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .._io.safetensors import SAFETENSORS_DTYPES
-from ..average import Average
 from ..posthoc import (
-    LEGACY_RUN_ID,
     MAX_ERROR,
     SnapshotError,
     SnapshotMeta,
@@ -23,12 +20,12 @@ from ..posthoc import (
     kept_key,
     profile_key,
     synthesize,
-    valid_run_id,
     write_snapshot,
 )
-from ..schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
+from ..schedules import PowerFunction, gamma_to_sigma_rel
 from ._sharding import tensors as _sharded
 from ._state.agree import Read
+from ._state.run import Run
 from ._state.slices import tensor_slices
 from ._state.stream import (
     DEFAULT_BUCKET,
@@ -131,11 +128,12 @@ class PostHocEMA(EMA):
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)
         self._seen: dict = {}                    # check_folder's cache of the folder's files
-        parts = ema_parts(model, [PowerFunction.of(s) for s in sigma_rels], kind=type(self).__name__,
-                          run=functools.partial(_Run, given=sigma_rels), update_every=update_every, **kwargs)
+        profiles = [PowerFunction.of(s) for s in sigma_rels]
+        parts = ema_parts(model, profiles, kind=type(self).__name__, update_every=update_every,
+                          run=functools.partial(Run, given=sigma_rels), **kwargs)
         run = parts.checkpoint.core              # the engine's checkpoint, and this run's id
-        assert isinstance(run, _Run)
-        self._run = run                          # this run (its id, its folder checked, a snapshot due): see below
+        assert isinstance(run, Run)
+        self._run = run                          # this run: its id, folder checked, snapshot due
         self._from_parts(parts)
         self._check_storable()
         os.makedirs(self.path, exist_ok=True)
@@ -369,82 +367,3 @@ class PostHocEMA(EMA):
         return (f"PostHocEMA(sigma_rels={self.sigma_rels}, updates={self.updates}, snapshot_every="
                 f"{self.snapshot_every}, path={self.path!r}, run_id={self.run_id!r}, shadow={self._avg!r})")
 
-
-def _describe(state) -> str:
-    if not isinstance(state, dict):
-        return repr(state)
-    kind = state.get("kind")
-    if kind == "constant":
-        return f"a constant decay {state.get('decay')!r}"
-    if kind == "power_function":
-        return f"a power function of gamma {state.get('gamma')!r}"
-    return f"a {kind} schedule"
-
-
-class _Run:
-    """A PostHocEMA run as its checkpoint keeps it (the checkpoint side's core): the engine's plan
-    and counters, and the run's id (its snapshots carry it; a resume takes the checkpoint's, a
-    fastema 0.1 checkpoint, which has none, goes on as the legacy run); whether its folder was
-    checked since construction or the last load; the snapshot due and not written yet."""
-
-    def __init__(self, core: Average, given: tuple):
-        self.core, self.given = core, given
-        self.id = uuid.uuid4().hex
-        self.checked = False
-        self.due: tuple | None = None            # (time, updates) of a snapshot due and not written yet
-
-    @property
-    def gammas(self) -> list[float]:
-        return [float(s.gamma) for s in self.core.plan.schedules]
-
-    @property
-    def sigma_rels(self) -> tuple:
-        if [sigma_rel_to_gamma(s) for s in self.given] == self.gammas:
-            return self.given
-        return tuple(gamma_to_sigma_rel(g) for g in self.gammas)
-
-    def check_row(self, row: int) -> None:
-        self.core.check_row(row)
-
-    def plan_state(self) -> dict:
-        return {**self.core.plan_state(), "run_id": self.id}
-
-    def check_plan_state(self, state: dict, problems: list) -> None:
-        self.core.check_plan_state(state, problems)      # the device plan's checks too (M4)
-        run_id = state.get("run_id")
-        if run_id is not None and not valid_run_id(run_id):
-            problems.append(f"run_id must be the id of a PostHocEMA run, got {run_id!r}")
-        saved = state.get("schedules")
-        if not isinstance(saved, list) or len(saved) != self.core.plan.rows:
-            return                                        # the plan names a count that differs
-        kinds = [s.get("kind") if isinstance(s, dict) else None for s in saved]
-        mine = [round(s, 4) for s in self.sigma_rels]
-        if any(k != "power_function" for k in kinds):
-            described = ", ".join(_describe(s) for s in saved)
-            problems.append(f"its averages are {described}, not power-function profiles: it is not a PostHocEMA "
-                            f"checkpoint. This PostHocEMA tracks sigma_rels={mine}; load a checkpoint of a "
-                            f"PostHocEMA of the same sigma_rels (a plain EMA's goes to an EMA)")
-            return
-        try:
-            theirs = [float(s["gamma"]) for s in saved]
-        except (KeyError, TypeError, ValueError):
-            return                                        # the plan reports an unreadable schedule
-        if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(theirs, self.gammas)):
-            widths: list = []
-            try:
-                widths = [round(gamma_to_sigma_rel(g), 4) for g in theirs]
-            except (OverflowError, ValueError):
-                widths = [f"gamma={g!r}" for g in theirs]
-            problems.append(f"its profiles are sigma_rels={widths} (gammas {[round(g, 3) for g in theirs]}), but this "
-                            f"PostHocEMA tracks sigma_rels={mine} (gammas {[round(g, 3) for g in self.gammas]}). "
-                            f"A run keeps its profiles (its snapshots are combined by them): make the PostHocEMA "
-                            f"with sigma_rels={tuple(widths)} to resume that run")
-
-    def load_plan_state(self, state: dict) -> None:
-        self.core.load_plan_state(state)
-        run_id = state.get("run_id")
-        # the resumed run writes on into its snapshots; a fastema 0.1 checkpoint (no run id) continues
-        # the legacy run: its snapshots go on beside the version-1 ones, read as one run with them
-        self.id = LEGACY_RUN_ID if run_id is None else run_id
-        self.checked = False                              # the folder is checked again for this run and time
-        self.due = None                                   # a missed snapshot of the replaced state goes with it

@@ -182,7 +182,7 @@ class TargetNetwork(Face, TorchFace):
         parts = target_parts(online, target, opts, self.exclude, buffers, rounding, device_step)
         on_gpu = any(d != "cpu" for d in parts.side.devices)
         assert parts.engine is not None
-        self._refuses_capture = on_gpu and parts.engine.device_plan is None   # the host plan: not in a graph
+        self._refuses_capture = on_gpu and parts.engine.device_plan is None   # a host plan's
         super().__init__(parts)
 
     # ------------------------------------------------------------ what it is
@@ -228,7 +228,8 @@ class TargetNetwork(Face, TorchFace):
         call ``update_every`` skips). Read them when you need them: a read waits for the device."""
         if not self.skip_nonfinite:
             return {}
-        return dict(self._side.flags if self._core.device_plan is None else self._core.device_plan.flags)
+        plan = self._core.device_plan
+        return dict(self._side.flags if plan is None else plan.flags)
 
     def __repr__(self) -> str:
         a, c, i = self._side.sel.names
@@ -301,8 +302,8 @@ class TargetNetwork(Face, TorchFace):
         return target_meta(self.target, row, dtype)
 
 
-def target_parts(online: nn.Module, target: nn.Module, opts: EMAOptions, exclude: tuple, buffers: str,
-                 rounding: str, device_step: bool | None) -> FaceParts:
+def target_parts(online: nn.Module, target: nn.Module, opts: EMAOptions, exclude: tuple,
+                 buffers: str, rounding: str, device_step: bool | None) -> FaceParts:
     """The builder of a :class:`TargetNetwork`, its arguments checked: its side (the two networks
     paired: :class:`~fastema.torch._tensors.pairs.TorchPairs`), whose pair shadow is the engine's
     shadow, the engine over both (the plan on the device where ``device_step`` says, or by default
@@ -310,19 +311,19 @@ def target_parts(online: nn.Module, target: nn.Module, opts: EMAOptions, exclude
     the compiled operator's lists. A target network writes no model of its own: no swap."""
     pairs = TorchPairs(online, target, exclude, buffers)
     for g in pairs.avg.groups:
-        stochastic_rounding(rounding, g.shadow_kind)   # a stochastic rounding of float32 targets: refused
+        stochastic_rounding(rounding, g.shadow_kind)   # float32 targets: stochastic refused
     engine = Average(opts, FORMAT, pairs.avg, adapter=pairs)
     engine.rounding = rounding
     if device_step is None:
         device_step = any(d != "cpu" for d in pairs.devices)
     plan: list = []
     if device_step:
-        engine.plan_on_device(also=pairs.behind_flags())   # and every kernel compiled and loaded now
+        engine.plan_on_device(also=pairs.behind_flags())   # every kernel compiled and loaded now
         assert engine.device_plan is not None
         plan = [t for t in engine.device_plan.tensors() if isinstance(t, torch.Tensor)]
-    pairs.op_lists(engine.skip_nonfinite, plan)        # made now, not in a traced function's first call
-    return FaceParts(pairs, pairs.avg, engine, TargetState(engine, pairs), None, engine.plan.cadence,
-                     lambda: pairs.op_lists(engine.skip_nonfinite, plan))
+    pairs.op_lists(engine.skip_nonfinite, plan)        # made now, not in a traced first call
+    return FaceParts(pairs, pairs.avg, engine, TargetState(engine, pairs), None,
+                     engine.plan.cadence, lambda: pairs.op_lists(engine.skip_nonfinite, plan))
 
 
 class TargetState:
@@ -340,30 +341,35 @@ class TargetState:
         engine = self.engine
         if engine.device_plan is not None:
             engine.device_plan.read_into(engine.plan)  # replayed graphs advanced the device only
-        return {"format": FORMAT, "version": VERSION, "plan": engine.plan.state(), "names": self.names}
+        return {"format": FORMAT, "version": VERSION, "plan": engine.plan.state(),
+                "names": self.names}
 
     def load_state_dict(self, state: dict) -> None:
         engine = self.engine
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from TargetNetwork.state_dict(), got {type(state).__name__}")
+            raise TypeError(f"state must be a dict from TargetNetwork.state_dict(), got "
+                            f"{type(state).__name__}")
         check_header(state, FORMAT, VERSION, "pass what TargetNetwork.state_dict() returned")
         problems: list[str] = []
         names = state.get("names")
         if names != self.names:
-            problems.append("the checkpoint's tensor names differ from these networks' (saved for other "
-                            "networks, or with other exclude= / buffers=)")
+            problems.append("the checkpoint's tensor names differ from these networks' (saved for "
+                            "other networks, or with other exclude= / buffers=)")
         plan = state.get("plan")
         if not isinstance(plan, dict):
             problems.append("the checkpoint has no plan state")
         else:
             engine.plan.check_state(plan, problems)
             if not problems:                             # what TargetNetwork(...) itself refuses
-                other = [s["kind"] for s in plan["schedules"] if not isinstance(from_state(s), _MOMENTUMS)]
+                other = [s["kind"] for s in plan["schedules"]
+                         if not isinstance(from_state(s), _MOMENTUMS)]
                 if other:
-                    problems.append(f"its schedule is {other[0]!r}, which momentum= does not take (a float, a "
-                                    f"warm-up or a momentum schedule: Cosine, Linear, PiecewiseConstant)")
+                    problems.append(f"its schedule is {other[0]!r}, which momentum= does not "
+                                    f"take (a float, a warm-up or a momentum schedule: Cosine, "
+                                    f"Linear, PiecewiseConstant)")
                 if plan["debias"]:
-                    problems.append("its plan is debiased (debias=True), which a target network is not")
+                    problems.append("its plan is debiased (debias=True), which a target network is "
+                                    "not")
             if not problems and engine.device_plan is not None:
                 check_device_state(engine.plan, plan, engine.seed, problems)
         if problems:

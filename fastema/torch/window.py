@@ -61,8 +61,8 @@ class WindowAverage(TorchAverage):
         shadow = make_shadow(side, rows, "float32", Placement.of(None, shard_replicas), kind=kind,
                              settings=f"{window};{every};{ring_dtype}")
         self._counts = counts = _Counts(side, window, ring_dtype, Cadence(every))
-        super().__init__(model_parts(side, shadow, None, counts, "fastema.torch.WindowAverage", counts.cadence,
-                                     counts.start_over))
+        super().__init__(model_parts(side, shadow, None, counts, "fastema.torch.WindowAverage",
+                                     counts.cadence, counts.start_over))
 
     @property
     def every(self) -> int:
@@ -92,7 +92,7 @@ class WindowAverage(TorchAverage):
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside gradient accumulation
             return
         due = self.cadence.due()
-        self._side.begin(due)                             # refusals, and when due the model followed
+        self._side.begin(due)                             # refusals; when due, the model followed
         if due:
             if self.window is None:
                 self._avg.update(weight=1.0 / (self.snapshots + 1))
@@ -124,7 +124,7 @@ class _Counts:
         self.side.avg.check_row(row)
 
     def start_over(self) -> None:
-        """The window from the model's weights as they are: one snapshot (a restart after a DDP wrap)."""
+        """The window from the model's weights as they are: one snapshot (after a DDP wrap)."""
         if self.window is None:
             self.side.avg.copy_from_sources()
         else:

@@ -106,12 +106,13 @@ def _split_shadows(rank: int, world: int) -> dict:
     src, part = sources(), split_of(group)
     made = {"replica": Split(FlatShadow(src, rows=1, split=part), group, 64, 7),
             "replica-window": SplitWindow(WindowShadow(src, 2, split=part), group, 64, 7),
-            "offloaded-replica": Split(OffloadedShadow(src, rows=1, dtype="float32", chunk=64, split=part),
-                                       group, 64, 7)}
-    protos = {"replica": AveragingShadow, "replica-window": WindowingShadow, "offloaded-replica": AveragingShadow}
+            "offloaded-replica": Split(OffloadedShadow(src, rows=1, dtype="float32", chunk=64,
+                                                       split=part), group, 64, 7)}
+    protos = {"replica": AveragingShadow, "replica-window": WindowingShadow,
+              "offloaded-replica": AveragingShadow}
     out = {f"missing {k}": ",".join(missing(s, protos[k])) for k, s in made.items()}
-    out.update({f"group {k}": s.group is group and s.exact_swap and s.split_id == 7 and s.gather_bucket == 64
-                for k, s in made.items()})
+    out.update({f"group {k}": s.group is group and s.exact_swap and s.split_id == 7
+                and s.gather_bucket == 64 for k, s in made.items()})
     out["declared"] = [(s.folds_later, s.host_plan_only, s.holds_interrupts) for s in made.values()]
     for s in made.values():
         s.join()
@@ -125,7 +126,7 @@ def test_the_split_shadows_hold_to_the_protocols(tmp_path):
     for result in run_ranks(_split_shadows, tmp_path, 2):
         assert {k: v for k, v in result.items() if k.startswith("missing") and v} == {}
         assert all(v for k, v in result.items() if k.startswith("group"))
-        assert result["declared"] == [(False, False, False), (False, False, False), (True, True, True)]
+        assert result["declared"] == [(False,) * 3, (False,) * 3, (True,) * 3]
 
 
 def _other_slice(rank: int, world: int) -> dict:

@@ -182,7 +182,7 @@ def _swap_in_raw_window(rank, world, root):
     once (rank 1 its own out-of-memory error, rank 0 a Disagreement naming rank 1 and its reason),
     the retry evaluates the average bit for bit, and the raw weights come back."""
     from fastema.torch import ShardReplicas
-    from fastema.torch._placement import split as splits  # a split's swap makes its raw window there
+    from fastema.torch._placement import split as splits  # where a split makes its raw window
 
     out = {}
     for case, split in (("A08", True), ("A08b bucket 1024", ShardReplicas(True, bucket=1024))):

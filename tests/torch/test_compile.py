@@ -74,7 +74,8 @@ def test_opcheck_passes_for_every_operator():
         avg.update()
         written, read = avg.compiled.ops["update"]
         with torch.no_grad():
-            torch.library.opcheck(torch.ops.fastema.update_, (written, read, avg.compiled.handle, -1),
+            args = (written, read, avg.compiled.handle, -1)
+            torch.library.opcheck(torch.ops.fastema.update_, args,
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -108,7 +108,7 @@ def _plans(layout, owner) -> list[_Plan]:
         _, wire = transport(owner.group, dtype, owner.sources)
         windows = [window(g, r, ranks) for r in range(ranks)]
         longest = max(hi - lo for lo, hi in windows)
-        per = max(1, min(longest, owner.gather_bucket // (wire.itemsize * ranks)))   # all ranks' parts
+        per = max(1, min(longest, owner.gather_bucket // (wire.itemsize * ranks)))   # all ranks
         out.append(_Plan(dtype, wire, windows, longest, per))
     return out
 
@@ -132,8 +132,9 @@ def gather_into_sources(layout, row: int, owner, buckets: Buckets,
     """Every rank's window of row ``row`` of ``layout``, gathered bucket by bucket and written into
     the owner's sources in their own dtype (rounded to nearest from the shadow's): one
     ``all_gather_into_tensor`` per bucket and group, every rank of ``owner.group`` joining. A bucket
-    is ``owner.gather_bucket`` bytes, all ranks' parts together (the memory a read adds), in ``buckets``
-    (from :func:`reserve`). ``written`` gets an entry once the first value is written."""
+    is ``owner.gather_bucket`` bytes, all ranks' parts together (the memory a read adds), in
+    ``buckets`` (from :func:`reserve`). ``written`` gets an entry once the first value is
+    written."""
     group, ranks = owner.group, owner.ranks
     flats = [flat(t.detach()) for t in owner.sources]
     with torch.no_grad():

@@ -36,7 +36,7 @@ class HostMastersShadow(FlatShadow):
     or None (then every update waits for its own fold)."""
 
     folds_later = True
-    host_plan_only = True         # folded on a host thread: no device plan, no skip flags, no graph capture
+    host_plan_only = True         # folded on a host thread: no device plan, skip flags, capture
     holds_interrupts = True       # queued whole, then counted (a Ctrl-C waits for the update's end)
     placement = PLACEMENT
     in_place = True               # read where the masters are: ema.source says so

@@ -64,8 +64,8 @@ class OffloadedShadow(Capabilities):
 
     exact_swap = False            # in host memory: a swap copies the average out, the raw weights backed up
     folds_later = True            # update_checked() queues the fold: the engine hands it each one's undo (queued)
-    host_plan_only = True         # folded on a host thread: no device plan, no skip flags, no graph capture
-    holds_interrupts = True       # every window staged, then counted, or none (a Ctrl-C waits for the last)
+    host_plan_only = True         # folded on a host thread: no device plan, skip flags, capture
+    holds_interrupts = True       # every window staged, then counted, or none (a Ctrl-C waits)
     placement = PLACEMENT
 
     def __init__(self, sources: dict, *, rows: int, dtype: str, chunk: int = DEFAULT_CHUNK,

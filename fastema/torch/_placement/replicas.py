@@ -1,23 +1,23 @@
 """The average split over data-parallel replicas (``EMA(model, shard_replicas=...)``): which
 replicas, and the one collective of construction that checks they agree.
 
-Replicas (DDP ranks, or the ranks of any group that holds the same parameters) each keep one slice
-of the shadow: the storage is made with ``split=(rank, ranks)`` (a :class:`~fastema.flat.FlatShadow`,
-a window's, an offloaded one), so every (device, dtype) group's row is cut into contiguous, 16-byte
-aligned, balanced windows, and an update folds this rank's window alone from this rank's copy of
-the weights: no collective, no host sync, 1/N of the memory and of the kernel's traffic. The
-replicas hold the same weights after every optimizer step, so the windows together are the
-average an unsplit EMA would hold, bit for bit (stochastic rounding is keyed by each element's
-place in the whole group).
+Replicas (DDP ranks, or the ranks of any group that holds the same parameters) each keep one
+slice of the shadow: the storage is made with ``split=(rank, ranks)`` (a
+:class:`~fastema.flat.FlatShadow`, a window's, an offloaded one), so every (device, dtype) group's
+row is cut into contiguous, 16-byte aligned, balanced windows, and an update folds this rank's
+window alone from this rank's copy of the weights: no collective, no host sync, 1/N of the memory
+and of the kernel's traffic. The replicas hold the same weights after every optimizer step, so the
+windows together are the average an unsplit EMA would hold, bit for bit (stochastic rounding is
+keyed by each element's place in the whole group).
 
-Reading the average is the collective, the wrapper's (:class:`~fastema.torch._placement.split.Split`):
-its swap and copy-out write the gathered average into the model bucket by bucket
-(``all_gather_into_tensor`` of one bucket of every rank's window, in the model's dtype), the raw
-weights kept as this rank's window only (and gathered back on the way out, bit for bit). Exports
-and checkpoints go through the checkpoint side with the ``pieces`` layout of
-:mod:`fastema.torch._sharding.tensors` (each rank's piece of each tensor; the full tensor gathered one at a
-time). The construction checks once, with one collective, that the ranks hold the same parameters
-(:func:`found_replicas`).
+Reading the average is the collective, the wrapper's
+(:class:`~fastema.torch._placement.split.Split`): its swap and copy-out write the gathered average
+into the model bucket by bucket (``all_gather_into_tensor`` of one bucket of every rank's window,
+in the model's dtype), the raw weights kept as this rank's window only (and gathered back on the
+way out, bit for bit). Exports and checkpoints go through the checkpoint side with the ``pieces``
+layout of :mod:`fastema.torch._sharding.tensors` (each rank's piece of each tensor; the full
+tensor gathered one at a time). The construction checks once, with one collective, that the ranks
+hold the same parameters (:func:`found_replicas`).
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def found_replicas(side, shard_replicas, kind: str, settings: str, bucket: int) 
     group, dim = split
     check_bucket(bucket)
     check_layouts(side.averaged, kind)
-    return Found(group, dim, check_replicas(side.averaged, group, kind, f"{settings};{bucket}"), bucket)
+    run = check_replicas(side.averaged, group, kind, f"{settings};{bucket}")   # one collective
+    return Found(group, dim, run, bucket)
 
 
 def _hsdp_replicas(specs: dict, shard_replicas, what: str):

@@ -35,26 +35,28 @@ def split_of(group) -> tuple[int, int]:
 class Split:
     """``storage`` (made with ``split=split_of(group)``) split over the ranks of ``group``: see the
     module. ``bucket``: the bytes of one gather, all ranks' parts together; ``split_id``: the
-    split's run id (the same on every rank: :func:`fastema.torch._placement.replicas.check_replicas`)."""
+    split's run id (the same on every rank:
+    :func:`fastema.torch._placement.replicas.check_replicas`)."""
 
-    exact_swap = True           # the swap keeps the raw weights' window and gathers it back: exact for every dtype
+    exact_swap = True           # the raw weights' window kept, gathered back: exact for every dtype
 
     def __init__(self, storage, group, bucket: int, split_id: int):
         self.storage = storage
         self.group = group
-        self.gather_bucket: int | None = bucket        # declared (Capabilities): what one gather carries
+        self.gather_bucket: int | None = bucket        # declared: the bytes one gather carries
         self.split_id: int | None = split_id           # a load takes the checkpoint's
         self.rank, self.ranks = split_of(group)
         if storage.layout.split != (self.rank, self.ranks):
-            raise ValueError(f"the storage holds the slice {storage.layout.split} of its sources, this rank is "
-                             f"{(self.rank, self.ranks)} of the group: make it with split=split_of(group)")
+            raise ValueError(f"the storage holds the slice {storage.layout.split} of its sources, "
+                             f"this rank is {(self.rank, self.ranks)} of the group: make it with "
+                             f"split=split_of(group)")
         self.names, self.rows, self.layout = storage.names, storage.rows, storage.layout
         self.folds_later, self.host_plan_only = storage.folds_later, storage.host_plan_only
         self.holds_interrupts, self.placement = storage.holds_interrupts, storage.placement
         self.in_place = storage.in_place
-        self._raw: FlatShadow | None = None      # the raw weights' window while the average is swapped in (only)
+        self._raw: FlatShadow | None = None      # the raw weights' window while swapped in (only)
         self._swapped_row: int | None = None
-        self._reserved: tuple[FlatShadow | None, gather.Buckets] | None = None   # for a read (reserve)
+        self._reserved: tuple[FlatShadow | None, gather.Buckets] | None = None   # reserve()
 
     def __repr__(self) -> str:
         return f"Split({self.storage!r}, rank={self.rank} of {self.ranks})"
@@ -90,7 +92,8 @@ class Split:
     def written(self) -> list:
         return self.storage.written()
 
-    def specs(self, group_mesh, sharded: dict | None = None, dim: int | None = None) -> dict[str, _sharded.Spec]:
+    def specs(self, group_mesh, sharded: dict | None = None,
+              dim: int | None = None) -> dict[str, _sharded.Spec]:
         """``name -> Spec`` of every source: its shape and every rank's ``(first, count)`` piece
         (``_sharded``'s ``pieces`` layout: exports gather the full tensor, a load cuts this rank's).
         HSDP (``sharded``: the parameters' DTensor specs, split over mesh dimension ``dim``): the
@@ -108,19 +111,19 @@ class Split:
                 last = min(max(hi - int(g.starts[slot]), 0), counts)
                 where.append((first, max(last - first, 0)))
             pieces = (tuple(t.shape), tuple(where))
+            slices = t.is_contiguous() and t.numel() > 0
             if sharded is not None and name in sharded:
-                out[name] = sharded[name]._replace(pieces=pieces, slices=t.is_contiguous() and t.numel() > 0,
-                                                   replica_dim=dim)
+                out[name] = sharded[name]._replace(pieces=pieces, slices=slices, replica_dim=dim)
             else:
-                out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()), pieces=pieces,
-                                          slices=t.is_contiguous() and t.numel() > 0)
+                out[name] = _sharded.Spec(group_mesh, (Replicate(),), t.shape, tuple(t.stride()),
+                                          pieces=pieces, slices=slices)
         return out
 
     # ------------------------------------------------------------ this rank's pieces
 
     def view(self, source: int | str, row: int | None = 0):
-        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows, count)``),
-        after the storage's pending folds."""
+        """This rank's piece of the average of ``source`` (``row=None``: every row, ``(rows,
+        count)``), after the storage's pending folds."""
         if row is not None:
             self.check_row(row)
         self.storage.join()
@@ -187,7 +190,7 @@ class Split:
                 with ctrl_c_held():
                     gather.gather_into_sources(self.layout, row, self, buckets, written)
             except BaseException:
-                if not written:                      # nothing of the average went in: not swapped (H7)
+                if not written:                      # nothing of it went in: not swapped (H7)
                     self._swapped_row, self._raw = None, None
                 raise
         else:
@@ -230,12 +233,14 @@ class Split:
                rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
         self.storage.update(decay, weight=weight, rounding=rounding, seed=seed, step=step)
 
-    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
-                       plan=None, given=None) -> None:
-        if given is None:                        # the host plan's call (offloaded storages take no more)
-            self.storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan)
+    def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int,
+                       skip_if, plan=None, given=None) -> None:
+        storage = self.storage
+        if given is None:                        # the host plan's call (offloaded storages: all)
+            storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan)
         else:
-            self.storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan, given=given)
+            storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan,
+                                   given=given)
 
     def scan_groups(self, flags: dict | None = None) -> dict:
         return self.storage.scan_groups(flags)

@@ -47,7 +47,7 @@ class Spec(NamedTuple):
     valid: int | None = None          # ZeRO-3: the partition's elements that are not padding
     view_shape: tuple | None = None   # ZeRO-3: the parameter's shape (the checkpoint keeps it flat)
     pieces: tuple | None = None       # ZeRO-1/2 masters: (parameter shape, ((start, length) of each rank, ...))
-    slices: bool = False              # shard_replicas: a checkpoint holds this rank's pieces only (SplitEntry)
+    slices: bool = False              # shard_replicas: a checkpoint holds this rank's pieces only
     replica_dim: int | None = None    # shard_replicas over a DTensor's replicate mesh dim: pieces of the local shard
 
 

@@ -42,8 +42,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-__all__ = ["KINDS", "MAGIC", "SIZE", "Agreement", "Disagreement", "Read", "Sequence", "Stamp", "agree",
-           "agreed", "load_stamp"]
+__all__ = ["KINDS", "MAGIC", "SIZE", "Agreement", "Disagreement", "Read", "Sequence", "Stamp",
+           "agree", "agreed", "load_stamp"]
 
 #: the collective reads and loads, by the method making them (what :class:`Read`'s ``kind`` names)
 KINDS = ("swap()", "copy_to()", "averaged_state_dict()", "full_state_dict()", "state_dict()",
@@ -318,10 +318,10 @@ class Agreement:
         self.sequence = Sequence()          # the agreements made, alike on every rank
 
     def groups(self, swap: bool = False) -> list:
-        """``(process group, device type)`` of every group a collective read or load of this average
-        spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or ``copy_to``
-        gathers over (a split average's replica group; none for a sharded one, which swaps its own
-        shards). Empty without a process group."""
+        """``(process group, device type)`` of every group a collective read or load of this
+        average spans (every mesh dimension of its sharded tensors); ``swap``: the groups a swap or
+        ``copy_to`` gathers over (a split average's replica group; none for a sharded one, which
+        swaps its own shards). Empty without a process group."""
         dist = torch.distributed
         if not dist.is_available() or not dist.is_initialized():
             return []
@@ -338,8 +338,9 @@ class Agreement:
                 continue
             for dim in range(spec.mesh.ndim):
                 group = spec.mesh.get_group(dim)
-                if all(group is not g[0] for g in groups):    # the split's run id: over its replica group only
-                    here = spec.replica_dim == dim if spec.replica_dim is not None else replicas is not None
+                if all(group is not g[0] for g in groups):    # the split's run id: its replicas'
+                    split = spec.replica_dim
+                    here = split == dim if split is not None else replicas is not None
                     groups.append((group, spec.mesh.device_type, here))
         return groups
 
@@ -356,7 +357,7 @@ class Agreement:
 
     @property
     def split_id(self) -> int:
-        """The split's run id: rank 0's, agreed at construction; taken from the checkpoint a load reads."""
+        """The split's run id: rank 0's, agreed at construction; a load takes its checkpoint's."""
         return int(self.side.avg.split_id or 0)
 
 

@@ -207,7 +207,8 @@ class TorchCheckpoint:
         view, the counters and settings. ``gathered=True`` (a split average's checkpoint that one rank
         writes whole: Lightning's): every entry a full tensor, gathered (a collective every rank of the
         group joins, after they agree), which ``load_state_dict`` cuts again on any number of ranks."""
-        with self.agreement.agreed(Read("state_dict()", "gathered" if gathered else ""), gathers=gathered):
+        read = Read("state_dict()", "gathered" if gathered else "")
+        with self.agreement.agreed(read, gathers=gathered):
             self.swap.refuse("state_dict()")     # and the host copies made (can fail on one rank)
             side = self.side
             if side.resync:                      # a DDP wrap since construction: start over first
@@ -222,7 +223,7 @@ class TorchCheckpoint:
                 "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
             }
         if avg.split_id is not None:
-            state["split_id"] = self.agreement.split_id  # which split run the slices are of (see .agree)
+            state["split_id"] = self.agreement.split_id  # which split run the slices are of
         if gathered:
             for key in ("averaged", "ring"):
                 if isinstance(state.get(key), dict):
@@ -231,7 +232,8 @@ class TorchCheckpoint:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
-        with self.agreement.agreed(Read("load_state_dict()"), stamp=load_stamp(state)):   # all load, or none
+        read = Read("load_state_dict()")
+        with self.agreement.agreed(read, stamp=load_stamp(state)):   # all load, or none
             loads = self._checked_loads(state, strict)
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two

@@ -48,14 +48,15 @@ def rects(first: int, last: int, shape: tuple) -> list[tuple[list, list]]:
 
 
 class SplitEntry(torch.Tensor):
-    """A checkpoint entry of an average split over replicas (``shard_replicas``): this rank's pieces
-    of one tensor, shown as a tensor of the whole entry's ``size`` (``fastema.torch.SplitEntry``,
-    what a split average's ``state_dict()`` holds; test for it with ``isinstance``). It holds only
-    ``pieces``: ``(offsets, tensor)``, each tensor the rectangle at ``offsets`` (plain host tensors).
-    No operator runs on it (it has no storage); ``torch.distributed.checkpoint`` reads and writes the
-    pieces through its ``__create_write_items__`` / ``__create_chunk_list__`` / ``__get_tensor_shard__``
-    methods, and a file of one rank's own (a callback's) through :meth:`flat_range`,
-    :meth:`to_local` and :meth:`load_local`."""
+    """A checkpoint entry of an average split over replicas (``shard_replicas``): this rank's
+    pieces of one tensor, shown as a tensor of the whole entry's ``size``
+    (``fastema.torch.SplitEntry``, what a split average's ``state_dict()`` holds; test for it with
+    ``isinstance``). It holds only ``pieces``: ``(offsets, tensor)``, each tensor the rectangle at
+    ``offsets`` (plain host tensors). No operator runs on it (it has no storage);
+    ``torch.distributed.checkpoint`` reads and writes the pieces through its
+    ``__create_write_items__``, ``__create_chunk_list__`` and ``__get_tensor_shard__`` methods, and
+    a file of one rank's own (a callback's) through :meth:`flat_range`, :meth:`to_local` and
+    :meth:`load_local`."""
 
     _pieces: list
 
@@ -67,7 +68,8 @@ class SplitEntry(torch.Tensor):
         return self
 
     def __repr__(self) -> str:                              # type: ignore[override]
-        return f"SplitEntry(size={tuple(self.shape)}, dtype={self.dtype}, pieces={[tuple(o) for o, _ in self._pieces]})"
+        at = [tuple(o) for o, _ in self._pieces]
+        return f"SplitEntry(size={tuple(self.shape)}, dtype={self.dtype}, pieces={at})"
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -77,9 +79,9 @@ class SplitEntry(torch.Tensor):
             return SplitEntry([], self.shape, kwargs.get("dtype") or self.dtype)
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return args[0]
-        raise RuntimeError(f"{func} on a split average's checkpoint entry (SplitEntry: this rank's pieces only, for "
-                           f"torch.distributed.checkpoint): load the state dict into an EMA, or gather it with "
-                           f"ema.full_state_dict()")
+        raise RuntimeError(f"{func} on a split average's checkpoint entry (SplitEntry: this "
+                           f"rank's pieces only, for torch.distributed.checkpoint): load the state "
+                           f"dict into an EMA, or gather it with ema.full_state_dict()")
 
     def flat_range(self) -> tuple[int, int] | None:
         """``(first, count)``: this rank's elements as one range of each row of the whole tensor in C
@@ -148,9 +150,9 @@ class SplitEntry(torch.Tensor):
 # ------------------------------------------------------------ a split average's entries (see _replicas)
 
 def slices(view: torch.Tensor, spec: _sharded.Spec) -> SplitEntry:
-    """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint entry
-    (:class:`~fastema.torch._state.slices.SplitEntry`): a host copy of each rectangle the piece makes, at its
-    place in the whole tensor. No collective, and no rank stages more than it holds."""
+    """This rank's piece of a ``(rows, count)`` shadow view as the ``(rows, *shape)`` checkpoint
+    entry (:class:`SplitEntry`): a host copy of each rectangle the piece makes, at its place in the
+    whole tensor. No collective, and no rank stages more than it holds."""
     rows = view.shape[0]
     pieces, at = [], 0
     for offsets, sizes in _chunks(spec):
@@ -166,7 +168,8 @@ def tensor_slices(piece: torch.Tensor, spec: _sharded.Spec) -> SplitEntry:
     """This rank's 1-D ``piece`` of one tensor (one row: a snapshot's profile) as an entry of the
     tensor's own shape holding this rank's rectangles only (see :func:`slices`)."""
     entry = slices(piece.reshape(1, -1), _sharded.rows_spec(spec, 1))
-    return SplitEntry([(offsets[1:], t[0]) for offsets, t in entry._pieces], tuple(spec.shape), piece.dtype)
+    pieces = [(offsets[1:], t[0]) for offsets, t in entry._pieces]
+    return SplitEntry(pieces, tuple(spec.shape), piece.dtype)
 
 
 def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
@@ -185,7 +188,7 @@ def _chunks(spec: _sharded.Spec) -> list[tuple[list, list]]:
 
 
 def piece_of_slices(value: SplitEntry, spec: _sharded.Spec) -> torch.Tensor:
-    """This rank's ``(rows, count)`` piece from a :class:`SplitEntry` entry that :func:`slices` made (and
+    """This rank's ``(rows, count)`` piece from a :class:`SplitEntry` that :func:`slices` made (and
     ``dcp.load`` filled); refuses one laid out otherwise."""
     expected = [o for o, _ in _chunks(spec)]
     got = [list(o) for o, _ in value._pieces]
@@ -197,8 +200,9 @@ def piece_of_slices(value: SplitEntry, spec: _sharded.Spec) -> torch.Tensor:
 
 
 def full_entry(specs: dict, name: str, value):
-    """The full ``(rows, *shape)`` tensor of a split average's checkpoint entry (:class:`SplitEntry`: this
-    rank's pieces), gathered over its group (a collective); any other entry as it is."""
+    """The full ``(rows, *shape)`` tensor of a split average's checkpoint entry (a
+    :class:`SplitEntry`: this rank's pieces), gathered over its group (a collective); any other
+    entry as it is."""
     if not isinstance(value, SplitEntry):
         return value
     spec = _sharded.rows_spec(specs[name], value.shape[0])

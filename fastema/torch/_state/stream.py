@@ -160,7 +160,8 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         bucket_bytes = ckpt.side.avg.gather_bucket or DEFAULT_BUCKET     # a split's own, declared
     box: list = []
     agreement = ckpt.agreement
-    stamp = None if whole else Stamp(agreement.calls(), agreement.split_id, _digest(row, dtype, bucket_bytes, to))
+    stamp = None if whole else Stamp(agreement.calls(), agreement.split_id,
+                                     _digest(row, dtype, bucket_bytes, to))
     with agreement.agreed(read, stamp=stamp, differs=_DIFFERS):
         if check is not None:
             check()                                    # the caller's argument checks: inside, never a hang

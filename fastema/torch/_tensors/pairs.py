@@ -212,7 +212,7 @@ class TorchPairs(Followed):
             _backends.mark_made_here(f)                  # fastema's own: launches bind their views once
         watch((unwrap(online), unwrap(target)), self)
         self.slots.record()
-        self._ops: tuple = (None, None, {})              # (the selection, the guard, the lists made for them)
+        self._ops: tuple = (None, None, {})              # (selection, guard, their lists)
 
     def behind_flags(self) -> list[tuple[str, str]]:
         """``(framework, device)`` of the copied buffers (floating and integer): a device plan's flags
@@ -260,7 +260,7 @@ class TorchPairs(Followed):
         self.avg.copy_from_sources_checked(None)
         self.carry(None)
 
-    # ------------------------------------------------------------ torch.compile (fastema.torch._compile)
+    # ------------------------------------------------------------ torch.compile (_compile)
 
     def op_lists(self, guarded: bool, plan: list) -> dict:
         """``{"update": (tensors it writes, tensors it reads)}`` for the compiled operator: the
@@ -277,9 +277,9 @@ class TorchPairs(Followed):
         return ops
 
     def read_from(self, read: list) -> Callable[[], None]:
-        """Read the online network's tensors from ``read`` until the returned function is called (the
-        operator handed other tensors than the network's own: a slow path, see ``_compile``): their
-        values are copied in, and the online network's own values are put back after."""
+        """Read the online network's tensors from ``read`` until the returned function is called
+        (the operator handed other tensors than the network's own: a slow path, see ``_compile``):
+        their values are copied in, and the online network's own values are put back after."""
         own = self.sel.tensors[len(self.sel.tensors) // 2:]
         with torch.no_grad():
             backup = [o.detach().clone() for o in own]

@@ -33,7 +33,7 @@ def test_buffers_copies_and_a_swaps_backup_are_the_averages_and_the_model_is_not
     assert before == params * 4 + floats * 2 + counted + _tables(ema._avg) + _tables(ema._copy)
     with ema.average_parameters():
         during = ema.nbytes
-    assert during == before + params * 2 + _tables(ema._swapper.backup)     # the raw float16 weights kept aside
+    assert during == before + params * 2 + _tables(ema._swapper.backup)   # raw float16 weights kept
     model.float()                                                     # the model's memory is not the average's
     assert ema.nbytes == during
 

@@ -244,7 +244,7 @@ def test_swap_copy_to_and_export_wait_and_match_the_synchronous_ema(tmp_path, pi
             got = model(x)
         assert torch.equal(got, want)
         assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())   # raw weights back, bit for bit
-    assert type(off._swapper.backup).__name__ == "HostBackup"  # the raw weights waited in host memory
+    assert type(off._swapper.backup).__name__ == "HostBackup"  # raw weights waited in host memory
     off.save(tmp_path / "ema.pt")
     saved = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in sync.averaged_state_dict().items())

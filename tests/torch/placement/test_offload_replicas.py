@@ -26,8 +26,9 @@ def _offloaded_split(rank, world):
         trained = DDP(model)
         ema = EMA(trained, **kwargs, shard_replicas=ShardReplicas(True, bucket=96), offload=Offload(chunk=64))
         ref = EMA(trained, **kwargs)
-        avg = ema._avg                                        # a split of an offloaded storage: composed
-        assert type(avg) is Split and isinstance(avg.storage, OffloadedShadow) and len(avg.storage.src.windows) > 4
+        avg = ema._avg                                        # a split of an offloaded storage
+        assert type(avg) is Split and isinstance(avg.storage, OffloadedShadow)
+        assert len(avg.storage.src.windows) > 4
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         data = torch.Generator().manual_seed(100 + rank)
         for _ in range(9):

@@ -1,7 +1,8 @@
 """The faces over the torch average with ``shard_replicas`` (issue 43 item 6): ``PostHocEMA`` (each
 rank writes the snapshot pieces it owns; the synthesis reads them all) and ``WindowAverage`` (the
 window's ring and sums split like an EMA's rows), on 2 gloo ranks (tests/dist.py), against the
-unsplit face bit for bit; and the flat ranges a per-rank file records (``SplitEntry.flat_range``)."""
+unsplit face bit for bit; and the flat ranges a per-rank file records
+(``SplitEntry.flat_range``)."""
 from __future__ import annotations
 
 import os
@@ -79,10 +80,10 @@ def test_a_flat_range_cut_into_rectangles_is_found_again(shape, data):
 def test_rectangles_not_one_flat_range_have_none():
     from fastema.torch._state.slices import SplitEntry
 
-    block = SplitEntry([([0, 0, 2], torch.zeros((1, 2, 2)))], (1, 3, 4), torch.float32)   # 2 rows x half of them
+    block = SplitEntry([([0, 0, 2], torch.zeros((1, 2, 2)))], (1, 3, 4), torch.float32)  # 2 x half
     assert block.flat_range() is None
-    apart = SplitEntry([([0, 0, 0], torch.zeros((1, 1, 4))), ([0, 2, 0], torch.zeros((1, 1, 4)))], (1, 3, 4),
-                   torch.float32)                                                      # rows 0 and 2
+    apart = SplitEntry([([0, 0, 0], torch.zeros((1, 1, 4))), ([0, 2, 0], torch.zeros((1, 1, 4)))],
+                       (1, 3, 4), torch.float32)                                   # rows 0 and 2
     assert apart.flat_range() is None
 
 
