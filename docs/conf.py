@@ -41,8 +41,8 @@ templates_path = []
 
 # autodoc: members follow each module's __all__ (imported names included), in __all__'s order.
 # Inherited members: the faces inherit their public methods (swap, average_parameters, state_dict...)
-# from shared engine classes; those of torch.nn.Module, the Keras/Lightning Callback and torch.Tensor
-# (SplitEntry is a Tensor subclass; its members are torch's, TensorBase's) are not ours.
+# from shared engine classes; those of torch.nn.Module, the Keras/Lightning Callback and
+# torch.Tensor (SplitEntry is a Tensor subclass; its members are torch's, TensorBase's) are not ours.
 autodoc_default_options = {"member-order": "bysource", "show-inheritance": True,
                            "inherited-members": "Module, Callback, Tensor, TensorBase"}
 autodoc_typehints = "description"
