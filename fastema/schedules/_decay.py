@@ -5,7 +5,9 @@ of training time, ``between(first, last, t)``); and the plan's arithmetic over a
 
 Each value is the plan kernel's formula (:func:`fastema.kernels.formulas.schedule_decay`), run on
 the host over the schedule's parameters as the kernel reads them (:func:`_shared_params`), so the host
-plan and the device plan compute it alike. :class:`BEMA` runs on the host only.
+plan and the device plan compute it alike. :class:`BEMA` runs on the host only. One exception:
+:class:`HalfLife`'s ``2 ** x`` is ``math.exp2(x)`` on the host, as in the compiled kernel (LLVM
+rewrites ``pow(2, x)`` to ``exp2(x)``; the C library's two differ by an ulp about once in a thousand).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from ..kernels.kinds import (
 )
 from ._base import _plain_fields, check_count, check_decay
 from ._edm2 import gamma_to_sigma_rel, sigma_rel_to_gamma
+
+_EXP2 = getattr(math, "exp2", None)              # Python 3.11+ (and numba's math.exp2)
 
 
 def _shared_params(kind: int, slots: dict | None = None) -> tuple:
@@ -186,7 +190,9 @@ class HalfLife:
         _check_positive("half_life", self.half_life)
 
     def between(self, first, last: float, t: float) -> float:
-        return schedule_decay(_HALF_LIFE, float(self.half_life), 0.0, last, t)
+        if _EXP2 is None:                       # Python 3.10: pow(2, x), which may be an ulp off exp2(x)
+            return schedule_decay(_HALF_LIFE, float(self.half_life), 0.0, last, t)
+        return _EXP2(-(t - last) / float(self.half_life))   # the kernel's formula, as LLVM compiles it
 
     def __call__(self, n: int) -> float:
         return self.between(None, n - 1, n)

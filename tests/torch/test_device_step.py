@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from models import assert_same_averages
 from models import device_step_model as model
@@ -248,6 +248,8 @@ def test_plan_kernel_equals_the_python_plan_for_any_schedule(decays, warmup, aft
 @given(kind=st.sampled_from(["sigma_rel", "half_life"]), values=st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3),
        every=st.integers(1, 4), debias=st.booleans(), seed=st.integers(0, 2 ** 63),
        given_steps=st.booleans(), gaps=st.lists(st.integers(0, 1000), max_size=12))
+@example(kind="half_life", values=[0.03910089373628414], every=1, debias=False, seed=0, given_steps=False,
+         gaps=[1, 1])                           # 2 ** (-1 / 39.1...): pow and exp2 differ by an ulp
 def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, every, debias, seed, given_steps, gaps):
     """Property: the power-function and half-life schedules (time = calls, or steps that never go
     back) give the same weights, skips, times and counts on the device as in the Python Plan."""
@@ -257,6 +259,19 @@ def test_plan_kernel_equals_the_python_plan_for_timed_schedules(kind, values, ev
     kw = {"decay": decay, "update_every": every, "debias": debias}
     steps = [int(s) for s in np.cumsum(gaps)] if given_steps else [None] * len(gaps)
     _assert_kernel_follows(Plan(**kw), Plan(**kw), seed, steps)
+
+
+def test_half_life_on_the_host_is_the_kernels_bit_for_bit_where_pow_and_exp2_differ():
+    """HalfLife's decay on the host equals the plan kernel's where it matters: at half-lives whose
+    ``2 ** (-1 / h)`` is an ulp off ``exp2`` in C (LLVM compiles the kernel's ``2 ** x`` as
+    ``exp2(x)``; the host computed ``pow`` before), chosen here from random candidates."""
+    from fastema.average import Plan
+
+    rng = np.random.default_rng(0)
+    halves = [h for h in rng.uniform(10.0, 280.0, 20000) if 2.0 ** (-1.0 / h) != math.exp2(-1.0 / h)]
+    assert len(halves) >= 10
+    for h in halves[:20]:
+        _assert_kernel_follows(Plan([HalfLife(h)]), Plan([HalfLife(h)]), 0, [None, None, None])
 
 
 @pytest.mark.parametrize("guarded", [True, False])
