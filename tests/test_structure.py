@@ -139,7 +139,7 @@ def test_the_engine_knows_no_placement_and_the_face_asks_the_shadow():
 # ------------------------------------------------------------ the torch face by concern
 
 FACES = {"ema.py", "window.py", "posthoc.py", "target.py", "engines.py"}    # engines: the faces' streams, to engines
-SHARED = {"_face.py", "_average.py", "_swap.py", "_compile.py"}
+SHARED = {"_face.py", "_average.py", "_swap.py", "_compile.py", "_attach.py"}
 SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
 
 

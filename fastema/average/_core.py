@@ -162,13 +162,19 @@ class Average:
 
     # ------------------------------------------------------------ the update driver
 
-    def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None) -> None:
+    def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
+               skip_if: dict | None = None) -> None:
         """One ``update()`` call of every face: the plan says what it does (``step`` checked first;
         nothing is recorded when a check refuses the call); the adapter, when there is one, checks
         and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
         launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
         call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
-        None when the shadow follows them itself), called only when the call updates."""
+        None when the shadow follows them itself), called only when the call updates. ``skip_if``:
+        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._attach`):
+        where one is set the call writes nothing on its device, but is counted; with the plan on
+        the host only."""
+        if skip_if is not None and self.device_plan is not None:
+            raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
         pending = self.plan.next(step)         # checks step; records nothing yet
         adapter = self.adapter
         plan = self.device_plan
@@ -178,13 +184,13 @@ class Average:
         elif pending.due:
             if adapter is not None:
                 adapter.begin(True)             # addresses checked (or refused) here
-            self.fold(pending, None if read is None else read())
+            self.fold(pending, None if read is None else read(), skip_if)
             return
         elif adapter is not None:
             adapter.begin(False)
         self.plan.done(pending)
 
-    def fold(self, pending: Pending, sources: Sequence | None = None) -> None:
+    def fold(self, pending: Pending, sources: Sequence | None = None, skip_if: dict | None = None) -> None:
         """The update :meth:`fastema.average.Plan.next` described, from ``sources`` (None: as
         the shadow holds them), then recorded. Nothing is recorded when a check refuses it."""
         weights = pending.weights
@@ -199,7 +205,7 @@ class Average:
                           skip_nonfinite=self.skip_nonfinite, sources=sources)
             flags = shadow.skipped if self.skip_nonfinite else None
         else:                                   # the face checked the addresses in this call
-            flags = adapter.scan(None) if self.skip_nonfinite else None
+            flags = adapter.scan(skip_if) if self.skip_nonfinite else skip_if
             memo = self._weights_memo           # weights_by_device's memo, looked at here (the per-step path)
             by_device = memo[3] if (memo is not None and memo[0] is shadow.layout.groups and memo[1] == weights
                                     and memo[2] == self.rounding) else self.weights_by_device(weights)

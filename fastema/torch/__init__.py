@@ -20,6 +20,7 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
+from ._attach import KEY as ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
 from ._state.slices import SplitEntry
@@ -31,7 +32,7 @@ from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
 
-__all__ = ["EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork",
+__all__ = ["ATTACH_KEY", "EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork",
            "WeightMeta", "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;

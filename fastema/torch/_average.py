@@ -56,6 +56,50 @@ class TorchAverage(TorchFace):
         writing a whole checkpoint reads :meth:`gathered_state_dict` instead)."""
         return self._avg.group is not None
 
+    # ------------------------------------------------------------ attached to an optimizer
+
+    _attachment = None                          # attach(optimizer): its hooks (fastema.torch._attach)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Update this average after every ``optimizer.step()`` and keep it in the optimizer's
+        state dict, so whatever saves the optimizer saves it (HF Trainer's ``optimizer.pt``,
+        Lightning's ``.ckpt``, ``torch.save(optimizer.state_dict())``); returns the average.
+
+        Every step that runs updates it once: not a step ``GradScaler`` skips (a fused
+        optimizer's, run with ``found_inf`` set, is skipped on the device, no host sync), nor
+        DCP's lr-0 step on an optimizer with no state. ``update()`` by hand then raises.
+        ``optimizer.state_dict()[fastema.torch.ATTACH_KEY]`` is :meth:`state_dict` (read by
+        ``torch.load(weights_only=True)``), restored exactly by ``optimizer.load_state_dict``
+        (a float32 average of bfloat16 weights stays float32); a state dict without it starts
+        the average over from the weights at the next step, with a warning. Refused: a sharded
+        or split average, a second average on one optimizer, an average of trainable
+        parameters the optimizer does not step. See the attach guide."""
+        from ._attach import Attachment, skip_refusal
+
+        if self._attachment is not None:
+            raise ValueError(f"this {type(self).__name__} is attached to an optimizer already: detach() "
+                             f"it first. For two optimizers (one per model part), make one average of "
+                             f"each part and attach each to its optimizer")
+        groups = [g for s in (self._avg, self._copy) if s is not None for g in s.layout.groups]
+        skipping = _skipping(self)
+        self._attachment = Attachment(self, optimizer, update=self._eager_update, skipping=skipping,
+                                      restart=self._side.on_restart, sources=list(self._avg.sources),
+                                      devices=sorted({g.device for g in groups}),
+                                      cannot_skip=skip_refusal(skipping, self._core, self._avg))
+        return self
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`: the optimizer's hooks removed, ``update()`` by hand again. The
+        average is kept; a no-op when not attached."""
+        if self._attachment is not None:
+            self._attachment.close()
+            self._attachment = None
+
+    @property
+    def attached(self) -> torch.optim.Optimizer | None:
+        """The optimizer this average is attached to (:meth:`attach`), or None."""
+        return None if self._attachment is None else self._attachment.optimizer
+
     # ------------------------------------------------------------ swap and copy-out
 
     def swap(self, row: int = 0) -> None:
@@ -313,3 +357,13 @@ class TorchAverage(TorchFace):
         """
         export_peft(self._checkpoint, directory, row, adapter_name=adapter_name,
                     save_embedding_layers=save_embedding_layers)
+
+
+def _skipping(face: TorchAverage):
+    """The face's update behind device-side skip flags (``_skipping_update``), where the class of
+    its eager update defines one (a subclass that changes the update, PostHocEMA's snapshots, has
+    none until it says how a skipped step goes), else None."""
+    for klass in type(face).__mro__:
+        if "_eager_update" in vars(klass):
+            return face._skipping_update if "_skipping_update" in vars(klass) else None   # type: ignore
+    return None

@@ -84,12 +84,22 @@ class EMA(Face, TorchAverage):
                 this one included; pass samples seen to define them in samples). Timed
                 schedules refuse a step before the last update's.
         """
+        if self._attachment is not None:                  # attach(optimizer): its steps update
+            self._attachment.refuse("update()")
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
             _compile.compiled_update(self.compiled, step)
             return
         self._eager_update(step)
 
     def _eager_update(self, step: int | None) -> None:
+        self._updated(step, None)
+
+    def _skipping_update(self, skip_if: dict) -> None:
+        """An update behind device-side flags (``device -> int32[1]``; non-zero: nothing written
+        there, the call counted): an attached step run with GradScaler's ``found_inf``."""
+        self._updated(None, skip_if)
+
+    def _updated(self, step: int | None, skip_if: dict | None) -> None:
         if self._on_gpu and self._plan_on_device is None:
             _refuse_capture(self._avg)                    # a capture the host plan cannot replay
         steps = self._steps
@@ -101,7 +111,7 @@ class EMA(Face, TorchAverage):
                 if steps is not None:
                     steps.done()
             return
-        self._core.update(step)                           # the engine's driver: plan, checks, kernels, carry
+        self._core.update(step, skip_if=skip_if)          # the engine's driver: plan, checks, kernels, carry
         if steps is not None:
             steps.done()
 

@@ -81,6 +81,8 @@ class WindowAverage(TorchAverage):
 
     def update(self) -> None:
         """Take a snapshot of the model's weights (on every ``every``-th call)."""
+        if self._attachment is not None:                  # attach(optimizer): its steps update
+            self._attachment.refuse("update()")
         if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
             written, read = self.compiled.ops["update"]
             torch.ops.fastema.update_(written, read, self.compiled.handle, -1)

@@ -1,0 +1,247 @@
+"""``ema.attach(optimizer)``: a model average that rides the optimizer (``docs/guides/attach.md``).
+
+An :class:`Attachment` joins one torch model average (an :class:`~fastema.torch.EMA`, a
+:class:`~fastema.torch.PostHocEMA`, a :class:`~fastema.torch.WindowAverage`) to one optimizer by
+torch's own hooks (``../shared/design/optimizer.md`` §4.2):
+
+- a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
+  the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
+  optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
+  the caller: read only then, §4.3); a fused optimizer's step under ``GradScaler`` (which runs
+  with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on the device (the flag copied
+  into the kernels' skip flags: no host sync);
+- a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
+  dict's top-level key :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what
+  ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
+  the parameters' dtype (§4.1) and Lightning's move of the per-parameter state to the GPU never
+  touch it: a float32 average of bfloat16 weights comes back bit for bit;
+- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and loads it
+  (every check first: a refused load changes nothing); a state dict without it (an older
+  checkpoint, or one made before ``attach``) warns once and starts the average over from the
+  weights as they are at the next step (loaded by then, in whatever order the trainer loads).
+
+No hook makes a collective (HF Trainer calls ``optimizer.state_dict()`` on the saving rank only),
+so an average split over replicas or sharded is refused here, by name.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from . import _compile
+
+__all__ = ["KEY", "Attachment"]
+
+KEY = "fastema"                              # the optimizer state dict's top-level key of the average
+
+_ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = weakref.WeakKeyDictionary()
+_DCP = "torch.distributed.checkpoint.state_dict"
+
+
+class Attachment:
+    """One average joined to one optimizer (see the module). Made by the face's ``attach()``, which
+    hands over what the hooks call: ``update(step)`` (the face's eager update), ``skipping(flags)``
+    (its update behind device-side skip flags, or None),
+    ``restart()`` (start over from the weights; False when the average already holds updates),
+    ``devices`` (where its shadows are: one skip flag each), and ``cannot_skip`` (None, or why
+    this face cannot take a device-side skip flag)."""
+
+    def __init__(self, face: Any, optimizer: torch.optim.Optimizer, *, update: Callable[..., None],
+                 skipping: Callable[[dict], None] | None, restart: Callable[[], bool], sources: list,
+                 devices: list, cannot_skip: str | None):
+        kind = type(face).__name__
+        _check(kind, face, optimizer, sources)
+        self.kind, self.face, self.optimizer = kind, face, optimizer
+        self.update, self.skipping, self.restart = update, skipping, restart
+        self.devices, self.cannot_skip = devices, cannot_skip
+        self.flags: dict = {}                    # device -> int32[1], made at the first fused skip
+        self.reseed: Any = None                  # the step pre-hook of a pending start-over
+        self.handles = [optimizer.register_step_post_hook(self.stepped),
+                        optimizer.register_state_dict_post_hook(self.saving),
+                        optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True)]
+        _ATTACHED[optimizer] = self
+
+    def close(self) -> None:
+        """Remove every hook (``detach()``); the average and the optimizer are left as they are."""
+        for h in self.handles:
+            h.remove()
+        if self.reseed is not None:
+            self.reseed.remove()
+            self.reseed = None
+        _ATTACHED.pop(self.optimizer, None)
+
+    def refuse(self, what: str) -> None:
+        """``update()`` by hand on an attached average."""
+        raise RuntimeError(f"{what} was called on an attached {self.kind} (attached to an optimizer, "
+                           f"{type(self.optimizer).__name__}): every optimizer.step() updates it "
+                           f"already. Drop the call, or detach() the average to update it by hand")
+
+    # ------------------------------------------------------------ the step
+
+    def stepped(self, optimizer, args, kwargs) -> None:
+        """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf`` when set."""
+        found_inf = getattr(optimizer, "found_inf", None)
+        if torch.compiler.is_compiling():
+            if found_inf is not None:
+                raise self.skip_refused("inside torch.compile")
+            _compile.compiled_update(self.face.compiled, None)
+            return
+        if _zero_lr(optimizer) and _called_by_dcp():
+            return                               # DCP's state init: lr 0, nothing moved, not a step
+        if found_inf is None:
+            self.update(None)
+        else:
+            skipping = self.skipping
+            if self.cannot_skip is not None or skipping is None:
+                raise self.skip_refused(self.cannot_skip or "")
+            skipping(self.skip_flags(found_inf))
+
+    def skip_flags(self, found_inf: torch.Tensor) -> dict:
+        """The kernels' skip flags set from GradScaler's ``found_inf`` (non-zero: skipped), on the
+        device with no host read."""
+        flags = self.flags
+        if not flags:
+            flags.update({d: torch.zeros(1, dtype=torch.int32, device=d) for d in self.devices})
+        inf = found_inf.reshape(1)
+        for flag in flags.values():
+            flag.copy_(inf, non_blocking=True)
+        return flags
+
+    def skip_refused(self, why: str) -> RuntimeError:
+        return RuntimeError(f"{type(self.optimizer).__name__}.step() ran under GradScaler with found_inf "
+                           f"set (a fused or capturable optimizer: GradScaler steps it every time and "
+                           f"the step skips on the device), but this {self.kind} cannot skip on the "
+                           f"device ({why}). Use a non-fused optimizer (GradScaler then skips step() "
+                           f"itself), or an EMA without it")
+
+    # ------------------------------------------------------------ the checkpoint
+
+    def saving(self, optimizer, state_dict: dict) -> dict:
+        """The state-dict post-hook: the average's whole state under :data:`KEY`."""
+        if KEY in state_dict:
+            raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this {self.kind} "
+                             f"keeps its state there. Rename that entry")
+        out = dict(state_dict)
+        out[KEY] = self.face.state_dict()
+        return out
+
+    def loading(self, optimizer, state_dict: dict) -> dict:
+        """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
+        to torch), or, where there is none, a start-over at the next step, with one warning."""
+        entry = state_dict.get(KEY)
+        rest = {k: v for k, v in state_dict.items() if k != KEY}
+        if entry is None:
+            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before attach(), "
+                          f"or by an older fastema): the attached {self.kind} starts over from the "
+                          f"model's weights at the next optimizer step", UserWarning, stacklevel=3)
+            if self.reseed is None:
+                self.reseed = optimizer.register_step_pre_hook(self.starting_over)
+            return rest
+        if not isinstance(entry, dict):
+            raise TypeError(f"the optimizer state dict's {KEY!r} entry must be a {self.kind}'s "
+                            f"state_dict(), got {type(entry).__name__}; nothing was loaded")
+        _check_groups(optimizer, rest)           # torch's own refusal, before the average is loaded
+        self.face.load_state_dict(entry)
+        if self.reseed is not None:
+            self.reseed.remove()
+            self.reseed = None
+        return rest
+
+    def starting_over(self, optimizer, args, kwargs) -> None:
+        """The step pre-hook armed by a load without the average: start over from the weights."""
+        if _zero_lr(optimizer) and _called_by_dcp():
+            return
+        self.reseed.remove()
+        self.reseed = None
+        if not self.restart():
+            warnings.warn(f"the attached {self.kind} already holds updates made in this process: it was "
+                          f"kept as it is, not started over from the loaded weights", UserWarning,
+                          stacklevel=2)
+
+
+def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
+    """Refuse what an attachment cannot carry, before any hook is registered."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    other = _ATTACHED.get(optimizer)
+    if other is not None:
+        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average per "
+                         f"optimizer (its state dict holds one under {KEY!r}); detach() it first")
+    if face.split:
+        raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
+                         f"HF Trainer saves the optimizer on one rank, where a gather would hang. "
+                         f"Save it with its own state_dict() or the trainer's fastema callback")
+    if face.sharded:
+        raise ValueError(f"attach() does not take a sharded {kind} yet (FSDP2, tensor parallel, "
+                         f"ZeRO): DCP keeps only 'state' and 'param_groups' of an optimizer's "
+                         f"state dict. Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
+    if face.source != "parameters":
+        raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not stepped.intersection(map(id, sources)):
+        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach it to "
+                         f"the optimizer of its model")
+    names = {id(p): n for n, p in face.model.named_parameters()}
+    missed = [names.get(id(t), "?") for t in sources
+              if t.requires_grad and id(t) not in stepped and id(t) in names]
+    if missed:
+        raise ValueError(f"the model's trainable parameters {missed[:5]} are averaged by this {kind} "
+                         f"but not stepped by this optimizer: they would be read at its steps only. "
+                         f"Make one average per optimizer, of the part it steps (EMA(part)), or "
+                         f"exclude= them, or freeze them")
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """The refusal ``Optimizer.load_state_dict`` makes itself, made before the average is loaded."""
+    saved = state_dict.get("param_groups")
+    groups = optimizer.param_groups
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                         "of optimizer's group")
+
+
+def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
+    """Every group's lr is 0 (a float, or a host tensor: no device read), as DCP's dummy step sets."""
+    for g in optimizer.param_groups:
+        lr = g.get("lr", 0.0)
+        if isinstance(lr, torch.Tensor):
+            if lr.device.type != "cpu" or lr.numel() != 1 or lr.item() != 0:
+                return False
+        elif lr != 0:
+            return False
+    return True
+
+
+def _called_by_dcp() -> bool:
+    """DCP's ``_init_optim_state`` is on the stack (a few frames up: the step's wrappers)."""
+    init = getattr(sys.modules.get(_DCP), "_init_optim_state", None)
+    code = getattr(init, "__code__", None)
+    if code is None:
+        return False
+    frame: Any = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:
+    """Why a face cannot take GradScaler's ``found_inf`` as a device-side skip flag, or None."""
+    if core is None or skipping is None:
+        return "its update takes no device-side skip flag"
+    if core.device_plan is not None:
+        return "device_step=True: its plan steps on the device; make it with device_step=False"
+    if shadow.host_plan_only:
+        return "its folds run on a host thread (offload)"
+    if core.plan.debias or core.options.is_bema:
+        return "debias or BEMA: its normalisers would count a skipped step"
+    return None

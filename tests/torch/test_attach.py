@@ -1,0 +1,283 @@
+"""``ema.attach(optimizer)`` (fastema.torch._attach): every real step updates once, against the
+same average updated by hand and a float64 reference; GradScaler's skipped steps (non-fused:
+step() not run; fused: run with found_inf set) and DCP's lr-0 dummy step do not update; the
+optimizer's state dict carries the whole average (weights_only) and resumes a float32 average of
+bfloat16 weights bit for bit; an old checkpoint starts over with one warning; the refusals."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastema.torch import ATTACH_KEY as KEY
+from fastema.torch import EMA, PostHocEMA, WindowAverage
+
+D = 0.75
+
+
+def net(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 6, generator=g).to(dtype) for _ in range(n)]
+
+
+def step(model, opt, x, scaler=None):
+    loss = model(x).square().mean()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
+def averaged(avg):
+    return {k: v.clone() for k, v in avg.state_dict()["averaged"].items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_step_updates_once_as_by_hand_and_as_float64():
+    a, b = net(), net()
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
+    ema = EMA(a, D)
+    assert ema.attach(opt_a) is ema and ema.attached is opt_a
+    by_hand = EMA(b, D)
+    ref = {n: p.detach().double().clone() for n, p in a.named_parameters()}
+    for x in batches(5):
+        step(a, opt_a, x)
+        step(b, opt_b, x)
+        by_hand.update()
+        for n, p in a.named_parameters():
+            ref[n] = D * ref[n] + (1 - D) * p.detach().double()
+    assert ema.updates == by_hand.updates == 5
+    assert same(averaged(ema), averaged(by_hand))
+    for n, t in averaged(ema).items():
+        torch.testing.assert_close(t[0].double(), ref[n], rtol=0, atol=1e-6)
+
+
+def test_update_by_hand_is_refused_while_attached_and_detach_undoes_it():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, D).attach(opt)
+    with pytest.raises(RuntimeError, match=r"attached EMA \(attached to an optimizer, SGD\).*detach\(\)"):
+        ema.update()
+    assert ema.updates == 0
+    ema.detach()
+    assert ema.attached is None
+    step(model, opt, batches(1)[0])
+    assert ema.updates == 0                         # no hook left
+    ema.update()
+    assert ema.updates == 1
+    ema.detach()                                    # a no-op
+    assert "fastema" not in opt.state_dict()
+
+
+def test_a_step_gradscaler_skips_does_not_update_fused_or_not():
+    for fused in (False, True):
+        model = net()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        ema = EMA(model, D).attach(opt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+        x = batches(1)[0]
+        step(model, opt, x, scaler)
+        before, weights = averaged(ema), [p.detach().clone() for p in model.parameters()]
+        loss = model(x).square().mean() * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)                           # inf gradients: skipped (fused: on the device)
+        scaler.update()
+        opt.zero_grad()
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+        assert same(averaged(ema), before), fused
+        # non-fused: step() not run, not counted; fused: run, counted, written nothing
+        assert ema.updates == (2 if fused else 1)
+        step(model, opt, x, scaler)                # a finite step updates again
+        assert not same(averaged(ema), before)
+
+
+@pytest.mark.parametrize("make", [lambda m, p: WindowAverage(m, 3),
+                                  lambda m, p: PostHocEMA(m, snapshot_every=None, path=p),
+                                  lambda m, p: EMA(m, D, debias=True)],
+                         ids=["WindowAverage", "PostHocEMA", "debias"])
+def test_a_fused_skip_is_refused_where_the_face_cannot_skip_on_the_device(make, tmp_path):
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    avg = make(model, tmp_path).attach(opt)
+    before = averaged(avg)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match="GradScaler with found_inf.*cannot skip.*non-fused"):
+        step(model, opt, batches(1)[0], scaler)
+    assert same(averaged(avg), before)
+
+
+def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():
+    sd = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, D).attach(opt)
+    start = averaged(ema)
+    got = sd.get_optimizer_state_dict(model, opt)  # its dummy step: lr 0, zero grads, hooks fire
+    assert ema.updates == 0 and same(averaged(ema), start)
+    fresh = net()
+    opt1 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    ema1 = EMA(fresh, D).attach(opt1)
+    with pytest.warns(UserWarning, match="holds no 'fastema' entry"):   # DCP drops it (not carried yet)
+        sd.set_optimizer_state_dict(fresh, opt1, got)
+    assert ema1.updates == 0
+    assert KEY not in got                          # DCP keeps 'state' and 'param_groups' only
+    warm = net()
+    opt2 = torch.optim.AdamW(warm.parameters(), lr=0.0)   # a warm-up from lr 0: a real step
+    ema2 = EMA(warm, D).attach(opt2)
+    step(warm, opt2, batches(1)[0])
+    assert ema2.updates == 1
+
+
+def save_load(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def train_bf16(steps, state=None):
+    """A bf16 model, AdamW, a float32 EMA attached; ``state``: (model, optimizer) dicts to resume."""
+    model = net(torch.bfloat16, seed=0 if state is None else 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
+    ema = EMA(model, 0.9, shadow_dtype="float32").attach(opt)
+    if state is not None:
+        model.load_state_dict(state[0])
+        opt.load_state_dict(state[1])
+    return model, opt, ema
+
+
+def test_a_float32_average_of_bf16_weights_resumes_through_the_optimizer_bit_for_bit():
+    xs = batches(8, torch.bfloat16)
+    model, opt, ema = train_bf16(8)
+    for x in xs:
+        step(model, opt, x)
+    model1, opt1, ema1 = train_bf16(4)
+    for x in xs[:4]:
+        step(model1, opt1, x)
+    saved = save_load((model1.state_dict(), opt1.state_dict()))      # weights_only=True
+    avg = saved[1][KEY]["averaged"]
+    assert all(t.dtype == torch.float32 for t in avg.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())   # bf16 would lose it
+    model2, opt2, ema2 = train_bf16(4, saved)
+    assert ema2.updates == 4 and same(averaged(ema2), averaged(ema1))
+    for x in xs[4:]:
+        step(model2, opt2, x)
+    assert ema2.updates == ema.updates == 8
+    assert same(averaged(ema2), averaged(ema))
+    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), model.parameters()))
+
+
+def test_per_parameter_state_would_come_back_in_the_parameters_dtype():
+    """The trap the top-level entry avoids (torch's load cast, design note §4.1)."""
+    model, opt, _ = train_bf16(1)
+    step(model, opt, batches(1, torch.bfloat16)[0])
+    p = next(model.parameters())
+    opt.state[p]["naive_ema"] = p.detach().float() + 1e-3
+    state = save_load(opt.state_dict())
+    opt.load_state_dict(state)
+    assert opt.state[p]["naive_ema"].dtype == torch.bfloat16
+
+
+def test_an_old_checkpoint_starts_over_from_the_loaded_weights_with_one_warning():
+    xs = batches(3)
+    old = net(seed=3)
+    old_opt = torch.optim.AdamW(old.parameters(), lr=1e-2)
+    step(old, old_opt, xs[0])
+    saved = save_load((old.state_dict(), old_opt.state_dict()))
+    model = net(seed=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, D).attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(saved[1])                 # before the model: the start-over waits
+        model.load_state_dict(saved[0])
+    assert len(caught) == 1 and "holds no 'fastema' entry" in str(caught[0].message)
+    ref_model = net(seed=4)
+    ref_model.load_state_dict(saved[0])
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    ref_opt.load_state_dict(save_load(saved[1]))    # its own tensors: torch's load keeps the dict's
+    ref = EMA(ref_model, D)                          # made from the loaded weights
+    for x in xs[1:]:
+        step(model, opt, x)
+        step(ref_model, ref_opt, x)
+        ref.update()
+    assert same(averaged(ema), averaged(ref))
+
+
+@pytest.mark.parametrize("make", [lambda m, p: WindowAverage(m, 3),
+                                  lambda m, p: PostHocEMA(m, (0.05, 0.1), snapshot_every=None, path=p)],
+                         ids=["WindowAverage", "PostHocEMA"])
+def test_window_and_posthoc_attach_as_by_hand_and_resume(make, tmp_path):
+    a, b = net(), net()
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    avg, by_hand = make(a, tmp_path / "a").attach(opt_a), make(b, tmp_path / "b")
+    for x in batches(4):
+        step(a, opt_a, x)
+        step(b, opt_b, x)
+        by_hand.update()
+    assert same(averaged(avg), averaged(by_hand))
+    c = net(seed=9)
+    opt_c = torch.optim.SGD(c.parameters(), lr=0.1)
+    resumed = make(c, tmp_path / "a").attach(opt_c)
+    opt_c.load_state_dict(save_load(opt_a.state_dict()))
+    assert same(averaged(resumed), averaged(avg))
+    with pytest.raises(RuntimeError, match="attached"):
+        resumed.update()
+
+
+def test_refusals_by_name():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, D)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        ema.attach(object())
+    ema.attach(opt)
+    with pytest.raises(ValueError, match="attached to an optimizer already.*one average of each part"):
+        ema.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already carries an attached EMA"):
+        EMA(model, D).attach(opt)
+    with pytest.raises(ValueError, match="steps none of the tensors"):
+        EMA(net(), D).attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)   # two optimizers, one per part
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\].*not stepped by this optimizer"):
+        EMA(model, D).attach(first)
+    part = EMA(model[0], D).attach(first)                # one average per part: fine
+    model[2].requires_grad_(False)
+    EMA(model, D, exclude=()).attach(torch.optim.SGD(model[0].parameters(), lr=0.1))  # frozen: fine
+    assert part.attached is first
+
+
+def test_a_refused_load_changes_nothing_and_several_groups_work():
+    model = net()
+    opt = torch.optim.AdamW([{"params": model[0].parameters()},
+                             {"params": model[2].parameters(), "lr": 1e-3}], lr=1e-2)
+    ema = EMA(model, D).attach(opt)
+    for x in batches(2):
+        step(model, opt, x)
+    state = save_load(opt.state_dict())
+    step(model, opt, batches(3)[2])
+    now = averaged(ema)
+    bad = dict(state, param_groups=state["param_groups"][:1])
+    with pytest.raises(ValueError, match="number of parameter groups"):
+        opt.load_state_dict(bad)
+    assert same(averaged(ema), now) and ema.updates == 3
+    nan = {**state, KEY: {**state[KEY], "averaged": {k: v * float("nan")
+                                                     for k, v in state[KEY]["averaged"].items()}}}
+    with pytest.raises(ValueError):
+        opt.load_state_dict(nan)
+    assert same(averaged(ema), now) and ema.updates == 3
+    opt.load_state_dict(state)
+    assert ema.updates == 2 and KEY in state       # the caller's dict is left whole
