@@ -281,3 +281,26 @@ def test_a_refused_load_changes_nothing_and_several_groups_work():
     assert same(averaged(ema), now) and ema.updates == 3
     opt.load_state_dict(state)
     assert ema.updates == 2 and KEY in state       # the caller's dict is left whole
+
+
+def test_the_guides_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "attach.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(block, "guides/attach.md", "exec"), {})
+
+
+def test_a_compiled_optimizer_step_updates_as_by_hand():
+    a, b = net(), net()
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    ema, by_hand = EMA(a, D).attach(opt_a), EMA(b, D)
+    compiled = torch.compile(opt_a.step, backend="aot_eager")   # the hook traced with the step
+    for x in batches(3):
+        a(x).square().mean().backward()
+        compiled()
+        opt_a.zero_grad()
+        step(b, opt_b, x)
+        by_hand.update()
+    assert ema.updates == by_hand.updates == 3 and same(averaged(ema), averaged(by_hand))

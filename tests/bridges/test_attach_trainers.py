@@ -1,0 +1,96 @@
+"""``ema.attach(optimizer)`` under real trainers on the CPU, with no fastema callback: HF Trainer
+(``optimizer.pt``, loaded with ``weights_only=True``) and Lightning (the ``.ckpt``'s optimizer
+states) save the average with the optimizer and resume it bit for bit against an uninterrupted
+run, a float32 average of bfloat16 weights included (HF)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastema.torch import ATTACH_KEY, EMA
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*loss_type.*")
+
+
+def same_average(a, b):
+    x, y = a.state_dict(), b.state_dict()
+    assert {k: v for k, v in x.items() if k != "averaged"} == {k: v for k, v in y.items() if k != "averaged"}
+    return all(torch.equal(t, y["averaged"][n]) for n, t in x["averaged"].items())
+
+
+# ------------------------------------------------------------ HF Trainer
+
+
+def hf_run(tmp_path, name, resume=None):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from test_transformers import Tokens, arguments, tiny_gpt2
+
+    transformers.logging.set_verbosity_error()
+    model = tiny_gpt2().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, 0.9, shadow_dtype="float32").attach(opt)
+    args = arguments(tmp_path / name, max_steps=4, save_strategy="steps", save_steps=2, bf16=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(32, 0), optimizers=(opt, None))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, ema
+
+
+def test_hf_trainer_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path):
+    model, ema = hf_run(tmp_path, "a")
+    saved = torch.load(tmp_path / "a" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    avg = saved[ATTACH_KEY]["averaged"]
+    assert saved[ATTACH_KEY]["updates"] == 2 and all(t.dtype == torch.float32 for t in avg.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())
+    resumed_model, resumed = hf_run(tmp_path, "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.updates == ema.updates == 4
+    assert same_average(resumed, ema)
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+# ------------------------------------------------------------ Lightning
+
+
+def lightning_run(tmp_path, epochs, ckpt=None, save=False):
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+            self.ema = None
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            self.ema = EMA(self, 0.9).attach(opt)
+            return opt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True)),
+                                       batch_size=8)
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)] if save else []
+    module = Regressor()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=save,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, data, ckpt_path=ckpt)
+    return module
+
+
+def test_lightning_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path):
+    full = lightning_run(tmp_path / "full", 2)
+    first = lightning_run(tmp_path / "a", 1, save=True)
+    ckpt = torch.load(tmp_path / "a" / "ck" / "last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0][ATTACH_KEY]["updates"] == first.ema.updates == 4
+    resumed = lightning_run(tmp_path / "b", 2, ckpt=tmp_path / "a" / "ck" / "last.ckpt")
+    assert resumed.ema.updates == full.ema.updates == 8
+    assert same_average(resumed.ema, full.ema)
