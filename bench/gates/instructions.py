@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .common import ROOT, ToolMissing, use_tree
-from .scenarios import HOST, WHERE, build, host_names, region_updates
+from .scenarios import INSTRUCTIONS, WHERE, build, host_names, region_updates
 
 CLIENT_SOURCE = r"""
 #include <valgrind/callgrind.h>
@@ -161,11 +161,11 @@ def _instructions_child(names: list) -> int:
     import fastema
 
     assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
-    wanted = set(names or host_names())
+    wanted = set(names or host_names(INSTRUCTIONS))
     built: dict = {w: [] for w in WHERE}
 
     def make(where):
-        for what, n in HOST:
+        for what, n in INSTRUCTIONS:
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
                 update, _ = build(what, n, where == "fake-gpu")

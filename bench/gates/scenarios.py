@@ -9,11 +9,16 @@ from .common import DECAY
 
 HOST = (("EMA.update", 6), ("EMA.update", 148), ("EMA.update", 3000), ("TargetNetwork.update", 6),
         ("FlatShadow.update", 148), ("ema_update_many_", 148))
+# instructions only: ema.attach(optimizer)'s update in a step post-hook against update() by
+# hand, each after a no-op optimizer step (torch's step wrapper; its heap count moves 0-1
+# between runs: no count gates)
+ATTACHED = (("no-op step + EMA.update", 148), ("no-op step, EMA attached", 148))
+INSTRUCTIONS = HOST + ATTACHED
 WHERE = ("cpu", "fake-gpu")
 
 
-def host_names() -> list[str]:
-    return [f"{where} {what}, {n} tensors" for where in WHERE for what, n in HOST]
+def host_names(scenarios: tuple = HOST) -> list[str]:
+    return [f"{where} {what}, {n} tensors" for where in WHERE for what, n in scenarios]
 
 
 def _net(n: int):
@@ -69,7 +74,33 @@ def build(what: str, n: int, fake: bool):
     if what == "ema_update_many_":
         shadows = [p.clone() for p in params]
         return (lambda: fastema.ema_update_many_(shadows, params, DECAY)), 3 * _bytes(params)
+    if what in ("no-op step + EMA.update", "no-op step, EMA attached"):
+        opt = _no_op_optimizer(net)
+        ema = EMA(net, DECAY)
+        shadow = sum(parts.get("shadow", 0) for parts in ema.memory(parts=True).values())
+        if what == "no-op step, EMA attached":
+            return ema.attach(opt).attached.step, 2 * shadow + _bytes(params)
+
+        def by_hand():
+            opt.step()
+            ema.update()
+        return by_hand, 2 * shadow + _bytes(params)
     raise ValueError(what)
+
+
+def _no_op_optimizer(net):
+    """An optimizer whose ``step()`` does nothing but what torch wraps every step with (its
+    profiling and hooks)."""
+    import torch
+
+    class NoOp(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None):
+            return None
+
+    return NoOp(net.parameters())
 
 
 def region_updates(n_tensors: int) -> int:

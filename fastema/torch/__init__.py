@@ -20,7 +20,7 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
-from ._attach import KEY as ATTACH_KEY
+from ._attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
 from ._state.slices import SplitEntry
@@ -31,6 +31,10 @@ from .ema import EMA
 from .posthoc import PostHocEMA
 from .target import TargetNetwork
 from .window import WindowAverage
+
+#: The top-level key of an optimizer's state dict that holds an attached average's ``state_dict()``
+#: (``ema.attach(optimizer)``; see the attach guide).
+ATTACH_KEY = _ATTACH_KEY
 
 __all__ = ["ATTACH_KEY", "EMA", "Offload", "PostHocEMA", "ShardReplicas", "SplitEntry", "TargetNetwork",
            "WeightMeta", "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]

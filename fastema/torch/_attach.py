@@ -36,9 +36,10 @@ from . import _compile
 
 __all__ = ["KEY", "Attachment"]
 
-KEY = "fastema"                              # the optimizer state dict's top-level key of the average
+KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 
-_ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = weakref.WeakKeyDictionary()
+_ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
+    weakref.WeakKeyDictionary())
 _DCP = "torch.distributed.checkpoint.state_dict"
 
 
@@ -51,8 +52,8 @@ class Attachment:
     this face cannot take a device-side skip flag)."""
 
     def __init__(self, face: Any, optimizer: torch.optim.Optimizer, *, update: Callable[..., None],
-                 skipping: Callable[[dict], None] | None, restart: Callable[[], bool], sources: list,
-                 devices: list, cannot_skip: str | None):
+                 skipping: Callable[[dict], None] | None, restart: Callable[[], bool],
+                 sources: list, devices: list, cannot_skip: str | None):
         kind = type(face).__name__
         _check(kind, face, optimizer, sources)
         self.kind, self.face, self.optimizer = kind, face, optimizer
@@ -76,14 +77,15 @@ class Attachment:
 
     def refuse(self, what: str) -> None:
         """``update()`` by hand on an attached average."""
-        raise RuntimeError(f"{what} was called on an attached {self.kind} (attached to an optimizer, "
-                           f"{type(self.optimizer).__name__}): every optimizer.step() updates it "
-                           f"already. Drop the call, or detach() the average to update it by hand")
+        raise RuntimeError(f"{what} was called on an attached {self.kind} (attached to an "
+                           f"optimizer, {type(self.optimizer).__name__}): every optimizer.step() "
+                           f"updates it already. Drop the call, or detach() the average to update "
+                           f"it by hand")
 
     # ------------------------------------------------------------ the step
 
     def stepped(self, optimizer, args, kwargs) -> None:
-        """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf`` when set."""
+        """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf``."""
         found_inf = getattr(optimizer, "found_inf", None)
         if torch.compiler.is_compiling():
             if found_inf is not None:
@@ -112,19 +114,19 @@ class Attachment:
         return flags
 
     def skip_refused(self, why: str) -> RuntimeError:
-        return RuntimeError(f"{type(self.optimizer).__name__}.step() ran under GradScaler with found_inf "
-                           f"set (a fused or capturable optimizer: GradScaler steps it every time and "
-                           f"the step skips on the device), but this {self.kind} cannot skip on the "
-                           f"device ({why}). Use a non-fused optimizer (GradScaler then skips step() "
-                           f"itself), or an EMA without it")
+        return RuntimeError(f"{type(self.optimizer).__name__}.step() ran under GradScaler with "
+                            f"found_inf set (a fused or capturable optimizer: GradScaler steps it "
+                            f"every time and the step skips on the device), but this {self.kind} "
+                            f"cannot skip on the device ({why}). Use a non-fused optimizer "
+                            f"(GradScaler then skips step() itself), or an EMA without it")
 
     # ------------------------------------------------------------ the checkpoint
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY`."""
         if KEY in state_dict:
-            raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this {self.kind} "
-                             f"keeps its state there. Rename that entry")
+            raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
+                             f"{self.kind} keeps its state there. Rename that entry")
         out = dict(state_dict)
         out[KEY] = self.face.state_dict()
         return out
@@ -135,9 +137,10 @@ class Attachment:
         entry = state_dict.get(KEY)
         rest = {k: v for k, v in state_dict.items() if k != KEY}
         if entry is None:
-            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before attach(), "
-                          f"or by an older fastema): the attached {self.kind} starts over from the "
-                          f"model's weights at the next optimizer step", UserWarning, stacklevel=3)
+            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
+                          f"attach(), or by an older fastema): the attached {self.kind} starts "
+                          f"over from the model's weights at the next optimizer step", UserWarning,
+                          stacklevel=3)
             if self.reseed is None:
                 self.reseed = optimizer.register_step_pre_hook(self.starting_over)
             return rest
@@ -158,9 +161,9 @@ class Attachment:
         self.reseed.remove()
         self.reseed = None
         if not self.restart():
-            warnings.warn(f"the attached {self.kind} already holds updates made in this process: it was "
-                          f"kept as it is, not started over from the loaded weights", UserWarning,
-                          stacklevel=2)
+            warnings.warn(f"the attached {self.kind} already holds updates made in this "
+                          f"process: it was kept as it is, not started over from the loaded "
+                          f"weights", UserWarning, stacklevel=2)
 
 
 def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
@@ -169,8 +172,9 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
         raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     other = _ATTACHED.get(optimizer)
     if other is not None:
-        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average per "
-                         f"optimizer (its state dict holds one under {KEY!r}); detach() it first")
+        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
+                         f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
+                         f"first")
     if face.split:
         raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
                          f"HF Trainer saves the optimizer on one rank, where a gather would hang. "
@@ -183,16 +187,16 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
         raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not stepped.intersection(map(id, sources)):
-        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach it to "
-                         f"the optimizer of its model")
+        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "
+                         f"it to the optimizer of its model")
     names = {id(p): n for n, p in face.model.named_parameters()}
     missed = [names.get(id(t), "?") for t in sources
               if t.requires_grad and id(t) not in stepped and id(t) in names]
     if missed:
-        raise ValueError(f"the model's trainable parameters {missed[:5]} are averaged by this {kind} "
-                         f"but not stepped by this optimizer: they would be read at its steps only. "
-                         f"Make one average per optimizer, of the part it steps (EMA(part)), or "
-                         f"exclude= them, or freeze them")
+        raise ValueError(f"the model's trainable parameters {missed[:5]} are averaged by this "
+                         f"{kind} but not stepped by this optimizer: they would be read at its "
+                         f"steps only. Make one average per optimizer, of the part it steps "
+                         f"(EMA(part)), or exclude= them, or freeze them")
 
 
 def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -207,7 +211,8 @@ def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
 
 
 def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
-    """Every group's lr is 0 (a float, or a host tensor: no device read), as DCP's dummy step sets."""
+    """Every group's lr is 0 (a float, or a host tensor: no device read), as DCP's dummy step
+    sets."""
     for g in optimizer.param_groups:
         lr = g.get("lr", 0.0)
         if isinstance(lr, torch.Tensor):

@@ -17,7 +17,8 @@ warnings.filterwarnings("ignore", ".*loss_type.*")
 
 def same_average(a, b):
     x, y = a.state_dict(), b.state_dict()
-    assert {k: v for k, v in x.items() if k != "averaged"} == {k: v for k, v in y.items() if k != "averaged"}
+    counters = [{k: v for k, v in s.items() if k != "averaged"} for s in (x, y)]
+    assert counters[0] == counters[1]
     return all(torch.equal(t, y["averaged"][n]) for n, t in x["averaged"].items())
 
 
@@ -34,7 +35,8 @@ def hf_run(tmp_path, name, resume=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ema = EMA(model, 0.9, shadow_dtype="float32").attach(opt)
     args = arguments(tmp_path / name, max_steps=4, save_strategy="steps", save_steps=2, bf16=False)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(32, 0), optimizers=(opt, None))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(32, 0),
+                                   optimizers=(opt, None))
     trainer.train(resume_from_checkpoint=resume)
     return model, ema
 
@@ -75,13 +77,14 @@ def lightning_run(tmp_path, epochs, ckpt=None, save=False):
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=g)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True)),
-                                       batch_size=8)
-    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)] if save else []
+    pairs = torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True))
+    data = torch.utils.data.DataLoader(pairs, batch_size=8)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    callbacks = [ckpt_cb] if save else []
     module = Regressor()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=save,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=save, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
     trainer.fit(module, data, ckpt_path=ckpt)
     return module
 

@@ -69,7 +69,8 @@ def test_update_by_hand_is_refused_while_attached_and_detach_undoes_it():
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, D).attach(opt)
-    with pytest.raises(RuntimeError, match=r"attached EMA \(attached to an optimizer, SGD\).*detach\(\)"):
+    refused = r"attached EMA \(attached to an optimizer, SGD\).*detach\(\)"
+    with pytest.raises(RuntimeError, match=refused):
         ema.update()
     assert ema.updates == 0
     ema.detach()
@@ -130,7 +131,7 @@ def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():
     fresh = net()
     opt1 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     ema1 = EMA(fresh, D).attach(opt1)
-    with pytest.warns(UserWarning, match="holds no 'fastema' entry"):   # DCP drops it (not carried yet)
+    with pytest.warns(UserWarning, match="holds no 'fastema' entry"):   # DCP drops it (not yet)
         sd.set_optimizer_state_dict(fresh, opt1, got)
     assert ema1.updates == 0
     assert KEY not in got                          # DCP keeps 'state' and 'param_groups' only
@@ -149,7 +150,7 @@ def save_load(state):
 
 
 def train_bf16(steps, state=None):
-    """A bf16 model, AdamW, a float32 EMA attached; ``state``: (model, optimizer) dicts to resume."""
+    """A bf16 model, AdamW, a float32 EMA attached; ``state``: (model, optimizer) to resume."""
     model = net(torch.bfloat16, seed=0 if state is None else 5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
     ema = EMA(model, 0.9, shadow_dtype="float32").attach(opt)
@@ -170,7 +171,7 @@ def test_a_float32_average_of_bf16_weights_resumes_through_the_optimizer_bit_for
     saved = save_load((model1.state_dict(), opt1.state_dict()))      # weights_only=True
     avg = saved[1][KEY]["averaged"]
     assert all(t.dtype == torch.float32 for t in avg.values())
-    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())   # bf16 would lose it
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())   # bf16 loses it
     model2, opt2, ema2 = train_bf16(4, saved)
     assert ema2.updates == 4 and same(averaged(ema2), averaged(ema1))
     for x in xs[4:]:
@@ -218,7 +219,8 @@ def test_an_old_checkpoint_starts_over_from_the_loaded_weights_with_one_warning(
 
 
 @pytest.mark.parametrize("make", [lambda m, p: WindowAverage(m, 3),
-                                  lambda m, p: PostHocEMA(m, (0.05, 0.1), snapshot_every=None, path=p)],
+                                  lambda m, p: PostHocEMA(m, (0.05, 0.1), snapshot_every=None,
+                                                          path=p)],
                          ids=["WindowAverage", "PostHocEMA"])
 def test_window_and_posthoc_attach_as_by_hand_and_resume(make, tmp_path):
     a, b = net(), net()
@@ -245,14 +247,14 @@ def test_refusals_by_name():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         ema.attach(object())
     ema.attach(opt)
-    with pytest.raises(ValueError, match="attached to an optimizer already.*one average of each part"):
+    with pytest.raises(ValueError, match="attached to an optimizer already.*average of each part"):
         ema.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="already carries an attached EMA"):
         EMA(model, D).attach(opt)
     with pytest.raises(ValueError, match="steps none of the tensors"):
         EMA(net(), D).attach(torch.optim.SGD(model.parameters(), lr=0.1))
     first = torch.optim.SGD(model[0].parameters(), lr=0.1)   # two optimizers, one per part
-    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\].*not stepped by this optimizer"):
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\].*not stepped by this"):
         EMA(model, D).attach(first)
     part = EMA(model[0], D).attach(first)                # one average per part: fine
     model[2].requires_grad_(False)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="needs a CUDA GPU (torch CUDA)")]
 
 
 def net():
