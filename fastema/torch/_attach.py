@@ -138,9 +138,10 @@ class Attachment:
         rest = {k: v for k, v in state_dict.items() if k != KEY}
         if entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
-                          f"attach(), or by an older fastema): the attached {self.kind} starts "
-                          f"over from the model's weights at the next optimizer step", UserWarning,
-                          stacklevel=3)
+                          f"attach(), by an older fastema, or through DCP's get_state_dict, which "
+                          f"keeps only 'state' and 'param_groups'): the attached {self.kind} "
+                          f"starts over from the model's weights at the next optimizer step",
+                          UserWarning, stacklevel=3)
             if self.reseed is None:
                 self.reseed = optimizer.register_step_pre_hook(self.starting_over)
             return rest
