@@ -306,3 +306,21 @@ def test_a_compiled_optimizer_step_updates_as_by_hand():
         step(b, opt_b, x)
         by_hand.update()
     assert ema.updates == by_hand.updates == 3 and same(averaged(ema), averaged(by_hand))
+
+
+def test_a_fused_skip_leaves_the_copied_buffers_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ema = EMA(model, D).attach(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    x = batches(1)[0]
+    step(model, opt, x, scaler)
+    copied = {k: v.clone() for k, v in ema.state_dict()["copied"].items()}
+    assert copied and all(torch.equal(v, model.state_dict()[k]) for k, v in copied.items()
+                          if v.is_floating_point())
+    scaler.scale(model(x * 2).square().mean() * float("inf")).backward()   # BN's stats move
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(model[1].running_mean, copied["1.running_mean"])
+    assert all(torch.equal(v, ema.state_dict()["copied"][k]) for k, v in copied.items())
