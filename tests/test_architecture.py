@@ -280,6 +280,31 @@ def test_modules_stay_under_450_lines():
     assert not stale, f"LONG_MODULES lists modules that are no longer long: {stale}; remove them"
 
 
+# The share of the library's non-blank lines over 100 characters (issue 62: 12.5% at round 7's start, the
+# 450-line rule met by widening lines): at most WIDE_SHARE in fastema/ and in kernels/, and at most
+# WIDE_FILE in any one module of fastema/ (kernels/' sources are the shipped device code's identity:
+# rewrapping one means rebuilding both sets). New lines stay within 100 characters; ruff holds every
+# line to 120.
+WIDE_SHARE, WIDE_FILE = 0.11, 1 / 3
+
+
+def _wide(path):
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return sum(len(line) > 100 for line in lines), len(lines)
+
+
+def test_lines_stop_widening():
+    for package in ("fastema", "kernels"):
+        counts = {p.relative_to(ROOT).as_posix(): _wide(p) for p in sorted((ROOT / package).rglob("*.py"))}
+        wide, total = map(sum, zip(*counts.values()))
+        assert wide <= WIDE_SHARE * total, (
+            f"{package}/: {wide} of {total} non-blank lines ({wide / total:.1%}) are over 100 characters, "
+            f"more than {WIDE_SHARE:.0%}: wrap the new ones (docs/architecture.md, rules)")
+        worst = {p: f"{w}/{n}" for p, (w, n) in counts.items()
+                 if package == "fastema" and n and w > WIDE_FILE * n}
+        assert not worst, f"modules with over a third of their lines over 100 characters: {worst}; wrap them"
+
+
 def test_mypy_checks_the_whole_torch_face():
     tomllib = pytest.importorskip("tomllib")
     files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
