@@ -21,10 +21,10 @@ Post-hoc EMA: ``fastema.torch.PostHocEMA`` tracks and snapshots profiles,
 """
 from . import posthoc, schedules
 from .flat import FlatShadow
+from .flat_window import WindowShadow
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
 from .smooth import Smoother
 from .track import Tracker
-from .window import WindowShadow
 
 __all__ = ["FlatShadow", "MAX_DECAYS", "Smoother", "WindowShadow", "clear_caches", "copy_", "ema_update_",
            "ema_update_many_", "ema_update_multi_", "flag_nonfinite_", "posthoc", "schedules", "swap_", "Tracker"]

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ._state import GROUPS, from_named, load_refused
+from ._checkpoint_format import GROUPS, from_named, load_refused
 from .torch import SplitEntry
 
 __all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "parted", "read", "resharded"]

@@ -9,7 +9,7 @@ rewrites the layout's segment tables; on CUDA it retires what it stops holding (
 storage, JAX/TensorFlow arrays) only once fastema's launches that read them have passed, and it
 refuses to follow anything while a CUDA graph is being captured on the launch stream.
 
-The protocol (used by :mod:`fastema.flat`, :mod:`fastema.window` and the framework
+The protocol (used by :mod:`fastema.flat`, :mod:`fastema.flat_window` and the framework
 bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source),
 :meth:`SourceTable.check` (full check), :meth:`SourceTable.rebind` (new objects, checked),
 :meth:`SourceTable.adopt` (new objects the caller has checked), :attr:`SourceTable.sources`.

@@ -2,7 +2,7 @@
 
 Built from a :class:`~fastema._layout.FlatLayout` (groups, buffers, tables, views), a
 :class:`~fastema._sources.SourceTable` (where the sources are, kept current) and a
-:class:`~fastema._layout.SwapState`. :class:`~fastema.window.WindowShadow` is built from
+:class:`~fastema._layout.SwapState`. :class:`~fastema.flat_window.WindowShadow` is built from
 the same pieces.
 """
 from __future__ import annotations

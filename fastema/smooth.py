@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from . import _backends, _launch
+from ._checkpoint_format import check_header, load_refused
 from ._interrupts import ctrl_c_held
 from ._launch.cpu import first_bad_weight
-from ._state import check_header, load_refused
 from .kernels import kinds
 
 __all__ = ["Smoother", "alpha_from"]

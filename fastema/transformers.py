@@ -38,8 +38,8 @@ except ImportError as e:                                    # pragma: no cover -
         from e
 
 from . import _callback_files as _files
+from ._checkpoint_format import GROUPS, load_refused, to_named
 from ._io.files import atomic_write
-from ._state import GROUPS, load_refused, to_named
 from .average import EMAOptions
 from .schedules import BEMA
 from .torch import EMA, SplitEntry, unwrap

@@ -199,13 +199,13 @@ def test_the_model_average_engine_imports_no_framework():
 # the longest prefix listed; "fastema" itself (the package's face) is the top.
 LAYERS = (
     ("kernels", ("fastema.kernels",)),
-    ("leaves", ("fastema._io", "fastema._interrupts", "fastema._state", "fastema.schedules",
+    ("leaves", ("fastema._io", "fastema._interrupts", "fastema._checkpoint_format", "fastema.schedules",
                 "fastema._placement_options")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
     ("shadows", ("fastema._checks", "fastema._bound", "fastema._chunks", "fastema._layout", "fastema._sources",
                  "fastema._shadow", "fastema.flat",
-                 "fastema.window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
+                 "fastema.flat_window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
     ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema._callback_files",

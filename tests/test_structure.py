@@ -162,7 +162,7 @@ def test_the_torch_subpackages_import_one_way():
            for b in sorted(graph[a]) if b.startswith("fastema.torch.") and _rank(b) > _rank(a)]
     assert not bad, bad
     assert _rank("fastema.torch._state.checkpoint") > _rank("fastema.torch._placement.replicas") > \
-        _rank("fastema.torch._tensors.model") > _rank("fastema.torch._sharding.tensors")
+        _rank("fastema.torch._tensors.model") > _rank("fastema.torch._sharding.params")
 
 
 # ------------------------------------------------------------ one torch-face contract
@@ -286,7 +286,7 @@ def test_each_option_is_written_once_and_interpolated_into_each_face():
 #: coverage check, docs/ext/coverage_check.py), the face modules and the commands of ``python -m fastema``.
 NAMED_PUBLIC = {
     "fastema.flat", "fastema.pairs", "fastema.smooth", "fastema.jax", "fastema.lightning", "fastema.transformers",
-    "fastema.window", "fastema.ops", "fastema.track", "fastema.tensorflow.compat", "fastema.tensorflow.ema",
+    "fastema.flat_window", "fastema.ops", "fastema.track", "fastema.tensorflow.compat", "fastema.tensorflow.ema",
     "fastema.torch.ema", "fastema.torch.window", "fastema.torch.posthoc", "fastema.torch.target",
     "fastema.torch.compat.diffusers", "fastema.torch.compat.sb3", "fastema.torch.compat.swa_utils",
     "fastema.torch.compat.timm", "fastema.torch.compat.torch_ema", "fastema.torch.compat.torchrl",

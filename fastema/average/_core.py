@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .. import _backends
+from .._checkpoint_format import check_header, refuse_load
 from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._interrupts import ctrl_c_held
 from .._shadow import Updatable
-from .._state import check_header, refuse_load
 from ..flat import FlatShadow
 from ._device_plan import DevicePlan
 from ._device_plan import check_state as check_device_state

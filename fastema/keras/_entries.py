@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
+from .._checkpoint_format import GROUPS
 from .._checks import MAX_DECAYS, shadow_problems
-from .._state import GROUPS
 from ..average import Plan
 
 

@@ -28,7 +28,7 @@ import weakref
 import keras
 import numpy as np
 
-from .._state import from_parts, load_refused, to_parts
+from .._checkpoint_format import from_parts, load_refused, to_parts
 from ._entries import _damage, _Live, _named_state, _problems, _structural_state, _to_numpy
 
 _ATTR = "_fastema_weight_ema"                             # the model's attribute: the file's group of the average

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import _backends
-from .._state import check_header, from_named, load_refused, refuse_load, to_named
+from .._checkpoint_format import check_header, from_named, load_refused, refuse_load, to_named
 
 STATE, SHADOW = "state", "shadow"
 

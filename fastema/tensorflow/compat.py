@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from .._state import load_refused
+from .._checkpoint_format import load_refused
 from ..flat import FlatShadow
 from ._checkpoint import savedmodel_trace
 from .ema import _as_tf_variable, _in_replica_context, _kind, _no_tf1_graph, _weak

@@ -20,7 +20,7 @@ from torch import nn
 from . import _compile
 from ._face import FaceParts, TorchFace
 from ._sharding import masters as _deepspeed
-from ._sharding import tensors as _sharded
+from ._sharding import params as _sharded
 from ._state.agree import Read
 from ._state.peft import export_peft
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream

@@ -23,7 +23,7 @@ from ..posthoc import (
     write_snapshot,
 )
 from ..schedules import PowerFunction, gamma_to_sigma_rel
-from ._sharding import tensors as _sharded
+from ._sharding import params as _sharded
 from ._state.agree import Read
 from ._state.run import Run
 from ._state.slices import tensor_slices

@@ -10,8 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._checkpoint_format import check_header, load_refused
 from .._checks import check_rounding, stochastic_rounding
-from .._state import check_header, load_refused
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile

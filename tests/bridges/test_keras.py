@@ -479,7 +479,7 @@ SAVE_LOAD = r"""
 import json, tempfile, warnings, zipfile
 import keras, numpy as np
 import fastema.keras._saving as fk       # the average in Keras's files, its private helpers included
-from fastema._state import GROUPS
+from fastema._checkpoint_format import GROUPS
 from fastema.keras import WeightEMA
 from models import keras_data, keras_model
 _tmp = tempfile.TemporaryDirectory()      # removed when the script ends

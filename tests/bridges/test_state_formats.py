@@ -1,4 +1,4 @@
-"""The one EMA-state codec (``fastema/_state.py``) and the three file formats written through it.
+"""The one EMA-state codec (``fastema/_checkpoint_format.py``) and the three file formats written through it.
 
 ``data/`` holds files written by ``data/make_format_fixtures.py`` at 929b907, before the formats shared
 the codec: a Keras ``.keras`` / ``.weights.h5`` file with a ``WeightEMA`` average, an ``EMACallback``
@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from fastema._state import GROUPS, from_named, from_parts, load_refused, refuse_load, to_named, to_parts
+from fastema._checkpoint_format import GROUPS, from_named, from_parts, load_refused, refuse_load, to_named, to_parts
 from fastema.schedules import PowerWarmup
 
 DATA = pathlib.Path(__file__).parent / "data"

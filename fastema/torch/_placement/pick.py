@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, overload
 
 from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
-from ...window import WindowShadow
-from .._sharding import tensors as _sharded
+from ...flat_window import WindowShadow
+from .._sharding import params as _sharded
 from . import gather, replicas
 from .host_masters import HostMastersShadow, hook_of
 from .offload import OffloadedShadow

@@ -15,7 +15,7 @@ Reading the average is the collective, the wrapper's
 into the model bucket by bucket (``all_gather_into_tensor`` of one bucket of every rank's window,
 in the model's dtype), the raw weights kept as this rank's window only (and gathered back on the
 way out, bit for bit). Exports and checkpoints go through the checkpoint side with the ``pieces``
-layout of :mod:`fastema.torch._sharding.tensors` (each rank's piece of each tensor; the full
+layout of :mod:`fastema.torch._sharding.params` (each rank's piece of each tensor; the full
 tensor gathered one at a time). The construction checks once, with one collective, that the ranks
 hold the same parameters (:func:`found_replicas`).
 """

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..._interrupts import ctrl_c_held
 from ...flat import FlatShadow
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from . import gather
 
 __all__ = ["Split", "SplitWindow", "split_of"]

@@ -12,14 +12,14 @@ parameters' own layout, the average reads them instead:
   float32 parameters on the masters' device they are that very buffer). A parameter's master is
   the view of ``partition_numel()`` elements at its partition's offset: the same shape, the same
   padding and the same ``Shard(0)`` layout as ``ds_tensor``, so checkpoints and exports of the
-  partitions stay as they are (:mod:`fastema.torch._sharding.tensors`), with the masters' values.
+  partitions stay as they are (:mod:`fastema.torch._sharding.params`), with the masters' values.
 - **ZeRO-1/2** (``DeepSpeedZeroOptimizer``: ``single_partition_of_fp32_groups``) and
   **BF16_Optimizer** (``fp32_groups_flat_partition``): each rank's masters are one slice of each
   flattened group (``bit16_groups_flat`` / ``bf16_groups_flat``, whose rank slices are
   ``parallel_partitioned_bit16_groups`` / ``bf16_partitioned_groups``), cutting parameters at
   arbitrary offsets, while the 16-bit parameters are whole on every rank (views of the flat
   buffer). A parameter's master is its piece (maybe empty) of this rank's slice; the pieces'
-  :class:`~fastema.torch._sharding.tensors.Spec` (``pieces``) makes exports and checkpoints gather them.
+  :class:`~fastema.torch._sharding.params.Spec` (``pieces``) makes exports and checkpoints gather them.
   Swap and copy-out write the masters, then do what the optimizer's step does: this rank's
   partition of the flat 16-bit buffer <- its masters (rounded), and an all-gather of the partitions.
 
@@ -183,7 +183,7 @@ def find(engine, averaged: dict, what: str = "EMA(engine)", stacklevel: int = 4)
 class FlatMasters(Masters):
     """The float32 masters of ZeRO-1/2 or BF16_Optimizer: each rank's masters are one slice of each
     flattened parameter group, so a parameter's master is a piece (possibly empty) of its elements,
-    and ``specs`` describe the pieces (:class:`~fastema.torch._sharding.tensors.Spec` ``pieces``: exports and
+    and ``specs`` describe the pieces (:class:`~fastema.torch._sharding.params.Spec` ``pieces``: exports and
     checkpoints gather them). The 16-bit parameters are whole on every rank, views of one flat
     buffer per group (``lows``) whose rank partitions are ``partitions``: :meth:`push` does what
     the optimizer does after a step (this rank's partition <- its masters, rounded; then an
@@ -197,7 +197,7 @@ class FlatMasters(Masters):
     def push(self) -> None:
         import torch.distributed as dist
 
-        from .tensors import gather_pieces
+        from .params import gather_pieces
 
         with torch.no_grad():
             for master, low, parts, group in zip(self.flats, self.lows, self.partitions, self.groups):
@@ -222,7 +222,7 @@ def _flat_masters(opt, kind: str, averaged: dict) -> FlatMasters:
     ValueError naming what is not as expected."""
     import torch.distributed as dist
 
-    from .tensors import Spec, mesh_of
+    from .params import Spec, mesh_of
 
     masters_attr, lows_attr, parts_attr, params_attr, label, source = _FLAT_MASTERS[kind]
     masters, lows, parts, groups = (getattr(opt, a, None) for a in (masters_attr, lows_attr, parts_attr, params_attr))

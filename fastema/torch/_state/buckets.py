@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._placement import gather
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 
 __all__ = ["BucketReads", "bucketed"]
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch import nn
 
+from ..._checkpoint_format import check_header, refuse_load
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
 from ..._io.safetensors import stream_safetensors, stream_torch_save
-from ..._state import check_header, refuse_load
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .slices import SplitEntry, piece_of_slices, slices
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 
 __all__ = ["SplitEntry", "full_entry", "piece_of_slices", "rects", "slices", "tensor_slices"]
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Uni
 
 import torch
 
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .agree import Read, Sequence, Stamp, agreed
 from .buckets import BucketReads, bucketed
 

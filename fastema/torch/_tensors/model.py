@@ -25,7 +25,7 @@ from ..._backends.torch import refuse_foreign as _refuse_foreign_torch
 from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
 from .._sharding import masters as _deepspeed
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .follow import Followed
 from .hooks import matches, patterns, unsynced, unwrap, watch
 from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, storage_key, tensors_of

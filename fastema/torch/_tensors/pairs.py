@@ -14,7 +14,7 @@ from torch import nn
 from ... import _backends
 from ..._backends.torch import refuse_foreign, span
 from ...pairs import PairShadow, pair_groups
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .follow import Followed
 from .hooks import matches, normalize_name, unwrap, watch
 from .slots import Slots, bump_versions, copy_unless_flagged_, device_name
@@ -172,7 +172,7 @@ def _spec(t) -> tuple:
 
 def _zero3_alike(name: str, dst, src) -> None:
     """Refuse, by name, a pair whose ZeRO-3 partitions (``(valid part, layout)`` of
-    :func:`fastema.torch._sharding.tensors.zero3_piece`, or None) are not the same elements of the
+    :func:`fastema.torch._sharding.params.zero3_piece`, or None) are not the same elements of the
     parameter on this rank: each rank averages its own partitions, with no gather."""
     if dst is None and src is None:
         return

@@ -23,7 +23,7 @@ from torch import nn
 
 from ... import _backends
 from ..._shadow import Shadow
-from .._sharding import tensors as _sharded
+from .._sharding import params as _sharded
 from .hooks import HOOKS, tables_changed, tables_of
 
 __all__ = ["DATA_PTR", "Slots", "bump_versions", "copy_unless_flagged_", "device_name", "disjoint_groups",
@@ -43,7 +43,7 @@ class Slots:
     (a module freed marks ``owner`` stale: ``del model.layer`` calls no hook). The lengths of those
     dicts, a ``len()`` each (a tensor or module added or deleted without a registration hook shows
     as a length). The address function: :data:`DATA_PTR`, or the local shard's
-    (:func:`fastema.torch._sharding.tensors.local_address`) when ``sharded``.
+    (:func:`fastema.torch._sharding.params.local_address`) when ``sharded``.
 
     Args:
         modules: the one or two (unwrapped) modules.

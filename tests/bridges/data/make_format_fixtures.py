@@ -3,7 +3,7 @@ carries a fastema EMA state (a Keras ``.keras`` / ``.weights.h5`` file with a We
 EMACallback ``fastema_ema.safetensors``, a TensorFlow checkpoint of fastema.tensorflow.EMA).
 
 The committed files were written by this script at 929b907, before the three formats shared one codec
-(fastema/_state.py): the tests check that they still load and that writing the loaded state again gives
+(fastema/_checkpoint_format.py): the tests check that they still load and that writing the loaded state again gives
 the same bytes. Run from the repository root, one format per process::
 
     KERAS_BACKEND=torch .venv/bin/python tests/bridges/data/make_format_fixtures.py keras
