@@ -7,8 +7,9 @@
 #     size per worker (tests/worlds.py);
 #   - in the background, one after the other: the CUDA kernel tests in the Numba CUDA simulator, in
 #     their own process (the simulator must be switched on before numba is imported), then the
-#     documentation (docs extra): a Sphinx build with warnings as errors and the coverage check
-#     (every public name in the API pages, with a docstring);
+#     documentation (docs extra): a Sphinx build with warnings as errors, the coverage check among
+#     them (docs/ext/coverage_check.py, a Sphinx extension: every public name in the API pages, with
+#     a docstring, or a warning);
 #   - in the background: ruff (lint and import order) and mypy (the public modules);
 # then the background jobs' output, the files' times from the JUnit XML (the slowest first) and the
 # count of test cases; a failure of any of them fails the run here, after every one has run. Then
@@ -64,8 +65,9 @@ simulator_and_docs() {
   t=$SECONDS
   echo "== documentation (warnings are errors; site: docs/_build/html)"
   rm -rf docs/_build/html
+  # coverage_check runs inside the build (docs/conf.py loads it): its script form, which imports every
+  # framework again (15 CPU seconds), would repeat the same check on the same names
   "$py" -m sphinx -W --keep-going -b html docs docs/_build/html -q || rc=1
-  "$py" docs/ext/coverage_check.py docs/_build/html || rc=1
   echo "$((SECONDS - t))" >"$work/docs.s"
   return $rc
 }
