@@ -10,6 +10,13 @@ import sys
 # Keras picks its backend when first imported, by whichever test module gets there first
 # (TensorFlow may import it); the in-process Keras tests run on torch, others use subprocesses.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# The test processes share the cores (pytest-xdist's workers, CI's background jobs, spawned ranks,
+# subprocesses): an OpenMP thread (torch's, numba's "omp" layer) that spins while it waits for a
+# descheduled peer burns a core for nothing (a tiny fused AdamW step took 3-10 ms of CPU instead
+# of 0.1-0.2 ms on a loaded 2-core machine). Passive waiting: the same threads and the same work,
+# asleep between parallel regions. Read when OpenMP starts, so set before any test imports torch or
+# numba; every process the tests start inherits it. A value the caller set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
