@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Make ./.venv with fastema installed from this tree (editable).
 # Usage: bash scripts/setup.sh [EXTRAS]   e.g. bash scripts/setup.sh dev
-# torch==2.13.0 goes in first: on these machines it is a CPU build lying on disk, and
-# with it installed the package's torch range is satisfied without a multi-GB download.
-# pip byte-compiles what it installs in one process; here compileall does it after the install, on every
-# core (the compiled files are needed: with PYTHONDONTWRITEBYTECODE, as on these machines, Python would
-# compile torch's modules again in every process).
+# torch==2.13.0 goes in first, by pip: on these machines it is a CPU build lying on disk (pip
+# alone looks there), and with it installed the package's torch range is satisfied without a
+# multi-GB download. The extras then go in with uv where it can be had (pip install uv; on a clean
+# machine it resolves, downloads and installs the 160 packages in parallel, where pip does one
+# after the other), torch held at 2.13.0 (-c): a package asking for another torch fails the set-up
+# instead of pulling a CUDA build. Where uv cannot be installed, pip does it all.
+# Byte-compiling: where PYTHONDONTWRITEBYTECODE is set (as on these machines), Python would compile
+# torch's modules again in every process, so compileall does it here, on every core; where it is not
+# (scripts/test.sh unsets it), each module is compiled once, at its first import, and kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="torch${1:+,$1}"
@@ -13,12 +17,31 @@ if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
 log=.venv/pip-install.log
-if ! { .venv/bin/python -m pip install --no-compile "torch==2.13.0" &&
-      .venv/bin/python -m pip install --no-compile -e ".[${extras}]"; } >"$log" 2>&1; then
+install() {
+  .venv/bin/python -m pip install --no-compile "torch==2.13.0" || return 1
+  if .venv/bin/python -m pip install --no-compile "uv>=0.5"; then
+    .venv/bin/python -m uv pip install --python .venv/bin/python -c <(echo "torch==2.13.0") \
+      -e ".[${extras}]"
+  else
+    echo "setup: uv could not be installed; pip installs the extras"
+    .venv/bin/python -m pip install --no-compile -e ".[${extras}]"
+  fi
+}
+if ! install >"$log" 2>&1; then
   cat "$log"
-  echo "setup: pip install failed (log above)" >&2
+  echo "setup: the install failed (log above)" >&2
   exit 1
 fi
-site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-.venv/bin/python -m compileall -q -j 0 "$site" >>"$log" 2>&1 || true     # a file that does not compile stays as pip leaves it
+if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  # Not compiled (a third of the sources, none of them imported by the tests, the docs or the
+  # benchmarks; a module left out still imports, compiled in memory): the packages' own test suites,
+  # transformers' models but those the tests build or transformers and TRL load (auto, gpt2, llama,
+  # bloom, encoder_decoder), diffusers' pipelines (the drop-in tests load diffusers.training_utils).
+  skip='site-packages/([^/]+/(.+/)?tests/'
+  skip+='|transformers/models/(?!(auto|gpt2|llama|bloom|encoder_decoder)/)'
+  skip+='|diffusers/(modular_)?pipelines/[^/]+/)'
+  # a file that does not compile stays as pip leaves it
+  .venv/bin/python -m compileall -q -j 0 -x "$skip" "$site" >>"$log" 2>&1 || true
+fi
 echo "setup: .venv ready with fastema[${extras}] ($(.venv/bin/python -c 'import torch, numba; print("torch", torch.__version__, "numba", numba.__version__)'))"
