@@ -25,18 +25,30 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 work=$(mktemp -d)
 stages=()
-stage() { stages+=("$(printf '%5ds  %s' "$2" "$1")"); }      # stage NAME SECONDS
+# CPU seconds of this script's finished children (user + system; /proc/PID/stat's fields 14-17): on
+# a shared machine the wall time depends on the neighbours' load, the CPU time much less
+cpu() {
+  local f
+  read -r -a f </proc/$$/stat 2>/dev/null || { echo 0; return; }
+  echo $(((f[13] + f[14] + f[15] + f[16]) / $(getconf CLK_TCK)))
+}
+stage() { stages+=("$(printf '%5ds %6s  %s' "$2" "${3:-}" "$1")"); }  # stage NAME SECONDS [CPU]
 finish() {                                                      # each stage's time, also after a failure
-  stage "total" $((SECONDS - start))
-  echo "== stages (seconds)"
+  stage "total" $((SECONDS - start)) "$(cpu)"
+  echo "== stages (wall seconds, CPU seconds where known)"
   printf '%s\n' "${stages[@]}"
   rm -rf "$work"
 }
 trap finish EXIT
 
+# Each module byte-compiled at its first import and kept (__pycache__), once for every process after
+# it: the tests import about a third of the 24,000 modules the set-up installs (a compileall of them
+# all took 128 s of the set-up on 2 cores), and with PYTHONDONTWRITEBYTECODE (set on these machines)
+# every process would compile again what it imports
+unset PYTHONDONTWRITEBYTECODE
 echo "== set-up $(date +%T)"
 bash scripts/setup.sh dev,cuda,bench,distributed,docs
-stage "set-up" $((SECONDS - start))
+stage "set-up" $((SECONDS - start)) "$(cpu)"
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1
 
@@ -79,15 +91,16 @@ lint_pid=$!
 { rc=0; simulator_and_docs || rc=$?; exit $rc; } >"$work/side.log" 2>&1 &
 side_pid=$!
 rc_tests=0
+c=$(cpu)
 "$py" -m pytest tests -m "not cuda" -n 2 --dist loadfile -q --durations=10 \
   --junitxml=bench/out/tests-cpu.xml --basetemp="$work/cpu" || rc_tests=$?
-stage "CPU tests (2 workers, pytest-xdist)" $((SECONDS - t))
+stage "CPU tests (2 workers, pytest-xdist)" $((SECONDS - t)) $(($(cpu) - c))
 rc_side=0; wait "$side_pid" || rc_side=$?
 rc_lint=0; wait "$lint_pid" || rc_lint=$?
 stage "  the simulator's CUDA tests (background)" "$(cat "$work/simulator.s" 2>/dev/null || echo '?')"
 stage "  documentation (background)" "$(cat "$work/docs.s" 2>/dev/null || echo '?')"
 stage "  lint and types (background)" "$(cat "$work/lint.s" 2>/dev/null || echo '?')"
-stage "tests, docs, lint: all done" $((SECONDS - t))
+stage "tests, docs, lint: all done" $((SECONDS - t)) $(($(cpu) - c))
 cat "$work/side.log" "$work/lint.log"
 echo "== the test files' times (JUnit XML: bench/out/tests-*.xml) $(date +%T)"
 "$py" tests/timings.py table bench/out/tests-*.xml
@@ -105,11 +118,11 @@ if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() e
 fi
 
 echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png) $(date +%T)"
-t=$SECONDS
+t=$SECONDS c=$(cpu)
 "$py" -m fastema bench --quick --out bench/out
-stage "quick benchmarks" $((SECONDS - t))
+stage "quick benchmarks" $((SECONDS - t)) $(($(cpu) - c))
 echo "== bench gates: deterministic figures against bench/gates.json, same-run ratios (bench/README.md) $(date +%T)"
-t=$SECONDS
+t=$SECONDS c=$(cpu)
 "$py" -m bench.gates check
-stage "bench gates" $((SECONDS - t))
+stage "bench gates" $((SECONDS - t)) $(($(cpu) - c))
 echo "== done $(date +%T)"
