@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Make ./.venv with fastema installed from this tree (editable).
 # Usage: bash scripts/setup.sh [EXTRAS]   e.g. bash scripts/setup.sh dev
-# torch==2.13.0 goes in first, by pip: on these machines it is a CPU build lying on disk (pip
-# alone looks there), and with it installed the package's torch range is satisfied without a
-# multi-GB download. The extras then go in with uv where it can be had (pip install uv; on a clean
-# machine it resolves, downloads and installs the 160 packages in parallel, where pip does one
-# after the other), torch held at 2.13.0 (-c): a package asking for another torch fails the set-up
-# instead of pulling a CUDA build. Where uv cannot be installed, pip does it all.
+# torch==2.13.0: on these machines a CPU build lying on disk, in pip's find-links; with it installed
+# the package's torch range is satisfied without a multi-GB download. Everything is installed by uv
+# where it can be had (pip install uv): it resolves, downloads and unpacks the 160 packages in
+# parallel, where pip does one after the other (on a clean 2-core machine pip took 150 s and uv 60),
+# torch from the file pip would take without an index (uv does not read pip's configuration), else
+# PyPI's, held at 2.13.0 (-c): a package asking for another torch fails the set-up instead of
+# pulling a CUDA build. Where uv cannot be installed, pip installs torch first, then the extras.
 # Byte-compiling: where PYTHONDONTWRITEBYTECODE is set (as on these machines), Python would compile
 # torch's modules again in every process, so compileall does it here, on every core; where it is not
 # (scripts/test.sh unsets it), each module is compiled once, at its first import, and kept.
@@ -18,13 +19,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 log=.venv/pip-install.log
 install() {
-  .venv/bin/python -m pip install --no-compile "torch==2.13.0" || return 1
   if .venv/bin/python -m pip install --no-compile "uv>=0.5"; then
+    local torch py=.venv/bin/python
+    local url='import json, sys; print(json.load(sys.stdin)["install"][0]["download_info"]["url"])'
+    torch=$("$py" -m pip install --dry-run --no-index --no-deps -q --report - torch==2.13.0 |
+            "$py" -c "$url") && torch="torch @ $torch" || torch="torch==2.13.0"
+    echo "setup: $torch"
     .venv/bin/python -m uv pip install --python .venv/bin/python -c <(echo "torch==2.13.0") \
-      -e ".[${extras}]"
+      -e ".[${extras}]" "$torch"
   else
-    echo "setup: uv could not be installed; pip installs the extras"
-    .venv/bin/python -m pip install --no-compile -e ".[${extras}]"
+    echo "setup: uv could not be installed; pip installs torch, then the extras"
+    .venv/bin/python -m pip install --no-compile "torch==2.13.0" &&
+      .venv/bin/python -m pip install --no-compile -e ".[${extras}]"
   fi
 }
 if ! install >"$log" 2>&1; then
