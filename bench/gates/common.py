@@ -25,7 +25,8 @@ class ToolMissing(RuntimeError):
 
 def use_tree() -> None:
     """Import fastema (and ``fastema.kernels``, which the package maps from ``kernels/``) from this tree,
-    whatever is installed, and the bench helpers (``gpu_fake``, ``gpu_sass``) from ``bench/``."""
+    whatever is installed (the bench helpers are imported as ``bench.gpu.sass``, ``tests.support.fake_gpu``:
+    ``python -m bench.gates`` runs from the root)."""
     import importlib.abc
     import importlib.util
 
@@ -39,5 +40,3 @@ def use_tree() -> None:
 
     if not any(type(f).__name__ == "_Tree" for f in sys.meta_path):
         sys.meta_path.insert(0, _Tree())
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))

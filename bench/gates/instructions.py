@@ -99,7 +99,7 @@ def precompile() -> None:
     files whether or not anything ran here before (it writes none: a first run's writes moved the counts)."""
     import compileall
 
-    for folder in ("fastema", "kernels", "bench"):
+    for folder in ("fastema", "kernels", "bench", "tests/support"):
         compileall.compile_dir(str(ROOT / folder), quiet=2, workers=1)
 
 
@@ -156,9 +156,8 @@ def _instructions_child(names: list) -> int:
     import torch
 
     torch.set_num_threads(1)
-    import gpu_fake as G
-
     import fastema
+    from tests.support import fake_gpu as G
 
     assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
     wanted = set(names or host_names(INSTRUCTIONS))

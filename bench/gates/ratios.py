@@ -1,6 +1,6 @@
 """Time, fastema over its baseline, both in this process on one thread, interleaved, min of N,
 each call charged its wall time less its waits for other processes (:func:`measure_ratio`).
-fastema and ``bench/shapes.py`` are imported when a scenario is set up: call
+fastema and ``bench/suite/shapes.py`` are imported when a scenario is set up: call
 :func:`~bench.gates.common.use_tree` first."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def ratio_setup(kind: str):
         base = shadow.clone()
         return (lambda: fastema.ema_update_(shadow, src, decay=DECAY)), (lambda: base.lerp_(src, 1 - DECAY))
     if kind in ("gpt2", "many", "bf16"):
-        from shapes import gpt2_small
+        from bench.suite.shapes import gpt2_small
 
         ps = params(gpt2_small() if kind == "gpt2" else many, torch.bfloat16 if kind == "bf16" else torch.float32)
         flat = fastema.FlatShadow(ps, dtype="float32") if kind == "bf16" else fastema.FlatShadow(ps)
@@ -73,7 +73,7 @@ def ratio_setup(kind: str):
                 p.data.copy_(c.data)
         return fast, base
     if kind == "smooth":
-        from baselines import TorchSmoother  # bench/test_bench_smooth.py's baseline
+        from tests.support.baselines import TorchSmoother  # bench/suite/test_bench_smooth.py's baseline
 
         values = torch.randn(10 ** 6, generator=g)
         s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")

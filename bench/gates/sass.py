@@ -10,7 +10,7 @@ from .common import ToolMissing, use_tree
 
 def measure_sass() -> dict:
     use_tree()
-    import gpu_sass as S
+    from bench.gpu import sass as S
 
     problem = S.shipped_problem()
     if problem:

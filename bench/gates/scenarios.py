@@ -22,7 +22,7 @@ def host_names(scenarios: tuple = HOST) -> list[str]:
 
 
 def _net(n: int):
-    """``n`` tensors of 4x4 ``Linear`` layers: the host path, not bandwidth (as bench/gpu_host_cost.py)."""
+    """``n`` tensors of 4x4 ``Linear`` layers: the host path, not bandwidth (as bench/gpu/host_cost.py)."""
     import torch
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""The GPU plan's checks, shared by ``bench/gpu_smoke.py`` (a few, small) and ``bench/gpu_probe.py``
-(all of them): each returns ``(ok, detail)`` or raises :class:`gpu_common.Skip` where it needs torch
-CUDA and runs in the simulator (see ``bench/gpu_common.py`` for the two modes).
+"""The GPU plan's checks, shared by ``bench/gpu/smoke.py`` (a few, small) and ``bench/gpu/probe.py``
+(all of them): each returns ``(ok, detail)`` or raises :class:`common.Skip` where it needs torch
+CUDA and runs in the simulator (see ``bench/gpu/common.py`` for the two modes).
 
 - kernels: the GPU (or simulator) kernels against fastema's CPU kernels on NumPy arrays, bit for bit;
 - streams, host syncs and CUDA graphs: torch CUDA only;
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 
-import gpu_common as G
 import numpy as np
 from numba import cuda
 
 import fastema
+from bench.gpu import common as G
 from fastema import FlatShadow, WindowShadow
 
 #: source sizes of the kernel checks: tails, the vector path's 16-byte alignment, several blocks

@@ -1,4 +1,4 @@
-"""What the GPU plan's Python parts share (``bench/gpu_smoke.py``, ``bench/gpu_probe.py`` and its
+"""What the GPU plan's Python parts share (``bench/gpu/smoke.py``, ``bench/gpu/probe.py`` and its
 modules): the mode, arrays on the device, syncs and timers, and a record rewritten after every entry.
 
 Two modes:

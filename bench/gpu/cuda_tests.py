@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The CUDA tests of the GPU command (the second part of ``bash bench/gpu.sh all``, issue 63): two
+"""The CUDA tests of the GPU command (the second part of ``bash bench/gpu/run.sh all``, issue 63): two
 pytest runs one after the other, each test named with its result, seconds and NVVM calls as it
-ends (``bench/gpu_testlog.py``), all into ``OUTDIR/cuda-tests.log`` as it is printed:
+ends (``bench/gpu/testlog.py``), all into ``OUTDIR/cuda-tests.log`` as it is printed:
 
-    python3 bench/gpu_tests.py OUTDIR [--budget S] [--workers N] [--simulate] [-- PYTEST ARGS]
+    python3 -m bench.gpu.cuda_tests OUTDIR [--budget S] [--workers N] [--simulate] [-- PYTEST ARGS]
 
 1. ``-m "cuda and not compiles"``: the files in :data:`PRIORITY` order (the kernels and the launch
    path first), then any other file with a ``cuda`` mark, each test at most ``TEST_TIMEOUT``
@@ -36,8 +36,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-PLUGIN = os.path.relpath(os.path.join(HERE, "gpu_testlog"), ROOT).replace(os.sep, ".")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PLUGIN = os.path.relpath(os.path.join(HERE, "testlog"), ROOT).replace(os.sep, ".")
 PRIORITY = ["tests/kernels/test_cuda.py", "tests/kernels/test_cuda_vector16.py",
             "tests/kernels/test_cuda_scan.py", "tests/kernels/test_bema_cuda.py",
             "tests/torch/test_target_cuda.py", "tests/torch/placement/test_offload_cuda.py",

@@ -1,4 +1,4 @@
-# Sourced by bench/gpu.sh at the start of every command (all, rest), from the repository root: the
+# Sourced by bench/gpu/run.sh at the start of every command (all, rest), from the repository root: the
 # one environment each runs in. Each command may land on a fresh machine (a device machine goes back
 # 30 s after a call), so each sets it up again; what a warm machine already has is kept
 # (idempotent).
@@ -19,8 +19,8 @@
 #   GPU_SIMULATE=1     the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and nothing installed: the
 #                      tree on PYTHONPATH, the numpy shim only where numpy lacks row_stack (CI).
 #
-# What pip printed goes to $GPU_SETUP_LOG (default /dev/null; gpu.sh: run.log); one line a step to
-# stdout. The timeouts here count in every command's 480 s (tests/test_gpu_plan.py adds them up).
+# What pip printed goes to $GPU_SETUP_LOG (default /dev/null; run.sh: run.log); one line a step to
+# stdout. The timeouts here count in every command's 480 s (bench/tests/test_gpu_plan.py adds them up).
 
 GPU_ROOT=$(pwd -P)
 PY=${PYTHON:-python3}
@@ -43,7 +43,7 @@ gpu_path_prepend() {   # DIR: first on PYTHONPATH, once
 gpu_write_numpy_shim() {   # DIR: a sitecustomize.py there giving numpy its row_stack back
   mkdir -p "$1"
   cat >"$1/sitecustomize.py" <<'SHIM'
-# Written by fastema's bench/gpu_env.sh: numpy >= 2.5 removed row_stack, which numba-cuda 0.30
+# Written by fastema's bench/gpu/env.sh: numpy >= 2.5 removed row_stack, which numba-cuda 0.30
 # registers (overload(np.row_stack)) at its first kernel compile. vstack is what row_stack was.
 try:
     import numpy

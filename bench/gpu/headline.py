@@ -1,23 +1,23 @@
 #!/usr/bin/env python3
 """fastema's headline GPU figures, each against its baseline in the same process, the batches taken
-in turn (the third part of ``bash bench/gpu.sh all``, issue 63):
+in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
 
-    python3 bench/gpu_headline.py OUTDIR [--budget SECONDS] [--simulate]
+    python3 -m bench.gpu.headline OUTDIR [--budget SECONDS] [--simulate]
 
 1. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
    3000 (3000 x 4096) float32 tensors, and against ``_foreach_mul_`` + ``_foreach_add_`` at 148
    bfloat16 tensors into a float32 shadow: host submit time, device time, one call and a sync
-   (``gpu_measure.interleaved``);
+   (``measure.interleaved``);
 2. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
    ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy;
 3. the first ``EMA.update()`` of a fresh process (GPT-2 small's 148 tensors, float32) with the
    shipped device code: seconds, and NVVM's calls (0: nothing compiled), in a child process with
    an empty kernel cache (a compile cannot hide behind a cached entry);
 4. one training step of a GPT-2-size model, float32 and bfloat16 weights, alone, with fastema's
-   update and with the baseline's (``bench/gpu_steps.py``).
+   update and with the baseline's (``bench/gpu/steps.py``).
 
 ``OUTDIR/headline.json`` is rewritten after every figure (a run cut at its limit keeps what it
-measured; the scenario and implementation names are the probe's, so ``bench/gpu_summary.py``
+measured; the scenario and implementation names are the probe's, so ``bench/gpu/summary.py``
 reads either); ``headline.md`` (the ``gpu-summary`` line, then the tables) is written at the end.
 A figure started after ``--budget`` seconds (default 80) is recorded ``skipped: out of time``; one
 that raises is a failed check (exit status 1). ``--simulate`` (or ``NUMBA_ENABLE_CUDASIM=1``): the
@@ -33,10 +33,10 @@ import time
 if "--simulate" in sys.argv:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
-import gpu_common as G  # noqa: E402
-import gpu_measure as M  # noqa: E402
-import gpu_steps  # noqa: E402
-from gpu_summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
+from bench.gpu import common as G  # noqa: E402
+from bench.gpu import measure as M  # noqa: E402
+from bench.gpu import steps as gpu_steps  # noqa: E402
+from bench.gpu.summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
 
 FLAT = 10 if G.SIM else 28
 FIRST_UPDATE = r"""
@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from fastema.torch import EMA
 from fastema._launch import device_code, drivers
-from shapes import gpt2_small
+from bench.suite.shapes import gpt2_small
 dev = "cpu" if sim else "cuda"
 shapes = [(4, 4)] * 148 if sim else gpt2_small()
 model = nn.ParameterList([nn.Parameter(torch.randn(s, device=dev)) for s in shapes])
@@ -84,10 +84,10 @@ def _rows(rec, scenario: str) -> dict:
 
 def host_cost(rec, count: int, dt: str) -> None:
     """Row 1 (see the module docstring) for ``count`` tensors of ``dt``."""
-    import gpu_timings
     import torch
     from torch import nn
 
+    from bench.gpu import timings as gpu_timings
     from fastema.torch import EMA as Ema
 
     dtype = torch.bfloat16 if dt == "bf16" else torch.float32
@@ -148,18 +148,18 @@ def flat(rec) -> None:
 
 def first_update(rec) -> None:
     """Row 3 (the simulator's child keeps the kernel cache: its CPU kernels would compile)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ) if G.SIM else dict(os.environ, NUMBA_CACHE_DIR=cache)
         args = [sys.executable, "-c", FIRST_UPDATE, "sim" if G.SIM else "gpu"]
-        done = subprocess.run(args, cwd=here, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode:
         raise RuntimeError(done.stderr.strip()[-2000:])
     rec.note("first_update", "fresh process", json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def steps(rec, dt: str) -> None:
-    """Row 4 (``bench/gpu_steps.py``) for ``dt`` weights."""
+    """Row 4 (``bench/gpu/steps.py``) for ``dt`` weights."""
     import torch
 
     dtype = torch.bfloat16 if dt == "bf16" else torch.float32

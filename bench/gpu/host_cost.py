@@ -1,6 +1,6 @@
 """Host cost of fastema's CUDA launch path, measured on the CPU with the fake GPU (issue 37, D1-D2).
 
-    python bench/gpu_host_cost.py [--calls N] [--tensors 6,148,3000] [--json OUT]
+    python -m bench.gpu.host_cost [--calls N] [--tensors 6,148,3000] [--json OUT]
 
 What a training step pays on the host for fastema's launches, without a GPU: the fake GPU of
 ``tests/support`` (a launch driver, ``FakeDriver``, and fake device arrays: nothing runs on a
@@ -35,9 +35,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tests.support import fake_gpu as G
+from tests.support.fake_driver import FakeDeviceArray
 
-import gpu_fake as G  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STAT = statistics.median
 """How the batches of one row are summarised (``--stat min``: the least disturbed batch, for a shared
@@ -105,7 +106,7 @@ def _rows(calls: int, stub: bool, tensors: list) -> dict:
         fake.pushes.clear()
         run(w)                                        # the steady state: the overload kept, the block packed
         out["context pushes per launch"] = float(sum(fake.pushes.values()))
-        weights = G.FakeDeviceArray(1, np.float32)
+        weights = FakeDeviceArray(1, np.float32)
         out["bound lerp launch, device weights"] = _median_us(lambda: run(weights), calls)
         for device_step in (True, False):
             ema = EMA(model, 0.99, device_step=device_step)
@@ -145,9 +146,9 @@ def main(argv=None) -> int:
     else:
         env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [folder,
                                                                              os.environ.get("LD_LIBRARY_PATH")])))
-        child = [sys.executable, __file__, "--stub-child", "--calls", str(args.calls), "--stat", args.stat,
-                 "--tensors", args.tensors]
-        done = subprocess.run(child, capture_output=True, text=True, env=env, timeout=600)
+        child = [sys.executable, "-m", "bench.gpu.host_cost", "--stub-child", "--calls", str(args.calls),
+                 "--stat", args.stat, "--tensors", args.tensors]
+        done = subprocess.run(child, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         if done.returncode == 0:
             results["stub driver"] = json.loads(done.stdout.strip().splitlines()[-1])
         else:

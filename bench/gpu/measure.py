@@ -28,7 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 
-import gpu_common as G
+from bench.gpu import common as G
 
 CALLS, BATCHES, E2E = (3, 2, 3) if G.SIM else (200, 5, 20)
 MAX_SLEEP_MS = 3000.0

@@ -1,38 +1,38 @@
 #!/usr/bin/env bash
 # The GPU plan in two commands, each one device command on a bare or a warm machine (issue 63):
 #
-#   bash bench/gpu.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
+#   bash bench/gpu/run.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
 #
 #   all    what one GPU window must give, in this order, at most 8 minutes with its set-up:
 #          1. the versions (env.txt: the GPU's name from nvidia-smi, driver, python, torch, numba,
-#             numba-cuda, cuda-core, NVVM, cached_launch...) and the preflight bench/gpu_smoke.py
+#             numba-cuda, cuda-core, NVVM, cached_launch...) and the preflight bench/gpu/smoke.py
 #             (smoke.json, rewritten after each check);
-#          2. the CUDA tests (bench/gpu_tests.py: cuda-tests.log, a line a test as it ends with its
+#          2. the CUDA tests (bench/gpu/cuda_tests.py: cuda-tests.log, a line a test as it ends with its
 #             result, seconds and NVVM calls; the kernels and the launch path first, the tests that
 #             compile last; a timeout a test). EXTRA ARGS go to pytest (e.g. -- -k vector);
-#          3. the headline figures against their baselines in the same process (bench/
-#             gpu_headline.py: headline.json after every figure, headline.md): EMA.update() host and
+#          3. the headline figures against their baselines in the same process (bench/gpu/
+#             headline.py: headline.json after every figure, headline.md): EMA.update() host and
 #             device time at 6, 148 and 3000 tensors against torch._foreach_lerp_, a flat 2^28
 #             lerp against a device copy, the first update of a fresh process and its NVVM calls,
 #             a GPT-2-size training step with and without the update (float32, bfloat16);
 #          then the gpu-summary line (summary.txt).
-#   rest   what a window with time left after `all` adds, in this order: the probe (bench/
-#          gpu_probe.py: probe.json, probe.md, lerp_f32.sass), the offloaded EMA's figures (bench/
-#          bench_offload.py --gpu: offload.md), the benchmark suite's CUDA rows (python -m fastema
-#          bench -k cuda --quick: bench.json, bench.md, bench.png). EXTRA ARGS go to the suite.
+#   rest   what a window with time left after `all` adds, in this order: the probe (bench/gpu/
+#          probe.py: probe.json, probe.md, lerp_f32.sass), the offloaded EMA's figures (bench/
+#          scripts/offload.py --gpu: offload.md), the benchmark suite's CUDA rows (python -m bench.suite
+#          -k cuda --quick: bench.json, bench.md, bench.png). EXTRA ARGS go to the suite.
 #
-# Every command first sources bench/gpu_env.sh (numpy without row_stack fixed, fastema importable
+# Every command first sources bench/gpu/env.sh (numpy without row_stack fixed, fastema importable
 # from this tree). Each writes its files as it goes (tee, never tail), run.log holding what it
 # printed (the set-up's pip output too), and at most 8 files into OUTDIR (the device returns at most
-# 8); its timeouts, the set-up's included, add up to at most 480 s (tests/test_gpu_plan.py checks
+# 8); its timeouts, the set-up's included, add up to at most 480 s (bench/tests/test_gpu_plan.py checks
 # it and runs `all` and `rest` in the simulator), so a 540-s device command always returns its
 # files. --quick: the probe's quick mode. --simulate (or GPU_SIMULATE=1): the Numba CUDA simulator
 # at tiny sizes, nothing installed (CI); GPU_PROBE_BUDGET: the probe's budget (120 s). The device
 # calls, in order, and where the results go: bench/README.md, "GPU runs". Exit status: 0 when
 # every part did; else the first failure's (124: a timeout; 1: a failed check or test).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-usage="usage: bash bench/gpu.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
+cd "$(dirname "$0")/../.."
+usage="usage: bash bench/gpu/run.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
 stage=${1:?$usage}
 out=${2:?$usage}
 shift 2
@@ -55,14 +55,14 @@ export OUT_DIR=$out
 log=$out/run.log
 : >"$log"
 say() { echo "$*" | tee -a "$log"; }
-say "== gpu.sh $stage into $out ($(date -u +%FT%TZ))${sim:+, simulator}"
+say "== run.sh $stage into $out ($(date -u +%FT%TZ))${sim:+, simulator}"
 GPU_SETUP_LOG=$log                          # what pip printed, into run.log too
-# shellcheck source=bench/gpu_env.sh
-source bench/gpu_env.sh >>"$log" 2>&1
+# shellcheck source=bench/gpu/env.sh
+source bench/gpu/env.sh >>"$log" 2>&1
 grep "^gpu_env:" "$log"
 status=0
 part() {                                  # part NAME RC: the first failure is the command's status
-  [ "$2" = 124 ] && say "gpu.sh: $1 stopped at its timeout: its files hold what it wrote until then"
+  [ "$2" = 124 ] && say "run.sh: $1 stopped at its timeout: its files hold what it wrote until then"
   say "== $1: exit $2 after ${SECONDS}s"
   [ "$status" = 0 ] && [ "$2" != 0 ] && status=$2
   return 0
@@ -70,23 +70,23 @@ part() {                                  # part NAME RC: the first failure is t
 
 case "$stage" in
   all)
-    timeout -k 5 30 "$PY" bench/gpu_versions.py "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 30 "$PY" -m bench.gpu.versions "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
     part versions "${PIPESTATUS[0]}"
-    timeout -k 5 50 "$PY" bench/gpu_smoke.py "$out" "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 50 "$PY" -m bench.gpu.smoke "$out" "${sim[@]}" 2>&1 | tee -a "$log"
     part smoke "${PIPESTATUS[0]}"
-    timeout -k 10 215 "$PY" bench/gpu_tests.py "$out" --budget 200 "${sim[@]}" -- "${extra[@]}"
+    timeout -k 10 215 "$PY" -m bench.gpu.cuda_tests "$out" --budget 200 "${sim[@]}" -- "${extra[@]}"
     part "CUDA tests" "$?"
-    timeout -k 5 85 "$PY" bench/gpu_headline.py "$out" --budget 55 "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 85 "$PY" -m bench.gpu.headline "$out" --budget 55 "${sim[@]}" 2>&1 | tee -a "$log"
     part headline "${PIPESTATUS[0]}"
     ;;
   rest)
-    timeout -k 10 180 "$PY" bench/gpu_probe.py "$out" --budget "${GPU_PROBE_BUDGET:-120}" \
+    timeout -k 10 180 "$PY" -m bench.gpu.probe "$out" --budget "${GPU_PROBE_BUDGET:-120}" \
       "${quick[@]}" "${sim[@]}" 2>&1 | tee -a "$log"
     part probe "${PIPESTATUS[0]}"
     if [ "$GPU_SIMULATE" = 1 ]; then          # its --gpu mode needs torch CUDA
       say "== offload: needs a GPU (not in the simulator)"
     else
-      timeout -k 5 90 "$PY" bench/bench_offload.py --gpu --sizes 256,1024 --chunks 16,64,256 \
+      timeout -k 5 90 "$PY" -m bench.scripts.offload --gpu --sizes 256,1024 --chunks 16,64,256 \
         --reps 5 --out "$out/offload.md" 2>&1 | tee -a "$log"
       part offload "${PIPESTATUS[0]}"
     fi
@@ -94,13 +94,13 @@ case "$stage" in
     if [ "$GPU_SIMULATE" = 1 ]; then          # CI: no CUDA rows without a GPU; four tiny CPU rows
       select=(-k "test_flat_float32 and cpu and 16" --quick)
     fi
-    timeout -k 10 110 "$PY" -m fastema bench --out "$out" "${select[@]}" "${extra[@]}" 2>&1 \
+    timeout -k 10 110 "$PY" -m bench.suite --out "$out" "${select[@]}" "${extra[@]}" 2>&1 \
       | tee -a "$log"
     part "benchmark suite" "${PIPESTATUS[0]}"
     ;;
 esac
 summary=$out/summary.txt                 # all: 7 files; rest: 8 without it (the line is in run.log)
 [ "$stage" = rest ] && summary=/dev/null
-timeout -k 5 10 "$PY" bench/gpu_summary.py "$out" 2>>"$log" | tee "$summary" | tee -a "$log"
-say "== gpu.sh $stage: exit $status after ${SECONDS}s; files: $(cd "$out" && ls | tr '\n' ' ')"
+timeout -k 5 10 "$PY" -m bench.gpu.summary "$out" 2>>"$log" | tee "$summary" | tee -a "$log"
+say "== run.sh $stage: exit $status after ${SECONDS}s; files: $(cd "$out" && ls | tr '\n' ' ')"
 exit "$status"

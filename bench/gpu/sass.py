@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH, CC = "sm_90", (9, 0)
 
 # sm_90 (H100) limits, gpu.md §1.1

@@ -25,10 +25,8 @@ import sys
 
 if "--simulate" in sys.argv:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import gpu_checks as C  # noqa: E402
-import gpu_common as G  # noqa: E402
+from bench.gpu import checks as C  # noqa: E402
+from bench.gpu import common as G  # noqa: E402
 
 
 def main(argv) -> int:

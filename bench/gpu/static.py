@@ -1,6 +1,6 @@
 """The per-kernel table of fastema's per-step CUDA kernels for sm_90, from their machine code, without a GPU.
 
-    python bench/gpu_static.py [--jobs 2] [--latency 920] [--out FILE | --no-write] [NAME ...]
+    python -m bench.gpu.static [--jobs 2] [--latency 920] [--out FILE | --no-write] [NAME ...]
 
 Prints and writes (``bench/results/gpu-static-DATE.md``) one row per kernel variant: registers per
 thread and the blocks of 256 they let reside per SM on sm_90 (occupancy), spills, the global loads and
@@ -8,10 +8,10 @@ stores of one pass of its streaming loop by width, the bytes per element it must
 thread has in flight each time it waits for memory and per SM at that occupancy, and the share of the
 copy bandwidth the Little's-law model of ``../shared/design/gpu.md`` §1.3 predicts at a loaded latency
 of 920 ns (fitted on the 2026-11-22 H100 run): a prediction, to be checked on a GPU. Then every check
-of ``tests/kernels/test_sass.py`` per variant, with the ones known to fail and why.
+of ``bench/tests/test_sass.py`` per variant, with the ones known to fail and why.
 
 How each variant is built and read (the launchers' argument types, numba-cuda's own options, nvJitLink
-through cuda.core, nvdisasm): ``bench/gpu_sass.py``, shared with the test. Needs the ``cuda`` extra and
+through cuda.core, nvdisasm): ``bench/gpu/sass.py``, shared with the test. Needs the ``cuda`` extra and
 ``nvidia-cuda-nvdisasm``; about a minute on 2 cores.
 """
 from __future__ import annotations
@@ -25,11 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.gpu import sass as S  # noqa: E402
 
-import gpu_sass as S  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def versions() -> str:
@@ -45,7 +43,7 @@ def versions() -> str:
 
 def revision() -> str:
     """The git revision of the tree (``+`` when the kernels differ from it), or "unknown"."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -78,7 +76,7 @@ def report(reports: list, latency_ns: float) -> str:
     linker = " / ".join(sorted({f"{r.linked} linked by nvJitLink" for r in reports}))
     return (
         f"# fastema's per-step CUDA kernels on sm_90, from their machine code ({datetime.date.today().isoformat()})\n\n"
-        f"`python bench/gpu_static.py` at {revision()}; {versions()}. Each variant compiled for the argument "
+        f"`python -m bench.gpu.static` at {revision()}; {versions()}. Each variant compiled for the argument "
         f"types its launcher passes, as numba-cuda's dispatcher compiles it ({linker}, cuda.core's `Linker`), "
         f"disassembled by nvdisasm; {config.CUDA_THREADS} threads a block. No GPU: registers, spills and the "
         "SASS are exact for this toolchain; **the last column is a prediction** (Little's law, "
@@ -92,7 +90,7 @@ def report(reports: list, latency_ns: float) -> str:
         "loop); per SM: x threads resident per SM. The CI rule is >= 32 KiB per SM (about twice the ~14 KiB "
         "the model needs at 12 B/elem).\n\n"
         + S.table(reports, latency_ns)
-        + "\n## The checks of `tests/kernels/test_sass.py`\n\n"
+        + "\n## The checks of `bench/tests/test_sass.py`\n\n"
         + checks_table(reports))
 
 

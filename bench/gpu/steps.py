@@ -1,5 +1,5 @@
 """A training step with and without the EMA update, on a GPT-2-size model (the headline figures of
-``bench/gpu_headline.py``, issue 63).
+``bench/gpu/headline.py``, issue 63).
 
 :class:`GPT2`: GPT-2 small written out in torch (124M parameters in GPT-2's 148 tensors: token and
 position embeddings, 12 blocks of two layer norms, attention's qkv and projection, the MLP's two
@@ -21,10 +21,11 @@ from __future__ import annotations
 import statistics
 import time
 
-import gpu_common as G
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from bench.gpu import common as G
 
 SIZES = {"gpu": dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12, batch=4, seq=256),
          "sim": dict(vocab=64, ctx=16, d=8, layers=1, heads=2, batch=2, seq=8)}

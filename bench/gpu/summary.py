@@ -22,10 +22,10 @@ same for ``EMA.update`` of a model holding that one tensor (the kernels an EMA r
 ``flat28_*pct_of_copy`` their GB/s as a percentage of a device copy's in the same run.
 ``step_gpt2_*_vs_foreach``: one training step of a GPT-2-size model (float32 or bfloat16 weights)
 with the baseline's update less the step alone, over the same with fastema's (what the update adds
-to a step; ``bench/gpu_steps.py``). ``first_update_s`` / ``first_update_nvvm``: the first
+to a step; ``bench/gpu/steps.py``). ``first_update_s`` / ``first_update_nvvm``: the first
 ``EMA.update()`` of a fresh process with the shipped device code, and NVVM's calls in that process
 (0: nothing compiled). ``cuda_tests_failed`` / ``cuda_tests_passed``: the CUDA tests' count (the
-``[test]`` lines of ``bench/gpu_testlog.py`` where present, which a cut run keeps, else pytest's
+``[test]`` lines of ``bench/gpu/testlog.py`` where present, which a cut run keeps, else pytest's
 last summary line); ``probe_failed`` / ``headline_failed``: the failed checks of ``probe.json`` and
 ``headline.json``. ``numba_cuda``, ``cuda_core`` and ``driver`` are the versions the run used, and
 ``cached_launch`` whether fastema's cached CUDA launch was in use (False: every host time is
@@ -33,9 +33,9 @@ numba's dispatcher's). A figure that was not measured is ``nan``; a count that i
 ``-1``; a version or flag that is not known is ``unknown``. Plain Python: the CPU tests check the
 format.
 
-Rebuilt from the files of the GPU commands (``bench/gpu.sh``) once fetched::
+Rebuilt from the files of the GPU commands (``bench/gpu/run.sh``) once fetched::
 
-    python bench/gpu_summary.py DIR [DIR...]
+    python -m bench.gpu.summary DIR [DIR...]
 
 reads ``headline.json`` and ``cuda-tests.log`` (``all``), ``probe.json`` (``rest``, or the old
 ``probe`` stage) and ``env.txt`` (``smoke.json`` for ``cached_launch`` where ``env.txt`` lacks it),
@@ -71,7 +71,7 @@ def _word(value) -> str:
 
 
 def _count(log: str | None, words: tuple) -> int:
-    """How many tests of the ``[test]`` lines (``bench/gpu_testlog.py``) say one of ``words``; else
+    """How many tests of the ``[test]`` lines (``bench/gpu/testlog.py``) say one of ``words``; else
     the numbers of ``words`` in pytest's last summary line; -1 without either."""
     if not log:
         return -1
@@ -208,7 +208,7 @@ def from_folders(folders) -> tuple[str | None, dict]:
 
 def main(argv) -> int:
     if not argv or any(a.startswith("-") for a in argv):
-        print("usage: python bench/gpu_summary.py DIR [DIR...]  (the fetched command folders)",
+        print("usage: python -m bench.gpu.summary DIR [DIR...]  (the fetched command folders)",
               file=sys.stderr)
         return 2
     line, found = from_folders(argv)

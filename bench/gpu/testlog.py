@@ -1,4 +1,4 @@
-"""A pytest plugin for the CUDA tests of the GPU command (``bench/gpu_tests.py`` loads it with
+"""A pytest plugin for the CUDA tests of the GPU command (``bench/gpu/cuda_tests.py`` loads it with
 ``-p``): one line a test as soon as it ends, so that a run cut at its time limit still names every
 test that ran, with its result and time:
 

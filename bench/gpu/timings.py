@@ -1,4 +1,4 @@
-"""The probe's timings (``bench/gpu_probe.py``), each row written to probe.json as it is measured:
+"""The probe's timings (``bench/gpu/probe.py``), each row written to probe.json as it is measured:
 
 - ``host_cost_table``: issue 23's table, which the ``gpu-summary`` line reads: ``EMA.update()``,
   ``FlatShadow.update`` and the foreach baseline at 6 tensors (the RL MLP), 148 (GPT-2 small) and
@@ -11,7 +11,7 @@
 - ``models``: GPT-2 small and 3000 x 4096 through ``FlatShadow``: float32, two decays, bfloat16 weights
   into a float32 shadow, a bfloat16 shadow with stochastic rounding, against torch's ways and timm's.
 
-See ``bench/gpu_measure.py`` for what each figure means. Two slow baselines ask fewer calls a batch than
+See ``bench/gpu/measure.py`` for what each figure means. Two slow baselines ask fewer calls a batch than
 200: the per-tensor ``lerp_`` loop at 3000 tensors (10: 3000 launches a call) and timm's stochastic
 path (20: about 5 ms a call on an H100); each row's ``calls`` says what was used. A row started after
 the probe's time budget is recorded ``{"skipped": "out of time ..."}``; a row that raises is a failed
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import time
 
-import gpu_common as G
 import torch
-from gpu_measure import measure, with_bandwidth
-from gpu_summary import EMA as EMA_ROW
-from gpu_summary import FOREACH, HOST_COST, MIXED
-from shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from torch import nn
 
 import fastema
+from bench.gpu import common as G
+from bench.gpu.measure import measure, with_bandwidth
+from bench.gpu.summary import EMA as EMA_ROW
+from bench.gpu.summary import FOREACH, HOST_COST, MIXED
+from bench.suite.shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from fastema.flat import FlatShadow
 
 DEV = G.torch_device()
@@ -193,7 +193,7 @@ def _float32_model(rows: Rows, name: str, shape_list) -> None:
 
 
 def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
-    from baselines import timm_bfloat16_stochastic_update
+    from tests.support.baselines import timm_bfloat16_stochastic_update
 
     bf = [torch.randn(s, device=DEV).bfloat16() for s in shape_list]
     n = sum(p.numel() for p in bf)

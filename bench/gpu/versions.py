@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""The versions a GPU run depends on, one ``key=value`` a line (part 1 of ``bash bench/gpu.sh all``
-writes them to ``env.txt``; ``bench/gpu_summary.py`` reads ``driver``, ``numba-cuda``, ``cuda-core``
+"""The versions a GPU run depends on, one ``key=value`` a line (part 1 of ``bash bench/gpu/run.sh all``
+writes them to ``env.txt``; ``bench/gpu/summary.py`` reads ``driver``, ``numba-cuda``, ``cuda-core``
 and ``cached_launch`` from it):
 
-    python bench/gpu_versions.py ENV_TXT [--simulate]
+    python -m bench.gpu.versions ENV_TXT [--simulate]
 
 The driver from ``nvidia-smi``; Python; the packages from their metadata (whichever copy comes first
-on ``sys.path``: a numpy put on ``PYTHONPATH`` by ``bench/gpu_env.sh`` too); the numpy actually
+on ``sys.path``: a numpy put on ``PYTHONPATH`` by ``bench/gpu/env.sh`` too); the numpy actually
 imported and whether it has ``row_stack`` (numba-cuda 0.30 needs it); NVVM's version as numba-cuda
 loads it, the libnvvm and libnvJitLink files it loads, and the CUDA runtime's; whether fastema's
-cached launch is in use; what ``bench/gpu_env.sh`` did (``GPU_NUMPY_FIX``, ``GPU_FASTEMA_INSTALL``).
+cached launch is in use; what ``bench/gpu/env.sh`` did (``GPU_NUMPY_FIX``, ``GPU_FASTEMA_INSTALL``).
 A value that cannot be read says why. Each line is also printed.
 """
 import os
@@ -57,8 +57,8 @@ def lines():
                 ("numpy_row_stack", "row_stack" in vars(numpy))]
     except Exception as e:                              # noqa: BLE001
         yield ("numpy_imported", _why(e))
-    yield from [("numpy_fix", os.environ.get("GPU_NUMPY_FIX", "not run through bench/gpu_env.sh")),
-            ("fastema_install", os.environ.get("GPU_FASTEMA_INSTALL", "not run through bench/gpu_env.sh"))]
+    yield from [("numpy_fix", os.environ.get("GPU_NUMPY_FIX", "not run through bench/gpu/env.sh")),
+            ("fastema_install", os.environ.get("GPU_FASTEMA_INSTALL", "not run through bench/gpu/env.sh"))]
     try:
         from numba.cuda.cudadrv import nvvm
 

@@ -29,9 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import json, sys, time
@@ -45,7 +43,7 @@ def counted(*a, **k):
     return real(*a, **k)
 nvvm.compile_ir = counted
 import torch
-import gpu_fake as G
+from tests.support import fake_gpu as G
 from fastema.torch import EMA
 with G.fake_gpu() as fake:
     model = G.rl_mlp()
@@ -66,7 +64,7 @@ print(json.dumps({"entries": entries, "nvvm_calls": calls[0], "first_update_s": 
 
 def first_update(model: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "bench"), model], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), model], env=env, capture_output=True,
                           text=True, timeout=600)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])

@@ -1,7 +1,7 @@
 """Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
 
-    python bench/host_cost_revisions.py BASE [HEAD] [--cases target6,ema6,ema148,ema3000,foreach6] [--rounds 5]
-    python bench/host_cost_revisions.py BASE [HEAD] --cases gpuema6,gpuema148,gpuema3000,gpuskip6,gpuskip148,gpuskip3000
+    python -m bench.scripts.host_cost_revisions BASE [HEAD] [--cases target6,ema6,ema148,ema3000,foreach6] [--rounds 5]
+    python -m bench.scripts.host_cost_revisions BASE [HEAD] --cases gpuema6,gpuema148,gpuema3000,gpuskip6,gpuskip148,gpuskip3000
 
 Each revision is checked out in a temporary git worktree; every round runs each case of each
 revision in a fresh process (alternating, so both see the same machine), with tiny tensors (4x4
@@ -11,7 +11,7 @@ rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host
 
 Cases ``gpuemaN`` and ``gpuskipN`` (``skip_nonfinite=True``) time ``EMA.update()`` on CUDA's launch
 path with each revision's own fake GPU (``tests/support``: a launch driver that launches nothing, no
-device; see ``bench/gpu_host_cost.py``): fastema's host work per update. Only revisions that have
+device; see ``bench/gpu/host_cost.py``): fastema's host work per update. Only revisions that have
 the launch driver (``fastema/_launch/driver.py`` and ``tests/support/fake_gpu.py``, issue 60) can
 be compared so: an older revision's fake GPU replaced names of its ``_launch`` modules, so its
 figures measured another fake; its child fails with ``ModuleNotFoundError`` rather than time

@@ -1,8 +1,8 @@
 """Checkpoint merging against plain file I/O and a naive load-everything-and-sum loop (issue 36 item 8).
 
-    .venv/bin/python bench/bench_merge.py             # 4 inputs of 1 GiB, float32 and bfloat16 (needs ~11 GB of disk)
-    .venv/bin/python bench/bench_merge.py --small     # 4 inputs of 64 MiB (CI size, seconds)
-    .venv/bin/python bench/bench_merge.py --size 256 --format pt   # 4 torch .pt files of 256 MiB
+    .venv/bin/python -m bench.scripts.merge             # 4 inputs of 1 GiB, float32 and bfloat16 (needs ~11 GB of disk)
+    .venv/bin/python -m bench.scripts.merge --small     # 4 inputs of 64 MiB (CI size, seconds)
+    .venv/bin/python -m bench.scripts.merge --size 256 --format pt   # 4 torch .pt files of 256 MiB
 
 Not a timed test: a script that prints a Markdown table (and writes it with ``--out FILE``). Every
 measurement runs in a child process of its own, in one run, in turn, ``--repeat`` times (the median

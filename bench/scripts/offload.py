@@ -3,9 +3,9 @@ against a plain ``EMA(model)`` in the same run, on the CPU, for float32 models o
 chunk sizes; the host fold's GB/s against this machine's streaming bandwidth (measured in the same run);
 and the memory each average adds.
 
-    python bench/bench_offload.py [--sizes 64,256,1024] [--chunks 4,16,64,256] [--reps 5] [--out FILE]
-    python bench/bench_offload.py --ring-only ...     # every window through the chunks (none in place)
-    python bench/bench_offload.py --gpu [--sizes ...] [--chunks ...]     # on a GPU: D2H GB/s, overlap
+    python -m bench.scripts.offload [--sizes 64,256,1024] [--chunks 4,16,64,256] [--reps 5] [--out FILE]
+    python -m bench.scripts.offload --ring-only ...     # every window through the chunks (none in place)
+    python -m bench.scripts.offload --gpu [--sizes ...] [--chunks ...]     # on a GPU: D2H GB/s, overlap
 
 Not a timed test: figures for docs/benchmarks.md. Method:
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
             return done.returncode
         rows += json.loads([s for s in done.stdout.splitlines() if s.startswith("ROWS ")][-1][5:])
     flags = (" --gpu" if args.gpu else "") + (" --ring-only" if args.ring_only else "")
-    head = (f"# bench/bench_offload.py --sizes {args.sizes} --chunks {args.chunks} --reps {args.reps}{flags}"
+    head = (f"# bench/scripts/offload.py --sizes {args.sizes} --chunks {args.chunks} --reps {args.reps}{flags}"
             f"\n\ntorch {torch.__version__}, numba {numba.__version__}, "
             f"{os.cpu_count()} CPUs ({numba.config.NUMBA_NUM_THREADS} numba threads), {device}\n\n"
             f"Streaming bandwidth, same run: NumPy copy {bw['copy']:.1f} GB/s (8 B an element), Numba STREAM "

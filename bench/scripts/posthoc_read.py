@@ -2,10 +2,10 @@
 read it replaced (safetensors' ``safe_open`` + ``get_tensor``, which died of SIGBUS when a snapshot
 was truncated while it was read), same run, same snapshots, interleaved.
 
-    .venv/bin/python bench/bench_posthoc_read.py              # 256 MiB model, 4 snapshots
-    .venv/bin/python bench/bench_posthoc_read.py --small      # a 64 MiB model (seconds)
-    .venv/bin/python bench/bench_posthoc_read.py --cold       # also read from the disk
-    .venv/bin/python bench/bench_posthoc_read.py --mib 1024 --snapshots 8 --out FILE
+    .venv/bin/python -m bench.scripts.posthoc_read              # 256 MiB model, 4 snapshots
+    .venv/bin/python -m bench.scripts.posthoc_read --small      # a 64 MiB model (seconds)
+    .venv/bin/python -m bench.scripts.posthoc_read --cold       # also read from the disk
+    .venv/bin/python -m bench.scripts.posthoc_read --mib 1024 --snapshots 8 --out FILE
 
 Not a timed test: a script that prints a Markdown table (and writes it with ``--out FILE``). A
 ``PostHocEMA`` of a float32 model of ``--mib`` MiB (``bench_merge``'s layout: an embedding of a
@@ -43,9 +43,9 @@ import time
 import zlib
 
 import torch
-from bench_merge import layout  # bench/: the script's own folder
 from torch import nn
 
+from bench.scripts.merge import layout
 from fastema.posthoc import MAX_ERROR, SynthesisPlan, read_snapshots, tensor_reader
 from fastema.posthoc._snapshots import Scratch, TensorReader
 from fastema.torch import PostHocEMA

@@ -1,7 +1,7 @@
 """The average split over replicas (issue 43 item 8): per-rank shadow bytes and update time, split
 against unsplit in the same run, the swap's gather, and a state dict's time and peak memory.
 
-    python bench/bench_replicas.py [--mib 64] [--ranks 1,2,4] [--calls 20] [--out bench/results/...md]
+    python -m bench.scripts.replicas [--mib 64] [--ranks 1,2,4] [--calls 20] [--out bench/results/...md]
 
 Each rank count runs in spawned processes on gloo (CPU, one thread a rank), every rank making both
 averages of the same float32 model (``--mib`` of parameters) and timing, after a warm-up, the best
@@ -22,7 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_offload import rss_anon as _rss_anon  # bench/: the script's own folder
+
+from bench.scripts.offload import rss_anon as _rss_anon
 
 
 def _best(fn, calls: int, rounds: int = 5) -> float:
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# bench/bench_replicas.py --mib {args.mib} --ranks {args.ranks}\n\n"
+            f.write(f"# bench/scripts/replicas.py --mib {args.mib} --ranks {args.ranks}\n\n"
                     f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo, one thread a rank\n\n{text}\n")
     return 0
 

@@ -2,7 +2,7 @@
 split average on 4 gloo ranks, against ``full_state_dict()``, and the bound it keeps (one bucket plus
 the largest tensor).
 
-    python bench/bench_stream.py [--mib 64] [--bucket-mib 8] [--layouts split,hsdp] [--out bench/out/stream.json]
+    python -m bench.scripts.stream [--mib 64] [--bucket-mib 8] [--layouts split,hsdp] [--out bench/out/stream.json]
 
 Each layout runs in 4 spawned processes on gloo (CPU, one thread a rank), every rank making the
 average of the same float32 model (``--mib`` of parameters: ``Linear(1024, 1024)`` layers and one
@@ -34,7 +34,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_offload import proc_status as _status
+
+from bench.scripts.offload import proc_status as _status
 
 MIB = 1 << 20
 
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--bucket-mib", type=float, default=8)
     ap.add_argument("--layouts", default="split,hsdp")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "stream.json"))
+    bench = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out", default=os.path.join(bench, "out", "stream.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))   # large frees go back to the system at once
     bucket, world = int(args.bucket_mib * MIB), 4

@@ -4,7 +4,7 @@
 with ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``, the sync on rank 0, a broadcast back
 on exit), in the same run.
 
-    python bench/bench_teacher_sync.py [--mib 8] [--calls 10] [--rounds 5] [--out bench/out/teacher_sync.json]
+    python -m bench.scripts.teacher_sync [--mib 8] [--calls 10] [--rounds 5] [--out bench/out/teacher_sync.json]
 
 2 spawned ranks on gloo, DeepSpeed on its CPU accelerator (``DS_ACCELERATOR=cpu``), one thread a rank. A
 float32 MLP of ``--mib`` MiB (``Linear(512, 512)`` layers: the weights partitioned, the biases under
@@ -40,7 +40,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_offload import proc_status as _status
+
+from bench.scripts.offload import proc_status as _status
 
 ALPHA = 0.05                     # SDPO/SDFT's teacher_update_rate; any rate costs the same
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce",
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, default=8, help="the model's float32 parameters, MiB")
     ap.add_argument("--calls", type=int, default=10, help="syncs per timed round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out",
                                                   "teacher_sync.json"))
     args = ap.parse_args(argv)
     world = 2

@@ -1,7 +1,7 @@
 """The EMA step of diffusers' UNet at the user's thread count (reliability review T2): fastema's
 diffusers drop-in against diffusers' own ``EMAModel``, both at ``torch.set_num_threads(n)``.
 
-    python bench/bench_threads.py [--models small,big] [--threads 1,2] [--calls 200,15] [--load 0]
+    python -m bench.scripts.threads [--models small,big] [--threads 1,2] [--calls 200,15] [--load 0]
                                   [--out bench/results/cpu-DATE-threads.md]
 
 The models are ``diffusers.UNet2DModel``s of ``examples/unconditional_image_generation/
@@ -149,7 +149,7 @@ def main() -> None:
             p.wait()
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# {' '.join(['bench/bench_threads.py', *sys.argv[1:]])}\n\n{machine}\n\n{HEADER}\n"
+            f.write(f"# {' '.join(['bench/scripts/threads.py', *sys.argv[1:]])}\n\n{machine}\n\n{HEADER}\n"
                     + "\n".join(rows) + "\n")
 
 

@@ -1,7 +1,8 @@
-"""``python -m fastema bench``: run the benchmark suite, write its JSON, table and plot.
+"""``python -m bench.suite``: run the benchmark suite, write its JSON, table and plot.
 
-The suite is ``bench/`` of a source checkout (pytest-benchmark). One command runs it and
-writes, into ``--out`` (default ``bench/out``):
+The suite is ``bench/suite/`` of a source checkout (pytest-benchmark; the ``bench`` extra), run
+from the repository's root; it is not part of the wheel. One command runs it and writes, into
+``--out`` (default ``bench/out``):
 
 - ``bench.json``: pytest-benchmark's raw results;
 - ``bench.md``: per scenario and implementation the median time, GB/s, the share of the
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
-from . import parse
+from fastema.cli import parse
 
 __all__ = ["main", "report"]
 
@@ -33,11 +34,8 @@ CEILING = "copy (ceiling)"
 
 
 def suite_dir() -> pathlib.Path:
-    here = pathlib.Path(__file__).resolve().parents[2] / "bench"
-    if not (here / "conftest.py").exists():
-        raise FileNotFoundError("the benchmark suite is the bench/ folder of a fastema source checkout; "
-                                "clone the repository and install it with pip install -e '.[dev]'")
-    return here
+    """``bench/suite/``: this package's folder (the scenarios, their conftest)."""
+    return pathlib.Path(__file__).resolve().parent
 
 
 def load(path) -> tuple[dict, dict, list]:
@@ -124,7 +122,7 @@ def plot(rows, out) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("fastema bench: matplotlib is not installed; no plot (pip install 'fastema[plot]')", file=sys.stderr)
+        print("bench.suite: matplotlib is not installed; no plot (pip install 'fastema[plot]')", file=sys.stderr)
         return None
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.8), dpi=110, squeeze=False)
     for ax, (group, impls) in zip(axes[0], sorted(sweeps.items())):
@@ -157,8 +155,8 @@ def report(json_path, out_dir) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m fastema bench",
-        description="Run the benchmark suite (bench/ of a fastema source checkout, pytest-benchmark) and write "
+        prog="python -m bench.suite",
+        description="Run the benchmark suite (bench/suite/ of a fastema source checkout, pytest-benchmark) and write "
                     "bench.json (the raw results), bench.md (per scenario the median time, GB/s, the share of the "
                     "copy bandwidth measured in the same run, and the speed-up against each baseline) and bench.png "
                     "(time against size of the float32 sweep). Timing noise never fails the command; errors do.",
@@ -186,7 +184,7 @@ def main(argv=None) -> int:
             print(report(args.report, out))
             return 0
         suite = suite_dir()
-        out = pathlib.Path(args.out or suite / "out").resolve()
+        out = pathlib.Path(args.out or suite.parent / "out").resolve()
         out.mkdir(parents=True, exist_ok=True)
         json_path = out / "bench.json"
         cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
@@ -197,12 +195,16 @@ def main(argv=None) -> int:
         started = datetime.datetime.now()
         rc = subprocess.call(cmd + extra, env=env)
         if rc != 0:
-            print(f"fastema bench: the suite failed (pytest exit {rc})", file=sys.stderr)
+            print(f"bench.suite: the suite failed (pytest exit {rc})", file=sys.stderr)
             return rc
         print(report(json_path, out))
         took = (datetime.datetime.now() - started).total_seconds()
         print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} ({took:.0f} s)")
         return 0
     except (OSError, ValueError, KeyError) as e:
-        print(f"fastema bench: {e}", file=sys.stderr)
+        print(f"bench.suite: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

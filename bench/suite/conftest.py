@@ -1,7 +1,7 @@
 """Benchmark helpers: steady-state timing (compile excluded), synchronised devices.
 
 Each benchmark records in ``extra_info`` the scenario ``case``, the implementation
-``impl`` and the bytes one call must move; ``python -m fastema bench`` turns the JSON into
+``impl`` and the bytes one call must move; ``python -m bench.suite`` turns the JSON into
 GB/s and speed-ups against the baselines measured in the same run.
 ``FASTEMA_BENCH_QUICK=1`` keeps sizes and rounds small (CI).
 """

@@ -15,7 +15,8 @@ parameters in 96 tensors); quick mode (CI): 2 layers of width 128.
 import warnings
 
 import pytest
-from conftest import QUICK, devices
+
+from .conftest import QUICK, devices
 
 UPDATE_RATE = 0.05                       # TRL's default; fastema's decay is 1 - it
 SCENARIOS = {"gpt2-small LoRA r=16": dict(n_layer=12, n_embd=768, n_head=12),

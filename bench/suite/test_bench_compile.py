@@ -8,11 +8,12 @@ Compile time is excluded (the warm-up calls compile); bytes = the EMA's 12 B/ele
 """
 import pytest
 import torch
-from conftest import QUICK, devices
-from shapes import many_small
-from test_bench_torch import DECAY, Params
 
 from fastema.torch import EMA
+
+from .conftest import QUICK, devices
+from .shapes import many_small
+from .test_bench_torch import DECAY, Params
 
 # Inductor compiles a graph of thousands of in-place foreach updates slowly (~40 s for 3000
 # tensors on this VM): the quick (CI) mode keeps 300

@@ -6,10 +6,11 @@ into a float32 shadow; the per-update host cost (address check) of FlatShadow.
 """
 import pytest
 import torch
-from conftest import QUICK, devices, scenario_rounds
-from shapes import gpt2_small, many_small
 
 import fastema
+
+from .conftest import QUICK, devices, scenario_rounds
+from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
 SIZES = [16, 20, 24] if QUICK else [16, 18, 20, 22, 24, 26, 27, 28]

@@ -17,8 +17,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import QUICK, scenario_rounds
-from shapes import gpt2_small, many_small
+
+from .conftest import QUICK, scenario_rounds
+from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
 SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}

@@ -13,7 +13,8 @@ Scenarios: a 4-layer GPT-2 (d=256, vocab 8192, 5.2M parameters, 52 tensors) in q
 mode, and GPT-2 small (124M parameters, 148 tensors; lm_head tied) in full mode only.
 """
 import pytest
-from conftest import QUICK, scenario_rounds
+
+from .conftest import QUICK, scenario_rounds
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,10 @@ for both profiles). Quick mode (CI) scales every dimension by 1/4.
 
 import pytest
 import torch
-from conftest import QUICK, devices
-from shapes import gpt2_small
-from test_bench_torch import Params
+
+from .conftest import QUICK, devices
+from .shapes import gpt2_small
+from .test_bench_torch import Params
 
 SIGMA_RELS = (0.05, 0.10)
 

@@ -18,9 +18,10 @@ Issue #27's targets: >= 3x SB3's ``polyak_update`` and >= 1.0x ``_foreach_lerp_`
 
 import pytest
 import torch
-from conftest import QUICK
-from shapes import RL_SCENARIOS, RL_TAU, rl_networks
 from torch import nn
+
+from .conftest import QUICK
+from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
 _networks = rl_networks

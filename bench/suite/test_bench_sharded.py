@@ -14,11 +14,12 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import QUICK, devices
-from shapes import gpt2_small, many_small
-from test_bench_torch import DECAY, Params
 
 from fastema.torch import EMA
+
+from .conftest import QUICK, devices
+from .shapes import gpt2_small, many_small
+from .test_bench_torch import DECAY, Params
 
 
 @pytest.fixture(scope="module")

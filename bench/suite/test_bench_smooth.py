@@ -8,10 +8,11 @@ so it is measured against an SMA-only Smoother at K = 1.
 """
 import pytest
 import torch
-from baselines import TorchSmoother
-from conftest import devices
 
 from fastema.smooth import Smoother
+from tests.support.baselines import TorchSmoother
+
+from .conftest import devices
 
 
 @pytest.mark.parametrize("device", devices())

@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QUICK
+
+from .conftest import QUICK
 
 CHILD = r"""
 import json, sys, time

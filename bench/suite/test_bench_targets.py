@@ -23,8 +23,9 @@ captured inside it, against the same graph with the update called after each rep
 
 import pytest
 import torch
-from conftest import QUICK, devices, sync
-from shapes import RL_SCENARIOS, RL_TAU, rl_networks
+
+from .conftest import QUICK, devices, sync
+from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
 

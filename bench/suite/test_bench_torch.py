@@ -2,19 +2,20 @@
 
 Baselines in the same run: torch.optim.swa_utils.AveragedModel with torch's
 get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bfloat16
-stochastic-rounding path (bench/baselines.py), and the torch_ema and ema-pytorch packages
+stochastic-rounding path (tests/support/baselines.py), and the torch_ema and ema-pytorch packages
 (per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
 store / copy_to / restore.
 """
 import pytest
 import torch
-from baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
-from conftest import devices, scenario_rounds
-from shapes import gpt2_small, many_small
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fastema.torch import EMA
+from tests.support.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
+
+from .conftest import devices, scenario_rounds
+from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
 SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}

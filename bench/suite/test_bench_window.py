@@ -6,11 +6,12 @@ users write it: per tensor (``sum += p - ring[i]; ring[i].copy_(p)``) and with t
 """
 import pytest
 import torch
-from conftest import devices, scenario_rounds
-from shapes import gpt2_small, many_small
-from test_bench_torch import Params
 
 from fastema.torch import WindowAverage
+
+from .conftest import devices, scenario_rounds
+from .shapes import gpt2_small, many_small
+from .test_bench_torch import Params
 
 SCENARIOS = {"gpt2-small": (gpt2_small, 4), "3000x4096": (many_small, 8)}
 

@@ -2,29 +2,20 @@
 that confirms a ratio, reading callgrind's dumps, the run records and the history. No valgrind, no timing."""
 import importlib
 import json
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("common", "compare", "record", "scenarios", "instructions", "counts", "ratios", "history", "__main__")
 
 
 @pytest.fixture(scope="module")
 def gates():
-    """This tree's bench.gates (bench/ is a folder of the tree, imported from its root), a module an attribute:
-    ``gates.compare``, ``gates.record``, ..., ``gates.cli`` (the command line, ``bench/gates/__main__.py``)."""
-    root = str(ROOT)
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        modules = {name: importlib.import_module(f"bench.gates.{name}") for name in MODULES}
-    finally:
-        if added:
-            sys.path.remove(root)
+    """This tree's bench.gates, a module an attribute: ``gates.compare``, ``gates.record``, ...,
+    ``gates.cli`` (the command line, ``bench/gates/__main__.py``)."""
+    modules = {name: importlib.import_module(f"bench.gates.{name}") for name in MODULES}
     assert Path(modules["common"].__file__).resolve().is_relative_to(ROOT / "bench" / "gates")
     return types.SimpleNamespace(cli=modules.pop("__main__"), **modules)
 

@@ -1,4 +1,4 @@
-"""The GPU plan (``bench/gpu.sh all`` and ``rest`` and their Python parts) runs end to end without a
+"""The GPU plan (``bench/gpu/run.sh all`` and ``rest`` and their Python parts) runs end to end without a
 GPU (issues 37 and 63).
 
 GPU time is rare (15 minutes of device time a session, the machine's start included; at most 8
@@ -11,7 +11,7 @@ numba-cuda compile where numpy lacks ``row_stack``, that the probe's GPU-mode ar
 with the CPU kernels (on CPU tensors), and that the timing flags a host-bound run and takes the
 implementations' batches in turn. Not cuda-marked: the simulator runs inside the subprocesses.
 """
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -22,8 +22,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+GPU = ROOT / "bench" / "gpu"
 FILES = {"all": {"run.log", "env.txt", "smoke.json", "cuda-tests.log", "headline.json",
                  "headline.md", "summary.txt"},
          "rest": {"run.log", "probe.json", "probe.md", "bench.json", "bench.md"}}
@@ -48,9 +48,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpu-plan")
     done = {}
     for name, command, extra in (
-            ("all", ["bash", str(BENCH / "gpu.sh"), "all"], {}),
-            ("rest", ["bash", str(BENCH / "gpu.sh"), "rest"], {"GPU_PROBE_BUDGET": "0"}),
-            ("cut", [sys.executable, str(BENCH / "gpu_tests.py")], {})):
+            ("all", ["bash", str(GPU / "run.sh"), "all"], {}),
+            ("rest", ["bash", str(GPU / "run.sh"), "rest"], {"GPU_PROBE_BUDGET": "0"}),
+            ("cut", [sys.executable, "-m", "bench.gpu.cuda_tests"], {})):
         folder = base / name
         args = [*command, str(folder), "--simulate"] + (["--budget", "1"] if name == "cut" else [])
         p = subprocess.run(args, cwd=ROOT, env=_env(**extra), capture_output=True, text=True,
@@ -88,7 +88,7 @@ def _tests_log(folder) -> None:
     runs_ = re.findall(r"^pytest (.*)$", log, re.M)
     assert len(runs_) == 2 and "'cuda and not compiles'" in runs_[0]
     assert "'cuda and compiles'" in runs_[1] and "tests/kernels/test_cuda.py" in runs_[0]
-    assert "-p bench.gpu_testlog" in runs_[0]
+    assert "-p bench.gpu.testlog" in runs_[0]
     tests = re.findall(r"^\[test\] (\w+) ([\d.]+)s nvvm=(\S+) (\S+)$", log, re.M)
     assert {(t[0], t[3].split("::")[1]) for t in tests} == {
         ("PASSED", "test_ema_update_on_device_arrays_matches_cpu"),
@@ -193,7 +193,7 @@ def _fields(line: str) -> dict:
 
 def test_summary_line_of_both_commands_folders_parses(runs):
     folders = [str(runs[s][2]) for s in ("all", "rest")]
-    p = subprocess.run([sys.executable, str(BENCH / "gpu_summary.py"), *folders], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "bench.gpu.summary", *folders], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     fields = _fields(p.stdout.strip())
@@ -218,17 +218,14 @@ def _seconds(text: str) -> int:
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"bench.gpu.{name}")
 
 
 def test_each_command_fits_one_window():
-    """Each command's timeouts, the set-up's (bench/gpu_env.sh, sourced first) and the summary's
+    """Each command's timeouts, the set-up's (bench/gpu/env.sh, sourced first) and the summary's
     included, add up to at most 8 minutes; the budgets inside stop starting work well before
     their timeouts; output is teed, never piped through tail."""
-    script, setup = (BENCH / "gpu.sh").read_text(), (BENCH / "gpu_env.sh").read_text()
+    script, setup = (GPU / "run.sh").read_text(), (GPU / "env.sh").read_text()
     branches = _branches(script)
     assert set(branches) == {"all", "rest"}
     tail = script[script.index("\nesac\n", script.index('case "$stage" in\n  all)')):]
@@ -244,22 +241,22 @@ def test_each_command_fits_one_window():
     assert len(found) == 3                                    # tests, headline, probe
     for limit, inner in found:
         assert int(inner) + 15 <= int(limit), (limit, inner)  # room to report after the budget
-    tests = _module("gpu_tests")
-    limit = int(re.search(r"gpu_tests.py .*--budget (\d+)", branches["all"]).group(1))
+    tests = _module("cuda_tests")
+    limit = int(re.search(r"bench.gpu.cuda_tests .*--budget (\d+)", branches["all"]).group(1))
     assert tests.TEST_TIMEOUT < tests.COMPILE_TIMEOUT <= limit and tests.MIN_LAST < limit
     files = tests.cuda_files()
     assert set(tests.PRIORITY) <= set(files) and files[:len(tests.PRIORITY)] == tests.PRIORITY
-    assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
-    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_env.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(GPU / "run.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(GPU / "env.sh")]).returncode == 0
 
 
 def test_numpy_shim_lets_numba_cuda_compile_where_numpy_lacks_row_stack(tmp_path):
     """numpy 2.5 removed ``row_stack``, which numba-cuda 0.30 registers at its first compile: the
     compile fails (the first case, which this test would catch); the sitecustomize shim that
-    bench/gpu_env.sh writes where no numpy wheel was carried makes it work."""
+    bench/gpu/env.sh writes where no numpy wheel was carried makes it work."""
     pytest.importorskip("numba.cuda")
     shim = tmp_path / "shim"
-    p = subprocess.run(["bash", "-c", f'source bench/gpu_env.sh >/dev/null && gpu_write_numpy_shim "{shim}"'],
+    p = subprocess.run(["bash", "-c", f'source bench/gpu/env.sh >/dev/null && gpu_write_numpy_shim "{shim}"'],
                        cwd=ROOT, env=_env(GPU_SIMULATE="1"), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     code = f"""
@@ -298,13 +295,12 @@ def test_probe_checks_in_gpu_mode_agree_on_cpu_tensors(tmp_path):
     tensors standing in for CUDA ones: every kernel check passes, so on the day a failure is the GPU's."""
     code = """
 import sys
-sys.path.insert(0, "bench")
 import torch
-import gpu_common as G
+from bench.gpu import common as G
 G.to_device = lambda h: G._torch_of(h).clone()
 G.sync = lambda: None
 G.torch_device = lambda: torch.device("cpu")
-import gpu_checks as C
+from bench.gpu import checks as C
 C.SIZES[:] = [1, 7, 231, 4096, 4097]
 rec = G.Record(sys.argv[1], ["checks"])
 C.kernel_checks(rec)
@@ -322,10 +318,9 @@ def test_measure_flags_a_host_bound_run_and_fewer_calls_where_the_queue_fills(mo
     before the host finished queueing; host batches in which the GPU caught up are retried with a
     quarter of the calls; ``interleaved`` takes the implementations' batches in turn. Fakes stand
     in for the GPU (no device)."""
-    monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
-    import gpu_common as G
-    import gpu_measure as M
+    from bench.gpu import common as G
+    from bench.gpu import measure as M
 
     state = {"idle": False}
 

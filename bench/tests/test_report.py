@@ -1,9 +1,9 @@
-"""The benchmark report of ``python -m fastema bench``: table arithmetic and plot."""
+"""The benchmark report of ``python -m bench.suite``: table arithmetic and plot; the GPU summary line."""
 import json
 
 import pytest
 
-from fastema.cli import bench
+from bench.suite import __main__ as bench
 
 
 def result(group, case, impl, median, nbytes, elements=None, device="cpu"):
@@ -60,14 +60,9 @@ def test_report_command_and_errors(results, tmp_path, capsys):
 
 
 def _gpu_summary():
-    import importlib.util
-    import pathlib
+    from bench.gpu import summary
 
-    path = pathlib.Path(__file__).parents[1] / "bench" / "gpu_summary.py"
-    spec = importlib.util.spec_from_file_location("gpu_summary", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return summary
 
 
 def _timings(s):
@@ -87,7 +82,7 @@ def _timings(s):
 
 
 def _headline(s):
-    """headline.json's steps, first update and checks (bench/gpu_headline.py)."""
+    """headline.json's steps, first update and checks (bench/gpu/headline.py)."""
     def step(ours, base, baseline):
         return {s.EMA: {"update_in_step_us": ours}, base: {"update_in_step_us": baseline}}
 
@@ -123,7 +118,7 @@ def test_gpu_summary_line_has_the_fields_the_maintainers_read():
     assert empty.endswith("first_update_s=nan first_update_nvvm=-1 cuda_tests_passed=-1 "
                           "headline_failed=-1")
     assert s.failed_tests("== 62 passed in 3.0s ==") == 0
-    # the GPU command's [test] lines (bench/gpu_testlog.py) count, a run cut before pytest's
+    # the GPU command's [test] lines (bench/gpu/testlog.py) count, a run cut before pytest's
     # summary too
     cut = ("pytest x\n[test] PASSED 0.10s nvvm=0 a\n[test] FAILED 0.20s nvvm=0 b\n"
            "[test] ERROR 0.00s nvvm=- c\n")
@@ -137,7 +132,7 @@ def test_gpu_summary_line_has_the_fields_the_maintainers_read():
 
 
 def test_gpu_summary_rebuilds_the_line_from_the_stage_folders(tmp_path, capsys):
-    """``python bench/gpu_summary.py DIR...``: each file from whichever stage folder holds it."""
+    """``python -m bench.gpu.summary DIR...``: each file from whichever stage folder holds it."""
     s = _gpu_summary()
     env, tests, probe = (tmp_path / d for d in ("env", "tests", "probe"))
     for d in (env, tests, probe):

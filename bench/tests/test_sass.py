@@ -1,7 +1,7 @@
 """The sm_90 machine code of every per-step streaming CUDA kernel, checked without a GPU (issue 45), as
 fastema ships it (issue 54: what a user's H100 runs).
 
-Each variant (``bench/gpu_sass.py``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
+Each variant (``bench/gpu/sass.py``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
 nearest and stochastic rounding, one and two rows, host and device weights, the fused plan+lerp, the
 ``skip_nonfinite`` scan) is the shipped sm_90 cubin of the variant its launcher asks for
 (``kernels/device``: compiled by ``scripts/build_device_code.py``; a variant not shipped fails here),
@@ -14,17 +14,14 @@ Needs numba-cuda and ``nvidia-cuda-nvdisasm`` (the ``cuda`` extra); skipped with
 missing. Nothing is compiled: CI checks the code it ships (spills come from nvJitLink's log, kept in the
 manifest).
 """
-import importlib.util
 import pathlib
 import re
-import sys
 
 import pytest
 
+from bench.gpu import sass as S
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gpu_sass", ROOT / "bench" / "gpu_sass.py")
-S = sys.modules.setdefault("gpu_sass", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(S)
 
 PROBLEM = S.shipped_problem()
 needs_toolchain = pytest.mark.skipif(PROBLEM is not None, reason=f"machine-code checks skipped: {PROBLEM}")

@@ -1,3 +1,5 @@
-"""What the tests (and, until bench/ is reorganised, the benchmarks) share that stands in for a part
-of the world: the fake GPU (:mod:`.fake_driver`, :mod:`.fake_gpu`). Imported as ``support``
-(``tests/`` is on ``sys.path`` through its conftest; ``bench/`` puts it there)."""
+"""What the tests share that stands in for a part of the world: the fake GPU (:mod:`.fake_driver`,
+:mod:`.fake_gpu`), the libraries fastema replaces written out (:mod:`.baselines`), the shipped device
+code held to (:mod:`.shipped`). Imported as ``support`` (``tests/`` is on ``sys.path`` through its
+conftest). The benchmark tooling imports it too (as ``tests.support``, from the repository's root); it
+imports nothing from there: the tests run without it."""

@@ -19,7 +19,7 @@ variant its launchers ask for, compiled (``fastema._launch.device_code``); the t
   dispatcher and fastema's run-time compiler both call) and fastema's run-time compiles
   (``device_code.COMPILES``): a test that compiled fails, naming what. The count is kept in the
   test's ``user_properties`` (``("nvvm_calls", n)``) for the GPU command's log
-  (``bench/gpu_testlog.py``). Tests of the run-time compile path carry ``@pytest.mark.compiles``
+  (its pytest plugin). Tests of the run-time compile path carry ``@pytest.mark.compiles``
   (the GPU command runs them last).
 """
 from __future__ import annotations

@@ -1,19 +1,14 @@
 """fastema.torch.compat against the libraries it replaces."""
-import pathlib
-import sys
-
 import pytest
 import torch
 from models import tied
+from support.baselines import TimmModelEmaV3Reference
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import get_ema_multi_avg_fn as torch_multi_avg_fn
 
 import fastema
 from fastema.torch import compat
-
-sys.path.insert(0, str(pathlib.Path(__file__).parents[3] / "bench"))
-from baselines import TimmModelEmaV3Reference  # noqa: E402
 
 
 def model_and_data(seed=0, dtype=torch.float32):
