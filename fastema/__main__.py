@@ -6,6 +6,10 @@ from .cli import COMMANDS
 __all__ = ["main"]
 
 PROG = "python -m fastema"
+MOVED = {"bench": "the benchmarks are not part of the installed package: they live in bench/ of "
+                  "fastema's source repository; in a checkout, at its root, run python -m bench.suite "
+                  "[--quick] (bench/README.md)"}
+"""Commands that left the package, each with where it went."""
 USAGE = f"usage: {PROG} [-h] [--version] COMMAND [ARGS...]"
 
 
@@ -34,6 +38,9 @@ def main(argv=None) -> int:
 
         print(f"fastema {__version__}")
         return 0
+    if argv[0] in MOVED:
+        print(f"{PROG}: error: no command {argv[0]!r}: {MOVED[argv[0]]}", file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
         print(f"{USAGE}\n{PROG}: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
               f"(see {PROG} --help)", file=sys.stderr)

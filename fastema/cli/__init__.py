@@ -2,7 +2,6 @@
 
 - :mod:`.demo`: train a small model with an EMA of its weights;
 - :mod:`.plot`: raw, SMA and EMA curves of a logged metric, to a PNG;
-- :mod:`.bench`: run the benchmark suite and write its report;
 - :mod:`.posthoc`: synthesise a post-hoc EMA from ``PostHocEMA`` snapshots;
 - :mod:`.merge`: merge saved checkpoints (the weighted average of their tensors);
 - :mod:`.warm`: compile the kernels into this machine's caches (container builds, job prologs).
@@ -24,7 +23,6 @@ __all__ = ["COMMANDS", "Parser", "number", "integer", "parse", "image_path", "wr
 COMMANDS = {
     "demo": "train a small model with an EMA of its weights; print both validation losses, draw a PNG",
     "plot": "draw raw, SMA and EMA curves of a logged metric (a CSV log or a list of numbers) to a PNG",
-    "bench": "run the benchmark suite of a source checkout and write its table and plot",
     "posthoc": "synthesise a post-hoc EMA from the snapshots of fastema.torch.PostHocEMA",
     "merge": "merge saved checkpoints: the weighted average of their tensors (uniform, minus-sqrt, EMA, WSM, ...)",
     "warm": "compile fastema's kernels into this machine's caches, for container builds and job prologs",
