@@ -58,7 +58,7 @@ def pytest_configure(config):
     Ctrl-C does (and the processes they start, which inherit an ignored signal) would see none. In a
     pytest-xdist worker: the environment as in a plain pytest run, for the processes the tests start
     (xdist's PYTEST_XDIST_* variables make a child pytest believe it is an xdist worker: pytest-benchmark
-    then disables its benchmarks, bench/gpu.sh rest's benchmark suite among them)."""
+    then disables its benchmarks, the GPU plan's benchmark suite among them)."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(config, "workerinput"):

@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
-PAGES = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", ROOT / "CONTRIBUTING.md"]
+PAGES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
                + list(DOCS.glob("*.md")) + list(DOCS.glob("guides/*.md")))
 
 
@@ -135,7 +135,7 @@ def test_every_python_block_compiles(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_exist(page):
-    """Links to files of this repository (README -> docs/, docs -> bench/) point at files that exist."""
+    """Links to files of this repository (README -> docs/, docs -> the benchmarks) point at files that exist."""
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
         if "://" in target or target.startswith("mailto:"):
             continue

@@ -3,7 +3,7 @@ the wheel from the sdist), holding every package and module of ``fastema/`` and 
 ``fastema.kernels``; ``[tool.setuptools] packages`` in pyproject.toml is a hand-kept list), installed into
 a fresh venv that cannot see the tree, where every public module imports and each face that venv has
 makes one update, checked against a value computed by hand. The floor of ``[build-system] requires``
-builds it too, without build isolation (as ``bench/gpu_env.sh`` installs).
+builds it too, without build isolation (as the GPU run's set-up installs).
 
 Offline but for one step: the floor venv's setuptools comes from the package index (skipped where that
 fails, outside CI). The fresh venv borrows the test venv's third-party packages through a ``.pth`` file
@@ -36,7 +36,9 @@ SETUPTOOLS_FLOOR = "77.0.1"
 
 # What a clean clone would not have: the venv, caches, build outputs (paths from the root; the patterns anywhere).
 _SKIP_PATHS = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", ".benchmarks", "build",
-               "dist", ".whl", "docs/_build", "bench/out"}
+               "dist", ".whl", "docs/_build"}
+_SKIP_PATHS |= {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+                if line.startswith("/")}                   # .gitignore's rooted paths (the tooling's outputs)
 _SKIP_ANY = ("__pycache__", "*.egg-info", "*.pyc")
 
 

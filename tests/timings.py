@@ -1,9 +1,9 @@
-"""The tests' measured times, read from pytest's JUnit XML (``bench/out/tests-*.xml``, written by
-scripts/test.sh), and what the suite does with them:
+"""The tests' measured times, read from pytest's JUnit XML (``tests-*.xml``, written by scripts/test.sh;
+its comments say where), and what the suite does with them:
 
-- ``python tests/timings.py table bench/out/tests-*.xml``: the files by total time (the top ones), the
+- ``python tests/timings.py table XML...``: the files by total time (the top ones), the
   test cases counted in each XML and in all (CI's count, which must never go down);
-- ``python tests/timings.py write bench/out/tests-*.xml``: records them in ``tests/durations.json``:
+- ``python tests/timings.py write XML...``: records them in ``tests/durations.json``:
   each file's total (conftest.py hands the files to pytest-xdist's workers longest first, so the cores
   end together) and the tests over ``SLOW_S`` (conftest.py marks them ``slow``: the edit-test loop,
   ``pytest -m "not slow" -n 2``, leaves them out; CI runs them). Refresh it after a full run when
@@ -85,7 +85,7 @@ def write(paths: list[str]) -> None:
     found = cases(paths)
     files = per_file(found)
     data = {
-        "about": "tests/timings.py write bench/out/tests-*.xml (seconds on CI's 2 cores); conftest.py reads it",
+        "about": "tests/timings.py write tests-*.xml (seconds on CI's 2 cores); conftest.py reads it",
         "slow_s": SLOW_S,
         "files": {f: t for f, (t, _) in sorted(files.items())},
         "slow": sorted({k for _, k, s, o in found if s > SLOW_S and o != "skipped"}),
@@ -108,5 +108,5 @@ if __name__ == "__main__":
     what, *xmls = sys.argv[1:] or ["table"]
     xmls = [p for p in xmls if os.path.exists(p)]
     if not xmls:
-        sys.exit("usage: python tests/timings.py table|write bench/out/tests-*.xml")
+        sys.exit("usage: python tests/timings.py table|write XML... (the tests-*.xml of scripts/test.sh)")
     {"table": table, "write": write}[what](xmls)
