@@ -14,7 +14,7 @@
 # then the background jobs' output, the files' times from the JUnit XML (the slowest first) and the
 # count of test cases; a failure of any of them fails the run here, after every one has run. Then
 #   - the CUDA tests on the real GPU when one is present,
-#   - the benchmark suite in quick mode (python -m fastema bench --quick), alone on the machine: its
+#   - the benchmark suite in quick mode (python -m bench.suite --quick), alone on the machine: its
 #     table is printed; timings never fail the run, errors do;
 #   - the bench gates (python -m bench.gates check, issue 53): deterministic figures (instructions per
 #     update, launches, syncs, allocations, collectives, machine code) against bench/gates.json, and
@@ -92,7 +92,8 @@ lint_pid=$!
 side_pid=$!
 rc_tests=0
 c=$(cpu)
-"$py" -m pytest tests -m "not cuda" -n 2 --dist loadfile -q --durations=10 \
+# tests/ (the library) and bench/tests/ (the bench tooling's own tests) in the one run
+"$py" -m pytest tests bench/tests -m "not cuda" -n 2 --dist loadfile -q --durations=10 \
   --junitxml=bench/out/tests-cpu.xml --basetemp="$work/cpu" || rc_tests=$?
 stage "CPU tests (2 workers, pytest-xdist)" $((SECONDS - t)) $(($(cpu) - c))
 rc_side=0; wait "$side_pid" || rc_side=$?
@@ -119,7 +120,7 @@ fi
 
 echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png) $(date +%T)"
 t=$SECONDS c=$(cpu)
-"$py" -m fastema bench --quick --out bench/out
+"$py" -m bench.suite --quick --out bench/out
 stage "quick benchmarks" $((SECONDS - t)) $(($(cpu) - c))
 echo "== bench gates: deterministic figures against bench/gates.json, same-run ratios (bench/README.md) $(date +%T)"
 t=$SECONDS c=$(cpu)

@@ -12,7 +12,7 @@ from ..kernels import _cache as _kernel_cache
 
 CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
 CPU_SERIAL_BELOW = 1 << 18   # total elements below which the serial kernel runs: 2 threads pay off from about
-                             # 256k on a quiet 2-core machine (bench/bench_threads.py), and a small update stays
+                             # 256k on a quiet 2-core machine (bench/scripts/threads.py), and a small update stays
                              # serial when the cores the user asked for are busy
 CPU_MERGE_SERIAL_BELOW = 1 << 18     # a merge piece's elements below which its kernel runs serially (8 x 32k, as
                                      # measured for the merge; its reader thread shares the cores)
@@ -24,7 +24,7 @@ CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multi
                                     # SM its launch bounds allow on sm_90 (kernels.cuda.PLAN_LERP_BOUNDS: <= 80
                                     # registers), 3 waves of the 4 blocks per SM of the stochastic-rounding one
                                     # (SR_LERP_BOUNDS: <= 64); each block pays the plan step once.
-                                    # tests/kernels/test_sass.py checks the figures against the linked machine code
+                                    # bench/tests/test_sass.py checks the figures against the linked machine code
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites
 CUDA_RETIRED_MAX = 64        # replaced sources (torch storages, JAX/TF arrays) held for fastema's queued launches

@@ -17,7 +17,7 @@ from .folds import Record
 
 __all__ = ["DEFAULT_CHUNK", "HostGroup", "Ring", "after_side_stream", "check_chunk"]
 
-DEFAULT_CHUNK = 64 << 20          # bytes of one staging chunk (bench/bench_offload.py)
+DEFAULT_CHUNK = 64 << 20          # bytes of one staging chunk (bench/scripts/offload.py)
 
 
 def check_chunk(chunk) -> None:
