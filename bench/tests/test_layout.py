@@ -75,6 +75,18 @@ def test_every_bench_command_and_path_the_docs_name_exists():
     assert not missing, missing
 
 
+def test_every_link_into_bench_exists():
+    """The docs' links into bench/ (tests/test_docs.py leaves them to this test: the library's tests
+    run without bench/)."""
+    missing = []
+    for page in TEXTS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            path = (page.parent / target).resolve()
+            if "://" not in target and path.is_relative_to(BENCH) and not path.exists():
+                missing.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not missing, missing
+
+
 def test_bench_readme_blocks_compile_and_its_links_exist():
     page = BENCH / "README.md"
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
