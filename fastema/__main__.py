@@ -6,9 +6,9 @@ from .cli import COMMANDS
 __all__ = ["main"]
 
 PROG = "python -m fastema"
-MOVED = {"bench": "the benchmarks are not part of the installed package: they live in bench/ of "
-                  "fastema's source repository; in a checkout, at its root, run python -m bench.suite "
-                  "[--quick] (bench/README.md)"}
+MOVED = {"bench": "the benchmarks are not part of the installed package: they live in bench/ "
+                  "of fastema's source repository; in a checkout, at its root, run "
+                  "python -m bench.suite [--quick] (bench/README.md)"}
 """Commands that left the package, each with where it went."""
 USAGE = f"usage: {PROG} [-h] [--version] COMMAND [ARGS...]"
 

@@ -135,9 +135,9 @@ def test_every_python_block_compiles(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_exist(page):
-    """Links to files of this repository (README -> docs/, docs -> the benchmarks) point at files that exist.
-    A link into a top-level folder this checkout does not have (the benchmark tooling, which the tests run
-    without) is left to that folder's own tests."""
+    """Links to files of this repository (README -> docs/, docs -> the benchmarks) point at files
+    that exist. A link into a top-level folder this checkout does not have (the benchmark tooling,
+    which the tests run without) is left to that folder's own tests."""
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
         if "://" in target or target.startswith("mailto:"):
             continue

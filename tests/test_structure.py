@@ -414,20 +414,20 @@ def test_every_collective_read_passes_its_kind_to_the_agreement():
 
 
 def test_the_tests_import_and_name_no_tooling_package_of_the_repository():
-    """Issue 62: the library's tests run in a clone without the tooling (a checkout's other Python
-    packages at its root: the benchmarks). No file under tests/ imports one, names a path into it, or
-    names one of its modules; what both need is in tests/support, which the tooling imports.
-    ``durations.json`` is left out: timings.py writes it, and timings.py is read here."""
+    """Issue 62: the library's tests run in a clone without the tooling (a checkout's other
+    Python packages at its root: the benchmarks). No file under tests/ imports one, names a path
+    into it, or names one of its modules; what both need is in tests/support, which the tooling
+    imports. ``durations.json`` is left out: timings.py writes it, and timings.py is read here."""
     tooling = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
     tooling = [name for name in tooling if name not in ("fastema", "kernels")]
     bad = []
     for name in tooling:
-        named = re.compile(rf"^\s*(from|import)\s+{name}\b|\b{name}/|[\"']{name}[\"']|\b{name}\.[a-z_]",
-                           re.M)
+        named = re.compile(rf"^\s*(from|import)\s+{name}\b|\b{name}/|[\"']{name}[\"']"
+                           rf"|\b{name}\.[a-z_]", re.M)
         for path in sorted((ROOT / "tests").rglob("*")):
             if path.is_file() and path.name != "durations.json" and "__pycache__" not in path.parts:
                 text = path.read_text(errors="replace")
-                bad += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
-                        for m in named.finditer(text)]
-    assert not bad, ("the tests must run without the tooling (move what both need to tests/support): "
-                     + "; ".join(bad))
+                bad += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: "
+                        f"{m.group(0)!r}" for m in named.finditer(text)]
+    assert not bad, ("the tests must run without the tooling (move what both need to "
+                     "tests/support): " + "; ".join(bad))

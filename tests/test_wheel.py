@@ -38,7 +38,7 @@ SETUPTOOLS_FLOOR = "77.0.1"
 _SKIP_PATHS = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", ".benchmarks", "build",
                "dist", ".whl", "docs/_build"}
 _SKIP_PATHS |= {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
-                if line.startswith("/")}                   # .gitignore's rooted paths (the tooling's outputs)
+                if line.startswith("/")}       # .gitignore's rooted paths (the tooling's outputs)
 _SKIP_ANY = ("__pycache__", "*.egg-info", "*.pyc")
 
 

@@ -1,5 +1,5 @@
-"""The tests' measured times, read from pytest's JUnit XML (``tests-*.xml``, written by scripts/test.sh;
-its comments say where), and what the suite does with them:
+"""The tests' measured times, read from pytest's JUnit XML (``tests-*.xml``, written by
+scripts/test.sh; its comments say where), and what the suite does with them:
 
 - ``python tests/timings.py table XML...``: the files by total time (the top ones), the
   test cases counted in each XML and in all (CI's count, which must never go down);
@@ -108,5 +108,6 @@ if __name__ == "__main__":
     what, *xmls = sys.argv[1:] or ["table"]
     xmls = [p for p in xmls if os.path.exists(p)]
     if not xmls:
-        sys.exit("usage: python tests/timings.py table|write XML... (the tests-*.xml of scripts/test.sh)")
+        sys.exit("usage: python tests/timings.py table|write XML... "
+                 "(the tests-*.xml of scripts/test.sh)")
     {"table": table, "write": write}[what](xmls)

@@ -1,6 +1,6 @@
-"""The bench tooling's shape (issue 62): a package a product, one import style, every command and path
-the docs name exists, and the library's command line points at the suite that runs. Reads files and
-imports modules only; nothing is run but ``--help``."""
+"""The bench tooling's shape (issue 62): a package a product, one import style, every command and
+path the docs name exists, and the library's command line points at the suite that runs. Reads
+files and imports modules only; nothing is run but ``--help``."""
 import ast
 import importlib.util
 import pathlib
@@ -14,18 +14,19 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 PRODUCTS = ("suite", "scripts", "gpu", "gates", "tests")
-TEXTS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", BENCH / "README.md", ROOT / "scripts" / "test.sh",
-                BENCH / "gpu" / "run.sh", BENCH / "gpu" / "env.sh", *ROOT.glob("docs/*.md"),
-                *ROOT.glob("docs/guides/*.md")])
+TEXTS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", BENCH / "README.md",
+                ROOT / "scripts" / "test.sh", BENCH / "gpu" / "run.sh", BENCH / "gpu" / "env.sh",
+                *ROOT.glob("docs/*.md"), *ROOT.glob("docs/guides/*.md")])
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _modules() -> list[pathlib.Path]:
-    return sorted(p for p in BENCH.rglob("*.py") if "out" not in p.relative_to(BENCH).parts[:1])
+    return sorted(p for p in BENCH.rglob("*.py") if p.relative_to(BENCH).parts[0] != "out")
 
 
 def test_bench_is_a_package_a_product_with_few_top_level_modules():
     top = sorted(p.name for p in BENCH.glob("*.py"))
-    assert len(top) <= 12, f"bench/ holds {len(top)} modules at its top level: put each in its product's package"
+    assert len(top) <= 12, f"bench/ holds {len(top)} modules at its top: put each in its product"
     assert top == ["__init__.py"], top
     for product in PRODUCTS:
         assert (BENCH / product / "__init__.py").is_file(), f"bench/{product}/ is not a package"
@@ -34,32 +35,37 @@ def test_bench_is_a_package_a_product_with_few_top_level_modules():
     assert not stray, stray
 
 
-def test_one_import_style_no_path_insertion():
-    """``python -m bench....`` from the root: no module changes ``sys.path`` (a child process's script,
-    a string the module runs, may: it is not this module's code) and none imports a sibling by its bare
-    name (the old ``import gpu_common`` / ``from conftest import`` style)."""
-    siblings = {p.stem for p in _modules()} - {"__init__", "__main__"}
+def _path_changes_and_bare_imports(path: pathlib.Path, siblings: set) -> list[str]:
+    where = path.relative_to(ROOT)
     bad = []
-    for path in _modules():
-        tree = ast.parse(path.read_text(), str(path))
-        where = path.relative_to(ROOT)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr in ("insert", "append", "extend") and ast.unparse(node.func.value) == "sys.path":
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            call = ast.unparse(node.func)
+            if call in ("sys.path.insert", "sys.path.append", "sys.path.extend"):
                 bad.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
-            if isinstance(node, ast.Import):
-                bad += [f"{where}:{node.lineno}: import {a.name}" for a in node.names if a.name in siblings]
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in siblings:
-                bad.append(f"{where}:{node.lineno}: from {node.module} import ...")
-            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("spec_from_file_location") and \
-                    re.search(r"bench|gpu_", ast.unparse(node)):
-                bad.append(f"{where}:{node.lineno}: a module loaded by its path")
+            by_path = call.endswith("spec_from_file_location")
+            if by_path and re.search(r"bench|gpu_", ast.unparse(node)):
+                bad.append(f"{where}:{node.lineno}: a bench module loaded by its path")
+        if isinstance(node, ast.Import):
+            bad += [f"{where}:{node.lineno}: import {a.name}"
+                    for a in node.names if a.name in siblings]
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in siblings:
+            bad.append(f"{where}:{node.lineno}: from {node.module} import ...")
+    return bad
+
+
+def test_one_import_style_no_path_insertion():
+    """``python -m bench....`` from the root: no module changes ``sys.path`` (a child process's
+    script, a string the module runs, may: it is not this module's code) and none imports a sibling
+    by its bare name (the old ``import gpu_common`` / ``from conftest import`` style)."""
+    siblings = {p.stem for p in _modules()} - {"__init__", "__main__"}
+    bad = [line for path in _modules() for line in _path_changes_and_bare_imports(path, siblings)]
     assert not bad, bad
 
 
 def test_every_bench_command_and_path_the_docs_name_exists():
-    """``python -m bench.X.Y`` names a module of this tree, and every ``bench/...`` path a file or folder
-    (``bench/out/`` and ``bench/results/`` files are outputs: their folder must exist)."""
+    """``python -m bench.X.Y`` names a module of this tree, and every ``bench/...`` path a file or
+    folder (``bench/out/`` and ``bench/results/`` files are outputs: not checked)."""
     missing = []
     for page in TEXTS:
         text = page.read_text()
@@ -76,11 +82,11 @@ def test_every_bench_command_and_path_the_docs_name_exists():
 
 
 def test_every_link_into_bench_exists():
-    """The docs' links into bench/ (tests/test_docs.py leaves them to this test: the library's tests
-    run without bench/)."""
+    """The docs' links into bench/ (tests/test_docs.py leaves them to this test: the library's
+    tests run without bench/)."""
     missing = []
     for page in TEXTS:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target in LINK.findall(page.read_text()):
             path = (page.parent / target).resolve()
             if "://" not in target and path.is_relative_to(BENCH) and not path.exists():
                 missing.append(f"{page.relative_to(ROOT)}: {target}")
@@ -91,21 +97,22 @@ def test_bench_readme_blocks_compile_and_its_links_exist():
     page = BENCH / "README.md"
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
         compile(textwrap.dedent(block), f"{page.name} block {i}", "exec")
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+    for target in LINK.findall(page.read_text()):
         if "://" not in target and not target.startswith("mailto:"):
-            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+            assert (page.parent / target).exists(), f"{page.name} links to {target}: not there"
 
 
 def test_the_library_command_line_points_at_the_suite_and_the_suite_runs(capsys):
-    """``python -m fastema bench`` left the package (issue 62): its message names this command, which
-    answers ``--help``; each option says its default."""
+    """``python -m fastema bench`` left the package (issue 62): its message names this command,
+    which answers ``--help``; each option says its default."""
     from bench.suite import __main__ as suite
     from fastema.__main__ import MOVED
 
     assert "python -m bench.suite" in MOVED["bench"] and "bench/README.md" in MOVED["bench"]
-    run = subprocess.run([sys.executable, "-m", "bench.suite", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0 and run.stdout.startswith("usage: python -m bench.suite"), run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "bench.suite", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("usage: python -m bench.suite"), run.stdout[:300]
     assert suite.main(["--report"]) == 2 and "error:" in capsys.readouterr().err
     actions = [a for a in suite._parser()._actions if a.option_strings and a.dest != "help"]
     assert actions
@@ -113,11 +120,13 @@ def test_the_library_command_line_points_at_the_suite_and_the_suite_runs(capsys)
         assert a.help and "(default: " in a.help, a.option_strings
 
 
-@pytest.mark.parametrize("name", ["bench.scripts." + p.stem for p in sorted((BENCH / "scripts").glob("*.py"))
-                                  if p.stem != "__init__"])
+SCRIPTS = sorted(p.stem for p in (BENCH / "scripts").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_each_script_is_a_module_with_a_main_guard(name):
-    """Each measurement runs as ``python -m bench.scripts.NAME`` (found, with a ``__main__`` guard),
-    without importing it (some import DeepSpeed or diffusers at the top)."""
-    spec = importlib.util.find_spec(name)
+    """Each measurement runs as ``python -m bench.scripts.NAME`` (found, with a ``__main__``
+    guard), without importing it (some import DeepSpeed or diffusers at the top)."""
+    spec = importlib.util.find_spec(f"bench.scripts.{name}")
     assert spec is not None and spec.origin
     assert 'if __name__ == "__main__":' in pathlib.Path(spec.origin).read_text(), name

@@ -3,8 +3,8 @@
 CPU torch tensors described as on ``cuda:0``. Nothing runs on a device and no tensor is written:
 what it measures and checks is host work.
 
-Used by the fake-GPU tests in ``tests/kernels/``, and outside the tests by the benchmark tooling (the
-gates' fake-GPU scenarios, the host-cost measurements).
+Used by the fake-GPU tests in ``tests/kernels/``, and outside the tests by the benchmark tooling
+(the gates' fake-GPU scenarios, the host-cost measurements).
 
 The stub driver (:func:`stub_driver_dir`): a ``libcuda.so.1`` whose every entry point returns
 CUDA_SUCCESS at once (``cuCtxGetCurrent`` reports :data:`STUB_CONTEXT`), so that cuda-bindings' and
