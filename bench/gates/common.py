@@ -25,8 +25,8 @@ class ToolMissing(RuntimeError):
 
 def use_tree() -> None:
     """Import fastema (and ``fastema.kernels``, which the package maps from ``kernels/``) from this tree,
-    whatever is installed (the bench helpers are imported as ``bench.gpu.sass``, ``tests.support.fake_gpu``:
-    ``python -m bench.gates`` runs from the root)."""
+    whatever is installed (the helpers are imported as ``bench.gpu.sass``,
+    ``tests.support.fake_gpu``: ``python -m bench.gates`` runs from the root)."""
     import importlib.abc
     import importlib.util
 
