@@ -1,7 +1,9 @@
 """Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
 
-    python -m bench.scripts.host_cost_revisions BASE [HEAD] [--cases target6,ema6,ema148,ema3000,foreach6] [--rounds 5]
-    python -m bench.scripts.host_cost_revisions BASE [HEAD] --cases gpuema6,gpuema148,gpuema3000,gpuskip6,gpuskip148,gpuskip3000
+    python -m bench.scripts.host_cost_revisions BASE [HEAD] [--rounds 5]
+        [--cases target6,ema6,ema148,ema3000,foreach6]
+    python -m bench.scripts.host_cost_revisions BASE [HEAD]
+        --cases gpuema6,gpuema148,gpuema3000,gpuskip6,gpuskip148,gpuskip3000
 
 Each revision is checked out in a temporary git worktree; every round runs each case of each
 revision in a fresh process (alternating, so both see the same machine), with tiny tensors (4x4
