@@ -30,7 +30,7 @@ PLAN_LERP_BOUNDS = (256, 3)
 """The launch bounds of :func:`plan_lerp_kernel` (nearest rounding): at most 256 threads a block
 (``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it to 80
 registers on sm_90 (89-94 without them: 2 blocks; no spill with them). Checked on the machine code by
-``bench/tests/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
+``tests/kernels/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
 SR_LERP_BOUNDS = (256, 4)
 """The launch bounds of the stochastic-rounding :func:`lerp_kernel` and :func:`plan_lerp_kernel`: 4 blocks
 per multiprocessor, 64 registers. The plain lerp's 8 lanes of noise hashes took 80 with device weights
