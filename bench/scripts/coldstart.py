@@ -1,6 +1,6 @@
 """Cold start of the CPU kernels (issue 54 items 3, 4 and 6): one compile per node, and ``fastema warm``.
 
-    python bench/bench_coldstart.py [--procs 8] [--rounds 1] [--out bench/results/cpu-DATE-coldstart.md]
+    python -m bench.scripts.coldstart [--procs 8] [--rounds 1] [--out bench/results/cpu-DATE-coldstart.md]
 
 Each process is a training job's start: ``import torch``, ``EMA(model)`` and one ``update()`` on the
 CPU (a float32 MLP of 525k parameters: the parallel kernels' size), one thread each (``NUMBA_NUM_THREADS=1``,
@@ -111,7 +111,7 @@ def _compiled(batch: dict) -> str:
 def _report(rounds: list, warm: list, procs: int) -> str:
     lines = [f"# CPU cold start: {procs} processes on one cache (issue 54)", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {datetime.date.today()}, "
-             f"python {platform.python_version()}; `python bench/bench_coldstart.py --procs {procs}`. Each process: "
+             f"python {platform.python_version()}; `python -m bench.scripts.coldstart --procs {procs}`. Each process: "
              "`import torch`, `EMA(model)` + one `update()` (float32 MLP, 525k parameters), one thread, "
              "`NUMBA_CACHE_DIR` a fresh folder. Wall times from the first start to the last exit; `compiled`: the "
              "kernels numba compiled in each process (numba's compile event).", "",

@@ -1,7 +1,7 @@
 """What shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
 CPU.
 
-    .venv/bin/python bench/bench_device_code.py [--out FILE.md]
+    .venv/bin/python -m bench.scripts.device_code [--out FILE.md]
 
 1. NVVM's seconds for every shipped variant, as ``scripts/build_device_code.py`` measured them (the
    manifest keeps them; two build processes on this machine's cores), by kernel family.

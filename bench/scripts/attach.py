@@ -3,7 +3,7 @@
 to a file, for AdamW over a bfloat16 model with and without ``EMA(model,
 shadow_dtype="float32").attach(optimizer)``, on the CPU.
 
-    python bench/bench_attach.py [--mib 16,64,256] [--reps 5]
+    python -m bench.scripts.attach [--mib 16,64,256] [--reps 5]
 
 Not a timed test: figures for bench/README.md. Method: the model is bfloat16 ``Linear`` weights of
 ``--mib`` MiB in all (4 MiB each), AdamW stepped twice (its state made: two moments in the
