@@ -20,6 +20,9 @@ Installed as ``fastema.kernels`` from the top-level ``kernels/`` folder (``packa
   kernel (grid-stride loops), imported lazily.
 - :mod:`._cache`: numba's disk cache keyed by what each CPU kernel captures, so a kernel is
   compiled once per machine and loaded by every later process.
+- :mod:`._store`: the compiled-code store: one identity (the one digest of the kernel sources and
+  the toolchain; the kernel factories' decorator), one entry format, the shipped sets
+  (``device/cu13``, ``device/cu12``) and the node store, one lock, trust rule and atomic write.
 
 To add an op: its element body in ``_elementwise.py``, one skeleton in ``cpu.py`` and one
 in ``cuda.py``. To add a target: one hardware shim and one skeleton module.

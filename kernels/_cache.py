@@ -26,16 +26,16 @@ and their own captures, intrinsics by name):
   and must then recompile, never run another variant's code;
 - an index or data file that cannot be read (truncated, emptied or overwritten: a crash or a
   full disk while numba wrote it, as numba does not ``fsync``) is a miss too: the kernel is
-  compiled again and the file rewritten, and the first such file is reported (:data:`REPORT`);
+  compiled again and the file rewritten, and the first such file is reported (``._store.files.report``);
 - the files are pickles, so whoever can write the cache folder runs code in every process that
   reads it: a folder others can write (:data:`TRUST` says why) is neither read nor written,
   and the kernels are compiled in memory, with one warning naming the folder;
 - a kernel that cannot be saved (a full, size-limited or read-only folder: ENOSPC, EFBIG, EROFS,
   EACCES; or its lock not had) is used from memory: the update goes on, with one warning per
-  process naming the folder and the fix (:func:`unsaved`; the CUDA run-time cache reports the same).
+  process naming the folder and the fix (``._store.files.unsaved``; the node store reports the same).
 
-This package imports only NumPy, Numba, llvmlite and a few standard modules, so the
-digests are plain integer arithmetic (:func:`digest`) rather than ``hashlib``.
+Every digest is the store's one (``._store.identity.digest``, SHA-256); the lock, the node-local
+folder and the reports are the store's too (``._store.files``).
 """
 import functools
 from types import ModuleType
@@ -46,30 +46,16 @@ from numba.core.extending import _Intrinsic
 from numba.core.types import Type
 
 from . import _bits, _cache_node, _cpu_hw, _elementwise, _intrinsics, _stats, _target, kinds
+from ._store import files
+from ._store.identity import digest, of_file, of_files
 
 DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cpu_hw, kinds)
-"""The modules every CPU kernel's code depends on besides its own file (add a new one here)."""
-
-_MASK = (1 << 64) - 1
+"""The modules every CPU kernel's code depends on besides its own file (``._store.identity.CPU_SOURCES``)."""
 
 
-def digest(data: bytes) -> str:
-    """A 128-bit hex digest of ``data``, the same in every process of one Python version: two
-    chained 64-bit hashes of its bytes (CPython's tuple hash, xxHash's rounds over integers, which
-    are not randomised). Not cryptographic; it tells versions of a source file or kernel variants
-    apart."""
-    t = tuple(data)
-    return f"{hash((len(t),) + t) & _MASK:016x}{hash(t + (len(t),)) & _MASK:016x}"
-
-
-@functools.cache
-def sources_digest(modules: tuple = DEPENDENCIES) -> str:
-    """:func:`digest` of the sources of ``modules`` (:data:`DEPENDENCIES`; read once per process)."""
-    parts = []
-    for module in modules:
-        with open(module.__file__, "rb") as f:
-            parts.append(digest(f.read()))
-    return digest(" ".join(parts).encode())
+def sources(modules: tuple = DEPENDENCIES) -> str:
+    """The digest of the sources of ``modules`` (``._store.identity.of_files``; read once per process)."""
+    return of_files(tuple(m.__file__ for m in modules))
 
 
 def describe(value) -> str:
@@ -120,12 +106,6 @@ def describe_function(fn) -> str:
     return f"{fn.__module__}.{fn.__qualname__}({captured})"
 
 
-REPORT = None
-"""How the cache says what it found wrong (a damaged file it repaired, a folder it does not trust): a
-function of one message, set by fastema's launch layer (:mod:`fastema._launch.config`: a
-``RuntimeWarning``) before any kernel is built; this package itself imports no ``warnings``. None:
-nothing is said."""
-
 DAMAGED: list = []
 """The cache files found unreadable in this process (each read as a miss, compiled again and
 rewritten); the first one was reported."""
@@ -152,8 +132,7 @@ def _trusted(cache) -> bool:
         return True
     if all(f != folder for f, _ in UNTRUSTED):
         UNTRUSTED.append((folder, why))
-        if REPORT is not None:
-            REPORT(f"the kernel cache folder {folder} is not used: {why}. numba's cache files are pickles, so a "
+        files.report(f"the kernel cache folder {folder} is not used: {why}. numba's cache files are pickles, so a "
                    f"file someone else put there would run as code in this process; the kernels are compiled in "
                    f"memory instead, in every process (seconds at the first update). Set NUMBA_CACHE_DIR to a "
                    f"folder only you can write (chmod go-w), or leave it unset for fastema's default (beside "
@@ -164,28 +143,10 @@ def _trusted(cache) -> bool:
 def _damaged(path: str, err: BaseException) -> None:
     """``path`` could not be read: recorded, and reported when it is the first in this process."""
     DAMAGED.append(path)
-    if len(DAMAGED) == 1 and REPORT is not None:
-        REPORT(f"the kernel cache file {path} could not be read ({type(err).__name__}: {err}), so the kernel is "
+    if len(DAMAGED) == 1:
+        files.report(f"the kernel cache file {path} could not be read ({type(err).__name__}: {err}), so the kernel is "
                f"compiled again and the file rewritten. A file damaged by a crash or a full disk while numba wrote "
                f"it does this once; other damaged files are repaired the same way without another warning.")
-
-
-UNSAVED: list = []
-"""``(folder, why)`` of each compiled kernel this process could not save in its cache folder (the
-CPU kernels' cache and the CUDA run-time cache alike): each is used from memory; the first was
-reported."""
-
-
-def unsaved(folder: str, why: str) -> None:
-    """A compiled kernel could not be saved in the cache folder ``folder`` (``why``) and is used
-    from memory: recorded, and reported when it is the first in this process."""
-    UNSAVED.append((folder, why))
-    if len(UNSAVED) == 1 and REPORT is not None:
-        REPORT(f"a compiled kernel could not be cached in {folder} ({why}), so it is used from "
-               f"memory and the update goes on; the next process that needs it compiles it again "
-               f"(seconds). Free space there, or set NUMBA_CACHE_DIR to a folder of your own with "
-               f"room (only you can write it; TMPDIR moves the node-local default). Other kernels "
-               f"that cannot be cached are kept in memory without another warning.")
 
 
 def _checked(index_file_class):
@@ -229,15 +190,16 @@ def _keyed(cache_class, index_file_class, name: str, extra=None):
     """``cache_class`` (numba's ``FunctionCache`` or numba-cuda's ``CUDACache``) keyed by the variant's
     :func:`describe_function` instead of pickled cells, its index stamped with the content of its own
     file and the sources of the kernels' other modules, each entry checked against its key
-    (:func:`_checked`), a save that fails used from memory (:func:`unsaved`). ``extra``: a function
+    (:func:`_checked`), a save that fails used from memory (``._store.files.unsaved``). ``extra``: a function
     whose result every key also holds (the CUDA cache: :data:`CUDA_VERSIONS`)."""
     CheckedFile = _checked(index_file_class)
 
     def __init__(self, py_func, variant: str, dependencies: tuple = DEPENDENCIES):
         cache_class.__init__(self, py_func)
         self._variant = variant
-        own = _cache_node.source_stamp(py_func.__code__.co_filename) or self._impl.locator.get_source_stamp()
-        stamp = (own, sources_digest(dependencies))
+        own = of_file(py_func.__code__.co_filename)
+        own = ("content", own) if own is not None else self._impl.locator.get_source_stamp()
+        stamp = (own, sources(dependencies))
         self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
                                        source_stamp=stamp)
 
@@ -245,10 +207,10 @@ def _keyed(cache_class, index_file_class, name: str, extra=None):
         try:
             cache_class.save_overload(self, sig, data)
         except OSError as err:          # a full, size-limited or read-only folder: used from memory
-            unsaved(self._cache_path, str(err))
+            files.unsaved(self._cache_path, str(err))
 
     def _index_key(self, sig, codegen):
-        key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code), self._variant))
+        key = (sig, codegen.magic_tuple(), (digest(self._py_func.__code__.co_code, size=32), self._variant))
         if extra is not None:
             key += (("built_by", extra()),)
         launch_config = getattr(self, "_launch_config_key", None)    # numba-cuda: launch-config-sensitive kernels
@@ -327,7 +289,7 @@ def _attach(dispatcher, cls, *dependencies: tuple) -> None:
     cache's folder is not trusted (:func:`_trusted`)."""
     variant = describe(dispatcher)
     fn = dispatcher.py_func
-    fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant.encode())}"
+    fn.__qualname__ = f"{fn.__qualname__}.v{digest(variant, size=32)}"
     cache = cls(fn, variant, *dependencies)
     if _trusted(cache):
         dispatcher._cache = cache

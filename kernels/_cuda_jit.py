@@ -1,10 +1,9 @@
 """What every CUDA kernel module of fastema shares: the element bodies bound for CUDA (:data:`E`), the
-dispatcher maker (:func:`jit`: ``cuda.jit``'s options, the disk cache when :data:`CACHE`), the kernel
-factories' decorator (:func:`variant`: every kernel named by its factory and arguments, the name its
-shipped device code is found by), raw pointers by storage kind, and the masks of a 16-bit element's half
-of a 32-bit word."""
+dispatcher maker (:func:`jit`: ``cuda.jit``'s options, the disk cache when :data:`CACHE`), raw pointers
+by storage kind, and the masks of a 16-bit element's half of a 32-bit word. The kernel factories'
+decorator, which names every kernel, is ``._store.identity.variant`` (outside the device code's
+sources: an edit of it compiles nothing anew)."""
 import functools
-import inspect
 import sys
 
 import numpy as np
@@ -34,34 +33,6 @@ def jit(fn, **options):
         return cuda.jit(fn)
     kernel = cuda.jit(fn, **options)
     return cached_cuda(kernel, DEPENDENCIES) if CACHE else kernel
-
-
-VARIANTS: dict = {}
-"""``dispatcher -> "factory(arg,...)"``: the name of every kernel a factory decorated by :func:`variant` made
-in this process (the first half of a shipped variant's key: ``fastema._launch.device_code``)."""
-
-
-def variant(factory):
-    """A kernel factory made once per arguments (as ``functools.cache``), each kernel it makes named in
-    :data:`VARIANTS` by the factory's name and its arguments with their defaults, as integers
-    (``lerp_kernel(0,1,0,0)``): the same kernel, however it was asked for, has one name."""
-    signature = inspect.signature(factory)
-
-    @functools.cache
-    def made(*args):
-        dispatcher = factory(*args)
-        VARIANTS[dispatcher] = f"{factory.__name__}({','.join(str(int(a)) for a in args)})"
-        return dispatcher
-
-    @functools.wraps(factory)
-    def named(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return made(*(int(a) for a in bound.args))
-
-    named.cache_clear = made.cache_clear             # fastema.clear_caches()
-    named.cache_info = made.cache_info
-    return named
 
 
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}

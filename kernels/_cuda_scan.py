@@ -6,7 +6,7 @@ from numba import cuda
 
 from ._cuda_hw import VECTORS
 from ._cuda_jit import M16, S16, E, jit, pointer
-from ._cuda_jit import variant as _variant
+from ._store.identity import variant as _variant
 from ._target import bodies
 from .kinds import F64, ITEMSIZE
 

@@ -42,13 +42,21 @@ import subprocess
 import sys
 import tempfile
 
+from ._store.entry import figures
+
 SET = "cu12"
 """This compiled set's name (its key in :data:`._bounds.OVERRIDES`)."""
 RELEASE = "12.0"
-WHEELS = {"nvcc": "nvidia-cuda-nvcc-cu12==12.0.76", "nvrtc": "nvidia-cuda-nvrtc-cu12==12.0.76"}
+WHEELS = {"nvcc": "nvidia-cuda-nvcc-cu12==12.0.76", "nvrtc": "nvidia-cuda-nvrtc-cu12==12.0.76",
+          "late": "nvidia-cuda-nvcc-cu12==12.8.93"}
 PTX_CC = (7, 0)
 PTX_ISA = "8.0"
 CUBINS = ("sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+LATE_RELEASE = "12.8"
+LATE = ("sm_100", "sm_120")
+"""Blackwell's cubins, which ptxas 12.0 does not know: assembled by ptxas 12.8 (the first to know
+sm_100 and sm_120, the oldest driver a Blackwell GPU runs under) from the same PTX 8.0, so a CUDA
+12.8 or 12.9 driver loads a cubin rather than compiling the PTX."""
 _VERSION = re.compile(r"^\.version (\d+\.\d+)$", re.M)
 _TARGET = re.compile(r"^\.target (sm_\d+)\b", re.M)
 
@@ -89,43 +97,18 @@ class Toolchain:
         return found.group(1)
 
 
-def default_root() -> str:
-    """``$FASTEMA_CU12_TOOLCHAIN``, else ``.toolchains/cu12-12.0`` in the checkout above this
-    package."""
+def default_root(release: str = RELEASE) -> str:
+    """``$FASTEMA_CU12_TOOLCHAIN`` (12.0's), else ``.toolchains/cu12-<release>`` in the checkout
+    above this package."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return (os.environ.get("FASTEMA_CU12_TOOLCHAIN")
-            or os.path.join(here, ".toolchains", f"cu12-{RELEASE}"))
+    given = os.environ.get("FASTEMA_CU12_TOOLCHAIN") if release == RELEASE else None
+    return given or os.path.join(here, ".toolchains", f"cu12-{release}")
 
 
 def install(root: str, parts=("nvcc", "nvrtc")) -> None:
     """The wheels of ``parts`` unpacked into ``root`` by pip (no dependencies, nothing imported)."""
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
                     root, *(WHEELS[p] for p in parts)], check=True)
-
-
-# ---------------------------------------------------------------- figures
-
-_FIGURES = (("registers", r"Used (\d+) registers", max),
-            ("spill_stores", r"(\d+) bytes spill stores", sum),
-            ("spill_loads", r"(\d+) bytes spill loads", sum),
-            ("stack", r"(\d+) bytes stack frame", max),
-            ("smem", r"(\d+) bytes smem", max))
-
-
-def figures(log: str) -> dict:
-    """What ``ptxas -v`` (or nvJitLink's info log: the same lines) says of a kernel, over the
-    functions of its module: registers, stack frame and static shared memory bytes (the most of any
-    function), spill stores and loads (bytes, summed). Timings and names are left out: the same code
-    has the same figures."""
-    out = {}
-    for key, pattern, fold in _FIGURES:
-        values = [int(x) for x in re.findall(pattern, log)]
-        out[key] = fold(values) if values else 0
-    return out
-
-
-def spills(f: dict) -> bool:
-    return bool(f["spill_stores"] or f["spill_loads"])
 
 
 # ---------------------------------------------------------------- the tools
@@ -224,23 +207,45 @@ def compile_ptx(dispatcher, types, bounds) -> bytes:
     return ptx
 
 
-def build_cu12(dispatcher, types, archs=CUBINS, tc: Toolchain | None = None) -> tuple[bytes, dict]:
-    """``(ptx, {arch: (cubin, figures)})`` of one variant for CUDA 12 drivers, in a process where
-    :func:`activate` ran: the PTX (compute_70, ISA 8.0) with the bounds :mod:`._bounds` gives
-    ``compute_70`` (the kernel's own unless overridden), and a cubin for each of ``archs``,
-    assembled by ptxas 12.0 from the PTX compiled with that architecture's bounds (NVVM once per
-    distinct bounds)."""
+_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
+
+
+def entry_of(ptx: bytes) -> str:
+    """The name of the one kernel entry of ``ptx`` (NVVM numbers every compile's names: an image
+    takes the name of the PTX it was assembled from)."""
+    found = _ENTRY.findall(ptx.decode("ascii", "replace"))
+    if len(found) != 1:
+        raise ValueError(f"expected one kernel entry in the PTX, found {found}")
+    return found[0]
+
+
+def build_cu12(dispatcher, types, archs=CUBINS, tc: Toolchain | None = None,
+               late: Toolchain | None = None) -> dict:
+    """``{image: (kind, code, entry, figures)}`` of one variant for CUDA 12 drivers, in a process
+    where :func:`activate` ran: for each of ``archs``, a cubin assembled by ptxas 12.0 (ptxas
+    :data:`LATE_RELEASE` of ``late`` for :data:`LATE`) from the PTX compiled with that
+    architecture's bounds (:mod:`._bounds`: the kernel's own unless overridden; NVVM once per
+    distinct bounds), and for ``compute_70`` among them the PTX (ISA 8.0) itself."""
     from . import _bounds
-    from ._cuda_jit import VARIANTS
+    from ._store.identity import VARIANTS
 
     tc = tc or Toolchain.at(default_root())
     name = VARIANTS[dispatcher]
     own = dispatcher.targetoptions.get("launch_bounds")
-    ptx_arch = "compute_%d%d" % PTX_CC
-    wanted = {a: _bounds.launch_bounds(SET, a, name, own) for a in (ptx_arch, *archs)}
+    wanted = {a: _bounds.launch_bounds(SET, a, name, own) for a in archs}
     code = {b: compile_ptx(dispatcher, types, b) for b in dict.fromkeys(wanted.values())}
-    cubins = {}
+    out = {}
     for arch in archs:
-        cubin, f, _ = assemble(code[wanted[arch]], arch, tc.ptxas)
-        cubins[arch] = (cubin, f)
-    return code[wanted[ptx_arch]], cubins
+        ptx = code[wanted[arch]]
+        if arch.startswith("compute_"):
+            out[arch] = ("ptx", ptx, entry_of(ptx), {})
+            continue
+        if arch in LATE:
+            if late is None:
+                raise ValueError(f"{arch} is assembled by ptxas {LATE_RELEASE}: pass late=")
+            ptxas = late.ptxas
+        else:
+            ptxas = tc.ptxas
+        cubin, f, _ = assemble(ptx, arch, ptxas)
+        out[arch] = ("cubin", cubin, entry_of(ptx), f)
+    return out

@@ -48,6 +48,9 @@ trap finish EXIT
 unset PYTHONDONTWRITEBYTECODE
 echo "== set-up $(date +%T)"
 bash scripts/setup.sh dev,cuda,bench,distributed,docs
+# CUDA 12.0's ptxas, outside the venv, for the CUDA 12 set's checks (tests/kernels/test_toolchain_cu12.py)
+[ -x .toolchains/cu12-12.0/nvidia/cuda_nvcc/bin/ptxas ] || .venv/bin/python -m pip install -q --no-deps \
+  --target .toolchains/cu12-12.0 nvidia-cuda-nvcc-cu12==12.0.76 || echo "set-up: no CUDA 12.0 ptxas: its checks skip"
 stage "set-up" $((SECONDS - start)) "$(cpu)"
 py=.venv/bin/python
 export PYTHONUNBUFFERED=1

@@ -39,6 +39,7 @@ _SKIP_PATHS = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "
                "dist", ".whl", "docs/_build"}
 _SKIP_PATHS |= {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
                 if line.startswith("/")}       # .gitignore's rooted paths (the tooling's outputs)
+_SKIP_PATHS |= {"kernels/device/.cu12-entries", "kernels/device/.cu13-entries"}   # a build's staging
 _SKIP_ANY = ("__pycache__", "*.egg-info", "*.pyc")
 
 
@@ -113,10 +114,15 @@ def test_wheel_holds_every_package_and_module(built):
     missing = sorted(_tree_modules() - names)
     assert not missing, f"modules of the tree missing from the wheel: {missing}"
     assert "fastema/py.typed" in names
-    shipped = {f"fastema/kernels/device/{n}" for n in ("manifest.json", "ptx.xz", "sm_80.xz", "sm_90.xz", "sm_100.xz",
-                                                         "sm_120.xz")}
+    from fastema._launch.build import SETS
+
+    shipped = {f"fastema/kernels/device/{s}/{n}" for s, spec in SETS.items()
+               for n in ["index.json"] + [f"{i}.xz" for i in spec["images"]]}
     assert shipped <= names, f"the shipped device code missing from the wheel: {sorted(shipped - names)}"
-    assert "fastema/kernels/device/ltoir.xz" not in names                # kept for the next build, not shipped
+    device = {n for n in names if n.startswith("fastema/kernels/device/")}
+    assert device == shipped, f"not shipped files in the wheel (a build's entries?): {sorted(device - shipped)}"
+    size = os.path.getsize(wheel)
+    assert size < 12 * 1024 * 1024, f"the wheel is {size / 2**20:.1f} MiB, over 12 MiB"
     dist_info = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
     assert len(dist_info) == 1, dist_info
     stray = sorted(n for n in names if n.split("/")[0] not in {"fastema"} | dist_info)
@@ -160,13 +166,13 @@ for name in modules:
 if importlib.util.find_spec("numba.cuda"):              # the shipped device code, found and whole
     from fastema._launch import device_code
 
-    data, problem = device_code._read_manifest()
-    assert problem is None, problem
     assert device_code.device_dir().startswith(venv + os.sep), device_code.device_dir()
-    entry = next(iter(data["variants"].values()))
-    for arch in ["ptx"] + data["cubins"]:
-        device_code.member(arch, entry)
-    out["device_code"] = len(data["variants"])
+    for name, shipped in device_code.sets().items():     # one entry of every image of every set
+        key = next(iter(shipped.index["variants"]))
+        for image in shipped.index["images"]:
+            assert device_code.entry(name, key, image) is not None, (name, image)
+        out["device_code"] = len(shipped.index["variants"])
+    out["sets"] = sorted(device_code.sets())
 
 d = 0.75                                                 # every value below is exact in float32
 a0 = np.array([1.0, 2.0, 4.0], np.float32)
@@ -270,8 +276,8 @@ def test_wheel_installs_and_works_outside_the_tree(built, tmp_path):
                                                  if importlib.util.find_spec(f)]
     assert out["faces"] == expected, out
     if importlib.util.find_spec("numba.cuda"):
-        assert out["device_code"] == len(json.loads((ROOT / "kernels" / "device" / "manifest.json").read_text())[
-            "variants"]), out
+        index = json.loads((ROOT / "kernels" / "device" / "cu13" / "index.json").read_text())
+        assert out["device_code"] == len(index["variants"]) and out["sets"] == ["cu12", "cu13"], out
 
 
 def test_setuptools_floor_builds_the_wheel(built, tmp_path):

@@ -1,4 +1,5 @@
-"""The sm_90 machine code of every per-step CUDA kernel as shipped, read by ``bench/gpu_sass.py``."""
+"""The sm_90 machine code of every per-step CUDA kernel as shipped, read by ``bench/gpu_sass.py``: the
+CUDA 13 set's (named as the variant) and the CUDA 12 set's (``cu12 <variant>``)."""
 from __future__ import annotations
 
 import shutil
@@ -12,17 +13,18 @@ def measure_sass() -> dict:
     use_tree()
     from bench.gpu import sass as S
 
-    problem = S.shipped_problem()
+    problem = S.toolchain_problem("cu13") or S.toolchain_problem("cu12")
     if problem:
         raise ToolMissing(f"sass: {problem}")
     folder = Path(tempfile.mkdtemp(prefix="fastema-gates-sass-"))
     try:
-        reports = [S.analyse(b) for b in S.build_all(S.variants(), folder, source="shipped")]
+        reports = [("", S.analyse(b)) for b in S.build_all(S.variants(), folder, 2, "cu13")]
+        reports += [("cu12 ", S.analyse(b)) for b in S.build_all(S.variants(), folder, 2, "cu12")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     out = {}
-    for r in reports:
-        out[r.variant.name] = {
+    for prefix, r in reports:
+        out[prefix + r.variant.name] = {
             "registers": r.registers, "spill_bytes": r.spill_stores + r.spill_loads, "stack_frame": r.frame,
             "blocks_per_sm": r.blocks_per_sm, "streaming_loop": "; ".join(lp.widths() for lp in r.streaming) or "-",
             "scalar_fallback_loops": sum(1 for lp in r.loops if lp.fallback),

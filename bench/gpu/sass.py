@@ -1,15 +1,15 @@
-"""The machine code of fastema's per-step CUDA kernels for sm_90, built and read without a GPU (issue 45).
+"""The machine code of fastema's per-step CUDA kernels for sm_90, read without a GPU (issues 45, 60).
 
 Shared by ``tests/kernels/test_sass.py`` (the checks CI runs) and ``bench/gpu_static.py`` (the table).
-The method is ``../shared/design/gpu.md`` §1: each variant is compiled the way numba-cuda compiles it
-at a launch, for the argument types its launcher passes (typed by numba-cuda's own ``typeof``, as the
-bound launch path types them) and with the dispatcher's own options: with nvJitLink present
-(``numba-cuda[cu13]``), numba-cuda's default is link-time optimisation, so NVVM emits LTO-IR and
-nvJitLink links it (cuda.core's ``Linker``, the call numba-cuda makes in ``_Linker.complete``); without
-it, PTX. The cubin for sm_90 is then disassembled by ``nvdisasm`` (the ``nvidia-cuda-nvdisasm`` wheel)
-and read: registers and frame size from the cubin's ``.nv.info``, spills from the linker's log, and from
-the SASS the loops (a backward branch closes one), their global loads and stores, their widths, and
-the bytes a thread has in flight when it first waits for one of its loads.
+The method is ``../shared/design/gpu.md`` §1: each variant is the one its launcher asks for (its
+argument types typed by numba-cuda's own ``typeof``, as the bound launch path types them), read from
+the store as fastema ships it (``kernels/device``: the CUDA 13 set's sm_90 cubin, or the CUDA 12
+set's): nothing is compiled here. The entry's cubin is disassembled by ``nvdisasm`` (the
+``nvidia-cuda-nvdisasm`` wheel, 13.5, which reads CUDA 12.0 cubins too) and read: registers and frame
+size from the cubin's ``.nv.info``, spills, registers and shared memory from the entry's figures (the
+linker's or ptxas' log, parsed once when the entry was built), and from the SASS the loops (a backward
+branch closes one), their global loads and stores, their widths, and the bytes a thread has in flight
+when it first waits for one of its loads.
 
 Occupancy follows the sm_90 rules at ``CUDA_THREADS`` (256) threads a block (gpu.md §1.1): 65,536
 registers per SM, allocated per warp in units of 256; at most 64 warps and 32 blocks per SM; 228 KiB of
@@ -19,13 +19,11 @@ on the 2026-11-22 H100 run): a prediction, not a measurement.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,32 +62,6 @@ def nvdisasm() -> str | None:
     except Exception:                               # noqa: BLE001 - an older cuda-pathfinder, or none
         pass
     return shutil.which("nvdisasm")
-
-
-def toolchain_problem() -> str | None:
-    """Why the kernels cannot be built and read here (what to install), or None when they can."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return "compiles the real target, not the simulator"
-    try:
-        from numba import cuda
-        from numba.cuda import types as T
-
-        def _probe(a):
-            a[0] = 1
-
-        cuda.compile_ptx(_probe, (T.Array(T.int32, 1, "C"),), cc=CC)
-    except Exception as err:                        # noqa: BLE001 - numba-cuda or NVVM missing
-        return f"needs numba-cuda with NVVM: pip install 'fastema[cuda]' ({err.__class__.__name__}: {err})"
-    try:
-        from cuda.core import Linker, LinkerOptions, ObjectCode  # noqa: F401
-        from numba.cuda.cudadrv.driver import _have_nvjitlink
-    except Exception as err:                        # noqa: BLE001
-        return f"needs cuda.core's Linker: pip install 'fastema[cuda]' ({err.__class__.__name__}: {err})"
-    if not _have_nvjitlink():
-        return "needs nvJitLink (the nvidia-nvjitlink wheel of numba-cuda[cu13]) to link for sm_90 without a driver"
-    if nvdisasm() is None:
-        return "needs nvdisasm: pip install nvidia-cuda-nvdisasm (the cuda extra)"
-    return None
 
 
 # ---------------------------------------------------------------- the variants
@@ -247,7 +219,7 @@ def variants() -> list[Variant]:
     ]
 
 
-# ---------------------------------------------------------------- compile, link, disassemble
+# ---------------------------------------------------------------- the shipped entries, disassembled
 
 
 def argument_types(args) -> tuple:
@@ -255,40 +227,6 @@ def argument_types(args) -> tuple:
     from numba.cuda.typing.typeof import Purpose, typeof
 
     return tuple(typeof(a, Purpose.argument) for a in args)
-
-
-def options(dispatcher) -> dict:
-    """The dispatcher's compile and link options (what a launch compiles with)."""
-    o = dispatcher.targetoptions
-    return dict(debug=bool(o.get("debug")), lineinfo=bool(o.get("lineinfo")), fastmath=bool(o.get("fastmath")),
-                opt=o.get("opt", True), launch_bounds=o.get("launch_bounds"), max_registers=o.get("max_registers"),
-                lto=bool(o.get("lto")))
-
-
-def compile_code(dispatcher, types: tuple, opts: dict) -> bytes:
-    """The kernel's code as numba-cuda builds it at a launch: LTO-IR when ``opts["lto"]`` (its default
-    where nvJitLink is present), else PTX."""
-    from numba import cuda
-
-    code, _ = cuda.compile(dispatcher.py_func, types, debug=opts["debug"], lineinfo=opts["lineinfo"], device=False,
-                           fastmath=opts["fastmath"], cc=CC, opt=opts["opt"], abi="numba",
-                           output="ltoir" if opts["lto"] else "ptx", launch_bounds=opts["launch_bounds"])
-    return code if isinstance(code, bytes) else code.encode()
-
-
-def link(code: bytes, opts: dict) -> tuple[bytes, str]:
-    """``(cubin, info log)``: ``code`` linked for sm_90 by cuda.core's Linker (nvJitLink), with the
-    options numba-cuda's ``_Linker`` passes."""
-    from cuda.core import Linker, LinkerOptions, ObjectCode
-
-    obj = ObjectCode.from_ltoir(code) if opts["lto"] else ObjectCode.from_ptx(code)
-    linker = Linker(obj, options=LinkerOptions(arch=ARCH, verbose=True, max_register_count=opts["max_registers"],
-                                               lineinfo=opts["lineinfo"], link_time_optimization=opts["lto"] or None))
-    try:
-        cubin = linker.link("cubin").code
-        return bytes(cubin), linker.get_info_log()
-    finally:
-        linker.close()
 
 
 def disassemble(cubin: bytes, folder: Path, stem: str) -> str:
@@ -299,80 +237,38 @@ def disassemble(cubin: bytes, folder: Path, stem: str) -> str:
     return out.stdout
 
 
-def _stamp() -> str:
-    """What the built code depends on: every kernel source and the compiler versions."""
-    import importlib.metadata as md
-
-    h = hashlib.sha256()
-    for p in sorted((ROOT / "kernels").glob("*.py")):
-        h.update(p.name.encode() + p.read_bytes())
-    for dist in ("numba", "numba-cuda", "nvidia-nvvm", "nvidia-nvjitlink", "cuda-core"):
-        try:
-            h.update(f"{dist}={md.version(dist)}".encode())
-        except md.PackageNotFoundError:
-            h.update(dist.encode())
-    return h.hexdigest()[:16]
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def shipped(variant: Variant) -> tuple[bytes, str]:
-    """``(cubin, nvJitLink's info log)`` of ``variant`` as fastema ships it for sm_90 (``kernels/device``,
-    what a user's H100 runs: ``fastema._launch.device_code``), checked against its manifest's SHA-256;
-    LookupError naming what is missing where it is not shipped (or the shipped code is stale)."""
+def shipped(variant: Variant, source: str = "cu13"):
+    """The entry (``kernels._store.entry.Entry``: cubin and figures) of ``variant`` for sm_90 in the
+    shipped set ``source`` (``"cu13"``, ``"cu12"``: what a user's H100 runs under a CUDA 13 or 12
+    driver), checked whole; LookupError naming what is missing where it is not shipped (or stale)."""
     from fastema._launch import device_code
     from fastema._launch.variants import variant_key
-    from fastema.kernels._cuda_jit import VARIANTS
+    from fastema.kernels._store.identity import VARIANTS
 
-    data, problem = device_code._read_manifest()
+    problem = device_code.problem(source)
     if problem:
         raise LookupError(problem)
     dispatcher, args = variant.build()
     key = variant_key(VARIANTS[dispatcher], argument_types(args))
-    entry = data["variants"].get(key)
-    if entry is None:
-        raise LookupError(f"{variant.name}: {key} is not shipped (not a variant the launchers ask for)")
-    found = device_code.shipped(key, CC)
-    if found is None or found[3] != ARCH:
-        raise LookupError(f"{variant.name}: no {ARCH} cubin shipped for {key}")
-    f = entry["link"][ARCH]                        # nvJitLink's figures, as its log says them (log_figures)
-    log = (f"{f['stack']} bytes stack frame, {f['spill_stores']} bytes spill stores, {f['spill_loads']} bytes "
-           f"spill loads\nUsed {f['registers']} registers\n{f['smem']} bytes smem\n")
-    return found[1], log
+    found = device_code.entry(source, key, ARCH, dispatcher)
+    if found is None:
+        raise LookupError(f"{variant.name}: no {source} {ARCH} cubin shipped for {key} (not a variant the "
+                          f"launchers ask for, or stale)")
+    return found
 
 
-def build(variant: Variant, folder: Path | None = None, source: str = "compile") -> Built:
-    """``variant`` compiled, linked and disassembled (``source="shipped"``: its shipped sm_90 cubin,
-    :func:`shipped`, disassembled). With ``folder``, the artefacts are kept there (``<name>.ltoir/.ptx``,
-    ``.cubin``, ``.log``, ``.sass``) and reused while the kernels' sources and the compilers are unchanged."""
-    dispatcher, args = variant.build()
-    types = argument_types(args)
-    opts = options(dispatcher)
-    stem = _slug(variant.name)
-    if source == "shipped":
-        cubin, log = shipped(variant)
-        where = folder if folder is not None else Path(_tmp())
-        where.mkdir(parents=True, exist_ok=True)
-        return Built(variant, types, opts, cubin, log, disassemble(cubin, where, f"{stem}.shipped"))
-    key = hashlib.sha256(f"{_stamp()} {types} {sorted(opts.items())}".encode()).hexdigest()[:16]
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        cached = folder / f"{stem}.{key}.sass"
-        if cached.exists():
-            log = (folder / f"{stem}.{key}.log").read_text()
-            cubin = (folder / f"{stem}.{key}.cubin").read_bytes()
-            return Built(variant, types, opts, cubin, log, cached.read_text())
-    code = compile_code(dispatcher, types, opts)
-    cubin, log = link(code, opts)
+def build(variant: Variant, folder: Path | None = None, source: str = "cu13") -> Built:
+    """``variant``'s shipped sm_90 entry of set ``source`` (:func:`shipped`), disassembled (into
+    ``folder``, else a temporary one)."""
+    found = shipped(variant, source)
     where = folder if folder is not None else Path(_tmp())
-    sass = disassemble(cubin, where, f"{stem}.{key}")
-    if folder is not None:
-        (folder / f"{stem}.{key}.{'ltoir' if opts['lto'] else 'ptx'}").write_bytes(code)
-        (folder / f"{stem}.{key}.log").write_text(log)
-        (folder / f"{stem}.{key}.sass").write_text(sass)
-    return Built(variant, types, opts, cubin, log, sass)
+    where.mkdir(parents=True, exist_ok=True)
+    sass = disassemble(found.code, where, f"{_slug(variant.name)}.{source}")
+    return Built(variant, found.key, source, found.code, found.figures, sass)
 
 
 def _tmp() -> str:
@@ -418,17 +314,6 @@ def cubin_attributes(cubin: bytes) -> dict:
                     out.setdefault(symbols[index], {})[field] = value
             at += 4 + (size if fmt == 0x04 else 0)
     return out
-
-
-def log_figures(log: str) -> dict:
-    """From the linker's log: spill stores and loads (summed over every function of the link), the
-    kernel's registers as the linker reports them (None where it does not say), its static shared
-    memory."""
-    spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
-    smem = [int(s) for s in re.findall(r"(\d+) bytes smem", log)]
-    return dict(spill_stores=sum(a for a, _ in spills), spill_loads=sum(b for _, b in spills),
-                log_registers=max(regs, default=None), smem=max(smem, default=0))
 
 
 # ---------------------------------------------------------------- reading the SASS
@@ -608,10 +493,10 @@ def bursts(body: list[Instruction]) -> list[int]:
 @dataclasses.dataclass
 class Built:
     variant: Variant
-    types: tuple
-    options: dict
+    key: str                  # the variant's key in the store
+    source: str               # the shipped set it was read from: "cu13", "cu12"
     cubin: bytes
-    log: str
+    figures: dict             # the entry's (kernels._store.entry.figures)
     sass: str
 
     def code(self) -> list[Instruction]:
@@ -648,14 +533,14 @@ class Report:
     """What the checks and the table read of one variant."""
     variant: Variant
     registers: int            # per thread, as the cubin tells the driver (EIATTR_REGCOUNT)
-    log_registers: int | None  # as the linker's log reports them
+    log_registers: int | None  # as the linker's or ptxas' log reported them (the entry's figures)
     frame: int                # stack frame bytes
     spill_stores: int
     spill_loads: int
     smem: int                 # static shared memory bytes
     blocks_per_sm: int        # resident blocks per SM at CUDA_THREADS (gpu.md §1.1)
     loops: list               # LoopFigures of every loop over elements
-    linked: str = ""          # what nvJitLink linked: "LTO-IR" (numba-cuda's default with nvJitLink) or "PTX"
+    source: str = ""          # the shipped set: "cu13" (NVVM + nvJitLink 13.5), "cu12" (NVVM + ptxas 12.0)
 
     @property
     def streaming(self) -> list:
@@ -705,7 +590,7 @@ def analyse(built: Built) -> Report:
     entry = [a for name, a in attrs.items() if name.startswith("_Z") and "registers" in a]
     if len(entry) != 1:
         raise ValueError(f"{built.variant.name}: {len(entry)} kernel register counts in the cubin, expected 1")
-    figures = log_figures(built.log)
+    figures = built.figures
     found = element_loops(code, built.variant.chunked, loads_only=built.variant.family == "scan")
     vector = any(is_vector(iteration(lp, code)) for lp in found)
     figs = []
@@ -716,10 +601,9 @@ def analyse(built: Built) -> Report:
             [i.width() for i in one if i.is_load()], [i.width() for i in one if i.is_store()],
             [f"{i.address:#06x} {i.opcode}" for i in lp.body if LOCAL.match(i.opcode)],
             [f"{i.address:#06x} {i.opcode}" for i in one if i.is_load() and i.width() == 2], bursts(one)))
-    return Report(built.variant, entry[0]["registers"], figures["log_registers"], entry[0].get("frame", 0),
+    return Report(built.variant, entry[0]["registers"], figures.get("registers") or None, entry[0].get("frame", 0),
                   figures["spill_stores"], figures["spill_loads"], figures["smem"],
-                  blocks_per_sm(entry[0]["registers"], config.CUDA_THREADS, figures["smem"]), figs,
-                  "LTO-IR" if built.options["lto"] else "PTX")
+                  blocks_per_sm(entry[0]["registers"], config.CUDA_THREADS, figures["smem"]), figs, built.source)
 
 
 # ---------------------------------------------------------------- the checks (gpu.md §1.7)
@@ -791,8 +675,8 @@ def table(reports: list[Report], latency_ns: float = LATENCY_NS) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def shipped_problem() -> str | None:
-    """Why the shipped sm_90 code cannot be read here (what to do), or None."""
+def toolchain_problem(source: str = "cu13") -> str | None:
+    """Why the shipped sm_90 code of set ``source`` cannot be read here (what to do), or None."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return "reads the real target's code, not the simulator's"
     if nvdisasm() is None:
@@ -800,32 +684,18 @@ def shipped_problem() -> str | None:
     try:
         from fastema._launch import device_code
 
-        return device_code._read_manifest()[1]
-    except Exception as err:                        # noqa: BLE001 - numba-cuda missing
+        return device_code.problem(source)
+    except ImportError as err:
         return f"needs numba-cuda: pip install 'fastema[cuda]' ({err.__class__.__name__}: {err})"
 
 
-def build_all(chosen: list[Variant], folder: Path, jobs: int = 1, source: str = "compile") -> list[Built]:
-    """Every variant of ``chosen`` built (:func:`build`) into ``folder``: ``jobs - 1`` of every ``jobs`` of
-    them by child processes (``python bench/gpu_sass.py --build-only``), the rest here, then all read
-    back from the folder. ``source="shipped"``: the shipped cubins, read here (nothing compiled)."""
-    if source == "shipped":
-        return [build(v, folder, source="shipped") for v in chosen]
-    children = []
-    for j in range(1, max(1, jobs)):
-        names = [v.name for v in chosen[j::jobs]]
-        if names:
-            env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-            children.append(subprocess.Popen([sys.executable, __file__, "--build-only", "--folder", str(folder),
-                                              "--exact", *names], env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, text=True))
-    for v in chosen[0::max(1, jobs)]:
-        build(v, folder)
-    for child in children:
-        out, _ = child.communicate()
-        if child.returncode:
-            raise RuntimeError(f"a build process failed ({child.returncode}):\n{out[-4000:]}")
-    return [build(v, folder) for v in chosen]
+def build_all(chosen: list[Variant], folder: Path, jobs: int = 1, source: str = "cu13") -> list[Built]:
+    """Every variant of ``chosen`` read from shipped set ``source`` (:func:`build`), disassembled by
+    ``jobs`` nvdisasm processes at once (nothing is compiled)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(lambda v: build(v, folder, source), chosen))
 
 
 def main(argv=None) -> int:                   # pragma: no cover - python bench/gpu_sass.py [names...]
@@ -833,22 +703,16 @@ def main(argv=None) -> int:                   # pragma: no cover - python bench/
 
     parser = argparse.ArgumentParser(description="sm_90 machine code of fastema's per-step CUDA kernels")
     parser.add_argument("names", nargs="*", help="variants whose name contains one of these (default: all)")
-    parser.add_argument("--exact", action="store_true", help="names are exact variant names")
-    parser.add_argument("--folder", type=Path, help="keep (and reuse) the built code there")
-    parser.add_argument("--jobs", type=int, default=1, help="build processes")
-    parser.add_argument("--build-only", action="store_true", help="build into --folder, print nothing")
+    parser.add_argument("--set", default="cu13", choices=("cu13", "cu12"), help="which shipped set")
+    parser.add_argument("--folder", type=Path, help="keep the disassembled code there")
+    parser.add_argument("--jobs", type=int, default=1, help="nvdisasm processes at once")
     a = parser.parse_args(argv)
-    problem = toolchain_problem()
+    problem = toolchain_problem(a.set)
     if problem:
         print(problem)
         return 2
-    chosen = [v for v in variants() if not a.names or any(n == v.name if a.exact else n in v.name for n in a.names)]
-    if a.build_only:
-        for v in chosen:
-            build(v, a.folder)
-        return 0
-    folder = a.folder or Path(_tmp())
-    print(table([analyse(b) for b in build_all(chosen, folder, a.jobs)]))
+    chosen = [v for v in variants() if not a.names or any(n in v.name for n in a.names)]
+    print(table([analyse(b) for b in build_all(chosen, a.folder or Path(_tmp()), a.jobs, a.set)]))
     return 0
 
 

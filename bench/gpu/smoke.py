@@ -64,7 +64,7 @@ def main(argv) -> int:
         from fastema._launch import device_code, drivers
         driver = drivers.current()
         sources = sorted({str(getattr(v, "source", None)) for v in driver.images.values()})
-        shipped_for = "simulator" if G.SIM else device_code.choose(driver.compute_capability(0))
+        shipped_for = "simulator" if G.SIM else device_code.choose(driver.version(), driver.compute_capability(0))
         rec.note("host", "2b device code loaded", {"sources": sources, "run-time compiles": len(device_code.COMPILES),
                                                    "shipped for": shipped_for,
                                                    "driver": driver.name,
@@ -82,15 +82,16 @@ def main(argv) -> int:
         from fastema._launch.variants import every_variant as variants
         driver = drivers.current()
         t, cc, counts, refused = time.perf_counter(), driver.compute_capability(0), {}, []
+        chosen = device_code.choose(driver.version(), cc)
         with driver.activate(0):                          # loaded, never compiled: no NVVM here
-            for key in variants():
-                found = device_code.shipped(key, cc)
+            for key, (dispatcher, _) in variants().items():
+                found = device_code.entry(chosen[0][0], key, chosen[0][1], dispatcher) if chosen else None
                 if found is None:
                     counts["not shipped"] = counts.get("not shipped", 0) + 1
                     continue
-                kind, code, entry, arch = found
+                arch = "/".join(chosen[0])
                 try:
-                    driver.load(kind, code, entry)
+                    driver.load(found.kind, found.code, found.name)
                     counts[arch] = counts.get(arch, 0) + 1
                 except Refused as err:                    # say which (anything else raises)
                     refused.append(f"{key[:60]}: {err}"[:200])

@@ -13,7 +13,7 @@ the first process to the end of the last, in one run:
 - (d) ``python -m fastema warm`` on an empty cache, then one fresh process: its first update
   (``EMA(model)`` + ``update()``, timed inside the process).
 
-(a)-(c) run twice: with the lock (this fastema) and without it (``kernels._cache_node.hold`` replaced by
+(a)-(c) run twice: with the lock (this fastema) and without it (``kernels._store.files.hold`` replaced by
 a no-op in each process: the behaviour before the lock, every process compiling every kernel it
 misses). Each process also reports how many kernels numba compiled in it (numba's compile event).
 Targets (issue 54): (b) - (c) <= 1.5 x (a) with the lock, and (d) <= 0.5 s.
@@ -46,8 +46,8 @@ class Count(event.Listener):
 
 event.register("numba:compile", Count())
 if sys.argv[1] == "unlocked":
-    import fastema.kernels._cache_node as node
-    node.hold = lambda index_path: contextlib.ExitStack()
+    import fastema.kernels._store.files as files
+    files.hold = lambda index_path: contextlib.ExitStack()
 import torch
 from torch import nn
 from fastema.torch import EMA

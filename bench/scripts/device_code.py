@@ -3,8 +3,7 @@ CPU.
 
     .venv/bin/python -m bench.scripts.device_code [--out FILE.md]
 
-1. NVVM's seconds for every shipped variant, as ``scripts/build_device_code.py`` measured them (the
-   manifest keeps them; two build processes on this machine's cores), by kernel family.
+1. (The build's own seconds per variant are printed by ``python -m fastema warm --into``.)
 2. The variants a fresh process's first two ``EMA.update()`` calls bind, for a float32 and a
 bfloat16
    model (the RL network of the probe, on the fake GPU of ``tests/support`` (an sm_90 device under
@@ -13,7 +12,7 @@ bfloat16
    launch). Before issue 54 every process paid that at its first update (each of 8 ranks on a node,
    again at every restart); now 0 NVVM calls (counted).
 3. The host time of ``EMA(model)`` and that first update in a fresh process with the shipped code
-   (manifest read, xz decompressed, variants found; the driver's load is faked, so a GPU adds its
+   (index read, xz decompressed, entries found; the driver's load is faked, so a GPU adds its
    module loads).
 
 No GPU needed. Results go to stdout (a Markdown table) and, with ``--out``, to a file.
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -82,7 +80,7 @@ def compile_seconds(keys: list) -> list:
     for key in keys:
         dispatcher, types = variants[key]
         t = time.perf_counter()
-        kind, code, _ = compiler.current().compile(dispatcher, types, (9, 0))
+        kind, code, _, _ = compiler.current().compile(dispatcher, types, ("sm_90",))["sm_90"]
         assert kind == "cubin" and code[:4] == b"\x7fELF", key
         out.append((key, time.perf_counter() - t))
     return out
@@ -94,21 +92,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from fastema._launch import device_code
 
-    data = json.loads((Path(device_code.device_dir()) / "manifest.json").read_text())
-    by_entry = {v["entry"]: k for k, v in data["variants"].items()}
+    index = device_code.sets()["cu13"].index
+    by_entry = {device_code.entry("cu13", k, "sm_90").name: k for k in index["variants"]}
     lines = [f"# Shipped CUDA device code: what a first update no longer compiles ({time.strftime('%Y-%m-%d')})",
-             "", f"Machine: {os.cpu_count()} CPU cores, no GPU. numba-cuda {data['built_by'].get('numba-cuda')}, "
-             f"NVVM {data['built_by'].get('nvvm')}.", "",
-             "## 1. NVVM seconds per shipped variant (build, 2 processes)", "",
-             "| family | variants | median s | max s | total s |", "|---|---|---|---|---|"]
-    families: dict = {}
-    for key, v in data["variants"].items():
-        families.setdefault(key.split("(")[0], []).append(v["nvvm_seconds"])
-    for fam, secs in sorted(families.items()):
-        lines.append(f"| {fam} | {len(secs)} | {statistics.median(secs):.1f} | {max(secs):.1f} | {sum(secs):.0f} |")
-    total = sum(sum(s) for s in families.values())
-    lines += [f"| all | {len(data['variants'])} | | | {total:.0f} |", "",
-              "## 2-3. A fresh process's first `EMA.update()` (RL network, fake sm_90 GPU)", "",
+             "", f"Machine: {os.cpu_count()} CPU cores, no GPU. The CUDA 13 set, built by "
+             f"{index['built_by'].get('toolchain')}.", "",
+             "## 2-3. A fresh process's first `EMA.update()` (RL network, fake sm_90 GPU)", "",
               "| model | variants bound | NVVM calls now | their compile before (NVVM + LTO link, s) "
               "| `EMA(model)` + first update now (host s) |",
               "|---|---|---|---|---|"]

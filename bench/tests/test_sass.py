@@ -4,15 +4,16 @@ fastema ships it (issue 54: what a user's H100 runs).
 Each variant (``bench/gpu/sass.py``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
 nearest and stochastic rounding, one and two rows, host and device weights, the fused plan+lerp, the
 ``skip_nonfinite`` scan) is the shipped sm_90 cubin of the variant its launcher asks for
-(``kernels/device``: compiled by ``scripts/build_device_code.py``; a variant not shipped fails here),
-disassembled by ``nvdisasm`` and held to ``../shared/design/gpu.md`` §1.7: no spills; no local memory in a loop over
-elements; a register cap with headroom; 64/128-bit global loads and stores in every streaming loop and no
+(``kernels/device``: the CUDA 13 set's and the CUDA 12 set's, built by ``python -m fastema warm
+--into``; a variant not shipped fails here), disassembled by ``nvdisasm`` and held to
+``../shared/design/gpu.md`` §1.7: no spills; no local memory in a loop over elements; a register cap
+with headroom; 64/128-bit global loads and stores in every streaming loop and no
 16-bit scalar load in one; at least 32 KiB of loads in flight per SM at the occupancy the registers
 allow. What is known not to pass yet is marked xfail (strict), check by check, with the reason.
 
 Needs numba-cuda and ``nvidia-cuda-nvdisasm`` (the ``cuda`` extra); skipped with the reason where one is
-missing. Nothing is compiled: CI checks the code it ships (spills come from nvJitLink's log, kept in the
-manifest).
+missing. Nothing is compiled: CI checks the code it ships (spills come from nvJitLink's or ptxas' log,
+kept in each entry).
 """
 import pathlib
 import re
@@ -23,31 +24,44 @@ from bench.gpu import sass as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-PROBLEM = S.shipped_problem()
+PROBLEM = S.toolchain_problem("cu13") or S.toolchain_problem("cu12")
 needs_toolchain = pytest.mark.skipif(PROBLEM is not None, reason=f"machine-code checks skipped: {PROBLEM}")
 VARIANTS = S.variants()
+SETS = ("cu13", "cu12")                 # an H100 under a CUDA 13 driver, and under a CUDA 12 one
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """Every variant's shipped sm_90 cubin read: {name: Report}."""
-    folder = tmp_path_factory.getbasetemp() / "sass"
-    return {b.variant.name: S.analyse(b) for b in S.build_all(VARIANTS, folder, source="shipped")}
+def shipped(tmp_path_factory):
+    """Every variant's shipped sm_90 cubin of a set read, once per set: ``shipped(set) -> {name: Report}``."""
+    folder, read = tmp_path_factory.getbasetemp() / "sass", {}
+
+    def get(source):
+        if source not in read:
+            read[source] = {b.variant.name: S.analyse(b) for b in S.build_all(VARIANTS, folder, 2, source)}
+        return read[source]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reports(shipped):
+    return shipped("cu13")
 
 
 def _cases():
-    for v in VARIANTS:
-        known = dict(v.known)
-        for check in S.checks(v):
-            marks = [pytest.mark.xfail(strict=True, reason=known[check])] if check in known else []
-            yield pytest.param(v.name, check, marks=marks, id=f"{re.sub(r'[^A-Za-z0-9]+', '_', v.name)}-{check}")
+    for source in SETS:
+        for v in VARIANTS:
+            known = dict(v.known)
+            for check in S.checks(v):
+                marks = [pytest.mark.xfail(strict=True, reason=known[check])] if check in known else []
+                yield pytest.param(source, v.name, check, marks=marks,
+                                   id=f"{source}-{re.sub(r'[^A-Za-z0-9]+', '_', v.name)}-{check}")
 
 
 @needs_toolchain
-@pytest.mark.parametrize("name,check", list(_cases()))
-def test_machine_code(reports, name, check):
-    problem = S.check(reports[name], check)
-    assert problem is None, f"{name}: {problem}"
+@pytest.mark.parametrize("source,name,check", list(_cases()))
+def test_machine_code(shipped, source, name, check):
+    problem = S.check(shipped(source)[name], check)
+    assert problem is None, f"{source} {name}: {problem}"
 
 
 @needs_toolchain

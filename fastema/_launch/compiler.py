@@ -1,16 +1,25 @@
-"""The run-time compiler of CUDA device code, behind one interface: :class:`Compiler`.
+"""The compilers of CUDA device code, behind one interface: :class:`Compiler`.
 
-What is not shipped (or what the driver refuses) is compiled at its first use (``device_code``, once
-per node into its cache). The compile is one call, ``compile(dispatcher, types, cc) -> (kind, code,
-entry)``, from the kernel's Python source (the numba dispatcher its factory made) and the numba
-types of its arguments, so that another compiler of the same sources (numba-cuda-mlir, NVRTC) can
-take numba-cuda's place without touching the launch path or the cache: whatever compiles must keep
-the argument ABI the launch path packs (:mod:`.abi`, numba's) and name its entry in the code.
+One call, ``compile(dispatcher, types, images) -> {image: (kind, code, entry, figures)}``, from the
+kernel's Python source (the numba dispatcher its factory made) and the numba types of its
+arguments, for images ``"sm_XY"`` (a cubin; PTX where no linker is there) and ``"compute_XY"``
+(PTX, which the driver assembles), each with the launch bounds ``kernels._bounds`` gives that
+image in the compiler's set, and the figures its linker or ptxas said (``kernels._store.entry``).
+The same call builds the shipped sets (``python -m fastema warm --into``: every image of a set)
+and compiles what is missing at run time (one image, the device's), and whatever compiles must
+keep the argument ABI the launch path packs (:mod:`.abi`, numba's) and name its entry in the code,
+so another compiler of the same sources (numba-cuda-mlir, NVRTC) can take numba-cuda's place
+without touching the launch path or the store.
 
-Today's compiler is :class:`NumbaCuda` (numba-cuda's public ``compile``: NVVM to LTO-IR, then
-nvJitLink with link-time optimisation, as numba-cuda compiles at a launch; the build of the shipped
-code uses the same :func:`nvvm` and :func:`link`). :func:`using` gives another for a ``with`` block
-(the tests' stand-ins, a trial of another compiler); :func:`current` is the one in use.
+- :class:`NumbaCuda`, the run-time compiler and the CUDA 13 set's: numba-cuda's public ``compile``
+  (NVVM to LTO-IR, for the lowest image's compute capability) linked by nvJitLink with link-time
+  optimisation, as numba-cuda compiles at a launch; PTX lowered to ISA :data:`PTX_ISA` where it
+  assembles as such (what every CUDA 13 driver reads).
+- :class:`Cu12`, the CUDA 12 set's: ``kernels._toolchain_cu12`` (NVVM 12.0 and ptxas 12.0, in a
+  process of its own where ``activate`` ran).
+
+:func:`using` gives another for a ``with`` block (the tests' stand-ins, a trial of another
+compiler); :func:`current` is the one in use at run time.
 """
 from __future__ import annotations
 
@@ -19,34 +28,50 @@ import functools
 import re
 from typing import Any, Iterator, Protocol
 
+from ..kernels import _bounds
+from ..kernels._store.entry import figures
+from ..kernels._store.identity import VARIANTS
+
+PTX_ISA = "9.0"
+"""The PTX ISA the CUDA 13 set's PTX declares where it assembles as such: CUDA 13.0's, the oldest
+CUDA 13 driver's (NVVM 13.5 writes 9.5, which a CUDA 13.0 driver refuses)."""
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
 
 
 class Compiler(Protocol):
     name: str
     """What it is, for messages."""
+    set: str
+    """The compiled set whose launch bounds it applies (``kernels._bounds``): ``"cu12"``, ``"cu13"``."""
 
     def identity(self) -> str:
-        """What its code depends on besides the kernel sources and the architecture (the versions of
-        the compiler's parts): part of a cached entry's name, so that another compiler's code is
-        compiled again, never loaded."""
+        """What its code depends on besides the kernel sources (the versions of the compiler's
+        parts): part of an entry's identity, so another compiler's code is compiled again, never
+        loaded."""
 
-    def compile(self, dispatcher: Any, types: tuple, cc: tuple) -> tuple[str, bytes, str]:
-        """``(kind, code, entry)`` of the kernel of ``dispatcher`` for arguments of numba ``types``,
-        for compute capability ``cc``: ``kind`` ``"cubin"`` or ``"ptx"`` (which the driver
-        assembles), and the name of the kernel's entry in ``code``."""
+    def compile(self, dispatcher: Any, types: tuple, images: tuple) -> dict:
+        """``{image: (kind, code, entry, figures)}`` of the kernel of ``dispatcher`` for arguments
+        of numba ``types``, for each of ``images`` (``"sm_XY"``, ``"compute_XY"``): ``kind``
+        ``"cubin"`` or ``"ptx"``, the name of the kernel's entry in ``code``, the figures of its
+        link (``kernels._store.entry.figures``; empty for PTX)."""
 
 
-def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir"):
+def cc_of(image: str) -> tuple[int, int]:
+    """``(9, 0)`` of ``"sm_90"`` or ``"compute_90"``; ``(12, 0)`` of ``"sm_120"``."""
+    digits = image.rpartition("_")[2]
+    return int(digits[:-1]), int(digits[-1])
+
+
+def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir", bounds=None):
     """The kernel's code from NVVM (numba-cuda's public ``compile``) for compute capability ``cc``,
-    with the dispatcher's own options: LTO-IR (bytes) or PTX (str)."""
+    with the dispatcher's own options and launch ``bounds``: LTO-IR (bytes) or PTX (str)."""
     from numba import cuda
 
     o = dispatcher.targetoptions
     code, _ = cuda.compile(dispatcher.py_func, tuple(types), debug=bool(o.get("debug")),
                            lineinfo=bool(o.get("lineinfo")), device=False,
                            fastmath=bool(o.get("fastmath")), cc=tuple(cc), opt=o.get("opt", True),
-                           abi="numba", output=output, launch_bounds=o.get("launch_bounds"))
+                           abi="numba", output=output, launch_bounds=bounds)
     return bytes(code) if output == "ltoir" else code
 
 
@@ -63,11 +88,45 @@ def link(ltoir: bytes, target: str, **options) -> tuple[bytes, str]:
         linker.close()
 
 
+def lowered(ptx: bytes, arch: str) -> bytes:
+    """``ptx`` declared as PTX ISA :data:`PTX_ISA` where it assembles as such for ``arch`` (ptxas
+    checks every instruction against the declared version), else as it is."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    low = re.sub(rb"^\.version \d+\.\d+$", f".version {PTX_ISA}".encode(), ptx, count=1, flags=re.M)
+    if low == ptx:
+        return ptx
+    try:
+        linker = Linker(ObjectCode.from_ptx(low), options=LinkerOptions(arch=arch))
+        try:
+            linker.link("cubin")
+        finally:
+            linker.close()
+    except Exception:                                     # noqa: BLE001 - it needs the newer ISA
+        return ptx
+    return low
+
+
+def _bounds_of(compiler: Compiler, dispatcher, images) -> dict:
+    """``{image: launch bounds}`` in ``compiler``'s set (``kernels._bounds``)."""
+    own = dispatcher.targetoptions.get("launch_bounds")
+    return {i: _bounds.launch_bounds(compiler.set, i, VARIANTS[dispatcher], own) for i in images}
+
+
 class NumbaCuda:
-    """numba-cuda's compile (see the module docstring)."""
+    """numba-cuda's compile (see the module docstring). ``base``: the compute capability NVVM
+    compiles for (the build's: 8.0, the CUDA 13 set's PTX), else the lowest image's."""
 
     name = "numba-cuda"
 
+    def __init__(self, base: tuple | None = None):
+        self.base = base
+
+    @functools.cached_property
+    def set(self) -> str:                                 # type: ignore[override]
+        return "cu12" if self.identity().rpartition("\0")[2].startswith("12.") else "cu13"
+
+    @functools.cache
     def identity(self) -> str:
         import importlib.metadata as md
 
@@ -79,17 +138,53 @@ class NumbaCuda:
             nvjitlink = "unknown"
         return f"{cuda_versions()[:3]!r}\0{nvjitlink}"
 
-    def compile(self, dispatcher, types, cc: tuple) -> tuple[str, bytes, str]:
-        """NVVM to LTO-IR, linked with link-time optimisation into a cubin; where nvJitLink is
-        missing, NVVM's PTX (the driver assembles it)."""
+    def compile(self, dispatcher, types, images) -> dict:
+        """NVVM to LTO-IR (once per distinct bounds) linked with link-time optimisation into a
+        cubin per ``sm_XY`` and PTX per ``compute_XY``; where nvJitLink is missing, NVVM's PTX for
+        each (the driver assembles it)."""
+        bounds = _bounds_of(self, dispatcher, images)
+        lowest = self.base or min(cc_of(i) for i in images)
+        out = {}
         try:
-            ir = nvvm(dispatcher, types, cc)
-            arch = f"sm_{cc[0]}{cc[1]}"
-            ptx, _ = link(ir, "ptx", arch=arch, ptx=True)
-            return "cubin", link(ir, "cubin", arch=arch)[0], _ENTRY.findall(ptx.decode())[0]
+            for b in dict.fromkeys(bounds.values()):
+                ir = nvvm(dispatcher, types, lowest, bounds=b)
+                ptx, _ = link(ir, "ptx", arch="sm_%d%d" % lowest, ptx=True)
+                entry = _ENTRY.findall(ptx.decode())[0]   # NVVM numbers each compile's names
+                for image in (i for i in images if bounds[i] == b):
+                    if image.startswith("compute_"):
+                        out[image] = ("ptx", lowered(ptx, "sm_%d%d" % cc_of(image)), entry, {})
+                    else:
+                        cubin, log = link(ir, "cubin", arch=image, verbose=True)
+                        out[image] = ("cubin", cubin, entry, figures(log))
         except ImportError:                               # no nvJitLink: PTX for the driver
-            ptx = nvvm(dispatcher, types, cc, output="ptx")
-            return "ptx", ptx.encode(), _ENTRY.findall(ptx)[0]
+            for b in dict.fromkeys(bounds.values()):
+                ptx = nvvm(dispatcher, types, lowest, output="ptx", bounds=b)
+                for image in (i for i in images if bounds[i] == b):
+                    out[image] = ("ptx", ptx.encode(), _ENTRY.findall(ptx)[0], {})
+        return out
+
+
+class Cu12:
+    """The CUDA 12 set's compiler (``kernels._toolchain_cu12``): NVVM 12.0 and ptxas 12.0 under
+    ``root`` (ptxas 12.8 under ``late`` for Blackwell), in a process where ``activate`` ran."""
+
+    name = "CUDA 12.0 (NVVM and ptxas)"
+    set = "cu12"
+
+    def __init__(self, root: str | None = None, late: str | None = None):
+        from ..kernels import _toolchain_cu12 as T
+
+        self.T = T
+        self.tc = T.Toolchain.at(root or T.default_root())
+        self.late = T.Toolchain.at(late or T.default_root(T.LATE_RELEASE))
+
+    @functools.cache
+    def identity(self) -> str:
+        late = "" if self.late.missing(("ptxas",)) else f"\0ptxas {self.late.version()}"
+        return f"nvvm {self.T.RELEASE}\0ptxas {self.tc.version()}{late}"
+
+    def compile(self, dispatcher, types, images) -> dict:
+        return self.T.build_cu12(dispatcher, types, tuple(images), self.tc, self.late)
 
 
 _STACK: list = []
@@ -115,5 +210,5 @@ def current() -> Compiler:
     return _STACK[-1] if _STACK else _default()
 
 
-def _typed(numba_cuda: NumbaCuda) -> Compiler:              # mypy: numba-cuda's is a Compiler
-    return numba_cuda
+def _typed(numba_cuda: NumbaCuda, cu12: Cu12) -> tuple[Compiler, Compiler]:   # mypy: both compile
+    return numba_cuda, cu12

@@ -9,6 +9,7 @@ import stat
 import warnings
 
 from ..kernels import _cache as _kernel_cache
+from ..kernels._store import files as _store_files
 
 CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
 CPU_SERIAL_BELOW = 1 << 18   # total elements below which the serial kernel runs: 2 threads pay off from about
@@ -77,7 +78,7 @@ numba's (:func:`fastema._launch.cpu.team`)."""
 
 
 def _cache_warning(message: str) -> None:
-    """What the kernel cache found wrong, as a RuntimeWarning (:data:`fastema.kernels._cache.REPORT`)."""
+    """What the kernel cache found wrong, as a RuntimeWarning (:data:`fastema.kernels._store.files.REPORT`)."""
     warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=2)
 
 
@@ -127,5 +128,5 @@ def _own_group(gid: int) -> bool:
     return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
-_kernel_cache.REPORT = _cache_warning
+_store_files.REPORT = _cache_warning
 _kernel_cache.TRUST = cache_folder_problem

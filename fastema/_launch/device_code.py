@@ -1,91 +1,51 @@
-"""fastema's CUDA device code: shipped compiled, loaded with cuda.core, compiled at run time only
-where not shipped.
+"""fastema's CUDA device code: shipped compiled, loaded by the launch driver, compiled at run time
+only where nothing shipped runs.
 
-Every kernel variant the launchers can ask for (:mod:`.variants`) is compiled when fastema is built
-(``scripts/build_device_code.py``) and shipped in the package, under ``kernels/device/``: a cubin
-per architecture of the manifest (sm_80, sm_90, sm_100, sm_120) and PTX for ``compute_80`` (one xz
-file per architecture holds every variant's code), each checked by its SHA-256, with a manifest
-stamped by the digest of the kernel sources (:func:`sources_digest`).
-:func:`kernel` finds a variant's code for a device: the cubin of the device's major architecture
-with the highest minor at most its own (an sm_80 cubin runs on sm_86 and sm_89), else the PTX, which
-the driver compiles for the device (and keeps in its own cache); loaded with cuda.core
-(``ObjectCode``, ``get_kernel``), no NVVM and no numba dispatcher.
+The store (``kernels._store``) holds the code: two compiled sets are shipped under
+``kernels/device/`` (``cu13``: built by NVVM and nvJitLink 13.5, cubins for sm_80, sm_90, sm_100,
+sm_120 and PTX for compute_80 at ISA 9.0; ``cu12``: built by NVVM 12.0 and ptxas 12.0, cubins for
+sm_70 to sm_90, sm_100 and sm_120 by ptxas 12.8, and PTX for compute_70 at ISA 8.0:
+``fastema._launch.build``), then the node store holds what was compiled here. :func:`kernel` finds
+a variant's code for a device in that order:
 
-Loading is the launch driver's (:meth:`.driver.Driver.load`); a driver's refusal
-(:class:`.driver.Refused`: no image for this GPU, a PTX version or an image this driver cannot read)
-is the only error that falls back, and anything else a driver raises propagates (a ``TypeError`` in
-the call above all).
+- the shipped set and image ``kernels._store.store.choose`` picks for the driver's CUDA version
+  (``Driver.version()``) and the device's compute capability: a CUDA 12 driver reads only the
+  CUDA 12 set; a CUDA 13 driver prefers the CUDA 13 set and takes the CUDA 12 cubins where the 13
+  set has none for the device (sm_70, sm_75); a cubin of the device's major architecture with the
+  highest minor at most its own, else the PTX, which the driver compiles (and keeps in its own
+  cache). Loaded by the launch driver (:meth:`.driver.Driver.load`), no NVVM and no numba
+  dispatcher;
+- else the run-time compiler (:mod:`.compiler`) compiles it for the device, once per node, into the
+  node store (``$NUMBA_CACHE_DIR/fastema-device``, else ``<temp>/fastema-<uid>/fastema-device``;
+  used only where nobody else can write it, ``config.cache_folder_problem``;
+  ``FASTEMA_CUDA_CACHE=0`` compiles in memory), with one warning that says why (once per process
+  and reason): a variant not shipped (an array function's unusual storage kinds), shipped code
+  that is stale (an edited checkout) or damaged, no image for this device and driver, or code the
+  driver refuses.
 
-Compiled at run time instead, by the run-time compiler (:mod:`.compiler`: numba-cuda's NVVM and
-nvJitLink today), with one warning that says why (once per process and reason):
-
-- a variant not shipped (an array function's unusual storage kinds; a launcher newer than the
-  build);
-- shipped code that does not match this installation's kernel sources (an edited checkout: the
-  manifest's stamp differs), or that the driver refuses (naming the driver's CUDA version and the
-  code's architecture: a CUDA 12 driver and the PTX of a newer ISA), or that is damaged;
-- a device older than sm_80.
-
-Where the driver refuses what was compiled here too, numba's dispatcher launches the variant.
-
-Run-time compiles go into a cache, once per node: an entry per (variant, kernel sources, the
-compiler's versions, compute capability), named by their SHA-256 (never a file's date), written
-whole (``os.replace``) under a node-local lock (``kernels._cache_node.hold``: lock files in
-``<temp>/fastema-<uid>/locks``, never on a network file system, given up after ``LOCK_WAIT``
-seconds), so N processes starting at once compile each variant once while the others wait and load
-it; an entry whose checksum fails is compiled again, and one that cannot be written or locked (a
-full or read-only folder, a lock not had) is used from memory (one warning a process,
-``kernels._cache.unsaved``). The folder: ``$NUMBA_CACHE_DIR/fastema-device``, else
-``<temp dir>/fastema-<uid>/fastema-device`` (node-local), used only where the kernel cache's trust
-rules allow (``kernels._cache.TRUST``: nobody else can write it or a folder above it).
-``FASTEMA_CUDA_CACHE=0`` compiles in memory.
+A driver's refusal (:class:`.driver.Refused`: no image for this GPU, a PTX version or an image this
+driver cannot read) is the only error that falls back; anything else a driver raises propagates
+(a ``TypeError`` in the call above all). Where the driver refuses what was compiled here too,
+numba's dispatcher launches the variant.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
+import lzma
 import os
-import re
 import warnings
 
+from ..kernels import _bounds
+from ..kernels._store import entry as E
+from ..kernels._store import files
+from ..kernels._store import store as S
+from ..kernels._store.identity import VARIANTS, variant_key
 from . import compiler, config
 from .driver import Loaded, Refused
 
-FORMAT = 1
-_MAGIC = b"fastema-device-code 1\n"
 _WARNED: set = set()
-
-
-def device_dir() -> str:
-    """The folder of the shipped device code: ``device/`` in the kernels package."""
-    from .. import kernels
-
-    return os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "device")
-
-
-@functools.cache
-def sources_digest() -> str:
-    """SHA-256 of the sources every CUDA kernel's device code is compiled from (the kernel modules and
-    what they depend on: ``kernels._cuda_jit.DEPENDENCIES``, ``kernels.cuda``, ``kernels._cuda_scan``),
-    by module name and bytes: the stamp the shipped manifest carries (an edited source never loads
-    stale device code)."""
-    from ..kernels import _cuda_jit, _cuda_scan
-    from ..kernels import cuda as kernels_cuda
-
-    modules = {m.__name__: m for m in (*_cuda_jit.DEPENDENCIES, kernels_cuda, _cuda_scan)}
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        with open(modules[name].__file__, "rb") as f:
-            data = f.read()
-        h.update(f"{name.rsplit('.', 1)[-1]}\0{len(data)}\0".encode())
-        h.update(data)
-    return h.hexdigest()
-
-
-def variant_key(kernel: str, types) -> str:
-    """A variant's name: its kernel's (``lerp_kernel(0,1,0,0)``) and its arguments' numba types."""
-    return f"{kernel}[{', '.join(map(str, types))}]"
+COMPILES: list = []
+"""Keys compiled in this process (tests and ``python -m fastema warm`` read it)."""
 
 
 def _warn(reason: str, message: str) -> None:
@@ -95,143 +55,102 @@ def _warn(reason: str, message: str) -> None:
         warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=4)
 
 
-def _read_manifest() -> tuple[dict | None, str | None]:
-    path = os.path.join(device_dir(), "manifest.json")
+def device_dir() -> str:
+    """The folder of the shipped store: ``device/`` in the kernels package."""
+    return S.folder()
+
+
+def problem(name: str) -> str | None:
+    """Why shipped set ``name`` cannot be used (missing, unreadable, stale), or None."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None, f"no shipped device code ({path} is missing)"
+        S.Shipped(device_dir(), name).index
+    except FileNotFoundError as err:
+        return f"no shipped {name} device code ({err.filename} is missing)"
     except (OSError, ValueError) as err:
-        return None, f"the shipped device code's manifest {path} cannot be read ({err})"
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("variants"), dict):
-        return None, f"the shipped device code's manifest {path} is not format {FORMAT}"
-    bad = _bad_architectures(data)
-    if bad:
-        return None, (f"the shipped device code's manifest {path} cannot be read (architecture "
-                      f"names {', '.join(map(repr, bad))} are not sm_XY cubins or compute_XY PTX)")
-    if data.get("sources") != sources_digest():
-        return None, ("the shipped device code was built from other kernel sources than these (an edited "
-                      "checkout: run scripts/build_device_code.py)")
-    return data, None
-
-
-def _bad_architectures(data: dict) -> list:
-    """The architecture names of manifest ``data`` that :func:`choose` cannot read: cubins not
-    ``sm_XY`` (a list of them), a PTX not ``compute_XY``."""
-    cubins, ptx = data.get("cubins", []), data.get("ptx", "compute_99")
-    if not isinstance(cubins, list):
-        return [cubins]
-    bad = [name for name in cubins
-           if not (isinstance(name, str) and re.fullmatch(r"sm_[0-9]{2,}", name))]
-    return bad if isinstance(ptx, str) and re.fullmatch(r"compute_[0-9]{2,}", ptx) else [*bad, ptx]
-
-
-@functools.cache
-def manifest() -> dict | None:
-    """The shipped manifest where it matches these kernel sources, else None (with one warning)."""
-    data, problem = _read_manifest()
-    if problem:
-        _warn("manifest", f"{problem}, so CUDA kernels are compiled at their first use (once per node, cached)")
-    return data
-
-
-def stale(keys) -> str | None:
-    """Why the shipped device code does not hold exactly the variants ``keys`` for these sources, or None."""
-    data, problem = _read_manifest()
-    if problem:
-        return problem
-    missing = sorted(set(keys) - set(data["variants"]))
-    extra = sorted(set(data["variants"]) - set(keys))
-    if missing or extra:
-        return (f"the shipped device code lacks {len(missing)} variants the launchers ask for and holds {len(extra)} "
-                f"they do not (first: {(missing or extra)[0]}): run scripts/build_device_code.py")
+        return f"the shipped {name} device code cannot be used ({err})"
     return None
 
 
-def choose(cc: tuple, data: dict | None = None) -> str | None:
-    """Which shipped code a device of compute capability ``cc`` loads: ``"sm_XY"`` (a cubin of its major
-    architecture, minor at most its own), ``"ptx"``, or None (nothing shipped runs there)."""
-    data = manifest() if data is None else data
-    if data is None:
-        return None
-    best = None
-    for arch in data.get("cubins", ()):
-        major, minor = int(arch[3:-1]), int(arch[-1])
-        if major == cc[0] and minor <= cc[1] and (best is None or minor > best[1]):
-            best = (arch, minor)
-    if best is not None:
-        return best[0]
-    ptx = data.get("ptx", "compute_99")
-    return "ptx" if tuple(cc) >= (int(ptx[8:-1]), int(ptx[-1])) else None
-
-
 @functools.cache
-def _blob(arch: str) -> bytes:
-    """The shipped code of ``arch`` (``"ptx"`` or ``"sm_XY"``): every variant's, one after another
-    (``kernels/device/<arch>.xz``), decompressed once per process."""
-    import lzma
-
-    with open(os.path.join(device_dir(), f"{arch}.xz"), "rb") as f:
-        return lzma.decompress(f.read())
-
-
-def member(arch: str, entry: dict) -> bytes:
-    """Variant ``entry``'s (a manifest record) code for ``arch``, checked against its SHA-256
-    (ValueError where it fails)."""
-    at, size = entry["at"][arch]
-    code = _blob(arch)[at:at + size]
-    if len(code) != size or hashlib.sha256(code).hexdigest() != entry["sha256"][arch]:
-        raise ValueError(f"its {arch} code fails its checksum")
-    return code
+def sets() -> dict:
+    """``{name: kernels._store.store.Shipped}`` of the shipped sets that can be used (one warning
+    for those that cannot)."""
+    out = {}
+    for name in S.SETS:
+        why = problem(name)
+        if why is None:
+            out[name] = S.Shipped(device_dir(), name)
+        else:
+            _warn(f"set-{name}", f"{why}, so CUDA kernels it would have given are compiled at their "
+                                 f"first use (once per node, cached)")
+    return out
 
 
-def shipped(key: str, cc: tuple) -> tuple | None:
-    """``(kind, bytes, entry, arch)`` of variant ``key``'s shipped code for compute capability ``cc``
-    (kind ``"cubin"`` or ``"ptx"``), checked against the manifest's SHA-256; None where none is
-    shipped for it (with one warning where the file is missing or damaged)."""
-    data = manifest()
-    entry = None if data is None else data["variants"].get(key)
-    arch = choose(cc, data)
-    if entry is None or arch is None:
+def choose(version: int, cc: tuple) -> list:
+    """``[(set, image)]`` a device of compute capability ``cc`` under a driver of CUDA ``version``
+    loads (``kernels._store.store.choose``)."""
+    return S.choose({n: s.index for n, s in sets().items()}, version, tuple(cc))
+
+
+def entry(name: str, key: str, image: str, dispatcher=None) -> E.Entry | None:
+    """Variant ``key``'s entry for ``image`` in shipped set ``name``, checked whole and, given its
+    ``dispatcher``, against the launch bounds ``kernels._bounds`` gives it now; None where it is
+    not shipped or stale (one warning where it is damaged)."""
+    found = sets().get(name)
+    if found is None:
         return None
-    import lzma
-
     try:
-        code = member(arch, entry)
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        _warn("damaged", f"the shipped device code of {key} for {arch} cannot be read ({err}): compiled instead")
+        got = found.get(key, image)
+    except (OSError, ValueError, lzma.LZMAError) as err:
+        _warn("damaged", f"the shipped {name} {image} code of {key} cannot be read ({err}): compiled instead")
         return None
-    except lzma.LZMAError as err:                         # a damaged xz stream
-        _warn("damaged", f"the shipped device code for {arch} cannot be read ({err}): compiled instead")
+    if got is not None and dispatcher is not None and got.bounds != _bounds_now(name, image, dispatcher):
+        _warn("bounds", f"the shipped {name} {image} code of {key} was built with other launch bounds "
+                        f"than kernels/_bounds.py gives it now (an edited checkout: rebuild it, "
+                        f"CONTRIBUTING.md): compiled instead")
         return None
-    return "ptx" if arch == "ptx" else "cubin", code, entry["entry"], arch
+    return got
 
 
-# ---------------------------------------------------------------- the run-time compile
+def _bounds_now(name: str, image: str, dispatcher):
+    b = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], dispatcher.targetoptions.get("launch_bounds"))
+    return None if b is None else tuple(b)
 
-def _compile(dispatcher, types, cc: tuple) -> tuple:
-    """``(kind, code, entry)`` for compute capability ``cc``, by the run-time compiler in use
-    (:func:`.compiler.current`)."""
-    return compiler.current().compile(dispatcher, types, cc)
 
+def incomplete(keys) -> str | None:
+    """Why the shipped sets do not hold every image of their set for exactly the variants ``keys``
+    of these sources, or None."""
+    for name in S.SETS:
+        why = problem(name)
+        if why is not None:
+            return why
+        index = S.Shipped(device_dir(), name).index
+        missing = sorted(set(keys) - set(index["variants"]))
+        extra = sorted(set(index["variants"]) - set(keys))
+        partial = sorted(k for k, images in index["variants"].items() if set(images) != set(index["images"]))
+        if missing or extra or partial:
+            return (f"the shipped {name} set lacks {len(missing)} variants the launchers ask for, holds "
+                    f"{len(extra)} they do not and {len(partial)} without every image (first: "
+                    f"{(missing or extra or partial)[0]}): rebuild it (CONTRIBUTING.md)")
+    return None
+
+
+# ---------------------------------------------------------------- the node store
 
 def cache_folder() -> str | None:
-    """The folder of run-time compiled device code (see the module docstring), created; None where the
-    cache is off or the folder fails the kernel cache's trust rules (``docs/install.md``; one warning)."""
-    from ..kernels import _cache, _cache_node
-
+    """The node store's folder (see the module docstring), created; None where the cache is off or
+    the folder fails the trust rule (``docs/install.md``; one warning)."""
     if not config.CUDA_CACHE:
         return None
     base = os.environ.get("NUMBA_CACHE_DIR")
-    root, why = (base, None) if base else _cache_node.node_root()
+    root, why = (base, None) if base else files.node_root()
     folder = os.path.join(root, "fastema-device")
     if why is not None:
         why = f"{root}: {why}"
     else:
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            why = None if _cache.TRUST is None else _cache.TRUST(folder)
+            why = config.cache_folder_problem(os.path.realpath(folder))
         except OSError as err:
             why = str(err)
     if why is None:
@@ -241,64 +160,36 @@ def cache_folder() -> str | None:
     return None
 
 
-def _entry_name(key: str, cc: tuple) -> str:
-    text = "\0".join((key, sources_digest(), compiler.current().identity(), f"sm_{cc[0]}{cc[1]}"))
-    return hashlib.sha256(text.encode()).hexdigest()[:40]
+def _damaged(path: str, err: BaseException) -> None:
+    _warn("cache-damaged", f"a cached CUDA kernel {path} is damaged ({err}): compiled again")
 
 
-def _read_entry(path: str) -> tuple | None:
-    """``(kind, code, entry)`` of a cache entry, or None where it is missing or damaged."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data.startswith(_MAGIC):
-            raise ValueError("not a fastema device-code entry")
-        header, code = data[len(_MAGIC):].split(b"\n", 1)
-        meta = json.loads(header)
-        if hashlib.sha256(code).hexdigest() != meta["sha256"] or meta["kind"] not in ("cubin", "ptx"):
-            raise ValueError("its checksum fails")
-        return meta["kind"], code, meta["entry"]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        _warn("cache-damaged", f"a cached CUDA kernel {path} is damaged ({err}): compiled again")
-        return None
+def compiled(dispatcher, types, key: str, cc: tuple) -> E.Entry:
+    """Variant ``key``'s entry for ``sm_<cc>`` from the node store, else compiled by the run-time
+    compiler (:func:`.compiler.current`) once per node and written there; where it cannot be
+    written or locked, used from memory, with one warning a process
+    (``kernels._store.files.unsaved``, shared with the CPU kernels' cache)."""
+    c = compiler.current()
+    image = "sm_%d%d" % tuple(cc)
+    identity = S.code_identity(c.identity())
+    own = getattr(dispatcher, "targetoptions", {}).get("launch_bounds")
+    bounds = _bounds.launch_bounds(c.set, image, VARIANTS.get(dispatcher, ""), own)
 
-
-COMPILES: list = []
-"""Keys compiled in this process (tests and ``python -m fastema warm`` read it)."""
-
-
-def compiled(dispatcher, types, key: str, cc: tuple) -> tuple:
-    """``(kind, code, entry)`` of variant ``key`` for ``cc``: read from the cache, or compiled once per
-    node (under the entry's lock) and written there; where the lock cannot be had or the entry
-    cannot be written (a full or read-only folder), compiled and used from memory, with one warning
-    a process (``kernels._cache.unsaved``, shared with the CPU kernels' cache)."""
-    from ..kernels._cache import unsaved
-    from ..kernels._cache_node import hold
-    from ..kernels._filelock import write_whole
+    def make() -> E.Entry:
+        COMPILES.append(key)
+        kind, code, name, figures = c.compile(dispatcher, types, (image,))[image]
+        return E.Entry(key, image, kind, name, code, figures, identity, bounds)
 
     folder = cache_folder()
     if folder is None:
-        COMPILES.append(key)
-        return _compile(dispatcher, types, cc)
-    path = os.path.join(folder, _entry_name(key, cc) + ".code")
-    with hold(path) as refused:               # node-local lock file, given up after LOCK_WAIT s
-        found = _read_entry(path)
-        if found is not None:
-            return found
-        COMPILES.append(key)
-        kind, code, entry = _compile(dispatcher, types, cc)
-        if refused is not None:                           # the lock was not had: used from memory
-            unsaved(folder, refused)
-            return kind, code, entry
-        meta = json.dumps({"kind": kind, "entry": entry, "sha256": hashlib.sha256(code).hexdigest(), "key": key})
-        try:
-            write_whole(path, _MAGIC + meta.encode() + b"\n" + code)
-        except OSError as err:                            # a full, size-limited or read-only folder
-            unsaved(folder, str(err))
-        return kind, code, entry
+        return make()
+    got, unsaved = S.Node(folder).fetch(key, image, identity, bounds, make, _damaged)
+    if unsaved is not None:
+        files.unsaved(folder, unsaved)
+    return got
 
+
+# ---------------------------------------------------------------- loading
 
 def _driver_named(driver) -> str:
     """``"the CUDA 12.4 driver (cuda.core)"``: the driver's CUDA version (``cuDriverGetVersion``)
@@ -309,15 +200,18 @@ def _driver_named(driver) -> str:
     return f"the CUDA {v // 1000}.{v % 1000 // 10} driver ({driver.name})"
 
 
+def _built_by(name: str) -> str:
+    found = sets().get(name)
+    return found.index.get("toolchain", "?").replace("\0", "; ") if found is not None else "?"
+
+
 def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
     """Variant (``dispatcher``, ``types``) loaded for device ``index`` by ``driver`` (default: the
     current one, :func:`.drivers.current`): the shipped code, else compiled (see the module
     docstring); None where fastema does not know the kernel (not made by a
-    ``kernels._cuda_jit.variant`` factory) or the driver refused what was compiled here too: the
-    caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`) falls back
-    with one warning; anything else it raises propagates."""
-    from ..kernels._cuda_jit import VARIANTS
-
+    ``kernels._store.identity.variant`` factory) or the driver refused what was compiled here too:
+    the caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`)
+    falls back with one warning; anything else it raises propagates."""
     name = VARIANTS.get(dispatcher)
     if name is None:
         return None
@@ -327,22 +221,26 @@ def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
         driver = current()
     key = variant_key(name, types)
     cc = driver.compute_capability(index)
-    found = shipped(key, cc)
-    if found is not None:
-        kind, code, entry, arch = found
+    chosen = choose(driver.version(), cc)
+    for set_name, image in chosen:
+        found = entry(set_name, key, image, dispatcher)
+        if found is None:
+            _warn("unshipped", f"CUDA kernel {key} is not shipped: compiled at its first use (once per "
+                               f"node, cached)")
+            continue
         try:
-            return _as(driver.load(kind, code, entry), arch)
+            return _as(driver.load(found.kind, found.code, found.name), f"{set_name}/{image}")
         except Refused as err:
-            built = (manifest() or {}).get("built_by", {}).get("nvidia-nvjitlink", "?")
-            _warn("refused", f"{_driver_named(driver)} refused fastema's shipped {arch} code, "
-                             f"built by CUDA {built} ({err.result}), so CUDA kernels are compiled "
+            _warn("refused", f"{_driver_named(driver)} refused fastema's shipped {set_name} {image} code, "
+                             f"built by {_built_by(set_name)} ({err.result}), so CUDA kernels are compiled "
                              f"at their first use (once per node)")
-    elif manifest() is not None:
-        why = "not shipped" if choose(cc) else f"no code is shipped for compute capability {cc[0]}.{cc[1]}"
-        _warn("unshipped", f"CUDA kernel {key} is {why}: compiled at its first use (once per node, cached)")
-    kind, code, entry = compiled(dispatcher, types, key, cc)
+    if not chosen and sets():
+        _warn("no-image", f"no CUDA code is shipped for compute capability {cc[0]}.{cc[1]} under "
+                          f"{_driver_named(driver)}: kernels are compiled at their first use (once per node, "
+                          f"cached)")
+    got = compiled(dispatcher, types, key, cc)
     try:
-        return _as(driver.load(kind, code, entry), "compiled")
+        return _as(driver.load(got.kind, got.code, got.name), "compiled")
     except Refused as err:
         _warn("compiled-refused", f"{_driver_named(driver)} refused CUDA kernel {key} as compiled "
                                   f"here too ({err.result}), so it is launched through numba's "

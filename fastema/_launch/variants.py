@@ -1,7 +1,7 @@
 """Every CUDA kernel variant fastema's launchers can ask for, enumerated from the launchers
 themselves.
 
-A variant is a kernel (its factory and the factory's arguments: ``kernels._cuda_jit.VARIANTS``) and
+A variant is a kernel (its factory and the factory's arguments: ``kernels._store.identity.VARIANTS``) and
 the numba types of the arguments its launcher passes. :func:`every_variant` runs every launcher of
 :mod:`fastema._launch` (the per-step ones bound once, and :func:`fastema._launch.launch`'s ops) over
 the space its callers use, with placeholder device arrays of the dtypes those callers pass, and
@@ -22,9 +22,9 @@ can ask for others, which compile at their first use, once per node: ``device_co
   non-finite scan; the swaps (``EXCHANGE``; ``PACK``/``UNPACK`` for float32 <- bfloat16); BEMA; the
   window push (float32 and bfloat16 rings; float64 for float64 sources); the metric smoothers.
 
-Used by ``scripts/build_device_code.py`` (what is compiled and shipped), :func:`warm` (``python -m
-fastema warm``) and the tests that hold the shipped manifest to it. Needs numba-cuda (its types); no
-GPU.
+Used by the build (``python -m fastema warm --into``: what is compiled and shipped, :mod:`.build`),
+:func:`warm` (``python -m fastema warm``) and the tests that hold the shipped sets to it. Needs
+numba-cuda (its types); no GPU.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class RecordingDriver:
                  args: tuple) -> None:
         from numba.cuda.typing.typeof import Purpose, typeof
 
-        from ..kernels._cuda_jit import VARIANTS
+        from ..kernels._store.identity import VARIANTS
 
         types = tuple(typeof(a, Purpose.argument) for a in args)
         self.seen.setdefault(variant_key(VARIANTS[kernel], types), (kernel, types))

@@ -12,12 +12,17 @@ is listed by hand, so the set follows the launchers. ``--dtypes`` keeps the firs
 dtypes only. Every kernel numba compiles is counted at numba's compile event (a kernel loaded from
 the cache is not).
 
-Where a CUDA GPU is visible, the CUDA variants not shipped for it are compiled too
-(``fastema._launch.variants.warm``).
+Where a CUDA GPU is visible, the CUDA variants not shipped for it are compiled too, into this node's
+store (``fastema._launch.variants.warm``).
+
+``--into DIR --set cu12|cu13`` fills a compiled set of a shipped store instead (the build of
+``kernels/device``: ``fastema._launch.build``), for every image of the set or those of ``--arch``;
+no GPU is needed, only the set's toolchain (CONTRIBUTING.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -53,7 +58,30 @@ def _parser() -> Parser:
     ap.add_argument("--dtypes", type=_dtypes, default=DTYPES, metavar="LIST",
                     help=f"comma list of the model (and array) dtypes whose first uses to make, "
                          f"of {', '.join(DTYPES)} (default: all); a bfloat16 job needs bfloat16")
+    ap.add_argument("--into", metavar="DIR", help="build a compiled set of the CUDA kernels into the shipped "
+                    "store DIR (kernels/device) instead of warming this machine's caches; no GPU needed")
+    ap.add_argument("--set", choices=("cu12", "cu13"), help="with --into: which set (its toolchain: "
+                    "CONTRIBUTING.md)")
+    ap.add_argument("--arch", metavar="LIST", help="with --into: comma list of the set's images to build "
+                    "(sm_90,compute_80; default: all of them)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="with --into: worker processes")
     return ap
+
+
+def _build(args) -> int:
+    """``--into``: one compiled set of the shipped store (``fastema._launch.build``)."""
+    if not args.set:
+        print(f"{PROG}: error: --into needs --set cu12 or --set cu13", file=sys.stderr)
+        return 2
+    from fastema._launch.build import build
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()] if args.arch else None
+    try:
+        build(args.into, args.set, archs, jobs=args.jobs)
+    except (ValueError, FileNotFoundError) as err:       # an unknown image, a toolchain not there
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _Compiles:
@@ -267,6 +295,8 @@ def main(argv=None) -> int:
     args = parse(_parser(), argv)
     if isinstance(args, int):
         return args
+    if args.into:
+        return _build(args)
 
     def say(line: str) -> None:
         print(line, flush=True)

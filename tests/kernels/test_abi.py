@@ -76,11 +76,10 @@ def _ptx_parameter_sizes(key: str) -> list:
     """The byte size of each parameter the shipped PTX of variant ``key`` declares (``.param .u64 ...``)."""
     from fastema._launch import device_code
 
-    data, problem = device_code._read_manifest()
-    assert problem is None, problem
-    entry = data["variants"][key]
-    ptx = device_code.member("ptx", entry).decode()
-    start = ptx.index(f".entry {entry['entry']}(")
+    entry = device_code.entry("cu13", key, "compute_80")
+    assert entry is not None, device_code.problem("cu13") or f"not shipped: {key}"
+    ptx = entry.code.decode()
+    start = ptx.index(f".entry {entry.name}(")
     head = ptx[start:ptx.index(")", start)]
     return [int(bits) // 8 for _, bits in _PARAM.findall(head)]
 

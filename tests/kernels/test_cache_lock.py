@@ -11,7 +11,8 @@ import time
 import pytest
 from compile_count import COUNT_COMPILES
 
-from fastema.kernels import _cache, _cache_node, _filelock
+from fastema.kernels import _cache
+from fastema.kernels._store import files
 
 pytestmark = pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
 
@@ -92,8 +93,8 @@ def test_processes_started_at_once_on_an_empty_cache_compile_each_kernel_once(tm
         assert sum(r["hits"][name] for r in reports) == 3
     assert all(r["out"] == reports[0]["out"] for r in reports)
 
-    for d, _, files in os.walk(cache):
-        for f in files:
+    for d, _, names in os.walk(cache):
+        for f in names:
             if f.endswith(".nbc"):
                 with open(os.path.join(d, f), "wb") as out:
                     out.write(b"not a pickle")
@@ -185,17 +186,17 @@ def test_a_lock_held_elsewhere_is_waited_for_then_given_up_after_the_timeout(tmp
     """A lock another open file holds is waited for, then given up: TimeoutError before the body
     runs (the caller compiles in memory: tests/faults/test_faults_caches.py)."""
     path = str(tmp_path / "entry")
-    with _filelock.locked(path) as held:
+    with files.locked(path) as held:
         assert held
         t = time.monotonic()
         with pytest.raises(TimeoutError):           # another open file: flock conflicts with it
-            with _filelock.locked(path, timeout=0.2):
+            with files.locked(path, timeout=0.2):
                 raise AssertionError("the body ran without the lock")
         assert 0.2 <= time.monotonic() - t < 2
-    with _filelock.locked(path, timeout=0.2) as again:          # released: had at once
+    with files.locked(path, timeout=0.2) as again:          # released: had at once
         assert again
 
 
 def test_the_locks_live_in_the_node_local_folder_one_per_index():
-    a, b = _cache_node.lock_path("/x/one.nbi"), _cache_node.lock_path("/y/one.nbi")
-    assert a != b and os.path.dirname(a) == os.path.join(_cache_node.node_folder(), "locks")
+    a, b = files.lock_path("/x/one.nbi"), files.lock_path("/y/one.nbi")
+    assert a != b and os.path.dirname(a) == os.path.join(files.node_folder(), "locks")

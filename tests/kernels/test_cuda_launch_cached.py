@@ -84,7 +84,7 @@ def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
         run(w, key)
         kind, stream, blocks, func = fake.launches[-1]
         assert kind == "launch" and blocks == 3 and int(stream) == 77      # min(chunks, CUDA_MAX_BLOCKS) blocks
-        assert func is run.func and run.loaded.source == "sm_90" and "lerp" in _entry(run)
+        assert func is run.func and run.loaded.source == "cu13/sm_90" and "lerp" in _entry(run)
         addresses.append(run.block.address)
         args = (*fake.group.tables.args(), (np.float32(w[0]),), fake.flag, np.uint32(key))
         assert_packed_like_cuda_core(run.block.address, run, args)

@@ -2,7 +2,7 @@
 
 The simulator runs the kernels' Python; this checks the other half: numba-cuda's real typing and
 lowering, the bit-cast and pointer intrinsics included, on the PTX fastema ships (``kernels/device``,
-compiled by ``scripts/build_device_code.py`` for the argument types the launchers pass;
+the CUDA 13 set's PTX, built by ``python -m fastema warm --into`` for the argument types the launchers pass;
 ``test_device_code.py`` holds it to the current sources). A variant looked up here that is not shipped
 fails: the launchers would compile it at a user's first update. The per-step streaming kernels' sm_90
 cubins are held to stronger checks in ``test_sass.py``; this file covers what that one does not (the
@@ -22,7 +22,7 @@ from fastema._launch.variants import variant_key  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
 from fastema.kernels import kinds as ema_cpu
 from fastema.kernels._bits import BF16, F16, F32  # noqa: E402
-from fastema.kernels._cuda_jit import VARIANTS  # noqa: E402
+from fastema.kernels._store.identity import VARIANTS  # noqa: E402
 
 KINDS = (F32, BF16, F16)
 A = lambda t: T.Array(t, 1, "C")  # noqa: E731
@@ -31,13 +31,13 @@ TABLES = (T.int64, A(T.int64), A(T.int64), A(T.int64), A(T.int32), A(T.int64))  
 
 def compile_(fn, sig):
     """The shipped PTX of kernel ``fn`` (a factory's dispatcher) for argument types ``sig``."""
-    data, problem = device_code._read_manifest()
+    problem = device_code.problem("cu13")
     assert problem is None, problem
     key = variant_key(VARIANTS[fn], sig)
-    entry = data["variants"].get(key)
+    entry = device_code.entry("cu13", key, "compute_80")
     assert entry is not None, f"not shipped: {key}"
-    ptx = device_code.member("ptx", entry).decode()
-    assert f".entry {entry['entry']}(" in ptx
+    ptx = entry.code.decode()
+    assert f".entry {entry.name}(" in ptx
     return ptx
 
 

@@ -1,14 +1,14 @@
-"""The device code fastema ships (``kernels/device``, ``fastema._launch.device_code``; issue 54 items 1-3, 5).
+"""The device code fastema ships (``kernels/device``, ``fastema._launch.device_code``; issues 54 and 60).
 
-- The shipped code is current: built from these kernel sources (the manifest's stamp) for exactly the
-  variants the launchers ask for (``fastema._launch.variants``), every file whole (SHA-256), a cubin per
-  architecture and PTX. ``scripts/build_device_code.py`` rebuilds it; the failure names that command.
-- A fresh process's first update on the fake GPU makes no NVVM call and no numba front-end compile: every
-  variant it binds is the shipped sm_90 code (counted at numba-cuda's compile entry points).
-- Which code a device loads (its major architecture's cubin, else PTX, else a compile), and what compiles
-  instead, with one warning that says why: an edited kernel source (stale stamp), a damaged file, code
-  the driver refuses (only the driver's "cannot run here" results: anything else it raises
-  propagates, a TypeError above all), a variant not shipped. The driver is the tests' fake
+- The shipped sets are complete and current: built from these kernel sources for exactly the variants
+  the launchers ask for (``fastema._launch.variants``), every image of each set, each entry with the
+  launch bounds ``kernels/_bounds.py`` gives it; the failure names the build (CONTRIBUTING.md).
+- A fresh process's first update on the fake GPU makes no NVVM call and no numba front-end compile,
+  under a CUDA 12.0 and a CUDA 13.0 driver, on sm_75 and sm_90: every variant it binds is the shipped
+  code of the set and image the driver and device take (counted at numba-cuda's compile entry points).
+- What compiles instead, with one warning that says why: an edited kernel source (stale sets), a
+  damaged file, code the driver refuses (only the driver's "cannot run here" results: anything else it
+  raises propagates, a TypeError above all), a variant not shipped. The driver is the tests' fake
   (``tests/support``), the run-time compiler a stand-in given to ``fastema._launch.compiler.using``.
 - What is compiled at run time is compiled once per node: N processes on one empty cache compile a
   variant once, the others wait and read it; a damaged entry is compiled again; a cache folder others can
@@ -41,21 +41,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """device_code's per-process state reset around a test (its warnings given once, the manifest
+    """device_code's per-process state reset around a test (its warnings given once, the sets
     read once), and a cache of run-time compiles of the test's own."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
     D._WARNED.clear()
-    D.manifest.cache_clear()
+    D.sets.cache_clear()
     yield D
     D._WARNED.clear()
-    D.manifest.cache_clear()
+    D.sets.cache_clear()
 
 
 class Compiles:
     """A run-time compiler (``fastema._launch.compiler.Compiler``) that compiles nothing: each call
-    is recorded and gives ``("cubin", b"new", "entry")``."""
+    is recorded and gives ``("cubin", b"new", "entry", {})`` for each image."""
 
     name = "stand-in"
+    set = "cu13"
 
     def __init__(self):
         self.keys: list = []
@@ -63,11 +64,11 @@ class Compiles:
     def identity(self) -> str:
         return f"stand-in {id(self)}"
 
-    def compile(self, dispatcher, types, cc):
-        from fastema.kernels._cuda_jit import VARIANTS
+    def compile(self, dispatcher, types, images):
+        from fastema.kernels._store.identity import VARIANTS
 
         self.keys.append(D.variant_key(VARIANTS[dispatcher], types))
-        return "cubin", b"new", "entry"
+        return {image: ("cubin", b"new", "entry", {}) for image in images}
 
 
 class Refusing(FakeDriver):
@@ -85,42 +86,56 @@ class Refusing(FakeDriver):
         return super().load(kind, code, entry)
 
 
-def test_the_shipped_device_code_is_current():
-    problem = D.stale(list(every_variant()))
+def test_the_shipped_device_code_is_complete_and_current():
+    """Every variant of ``every_variant()`` has every image of its set, built from these sources, each
+    entry with the launch bounds the table gives its set, image and kernel (read from the indexes)."""
+    from fastema.kernels import _bounds
+    from fastema.kernels._store.identity import VARIANTS
+
+    variants = every_variant()
+    problem = D.incomplete(list(variants))
     assert problem is None, f"{problem} (then commit kernels/device/)"
+    stale = []
+    for name, shipped in D.sets().items():
+        for key, images in shipped.index["variants"].items():
+            dispatcher = variants[key][0]
+            own = dispatcher.targetoptions.get("launch_bounds")
+            for image, (_, _, bounds) in images.items():
+                want = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], own)
+                if (None if want is None else list(want)) != bounds:
+                    stale.append((name, image, key))
+    assert not stale, f"{len(stale)} entries built with other launch bounds, first {stale[0]}: rebuild them"
 
 
-def test_every_shipped_file_is_whole_and_each_variant_has_every_architecture():
-    data, problem = D._read_manifest()
-    assert problem is None, problem
-    assert data["cubins"] == ["sm_80", "sm_90", "sm_100", "sm_120"] and data["ptx"] == "compute_80"
-    for key, entry in data["variants"].items():
-        ptx = D.member("ptx", entry)
-        assert f".entry {entry['entry']}(".encode() in ptx and b".target sm_80" in ptx, key
-        for arch in data["cubins"]:
-            cubin = D.member(arch, entry)
-            assert cubin[:4] == b"\x7fELF", (key, arch)
-            assert entry["link"][arch]["registers"] > 0, (key, arch)        # nvJitLink's figures, kept
+def test_the_sets_are_the_ones_docs_install_names():
+    from fastema._launch.build import SETS
+
+    for name, shipped in D.sets().items():
+        index = shipped.index
+        assert set(index["images"]) == set(SETS[name]["images"]) and index["driver"] == SETS[name]["driver"]
+        assert {i: v["driver"] for i, v in index["images"].items()} == SETS[name]["images"]
+    assert set(D.sets()) == {"cu12", "cu13"}
 
 
-def test_a_damaged_member_fails_its_checksum(fresh, monkeypatch):
-    data = D.manifest()
-    key, entry = next(iter(data["variants"].items()))
-    at, size = entry["at"]["sm_90"]
-    blob = bytearray(D._blob("sm_90"))
-    blob[at + size // 2] ^= 0xFF
-    monkeypatch.setattr(D, "_blob", lambda arch: bytes(blob))
+def test_a_damaged_pack_fails_its_checksum(fresh, monkeypatch):
+    shipped = D.sets()["cu13"]
+    key = next(iter(shipped.index["variants"]))
+    at, size, _ = shipped.index["variants"][key]["sm_90"]
+    blob = bytearray(shipped._blob("sm_90"))
+    blob[at + size - 7] ^= 0xFF
+    monkeypatch.setattr(type(shipped), "_blob", lambda self, image: bytes(blob))
     with pytest.raises(ValueError, match="checksum"):
-        D.member("sm_90", entry)
+        shipped.get(key, "sm_90")
     with pytest.warns(RuntimeWarning, match="cannot be read .*checksum.*compiled instead"):
-        assert D.shipped(key, (9, 0)) is None
+        assert D.entry("cu13", key, "sm_90") is None
 
 
-@pytest.mark.parametrize("cc,arch", [((8, 0), "sm_80"), ((8, 6), "sm_80"), ((8, 9), "sm_80"), ((9, 0), "sm_90"),
-                                     ((10, 0), "sm_100"), ((10, 3), "sm_100"), ((12, 0), "sm_120"),
-                                     ((12, 1), "sm_120"), ((11, 0), "ptx"), ((13, 0), "ptx"), ((7, 5), None)])
-def test_a_device_loads_its_major_architectures_cubin_else_the_ptx(cc, arch):
-    assert D.choose(cc) == arch
+@pytest.mark.parametrize("version,cc,chosen", [
+    (13000, (8, 6), "cu13/sm_80"), (13000, (7, 5), "cu12/sm_75"), (12000, (9, 0), "cu12/sm_90"),
+    (12040, (12, 0), "cu12/compute_70"), (12080, (12, 0), "cu12/sm_120"), (13000, (11, 0), "cu13/compute_80")])
+def test_the_shipped_sets_serve_the_choice(version, cc, chosen):
+    """The table of ``tests/kernels/test_store.py``, on the shipped indexes."""
+    assert ["/".join(c) for c in D.choose(version, cc)] == [chosen]
 
 
 CHILD = r"""
@@ -140,51 +155,57 @@ nvvm.compile_ir, compiler.compile_cuda = ir, front
 import torch
 from support.fake_gpu import fake_gpu, rl_mlp
 from fastema.torch import EMA
-scenario = sys.argv[2]
-with fake_gpu() as fake:
-    model = rl_mlp()
-    if scenario == "bf16":
-        model = model.to(torch.bfloat16)
-    kw = {"fp32": {}, "bf16": {}, "bf16_sr": {"shadow_dtype": "bfloat16", "rounding": "stochastic"},
-          "two_decays": {}, "skip_nonfinite": {"skip_nonfinite": True}, "device_plan": {"device_step": True},
-          "window": {}}
-    if scenario == "bf16_sr":
-        model = model.to(torch.bfloat16)
-    decay = (0.99, 0.999) if scenario == "two_decays" else 0.99
-    if scenario == "window":
-        from fastema.torch import WindowAverage
-        ema = WindowAverage(model, 3)
-    else:
-        ema = EMA(model, decay, **kw[scenario])
-    with torch.no_grad():
-        ema.update()
-        ema.update()
-    dispatched = [e for e in fake.launches if e[0] == "dispatcher"]
-images = list(fake.images.values())
-print(json.dumps({"calls": calls, "loads": [v.source for v in images if v is not None],
-                  "dispatched_variants": sum(v is None for v in images),
-                  "dispatcher": len(dispatched),
-                  "launches": sum(e[0] == "launch" for e in fake.launches)}))
+version, cc = int(sys.argv[2]), tuple(map(int, sys.argv[3].split(".")))
+kw = {"fp32": {}, "bf16": {}, "bf16_sr": {"shadow_dtype": "bfloat16", "rounding": "stochastic"},
+      "two_decays": {}, "skip_nonfinite": {"skip_nonfinite": True}, "device_plan": {"device_step": True},
+      "window": {}}
+out = {"calls": calls, "loads": [], "dispatched_variants": 0, "dispatcher": 0, "launches": {}}
+for scenario in sys.argv[4].split(","):
+    with fake_gpu(version=version, cc=cc) as fake:
+        model = rl_mlp()
+        if scenario in ("bf16", "bf16_sr"):
+            model = model.to(torch.bfloat16)
+        if scenario == "window":
+            from fastema.torch import WindowAverage
+            ema = WindowAverage(model, 3)
+        else:
+            ema = EMA(model, (0.99, 0.999) if scenario == "two_decays" else 0.99, **kw[scenario])
+        with torch.no_grad():
+            ema.update()
+            ema.update()
+    images = list(fake.images.values())
+    out["loads"] += [v.source for v in images if v is not None]
+    out["dispatched_variants"] += sum(v is None for v in images)
+    out["dispatcher"] += sum(e[0] == "dispatcher" for e in fake.launches)
+    out["launches"][scenario] = sum(e[0] == "launch" for e in fake.launches)
+print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("scenario", ["fp32", "bf16", "bf16_sr", "two_decays", "skip_nonfinite", "device_plan",
-                                      "window"])
-def test_a_fresh_processs_first_update_makes_no_nvvm_call(scenario, tmp_path):
-    """Issue 54 item 5: on the fake GPU (an sm_90 device), with fastema's real kernel factories, a fresh
-    process's first two ``EMA.update()`` calls (``WindowAverage``'s for "window") bind every kernel they
-    launch to the shipped sm_90 code:
-    numba-cuda's NVVM entry (``nvvm.compile_ir``) and front end (``compiler.compile_cuda``) are never
-    called, and numba's dispatcher never launches."""
+SCENARIOS = ("fp32", "bf16", "bf16_sr", "two_decays", "skip_nonfinite", "device_plan", "window")
+
+
+@pytest.mark.parametrize("version,cc,image", [(12000, "7.5", "cu12/sm_75"), (12000, "9.0", "cu12/sm_90"),
+                                              (13000, "7.5", "cu12/sm_75"), (13000, "9.0", "cu13/sm_90")],
+                         ids=["cuda12.0-sm75", "cuda12.0-sm90", "cuda13.0-sm75", "cuda13.0-sm90"])
+def test_a_fresh_processs_first_update_makes_no_nvvm_call(version, cc, image, tmp_path):
+    """Issue 54 item 5, issue 60: on the fake GPU (sm_75 and sm_90, under a CUDA 12.0 and a CUDA 13.0
+    driver), with fastema's real kernel factories, a fresh process's first two ``EMA.update()`` calls
+    of each scenario (a float32 and a bfloat16 model, bfloat16 SR averages, two decays,
+    ``skip_nonfinite``, the device plan; ``WindowAverage``'s for "window") bind every kernel they
+    launch to the shipped code of the set and image the driver and device take: numba-cuda's NVVM
+    entry (``nvvm.compile_ir``) and front end (``compiler.compile_cuda``) are never called, and
+    numba's dispatcher never launches."""
     pytest.importorskip("torch")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "tests"), scenario], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "tests"), str(version), cc, ",".join(SCENARIOS)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["calls"] == {"nvvm": 0, "front_end": 0}, out
-    assert out["loads"] and set(out["loads"]) == {"sm_90"}, out
-    assert out["dispatcher"] == 0 and out["dispatched_variants"] == 0 and out["launches"] >= 2, out
+    assert out["loads"] and set(out["loads"]) == {image}, out
+    assert out["dispatcher"] == 0 and out["dispatched_variants"] == 0, out
+    assert all(n >= 2 for n in out["launches"].values()) and set(out["launches"]) == set(SCENARIOS), out
 
 
 def _one_variant():
@@ -195,13 +216,16 @@ def _one_variant():
 
 
 def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, monkeypatch):
-    """The manifest's stamp is the digest of the kernel sources: another digest (an edited checkout)
-    makes every variant compile (one warning naming the build command), never load the shipped code."""
+    """Each set's index holds the digest of the kernel sources: another digest (an edited checkout)
+    makes every variant compile (one warning per set naming the rebuild), never load the shipped
+    code."""
+    from fastema.kernels._store import store
+
     key, dispatcher, types = _one_variant()
-    monkeypatch.setattr(D, "sources_digest", lambda: "0" * 64)
+    monkeypatch.setattr(store, "cuda_sources", lambda: "0" * 64)
     fake = FakeDriver()
     with using(fake), compiler.using(Compiles()) as compiles:
-        with pytest.warns(RuntimeWarning, match="from other kernel sources.*build_device_code"):
+        with pytest.warns(RuntimeWarning, match="from other kernel sources.*rebuild it"):
             assert D.kernel(dispatcher, types, 0).source == "compiled"
         assert compiles.keys == [key] and fake.launches == [("load", "cubin", "entry")]
         with warnings.catch_warnings():
@@ -225,8 +249,8 @@ def test_code_the_driver_refuses_is_compiled_with_one_warning(fresh, result):
             assert D.kernel(other, other_types, 0).source == "compiled"
     said = [str(w.message) for w in caught]
     assert len(said) == 1, said
-    assert "the CUDA 12.4 driver (fake GPU) refused fastema's shipped sm_90 code" in said[0], said
-    assert "built by CUDA 13.5" in said[0] and result in said[0], said
+    assert "the CUDA 12.4 driver (fake GPU) refused fastema's shipped cu12 sm_90 code" in said[0], said
+    assert "built by nvvm 12.0; ptxas 12.0, V12.0.76" in said[0] and result in said[0], said
     assert len(compiles.keys) == 2
     assert [e[0] for e in fake.launches] == ["refused", "load", "refused", "load"]
 
@@ -266,7 +290,7 @@ def test_code_refused_as_compiled_here_too_goes_to_the_dispatcher(fresh):
         with pytest.warns(RuntimeWarning) as caught:
             assert D.kernel(dispatcher, types, 0) is None
     said = " ".join(str(w.message) for w in caught)
-    assert "refused fastema's shipped sm_90 code" in said
+    assert "refused fastema's shipped cu12 sm_90 code" in said
     assert "launched through numba's dispatcher" in said
     assert "CUDA 12.4 driver" in said and len(caught) == 2
 
@@ -301,9 +325,10 @@ class Slow:                              # NVVM's seconds, without NVVM: CI comp
     name = "slow"
     def identity(self):
         return "slow"
-    def compile(self, dispatcher, types, cc):
+    set = "cu13"
+    def compile(self, dispatcher, types, images):
         time.sleep(1.5)
-        return "cubin", b"\x7fELF" + sys.argv[1].encode() * 50, "entry"
+        return {i: ("cubin", b"\x7fELF" + sys.argv[1].encode() * 50, "entry", {}) for i in images}
 
 compiler.using(Slow()).__enter__()
 key = sys.argv[1]
@@ -312,8 +337,8 @@ with open(sys.argv[2], "a") as f:                       # started: the test rele
     f.write("x")
 while not os.path.exists(sys.argv[2] + ".go"):
     time.sleep(0.01)
-kind, code, entry = D.compiled(dispatcher, types, key, (9, 0))
-print(json.dumps({"compiles": len(D.COMPILES), "kind": kind, "size": len(code), "entry": entry}))
+got = D.compiled(dispatcher, types, key, (9, 0))
+print(json.dumps({"compiles": len(D.COMPILES), "kind": got.kind, "size": len(got.code), "entry": got.name}))
 """
 
 
@@ -347,7 +372,7 @@ def test_processes_on_one_empty_cache_compile_a_variant_once(tmp_path):
     outs = _compile_in(4, key, env, tmp_path)
     assert sum(o["compiles"] for o in outs) == 1, outs
     assert len({(o["kind"], o["size"], o["entry"]) for o in outs}) == 1
-    (entry,) = (cache / "fastema-device").glob("*.code")
+    (entry,) = (cache / "fastema-device").glob("*.entry")
     entry.write_bytes(entry.read_bytes()[:-100])          # truncated: a crash while another tool wrote it
     (again,) = _compile_in(1, key, env, tmp_path)
     assert again["compiles"] == 1 and again["size"] == outs[0]["size"]
@@ -367,16 +392,13 @@ def test_a_cache_folder_others_can_write_is_not_used(fresh, monkeypatch, tmp_pat
     assert D.cache_folder() is None
 
 
-def test_a_cache_entry_is_checked_before_it_is_used(fresh, tmp_path):
-    path = str(tmp_path / "x.code")
-    code = b"\x7fELF" + bytes(range(200))
-    meta = json.dumps({"kind": "cubin", "entry": "k", "sha256": __import__("hashlib").sha256(code).hexdigest()})
-    with open(path, "wb") as f:
-        f.write(D._MAGIC + meta.encode() + b"\n" + code)
-    assert D._read_entry(path) == ("cubin", code, "k")
-    with open(path, "r+b") as f:
-        f.seek(-3, 2)
-        f.write(b"xyz")
-    with pytest.warns(RuntimeWarning, match="damaged"):
-        assert D._read_entry(path) is None
-    assert D._read_entry(str(tmp_path / "missing.code")) is None
+def test_a_damaged_node_store_entry_is_compiled_again_with_one_warning(fresh, tmp_path):
+    key, dispatcher, types = _one_variant()
+    with compiler.using(Compiles()) as compiles:
+        first = D.compiled(dispatcher, types, key, (9, 0))
+        assert D.compiled(dispatcher, types, key, (9, 0)) == first and len(compiles.keys) == 1
+        (path,) = (tmp_path / "cache" / "fastema-device").glob("*.entry")
+        path.write_bytes(path.read_bytes()[:-2] + b"xy")
+        with pytest.warns(RuntimeWarning, match="is damaged .*checksum.*compiled again"):
+            assert D.compiled(dispatcher, types, key, (9, 0)) == first
+        assert len(compiles.keys) == 2

@@ -168,9 +168,10 @@ def _shipped_sm90(entry: str) -> bytes:
     """The shipped sm_90 code of the variant whose entry is ``entry``."""
     from fastema._launch import device_code
 
-    for variant in device_code.manifest()["variants"].values():
-        if variant["entry"] == entry:
-            return device_code.member("sm_90", variant)
+    for key in device_code.sets()["cu13"].index["variants"]:
+        found = device_code.entry("cu13", key, "sm_90")
+        if found.name == entry:
+            return found.code
     raise AssertionError(f"no shipped variant has entry {entry}")
 
 

@@ -1,21 +1,23 @@
 """The CUDA 12 toolchain (``kernels/_toolchain_cu12.py``) and the launch bounds per compiled set and
 architecture (``kernels/_bounds.py``), without a GPU (issue 60).
 
-- The figures parser reads ``ptxas -v`` and nvJitLink's info log alike (registers and stack: the
-  most of any function; spills: summed), as the build script's parser does.
+- The figures parser (``kernels/_store/entry.py``, the one) reads ``ptxas -v`` and nvJitLink's
+  info log alike (registers and stack: the most of any function; spills: summed).
 - The bounds table names only kernels that exist, keeps the 256 threads fastema launches and only
   ever lowers a kernel's blocks per multiprocessor; a kernel without an entry keeps its own bounds.
 - ``ptxas`` of CUDA 12.0 (the ``nvidia-cuda-nvcc-cu12==12.0.76`` wheel, installed outside the
   environment: ``.toolchains/cu12-12.0`` or ``$FASTEMA_CU12_TOOLCHAIN``) assembles ISA 8.0 for sm_75
   and sm_90 into images that name CUDA 12.0, and refuses ISA 9.0; skipped, with the install command,
   where the wheel is absent.
+- The shipped CUDA 12 set (CI's checks, cheap): every PTX declares ISA 8.0; a sample of them (every
+  kernel family, every kernel with launch bounds of its own) assembles with ptxas 12.0 for sm_75 and
+  sm_90 (the build assembled all of them with that ptxas: each cubin names its toolkit, 12.0, or
+  12.8 for Blackwell's); no sm_75 or sm_90 image spills (the entries' figures).
 - Where the whole toolchain is there (NVVM and NVRTC 12.0 too), in a process of its own: a variant
   built for CUDA 12 is PTX 8.0 for sm_70 and a spill-free cubin for every CUDA 12 architecture, and
   a process that has used NVVM 13 is refused.
 """
-import importlib.util
 import json
-import lzma
 import os
 import pathlib
 import subprocess
@@ -25,6 +27,8 @@ import pytest
 
 from fastema.kernels import _bounds as B
 from fastema.kernels import _toolchain_cu12 as T
+from fastema.kernels._store import entry as E
+from fastema.kernels._store import store as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TC = T.Toolchain.at(T.default_root())
@@ -77,45 +81,27 @@ TINY_PTX = """\
 """
 
 
-def _first_shipped(arch: str) -> bytes:
-    """The CUDA 13 set's first module of ``arch`` (``"ptx"``, ``"sm_90"``), decompressed alone."""
-    with (ROOT / "kernels" / "device" / "manifest.json").open() as f:
-        variants = json.load(f)["variants"].values()
-    size = next(e["at"][arch][1] for e in variants if e["at"][arch][0] == 0)
-    with (ROOT / "kernels" / "device" / f"{arch}.xz").open("rb") as f:
-        return lzma.LZMADecompressor().decompress(f.read(), max_length=size)
+def _first_shipped(name: str, image: str) -> bytes:
+    """The code of set ``name``'s first variant for ``image``."""
+    shipped = S.Shipped(S.folder(), name)
+    return shipped.get(next(iter(shipped.index["variants"])), image).code
 
 
 def test_figures_of_a_ptxas_log():
-    assert T.figures(PTXAS_LOG) == {"registers": 64, "spill_stores": 24, "spill_loads": 16,
+    assert E.figures(PTXAS_LOG) == {"registers": 64, "spill_stores": 24, "spill_loads": 16,
                                     "stack": 48, "smem": 444}
 
 
 def test_figures_of_an_nvjitlink_log_count_each_function_once():
     """nvJitLink repeats the kernel's figures in its own words (``used 64 registers``, ``96
     stack``): they are not counted again."""
-    assert T.figures(NVJITLINK_LOG) == {"registers": 64, "spill_stores": 192, "spill_loads": 168,
+    assert E.figures(NVJITLINK_LOG) == {"registers": 64, "spill_stores": 192, "spill_loads": 168,
                                         "stack": 56, "smem": 444}
-
-
-def test_figures_of_a_log_without_functions_are_zeros():
-    zeros = dict.fromkeys(("registers", "spill_stores", "spill_loads", "stack", "smem"), 0)
-    assert T.figures("ptxas info    : 0 bytes gmem\n") == zeros
-    assert not T.spills(T.figures("")) and T.spills(T.figures(PTXAS_LOG))
-
-
-def test_figures_agree_with_the_build_scripts_parser():
-    path = ROOT / "scripts" / "build_device_code.py"
-    spec = importlib.util.spec_from_file_location("build_device_code", path)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    for log in (PTXAS_LOG, NVJITLINK_LOG, ""):
-        assert T.figures(log) == build._figures(log)
 
 
 def test_ptx_version_reads_the_declared_isa():
     assert T.ptx_version(TINY_PTX.format(isa="8.0").encode()) == "8.0"
-    assert T.ptx_version(_first_shipped("ptx")) == "9.0"   # the CUDA 13 set's: no CUDA 12 driver's
+    assert T.ptx_version(_first_shipped("cu13", "compute_80")) == "9.0"   # no CUDA 12 driver's
     with pytest.raises(ValueError, match="no .version"):
         T.ptx_version(b"\x7fELF")
 
@@ -139,7 +125,7 @@ def _own_bounds() -> dict:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator's kernels take no launch bounds")
     from fastema._launch.variants import every_variant
-    from fastema.kernels._cuda_jit import VARIANTS
+    from fastema.kernels._store.identity import VARIANTS
 
     return {VARIANTS[d]: d.targetoptions.get("launch_bounds") for d, _ in every_variant().values()}
 
@@ -148,7 +134,7 @@ def test_every_override_lowers_the_blocks_of_a_kernel_that_exists():
     from fastema._launch import config
 
     own = _own_bounds()
-    archs = {"cu12": {*T.CUBINS, "compute_%d%d" % T.PTX_CC},
+    archs = {"cu12": {*T.CUBINS, *T.LATE, "compute_%d%d" % T.PTX_CC},
              "cu13": {"sm_80", "sm_90", "sm_100", "sm_120", "compute_80"}}
     for (toolset, arch), table in B.OVERRIDES.items():
         assert arch in archs[toolset], (toolset, arch)
@@ -175,7 +161,7 @@ def test_a_kernel_without_an_override_keeps_its_own_bounds():
 def test_ptxas_12_0_assembles_isa_8_0(arch):
     cubin, figures, log = T.assemble(TINY_PTX.format(isa="8.0").encode(), arch, TC.ptxas)
     assert cubin[:4] == b"\x7fELF" and f"for '{arch}'" in log
-    assert figures["registers"] > 0 and not T.spills(figures)
+    assert figures["registers"] > 0 and not E.spills(figures)
 
 
 @needs_ptxas
@@ -184,7 +170,7 @@ def test_the_cubins_of_ptxas_12_0_name_cuda_12_0_and_the_shipped_ones_13():
     the CUDA 13 set's images (ABI v8) name release 13.x in their toolkit note."""
     cubin, _, _ = T.assemble(TINY_PTX.format(isa="8.0").encode(), "sm_90", TC.ptxas)
     assert (cubin[8], T.toolkit(cubin)) == (7, "12.0") and TC.version().startswith("12.0, V12.0.")
-    shipped = _first_shipped("sm_90")
+    shipped = _first_shipped("cu13", "sm_90")
     assert shipped[8] == 8 and T.toolkit(shipped).startswith("13.")
     with pytest.raises(ValueError, match="not a cubin"):
         T.toolkit(TINY_PTX.encode())
@@ -206,9 +192,10 @@ T.activate(tc)
 from fastema._launch.variants import every_variant
 variants = every_variant()
 key = next(k for k in variants if k.startswith("nonfinite_kernel(3)"))
-ptx, cubins = T.build_cu12(*variants[key], tc=tc)
+got = T.build_cu12(*variants[key], ("compute_70",) + T.CUBINS, tc=tc)
+ptx = got["compute_70"][1]
 print(json.dumps({"isa": T.ptx_version(ptx), "sm_70": b".target sm_70" in ptx,
-                  "cubins": {a: [T.toolkit(c), f] for a, (c, f) in cubins.items()}}))
+                  "cubins": {a: [T.toolkit(c), f] for a, (kind, c, _, f) in got.items() if kind == "cubin"}}))
 """
 _NVVM_FIRST = """
 import sys
@@ -237,7 +224,7 @@ def test_a_variant_built_for_cuda_12_is_ptx_8_0_and_spill_free_cubins():
     assert out["isa"] == T.PTX_ISA == "8.0" and out["sm_70"]
     assert set(out["cubins"]) == set(T.CUBINS)
     for arch, (release, figures) in out["cubins"].items():
-        assert release == "12.0" and not T.spills(figures), (arch, figures)
+        assert release == "12.0" and not E.spills(figures), (arch, figures)
 
 
 @needs_toolchain
@@ -245,3 +232,73 @@ def test_activate_refuses_a_process_that_already_uses_another_nvvm():
     """A process that has used NVVM 13 would go on compiling with it (libNVVM is loaded once per
     process): activate refuses it rather than mix the two."""
     assert "refused: this process already uses" in _run(_NVVM_FIRST)
+
+
+# ---------------------------------------------------------------- the shipped CUDA 12 set (CI)
+
+def _cu12():
+    shipped = S.Shipped(S.folder(), "cu12")
+    return shipped, shipped.index["variants"]
+
+
+def _sample(keys) -> list:
+    """One variant of every kernel family (``lerp_kernel``, ``copy_kernel``, ...) and of every
+    kernel that has launch bounds of its own or in the CUDA 12 table, the smallest PTX of each."""
+    from fastema._launch.variants import every_variant
+    from fastema.kernels._store.identity import VARIANTS
+
+    variants = every_variant()
+    overridden = {n for (s, _), table in B.OVERRIDES.items() if s == "cu12" for n in table}
+    groups: dict = {}
+    for key in keys:
+        dispatcher = variants[key][0]
+        name = VARIANTS[dispatcher]
+        groups.setdefault(name.split("(")[0], []).append(key)
+        if dispatcher.targetoptions.get("launch_bounds") is not None or name in overridden:
+            groups.setdefault(name, []).append(key)
+    return sorted({min(group, key=len) for group in groups.values()})
+
+
+def test_every_cuda_12_ptx_declares_isa_8_0_for_compute_70():
+    shipped, variants = _cu12()
+    blob = shipped._blob("compute_70")
+    for key, images in variants.items():
+        at, size, _ = images["compute_70"]
+        ptx = E.loads(blob[at:at + size], key, "compute_70").code
+        assert T.ptx_version(ptx) == "8.0" and b"\n.target sm_70" in ptx, key
+
+
+@needs_ptxas
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_a_sample_of_the_cuda_12_ptx_assembles_with_ptxas_12_0(arch):
+    shipped, variants = _cu12()
+    sample = _sample(variants)
+    assert len(sample) >= 30
+    for key in sample:
+        ptx = shipped.get(key, "compute_70").code
+        cubin, figures, _ = T.assemble(ptx, arch, TC.ptxas)
+        assert T.toolkit(cubin) == "12.0" and figures["registers"] > 0, key
+
+
+def test_every_cuda_12_cubin_names_the_ptxas_that_built_it():
+    """The build assembled every cubin with ptxas 12.0 (ptxas 12.8 for sm_100 and sm_120): a first
+    and a last variant's image of every architecture names it."""
+    shipped, variants = _cu12()
+    keys = sorted(variants)
+    for arch in (*T.CUBINS, *T.LATE):
+        for key in (keys[0], keys[-1]):
+            release = T.toolkit(shipped.get(key, arch).code)
+            assert release == (T.LATE_RELEASE if arch in T.LATE else T.RELEASE), (arch, key, release)
+
+
+@pytest.mark.parametrize("name,image", [("cu12", "sm_75"), ("cu12", "sm_90"), ("cu13", "sm_90")])
+def test_no_shipped_sm_75_or_sm_90_image_spills(name, image):
+    shipped = S.Shipped(S.folder(), name)
+    blob, spilled = shipped._blob(image), []
+    for key, images in shipped.index["variants"].items():
+        at, size, _ = images[image]
+        got = E.loads(blob[at:at + size], key, image)
+        assert got.figures["registers"] > 0, key
+        if E.spills(got.figures):
+            spilled.append((key, got.figures))
+    assert not spilled, f"{len(spilled)} {name} {image} images spill: {spilled[:3]}"

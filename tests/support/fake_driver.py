@@ -184,7 +184,7 @@ class FakeDriver:
 
     def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
                  args: tuple) -> None:
-        from fastema.kernels._cuda_jit import VARIANTS
+        from fastema.kernels._store.identity import VARIANTS
 
         with self.activate(index):
             name = VARIANTS.get(kernel, repr(kernel))
