@@ -9,7 +9,8 @@ variant its launchers ask for, compiled (``fastema._launch.device_code``); the t
 - :func:`launch`: a kernel variant launched by a test as the launch path launches it, through the
   current launch driver: on a GPU its shipped code, loaded (never compiled), with fastema's own
   argument block; in the Numba CUDA simulator through the dispatcher (no compile there). Either
-  way the variant must be a shipped one (``kernels/device/manifest.json``) and every array argument
+  way the variant must be a shipped one (in every shipped set's index, ``kernels/device/<set>/``)
+  and every array argument
   device memory, else AssertionError saying what to change: CI's simulator run catches a test that
   would compile on a GPU.
 - The plugin (this module, named in ``tests/conftest.py``'s ``pytest_plugins``): around each
@@ -35,11 +36,16 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 @functools.cache
 def shipped_keys() -> frozenset:
-    """The names of the variants fastema ships (``kernels/device/manifest.json``)."""
-    from fastema._launch import device_code
+    """The names of the variants fastema ships: those of every shipped set
+    (``kernels/device/<set>/index.json``; each set holds the same variants)."""
+    from fastema.kernels._store import store
 
-    with open(os.path.join(device_code.device_dir(), "manifest.json")) as f:
-        return frozenset(json.load(f)["variants"])
+    keys = None
+    for name in store.SETS:
+        with open(os.path.join(store.folder(), name, "index.json")) as f:
+            got = frozenset(json.load(f)["variants"])
+        keys = got if keys is None else keys & got
+    return keys or frozenset()
 
 
 def argument_types(args) -> tuple:
@@ -49,9 +55,9 @@ def argument_types(args) -> tuple:
 
 
 def variant_of(kernel, types) -> str:
-    """The name (``device_code.variant_key``) of dispatcher ``kernel``'s variant for ``types``."""
-    from fastema._launch.device_code import variant_key
-    from fastema.kernels._cuda_jit import VARIANTS
+    """The name (``kernels._store.identity.variant_key``) of dispatcher ``kernel``'s variant for
+    ``types``."""
+    from fastema.kernels._store.identity import VARIANTS, variant_key
 
     name = VARIANTS.get(kernel)
     if name is None:
