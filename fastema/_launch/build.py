@@ -17,6 +17,7 @@ import importlib.metadata as md
 import multiprocessing
 import os
 import time
+from typing import Any
 
 from ..kernels import _bounds
 from ..kernels._store import entry as E
@@ -24,7 +25,7 @@ from ..kernels._store import store as S
 from ..kernels._store.files import write_whole
 from ..kernels._store.identity import VARIANTS
 
-SETS = {
+SETS: dict[str, dict[str, Any]] = {
     "cu13": {"driver": 13000, "images": {"sm_80": 13000, "sm_90": 13000, "sm_100": 13000,
                                          "sm_120": 13000, "compute_80": 13000}},
     "cu12": {"driver": 12000, "images": {"sm_70": 12000, "sm_75": 12000, "sm_80": 12000,

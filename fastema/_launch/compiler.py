@@ -41,8 +41,10 @@ _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
 class Compiler(Protocol):
     name: str
     """What it is, for messages."""
-    set: str
-    """The compiled set whose launch bounds it applies (``kernels._bounds``): ``"cu12"``, ``"cu13"``."""
+    @property
+    def set(self) -> str:
+        """The compiled set whose launch bounds it applies (``kernels._bounds``): ``"cu12"``,
+        ``"cu13"``."""
 
     def identity(self) -> str:
         """What its code depends on besides the kernel sources (the versions of the compiler's
@@ -123,7 +125,7 @@ class NumbaCuda:
         self.base = base
 
     @functools.cached_property
-    def set(self) -> str:                                 # type: ignore[override]
+    def set(self) -> str:
         return "cu12" if self.identity().rpartition("\0")[2].startswith("12.") else "cu13"
 
     @functools.cache
@@ -144,7 +146,7 @@ class NumbaCuda:
         each (the driver assembles it)."""
         bounds = _bounds_of(self, dispatcher, images)
         lowest = self.base or min(cc_of(i) for i in images)
-        out = {}
+        out: dict = {}
         try:
             for b in dict.fromkeys(bounds.values()):
                 ir = nvvm(dispatcher, types, lowest, bounds=b)
