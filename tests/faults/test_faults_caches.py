@@ -120,7 +120,8 @@ with warnings.catch_warnings(record=True) as caught:
             def compile(self, dispatcher, types, images):
                 return {i: ("cubin", b"\x7fELF" + bytes(8192), "entry", {}) for i in images}
 
-        compiler.using(Stand()).__enter__()
+        standing = compiler.using(Stand())     # held: a dropped generator's finally would pop it
+        standing.__enter__()
         keys = [f"stand_in_kernel({i})[int64]" for i in range(3)]
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
         codes = [D.compiled(None, (), keys[0], (9, 0))]
