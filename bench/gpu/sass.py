@@ -1,6 +1,6 @@
 """The machine code of fastema's per-step CUDA kernels for sm_90, read without a GPU (issues 45, 60).
 
-Shared by ``tests/kernels/test_sass.py`` (the checks CI runs) and ``bench/gpu_static.py`` (the table).
+Shared by ``bench/tests/test_sass.py`` (the checks CI runs) and ``bench/gpu/static.py`` (the table).
 The method is ``../shared/design/gpu.md`` §1: each variant is the one its launcher asks for (its
 argument types typed by numba-cuda's own ``typeof``, as the bound launch path types them), read from
 the store as fastema ships it (``kernels/device``: the CUDA 13 set's sm_90 cubin, or the CUDA 12
@@ -698,7 +698,7 @@ def build_all(chosen: list[Variant], folder: Path, jobs: int = 1, source: str = 
         return list(pool.map(lambda v: build(v, folder, source), chosen))
 
 
-def main(argv=None) -> int:                   # pragma: no cover - python bench/gpu_sass.py [names...]
+def main(argv=None) -> int:                   # pragma: no cover - python bench/gpu/sass.py [names...]
     import argparse
 
     parser = argparse.ArgumentParser(description="sm_90 machine code of fastema's per-step CUDA kernels")

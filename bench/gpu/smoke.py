@@ -15,7 +15,7 @@ rewritten after each:
    "compiled", and how many variants were compiled at run time (0 expected: issue 54); (``2c``) every
    shipped variant loaded on the GPU, counted by what loaded (all "sm_90" expected on an H100).
 
-    python3 bench/gpu_smoke.py OUTDIR [--simulate]
+    python3 -m bench.gpu.smoke OUTDIR [--simulate]
 
 ``--simulate`` (or ``NUMBA_ENABLE_CUDASIM=1``): the Numba CUDA simulator at tiny sizes; 4-6 are
 recorded as skipped there (see ``bench/gpu_common.py``). Exit status 1 when a check failed.
