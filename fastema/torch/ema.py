@@ -91,15 +91,11 @@ class EMA(Face, TorchAverage):
             return
         self._eager_update(step)
 
-    def _eager_update(self, step: int | None) -> None:
-        self._updated(step, None)
-
-    def _skipping_update(self, skip_if: dict) -> None:
-        """An update behind device-side flags (``device -> int32[1]``; non-zero: nothing written
-        there, the call counted): an attached step run with GradScaler's ``found_inf``."""
-        self._updated(None, skip_if)
-
-    def _updated(self, step: int | None, skip_if: dict | None) -> None:
+    def _eager_update(self, step: int | None, skip_if: dict | None = None) -> None:
+        """The update (the compiled contract's ``eager_update``); ``skip_if``: device-side flags
+        (``device -> int32[1]``; non-zero: nothing written there, the call counted), an attached
+        step run with GradScaler's ``found_inf`` (:meth:`_skipping_update`). One frame, the
+        per-step path."""
         if self._on_gpu and self._plan_on_device is None:
             _refuse_capture(self._avg)                    # a capture the host plan cannot replay
         steps = self._steps
@@ -111,9 +107,16 @@ class EMA(Face, TorchAverage):
                 if steps is not None:
                     steps.done()
             return
-        self._core.update(step, skip_if=skip_if)          # the engine's driver: plan, checks, kernels, carry
+        if skip_if is None:
+            self._core.update(step)                       # the engine's driver: plan, checks, kernels, carry
+        else:
+            self._core.update(step, None, skip_if)
         if steps is not None:
             steps.done()
+
+    def _skipping_update(self, skip_if: dict) -> None:
+        """An update behind device-side flags: an attached step run with GradScaler's ``found_inf``."""
+        self._eager_update(None, skip_if)
 
     def __repr__(self) -> str:
         source = "" if self.source == "parameters" else f", source={self.source!r}"
