@@ -166,7 +166,9 @@ class PostHocEMA(EMA):
 
     # ------------------------------------------------------------ updates and snapshots
 
-    def _eager_update(self, step: int | None) -> None:
+    def _eager_update(self, step: int | None, skip_if: dict | None = None) -> None:
+        if skip_if is not None:         # attach() refuses a PostHocEMA on a skipping step's optimizer
+            raise ValueError("PostHocEMA cannot skip a step on the device: it writes snapshots on the host")
         # The eager update, and a snapshot when one is due (or a missed one is still due). Inside
         # torch.compile the fastema::update_ operator runs this at every call of the compiled code,
         # so snapshots need no graph break. The folder is checked before the update, so a refused
