@@ -19,7 +19,7 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
   collectives (0 on every per-step path; a one-rank gloo group is up while counting), the bytes the
   update's kernels move, and under the fake GPU the bytes uploaded and the blocks launched. Gate: exact.
 - ``sass``: the sm_90 machine code of every per-step CUDA kernel as shipped (``kernels/device``), read by
-  ``bench/gpu/sass.py`` (registers, spills, stack frame, blocks per SM, the streaming loop's load and
+  ``bench/gpu/sass/`` (registers, spills, stack frame, blocks per SM, the streaming loop's load and
   store widths, bytes in flight). Gate: exact, so a change shows in review.
 - ``ratios``: time, fastema over its baseline, both in this process on one thread, interleaved, min
   of N; a call is charged its wall time, less its waits for other processes where it ran on the

@@ -1,4 +1,4 @@
-"""The sm_90 machine code of every per-step CUDA kernel as shipped, read by ``bench/gpu/sass.py``: the
+"""The sm_90 machine code of every per-step CUDA kernel as shipped, read by ``bench/gpu/sass/``: the
 CUDA 13 set's (named as the variant) and the CUDA 12 set's (``cu12 <variant>``)."""
 from __future__ import annotations
 

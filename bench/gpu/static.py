@@ -11,7 +11,7 @@ of 920 ns (fitted on the 2026-11-22 H100 run): a prediction, to be checked on a 
 of ``bench/tests/test_sass.py`` per variant, with the ones known to fail and why.
 
 How each variant is built and read (the launchers' argument types, numba-cuda's own options, nvJitLink
-through cuda.core, nvdisasm): ``bench/gpu/sass.py``, shared with the test. Needs the ``cuda`` extra and
+through cuda.core, nvdisasm): ``bench/gpu/sass/``, shared with the test. Needs the ``cuda`` extra and
 ``nvidia-cuda-nvdisasm``; about a minute on 2 cores.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The sm_90 machine code of every per-step streaming CUDA kernel, checked without a GPU (issue 45), as
 fastema ships it (issue 54: what a user's H100 runs).
 
-Each variant (``bench/gpu/sass.py``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
+Each variant (``bench/gpu/sass/``: float32/bfloat16/float16 sources, float32 and 16-bit shadows,
 nearest and stochastic rounding, one and two rows, host and device weights, the fused plan+lerp, the
 ``skip_nonfinite`` scan) is the shipped sm_90 cubin of the variant its launcher asks for
 (``kernels/device``: the CUDA 13 set's and the CUDA 12 set's, built by ``python -m fastema warm
