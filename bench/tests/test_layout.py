@@ -14,6 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 PRODUCTS = ("suite", "scripts", "gpu", "gates", "tests")
+MAX_LINES = 450                         # per module, as in the library (docs/architecture.md)
 TEXTS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", BENCH / "README.md",
                 ROOT / "scripts" / "test.sh", BENCH / "gpu" / "run.sh", BENCH / "gpu" / "env.sh",
                 *ROOT.glob("docs/*.md"), *ROOT.glob("docs/guides/*.md")])
@@ -33,6 +34,15 @@ def test_bench_is_a_package_a_product_with_few_top_level_modules():
     stray = sorted(str(p.relative_to(ROOT)) for p in _modules()
                    if p.parent != BENCH and p.relative_to(BENCH).parts[0] not in PRODUCTS)
     assert not stray, stray
+
+
+def test_no_bench_module_over_450_lines():
+    """One file, one concern, at most 450 lines: the library's rule
+    (``tests/test_architecture.py``) held in ``bench/`` too (``bench/gpu/sass.py`` reached 720
+    lines before it became the package ``bench/gpu/sass/``)."""
+    long = {str(p.relative_to(ROOT)): n for p in _modules()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"bench modules over {MAX_LINES} lines: {long}; split each by concern"
 
 
 def _path_changes_and_bare_imports(path: pathlib.Path, siblings: set) -> list[str]:
