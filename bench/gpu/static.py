@@ -10,9 +10,9 @@ copy bandwidth the Little's-law model of ``../shared/design/gpu.md`` §1.3 predi
 of 920 ns (fitted on the 2026-11-22 H100 run): a prediction, to be checked on a GPU. Then every check
 of ``bench/tests/test_sass.py`` per variant, with the ones known to fail and why.
 
-How each variant is built and read (the launchers' argument types, numba-cuda's own options, nvJitLink
-through cuda.core, nvdisasm): ``bench/gpu/sass/``, shared with the test. Needs the ``cuda`` extra and
-``nvidia-cuda-nvdisasm``; about a minute on 2 cores.
+Each variant's sm_90 cubin is read from a shipped set of the store (``--set cu13``, the default, or
+``cu12``; nothing is compiled) and disassembled by nvdisasm: ``bench/gpu/sass/``, shared with the test.
+Needs ``nvidia-cuda-nvdisasm``; about 15 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from pathlib import Path
 from bench.gpu import sass as S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+BUILT_BY = {"cu13": "NVVM + nvJitLink 13.5", "cu12": "NVVM 12.0 + ptxas 12.0"}
+"""What built each shipped set's sm_90 cubins (``kernels/device/<set>/``)."""
 
 
 def versions() -> str:
     """The toolchain, one line."""
     out = []
-    for dist in ("numba", "numba-cuda", "nvidia-nvvm", "nvidia-nvjitlink", "cuda-core", "nvidia-cuda-nvdisasm"):
+    for dist in ("numba", "numba-cuda", "cuda-core", "nvidia-cuda-nvdisasm"):
         try:
             out.append(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -73,12 +75,12 @@ def checks_table(reports: list) -> str:
 def report(reports: list, latency_ns: float) -> str:
     from fastema._launch import config
 
-    linker = " / ".join(sorted({f"{r.linked} linked by nvJitLink" for r in reports}))
+    sets = " / ".join(sorted({f"`{r.source}` ({BUILT_BY.get(r.source, r.source)})" for r in reports}))
     return (
         f"# fastema's per-step CUDA kernels on sm_90, from their machine code ({datetime.date.today().isoformat()})\n\n"
-        f"`python -m bench.gpu.static` at {revision()}; {versions()}. Each variant compiled for the argument "
-        f"types its launcher passes, as numba-cuda's dispatcher compiles it ({linker}, cuda.core's `Linker`), "
-        f"disassembled by nvdisasm; {config.CUDA_THREADS} threads a block. No GPU: registers, spills and the "
+        f"`python -m bench.gpu.static` at {revision()}; {versions()}. Each variant's sm_90 cubin as "
+        f"shipped in the store's set {sets}, the image an H100 loads for the argument types its launcher "
+        f"passes, disassembled by nvdisasm; {config.CUDA_THREADS} threads a block. No GPU: registers, spills and the "
         "SASS are exact for this toolchain; **the last column is a prediction** (Little's law, "
         f"`../shared/design/gpu.md` §1.3: min(copy, KiB in flight per SM x {S.SMS} SMs / {latency_ns:g} ns / "
         f"read share), as a share of the 2026-11-22 H100 copy ceiling, {S.COPY_GBS:g} GB/s).\n\n"
@@ -101,15 +103,16 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", type=float, default=S.LATENCY_NS, help="loaded DRAM latency, ns")
     parser.add_argument("--out", type=Path, help="the report's file (default: bench/results/gpu-static-DATE.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--folder", type=Path, help="keep the built code there (reused while unchanged)")
+    parser.add_argument("--folder", type=Path, help="keep the disassembled code there (reused)")
+    parser.add_argument("--set", choices=sorted(BUILT_BY), default="cu13", help="the shipped set read")
     a = parser.parse_args(argv)
-    problem = S.toolchain_problem()
+    problem = S.toolchain_problem(a.set)
     if problem:
         print(f"gpu_static: {problem}", file=sys.stderr)
         return 2
     chosen = [v for v in S.variants() if not a.names or any(n in v.name for n in a.names)]
     folder = a.folder or Path(tempfile.mkdtemp(prefix="fastema-sass-"))
-    reports = [S.analyse(b) for b in S.build_all(chosen, folder, a.jobs)]
+    reports = [S.analyse(b) for b in S.build_all(chosen, folder, a.jobs, a.set)]
     text = report(reports, a.latency)
     print(text)
     if not a.no_write:

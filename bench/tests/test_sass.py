@@ -177,3 +177,17 @@ def test_prediction_reproduces_the_calibration():
     kib = 8 * 1536 / 1024
     gbs = kib * 1024 * S.SMS / 951e-9 / (8 / 12) / 1e9
     assert abs(gbs - 2559) < 5
+
+
+@needs_toolchain
+@pytest.mark.parametrize("source", SETS)
+def test_the_static_table_renders_from_a_shipped_set(shipped, source):
+    """``python -m bench.gpu.static`` reads the reports this module checks (it read a ``Report.linked``
+    that the store's entries no longer have, and crashed)."""
+    from bench.gpu import static
+
+    reports = list(shipped(source).values())
+    text = static.report(reports, S.LATENCY_NS)
+    assert f"`{source}` ({static.BUILT_BY[source]})" in text
+    for r in reports:
+        assert f"| {r.variant.name} |" in text
