@@ -56,7 +56,8 @@ def test_hf_trainer_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path)
 # ------------------------------------------------------------ Lightning
 
 
-def lightning_run(tmp_path, epochs, ckpt=None, save=False):
+def lightning_run(tmp_path, epochs, ckpt=None, save=False, ema_kw=None):
+    """A regressor with an EMA (``EMA(self, 0.9, **ema_kw)``) attached in configure_optimizers."""
     pl = pytest.importorskip("pytorch_lightning")
 
     class Regressor(pl.LightningModule):
@@ -72,7 +73,7 @@ def lightning_run(tmp_path, epochs, ckpt=None, save=False):
 
         def configure_optimizers(self):
             opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-            self.ema = EMA(self, 0.9).attach(opt)
+            self.ema = EMA(self, 0.9, **(ema_kw or {})).attach(opt)
             return opt
 
     g = torch.Generator().manual_seed(0)
