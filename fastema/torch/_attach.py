@@ -55,6 +55,7 @@ class Attachment:
                  skipping: Callable[[dict], None] | None, restart: Callable[[], bool],
                  sources: list, devices: list, cannot_skip: str | None):
         kind = type(face).__name__
+        optimizer = hooked(optimizer)
         _check(kind, face, optimizer, sources)
         self.kind, self.face, self.optimizer = kind, face, optimizer
         self.update, self.skipping, self.restart = update, skipping, restart
@@ -167,10 +168,29 @@ class Attachment:
                           f"weights", UserWarning, stacklevel=2)
 
 
+def hooked(optimizer: Any) -> Any:
+    """The optimizer whose hooks run: a wrapper that subclasses ``torch.optim.Optimizer`` without
+    running its ``__init__`` (so without hooks of its own) and forwards ``step``, ``state_dict``
+    and ``load_state_dict`` to the optimizer it holds as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, what ``accelerator.prepare`` returns) is attached through that one."""
+    inner = getattr(optimizer, "optimizer", None)
+    while (isinstance(optimizer, torch.optim.Optimizer) and not _has_hooks(optimizer)
+           and isinstance(inner, torch.optim.Optimizer)):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return optimizer
+
+
+def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer, "_optimizer_step_post_hooks")
+
+
 def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
     """Refuse what an attachment cannot carry, before any hook is registered."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not _has_hooks(optimizer):
+        raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
+                        f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
     other = _ATTACHED.get(optimizer)
     if other is not None:
         raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
