@@ -111,9 +111,12 @@ class PostHocEMA(EMA):
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
                  snapshot_every: int | None, path: str | os.PathLike, update_every: int = 1,
                  snapshot_dtype: str = "float32", **kwargs):
-        for key in ("decay", "offload"):
-            if key in kwargs:
-                raise TypeError(f"PostHocEMA tracks the profiles sigma_rels=; it takes no {key}=")
+        if "decay" in kwargs:
+            raise TypeError("PostHocEMA tracks the profiles sigma_rels=; it takes no decay=")
+        if "offload" in kwargs:
+            raise TypeError("PostHocEMA takes no offload=: it keeps its profiles on the weights' "
+                            "device. For an average held in host memory, use "
+                            "EMA(model, decay, offload='cpu')")
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
         sigma_rels = tuple(sigma_rels)
