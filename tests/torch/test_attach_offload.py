@@ -166,7 +166,8 @@ def test_an_offloaded_checkpoint_resumes_into_a_synchronous_average_and_back():
                                        offload=None)
     for x in xs[2:4]:
         step(second, second_opt, x)
-    third, third_opt, resumed = train_bf16(save_load((second.state_dict(), second_opt.state_dict())))
+    state = save_load((second.state_dict(), second_opt.state_dict()))
+    third, third_opt, resumed = train_bf16(state)
     for x in xs[4:]:
         step(third, third_opt, x)
     offloaded(resumed)
