@@ -113,9 +113,16 @@ rewritten); the first one was reported."""
 
 TRUST = None
 """A function of a cache folder: why kernels must not be read from it (someone else can write it
-or a folder above it), or None when they may. Set by :mod:`fastema._launch.config` before any
-kernel is built; this package looks at no file permissions itself. None: every folder numba
-chooses is used."""
+or a folder above it), or None when they may. Given by :mod:`fastema._launch.config` through
+:func:`set_trust` before any kernel is built; this package looks at no file permissions itself.
+None: every folder numba chooses is used."""
+
+
+def set_trust(fn) -> None:
+    """``fn(folder)`` decides from now on which cache folders kernels are read from
+    (:data:`TRUST`)."""
+    global TRUST
+    TRUST = fn
 
 UNTRUSTED: list = []
 """``(folder, why)`` of each cache folder refused in this process (each said once)."""
@@ -311,8 +318,16 @@ def _attach(dispatcher, cls, *dependencies: tuple) -> None:
 CUDA_VERSIONS = None
 """A function giving ``(name, version)`` pairs every CUDA kernel's cache key holds besides numba-cuda's
 magic tuple (numba-cuda, cuda-core, NVVM and the driver: :func:`fastema._launch.cuda.cuda_versions`);
-set by fastema's launch layer before any kernel is built (this package reads no package metadata).
-None: a key of ``("unknown",)``, so nothing compiled by a known set of versions is loaded."""
+given by fastema's launch layer through :func:`set_cuda_versions` before any kernel is built (this
+package reads no package metadata). None: a key of ``("unknown",)``, so nothing compiled by a known
+set of versions is loaded."""
+
+
+def set_cuda_versions(fn) -> None:
+    """``fn()`` gives from now on the versions every CUDA kernel's cache key holds
+    (:data:`CUDA_VERSIONS`)."""
+    global CUDA_VERSIONS
+    CUDA_VERSIONS = fn
 
 
 def _cuda_built_by() -> tuple:

@@ -1,12 +1,15 @@
 """Launch tunables, all host side: the launchers read them at every call and pass them to
-the kernels as arguments (numba freezes globals at compile time), so tests can shrink them.
+the kernels as arguments (numba freezes globals at compile time), so tests and ``python -m
+fastema warm`` can shrink them for a ``with`` block (:func:`tuned`).
 
 Also what the kernels' disk cache (:mod:`fastema.kernels._cache`) trusts and how it reports what
 it found: set here, when fastema's launch layer is imported, before any kernel is built."""
+import contextlib
 import functools
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 
 from ..kernels import _cache as _kernel_cache
 from ..kernels._store import files as _store_files
@@ -78,7 +81,8 @@ numba's (:func:`fastema._launch.cpu.team`)."""
 
 
 def _cache_warning(message: str) -> None:
-    """What the kernel cache found wrong, as a RuntimeWarning (:data:`fastema.kernels._store.files.REPORT`)."""
+    """What the kernel cache found wrong, as a RuntimeWarning
+    (:func:`fastema.kernels._store.files.set_report`)."""
     warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=2)
 
 
@@ -128,5 +132,46 @@ def _own_group(gid: int) -> bool:
     return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
-_store_files.REPORT = _cache_warning
-_kernel_cache.TRUST = cache_folder_problem
+_TUNABLE = {
+    **dict.fromkeys(("CPU_CHUNK", "CUDA_CHUNK", "CUDA_THREADS", "CUDA_MAX_BLOCKS",
+                     "CUDA_PLAN_LERP_BLOCKS_PER_SM", "CUDA_STREAM_MAX_BLOCKS", "CUDA_STAGING_SLOTS",
+                     "CUDA_RETIRED_MAX"), "a positive whole number"),
+    **dict.fromkeys(("CPU_SERIAL_BELOW", "CPU_MERGE_SERIAL_BELOW", "CPU_STREAMS_SERIAL_BELOW"),
+                    "a whole number, 0 or more"),
+    "CPU_THREADS": "a positive whole number, or None (follow torch's count)",
+    "CUDA_CACHE": "True or False"}
+"""The tunables :func:`tuned` sets (those the launchers read at every call) and what each takes."""
+
+
+def _fits(name: str, value) -> bool:
+    if name == "CUDA_CACHE":
+        return isinstance(value, bool)
+    if value is None:
+        return name == "CPU_THREADS"
+    least = 0 if name.endswith("_BELOW") else 1
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+@contextlib.contextmanager
+def tuned(**values) -> Iterator[None]:
+    """The launch tunables named (``tuned(CUDA_CHUNK=16, CUDA_MAX_BLOCKS=3)``) set to ``values``
+    for the ``with`` block, and put back after, however it ends: small launches in the tests,
+    the parallel kernels on tiny inputs in ``python -m fastema warm``. A name that is not a
+    tunable read at every call (:data:`_TUNABLE`), or a value it cannot take, raises ValueError
+    before anything is set. Not thread-safe: the values are process-wide."""
+    bad = [f"{name}={value!r} (not a tunable read at every launch: {', '.join(_TUNABLE)})"
+           if name not in _TUNABLE else f"{name}={value!r} (takes {_TUNABLE[name]})"
+           for name, value in values.items() if name not in _TUNABLE or not _fits(name, value)]
+    if bad:
+        raise ValueError(f"fastema: config.tuned cannot set {'; '.join(bad)}; nothing was changed")
+    own = globals()
+    saved = {name: own[name] for name in values}
+    own.update(values)
+    try:
+        yield
+    finally:
+        own.update(saved)
+
+
+_store_files.set_report(_cache_warning)
+_kernel_cache.set_trust(cache_folder_problem)

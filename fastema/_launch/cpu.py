@@ -24,11 +24,13 @@ process (:mod:`fastema.kernels._cache`); where that cannot work, one warning at 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 import threading
 import warnings
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -169,6 +171,31 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def serial_twins() -> Iterator[None]:
+    """Every kernel the serial twin for the ``with`` block, as in a child forked after numba's
+    OpenMP layer started (:data:`PARALLEL` False); put back after, however it ends."""
+    global PARALLEL
+    saved, PARALLEL = PARALLEL, False
+    try:
+        yield
+    finally:
+        PARALLEL = saved
+
+
+@contextlib.contextmanager
+def kernels_from(module) -> Iterator[None]:
+    """The launchers take their kernel factories (``lerp_kernel``...) from ``module`` instead of
+    :mod:`fastema.kernels.cpu` for the ``with`` block (a test's wrapper that notes each kernel
+    call); put back after, however it ends."""
+    global K
+    saved, K = K, module
+    try:
+        yield
+    finally:
+        K = saved
 
 
 def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):

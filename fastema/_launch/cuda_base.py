@@ -18,7 +18,7 @@ _cuda_jit.CACHE = config.CUDA_DISPATCHER_CACHE     # numba's own cache of the di
 def cuda_versions() -> tuple:
     """``(name, version)`` of what built a CUDA kernel besides numba-cuda's magic tuple (NVRTC's
     version and the GPU's compute capability): numba-cuda, cuda-core, NVVM and the driver. The disk
-    cache keys every kernel with them (:data:`fastema.kernels._cache.CUDA_VERSIONS`): a kernel
+    cache keys every kernel with them (:func:`fastema.kernels._cache.set_cuda_versions`): a kernel
     compiled by another numba-cuda or NVVM is compiled again, not loaded (issue 37, C6). A version
     that cannot be read is ``"unknown"``."""
     import importlib.metadata as md
@@ -39,7 +39,7 @@ def cuda_versions() -> tuple:
             ("nvvm", read(lambda: nvvm.NVVM().get_version())), ("driver", read(driver.get_version)))
 
 
-_kernel_cache.CUDA_VERSIONS = cuda_versions      # before any kernel is built
+_kernel_cache.set_cuda_versions(cuda_versions)      # before any kernel is built
 
 
 def _index(device: str) -> int:

@@ -30,10 +30,12 @@ numba's dispatcher launches the variant.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import lzma
 import os
 import warnings
+from collections.abc import Iterator
 
 from ..kernels import _bounds
 from ..kernels._store import entry as E
@@ -55,9 +57,30 @@ def _warn(reason: str, message: str) -> None:
         warnings.warn(f"fastema: {message}", RuntimeWarning, stacklevel=4)
 
 
+_FOLDERS: list = []     # afresh(folder)'s, innermost last
+
+
 def device_dir() -> str:
-    """The folder of the shipped store: ``device/`` in the kernels package."""
-    return S.folder()
+    """The folder of the shipped store: ``device/`` in the kernels package (in an
+    :func:`afresh` block given a folder, that folder)."""
+    return _FOLDERS[-1] if _FOLDERS else S.folder()
+
+
+@contextlib.contextmanager
+def afresh(folder: str | None = None) -> Iterator[None]:
+    """For the ``with`` block, this process's records started again (the warnings said once per
+    reason, the shipped sets read: :func:`sets`) and, given ``folder``, the shipped store read
+    from there (a copy a test damages); both put back after, however it ends."""
+    global _WARNED
+    saved, _WARNED = _WARNED, set()
+    _FOLDERS.append(folder or device_dir())
+    sets.cache_clear()
+    try:
+        yield
+    finally:
+        _FOLDERS.pop()
+        _WARNED = saved
+        sets.cache_clear()
 
 
 def problem(name: str) -> str | None:

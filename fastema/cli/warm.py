@@ -198,22 +198,12 @@ def _updates(say, dtypes: tuple = DTYPES) -> list:
     return [(name, use) for name, dtype, use in out if dtype in dtypes]
 
 
-class _Parallel:
-    """The launch tunables shrunk so tiny inputs take the parallel kernels (on 2 threads), put back after."""
+def _parallel():
+    """The launch tunables shrunk so tiny inputs take the parallel kernels (on 2 threads), put back
+    after (``config.tuned``)."""
+    from fastema._launch import config
 
-    NAMES = ("CPU_SERIAL_BELOW", "CPU_STREAMS_SERIAL_BELOW", "CPU_CHUNK", "CPU_THREADS")
-
-    def __enter__(self):
-        from fastema._launch import config
-
-        self.saved = [getattr(config, name) for name in self.NAMES]
-        config.CPU_SERIAL_BELOW, config.CPU_STREAMS_SERIAL_BELOW, config.CPU_CHUNK, config.CPU_THREADS = 0, 0, 16, 2
-
-    def __exit__(self, *exc):
-        from fastema._launch import config
-
-        for name, value in zip(self.NAMES, self.saved):
-            setattr(config, name, value)
+    return config.tuned(CPU_SERIAL_BELOW=0, CPU_STREAMS_SERIAL_BELOW=0, CPU_CHUNK=16, CPU_THREADS=2)
 
 
 def _warm_cpu(say, dtypes: tuple = DTYPES) -> tuple[int, list, list]:
@@ -223,7 +213,7 @@ def _warm_cpu(say, dtypes: tuple = DTYPES) -> tuple[int, list, list]:
 
     passes = [("serial", None)]
     if numba.config.NUMBA_NUM_THREADS >= 2:
-        passes.append(("parallel", _Parallel))
+        passes.append(("parallel", _parallel))
     else:
         say("  (NUMBA_NUM_THREADS=1: parallel kernels never run here, so they are not compiled)")
     updates = _updates(say, dtypes)

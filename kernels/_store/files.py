@@ -14,7 +14,8 @@
   ``os.replace``: a reader sees the old entry, none, or the whole new one, never a part.
 - **Never in the way of an update**: a lock not had, or an entry that cannot be written (a full,
   size-limited or read-only folder), leaves the code compiled in memory, with one report a process
-  (:func:`unsaved`), through :data:`REPORT` (fastema's launch layer makes it a warning).
+  (:func:`unsaved`), through :data:`REPORT` (fastema's launch layer makes it a warning:
+  :func:`set_report`).
 """
 from __future__ import annotations
 
@@ -31,9 +32,17 @@ LOCK_WAIT = 300.0
 """Seconds a process waits for another's compile of the same entry before compiling it in memory."""
 
 REPORT = None
-"""How the store and the caches say what they found wrong: a function of one message, set by
-fastema's launch layer (``fastema._launch.config``: a ``RuntimeWarning``) before any kernel is
-built; this package imports no ``warnings``. None: nothing is said."""
+"""How the store and the caches say what they found wrong: a function of one message, given by
+fastema's launch layer (``fastema._launch.config``: a ``RuntimeWarning``) through
+:func:`set_report` before any kernel is built; this package imports no ``warnings``. None:
+nothing is said."""
+
+
+def set_report(fn) -> None:
+    """``fn(message)`` says from now on what the store and the caches found wrong (:data:`REPORT`;
+    None: nothing is said)."""
+    global REPORT
+    REPORT = fn
 
 
 def report(message: str) -> None:
