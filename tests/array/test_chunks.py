@@ -103,21 +103,25 @@ def test_moved_sources_are_packed_from_their_new_place():
     assert torch.equal(chunk.view(torch.float32), moved[0][:16])
 
 
+@pytest.fixture
+def small_cuda_launches():
+    """Small launches (the simulator's speed), fewer blocks than chunks (grid-stride)."""
+    from fastema._launch import config
+
+    with config.tuned(CUDA_CHUNK=16, CUDA_THREADS=8, CUDA_MAX_BLOCKS=3):
+        yield
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
                     reason="needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1")
 @pytest.mark.parametrize("dtype,rounding", [("float32", "nearest"), ("float16", "nearest")])
-def test_the_gpu_layout_packs_aligned_pieces_and_folds_them_exactly(dtype, rounding, monkeypatch):
+@pytest.mark.usefixtures("small_cuda_launches")
+def test_the_gpu_layout_packs_aligned_pieces_and_folds_them_exactly(dtype, rounding):
     """Sources on a (simulated) GPU: pieces start 16-byte aligned in the chunk, the pack tables live on
     the device, the chunk comes back with a device-to-host copy, and the host fold equals a FlatShadow
     of the same sources on the device (padded GPU layout) bit for bit."""
     from numba import cuda
-
-    from fastema import _launch
-
-    monkeypatch.setattr(_launch.config, "CUDA_CHUNK", 16)          # small launches: the simulator's speed
-    monkeypatch.setattr(_launch.config, "CUDA_THREADS", 8)
-    monkeypatch.setattr(_launch.config, "CUDA_MAX_BLOCKS", 3)      # fewer blocks than chunks: grid-stride
 
     from fastema._backends import describe
 

@@ -187,11 +187,10 @@ def node(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(_cache_node, "NOT_NODE_LOCAL", [], raising=False)
     monkeypatch.setattr(files, "UNSAVED", [], raising=False)
-    monkeypatch.setattr(D, "_WARNED", set())
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr(config, "CUDA_CACHE", True)
     files.node_root.cache_clear()
-    yield temp / f"fastema-{os.getuid()}"
+    with D.afresh(), config.tuned(CUDA_CACHE=True):
+        yield temp / f"fastema-{os.getuid()}"
     files.node_root.cache_clear()
 
 
@@ -327,7 +326,7 @@ def test_import_reads_the_environment_and_never_raises_on_it():
 
 
 @pytest.mark.parametrize("change", [{"sm_9": {}}, {"garbage": {}}, {"compute_8": {}}, {"sm_9x": {}}])
-def test_a_malformed_image_name_in_an_index_falls_back(monkeypatch, tmp_path, change):
+def test_a_malformed_image_name_in_an_index_falls_back(tmp_path, change):
     """L3: an image named "sm_9" or "garbage" (and other names ``choose`` cannot read) makes the
     set's index unusable, with the warning and fallback of every other damage, for a device whose
     code would be the PTX (11.0) as for one with a cubin (9.0); ``choose`` raised ValueError."""
@@ -340,12 +339,7 @@ def test_a_malformed_image_name_in_an_index_falls_back(monkeypatch, tmp_path, ch
     data = json.loads((tmp_path / "cu13" / "index.json").read_text())
     data["images"].update(change)
     (tmp_path / "cu13" / "index.json").write_text(json.dumps(data))
-    monkeypatch.setattr(D, "device_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(D, "_WARNED", set())
-    D.sets.cache_clear()
-    try:
+    with D.afresh(str(tmp_path)):
         with pytest.warns(RuntimeWarning, match="cu13 device code cannot be used .*image names"):
             assert D.choose(13000, (11, 0)) == [] and D.choose(13000, (9, 0)) == []
         assert "image names" in D.incomplete(list(data["variants"]))
-    finally:
-        D.sets.cache_clear()

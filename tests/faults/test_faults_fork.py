@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(r"""
     from fastema.torch import EMA
     from fastema.torch._placement.offload import OffloadedShadow
 
-    config.CPU_SERIAL_BELOW, config.CPU_CHUNK = 0, 1024       # every kernel of these small models in parallel
+    parallel = config.tuned(CPU_SERIAL_BELOW=0, CPU_CHUNK=1024)   # every kernel of these small
+    parallel.__enter__()          # models in parallel, all the process long (held, never closed)
     torch.manual_seed(0)
     report = {}
 

@@ -164,7 +164,8 @@ WORKQUEUE = textwrap.dedent("""
     from fastema._launch import config
     from fastema.torch import EMA
 
-    config.CPU_SERIAL_BELOW, config.CPU_CHUNK = 0, 4096          # parallel kernels for this small model
+    parallel = config.tuned(CPU_SERIAL_BELOW=0, CPU_CHUNK=4096)   # parallel kernels for this small
+    parallel.__enter__()                  # model, for the whole process (held: never closed)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 384))
     off, ref = EMA(m, 0.9, offload="cpu"), EMA(m, 0.9)

@@ -7,10 +7,12 @@ lands inside a swap, the swap done whole and the interrupt raised after it.
 Reliability round 3 (issue 25): the torch part of the fault-injection suite, and M1."""
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 import torch
 from models import mlp
+from support.calls import watching
 from torch import nn
 
 import fastema._launch
@@ -117,30 +119,29 @@ def default_sigint():
     signal.signal(signal.SIGINT, old)
 
 
-def _ctrl_c_at_the_next_swap(monkeypatch) -> dict:
+@pytest.fixture
+def ctrl_c_at_the_next_swap() -> Iterator[dict]:
     """While ``armed["now"]``, send SIGINT to this process right after the next swap launch (the first
-    of the swap's groups): the default handler raises KeyboardInterrupt right there, between two
-    groups, unless the swap holds it. Disarms itself."""
-    launch = fastema._launch.launch
+    of the swap's groups) returns: the default handler raises KeyboardInterrupt right there, between
+    two groups, unless the swap holds it. Disarms itself."""
     armed = {"now": True}
 
-    def launch_then_ctrl_c(name, group, **kw):
-        launch(name, group, **kw)
-        if name == "swap" and armed["now"]:
+    def ctrl_c_after(arguments, _):
+        if arguments["op"] == "swap" and armed["now"]:
             armed["now"] = False
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(fastema._launch, "launch", launch_then_ctrl_c)
-    return armed
+    with watching(fastema._launch.launch, on_return=ctrl_c_after):
+        yield armed
 
 
 @pytest.mark.usefixtures("default_sigint")
-def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(monkeypatch):
+def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(request):
     model, ema = _trained("two_groups")
     before = _everything(model, ema)
     want_in = ema.averaged_state_dict()
     assert len(ema._avg.groups) == 2
-    _ctrl_c_at_the_next_swap(monkeypatch)
+    request.getfixturevalue("ctrl_c_at_the_next_swap")
     with pytest.raises(KeyboardInterrupt):
         ema.swap()
     assert ema.swapped                                  # the whole swap happened, then the interrupt
@@ -152,10 +153,10 @@ def test_ctrl_c_during_a_swap_is_held_until_the_swap_is_done(monkeypatch):
 
 @pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("when", ["in", "back"])
-def test_ctrl_c_during_the_swaps_of_an_evaluation_block_puts_everything_back(when, monkeypatch):
+def test_ctrl_c_during_the_swaps_of_an_evaluation_block_puts_everything_back(when, request):
     model, ema = _trained("two_groups")
     before = _everything(model, ema)
-    armed = _ctrl_c_at_the_next_swap(monkeypatch)
+    armed = request.getfixturevalue("ctrl_c_at_the_next_swap")
     armed["now"] = when == "in"
     body = []
     with pytest.raises(KeyboardInterrupt):

@@ -122,10 +122,16 @@ def cpu_launch(kind, counts, q, alpha, flag=None, parallel=False):
     return n
 
 
+@pytest.fixture
+def small_cpu_chunks():
+    with _launch.config.tuned(CPU_CHUNK=16):                         # many chunks, tails
+        yield
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("parallel", [False, True])
-def test_cpu_kernel_equals_the_element_body(kind, parallel, monkeypatch):
-    monkeypatch.setattr(_launch.config, "CPU_CHUNK", 16)                 # many chunks, tails
+@pytest.mark.usefixtures("small_cpu_chunks")
+def test_cpu_kernel_equals_the_element_body(kind, parallel):
     rng = np.random.default_rng(kind)
     counts = [5, 0, 40, 1, 17, 33]
     n = sum(counts)

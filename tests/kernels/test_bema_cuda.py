@@ -29,10 +29,10 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 @pytest.fixture(autouse=True)
-def small_launches(monkeypatch):
-    monkeypatch.setattr(_launch.config, "CUDA_CHUNK", 16)
-    monkeypatch.setattr(_launch.config, "CUDA_THREADS", 8)
-    monkeypatch.setattr(_launch.config, "CUDA_MAX_BLOCKS", 3)    # fewer blocks than chunks: grid-stride
+def small_launches():
+    with _launch.config.tuned(CUDA_CHUNK=16, CUDA_THREADS=8,
+                              CUDA_MAX_BLOCKS=3):            # fewer blocks than chunks: grid-stride
+        yield
 
 
 def dev_addr(d):

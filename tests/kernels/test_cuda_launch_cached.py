@@ -38,9 +38,8 @@ def _group(device="cuda:0", chunks=8):
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    with fake_gpu(torch_on_gpu=False) as f:
+def fake():
+    with config.tuned(CUDA_MAX_BLOCKS=3), fake_gpu(torch_on_gpu=False) as f:
         f.group = _group()
         f.flag = C._zero_flag("cuda:0")
         yield f
@@ -323,12 +322,11 @@ def test_a_replaced_torch_storage_is_kept_until_the_launch_stream_has_passed_it(
         assert old() is None                           # dropped at the next launch
 
 
-def test_where_fastemas_launch_cannot_run_every_launch_is_the_dispatchers(monkeypatch):
+def test_where_fastemas_launch_cannot_run_every_launch_is_the_dispatchers():
     """A driver that loads no image (numba's dispatcher: the simulator,
     FASTEMA_CUDA_LAUNCH=dispatcher, no cuda.core) gets every launch of a binding as a dispatch, on
     the stream current at that call."""
-    monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 3)
-    with fake_gpu(torch_on_gpu=False, loads=False) as fake:
+    with config.tuned(CUDA_MAX_BLOCKS=3), fake_gpu(torch_on_gpu=False, loads=False) as fake:
         run = _launch.lerp_launcher(_group())
         for _ in range(3):
             run((0.1,))

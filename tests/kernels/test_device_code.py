@@ -388,8 +388,9 @@ def test_a_cache_folder_others_can_write_is_not_used(fresh, monkeypatch, tmp_pat
     with pytest.warns(RuntimeWarning, match="not cached in .*fastema-device .*writable by everyone"):
         assert D.cache_folder() is None
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(mine))
-    monkeypatch.setattr(D.config, "CUDA_CACHE", False)
-    assert D.cache_folder() is None
+    with D.config.tuned(CUDA_CACHE=False):
+        assert D.cache_folder() is None
+    assert D.cache_folder() == str(mine / "fastema-device")
 
 
 def test_a_damaged_node_store_entry_is_compiled_again_with_one_warning(fresh, tmp_path):

@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.calls import watching
 
 from fastema import FlatShadow, _launch
-from fastema._launch import config
+from fastema._launch import config, threads
 from fastema._launch import cpu as C
 from fastema.kernels import cpu as K
 
@@ -36,9 +37,7 @@ def test_writes_what_launch_writes(sizes, kinds, rows, serial_below, key, seed):
     sources, gen = _sources(sizes, src_dtype, seed)
     stochastic = shadow_dtype == "bfloat16"
     weights = tuple(0.5 - 0.1 * r for r in range(rows))
-    old = config.CPU_SERIAL_BELOW, config.CPU_CHUNK
-    config.CPU_SERIAL_BELOW, config.CPU_CHUNK = serial_below, 1024        # several work items, parallel or not
-    try:
+    with config.tuned(CPU_SERIAL_BELOW=serial_below, CPU_CHUNK=1024):  # work items, parallel or not
         a, b = (FlatShadow(sources, rows=rows, dtype=shadow_dtype) for _ in range(2))
         start = [a.view(i, 0).double().clone() for i in range(len(sources))]
         with torch.no_grad():
@@ -51,8 +50,6 @@ def test_writes_what_launch_writes(sizes, kinds, rows, serial_below, key, seed):
                 _launch.launch("lerp", g, weights=weights, key=k, stochastic=stochastic)
             for run in runs:
                 run(weights, k)
-    finally:
-        config.CPU_SERIAL_BELOW, config.CPU_CHUNK = old
     for r in range(rows):
         for i in range(len(sources)):
             assert torch.equal(_bits(a.view(i, r)), _bits(b.view(i, r))), (r, i)
@@ -107,26 +104,23 @@ def test_no_numba_dispatcher_after_the_first_call():
             assert torch.allclose(fs.view(i, r).double(), want, rtol=1e-5, atol=1e-6), (i, r)
 
 
-def test_follows_a_forks_serial_twins_and_the_tunables(monkeypatch):
+def test_follows_a_forks_serial_twins_and_the_tunables():
     sources = [torch.randn(150_000), torch.randn(150_000)]      # 300k elements: over the serial threshold (256k)
     fs = FlatShadow(sources)
     (g,) = fs.layout.groups
     run = _launch.lerp_launcher(g)
-    seen = []
-    real = C.run
-
-    def record(kernel, parallel, *args):
-        seen.append(parallel)
-        return real(kernel, parallel, *args)
-
-    monkeypatch.setattr(C, "run", record)                # the first call of each variant goes through run
-    run((0.1,))
-    monkeypatch.setattr(C, "PARALLEL", False)            # a child forked after OpenMP: the serial twin
-    run((0.1,))
-    monkeypatch.setattr(C, "PARALLEL", True)
-    monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 30)   # a tunable shrunk or grown after preparation
-    run((0.1,))
-    assert seen == [True, False]                         # the serial entry point, then reused
+    seen: list = []
+    # the first call of each variant goes through C.run (the dispatcher), the later ones through the
+    # kept entry point; threads.run_on runs a parallel twin
+    with watching(C.run, on_call=lambda a: seen.append(("dispatcher", a["parallel"]))), \
+            watching(threads.run_on, on_call=lambda a: seen.append("parallel twin")):
+        run((0.1,))
+        with C.serial_twins():                       # a child forked after OpenMP: the serial twin
+            run((0.1,))
+        run((0.1,))                                      # the parallel entry point, reused
+        with config.tuned(CPU_SERIAL_BELOW=1 << 30):     # a tunable grown after preparation
+            run((0.1,))                                  # the serial entry point, reused
+    assert seen == [("dispatcher", True), "parallel twin", ("dispatcher", False), "parallel twin"]
     assert set(run._calls) == {(True, (np.float32, 1), C._HOST_KEY), (False, (np.float32, 1), C._HOST_KEY)}
 
 

@@ -15,6 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from models import assert_same_averages
 from models import device_step_model as model
+from support.calls import watching
 from torch import nn
 
 from fastema.schedules import HalfLife, NumUpdates, PowerFunction, PowerWarmup
@@ -320,7 +321,7 @@ class _Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("guarded", [False, True])
-def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
+def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     """Issue #23 item 2: unguarded, one update() makes one launch for the plan and the first
     group's lerp (no plan kernel), and the other groups read what it wrote; behind a non-finite
     scan the plan kernel runs first, alone. Either way the averages, the counters and the keys
@@ -328,7 +329,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
     from fastema._launch import cpu as C
 
     counts = {"plan": 0, "fused": 0}
-    real_make = C.plan_lerp_launch
+    fused: list = []                       # the fused launches made (C.plan_lerp_launch's)
 
     def counted(step):                     # a device's plan kernel on its own (bound once: DevicePlan)
         def plan(given):
@@ -336,13 +337,9 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
             step(given)
         return plan
 
-    def make(*args, **kw):
-        run = real_make(*args, **kw)
-
-        def fused(given):
+    def called(arguments):
+        if any(arguments["self"] is run for run in fused):
             counts["fused"] += 1
-            run(given)
-        return fused
 
     m = _Mixed()
     kw = dict(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, shadow_dtype="bfloat16",
@@ -352,13 +349,14 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(monkeypatch, guarded):
     assert dev._plan_on_device.carriers == {"cpu": 1}
     for d in dev._plan_on_device.devices.values():
         d.step = counted(d.step)
-    monkeypatch.setattr(C, "plan_lerp_launch", make)
-    for step in range(7):
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn_like(p))
-        dev.update(step=10 + step if step == 5 else None)
-        host.update(step=10 + step if step == 5 else None)
+    with watching(C.plan_lerp_launch, on_return=lambda _, run: fused.append(run)), \
+            watching(C.BoundLaunch.__call__, on_call=called):
+        for step in range(7):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p))
+            dev.update(step=10 + step if step == 5 else None)
+            host.update(step=10 + step if step == 5 else None)
     assert counts == ({"plan": 7, "fused": 0} if guarded else {"plan": 0, "fused": 7})
     assert_same_averages(dev, host)
     assert host.updates == 4
