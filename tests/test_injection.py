@@ -1,0 +1,211 @@
+"""What varies is injected (docs/architecture.md, rules): no library module assigns another
+module's attributes, and no test patches a name of ``fastema._launch``. Checked from the AST.
+
+A module that lets something vary owns how: a setter or a ``with`` block of its own
+(``fastema._launch.config.tuned``, ``drivers.using``, ``compiler.using``, ``device_code.afresh``,
+``cpu.serial_twins``, ``kernels._store.files.set_report``, ``kernels._cache.set_trust``); a test
+that needs to see a launch function's calls watches them (``tests/support/calls.py``)."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import textwrap
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+# Assignments of another module's attribute left in place, each with its reason (the rule fails on
+# one that is gone, so this only shrinks).
+ASSIGNED_ELSEWHERE = {
+    ("fastema/_launch/cuda_base.py", "_cuda_jit.CACHE"):
+        "kernels/_cuda_jit.py is part of the shipped device code's identity (kernels/_store/"
+        "identity.py's CUDA_SOURCES): a setter there means rebuilding both shipped sets; "
+        "add it at the next rebuild",
+}
+
+
+def _module_of(path: pathlib.Path) -> list:
+    """The dotted name of a library file as a list (kernels/ is fastema.kernels)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = (["fastema"] if rel.parts[0] == "kernels" else []) + list(rel.parts)
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def _is_module(parts: list) -> bool:
+    """Whether the dotted fastema name ``parts`` is a module or package of the source tree."""
+    if parts[:1] != ["fastema"]:
+        return False
+    base = ROOT / "kernels" if parts[1:2] == ["kernels"] else ROOT / "fastema"
+    path = base.joinpath(*(parts[2:] if parts[1:2] == ["kernels"] else parts[1:]))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _module_names(tree: ast.AST, package: list) -> dict:
+    """``name -> dotted module`` (a list) of every name ``tree`` binds to a module: ``import a.b``
+    (``a``), ``import a.b as m``, ``from pkg import mod`` of a fastema module (relative imports
+    resolved against ``package``), ``m = pytest.importorskip("a.b")``."""
+    out: dict = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.split(".")[0]
+                out[a.asname or top] = (a.name if a.asname else top).split(".")
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            source = base + (node.module.split(".") if node.module else [])
+            for a in node.names:
+                if _is_module(source + [a.name]):
+                    out[a.asname or a.name] = source + [a.name]
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "attr", None) == "importorskip" and node.value.args and \
+                isinstance(node.value.args[0], ast.Constant):
+            out.update({t.id: node.value.args[0].value.split(".") for t in node.targets
+                        if isinstance(t, ast.Name)})
+    return out
+
+
+def _path(expr: ast.AST, names: dict) -> list | None:
+    """The dotted path ``expr`` reaches (``m.sub.X`` -> its module's path plus the attributes), when
+    it starts at a module name."""
+    if isinstance(expr, ast.Name):
+        return names.get(expr.id)
+    if isinstance(expr, ast.Attribute):
+        base = _path(expr.value, names)
+        return None if base is None else base + [expr.attr]
+    return None
+
+
+def _targets(node: ast.AST) -> list:
+    """What ``node`` assigns or deletes, tuples unpacked."""
+    if isinstance(node, (ast.Assign, ast.Delete)):
+        found = list(node.targets)
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        found = [node.target]
+    else:
+        return []
+    out = []
+    while found:
+        t = found.pop()
+        if isinstance(t, (ast.Tuple, ast.List)):
+            found += t.elts
+        else:
+            out.append(t.value if isinstance(t, ast.Starred) else t)
+    return out
+
+
+def _module_attributes_set(source: str, package: list):
+    """(line, what) of each attribute of a module that ``source`` sets or deletes: an assignment
+    (``mod.X = ...``, ``pkg.mod.X += ...``, ``del mod.X``, in tuples too) or a ``setattr`` /
+    ``delattr`` of a module."""
+    tree = ast.parse(source)
+    names = _module_names(tree, package)
+    for node in ast.walk(tree):
+        for t in _targets(node):
+            if isinstance(t, ast.Attribute) and _path(t.value, names) is not None:
+                yield node.lineno, ast.unparse(t)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("setattr", "delattr") \
+                and node.args and _path(node.args[0], names) is not None:
+            yield node.lineno, ast.unparse(node)
+
+
+def _library():
+    for package in ("fastema", "kernels"):
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def test_no_library_module_assigns_another_modules_attributes():
+    """A module's globals are its own: what varies is injected through the module that owns it (a
+    setter, a ``with`` block of its own), never set from outside (``kernels._store.files.REPORT``
+    was set by ``fastema._launch.config``; ``python -m fastema warm`` set the launch tunables)."""
+    found, allowed = [], set()
+    for path in _library():
+        module = _module_of(path)
+        package = module if path.name == "__init__.py" else module[:-1]
+        rel = path.relative_to(ROOT).as_posix()
+        for line, what in _module_attributes_set(path.read_text(), package):
+            if (rel, what) in ASSIGNED_ELSEWHERE:
+                allowed.add((rel, what))
+            else:
+                found.append(f"{rel}:{line} sets {what}")
+    assert not found, "\n".join(found)
+    stale = set(ASSIGNED_ELSEWHERE) - allowed
+    assert not stale, f"ASSIGNED_ELSEWHERE lists assignments that are gone: {stale}; remove them"
+
+
+def _code(text: str):
+    """``(first line, code)`` of a test file's ``text``: the file, and each string in it that is a
+    Python program importing fastema (a child process's script)."""
+    yield 0, text
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                "fastema" in node.value and "import" in node.value:
+            try:
+                ast.parse(textwrap.dedent(node.value))
+            except SyntaxError:
+                continue
+            yield node.lineno - 1, textwrap.dedent(node.value)
+
+
+def _launch_patches(source: str):
+    """(line, what) of each name of a ``fastema._launch`` module that ``source`` replaces: an
+    assignment or ``setattr``/``delattr`` through such a module, ``monkeypatch.setattr`` /
+    ``.delattr`` / ``mock.patch.object`` of one or of what is reached through one, or a patch
+    named by a string starting with ``fastema._launch``."""
+    tree = ast.parse(source)
+    names = _module_names(tree, ["tests"])
+
+    def in_launch(expr) -> bool:
+        path = _path(expr, names)
+        return path is not None and path[:2] == ["fastema", "_launch"]
+
+    for node in ast.walk(tree):
+        for t in _targets(node):
+            if isinstance(t, ast.Attribute) and in_launch(t.value):
+                yield node.lineno, ast.unparse(t)
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        f = node.func
+        called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+        first = node.args[0]
+        if called in ("setattr", "delattr", "object") and in_launch(first) or \
+                called in ("setattr", "delattr", "patch") and isinstance(first, ast.Constant) and \
+                isinstance(first.value, str) and first.value.startswith("fastema._launch"):
+            yield node.lineno, ast.unparse(node)[:100]
+
+
+def test_no_test_patches_a_name_of_the_launch_layer():
+    """The tests reach the launch layer through what it injects (``config.tuned``, the drivers'
+    ``using``, ``device_code.afresh``, ``cpu.serial_twins``...) or watch its calls
+    (``tests/support/calls.py``): no test, fixture or child process's script replaces one of its
+    names, so what the tests run is what the library runs."""
+    found = []
+    folders = [ROOT / "tests", *sorted(ROOT.glob("*/tests"))]   # and the tooling's own, if here
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            if path == pathlib.Path(__file__):            # its examples of what the rule finds
+                continue
+            for first, code in _code(path.read_text()):
+                found += [f"{path.relative_to(ROOT)}:{first + line} {what}"
+                          for line, what in _launch_patches(code)]
+    assert not found, "\n".join(found)
+
+
+def test_the_rules_see_what_they_forbid():
+    """Both readers on known cases: the old tree's assignments and patches, the ways to name a
+    module (aliases, relative imports, ``importorskip``, strings), and what they leave alone."""
+    config = ("from ..kernels._store import files as _store_files\nfrom . import config\n"
+              "_store_files.REPORT = print\nimport numba\nnumba.config.X = 1\n"
+              "config.A, config.B = 0, 1\nsetattr(config, 'C', 2)\nlocal = object()\nlocal.x = 1\n")
+    got = [what for _, what in _module_attributes_set(config, ["fastema", "_launch"])]
+    assert got[:1] == ["_store_files.REPORT"] and len(got) == 5, got
+    tests = ("import fastema._launch\nfrom fastema import _launch\n"
+             "from fastema._launch import cpu as C\n"
+             "B = pytest.importorskip('fastema._launch.cuda_bound')\n"
+             "monkeypatch.setattr(_launch.config, 'CUDA_CHUNK', 16)\n"
+             "monkeypatch.setattr(fastema._launch, 'launch', f)\nmonkeypatch.setattr(C, 'run', f)\n"
+             "monkeypatch.setattr(B, 'X', 1)\nmonkeypatch.setattr('fastema._launch.cpu.run', f)\n"
+             "mock.patch('fastema._launch.launch')\nC.K = 1\n"
+             "monkeypatch.setattr(torch, 'manual_seed', f)\nfrom fastema.kernels import _cache\n"
+             "monkeypatch.setattr(_cache, 'TRUST', None)\n")
+    assert len(list(_launch_patches(tests))) == 7, list(_launch_patches(tests))
+    child = f"SCRIPT = {tests!r}\nNOT_CODE = 'from fastema import x, or not'\n"
+    assert [len(list(_launch_patches(code))) for _, code in _code(child)] == [0, 7]
