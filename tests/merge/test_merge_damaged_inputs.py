@@ -148,20 +148,22 @@ def test_an_input_that_changed_size_after_its_header_was_read_is_refused_before_
 _SHRUNK_AT_THE_FIRST_LAUNCH = """
 import os, sys, threading
 import fastema._launch as launch
+from fastema.__main__ import main
+from fastema.merge import merge_checkpoints
 face, victim, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 fired = []
 def shrinking(frame, event, arg):   # watched, not replaced: at the first merge launch, whose
     if event == "call" and frame.f_code is launch.merge.__code__ and not fired:   # pieces were
         os.truncate(victim, 4096)       # just fetched (read, or mapped), the file shrinks as when
         fired.append(True)              # another program rewrites it in place
+        sys.setprofile(None)
+        threading.setprofile(None)
 sys.setprofile(shrinking)
 threading.setprofile(shrinking)
 if face == "cli":
-    from fastema.__main__ import main
     rc = main(["merge", out, *paths, "--no-progress"])
     print(f"fired={bool(fired)} rc={rc}")
 else:
-    from fastema.merge import merge_checkpoints
     try:
         merge_checkpoints(paths, out, progress=False)
     except Exception as err:
