@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import _attach_params as _params
 from . import _compile
 
 __all__ = ["KEY", "Attachment"]
@@ -62,15 +63,21 @@ class Attachment:
         self.devices, self.cannot_skip = devices, cannot_skip
         self.flags: dict = {}                    # device -> int32[1], made at the first fused skip
         self.reseed: Any = None                  # the step pre-hook of a pending start-over
+        self.per_param = bool(face.sharded)      # a sharded average: in the per-parameter entries
         self.handles = [optimizer.register_step_post_hook(self.stepped),
                         optimizer.register_state_dict_post_hook(self.saving),
                         optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True)]
+        if self.per_param:                       # flatten_optimizer_state_dict: the live keys
+            self.handles += [optimizer.register_state_dict_pre_hook(self.marking),
+                             optimizer.register_load_state_dict_post_hook(self.marking)]
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
         """Remove every hook (``detach()``); the average and the optimizer are left as they are."""
         for h in self.handles:
             h.remove()
+        if self.per_param:
+            _params.unmark(KEY, self.optimizer)
         if self.reseed is not None:
             self.reseed.remove()
             self.reseed = None
@@ -123,11 +130,19 @@ class Attachment:
 
     # ------------------------------------------------------------ the checkpoint
 
+    def marking(self, optimizer) -> None:
+        """The state-dict pre-hook and load post-hook of a sharded average: the live keys DCP's
+        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from."""
+        _params.mark(KEY, self.face, optimizer)
+
     def saving(self, optimizer, state_dict: dict) -> dict:
-        """The state-dict post-hook: the average's whole state under :data:`KEY`."""
+        """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
+        for a sharded average, in the per-parameter entries (:mod:`._attach_params`)."""
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
+        if self.per_param:
+            return _params.per_param_state(KEY, self.face, optimizer, state_dict)
         out = dict(state_dict)
         out[KEY] = self.face.state_dict()
         return out
@@ -135,8 +150,16 @@ class Attachment:
     def loading(self, optimizer, state_dict: dict) -> dict:
         """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
         to torch), or, where there is none, a start-over at the next step, with one warning."""
-        entry = state_dict.get(KEY)
-        rest = {k: v for k, v in state_dict.items() if k != KEY}
+        if self.per_param:
+            try:
+                entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
+            except (TypeError, ValueError) as err:   # refused here: the other ranks told first
+                self.agree_present(None, err)
+                raise
+            entry = self.agree_present(entry)
+        else:
+            entry = state_dict.get(KEY)
+            rest = {k: v for k, v in state_dict.items() if k != KEY}
         if entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
                           f"attach(), by an older fastema, or through DCP's get_state_dict, which "
@@ -155,6 +178,37 @@ class Attachment:
             self.reseed.remove()
             self.reseed = None
         return rest
+
+    def agree_present(self, entry: dict | None, err: BaseException | None = None) -> dict | None:
+        """A sharded average's load: every rank of its mesh holds the average's entries, or none
+        does (then every rank starts over); else, or where a rank refused its entries (``err``),
+        every rank raises. One all-reduce per mesh dimension, under the process group's
+        timeout."""
+        groups = self.face._checkpoint.agreement.groups()
+        if not groups:
+            return entry
+        import torch.distributed as dist
+
+        have = int(entry is not None)
+        seen = torch.tensor([have, -have, -int(err is not None)], dtype=torch.int64)
+        for group, device, *_ in groups:
+            moved = seen.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.MIN, group=group)
+            seen = moved.cpu()
+        lo, hi, refused = int(seen[0]), -int(seen[1]), -int(seen[2])
+        if err is not None:
+            return None                          # this rank raises its own error
+        if refused:
+            raise ValueError(f"optimizer.load_state_dict: another rank refused the attached "
+                             f"{self.kind}'s entries of its state dict (its error names why); "
+                             f"nothing was loaded, on every rank")
+        if lo != hi:
+            raise ValueError(f"optimizer.load_state_dict: the attached {self.kind}'s entries are "
+                             f"in the state dicts of some ranks and not of others (this rank: "
+                             f"{'in' if have else 'not in'} it): the ranks load different saves. "
+                             f"Load one checkpoint on every rank; nothing was loaded, on every "
+                             f"rank")
+        return entry
 
     def starting_over(self, optimizer, args, kwargs) -> None:
         """The step pre-hook armed by a load without the average: start over from the weights."""
@@ -200,12 +254,15 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
         raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
                          f"HF Trainer saves the optimizer on one rank, where a gather would hang. "
                          f"Save it with its own state_dict() or the trainer's fastema callback")
-    if face.sharded:
-        raise ValueError(f"attach() does not take a sharded {kind} yet (FSDP2, tensor parallel, "
-                         f"ZeRO): DCP keeps only 'state' and 'param_groups' of an optimizer's "
-                         f"state dict. Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
+    why = _params.refusal(face) if face.sharded else None
+    if why is not None:
+        raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "
+                         f"are DTensors of the parameters' layout (FSDP2, HSDP, tensor parallel). "
+                         f"Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
     if face.source != "parameters":
         raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
+    if face.sharded:                     # its sources are the local shards: the parameters by name
+        sources = list(_params.tracked(face).values())
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not stepped.intersection(map(id, sources)):
         raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "

@@ -1,0 +1,172 @@
+"""The per-parameter form of an attached average: how a sharded average (FSDP2, tensor parallel,
+HSDP: DTensor parameters) rides the optimizer's state dict through DCP
+(``../shared/design/optimizer.md`` §4.5, §9 item 1; ``docs/guides/attach.md``).
+
+DCP's ``get_state_dict`` / ``set_state_dict`` keep only ``state`` and ``param_groups`` of an
+optimizer's state dict, so the average goes into ``state``: each averaged parameter's entry gets
+a key :data:`~fastema.torch._attach.KEY` holding that parameter's part of the average's
+:meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
+the parameter is, shape and stride given, so DCP reshards them to any world size or mesh). The
+entry of the first averaged parameter also holds ``"meta"``: the average's counters and settings
+as UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
+saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
+only), and the copied and integer buffers (``"copied"`` / ``"int_buffers"``, names with ``/`` for
+``.``: DCP's flattening splits keys at dots).
+
+``flatten_optimizer_state_dict=True`` rebuilds the loaded per-parameter state from the keys of
+the live ``optimizer.state[p]``: :func:`mark` keeps an empty ``{}`` under the key there for every
+parameter that has state (never one without: Adam fills an empty state at its first step), from
+the state-dict pre-hook and after every load. A loaded entry is taken out before torch's cast to
+the parameters' dtype (§4.1); a parameter left with nothing else is dropped from the state, so
+Adam never sees an entry without ``step``.
+"""
+from __future__ import annotations
+
+import json
+from itertools import chain
+from typing import Any
+
+import torch
+
+from ._tensors.hooks import unwrap
+
+__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked", "unmark"]
+
+META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (DCP: a fixed size)
+_PER_NAME = ("averaged", "ring")     # the entries of a face's state_dict() keyed by tracked tensor name
+_BUFFERS = ("copied", "int_buffers")
+
+
+def refusal(face: Any) -> str | None:
+    """Why a sharded face cannot take the per-parameter form (None: it can)."""
+    for spec in face._side.specs.values():
+        if spec.slices or spec.replica_dim is not None:
+            return "split over replicas (shard_replicas)"
+        if spec.pieces is not None or spec.valid is not None:
+            return "of DeepSpeed ZeRO partitions or masters (no DTensor layout DCP can reshard)"
+    return None
+
+
+def tracked(face: Any) -> dict:
+    """name -> the model's parameter (a DTensor) of every parameter the face averages."""
+    names = set(face._avg.names)
+    return {n: p for n, p in unwrap(face.model).named_parameters() if n in names}
+
+
+def _names(face: Any, optimizer: torch.optim.Optimizer) -> dict:
+    """id(parameter) -> the name the face tracks it under, for the optimizer's averaged
+    parameters."""
+    by_id = {id(p): n for n, p in tracked(face).items()}
+    return {id(p): by_id[id(p)] for g in optimizer.param_groups for p in g["params"]
+            if id(p) in by_id}
+
+
+def mark(key: str, face: Any, optimizer: torch.optim.Optimizer) -> None:
+    """An empty entry under ``key`` in the live state of every averaged parameter that has state:
+    what DCP's ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from."""
+    names = _names(face, optimizer)
+    for p, st in optimizer.state.items():
+        if st and id(p) in names and key not in st:
+            st[key] = {}
+
+
+def unmark(key: str, optimizer: torch.optim.Optimizer) -> None:
+    """:func:`mark` undone (``detach()``): only the empty entries it made."""
+    for st in optimizer.state.values():
+        if isinstance(st.get(key), dict) and not st[key]:
+            del st[key]
+
+
+def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
+                    state_dict: dict) -> dict:
+    """The optimizer's state dict with the average in its per-parameter entries (a new dict:
+    the optimizer's own per-parameter dicts, which ``state_dict()`` shares, are not written)."""
+    full = face.state_dict()
+    names = _names(face, optimizer)
+    order = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    saved = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+    state = dict(state_dict["state"])
+    first = True
+    for index, p in zip(saved, order):
+        name = names.get(id(p))
+        if name is None:
+            continue
+        entry: dict = {k: full[k][name] for k in _PER_NAME if isinstance(full.get(k), dict)}
+        if first:
+            entry["meta"] = _encode({k: v for k, v in full.items()
+                                     if k not in _PER_NAME and k not in _BUFFERS})
+            for k in _BUFFERS:
+                entry[k] = {n.replace(".", "/"): v for n, v in full.get(k, {}).items()}
+            first = False
+        state[index] = {**state.get(index, {}), key: entry}
+    return {**state_dict, "state": state}
+
+
+def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
+                  state_dict: dict) -> tuple[dict | None, dict]:
+    """``(the face's state_dict() rebuilt from the per-parameter entries or None where there are
+    none, the state dict without them)``. Refuses a partial set of entries by name."""
+    live = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    saved_groups = state_dict.get("param_groups")
+    saved = list(chain.from_iterable(g.get("params", ()) for g in saved_groups or ()))
+    by_key = {k: p for k, p in zip(saved, live)}
+    names = _names(face, optimizer)
+    state, found = {}, {}
+    for k, v in state_dict.get("state", {}).items():
+        if isinstance(v, dict) and key in v:
+            rest = {kk: vv for kk, vv in v.items() if kk != key}
+            p = by_key.get(k)
+            if p is not None and id(p) in names and v[key]:
+                found[names[id(p)]] = v[key]
+            if rest:
+                state[k] = rest
+        else:
+            state[k] = v
+    rest_dict = {**state_dict, "state": state}
+    if not found:
+        return None, rest_dict
+    metas = [e["meta"] for e in found.values() if "meta" in e]
+    if len(metas) != 1:
+        raise ValueError(f"the optimizer state dict's {key!r} entries hold {len(metas)} counter "
+                         f"records (one expected: a state dict of another model or optimizer?); "
+                         f"nothing was loaded")
+    full = _decode(metas[0])
+    for k in _PER_NAME:
+        parts = {n: e[k] for n, e in found.items() if k in e}
+        if parts:
+            full[k] = parts
+    meta_entry = next(e for e in found.values() if "meta" in e)
+    for k in _BUFFERS:
+        full[k] = {n.replace("/", "."): v for n, v in meta_entry.get(k, {}).items()}
+    return full, rest_dict
+
+
+def _encode(meta: dict) -> torch.Tensor:
+    data = json.dumps(meta, allow_nan=True).encode()
+    if json.loads(data) != meta and repr(json.loads(data)) != repr(meta):   # NaN != NaN
+        raise TypeError("the attached average's counters and settings do not survive JSON "
+                        "(tuples or non-string keys): report it; save the average beside the "
+                        "optimizer meanwhile (dcp.save({'ema': ema}))")
+    if len(data) > META_BYTES:
+        raise ValueError(f"the attached average's counters and settings take {len(data)} bytes as "
+                         f"JSON, over the {META_BYTES} its optimizer entry holds: fewer rows or a "
+                         f"shorter schedule, or save it beside the optimizer (dcp.save({{'ema': "
+                         f"ema}}))")
+    out = torch.zeros(META_BYTES, dtype=torch.uint8)
+    out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def _decode(t: Any) -> dict:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise TypeError(f"the attached average's counter record must be a 1-D uint8 tensor, got "
+                        f"{type(t).__name__}; nothing was loaded")
+    raw = bytes(t.cpu().numpy().tobytes()).rstrip(b"\0")
+    try:
+        meta = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"the attached average's counter record is damaged ({err}); nothing was "
+                         f"loaded") from None
+    if not isinstance(meta, dict):
+        raise ValueError("the attached average's counter record is not a dict; nothing was loaded")
+    return meta

@@ -1,0 +1,149 @@
+"""``ema.attach(optimizer)`` of a sharded average (FSDP2, HSDP) carried by DCP: the average rides
+the optimizer's per-parameter entries through ``get_state_dict`` / ``set_state_dict`` and
+``dcp.save`` / ``dcp.load``, with the default options and ``flatten_optimizer_state_dict=True``;
+a float32 average of bfloat16 weights comes back float32 and bit for bit against an uninterrupted
+run, and at another world size (4 -> 2 -> 4), with size-0 and uneven local shards (gloo, CPU)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import run_ranks
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs gloo")
+
+STEPS, MORE = 3, 2
+
+
+def _model(seed, mesh=None):
+    """bf16; Linear(8, 5) is uneven over 2 or 4 ranks, Linear(3, 1) leaves size-0 local shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 1))
+    model.to(torch.bfloat16)
+    for i in (0, 2, 3):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _make(seed, mesh=None, kind="EMA"):
+    from fastema.schedules import PowerWarmup
+    from fastema.torch import EMA, WindowAverage
+
+    model = _model(seed, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if kind == "EMA":
+        ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2)
+    else:
+        ema = WindowAverage(model, 3)
+    return model, opt, ema.attach(opt)
+
+
+def _step(model, opt, rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(4, 8, generator=g).to(torch.bfloat16)
+    model(x).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full(ema, prefix):
+    """The average's whole state, gathered (a collective): rows of every tensor, and counters."""
+    state = ema.state_dict()
+    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
+    for key in ("averaged", "ring"):
+        for n, v in state.get(key, {}).items():
+            assert v.dtype == torch.float32, (key, n, v.dtype)
+            out[f"{prefix}/{key}/{n}"] = v.full_tensor()
+    return out
+
+
+def _options(flat):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _save(model, opt, path, flat):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=_options(flat))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def _load(model, opt, path, flat):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=_options(flat))
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(flat))
+
+
+def _resume(rank, world, folder, kind):
+    """Train, save (default and flattened), train on: the uninterrupted run; then two fresh runs
+    (other initial weights) load one save each and train on alike."""
+    model, opt, ema = _make(0, kind=kind)
+    for s in range(STEPS):
+        _step(model, opt, rank, s)
+    out = _full(ema, "saved")
+    for flat in (False, True):
+        _save(model, opt, os.path.join(folder, f"{kind}{world}-{int(flat)}"), flat)
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, rank, s)
+    out.update(_full(ema, "ref"))
+    for flat in (False, True):
+        model, opt, ema = _make(1, kind=kind)
+        _load(model, opt, os.path.join(folder, f"{kind}{world}-{int(flat)}"), flat)
+        out.update(_full(ema, f"loaded{int(flat)}"))
+        for s in range(STEPS, STEPS + MORE):
+            _step(model, opt, rank, s)
+        out.update(_full(ema, f"resumed{int(flat)}"))
+    return out
+
+
+def _reshard(rank, world, folder, kind, saved_world, flats):
+    """A save of ``saved_world`` ranks loaded here (``flats``: the options); then this world saves
+    its own (default options)."""
+    out = {}
+    for flat in flats:
+        model, opt, ema = _make(2, kind=kind)
+        _load(model, opt, os.path.join(folder, f"{kind}{saved_world}-{int(flat)}"), flat)
+        out.update(_full(ema, f"loaded{int(flat)}"))
+        if not flat:
+            _save(model, opt, os.path.join(folder, f"{kind}{world}-0"), False)
+    return out
+
+
+def _same(r, a, b):
+    keys = [k[len(a) + 1:] for k in r if k.startswith(a + "/")]
+    assert keys
+    for k in keys:
+        assert torch.equal(r[f"{a}/{k}"], r[f"{b}/{k}"]), (a, b, k)
+
+
+@pytest.mark.parametrize("kind", ["EMA", "WindowAverage"])
+def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(tmp_path, kind):
+    folder = str(tmp_path)
+    r4 = run_ranks(_resume, tmp_path / "r4", 4, folder, kind, pg_timeout=60.0)
+    for r in r4:
+        for flat in (0, 1):
+            _same(r, "saved", f"loaded{flat}")
+            _same(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
+    assert int(r4[0]["saved/calls"]) == STEPS      # DCP's dummy step is no update
+    r2 = run_ranks(_reshard, tmp_path / "r2", 2, folder, kind, 4, (False, True), pg_timeout=60.0)   # 4 -> 2
+    for r in r2:
+        for flat in (0, 1):
+            for k in (k for k in r4[0] if k.startswith("saved/")):
+                assert torch.equal(r[f"loaded{flat}/" + k[6:]], r4[0][k]), k
+    back = run_ranks(_reshard, tmp_path / "b4", 4, folder, kind, 2, (False,), pg_timeout=60.0)  # 2 -> 4
+    for r in back:
+        for k in (k for k in r4[0] if k.startswith("saved/")):
+            assert torch.equal(r["loaded0/" + k[6:]], r4[0][k]), k
