@@ -87,25 +87,36 @@ def _load(model, opt, path, flat):
                    options=_options(flat))
 
 
-def _resume(rank, world, folder, kind):
-    """Train, save (default and flattened), train on: the uninterrupted run; then two fresh runs
-    (other initial weights) load one save each and train on alike."""
-    model, opt, ema = _make(0, kind=kind)
+def _resume(rank, world, folder, kind, hsdp=False):
+    """Train, save (default and flattened; ``dcp.async_save`` too), train on: the uninterrupted
+    run; then fresh runs (other initial weights) load one save each and train on alike. ``hsdp``:
+    a 2 x 2 mesh (replicate, shard)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp else None
+    name = f"{kind}{world}{'hsdp' if hsdp else ''}"
+    model, opt, ema = _make(0, mesh, kind)
+    out = {"local_rows": torch.tensor([p.to_local().shape[0] for p in model.parameters()])}
     for s in range(STEPS):
         _step(model, opt, rank, s)
-    out = _full(ema, "saved")
+    out.update(_full(ema, "saved"))
     for flat in (False, True):
-        _save(model, opt, os.path.join(folder, f"{kind}{world}-{int(flat)}"), flat)
+        _save(model, opt, os.path.join(folder, f"{name}-{int(flat)}"), flat)
+    msd, osd = get_state_dict(model, opt)
+    dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(folder, f"{name}-2")
+                   ).result()
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
     out.update(_full(ema, "ref"))
-    for flat in (False, True):
-        model, opt, ema = _make(1, kind=kind)
-        _load(model, opt, os.path.join(folder, f"{kind}{world}-{int(flat)}"), flat)
-        out.update(_full(ema, f"loaded{int(flat)}"))
+    for flat in (0, 1, 2):                         # 2: the async save, default options
+        model, opt, ema = _make(1, mesh, kind)
+        _load(model, opt, os.path.join(folder, f"{name}-{flat}"), flat == 1)
+        out.update(_full(ema, f"loaded{flat}"))
         for s in range(STEPS, STEPS + MORE):
             _step(model, opt, rank, s)
-        out.update(_full(ema, f"resumed{int(flat)}"))
+        out.update(_full(ema, f"resumed{flat}"))
     return out
 
 
@@ -133,8 +144,10 @@ def _same(r, a, b):
 def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(tmp_path, kind):
     folder = str(tmp_path)
     r4 = run_ranks(_resume, tmp_path / "r4", 4, folder, kind, pg_timeout=60.0)
-    for r in r4:
-        for flat in (0, 1):
+    assert [r["local_rows"].tolist() for r in r4] == [[2, 2, 1, 1, 1, 1], [2, 2, 1, 1, 0, 0],
+                                                      [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]
+    for r in r4:                                   # uneven and size-0 local shards
+        for flat in (0, 1, 2):
             _same(r, "saved", f"loaded{flat}")
             _same(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
     assert int(r4[0]["saved/calls"]) == STEPS      # DCP's dummy step is no update
@@ -147,3 +160,11 @@ def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(
     for r in back:
         for k in (k for k in r4[0] if k.startswith("saved/")):
             assert torch.equal(r["loaded0/" + k[6:]], r4[0][k]), k
+
+
+def test_hsdp_a_2d_mesh(tmp_path):
+    r4 = run_ranks(_resume, tmp_path, 4, str(tmp_path), "EMA", True, pg_timeout=60.0)
+    for r in r4:
+        for flat in (0, 1, 2):
+            _same(r, "saved", f"loaded{flat}")
+            _same(r, "ref", f"resumed{flat}")
