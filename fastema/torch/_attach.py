@@ -252,8 +252,12 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
                          f"first")
     if face.split:
         raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
-                         f"HF Trainer saves the optimizer on one rank, where a gather would hang. "
-                         f"Save it with its own state_dict() or the trainer's fastema callback")
+                         f"each rank holds pieces of it, and HF Trainer saves the optimizer on one "
+                         f"rank, where a gather would hang. Save it beside the optimizer "
+                         f"(dcp.save({{'ema': ema, ...}}): each rank writes its pieces; or its own "
+                         f"state_dict(), or the trainer's fastema callback), or make it without "
+                         f"shard_replicas (an FSDP2 or HSDP model's average is then sharded as "
+                         f"its parameters are, and attach() carries it)")
     why = _params.refusal(face) if face.sharded else None
     if why is not None:
         raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "

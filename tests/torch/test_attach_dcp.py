@@ -168,3 +168,72 @@ def test_hsdp_a_2d_mesh(tmp_path):
         for flat in (0, 1, 2):
             _same(r, "saved", f"loaded{flat}")
             _same(r, "ref", f"resumed{flat}")
+
+
+def _strip(state_dict):
+    return {**state_dict, "state": {k: {kk: vv for kk, vv in v.items() if kk != "fastema"}
+                                    for k, v in state_dict["state"].items()}}
+
+
+def _damage(state_dict):
+    state = {k: dict(v) for k, v in state_dict["state"].items()}
+    for v in state.values():
+        if "meta" in v.get("fastema", {}):
+            v["fastema"] = {**v["fastema"], "meta": torch.zeros_like(v["fastema"]["meta"])}
+    return {**state_dict, "state": state}
+
+
+def _disagree(rank, world):
+    """Ranks that load different saves, some with the average and some without, or one refusing
+    its entries: every rank raises, nothing is loaded; the state-dict hook makes no collective."""
+    import warnings
+
+    from dist import Counted
+
+    from fastema.torch import EMA
+
+    model, opt, ema = _make(0)
+    for s in range(STEPS):
+        _step(model, opt, rank, s)
+    with Counted() as counted:
+        early = opt.state_dict()                   # each rank alone: no collective
+    out = {"collectives": torch.tensor(len(counted.calls))}
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, rank, s)
+    late = opt.state_dict()
+    before = _full(ema, "before")
+    cases = {"other_save": early if rank == 0 else late,
+             "mixed": late if rank == 0 else _strip(late),
+             "damaged": late if rank == 0 else _damage(late)}
+    for case, sd in cases.items():
+        try:
+            opt.load_state_dict(sd)
+        except ValueError as err:
+            out[case] = torch.tensor(list(str(err).encode()))
+        _same({**before, **_full(ema, "after")}, "before", "after")   # nothing was loaded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(_strip(late))          # none has it: every rank starts over
+    out["warned"] = torch.tensor(sum("starts over" in str(w.message) for w in caught))
+    opt.load_state_dict(late)                      # the world still works
+    _same({**before, **_full(ema, "after")}, "before", "after")
+    plain = nn.Linear(4, 4)
+    try:
+        EMA(plain, 0.9, shard_replicas=True).attach(torch.optim.SGD(plain.parameters(), lr=0.1))
+    except ValueError as err:
+        out["split"] = torch.tensor(list(str(err).encode()))
+    return out
+
+
+def test_ranks_that_disagree_raise_alike_and_the_split_is_refused_by_name(tmp_path):
+    r = run_ranks(_disagree, tmp_path, 2, pg_timeout=30.0)
+    text = [{k: bytes(v.tolist()).decode() for k, v in x.items() if v.dtype == torch.int64
+             and v.dim() == 1} for x in r]
+    assert int(r[0]["collectives"]) == int(r[1]["collectives"]) == 0
+    for t in text:
+        assert "loaded another save" in t["other_save"], t["other_save"]
+        assert "some ranks and not of others" in t["mixed"]
+        assert "split over replicas" in t["split"] and "dcp.save" in t["split"]
+    assert "(this rank: in it)" in text[0]["mixed"] and "not in it" in text[1]["mixed"]
+    assert "damaged" in text[1]["damaged"] and "another rank refused" in text[0]["damaged"]
+    assert int(r[0]["warned"]) == int(r[1]["warned"]) == 1
