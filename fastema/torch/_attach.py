@@ -20,8 +20,14 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   checkpoint, or one made before ``attach``) warns once and starts the average over from the
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
-No hook makes a collective (HF Trainer calls ``optimizer.state_dict()`` on the saving rank only),
-so an average split over replicas or sharded is refused here, by name.
+A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters) goes into the per-parameter
+entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`: DTensors of the
+parameters' layout, taken out before the cast); its load agrees over the mesh that every rank holds
+the entries or none does (one all-reduce per mesh dimension, under the group's timeout).
+
+The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
+rank only), so an average split over replicas (``shard_replicas``: each rank holds pieces) and
+one of DeepSpeed's ZeRO partitions are refused here, by name.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import _attach_params as _params
 from . import _compile
+from ._state import attached as _params
 
 __all__ = ["KEY", "Attachment"]
 
@@ -137,7 +143,7 @@ class Attachment:
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
-        for a sharded average, in the per-parameter entries (:mod:`._attach_params`)."""
+        for a sharded average, in the per-parameter entries (:mod:`._state.attached`)."""
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")

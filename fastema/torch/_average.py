@@ -71,9 +71,13 @@ class TorchAverage(TorchFace):
         ``optimizer.state_dict()[fastema.torch.ATTACH_KEY]`` is :meth:`state_dict` (read by
         ``torch.load(weights_only=True)``), restored exactly by ``optimizer.load_state_dict``
         (a float32 average of bfloat16 weights stays float32); a state dict without it starts
-        the average over from the weights at the next step, with a warning. Refused: a sharded
-        or split average, a second average on one optimizer, an average of trainable
-        parameters the optimizer does not step. See the attach guide."""
+        the average over from the weights at the next step, with a warning. A sharded average
+        (FSDP2, HSDP, tensor parallel) is kept in the per-parameter entries instead, as float32
+        DTensors of the parameters' layout: DCP's ``get_state_dict`` / ``set_state_dict`` and
+        ``dcp.save`` / ``dcp.async_save`` / ``dcp.load`` carry it (any world size or mesh;
+        ``flatten_optimizer_state_dict=True`` too). Refused: a split average (``shard_replicas``),
+        ZeRO partitions, a second average on one optimizer, an average of trainable parameters the
+        optimizer does not step. See the attach guide."""
         from ._attach import Attachment, skip_refusal
 
         if self._attachment is not None:

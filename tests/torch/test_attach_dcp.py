@@ -151,12 +151,14 @@ def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(
             _same(r, "saved", f"loaded{flat}")
             _same(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
     assert int(r4[0]["saved/calls"]) == STEPS      # DCP's dummy step is no update
-    r2 = run_ranks(_reshard, tmp_path / "r2", 2, folder, kind, 4, (False, True), pg_timeout=60.0)   # 4 -> 2
+    r2 = run_ranks(_reshard, tmp_path / "r2", 2, folder, kind, 4, (False, True),  # 4 -> 2
+                   pg_timeout=60.0)
     for r in r2:
         for flat in (0, 1):
             for k in (k for k in r4[0] if k.startswith("saved/")):
                 assert torch.equal(r[f"loaded{flat}/" + k[6:]], r4[0][k]), k
-    back = run_ranks(_reshard, tmp_path / "b4", 4, folder, kind, 2, (False,), pg_timeout=60.0)  # 2 -> 4
+    back = run_ranks(_reshard, tmp_path / "b4", 4, folder, kind, 2, (False,),  # 2 -> 4
+                     pg_timeout=60.0)
     for r in back:
         for k in (k for k in r4[0] if k.startswith("saved/")):
             assert torch.equal(r["loaded0/" + k[6:]], r4[0][k]), k

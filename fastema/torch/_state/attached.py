@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from ._tensors.hooks import unwrap
+from .._tensors.hooks import unwrap
 
 __all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked", "unmark"]
 
-META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (DCP: a fixed size)
-_PER_NAME = ("averaged", "ring")     # the entries of a face's state_dict() keyed by tracked tensor name
+META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (DCP: fixed size)
+_PER_NAME = ("averaged", "ring")     # a face's state_dict() entries keyed by tracked tensor name
 _BUFFERS = ("copied", "int_buffers")
 
 
