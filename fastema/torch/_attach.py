@@ -72,18 +72,16 @@ class Attachment:
         self.per_param = bool(face.sharded)      # a sharded average: in the per-parameter entries
         self.handles = [optimizer.register_step_post_hook(self.stepped),
                         optimizer.register_state_dict_post_hook(self.saving),
-                        optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True)]
-        if self.per_param:                       # flatten_optimizer_state_dict: the live keys
-            self.handles += [optimizer.register_state_dict_pre_hook(self.marking),
-                             optimizer.register_load_state_dict_post_hook(self.marking)]
+                        optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True),
+                        optimizer.register_state_dict_pre_hook(self.marking),  # flatten's keys
+                        optimizer.register_load_state_dict_post_hook(self.marking)]
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
         """Remove every hook (``detach()``); the average and the optimizer are left as they are."""
         for h in self.handles:
             h.remove()
-        if self.per_param:
-            _params.unmark(KEY, self.optimizer)
+        _params.unmark(KEY, self.optimizer)
         if self.reseed is not None:
             self.reseed.remove()
             self.reseed = None
@@ -143,29 +141,29 @@ class Attachment:
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
-        for a sharded average, in the per-parameter entries (:mod:`._state.attached`)."""
+        for a sharded average and for DCP's ``get_optimizer_state_dict`` (which keeps only
+        ``state`` and ``param_groups``), in the per-parameter entries (:mod:`._state.attached`)."""
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
-        if self.per_param:
+        if self.per_param or _called_by_dcp("_get_optim_state_dict"):
             return _params.per_param_state(KEY, self.face, optimizer, state_dict)
-        out = dict(state_dict)
+        out = _params.unmarked(KEY, state_dict)  # the live markers left out
         out[KEY] = self.face.state_dict()
         return out
 
     def loading(self, optimizer, state_dict: dict) -> dict:
         """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
         to torch), or, where there is none, a start-over at the next step, with one warning."""
-        if self.per_param:
-            try:
-                entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
-            except (TypeError, ValueError) as err:   # refused here: the other ranks told first
-                self.agree_present(None, err)
-                raise
-            entry = self.agree_present(entry)
-        else:
-            entry = state_dict.get(KEY)
-            rest = {k: v for k, v in state_dict.items() if k != KEY}
+        try:                                     # per-parameter entries (sharded, or DCP's)
+            entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
+        except (TypeError, ValueError) as err:   # refused here: the other ranks told first
+            self.agree_present(None, err)
+            raise
+        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        if entry is None and not self.per_param:
+            entry = rest.get(KEY)
+            rest = {k: v for k, v in rest.items() if k != KEY}
         if entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
                           f"attach(), by an older fastema, or through DCP's get_state_dict, which "
@@ -311,9 +309,10 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
-def _called_by_dcp() -> bool:
-    """DCP's ``_init_optim_state`` is on the stack (a few frames up: the step's wrappers)."""
-    init = getattr(sys.modules.get(_DCP), "_init_optim_state", None)
+def _called_by_dcp(what: str = "_init_optim_state") -> bool:
+    """DCP's ``what`` is on the stack (a few frames up: the step's or ``state_dict()``'s
+    wrappers): ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``."""
+    init = getattr(sys.modules.get(_DCP), what, None)
     code = getattr(init, "__code__", None)
     if code is None:
         return False

@@ -239,3 +239,38 @@ def test_ranks_that_disagree_raise_alike_and_the_split_is_refused_by_name(tmp_pa
     assert "(this rank: in it)" in text[0]["mixed"] and "not in it" in text[1]["mixed"]
     assert "damaged" in text[1]["damaged"] and "another rank refused" in text[0]["damaged"]
     assert int(r[0]["warned"]) == int(r[1]["warned"]) == 1
+
+
+def _plain(seed):
+    from fastema.torch import EMA
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt, EMA(model, 0.9).attach(opt)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_an_unsharded_average_rides_dcp_too_in_one_process(tmp_path, flat):
+    """No process group: DCP's get_optimizer_state_dict is told by its frame, and gets the
+    per-parameter form (plain float32 tensors); optimizer.state_dict() keeps the top-level key."""
+    from fastema.torch import ATTACH_KEY
+
+    model, opt, ema = _plain(0)
+    for s in range(STEPS):
+        _step(model, opt, 0, s)
+    plain = opt.state_dict()
+    assert set(plain[ATTACH_KEY]) and all(ATTACH_KEY not in v for v in plain["state"].values())
+    _save(model, opt, str(tmp_path / "ckpt"), flat)
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, 0, s)
+    ref = ema.state_dict()["averaged"]
+    model, opt, ema = _plain(1)
+    _load(model, opt, str(tmp_path / "ckpt"), flat)
+    assert ema.updates == STEPS
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, 0, s)
+    got = ema.state_dict()["averaged"]
+    assert set(got) == set(ref)
+    for n in ref:
+        assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n

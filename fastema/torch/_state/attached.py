@@ -30,7 +30,7 @@ import torch
 
 from .._tensors.hooks import unwrap
 
-__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked", "unmark"]
+__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked", "unmark", "unmarked"]
 
 META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (DCP: fixed size)
 _PER_NAME = ("averaged", "ring")     # a face's state_dict() entries keyed by tracked tensor name
@@ -75,6 +75,19 @@ def unmark(key: str, optimizer: torch.optim.Optimizer) -> None:
     for st in optimizer.state.values():
         if isinstance(st.get(key), dict) and not st[key]:
             del st[key]
+
+
+def unmarked(key: str, state_dict: dict) -> dict:
+    """A new state dict without :func:`mark`'s empty entries (the optimizer's own per-parameter
+    dicts, which ``state_dict()`` shares, are not written)."""
+    state = state_dict.get("state")
+    def marked(v: Any) -> bool:
+        return isinstance(v, dict) and isinstance(v.get(key), dict) and not v[key]
+
+    if not isinstance(state, dict) or not any(map(marked, state.values())):
+        return dict(state_dict)
+    return {**state_dict, "state": {k: ({kk: vv for kk, vv in v.items() if kk != key}
+                                        if marked(v) else v) for k, v in state.items()}}
 
 
 def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
