@@ -20,8 +20,9 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   checkpoint, or one made before ``attach``) warns once and starts the average over from the
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
-A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters) goes into the per-parameter
-entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`: DTensors of the
+A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
+``get_optimizer_state_dict`` asks (told by its frame), goes into the per-parameter entries instead,
+which DCP keeps (:mod:`fastema.torch._state.attached`: DTensors of the
 parameters' layout, taken out before the cast); its load agrees over the mesh that every rank holds
 the entries or none does (one all-reduce per mesh dimension, under the group's timeout).
 

@@ -1,12 +1,14 @@
 """The per-parameter form of an attached average: how a sharded average (FSDP2, tensor parallel,
-HSDP: DTensor parameters) rides the optimizer's state dict through DCP
-(``../shared/design/optimizer.md`` §4.5, §9 item 1; ``docs/guides/attach.md``).
+HSDP: DTensor parameters) rides the optimizer's state dict, and how any attached average rides
+DCP's ``get_optimizer_state_dict`` (``../shared/design/optimizer.md`` §4.5, §9 item 1;
+``docs/guides/attach.md``).
 
 DCP's ``get_state_dict`` / ``set_state_dict`` keep only ``state`` and ``param_groups`` of an
 optimizer's state dict, so the average goes into ``state``: each averaged parameter's entry gets
 a key :data:`~fastema.torch._attach.KEY` holding that parameter's part of the average's
 :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
-the parameter is, shape and stride given, so DCP reshards them to any world size or mesh). The
+the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
+tensors for an unsharded average). The
 entry of the first averaged parameter also holds ``"meta"``: the average's counters and settings
 as UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
 saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
@@ -30,9 +32,10 @@ import torch
 
 from .._tensors.hooks import unwrap
 
-__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked", "unmark", "unmarked"]
+__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked",
+           "unmark", "unmarked"]
 
-META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (DCP: fixed size)
+META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (a fixed size)
 _PER_NAME = ("averaged", "ring")     # a face's state_dict() entries keyed by tracked tensor name
 _BUFFERS = ("copied", "int_buffers")
 
@@ -155,7 +158,12 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
 
 
 def _encode(meta: dict) -> torch.Tensor:
-    data = json.dumps(meta, allow_nan=True).encode()
+    try:
+        data = json.dumps(meta, allow_nan=True).encode()
+    except TypeError as err:                 # a tensor or another object among the counters
+        raise TypeError(f"the attached average's counters and settings cannot be written as "
+                        f"JSON ({err}): save it beside the optimizer (dcp.save({{'ema': ema}}))"
+                        ) from None
     if json.loads(data) != meta and repr(json.loads(data)) != repr(meta):   # NaN != NaN
         raise TypeError("the attached average's counters and settings do not survive JSON "
                         "(tuples or non-string keys): report it; save the average beside the "
