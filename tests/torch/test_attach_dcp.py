@@ -151,6 +151,8 @@ def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(
             _same(r, "saved", f"loaded{flat}")
             _same(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
     assert int(r4[0]["saved/calls"]) == STEPS      # DCP's dummy step is no update
+    if kind != "EMA":
+        return                                     # the world sizes: EMA's alone (CI time)
     r2 = run_ranks(_reshard, tmp_path / "r2", 2, folder, kind, 4, (False, True),  # 4 -> 2
                    pg_timeout=60.0)
     for r in r2:
