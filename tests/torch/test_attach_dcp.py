@@ -3,6 +3,7 @@ the optimizer's per-parameter entries through ``get_state_dict`` / ``set_state_d
 ``dcp.save`` / ``dcp.load``, with the default options and ``flatten_optimizer_state_dict=True``;
 a float32 average of bfloat16 weights comes back float32 and bit for bit against an uninterrupted
 run, and at another world size (4 -> 2 -> 4), with size-0 and uneven local shards (gloo, CPU)."""
+import datetime
 import os
 
 import pytest
@@ -276,3 +277,30 @@ def test_an_unsharded_average_rides_dcp_too_in_one_process(tmp_path, flat):
     assert set(got) == set(ref)
     for n in ref:
         assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n
+
+
+def _one_not_attached(rank, world):
+    """Rank 1's optimizer has no average attached: rank 0 times out in the load's agreement and
+    says why (rank 1 loads the entries as plain optimizer state: nothing runs there to say so)."""
+    model, opt, ema = _make(0)
+    _step(model, opt, rank, 0)
+    saved = opt.state_dict()
+    if rank == 1:
+        ema.detach()
+    dist.barrier()                                 # then a short timeout: the load's alone
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d._set_pg_timeout(datetime.timedelta(seconds=1.0), None)
+    try:
+        opt.load_state_dict(saved)
+    except RuntimeError as err:
+        return {"error": torch.tensor(list(str(err).encode()))}
+    return {}
+
+
+@pytest.mark.slow        # a fresh world (the timed-out collective breaks it): ~8 s on 2 cores
+def test_a_rank_without_the_average_attached_times_out_the_load_with_the_reason(tmp_path):
+    r = run_ranks(_one_not_attached, tmp_path, 2, pg_timeout=60.0, fresh=True)
+    said = bytes(r[0]["error"].tolist()).decode()
+    assert "did not join its load" in said and "must have the average attached" in said
+    assert "error" not in r[1]
