@@ -136,9 +136,11 @@ class Attachment:
     # ------------------------------------------------------------ the checkpoint
 
     def marking(self, optimizer) -> None:
-        """The state-dict pre-hook and load post-hook of a sharded average: the live keys DCP's
-        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from."""
-        _params.mark(KEY, self.face, optimizer)
+        """The state-dict pre-hook and load post-hook, when DCP calls: the live keys its
+        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (nothing is added to the
+        optimizer's state otherwise: HF Trainer's and Lightning's state stays the optimizer's)."""
+        if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
+            _params.mark(KEY, self.face, optimizer)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
