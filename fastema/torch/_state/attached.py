@@ -18,9 +18,9 @@ only), and the copied and integer buffers (``"copied"`` / ``"int_buffers"``, nam
 ``flatten_optimizer_state_dict=True`` rebuilds the loaded per-parameter state from the keys of
 the live ``optimizer.state[p]``: :func:`mark` keeps an empty ``{}`` under the key there for every
 parameter that has state (never one without: Adam fills an empty state at its first step), from
-the state-dict pre-hook and after a load, where DCP makes them. A loaded entry is taken out before torch's cast to
-the parameters' dtype (§4.1); a parameter left with nothing else is dropped from the state, so
-Adam never sees an entry without ``step``.
+the state-dict pre-hook and after a load, where DCP makes them. A loaded entry is taken out
+before torch's cast to the parameters' dtype (§4.1); a parameter left with nothing else is
+dropped from the state, so Adam never sees an entry without ``step``.
 """
 from __future__ import annotations
 
