@@ -263,6 +263,7 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
         raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
                          f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
                          f"first")
+    _refuse_fsdp1(kind, optimizer, sources)
     if face.split:
         raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
                          f"each rank holds pieces of it, and HF Trainer saves the optimizer on one "
@@ -292,6 +293,19 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
                          f"{kind} but not stepped by this optimizer: they would be read at its "
                          f"steps only. Make one average per optimizer, of the part it steps "
                          f"(EMA(part)), or exclude= them, or freeze them")
+
+
+def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:
+    """An average made before its model was wrapped by FSDP1 (``EMA(FSDP1(model))`` is refused
+    when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
+        raise TypeError(f"attach() does not take this {kind}: its model is wrapped by FSDP1 "
+                        f"(FullyShardedDataParallel): its parameters are rank-dependent pieces "
+                        f"of flat parameters, which fastema cannot average (its first step "
+                        f"would raise, after the optimizer's). Shard the model with FSDP2 "
+                        f"(torch.distributed.fsdp.fully_shard): its average is sharded as its "
+                        f"parameters are, and attach() carries it through DCP")
 
 
 def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
