@@ -79,17 +79,16 @@ def _path(folder, sharded, i, options, rank):
 
 def _full_round(rank, world, folder, sharded):
     """Train, save under each of :data:`OPTIONS` (``torch.save`` on rank 0 when only rank 0 holds
-    it; each rank its own without ``full_state_dict``), train on: the uninterrupted run; then a fresh run (other weights) loads each save and
-    trains on alike."""
-    from torch.distributed.checkpoint.state_dict import (get_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    it; each rank its own without ``full_state_dict``), train on: the uninterrupted run; then a
+    fresh run (other weights) loads each save and trains on alike."""
+    import torch.distributed.checkpoint.state_dict as dsd
 
     wrapped, opt, ema = _make(0, sharded)
     for s in range(STEPS):
         _step(wrapped, opt, rank, s)
     out = _full(ema, "saved")
     for i, o in enumerate(OPTIONS):
-        msd, osd = get_state_dict(wrapped, opt, options=_options(*o))
+        msd, osd = dsd.get_state_dict(wrapped, opt, options=_options(*o))
         path = _path(folder, sharded, i, o, rank)
         out[f"empty{i}"] = torch.tensor(not osd)   # cpu_offload: rank 0's alone
         if rank == 0 or not o[0]:                  # not full: each rank's shards
@@ -104,8 +103,8 @@ def _full_round(rank, world, folder, sharded):
         path = _path(folder, sharded, i, o, rank)
         state = ({"model": {}, "optim": {}} if bcast and rank != 0
                  else torch.load(path, weights_only=True))
-        set_model_state_dict(wrapped, state["model"], options=_options(*o))
-        set_optimizer_state_dict(wrapped, opt, state["optim"], options=_options(*o))
+        dsd.set_model_state_dict(wrapped, state["model"], options=_options(*o))
+        dsd.set_optimizer_state_dict(wrapped, opt, state["optim"], options=_options(*o))
         out.update(_full(ema, f"loaded{i}"))
         for s in range(STEPS, STEPS + MORE):
             _step(wrapped, opt, rank, s)
