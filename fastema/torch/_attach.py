@@ -300,12 +300,12 @@ def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) ->
     when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
-        raise TypeError(f"attach() does not take this {kind}: its model is wrapped by FSDP1 "
-                        f"(FullyShardedDataParallel): its parameters are rank-dependent pieces "
-                        f"of flat parameters, which fastema cannot average (its first step "
-                        f"would raise, after the optimizer's). Shard the model with FSDP2 "
-                        f"(torch.distributed.fsdp.fully_shard): its average is sharded as its "
-                        f"parameters are, and attach() carries it through DCP")
+        raise TypeError(f"attach() does not take this {kind}: its model (or the optimizer's) is "
+                        f"wrapped by FSDP1 (FullyShardedDataParallel): its parameters are "
+                        f"rank-dependent pieces of flat parameters, which fastema cannot average "
+                        f"(its first step would raise, after the optimizer's). Shard the model "
+                        f"with FSDP2 (torch.distributed.fsdp.fully_shard): its average is sharded "
+                        f"as its parameters are, and attach() carries it through DCP")
 
 
 def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
