@@ -2,7 +2,8 @@
 shared world, ``use_orig_params`` True and False): fastema cannot average FSDP1's flat-parameter
 pieces (``EMA(FSDP1(model))`` is refused when it is made), so an average made before its model
 was wrapped is refused by name at ``attach()``, with nothing hooked, and not at the first step
-(where the optimizer would have stepped and the average not)."""
+(where the optimizer would have stepped and the average not); so is an average attached to an
+optimizer that steps FSDP1 parameters beside the ones it averages."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,6 +44,11 @@ def _fsdp1(rank, world):
                                                 + len(opt._optimizer_state_dict_post_hooks)
                                                 + len(opt._optimizer_load_state_dict_pre_hooks))
         out[f"updates{int(orig)}"] = torch.tensor(ema.updates)
+        head = nn.Linear(1, 1)                     # a plain part, stepped beside FSDP1's
+        both = torch.optim.AdamW([*fsdp.parameters(), *head.parameters()], lr=1e-2)
+        with pytest.raises(TypeError) as mixed:
+            EMA(head, 0.9).attach(both)
+        out[f"mixed{int(orig)}"] = _text(mixed.value)
         del fsdp, opt
     return out
 
@@ -56,4 +62,5 @@ def test_fsdp1_is_refused_by_name_at_attach_with_nothing_hooked(tmp_path):
             assert said.startswith("attach() does not take this EMA: its model (or the "
                                    "optimizer's) is wrapped by FSDP1")
             assert "fully_shard" in said
+            assert "wrapped by FSDP1" in bytes(r[f"mixed{orig}"].tolist()).decode()
             assert int(r[f"hooks{orig}"]) == 0 and int(r[f"updates{orig}"]) == 0
