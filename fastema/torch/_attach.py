@@ -71,6 +71,7 @@ class Attachment:
         self.flags: dict = {}                    # device -> int32[1], made at the first fused skip
         self.reseed: Any = None                  # the step pre-hook of a pending start-over
         self.per_param = bool(face.sharded)      # a sharded average: in the per-parameter entries
+        self.gathered: tuple | None = None       # a split's (calls, its gathered state): gather()
         self.handles = [optimizer.register_step_post_hook(self.stepped),
                         optimizer.register_state_dict_post_hook(self.saving),
                         optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True),
@@ -107,6 +108,7 @@ class Attachment:
             return
         if _zero_lr(optimizer) and _called_by_dcp():
             return                               # DCP's state init: lr 0, nothing moved, not a step
+        self.gathered = None                     # a split's gathered copy: of the last state only
         if found_inf is None:
             self.update(None)
         else:
@@ -149,11 +151,38 @@ class Attachment:
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
-        if self.per_param or _called_by_dcp("_get_optim_state_dict"):
+        dcp = _called_by_dcp("_get_optim_state_dict")
+        if dcp or (self.per_param and not self.face.split):
             return _params.per_param_state(KEY, self.face, optimizer, state_dict)
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        out[KEY] = self.face.state_dict()
+        out[KEY] = self.whole() if self.face.split else self.face.state_dict()
         return out
+
+    def gather(self) -> None:
+        """``gather_attached()``: a split average's whole state gathered now (a collective of its
+        replica group), for the next ``optimizer.state_dict()`` outside DCP, on one rank or all."""
+        if not self.face.split:
+            return
+        self.gathered = None                     # the old copy freed before the new one is made
+        self.gathered = (self.calls(), self.face.gathered_state_dict())
+
+    def calls(self) -> int:
+        return int(self.face._checkpoint.agreement.calls())
+
+    def whole(self) -> dict:
+        """A split average's gathered copy, made by :meth:`gather` at this state; else the error
+        that names what to do (the hook makes no collective: the other ranks may not be here)."""
+        if self.gathered is not None and self.gathered[0] == self.calls():
+            return self.gathered[1]
+        when = "was not gathered" if self.gathered is None else "changed since it was gathered"
+        raise RuntimeError(
+            f"optimizer.state_dict() outside DCP on an attached {self.kind} split over replicas "
+            f"(shard_replicas): each rank holds pieces of it, and this average {when}; the hook "
+            f"makes no collective (HF Trainer calls it on the saving rank only). Either save "
+            f"through DCP (get_state_dict + dcp.save on every rank: each rank writes its pieces), "
+            f"or call ema.gather_attached() on every rank after the last step before the save "
+            f"(fastema.transformers.GatherAttached does it for HF Trainer), or make the average "
+            f"without shard_replicas")
 
     def loading(self, optimizer, state_dict: dict) -> dict:
         """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
@@ -163,10 +192,17 @@ class Attachment:
         except (TypeError, ValueError) as err:   # refused here: the other ranks told first
             self.agree_present(None, err)
             raise
-        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
-        if entry is None and not self.per_param:
-            entry = rest.get(KEY)
+        if entry is None and (not self.per_param or self.face.split):
+            entry = rest.get(KEY)                # top level (a split's: gathered, full tensors)
             rest = {k: v for k, v in rest.items() if k != KEY}
+            if entry is not None and not isinstance(entry, dict):
+                bad = TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
+                                f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
+                                f"nothing was loaded")
+                self.agree_present(None, bad)
+                raise bad
+        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        self.gathered = None
         if entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
                           f"attach(), by an older fastema, or through DCP's get_state_dict, which "
@@ -176,9 +212,6 @@ class Attachment:
             if self.reseed is None:
                 self.reseed = optimizer.register_step_pre_hook(self.starting_over)
             return rest
-        if not isinstance(entry, dict):
-            raise TypeError(f"the optimizer state dict's {KEY!r} entry must be a {self.kind}'s "
-                            f"state_dict(), got {type(entry).__name__}; nothing was loaded")
         _check_groups(optimizer, rest)           # torch's own refusal, before the average is loaded
         self.face.load_state_dict(entry)
         if self.reseed is not None:
@@ -264,14 +297,6 @@ def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
                          f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
                          f"first")
     _refuse_fsdp1(kind, optimizer, sources)
-    if face.split:
-        raise ValueError(f"attach() does not take a {kind} split over replicas (shard_replicas): "
-                         f"each rank holds pieces of it, and HF Trainer saves the optimizer on one "
-                         f"rank, where a gather would hang. Save it beside the optimizer "
-                         f"(dcp.save({{'ema': ema, ...}}): each rank writes its pieces; or its own "
-                         f"state_dict(), or the trainer's fastema callback), or make it without "
-                         f"shard_replicas (an FSDP2 or HSDP model's average is then sharded as "
-                         f"its parameters are, and attach() carries it)")
     why = _params.refusal(face) if face.sharded else None
     if why is not None:
         raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "

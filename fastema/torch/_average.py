@@ -99,6 +99,17 @@ class TorchAverage(TorchFace):
             self._attachment.close()
             self._attachment = None
 
+    def gather_attached(self) -> None:
+        """An attached average split over replicas (``shard_replicas``): gather its whole state
+        now, a collective every rank of its replica group joins, so that the next
+        ``optimizer.state_dict()`` outside DCP (HF Trainer's and Lightning's, on the saving rank
+        only, with no collective) holds it whole; the next step drops the copy. Call it on every
+        rank after the last step before such a save. A no-op on an average that is not split."""
+        if self._attachment is None:
+            raise RuntimeError(f"gather_attached() on a {type(self).__name__} that is not attached "
+                               f"to an optimizer: gathered_state_dict() gives its whole state")
+        self._attachment.gather()
+
     @property
     def attached(self) -> torch.optim.Optimizer | None:
         """The optimizer this average is attached to (:meth:`attach`), or None."""

@@ -222,15 +222,17 @@ def _disagree(rank, world):
     out["warned"] = torch.tensor(sum("starts over" in str(w.message) for w in caught))
     opt.load_state_dict(late)                      # the world still works
     _same({**before, **_full(ema, "after")}, "before", "after")
-    plain = nn.Linear(4, 4)
+    plain = nn.Linear(4, 4)                        # a split attaches; outside DCP it says why
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+    EMA(plain, 0.9, shard_replicas=True).attach(sgd)
     try:
-        EMA(plain, 0.9, shard_replicas=True).attach(torch.optim.SGD(plain.parameters(), lr=0.1))
-    except ValueError as err:
+        sgd.state_dict()                           # not gathered: refused, no collective
+    except RuntimeError as err:
         out["split"] = torch.tensor(list(str(err).encode()))
     return out
 
 
-def test_ranks_that_disagree_raise_alike_and_the_split_is_refused_by_name(tmp_path):
+def test_ranks_that_disagree_raise_alike_and_an_ungathered_split_says_what_to_do(tmp_path):
     r = run_ranks(_disagree, tmp_path, 2, pg_timeout=30.0)
     text = [{k: bytes(v.tolist()).decode() for k, v in x.items() if v.dtype == torch.int64
              and v.dim() == 1} for x in r]
@@ -238,7 +240,7 @@ def test_ranks_that_disagree_raise_alike_and_the_split_is_refused_by_name(tmp_pa
     for t in text:
         assert "loaded another save" in t["other_save"], t["other_save"]
         assert "some ranks and not of others" in t["mixed"]
-        assert "split over replicas" in t["split"] and "dcp.save" in t["split"]
+        assert "split over replicas" in t["split"] and "gather_attached()" in t["split"]
     assert "(this rank: in it)" in text[0]["mixed"] and "not in it" in text[1]["mixed"]
     assert "damaged" in text[1]["damaged"] and "another rank refused" in text[0]["damaged"]
     assert int(r[0]["warned"]) == int(r[1]["warned"]) == 1

@@ -43,9 +43,7 @@ _BUFFERS = ("copied", "int_buffers")
 def refusal(face: Any) -> str | None:
     """Why a sharded face cannot take the per-parameter form (None: it can)."""
     for spec in face._side.specs.values():
-        if spec.slices or spec.replica_dim is not None:
-            return "split over replicas (shard_replicas)"
-        if spec.pieces is not None or spec.valid is not None:
+        if spec.valid is not None or (spec.pieces is not None and not spec.slices):
             return "of DeepSpeed ZeRO partitions or masters (no DTensor layout DCP can reshard)"
     return None
 

@@ -1,0 +1,208 @@
+"""``ema.attach(optimizer)`` of an average split over replicas (``shard_replicas``) under DDP (2
+gloo ranks of the shared world): DCP carries each rank's pieces in the per-parameter entries
+(``SplitEntry`` values), a float32 average of bfloat16 weights resumes bit for bit, with the
+default options and ``flatten_optimizer_state_dict=True``; ranks that load different saves raise
+alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``) the hook makes no collective:
+it carries the copy ``gather_attached()`` made on every rank, or raises naming what to do."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import Counted, run_ranks
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs gloo")
+
+STEPS, MORE = 3, 2
+
+
+def _make(seed, kind="EMA"):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastema.schedules import PowerWarmup
+    from fastema.torch import EMA, WindowAverage
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    if kind == "EMA":
+        ema = EMA(ddp, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2,
+                  shadow_dtype="float32", shard_replicas=True)
+    else:
+        ema = WindowAverage(ddp, 3, shard_replicas=True)
+    assert ema.split
+    return ddp, opt, ema.attach(opt)
+
+
+def _step(model, opt, rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    model(torch.randn(4, 8, generator=g).to(torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full(ema, prefix):
+    """The whole average, gathered (a collective): every tensor's rows, and the counters."""
+    state = ema.gathered_state_dict()
+    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
+    for key in ("averaged", "ring"):
+        for n, v in state.get(key, {}).items():
+            assert v.dtype == torch.float32, (key, n, v.dtype)
+            out[f"{prefix}/{key}/{n}"] = v.clone()
+    return out
+
+
+def _options(flat):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _same(r, a, b):
+    keys = [k[len(a) + 1:] for k in r if k.startswith(a + "/")]
+    assert keys
+    for k in keys:
+        assert torch.equal(r[f"{a}/{k}"], r[f"{b}/{k}"]), (a, b, k)
+
+
+def _dcp_resume(rank, world, folder, kind):
+    """Train, save through DCP (default, flattened), train on; fresh runs load each save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from fastema.torch import SplitEntry
+
+    model, opt, ema = _make(0, kind)
+    for s in range(STEPS):
+        _step(model, opt, rank, s)
+    out = _full(ema, "saved")
+    for flat in (False, True):
+        msd, osd = get_state_dict(model, opt, options=_options(flat))
+        entries = [v for v in (osd["state"].values() if not flat else ()) if "fastema" in v]
+        if not flat:                                # each rank's pieces: SplitEntry values
+            assert entries and isinstance(entries[0]["fastema"]["averaged"], SplitEntry)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(folder, f"{flat}"))
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, rank, s)
+    out.update(_full(ema, "ref"))
+    for flat in (False, True):
+        model, opt, ema = _make(1, kind)
+        msd, osd = get_state_dict(model, opt, options=_options(flat))
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=os.path.join(folder, f"{flat}"))
+        set_state_dict(model, opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_options(flat))
+        out.update(_full(ema, f"loaded{int(flat)}"))
+        for s in range(STEPS, STEPS + MORE):
+            _step(model, opt, rank, s)
+        out.update(_full(ema, f"resumed{int(flat)}"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["EMA", "WindowAverage"])
+def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
+    r = run_ranks(_dcp_resume, tmp_path, 2, str(tmp_path), kind, pg_timeout=30.0)
+    for x in r:
+        for flat in (0, 1):
+            _same(x, "saved", f"loaded{flat}")
+            _same(x, "ref", f"resumed{flat}")      # bit for bit against the uninterrupted run
+    _same({**{"a/" + k: v for k, v in r[0].items()}, **{"b/" + k: v for k, v in r[1].items()}},
+          "a", "b")                                 # one average: every rank gathers the same
+    assert int(r[0]["saved/calls"]) == STEPS        # DCP's dummy step is no update
+
+
+def _strip(osd):
+    return {**osd, "state": {k: {kk: vv for kk, vv in v.items() if kk != "fastema"}
+                             for k, v in osd["state"].items()}}
+
+
+def _dcp_disagree(rank, world):
+    """Ranks that set different saves, or the entries on one rank only: every rank raises the
+    same error, nothing is loaded, the world still works."""
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    model, opt, ema = _make(0)
+    _step(model, opt, rank, 0)
+    early = dcp_sd.get_optimizer_state_dict(model, opt)
+    _step(model, opt, rank, 1)
+    late = dcp_sd.get_optimizer_state_dict(model, opt)
+    before = _full(ema, "before")
+    out = {}
+    for case, sd in {"other_save": early if rank == 0 else late,
+                     "mixed": late if rank == 0 else _strip(late)}.items():
+        try:
+            dcp_sd.set_optimizer_state_dict(model, opt, sd)
+        except ValueError as err:
+            out[case] = torch.tensor(list(str(err).encode()))
+        _same({**before, **_full(ema, "after")}, "before", "after")   # nothing was loaded
+    dcp_sd.set_optimizer_state_dict(model, opt, late)
+    _same({**before, **_full(ema, "after")}, "before", "after")
+    return out
+
+
+def test_ranks_that_load_different_saves_raise_alike(tmp_path):
+    r = run_ranks(_dcp_disagree, tmp_path, 2, pg_timeout=30.0)
+    text = [{k: bytes(v.tolist()).decode() for k, v in x.items()} for x in r]
+    for t in text:
+        assert "another save" in t["other_save"], t["other_save"]
+        assert "some ranks and not of others" in t["mixed"], t["mixed"]
+
+
+def _rank0_save(rank, world, folder):
+    """HF Trainer's flow: ``optimizer.state_dict()`` on rank 0 alone. Not gathered: a clear error,
+    no collective, no file. Gathered on every rank first: rank 0's file holds the whole average,
+    which every rank loads (weights_only) and resumes bit for bit."""
+    model, opt, ema = _make(0)
+    for s in range(STEPS):
+        _step(model, opt, rank, s)
+    path = os.path.join(folder, "optimizer.pt")
+    out = {}
+    if rank == 0:
+        with Counted() as counted:
+            try:
+                torch.save(opt.state_dict(), path)
+            except RuntimeError as err:
+                out["refused"] = torch.tensor(list(str(err).encode()))
+        out["refused_calls"] = torch.tensor(len(counted.calls))
+        out["no_file"] = torch.tensor(not os.path.exists(path))
+    dist.barrier()
+    ema.gather_attached()                          # every rank, after the last step
+    if rank == 0:
+        with Counted() as counted:
+            torch.save(opt.state_dict(), path)
+        out["saved_calls"] = torch.tensor(len(counted.calls))
+        torch.save(model.module.state_dict(), path + ".model")
+    dist.barrier()
+    out.update(_full(ema, "saved"))
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, rank, s)
+    out.update(_full(ema, "ref"))
+    if rank == 0:                                  # a step drops the gathered copy
+        try:
+            opt.state_dict()
+        except RuntimeError as err:
+            out["stale"] = torch.tensor(list(str(err).encode()))
+    model, opt, ema = _make(1)
+    model.module.load_state_dict(torch.load(path + ".model", weights_only=True))
+    opt.load_state_dict(torch.load(path, weights_only=True))
+    out.update(_full(ema, "loaded"))
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, rank, s)
+    out.update(_full(ema, "resumed"))
+    return out
+
+
+def test_outside_dcp_the_hook_carries_the_gathered_copy_or_says_what_to_do(tmp_path):
+    r0, r1 = run_ranks(_rank0_save, tmp_path, 2, str(tmp_path), pg_timeout=30.0)
+    said = bytes(r0["refused"].tolist()).decode()
+    assert "gather_attached()" in said and "DCP" in said and "shard_replicas" in said, said
+    assert "was not gathered" in said
+    assert "gather_attached()" in bytes(r0["stale"].tolist()).decode()
+    assert int(r0["refused_calls"]) == int(r0["saved_calls"]) == 0   # no collective in the hook
+    assert bool(r0["no_file"])                     # never a file of rank 0's pieces
+    for x in (r0, r1):
+        _same(x, "saved", "loaded")
+        _same(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
