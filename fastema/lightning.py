@@ -36,7 +36,7 @@ from .torch import EMA
 from .torch.ema import PLACEMENT
 from .track import Tracker
 
-__all__ = ["MovingAverageLogs", "WeightEMA"]
+__all__ = ["GatherAttached", "MovingAverageLogs", "WeightEMA"]
 
 
 class WeightEMA(pl.Callback):
@@ -211,3 +211,32 @@ def _to_device(state, device):
     if isinstance(state, dict):
         return {k: _to_device(v, device) for k, v in state.items()}
     return state
+
+
+class GatherAttached(pl.Callback):
+    """For an average attached to the module's optimizer (``ema.attach(optimizer)``) and split over
+    replicas (``shard_replicas``): gathers it on every rank before each checkpoint's optimizer
+    states are read, so the ``.ckpt`` that rank 0 writes holds it whole (the optimizer's
+    state-dict hook makes no collective: without this callback it raises, naming it).
+
+    Lightning reads every callback's ``state_dict()`` before the optimizers' (its checkpoint
+    connector's ``dump_checkpoint``, on every rank), so the gather runs there. ``ema``: the
+    average, or the name of the LightningModule's attribute holding it (an average made in
+    ``configure_optimizers``: ``GatherAttached("ema")``)."""
+
+    def __init__(self, ema: Any = "ema"):
+        self.ema, self.module = ema, None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.module = pl_module
+
+    def state_dict(self) -> dict[str, Any]:
+        ema = self.ema
+        if isinstance(ema, str):
+            if self.module is None or not hasattr(self.module, ema):
+                raise AttributeError(f"GatherAttached({ema!r}): the LightningModule has no "
+                                     f"attribute {ema!r} holding the attached average")
+            ema = getattr(self.module, ema)
+        if getattr(ema, "attached", None) is not None and ema.split:
+            ema.gather_attached()
+        return {}

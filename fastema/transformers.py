@@ -44,7 +44,7 @@ from .average import EMAOptions
 from .schedules import BEMA
 from .torch import EMA, SplitEntry, unwrap
 
-__all__ = ["EMACallback", "STATE_FILE"]
+__all__ = ["EMACallback", "GatherAttached", "STATE_FILE"]
 
 #: The file :class:`EMACallback` writes into every Trainer checkpoint folder (one process's EMA:
 #: replicated averages). A sharded average (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions on several
@@ -349,3 +349,29 @@ class EMACallback(TrainerCallback):
                             value.to_local().copy_(local)
                         state[group][name] = value
         return state
+
+
+class GatherAttached(TrainerCallback):
+    """For an average attached to the Trainer's optimizer (``ema.attach(optimizer)``) and split over
+    replicas (``shard_replicas``): gathers it on every rank when a save is due, so the
+    ``optimizer.pt`` the saving rank writes alone holds it whole (the optimizer's state-dict hook
+    makes no collective: without this callback it raises, naming it). Add it with
+    ``Trainer(..., optimizers=(optimizer, None), callbacks=[GatherAttached(ema)])``.
+
+    The Trainer decides a save in ``on_step_end`` / ``on_epoch_end`` (its flow callback runs
+    first) and saves right after, so the average is gathered then, on every rank: a host copy of
+    the whole average on each rank until the next step. With ``save_strategy="best"`` the save
+    is decided after the evaluation, so it gathers at every evaluation."""
+
+    def __init__(self, ema):
+        if not callable(getattr(ema, "gather_attached", None)):
+            raise TypeError(f"GatherAttached takes a fastema.torch average attached to the "
+                            f"Trainer's optimizer, got {type(ema).__name__}")
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
+        if control.should_save or (best and control.should_evaluate):
+            self.ema.gather_attached()
+
+    on_epoch_end = on_step_end

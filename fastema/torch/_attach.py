@@ -181,8 +181,8 @@ class Attachment:
             f"makes no collective (HF Trainer calls it on the saving rank only). Either save "
             f"through DCP (get_state_dict + dcp.save on every rank: each rank writes its pieces), "
             f"or call ema.gather_attached() on every rank after the last step before the save "
-            f"(fastema.transformers.GatherAttached does it for HF Trainer), or make the average "
-            f"without shard_replicas")
+            f"(the GatherAttached callback of fastema.transformers or fastema.lightning does "
+            f"it), or make the average without shard_replicas")
 
     def loading(self, optimizer, state_dict: dict) -> dict:
         """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on

@@ -206,3 +206,59 @@ def test_outside_dcp_the_hook_carries_the_gathered_copy_or_says_what_to_do(tmp_p
     for x in (r0, r1):
         _same(x, "saved", "loaded")
         _same(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
+
+
+def _trainer_flows(rank, world, folder):
+    """HF Trainer's flow, its own callback handler: the flow callback decides a save at step 2 in
+    ``on_step_end``, ``GatherAttached`` gathers on every rank, the saving rank alone writes
+    ``optimizer.state_dict()``. Lightning's: every callback's ``state_dict()``, then the
+    optimizer's, on every rank. Both files hold the whole average, loaded bit for bit."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+    from fastema.lightning import GatherAttached as LightningGather
+    from fastema.transformers import GatherAttached
+
+    model, opt, ema = _make(0)
+    args = TrainingArguments(os.path.join(folder, "hf"), save_strategy="steps", save_steps=2,
+                             logging_strategy="no", report_to=[], use_cpu=True)
+    handler = CallbackHandler([DefaultFlowCallback(), GatherAttached(ema)], model, None, opt, None)
+    state, control = TrainerState(max_steps=STEPS, save_steps=2), TrainerControl()
+    out, saves = {}, []
+    for s in range(STEPS):
+        control = handler.on_step_begin(args, state, control)
+        _step(model, opt, rank, s)
+        state.global_step = s + 1
+        control = handler.on_step_end(args, state, control)
+        if control.should_save:                    # steps 2 and 3 (the last)
+            saves.append(state.global_step)
+            if rank == 0:                          # under DDP the Trainer's saving rank, alone
+                with Counted() as counted:
+                    torch.save(opt.state_dict(), os.path.join(folder, f"opt{s + 1}.pt"))
+                out[f"hf_calls{s + 1}"] = torch.tensor(len(counted.calls))
+            control = handler.on_save(args, state, control)
+            out.update(_full(ema, f"at{s + 1}"))
+    dist.barrier()
+    out["saves"] = torch.tensor(saves)
+    lightning = LightningGather("ema")
+    lightning.setup(None, nn.Module(), "fit")
+    lightning.module.ema = ema                     # the LightningModule's attribute
+    assert lightning.state_dict() == {}            # every rank: the gather, before the optimizer
+    whole = opt.state_dict()                       # every rank (Lightning's optimizer_state)
+    files = {f"hf{k}": torch.load(os.path.join(folder, f"opt{k}.pt"), weights_only=True)
+             for k in saves}
+    for name, sd in (*files.items(), ("lightning", whole)):
+        _, opt2, ema2 = _make(1)
+        opt2.load_state_dict(sd)
+        out.update(_full(ema2, name))
+    return out
+
+
+def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
+    r = run_ranks(_trainer_flows, tmp_path, 2, str(tmp_path), pg_timeout=30.0)
+    assert r[0]["saves"].tolist() == r[1]["saves"].tolist() == [2, STEPS]
+    assert int(r[0]["hf_calls2"]) == int(r[0]["hf_calls3"]) == 0    # rank 0 alone, no collective
+    for x in r:
+        _same(x, "at2", "hf2")
+        _same(x, "at3", "hf3")
+        _same(x, "at3", "lightning")
