@@ -37,8 +37,9 @@ def _make(seed, mesh=None, kind="EMA"):
 
     model = _model(seed, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    if kind == "EMA":
-        ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2)
+    if kind in ("EMA", "split"):                  # split: over HSDP's replicas (shard_replicas)
+        ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2,
+                  shard_replicas=kind == "split")
     else:
         ema = WindowAverage(model, 3)
     return model, opt, ema.attach(opt)
@@ -54,12 +55,12 @@ def _step(model, opt, rank, step):
 
 def _full(ema, prefix):
     """The average's whole state, gathered (a collective): rows of every tensor, and counters."""
-    state = ema.state_dict()
+    state = ema.gathered_state_dict() if ema.split else ema.state_dict()
     out = {f"{prefix}/calls": torch.tensor(state["calls"])}
     for key in ("averaged", "ring"):
         for n, v in state.get(key, {}).items():
             assert v.dtype == torch.float32, (key, n, v.dtype)
-            out[f"{prefix}/{key}/{n}"] = v.full_tensor()
+            out[f"{prefix}/{key}/{n}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
     return out
 
 
@@ -167,8 +168,11 @@ def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(
             assert torch.equal(r["loaded0/" + k[6:]], r4[0][k]), k
 
 
-def test_hsdp_a_2d_mesh(tmp_path):
-    r4 = run_ranks(_resume, tmp_path, 4, str(tmp_path), "EMA", True, pg_timeout=60.0)
+@pytest.mark.parametrize("kind", ["EMA", "split"])
+def test_hsdp_a_2d_mesh(tmp_path, kind):
+    """``split``: the average split over the mesh's replicas too (``shard_replicas=True``): each
+    rank's pieces of its shard ride its entries (SplitEntry), bit for bit."""
+    r4 = run_ranks(_resume, tmp_path, 4, str(tmp_path), kind, True, pg_timeout=60.0)
     for r in r4:
         for flat in (0, 1, 2):
             _same(r, "saved", f"loaded{flat}")

@@ -43,7 +43,8 @@ _BUFFERS = ("copied", "int_buffers")
 def refusal(face: Any) -> str | None:
     """Why a sharded face cannot take the per-parameter form (None: it can)."""
     for spec in face._side.specs.values():
-        if spec.valid is not None or (spec.pieces is not None and not spec.slices):
+        split = spec.slices or spec.replica_dim is not None     # shard_replicas: SplitEntry pieces
+        if spec.valid is not None or (spec.pieces is not None and not split):
             return "of DeepSpeed ZeRO partitions or masters (no DTensor layout DCP can reshard)"
     return None
 
