@@ -27,8 +27,13 @@ parameters' layout, taken out before the cast); its load agrees over the mesh th
 the entries or none does (one all-reduce per mesh dimension, under the group's timeout).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
-rank only), so an average split over replicas (``shard_replicas``: each rank holds pieces) and
-one of DeepSpeed's ZeRO partitions are refused here, by name.
+rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
+DCP's per-parameter entries as :class:`~fastema.torch.SplitEntry` values (each rank writes its
+own); outside DCP its hook carries the whole copy that ``ema.gather_attached()`` made on every
+rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks of
+:mod:`fastema.transformers` and :mod:`fastema.lightning` call it when a save is due), or raises
+naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
+refused here, by name.
 """
 from __future__ import annotations
 

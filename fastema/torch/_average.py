@@ -75,9 +75,11 @@ class TorchAverage(TorchFace):
         (FSDP2, HSDP, tensor parallel) is kept in the per-parameter entries instead, as float32
         DTensors of the parameters' layout: DCP's ``get_state_dict`` / ``set_state_dict`` and
         ``dcp.save`` / ``dcp.async_save`` / ``dcp.load`` carry it (any world size or mesh;
-        ``flatten_optimizer_state_dict=True`` too). Refused: a split average (``shard_replicas``),
-        ZeRO partitions, a second average on one optimizer, an average of trainable parameters the
-        optimizer does not step. See the attach guide."""
+        ``flatten_optimizer_state_dict=True`` too). A split average (``shard_replicas``) rides
+        DCP as each rank's pieces; outside DCP it needs :meth:`gather_attached` on every rank
+        before the save (the ``GatherAttached`` callbacks), else ``optimizer.state_dict()``
+        raises. Refused: ZeRO partitions, a second average on one optimizer, an average of
+        trainable parameters the optimizer does not step. See the attach guide."""
         from ._attach import Attachment, skip_refusal
 
         if self._attachment is not None:

@@ -8,7 +8,8 @@ optimizer's state dict, so the average goes into ``state``: each averaged parame
 a key :data:`~fastema.torch._attach.KEY` holding that parameter's part of the average's
 :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
 the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
-tensors for an unsharded average). The
+tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's pieces,
+for an average split over replicas). The
 entry of the first averaged parameter also holds ``"meta"``: the average's counters and settings
 as UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
 saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
