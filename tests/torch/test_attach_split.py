@@ -1,9 +1,10 @@
 """``ema.attach(optimizer)`` of an average split over replicas (``shard_replicas``) under DDP (2
 gloo ranks of the shared world): DCP carries each rank's pieces in the per-parameter entries
 (``SplitEntry`` values), a float32 average of bfloat16 weights resumes bit for bit, with the
-default options and ``flatten_optimizer_state_dict=True``; ranks that load different saves raise
-alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``) the hook makes no collective:
-it carries the copy ``gather_attached()`` made on every rank, or raises naming what to do."""
+default options and ``flatten_optimizer_state_dict=True``, offloaded (``offload=``) or not; ranks
+that load different saves raise alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``)
+the hook makes no collective: it carries the copy ``gather_attached()`` made on every rank, or
+raises naming what to do."""
 import os
 
 import pytest
@@ -22,13 +23,17 @@ def _make(seed, kind="EMA"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fastema.schedules import PowerWarmup
-    from fastema.torch import EMA, WindowAverage
+    from fastema.torch import EMA, Offload, WindowAverage
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
     ddp = DDP(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-    if kind == "EMA":
+    if kind == "offload":                           # host memory, fed by the CPU ring
+        ema = EMA(ddp, 0.9, shadow_dtype="float32", shard_replicas=True,
+                  offload=Offload(chunk=32))
+        assert "staging chunks" in ema.memory(parts=True)["cpu"]    # type: ignore[index]
+    elif kind == "EMA":
         ema = EMA(ddp, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2,
                   shadow_dtype="float32", shard_replicas=True)
     else:
@@ -102,7 +107,7 @@ def _dcp_resume(rank, world, folder, kind):
     return out
 
 
-@pytest.mark.parametrize("kind", ["EMA", "WindowAverage"])
+@pytest.mark.parametrize("kind", ["EMA", "WindowAverage", "offload"])
 def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
     r = run_ranks(_dcp_resume, tmp_path, 2, str(tmp_path), kind, pg_timeout=30.0)
     for x in r:
