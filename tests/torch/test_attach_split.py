@@ -192,7 +192,13 @@ def _rank0_save(rank, world, folder):
             out["stale"] = torch.tensor(list(str(err).encode()))
     model, opt, ema = _make(1)
     model.module.load_state_dict(torch.load(path + ".model", weights_only=True))
-    opt.load_state_dict(torch.load(path, weights_only=True))
+    whole = torch.load(path, weights_only=True)
+    try:                                           # the average in rank 0's dict only: both raise
+        opt.load_state_dict(whole if rank == 0 else {k: v for k, v in whole.items()
+                                                     if k != "fastema"})
+    except ValueError as err:
+        out["mixed"] = torch.tensor(list(str(err).encode()))
+    opt.load_state_dict(whole)
     out.update(_full(ema, "loaded"))
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
@@ -208,6 +214,8 @@ def test_outside_dcp_the_hook_carries_the_gathered_copy_or_says_what_to_do(tmp_p
     assert "gather_attached()" in bytes(r0["stale"].tolist()).decode()
     assert int(r0["refused_calls"]) == int(r0["saved_calls"]) == 0   # no collective in the hook
     assert bool(r0["no_file"])                     # never a file of rank 0's pieces
+    for x in (r0, r1):
+        assert "some ranks and not of others" in bytes(x["mixed"].tolist()).decode()
     for x in (r0, r1):
         _same(x, "saved", "loaded")
         _same(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
@@ -267,3 +275,21 @@ def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
         _same(x, "at2", "hf2")
         _same(x, "at3", "hf3")
         _same(x, "at3", "lightning")
+
+
+def test_gather_attached_is_a_no_op_unsplit_and_refused_unattached():
+    from fastema.torch import EMA
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, 0.9)
+    with pytest.raises(RuntimeError, match="not attached"):
+        ema.gather_attached()
+    ema.attach(opt)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    before = opt.state_dict()["fastema"]
+    ema.gather_attached()                          # unsplit: nothing gathered, nothing changed
+    after = opt.state_dict()["fastema"]
+    assert ema._attachment.gathered is None
+    assert all(torch.equal(before["averaged"][n], after["averaged"][n]) for n in before["averaged"])
