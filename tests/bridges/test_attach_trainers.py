@@ -56,7 +56,7 @@ def test_hf_trainer_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path)
 # ------------------------------------------------------------ Lightning
 
 
-def lightning_run(tmp_path, epochs, ckpt=None, save=False, ema_kw=None):
+def lightning_run(tmp_path, epochs, ckpt=None, save=False, ema_kw=None, extra=()):
     """A regressor with an EMA (``EMA(self, 0.9, **ema_kw)``) attached in configure_optimizers."""
     pl = pytest.importorskip("pytorch_lightning")
 
@@ -81,7 +81,7 @@ def lightning_run(tmp_path, epochs, ckpt=None, save=False, ema_kw=None):
     pairs = torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True))
     data = torch.utils.data.DataLoader(pairs, batch_size=8)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
-    callbacks = [ckpt_cb] if save else []
+    callbacks = ([ckpt_cb] if save else []) + list(extra)
     module = Regressor()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                          enable_checkpointing=save, enable_progress_bar=False,
@@ -98,3 +98,24 @@ def test_lightning_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path):
     resumed = lightning_run(tmp_path / "b", 2, ckpt=tmp_path / "a" / "ck" / "last.ckpt")
     assert resumed.ema.updates == full.ema.updates == 8
     assert same_average(resumed.ema, full.ema)
+
+
+def test_lightning_reads_gather_attached_before_the_optimizers_state(tmp_path):
+    """What ``fastema.lightning.GatherAttached`` relies on, in Lightning's own ``dump_checkpoint``:
+    every callback's ``state_dict()`` before ``optimizer.state_dict()``; and ``"ema"`` found on
+    the module (made in ``configure_optimizers``, after the callback's ``setup``)."""
+    from fastema.lightning import GatherAttached
+
+    order: list = []
+
+    class Spy(GatherAttached):
+        def state_dict(self):
+            order.append("callback")
+            ema = getattr(self.module, self.ema)
+            assert ema.attached is not None        # the attribute is found: the attached average
+            return super().state_dict()
+
+    module = lightning_run(tmp_path, 1, extra=[Spy("ema")])
+    module.ema.attached.register_state_dict_pre_hook(lambda opt: order.append("optimizer"))
+    module.trainer.save_checkpoint(tmp_path / "x.ckpt")
+    assert order == ["callback", "optimizer"]
