@@ -253,6 +253,23 @@ def _trainer_flows(rank, world, folder):
             out.update(_full(ema, f"at{s + 1}"))
     dist.barrier()
     out["saves"] = torch.tensor(saves)
+    best = TrainingArguments(os.path.join(folder, "best"), eval_strategy="steps", eval_steps=2,
+                             save_strategy="best", metric_for_best_model="loss",
+                             logging_strategy="no", report_to=[], use_cpu=True)
+    handler = CallbackHandler([DefaultFlowCallback(), GatherAttached(ema)], model, None, opt, None)
+    state, control = TrainerState(max_steps=9, eval_steps=2), TrainerControl()
+    for s in (4, 5):                               # "best": the save is decided after evaluating
+        control = handler.on_step_begin(best, state, control)
+        _step(model, opt, rank, s - 1)
+        state.global_step = s
+        control = handler.on_step_end(best, state, control)
+        if rank == 0:
+            try:
+                opt.state_dict()
+                out[f"best{s}"] = torch.tensor(1)
+            except RuntimeError:
+                out[f"best{s}"] = torch.tensor(0)
+    out.update(_full(ema, "now"))
     lightning = LightningGather("ema")
     lightning.setup(None, nn.Module(), "fit")
     lightning.module.ema = ema                     # the LightningModule's attribute
@@ -271,10 +288,11 @@ def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
     r = run_ranks(_trainer_flows, tmp_path, 2, str(tmp_path), pg_timeout=30.0)
     assert r[0]["saves"].tolist() == r[1]["saves"].tolist() == [2, STEPS]
     assert int(r[0]["hf_calls2"]) == int(r[0]["hf_calls3"]) == 0    # rank 0 alone, no collective
+    assert int(r[0]["best4"]) == 1 and int(r[0]["best5"]) == 0   # gathered at each evaluation
     for x in r:
         _same(x, "at2", "hf2")
         _same(x, "at3", "hf3")
-        _same(x, "at3", "lightning")
+        _same(x, "now", "lightning")
 
 
 def test_gather_attached_is_a_no_op_unsplit_and_refused_unattached():
