@@ -33,12 +33,12 @@ def _make(seed, kind="EMA"):
         ema = EMA(ddp, 0.9, shadow_dtype="float32", shard_replicas=True,
                   offload=Offload(chunk=32))
         assert "staging chunks" in ema.memory(parts=True)["cpu"]    # type: ignore[index]
-    elif kind == "EMA":
+    elif kind in ("EMA", "unsplit"):
         ema = EMA(ddp, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2,
-                  shadow_dtype="float32", shard_replicas=True)
+                  shadow_dtype="float32", shard_replicas=kind == "EMA")
     else:
         ema = WindowAverage(ddp, 3, shard_replicas=True)
-    assert ema.split
+    assert ema.split == (kind != "unsplit")
     return ddp, opt, ema.attach(opt)
 
 
@@ -200,6 +200,9 @@ def _rank0_save(rank, world, folder):
         out["mixed"] = torch.tensor(list(str(err).encode()))
     opt.load_state_dict(whole)
     out.update(_full(ema, "loaded"))
+    _, opt2, ema2 = _make(1, "unsplit")            # the whole copy loads unsplit too
+    opt2.load_state_dict(whole)
+    out.update(_full(ema2, "unsplit"))
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
     out.update(_full(ema, "resumed"))
@@ -218,6 +221,7 @@ def test_outside_dcp_the_hook_carries_the_gathered_copy_or_says_what_to_do(tmp_p
         assert "some ranks and not of others" in bytes(x["mixed"].tolist()).decode()
     for x in (r0, r1):
         _same(x, "saved", "loaded")
+        _same(x, "saved", "unsplit")
         _same(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
 
 
