@@ -37,6 +37,7 @@ refused here, by name.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
@@ -364,9 +365,11 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
 
 def _called_by_dcp(what: str = "_init_optim_state") -> bool:
     """DCP's ``what`` is on the stack (a few frames up: the step's or ``state_dict()``'s
-    wrappers): ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``."""
+    wrappers): ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``. The function's
+    own code, under its decorators (``@torch.no_grad()``'s wrapper is shared by every function it
+    decorates: its code would match any of them)."""
     init = getattr(sys.modules.get(_DCP), what, None)
-    code = getattr(init, "__code__", None)
+    code = getattr(inspect.unwrap(init), "__code__", None) if callable(init) else None
     if code is None:
         return False
     frame: Any = sys._getframe(1)

@@ -148,6 +148,27 @@ def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():
     assert ema2.updates == 1
 
 
+def test_only_dcp_is_taken_for_dcp_not_a_function_under_the_same_decorator():
+    """DCP's ``_get_optim_state_dict`` is decorated by ``@torch.no_grad()``, whose wrapper's code
+    every function it decorates shares: a save in a user's ``@torch.no_grad()`` function was taken
+    for DCP's (the per-parameter form, markers written into the live optimizer state)."""
+    pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    EMA(model, D).attach(opt)
+    step(model, opt, batches(1)[0])
+
+    @torch.no_grad()
+    def save():
+        return opt.state_dict()
+
+    got = save()
+    assert KEY in got and all(KEY not in v for v in got["state"].values())
+    assert all(KEY not in v for v in opt.state.values())      # the live state left as it was
+    opt.load_state_dict(save_load(got))
+    assert all(KEY not in v for v in opt.state.values())
+
+
 def save_load(state):
     buf = io.BytesIO()
     torch.save(state, buf)
