@@ -361,7 +361,10 @@ class GatherAttached(TrainerCallback):
     The Trainer decides a save in ``on_step_end`` / ``on_epoch_end`` (its flow callback runs
     first) and saves right after, so the average is gathered then, on every rank: a host copy of
     the whole average on each rank until the next step. With ``save_strategy="best"`` the save
-    is decided after the evaluation, so it gathers at every evaluation."""
+    is decided after the evaluation, so it gathers at every evaluation. It gathers at the end of
+    the Trainer's ``__init__`` too (every rank builds the Trainer): ``train()`` prepares the
+    optimizer with accelerate, whose ``AcceleratedOptimizer`` passes its state through
+    ``state_dict()`` and ``load_state_dict()`` on every rank before the first step."""
 
     def __init__(self, ema):
         if not callable(getattr(ema, "gather_attached", None)):
@@ -375,3 +378,7 @@ class GatherAttached(TrainerCallback):
             self.ema.gather_attached()
 
     on_epoch_end = on_step_end
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if self.ema.attached is not None:          # attached later: prepare() then says to gather
+            self.ema.gather_attached()

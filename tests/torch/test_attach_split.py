@@ -243,7 +243,10 @@ def _trainer_flows(rank, world, folder):
                              logging_strategy="no", report_to=[], use_cpu=True)
     handler = CallbackHandler([DefaultFlowCallback(), GatherAttached(ema)], model, None, opt, None)
     state, control = TrainerState(max_steps=STEPS, save_steps=2), TrainerControl()
-    out, saves = {}, []
+    out, saves = _full(ema, "start"), []
+    control = handler.on_init_end(args, state, control)   # every rank builds the Trainer; then
+    opt.load_state_dict(opt.state_dict())       # train()'s prepare: accelerate's
+    out.update(_full(ema, "prepared"))          # AcceleratedOptimizer round trip, every rank
     for s in range(STEPS):
         control = handler.on_step_begin(args, state, control)
         _step(model, opt, rank, s)
@@ -296,6 +299,7 @@ def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
     assert int(r[0]["hf_calls2"]) == int(r[0]["hf_calls3"]) == 0    # rank 0 alone, no collective
     assert int(r[0]["best4"]) == 1 and int(r[0]["best5"]) == 0   # gathered at each evaluation
     for x in r:
+        _same(x, "start", "prepared")              # it raised "was not gathered" at prepare
         _same(x, "at2", "hf2")
         _same(x, "at3", "hf3")
         _same(x, "now", "lightning")
