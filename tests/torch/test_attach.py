@@ -169,6 +169,23 @@ def test_only_dcp_is_taken_for_dcp_not_a_function_under_the_same_decorator():
     assert all(KEY not in v for v in opt.state.values())
 
 
+def test_a_damaged_per_parameter_entry_is_refused_by_name_and_nothing_changes():
+    sd = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(model, D).attach(opt)
+    step(model, opt, batches(1)[0])
+    got = sd.get_optimizer_state_dict(model, opt)
+    before, moments = averaged(ema), [v["exp_avg"].clone() for v in opt.state.values()]
+    first = next(iter(got["state"]))
+    for bad in (torch.ones(3), "fastema"):     # a tensor's truth value raised a bare RuntimeError
+        damaged = {**got, "state": {**got["state"], first: {**got["state"][first], KEY: bad}}}
+        with pytest.raises(ValueError, match=f"entry of parameter {first!r} is a"):
+            opt.load_state_dict(damaged)
+        assert ema.updates == 1 and same(averaged(ema), before)
+        assert all(torch.equal(v["exp_avg"], m) for v, m in zip(opt.state.values(), moments))
+
+
 def save_load(state):
     buf = io.BytesIO()
     torch.save(state, buf)

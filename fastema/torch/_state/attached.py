@@ -131,9 +131,13 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for k, v in state_dict.get("state", {}).items():
         if isinstance(v, dict) and key in v:
             rest = {kk: vv for kk, vv in v.items() if kk != key}
-            p = by_key.get(k)
-            if p is not None and id(p) in names and v[key]:
-                found[names[id(p)]] = v[key]
+            p, entry = by_key.get(k), v[key]
+            if not isinstance(entry, dict):        # damaged, or another program's key
+                raise ValueError(f"the optimizer state dict's {key!r} entry of parameter {k!r} "
+                                 f"is a {type(entry).__name__}, not this average's entries "
+                                 f"(damaged, or another program's); nothing was loaded")
+            if p is not None and id(p) in names and entry:
+                found[names[id(p)]] = entry
             if rest:
                 state[k] = rest
         else:
