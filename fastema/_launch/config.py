@@ -140,7 +140,9 @@ _TUNABLE = {
                     "a whole number, 0 or more"),
     "CPU_THREADS": "a positive whole number, or None (follow torch's count)",
     "CUDA_CACHE": "True or False"}
-"""The tunables :func:`tuned` sets (those the launchers read at every call) and what each takes."""
+"""The tunables :func:`tuned` sets and what each takes. Most are read at every launch; the chunk
+sizes (``CPU_CHUNK``, ``CUDA_CHUNK``) where a launch table is built and ``CUDA_STAGING_SLOTS``
+where staging is, so an object built inside the block keeps those after it."""
 
 
 def _fits(name: str, value) -> bool:
@@ -157,9 +159,9 @@ def tuned(**values) -> Iterator[None]:
     """The launch tunables named (``tuned(CUDA_CHUNK=16, CUDA_MAX_BLOCKS=3)``) set to ``values``
     for the ``with`` block, and put back after, however it ends: small launches in the tests,
     the parallel kernels on tiny inputs in ``python -m fastema warm``. A name that is not a
-    tunable read at every call (:data:`_TUNABLE`), or a value it cannot take, raises ValueError
+    tunable (:data:`_TUNABLE`: when each is read), or a value it cannot take, raises ValueError
     before anything is set. Not thread-safe: the values are process-wide."""
-    bad = [f"{name}={value!r} (not a tunable read at every launch: {', '.join(_TUNABLE)})"
+    bad = [f"{name}={value!r} (not a launch tunable: {', '.join(_TUNABLE)})"
            if name not in _TUNABLE else f"{name}={value!r} (takes {_TUNABLE[name]})"
            for name, value in values.items() if name not in _TUNABLE or not _fits(name, value)]
     if bad:
