@@ -58,7 +58,7 @@ def test_the_launchers_read_a_tuned_value_at_the_next_call():
 
 @pytest.mark.parametrize("values, said", [
     ({"CUDA_CHUNKS": 16}, "CUDA_CHUNKS=16 (not a launch tunable: CPU_CHUNK, "),
-    ({"CUDA_DISPATCHER_CACHE": True}, "CUDA_DISPATCHER_CACHE=True (not a tunable"),
+    ({"CUDA_DISPATCHER_CACHE": True}, "CUDA_DISPATCHER_CACHE=True (not a launch tunable"),
     ({"CUDA_THREADS": 0}, "CUDA_THREADS=0 (takes a positive whole number)"),
     ({"CPU_SERIAL_BELOW": -1}, "CPU_SERIAL_BELOW=-1 (takes a whole number, 0 or more)"),
     ({"CPU_CHUNK": 16.0}, "CPU_CHUNK=16.0 (takes a positive whole number)"),
