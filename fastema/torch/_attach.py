@@ -242,10 +242,11 @@ class Attachment:
             try:
                 dist.all_reduce(moved, op=dist.ReduceOp.MIN, group=group)
             except RuntimeError as failed:       # this one call's: gloo's timeout is a plain one
-                raise RuntimeError(f"optimizer.load_state_dict: a rank of the attached "
-                                   f"{self.kind}'s mesh did not join its load ({failed}). Every "
-                                   f"rank's optimizer must have the average attached, and every "
-                                   f"rank load; nothing was loaded here") from failed
+                raise RuntimeError(f"optimizer.load_state_dict: the attached {self.kind}'s "
+                                   f"agreement failed ({failed}): where it timed out, a rank of "
+                                   f"its mesh did not join its load. Every rank's optimizer must "
+                                   f"have the average attached, and every rank load; nothing "
+                                   f"was loaded here") from failed
             seen = moved.cpu()
         lo, hi, refused = int(seen[0]), -int(seen[1]), -int(seen[2])
         if err is not None:

@@ -308,5 +308,6 @@ def _one_not_attached(rank, world):
 def test_a_rank_without_the_average_attached_times_out_the_load_with_the_reason(tmp_path):
     r = run_ranks(_one_not_attached, tmp_path, 2, pg_timeout=60.0, fresh=True)
     said = bytes(r[0]["error"].tolist()).decode()
-    assert "did not join its load" in said and "must have the average attached" in said
+    assert "agreement failed" in said and "did not join its load" in said
+    assert "must have the average attached" in said
     assert "error" not in r[1]
