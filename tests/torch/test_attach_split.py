@@ -1,7 +1,8 @@
 """``ema.attach(optimizer)`` of an average split over replicas (``shard_replicas``) under DDP (2
 gloo ranks of the shared world): DCP carries each rank's pieces in the per-parameter entries
 (``SplitEntry`` values), a float32 average of bfloat16 weights resumes bit for bit, with the
-default options and ``flatten_optimizer_state_dict=True``, offloaded (``offload=``) or not; ranks
+default options and ``flatten_optimizer_state_dict=True``, offloaded (``offload=``) or not, a
+``PostHocEMA``'s snapshots written after the resume too; ranks
 that load different saves raise alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``)
 the hook makes no collective: it carries the copy ``gather_attached()`` made on every rank, or
 raises naming what to do."""
@@ -19,11 +20,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 STEPS, MORE = 3, 2
 
 
-def _make(seed, kind="EMA"):
+def _make(seed, kind="EMA", folder=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fastema.schedules import PowerWarmup
-    from fastema.torch import EMA, Offload, WindowAverage
+    from fastema.torch import EMA, Offload, PostHocEMA, WindowAverage
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
@@ -36,6 +37,8 @@ def _make(seed, kind="EMA"):
     elif kind in ("EMA", "unsplit"):
         ema = EMA(ddp, [PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2,
                   shadow_dtype="float32", shard_replicas=kind == "EMA")
+    elif kind == "PostHocEMA":                      # snapshots every 2 updates, into folder
+        ema = PostHocEMA(ddp, (0.05, 0.1), snapshot_every=2, path=folder, shard_replicas=True)
     else:
         ema = WindowAverage(ddp, 3, shard_replicas=True)
     assert ema.split == (kind != "unsplit")
@@ -80,7 +83,8 @@ def _dcp_resume(rank, world, folder, kind):
 
     from fastema.torch import SplitEntry
 
-    model, opt, ema = _make(0, kind)
+    snaps = os.path.join(folder, "snapshots")
+    model, opt, ema = _make(0, kind, os.path.join(snaps, "ref"))
     for s in range(STEPS):
         _step(model, opt, rank, s)
     out = _full(ema, "saved")
@@ -93,23 +97,42 @@ def _dcp_resume(rank, world, folder, kind):
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
     out.update(_full(ema, "ref"))
+    out.update(_last_snapshot(os.path.join(snaps, "ref"), "ref"))
     kinds = [(kind, False), (kind, True)] + [("unsplit", False)] * (kind == "EMA")
     for made, flat in kinds:                       # unsplit: the split's save, read whole
-        model, opt, ema = _make(1, made)
+        name = "unsplit" if made == "unsplit" else int(flat)
+        model, opt, ema = _make(1, made, os.path.join(snaps, f"{name}"))
         msd, osd = get_state_dict(model, opt, options=_options(flat))
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=os.path.join(folder, f"{flat}"))
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=_options(flat))
-        name = "unsplit" if made == "unsplit" else int(flat)
         out.update(_full(ema, f"loaded{name}"))
         for s in range(STEPS, STEPS + MORE):
             _step(model, opt, rank, s)
         out.update(_full(ema, f"resumed{name}"))
+        out.update(_last_snapshot(os.path.join(snaps, f"{name}"), f"resumed{name}"))
     return out
 
 
-@pytest.mark.parametrize("kind", ["EMA", "WindowAverage", "offload"])
+def _last_snapshot(folder, prefix):
+    """A PostHocEMA's last snapshot (one collective DCP save of the ranks' pieces), read whole:
+    ``{prefix}/snapshot/{key}``; nothing for the other faces."""
+    from fastema.posthoc import read_snapshots, tensor_reader
+
+    if not os.path.isdir(folder):
+        return {}
+    snap = read_snapshots(folder)[-1]
+    assert snap.kind == "dcp" and snap.time == STEPS + MORE - 1, snap
+    read = tensor_reader(snap)
+    try:
+        keys = [f"{k}:{n}" for k in range(len(snap.gammas)) for n in snap.averaged]
+        return {f"{prefix}/snapshot/{k}": read(k).clone() for k in keys}
+    finally:
+        read.close()
+
+
+@pytest.mark.parametrize("kind", ["EMA", "WindowAverage", "offload", "PostHocEMA"])
 def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
     r = run_ranks(_dcp_resume, tmp_path, 2, str(tmp_path), kind, pg_timeout=30.0)
     for x in r:
@@ -119,6 +142,8 @@ def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
     _same({**{"a/" + k: v for k, v in r[0].items()}, **{"b/" + k: v for k, v in r[1].items()}},
           "a", "b")                                 # one average: every rank gathers the same
     assert int(r[0]["saved/calls"]) == STEPS        # DCP's dummy step is no update
+    snapshots = [k for k in r[0] if k.startswith("ref/snapshot/")]
+    assert len(snapshots) == (4 * 2 if kind == "PostHocEMA" else 0)   # 4 tensors x 2 profiles
 
 
 def _strip(osd):
