@@ -5,7 +5,7 @@ default options and ``flatten_optimizer_state_dict=True``, offloaded (``offload=
 ``PostHocEMA``'s snapshots written after the resume too; ranks
 that load different saves raise alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``)
 the hook makes no collective: it carries the copy ``gather_attached()`` made on every rank, or
-raises naming what to do."""
+raises naming what to do; that copy loads at another world size (2 -> 4, 4 -> 2)."""
 import os
 
 import pytest
@@ -346,3 +346,44 @@ def test_gather_attached_is_a_no_op_unsplit_and_refused_unattached():
     after = opt.state_dict()["fastema"]
     assert ema._attachment.gathered is None
     assert all(torch.equal(before["averaged"][n], after["averaged"][n]) for n in before["averaged"])
+
+
+def _gathered_save(rank, world, folder):
+    """``gather_attached()`` then rank 0's ``torch.save`` of the optimizer's and the model's state
+    dicts; every rank trains on the same batches (so any world size trains alike) and goes on."""
+    model, opt, ema = _make(0)
+    for s in range(STEPS):
+        _step(model, opt, 0, s)
+    ema.gather_attached()
+    if rank == 0:
+        torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
+        torch.save(model.module.state_dict(), os.path.join(folder, "model.pt"))
+    dist.barrier()
+    out = _full(ema, "saved")
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, 0, s)
+    out.update(_full(ema, "ref"))
+    return out
+
+
+def _gathered_load(rank, world, folder):
+    """The gathered copy of another world size, loaded on every rank (``weights_only``)."""
+    model, opt, ema = _make(1)
+    model.module.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
+    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    out = _full(ema, "loaded")
+    for s in range(STEPS, STEPS + MORE):
+        _step(model, opt, 0, s)
+    out.update(_full(ema, "resumed"))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(2, 4), (4, 2)], ids=["2->4", "4->2"])
+def test_the_gathered_copy_loads_at_another_world_size(tmp_path, sizes):
+    folder = str(tmp_path)
+    saved = run_ranks(_gathered_save, tmp_path / "save", sizes[0], folder, pg_timeout=30.0)
+    loaded = run_ranks(_gathered_load, tmp_path / "load", sizes[1], folder, pg_timeout=30.0)
+    for x in loaded:
+        r = {**saved[0], **x}
+        _same(r, "saved", "loaded")
+        _same(r, "ref", "resumed")                 # bit for bit against the uninterrupted run
