@@ -42,7 +42,9 @@ def _is_module(parts: list) -> bool:
 def _module_names(tree: ast.AST, package: list) -> dict:
     """``name -> dotted module`` (a list) of every name ``tree`` binds to a module: ``import a.b``
     (``a``), ``import a.b as m``, ``from pkg import mod`` of a fastema module (relative imports
-    resolved against ``package``), ``m = pytest.importorskip("a.b")``."""
+    resolved against ``package``), ``m = pytest.importorskip("a.b")``; and every name imported
+    from outside fastema (``from numba import config``: a module or not, it is another package's
+    object, never this module's to set)."""
     out: dict = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -53,7 +55,7 @@ def _module_names(tree: ast.AST, package: list) -> dict:
             base = package[:len(package) - node.level + 1] if node.level else []
             source = base + (node.module.split(".") if node.module else [])
             for a in node.names:
-                if _is_module(source + [a.name]):
+                if _is_module(source + [a.name]) or source[:1] != ["fastema"] and not node.level:
                     out[a.asname or a.name] = source + [a.name]
         elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
                 getattr(node.value.func, "attr", None) == "importorskip" and node.value.args and \
@@ -72,6 +74,31 @@ def _path(expr: ast.AST, names: dict) -> list | None:
         base = _path(expr.value, names)
         return None if base is None else base + [expr.attr]
     return None
+
+
+def _namespace(expr: ast.AST, names: dict) -> list | None:
+    """The module's path when ``expr`` is a module's namespace: ``m.__dict__`` or ``vars(m)``."""
+    if isinstance(expr, ast.Attribute) and expr.attr == "__dict__":
+        return _path(expr.value, names)
+    if isinstance(expr, ast.Call) and getattr(expr.func, "id", None) == "vars" and \
+            len(expr.args) == 1:
+        return _path(expr.args[0], names)
+    return None
+
+
+_DICT_WRITES = ("update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__")
+
+
+def _namespace_writes(node: ast.AST, names: dict):
+    """(line, what, module) of a write into a module's namespace: ``vars(m)[k] = ...``, ``del
+    m.__dict__[k]``, ``m.__dict__.update(...)`` and the other writing methods of a dict."""
+    for t in _targets(node):
+        if isinstance(t, ast.Subscript) and (module := _namespace(t.value, names)) is not None:
+            yield node.lineno, ast.unparse(t), module
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+            node.func.attr in _DICT_WRITES and \
+            (module := _namespace(node.func.value, names)) is not None:
+        yield node.lineno, ast.unparse(node)[:100], module
 
 
 def _targets(node: ast.AST) -> list:
@@ -95,10 +122,12 @@ def _targets(node: ast.AST) -> list:
 def _module_attributes_set(source: str, package: list):
     """(line, what) of each attribute of a module that ``source`` sets or deletes: an assignment
     (``mod.X = ...``, ``pkg.mod.X += ...``, ``del mod.X``, in tuples too) or a ``setattr`` /
-    ``delattr`` of a module."""
+    ``delattr`` of a module, or a write into its namespace (``vars(mod)[k] = ...``,
+    ``mod.__dict__.update(...)``)."""
     tree = ast.parse(source)
     names = _module_names(tree, package)
     for node in ast.walk(tree):
+        yield from (found[:2] for found in _namespace_writes(node, names))
         for t in _targets(node):
             if isinstance(t, ast.Attribute) and _path(t.value, names) is not None:
                 yield node.lineno, ast.unparse(t)
@@ -148,16 +177,20 @@ def _code(text: str):
 def _launch_patches(source: str):
     """(line, what) of each name of a ``fastema._launch`` module that ``source`` replaces: an
     assignment or ``setattr``/``delattr`` through such a module, ``monkeypatch.setattr`` /
-    ``.delattr`` / ``mock.patch.object`` of one or of what is reached through one, or a patch
-    named by a string starting with ``fastema._launch``."""
+    ``.delattr`` / ``mock.patch.object`` of one or of what is reached through one, a write into
+    one's namespace (``vars(m)[k] = ...``, ``m.__dict__.update(...)``), ``monkeypatch.setitem`` /
+    ``.delitem`` / ``mock.patch.dict`` of its namespace or of a dict reached through it, or a
+    patch named by a string starting with ``fastema._launch``."""
     tree = ast.parse(source)
     names = _module_names(tree, ["tests"])
 
     def in_launch(expr) -> bool:
-        path = _path(expr, names)
+        path = _path(expr, names) or _namespace(expr, names)
         return path is not None and path[:2] == ["fastema", "_launch"]
 
     for node in ast.walk(tree):
+        yield from ((line, what) for line, what, module in _namespace_writes(node, names)
+                    if module[:2] == ["fastema", "_launch"])
         for t in _targets(node):
             if isinstance(t, ast.Attribute) and in_launch(t.value):
                 yield node.lineno, ast.unparse(t)
@@ -166,8 +199,9 @@ def _launch_patches(source: str):
         f = node.func
         called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
         first = node.args[0]
-        if called in ("setattr", "delattr", "object") and in_launch(first) or \
-                called in ("setattr", "delattr", "patch") and isinstance(first, ast.Constant) and \
+        if called in ("setattr", "delattr", "object", "setitem", "delitem", "dict") and \
+                in_launch(first) or called in ("setattr", "delattr", "patch", "dict") and \
+                isinstance(first, ast.Constant) and \
                 isinstance(first.value, str) and first.value.startswith("fastema._launch"):
             yield node.lineno, ast.unparse(node)[:100]
 
@@ -194,9 +228,13 @@ def test_the_rules_see_what_they_forbid():
     module (aliases, relative imports, ``importorskip``, strings), and what they leave alone."""
     config = ("from ..kernels._store import files as _store_files\nfrom . import config\n"
               "_store_files.REPORT = print\nimport numba\nnumba.config.X = 1\n"
-              "config.A, config.B = 0, 1\nsetattr(config, 'C', 2)\nlocal = object()\nlocal.x = 1\n")
+              "config.A, config.B = 0, 1\nsetattr(config, 'C', 2)\nlocal = object()\nlocal.x = 1\n"
+              "from numba import config as nc\nnc.X = 1\n"          # an outside package's, aliased
+              "vars(config)['D'] = 3\nconfig.__dict__['E'] = 4\ndel vars(nc)['G']\n"
+              "_store_files.__dict__.update(F=5)\n"                  # its namespace written
+              "from .cpu import run\nrun.y = 1\nd = {}\nd['k'] = 1\nvars(local)['z'] = 2\n")
     got = [what for _, what in _module_attributes_set(config, ["fastema", "_launch"])]
-    assert got[:1] == ["_store_files.REPORT"] and len(got) == 5, got
+    assert got[:1] == ["_store_files.REPORT"] and len(got) == 10, got
     tests = ("import fastema._launch\nfrom fastema import _launch\n"
              "from fastema._launch import cpu as C\n"
              "B = pytest.importorskip('fastema._launch.cuda_bound')\n"
@@ -205,7 +243,13 @@ def test_the_rules_see_what_they_forbid():
              "monkeypatch.setattr(B, 'X', 1)\nmonkeypatch.setattr('fastema._launch.cpu.run', f)\n"
              "mock.patch('fastema._launch.launch')\nC.K = 1\n"
              "monkeypatch.setattr(torch, 'manual_seed', f)\nfrom fastema.kernels import _cache\n"
-             "monkeypatch.setattr(_cache, 'TRUST', None)\n")
-    assert len(list(_launch_patches(tests))) == 7, list(_launch_patches(tests))
+             "monkeypatch.setattr(_cache, 'TRUST', None)\n"
+             "monkeypatch.setitem(C.__dict__, 'run', f)\nmonkeypatch.setitem(vars(B), 'X', 1)\n"
+             "mock.patch.dict(_launch.config.__dict__, {'A': 1})\n"
+             "mock.patch.dict('fastema._launch.cpu.__dict__', {})\nvars(C)['K'] = 2\n"
+             "C.__dict__.update(K=3)\nmonkeypatch.delitem(_launch.cpu.TABLE, 'x')\n"
+             "monkeypatch.setitem(sys.modules, 'x', None)\nvars(_cache)['TRUST'] = None\n"
+             "monkeypatch.setitem(_cache.__dict__, 'TRUST', None)\n")
+    assert len(list(_launch_patches(tests))) == 14, list(_launch_patches(tests))
     child = f"SCRIPT = {tests!r}\nNOT_CODE = 'from fastema import x, or not'\n"
-    assert [len(list(_launch_patches(code))) for _, code in _code(child)] == [0, 7]
+    assert [len(list(_launch_patches(code))) for _, code in _code(child)] == [0, 14]
