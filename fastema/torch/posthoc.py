@@ -143,7 +143,8 @@ class PostHocEMA(EMA):
 
     @property
     def run_id(self) -> str:
-        """This run's id: its snapshots carry it; a resume (:meth:`load_state_dict`) takes the checkpoint's."""
+        """This run's id: its snapshots carry it; a resume (:meth:`load_state_dict`) takes the checkpoint's.
+        On a sharded or split model every rank takes rank 0's at the first update (and after a load)."""
         return self._run.id
 
     @property
@@ -200,10 +201,10 @@ class PostHocEMA(EMA):
         if rank0:
             problem = check_folder(self.path, self.run_id, self.plan.last_time, self._seen, writing=writing,
                                    stacklevel=stacklevel + 1)
-        if self.sharded:
-            box = [problem]
+        if self.sharded:      # and rank 0's run id: each rank made its own, and DCP saves one
+            box = [problem, self.run_id]    # rank's record (any), which rank 0 must find again
             torch.distributed.broadcast_object_list(box, src=0)
-            problem = box[0]
+            problem, self._run.id = box
         if problem is not None:
             raise ValueError(problem)
         self._run.checked = True

@@ -6,7 +6,9 @@ default options and ``flatten_optimizer_state_dict=True``, offloaded (``offload=
 that load different saves raise alike. Outside DCP (HF Trainer's rank-0 ``optimizer.state_dict()``)
 the hook makes no collective: it carries the copy ``gather_attached()`` made on every rank, or
 raises naming what to do; that copy loads at another world size (2 -> 4, 4 -> 2)."""
+import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -88,6 +90,8 @@ def _dcp_resume(rank, world, folder, kind):
     for s in range(STEPS):
         _step(model, opt, rank, s)
     out = _full(ema, "saved")
+    if kind == "PostHocEMA":
+        out["run_id"] = torch.tensor(list(ema.run_id.encode()))
     for flat in (False, True):
         msd, osd = get_state_dict(model, opt, options=_options(flat))
         entries = [v for v in (osd["state"].values() if not flat else ()) if "fastema" in v]
@@ -101,6 +105,9 @@ def _dcp_resume(rank, world, folder, kind):
     kinds = [(kind, False), (kind, True)] + [("unsplit", False)] * (kind == "EMA")
     for made, flat in kinds:                       # unsplit: the split's save, read whole
         name = "unsplit" if made == "unsplit" else int(flat)
+        if kind == "PostHocEMA" and rank == 0:     # the run's folder, written on past the save
+            shutil.copytree(os.path.join(snaps, "ref"), os.path.join(snaps, f"{name}"))
+        dist.barrier()
         model, opt, ema = _make(1, made, os.path.join(snaps, f"{name}"))
         msd, osd = get_state_dict(model, opt, options=_options(flat))
         state = {"model": msd, "optim": osd}
@@ -108,6 +115,8 @@ def _dcp_resume(rank, world, folder, kind):
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=_options(flat))
         out.update(_full(ema, f"loaded{name}"))
+        if kind == "PostHocEMA":                   # the saved run goes on: its id, its folder
+            out[f"run_id{name}"] = torch.tensor(list(ema.run_id.encode()))
         for s in range(STEPS, STEPS + MORE):
             _step(model, opt, rank, s)
         out.update(_full(ema, f"resumed{name}"))
@@ -122,7 +131,10 @@ def _last_snapshot(folder, prefix):
 
     if not os.path.isdir(folder):
         return {}
-    snap = read_snapshots(folder)[-1]
+    snaps = read_snapshots(folder)     # a resumed run's: the one after its save moved aside, rewritten
+    assert [s.time for s in snaps] == [2, 4] and len(glob.glob(f"{folder}/superseded-*/*")) == (
+        2 * (prefix != "ref")), (prefix, os.listdir(folder))
+    snap = snaps[-1]
     assert snap.kind == "dcp" and snap.time == STEPS + MORE - 1, snap
     read = tensor_reader(snap)
     try:
@@ -142,6 +154,8 @@ def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
     _same({**{"a/" + k: v for k, v in r[0].items()}, **{"b/" + k: v for k, v in r[1].items()}},
           "a", "b")                                 # one average: every rank gathers the same
     assert int(r[0]["saved/calls"]) == STEPS        # DCP's dummy step is no update
+    ids = {bytes(x[k].tolist()) for x in r for k in x if k.startswith("run_id")}
+    assert len(ids) == (kind == "PostHocEMA"), ids   # one run: rank 0's id, saved, loaded
     snapshots = [k for k in r[0] if k.startswith("ref/snapshot/")]
     assert len(snapshots) == (4 * 2 if kind == "PostHocEMA" else 0)   # 4 tensors x 2 profiles
 
