@@ -204,7 +204,7 @@ class PostHocEMA(EMA):
         if self.sharded:      # and rank 0's run id: each rank made its own, and DCP saves one
             box = [problem, self.run_id]    # rank's record (any), which rank 0 must find again
             torch.distributed.broadcast_object_list(box, src=0)
-            problem, self._run.id = box
+            problem, self._run.id = box[0], str(box[1])
         if problem is not None:
             raise ValueError(problem)
         self._run.checked = True
