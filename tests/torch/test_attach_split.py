@@ -131,9 +131,10 @@ def _last_snapshot(folder, prefix):
 
     if not os.path.isdir(folder):
         return {}
-    snaps = read_snapshots(folder)     # a resumed run's: the one after its save moved aside, rewritten
-    assert [s.time for s in snaps] == [2, 4] and len(glob.glob(f"{folder}/superseded-*/*")) == (
-        2 * (prefix != "ref")), (prefix, os.listdir(folder))
+    snaps = read_snapshots(folder)     # a resumed run's: the one after its save moved aside
+    moved = glob.glob(f"{folder}/superseded-*/*")           # (a DCP folder and its .json)
+    assert [s.time for s in snaps] == [2, 4], (prefix, os.listdir(folder))
+    assert len(moved) == 2 * (prefix != "ref"), (prefix, moved)
     snap = snaps[-1]
     assert snap.kind == "dcp" and snap.time == STEPS + MORE - 1, snap
     read = tensor_reader(snap)
