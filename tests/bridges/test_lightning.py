@@ -340,3 +340,37 @@ def test_ddp_fit_with_the_average_split_over_the_ranks_equals_the_unsplit_one(tm
     for _, su, sh, sb, ck, wu, wh, wb in found:
         assert su == wu == "8" and sb == wb and int(sh) < int(wh) and ck == "ok"
     assert found[0][3] == found[1][3]                       # the same average on both ranks
+
+
+@pytest.mark.slow
+def test_ddp_fit_resumes_an_attached_average_split_over_the_ranks_bit_for_bit(tmp_path):
+    """Two ranks under torchrun (gloo, the DDP strategy), ``EMA(self, shard_replicas=True)`` made in
+    ``configure_optimizers`` and attached to the optimizer, ``GatherAttached("ema")``: the ``.ckpt``
+    rank 0 writes holds the average whole, and ``fit(ckpt_path=)`` in a fresh Trainer ends with the
+    gathered average (and the model) bit for bit those of an uninterrupted fit, on both ranks
+    (issue 61: only the callback order had been tested, in one process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("lightning_ddp_attach_script.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", str(script)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = r"updates=(\d+) split=(\w+) held=(\d+) run=(\d+) average=(\w+) model=(\w+)"
+    found = re.findall(rf"rank (\d) unsplit=(\d+) full {run} \| first {run} ckpt_updates=(\d+) "
+                       rf"ckpt_run=(\d+) whole=(\w+) \| resumed {run}$",
+                       "".join((tmp_path / f"result-{r}.txt").read_text() for r in (0, 1)), re.M)
+    assert len(found) == 2, out.stdout[-3000:]
+    for _rank, unsplit, *rest in found:
+        full, first, resumed = rest[:6], rest[6:12], rest[15:]
+        ckpt_updates, ckpt_run, whole = rest[12:15]
+        assert full[:2] == resumed[:2] == ["8", "True"] and first[:2] == ["4", "True"]
+        assert int(full[2]) < int(unsplit)                 # each rank holds its pieces only
+        assert ckpt_updates == "4" and whole == "True" and ckpt_run == first[3] == resumed[3]
+        assert resumed[4:] == full[4:] and first[4:] != full[4:]   # the average, the model
+    held = (4, 10, 19)                                      # each rank's bytes differ: its pieces
+    same = [[v for i, v in enumerate(f) if i not in held] for f in found]
+    assert same[0][1:] == same[1][1:]                       # the rest the same on both ranks
