@@ -8,30 +8,18 @@ entry goes through that round trip) or after it (the ``AcceleratedOptimizer`` it
 attached through the optimizer it wraps)."""
 import pytest
 import torch
-from torch import nn
+from support.attach import batches, net
 
 from fastema.torch import ATTACH_KEY, EMA, Offload
 
 STEPS, SAVED = 6, 3
-
-
-def net(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
-
-
-def batches():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 6, generator=g).to(torch.bfloat16) for _ in range(STEPS)]
-
-
 def run(folder, *, when, offload=None, save=False, resume=False):
     """Train a bfloat16 model with AdamW and an attached float32 EMA (attached ``when`` "before" or
     "after" ``prepare``); ``save``: ``save_state`` after step SAVED; ``resume``: new objects (other
     weights), ``load_state``, then the steps after SAVED."""
     accelerate = pytest.importorskip("accelerate")
     acc = accelerate.Accelerator(cpu=True)
-    model = net(5 if resume else 0)
+    model = net(torch.bfloat16, 5 if resume else 0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
 
     def attach(m, o):
@@ -44,7 +32,7 @@ def run(folder, *, when, offload=None, save=False, resume=False):
     if resume:
         acc.load_state(str(folder))
         assert ema.updates == SAVED
-    for i, x in enumerate(batches()[SAVED if resume else 0:], 1):
+    for i, x in enumerate(batches(STEPS, torch.bfloat16)[SAVED if resume else 0:], 1):
         acc.backward(model(x).float().square().mean())
         opt.step()
         opt.zero_grad()
@@ -82,12 +70,12 @@ def test_a_prepared_optimizer_is_attached_through_the_one_it_wraps_once_a_real_s
     on the last micro-batch only: one update each, as an EMA updated by hand after those steps."""
     accelerate = pytest.importorskip("accelerate")
     acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model = net(0).float()
+    model = net(torch.bfloat16, 0).float()
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     ema = EMA(model, 0.9).attach(opt)
     assert ema.attached is opt.optimizer and ema.attached is not opt
     by_hand = EMA(model, 0.9)
-    for x in batches():
+    for x in batches(STEPS, torch.bfloat16):
         with acc.accumulate(model):
             acc.backward(model(x.float()).square().mean())
             opt.step()
@@ -105,7 +93,7 @@ def test_an_optimizer_without_hooks_is_refused_by_name():
         def __init__(self, params):
             self.param_groups = [{"params": list(params)}]
 
-    model = net(0)
+    model = net(torch.bfloat16, 0)
     with pytest.raises(TypeError, match=r"NoHooks has no optimizer hooks.*attach\(\) the torch "
                                         r"optimizer it wraps"):
         EMA(model, 0.9).attach(NoHooks(model.parameters()))

@@ -8,24 +8,13 @@ import warnings
 
 import pytest
 import torch
+from support.attach import averaged, batches, net, same
 from torch import nn
 
 from fastema.torch import ATTACH_KEY as KEY
 from fastema.torch import EMA, PostHocEMA, WindowAverage
 
 D = 0.75
-
-
-def net(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def batches(n, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 6, generator=g).to(dtype) for _ in range(n)]
-
-
 def step(model, opt, x, scaler=None):
     loss = model(x).square().mean()
     if scaler is None:
@@ -36,16 +25,6 @@ def step(model, opt, x, scaler=None):
         scaler.step(opt)
         scaler.update()
     opt.zero_grad()
-
-
-def averaged(avg):
-    return {k: v.clone() for k, v in avg.state_dict()["averaged"].items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_every_step_updates_once_as_by_hand_and_as_float64():
     a, b = net(), net()
     opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))

@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from support.attach import averaged, batches, net, same
 
 from fastema.torch import ATTACH_KEY, EMA, Offload
 from fastema.torch._placement import offload_ring
@@ -23,18 +23,6 @@ def pipeline(request, monkeypatch):
     """The CPU ring, or a GPU ring's pipeline on the CPU (its chunks copied into two host slots)."""
     monkeypatch.setattr(offload_ring, "_two_slots", lambda device: request.param == "host slots")
     return request.param
-
-
-def net(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def batches(n, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 6, generator=g).to(dtype) for _ in range(n)]
-
-
 def step(model, opt, x, scaler=None):
     loss = model(x).float().square().mean()
     if scaler is None:
@@ -45,16 +33,6 @@ def step(model, opt, x, scaler=None):
         scaler.step(opt)
         scaler.update()
     opt.zero_grad()
-
-
-def averaged(avg):
-    return {k: v.clone() for k, v in avg.state_dict()["averaged"].items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def offloaded(avg) -> dict:
     """Where the average's bytes are, by part (the launch tables, made as they are needed, left
     out): the host shadow and the two staging chunks."""

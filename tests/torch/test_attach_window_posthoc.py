@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from support.attach import batches, net
 
 from fastema.torch import ATTACH_KEY, PostHocEMA, WindowAverage
 
@@ -21,18 +21,6 @@ FACES = {
     "cumulative": lambda m, path: WindowAverage(m, None, every=2),
     "posthoc": lambda m, path: PostHocEMA(m, (0.05, 0.1), snapshot_every=3, path=path),
 }
-
-
-def net(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
-
-
-def batches():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 6, generator=g).to(torch.bfloat16) for _ in range(STEPS)]
-
-
 def save_load(state):
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -43,7 +31,7 @@ def save_load(state):
 def run(make, path, steps, state=None):
     """AdamW on a bfloat16 model with the face attached; ``state``: (model, optimizer) state dicts
     to resume from, into new objects made from other weights."""
-    model = net(0 if state is None else 5)
+    model = net(torch.bfloat16, 0 if state is None else 5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
     avg = make(model, path).attach(opt)
     if state is not None:
@@ -67,7 +55,7 @@ def same(a, b):
 
 @pytest.mark.parametrize("face", list(FACES))
 def test_saved_and_resumed_through_the_optimizer_bit_for_bit(face, tmp_path):
-    make, xs = FACES[face], batches()
+    make, xs = FACES[face], batches(STEPS, torch.bfloat16)
     _, _, full = run(make, tmp_path / "full", xs)
     model1, opt1, first = run(make, tmp_path / "cut", xs[:SAVED])
     saved = save_load((model1.state_dict(), opt1.state_dict()))
@@ -95,4 +83,4 @@ def test_saved_and_resumed_through_the_optimizer_bit_for_bit(face, tmp_path):
 ], ids=["window", "cumulative", "posthoc"])
 def test_offload_is_refused_by_name(make, refused, tmp_path):
     with pytest.raises(TypeError, match=refused):
-        make(net(0), tmp_path)
+        make(net(torch.bfloat16, 0), tmp_path)
