@@ -344,6 +344,81 @@ def test_mypy_checks_the_whole_torch_face():
     assert "fastema/torch" in files, "pyproject's [tool.mypy] files must name fastema/torch (the whole face)"
 
 
+FACE = "fastema/torch/_face.py"          # the torch-face contract: FaceParts, TorchFace, the parts' protocols
+
+# One FaceParts per part, each of a class that lacks the method the face calls on that part (side:
+# read_from, engine: update, checkpoint side: state_dict), after one with every part complete.
+_PARTS_SNIPPET = """
+from typing import Any, Callable
+from fastema.torch._face import FaceParts
+
+x: Any = None
+
+class Side:
+    def read_from(self, read: list) -> Callable[[], None]:
+        return lambda: None
+
+class Engine:
+    device_plan = None
+    def update(self, step: int | None = None, read: Any = None, skip_if: dict | None = None) -> None:
+        pass
+
+class Checkpoint:
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+class NoRead:
+    def read_to(self, read: list) -> Callable[[], None]:
+        return lambda: None
+
+class NoUpdate:
+    device_plan = None
+    def step(self) -> None:
+        pass
+
+class NoStateDict:
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+FaceParts(Side(), x, Engine(), Checkpoint(), x, x, x)
+FaceParts(NoRead(), x, Engine(), Checkpoint(), x, x, x)
+FaceParts(Side(), x, NoUpdate(), Checkpoint(), x, x, x)
+FaceParts(Side(), x, Engine(), NoStateDict(), x, x, x)
+"""
+
+
+def test_mypy_refuses_a_face_part_that_lacks_a_method_the_face_calls(tmp_path):
+    """The face's parts are typed by the protocols they are (issue 72): mypy, run on the contract
+    module alone (its imports skipped: a second), refuses each deficient part by its protocol."""
+    api = pytest.importorskip("mypy.api")
+    snippet = tmp_path / "parts.py"
+    snippet.write_text(_PARTS_SNIPPET)
+    out, err, _ = api.run(["--follow-imports=skip", "--config-file=", f"--cache-dir={tmp_path / 'cache'}",
+                           "--no-error-summary", "--show-error-codes", str(snippet), str(ROOT / FACE)])
+    errors = [line for line in out.splitlines() if " error: " in line]
+    assert all(e.startswith(str(snippet)) for e in errors), out + err     # the contract itself is clean
+    got = {int(e.split(":")[1]): e for e in errors}
+    deficient = {"NoRead()": "FaceSide", "NoUpdate()": "Engine | None", "NoStateDict()": "CheckpointSide"}
+    wanted = {n: protocol for n, line in enumerate(_PARTS_SNIPPET.splitlines(), 1)
+              for part, protocol in deficient.items() if line.startswith("FaceParts(") and part in line}
+    assert sorted(got) == sorted(wanted), out + err
+    for line, protocol in wanted.items():
+        assert "arg-type" in got[line] and f'expected "{protocol}"' in got[line], got[line]
+
+
+def test_the_face_contract_types_every_part():
+    """FaceParts' fields and TorchFace's parts are typed (no ``Any``), so a reader and mypy follow a
+    face's ``update()`` into its engine."""
+    tree = ast.parse((ROOT / FACE).read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name in ("FaceParts", "ModelParts", "TorchFace"):
+        fields = {t.target.id: ast.unparse(t.annotation) for t in classes[name].body
+                  if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
+        assert fields and not [f for f, a in fields.items() if "Any" in a], (name, fields)
+
+
 # ---------------------------------------------------------------- private modules, legacy shims
 
 # The one exception to "no package imports another package's private module": the dispatch point

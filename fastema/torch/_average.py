@@ -17,22 +17,31 @@ from typing import ContextManager, Literal
 import torch
 from torch import nn
 
+from .._shadow import Shadow
+from ..average import ModelSwap
 from . import _compile
-from ._face import FaceParts, TorchFace
+from ._face import ModelParts, TorchFace
 from ._sharding import masters as _deepspeed
 from ._sharding import params as _sharded
 from ._state.agree import Read
+from ._state.checkpoint import TorchCheckpoint
 from ._state.peft import export_peft
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
 from ._tensors.hooks import unwrap
+from ._tensors.model import TorchModel
 
 
 class TorchAverage(TorchFace):
-    """What every model-level average shares (see the module): its parts (:class:`FaceParts`) made
+    """What every model-level average shares (see the module): its parts (:class:`ModelParts`) made
     by :func:`~fastema.torch._face.model_parts`. ``_avg`` and ``_copy`` are the model side's two
     shadows (the same objects, never replaced)."""
 
-    def __init__(self, parts: FaceParts):
+    _side: TorchModel
+    _avg: Shadow
+    _checkpoint: TorchCheckpoint
+    _swap: ModelSwap
+
+    def __init__(self, parts: ModelParts):
         side = parts.side
         self.model = side.model
         self.buffers, self.exclude, self.copy_patterns = side.buffers, side.exclude, side.copy_patterns

@@ -18,11 +18,12 @@ after a DDP wrap (:class:`Restart`), attaches them to the side, and makes the ch
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from ..average import Average, Cadence
+from .._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
+from ..average import Average, Cadence, DevicePlan, ModelSwap
 from ._compile import Compiled
 from ._state.agree import Agreement
 from ._state.checkpoint import CheckpointCore, TorchCheckpoint
@@ -30,7 +31,35 @@ from ._state.peft import announce
 from ._swap import ShadowSwap
 from ._tensors.model import TorchModel, static
 
-__all__ = ["FaceParts", "Restart", "TorchFace", "model_parts"]
+__all__ = ["CheckpointSide", "Engine", "FaceParts", "FaceSide", "ModelParts", "Restart", "TorchFace",
+           "model_parts"]
+
+
+class FaceSide(Protocol):
+    """What the face base reads of its side (:class:`~fastema.torch._tensors.model.TorchModel`,
+    :class:`~fastema.torch._tensors.pairs.TorchPairs`): the compiled step's read of the tensors."""
+
+    def read_from(self, read: list) -> Callable[[], None]: ...
+
+
+class Engine(Protocol):
+    """The update driver a face calls (:class:`fastema.average.Average`): ``update()`` makes the
+    plan's call, checks and follows the side, and launches through the shadow (``Updatable``)."""
+
+    @property
+    def device_plan(self) -> DevicePlan | None: ...
+
+    def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
+               skip_if: dict | None = None) -> None: ...
+
+
+class CheckpointSide(Protocol):
+    """A face's checkpoint side (a model average's
+    :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, a target network's counters)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class FaceParts(NamedTuple):
@@ -45,13 +74,56 @@ class FaceParts(NamedTuple):
     network, which writes no model); ``cadence``: counts ``update()`` calls; ``ops``: the compiled
     operators' lists (see :class:`~fastema.torch._compile.Compiled`)."""
 
-    side: Any
-    shadow: Any
-    engine: Average | None
-    checkpoint: Any
+    side: FaceSide
+    shadow: Shadow | Updatable
+    engine: Engine | None
+    checkpoint: CheckpointSide
     swap: ShadowSwap | None
     cadence: Cadence
     ops: Callable[[], dict]
+
+
+class ModelParts(NamedTuple):
+    """A model average's parts (:func:`model_parts`; :class:`FaceParts`' fields, of the types a
+    model average reads): its side a :class:`~fastema.torch._tensors.model.TorchModel`, its shadow
+    one of :mod:`fastema._shadow`'s (an EMA's ``AveragingShadow``, a window average's
+    ``WindowingShadow``), its engine :class:`~fastema.average.Average` (None for a window average),
+    its checkpoint side a :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, its swap a
+    :class:`~fastema.torch._swap.ShadowSwap`."""
+
+    side: TorchModel
+    shadow: AveragingShadow | WindowingShadow
+    engine: Average | None
+    checkpoint: TorchCheckpoint
+    swap: ShadowSwap
+    cadence: Cadence
+    ops: Callable[[], dict]
+
+
+class Parts(Protocol):
+    """What :class:`TorchFace` takes: :class:`FaceParts` or :class:`ModelParts` (read-only fields,
+    so a part of a narrower type fits)."""
+
+    @property
+    def side(self) -> FaceSide: ...
+
+    @property
+    def shadow(self) -> Shadow | Updatable: ...
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    @property
+    def checkpoint(self) -> CheckpointSide: ...
+
+    @property
+    def swap(self) -> ShadowSwap | None: ...
+
+    @property
+    def cadence(self) -> Cadence: ...
+
+    @property
+    def ops(self) -> Callable[[], dict]: ...
 
 
 class TorchFace:
@@ -62,13 +134,15 @@ class TorchFace:
     face is complete when its eager update is handed out. It defines ``_eager_update(step)``."""
 
     _eager_update: Callable[[int | None], None]      # its update(): checks, schedule, launches
-    _side: Any
-    _avg: Any
-    _core: Any
-    _checkpoint: Any
-    _swap: Any
+    # the parts, typed by what they are; a face narrows them to the types its builder makes
+    # (an EMA's _core is an Average, its _avg an AveragingShadow: mypy follows its update())
+    _side: FaceSide
+    _avg: Shadow | Updatable
+    _core: Engine | None
+    _checkpoint: CheckpointSide
+    _swap: ModelSwap | None
 
-    def __init__(self, parts: FaceParts):
+    def __init__(self, parts: Parts):
         self._side = parts.side
         self._avg = parts.shadow
         self._core = parts.engine
@@ -134,9 +208,10 @@ class _WithWritten:
         return self.made
 
 
-def model_parts(side: TorchModel, shadow, engine: Average | None, core: CheckpointCore, fmt: str,
-                cadence: Cadence, start_over: Callable[[], None], *,
-                device_step: bool = False) -> FaceParts:
+def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
+                engine: Average | None, core: CheckpointCore, fmt: str, cadence: Cadence,
+                start_over: Callable[[], None], *,
+                device_step: bool = False) -> ModelParts:
     """The parts of a model average, once its builder has made ``side`` (not attached yet), its
     ``shadow`` and its ``engine`` (or None) with ``core``, what its checkpoint keeps besides the
     tensors: the agreement, the swap and copy-out, the restart after a DDP wrap
@@ -158,4 +233,4 @@ def model_parts(side: TorchModel, shadow, engine: Average | None, core: Checkpoi
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
     checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
-    return FaceParts(side, shadow, engine, checkpoint, swap, cadence, ops)
+    return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)

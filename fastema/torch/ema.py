@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from .._interrupts import ctrl_c_held
+from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
 from . import _compile
 from ._average import TorchAverage
-from ._face import FaceParts, model_parts
+from ._face import ModelParts, model_parts
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
 from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
@@ -48,6 +49,9 @@ class EMA(Face, TorchAverage):
         {shard_replicas}
     """
 
+    _core: Average                      # the engine: mypy follows update() into it
+    _avg: AveragingShadow
+
     def __init__(self, model: nn.Module, decay: Any = None, *, update_every: int = 1, compensate: bool = False,
                  debias: bool = False, shadow_dtype: str = "float32", rounding: str = "nearest", seed: int = 0,
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
@@ -60,7 +64,7 @@ class EMA(Face, TorchAverage):
             device_step=device_step, offload=offload, trainable_only=trainable_only,
             shard_replicas=shard_replicas))
 
-    def _from_parts(self, parts: FaceParts) -> None:
+    def _from_parts(self, parts: ModelParts) -> None:
         """The EMA's own fields, read off its parts, then the face (see :class:`TorchFace`)."""
         core = parts.engine
         assert core is not None                      # an EMA's builder makes one
@@ -130,7 +134,7 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
               rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
               exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
               device_step: bool | None = None, offload: str | Offload | None = None,
-              trainable_only: bool | None = None, shard_replicas: Any = False) -> FaceParts:
+              trainable_only: bool | None = None, shard_replicas: Any = False) -> ModelParts:
     """The builder of an :class:`EMA` (and a :class:`~fastema.torch.PostHocEMA`): its arguments
     checked, then its parts in one direction: the model side, its shadow (the picker), the engine
     over both, and the rest (:func:`~fastema.torch._face.model_parts`). ``kind`` names the face;

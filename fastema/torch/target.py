@@ -13,6 +13,7 @@ from torch import nn
 from .._checkpoint_format import check_header, load_refused
 from .._checks import check_rounding, stochastic_rounding
 from ..average import Average, EMAOptions, Face, check_device_state
+from ..pairs import PairShadow
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
 from . import _compile
 from ._face import FaceParts, TorchFace
@@ -139,6 +140,11 @@ class TargetNetwork(Face, TorchFace):
     Inside a ``torch.compile``-d function ``update()`` is one custom operator (see :meth:`update`).
     """
 
+    _side: TorchPairs                   # the parts, of the types target_parts makes
+    _avg: PairShadow
+    _core: Average
+    _checkpoint: TargetState
+
     def __init__(self, online: nn.Module, target: nn.Module, tau: float | None = None, *,
                  momentum: Any = None, update_every: int = 1, compensate: bool = False,
                  buffers: str = "copy", exclude: Sequence[str] = (), rounding: str = "nearest", seed: int = 0,
@@ -180,6 +186,7 @@ class TargetNetwork(Face, TorchFace):
         self._copies = 0                        # hard updates made: a stream of the target checks them too
         self._reads = Agreements()                # its streams' agreements (the same on every rank)
         parts = target_parts(online, target, opts, self.exclude, buffers, rounding, device_step)
+        assert isinstance(parts.side, TorchPairs)  # target_parts pairs the two networks
         on_gpu = any(d != "cpu" for d in parts.side.devices)
         assert parts.engine is not None
         self._refuses_capture = on_gpu and parts.engine.device_plan is None   # a host plan's

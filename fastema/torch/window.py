@@ -2,11 +2,12 @@
 or of all of them (SWA)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
 
+from .._shadow import AveragingShadow, WindowingShadow
 from ..average import Cadence, document
 from ._average import TorchAverage
 from ._face import model_parts
@@ -44,6 +45,9 @@ class WindowAverage(TorchAverage):
             (``window=W`` holds W snapshots: 1/N of them a rank), and ``state_dict()`` holds this
             rank's pieces (the ring's too).
     """
+
+    _avg: AveragingShadow | WindowingShadow      # a cumulative mean's is averaging
+    _core: None                         # a window average pushes snapshots: no engine
 
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
@@ -97,9 +101,9 @@ class WindowAverage(TorchAverage):
         self._side.begin(due)                             # refusals; when due, the model followed
         if due:
             if self.window is None:
-                self._avg.update(weight=1.0 / (self.snapshots + 1))
+                cast(AveragingShadow, self._avg).update(weight=1.0 / (self.snapshots + 1))
             else:
-                self._avg.push()
+                cast(WindowingShadow, self._avg).push()
             self._side.copy_buffers()
             self._counts.snapshots += 1
         self.cadence.called()
