@@ -33,7 +33,7 @@ import numpy as np
 
 from . import _launch
 from ._layout import DTYPES, FlatLayout, parse_sources
-from ._sources import SourceTable
+from ._sources import FollowsSources, SourceTable
 from .kernels.kinds import F64, ITEMSIZE
 
 __all__ = ["ChunkedSources", "Window", "cut"]
@@ -104,7 +104,7 @@ class _SourceLayout(FlatLayout):
         self._moved(self.groups.index(g), addresses)
 
 
-class ChunkedSources:
+class ChunkedSources(FollowsSources):
     """The sources of a host shadow, cut into windows of at most ``chunk_bytes`` (see the module).
 
     Args:
@@ -167,17 +167,10 @@ class ChunkedSources:
                                                                           *self._direct.values())]
         return out
 
-    def refresh(self) -> None:
-        self.source_table.refresh()
-
-    def rebind(self, sources) -> None:
-        self.source_table.rebind(sources)
-
-    def retarget(self, sources) -> None:
-        self.source_table.retarget(sources)
-
-    def check_sources(self) -> None:
-        self.source_table.check()
+    @property
+    def follows(self) -> SourceTable:
+        """What follows the sources (:class:`~fastema._sources.FollowsSources`): the table."""
+        return self.source_table
 
     def _moved(self, gi: int, addresses: list) -> None:
         """Group ``gi``'s sources are now at ``addresses``: the pack tables of its windows follow."""

@@ -302,7 +302,7 @@ class ShadowBase(Capabilities):
         """Follow moved sources and check that every source still has the dtype, shape, layout and
         device it had when the shadow was made (also a change that kept the address); raises
         naming the first that does not. Called before every copy into the sources and export."""
-        self.source_table.check()
+        self.source_table.check_sources()
 
     def refresh(self) -> None:
         """Follow sources whose storage moved (``param.data = new``; one ``data_ptr()`` per torch

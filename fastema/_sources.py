@@ -11,20 +11,59 @@ refuses to follow anything while a CUDA graph is being captured on the launch st
 
 The protocol (used by :mod:`fastema.flat`, :mod:`fastema.flat_window` and the framework
 bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source),
-:meth:`SourceTable.check` (full check), :meth:`SourceTable.rebind` (new objects, checked),
+:meth:`SourceTable.check_sources` (full check), :meth:`SourceTable.rebind` (new objects, checked),
 :meth:`SourceTable.adopt` (new objects the caller has checked), :attr:`SourceTable.sources`.
 """
 from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from . import _launch
 from ._backends import Buf, describe, disjoint
 from .kernels.kinds import KIND_NAMES
 
 _DEVICE = operator.attrgetter("device")
+
+
+class SourceFollower(Protocol):
+    """What follows a shadow's sources (a :class:`SourceTable`, or the shadow or chunked sources a
+    shadow is built on): the :class:`~fastema._shadow.Shadow` protocol's four members."""
+
+    def refresh(self) -> None: ...
+
+    def rebind(self, sources: Any) -> None: ...
+
+    def retarget(self, sources: Any) -> None: ...
+
+    def check_sources(self) -> None: ...
+
+
+class FollowsSources:
+    """A shadow, or its chunked sources, that hands its sources' following to the one object that
+    follows them (``follows``, a :class:`SourceFollower` a subclass names as a property): the four
+    members written once, for every wrapper (offloaded, split)."""
+
+    @property
+    def follows(self) -> SourceFollower:
+        raise TypeError(f"{type(self).__name__} names no object that follows its sources")
+
+    def refresh(self) -> None:
+        """Follow sources whose storage moved; raises, writing nothing, if one changed."""
+        self.follows.refresh()
+
+    def rebind(self, sources: Any) -> None:
+        """Track new source objects (checked); refuses and keeps the old ones if any differs."""
+        self.follows.rebind(sources)
+
+    def retarget(self, sources: Any) -> None:
+        """:meth:`rebind` for a compiled graph's buffers standing for the sources."""
+        self.follows.retarget(sources)
+
+    def check_sources(self) -> None:
+        """Follow moved sources, then check every source's dtype, shape, layout and device."""
+        self.follows.check_sources()
 
 
 class _Tracked:
@@ -79,7 +118,7 @@ class SourceTable:
             if t.track and t.backend.addresses(t.tensors) != t.addresses:
                 self._follow(g, t)
 
-    def check(self) -> None:
+    def check_sources(self) -> None:
         """:meth:`refresh`, then check that every source still has the dtype, shape, layout and
         device it had when the shadow was made (also a change that kept the address)."""
         self.refresh()

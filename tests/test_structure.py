@@ -410,6 +410,84 @@ def test_every_collective_read_passes_its_kind_to_the_agreement():
     assert calls >= 15, calls          # swap in/back, copy_to, state dicts, save, loads, streams
 
 
+# torch.distributed's collectives (the object ones, the tensor ones, the barriers, point to point)
+COLLECTIVES = {"all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
+               "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+               "gather", "scatter", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv"}
+AGREEMENT = "fastema/torch/_state/agree.py"
+# The collectives fastema makes outside the agreement module (issue 72), each with its reason:
+# the data a read moves once every rank agreed to make it, and the attach agreement while it moves.
+COLLECTIVES_ELSEWHERE = {
+    ("fastema/torch/_placement/gather.py", "all_gather_single"):
+        "a split average's read gathered bucket by bucket, after the read's agreement",
+    ("fastema/torch/_placement/gather.py", "all_gather_into_tensor"):
+        "the same gather under torch's older name",
+    ("fastema/torch/_sharding/params.py", "all_gather"):
+        "a sharded tensor's pieces gathered at read time (full_state_dict, a stream), after the "
+        "read's agreement",
+    ("fastema/torch/_state/buckets.py", "broadcast"):
+        "a gathered read's buckets sent by their owner, after the read's agreement",
+    ("fastema/torch/_attach.py", "all_reduce"):
+        "the attached average's load agreement: moved onto agree.py by the attach work (issue 72)",
+}
+
+
+def _collective_uses(tree: ast.AST) -> list[tuple[str, int]]:
+    """``(collective, line)`` of every reference to a torch.distributed collective: ``dist.X`` or
+    ``torch.distributed.X``, ``getattr(dist, "X")``, ``from torch.distributed import X``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and \
+                ast.unparse(node.value) in ("dist", "torch.distributed", "_dist", "distributed"):
+            found.append((node.attr, node.lineno))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "getattr" and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value in COLLECTIVES:
+            found.append((node.args[1].value, node.lineno))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+            found += [(a.name, node.lineno) for a in node.names if a.name in COLLECTIVES]
+    return found
+
+
+def test_every_collective_decision_is_made_in_the_agreement_module():
+    """One agreement protocol (issue 72): no module of fastema but ``agree.py`` names a collective
+    of torch.distributed, but the data gathers of an agreed read listed with their reasons in
+    COLLECTIVES_ELSEWHERE (and the attach agreement while it moves)."""
+    seen: set = set()
+    bad = []
+    for path in _py("fastema"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == AGREEMENT:
+            continue
+        for name, line in _collective_uses(ast.parse(path.read_text())):
+            seen.add((rel, name))
+            if (rel, name) not in COLLECTIVES_ELSEWHERE:
+                bad.append(f"{rel}:{line} {name}")
+    assert not bad, (f"collectives outside {AGREEMENT}: {bad}; make the decision through its "
+                     f"findings()/decided()/agreed(), or list a data gather with its reason")
+    stale = set(COLLECTIVES_ELSEWHERE) - seen
+    assert not stale, f"COLLECTIVES_ELSEWHERE lists what is gone: {stale}; remove it"
+    assert {n for n, _ in _collective_uses(ast.parse((ROOT / AGREEMENT).read_text()))} >= {
+        "all_gather_object", "all_gather_into_tensor"}
+
+
+def test_the_agreement_rule_sees_a_collective_call():
+    """The rule's eyes, on the forms fastema has used (posthoc's and DCP's before issue 72)."""
+    code = """
+import torch
+import torch.distributed as dist
+from torch.distributed import barrier
+torch.distributed.broadcast_object_list(box, src=0)
+dist.all_gather_object(found, mine)
+gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+dist.all_reduce(t, op=dist.ReduceOp.MIN)
+dist.get_rank()
+"""
+    assert sorted(_collective_uses(ast.parse(code))) == [
+        ("all_gather_into_tensor", 7), ("all_gather_object", 6), ("all_gather_single", 7),
+        ("all_reduce", 8), ("barrier", 4), ("broadcast_object_list", 5)]
+
+
 # ------------------------------------------------------------ the tests stand alone
 
 

@@ -36,7 +36,7 @@ STALE_TMP_AGE = 3600.0
 _TMP_NAME = re.compile(r"\.snapshot-(-?[0-9]+(\.[0-9]{6})?)\.tmp")     # .snapshot-<stamp>.tmp, fastema's only
 
 
-def save_dcp(base: str, tensors: dict, meta: dict) -> str:
+def save_dcp(base: str, tensors: dict, meta: dict, decide: Callable[[str | None], None]) -> str:
     """The DCP snapshot ``base`` (see ``fastema.posthoc.write_snapshot``), a collective: every rank
     writes its shards into a temporary directory, renamed; rank 0 then writes ``meta`` beside it.
 
@@ -45,7 +45,9 @@ def save_dcp(base: str, tensors: dict, meta: dict) -> str:
     directories of earlier saves to this folder that a dead process left: this time's at once,
     another time's once nothing in it has been written for :data:`STALE_TMP_AGE` seconds (a live
     writer's is never that old). Only fastema's names (``.snapshot-<time>.tmp``), only directories
-    holding DCP's files and nothing else."""
+    holding DCP's files and nothing else. ``decide(error)``: every rank joins with its error (None:
+    none) and every rank raises an ``OSError`` when one has one (the ranks' agreement, injected:
+    :func:`fastema.torch._state.agree.decided`; this module makes no collective of its own)."""
     import shutil
 
     import torch.distributed as dist
@@ -62,7 +64,7 @@ def save_dcp(base: str, tensors: dict, meta: dict) -> str:
             except OSError as err:
                 error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
         remove_stale_tmps(os.path.dirname(base) or ".", keep=os.path.basename(tmp))
-    _agree(error)
+    decide(error)
     try:
         dcp.save(tensors, checkpoint_id=tmp)         # DCP raises on every rank when one could not write
     except CheckpointException as err:
@@ -93,7 +95,7 @@ def save_dcp(base: str, tensors: dict, meta: dict) -> str:
             error = str(err)
             shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
             shutil.rmtree(tmp, ignore_errors=True)    # (the rename failed)
-    _agree(error)
+    decide(error)
     return base
 
 
@@ -142,16 +144,6 @@ def remove_stale_tmps(directory: str, keep: str = "", *, age: float = STALE_TMP_
             continue
         removed.append(path)
     return removed
-
-
-def _agree(error: str | None) -> None:
-    """Every rank raises rank 0's error (a collective: no rank goes on into a collective alone)."""
-    import torch.distributed as dist
-
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise OSError(box[0])
 
 
 def _errno_of(err: BaseException) -> int:

@@ -39,7 +39,7 @@ import json
 import math
 import os
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from .._io.dcp import dcp_reader, save_dcp
 from .._io.files import atomic_write
@@ -186,7 +186,7 @@ def read_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
 
 
 def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMeta | dict, *,
-                   sharded: bool = False) -> str:
+                   sharded: bool = False, decide: Callable[[str | None], None] | None = None) -> str:
     """Write one snapshot of time ``time`` into ``directory``, whole or not at all; returns its path.
 
     ``tensors``: ``"{k}:{name}"`` (profile ``k``, :func:`profile_key`) and ``"model:{name}"``
@@ -198,12 +198,17 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     collective: one DCP checkpoint directory written by every rank from its own shards into a
     temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
     readers ignore a snapshot without it. Every rank raises the same error when a rank could not
-    write. ``meta`` may be a :class:`SnapshotMeta` (written through :meth:`SnapshotMeta.to_metadata`)."""
+    write: ``decide(problem)``, the ranks' agreement a sharded snapshot is made with
+    (:func:`fastema.torch._state.agree.decided`). ``meta`` may be a :class:`SnapshotMeta` (written
+    through :meth:`SnapshotMeta.to_metadata`)."""
     if isinstance(meta, SnapshotMeta):
         meta = meta.to_metadata()
     base = os.path.join(directory, f"snapshot-{stamp(time)}")
     if sharded:
-        return save_dcp(base, tensors, meta)
+        if decide is None:
+            raise TypeError("write_snapshot(sharded=True) is a collective: pass decide=, the ranks' "
+                            "agreement (fastema.torch._state.agree.decided)")
+        return save_dcp(base, tensors, meta, decide)
     from .._io.safetensors import stream_safetensors
 
     atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))

@@ -24,7 +24,7 @@ from ..posthoc import (
 )
 from ..schedules import PowerFunction, gamma_to_sigma_rel
 from ._sharding import params as _sharded
-from ._state.agree import Read
+from ._state.agree import Read, decided, findings, refuse_together
 from ._state.run import Run
 from ._state.slices import tensor_slices
 from ._state.stream import (
@@ -202,9 +202,10 @@ class PostHocEMA(EMA):
             problem = check_folder(self.path, self.run_id, self.plan.last_time, self._seen, writing=writing,
                                    stacklevel=stacklevel + 1)
         if self.sharded:      # and rank 0's run id: each rank made its own, and DCP saves one
-            box = [problem, self.run_id]    # rank's record (any), which rank 0 must find again
-            torch.distributed.broadcast_object_list(box, src=0)
-            problem, self._run.id = box[0], str(box[1])
+            found = findings((problem, self.run_id))    # rank's record (any), which rank 0 must
+            self._run.id = str(found[0][1])              # find again
+            refuse_together(f"{type(self).__name__}'s snapshot folder", [f[0] for f in found],
+                            ValueError)
         if problem is not None:
             raise ValueError(problem)
         self._run.checked = True
@@ -301,9 +302,7 @@ class PostHocEMA(EMA):
                     else:  # streamed to the file a tensor at a time (refused beyond dtype)
                         tensors[profile_key(k, name)] = (v, dtype)
         if sharded:  # every rank refuses, or none (a collective)
-            found: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(found, overflow)
-            names = sorted({key for keys in found for key in keys})
+            names = sorted({key for keys in findings(overflow) for key in keys})
             if names:
                 raise OverflowError(f"{', '.join(names[:3])} hold(s) finite values beyond the range of "
                                     f"{self.snapshot_dtype} (+-{torch.finfo(dtype).max:g}), which would be stored "
@@ -314,7 +313,8 @@ class PostHocEMA(EMA):
                             gammas=[float(s.gamma) for s in schedules],
                             sigma_rels=[gamma_to_sigma_rel(s.gamma) for s in schedules], averaged=averaged,
                             others=others, dtype=self.snapshot_dtype, shapes=shapes, run_id=self.run_id, raw=raw)
-        return write_snapshot(self.path, time, tensors, meta, sharded=sharded)
+        decide = functools.partial(decided, "the DCP snapshot", error=OSError) if sharded else None
+        return write_snapshot(self.path, time, tensors, meta, sharded=sharded, decide=decide)
 
     # ------------------------------------------------------------ synthesis
 

@@ -49,6 +49,7 @@ from ..._checks import sr_key
 from ..._chunks import ChunkedSources
 from ..._interrupts import ctrl_c_held
 from ..._shadow import Capabilities, table_parts
+from ..._sources import FollowsSources
 from .folds import Aborted, FoldQueue, Record
 from .offload_ring import DEFAULT_CHUNK, HostGroup, HostLayout, Ring, after_side_stream, check_chunk
 
@@ -58,7 +59,7 @@ IN_PLACE = True                   # a CPU ring folds all but its last two window
 PLACEMENT = "offload='cpu'"       # how a refusal names this placement (Capabilities.placement)
 
 
-class OffloadedShadow(Capabilities):
+class OffloadedShadow(FollowsSources, Capabilities):
     """The host shadow of ``sources`` (``rows`` rows of ``dtype``), fed through chunks of ``chunk``
     bytes on the sources' devices (see the module). ``split=(rank, ranks)``: this rank's slice only."""
 
@@ -126,17 +127,10 @@ class OffloadedShadow(Capabilities):
         return (f"OffloadedShadow({len(self)} sources, rows={self.rows}, host={self.nbytes} bytes, "
                 f"{len(self.src.windows)} windows, chunks {chunks})")
 
-    def refresh(self) -> None:
-        self.src.refresh()
-
-    def rebind(self, sources) -> None:
-        self.src.rebind(sources)
-
-    def retarget(self, sources) -> None:
-        self.src.retarget(sources)
-
-    def check_sources(self) -> None:
-        self.src.check_sources()
+    @property
+    def follows(self) -> ChunkedSources:
+        """What follows the sources (:class:`~fastema._sources.FollowsSources`): the chunks."""
+        return self.src
 
     def check_row(self, row: int) -> None:
         if not isinstance(row, int) or not 0 <= row < self.rows:

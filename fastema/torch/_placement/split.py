@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch.distributed as dist
 
 from ..._interrupts import ctrl_c_held
+from ..._sources import FollowsSources, SourceFollower
 from ...flat import FlatShadow
 from .._sharding import params as _sharded
 from . import gather
@@ -32,7 +33,7 @@ def split_of(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-class Split:
+class Split(FollowsSources):
     """``storage`` (made with ``split=split_of(group)``) split over the ranks of ``group``: see the
     module. ``bucket``: the bytes of one gather, all ranks' parts together; ``split_id``: the
     split's run id (the same on every rank:
@@ -211,17 +212,10 @@ class Split:
     def check_row(self, row: int) -> None:
         self.storage.check_row(row)
 
-    def check_sources(self) -> None:
-        self.storage.check_sources()
-
-    def refresh(self) -> None:
-        self.storage.refresh()
-
-    def rebind(self, sources) -> None:
-        self.storage.rebind(sources)
-
-    def retarget(self, sources) -> None:
-        self.storage.retarget(sources)
+    @property
+    def follows(self) -> SourceFollower:
+        """What follows the sources (:class:`~fastema._sources.FollowsSources`): the storage."""
+        return self.storage
 
     def join(self) -> None:
         self.storage.join()

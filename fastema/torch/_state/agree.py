@@ -33,6 +33,16 @@ nothing until every rank finished (``full_state_dict``, ``save``: a failure on o
 start, such as the file that could not be written, is then raised on every rank). The header travels
 alone, before the first bucket, so that a rank refusing before it knows what it would have sent
 still joins. Never in ``update()``: a step stays free of collectives.
+
+The decisions that are no read (a post-hoc run's snapshot folder, which rank 0 alone looks into,
+the casts each rank made for a sharded snapshot, a DCP save's steps that rank 0 alone makes) are
+made here too: :func:`findings` exchanges every rank's finding (one object all-gather), and
+:func:`refuse_together` raises on every rank, in the words of a refused read ("... refused on rank
+N (its global rank), so on every rank: reason"); :func:`decided` is both. Every collective of this
+module runs under the process group's timeout (``init_process_group(timeout=...)``): none sets its
+own, so one rule bounds every wait. No other module of fastema makes a collective decision (a
+test holds the library to it); the data gathers of a read (:mod:`fastema.torch._placement.gather`)
+and a sharded load's broadcasts run after an agreement.
 """
 from __future__ import annotations
 
@@ -287,6 +297,47 @@ def agreed(groups: list, read: Read, mine: Stamp, seq: Sequence,
             pass                         # every rank raises: this one its own error
         raise
     agree(groups, read, mine, seq, differs=differs)
+
+
+# the decisions that are no read (see the module)
+__all__ += ["decided", "findings", "refuse_together"]
+
+
+def findings(mine: object, group=None) -> list:
+    """Every rank's ``mine`` (a small picklable value: what a rank's check found, None for nothing)
+    in ``group``'s rank order (default: every rank), on every rank: one object all-gather, the
+    exchange of a collective decision that is no read (see the module)."""
+    import torch.distributed as dist
+
+    found: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, mine, group=group)
+    return found
+
+
+def refuse_together(what: str, problems: list, error: type[Exception] = Disagreement,
+                    group=None) -> None:
+    """Raise ``error`` on every rank when a rank found a problem (``problems``: every rank's, as
+    :func:`findings` gives them, None where none), naming the lowest such rank and its reason, in
+    the words of a refused read: ``"{what} refused on rank N (its global rank), so on every rank:
+    reason"``. ``error``: what the caller's callers catch (:class:`Disagreement` by default; an
+    ``OSError`` for a file that could not be written)."""
+    for k, problem in enumerate(problems):
+        if problem is not None:
+            rank = k
+            if group is not None:
+                import torch.distributed as dist
+
+                rank = dist.get_global_rank(group, k)
+            raise error(f"{what} refused on rank {rank} (its global rank), so on every rank: "
+                        f"{problem}")
+
+
+def decided(what: str, problem: str | None, error: type[Exception] = Disagreement,
+            group=None) -> None:
+    """Every rank joins with its ``problem`` (None: none), and every rank raises when one has one
+    (:func:`findings`, then :func:`refuse_together`): a rank that refuses never leaves the others
+    in a collective alone."""
+    refuse_together(what, findings(problem, group), error, group)
 
 
 def load_stamp(state) -> Stamp:
