@@ -37,7 +37,8 @@ __all__ = ["MAX_METADATA", "PATHS", "DcpMetadataUnpickler", "named"]
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 PATHS = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
-#: What a DCP ``.metadata`` may name (module -> names), besides ``torch.Size`` and ``torch.<dtype>``.
+#: What a DCP ``.metadata`` may name (module -> names), besides ``torch.Size`` and
+#: ``torch.<dtype>``.
 _ALLOWED = {
     _DCP_METADATA: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
                     "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"),
@@ -51,11 +52,13 @@ _ALLOWED = {
 # stack or the memo, or frame the stream; GLOBAL and STACK_GLOBAL go through find_class, the
 # container opcodes through DcpMetadataUnpickler's bookkeeping. Sets and bytearrays: refused.
 _DATA_OPCODES = (
-    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 "
-    "FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES "
-    "SHORT_BINBYTES BINBYTES8 EMPTY_LIST LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT "
-    "GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL").split()
-MAX_METADATA = 256 << 20      # bytes of a .metadata fastema reads (a snapshot's: ~100 bytes a tensor and shard)
+    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG "
+    "LONG1 LONG4 FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE "
+    "SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES BINBYTES8 EMPTY_LIST LIST EMPTY_TUPLE "
+    "TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT "
+    "MEMOIZE GLOBAL STACK_GLOBAL").split()
+# bytes of a .metadata fastema reads (a snapshot's: ~100 bytes a tensor and shard)
+MAX_METADATA = 256 << 20
 _MAX_ITEM = 4 << 20           # bytes of one string, line or frame in it (the pickler frames 64 KiB)
 _MAX_DEPTH = 32               # objects nested in it, and MARKs open at once (DCP's nest 8 deep)
 _LOOK_EVERY = 1 << 16         # opcodes between two looks at the memory the parse holds
@@ -72,15 +75,15 @@ class _BoundedInput:
 
     def read(self, n: int = -1) -> bytes:
         if not 0 <= n <= _MAX_ITEM:
-            raise pickle.UnpicklingError(f"it holds a string, bytes or frame of {n} bytes, more than the {_MAX_ITEM} "
-                                         f"DCP metadata holds in one")
+            raise pickle.UnpicklingError(f"it holds a string, bytes or frame of {n} bytes, more "
+                                         f"than the {_MAX_ITEM} DCP metadata holds in one")
         return self._take(self._file.read(n))
 
     def readline(self) -> bytes:
         line = self._file.readline(_MAX_ITEM + 1)
         if len(line) > _MAX_ITEM:
-            raise pickle.UnpicklingError(f"it holds a line longer than {_MAX_ITEM} bytes, which DCP metadata never "
-                                         f"does")
+            raise pickle.UnpicklingError(f"it holds a line longer than {_MAX_ITEM} bytes, which "
+                                         "DCP metadata never does")
         return self._take(line)
 
     def _take(self, data: bytes) -> bytes:
@@ -95,7 +98,8 @@ def _size_args(args: tuple) -> bool:
         all(type(d) is int for d in args[0])
 
 
-class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpickler: its dispatch is ours
+# the pure-Python unpickler: its dispatch is ours
+class DcpMetadataUnpickler(pickle._Unpickler):
     """Builds what DCP's ``.metadata`` holds and nothing else, with an allow-list of opcodes and
     globals: what it trusts, refuses and bounds is this module's docstring."""
 
@@ -143,7 +147,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
                        (self._ordered, lambda a: not a)]
         self._calls += [(p, lambda a: len(a) <= 4096 and all(type(x) is str for x in a)) for p in paths]
         self._fields = _field_types(md, importlib.import_module(_FILESYSTEM), torch, paths)
-        self._made: dict = {}          # id -> [object, depth, placed, built]: what this unpickler made (kept alive)
+        # id -> [object, depth, placed, built]: what this unpickler made (kept alive)
+        self._made: dict = {}
 
     def find_class(self, module: str, name: str):
         found = self._globals.get((module, name))
@@ -151,7 +156,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
             return found
         if module == "torch" and type(self._torch.get(name)) is self._dtype:
             return self._torch[name]
-        raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which DCP metadata never holds")
+        raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which DCP metadata never "
+                                     "holds")
 
     def load(self) -> Any:
         """The pure-Python ``load`` (Python 3.9-3.13), with a look at the memory every
@@ -177,8 +183,9 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
                 if count % _LOOK_EVERY == 0 and start is not None and free is not None:
                     held = (resident() or start) - start
                     if held > free // 2:
-                        raise MemoryError(f"building it took {held} bytes of memory after {count} opcodes, over "
-                                          f"half of the {free} bytes free when it began")
+                        raise MemoryError(f"building it took {held} bytes of memory after {count} "
+                                          f"opcodes, over half of the {free} bytes free when it "
+                                          "began")
         except pickle._Stop as stop:                  # type: ignore[attr-defined]
             return stop.value
 
@@ -188,7 +195,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
     # -- bookkeeping: what it made, how deep, placed in another yet, built yet
 
     def _place(self, items) -> int:
-        """Mark what this unpickler made among ``items`` placed (never changed again); their depth."""
+        """Mark what this unpickler made among ``items`` placed (never changed again); their
+        depth."""
         depth = 0
         made = self._made
         for item in items:
@@ -223,7 +231,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
         if kind is str or kind is int:
             return True
         entry = self._made.get(id(key))
-        return kind is self._index and entry is not None and entry[3]     # its fields checked: a flat hash
+        # its fields checked: a flat hash
+        return kind is self._index and entry is not None and entry[3]
 
     # -- the container opcodes
 
@@ -310,7 +319,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
     def _load_reduce(self) -> None:
         args = self.stack.pop()
         func = self.stack[-1]
-        check = next((ok for f, ok in self._calls if f is func), None)   # by identity: nothing is hashed
+        # by identity: nothing is hashed
+        check = next((ok for f, ok in self._calls if f is func), None)
         if check is None:
             self._refuse(f"calls {named(func)}")
         if type(args) is not tuple or not check(args):
@@ -348,23 +358,26 @@ class DcpMetadataUnpickler(pickle._Unpickler):           # the pure-Python unpic
         if entry[2] or entry[3]:
             self._refuse(f"sets the state of a {cls.__name__} twice, or after placing it")
         values: list
-        if cls is self._props:                        # TensorProperties: its own __setstate__, on a checked tuple
+        # TensorProperties: its own __setstate__, on a checked tuple
+        if cls is self._props:
             values = list(state) if type(state) is tuple else []
             want = fields["__state__"]
             if len(values) != len(want) or any(type(v) is not t for v, t in zip(values, want)):
-                self._refuse("sets the state of a TensorProperties from anything but (dtype, layout, bool, "
-                             "memory format, bool)")
+                self._refuse("sets the state of a TensorProperties from anything but (dtype, "
+                             "layout, bool, memory format, bool)")
             cls.__setstate__(inst, state)
         else:
             pairs = self._build_state(cls, fields, state)
             for key, value in pairs:
-                object.__setattr__(inst, key, value)  # frozen dataclasses too (MetadataIndex), as pickle does
+                # frozen dataclasses too (MetadataIndex), as pickle does
+                object.__setattr__(inst, key, value)
             values = [v for _, v in pairs]
         self._grow(entry, self._place(values))
         entry[3] = True
 
     def _build_state(self, cls, fields: dict, state) -> list:
-        """``[(field, value)]`` of a BUILD's state (a dict, or a (dict, slots) pair), each checked."""
+        """``[(field, value)]`` of a BUILD's state (a dict, or a (dict, slots) pair), each
+        checked."""
         slots = None
         if type(state) is tuple and len(state) == 2:
             state, slots = state
@@ -418,7 +431,8 @@ def _make_dispatch() -> dict:
 
     def refuse(name: str):
         def op(self):
-            raise pickle.UnpicklingError(f"it holds the pickle opcode {name}, which DCP metadata never holds")
+            raise pickle.UnpicklingError(f"it holds the pickle opcode {name}, which DCP metadata "
+                                         "never holds")
         return op
 
     base = pickle._Unpickler.dispatch                  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
-"""The average in Keras's files: ``model.save``, ``save_weights`` and ``ModelCheckpoint`` write every
-``WeightEMA``'s state; :func:`load_model`, :func:`load_average` and ``model.load_weights`` read it back;
-:func:`averaged_weights` reads it without a callback.
+"""The average in Keras's files: ``model.save``, ``save_weights`` and ``ModelCheckpoint`` write
+every ``WeightEMA``'s state; :func:`load_model`, :func:`load_average` and ``model.load_weights``
+read it back; :func:`averaged_weights` reads it without a callback.
 
 Keras saves a model by walking its attributes: every ``KerasSaveable`` found there writes its arrays
 with ``save_own_variables(store)`` and reads them back with ``load_own_variables(store)``
@@ -31,11 +31,14 @@ import numpy as np
 from .._checkpoint_format import from_parts, load_refused, to_parts
 from ._entries import _damage, _Live, _named_state, _problems, _structural_state, _to_numpy
 
-_ATTR = "_fastema_weight_ema"                             # the model's attribute: the file's group of the average
+# the model's attribute: the file's group of the average
+_ATTR = "_fastema_weight_ema"
 _FORMAT, _VERSION = "fastema.keras.WeightEMA", 1
-_HEADER_BYTES = 16 << 20                                  # a header past this is not one fastema wrote
+# a header past this is not one fastema wrote
+_HEADER_BYTES = 16 << 20
 
-try:                                                      # Keras 3's base of everything its files walk
+# Keras 3's base of everything its files walk
+try:
     from keras.src.saving.keras_saveable import KerasSaveable as _KerasSaveable
 except ImportError:                                       # pragma: no cover - depends on the Keras release
     _KerasSaveable = object                               # type: ignore[assignment,misc]
@@ -57,27 +60,32 @@ class _SavedAverages(_KerasSaveable):
         self.callbacks: list[_Live] = []
         self.pending: list[dict | None] = []
 
-    def __dir__(self):                                     # Keras walks dir(): nothing more in here to save
+    # Keras walks dir(): nothing more in here to save
+    def __dir__(self):
         return []
 
-    def __deepcopy__(self, memo):                          # a copied model has no callback of its own
+    # a copied model has no callback of its own
+    def __deepcopy__(self, memo):
         return type(self)()
 
     def __reduce__(self):                                  # (KerasSaveable's pickles a whole model)
         return type(self), ()
 
     def this_fit(self) -> list[_Live]:
-        """The callbacks of the ``fit`` that is starting (those whose ``on_train_begin`` has run)."""
+        """The callbacks of the ``fit`` that is starting (those whose ``on_train_begin`` has
+        run)."""
         return [cb for cb in self.callbacks if cb._fitting]
 
     def join(self, callback: _Live) -> None:
-        """``callback`` starts a ``fit``: the file gets its average, with those of the other WeightEMAs
-        of this ``fit``; the callbacks of an earlier ``fit`` that are not in this one are dropped (a
-        new ``WeightEMA`` per ``fit`` call is the newest average, and the old ones are not kept alive)."""
+        """``callback`` starts a ``fit``: the file gets its average, with those of the other
+        WeightEMAs of this ``fit``; the callbacks of an earlier ``fit`` that are not in this one are
+        dropped (a new ``WeightEMA`` per ``fit`` call is the newest average, and the old ones are
+        not kept alive)."""
         if callback not in self.callbacks or not callback._fitting:
             self.callbacks = [cb for cb in self.this_fit() if cb is not callback] + [callback]
         for i in range(min(len(self.callbacks), len(self.pending))):
-            self.pending[i] = None                          # a live callback holds that place's average now
+            # a live callback holds that place's average now
+            self.pending[i] = None
 
     def _obj_type(self) -> str:
         # Keras takes this to pick which attributes of a base class to skip when it walks dir(); it
@@ -85,15 +93,16 @@ class _SavedAverages(_KerasSaveable):
         return "Loss"
 
     def refuse_swapped(self) -> None:
-        """RuntimeError while a live callback's average is swapped into the model (its weights are the
-        average then, and a file would carry them as the raw weights)."""
+        """RuntimeError while a live callback's average is swapped into the model (its weights are
+        the average then, and a file would carry them as the raw weights)."""
         if any(cb.ema is not None and cb.ema.swapped for cb in self.callbacks):
-            raise RuntimeError("fastema.keras.WeightEMA: the model is saved while the average is swapped in (its "
-                               "weights are the average, not the raw ones); save after the validation, or swap() "
-                               "back first. Nothing was written.")
+            raise RuntimeError("fastema.keras.WeightEMA: the model is saved while the average is "
+                               "swapped in (its weights are the average, not the raw ones); save "
+                               "after the validation, or swap() back first. Nothing was written.")
 
     def entries(self) -> list[dict]:
-        """Every average this model carries, in place order: live callbacks read now, the rest as loaded."""
+        """Every average this model carries, in place order: live callbacks read now, the rest as
+        loaded."""
         self.refuse_swapped()
         out = []
         for i in range(max(len(self.callbacks), len(self.pending))):
@@ -109,7 +118,8 @@ class _SavedAverages(_KerasSaveable):
         entries = self.entries()
         if not entries:
             return
-        arrays: list[np.ndarray] = []                     # numbered across the entries: one list for all
+        # numbered across the entries: one list for all
+        arrays: list[np.ndarray] = []
         header = {"format": _FORMAT, "version": _VERSION, "backend": keras.backend.backend(),
                   "entries": [to_parts(e, arrays, host=_to_numpy, who="fastema.keras.WeightEMA")[0] for e in entries]}
         store["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
@@ -117,22 +127,25 @@ class _SavedAverages(_KerasSaveable):
             store[str(i)] = a
 
     def load_own_variables(self, store) -> None:
-        """Keras's loading hook (``model.load_weights`` into a model with a ``WeightEMA``): the saved
-        averages into the live callbacks, all or none."""
+        """Keras's loading hook (``model.load_weights`` into a model with a ``WeightEMA``): the
+        saved averages into the live callbacks, all or none."""
         if not len(store.keys()):
             if self.callbacks:
-                warnings.warn("fastema.keras.WeightEMA: the weights file holds no average (it was saved without a "
-                              "WeightEMA); the callback's average is unchanged", RuntimeWarning, stacklevel=2)
+                warnings.warn("fastema.keras.WeightEMA: the weights file holds no average (it was "
+                              "saved without a WeightEMA); the callback's average is "
+                              "unchanged", RuntimeWarning, stacklevel=2)
             return
         self.load(_decode(store), "the file")
 
     def load(self, entries: list[dict], source: str) -> None:
-        """``entries`` into the live callbacks (checked first; all load or none), or kept as pending for
-        the callbacks to come when there are none; refused with nothing changed if they do not fit."""
+        """``entries`` into the live callbacks (checked first; all load or none), or kept as pending
+        for the callbacks to come when there are none; refused with nothing changed if they do not
+        fit."""
         if self.callbacks:
             if len(entries) != len(self.callbacks):
-                raise ValueError(f"{source} holds {len(entries)} WeightEMA average(s) and this model has "
-                                 f"{len(self.callbacks)} WeightEMA callback(s); load it into a model with as many")
+                raise ValueError(f"{source} holds {len(entries)} WeightEMA average(s) and this "
+                                 f"model has {len(self.callbacks)} WeightEMA callback(s); load it "
+                                 "into a model with as many")
             states = [_named_state(cb, e) for cb, e in zip(self.callbacks, entries)]
             before = [cb.ema.state_dict() for cb in self.callbacks]
             done = 0
@@ -141,7 +154,8 @@ class _SavedAverages(_KerasSaveable):
                     cb.ema.load_state_dict(state)
                     done += 1
             except BaseException:
-                for cb, state in zip(self.callbacks[:done], before):   # the ones already loaded, as they were
+                # the ones already loaded, as they were
+                for cb, state in zip(self.callbacks[:done], before):
                     cb.ema.load_state_dict(state)
                 raise
             self.pending = list(entries)                    # and for new WeightEMAs of the next fit
@@ -150,7 +164,8 @@ class _SavedAverages(_KerasSaveable):
         problems = [p for i, e in enumerate(entries) for p in _problems(model, e, i)]
         if problems:
             raise ValueError(f"{source} holds a WeightEMA average that does not fit this model: "
-                             + "; ".join(problems[:6]) + "; load it into the model it was saved with (same "
+                             + "; ".join(problems[:6]) + "; load it into the model it was saved "
+                                                         "with (same "
                              "architecture and backend)")
         self.pending = list(entries)
 
@@ -159,7 +174,8 @@ def _saved_averages(model, create: bool = False) -> _SavedAverages:
     holder = vars(model).get(_ATTR)
     if holder is None and create:
         holder = _SavedAverages()
-        object.__setattr__(model, _ATTR, holder)           # not through Keras's or torch's attribute tracking
+        # not through Keras's or torch's attribute tracking
+        object.__setattr__(model, _ATTR, holder)
         object.__setattr__(holder, "_model", weakref.ref(model))
         _guard_saves(model)
     return holder
@@ -176,7 +192,8 @@ def _guard_saves(model) -> None:
     binds its own), that call the class's method; :func:`_detach` removes them."""
     for name in _SAVES:
         method = getattr(type(model), name, None)
-        if method is None or name in vars(model):         # none, or someone else's (or ours already)
+        # none, or someone else's (or ours already)
+        if method is None or name in vars(model):
             continue
 
         @functools.wraps(method)
@@ -203,13 +220,14 @@ def _detach(model) -> None:
 
 
 def _decode(store, source: str = "the file") -> list[dict]:
-    """The entries of a saved header, their arrays read from ``store``; refused when it is not one, or
-    when the EMA's own checks that need no model find it damaged (:func:`_damage`)."""
+    """The entries of a saved header, their arrays read from ``store``; refused when it is not one,
+    or when the EMA's own checks that need no model find it damaged (:func:`_damage`)."""
     keys = set(store.keys())
 
     def bad(why: str):
-        return load_refused(f"the WeightEMA average in {source} is unreadable ({why}); it is damaged, or was not "
-                            f"written by fastema.keras: load the model without it (keras.saving.load_model).")
+        return load_refused(f"the WeightEMA average in {source} is unreadable ({why}); it is "
+                            "damaged, or was not written by fastema.keras: load the model without "
+                            "it (keras.saving.load_model).")
 
     if "header" not in keys:
         raise bad("no header")
@@ -223,8 +241,8 @@ def _decode(store, source: str = "the file") -> list[dict]:
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise bad("the header names no fastema.keras.WeightEMA format")
     if header.get("version") != _VERSION:
-        raise ValueError(f"the file's WeightEMA average has version {header.get('version')!r}; this fastema reads "
-                         f"version {_VERSION}: upgrade fastema")
+        raise ValueError(f"the file's WeightEMA average has version {header.get('version')!r}; "
+                         f"this fastema reads version {_VERSION}: upgrade fastema")
     entries = header.get("entries")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise bad("no list of entries")
@@ -245,7 +263,8 @@ def _decode(store, source: str = "the file") -> list[dict]:
 
 
 def _open_store(filepath):
-    """Keras's reader of the weights of a ``.keras`` or ``.weights.h5`` file (closed by the caller)."""
+    """Keras's reader of the weights of a ``.keras`` or ``.weights.h5`` file (closed by the
+    caller)."""
     import zipfile
 
     from keras.src.saving import saving_lib
@@ -260,13 +279,14 @@ def _open_store(filepath):
             raise
     if path.endswith(".weights.h5"):
         return saving_lib.H5IOStore(path, mode="r"), None
-    raise ValueError(f"{path!r} is neither a .keras file nor a .weights.h5 file; pass what model.save() or "
-                     f"model.save_weights() wrote")
+    raise ValueError(f"{path!r} is neither a .keras file nor a .weights.h5 file; pass what "
+                     "model.save() or model.save_weights() wrote")
 
 
 def _read_averages(filepath) -> list[dict] | None:
-    """The averages saved in ``filepath``, or None when it holds none; ValueError naming the file when
-    Keras cannot read it (truncated, empty, another format: as Keras's load_model) or its average is damaged."""
+    """The averages saved in ``filepath``, or None when it holds none; ValueError naming the file
+    when Keras cannot read it (truncated, empty, another format: as Keras's load_model) or its
+    average is damaged."""
     import zipfile
 
     path = os.fspath(filepath)
@@ -283,16 +303,16 @@ def _read_averages(filepath) -> list[dict] | None:
         raise
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:
         kind = ".keras" if path.endswith(".keras") else ".weights.h5"
-        raise load_refused(f"{path!r} is not a {kind} file Keras can read ({type(err).__name__}: {err}): it is "
-                           f"truncated, empty or of another format; pass a file model.save() or model.save_weights() "
-                           f"wrote.") from err
+        raise load_refused(f"{path!r} is not a {kind} file Keras can read ({type(err).__name__}: "
+                           f"{err}): it is truncated, empty or of another format; pass a file "
+                           "model.save() or model.save_weights() wrote.") from err
 
 
 def load_average(model, filepath: str | os.PathLike) -> None:
     """Put the ``WeightEMA`` average(s) saved in ``filepath`` on ``model``.
 
-    ``filepath`` is a ``.keras`` file (``model.save``, ``ModelCheckpoint``) or a ``.weights.h5`` file
-    (``model.save_weights``, ``ModelCheckpoint(save_weights_only=True)``). On a model whose
+    ``filepath`` is a ``.keras`` file (``model.save``, ``ModelCheckpoint``) or a ``.weights.h5``
+    file (``model.save_weights``, ``ModelCheckpoint(save_weights_only=True)``). On a model whose
     ``WeightEMA`` has started, the average goes into it; otherwise it waits on the model for the
     next ``WeightEMA`` made on it, which resumes from it when ``fit`` starts, and
     :func:`averaged_weights` reads it. Only the average is read: the model's weights and optimizer
@@ -306,8 +326,8 @@ def load_average(model, filepath: str | os.PathLike) -> None:
     """
     entries = _read_averages(filepath)
     if entries is None:
-        raise ValueError(f"{os.fspath(filepath)!r} holds no WeightEMA average (it was saved from a model that "
-                         f"had none); nothing to load")
+        raise ValueError(f"{os.fspath(filepath)!r} holds no WeightEMA average (it was saved from a "
+                         "model that had none); nothing to load")
     holder = vars(model).get(_ATTR)
     made = holder is None
     holder = _saved_averages(model, create=True)
@@ -321,7 +341,8 @@ def load_average(model, filepath: str | os.PathLike) -> None:
 
 def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool = True, safe_mode: bool = True,
                **kwargs):
-    """``keras.saving.load_model`` that also restores the ``WeightEMA`` average saved with the model.
+    """``keras.saving.load_model`` that also restores the ``WeightEMA`` average saved with the
+    model.
 
     The returned model carries the saved average (if the file holds one): a ``WeightEMA`` made for
     the next ``fit`` resumes from it, bit for bit (give it the same options), and
@@ -354,8 +375,9 @@ def averaged_weights(model, index: int = 0) -> list[np.ndarray]:
     holder = vars(model).get(_ATTR)
     entries = holder.entries() if holder is not None else []
     if not 0 <= index < len(entries):
-        raise ValueError(f"this model carries {len(entries)} WeightEMA average(s), so none at index {index}; run fit "
-                         f"with a WeightEMA callback, or load one with fastema.keras.load_model / load_average")
+        raise ValueError(f"this model carries {len(entries)} WeightEMA average(s), so none at "
+                         f"index {index}; run fit with a WeightEMA callback, or load one with "
+                         "fastema.keras.load_model / load_average")
     averaged = entries[index]["averaged"]
     out = []
     for i, v in enumerate(model.trainable_variables):

@@ -1,4 +1,5 @@
-"""The average handed to inference engines: vLLM's ``WeightSource``, SGLang's flattened buckets, ``load_weights``.
+"""The average handed to inference engines: vLLM's ``WeightSource``, SGLang's flattened buckets,
+``load_weights``.
 
 Recipes: ``docs/guides/rl_teachers.md`` ("Publishing to inference engines"). Every form consumes
 ``(name, tensor)`` pairs in the model's state-dict order: an average's ``iter_weights()`` (fresh
@@ -8,11 +9,12 @@ the other ranks finish) or any iterable of pairs. Buckets fill in stream order u
 ``bucket_bytes``; a larger tensor travels alone, in a bucket of its own size (vLLM's packed IPC
 producer refuses one; verl's bucketing sends it alone, as here).
 
-**Checked against consumers written from the engines' sources, untested against the engines themselves**
-(they cannot be installed where fastema is tested): ``tests/bridges/test_engines.py`` round-trips each form bit
-for bit through the receiving code of vLLM's ``vllm/distributed/weight_transfer/`` (``base.py``,
-``nccl_engine.py``, ``packed_tensor.py``) and SGLang's ``python/sglang/srt/weight_sync/tensor_bucket.py`` (both
-layouts) and ``_update_weights_from_flattened_bucket``.
+**Checked against consumers written from the engines' sources, untested against the engines
+themselves** (they cannot be installed where fastema is tested): ``tests/bridges/test_engines.py``
+round-trips each form bit for bit through the receiving code of vLLM's
+``vllm/distributed/weight_transfer/`` (``base.py``, ``nccl_engine.py``, ``packed_tensor.py``) and
+SGLang's ``python/sglang/srt/weight_sync/tensor_bucket.py`` (both layouts) and
+``_update_weights_from_flattened_bucket``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import torch
 __all__ = ["DEFAULT_BUCKET_BYTES", "FlattenedTensorMetadata", "WeightSource", "flattened_buckets", "load_weights",
            "named_tensor_buckets"]
 
-#: The bucket size every form takes by default: 256 MiB, TRL's weight-sync bucket (``iter_weights``'s default).
+#: The bucket size every form takes by default: 256 MiB, TRL's weight-sync bucket
+#: (``iter_weights``'s default).
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 _VLLM = "vllm.distributed.weight_transfer.base"
@@ -38,7 +41,8 @@ _STREAM_HINT = "pass an average's iter_weights(...) (one pass: a new one each ti
 
 @dataclasses.dataclass
 class FlattenedTensorMetadata:
-    """Where one tensor sits in a flattened bucket: SGLang's ``FlattenedTensorMetadata``, field for field.
+    """Where one tensor sits in a flattened bucket: SGLang's ``FlattenedTensorMetadata``, field for
+    field.
 
     :func:`flattened_buckets` builds SGLang's class where ``sglang`` imports (the engine unpickles
     nothing of fastema's), else this one (or ``metadata_type=``'s). Offsets: bytes in a ``uint8``
@@ -52,7 +56,8 @@ class FlattenedTensorMetadata:
     numel: int                 # end_idx - start_idx, in the same unit
 
 
-def _optional(module: str) -> ModuleType | None:         # an engine's module where importable (never a dependency)
+# an engine's module where importable (never a dependency)
+def _optional(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -61,19 +66,21 @@ def _optional(module: str) -> ModuleType | None:         # an engine's module wh
 
 def _bucket_bytes(value: Any, where: str) -> int:       # a positive int, or refused
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{where}: bucket_bytes must be a positive int (bytes, e.g. 256 << 20), got {value!r}")
+        raise ValueError(f"{where}: bucket_bytes must be a positive int (bytes, e.g. 256 << 20), "
+                         f"got {value!r}")
     return int(value)
 
 
 def _pairs(weights: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each ``(name, tensor)`` of ``weights``, checked as it comes (``weights`` itself at once: an empty mapping
-    or list is refused, an iterator that yields nothing is not, as on a rank outside ``iter_weights(to=)``)."""
+    """Each ``(name, tensor)`` of ``weights``, checked as it comes (``weights`` itself at once: an
+    empty mapping or list is refused, an iterator that yields nothing is not, as on a rank outside
+    ``iter_weights(to=)``)."""
     if isinstance(weights, (torch.Tensor, str, bytes)) or not isinstance(weights, Iterable):
-        raise TypeError(f"{where} takes an iterable of (name, tensor) pairs, got {type(weights).__name__}: "
-                        f"{_STREAM_HINT}")
+        raise TypeError(f"{where} takes an iterable of (name, tensor) pairs, got "
+                        f"{type(weights).__name__}: {_STREAM_HINT}")
     if isinstance(weights, Sized) and not len(weights):
-        raise ValueError(f"{where}: the {type(weights).__name__} holds no (name, tensor) pairs, so there is nothing "
-                         f"to send: {_STREAM_HINT}")
+        raise ValueError(f"{where}: the {type(weights).__name__} holds no (name, tensor) pairs, so "
+                         f"there is nothing to send: {_STREAM_HINT}")
     return _checked(weights.items() if isinstance(weights, Mapping) else weights, where)
 
 
@@ -89,20 +96,21 @@ def _each(weights: Iterable[Any], where: str) -> Iterator[tuple[str, torch.Tenso
     seen: set[str] = set()
     for i, item in enumerate(weights):
         if not (isinstance(item, tuple) and len(item) == 2):
-            raise TypeError(f"{where}: item {i} of the stream is {type(item).__name__}, not a (name, tensor) "
-                            f"pair: {_STREAM_HINT}")
+            raise TypeError(f"{where}: item {i} of the stream is {type(item).__name__}, not a "
+                            f"(name, tensor) pair: {_STREAM_HINT}")
         name, tensor = item
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{where}: item {i} of the stream has the name {name!r}; names are the model's "
-                            "state-dict keys (non-empty str)")
+            raise TypeError(f"{where}: item {i} of the stream has the name {name!r}; names are the "
+                            "model's state-dict keys (non-empty str)")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{where}: {name!r} is {type(tensor).__name__}, not a torch.Tensor")
         if hasattr(tensor, "full_tensor"):          # a DTensor: one rank's shard, not the tensor
-            raise TypeError(f"{where}: {name!r} is a DTensor (one rank's shard); stream the average with "
-                            "iter_weights(), which gathers each tensor whole, or call full_tensor() first")
+            raise TypeError(f"{where}: {name!r} is a DTensor (one rank's shard); stream the "
+                            "average with iter_weights(), which gathers each tensor whole, or call "
+                            "full_tensor() first")
         if name in seen:
-            raise ValueError(f"{where}: {name!r} comes twice in the stream; an engine loads each name once "
-                             "(iter_weights() yields tied tensors once)")
+            raise ValueError(f"{where}: {name!r} comes twice in the stream; an engine loads each "
+                             "name once (iter_weights() yields tied tensors once)")
         seen.add(name)
         yield name, tensor
 
@@ -113,8 +121,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def _buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int, align: bool
              ) -> Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]]:
-    """Consecutive runs of the stream, each at most ``bucket_bytes`` (a larger tensor alone), with each
-    tensor's byte offset in its run (aligned to its element size when ``align``, as
+    """Consecutive runs of the stream, each at most ``bucket_bytes`` (a larger tensor alone), with
+    each tensor's byte offset in its run (aligned to its element size when ``align``, as
     ``uint8[start:end].view(dtype)`` needs) and the run's size."""
     bucket: list[tuple[str, torch.Tensor, int]] = []
     size = 0
@@ -132,21 +140,24 @@ def _buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int, align
 
 def named_tensor_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
                          bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The stream cut into lists of ``(name, tensor)`` of at most ``bucket_bytes`` each, in stream order.
+    """The stream cut into lists of ``(name, tensor)`` of at most ``bucket_bytes`` each, in stream
+    order.
 
-    verl's and slime's ``get_named_tensor_buckets(iterable, bucket_bytes)``: a tensor joins the current bucket
-    while the bucket's bytes stay within ``bucket_bytes``, else it starts the next; a tensor larger than
-    ``bucket_bytes`` is a bucket alone. The tensors are the stream's own (no copy); a lazy stream
-    (``iter_weights()``) is read one tensor past the bucket handed out, so at most one bucket and one tensor are
-    held here. The shared piece of :func:`flattened_buckets` and :func:`load_weights`.
+    verl's and slime's ``get_named_tensor_buckets(iterable, bucket_bytes)``: a tensor joins the
+    current bucket while the bucket's bytes stay within ``bucket_bytes``, else it starts the next; a
+    tensor larger than ``bucket_bytes`` is a bucket alone. The tensors are the stream's own (no
+    copy); a lazy stream (``iter_weights()``) is read one tensor past the bucket handed out, so at
+    most one bucket and one tensor are held here. The shared piece of :func:`flattened_buckets` and
+    :func:`load_weights`.
 
     Args:
-        weights: ``(name, tensor)`` pairs (``iter_weights()``, a ``state_dict().items()``) or a mapping.
+        weights: ``(name, tensor)`` pairs (``iter_weights()``, a ``state_dict().items()``) or a
+            mapping.
         bucket_bytes: the most bytes of tensors in one bucket (a positive int).
 
     Yields:
-        ``list[tuple[str, torch.Tensor]]``, never empty; none from a stream that yields nothing (a rank
-        outside ``iter_weights(to=...)``, which must still iterate its stream).
+        ``list[tuple[str, torch.Tensor]]``, never empty; none from a stream that yields nothing (a
+        rank outside ``iter_weights(to=...)``, which must still iterate its stream).
 
     Raises:
         ValueError: ``bucket_bytes`` not a positive int, a name twice, or an empty mapping or list.
@@ -158,16 +169,19 @@ def named_tensor_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[s
 
 def _flat(bucket: list[tuple[str, torch.Tensor, int]], size: int, dtype: torch.dtype, unit: int,
           metadata_type: Callable[..., Any]) -> dict[str, Any]:
-    """One SGLang bucket: a fresh 1-D ``dtype`` tensor of ``size`` units, the tensors at their offsets, gaps zeroed."""
+    """One SGLang bucket: a fresh 1-D ``dtype`` tensor of ``size`` units, the tensors at their
+    offsets, gaps zeroed."""
     flat = torch.empty(size, dtype=dtype, device=bucket[0][1].device)
     metadata, end = [], 0
     for name, tensor, start_bytes in bucket:
         start = start_bytes // unit
         if start > end:
-            flat[end:start].zero_()                 # alignment padding: defined bytes, never stale memory
+            # alignment padding: defined bytes, never stale memory
+            flat[end:start].zero_()
         values = tensor.detach().reshape(-1)
         end = start + (values.numel() * tensor.element_size()) // unit
-        flat[start:end].copy_(values.view(dtype))   # bytes, or the tensor's own dtype (a no-op view)
+        # bytes, or the tensor's own dtype (a no-op view)
+        flat[start:end].copy_(values.view(dtype))
         metadata.append(metadata_type(name=name, shape=tensor.shape, dtype=tensor.dtype, start_idx=start,
                                       end_idx=end, numel=end - start))
     return {"flattened_tensor": flat, "metadata": metadata}
@@ -176,63 +190,70 @@ def _flat(bucket: list[tuple[str, torch.Tensor, int]], size: int, dtype: torch.d
 def flattened_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, *, multi_dtype: bool | None = None,
                       metadata_type: Callable[..., Any] | None = None) -> Iterator[dict[str, Any]]:
-    """The stream packed as SGLang's flattened buckets, what ``update_weights_from_tensor`` takes with
-    ``load_format="flattened_bucket"``.
+    """The stream packed as SGLang's flattened buckets, what ``update_weights_from_tensor`` takes
+    with ``load_format="flattened_bucket"``.
 
-    Each item is ``{"flattened_tensor": tensor, "metadata": [FlattenedTensorMetadata, ...]}``, what SGLang's
-    ``FlattenedTensorBucket`` is rebuilt from on the engine side (its ``reconstruct_tensors()`` slices each
+    Each item is ``{"flattened_tensor": tensor, "metadata": [FlattenedTensorMetadata, ...]}``, what
+    SGLang's ``FlattenedTensorBucket`` is rebuilt from on the engine side (its
+    ``reconstruct_tensors()`` slices each
     tensor out for the model's ``load_weights``). Serialize it per TP rank (``sglang.srt.utils``) and send it::
 
-        payloads = [MultiprocessingSerializer.serialize(bucket, output_str=True) for _ in range(tp_size)]
-        engine.update_weights_from_tensor(payloads, load_format="flattened_bucket", flush_cache=False)
+        payloads = [MultiprocessingSerializer.serialize(bucket, output_str=True) for _ in
+        range(tp_size)] engine.update_weights_from_tensor(payloads, load_format="flattened_bucket",
+        flush_cache=False)
 
     The layout follows SGLang's ``python/sglang/srt/weight_sync/tensor_bucket.py``:
 
     - ``multi_dtype=True`` (SGLang's ``FlattenedTensorBucket.supports_multi_dtypes``): one ``uint8``
-      ``flattened_tensor`` per bucket holding every dtype, ``start_idx`` / ``end_idx`` / ``numel`` in bytes,
-      the tensors in stream order. SGLang's own packer puts each tensor right after the last; here a tensor
-      starts at a multiple of its element size, the gap zeroed, because the engine's ``view(dtype)`` of an
-      unaligned slice fails (an odd-sized ``uint8`` or ``bool`` buffer before a float tensor); the metadata
-      carries the offsets, so the engine reads either layout alike.
-    - ``multi_dtype=False`` (older SGLang, before that flag): one ``flattened_tensor`` per dtype, in that
-      dtype, offsets in elements. Each bucket of the stream is split by dtype as slime and verl do, one item
-      per dtype in the order each dtype first comes in the bucket (the stream order within a dtype); each is
-      its own ``update_weights_from_tensor`` call.
-    - ``None`` (the default): as the SGLang importable here says (its ``FlattenedTensorBucket``'s flag, read
-      as slime reads it: absent is ``False``); ``True`` where SGLang is not importable.
+      ``flattened_tensor`` per bucket holding every dtype, ``start_idx`` / ``end_idx`` / ``numel``
+      in bytes, the tensors in stream order. SGLang's own packer puts each tensor right after the
+      last; here a tensor starts at a multiple of its element size, the gap zeroed, because the
+      engine's ``view(dtype)`` of an unaligned slice fails (an odd-sized ``uint8`` or ``bool``
+      buffer before a float tensor); the metadata carries the offsets, so the engine reads either
+      layout alike.
+    - ``multi_dtype=False`` (older SGLang, before that flag): one ``flattened_tensor`` per dtype, in
+      that dtype, offsets in elements. Each bucket of the stream is split by dtype as slime and verl
+      do, one item per dtype in the order each dtype first comes in the bucket (the stream order
+      within a dtype); each is its own ``update_weights_from_tensor`` call.
+    - ``None`` (the default): as the SGLang importable here says (its ``FlattenedTensorBucket``'s
+      flag, read as slime reads it: absent is ``False``); ``True`` where SGLang is not importable.
 
     Every bucket is a fresh tensor (SGLang may still copy from one over CUDA IPC after its call
     returns) of at most ``bucket_bytes``, but a larger tensor, alone in a bucket of its own size.
 
     Args:
-        weights: ``(name, tensor)`` pairs: an average's ``iter_weights(dtype=...)`` (cast to the engine's dtype
-            there) or a ``state_dict().items()``; a bucket is made on the device of its first tensor.
+        weights: ``(name, tensor)`` pairs: an average's ``iter_weights(dtype=...)`` (cast to the
+            engine's dtype there) or a ``state_dict().items()``; a bucket is made on the device of
+            its first tensor.
         bucket_bytes: the most bytes in one ``flattened_tensor`` (a positive int).
         multi_dtype: the layout (above).
-        metadata_type: the class each metadata entry is built as (keyword arguments ``name``, ``shape``,
-            ``dtype``, ``start_idx``, ``end_idx``, ``numel``); by default SGLang's ``FlattenedTensorMetadata``
-            when importable, else :class:`FlattenedTensorMetadata`.
+        metadata_type: the class each metadata entry is built as (keyword arguments ``name``,
+            ``shape``, ``dtype``, ``start_idx``, ``end_idx``, ``numel``); by default SGLang's
+            ``FlattenedTensorMetadata`` when importable, else :class:`FlattenedTensorMetadata`.
 
     Yields:
-        ``dict`` with ``"flattened_tensor"`` (1-D ``torch.Tensor``) and ``"metadata"`` (a list); none from a
-        stream that yields nothing (a rank outside ``iter_weights(to=...)``; SGLang refuses an empty bucket).
+        ``dict`` with ``"flattened_tensor"`` (1-D ``torch.Tensor``) and ``"metadata"`` (a list);
+        none from a stream that yields nothing (a rank outside ``iter_weights(to=...)``; SGLang
+        refuses an empty bucket).
 
     Raises:
         ValueError: as :func:`named_tensor_buckets`.
-        TypeError: as :func:`named_tensor_buckets`, ``multi_dtype`` not a bool or None, or ``metadata_type``
-            not callable.
+        TypeError: as :func:`named_tensor_buckets`, ``multi_dtype`` not a bool or None, or
+            ``metadata_type`` not callable.
     """
     where = "flattened_buckets"
     bucket_bytes = _bucket_bytes(bucket_bytes, where)
     if multi_dtype is not None and not isinstance(multi_dtype, bool):
-        raise TypeError(f"{where}: multi_dtype must be True (one uint8 bucket of every dtype), False (one bucket per "
-                        f"dtype, SGLang before supports_multi_dtypes) or None (as SGLang here says), "
-                        f"got {multi_dtype!r}")
+        raise TypeError(f"{where}: multi_dtype must be True (one uint8 bucket of every dtype), "
+                        "False (one bucket per dtype, SGLang before supports_multi_dtypes) or None "
+                        f"(as SGLang here says), got {multi_dtype!r}")
     if metadata_type is not None and not callable(metadata_type):
-        raise TypeError(f"{where}: metadata_type must be a class taking name=, shape=, dtype=, start_idx=, end_idx=, "
-                        f"numel= (SGLang's FlattenedTensorMetadata), got {metadata_type!r}")
+        raise TypeError(f"{where}: metadata_type must be a class taking name=, shape=, dtype=, "
+                        "start_idx=, end_idx=, numel= (SGLang's FlattenedTensorMetadata), got "
+                        f"{metadata_type!r}")
     sglang = _optional("sglang.srt.weight_sync.tensor_bucket")
-    if multi_dtype is None:                         # read as slime reads it; no SGLang here: today's layout
+    # read as slime reads it; no SGLang here: today's layout
+    if multi_dtype is None:
         flag = getattr(getattr(sglang, "FlattenedTensorBucket", None), "supports_multi_dtypes", False)
         multi_dtype = bool(flag) if _optional("sglang") is not None else True
     meta = getattr(sglang, "FlattenedTensorMetadata", FlattenedTensorMetadata) if metadata_type is None \
@@ -259,38 +280,43 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
                  bucket_bytes: int | None = None) -> set[str]:
     """Feed the stream to ``model.load_weights``, the loader of vLLM's and SGLang's models.
 
-    ``model.load_weights(weights: Iterable[tuple[str, torch.Tensor]])`` is how a vLLM or SGLang model takes
-    weights (and what vLLM's weight-transfer engines call with each received chunk). With
-    ``bucket_bytes=None`` the checked stream is handed over in one call, one tensor at a time; with a size,
-    the model gets one call per bucket of :func:`named_tensor_buckets` (a list), as vLLM's packed NCCL
-    receiver calls it. The whole stream is always consumed, even where the model stops early or raises (the
-    stream is a collective on a sharded average: every rank must finish it); a model that stopped early is
-    then refused by name. A stream that yields nothing (a rank outside ``iter_weights(to=...)``) calls nothing.
+    ``model.load_weights(weights: Iterable[tuple[str, torch.Tensor]])`` is how a vLLM or SGLang
+    model takes weights (and what vLLM's weight-transfer engines call with each received chunk).
+    With ``bucket_bytes=None`` the checked stream is handed over in one call, one tensor at a time;
+    with a size, the model gets one call per bucket of :func:`named_tensor_buckets` (a list), as
+    vLLM's packed NCCL receiver calls it. The whole stream is always consumed, even where the model
+    stops early or raises (the stream is a collective on a sharded average: every rank must finish
+    it); a model that stopped early is then refused by name. A stream that yields nothing (a rank
+    outside ``iter_weights(to=...)``) calls nothing.
 
     Args:
         model: anything with a callable ``load_weights(iterable)`` (a vLLM or SGLang model, or
             ``types.SimpleNamespace(load_weights=fn)`` around a function).
-        weights: ``(name, tensor)`` pairs: an average's ``iter_weights(...)`` or a ``state_dict().items()``.
+        weights: ``(name, tensor)`` pairs: an average's ``iter_weights(...)`` or a
+            ``state_dict().items()``.
         bucket_bytes: ``None`` (one streamed call) or the most bytes per call (a positive int).
 
     Returns:
-        The names the model reports loaded (vLLM's ``load_weights`` returns a set of them, possibly the
-        fused names), or the names fed where it returns ``None``.
+        The names the model reports loaded (vLLM's ``load_weights`` returns a set of them, possibly
+        the fused names), or the names fed where it returns ``None``.
 
     Raises:
         TypeError: a model without ``load_weights``, or as :func:`named_tensor_buckets`.
-        ValueError: as :func:`named_tensor_buckets`, or a model that returned before the stream's end.
+        ValueError: as :func:`named_tensor_buckets`, or a model that returned before the stream's
+            end.
     """
     where = "load_weights"
     loader = getattr(model, "load_weights", None)
     if not callable(loader):
-        raise TypeError(f"{where}: {type(model).__name__} has no load_weights(weights) method; pass a vLLM or SGLang "
-                        "model, or wrap a loader function: types.SimpleNamespace(load_weights=fn)")
+        raise TypeError(f"{where}: {type(model).__name__} has no load_weights(weights) method; "
+                        "pass a vLLM or SGLang model, or wrap a loader function: "
+                        "types.SimpleNamespace(load_weights=fn)")
     size = None if bucket_bytes is None else _bucket_bytes(bucket_bytes, where)
     fed: list[str] = []
     loaded: set[str] = set()
 
-    def report(result: Any, names: list[str]) -> None:     # what a call reports loaded (vLLM: a set), else names
+    # what a call reports loaded (vLLM: a set), else names
+    def report(result: Any, names: list[str]) -> None:
         loaded.update(result if isinstance(result, (set, frozenset, list, tuple)) else names)
 
     if size is not None:
@@ -298,12 +324,14 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
             for bucket in named_tensor_buckets(weights, size):
                 report(loader(bucket), [name for name, _ in bucket])
         except Exception:
-            _drain(weights)                         # the other ranks' gathers go on: this rank joins them, then raises
+            # the other ranks' gathers go on: this rank joins them, then raises
+            _drain(weights)
             raise
         return loaded
     stream = _pairs(weights, where)
     first = next(stream, None)
-    if first is None:                               # a rank outside iter_weights(to=...): nothing to load
+    # a rank outside iter_weights(to=...): nothing to load
+    if first is None:
         return loaded
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
@@ -316,42 +344,52 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
     except Exception:
         _drain(stream)
         raise
-    left = sum(1 for _ in stream)                   # drained: on a sharded average the other ranks' gathers go on
+    # drained: on a sharded average the other ranks' gathers go on
+    left = sum(1 for _ in stream)
     if left:
-        raise ValueError(f"{where}: {type(model).__name__}.load_weights returned after {len(fed)} of the "
-                         f"{len(fed) + left} tensors (the rest were read and dropped, so no rank hangs); the model "
-                         "must take every tensor of the stream, or pass bucket_bytes= to hand it lists")
+        raise ValueError(f"{where}: {type(model).__name__}.load_weights returned after {len(fed)} "
+                         f"of the {len(fed) + left} tensors (the rest were read and dropped, so no "
+                         "rank hangs); the model must take every tensor of the stream, or pass "
+                         "bucket_bytes= to hand it lists")
     return loaded
 
 
 class WeightSource:
-    """An average as vLLM's trainer-side ``WeightSource``: ``metadata()`` without a gather, ``iter()`` a fresh pass.
+    """An average as vLLM's trainer-side ``WeightSource``: ``metadata()`` without a gather,
+    ``iter()`` a fresh pass.
 
-    vLLM >= 0.29 moves a trainer's weights through a ``TrainerWeightTransferEngine`` (NCCL, IPC, ...)
-    built with ``source=``; its ``send_weights()`` reads ``source.metadata()`` (each entry's ``name``,
-    ``dtype``, ``shape``: the receivers allocate from it) and then iterates the source, on every trainer rank
-    (``vllm/distributed/weight_transfer/base.py``, ``nccl_engine.py``). This source is the average's stream:
+    vLLM >= 0.29 moves a trainer's weights through a ``TrainerWeightTransferEngine`` (NCCL, IPC,
+    ...) built with ``source=``; its ``send_weights()`` reads ``source.metadata()`` (each entry's
+    ``name``, ``dtype``, ``shape``: the receivers allocate from it) and then iterates the source, on
+    every trainer rank (``vllm/distributed/weight_transfer/base.py``, ``nccl_engine.py``). This
+    source is the average's stream:
 
-    - ``metadata()`` is the average's ``weights_metadata(row, dtype=dtype)``: names, wire dtypes and full
-      shapes, no gather; as vLLM's ``ParamMeta`` when vLLM is importable here.
+    - ``metadata()`` is the average's ``weights_metadata(row, dtype=dtype)``: names, wire dtypes and
+      full shapes, no gather; as vLLM's ``ParamMeta`` when vLLM is importable here.
     - ``iter(source)`` is a new ``iter_weights(row, dtype=..., bucket_bytes=..., to=...)`` each time
       (vLLM replays the source each round; a collective where the average is sharded or split, which
       every rank iterates), each tensor checked against the metadata (vLLM allocated from it).
-    - Where vLLM is importable, this is registered as a virtual subclass of vLLM's ``WeightSource`` ABC.
+    - Where vLLM is importable, this is registered as a virtual subclass of vLLM's ``WeightSource``
+      ABC.
 
     Args:
         average: a fastema torch average with ``iter_weights`` and ``weights_metadata``
             (:class:`~fastema.torch.EMA`, ``WindowAverage``, ``TargetNetwork``, ``PostHocEMA``).
-        row: which average, passed on first where given: a row of a multi-decay EMA, ``PostHocEMA``'s
-            ``sigma_rel``; None for the average's default (row 0).
-        dtype: the wire dtype (the engine's, e.g. ``torch.bfloat16``), or None for the average's own.
-        bucket_bytes: the gather bucket of ``iter_weights`` (bounds the extra memory while streaming).
-        to: the ranks that keep the gathered tensors (``iter_weights``'s; vLLM's sender, rank 0, is enough).
-        names: a predicate on the name keeping the tensors to send (the others are read: the gathers stay in
-            step), or None; vLLM's packed path fails after an odd-sized ``bool``/``uint8`` buffer: send floats.
+        row: which average, passed on first where given: a row of a multi-decay EMA,
+            ``PostHocEMA``'s ``sigma_rel``; None for the average's default (row 0).
+        dtype: the wire dtype (the engine's, e.g. ``torch.bfloat16``), or None for the average's
+            own.
+        bucket_bytes: the gather bucket of ``iter_weights`` (bounds the extra memory while
+            streaming).
+        to: the ranks that keep the gathered tensors (``iter_weights``'s; vLLM's sender, rank 0, is
+            enough).
+        names: a predicate on the name keeping the tensors to send (the others are read: the gathers
+            stay in step), or None; vLLM's packed path fails after an odd-sized ``bool``/``uint8``
+            buffer: send floats.
 
     Raises:
-        TypeError: ``average`` without ``iter_weights`` / ``weights_metadata``, or ``dtype`` not a torch dtype.
+        TypeError: ``average`` without ``iter_weights`` / ``weights_metadata``, or ``dtype`` not a
+            torch dtype.
         ValueError: ``bucket_bytes`` not a positive int, or an average with no tensors (named).
     """
 
@@ -360,22 +398,24 @@ class WeightSource:
                  names: Callable[[str], bool] | None = None) -> None:
         missing = [m for m in ("iter_weights", "weights_metadata") if not callable(getattr(average, m, None))]
         if missing:
-            raise TypeError(f"WeightSource needs a fastema.torch average (EMA, WindowAverage, TargetNetwork, "
-                            f"PostHocEMA), got {type(average).__name__} without {' and '.join(missing)}(); for a "
-                            "plain module, vLLM's own ModuleSource(module) is the source")
+            raise TypeError("WeightSource needs a fastema.torch average (EMA, WindowAverage, "
+                            f"TargetNetwork, PostHocEMA), got {type(average).__name__} without "
+                            f"{' and '.join(missing)}(); for a plain module, vLLM's own "
+                            "ModuleSource(module) is the source")
         if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise TypeError(f"WeightSource: dtype must be a torch.dtype (the engine's, e.g. torch.bfloat16) or None "
-                            f"(the average's own), got {dtype!r}")
+            raise TypeError("WeightSource: dtype must be a torch.dtype (the engine's, e.g. "
+                            f"torch.bfloat16) or None (the average's own), got {dtype!r}")
         if names is not None and not callable(names):
-            raise TypeError(f"WeightSource: names must be a predicate on a tensor's name (lambda name: ...) or None "
-                            f"(every tensor), got {names!r}")
+            raise TypeError("WeightSource: names must be a predicate on a tensor's name (lambda "
+                            f"name: ...) or None (every tensor), got {names!r}")
         self.average, self.row, self.dtype, self.to, self.names = average, row, dtype, to, names
         self._row = () if row is None else (row,)
         self.bucket_bytes = _bucket_bytes(bucket_bytes, "WeightSource")
         vllm_source = getattr(_optional(_VLLM), "WeightSource", None)
         if vllm_source is not None and callable(getattr(vllm_source, "register", None)):
             vllm_source.register(WeightSource)
-        self.metadata()                             # the average's own checks of row and dtype; empty refused
+        # the average's own checks of row and dtype; empty refused
+        self.metadata()
 
     def _keeps(self, name: str) -> bool:
         return self.names is None or bool(self.names(name))
@@ -383,17 +423,18 @@ class WeightSource:
     def _metas(self) -> list[Any]:
         metas = [m for m in self.average.weights_metadata(*self._row, dtype=self.dtype) if self._keeps(m.name)]
         if not metas:
-            raise ValueError(f"WeightSource: the {type(self.average).__name__} holds no tensors"
-                             f"{'' if self.names is None else ' that names= keeps'}, so there is nothing to send; "
-                             "average a model with floating-point parameters")
+            raise ValueError(f"WeightSource: the {type(self.average).__name__} holds no "
+                             f"tensors{'' if self.names is None else ' that names= keeps'}, so "
+                             "there is nothing to send; average a model with floating-point "
+                             "parameters")
         return metas
 
     def metadata(self) -> list[Any]:
         """``(name, dtype, shape)`` of every tensor the stream yields, in its order, with no gather.
 
         Returns:
-            vLLM's ``ParamMeta(name, dtype, shape)`` (``shape`` a tuple) when vLLM is importable, else the
-            average's ``WeightMeta`` entries (the same three fields).
+            vLLM's ``ParamMeta(name, dtype, shape)`` (``shape`` a tuple) when vLLM is importable,
+            else the average's ``WeightMeta`` entries (the same three fields).
         """
         metas = self._metas()
         param_meta = getattr(_optional(_VLLM), "ParamMeta", None)
@@ -402,8 +443,9 @@ class WeightSource:
         return [param_meta(m.name, m.dtype, tuple(m.shape)) for m in metas]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """A fresh pass over the average: ``(name, tensor)`` in state-dict order, each checked against
-        :meth:`metadata` (a collective where the average is sharded or split: iterate on every rank)."""
+        """A fresh pass over the average: ``(name, tensor)`` in state-dict order, each checked
+        against :meth:`metadata` (a collective where the average is sharded or split: iterate on
+        every rank)."""
         metas = self._metas()
         stream = self.average.iter_weights(*self._row, dtype=self.dtype, bucket_bytes=self.bucket_bytes, to=self.to)
         return _matching(metas, ((n, t) for n, t in stream if self._keeps(n)), type(self.average).__name__,
@@ -414,7 +456,8 @@ class WeightSource:
 
 
 def _receives(to: Any) -> bool:
-    """Whether this rank is one of ``to`` (``iter_weights``'s: "all", a global rank or a collection of them)."""
+    """Whether this rank is one of ``to`` (``iter_weights``'s: "all", a global rank or a collection
+    of them)."""
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return to == "all" or to == rank or (isinstance(to, (list, tuple, set, frozenset, range)) and rank in to)
@@ -427,24 +470,26 @@ def _drain(weights: Any) -> None:  # the rest of a stream read and dropped: a ra
 
 def _matching(metas: list[Any], stream: Iterator[tuple[str, torch.Tensor]], owner: str, receiving: bool
               ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stream, each pair checked against the metadata the receivers allocated from (a rank outside
-    ``to=`` gets nothing). On a mismatch the rest of the stream is drained before the error (every rank
-    goes on to its end, as the other ranks' gathers need)."""
+    """The stream, each pair checked against the metadata the receivers allocated from (a rank
+    outside ``to=`` gets nothing). On a mismatch the rest of the stream is drained before the error
+    (every rank goes on to its end, as the other ranks' gathers need)."""
     count = 0
     for count, (name, tensor) in enumerate(stream, 1):
         if count > len(metas):
             _drain(stream)
-            raise RuntimeError(f"WeightSource: the {owner} yielded {name!r} after the {len(metas)} tensors of its "
-                               "metadata; was the model changed between metadata() and the iteration?")
+            raise RuntimeError(f"WeightSource: the {owner} yielded {name!r} after the {len(metas)} "
+                               "tensors of its metadata; was the model changed between metadata() "
+                               "and the iteration?")
         meta = metas[count - 1]
         if name != meta.name or (isinstance(tensor, torch.Tensor) and (
                 tensor.dtype != meta.dtype or tuple(tensor.shape) != tuple(meta.shape))):
             got = (name, tensor.dtype, tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else (name,)
             _drain(stream)
-            raise RuntimeError(f"WeightSource: tensor {count} of the {owner}'s stream is {got}, but metadata() "
-                               f"said {(meta.name, meta.dtype, tuple(meta.shape))}; the receivers allocate from "
-                               "the metadata: was the model changed between metadata() and the iteration?")
+            raise RuntimeError(f"WeightSource: tensor {count} of the {owner}'s stream is {got}, "
+                               f"but metadata() said {(meta.name, meta.dtype, tuple(meta.shape))}; "
+                               "the receivers allocate from the metadata: was the model changed "
+                               "between metadata() and the iteration?")
         yield name, tensor
     if count != len(metas) and (count or receiving):
-        raise RuntimeError(f"WeightSource: the {owner} yielded {count} tensors but its metadata lists {len(metas)}; "
-                           "the receivers wait for every one")
+        raise RuntimeError(f"WeightSource: the {owner} yielded {count} tensors but its metadata "
+                           f"lists {len(metas)}; the receivers wait for every one")

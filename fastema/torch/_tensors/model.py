@@ -5,10 +5,10 @@ A :class:`TorchModel` owns its selection (:class:`Selection`: averaged and copie
 buffers, DTensor layouts, DeepSpeed's float32 masters; PEFT models: :func:`resolve_trainable_only`),
 the two shadows of what it reads (``avg``, made by the face from :attr:`~TorchModel.averaged` and
 handed over by :meth:`~TorchModel.attach`; ``copy``, the copied floating buffers), where the
-tensors sit (a :class:`~fastema.torch._tensors.slots.Slots`, which makes the per-step check), following
-re-registered or moved tensors (:meth:`TorchModel.follow`), the restart after a DDP wrap
-(:attr:`~TorchModel.resync`), settling FSDP2 / ZeRO-3 gathered copies before the model's tensors
-are written, and the tensors the ``torch.compile`` operators declare. It is the engine's
+tensors sit (a :class:`~fastema.torch._tensors.slots.Slots`, which makes the per-step check),
+following re-registered or moved tensors (:meth:`TorchModel.follow`), the restart after a DDP wrap
+(:attr:`~TorchModel.resync`), settling FSDP2 / ZeRO-3 gathered copies before the model's tensors are
+written, and the tensors the ``torch.compile`` operators declare. It is the engine's
 ``ModelAdapter`` (:meth:`~TorchModel.begin`, :meth:`~TorchModel.scan`, :meth:`~TorchModel.carry`)
 and what the registration hooks (:mod:`fastema.torch._tensors.hooks`) watch. The averages
 (:mod:`fastema.torch._average`) have one.
@@ -35,8 +35,8 @@ __all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only",
 
 def is_peft_model(model: nn.Module) -> bool:
     """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
-    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` / ``load_adapter``).
-    Does not import peft."""
+    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` /
+    ``load_adapter``). Does not import peft."""
     inner = unwrap(model)
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
@@ -52,12 +52,14 @@ def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tup
         peft = is_peft_model(model)
         return peft, peft
     if not isinstance(trainable_only, bool):
-        raise TypeError(f"trainable_only must be True, False or None (True for PEFT models), got {trainable_only!r}")
+        raise TypeError("trainable_only must be True, False or None (True for PEFT models), got "
+                        f"{trainable_only!r}")
     return trainable_only, False
 
 
 class Selection(NamedTuple):
-    """What a model average reads of a model: the face's arguments (see :class:`fastema.torch.EMA`)."""
+    """What a model average reads of a model: the face's arguments (see
+    :class:`fastema.torch.EMA`)."""
 
     buffers: str = "copy"                        # floating buffers: "copy", "average" or "ignore"
     exclude: Sequence[str] = ()                  # name patterns left out
@@ -106,37 +108,51 @@ class TorchModel(Followed):
         self.kind = kind
         self.check: Callable[[], None] = _unattached          # attach(): the face's refusal
         self.on_restart: Callable[[], bool] = _unattached_restart
-        self.resync = False                            # wrapped in DDP after construction: restart() pending
+        # wrapped in DDP after construction: restart() pending
+        self.resync = False
         self.buffers = buffers
         self.exclude, self.copy_patterns = patterns("exclude", selection.exclude), patterns("copy", selection.copy)
         self.trainable_only, self.defaulted = resolve_trainable_only(model, selection.trainable_only)
         self.model = model
         inner = unwrap(model)
-        self.int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (model's, copy)
-        self.fsdp = _sharded.fsdp_modules(inner)              # FSDP2 modules, resharded before any read
+        # name -> (model's, copy)
+        self.int_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # FSDP2 modules, resharded before any read
+        self.fsdp = _sharded.fsdp_modules(inner)
         self.engine = model if type(model).__name__ == "DeepSpeedEngine" else None
-        self.steps = _deepspeed.steps(self.engine)            # DeepSpeed: one fold per optimizer step (M2)
-        self.specs: dict[str, _sharded.Spec] = {}            # name -> layout of a DTensor's local shard
+        # DeepSpeed: one fold per optimizer step (M2)
+        self.steps = _deepspeed.steps(self.engine)
+        # name -> layout of a DTensor's local shard
+        self.specs: dict[str, _sharded.Spec] = {}
         self.replica_specs: dict[str, _sharded.Spec] = {}    # name -> pieces over replicas (split)
         _sharded.reshard(self.fsdp)
         averaged, copied = self._select(inner)
         self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=4)
-        if self.masters is not None:                    # ZeRO-3: the optimizer's float32 masters read instead
+        # ZeRO-3: the optimizer's float32 masters read instead
+        if self.masters is not None:
             averaged.update(self.masters.views)
-            self.specs.update(self.masters.specs)       # ZeRO-1/2: pieces of the parameters, gathered in exports
-        self.local_shards = bool(self.specs)            # DTensors / ZeRO-3 / masters: local shards are tracked
-        self.known = set(tensors_of(inner))             # every name at construction: others are new (M4)
+            # ZeRO-1/2: pieces of the parameters, gathered in exports
+            self.specs.update(self.masters.specs)
+        # DTensors / ZeRO-3 / masters: local shards are tracked
+        self.local_shards = bool(self.specs)
+        # every name at construction: others are new (M4)
+        self.known = set(tensors_of(inner))
         if not averaged:
-            raise ValueError("the model has no floating-point parameters to average (check exclude= and copy="
-                             + (", and trainable_only" + (" (True by default for a PEFT model)" if self.defaulted
-                                                          else "") + ": no parameter has requires_grad=True)"
+            raise ValueError("the model has no floating-point parameters to average (check "
+                             "exclude= and copy="
+                             + (", and trainable_only" + (" (True by default for a PEFT "
+                                                          "model)" if self.defaulted
+                                                          else "") + ": no parameter has "
+                                                                     "requires_grad=True)"
                                 if self.trainable_only else ")"))
         self.names = (list(averaged), list(copied))
-        self.averaged = averaged                        # name -> tensor: what the face's shadow is made of
+        # name -> tensor: what the face's shadow is made of
+        self.averaged = averaged
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
         self.copy = FlatShadow(copied, dtype="same") if copied else None
         self.avg: Any = None                            # the face's shadow of averaged (attach)
-        self.stale = False                              # set by torch's registration hooks (see Followed)
+        # set by torch's registration hooks (see Followed)
+        self.stale = False
         self.slots = self._slots(inner)
         self.ops: dict = {}                             # the compiled operators' lists (attach)
         watch((inner,), self)
@@ -150,15 +166,17 @@ class TorchModel(Followed):
         False; see :attr:`resync`). Then the slots are recorded and the compiled operators' lists
         made."""
         self.avg = shadow
-        if self.copy is not None:                       # no memory in both groups (a buffer viewing a weight)
+        # no memory in both groups (a buffer viewing a weight)
+        if self.copy is not None:
             disjoint_groups(shadow, self.copy)
         self.check, self.on_restart = check, restart
         self.slots.record()
         self.ops = self.op_lists()
 
     def split(self, specs: dict) -> None:
-        """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every rank's
-        piece, :meth:`fastema.torch._placement.replicas.ReplicaShadow.specs`) tell the checkpoint side so."""
+        """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every
+        rank's piece, :meth:`fastema.torch._placement.replicas.ReplicaShadow.specs`) tell the
+        checkpoint side so."""
         self.replica_specs = dict(specs)
         self.specs.update(specs)
 
@@ -168,7 +186,8 @@ class TorchModel(Followed):
         """Before an update call: the face's refusals, then, when the call folds, follow the model
         (every group, or a refusal before anything is written)."""
         self.check()
-        if due and (self.resync or not self.slots.unchanged(self.stale)):    # follow()'s usual step, inlined
+        # follow()'s usual step, inlined
+        if due and (self.resync or not self.slots.unchanged(self.stale)):
             self.follow()
 
     def carry(self, flags: dict | None) -> None:
@@ -207,28 +226,31 @@ class TorchModel(Followed):
         averaged, copied = {}, {}
         wrapped = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module." in n]
         if wrapped:
-            raise TypeError(f"the model is wrapped by FSDP1 (FullyShardedDataParallel; {wrapped[0]!r}): its "
-                            f"parameters are rank-dependent pieces of flat parameters. Use FSDP2 "
-                            f"(torch.distributed.fsdp.fully_shard), or make the EMA of an unwrapped copy of "
-                            f"the model. Nothing was written.")
-        seen: dict = {}                         # storage key -> first name: a tie or alias is averaged once
+            raise TypeError("the model is wrapped by FSDP1 (FullyShardedDataParallel; "
+                            f"{wrapped[0]!r}): its parameters are rank-dependent pieces of flat "
+                            "parameters. Use FSDP2 (torch.distributed.fsdp.fully_shard), or make "
+                            "the EMA of an unwrapped copy of the model. Nothing was written.")
+        # storage key -> first name: a tie or alias is averaged once
+        seen: dict = {}
         for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
             for name, t in named:
                 if matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
                     continue
-                if _sharded.is_sharded(t):     # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
+                # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
+                if _sharded.is_sharded(t):
                     t, self.specs[name] = _sharded.local(t, f"{kind} {name!r}")
                 _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
                 key = storage_key(t)
                 if key is not None and key in seen:
-                    continue                    # the same memory under another name: exported under both
+                    # the same memory under another name: exported under both
+                    continue
                 if key is not None:
                     seen[key] = name
                 if t.is_complex():
                     if not matches(name, self.copy_patterns):
-                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages real "
-                                        f"floating tensors; list it in copy= to carry its latest value, or "
-                                        f"exclude= it")
+                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
+                                        "real floating tensors; list it in copy= to carry its "
+                                        "latest value, or exclude= it")
                     self.int_buffers[name] = (t, t.detach().clone())
                 elif not t.is_floating_point():   # integer tensors travel as copies
                     self.int_buffers[name] = (t, t.detach().clone())
@@ -241,9 +263,10 @@ class TorchModel(Followed):
         return averaged, copied
 
     def _slots(self, inner: nn.Module) -> Slots:
-        """Where every tracked tensor sits in the model (see :class:`~fastema.torch._tensors.slots.Slots`),
-        not recorded yet: the per-step check that the model still holds the tensors the shadows
-        read (H3), and what ``DeepSpeed`` may move (its flat master buffers: ``offload_states``)."""
+        """Where every tracked tensor sits in the model (see
+        :class:`~fastema.torch._tensors.slots.Slots`), not recorded yet: the per-step check that the
+        model still holds the tensors the shadows read (H3), and what ``DeepSpeed`` may move (its
+        flat master buffers: ``offload_states``)."""
         params = {n for n, _ in inner.named_parameters()}
         entries = [(0, n, "parameter" if n in params else "buffer")
                    for n in self.names[0] + self.names[1] + list(self.int_buffers)]
@@ -252,13 +275,14 @@ class TorchModel(Followed):
                      also=masters.addresses if masters is not None else None)
 
     def _refuse_added(self) -> None:
-        """Refuse, naming them, parameters and buffers added to the model after construction that this
-        average does not track: an update would skip them and every export (``averaged_state_dict``,
-        ``save``, ``module``, a swap, snapshots) would carry their raw values as averages (M4). Fine:
-        other names of tracked (or excluded) tensors, names matching ``exclude=``, buffers with
-        ``buffers="ignore"``, and non-persistent buffers (no export carries them) unless buffers are
-        averaged. A walk of the model's modules: run when the registration hooks marked the average
-        stale or a slot moved, or, without the hooks, when a module's tables changed."""
+        """Refuse, naming them, parameters and buffers added to the model after construction that
+        this average does not track: an update would skip them and every export
+        (``averaged_state_dict``, ``save``, ``module``, a swap, snapshots) would carry their raw
+        values as averages (M4). Fine: other names of tracked (or excluded) tensors, names matching
+        ``exclude=``, buffers with ``buffers="ignore"``, and non-persistent buffers (no export
+        carries them) unless buffers are averaged. A walk of the model's modules: run when the
+        registration hooks marked the average stale or a slot moved, or, without the hooks, when a
+        module's tables changed."""
         inner = unwrap(self.model)
         now = tensors_of(inner)
         new = [n for n in now if n not in self.known]
@@ -272,33 +296,39 @@ class TorchModel(Followed):
                     not persistent and self.buffers == "copy"))):
                 continue
             if self.trainable_only and _frozen(inner, kind, n, t):
-                continue                          # frozen: not tracked (a new PEFT adapter is added frozen)
+                # frozen: not tracked (a new PEFT adapter is added frozen)
+                continue
             key = local_key(t)
             if key is not None and key in known_memory:
-                continue                          # another name of a tensor the average knows (a new tie)
+                # another name of a tensor the average knows (a new tie)
+                continue
             added.append(n)
         if added:
             kind = self.kind
-            raise ValueError(f"the model has {len(added)} parameter(s) or buffer(s) added after {kind}(model) that "
-                             f"this average does not track: {added[:5]}; an update would leave them out and an "
-                             f"export would carry their raw values as averages. Make a new {kind} of the changed "
-                             f"model, or exclude= them (exclude={added[:3]!r}). Nothing was written.")
+            raise ValueError(f"the model has {len(added)} parameter(s) or buffer(s) added after "
+                             f"{kind}(model) that this average does not track: {added[:5]}; an "
+                             "update would leave them out and an export would carry their raw "
+                             f"values as averages. Make a new {kind} of the changed model, or "
+                             f"exclude= them (exclude={added[:3]!r}). Nothing was written.")
 
     def follow(self) -> bool:
-        """Before reading or writing the model: follow re-registered or moved tensors (or refuse before
-        anything is written; :class:`~fastema.torch._tensors.follow.Followed`), and start over from the
-        model after a DDP wrap (:meth:`restart`). True: the shadows' addresses are current."""
+        """Before reading or writing the model: follow re-registered or moved tensors (or refuse
+        before anything is written; :class:`~fastema.torch._tensors.follow.Followed`), and start
+        over from the model after a DDP wrap (:meth:`restart`). True: the shadows' addresses are
+        current."""
         Followed.follow(self)
         if self.resync:
             self.restart()
         return True
 
     def _relook(self, moved: bool, renamed: bool) -> None:
-        if moved or renamed:                          # something was registered, or a table changed: new names?
+        # something was registered, or a table changed: new names?
+        if moved or renamed:
             self._refuse_added()
         if moved or self.stale:
             self._rebind()
-            self.avg.refresh()                        # storage moved under a tensor the shadow already holds
+            # storage moved under a tensor the shadow already holds
+            self.avg.refresh()
             if self.copy is not None:
                 self.copy.refresh()
         self.slots.record()                           # once every group passed
@@ -321,30 +351,34 @@ class TorchModel(Followed):
         wanted = self.names[0] + self.names[1] + list(self.int_buffers)
         missing = [n for n in wanted if n not in named]
         if missing:
-            raise ValueError(f"the model no longer has {missing[:5]} (it changed after EMA(model)); "
-                             f"make a new EMA for the new model. Nothing was updated.")
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after "
+                             "EMA(model)); make a new EMA for the new model. Nothing was updated.")
         specs = {}
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
         masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
-        if masters is not None:                   # DeepSpeed's masters: views made again (a flat buffer moved)
+        # DeepSpeed's masters: views made again (a flat buffer moved)
+        if masters is not None:
             named.update(masters.views)
             specs.update(masters.specs)
         moved = [n for n in set(specs) | set(self.specs) if n not in self.replica_specs and (
                  n not in specs or n not in self.specs or specs[n].shape != self.specs[n].shape or
                  specs[n].placements != self.specs[n].placements)]
-        split = self.replica_specs                # split over replicas: each DTensor's layout as it was made
+        # split over replicas: each DTensor's layout as it was made
+        split = self.replica_specs
         moved += [n for n in split if (n in specs) != (split[n].replica_dim is not None) or (
                   n in specs and (specs[n].shape != split[n].shape or specs[n].placements != split[n].placements))]
         if moved:
-            raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was made (it is laid out "
-                             f"over the ranks differently now); make a new average of the model as it is, or "
-                             f"load this one's checkpoint into it. Nothing was updated.")
+            raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was "
+                             "made (it is laid out over the ranks differently now); make a new "
+                             "average of the model as it is, or load this one's checkpoint into "
+                             "it. Nothing was updated.")
         for n, (_, copy_) in self.int_buffers.items():
             if named[n].shape != copy_.shape or named[n].dtype != copy_.dtype:
-                raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to {named[n].dtype} "
-                                 f"{tuple(named[n].shape)}; make a new EMA. Nothing was updated.")
+                raise ValueError(f"{n!r} changed from {copy_.dtype} {tuple(copy_.shape)} to "
+                                 f"{named[n].dtype} {tuple(named[n].shape)}; make a new EMA. "
+                                 "Nothing was updated.")
         old = self.avg.sources
         self.avg.rebind({n: named[n] for n in self.names[0]})
         if self.copy is not None:
@@ -366,21 +400,22 @@ class TorchModel(Followed):
 
     def settle(self) -> None:
         """Before the model's tensors are written (swap, copy-out): no gathered copy may outlive the
-        write. FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the modules,
-        which the next forward would use as they are (the EMA weights after a swap back): reshard.
-        ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
+        write. FSDP2: a forward with no backward (evaluation) leaves unsharded copies on the
+        modules, which the next forward would use as they are (the EMA weights after a swap back):
+        reshard. ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
         _sharded.reshard(self.fsdp)
         if self.fsdp and torch.cuda.is_available() and any(t.device.type == "cpu" for t in self.avg.sources):
-            torch.cuda.current_stream().synchronize()   # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
+            # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
+            torch.cuda.current_stream().synchronize()
         if self.zero3:
             _sharded.release_zero3(self.zero3, self.engine)
 
     # ------------------------------------------------------------ torch.compile
 
     def op_lists(self) -> dict:
-        """``op -> (tensors it writes, tensors it reads)`` for the compiled operators (``_compile``):
-        every tensor an eager call touches, so functionalization sees each write. Made when the
-        tensors change (construction, rebind), never while tracing."""
+        """``op -> (tensors it writes, tensors it reads)`` for the compiled operators
+        (``_compile``): every tensor an eager call touches, so functionalization sees each write.
+        Made when the tensors change (construction, rebind), never while tracing."""
         avg, copy = self.avg, self.copy
         shadows = avg.written() + (copy.written() if copy is not None else [])
         sources = list(avg.sources) + (list(copy.sources) if copy is not None else [])
@@ -422,9 +457,9 @@ def _unattached_restart() -> bool:
 
 
 def static(owned: list) -> list:
-    """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip a
-    graph that writes a tensor that is not (issue 37, B5): what ``torch._dynamo.mark_static_address``
-    sets."""
+    """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip
+    a graph that writes a tensor that is not (issue 37, B5): what
+    ``torch._dynamo.mark_static_address`` sets."""
     for t in owned:
         if t.is_cuda:
             t._dynamo_static_input_type = "unguarded"
