@@ -19,24 +19,22 @@ SGLang's ``python/sglang/srt/weight_sync/tensor_bucket.py`` (both layouts) and
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
-import numbers
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sized
-from types import ModuleType
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "FlattenedTensorMetadata", "WeightSource", "flattened_buckets", "load_weights",
-           "named_tensor_buckets"]
+from ._state import wire
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "FlattenedTensorMetadata", "WeightSource", "flattened_buckets",
+           "load_weights", "named_tensor_buckets"]
 
 #: The bucket size every form takes by default: 256 MiB, TRL's weight-sync bucket
 #: (``iter_weights``'s default).
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 _VLLM = "vllm.distributed.weight_transfer.base"
-_STREAM_HINT = "pass an average's iter_weights(...) (one pass: a new one each time) or a state_dict().items()"
 
 
 @dataclasses.dataclass
@@ -56,90 +54,9 @@ class FlattenedTensorMetadata:
     numel: int                 # end_idx - start_idx, in the same unit
 
 
-# an engine's module where importable (never a dependency)
-def _optional(module: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
-def _bucket_bytes(value: Any, where: str) -> int:       # a positive int, or refused
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{where}: bucket_bytes must be a positive int (bytes, e.g. 256 << 20), "
-                         f"got {value!r}")
-    return int(value)
-
-
-def _pairs(weights: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each ``(name, tensor)`` of ``weights``, checked as it comes (``weights`` itself at once: an
-    empty mapping or list is refused, an iterator that yields nothing is not, as on a rank outside
-    ``iter_weights(to=)``)."""
-    if isinstance(weights, (torch.Tensor, str, bytes)) or not isinstance(weights, Iterable):
-        raise TypeError(f"{where} takes an iterable of (name, tensor) pairs, got "
-                        f"{type(weights).__name__}: {_STREAM_HINT}")
-    if isinstance(weights, Sized) and not len(weights):
-        raise ValueError(f"{where}: the {type(weights).__name__} holds no (name, tensor) pairs, so "
-                         f"there is nothing to send: {_STREAM_HINT}")
-    return _checked(weights.items() if isinstance(weights, Mapping) else weights, where)
-
-
-def _checked(weights: Iterable[Any], where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    try:
-        yield from _each(weights, where)
-    finally:                                # stopped early (a break, an error) or raised:
-        if isinstance(weights, Generator):  # a stream (iter_weights) reads its other collectives
-            weights.close()
-
-
-def _each(weights: Iterable[Any], where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    seen: set[str] = set()
-    for i, item in enumerate(weights):
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise TypeError(f"{where}: item {i} of the stream is {type(item).__name__}, not a "
-                            f"(name, tensor) pair: {_STREAM_HINT}")
-        name, tensor = item
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{where}: item {i} of the stream has the name {name!r}; names are the "
-                            "model's state-dict keys (non-empty str)")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{where}: {name!r} is {type(tensor).__name__}, not a torch.Tensor")
-        if hasattr(tensor, "full_tensor"):          # a DTensor: one rank's shard, not the tensor
-            raise TypeError(f"{where}: {name!r} is a DTensor (one rank's shard); stream the "
-                            "average with iter_weights(), which gathers each tensor whole, or call "
-                            "full_tensor() first")
-        if name in seen:
-            raise ValueError(f"{where}: {name!r} comes twice in the stream; an engine loads each "
-                             "name once (iter_weights() yields tied tensors once)")
-        seen.add(name)
-        yield name, tensor
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int, align: bool
-             ) -> Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]]:
-    """Consecutive runs of the stream, each at most ``bucket_bytes`` (a larger tensor alone), with
-    each tensor's byte offset in its run (aligned to its element size when ``align``, as
-    ``uint8[start:end].view(dtype)`` needs) and the run's size."""
-    bucket: list[tuple[str, torch.Tensor, int]] = []
-    size = 0
-    for name, tensor in pairs:
-        unit = tensor.element_size() if align else 1
-        start = -(-size // unit) * unit
-        if bucket and start + _nbytes(tensor) > bucket_bytes:
-            yield bucket, size
-            bucket, start = [], 0
-        bucket.append((name, tensor, start))
-        size = start + _nbytes(tensor)
-    if bucket:
-        yield bucket, size
-
-
 def named_tensor_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
-                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES
+                         ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The stream cut into lists of ``(name, tensor)`` of at most ``bucket_bytes`` each, in stream
     order.
 
@@ -163,8 +80,9 @@ def named_tensor_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[s
         ValueError: ``bucket_bytes`` not a positive int, a name twice, or an empty mapping or list.
         TypeError: an item not a ``(str, torch.Tensor)`` pair, or a DTensor shard.
     """
-    size, pairs = _bucket_bytes(bucket_bytes, "named_tensor_buckets"), _pairs(weights, "named_tensor_buckets")
-    return ([(n, t) for n, t, _ in bucket] for bucket, _ in _buckets(pairs, size, False))
+    where = "named_tensor_buckets"
+    size, pairs = wire.bucket_bytes_of(bucket_bytes, where), wire.checked_pairs(weights, where)
+    return ([(n, t) for n, t, _ in bucket] for bucket, _ in wire.runs(pairs, size, False))
 
 
 def _flat(bucket: list[tuple[str, torch.Tensor, int]], size: int, dtype: torch.dtype, unit: int,
@@ -182,8 +100,8 @@ def _flat(bucket: list[tuple[str, torch.Tensor, int]], size: int, dtype: torch.d
         end = start + (values.numel() * tensor.element_size()) // unit
         # bytes, or the tensor's own dtype (a no-op view)
         flat[start:end].copy_(values.view(dtype))
-        metadata.append(metadata_type(name=name, shape=tensor.shape, dtype=tensor.dtype, start_idx=start,
-                                      end_idx=end, numel=end - start))
+        metadata.append(metadata_type(name=name, shape=tensor.shape, dtype=tensor.dtype,
+                                      start_idx=start, end_idx=end, numel=end - start))
     return {"flattened_tensor": flat, "metadata": metadata}
 
 
@@ -195,8 +113,8 @@ def flattened_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str,
 
     Each item is ``{"flattened_tensor": tensor, "metadata": [FlattenedTensorMetadata, ...]}``, what
     SGLang's ``FlattenedTensorBucket`` is rebuilt from on the engine side (its
-    ``reconstruct_tensors()`` slices each
-    tensor out for the model's ``load_weights``). Serialize it per TP rank (``sglang.srt.utils``) and send it::
+    ``reconstruct_tensors()`` slices each tensor out for the model's ``load_weights``). Serialize
+    it per TP rank (``sglang.srt.utils``) and send it::
 
         payloads = [MultiprocessingSerializer.serialize(bucket, output_str=True) for _ in
         range(tp_size)] engine.update_weights_from_tensor(payloads, load_format="flattened_bucket",
@@ -242,7 +160,7 @@ def flattened_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str,
             ``metadata_type`` not callable.
     """
     where = "flattened_buckets"
-    bucket_bytes = _bucket_bytes(bucket_bytes, where)
+    bucket_bytes = wire.bucket_bytes_of(bucket_bytes, where)
     if multi_dtype is not None and not isinstance(multi_dtype, bool):
         raise TypeError(f"{where}: multi_dtype must be True (one uint8 bucket of every dtype), "
                         "False (one bucket per dtype, SGLang before supports_multi_dtypes) or None "
@@ -251,18 +169,20 @@ def flattened_buckets(weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str,
         raise TypeError(f"{where}: metadata_type must be a class taking name=, shape=, dtype=, "
                         "start_idx=, end_idx=, numel= (SGLang's FlattenedTensorMetadata), got "
                         f"{metadata_type!r}")
-    sglang = _optional("sglang.srt.weight_sync.tensor_bucket")
+    sglang = wire.optional("sglang.srt.weight_sync.tensor_bucket")
     # read as slime reads it; no SGLang here: today's layout
     if multi_dtype is None:
-        flag = getattr(getattr(sglang, "FlattenedTensorBucket", None), "supports_multi_dtypes", False)
-        multi_dtype = bool(flag) if _optional("sglang") is not None else True
-    meta = getattr(sglang, "FlattenedTensorMetadata", FlattenedTensorMetadata) if metadata_type is None \
-        else metadata_type
-    return _flattened(_buckets(_pairs(weights, where), bucket_bytes, multi_dtype), multi_dtype, meta)
+        bucket = getattr(sglang, "FlattenedTensorBucket", None)
+        flag = getattr(bucket, "supports_multi_dtypes", False)
+        multi_dtype = bool(flag) if wire.optional("sglang") is not None else True
+    meta = metadata_type if metadata_type is not None else \
+        getattr(sglang, "FlattenedTensorMetadata", FlattenedTensorMetadata)
+    pieces = wire.runs(wire.checked_pairs(weights, where), bucket_bytes, multi_dtype)
+    return _flattened(pieces, multi_dtype, meta)
 
 
-def _flattened(buckets: Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]], multi_dtype: bool,
-               meta: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def _flattened(buckets: Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]],
+               multi_dtype: bool, meta: Callable[..., Any]) -> Iterator[dict[str, Any]]:
     for bucket, size in buckets:
         if multi_dtype:
             yield _flat(bucket, size, torch.uint8, 1, meta)
@@ -270,13 +190,15 @@ def _flattened(buckets: Iterator[tuple[list[tuple[str, torch.Tensor, int]], int]
         by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor, int]]] = {}
         for name, tensor, _ in bucket:
             group = by_dtype.setdefault(tensor.dtype, [])
-            group.append((name, tensor, group[-1][2] + _nbytes(group[-1][1]) if group else 0))
+            group.append((name, tensor, group[-1][2] + wire.nbytes(group[-1][1]) if group else 0))
         for dtype, group in by_dtype.items():
             unit = group[0][1].element_size()
-            yield _flat(group, (group[-1][2] + _nbytes(group[-1][1])) // unit, dtype, unit, meta)
+            units = (group[-1][2] + wire.nbytes(group[-1][1])) // unit
+            yield _flat(group, units, dtype, unit, meta)
 
 
-def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], *,
+def load_weights(model: Any,
+                 weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], *,
                  bucket_bytes: int | None = None) -> set[str]:
     """Feed the stream to ``model.load_weights``, the loader of vLLM's and SGLang's models.
 
@@ -311,7 +233,7 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
         raise TypeError(f"{where}: {type(model).__name__} has no load_weights(weights) method; "
                         "pass a vLLM or SGLang model, or wrap a loader function: "
                         "types.SimpleNamespace(load_weights=fn)")
-    size = None if bucket_bytes is None else _bucket_bytes(bucket_bytes, where)
+    size = None if bucket_bytes is None else wire.bucket_bytes_of(bucket_bytes, where)
     fed: list[str] = []
     loaded: set[str] = set()
 
@@ -325,10 +247,10 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
                 report(loader(bucket), [name for name, _ in bucket])
         except Exception:
             # the other ranks' gathers go on: this rank joins them, then raises
-            _drain(weights)
+            wire.drain(weights)
             raise
         return loaded
-    stream = _pairs(weights, where)
+    stream = wire.checked_pairs(weights, where)
     first = next(stream, None)
     # a rank outside iter_weights(to=...): nothing to load
     if first is None:
@@ -342,7 +264,7 @@ def load_weights(model: Any, weights: Iterable[tuple[str, torch.Tensor]] | Mappi
     try:
         report(loader(counted()), fed)
     except Exception:
-        _drain(stream)
+        wire.drain(stream)
         raise
     # drained: on a sharded average the other ranks' gathers go on
     left = sum(1 for _ in stream)
@@ -396,7 +318,8 @@ class WeightSource:
     def __init__(self, average: Any, row: Any = None, *, dtype: torch.dtype | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, to: Any = "all",
                  names: Callable[[str], bool] | None = None) -> None:
-        missing = [m for m in ("iter_weights", "weights_metadata") if not callable(getattr(average, m, None))]
+        missing = [m for m in ("iter_weights", "weights_metadata")
+                   if not callable(getattr(average, m, None))]
         if missing:
             raise TypeError("WeightSource needs a fastema.torch average (EMA, WindowAverage, "
                             f"TargetNetwork, PostHocEMA), got {type(average).__name__} without "
@@ -410,8 +333,8 @@ class WeightSource:
                             f"name: ...) or None (every tensor), got {names!r}")
         self.average, self.row, self.dtype, self.to, self.names = average, row, dtype, to, names
         self._row = () if row is None else (row,)
-        self.bucket_bytes = _bucket_bytes(bucket_bytes, "WeightSource")
-        vllm_source = getattr(_optional(_VLLM), "WeightSource", None)
+        self.bucket_bytes = wire.bucket_bytes_of(bucket_bytes, "WeightSource")
+        vllm_source = getattr(wire.optional(_VLLM), "WeightSource", None)
         if vllm_source is not None and callable(getattr(vllm_source, "register", None)):
             vllm_source.register(WeightSource)
         # the average's own checks of row and dtype; empty refused
@@ -421,7 +344,8 @@ class WeightSource:
         return self.names is None or bool(self.names(name))
 
     def _metas(self) -> list[Any]:
-        metas = [m for m in self.average.weights_metadata(*self._row, dtype=self.dtype) if self._keeps(m.name)]
+        metas = [m for m in self.average.weights_metadata(*self._row, dtype=self.dtype)
+                 if self._keeps(m.name)]
         if not metas:
             raise ValueError(f"WeightSource: the {type(self.average).__name__} holds no "
                              f"tensors{'' if self.names is None else ' that names= keeps'}, so "
@@ -437,7 +361,7 @@ class WeightSource:
             else the average's ``WeightMeta`` entries (the same three fields).
         """
         metas = self._metas()
-        param_meta = getattr(_optional(_VLLM), "ParamMeta", None)
+        param_meta = getattr(wire.optional(_VLLM), "ParamMeta", None)
         if param_meta is None:
             return metas
         return [param_meta(m.name, m.dtype, tuple(m.shape)) for m in metas]
@@ -447,49 +371,11 @@ class WeightSource:
         against :meth:`metadata` (a collective where the average is sharded or split: iterate on
         every rank)."""
         metas = self._metas()
-        stream = self.average.iter_weights(*self._row, dtype=self.dtype, bucket_bytes=self.bucket_bytes, to=self.to)
-        return _matching(metas, ((n, t) for n, t in stream if self._keeps(n)), type(self.average).__name__,
-                         _receives(self.to))
+        stream = self.average.iter_weights(*self._row, dtype=self.dtype,
+                                           bucket_bytes=self.bucket_bytes, to=self.to)
+        kept = ((n, t) for n, t in stream if self._keeps(n))
+        return wire.matching(metas, kept, type(self.average).__name__, wire.receives(self.to))
 
     def __repr__(self) -> str:
-        return f"WeightSource({type(self.average).__name__}, row={self.row!r}, dtype={self.dtype}, to={self.to!r})"
-
-
-def _receives(to: Any) -> bool:
-    """Whether this rank is one of ``to`` (``iter_weights``'s: "all", a global rank or a collection
-    of them)."""
-    dist = torch.distributed
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return to == "all" or to == rank or (isinstance(to, (list, tuple, set, frozenset, range)) and rank in to)
-
-
-def _drain(weights: Any) -> None:  # the rest of a stream read and dropped: a rank joins the others
-    for _ in weights if isinstance(weights, Iterator) else ():
-        pass
-
-
-def _matching(metas: list[Any], stream: Iterator[tuple[str, torch.Tensor]], owner: str, receiving: bool
-              ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stream, each pair checked against the metadata the receivers allocated from (a rank
-    outside ``to=`` gets nothing). On a mismatch the rest of the stream is drained before the error
-    (every rank goes on to its end, as the other ranks' gathers need)."""
-    count = 0
-    for count, (name, tensor) in enumerate(stream, 1):
-        if count > len(metas):
-            _drain(stream)
-            raise RuntimeError(f"WeightSource: the {owner} yielded {name!r} after the {len(metas)} "
-                               "tensors of its metadata; was the model changed between metadata() "
-                               "and the iteration?")
-        meta = metas[count - 1]
-        if name != meta.name or (isinstance(tensor, torch.Tensor) and (
-                tensor.dtype != meta.dtype or tuple(tensor.shape) != tuple(meta.shape))):
-            got = (name, tensor.dtype, tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else (name,)
-            _drain(stream)
-            raise RuntimeError(f"WeightSource: tensor {count} of the {owner}'s stream is {got}, "
-                               f"but metadata() said {(meta.name, meta.dtype, tuple(meta.shape))}; "
-                               "the receivers allocate from the metadata: was the model changed "
-                               "between metadata() and the iteration?")
-        yield name, tensor
-    if count != len(metas) and (count or receiving):
-        raise RuntimeError(f"WeightSource: the {owner} yielded {count} tensors but its metadata "
-                           f"lists {len(metas)}; the receivers wait for every one")
+        return (f"WeightSource({type(self.average).__name__}, row={self.row!r}, "
+                f"dtype={self.dtype}, to={self.to!r})")
