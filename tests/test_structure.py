@@ -267,7 +267,7 @@ def test_each_option_is_written_once_and_interpolated_into_each_face():
     from fastema.average import OPTION_DOCS
     from fastema.torch import EMA, WindowAverage
     from fastema.torch._placement.pick import PLACEMENT_DOCS
-    from fastema.torch._tensors.model import SELECTION_DOCS
+    from fastema.torch._tensors.selection import SELECTION_DOCS
 
     texts = {**OPTION_DOCS, **SELECTION_DOCS, **PLACEMENT_DOCS}
     flat = lambda s: " ".join(s.split())                   # noqa: E731

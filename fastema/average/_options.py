@@ -177,7 +177,7 @@ class EMAOptions(PlacementOptions, _EngineOptions):
 
 #: Each option's text, written once: a face's docstring names an option on a line of its own
 #: (``{decay}``) and :func:`document` puts the text there. The torch face adds its own
-#: (``fastema.torch._tensors.model.SELECTION_DOCS``, ``fastema.torch._placement.pick.PLACEMENT_DOCS``).
+#: (``fastema.torch._tensors.selection.SELECTION_DOCS``, ``fastema.torch._placement.pick.PLACEMENT_DOCS``).
 OPTION_DOCS = {
     "decay": """decay: what the average follows, one knob: a float, or up to 8 floats for several averages
     kept in one pass (default 0.9999); or a schedule of :mod:`fastema.schedules`, or up to 8 of

@@ -16,7 +16,8 @@ from ._average import TorchAverage
 from ._face import ModelParts, model_parts
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
-from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
+from ._tensors.model import TorchModel
+from ._tensors.selection import SELECTION_DOCS, Selection
 
 __all__ = ["EMA"]
 

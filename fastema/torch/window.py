@@ -14,7 +14,8 @@ from ._face import model_parts
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
 from ._state.entries import global_shape, local_part, staged
 from ._tensors.hooks import match_names
-from ._tensors.model import SELECTION_DOCS, Selection, TorchModel
+from ._tensors.model import TorchModel
+from ._tensors.selection import SELECTION_DOCS, Selection
 
 __all__ = ["WindowAverage"]
 

@@ -3,7 +3,7 @@ model (:func:`announce`), and :func:`export_peft`, which writes an average's ada
 format (``adapter_model.safetensors`` + ``adapter_config.json``) for
 ``peft.PeftModel.from_pretrained`` from the average's checkpoint side (``TorchAverage.export_peft``
 calls it). Which models are PEFT models, and what ``trainable_only=None``
-means for them, is the model side's (:func:`fastema.torch._tensors.model.is_peft_model`).
+means for them, is the model side's (:func:`fastema.torch._tensors.selection.is_peft_model`).
 
 peft is imported only by ``export_peft()``.
 """
@@ -19,7 +19,7 @@ from torch import nn
 from ..._io.files import atomic_write
 from ..._io.safetensors import stream_safetensors
 from .._tensors.hooks import unwrap
-from .._tensors.model import is_peft_model
+from .._tensors.selection import is_peft_model
 from .checkpoint import TorchCheckpoint
 
 __all__ = ["announce", "export_peft"]

@@ -1,8 +1,8 @@
 """The model side of a torch model average: :class:`TorchModel`, which of the model's tensors are
 averaged or copied, where they are, and following the model as it changes under the average.
 
-A :class:`TorchModel` owns its selection (:class:`Selection`: averaged and copied names, integer
-buffers, DTensor layouts, DeepSpeed's float32 masters; PEFT models: :func:`resolve_trainable_only`),
+A :class:`TorchModel` owns its selection (made by :mod:`.selection`: averaged and copied names,
+integer buffers, DTensor layouts; DeepSpeed's float32 masters),
 the two shadows of what it reads (``avg``, made by the face from :attr:`~TorchModel.averaged` and
 handed over by :meth:`~TorchModel.attach`; ``copy``, the copied floating buffers), where the
 tensors sit (a :class:`~fastema.torch._tensors.slots.Slots`, which makes the per-step check),
@@ -15,66 +15,21 @@ and what the registration hooks (:mod:`fastema.torch._tensors.hooks`) watch. The
 """
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..._backends.torch import refuse_foreign as _refuse_foreign_torch
 from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
 from .._sharding import masters as _deepspeed
 from .._sharding import params as _sharded
 from .follow import Followed
 from .hooks import matches, patterns, unsynced, unwrap, watch
-from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, storage_key, tensors_of
+from .selection import Selection, frozen, resolve_trainable_only, select
+from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, tensors_of
 
-__all__ = ["Selection", "TorchModel", "is_peft_model", "resolve_trainable_only", "static"]
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel`` (bare or DDP- / torch.compile-wrapped) and for any model with
-    adapters in a ``peft_config`` dict (transformers models after ``add_adapter`` /
-    ``load_adapter``). Does not import peft."""
-    inner = unwrap(model)
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(inner, getattr(peft, "PeftModel", ())):
-        return True
-    config = getattr(inner, "peft_config", None)
-    return isinstance(config, dict) and bool(config)
-
-
-def resolve_trainable_only(model: nn.Module, trainable_only: bool | None) -> tuple[bool, bool]:
-    """``(trainable_only, defaulted)``: ``None`` means True for a PEFT model (``defaulted`` is
-    then True: the average says so once it is made), False for any other model."""
-    if trainable_only is None:
-        peft = is_peft_model(model)
-        return peft, peft
-    if not isinstance(trainable_only, bool):
-        raise TypeError("trainable_only must be True, False or None (True for PEFT models), got "
-                        f"{trainable_only!r}")
-    return trainable_only, False
-
-
-class Selection(NamedTuple):
-    """What a model average reads of a model: the face's arguments (see
-    :class:`fastema.torch.EMA`)."""
-
-    buffers: str = "copy"                        # floating buffers: "copy", "average" or "ignore"
-    exclude: Sequence[str] = ()                  # name patterns left out
-    copy: Sequence[str] = ()                     # name patterns copied instead of averaged
-    trainable_only: bool | None = None           # None: True for a PEFT model
-
-
-def _frozen(model: nn.Module, kind: str, name: str, t: torch.Tensor) -> bool:
-    """What ``trainable_only=True`` leaves out: a parameter with ``requires_grad=False``, a buffer
-    of a module with no trainable parameter of its own (a frozen base model's statistics)."""
-    if kind == "parameter":
-        return not t.requires_grad
-    prefix = name.rpartition(".")[0]
-    owner = model.get_submodule(prefix) if prefix else model
-    return not any(p is not None and p.requires_grad for p in owner._parameters.values())
+__all__ = ["TorchModel", "static"]
 
 
 class TorchModel(Followed):
@@ -111,8 +66,10 @@ class TorchModel(Followed):
         # wrapped in DDP after construction: restart() pending
         self.resync = False
         self.buffers = buffers
-        self.exclude, self.copy_patterns = patterns("exclude", selection.exclude), patterns("copy", selection.copy)
-        self.trainable_only, self.defaulted = resolve_trainable_only(model, selection.trainable_only)
+        self.exclude = patterns("exclude", selection.exclude)
+        self.copy_patterns = patterns("copy", selection.copy)
+        self.trainable_only, self.defaulted = resolve_trainable_only(model,
+                                                                     selection.trainable_only)
         self.model = model
         inner = unwrap(model)
         # name -> (model's, copy)
@@ -126,7 +83,8 @@ class TorchModel(Followed):
         self.specs: dict[str, _sharded.Spec] = {}
         self.replica_specs: dict[str, _sharded.Spec] = {}    # name -> pieces over replicas (split)
         _sharded.reshard(self.fsdp)
-        averaged, copied = self._select(inner)
+        averaged, copied = select(inner, self.exclude, self.copy_patterns, buffers,
+                                  self.trainable_only, self.specs, self.int_buffers)
         self.masters = _deepspeed.find(self.engine, averaged, f"{kind}(engine)", stacklevel=4)
         # ZeRO-3: the optimizer's float32 masters read instead
         if self.masters is not None:
@@ -138,13 +96,11 @@ class TorchModel(Followed):
         # every name at construction: others are new (M4)
         self.known = set(tensors_of(inner))
         if not averaged:
+            peft = " (True by default for a PEFT model)" if self.defaulted else ""
+            frozen_too = (f", and trainable_only{peft}: no parameter has requires_grad=True)"
+                          if self.trainable_only else ")")
             raise ValueError("the model has no floating-point parameters to average (check "
-                             "exclude= and copy="
-                             + (", and trainable_only" + (" (True by default for a PEFT "
-                                                          "model)" if self.defaulted
-                                                          else "") + ": no parameter has "
-                                                                     "requires_grad=True)"
-                                if self.trainable_only else ")"))
+                             "exclude= and copy=" + frozen_too)
         self.names = (list(averaged), list(copied))
         # name -> tensor: what the face's shadow is made of
         self.averaged = averaged
@@ -220,48 +176,6 @@ class TorchModel(Followed):
 
     # ------------------------------------------------------------ the model's tensors
 
-    def _select(self, model: nn.Module) -> tuple[dict, dict]:
-        """``(averaged, copied)``: ``name -> tensor`` of what this average reads (local shards of
-        sharded tensors); integer and complex-copied tensors go to ``int_buffers``."""
-        averaged, copied = {}, {}
-        wrapped = [n for n, _ in model.named_parameters() if "_fsdp_wrapped_module." in n]
-        if wrapped:
-            raise TypeError("the model is wrapped by FSDP1 (FullyShardedDataParallel; "
-                            f"{wrapped[0]!r}): its parameters are rank-dependent pieces of flat "
-                            "parameters. Use FSDP2 (torch.distributed.fsdp.fully_shard), or make "
-                            "the EMA of an unwrapped copy of the model. Nothing was written.")
-        # storage key -> first name: a tie or alias is averaged once
-        seen: dict = {}
-        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-            for name, t in named:
-                if matches(name, self.exclude) or (self.trainable_only and _frozen(model, kind, name, t)):
-                    continue
-                # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
-                if _sharded.is_sharded(t):
-                    t, self.specs[name] = _sharded.local(t, f"{kind} {name!r}")
-                _refuse_foreign_torch(t, f"{kind} {name!r}")   # lazy, ZeRO-3...: by name, first
-                key = storage_key(t)
-                if key is not None and key in seen:
-                    # the same memory under another name: exported under both
-                    continue
-                if key is not None:
-                    seen[key] = name
-                if t.is_complex():
-                    if not matches(name, self.copy_patterns):
-                        raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
-                                        "real floating tensors; list it in copy= to carry its "
-                                        "latest value, or exclude= it")
-                    self.int_buffers[name] = (t, t.detach().clone())
-                elif not t.is_floating_point():   # integer tensors travel as copies
-                    self.int_buffers[name] = (t, t.detach().clone())
-                elif kind == "buffer" and self.buffers == "ignore":
-                    continue
-                elif matches(name, self.copy_patterns) or (kind == "buffer" and self.buffers == "copy"):
-                    copied[name] = t
-                else:
-                    averaged[name] = t
-        return averaged, copied
-
     def _slots(self, inner: nn.Module) -> Slots:
         """Where every tracked tensor sits in the model (see
         :class:`~fastema.torch._tensors.slots.Slots`), not recorded yet: the per-step check that the
@@ -295,7 +209,7 @@ class TorchModel(Followed):
             if matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
                     not persistent and self.buffers == "copy"))):
                 continue
-            if self.trainable_only and _frozen(inner, kind, n, t):
+            if self.trainable_only and frozen(inner, kind, n, t):
                 # frozen: not tracked (a new PEFT adapter is added frozen)
                 continue
             key = local_key(t)
@@ -357,7 +271,8 @@ class TorchModel(Followed):
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):
                 named[n], specs[n] = _sharded.local(named[n], repr(n))
-        masters = self.masters and _deepspeed.find(self.engine, {n: named[n] for n in self.names[0]})
+        averaged = {n: named[n] for n in self.names[0]}
+        masters = self.masters and _deepspeed.find(self.engine, averaged)
         # DeepSpeed's masters: views made again (a flat buffer moved)
         if masters is not None:
             named.update(masters.views)
@@ -368,7 +283,8 @@ class TorchModel(Followed):
         # split over replicas: each DTensor's layout as it was made
         split = self.replica_specs
         moved += [n for n in split if (n in specs) != (split[n].replica_dim is not None) or (
-                  n in specs and (specs[n].shape != split[n].shape or specs[n].placements != split[n].placements))]
+                  n in specs and (specs[n].shape != split[n].shape
+                                  or specs[n].placements != split[n].placements))]
         if moved:
             raise ValueError(f"{moved[0]!r} was re-sharded or un-sharded after the average was "
                              "made (it is laid out over the ranks differently now); make a new "
@@ -404,7 +320,8 @@ class TorchModel(Followed):
         modules, which the next forward would use as they are (the EMA weights after a swap back):
         reshard. ZeRO-3: persistent parameters stay gathered: release them (or refuse)."""
         _sharded.reshard(self.fsdp)
-        if self.fsdp and torch.cuda.is_available() and any(t.device.type == "cpu" for t in self.avg.sources):
+        on_host = any(t.device.type == "cpu" for t in self.avg.sources) if self.fsdp else False
+        if on_host and torch.cuda.is_available():
             # CPUOffloadPolicy: FSDP2 copies shards in non_blocking
             torch.cuda.current_stream().synchronize()
         if self.zero3:
@@ -431,7 +348,8 @@ class TorchModel(Followed):
         avg, copy = self.avg, self.copy
         n_avg = len(avg.sources)
         n_copy = len(copy.sources) if copy is not None else 0
-        old = (list(avg.sources), list(copy.sources) if copy is not None else [], dict(self.int_buffers))
+        old = (list(avg.sources), list(copy.sources) if copy is not None else [],
+               dict(self.int_buffers))
         avg.retarget(read[:n_avg])
         if copy is not None:
             copy.retarget(read[n_avg:n_avg + n_copy])
@@ -464,21 +382,3 @@ def static(owned: list) -> list:
         if t.is_cuda:
             t._dynamo_static_input_type = "unguarded"
     return owned
-
-
-#: The model-selection options' text, written once (see :func:`fastema.average._options.document`).
-SELECTION_DOCS = {
-    "buffers": """buffers: floating buffers (BatchNorm statistics): ``"copy"`` (default), ``"average"``
-    or ``"ignore"``. Integer buffers are always copied.""",
-    "exclude": """exclude: name patterns (fnmatch, normalised names) left out entirely.""",
-    "copy": """copy: name patterns copied instead of averaged.""",
-    "trainable_only": """trainable_only: average only the parameters with ``requires_grad=True`` at construction
-    (LoRA and other adapters: the shadow holds the adapters, not the frozen base model), and
-    only the buffers of modules with a trainable parameter of their own (a frozen module's
-    BatchNorm statistics are left alone, as its weights are). The set is fixed at
-    construction, as ``exclude=``'s is: a parameter unfrozen later is not averaged (its own
-    value is exported), one frozen later is still averaged. ``None`` (default): True for a
-    PEFT model (``peft.PeftModel``, or a model with adapters in ``peft_config``), saying so
-    once with what is averaged; False for any other model. ``export_peft()`` writes the
-    averaged adapter in PEFT's format.""",
-}
