@@ -6,97 +6,47 @@ JSON hold no code; the one pickle, a DCP snapshot's ``.metadata``, is read by
 function, module or shared object of the process gets state from the file, refused or not.
 
 Trusted, and looked up in their modules' own namespaces (never through a module's ``__getattr__``,
-which could import): the globals of :data:`_ALLOWED` (DCP's metadata classes, ``torch.Size``,
-dtypes, layouts by name, paths, ``OrderedDict``), each called (REDUCE) only with the arguments DCP
-gives it (``torch.Size`` a list of ints, a layout or a path strings, an enum member an int,
-``OrderedDict`` none), and the opcodes that build plain data (:data:`_DATA_OPCODES`). Objects
-(NEWOBJ, no arguments) of DCP's metadata dataclasses only (:func:`_field_types`); their state
-(BUILD) set once, on an instance it made and placed nowhere yet, declared fields only, each of the
-exact type DCP gives it. Appends and item sets only into the lists and dicts it made, before they
-are placed in another; dict keys are strings, ints or built ``MetadataIndex`` (nothing deep is
-ever hashed).
+which could import): the globals of :data:`~.dcp_trust.ALLOWED` (DCP's metadata classes,
+``torch.Size``, dtypes, layouts by name, paths, ``OrderedDict``), each called (REDUCE) only with the
+arguments DCP gives it (``torch.Size`` a list of ints, a layout or a path strings, an enum member an
+int, ``OrderedDict`` none), and the opcodes that build plain data
+(:data:`~.dcp_trust.DATA_OPCODES`). Objects (NEWOBJ, no arguments) of DCP's metadata dataclasses
+only (:func:`~.dcp_trust.field_types`); their state (BUILD) set once, on an instance it made and
+placed nowhere yet, declared fields only, each of the exact type DCP gives it. Appends and item sets
+only into the lists and dicts it made, before they are placed in another; dict keys are strings,
+ints or built ``MetadataIndex`` (nothing deep is ever hashed).
 
 Refused (``pickle.UnpicklingError``, saying what the file asked for): anything else, persistent
 ids, extension codes, INST/OBJ, sets, bytearrays and out-of-band buffers included. Bounded:
-objects nest at most :data:`_MAX_DEPTH` deep; no string, line or frame over :data:`_MAX_ITEM`, and
-no more than the file's size, is read (:class:`_BoundedInput`); every :data:`_LOOK_EVERY` opcodes
-the memory the parse holds is looked at: beyond half of what was free when it began, a MemoryError.
-What it builds is then checked whole, by exact types, before anything reads it
+objects nest at most :data:`~.dcp_trust.MAX_DEPTH` deep; no string, line or frame over
+:data:`~.dcp_trust.MAX_ITEM`, and no more than the file's size, is read
+(:class:`~.dcp_trust.BoundedInput`); every :data:`~.dcp_trust.LOOK_EVERY` opcodes the memory the
+parse holds is looked at: beyond half of what was free when it began, a MemoryError. What it builds
+is then checked whole, by exact types, before anything reads it
 (:func:`fastema._io.dcp.load_dcp_metadata`). Importing this imports no framework (torch: when used).
 """
 from __future__ import annotations
 
 import pickle
-import types
 from typing import Any, Callable, ClassVar, NoReturn
 
+from .dcp_trust import (
+    ALLOWED,
+    DATA_OPCODES,
+    DCP_METADATA,
+    FILESYSTEM,
+    LOOK_EVERY,
+    MAX_DEPTH,
+    MAX_METADATA,
+    PATHS,
+    BoundedInput,
+    field_types,
+    named,
+    size_args,
+)
 from .safe_files import memory_available, resident
 
 __all__ = ["MAX_METADATA", "PATHS", "DcpMetadataUnpickler", "named"]
-
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
-PATHS = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
-#: What a DCP ``.metadata`` may name (module -> names), besides ``torch.Size`` and
-#: ``torch.<dtype>``.
-_ALLOWED = {
-    _DCP_METADATA: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"),
-    _FILESYSTEM: ("_StorageInfo",),
-    "torch.serialization": ("_get_layout",),          # a layout by its name, from torch's own table
-    "pathlib": PATHS,
-    "pathlib._local": PATHS,
-    "collections": ("OrderedDict",),
-}
-# Opcodes that only build plain data (numbers, strings, bytes, tuples, lists, dicts), move it on the
-# stack or the memo, or frame the stream; GLOBAL and STACK_GLOBAL go through find_class, the
-# container opcodes through DcpMetadataUnpickler's bookkeeping. Sets and bytearrays: refused.
-_DATA_OPCODES = (
-    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG "
-    "LONG1 LONG4 FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE "
-    "SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES BINBYTES8 EMPTY_LIST LIST EMPTY_TUPLE "
-    "TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_DICT DICT GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT "
-    "MEMOIZE GLOBAL STACK_GLOBAL").split()
-# bytes of a .metadata fastema reads (a snapshot's: ~100 bytes a tensor and shard)
-MAX_METADATA = 256 << 20
-_MAX_ITEM = 4 << 20           # bytes of one string, line or frame in it (the pickler frames 64 KiB)
-_MAX_DEPTH = 32               # objects nested in it, and MARKs open at once (DCP's nest 8 deep)
-_LOOK_EVERY = 1 << 16         # opcodes between two looks at the memory the parse holds
-_PLAIN = (type(None), bool, int, float, str)      # a field DCP may add later: plain values only
-
-
-class _BoundedInput:
-    """A ``.metadata`` as :class:`DcpMetadataUnpickler` reads it: no read (a string, bytes or a
-    frame) and no line longer than :data:`_MAX_ITEM`, and ``size`` bytes in all (what it had when
-    it was opened): a length field or a line without end asks for nothing more."""
-
-    def __init__(self, file: Any, size: int) -> None:
-        self._file, self._left = file, size
-
-    def read(self, n: int = -1) -> bytes:
-        if not 0 <= n <= _MAX_ITEM:
-            raise pickle.UnpicklingError(f"it holds a string, bytes or frame of {n} bytes, more "
-                                         f"than the {_MAX_ITEM} DCP metadata holds in one")
-        return self._take(self._file.read(n))
-
-    def readline(self) -> bytes:
-        line = self._file.readline(_MAX_ITEM + 1)
-        if len(line) > _MAX_ITEM:
-            raise pickle.UnpicklingError(f"it holds a line longer than {_MAX_ITEM} bytes, which "
-                                         "DCP metadata never does")
-        return self._take(line)
-
-    def _take(self, data: bytes) -> bytes:
-        self._left -= len(data)
-        if self._left < 0:
-            raise pickle.UnpicklingError("it grew while it was read")
-        return data
-
-
-def _size_args(args: tuple) -> bool:
-    return len(args) == 1 and type(args[0]) in (tuple, list) and len(args[0]) <= 64 and \
-        all(type(d) is int for d in args[0])
-
 
 # the pure-Python unpickler: its dispatch is ours
 class DcpMetadataUnpickler(pickle._Unpickler):
@@ -117,14 +67,14 @@ class DcpMetadataUnpickler(pickle._Unpickler):
     proto: int
 
     def __init__(self, file: Any, size: int = MAX_METADATA) -> None:
-        super().__init__(_BoundedInput(file, size))
+        super().__init__(BoundedInput(file, size))
         import collections
         import importlib
 
         import torch
 
         self._globals: dict = {}
-        for module, names in _ALLOWED.items():
+        for module, names in ALLOWED.items():
             try:
                 space = vars(importlib.import_module(module))
             except ImportError:                       # pathlib._local: Python >= 3.13 only
@@ -135,18 +85,21 @@ class DcpMetadataUnpickler(pickle._Unpickler):
         self._globals[("torch", "Size")] = torch.Size
         self._torch = vars(torch)
         self._dtype = torch.dtype
-        md = importlib.import_module(_DCP_METADATA)
+        md = importlib.import_module(DCP_METADATA)
         self._props = md.TensorProperties
         self._index = md.MetadataIndex
         self._encoding = md._MEM_FORMAT_ENCODING
         self._ordered = collections.OrderedDict
-        paths = tuple(v for (m, n), v in self._globals.items() if n in PATHS and m.startswith("pathlib"))
+        paths = tuple(v for (m, n), v in self._globals.items()
+                      if n in PATHS and m.startswith("pathlib"))
         one_str = lambda a: len(a) == 1 and type(a[0]) is str  # noqa: E731
-        self._calls = [(torch.Size, _size_args), (self._globals[("torch.serialization", "_get_layout")], one_str),
+        layout = self._globals[("torch.serialization", "_get_layout")]
+        self._calls = [(torch.Size, size_args), (layout, one_str),
                        (self._encoding, lambda a: len(a) == 1 and type(a[0]) is int),
                        (self._ordered, lambda a: not a)]
-        self._calls += [(p, lambda a: len(a) <= 4096 and all(type(x) is str for x in a)) for p in paths]
-        self._fields = _field_types(md, importlib.import_module(_FILESYSTEM), torch, paths)
+        self._calls += [(p, lambda a: len(a) <= 4096 and all(type(x) is str for x in a))
+                        for p in paths]
+        self._fields = field_types(md, importlib.import_module(FILESYSTEM), torch, paths)
         # id -> [object, depth, placed, built]: what this unpickler made (kept alive)
         self._made: dict = {}
 
@@ -161,8 +114,9 @@ class DcpMetadataUnpickler(pickle._Unpickler):
 
     def load(self) -> Any:
         """The pure-Python ``load`` (Python 3.9-3.13), with a look at the memory every
-        :data:`_LOOK_EVERY` opcodes."""
-        self._unframer = pickle._Unframer(self._file_read, self._file_readline)   # type: ignore[attr-defined]
+        :data:`LOOK_EVERY` opcodes."""
+        unframer = pickle._Unframer                  # type: ignore[attr-defined]
+        self._unframer = unframer(self._file_read, self._file_readline)
         self.read = self._unframer.read
         self.readinto = self._unframer.readinto
         self.readline = self._unframer.readline
@@ -180,7 +134,7 @@ class DcpMetadataUnpickler(pickle._Unpickler):
                     raise EOFError
                 dispatch[key[0]](self)
                 count += 1
-                if count % _LOOK_EVERY == 0 and start is not None and free is not None:
+                if count % LOOK_EVERY == 0 and start is not None and free is not None:
                     held = (resident() or start) - start
                     if held > free // 2:
                         raise MemoryError(f"building it took {held} bytes of memory after {count} "
@@ -212,8 +166,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):
         self._grow(entry, self._place(items))
 
     def _grow(self, entry: list, depth: int) -> None:
-        if depth >= _MAX_DEPTH:
-            self._refuse(f"nests objects more than {_MAX_DEPTH} deep")
+        if depth >= MAX_DEPTH:
+            self._refuse(f"nests objects more than {MAX_DEPTH} deep")
         if depth + 1 > entry[1]:
             entry[1] = depth + 1
 
@@ -237,8 +191,8 @@ class DcpMetadataUnpickler(pickle._Unpickler):
     # -- the container opcodes
 
     def _load_mark(self) -> None:
-        if len(self.metastack) >= _MAX_DEPTH:
-            self._refuse(f"opens more than {_MAX_DEPTH} marks at once")
+        if len(self.metastack) >= MAX_DEPTH:
+            self._refuse(f"opens more than {MAX_DEPTH} marks at once")
         self.metastack.append(self.stack)
         self.stack = []
         self.append = self.stack.append
@@ -397,35 +351,6 @@ class DcpMetadataUnpickler(pickle._Unpickler):
         return out
 
 
-def _field_types(md, fs, torch, paths: tuple) -> dict:
-    """DCP's metadata classes -> field -> the exact types a ``.metadata`` may give it (checked at
-    BUILD; :func:`.dcp.check_dcp_metadata` then checks what the containers hold). A declared field
-    not listed here (one a later torch adds) may hold a plain value only."""
-    import collections
-    import dataclasses
-
-    none, size, dicts = type(None), torch.Size, (dict, collections.OrderedDict)
-    known: dict[Any, dict[str, tuple]] = {
-        md.Metadata: {"state_dict_metadata": dicts, "planner_data": (none, *dicts), "storage_data": (none, *dicts),
-                      "storage_meta": (none, md.StorageMeta), "version": (none, str)},
-        md.TensorStorageMetadata: {"properties": (md.TensorProperties,), "size": (size,), "chunks": (list,)},
-        md.BytesStorageMetadata: {},
-        md.ChunkStorageMetadata: {"offsets": (size,), "sizes": (size,)},
-        md.MetadataIndex: {"fqn": (str,), "offset": (none, size), "index": (none, int)},
-        md.StorageMeta: {"checkpoint_id": (none, str, *paths), "save_id": (none, str), "load_id": (none, str),
-                         "modules": (list,)},
-        fs._StorageInfo: {"relative_path": (str,), "offset": (int,), "length": (int,),
-                          "transform_descriptors": (none, list, tuple)},
-        # its __getstate__'s tuple, in order
-        md.TensorProperties: {"__state__": (torch.dtype, type(torch.strided), bool, md._MEM_FORMAT_ENCODING, bool)},
-    }
-    out: dict = {}
-    for cls, given in known.items():
-        declared = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        out[cls] = {**{name: _PLAIN for name in declared}, **given}
-    return out
-
-
 def _make_dispatch() -> dict:
     import pickletools
 
@@ -439,12 +364,13 @@ def _make_dispatch() -> dict:
     table = {code: refuse(f"0x{code:02x}") for code in range(256)}
     for op in pickletools.opcodes:
         table[ord(op.code.encode("latin-1"))] = refuse(op.name)
-    for name in _DATA_OPCODES:
+    for name in DATA_OPCODES:
         code = getattr(pickle, name)[0]
         table[code] = base[code]
-    ours = {"MARK": "_load_mark", "EMPTY_LIST": "_load_empty_list", "EMPTY_DICT": "_load_empty_dict",
-            "LIST": "_load_list", "TUPLE": "_load_tuple", "TUPLE1": "_load_tuple1", "TUPLE2": "_load_tuple2",
-            "TUPLE3": "_load_tuple3", "DICT": "_load_dict", "REDUCE": "_load_reduce", "NEWOBJ": "_load_newobj",
+    ours = {"MARK": "_load_mark", "EMPTY_LIST": "_load_empty_list",
+            "EMPTY_DICT": "_load_empty_dict", "LIST": "_load_list", "TUPLE": "_load_tuple",
+            "TUPLE1": "_load_tuple1", "TUPLE2": "_load_tuple2", "TUPLE3": "_load_tuple3",
+            "DICT": "_load_dict", "REDUCE": "_load_reduce", "NEWOBJ": "_load_newobj",
             "NEWOBJ_EX": "_load_newobj_ex", "BUILD": "_load_build", "APPEND": "_load_append",
             "APPENDS": "_load_appends", "SETITEM": "_load_setitem", "SETITEMS": "_load_setitems"}
     for name, method in ours.items():
@@ -453,12 +379,3 @@ def _make_dispatch() -> dict:
 
 
 DcpMetadataUnpickler.dispatch = _make_dispatch()
-
-
-def named(obj) -> str:
-    """What an object of a pickle is, without calling anything of it (no repr, no str)."""
-    if isinstance(obj, type):
-        return f"the class {obj.__module__}.{obj.__qualname__}"
-    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        return f"the function {obj.__module__}.{obj.__qualname__}"
-    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
