@@ -15,7 +15,7 @@ group, the one collective that checks the replicas agree and the split's run id 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generic, TypeVar, overload
 
 import torch.distributed as dist
 
@@ -25,12 +25,37 @@ from ...flat import FlatShadow
 from .._sharding import params as _sharded
 from . import gather
 
-__all__ = ["Split", "SplitWindow", "split_of"]
+__all__ = ["Split", "SplitWindow", "Stored", "split_of"]
+
+T = TypeVar("T")
 
 
 def split_of(group) -> tuple[int, int]:
     """``(rank, ranks)`` of this process in ``group``: the slice its storage keeps."""
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Stored(Generic[T]):
+    """A member of a wrapper that is its ``storage``'s own, read (and set) there: the one
+    delegation of :class:`Split`'s forwarded members, typed (``Stored[int]``), so mypy holds the
+    wrapper to the shadow protocols as it does the storage; no ``__getattr__``."""
+
+    name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Stored[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type) -> T: ...
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self if obj is None else getattr(obj.storage, self.name)
+
+    def __set__(self, obj: Any, value: T) -> None:
+        setattr(obj.storage, self.name, value)
 
 
 class Split(FollowsSources):
@@ -65,33 +90,10 @@ class Split(FollowsSources):
     def __len__(self) -> int:
         return len(self.storage)
 
-    @property
-    def sources(self) -> list:
-        return self.storage.sources
-
-    @property
-    def groups(self) -> list[dict]:
-        return self.storage.groups
-
-    @property
-    def nbytes(self) -> int:
-        return self.storage.nbytes
-
-    @property
-    def skipped(self) -> dict:
-        return self.storage.skipped
-
-    @skipped.setter
-    def skipped(self, value: dict) -> None:
-        self.storage.skipped = value
-
     def parts(self, what: str = "shadow") -> list:
         """The storage's parts, and during a swap the raw weights' window (``"swap backup"``)."""
         raw = self._raw.parts("swap backup") if self._raw is not None else []
         return self.storage.parts(what) + raw
-
-    def written(self) -> list:
-        return self.storage.written()
 
     def specs(self, group_mesh, sharded: dict | None = None,
               dim: int | None = None) -> dict[str, _sharded.Spec]:
@@ -209,23 +211,25 @@ class Split(FollowsSources):
 
     # ------------------------------------------------------------ the storage's, forwarded
 
-    def check_row(self, row: int) -> None:
-        self.storage.check_row(row)
+    sources: Stored[list] = Stored()
+    groups: Stored[list[dict]] = Stored()
+    nbytes: Stored[int] = Stored()
+    skipped: Stored[dict] = Stored()
+    written: Stored[Callable[[], list]] = Stored()
+    check_row: Stored[Callable[[int], None]] = Stored()
+    join: Stored[Callable[[], None]] = Stored()
+    backup: Stored[Callable[[], Any]] = Stored()
+    update: Stored[Callable[..., None]] = Stored()        # (decay, *, weight, rounding, seed, step)
+    scan_groups: Stored[Callable[..., dict]] = Stored()
+    bias_correct: Stored[Callable[..., None]] = Stored()  # (alpha, *, skip_if)
+    copy_from_sources: Stored[Callable[..., None]] = Stored()
+    copy_from_sources_checked: Stored[Callable[..., None]] = Stored()
+    queued: Stored[Callable[[Callable[[], None]], None]] = Stored()
 
     @property
     def follows(self) -> SourceFollower:
         """What follows the sources (:class:`~fastema._sources.FollowsSources`): the storage."""
         return self.storage
-
-    def join(self) -> None:
-        self.storage.join()
-
-    def backup(self) -> Any:
-        return self.storage.backup()
-
-    def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
-               rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
-        self.storage.update(decay, weight=weight, rounding=rounding, seed=seed, step=step)
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int,
                        skip_if, plan=None, given=None) -> None:
@@ -236,20 +240,6 @@ class Split(FollowsSources):
             storage.update_checked(weights_by_device, rounding, seed, step, skip_if, plan,
                                    given=given)
 
-    def scan_groups(self, flags: dict | None = None) -> dict:
-        return self.storage.scan_groups(flags)
-
-    def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
-        self.storage.bias_correct(alpha, skip_if=skip_if)
-
-    def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
-        self.storage.copy_from_sources(skip_if=skip_if)
-
-    def copy_from_sources_checked(self, skip_if: Mapping | None = None) -> None:
-        self.storage.copy_from_sources_checked(skip_if)
-
-    def queued(self, undo: Callable[[], None]) -> None:
-        self.storage.queued(undo)
 
 
 class SplitWindow(Split):
@@ -257,20 +247,7 @@ class SplitWindow(Split):
     replicas: the mean, the compensated sums and the ring each a slice a rank
     (``WindowAverage(model, W, shard_replicas=...)``)."""
 
-    @property
-    def pushes(self) -> int:
-        return self.storage.pushes
-
-    @pushes.setter
-    def pushes(self, value: int) -> None:
-        self.storage.pushes = value
-
-    def push(self) -> None:
-        self.storage.push()
-
-    def restart(self) -> None:
-        self.storage.restart()
-
-    def ring_view(self, source: int | str):
-        """This rank's piece of the stored snapshots of ``source``, ``(window, count)``."""
-        return self.storage.ring_view(source)
+    pushes: Stored[int] = Stored()
+    push: Stored[Callable[[], None]] = Stored()
+    restart: Stored[Callable[[], None]] = Stored()
+    ring_view: Stored[Callable[[int | str], Any]] = Stored()   # this rank's piece of the ring
