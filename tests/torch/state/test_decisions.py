@@ -4,6 +4,8 @@ error, in a refused read's words, of the type the caller's callers catch, and th
 every rank works (no rank left in a collective)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,3 +49,41 @@ def test_a_rank_that_refuses_a_decision_makes_every_rank_raise_the_same_error(tm
         assert r["found"].tolist() == [1, 11]
         assert bool(r["same"])
         assert r["after"].tolist() == [0, 1]
+
+
+def _overflow_on_one_rank(rank, world, snaps):
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema.posthoc import SnapshotError
+    from fastema.torch import PostHocEMA
+
+    torch.manual_seed(0)
+    model = fully_shard(nn.Linear(4, 8))                # weight rows 0-3 on rank 0, 4-7 on rank 1
+    ph = PostHocEMA(model, snapshot_every=None, snapshot_dtype="float16", path=snaps)
+    if rank == 1:                                       # beyond float16's range on this rank alone
+        with torch.no_grad():
+            model.weight.to_local()[0, 0] = 1e6
+    ph.update()
+    try:
+        ph.snapshot()
+        said = ""
+    except SnapshotError as err:
+        said = str(err)
+    return {"refused": torch.tensor(["finite values beyond the range of float16" in said
+                                     and "weight" in said]),
+            "said": torch.tensor(list(said.encode()), dtype=torch.uint8),
+            "updates": torch.tensor(ph.updates)}
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_a_sharded_snapshot_one_rank_cannot_cast_is_refused_on_every_rank(tmp_path):
+    """The casts each rank made for a sharded snapshot are one decision (``findings``): the rank
+    whose shard overflows float16 and the one whose shard fits raise the same SnapshotError, and
+    no rank enters DCP's save alone."""
+    snaps = str(tmp_path / "snaps")
+    r0, r1 = run_ranks(_overflow_on_one_rank, tmp_path / "run", 2, snaps, timeout=120, pg_timeout=60)
+    assert bool(r0["refused"]) and bool(r1["refused"])
+    assert torch.equal(r0["said"], r1["said"])
+    assert int(r0["updates"]) == int(r1["updates"]) == 1
+    assert not [f for f in os.listdir(snaps) if f.startswith(("snapshot-", ".snapshot-"))]
