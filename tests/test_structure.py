@@ -139,14 +139,24 @@ def test_the_engine_knows_no_placement_and_the_face_asks_the_shadow():
 # ------------------------------------------------------------ the torch face by concern
 
 FACES = {"ema.py", "window.py", "posthoc.py", "target.py", "engines.py"}    # engines: the faces' streams, to engines
-SHARED = {"_face.py", "_average.py", "_swap.py", "_compile.py", "_attach.py"}
+SHARED = {"_swap.py", "_attach.py"}
 SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
+FACE_PARTS = {"contract.py", "average.py", "compiled.py"}    # _face/: what every face shares
+ROOT_MODULES = 8            # issue 72: fastema/torch/'s root, its faces and two shared modules
 
 
 def test_the_torch_face_is_its_faces_shared_modules_and_subpackages_by_concern():
     assert {p.name for p in TORCH.glob("*.py")} == FACES | SHARED | {"__init__.py"}
     packages = {p.name for p in TORCH.iterdir() if (p / "__init__.py").exists()}
-    assert packages == set(SUBPACKAGES) | {"compat"}
+    assert packages == set(SUBPACKAGES) | {"_face", "compat"}
+    assert {p.name for p in (TORCH / "_face").glob("*.py")} == FACE_PARTS | {"__init__.py"}
+
+
+def test_the_torch_root_holds_at_most_eight_modules():
+    """fastema/torch/ reads as its faces: at most ROOT_MODULES modules at its root (11 at round 8's
+    start), the rest in its sub-packages by concern (the shared face parts in ``_face/``)."""
+    root = sorted(p.name for p in TORCH.glob("*.py"))
+    assert len(root) <= ROOT_MODULES, f"fastema/torch/ has {len(root)} modules at its root: {root}"
 
 
 def _rank(module: str) -> int:
@@ -174,18 +184,19 @@ def test_every_torch_face_is_built_from_its_parts():
     of a face passed on in its constructor but the base's), patches a part after it was made, or
     leaves a template hook or a NotImplementedError base method."""
     from fastema.torch import EMA, PostHocEMA, TargetNetwork, WindowAverage
-    from fastema.torch._face import TorchFace
+    from fastema.torch._face.contract import TorchFace
 
     assert all(issubclass(c, TorchFace) for c in (EMA, WindowAverage, PostHocEMA, TargetNetwork))
     text = "\n".join(p.read_text() for p in _py("fastema", "torch"))
     assert not re.search(r"_new_swap|_checkpoint_core|also_written", text)
-    for path in [TORCH / n for n in sorted(FACES | SHARED)]:
+    for path in [TORCH / n for n in sorted(FACES | SHARED)] + \
+            [TORCH / "_face" / n for n in sorted(FACE_PARTS)]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Raise) and "NotImplementedError" in ast.unparse(node):
                 raise AssertionError(f"{path.name}:{node.lineno}: a NotImplementedError method")
             init = isinstance(node, ast.FunctionDef) and node.name == "__init__"
-            if init and path.name != "_face.py":
+            if init and path.name != "contract.py":
                 handed = [ast.unparse(a) for c in ast.walk(node) if isinstance(c, ast.Call)
                           for a in list(c.args) + [k.value for k in c.keywords]
                           if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name)
@@ -201,10 +212,10 @@ def callable_name(attr: str) -> bool:
 
 
 def test_the_compiled_operators_read_only_the_compiled_contract():
-    """fastema/torch/_compile.py's operators reach a face only through its ``Compiled``
+    """fastema/torch/_face/compiled.py's operators reach a face only through its ``Compiled``
     (``face.compiled``: ops, eager_update, read_from, eager_copy_to, swap, handle), never a private
     name of it."""
-    tree = ast.parse((TORCH / "_compile.py").read_text())
+    tree = ast.parse((TORCH / "_face" / "compiled.py").read_text())
     owners = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
               and isinstance(n.value, ast.Name) and n.value.id == "owner"]
     contract = {"ops", "eager_update", "read_from", "eager_copy_to", "swap", "handle"}

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _compile
+from ._face import compiled as _compile
 from ._state import attached as _params
 
 __all__ = ["KEY", "Attachment"]

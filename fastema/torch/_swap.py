@@ -1,5 +1,5 @@
 """Writing a model average into its model: the swap (average in, raw weights back) and the copy-out
-(``copy_to()`` of the tracked model), a part of the face (:class:`~fastema.torch._face.FaceParts`)
+(``copy_to()`` of the tracked model), a part of the face (:class:`~fastema.torch._face.contract.FaceParts`)
 made before it, over the model side and the average's agreement.
 
 A swap is exact in place where the shadow can be (equal dtypes, a float32 shadow of bfloat16

@@ -11,9 +11,9 @@ from torch import nn
 from .._interrupts import ctrl_c_held
 from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
-from . import _compile
-from ._average import TorchAverage
-from ._face import ModelParts, model_parts
+from ._face import compiled as _compile
+from ._face.average import TorchAverage
+from ._face.contract import ModelParts, model_parts
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
 from ._tensors.model import TorchModel
@@ -138,7 +138,7 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
               trainable_only: bool | None = None, shard_replicas: Any = False) -> ModelParts:
     """The builder of an :class:`EMA` (and a :class:`~fastema.torch.PostHocEMA`): its arguments
     checked, then its parts in one direction: the model side, its shadow (the picker), the engine
-    over both, and the rest (:func:`~fastema.torch._face.model_parts`). ``kind`` names the face;
+    over both, and the rest (:func:`~fastema.torch._face.contract.model_parts`). ``kind`` names the face;
     ``run(engine)``: what the checkpoint keeps besides the tensors (default: the engine's plan and
     counters; a post-hoc run adds its id)."""
     placement = Placement.of(offload, shard_replicas)

@@ -15,8 +15,8 @@ from .._checks import check_rounding, stochastic_rounding
 from ..average import Average, EMAOptions, Face, check_device_state
 from ..pairs import PairShadow
 from ..schedules import BEMA, MOMENTUM_SCHEDULES, Constant, HalfLife, NumUpdates, PowerFunction, PowerWarmup, from_state
-from . import _compile
-from ._face import FaceParts, TorchFace
+from ._face import compiled as _compile
+from ._face.contract import FaceParts, TorchFace
 from ._state.agree import Disagreement, Read, Stamp, agree
 from ._state.agree import Sequence as Agreements
 from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, target_meta, target_stream

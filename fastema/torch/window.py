@@ -9,8 +9,8 @@ from torch import nn
 
 from .._shadow import AveragingShadow, WindowingShadow
 from ..average import Cadence, document
-from ._average import TorchAverage
-from ._face import model_parts
+from ._face.average import TorchAverage
+from ._face.contract import model_parts
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
 from ._state.entries import global_shape, local_part, staged
 from ._tensors.hooks import match_names

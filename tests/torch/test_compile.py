@@ -391,7 +391,7 @@ def _assert_same_state(a: tuple, b: tuple):
 # made at import they load torch._dynamo, 0.2 -> 1.06 s for `import fastema.torch`): "first" starts from that.
 @pytest.mark.parametrize("first", [True, False])
 def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix(first, monkeypatch):
-    import fastema.torch._compile as compile_side
+    import fastema.torch._face.compiled as compile_side
 
     model = _model()
     ema = EMA(model, 0.9)
@@ -434,7 +434,7 @@ def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
     import subprocess
     import sys
 
-    import fastema.torch._compile as compile_side
+    import fastema.torch._face.compiled as compile_side
 
     code = "import sys, torch, fastema.torch; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ DTensors on a sharded average, full tensors from :meth:`~TorchCheckpoint.full_st
 a standalone ``module()`` copy, the average's own checkpoint (``state_dict`` /
 ``load_state_dict``: schema :data:`FORMAT` / :data:`VERSION`, checked in full before anything is
 loaded; ZeRO-3 flat forms and DTensors of any layout) and ``save()`` to a model checkpoint file.
-A :class:`TorchCheckpoint` is held by every ``TorchAverage`` (:mod:`fastema.torch._average`,
+A :class:`TorchCheckpoint` is held by every ``TorchAverage`` (:mod:`fastema.torch._face.average`,
 ``self._checkpoint``): it reads the model side (:class:`~fastema.torch._tensors.model.TorchModel`) and
 what the face keeps besides the tensors (a :class:`CheckpointCore`: the engine's plan and
 counters, a window's ring), each handed to it at construction.

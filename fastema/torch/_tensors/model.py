@@ -11,7 +11,7 @@ following re-registered or moved tensors (:meth:`TorchModel.follow`), the restar
 written, and the tensors the ``torch.compile`` operators declare. It is the engine's
 ``ModelAdapter`` (:meth:`~TorchModel.begin`, :meth:`~TorchModel.scan`, :meth:`~TorchModel.carry`)
 and what the registration hooks (:mod:`fastema.torch._tensors.hooks`) watch. The averages
-(:mod:`fastema.torch._average`) have one.
+(:mod:`fastema.torch._face.average`) have one.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ __all__ = ["TorchModel", "static"]
 class TorchModel(Followed):
     """The model side of one torch model average: which tensors it tracks and where they are now.
 
-    Built in two steps, by the face's builder (:mod:`fastema.torch._face`), before the face exists:
+    Built in two steps, by the face's builder (:mod:`fastema.torch._face.contract`), before the face exists:
     ``TorchModel(model, selection, kind=...)`` selects the tensors (:attr:`averaged` is what the
     shadow is made of); then, once the shadow and what reads it are made (the engine, the swap),
     :meth:`attach` takes the shadow (``avg``), the refusal before every update and the restart

@@ -1,7 +1,7 @@
 """``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
 :class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares on top of the
-torch-face contract (:class:`~fastema.torch._face.TorchFace`, built from the parts
-:func:`~fastema.torch._face.model_parts` makes): the model's read side (its selection, ``source``,
+torch-face contract (:class:`~fastema.torch._face.contract.TorchFace`, built from the parts
+:func:`~fastema.torch._face.contract.model_parts` makes): the model's read side (its selection, ``source``,
 ``sharded``, ``split``), swap and ``average_parameters()`` (through the swap part,
 :class:`~fastema.torch._swap.ShadowSwap`), ``copy_to``, ``join``, ``memory``, and the public
 checkpoint methods, each one line into the checkpoint side
@@ -17,23 +17,23 @@ from typing import ContextManager, Literal
 import torch
 from torch import nn
 
-from .._shadow import Shadow
-from ..average import ModelSwap
-from . import _compile
-from ._face import ModelParts, TorchFace
-from ._sharding import masters as _deepspeed
-from ._sharding import params as _sharded
-from ._state.agree import Read
-from ._state.checkpoint import TorchCheckpoint
-from ._state.peft import export_peft
-from ._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
-from ._tensors.hooks import unwrap
-from ._tensors.model import TorchModel
+from ..._shadow import Shadow
+from ...average import ModelSwap
+from .._sharding import masters as _deepspeed
+from .._sharding import params as _sharded
+from .._state.agree import Read
+from .._state.checkpoint import TorchCheckpoint
+from .._state.peft import export_peft
+from .._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
+from .._tensors.hooks import unwrap
+from .._tensors.model import TorchModel
+from . import compiled as _compile
+from .contract import ModelParts, TorchFace
 
 
 class TorchAverage(TorchFace):
     """What every model-level average shares (see the module): its parts (:class:`ModelParts`) made
-    by :func:`~fastema.torch._face.model_parts`. ``_avg`` and ``_copy`` are the model side's two
+    by :func:`~fastema.torch._face.contract.model_parts`. ``_avg`` and ``_copy`` are the model side's two
     shadows (the same objects, never replaced)."""
 
     _side: TorchModel
@@ -89,7 +89,7 @@ class TorchAverage(TorchFace):
         before the save (the ``GatherAttached`` callbacks), else ``optimizer.state_dict()``
         raises. Refused: ZeRO partitions, a second average on one optimizer, an average of
         trainable parameters the optimizer does not step. See the attach guide."""
-        from ._attach import Attachment, skip_refusal
+        from .._attach import Attachment, skip_refusal
 
         if self._attachment is not None:
             raise ValueError(f"this {type(self).__name__} is attached to an optimizer already: detach() "
@@ -202,7 +202,7 @@ class TorchAverage(TorchFace):
             parts: give ``device -> {part: bytes}`` instead, the parts being ``"shadow"``, ``"copied
                 buffers"``, ``"tables"``, ``"swap backup"``, ``"device plan"``, ``"staging chunks"`` and
                 ``"pinned slots"`` (offload; ``"host slots"`` where a GPU's pipeline runs on the CPU)."""
-        from ._placement.memory import memory
+        from .._placement.memory import memory
 
         return memory(self._side, self._plan_on_device, self._swapper.backup, parts)
 

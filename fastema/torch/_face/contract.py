@@ -7,7 +7,7 @@ A face is three things: a *side* (the tensors it reads and writes, followed as t
 (a subclass of :class:`TorchFace`: its arguments, its ``update()``, its reads). Every part is
 complete when made and is handed to the face at once; the face hands itself to nobody while it is
 being made. :class:`TorchFace` shows the compiled-step contract as ``face.compiled``
-(:class:`fastema.torch._compile.Compiled`), made from the parts once the face is complete.
+(:class:`fastema.torch._face.compiled.Compiled`), made from the parts once the face is complete.
 
 The model averages (:class:`~fastema.torch.EMA`, :class:`~fastema.torch.WindowAverage`,
 :class:`~fastema.torch.PostHocEMA`) share :func:`model_parts`: after a face's builder has made its
@@ -22,14 +22,14 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from .._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
-from ..average import Average, Cadence, DevicePlan, ModelSwap
-from ._compile import Compiled
-from ._state.agree import Agreement
-from ._state.checkpoint import CheckpointCore, TorchCheckpoint
-from ._state.peft import announce
-from ._swap import ShadowSwap
-from ._tensors.model import TorchModel, static
+from ..._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
+from ...average import Average, Cadence, DevicePlan, ModelSwap
+from .._state.agree import Agreement
+from .._state.checkpoint import CheckpointCore, TorchCheckpoint
+from .._state.peft import announce
+from .._swap import ShadowSwap
+from .._tensors.model import TorchModel, static
+from .compiled import Compiled
 
 __all__ = ["CheckpointSide", "Engine", "FaceParts", "FaceSide", "ModelParts", "Restart", "TorchFace",
            "model_parts"]
@@ -72,7 +72,7 @@ class FaceParts(NamedTuple):
     :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, a target network's counters);
     ``swap``: the swap and copy-out (:class:`~fastema.torch._swap.ShadowSwap`; None for a target
     network, which writes no model); ``cadence``: counts ``update()`` calls; ``ops``: the compiled
-    operators' lists (see :class:`~fastema.torch._compile.Compiled`)."""
+    operators' lists (see :class:`~fastema.torch._face.compiled.Compiled`)."""
 
     side: FaceSide
     shadow: Shadow | Updatable
@@ -129,7 +129,7 @@ class Parts(Protocol):
 class TorchFace:
     """The one base of fastema's torch faces: it takes the :class:`FaceParts` its builder made
     (``_side``, ``_avg``, ``_core``, ``_checkpoint``, ``_swap``: the swap state, ``cadence``) and
-    makes ``compiled`` (:class:`~fastema.torch._compile.Compiled`), the documented compiled-step
+    makes ``compiled`` (:class:`~fastema.torch._face.compiled.Compiled`), the documented compiled-step
     contract: a subclass sets its own fields first, and calls ``TorchFace.__init__`` last, so the
     face is complete when its eager update is handed out. It defines ``_eager_update(step)``."""
 

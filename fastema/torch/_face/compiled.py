@@ -42,7 +42,7 @@ _IDS = itertools.count(1)
 class Compiled:
     """A torch face's compiled-step contract (``face.compiled``): everything the custom operators
     of this module ask of the face they run, and nothing else is reached. Made by the face from its
-    parts (:class:`fastema.torch._face.FaceParts`) once it is complete; registered under
+    parts (:class:`fastema.torch._face.contract.FaceParts`) once it is complete; registered under
     :attr:`handle`, which the operators find it by (held weakly: a graph of an average that is
     gone raises, naming it).
 
@@ -145,7 +145,7 @@ def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tens
     refusal of a Python value, made while tracing; ``tensor`` / ``number``: a step dynamo traces as
     a value (a tensor, a float), refused by the eager check here. ``written`` is the update's: the
     operator stays in the graph (it is declared to write them; it writes nothing)."""
-    from ..schedules import check_step
+    from ...schedules import check_step
 
     if tensor is not None or number is not None:
         check_step(tensor if tensor is not None else number)           # refuses: neither is an int
@@ -163,7 +163,7 @@ def compiled_update(owner: Compiled, step) -> None:
     or, for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
     graph runs (nothing is updated or counted). A tensor step is refused, in compiled code as in
     eager: its value is on its device, and the schedule would read it on the host at every call."""
-    from ..schedules import check_step
+    from ...schedules import check_step
 
     written, read = owner.ops["update"]
     if isinstance(step, (torch.Tensor, float)):          # traced values: their repr is known only at run time
@@ -235,7 +235,7 @@ def _weight_back(floats, tensor, single: bool):
 def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[float] | None,
                       weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, multi: bool,
                       rounding: str, seed: int, step: int, skip_if: torch.Tensor | None) -> None:
-    from .. import ops
+    from ... import ops
 
     if multi:
         ops.ema_update_multi_.eager(shadow, src, decays, weights=_weight_back(weight_floats, weight_tensor, False),
@@ -253,7 +253,7 @@ array_ema_update_.register_fake(lambda *args: None)
 def array_ema_update_many_(shadows: list[torch.Tensor], sources: list[torch.Tensor], decay: float | None,
                            weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, rounding: str,
                            seed: int, step: int) -> None:
-    from .. import ops
+    from ... import ops
 
     ops.ema_update_many_.eager(shadows, sources, decay, weight=_weight_back(weight_floats, weight_tensor, True),
                                rounding=rounding, seed=seed, step=step)
@@ -264,7 +264,7 @@ array_ema_update_many_.register_fake(lambda *args: None)
 
 @torch.library.custom_op("fastema::array_copy_", mutates_args=("dst",))
 def array_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    from .. import ops
+    from ... import ops
 
     ops.copy_.eager(dst, src)
 
@@ -274,7 +274,7 @@ array_copy_.register_fake(lambda dst, src: None)
 
 @torch.library.custom_op("fastema::array_swap_", mutates_args=("a", "b"))
 def array_swap_(a: torch.Tensor, b: torch.Tensor, lossy: bool) -> None:
-    from .. import ops
+    from ... import ops
 
     ops.swap_.eager(a, b, lossy=lossy)
 
@@ -314,7 +314,7 @@ def _swap_(a, b, *, lossy=False):
 
 def install() -> None:
     """Route the array-level functions through the operators above inside compiled code."""
-    from .. import ops
+    from ... import ops
 
     ops.COMPILED.update(compiling=torch.compiler.is_compiling, ema_update_=_ema_update_,
                         ema_update_multi_=_ema_update_multi_, ema_update_many_=_ema_update_many_,
