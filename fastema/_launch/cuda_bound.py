@@ -17,12 +17,14 @@ fastema does none of that per step:
   device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
   launch is bound (:func:`.drivers.current`), which the binding keeps.
 
-A bound launch (:class:`LerpLaunch`, :class:`BoundLaunch`) keeps its block from step to step; a launch
-made once (:func:`launch_once`: the ops of :func:`fastema._launch.launch`) packs a block for that call.
-An argument of another numba type than the bound one binds again. The dispatcher launches instead in
-the Numba CUDA simulator, under ``FASTEMA_CUDA_LAUNCH=dispatcher``, for a kernel fastema's factories did
-not make, and where an argument is not device memory (numba copies a host array over). No numba-cuda
-private name is used: numba-cuda's version does not decide the fast path.
+A prepared launch (:class:`LerpLaunch`, :class:`BoundLaunch`; :data:`PREPARE`) keeps its block from step
+to step; a one-off :func:`fastema._launch.launch` prepares one and packs its block for that call.
+An argument that does not fit its place (another dtype, ndim or number type: :meth:`.abi.Block.fits`,
+no numba type) binds again. The dispatcher launches instead in the Numba CUDA simulator, under
+``FASTEMA_CUDA_LAUNCH=dispatcher``, and where the driver refused every image of the variant
+(:data:`.driver.REFUSALS`); an argument that is not device memory is refused
+(:class:`.abi.NotDeviceMemory`), never copied over. No numba-cuda private name is used: numba-cuda's
+version does not decide the fast path.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every CUDA launch of fastema: the variant's device code, one argument block of fastema's own, ``cuLaunchKernel``.
 
-(See :mod:`.cuda_bound` for why and for the launches bound once per group, which derive from :class:`_Bound`;
-:func:`launch_once` is the one-off launch of the ops of :func:`fastema._launch.launch`.)
+(See :mod:`.cuda_bound` for why and for the prepared launches, which derive from :class:`_Bound`:
+:func:`fastema._launch.prepare`; a one-off :func:`fastema._launch.launch` is one prepared and run.)
 """
 from __future__ import annotations
 
@@ -124,11 +124,3 @@ class _Bound:
         block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args
         self._go(raw, blocks)
-
-
-def launch_once(kernel, device: str, raw: int, blocks: int, args: tuple) -> None:
-    """One launch of ``kernel`` with ``args`` on the raw stream ``raw`` (see the module docstring): a block
-    packed for this call."""
-    _Bound(device)._bind(kernel, args, raw, blocks)
-
-
