@@ -255,8 +255,8 @@ class LerpLaunch:
         self._args = (*self._head, self._w, self._flag, self._k)
 
     def __call__(self, weights, key=0) -> None:
-        if weights is not self._w_in:
-            self._weights(weights)
+        if weights is not self._w_in and (type(weights) is not tuple or weights != self._w_in):
+            self._weights(weights)                      # (host weights equal to the last ones: kept)
         if key is not self._k_in:
             self._key(key)
         n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0   # _parallel(group, rows)

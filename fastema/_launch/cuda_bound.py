@@ -55,8 +55,8 @@ class LerpLaunch(_Bound):
         self.w: tuple = ()
 
     def __call__(self, weights, key=0) -> None:
-        if isinstance(weights, tuple):
-            if weights is not self.w_in:
+        if type(weights) is tuple:
+            if weights is not self.w_in and weights != self.w_in:
                 self.w_in, self.w = weights, tuple(map(self.cast, weights))
             weights = self.w
         key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
