@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR  # noqa: F401  (fastema._launch's fork check reads it)
 from . import config
 from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
