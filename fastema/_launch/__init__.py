@@ -130,7 +130,25 @@ def prepare(op: str, group, **fixed) -> Callable[..., None]:
     if op == "lerp":                                 # host weights: the kernel's arithmetic type
         fixed["cast"] = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
     target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    return target.PREPARE[op](group, **fixed)
+    run = target.PREPARE[op](group, **fixed)
+    if op == "bema":                                 # alpha: the shadow's arithmetic type
+        return _CastFirst(run, np.float64 if group.shadow_kind == F64 else np.float32)
+    return run
+
+
+class _CastFirst:
+    """A prepared launch whose first varying argument is cast to ``cast`` at each call."""
+
+    __slots__ = ("run", "cast")
+
+    def __init__(self, run, cast):
+        self.run, self.cast = run, cast
+
+    def __call__(self, first, *rest) -> None:
+        self.run(self.cast(first), *rest)
+
+    def once(self, first, *rest) -> None:
+        self.run.once(self.cast(first), *rest)
 
 
 def launch(op: str, group, **args) -> None:
@@ -144,8 +162,6 @@ def launch(op: str, group, **args) -> None:
     t = group.tables
     if t is not None and t.chunks == 0:
         return
-    if op == "bema":                                           # the shadow's arithmetic type
-        args["alpha"] = (np.float64 if group.shadow_kind == F64 else np.float32)(args["alpha"])
     if is_cuda(group.device):
         note_capture(group)
     varying = VARYING[op]
