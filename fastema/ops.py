@@ -86,16 +86,33 @@ def _prepared(key: tuple | None, arrays: list):
     return entry
 
 
-def _keep(key: tuple | None, arrays: list, group, op: str, **fixed):
-    """``_launch.prepare(op, group, **fixed)``, kept under ``key`` (None: not kept)."""
+def _keep(key: tuple | None, arrays: list, bufs: tuple, group, op: str, **fixed):
+    """``_launch.prepare(op, group, **fixed)``, kept under ``key`` with the arrays' layout guard; for arrays
+    with no cheap key (``key`` None: CuPy, JAX, DLPack producers) under their descriptions ``bufs``, just
+    checked (device, address, kind, shape, layout), so that the launch is prepared once for them too."""
+    guard = None
+    if key is None:
+        key = ("described", op, *sorted(fixed.items()), *((b.device, b.address, b.kind, b.shape, b.order)
+                                                          for b in bufs))
+        entry = _PREPARED.get(key)
+        if entry is not None:
+            _PREPARED.move_to_end(key)
+            if group.device != "cpu":
+                _launch.note_capture(entry[2])
+            return entry[1]
+        guard = _described
     run = _launch.prepare(op, group, **fixed)
-    if key is not None:
-        _PREPARED[key] = (_backends.layout_guard(arrays), run, group)
-        while len(_PREPARED) > _PREPARED_MAX:
-            _PREPARED.popitem(last=False)
+    _PREPARED[key] = (guard or _backends.layout_guard(arrays), run, group)
+    while len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
     if group.device != "cpu":
         _launch.note_capture(group)
     return run
+
+
+def _described(arrays: list) -> bool:
+    """The guard of an entry kept by descriptions: never a hit by cheap key (the key says "described")."""
+    return False
 
 
 def _key(tag: tuple, arrays: list) -> tuple | None:
@@ -135,7 +152,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     if found is not None or not host:            # a hit with unusual weights; a flag or device weights
         _launch.launch("lerp", _group(s, x, t), weights=w, flag=flag, key=sr, stochastic=stochastic)
         return shadow
-    _keep(key, arrays, _group(s, x, t), "lerp", stochastic=stochastic)(w, sr)
+    _keep(key, arrays, (s, x), _group(s, x, t), "lerp", stochastic=stochastic)(w, sr)
     return shadow
 
 
@@ -220,7 +237,7 @@ def copy_(dst, src):
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
     t = _single_tables(x.device, d.framework, d.address, x.address, x.numel)
-    _keep(key, arrays, _group(d, x, t), "copy", to_shadow=True, row_lo=0, row_hi=1)()
+    _keep(key, arrays, (d, x), _group(d, x, t), "copy", to_shadow=True, row_lo=0, row_hi=1)()
     return dst
 
 
@@ -246,7 +263,7 @@ def swap_(a, b, *, lossy: bool = False):
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
     t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _keep(key, arrays, _group(s, x, t), "swap", mode=kinds.EXCHANGE, row=0)()
+    _keep(key, arrays, (s, x), _group(s, x, t), "swap", mode=kinds.EXCHANGE, row=0)()
 
 
 def flag_nonfinite_(flag, src):
@@ -265,7 +282,10 @@ def flag_nonfinite_(flag, src):
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
     t = _single_tables(x.device, x.framework, 0, x.address, x.numel)
-    _keep(key, arrays, _group(None, x, t), "nonfinite", flag=f)()
+    if key is None:                              # a flag view of this call: not kept by description
+        _launch.launch("nonfinite", _group(None, x, t), flag=f)
+    else:
+        _keep(key, arrays, (x,), _group(None, x, t), "nonfinite", flag=f)()
     return flag
 
 

@@ -117,3 +117,31 @@ def test_copy_swap_and_the_nonfinite_flag_hit_and_stay_right():
     src[3] = float("inf")
     fastema.flag_nonfinite_(flag, src)
     assert flag.item() == 1
+
+
+class _DLPackOnly:
+    """An array known to fastema only through DLPack (as a JAX or CuPy array is): no cheap key."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __dlpack__(self, **kwargs):
+        return self.t.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.t.__dlpack_device__()
+
+
+def test_arrays_with_no_cheap_key_keep_their_launch_by_description():
+    s, x = torch.zeros(8), torch.ones(8)
+    a, b = _DLPackOnly(s), _DLPackOnly(x)
+    for _ in range(3):
+        fastema.ema_update_(a, b, 0.5)
+    assert torch.equal(s, torch.full((8,), 0.875))
+    assert [k[0] for k in ops._PREPARED] == ["described"]
+    n = np.zeros(8, np.float32)                           # NumPy written, torch read: no common cheap key
+    fastema.ema_update_(n, x, 0.5)
+    fastema.ema_update_(n, x, 0.5)
+    assert np.all(n == 0.75) and len(ops._PREPARED) == 2
+    fastema.ema_update_(n[4:], x[:4], 0.5)                # another description: its own launch
+    assert np.all(n[4:] == 0.875) and np.all(n[:4] == 0.75) and len(ops._PREPARED) == 3
