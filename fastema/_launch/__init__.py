@@ -1,9 +1,12 @@
 """The one dispatch point between fastema's Python layer and the kernels.
 
-``launch(op, group, **args)`` runs kernel family ``op`` over a group of sources on the
-group's device: :mod:`.cpu` or :mod:`.cuda` (imported when a CUDA buffer first arrives)
-has one function per op with the same keyword-only signature. A group is anything with
-the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in :mod:`.config`.
+One launch form: ``run = prepare(op, group, **fixed)`` prepares kernel family ``op`` over a group
+of sources on the group's device, from the target's table of prepare functions (:data:`.cpu.PREPARE`,
+or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first arrives), and ``run(*varying)``
+launches it (:data:`VARYING`: the arguments each call gives; the others, in the table below, are
+fixed). An owner keeps its ``run``; ``launch(op, group, **args)`` is ``prepare`` run once. A group
+is anything with the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in
+:mod:`.config`.
 
 Dispatch names no framework: a group carries ``current_stream``, the function its backend
 gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
