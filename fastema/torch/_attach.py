@@ -51,6 +51,7 @@ from ._state import attached as _params
 __all__ = ["KEY", "Attachment"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
+PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
     weakref.WeakKeyDictionary())
@@ -78,11 +79,14 @@ class Attachment:
         self.reseed: Any = None                  # the step pre-hook of a pending start-over
         self.per_param = bool(face.sharded)      # a sharded average: in the per-parameter entries
         self.gathered: tuple | None = None       # a split's (calls, its gathered state): gather()
-        self.handles = [optimizer.register_step_post_hook(self.stepped),
+        self.pending: Callable[[], None] | None = None   # a checked load, written after torch's
+        self.handles = [optimizer.register_step_pre_hook(self.stepping),
+                        optimizer.register_step_post_hook(self.stepped),
                         optimizer.register_state_dict_post_hook(self.saving),
                         optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True),
                         optimizer.register_state_dict_pre_hook(self.marking),  # flatten's keys
-                        optimizer.register_load_state_dict_post_hook(self.marking)]
+                        optimizer.register_load_state_dict_post_hook(self.loaded)]
+        self.marked = _params.mark(KEY, face, optimizer)   # the live states marked (a count)
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
@@ -104,6 +108,16 @@ class Attachment:
 
     # ------------------------------------------------------------ the step
 
+    def stepping(self, optimizer, args, kwargs) -> None:
+        """The step pre-hook: refuse a step while the average is swapped into the model, before
+        the optimizer writes anything (it would step the average, and the swap back would keep
+        that as the average)."""
+        if not torch.compiler.is_compiling() and self.face.swapped:
+            raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() "
+                               f"(or after swap()): the attached {self.kind}'s weights are in "
+                               f"the model, so the optimizer would step the average. Nothing was "
+                               f"stepped; step outside the block, or swap() back first")
+
     def stepped(self, optimizer, args, kwargs) -> None:
         """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf``."""
         found_inf = getattr(optimizer, "found_inf", None)
@@ -113,8 +127,12 @@ class Attachment:
             _compile.compiled_update(self.face.compiled, None)
             return
         if _zero_lr(optimizer) and _called_by_dcp():
+            self.marked = _params.mark(KEY, self.face, optimizer)   # every trainable one: flatten's
             return                               # DCP's state init: lr 0, nothing moved, not a step
+        if len(optimizer.state) != self.marked:  # new state (the first step): marked for flatten
+            self.marked = _params.mark(KEY, self.face, optimizer)
         self.gathered = None                     # a split's gathered copy: of the last state only
+        self.pending = None
         if found_inf is None:
             self.update(None)
         else:
@@ -148,7 +166,7 @@ class Attachment:
         ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (nothing is added to the
         optimizer's state otherwise: HF Trainer's and Lightning's state stays the optimizer's)."""
         if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
-            _params.mark(KEY, self.face, optimizer)
+            self.marked = _params.mark(KEY, self.face, optimizer)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
@@ -157,11 +175,12 @@ class Attachment:
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
+        flags = {PENDING: True} if self.reseed is not None else {}   # re-armed at its load
+        out = _params.unmarked(KEY, state_dict)  # the live markers left out
         dcp = _called_by_dcp("_get_optim_state_dict")
         if dcp or (self.per_param and not self.face.split):
-            return _params.per_param_state(KEY, self.face, optimizer, state_dict)
-        out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        out[KEY] = self.whole() if self.face.split else self.face.state_dict()
+            return _params.per_param_state(KEY, self.face, optimizer, out, flags)
+        out[KEY] = {**(self.whole() if self.face.split else self.face.state_dict()), **flags}
         return out
 
     def gather(self) -> None:
@@ -191,39 +210,70 @@ class Attachment:
             f"it), or make the average without shard_replicas")
 
     def loading(self, optimizer, state_dict: dict) -> dict:
-        """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
-        to torch), or, where there is none, a start-over at the next step, with one warning."""
-        try:                                     # per-parameter entries (sharded, or DCP's)
-            entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
-        except (TypeError, ValueError) as err:   # refused here: the other ranks told first
+        """The load pre-hook: every check of the average's entry (:data:`KEY`, or the
+        per-parameter entries), agreed over a sharded average's ranks; a new dict without it goes
+        on to torch. The average is written by the load post-hook (:meth:`loaded`), once torch has
+        taken the rest: a load torch refuses changes nothing. Where there is no entry (or one
+        saved while a start-over was pending), a start-over at the next step, with one warning."""
+        self.pending = None
+        try:                                     # any failure of the checks is a refusal, agreed
+            entry, rest = self.read(optimizer, state_dict)
+        except BaseException as err:             # (RecursionError of a deep record too)
             self.agree_present(None, err)
             raise
+        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        if entry is not None and entry.get(PENDING) is True:
+            warnings.warn(f"the optimizer state dict's {KEY!r} entry was saved while the attached "
+                          f"{self.kind} waited to start over (a checkpoint without the average "
+                          f"had been loaded, and no step made since): it starts over from the "
+                          f"model's weights at the next optimizer step", UserWarning, stacklevel=3)
+            entry = None
+        elif entry is None:
+            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
+                          f"attach(), or by an older fastema): the attached {self.kind} starts "
+                          f"over from the model's weights at the next optimizer step",
+                          UserWarning, stacklevel=3)
+        if entry is None:
+            self.pending = self.arm_restart
+            return rest
+        commit = self.face._checkpoint.checked_load(
+            {k: v for k, v in entry.items() if k != PENDING})
+
+        def write() -> None:
+            commit()
+            if self.reseed is not None:
+                self.reseed.remove()
+                self.reseed = None
+
+        self.pending = write
+        return rest
+
+    def read(self, optimizer, state_dict: dict) -> tuple[dict | None, dict]:
+        """``(the average's entry or None, the state dict torch loads)``; raises what is
+        refused."""
+        entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
         if entry is None and (not self.per_param or self.face.split):
             entry = rest.get(KEY)                # top level (a split's: gathered, full tensors)
             rest = {k: v for k, v in rest.items() if k != KEY}
             if entry is not None and not isinstance(entry, dict):
-                bad = TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
+                raise TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
                                 f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
                                 f"nothing was loaded")
-                self.agree_present(None, bad)
-                raise bad
-        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        _check_groups(optimizer, rest)           # torch's own refusal, before the agreement
+        return entry, rest
+
+    def loaded(self, optimizer) -> None:
+        """The load post-hook: torch took the rest; the checked average is written now (or its
+        start-over armed), and the new live state marked."""
+        pending, self.pending = self.pending, None
         self.gathered = None
-        if entry is None:
-            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
-                          f"attach(), by an older fastema, or through DCP's get_state_dict, which "
-                          f"keeps only 'state' and 'param_groups'): the attached {self.kind} "
-                          f"starts over from the model's weights at the next optimizer step",
-                          UserWarning, stacklevel=3)
-            if self.reseed is None:
-                self.reseed = optimizer.register_step_pre_hook(self.starting_over)
-            return rest
-        _check_groups(optimizer, rest)           # torch's own refusal, before the average is loaded
-        self.face.load_state_dict(entry)
-        if self.reseed is not None:
-            self.reseed.remove()
-            self.reseed = None
-        return rest
+        if pending is not None:
+            pending()
+        self.marked = _params.mark(KEY, self.face, optimizer)
+
+    def arm_restart(self) -> None:
+        if self.reseed is None:
+            self.reseed = self.optimizer.register_step_pre_hook(self.starting_over)
 
     def agree_present(self, entry: dict | None, err: BaseException | None = None) -> dict | None:
         """A sharded average's load: every rank of its mesh holds the average's entries, or none
