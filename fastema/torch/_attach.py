@@ -46,11 +46,12 @@ from typing import Any, Callable
 import torch
 
 from . import _compile
+from ._state import attach_checks as _checks
 from ._state import attached as _params
+from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
 
 __all__ = ["KEY", "Attachment"]
 
-KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
@@ -71,7 +72,7 @@ class Attachment:
                  sources: list, devices: list, cannot_skip: str | None):
         kind = type(face).__name__
         optimizer = hooked(optimizer)
-        _check(kind, face, optimizer, sources)
+        _checks.check(kind, face, optimizer, sources, _ATTACHED)
         self.kind, self.face, self.optimizer = kind, face, optimizer
         self.update, self.skipping, self.restart = update, skipping, restart
         self.devices, self.cannot_skip = devices, cannot_skip
@@ -112,7 +113,11 @@ class Attachment:
         """The step pre-hook: refuse a step while the average is swapped into the model, before
         the optimizer writes anything (it would step the average, and the swap back would keep
         that as the average)."""
-        if not torch.compiler.is_compiling() and self.face.swapped:
+        if torch.compiler.is_compiling():
+            return
+        if self.face._side.stale:                # a registration since: attach()'s rule again
+            _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
+        if self.face.swapped:
             raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() "
                                f"(or after swap()): the attached {self.kind}'s weights are in "
                                f"the model, so the optimizer would step the average. Nothing was "
@@ -259,7 +264,7 @@ class Attachment:
                 raise TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
                                 f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
                                 f"nothing was loaded")
-        _check_groups(optimizer, rest)           # torch's own refusal, before the agreement
+        _checks.check_groups(optimizer, rest)           # torch's own refusal, before the agreement
         return entry, rest
 
     def loaded(self, optimizer) -> None:
@@ -339,66 +344,6 @@ def hooked(optimizer: Any) -> Any:
 
 def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "_optimizer_step_post_hooks")
-
-
-def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
-    """Refuse what an attachment cannot carry, before any hook is registered."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not _has_hooks(optimizer):
-        raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
-                        f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
-    other = _ATTACHED.get(optimizer)
-    if other is not None:
-        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
-                         f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
-                         f"first")
-    _refuse_fsdp1(kind, optimizer, sources)
-    why = _params.refusal(face) if face.sharded else None
-    if why is not None:
-        raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "
-                         f"are DTensors of the parameters' layout (FSDP2, HSDP, tensor parallel). "
-                         f"Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
-    if face.source != "parameters":
-        raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
-    if face.sharded:                     # its sources are the local shards: the parameters by name
-        sources = list(_params.tracked(face).values())
-    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not stepped.intersection(map(id, sources)):
-        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "
-                         f"it to the optimizer of its model")
-    names = {id(p): n for n, p in face.model.named_parameters()}
-    missed = [names.get(id(t), "?") for t in sources
-              if t.requires_grad and id(t) not in stepped and id(t) in names]
-    if missed:
-        raise ValueError(f"the model's trainable parameters {missed[:5]} are averaged by this "
-                         f"{kind} but not stepped by this optimizer: they would be read at its "
-                         f"steps only. Make one average per optimizer, of the part it steps "
-                         f"(EMA(part)), or exclude= them, or freeze them")
-
-
-def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:
-    """An average made before its model was wrapped by FSDP1 (``EMA(FSDP1(model))`` is refused
-    when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
-    stepped = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
-        raise TypeError(f"attach() does not take this {kind}: its model (or the optimizer's) is "
-                        f"wrapped by FSDP1 (FullyShardedDataParallel): its parameters are "
-                        f"rank-dependent pieces of flat parameters, which fastema cannot average "
-                        f"(its first step would raise, after the optimizer's). Shard the model "
-                        f"with FSDP2 (torch.distributed.fsdp.fully_shard): its average is sharded "
-                        f"as its parameters are, and attach() carries it through DCP")
-
-
-def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """The refusal ``Optimizer.load_state_dict`` makes itself, made before the average is loaded."""
-    saved = state_dict.get("param_groups")
-    groups = optimizer.param_groups
-    if not isinstance(saved, list) or len(saved) != len(groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
-                         "of optimizer's group")
 
 
 def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:

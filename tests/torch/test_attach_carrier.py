@@ -245,3 +245,23 @@ def test_a_damaged_record_is_refused_as_damage_and_nothing_changes(what):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(bad)
     assert ema.updates == 1 and same(averaged(ema), before)
+
+
+def test_a_replaced_submodule_not_in_the_optimizer_is_refused_before_the_step():
+    """L3: ``model[2] = nn.Linear(8, 3)`` after attach, the new head not in the optimizer: the
+    next step blended the old head's average with the new weights, silently. attach()'s rule is
+    checked again at the first step after a registration: refused, nothing stepped."""
+    model, opt, ema = make()
+    step(model, opt, batches(1)[0])
+    before = averaged(ema)
+    model[2] = nn.Linear(8, 3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    model(batches(2)[1]).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"\['2.weight', '2.bias'\].*not stepped by this "
+                                           r"optimizer after attach\(\).*nothing was stepped"):
+        opt.step()
+    assert ema.updates == 1 and same(averaged(ema), before)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    opt.add_param_group({"params": list(model[2].parameters())})   # the way on: step it too
+    opt.step()
+    assert ema.updates == 2
