@@ -182,8 +182,15 @@ class Attachment:
                              f"{self.kind} keeps its state there. Rename that entry")
         flags = {PENDING: True} if self.reseed is not None else {}   # re-armed at its load
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        dcp = _called_by_dcp("_get_optim_state_dict")
-        if dcp or (self.per_param and not self.face.split):
+        frame = _dcp_frame("_get_optim_state_dict")
+        if frame is not None and self.face.split and getattr(frame.f_locals.get("info"),
+                                                             "full_state_dict", False):
+            raise ValueError(f"DCP's full_state_dict=True gathers DTensors only, not the pieces "
+                             f"of this {self.kind} split over replicas (shard_replicas): save "
+                             f"with the default options (dcp.save on every rank), or call "
+                             f"ema.gather_attached() on every rank and save "
+                             f"optimizer.state_dict() (the whole average at its top-level key)")
+        if frame is not None or (self.per_param and not self.face.split):
             return _params.per_param_state(KEY, self.face, optimizer, out, flags)
         out[KEY] = {**(self.whole() if self.face.split else self.face.state_dict()), **flags}
         return out
@@ -360,22 +367,43 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _called_by_dcp(what: str = "_init_optim_state") -> bool:
-    """DCP's ``what`` is on the stack (a few frames up: the step's or ``state_dict()``'s
-    wrappers): ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``. The function's
+    return _dcp_frame(what) is not None
+
+
+_CONTRACT = {"_init_optim_state": ("optim",), "_get_optim_state_dict": ("optimizers", "info"),
+             "_load_optim_state_dict": ("optimizers", "state_dict", "info")}
+_BROKEN: set = set()
+
+
+def _dcp_frame(what: str) -> Any:
+    """DCP's ``what`` running a few frames up (the step's or ``state_dict()``'s wrappers), or
+    None: ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``,
+    ``_load_optim_state_dict`` (:data:`_CONTRACT`: their parameters, checked). The function's
     own code, under its decorators (``@torch.no_grad()``'s wrapper is shared by every function it
-    decorates: its code would match any of them)."""
-    init = getattr(sys.modules.get(_DCP), what, None)
-    code = getattr(inspect.unwrap(init), "__code__", None) if callable(init) else None
-    if code is None:
-        return False
-    frame: Any = sys._getframe(1)
+    decorates: its code would match any of them). Where DCP is loaded but a function is gone or
+    changed (another torch), one warning names it and the torch version."""
+    module = sys.modules.get(_DCP)
+    if module is None:
+        return None
+    fn = getattr(module, what, None)
+    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+    if code is None or not set(_CONTRACT[what]) <= set(code.co_varnames[:code.co_argcount]):
+        if what not in _BROKEN:
+            _BROKEN.add(what)
+            warnings.warn(f"fastema's attach() tells DCP's calls by {_DCP}.{what}({', '.join(_CONTRACT[what])}), "
+                          f"which torch {torch.__version__} does not have: DCP's dummy step may count "
+                          f"as an update and its state dicts may not carry the attached average. "
+                          f"Tested on torch 2.13; report it", RuntimeWarning,
+                          stacklevel=3)
+        return None
+    frame: Any = sys._getframe(2)
     for _ in range(12):
         if frame is None:
-            return False
+            return None
         if frame.f_code is code:
-            return True
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:
