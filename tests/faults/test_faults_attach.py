@@ -69,9 +69,7 @@ def _no_step(state_dict):
 
 
 def _faults(rank, world):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    import torch.distributed.checkpoint.state_dict as dsd
 
     out = {}
     model, opt, ema = _make(0)
@@ -94,15 +92,15 @@ def _faults(rank, world):
     except KeyError:
         out["torch"] = torch.tensor(1)
     out["torch_calls"] = torch.tensor(ema.updates)
-    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    flat = dsd.StateDictOptions(flatten_optimizer_state_dict=True)
     model, opt, ema = _make(0, bn=True)
     for s in range(3):
         _step(model, opt, s)
-    got = get_optimizer_state_dict(model, opt, options=flat)
+    got = dsd.get_optimizer_state_dict(model, opt, options=flat)
     per_rank = opt.state_dict()                    # H2: the averaged buffers ride it too
     ref = _rows(ema)
     model2, opt2, ema2 = _make(5, bn=True)
-    set_optimizer_state_dict(model2, opt2, got, options=flat)     # no get first (H1, D06)
+    dsd.set_optimizer_state_dict(model2, opt2, got, options=flat)     # no get first (H1, D06)
     out["flat_same"] = torch.tensor(all(torch.equal(ref[k], v) for k, v in _rows(ema2).items()))
     model3, opt3, ema3 = _make(6, bn=True)
     opt3.load_state_dict(per_rank)                 # D10

@@ -60,7 +60,11 @@ CASES = {"flat-no-get-adam": dict(opts=FLAT, get=False),
          "flat-frozen": dict(opts=FLAT, get=False, frozen=True),
          "default-bn": dict(opts=None, get=True, bn=True, ema_kw={"buffers": "average"}),
          "flat-bn-sgd": dict(opts=FLAT, get=False, bn=True, sgd=True,
-                             ema_kw={"buffers": "average"})}
+                             ema_kw={"buffers": "average"}),
+         "ignore-frozen": dict(opts=sd.StateDictOptions(ignore_frozen_params=True, strict=False), get=True,
+                               frozen=True, seed=0),      # the model's frozen part not saved
+         "offload-bn": dict(opts=sd.StateDictOptions(cpu_offload=True), get=False, bn=True,
+                            ema_kw={"buffers": "average"})}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -80,7 +84,7 @@ def test_dcp_carries_the_average_whole_into_a_fresh_run(case):
     at3 = averaged(ema)
     for x in xs[3:]:
         step(model, opt, x)
-    model2, opt2, ema2 = make(seed=7, **kw)       # other initial weights: a fresh process
+    model2, opt2, ema2 = make(seed=c.get("seed", 7), **kw)   # other weights: a fresh process
     w = strict()
     try:
         if c["get"]:

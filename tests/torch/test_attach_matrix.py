@@ -107,18 +107,17 @@ def _save(wrapped, opt, option, path):
 
 def _load(wrapped, opt, option, path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    import torch.distributed.checkpoint.state_dict as dsd
 
     o = _options(option)
     if option == "full":
         state = torch.load(path + ".pt", weights_only=True)
     else:
-        msd, osd = get_state_dict(wrapped, opt, options=o)
+        msd, osd = dsd.get_state_dict(wrapped, opt, options=o)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(wrapped, state["model"], options=o)
-    set_optimizer_state_dict(wrapped, opt, state["optim"], options=o)
+    dsd.set_model_state_dict(wrapped, state["model"], options=o)
+    dsd.set_optimizer_state_dict(wrapped, opt, state["optim"], options=o)
 
 
 def _cases(rank, world, folder, sharding, cases):
