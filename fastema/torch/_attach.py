@@ -4,6 +4,10 @@ An :class:`Attachment` joins one torch model average (an :class:`~fastema.torch.
 :class:`~fastema.torch.PostHocEMA`, a :class:`~fastema.torch.WindowAverage`) to one optimizer by
 torch's own hooks (``../shared/design/optimizer.md`` §4.2):
 
+- a step pre-hook refuses a step while the average is swapped into the model
+  (``average_parameters()``), and a step after the model's registrations changed that left a
+  tracked trainable parameter out of the optimizer (``attach()``'s rule again), before the
+  optimizer writes anything;
 - a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
   optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
@@ -15,16 +19,20 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
   the parameters' dtype (§4.1) and Lightning's move of the per-parameter state to the GPU never
   touch it: a float32 average of bfloat16 weights comes back bit for bit;
-- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and loads it
-  (every check first: a refused load changes nothing); a state dict without it (an older
-  checkpoint, or one made before ``attach``) warns once and starts the average over from the
+- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it
+  (every check, agreed over a sharded or split average's ranks); the load post-hook writes it,
+  once torch has loaded the rest (a load refused by fastema or by torch changes nothing); a state
+  dict without it (an older checkpoint, or one made before ``attach``), or with one saved while
+  a start-over waited (:data:`PENDING`), warns once and starts the average over from the
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
 ``get_optimizer_state_dict`` asks (told by its frame), goes into the per-parameter entries instead,
-which DCP keeps (:mod:`fastema.torch._state.attached`: DTensors of the
-parameters' layout, taken out before the cast); its load agrees over the mesh that every rank holds
-the entries or none does (one all-reduce per mesh dimension, under the group's timeout).
+which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the parameters'
+layout on the trainable parameters the optimizer steps, the record, frozen parameters and
+averaged buffers on the first of them; taken out before the cast); its load agrees over the mesh
+that every rank holds the entries or none does (one all-reduce per mesh dimension, under the
+group's timeout).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
 rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
@@ -167,9 +175,9 @@ class Attachment:
     # ------------------------------------------------------------ the checkpoint
 
     def marking(self, optimizer) -> None:
-        """The state-dict pre-hook and load post-hook, when DCP calls: the live keys its
-        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (nothing is added to the
-        optimizer's state otherwise: HF Trainer's and Lightning's state stays the optimizer's)."""
+        """The state-dict pre-hook, when DCP calls: the live keys its
+        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (also made after the
+        first step, after DCP's dummy step and after every load: ``_state.attached.mark``)."""
         if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
             self.marked = _params.mark(KEY, self.face, optimizer)
 

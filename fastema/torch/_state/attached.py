@@ -4,22 +4,27 @@ DCP's ``get_optimizer_state_dict`` (``../shared/design/optimizer.md`` §4.5, §9
 ``docs/guides/attach.md``).
 
 DCP's ``get_state_dict`` / ``set_state_dict`` keep only ``state`` and ``param_groups`` of an
-optimizer's state dict, so the average goes into ``state``: each averaged parameter's entry gets
-a key :data:`~fastema.torch._attach.KEY` holding that parameter's part of the average's
-:meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
-the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
-tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's pieces,
-for an average split over replicas). The
-entry of the first averaged parameter also holds ``"meta"``: the average's counters and settings
-as UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
-saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
-only), and the copied and integer buffers (``"copied"`` / ``"int_buffers"``, names with ``/`` for
-``.``: DCP's flattening splits keys at dots).
+optimizer's state dict, and at load only the state of ``requires_grad`` parameters, so the
+average goes into ``state`` by one rule (``docs/guides/attach.md``):
+
+- the *carriers* (:func:`_carriers`) are the trainable averaged parameters the optimizer steps;
+  each carrier's entry holds, under :data:`~fastema.torch._attach.KEY`, its part of the average's
+  :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
+  the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
+  tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's
+  pieces, for an average split over replicas);
+- the first carrier's entry also holds ``"meta"``: the average's counters, settings and flags as
+  UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
+  saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
+  only), the copied and integer buffers (``"copied"`` / ``"int_buffers"``), and under
+  ``"others"`` the rows of every averaged tensor that is no carrier (frozen parameters, averaged
+  buffers); names with ``/`` for ``.`` (DCP's flattening splits keys at dots).
 
 ``flatten_optimizer_state_dict=True`` rebuilds the loaded per-parameter state from the keys of
 the live ``optimizer.state[p]``: :func:`mark` keeps an empty ``{}`` under the key there for every
-parameter that has state (never one without: Adam fills an empty state at its first step), from
-the state-dict pre-hook and after a load, where DCP makes them. A loaded entry is taken out
+carrier that has state, or a gradient and no state (a stateless optimizer; DCP's dummy step gives
+every trainable parameter one), never one with neither (Adam fills an empty state at its first
+step); made after the first step, DCP's dummy step and every load. A loaded entry is taken out
 before torch's cast to the parameters' dtype (§4.1); a parameter left with nothing else is
 dropped from the state, so Adam never sees an entry without ``step``.
 """
