@@ -61,6 +61,8 @@ CASES = {"flat-no-get-adam": dict(opts=FLAT, get=False),
          "default-bn": dict(opts=None, get=True, bn=True, ema_kw={"buffers": "average"}),
          "flat-bn-sgd": dict(opts=FLAT, get=False, bn=True, sgd=True,
                              ema_kw={"buffers": "average"}),
+         "default-sgd-exclude": dict(opts=None, get=True, sgd=True,   # DCP's strict load
+                                     ema_kw={"exclude": ("2.*",)}),
          "ignore-frozen": dict(opts=sd.StateDictOptions(ignore_frozen_params=True, strict=False), get=True,
                                frozen=True, seed=0),      # the model's frozen part not saved
          "offload-bn": dict(opts=sd.StateDictOptions(cpu_offload=True), get=False, bn=True,

@@ -161,6 +161,9 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
             entry["others"] = {k: _slashed({n: t for n, t in v.items() if n not in own})
                                for k, v in per_name.items()}
         state[index] = {**state.get(index, {}), key: entry}
+    for index, p in zip(saved, order):    # DCP's strict load wants state for every trainable one
+        if p.requires_grad and index not in state:
+            state[index] = {}             # (a stateless optimizer's, beside the carriers' entries)
     return {**state_dict, "state": state}
 
 
