@@ -189,11 +189,11 @@ def test_a_load_torch_refuses_after_the_checks_changes_nothing():
     other = save_load(o.state_dict())
     model, opt, ema = make(seed=2)
     step(model, opt, batches(1)[0])
-    before, moments = averaged(ema), [v["exp_avg"].clone() for v in opt.state.values()]
+    before = averaged(ema)
     with pytest.raises(KeyError, match="step"):
         opt.load_state_dict(other)
-    assert ema.updates == 1 and same(averaged(ema), before)
-    assert e.updates == 3 and moments
+    assert ema.updates == 1 and same(averaged(ema), before)     # not the other run's (3)
+    assert e.updates == 3
 
 
 def test_optimizer_step_inside_average_parameters_is_refused_before_it_steps():
