@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _backends
-from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, document
+from .. import _backends
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, document
 
 __all__ = ["EMA"]
 
