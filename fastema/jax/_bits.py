@@ -49,9 +49,16 @@ def sr_key(seed_word, step):
     return sr_noise(seed_word, jnp.uint32(0), step.astype(jnp.uint32))
 
 
-def fold_seed(seed: int) -> np.uint32:
-    """A seed in ``[0, 2**64)`` folded to the 32 bits the key uses, as the kernels fold it."""
-    return np.uint32((seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF))
+def seed_words(seed: int) -> np.ndarray:
+    """A seed in ``[0, 2**64)`` as its two uint32 words ``(low, high)``."""
+    return np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], np.uint32)
+
+
+def group_seed(words, group: int):
+    """The 32-bit key word of the kernels' group ``group`` (the ``group``-th (source dtype, shadow dtype)
+    pair met): fastema keys group ``gi`` with ``seed + (gi << 32)`` (``fastema._bound``), folded as
+    ``sr_key`` folds it, ``low ^ high``."""
+    return words[0] ^ (words[1] + np.uint32(group))
 
 
 def element_index(shape: tuple, offset: int):

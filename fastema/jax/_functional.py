@@ -29,7 +29,8 @@ __all__ = ["EmaState", "EmaTransform", "REFUSED_IN_JIT", "ema"]
 
 _FLOATS = ("float64", "float32", "bfloat16", "float16")
 
-#: What :func:`ema` refuses, and why: every other option of the model EMAs is taken.
+#: What :func:`ema` refuses, and why: every other option of the model EMAs is taken (``device_step``
+#: only when False: True is what it does).
 REFUSED_IN_JIT = {
     **PLACEMENT_REFUSALS,
     "device_step": "inside jax.jit the plan is always on the device (a traced step); device_step=False (the plan "
@@ -50,7 +51,7 @@ class EmaState(NamedTuple):
         updates: updates made, int32.
         last_time, first_time: the times of the last and first update (timed schedules), int32.
         norms: the debiasing normalisers, one per row.
-        seed: the stochastic-rounding seed folded to 32 bits, uint32.
+        seed: the stochastic-rounding seed as two uint32 words (low, high).
         skipped: True when the last due call was skipped by ``skip_nonfinite``.
     """
     averages: Any
@@ -73,7 +74,9 @@ class EmaTransform:
     or call them inside a jitted step). Holds the options only, never arrays."""
 
     def __init__(self, options: EMAOptions):
-        options.refuse("fastema.jax.ema()", REFUSED_IN_JIT)
+        options.refuse("fastema.jax.ema()", PLACEMENT_REFUSALS)
+        if options.device_step is False:
+            raise ValueError(f"fastema.jax.ema() does not take device_step=False: {REFUSED_IN_JIT['device_step']}")
         plan = options.plan()                              # the host's checks of the schedule
         for s in plan.schedules:
             _schedules.refuse_schedule(s)
@@ -113,13 +116,13 @@ class EmaTransform:
                 s = x.astype(self._shadow_dtype(x))
                 averages.append(jnp.broadcast_to(s[None], (self.rows, *x.shape)))
             else:
-                averages.append(x)
+                averages.append(jnp.array(x, copy=True))          # a buffer of its own: the state may be donated
             dtypes.append(jnp.zeros((0,), x.dtype))
         f = _schedules.float_dtype()
-        i32 = jnp.zeros((), jnp.int32)
+        counters = [jnp.zeros((), jnp.int32) for _ in range(4)]        # four buffers: each may be donated
         return EmaState(jax.tree_util.tree_unflatten(treedef, averages), jax.tree_util.tree_unflatten(treedef, dtypes),
-                        i32, i32, i32, i32, jnp.zeros((self.rows,), f),
-                        jnp.asarray(_bits.fold_seed(self.options.seed), jnp.uint32), jnp.zeros((), jnp.bool_))
+                        *counters, jnp.zeros((self.rows,), f),
+                        jnp.asarray(_bits.seed_words(self.options.seed)), jnp.zeros((), jnp.bool_))
 
     # ------------------------------------------------------------ update
 
@@ -164,7 +167,7 @@ class EmaTransform:
         if self.options.skip_nonfinite:
             bad = [~jnp.all(jnp.isfinite(x)) for x in leaves if _is_float(x)]
             skip = jnp.any(jnp.stack(bad))
-        key = _bits.sr_key(state.seed, n) if self.stochastic else None
+        key = (lambda group: _bits.sr_key(_bits.group_seed(state.seed, group), n)) if self.stochastic else None
         alpha = _schedules.bema_alpha(self.schedules[0], t, state.first_time, started) if self.bema else None
         if self.bema:
             w = jnp.stack([jnp.ones((), w.dtype), w[0], jnp.where(started, 0.0, 1.0).astype(w.dtype)])
@@ -184,7 +187,7 @@ class EmaTransform:
 
     def _fold(self, averages: list, leaves: list, w, key, alpha) -> list:
         """Every floating leaf's rows lerped toward its parameter; the other leaves replaced."""
-        out, offsets = [], {}
+        out, offsets, groups = [], {}, {}
         for s, x in zip(averages, leaves):
             x = jnp.asarray(x)
             if not _is_float(x):
@@ -193,7 +196,8 @@ class EmaTransform:
             group = (jnp.dtype(x.dtype).name, jnp.dtype(s.dtype).name)      # the kernels' (source, shadow) group
             offset = offsets.get(group, 0)
             offsets[group] = offset + int(np.prod(x.shape, dtype=np.int64))
-            out.append(self._fold_leaf(s, x, w, key, alpha, offset))
+            gi = groups.setdefault(group, len(groups))
+            out.append(self._fold_leaf(s, x, w, None if key is None else key(gi), alpha, offset))
         return out
 
     def _fold_leaf(self, s, x, w, key, alpha, offset: int):
