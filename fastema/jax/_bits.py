@@ -73,9 +73,15 @@ def element_index(shape: tuple, offset: int):
     return index
 
 
-def lerp(s, x, w):
-    """``lerp32(s, x, w)`` of the kernels, in ``s``'s float dtype (``w`` a scalar of it)."""
+def lerp_rows(s, x, w, small: bool = False, large: bool = False):
+    """``lerp32(s[k], x, w[k])`` of the kernels for every row ``k``: ``s`` ``(rows, *shape)``, ``x``
+    ``shape``, ``w`` ``(rows, 1, ...)``, one dtype. ``small``/``large``: every ``|w| < 0.5`` (or
+    every ``>= 0.5``) is known when traced, and XLA compiles one multiply-add per element."""
     d = x - s
+    if small:
+        return s + w * d
+    if large:
+        return x + (w - 1) * d
     return jnp.where(jnp.abs(w) < 0.5, s + w * d, x + (w - 1) * d)
 
 

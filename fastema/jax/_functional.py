@@ -18,7 +18,6 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ..average import EMAOptions
 from ..average._options import PLACEMENT_REFUSALS
@@ -45,8 +44,6 @@ class EmaState(NamedTuple):
         averages: a pytree like ``params``: each floating leaf ``(rows, *shape)`` in the shadow
             dtype (row ``k`` the average of decay ``k``; BEMA: output, EMA, ``theta_0``); other
             leaves (integer counters) as their value at the last update.
-        dtypes: a pytree like ``params`` of empty arrays in the parameters' dtypes (what
-            :meth:`EmaTransform.average` rounds back to; zero bytes).
         calls: ``update()`` calls made (skipped ones included), int32.
         updates: updates made, int32.
         last_time, first_time: the times of the last and first update (timed schedules), int32.
@@ -55,7 +52,6 @@ class EmaState(NamedTuple):
         skipped: True when the last due call was skipped by ``skip_nonfinite``.
     """
     averages: Any
-    dtypes: Any
     calls: jax.Array
     updates: jax.Array
     last_time: jax.Array
@@ -90,6 +86,7 @@ class EmaTransform:
         constant = all(type(s) is Constant for s in self.schedules) and not self.debias
         # Constant decays: the host's weights (float64 1 - d, then float32 in the kernel), as numbers
         self._fixed = [1.0 - float(s.decay) for s in self.schedules] if constant else None
+        self._dtypes: dict = {}            # treedef -> the parameters' dtypes (see _seen)
 
     # ------------------------------------------------------------ init
 
@@ -107,7 +104,7 @@ class EmaTransform:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         if not any(_is_float(x) for x in leaves):
             raise ValueError("params has no float64/float32/bfloat16/float16 leaves to average")
-        averages, dtypes = [], []
+        averages = []
         for x in leaves:
             x = jnp.asarray(x)
             if jnp.issubdtype(x.dtype, jnp.complexfloating):
@@ -117,11 +114,10 @@ class EmaTransform:
                 averages.append(jnp.broadcast_to(s[None], (self.rows, *x.shape)))
             else:
                 averages.append(jnp.array(x, copy=True))          # a buffer of its own: the state may be donated
-            dtypes.append(jnp.zeros((0,), x.dtype))
         f = _schedules.float_dtype()
         counters = [jnp.zeros((), jnp.int32) for _ in range(4)]        # four buffers: each may be donated
-        return EmaState(jax.tree_util.tree_unflatten(treedef, averages), jax.tree_util.tree_unflatten(treedef, dtypes),
-                        *counters, jnp.zeros((self.rows,), f),
+        self._seen(treedef, leaves)
+        return EmaState(jax.tree_util.tree_unflatten(treedef, averages), *counters, jnp.zeros((self.rows,), f),
                         jnp.asarray(_bits.seed_words(self.options.seed)), jnp.zeros((), jnp.bool_))
 
     # ------------------------------------------------------------ update
@@ -129,8 +125,8 @@ class EmaTransform:
     def _weights(self, state: EmaState, n, t):
         """``(weights, new norms)`` of a due call: float32 (float64 with x64) per row."""
         f = _schedules.float_dtype()
-        if self._fixed is not None:
-            return jnp.asarray(np.asarray(self._fixed, np.float64), f), state.norms
+        if self._fixed is not None:               # NumPy scalars: the lerp's form is picked when traced
+            return list(np.asarray(self._fixed, np.float64).astype(f)), state.norms
         d = self._decays(n, t, state.last_time, state.first_time, state.updates > 0)
         if self.debias:
             c = d * state.norms + (1.0 - d)
@@ -143,7 +139,7 @@ class EmaTransform:
 
         ``step``: the training step (a traced or concrete int >= 0) for the schedule and the
         rounding key, or None for the update count (timed schedules: the calls made). A call that
-        ``update_every`` skips writes nothing (``lax.cond``: no work either); with
+        ``update_every`` skips writes nothing (a select: the arithmetic still runs); with
         ``skip_nonfinite`` a call whose parameters hold inf/NaN writes nothing but is counted, as
         on every face.
         """
@@ -171,12 +167,14 @@ class EmaTransform:
         alpha = _schedules.bema_alpha(self.schedules[0], t, state.first_time, started) if self.bema else None
         if self.bema:
             w = jnp.stack([jnp.ones((), w.dtype), w[0], jnp.where(started, 0.0, 1.0).astype(w.dtype)])
-
-        def write(averages):
-            return self._fold(averages, leaves, w, key, alpha)
-
-        averages = lax.cond(due & ~skip, write, lambda a: a, old)
-        return EmaState(jax.tree_util.tree_unflatten(treedef, averages), state.dtypes,
+        averages = self._fold(old, leaves, w, key, alpha)
+        if self.every > 1 or self.options.skip_nonfinite:
+            # a select, not lax.cond: XLA fuses it into the update and keeps the buffers in place (a
+            # cond's branches copied every average); the skipped calls compute what they throw away
+            write = due & ~skip
+            averages = [jnp.where(write, a, s) for a, s in zip(averages, old)]
+        self._seen(treedef, leaves)
+        return EmaState(jax.tree_util.tree_unflatten(treedef, averages),
                         state.calls + 1,
                         jnp.where(due, state.updates + 1, state.updates),
                         jnp.where(due, t, state.last_time),
@@ -201,38 +199,58 @@ class EmaTransform:
         return out
 
     def _fold_leaf(self, s, x, w, key, alpha, offset: int):
+        """The ``(rows, *shape)`` average ``s`` lerped toward ``x``: one elementwise expression over
+        every row (XLA fuses it into one loop that reads ``x`` once, in place)."""
         wide = jnp.float64 in (s.dtype, x.dtype)
         c = jnp.float64 if wide else jnp.float32
-        xc = x.astype(c)
-        sr = self.stochastic and s.dtype == jnp.bfloat16
-        index = _bits.element_index(tuple(x.shape), offset) if sr else None
-        rows = []
-        for k in range(self.rows):
-            y = _bits.lerp(s[k].astype(c), xc, w[k].astype(c))
-            if sr:
-                rows.append(_bits.round_bf16_stochastic(y, _bits.sr_noise(key, _bits.row_high(k), index)))
-            else:
-                rows.append(y.astype(s.dtype))
-        if self.bema:                    # output <- EMA + alpha (theta_t - theta_0), from the stored rows
-            a = alpha.astype(c)
-            out, e, first = (r.astype(c) for r in rows)
-            rows[0] = (e + a * (out - first)).astype(s.dtype)
-        return jnp.stack(rows)
+        column = (self.rows,) + (1,) * x.ndim
+        if isinstance(w, list):            # constant decays: NumPy numbers, each row's form known now
+            wk = np.asarray(w).astype(c)
+            y = _bits.lerp_rows(s.astype(c), x.astype(c), jnp.asarray(wk.reshape(column)),
+                                small=bool(np.all(np.abs(wk) < 0.5)), large=bool(np.all(np.abs(wk) >= 0.5)))
+        else:
+            y = _bits.lerp_rows(s.astype(c), x.astype(c), w.astype(c).reshape(column))
+        if self.stochastic and s.dtype == jnp.bfloat16:
+            high = jnp.asarray(np.array([_bits.row_high(k) for k in range(self.rows)], np.uint32).reshape(column))
+            out = _bits.round_bf16_stochastic(y, _bits.sr_noise(key, high, _bits.element_index(x.shape, offset)))
+        else:
+            out = y.astype(s.dtype)
+        if self.bema:                      # output <- EMA + alpha (theta_t - theta_0), from the stored rows
+            stored = out.astype(c)
+            out = out.at[0].set((stored[1] + alpha.astype(c) * (stored[0] - stored[2])).astype(s.dtype))
+        return out
 
     # ------------------------------------------------------------ reads
 
-    def average(self, state: EmaState, row: int = 0):
+    def _seen(self, treedef, leaves) -> None:
+        """Remember the parameters' dtypes of this structure (what :meth:`average` rounds back to):
+        static facts of the trace, kept here rather than as arrays in the state (an array the step
+        passes through unchanged costs XLA a copy per leaf under donation)."""
+        self._dtypes[treedef] = [jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype) for x in leaves]
+
+    def average(self, state: EmaState, row: int = 0, like=None):
         """Average ``row`` as a pytree like ``params``, in the parameters' dtypes (rounded to
-        nearest); other leaves as at the last update. BEMA shows one average, its output (row 0)."""
+        nearest); other leaves as at the last update. BEMA shows one average, its output (row 0).
+
+        ``like``: a pytree of the parameters (arrays or ``jax.ShapeDtypeStruct``) giving the dtypes;
+        by default those of the parameters this average's ``init``/``update`` last saw with this
+        structure (give ``like`` for a state restored in a fresh process)."""
         shown = len(self.schedules)
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < shown:
             raise IndexError(f"row must be an int in [0, {shown}) (one per average), got {row!r}")
-
-        def read(s, like):
-            if s.ndim >= 1 and like.dtype.name in _FLOATS and s.shape[0] == self.rows and like.shape == (0,):
-                return s[row].astype(like.dtype)
-            return s
-        return jax.tree_util.tree_map(read, state.averages, state.dtypes)
+        leaves, treedef = jax.tree_util.tree_flatten(state.averages)
+        if like is not None:
+            like_leaves, like_def = jax.tree_util.tree_flatten(like)
+            if like_def != treedef:
+                raise ValueError(f"like= has the structure {like_def}, the state {treedef}")
+            dtypes = [jnp.dtype(x.dtype) for x in like_leaves]
+        elif treedef in self._dtypes:
+            dtypes = self._dtypes[treedef]
+        else:
+            raise ValueError("this average has not seen parameters of the state's structure (a state restored "
+                             "in a fresh process): pass like=params (or their jax.ShapeDtypeStructs)")
+        out = [s[row].astype(d) if d.name in _FLOATS else s for s, d in zip(leaves, dtypes)]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def __repr__(self) -> str:
         return f"fastema.jax.ema({', '.join(f'{k}={v!r}' for k, v in self.options.given().items())})"

@@ -155,8 +155,9 @@ def _jit_loop_params(n=4):
 
 
 def test_update_runs_donated_in_place_and_inside_scan():
-    """Donated, the old state's buffers are consumed (XLA aliases them to the new state); inside
-    lax.scan the same updates give the same state; integer leaves are carried as the latest value."""
+    """Donated, the old state's buffers are consumed (XLA aliases them to the new state, with no
+    copy of any leaf); inside lax.scan the same updates give the same state; integer leaves are
+    carried as the latest value."""
     p0, seq = _jit_loop_params()
     avg = fj.ema([0.9, 0.99], shadow_dtype="bfloat16", rounding="stochastic")
     plain = avg.init(p0)
@@ -166,6 +167,8 @@ def test_update_runs_donated_in_place_and_inside_scan():
     update = jax.jit(avg.update, donate_argnums=0)
     hlo = update.lower(donated, seq[0]).compile().as_text()
     assert "input_output_alias" in hlo
+    copies = [line for line in hlo.splitlines() if " copy(" in line]
+    assert copies and not [c for c in copies if "[2,16,8]" in c or "[2,8]" in c], copies   # never an average
     for p in seq:
         old = donated
         donated = update(donated, p)
@@ -190,6 +193,10 @@ def test_average_reads_rows_in_the_parameters_dtypes():
     assert avg.average(state, 1)["w"].tolist() == [1.203125] * 3          # 1.2 rounded to bfloat16
     with pytest.raises(IndexError, match=r"row must be an int in \[0, 2\)"):
         avg.average(state, 2)
+    fresh = fj.ema([0.5, 0.9])                      # a state restored in a process that never ran init/update
+    with pytest.raises(ValueError, match="pass like=params"):
+        fresh.average(state)
+    assert fresh.average(state, 0, like=p)["w"].dtype == jnp.bfloat16
     bema = fj.ema(BEMA())
     with pytest.raises(IndexError, match=r"\[0, 1\)"):
         bema.average(bema.init(p), 1)

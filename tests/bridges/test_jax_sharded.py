@@ -61,7 +61,7 @@ out["guard_collectives"] = [c for c in %(collectives)r if c in g_hlo]
 plain = fj.ema([0.9, 0.5], update_every=2)
 s_state = jax.jit(plain.init)(put(seq[0]))
 state_specs = type(s_state)(averages={"w": P(None, "x", "y"), "b": P(None, "y"), "n": P()},
-                            dtypes={"w": P(), "b": P(), "n": P()}, calls=P(), updates=P(), last_time=P(),
+                            calls=P(), updates=P(), last_time=P(),
                             first_time=P(), norms=P(), seed=P(), skipped=P())
 mapped = jax.jit(jax.shard_map(plain.update, mesh=mesh, in_specs=(state_specs, specs), out_specs=state_specs),
                  donate_argnums=0)
