@@ -19,14 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..average import EMAOptions
-from ..average._options import PLACEMENT_REFUSALS
+from ..average import HOST_ONLY_REFUSALS, EMAOptions
 from ..schedules import BEMA, Constant
 from . import _bits, _schedules
 
 __all__ = ["EmaState", "EmaTransform", "REFUSED_IN_JIT", "ema"]
 
 _FLOATS = ("float64", "float32", "bfloat16", "float16")
+
+#: the placements (where the average lives: the torch face's offload), refused as every host-plan face does
+PLACEMENT_REFUSALS = {k: v for k, v in HOST_ONLY_REFUSALS.items() if k != "device_step"}
 
 #: What :func:`ema` refuses, and why: every other option of the model EMAs is taken (``device_step``
 #: only when False: True is what it does).

@@ -21,7 +21,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ..average._plan import STEP_SCHEDULES, TIMED_SCHEDULES
 from ..schedules import (
     BEMA,
     MERGE_SCHEDULES,
@@ -36,7 +35,8 @@ from ..schedules import (
 )
 
 #: what the functional average computes on the device; the rest is refused by name
-DEVICE_SCHEDULES = STEP_SCHEDULES + TIMED_SCHEDULES + (Cosine, Linear, PiecewiseConstant)
+DEVICE_SCHEDULES = (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, BEMA, Cosine, Linear,
+                    PiecewiseConstant)
 
 
 def float_dtype():
