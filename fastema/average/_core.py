@@ -84,6 +84,16 @@ class Face:
             self._core.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
         self._core.skip_nonfinite = value
 
+    def memory(self) -> dict[str, int]:
+        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
+        model's own arrays are not counted). Sums to :attr:`nbytes`."""
+        return self._core.memory()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this average holds on every device together (see :meth:`memory`)."""
+        return sum(self.memory().values())
+
 
 class ModelAdapter(Protocol):
     """What the update driver asks of a face that checks and follows the model's tensors itself

@@ -284,16 +284,6 @@ class EMA(Face):
             out[i] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
         return jax.tree_util.tree_unflatten(self._treedef, out)
 
-    def memory(self) -> dict[str, int]:
-        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
-        model's own arrays are not counted). Sums to :attr:`nbytes`."""
-        return self._core.memory()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
-
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""

@@ -294,16 +294,6 @@ class EMA(tf.Module, Face):
 
     # ------------------------------------------------------------ checkpoints
 
-    def memory(self) -> dict[str, int]:
-        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
-        model's own arrays are not counted). Sums to :attr:`nbytes`."""
-        return self._core.memory()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
-
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by variable name (NumPy copies, shape
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
