@@ -97,3 +97,43 @@ def test_the_mesh_run_equals_the_one_device_run():
     assert res["max_diff"] <= 1e-5 * res["max_value"], res
     assert abs(res["mesh"][1] - res["one"][1]) <= 1e-5 * res["one"][1]
     assert res["mesh"][1] < 0.9 * res["mesh"][0]
+
+
+ORBAX = r"""
+import json, tempfile
+import numpy as np, jax, jax.numpy as jnp
+import orbax.checkpoint as ocp
+import fastema.jax as fj
+from fastema.schedules import PowerWarmup
+
+avg = fj.ema([PowerWarmup(0.99), PowerWarmup(0.999)], debias=True, shadow_dtype="bfloat16", rounding="stochastic",
+             seed=9)
+update = jax.jit(avg.update, donate_argnums=0)
+rng = np.random.default_rng(0)
+seq = [{"w": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32), "n": jnp.int32(i)} for i in range(8)]
+state = avg.init(seq[0])
+for p in seq[:4]:
+    state = update(state, p)
+with tempfile.TemporaryDirectory() as d:
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(d + "/ema", state)
+        ckpt.wait_until_finished()
+        template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        restored = type(state)(*ckpt.restore(d + "/ema", template))
+for p in seq[4:]:
+    state = update(state, p)
+    restored = update(restored, p)
+f32 = lambda a: np.asarray(a.astype(jnp.float32))
+print(json.dumps({"equal": all(np.array_equal(f32(a), f32(b))
+                               for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored))),
+                  "updates": int(restored.updates)}))
+"""
+script("ORBAX", ORBAX, ("jax4",))
+
+
+def test_the_state_checkpoints_with_orbax_and_resumes_bit_for_bit():
+    """The state is a NamedTuple of arrays: orbax saves it as a train state, and the resumed average
+    (warm-ups, debiasing, bfloat16 with stochastic rounding) continues bit for bit."""
+    pytest.importorskip("orbax.checkpoint")
+    res = run_on("jax4", "ORBAX")
+    assert res == {"equal": True, "updates": 8}
