@@ -84,6 +84,13 @@ class Face:
             self._core.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
         self._core.skip_nonfinite = value
 
+
+class FaceMemory:
+    """``memory()`` and ``nbytes`` of a face whose average is all its :class:`Average` holds (the
+    JAX and TensorFlow faces; the torch face counts its copies, backups and staging too)."""
+
+    _core: "Average"
+
     def memory(self) -> dict[str, int]:
         """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
         model's own arrays are not counted). Sums to :attr:`nbytes`."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _backends
-from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, document
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, document
 
 __all__ = ["EMA"]
 
@@ -85,7 +85,7 @@ def _shard_arrays(x, plan: list) -> list:
 REFUSED = HOST_ONLY_REFUSALS
 
 
-class EMA(Face):
+class EMA(Face, FaceMemory):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer

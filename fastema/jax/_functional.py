@@ -13,7 +13,7 @@ in place.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -117,10 +117,13 @@ class EmaTransform:
             else:
                 averages.append(jnp.array(x, copy=True))          # a buffer of its own: the state may be donated
         f = _schedules.float_dtype()
-        counters = [jnp.zeros((), jnp.int32) for _ in range(4)]        # four buffers: each may be donated
+        def counter():                     # a buffer each: each may be donated
+            return jnp.zeros((), jnp.int32)
+
         self._seen(treedef, leaves)
-        return EmaState(jax.tree_util.tree_unflatten(treedef, averages), *counters, jnp.zeros((self.rows,), f),
-                        jnp.asarray(_bits.seed_words(self.options.seed)), jnp.zeros((), jnp.bool_))
+        return EmaState(jax.tree_util.tree_unflatten(treedef, averages), counter(), counter(), counter(), counter(),
+                        jnp.zeros((self.rows,), f), jnp.asarray(_bits.seed_words(self.options.seed)),
+                        jnp.zeros((), jnp.bool_))
 
     # ------------------------------------------------------------ update
 
@@ -147,7 +150,7 @@ class EmaTransform:
         """
         leaves, treedef = jax.tree_util.tree_flatten(params)
         old, old_def = jax.tree_util.tree_flatten(state.averages)
-        if treedef != old_def:
+        if cast(Any, treedef) != old_def:
             raise ValueError(f"params does not have the structure of the state (expected {old_def}, got "
                              f"{treedef}); init a new state for a new model")
         for x, s in zip(leaves, old):
@@ -187,7 +190,9 @@ class EmaTransform:
 
     def _fold(self, averages: list, leaves: list, w, key, alpha) -> list:
         """Every floating leaf's rows lerped toward its parameter; the other leaves replaced."""
-        out, offsets, groups = [], {}, {}
+        out: list = []
+        offsets: dict = {}
+        groups: dict = {}
         for s, x in zip(averages, leaves):
             x = jnp.asarray(x)
             if not _is_float(x):
@@ -243,7 +248,7 @@ class EmaTransform:
         leaves, treedef = jax.tree_util.tree_flatten(state.averages)
         if like is not None:
             like_leaves, like_def = jax.tree_util.tree_flatten(like)
-            if like_def != treedef:
+            if cast(Any, like_def) != treedef:
                 raise ValueError(f"like= has the structure {like_def}, the state {treedef}")
             dtypes = [jnp.dtype(x.dtype) for x in like_leaves]
         elif treedef in self._dtypes:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._backends import to_host
-from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, ModelSwap
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, ModelSwap
 from . import _checkpoint
 
 __all__ = ["EMA", "REFUSED"]
@@ -89,7 +89,7 @@ class _Runtime:
         self.error: BaseException | None = None     # the exception the last graph update raised
 
 
-class EMA(tf.Module, Face):
+class EMA(tf.Module, Face, FaceMemory):
     """Exponential moving average of ``tf.Variable`` objects, a ``tf.Module``.
 
     Args:
