@@ -225,3 +225,33 @@ def test_bad_params_are_refused_with_the_fix():
         avg.update(state, {"v": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"shape \(4,\) meets an average of shape \(3,\)"):
         avg.update(state, {"w": jnp.ones(4)})
+
+
+@pytest.mark.parametrize("size, every, ring", [(3, 1, "float32"), (4, 2, "bfloat16"), (None, 1, "float32")])
+def test_the_window_is_the_mean_of_the_last_snapshots(size, every, ring):
+    """fastema.jax.window against a float64 mean of the snapshots it should hold (the parameters
+    at init the first; one every ``every`` calls), donated under jit, in the parameters' dtypes."""
+    rng = np.random.default_rng(2)
+    seq = [{"w": jnp.asarray(rng.standard_normal((5, 3)) + i, jnp.float32), "n": jnp.int32(i)} for i in range(9)]
+    avg = fj.window(size, every=every, ring_dtype=ring)
+    state = avg.init(seq[0])
+    update = jax.jit(avg.update, donate_argnums=0)
+    for p in seq[1:]:
+        state = update(state, p)
+    taken = [seq[0]["w"]] + [p["w"] for i, p in enumerate(seq[1:]) if i % every == 0]
+    if ring == "bfloat16":
+        taken = [t.astype(jnp.bfloat16) for t in taken]
+    kept = taken if size is None else taken[-size:]
+    want = np.mean([np.asarray(t, np.float64) for t in kept], axis=0)
+    got = avg.average(state)
+    assert got["w"].dtype == jnp.float32 and int(got["n"]) == (8 if every == 1 else 7)
+    assert int(state.snapshots) == len(taken)
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=4 * 2.0 ** -23, atol=1e-6)
+
+
+def test_the_window_refuses_bad_arguments():
+    for kw, msg in [({"size": 0}, "size must be an int >= 1 or None"), ({"size": 2, "every": 0}, "every must be"),
+                    ({"size": 2, "ring_dtype": "float16"}, "ring_dtype must be"),
+                    ({"size": None, "ring_dtype": "bfloat16"}, "takes no ring_dtype")]:
+        with pytest.raises(ValueError, match=msg):
+            fj.window(**kw)
