@@ -80,6 +80,7 @@ print(json.dumps(out))
 script("FLAX_LOOP", LOOP, ("jax4",))
 
 
+@pytest.mark.slow          # two training runs of 300 scanned steps (one device, 2x2 mesh) and flax's import
 def test_the_average_in_the_jitted_step_beats_the_raw_weights():
     """AdamW at a high learning rate on noisy data: the raw weights jitter around the solution,
     the average (debiased, decay 0.98) sits closer to it: a lower validation loss."""
@@ -87,6 +88,7 @@ def test_the_average_in_the_jitted_step_beats_the_raw_weights():
     assert averaged < 0.9 * raw, (raw, averaged)
 
 
+@pytest.mark.slow
 def test_the_mesh_run_equals_the_one_device_run():
     """The same loop on a 2x2 mesh (batch over "data", the layers over "model"): the averages are
     laid out as the parameters and equal the one-device run to float32 rounding (the training

@@ -79,6 +79,7 @@ print(json.dumps(out))
 script("EMA_MESH", MESH, ("jax4",))
 
 
+@pytest.mark.slow          # the four-device JAX process starts here (when it is the first), and compiles four steps
 def test_the_average_is_laid_out_as_the_parameters_with_no_collective():
     res = run_on("jax4", "EMA_MESH")
     assert res["spec_w"] == [None, "x", "y"] and res["spec_after"] == res["spec_w"]
