@@ -36,7 +36,7 @@ SCHEDULES = {
 STEP_KINDS = ("constant", "k2", "k3", "k4", "num_updates", "warmup", "warmup_off", "cosine", "piecewise")
 SHADOWS = {"f32": {}, "same": {"shadow_dtype": "same"}, "bf16": {"shadow_dtype": "bfloat16"},
            "bf16_sr": {"shadow_dtype": "bfloat16", "rounding": "stochastic", "seed": 2 ** 40 + 12345}}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _params(rng, shapes, dtypes, scale=1.0, nan=False):
@@ -96,7 +96,7 @@ shapes_st = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=3).map(tup
 @settings(max_examples=6)
 @given(shapes=shapes_st, data=st.data())
 def test_constant_decays_equal_the_cpu_kernel_bit_for_bit(shapes, data):
-    """K = 1..4 constant decays, float32 and bfloat16 leaves, every shadow kind (stochastic
+    """K = 1..4 constant decays, float32, bfloat16 and float16 leaves, every shadow kind (stochastic
     rounding included: the kernels' hash, keyed by the seed and the step, indexed as the kernels'
     groups), update_every and the steps given or counted: every average equal bit for bit."""
     dtypes = data.draw(st.lists(st.sampled_from(sorted(DTYPES)), min_size=len(shapes), max_size=len(shapes)))
