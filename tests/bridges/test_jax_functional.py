@@ -260,8 +260,8 @@ def test_the_window_refuses_bad_arguments():
 def test_k_decays_compile_to_the_loops_of_one():
     """K decays in one pass: the compiled update of K=3 has as many fused loops as K=1 (each leaf's
     rows in one loop that reads the parameter once), and three one-decay states updated in one step
-    have three times the leaves' loops. A deterministic figure; the times are bench/suite's
-    test_bench_jax_jit.py."""
+    have three times the leaves' loops. A deterministic figure; the times are the benchmark
+    suite's (test_bench_jax_jit)."""
     import re
 
     params = {f"p{i}": jnp.ones((64, 3 + i)) for i in range(6)}
