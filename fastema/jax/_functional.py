@@ -42,16 +42,13 @@ REFUSED_IN_JIT = {
 class EmaState(NamedTuple):
     """The average's state: arrays only (jit, donation, sharding, orbax, ``lax.scan`` carry).
 
-    Attributes:
-        averages: a pytree like ``params``: each floating leaf ``(rows, *shape)`` in the shadow
-            dtype (row ``k`` the average of decay ``k``; BEMA: output, EMA, ``theta_0``); other
-            leaves (integer counters) as their value at the last update.
-        calls: ``update()`` calls made (skipped ones included), int32.
-        updates: updates made, int32.
-        last_time, first_time: the times of the last and first update (timed schedules), int32.
-        norms: the debiasing normalisers, one per row.
-        seed: the stochastic-rounding seed as two uint32 words (low, high).
-        skipped: True when the last due call was skipped by ``skip_nonfinite``.
+    ``averages`` is a pytree like ``params``: each floating leaf ``(rows, *shape)`` in the shadow
+    dtype (row ``k`` the average of decay ``k``; BEMA: output, EMA, ``theta_0``), other leaves
+    (integer counters) as their value at the last update. ``calls`` counts the ``update()`` calls
+    (skipped ones included) and ``updates`` the updates, int32; ``last_time`` and ``first_time`` are
+    the times of the last and first update (timed schedules), int32; ``norms`` the debiasing
+    normalisers, one per row; ``seed`` the stochastic-rounding seed as two uint32 words (low,
+    high); ``skipped`` is True when the last due call was skipped by ``skip_nonfinite``.
     """
     averages: Any
     calls: jax.Array
