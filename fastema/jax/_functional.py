@@ -158,6 +158,8 @@ class EmaTransform:
         if step is None:
             n, t = state.updates + 1, state.calls + 1
         else:
+            if isinstance(step, (bool, float)) or (isinstance(step, int) and not 0 <= step < 2 ** 31):
+                raise ValueError(f"step must be an int in [0, 2**31) (or a traced int32), got {step!r}")
             n = t = jnp.asarray(step).astype(jnp.int32)
         w, norms = self._weights(state, n, t)
         started = state.updates > 0

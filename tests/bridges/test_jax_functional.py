@@ -225,6 +225,9 @@ def test_bad_params_are_refused_with_the_fix():
         avg.update(state, {"v": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"shape \(4,\) meets an average of shape \(3,\)"):
         avg.update(state, {"w": jnp.ones(4)})
+    for step in (-1, 2 ** 31, 1.5, True):
+        with pytest.raises(ValueError, match=r"step must be an int in \[0, 2\*\*31\)"):
+            avg.update(state, {"w": jnp.ones(3)}, step)
 
 
 @pytest.mark.parametrize("size, every, ring", [(3, 1, "float32"), (4, 2, "bfloat16"), (None, 1, "float32")])
