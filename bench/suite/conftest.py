@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from bench.checked import is_baseline
+
 QUICK = os.environ.get("FASTEMA_BENCH_QUICK") == "1"
 
 
@@ -77,12 +79,20 @@ def _sb3_logs_in_tmp(tmp_path_factory):
 
 @pytest.fixture
 def run(benchmark):
-    """``run(fn, device, impl=..., case=..., nbytes=..., rounds=...)``: warm up, then time ``fn``."""
+    """``run(fn, device, impl=..., case=..., nbytes=..., rounds=..., check=...)``: for a baseline,
+    ``check()`` first (``bench.checked.checked``: the baseline run once against fastema's result
+    from the same inputs; the table says "not checked" of a baseline without one); then warm up
+    and time ``fn``."""
 
-    def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None):
+    def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None, check=None):
         def timed():
             fn()
             sync(device)
+
+        if is_baseline(impl):               # run once against fastema's result (bench/checked.py)
+            if check is not None:
+                check()                      # a Refused fails the benchmark, naming the row
+            benchmark.extra_info["checked"] = check is not None
 
         timed()                      # compile / allocate outside the timing
         timed()
@@ -93,3 +103,30 @@ def run(benchmark):
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
 
     return _run
+
+
+def flat_check(impl, fn, params, outputs, *, rows=1, decays=(0.999,), dtype=None):
+    """The ``check=`` of a baseline ``fn`` that averages ``params`` into ``outputs`` (its shadows,
+    equal to ``params`` now): fastema's ``FlatShadow`` of the same start, made now; when called, the
+    params move once, then fastema and ``fn`` each update once and must agree
+    (``bench.checked.checked``)."""
+    import torch
+
+    import fastema
+    from bench.checked import checked
+
+    ref = fastema.FlatShadow(params, rows=rows, **({"dtype": dtype} if dtype else {}))
+
+    def move():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.1)
+
+    def ours():
+        ref.update(list(decays) if rows > 1 else decays[0])
+
+    def check():
+        checked({"fastema": ours, impl: fn},
+                {"fastema": lambda: [ref.view(i, r) for r in range(rows) for i in range(len(params))],
+                 impl: lambda: outputs}, ours="fastema", inputs=params, move=move)
+    return check
