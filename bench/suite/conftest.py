@@ -130,3 +130,26 @@ def flat_check(impl, fn, params, outputs, *, rows=1, decays=(0.999,), dtype=None
                 {"fastema": lambda: [ref.view(i, r) for r in range(rows) for i in range(len(params))],
                  impl: lambda: outputs}, ours="fastema", inputs=params, move=move)
     return check
+
+
+def ema_check(impl, fn, result, model, decay=0.999, **ema_kw):
+    """The ``check=`` of a baseline ``fn`` that averages ``model``'s parameters (``result()``: the
+    arrays it writes, equal to the parameters now): ``fastema.torch.EMA(model, decay, **ema_kw)``
+    made now; when called, the parameters move once, then fastema and ``fn`` each update once and
+    must agree (``bench.checked.checked``)."""
+    import torch
+
+    from bench.checked import checked
+    from fastema.torch import EMA
+
+    ref = EMA(model, decay, **ema_kw)
+    params = list(model.parameters())
+
+    def check():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.1)
+            checked({"fastema": ref.update, impl: fn},
+                    {"fastema": lambda: list(ref.averaged_state_dict().values()), impl: result},
+                    ours="fastema", inputs=params)
+    return check
