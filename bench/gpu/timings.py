@@ -196,7 +196,7 @@ def _target_network(rows: Rows) -> None:
         rows.agree(sc, {"fastema TargetNetwork.update": tn.update,
                         FOREACH: lambda: torch._foreach_lerp_(pt, po, RL_TAU)},
                    {"fastema TargetNetwork.update": lambda: list(target.parameters()), FOREACH: lambda: pt},
-                   "fastema TargetNetwork.update", inputs=po)
+                   "fastema TargetNetwork.update", inputs=po, move=lambda: _moved(po))   # target == online
     rows(sc, "fastema TargetNetwork.update", n, "lerp f32", tn.update)
     with torch.no_grad():
         rows(sc, FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(pt, po, RL_TAU))

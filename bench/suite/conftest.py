@@ -89,10 +89,7 @@ def run(benchmark):
             fn()
             sync(device)
 
-        if is_baseline(impl):               # run once against fastema's result (bench/checked.py)
-            if check is not None:
-                check()                      # a Refused fails the benchmark, naming the row
-            benchmark.extra_info["checked"] = check is not None
+        checked_row(benchmark, impl, check)
 
         timed()                      # compile / allocate outside the timing
         timed()
@@ -152,4 +149,42 @@ def ema_check(impl, fn, result, model, decay=0.999, **ema_kw):
             checked({"fastema": ref.update, impl: fn},
                     {"fastema": lambda: list(ref.averaged_state_dict().values()), impl: result},
                     ours="fastema", inputs=params)
+    return check
+
+
+def checked_row(benchmark, impl, check) -> None:
+    """A baseline ``impl`` run once against fastema's result by ``check()`` (``bench/checked.py``; a
+    ``Refused`` fails the benchmark, naming the row), and ``extra_info["checked"]`` saying whether
+    it was; nothing for fastema's own rows and the copy."""
+    if is_baseline(impl):
+        if check is not None:
+            check()
+        benchmark.extra_info["checked"] = check is not None
+
+
+def target_check(impl, fn, online, target_params, tau):
+    """The ``check=`` of a baseline ``fn`` that soft-updates ``target_params`` toward ``online``:
+    ``fastema.torch.TargetNetwork`` of a copy of the target made now; when called, the online
+    parameters move once (the target starts as their copy), then both update once and must agree."""
+    import copy
+
+    import torch
+
+    from bench.checked import checked
+    from fastema.torch import TargetNetwork
+
+    mirror = copy.deepcopy(online).requires_grad_(False)
+    with torch.no_grad():
+        for m, t in zip(mirror.parameters(), target_params):
+            m.copy_(t)
+    tn = TargetNetwork(online, mirror, tau=tau)
+    params = list(online.parameters())
+
+    def check():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.1)
+        checked({"fastema": tn.update, impl: fn},
+                {"fastema": lambda: list(mirror.parameters()), impl: lambda: target_params},
+                ours="fastema", inputs=params)
     return check
