@@ -129,11 +129,12 @@ def flat_check(impl, fn, params, outputs, *, rows=1, decays=(0.999,), dtype=None
     return check
 
 
-def ema_check(impl, fn, result, model, decay=0.999, **ema_kw):
+def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
     """The ``check=`` of a baseline ``fn`` that averages ``model``'s parameters (``result()``: the
     arrays it writes, equal to the parameters now): ``fastema.torch.EMA(model, decay, **ema_kw)``
     made now; when called, the parameters move once, then fastema and ``fn`` each update once and
-    must agree (``bench.checked.checked``)."""
+    must agree (``bench.checked.checked``). ``pick``: which of fastema's averaged entries (by name)
+    the baseline keeps (default: all)."""
     import torch
 
     from bench.checked import checked
@@ -147,7 +148,8 @@ def ema_check(impl, fn, result, model, decay=0.999, **ema_kw):
             for p in params:
                 p.add_(torch.randn_like(p), alpha=0.1)
             checked({"fastema": ref.update, impl: fn},
-                    {"fastema": lambda: list(ref.averaged_state_dict().values()), impl: result},
+                    {"fastema": lambda: [v for k, v in ref.averaged_state_dict().items()
+                                         if pick is None or pick(k)], impl: result},
                     ours="fastema", inputs=params)
     return check
 
