@@ -81,15 +81,16 @@ def _sb3_logs_in_tmp(tmp_path_factory):
 def run(benchmark):
     """``run(fn, device, impl=..., case=..., nbytes=..., rounds=..., check=...)``: for a baseline,
     ``check()`` first (``bench.checked.checked``: the baseline run once against fastema's result
-    from the same inputs; the table says "not checked" of a baseline without one); then warm up
-    and time ``fn``."""
+    from the same inputs; the table says "not checked" of a baseline without one; ``reference=True``:
+    a row that computes no average, a training step alone); then warm up and time ``fn``."""
 
-    def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None, check=None):
+    def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None, check=None, reference=False):
         def timed():
             fn()
             sync(device)
 
-        checked_row(benchmark, impl, check)
+        if not reference:                    # reference: a row that is no average (the step alone)
+            checked_row(benchmark, impl, check)
 
         timed()                      # compile / allocate outside the timing
         timed()
