@@ -191,3 +191,22 @@ def target_check(impl, fn, online, target_params, tau):
                 {"fastema": lambda: list(mirror.parameters()), impl: lambda: target_params},
                 ours="fastema", inputs=params)
     return check
+
+
+def tf_check(impl, fn, result, variables, decay=0.999):
+    """The ``check=`` of a TensorFlow baseline ``fn`` averaging ``variables`` (``result()``: its
+    averages, equal to the variables now): ``fastema.tensorflow.EMA`` made now; when called, the
+    variables move once, then both update once and must agree (``bench.checked.checked``)."""
+    import numpy as np
+
+    from bench.checked import checked
+    from fastema.tensorflow import EMA
+
+    ref = EMA(variables, decay)
+    rng = np.random.default_rng(1)
+
+    def check():
+        for v in variables:
+            v.assign_add(0.1 * rng.standard_normal(v.shape, dtype=np.float32))
+        checked({"fastema": ref.update, impl: fn}, {"fastema": ref.averages, impl: result}, ours="fastema")
+    return check
