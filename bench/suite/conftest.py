@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from bench.checked import is_baseline
+from bench.checked import Refused, is_baseline
 
 QUICK = os.environ.get("FASTEMA_BENCH_QUICK") == "1"
 
@@ -81,7 +81,7 @@ def _sb3_logs_in_tmp(tmp_path_factory):
 def run(benchmark):
     """``run(fn, device, impl=..., case=..., nbytes=..., rounds=..., check=...)``: for a baseline,
     ``check()`` first (``bench.checked.checked``: the baseline run once against fastema's result
-    from the same inputs; the table says "not checked" of a baseline without one; ``reference=True``:
+    from the same inputs; a baseline without one is refused; ``reference=True``:
     a row that computes no average, a training step alone); then warm up and time ``fn``."""
 
     def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None, check=None, reference=False):
@@ -156,13 +156,16 @@ def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
 
 
 def checked_row(benchmark, impl, check) -> None:
-    """A baseline ``impl`` run once against fastema's result by ``check()`` (``bench/checked.py``; a
-    ``Refused`` fails the benchmark, naming the row), and ``extra_info["checked"]`` saying whether
-    it was; nothing for fastema's own rows and the copy."""
+    """A baseline ``impl`` run once against fastema's result by ``check()`` before it is timed
+    (``bench/checked.py``): a ``Refused`` fails the benchmark, naming the row, and so does a
+    baseline without a check; ``extra_info["checked"]`` records it. Nothing for fastema's own rows
+    and the copy."""
     if is_baseline(impl):
-        if check is not None:
-            check()
-        benchmark.extra_info["checked"] = check is not None
+        if check is None:
+            raise Refused(f"{benchmark.group} | {impl}", "no check against fastema's result (check=): every "
+                                                          "baseline is run once against it before it is timed")
+        check()
+        benchmark.extra_info["checked"] = True
 
 
 def target_check(impl, fn, online, target_params, tau):

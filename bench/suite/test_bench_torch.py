@@ -5,15 +5,15 @@ get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bf
 stochastic-rounding path (tests/support/baselines.py), and the torch_ema and ema-pytorch packages
 (per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
 store / copy_to / restore. Each baseline update is run once against fastema's EMA of the same start
-before it is timed (``check=``, ``bench/checked.py``); the swap's baseline is not (a round trip has
-no result of its own to compare).
+before it is timed (``check=``, ``bench/checked.py``); the swap's baseline swaps the same average in
+and out beside fastema's swap.
 """
 import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.checked import checked
+from bench.checked import agree, checked
 from fastema.torch import EMA
 from tests.support.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 
@@ -181,12 +181,36 @@ def test_swap_for_evaluation(run, benchmark, device, impl, scenario):
             ema.swap()
     else:
         torch_ema = pytest.importorskip("torch_ema")
-        ema = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY)
+        ema = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY, use_num_updates=False)
 
         def fn():
             ema.store()
             ema.copy_to()
             ema.restore()
+    check = None if impl.startswith("fastema") else _swap_check(impl, model, ema)
     # an exchange reads and writes both buffers: 16 B/element for the round trip (in + out)
     run(fn, device, impl=impl, case=scenario, nbytes=16 * n, elements=n,
-        rounds=rounds)
+        rounds=rounds, check=check)
+
+
+def _swap_check(impl, model, theirs):
+    """torch_ema's round trip against fastema's swap of the same EMA (both updated once after the
+    weights moved): the weights swapped in, then the weights back, must agree."""
+    ours = EMA(model, DECAY)
+    params = list(model.parameters())
+
+    def round_trip(swap_in, swap_out):
+        swap_in()
+        averaged = [p.detach().clone() for p in params]
+        swap_out()
+        return averaged + [p.detach().clone() for p in params]
+
+    def check():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.1)
+            ours.update()
+            theirs.update()
+        agree(impl, lambda: round_trip(ours.swap, ours.swap),
+              lambda: round_trip(lambda: (theirs.store(), theirs.copy_to()), theirs.restore))
+    return check

@@ -141,3 +141,20 @@ def test_a_row_above_the_copy_ceiling_is_refused_and_one_within_the_tolerance_fl
     assert within_ceiling("row", 3016.0 * (1 + TOLERANCE) - 1, 3016.0) is not None
     assert within_ceiling("row", 2900.0, 3016.0) is None
     assert within_ceiling("row", 3830.0, None) is None         # no ceiling measured: nothing to hold to
+
+
+def test_the_suite_refuses_a_baseline_row_without_a_check_before_timing_it():
+    """``bench/suite/conftest.py``'s ``checked_row``: what every suite scenario goes through."""
+    from types import SimpleNamespace
+
+    from bench.suite.conftest import checked_row
+
+    bench = SimpleNamespace(group="flat float32 (cuda)", extra_info={})
+    with pytest.raises(Refused, match=r"flat float32 \(cuda\) \| torch.lerp_: refused: no check"):
+        checked_row(bench, "torch.lerp_", None)
+    ran = []
+    checked_row(bench, "torch.lerp_", lambda: ran.append(1))
+    assert ran == [1] and bench.extra_info == {"checked": True}
+    checked_row(SimpleNamespace(group="g", extra_info={}), "fastema", None)     # fastema's own: no check
+    with pytest.raises(Refused, match="differs"):
+        checked_row(bench, "torch.lerp_", lambda: agree("torch.lerp_", lambda: [np.ones(2)], lambda: [np.zeros(2)]))
