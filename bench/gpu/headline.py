@@ -6,7 +6,7 @@ in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
 
 1. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
    ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy; first,
-   because that copy is the run's ceiling, which no later row may pass (``bench/checked.py``);
+   because that copy is the run's ceiling, which no later row may pass (``bench/suite/checked.py``);
 2. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
    3000 (3000 x 4096) float32 tensors, and against ``_foreach_mul_`` + ``_foreach_add_`` at 148
    bfloat16 tensors into a float32 shadow: host submit time, device time, one call and a sync
@@ -20,7 +20,7 @@ in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
 Every baseline is run once against fastema's result from the same inputs before it is timed, and
 refused (a failed check naming the row) where it differs or writes into its own sources; a row
 whose GB/s passes the run's copy by more than 10% is refused, one within it flagged
-(``bench/checked.py``, issue 70 item 7: the 2026-11-26 baseline that lerped each tensor into itself).
+(``bench/suite/checked.py``, issue 70 item 7: the 2026-11-26 baseline that lerped each tensor into itself).
 
 ``OUTDIR/headline.json`` is rewritten after every figure (a run cut at its limit keeps what it
 measured; the scenario and implementation names are the probe's, so ``bench/gpu/summary.py``
@@ -39,11 +39,11 @@ import time
 if "--simulate" in sys.argv:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
-from bench.checked import Refused, checked, within_ceiling  # noqa: E402
 from bench.gpu import common as G  # noqa: E402
 from bench.gpu import measure as M  # noqa: E402
 from bench.gpu import steps as gpu_steps  # noqa: E402
 from bench.gpu.summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
+from bench.suite.checked import Refused, checked, within_ceiling  # noqa: E402
 
 FLAT = 10 if G.SIM else 28
 FIRST_UPDATE = r"""
@@ -91,12 +91,12 @@ def _rows(rec, scenario: str) -> dict:
 
 def _ceiling(rec) -> float | None:
     """The run's device copy in GB/s (``flat``, measured first), which no row may pass; none in the
-    simulator (the CPU's caches: a torch copy is no ceiling there, ``bench/checked.py``)."""
+    simulator (the CPU's caches: a torch copy is no ceiling there, ``bench/suite/checked.py``)."""
     return None if G.SIM else rec.data["env"].get("copy_GBps")
 
 
 def _record(rec, sc: str, impl: str, m: dict) -> None:
-    """Row ``sc | impl`` recorded, refused (``bench.checked.Refused``, raised after it is written
+    """Row ``sc | impl`` recorded, refused (``bench.suite.checked.Refused``, raised after it is written
     down as refused) where its GB/s passes the run's copy ceiling by more than the tolerance."""
     try:
         flag = within_ceiling(f"{sc} | {impl}", m.get("device_GBps"), _ceiling(rec))
@@ -120,7 +120,7 @@ def _moved(params) -> None:
 
 def host_cost(rec, count: int, dt: str) -> None:
     """Row 1 (see the module docstring) for ``count`` tensors of ``dt``; the baseline agrees with
-    fastema (``bench.checked``) before it is timed."""
+    fastema (``bench.suite.checked``) before it is timed."""
     import torch
     from torch import nn
 

@@ -11,7 +11,7 @@ float32 or bfloat16, three ways taken in turn round after round: the step alone,
 fastema's ``EMA.update()`` (a float32 shadow), the step and the baseline (``torch._foreach_lerp_``
 of a float32 shadow for float32 weights; for bfloat16 weights timm's mixed update,
 ``_foreach_mul_`` + ``_foreach_add_`` into float32 copies), checked once against fastema's result
-before the steps (``bench/checked.py``). Per way: the step's time (a sync after
+before the steps (``bench/suite/checked.py``). Per way: the step's time (a sync after
 each step; the median over the rounds), the update's device time inside the step (CUDA events
 around it) and its host time. The update's cost in a step is ``step + update - step alone``; the
 ratio of the baseline's to fastema's is the end-to-end figure the ``gpu-summary`` line names
@@ -67,9 +67,9 @@ class GPT2(nn.Module):
 
 def _updates(model, dtype) -> dict:
     """``name -> update()`` of fastema's EMA and the baseline (see the module docstring), the
-    baseline checked against fastema's result once before it is timed (``bench.checked``; the
+    baseline checked against fastema's result once before it is timed (``bench.suite.checked``; the
     shadows are copies: ``p.detach().float()`` of a float32 parameter is the parameter itself)."""
-    from bench.checked import checked
+    from bench.suite.checked import checked
     from fastema.torch import EMA
 
     params = list(model.parameters())

@@ -18,7 +18,7 @@ the probe's time budget is recorded ``{"skipped": "out of time ..."}``; a row th
 check ``timing S | I``.
 Every baseline is run once against fastema's result from the same inputs before it is timed, and
 no row may pass the run's copy ceiling (measured first, ``Rows.ceiling``) by more than 10%
-(``bench/checked.py``): a refused row is recorded ``{"refused": ...}`` and its check fails.
+(``bench/suite/checked.py``): a refused row is recorded ``{"refused": ...}`` and its check fails.
 In the simulator the rows run on the CPU at tiny sizes (plumbing only).
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 import fastema
-from bench.checked import Refused, checked, is_baseline, within_ceiling
 from bench.gpu import common as G
 from bench.gpu.measure import measure, with_bandwidth
 from bench.gpu.summary import EMA as EMA_ROW
 from bench.gpu.summary import FOREACH, HOST_COST, MIXED
+from bench.suite.checked import Refused, checked, is_baseline, within_ceiling
 from bench.suite.shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from fastema.flat import FlatShadow
 
@@ -43,9 +43,9 @@ DEV = G.torch_device()
 class Rows:
     """Writes each timing into ``rec`` (section ``timings``: scenario -> implementation -> figures).
 
-    A baseline row (``bench.checked.is_baseline``) is timed only after :meth:`agree` has run it once
+    A baseline row (``bench.suite.checked.is_baseline``) is timed only after :meth:`agree` has run it once
     against fastema's result from the same inputs, and no row may pass the run's copy ceiling
-    (:meth:`ceiling`, measured first) by more than ``bench.checked.TOLERANCE``: else the row is
+    (:meth:`ceiling`, measured first) by more than ``bench.suite.checked.TOLERANCE``: else the row is
     recorded ``{"refused": ...}`` and its check fails, naming it."""
 
     def __init__(self, rec, budget_s: float, quick: bool):
@@ -74,7 +74,7 @@ class Rows:
     def agree(self, scenario: str, fns: dict, results: dict, ours: str, inputs=(), move=None,
               rtol=None) -> None:
         """Each baseline of ``fns`` (impl -> fn) run once against ``ours`` from the same inputs
-        (``bench.checked.checked``); those that agree may be timed. A refusal is raised."""
+        (``bench.suite.checked.checked``); those that agree may be timed. A refusal is raised."""
         if self.out_of_time():
             return                                            # its rows are skipped: nothing to check
         name = f"{scenario} | "

@@ -9,7 +9,7 @@ from the repository's root; it is not part of the wheel. One command runs it and
   machine's copy bandwidth measured in the same run (the ceiling), and fastema's speed-up
   against each baseline of the same run. A GPU row above that ceiling by more than 10% is
   refused (the command fails), one within it flagged ``(!)``; a baseline the scenario did not
-  check against fastema's result before timing it says so (``bench/checked.py``);
+  check against fastema's result before timing it says so (``bench/suite/checked.py``);
 - ``bench.png``: time against size, log-log, of the flat float32 sweep: the constant
   per-call overhead is the flat part on the left, the bandwidth the slope on the right.
 
@@ -28,7 +28,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
-from bench.checked import Refused, within_ceiling
+from bench.suite.checked import Refused, within_ceiling
 from fastema.cli import parse
 
 __all__ = ["main", "report"]
@@ -70,7 +70,7 @@ def ceilings(rows) -> dict[str, float]:
 
 
 def _within(row: str, bw: float | None, ceiling: float | None, device: str) -> str | None:
-    """``bench.checked.within_ceiling`` for a GPU row (bytes/s); a CPU's copy is no ceiling (caches,
+    """``bench.suite.checked.within_ceiling`` for a GPU row (bytes/s); a CPU's copy is no ceiling (caches,
     threads: lerps at 150-600% of it in the 2026-11-22 CPU table)."""
     if device == "cpu" or not bw or not ceiling:
         return None

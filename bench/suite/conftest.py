@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from bench.checked import Refused, is_baseline
+from bench.suite.checked import Refused, is_baseline
 
 QUICK = os.environ.get("FASTEMA_BENCH_QUICK") == "1"
 
@@ -80,7 +80,7 @@ def _sb3_logs_in_tmp(tmp_path_factory):
 @pytest.fixture
 def run(benchmark):
     """``run(fn, device, impl=..., case=..., nbytes=..., rounds=..., check=...)``: for a baseline,
-    ``check()`` first (``bench.checked.checked``: the baseline run once against fastema's result
+    ``check()`` first (``bench.suite.checked.checked``: the baseline run once against fastema's result
     from the same inputs; a baseline without one is refused; ``reference=True``:
     a row that computes no average, a training step alone); then warm up and time ``fn``."""
 
@@ -107,11 +107,11 @@ def flat_check(impl, fn, params, outputs, *, rows=1, decays=(0.999,), dtype=None
     """The ``check=`` of a baseline ``fn`` that averages ``params`` into ``outputs`` (its shadows,
     equal to ``params`` now): fastema's ``FlatShadow`` of the same start, made now; when called, the
     params move once, then fastema and ``fn`` each update once and must agree
-    (``bench.checked.checked``)."""
+    (``bench.suite.checked.checked``)."""
     import torch
 
     import fastema
-    from bench.checked import checked
+    from bench.suite.checked import checked
 
     ref = fastema.FlatShadow(params, rows=rows, **({"dtype": dtype} if dtype else {}))
 
@@ -134,11 +134,11 @@ def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
     """The ``check=`` of a baseline ``fn`` that averages ``model``'s parameters (``result()``: the
     arrays it writes, equal to the parameters now): ``fastema.torch.EMA(model, decay, **ema_kw)``
     made now; when called, the parameters move once, then fastema and ``fn`` each update once and
-    must agree (``bench.checked.checked``). ``pick``: which of fastema's averaged entries (by name)
+    must agree (``bench.suite.checked.checked``). ``pick``: which of fastema's averaged entries (by name)
     the baseline keeps (default: all)."""
     import torch
 
-    from bench.checked import checked
+    from bench.suite.checked import checked
     from fastema.torch import EMA
 
     ref = EMA(model, decay, **ema_kw)
@@ -157,7 +157,7 @@ def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
 
 def checked_row(benchmark, impl, check) -> None:
     """A baseline ``impl`` run once against fastema's result by ``check()`` before it is timed
-    (``bench/checked.py``): a ``Refused`` fails the benchmark, naming the row, and so does a
+    (``bench/suite/checked.py``): a ``Refused`` fails the benchmark, naming the row, and so does a
     baseline without a check; ``extra_info["checked"]`` records it. Nothing for fastema's own rows
     and the copy."""
     if is_baseline(impl):
@@ -176,7 +176,7 @@ def target_check(impl, fn, online, target_params, tau):
 
     import torch
 
-    from bench.checked import checked
+    from bench.suite.checked import checked
     from fastema.torch import TargetNetwork
 
     mirror = copy.deepcopy(online).requires_grad_(False)
@@ -199,10 +199,10 @@ def target_check(impl, fn, online, target_params, tau):
 def tf_check(impl, fn, result, variables, decay=0.999):
     """The ``check=`` of a TensorFlow baseline ``fn`` averaging ``variables`` (``result()``: its
     averages, equal to the variables now): ``fastema.tensorflow.EMA`` made now; when called, the
-    variables move once, then both update once and must agree (``bench.checked.checked``)."""
+    variables move once, then both update once and must agree (``bench.suite.checked.checked``)."""
     import numpy as np
 
-    from bench.checked import checked
+    from bench.suite.checked import checked
     from fastema.tensorflow import EMA
 
     ref = EMA(variables, decay)

@@ -6,12 +6,12 @@ part of a training step that writes every weight) followed by the EMA update, co
 ``torch._foreach_lerp_`` over per-tensor shadows (Inductor generates its kernel), same run.
 Compile time is excluded (the warm-up calls compile); bytes = the EMA's 12 B/element. The
 baseline's compiled step runs once beside fastema's EMA of the same start, which must agree with its
-shadows before it is timed (``bench/checked.py``).
+shadows before it is timed (``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
-from bench.checked import agree
+from bench.suite.checked import agree
 from fastema.torch import EMA
 
 from .conftest import QUICK, devices

@@ -4,13 +4,13 @@ Scenarios: flat float32 sweep (with the device's copy bandwidth, the ceiling, in
 run); GPT-2-small shapes and 3000 tensors of 4096; two decays in one pass; bfloat16 sources
 into a float32 shadow; the per-update host cost (address check) of FlatShadow. Every baseline is
 run once against fastema's result from the same inputs before it is timed (``check=``,
-``bench/checked.py``).
+``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
 import fastema
-from bench.checked import checked
+from bench.suite.checked import checked
 
 from .conftest import QUICK, devices, flat_check, scenario_rounds
 from .shapes import gpt2_small, many_small

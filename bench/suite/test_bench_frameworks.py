@@ -13,14 +13,14 @@ Each timed call ends when the result is ready (``block_until_ready`` for JAX; Te
 eager ops on the CPU return finished). Quick mode (CI) times TensorFlow on 300 x 4096
 instead of 3000 x 4096 (the baselines' graph tracing of 3000 variables alone takes minutes).
 Every baseline is checked against fastema's EMA of the same start before it is timed
-(``bench/checked.py``).
+(``bench/suite/checked.py``).
 """
 import os
 
 import numpy as np
 import pytest
 
-from bench.checked import checked
+from bench.suite.checked import checked
 
 from .conftest import QUICK, scenario_rounds, tf_check
 from .shapes import gpt2_small, many_small

@@ -8,7 +8,7 @@ at ``on_train_begin``, the update runs under ``no_grad``). Both callbacks are se
 ``on_train_begin`` on the same GPT-2 (built from a config) and timed in the same run; the Trainer
 would call exactly these hooks. Target: fastema no slower (ratio >= 1.0x in the table's speed-up
 column, i.e. overhead <= 1.0x the baseline's). The baseline's update is checked against fastema's
-EMA of the same start before it is timed (``bench/checked.py``).
+EMA of the same start before it is timed (``bench/suite/checked.py``).
 
 Scenarios: a 4-layer GPT-2 (d=256, vocab 8192, 5.2M parameters, 52 tensors) in quick and full
 mode, and GPT-2 small (124M parameters, 148 tensors; lm_head tied) in full mode only.

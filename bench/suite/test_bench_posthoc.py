@@ -5,13 +5,13 @@
 would time mostly skipped calls) and no snapshot inside the timing. bytes = 4 B of weights
 read plus 2 x 8 B of shadow read and written per element (20 B: one pass over the weights
 for both profiles). Quick mode (CI) scales every dimension by 1/4. ema-pytorch's update is checked
-against fastema's drop-in of the same start before it is timed (``bench/checked.py``).
+against fastema's drop-in of the same start before it is timed (``bench/suite/checked.py``).
 """
 
 import pytest
 import torch
 
-from bench.checked import checked
+from bench.suite.checked import checked
 
 from .conftest import QUICK, devices
 from .shapes import gpt2_small
@@ -53,7 +53,7 @@ def test_posthoc_update_two_profiles(run, benchmark, device, impl, tmp_path):
 def _check(impl, model, theirs, folder):
     """ema-pytorch's two profiles against fastema's drop-in of the same start (its arithmetic is
     ema-pytorch's, ``KarrasEMA`` by ``KarrasEMA``): the weights move, each updates once, the
-    profiles' weights must agree (``bench/checked.py``)."""
+    profiles' weights must agree (``bench/suite/checked.py``)."""
     from fastema.torch.compat import PostHocEMA
 
     ours = PostHocEMA(model, sigma_rels=SIGMA_RELS, update_every=1, checkpoint_every_num_steps="manual",

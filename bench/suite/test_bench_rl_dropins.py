@@ -15,14 +15,14 @@ after every gradient step of small networks, so the per-call host overhead count
 the bandwidth: the figures are microseconds a call (``bytes`` for GB/s: 12 bytes an element).
 Issue #27's targets: >= 3x SB3's ``polyak_update`` and >= 1.0x ``_foreach_lerp_`` at 6 tensors.
 Each baseline is run once against fastema's update of the same start before it is timed
-(``bench/checked.py``).
+(``bench/suite/checked.py``).
 """
 
 import pytest
 import torch
 from torch import nn
 
-from bench.checked import checked
+from bench.suite.checked import checked
 
 from .conftest import QUICK, checked_row, target_check
 from .shapes import RL_SCENARIOS, RL_TAU, rl_networks

@@ -4,7 +4,7 @@ training thread's cost of an offloaded EMA.
 Sharded: one process (world size 1, gloo on the CPU, NCCL on a GPU) holding an FSDP2
 ``fully_shard`` model; each rank's work is its local shards, so the row is GB/s of local bytes
 against ``torch._foreach_lerp_`` over the ``to_local()`` shards, same run, checked against fastema's
-EMA of the same start before it is timed (``bench/checked.py``).
+EMA of the same start before it is timed (``bench/suite/checked.py``).
 Offload: one training step (a fixed matmul standing in for forward/backward) plus
 ``update()``, for no EMA, the synchronous EMA and ``offload="cpu"``: the extra time on the
 training thread. bytes = the model's float32 bytes, for the table's GB/s column.
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench.checked import checked
+from bench.suite.checked import checked
 from fastema.torch import EMA
 
 from .conftest import QUICK, devices

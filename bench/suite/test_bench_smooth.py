@@ -5,12 +5,12 @@ The torch baseline keeps the same debiased EMA and a window ring in float64 with
 the usual tensor ops (NaN skipping included), as users write it by hand. torchmetrics'
 RunningMean is a windowed mean of one stream (a vector input is reduced to one mean),
 so it is measured against an SMA-only Smoother at K = 1. Each baseline is fed the same values as
-a fastema smoother and must agree with it before it is timed (``bench/checked.py``).
+a fastema smoother and must agree with it before it is timed (``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
-from bench.checked import agree
+from bench.suite.checked import agree
 from fastema.smooth import Smoother
 from tests.support.baselines import TorchSmoother
 
@@ -39,7 +39,7 @@ def test_smoother_update(run, benchmark, device, k, impl):
 
 
 def _agree(impl, ours, ours_result, fn, theirs_result, values, steps=4):
-    """``bench.checked.agree`` of the baseline ``fn`` (which reads ``values``) against fastema's
+    """``bench.suite.checked.agree`` of the baseline ``fn`` (which reads ``values``) against fastema's
     smoother fed the same ``steps`` values (one of them NaN in every stream of several), from the
     same start."""
     feed = [torch.randn_like(values) for _ in range(steps)]

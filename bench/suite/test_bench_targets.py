@@ -21,7 +21,7 @@ captured inside it, against the same graph with the update called after each rep
 #27: "the gain reported").
 
 Each baseline is run once against ``TargetNetwork`` of the same start before it is timed
-(``conftest.target_check``, ``bench/checked.py``).
+(``conftest.target_check``, ``bench/suite/checked.py``).
 """
 
 import pytest

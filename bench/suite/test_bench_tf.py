@@ -8,7 +8,7 @@ variables of 4096 elements (per-variable overhead: target >= 1x). Each timed cal
 averages are written (TensorFlow's CPU ops and fastema's host kernel return finished). Quick
 mode (CI) uses 300 small variables and skips GPT-2 (TensorFlow's tracing of 3000 variables
 alone takes minutes). The baseline is checked against ``fastema.tensorflow.EMA`` of the same start
-before it is timed (``bench/checked.py``).
+before it is timed (``bench/suite/checked.py``).
 """
 import os
 

@@ -5,7 +5,7 @@ get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bf
 stochastic-rounding path (tests/support/baselines.py), and the torch_ema and ema-pytorch packages
 (per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
 store / copy_to / restore. Each baseline update is run once against fastema's EMA of the same start
-before it is timed (``check=``, ``bench/checked.py``); the swap's baseline swaps the same average in
+before it is timed (``check=``, ``bench/suite/checked.py``); the swap's baseline swaps the same average in
 and out beside fastema's swap.
 """
 import pytest
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.checked import agree, checked
+from bench.suite.checked import agree, checked
 from fastema.torch import EMA
 from tests.support.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 

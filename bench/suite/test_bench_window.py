@@ -3,12 +3,12 @@
 The baselines keep the same ring of W snapshots and a running sum with torch ops, as
 users write it: per tensor (``sum += p - ring[i]; ring[i].copy_(p)``) and with the
 ``torch._foreach_*`` calls. Each baseline pushes W weights beside a ``WindowAverage`` and must read
-the same mean before it is timed (``bench/checked.py``).
+the same mean before it is timed (``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
-from bench.checked import agree
+from bench.suite.checked import agree
 from fastema.torch import WindowAverage
 
 from .conftest import devices, scenario_rounds
@@ -67,7 +67,7 @@ def test_window_push(run, benchmark, device, impl, scenario):
 
 def _check(impl, model, params, window, base):
     """The baseline's W pushes of W different weights against ``WindowAverage``'s from the same
-    start (``bench/checked.py``): both read the mean of the W pushed weights."""
+    start (``bench/suite/checked.py``): both read the mean of the W pushed weights."""
     ref = WindowAverage(model, window)
     feed = [[torch.randn_like(p) for p in params] for _ in range(window)]
 

@@ -1,4 +1,4 @@
-"""Benchmark rows that cannot lie (issue 70 item 7, ``bench/checked.py``), on the CPU: a baseline
+"""Benchmark rows that cannot lie (issue 70 item 7, ``bench/suite/checked.py``), on the CPU: a baseline
 that writes into its own sources, one that computes another update and one never checked are
 refused, naming the row; a row above the run's copy ceiling is refused, one within the tolerance
 flagged. The false row of the 2026-11-26 H100 headline is rebuilt as it was."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.checked import (
+from bench.suite.checked import (
     TOLERANCE,
     Refused,
     agree,
