@@ -3,7 +3,6 @@ it runs, another merge (in this process or another) publishes to the same ``out`
 run out, SIGTERM / SIGHUP / Ctrl-C arrive, the donor folder's small files link out of it, an ``out``
 that is a link is overwritten, an input has weight 0. Every fault leaves no temporary folder and
 changes no input; whatever could crash or hang runs in a child process."""
-import errno
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from merge_helpers import checkpoints, fingerprint, leftovers, run_python, tree_state
+from merge_helpers import System, checkpoints, fingerprint, leftovers, run_python, tree_state
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
@@ -35,42 +34,30 @@ def _payload(out) -> bytes:
 # ------------------------------------------------------------ M1, L2: publishing re-checks out
 
 
-def _publish_with(monkeypatch, way: str) -> None:
-    """Publishing as on a system without ``renameat2`` (``link``) and without hard links either
-    (``claim``: the name claimed first)."""
-    if way != "renameat2":
-        monkeypatch.setattr(files, "_rename_noreplace", lambda src, dst: False)
-    if way == "claim":
-        def no_links(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-
-        monkeypatch.setattr(files.os, "link", no_links)
-
-
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
 @pytest.mark.parametrize("out_name, appears", [
     ("out.safetensors", "file"), ("merged", "empty folder"), ("merged", "folder"), ("merged", "file")])
 def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_says_out_exists(
-        tmp_path, monkeypatch, out_name, appears, way):
+        tmp_path, out_name, appears, way):
+    """Publishing on this system, on one without ``renameat2`` (``link``) and on one without hard
+    links either (``claim``: the name claimed first)."""
     paths, _ = checkpoints(tmp_path / "in", "hf")
     before = fingerprint(paths)
-    _publish_with(monkeypatch, way)
-    merge_checkpoints(paths, tmp_path / ("clean" + out_name))          # with nothing there: published
+    with files.using(System(way)):
+        merge_checkpoints(paths, tmp_path / ("clean" + out_name))      # with nothing there: published
     assert _payload(tmp_path / ("clean" + out_name))
     out = tmp_path / out_name
-    real = _writer.Output.publish
 
-    def appearing_first(self):              # the other writer wins the race, deterministically
+    def appearing_first(folder):            # the other writer wins the race, deterministically
         if appears == "file":
             out.write_bytes(b"precious")
         else:
             out.mkdir()
             if appears == "folder":
                 (out / "mine.txt").write_bytes(b"precious")
-        real(self)
 
-    monkeypatch.setattr(_writer.Output, "publish", appearing_first)
-    with pytest.raises(MergeError, match=r"out '[^']+' exists"):
+    with files.using(System(way, at_publish=appearing_first)), \
+            pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out)
     if appears == "file":
         assert out.read_bytes() == b"precious"
@@ -81,7 +68,7 @@ def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_sa
 
 @pytest.mark.parametrize("out_name", ["out.safetensors", "merged"])
 def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_exists(
-        tmp_path, monkeypatch, out_name):
+        tmp_path, out_name):
     """L2: the temporary name was per process, so a merge started while another to the same out ran
     failed with "not writable (File exists)"; now the one that publishes first wins, the other says
     out exists and removes only its own temporary folder."""
@@ -91,16 +78,12 @@ def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_
     alone = tmp_path / "alone" / out_name
     alone.parent.mkdir()
     merge_checkpoints(paths, alone, weights="3,1")
-    real, nested = _writer.Output.publish, []
 
-    def another_merge_first(self):          # merge 1 is about to publish: merge 2 runs whole, publishes
-        if not nested:
-            nested.append(self.folder)
-            merge_checkpoints(paths, out, weights="3,1")
-        real(self)
+    def another_merge_first(folder):        # merge 1 is about to publish: merge 2 runs whole, publishes
+        merge_checkpoints(paths, out, weights="3,1")
 
-    monkeypatch.setattr(_writer.Output, "publish", another_merge_first)
-    with pytest.raises(MergeError, match=r"out '[^']+' exists"):
+    with files.using(System(at_publish=another_merge_first)), \
+            pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out, weights="1,3")
     assert _payload(out) == _payload(alone)              # merge 2's, whole
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
@@ -419,7 +402,7 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
 
 
-def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, monkeypatch):
+def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path):
     """M5: shutil.rmtree needs two descriptors (the folder's and its scandir's); a merge that ran out of
     them left its temporary folder. discard() then removes it by path, one descriptor at a time."""
     out = _writer.Output(str(tmp_path / "out"), True, False, 0)
@@ -427,6 +410,10 @@ def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, mo
     for name in ("model.safetensors", os.path.join("sub", "config.json")):
         with open(os.path.join(out.folder, name), "wb") as f:
             f.write(b"x")
-    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)      # as with one descriptor free
-    out.discard()
+    class OneDescriptorFree(files.FileSystem):
+        def rmtree(self, path):                                         # it needs two
+            pass
+
+    with files.using(OneDescriptorFree()):
+        out.discard()
     assert leftovers(tmp_path) == [] and not os.path.exists(out.folder)
