@@ -129,6 +129,10 @@ class FileSystem:
         """``fsync`` of ``folder``, where the file system allows it (errors ignored)."""
         _sync_folder(folder)
 
+    def free_bytes(self, folder: str) -> int:
+        """Bytes free for this user on ``folder``'s file system."""
+        return shutil.disk_usage(folder).free
+
     def rmtree(self, path: str) -> None:
         """``path``, a folder, removed with what it holds, as far as it can be (errors ignored)."""
         shutil.rmtree(path, ignore_errors=True)

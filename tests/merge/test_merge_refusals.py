@@ -10,8 +10,9 @@ import pytest
 import torch
 from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
 
+from fastema._io import files
 from fastema.cli import merge as cli
-from fastema.merge import MergeError, _engine, _writer, merge_checkpoints
+from fastema.merge import MergeError, _engine, merge_checkpoints
 
 
 def refused(tmp_path, paths, match, **kwargs):
@@ -99,10 +100,14 @@ def test_a_symlink_loop_and_a_fifo_are_refused_by_name(tmp_path):
     refused(tmp_path, [paths[0], str(fifo)], r"input 1 .* is not a regular file")
 
 
-def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch):
+def test_too_little_disk_is_refused_before_writing(tmp_path):
+    class Small(files.FileSystem):                 # a disk with 1000 bytes free
+        def free_bytes(self, folder):
+            return 1000
+
     paths, _ = checkpoints(tmp_path / "in", "safetensors")
-    monkeypatch.setattr(_writer, "free_bytes", lambda folder: 1000)
-    refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
+    with files.using(Small()):
+        refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from models import mlp  # noqa: E402
+from support.calls import watching  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
@@ -467,7 +468,7 @@ def test_a_claim_that_is_a_symbolic_link_is_refused_naming_it(tmp_path, target):
     assert ph.updates == 0 and os.listdir(folder) == [".fastema-run"] and (folder / ".fastema-run").is_symlink()
 
 
-def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, monkeypatch):
+def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path):
     """Second review (performance): synthesis parsed a DCP snapshot's .metadata again for every tensor it
     read (every dcp.load asked the reader for it), through the pure-Python allow-list unpickler: 2 snapshots
     of 600 tensors made 1202 parses, 54 s of a 60 s synthesis. It is parsed and checked once per snapshot
@@ -489,9 +490,9 @@ def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, m
             "format": "fastema.posthoc", "version": "2", "run_id": "r", "time": str(t), "updates": str(t),
             "gammas": json.dumps(GAMMAS), "averaged": json.dumps(names), "others": "[]", "kind": "dcp",
             "shapes": json.dumps({n: [3] for n in names})}))
-    parses, real = [], DcpMetadataUnpickler.load
-    monkeypatch.setattr(DcpMetadataUnpickler, "load", lambda self: parses.append(1) or real(self))
-    out = posthoc.synthesize(run, 0.07, max_error=1.0)
+    parses: list = []
+    with watching(DcpMetadataUnpickler.load, on_call=lambda args: parses.append(1)):
+        out = posthoc.synthesize(run, 0.07, max_error=1.0)
     assert sorted(out) == names and len(parses) == 2
     coefficients = out.solution.coefficients                      # rows: (10, k=0), (10, 1), (20, 0), (20, 1)
     want = sum(c * (t + k) for c, (t, k) in zip(coefficients, [(10, 0), (10, 1), (20, 0), (20, 1)]))
