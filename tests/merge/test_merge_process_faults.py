@@ -16,6 +16,7 @@ import torch
 from merge_helpers import System, checkpoints, fingerprint, leftovers, run_python, tree_state
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
+from support.calls import watching
 
 from fastema._io import files
 from fastema.cli import merge as cli
@@ -230,12 +231,10 @@ def test_sigterm_sighup_or_ctrl_c_mid_merge_removes_the_temporary_folder_and_exi
     assert not out.exists() and leftovers(tmp_path) == [] and fingerprint(paths) == before
 
 
-def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_path, monkeypatch):
-    import fastema.merge
-
+def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_path):
     seen = {}
 
-    def merge(*args, **kwargs):
+    def merge(args):                        # the merge begins: what handles the signals now, then stop
         seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
         raise MergeError("stop here")
 
@@ -244,8 +243,8 @@ def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_pat
 
     old = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        monkeypatch.setattr(fastema.merge, "merge_checkpoints", merge)
-        assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
+        with watching(merge_checkpoints, on_call=merge):
+            assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
         after = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     finally:
         for s, h in old.items():
@@ -254,17 +253,18 @@ def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_pat
     assert after == {signal.SIGTERM: mine, signal.SIGHUP: mine}
 
 
-def test_the_merge_command_leaves_an_ignored_sighup_ignored(tmp_path, monkeypatch):
+def test_the_merge_command_leaves_an_ignored_sighup_ignored(tmp_path):
     """nohup's SIGHUP stays ignored while the command runs."""
-    import fastema.merge
-
     seen = []
-    monkeypatch.setattr(fastema.merge, "merge_checkpoints",
-                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGHUP)) or (_ for _ in ()).throw(
-                            MergeError("stop here")))
+
+    def merge(args):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        raise MergeError("stop here")
+
     old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
+        with watching(merge_checkpoints, on_call=merge):
+            assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
     finally:
         signal.signal(signal.SIGHUP, old)
     assert seen == [signal.SIG_IGN]
