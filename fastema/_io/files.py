@@ -81,7 +81,7 @@ def _written(path: str, write: Callable, unchanged: str) -> str:
             try:
                 write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                system().sync_file(f.fileno(), path)
             except (OSError, RuntimeError) as err:      # torch.save reports a failed write as RuntimeError
                 free = shutil.disk_usage(directory).free
                 raise OSError(getattr(err, "errno", None) or errno.EIO,
@@ -124,6 +124,11 @@ class FileSystem:
     def link(self, src: str, dst: str) -> None:
         """A hard link ``dst`` of ``src`` (``os.link``)."""
         os.link(src, dst)
+
+    def sync_file(self, fd: int, path: str) -> None:
+        """``fsync`` of the open file ``fd``, written to become ``path``: where a full disk (or a
+        network file system's server) reports a write that did not land."""
+        os.fsync(fd)
 
     def sync_folder(self, folder: str) -> None:
         """``fsync`` of ``folder``, where the file system allows it (errors ignored)."""

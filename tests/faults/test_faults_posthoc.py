@@ -626,7 +626,7 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
 def _sharded_faults(rank, world, snaps):
     from torch.distributed.fsdp import fully_shard
 
-    import fastema._io.dcp as D
+    from fastema._io import files
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -651,18 +651,18 @@ def _sharded_faults(rank, world, snaps):
         os.unlink(os.path.join(snaps, "snapshot-000000000001.safetensors"))
     dist.barrier()
     ph.update()
-    real = D.atomic_write
 
-    def full(path, write):                            # rank 0 cannot write the .json (the last step)
-        raise OSError(errno.ENOSPC, f"could not write {path!r}: No space left on device")
+    class Full(files.FileSystem):                     # rank 0 cannot write the .json (the last step)
+        def sync_file(self, fd, path):
+            if path.endswith(".json"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().sync_file(fd, path)
 
-    D.atomic_write = full if rank == 0 else real
     try:
-        ph.update()
+        with files.using(Full() if rank == 0 else files.FileSystem()):
+            ph.update()
     except SnapshotError as err:
         out["lost"] = torch.tensor([err.applied, err.updates, "do not repeat it" in str(err)])
-    finally:
-        D.atomic_write = real
     out["counters"] = torch.tensor([ph.updates, ph.calls])
     ph.update()                                       # the due snapshot, on both ranks
     out["final"] = torch.tensor([ph.updates])
