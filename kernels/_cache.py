@@ -39,8 +39,8 @@ folder and the reports are the store's too (``._store.files``).
 """
 import contextlib
 import functools
-from collections.abc import Iterator
 from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 from numba.core.dispatcher import Dispatcher

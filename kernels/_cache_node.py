@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from typing import Iterator
 
 from ._store import files
 

@@ -25,7 +25,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from typing import Iterator
 
 from .identity import digest
 
