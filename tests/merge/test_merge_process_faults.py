@@ -23,6 +23,7 @@ from fastema.cli import merge as cli
 from fastema.merge import MergeError, _core, _writer, merge_checkpoints
 
 CLI = "import sys\nfrom fastema.cli import merge as cli\nsys.exit(cli.main(sys.argv[1:]))\n"
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # tests/: a child imports its support
 
 
 def _payload(out) -> bytes:
@@ -107,17 +108,22 @@ def test_temporary_folders_of_dead_merges_are_removed_and_those_of_running_ones_
 
 _RACING = """
 import os, sys, time
+from fastema._io import files
 from fastema.cli import merge as cli
-from fastema.merge import _writer
-real, sync = _writer.Output.publish, os.environ["FASTEMA_TEST_SYNC"]
-def publish(self):              # both merges are past their checks, their temporary folders made
-    open(os.path.join(sync, str(os.getpid())), "w").close()
-    end = time.monotonic() + 30
-    while len(os.listdir(sync)) < 2 and time.monotonic() < end:
-        time.sleep(0.005)
-    real(self)
-_writer.Output.publish = publish
-sys.exit(cli.main(sys.argv[1:]))
+sync = os.environ["FASTEMA_TEST_SYNC"]
+class Racing(files.FileSystem):
+    first = True
+    def sync_folder(self, folder):  # a publish begins: both merges past their checks, their folders made
+        if self.first and folder.endswith(".tmp"):
+            self.first = False
+            open(os.path.join(sync, str(os.getpid())), "w").close()
+            end = time.monotonic() + 30
+            while len(os.listdir(sync)) < 2 and time.monotonic() < end:
+                time.sleep(0.005)
+        super().sync_folder(folder)
+with files.using(Racing()):
+    code = cli.main(sys.argv[1:])
+sys.exit(code)
 """
 
 
@@ -149,12 +155,13 @@ def test_two_merge_processes_into_the_same_new_out_one_wins_the_other_says_out_e
 _NO_DESCRIPTORS_LEFT = """
 import os, resource, sys
 from fastema.merge import _core
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
-real, last = _core.open_input, len(sys.argv) - 3
-def hoarding(path, i, **kwargs):        # the last input holds every descriptor left, until it is closed
-    sources = real(path, i, **kwargs)
-    if i == last:
+last = len(sys.argv) - 3
+def hoarding(args, sources):            # the last input holds every descriptor left, until it is closed
+    if args["index"] == last:
         held = []
         try:
             while True:
@@ -167,10 +174,9 @@ def hoarding(path, i, **kwargs):        # the last input holds every descriptor 
             while held:
                 os.close(held.pop())
         sources[-1].close = closing
-    return sources
-_core.open_input = hoarding
 try:
-    _core.merge_checkpoints(sys.argv[2:], sys.argv[1])
+    with watching(_core.open_input, on_return=hoarding):
+        _core.merge_checkpoints(sys.argv[2:], sys.argv[1])
 except Exception as err:
     print("failed:", type(err).__name__, err)
 else:
@@ -182,7 +188,7 @@ else:
 def test_a_merge_that_runs_out_of_descriptors_leaves_no_temporary_folder(tmp_path, out_name):
     paths, _ = checkpoints(tmp_path / "in", "safetensors", count=2)
     before = fingerprint(paths)
-    r = run_python(_NO_DESCRIPTORS_LEFT, tmp_path / out_name, *paths)
+    r = run_python(_NO_DESCRIPTORS_LEFT, tmp_path / out_name, *paths, env={"FASTEMA_TEST_TESTS": _TESTS})
     assert r.returncode == 0 and r.stdout.startswith("failed:"), (r.stdout, r.stderr)
     assert not (tmp_path / out_name).exists()
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
@@ -196,14 +202,15 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a shell's foreground job
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+import os
 from fastema.cli import merge as cli
 from fastema._io import safetensors as writer
-real = writer.SafetensorsWriter.__init__
-def slow(self, *args, **kwargs):        # mid-merge: the temporary folder and its first file exist
-    real(self, *args, **kwargs)
-    time.sleep(60)
-writer.SafetensorsWriter.__init__ = slow
-sys.exit(cli.main(sys.argv[1:]))
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
+with watching(writer.SafetensorsWriter.__init__,         # mid-merge: the temporary folder and its first
+              on_return=lambda args, value: time.sleep(60)):   # file exist
+    code = cli.main(sys.argv[1:])
+sys.exit(code)
 """
 
 
@@ -215,7 +222,7 @@ def test_sigterm_sighup_or_ctrl_c_mid_merge_removes_the_temporary_folder_and_exi
     before = fingerprint(paths)
     out = tmp_path / out_name
     p = subprocess.Popen([sys.executable, "-c", _SLOW, str(out), *paths, "--no-progress"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, FASTEMA_TEST_TESTS=_TESTS))
     try:
         end = time.monotonic() + 30
         while not any(os.listdir(tmp_path / t) for t in leftovers(tmp_path)) and time.monotonic() < end:
@@ -372,7 +379,7 @@ def test_a_stale_old_link_of_a_dead_merge_is_removed_and_its_target_kept(tmp_pat
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, monkeypatch, zero):
+def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, zero):
     """weights=[0, 1] where input 0 holds inf and nan gave nan (0 x inf); now exactly input 1."""
     bad = {"w": torch.tensor([np.inf, np.nan, -np.inf, 1.0]), "h": torch.tensor([np.nan, 2.0]).half(),
            "n": torch.tensor([5, 6])}
@@ -382,18 +389,16 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     for s, p in zip(states, paths):
         save_file(s, p)
     before = fingerprint(paths)
-    real, pieces = _core.open_input, []
+    pieces = []
 
-    def watched(path, i, **kwargs):
-        sources = real(path, i, **kwargs)
+    def opened(args, sources):              # each input's pieces read, counted
         for s in sources:
             piece = s.piece
-            s.piece = lambda name, *a, _piece=piece, _i=i: pieces.append(_i) or _piece(name, *a)
-        return sources
+            s.piece = lambda name, *a, _piece=piece, _i=args["index"]: pieces.append(_i) or _piece(name, *a)
 
-    monkeypatch.setattr(_core, "open_input", watched)
     weights = [0, 1] if zero == 0 else [1, 0]
-    report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=weights)
+    with watching(_core.open_input, on_return=opened):
+        report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=weights)
     got = load_numpy(tmp_path / "out.safetensors")
     assert got["w"].tobytes() == good["w"].numpy().tobytes() and got["h"].tobytes() == good["h"].numpy().tobytes()
     assert got["n"].tolist() == states[-1]["n"].tolist()                     # copied from the last, as ever
