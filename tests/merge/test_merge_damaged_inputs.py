@@ -5,6 +5,7 @@ store, header dimensions past what a reader takes, more files than descriptors, 
 the safetensors library refuses (a name twice, overlapping spans, gaps, bytes after the last
 tensor). Each refusal leaves no temporary folder and changes no input; whatever could kill the
 process (SIGBUS, a descriptor limit) runs in a child process."""
+import contextlib
 import json
 import os
 
@@ -16,33 +17,22 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
+from support.calls import watching
 
 import fastema._io.safetensors as dtypes
 from fastema.__main__ import main as fastema_main
-from fastema.merge import MergeError, _core, merge_checkpoints
+from fastema.merge import MergeError, _writer, merge_checkpoints
 
 
-def nothing_written(monkeypatch) -> list:
-    """The outputs the merge makes from now on (a list that stays empty when it refuses before
-    writing anything)."""
-    made: list = []
-
-    class Recorded(_core.Output):
-        def __init__(self, out, *args, **kwargs):
-            made.append(out)
-            super().__init__(out, *args, **kwargs)
-
-    monkeypatch.setattr(_core, "Output", Recorded)
-    return made
-
-
-def refused(tmp_path, paths, match, monkeypatch=None, **kwargs) -> None:
+def refused(tmp_path, paths, match, begun: bool = False, **kwargs) -> None:
     """merge_checkpoints refuses ``paths`` with a MergeError matching ``match``: no output, nothing
-    temporary beside it, no input changed (and, given ``monkeypatch``, no output even begun)."""
+    temporary beside it, no input changed (and, ``begun``, no output even begun: no ``Output`` made,
+    its calls watched)."""
     before = fingerprint(paths)
-    made = nothing_written(monkeypatch) if monkeypatch is not None else []
+    made: list = []
     out = tmp_path / "out.safetensors"
-    with pytest.raises(MergeError, match=match):
+    with watching(_writer.Output.__init__, on_call=made.append) if begun else contextlib.nullcontext(), \
+            pytest.raises(MergeError, match=match):
         merge_checkpoints(paths, out, **kwargs)
     assert made == [] and not out.exists() and temporary_entries(tmp_path) == []
     assert fingerprint(paths) == before
@@ -128,16 +118,14 @@ def test_an_input_that_changed_size_after_its_header_was_read_is_refused_before_
         save_numpy({"a": np.full(1000, 1.0 + i, np.float32)}, paths[-1])
     from fastema.merge import _safetensors_input
 
-    real = _safetensors_input.SafetensorsSource.__init__
 
-    def then_grown(self, path, label, files, read="mmap"):
-        real(self, path, label, files, read)
-        if path == paths[0]:
-            with open(path, "ab") as f:
+    def then_grown(args, value):            # input 0 grows right after it was opened
+        if args["path"] == paths[0]:
+            with open(args["path"], "ab") as f:
                 f.write(b"\0" * 64)
 
-    monkeypatch.setattr(_safetensors_input.SafetensorsSource, "__init__", then_grown)
-    with pytest.raises(MergeError, match=r"input 0 \(.*ckpt-0.safetensors\).*rewritten during the merge.*'a'"):
+    with watching(_safetensors_input.SafetensorsSource.__init__, on_return=then_grown), \
+            pytest.raises(MergeError, match=r"input 0 \(.*ckpt-0.safetensors\).*rewritten during the merge.*'a'"):
         merge_checkpoints(paths, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists() and temporary_entries(tmp_path) == []
 
@@ -272,7 +260,7 @@ def test_a_complex128_tensor_is_refused_by_name_before_anything_is_written(tmp_p
     for i in range(2):
         paths.append(str(tmp_path / f"ckpt-{i}.pt"))
         torch.save({"w": torch.full((4,), 1.0 + i), "c": torch.ones(3, dtype=torch.complex128)}, paths[-1])
-    refused(tmp_path, paths, r"input 0 \(.*ckpt-0.pt\): tensor 'c' is complex128", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*ckpt-0.pt\): tensor 'c' is complex128", begun=True)
 
 
 # ------------------------------------------------------------ M4: dimensions past int64
@@ -291,7 +279,7 @@ def test_a_header_dimension_past_int64_is_refused_as_damaged_before_anything_is_
     header = '{' + _ONE + ',"z":{"dtype":"F32","shape":' + json.dumps(shape) + ',"data_offsets":[8,8]}}'
     paths = [crafted(tmp_path / f"ckpt-{i}.safetensors", header, np.ones(2, np.float32).tobytes()) for i in range(2)]
     assert library_refuses(paths[0])
-    refused(tmp_path, paths, r"input 0 \(.*\): tensor 'z' has the shape .* the file is damaged", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*\): tensor 'z' has the shape .* the file is damaged", begun=True)
 
 
 # ------------------------------------------------------------ M5: descriptors
@@ -423,7 +411,7 @@ def test_a_header_the_safetensors_library_refuses_is_refused_too(tmp_path, monke
     # one case the library reads (it keeps the last of two equal entries); a name twice is refused whatever
     # its entries, as the next file may differ in the dtype alone
     assert library_refuses(paths[0]) == (case != "a name twice, same span")
-    refused(tmp_path, paths, r"input 0 \(.*ckpt-0\.safetensors\).*" + match + r".*the file is damaged", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*ckpt-0\.safetensors\).*" + match + r".*the file is damaged", begun=True)
 
 
 _ACCEPTED = {
