@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
+from support.calls import watching
 
 from fastema._io import files
 from fastema.cli import merge as cli
@@ -111,23 +112,20 @@ def test_too_little_disk_is_refused_before_writing(tmp_path):
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
-def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, monkeypatch, fault):
+def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, fault):
     paths, _ = checkpoints(tmp_path / "in", "hf")
     before = fingerprint(paths)
     calls = []
-    real = _engine.Engine._run
 
-    def interrupted(self, job, data, write, bar, *slot):
-        if job.item.name not in calls:
-            calls.append(job.item.name)
+    def interrupted(args):                 # the third tensor's first piece: raised as it begins
+        if args["job"].item.name not in calls:
+            calls.append(args["job"].item.name)
         if len(calls) == 3:
             raise fault(errno.ENOSPC, "No space left on device") if fault is OSError else fault()
-        real(self, job, data, write, bar, *slot)
 
-    monkeypatch.setattr(_engine.Engine, "_run", interrupted)
     for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
         calls.clear()
-        with pytest.raises(fault):
+        with watching(_engine.Engine._run, on_call=interrupted), pytest.raises(fault):
             merge_checkpoints(paths, out)
         assert not out.exists() and leftovers(tmp_path) == [] and len(calls) == 3
     assert fingerprint(paths) == before
