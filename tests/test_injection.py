@@ -35,8 +35,6 @@ STILL_PATCHED: dict = {
      "fastema.keras._saving._structural_state"): _TO_CONVERT,
     ("tests/faults/test_faults_interrupts.py",
      "fastema._backends.copy_from_host"): _BACKEND,
-    ("tests/faults/test_faults_split.py",
-     "fastema.torch._placement.gather.all_gather"): _TO_CONVERT,
     ("tests/kernels/test_cuda.py",
      "fastema._backends.stream_getter"): _BACKEND,
     ("tests/kernels/test_cuda.py",

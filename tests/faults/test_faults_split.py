@@ -130,10 +130,11 @@ def _failed_gathers(rank, world, root):
     restores the raw weights; inside average_parameters() the block's exit restores them at once.
     M1: the way back fails: the error says the raw weights were not restored, and swap() again
     restores them."""
+    from support.calls import watching
+
     from fastema.torch import EMA, ShardReplicas
     from fastema.torch._placement import gather as _gather
 
-    real = _gather.all_gather
     out = {}
     for case, fail_at, block in (("first", 1, True), ("later", 2, False), ("later in a block", 2, True)):
         m = faults.model()
@@ -146,17 +147,13 @@ def _failed_gathers(rank, world, root):
         raw = faults.raw(m)
         calls = [0]
 
-        def failing(o, mine, group, _at=fail_at, _calls=calls):      # noqa: B023 (bound per case)
+        def failing(args, _at=fail_at, _calls=calls):               # noqa: B023 (bound per case)
             _calls[0] += 1
             if _calls[0] == _at:
                 raise torch.OutOfMemoryError("simulated: no memory for the gather's bucket")
-            real(o, mine, group)
 
-        _gather.all_gather = failing
-        try:
+        with watching(_gather.all_gather, on_call=failing):
             kind, _, _ = faults.outcome(lambda: ema.average_parameters().__enter__() if block else ema.swap())
-        finally:
-            _gather.all_gather = real
         state = (ema.swapped, faults.same(raw, faults.raw(m)))
         if ema.swapped:
             ema.swap()                                   # the way back, as average_parameters' exit would
@@ -173,11 +170,8 @@ def _failed_gathers(rank, world, root):
     raw = faults.raw(m)
     ema.swap()
     timed_out = RuntimeError("simulated: gloo timed out")
-    _gather.all_gather = lambda *a, **k: (_ for _ in ()).throw(timed_out)
-    try:
+    with watching(_gather.all_gather, on_call=lambda args: (_ for _ in ()).throw(timed_out)):
         kind, msg, _ = faults.outcome(ema.swap)
-    finally:
-        _gather.all_gather = real
     still = ema.swapped
     ema.swap()
     out["back"] = (kind, "raw weights could not be restored" in msg, still, ema.swapped,
