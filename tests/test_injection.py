@@ -45,8 +45,6 @@ STILL_PATCHED: dict = {
      "fastema.kernels.cuda.VECTORS"): _IDENTITY,
     ("tests/merge/test_merge_damaged_inputs.py",
      "fastema.merge._safetensors_input.SafetensorsSource"): _TO_CONVERT,
-    ("tests/test_cli.py",
-     "fastema.merge.merge_checkpoints"): _TO_CONVERT,
     ("tests/torch/compat/test_compat.py",
      "fastema._backends.torch._tensor_guards"): _BACKEND,
     ("tests/torch/test_compile.py",
