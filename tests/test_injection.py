@@ -49,8 +49,6 @@ STILL_PATCHED: dict = {
      "fastema._backends.torch._tensor_guards"): _BACKEND,
     ("tests/torch/test_compile.py",
      "fastema.torch._compile.__dict__"): _TO_CONVERT,
-    ("tests/torch/test_ema.py",
-     "fastema._io.safetensors.zlib"): _TO_CONVERT,
 }
 """(test file, the dotted name it replaces) -> who owns the seam that replaces the patch."""
 
