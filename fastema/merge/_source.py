@@ -31,6 +31,18 @@ _UNREADABLE = (errno.EFAULT, errno.EIO, getattr(errno, "EHWPOISON", 133))   # po
 
 
 @contextlib.contextmanager
+def populating_refused() -> Iterator[None]:
+    """For the ``with`` block, mapped pages are read as where the system refuses
+    ``MADV_POPULATE_READ`` (Linux older than 5.14: :data:`POPULATE_READ_WORKS`). Put back after."""
+    saved = POPULATE_READ_WORKS[0]
+    POPULATE_READ_WORKS[0] = False
+    try:
+        yield
+    finally:
+        POPULATE_READ_WORKS[0] = saved
+
+
+@contextlib.contextmanager
 def copying_refused() -> Iterator[None]:
     """For the ``with`` block, pieces are read as where the system refuses ``process_vm_readv`` (not
     Linux, a seccomp filter: :data:`COPY_MAPPED_WORKS`): in the map. Put back after."""

@@ -44,11 +44,8 @@ def fresh(monkeypatch, tmp_path):
     """device_code's per-process state reset around a test (its warnings given once, the sets
     read once), and a cache of run-time compiles of the test's own."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
-    D._WARNED.clear()
-    D.sets.cache_clear()
-    yield D
-    D._WARNED.clear()
-    D.sets.cache_clear()
+    with D.afresh():
+        yield D
 
 
 class Compiles:

@@ -53,32 +53,31 @@ def library_refuses(path) -> bool:
 
 
 _TRUNCATED_MIDWAY = """
-import json, os, sys
+import contextlib, json, os, sys
 from fastema.merge import _core, _engine, _source
 from fastema.merge._safetensors_input import SafetensorsSource
-_engine.PIECE_BYTES.update(mmap=64 << 10, pread=64 << 10)   # four pieces a tensor
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
 case, read, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-if case == "without populate":
-    _source.POPULATE_READ_WORKS[0] = False            # as on a kernel older than 5.14
 victim, method, name, lo = {"inside a tensor": (0, "piece", "a", 16384), "without populate": (0, "piece", "a", 16384),
                             "between tensors": (0, "piece", "b", 0), "a copied tensor": (1, "raw", "ids", 0)}[case]
 with open(paths[victim], "rb") as f:
     n = int.from_bytes(f.read(8), "little")
     cut = 8 + n + json.loads(f.read(n))[name]["data_offsets"][0] + lo * 4
 fired = []
-real = getattr(SafetensorsSource, method)
-def truncating(self, tensor, at, size, scratch):   # what a trainer rewriting the file in place does
-    if not fired and self.path == paths[victim] and (tensor, at) == (name, lo):
-        os.truncate(self.path, cut)                     # the pieces read before stay readable
+def truncating(args):                                   # what a trainer rewriting the file in place does
+    if not fired and args["self"].path == paths[victim] and (args["name"], args["lo"]) == (name, lo):
+        os.truncate(args["self"].path, cut)             # the pieces read before stay readable
         fired.append(cut)
-    return real(self, tensor, at, size, scratch)
-setattr(SafetensorsSource, method, truncating)
-try:
-    _core.merge_checkpoints(paths, out, read=read)
-except Exception as err:
-    print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
-else:
-    print(f"fired={bool(fired)} written")
+older = _source.populating_refused() if case == "without populate" else contextlib.nullcontext()
+with _engine.tuned(mmap_piece=64 << 10, pread_piece=64 << 10), older, \\
+        watching(getattr(SafetensorsSource, method), on_call=truncating, every_thread=True):   # four pieces a tensor
+    try:
+        _core.merge_checkpoints(paths, out, read=read)
+    except Exception as err:
+        print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
+    else:
+        print(f"fired={bool(fired)} written")
 """
 
 
@@ -99,7 +98,8 @@ def test_an_input_truncated_during_a_merge_before_its_piece_is_read_is_a_merge_e
         save_numpy(state, paths[-1])
     victim = 1 if case == "a copied tensor" else 0
     untouched = fingerprint([paths[1 - victim]])
-    r = run_python(_TRUNCATED_MIDWAY, case, read, tmp_path / "out.safetensors", *paths)
+    r = run_python(_TRUNCATED_MIDWAY, case, read, tmp_path / "out.safetensors", *paths,
+                   env={"FASTEMA_TEST_TESTS": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])             # no SIGBUS (-7)
     tensor = {"inside a tensor": "a", "without populate": "a", "between tensors": "b", "a copied tensor": "ids"}[case]
     assert r.stdout.startswith("fired=True failed: MergeError: "), r.stdout
