@@ -25,6 +25,7 @@ import contextlib
 import torch
 from dist import run_ranks
 from support import faults
+from support.calls import watching
 
 _COLLECTIVE_S = 30.0       # every collective's timeout in these worlds: a hang is an error, fast
 _BOUND_S = 10.0            # a refusal reaches every rank within this (far below the timeout)
@@ -52,21 +53,18 @@ def _trained(split=True):
 
 
 @contextlib.contextmanager
-def _failing(module, name: str, when, exc: BaseException):
-    """``module.name`` raising ``exc`` at the calls ``when(n)`` picks (from 1), then put back."""
-    real, calls = getattr(module, name), [0]
+def _failing(function, when, exc: BaseException):
+    """``function`` (a class: its ``__init__``) raising ``exc`` as it begins at the calls ``when(n)``
+    picks (from 1), its calls watched (``tests/support/calls.py``), not replaced."""
+    calls = [0]
 
-    def fake(*args, **kwargs):
+    def call(args):
         calls[0] += 1
         if when(calls[0]):
             raise exc
-        return real(*args, **kwargs)
 
-    setattr(module, name, fake)
-    try:
+    with watching(function.__init__ if isinstance(function, type) else function, on_call=call):
         yield calls
-    finally:
-        setattr(module, name, real)
 
 
 def _oom(what: str) -> torch.OutOfMemoryError:
@@ -170,7 +168,7 @@ def _swap_in_raw_window(rank, world, root):
         with ref.average_parameters(1):
             want = faults.raw(m)
         errors, inside = [], []
-        with _failing(splits, "FlatShadow", lambda n: rank == 1 and n == 1, _oom("the window")):
+        with _failing(splits.FlatShadow, lambda n: rank == 1 and n == 1, _oom("the window")):
             for _ in range(2):
                 kind, msg, s = _outcome(lambda: _evaluate(ema, m, 1, inside))
                 errors.append((kind, msg[:300], s))
@@ -221,7 +219,7 @@ def _retries(rank, world, root):
         """``module.attr`` fails at its ``at``-th call on rank ``on`` (``allocate``: 1 the read's
         buffers, 2 its first kept entry, mid-stream), then every rank retries."""
         when = lambda n: rank == on and n == at                 # noqa: E731
-        with _failing(module, attr, when, exc or _oom(name)) as calls:
+        with _failing(getattr(module, attr), when, exc or _oom(name)) as calls:
             failed = _outcome(read)
         retried = _outcome(read)
         out[name] = (*failed, calls[0] >= at or rank != on, retried[:2], check())
