@@ -70,7 +70,8 @@ from fastema.kernels._store import files
 
 sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-files.LOCK_WAIT = 0.2
+waiting = files.afresh(lock_wait=0.2)               # for the whole child (kept: entered, never left)
+waiting.__enter__()
 out = {}
 
 
@@ -185,13 +186,9 @@ def node(monkeypatch, tmp_path):
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    monkeypatch.setattr(_cache_node, "NOT_NODE_LOCAL", [], raising=False)
-    monkeypatch.setattr(files, "UNSAVED", [], raising=False)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    files.node_root.cache_clear()
-    with D.afresh(), config.tuned(CUDA_CACHE=True):
+    with _cache.afresh(), D.afresh(), config.tuned(CUDA_CACHE=True):
         yield temp / f"fastema-{os.getuid()}"
-    files.node_root.cache_clear()
 
 
 def _node_locator():
