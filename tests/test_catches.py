@@ -57,7 +57,10 @@ BROAD_CATCHES = {
     ("fastema/cli/warm.py", "_warm_cuda"): [
         "numba's own compile of the missing variants: any failure is the exit status 1 with its "
         "type and message, and the CUDA check to run (a command line's last word)"],
-    ("fastema/jax.py", "EMA.update"): [
+    ("fastema/torch/_state/attached.py", "_decode"): [
+        "the attached average's counter record decoded from a checkpoint: any failure of json.loads "
+        "(RecursionError of a deeply nested record too) is damage, a ValueError on every rank"],
+    ("fastema/jax/_face.py", "EMA.update"): [
         "re-raised unless a leaf of the tree was donated before this read, which is then named"],
     ("fastema/torch/_swap.py", "ShadowSwap.exchange"): [
         "re-raised unless a split average is still swapped in: then the error says what this "

@@ -24,7 +24,6 @@ _BACKEND = "the torch backend's seams: the `entry` helper's (issue 72 item 4)"
 _IDENTITY = ("the kernels' vector loads: kernels/cuda.py, _cuda_scan.py and _cuda_hw.py are the shipped "
              "device code's identity (CUDA_SOURCES): a seam there means rebuilding both shipped sets; "
              "add it at the next rebuild")
-_JAX = "fastema/jax.py belongs to its own issue this round"
 _LAUNCH = ("the launch layer's record of run-time compiles (device_code.COMPILES): a test stands in for a "
            "compile by adding to it; device_code.afresh does not start it again yet (the `launch` helper's)")
 _KERAS = ("a damaged Keras save made by replacing what the callback saves: to become a file damaged "
@@ -36,8 +35,6 @@ STILL_PATCHED: dict = {
      "fastema._launch.device_code.COMPILES"): _LAUNCH,
     ("tests/array/test_ops.py",
      "fastema._backends.torch._tensor_guards"): _BACKEND,
-    ("tests/bridges/test_jax.py",
-     "fastema.jax._copy"): _JAX,
     ("tests/bridges/test_keras.py",
      "fastema.keras._saving._structural_state"): _KERAS,
     ("tests/kernels/test_cuda.py",

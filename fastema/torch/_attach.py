@@ -45,10 +45,12 @@ refused here, by name.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -380,7 +382,19 @@ def _called_by_dcp(what: str = "_init_optim_state") -> bool:
 
 _CONTRACT = {"_init_optim_state": ("optim",), "_get_optim_state_dict": ("optimizers", "info"),
              "_load_optim_state_dict": ("optimizers", "state_dict", "info")}
-_BROKEN: set = set()
+_BROKEN: set = set()           # the functions already warned of, once a process
+
+
+@contextlib.contextmanager
+def contract_warnings_afresh() -> Iterator[None]:
+    """For the ``with`` block, the contract's warnings said again, once per function (a test of
+    another torch's DCP in a process that has warned already); the record put back after."""
+    global _BROKEN
+    saved, _BROKEN = _BROKEN, set()
+    try:
+        yield
+    finally:
+        _BROKEN = saved
 
 
 def _dcp_frame(what: str) -> Any:

@@ -48,11 +48,8 @@ class _Refusing(FakeDriver):
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
-    D._WARNED.clear()
-    D.sets.cache_clear()
-    yield
-    D._WARNED.clear()
-    D.sets.cache_clear()
+    with D.afresh():                 # the warnings said once per reason and the shipped sets, anew
+        yield
 
 
 def _group():

@@ -286,11 +286,11 @@ def test_dcp_is_told_by_a_checked_contract_and_a_changed_torch_is_named(monkeypa
         return {}
 
     monkeypatch.setattr(sd, "_get_optim_state_dict", _get_optim_state_dict)
-    monkeypatch.setattr(_attach, "_BROKEN", set())
-    with pytest.warns(RuntimeWarning, match=rf"_get_optim_state_dict\(optimizers, info\).*"
-                                            rf"torch {re.escape(torch.__version__)}"):
-        got = opt.state_dict()
-    assert KEY in got                              # the top-level form, as outside DCP
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")             # once
-        opt.state_dict()
+    with _attach.contract_warnings_afresh():
+        with pytest.warns(RuntimeWarning, match=rf"_get_optim_state_dict\(optimizers, info\).*"
+                                                rf"torch {re.escape(torch.__version__)}"):
+            got = opt.state_dict()
+        assert KEY in got                          # the top-level form, as outside DCP
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")         # once
+            opt.state_dict()
