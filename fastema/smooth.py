@@ -93,7 +93,9 @@ class Smoother:
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
-        self._where = None
+        self._where: tuple | None = None
+        self._runs: dict = {}
+        self._w0 = SCALE
 
     # ------------------------------------------------------------ state
 
@@ -109,6 +111,7 @@ class Smoother:
         st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
         self._state, self._where, self.shape = st, where, shape
         self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
+        self._runs = {}                          # kind -> (ema, sma) launches over these views (_prepare)
 
     # ------------------------------------------------------------ update / read
 
@@ -128,17 +131,59 @@ class Smoother:
             self._alloc(where, shape)
         per_stream = c is not None
         c = self._dummy() if c is None else c
-        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
-        skip = self.nonfinite == "skip"
-        st = self._views
-        if self.alpha is not None:
-            _launch.launch("ema_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, a=st["a"], b=st["b"],
-                           d=1.0 - self.alpha, mode=_MODES[self.mode], skip=skip)
-        if self.window is not None:
-            _launch.launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, ring_v=st["ring_v"],
-                           ring_w=st["ring_w"], s=st["s"], comp=st["comp"], ws=st["ws"], wcomp=st["wcomp"],
-                           n=st["n"], bad=st["bad"], slot=self.count % self.window, skip=skip)
+        if w0 == self._w0:
+            w0 = self._w0                                 # the same object: a bound launch packs nothing
+        else:
+            self._w0 = w0
+        ema, sma = self._runs.get(kind) or self._prepare(kind)
+        if ema is not None:
+            ema(y, w0, c, per_stream)
+        if sma is not None:
+            sma(y, w0, c, per_stream, self.count % self.window)
         self.count += 1
+
+    def _prepare(self, kind: int) -> tuple:
+        """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), made once
+        per kind and state: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream,
+        slot)``. On a GPU each is bound once (the variant's code and its argument block, the state's
+        views in it): per update only the arguments that are new objects are written into the block
+        (the values' view, kept per address by the backend; the ring slot). On the CPU each call goes
+        through :func:`fastema._launch.launch`."""
+        device = self._where[1]
+        group = _launch.Group(device, None, kind, None, _backends.stream_getter(*self._where))
+        skip, st = self.nonfinite == "skip", self._views
+        d = None if self.alpha is None else 1.0 - self.alpha
+        ring = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
+        ema: Any = None
+        sma: Any = None
+        if _launch.is_cuda(device):
+            from ._launch import config
+            from .kernels import cuda as K
+
+            bound = _launch._cuda_bound().BoundLaunch
+            size = int(np.prod(self.shape)) if self.shape else 1
+            grid = max(1, min(-(-size // config.CUDA_THREADS), config.CUDA_STREAM_MAX_BLOCKS))
+            if d is not None:
+                ema = bound(group, K.ema_kernel(kind, _MODES[self.mode], skip), (), (st["a"], st["b"], d),
+                            tables_of=None, grid=grid)
+            if self.window is not None:
+                state = tuple(st[n] for n in ring)
+                kernel = bound(group, K.sma_kernel(kind, skip), (), (), tables_of=None, grid=grid)
+
+                def sma(y, w0, c, per_stream, slot):
+                    kernel(y, w0, c, per_stream, *state, slot)
+        else:
+            launch, mode = _launch.launch, _MODES[self.mode]
+            if d is not None:
+                def ema(y, w0, c, per_stream):
+                    launch("ema_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, a=st["a"], b=st["b"],
+                           d=d, mode=mode, skip=skip)
+            if self.window is not None:
+                def sma(y, w0, c, per_stream, slot):
+                    launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream,
+                           **{n: st[n] for n in ring}, slot=slot, skip=skip)
+        self._runs[kind] = runs = (ema, sma)
+        return runs
 
     def _weights(self, sample_weight, k: int, device: str):
         """``(w0, per-stream weight view or None)``: the kernels weigh stream ``k``'s value by ``w0``,

@@ -17,12 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import numpy as np
-
 from .fake_driver import FakeDeviceArray, FakeDriver
 
-_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64,
-           "bfloat16": np.uint16, "float16": np.uint16, "uint8": np.uint8}
 STUB_CONTEXT = 0xC0C0
 TORCH_STREAM = 77
 """The raw stream handle of torch's current stream on the fake ``cuda:0``."""
@@ -53,52 +49,30 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
         fastema.ops._single_tables.cache_clear()
 
 
-@contextlib.contextmanager
+class _TorchStandIn:
+    """The fake ``cuda:0`` of fastema's torch backend (:class:`fastema._backends.torch.StandIn`):
+    CPU tensors described as there, their kernel views :class:`FakeDeviceArray` over their own
+    memory, launches on the raw stream :data:`TORCH_STREAM`."""
+
+    device = "cuda:0"
+
+    def __init__(self, driver: FakeDriver):
+        self.driver = driver
+
+    def kernel_view(self, address: int, numel: int, dtype, owner) -> FakeDeviceArray:
+        return FakeDeviceArray(numel, dtype, ptr=address, driver=self.driver)
+
+    @staticmethod
+    def stream() -> int:
+        return TORCH_STREAM
+
+
 def _torch_on_gpu(driver: FakeDriver):
-    """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend (a seam of the
-    backend's, not of the launch path: its class methods and ``_backends.stream_getter`` replaced
-    for the block)."""
-    from fastema import _backends
+    """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend, through the
+    backend's own seam (:func:`fastema._backends.torch.standing_in`)."""
     from fastema._backends import torch as tb
 
-    backend = _backends.backend_named("torch")
-    cls = type(backend)
-    describe, control = cls.describe, cls.control
-    getter = _backends.stream_getter                        # lru-cached per (framework, device)
-
-    def on_gpu(buf):
-        return buf._replace(device="cuda:0") if buf.device == "cpu" else buf
-
-    replaced = [
-        (cls, "describe", lambda self, t, what: on_gpu(describe(self, t, what))),
-        (cls, "location", lambda self, a: (tb.NAME, "cuda:0")),
-        (cls, "control", lambda self, x, what, writable:
-         ("cuda:0",) + tuple(control(self, x, what, writable))[1:]),
-        (cls, "zeros", lambda self, device, n, dtype: _torch_zeros(n, dtype)),
-        (cls, "kernel_view", lambda self, a:
-         FakeDeviceArray(a.numel(), _DTYPES[str(a.dtype)[6:]], ptr=a.data_ptr(), driver=driver)),
-        (_backends, "stream_getter", lambda framework, device: (lambda: TORCH_STREAM)
-         if framework == tb.NAME and device != "cpu" else getter(framework, device))]
-    saved = [(obj, name, vars(obj).get(name, _MISSING)) for obj, name, _ in replaced]
-    for obj, name, value in replaced:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            if value is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-
-
-_MISSING = object()
-
-
-def _torch_zeros(n, dtype):
-    import torch
-
-    return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name))
+    return tb.standing_in(_TorchStandIn(driver))
 
 
 def rl_mlp(hidden: int = 256, seed: int = 0):

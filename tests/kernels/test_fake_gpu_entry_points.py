@@ -1,0 +1,217 @@
+"""Every GPU entry point besides the array functions runs in the fake GPU of ``tests/support`` (issue
+70 item 1): ``Smoother.update`` / ``Tracker.update``, ``TargetNetwork`` (made, updated, hard-updated)
+and the swap (``average_parameters()``), each launching on torch's current stream with no host sync;
+and the fake GPU varies the torch backend through the backend's own seam
+(``fastema._backends.torch.standing_in``), assigning none of its attributes (issue 72 item 4).
+"""
+import collections
+import copy
+import gc
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the fake stands in for the real numba-cuda
+    pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
+pytest.importorskip("numba.cuda.dispatcher")
+
+from support.fake_gpu import TORCH_STREAM, fake_gpu, rl_mlp  # noqa: E402
+
+import fastema  # noqa: E402
+from fastema import _backends  # noqa: E402
+from fastema._backends import torch as torch_backend  # noqa: E402
+from fastema.torch import EMA, TargetNetwork  # noqa: E402
+
+
+def _launches(fake) -> list:
+    return [e for e in fake.launches if e[0] in ("launch", "dispatcher")]
+
+
+def _streams(fake) -> set:
+    return {e[1] if e[0] == "launch" else e[2][2] for e in _launches(fake)}
+
+
+def _calls(fn) -> collections.Counter:
+    """The Python functions ``fn`` runs and the C functions its Python code calls, by name."""
+    calls: collections.Counter = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[frame.f_code.co_qualname] += 1
+        elif event == "c_call":
+            calls[getattr(arg, "__qualname__", repr(arg))] += 1
+
+    gc.collect()
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_the_fake_gpu_assigns_no_attribute_of_the_torch_backend():
+    """It stood in by replacing the backend class's methods and ``_backends.stream_getter`` for the
+    block (``setattr``): now through ``standing_in``, and every attribute is the one it was."""
+    cls = type(_backends.TORCH)
+    before = dict(vars(cls)), dict(vars(_backends)), dict(vars(torch_backend))
+    with fake_gpu(record=False):
+        during = dict(vars(cls)), dict(vars(_backends)), dict(vars(torch_backend))
+        assert _backends.describe(torch.zeros(3), "x").device == "cuda:0"
+        assert _backends.stream_getter("torch", "cuda:0")() == TORCH_STREAM
+    for b, d in zip(before, during):
+        assert {k for k in b if b[k] is not d.get(k)} == set()
+    assert _backends.stream_getter.cache_info().currsize == 0   # the fake's getters not kept past the block
+    assert _backends.describe(torch.zeros(3), "x").device == "cpu"
+
+
+def test_standing_in_ends_however_the_block_ends():
+    with pytest.raises(KeyError):
+        with fake_gpu(record=False):
+            raise KeyError("inside")
+    assert torch_backend._STANDS == [] and torch_backend._VIEWS == {}
+    assert _backends.location(torch.zeros(1)) == ("torch", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("weight", ["none", "scalar", "per stream"])
+def test_smoother_update_runs_in_the_fake_gpu(dtype, weight):
+    """It raised ``KeyError: 'uint32'`` (the fake's dtype table knew no bits dtype)."""
+    kw = {"none": {}, "scalar": {"sample_weight": 3.0},
+          "per stream": {"sample_weight": torch.full((4,), 2.0, dtype=torch.float64)}}[weight]
+    with fake_gpu() as fake:
+        s = fastema.Smoother(span=10, window=5)
+        for i in range(7):
+            s.update(torch.full((4,), float(i), dtype=dtype), **kw)
+        assert s.count == 7
+        assert len(_launches(fake)) == 14                    # the EMA's and the SMA's, one each an update
+        assert _streams(fake) == {TORCH_STREAM}
+        assert fake.counters["host_syncs"] == 0
+        assert s.state_dict()["state"]["a"].device.type == "cpu"    # the fake's device memory
+
+
+def test_a_smoother_binds_its_launches_once():
+    """``Smoother.update`` on CUDA made its two launches afresh at every call (numba ``typeof`` of 14
+    arguments, a ctypes block: 304 us on an H100). Now bound once: per update no block is packed and
+    no kernel view made (the backend keeps a view per address). What is still typed afresh, by the
+    bound launch's check of a new argument object (``_launch``'s, outside this entry point): the
+    values' view where it is not the last launch's (two alternating here) and the SMA's ring slot."""
+    from fastema._launch import abi
+
+    with fake_gpu(record=False):
+        s = fastema.Smoother(decay=0.9, window=50)
+        a, b = torch.ones(3), torch.full((3,), 2.0)          # a training loop's values: a few addresses
+        for v in (a, b, a, b):
+            s.update(v)
+        calls = _calls(lambda: (s.update(a), s.update(b)))
+    assert calls[abi.Block.__init__.__qualname__] == 0
+    assert calls["FakeDeviceArray.__init__"] == 0
+    assert calls["_typeof"] == 2 * 3                          # per update: the view twice, the slot once
+
+
+def test_a_smoother_under_the_fake_gpu_refuses_values_of_another_device():
+    with fake_gpu(record=False):
+        s = fastema.Smoother(decay=0.9)
+        s.update(torch.ones(2))
+    with pytest.raises(ValueError, match="cuda:0"):
+        s.update(torch.ones(2))                               # the CPU now: another device
+
+
+def test_tracker_update_runs_in_the_fake_gpu():
+    with fake_gpu() as fake:
+        tr = fastema.Tracker(("loss", "acc"), ema=0.9, sma=5)
+        for i in range(4):
+            tr.update(loss=torch.tensor(float(i)), acc=torch.tensor(0.5))
+        assert tr.count == 4
+        assert len(_launches(fake)) == 8 and _streams(fake) == {TORCH_STREAM}
+        assert fake.counters["host_syncs"] == 0
+
+
+@pytest.mark.parametrize("device_step", [True, False])
+def test_target_network_runs_in_the_fake_gpu(device_step):
+    """``TargetNetwork(...)`` asked torch for CUDA (its flags were ``torch.zeros(device="cuda:0")``):
+    ``Torch not compiled with CUDA enabled``."""
+    with fake_gpu() as fake:
+        online = rl_mlp()
+        target = copy.deepcopy(online).requires_grad_(False)
+        tn = TargetNetwork(online, target, tau=0.01, device_step=device_step)
+        assert tn.device_step is device_step
+        with torch.no_grad():
+            tn.update()                                       # the first binds
+            fake.launches.clear()
+            syncs = fake.counters["host_syncs"]
+            for _ in range(3):
+                tn.update()
+            tn.hard_update()
+        assert tn.updates == 4
+        assert _launches(fake) and _streams(fake) == {TORCH_STREAM}
+        assert fake.counters["host_syncs"] == syncs
+
+
+def test_a_host_plan_target_network_refuses_a_capture_in_the_fake_gpu():
+    """The refusal asked torch (``torch.cuda.is_current_stream_capturing``), so it ran only on a GPU:
+    now fastema's own query of the launch driver, which the fake answers."""
+    with fake_gpu() as fake:
+        online = rl_mlp()
+        tn = TargetNetwork(online, copy.deepcopy(online).requires_grad_(False), device_step=False)
+        before = [p.clone() for p in tn.target.parameters()]
+        fake.capture = True
+        with pytest.raises(RuntimeError, match="device_step=True"):
+            tn.update()
+        fake.capture = False
+        assert tn.updates == 0 and all(torch.equal(p, q) for p, q in zip(tn.target.parameters(), before))
+        tn.update()
+        assert tn.updates == 1
+        on_device = TargetNetwork(online, copy.deepcopy(online).requires_grad_(False), device_step=True)
+        fake.capture = True
+        on_device.update()                                    # the plan on the device replays: no refusal
+
+
+def test_the_swap_runs_in_the_fake_gpu():
+    with fake_gpu() as fake:
+        net = rl_mlp()
+        ema = EMA(net, 0.99)
+        with torch.no_grad():
+            ema.update()
+            with ema.average_parameters():                    # the first makes its tables
+                pass
+            fake.launches.clear()
+            syncs = fake.counters["host_syncs"]
+            before = [p.detach().clone() for p in net.parameters()]
+            for _ in range(2):
+                with ema.average_parameters():
+                    pass
+        assert len(_launches(fake)) == 4                      # in and out, twice: one group
+        assert _streams(fake) == {TORCH_STREAM}
+        assert fake.counters["host_syncs"] == syncs
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))   # nothing ran on a device
+
+
+def test_kernel_views_of_a_stand_in_have_the_bits_dtypes():
+    """What a stand-in is asked for: the tensor's address, elements and a NumPy dtype (bfloat16's
+    bits as uint16)."""
+    asked = []
+
+    class Stand:
+        device = "cuda:3"
+
+        def kernel_view(self, address, numel, dtype, owner):
+            asked.append((address, numel, np.dtype(dtype)))
+            return asked[-1]
+
+        @staticmethod
+        def stream():
+            return 5
+
+    t = torch.zeros(6, dtype=torch.bfloat16)
+    with torch_backend.standing_in(Stand()):
+        assert _backends.TORCH.kernel_view(t) == (t.data_ptr(), 6, np.dtype(np.uint16))
+        assert _backends.TORCH.location(t) == ("torch", "cuda:3")
+        assert _backends.stream_getter("torch", "cuda:3")() == 5
+        flag = _backends.zeros(("torch", "cuda:3"), 1, np.int32)
+        assert flag.device.type == "cpu" and flag.dtype == torch.int32
+    assert _backends.TORCH.location(t) == ("torch", "cpu")
