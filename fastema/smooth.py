@@ -21,6 +21,7 @@ from .kernels import kinds
 __all__ = ["Smoother", "alpha_from"]
 
 _MODES = {"debiased": kinds.DEBIASED, "seeded": kinds.SEEDED, "zeros": kinds.ZEROS}
+_RUNS_KEPT = 4        # a smoother's prepared launches on a GPU, one per values view (see Smoother._prepare)
 
 # Every sample weight reaches the kernels times SCALE, so the weighted sums (the debiased EMA's
 # a = sum d^i w_i v_i and b = sum d^i w_i, the window's sums of w v and w) are kept in units of
@@ -95,6 +96,7 @@ class Smoother:
         self._state: dict[str, Any] = {}
         self._where: tuple | None = None
         self._runs: dict = {}
+        self._bound = False
         self._w0 = SCALE
 
     # ------------------------------------------------------------ state
@@ -111,7 +113,8 @@ class Smoother:
         st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
         self._state, self._where, self.shape = st, where, shape
         self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
-        self._runs = {}                          # kind -> (ema, sma) launches over these views (_prepare)
+        self._runs = {}                          # (kind, values view) -> (ema, sma) over these views (_prepare)
+        self._bound = _launch.is_cuda(where[1])  # bound launches, per values view
 
     # ------------------------------------------------------------ update / read
 
@@ -135,20 +138,27 @@ class Smoother:
             w0 = self._w0                                 # the same object: a bound launch packs nothing
         else:
             self._w0 = w0
-        ema, sma = self._runs.get(kind) or self._prepare(kind)
+        key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
+        runs = self._runs.get(key)
+        if runs is None:
+            runs = self._prepare(kind, key)
+        ema, sma = runs
         if ema is not None:
             ema(y, w0, c, per_stream)
         if sma is not None:
             sma(y, w0, c, per_stream, self.count % self.window)
         self.count += 1
 
-    def _prepare(self, kind: int) -> tuple:
-        """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), made once
-        per kind and state: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream,
-        slot)``. On a GPU each is bound once (the variant's code and its argument block, the state's
-        views in it): per update only the arguments that are new objects are written into the block
-        (the values' view, kept per address by the backend; the ring slot). On the CPU each call goes
-        through :func:`fastema._launch.launch`."""
+    def _prepare(self, kind: int, key: tuple) -> tuple:
+        """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), kept
+        under ``key``: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream, slot)``.
+        On a GPU each is bound once per values view (the variant's code and its argument block, the
+        state's views in it; the backend keeps a view per address, and a training loop's values come
+        at a few addresses, so :data:`_RUNS_KEPT` launches a smoother): per update only the arguments
+        that are new objects are written into the block (the ring slot; the weight and the per-stream
+        weights when they change). On the CPU each call goes through :func:`fastema._launch.launch`."""
+        if len(self._runs) >= _RUNS_KEPT:
+            del self._runs[next(iter(self._runs))]        # the oldest
         device = self._where[1]
         group = _launch.Group(device, None, kind, None, _backends.stream_getter(*self._where))
         skip, st = self.nonfinite == "skip", self._views
@@ -182,7 +192,7 @@ class Smoother:
                 def sma(y, w0, c, per_stream, slot):
                     launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream,
                            **{n: st[n] for n in ring}, slot=slot, skip=skip)
-        self._runs[kind] = runs = (ema, sma)
+        self._runs[key] = runs = (ema, sma)
         return runs
 
     def _weights(self, sample_weight, k: int, device: str):

@@ -139,10 +139,10 @@ holds at that address now, in that layout and dtype (the same memory, described 
 _VIEWS_KEPT = 8
 
 
-def _metric_view(flat, bits: str, device: str):
-    """The kernel view of the contiguous tensor ``flat``'s elements as ``bits`` (its dtype's
+def _metric_view(t, bits: str, device: str):
+    """The kernel view of the contiguous tensor ``t``'s elements, flat, as ``bits`` (its dtype's
     unsigned bits, or float64), kept in :data:`_VIEWS`."""
-    key = (device, flat.data_ptr(), flat.numel(), bits)
+    key = (device, t.data_ptr(), t.numel(), bits)
     view = _VIEWS.get(key)
     if view is None:
         if len(_VIEWS) >= _VIEWS_KEPT:
@@ -312,18 +312,22 @@ class Torch(Backend):
     def metric(self, x, what: str):
         import torch
 
-        if x.device.type not in ("cpu", "cuda"):
+        dev = x.device
+        if dev.type == "cuda":
+            device = f"cuda:{dev.index}"
+        elif dev.type == "cpu":
+            device = _STANDS[-1].device if _STANDS else "cpu"
+        else:
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no values)")
         kind = kind_of(x.dtype)
         if kind is None:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
+            return kind, _metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
         flat = x.detach().reshape(-1)
-        device = _device_of(x)
         if not flat.is_contiguous():
             flat = flat.contiguous()                      # a temporary: its view owns it
-        elif device != "cpu":
-            return kind, _metric_view(flat, _BITS[kind], device), (NAME, device), tuple(x.shape)
         bits = flat.view(getattr(torch, _BITS[kind]))
         return kind, self.kernel_view(bits), (NAME, device), tuple(x.shape)
 
