@@ -168,9 +168,13 @@ class Smoother:
         sma: Any = None
         if _launch.is_cuda(device):
             from ._launch import config
-            from .kernels import cuda as K
 
-            bound = _launch._cuda_bound().BoundLaunch
+            # _launch's bound launch (cuda_bound.BoundLaunch, what its *_launcher functions return) over
+            # the kernels its CUDA target launches for "ema_streams" / "sma_streams": _launch offers no
+            # prepared form of these two ops yet (issue 70 item 1's prepare(op, group)), so it is made
+            # here from the module that holds both
+            bound_launches = _launch._cuda_bound()
+            bound, K = bound_launches.BoundLaunch, bound_launches.K
             size = int(np.prod(self.shape)) if self.shape else 1
             grid = max(1, min(-(-size // config.CUDA_THREADS), config.CUDA_STREAM_MAX_BLOCKS))
             if d is not None:

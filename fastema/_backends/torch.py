@@ -45,18 +45,15 @@ def standing_in(stand: StandIn) -> Iterator[StandIn]:
     (:meth:`Torch.describe`, ``control``, ``metric``, ``location``) as there, fastema's own buffers for
     that device made on the CPU, kernel views made by ``stand.kernel_view`` and launches ordered on
     ``stand.stream()``. Nothing runs on a device: the host work of every GPU entry point, measured and
-    tested without a GPU. The stream getters handed out and the metric views kept (:data:`_VIEWS`)
-    are made afresh on the way in and out."""
-    from . import stream_getter  # the package's cache of getters (lru-cached per device)
-
+    tested without a GPU. The metric views kept (:data:`_VIEWS`) are made afresh on the way in and
+    out. (Entered through :func:`fastema._backends.standing_in`, which also drops the stream getters
+    the package keeps.)"""
     _STANDS.append(stand)
-    stream_getter.cache_clear()
     _VIEWS.clear()
     try:
         yield stand
     finally:
         _STANDS.remove(stand)
-        stream_getter.cache_clear()
         _VIEWS.clear()
 
 

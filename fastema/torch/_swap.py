@@ -90,12 +90,9 @@ class ShadowSwap:
             raise
         gathering.append(True)                         # agreed: the gathers write into the model
         # Addresses found current above (the model side's check in, the buffers' refresh back): the
-        # swaps read none again (a plain shadow's table; a placement's swap checks its own)
-        with contextlib.ExitStack() as checked:
-            for shadow, fresh in ((avg, swapping_in), (copy, True)):
-                table = getattr(shadow, "source_table", None)
-                if fresh and table is not None and shadow is not None:
-                    checked.enter_context(table.checked_now())
+        # swaps read none again (where the shadow can say so: Capabilities.sources_checked)
+        with avg.sources_checked() if swapping_in else contextlib.nullcontext(), \
+                copy.sources_checked() if copy is not None else contextlib.nullcontext():
             self._exchange(row, swapping_in, lossy)
 
     def _exchange(self, row: int, swapping_in: bool, lossy: bool) -> None:

@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .. import _backends, _launch
 from .._checkpoint_format import check_header, load_refused
 from .._checks import check_rounding, stochastic_rounding
 from ..average import Average, EMAOptions, Face, check_device_state
@@ -181,10 +180,11 @@ class TargetNetwork(Face, TorchFace):
         self._copies = 0                        # hard updates made: a stream of the target checks them too
         self._reads = Agreements()                # its streams' agreements (the same on every rank)
         parts = target_parts(online, target, opts, self.exclude, buffers, rounding, device_step)
+        on_gpu = any(d != "cpu" for d in parts.side.devices)
         assert parts.engine is not None
-        # a host plan's update refuses a capture: fastema's own query of each GPU's current stream
-        self._capture_checks = [] if parts.engine.device_plan is not None else \
-            [(d, _backends.stream_getter("torch", d)) for d in parts.side.devices if d != "cpu"]
+        # a host plan's update refuses a capture (torch's query: a capture needs torch's CUDA, which the
+        # fake GPU of the tests, CPU tensors standing for a GPU's, has not)
+        self._refuses_capture = on_gpu and parts.engine.device_plan is None and torch.cuda.is_available()
         super().__init__(parts)
 
     # ------------------------------------------------------------ what it is
@@ -254,13 +254,13 @@ class TargetNetwork(Face, TorchFace):
         if torch.compiler.is_compiling():
             _compile.compiled_update(self.compiled, step)
             return
-        if self._capture_checks:
-            _refuse_capture(self._capture_checks)
+        if self._refuses_capture:
+            _refuse_capture()
         self._core.update(step)
 
     def _eager_update(self, step: int | None) -> None:
-        if self._capture_checks:
-            _refuse_capture(self._capture_checks)
+        if self._refuses_capture:
+            _refuse_capture()
         self._core.update(step)                          # the engine's driver: plan, follow, kernels, carry
 
     def hard_update(self) -> None:
@@ -425,12 +425,8 @@ def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str)
     return network
 
 
-def _refuse_capture(checks: list) -> None:
-    """RuntimeError where a CUDA graph is being captured on a current stream of ``checks`` (``(device,
-    current-stream getter)``): a host plan's every replay would repeat this call's tau (one driver query
-    a device, ``cuStreamIsCapturing``)."""
-    for device, current_stream in checks:
-        _launch.refuse_during_capture(
-            "TargetNetwork.update()", "this one keeps its schedule on the host (device_step=False): every "
-            "replay would repeat this call's tau. Make it with device_step=True (the default on a GPU).",
-            device, current_stream)
+def _refuse_capture() -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("TargetNetwork.update() is being captured in a CUDA graph, but this one keeps "
+                           "its schedule on the host (device_step=False): every replay would repeat this "
+                           "call's tau. Make it with device_step=True (the default on a GPU).")

@@ -69,10 +69,10 @@ class _TorchStandIn:
 
 def _torch_on_gpu(driver: FakeDriver):
     """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend, through the
-    backend's own seam (:func:`fastema._backends.torch.standing_in`)."""
-    from fastema._backends import torch as tb
+    backend's own seam (:func:`fastema._backends.standing_in`)."""
+    from fastema import _backends
 
-    return tb.standing_in(_TorchStandIn(driver))
+    return _backends.standing_in(_TorchStandIn(driver))
 
 
 def rl_mlp(hidden: int = 256, seed: int = 0):
