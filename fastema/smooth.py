@@ -146,7 +146,7 @@ class Smoother:
         if ema is not None:
             ema(y, w0, c, per_stream)
         if sma is not None:
-            sma(y, w0, c, per_stream, self.count % self.window)
+            sma(y, w0, c, per_stream, self.count % (self.window or 1))   # the ring slot (a window: sma)
         self.count += 1
 
     def _prepare(self, kind: int, key: tuple) -> tuple:
@@ -159,8 +159,10 @@ class Smoother:
         weights when they change). On the CPU each call goes through :func:`fastema._launch.launch`."""
         if len(self._runs) >= _RUNS_KEPT:
             del self._runs[next(iter(self._runs))]        # the oldest
-        device = self._where[1]
-        group = _launch.Group(device, None, kind, None, _backends.stream_getter(*self._where))
+        where = self._where
+        assert where is not None                          # made after _alloc
+        device = where[1]
+        group = _launch.Group(device, None, kind, None, _backends.stream_getter(*where))
         skip, st = self.nonfinite == "skip", self._views
         d = None if self.alpha is None else 1.0 - self.alpha
         ring = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
