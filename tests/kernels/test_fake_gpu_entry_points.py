@@ -152,6 +152,23 @@ def test_target_network_runs_in_the_fake_gpu(device_step):
         assert fake.counters["host_syncs"] == syncs
 
 
+@pytest.mark.parametrize("device_step", [True, False])
+def test_a_target_network_update_types_and_packs_nothing(device_step):
+    """The target network's launches are bound once (the engine's, as ``EMA.update()``'s): per update
+    no numba type is made and no argument block packed."""
+    from fastema._launch import abi
+
+    with fake_gpu(record=False):
+        online = rl_mlp()
+        tn = TargetNetwork(online, copy.deepcopy(online).requires_grad_(False), device_step=device_step)
+        with torch.no_grad():
+            for _ in range(3):
+                tn.update()
+            calls = _calls(lambda: (tn.update(), tn.update()))
+    assert calls[abi.Block.__init__.__qualname__] == 0 and calls["_typeof"] == 0, calls
+    assert calls["BoundLaunches.update_checked"] == 2                 # the engine's bound launches
+
+
 def test_the_swap_runs_in_the_fake_gpu():
     with fake_gpu() as fake:
         net = rl_mlp()
