@@ -1,6 +1,6 @@
 """Host cost of the GPU entry points other than the array functions, without a GPU (issue 70 items 1-3).
 
-    python -m bench.scripts.entry_points [--calls N] [--stub] [--instructions] [--rows "A;B"]
+    python -m bench.scripts.entry_points [--calls N] [--stub | --cpu] [--instructions] [--rows "A;B"]
 
 Each row runs inside the fake GPU of ``tests/support`` (CPU tensors described as on ``cuda:0``,
 nothing runs on a device), so what it measures is the host work of one call: ``Smoother.update``
@@ -11,7 +11,8 @@ trip (in and out) at 3000 tensors of 4096 elements, and, as the yardstick, a bou
 fastema's real cuda.core driver into the stub ``libcuda.so.1`` (``tests/support/fake_gpu.py``; the
 script restarts itself with it on ``LD_LIBRARY_PATH``). Host time: the median of 7 batches of calls
 (``perf_counter``), in us a call. ``--instructions``: instructions a call instead (valgrind's
-callgrind, the gates' client requests: ``I(2N) - I(N)`` over N calls), deterministic.
+callgrind, the gates' client requests: ``I(2N) - I(N)`` over N calls), deterministic. ``--cpu``: the
+rows on the CPU kernels instead (which run: pass ``--elements 16`` for the host's share at 3000 tensors).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def _net(layers: int, width: int):
     return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=True) for _ in range(layers)])
 
 
-def build(name: str):
-    """The call one row measures, made (and warmed) inside the fake GPU."""
+def build(name: str, elements: int = 4096):
+    """The call one row measures, made inside the fake GPU (or on the CPU); ``elements``: of each
+    tensor of the 3000-tensor rows (a square number)."""
     import torch
 
     import fastema
@@ -66,11 +68,12 @@ def build(name: str):
             with torch.no_grad():
                 tn.update()
         return target
-    net = _net(1500, 64)                                  # 3000 tensors: 1500 weights, 1500 biases
+    side = int(round(elements ** 0.5))
+    net = _net(1500, side)                                # 3000 tensors: 1500 weights, 1500 biases
     with torch.no_grad():
-        for p in net.parameters():                        # 4096 elements each: weights 64x64, biases 4096
-            if p.ndim == 1:
-                p.data = torch.zeros(4096)
+        for p in net.parameters():                        # `elements` each: the weights square, the biases
+            if p.ndim == 1:                               # replaced (no forward runs)
+                p.data = torch.zeros(side * side)
     ema = EMA(net, 0.999)
     if name == "EMA.update, 3000 tensors":
         def update():
@@ -100,13 +103,15 @@ def _calls_for(name: str, calls: int) -> int:
     return max(20, calls // 50) if "3000" in name else calls
 
 
-def measure(rows: list, calls: int, stub: bool) -> dict:
+def measure(rows: list, calls: int, stub: bool, cpu: bool = False, elements: int = 4096) -> dict:
+    import contextlib
+
     from tests.support import fake_gpu as G
 
     out = {}
-    with G.fake_gpu(record=False, stub_driver=stub):
+    with contextlib.nullcontext() if cpu else G.fake_gpu(record=False, stub_driver=stub):
         for name in rows:
-            out[name] = round(host_us(build(name), _calls_for(name, calls)), 2)
+            out[name] = round(host_us(build(name, elements), _calls_for(name, calls)), 2)
     return out
 
 
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--stub", action="store_true", help="through the stub driver (cuda.core's real launch path)")
     ap.add_argument("--instructions", action="store_true", help="instructions a call (valgrind), not host time")
+    ap.add_argument("--cpu", action="store_true", help="on the CPU kernels (they run), not in the fake GPU")
+    ap.add_argument("--elements", type=int, default=4096, help="elements of each tensor of the 3000-tensor rows")
     ap.add_argument("--rows", default=";".join(ROWS), help="which rows, separated by semicolons (default: all)")
     ap.add_argument("--child", choices=("time", "valgrind"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -163,6 +170,8 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; the rows are {list(ROWS)}")
+    if args.cpu and (args.instructions or args.stub):
+        ap.error("--cpu measures host time on the CPU kernels: not with --instructions or --stub")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child:
@@ -173,7 +182,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(measure(rows, args.calls, args.stub)))
+        print(json.dumps(measure(rows, args.calls, args.stub, args.cpu, args.elements)))
         return 0
     if args.child == "valgrind":
         import torch
@@ -185,7 +194,8 @@ def main(argv=None) -> int:
     base = [sys.executable, "-m", "bench.scripts.entry_points", "--rows", ";".join(rows)] + (["--stub"] if args.stub
                                                                                                else [])
     if not args.instructions:
-        done = subprocess.run(base + ["--child", "time", "--calls", str(args.calls)], env=env, cwd=root,
+        done = subprocess.run(base + ["--child", "time", "--calls", str(args.calls), "--elements", str(args.elements)]
+                              + (["--cpu"] if args.cpu else []), env=env, cwd=root,
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
         with open(out) as f:
             figures = per_update(parse_callgrind(f.read()))
         unit = "instructions a call"
-    where = "stub driver" if args.stub else "fake GPU, no driver"
+    where = "CPU kernels" if args.cpu else "stub driver" if args.stub else "fake GPU, no driver"
     print(f"| {unit} ({where}) | |\n|---|---|")
     for r in rows:
         print(f"| {r} | {figures.get(r)} |")
