@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support.fake_gpu import OnAGpu, on_a_gpu_params
 
 import fastema
 from fastema.smooth import Smoother, alpha_from
@@ -273,62 +274,14 @@ def test_a_version_1_checkpoint_of_unscaled_sums_resumes_exactly():
                 assert np.array_equal(getattr(a, kind), getattr(b, kind)), (kw, kind)
 
 
-ON_A_GPU = [pytest.param("gpu", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                               reason="needs a GPU")]),
-            pytest.param("fake gpu", marks=pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
-                                                               reason="the fake GPU stands in for numba-cuda"))]
-
-
-class _OnAGpu:
-    """Where a GPU test's Python runs: a GPU (``device`` "cuda", a host sync raises: torch's sync debug
-    mode), or, in CI, the fake GPU of ``tests/support`` (CPU tensors described as on ``cuda:0``, the
-    same launches with nothing run: :meth:`no_sync` counts the fake driver's host waits), so that a
-    GPU test's calls are run, and held to the API, on every CI run (issue 70 item 6: a GPU-only test
-    called ``Smoother.update(v, weight=3.0)`` for rounds after the keyword became ``sample_weight``).
-    ``real``: the kernels ran (a GPU), so their results can be compared."""
-
-    def __init__(self, where: str):
-        self.real = where == "gpu"
-        self.device = "cuda" if self.real else "cpu"
-        self.fake = None
-
-    def __enter__(self):
-        if not self.real:
-            pytest.importorskip("numba.cuda.dispatcher")
-            from support.fake_gpu import fake_gpu
-
-            self._ctx = fake_gpu(record=False)
-            self.fake = self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if not self.real:
-            return self._ctx.__exit__(*exc)
-
-    def no_sync(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def watched():
-            if self.real:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    yield
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            else:
-                before = self.fake.counters["host_syncs"]
-                yield
-                assert self.fake.counters["host_syncs"] == before, "a host sync"
-        return watched()
+ON_A_GPU = on_a_gpu_params()
 
 
 @pytest.mark.parametrize("where", ON_A_GPU)
 def test_bad_per_stream_weights_on_a_gpu_count_as_zero_without_a_host_sync(where):
     # L5 on a GPU: looking at the weights would be a host sync per update, so they are checked on
     # the device, where a NaN, inf or negative weight leaves that stream's value out
-    with _OnAGpu(where) as gpu:
+    with OnAGpu(where) as gpu:
         s, ref = Smoother(decay=0.5, window=3), Smoother(decay=0.5, window=3)
         v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64, device=gpu.device)
         w = torch.tensor([[1.0, float("nan"), -2.0], [2.0, float("inf"), 1.0]], dtype=torch.float64,
@@ -351,7 +304,7 @@ def test_bad_per_stream_weights_on_a_gpu_count_as_zero_without_a_host_sync(where
 def test_smoother_on_gpu_without_host_sync(where):
     """(Was in tests/kernels/test_cuda.py, GPU-only, calling ``update(v, weight=3.0)``: a TypeError on
     the H100 run of 2026-11-26.)"""
-    with _OnAGpu(where) as gpu:
+    with OnAGpu(where) as gpu:
         s = Smoother(span=10, window=5)
         ref = Smoother(span=10, window=5)
         vals = torch.randn(20, 1000, device=gpu.device)

@@ -75,6 +75,66 @@ def _torch_on_gpu(driver: FakeDriver):
     return _backends.standing_in(_TorchStandIn(driver))
 
 
+def on_a_gpu_params() -> list:
+    """``pytest.param``s of where a GPU test's Python runs (see :class:`OnAGpu`): ``"gpu"`` (marked
+    ``cuda``; skipped without torch CUDA) and ``"fake gpu"`` (skipped in the simulator's run, which
+    the fake does not stand in for)."""
+    import os
+
+    import pytest
+    import torch
+
+    return [pytest.param("gpu", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a GPU")]),
+            pytest.param("fake gpu", marks=pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                                                               reason="the fake GPU stands in for numba-cuda"))]
+
+
+class OnAGpu:
+    """Where a GPU test's Python runs: a GPU (``device`` "cuda"; in :meth:`no_sync` a host sync raises:
+    torch's sync debug mode), or, in CI, the fake GPU (``device`` "cpu": CPU tensors described as on
+    ``cuda:0``, the same launches with nothing run; :meth:`no_sync` checks the fake driver made no host
+    wait), so that a GPU test's calls run, and are held to the API, on every CI run (issue 70 item 6:
+    a GPU-only test called ``Smoother.update(v, weight=3.0)`` for rounds after the keyword became
+    ``sample_weight``). ``real``: the kernels ran, so their results can be compared."""
+
+    def __init__(self, where: str):
+        self.real = where == "gpu"
+        self.device = "cuda" if self.real else "cpu"
+        self.fake: FakeDriver | None = None
+
+    def __enter__(self) -> "OnAGpu":
+        if not self.real:
+            import pytest
+
+            pytest.importorskip("numba.cuda.dispatcher")
+            self._ctx = fake_gpu(record=False)
+            self.fake = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.real:
+            return self._ctx.__exit__(*exc)
+        return None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self.real:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            assert self.fake is not None
+            before = self.fake.counters["host_syncs"]
+            yield
+            assert self.fake.counters["host_syncs"] == before, "a host sync"
+
+
 def rl_mlp(hidden: int = 256, seed: int = 0):
     """The 6-tensor RL network of the probe (three Linear layers), on the CPU."""
     import torch
