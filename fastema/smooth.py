@@ -138,6 +138,8 @@ class Smoother:
             w0 = self._w0                                 # the same object: a bound launch packs nothing
         else:
             self._w0 = w0
+        if self._bound:
+            _launch._cuda_bound()                         # refuses CUDA in a child forked after it (cached)
         key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
         runs = self._runs.get(key)
         if runs is None:

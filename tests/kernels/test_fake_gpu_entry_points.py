@@ -121,6 +121,32 @@ def test_a_smoother_under_the_fake_gpu_refuses_values_of_another_device():
         s.update(torch.ones(2))                               # the CPU now: another device
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_smoother_in_a_child_forked_after_cuda_is_refused_naming_spawn():
+    """Its launches are bound once, in the parent: the child's update still meets the launch path's
+    fork refusal (CUDA does not survive a fork), not the driver."""
+    with fake_gpu(record=False):
+        s = fastema.Smoother(decay=0.9, window=3)
+        v = torch.ones(2)
+        s.update(v)                                       # bound for v's view
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the child: report, then leave at once
+            try:
+                s.update(v)
+                said = b"updated"
+            except RuntimeError as err:
+                said = str(err).encode()[:500]
+            os.write(write, said)
+            os._exit(0)
+        os.close(write)
+        said = os.read(read, 1000).decode()
+        os.waitpid(pid, 0)
+        s.update(v)                                       # the parent goes on
+    assert "forked" in said and "'spawn'" in said, said
+    assert s.count == 2
+
+
 def test_tracker_update_runs_in_the_fake_gpu():
     with fake_gpu() as fake:
         tr = fastema.Tracker(("loss", "acc"), ema=0.9, sma=5)
