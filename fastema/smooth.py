@@ -153,53 +153,32 @@ class Smoother:
 
     def _prepare(self, kind: int, key: tuple) -> tuple:
         """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), kept
-        under ``key``: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream, slot)``.
-        On a GPU each is bound once per values view (the variant's code and its argument block, the
-        state's views in it; the backend keeps a view per address, and a training loop's values come
-        at a few addresses, so :data:`_RUNS_KEPT` launches a smoother): per update only the arguments
-        that are new objects are written into the block (the ring slot; the weight and the per-stream
-        weights when they change). On the CPU each call goes through :func:`fastema._launch.launch`."""
+        under ``key``: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream, slot)``,
+        each ``_launch.prepare``'s, with the state's views fixed. On a GPU one per values view (the
+        variant's code and its argument block, the state's views in it; the backend keeps a view per
+        address, and a training loop's values come at a few addresses, so :data:`_RUNS_KEPT` a
+        smoother): per update only the arguments that are new objects are written into the block
+        (the ring slot; the weight and the per-stream weights when they change)."""
         if len(self._runs) >= _RUNS_KEPT:
             del self._runs[next(iter(self._runs))]        # the oldest
         where = self._where
         assert where is not None                          # made after _alloc
-        device = where[1]
-        group = _launch.Group(device, None, kind, None, _backends.stream_getter(*where))
+        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
         skip, st = self.nonfinite == "skip", self._views
-        d = None if self.alpha is None else 1.0 - self.alpha
-        ring = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
         ema: Any = None
         sma: Any = None
-        if _launch.is_cuda(device):
-            from ._launch import config
+        if self.alpha is not None:
+            ema_run, a, b, d = _launch.prepare("ema_streams", group, mode=_MODES[self.mode], skip=skip), \
+                st["a"], st["b"], 1.0 - self.alpha
 
-            # _launch's bound launch (cuda_bound.BoundLaunch, what its *_launcher functions return) over
-            # the kernels its CUDA target launches for "ema_streams" / "sma_streams": _launch offers no
-            # prepared form of these two ops yet (issue 70 item 1's prepare(op, group)), so it is made
-            # here from the module that holds both
-            bound_launches = _launch._cuda_bound()
-            bound, K = bound_launches.BoundLaunch, bound_launches.K
-            size = int(np.prod(self.shape)) if self.shape else 1
-            grid = max(1, min(-(-size // config.CUDA_THREADS), config.CUDA_STREAM_MAX_BLOCKS))
-            if d is not None:
-                ema = bound(group, K.ema_kernel(kind, _MODES[self.mode], skip), (), (st["a"], st["b"], d),
-                            tables_of=None, grid=grid)
-            if self.window is not None:
-                state = tuple(st[n] for n in ring)
-                kernel = bound(group, K.sma_kernel(kind, skip), (), (), tables_of=None, grid=grid)
+            def ema(y, w0, c, per_stream):
+                ema_run(y, w0, c, per_stream, a, b, d)
+        if self.window is not None:
+            sma_run = _launch.prepare("sma_streams", group, skip=skip)
+            ring = tuple(st[n] for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad"))
 
-                def sma(y, w0, c, per_stream, slot):
-                    kernel(y, w0, c, per_stream, *state, slot)
-        else:
-            launch, mode = _launch.launch, _MODES[self.mode]
-            if d is not None:
-                def ema(y, w0, c, per_stream):
-                    launch("ema_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, a=st["a"], b=st["b"],
-                           d=d, mode=mode, skip=skip)
-            if self.window is not None:
-                def sma(y, w0, c, per_stream, slot):
-                    launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream,
-                           **{n: st[n] for n in ring}, slot=slot, skip=skip)
+            def sma(y, w0, c, per_stream, slot):
+                sma_run(y, w0, c, per_stream, *ring, slot)
         self._runs[key] = runs = (ema, sma)
         return runs
 

@@ -96,10 +96,10 @@ def test_smoother_update_runs_in_the_fake_gpu(dtype, weight):
 
 def test_a_smoother_binds_its_launches_once():
     """``Smoother.update`` on CUDA made its two launches afresh at every call (numba ``typeof`` of 14
-    arguments, a ctypes block: 304 us on an H100). Now bound once: per update no block is packed and
-    no kernel view made (the backend keeps a view per address, the smoother a bound launch per view).
-    What is still typed afresh, by the bound launch's check of a new argument object (``_launch``'s,
-    outside this entry point): the SMA's ring slot, an int that changes at every update."""
+    arguments, a ctypes block: 304 us on an H100). Now prepared once (``_launch.prepare``) per values
+    view (the backend keeps a view per address): per update no block is packed, no kernel view made
+    and no numba type made (the ring slot, an int that changes at every update, is checked against
+    its bound C type by the block itself)."""
     from fastema._launch import abi
 
     with fake_gpu(record=False):
@@ -110,7 +110,7 @@ def test_a_smoother_binds_its_launches_once():
         calls = _calls(lambda: (s.update(a), s.update(b)))
     assert calls[abi.Block.__init__.__qualname__] == 0
     assert calls["FakeDeviceArray.__init__"] == 0
-    assert calls["_typeof"] == 2                              # per update: the slot
+    assert calls["_typeof"] == 0
 
 
 def test_a_smoother_under_the_fake_gpu_refuses_values_of_another_device():
