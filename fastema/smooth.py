@@ -144,42 +144,36 @@ class Smoother:
         runs = self._runs.get(key)
         if runs is None:
             runs = self._prepare(kind, key)
-        ema, sma = runs
+        ema, ema_state, sma, sma_state = runs
         if ema is not None:
-            ema(y, w0, c, per_stream)
+            ema(y, w0, c, per_stream, *ema_state)
         if sma is not None:
-            sma(y, w0, c, per_stream, self.count % (self.window or 1))   # the ring slot (a window: sma)
+            sma(y, w0, c, per_stream, *sma_state, self.count % (self.window or 1))   # the ring slot last
         self.count += 1
 
     def _prepare(self, kind: int, key: tuple) -> tuple:
         """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), kept
-        under ``key``: ``ema(values, w0, c, per_stream)`` and ``sma(values, w0, c, per_stream, slot)``,
-        each ``_launch.prepare``'s, with the state's views fixed. On a GPU one per values view (the
-        variant's code and its argument block, the state's views in it; the backend keeps a view per
-        address, and a training loop's values come at a few addresses, so :data:`_RUNS_KEPT` a
-        smoother): per update only the arguments that are new objects are written into the block
-        (the ring slot; the weight and the per-stream weights when they change)."""
+        under ``key``, each with the state it reads: ``(ema, (a, b, d), sma, ring)``, called as
+        ``ema(values, w0, c, per_stream, a, b, d)`` and ``sma(values, w0, c, per_stream, *ring, slot)``
+        (``_launch.prepare``'s). On a GPU one pair per values view (the variant's code and its
+        argument block, the state's views in it; the backend keeps a view per address, and a training
+        loop's values come at a few addresses, so :data:`_RUNS_KEPT` a smoother): per update only the
+        arguments that are new objects are written into the block (the ring slot; the weight and the
+        per-stream weights when they change)."""
         if len(self._runs) >= _RUNS_KEPT:
             del self._runs[next(iter(self._runs))]        # the oldest
         where = self._where
         assert where is not None                          # made after _alloc
         group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
         skip, st = self.nonfinite == "skip", self._views
-        ema: Any = None
-        sma: Any = None
+        ema = sma = None
         if self.alpha is not None:
-            ema_run, a, b, d = _launch.prepare("ema_streams", group, mode=_MODES[self.mode], skip=skip), \
-                st["a"], st["b"], 1.0 - self.alpha
-
-            def ema(y, w0, c, per_stream):
-                ema_run(y, w0, c, per_stream, a, b, d)
+            ema = _launch.prepare("ema_streams", group, mode=_MODES[self.mode], skip=skip)
         if self.window is not None:
-            sma_run = _launch.prepare("sma_streams", group, skip=skip)
-            ring = tuple(st[n] for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad"))
-
-            def sma(y, w0, c, per_stream, slot):
-                sma_run(y, w0, c, per_stream, *ring, slot)
-        self._runs[key] = runs = (ema, sma)
+            sma = _launch.prepare("sma_streams", group, skip=skip)
+        runs = (ema, (st.get("a"), st.get("b"), None if self.alpha is None else 1.0 - self.alpha), sma,
+                tuple(st.get(n) for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")))
+        self._runs[key] = runs
         return runs
 
     def _weights(self, sample_weight, k: int, device: str):
