@@ -42,7 +42,7 @@ from ..kernels._store import entry as E
 from ..kernels._store import files
 from ..kernels._store import store as S
 from ..kernels._store.identity import VARIANTS, variant_key
-from . import compiler, config
+from . import argtypes, compiler, config
 from .driver import Loaded, Refused
 
 _WARNED: set = set()
@@ -200,7 +200,7 @@ def compiled(dispatcher, types, key: str, cc: tuple) -> E.Entry:
 
     def make() -> E.Entry:
         COMPILES.append(key)
-        kind, code, name, figures = c.compile(dispatcher, types, (image,))[image]
+        kind, code, name, figures = c.compile(dispatcher, tuple(map(argtypes.as_numba, types)), (image,))[image]
         return E.Entry(key, image, kind, name, code, figures, identity, bounds)
 
     folder = cache_folder()

@@ -34,18 +34,22 @@ class FakeDeviceArray:
 
     def __init__(self, n: int, dtype, ptr: int | None = None, host: np.ndarray | None = None,
                  driver=None):
-        from numba.cuda import types as nb
-        from numba.cuda.np import numpy_support
-
         if ptr is None:
             FakeDeviceArray._next += 0x10000
             ptr = FakeDeviceArray._next
         self.ptr, self.size, self.dtype, self.shape = int(ptr), int(n), np.dtype(dtype), (int(n),)
         self._layout = types.SimpleNamespace(strides_in_bytes=(self.dtype.itemsize,))   # for numba
-        array = nb.Array                                  # type: ignore[attr-defined]
-        self._numba_type_ = array(numpy_support.from_dtype(self.dtype), 1, "C")
         self.host = np.zeros(self.size, self.dtype) if host is None else host
         self.driver = driver
+
+    @property
+    def _numba_type_(self):
+        """Its numba type, made where numba asks (numba-cuda imported then, not by a fake array's
+        making: the stub driver's process imports no numba.cuda of its own)."""
+        from numba.cuda import types as nb
+        from numba.cuda.np import numpy_support
+
+        return nb.Array(numpy_support.from_dtype(self.dtype), 1, "C")   # type: ignore[attr-defined]
 
     @property
     def __cuda_array_interface__(self):
