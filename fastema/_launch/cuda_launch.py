@@ -9,7 +9,7 @@ import operator
 
 import numpy as np
 
-from . import abi, argtypes, config, device_code
+from . import abi, argtypes, config, device_code, kernel_refs
 from . import cuda_base as C
 from .drivers import current
 
@@ -118,7 +118,7 @@ class _Bound:
             loaded = _code(d, dispatcher, types, self.index)
         if loaded is None:
             self.func = None
-            d.dispatch(dispatcher, self.index, raw, blocks, config.CUDA_THREADS, args)
+            d.dispatch(kernel_refs.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)
             return
         block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args

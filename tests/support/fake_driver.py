@@ -258,8 +258,10 @@ def numba_marshalling() -> Iterator[Any]:
     """numba-cuda's own ``_Kernel._prepare_args`` for fake device arrays (its ``wrap_arg`` left them
     as they are) in the ``with`` block: yields ``params(types, args)``, the values numba-cuda 0.30
     hands cuda.core for a launch with ``args`` of numba ``types`` (what fastema's own ABI is held
-    to)."""
+    to). ``types`` may be fastema's own (``fastema._launch.argtypes``): numba's stand-ins are used."""
     from numba.cuda import dispatcher as D
+
+    from fastema._launch.argtypes import as_numba
 
     kernel = types.SimpleNamespace(extensions=[], debug=False, cooperative=False)
     kernel._prepare_args = types.MethodType(D._Kernel._prepare_args, kernel)   # tuples recurse
@@ -268,7 +270,7 @@ def numba_marshalling() -> Iterator[Any]:
         out: list = []
         retr: list = []
         for t, v in zip(argument_types, args):
-            kernel._prepare_args(t, v, 0, retr, out)
+            kernel._prepare_args(as_numba(t), v, 0, retr, out)
         assert not retr
         return out
 
