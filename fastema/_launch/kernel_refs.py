@@ -8,12 +8,14 @@ factories of the same names give a :class:`Kernel` of the same name at once, and
 where one is needed (:meth:`Kernel.dispatcher`: a variant not shipped, compiled here; a launch through
 numba's dispatcher; the build), importing ``kernels.cuda`` then. What the launch path reads of a
 dispatcher besides its name, its own launch bounds (the shipped code's bounds check), is
-:data:`OWN_BOUNDS`. ``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and
-:data:`OWN_BOUNDS` to ``kernels.cuda``'s for every shipped variant.
+:func:`own_bounds`. ``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and
+:func:`own_bounds` to ``kernels.cuda``'s for every shipped variant.
 """
 from __future__ import annotations
 
 import functools
+
+from ..kernels.kinds import wide  # plain constants and rules: no numba
 
 FACTORIES = {"lerp_kernel": 4, "plan_lerp_kernel": 3, "bema_kernel": 1, "copy_kernel": 3, "swap_kernel": 3,
              "window_kernel": 2, "plan_kernel": 0, "zero_kernel": 0, "ema_kernel": 3, "sma_kernel": 2,
@@ -29,8 +31,8 @@ def own_bounds(factory: str, numbers: tuple):
     """The launch bounds ``kernels.cuda``'s factory gives its dispatcher (``targetoptions``), or None."""
     if factory == "lerp_kernel":
         return _SR_LERP if numbers[2] else None
-    if factory == "plan_lerp_kernel":
-        return _SR_LERP if numbers[2] else _PLAN_LERP
+    if factory == "plan_lerp_kernel":                # a float64 one (wide) has none
+        return None if wide(numbers[0], numbers[1]) else _SR_LERP if numbers[2] else _PLAN_LERP
     if factory == "nonfinite_kernel":
         return _SCAN
     return None
