@@ -54,19 +54,17 @@ def kernels():
 class Kernel:
     """A variant's kernel by name (``lerp_kernel(0,1,0,0)``): equal and hashed by it."""
 
-    __slots__ = ("factory", "numbers", "name", "own_bounds", "_made")
+    __slots__ = ("factory", "numbers", "name", "own_bounds")
 
     def __init__(self, factory: str, numbers: tuple):
         self.factory, self.numbers = factory, numbers
         self.name = f"{factory}({','.join(map(str, numbers))})"
         self.own_bounds = own_bounds(factory, numbers)
-        self._made = None
 
     def dispatcher(self):
-        """``kernels.cuda``'s dispatcher of this kernel (made once; see the module docstring)."""
-        if self._made is None:
-            self._made = getattr(kernels(), self.factory)(*self.numbers)
-        return self._made
+        """``kernels.cuda``'s dispatcher of this kernel (see the module docstring): the factory's, asked
+        each time (it keeps what it made until ``fastema.clear_caches()`` or a test clears it)."""
+        return getattr(kernels(), self.factory)(*self.numbers)
 
     def __eq__(self, other) -> bool:
         return type(other) is Kernel and other.name == self.name
