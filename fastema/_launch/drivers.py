@@ -10,9 +10,10 @@
 
 Both do the device work around the launches through numba-cuda, whose device arrays fastema's tables
 are: uploads on a stream of fastema's own, pinned staging, events, the context push
-(``numba.cuda.gpus[i]``), the compute capability, the multiprocessor count. numba-cuda is imported at
-the first of those (:func:`_numba_cuda`), not with this module: choosing a driver, loading shipped
-code and launching it import none of it (:func:`simulator` reads ``NUMBA_ENABLE_CUDASIM`` itself).
+(``numba.cuda.gpus[i]``), the primary context, the compute capability, the multiprocessor count.
+numba-cuda is imported at the first of those (:func:`_numba_cuda`: on a GPU, the first table made or
+launch bound), not with this module: choosing a driver imports none of it (:func:`simulator` reads
+``NUMBA_ENABLE_CUDASIM`` itself), and loading and launching shipped code asks it nothing more.
 
 Where cuda.core or the driver says an image cannot run here (a result of :data:`.driver.REFUSALS`),
 :meth:`CudaCoreDriver.load` raises :class:`.driver.Refused`; every other error is raised as it is.
@@ -104,8 +105,8 @@ class _Event:
 
 
 def _numba_cuda():
-    """``numba.cuda``, imported at the first device work that needs it (an upload, a pinned array, an
-    event, a context push, a dispatch), never at a launch of shipped code."""
+    """``numba.cuda``, imported at the first device work done through it (an upload, a pinned array,
+    an event, a context push or query, a dispatch)."""
     from numba import cuda
 
     return cuda
