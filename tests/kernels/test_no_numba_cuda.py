@@ -45,7 +45,8 @@ def _run(body: str, **env) -> str:
     if stub is None:
         pytest.skip("no C compiler for the stub driver")
     code = f"ROOT = {ROOT!r}\n" + _HOOK + textwrap.dedent(body)
-    environ = {**os.environ, "LD_LIBRARY_PATH": stub, **env}
+    environ = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        p for p in (stub, os.environ.get("LD_LIBRARY_PATH")) if p)}
     environ.pop("NUMBA_ENABLE_CUDASIM", None)
     environ.update(env)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
