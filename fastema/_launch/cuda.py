@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels._cuda_hw import SIMULATOR  # noqa: F401  (fastema._launch's fork check reads it)
 from . import config
 from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
-from .drivers import current, using  # noqa: F401
+from .drivers import current, simulator, using  # noqa: F401
+
+SIMULATOR = simulator()
+"""The Numba CUDA simulator is on (fastema._launch's fork check reads it)."""
 
 
 def capturing(device: str, raw: int) -> bool:

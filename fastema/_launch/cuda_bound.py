@@ -32,9 +32,9 @@ import operator
 
 import numpy as np
 
-from ..kernels import cuda as K
 from . import config
 from . import cuda as C
+from . import kernel_refs as K  # the kernels by name: no numba-cuda at a launch
 from .cuda_launch import _Bound, _typeof, cached_launch_available  # noqa: F401
 
 _ZERO_KEY = np.uint32(0)

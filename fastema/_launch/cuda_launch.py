@@ -9,7 +9,7 @@ import operator
 
 import numpy as np
 
-from . import abi, config, device_code
+from . import abi, argtypes, config, device_code, kernel_refs
 from . import cuda_base as C
 from .drivers import current
 
@@ -25,11 +25,10 @@ def cached_launch_available() -> bool:
 # ---------------------------------------------------------------- bound launches
 
 def _typeof(value):
-    """The numba type the dispatcher gives ``value`` as a kernel argument: read once per binding (its
-    variant and layout), never per launch."""
-    from numba.cuda.typing.typeof import Purpose, typeof
-
-    return typeof(value, Purpose.argument)
+    """The numba type the dispatcher gives ``value`` as a kernel argument (:func:`.argtypes.typeof`:
+    without numba-cuda for what the launchers pass): read once per binding (its variant and layout),
+    never per launch."""
+    return argtypes.typeof(value)
 
 
 def _code(driver, dispatcher, types: tuple, index: int):
@@ -119,7 +118,7 @@ class _Bound:
             loaded = _code(d, dispatcher, types, self.index)
         if loaded is None:
             self.func = None
-            d.dispatch(dispatcher, self.index, raw, blocks, config.CUDA_THREADS, args)
+            d.dispatch(kernel_refs.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)
             return
         block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args
