@@ -53,7 +53,7 @@ STILL_PATCHED: dict = {
 """(test file, the dotted name it replaces) -> who owns the seam that replaces the patch."""
 
 ASSIGNED_ELSEWHERE = {
-    ("fastema/_launch/cuda_base.py", "_cuda_jit.CACHE"):
+    ("fastema/_launch/kernel_refs.py", "_cuda_jit.CACHE"):
         "kernels/_cuda_jit.py is part of the shipped device code's identity (kernels/_store/"
         "identity.py's CUDA_SOURCES): a setter there means rebuilding both shipped sets; "
         "add it at the next rebuild",
