@@ -309,6 +309,11 @@ class ShadowBase(Capabilities):
         source); raises, writing nothing, if one changed dtype, shape, layout or device."""
         self.source_table.refresh()
 
+    def sources_checked(self):
+        """See :meth:`fastema._shadow.Capabilities.sources_checked` (the source table's
+        :meth:`~fastema._sources.SourceTable.checked_now`)."""
+        return self.source_table.checked_now()
+
     def rebind(self, sources) -> None:
         """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses
         and keeps the old ones if any differs."""

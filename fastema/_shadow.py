@@ -33,7 +33,8 @@ attribute declared here, never a ``getattr`` probe, and never read off its class
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, runtime_checkable
 
 __all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "WindowingShadow",
            "table_parts"]
@@ -77,6 +78,12 @@ class Capabilities:
     def swap_modes(self, lossy: bool = False) -> list:
         """The swap kernel of each group (see :meth:`swap`)."""
         raise TypeError(f"{type(self).__name__} has no in-place swap (see swap())")
+
+    def sources_checked(self) -> ContextManager[None]:
+        """A ``with`` block in which the shadow reads none of its sources' addresses, where the caller
+        has just found every source where the shadow last followed it (a model side's per-step check:
+        a swap after it then costs its kernels). By default the shadow checks them as always."""
+        return contextlib.nullcontext()
 
     def reserve(self, row: int, swap: bool) -> None:
         """Allocate now what the next ``swap()`` (``swap``) or ``copy_to_sources()`` of ``row``

@@ -10,15 +10,17 @@ storage, JAX/TensorFlow arrays) only once fastema's launches that read them have
 refuses to follow anything while a CUDA graph is being captured on the launch stream.
 
 The protocol (used by :mod:`fastema.flat`, :mod:`fastema.flat_window` and the framework
-bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source),
+bridges): :meth:`SourceTable.refresh` (one ``data_ptr()`` per torch source; none inside
+:meth:`SourceTable.checked_now`, after the caller's own check),
 :meth:`SourceTable.check_sources` (full check), :meth:`SourceTable.rebind` (new objects, checked),
 :meth:`SourceTable.adopt` (new objects the caller has checked), :attr:`SourceTable.sources`.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Mapping
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from . import _launch
 from ._backends import Buf, describe, disjoint
@@ -99,6 +101,7 @@ class SourceTable:
         self._sources = tensors
         self._layout = layout
         self._tracked = [_Tracked(g, [bufs[i] for i in g.members]) for g in layout.groups]
+        self._checked_now = False                        # inside checked_now(): refresh() reads nothing
 
     @property
     def sources(self) -> list:
@@ -111,9 +114,25 @@ class SourceTable:
     def position(self, source: int | str) -> int:
         return self.index[source] if isinstance(source, str) else int(source)
 
+    @contextlib.contextmanager
+    def checked_now(self) -> Iterator[None]:
+        """For the ``with`` block :meth:`refresh` reads no address: the caller has just found every
+        source where this table has it (a model side's per-step check, which compares the model's
+        tensors' addresses with those recorded when this table last followed them) and moves none
+        in the block. A swap after that check then costs its kernels, not another pass over every
+        source (issue 70 item 4)."""
+        self._checked_now = True
+        try:
+            yield
+        finally:
+            self._checked_now = False
+
     def refresh(self) -> None:
         """Follow sources whose storage moved (one ``data_ptr()`` per torch source: the per-step
-        price of never reading a stale address); raises, writing nothing, if one changed."""
+        price of never reading a stale address); raises, writing nothing, if one changed. Nothing
+        inside :meth:`checked_now`."""
+        if self._checked_now:
+            return
         for g, t in zip(self._layout.groups, self._tracked):
             if t.track and t.backend.addresses(t.tensors) != t.addresses:
                 self._follow(g, t)

@@ -21,6 +21,7 @@ from .kernels import kinds
 __all__ = ["Smoother", "alpha_from"]
 
 _MODES = {"debiased": kinds.DEBIASED, "seeded": kinds.SEEDED, "zeros": kinds.ZEROS}
+_RUNS_KEPT = 4        # a smoother's prepared launches on a GPU, one per values view (see Smoother._prepare)
 
 # Every sample weight reaches the kernels times SCALE, so the weighted sums (the debiased EMA's
 # a = sum d^i w_i v_i and b = sum d^i w_i, the window's sums of w v and w) are kept in units of
@@ -93,7 +94,10 @@ class Smoother:
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
-        self._where = None
+        self._where: tuple | None = None
+        self._runs: dict = {}
+        self._bound = False
+        self._w0 = SCALE
 
     # ------------------------------------------------------------ state
 
@@ -109,6 +113,8 @@ class Smoother:
         st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
         self._state, self._where, self.shape = st, where, shape
         self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
+        self._runs = {}                          # (kind, values view) -> (ema, sma) over these views (_prepare)
+        self._bound = _launch.is_cuda(where[1])  # bound launches, per values view
 
     # ------------------------------------------------------------ update / read
 
@@ -128,17 +134,47 @@ class Smoother:
             self._alloc(where, shape)
         per_stream = c is not None
         c = self._dummy() if c is None else c
-        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
-        skip = self.nonfinite == "skip"
-        st = self._views
-        if self.alpha is not None:
-            _launch.launch("ema_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, a=st["a"], b=st["b"],
-                           d=1.0 - self.alpha, mode=_MODES[self.mode], skip=skip)
-        if self.window is not None:
-            _launch.launch("sma_streams", group, values=y, w0=w0, c=c, per_stream=per_stream, ring_v=st["ring_v"],
-                           ring_w=st["ring_w"], s=st["s"], comp=st["comp"], ws=st["ws"], wcomp=st["wcomp"],
-                           n=st["n"], bad=st["bad"], slot=self.count % self.window, skip=skip)
+        if w0 == self._w0:
+            w0 = self._w0                                 # the same object: a bound launch packs nothing
+        else:
+            self._w0 = w0
+        if self._bound:
+            _launch._cuda_bound()                         # refuses CUDA in a child forked after it (cached)
+        key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
+        runs = self._runs.get(key)
+        if runs is None:
+            runs = self._prepare(kind, key)
+        ema, ema_state, sma, sma_state = runs
+        if ema is not None:
+            ema(y, w0, c, per_stream, *ema_state)
+        if sma is not None:
+            sma(y, w0, c, per_stream, *sma_state, self.count % (self.window or 1))   # the ring slot last
         self.count += 1
+
+    def _prepare(self, kind: int, key: tuple) -> tuple:
+        """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), kept
+        under ``key``, each with the state it reads: ``(ema, (a, b, d), sma, ring)``, called as
+        ``ema(values, w0, c, per_stream, a, b, d)`` and ``sma(values, w0, c, per_stream, *ring, slot)``
+        (``_launch.prepare``'s). On a GPU one pair per values view (the variant's code and its
+        argument block, the state's views in it; the backend keeps a view per address, and a training
+        loop's values come at a few addresses, so :data:`_RUNS_KEPT` a smoother): per update only the
+        arguments that are new objects are written into the block (the ring slot; the weight and the
+        per-stream weights when they change)."""
+        if len(self._runs) >= _RUNS_KEPT:
+            del self._runs[next(iter(self._runs))]        # the oldest
+        where = self._where
+        assert where is not None                          # made after _alloc
+        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
+        skip, st = self.nonfinite == "skip", self._views
+        ema = sma = None
+        if self.alpha is not None:
+            ema = _launch.prepare("ema_streams", group, mode=_MODES[self.mode], skip=skip)
+        if self.window is not None:
+            sma = _launch.prepare("sma_streams", group, skip=skip)
+        runs = (ema, (st.get("a"), st.get("b"), None if self.alpha is None else 1.0 - self.alpha), sma,
+                tuple(st.get(n) for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")))
+        self._runs[key] = runs
+        return runs
 
     def _weights(self, sample_weight, k: int, device: str):
         """``(w0, per-stream weight view or None)``: the kernels weigh stream ``k``'s value by ``w0``,

@@ -37,8 +37,10 @@ and their own captures, intrinsics by name):
 Every digest is the store's one (``._store.identity.digest``, SHA-256); the lock, the node-local
 folder and the reports are the store's too (``._store.files``).
 """
+import contextlib
 import functools
 from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 from numba.core.dispatcher import Dispatcher
@@ -234,8 +236,16 @@ def _internals_known(cache_class, base) -> bool:
     return hasattr(cache_class, "_index_key") and needed <= set(base.__init__.__code__.co_names)
 
 
-@functools.cache
 def _cache_class():
+    """The CPU cache class (:func:`_numba_cache_class`; in a :func:`using` block given one, that)."""
+    return _CACHE_CLASS[-1] if _CACHE_CLASS else _numba_cache_class()
+
+
+_CACHE_CLASS: list = []            # the open using() blocks' cache classes, innermost last
+
+
+@functools.cache
+def _numba_cache_class():
     """The CPU cache class, built on numba's internals at first use: the node-local default folder and
     the lock of :mod:`._cache_node`; None where numba's internals moved."""
     try:
@@ -257,6 +267,52 @@ the ones this module knows); else every process compiles its kernels again."""
 NOT_CACHED: list = []
 """Why kernels built so far are not cached on disk, if any are (numba found no writable
 location: the package read-only and no writable user cache directory); the launchers warn."""
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def using(*, cache_class=_UNSET, shared: bool | None = None, cuda_versions=_UNSET) -> Iterator[None]:
+    """For the ``with`` block, each one given: ``cache_class`` makes the disk cache of the CPU
+    kernels built in it instead of the class made over numba's internals (None: numba's own
+    ``cache=True``, as where those internals moved; a class whose construction raises numba's
+    RuntimeError, as where numba finds no writable location); :data:`SHARED` is ``shared``;
+    ``cuda_versions()`` gives the versions every CUDA kernel's cache key holds
+    (:data:`CUDA_VERSIONS`). Put back after, however it ends; not thread-safe (process-wide)."""
+    global SHARED, CUDA_VERSIONS
+    if shared is not None and not isinstance(shared, bool):
+        raise TypeError(f"using(shared=) takes True or False, got {shared!r}")
+    if cuda_versions is not _UNSET and cuda_versions is not None and not callable(cuda_versions):
+        raise TypeError(f"using(cuda_versions=) takes a function giving (name, version) pairs, got {cuda_versions!r}")
+    saved = SHARED, CUDA_VERSIONS
+    if cache_class is not _UNSET:
+        _CACHE_CLASS.append(cache_class)
+    SHARED = saved[0] if shared is None else shared
+    CUDA_VERSIONS = saved[1] if cuda_versions is _UNSET else cuda_versions
+    try:
+        yield
+    finally:
+        SHARED, CUDA_VERSIONS = saved
+        if cache_class is not _UNSET:
+            _CACHE_CLASS.pop()
+
+
+@contextlib.contextmanager
+def afresh(*, lock_wait: float | None = None) -> Iterator[None]:
+    """For the ``with`` block, this process's records of the caches started again, each said again
+    when first found: :data:`NOT_CACHED`, :data:`DAMAGED`, :data:`UNTRUSTED`, the node-local folder's
+    (:func:`._cache_node.afresh`) and the unsaved kernels' (:func:`._store.files.afresh`, which
+    also takes ``lock_wait``); put back after, however it ends."""
+    saved = [(record, list(record)) for record in (NOT_CACHED, DAMAGED, UNTRUSTED)]
+    with _cache_node.afresh(), files.afresh(lock_wait=lock_wait):
+        for record, _ in saved:
+            record.clear()
+        try:
+            yield
+        finally:
+            for record, kept in saved:
+                record[:] = kept
 
 
 def cached(dispatcher: Dispatcher) -> Dispatcher:

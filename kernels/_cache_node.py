@@ -33,12 +33,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Iterator
 
 from ._store import files
 
 NOT_NODE_LOCAL: list = []
 """``(folder, why)`` where the CPU kernels' node-local folder could not be used in this process
 (said once)."""
+
+
+@contextlib.contextmanager
+def afresh() -> Iterator[None]:
+    """For the ``with`` block, this process's record of :data:`NOT_NODE_LOCAL` started again (said
+    again) and the node folder looked up again (``files.node_root``); put back after."""
+    saved = list(NOT_NODE_LOCAL)
+    NOT_NODE_LOCAL.clear()
+    files.node_root.cache_clear()
+    try:
+        yield
+    finally:
+        NOT_NODE_LOCAL[:] = saved
+        files.node_root.cache_clear()
 
 
 def _not_node_local(folder: str, why: str) -> None:

@@ -130,7 +130,7 @@ def test_the_cycle_rule_sees_a_cycle_inside_kernels():
 # a _backends adapter instead of importing a framework or testing for one.
 FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fastema/posthoc/_synthesis.py",
                    "fastema/posthoc/_snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
-                   "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax.py",
+                   "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax/",
                    "fastema/tensorflow/",
                    "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py",
                    "fastema/trl.py")
@@ -266,7 +266,7 @@ def test_no_module_imports_a_higher_layer():
     assert not bad, bad
 
 
-FACES = ("fastema/torch/", "fastema/jax.py", "fastema/tensorflow/", "fastema/keras/", "fastema/lightning.py",
+FACES = ("fastema/torch/", "fastema/jax/", "fastema/tensorflow/", "fastema/keras/", "fastema/lightning.py",
          "fastema/transformers.py", "fastema/posthoc/")
 
 

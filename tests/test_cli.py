@@ -169,27 +169,31 @@ def test_every_merge_option_has_one_flag_with_the_options_own_help():
     assert actions["progress"].option_strings == ["--no-progress"] and actions["progress"].const is False
 
 
-def test_merge_flags_reach_merge_checkpoints_as_its_keywords(monkeypatch, capsys, tmp_path):
-    import fastema.merge as M
-    from fastema.merge import MergeOptions
+def test_merge_flags_reach_merge_checkpoints_as_its_keywords(capsys, tmp_path):
+    from support.calls import watching
+
+    from fastema.merge import MergeError, MergeOptions, merge_checkpoints
 
     calls = []
 
-    class Report:
-        def summary(self):
-            return "done"
+    def reached(args):                     # what the command called the merge with; then it stops there
+        calls.append(args)
+        raise MergeError("stopped where it began")
 
-    monkeypatch.setattr(M, "merge_checkpoints", lambda *a, **k: calls.append((a, k)) or Report())
     out, a, b = (str(tmp_path / n) for n in ("out", "a", "b"))
-    assert merge.main([out, a, b]) == 0
-    (args, kwargs), = calls
-    assert args == ([a, b], out) and kwargs.pop("log") is print
+    with watching(merge_checkpoints, on_call=reached):
+        assert merge.main([out, a, b]) == 1
+    kwargs, = calls
+    assert (kwargs.pop("inputs"), kwargs.pop("out")) == ([a, b], out) and kwargs.pop("log") is print
     assert kwargs == {f: getattr(MergeOptions(), f) for f in MergeOptions.names()}     # the defaults, each once
+    assert capsys.readouterr().err.strip().endswith("stopped where it began")
     calls.clear()
-    assert merge.main([out, a, b, "--weights", "0.25,0.75", "--steps", "100,200", "--seed", "7", "--copy-from",
-                       "first", "--only", "^block", "--no-progress", "--allow-negative", "--max-error", "0.1",
-                       "--read", "mmap", "--accumulate", "float64", "--dtype", "bfloat16"]) == 0
-    kwargs = calls[0][1]
+    with watching(merge_checkpoints, on_call=reached):
+        assert merge.main([out, a, b, "--weights", "0.25,0.75", "--steps", "100,200", "--seed", "7",
+                           "--copy-from", "first", "--only", "^block", "--no-progress", "--allow-negative",
+                           "--max-error", "0.1", "--read", "mmap", "--accumulate", "float64",
+                           "--dtype", "bfloat16"]) == 1
+    kwargs = calls[0]
     assert MergeOptions(**{n: kwargs[n] for n in MergeOptions.names()}) == MergeOptions(
         weights="0.25,0.75", steps=(100.0, 200.0), seed=7, copy_from="first", only="^block", progress=False,
         allow_negative=True, max_error=0.1, read="mmap", accumulate="float64", dtype="bfloat16")

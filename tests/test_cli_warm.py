@@ -129,3 +129,22 @@ def test_warm_with_an_unknown_dtype_names_the_known_ones_and_exits_2(capsys):
         assert warm.main(["--dtypes", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "float32, bfloat16, float16, float64" in err, err
+
+
+def test_warm_reads_only_a_missing_numba_cuda_as_no_gpu(monkeypatch):
+    """numba-cuda missing: no GPU to compile for (exit 0). A failure of its own (here a TypeError
+    from ``cuda.is_available``) is raised, never read as "no GPU visible" (issue 72, item 5: the
+    broad catch turned any error into a warm that compiled nothing and said all was well)."""
+    import numba
+    from numba import cuda
+
+    from fastema.cli.warm import _warm_cuda
+
+    said: list = []
+    monkeypatch.setattr(cuda, "is_available", lambda: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        _warm_cuda(said.append)
+    monkeypatch.delattr(numba, "cuda")
+    monkeypatch.setitem(sys.modules, "numba.cuda", None)           # import numba.cuda fails
+    assert _warm_cuda(said.append) == 0
+    assert said == ["CUDA: no GPU visible, nothing to compile"]

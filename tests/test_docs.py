@@ -39,6 +39,36 @@ def test_quick_start_runs(capsys, text, where):
     assert "tensor(" in capsys.readouterr().out
 
 
+GETTING_STARTED = (DOCS / "getting_started.md").read_text()
+
+
+def test_getting_started_has_the_three_paths():
+    heads = re.findall(r"^## (\d)\. (.*)$", GETTING_STARTED, re.M)
+    assert [n for n, _ in heads] == ["1", "2", "3"], heads
+    assert ".attach(opt)" in first_python_block(GETTING_STARTED, "## 1\\.")
+    assert "pl.Trainer" in first_python_block(GETTING_STARTED, "## 2\\.")
+    assert "jax.jit" in first_python_block(GETTING_STARTED, "## 3\\.")
+
+
+def test_getting_started_trainer_path_runs(capsys, tmp_path, monkeypatch):
+    """Path 2: a real Lightning fit with the average attached in configure_optimizers."""
+    pytest.importorskip("pytorch_lightning")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(first_python_block(GETTING_STARTED, "## 2\\."), "getting_started.md path 2", "exec"), {})
+    numbers = np.array(re.findall(r"-?\d+\.\d+", capsys.readouterr().out.split("tensor(")[-1]), float)
+    assert numbers.size == 8 and np.all(np.abs(numbers - 1.0) < 0.2), numbers
+
+
+def test_getting_started_jax_path_runs():
+    """Path 3, in its own process as a user would run it: the average inside the jitted step."""
+    pytest.importorskip("jax")
+    out = subprocess.run([sys.executable, "-c", first_python_block(GETTING_STARTED, "## 3\\.")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    numbers = np.array(re.findall(r"-?\d+\.\d+(?:e-?\d+)?", out.stdout), float)
+    assert numbers.size == 8 and np.all(np.abs(numbers - 1.0) < 0.05), out.stdout
+
+
 def test_array_example_runs(capsys):
     exec(compile(first_python_block(guide("array")), "guides/array.md", "exec"), {})
     shadow, pair = capsys.readouterr().out.split(" ", 1)

@@ -283,7 +283,7 @@ def test_each_option_is_written_once_and_interpolated_into_each_face():
     texts = {**OPTION_DOCS, **SELECTION_DOCS, **PLACEMENT_DOCS}
     flat = lambda s: " ".join(s.split())                   # noqa: E731
     for cls, path in ((EMA, TORCH / "ema.py"), (WindowAverage, TORCH / "window.py"),
-                      (fastema.jax.EMA, ROOT / "fastema" / "jax.py")):
+                      (fastema.jax.EMA, ROOT / "fastema" / "jax" / "_face.py")):
         source = path.read_text()
         for name in inspect.signature(cls.__init__).parameters:
             if name in texts:
@@ -296,7 +296,7 @@ def test_each_option_is_written_once_and_interpolated_into_each_face():
 #: Modules with public names besides the packages' __init__: the documented import paths (the docs'
 #: coverage check, docs/ext/coverage_check.py), the face modules and the commands of ``python -m fastema``.
 NAMED_PUBLIC = {
-    "fastema.flat", "fastema.pairs", "fastema.smooth", "fastema.jax", "fastema.lightning", "fastema.transformers",
+    "fastema.flat", "fastema.pairs", "fastema.smooth", "fastema.lightning", "fastema.transformers",
     "fastema.flat_window", "fastema.ops", "fastema.track", "fastema.tensorflow.compat", "fastema.tensorflow.ema",
     "fastema.torch.ema", "fastema.torch.window", "fastema.torch.posthoc", "fastema.torch.target",
     "fastema.torch.compat.diffusers", "fastema.torch.compat.sb3", "fastema.torch.compat.swa_utils",

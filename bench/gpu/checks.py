@@ -322,7 +322,8 @@ def ema_graph_case():
     with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
         graphed.update()
     for i in range(9):
-        torch._foreach_add_(params, 0.01 * (i + 1))
+        with torch.no_grad():                                # leaf parameters: moved as an optimizer does
+            torch._foreach_add_(params, 0.01 * (i + 1))
         g.replay()
         eager.update()
     torch.cuda.synchronize()

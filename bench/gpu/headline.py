@@ -4,17 +4,23 @@ in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
 
     python3 -m bench.gpu.headline OUTDIR [--budget SECONDS] [--simulate]
 
-1. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
+1. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
+   ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy; first,
+   because that copy is the run's ceiling, which no later row may pass (``bench/suite/checked.py``);
+2. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
    3000 (3000 x 4096) float32 tensors, and against ``_foreach_mul_`` + ``_foreach_add_`` at 148
    bfloat16 tensors into a float32 shadow: host submit time, device time, one call and a sync
    (``measure.interleaved``);
-2. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
-   ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy;
 3. the first ``EMA.update()`` of a fresh process (GPT-2 small's 148 tensors, float32) with the
    shipped device code: seconds, and NVVM's calls (0: nothing compiled), in a child process with
    an empty kernel cache (a compile cannot hide behind a cached entry);
 4. one training step of a GPT-2-size model, float32 and bfloat16 weights, alone, with fastema's
    update and with the baseline's (``bench/gpu/steps.py``).
+
+Every baseline is run once against fastema's result from the same inputs before it is timed, and
+refused (a failed check naming the row) where it differs or writes into its own sources; a row
+whose GB/s passes the run's copy by more than 10% is refused, one within it flagged
+(``bench/suite/checked.py``, issue 70 item 7: the 2026-11-26 baseline that lerped each tensor into itself).
 
 ``OUTDIR/headline.json`` is rewritten after every figure (a run cut at its limit keeps what it
 measured; the scenario and implementation names are the probe's, so ``bench/gpu/summary.py``
@@ -37,6 +43,7 @@ from bench.gpu import common as G  # noqa: E402
 from bench.gpu import measure as M  # noqa: E402
 from bench.gpu import steps as gpu_steps  # noqa: E402
 from bench.gpu.summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
+from bench.suite.checked import Refused, checked, within_ceiling  # noqa: E402
 
 FLAT = 10 if G.SIM else 28
 FIRST_UPDATE = r"""
@@ -82,8 +89,38 @@ def _rows(rec, scenario: str) -> dict:
     return rec.data.setdefault("timings", {}).setdefault(scenario, {})
 
 
+def _ceiling(rec) -> float | None:
+    """The run's device copy in GB/s (``flat``, measured first), which no row may pass; none in the
+    simulator (the CPU's caches: a torch copy is no ceiling there, ``bench/suite/checked.py``)."""
+    return None if G.SIM else rec.data["env"].get("copy_GBps")
+
+
+def _record(rec, sc: str, impl: str, m: dict) -> None:
+    """Row ``sc | impl`` recorded, refused (``bench.suite.checked.Refused``, raised after it is written
+    down as refused) where its GB/s passes the run's copy ceiling by more than the tolerance."""
+    try:
+        flag = within_ceiling(f"{sc} | {impl}", m.get("device_GBps"), _ceiling(rec))
+    except Refused as err:
+        _rows(rec, sc)[impl] = {"refused": str(err)}
+        rec.save()
+        raise
+    if flag:
+        m["above_copy"] = flag
+    _rows(rec, sc)[impl] = m
+
+
+def _moved(params) -> None:
+    """The sources moved once before the baselines' check (an update must show)."""
+    import torch
+
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=0.1)
+
+
 def host_cost(rec, count: int, dt: str) -> None:
-    """Row 1 (see the module docstring) for ``count`` tensors of ``dt``."""
+    """Row 1 (see the module docstring) for ``count`` tensors of ``dt``; the baseline agrees with
+    fastema (``bench.suite.checked``) before it is timed."""
     import torch
     from torch import nn
 
@@ -97,7 +134,7 @@ def host_cost(rec, count: int, dt: str) -> None:
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     ema = Ema(model, 0.999)
-    f32 = [p.detach().float() for p in params]
+    f32 = [p.detach().to(torch.float32, copy=True) for p in params]    # a copy, whatever the dtype
     if dt == "float32":
         kinds = {EMA: "lerp f32", FOREACH: "lerp f32"}
         fns = {EMA: ema.update, FOREACH: lambda: torch._foreach_lerp_(f32, params, 0.001)}
@@ -105,17 +142,24 @@ def host_cost(rec, count: int, dt: str) -> None:
         kinds = {EMA: "lerp bf16->f32", MIXED: "mul+add bf16->f32"}
         fns = {EMA: ema.update, MIXED: lambda: (torch._foreach_mul_(f32, 0.999),
                                                 torch._foreach_add_(f32, params, alpha=0.001))}
-    with torch.no_grad():
-        rows = M.interleaved(fns)
+    results = {EMA: lambda: list(ema.averaged_state_dict().values()),
+               FOREACH: lambda: f32, MIXED: lambda: f32}
     sc = f"{HOST_COST[count]} {dt}"
+    with torch.no_grad():
+        checked({f"{sc} | {k}": v for k, v in fns.items()},
+                {f"{sc} | {k}": v for k, v in results.items()}, ours=f"{sc} | {EMA}",
+                inputs=params, move=lambda: _moved(params))
+        rows = M.interleaved(fns)
     for impl, m in rows.items():
-        _rows(rec, sc)[impl] = M.with_bandwidth(m, n, kinds[impl])
+        _record(rec, sc, impl, M.with_bandwidth(m, n, kinds[impl]))
     rec.note("host", f"{sc}: host us, fastema / baseline",
              [round(m["host_us"], 1) for m in rows.values()])
 
 
 def flat(rec) -> None:
-    """Row 2: one flat float32 tensor of 2^FLAT elements."""
+    """Row 2: one flat float32 tensor of 2^FLAT elements (first: its copy is the run's ceiling).
+    Each baseline has its own shadow, equal to ``ema_update_``'s at the start, and agrees with it
+    before it is timed."""
     import torch
     from torch import nn
 
@@ -125,6 +169,7 @@ def flat(rec) -> None:
 
     n = 1 << FLAT
     a, b, c = (torch.randn(n, device=G.torch_device()) for _ in range(3))
+    a1, a2 = a.clone(), a.clone()
     flat_shadow = FlatShadow([b])
     one = nn.Module()
     one.w = nn.Parameter(b, requires_grad=False)              # the same storage as b
@@ -132,16 +177,21 @@ def flat(rec) -> None:
     fns = {"copy (ceiling)": lambda: c.copy_(a),
            "fastema.ema_update_": lambda: fastema.ema_update_(a, b, decay=0.999),
            "fastema FlatShadow.update": lambda: flat_shadow.update(0.999), EMA: ema.update,
-           "torch.lerp_": lambda: a.lerp_(b, 0.001),
-           FOREACH: lambda: torch._foreach_lerp_([a], [b], 0.001)}
-    with torch.no_grad():
-        rows = M.interleaved(fns, calls=20)
+           "torch.lerp_": lambda: a1.lerp_(b, 0.001),
+           FOREACH: lambda: torch._foreach_lerp_([a2], [b], 0.001)}
     sc = f"flat float32 2^{FLAT}"
+    with torch.no_grad():
+        checked({f"{sc} | {k}": v for k, v in fns.items()},
+                {f"{sc} | fastema.ema_update_": lambda: [a], f"{sc} | torch.lerp_": lambda: [a1],
+                 f"{sc} | {FOREACH}": lambda: [a2]},
+                ours=f"{sc} | fastema.ema_update_", inputs=[b])
+        rows = M.interleaved(fns, calls=20)
     copy = M.with_bandwidth(rows["copy (ceiling)"], n, "copy")["device_GBps"] or 0
+    rec.data["env"]["copy_GBps"] = copy or None
     for impl, m in rows.items():
         m = M.with_bandwidth(m, n, "copy" if impl.startswith("copy") else "lerp f32")
         m["pct_of_copy"] = 100 * m["device_GBps"] / copy if copy and m["device_GBps"] else None
-        _rows(rec, sc)[impl] = m
+        _record(rec, sc, impl, m)
     rec.note("host", f"{sc}: % of copy",
              {k: round(v.get("pct_of_copy") or 0, 1) for k, v in _rows(rec, sc).items()})
 
@@ -196,13 +246,17 @@ def report(data: dict, out: str) -> str:
                        "GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|"]
     for sc, impls in data.get("timings", {}).items():
         for impl, m in impls.items():
+            if "refused" in m:
+                lines.append(f"| {sc} | {impl} | - | {m['refused']} | | | | | |")
+                continue
+
             def f(k, fmt="{:.1f}", m=m):
                 return fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "-"
 
             lines.append(f"| {sc} | {impl} | {m.get('calls')} | {f('host_us')} | "
                          f"{f('device_us')} | {m.get('host_bound_batches')}/{m.get('batches')} | "
                          f"{f('e2e_us')} | {f('device_GBps', '{:.0f}')} | "
-                         f"{f('pct_of_copy', '{:.0f}')} |")
+                         f"{f('pct_of_copy', '{:.0f}')}{' (!)' if m.get('above_copy') else ''} |")
     for section in ("steps", "first_update", "checks", "host"):
         if data.get(section):
             lines += ["", f"| {section} | value |", "|---|---|"]
@@ -223,10 +277,10 @@ def main(argv) -> int:
     rec = G.Record(os.path.join(opts.out, "headline.json"), sections)
     rec.data["env"]["budget_s"] = opts.budget
     rec.guarded("checks", "environment", lambda: environment(rec))
-    plan = [(f"{HOST_COST[c]} {dt}", lambda c=c, dt=dt: host_cost(rec, c, dt))
-            for c, dt in ((6, "float32"), (148, "float32"), (3000, "float32"), (148, "bf16"))]
-    plan += [(f"flat float32 2^{FLAT}", lambda: flat(rec)),
-             ("first update", lambda: first_update(rec)),
+    plan = [(f"flat float32 2^{FLAT}", lambda: flat(rec))]          # first: the copy ceiling
+    plan += [(f"{HOST_COST[c]} {dt}", lambda c=c, dt=dt: host_cost(rec, c, dt))
+             for c, dt in ((6, "float32"), (148, "float32"), (3000, "float32"), (148, "bf16"))]
+    plan += [("first update", lambda: first_update(rec)),
              ("gpt2 step float32", lambda: steps(rec, "float32")),
              ("gpt2 step bf16", lambda: steps(rec, "bf16"))]
     for name, fn in plan:

@@ -10,7 +10,8 @@ package beyond torch is needed; in the simulator a tiny one on the CPU (plumbing
 float32 or bfloat16, three ways taken in turn round after round: the step alone, the step and
 fastema's ``EMA.update()`` (a float32 shadow), the step and the baseline (``torch._foreach_lerp_``
 of a float32 shadow for float32 weights; for bfloat16 weights timm's mixed update,
-``_foreach_mul_`` + ``_foreach_add_`` into float32 copies). Per way: the step's time (a sync after
+``_foreach_mul_`` + ``_foreach_add_`` into float32 copies), checked once against fastema's result
+before the steps (``bench/suite/checked.py``). Per way: the step's time (a sync after
 each step; the median over the rounds), the update's device time inside the step (CUDA events
 around it) and its host time. The update's cost in a step is ``step + update - step alone``; the
 ratio of the baseline's to fastema's is the end-to-end figure the ``gpu-summary`` line names
@@ -65,12 +66,15 @@ class GPT2(nn.Module):
 
 
 def _updates(model, dtype) -> dict:
-    """``name -> update()`` of fastema's EMA and the baseline (see the module docstring)."""
+    """``name -> update()`` of fastema's EMA and the baseline (see the module docstring), the
+    baseline checked against fastema's result once before it is timed (``bench.suite.checked``; the
+    shadows are copies: ``p.detach().float()`` of a float32 parameter is the parameter itself)."""
+    from bench.suite.checked import checked
     from fastema.torch import EMA
 
     params = list(model.parameters())
     ema = EMA(model, 0.999)
-    shadows = [p.detach().float() for p in params]
+    shadows = [p.detach().to(torch.float32, copy=True) for p in params]
     if dtype == torch.float32:
         def baseline():
             torch._foreach_lerp_(shadows, params, 0.001)
@@ -80,7 +84,16 @@ def _updates(model, dtype) -> dict:
             torch._foreach_mul_(shadows, 0.999)
             torch._foreach_add_(shadows, params, alpha=0.001)
         name = "torch._foreach_mul_+_foreach_add_"
-    return {"fastema EMA.update": ema.update, name: baseline}
+
+    def moved():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=0.01)
+
+    fns = {"fastema EMA.update": ema.update, name: baseline}
+    with torch.no_grad():
+        return checked(fns, {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()),
+                             name: lambda: shadows}, ours="fastema EMA.update", inputs=params,
+                       move=moved)
 
 
 def step_row(dtype, rounds: int = 7, steps: int = 4) -> dict:

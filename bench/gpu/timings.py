@@ -16,6 +16,9 @@ See ``bench/gpu/measure.py`` for what each figure means. Two slow baselines ask 
 path (20: about 5 ms a call on an H100); each row's ``calls`` says what was used. A row started after
 the probe's time budget is recorded ``{"skipped": "out of time ..."}``; a row that raises is a failed
 check ``timing S | I``.
+Every baseline is run once against fastema's result from the same inputs before it is timed, and
+no row may pass the run's copy ceiling (measured first, ``Rows.ceiling``) by more than 10%
+(``bench/suite/checked.py``): a refused row is recorded ``{"refused": ...}`` and its check fails.
 In the simulator the rows run on the CPU at tiny sizes (plumbing only).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.gpu import common as G
 from bench.gpu.measure import measure, with_bandwidth
 from bench.gpu.summary import EMA as EMA_ROW
 from bench.gpu.summary import FOREACH, HOST_COST, MIXED
+from bench.suite.checked import Refused, checked, is_baseline, within_ceiling
 from bench.suite.shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from fastema.flat import FlatShadow
 
@@ -37,13 +41,46 @@ DEV = G.torch_device()
 
 
 class Rows:
-    """Writes each timing into ``rec`` (section ``timings``: scenario -> implementation -> figures)."""
+    """Writes each timing into ``rec`` (section ``timings``: scenario -> implementation -> figures).
+
+    A baseline row (``bench.suite.checked.is_baseline``) is timed only after :meth:`agree` has run it once
+    against fastema's result from the same inputs, and no row may pass the run's copy ceiling
+    (:meth:`ceiling`, measured first) by more than ``bench.suite.checked.TOLERANCE``: else the row is
+    recorded ``{"refused": ...}`` and its check fails, naming it."""
 
     def __init__(self, rec, budget_s: float, quick: bool):
         self.rec, self.budget_s, self.quick = rec, budget_s, quick
+        self.agreed: set = set()
 
     def out_of_time(self) -> bool:
         return self.rec.elapsed() > self.budget_s
+
+    @property
+    def copy_gbps(self) -> float | None:
+        """The run's copy ceiling; none in the simulator (a CPU copy is no ceiling: caches)."""
+        return None if G.SIM else self.rec.data["env"].get("copy_GBps")
+
+    def ceiling(self) -> None:
+        """The run's device copy (2^28 float32, 2^10 in the simulator), ``env.copy_GBps``: the
+        ceiling of every row; not measured where no row has time left to run."""
+        if self.out_of_time():
+            return
+        n = 1 << (10 if G.SIM else 28)
+        src, dst = torch.randn(n, device=DEV), torch.empty(n, device=DEV)
+        m = with_bandwidth(measure(lambda: dst.copy_(src), calls=20), n, "copy")
+        self.rec.note("env", "copy_GBps", m["device_GBps"])
+        _empty_cache()
+
+    def agree(self, scenario: str, fns: dict, results: dict, ours: str, inputs=(), move=None,
+              rtol=None) -> None:
+        """Each baseline of ``fns`` (impl -> fn) run once against ``ours`` from the same inputs
+        (``bench.suite.checked.checked``); those that agree may be timed. A refusal is raised."""
+        if self.out_of_time():
+            return                                            # its rows are skipped: nothing to check
+        name = f"{scenario} | "
+        checked({name + k: v for k, v in fns.items()}, {name + k: v for k, v in results.items()},
+                ours=name + ours, inputs=inputs, move=move, rtol=rtol)
+        self.agreed |= {(scenario, k) for k in fns if is_baseline(k)}
 
     def __call__(self, scenario: str, impl: str, elements: int, kind: str | None, fn, factory=False,
                  **kw) -> None:
@@ -56,9 +93,21 @@ class Rows:
             return
 
         def run():
+            if is_baseline(impl) and (scenario, impl) not in self.agreed:
+                table[impl] = {"refused": "not checked against fastema's result before it was timed"}
+                self.rec.save()
+                raise Refused(f"{scenario} | {impl}", table[impl]["refused"])
             t0 = time.perf_counter()
             m = with_bandwidth(measure(fn() if factory else fn, **kw), elements, kind)
             m["s"] = round(time.perf_counter() - t0, 2)
+            try:
+                flag = within_ceiling(f"{scenario} | {impl}", m.get("device_GBps"), self.copy_gbps)
+            except Refused as err:
+                table[impl] = {"refused": str(err)}
+                self.rec.save()
+                raise
+            if flag:
+                m["above_copy"] = flag
             table[impl] = m
             self.rec.save()
             print(f"[timing] {scenario} | {impl}: " + ", ".join(
@@ -84,6 +133,17 @@ def _model(shape_list, dtype) -> nn.Module:
     return nn.ParameterList([nn.Parameter(torch.randn(s, device=DEV).to(dtype)) for s in shape_list])
 
 
+def _moved(params) -> None:
+    """The sources moved once before a check (an update must show in it)."""
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=0.1)
+
+
+def _views(flat, count: int, rows: int = 1) -> list:
+    return [flat.view(i, r) for r in range(rows) for i in range(count)]
+
+
 def _host_cost(rows: Rows, count: int, dt: str) -> None:
     from fastema.torch import EMA
 
@@ -93,7 +153,24 @@ def _host_cost(rows: Rows, count: int, dt: str) -> None:
     n = sum(p.numel() for p in params)
     ours = "lerp f32" if dt == "float32" else "lerp bf16->f32"           # EMA's shadow: float32
     sc = f"{HOST_COST[count]} {dt}"
-    rows(sc, EMA_ROW, n, ours, EMA(model, 0.999).update)
+    ema = EMA(model, 0.999)
+    shadows = [p.detach().to(torch.float32, copy=True) for p in params]  # equal to EMA's at the start
+    if dt == "float32":
+        base, kind = FOREACH, "lerp f32"
+
+        def baseline():
+            torch._foreach_lerp_(shadows, params, 0.001)
+    else:
+        base, kind = MIXED, "mul+add bf16->f32"
+
+        def baseline():
+            torch._foreach_mul_(shadows, 0.999)
+            torch._foreach_add_(shadows, params, alpha=0.001)
+    with torch.no_grad():
+        rows.agree(sc, {EMA_ROW: ema.update, base: baseline},
+                   {EMA_ROW: lambda: list(ema.averaged_state_dict().values()), base: lambda: shadows},
+                   EMA_ROW, inputs=params, move=lambda: _moved(params))
+    rows(sc, EMA_ROW, n, ours, ema.update)
     if count != 3000 and dt == "float32" and not G.SIM:       # issue 23 item 2: the plan in the lerp launch
         def apart():
             ema = EMA(model, 0.999, device_step=True)
@@ -103,13 +180,7 @@ def _host_cost(rows: Rows, count: int, dt: str) -> None:
     flat = FlatShadow(params)
     rows(sc, "fastema FlatShadow.update", n, ours, lambda: flat.update(0.999))
     with torch.no_grad():
-        if dt == "float32":
-            shadows = [p.detach().clone() for p in params]
-            rows(sc, FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(shadows, params, 0.001))
-        else:
-            f32 = [p.detach().float() for p in params]
-            rows(sc, MIXED, n, "mul+add bf16->f32",
-                 lambda: (torch._foreach_mul_(f32, 0.999), torch._foreach_add_(f32, params, alpha=0.001)))
+        rows(sc, base, n, kind, baseline)
 
 
 def _target_network(rows: Rows) -> None:
@@ -119,8 +190,14 @@ def _target_network(rows: Rows) -> None:
     tn = TargetNetwork(online, target.requires_grad_(False), tau=RL_TAU)
     n = sum(p.numel() for p in target.parameters())
     sc = f"{HOST_COST[6]} float32 target network"
+    po = list(online.parameters())
+    pt = [p.detach().clone() for p in target.parameters()]   # the baseline's own target, equal at the start
+    with torch.no_grad():
+        rows.agree(sc, {"fastema TargetNetwork.update": tn.update,
+                        FOREACH: lambda: torch._foreach_lerp_(pt, po, RL_TAU)},
+                   {"fastema TargetNetwork.update": lambda: list(target.parameters()), FOREACH: lambda: pt},
+                   "fastema TargetNetwork.update", inputs=po, move=lambda: _moved(po))   # target == online
     rows(sc, "fastema TargetNetwork.update", n, "lerp f32", tn.update)
-    pt, po = list(target.parameters()), list(online.parameters())
     with torch.no_grad():
         rows(sc, FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(pt, po, RL_TAU))
 
@@ -151,7 +228,14 @@ def _flat(rows: Rows, p2: int) -> None:
 
     n = 1 << p2
     a, b, c = (torch.randn(n, device=DEV) for _ in range(3))
+    a1, a2 = a.clone(), a.clone()                             # each baseline's own shadow
     sc = f"flat float32 2^{p2}"
+    lerp = lambda: a1.lerp_(b, 0.001)                         # noqa: E731
+    foreach = lambda: torch._foreach_lerp_([a2], [b], 0.001)  # noqa: E731
+    rows.agree(sc, {"fastema.ema_update_": lambda: fastema.ema_update_(a, b, decay=0.999),
+                    "torch.lerp_": lerp, "torch._foreach_lerp_": foreach},
+               {"fastema.ema_update_": lambda: [a], "torch.lerp_": lambda: [a1],
+                "torch._foreach_lerp_": lambda: [a2]}, "fastema.ema_update_", inputs=[b])
     rows(sc, "copy (ceiling)", n, "copy", lambda: c.copy_(a))
     rows(sc, "fastema.ema_update_", n, "lerp f32", lambda: fastema.ema_update_(a, b, decay=0.999))
     flat = FlatShadow([b])
@@ -159,8 +243,8 @@ def _flat(rows: Rows, p2: int) -> None:
     one = nn.Module()
     one.w = nn.Parameter(b, requires_grad=False)              # the same storage as b
     rows(sc, "fastema EMA.update", n, "lerp f32", EMA(one, 0.999).update)
-    rows(sc, "torch.lerp_", n, "lerp f32", lambda: a.lerp_(b, 0.001))
-    rows(sc, "torch._foreach_lerp_", n, "lerp f32", lambda: torch._foreach_lerp_([a], [b], 0.001))
+    rows(sc, "torch.lerp_", n, "lerp f32", lerp)
+    rows(sc, "torch._foreach_lerp_", n, "lerp f32", foreach)
 
 
 def flat_sweep(rows: Rows) -> None:
@@ -172,20 +256,36 @@ def _float32_model(rows: Rows, name: str, shape_list) -> None:
     params = [torch.randn(s, device=DEV) for s in shape_list]
     n = sum(p.numel() for p in params)
     shadows = [p.clone() for p in params]
+    looped = [p.clone() for p in params]
     flat = FlatShadow(params)
     sc = f"{name} float32"
+
+    def loop():
+        for s_, p_ in zip(looped, params):
+            s_.lerp_(p_, 0.001)
+
+    foreach = lambda: torch._foreach_lerp_(shadows, params, 0.001)   # noqa: E731
+    slow = name == "3000x4096" and not rows.quick
+    rows.agree(sc, {"fastema FlatShadow.update": lambda: flat.update(0.999), "torch._foreach_lerp_": foreach,
+                    **({"per-tensor lerp_": loop} if slow else {})},
+               {"fastema FlatShadow.update": lambda: _views(flat, len(params)),
+                "torch._foreach_lerp_": lambda: shadows, "per-tensor lerp_": lambda: looped},
+               "fastema FlatShadow.update", inputs=params, move=lambda: _moved(params))
     rows(sc, "fastema FlatShadow.update", n, "lerp f32", lambda: flat.update(0.999))
-    rows(sc, "torch._foreach_lerp_", n, "lerp f32", lambda: torch._foreach_lerp_(shadows, params, 0.001))
+    rows(sc, "torch._foreach_lerp_", n, "lerp f32", foreach)
     if name == "3000x4096":
-        if not rows.quick:
-            def loop():
-                for s_, p_ in zip(shadows, params):
-                    s_.lerp_(p_, 0.001)
+        if slow:
             rows(sc, "per-tensor lerp_", n, "lerp f32", loop, calls=10)
         flat2 = FlatShadow(params, rows=2)
+        s1, s2 = [p.clone() for p in params], [p.clone() for p in params]     # one shadow a decay
+        two = lambda: (torch._foreach_lerp_(s1, params, 0.001), torch._foreach_lerp_(s2, params, 1e-4))  # noqa: E731
+        rows.agree(f"{name} K=2", {"fastema rows=2": lambda: flat2.update([0.999, 0.9999]),
+                                   "torch._foreach_lerp_ x2": two},
+                   {"fastema rows=2": lambda: _views(flat2, len(params), 2),
+                    "torch._foreach_lerp_ x2": lambda: s1 + s2},
+                   "fastema rows=2", inputs=params, move=lambda: _moved(params))
         rows(f"{name} K=2", "fastema rows=2", n, "lerp f32 K=2", lambda: flat2.update([0.999, 0.9999]))
-        rows(f"{name} K=2", "torch._foreach_lerp_ x2", n, "foreach lerp f32 x2",
-             lambda: (torch._foreach_lerp_(shadows, params, 0.001), torch._foreach_lerp_(shadows, params, 1e-4)))
+        rows(f"{name} K=2", "torch._foreach_lerp_ x2", n, "foreach lerp f32 x2", two)
     t0 = time.perf_counter()
     for _ in range(200):
         flat.refresh()
@@ -200,9 +300,13 @@ def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
     f32 = [p.float() for p in bf]
     fl = FlatShadow(bf, dtype="float32")
     sc = f"{name} bf16 model, f32 shadow"
+    mixed = "torch._foreach_mul_+_foreach_add_ (timm mixed)"
+    timm_mixed = lambda: (torch._foreach_mul_(f32, 0.999), torch._foreach_add_(f32, bf, alpha=0.001))  # noqa: E731
+    rows.agree(sc, {"fastema": lambda: fl.update(0.999), mixed: timm_mixed},
+               {"fastema": lambda: _views(fl, len(bf)), mixed: lambda: f32}, "fastema", inputs=bf,
+               move=lambda: _moved(bf))
     rows(sc, "fastema", n, "lerp bf16->f32", lambda: fl.update(0.999))
-    rows(sc, "torch._foreach_mul_+_foreach_add_ (timm mixed)", n, "mul+add bf16->f32",
-         lambda: (torch._foreach_mul_(f32, 0.999), torch._foreach_add_(f32, bf, alpha=0.001)))
+    rows(sc, mixed, n, "mul+add bf16->f32", timm_mixed)
     sr = FlatShadow(bf, dtype="bfloat16")
     ema_bf = [p.clone() for p in bf]
     step = [0]
@@ -212,9 +316,14 @@ def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
         sr.update(0.999, rounding="stochastic", seed=1, step=step[0])
 
     sc = f"{name} bf16 shadow, stochastic rounding"
+    timm_sr = "timm bf16 stochastic path"
+    if not rows.quick:                                         # checked from the common start
+        rows.agree(sc, {"fastema": sr_update, timm_sr: lambda: timm_bfloat16_stochastic_update(ema_bf, bf, 0.999)},
+                   {"fastema": lambda: _views(sr, len(bf)), timm_sr: lambda: ema_bf}, "fastema", inputs=bf,
+                   move=lambda: _moved(bf))
     rows(sc, "fastema", n, "lerp bf16 shadow", sr_update)
     if not rows.quick:
-        rows(sc, "timm bf16 stochastic path", n, "timm stochastic bf16",
+        rows(sc, timm_sr, n, "timm stochastic bf16",
              lambda: timm_bfloat16_stochastic_update(ema_bf, bf, 0.999), calls=20)
 
 

@@ -7,7 +7,9 @@ from the repository's root; it is not part of the wheel. One command runs it and
 - ``bench.json``: pytest-benchmark's raw results;
 - ``bench.md``: per scenario and implementation the median time, GB/s, the share of the
   machine's copy bandwidth measured in the same run (the ceiling), and fastema's speed-up
-  against each baseline of the same run;
+  against each baseline of the same run. A GPU row above that ceiling by more than 10% is
+  refused (the command fails), one within it flagged ``(!)``; a baseline the scenario did not
+  check against fastema's result before timing it says so (``bench/suite/checked.py``);
 - ``bench.png``: time against size, log-log, of the flat float32 sweep: the constant
   per-call overhead is the flat part on the left, the bandwidth the slope on the right.
 
@@ -26,11 +28,13 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from bench.suite.checked import Refused, within_ceiling
 from fastema.cli import parse
 
 __all__ = ["main", "report"]
 
 CEILING = "copy (ceiling)"
+REFUSED = "refused: "          # a GPU row above the run's copy ceiling by more than the tolerance
 
 
 def suite_dir() -> pathlib.Path:
@@ -51,7 +55,7 @@ def load(path) -> tuple[dict, dict, list]:
             order.append(key)
         rows[key][info["impl"]] = dict(median=b["stats"]["median"], min=b["stats"]["min"],
                                        bytes=info.get("bytes") or 0, elements=info.get("elements"),
-                                       device=info.get("device", "cpu"))
+                                       device=info.get("device", "cpu"), checked=info.get("checked"))
     return data, rows, order
 
 
@@ -63,6 +67,14 @@ def ceilings(rows) -> dict[str, float]:
         if st and st["bytes"] and st["bytes"] > best.get(st["device"], (0, 0.0))[0]:
             best[st["device"]] = (st["bytes"], st["bytes"] / st["median"])
     return {dev: bw for dev, (_, bw) in best.items()}
+
+
+def _within(row: str, bw: float | None, ceiling: float | None, device: str) -> str | None:
+    """``bench.suite.checked.within_ceiling`` for a GPU row (bytes/s); a CPU's copy is no ceiling (caches,
+    threads: lerps at 150-600% of it in the 2026-11-22 CPU table)."""
+    if device == "cpu" or not bw or not ceiling:
+        return None
+    return within_ceiling(row, bw / 1e9, ceiling / 1e9)
 
 
 def fmt_time(s: float) -> str:
@@ -98,10 +110,18 @@ def table(data, rows, order) -> str:
         ours = _ours(impls)
         for impl, st in impls.items():
             bw = st["bytes"] / st["median"] if st["bytes"] else None
+            try:
+                flag = _within(f"{group} | {case} | {impl}", bw, ceil.get(st["device"]), st["device"])
+            except Refused as err:
+                lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {REFUSED}{err.why} | - | |")
+                continue
             gbs = f"{bw / 1e9:.1f}" if bw else "-"
             pct = f"{100 * bw / ceil[st['device']]:.0f}%" if bw and st["device"] in ceil else "-"
+            pct += " (!)" if flag else ""
             speed = "" if impl.startswith("fastema") or impl == CEILING or ours is None \
                 else f"{st['median'] / ours['median']:.2f}x"
+            if speed and st.get("checked") is False:
+                speed += " (not checked against fastema)"
             lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {gbs} | {pct} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -153,6 +173,15 @@ def report(json_path, out_dir) -> str:
     return text
 
 
+def _refused(text: str) -> int:
+    """Print the table; 1 (and why) where a row of it was refused, else 0."""
+    print(text)
+    if REFUSED in text:
+        print("bench.suite: a row reads above the run's copy ceiling (refused in the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench.suite",
@@ -181,8 +210,7 @@ def main(argv=None) -> int:
     try:
         if args.report:
             out = pathlib.Path(args.out or pathlib.Path(args.report).parent)
-            print(report(args.report, out))
-            return 0
+            return _refused(report(args.report, out))
         suite = suite_dir()
         out = pathlib.Path(args.out or suite.parent / "out").resolve()
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +225,8 @@ def main(argv=None) -> int:
         if rc != 0:
             print(f"bench.suite: the suite failed (pytest exit {rc})", file=sys.stderr)
             return rc
-        print(report(json_path, out))
+        if _refused(report(json_path, out)):
+            return 1
         took = (datetime.datetime.now() - started).total_seconds()
         print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} ({took:.0f} s)")
         return 0

@@ -4,11 +4,14 @@ The step is an in-graph parameter update (``torch._foreach_add_`` of a fixed dir
 part of a training step that writes every weight) followed by the EMA update, compiled with
 ``fullgraph=True``: fastema's ``EMA.update()`` (one custom operator, the flat kernel) against
 ``torch._foreach_lerp_`` over per-tensor shadows (Inductor generates its kernel), same run.
-Compile time is excluded (the warm-up calls compile); bytes = the EMA's 12 B/element.
+Compile time is excluded (the warm-up calls compile); bytes = the EMA's 12 B/element. The
+baseline's compiled step runs once beside fastema's EMA of the same start, which must agree with its
+shadows before it is timed (``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
+from bench.suite.checked import agree
 from fastema.torch import EMA
 
 from .conftest import QUICK, devices
@@ -38,12 +41,23 @@ def test_compiled_step_with_ema(run, benchmark, device, impl, scenario):
             with torch.no_grad():
                 torch._foreach_add_(params, direction)
                 ema.update()
-    else:
+    check = None
+    if impl != "fastema":
         shadows = [p.detach().clone() for p in params]
+        ref = EMA(model, DECAY)                  # the same start as the shadows
 
         def step():
             with torch.no_grad():
                 torch._foreach_add_(params, direction)
                 torch._foreach_lerp_(shadows, params, 1 - DECAY)
+
+        def check():                              # the compiled step first, then fastema toward its weights
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn_like(p), alpha=0.1)
+            compiled()
+            with torch.no_grad():
+                ref.update()
+            agree(impl, lambda: list(ref.averaged_state_dict().values()), lambda: shadows, inputs=params)
     compiled = torch.compile(step, fullgraph=True)
-    run(compiled, device, impl=impl, case=scenario, nbytes=12 * n, elements=n)
+    run(compiled, device, impl=impl, case=scenario, nbytes=12 * n, elements=n, check=check)

@@ -2,14 +2,17 @@
 
 Scenarios: flat float32 sweep (with the device's copy bandwidth, the ceiling, in the same
 run); GPT-2-small shapes and 3000 tensors of 4096; two decays in one pass; bfloat16 sources
-into a float32 shadow; the per-update host cost (address check) of FlatShadow.
+into a float32 shadow; the per-update host cost (address check) of FlatShadow. Every baseline is
+run once against fastema's result from the same inputs before it is timed (``check=``,
+``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
 import fastema
+from bench.suite.checked import checked
 
-from .conftest import QUICK, devices, scenario_rounds
+from .conftest import QUICK, devices, flat_check, scenario_rounds
 from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
@@ -39,9 +42,14 @@ def test_flat_float32(run, benchmark, device, n, impl):
         "copy (ceiling)": lambda: shadow.copy_(src),
     }[impl]
     rounds = 3 if n >= 2 ** 26 and QUICK else (8 if n >= 2 ** 26 else None)
+    check = None
+    if impl in ("torch.lerp_", "torch._foreach_lerp_"):      # against ema_update_ of a copy of the start
+        mine = shadow.clone()
+        check = lambda: checked({"fastema": lambda: fastema.ema_update_(mine, src, decay=DECAY), impl: fn},  # noqa: E731
+                                {"fastema": lambda: [mine], impl: lambda: [shadow]}, ours="fastema", inputs=[src])
     # the copy moves 8 B/element (read + write): its GB/s is the machine's bandwidth ceiling
     run(fn, device, impl=impl, case=case_name(n), nbytes=(8 if impl == "copy (ceiling)" else 12) * n, elements=n,
-        rounds=rounds)
+        rounds=rounds, check=check)
 
 
 def make_params(shapes, dtype, device):
@@ -60,6 +68,7 @@ def test_many_tensors(run, benchmark, device, impl, scenario):
     benchmark.group = f"many float32 tensors, FlatShadow ({device})"
     params = make_params(SHAPES[scenario](), torch.float32, device)
     n = sum(p.numel() for p in params)
+    check = None
     if impl == "fastema":
         flat = fastema.FlatShadow(params)
         fn = lambda: flat.update(DECAY)  # noqa: E731
@@ -75,8 +84,9 @@ def test_many_tensors(run, benchmark, device, impl, scenario):
             def fn():                           # the textbook loop: shadow = d * shadow + (1 - d) * p
                 for s, p in zip(shadows, params):
                     s.mul_(DECAY).add_(p, alpha=1 - DECAY)
+        check = flat_check(impl, fn, params, shadows)
     run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n,
-        rounds=rounds)
+        rounds=rounds, check=check)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -85,6 +95,7 @@ def test_two_decays(run, benchmark, device, impl):
     benchmark.group = f"two decays (0.999, 0.9999), 3000 x 4096 ({device})"
     params = make_params(many_small(), torch.float32, device)
     n = sum(p.numel() for p in params)
+    check = None
     if impl.startswith("fastema"):
         flat = fastema.FlatShadow(params, rows=2)
         fn = lambda: flat.update([0.999, 0.9999])  # noqa: E731
@@ -94,8 +105,9 @@ def test_two_decays(run, benchmark, device, impl):
         def fn():
             torch._foreach_lerp_(a, params, 1 - 0.999)
             torch._foreach_lerp_(b, params, 1 - 0.9999)
+        check = flat_check(impl, fn, params, a + b, rows=2, decays=(0.999, 0.9999))
     # one pass: read the weights once, read + write two shadows
-    run(fn, device, impl=impl, case="3000x4096, K=2", nbytes=20 * n, elements=n)
+    run(fn, device, impl=impl, case="3000x4096, K=2", nbytes=20 * n, elements=n, check=check)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -106,6 +118,7 @@ def test_bfloat16_sources_float32_shadow(run, benchmark, device, impl, scenario)
     benchmark.group = f"bfloat16 sources, float32 shadow ({device})"
     params = make_params(gpt2_small() if scenario == "gpt2-small" else many_small(), torch.bfloat16, device)
     n = sum(p.numel() for p in params)
+    check = None
     if impl == "fastema":
         flat = fastema.FlatShadow(params, dtype="float32")
         fn = lambda: flat.update(DECAY)  # noqa: E731
@@ -115,8 +128,9 @@ def test_bfloat16_sources_float32_shadow(run, benchmark, device, impl, scenario)
         def fn():                               # timm ModelEmaV3's mixed-dtype path
             torch._foreach_mul_(shadows, DECAY)
             torch._foreach_add_(shadows, params, alpha=1 - DECAY)
+        check = flat_check(impl, fn, params, shadows, dtype="float32")
     run(fn, device, impl=impl, case=scenario, nbytes=10 * n, elements=n,
-        rounds=rounds)
+        rounds=rounds, check=check)
 
 
 @pytest.mark.parametrize("count", [50, 148, 3000])

@@ -12,13 +12,17 @@ averaging step (TensorFlow backend).
 Each timed call ends when the result is ready (``block_until_ready`` for JAX; TensorFlow
 eager ops on the CPU return finished). Quick mode (CI) times TensorFlow on 300 x 4096
 instead of 3000 x 4096 (the baselines' graph tracing of 3000 variables alone takes minutes).
+Every baseline is checked against fastema's EMA of the same start before it is timed
+(``bench/suite/checked.py``).
 """
 import os
 
 import numpy as np
 import pytest
 
-from .conftest import QUICK, scenario_rounds
+from bench.suite.checked import checked
+
+from .conftest import QUICK, scenario_rounds, tf_check
 from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
@@ -61,7 +65,17 @@ def test_jax_ema_update(run, benchmark, impl, scenario):
         def fn():
             state[0] = lerp(state[0], params())
             jax.block_until_ready(state[0])
-    run(fn, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds)
+
+        from fastema.jax import EMA
+
+        ref = EMA([jnp.asarray(h) for h in host], DECAY)         # the same start as the state
+
+        def check():                                             # fastema reads the tree fn reads next
+            checked({"fastema": lambda: ref.update(trees[turn[0] ^ 1]), impl: fn},
+                    {"fastema": lambda: jax.tree_util.tree_leaves(ref.shadow()), impl: lambda: state[0]},
+                    ours="fastema")
+    run(fn, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds,
+        check=None if impl == "fastema" else check)
 
 
 @pytest.mark.parametrize("impl", ["fastema", "tf.train.ExponentialMovingAverage",
@@ -102,4 +116,11 @@ def test_tensorflow_ema_update(run, benchmark, impl, scenario):
         opt.build(kvars)
         opt.iterations.assign(1)                           # past the first step, which copies
         fn = tf.function(lambda: opt._update_model_variables_moving_average(kvars))
-    run(fn, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds)
+        for avg, v in zip(opt._model_variables_moving_average, kvars):
+            avg.assign(v)                                  # Keras starts them at zero; fastema at the weights
+    check = None
+    if not impl.startswith("fastema"):
+        averages = (lambda: [ema.average(v) for v in variables]) if impl.startswith("tf.train") else \
+            (lambda: list(opt._model_variables_moving_average))
+        check = tf_check(impl, fn, averages, kvars if impl.startswith("Keras") else variables, DECAY)
+    run(fn, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds, check=check)

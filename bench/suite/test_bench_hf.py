@@ -7,14 +7,15 @@ the parameter list (the usual hand-written EMA callback, at its fastest: the lis
 at ``on_train_begin``, the update runs under ``no_grad``). Both callbacks are set up by their own
 ``on_train_begin`` on the same GPT-2 (built from a config) and timed in the same run; the Trainer
 would call exactly these hooks. Target: fastema no slower (ratio >= 1.0x in the table's speed-up
-column, i.e. overhead <= 1.0x the baseline's).
+column, i.e. overhead <= 1.0x the baseline's). The baseline's update is checked against fastema's
+EMA of the same start before it is timed (``bench/suite/checked.py``).
 
 Scenarios: a 4-layer GPT-2 (d=256, vocab 8192, 5.2M parameters, 52 tensors) in quick and full
 mode, and GPT-2 small (124M parameters, 148 tensors; lm_head tied) in full mode only.
 """
 import pytest
 
-from .conftest import QUICK, scenario_rounds
+from .conftest import QUICK, ema_check, scenario_rounds
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,5 +60,7 @@ def test_trainer_callback_step(run, benchmark, tmp_path, impl, scenario):
         state.global_step += 1
         callback.on_step_end(args, state, control, model=model)
 
+    check = None if impl.startswith("fastema") else ema_check(      # lm_head.weight: the tied embedding
+        impl, step, lambda: callback.shadow, model, DECAY, pick=lambda name: name != "lm_head.weight")
     run(step, "cpu", impl=impl, case=f"{scenario} ({n / 1e6:.1f}M)", nbytes=12 * n, elements=n,
-        rounds=rounds if rounds is not None else (10 if QUICK else 50))
+        rounds=rounds if rounds is not None else (10 if QUICK else 50), check=check)

@@ -14,20 +14,25 @@ of 14 such layers and a head (30 tensors, 0.9M parameters), float32 on the CPU. 
 after every gradient step of small networks, so the per-call host overhead counts as much as
 the bandwidth: the figures are microseconds a call (``bytes`` for GB/s: 12 bytes an element).
 Issue #27's targets: >= 3x SB3's ``polyak_update`` and >= 1.0x ``_foreach_lerp_`` at 6 tensors.
+Each baseline is run once against fastema's update of the same start before it is timed
+(``bench/suite/checked.py``).
 """
 
 import pytest
 import torch
 from torch import nn
 
-from .conftest import QUICK
+from bench.suite.checked import checked
+
+from .conftest import QUICK, checked_row, target_check
 from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
 _networks = rl_networks
 
 
-def _time(benchmark, fn, impl, scenario, n, tensors):
+def _time(benchmark, fn, impl, scenario, n, tensors, check=None):
+    checked_row(benchmark, impl, check)
     for _ in range(3):
         fn()                                           # compile / allocate / cache outside the timing
     benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cpu", elements=n, tensors=tensors)
@@ -59,7 +64,8 @@ def test_polyak_update(benchmark, impl, scenario):
 
         def fn():
             polyak_update(online.parameters(), target.parameters(), TAU)
-    _time(benchmark, fn, impl, scenario, n, len(params))
+    check = None if impl.startswith("fastema") else target_check(impl, fn, online, target_params, TAU)
+    _time(benchmark, fn, impl, scenario, n, len(params), check)
 
 
 @pytest.mark.parametrize("impl", ["fastema compat.SoftUpdate", "TorchRL SoftUpdate"])
@@ -80,4 +86,34 @@ def test_torchrl_soft_update(benchmark, impl, scenario):
 
         updater = SoftUpdate(loss, tau=TAU)
     n = sum(p.numel() for p in loss.value_network_params.values(True, True)) + 4
-    _time(benchmark, updater.step, impl, scenario, n, len(list(value_net.parameters())) + 2)
+    check = None if impl.startswith("fastema") else _softupdate_check(objectives, actor, value, impl, updater)
+    _time(benchmark, updater.step, impl, scenario, n, len(list(value_net.parameters())) + 2, check)
+
+
+def _softupdate_check(objectives, actor, value, impl, updater):
+    """TorchRL's ``SoftUpdate.step()`` against fastema's drop-in on a second ``DDPGLoss`` of the same
+    networks and targets: the online parameters move, each steps once, the targets must agree."""
+    from fastema.torch.compat import SoftUpdate
+
+    mine = objectives.DDPGLoss(actor, value, delay_actor=True, delay_value=True)
+    theirs_loss = updater.loss_module if hasattr(updater, "loss_module") else None
+
+    def targets(loss):
+        return [t for name in ("target_value_network_params", "target_actor_network_params")
+                for t in getattr(loss, name).values(True, True)]
+
+    with torch.no_grad():
+        if theirs_loss is not None:
+            for a, b in zip(targets(mine), targets(theirs_loss)):
+                a.copy_(b)
+    ours = SoftUpdate(mine, tau=TAU)
+    online = list(actor.parameters()) + list(value.parameters())
+
+    def check():
+        with torch.no_grad():
+            for p in online:
+                p.add_(torch.randn_like(p), alpha=0.1)
+        checked({"fastema": ours.step, impl: updater.step},
+                {"fastema": lambda: targets(mine), impl: lambda: targets(theirs_loss)},
+                ours="fastema", inputs=online)
+    return check if theirs_loss is not None else None

@@ -3,7 +3,8 @@ training thread's cost of an offloaded EMA.
 
 Sharded: one process (world size 1, gloo on the CPU, NCCL on a GPU) holding an FSDP2
 ``fully_shard`` model; each rank's work is its local shards, so the row is GB/s of local bytes
-against ``torch._foreach_lerp_`` over the ``to_local()`` shards, same run.
+against ``torch._foreach_lerp_`` over the ``to_local()`` shards, same run, checked against fastema's
+EMA of the same start before it is timed (``bench/suite/checked.py``).
 Offload: one training step (a fixed matmul standing in for forward/backward) plus
 ``update()``, for no EMA, the synchronous EMA and ``offload="cpu"``: the extra time on the
 training thread. bytes = the model's float32 bytes, for the table's GB/s column.
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from bench.suite.checked import checked
 from fastema.torch import EMA
 
 from .conftest import QUICK, devices
@@ -54,15 +56,27 @@ def test_sharded_update_local_shards(process_group, run, benchmark, device, impl
     fully_shard(model, mesh=init_device_mesh(device, (1,)))
     params = list(model.parameters())
     n = sum(p.to_local().numel() for p in params)
+    check = None
     if impl == "fastema":
         fn = EMA(model, DECAY).update
     else:
         shadows = [p.to_local().detach().clone() for p in params]
+        ref = EMA(model, DECAY)                                   # the same start as the shadows
 
         def fn():
             with torch.no_grad():
                 torch._foreach_lerp_(shadows, [p.to_local() for p in params], 1 - DECAY)
-    run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n)
+
+        def check():
+            local = [p.to_local() for p in params]
+            with torch.no_grad():
+                for p in local:
+                    p.add_(torch.randn_like(p), alpha=0.1)
+            checked({"fastema": ref.update, impl: fn},
+                    {"fastema": lambda: [v.to_local() if hasattr(v, "to_local") else v
+                                         for v in ref.averaged_state_dict().values()], impl: lambda: shadows},
+                    ours="fastema", inputs=local)
+    run(fn, device, impl=impl, case=scenario, nbytes=12 * n, elements=n, check=check)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -85,6 +99,7 @@ def test_offload_training_thread_time(run, benchmark, device, impl):
         def fn():
             step()
             ema.update()
-    run(fn, device, impl=impl, case=f"{n * 4 // 2**20} MiB model", nbytes=4 * n, elements=n)
+    run(fn, device, impl=impl, case=f"{n * 4 // 2**20} MiB model", nbytes=4 * n, elements=n,
+        reference=True)                  # the step alone and fastema's synchronous EMA: no baseline here
     if not impl.startswith("the step alone"):
         ema.join()

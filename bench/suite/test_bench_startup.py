@@ -8,7 +8,8 @@ plus the first ``update()`` (the issue's target: <= 0.5 s in a second process on
 - ``fastema, first process``: an empty numba cache (``NUMBA_CACHE_DIR`` a new folder each round):
   every kernel the update needs is compiled.
 - ``fastema, second process``: the cache the first one left: the kernels are loaded.
-- ``torch._foreach_lerp_``: the same process with torch's own update instead: the floor (imports).
+- ``torch._foreach_lerp_``: the same process with torch's own update instead: the floor (imports);
+  a process's time, not an average's figure (``bench/suite/checked.py`` checks the averages elsewhere).
 """
 import json
 import os

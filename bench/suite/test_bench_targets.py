@@ -19,12 +19,15 @@ its one launch.
 On a GPU also: a TD3-style critic step replayed from a CUDA graph with the target update
 captured inside it, against the same graph with the update called after each replay (issue
 #27: "the gain reported").
+
+Each baseline is run once against ``TargetNetwork`` of the same start before it is timed
+(``conftest.target_check``, ``bench/suite/checked.py``).
 """
 
 import pytest
 import torch
 
-from .conftest import QUICK, devices, sync
+from .conftest import QUICK, checked_row, devices, sync, target_check
 from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
@@ -66,6 +69,8 @@ def test_target_soft_update(benchmark, impl, scenario, device):
     def fn():
         update()
         sync(device)                                   # on a GPU: end to end, synchronised per call
+    checked_row(benchmark, impl, None if impl.startswith("fastema") else
+                target_check(impl, update, online, target_params, TAU))
     for _ in range(3):
         fn()                                           # compile / allocate outside the timing
     benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device=device, elements=n,
@@ -124,6 +129,8 @@ def test_graphed_learner_step_cuda(benchmark, impl, scenario):
         if after is not None:
             after()
         torch.cuda.synchronize()
+    checked_row(benchmark, impl, None if impl.startswith("fastema") else
+                target_check(impl, after, critic, target_params, TAU))
     fn()
     n = sum(p.numel() for p in params)
     benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cuda", elements=n,

@@ -7,14 +7,15 @@ Scenarios: GPT-2 small's 148 tensors (124M float32 parameters: target >= 2x) and
 variables of 4096 elements (per-variable overhead: target >= 1x). Each timed call ends when the
 averages are written (TensorFlow's CPU ops and fastema's host kernel return finished). Quick
 mode (CI) uses 300 small variables and skips GPT-2 (TensorFlow's tracing of 3000 variables
-alone takes minutes).
+alone takes minutes). The baseline is checked against ``fastema.tensorflow.EMA`` of the same start
+before it is timed (``bench/suite/checked.py``).
 """
 import os
 
 import numpy as np
 import pytest
 
-from .conftest import QUICK, scenario_rounds
+from .conftest import QUICK, scenario_rounds, tf_check
 from .shapes import gpt2_small, many_small
 
 DECAY = 0.999
@@ -56,4 +57,6 @@ def test_tf_function_ema_apply(run, benchmark, impl, scenario):
         @tf.function
         def step():
             ema.apply(variables)
-    run(step, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds)
+    check = None if impl.startswith("fastema") else \
+        tf_check(impl, step, lambda: [ema.average(v) for v in variables], variables, DECAY)
+    run(step, "cpu", impl=impl, case=scenario, nbytes=12 * n, elements=n, rounds=rounds, check=check)

@@ -2,11 +2,13 @@
 
 The baselines keep the same ring of W snapshots and a running sum with torch ops, as
 users write it: per tensor (``sum += p - ring[i]; ring[i].copy_(p)``) and with the
-``torch._foreach_*`` calls.
+``torch._foreach_*`` calls. Each baseline pushes W weights beside a ``WindowAverage`` and must read
+the same mean before it is timed (``bench/suite/checked.py``).
 """
 import pytest
 import torch
 
+from bench.suite.checked import agree
 from fastema.torch import WindowAverage
 
 from .conftest import devices, scenario_rounds
@@ -19,7 +21,7 @@ SCENARIOS = {"gpt2-small": (gpt2_small, 4), "3000x4096": (many_small, 8)}
 class TorchWindow:
     def __init__(self, params, window, foreach):
         self.params, self.window, self.foreach, self.i = params, window, foreach, 0
-        self.sums = [p.detach().float().clone() for p in params]
+        self.sums = [p.detach().float() * window for p in params]      # the ring's sum: W copies of p
         self.ring = [[p.detach().clone() for p in params] for _ in range(window)]
 
     @torch.no_grad()
@@ -46,8 +48,13 @@ def test_window_push(run, benchmark, device, impl, scenario):
     model = Params(shapes(), torch.float32, device)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    push = WindowAverage(model, window).update if impl == "fastema" else \
-        TorchWindow(params, window, foreach=impl == "torch _foreach").push
+    check = None
+    if impl == "fastema":
+        push = WindowAverage(model, window).update
+    else:
+        base = TorchWindow(params, window, foreach=impl == "torch _foreach")
+        push = base.push
+        check = _check(impl, model, params, window, base)
 
     def fn():                   # W pushes: fastema's periodic exact recompute is inside every round
         for _ in range(window):
@@ -55,4 +62,22 @@ def test_window_push(run, benchmark, device, impl, scenario):
 
     # per push: read the weight and the evicted snapshot, write the snapshot, read+write sum and compensation
     run(fn, device, impl=impl, case=f"{scenario}, W={window}, {window} pushes", nbytes=28 * n * window,
-        elements=n, rounds=rounds)
+        elements=n, rounds=rounds, check=check)
+
+
+def _check(impl, model, params, window, base):
+    """The baseline's W pushes of W different weights against ``WindowAverage``'s from the same
+    start (``bench/suite/checked.py``): both read the mean of the W pushed weights."""
+    ref = WindowAverage(model, window)
+    feed = [[torch.randn_like(p) for p in params] for _ in range(window)]
+
+    def pushes(push):
+        with torch.no_grad():
+            for new in feed:
+                torch._foreach_copy_(params, new)
+                push()
+
+    def check():
+        agree(impl, lambda: (pushes(ref.update), list(ref.averaged_state_dict().values()))[1],
+              lambda: (pushes(base.push), [s / window for s in base.sums])[1], inputs=params)
+    return check

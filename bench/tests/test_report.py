@@ -168,3 +168,46 @@ def test_gpu_summary_rebuilds_the_line_from_the_stage_folders(tmp_path, capsys):
     assert "step_gpt2_bf16_vs_foreach=2.00x" in line
     assert s.main([str(tmp_path / "nothing")]) == 1
     assert s.main([]) == 2
+
+
+def test_a_gpu_row_above_the_copy_ceiling_is_refused_and_the_command_fails(tmp_path, capsys):
+    """Issue 70 item 7: the 2026-11-26 headline's baseline read 127% of the run's copy. In the suite
+    such a GPU row is refused in the table and ``python -m bench.suite`` fails; 106% (a read-heavy
+    lerp beside a copy, the 2026-11-26 suite's 2^24 row) is flagged; a CPU row is not held to a
+    torch copy (caches); a baseline run without a check says so."""
+    g = "flat float32 (cuda)"
+    n = 2 ** 24
+    copy = 8 * n / 57.1e-6                                      # 2351 GB/s
+    data = {"datetime": "2026-11-26T22:24:25", "machine_info": {"cpu": {"brand_raw": "X", "count": 2}},
+            "benchmarks": [
+                result(g, "2^24", "fastema", 211e-6, 12 * n, n, "cuda"),
+                result(g, "2^24", "torch.lerp_", 12 * n / (1.06 * copy), 12 * n, n, "cuda"),
+                result(g, "2^24", "copy (ceiling)", 57.1e-6, 8 * n, n, "cuda"),
+                result("many (cuda)", "gpt2", "fastema", 514e-6, 12 * n, n, "cuda"),
+                result("many (cuda)", "gpt2", "torch._foreach_lerp_", 12 * n / (1.27 * copy), 12 * n, n, "cuda"),
+                result("flat float32 (cpu)", "2^16", "torch.lerp_", 1e-6, 12 * 2 ** 16, 2 ** 16),
+                result("flat float32 (cpu)", "2^16", "copy (ceiling)", 1e-3, 8 * 2 ** 16, 2 ** 16),
+            ]}
+    data["benchmarks"][1]["extra_info"]["checked"] = True
+    data["benchmarks"][4]["extra_info"]["checked"] = False
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    text = bench.report(path, tmp_path / "out")
+    lerp = [ln for ln in text.splitlines() if "(cuda) | 2^24 | torch.lerp_" in ln][0]
+    assert "106% (!)" in lerp and "not checked" not in lerp
+    refused = [ln for ln in text.splitlines() if "torch._foreach_lerp_" in ln][0]
+    assert f"{bench.REFUSED}many (cuda) | gpt2 | torch._foreach_lerp_: refused: " not in refused    # the why only
+    assert bench.REFUSED + "2985 GB/s is 127% of this run's copy ceiling (2351 GB/s)" in refused
+    cpu = [ln for ln in text.splitlines() if "(cpu) | 2^16 | torch.lerp_" in ln][0]
+    assert "refused" not in cpu and "(!)" not in cpu
+    assert bench.main(["--report", str(path), "--out", str(tmp_path / "again")]) == 1
+    assert "refused in the table" in capsys.readouterr().err
+
+
+def test_a_baseline_timed_without_a_check_says_so_in_the_table(tmp_path):
+    data = {"datetime": "2026-11-26T22:24:25", "machine_info": {},
+            "benchmarks": [result("g", "c", "fastema", 1e-3, 0), result("g", "c", "timm", 2e-3, 0)]}
+    data["benchmarks"][1]["extra_info"]["checked"] = False
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    assert "| g | c | timm | 2.000 ms | - | - | 2.00x (not checked against fastema) |" in bench.report(path, tmp_path)

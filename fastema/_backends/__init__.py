@@ -14,14 +14,17 @@ is already in ``sys.modules``). The functions here dispatch to it:
 - :func:`control_view`: a small control array (weights, flags) checked and viewed for a kernel;
 - :func:`metric_values`, :func:`zeros`, :func:`kernel_view`, :func:`to_host`: the metric
   smoothers' values and state;
-- :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream.
+- :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream;
+- :func:`standing_in`: a GPU stood in for (the fake GPU of the tests: CPU torch tensors as on it).
 
 A new framework is one more :class:`Backend` subclass here and one line in :data:`_ORDER`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
+from typing import Iterator
 
 import numpy as np
 
@@ -91,6 +94,19 @@ def stream_getter(framework: str, device: str):
     """The function a launch group calls (at every launch) for the raw handle of ``framework``'s
     current CUDA stream on ``device`` (0: the legacy default stream)."""
     return no_stream if device == "cpu" else _BY_NAME[framework].stream_getter(device)
+
+
+@contextlib.contextmanager
+def standing_in(stand: torch_backend.StandIn) -> Iterator[torch_backend.StandIn]:
+    """A GPU stood in for by ``stand`` for the ``with`` block: torch tensors on the CPU are on
+    ``stand.device`` to fastema (:func:`.torch.standing_in`: the fake GPU of the tests), and the
+    stream getters kept here (:func:`stream_getter`) are dropped on the way in and out."""
+    with torch_backend.standing_in(stand):
+        stream_getter.cache_clear()
+        try:
+            yield stand
+        finally:
+            stream_getter.cache_clear()
 
 
 def describe(x, what: str) -> Buf:

@@ -2,9 +2,11 @@
 ``data_ptr()`` is not where their elements are (sharded, partitioned, lazy, freed)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import sys
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -19,6 +21,48 @@ _KINDS: dict = {}
 _BITS = {F32: "uint32", BF16: "uint16", F16: "uint16", F64: "float64"}
 _DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+
+
+class StandIn(Protocol):
+    """A GPU stood in for on a machine without one (the fake GPU of ``tests/support``): CPU tensors
+    described, allocated, viewed and launched for as on :attr:`device` (see :func:`standing_in`)."""
+
+    device: str                                  # fastema's name of the device CPU tensors are on ("cuda:0")
+
+    def kernel_view(self, address: int, numel: int, dtype: np.dtype, owner) -> object:
+        """What a kernel is given for ``numel`` elements of ``dtype`` at ``address`` (``owner``'s)."""
+
+    def stream(self) -> int:
+        """The raw handle of the stream current on :attr:`device` now."""
+
+
+_STANDS: list = []
+
+
+@contextlib.contextmanager
+def standing_in(stand: StandIn) -> Iterator[StandIn]:
+    """For the ``with`` block, CPU torch tensors are on ``stand.device`` to fastema: described
+    (:meth:`Torch.describe`, ``control``, ``metric``, ``location``) as there, fastema's own buffers for
+    that device made on the CPU, kernel views made by ``stand.kernel_view`` and launches ordered on
+    ``stand.stream()``. Nothing runs on a device: the host work of every GPU entry point, measured and
+    tested without a GPU. The metric views kept (:data:`_VIEWS`) are made afresh on the way in and
+    out. (Entered through :func:`fastema._backends.standing_in`, which also drops the stream getters
+    the package keeps.)"""
+    _STANDS.append(stand)
+    _VIEWS.clear()
+    try:
+        yield stand
+    finally:
+        _STANDS.remove(stand)
+        _VIEWS.clear()
+
+
+def _device_of(t) -> str:
+    """fastema's name of ``t``'s device (a stand-in's for CPU tensors inside :func:`standing_in`)."""
+    dev = t.device
+    if dev.type == "cpu":
+        return _STANDS[-1].device if _STANDS else "cpu"
+    return _name(dev.type, dev.index)
 
 
 def kind_of(dtype) -> int | None:
@@ -83,6 +127,29 @@ def _refuse_marked(t, what: str) -> None:
                         f"not hold its values; pass t.resolve_neg() / t.resolve_conj(). Nothing was written.")
 
 
+_VIEWS: dict = {}
+"""``(device, address, elements, bits dtype) -> kernel view`` of metric values on a GPU, the last
+:data:`_VIEWS_KEPT`: a smoother's values are a new tensor at every update, at one of a few addresses
+(the caching allocator's), and a view made afresh each time (a Numba device array: ~20 us) is most of
+an update's host work. A kept view owns no memory: it is handed out only for a tensor the caller
+holds at that address now, in that layout and dtype (the same memory, described the same)."""
+_VIEWS_KEPT = 8
+
+
+def _metric_view(t, bits: str, device: str):
+    """The kernel view of the contiguous tensor ``t``'s elements, flat, as ``bits`` (its dtype's
+    unsigned bits, or float64), kept in :data:`_VIEWS`."""
+    key = (device, t.data_ptr(), t.numel(), bits)
+    view = _VIEWS.get(key)
+    if view is None:
+        if len(_VIEWS) >= _VIEWS_KEPT:
+            del _VIEWS[next(iter(_VIEWS))]                # the oldest
+        dtype = np.dtype(bits)
+        view = _VIEWS[key] = _STANDS[-1].kernel_view(key[1], key[2], dtype, None) if _STANDS else \
+            cai.raw_view(key[1], key[2], dtype, None)
+    return view
+
+
 def device_name(device) -> str:
     """fastema's name ("cpu", "cuda:N") of a torch.device."""
     return _name(device.type, device.index)
@@ -112,7 +179,7 @@ class Torch(Backend):
             raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
         dev = t.device
         if dev.type == "cpu":
-            device = "cpu"
+            device = _STANDS[-1].device if _STANDS else "cpu"
         elif dev.type == "cuda":
             device = f"cuda:{dev.index}"
         else:
@@ -209,17 +276,23 @@ class Torch(Backend):
     def zeros(self, device, n: int, dtype):
         import torch
 
+        if _STANDS and device == _STANDS[-1].device:
+            device = "cpu"                                    # a stand-in's device memory: the CPU's
         return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=device)
 
     def zero_(self, a) -> None:
         a.zero_()
 
     def location(self, a) -> tuple:
-        return NAME, device_name(a.device)
+        return NAME, _device_of(a)
 
     def kernel_view(self, a):
-        """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy."""
+        """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy (a
+        stand-in's view inside :func:`standing_in`)."""
         if a.device.type == "cpu":
+            if _STANDS:
+                dt = np.dtype(np.uint16) if str(a.dtype) == "torch.bfloat16" else _numpy_dtype(a)   # its bits
+                return _STANDS[-1].kernel_view(a.data_ptr(), a.numel(), dt, a)
             return a.detach().numpy()
         return cai.raw_view(a.data_ptr(), a.numel(), _numpy_dtype(a), a)
 
@@ -231,22 +304,29 @@ class Torch(Backend):
     def control(self, x, what: str, writable: bool):
         name = str(x.dtype).replace("torch.", "")
         dt = np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name
-        return device_name(x.device), dt, x.numel()
+        return _device_of(x), dt, x.numel()
 
     def metric(self, x, what: str):
         import torch
 
-        if x.device.type not in ("cpu", "cuda"):
+        dev = x.device
+        if dev.type == "cuda":
+            device = f"cuda:{dev.index}"
+        elif dev.type == "cpu":
+            device = _STANDS[-1].device if _STANDS else "cpu"
+        else:
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no values)")
         kind = kind_of(x.dtype)
         if kind is None:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
+        if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
+            return kind, _metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
         flat = x.detach().reshape(-1)
         if not flat.is_contiguous():
-            flat = flat.contiguous()
+            flat = flat.contiguous()                      # a temporary: its view owns it
         bits = flat.view(getattr(torch, _BITS[kind]))
-        return kind, self.kernel_view(bits), (NAME, device_name(x.device)), tuple(x.shape)
+        return kind, self.kernel_view(bits), (NAME, device), tuple(x.shape)
 
     def metric_vector(self, x):
         return x.detach()
@@ -291,6 +371,8 @@ class Torch(Backend):
         """torch's current stream on ``device``: one C call per launch (~0.3 us)."""
         if device == "cpu":
             return no_stream
+        if _STANDS and device == _STANDS[-1].device:
+            return _STANDS[-1].stream
         import torch
 
         return functools.partial(torch._C._cuda_getCurrentRawStream, int(device.split(":")[1]))

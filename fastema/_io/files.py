@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 
 from .._interrupts import ctrl_c_held
 
-__all__ = ["Staging", "alive", "atomic_write", "gone", "rename_new", "signals_held", "sweep_stale", "sync_folder",
+__all__ = ["FileSystem", "Staging", "alive", "atomic_write", "gone", "rename_new", "signals_held", "sweep_stale",
+           "sync_folder", "using",
            "write_new"]
 
 _TMP_PREFIX = ".fastema-"
@@ -80,7 +81,7 @@ def _written(path: str, write: Callable, unchanged: str) -> str:
             try:
                 write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                system().sync_file(f.fileno(), path)
             except (OSError, RuntimeError) as err:      # torch.save reports a failed write as RuntimeError
                 free = shutil.disk_usage(directory).free
                 raise OSError(getattr(err, "errno", None) or errno.EIO,
@@ -102,6 +103,65 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# --------------------------------------------------------------------------- the file system
+
+
+class FileSystem:
+    """The calls of the file system that publishing and clean-up go through (:func:`rename_new`,
+    :class:`Staging`, :func:`sweep_stale`): this system's. :func:`using` hands another to a
+    ``with`` block, one that is another system (no ``renameat2``: :meth:`rename_noreplace` says
+    False; no hard links: :meth:`link` raises EPERM), or this one where something else happens at
+    a given call (another writer publishes first, a signal arrives, ``rmtree`` finds no descriptor
+    left): how the tests meet those systems and races here."""
+
+    def rename_noreplace(self, src: str, dst: str) -> bool:
+        """Rename ``src`` to ``dst`` unless something is there (FileExistsError): True when renamed,
+        False where the system or file system has no such rename."""
+        return _rename_noreplace(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        """A hard link ``dst`` of ``src`` (``os.link``)."""
+        os.link(src, dst)
+
+    def sync_file(self, fd: int, path: str) -> None:
+        """``fsync`` of the open file ``fd``, written to become ``path``: where a full disk (or a
+        network file system's server) reports a write that did not land."""
+        os.fsync(fd)
+
+    def sync_folder(self, folder: str) -> None:
+        """``fsync`` of ``folder``, where the file system allows it (errors ignored)."""
+        _sync_folder(folder)
+
+    def free_bytes(self, folder: str) -> int:
+        """Bytes free for this user on ``folder``'s file system."""
+        return shutil.disk_usage(folder).free
+
+    def rmtree(self, path: str) -> None:
+        """``path``, a folder, removed with what it holds, as far as it can be (errors ignored)."""
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_SYSTEMS: list[FileSystem] = [FileSystem()]
+
+
+def system() -> FileSystem:
+    """The file system the calls here go through now (:func:`using`)."""
+    return _SYSTEMS[-1]
+
+
+@contextlib.contextmanager
+def using(fs: FileSystem) -> Iterator[FileSystem]:
+    """``fs`` for the ``with`` block (process-wide, every thread), the one before after it,
+    however it ends."""
+    if not isinstance(fs, FileSystem):
+        raise TypeError(f"files.using() takes a FileSystem, got {type(fs).__name__}")
+    _SYSTEMS.append(fs)
+    try:
+        yield fs
+    finally:
+        _SYSTEMS.remove(fs)
 
 
 # --------------------------------------------------------------------------- folders
@@ -156,13 +216,18 @@ class Staging:
     def discard(self) -> None:
         """Nothing of the staging left behind; by path where ``rmtree`` cannot (it needs two
         descriptors, and a writer that ran out of them fails here)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        system().rmtree(self.folder)
         if os.path.lexists(self.folder):
             _remove_by_path(self.folder)
 
 
 def sync_folder(folder: str) -> None:
-    """``fsync`` of ``folder`` (its renames on disk), where the file system allows it."""
+    """``fsync`` of ``folder`` (its renames on disk), where the file system allows it
+    (:meth:`FileSystem.sync_folder`)."""
+    system().sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -211,12 +276,13 @@ def rename_new(src: str, dst: str) -> None:
     (``FileExistsError``, ``dst`` untouched): ``renameat2(RENAME_NOREPLACE)``; where the system or
     file system has none, a hard link then an unlink (a file), or claiming the name (a new empty
     folder or file) and renaming over the claim."""
-    if _rename_noreplace(src, dst):
+    fs = system()
+    if fs.rename_noreplace(src, dst):
         return
     is_dir = os.path.isdir(src) and not os.path.islink(src)
     if not is_dir:
         try:
-            os.link(src, dst)
+            fs.link(src, dst)
         except FileExistsError:
             raise
         except OSError as err:
@@ -308,7 +374,7 @@ def _remove(path: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
     else:
-        shutil.rmtree(path, ignore_errors=True)
+        system().rmtree(path)
 
 
 def _remove_by_path(folder: str) -> None:

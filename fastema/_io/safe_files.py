@@ -9,9 +9,11 @@ kept). With the helpers their messages share (:func:`few`, :func:`first_line`, :
 Importing this module imports the standard library only."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 __all__ = ["FileRefused", "few", "first_line", "fits", "memory_available", "not_regular", "open_problem",
            "open_regular", "os_problem", "out_of_memory", "pread_into", "regular", "resident",
@@ -115,9 +117,28 @@ def pread_into(fd: int, out, offset: int) -> int:
     return done
 
 
+_ASSUMED: list = []            # the open assumed_free() blocks' figures, innermost last
+
+
+@contextlib.contextmanager
+def assumed_free(nbytes: int) -> Iterator[None]:
+    """For the ``with`` block, :func:`memory_available` says ``nbytes`` (every thread): a machine
+    with that much memory free, how the tests meet a small one. Put back after, however it ends."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"assumed_free() takes a number of bytes >= 0, got {nbytes!r}")
+    _ASSUMED.append(nbytes)
+    try:
+        yield
+    finally:
+        _ASSUMED.pop()
+
+
 def memory_available() -> int | None:
     """Bytes of memory this process can still get (Linux: MemAvailable + SwapFree, within its
-    cgroup's limit), or None where that is not known (no bound)."""
+    cgroup's limit), or None where that is not known (no bound); in an :func:`assumed_free`
+    block, the figure it gives."""
+    if _ASSUMED:
+        return _ASSUMED[-1]
     avail = None
     try:
         with open("/proc/meminfo", "rb") as f:

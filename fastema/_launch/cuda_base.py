@@ -1,17 +1,14 @@
 """The lowest CUDA pieces of dispatch, which every other CUDA module of ``_launch`` imports: what
 built a kernel (:func:`cuda_versions`), device indices and the retired sources waiting for their
 events (:data:`WAITING`, :func:`prune_retired`; the holders are :class:`.cuda.Retired`). Sets,
-before any kernel is built, the kernel cache's switch and key versions. The driver calls are the
+before any kernel is built, the kernel cache's key versions (the dispatcher cache switch is set
+where the kernels are first imported: :func:`.kernel_refs.kernels`). The driver calls are the
 launch driver's (:mod:`.driver`, :mod:`.drivers`)."""
 from __future__ import annotations
 
 import functools
 
 from ..kernels import _cache as _kernel_cache
-from ..kernels import _cuda_jit
-from . import config
-
-_cuda_jit.CACHE = config.CUDA_DISPATCHER_CACHE     # numba's own cache of the dispatcher path: FASTEMA_CUDA_CACHE=1
 
 
 @functools.cache

@@ -42,7 +42,7 @@ from ..kernels._store import entry as E
 from ..kernels._store import files
 from ..kernels._store import store as S
 from ..kernels._store.identity import VARIANTS, variant_key
-from . import compiler, config
+from . import argtypes, compiler, config, kernel_refs
 from .driver import Loaded, Refused
 
 _WARNED: set = set()
@@ -136,7 +136,10 @@ def entry(name: str, key: str, image: str, dispatcher=None) -> E.Entry | None:
 
 
 def _bounds_now(name: str, image: str, dispatcher):
-    b = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], dispatcher.targetoptions.get("launch_bounds"))
+    if isinstance(dispatcher, kernel_refs.Kernel):       # by name: its own bounds without its dispatcher
+        b = _bounds.launch_bounds(name, image, dispatcher.name, dispatcher.own_bounds)
+    else:
+        b = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], dispatcher.targetoptions.get("launch_bounds"))
     return None if b is None else tuple(b)
 
 
@@ -200,7 +203,7 @@ def compiled(dispatcher, types, key: str, cc: tuple) -> E.Entry:
 
     def make() -> E.Entry:
         COMPILES.append(key)
-        kind, code, name, figures = c.compile(dispatcher, types, (image,))[image]
+        kind, code, name, figures = c.compile(dispatcher, tuple(map(argtypes.as_numba, types)), (image,))[image]
         return E.Entry(key, image, kind, name, code, figures, identity, bounds)
 
     folder = cache_folder()
@@ -235,7 +238,7 @@ def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
     ``kernels._store.identity.variant`` factory) or the driver refused what was compiled here too:
     the caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`)
     falls back with one warning; anything else it raises propagates."""
-    name = VARIANTS.get(dispatcher)
+    name = dispatcher.name if isinstance(dispatcher, kernel_refs.Kernel) else VARIANTS.get(dispatcher)
     if name is None:
         return None
     if driver is None:
@@ -261,7 +264,7 @@ def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
         _warn("no-image", f"no CUDA code is shipped for compute capability {cc[0]}.{cc[1]} under "
                           f"{_driver_named(driver)}: kernels are compiled at their first use (once per node, "
                           f"cached)")
-    got = compiled(dispatcher, types, key, cc)
+    got = compiled(kernel_refs.dispatcher(dispatcher), types, key, cc)
     try:
         return _as(driver.load(got.kind, got.code, got.name), "compiled")
     except Refused as err:

@@ -10,7 +10,10 @@
 
 Both do the device work around the launches through numba-cuda, whose device arrays fastema's tables
 are: uploads on a stream of fastema's own, pinned staging, events, the context push
-(``numba.cuda.gpus[i]``), the compute capability, the multiprocessor count.
+(``numba.cuda.gpus[i]``), the primary context, the compute capability, the multiprocessor count.
+numba-cuda is imported at the first of those (:func:`_numba_cuda`: on a GPU, the first table made or
+launch bound), not with this module: choosing a driver imports none of it (:func:`simulator` reads
+``NUMBA_ENABLE_CUDASIM`` itself), and loading and launching shipped code asks it nothing more.
 
 Where cuda.core or the driver says an image cannot run here (a result of :data:`.driver.REFUSALS`),
 :meth:`CudaCoreDriver.load` raises :class:`.driver.Refused`; every other error is raised as it is.
@@ -26,13 +29,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import warnings
 from typing import Any, Iterator
 
 import numpy as np
-from numba import cuda
 
-from ..kernels._cuda_hw import SIMULATOR
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
@@ -53,12 +55,25 @@ def current() -> Driver:
     return _STACK[-1] if _STACK else default()
 
 
+def simulator() -> bool:
+    """Whether the Numba CUDA simulator is on (``NUMBA_ENABLE_CUDASIM``), without importing numba-cuda:
+    its config's value where it is imported, else the variable as numba-cuda reads it (an integer; any
+    other value is numba-cuda's default, off)."""
+    config = sys.modules.get("numba.cuda.core.config")
+    if config is not None:
+        return bool(config.ENABLE_CUDASIM)
+    try:
+        return bool(int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0))
+    except ValueError:
+        return False
+
+
 @functools.cache
 def default() -> Driver:
     """The process's driver, chosen once: numba's dispatcher in the simulator and under
     ``FASTEMA_CUDA_LAUNCH=dispatcher``, and (with one warning saying why) where cuda.core cannot
     load and launch; else cuda.core's."""
-    if SIMULATOR:
+    if simulator():
         return DispatcherDriver(simulated=True)
     if os.environ.get("FASTEMA_CUDA_LAUNCH", "bound") == "dispatcher":
         return DispatcherDriver()
@@ -89,6 +104,14 @@ class _Event:
         self.event.synchronize()
 
 
+def _numba_cuda():
+    """``numba.cuda``, imported at the first device work done through it (an upload, a pinned array,
+    an event, a context push or query, a dispatch)."""
+    from numba import cuda
+
+    return cuda
+
+
 class _Numba:
     """The device work both drivers do through numba-cuda (see the module docstring), and the
     queries they make through cuda-bindings (none in the simulator)."""
@@ -114,21 +137,21 @@ class _Numba:
     def _numba_stream(raw: int):
         """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
         that copies on it are asynchronous: numba copies synchronously where given no stream)."""
-        return cuda.external_stream(raw) if raw else cuda.default_stream()
+        return _numba_cuda().external_stream(raw) if raw else _numba_cuda().default_stream()
 
     def activate(self, index: int):
-        return cuda.gpus[index]
+        return _numba_cuda().gpus[index]
 
     def compute_capability(self, index: int) -> tuple[int, int]:
-        cc = tuple(cuda.gpus[index].compute_capability)
+        cc = tuple(_numba_cuda().gpus[index].compute_capability)
         return int(cc[0]), int(cc[1])
 
     def _sm_count(self, index: int) -> int:
-        return 0 if self.simulated else int(cuda.gpus[index].MULTIPROCESSOR_COUNT)
+        return 0 if self.simulated else int(_numba_cuda().gpus[index].MULTIPROCESSOR_COUNT)
 
     def _primary_context(self, index: int) -> int:
         """Device ``index``'s primary context (retained once by numba; not pushed)."""
-        return 0 if self.simulated else int(cuda.gpus[index].get_primary_context().handle)
+        return 0 if self.simulated else int(_numba_cuda().gpus[index].get_primary_context().handle)
 
     def current_context(self) -> int:
         if self.simulated:
@@ -157,7 +180,7 @@ class _Numba:
 
     def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
                  args: tuple) -> None:
-        with cuda.gpus[index]:
+        with _numba_cuda().gpus[index]:
             if self.simulated or not raw:
                 kernel[blocks, threads](*args)
             else:
@@ -169,12 +192,12 @@ class _Numba:
         stream = self._uploads.get(index)
         if stream is None:
             if self.simulated:
-                stream = cuda.stream()
+                stream = _numba_cuda().stream()
             else:
                 from numba.cuda.cudadrv.driver import binding, driver
 
                 handle = driver.cuStreamCreate(binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
-                stream = cuda.external_stream(int(handle))   # one per device and process, kept
+                stream = _numba_cuda().external_stream(int(handle))   # one per device and process, kept
             self._uploads[index] = stream
         return stream
 
@@ -182,14 +205,14 @@ class _Numba:
         """Copied on fastema's upload stream, which is then waited for: a wait for this copy only
         (the stream waits for nothing else), which orders it before every launch queued after it, on
         any stream (issue 37, C1)."""
-        with cuda.gpus[index]:
+        with _numba_cuda().gpus[index]:
             stream = self._upload_stream(index)
-            out = cuda.to_device(np.ascontiguousarray(array), stream=stream)
+            out = _numba_cuda().to_device(np.ascontiguousarray(array), stream=stream)
             stream.synchronize()
             return out
 
     def pinned(self, size: int, dtype):
-        return cuda.pinned_array(max(size, 1), dtype)
+        return _numba_cuda().pinned_array(max(size, 1), dtype)
 
     def copy(self, device_array, values, raw: int) -> None:
         if self.simulated:                                # copies at once; no external streams
@@ -198,7 +221,7 @@ class _Numba:
             device_array.copy_to_device(values, stream=self.numba_stream(raw))
 
     def event(self):
-        return None if self.simulated else _Event(cuda.event(timing=False), self.numba_stream)
+        return None if self.simulated else _Event(_numba_cuda().event(timing=False), self.numba_stream)
 
     def clear(self) -> None:
         self.numba_stream.cache_clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._core import Average as Average
 from ._core import Face as Face
+from ._core import FaceMemory as FaceMemory
 from ._core import ModelAdapter as ModelAdapter
 from ._device_plan import DevicePlan as DevicePlan
 from ._device_plan import check_state as check_device_state  # noqa: F401  (TargetNetwork's checkpoint check)

@@ -85,6 +85,23 @@ class Face:
         self._core.skip_nonfinite = value
 
 
+class FaceMemory:
+    """``memory()`` and ``nbytes`` of a face whose average is all its :class:`Average` holds (the
+    JAX and TensorFlow faces; the torch face counts its copies, backups and staging too)."""
+
+    _core: "Average"
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
+        model's own arrays are not counted). Sums to :attr:`nbytes`."""
+        return self._core.memory()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this average holds on every device together (see :meth:`memory`)."""
+        return sum(self.memory().values())
+
+
 class ModelAdapter(Protocol):
     """What the update driver asks of a face that checks and follows the model's tensors itself
     (the torch face: it compares the model's slots with the shadow's addresses once per update;

@@ -7,6 +7,7 @@ memory for CUDA-graph replays.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from .._checks import MAX_DECAYS
@@ -297,12 +298,14 @@ class Plan:
             norms = [float(x) for x in state["norms"]]
             if len(norms) != self.rows:
                 raise ValueError(f"{len(norms)} norms for {self.rows} decays")
+            if not all(math.isfinite(n) and n >= 0 for n in norms):
+                raise ValueError(f"norms must be finite and >= 0, got {norms}")
             for key in ("compensate", "debias"):
                 if not isinstance(state[key], bool):
                     raise ValueError(f"{key} must be a bool, got {state[key]!r}")
             first, last = state.get("first_time"), state.get("last_time", 0.0)
-            if first is not None:
-                float(first)
+            if first is not None and not math.isfinite(float(first)):
+                raise ValueError(f"first_time must be finite, got {first!r}")
             if not float(last) >= 0:
                 raise ValueError(f"last_time must be >= 0, got {last!r}")
         except KeyError as err:

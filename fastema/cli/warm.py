@@ -262,7 +262,7 @@ def _warm_cuda(say) -> int:
         from numba import cuda
 
         visible = cuda.is_available()
-    except Exception:                      # numba-cuda missing or no driver: no GPU to compile for
+    except ImportError:                    # numba-cuda missing (no driver: is_available() says False)
         visible = False
     if not visible:
         say("CUDA: no GPU visible, nothing to compile")

@@ -13,8 +13,10 @@ inputs in the same order either way.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
@@ -24,7 +26,7 @@ from .. import _launch
 from .._io.safetensors import ITEMSIZE
 from ._plan import KIND, Item
 
-__all__ = ["Engine", "PIECE_BYTES"]
+__all__ = ["Engine", "PIECE_BYTES", "tuned"]
 
 PIECE_BYTES = {"mmap": 4 << 20, "pread": 512 << 10}
 """Bytes of one input read per kernel launch, per read mode (a larger tensor is merged in pieces): with
@@ -33,6 +35,29 @@ PIECE_BYTES = {"mmap": 4 << 20, "pread": 512 << 10}
 
 PARALLEL_CORES = 4
 """The kernel runs parallel (numba's threads over chunks) on machines with at least this many cores."""
+
+
+@contextlib.contextmanager
+def tuned(*, mmap_piece: int | None = None, pread_piece: int | None = None,
+          parallel_cores: int | None = None) -> Iterator[None]:
+    """For the ``with`` block, each one given: :data:`PIECE_BYTES` of ``read="mmap"`` and of
+    ``read="pread"`` (tiny pieces: every tensor merged in many), :data:`PARALLEL_CORES` (1: the
+    parallel kernel on any machine). Read where a merge's engine is made; put back after, however
+    the block ends. Not thread-safe (process-wide, as :func:`fastema._launch.config.tuned`)."""
+    global PARALLEL_CORES
+    given = {"mmap_piece": mmap_piece, "pread_piece": pread_piece, "parallel_cores": parallel_cores}
+    bad = [f"{k}={v!r}" for k, v in given.items()
+           if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)]
+    if bad:
+        raise ValueError(f"merge tuned() takes positive whole numbers, got {', '.join(bad)}; nothing was changed")
+    saved = dict(PIECE_BYTES), PARALLEL_CORES
+    PIECE_BYTES.update({read: v for read, v in (("mmap", mmap_piece), ("pread", pread_piece)) if v is not None})
+    PARALLEL_CORES = saved[1] if parallel_cores is None else parallel_cores
+    try:
+        yield
+    finally:
+        PIECE_BYTES.update(saved[0])
+        PARALLEL_CORES = saved[1]
 
 
 class _Job(NamedTuple):

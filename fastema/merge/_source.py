@@ -28,6 +28,32 @@ POPULATE_READ_WORKS = [True]    # False once the system refused MADV_POPULATE_RE
 COPY_MAPPED_WORKS = [True]      # False once the system refused process_vm_readv (not Linux, a seccomp filter)
 _UNREADABLE = (errno.EFAULT, errno.EIO, getattr(errno, "EHWPOISON", 133))   # populate: a page past the end, bad
 
+
+
+@contextlib.contextmanager
+def populating_refused() -> Iterator[None]:
+    """For the ``with`` block, mapped pages are read as where the system refuses
+    ``MADV_POPULATE_READ`` (Linux older than 5.14: :data:`POPULATE_READ_WORKS`). Put back after."""
+    saved = POPULATE_READ_WORKS[0]
+    POPULATE_READ_WORKS[0] = False
+    try:
+        yield
+    finally:
+        POPULATE_READ_WORKS[0] = saved
+
+
+@contextlib.contextmanager
+def copying_refused() -> Iterator[None]:
+    """For the ``with`` block, pieces are read as where the system refuses ``process_vm_readv`` (not
+    Linux, a seccomp filter: :data:`COPY_MAPPED_WORKS`): in the map. Put back after."""
+    saved = COPY_MAPPED_WORKS[0]
+    COPY_MAPPED_WORKS[0] = False
+    try:
+        yield
+    finally:
+        COPY_MAPPED_WORKS[0] = saved
+
+
 OBJECT = "object"                     # an entry that is not a tensor (a step counter, a string, bytes)
 _STEP_NAME = re.compile(r"(?:checkpoint|step|iter|iteration|global_step|ckpt)[-_]?0*(\d+)$", re.I)
 

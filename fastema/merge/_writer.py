@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 
+from .._io import files
 from .._io.files import Staging
 from ._source import MergeError
 
@@ -30,8 +31,8 @@ SMALL = 64 << 20
 
 
 def free_bytes(folder: str) -> int:
-    """Bytes free for this user on ``folder``'s file system (the check tests replace)."""
-    return shutil.disk_usage(folder).free
+    """Bytes free for this user on ``folder``'s file system (:meth:`fastema._io.files.FileSystem.free_bytes`)."""
+    return files.system().free_bytes(folder)
 
 
 def small_files(folder: str) -> tuple:

@@ -7,6 +7,7 @@ checksum, a size this machine's memory can hold), every profile read must be fin
 the result. Running out of memory is a MemoryError naming the tensor (and the file, when reading)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -84,13 +85,16 @@ class SynthesisPlan:
                 raise KeyError(f"the snapshots hold no tensor {name!r}")
             return self._read(last, kept_key(name))
         try:
-            return _combine(name, self.terms, self.solution, last, self._read, self.dtype)
+            out = _combine(name, self.terms, self.solution, last, self._read, self.dtype)
         except (RuntimeError, MemoryError) as err:
             if not out_of_memory(err) or (isinstance(err, MemoryError) and str(err)):
                 raise                                 # not memory, or a reader's MemoryError naming its file
             size = math.prod(last.shapes.get(name, [0]))
             raise MemoryError(f"synthesising {name!r} ({size} values, float64 while combining) ran out of memory "
                               f"({first_line(err)}): synthesise on a machine with more memory") from None
+        for seen in list(_WATCHERS):                 # watched(): each combined tensor, as made
+            seen(name, out)
+        return out
 
     def close(self) -> None:
         """Closes the snapshots' readers (their open files) and frees the read buffer."""
@@ -164,6 +168,21 @@ def _yielded(plan: SynthesisPlan, names: list[str]) -> Iterator[tuple[str, Any]]
             yield name, plan.tensor(name)
     finally:
         plan.close()
+
+
+_WATCHERS: list = []          # the open watched() blocks' functions
+
+
+@contextlib.contextmanager
+def watched(seen: Callable[[str, Any], None]) -> Iterator[None]:
+    """For the ``with`` block, ``seen(name, tensor)`` after each averaged tensor is combined, on the
+    thread that reads it (what the tests watch: when each is made, how long it lives, a snapshot
+    changed between two). Put back after, however the block ends."""
+    _WATCHERS.append(seen)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(seen)
 
 
 def _combine(name: str, terms: list, sol: Solution, last: Snapshot, read, dtype):

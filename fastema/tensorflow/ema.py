@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._backends import to_host
-from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, ModelSwap
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, ModelSwap
 from . import _checkpoint
 
 __all__ = ["EMA", "REFUSED"]
@@ -89,7 +89,7 @@ class _Runtime:
         self.error: BaseException | None = None     # the exception the last graph update raised
 
 
-class EMA(tf.Module, Face):
+class EMA(tf.Module, Face, FaceMemory):
     """Exponential moving average of ``tf.Variable`` objects, a ``tf.Module``.
 
     Args:
@@ -293,16 +293,6 @@ class EMA(tf.Module, Face):
         self._swap.refuse(what)
 
     # ------------------------------------------------------------ checkpoints
-
-    def memory(self) -> dict[str, int]:
-        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
-        model's own arrays are not counted). Sums to :attr:`nbytes`."""
-        return self._core.memory()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
 
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by variable name (NumPy copies, shape

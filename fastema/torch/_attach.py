@@ -4,6 +4,10 @@ An :class:`Attachment` joins one torch model average (an :class:`~fastema.torch.
 :class:`~fastema.torch.PostHocEMA`, a :class:`~fastema.torch.WindowAverage`) to one optimizer by
 torch's own hooks (``../shared/design/optimizer.md`` §4.2):
 
+- a step pre-hook refuses a step while the average is swapped into the model
+  (``average_parameters()``), and a step after the model's registrations changed that left a
+  tracked trainable parameter out of the optimizer (``attach()``'s rule again), before the
+  optimizer writes anything;
 - a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
   optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
@@ -15,16 +19,20 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
   the parameters' dtype (§4.1) and Lightning's move of the per-parameter state to the GPU never
   touch it: a float32 average of bfloat16 weights comes back bit for bit;
-- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and loads it
-  (every check first: a refused load changes nothing); a state dict without it (an older
-  checkpoint, or one made before ``attach``) warns once and starts the average over from the
+- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it
+  (every check, agreed over a sharded or split average's ranks); the load post-hook writes it,
+  once torch has loaded the rest (a load refused by fastema or by torch changes nothing); a state
+  dict without it (an older checkpoint, or one made before ``attach``), or with one saved while
+  a start-over waited (:data:`PENDING`), warns once and starts the average over from the
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
 ``get_optimizer_state_dict`` asks (told by its frame), goes into the per-parameter entries instead,
-which DCP keeps (:mod:`fastema.torch._state.attached`: DTensors of the
-parameters' layout, taken out before the cast); its load agrees over the mesh that every rank holds
-the entries or none does (one all-reduce per mesh dimension, under the group's timeout).
+which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the parameters'
+layout on the trainable parameters the optimizer steps, the record, frozen parameters and
+averaged buffers on the first of them; taken out before the cast); its load agrees over the mesh
+that every rank holds the entries or none does (one all-reduce per mesh dimension, under the
+group's timeout).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
 rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
@@ -37,20 +45,24 @@ refused here, by name.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
 
 from ._face import compiled as _compile
+from ._state import attach_checks as _checks
 from ._state import attached as _params
+from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
 
 __all__ = ["KEY", "Attachment"]
 
-KEY = "fastema"                     # the optimizer state dict's top-level key of the average
+PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
     weakref.WeakKeyDictionary())
@@ -70,7 +82,7 @@ class Attachment:
                  sources: list, devices: list, cannot_skip: str | None):
         kind = type(face).__name__
         optimizer = hooked(optimizer)
-        _check(kind, face, optimizer, sources)
+        _checks.check(kind, face, optimizer, sources, _ATTACHED)
         self.kind, self.face, self.optimizer = kind, face, optimizer
         self.update, self.skipping, self.restart = update, skipping, restart
         self.devices, self.cannot_skip = devices, cannot_skip
@@ -78,11 +90,14 @@ class Attachment:
         self.reseed: Any = None                  # the step pre-hook of a pending start-over
         self.per_param = bool(face.sharded)      # a sharded average: in the per-parameter entries
         self.gathered: tuple | None = None       # a split's (calls, its gathered state): gather()
-        self.handles = [optimizer.register_step_post_hook(self.stepped),
+        self.pending: Callable[[], None] | None = None   # a checked load, written after torch's
+        self.handles = [optimizer.register_step_pre_hook(self.stepping),
+                        optimizer.register_step_post_hook(self.stepped),
                         optimizer.register_state_dict_post_hook(self.saving),
                         optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True),
                         optimizer.register_state_dict_pre_hook(self.marking),  # flatten's keys
-                        optimizer.register_load_state_dict_post_hook(self.marking)]
+                        optimizer.register_load_state_dict_post_hook(self.loaded)]
+        self.marked = _params.mark(KEY, face, optimizer)   # the live states marked (a count)
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
@@ -104,6 +119,20 @@ class Attachment:
 
     # ------------------------------------------------------------ the step
 
+    def stepping(self, optimizer, args, kwargs) -> None:
+        """The step pre-hook: refuse a step while the average is swapped into the model, before
+        the optimizer writes anything (it would step the average, and the swap back would keep
+        that as the average)."""
+        if torch.compiler.is_compiling():
+            return
+        if self.face._side.stale:                # a registration since: attach()'s rule again
+            _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
+        if self.face.swapped:
+            raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() "
+                               f"(or after swap()): the attached {self.kind}'s weights are in "
+                               f"the model, so the optimizer would step the average. Nothing was "
+                               f"stepped; step outside the block, or swap() back first")
+
     def stepped(self, optimizer, args, kwargs) -> None:
         """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf``."""
         found_inf = getattr(optimizer, "found_inf", None)
@@ -113,8 +142,12 @@ class Attachment:
             _compile.compiled_update(self.face.compiled, None)
             return
         if _zero_lr(optimizer) and _called_by_dcp():
+            self.marked = _params.mark(KEY, self.face, optimizer)   # every trainable one: flatten's
             return                               # DCP's state init: lr 0, nothing moved, not a step
+        if len(optimizer.state) != self.marked:  # new state (the first step): marked for flatten
+            self.marked = _params.mark(KEY, self.face, optimizer)
         self.gathered = None                     # a split's gathered copy: of the last state only
+        self.pending = None
         if found_inf is None:
             self.update(None)
         else:
@@ -144,11 +177,11 @@ class Attachment:
     # ------------------------------------------------------------ the checkpoint
 
     def marking(self, optimizer) -> None:
-        """The state-dict pre-hook and load post-hook, when DCP calls: the live keys its
-        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (nothing is added to the
-        optimizer's state otherwise: HF Trainer's and Lightning's state stays the optimizer's)."""
+        """The state-dict pre-hook, when DCP calls: the live keys its
+        ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (also made after the
+        first step, after DCP's dummy step and after every load: ``_state.attached.mark``)."""
         if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
-            _params.mark(KEY, self.face, optimizer)
+            self.marked = _params.mark(KEY, self.face, optimizer)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
@@ -157,11 +190,19 @@ class Attachment:
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
-        dcp = _called_by_dcp("_get_optim_state_dict")
-        if dcp or (self.per_param and not self.face.split):
-            return _params.per_param_state(KEY, self.face, optimizer, state_dict)
+        flags = {PENDING: True} if self.reseed is not None else {}   # re-armed at its load
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        out[KEY] = self.whole() if self.face.split else self.face.state_dict()
+        frame = _dcp_frame("_get_optim_state_dict")
+        if frame is not None and self.face.split and getattr(frame.f_locals.get("info"),
+                                                             "full_state_dict", False):
+            raise ValueError(f"DCP's full_state_dict=True gathers DTensors only, not the pieces "
+                             f"of this {self.kind} split over replicas (shard_replicas): save "
+                             f"with the default options (dcp.save on every rank), or call "
+                             f"ema.gather_attached() on every rank and save "
+                             f"optimizer.state_dict() (the whole average at its top-level key)")
+        if frame is not None or (self.per_param and not self.face.split):
+            return _params.per_param_state(KEY, self.face, optimizer, out, flags)
+        out[KEY] = {**(self.whole() if self.face.split else self.face.state_dict()), **flags}
         return out
 
     def gather(self) -> None:
@@ -191,39 +232,70 @@ class Attachment:
             f"it), or make the average without shard_replicas")
 
     def loading(self, optimizer, state_dict: dict) -> dict:
-        """The load pre-hook: the average loaded from :data:`KEY` (a new dict without it goes on
-        to torch), or, where there is none, a start-over at the next step, with one warning."""
-        try:                                     # per-parameter entries (sharded, or DCP's)
-            entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
-        except (TypeError, ValueError) as err:   # refused here: the other ranks told first
+        """The load pre-hook: every check of the average's entry (:data:`KEY`, or the
+        per-parameter entries), agreed over a sharded average's ranks; a new dict without it goes
+        on to torch. The average is written by the load post-hook (:meth:`loaded`), once torch has
+        taken the rest: a load torch refuses changes nothing. Where there is no entry (or one
+        saved while a start-over was pending), a start-over at the next step, with one warning."""
+        self.pending = None
+        try:                                     # any failure of the checks is a refusal, agreed
+            entry, rest = self.read(optimizer, state_dict)
+        except BaseException as err:             # (RecursionError of a deep record too)
             self.agree_present(None, err)
             raise
+        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        if entry is not None and entry.get(PENDING) is True:
+            warnings.warn(f"the optimizer state dict's {KEY!r} entry was saved while the attached "
+                          f"{self.kind} waited to start over (a checkpoint without the average "
+                          f"had been loaded, and no step made since): it starts over from the "
+                          f"model's weights at the next optimizer step", UserWarning, stacklevel=3)
+            entry = None
+        elif entry is None:
+            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
+                          f"attach(), or by an older fastema): the attached {self.kind} starts "
+                          f"over from the model's weights at the next optimizer step",
+                          UserWarning, stacklevel=3)
+        if entry is None:
+            self.pending = self.arm_restart
+            return rest
+        commit = self.face._checkpoint.checked_load(
+            {k: v for k, v in entry.items() if k != PENDING})
+
+        def write() -> None:
+            commit()
+            if self.reseed is not None:
+                self.reseed.remove()
+                self.reseed = None
+
+        self.pending = write
+        return rest
+
+    def read(self, optimizer, state_dict: dict) -> tuple[dict | None, dict]:
+        """``(the average's entry or None, the state dict torch loads)``; raises what is
+        refused."""
+        entry, rest = _params.split_entries(KEY, self.face, optimizer, state_dict)
         if entry is None and (not self.per_param or self.face.split):
             entry = rest.get(KEY)                # top level (a split's: gathered, full tensors)
             rest = {k: v for k, v in rest.items() if k != KEY}
             if entry is not None and not isinstance(entry, dict):
-                bad = TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
+                raise TypeError(f"the optimizer state dict's {KEY!r} entry must be a "
                                 f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
                                 f"nothing was loaded")
-                self.agree_present(None, bad)
-                raise bad
-        entry = self.agree_present(entry)        # a sharded average's ranks: all or none
+        _checks.check_groups(optimizer, rest)           # torch's own refusal, before the agreement
+        return entry, rest
+
+    def loaded(self, optimizer) -> None:
+        """The load post-hook: torch took the rest; the checked average is written now (or its
+        start-over armed), and the new live state marked."""
+        pending, self.pending = self.pending, None
         self.gathered = None
-        if entry is None:
-            warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
-                          f"attach(), by an older fastema, or through DCP's get_state_dict, which "
-                          f"keeps only 'state' and 'param_groups'): the attached {self.kind} "
-                          f"starts over from the model's weights at the next optimizer step",
-                          UserWarning, stacklevel=3)
-            if self.reseed is None:
-                self.reseed = optimizer.register_step_pre_hook(self.starting_over)
-            return rest
-        _check_groups(optimizer, rest)           # torch's own refusal, before the average is loaded
-        self.face.load_state_dict(entry)
-        if self.reseed is not None:
-            self.reseed.remove()
-            self.reseed = None
-        return rest
+        if pending is not None:
+            pending()
+        self.marked = _params.mark(KEY, self.face, optimizer)
+
+    def arm_restart(self) -> None:
+        if self.reseed is None:
+            self.reseed = self.optimizer.register_step_pre_hook(self.starting_over)
 
     def agree_present(self, entry: dict | None, err: BaseException | None = None) -> dict | None:
         """A sharded average's load: every rank of its mesh holds the average's entries, or none
@@ -291,66 +363,6 @@ def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "_optimizer_step_post_hooks")
 
 
-def _check(kind: str, face: Any, optimizer: Any, sources: list) -> None:
-    """Refuse what an attachment cannot carry, before any hook is registered."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not _has_hooks(optimizer):
-        raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
-                        f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
-    other = _ATTACHED.get(optimizer)
-    if other is not None:
-        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
-                         f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
-                         f"first")
-    _refuse_fsdp1(kind, optimizer, sources)
-    why = _params.refusal(face) if face.sharded else None
-    if why is not None:
-        raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "
-                         f"are DTensors of the parameters' layout (FSDP2, HSDP, tensor parallel). "
-                         f"Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
-    if face.source != "parameters":
-        raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
-    if face.sharded:                     # its sources are the local shards: the parameters by name
-        sources = list(_params.tracked(face).values())
-    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not stepped.intersection(map(id, sources)):
-        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "
-                         f"it to the optimizer of its model")
-    names = {id(p): n for n, p in face.model.named_parameters()}
-    missed = [names.get(id(t), "?") for t in sources
-              if t.requires_grad and id(t) not in stepped and id(t) in names]
-    if missed:
-        raise ValueError(f"the model's trainable parameters {missed[:5]} are averaged by this "
-                         f"{kind} but not stepped by this optimizer: they would be read at its "
-                         f"steps only. Make one average per optimizer, of the part it steps "
-                         f"(EMA(part)), or exclude= them, or freeze them")
-
-
-def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:
-    """An average made before its model was wrapped by FSDP1 (``EMA(FSDP1(model))`` is refused
-    when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
-    stepped = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
-        raise TypeError(f"attach() does not take this {kind}: its model (or the optimizer's) is "
-                        f"wrapped by FSDP1 (FullyShardedDataParallel): its parameters are "
-                        f"rank-dependent pieces of flat parameters, which fastema cannot average "
-                        f"(its first step would raise, after the optimizer's). Shard the model "
-                        f"with FSDP2 (torch.distributed.fsdp.fully_shard): its average is sharded "
-                        f"as its parameters are, and attach() carries it through DCP")
-
-
-def _check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """The refusal ``Optimizer.load_state_dict`` makes itself, made before the average is loaded."""
-    saved = state_dict.get("param_groups")
-    groups = optimizer.param_groups
-    if not isinstance(saved, list) or len(saved) != len(groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
-                         "of optimizer's group")
-
-
 def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
     """Every group's lr is 0 (a float, or a host tensor: no device read), as DCP's dummy step
     sets."""
@@ -365,22 +377,55 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _called_by_dcp(what: str = "_init_optim_state") -> bool:
-    """DCP's ``what`` is on the stack (a few frames up: the step's or ``state_dict()``'s
-    wrappers): ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``. The function's
+    return _dcp_frame(what) is not None
+
+
+_CONTRACT = {"_init_optim_state": ("optim",), "_get_optim_state_dict": ("optimizers", "info"),
+             "_load_optim_state_dict": ("optimizers", "state_dict", "info")}
+_BROKEN: set = set()           # the functions already warned of, once a process
+
+
+@contextlib.contextmanager
+def contract_warnings_afresh() -> Iterator[None]:
+    """For the ``with`` block, the contract's warnings said again, once per function (a test of
+    another torch's DCP in a process that has warned already); the record put back after."""
+    global _BROKEN
+    saved, _BROKEN = _BROKEN, set()
+    try:
+        yield
+    finally:
+        _BROKEN = saved
+
+
+def _dcp_frame(what: str) -> Any:
+    """DCP's ``what`` running a few frames up (the step's or ``state_dict()``'s wrappers), or
+    None: ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``,
+    ``_load_optim_state_dict`` (:data:`_CONTRACT`: their parameters, checked). The function's
     own code, under its decorators (``@torch.no_grad()``'s wrapper is shared by every function it
-    decorates: its code would match any of them)."""
-    init = getattr(sys.modules.get(_DCP), what, None)
-    code = getattr(inspect.unwrap(init), "__code__", None) if callable(init) else None
-    if code is None:
-        return False
-    frame: Any = sys._getframe(1)
+    decorates: its code would match any of them). Where DCP is loaded but a function is gone or
+    changed (another torch), one warning names it and the torch version."""
+    module = sys.modules.get(_DCP)
+    if module is None:
+        return None
+    fn = getattr(module, what, None)
+    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+    if code is None or not set(_CONTRACT[what]) <= set(code.co_varnames[:code.co_argcount]):
+        if what not in _BROKEN:
+            _BROKEN.add(what)
+            warnings.warn(f"fastema's attach() tells DCP's calls by {_DCP}.{what}({', '.join(_CONTRACT[what])}), "
+                          f"which torch {torch.__version__} does not have: DCP's dummy step may count "
+                          f"as an update and its state dicts may not carry the attached average. "
+                          f"Tested on torch 2.13; report it", RuntimeWarning,
+                          stacklevel=3)
+        return None
+    frame: Any = sys._getframe(2)
     for _ in range(12):
         if frame is None:
-            return False
+            return None
         if frame.f_code is code:
-            return True
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:

@@ -11,6 +11,7 @@ replica group joining).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 from .._interrupts import ctrl_c_held
@@ -77,17 +78,27 @@ class ShadowSwap:
                 side.settle()
                 if swapping_in:
                     self.check_row(row)
-                    side.follow()
+                    side.follow()                      # every tensor's address: the one pass of a swap in
                 lossy = not avg.exact_swap             # see fastema._shadow.Capabilities
                 if not lossy:
                     avg.swap_modes()
                     avg.reserve(row, True)             # a split swap's raw window, buckets
-                if copy is not None:                   # the averaged group checks itself
+                if copy is not None and not swapping_in:   # the averaged group checks itself
                     copy.refresh()
         except BaseException:
             avg.release()
             raise
         gathering.append(True)                         # agreed: the gathers write into the model
+        # Addresses found current above (the model side's check in, the buffers' refresh back): the
+        # swaps read none again (where the shadow can say so: Capabilities.sources_checked)
+        with avg.sources_checked() if swapping_in else contextlib.nullcontext(), \
+                copy.sources_checked() if copy is not None else contextlib.nullcontext():
+            self._exchange(row, swapping_in, lossy)
+
+    def _exchange(self, row: int, swapping_in: bool, lossy: bool) -> None:
+        """The writes of :meth:`_exchange_checked`, everything checked."""
+        side = self.side
+        avg, copy = side.avg, side.copy
         backup = self.backup
         if lossy:
             if swapping_in:

@@ -189,7 +189,9 @@ class TargetNetwork(Face, TorchFace):
         assert isinstance(parts.side, TorchPairs)  # target_parts pairs the two networks
         on_gpu = any(d != "cpu" for d in parts.side.devices)
         assert parts.engine is not None
-        self._refuses_capture = on_gpu and parts.engine.device_plan is None   # a host plan's
+        # a host plan's update refuses a capture (torch's query: a capture needs torch's CUDA, which the
+        # fake GPU of the tests, CPU tensors standing for a GPU's, has not)
+        self._refuses_capture = on_gpu and parts.engine.device_plan is None and torch.cuda.is_available()
         super().__init__(parts)
 
     # ------------------------------------------------------------ what it is

@@ -25,6 +25,7 @@ import os
 import stat
 import tempfile
 import time
+from typing import Iterator
 
 from .identity import digest
 
@@ -55,6 +56,25 @@ UNSAVED: list = []
 """``(folder, why)`` of each compiled kernel this process could not save in its cache folder (the
 CPU kernels' cache and the CUDA node store alike): each is used from memory; the first was
 reported."""
+
+
+@contextlib.contextmanager
+def afresh(*, lock_wait: float | None = None) -> Iterator[None]:
+    """For the ``with`` block, this process's record of unsaved kernels started again (the first
+    one reported again) and, given, ``lock_wait`` seconds for :data:`LOCK_WAIT`; both put back
+    after, however it ends (a test's own records; not thread-safe)."""
+    global LOCK_WAIT
+    if lock_wait is not None and (isinstance(lock_wait, bool) or not isinstance(lock_wait, (int, float))
+                                  or not lock_wait >= 0):
+        raise ValueError(f"afresh(lock_wait=) takes seconds >= 0, got {lock_wait!r}")
+    saved, wait = list(UNSAVED), LOCK_WAIT
+    UNSAVED.clear()
+    LOCK_WAIT = wait if lock_wait is None else float(lock_wait)
+    try:
+        yield
+    finally:
+        UNSAVED[:] = saved
+        LOCK_WAIT = wait
 
 
 def unsaved(folder: str, why: str) -> None:

@@ -70,6 +70,9 @@ class Shipped:
         if bad or not isinstance(data.get("variants"), dict):
             raise ValueError(f"{path} cannot be read (image names {', '.join(map(repr, bad))} are not sm_XY "
                              f"cubins or compute_XY PTX, or no variants)")
+        wrong = _wrong_types(data)
+        if wrong:
+            raise ValueError(f"{path} cannot be read ({wrong})")
         if data.get("sources") != cuda_sources():
             raise ValueError(f"the shipped {self.name} set was built from other kernel sources than "
                              f"these (an edited checkout: rebuild it, CONTRIBUTING.md)")
@@ -88,6 +91,27 @@ class Shipped:
             return None
         start, size = at[:2]
         return E.loads(self._blob(image)[start:start + size], key, image, self.index["identity"])
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _wrong_types(data: dict) -> str | None:
+    """The first field of an index whose type ``get`` / ``choose`` cannot read, named, or None."""
+    if not isinstance(data.get("identity"), str):
+        return f"identity is {type(data.get('identity')).__name__}, not a string"
+    drivers = [("driver", data)] + [(f"images.{i}.driver", v) for i, v in data["images"].items()]
+    for name, holder in drivers:
+        if "driver" in holder and not _count(holder["driver"]):
+            return f"{name} is {holder['driver']!r}, not an int"
+    for key, at in data["variants"].items():
+        if not isinstance(at, dict):
+            return f"variant {key!r} is a {type(at).__name__}, not a dict"
+        for image, where in at.items():
+            if not (isinstance(where, list) and len(where) >= 2 and all(map(_count, where[:2]))):
+                return f"variant {key!r} image {image!r} is {where!r}, not [offset, size, ...]"
+    return None
 
 
 def write_set(root: str, name: str, entries: list, meta: dict) -> dict:

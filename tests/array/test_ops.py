@@ -7,6 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import DTYPES, assert_close_to_reference, naive_ema, torch_dtype
+from support import faults
+from support.calls import watching
 from torch import nn
 
 import fastema
@@ -353,10 +355,10 @@ def test_layout_cache_misses_for_the_same_memory_in_another_layout_or_shape(layo
     assert torch.equal(hb, ref)
 
 
-def _counting_pair_groups(monkeypatch) -> list:
+def _counting_pair_groups(request) -> list:
+    """The calls of the full layout check (``fastema.pairs.pair_groups``) for the rest of the test."""
     calls: list = []
-    full = fastema.pairs.pair_groups
-    monkeypatch.setattr(fastema.pairs, "pair_groups", lambda *a: calls.append(1) or full(*a))
+    faults.held(request, watching(fastema.pairs.pair_groups, on_call=lambda args: calls.append(1)))
     return calls
 
 
@@ -375,10 +377,10 @@ def test_layout_cache_misses_for_a_lazily_negated_view_of_cached_memory(layout_c
     assert torch.equal(s, x)
 
 
-def test_layout_cache_hit_needs_every_stride(layout_checks, monkeypatch):
+def test_layout_cache_hit_needs_every_stride(layout_checks, request):
     # a size-1 dimension's stride changes no element's place, yet the check compares strides as
     # they are: the full check runs again (and accepts it)
-    calls = _counting_pair_groups(monkeypatch)
+    calls = _counting_pair_groups(request)
     c, z = torch.zeros(4, 1), torch.ones(4, 1)
     fastema.ema_update_many_([c], [z], weight=0.5)
     fastema.ema_update_many_([c], [z], weight=0.5)
@@ -387,10 +389,10 @@ def test_layout_cache_hit_needs_every_stride(layout_checks, monkeypatch):
     assert len(calls) == 2 and torch.equal(c, torch.full((4, 1), 0.875))
 
 
-def test_layout_cache_hits_for_the_same_tensors_in_another_inference_mode(layout_checks, monkeypatch):
+def test_layout_cache_hits_for_the_same_tensors_in_another_inference_mode(layout_checks, request):
     # torch's guard compares dispatch keys, which inference_mode changes: the streamed comparison
     # then decides, so alternating modes still hit (no full check per call)
-    calls = _counting_pair_groups(monkeypatch)
+    calls = _counting_pair_groups(request)
     s, x = torch.zeros(3, 5), torch.ones(3, 5)
     fastema.ema_update_many_([s], [x], weight=0.5)
     with torch.inference_mode():

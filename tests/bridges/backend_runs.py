@@ -1,5 +1,5 @@
 """Scripts that need a process of their own: Keras on the TensorFlow or JAX backend (Keras picks its
-backend once per process), JAX with two (fake) CPU devices.
+backend once per process), JAX with two (fake) CPU devices, or four (a 2x2 mesh).
 
 Every test module registers its scripts when it is imported (:func:`script`). The first test that
 asks for a result on a backend (:func:`run_on`) starts ONE subprocess for that backend, which then
@@ -30,6 +30,8 @@ _COMMON = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_L
 ENV = {
     "tensorflow": {**_COMMON, "KERAS_BACKEND": "tensorflow"},
     "jax": {**_COMMON, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    # a 2x2 mesh of CPU devices: fastema.jax.ema() under NamedSharding and shard_map (test_jax_sharded.py)
+    "jax4": {**_COMMON, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
 }
 
 #: seconds one script may take (its backend's start-up included) before its process is killed

@@ -21,26 +21,19 @@ window's ``FlatShadow``), a host copy, a file write.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from dist import run_ranks
+from support import faults
+from support.calls import watching
 
 _COLLECTIVE_S = 30.0       # every collective's timeout in these worlds: a hang is an error, fast
 _BOUND_S = 10.0            # a refusal reaches every rank within this (far below the timeout)
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
-def _raw(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def _outcome(fn) -> tuple[str, str, float]:
+    """What a rank got, its message followed by its causes' (the refusals here chain them)."""
+    return faults.outcome(fn, causes=True)
 
 
 def _trained(split=True):
@@ -48,7 +41,7 @@ def _trained(split=True):
     bit), two rows, after 3 steps."""
     from fastema.torch import EMA
 
-    m = _model()
+    m = faults.model()
     ema, ref = EMA(m, [0.5, 0.9], shard_replicas=split), EMA(m, [0.5, 0.9])
     for i in range(3):
         with torch.no_grad():
@@ -59,35 +52,19 @@ def _trained(split=True):
     return m, ema, ref
 
 
-def _outcome(fn) -> tuple[str, str, float]:
-    """``(error type or "ok", its message and its causes', seconds)`` of ``fn()``."""
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as err:                      # what each rank got, compared by the parent
-        msg, cause = str(err), err.__cause__
-        while cause is not None:
-            msg, cause = f"{msg} <- {cause}", cause.__cause__
-        return type(err).__name__, msg, time.monotonic() - t0
-    return "ok", "", time.monotonic() - t0
-
-
 @contextlib.contextmanager
-def _failing(module, name: str, when, exc: BaseException):
-    """``module.name`` raising ``exc`` at the calls ``when(n)`` picks (from 1), then put back."""
-    real, calls = getattr(module, name), [0]
+def _failing(function, when, exc: BaseException):
+    """``function`` (a class: its ``__init__``) raising ``exc`` as it begins at the calls ``when(n)``
+    picks (from 1), its calls watched (``tests/support/calls.py``), not replaced."""
+    calls = [0]
 
-    def fake(*args, **kwargs):
+    def call(args):
         calls[0] += 1
         if when(calls[0]):
             raise exc
-        return real(*args, **kwargs)
 
-    setattr(module, name, fake)
-    try:
+    with watching(function.__init__ if isinstance(function, type) else function, on_call=call):
         yield calls
-    finally:
-        setattr(module, name, real)
 
 
 def _oom(what: str) -> torch.OutOfMemoryError:
@@ -114,9 +91,9 @@ def _different_reads(rank, world, root):
     within the bound, with nothing changed; then the same read on both works (the sequence numbers
     stayed equal)."""
     m, ema, ref = _trained()
-    raw = _raw(m)
-    export = _model()
-    exported = _raw(export)
+    raw = faults.raw(m)
+    export = faults.model()
+    exported = faults.raw(export)
     state = ema.state_dict()
     reads = {
         "swap in": lambda: ema.swap(),
@@ -135,28 +112,28 @@ def _different_reads(rank, world, root):
     for pair in _PAIRS:
         kind, msg, s = _outcome(reads[pair[rank]])
         both = all(f"EMA.{_NAMES[p]}" in msg for p in pair) and "different reads" in msg
-        intact = _same(raw, _raw(m)) and _same(exported, _raw(export))
+        intact = faults.same(raw, faults.raw(m)) and faults.same(exported, faults.raw(export))
         out[" / ".join(pair)] = (kind, both, s, intact, ema.swapped)
     # round 7's A01: rank 0 evaluates alone (swap, swap) while rank 1 exports (copy_to, copy_to)
     for attempt in range(2):
         kind, msg, s = _outcome(ema.swap if rank == 0 else ema.copy_to)
         both = "EMA.swap() in of row 0" in msg and "EMA.copy_to() of row 0" in msg
-        out[f"A01 {attempt}"] = (kind, both, s, _same(raw, _raw(m)), ema.swapped)
+        out[f"A01 {attempt}"] = (kind, both, s, faults.same(raw, faults.raw(m)), ema.swapped)
     # a swap back paired with a copy_to(): rank 1 refuses its own (it is swapped), and rank 0 says
     # that its model still holds the average, as it does
     with ref.average_parameters():
-        averaged = _raw(m)
+        averaged = faults.raw(m)
     ema.swap()
     kind, msg, s = _outcome(ema.swap if rank == 0 else ema.copy_to)
     said = (["EMA.swap() back of row 0", "EMA.copy_to() of row 0", "still holds the average"]
             if rank == 0 else ["copy_to() while the EMA weights are swapped"])
-    out["swap back / copy_to"] = (kind, all(w in msg for w in said), s, _same(averaged, _raw(m)),
+    out["swap back / copy_to"] = (kind, all(w in msg for w in said), s, faults.same(averaged, faults.raw(m)),
                                   not ema.swapped)
     ema.swap()                                   # every rank: the raw weights back
     with ema.average_parameters():               # and the reads work again, bit for bit
-        inside = _raw(m)
-    return {"cases": out, "after": (_same(raw, _raw(m)), _same(inside, averaged),
-                                    _same(ema.full_state_dict(1), ref.full_state_dict(1)),
+        inside = faults.raw(m)
+    return {"cases": out, "after": (faults.same(raw, faults.raw(m)), faults.same(inside, averaged),
+                                    faults.same(ema.full_state_dict(1), ref.full_state_dict(1)),
                                     ema._checkpoint.agreement.sequence.count)}
 
 
@@ -187,24 +164,24 @@ def _swap_in_raw_window(rank, world, root):
     out = {}
     for case, split in (("A08", True), ("A08b bucket 1024", ShardReplicas(True, bucket=1024))):
         m, ema, ref = _trained(split)
-        raw = _raw(m)
+        raw = faults.raw(m)
         with ref.average_parameters(1):
-            want = _raw(m)
+            want = faults.raw(m)
         errors, inside = [], []
-        with _failing(splits, "FlatShadow", lambda n: rank == 1 and n == 1, _oom("the window")):
+        with _failing(splits.FlatShadow, lambda n: rank == 1 and n == 1, _oom("the window")):
             for _ in range(2):
                 kind, msg, s = _outcome(lambda: _evaluate(ema, m, 1, inside))
                 errors.append((kind, msg[:300], s))
                 if kind == "ok":
                     break
-        right = len(inside) == 1 and _same(inside[0], want)
-        out[case] = (errors, right, _same(raw, _raw(m)), ema.swapped)
+        right = len(inside) == 1 and faults.same(inside[0], want)
+        out[case] = (errors, right, faults.same(raw, faults.raw(m)), ema.swapped)
     return {"cases": out}
 
 
 def _evaluate(ema, m, row, inside: list) -> None:
     with ema.average_parameters(row):
-        inside.append(_raw(m))
+        inside.append(faults.raw(m))
 
 
 def test_a_swap_whose_raw_window_fails_on_one_rank_is_refused_on_every_rank_and_retried(tmp_path):
@@ -230,9 +207,9 @@ def _retries(rank, world, root):
     from fastema.torch._state import checkpoint
 
     m, ema, ref = _trained()
-    raw, state = _raw(m), ema.state_dict()
+    raw, state = faults.raw(m), ema.state_dict()
     with ref.average_parameters():
-        averaged = _raw(m)
+        averaged = faults.raw(m)
     full, gathered = ref.full_state_dict(), ref.state_dict()["averaged"]
     out: dict = {}
     got: dict = {}
@@ -242,32 +219,32 @@ def _retries(rank, world, root):
         """``module.attr`` fails at its ``at``-th call on rank ``on`` (``allocate``: 1 the read's
         buffers, 2 its first kept entry, mid-stream), then every rank retries."""
         when = lambda n: rank == on and n == at                 # noqa: E731
-        with _failing(module, attr, when, exc or _oom(name)) as calls:
+        with _failing(getattr(module, attr), when, exc or _oom(name)) as calls:
             failed = _outcome(read)
         retried = _outcome(read)
         out[name] = (*failed, calls[0] >= at or rank != on, retried[:2], check())
 
-    case("swap in", ema.swap, lambda: ema.swapped and _same(averaged, _raw(m)))
-    case("swap back", ema.swap, lambda: not ema.swapped and _same(raw, _raw(m)))
-    case("copy_to", ema.copy_to, lambda: _same(averaged, _raw(m)))
+    case("swap in", ema.swap, lambda: ema.swapped and faults.same(averaged, faults.raw(m)))
+    case("swap back", ema.swap, lambda: not ema.swapped and faults.same(raw, faults.raw(m)))
+    case("copy_to", ema.copy_to, lambda: faults.same(averaged, faults.raw(m)))
     m.load_state_dict(raw)
-    case("full_state_dict", lambda: got.update(ema.full_state_dict()), lambda: _same(full, got))
+    case("full_state_dict", lambda: got.update(ema.full_state_dict()), lambda: faults.same(full, got))
     case("full_state_dict mid-stream", lambda: got.update(ema.full_state_dict()),
-         lambda: _same(full, got), at=2)
+         lambda: faults.same(full, got), at=2)
     case("state_dict(gathered)", lambda: got.update(ema.gathered_state_dict()),
-         lambda: _same(got["averaged"], gathered), module=checkpoint, attr="staged")
+         lambda: faults.same(got["averaged"], gathered), module=checkpoint, attr="staged")
     path, path2 = f"{root}/retried.safetensors", f"{root}/written.safetensors"
-    case("save", lambda: ema.save(path), lambda: rank == 1 or _same(load_file(path), full))
+    case("save", lambda: ema.save(path), lambda: rank == 1 or faults.same(load_file(path), full))
     case("save: the writer's file", lambda: ema.save(path2),
-         lambda: rank == 1 or _same(load_file(path2), full), module=checkpoint,
+         lambda: rank == 1 or faults.same(load_file(path2), full), module=checkpoint,
          attr="_atomic_write", on=0, exc=OSError(28, "simulated: No space left on device"))
     case("load_state_dict", lambda: ema.load_state_dict(state),
-         lambda: _same(full, ema.full_state_dict()), module=checkpoint, attr="local_part")
+         lambda: faults.same(full, ema.full_state_dict()), module=checkpoint, attr="local_part")
     case("iter_weights", lambda: streamed.append(list(ema.iter_weights())),
-         lambda: _same(dict(streamed[-1]), full))
+         lambda: faults.same(dict(streamed[-1]), full))
     case("iter_weights mid-stream", lambda: streamed.append(list(ema.iter_weights())),
-         lambda: _same(dict(streamed[-1]), full), at=2)
-    return {"cases": out, "after": (_same(raw, _raw(m)), ema.swapped,
+         lambda: faults.same(dict(streamed[-1]), full), at=2)
+    return {"cases": out, "after": (faults.same(raw, faults.raw(m)), ema.swapped,
                                     ema._checkpoint.agreement.sequence.count)}
 
 

@@ -70,7 +70,8 @@ from fastema.kernels._store import files
 
 sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-files.LOCK_WAIT = 0.2
+waiting = files.afresh(lock_wait=0.2)               # for the whole child (kept: entered, never left)
+waiting.__enter__()
 out = {}
 
 
@@ -185,13 +186,9 @@ def node(monkeypatch, tmp_path):
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    monkeypatch.setattr(_cache_node, "NOT_NODE_LOCAL", [], raising=False)
-    monkeypatch.setattr(files, "UNSAVED", [], raising=False)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    files.node_root.cache_clear()
-    with D.afresh(), config.tuned(CUDA_CACHE=True):
+    with _cache.afresh(), D.afresh(), config.tuned(CUDA_CACHE=True):
         yield temp / f"fastema-{os.getuid()}"
-    files.node_root.cache_clear()
 
 
 def _node_locator():
@@ -343,3 +340,37 @@ def test_a_malformed_image_name_in_an_index_falls_back(tmp_path, change):
         with pytest.warns(RuntimeWarning, match="cu13 device code cannot be used .*image names"):
             assert D.choose(13000, (11, 0)) == [] and D.choose(13000, (9, 0)) == []
         assert "image names" in D.incomplete(list(data["variants"]))
+
+
+def _first_variant(data):
+    key = next(iter(data["variants"]))
+    return key, next(iter(data["variants"][key]))
+
+
+@pytest.mark.parametrize("damage", ["variant-list", "offset-int", "driver-string", "no-identity"])
+def test_a_wrong_typed_field_in_an_index_falls_back(tmp_path, damage):
+    """Round 8 L2: a variant that is a list (AttributeError in ``Shipped.get``), an offset that
+    is an int (TypeError), a ``driver`` that is a string (TypeError in ``choose``), no
+    ``identity`` (KeyError) raised from the CUDA load path; now the set is unusable, with the
+    warning and fallback of every other damage."""
+    pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the simulator runs no device code")
+    import shutil
+
+    shutil.copytree(os.path.join(D.device_dir(), "cu13"), tmp_path / "cu13")
+    data = json.loads((tmp_path / "cu13" / "index.json").read_text())
+    key, image = _first_variant(data)
+    if damage == "variant-list":
+        data["variants"][key] = [data["variants"][key][image]]
+    elif damage == "offset-int":
+        data["variants"][key][image] = 0
+    elif damage == "driver-string":
+        data["images"][image]["driver"] = "13000"
+    else:
+        del data["identity"]
+    (tmp_path / "cu13" / "index.json").write_text(json.dumps(data))
+    with D.afresh(str(tmp_path)):
+        with pytest.warns(RuntimeWarning, match="cu13 device code cannot be used .*cannot be read"):
+            assert D.entry("cu13", key, image) is None
+        assert D.choose(13000, (9, 0)) == []

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(r"""
     from fastema._launch import config
     from fastema.schedules import PowerWarmup
     from fastema.torch import EMA
-    from fastema.torch._placement.offload import OffloadedShadow
+    from fastema.torch._placement import folds
 
     parallel = config.tuned(CPU_SERIAL_BELOW=0, CPU_CHUNK=1024)   # every kernel of these small
     parallel.__enter__()          # models in parallel, all the process long (held, never closed)
@@ -140,13 +140,14 @@ SCRIPT = textwrap.dedent(r"""
     report["offload_parent_goes_on"] = same(state(off), state(ref))
 
     # ---- a fold that fails just before the fork: the error waits for the next read, in both processes
-    fold = OffloadedShadow._fold
-    def broken(self, *args):
-        raise MemoryError("injected: host fold failed")
-    OffloadedShadow._fold = broken
-    bump(m2, 40); off.update()                      # this update is lost
-    concurrent.futures.wait([off._avg._queue.pending])    # the worker has run the broken fold (a busy machine may
-    OffloadedShadow._fold = fold                    # start it late: restored first, the fold would succeed)
+    def broken(stage, run, *args):
+        if stage == "fold":
+            raise MemoryError("injected: host fold failed")
+        return run(*args)
+    with folds.watched(broken):
+        bump(m2, 40); off.update()                  # this update is lost
+        concurrent.futures.wait([off._avg._queue.pending])   # the worker has run the broken fold (a busy
+                                                    # machine may start it late: left first, the fold would succeed)
 
     def raise_next_read():
         try:
@@ -228,25 +229,24 @@ def test_a_child_forked_while_a_fold_ran_refuses_every_read():
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
-def test_the_fork_hook_waits_for_queued_folds_and_raises_nothing(monkeypatch):
+def test_the_fork_hook_waits_for_queued_folds_and_raises_nothing():
     from fastema.torch._placement import folds as _folds
-    from fastema.torch._placement import offload as _offload
 
     model = mlp(8, 16, 4, norm=nn.BatchNorm1d, dtype=torch.float32, seed=0)
     off = EMA(model, 0.9, offload="cpu")
     gate = threading.Event()
-    fold = _offload.OffloadedShadow._fold
 
-    def slow_then_fail(self, *args):
+    def slow_then_fail(stage, run, *args):
+        if stage != "fold":
+            return run(*args)
         gate.wait(5)
         raise MemoryError("injected")
 
-    monkeypatch.setattr(_offload.OffloadedShadow, "_fold", slow_then_fail)
-    off.update()
-    threading.Timer(0.2, gate.set).start()
-    _folds._before_fork()                                # waits for the fold; keeps its error
-    assert off._avg._queue.pending.done()
-    monkeypatch.setattr(_offload.OffloadedShadow, "_fold", fold)
+    with _folds.watched(slow_then_fail):
+        off.update()
+        threading.Timer(0.2, gate.set).start()
+        _folds._before_fork()                            # waits for the fold; keeps its error
+        assert off._avg._queue.pending.done()
     with pytest.raises(MemoryError, match="injected"):
         off.join()
     assert off.updates == 0 and off.calls == 0

@@ -4,6 +4,7 @@ import signal
 import sys
 
 import pytest
+from support.calls import watching
 
 from fastema._interrupts import ctrl_c_held
 
@@ -61,7 +62,7 @@ def test_a_ctrl_c_inside_the_hold_itself_leaves_every_later_hold_working(where):
 
 
 @pytest.mark.usefixtures("default_sigint")
-def test_a_ctrl_c_during_an_engine_load_is_raised_once_every_row_and_the_plan_are_in(monkeypatch):
+def test_a_ctrl_c_during_an_engine_load_is_raised_once_every_row_and_the_plan_are_in():
     # The engine's checkpoint (fastema.jax.EMA, fastema.tensorflow.EMA, Keras on those backends):
     # a Ctrl-C after the first array written goes on to the last one and the counters, then raises
     import numpy as np
@@ -81,17 +82,14 @@ def test_a_ctrl_c_during_an_engine_load_is_raised_once_every_row_and_the_plan_ar
         src.update(None, lambda: list(arrays.values()))
     state = src.state_dict()
     dst, _ = average({"a": 0.0, "b": 0.0, "c": 0.0})
-    copy = _backends.copy_from_host
     calls = []
 
-    def copy_then_ctrl_c(dst_view, host):
-        copy(dst_view, host)
+    def copied_then_ctrl_c(args, value):   # a Ctrl-C right after the first host copy landed
         calls.append(1)
         if len(calls) == 1:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(_backends, "copy_from_host", copy_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
+    with watching(_backends.copy_from_host, on_return=copied_then_ctrl_c), pytest.raises(KeyboardInterrupt):
         dst.load_state_dict(state)
     assert (dst.plan.updates, dst.plan.calls) == (src.plan.updates, src.plan.calls) == (3, 3)
     for name, rows in dst.state_dict()["averaged"].items():

@@ -13,13 +13,13 @@ import types
 import pytest
 import torch
 from models import mlp
+from support import faults
 from torch import nn
 
 from fastema.schedules import PowerWarmup
 from fastema.torch import EMA, Offload
-from fastema.torch._placement import offload as _offload
+from fastema.torch._placement import folds as _folds
 from fastema.torch._placement import offload_ring as _offload_ring
-from fastema.torch._placement.offload import OffloadedShadow
 
 
 def _model():
@@ -47,36 +47,35 @@ AVERAGES = ("averaged",)
 
 
 @pytest.fixture(params=["chunks", "host slots"])
-def pipeline(request, monkeypatch):
+def pipeline(request):
     """The CPU ring's pipeline: its chunks are what the worker folds (what the CPU gets), or they are
     copied into two host slots in turn first (what a GPU's ring does, run on the CPU)."""
-    monkeypatch.setattr(_offload_ring, "_two_slots", lambda device: request.param == "host slots")
-    return request.param
+    with _offload_ring.pipeline(host_slots=request.param == "host slots"):
+        yield request.param
 
 
 @pytest.fixture
-def fail_fold(monkeypatch):
+def fail_fold():
     """``fail_fold(n)``: the fold of the update with schedule step ``n`` raises MemoryError on the
     worker thread, once (standing in for an allocation or CUDA error there), as soon as
     ``fail_fold.release`` is set (60 s at most): the test says when the error may be seen."""
-    fold = OffloadedShadow._fold
     targets = set()
 
-    def maybe_fail(self, *args):
+    def maybe_fail(stage, run, *args):
         step = args[-1]
-        if step in targets:
+        if stage == "fold" and step in targets:
             targets.discard(step)
             fail.release.wait(60)
             raise MemoryError(f"injected: the host fold of update {step} ran out of memory")
-        return fold(self, *args)
+        return run(*args)
 
     def fail(step: int) -> None:
         targets.add(step)
 
     fail.release = threading.Event()    # type: ignore[attr-defined]
-    monkeypatch.setattr(OffloadedShadow, "_fold", maybe_fail)
-    yield fail
-    fail.release.set()                  # a failed test leaves no fold held
+    with _folds.watched(maybe_fail):
+        yield fail
+        fail.release.set()              # a failed test leaves no fold held
 
 
 # The pipeline, update_every, the update whose fold fails, where its error surfaces (a read after
@@ -95,8 +94,8 @@ CASES = [(name, *case) for name in ("chunks", "host slots") for case in (
 
 @pytest.mark.parametrize("name, every, failing, surfaces, lost", CASES)
 def test_a_fold_lost_on_the_worker_is_not_counted_and_the_ema_goes_on_as_one_that_skipped_it(
-        name, every, failing, surfaces, lost, fail_fold, monkeypatch):
-    monkeypatch.setattr(_offload_ring, "_two_slots", lambda device: name == "host slots")
+        name, every, failing, surfaces, lost, fail_fold, request):
+    faults.held(request, _offload_ring.pipeline(host_slots=name == "host slots"))
     model = _model()
     decays = [PowerWarmup(0.9), PowerWarmup(0.5)]
     kw = dict(update_every=every, buffers="average", debias=False)
@@ -201,14 +200,14 @@ def default_sigint():
 @pytest.mark.parametrize("where", ["training thread, packing", "worker, folding, update() waiting",
                                    "worker, folding, join() waiting"])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(where, in_place, monkeypatch):
+def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(where, in_place, request):
     # A Ctrl-C (SIGINT: Python raises it in the main thread) at any point of an offloaded update: while
     # the training thread stages the windows it is held until every window is staged and the update
     # counted, then raised; the worker's folds are never interrupted. Either way the average ends as
     # the synchronous EMA's that made the update, never with some windows folded and others not.
     import signal
 
-    monkeypatch.setattr(_offload, "IN_PLACE", in_place)
+    faults.held(request, _offload_ring.pipeline(in_place=in_place))
     model = _model()
     off, ref = EMA(model, [0.9, 0.5], offload=Offload(chunk=64)), EMA(model, [0.9, 0.5])
     assert len(off._avg.src.windows) >= 6
@@ -217,7 +216,6 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
         _step(model, opt, call)
         off.update()
         ref.update()
-    pack, fold = OffloadedShadow._pack, OffloadedShadow._fold_window
     sent = threading.Event()
 
     def ctrl_c_once():
@@ -227,21 +225,21 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
 
     last = len(off._avg.src.windows) - 1
     if where.startswith("training"):
-        def packing(self, i, chunk):
-            if i == last - 1:
+        def packing(stage, run, *args):
+            if stage == "pack" and args[0] == last - 1:
                 ctrl_c_once()
-            pack(self, i, chunk)
+            return run(*args)
 
-        monkeypatch.setattr(OffloadedShadow, "_pack", packing)
+        faults.held(request, _folds.watched(packing))
     else:
-        def folding(self, i, *args):
-            if i == (last if "join" in where else 2):   # the last window is folded after update() returns
-                if "join" in where:
+        def folding(stage, run, *args):
+            if stage == "fold window" and args[0] == (last if "join" in where else 2):   # the last window is
+                if "join" in where:                     # folded after update() returns
                     time.sleep(0.2)                     # and join() waits
                 ctrl_c_once()
-            fold(self, i, *args)
+            return run(*args)
 
-        monkeypatch.setattr(OffloadedShadow, "_fold_window", folding)
+        faults.held(request, _folds.watched(folding))
     _step(model, opt, 3)
     ref.update()
     with pytest.raises(KeyboardInterrupt):
@@ -259,7 +257,7 @@ def test_a_ctrl_c_during_an_update_lets_the_whole_update_land_never_half_of_it(w
 
 
 @pytest.mark.usefixtures("default_sigint")
-def test_a_ctrl_c_held_through_an_offloaded_update_still_records_deepspeeds_step_as_folded(monkeypatch):
+def test_a_ctrl_c_held_through_an_offloaded_update_still_records_deepspeeds_step_as_folded(request):
     # With a DeepSpeed engine an update folds once per optimizer step (fastema.torch._sharding.masters.Steps).
     # A Ctrl-C held through the offloaded update is raised when the hold ends: the step must be
     # recorded as folded by then, or an update() called again before the next optimizer step (a
@@ -272,16 +270,15 @@ def test_a_ctrl_c_held_through_an_offloaded_update_still_records_deepspeeds_step
     off = EMA(model, 0.9, offload=Offload(chunk=64))
     engine = types.SimpleNamespace(global_steps=0)
     off._steps = Steps(engine)                         # the engine's step counter, as EMA(engine) keeps it
-    pack = OffloadedShadow._pack
     sent = threading.Event()
 
-    def packing(self, i, chunk):
-        if not sent.is_set():
+    def packing(stage, run, *args):
+        if stage == "pack" and not sent.is_set():
             sent.set()
             signal.raise_signal(signal.SIGINT)
-        pack(self, i, chunk)
+        return run(*args)
 
-    monkeypatch.setattr(OffloadedShadow, "_pack", packing)
+    faults.held(request, _folds.watched(packing))
     engine.global_steps = 1
     with pytest.raises(KeyboardInterrupt):
         off.update()

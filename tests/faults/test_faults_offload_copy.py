@@ -21,12 +21,12 @@ CASE = textwrap.dedent("""
     import torch
     from torch import nn
     from fastema.torch import EMA, Offload
-    from fastema.torch._placement import offload_ring as _offload_ring
-    from fastema.torch._placement.offload import OffloadedShadow
+    from fastema.torch._placement import folds, offload_ring
 
     torch.set_num_threads(1)
     pipeline, through = sys.argv[1], sys.argv[2]
-    _offload_ring._two_slots = lambda device: pipeline == "host slots"   # a GPU ring's pipeline, on the CPU
+    staging = offload_ring.pipeline(host_slots=pipeline == "host slots")   # a GPU ring's pipeline, on the CPU
+    staging.__enter__()                                # for every average of this process
 
     def model():
         torch.manual_seed(0)
@@ -48,21 +48,20 @@ CASE = textwrap.dedent("""
     average = {k: v.clone() for k, v in plain_model.state_dict().items()}
 
     written = [0]
-    from_slot = OffloadedShadow._from_slot
 
-    def writing(self, i, ring):                        # a Ctrl-C while the third window is written
-        written[0] += 1
-        if written[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        from_slot(self, i, ring)
+    def writing(stage, run, *args):                    # a Ctrl-C while the third window is written
+        if stage == "from slot":
+            written[0] += 1
+            if written[0] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return run(*args)
 
-    OffloadedShadow._from_slot = writing
     raised, written_then = None, None
     try:
-        off.copy_to() if through == "copy_to" else off.swap()
+        with folds.watched(writing):
+            off.copy_to() if through == "copy_to" else off.swap()
     except KeyboardInterrupt:
         raised, written_then = "KeyboardInterrupt", written[0]
-    OffloadedShadow._from_slot = from_slot
     now = off_model.state_dict()
     out = dict(raised=raised, written_then=written_then, windows=len(off._avg.src.windows),
                average=[k for k in now if torch.equal(now[k], average[k])],

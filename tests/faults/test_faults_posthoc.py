@@ -17,6 +17,7 @@ import sys
 import warnings
 
 import pytest
+from support import faults
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
@@ -185,7 +186,7 @@ _HOSTILE_METADATA = r"""
 import json, os, resource, sys, warnings
 warnings.simplefilter("ignore")
 from fastema import posthoc
-import fastema._io.dcp_unpickler as U
+from fastema._io import safe_files
 run, md = sys.argv[1], sys.argv[2]
 posthoc.synthesize(run, 0.07, max_error=1.0)               # intact: what reading imports, and its memory
 lazy = [m for m in ("torch._dynamo", "torch._inductor", "torch.onnx", "torch._export") if m not in sys.modules]
@@ -209,9 +210,8 @@ case("frame", b"\x80\x04\x95" + (1 << 62).to_bytes(8, "little") + b"N.")
 case("file", b"\x80\x04\x8e" + (300 << 20).to_bytes(8, "little"), 300 << 20)  # beyond the bound on a .metadata
 for name in ("_dynamo", "_inductor", "onnx", "_export"):
     case("lazy" + name, b"\x80\x02ctorch\n" + name.encode() + b"\n.")          # torch's lazy __getattr__
-free, U.memory_available = U.memory_available, lambda: 1 << 20                   # 1 MiB free: 70000 dicts exceed it
-case("objects", b"\x80\x04(" + b"}" * 70000 + b"l.")
-U.memory_available = free
+with safe_files.assumed_free(1 << 20):                                       # 1 MiB free: 70000 dicts exceed it
+    case("objects", b"\x80\x04(" + b"}" * 70000 + b"l.")
 print(json.dumps(["state", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024,   # MiB
                   [m for m in lazy if m in sys.modules]]), flush=True)
 deep = b"K\x01" + b"\x85" * 300000                                            # a tuple nested 300000 deep
@@ -394,7 +394,8 @@ def _claim_in_metadata(base, key, numel):
     return data
 
 
-def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch,
+                                                                                   request):
     """Review of H1/L1: the claim was checked against the data file's apparent size only, which a sparse
     file makes anything; a 60 GB claim reached torch.empty (RuntimeError: can't allocate memory, a traceback
     on the command line; with overcommit, an OOM kill while reading). A claim beyond the memory free here
@@ -407,7 +408,7 @@ def test_a_sparse_dcp_shard_claiming_more_than_memory_is_refused_before_allocati
     numel = 16 << 20                                             # 64 MiB claimed; this machine "has" 8 MiB
     data = _claim_in_metadata(base, "0:w", numel)
     sparse = os.stat(data).st_blocks * 512 < numel * 4           # file systems without holes allocate it
-    monkeypatch.setattr(F, "memory_available", lambda: 8 << 20)
+    faults.held(request, F.assumed_free(8 << 20))
     allocations = []
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
@@ -625,7 +626,7 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
 def _sharded_faults(rank, world, snaps):
     from torch.distributed.fsdp import fully_shard
 
-    import fastema._io.dcp as D
+    from fastema._io import files
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -650,18 +651,18 @@ def _sharded_faults(rank, world, snaps):
         os.unlink(os.path.join(snaps, "snapshot-000000000001.safetensors"))
     dist.barrier()
     ph.update()
-    real = D.atomic_write
 
-    def full(path, write):                            # rank 0 cannot write the .json (the last step)
-        raise OSError(errno.ENOSPC, f"could not write {path!r}: No space left on device")
+    class Full(files.FileSystem):                     # rank 0 cannot write the .json (the last step)
+        def sync_file(self, fd, path):
+            if path.endswith(".json"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().sync_file(fd, path)
 
-    D.atomic_write = full if rank == 0 else real
     try:
-        ph.update()
+        with files.using(Full() if rank == 0 else files.FileSystem()):
+            ph.update()
     except SnapshotError as err:
         out["lost"] = torch.tensor([err.applied, err.updates, "do not repeat it" in str(err)])
-    finally:
-        D.atomic_write = real
     out["counters"] = torch.tensor([ph.updates, ph.calls])
     ph.update()                                       # the due snapshot, on both ranks
     out["final"] = torch.tensor([ph.updates])

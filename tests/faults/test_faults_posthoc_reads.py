@@ -75,17 +75,13 @@ def iterated(case, change):
 def whole(case, change):
     # synthesize()'s window: the second snapshot changed after its first tensor was combined
     d, snaps = folder(case)
-    combine = _synthesis._combine
-    def once(*args):
-        out = combine(*args)
-        _synthesis._combine = combine
-        change(snaps[1])
-        return out
-    _synthesis._combine = once
-    try:
+    changed = []
+    def once(name, tensor):
+        if not changed:
+            changed.append(name)
+            change(snaps[1])
+    with _synthesis.watched(once):
         report(case, snaps[1], lambda: posthoc.synthesize(d, 0.08).items())
-    finally:
-        _synthesis._combine = combine
 
 iterated("iter truncated", truncate)
 whole("synthesize truncated", truncate)

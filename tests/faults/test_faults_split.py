@@ -13,42 +13,18 @@ names the case. Defects of round 6 (../shared/design/reliability.md): H2, H3, H4
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from dist import run_ranks
+from support import faults
 
 _COLLECTIVE_S = 30.0       # every collective's timeout in these worlds: a hang is an error, fast
 _BOUND_S = 10.0            # a refusal reaches every rank within this (far below the collective timeout)
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
-def _raw(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _step(model, k: float) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.9).add_(k / 10)
-
-
-def _outcome(fn) -> tuple[str, str, float]:
-    """``(error type or "ok", message, seconds)`` of ``fn()``."""
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as err:                      # what each rank got, compared by the parent
-        return type(err).__name__, str(err), time.monotonic() - t0
-    return "ok", "", time.monotonic() - t0
 
 
 def _reads(ema, path):
@@ -75,23 +51,23 @@ def _skipped_update(rank, world, root):
                                            shard_replicas=True),
     }
     for face, make in faces.items():
-        m = _model()
+        m = faults.model()
         avg = make(m)
         for i in range(3):
             _step(m, i)
             if not (rank == 1 and i == 2):
                 avg.update()
-        raw = _raw(m)
+        raw = faults.raw(m)
         reads = _reads(avg, f"{root}/{face}.safetensors")
         if face == "PostHocEMA":
             del reads["state_dict(gathered)"]                               # Lightning's (WeightEMA is an EMA)
             reads["snapshot"] = avg.snapshot                                # a DCP save of every rank's slices
         for read, fn in reads.items():
-            kind, msg, s = _outcome(fn)
-            out[f"{face}.{read}"] = (kind, "update() calls" in msg and "rank 1" in msg, s, _same(raw, _raw(m)),
-                                     avg.swapped)
+            kind, msg, s = faults.outcome(fn)
+            named = "update() calls" in msg and "rank 1" in msg
+            out[f"{face}.{read}"] = (kind, named, s, faults.same(raw, faults.raw(m)), avg.swapped)
         avg.update() if rank == 1 else None         # caught up: the reads are right again
-        out[f"{face}.caught_up"] = _outcome(lambda: avg.full_state_dict())[0]
+        out[f"{face}.caught_up"] = faults.outcome(lambda: avg.full_state_dict())[0]
     return {"cases": out}
 
 
@@ -114,11 +90,11 @@ def _one_rank_refuses(rank, world, root):
     the model is untouched; then the same reads with good arguments work."""
     from fastema.torch import EMA
 
-    m = _model()
+    m = faults.model()
     ema = EMA(m, 0.5, shard_replicas=True)
     _step(m, 1)
     ema.update()
-    raw = _raw(m)
+    raw = faults.raw(m)
     bad = 7 if rank == 1 else 0
     cases = {
         "copy_to(row)": lambda: ema.copy_to(row=bad),
@@ -128,11 +104,11 @@ def _one_rank_refuses(rank, world, root):
     }
     out = {}
     for name, fn in cases.items():
-        kind, msg, s = _outcome(fn)
-        out[name] = (kind, "rank 1" in msg or rank == 1, s, _same(raw, _raw(m)), ema.swapped)
+        kind, msg, s = faults.outcome(fn)
+        out[name] = (kind, "rank 1" in msg or rank == 1, s, faults.same(raw, faults.raw(m)), ema.swapped)
     with ema.average_parameters():
-        inside = _raw(m)
-    out["after"] = (_same(raw, _raw(m)), not _same(raw, inside))
+        inside = faults.raw(m)
+    out["after"] = (faults.same(raw, faults.raw(m)), not faults.same(raw, inside))
     return {"cases": out}
 
 
@@ -154,57 +130,52 @@ def _failed_gathers(rank, world, root):
     restores the raw weights; inside average_parameters() the block's exit restores them at once.
     M1: the way back fails: the error says the raw weights were not restored, and swap() again
     restores them."""
+    from support.calls import watching
+
     from fastema.torch import EMA, ShardReplicas
     from fastema.torch._placement import gather as _gather
 
-    real = _gather.all_gather
     out = {}
     for case, fail_at, block in (("first", 1, True), ("later", 2, False), ("later in a block", 2, True)):
-        m = _model()
+        m = faults.model()
         ema = EMA(m, 0.5, shard_replicas=ShardReplicas(True, bucket=16))
         unsplit = EMA(m, 0.5)
         for i in range(2):
             _step(m, i)
             ema.update()
             unsplit.update()
-        raw = _raw(m)
+        raw = faults.raw(m)
         calls = [0]
 
-        def failing(o, mine, group, _at=fail_at, _calls=calls):      # noqa: B023 (bound per case)
+        def failing(args, _at=fail_at, _calls=calls):               # noqa: B023 (bound per case)
             _calls[0] += 1
             if _calls[0] == _at:
                 raise torch.OutOfMemoryError("simulated: no memory for the gather's bucket")
-            real(o, mine, group)
 
-        _gather.all_gather = failing
-        try:
-            kind, _, _ = _outcome(lambda: ema.average_parameters().__enter__() if block else ema.swap())
-        finally:
-            _gather.all_gather = real
-        state = (ema.swapped, _same(raw, _raw(m)))
+        with watching(_gather.all_gather, on_call=failing):
+            kind, _, _ = faults.outcome(lambda: ema.average_parameters().__enter__() if block else ema.swap())
+        state = (ema.swapped, faults.same(raw, faults.raw(m)))
         if ema.swapped:
             ema.swap()                                   # the way back, as average_parameters' exit would
         with ema.average_parameters():                   # the retry: the average, not the raw weights
-            inside = _raw(m)
+            inside = faults.raw(m)
         with unsplit.average_parameters():
-            want = _raw(m)
-        out[case] = (kind, state, _same(inside, want), _same(raw, _raw(m)))
+            want = faults.raw(m)
+        out[case] = (kind, state, faults.same(inside, want), faults.same(raw, faults.raw(m)))
     # M1: the swap back fails on every rank
-    m = _model()
+    m = faults.model()
     ema = EMA(m, 0.5, shard_replicas=True)
     _step(m, 1)
     ema.update()
-    raw = _raw(m)
+    raw = faults.raw(m)
     ema.swap()
     timed_out = RuntimeError("simulated: gloo timed out")
-    _gather.all_gather = lambda *a, **k: (_ for _ in ()).throw(timed_out)
-    try:
-        kind, msg, _ = _outcome(ema.swap)
-    finally:
-        _gather.all_gather = real
+    with watching(_gather.all_gather, on_call=lambda args: (_ for _ in ()).throw(timed_out)):
+        kind, msg, _ = faults.outcome(ema.swap)
     still = ema.swapped
     ema.swap()
-    out["back"] = (kind, "raw weights could not be restored" in msg, still, ema.swapped, _same(raw, _raw(m)))
+    out["back"] = (kind, "raw weights could not be restored" in msg, still, ema.swapped,
+                   faults.same(raw, faults.raw(m)))
     return {"cases": out}
 
 
@@ -224,7 +195,7 @@ def _loads(rank, world, root):
     refuses on every rank at once (never a hang). The average is unchanged either way."""
     from fastema.torch import EMA
 
-    m = _model()
+    m = faults.model()
     ema = EMA(m, 0.5, shard_replicas=True)
     saves = {}
     for i in range(4):
@@ -233,12 +204,12 @@ def _loads(rank, world, root):
         saves[i + 1] = ema.state_dict()
     before = ema.full_state_dict()
     out = {}
-    out["two steps"] = _outcome(lambda: ema.load_state_dict(saves[4] if rank == 0 else saves[2]))[:2]
+    out["two steps"] = faults.outcome(lambda: ema.load_state_dict(saves[4] if rank == 0 else saves[2]))[:2]
     damaged = dict(saves[3])
     damaged["calls"] = -1
-    out["one damaged"] = _outcome(lambda: ema.load_state_dict(damaged if rank == 1 else saves[3]))[:2]
-    out["unchanged"] = _same(before, ema.full_state_dict())
-    out["same save"] = _outcome(lambda: ema.load_state_dict(saves[2]))[0]
+    out["one damaged"] = faults.outcome(lambda: ema.load_state_dict(damaged if rank == 1 else saves[3]))[:2]
+    out["unchanged"] = faults.same(before, ema.full_state_dict())
+    out["same save"] = faults.outcome(lambda: ema.load_state_dict(saves[2]))[0]
     out["calls"] = ema.calls
     return {"cases": out}
 
@@ -262,7 +233,7 @@ def _groups(rank, world, root):
     from fastema.torch import EMA
 
     groups = [dist.new_group([0]), dist.new_group([1])]
-    m = _model()
+    m = faults.model()
     with torch.no_grad():
         m[0].weight.add_(rank)                             # each stage its own model
     ema = EMA(m, 0.5, shard_replicas=groups[rank])
@@ -295,7 +266,7 @@ def _exchanged(rank, world, root):
             a, b = m[0].weight.clone(), m[1].weight.clone()
             m[0].weight.copy_(b)
             m[1].weight.copy_(a)
-    kind, msg, _ = _outcome(lambda: EMA(m, 0.5, shard_replicas=True))
+    kind, msg, _ = faults.outcome(lambda: EMA(m, 0.5, shard_replicas=True))
     return {"refused": torch.tensor(kind == "ValueError" and "weights differ" in msg)}
 
 
@@ -317,7 +288,7 @@ def _callback_files(rank, world, root):
     from fastema.torch import EMA
     from fastema.transformers import EMACallback
 
-    m = _model()
+    m = faults.model()
     ema = EMA(m, 0.5, shard_replicas=True)
     cb = EMACallback.__new__(EMACallback)
     cb.ema = ema
@@ -343,13 +314,13 @@ def _callback_files(rank, world, root):
     before = ema.full_state_dict()
     out = {}
     for case in ("mixed", "missing", "cut"):
-        kind, msg, s = _outcome(lambda c=case: EMACallback._load(ema, f"{root}/{c}"))
+        kind, msg, s = faults.outcome(lambda c=case: EMACallback._load(ema, f"{root}/{c}"))
         out[case] = (kind, msg[:400], s)
-    out["unchanged"] = _same(before, ema.full_state_dict())
+    out["unchanged"] = faults.same(before, ema.full_state_dict())
     from fastema import _callback_files  # what a resume on another world size reads them through
     files = [f"{root}/mixed/fastema_ema-rank{r}-of-2.safetensors" for r in (0, 1)]
-    out["one_save"] = _outcome(lambda: _callback_files._one_save(files))[:2]
-    out["good"] = _outcome(lambda: EMACallback._load(ema, f"{root}/checkpoint-2"))[0]
+    out["one_save"] = faults.outcome(lambda: _callback_files._one_save(files))[:2]
+    out["good"] = faults.outcome(lambda: EMACallback._load(ema, f"{root}/checkpoint-2"))[0]
     out["calls"] = ema.calls
     return {"cases": out}
 
@@ -378,10 +349,10 @@ def _resume_on_one(rank, world, root):
     from fastema.torch import EMA
     from fastema.transformers import EMACallback
 
-    m = _model()
+    m = faults.model()
     ema = EMA(m, 0.5, shard_replicas=True)
-    kind, msg, _ = _outcome(lambda: EMACallback._load(ema, f"{root}/mixed"))
-    good = _outcome(lambda: EMACallback._load(ema, f"{root}/checkpoint-4"))[0]
+    kind, msg, _ = faults.outcome(lambda: EMACallback._load(ema, f"{root}/mixed"))
+    good = faults.outcome(lambda: EMACallback._load(ema, f"{root}/checkpoint-4"))[0]
     return {"mixed": torch.tensor(kind == "ValueError" and "calls=4" in msg and "calls=2" in msg),
             "good": torch.tensor(good == "ok" and ema.calls == 4)}
 
@@ -408,7 +379,7 @@ def _mesh_agreement(rank, world, root):
         "agreed": lambda: agree(groups, read, Stamp(5, 7), seq),
     }
     for name, fn in cases.items():
-        kind, msg, s = _outcome(fn)
+        kind, msg, s = faults.outcome(fn)
         out[name] = (kind, msg, s)
     return {"cases": out}
 

@@ -17,13 +17,13 @@ Issue 64, item 7.
 from __future__ import annotations
 
 import copy
-import time
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
 from dist import Counted, run_ranks
+from support import faults
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -48,24 +48,10 @@ def _params(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _state(step):
     from transformers import TrainerState
 
     return TrainerState(global_step=step)
-
-
-def _outcome(fn) -> tuple[str, str, float]:
-    """``(error type or "ok", message, seconds)`` of ``fn()``."""
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as err:                      # what each rank got, compared by the parent
-        return type(err).__name__, str(err), time.monotonic() - t0
-    return "ok", "", time.monotonic() - t0
 
 
 def _extra(ref):
@@ -108,14 +94,14 @@ def _train_begin(rank, world):
             callback.on_train_begin(a, _state(0), None, model=model)
 
         with Counted() as c:
-            kind, msg, s = _outcome(begin)
-        out[name] = (kind, says in msg, s, callback.network is None, _same(before, _params(ref)),
+            kind, msg, s = faults.outcome(begin)
+        out[name] = (kind, says in msg, s, callback.network is None, faults.same(before, _params(ref)),
                      len(c.calls))
 
     # the retry: the same callbacks with good arguments train; the syncs mid-training at steps 2, 4
     policy, ref = _pair()
     callback = RefSyncCallback(ref)
-    out["retry"] = _outcome(lambda: callback.on_train_begin(args, _state(0), None, model=policy))[0]
+    out["retry"] = faults.outcome(lambda: callback.on_train_begin(args, _state(0), None, model=policy))[0]
     synced, right = [], True
     for step in range(1, 5):
         with torch.no_grad():
@@ -126,7 +112,7 @@ def _train_begin(rank, world):
             callback.on_step_end(args, _state(step), None, model=policy)
         right &= not c.calls
         now = _params(ref)
-        if not _same(before, now):
+        if not faults.same(before, now):
             synced.append(step)
             right &= all(torch.equal(now[n], torch.lerp(before[n], p, RATE))
                          for n, p in _params(policy).items())
@@ -188,7 +174,7 @@ def _side_by_side(changes: dict, steps: int = 8, rate: float = RATE, period: int
         trl.on_step_end(args, _state(step), None, model=policy)
         callback.on_step_end(args, _state(step), None, model=policy)
         for who, m, b in (("trl", theirs, before[0]), ("ours", ours, before[1])):
-            if not _same(b, _params(m)):
+            if not faults.same(b, _params(m)):
                 changed[who].append(step)
         t, o = _params(theirs), _params(ours)
         worst = max(worst, max(float((t[n] - o[n]).abs().max()) for n in t))
@@ -217,7 +203,7 @@ def test_hard_and_frozen_syncs_are_trls_bit_for_bit(rate, plain_trl):
     assert worst == 0.0
     if rate == 1.0:
         assert changed["ours"] == [2, 4]
-        assert _same(_params(ours), _params(policy))
+        assert faults.same(_params(ours), _params(policy))
     else:
         assert changed["ours"] == []
     from trl.trainer.callbacks import SyncRefModelCallback
@@ -234,4 +220,4 @@ def test_hard_and_frozen_syncs_are_trls_bit_for_bit(rate, plain_trl):
     assert torch.equal(ref[0].weight.view(torch.int32), theirs[0].weight.view(torch.int32))
     assert bool(ref[0].weight[0, 0].isnan())
     callback.network.hard_update()
-    assert _same(_params(ref), _params(policy))
+    assert faults.same(_params(ref), _params(policy))

@@ -24,7 +24,6 @@ Every case shares one pair of engines (building them is most of the cost). Issue
 from __future__ import annotations
 
 import importlib.util
-import time
 import types
 
 import pytest
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from dist import Counted, deepspeed_on_cpu, run_ranks
 from models import mlp
+from support import faults
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                  reason="needs deepspeed (pip install 'fastema[distributed]')"),
@@ -50,16 +50,6 @@ CFG = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
 REF_CFG = {**CFG, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 40}}
 
 
-def _outcome(fn) -> tuple[str, str, float]:
-    """``(error type or "ok", message, seconds)`` of ``fn()``."""
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as err:                      # what each rank got, compared by the parent
-        return type(err).__name__, str(err), time.monotonic() - t0
-    return "ok", "", time.monotonic() - t0
-
-
 def _valid(p):
     """This rank's partition of a ZeRO-3 parameter without its padding (a view)."""
     size = p.ds_tensor.numel()
@@ -69,10 +59,6 @@ def _valid(p):
 def _bits(module) -> list:
     """Every partition whole, padding included, as integers: what "nothing was written" compares."""
     return [p.ds_tensor.view(torch.int32).clone() for p in module.parameters()]
-
-
-def _same(a: list, b: list) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _full(module) -> dict:
@@ -105,7 +91,7 @@ def _stream(tn, row: int = 0) -> dict:
 
 def _refused(tn) -> tuple[str, bool, float]:
     """A stream of the target: ``(error type, it names rank 1's update() count, seconds)``."""
-    kind, msg, s = _outcome(lambda: _stream(tn))
+    kind, msg, s = faults.outcome(lambda: _stream(tn))
     return kind, "update() calls" in msg and "rank 1" in msg, s
 
 
@@ -137,15 +123,15 @@ def _one_rank_fails(rank, case, update, engine, ref, x, step, tn):
     if rank == 1:
         case.fail()
     with Counted() as c:
-        kind, msg, s = _outcome(case.call if rank == 1 else update)
+        kind, msg, s = faults.outcome(case.call if rank == 1 else update)
     if rank == 1:
         case.undo()
     record = {"kind": kind, "says": case.says in msg if rank == 1 else True, "s": s,
               "collectives": len(c.calls), "counted": tn.calls - calls,
-              "written": not _same(bits, _bits(ref.module)), "held": held}
+              "written": not faults.same(bits, _bits(ref.module)), "held": held}
     record["stream"] = _refused(tn)
-    record["retry"] = _outcome(update)[0] if rank == 1 else "ok"
-    record["forward"] = _outcome(lambda: _forward(ref, x))[:2]
+    record["retry"] = faults.outcome(update)[0] if rank == 1 else "ok"
+    record["forward"] = faults.outcome(lambda: _forward(ref, x))[:2]
     got = _stream(tn)
     want = {n: torch.lerp(v, online[n], TAU) for n, v in before.items()}
     record["right"] = list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
@@ -186,14 +172,14 @@ def _target_cases(rank, engine, ref, x):
     out["skipped update"] = _refused(tn)
     if rank == 1:
         tn.update()
-    out["skipped update/caught up"] = _outcome(lambda: _stream(tn))[0]
+    out["skipped update/caught up"] = faults.outcome(lambda: _stream(tn))[0]
 
     # a hard_update() on rank 0 only (half the partitions copied): every rank refuses the stream;
     # once rank 1 copies too, the stream is the policy, bit for bit
     _step(engine, rank, 11)
     if rank == 0:
         tn.hard_update()
-    kind, msg, s = _outcome(lambda: _stream(tn))
+    kind, msg, s = faults.outcome(lambda: _stream(tn))
     out["hard_update on one rank"] = (kind, "hard_update()" in msg, s)
     if rank == 1:
         tn.hard_update()
@@ -202,9 +188,9 @@ def _target_cases(rank, engine, ref, x):
                                                    for n, v in online.items())
 
     # a stream argument refused on rank 1: its own error there, its reason on rank 0; a retry reads
-    kind, msg, s = _outcome(lambda: _stream(tn, 1 if rank == 1 else 0))
+    kind, msg, s = faults.outcome(lambda: _stream(tn, 1 if rank == 1 else 0))
     out["stream argument"] = (kind, "row must be 0" in msg, s)
-    out["stream argument/retry"] = _outcome(lambda: _stream(tn))[0]
+    out["stream argument/retry"] = faults.outcome(lambda: _stream(tn))[0]
 
     # skip_nonfinite=True: a NaN in rank 0's partition of the policy skips rank 0's fold alone
     _step(engine, rank, 12)
@@ -215,7 +201,7 @@ def _target_cases(rank, engine, ref, x):
         _valid(first)[0] = float("nan")
     guarded.update()
     first.ds_tensor.copy_(saved)
-    out["skip_nonfinite"] = (int(guarded.skipped["cpu"]), not _same(bits, _bits(ref.module)),
+    out["skip_nonfinite"] = (int(guarded.skipped["cpu"]), not faults.same(bits, _bits(ref.module)),
                              guarded.calls)
     return out
 
@@ -235,7 +221,7 @@ def _trl_cases(rank, world, deepspeed, engine, ref, x):
         solo = mlp(8, 5, 16, 1, seed=1)
 
     def begin(callback):
-        return _outcome(lambda: callback.on_train_begin(args, TrainerState(global_step=0), None,
+        return faults.outcome(lambda: callback.on_train_begin(args, TrainerState(global_step=0), None,
                                                         model=engine))
 
     callback = RefSyncCallback(solo if rank == 1 else ref)
@@ -266,7 +252,7 @@ def _trl_cases(rank, world, deepspeed, engine, ref, x):
     out["sync skipped on one rank"] = _refused(tn)
     if rank == 1:
         sync(4)
-    out["sync skipped on one rank/caught up"] = _outcome(lambda: _stream(tn))[0]
+    out["sync skipped on one rank/caught up"] = faults.outcome(lambda: _stream(tn))[0]
     return out
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support import faults
+from support.calls import watching
 
 from fastema import FlatShadow, _launch
 from fastema.kernels import _bits, _elementwise
@@ -273,21 +275,20 @@ def test_torch_bema_skipped_step_leaves_every_row():
         assert torch.equal(v, before[k]), k
 
 
-def test_torch_bema_output_is_the_corrected_ema(monkeypatch):
+def test_torch_bema_output_is_the_corrected_ema(request):
     """EMA(decay=BEMA()) corrects row 0 through FlatShadow.bias_correct: the rows it is handed give
     the output within float32 rounding (see the module docstring), rows 1 and 2 untouched."""
     from fastema.schedules import BEMA
     from fastema.torch import EMA
 
     seen = []
-    original = FlatShadow.bias_correct
 
-    def spy(self, alpha, **kw):
-        seen.append((alpha, [g.buffer.double().clone() for g in self.layout.groups]))
-        original(self, alpha, **kw)
-        seen[-1] += ([g.buffer.double().clone() for g in self.layout.groups],)
+    def rows(args):
+        return [g.buffer.double().clone() for g in args["self"].layout.groups]
 
-    monkeypatch.setattr(FlatShadow, "bias_correct", spy)
+    faults.held(request, watching(FlatShadow.bias_correct,                    # each call: before, after
+                                  on_call=lambda args: seen.append((args["alpha"], rows(args))),
+                                  on_return=lambda args, _: seen.__setitem__(-1, seen[-1] + (rows(args),))))
     torch.manual_seed(0)
     net = torch.nn.Linear(16, 8)
     ema = EMA(net, BEMA())

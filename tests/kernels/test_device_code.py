@@ -44,11 +44,8 @@ def fresh(monkeypatch, tmp_path):
     """device_code's per-process state reset around a test (its warnings given once, the sets
     read once), and a cache of run-time compiles of the test's own."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
-    D._WARNED.clear()
-    D.sets.cache_clear()
-    yield D
-    D._WARNED.clear()
-    D.sets.cache_clear()
+    with D.afresh():
+        yield D
 
 
 class Compiles:
@@ -215,16 +212,17 @@ def _one_variant():
     raise AssertionError("no float64 scan variant")
 
 
-def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, monkeypatch):
+def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, tmp_path):
     """Each set's index holds the digest of the kernel sources: another digest (an edited checkout)
     makes every variant compile (one warning per set naming the rebuild), never load the shipped
-    code."""
-    from fastema.kernels._store import store
-
+    code. The shipped indexes copied, each with another digest (the store read from the copy)."""
     key, dispatcher, types = _one_variant()
-    monkeypatch.setattr(store, "cuda_sources", lambda: "0" * 64)
+    for name in sorted(os.listdir(D.device_dir())):
+        index = json.loads(open(os.path.join(D.device_dir(), name, "index.json")).read())
+        (tmp_path / "device" / name).mkdir(parents=True)
+        (tmp_path / "device" / name / "index.json").write_text(json.dumps({**index, "sources": "0" * 64}))
     fake = FakeDriver()
-    with using(fake), compiler.using(Compiles()) as compiles:
+    with D.afresh(str(tmp_path / "device")), using(fake), compiler.using(Compiles()) as compiles:
         with pytest.warns(RuntimeWarning, match="from other kernel sources.*rebuild it"):
             assert D.kernel(dispatcher, types, 0).source == "compiled"
         assert compiles.keys == [key] and fake.launches == [("load", "cubin", "entry")]

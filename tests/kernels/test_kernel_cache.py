@@ -242,29 +242,29 @@ def test_digest_tells_near_inputs_apart_and_is_stable():
     assert digest(a) == digest(a.decode()) and len(digest(a, size=32)) == 32
 
 
-def test_no_writable_cache_location_compiles_per_process_and_warns(monkeypatch):
+def test_no_writable_cache_location_compiles_per_process_and_warns():
     class NoLocation:
         def __init__(self, py_func, variant):
             raise RuntimeError("cannot cache function 'kernel': no locator available for file 'cpu.py'")
-
-    monkeypatch.setattr(_cache, "_cache_class", lambda: NoLocation)
-    monkeypatch.setattr(_cache, "NOT_CACHED", [])
 
     def kernel(x):
         return x + 1
 
     from numba import njit
 
-    jitted = _cache.cached(njit(kernel))
-    assert jitted(1) == 2 and not any(jitted.stats.cache_hits.values())      # works, uncached
-    assert _cache.NOT_CACHED == ["cannot cache function 'kernel': no locator available for file 'cpu.py'"]
     from fastema._launch import cpu as launch_cpu
 
-    with pytest.warns(RuntimeWarning, match="no writable folder .* set NUMBA_CACHE_DIR to a writable folder"):
-        launch_cpu._check_disk_cache()
-    monkeypatch.setattr(_cache, "SHARED", False)
-    with pytest.warns(RuntimeWarning, match="cache internals are not the ones fastema knows"):
-        launch_cpu._check_disk_cache()
+    with _cache.afresh(), _cache.using(cache_class=NoLocation):
+        jitted = _cache.cached(njit(kernel))
+        assert jitted(1) == 2 and not any(jitted.stats.cache_hits.values())      # works, uncached
+        assert _cache.NOT_CACHED == ["cannot cache function 'kernel': no locator available for file 'cpu.py'"]
+        with pytest.warns(RuntimeWarning, match="no writable folder .* set NUMBA_CACHE_DIR to a writable folder"):
+            launch_cpu._check_disk_cache()
+        with _cache.using(shared=False):
+            with pytest.warns(RuntimeWarning, match="cache internals are not the ones fastema knows"):
+                launch_cpu._check_disk_cache()
+        assert _cache.SHARED
+    assert _cache._cache_class() is not NoLocation
 
 
 # The CUDA kernels' descriptions, keys of their disk cache (issue #23 item 4; the cache itself runs on a
@@ -356,14 +356,15 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
     cache = _cache.cached_cuda(cuda.jit(fn), _cuda_jit.DEPENDENCIES)._cache
     h100, a100 = ((type("Codegen", (), {"magic_tuple": lambda self, cc=cc: ("13.0", cc)})()) for cc in ((9, 0), (8, 0)))
     base = (("numba-cuda", "0.30.4"), ("cuda-core", "1.2.2"), ("nvvm", (2, 0)), ("driver", (13, 0)))
-    monkeypatch.setattr(_cache, "CUDA_VERSIONS", lambda: base)
-    key = cache._index_key(("sig",), h100)
-    assert cache._index_key(("sig",), h100) == key and cache._index_key(("sig",), a100) != key
+    with _cache.using(cuda_versions=lambda: base):
+        key = cache._index_key(("sig",), h100)
+        assert cache._index_key(("sig",), h100) == key and cache._index_key(("sig",), a100) != key
     assert (9, 0) in key[1] and dict(key[-1][1]) == dict(base)
     for i, changed in enumerate(["0.30.5", "1.3.0", (2, 1), (13, 1)]):
         other = base[:i] + ((base[i][0], changed),) + base[i + 1:]
-        monkeypatch.setattr(_cache, "CUDA_VERSIONS", lambda other=other: other)
-        assert cache._index_key(("sig",), h100) != key, base[i][0]
+        with _cache.using(cuda_versions=lambda other=other: other):
+            assert cache._index_key(("sig",), h100) != key, base[i][0]
+    assert _cache.CUDA_VERSIONS is launch_cuda.cuda_versions
 
 
 def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):

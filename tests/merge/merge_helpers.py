@@ -1,5 +1,6 @@
 """Checkpoints of one small model in every input format, a float64 reference of their merge, and a
 fingerprint of files (to show a merge changed no input)."""
+import errno
 import hashlib
 import json
 import os
@@ -7,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from fastema._io import files
 from fastema.kernels import _bits
 from fastema.kernels.kinds import BF16, F16, F32, F64
 
@@ -169,3 +171,33 @@ def temporary_entries(folder) -> list:
     """What a merge may leave beside its output in ``folder``: names with ``.fastema-merge`` or ending
     ``.tmp``."""
     return sorted(n for n in os.listdir(folder) if ".fastema-merge" in n or n.endswith(".tmp"))
+
+
+class System(files.FileSystem):
+    """This file system as another (``way``): as it is (``"renameat2"``), one without renameat2
+    (``"link"``: a hard link then an unlink), one without hard links either (``"claim"``: the name
+    claimed first). ``at_publish(folder)``, given, runs once at the first sync of a staging folder
+    (``*.tmp``): a publish begins, the staged output whole (another writer wins the race there, a
+    signal arrives). ``synced``, given, records the folders synced instead of syncing them."""
+
+    def __init__(self, way: str = "renameat2", at_publish=None, synced: list | None = None):
+        if way not in ("renameat2", "link", "claim"):
+            raise ValueError(f"System(way=) is renameat2, link or claim, got {way!r}")
+        self.way, self.at_publish, self.synced = way, at_publish, synced
+
+    def rename_noreplace(self, src: str, dst: str) -> bool:
+        return self.way == "renameat2" and super().rename_noreplace(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        if self.way == "claim":
+            raise OSError(errno.EPERM, "Operation not permitted")
+        super().link(src, dst)
+
+    def sync_folder(self, folder: str) -> None:
+        if self.at_publish is not None and folder.endswith(".tmp"):
+            run, self.at_publish = self.at_publish, None
+            run(folder)
+        if self.synced is not None:
+            self.synced.append(folder)
+        else:
+            super().sync_folder(folder)

@@ -5,6 +5,7 @@ store, header dimensions past what a reader takes, more files than descriptors, 
 the safetensors library refuses (a name twice, overlapping spans, gaps, bytes after the last
 tensor). Each refusal leaves no temporary folder and changes no input; whatever could kill the
 process (SIGBUS, a descriptor limit) runs in a child process."""
+import contextlib
 import json
 import os
 
@@ -16,33 +17,22 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
+from support.calls import watching
 
 import fastema._io.safetensors as dtypes
 from fastema.__main__ import main as fastema_main
-from fastema.merge import MergeError, _core, merge_checkpoints
+from fastema.merge import MergeError, _writer, merge_checkpoints
 
 
-def nothing_written(monkeypatch) -> list:
-    """The outputs the merge makes from now on (a list that stays empty when it refuses before
-    writing anything)."""
-    made: list = []
-
-    class Recorded(_core.Output):
-        def __init__(self, out, *args, **kwargs):
-            made.append(out)
-            super().__init__(out, *args, **kwargs)
-
-    monkeypatch.setattr(_core, "Output", Recorded)
-    return made
-
-
-def refused(tmp_path, paths, match, monkeypatch=None, **kwargs) -> None:
+def refused(tmp_path, paths, match, begun: bool = False, **kwargs) -> None:
     """merge_checkpoints refuses ``paths`` with a MergeError matching ``match``: no output, nothing
-    temporary beside it, no input changed (and, given ``monkeypatch``, no output even begun)."""
+    temporary beside it, no input changed (and, ``begun``, no output even begun: no ``Output`` made,
+    its calls watched)."""
     before = fingerprint(paths)
-    made = nothing_written(monkeypatch) if monkeypatch is not None else []
+    made: list = []
     out = tmp_path / "out.safetensors"
-    with pytest.raises(MergeError, match=match):
+    with watching(_writer.Output.__init__, on_call=made.append) if begun else contextlib.nullcontext(), \
+            pytest.raises(MergeError, match=match):
         merge_checkpoints(paths, out, **kwargs)
     assert made == [] and not out.exists() and temporary_entries(tmp_path) == []
     assert fingerprint(paths) == before
@@ -63,32 +53,31 @@ def library_refuses(path) -> bool:
 
 
 _TRUNCATED_MIDWAY = """
-import json, os, sys
+import contextlib, json, os, sys
 from fastema.merge import _core, _engine, _source
 from fastema.merge._safetensors_input import SafetensorsSource
-_engine.PIECE_BYTES.update(mmap=64 << 10, pread=64 << 10)   # four pieces a tensor
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
 case, read, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-if case == "without populate":
-    _source.POPULATE_READ_WORKS[0] = False            # as on a kernel older than 5.14
 victim, method, name, lo = {"inside a tensor": (0, "piece", "a", 16384), "without populate": (0, "piece", "a", 16384),
                             "between tensors": (0, "piece", "b", 0), "a copied tensor": (1, "raw", "ids", 0)}[case]
 with open(paths[victim], "rb") as f:
     n = int.from_bytes(f.read(8), "little")
     cut = 8 + n + json.loads(f.read(n))[name]["data_offsets"][0] + lo * 4
 fired = []
-real = getattr(SafetensorsSource, method)
-def truncating(self, tensor, at, size, scratch):   # what a trainer rewriting the file in place does
-    if not fired and self.path == paths[victim] and (tensor, at) == (name, lo):
-        os.truncate(self.path, cut)                     # the pieces read before stay readable
+def truncating(args):                                   # what a trainer rewriting the file in place does
+    if not fired and args["self"].path == paths[victim] and (args["name"], args["lo"]) == (name, lo):
+        os.truncate(args["self"].path, cut)             # the pieces read before stay readable
         fired.append(cut)
-    return real(self, tensor, at, size, scratch)
-setattr(SafetensorsSource, method, truncating)
-try:
-    _core.merge_checkpoints(paths, out, read=read)
-except Exception as err:
-    print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
-else:
-    print(f"fired={bool(fired)} written")
+older = _source.populating_refused() if case == "without populate" else contextlib.nullcontext()
+with _engine.tuned(mmap_piece=64 << 10, pread_piece=64 << 10), older, \\
+        watching(getattr(SafetensorsSource, method), on_call=truncating, every_thread=True):   # four pieces a tensor
+    try:
+        _core.merge_checkpoints(paths, out, read=read)
+    except Exception as err:
+        print(f"fired={bool(fired)} failed: {type(err).__name__}: {err}")
+    else:
+        print(f"fired={bool(fired)} written")
 """
 
 
@@ -109,7 +98,8 @@ def test_an_input_truncated_during_a_merge_before_its_piece_is_read_is_a_merge_e
         save_numpy(state, paths[-1])
     victim = 1 if case == "a copied tensor" else 0
     untouched = fingerprint([paths[1 - victim]])
-    r = run_python(_TRUNCATED_MIDWAY, case, read, tmp_path / "out.safetensors", *paths)
+    r = run_python(_TRUNCATED_MIDWAY, case, read, tmp_path / "out.safetensors", *paths,
+                   env={"FASTEMA_TEST_TESTS": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])             # no SIGBUS (-7)
     tensor = {"inside a tensor": "a", "without populate": "a", "between tensors": "b", "a copied tensor": "ids"}[case]
     assert r.stdout.startswith("fired=True failed: MergeError: "), r.stdout
@@ -128,16 +118,14 @@ def test_an_input_that_changed_size_after_its_header_was_read_is_refused_before_
         save_numpy({"a": np.full(1000, 1.0 + i, np.float32)}, paths[-1])
     from fastema.merge import _safetensors_input
 
-    real = _safetensors_input.SafetensorsSource.__init__
 
-    def then_grown(self, path, label, files, read="mmap"):
-        real(self, path, label, files, read)
-        if path == paths[0]:
-            with open(path, "ab") as f:
+    def then_grown(args, value):            # input 0 grows right after it was opened
+        if args["path"] == paths[0]:
+            with open(args["path"], "ab") as f:
                 f.write(b"\0" * 64)
 
-    monkeypatch.setattr(_safetensors_input.SafetensorsSource, "__init__", then_grown)
-    with pytest.raises(MergeError, match=r"input 0 \(.*ckpt-0.safetensors\).*rewritten during the merge.*'a'"):
+    with watching(_safetensors_input.SafetensorsSource.__init__, on_return=then_grown), \
+            pytest.raises(MergeError, match=r"input 0 \(.*ckpt-0.safetensors\).*rewritten during the merge.*'a'"):
         merge_checkpoints(paths, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists() and temporary_entries(tmp_path) == []
 
@@ -272,7 +260,7 @@ def test_a_complex128_tensor_is_refused_by_name_before_anything_is_written(tmp_p
     for i in range(2):
         paths.append(str(tmp_path / f"ckpt-{i}.pt"))
         torch.save({"w": torch.full((4,), 1.0 + i), "c": torch.ones(3, dtype=torch.complex128)}, paths[-1])
-    refused(tmp_path, paths, r"input 0 \(.*ckpt-0.pt\): tensor 'c' is complex128", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*ckpt-0.pt\): tensor 'c' is complex128", begun=True)
 
 
 # ------------------------------------------------------------ M4: dimensions past int64
@@ -291,7 +279,7 @@ def test_a_header_dimension_past_int64_is_refused_as_damaged_before_anything_is_
     header = '{' + _ONE + ',"z":{"dtype":"F32","shape":' + json.dumps(shape) + ',"data_offsets":[8,8]}}'
     paths = [crafted(tmp_path / f"ckpt-{i}.safetensors", header, np.ones(2, np.float32).tobytes()) for i in range(2)]
     assert library_refuses(paths[0])
-    refused(tmp_path, paths, r"input 0 \(.*\): tensor 'z' has the shape .* the file is damaged", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*\): tensor 'z' has the shape .* the file is damaged", begun=True)
 
 
 # ------------------------------------------------------------ M5: descriptors
@@ -423,7 +411,7 @@ def test_a_header_the_safetensors_library_refuses_is_refused_too(tmp_path, monke
     # one case the library reads (it keeps the last of two equal entries); a name twice is refused whatever
     # its entries, as the next file may differ in the dtype alone
     assert library_refuses(paths[0]) == (case != "a name twice, same span")
-    refused(tmp_path, paths, r"input 0 \(.*ckpt-0\.safetensors\).*" + match + r".*the file is damaged", monkeypatch)
+    refused(tmp_path, paths, r"input 0 \(.*ckpt-0\.safetensors\).*" + match + r".*the file is damaged", begun=True)
 
 
 _ACCEPTED = {

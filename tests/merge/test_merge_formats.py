@@ -9,6 +9,7 @@ import pytest
 import torch
 from merge_helpers import NAMES, assert_float32_close, checkpoints, leftovers, model_state, reference, write
 from safetensors.torch import load_file
+from support import faults
 
 from fastema.merge import MergeError, _engine, merge_checkpoints
 
@@ -44,7 +45,7 @@ def test_every_format_and_style_equals_the_float64_reference(tmp_path, fmt, styl
     assert sorted(report.copied) == sorted(COPIED) and sorted(report.averaged) == sorted(NAMES)
 
 
-def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path, monkeypatch):
+def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path):
     outs = []
     for fmt in FORMATS:
         paths, _ = checkpoints(tmp_path / fmt, fmt)
@@ -52,13 +53,13 @@ def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path, monk
             out = tmp_path / f"{fmt}-{read}.safetensors"
             merge_checkpoints(paths, out, weights="wsm:1-sqrt", read=read)
             outs.append(load(out))
-    monkeypatch.setitem(_engine.PIECE_BYTES, "mmap", 64)    # every tensor in many pieces
-    monkeypatch.setitem(_engine.PIECE_BYTES, "pread", 64)
-    for fmt in ("safetensors", "pt"):
-        paths, _ = checkpoints(tmp_path / f"again-{fmt}", fmt)
-        for read in ("mmap", "pread"):
-            merge_checkpoints(paths, tmp_path / "pieces.safetensors", weights="wsm:1-sqrt", read=read, overwrite=True)
-            outs.append(load(tmp_path / "pieces.safetensors"))
+    with _engine.tuned(mmap_piece=64, pread_piece=64):     # every tensor in many pieces
+        for fmt in ("safetensors", "pt"):
+            paths, _ = checkpoints(tmp_path / f"again-{fmt}", fmt)
+            for read in ("mmap", "pread"):
+                merge_checkpoints(paths, tmp_path / "pieces.safetensors", weights="wsm:1-sqrt", read=read,
+                                  overwrite=True)
+                outs.append(load(tmp_path / "pieces.safetensors"))
     for other in outs[1:]:
         assert other.keys() == outs[0].keys()
         for name in outs[0]:
@@ -67,7 +68,7 @@ def test_bits_are_equal_across_runs_formats_read_modes_and_pieces(tmp_path, monk
 
 @pytest.mark.parametrize("read, copy", [("pread", True), ("pread", False), ("mmap", True)],
                          ids=["pread", "pread, process_vm_readv refused", "mmap"])
-def test_torch_files_of_strided_views_and_step_tensors_merge_alike_in_every_read_mode(tmp_path, monkeypatch, read,
+def test_torch_files_of_strided_views_and_step_tensors_merge_alike_in_every_read_mode(tmp_path, request, read,
                                                                                        copy):
     """A torch file's pieces under read="pread" are copied out of torch's map (process_vm_readv); a
     tensor saved as a strided view is made contiguous from a copy of the bytes it spans, and a step
@@ -75,8 +76,9 @@ def test_torch_files_of_strided_views_and_step_tensors_merge_alike_in_every_read
     in the map, as with read="mmap": the same values either way."""
     from fastema.merge import _source
 
-    monkeypatch.setattr(_source, "COPY_MAPPED_WORKS", [copy])
-    monkeypatch.setitem(_engine.PIECE_BYTES, read, 256)     # a view's pieces, and its copy, in several pieces
+    if not copy:
+        faults.held(request, _source.copying_refused())
+    faults.held(request, _engine.tuned(**{f"{read}_piece": 256}))   # a view's pieces, and its copy, in several
     base = torch.arange(12 * 40, dtype=torch.float32).reshape(12, 40)
     paths, states = [], []
     for i in range(2):

@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import pytest
 from merge_helpers import checkpoints, fingerprint, temporary_entries
+from support.calls import watching
 
 from fastema.merge import MergeError, MergeOptions, _core, merge_checkpoints
 
@@ -44,14 +45,13 @@ from fastema.merge import MergeError, MergeOptions, _core, merge_checkpoints
     ("max_error", float("nan"), r"max_error must be None \(0\.05\) or a number >= 0, got nan"),
     ("max_error", "0.1", r"max_error must be None \(0\.05\) or a number >= 0, got '0\.1'"),
 ])
-def test_each_option_is_refused_by_name_before_any_input_is_opened(tmp_path, monkeypatch, name, value, match):
+def test_each_option_is_refused_by_name_before_any_input_is_opened(tmp_path, name, value, match):
     with pytest.raises(MergeError, match=match):
         MergeOptions(**{name: value})
     paths, _ = checkpoints(tmp_path / "in", "safetensors", count=2)
     before = fingerprint(paths)
     opened = []
-    monkeypatch.setattr(_core, "open_input", lambda *a, **k: opened.append(a) or pytest.fail("an input was opened"))
-    with pytest.raises(MergeError, match=match):
+    with watching(_core.open_input, on_call=opened.append), pytest.raises(MergeError, match=match):
         merge_checkpoints(paths, tmp_path / "out.safetensors", **{name: value})
     assert opened == [] and not (tmp_path / "out.safetensors").exists() and temporary_entries(tmp_path) == []
     assert fingerprint(paths) == before

@@ -3,7 +3,6 @@ it runs, another merge (in this process or another) publishes to the same ``out`
 run out, SIGTERM / SIGHUP / Ctrl-C arrive, the donor folder's small files link out of it, an ``out``
 that is a link is overwritten, an input has weight 0. Every fault leaves no temporary folder and
 changes no input; whatever could crash or hang runs in a child process."""
-import errno
 import os
 import re
 import signal
@@ -14,15 +13,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from merge_helpers import checkpoints, fingerprint, leftovers, run_python, tree_state
+from merge_helpers import System, checkpoints, fingerprint, leftovers, run_python, tree_state
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
+from support.calls import watching
 
 from fastema._io import files
 from fastema.cli import merge as cli
 from fastema.merge import MergeError, _core, _writer, merge_checkpoints
 
 CLI = "import sys\nfrom fastema.cli import merge as cli\nsys.exit(cli.main(sys.argv[1:]))\n"
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # tests/: a child imports its support
 
 
 def _payload(out) -> bytes:
@@ -35,42 +36,30 @@ def _payload(out) -> bytes:
 # ------------------------------------------------------------ M1, L2: publishing re-checks out
 
 
-def _publish_with(monkeypatch, way: str) -> None:
-    """Publishing as on a system without ``renameat2`` (``link``) and without hard links either
-    (``claim``: the name claimed first)."""
-    if way != "renameat2":
-        monkeypatch.setattr(files, "_rename_noreplace", lambda src, dst: False)
-    if way == "claim":
-        def no_links(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-
-        monkeypatch.setattr(files.os, "link", no_links)
-
-
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
 @pytest.mark.parametrize("out_name, appears", [
     ("out.safetensors", "file"), ("merged", "empty folder"), ("merged", "folder"), ("merged", "file")])
 def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_says_out_exists(
-        tmp_path, monkeypatch, out_name, appears, way):
+        tmp_path, out_name, appears, way):
+    """Publishing on this system, on one without ``renameat2`` (``link``) and on one without hard
+    links either (``claim``: the name claimed first)."""
     paths, _ = checkpoints(tmp_path / "in", "hf")
     before = fingerprint(paths)
-    _publish_with(monkeypatch, way)
-    merge_checkpoints(paths, tmp_path / ("clean" + out_name))          # with nothing there: published
+    with files.using(System(way)):
+        merge_checkpoints(paths, tmp_path / ("clean" + out_name))      # with nothing there: published
     assert _payload(tmp_path / ("clean" + out_name))
     out = tmp_path / out_name
-    real = _writer.Output.publish
 
-    def appearing_first(self):              # the other writer wins the race, deterministically
+    def appearing_first(folder):            # the other writer wins the race, deterministically
         if appears == "file":
             out.write_bytes(b"precious")
         else:
             out.mkdir()
             if appears == "folder":
                 (out / "mine.txt").write_bytes(b"precious")
-        real(self)
 
-    monkeypatch.setattr(_writer.Output, "publish", appearing_first)
-    with pytest.raises(MergeError, match=r"out '[^']+' exists"):
+    with files.using(System(way, at_publish=appearing_first)), \
+            pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out)
     if appears == "file":
         assert out.read_bytes() == b"precious"
@@ -81,7 +70,7 @@ def test_something_that_appears_at_out_during_the_merge_is_kept_and_the_merge_sa
 
 @pytest.mark.parametrize("out_name", ["out.safetensors", "merged"])
 def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_exists(
-        tmp_path, monkeypatch, out_name):
+        tmp_path, out_name):
     """L2: the temporary name was per process, so a merge started while another to the same out ran
     failed with "not writable (File exists)"; now the one that publishes first wins, the other says
     out exists and removes only its own temporary folder."""
@@ -91,16 +80,12 @@ def test_a_second_merge_into_the_same_new_out_from_one_process_wins_or_says_out_
     alone = tmp_path / "alone" / out_name
     alone.parent.mkdir()
     merge_checkpoints(paths, alone, weights="3,1")
-    real, nested = _writer.Output.publish, []
 
-    def another_merge_first(self):          # merge 1 is about to publish: merge 2 runs whole, publishes
-        if not nested:
-            nested.append(self.folder)
-            merge_checkpoints(paths, out, weights="3,1")
-        real(self)
+    def another_merge_first(folder):        # merge 1 is about to publish: merge 2 runs whole, publishes
+        merge_checkpoints(paths, out, weights="3,1")
 
-    monkeypatch.setattr(_writer.Output, "publish", another_merge_first)
-    with pytest.raises(MergeError, match=r"out '[^']+' exists"):
+    with files.using(System(at_publish=another_merge_first)), \
+            pytest.raises(MergeError, match=r"out '[^']+' exists"):
         merge_checkpoints(paths, out, weights="1,3")
     assert _payload(out) == _payload(alone)              # merge 2's, whole
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
@@ -123,17 +108,22 @@ def test_temporary_folders_of_dead_merges_are_removed_and_those_of_running_ones_
 
 _RACING = """
 import os, sys, time
+from fastema._io import files
 from fastema.cli import merge as cli
-from fastema.merge import _writer
-real, sync = _writer.Output.publish, os.environ["FASTEMA_TEST_SYNC"]
-def publish(self):              # both merges are past their checks, their temporary folders made
-    open(os.path.join(sync, str(os.getpid())), "w").close()
-    end = time.monotonic() + 30
-    while len(os.listdir(sync)) < 2 and time.monotonic() < end:
-        time.sleep(0.005)
-    real(self)
-_writer.Output.publish = publish
-sys.exit(cli.main(sys.argv[1:]))
+sync = os.environ["FASTEMA_TEST_SYNC"]
+class Racing(files.FileSystem):
+    first = True
+    def sync_folder(self, folder):  # a publish begins: both merges past their checks, their folders made
+        if self.first and folder.endswith(".tmp"):
+            self.first = False
+            open(os.path.join(sync, str(os.getpid())), "w").close()
+            end = time.monotonic() + 30
+            while len(os.listdir(sync)) < 2 and time.monotonic() < end:
+                time.sleep(0.005)
+        super().sync_folder(folder)
+with files.using(Racing()):
+    code = cli.main(sys.argv[1:])
+sys.exit(code)
 """
 
 
@@ -165,12 +155,13 @@ def test_two_merge_processes_into_the_same_new_out_one_wins_the_other_says_out_e
 _NO_DESCRIPTORS_LEFT = """
 import os, resource, sys
 from fastema.merge import _core
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
-real, last = _core.open_input, len(sys.argv) - 3
-def hoarding(path, i, **kwargs):        # the last input holds every descriptor left, until it is closed
-    sources = real(path, i, **kwargs)
-    if i == last:
+last = len(sys.argv) - 3
+def hoarding(args, sources):            # the last input holds every descriptor left, until it is closed
+    if args["index"] == last:
         held = []
         try:
             while True:
@@ -183,10 +174,9 @@ def hoarding(path, i, **kwargs):        # the last input holds every descriptor 
             while held:
                 os.close(held.pop())
         sources[-1].close = closing
-    return sources
-_core.open_input = hoarding
 try:
-    _core.merge_checkpoints(sys.argv[2:], sys.argv[1])
+    with watching(_core.open_input, on_return=hoarding):
+        _core.merge_checkpoints(sys.argv[2:], sys.argv[1])
 except Exception as err:
     print("failed:", type(err).__name__, err)
 else:
@@ -198,7 +188,7 @@ else:
 def test_a_merge_that_runs_out_of_descriptors_leaves_no_temporary_folder(tmp_path, out_name):
     paths, _ = checkpoints(tmp_path / "in", "safetensors", count=2)
     before = fingerprint(paths)
-    r = run_python(_NO_DESCRIPTORS_LEFT, tmp_path / out_name, *paths)
+    r = run_python(_NO_DESCRIPTORS_LEFT, tmp_path / out_name, *paths, env={"FASTEMA_TEST_TESTS": _TESTS})
     assert r.returncode == 0 and r.stdout.startswith("failed:"), (r.stdout, r.stderr)
     assert not (tmp_path / out_name).exists()
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
@@ -212,14 +202,15 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a shell's foreground job
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+import os
 from fastema.cli import merge as cli
 from fastema._io import safetensors as writer
-real = writer.SafetensorsWriter.__init__
-def slow(self, *args, **kwargs):        # mid-merge: the temporary folder and its first file exist
-    real(self, *args, **kwargs)
-    time.sleep(60)
-writer.SafetensorsWriter.__init__ = slow
-sys.exit(cli.main(sys.argv[1:]))
+sys.path.insert(0, os.environ["FASTEMA_TEST_TESTS"])
+from support.calls import watching
+with watching(writer.SafetensorsWriter.__init__,         # mid-merge: the temporary folder and its first
+              on_return=lambda args, value: time.sleep(60)):   # file exist
+    code = cli.main(sys.argv[1:])
+sys.exit(code)
 """
 
 
@@ -231,7 +222,7 @@ def test_sigterm_sighup_or_ctrl_c_mid_merge_removes_the_temporary_folder_and_exi
     before = fingerprint(paths)
     out = tmp_path / out_name
     p = subprocess.Popen([sys.executable, "-c", _SLOW, str(out), *paths, "--no-progress"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, FASTEMA_TEST_TESTS=_TESTS))
     try:
         end = time.monotonic() + 30
         while not any(os.listdir(tmp_path / t) for t in leftovers(tmp_path)) and time.monotonic() < end:
@@ -247,12 +238,10 @@ def test_sigterm_sighup_or_ctrl_c_mid_merge_removes_the_temporary_folder_and_exi
     assert not out.exists() and leftovers(tmp_path) == [] and fingerprint(paths) == before
 
 
-def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_path, monkeypatch):
-    import fastema.merge
-
+def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_path):
     seen = {}
 
-    def merge(*args, **kwargs):
+    def merge(args):                        # the merge begins: what handles the signals now, then stop
         seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
         raise MergeError("stop here")
 
@@ -261,8 +250,8 @@ def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_pat
 
     old = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        monkeypatch.setattr(fastema.merge, "merge_checkpoints", merge)
-        assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
+        with watching(merge_checkpoints, on_call=merge):
+            assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
         after = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     finally:
         for s, h in old.items():
@@ -271,17 +260,18 @@ def test_the_merge_command_handles_sigterm_and_sighup_only_while_it_runs(tmp_pat
     assert after == {signal.SIGTERM: mine, signal.SIGHUP: mine}
 
 
-def test_the_merge_command_leaves_an_ignored_sighup_ignored(tmp_path, monkeypatch):
+def test_the_merge_command_leaves_an_ignored_sighup_ignored(tmp_path):
     """nohup's SIGHUP stays ignored while the command runs."""
-    import fastema.merge
-
     seen = []
-    monkeypatch.setattr(fastema.merge, "merge_checkpoints",
-                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGHUP)) or (_ for _ in ()).throw(
-                            MergeError("stop here")))
+
+    def merge(args):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        raise MergeError("stop here")
+
     old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
+        with watching(merge_checkpoints, on_call=merge):
+            assert cli.main([str(tmp_path / "out.safetensors"), str(tmp_path / "a.safetensors")]) == 1
     finally:
         signal.signal(signal.SIGHUP, old)
     assert seen == [signal.SIG_IGN]
@@ -389,7 +379,7 @@ def test_a_stale_old_link_of_a_dead_merge_is_removed_and_its_target_kept(tmp_pat
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, monkeypatch, zero):
+def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, zero):
     """weights=[0, 1] where input 0 holds inf and nan gave nan (0 x inf); now exactly input 1."""
     bad = {"w": torch.tensor([np.inf, np.nan, -np.inf, 1.0]), "h": torch.tensor([np.nan, 2.0]).half(),
            "n": torch.tensor([5, 6])}
@@ -399,18 +389,16 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     for s, p in zip(states, paths):
         save_file(s, p)
     before = fingerprint(paths)
-    real, pieces = _core.open_input, []
+    pieces = []
 
-    def watched(path, i, **kwargs):
-        sources = real(path, i, **kwargs)
+    def opened(args, sources):              # each input's pieces read, counted
         for s in sources:
             piece = s.piece
-            s.piece = lambda name, *a, _piece=piece, _i=i: pieces.append(_i) or _piece(name, *a)
-        return sources
+            s.piece = lambda name, *a, _piece=piece, _i=args["index"]: pieces.append(_i) or _piece(name, *a)
 
-    monkeypatch.setattr(_core, "open_input", watched)
     weights = [0, 1] if zero == 0 else [1, 0]
-    report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=weights)
+    with watching(_core.open_input, on_return=opened):
+        report = merge_checkpoints(paths, tmp_path / "out.safetensors", weights=weights)
     got = load_numpy(tmp_path / "out.safetensors")
     assert got["w"].tobytes() == good["w"].numpy().tobytes() and got["h"].tobytes() == good["h"].numpy().tobytes()
     assert got["n"].tolist() == states[-1]["n"].tolist()                     # copied from the last, as ever
@@ -419,7 +407,7 @@ def test_an_input_of_weight_0_is_not_read_and_does_not_enter_the_sums(tmp_path, 
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
 
 
-def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, monkeypatch):
+def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path):
     """M5: shutil.rmtree needs two descriptors (the folder's and its scandir's); a merge that ran out of
     them left its temporary folder. discard() then removes it by path, one descriptor at a time."""
     out = _writer.Output(str(tmp_path / "out"), True, False, 0)
@@ -427,6 +415,10 @@ def test_a_temporary_folder_rmtree_cannot_remove_is_removed_by_path(tmp_path, mo
     for name in ("model.safetensors", os.path.join("sub", "config.json")):
         with open(os.path.join(out.folder, name), "wb") as f:
             f.write(b"x")
-    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)      # as with one descriptor free
-    out.discard()
+    class OneDescriptorFree(files.FileSystem):
+        def rmtree(self, path):                                         # it needs two
+            pass
+
+    with files.using(OneDescriptorFree()):
+        out.discard()
     assert leftovers(tmp_path) == [] and not os.path.exists(out.folder)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from merge_helpers import checkpoints, fingerprint, leftovers
+from merge_helpers import System, checkpoints, fingerprint, leftovers
 from torch import nn
 
 from fastema._io import files
@@ -23,37 +23,32 @@ def _dead_pid() -> int:
                               text=True).stdout)
 
 
-def _without(monkeypatch, way: str) -> None:
-    """The rename that never replaces as on a system without renameat2 (``link``), and without hard
-    links either (``claim``)."""
-    if way != "renameat2":
-        monkeypatch.setattr(files, "_rename_noreplace", lambda src, dst: False)
-    if way == "claim":
-        def no_links(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-
-        monkeypatch.setattr(files.os, "link", no_links)
-
-
 # ------------------------------------------------------------ the one sweep
 
 
-def test_one_sweep_serves_the_merge_and_the_posthoc_folder(tmp_path, monkeypatch):
+def test_one_sweep_serves_the_merge_and_the_posthoc_folder(tmp_path):
     """issue 51: the merge had its own copy of the stale-temporary sweep; now a merge's staged folder, a
-    snapshot's file and a post-hoc folder's claim all call fastema._io.files.sweep_stale."""
-    calls = []
-    real = files.sweep_stale
-    monkeypatch.setattr(files, "sweep_stale", lambda d, prefix, *a: calls.append((d, prefix)) or real(d, prefix, *a))
+    snapshot's file and a post-hoc folder's claim all sweep by the one protocol (fastema._io.files.
+    sweep_stale): a dead process's temporaries of each go, a living one's and the look-alikes stay."""
+    host, dead = socket.gethostname(), _dead_pid()
     paths, _ = checkpoints(tmp_path / "in", "safetensors", count=2)
+    merge_tmp = [f".out.safetensors.fastema-merge-{pid}-0badc0de@{host}.tmp" for pid in (dead, os.getpid())]
+    for name in merge_tmp:
+        (tmp_path / name).mkdir()
     merge_checkpoints(paths, tmp_path / "out.safetensors")
-    assert (str(tmp_path), ".out.safetensors.fastema-merge-") in calls
-    calls.clear()
+    assert leftovers(tmp_path) == [merge_tmp[1]]                     # the dead merge's staged folder went
     snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    theirs = {kind: [f"{prefix}{pid}@{host}.x1y2.tmp" for pid in (dead, os.getpid())]
+              for kind, prefix in (("claim", ".fastema-.fastema-run."),
+                                   ("snapshot", ".fastema-snapshot-000000000001.safetensors."))}
+    for names in theirs.values():
+        for name in names:
+            (snaps / name).write_bytes(b"partial")
     ph = PostHocEMA(nn.Linear(3, 2), snapshot_every=1, path=snaps)
     ph.update()
-    prefixes = sorted(p for d, p in calls if d == str(snaps))
-    assert ".fastema-.fastema-run." in prefixes                      # the claim, published by write_new
-    assert any(p.startswith(".fastema-snapshot-") for p in prefixes)  # the snapshot, by atomic_write
+    left = set(os.listdir(snaps))
+    assert all(live in left and gone not in left for gone, live in theirs.values()), sorted(left)
 
 
 def test_a_posthoc_claim_sweeps_the_temporaries_of_dead_processes_only(tmp_path):
@@ -98,8 +93,12 @@ def test_the_sweep_reads_every_temporary_name_the_protocol_writes(tmp_path):
 
 
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
-def test_write_new_publishes_whole_or_leaves_what_is_there(tmp_path, monkeypatch, way):
-    _without(monkeypatch, way)
+def test_write_new_publishes_whole_or_leaves_what_is_there(tmp_path, way):
+    with files.using(System(way)):
+        _write_new_publishes_whole_or_leaves_what_is_there(tmp_path)
+
+
+def _write_new_publishes_whole_or_leaves_what_is_there(tmp_path):
     target = tmp_path / "claim"
     files.write_new(str(target), lambda f: f.write(b"mine"))
     assert target.read_bytes() == b"mine"
@@ -120,8 +119,12 @@ def test_a_failed_write_names_the_path_and_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
 @pytest.mark.parametrize("kind", ["file", "folder"])
-def test_rename_new_never_replaces(tmp_path, monkeypatch, way, kind):
-    _without(monkeypatch, way)
+def test_rename_new_never_replaces(tmp_path, way, kind):
+    with files.using(System(way)):
+        _rename_new_never_replaces(tmp_path, kind)
+
+
+def _rename_new_never_replaces(tmp_path, kind):
     src, dst = tmp_path / "src", tmp_path / "dst"
     if kind == "file":
         src.write_bytes(b"new")
@@ -141,7 +144,7 @@ def test_rename_new_never_replaces(tmp_path, monkeypatch, way, kind):
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
-def test_a_signal_during_a_publish_is_held_until_the_output_is_whole(tmp_path, monkeypatch, how):
+def test_a_signal_during_a_publish_is_held_until_the_output_is_whole(tmp_path, how):
     """A SIGTERM with a Python handler (python -m fastema merge installs one) or a Ctrl-C that arrives
     between the first sync and the renames is delivered after them: the output is published whole."""
     old = signal.getsignal(signal.SIGTERM)
@@ -150,16 +153,13 @@ def test_a_signal_during_a_publish_is_held_until_the_output_is_whole(tmp_path, m
         staging = files.Staging(str(tmp_path / "merged"), ".fastema-merge-", True)
         with open(staging.path("model.safetensors"), "wb") as f:
             f.write(b"whole")
-        real, sent = files.sync_folder, []
+        sent = []
 
-        def interrupted(folder):
-            if not sent:
-                sent.append(folder)
-                os.kill(os.getpid(), signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
-            real(folder)
+        def interrupted(folder):                        # at the first sync, before the renames
+            sent.append(folder)
+            os.kill(os.getpid(), signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
 
-        monkeypatch.setattr(files, "sync_folder", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        with files.using(System(at_publish=interrupted)), pytest.raises(KeyboardInterrupt):
             staging.publish(overwrite=False)
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -167,9 +167,13 @@ def test_a_signal_during_a_publish_is_held_until_the_output_is_whole(tmp_path, m
     assert os.listdir(tmp_path) == ["merged"]
 
 
-def test_a_staged_output_replaces_only_when_asked_and_syncs_both_folders(tmp_path, monkeypatch):
-    synced = []
-    monkeypatch.setattr(files, "sync_folder", synced.append)
+def test_a_staged_output_replaces_only_when_asked_and_syncs_both_folders(tmp_path):
+    synced: list = []
+    with files.using(System(synced=synced)):
+        _replaces_only_when_asked(tmp_path, synced)
+
+
+def _replaces_only_when_asked(tmp_path, synced):
     (tmp_path / "out.safetensors").write_bytes(b"old")
     staging = files.Staging(str(tmp_path / "out.safetensors"), ".fastema-merge-", False)
     with open(staging.path("out.safetensors"), "wb") as f:
@@ -182,19 +186,36 @@ def test_a_staged_output_replaces_only_when_asked_and_syncs_both_folders(tmp_pat
     assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
-def test_a_merge_still_leaves_nothing_when_another_publishes_first(tmp_path, monkeypatch):
+def test_a_merge_still_leaves_nothing_when_another_publishes_first(tmp_path):
     """The merge's side of the protocol: Output turns the protocol's FileExistsError into "out exists" and
     removes only its own staged folder."""
     paths, _ = checkpoints(tmp_path / "in", "safetensors", count=2)
     before = fingerprint(paths)
-    real = files.Staging.publish
-
-    def another_first(self, overwrite):
-        (tmp_path / "out.safetensors").write_bytes(b"theirs")
-        real(self, overwrite)
-
-    monkeypatch.setattr(files.Staging, "publish", another_first)
-    with pytest.raises(ValueError, match=r"out '.*out\.safetensors' exists: it appeared while the merge ran"):
+    another_first = System(at_publish=lambda folder: (tmp_path / "out.safetensors").write_bytes(b"theirs"))
+    with files.using(another_first), \
+            pytest.raises(ValueError, match=r"out '.*out\.safetensors' exists: it appeared while the merge ran"):
         merge_checkpoints(paths, tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == b"theirs"
     assert leftovers(tmp_path) == [] and fingerprint(paths) == before
+
+
+def test_the_file_system_and_the_free_memory_are_set_for_a_block_and_put_back(tmp_path):
+    """The seams the fault tests use (issue 72 item 4): ``files.using`` (a FileSystem only) and
+    ``safe_files.assumed_free`` hold for their block, nested, and are put back however it ends."""
+    from fastema._io import safe_files
+
+    real = files.system()
+    with pytest.raises(TypeError, match="takes a FileSystem"), files.using(object()):
+        pass
+    outer, inner = System("link"), System("claim")
+    with pytest.raises(ZeroDivisionError), files.using(outer), files.using(inner):
+        assert files.system() is inner
+        (tmp_path / "src").write_bytes(b"x")
+        files.rename_new(str(tmp_path / "src"), str(tmp_path / "dst"))    # the name claimed: no link
+        1 / 0
+    assert files.system() is real and (tmp_path / "dst").read_bytes() == b"x"
+    with pytest.raises(ValueError, match="bytes >= 0"), safe_files.assumed_free(-1):
+        pass
+    with safe_files.assumed_free(8 << 20), safe_files.assumed_free(1 << 20):
+        assert safe_files.memory_available() == 1 << 20
+    assert safe_files.memory_available() != 1 << 20

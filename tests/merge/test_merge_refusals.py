@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 from merge_helpers import checkpoints, fingerprint, leftovers, model_state, write
+from support.calls import watching
 
+from fastema._io import files
 from fastema.cli import merge as cli
-from fastema.merge import MergeError, _engine, _writer, merge_checkpoints
+from fastema.merge import MergeError, _engine, merge_checkpoints
 
 
 def refused(tmp_path, paths, match, **kwargs):
@@ -99,30 +101,31 @@ def test_a_symlink_loop_and_a_fifo_are_refused_by_name(tmp_path):
     refused(tmp_path, [paths[0], str(fifo)], r"input 1 .* is not a regular file")
 
 
-def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch):
+def test_too_little_disk_is_refused_before_writing(tmp_path):
+    class Small(files.FileSystem):                 # a disk with 1000 bytes free
+        def free_bytes(self, folder):
+            return 1000
+
     paths, _ = checkpoints(tmp_path / "in", "safetensors")
-    monkeypatch.setattr(_writer, "free_bytes", lambda folder: 1000)
-    refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
+    with files.using(Small()):
+        refused(tmp_path, paths, r"the merge writes \d+ bytes, and .* has 1000 free")
 
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
-def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, monkeypatch, fault):
+def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, fault):
     paths, _ = checkpoints(tmp_path / "in", "hf")
     before = fingerprint(paths)
     calls = []
-    real = _engine.Engine._run
 
-    def interrupted(self, job, data, write, bar, *slot):
-        if job.item.name not in calls:
-            calls.append(job.item.name)
+    def interrupted(args):                 # the third tensor's first piece: raised as it begins
+        if args["job"].item.name not in calls:
+            calls.append(args["job"].item.name)
         if len(calls) == 3:
             raise fault(errno.ENOSPC, "No space left on device") if fault is OSError else fault()
-        real(self, job, data, write, bar, *slot)
 
-    monkeypatch.setattr(_engine.Engine, "_run", interrupted)
     for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
         calls.clear()
-        with pytest.raises(fault):
+        with watching(_engine.Engine._run, on_call=interrupted), pytest.raises(fault):
             merge_checkpoints(paths, out)
         assert not out.exists() and leftovers(tmp_path) == [] and len(calls) == 3
     assert fingerprint(paths) == before

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from models import mlp  # noqa: E402
+from support.calls import watching  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastema import posthoc  # noqa: E402
@@ -294,7 +295,7 @@ def test_a_fastema_0_1_checkpoint_goes_on_beside_its_version_1_snapshots(tmp_pat
 
 # --------------------------------------------------------------------------- two writers (the claim)
 
-def test_two_runs_whose_checks_both_precede_the_first_write_do_not_collide(tmp_path, monkeypatch):
+def test_two_runs_whose_checks_both_precede_the_first_write_do_not_collide(tmp_path):
     """Review 1f: run b checked the folder and wrote while run a was between its own check and its write:
     both wrote snapshot-000000000001 (a's overwrote b's). The first check before a write now claims the
     folder (O_EXCL), so b is refused, naming a's claim, before anything is applied or written."""
@@ -303,19 +304,18 @@ def test_two_runs_whose_checks_both_precede_the_first_write_do_not_collide(tmp_p
     shared = tmp_path / "shared"
     m = nn.Linear(3, 3)
     a, b = PostHocEMA(m, snapshot_every=1, path=shared), PostHocEMA(m, snapshot_every=1, path=shared)
-    refused, real = [], P.write_snapshot
+    refused = []
 
-    def racing(*args, **kwargs):                                  # b runs between a's check and a's write
+    def racing(args):                                             # b runs between a's check and a's write
         if not refused:
             refused.append(None)
             try:
                 b.update()
             except ValueError as err:
                 refused.append(str(err))
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "write_snapshot", racing)
-    a.update()
+    with watching(P.write_snapshot, on_call=racing):
+        a.update()
     assert len(refused) == 2 and f"claimed by another run, run {a.run_id}" in refused[1], refused
     assert "process" in refused[1] and "still running" in refused[1] and ".fastema-run" in refused[1]
     assert (b.updates, b.calls) == (0, 0)
@@ -409,7 +409,7 @@ def test_a_second_process_of_a_live_run_is_refused_before_anything_moves(tmp_pat
     assert json.loads((folder / ".fastema-run").read_text())["host"] != "node-7"
 
 
-def test_of_runs_that_find_one_stale_claim_one_takes_it(tmp_path, monkeypatch):
+def test_of_runs_that_find_one_stale_claim_one_takes_it(tmp_path):
     """Second review of 1f: two runs that both read the same stale claim both wrote theirs (the last one
     won the file, both wrote snapshots). The takeover is exclusive now (a lock named after that claim,
     created with O_EXCL, then the claim read again): one run takes the folder, the others are refused,
@@ -422,17 +422,11 @@ def test_of_runs_that_find_one_stale_claim_one_takes_it(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / F.CLAIM).write_text(json.dumps({"run_id": "gone", "host": socket.gethostname(), "pid": 1 << 22}))
-    real, barrier = F._claim, threading.Barrier(3)
-
-    def claim(*args, **kwargs):
-        barrier.wait()                                            # every run has read the stale claim
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "_claim", claim)
+    barrier = threading.Barrier(3)
     refusals = {}
 
-    def run(run_id):
-        with warnings.catch_warnings():
+    def run(run_id):                                              # each claim waits: every run has read
+        with warnings.catch_warnings(), watching(F._claim, on_call=lambda args: barrier.wait()):   # the stale one
             warnings.simplefilter("ignore")
             refusals[run_id] = F.check_folder(str(shared), run_id, 0.0, writing=True)
 
@@ -467,7 +461,7 @@ def test_a_claim_that_is_a_symbolic_link_is_refused_naming_it(tmp_path, target):
     assert ph.updates == 0 and os.listdir(folder) == [".fastema-run"] and (folder / ".fastema-run").is_symlink()
 
 
-def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, monkeypatch):
+def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path):
     """Second review (performance): synthesis parsed a DCP snapshot's .metadata again for every tensor it
     read (every dcp.load asked the reader for it), through the pure-Python allow-list unpickler: 2 snapshots
     of 600 tensors made 1202 parses, 54 s of a 60 s synthesis. It is parsed and checked once per snapshot
@@ -489,9 +483,9 @@ def test_a_dcp_snapshots_metadata_is_parsed_once_for_all_its_tensors(tmp_path, m
             "format": "fastema.posthoc", "version": "2", "run_id": "r", "time": str(t), "updates": str(t),
             "gammas": json.dumps(GAMMAS), "averaged": json.dumps(names), "others": "[]", "kind": "dcp",
             "shapes": json.dumps({n: [3] for n in names})}))
-    parses, real = [], DcpMetadataUnpickler.load
-    monkeypatch.setattr(DcpMetadataUnpickler, "load", lambda self: parses.append(1) or real(self))
-    out = posthoc.synthesize(run, 0.07, max_error=1.0)
+    parses: list = []
+    with watching(DcpMetadataUnpickler.load, on_call=lambda args: parses.append(1)):
+        out = posthoc.synthesize(run, 0.07, max_error=1.0)
     assert sorted(out) == names and len(parses) == 2
     coefficients = out.solution.coefficients                      # rows: (10, k=0), (10, 1), (20, 0), (20, 1)
     want = sum(c * (t + k) for c, (t, k) in zip(coefficients, [(10, 0), (10, 1), (20, 0), (20, 1)]))

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
 def watching(function: Callable, *, on_call: Callable | None = None,
-             on_return: Callable | None = None) -> Iterator[None]:
+             on_return: Callable | None = None, every_thread: bool = False) -> Iterator[None]:
     """For the ``with`` block, on this thread: ``on_call(arguments)`` at each call of the Python
     function ``function`` (its ``__code__``; a method: ``Class.method``), with its arguments by name
     (``self`` included), and ``on_return(arguments, value)`` at each return (``value`` None when it
     raised). What those raise (a ``KeyboardInterrupt``) comes out of ``function``'s call; the
     watch then ends. Watches nest (an enclosing one goes on); the thread's previous profile
-    function is put back after."""
+    function is put back after. ``every_thread``: the threads started in the block (``threading``'s:
+    a pool's workers) are watched too, from their start."""
     code = function.__code__
     previous = sys.getprofile()              # an enclosing watch's: it goes on watching
 
@@ -35,7 +37,12 @@ def watching(function: Callable, *, on_call: Callable | None = None,
             on_return(dict(frame.f_locals), arg)
 
     sys.setprofile(profile)
+    if every_thread:
+        started = threading.getprofile()
+        threading.setprofile(profile)
     try:
         yield
     finally:
         sys.setprofile(previous)
+        if every_thread:
+            threading.setprofile(started)

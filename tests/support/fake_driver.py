@@ -34,18 +34,22 @@ class FakeDeviceArray:
 
     def __init__(self, n: int, dtype, ptr: int | None = None, host: np.ndarray | None = None,
                  driver=None):
-        from numba.cuda import types as nb
-        from numba.cuda.np import numpy_support
-
         if ptr is None:
             FakeDeviceArray._next += 0x10000
             ptr = FakeDeviceArray._next
         self.ptr, self.size, self.dtype, self.shape = int(ptr), int(n), np.dtype(dtype), (int(n),)
         self._layout = types.SimpleNamespace(strides_in_bytes=(self.dtype.itemsize,))   # for numba
-        array = nb.Array                                  # type: ignore[attr-defined]
-        self._numba_type_ = array(numpy_support.from_dtype(self.dtype), 1, "C")
         self.host = np.zeros(self.size, self.dtype) if host is None else host
         self.driver = driver
+
+    @property
+    def _numba_type_(self):
+        """Its numba type, made where numba asks (numba-cuda imported then, not by a fake array's
+        making: the stub driver's process imports no numba.cuda of its own)."""
+        from numba.cuda import types as nb
+        from numba.cuda.np import numpy_support
+
+        return nb.Array(numpy_support.from_dtype(self.dtype), 1, "C")   # type: ignore[attr-defined]
 
     @property
     def __cuda_array_interface__(self):
@@ -254,8 +258,10 @@ def numba_marshalling() -> Iterator[Any]:
     """numba-cuda's own ``_Kernel._prepare_args`` for fake device arrays (its ``wrap_arg`` left them
     as they are) in the ``with`` block: yields ``params(types, args)``, the values numba-cuda 0.30
     hands cuda.core for a launch with ``args`` of numba ``types`` (what fastema's own ABI is held
-    to)."""
+    to). ``types`` may be fastema's own (``fastema._launch.argtypes``): numba's stand-ins are used."""
     from numba.cuda import dispatcher as D
+
+    from fastema._launch.argtypes import as_numba
 
     kernel = types.SimpleNamespace(extensions=[], debug=False, cooperative=False)
     kernel._prepare_args = types.MethodType(D._Kernel._prepare_args, kernel)   # tuples recurse
@@ -264,7 +270,7 @@ def numba_marshalling() -> Iterator[Any]:
         out: list = []
         retr: list = []
         for t, v in zip(argument_types, args):
-            kernel._prepare_args(t, v, 0, retr, out)
+            kernel._prepare_args(as_numba(t), v, 0, retr, out)
         assert not retr
         return out
 

@@ -17,12 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import numpy as np
-
 from .fake_driver import FakeDeviceArray, FakeDriver
 
-_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64,
-           "bfloat16": np.uint16, "float16": np.uint16, "uint8": np.uint8}
 STUB_CONTEXT = 0xC0C0
 TORCH_STREAM = 77
 """The raw stream handle of torch's current stream on the fake ``cuda:0``."""
@@ -53,52 +49,90 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
         fastema.ops._single_tables.cache_clear()
 
 
-@contextlib.contextmanager
+class _TorchStandIn:
+    """The fake ``cuda:0`` of fastema's torch backend (:class:`fastema._backends.torch.StandIn`):
+    CPU tensors described as there, their kernel views :class:`FakeDeviceArray` over their own
+    memory, launches on the raw stream :data:`TORCH_STREAM`."""
+
+    device = "cuda:0"
+
+    def __init__(self, driver: FakeDriver):
+        self.driver = driver
+
+    def kernel_view(self, address: int, numel: int, dtype, owner) -> FakeDeviceArray:
+        return FakeDeviceArray(numel, dtype, ptr=address, driver=self.driver)
+
+    @staticmethod
+    def stream() -> int:
+        return TORCH_STREAM
+
+
 def _torch_on_gpu(driver: FakeDriver):
-    """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend (a seam of the
-    backend's, not of the launch path: its class methods and ``_backends.stream_getter`` replaced
-    for the block)."""
+    """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend, through the
+    backend's own seam (:func:`fastema._backends.standing_in`)."""
     from fastema import _backends
-    from fastema._backends import torch as tb
 
-    backend = _backends.backend_named("torch")
-    cls = type(backend)
-    describe, control = cls.describe, cls.control
-    getter = _backends.stream_getter                        # lru-cached per (framework, device)
-
-    def on_gpu(buf):
-        return buf._replace(device="cuda:0") if buf.device == "cpu" else buf
-
-    replaced = [
-        (cls, "describe", lambda self, t, what: on_gpu(describe(self, t, what))),
-        (cls, "location", lambda self, a: (tb.NAME, "cuda:0")),
-        (cls, "control", lambda self, x, what, writable:
-         ("cuda:0",) + tuple(control(self, x, what, writable))[1:]),
-        (cls, "zeros", lambda self, device, n, dtype: _torch_zeros(n, dtype)),
-        (cls, "kernel_view", lambda self, a:
-         FakeDeviceArray(a.numel(), _DTYPES[str(a.dtype)[6:]], ptr=a.data_ptr(), driver=driver)),
-        (_backends, "stream_getter", lambda framework, device: (lambda: TORCH_STREAM)
-         if framework == tb.NAME and device != "cpu" else getter(framework, device))]
-    saved = [(obj, name, vars(obj).get(name, _MISSING)) for obj, name, _ in replaced]
-    for obj, name, value in replaced:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            if value is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
+    return _backends.standing_in(_TorchStandIn(driver))
 
 
-_MISSING = object()
+def on_a_gpu_params() -> list:
+    """``pytest.param``s of where a GPU test's Python runs (see :class:`OnAGpu`): ``"gpu"`` (marked
+    ``cuda``; skipped without torch CUDA) and ``"fake gpu"`` (skipped in the simulator's run, which
+    the fake does not stand in for)."""
+    import os
 
-
-def _torch_zeros(n, dtype):
+    import pytest
     import torch
 
-    return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name))
+    return [pytest.param("gpu", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a GPU")]),
+            pytest.param("fake gpu", marks=pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                                                               reason="the fake GPU stands in for numba-cuda"))]
+
+
+class OnAGpu:
+    """Where a GPU test's Python runs: a GPU (``device`` "cuda"; in :meth:`no_sync` a host sync raises:
+    torch's sync debug mode), or, in CI, the fake GPU (``device`` "cpu": CPU tensors described as on
+    ``cuda:0``, the same launches with nothing run; :meth:`no_sync` checks the fake driver made no host
+    wait), so that a GPU test's calls run, and are held to the API, on every CI run (issue 70 item 6:
+    a GPU-only test called ``Smoother.update(v, weight=3.0)`` for rounds after the keyword became
+    ``sample_weight``). ``real``: the kernels ran, so their results can be compared."""
+
+    def __init__(self, where: str):
+        self.real = where == "gpu"
+        self.device = "cuda" if self.real else "cpu"
+        self.fake: FakeDriver | None = None
+
+    def __enter__(self) -> "OnAGpu":
+        if not self.real:
+            import pytest
+
+            pytest.importorskip("numba.cuda.dispatcher")
+            self._ctx = fake_gpu(record=False)
+            self.fake = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.real:
+            return self._ctx.__exit__(*exc)
+        return None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self.real:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            assert self.fake is not None
+            before = self.fake.counters["host_syncs"]
+            yield
+            assert self.fake.counters["host_syncs"] == before, "a host sync"
 
 
 def rl_mlp(hidden: int = 256, seed: int = 0):

@@ -19,10 +19,10 @@ CHUNK = Offload(chunk=96)     # the 6-8-3 model's 83 weights cut into several wi
 
 
 @pytest.fixture(params=["cpu ring", "host slots"])
-def pipeline(request, monkeypatch):
+def pipeline(request):
     """The CPU ring, or a GPU ring's pipeline on the CPU (its chunks copied into two host slots)."""
-    monkeypatch.setattr(offload_ring, "_two_slots", lambda device: request.param == "host slots")
-    return request.param
+    with offload_ring.pipeline(host_slots=request.param == "host slots"):
+        yield request.param
 def step(model, opt, x, scaler=None):
     loss = model(x).float().square().mean()
     if scaler is None:

@@ -302,9 +302,9 @@ def test_streamed_save_loads_back_equal(tmp_path):
 # time, each released before the next is written; a save that copied the whole dict first (what L3 was) would have
 # every copy alive at the first write. Spied: the host copies Tensor.to makes, alive when each tensor is written.
 def test_streamed_save_holds_one_host_copy_at_a_time(tmp_path, monkeypatch):
-    import types
     import weakref
-    import zlib
+
+    from support.calls import watching
 
     import fastema._io.safetensors as writer
 
@@ -321,13 +321,12 @@ def test_streamed_save_holds_one_host_copy_at_a_time(tmp_path, monkeypatch):
             copies.append(weakref.ref(out))
         return out
 
-    def spy_crc32(data, *args):
+    def at_write(args):                     # each tensor's host copy checked, then written
         alive_at_write.append(sum(ref() is not None for ref in copies))
-        return zlib.crc32(data, *args)
 
     monkeypatch.setattr(torch.Tensor, "to", spy_to)
-    monkeypatch.setattr(writer, "zlib", types.SimpleNamespace(crc32=spy_crc32))
-    ema.save(tmp_path / "ema.safetensors")
+    with watching(writer._check_range, on_call=at_write):
+        ema.save(tmp_path / "ema.safetensors")
     monkeypatch.undo()
     entries = len(model.state_dict())
     assert entries > 5 and len(copies) == len(alive_at_write) == entries

@@ -1,15 +1,14 @@
 """TargetNetwork on a GPU (issue #27): a TD3-style learner step captured in one CUDA graph with the
 target update inside, replayed with a momentum schedule that advances on the device; the target
 after each replay is the lerp of the online network with that step's tau. Needs a real GPU
-(torch CUDA): skipped in the simulator run."""
+(torch CUDA): skipped in the simulator run. The update's own test runs its Python in CI too, on the
+fake GPU (``support.fake_gpu.OnAGpu``)."""
 import copy
 
 import pytest
 import torch
+from support.fake_gpu import OnAGpu, on_a_gpu_params
 from torch import nn
-
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")]
 
 
 def _busy_after(fn) -> bool:
@@ -21,35 +20,46 @@ def _busy_after(fn) -> bool:
     return busy
 
 
-def _critic():
+def _critic(device: str = "cuda"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(9, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)).cuda()
+    return nn.Sequential(nn.Linear(9, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)).to(device)
 
 
-def test_update_makes_no_host_sync_and_is_the_lerp():
+@pytest.mark.parametrize("where", on_a_gpu_params())
+def test_update_makes_no_host_sync_and_is_the_lerp(where):
     from fastema.torch import TargetNetwork
 
-    online = _critic()
-    target = copy.deepcopy(online).requires_grad_(False)
-    tn = TargetNetwork(online, target, tau=0.05)
-    assert tn.device_step
-    tn.update()
-    torch.cuda.synchronize()
-    ref = [t.detach().double().clone() for t in target.parameters()]
+    with OnAGpu(where) as gpu:
+        online = _critic(gpu.device)
+        target = copy.deepcopy(online).requires_grad_(False)
+        tn = TargetNetwork(online, target, tau=0.05)
+        assert tn.device_step
+        tn.update()
+        if gpu.real:
+            torch.cuda.synchronize()
+        ref = [t.detach().double().clone() for t in target.parameters()]
 
-    def steps():
-        for _ in range(3):
-            with torch.no_grad():
-                torch._foreach_add_(list(online.parameters()), 0.01)
-            tn.update()
-            for r, p in zip(ref, online.parameters()):
-                r.lerp_(p.detach().double(), 0.05)
+        def steps():
+            for _ in range(3):
+                with torch.no_grad():
+                    torch._foreach_add_(list(online.parameters()), 0.01)
+                tn.update()
+                for r, p in zip(ref, online.parameters()):
+                    r.lerp_(p.detach().double(), 0.05)
 
-    assert _busy_after(steps)
-    for r, t in zip(ref, target.parameters()):
-        torch.testing.assert_close(t.double(), r, rtol=1e-5, atol=1e-6)
+        if gpu.real:
+            assert _busy_after(steps)
+        else:
+            with gpu.no_sync():
+                steps()
+        assert tn.updates == 4
+    if gpu.real:
+        for r, t in zip(ref, target.parameters()):
+            torch.testing.assert_close(t.double(), r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")
 def test_learner_step_captured_with_the_target_update_inside():
     from fastema.schedules import Cosine
     from fastema.torch import TargetNetwork
@@ -93,6 +103,8 @@ def test_learner_step_captured_with_the_target_update_inside():
     assert state["plan"]["updates"] == 8
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
 def test_buffers_on_a_device_with_no_averaged_tensor_sit_behind_the_device_plan(skip_nonfinite):
     """The parameters on the GPU, a BatchNorm with no parameters (its buffers only) on the CPU: the

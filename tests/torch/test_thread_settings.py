@@ -63,7 +63,8 @@ PATHS = {
         from safetensors.numpy import save_file
         import fastema.merge._engine as engine
         from fastema.merge import merge_checkpoints
-        engine.PARALLEL_CORES = 1                   # the merge's kernel is parallel from 4 cores: force it here
+        tuned = engine.tuned(parallel_cores=1)      # the merge's kernel is parallel from 4 cores: force it here
+        tuned.__enter__()
         d = tempfile.mkdtemp()
         ins = [os.path.join(d, f"{i}.safetensors") for i in range(2)]
         for i, p in enumerate(ins):

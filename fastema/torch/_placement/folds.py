@@ -18,20 +18,53 @@ After ``os.fork()``: the parent first waits for every queued job (the child then
 shadow; an error stays for the next read), and the child gets a new worker thread (the parent's
 is not in the child); a job still running during the fork (another thread queued it) breaks the
 child's copy.
+
+Each stage of a host-folded update (``"pack"``, ``"fold"``, ``"fold window"``, ``"from slot"``)
+runs through :func:`stage`; a :func:`watched` block hands them to a hook instead, which runs them
+(or raises, waits, counts): how the tests inject a fold's failure or a Ctrl-C at a given window.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-__all__ = ["Aborted", "FoldQueue", "Record"]
+__all__ = ["Aborted", "FoldQueue", "Record", "stage", "watched"]
+
+_HOOKS: list[Callable[..., Any]] = []      # the open watched() blocks' hooks, innermost last
 
 FORKED = ("this process was forked while an offloaded EMA was folding an update on its worker thread (another "
           "thread called update() during the fork), so its copy here may be half-updated; make a new EMA in this "
           "process (load_state_dict() of a checkpoint does not help), or fork only between updates")
+
+
+def stage(name: str, run: Callable[..., Any], *args: Any) -> Any:
+    """``run(*args)``, one stage of a host-folded update named ``name``: through the hooks of the
+    open :func:`watched` blocks, when there are any (on any thread)."""
+    for hook in list(_HOOKS):               # the innermost block's hook outermost: it runs first
+        run = _through(hook, name, run)
+    return run(*args)
+
+
+def _through(hook: Callable[..., Any], name: str, run: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda *args: hook(name, run, *args)
+
+
+@contextlib.contextmanager
+def watched(hook: Callable[..., Any]) -> Iterator[None]:
+    """For the ``with`` block, every stage of the host-folded updates (see the module) is
+    ``hook(name, run, *args)`` instead of ``run(*args)``: the hook runs it (``run(*args)``) or not,
+    before or after what it does; in nested blocks the innermost hook first, its ``run`` the next
+    one's. Process-wide (the worker threads' stages too); put back after, however the block ends."""
+    _HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _HOOKS.remove(hook)
 
 
 class Aborted(Exception):

@@ -16,7 +16,7 @@ import weakref
 from typing import Any, Callable
 
 from ...flat import FlatShadow
-from .folds import FoldQueue, Record
+from .folds import FoldQueue, Record, stage
 from .offload import PLACEMENT
 
 __all__ = ["HostMastersShadow", "hook_of"]
@@ -66,7 +66,7 @@ class HostMastersShadow(FlatShadow):
         q = self._queue
         q.raise_failed()
         record = q.open()
-        q.submit(record, self._fold, record, weights_by_device, rounding, seed, step)
+        q.submit(record, stage, "fold", self._fold, record, weights_by_device, rounding, seed, step)
         if self._hook is None:
             q.settle()                                      # nothing else keeps the masters still
 

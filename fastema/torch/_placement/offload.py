@@ -50,12 +50,11 @@ from ..._chunks import ChunkedSources
 from ..._interrupts import ctrl_c_held
 from ..._shadow import Capabilities, table_parts
 from ..._sources import FollowsSources
-from .folds import Aborted, FoldQueue, Record
-from .offload_ring import DEFAULT_CHUNK, HostGroup, HostLayout, Ring, after_side_stream, check_chunk
+from .folds import Aborted, FoldQueue, Record, stage
+from .offload_ring import DEFAULT_CHUNK, PIPELINE, HostGroup, HostLayout, Ring, after_side_stream, check_chunk
 
 __all__ = ["DEFAULT_CHUNK", "PLACEMENT", "HostBackup", "OffloadedShadow", "check_chunk"]
 
-IN_PLACE = True                   # a CPU ring folds all but its last two windows from the weights in place
 PLACEMENT = "offload='cpu'"       # how a refusal names this placement (Capabilities.placement)
 
 
@@ -80,12 +79,12 @@ class OffloadedShadow(FollowsSources, Capabilities):
         self._rows_at = [h.buffer.data_ptr() for h in self._hosts]
         self.layout = HostLayout(self.src.layout, self._hosts)
         devices = dict.fromkeys(self.src.device_of(i) for i in range(len(self.src.windows)))
-        self._ring_of = {d: Ring(d, self.src.chunk_bytes(d)) for d in devices}
+        self._ring_of = {d: Ring(d, self.src.chunk_bytes(d), PIPELINE["host_slots"]) for d in devices}
         # a CPU ring's windows but its last two are folded from the weights where they are, while update()
         # waits for them (the weights cannot change meanwhile): only the two folded after it returns need
         # the chunks' snapshot (a GPU ring, or the GPU's pipeline run on the CPU, stages every window)
         last = {d: [i for i in range(len(self.src.windows)) if self.src.device_of(i) == d][-2:] for d in devices}
-        self._in_place = [IN_PLACE and not self._ring_of[d].through_host and i not in last[d]
+        self._in_place = [PIPELINE["in_place"] and not self._ring_of[d].through_host and i not in last[d]
                           for i, d in enumerate(map(self.src.device_of, range(len(self.src.windows))))]
         self._queue = FoldQueue()
         self._spare: list | None = None          # a swap's backup of the raw weights (see HostBackup)
@@ -164,7 +163,7 @@ class OffloadedShadow(FollowsSources, Capabilities):
         self._raise_failed()
         self._spare = None                                        # no swap is on (updates are refused then)
         record = self._queue.open()
-        self._queue.submit(record, self._fold, record, weights_by_device["cpu"], rounding, seed, step)
+        self._queue.submit(record, stage, "fold", self._fold, record, weights_by_device["cpu"], rounding, seed, step)
         try:
             self._stage(record)
         except BaseException:
@@ -235,12 +234,12 @@ class OffloadedShadow(FollowsSources, Capabilities):
         event the fold waits for (None on the CPU)."""
         nbytes = self.src.nbytes_of(i)
         if not ring.cuda:
-            self._pack(i, ring.chunk_at[c])
+            stage("pack", self._pack, i, ring.chunk_at[c])
             if ring.through_host:                                 # the GPU's pipeline, run on the CPU (tests)
                 ring.slots[c][:nbytes].copy_(ring.chunks[c][:nbytes])
             return None
         with torch.cuda.stream(ring.stream):
-            self._pack(i, ring.chunk_at[c])
+            stage("pack", self._pack, i, ring.chunk_at[c])
             ring.packed = torch.cuda.Event()
             ring.packed.record(ring.stream)
             ring.slots[c][:nbytes].copy_(ring.chunks[c][:nbytes], non_blocking=True)
@@ -269,7 +268,8 @@ class OffloadedShadow(FollowsSources, Capabilities):
             if stochastic and gi not in keys:
                 keys[gi] = sr_key(seed + (gi << 32), step)
             ring = self._ring_of[self.src.device_of(i)]
-            self._fold_window(i, None if c is None else ring.slot_at[c], weights, stochastic, keys.get(gi, 0))
+            stage("fold window", self._fold_window, i, None if c is None else ring.slot_at[c], weights, stochastic,
+                  keys.get(gi, 0))
             record.written = True
             with cv:
                 if c is None:
@@ -327,7 +327,7 @@ class OffloadedShadow(FollowsSources, Capabilities):
     def _to_slot(self, i: int, ring: Ring) -> None:
         """Window ``i`` of the sources into host slot 0 (packed, copied, waited for)."""
         nbytes = self.src.nbytes_of(i)
-        self._pack(i, ring.chunk_at[0])
+        stage("pack", self._pack, i, ring.chunk_at[0])
         if ring.through_host:
             ring.slots[0][:nbytes].copy_(ring.chunks[0][:nbytes])     # blocking: the copy has landed
 
@@ -363,7 +363,7 @@ class OffloadedShadow(FollowsSources, Capabilities):
 
         def run(i: int, ring: Ring) -> None:
             self.src.copy_out(i, ring.slot_at[0], self._rows_at[self.src.windows[i].gi], row)
-            self._from_slot(i, ring)
+            stage("from slot", self._from_slot, i, ring)
 
         with ctrl_c_held():                       # the whole model written, or none of it (reliability L3)
             self._each_window(run)

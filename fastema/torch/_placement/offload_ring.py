@@ -3,21 +3,27 @@ chunks on the device and, for a GPU, two pinned host slots and a side stream, an
 shadow's groups. What the chunks and slots are for, and the order of packs, copies and folds,
 is told in :mod:`fastema.torch._placement.offload`.
 
-The tests run the GPU rings' pipeline on the CPU: they replace :func:`_two_slots`, and the
-chunks are then host tensors, copied into two host slots in turn, as on a GPU without the
-streams.
+A CPU ring can run a GPU ring's pipeline (``through_host``: what the tests run, through
+:func:`fastema.torch._placement.offload.pipeline`): its chunks are then host tensors, copied into
+two host slots in turn, as on a GPU without the streams.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .folds import Record
 
-__all__ = ["DEFAULT_CHUNK", "HostGroup", "Ring", "after_side_stream", "check_chunk"]
+__all__ = ["DEFAULT_CHUNK", "PIPELINE", "HostGroup", "Ring", "after_side_stream", "check_chunk", "pipeline"]
 
-DEFAULT_CHUNK = 64 << 20          # bytes of one staging chunk (bench/scripts/offload.py)
+#: bytes of one staging chunk: on an H100 (2026-11-26, ``bench/scripts/offload.py --gpu``) a step plus an
+#: offloaded update of a 1 GiB model came within 1.2x of the device-to-host floor with 256 MiB chunks, 1.8x
+#: with 64 MiB and 2x with 16 MiB (docs/guides/large_models.md, "The chunk size")
+DEFAULT_CHUNK = 256 << 20
+PIPELINE = {"host_slots": False, "in_place": True}   # the CPU rings' (:func:`pipeline`): read where one is built
 
 
 def check_chunk(chunk) -> None:
@@ -27,19 +33,33 @@ def check_chunk(chunk) -> None:
                          f"offloaded average keeps on the weights' device), got {chunk!r}")
 
 
-def _two_slots(device: str) -> bool:
-    """Whether the chunks of ``device``'s ring are copied into two host slots (a GPU's: pinned
-    memory, device-to-host copies), or are themselves what the worker folds (the CPU's)."""
-    return device != "cpu"
+@contextlib.contextmanager
+def pipeline(*, host_slots: bool = False, in_place: bool = True) -> Iterator[None]:
+    """The pipeline of the CPU rings of the offloaded shadows built in the ``with`` block (each keeps
+    it after): ``host_slots``, its chunks copied into two host slots in turn before the worker folds
+    them, as a GPU ring's are (the GPU's pipeline run on the CPU: the tests); ``in_place`` (the
+    default), all but its last two windows of an update folded from the weights where they are
+    (update() waits for them); else every window is staged. Put back after, however the block ends;
+    not thread-safe (process-wide, as :func:`fastema._launch.config.tuned`)."""
+    if not isinstance(host_slots, bool) or not isinstance(in_place, bool):
+        raise TypeError(f"pipeline(host_slots=, in_place=) take True or False, got {host_slots!r}, {in_place!r}")
+    saved = dict(PIPELINE)
+    PIPELINE.update(host_slots=host_slots, in_place=in_place)
+    try:
+        yield
+    finally:
+        PIPELINE.update(saved)
 
 
 class Ring:
     """One device's staging (see the module). ``uses[c]`` / ``done[c]``: windows staged into / folded
-    from slot ``c``; ``last[c]``: the record that last staged into it."""
+    from slot ``c``; ``last[c]``: the record that last staged into it. ``through_host``: a CPU
+    ring's chunks copied into two host slots too, as a GPU's are (pinned memory, device-to-host
+    copies); else they are themselves what the worker folds. A GPU ring always is."""
 
-    def __init__(self, device: str, nbytes: int):
+    def __init__(self, device: str, nbytes: int, through_host: bool = False):
         self.device, self.cuda = device, device != "cpu"
-        self.through_host = self.cuda or bool(_two_slots(device))
+        self.through_host = self.cuda or through_host
         dev = torch.device(device)
         self.chunks = [torch.zeros(nbytes, dtype=torch.uint8, device=dev) for _ in range(2)]
         self.slots = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)] \

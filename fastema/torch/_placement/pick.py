@@ -153,7 +153,7 @@ def _mesh(group):
 #: The placement options' text, written once (see :func:`fastema.average._options.document`).
 PLACEMENT_DOCS = {
     "offload": """offload: ``"cpu"`` (or :class:`fastema.torch.Offload` with its ``chunk`` bytes, default
-    64 MiB) keeps the shadow (every average, in ``shadow_dtype``) in host memory: the weights'
+    256 MiB) keeps the shadow (every average, in ``shadow_dtype``) in host memory: the weights'
     device keeps no shadow, only two staging chunks. Each update cuts the weights into
     chunk-sized windows (several small tensors in one, a large tensor over several), packs each
     into a chunk on the weights' device, in their own dtype, copies it to a pinned host slot on a

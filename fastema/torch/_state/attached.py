@@ -4,22 +4,27 @@ DCP's ``get_optimizer_state_dict`` (``../shared/design/optimizer.md`` §4.5, §9
 ``docs/guides/attach.md``).
 
 DCP's ``get_state_dict`` / ``set_state_dict`` keep only ``state`` and ``param_groups`` of an
-optimizer's state dict, so the average goes into ``state``: each averaged parameter's entry gets
-a key :data:`~fastema.torch._attach.KEY` holding that parameter's part of the average's
-:meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
-the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
-tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's pieces,
-for an average split over replicas). The
-entry of the first averaged parameter also holds ``"meta"``: the average's counters and settings
-as UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
-saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
-only), and the copied and integer buffers (``"copied"`` / ``"int_buffers"``, names with ``/`` for
-``.``: DCP's flattening splits keys at dots).
+optimizer's state dict, and at load only the state of ``requires_grad`` parameters, so the
+average goes into ``state`` by one rule (``docs/guides/attach.md``):
+
+- the *carriers* (:func:`_carriers`) are the trainable averaged parameters the optimizer steps;
+  each carrier's entry holds, under :data:`~fastema.torch._attach.KEY`, its part of the average's
+  :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
+  the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
+  tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's
+  pieces, for an average split over replicas);
+- the first carrier's entry also holds ``"meta"``: the average's counters, settings and flags as
+  UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
+  saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
+  only), the copied and integer buffers (``"copied"`` / ``"int_buffers"``), and under
+  ``"others"`` the rows of every averaged tensor that is no carrier (frozen parameters, averaged
+  buffers); names with ``/`` for ``.`` (DCP's flattening splits keys at dots).
 
 ``flatten_optimizer_state_dict=True`` rebuilds the loaded per-parameter state from the keys of
 the live ``optimizer.state[p]``: :func:`mark` keeps an empty ``{}`` under the key there for every
-parameter that has state (never one without: Adam fills an empty state at its first step), from
-the state-dict pre-hook and after a load, where DCP makes them. A loaded entry is taken out
+carrier that has state, or a gradient and no state (a stateless optimizer; DCP's dummy step gives
+every trainable parameter one), never one with neither (Adam fills an empty state at its first
+step); made after the first step, DCP's dummy step and every load. A loaded entry is taken out
 before torch's cast to the parameters' dtype (§4.1); a parameter left with nothing else is
 dropped from the state, so Adam never sees an entry without ``step``.
 """
@@ -64,57 +69,101 @@ def _names(face: Any, optimizer: torch.optim.Optimizer) -> dict:
             if id(p) in by_id}
 
 
-def mark(key: str, face: Any, optimizer: torch.optim.Optimizer) -> None:
-    """An empty entry under ``key`` in the live state of every averaged parameter that has state:
-    what DCP's ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from."""
+def _carriers(face: Any, optimizer: torch.optim.Optimizer) -> dict:
+    """id(parameter) -> name of the averaged parameters whose entries carry their own rows: the
+    trainable ones the optimizer steps (DCP keeps state for ``requires_grad`` parameters only)."""
     names = _names(face, optimizer)
-    for p, st in optimizer.state.items():
-        if st and id(p) in names and key not in st:
-            st[key] = {}
+    return {id(p): names[id(p)] for g in optimizer.param_groups for p in g["params"]
+            if id(p) in names and p.requires_grad}
+
+
+def mark(key: str, face: Any, optimizer: torch.optim.Optimizer) -> int:
+    """An empty entry under ``key`` in the live state of every carrier (:func:`_carriers`) that
+    has state, or that has a gradient and no state (the optimizer keeps none for it: plain SGD,
+    or after DCP's dummy step, which gives every trainable parameter a gradient): what DCP's
+    ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from. Never on a parameter with
+    neither (Adam fills an empty state at its first step). Returns the number of states after."""
+    carriers = _carriers(face, optimizer)
+    state = optimizer.state
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) not in carriers:
+                continue
+            st = state.get(p)               # .get: no entry made by the defaultdict
+            if st:
+                if key not in st:
+                    st[key] = {}
+            elif p.grad is not None:
+                state[p] = {key: {}} if st is None else st
+                state[p].setdefault(key, {})
+    return len(state)
 
 
 def unmark(key: str, optimizer: torch.optim.Optimizer) -> None:
     """:func:`mark` undone (``detach()``): only the empty entries it made."""
-    for st in optimizer.state.values():
+    for p, st in list(optimizer.state.items()):
         if isinstance(st.get(key), dict) and not st[key]:
             del st[key]
+            if not st:
+                del optimizer.state[p]
 
 
 def unmarked(key: str, state_dict: dict) -> dict:
     """A new state dict without :func:`mark`'s empty entries (the optimizer's own per-parameter
-    dicts, which ``state_dict()`` shares, are not written)."""
+    dicts, which ``state_dict()`` shares, are not written); a parameter left with nothing is
+    left out, as the optimizer's own state dict would."""
     state = state_dict.get("state")
     def marked(v: Any) -> bool:
         return isinstance(v, dict) and isinstance(v.get(key), dict) and not v[key]
 
     if not isinstance(state, dict) or not any(map(marked, state.values())):
         return dict(state_dict)
-    return {**state_dict, "state": {k: ({kk: vv for kk, vv in v.items() if kk != key}
-                                        if marked(v) else v) for k, v in state.items()}}
+    out = {k: ({kk: vv for kk, vv in v.items() if kk != key} if marked(v) else v)
+           for k, v in state.items()}
+    return {**state_dict, "state": {k: v for k, v in out.items() if v}}
+
+
+def _slashed(d: dict) -> dict:
+    return {n.replace(".", "/"): v for n, v in d.items()}
 
 
 def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
-                    state_dict: dict) -> dict:
+                    state_dict: dict, flags: dict | None = None) -> dict:
     """The optimizer's state dict with the average in its per-parameter entries (a new dict:
-    the optimizer's own per-parameter dicts, which ``state_dict()`` shares, are not written)."""
+    the optimizer's own per-parameter dicts, which ``state_dict()`` shares, are not written).
+
+    The rule (``docs/guides/attach.md``): each trainable averaged parameter the optimizer steps
+    (a *carrier*) holds its own rows; the first carrier (in the optimizer's order) also holds the
+    record (``"meta"``: counters, settings, ``flags``), the copied and integer buffers, and under
+    ``"others"`` the rows of every other averaged tensor (frozen parameters, inside the optimizer
+    or not; averaged buffers), which DCP would drop or never see."""
     full = face.state_dict()
-    names = _names(face, optimizer)
+    carriers = _carriers(face, optimizer)
     order = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
     saved = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+    pairs = [(index, carriers[id(p)]) for index, p in zip(saved, order) if id(p) in carriers]
+    if not pairs:
+        raise ValueError("the attached average's parameters that this optimizer steps are all "
+                         "frozen (requires_grad=False): its per-parameter entries need one "
+                         "trainable parameter to ride (DCP keeps state for those only). Save the "
+                         "average beside the optimizer (dcp.save({'ema': ema, ...}))")
+    own = {n for _, n in pairs}
+    per_name = {k: full[k] for k in _PER_NAME if isinstance(full.get(k), dict)}
     state = dict(state_dict["state"])
-    first = True
-    for index, p in zip(saved, order):
-        name = names.get(id(p))
-        if name is None:
-            continue
-        entry: dict = {k: full[k][name] for k in _PER_NAME if isinstance(full.get(k), dict)}
-        if first:
-            entry["meta"] = _encode({k: v for k, v in full.items()
-                                     if k not in _PER_NAME and k not in _BUFFERS})
+    for i, (index, name) in enumerate(pairs):
+        entry: dict = {k: v[name] for k, v in per_name.items() if name in v}
+        if i == 0:
+            entry["meta"] = _encode({**{k: v for k, v in full.items()
+                                        if k not in _PER_NAME and k not in _BUFFERS},
+                                     **(flags or {})})
             for k in _BUFFERS:
-                entry[k] = {n.replace(".", "/"): v for n, v in full.get(k, {}).items()}
-            first = False
+                entry[k] = _slashed(full.get(k, {}))
+            entry["others"] = {k: _slashed({n: t for n, t in v.items() if n not in own})
+                               for k, v in per_name.items()}
         state[index] = {**state.get(index, {}), key: entry}
+    for index, p in zip(saved, order):    # DCP's strict load wants state for every trainable one
+        if p.requires_grad and index not in state:
+            state[index] = {}             # (a stateless optimizer's, beside the carriers' entries)
     return {**state_dict, "state": state}
 
 
@@ -145,19 +194,32 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
     rest_dict = {**state_dict, "state": state}
     if not found:
         return None, rest_dict
-    metas = [e["meta"] for e in found.values() if "meta" in e]
+    metas = [e for e in found.values() if "meta" in e]
     if len(metas) != 1:
         raise ValueError(f"the optimizer state dict's {key!r} entries hold {len(metas)} counter "
                          f"records (one expected: a state dict of another model or optimizer?); "
                          f"nothing was loaded")
-    full = _decode(metas[0])
+    holder = metas[0]
+    full = _decode(holder["meta"])
+    others = holder.get("others", {})
+    if not isinstance(others, dict):
+        raise ValueError(f"the attached average's 'others' entry is a {type(others).__name__}, "
+                         f"not a dict (damaged); nothing was loaded")
     for k in _PER_NAME:
         parts = {n: e[k] for n, e in found.items() if k in e}
+        rest_of = others.get(k, {})
+        if not isinstance(rest_of, dict):
+            raise ValueError(f"the attached average's 'others' {k!r} is a "
+                             f"{type(rest_of).__name__}, not a dict (damaged); nothing was loaded")
+        parts.update({n.replace("/", "."): v for n, v in rest_of.items()})
         if parts:
             full[k] = parts
-    meta_entry = next(e for e in found.values() if "meta" in e)
     for k in _BUFFERS:
-        full[k] = {n.replace("/", "."): v for n, v in meta_entry.get(k, {}).items()}
+        got = holder.get(k, {})
+        if not isinstance(got, dict):
+            raise ValueError(f"the attached average's {k!r} entry is a {type(got).__name__}, not "
+                             f"a dict (damaged); nothing was loaded")
+        full[k] = {n.replace("/", "."): v for n, v in got.items()}
     return full, rest_dict
 
 
@@ -189,8 +251,9 @@ def _decode(t: Any) -> dict:
     raw = bytes(t.cpu().numpy().tobytes()).rstrip(b"\0")
     try:
         meta = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"the attached average's counter record is damaged ({err}); nothing was "
+    except Exception as err:                 # any failure is damage: RecursionError of deep JSON too
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        raise ValueError(f"the attached average's counter record is damaged ({why}); nothing was "
                          f"loaded") from None
     if not isinstance(meta, dict):
         raise ValueError("the attached average's counter record is not a dict; nothing was loaded")

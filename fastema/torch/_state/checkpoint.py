@@ -232,9 +232,17 @@ class TorchCheckpoint:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """See ``TorchAverage.load_state_dict``: every check first (on every rank), then all of it."""
+        self.checked_load(state, strict)()
+
+    def checked_load(self, state: dict, strict: bool = True) -> Callable[[], None]:
+        """Every check of :meth:`load_state_dict` (on every rank, agreed); returns what writes it
+        (an attached average's load: checked before torch loads the optimizer, written after)."""
         read = Read("load_state_dict()")
         with self.agreement.agreed(read, stamp=load_stamp(state)):   # all load, or none
             loads = self._checked_loads(state, strict)
+        return lambda: self._write(state, loads)
+
+    def _write(self, state: dict, loads: list) -> None:
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
                 dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -226,7 +227,7 @@ class TorchPairs(Followed):
         self.copied = PairShadow((), (), groups=copied)
         self.devices = sorted({g.device for gs in sel.groups[:2] for g in gs})
         # the host plan's
-        self.flags = {d: torch.zeros(1, dtype=torch.int32, device=d) for d in self.devices}
+        self.flags = {d: _backends.zeros(("torch", d), 1, np.int32) for d in self.devices}
         for f in self.flags.values():
             # fastema's own: launches bind their views once
             _backends.mark_made_here(f)

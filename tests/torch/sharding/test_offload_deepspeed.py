@@ -33,6 +33,7 @@ def _engine(rank, world, stage):
 
 def _case(rank, world, stage, out):
     from fastema.torch import EMA
+    from fastema.torch._placement import folds
     from fastema.torch._placement.host_masters import HostMastersShadow
 
     engine = _engine(rank, world, stage)
@@ -51,28 +52,28 @@ def _case(rank, world, stage, out):
         and addresses == sorted(t.data_ptr() for t in shadow.sources if t.numel())
         and not {"staging chunks", "pinned slots"} & set(ema.memory(parts=True).get("cpu", {})))
 
-    fold, seen = HostMastersShadow._fold, []
+    seen: list = []
 
-    def slow(self, *args):                                   # a fold that takes its time
-        time.sleep(0.2)
-        fold(self, *args)
+    def slow(stage, run, *args):                             # a fold that takes its time
+        if stage == "fold":
+            time.sleep(0.2)
+        return run(*args)
 
-    HostMastersShadow._fold = slow
-    inner = masters.optimizer                                # hooked after the EMA's: runs after it
-    inner.register_step_pre_hook(lambda opt, a, k: seen.append(shadow._queue.settled()))
-    m = _masters(engine)
-    ref32 = [{n: v.clone() for n, v in m.items()} for _ in DECAYS]
-    returned_early = []
-    for step in range(4):
-        _step(engine, rank, step)
-        ema.update()
-        returned_early.append(not shadow._queue.settled())
-        plain.update()
+    with folds.watched(slow):
+        inner = masters.optimizer                                # hooked after the EMA's: runs after it
+        inner.register_step_pre_hook(lambda opt, a, k: seen.append(shadow._queue.settled()))
         m = _masters(engine)
-        for k, d in enumerate(DECAYS):
-            for n, v in m.items():
-                ref32[k][n].lerp_(v, 1 - d)
-    HostMastersShadow._fold = fold
+        ref32 = [{n: v.clone() for n, v in m.items()} for _ in DECAYS]
+        returned_early = []
+        for step in range(4):
+            _step(engine, rank, step)
+            ema.update()
+            returned_early.append(not shadow._queue.settled())
+            plain.update()
+            m = _masters(engine)
+            for k, d in enumerate(DECAYS):
+                for n, v in m.items():
+                    ref32[k][n].lerp_(v, 1 - d)
     out[f"{stage}/async"] = torch.tensor(all(returned_early) and len(seen) >= 3 and all(seen))
     a, b = ema.state_dict()["averaged"], plain.state_dict()["averaged"]
     out[f"{stage}/equal"] = torch.tensor(all(torch.equal(getattr(a[n], "_local_tensor", a[n]),

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 from dist import Counted, run_ranks
+from support import faults
 from torch import nn
 
 from fastema.torch import EMA, PostHocEMA, TargetNetwork, WeightMeta, WindowAverage
@@ -170,7 +171,7 @@ def test_posthoc_streams_a_synthesised_average_and_its_tracked_profiles(tmp_path
         ema.weights_metadata()
 
 
-def test_posthoc_synthesises_one_tensor_at_a_time_as_the_stream_is_consumed(tmp_path, monkeypatch):
+def test_posthoc_synthesises_one_tensor_at_a_time_as_the_stream_is_consumed(tmp_path, request):
     """The synthesised stream never holds the whole average: nothing is combined when iter_weights()
     returns, each averaged tensor is combined when the stream reaches it, and when a tensor is yielded
     it is the only combined tensor alive (the consumer dropped the earlier ones)."""
@@ -186,14 +187,7 @@ def test_posthoc_synthesises_one_tensor_at_a_time_as_the_stream_is_consumed(tmp_
     want = ema.synthesize(0.07)
     averaged = set(read_snapshots(tmp_path)[-1].averaged)
     made: list = []                                       # (name, weakref to the combined tensor)
-    combine = _synthesis._combine
-
-    def spy(name, *args):
-        out = combine(name, *args)
-        made.append((name, weakref.ref(out)))
-        return out
-
-    monkeypatch.setattr(_synthesis, "_combine", spy)
+    faults.held(request, _synthesis.watched(lambda name, out: made.append((name, weakref.ref(out)))))
     stream = ema.iter_weights(0.07)
     assert made == []                                     # the solution is ready, no tensor combined yet
     seen = []

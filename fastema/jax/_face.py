@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _backends
-from .average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, document
+from .. import _backends
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, document
 
 __all__ = ["EMA"]
 
@@ -54,26 +54,44 @@ def _deleted(name: str, fix: str) -> str:
             f"before fastema.jax.EMA read it: {fix}.")
 
 
-def _check_one_device(name: str, x) -> None:
-    """Refuse a leaf spread over several devices: the kernels read one buffer per leaf."""
-    devices = x.sharding.device_set
-    if len(devices) > 1:
-        raise ValueError(f"leaf {name} is a jax.Array on {len(devices)} devices ({x.sharding}); fastema.jax.EMA "
-                         f"averages leaves that each live on one device. Average the parameters on one device "
-                         f"(jax.device_put(params, jax.devices()[0])), or keep one EMA per device of its local "
-                         f"shards ([s.data for s in x.addressable_shards], put back together with "
-                         f"jax.make_array_from_single_device_arrays).")
+def _key(index: tuple) -> tuple:
+    """A shard's index (a tuple of slices) as a hashable key."""
+    return tuple((sl.start, sl.stop, sl.step) for sl in index)
+
+
+def _shard_plan(name: str, x) -> list | None:
+    """None for a leaf on one device; for a ``jax.Array`` spread over several, its distinct shards
+    as ``(device, key)`` pairs, one per distinct index (a replicated shard is averaged once, on the
+    first device holding it). A leaf with shards in other processes is refused."""
+    if len(x.sharding.device_set) == 1:
+        return None
+    if not x.is_fully_addressable:
+        raise ValueError(f"leaf {name} has shards in other processes ({x.sharding}); fastema.jax.EMA averages "
+                         f"the shards this process holds: use fastema.jax.ema() inside the jitted step, which "
+                         f"XLA shards across processes")
+    seen: dict = {}
+    for device, index in x.sharding.addressable_devices_indices_map(x.shape).items():
+        seen.setdefault(_key(index), device)
+    return [(device, key) for key, device in seen.items()]
+
+
+def _shard_arrays(x, plan: list) -> list:
+    """The single-device arrays of ``x``'s distinct shards, in ``plan``'s order."""
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    return [by_device[device] for device, _ in plan]
 
 
 #: What fastema.jax.EMA refuses, and why: every other option is taken.
 REFUSED = HOST_ONLY_REFUSALS
 
 
-class EMA(Face):
+class EMA(Face, FaceMemory):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
-    counters) are carried as the latest value. ``shadow()`` returns a new pytree with the
+    counters) are carried as the latest value. A leaf sharded over several devices
+    (``NamedSharding``) is averaged shard by shard, each on its device (a replicated shard
+    once), and ``shadow()`` puts it back with the leaf's sharding. ``shadow()`` returns a new pytree with the
     structure, shapes, dtypes and devices of ``params``.
 
     Args:
@@ -100,13 +118,22 @@ class EMA(Face):
         self._float_set = frozenset(self._float)
         if not self._float:
             raise ValueError("params has no float64/float32/bfloat16/float16 leaves to average")
-        for i in self._float:
-            _check_one_device(names[i], leaves[i])
+        # a leaf over several devices is averaged shard by shard: one source of the shadow per distinct
+        # shard, on its device (each device's shards in one launch per dtype group)
+        self._shards = {i: _shard_plan(names[i], leaves[i]) for i in self._float}
         self._specs = [(x.shape, x.dtype, x.sharding) for x in leaves]
         self._array_type = type(leaves[self._float[0]])
         self._on_cpu = all(next(iter(leaves[i].devices())).platform == "cpu" for i in self._float)
-        self._core = Average.of_sources(opts, {names[i]: leaves[i] for i in self._float},
-                                        [self._specs[i][0] for i in self._float], self._format)
+        self._slots: dict = {}               # float leaf -> its shadow slots (one per distinct shard)
+        sources: dict = {}
+        shapes: list = []
+        for i in self._float:
+            parts = self._sources_of(i, leaves[i])
+            self._slots[i] = list(range(len(sources), len(sources) + len(parts)))
+            for j, a in enumerate(parts):
+                sources[names[i] if self._shards[i] is None else f"{names[i]}#shard{j}"] = a
+                shapes.append(a.shape)
+        self._core = Average.of_sources(opts, sources, shapes, self._format)
         self.shadow_dtype = opts.shadow_dtype
         self._others: list = [None] * len(leaves)
         self._others = self._keep_others(leaves)
@@ -141,7 +168,7 @@ class EMA(Face):
         def read():
             leaves = self._match(params)
             kept.append(self._keep_others(leaves))              # before anything is counted
-            sources = [leaves[i] for i in self._float]
+            sources = [a for i in self._float for a in self._sources_of(i, leaves[i])]
             if not self._on_cpu:
                 return sources
             # The kernel runs on the host, so it waits for the step that makes params (as a
@@ -161,6 +188,11 @@ class EMA(Face):
                                             "next step donates them") + " Nothing was updated.") from err
         if kept:
             self._others = kept[0]
+
+    def _sources_of(self, i: int, x) -> list:
+        """The shadow's sources of float leaf ``i``: the leaf, or its distinct shards."""
+        plan = self._shards[i]
+        return [x] if plan is None else _shard_arrays(x, plan)
 
     def _keep_others(self, leaves: list) -> list:
         """The leaves that are not averaged (integer counters), as ``(weak reference to the
@@ -239,21 +271,18 @@ class EMA(Face):
 
             cuda.default_stream().synchronize()
         out = [None if kept is None else _copy(kept[1]) for kept in self._others]
-        for slot, i in enumerate(self._float):
+        for i in self._float:
             shape, dtype, sharding = self._specs[i]
-            value = jnp.array(self._core.view(slot, row), dtype=dtype)           # a copy, never a view
-            out[i] = jax.device_put(value, sharding)
+            values = [jnp.array(self._core.view(slot, row), dtype=dtype) for slot in self._slots[i]]   # copies
+            plan = self._shards[i]
+            if plan is None:
+                out[i] = jax.device_put(values[0], sharding)
+                continue
+            by_key = {key: v for (_, key), v in zip(plan, values)}
+            arrays = [jax.device_put(by_key[_key(index)], device)
+                      for device, index in sharding.addressable_devices_indices_map(shape).items()]
+            out[i] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
         return jax.tree_util.tree_unflatten(self._treedef, out)
-
-    def memory(self) -> dict[str, int]:
-        """Bytes this average holds, by device: its shadow rows, launch tables and device plan (the
-        model's own arrays are not counted). Sums to :attr:`nbytes`."""
-        return self._core.memory()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this average holds on every device together (see :meth:`memory`)."""
-        return sum(self.memory().values())
 
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape

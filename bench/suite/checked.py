@@ -1,0 +1,173 @@
+"""Benchmark rows that cannot lie (issue 70 item 7): one helper for the headline, the probe, the
+training step and the suite, on the GPU and the CPU.
+
+The 2026-11-26 H100 headline timed ``torch._foreach_lerp_`` on shadows made with
+``p.detach().float()``, which for float32 parameters *is* the parameter: the baseline lerped each
+tensor into itself, "3830 GB/s", above the run's own device copy, and fastema read 0.77x where it is
+1.09x. Two rules make such a row impossible to report:
+
+1. **A baseline agrees with fastema before it is timed** (:func:`agree`, :func:`checked`): each
+   baseline is run once from the same inputs as fastema's update (after ``move()`` has moved the
+   sources, so that a baseline which does nothing, or copies, cannot pass), its result is compared
+   with fastema's in float64 (within ``rtol`` of the result's scale: a few ulps of the result's
+   dtype by default), and a result that shares memory with an input (an update written into its
+   own sources) is refused. :class:`Refused` names the row.
+2. **No row above the run's copy ceiling** (:func:`within_ceiling`): the GB/s a row reports (the
+   bytes it must move over its time) may not pass the device-to-device copy measured in the same
+   run by more than :data:`TOLERANCE`; a row between the copy and the tolerance is flagged (a
+   read-heavy kernel can pass a copy by a few percent). On the CPU a torch copy is no ceiling
+   (caches, threads: the 2026-11-22 CPU table has lerps at 150-600% of it), so the rule is the GPU's.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["TOLERANCE", "Refused", "agree", "aliased", "checked", "is_baseline", "to_float64",
+           "within_ceiling"]
+
+#: how far above the same run's copy a row may read before it is refused (flagged above 1.0)
+TOLERANCE = 0.10
+
+
+class Refused(RuntimeError):
+    """A benchmark row that would report a false figure; ``row`` names it."""
+
+    def __init__(self, row: str, why: str):
+        super().__init__(f"{row}: refused: {why}")
+        self.row, self.why = row, why
+
+
+def is_baseline(name: str) -> bool:
+    """Whether a row named ``name`` (an implementation, or ``"scenario | implementation"``) is a
+    baseline (checked): not fastema's own, not the copy."""
+    impl = name.rsplit(" | ", 1)[-1]
+    return not (impl.startswith("fastema") or impl.startswith("copy"))
+
+
+def to_float64(x) -> np.ndarray:
+    """``x`` (a torch tensor, a NumPy array, a device array, a JAX or TensorFlow array) on the host,
+    as float64."""
+    if hasattr(x, "detach"):                                  # torch
+        import torch
+
+        return x.detach().to(torch.float64).cpu().numpy()
+    if hasattr(x, "copy_to_host"):                            # numba device array
+        x = x.copy_to_host()
+    elif hasattr(x, "get") and hasattr(x, "__cuda_array_interface__"):   # CuPy
+        x = x.get()
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):          # TensorFlow
+        x = x.numpy()
+    return np.asarray(x).astype(np.float64)
+
+
+def _span(x) -> tuple[int, int] | None:
+    """The byte range of the memory behind ``x`` (its whole storage), or None where unknown."""
+    if hasattr(x, "untyped_storage"):                         # torch: the storage, not the view
+        st = x.untyped_storage()
+        return (st.data_ptr(), st.data_ptr() + st.nbytes()) if st.nbytes() else None
+    if isinstance(x, np.ndarray):
+        from numpy.lib.array_utils import byte_bounds
+
+        base = x
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        lo, hi = byte_bounds(base)
+        return (lo, hi) if hi > lo else None
+    iface = getattr(x, "__cuda_array_interface__", None)
+    if iface:
+        ptr = iface["data"][0]
+        size = int(np.prod(iface["shape"])) * np.dtype(iface["typestr"]).itemsize
+        return (ptr, ptr + size) if size else None
+    return None
+
+
+def aliased(outputs: Iterable, inputs: Iterable) -> list[tuple[int, int]]:
+    """``(output index, input index)`` of every output whose memory overlaps an input's."""
+    spans = [_span(i) for i in inputs]
+    found = []
+    for k, out in enumerate(outputs):
+        s = _span(out)
+        if s is None:
+            continue
+        found += [(k, j) for j, t in enumerate(spans) if t is not None and s[0] < t[1] and t[0] < s[1]]
+    return found
+
+
+def _default_rtol(arrays: Sequence) -> float:
+    """A few ulps of the coarsest dtype among ``arrays`` (float32 1e-5; 16-bit 2^-6)."""
+    sizes = [getattr(getattr(a, "dtype", None), "itemsize", 4) for a in arrays]
+    return 2.0 ** -6 if min(sizes, default=4) <= 2 else 1e-5
+
+
+def agree(row: str, ours: Callable[[], Sequence], theirs: Callable[[], Sequence], *,
+          inputs: Sequence = (), rtol: float | None = None) -> str:
+    """Run ``ours()`` then ``theirs()`` once (each runs its update and returns the arrays it wrote,
+    both from the same start) and refuse the baseline row ``row`` (:class:`Refused`) where its
+    arrays overlap ``inputs`` (it wrote into what it reads), differ in number or shape, or differ
+    in value by more than ``rtol`` times the largest magnitude of fastema's result. Returns the
+    agreement, in words."""
+    raw = list(ours())
+    mine = [to_float64(a) for a in raw]
+    got = list(theirs())
+    clash = aliased(got, inputs)
+    if clash:
+        raise Refused(row, f"its result {clash[0][0]} is the memory of input {clash[0][1]} (an update "
+                           f"written into its own sources; {len(clash)} such pairs): copy the shadow")
+    if len(got) != len(mine):
+        raise Refused(row, f"{len(got)} arrays written against fastema's {len(mine)}")
+    tol = _default_rtol(raw + got) if rtol is None else rtol
+    worst = 0.0
+    for k, (a, b) in enumerate(zip(mine, (to_float64(g) for g in got))):
+        if a.shape != b.shape:
+            raise Refused(row, f"array {k} of shape {b.shape} against fastema's {a.shape}")
+        if a.size == 0:
+            continue
+        both_nan = np.isnan(a) & np.isnan(b)                # a NaN where fastema reads NaN agrees
+        a, b = np.where(both_nan, 0.0, a), np.where(both_nan, 0.0, b)
+        scale = max(float(np.max(np.abs(a))), 1e-30)
+        err = float(np.max(np.abs(a - b))) / scale
+        if not np.isfinite(err) or err > tol:
+            raise Refused(row, f"array {k} differs from fastema's result by {err:.3g} of its scale "
+                               f"(tolerance {tol:.3g}): not the same update")
+        worst = max(worst, err)
+    return f"agrees with fastema within {worst:.2g} of scale (tolerance {tol:.2g})"
+
+
+def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
+            move: Callable[[], object] | None = None, rtol: float | None = None) -> dict:
+    """``fns`` (row name -> the callable to time), once every baseline row of it (:func:`is_baseline`)
+    has agreed with fastema's row ``ours`` (:func:`agree`). ``results``: row name -> a callable
+    returning the arrays that row's callable writes; a baseline without one is refused. ``move()``
+    runs first (it moves the sources, so the check sees an update); then ``ours``, then each
+    baseline, once each, from the same start: give each its own shadow, equal at the start."""
+    missing = [n for n in fns if is_baseline(n) and n not in results]
+    if missing:
+        raise Refused(missing[0], "no result to check against fastema's (every baseline row is run "
+                                  "once against fastema's result before it is timed)")
+    if move is not None:
+        move()
+    fns[ours]()
+    reference = list(results[ours]())
+    for name, fn in fns.items():
+        if is_baseline(name):
+            agree(name, lambda: reference, lambda fn=fn, name=name: (fn(), results[name]())[1],
+                  inputs=inputs, rtol=rtol)
+    return fns
+
+
+def within_ceiling(row: str, gbps: float | None, copy_gbps: float | None,
+                   tolerance: float = TOLERANCE) -> str | None:
+    """Refuse ``row`` (:class:`Refused`) where its ``gbps`` passes the run's copy ``copy_gbps`` by
+    more than ``tolerance``; a flag (words) where it passes the copy within it; None otherwise (or
+    where either figure is missing)."""
+    if not gbps or not copy_gbps:
+        return None
+    share = gbps / copy_gbps
+    if share > 1 + tolerance:
+        raise Refused(row, f"{gbps:.0f} GB/s is {100 * share:.0f}% of this run's copy ceiling "
+                           f"({copy_gbps:.0f} GB/s): it cannot move the bytes it is counted for")
+    if share > 1:
+        return f"{100 * share:.0f}% of the copy (within the {100 * tolerance:.0f}% tolerance)"
+    return None

@@ -1,0 +1,160 @@
+"""Benchmark rows that cannot lie (issue 70 item 7, ``bench/suite/checked.py``), on the CPU: a baseline
+that writes into its own sources, one that computes another update and one never checked are
+refused, naming the row; a row above the run's copy ceiling is refused, one within the tolerance
+flagged. The false row of the 2026-11-26 H100 headline is rebuilt as it was."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.suite.checked import (
+    TOLERANCE,
+    Refused,
+    agree,
+    aliased,
+    checked,
+    is_baseline,
+    to_float64,
+    within_ceiling,
+)
+from fastema.torch import EMA
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.ParameterList([nn.Parameter(torch.randn(s).to(dtype)) for s in [(8, 4), (4,), (3, 5)]])
+
+
+def _moved(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=0.1)
+
+
+def _rows(model, shadows):
+    params = list(model.parameters())
+    ema = EMA(model, 0.999)
+    fns = {"fastema EMA.update": ema.update,
+           "torch._foreach_lerp_": lambda: torch._foreach_lerp_(shadows(params), params, 0.001)}
+    return params, ema, fns
+
+
+def test_the_headline_baseline_that_lerped_each_tensor_into_itself_is_refused():
+    """``p.detach().float()`` of a float32 parameter is the parameter: the 2026-11-26 baseline."""
+    model = _model()
+    params = list(model.parameters())
+    f32 = [p.detach().float() for p in params]
+    assert f32[0].data_ptr() == params[0].data_ptr()           # the defect, as it was
+    ema = EMA(model, 0.999)
+    with torch.no_grad(), pytest.raises(Refused, match="torch._foreach_lerp_: refused") as err:
+        checked({"fastema EMA.update": ema.update,
+                 "torch._foreach_lerp_": lambda: torch._foreach_lerp_(f32, params, 0.001)},
+                {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()),
+                 "torch._foreach_lerp_": lambda: f32}, ours="fastema EMA.update", inputs=params,
+                move=lambda: _moved(params))
+    assert "memory of input" in str(err.value) and err.value.row == "torch._foreach_lerp_"
+
+
+def test_a_copied_shadow_agrees_and_the_callables_come_back_unchanged():
+    model = _model()
+    params = list(model.parameters())
+    f32 = [p.detach().to(torch.float32, copy=True) for p in params]
+    ema = EMA(model, 0.999)
+    fns = {"fastema EMA.update": ema.update, "copy (ceiling)": lambda: None,
+           "torch._foreach_lerp_": lambda: torch._foreach_lerp_(f32, params, 0.001)}
+    with torch.no_grad():
+        out = checked(dict(fns), {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()),
+                                  "torch._foreach_lerp_": lambda: f32},
+                      ours="fastema EMA.update", inputs=params, move=lambda: _moved(params))
+    assert out == fns
+    assert not torch.equal(f32[0], params[0])                  # the check saw an update, not a copy
+    np.testing.assert_allclose(to_float64(f32[0]), to_float64(ema.averaged_state_dict()["0"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrong", ["decay", "nothing", "copy"])
+def test_a_baseline_computing_another_update_is_refused(wrong):
+    """A baseline of another decay, one that does nothing and one that copies the sources (the
+    result of lerping a tensor into itself, in fresh memory) all differ from fastema's result."""
+    model = _model()
+    params = list(model.parameters())
+    shadows = [p.detach().clone() for p in params]
+    ema = EMA(model, 0.999)
+    update = {"decay": lambda: torch._foreach_lerp_(shadows, params, 0.01), "nothing": lambda: None,
+              "copy": lambda: torch._foreach_copy_(shadows, params)}[wrong]
+    with torch.no_grad(), pytest.raises(Refused, match="differs from fastema's result"):
+        checked({"fastema EMA.update": ema.update, "baseline": update},
+                {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()),
+                 "baseline": lambda: shadows}, ours="fastema EMA.update", inputs=params,
+                move=lambda: _moved(params))
+
+
+def test_rows_named_with_their_scenario_are_told_apart():
+    assert is_baseline("flat 2^28 | torch.lerp_") and is_baseline("timm ModelEmaV3")
+    assert not is_baseline("flat 2^28 | copy (ceiling)") and not is_baseline("gpt2 | fastema EMA.update")
+
+
+def test_a_baseline_without_a_result_to_check_is_refused_before_anything_runs():
+    ran = []
+    with pytest.raises(Refused, match="torch.lerp_: refused: no result to check"):
+        checked({"fastema": lambda: ran.append("fastema"), "torch.lerp_": lambda: ran.append("lerp")},
+                {"fastema": lambda: []}, ours="fastema")
+    assert ran == []
+
+
+def test_bfloat16_results_are_compared_at_bfloat16_precision():
+    model = _model(torch.bfloat16)
+    params = list(model.parameters())
+    f32 = [p.detach().float() for p in params]                 # a new tensor for bfloat16: no alias
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        checked({"fastema EMA.update": ema.update,
+                 "mixed": lambda: (torch._foreach_mul_(f32, 0.999), torch._foreach_add_(f32, params, alpha=0.001))},
+                {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()), "mixed": lambda: f32},
+                ours="fastema EMA.update", inputs=params, move=lambda: _moved(params))
+
+
+def test_numpy_arrays_and_views_that_share_memory_are_found():
+    a = np.zeros(16, np.float32)
+    assert aliased([a[4:8]], [a]) == [(0, 0)]
+    assert aliased([a.copy()], [a]) == []
+    with pytest.raises(Refused, match="row: refused: its result 0 is the memory of input 0"):
+        agree("row", lambda: [a + 1], lambda: [a[:]], inputs=[a])
+    t = torch.zeros(8)
+    assert aliased([t[2:]], [t[:2]]) == [(0, 0)]               # one storage, whatever the view
+
+
+def test_shapes_and_counts_must_match():
+    with pytest.raises(Refused, match="2 arrays written against fastema's 1"):
+        agree("row", lambda: [np.ones(3)], lambda: [np.ones(3), np.ones(3)])
+    with pytest.raises(Refused, match=r"array 0 of shape \(4,\)"):
+        agree("row", lambda: [np.ones(3)], lambda: [np.ones(4)])
+    with pytest.raises(Refused, match="differs"):
+        agree("row", lambda: [np.ones(3)], lambda: [np.array([1.0, np.nan, 1.0])])
+
+
+def test_a_row_above_the_copy_ceiling_is_refused_and_one_within_the_tolerance_flagged():
+    """The 2026-11-26 headline's baseline read 3830 GB/s against the run's copy of 3016."""
+    with pytest.raises(Refused, match=r"host-cost gpt2 float32 \| torch._foreach_lerp_: refused: 3830 GB/s "
+                                      r"is 127% of this run's copy ceiling \(3016 GB/s\)"):
+        within_ceiling("host-cost gpt2 float32 | torch._foreach_lerp_", 3830.0, 3016.0)
+    assert "101%" in within_ceiling("flat | torch.lerp_", 3055.0, 3016.0)
+    assert within_ceiling("row", 3016.0 * (1 + TOLERANCE) - 1, 3016.0) is not None
+    assert within_ceiling("row", 2900.0, 3016.0) is None
+    assert within_ceiling("row", 3830.0, None) is None         # no ceiling measured: nothing to hold to
+
+
+def test_the_suite_refuses_a_baseline_row_without_a_check_before_timing_it():
+    """``bench/suite/conftest.py``'s ``checked_row``: what every suite scenario goes through."""
+    from types import SimpleNamespace
+
+    from bench.suite.conftest import checked_row
+
+    bench = SimpleNamespace(group="flat float32 (cuda)", extra_info={})
+    with pytest.raises(Refused, match=r"flat float32 \(cuda\) \| torch.lerp_: refused: no check"):
+        checked_row(bench, "torch.lerp_", None)
+    ran = []
+    checked_row(bench, "torch.lerp_", lambda: ran.append(1))
+    assert ran == [1] and bench.extra_info == {"checked": True}
+    checked_row(SimpleNamespace(group="g", extra_info={}), "fastema", None)     # fastema's own: no check
+    with pytest.raises(Refused, match="differs"):
+        checked_row(bench, "torch.lerp_", lambda: agree("torch.lerp_", lambda: [np.ones(2)], lambda: [np.zeros(2)]))

@@ -1,0 +1,137 @@
+"""The schedules of :mod:`fastema.schedules`, computed on the device from a traced step.
+
+The host plan (:class:`fastema.average.Plan`) computes each decay in float64 from Python
+numbers; inside ``jax.jit`` the step is a traced int32, and the same formulas
+(``kernels/_stats.py``'s ``schedule_decay``, ``momentum_decay``) run in ``jnp``: in float64 when
+``jax_enable_x64`` is on (the host plan's arithmetic: weights equal to the host's but where
+XLA's ``pow``/``exp2`` differ from the C library's by an ulp of float64, which rounds away in
+the float32 weight almost always), else in float32 (a weight within a few float32 ulps of the
+host's; the lerp then differs from the kernel's by that much of ``w * (x - s)``, far below an
+ulp of the average for the usual ``w``). Constant decays need no device arithmetic: their
+weights are the host's float32 numbers, baked into the compiled step.
+
+Counters and times are int32 (steps up to 2**31 - 1); a timed schedule's times are the steps
+given to ``update(step=)`` or the calls made, as on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..schedules import (
+    BEMA,
+    MERGE_SCHEDULES,
+    Constant,
+    Cosine,
+    HalfLife,
+    Linear,
+    NumUpdates,
+    PiecewiseConstant,
+    PowerFunction,
+    PowerWarmup,
+)
+
+#: what the functional average computes on the device; the rest is refused by name
+DEVICE_SCHEDULES = (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, BEMA, Cosine, Linear,
+                    PiecewiseConstant)
+
+
+def float_dtype():
+    """The dtype the schedules compute in: float64 with ``jax_enable_x64``, else float32."""
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32    # type: ignore[attr-defined]
+
+
+def refuse_schedule(schedule) -> None:
+    """ValueError for a schedule the device plan does not compute, with the reason."""
+    if isinstance(schedule, MERGE_SCHEDULES):
+        raise ValueError(f"fastema.jax.ema() does not take decay={type(schedule).__name__}(...): a merge schedule "
+                         f"weighs checkpoints by a running total kept on the host between steps; use "
+                         f"fastema.jax.EMA (between jitted steps), which runs it")
+    if not isinstance(schedule, DEVICE_SCHEDULES):
+        raise ValueError(f"fastema.jax.ema() does not take decay={schedule!r}")
+
+
+def _one(schedule, every: int, compensate: bool) -> Callable:
+    """``decay(n, t, last, first, started)`` of one schedule, in :func:`float_dtype` (traced args:
+    ``n``, ``t``, ``last``, ``first`` int32, ``started`` bool: an update was made)."""
+    f = float_dtype()
+    s = schedule
+
+    def comp(d):
+        return d ** every if (compensate and every > 1) else d
+
+    if isinstance(s, Constant):
+        return lambda n, t, last, first, started: comp(jnp.asarray(float(s.decay), f))
+    if isinstance(s, NumUpdates):
+        def num_updates(n, t, last, first, started):
+            n = n.astype(f)
+            return comp(jnp.minimum(jnp.asarray(float(s.decay), f), (1.0 + n) / (10.0 + n)))
+        return num_updates
+    if isinstance(s, PowerWarmup):
+        def power_warmup(n, t, last, first, started):
+            k = jnp.maximum(0.0, n.astype(f) - float(s.update_after_step) - 1.0)
+            if s.warmup:
+                v = 1.0 - (1.0 + k / float(s.inv_gamma)) ** -float(s.power)
+                v = jnp.maximum(jnp.minimum(v, float(s.decay)), float(s.min_decay))
+            else:
+                v = jnp.asarray(float(s.decay), f)
+            return comp(jnp.where(k <= 0.0, jnp.zeros((), f), v.astype(f)))
+        return power_warmup
+    if isinstance(s, (Cosine, Linear)):
+        start, end, total = float(s.start), float(s.end), float(s.total_steps)
+
+        def ramp(n, t, last, first, started):
+            i = jnp.maximum(n.astype(f) - 1.0, 0.0)
+            if isinstance(s, Cosine):
+                v = end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * i / total))
+            else:
+                v = start + i * (end - start) / total
+            return comp(jnp.where(n.astype(f) - 1.0 >= total, jnp.asarray(end, f), v))
+        return ramp
+    if isinstance(s, PiecewiseConstant):
+        bounds = [float(b) for b in s.boundaries]
+        values = [float(v) for v in s.values]
+
+        def piecewise(n, t, last, first, started):
+            i = n.astype(f) - 1.0
+            v = jnp.asarray(values[-1], f)
+            for b, value in zip(reversed(bounds), reversed(values[:-1])):
+                v = jnp.where(i <= b, jnp.asarray(value, f), v)
+            return comp(v)
+        return piecewise
+    if isinstance(s, PowerFunction):
+        def power_function(n, t, last, first, started):
+            lf, tf = last.astype(f), t.astype(f)
+            ok = (lf > 0.0) & (tf > 0.0)
+            return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0).astype(f)
+        return power_function
+    if isinstance(s, HalfLife):
+        return lambda n, t, last, first, started: jnp.exp2(-(t - last).astype(f) / float(s.half_life))
+    if isinstance(s, BEMA):
+        def bema(n, t, last, first, started):
+            beta = bema_base(s, t, first) ** -float(s.ema_power)
+            d = 1.0 - jnp.minimum(1.0, jnp.maximum(beta, float(s.min_ema_multiplier)))
+            return jnp.where(started, d, 0.0).astype(f)
+        return bema
+    refuse_schedule(s)
+    raise AssertionError("unreachable")
+
+
+def bema_base(s: BEMA, t, first):
+    """``lag + multiplier * max(0, t - first)`` of BEMA, in :func:`float_dtype`."""
+    f = float_dtype()
+    return float(s.lag) + float(s.multiplier) * jnp.maximum(0.0, (t - first).astype(f))
+
+
+def bema_alpha(s: BEMA, t, first, started):
+    """BEMA's bias-correction factor of an update at ``t`` (0 on the first update)."""
+    return jnp.where(started, bema_base(s, t, first) ** -float(s.bias_power), 0.0).astype(float_dtype())
+
+
+def decays(schedules: list, every: int, compensate: bool) -> Callable:
+    """``decays(n, t, last, first, started)``: every row's decay as one array of :func:`float_dtype`."""
+    rows = [_one(s, every, compensate) for s in schedules]
+    return lambda *args: jnp.stack([jnp.asarray(r(*args), float_dtype()) for r in rows])

@@ -1,0 +1,84 @@
+"""What ``ema.attach(optimizer)`` refuses (``docs/guides/attach.md``, "What is refused"): checked at
+``attach()`` before any hook is registered, again at the first step after the model's
+registrations changed (:func:`missed`), and torch's own refusal of a load made before the average
+is checked (:func:`check_groups`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import attached as _params
+
+__all__ = ["KEY", "check", "check_groups", "missed"]
+
+KEY = "fastema"                     # the optimizer state dict's top-level key of the average
+
+
+def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) -> None:
+    """Refuse what an attachment cannot carry, before any hook is registered (``attached``:
+    optimizer -> its attachment)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not hasattr(optimizer, "_optimizer_step_post_hooks"):
+        raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
+                        f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
+    other = attached.get(optimizer)
+    if other is not None:
+        raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
+                         f"per optimizer (its state dict holds one under {KEY!r}); detach() it "
+                         f"first")
+    _refuse_fsdp1(kind, optimizer, sources)
+    why = _params.refusal(face) if face.sharded else None
+    if why is not None:
+        raise ValueError(f"attach() does not take a sharded {kind} {why}: its optimizer entries "
+                         f"are DTensors of the parameters' layout (FSDP2, HSDP, tensor parallel). "
+                         f"Save it beside the optimizer: dcp.save({{'ema': ema, ...}})")
+    if face.source != "parameters":
+        raise ValueError(f"attach() takes a {kind} of the model's parameters, not of {face.source}")
+    if face.sharded:                     # its sources are the local shards: the parameters by name
+        sources = list(_params.tracked(face).values())
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not stepped.intersection(map(id, sources)):
+        raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "
+                         f"it to the optimizer of its model")
+    missed(kind, face, optimizer, "")
+
+
+def missed(kind: str, face: Any, optimizer: Any, when: str) -> None:
+    """attach()'s rule, checked at attach and at the first step after the model's registrations
+    changed: every trainable parameter the average tracks is stepped by this optimizer."""
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missed = [n for n, p in _params.tracked(face).items()
+              if p.requires_grad and id(p) not in stepped]
+    if missed:
+        cls = RuntimeError if when else ValueError
+        raise cls(f"the model's trainable parameters {missed[:5]} are averaged by this {kind} "
+                  f"but not stepped by this optimizer{' ' + when if when else ''}: they would be "
+                  f"read at its steps only{'; nothing was stepped' if when else ''}. Make one "
+                  f"average per optimizer, of the part it steps (EMA(part)), or exclude= them, "
+                  f"or freeze them{', or add them to the optimizer' if when else ''}")
+
+
+def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:
+    """An average made before its model was wrapped by FSDP1 (``EMA(FSDP1(model))`` is refused
+    when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
+        raise TypeError(f"attach() does not take this {kind}: its model (or the optimizer's) is "
+                        f"wrapped by FSDP1 (FullyShardedDataParallel): its parameters are "
+                        f"rank-dependent pieces of flat parameters, which fastema cannot average "
+                        f"(its first step would raise, after the optimizer's). Shard the model "
+                        f"with FSDP2 (torch.distributed.fsdp.fully_shard): its average is sharded "
+                        f"as its parameters are, and attach() carries it through DCP")
+
+
+def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """The refusal ``Optimizer.load_state_dict`` makes itself, made before the average is loaded."""
+    saved = state_dict.get("param_groups")
+    groups = optimizer.param_groups
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                         "of optimizer's group")
