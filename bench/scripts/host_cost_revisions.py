@@ -50,9 +50,10 @@ net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
 fake = contextlib.nullcontext()
 if case.startswith("gpu"):                     # the revision's own fake GPU: testkit/ at its root,
     import importlib, os                       # or (before it) tests/support
-    if not os.path.isdir(os.path.join(sys.argv[1], "testkit")):
+    kit = os.path.isdir(os.path.join(sys.argv[1], "testkit"))
+    if not kit:
         sys.path.insert(0, sys.argv[1] + "/tests")
-    G = importlib.import_module("testkit.fake_gpu" if sys.path[0] == sys.argv[1] else "support.fake_gpu")
+    G = importlib.import_module("testkit.fake_gpu" if kit else "support.fake_gpu")
     assert G.__file__.startswith(sys.argv[1]), G.__file__
     fake_gpu = G.fake_gpu
     fake = fake_gpu(record=False)
