@@ -9,6 +9,6 @@ part of the wheel. One package a product:
 - :mod:`bench.gates`: CI's performance gates (``python -m bench.gates check``);
 - :mod:`bench.tests`: the tooling's own tests (``pytest bench/tests``).
 
-The stand-in GPU they share with the library's tests is ``tests/support``
-(``tests.support.fake_gpu``); the library's tests never import ``bench``. How to run and read each:
+The stand-in GPU they share with the library's tests is ``testkit``
+(``testkit.fake_gpu``); the library's tests never import ``bench``. How to run and read each:
 ``bench/README.md``."""

@@ -280,7 +280,8 @@ def _launch_patches(source: str):
 
 
 def _test_files():
-    folders = [ROOT / "tests", *sorted(ROOT.glob("*/tests"))]   # and the tooling's own, if here
+    folders = [ROOT / "tests", ROOT / "testkit",                 # the fakes the tests share with the tooling
+               *sorted(ROOT.glob("*/tests"))]                   # and the tooling's own, if here
     for folder in folders:
         for path in sorted(folder.rglob("*.py")):
             if path != pathlib.Path(__file__):            # its examples of what the rules find

@@ -9,6 +9,7 @@ import inspect
 import pathlib
 import re
 
+import pytest
 from test_architecture import _module_graph, _wide
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -519,15 +520,20 @@ def test_fastema_lines_over_100_characters_stay_below_nine_percent():
 # ------------------------------------------------------------ the tests stand alone
 
 
+def _tooling() -> list[str]:
+    """The checkout's Python packages at its root besides the library and ``testkit``."""
+    names = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    return [name for name in names if name not in ("fastema", "kernels", "testkit")]
+
+
 def test_the_tests_import_and_name_no_tooling_package_of_the_repository():
     """Issue 62: the library's tests run in a clone without the tooling (a checkout's other
     Python packages at its root: the benchmarks). No file under tests/ imports one, names a path
-    into it, or names one of its modules; what both need is in tests/support, which the tooling
-    imports. ``durations.json`` is left out: timings.py writes it, and timings.py is read here."""
-    tooling = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
-    tooling = [name for name in tooling if name not in ("fastema", "kernels")]
+    into it, or names one of its modules; what both need is in ``testkit`` (a root package beside
+    them, which imports neither: :func:`test_the_shared_testkit_imports_neither_the_tests_nor_the_tooling`).
+    ``durations.json`` is left out: timings.py writes it, and timings.py is read here."""
     bad = []
-    for name in tooling:
+    for name in _tooling():
         named = re.compile(rf"^\s*(from|import)\s+{name}\b|\b{name}/|[\"']{name}[\"']"
                            rf"|\b{name}\.[a-z_]", re.M)
         for path in sorted((ROOT / "tests").rglob("*")):
@@ -536,4 +542,29 @@ def test_the_tests_import_and_name_no_tooling_package_of_the_repository():
                 bad += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: "
                         f"{m.group(0)!r}" for m in named.finditer(text)]
     assert not bad, ("the tests must run without the tooling (move what both need to "
-                     "tests/support): " + "; ".join(bad))
+                     "testkit): " + "; ".join(bad))
+
+
+def _imported(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, top-level name) of each absolute import of ``path`` (a relative one names itself)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def test_the_shared_testkit_imports_neither_the_tests_nor_the_tooling():
+    """``testkit`` (the fake GPU, the baselines) is what the tests and the tooling share: it imports
+    nothing from either (``tests``, the tests' own modules, a tooling package), so each runs without
+    the other, and it is not in the wheel (pyproject's packages)."""
+    files = sorted((ROOT / "testkit").rglob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "fake_gpu.py", "fake_driver.py", "baselines.py"}
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in files for line, name in _imported(p)
+           if name in ("tests", "support", "conftest", "reference", "models", *_tooling())]
+    assert not bad, bad
+    tomllib = pytest.importorskip("tomllib")          # Python 3.11+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert not [p for p in packages if not p.startswith("fastema")], packages

@@ -10,7 +10,7 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
 - ``instructions``: host instructions of one steady-state update, counted by valgrind (callgrind's
   ``Ir``: cachegrind's instruction count, with client requests to count only the measured region), for
   ``EMA.update()`` at 6 / 148 / 3000 tensors, ``TargetNetwork.update()``, ``FlatShadow.update()`` and
-  ``ema_update_many_``, on the CPU kernels and under the fake GPU (``tests/support``: fastema's
+  ``ema_update_many_``, on the CPU kernels and under the fake GPU (``testkit``: fastema's
   CUDA launch path, kernel factories and shipped code, down to the launch driver's call). One
   valgrind process runs every scenario: imports and warm-up uninstrumented, then per scenario a
   region of N and one of 2N updates; the figure is their difference / N. Gate: within

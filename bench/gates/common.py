@@ -26,7 +26,7 @@ class ToolMissing(RuntimeError):
 def use_tree() -> None:
     """Import fastema (and ``fastema.kernels``, which the package maps from ``kernels/``) from this tree,
     whatever is installed (the helpers are imported as ``bench.gpu.sass``,
-    ``tests.support.fake_gpu``: ``python -m bench.gates`` runs from the root)."""
+    ``testkit.fake_gpu``: ``python -m bench.gates`` runs from the root)."""
     import importlib.abc
     import importlib.util
 

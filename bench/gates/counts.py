@@ -186,7 +186,7 @@ def count_one(update, fake, reps: int = 4) -> dict:
 
 def measure_counts(notes: list, names: list | None = None) -> dict:
     use_tree()
-    from tests.support import fake_gpu as G
+    from testkit import fake_gpu as G
 
     wanted = set(names or host_names())
     out = {}

@@ -99,7 +99,7 @@ def precompile() -> None:
     files whether or not anything ran here before (it writes none: a first run's writes moved the counts)."""
     import compileall
 
-    for folder in ("fastema", "kernels", "bench", "tests/support"):
+    for folder in ("fastema", "kernels", "bench", "testkit"):
         compileall.compile_dir(str(ROOT / folder), quiet=2, workers=1)
 
 
@@ -147,9 +147,9 @@ class Instructions:
 
 
 def _stub_dir() -> str | None:
-    """The stub ``libcuda.so.1``'s folder (``tests/support/fake_gpu.py``), or None where no C compiler is."""
+    """The stub ``libcuda.so.1``'s folder (``testkit/fake_gpu.py``), or None where no C compiler is."""
     use_tree()
-    from tests.support.fake_gpu import stub_driver_dir
+    from testkit.fake_gpu import stub_driver_dir
 
     return stub_driver_dir()
 
@@ -169,7 +169,7 @@ def _instructions_child(names: list) -> int:
 
     torch.set_num_threads(1)
     import fastema
-    from tests.support import fake_gpu as G
+    from testkit import fake_gpu as G
 
     assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
     stub = bool(os.environ.get("GATES_STUB"))

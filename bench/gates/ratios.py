@@ -79,7 +79,7 @@ def ratio_setup(kind: str):
                 p.data.copy_(c.data)
         return fast, base
     if kind == "smooth":
-        from tests.support.baselines import TorchSmoother  # test_bench_smooth.py's baseline
+        from testkit.baselines import TorchSmoother  # test_bench_smooth.py's baseline
 
         values = torch.randn(10 ** 6, generator=g)
         s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")

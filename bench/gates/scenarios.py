@@ -16,7 +16,7 @@ ATTACHED = (("no-op step + EMA.update", 148), ("no-op step, EMA attached", 148))
 INSTRUCTIONS = HOST + ATTACHED
 WHERE = ("cpu", "fake-gpu")
 # instructions only, on the stub driver (fastema's real CudaCoreDriver into a libcuda.so.1 that returns at once:
-# tests/support/fake_gpu.py): an array function's launch against a bound one (issue 70)
+# testkit/fake_gpu.py): an array function's launch against a bound one (issue 70)
 STUB = (("ema_update_", 1), ("FlatShadow.update", 1))
 STUB_WHERE = "stub-gpu"
 BOUNDS = (("stub-gpu ema_update_, 1 tensors", "stub-gpu FlatShadow.update, 1 tensors", 1.5),)

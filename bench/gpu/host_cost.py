@@ -3,7 +3,7 @@
     python -m bench.gpu.host_cost [--calls N] [--tensors 6,148,3000] [--json OUT]
 
 What a training step pays on the host for fastema's launches, without a GPU: the fake GPU of
-``tests/support`` (a launch driver, ``FakeDriver``, and fake device arrays: nothing runs on a
+``testkit`` (a launch driver, ``FakeDriver``, and fake device arrays: nothing runs on a
 device) stands in for the GPU under fastema's real kernel factories and shipped code, and the rows
 are measured twice:
 
@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 
-from tests.support import fake_gpu as G
-from tests.support.fake_driver import FakeDeviceArray
+from testkit import fake_gpu as G
+from testkit.fake_driver import FakeDeviceArray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -293,7 +293,7 @@ def _float32_model(rows: Rows, name: str, shape_list) -> None:
 
 
 def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
-    from tests.support.baselines import timm_bfloat16_stochastic_update
+    from testkit.baselines import timm_bfloat16_stochastic_update
 
     bf = [torch.randn(s, device=DEV).bfloat16() for s in shape_list]
     n = sum(p.numel() for p in bf)

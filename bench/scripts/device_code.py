@@ -6,7 +6,7 @@ CPU.
 1. (The build's own seconds per variant are printed by ``python -m fastema warm --into``.)
 2. The variants a fresh process's first two ``EMA.update()`` calls bind, for a float32 and a
 bfloat16
-   model (the RL network of the probe, on the fake GPU of ``tests/support`` (an sm_90 device under
+   model (the RL network of the probe, on the fake GPU of ``testkit`` (an sm_90 device under
    fastema's real kernels and shipped code), and what compiling them costs here, one after another
    in one process: NVVM to LTO-IR, then nvJitLink for sm_90 (what numba-cuda does at a first
    launch). Before issue 54 every process paid that at its first update (each of 8 ranks on a node,
@@ -41,7 +41,7 @@ def counted(*a, **k):
     return real(*a, **k)
 nvvm.compile_ir = counted
 import torch
-from tests.support import fake_gpu as G
+from testkit import fake_gpu as G
 from fastema.torch import EMA
 with G.fake_gpu() as fake:
     model = G.rl_mlp()

@@ -2,13 +2,13 @@
 
     python -m bench.scripts.entry_points [--calls N] [--stub | --cpu] [--instructions] [--rows "A;B"]
 
-Each row runs inside the fake GPU of ``tests/support`` (CPU tensors described as on ``cuda:0``,
+Each row runs inside the fake GPU of ``testkit`` (CPU tensors described as on ``cuda:0``,
 nothing runs on a device), so what it measures is the host work of one call: ``Smoother.update``
 (K = 1 and K = 10^6 streams, two value tensors alternating as a training loop's losses do),
 ``TargetNetwork.update`` (6 and 30 tensors), ``EMA.update()`` and an ``average_parameters()`` round
 trip (in and out) at 3000 tensors of 4096 elements, and, as the yardstick, a bound
 ``FlatShadow.update`` of one tensor. ``--stub``: the loads, launches and context queries go through
-fastema's real cuda.core driver into the stub ``libcuda.so.1`` (``tests/support/fake_gpu.py``; the
+fastema's real cuda.core driver into the stub ``libcuda.so.1`` (``testkit/fake_gpu.py``; the
 script restarts itself with it on ``LD_LIBRARY_PATH``). Host time: the median of 7 batches of calls
 (``perf_counter``), in us a call. ``--instructions``: instructions a call instead (valgrind's
 callgrind, the gates' client requests: ``I(2N) - I(N)`` over N calls), deterministic. ``--cpu``: the
@@ -45,7 +45,7 @@ def build(name: str, elements: int = 4096):
 
     import fastema
     from fastema.torch import EMA, TargetNetwork
-    from tests.support.fake_gpu import rl_mlp
+    from testkit.fake_gpu import rl_mlp
 
     if name == "FlatShadow.update, 1 tensor":
         flat = fastema.FlatShadow([torch.zeros(1024)])
@@ -106,7 +106,7 @@ def _calls_for(name: str, calls: int) -> int:
 def measure(rows: list, calls: int, stub: bool, cpu: bool = False, elements: int = 4096) -> dict:
     import contextlib
 
-    from tests.support import fake_gpu as G
+    from testkit import fake_gpu as G
 
     out = {}
     with contextlib.nullcontext() if cpu else G.fake_gpu(record=False, stub_driver=stub):
@@ -120,7 +120,7 @@ def instructions(rows: list, stub: bool) -> dict:
     3000 tensors), dumped by the gates' client requests."""
     import ctypes
 
-    from tests.support import fake_gpu as G
+    from testkit import fake_gpu as G
 
     lib = ctypes.CDLL(os.environ["GATES_CLIENT"])
     lib.gates_dump.argtypes = [ctypes.c_char_p]
@@ -148,7 +148,7 @@ def instructions(rows: list, stub: bool) -> dict:
 
 
 def _with_stub_env() -> dict:
-    from tests.support import fake_gpu as G
+    from testkit import fake_gpu as G
 
     folder = G.stub_driver_dir()
     if folder is None:

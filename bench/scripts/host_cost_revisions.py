@@ -12,9 +12,10 @@ batches of calls after a warm-up and reports its best batch; the table gives the
 rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host path.
 
 Cases ``gpuemaN`` and ``gpuskipN`` (``skip_nonfinite=True``) time ``EMA.update()`` on CUDA's launch
-path with each revision's own fake GPU (``tests/support``: a launch driver that launches nothing, no
-device; see ``bench/gpu/host_cost.py``): fastema's host work per update. Only revisions that have
-the launch driver (``fastema/_launch/driver.py`` and ``tests/support/fake_gpu.py``, issue 60) can
+path with each revision's own fake GPU (``testkit``, before it ``tests/support``: a launch driver
+that launches nothing, no device; see ``bench/gpu/host_cost.py``): fastema's host work per update.
+Only revisions that have the launch driver (``fastema/_launch/driver.py`` and a ``fake_gpu.py``,
+issue 60) can
 be compared so: an older revision's fake GPU replaced names of its ``_launch`` modules, so its
 figures measured another fake; its child fails with ``ModuleNotFoundError`` rather than time
 something else. Where a case is given at two or more sizes
@@ -47,9 +48,14 @@ case = sys.argv[2]
 n = int("".join(ch for ch in case if ch.isdigit()))
 net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
 fake = contextlib.nullcontext()
-if case.startswith("gpu"):                     # the revision's own fake GPU (tests/support)
-    sys.path.insert(0, sys.argv[1] + "/tests")
-    from support.fake_gpu import fake_gpu
+if case.startswith("gpu"):                     # the revision's own fake GPU: testkit/ at its root,
+    import importlib, os                       # or (before it) tests/support
+    kit = os.path.isdir(os.path.join(sys.argv[1], "testkit"))
+    if not kit:
+        sys.path.insert(0, sys.argv[1] + "/tests")
+    G = importlib.import_module("testkit.fake_gpu" if kit else "support.fake_gpu")
+    assert G.__file__.startswith(sys.argv[1]), G.__file__
+    fake_gpu = G.fake_gpu
     fake = fake_gpu(record=False)
 fake.__enter__()
 if case.startswith("gpuema"):

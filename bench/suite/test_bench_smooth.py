@@ -12,7 +12,7 @@ import torch
 
 from bench.suite.checked import agree
 from fastema.smooth import Smoother
-from tests.support.baselines import TorchSmoother
+from testkit.baselines import TorchSmoother
 
 from .conftest import devices
 

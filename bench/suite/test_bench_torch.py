@@ -2,7 +2,7 @@
 
 Baselines in the same run: torch.optim.swa_utils.AveragedModel with torch's
 get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bfloat16
-stochastic-rounding path (tests/support/baselines.py), and the torch_ema and ema-pytorch packages
+stochastic-rounding path (testkit/baselines.py), and the torch_ema and ema-pytorch packages
 (per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
 store / copy_to / restore. Each baseline update is run once against fastema's EMA of the same start
 before it is timed (``check=``, ``bench/suite/checked.py``); the swap's baseline swaps the same average in
@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bench.suite.checked import agree, checked
 from fastema.torch import EMA
-from tests.support.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
+from testkit.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 
 from .conftest import devices, ema_check, scenario_rounds
 from .shapes import gpt2_small, many_small

@@ -73,6 +73,37 @@ def test_one_import_style_no_path_insertion():
     assert not bad, bad
 
 
+def _imports_of_the_tests(path: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
+    """Each absolute import of ``tests`` or ``support`` (``tests/`` on ``sys.path``) in ``path``."""
+    where = path.relative_to(root)
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        bad += [f"{where}:{node.lineno}: {ast.unparse(node)}" for name in names
+                if name.split(".")[0] in ("tests", "support")]
+    return bad
+
+
+def test_no_bench_module_imports_the_tests():
+    """``bench/`` imports nothing from the library's ``tests/`` (issue 72 item 6: the gates, the
+    suite, the scripts and the GPU stages imported ``tests.support``'s fake GPU and baselines):
+    what both need is the root's ``testkit``, so ``tests/`` is free to change for its own sake."""
+    bad = [line for path in _modules() for line in _imports_of_the_tests(path)]
+    assert not bad, f"bench modules import the tests (use testkit): {bad}"
+
+
+def test_the_tests_imports_rule_sees_what_it_forbids(tmp_path):
+    (tmp_path / "bench").mkdir()
+    seen = tmp_path / "bench" / "m.py"
+    seen.write_text("import tests.support\nfrom support.fake_gpu import fake_gpu\n"
+                    "def f():\n    from tests.support import fake_gpu as G\n"
+                    "import testkit\nfrom testkit.baselines import TorchSmoother\nfrom .tests import x\n")
+    found = _imports_of_the_tests(seen, tmp_path)
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "import tests.support", "from support.fake_gpu import fake_gpu", "from tests.support import fake_gpu as G"]
+
+
 def test_every_bench_command_and_path_the_docs_name_exists():
     """``python -m bench.X.Y`` names a module of this tree, and every ``bench/...`` path a file or
     folder (``bench/out/`` and ``bench/results/`` files are outputs: not checked)."""

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from support.fake_gpu import OnAGpu, on_a_gpu_params
 
 import fastema
 from fastema.smooth import Smoother, alpha_from
+from testkit.fake_gpu import OnAGpu, on_a_gpu_params
 
 SERIES = st.lists(st.one_of(st.floats(-1e3, 1e3, allow_nan=False, width=32), st.just(float("nan"))),
                   min_size=1, max_size=60)

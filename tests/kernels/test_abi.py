@@ -20,10 +20,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda.dispatcher")
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
-from support.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
-
 from fastema._launch import abi  # noqa: E402
 from fastema._launch.variants import every_variant  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

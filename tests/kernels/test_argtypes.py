@@ -8,9 +8,9 @@ pytest.importorskip("numba.cuda")
 
 from numba.cuda.typing.typeof import Purpose  # noqa: E402
 from numba.cuda.typing.typeof import typeof as numba_typeof  # noqa: E402
-from support.fake_driver import FakeDeviceArray  # noqa: E402
 
 from fastema._launch import abi, argtypes  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray  # noqa: E402
 
 
 class _Interface:

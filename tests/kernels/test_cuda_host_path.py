@@ -5,7 +5,7 @@ one address read (``data_ptr()``) a tensor. Everything else (the plan, the launc
 scan) costs the same at 6 tensors as at 40: counted by the torch functions an update calls (a
 ``TorchFunctionMode`` sees every ``Tensor`` method, also those called from C through ``map``) and by
 the Python and C functions its Python code calls (``sys.setprofile``). On the CPU with the fake GPU of
-``tests/support`` (a launch driver that launches nothing, fake device arrays), and for the same
+``testkit`` (a launch driver that launches nothing, fake device arrays), and for the same
 reason on the CPU kernels' path. Also: with ``skip_nonfinite`` the scan reads the tensors the check
 followed (a moved tensor's NaN still skips the update).
 """
@@ -26,7 +26,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the fake stands in for 
     pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
 
 pytest.importorskip("numba.cuda.dispatcher")
-from support.fake_gpu import fake_gpu  # noqa: E402
+from testkit.fake_gpu import fake_gpu  # noqa: E402
 
 SIZES = (6, 40)
 

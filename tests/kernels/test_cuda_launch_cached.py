@@ -1,5 +1,5 @@
 """The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3,
-C4, C7, issue 54 item 2), on the CPU with the fake GPU of ``tests/support`` (a launch driver,
+C4, C7, issue 54 item 2), on the CPU with the fake GPU of ``testkit`` (a launch driver,
 ``FakeDriver``, under fastema's real kernel factories and shipped device code): the first call loads
 the variant's device code (the shipped sm_90 code: ``fastema._launch.device_code``) and packs one
 parameter block with fastema's own ABI (``fastema._launch.abi``), patched in place where an argument
@@ -24,8 +24,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the simulator has no _K
 pytest.importorskip("numba.cuda.dispatcher")
 B = pytest.importorskip("fastema._launch.cuda_bound")
 C = B.C
-from support.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
-from support.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
+from testkit.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
 
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 

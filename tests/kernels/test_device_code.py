@@ -9,7 +9,7 @@
 - What compiles instead, with one warning that says why: an edited kernel source (stale sets), a
   damaged file, code the driver refuses (only the driver's "cannot run here" results: anything else it
   raises propagates, a TypeError above all), a variant not shipped. The driver is the tests' fake
-  (``tests/support``), the run-time compiler a stand-in given to ``fastema._launch.compiler.using``.
+  (``testkit``), the run-time compiler a stand-in given to ``fastema._launch.compiler.using``.
 - What is compiled at run time is compiled once per node: N processes on one empty cache compile a
   variant once, the others wait and read it; a damaged entry is compiled again; a cache folder others can
   write is not used.
@@ -28,13 +28,12 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda")
 pytest.importorskip("cuda.core")
 
-from support.fake_driver import FakeDriver  # noqa: E402
-
 from fastema._launch import compiler  # noqa: E402
 from fastema._launch import device_code as D  # noqa: E402
 from fastema._launch.driver import Refused  # noqa: E402
 from fastema._launch.drivers import using  # noqa: E402
 from fastema._launch.variants import every_variant  # noqa: E402
+from testkit.fake_driver import FakeDriver  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -150,7 +149,7 @@ def front(*a, **k):
     return real_cuda(*a, **k)
 nvvm.compile_ir, compiler.compile_cuda = ir, front
 import torch
-from support.fake_gpu import fake_gpu, rl_mlp
+from testkit.fake_gpu import fake_gpu, rl_mlp
 from fastema.torch import EMA
 version, cc = int(sys.argv[2]), tuple(map(int, sys.argv[3].split(".")))
 kw = {"fp32": {}, "bf16": {}, "bf16_sr": {"shadow_dtype": "bfloat16", "rounding": "stochastic"},
@@ -195,7 +194,7 @@ def test_a_fresh_processs_first_update_makes_no_nvvm_call(version, cc, image, tm
     numba's dispatcher never launches."""
     pytest.importorskip("torch")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "tests"), str(version), cc, ",".join(SCENARIOS)],
+    done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(version), cc, ",".join(SCENARIOS)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])

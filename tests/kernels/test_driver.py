@@ -25,13 +25,12 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 bindings = pytest.importorskip("cuda.bindings.driver")
 pytest.importorskip("cuda.core")
 
-from support.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
-from support.fake_gpu import fake_gpu  # noqa: E402
-
 from fastema import _launch  # noqa: E402
 from fastema._launch import driver as api  # noqa: E402
 from fastema._launch import drivers, variants  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
+from testkit.fake_gpu import fake_gpu  # noqa: E402
 
 
 def _driver_installed() -> bool:
@@ -253,5 +252,5 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     root = pathlib.Path(__file__).resolve().parents[2]
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     for f in ("fastema/_launch/driver.py", "fastema/_launch/drivers.py",
-              "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "tests/support"):
+              "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "testkit"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"

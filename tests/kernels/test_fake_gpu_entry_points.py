@@ -1,4 +1,4 @@
-"""Every GPU entry point besides the array functions runs in the fake GPU of ``tests/support`` (issue
+"""Every GPU entry point besides the array functions runs in the fake GPU of ``testkit`` (issue
 70 item 1): ``Smoother.update`` / ``Tracker.update``, ``TargetNetwork`` (made, updated, hard-updated)
 and the swap (``average_parameters()``), each launching on torch's current stream with no host sync;
 and the fake GPU varies the torch backend through the backend's own seam
@@ -19,12 +19,11 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the fake stands in for 
     pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
 pytest.importorskip("numba.cuda.dispatcher")
 
-from support.fake_gpu import TORCH_STREAM, fake_gpu, rl_mlp  # noqa: E402
-
 import fastema  # noqa: E402
 from fastema import _backends  # noqa: E402
 from fastema._backends import torch as torch_backend  # noqa: E402
 from fastema.torch import EMA, TargetNetwork  # noqa: E402
+from testkit.fake_gpu import TORCH_STREAM, fake_gpu, rl_mlp  # noqa: E402
 
 
 def _launches(fake) -> list:

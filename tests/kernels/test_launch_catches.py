@@ -15,14 +15,13 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda")
 pytest.importorskip("cuda.core")
 
-from support.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
-from support.fake_gpu import fake_gpu  # noqa: E402
-
 from fastema import _launch  # noqa: E402
 from fastema._launch import abi, compiler  # noqa: E402
 from fastema._launch import device_code as D  # noqa: E402
 from fastema._launch.driver import Refused  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
+from testkit.fake_gpu import fake_gpu  # noqa: E402
 
 
 class _Compiles:

@@ -16,10 +16,9 @@ pytest.importorskip("numba.cuda")
 pytest.importorskip("cuda.core")
 torch = pytest.importorskip("torch")
 
-from support.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
-
 import fastema  # noqa: E402
 from fastema.torch import EMA  # noqa: E402
+from testkit.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
 
 
 def _calls(fn, times: int = 3) -> list:

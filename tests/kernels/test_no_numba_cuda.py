@@ -1,5 +1,5 @@
 """numba-cuda off the run-time path (issue 70, item 3): a process that uses the shipped device code on
-the stub driver (``tests/support/fake_gpu.py``, ``stub_driver=True``: fastema's real ``CudaCoreDriver``
+the stub driver (``testkit/fake_gpu.py``, ``stub_driver=True``: fastema's real ``CudaCoreDriver``
 over a ``libcuda`` that does nothing) imports no ``numba.cuda`` through ``EMA.update()``,
 ``fastema.ema_update_``, the swap (``average_parameters()`` in and out) and ``TargetNetwork.update``:
 the kernels are asked for by name (``fastema._launch.kernel_refs``), their arguments typed without numba
@@ -22,7 +22,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("cuda.core")
 pytest.importorskip("torch")
 
-from support.fake_gpu import stub_driver_dir  # noqa: E402
+from testkit.fake_gpu import stub_driver_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,7 +61,7 @@ def test_choosing_the_driver_and_the_stub_driver_import_no_numba_cuda():
         import torch, fastema
         from fastema.torch import EMA
         from fastema._launch import drivers
-        from support.fake_gpu import fake_gpu
+        from testkit.fake_gpu import fake_gpu
         assert not drivers.simulator()
         assert type(drivers.default()).__name__ == "CudaCoreDriver", drivers.default()
         with fake_gpu(record=False, stub_driver=True) as fake:
@@ -92,7 +92,7 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
         import copy
         import torch, fastema
         from fastema.torch import EMA, TargetNetwork
-        from support.fake_gpu import fake_gpu, rl_mlp
+        from testkit.fake_gpu import fake_gpu, rl_mlp
         from torch.overrides import TorchFunctionMode
 
         class OnCpu(TorchFunctionMode):                     # TargetNetwork's own flags asked for on cuda

@@ -23,11 +23,11 @@ pytest.importorskip("numba.cuda.dispatcher")
 pytest.importorskip("cuda.bindings.driver")
 
 from support import shipped  # noqa: E402
-from support.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
 
 from fastema._launch import device_code, drivers  # noqa: E402
 from fastema.kernels import cuda as K  # noqa: E402
 from fastema.kernels.kinds import F32  # noqa: E402
+from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
 
 
 def _lerp_args(weights=(np.float32(0.5),)):

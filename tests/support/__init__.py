@@ -1,6 +1,5 @@
-"""What the tests share that stands in for a part of the world: the fake GPU
-(:mod:`.fake_driver`, :mod:`.fake_gpu`), a library fastema replaces written out
-(:mod:`.baselines`), the shipped device code held to (:mod:`.shipped`). Imported as ``support``
-(``tests/`` is on ``sys.path`` through its conftest). The benchmark tooling imports it too (as
-``tests.support``, from the repository's root); nothing here imports the tooling: the tests run
-without it."""
+"""What only the tests share: the shipped device code a CUDA test is held to (:mod:`.shipped`, a
+pytest plugin), the faults they inject (:mod:`.faults`), a function's calls watched
+(:mod:`.calls`), the attach scenarios (:mod:`.attach`). Imported as ``support`` (``tests/`` is on
+``sys.path`` through its conftest). What the tests share with the benchmark tooling (the fake GPU,
+the baselines) is the root's ``testkit`` package: the tooling imports nothing from ``tests/``."""

@@ -33,7 +33,7 @@ def _where(where: str):
     pytest.importorskip("numba.cuda.dispatcher")
     if not FAKE:
         pytest.skip("the fake GPU stands in for the real numba-cuda, not the simulator")
-    from support.fake_gpu import fake_gpu
+    from testkit.fake_gpu import fake_gpu
 
     return fake_gpu(record=False)
 

@@ -2,13 +2,14 @@
 target update inside, replayed with a momentum schedule that advances on the device; the target
 after each replay is the lerp of the online network with that step's tau. Needs a real GPU
 (torch CUDA): skipped in the simulator run. The update's own test runs its Python in CI too, on the
-fake GPU (``support.fake_gpu.OnAGpu``)."""
+fake GPU (``testkit.fake_gpu.OnAGpu``)."""
 import copy
 
 import pytest
 import torch
-from support.fake_gpu import OnAGpu, on_a_gpu_params
 from torch import nn
+
+from testkit.fake_gpu import OnAGpu, on_a_gpu_params
 
 
 def _busy_after(fn) -> bool:

@@ -2,13 +2,13 @@
 import pytest
 import torch
 from models import tied
-from support.baselines import TimmModelEmaV3Reference
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import get_ema_multi_avg_fn as torch_multi_avg_fn
 
 import fastema
 from fastema.torch import compat
+from testkit.baselines import TimmModelEmaV3Reference
 
 
 def model_and_data(seed=0, dtype=torch.float32):
