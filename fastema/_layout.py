@@ -222,22 +222,23 @@ class FlatLayout:
 
     def swap(self, row: int, modes: list) -> None:
         for gi, mode in enumerate(modes):
-            self._prepared(gi, "swap", mode=mode, row=row)()
+            self.launch(gi, "swap", mode=mode, row=row)
 
     def copy_out(self, row: int) -> None:
         """The sources <- shadow row ``row``."""
         for gi in range(len(self.groups)):
-            self._prepared(gi, "copy", to_shadow=False, row_lo=row, row_hi=row + 1)()
+            self.launch(gi, "copy", to_shadow=False, row_lo=row, row_hi=row + 1)
 
-    def _prepared(self, gi: int, op: str, **fixed):
-        """Group ``gi``'s launch of ``op`` with ``fixed``, prepared once (:func:`fastema._launch.prepare`)
-        and kept; prepared again only where the group's tables changed (a source moved)."""
+    def launch(self, gi: int, op: str, **fixed) -> None:
+        """Group ``gi``'s launch of ``op`` with ``fixed`` (no varying argument), prepared once
+        (:func:`fastema._launch.prepare`) and kept; prepared again only where the group's tables
+        changed (a source moved)."""
         g = self.groups[gi]
         key = (gi, op, *fixed.values())
         kept = self.launches.get(key)
         if kept is None or kept[0] is not g.tables:
             kept = self.launches[key] = (g.tables, _launch.prepare(op, g, **fixed))
-        return kept[1]
+        kept[1]()
 
 
 class SwapState:
