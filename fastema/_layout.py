@@ -156,6 +156,7 @@ class FlatLayout:
         self.split = split
         self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows, split) for (_, _, sk), m in keys.items()]
         self.where = {}                                # source position -> (group, slot)
+        self.launches: dict = {}                       # (group index, op, fixed...) -> (tables, prepared launch)
         for g in self.groups:
             for slot, i in enumerate(g.members):
                 self.where[i] = (g, slot)
@@ -220,13 +221,24 @@ class FlatLayout:
         return modes
 
     def swap(self, row: int, modes: list) -> None:
-        for g, mode in zip(self.groups, modes):
-            _launch.launch("swap", g, mode=mode, row=row)
+        for gi, mode in enumerate(modes):
+            self.launch(gi, "swap", mode=mode, row=row)
 
     def copy_out(self, row: int) -> None:
         """The sources <- shadow row ``row``."""
-        for g in self.groups:
-            _launch.launch("copy", g, to_shadow=False, row_lo=row, row_hi=row + 1)
+        for gi in range(len(self.groups)):
+            self.launch(gi, "copy", to_shadow=False, row_lo=row, row_hi=row + 1)
+
+    def launch(self, gi: int, op: str, **fixed) -> None:
+        """Group ``gi``'s launch of ``op`` with ``fixed`` (no varying argument), prepared once
+        (:func:`fastema._launch.prepare`) and kept; prepared again only where the group's tables
+        changed (a source moved)."""
+        g = self.groups[gi]
+        key = (gi, op, *fixed.values())
+        kept = self.launches.get(key)
+        if kept is None or kept[0] is not g.tables:
+            kept = self.launches[key] = (g.tables, _launch.prepare(op, g, **fixed))
+        kept[1]()
 
 
 class SwapState:

@@ -15,7 +15,7 @@ from models import mlp
 from support.calls import watching
 from torch import nn
 
-import fastema._launch
+from fastema._layout import FlatLayout
 from fastema.torch import EMA, WindowAverage
 
 
@@ -131,7 +131,7 @@ def ctrl_c_at_the_next_swap() -> Iterator[dict]:
             armed["now"] = False
             signal.raise_signal(signal.SIGINT)
 
-    with watching(fastema._launch.launch, on_return=ctrl_c_after):
+    with watching(FlatLayout.launch, on_return=ctrl_c_after):            # each group's prepared launch
         yield armed
 
 

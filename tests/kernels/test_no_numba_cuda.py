@@ -1,15 +1,15 @@
 """numba-cuda off the run-time path (issue 70, item 3): a process that uses the shipped device code on
 the stub driver (``testkit/fake_gpu.py``, ``stub_driver=True``: fastema's real ``CudaCoreDriver``
 over a ``libcuda`` that does nothing) imports no ``numba.cuda`` through ``EMA.update()``,
-``fastema.ema_update_``, the swap (``average_parameters()`` in and out) and ``TargetNetwork.update``:
+``fastema.ema_update_``, the swap (``average_parameters()`` in and out), ``TargetNetwork.update``,
+``Smoother.update`` and ``Tracker.update``:
 the kernels are asked for by name (``fastema._launch.kernel_refs``), their arguments typed without numba
 (``fastema._launch.argtypes``), the driver imports numba-cuda only for the device work it does through
 it and reads ``NUMBA_ENABLE_CUDASIM`` itself.
 
-Not covered here: ``Smoother.update`` (it does not run on the fake GPU yet: issue 70 item 1), and the
-device work of a real GPU (``CudaCoreDriver``'s uploads, pinned staging, events, context push, compute
-capability: numba-cuda's, which the stub process replaces by the fake GPU's). Each check runs in a fresh
-process (what it asserts is what the process imported)."""
+Not covered here: the device work of a real GPU (``CudaCoreDriver``'s uploads, pinned staging, events,
+context push, compute capability: numba-cuda's, which the stub process replaces by the fake GPU's). Each
+check runs in a fresh process (what it asserts is what the process imported)."""
 import os
 import subprocess
 import sys
@@ -119,13 +119,22 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
                 tn = TargetNetwork(net, target, tau=0.005)
             tn.update()
             seen["TargetNetwork.update"] = "numba.cuda" in sys.modules
+            before = sum(1 for e in fake.launches if e[0] == "load")
+            sm = fastema.Smoother(decay=0.9, window=5)
+            for i in range(3):
+                sm.update(torch.full((4,), float(i)))
+            seen["Smoother.update"] = "numba.cuda" in sys.modules
+            tr = fastema.Tracker(("loss", "acc"), ema=0.9, sma=5)
+            for i in range(3):
+                tr.update(loss=torch.tensor(float(i)), acc=torch.tensor(0.5))
+            seen["Tracker.update"] = "numba.cuda" in sys.modules
             loads = sum(1 for e in fake.launches if e[0] == "load")
             dispatched = sum(1 for e in fake.launches if e[0] == "dispatcher")
-        print(seen, FIRST, loads >= 4, dispatched)   # shipped code loaded, none dispatched
+        print(seen, FIRST, loads > before >= 4, dispatched)   # shipped code loaded (the streams' too), none dispatched
         import numba.cuda                                   # the watch sees an import (the check can fail)
         print(bool(FIRST))
     """)
     first, watched = out.strip().splitlines()
-    assert first == ("{'EMA.update': False, 'ema_update_': False, 'swap': False, 'TargetNetwork.update': False} "
-                     "[] True 0"), first
+    assert first == ("{'EMA.update': False, 'ema_update_': False, 'swap': False, 'TargetNetwork.update': False, "
+                     "'Smoother.update': False, 'Tracker.update': False} [] True 0"), first
     assert watched == "True"

@@ -135,3 +135,39 @@ def test_a_refused_change_found_on_the_way_in_writes_nothing():
         net[0].weight.data = before[0].clone()
         with ema.average_parameters():                   # nothing held: the next swap goes in
             pass
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_the_swap_and_the_copy_out_are_prepared_once(where):
+    """Each way's launch (and ``copy_to_sources``'s) was prepared afresh at every call (a one-off
+    ``_launch.launch``: on CUDA the variant looked up and an argument block packed, per group, per way).
+    Now each group keeps its prepared launch: a second round trip prepares nothing; a source moved
+    (new tables) prepares it again, once (both ways of a same-dtype group are one exchange launch)."""
+    from support.calls import watching
+
+    from fastema import _launch
+
+    prepared: list = []
+    with _where(where), watching(_launch.prepare, on_call=lambda args: prepared.append(args["op"])):
+        net = _net(6)
+        ema = EMA(net, 0.9)
+        with torch.no_grad():
+            ema.update()
+            for _ in range(2):
+                with ema.average_parameters():
+                    pass
+            ema.copy_to(net)
+            ema.copy_to(net)
+            prepared.clear()
+            with ema.average_parameters():
+                pass
+            ema.copy_to(net)
+            assert prepared == []
+            net[0].weight.data = net[0].weight.data.clone()      # new storage: new tables
+            ema.update()
+            prepared.clear()
+            with ema.average_parameters():
+                pass
+            with ema.average_parameters():
+                pass
+        assert prepared == ["swap"], prepared                     # the one group's, then kept
