@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..average import HOST_ONLY_REFUSALS, EMAOptions
-from ..schedules import BEMA, Constant
+from ..schedules import BEMA, Constant, compensated
 from . import _bits, _schedules
 
 __all__ = ["EmaState", "EmaTransform", "REFUSED_IN_JIT", "ema"]
@@ -83,8 +83,10 @@ class EmaTransform:
         self.stochastic = options.rounding == "stochastic"
         self._decays = _schedules.decays(self.schedules, self.every, self.compensate)
         constant = all(type(s) is Constant for s in self.schedules) and not self.debias
-        # Constant decays: the host's weights (float64 1 - d, then float32 in the kernel), as numbers
-        self._fixed = [1.0 - float(s.decay) for s in self.schedules] if constant else None
+        # Constant decays: the host's weights (float64 1 - d, then float32 in the kernel), as numbers;
+        # compensated as the host plan does (d ** every in float64: 1 - d alone was every number off)
+        every = self.every if self.compensate else 1
+        self._fixed = [1.0 - compensated(float(s.decay), every) for s in self.schedules] if constant else None
         self._dtypes: dict = {}            # treedef -> the parameters' dtypes (see _seen)
 
     # ------------------------------------------------------------ init
@@ -158,7 +160,8 @@ class EmaTransform:
         if step is None:
             n, t = state.updates + 1, state.calls + 1
         else:
-            if isinstance(step, (bool, float)) or (isinstance(step, int) and not 0 <= step < 2 ** 31):
+            if isinstance(step, (bool, np.bool_, float, np.floating)) or (
+                    isinstance(step, (int, np.integer)) and not 0 <= int(step) < 2 ** 31):
                 raise ValueError(f"step must be an int in [0, 2**31) (or a traced int32), got {step!r}")
             n = t = jnp.asarray(step).astype(jnp.int32)
         w, norms = self._weights(state, n, t)

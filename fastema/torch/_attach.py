@@ -97,7 +97,8 @@ class Attachment:
                         optimizer.register_load_state_dict_pre_hook(self.loading, prepend=True),
                         optimizer.register_state_dict_pre_hook(self.marking),  # flatten's keys
                         optimizer.register_load_state_dict_post_hook(self.loaded)]
-        self.marked = _params.mark(KEY, face, optimizer)   # the live states marked (a count)
+        self.bare: list = []                     # states holding a marker alone (out at a step)
+        self.marked = _params.mark(KEY, face, optimizer, self.bare)   # the live states marked (a count)
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
@@ -125,6 +126,8 @@ class Attachment:
         that as the average)."""
         if torch.compiler.is_compiling():
             return
+        if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
+            self.marked = -1                     # marked again after the step
         if self.face._side.stale:                # a registration since: attach()'s rule again
             _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
         if self.face.swapped:
@@ -142,7 +145,7 @@ class Attachment:
             _compile.compiled_update(self.face.compiled, None)
             return
         if _zero_lr(optimizer) and _called_by_dcp():
-            self.marked = _params.mark(KEY, self.face, optimizer)   # every trainable one: flatten's
+            self.marked = _params.mark(KEY, self.face, optimizer, self.bare)   # every trainable one
             return                               # DCP's state init: lr 0, nothing moved, not a step
         if len(optimizer.state) != self.marked:  # new state (the first step): marked for flatten
             self.marked = _params.mark(KEY, self.face, optimizer)
@@ -181,7 +184,7 @@ class Attachment:
         ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (also made after the
         first step, after DCP's dummy step and after every load: ``_state.attached.mark``)."""
         if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
-            self.marked = _params.mark(KEY, self.face, optimizer)
+            self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
@@ -291,7 +294,7 @@ class Attachment:
         self.gathered = None
         if pending is not None:
             pending()
-        self.marked = _params.mark(KEY, self.face, optimizer)
+        self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def arm_restart(self) -> None:
         if self.reseed is None:

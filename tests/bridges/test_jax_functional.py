@@ -108,6 +108,19 @@ def test_constant_decays_equal_the_cpu_kernel_bit_for_bit(shapes, data):
     _assert_equal(face, state)
 
 
+@pytest.mark.parametrize("decay", [0.9, [0.9, 0.99]])
+@pytest.mark.parametrize("every", [1, 3])
+def test_compensated_constant_decays_equal_the_cpu_kernel(decay, every):
+    """``compensate=True`` with constant decays weighs an update by 1 - d**every, as the host plan
+    does: the constant shortcut took 1 - d and every number was off (found by review)."""
+    options = {"decay": decay, "update_every": every, "compensate": True}
+    face, state = _run(options, [(5,), (2, 3)], ["float32", "float32"], steps=6)
+    _assert_equal(face, state)
+    avg = fj.ema(0.9, update_every=4, compensate=True)
+    one = avg.update(avg.init({"w": jnp.zeros(3)}), {"w": jnp.ones(3)})
+    assert float(avg.average(one)["w"][0]) == pytest.approx(1 - 0.9 ** 4, rel=1e-6)
+
+
 @pytest.mark.parametrize("kind", sorted(SCHEDULES))
 def test_every_schedule_on_the_device_equals_the_host_plan_bit_for_bit_with_x64(kind):
     """Each schedule computed on the device from the traced step (float64 with jax_enable_x64,
@@ -225,7 +238,7 @@ def test_bad_params_are_refused_with_the_fix():
         avg.update(state, {"v": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"shape \(4,\) meets an average of shape \(3,\)"):
         avg.update(state, {"w": jnp.ones(4)})
-    for step in (-1, 2 ** 31, 1.5, True):
+    for step in (-1, 2 ** 31, 1.5, True, np.int64(2 ** 31 + 5), np.int32(-3), np.float32(2.0)):
         with pytest.raises(ValueError, match=r"step must be an int in \[0, 2\*\*31\)"):
             avg.update(state, {"w": jnp.ones(3)}, step)
 

@@ -135,6 +135,35 @@ def test_the_live_markers_never_reach_a_plain_state_dict_nor_break_adams_first_s
     assert len(s[1].state) == 0
 
 
+@pytest.mark.parametrize("when", ["attach", "dcp get", "dcp load"])
+def test_a_marker_alone_never_keeps_adams_first_step_from_filling_its_state(when):
+    """A backward before the first step, then attach() or a DCP get / flattened load (their
+    dummy step is skipped: the gradients exist): a parameter with a gradient and no state got a
+    state holding the marker alone, and Adam, which fills a state only where it is empty, raised
+    KeyError: 'exp_avg' at its first step (found by review). The marker is taken out before the
+    step and put back after; the step is Adam's own, the average updated once."""
+    xs = batches(3)
+    ref, ref_opt, ref_ema = make(seed=5)
+    for x in xs[:2]:
+        step(ref, ref_opt, x)
+    model, opt, ema = make(seed=5, attach=False)
+    model(xs[0]).square().mean().backward()           # a backward before anything is attached
+    ema.attach(opt)
+    if when == "dcp get":
+        sd.get_optimizer_state_dict(model, opt, options=FLAT)
+    elif when == "dcp load":
+        sd.set_optimizer_state_dict(model, opt, sd.get_optimizer_state_dict(model, opt, options=FLAT),
+                                    options=FLAT)
+    opt.step()
+    opt.zero_grad()
+    assert all({"exp_avg", "exp_avg_sq", "step", KEY} <= set(st) for st in opt.state.values())
+    step(model, opt, xs[1])
+    assert ema.updates == ref_ema.updates == 2
+    assert same(averaged(ema), averaged(ref_ema)) and same(model.state_dict(), ref.state_dict())
+    got = sd.get_optimizer_state_dict(model, opt, options=FLAT)       # flatten's keys still there
+    assert any(f".{KEY}" in k for k in got), sorted(got)[:6]
+
+
 def test_a_save_while_a_start_over_is_pending_re_arms_it():
     """H4: a checkpoint without the average loaded, then saved before any step: that save must
     not pass the fresh average off as the run's."""

@@ -77,12 +77,15 @@ def _carriers(face: Any, optimizer: torch.optim.Optimizer) -> dict:
             if id(p) in names and p.requires_grad}
 
 
-def mark(key: str, face: Any, optimizer: torch.optim.Optimizer) -> int:
+def mark(key: str, face: Any, optimizer: torch.optim.Optimizer, bare: list | None = None) -> int:
     """An empty entry under ``key`` in the live state of every carrier (:func:`_carriers`) that
     has state, or that has a gradient and no state (the optimizer keeps none for it: plain SGD,
     or after DCP's dummy step, which gives every trainable parameter a gradient): what DCP's
     ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from. Never on a parameter with
-    neither (Adam fills an empty state at its first step). Returns the number of states after."""
+    neither (Adam fills an empty state at its first step). The parameters whose state holds
+    nothing but the marker are appended to ``bare``: before the optimizer's next step they are
+    taken out again (:func:`unbare`), since Adam and its kin fill a state only where it is empty.
+    Returns the number of states after."""
     carriers = _carriers(face, optimizer)
     state = optimizer.state
     for g in optimizer.param_groups:
@@ -96,7 +99,23 @@ def mark(key: str, face: Any, optimizer: torch.optim.Optimizer) -> int:
             elif p.grad is not None:
                 state[p] = {key: {}} if st is None else st
                 state[p].setdefault(key, {})
+                if bare is not None:
+                    bare.append(p)
     return len(state)
+
+
+def unbare(key: str, optimizer: torch.optim.Optimizer, bare: list) -> int:
+    """Before a step: the states of ``bare`` (:func:`mark`) that still hold only the marker are
+    taken out, so the optimizer finds them empty and fills them (Adam's ``len(state) == 0``);
+    the step's post-hook marks them again. Returns how many were taken out."""
+    state, out = optimizer.state, 0
+    for p in bare:
+        st = state.get(p)
+        if st is not None and len(st) == 1 and isinstance(st.get(key), dict) and not st[key]:
+            del state[p]
+            out += 1
+    bare.clear()
+    return out
 
 
 def unmark(key: str, optimizer: torch.optim.Optimizer) -> None:
