@@ -195,7 +195,7 @@ def test_sample_weight_is_the_smoother_argument_and_weight_is_not_taken():
     a.update(torch.tensor([4.0]), sample_weight=1.0)
     assert torch.allclose(a.ema, torch.tensor([5.8 / 2.8], dtype=a.ema.dtype))    # (0.9 * 2 * 1 + 4) / (0.9 * 2 + 1)
     with pytest.raises(TypeError, match="weight"):
-        a.update(torch.tensor([1.0]), weight=1.0)           # 0.1's deprecated name, gone before 0.2.0's release
+        a.update(torch.tensor([1.0]), weight=1.0)  # type: ignore[call-arg]  # 0.1's name, gone before 0.2.0
     t = fastema.Tracker(["loss"], ema=0.9, sma=3, every=None)
     with pytest.raises(TypeError, match="by position or by name"):   # weight= is a metric's name now, as any
         t.update(torch.tensor(1.0), weight=2.0)
@@ -273,7 +273,8 @@ def test_a_version_1_checkpoint_of_unscaled_sums_resumes_exactly():
                 assert np.array_equal(getattr(a, kind), getattr(b, kind)), (kw, kind)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="hardware: torch's sync debug mode sees a real device's host syncs")
 def test_bad_per_stream_weights_on_a_gpu_count_as_zero_without_a_host_sync():
     # L5 on a GPU: looking at the weights would be a host sync per update, so they are checked on
     # the device, where a NaN, inf or negative weight leaves that stream's value out

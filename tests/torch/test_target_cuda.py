@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="hardware: a CUDA graph captured and replayed")]
 
 
 def _busy_after(fn) -> bool:
