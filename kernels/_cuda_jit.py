@@ -60,7 +60,6 @@ def nvvm_code(dispatcher, types, cc, output="ltoir", bounds=None):
                                  cc=tuple(cc), lto=lto, abi="numba")
     lib = cres.library
     kernel = lib.get_function(cres.fndesc.llvm_func_name)
-    lib._entry_name = cres.fndesc.llvm_func_name
     compiler.kernel_fixup(kernel, debug)
     nvvm.set_launch_bounds(kernel, bounds)
     if lto:

@@ -114,6 +114,17 @@ def test_the_build_contracts_no_multiply_and_add():
     assert cubin[:4] == b"\x7fELF" and "registers" in log.lower()
 
 
+def test_nvvms_own_ptx_contracts_nothing_either():
+    """NVVM's PTX (what the CUDA 12 set's ptxas assembles, and the fallback where nvJitLink is missing:
+    ``_cuda_jit.nvvm_code(..., "ptx")``) with the kernels' ``-fma=0``: the written FMA alone."""
+    from numba.cuda import types as T
+
+    from fastema.kernels._cuda_jit import nvvm_code
+
+    ptx = nvvm_code(_contracting_kernel(), (T.float64[::1], T.float64[::1]), (8, 0), "ptx")
+    assert len(FMA.findall(ptx)) == 1 and not LOOSE.findall(ptx), (FMA.findall(ptx), LOOSE.findall(ptx))
+
+
 @pytest.mark.parametrize("name,image", [("cu13", "compute_80"), ("cu12", "compute_70")])
 def test_the_shipped_code_contracts_no_multiply_and_add(name, image):
     """Every variant's shipped PTX (both sets; the cubins are assembled from the same code) has no
