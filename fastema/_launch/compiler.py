@@ -78,14 +78,19 @@ def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[b
     links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch`` (``"sm_XY"``), with the
     kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides the contraction of LTO
     code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``, which nvJitLink 13.5
-    refuses, so nvJitLink is called through its bindings)."""
+    refuses, so nvJitLink is called through its bindings). ImportError where nvJitLink is missing."""
     from cuda.bindings import nvjitlink as J
 
     from ..kernels._cuda_jit import LINK
 
     flags = [f"-arch={arch}", "-lto", *(["-ptx"] if target == "ptx" else []), *(["-verbose"] if verbose else []),
              *LINK]
-    handle = J.create(len(flags), flags)
+    from cuda.pathfinder import DynamicLibNotFoundError
+
+    try:
+        handle = J.create(len(flags), flags)
+    except DynamicLibNotFoundError as e:                  # the bindings without the library
+        raise ImportError(f"nvJitLink is not installed: {e}") from e
     try:
         J.add_data(handle, J.InputType.LTOIR, ltoir, len(ltoir), "kernel")
         try:

@@ -114,6 +114,29 @@ def test_the_build_contracts_no_multiply_and_add():
     assert cubin[:4] == b"\x7fELF" and "registers" in log.lower()
 
 
+def test_without_nvjitlink_the_compiler_gives_nvvms_ptx_contracting_nothing(monkeypatch):
+    """Where the nvJitLink library is missing (cuda-bindings without it), ``compile`` gives NVVM's PTX
+    for each image, made with ``-fma=0`` too."""
+    pytest.importorskip("cuda.bindings.nvjitlink")
+    from cuda.bindings import nvjitlink
+    from cuda.pathfinder import DynamicLibNotFoundError
+    from numba.cuda import types as T
+
+    from fastema._launch import compiler
+    from fastema.kernels._store.identity import variant
+
+    def missing(*args):
+        raise DynamicLibNotFoundError("libnvJitLink.so.13 not found")
+
+    monkeypatch.setattr(nvjitlink, "create", missing)
+    dispatcher = variant(lambda: _contracting_kernel())()
+    out = compiler.NumbaCuda().compile(dispatcher, (T.float64[::1], T.float64[::1]), ("sm_90", "compute_80"))
+    for kind, code, entry, figures in out.values():
+        ptx = code.decode()
+        assert kind == "ptx" and f".entry {entry}(" in ptx and figures == {}
+        assert len(FMA.findall(ptx)) == 1 and not LOOSE.findall(ptx), (FMA.findall(ptx), LOOSE.findall(ptx))
+
+
 def test_nvvms_own_ptx_contracts_nothing_either():
     """NVVM's PTX (what the CUDA 12 set's ptxas assembles, and the fallback where nvJitLink is missing:
     ``_cuda_jit.nvvm_code(..., "ptx")``) with the kernels' ``-fma=0``: the written FMA alone."""
