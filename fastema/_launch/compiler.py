@@ -80,13 +80,12 @@ def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[b
     code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``, which nvJitLink 13.5
     refuses, so nvJitLink is called through its bindings). ImportError where nvJitLink is missing."""
     from cuda.bindings import nvjitlink as J
+    from cuda.pathfinder import DynamicLibNotFoundError
 
     from ..kernels._cuda_jit import LINK
 
     flags = [f"-arch={arch}", "-lto", *(["-ptx"] if target == "ptx" else []), *(["-verbose"] if verbose else []),
              *LINK]
-    from cuda.pathfinder import DynamicLibNotFoundError
-
     try:
         handle = J.create(len(flags), flags)
     except DynamicLibNotFoundError as e:                  # the bindings without the library
