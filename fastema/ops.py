@@ -8,6 +8,7 @@ for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,12 +41,83 @@ def _compilable(fn):
 
 
 @functools.lru_cache(maxsize=256)
-def _single_tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
+def _tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
     # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair. The
     # table is addresses and a count only, the same for every layout and dtype: the callers check
     # the pair's shapes and layouts (_same_shape) at every call, before the table is used.
     return _launch.tables([src_address], [numel], [shadow_address], device,
                           _backends.stream_getter(framework, device), follow=False)
+
+
+class _SingleTables:
+    """The pairs' tables (:func:`_tables`, an LRU of 256 by addresses) and, cleared with them, the
+    prepared launches made over them (:data:`_PREPARED`): ``fastema.clear_caches()`` and a change of
+    launch driver drop both."""
+
+    def __call__(self, *key):
+        return _tables(*key)
+
+    def cache_info(self):
+        return _tables.cache_info()
+
+    def cache_clear(self) -> None:
+        _tables.cache_clear()
+        _PREPARED.clear()
+
+
+_single_tables = _SingleTables()
+
+# The array functions' prepared launches (_launch.prepare), found again by the arrays' cheap key
+# (_backends.address_key: torch's data_ptr, a NumPy array's identity) and kept with the arrays'
+# layout guard (_backends.layout_guard: dtype, shape, strides, device; the NumPy arrays themselves):
+# a hit is the same memory in the same layout, every check of the first call holding now, so it
+# launches with no description of the arrays. Numbers and weak references only, never an array.
+_PREPARED: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (layout guard, run, group)
+_PREPARED_MAX = 256
+
+
+def _prepared(key: tuple | None, arrays: list):
+    """The kept ``(guard, run, group)`` of ``key`` when its guard passes ``arrays``, else None."""
+    entry = _PREPARED.get(key) if key is not None else None
+    if entry is None or not entry[0](arrays):
+        return None
+    if entry[2].device != "cpu":
+        _launch.note_capture(entry[2])
+    return entry
+
+
+def _keep(key: tuple | None, arrays: list, bufs: tuple, group, op: str, **fixed):
+    """``_launch.prepare(op, group, **fixed)``, kept under ``key`` with the arrays' layout guard; for arrays
+    with no cheap key (``key`` None: CuPy, JAX, DLPack producers) under their descriptions ``bufs``, just
+    checked (device, address, kind, shape, layout), so that the launch is prepared once for them too."""
+    guard = None
+    if key is None:
+        key = ("described", op, *sorted(fixed.items()), *((b.device, b.address, b.kind, b.shape, b.order)
+                                                          for b in bufs))
+        entry = _PREPARED.get(key)
+        if entry is not None:
+            _PREPARED.move_to_end(key)
+            if group.device != "cpu":
+                _launch.note_capture(entry[2])
+            return entry[1]
+        guard = _described
+    run = _launch.prepare(op, group, **fixed)
+    _PREPARED[key] = (guard or _backends.layout_guard(arrays), run, group)
+    while len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+    if group.device != "cpu":
+        _launch.note_capture(group)
+    return run
+
+
+def _described(arrays: list) -> bool:
+    """The guard of an entry kept by descriptions: never a hit by cheap key (the key says "described")."""
+    return False
+
+
+def _key(tag: tuple, arrays: list) -> tuple | None:
+    k = _backends.address_key(arrays)
+    return None if k is None else (tag, k)
 
 
 def _group(shadow: Buf | None, x: Buf, t) -> _launch.Group:
@@ -57,6 +129,15 @@ def _group(shadow: Buf | None, x: Buf, t) -> _launch.Group:
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
+    arrays = [shadow, src]
+    host = skip_if is None and weights is None and decays is not None
+    key = _key(("lerp", rows, rounding), arrays) if host else None
+    found = _prepared(key, arrays)
+    if found is not None:
+        w = _fast_weights(decays)
+        if w is not None:
+            found[1](w, sr_key(seed, step) if rounding != "nearest" else 0)
+            return shadow
     if rows and not 1 <= rows <= MAX_DECAYS:
         raise ValueError(f"1 to {MAX_DECAYS} decays in one pass (at most {MAX_DECAYS}), got {rows}; "
                          f"split them over several shadows")
@@ -65,11 +146,25 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     rows = rows or 1
     w = resolve_weights(decays, weights, rows, s.device)
     stochastic = stochastic_rounding(rounding, s.kind)
-    key = sr_key(seed, step) if stochastic else 0
+    sr = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
     t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _launch.launch("lerp", _group(s, x, t), weights=w, flag=flag, key=key, stochastic=stochastic)
+    if found is not None or not host:            # a hit with unusual weights; a flag or device weights
+        _launch.launch("lerp", _group(s, x, t), weights=w, flag=flag, key=sr, stochastic=stochastic)
+        return shadow
+    _keep(key, arrays, (s, x), _group(s, x, t), "lerp", stochastic=stochastic)(w, sr)
     return shadow
+
+
+def _fast_weights(decays) -> tuple | None:
+    """``1 - decay`` of each decay when every one is a Python float (or int) in [0, 1], else None (the
+    full check says what is wrong)."""
+    out = []
+    for v in decays:
+        if type(v) is not float and type(v) is not int or not 0.0 <= v <= 1.0:
+            return None
+        out.append(1.0 - v)
+    return tuple(out)
 
 
 @_compilable
@@ -100,7 +195,7 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
-    return _update(shadow, src, None if decay is None else [decay], weight, 0, rounding, seed, step,
+    return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
                    skip_if)
 
 
@@ -133,10 +228,16 @@ def copy_(dst, src):
 
     Same shape and device; returns ``dst``.
     """
+    arrays = [dst, src]
+    key = _key(("copy",), arrays)
+    found = _prepared(key, arrays)
+    if found is not None:
+        found[1]()
+        return dst
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
     t = _single_tables(x.device, d.framework, d.address, x.address, x.numel)
-    _launch.launch("copy", _group(d, x, t), to_shadow=True, row_lo=0, row_hi=1)
+    _keep(key, arrays, (d, x), _group(d, x, t), "copy", to_shadow=True, row_lo=0, row_hi=1)()
     return dst
 
 
@@ -148,6 +249,12 @@ def swap_(a, b, *, lossy: bool = False):
     rounds the wider side and cannot be undone: that needs ``lossy=True``.
     (:meth:`fastema.FlatShadow.swap` keeps a float32 shadow exact against bfloat16.)
     """
+    arrays = [a, b]
+    key = _key(("swap", lossy), arrays)
+    found = _prepared(key, arrays)
+    if found is not None:
+        found[1]()
+        return
     s, x = pair(a, b, "a", "b", write_b=True)
     same_shape(s, x, x.shape, "a", "b")
     if s.kind != x.kind and not lossy:
@@ -156,7 +263,7 @@ def swap_(a, b, *, lossy: bool = False):
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
     t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _launch.launch("swap", _group(s, x, t), mode=kinds.EXCHANGE, row=0)
+    _keep(key, arrays, (s, x), _group(s, x, t), "swap", mode=kinds.EXCHANGE, row=0)()
 
 
 def flag_nonfinite_(flag, src):
@@ -166,10 +273,19 @@ def flag_nonfinite_(flag, src):
     cleared here (zero it yourself, e.g. ``flag.zero_()``), so several sources can
     share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
     """
+    arrays = [flag, src]
+    key = _key(("nonfinite",), arrays)
+    found = _prepared(key, arrays)
+    if found is not None:
+        found[1]()
+        return flag
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
     t = _single_tables(x.device, x.framework, 0, x.address, x.numel)
-    _launch.launch("nonfinite", _group(None, x, t), flag=f)
+    if key is None:                              # a flag view of this call: not kept by description
+        _launch.launch("nonfinite", _group(None, x, t), flag=f)
+    else:
+        _keep(key, arrays, (x,), _group(None, x, t), "nonfinite", flag=f)()
     return flag
 
 

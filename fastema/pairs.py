@@ -145,9 +145,14 @@ class PairShadow(Capabilities, BoundLaunches):
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
-        for g in groups:
+        lerps = self._lerps
+        for gi, g in enumerate(groups):                   # each group's launch prepared once (BoundLaunches)
             stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
-            _launch.launch("lerp", g, weights=weights[g.device], key=key, stochastic=stochastic)
+            bound = lerps.get(gi)
+            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
+                    or bound[3] is not None:
+                bound = self._bind_lerp(gi, g, stochastic, None, None)
+            bound[4](weights[g.device], key)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, no host sync: ``device -> int32[1]`` flags

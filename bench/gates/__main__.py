@@ -22,7 +22,7 @@ from .common import (
     ToolMissing,
     use_tree,
 )
-from .compare import compare_exact, compare_instructions, fmt, ratio_gate, unjudged_family
+from .compare import compare_bounds, compare_exact, compare_instructions, fmt, ratio_gate, unjudged_family
 from .counts import measure_counts
 from .history import append_history, plot_history, read_history
 from .instructions import Instructions
@@ -37,6 +37,7 @@ from .record import (
     write_record,
 )
 from .sass import measure_sass
+from .scenarios import BOUNDS
 
 ABOUT = ("fastema's performance gates (bench/gates/, issue 53): expected figures per scenario; "
          "the ratios one set per CPU family (bench.gates.record.cpu_family), judged only on a "
@@ -140,6 +141,7 @@ def cmd_check(args) -> int:
     failures: list = []
     if "instructions" in figures:
         failures += compare_instructions(exp.get("instructions", {}), figures["instructions"], itol)
+        failures += compare_bounds(BOUNDS, figures["instructions"])
     for section in ("counts", "sass"):
         if section in figures:
             failures += compare_exact(section, exp.get(section, {}), figures[section])

@@ -55,6 +55,21 @@ def compare_instructions(expected: dict, measured: dict, tolerance: float) -> li
     return out
 
 
+def compare_bounds(bounds: tuple, measured: dict) -> list[Failure]:
+    """A failure for each ``(scenario, reference, factor)`` of ``bounds`` whose scenario took more than
+    ``factor`` times the reference's instructions in this run (both measured; one not measured fails)."""
+    out = []
+    for name, ref, factor in bounds:
+        m, r = measured.get(name), measured.get(ref)
+        if m is None or r is None:
+            out.append(Failure("instructions", name, f"instructions per update / {ref}'s", f"<= {factor}",
+                               "not measured", "the scenario or its reference did not run"))
+        elif m > factor * r:
+            out.append(Failure("instructions", name, f"instructions per update / {ref}'s", f"<= {factor}",
+                               round(m / r, 3), "the bound of issue 70"))
+    return out
+
+
 def compare_exact(section: str, expected: dict, measured: dict) -> list[Failure]:
     """A failure for each figure of each scenario that differs from its expectation (exact)."""
     out = []

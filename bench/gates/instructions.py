@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .common import ROOT, ToolMissing, use_tree
-from .scenarios import INSTRUCTIONS, WHERE, build, host_names, region_updates
+from .scenarios import INSTRUCTIONS, STUB, STUB_WHERE, WHERE, build, host_names, region_updates, stub_names
 
 CLIENT_SOURCE = r"""
 #include <valgrind/callgrind.h>
@@ -121,9 +121,13 @@ class Instructions:
         self.cmd = cmd
         self.started = time.perf_counter()
         self.log = Path(self.tmp) / "valgrind.log"     # a file, not a pipe: nothing waits on this process
+        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1")
+        stub = _stub_dir()
+        if stub is not None:                           # the stub driver's scenarios: on the library path at start
+            env.update(LD_LIBRARY_PATH=os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")])),
+                       GATES_STUB="1")
         with self.log.open("w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1"),
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def result(self, timeout: float = 600) -> dict:
         try:
@@ -140,6 +144,14 @@ class Instructions:
         figures = per_update(parse_callgrind(self.out.read_text(errors="replace")))
         shutil.rmtree(self.tmp, ignore_errors=True)
         return figures
+
+
+def _stub_dir() -> str | None:
+    """The stub ``libcuda.so.1``'s folder (``tests/support/fake_gpu.py``), or None where no C compiler is."""
+    use_tree()
+    from tests.support.fake_gpu import stub_driver_dir
+
+    return stub_driver_dir()
 
 
 def _instructions_child(names: list) -> int:
@@ -160,14 +172,15 @@ def _instructions_child(names: list) -> int:
     from tests.support import fake_gpu as G
 
     assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
-    wanted = set(names or host_names(INSTRUCTIONS))
-    built: dict = {w: [] for w in WHERE}
+    stub = bool(os.environ.get("GATES_STUB"))
+    wanted = set(names or host_names(INSTRUCTIONS) + (stub_names() if stub else []))
+    built: dict = {w: [] for w in (*WHERE, STUB_WHERE)}
 
     def make(where):
-        for what, n in INSTRUCTIONS:
+        for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS):
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
-                update, _ = build(what, n, where == "fake-gpu")
+                update, _ = build(what, n, where != "cpu")
                 for _ in range(64):                      # past CPython's specialisation warm-up
                     update()
                 built[where].append((name, update, region_updates(n)))
@@ -191,6 +204,11 @@ def _instructions_child(names: list) -> int:
         gc.disable()
         lib.gates_instrument()
         measure("fake-gpu")
+    if stub and any(n.startswith(STUB_WHERE) for n in wanted):
+        with G.fake_gpu(record=False, stub_driver=True):
+            make(STUB_WHERE)
+            gc.collect()
+            measure(STUB_WHERE)
     measure("cpu")
     return 0
 

@@ -15,8 +15,14 @@ RATIOS = {
     "3000 x 4096 float32: FlatShadow.update / torch._foreach_lerp_": "many",
     "swap for evaluation, 3000 x 4096: EMA.swap() x2 / torch_ema store + copy_to + restore": "swap",
     "smoother, 10^6 streams: Smoother.update / torch ops": "smooth",
+    "16 elements, torch (x200): ema_update_ / torch.lerp_": "small torch",
+    "16 elements, NumPy (x200): ema_update_ / torch.lerp_": "small numpy",
 }
-ROUNDS = {"flat": 31, "gpt2": 7, "bf16": 11, "many": 15, "swap": 11, "smooth": 7}   # by a call's cost
+ROUNDS = {"flat": 31, "gpt2": 7, "bf16": 11, "many": 15, "swap": 11, "smooth": 7, "small torch": 31,
+          "small numpy": 31}   # by a call's cost
+SMALL_CALLS = 200
+"""The "small" scenarios time a loop of this many calls (one call, ~2-10 us, is near the clocks' own cost):
+the per-call host cost of an array function (issue 70: at most 3x ``torch.lerp_``'s)."""
 
 
 def ratio_setup(kind: str):
@@ -78,7 +84,32 @@ def ratio_setup(kind: str):
         values = torch.randn(10 ** 6, generator=g)
         s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")
         return (lambda: s.update(values)), (lambda: t.update(values))
+    if kind in ("small torch", "small numpy"):
+        return _small(kind == "small numpy", g)
     raise ValueError(kind)
+
+
+def _small(numpy: bool, g):
+    """``ema_update_`` on a 16-element float32 pair (torch tensors or NumPy arrays) against
+    ``torch.lerp_`` on torch's, each :data:`SMALL_CALLS` calls a round."""
+    import torch
+
+    import fastema
+
+    shadow, src = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    base = shadow.clone()
+    a, b = (shadow.numpy(), src.numpy()) if numpy else (shadow, src)
+    calls = range(SMALL_CALLS)
+    update, w = fastema.ema_update_, 1 - DECAY
+
+    def fast():
+        for _ in calls:
+            update(a, b, DECAY)
+
+    def baseline():
+        for _ in calls:
+            base.lerp_(src, w)
+    return fast, baseline
 
 
 CLOCK = ("one thread each; a call charged its thread's CPU time where it ran on that thread "

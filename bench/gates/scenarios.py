@@ -15,10 +15,20 @@ HOST = (("EMA.update", 6), ("EMA.update", 148), ("EMA.update", 3000), ("TargetNe
 ATTACHED = (("no-op step + EMA.update", 148), ("no-op step, EMA attached", 148))
 INSTRUCTIONS = HOST + ATTACHED
 WHERE = ("cpu", "fake-gpu")
+# instructions only, on the stub driver (fastema's real CudaCoreDriver into a libcuda.so.1 that returns at once:
+# tests/support/fake_gpu.py): an array function's launch against a bound one (issue 70)
+STUB = (("ema_update_", 1), ("FlatShadow.update", 1))
+STUB_WHERE = "stub-gpu"
+BOUNDS = (("stub-gpu ema_update_, 1 tensors", "stub-gpu FlatShadow.update, 1 tensors", 1.5),)
+"""``(scenario, reference, factor)``: the scenario's instructions at most ``factor`` times the reference's."""
 
 
 def host_names(scenarios: tuple = HOST) -> list[str]:
     return [f"{where} {what}, {n} tensors" for where in WHERE for what, n in scenarios]
+
+
+def stub_names() -> list[str]:
+    return [f"{STUB_WHERE} {what}, {n} tensors" for what, n in STUB]
 
 
 def _net(n: int):
@@ -69,8 +79,11 @@ def build(what: str, n: int, fake: bool):
             tn = TargetNetwork(net, target, tau=0.005)
         return tn.update, 2 * _bytes(target.parameters()) + _bytes(params)
     if what == "FlatShadow.update":
-        flat = fastema.FlatShadow(params)
+        flat = fastema.FlatShadow(params[:n])
         return (lambda: flat.update(DECAY)), 2 * flat.nbytes + _bytes(params)
+    if what == "ema_update_":
+        shadow, src = params[0].clone(), params[0]
+        return (lambda: fastema.ema_update_(shadow, src, DECAY)), 3 * _bytes([src])
     if what == "ema_update_many_":
         shadows = [p.clone() for p in params]
         return (lambda: fastema.ema_update_many_(shadows, params, DECAY)), 3 * _bytes(params)

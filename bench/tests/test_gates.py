@@ -53,6 +53,15 @@ def test_a_scenario_without_expectation_or_measurement_fails(gates):
 # ---------------------------------------------------------------- counts and machine code: exact
 
 
+def test_a_bound_between_two_scenarios_of_one_run(gates):
+    bounds = (("a", "b", 1.5),)
+    assert gates.compare.compare_bounds(bounds, {"a": 150, "b": 100}) == []
+    [f] = gates.compare.compare_bounds(bounds, {"a": 151, "b": 100})
+    assert f.measured == 1.51 and f.expected == "<= 1.5" and "issue 70" in f.message()
+    [f] = gates.compare.compare_bounds(bounds, {"a": 1})
+    assert f.measured == "not measured"
+
+
 def test_counts_are_exact(gates):
     exp = {"cpu EMA.update, 6 tensors": {"launches": 1, "host_syncs": 0, "collectives": 0}}
     assert gates.compare.compare_exact("counts", exp, json.loads(json.dumps(exp))) == []
@@ -254,7 +263,9 @@ def test_per_update_instructions_from_the_callgrind_dumps(gates):
 
 def test_the_committed_expectations_cover_every_scenario(gates):
     exp = gates.record.load_expectations()
-    assert set(exp["instructions"]) == set(gates.scenarios.host_names(gates.scenarios.INSTRUCTIONS))
+    assert set(exp["instructions"]) == set(gates.scenarios.host_names(gates.scenarios.INSTRUCTIONS)
+                                           + gates.scenarios.stub_names())
+    assert gates.compare.compare_bounds(gates.scenarios.BOUNDS, exp["instructions"]) == []   # issue 70's bound
     assert set(exp["counts"]) == set(gates.scenarios.host_names())
     families = exp["ratios"]                                     # {CPU family: {scenario: ratio}}
     assert set().union(*families.values()) == set(gates.ratios.RATIOS)      # each judged somewhere

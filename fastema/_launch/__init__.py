@@ -1,9 +1,12 @@
 """The one dispatch point between fastema's Python layer and the kernels.
 
-``launch(op, group, **args)`` runs kernel family ``op`` over a group of sources on the
-group's device: :mod:`.cpu` or :mod:`.cuda` (imported when a CUDA buffer first arrives)
-has one function per op with the same keyword-only signature. A group is anything with
-the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in :mod:`.config`.
+One launch form: ``run = prepare(op, group, **fixed)`` prepares kernel family ``op`` over a group
+of sources on the group's device, from the target's table of prepare functions (:data:`.cpu.PREPARE`,
+or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first arrives), and ``run(*varying)``
+launches it (:data:`VARYING`: the arguments each call gives; the others, in the table below, are
+fixed). An owner keeps its ``run``; ``launch(op, group, **args)`` is ``prepare`` run once. A group
+is anything with the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in
+:mod:`.config`.
 
 Dispatch names no framework: a group carries ``current_stream``, the function its backend
 gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
@@ -106,8 +109,54 @@ def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
+VARYING = {"lerp": ("weights", "key"), "bema": ("alpha",), "plan": ("given",), "copy": (), "swap": (),
+           "nonfinite": (), "window": ("ring_addr", "slot", "full", "count", "recompute"),
+           "ema_streams": ("values", "w0", "c", "per_stream", "a", "b", "d"),
+           "sma_streams": ("values", "w0", "c", "per_stream", "ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n",
+                           "bad", "slot")}
+"""Per op, the arguments a prepared launch takes at each call (:func:`prepare`), in that order; the
+op's other keyword arguments (the table above) are fixed when it is prepared."""
+
+
+def prepare(op: str, group, **fixed) -> Callable[..., None]:
+    """Kernel family ``op``'s launch over ``group``, prepared once: ``run = prepare(op, group, **fixed)``
+    binds every argument of the table above but the op's :data:`VARYING` ones, which ``run(*varying)``
+    takes at each call (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one
+    launch form of both targets (:data:`.cpu.PREPARE`, :data:`.cuda_bound.PREPARE`): on the CPU the
+    compiled overload's entry point after the first call; on CUDA the variant's code and one argument
+    block packed at C speed (:mod:`.abi`), an argument rewritten only where it is a new object. Runs
+    on the stream that is current for the group's framework at each call. Make a new one when the
+    group's tables change; an empty group launches nothing."""
+    t = group.tables
+    if t is not None and t.chunks == 0 and op != "plan":     # the plan step reads no table
+        return _nothing_at_all
+    if op == "lerp":                                 # host weights: the kernel's arithmetic type
+        fixed["cast"] = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
+    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
+    run = target.PREPARE[op](group, **fixed)
+    if op == "bema":                                 # alpha: the shadow's arithmetic type
+        return _CastFirst(run, np.float64 if group.shadow_kind == F64 else np.float32)
+    return run
+
+
+class _CastFirst:
+    """A prepared launch whose first varying argument is cast to ``cast`` at each call."""
+
+    __slots__ = ("run", "cast")
+
+    def __init__(self, run, cast):
+        self.run, self.cast = run, cast
+
+    def __call__(self, first, *rest) -> None:
+        self.run(self.cast(first), *rest)
+
+    def once(self, first, *rest) -> None:
+        self.run.once(self.cast(first), *rest)
+
+
 def launch(op: str, group, **args) -> None:
-    """Run kernel family ``op`` (see the table above) over ``group`` on its device.
+    """Run kernel family ``op`` (see the table above) over ``group`` on its device, once:
+    ``prepare(op, group, **fixed)(*varying)``.
 
     On CUDA the launch goes on the stream that is current for the group's framework *now*
     (``group.current_stream()``), never one remembered from an earlier call: an update inside
@@ -116,22 +165,24 @@ def launch(op: str, group, **args) -> None:
     t = group.tables
     if t is not None and t.chunks == 0:
         return
-    if op == "lerp" and isinstance(args["weights"], tuple):    # host values: the kernel's arithmetic type
-        cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
-        args["weights"] = tuple(map(cast, args["weights"]))
-    elif op == "bema":                                         # the shadow's arithmetic type
-        args["alpha"] = (np.float64 if group.shadow_kind == F64 else np.float32)(args["alpha"])
     if is_cuda(group.device):
-        cuda = _cuda()
-        raw = group.current_stream()
-        driver = cuda.current()
-        if cuda.WAITING:                           # released sources waiting for their events
-            cuda.prune_retired(driver, raw)
-        if t is not None and driver.capturing(raw):
-            _CAPTURED.append(t)                    # a graph reads these tables at every replay: never freed
-        getattr(cuda, op)(group, raw, **args)
-    else:
-        getattr(_cpu_target, op)(group, 0, **args)
+        note_capture(group)
+    varying = VARYING[op]
+    run = prepare(op, group, **{k: v for k, v in args.items() if k not in varying})
+    run.once(*[args[k] for k in varying if k in args])      # type: ignore[attr-defined]
+
+
+def note_capture(group) -> None:
+    """Before a CUDA launch that no owner keeps prepared (:func:`launch`, the array functions' cached
+    launches): retired sources pruned, and the group's tables kept for good where the launch is
+    being captured into a CUDA graph (:data:`_CAPTURED`)."""
+    cuda = _cuda()
+    raw = group.current_stream()
+    driver = cuda.current()
+    if cuda.WAITING:                           # released sources waiting for their events
+        cuda.prune_retired(driver, raw)
+    if group.tables is not None and driver.capturing(raw):
+        _CAPTURED.append(group.tables)         # a graph reads these tables at every replay: never freed
 
 
 _CAPTURED: list = []
@@ -176,19 +227,12 @@ def _getter_key(getter) -> tuple:
 
 
 def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[..., None]:
-    """``launch("lerp", group, weights=w, flag=flag, key=key, stochastic=stochastic)`` as a callable
-    ``run(w, key=0)`` made once per group and flag: the per-step path of an owner whose groups
-    stay (a target network). On the CPU the tables, the flag, the cast of host weights and the
-    compiled overload are bound once (:class:`.cpu.LerpLaunch`: no dispatcher type resolution
-    per call); on CUDA the kept overload and one packed parameter block (:class:`.cuda_bound.LerpLaunch`).
-    Make a new one when the group changes."""
-    t = group.tables
-    if t is not None and t.chunks == 0:
-        return _nothing
-    cast = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
-    if is_cuda(group.device):
-        return _cuda_bound().LerpLaunch(group, flag, stochastic, cast)
-    return _cpu_target.LerpLaunch(group, flag, stochastic, cast)
+    """``prepare("lerp", group, flag=flag, stochastic=stochastic)``: ``run(w, key=0)``, made once per
+    group and flag (the per-step path of an owner whose groups stay). On the CPU the tables, the flag,
+    the cast of host weights and the compiled overload are bound once (:class:`.cpu.LerpLaunch`); on
+    CUDA the kept variant and one packed parameter block (:class:`.cuda_bound.LerpLaunch`). Make a new
+    one when the group changes."""
+    return prepare("lerp", group, flag=flag, stochastic=stochastic)
 
 
 def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) -> Callable[[int], None]:
@@ -211,41 +255,27 @@ def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) 
 
 
 def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> Callable[[], None]:
-    """``launch("copy", group, to_shadow=..., row_lo=..., row_hi=..., flag=flag)`` as a callable
-    ``run()`` with every argument bound once (a model average's buffer copy at every update:
-    no dispatcher type resolution per call). Make a new one when the group's tables change."""
-    t = group.tables
-    if t is not None and t.chunks == 0:
-        return _nothing_at_all
-    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    return target.copy_launch(group, to_shadow, row_lo, row_hi, flag)
+    """``prepare("copy", group, ...)``: ``run()`` with every argument bound once (a model average's
+    buffer copy at every update). Make a new one when the group's tables change."""
+    return prepare("copy", group, to_shadow=to_shadow, row_lo=row_lo, row_hi=row_hi, flag=flag)
 
 
 def plan_launcher(group, plan: dict) -> Callable[[int], None]:
-    """``launch("plan", group, state=..., given=given, ...)`` as a callable ``run(given)`` with the plan
-    arrays bound once (``plan``: the device's plan arrays as kernel views, as for
-    :func:`plan_lerp_launcher`; ``given``: the training step, -1 for the update count): what a device
-    plan advances with at every call where no lerp launch carries the step (issue 37, D5)."""
-    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    return target.plan_launch(group, plan)
+    """``prepare("plan", group, ...)`` with the plan arrays bound once (``plan``: the device's plan
+    arrays as kernel views, as for :func:`plan_lerp_launcher`): ``run(given)`` (the training step, -1
+    for the update count), what a device plan advances with at every call where no lerp launch carries
+    the step (issue 37, D5)."""
+    return prepare("plan", group, **{k: plan[k] for k in ("state", "params", "decays", "w32", "w64", "flag",
+                                                           "keys")})
 
 
 def nonfinite_launcher(group, flag) -> Callable[[], None]:
-    """``launch("nonfinite", group, flag=flag)`` as a callable ``run()`` with every argument bound once
-    (``skip_nonfinite``'s scan at every update: no dispatcher type resolution per call; issue 37, D5).
-    Make a new one when the group's tables change."""
-    t = group.tables
-    if t is not None and t.chunks == 0:
-        return _nothing_at_all
-    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    return target.nonfinite_launch(group, flag)
+    """``prepare("nonfinite", group, flag=flag)``: ``run()``, ``skip_nonfinite``'s scan at every update
+    (issue 37, D5). Make a new one when the group's tables change."""
+    return prepare("nonfinite", group, flag=flag)
 
 
-def _nothing_at_all() -> None:
-    return None
-
-
-def _nothing(weights, key=0) -> None:
+def _nothing_at_all(*varying) -> None:
     return None
 
 

@@ -198,14 +198,6 @@ def kernels_from(module) -> Iterator[None]:
         K = saved
 
 
-def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
-    device_key = not isinstance(key, int)
-    par = _parallel(group, len(weights))
-    k = K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, par, device_key)
-    run(k, par, *group.tables.args(), weights, _NO_FLAG if flag is None else flag,
-         key if device_key else np.uint32(key))
-
-
 _ZERO_KEY = np.uint32(0)
 _HOST_KEY = numba.typeof(_ZERO_KEY)
 
@@ -263,8 +255,8 @@ class LerpLaunch:
         self._args = (*self._head, self._w, self._flag, self._k)
 
     def __call__(self, weights, key=0) -> None:
-        if weights is not self._w_in:
-            self._weights(weights)
+        if weights is not self._w_in and (type(weights) is not tuple or weights != self._w_in):
+            self._weights(weights)                      # (host weights equal to the last ones: kept)
         if key is not self._k_in:
             self._key(key)
         n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0   # _parallel(group, rows)
@@ -279,6 +271,13 @@ class LerpLaunch:
                 threads.run_on(fn, n, self._args)
         else:
             fn(*self._args)
+
+    def once(self, weights, key=0) -> None:
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        self._weights(weights)
+        self._key(key)
+        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW and team() > 0
+        run(K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY), par, *self._args)
 
 
 class BoundLaunch:
@@ -308,6 +307,11 @@ class BoundLaunch:
                 threads.run_on(fn, n, args)
         else:
             fn(*args)
+
+    def once(self, *middle) -> None:
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW and team() > 0
+        run(self._kernel_of(par), par, *self._head, *middle, *self._tail)
 
 
 def _work(t, rows: int) -> int:
@@ -359,47 +363,69 @@ def _entry_point(kernel, args):
     return entry if callable(entry) else kernel
 
 
-def bema(group, stream, *, alpha, flag=None):
-    par = _parallel(group, 3)
-    run(K.bema_kernel(group.shadow_kind, par), par, *group.tables.args(), alpha, _NO_FLAG if flag is None else flag)
+def _kinds(group, *more):
+    return (group.shadow_kind, group.src_kind, *more)
 
 
-def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
-    K.plan_kernel()(state, params, decays, given, w32, w64, flag, keys)
+def _prepare_lerp(group, *, flag=None, stochastic: bool = False, cast) -> LerpLaunch:
+    return LerpLaunch(group, flag, stochastic, cast)
 
 
-def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
-    par = _parallel(group, row_hi - row_lo)
-    k = K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow, par)
-    run(k, par, *group.tables.args(), row_lo, row_hi, _NO_FLAG if flag is None else flag)
+def _prepare_bema(group, *, flag=None) -> BoundLaunch:                       # run(alpha)
+    t, kind = group.tables, group.shadow_kind
+    return BoundLaunch(lambda par: K.bema_kernel(kind, par), t.args(), (_NO_FLAG if flag is None else flag,),
+                       _work(t, 3))
 
 
-def swap(group, stream, *, mode, row):
-    par = _parallel(group, 1)
-    run(K.swap_kernel(group.shadow_kind, group.src_kind, mode, par), par, *group.tables.args(), row)
+def _prepare_plan(group, *, state, params, decays, w32, w64, flag, keys) -> BoundLaunch:   # run(given)
+    return plan_launch(group, {"state": state, "params": params, "decays": decays, "w32": w32, "w64": w64,
+                               "flag": flag, "keys": keys})
 
 
-def nonfinite(group, stream, *, flag):
-    t = group.tables
-    par = _parallel(group, 1)
-    run(K.nonfinite_kernel(group.src_kind, par), par, t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin, flag)
+def _prepare_copy(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> BoundLaunch:
+    return copy_launch(group, to_shadow, row_lo, row_hi, flag)
 
 
-def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
-    par = _parallel(group, 3)
-    run(K.window_kernel(ring_kind, group.src_kind, par), par, *group.tables.args(), ring_addr, slot, full, count,
-         recompute)
+def _prepare_swap(group, *, mode: int, row: int) -> BoundLaunch:
+    t, kinds = group.tables, _kinds(group, mode)
+    return BoundLaunch(lambda par: K.swap_kernel(*kinds, par), t.args(), (row,), _work(t, 1))
 
 
-def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
-    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
-    run(K.ema_kernel(group.src_kind, mode, skip, par), par, values, w0, c, per_stream, a, b, d)
+def _prepare_window(group, *, ring_kind: int) -> BoundLaunch:      # run(ring_addr, slot, full, count, recompute)
+    t, src_kind = group.tables, group.src_kind
+    return BoundLaunch(lambda par: K.window_kernel(ring_kind, src_kind, par), t.args(), (), _work(t, 3))
 
 
-def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
-    par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
-    run(K.sma_kernel(group.src_kind, skip, par), par, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp,
-         n, bad, slot)
+class _Streams:
+    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at each call
+    (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
+
+    __slots__ = ("_kernel_of",)
+
+    def __init__(self, kernel_of):
+        self._kernel_of = kernel_of
+
+    def __call__(self, values, *rest) -> None:
+        par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
+        run(self._kernel_of(par), par, values, *rest)
+
+    once = __call__
+
+
+def _prepare_ema_streams(group, *, mode: int, skip: bool) -> _Streams:   # run(values, w0, c, per_stream, a, b, d)
+    kind = group.src_kind
+    return _Streams(lambda par: K.ema_kernel(kind, mode, skip, par))
+
+
+def _prepare_sma_streams(group, *, skip: bool) -> _Streams:   # run(values, w0, c, ..., n, bad, slot)
+    kind = group.src_kind
+    return _Streams(lambda par: K.sma_kernel(kind, skip, par))
+
+
+PREPARE = {"lerp": _prepare_lerp, "bema": _prepare_bema, "plan": _prepare_plan, "copy": _prepare_copy,
+           "swap": _prepare_swap, "nonfinite": lambda group, *, flag: nonfinite_launch(group, flag),
+           "window": _prepare_window, "ema_streams": _prepare_ema_streams, "sma_streams": _prepare_sma_streams}
+"""``op -> prepare(group, **fixed)``: the CPU's launches (:func:`fastema._launch.prepare`)."""
 
 
 def first_bad_weight(c: np.ndarray) -> int:

@@ -1,9 +1,7 @@
-"""CUDA launchers (same signatures as :mod:`.cpu`), and the CUDA pieces of dispatch: table upload
-and in-place update, retirement events, the capture query. Every launch goes through
-:mod:`.cuda_bound` (the shipped device code, fastema's own argument block); the launches bound once
-per group (the per-step path) live there too. The ops take the raw handle of the stream to launch
-on. Every call to the GPU is the launch driver's (:mod:`.driver`): the one :func:`.drivers.current`
-gives when tables are made or a launch is bound.
+"""The CUDA pieces of dispatch: table upload and in-place update, retirement events, the capture
+query. Every launch is prepared in :mod:`.cuda_bound` (the shipped device code, fastema's own
+argument block: :data:`.cuda_bound.PREPARE`). Every call to the GPU is the launch driver's
+(:mod:`.driver`): the one :func:`.drivers.current` gives when tables are made or a launch is bound.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are allocated
 once, at construction, and copied there on a private stream that is waited for (so a first launch on
@@ -19,11 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import cuda as K
 from ..kernels._cuda_hw import SIMULATOR  # noqa: F401  (fastema._launch's fork check reads it)
 from . import config
 from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
-from .cuda_launch import launch_once
 from .drivers import current, using  # noqa: F401
 
 
@@ -139,67 +135,6 @@ def _zero_flag(device: str, driver=None):
     if flag is None:
         flag = d.zero_flags[device] = to_device(np.zeros(1, np.int32), device, d)
     return flag
-
-
-def _run(kernel, device: str, stream: int, blocks, *args):
-    """Launch ``kernel`` on the raw stream ``stream`` of ``device``: its shipped (or once-compiled) device code
-    with an argument block of fastema's own (:func:`.cuda_launch.launch_once`), or through numba's dispatcher
-    where that cannot run (:meth:`.driver.Driver.dispatch`)."""
-    launch_once(kernel, device, stream, blocks, args)
-
-
-def _chunks(group, stream, kernel, *args):
-    _run(kernel, group.device, stream, max(1, min(group.tables.chunks, config.CUDA_MAX_BLOCKS)), *args)
-
-
-def lerp(group, stream, *, weights, flag=None, key=0, stochastic=False):
-    device_key = not isinstance(key, int)
-    _chunks(group, stream, K.lerp_kernel(group.shadow_kind, group.src_kind, stochastic, device_key),
-            *group.tables.args(), weights, _zero_flag(group.device) if flag is None else flag,
-            key if device_key else np.uint32(key))
-
-
-def bema(group, stream, *, alpha, flag=None):
-    _chunks(group, stream, K.bema_kernel(group.shadow_kind), *group.tables.args(), alpha,
-            _zero_flag(group.device) if flag is None else flag)
-
-
-def plan(group, stream, *, state, params, decays, given, w32, w64, flag, keys):
-    _run(K.plan_kernel(), group.device, stream, 1, state, params, decays, np.int64(given), w32, w64, flag, keys)
-
-
-def copy(group, stream, *, to_shadow, row_lo, row_hi, flag=None):
-    _chunks(group, stream, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), *group.tables.args(), row_lo,
-            row_hi, _zero_flag(group.device) if flag is None else flag)
-
-
-def swap(group, stream, *, mode, row):
-    _chunks(group, stream, K.swap_kernel(group.shadow_kind, group.src_kind, mode), *group.tables.args(), row)
-
-
-def nonfinite(group, stream, *, flag):
-    t = group.tables
-    _chunks(group, stream, K.nonfinite_kernel(group.src_kind), t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin,
-            flag)
-
-
-def window(group, stream, *, ring_kind, ring_addr, slot, full, count, recompute):
-    _chunks(group, stream, K.window_kernel(ring_kind, group.src_kind), *group.tables.args(), ring_addr, slot, full,
-            count, recompute)
-
-
-def _streams(group, stream, kernel, size, *args):
-    blocks = max(1, min((size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
-    _run(kernel, group.device, stream, blocks, *args)
-
-
-def ema_streams(group, stream, *, values, w0, c, per_stream, a, b, d, mode, skip):
-    _streams(group, stream, K.ema_kernel(group.src_kind, mode, skip), values.size, values, w0, c, per_stream, a, b, d)
-
-
-def sma_streams(group, stream, *, values, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot, skip):
-    _streams(group, stream, K.sma_kernel(group.src_kind, skip), values.size, values, w0, c, per_stream, ring_v, ring_w,
-             s, comp, ws, wcomp, n, bad, slot)
 
 
 class Retired:

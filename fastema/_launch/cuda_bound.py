@@ -17,12 +17,14 @@ fastema does none of that per step:
   device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
   launch is bound (:func:`.drivers.current`), which the binding keeps.
 
-A bound launch (:class:`LerpLaunch`, :class:`BoundLaunch`) keeps its block from step to step; a launch
-made once (:func:`launch_once`: the ops of :func:`fastema._launch.launch`) packs a block for that call.
-An argument of another numba type than the bound one binds again. The dispatcher launches instead in
-the Numba CUDA simulator, under ``FASTEMA_CUDA_LAUNCH=dispatcher``, for a kernel fastema's factories did
-not make, and where an argument is not device memory (numba copies a host array over). No numba-cuda
-private name is used: numba-cuda's version does not decide the fast path.
+A prepared launch (:class:`LerpLaunch`, :class:`BoundLaunch`; :data:`PREPARE`) keeps its block from step
+to step; a one-off :func:`fastema._launch.launch` prepares one and packs its block for that call.
+An argument that does not fit its place (another dtype, ndim or number type: :meth:`.abi.Block.fits`,
+no numba type) binds again. The dispatcher launches instead in the Numba CUDA simulator, under
+``FASTEMA_CUDA_LAUNCH=dispatcher``, and where the driver refused every image of the variant
+(:data:`.driver.REFUSALS`); an argument that is not device memory is refused
+(:class:`.abi.NotDeviceMemory`), never copied over. No numba-cuda private name is used: numba-cuda's
+version does not decide the fast path.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import numpy as np
 from ..kernels import cuda as K
 from . import config
 from . import cuda as C
-from .cuda_launch import _Bound, _typeof, cached_launch_available, launch_once  # noqa: F401
+from .cuda_launch import _Bound, _typeof, cached_launch_available  # noqa: F401
 
 _ZERO_KEY = np.uint32(0)
 
@@ -53,14 +55,16 @@ class LerpLaunch(_Bound):
         self.w: tuple = ()
 
     def __call__(self, weights, key=0) -> None:
-        if isinstance(weights, tuple):
-            if weights is not self.w_in:
+        if type(weights) is tuple:
+            if weights is not self.w_in and weights != self.w_in:
                 self.w_in, self.w = weights, tuple(map(self.cast, weights))
             weights = self.w
         key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
         g = self.group
         args = (*g.tables.args(), weights, self.flag, key)
         self._launch(self._dispatcher, args, g.current_stream(), max(1, min(g.tables.chunks, config.CUDA_MAX_BLOCKS)))
+
+    once = __call__
 
     def _dispatcher(self, args):
         return K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
@@ -93,11 +97,14 @@ class BoundLaunch(_Bound):
     def __call__(self, *middle) -> None:
         g = self.group
         front = () if self.tables_of is None else self.tables_of(g.tables)
-        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), g.current_stream(), self.blocks())
+        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), g.current_stream(),
+                     self.blocks(middle))
 
-    def blocks(self) -> int:
+    once = __call__
+
+    def blocks(self, middle: tuple = ()) -> int:
         if self.grid is not None:
-            return self.grid
+            return self.grid if self.grid > 0 else _stream_blocks(middle[0].size)   # -1: by the values' size
         blocks = max(1, min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS))   # a rank may hold no element
         if self.per_sm is not None:
             cap = getattr(config, self.per_sm) * self.driver.sm_count(self.index)
@@ -138,3 +145,31 @@ def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> Bound
     """``run()``: see :func:`fastema._launch.copy_launcher`."""
     return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
                        (row_lo, row_hi, C._zero_flag(group.device) if flag is None else flag))
+
+
+def _stream_blocks(size: int) -> int:
+    return max(1, min((size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
+
+
+def _flag(group, flag):
+    return C._zero_flag(group.device) if flag is None else flag
+
+
+PREPARE = {
+    "lerp": lambda group, *, flag=None, stochastic=False, cast: LerpLaunch(group, flag, stochastic, cast),
+    "bema": lambda group, *, flag=None: BoundLaunch(group, K.bema_kernel(group.shadow_kind), (),
+                                                    (_flag(group, flag),)),                      # run(alpha)
+    "plan": lambda group, *, state, params, decays, w32, w64, flag, keys: BoundLaunch(
+        group, K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), tables_of=None, grid=1),
+    "copy": lambda group, *, to_shadow, row_lo, row_hi, flag=None: copy_launch(group, to_shadow, row_lo, row_hi,
+                                                                               flag),
+    "swap": lambda group, *, mode, row: BoundLaunch(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode),
+                                                    (), (row,)),
+    "nonfinite": lambda group, *, flag: nonfinite_launch(group, flag),
+    "window": lambda group, *, ring_kind: BoundLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ()),
+    "ema_streams": lambda group, *, mode, skip: BoundLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (),
+                                                            (), tables_of=None, grid=-1),
+    "sma_streams": lambda group, *, skip: BoundLaunch(group, K.sma_kernel(group.src_kind, skip), (), (),
+                                                      tables_of=None, grid=-1),
+}
+"""``op -> prepare(group, **fixed)``: the CUDA launches (:func:`fastema._launch.prepare`)."""

@@ -1,7 +1,7 @@
 """Every CUDA launch of fastema: the variant's device code, one argument block of fastema's own, ``cuLaunchKernel``.
 
-(See :mod:`.cuda_bound` for why and for the launches bound once per group, which derive from :class:`_Bound`;
-:func:`launch_once` is the one-off launch of the ops of :func:`fastema._launch.launch`.)
+(See :mod:`.cuda_bound` for why and for the prepared launches, which derive from :class:`_Bound`:
+:func:`fastema._launch.prepare`; a one-off :func:`fastema._launch.launch` is one prepared and run.)
 """
 from __future__ import annotations
 
@@ -25,17 +25,11 @@ def cached_launch_available() -> bool:
 # ---------------------------------------------------------------- bound launches
 
 def _typeof(value):
-    """The numba type the dispatcher gives ``value`` as a kernel argument."""
+    """The numba type the dispatcher gives ``value`` as a kernel argument: read once per binding (its
+    variant and layout), never per launch."""
     from numba.cuda.typing.typeof import Purpose, typeof
 
     return typeof(value, Purpose.argument)
-
-
-def _same_type(value, ty) -> bool:
-    try:
-        return _typeof(value) == ty
-    except ValueError:                                    # numba's "cannot determine Numba type"
-        return False
 
 
 def _code(driver, dispatcher, types: tuple, index: int):
@@ -91,52 +85,42 @@ class _Bound:
 
     def _patch(self, args) -> bool:
         """Write the arguments that are new objects into the block (numbers and tuples equal to the held
-        ones count as the same); False when one has another numba type than the bound one, or is not
-        device memory (the launch binds again)."""
+        ones count as the same); False when one does not fit its place (another dtype, ndim, number type:
+        another variant, so the launch binds again). A cheap check, no numba type (:meth:`.abi.Block.fits`)."""
         block = self.block
         if len(args) != len(block.types):
             return False
+        held_all = self.held
         for i, value in enumerate(args):
-            held = self.held[i]
-            if held is value or (isinstance(value, (int, np.integer, tuple)) and type(held) is type(value)
+            held = held_all[i]
+            if held is value or (type(held) is type(value) and isinstance(value, (int, np.integer, tuple))
                                  and held == value):
                 continue
-            if not _same_type(value, block.types[i]):
+            if not block.fits(i, value):
                 return False
-            try:
-                block.patch(i, value)
-            except TypeError:
-                return False
-            self.held[i] = value
+            block.patch(i, value)
+            held_all[i] = value
         return True
 
     def _bind(self, dispatcher, args, raw: int, blocks: int) -> None:
         """Find the variant's code (:func:`_code`), pack the block and launch; through the dispatcher where
-        that cannot be (see the module docstring)."""
-        block = loaded = None
+        the driver launches no image of fastema's (the simulator), or where it refused every image of this
+        variant (:data:`.driver.REFUSALS`: ``device_code`` warned once, and compiled here where it could).
+        Nothing else falls back: an argument numba cannot type, one that is not device memory
+        (:class:`.abi.NotDeviceMemory`) or has no kernel ABI is fastema's defect, and raised."""
         d = self.driver
+        loaded = None
         if d.loads:
             try:
                 types = tuple(map(_typeof, args))
-            except ValueError:                            # numba's "cannot determine Numba type":
-                types = None                              # the dispatcher decides (and says so)
-            loaded = None if types is None else _code(d, dispatcher, types, self.index)
-            if loaded is not None:
-                try:
-                    block = abi.Block(types, args)
-                except TypeError:                         # not device memory: numba copies it over
-                    loaded = None
+            except ValueError as err:                     # numba's "cannot determine Numba type"
+                raise TypeError(f"fastema: an argument of kernel {getattr(dispatcher, '__name__', dispatcher)} has "
+                                f"no numba type ({err}); this is a defect of fastema's launcher") from err
+            loaded = _code(d, dispatcher, types, self.index)
         if loaded is None:
             self.func = None
             d.dispatch(dispatcher, self.index, raw, blocks, config.CUDA_THREADS, args)
             return
+        block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args
         self._go(raw, blocks)
-
-
-def launch_once(kernel, device: str, raw: int, blocks: int, args: tuple) -> None:
-    """One launch of ``kernel`` with ``args`` on the raw stream ``raw`` (see the module docstring): a block
-    packed for this call."""
-    _Bound(device)._bind(kernel, args, raw, blocks)
-
-

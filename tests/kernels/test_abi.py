@@ -60,8 +60,8 @@ def test_fastemas_block_is_numba_cudas_byte_for_byte(key):
         want = params(types, args)
     block = abi.Block(types, args)
     holder = ParamHolder(want)
-    sizes = [ctypes.sizeof(s) for s in block.slots]
-    assert len(block.slots) == len(want)
+    sizes = block.sizes
+    assert len(sizes) == len(want)
     assert _bytes(block.address, sizes) == _bytes(holder.ptr, sizes)
     for i, value in enumerate(args):                      # patching an argument in place packs the same
         block.patch(i, value)

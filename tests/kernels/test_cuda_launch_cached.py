@@ -60,7 +60,7 @@ def assert_packed_like_cuda_core(address: int, run, args):
     ``_Kernel.launch`` hands it)."""
     with numba_marshalling() as params:
         want = params(run.block.types, args)
-    sizes = [ctypes.sizeof(s) for s in run.block.slots]
+    sizes = run.block.sizes
     assert len(sizes) == len(want)
     holder = ParamHolder(want)
     assert _block_bytes(address, sizes) == _block_bytes(holder.ptr, sizes)
@@ -115,7 +115,7 @@ def test_an_argument_of_another_type_binds_again(fake):
     assert [e[0] for e in _launches(fake)] == ["load", "launch", "launch", "load", "launch"]
     run(weights)                                                     # and that variant is bound now
     assert fake.launches[-1][0] == "launch"
-    assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
+    assert run.block.values()[-15:-10] == [0, 0, 1, 4, 0x7000]  # meminfo, parent, size, itemsize, ptr
 
 
 def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fake):
@@ -131,7 +131,7 @@ def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fa
     assert [e[0] for e in _launches(fake)] == ["load", "launch", "launch", "load", "launch", "launch"]
     run(weights)
     assert fake.launches[-1][0] == "launch"
-    assert [s.value for s in run.block.slots][-15:-10] == [0, 0, 1, 4, 0x7000]
+    assert run.block.values()[-15:-10] == [0, 0, 1, 4, 0x7000]
 
 
 def _plan():
