@@ -52,8 +52,8 @@ def fresh(monkeypatch, tmp_path):
 
 
 def _group():
-    tables = _launch.Tables(*(FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
-                            FakeDeviceArray(8, np.int32, ptr=0x5000),
+    shadow, seg, offset = (FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3))
+    tables = _launch.Tables(shadow, seg, offset, FakeDeviceArray(8, np.int32, ptr=0x5000),
                             FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=8)
     return _launch.Group("cuda:0", F32, F32, tables, current_stream=lambda: 77)
 
