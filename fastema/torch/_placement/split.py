@@ -15,7 +15,8 @@ group, the one collective that checks the replicas agree and the split's run id 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar, overload
+import contextlib
+from typing import Any, Callable, ContextManager, Generic, TypeVar, overload
 
 import torch.distributed as dist
 
@@ -230,6 +231,11 @@ class Split(FollowsSources):
     def follows(self) -> SourceFollower:
         """What follows the sources (:class:`~fastema._sources.FollowsSources`): the storage."""
         return self.storage
+
+    def sources_checked(self) -> ContextManager[None]:
+        """A split's swap gathers the other ranks' pieces: its sources are checked as always
+        (:meth:`fastema._shadow.Capabilities.sources_checked`'s default)."""
+        return contextlib.nullcontext()
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int,
                        skip_if, plan=None, given=None) -> None:
