@@ -198,12 +198,14 @@ def refuse_during_capture(what: str, why: str, device: str | None = None, curren
     any framework fastema made CUDA tables for; nothing where no capture runs (one driver query a
     stream, ``cuStreamIsCapturing``; no framework is imported for it)."""
     if device is None:
-        pairs = list(_STREAMS.values())
-        if not pairs or not _cuda.cache_info().currsize:
+        if not _STREAMS or not _cuda.cache_info().currsize:
             return
+        cuda = _cuda()
+        driver = cuda.current()          # the streams tables were made for through this driver
+        pairs = [(dev, getter) for dev, getter, made_by in _STREAMS.values() if made_by is driver]
     else:
+        cuda = _cuda()
         pairs = [(device, current_stream)]
-    cuda = _cuda()
     for dev, getter in pairs:
         if cuda.capturing(dev, getter()):
             raise RuntimeError(f"fastema: {what} while a CUDA graph is being captured on {dev}'s current stream: "
@@ -218,8 +220,9 @@ MOVED_SOURCES = ("the new addresses would be copied into the table once, at capt
 CLEARING = "it would free tables the captured launches read. Clear the caches outside the capture."
 
 _STREAMS: dict = {}
-"""``(device, getter identity) -> (device, current-stream getter)`` of every CUDA table made: the
-streams :func:`refuse_during_capture` asks about when given no device."""
+"""``(device, getter identity) -> (device, current-stream getter, driver)`` of every CUDA table made:
+the streams :func:`refuse_during_capture` asks the current driver about when given no device (those
+another driver made tables for, a stand-in driver since gone, are not its to answer)."""
 
 
 def _getter_key(getter) -> tuple:
@@ -304,8 +307,9 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     slots = (2 if handed_over else 1) if follow else 0
     refuse_during_capture("new kernel tables (a new array pair, shadow or average)", NEW_TABLES, device,
                           current_stream)
-    _STREAMS.setdefault((device, _getter_key(current_stream)), (device, current_stream))
-    return _cuda().upload(host, device, slots)
+    cuda = _cuda()
+    _STREAMS.setdefault((device, _getter_key(current_stream)), (device, current_stream, cuda.current()))
+    return cuda.upload(host, device, slots)
 
 
 def flat_shadow(base: int, counts, itemsize: int) -> np.ndarray:

@@ -368,12 +368,13 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
 
 
 def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):
-    """FASTEMA_CUDA_CACHE=1, read when fastema's CUDA launchers load, gives the kernels built from then
-    on the keyed disk cache; without it they have none (numba-cuda's default)."""
+    """FASTEMA_CUDA_CACHE=1, read where fastema's launch layer first needs the kernels' dispatchers
+    (``kernel_refs.kernels()``: a variant not shipped, the dispatcher path, the build), gives the
+    kernels built from then on the keyed disk cache; without it they have none (numba-cuda's default)."""
     pytest.importorskip("numba.cuda")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator has no kernel cache")
-    child = ("from fastema._launch import cuda as _; from fastema.kernels import cuda as K; "
+    child = ("from fastema._launch import kernel_refs; K = kernel_refs.kernels(); "
              "from fastema.kernels.kinds import F32; print(type(K.lerp_kernel(F32, F32, False)._cache).__name__)")
     names = []
     for value in ("1", "0"):
