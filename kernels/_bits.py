@@ -18,6 +18,7 @@ _U13 = np.uint32(13)
 _ABS = np.uint32(0x7FFFFFFF)
 _INF = np.uint32(0x7F800000)
 _BF16_QNAN = np.uint32(0x7FC0)    # what torch's .bfloat16() gives for every NaN
+_F16_QNAN = np.uint32(0x7E00)     # every float16 NaN (the sign of a computed NaN is the hardware's)
 _M32 = np.uint64(0xFFFFFFFF)
 
 
@@ -51,7 +52,9 @@ def encode(bits, kind):
     """float32 bits -> stored bits of ``kind``, round to nearest even.
 
     bfloat16: every NaN becomes 0x7FC0 (as torch's ``.bfloat16()``). float16: overflow
-    goes to inf, NaN stays a quiet NaN with its sign.
+    goes to inf, every NaN becomes 0x7E00: a NaN made by the arithmetic (``inf - inf``) has the
+    sign bit set on x86 and clear on an NVIDIA GPU, so keeping its sign would store other bits on
+    each target.
     """
     b = np.uint32(bits)
     if kind == F32:
@@ -62,9 +65,9 @@ def encode(bits, kind):
         return (b + np.uint32(0x7FFF) + ((b >> _U16) & np.uint32(1))) >> _U16
     sign = (b >> _U16) & np.uint32(0x8000)              # float16
     a = b & _ABS
-    if a >= _INF:
-        if a > _INF:
-            return sign | np.uint32(0x7E00)
+    if a > _INF:
+        return _F16_QNAN
+    if a == _INF:
         return sign | np.uint32(0x7C00)
     if a >= np.uint32(0x477FF000):                      # >= 65520 rounds to inf
         return sign | np.uint32(0x7C00)

@@ -26,6 +26,48 @@ simulator has none; ``FASTEMA_CUDA_LAUNCH=dispatcher``): every other launch runs
 or code compiled once per node into fastema's own cache (``fastema._launch.device_code``)."""
 
 
+NVVM = {"fma": 0}
+"""NVVM's options for every kernel fastema compiles ahead of time or at a miss (:func:`nvvm_code`),
+and nvJitLink's (:data:`LINK`), where the code is made under link-time optimisation: ``-fma=0``, no
+multiply and add contracted into one FMA. NVVM contracts ``a * b + c`` by default and numba's CPU
+target never does, so a GPU kernel rounded once where the CPU kernel rounded twice (the H100 run of
+2026-11-26: the plan kernel's float64 state 1 ulp apart from the 4th call). With it the PTX's float
+multiplies and adds carry ``.rn``, which ptxas never fuses either; the FMAs the kernels mean are
+written (``fma``, ``llvm.fma``: kept). Numba's own dispatcher (``FASTEMA_CUDA_LAUNCH=dispatcher``)
+takes no NVVM options and contracts."""
+LINK = ("-fma=0",)
+"""nvJitLink's flags besides the image's (``compiler.link``): :data:`NVVM`'s, for the code it makes."""
+
+
+def nvvm_code(dispatcher, types, cc, output="ltoir", bounds=None):
+    """The kernel of ``dispatcher`` for argument ``types`` compiled by NVVM for compute capability
+    ``cc`` with launch ``bounds``, the dispatcher's own options and :data:`NVVM`: LTO-IR (bytes) or
+    PTX (str). numba-cuda's public ``compile`` with the NVVM options it does not take (what its
+    ``_compile_pyfunc_with_fixup`` does, through the functions its dispatcher calls)."""
+    from numba.cuda import compiler
+    from numba.cuda import types as nt
+    from numba.cuda.cudadrv import nvvm
+
+    o = dispatcher.targetoptions
+    debug, fastmath, lto = bool(o.get("debug")), bool(o.get("fastmath")), output == "ltoir"
+    options = {"fastmath": fastmath, "opt": 3 if o.get("opt", True) else 0, **NVVM}
+    if debug:
+        options["g"] = None
+    if lto:
+        options["gen-lto"] = None
+    cres = compiler.compile_cuda(dispatcher.py_func, nt.void, tuple(types), debug=debug,
+                                 lineinfo=bool(o.get("lineinfo")), fastmath=fastmath, nvvm_options=options,
+                                 cc=tuple(cc), lto=lto, abi="numba")
+    lib = cres.library
+    kernel = lib.get_function(cres.fndesc.llvm_func_name)
+    compiler.kernel_fixup(kernel, debug)
+    nvvm.set_launch_bounds(kernel, bounds)
+    if lto:
+        return bytes(lib.get_ltoir(cc=tuple(cc)))
+    (code,) = lib.get_asm_strs(cc=tuple(cc))
+    return code
+
+
 def jit(fn, **options):
     """A kernel's dispatcher, with ``cuda.jit``'s ``options`` (not in the simulator, which takes none of
     them) and the disk cache when :data:`CACHE` (never in the simulator)."""

@@ -80,14 +80,40 @@ def momentum_decay(params, o, kind, t):
     return start + t * (end - start) / total
 
 
+_S1, _S2, _S3 = -1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04
+_S4, _S5, _S6 = 2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10
+
+
+def sin_pi(x):
+    """``sin(pi x)`` in ``+ - * /`` and ``floor`` alone, so every target rounds it alike (libm's
+    ``sin`` and CUDA's libdevice differ in the last bits; NVVM contracts nothing,
+    ``_cuda_jit.NVVM``): ``x`` reduced exactly to ``[0, 1]``, fdlibm's ``__kernel_sin`` polynomial
+    on ``[0, pi/4]``, and ``1 - 2 sin^2(t / 2)`` for ``pi/2 - t`` above it; within 2 ulps of
+    ``sin(pi x)`` (``tests/kernels/test_same_bits.py``)."""
+    r = x - 2.0 * math.floor(x * 0.5)            # [0, 2), exact
+    sign = 1.0
+    if r > 1.0:                                  # sin(pi (r + 1)) = -sin(pi r)
+        r, sign = r - 1.0, -1.0
+    u = min(r, 1.0 - r)                          # sin(pi r) = sin(pi (1 - r)); 1 - r exact for r >= 1/2
+    if u <= 0.25:
+        t = math.pi * u
+    else:
+        t = math.pi * (0.5 - u) * 0.5            # 0.5 - u exact for u in [1/4, 1/2]
+    z = t * t
+    s = t + z * t * (_S1 + z * (_S2 + z * (_S3 + z * (_S4 + z * (_S5 + z * _S6)))))
+    return sign * (s if u <= 0.25 else 1.0 - 2.0 * s * s)
+
+
 def wsm_antiderivative(shape, x):
-    """``F(x)`` of WSM's decay ``shape`` (0 linear, 1 cosine, 2 1-sqrt: ``kinds.WSM_SHAPE_CODES``), the
-    expressions of :data:`fastema.schedules.WSM_SHAPES`."""
+    """``F(x)`` of WSM's decay ``shape`` (0 linear, 1 cosine, 2 1-sqrt: ``kinds.WSM_SHAPE_CODES``) for
+    ``x`` in ``[0, 1]``, the expressions of :data:`fastema.schedules.WSM_SHAPES`, in operations every
+    target rounds alike (:func:`sin_pi`; ``x ** 1.5`` as ``x sqrt(x)``: IEEE's square root, not
+    ``pow``)."""
     if shape == 0.0:
         return x - x * x / 2
     if shape == 1.0:
-        return x / 2 + math.sin(math.pi * x) / (2 * math.pi)
-    return x - 2.0 / 3.0 * x ** 1.5
+        return x / 2 + sin_pi(x) / (2 * math.pi)
+    return x - 2.0 / 3.0 * (x * math.sqrt(x))
 
 
 def wsm_mean(shape, x0, x1):

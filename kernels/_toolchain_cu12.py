@@ -185,17 +185,13 @@ def activate(tc: Toolchain) -> None:
 
 
 def compile_ptx(dispatcher, types, bounds) -> bytes:
-    """The kernel of ``dispatcher`` for argument ``types`` compiled by NVVM (numba-cuda's public
-    ``compile``, the dispatcher's own options) to PTX for :data:`PTX_CC` with launch ``bounds``;
-    RuntimeError unless it is CUDA 12.0's PTX :data:`PTX_ISA` (:func:`activate` not called
-    first)."""
-    from numba import cuda
+    """The kernel of ``dispatcher`` for argument ``types`` compiled by NVVM (``._cuda_jit.nvvm_code``:
+    the dispatcher's own options and the kernels' NVVM options, no contraction) to PTX for
+    :data:`PTX_CC` with launch ``bounds``; RuntimeError unless it is CUDA 12.0's PTX :data:`PTX_ISA`
+    (:func:`activate` not called first)."""
+    from ._cuda_jit import nvvm_code
 
-    o = dispatcher.targetoptions
-    code, _ = cuda.compile(dispatcher.py_func, tuple(types), debug=bool(o.get("debug")),
-                           lineinfo=bool(o.get("lineinfo")), device=False,
-                           fastmath=bool(o.get("fastmath")), cc=PTX_CC, opt=o.get("opt", True),
-                           abi="numba", output="ptx", launch_bounds=bounds)
+    code = nvvm_code(dispatcher, types, PTX_CC, "ptx", bounds)
     ptx = code.encode()
     target = _TARGET.search(code)
     made = f"release {RELEASE}," in code.split(".version", 1)[0]        # NVVM's header comment

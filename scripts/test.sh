@@ -10,7 +10,8 @@
 #     documentation (docs extra): a Sphinx build with warnings as errors, the coverage check among
 #     them (docs/ext/coverage_check.py, a Sphinx extension: every public name in the API pages, with
 #     a docstring, or a warning);
-#   - in the background: ruff (lint and import order) and mypy (the public modules);
+#   - in the background: ruff (lint and import order) and mypy (the public modules; every call of the
+#     tests into fastema, CUDA tests included, pyproject's [tool.mypy]);
 # then the background jobs' output, the files' times from the JUnit XML (the slowest first) and the
 # count of test cases; a failure of any of them fails the run here, after every one has run. Then
 #   - the CUDA tests on the real GPU when one is present,
@@ -61,7 +62,7 @@ rm -f bench/out/tests-*.xml
 
 lint() {
   local rc=0
-  echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the public modules)"
+  echo "== lint and types (ruff: pycodestyle, pyflakes, import order; mypy: the public modules, the tests' calls)"
   "$py" -m ruff check . || rc=1
   "$py" -m mypy || rc=1
   return $rc

@@ -65,29 +65,49 @@ def cc_of(image: str) -> tuple[int, int]:
 
 
 def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir", bounds=None):
-    """The kernel's code from NVVM (numba-cuda's public ``compile``) for compute capability ``cc``,
-    with the dispatcher's own options and launch ``bounds``: LTO-IR (bytes) or PTX (str)."""
-    from numba import cuda
+    """The kernel's code from NVVM for compute capability ``cc``, with the dispatcher's own options,
+    launch ``bounds`` and the kernels' NVVM options (``kernels._cuda_jit.NVVM``: no contraction):
+    LTO-IR (bytes) or PTX (str)."""
+    from ..kernels._cuda_jit import nvvm_code
 
-    o = dispatcher.targetoptions
-    code, _ = cuda.compile(dispatcher.py_func, tuple(types), debug=bool(o.get("debug")),
-                           lineinfo=bool(o.get("lineinfo")), device=False,
-                           fastmath=bool(o.get("fastmath")), cc=tuple(cc), opt=o.get("opt", True),
-                           abi="numba", output=output, launch_bounds=bounds)
-    return bytes(code) if output == "ltoir" else code
+    return nvvm_code(dispatcher, types, cc, output, bounds)
 
 
-def link(ltoir: bytes, target: str, **options) -> tuple[bytes, str]:
-    """``(code, info log)``: ``ltoir`` linked by nvJitLink (cuda.core's ``Linker``) with link-time
-    optimisation, as numba-cuda links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``)."""
-    from cuda.core import Linker, LinkerOptions, ObjectCode
+def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """``(code, info log)``: ``ltoir`` linked by nvJitLink with link-time optimisation, as numba-cuda
+    links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch`` (``"sm_XY"``), with the
+    kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides the contraction of LTO
+    code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``, which nvJitLink 13.5
+    refuses, so nvJitLink is called through its bindings). ImportError where nvJitLink is missing."""
+    from cuda.bindings import nvjitlink as J
+    from cuda.pathfinder import DynamicLibNotFoundError
 
-    options = LinkerOptions(link_time_optimization=True, **options)
-    linker = Linker(ObjectCode.from_ltoir(ltoir), options=options)
+    from ..kernels._cuda_jit import LINK
+
+    flags = [f"-arch={arch}", "-lto", *(["-ptx"] if target == "ptx" else []), *(["-verbose"] if verbose else []),
+             *LINK]
     try:
-        return bytes(linker.link(target).code), linker.get_info_log()
+        handle = J.create(len(flags), flags)
+    except DynamicLibNotFoundError as e:                  # the bindings without the library
+        raise ImportError(f"nvJitLink is not installed: {e}") from e
+    try:
+        J.add_data(handle, J.InputType.LTOIR, ltoir, len(ltoir), "kernel")
+        try:
+            J.complete(handle)
+        except J.nvJitLinkError as e:
+            log = bytearray(J.get_error_log_size(handle))
+            J.get_error_log(handle, log)
+            raise RuntimeError(f"nvJitLink could not link the kernel for {arch}: {e}; "
+                               f"{bytes(log).rstrip(bytes(1)).decode(errors='replace')}") from e
+        size, get = ((J.get_linked_ptx_size, J.get_linked_ptx) if target == "ptx"
+                     else (J.get_linked_cubin_size, J.get_linked_cubin))
+        code = bytearray(size(handle))
+        get(handle, code)
+        info = bytearray(J.get_info_log_size(handle))
+        J.get_info_log(handle, info)
     finally:
-        linker.close()
+        J.destroy(handle)
+    return bytes(code), bytes(info).rstrip(bytes(1)).decode(errors="replace")
 
 
 def lowered(ptx: bytes, arch: str) -> bytes:
@@ -150,7 +170,7 @@ class NumbaCuda:
         try:
             for b in dict.fromkeys(bounds.values()):
                 ir = nvvm(dispatcher, types, lowest, bounds=b)
-                ptx, _ = link(ir, "ptx", arch="sm_%d%d" % lowest, ptx=True)
+                ptx, _ = link(ir, "ptx", arch="sm_%d%d" % lowest)
                 entry = _ENTRY.findall(ptx.decode())[0]   # NVVM numbers each compile's names
                 for image in (i for i in images if bounds[i] == b):
                     if image.startswith("compute_"):

@@ -9,11 +9,11 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from dist import run_ranks
 
 from fastema import FlatShadow, WindowShadow
 from fastema._shadow import AveragingShadow, Capabilities, Shadow, Updatable, WindowingShadow
 from fastema.pairs import PairShadow
-from tests.dist import run_ranks
 
 
 def members(proto) -> set[str]:

@@ -196,7 +196,7 @@ def test_sample_weight_is_the_smoother_argument_and_weight_is_not_taken():
     a.update(torch.tensor([4.0]), sample_weight=1.0)
     assert torch.allclose(a.ema, torch.tensor([5.8 / 2.8], dtype=a.ema.dtype))    # (0.9 * 2 * 1 + 4) / (0.9 * 2 + 1)
     with pytest.raises(TypeError, match="weight"):
-        a.update(torch.tensor([1.0]), weight=1.0)           # 0.1's deprecated name, gone before 0.2.0's release
+        a.update(torch.tensor([1.0]), weight=1.0)  # type: ignore[call-arg]  # 0.1's name, gone before 0.2.0
     t = fastema.Tracker(["loss"], ema=0.9, sma=3, every=None)
     with pytest.raises(TypeError, match="by position or by name"):   # weight= is a metric's name now, as any
         t.update(torch.tensor(1.0), weight=2.0)

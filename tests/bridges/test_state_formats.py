@@ -105,7 +105,7 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
     for model, load, save, name in ((None, fk.load_model, "save", "again.keras"),
                                     (keras_model(batchnorm=True), fk.load_average, "save_weights", "again.weights.h5")):
         if model is None:
-            model = load(old_keras)
+            model = load(old_keras)  # type: ignore[call-arg]
         else:
             load(model, old_h5)
         row0 = [np.frombuffer(saved[str(entry["averaged"][f"trainable/{i}"]["__array__"])][2], np.float32)

@@ -185,7 +185,7 @@ def test_flat_shadow_bias_correct(dtype, counts, alpha, seed):
     fs.bias_correct(alpha)
     after = rows_of(fs)
     kind = {"float32": F32, "bfloat16": BF16, "float64": F64}[dtype]
-    assert_close(after[0], *before, np.float64(math_alpha(alpha, kind)), kind)
+    assert_close(after[0], *before, np.float64(math_alpha(alpha, kind)), kind)  # type: ignore[call-arg]
     assert np.array_equal(after[1:], before[1:])
 
 
@@ -300,5 +300,5 @@ def test_torch_bema_output_is_the_corrected_ema(request):
     assert len(seen) == 4 and 0 < seen[-1][0] < 1
     for alpha, before, after in seen:
         for b, a in zip(before, after):
-            assert_close(a[0].numpy(), *b.numpy(), np.float64(np.float32(alpha)), F32)
+            assert_close(a[0].numpy(), *b.numpy(), np.float64(np.float32(alpha)), F32)  # type: ignore[call-arg]
             assert torch.equal(a[1:], b[1:])

@@ -44,6 +44,24 @@ def test_float32_to_float16_equals_numpy(rng):
     assert np.array_equal(dst[~nan].view(np.uint16), ref[~nan].view(np.uint16))
 
 
+def test_every_nan_stores_one_16_bit_pattern_whatever_its_sign_and_payload():
+    """A NaN the arithmetic makes (``inf - inf``) has its sign bit set on x86 and clear on an NVIDIA
+    GPU (0xFFC00000 against 0x7FFFFFFF): a 16-bit shadow stores one pattern for every NaN (float16
+    0x7E00, bfloat16 0x7FC0), so the GPU writes the CPU's bits (the H100 run of 2026-11-26 stored
+    0x7E00 where the CPU stored 0xFE00). Compiled (``copy_``) and in plain Python (the simulator's)."""
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFF800001, 0xFFA00000],
+                    np.uint32)
+    for kind, dst, want in ((F16, np.empty(nans.size, np.float16), 0x7E00),
+                            (BF16, torch.empty(nans.size, dtype=torch.bfloat16), 0x7FC0)):
+        fastema.copy_(dst, nans.view(np.float32))
+        compiled = (dst.view(torch.int16).numpy() if kind == BF16 else dst).view(np.uint16)
+        python = [int(_bits.encode(b, kind)) for b in nans]
+        assert compiled.tolist() == python == [want] * nans.size, (kind, compiled, python)
+    with np.errstate(invalid="ignore"):                          # this machine's own NaN of inf - inf
+        made = np.array([np.inf], np.float32) - np.array([np.inf], np.float32)
+    assert int(_bits.encode(made.view(np.uint32)[0], F16)) == 0x7E00
+
+
 @pytest.mark.parametrize("kind,dtype", [(F16, np.float16), (BF16, None)])
 def test_every_16_bit_pattern_widens_exactly(kind, dtype):
     h = np.arange(65536, dtype=np.uint16)

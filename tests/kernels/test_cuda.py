@@ -582,7 +582,7 @@ def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch)
         ema_cuda._lerp_chunks.cache_clear()
 
 
-@pytest.mark.skipif(SIM, reason="the GPU twin of the simulator's counted vector tests")
+@pytest.mark.skipif(SIM, reason="hardware: the shipped lerp's vector accesses (the simulator's twin counts them)")
 @pytest.mark.parametrize("src_kind", KINDS)
 def test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu(src_kind):
     """On a GPU (the shipped kernels, where the simulator's counting closures cannot run): the
@@ -716,7 +716,7 @@ def test_device_and_host_mixed_is_refused():
     assert not d.copy_to_host().any()
 
 
-@pytest.mark.skipif(SIM, reason="torch CUDA tensors need a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch CUDA tensors written on a side stream")
 def test_torch_cuda_tensors_on_the_current_stream():
     import torch
 
@@ -755,7 +755,7 @@ def _busy_after(fn):
     return busy
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: a side stream's writes ordered before the update (two real streams)")
 def test_update_on_a_side_stream_is_ordered_after_that_streams_writes():
     import torch
 
@@ -771,7 +771,7 @@ def test_update_on_a_side_stream_is_ordered_after_that_streams_writes():
     assert torch.equal(flat.view(0), torch.ones_like(p))
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch's sync debug mode sees a real device's host syncs")
 def test_no_host_sync_in_updates_rebinds_and_new_pairs():
     import torch
 
@@ -801,7 +801,7 @@ def test_no_host_sync_in_updates_rebinds_and_new_pairs():
     assert torch.equal(a, torch.full_like(a, 0.5))
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: a CUDA graph captured and replayed by the driver")
 def test_cuda_graph_replays_read_the_sources_and_weight_of_each_replay():
     import torch
 
@@ -830,7 +830,7 @@ def test_cuda_graph_replays_read_the_sources_and_weight_of_each_replay():
             torch.testing.assert_close(v.double(), e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch's sync debug mode sees a real device's host syncs")
 def test_torch_ema_on_gpu_without_host_sync():
     import torch
     from torch import nn
@@ -864,7 +864,7 @@ def test_torch_ema_on_gpu_without_host_sync():
                v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in state.values())
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch's sync debug mode sees a real device's host syncs")
 @pytest.mark.parametrize("kw", [dict(decay=PowerWarmup(0.99), update_every=2),
                                 dict(decay=[0.9, 0.999], debias=True, skip_nonfinite=True),
                                 dict(decay=PowerWarmup(0.999), shadow_dtype="bfloat16", rounding="stochastic"),
@@ -969,7 +969,7 @@ def test_window_kernel_matches_cpu(ring_kind):
     np.testing.assert_allclose(d_sh.copy_to_host(), cpu_sh, rtol=2e-7, atol=1e-7)
 
 
-@pytest.mark.skipif(SIM, reason="CuPy arrays need a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: CuPy device arrays written on a side stream")
 def test_cupy_arrays_on_cupys_current_stream():
     cp = pytest.importorskip("cupy")
     rng = np.random.default_rng(0)
@@ -990,7 +990,7 @@ def test_cupy_arrays_on_cupys_current_stream():
     np.testing.assert_allclose(cp.asnumpy(shadow), 0.001 * cp.asnumpy(src).astype(np.float64), rtol=1e-6)
 
 
-@pytest.mark.skipif(SIM, reason="JAX GPU arrays need a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: JAX GPU arrays under jit")
 def test_jax_ema_on_gpu_arrays():
     jax = pytest.importorskip("jax")
     if not any(d.platform == "gpu" for d in jax.devices()):
@@ -1014,7 +1014,7 @@ def test_jax_ema_on_gpu_arrays():
     np.testing.assert_allclose(np.asarray(shadow["b"], np.float64), ref["b"], rtol=2 ** -7)
 
 
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch.compile's reduce-overhead records CUDA graphs")
 def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
     """offload="cpu" on a GPU model: pack on a side stream after the optimizer's writes, D2H into
     pinned slots, fold on the worker; bit-exact against the synchronous host-planned EMA, the
@@ -1050,7 +1050,7 @@ def test_offloaded_ema_on_a_gpu_equals_the_synchronous_one_and_does_not_wait():
 
 
 @pytest.mark.compiles                             # torch.compile: inductor and Triton, many seconds
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch.compile's reduce-overhead records CUDA graphs")
 @pytest.mark.parametrize("shadow_dtype, rounding", [("float32", "nearest"), ("bfloat16", "stochastic")])
 def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, rounding):
     """torch.compile(mode="reduce-overhead"): the step with ema.update() inside is recorded into
@@ -1085,7 +1085,7 @@ def test_compiled_step_with_reduce_overhead_replays_equal_eager(shadow_dtype, ro
 
 
 @pytest.mark.compiles
-@pytest.mark.skipif(SIM, reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="hardware: torch.compile's reduce-overhead records CUDA graphs")
 def test_reduce_overhead_really_captures_and_replays_a_cuda_graph():
     """torch.compile(mode="reduce-overhead") with ema.update() inside records a CUDA graph and replays it:
     cudagraph trees skip (and run eagerly, which an equality check cannot tell) any graph that mutates an

@@ -31,9 +31,9 @@ ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
 
 def _group(device="cuda:0", chunks=8):
-    tables = _launch.Tables(*(FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
-                            FakeDeviceArray(8, np.int32, ptr=0x5000),
-                            FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=chunks)
+    tables = _launch.Tables(  # type: ignore[call-arg]
+        *(FakeDeviceArray(8, np.int64, ptr=0x1000 * (i + 1)) for i in range(3)),
+        FakeDeviceArray(8, np.int32, ptr=0x5000), FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=chunks)
     return _launch.Group(device, F32, F32, tables, current_stream=lambda: 77)
 
 

@@ -140,9 +140,9 @@ def test_the_fake_driver_is_given_and_gives_what_the_real_calls_take():
     from cuda.core import ObjectCode
 
     with fake_gpu(torch_on_gpu=False) as fake:
-        tables = _launch.Tables(*(FakeDeviceArray(8, np.int64, ptr=0x1000 * i) for i in (1, 2, 3)),
-                                FakeDeviceArray(8, np.int32, ptr=0x5000),
-                                FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=2)
+        tables = _launch.Tables(  # type: ignore[call-arg]
+            *(FakeDeviceArray(8, np.int64, ptr=0x1000 * i) for i in (1, 2, 3)),
+            FakeDeviceArray(8, np.int32, ptr=0x5000), FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=2)
         group = _launch.Group("cuda:0", F32, F32, tables, current_stream=lambda: 77)
         run = _launch.lerp_launcher(group)
         for _ in range(2):
@@ -252,5 +252,5 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     root = pathlib.Path(__file__).resolve().parents[2]
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     for f in ("fastema/_launch/driver.py", "fastema/_launch/drivers.py",
-              "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "testkit"):
+              "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "testkit", "tests"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"

@@ -197,6 +197,17 @@ ptx = got["compute_70"][1]
 print(json.dumps({"isa": T.ptx_version(ptx), "sm_70": b".target sm_70" in ptx,
                   "cubins": {a: [T.toolkit(c), f] for a, (kind, c, _, f) in got.items() if kind == "cubin"}}))
 """
+_CONTRACT = """
+import json, re, sys
+sys.path.insert(0, sys.argv[2])
+from fastema.kernels import _toolchain_cu12 as T
+T.activate(T.Toolchain.at(sys.argv[1]))
+from numba.cuda import types as nt
+from test_same_bits import FMA, LOOSE, _contracting_kernel
+ptx = T.compile_ptx(_contracting_kernel(), (nt.float64[::1], nt.float64[::1]), None).decode()
+print(json.dumps({"release": T.RELEASE in ptx.split(".version", 1)[0], "fma": len(FMA.findall(ptx)),
+                  "loose": LOOSE.findall(ptx)}))
+"""
 _NVVM_FIRST = """
 import sys
 from numba.cuda.cudadrv import nvvm
@@ -212,7 +223,8 @@ except RuntimeError as err:
 def _run(code: str) -> str:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator has no NVVM")
-    run = subprocess.run([sys.executable, "-c", code, TC.root], capture_output=True, text=True,
+    here = os.path.dirname(__file__)
+    run = subprocess.run([sys.executable, "-c", code, TC.root, here], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
@@ -225,6 +237,15 @@ def test_a_variant_built_for_cuda_12_is_ptx_8_0_and_spill_free_cubins():
     assert set(out["cubins"]) == set(T.CUBINS)
     for arch, (release, figures) in out["cubins"].items():
         assert release == "12.0" and not E.spills(figures), (arch, figures)
+
+
+@needs_toolchain
+def test_nvvm_12_0_contracts_no_multiply_and_add():
+    """The CUDA 12 set's NVVM (12.0) with the kernels' ``-fma=0`` (``_cuda_jit.NVVM``): ``a * b + c``
+    stays a rounded multiply and add, the written FMA alone is one (issue 70 item 5; NVVM's
+    default contracts, and ptxas 12.0 would fuse a multiply and add without ``.rn``)."""
+    out = json.loads(_run(_CONTRACT).splitlines()[-1])
+    assert out == {"release": True, "fma": 1, "loose": []}, out
 
 
 @needs_toolchain

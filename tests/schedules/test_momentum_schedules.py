@@ -194,7 +194,7 @@ def test_as_decay_with_other_kinds_or_options_that_do_not_apply_is_refused():
     with pytest.raises(ValueError, match="one kind of schedule for every average, got Cosine, PowerWarmup"):
         Plan([c, PowerWarmup(0.99)])                    # a warm-up of constant decays is no momentum schedule's
     with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'"):
-        Plan(c, warmup="power")
+        Plan(c, warmup="power")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['update_after_step'\]"):
         EMAOptions.of(c, update_after_step=5)
     with pytest.raises(ValueError, match="one kind of schedule for every average, got Cosine, Constant"):

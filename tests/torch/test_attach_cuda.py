@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                   reason="needs a CUDA GPU (torch CUDA)")]
+                                                   reason="hardware: CUDA graphs, capturable and fused optimizers")]
 
 
 def net():

@@ -76,8 +76,8 @@ def test_saved_and_resumed_through_the_optimizer_bit_for_bit(face, tmp_path):
 
 
 @pytest.mark.parametrize("make, refused", [
-    (lambda m, p: WindowAverage(m, 3, offload="cpu"), "unexpected keyword argument 'offload'"),
-    (lambda m, p: WindowAverage(m, None, offload="cpu"), "unexpected keyword argument 'offload'"),
+    (lambda m, p: WindowAverage(m, 3, offload="cpu"), "unexpected keyword argument 'offload'"),  # type: ignore[call-arg]
+    (lambda m, p: WindowAverage(m, None, offload="cpu"), "unexpected keyword argument 'offload'"),  # type: ignore[call-arg]
     (lambda m, p: PostHocEMA(m, snapshot_every=None, path=p, offload="cpu"),
      r"PostHocEMA takes no offload=.*on the weights' device.*EMA\(model, decay, offload='cpu'\)"),
 ], ids=["window", "cumulative", "posthoc"])

@@ -60,7 +60,7 @@ def test_update_makes_no_host_sync_and_is_the_lerp(where):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="hardware: a CUDA graph captured and replayed")
 def test_learner_step_captured_with_the_target_update_inside():
     from fastema.schedules import Cosine
     from fastema.torch import TargetNetwork
@@ -105,7 +105,8 @@ def test_learner_step_captured_with_the_target_update_inside():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="hardware: a device plan across a real GPU and the CPU (torch.cuda.synchronize)")
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
 def test_buffers_on_a_device_with_no_averaged_tensor_sit_behind_the_device_plan(skip_nonfinite):
     """The parameters on the GPU, a BatchNorm with no parameters (its buffers only) on the CPU: the

@@ -204,7 +204,7 @@ def test_tree_refusals_name_the_problem_and_change_nothing():
     with pytest.raises(TypeError, match="use fastema.torch.compat.EMA\\(model\\)"):
         compat.EMAPytree(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="ema_pytree= does not match pytree"):
-        compat.EMA({"a": torch.zeros(2)}, ema_pytree={"a": torch.zeros(3)})
+        compat.EMA({"a": torch.zeros(2)}, ema_pytree={"a": torch.zeros(3)})  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="same state_dict key 'ema_pytree.a.b'"):
         compat.EMA({"a.b": torch.zeros(2), "a": {"b": torch.zeros(2)}})
     with pytest.raises(ValueError, match="beta"):
@@ -215,8 +215,9 @@ def test_tree_refusals_name_the_problem_and_change_nothing():
 
 def test_a_bare_tensor_a_factory_the_kernels_and_no_host_read_per_update():
     x = torch.randn(5)
-    made = compat.EMA(model=x, ema_pytree=lambda: torch.zeros(5), beta=0.5, update_after_step=0, update_every=1,
-                       inv_gamma=1e-6)                   # the decay is beta from the first update on
+    made = compat.EMA(  # type: ignore[call-arg]
+        model=x, ema_pytree=lambda: torch.zeros(5), beta=0.5, update_after_step=0, update_every=1,
+        inv_gamma=1e-6)                   # the decay is beta from the first update on
     assert list(made.state_dict()) == ["initted", "step", "ema_pytree"] and torch.equal(made(), torch.zeros(5))
     made.update()
     assert torch.equal(made(), x)

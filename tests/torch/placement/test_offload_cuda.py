@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="hardware: streams, pinned slots, events")]
 
 
 def _model():
