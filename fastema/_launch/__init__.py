@@ -220,7 +220,8 @@ MOVED_SOURCES = ("the new addresses would be copied into the table once, at capt
 CLEARING = "it would free tables the captured launches read. Clear the caches outside the capture."
 
 _STREAMS: dict = {}
-"""``(device, getter identity) -> (device, current-stream getter, driver)`` of every CUDA table made:
+"""``(device, getter identity, driver identity) -> (device, current-stream getter, driver)`` of every
+CUDA table made (the driver kept: its identity stays its own):
 the streams :func:`refuse_during_capture` asks the current driver about when given no device (those
 another driver made tables for, a stand-in driver since gone, are not its to answer)."""
 
@@ -308,7 +309,8 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     refuse_during_capture("new kernel tables (a new array pair, shadow or average)", NEW_TABLES, device,
                           current_stream)
     cuda = _cuda()
-    _STREAMS.setdefault((device, _getter_key(current_stream)), (device, current_stream, cuda.current()))
+    driver = cuda.current()
+    _STREAMS.setdefault((device, _getter_key(current_stream), id(driver)), (device, current_stream, driver))
     return cuda.upload(host, device, slots)
 
 
