@@ -47,10 +47,20 @@ def reports(shipped):
     return shipped("cu13")
 
 
+# Known shortfalls of one set only, each with its reason (strict xfail: one that starts holding fails).
+KNOWN_IN_SET = {
+    ("cu12", "plan_lerp f32<-bf16", "in_flight"):
+        "ptxas 12 with -fma=0 (the GPU rounds where the CPU rounds, issue 70 item 5) gives this fused "
+        "kernel 3 blocks of 256 a SM: 30 KiB in flight, under the 32 KiB rule (the model needs ~14 KiB); "
+        "cu13 holds it; to measure at the next GPU run",
+}
+
+
 def _cases():
     for source in SETS:
         for v in VARIANTS:
             known = dict(v.known)
+            known.update({c: why for (s, n, c), why in KNOWN_IN_SET.items() if s == source and n == v.name})
             for check in S.checks(v):
                 marks = [pytest.mark.xfail(strict=True, reason=known[check])] if check in known else []
                 yield pytest.param(source, v.name, check, marks=marks,
