@@ -8,8 +8,8 @@ sits in) and updates the average:
 - ``fastema.jax.ema``: :func:`fastema.jax.ema` (float32, one decay) inside the step;
 - ``jit tree_map lerp``: a hand-written ``jax.tree.map(lambda s, p: s + w * (p - s), ...)``;
 - ``flax.nnx.EMA``: flax's own EMA object, ``ema.update(model)`` inside ``nnx.jit``;
-- ``fastema.jax.ema K=3`` against ``3 x fastema.jax.ema K=1`` (three states, one jitted step) and
-  ``3 x fastema.jax.ema K=1 (3 steps)`` (three jitted calls): the parameters read once or three times;
+- ``fastema.jax.ema K=3`` against ``fastema.jax.ema K=1 x3`` (three states, one jitted step) and
+  ``fastema.jax.ema K=1 x3 (3 steps)`` (three jitted calls): the parameters read once or three times;
 - ``fastema.jax.EMA (between steps)``: the between-steps face, ``ema.update(params)`` after the
   jitted step (its kernels on the host), the old way.
 
@@ -25,7 +25,10 @@ from .shapes import many_small
 DECAY = 0.999
 SCENARIOS = {"300x4096": lambda: many_small(count=300), "48x2^18": lambda: many_small(count=48, numel=1 << 18)}
 IMPLS = ["no average", "fastema.jax.ema", "jit tree_map lerp", "flax.nnx.EMA", "fastema.jax.ema K=3",
-         "3 x fastema.jax.ema K=1", "3 x fastema.jax.ema K=1 (3 steps)", "fastema.jax.EMA (between steps)"]
+         "fastema.jax.ema K=1 x3", "fastema.jax.ema K=1 x3 (3 steps)", "fastema.jax.EMA (between steps)"]
+
+
+UNCHECKED = ("no average", "jit tree_map lerp", "flax.nnx.EMA")   # rows whose check= is still to write
 
 
 def _sgd(p):
@@ -42,12 +45,15 @@ def test_jax_average_in_the_jitted_step(run, benchmark, impl, scenario):
 
     if QUICK and scenario != "300x4096":
         pytest.skip("full mode only")
+    if impl in UNCHECKED:
+        pytest.skip("a baseline is run once against fastema's result before it is timed "
+                    "(bench/suite/checked.py); this row's check is not written yet (issue 71 item 4)")
     benchmark.group = "JAX: the average inside a jitted training step, float32 (cpu)"
     rng = np.random.default_rng(0)
     host = [rng.standard_normal(s, dtype=np.float32) for s in SCENARIOS[scenario]()]
     n = sum(h.size for h in host)
     box: dict = {"p": [jnp.asarray(h) for h in host]}
-    k3 = impl == "fastema.jax.ema K=3" or impl.startswith("3 x")
+    k3 = impl == "fastema.jax.ema K=3" or " x3" in impl
     nbytes = (28 if k3 else 12) * n
 
     if impl == "flax.nnx.EMA":
@@ -92,7 +98,7 @@ def test_jax_average_in_the_jitted_step(run, benchmark, impl, scenario):
             states = [jax.jit(a.init)(box["p"]) for a in avgs]
             average = None
 
-        if impl == "3 x fastema.jax.ema K=1 (3 steps)":
+        if impl == "fastema.jax.ema K=1 x3 (3 steps)":
             step_only = jax.jit(lambda p: jax.tree.map(_sgd, p), donate_argnums=0)
             updates = [jax.jit(a.update, donate_argnums=0) for a in avgs]
 
@@ -104,7 +110,7 @@ def test_jax_average_in_the_jitted_step(run, benchmark, impl, scenario):
         else:
             def step(p, states):
                 p = jax.tree.map(_sgd, p)
-                if impl == "3 x fastema.jax.ema K=1":
+                if impl == "fastema.jax.ema K=1 x3":
                     return p, [a.update(s, p) for a, s in zip(avgs, states)]
                 return p, [average(s, p) for s in states]
 
