@@ -13,6 +13,20 @@ from support.attach import batches, net
 from fastema.torch import ATTACH_KEY, EMA, Offload
 
 STEPS, SAVED = 6, 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons: a Trainer run earlier in the same
+    worker leaves ``GradientState.end_of_dataloader`` set, and every later ``accumulate()`` then
+    syncs on every micro-batch. Reset them around each test, as accelerate's own tests do."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(True)
+    state.GradientState._reset_state()
+    yield
+    state.AcceleratorState._reset_state(True)
+    state.GradientState._reset_state()
+
 def run(folder, *, when, offload=None, save=False, resume=False):
     """Train a bfloat16 model with AdamW and an attached float32 EMA (attached ``when`` "before" or
     "after" ``prepare``); ``save``: ``save_state`` after step SAVED; ``resume``: new objects (other
