@@ -429,7 +429,7 @@ COLLECTIVES = {"all_gather_object", "broadcast_object_list", "gather_object", "s
                "gather", "scatter", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv"}
 AGREEMENT = "fastema/torch/_state/agree.py"
 # The collectives fastema makes outside the agreement module (issue 72), each with its reason:
-# the data a read moves once every rank agreed to make it, and the attach agreement while it moves.
+# the data a read moves once every rank agreed to make it.
 COLLECTIVES_ELSEWHERE = {
     ("fastema/torch/_placement/gather.py", "all_gather_single"):
         "a split average's read gathered bucket by bucket, after the read's agreement",
@@ -440,8 +440,6 @@ COLLECTIVES_ELSEWHERE = {
         "read's agreement",
     ("fastema/torch/_state/buckets.py", "broadcast"):
         "a gathered read's buckets sent by their owner, after the read's agreement",
-    ("fastema/torch/_attach.py", "all_reduce"):
-        "the attached average's load agreement: moved onto agree.py by the attach work (issue 72)",
 }
 
 
@@ -464,7 +462,7 @@ def _collective_uses(tree: ast.AST) -> list[tuple[str, int]]:
 def test_every_collective_decision_is_made_in_the_agreement_module():
     """One agreement protocol (issue 72): no module of fastema but ``agree.py`` names a collective
     of torch.distributed, but the data gathers of an agreed read listed with their reasons in
-    COLLECTIVES_ELSEWHERE (and the attach agreement while it moves)."""
+    COLLECTIVES_ELSEWHERE."""
     seen: set = set()
     bad = []
     for path in _py("fastema"):

@@ -11,7 +11,7 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
 - a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
   optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
-  the caller: read only then, §4.3); a fused optimizer's step under ``GradScaler`` (which runs
+  the caller: read only then, §4.3; :mod:`._state.dcp_calls`); a fused optimizer's step under ``GradScaler`` (which runs
   with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on the device (the flag copied
   into the kernels' skip flags: no host sync);
 - a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
@@ -27,12 +27,12 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
-``get_optimizer_state_dict`` asks (told by its frame), goes into the per-parameter entries instead,
-which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the parameters'
-layout on the trainable parameters the optimizer steps, the record, frozen parameters and
-averaged buffers on the first of them; taken out before the cast); its load agrees over the mesh
-that every rank holds the entries or none does (one all-reduce per mesh dimension, under the
-group's timeout).
+``get_optimizer_state_dict`` asks (told by its frame, against the checked table of
+:mod:`._state.dcp_calls`: a torch that changed it fails loudly), goes into the per-parameter
+entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the
+parameters' layout on the trainable parameters the optimizer steps, the record, frozen parameters
+and averaged buffers on the first of them; taken out before the cast); its load agrees over the
+mesh that every rank holds the entries or none does (:func:`~._state.agree.mesh_findings`).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
 rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
@@ -45,12 +45,8 @@ refused here, by name.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import sys
 import warnings
 import weakref
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -58,6 +54,8 @@ import torch
 from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
+from ._state import dcp_calls as _dcp
+from ._state.agree import Disagreement, mesh_findings, refuse_together
 from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
 
 __all__ = ["KEY", "Attachment"]
@@ -66,7 +64,6 @@ PENDING = "start_over_pending"      # in an entry saved while a start-over waite
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
     weakref.WeakKeyDictionary())
-_DCP = "torch.distributed.checkpoint.state_dict"
 
 
 class Attachment:
@@ -83,6 +80,7 @@ class Attachment:
         kind = type(face).__name__
         optimizer = hooked(optimizer)
         _checks.check(kind, face, optimizer, sources, _ATTACHED)
+        _dcp.loaded()                            # DCP imported: what the hooks tell it by, checked
         self.kind, self.face, self.optimizer = kind, face, optimizer
         self.update, self.skipping, self.restart = update, skipping, restart
         self.devices, self.cannot_skip = devices, cannot_skip
@@ -144,7 +142,7 @@ class Attachment:
                 raise self.skip_refused("inside torch.compile")
             _compile.compiled_update(self.face.compiled, None)
             return
-        if _zero_lr(optimizer) and _called_by_dcp():
+        if _zero_lr(optimizer) and _dcp.called_by():
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)   # every trainable one
             return                               # DCP's state init: lr 0, nothing moved, not a step
         if len(optimizer.state) != self.marked:  # new state (the first step): marked for flatten
@@ -183,7 +181,7 @@ class Attachment:
         """The state-dict pre-hook, when DCP calls: the live keys its
         ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (also made after the
         first step, after DCP's dummy step and after every load: ``_state.attached.mark``)."""
-        if _called_by_dcp("_get_optim_state_dict") or _called_by_dcp("_load_optim_state_dict"):
+        if _dcp.called_by("_get_optim_state_dict") or _dcp.called_by("_load_optim_state_dict"):
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
@@ -195,7 +193,7 @@ class Attachment:
                              f"{self.kind} keeps its state there. Rename that entry")
         flags = {PENDING: True} if self.reseed is not None else {}   # re-armed at its load
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        frame = _dcp_frame("_get_optim_state_dict")
+        frame = _dcp.frame("_get_optim_state_dict")
         if frame is not None and self.face.split and getattr(frame.f_locals.get("info"),
                                                              "full_state_dict", False):
             raise ValueError(f"DCP's full_state_dict=True gathers DTensors only, not the pieces "
@@ -244,7 +242,10 @@ class Attachment:
         try:                                     # any failure of the checks is a refusal, agreed
             entry, rest = self.read(optimizer, state_dict)
         except BaseException as err:             # (RecursionError of a deep record too)
-            self.agree_present(None, err)
+            try:
+                self.agree_present(None, err)
+            except Disagreement:
+                pass                             # every rank raises: this one its own error
             raise
         entry = self.agree_present(entry)        # a sharded average's ranks: all or none
         if entry is not None and entry.get(PENDING) is True:
@@ -303,44 +304,30 @@ class Attachment:
     def agree_present(self, entry: dict | None, err: BaseException | None = None) -> dict | None:
         """A sharded average's load: every rank of its mesh holds the average's entries, or none
         does (then every rank starts over); else, or where a rank refused its entries (``err``),
-        every rank raises. One all-reduce per mesh dimension, under the process group's
-        timeout."""
+        every rank raises :class:`~._state.agree.Disagreement` (a ``ValueError``): one
+        :func:`~._state.agree.mesh_findings` over the mesh, under the process group's timeout."""
         groups = self.face._checkpoint.agreement.groups()
         if not groups:
             return entry
-        import torch.distributed as dist
-
-        have = int(entry is not None)
-        seen = torch.tensor([have, -have, -int(err is not None)], dtype=torch.int64)
-        for group, device, *_ in groups:
-            moved = seen.to(device)
-            try:
-                dist.all_reduce(moved, op=dist.ReduceOp.MIN, group=group)
-            except RuntimeError as failed:       # this one call's: gloo's timeout is a plain one
-                raise RuntimeError(f"optimizer.load_state_dict: the attached {self.kind}'s "
-                                   f"agreement failed ({failed}): where it timed out, a rank of "
-                                   f"its mesh did not join its load. Every rank's optimizer must "
-                                   f"have the average attached, and every rank load; nothing "
-                                   f"was loaded here") from failed
-            seen = moved.cpu()
-        lo, hi, refused = int(seen[0]), -int(seen[1]), -int(seen[2])
-        if err is not None:
-            return None                          # this rank raises its own error
-        if refused:
-            raise ValueError(f"optimizer.load_state_dict: another rank refused the attached "
-                             f"{self.kind}'s entries of its state dict (its error names why); "
-                             f"nothing was loaded, on every rank")
-        if lo != hi:
-            raise ValueError(f"optimizer.load_state_dict: the attached {self.kind}'s entries are "
-                             f"in the state dicts of some ranks and not of others (this rank: "
-                             f"{'in' if have else 'not in'} it): the ranks load different saves. "
-                             f"Load one checkpoint on every rank; nothing was loaded, on every "
-                             f"rank")
+        what = f"optimizer.load_state_dict() of the attached {self.kind}"
+        mine = (entry is not None, None if err is None else f"{type(err).__name__}: {err}")
+        found = mesh_findings(mine, groups, waiting=(
+            f"{what}: every rank's optimizer must have the average attached, and every rank "
+            f"load; nothing was loaded here"))
+        refuse_together(what, {rank: f[1] for rank, f in found.items()})
+        held = [rank for rank, f in found.items() if f[0]]
+        if held and len(held) < len(found):
+            missing = [rank for rank in found if rank not in held]
+            raise Disagreement(f"{what}: its entries are in the state dicts of some ranks and "
+                               f"not of others (in: ranks {held}, not in: ranks {missing}, global "
+                               f"ranks; this rank: {'in' if entry is not None else 'not in'} it): "
+                               f"the ranks load different saves. Load one checkpoint on every "
+                               f"rank; nothing was loaded, on every rank")
         return entry
 
     def starting_over(self, optimizer, args, kwargs) -> None:
         """The step pre-hook armed by a load without the average: start over from the weights."""
-        if _zero_lr(optimizer) and _called_by_dcp():
+        if _zero_lr(optimizer) and _dcp.called_by():
             return
         self.reseed.remove()
         self.reseed = None
@@ -377,58 +364,6 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
         elif lr != 0:
             return False
     return True
-
-
-def _called_by_dcp(what: str = "_init_optim_state") -> bool:
-    return _dcp_frame(what) is not None
-
-
-_CONTRACT = {"_init_optim_state": ("optim",), "_get_optim_state_dict": ("optimizers", "info"),
-             "_load_optim_state_dict": ("optimizers", "state_dict", "info")}
-_BROKEN: set = set()           # the functions already warned of, once a process
-
-
-@contextlib.contextmanager
-def contract_warnings_afresh() -> Iterator[None]:
-    """For the ``with`` block, the contract's warnings said again, once per function (a test of
-    another torch's DCP in a process that has warned already); the record put back after."""
-    global _BROKEN
-    saved, _BROKEN = _BROKEN, set()
-    try:
-        yield
-    finally:
-        _BROKEN = saved
-
-
-def _dcp_frame(what: str) -> Any:
-    """DCP's ``what`` running a few frames up (the step's or ``state_dict()``'s wrappers), or
-    None: ``_init_optim_state`` (its dummy step), ``_get_optim_state_dict``,
-    ``_load_optim_state_dict`` (:data:`_CONTRACT`: their parameters, checked). The function's
-    own code, under its decorators (``@torch.no_grad()``'s wrapper is shared by every function it
-    decorates: its code would match any of them). Where DCP is loaded but a function is gone or
-    changed (another torch), one warning names it and the torch version."""
-    module = sys.modules.get(_DCP)
-    if module is None:
-        return None
-    fn = getattr(module, what, None)
-    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
-    if code is None or not set(_CONTRACT[what]) <= set(code.co_varnames[:code.co_argcount]):
-        if what not in _BROKEN:
-            _BROKEN.add(what)
-            warnings.warn(f"fastema's attach() tells DCP's calls by {_DCP}.{what}({', '.join(_CONTRACT[what])}), "
-                          f"which torch {torch.__version__} does not have: DCP's dummy step may count "
-                          f"as an update and its state dicts may not carry the attached average. "
-                          f"Tested on torch 2.13; report it", RuntimeWarning,
-                          stacklevel=3)
-        return None
-    frame: Any = sys._getframe(2)
-    for _ in range(12):
-        if frame is None:
-            return None
-        if frame.f_code is code:
-            return frame
-        frame = frame.f_back
-    return None
 
 
 def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:

@@ -6,7 +6,6 @@ pre-hook (M1), ``optimizer.step()`` inside ``average_parameters()`` (M2), a deep
 (M3), NaN counters (L1). Each resumed bit for bit against an uninterrupted run, or refused with
 nothing changed."""
 import io
-import re
 import warnings
 
 import pytest
@@ -301,25 +300,3 @@ def test_a_replaced_submodule_not_in_the_optimizer_is_refused_before_the_step():
     opt.add_param_group({"params": list(model[2].parameters())})   # the way on: step it too
     opt.step()
     assert ema.updates == 2
-
-
-def test_dcp_is_told_by_a_checked_contract_and_a_changed_torch_is_named(monkeypatch):
-    """Issue 72 item 3: DCP's private functions are checked against their parameters; where a
-    torch changed one, one warning names it and the torch version (never a silent mistake)."""
-    from fastema.torch import _attach
-
-    model, opt, ema = make()
-    step(model, opt, batches(1)[0])
-
-    def _get_optim_state_dict(model, optimizers):  # another torch's: no ``info``
-        return {}
-
-    monkeypatch.setattr(sd, "_get_optim_state_dict", _get_optim_state_dict)
-    with _attach.contract_warnings_afresh():
-        with pytest.warns(RuntimeWarning, match=rf"_get_optim_state_dict\(optimizers, info\).*"
-                                                rf"torch {re.escape(torch.__version__)}"):
-            got = opt.state_dict()
-        assert KEY in got                          # the top-level form, as outside DCP
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")         # once
-            opt.state_dict()

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
+from support.attach import dcp_load, dcp_options, dcp_save, rows, same_rows
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs gloo")
 
 STEPS, MORE = 3, 2
+F32 = torch.float32                                # the average of bfloat16 weights: float32
 
 
 def _model(seed, mesh=None):
@@ -53,48 +55,10 @@ def _step(model, opt, rank, step):
     opt.zero_grad()
 
 
-def _full(ema, prefix):
-    """The average's whole state, gathered (a collective): rows of every tensor, and counters."""
-    state = ema.gathered_state_dict() if ema.split else ema.state_dict()
-    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
-    for key in ("averaged", "ring"):
-        for n, v in state.get(key, {}).items():
-            assert v.dtype == torch.float32, (key, n, v.dtype)
-            out[f"{prefix}/{key}/{n}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
-    return out
-
-
-def _options(flat):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=flat)
-
-
-def _save(model, opt, path, flat):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, opt, options=_options(flat))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-
-
-def _load(model, opt, path, flat):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, opt, options=_options(flat))
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(flat))
-
-
 def _resume(rank, world, folder, kind, hsdp=False):
     """Train, save (default and flattened; ``dcp.async_save`` too), train on: the uninterrupted
     run; then fresh runs (other initial weights) load one save each and train on alike. ``hsdp``:
     a 2 x 2 mesh (replicate, shard)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp else None
@@ -103,22 +67,20 @@ def _resume(rank, world, folder, kind, hsdp=False):
     out = {"local_rows": torch.tensor([p.to_local().shape[0] for p in model.parameters()])}
     for s in range(STEPS):
         _step(model, opt, rank, s)
-    out.update(_full(ema, "saved"))
+    out.update(rows(ema, "saved", F32))
     for flat in (False, True):
-        _save(model, opt, os.path.join(folder, f"{name}-{int(flat)}"), flat)
-    msd, osd = get_state_dict(model, opt)
-    dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(folder, f"{name}-2")
-                   ).result()
+        dcp_save(model, opt, os.path.join(folder, f"{name}-{int(flat)}"), dcp_options(flat))
+    dcp_save(model, opt, os.path.join(folder, f"{name}-2"), dcp_options(), "async_save")
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
-    out.update(_full(ema, "ref"))
+    out.update(rows(ema, "ref", F32))
     for flat in (0, 1, 2):                         # 2: the async save, default options
         model, opt, ema = _make(1, mesh, kind)
-        _load(model, opt, os.path.join(folder, f"{name}-{flat}"), flat == 1)
-        out.update(_full(ema, f"loaded{flat}"))
+        dcp_load(model, opt, os.path.join(folder, f"{name}-{flat}"), dcp_options(flat == 1))
+        out.update(rows(ema, f"loaded{flat}", F32))
         for s in range(STEPS, STEPS + MORE):
             _step(model, opt, rank, s)
-        out.update(_full(ema, f"resumed{flat}"))
+        out.update(rows(ema, f"resumed{flat}", F32))
     return out
 
 
@@ -128,18 +90,12 @@ def _reshard(rank, world, folder, kind, saved_world, flats):
     out = {}
     for flat in flats:
         model, opt, ema = _make(2, kind=kind)
-        _load(model, opt, os.path.join(folder, f"{kind}{saved_world}-{int(flat)}"), flat)
-        out.update(_full(ema, f"loaded{int(flat)}"))
+        dcp_load(model, opt, os.path.join(folder, f"{kind}{saved_world}-{int(flat)}"),
+                 dcp_options(flat))
+        out.update(rows(ema, f"loaded{int(flat)}", F32))
         if not flat:
-            _save(model, opt, os.path.join(folder, f"{kind}{world}-0"), False)
+            dcp_save(model, opt, os.path.join(folder, f"{kind}{world}-0"), dcp_options())
     return out
-
-
-def _same(r, a, b):
-    keys = [k[len(a) + 1:] for k in r if k.startswith(a + "/")]
-    assert keys
-    for k in keys:
-        assert torch.equal(r[f"{a}/{k}"], r[f"{b}/{k}"]), (a, b, k)
 
 
 @pytest.mark.parametrize("kind", ["EMA", "WindowAverage"])
@@ -150,8 +106,8 @@ def test_a_sharded_float32_average_rides_dcp_bit_for_bit_and_across_world_sizes(
                                                       [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]
     for r in r4:                                   # uneven and size-0 local shards
         for flat in (0, 1, 2):
-            _same(r, "saved", f"loaded{flat}")
-            _same(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
+            same_rows(r, "saved", f"loaded{flat}")
+            same_rows(r, "ref", f"resumed{flat}")       # bit for bit against the uninterrupted run
     assert int(r4[0]["saved/calls"]) == STEPS      # DCP's dummy step is no update
     if kind != "EMA":
         return                                     # the world sizes: EMA's alone (CI time)
@@ -175,8 +131,8 @@ def test_hsdp_a_2d_mesh(tmp_path, kind):
     r4 = run_ranks(_resume, tmp_path, 4, str(tmp_path), kind, True, pg_timeout=60.0)
     for r in r4:
         for flat in (0, 1, 2):
-            _same(r, "saved", f"loaded{flat}")
-            _same(r, "ref", f"resumed{flat}")
+            same_rows(r, "saved", f"loaded{flat}")
+            same_rows(r, "ref", f"resumed{flat}")
 
 
 def _strip(state_dict):
@@ -210,7 +166,7 @@ def _disagree(rank, world):
     for s in range(STEPS, STEPS + MORE):
         _step(model, opt, rank, s)
     late = opt.state_dict()
-    before = _full(ema, "before")
+    before = rows(ema, "before", F32)
     cases = {"other_save": early if rank == 0 else late,
              "mixed": late if rank == 0 else _strip(late),
              "damaged": late if rank == 0 else _damage(late)}
@@ -219,13 +175,13 @@ def _disagree(rank, world):
             opt.load_state_dict(sd)
         except ValueError as err:
             out[case] = torch.tensor(list(str(err).encode()))
-        _same({**before, **_full(ema, "after")}, "before", "after")   # nothing was loaded
+        same_rows({**before, **rows(ema, "after", F32)}, "before", "after")   # nothing was loaded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.load_state_dict(_strip(late))          # none has it: every rank starts over
     out["warned"] = torch.tensor(sum("starts over" in str(w.message) for w in caught))
     opt.load_state_dict(late)                      # the world still works
-    _same({**before, **_full(ema, "after")}, "before", "after")
+    same_rows({**before, **rows(ema, "after", F32)}, "before", "after")
     plain = nn.Linear(4, 4)                        # a split attaches; outside DCP it says why
     sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
     EMA(plain, 0.9, shard_replicas=True).attach(sgd)
@@ -245,44 +201,13 @@ def test_ranks_that_disagree_raise_alike_and_an_ungathered_split_says_what_to_do
         assert "loaded another save" in t["other_save"], t["other_save"]
         assert "some ranks and not of others" in t["mixed"]
         assert "split over replicas" in t["split"] and "gather_attached()" in t["split"]
-    assert "(this rank: in it)" in text[0]["mixed"] and "not in it" in text[1]["mixed"]
-    assert "damaged" in text[1]["damaged"] and "another rank refused" in text[0]["damaged"]
+    for t in text:                                 # the same words on every rank
+        assert "in: ranks [0], not in: ranks [1], global ranks" in t["mixed"], t["mixed"]
+    assert "this rank: in it)" in text[0]["mixed"] and "this rank: not in it" in text[1]["mixed"]
+    assert "damaged" in text[1]["damaged"]         # rank 1: its own error; rank 0: rank 1's, named
+    assert "refused on rank 1 (its global rank), so on every rank" in text[0]["damaged"]
+    assert "damaged" in text[0]["damaged"].split("so on every rank")[1]
     assert int(r[0]["warned"]) == int(r[1]["warned"]) == 1
-
-
-def _plain(seed):
-    from fastema.torch import EMA
-
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, opt, EMA(model, 0.9).attach(opt)
-
-
-@pytest.mark.parametrize("flat", [False, True])
-def test_an_unsharded_average_rides_dcp_too_in_one_process(tmp_path, flat):
-    """No process group: DCP's get_optimizer_state_dict is told by its frame, and gets the
-    per-parameter form (plain float32 tensors); optimizer.state_dict() keeps the top-level key."""
-    from fastema.torch import ATTACH_KEY
-
-    model, opt, ema = _plain(0)
-    for s in range(STEPS):
-        _step(model, opt, 0, s)
-    plain = opt.state_dict()
-    assert set(plain[ATTACH_KEY]) and all(ATTACH_KEY not in v for v in plain["state"].values())
-    _save(model, opt, str(tmp_path / "ckpt"), flat)
-    for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, 0, s)
-    ref = ema.state_dict()["averaged"]
-    model, opt, ema = _plain(1)
-    _load(model, opt, str(tmp_path / "ckpt"), flat)
-    assert ema.updates == STEPS
-    for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, 0, s)
-    got = ema.state_dict()["averaged"]
-    assert set(got) == set(ref)
-    for n in ref:
-        assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n
 
 
 def _one_not_attached(rank, world):
@@ -308,6 +233,7 @@ def _one_not_attached(rank, world):
 def test_a_rank_without_the_average_attached_times_out_the_load_with_the_reason(tmp_path):
     r = run_ranks(_one_not_attached, tmp_path, 2, pg_timeout=60.0, fresh=True)
     said = bytes(r[0]["error"].tolist()).decode()
-    assert "agreement failed" in said and "did not join its load" in said
+    assert "agreement failed" in said and "a rank did not join it" in said
+    assert "optimizer.load_state_dict() of the attached EMA" in said
     assert "must have the average attached" in said
     assert "error" not in r[1]
