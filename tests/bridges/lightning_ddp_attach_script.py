@@ -7,34 +7,20 @@ split run's id, written apart), the models', the updates, the bytes it holds and
 ``.ckpt`` holds."""
 import hashlib
 import os
+import pathlib
 import sys
 import warnings
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
-from fastema.lightning import GatherAttached
-from fastema.torch import ATTACH_KEY, EMA
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # tests/: support's scenarios
+from support.attach import regression_data, regressor  # noqa: E402
+
+from fastema.lightning import GatherAttached  # noqa: E402
+from fastema.torch import ATTACH_KEY, EMA  # noqa: E402
 
 warnings.filterwarnings("ignore")
-
-
-class Regressor(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.ema = None
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        self.ema = EMA(self, 0.9, shard_replicas=True).attach(opt)
-        return opt
 
 
 def digest(state, h=None):
@@ -54,10 +40,7 @@ def digest(state, h=None):
 
 
 def fit(name: str, epochs: int, save: bool = False, ckpt=None):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 4, generator=g)
-    pairs = torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True))
-    data = torch.utils.data.DataLoader(pairs, batch_size=8)
+    data = regression_data(64, 1)
     root = os.path.join(os.getcwd(), name)
     callbacks = [GatherAttached("ema")]
     if save:
@@ -67,7 +50,7 @@ def fit(name: str, epochs: int, save: bool = False, ckpt=None):
                          logger=False, callbacks=callbacks, enable_checkpointing=save,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=root)
-    module = Regressor()
+    module = regressor(ema_kw={"shard_replicas": True})
     trainer.fit(module, data, ckpt_path=ckpt)
     ema = module.ema
     gathered = ema.gathered_state_dict()                    # a collective: every rank
@@ -87,7 +70,7 @@ if __name__ == "__main__":
     held = saved["optimizer_states"][0][ATTACH_KEY]
     whole = all(type(v) is torch.Tensor for v in held["averaged"].values())
     resumed = fit("b", 2, ckpt=last)
-    unsplit = EMA(Regressor(), 0.9).nbytes                   # the same average, not split
+    unsplit = EMA(regressor(), 0.9).nbytes                  # the same average, not split
     line = (f"rank {os.environ['RANK']} unsplit={unsplit} full {full} | first {first} "
             f"ckpt_updates={held['updates']} ckpt_run={held['split_id']} whole={whole} "
             f"| resumed {resumed}")

@@ -3,41 +3,28 @@ WeightEMA(shard_replicas=True) and with WeightEMA(), each rank printing the aver
 fit writes Lightning's checkpoints (its default ModelCheckpoint): each holds the average whole, and a
 split EMA on every rank loads it back to the same bits (checked here, printed as ckpt=ok)."""
 import os
+import pathlib
 import sys
 import warnings
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
-from fastema.lightning import WeightEMA
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # tests/: support's scenarios
+from support.attach import regression_data, regressor  # noqa: E402
+
+from fastema.lightning import WeightEMA  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 
-class Regressor(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 def fit(split: bool) -> str:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 4, generator=g)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    data = regression_data(64, 1, curved=False)
     callback = WeightEMA(0.9, shard_replicas=split)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                          callbacks=[callback], enable_checkpointing=split, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=os.path.join(os.getcwd(), f"run-{split}"))
-    trainer.fit(Regressor(), data)
+    trainer.fit(regressor(momentum=0.0), data)
     full = callback.ema.full_state_dict()
     held = callback.ema.nbytes
     bits = torch.cat([v.flatten() for v in full.values()]).view(torch.int32)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from support.attach import regression_data, regressor
 
 from fastema.torch import ATTACH_KEY, EMA
 
@@ -59,30 +59,10 @@ def test_hf_trainer_saves_and_resumes_the_attached_average_bit_for_bit(tmp_path)
 def lightning_run(tmp_path, epochs, ckpt=None, save=False, ema_kw=None, extra=()):
     """A regressor with an EMA (``EMA(self, 0.9, **ema_kw)``) attached in configure_optimizers."""
     pl = pytest.importorskip("pytorch_lightning")
-
-    class Regressor(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-            self.ema = None
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-            self.ema = EMA(self, 0.9, **(ema_kw or {})).attach(opt)
-            return opt
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=g)
-    pairs = torch.utils.data.TensorDataset(x, x.sin().sum(1, keepdim=True))
-    data = torch.utils.data.DataLoader(pairs, batch_size=8)
+    data = regression_data(32, 0)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     callbacks = ([ckpt_cb] if save else []) + list(extra)
-    module = Regressor()
+    module = regressor(ema_kw=ema_kw or {})
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                          enable_checkpointing=save, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)

@@ -3,28 +3,19 @@ same average updated by hand and a float64 reference; GradScaler's skipped steps
 step() not run; fused: run with found_inf set) and DCP's lr-0 dummy step do not update; the
 optimizer's state dict carries the whole average (weights_only) and resumes a float32 average of
 bfloat16 weights bit for bit; an old checkpoint starts over with one warning; the refusals."""
-import io
 import warnings
 
 import pytest
 import torch
-from support.attach import averaged, batches, net, same
+from support.attach import averaged, batches, net, resumes_bit_for_bit, same, save_load, step
 from torch import nn
 
 from fastema.torch import ATTACH_KEY as KEY
 from fastema.torch import EMA, PostHocEMA, WindowAverage
 
 D = 0.75
-def step(model, opt, x, scaler=None):
-    loss = model(x).square().mean()
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    opt.zero_grad()
+
+
 def test_every_step_updates_once_as_by_hand_and_as_float64():
     a, b = net(), net()
     opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
@@ -165,14 +156,7 @@ def test_a_damaged_per_parameter_entry_is_refused_by_name_and_nothing_changes():
         assert all(torch.equal(v["exp_avg"], m) for v, m in zip(opt.state.values(), moments))
 
 
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def train_bf16(steps, state=None):
+def train_bf16(state=None):
     """A bf16 model, AdamW, a float32 EMA attached; ``state``: (model, optimizer) to resume."""
     model = net(torch.bfloat16, seed=0 if state is None else 5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
@@ -184,29 +168,12 @@ def train_bf16(steps, state=None):
 
 
 def test_a_float32_average_of_bf16_weights_resumes_through_the_optimizer_bit_for_bit():
-    xs = batches(8, torch.bfloat16)
-    model, opt, ema = train_bf16(8)
-    for x in xs:
-        step(model, opt, x)
-    model1, opt1, ema1 = train_bf16(4)
-    for x in xs[:4]:
-        step(model1, opt1, x)
-    saved = save_load((model1.state_dict(), opt1.state_dict()))      # weights_only=True
-    avg = saved[1][KEY]["averaged"]
-    assert all(t.dtype == torch.float32 for t in avg.values())
-    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())   # bf16 loses it
-    model2, opt2, ema2 = train_bf16(4, saved)
-    assert ema2.updates == 4 and same(averaged(ema2), averaged(ema1))
-    for x in xs[4:]:
-        step(model2, opt2, x)
-    assert ema2.updates == ema.updates == 8
-    assert same(averaged(ema2), averaged(ema))
-    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), model.parameters()))
+    resumes_bit_for_bit(train_bf16, batches(8, torch.bfloat16))
 
 
 def test_per_parameter_state_would_come_back_in_the_parameters_dtype():
     """The trap the top-level entry avoids (torch's load cast, design note §4.1)."""
-    model, opt, _ = train_bf16(1)
+    model, opt, _ = train_bf16()
     step(model, opt, batches(1, torch.bfloat16)[0])
     p = next(model.parameters())
     opt.state[p]["naive_ema"] = p.detach().float() + 1e-3

@@ -5,12 +5,11 @@ optimizer (H3), a save while a start-over is pending (H4), a load torch refuses 
 pre-hook (M1), ``optimizer.step()`` inside ``average_parameters()`` (M2), a deeply nested record
 (M3), NaN counters (L1). Each resumed bit for bit against an uninterrupted run, or refused with
 nothing changed."""
-import io
 import warnings
 
 import pytest
 import torch
-from support.attach import averaged, batches, same
+from support.attach import averaged, batches, same, save_load
 from torch import nn
 
 from fastema.torch import ATTACH_KEY as KEY
@@ -36,13 +35,6 @@ def step(model, opt, x):
     model(x).square().mean().backward()
     opt.step()
     opt.zero_grad()
-
-
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def strict():

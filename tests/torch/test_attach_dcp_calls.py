@@ -1,21 +1,21 @@
-"""How an attached average tells DCP's calls (issue 72 item 3, ``fastema/torch/_state/dcp_calls.py``):
-the one table of DCP's private names it relies on, held to this torch's real signatures; a torch
+"""How an attached average tells DCP's calls (issue 72 item 3, ``torch/_state/dcp_calls.py``): the
+one table of DCP's private names it relies on, held to this torch's real signatures; a torch
 that renamed or changed one fails loudly, naming the torch version and what to do (a stand-in
 module: nothing of torch's is patched); and every entry point of torch's that saves or loads
 optimizer state, in one process, flatten on and off: ``get_state_dict`` / ``set_state_dict``,
 ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, ``dcp.save`` / ``dcp.load``,
 ``dcp.async_save``. Each carries the average in the per-parameter entries (what DCP keeps), never
 counts DCP's lr-0 dummy step, and resumes bit for bit against an uninterrupted run. The sharded
-and multi-rank forms: ``test_attach_dcp.py``, ``test_attach_dcp_full.py``, ``test_attach_matrix.py``."""
+and multi-rank forms: ``test_attach_dcp.py``, ``test_attach_dcp_full.py``,
+``test_attach_matrix.py``."""
 import dataclasses
 import inspect
-import io
 import re
 import types
 
 import pytest
 import torch
-from support.attach import averaged, dcp_load, dcp_options, dcp_save, same
+from support.attach import averaged, dcp_load, dcp_options, dcp_save, same, save_load
 from torch import nn
 
 from fastema.torch import ATTACH_KEY, EMA
@@ -101,19 +101,12 @@ def _keys(tree, at=""):
 def _save(model, opt, path, entry, flat):
     options = dcp_options(flat)
     if entry == "optimizer_state_dict":            # the optimizer's getter alone
-        return _kept((sd.get_optimizer_state_dict(model, opt, options=options),
-                      model.state_dict()))
+        return save_load((sd.get_optimizer_state_dict(model, opt, options=options),
+                          model.state_dict()))
     if entry == "state_dict":
-        return _kept(sd.get_state_dict(model, opt, options=options)[::-1])
-    return dcp_save(model, opt, path, options, "async_save" if entry == "async_save" else "save"), None
-
-
-def _kept(state):
-    """``state`` as a file holds it (``torch.load(weights_only=True)``): not the live tensors."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+        return save_load(sd.get_state_dict(model, opt, options=options)[::-1])
+    how = "async_save" if entry == "async_save" else "save"
+    return dcp_save(model, opt, path, options, how), None
 
 
 def _load(model, opt, path, entry, flat, saved):

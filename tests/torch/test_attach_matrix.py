@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
+from support.attach import dcp_load, dcp_options, dcp_save, rows
 from torch import nn
 
 FACES = ("EMA", "WindowAverage", "PostHocEMA")
@@ -77,48 +78,8 @@ def _step(wrapped, opt, rank, step):
     opt.zero_grad()
 
 
-def _whole(avg, prefix):
-    """The average's rows (gathered: a collective where sharded or split), and its count."""
-    state = avg.gathered_state_dict() if avg.split else avg.state_dict()
-    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
-    for key in ("averaged", "ring"):
-        for n, v in state.get(key, {}).items():
-            out[f"{prefix}/{key}/{n}"] = (v.full_tensor() if hasattr(v, "full_tensor")
-                                          else v).clone()
-    return out
-
-
 def _options(option):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=option == "flatten",
-                            full_state_dict=option == "full")
-
-
-def _save(wrapped, opt, option, path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(wrapped, opt, options=_options(option))
-    if option == "full":                          # every rank the whole state: one file each
-        torch.save({"model": msd, "optim": osd}, path + ".pt")
-    else:
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-
-
-def _load(wrapped, opt, option, path):
-    import torch.distributed.checkpoint as dcp
-    import torch.distributed.checkpoint.state_dict as dsd
-
-    o = _options(option)
-    if option == "full":
-        state = torch.load(path + ".pt", weights_only=True)
-    else:
-        msd, osd = dsd.get_state_dict(wrapped, opt, options=o)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=path)
-    dsd.set_model_state_dict(wrapped, state["model"], options=o)
-    dsd.set_optimizer_state_dict(wrapped, opt, state["optim"], options=o)
+    return dcp_options(option == "flatten", option == "full")
 
 
 def _cases(rank, world, folder, sharding, cases):
@@ -136,22 +97,25 @@ def _cases(rank, world, folder, sharding, cases):
             _step(wrapped, opt, rank, s)
         if sharding == "split" and option == "full":   # DCP gathers DTensors only: refused
             try:
-                _save(wrapped, opt, option, os.path.join(at, "ckpt"))
+                dcp_save(wrapped, opt, os.path.join(at, "ckpt"), _options(option), "torch")
             except ValueError as err:
                 out[f"{name}/refused"] = torch.tensor("gather_attached()" in str(err))
             continue
-        _save(wrapped, opt, option, os.path.join(at, f"ckpt{rank if option == 'full' else ''}"))
+        how = "torch" if option == "full" else "save"   # full: every rank the whole state, a file
+        path = os.path.join(at, f"ckpt{rank if option == 'full' else ''}")
+        dcp_save(wrapped, opt, path, _options(option), how)
         for s in range(STEPS, STEPS + MORE):
             _step(wrapped, opt, rank, s)
-        out.update(_whole(avg, f"{name}/ref"))
+        out.update(rows(avg, f"{name}/ref"))
         wrapped, opt, avg = _make(1, sharding, face, variant, os.path.join(at, "run"))
         with warnings.catch_warnings():
             warnings.filterwarnings("error", "the optimizer state dict")   # no start-over
-            _load(wrapped, opt, option, os.path.join(at, f"ckpt{rank if option == 'full' else ''}"))
+            dcp_load(wrapped, opt, path, _options(option), "torch" if how == "torch" else "load",
+                     each=True)
         out[f"{name}/loaded_calls"] = torch.tensor(avg.state_dict()["calls"])
         for s in range(STEPS, STEPS + MORE):
             _step(wrapped, opt, rank, s)
-        out.update(_whole(avg, f"{name}/resumed"))
+        out.update(rows(avg, f"{name}/resumed"))
     return out
 
 

@@ -5,11 +5,10 @@ the CPU (two host slots, as ``placement/test_offload.py`` runs it); a step a non
 ``GradScaler`` skips does not update, and a fused one's is refused naming the offload; the
 optimizer's state dict resumes a float32 average of bfloat16 weights bit for bit into new objects,
 still offloaded; ``detach()`` hands the offloaded average back to ``update()`` by hand."""
-import io
 
 import pytest
 import torch
-from support.attach import averaged, batches, net, same
+from support.attach import averaged, batches, net, resumes_bit_for_bit, same, save_load, step
 
 from fastema.torch import ATTACH_KEY, EMA, Offload
 from fastema.torch._placement import offload_ring
@@ -23,16 +22,8 @@ def pipeline(request):
     """The CPU ring, or a GPU ring's pipeline on the CPU (its chunks copied into two host slots)."""
     with offload_ring.pipeline(host_slots=request.param == "host slots"):
         yield request.param
-def step(model, opt, x, scaler=None):
-    loss = model(x).float().square().mean()
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    opt.zero_grad()
+
+
 def offloaded(avg) -> dict:
     """Where the average's bytes are, by part (the launch tables, made as they are needed, left
     out): the host shadow and the two staging chunks."""
@@ -86,13 +77,6 @@ def test_a_step_gradscaler_skips_does_not_update_and_a_fused_skip_is_refused_by_
     assert ema.updates == 2 and same(averaged(ema), now)
 
 
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def train_bf16(state=None, offload=CHUNK):
     """A bfloat16 model, AdamW, a float32 average attached; ``state``: (model, optimizer) to resume
     into new objects (made from other weights, so a load that misses shows)."""
@@ -113,21 +97,12 @@ def test_a_float32_average_of_bf16_weights_resumes_offloaded_bit_for_bit(pipelin
         step(model, opt, x)
         step(sync_model, sync_opt, x)
     assert same(averaged(ema), averaged(sync))     # the offloaded run is the synchronous one
-    model1, opt1, ema1 = train_bf16()
-    for x in xs[:4]:
-        step(model1, opt1, x)
-    saved = save_load((model1.state_dict(), opt1.state_dict()))      # weights_only=True
-    avg = saved[1][ATTACH_KEY]["averaged"]
-    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in avg.values())
-    assert any(not torch.equal(t, t.bfloat16().float()) for t in avg.values())   # bf16 loses it
-    model2, opt2, ema2 = train_bf16(saved)
-    assert offloaded(ema2) == offloaded(ema1)      # still in host memory, the same parts
-    assert ema2.updates == 4 and same(averaged(ema2), averaged(ema1))
-    for x in xs[4:]:
-        step(model2, opt2, x)
-    assert ema2.updates == ema.updates == 8
-    assert same(averaged(ema2), averaged(ema))
-    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), model.parameters()))
+
+    def still_offloaded(saved_ema, resumed):
+        assert offloaded(resumed) == offloaded(saved_ema)   # in host memory, the same parts
+
+    saved = resumes_bit_for_bit(train_bf16, xs, loaded=still_offloaded)
+    assert all(t.device.type == "cpu" for t in saved[1][ATTACH_KEY]["averaged"].values())
 
 
 def test_an_offloaded_checkpoint_resumes_into_a_synchronous_average_and_back():

@@ -4,12 +4,11 @@ through ``optimizer.state_dict()`` (read with ``weights_only=True``) in the midd
 of the snapshot cadence, and resumed into new objects bit for bit against an uninterrupted run of
 a bfloat16 model: the averages, the counters, and the snapshots written after the resume. Neither
 face keeps its average in host memory: ``offload=`` is refused by name."""
-import io
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.attach import batches, net
+from support.attach import batches, net, save_load
 
 from fastema.torch import ATTACH_KEY, PostHocEMA, WindowAverage
 
@@ -21,13 +20,6 @@ FACES = {
     "cumulative": lambda m, path: WindowAverage(m, None, every=2),
     "posthoc": lambda m, path: PostHocEMA(m, (0.05, 0.1), snapshot_every=3, path=path),
 }
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def run(make, path, steps, state=None):
     """AdamW on a bfloat16 model with the face attached; ``state``: (model, optimizer) state dicts
     to resume from, into new objects made from other weights."""

@@ -32,7 +32,7 @@ __all__ = ["CONTRACT", "MODULE", "TESTED", "DCPContractBroken", "called_by", "ch
            "verified"]
 
 MODULE = "torch.distributed.checkpoint.state_dict"
-TESTED = "2.13"            # the torch the table was written against (tests/torch/test_attach_dcp_calls.py)
+TESTED = "2.13"            # the torch the table was written against (test_attach_dcp_calls.py)
 #: what the detection relies on: a name in :data:`MODULE` -> (the parameters a function must take,
 #: or the fields a dataclass must have, by name; what fastema tells by it)
 CONTRACT: dict[str, tuple[tuple[str, ...], str]] = {
@@ -72,8 +72,8 @@ def check(module: ModuleType) -> dict[str, CodeType]:
         raise DCPContractBroken(
             f"fastema's attach() tells DCP's calls by {MODULE}'s private functions, and torch "
             f"{torch.__version__} changed them: {'; '.join(broken)}. The attached average would be "
-            f"dropped from DCP's checkpoints or DCP's dummy step counted as an update, so nothing is "
-            f"guessed. Use the torch fastema was tested with ({TESTED}) or a fastema that supports "
+            f"dropped from DCP's checkpoints or DCP's dummy step counted as an update, so nothing "
+            f"is guessed. Use the torch fastema was tested with ({TESTED}) or a fastema that supports "
             f"this torch; or detach() the average, call ema.update() after each optimizer.step() "
             f"and save ema.state_dict() beside the optimizer's (dcp.save({{'ema': ema, ...}}))")
     return codes
