@@ -12,8 +12,8 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
   optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
   the caller, :mod:`._state.dcp_calls`: read only then, §4.3); a fused optimizer's step under
-  ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on the device (the flag copied
-  into the kernels' skip flags: no host sync);
+  ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
+  the device (the flag copied into the kernels' skip flags: no host sync);
 - a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
   dict's top-level key :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what
   ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
