@@ -81,6 +81,12 @@ def _resume(rank, world, folder, kind, hsdp=False):
         for s in range(STEPS, STEPS + MORE):
             _step(model, opt, rank, s)
         out.update(rows(ema, f"resumed{flat}", F32))
+    if hsdp and kind == "EMA":                     # rank 3's state dict without the average: the
+        late = opt.state_dict()                    # agreement crosses both mesh dimensions
+        try:
+            opt.load_state_dict(_strip(late) if rank == 3 else late)
+        except ValueError as err:
+            out["mixed"] = torch.tensor(list(str(err).encode()))
     return out
 
 
@@ -133,6 +139,9 @@ def test_hsdp_a_2d_mesh(tmp_path, kind):
         for flat in (0, 1, 2):
             same_rows(r, "saved", f"loaded{flat}")
             same_rows(r, "ref", f"resumed{flat}")
+        if kind == "EMA":                          # every rank, rank 3 heard over 2 dimensions
+            said = bytes(r["mixed"].tolist()).decode()
+            assert "in: ranks [0, 1, 2], not in: ranks [3], global ranks" in said, said
 
 
 def _strip(state_dict):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from dist import run_ranks
 
+from fastema.torch._state import agree
 from fastema.torch._state.agree import Disagreement, decided, findings, refuse_together
 
 
@@ -23,6 +24,23 @@ def test_refuse_together_names_the_lowest_refusing_rank_in_a_refused_reads_words
     assert isinstance(got.value, ValueError)                      # except ValueError catches it
     with pytest.raises(OSError, match="refused on rank 0 .*: no space"):
         refuse_together("the DCP snapshot", ["no space"], OSError)
+
+
+def test_refuse_together_takes_findings_by_global_rank_and_timed_out_words_a_missing_rank():
+    refuse_together("the load", {0: None, 3: None})
+    with pytest.raises(Disagreement, match=r"^the load refused on rank 5 \(its global rank\), so "
+                                           r"on every rank: damaged$"):
+        refuse_together("the load", {2: None, 5: "damaged", 7: "gone"}, group=object())
+    assert agree.mesh_findings("mine", []) == {0: "mine"}               # no group: this rank's alone
+    with pytest.raises(Disagreement, match=r"agreement failed on this rank \(Timed out\): where "
+                                           r"it timed out, a rank did not join it: attach it"):
+        with agree.timed_out("attach it"):
+            raise RuntimeError("Timed out")                       # gloo's timeout
+    for waiting, error in ((None, RuntimeError), ("attach it", ValueError)):
+        with pytest.raises(error) as got:                         # torch's own, or not a wait's
+            with agree.timed_out(waiting):
+                raise error("other")
+        assert type(got.value) is error
 
 
 def _decisions(rank, world):
