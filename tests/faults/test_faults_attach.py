@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
+from support.attach import rank_step
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -35,11 +36,6 @@ def _make(seed, bn=False):
     return model, opt, ema
 
 
-def _step(model, opt, step):
-    g = torch.Generator().manual_seed(step)          # the same batch on both ranks (BN's stats)
-    model(torch.randn(4, 6, generator=g)).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def _rows(ema):
@@ -74,9 +70,9 @@ def _faults(rank, world):
     out = {}
     model, opt, ema = _make(0)
     for s in range(3):
-        _step(model, opt, s)
+        rank_step(model, opt, s, width=6, dtype=torch.float32)
     saved = opt.state_dict()
-    _step(model, opt, 3)
+    rank_step(model, opt, 3, width=6, dtype=torch.float32)
     before = _rows(ema)
     t0 = time.monotonic()
     try:                                           # rank 1's record: 50000 nested lists
@@ -95,7 +91,7 @@ def _faults(rank, world):
     flat = dsd.StateDictOptions(flatten_optimizer_state_dict=True)
     model, opt, ema = _make(0, bn=True)
     for s in range(3):
-        _step(model, opt, s)
+        rank_step(model, opt, s, width=6, dtype=torch.float32)
     got = dsd.get_optimizer_state_dict(model, opt, options=flat)
     per_rank = opt.state_dict()                    # H2: the averaged buffers ride it too
     ref = _rows(ema)

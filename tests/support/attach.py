@@ -52,6 +52,21 @@ def step(model, opt, x, scaler=None):
     opt.zero_grad()
 
 
+def rank_step(model, opt, step, rank=0, width=8, dtype=torch.bfloat16):
+    """Training step ``step`` on rank ``rank``: a batch of 4 x ``width`` inputs of ``dtype`` drawn
+    from ``1000 * step + rank`` (rank 0's alike on every rank: where the ranks must see one batch,
+    BatchNorm's statistics), the loss in float32."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(4, width, generator=g).to(dtype)
+    step_on(model, opt, x)
+
+
+def step_on(model, opt, x):
+    model(x).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def resumes_bit_for_bit(train, xs, at=4, loaded=None):
     """The attach round trip through the optimizer's state dict: ``train(state=None)`` makes
     ``(model, optimizer, attached average)`` (from other weights where ``state``, the model's and

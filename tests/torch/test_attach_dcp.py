@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
-from support.attach import dcp_load, dcp_options, dcp_save, rows, same_rows
+from support.attach import dcp_load, dcp_options, dcp_save, rank_step, rows, same_rows
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -47,12 +47,6 @@ def _make(seed, mesh=None, kind="EMA"):
     return model, opt, ema.attach(opt)
 
 
-def _step(model, opt, rank, step):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(4, 8, generator=g).to(torch.bfloat16)
-    model(x).float().square().mean().backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def _resume(rank, world, folder, kind, hsdp=False):
@@ -66,20 +60,20 @@ def _resume(rank, world, folder, kind, hsdp=False):
     model, opt, ema = _make(0, mesh, kind)
     out = {"local_rows": torch.tensor([p.to_local().shape[0] for p in model.parameters()])}
     for s in range(STEPS):
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
     out.update(rows(ema, "saved", F32))
     for flat in (False, True):
         dcp_save(model, opt, os.path.join(folder, f"{name}-{int(flat)}"), dcp_options(flat))
     dcp_save(model, opt, os.path.join(folder, f"{name}-2"), dcp_options(), "async_save")
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
     out.update(rows(ema, "ref", F32))
     for flat in (0, 1, 2):                         # 2: the async save, default options
         model, opt, ema = _make(1, mesh, kind)
         dcp_load(model, opt, os.path.join(folder, f"{name}-{flat}"), dcp_options(flat == 1))
         out.update(rows(ema, f"loaded{flat}", F32))
         for s in range(STEPS, STEPS + MORE):
-            _step(model, opt, rank, s)
+            rank_step(model, opt, s, rank)
         out.update(rows(ema, f"resumed{flat}", F32))
     if hsdp and kind == "EMA":                     # rank 3's state dict without the average: the
         late = opt.state_dict()                    # agreement crosses both mesh dimensions
@@ -168,12 +162,12 @@ def _disagree(rank, world):
 
     model, opt, ema = _make(0)
     for s in range(STEPS):
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
     with Counted() as counted:
         early = opt.state_dict()                   # each rank alone: no collective
     out = {"collectives": torch.tensor(len(counted.calls))}
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
     late = opt.state_dict()
     before = rows(ema, "before", F32)
     cases = {"other_save": early if rank == 0 else late,
@@ -223,7 +217,7 @@ def _one_not_attached(rank, world):
     """Rank 1's optimizer has no average attached: rank 0 times out in the load's agreement and
     says why (rank 1 loads the entries as plain optimizer state: nothing runs there to say so)."""
     model, opt, ema = _make(0)
-    _step(model, opt, rank, 0)
+    rank_step(model, opt, 0, rank)
     saved = opt.state_dict()
     if rank == 1:
         ema.detach()

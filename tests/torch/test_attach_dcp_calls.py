@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from support.attach import averaged, dcp_load, dcp_options, dcp_save, same, save_load
+from support.attach import averaged, dcp_load, dcp_options, dcp_save, rank_step, same, save_load
 from torch import nn
 
 from fastema.torch import ATTACH_KEY, EMA
@@ -84,11 +84,6 @@ def _model(seed):
     return model, opt, EMA(model, 0.9).attach(opt)
 
 
-def _step(model, opt, step):
-    g = torch.Generator().manual_seed(step)
-    model(torch.randn(4, 8, generator=g).to(torch.bfloat16)).float().square().mean().backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def _keys(tree, at=""):
@@ -132,7 +127,7 @@ def test_every_dcp_entry_point_carries_the_average_in_one_process(tmp_path, entr
     assert fresh.updates == 0 and len(fresh_opt.state) > 0     # DCP's dummy step: no update
     model, opt, ema = _model(0)
     for s in range(STEPS):
-        _step(model, opt, s)
+        rank_step(model, opt, s)
     assert ATTACH_KEY in opt.state_dict()                      # outside DCP: the top-level key
     saved = _save(model, opt, str(tmp_path / "ckpt"), entry, flat)
     keys = _keys(saved[0])
@@ -140,12 +135,12 @@ def test_every_dcp_entry_point_carries_the_average_in_one_process(tmp_path, entr
                                               for k in keys if k.startswith("state")), keys[:8]
     at_save = averaged(ema)
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, s)
+        rank_step(model, opt, s)
     model, opt, resumed = _model(1)
     _load(model, opt, str(tmp_path / "ckpt"), entry, flat, saved)
     assert resumed.updates == STEPS and same(averaged(resumed), at_save)
     assert all(t.dtype == torch.float32 for t in averaged(resumed).values())
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, s)
+        rank_step(model, opt, s)
     assert resumed.updates == ema.updates == STEPS + MORE
     assert same(averaged(resumed), averaged(ema))

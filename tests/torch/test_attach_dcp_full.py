@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
+from support.attach import rank_step, rows
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs gloo")
 
+F32 = torch.float32                                # the average of bfloat16 weights: float32
 STEPS, MORE = 3, 2
 #: (full_state_dict, cpu_offload, broadcast_from_rank0, flatten_optimizer_state_dict); with
 #: flatten too, torch 2.13's set_optimizer_state_dict raises KeyError 'param_groups.0.params.0'
@@ -49,21 +51,6 @@ def _make(seed, sharded):
     return wrapped, opt, ema.attach(opt)
 
 
-def _step(wrapped, opt, rank, step):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    wrapped(torch.randn(4, 8, generator=g).to(torch.bfloat16)).float().square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def _full(ema, prefix):
-    """The average's rows (gathered: a collective) and its count."""
-    state = ema.state_dict()
-    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
-    for n, v in state["averaged"].items():
-        assert v.dtype == torch.float32, (n, v.dtype)
-        out[f"{prefix}/{n}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
-    return out
 
 
 def _options(full, offload, bcast, flat):
@@ -85,8 +72,8 @@ def _full_round(rank, world, folder, sharded):
 
     wrapped, opt, ema = _make(0, sharded)
     for s in range(STEPS):
-        _step(wrapped, opt, rank, s)
-    out = _full(ema, "saved")
+        rank_step(wrapped, opt, s, rank)
+    out = rows(ema, "saved", F32)
     for i, o in enumerate(OPTIONS):
         msd, osd = dsd.get_state_dict(wrapped, opt, options=_options(*o))
         path = _path(folder, sharded, i, o, rank)
@@ -95,8 +82,8 @@ def _full_round(rank, world, folder, sharded):
             torch.save({"model": msd, "optim": osd}, path)
     dist.barrier()
     for s in range(STEPS, STEPS + MORE):
-        _step(wrapped, opt, rank, s)
-    out.update(_full(ema, "ref"))
+        rank_step(wrapped, opt, s, rank)
+    out.update(rows(ema, "ref", F32))
     for i, o in enumerate(OPTIONS):
         wrapped, opt, ema = _make(1, sharded)
         bcast = o[2]
@@ -105,10 +92,10 @@ def _full_round(rank, world, folder, sharded):
                  else torch.load(path, weights_only=True))
         dsd.set_model_state_dict(wrapped, state["model"], options=_options(*o))
         dsd.set_optimizer_state_dict(wrapped, opt, state["optim"], options=_options(*o))
-        out.update(_full(ema, f"loaded{i}"))
+        out.update(rows(ema, f"loaded{i}", F32))
         for s in range(STEPS, STEPS + MORE):
-            _step(wrapped, opt, rank, s)
-        out.update(_full(ema, f"resumed{i}"))
+            rank_step(wrapped, opt, s, rank)
+        out.update(rows(ema, f"resumed{i}", F32))
     return out
 
 

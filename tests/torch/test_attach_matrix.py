@@ -19,13 +19,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
-from support.attach import dcp_load, dcp_options, dcp_save, rows
+from support.attach import dcp_load, dcp_options, dcp_save, rank_step, rows
 from torch import nn
 
 FACES = ("EMA", "WindowAverage", "PostHocEMA")
 OPTIONS = ("default", "flatten", "full")
 VARIANTS = ("frozen", "buffers", "stateless")
 STEPS, MORE = 3, 2
+F32 = torch.float32      # rank_step: rank 0's batch on every rank (BatchNorm's statistics)
 
 
 def latin(face, option):
@@ -69,13 +70,6 @@ def _make(seed, sharding, face, variant, folder):
     return wrapped, opt, avg.attach(opt)
 
 
-def _step(wrapped, opt, rank, step):
-    """The same batch on every rank: FSDP2 leaves buffers unsynchronised, and DCP keeps one
-    rank's copy of a plain tensor (the model's BatchNorm statistics and their averages)."""
-    g = torch.Generator().manual_seed(1000 * step)
-    wrapped(torch.randn(4, 6, generator=g)).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def _options(option):
@@ -94,7 +88,7 @@ def _cases(rank, world, folder, sharding, cases):
         os.makedirs(at, exist_ok=True)
         wrapped, opt, avg = _make(0, sharding, face, variant, os.path.join(at, "run"))
         for s in range(STEPS):
-            _step(wrapped, opt, rank, s)
+            rank_step(wrapped, opt, s, width=6, dtype=F32)
         if sharding == "split" and option == "full":   # DCP gathers DTensors only: refused
             try:
                 dcp_save(wrapped, opt, os.path.join(at, "ckpt"), _options(option), "torch")
@@ -105,7 +99,7 @@ def _cases(rank, world, folder, sharding, cases):
         path = os.path.join(at, f"ckpt{rank if option == 'full' else ''}")
         dcp_save(wrapped, opt, path, _options(option), how)
         for s in range(STEPS, STEPS + MORE):
-            _step(wrapped, opt, rank, s)
+            rank_step(wrapped, opt, s, width=6, dtype=F32)
         out.update(rows(avg, f"{name}/ref"))
         wrapped, opt, avg = _make(1, sharding, face, variant, os.path.join(at, "run"))
         with warnings.catch_warnings():
@@ -114,7 +108,7 @@ def _cases(rank, world, folder, sharding, cases):
                      each=True)
         out[f"{name}/loaded_calls"] = torch.tensor(avg.state_dict()["calls"])
         for s in range(STEPS, STEPS + MORE):
-            _step(wrapped, opt, rank, s)
+            rank_step(wrapped, opt, s, width=6, dtype=F32)
         out.update(rows(avg, f"{name}/resumed"))
     return out
 

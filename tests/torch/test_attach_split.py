@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import Counted, run_ranks
+from support.attach import rank_step, rows, same_rows
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs gloo")
 
+F32 = torch.float32                                # the average of bfloat16 weights: float32
 STEPS, MORE = 3, 2
 
 
@@ -47,35 +49,12 @@ def _make(seed, kind="EMA", folder=None):
     return ddp, opt, ema.attach(opt)
 
 
-def _step(model, opt, rank, step):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    model(torch.randn(4, 8, generator=g).to(torch.bfloat16)).float().square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def _full(ema, prefix):
-    """The whole average, gathered (a collective): every tensor's rows, and the counters."""
-    state = ema.gathered_state_dict()
-    out = {f"{prefix}/calls": torch.tensor(state["calls"])}
-    for key in ("averaged", "ring"):
-        for n, v in state.get(key, {}).items():
-            assert v.dtype == torch.float32, (key, n, v.dtype)
-            out[f"{prefix}/{key}/{n}"] = v.clone()
-    return out
 
 
 def _options(flat):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(flatten_optimizer_state_dict=flat)
-
-
-def _same(r, a, b):
-    keys = [k[len(a) + 1:] for k in r if k.startswith(a + "/")]
-    assert keys
-    for k in keys:
-        assert torch.equal(r[f"{a}/{k}"], r[f"{b}/{k}"]), (a, b, k)
 
 
 def _dcp_resume(rank, world, folder, kind):
@@ -88,8 +67,8 @@ def _dcp_resume(rank, world, folder, kind):
     snaps = os.path.join(folder, "snapshots")
     model, opt, ema = _make(0, kind, os.path.join(snaps, "ref"))
     for s in range(STEPS):
-        _step(model, opt, rank, s)
-    out = _full(ema, "saved")
+        rank_step(model, opt, s, rank)
+    out = rows(ema, "saved", F32)
     if kind == "PostHocEMA":
         out["run_id"] = torch.tensor(list(ema.run_id.encode()))
     for flat in (False, True):
@@ -99,8 +78,8 @@ def _dcp_resume(rank, world, folder, kind):
             assert entries and isinstance(entries[0]["fastema"]["averaged"], SplitEntry)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(folder, f"{flat}"))
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, rank, s)
-    out.update(_full(ema, "ref"))
+        rank_step(model, opt, s, rank)
+    out.update(rows(ema, "ref", F32))
     out.update(_last_snapshot(os.path.join(snaps, "ref"), "ref"))
     kinds = [(kind, False), (kind, True)] + [("unsplit", False)] * (kind == "EMA")
     for made, flat in kinds:                       # unsplit: the split's save, read whole
@@ -114,12 +93,12 @@ def _dcp_resume(rank, world, folder, kind):
         dcp.load(state, checkpoint_id=os.path.join(folder, f"{flat}"))
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=_options(flat))
-        out.update(_full(ema, f"loaded{name}"))
+        out.update(rows(ema, f"loaded{name}", F32))
         if kind == "PostHocEMA":                   # the saved run goes on: its id, its folder
             out[f"run_id{name}"] = torch.tensor(list(ema.run_id.encode()))
         for s in range(STEPS, STEPS + MORE):
-            _step(model, opt, rank, s)
-        out.update(_full(ema, f"resumed{name}"))
+            rank_step(model, opt, s, rank)
+        out.update(rows(ema, f"resumed{name}", F32))
         out.update(_last_snapshot(os.path.join(snaps, f"{name}"), f"resumed{name}"))
     return out
 
@@ -150,9 +129,9 @@ def test_a_split_float32_average_rides_dcp_bit_for_bit(tmp_path, kind):
     r = run_ranks(_dcp_resume, tmp_path, 2, str(tmp_path), kind, pg_timeout=30.0)
     for x in r:
         for flat in (0, 1, "unsplit") if kind == "EMA" else (0, 1):
-            _same(x, "saved", f"loaded{flat}")
-            _same(x, "ref", f"resumed{flat}")      # bit for bit against the uninterrupted run
-    _same({**{"a/" + k: v for k, v in r[0].items()}, **{"b/" + k: v for k, v in r[1].items()}},
+            same_rows(x, "saved", f"loaded{flat}")
+            same_rows(x, "ref", f"resumed{flat}")      # bit for bit against the uninterrupted run
+    same_rows({**{"a/" + k: v for k, v in r[0].items()}, **{"b/" + k: v for k, v in r[1].items()}},
           "a", "b")                                 # one average: every rank gathers the same
     assert int(r[0]["saved/calls"]) == STEPS        # DCP's dummy step is no update
     ids = {bytes(x[k].tolist()) for x in r for k in x if k.startswith("run_id")}
@@ -172,11 +151,11 @@ def _dcp_disagree(rank, world):
     from torch.distributed.checkpoint import state_dict as dcp_sd
 
     model, opt, ema = _make(0)
-    _step(model, opt, rank, 0)
+    rank_step(model, opt, 0, rank)
     early = dcp_sd.get_optimizer_state_dict(model, opt)
-    _step(model, opt, rank, 1)
+    rank_step(model, opt, 1, rank)
     late = dcp_sd.get_optimizer_state_dict(model, opt)
-    before = _full(ema, "before")
+    before = rows(ema, "before", F32)
     out = {}
     for case, sd in {"other_save": early if rank == 0 else late,
                      "mixed": late if rank == 0 else _strip(late)}.items():
@@ -184,9 +163,9 @@ def _dcp_disagree(rank, world):
             dcp_sd.set_optimizer_state_dict(model, opt, sd)
         except ValueError as err:
             out[case] = torch.tensor(list(str(err).encode()))
-        _same({**before, **_full(ema, "after")}, "before", "after")   # nothing was loaded
+        same_rows({**before, **rows(ema, "after", F32)}, "before", "after")   # nothing was loaded
     dcp_sd.set_optimizer_state_dict(model, opt, late)
-    _same({**before, **_full(ema, "after")}, "before", "after")
+    same_rows({**before, **rows(ema, "after", F32)}, "before", "after")
     return out
 
 
@@ -204,7 +183,7 @@ def _rank0_save(rank, world, folder):
     which every rank loads (weights_only) and resumes bit for bit."""
     model, opt, ema = _make(0)
     for s in range(STEPS):
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
     path = os.path.join(folder, "optimizer.pt")
     out = {}
     if rank == 0:
@@ -223,10 +202,10 @@ def _rank0_save(rank, world, folder):
         out["saved_calls"] = torch.tensor(len(counted.calls))
         torch.save(model.module.state_dict(), path + ".model")
     dist.barrier()
-    out.update(_full(ema, "saved"))
+    out.update(rows(ema, "saved", F32))
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, rank, s)
-    out.update(_full(ema, "ref"))
+        rank_step(model, opt, s, rank)
+    out.update(rows(ema, "ref", F32))
     if rank == 0:                                  # a step drops the gathered copy
         try:
             opt.state_dict()
@@ -241,13 +220,13 @@ def _rank0_save(rank, world, folder):
     except ValueError as err:
         out["mixed"] = torch.tensor(list(str(err).encode()))
     opt.load_state_dict(whole)
-    out.update(_full(ema, "loaded"))
+    out.update(rows(ema, "loaded", F32))
     _, opt2, ema2 = _make(1, "unsplit")            # the whole copy loads unsplit too
     opt2.load_state_dict(whole)
-    out.update(_full(ema2, "unsplit"))
+    out.update(rows(ema2, "unsplit", F32))
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, rank, s)
-    out.update(_full(ema, "resumed"))
+        rank_step(model, opt, s, rank)
+    out.update(rows(ema, "resumed", F32))
     return out
 
 
@@ -262,9 +241,9 @@ def test_outside_dcp_the_hook_carries_the_gathered_copy_or_says_what_to_do(tmp_p
     for x in (r0, r1):
         assert "some ranks and not of others" in bytes(x["mixed"].tolist()).decode()
     for x in (r0, r1):
-        _same(x, "saved", "loaded")
-        _same(x, "saved", "unsplit")
-        _same(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
+        same_rows(x, "saved", "loaded")
+        same_rows(x, "saved", "unsplit")
+        same_rows(x, "ref", "resumed")                 # bit for bit against the uninterrupted run
 
 
 def _trainer_flows(rank, world, folder):
@@ -283,13 +262,13 @@ def _trainer_flows(rank, world, folder):
                              logging_strategy="no", report_to=[], use_cpu=True)
     handler = CallbackHandler([DefaultFlowCallback(), GatherAttached(ema)], model, None, opt, None)
     state, control = TrainerState(max_steps=STEPS, save_steps=2), TrainerControl()
-    out, saves = _full(ema, "start"), []
+    out, saves = rows(ema, "start", F32), []
     control = handler.on_init_end(args, state, control)   # every rank builds the Trainer; then
     opt.load_state_dict(opt.state_dict())       # train()'s prepare: accelerate's
-    out.update(_full(ema, "prepared"))          # AcceleratedOptimizer round trip, every rank
+    out.update(rows(ema, "prepared", F32))          # AcceleratedOptimizer round trip, every rank
     for s in range(STEPS):
         control = handler.on_step_begin(args, state, control)
-        _step(model, opt, rank, s)
+        rank_step(model, opt, s, rank)
         state.global_step = s + 1
         control = handler.on_step_end(args, state, control)
         if control.should_save:                    # steps 2 and 3 (the last)
@@ -299,7 +278,7 @@ def _trainer_flows(rank, world, folder):
                     torch.save(opt.state_dict(), os.path.join(folder, f"opt{s + 1}.pt"))
                 out[f"hf_calls{s + 1}"] = torch.tensor(len(counted.calls))
             control = handler.on_save(args, state, control)
-            out.update(_full(ema, f"at{s + 1}"))
+            out.update(rows(ema, f"at{s + 1}", F32))
     dist.barrier()
     out["saves"] = torch.tensor(saves)
     best = TrainingArguments(os.path.join(folder, "best"), eval_strategy="steps", eval_steps=2,
@@ -309,7 +288,7 @@ def _trainer_flows(rank, world, folder):
     state, control = TrainerState(max_steps=9, eval_steps=2), TrainerControl()
     for s in (4, 5):                               # "best": the save is decided after evaluating
         control = handler.on_step_begin(best, state, control)
-        _step(model, opt, rank, s - 1)
+        rank_step(model, opt, s - 1, rank)
         state.global_step = s
         control = handler.on_step_end(best, state, control)
         if rank == 0:
@@ -318,7 +297,7 @@ def _trainer_flows(rank, world, folder):
                 out[f"best{s}"] = torch.tensor(1)
             except RuntimeError:
                 out[f"best{s}"] = torch.tensor(0)
-    out.update(_full(ema, "now"))
+    out.update(rows(ema, "now", F32))
     lightning = LightningGather("ema")
     lightning.setup(None, nn.Module(), "fit")
     lightning.module.ema = ema                     # the LightningModule's attribute
@@ -329,7 +308,7 @@ def _trainer_flows(rank, world, folder):
     for name, sd in (*files.items(), ("lightning", whole)):
         _, opt2, ema2 = _make(1)
         opt2.load_state_dict(sd)
-        out.update(_full(ema2, name))
+        out.update(rows(ema2, name, F32))
     return out
 
 
@@ -339,10 +318,10 @@ def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
     assert int(r[0]["hf_calls2"]) == int(r[0]["hf_calls3"]) == 0    # rank 0 alone, no collective
     assert int(r[0]["best4"]) == 1 and int(r[0]["best5"]) == 0   # gathered at each evaluation
     for x in r:
-        _same(x, "start", "prepared")              # it raised "was not gathered" at prepare
-        _same(x, "at2", "hf2")
-        _same(x, "at3", "hf3")
-        _same(x, "now", "lightning")
+        same_rows(x, "start", "prepared")              # it raised "was not gathered" at prepare
+        same_rows(x, "at2", "hf2")
+        same_rows(x, "at3", "hf3")
+        same_rows(x, "now", "lightning")
 
 
 def test_gather_attached_is_a_no_op_unsplit_and_refused_unattached():
@@ -368,16 +347,16 @@ def _gathered_save(rank, world, folder):
     dicts; every rank trains on the same batches (so any world size trains alike) and goes on."""
     model, opt, ema = _make(0)
     for s in range(STEPS):
-        _step(model, opt, 0, s)
+        rank_step(model, opt, s, 0)
     ema.gather_attached()
     if rank == 0:
         torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
         torch.save(model.module.state_dict(), os.path.join(folder, "model.pt"))
     dist.barrier()
-    out = _full(ema, "saved")
+    out = rows(ema, "saved", F32)
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, 0, s)
-    out.update(_full(ema, "ref"))
+        rank_step(model, opt, s, 0)
+    out.update(rows(ema, "ref", F32))
     return out
 
 
@@ -386,10 +365,10 @@ def _gathered_load(rank, world, folder):
     model, opt, ema = _make(1)
     model.module.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
     opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
-    out = _full(ema, "loaded")
+    out = rows(ema, "loaded", F32)
     for s in range(STEPS, STEPS + MORE):
-        _step(model, opt, 0, s)
-    out.update(_full(ema, "resumed"))
+        rank_step(model, opt, s, 0)
+    out.update(rows(ema, "resumed", F32))
     return out
 
 
@@ -400,5 +379,5 @@ def test_the_gathered_copy_loads_at_another_world_size(tmp_path, sizes):
     loaded = run_ranks(_gathered_load, tmp_path / "load", sizes[1], folder, pg_timeout=30.0)
     for x in loaded:
         r = {**saved[0], **x}
-        _same(r, "saved", "loaded")
-        _same(r, "ref", "resumed")                 # bit for bit against the uninterrupted run
+        same_rows(r, "saved", "loaded")
+        same_rows(r, "ref", "resumed")                 # bit for bit against the uninterrupted run
