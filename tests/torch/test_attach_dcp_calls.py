@@ -57,15 +57,16 @@ def _renamed_parameters(model, optimizer, options):   # another torch's: other n
 
 
 @pytest.mark.parametrize("name", sorted(dcp_calls.CONTRACT))
-@pytest.mark.parametrize("change", ["gone", "changed"])
+@pytest.mark.parametrize("change", ["gone", "changed", "no code"])
 def test_a_torch_that_renamed_or_changed_a_function_fails_loudly_naming_its_version(name, change):
-    replacement = None
+    replacement = 3 if change == "no code" else None
     if change == "changed":
         replacement = (dataclasses.make_dataclass("_StateDictInfo", ["other"])
                        if name == "_StateDictInfo" else _renamed_parameters)
     module = _stand_in(name, replacement)
-    said = "is gone" if change == "gone" else "takes (" + ("other" if name == "_StateDictInfo"
-                                                           else "model, optimizer, options")
+    said = {"gone": "is gone", "no code": "is of type int, not a function",
+            "changed": "takes (" + ("other" if name == "_StateDictInfo"
+                                    else "model, optimizer, options")}[change]
     wanted = ", ".join(dcp_calls.CONTRACT[name][0])
     for attempt in range(2):                       # nothing kept: checked (and refused) again
         with pytest.raises(dcp_calls.DCPContractBroken,

@@ -62,9 +62,13 @@ def check(module: ModuleType) -> dict[str, CodeType]:
     codes: dict[str, CodeType] = {}
     broken = []
     for name, (wanted, told) in CONTRACT.items():
-        found = _names(getattr(module, name, None))
+        obj = getattr(module, name, None)
+        found = _names(obj)
         if found is None or not set(wanted) <= set(found[0]):
-            had = "is gone" if found is None else f"takes ({', '.join(found[0])})"
+            if found is not None:
+                had = f"takes ({', '.join(found[0])})"
+            else:
+                had = "is gone" if obj is None else f"is of type {type(obj).__name__}, not a function"
             broken.append(f"{name}({', '.join(wanted)}) for {told}: it {had}")
         elif found[1] is not None:
             codes[name] = found[1]
