@@ -284,7 +284,7 @@ def test_flat_shadow_on_device_arrays():
     assert all(np.array_equal(d.copy_to_host(), h) for d, h in zip(dev, host))
 
 
-def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch, watched):
+def test_every_launch_goes_on_the_stream_current_at_that_call(watched):
     """The stream is the caller's at each call, never the one current when the shadow was made
     (a shadow made on the default stream and updated under ``torch.cuda.stream(side)`` or a
     graph capture raced with the side stream / ran uncaptured). The launch driver is handed the raw
@@ -298,19 +298,19 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch, watch
     seen = watched.streams
     host = [np.arange(n, dtype=np.float32) for n in (5, 40)]
     dev = [cuda.to_device(h) for h in host]
-    monkeypatch.setattr(_backends, "stream_getter", lambda framework, device: lambda: current[0])
-    flat = fastema.FlatShadow(dev)                         # copies on fastema's own upload stream
-    many = [cuda.to_device(np.zeros_like(h)) for h in host]
-    fastema.ema_update_many_(many, dev, decay=0.5)
-    assert seen and all(s == handles[first] for s in seen)
-    current[0] = handles[later]
-    seen.clear()
-    flat.update(0.9)
-    flat.update(0.9, skip_nonfinite=True)
-    flat.swap()
-    flat.swap()
-    fastema.ema_update_many_(many, dev, decay=0.5)         # cached layout: still the stream of now
-    fastema.ema_update_(many[0], dev[0], decay=0.5)
+    with _backends.streams_from(lambda framework, device: lambda: current[0]):
+        flat = fastema.FlatShadow(dev)                     # copies on fastema's own upload stream
+        many = [cuda.to_device(np.zeros_like(h)) for h in host]
+        fastema.ema_update_many_(many, dev, decay=0.5)
+        assert seen and all(s == handles[first] for s in seen)
+        current[0] = handles[later]
+        seen.clear()
+        flat.update(0.9)
+        flat.update(0.9, skip_nonfinite=True)
+        flat.swap()
+        flat.swap()
+        fastema.ema_update_many_(many, dev, decay=0.5)     # cached layout: still the stream of now
+        fastema.ema_update_(many[0], dev[0], decay=0.5)
     assert len(seen) == 7 and all(s == handles[later] for s in seen), seen   # the guard flag is zeroed by a memset
     assert np.array_equal(flat.view(1).copy_to_host(), host[1])
 
