@@ -24,11 +24,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 _IDENTITY = ("the kernels' vector loads: kernels/cuda.py, _cuda_scan.py and _cuda_hw.py are the shipped "
              "device code's identity (CUDA_SOURCES): a seam there means rebuilding both shipped sets; "
              "add it at the next rebuild")
-_LAUNCH = ("the launch layer's record of run-time compiles (device_code.COMPILES): a test stands in for a "
-           "compile by adding to it; device_code.afresh does not start it again yet (the `launch` helper's)")
 STILL_PATCHED: dict = {
-    ("tests/kernels/test_shipped_only.py",
-     "fastema._launch.device_code.COMPILES"): _LAUNCH,
     ("tests/kernels/test_cuda.py",
      "fastema.kernels.cuda.VECTORS"): _IDENTITY,
     ("tests/kernels/test_cuda_scan.py",
