@@ -19,19 +19,9 @@ import textwrap
 
 ROOT = pathlib.Path(__file__).parents[1]
 
-# Assignments of another module's attribute left in place, each with its reason (the rule fails on
-# one that is gone, so this only shrinks).
-_IDENTITY = ("the kernels' vector loads: kernels/cuda.py, _cuda_scan.py and _cuda_hw.py are the shipped "
-             "device code's identity (CUDA_SOURCES): a seam there means rebuilding both shipped sets; "
-             "add it at the next rebuild")
-STILL_PATCHED: dict = {
-    ("tests/kernels/test_cuda.py",
-     "fastema.kernels.cuda.VECTORS"): _IDENTITY,
-    ("tests/kernels/test_cuda_scan.py",
-     "fastema.kernels._cuda_scan.VECTORS"): _IDENTITY,
-    ("tests/kernels/test_cuda_vector16.py",
-     "fastema.kernels.cuda.VECTORS"): _IDENTITY,
-}
+# Patches of a fastema name left in place, each with its owner (the rule fails on one that is gone,
+# so this only shrinks). Empty since issue 72: every name the tests varied has its seam.
+STILL_PATCHED: dict = {}
 """(test file, the dotted name it replaces) -> who owns the seam that replaces the patch."""
 
 ASSIGNED_ELSEWHERE = {
@@ -294,10 +284,11 @@ def test_no_test_patches_a_name_of_the_launch_layer():
 def test_no_test_patches_a_name_of_fastema():
     """The same beyond the launch layer, over ``fastema/`` and ``kernels/`` whole: what a test
     varies (the offload placement's slots, the file system a merge or a snapshot writes through,
-    the kernel cache's folder and trust, the kernels' vector loads...) is set through the module
-    that owns it (a ``with`` block, a constructor argument, an injected file system), never by
-    replacing one of its names. :data:`STILL_PATCHED` lists what is left, each with its owner; it
-    only shrinks (a listed patch that is gone fails until it is removed)."""
+    the kernel cache's folder and trust, the stream a launch goes on...) is set through the module
+    that owns it (a ``with`` block, a constructor argument, an injected file system), and what it
+    observes (the kernels' vector loads: ``tests/support/vectors.py``) is watched, never by
+    replacing one of its names. :data:`STILL_PATCHED` would list what is left, each with its owner;
+    it only shrinks (a listed patch that is gone fails until it is removed)."""
     found, seen = [], set()
     for rel, line, what, target in _scan():
         key = (rel, ".".join(target))
