@@ -15,7 +15,7 @@ class TorchCalls(TorchFunctionMode):
     """Counts the torch functions (``Tensor`` methods and properties included) called inside it, by
     qualified name (``calls["TensorBase.data_ptr"]``)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.calls: collections.Counter = collections.Counter()
 
