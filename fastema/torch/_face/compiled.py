@@ -357,9 +357,9 @@ def _make_eager_block() -> Callable:
 
 @contextlib.contextmanager
 def afresh() -> Iterator[None]:
-    """For the ``with`` block, as in a fresh process: ``eager_block`` not made yet (made again at its
-    first use in the block, inside a traced function); the one made before is put back after, and
-    one made in the block dropped."""
+    """For the ``with`` block, as in a fresh process: ``eager_block`` not made yet (made again at
+    its first use in the block, inside a traced function); the one made before is put back after,
+    and one made in the block dropped."""
     made = globals().pop("eager_block", None)
     try:
         yield
