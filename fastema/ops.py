@@ -120,6 +120,16 @@ def _key(tag: tuple, arrays: list) -> tuple | None:
     return None if k is None else (tag, k)
 
 
+def _rerun(tag: tuple, arrays: list) -> tuple:
+    """``(key, ran)``: ``arrays``' key under ``tag`` (:func:`_key`), and whether the launch kept for
+    them (:func:`_prepared`: the same memory in the same layout) ran now, all the call had to do."""
+    key = _key(tag, arrays)
+    found = _prepared(key, arrays)
+    if found is not None:
+        found[1]()
+    return key, found is not None
+
+
 def _group(shadow: Buf | None, x: Buf, t) -> _launch.Group:
     """The launch group of one pair (``shadow`` None: the sources alone), on the stream of the
     framework whose arrays are written (the shadow's, else the source's)."""
@@ -229,10 +239,8 @@ def copy_(dst, src):
     Same shape and device; returns ``dst``.
     """
     arrays = [dst, src]
-    key = _key(("copy",), arrays)
-    found = _prepared(key, arrays)
-    if found is not None:
-        found[1]()
+    key, ran = _rerun(("copy",), arrays)
+    if ran:
         return dst
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
@@ -250,10 +258,8 @@ def swap_(a, b, *, lossy: bool = False):
     (:meth:`fastema.FlatShadow.swap` keeps a float32 shadow exact against bfloat16.)
     """
     arrays = [a, b]
-    key = _key(("swap", lossy), arrays)
-    found = _prepared(key, arrays)
-    if found is not None:
-        found[1]()
+    key, ran = _rerun(("swap", lossy), arrays)
+    if ran:
         return
     s, x = pair(a, b, "a", "b", write_b=True)
     same_shape(s, x, x.shape, "a", "b")
@@ -274,10 +280,8 @@ def flag_nonfinite_(flag, src):
     share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
     """
     arrays = [flag, src]
-    key = _key(("nonfinite",), arrays)
-    found = _prepared(key, arrays)
-    if found is not None:
-        found[1]()
+    key, ran = _rerun(("nonfinite",), arrays)
+    if ran:
         return flag
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)

@@ -7,8 +7,9 @@ A module that lets something vary owns how: a setter or a ``with`` block of its 
 (``fastema._launch.config.tuned``, ``drivers.using``, ``compiler.using``, ``device_code.afresh``,
 ``cpu.serial_twins``, ``kernels._store.files.set_report``, ``kernels._cache.set_trust``,
 ``kernels._cache.using`` / ``afresh``, ``torch._placement.offload_ring.pipeline``,
-``torch._placement.folds.watched``); a test that needs to see a launch function's calls watches
-them (``tests/support/calls.py``)."""
+``torch._placement.folds.watched``, ``_backends.streams_from``,
+``_backends.torch.streamed_layout_checks``, ``torch._face.compiled.afresh``); a test that needs to
+see a library function's calls watches them (``tests/support/calls.py``)."""
 from __future__ import annotations
 
 import ast
@@ -18,38 +19,9 @@ import textwrap
 
 ROOT = pathlib.Path(__file__).parents[1]
 
-# Assignments of another module's attribute left in place, each with its reason (the rule fails on
-# one that is gone, so this only shrinks).
-_BACKEND = "the torch backend's seams: the `entry` helper's (issue 72 item 4)"
-_IDENTITY = ("the kernels' vector loads: kernels/cuda.py, _cuda_scan.py and _cuda_hw.py are the shipped "
-             "device code's identity (CUDA_SOURCES): a seam there means rebuilding both shipped sets; "
-             "add it at the next rebuild")
-_LAUNCH = ("the launch layer's record of run-time compiles (device_code.COMPILES): a test stands in for a "
-           "compile by adding to it; device_code.afresh does not start it again yet (the `launch` helper's)")
-_KERAS = ("a damaged Keras save made by replacing what the callback saves: to become a file damaged "
-          "after it is written (not converted this round)")
-_COMPILE = ("torch/_face/compiled's lazily made eager_block dropped to act as a fresh process's first block: "
-            "_compile moves into a sub-package this round (item 6); its seam goes with it")
-STILL_PATCHED: dict = {
-    ("tests/kernels/test_shipped_only.py",
-     "fastema._launch.device_code.COMPILES"): _LAUNCH,
-    ("tests/array/test_ops.py",
-     "fastema._backends.torch._tensor_guards"): _BACKEND,
-    ("tests/bridges/test_keras.py",
-     "fastema.keras._saving._structural_state"): _KERAS,
-    ("tests/kernels/test_cuda.py",
-     "fastema._backends.stream_getter"): _BACKEND,
-    ("tests/kernels/test_cuda.py",
-     "fastema.kernels.cuda.VECTORS"): _IDENTITY,
-    ("tests/kernels/test_cuda_scan.py",
-     "fastema.kernels._cuda_scan.VECTORS"): _IDENTITY,
-    ("tests/kernels/test_cuda_vector16.py",
-     "fastema.kernels.cuda.VECTORS"): _IDENTITY,
-    ("tests/torch/compat/test_compat.py",
-     "fastema._backends.torch._tensor_guards"): _BACKEND,
-    ("tests/torch/test_compile.py",
-     "fastema.torch._face.compiled.__dict__"): _COMPILE,
-}
+# Patches of a fastema name left in place, each with its owner (the rule fails on one that is gone,
+# so this only shrinks). Empty since issue 72: every name the tests varied has its seam.
+STILL_PATCHED: dict = {}
 """(test file, the dotted name it replaces) -> who owns the seam that replaces the patch."""
 
 ASSIGNED_ELSEWHERE = {
@@ -312,10 +284,11 @@ def test_no_test_patches_a_name_of_the_launch_layer():
 def test_no_test_patches_a_name_of_fastema():
     """The same beyond the launch layer, over ``fastema/`` and ``kernels/`` whole: what a test
     varies (the offload placement's slots, the file system a merge or a snapshot writes through,
-    the kernel cache's folder and trust, the kernels' vector loads...) is set through the module
-    that owns it (a ``with`` block, a constructor argument, an injected file system), never by
-    replacing one of its names. :data:`STILL_PATCHED` lists what is left, each with its owner; it
-    only shrinks (a listed patch that is gone fails until it is removed)."""
+    the kernel cache's folder and trust, the stream a launch goes on...) is set through the module
+    that owns it (a ``with`` block, a constructor argument, an injected file system), and what it
+    observes (the kernels' vector loads: ``tests/support/vectors.py``) is watched, never by
+    replacing one of its names. :data:`STILL_PATCHED` would list what is left, each with its owner;
+    it only shrinks (a listed patch that is gone fails until it is removed)."""
     found, seen = [], set()
     for rel, line, what, target in _scan():
         key = (rel, ".".join(target))

@@ -14,7 +14,8 @@ is already in ``sys.modules``). The functions here dispatch to it:
 - :func:`control_view`: a small control array (weights, flags) checked and viewed for a kernel;
 - :func:`metric_values`, :func:`zeros`, :func:`kernel_view`, :func:`to_host`: the metric
   smoothers' values and state;
-- :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream;
+- :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream
+  (:func:`streams_from`: another reader of it for a ``with`` block);
 - :func:`standing_in`: a GPU stood in for (the fake GPU of the tests: CPU torch tensors as on it).
 
 A new framework is one more :class:`Backend` subclass here and one line in :data:`_ORDER`.
@@ -89,11 +90,33 @@ def _maker(framework: str, device: str) -> Backend:
     return cudasim.backend if config.ENABLE_CUDASIM else cai.backend
 
 
+_STREAM_READERS: list = []      # streams_from()'s, innermost last
+
+
 @functools.lru_cache(maxsize=64)
 def stream_getter(framework: str, device: str):
     """The function a launch group calls (at every launch) for the raw handle of ``framework``'s
-    current CUDA stream on ``device`` (0: the legacy default stream)."""
+    current CUDA stream on ``device`` (0: the legacy default stream); inside
+    :func:`streams_from`, the one its reader gives."""
+    if _STREAM_READERS:
+        return _STREAM_READERS[-1](framework, device)
     return no_stream if device == "cpu" else _BY_NAME[framework].stream_getter(device)
+
+
+@contextlib.contextmanager
+def streams_from(reader) -> Iterator[None]:
+    """For the ``with`` block, :func:`stream_getter` gives ``reader(framework, device)``: a function
+    returning the raw stream handle a launch goes on (a test's own streams, which the simulator
+    has no framework to keep current). What is made in the block keeps the getter it was given
+    (a shadow's launches read it at each call); the getters kept here are dropped on the way in
+    and out. Blocks nest."""
+    _STREAM_READERS.append(reader)
+    stream_getter.cache_clear()
+    try:
+        yield
+    finally:
+        _STREAM_READERS.pop()
+        stream_getter.cache_clear()
 
 
 @contextlib.contextmanager

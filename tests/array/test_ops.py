@@ -1,4 +1,5 @@
 """Array-level kernels on the CPU: against a float64 reference, torch, and closed forms."""
+import contextlib
 import os
 
 import numpy as np
@@ -310,18 +311,19 @@ def test_layout_cache_follows_length_and_dtype_at_one_address():
 
 
 @pytest.fixture(params=["torch", "streamed"])
-def layout_checks(request, monkeypatch):
+def layout_checks(request):
     """The layout cache's check of a hit: torch's batched C++ guard (where this torch has one that
     passes the self-test), or fastema's own streamed comparison (any torch)."""
     import fastema._backends.torch as tb
 
     if request.param == "torch" and tb._tensor_guards() is None:
         pytest.skip("this torch has no batched tensor guard that passes the self-test")
-    if request.param == "streamed":
-        monkeypatch.setattr(tb, "_tensor_guards", lambda: None)
-    fastema.clear_caches()
-    yield request.param
-    fastema.clear_caches()
+    with tb.streamed_layout_checks() if request.param == "streamed" else contextlib.nullcontext():
+        streamed = tb.backend.layout_guard([torch.zeros(3)]).__name__ == "same"   # the streamed check's
+        assert streamed == (request.param == "streamed"), request.param
+        fastema.clear_caches()
+        yield request.param
+        fastema.clear_caches()
 
 
 def test_layout_cache_misses_for_the_same_memory_in_another_layout_or_shape(layout_checks):

@@ -692,29 +692,67 @@ def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
         fk.averaged_weights(copy.deepcopy(model))
 
 
-def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path, monkeypatch):
+def _damaged_copy(source: pathlib.Path, target: pathlib.Path, damage) -> None:
+    """``source`` (a ``.keras`` or ``.weights.h5`` file Keras wrote) copied to ``target`` with its
+    WeightEMA average damaged after the write: ``damage(entry, arrays)`` changes, in place, the
+    header's first entry (its JSON) or the arrays (NumPy, by their number in the file)."""
+    import io
+    import shutil
+    import zipfile
+
+    import h5py
+
+    def edit(h5) -> None:
+        with h5py.File(h5, "r+") as f:
+            group = f["_fastema_weight_ema/vars"]
+            header = json.loads(group["header"][()].tobytes())
+            arrays = {k: group[k][()] for k in group if k != "header"}
+            damage(header["entries"][0], arrays)
+            for k, a in arrays.items():
+                group[k][...] = a
+            del group["header"]
+            group["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+
+    if source.name.endswith(".weights.h5"):
+        shutil.copyfile(source, target)
+        edit(target)
+        return
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
+        for item in archive.infolist():
+            content = archive.read(item)
+            if item.filename == "model.weights.h5":              # the weights, the average's among them
+                weights = io.BytesIO(content)
+                edit(weights)
+                content = weights.getvalue()
+            out.writestr(item, content)
+
+
+def _nan_average(entry: dict, arrays: dict) -> None:
+    for ref in entry["averaged"].values():
+        arrays[str(ref["__array__"])] *= float("nan")
+
+
+def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path):
     """reliability round 4: a file whose average holds NaN or whose header says updates -1 was taken as the
     model's pending average (M6: the next fit blamed WeightEMA's options); a file that is not a zip
     (truncated, empty, garbage) gave zipfile's bare BadZipFile (L5). Each is a ValueError naming the
-    file, from load_model (before Keras builds the model) and load_average (the model left as it was)."""
+    file, from load_model (before Keras builds the model) and load_average (the model left as it was).
+    The damaged files are good ones damaged after Keras wrote them."""
     import fastema.keras._saving as fk
 
     x, y = data(32)
     model, cb = make_model(), WeightEMA(0.9)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     model.save(tmp_path / "good.keras")
-    good = fk._structural_state
-    damages = {"nan": (lambda s: {**s, "averaged": {k: a * float("nan") for k, a in s["averaged"].items()}},
-                       r"trainable/0 holds inf or NaN"),
-               "updates": (lambda s: {**s, "updates": -1}, r"schedule state unreadable \(updates"),
-               "rounding": (lambda s: {**s, "rounding": "up"}, r"rounding must be 'nearest' or 'stochastic'")}
+    model.save_weights(tmp_path / "good.weights.h5")
+    damages = {"nan": (_nan_average, r"trainable/0 holds inf or NaN"),
+               "updates": (lambda e, arrays: e.update(updates=-1), r"schedule state unreadable \(updates"),
+               "rounding": (lambda e, arrays: e.update(rounding="up"), r"rounding must be 'nearest' or 'stochastic'")}
     cases = []
     for name, (damage, match) in damages.items():
-        monkeypatch.setattr(fk, "_structural_state", lambda callback, damage=damage: damage(good(callback)))
-        model.save(tmp_path / f"{name}.keras")
-        model.save_weights(tmp_path / f"{name}.weights.h5")
-        monkeypatch.setattr(fk, "_structural_state", good)
-        cases += [(tmp_path / f"{name}.keras", match), (tmp_path / f"{name}.weights.h5", match)]
+        for kind in (".keras", ".weights.h5"):
+            _damaged_copy(tmp_path / f"good{kind}", tmp_path / f"{name}{kind}", damage)
+            cases.append((tmp_path / f"{name}{kind}", match))
     raw = (tmp_path / "good.keras").read_bytes()
     for name, content in (("truncated", raw[:len(raw) // 2]), ("empty", b""), ("garbage", b"not a zip" * 50)):
         (tmp_path / f"{name}.keras").write_bytes(content)

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.cuda
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support import vectors  # noqa: E402
+from support.calls import watching  # noqa: E402
 from support.shipped import launch  # noqa: E402
 
 import fastema  # noqa: E402
@@ -284,7 +286,7 @@ def test_flat_shadow_on_device_arrays():
     assert all(np.array_equal(d.copy_to_host(), h) for d, h in zip(dev, host))
 
 
-def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch, watched):
+def test_every_launch_goes_on_the_stream_current_at_that_call(watched):
     """The stream is the caller's at each call, never the one current when the shadow was made
     (a shadow made on the default stream and updated under ``torch.cuda.stream(side)`` or a
     graph capture raced with the side stream / ran uncaptured). The launch driver is handed the raw
@@ -298,19 +300,19 @@ def test_every_launch_goes_on_the_stream_current_at_that_call(monkeypatch, watch
     seen = watched.streams
     host = [np.arange(n, dtype=np.float32) for n in (5, 40)]
     dev = [cuda.to_device(h) for h in host]
-    monkeypatch.setattr(_backends, "stream_getter", lambda framework, device: lambda: current[0])
-    flat = fastema.FlatShadow(dev)                         # copies on fastema's own upload stream
-    many = [cuda.to_device(np.zeros_like(h)) for h in host]
-    fastema.ema_update_many_(many, dev, decay=0.5)
-    assert seen and all(s == handles[first] for s in seen)
-    current[0] = handles[later]
-    seen.clear()
-    flat.update(0.9)
-    flat.update(0.9, skip_nonfinite=True)
-    flat.swap()
-    flat.swap()
-    fastema.ema_update_many_(many, dev, decay=0.5)         # cached layout: still the stream of now
-    fastema.ema_update_(many[0], dev[0], decay=0.5)
+    with _backends.streams_from(lambda framework, device: lambda: current[0]):
+        flat = fastema.FlatShadow(dev)                     # copies on fastema's own upload stream
+        many = [cuda.to_device(np.zeros_like(h)) for h in host]
+        fastema.ema_update_many_(many, dev, decay=0.5)
+        assert seen and all(s == handles[first] for s in seen)
+        current[0] = handles[later]
+        seen.clear()
+        flat.update(0.9)
+        flat.update(0.9, skip_nonfinite=True)
+        flat.swap()
+        flat.swap()
+        fastema.ema_update_many_(many, dev, decay=0.5)     # cached layout: still the stream of now
+        fastema.ema_update_(many[0], dev[0], decay=0.5)
     assert len(seen) == 7 and all(s == handles[later] for s in seen), seen   # the guard flag is zeroed by a memset
     assert np.array_equal(flat.view(1).copy_to_host(), host[1])
 
@@ -512,74 +514,50 @@ def _vector_case(src_kind, counts, rows, shift, rng):
 @pytest.mark.skipif(not SIM, reason="counts the simulator's Python vector accesses; a GPU compiles them: "
                                     "test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu")
 @pytest.mark.parametrize("src_kind", KINDS)
-def test_vector_path_matches_cpu_and_falls_back_where_unaligned(monkeypatch, src_kind):
+def test_vector_path_matches_cpu_and_falls_back_where_unaligned(src_kind):
     """The float32-shadow lerp takes 16-byte shadow vectors (16- or 8-byte source vectors) where a
     chunk is aligned, element by element elsewhere (odd sizes shift later shadow segments, a view
     at an odd offset, rows of an odd length), and equals the CPU kernel bit for bit either way.
     The simulator's vector accesses fail on a misaligned address, as the hardware does. Counted
-    through Python closures in place of the vector intrinsics: the simulator runs them as Python,
-    a GPU would have to compile them (issue 37, B2)."""
-    from fastema.kernels import _cuda_hw
-
-    used = {"vectors": 0}
-    vectors = dict(_cuda_hw.VECTORS)
-
-    def counted(fn):
-        def wrapper(*args):
-            used["vectors"] += 1
-            return fn(*args)
-        return wrapper
-
-    monkeypatch.setattr(ema_cuda, "VECTORS", {k: counted(f) for k, f in vectors.items()})
-    ema_cuda.lerp_kernel.cache_clear()
-    ema_cuda._lerp_chunks.cache_clear()
-    try:
-        rng = np.random.default_rng(11)
-        for counts, rows, shift in VECTOR_CASES:
-            before = used["vectors"]
+    where the simulator runs them as Python, its threads watched (``support.vectors``); a
+    GPU compiles them (issue 37, B2)."""
+    rng = np.random.default_rng(11)
+    for counts, rows, shift in VECTOR_CASES:
+        with vectors.counting() as used:
             got, want, n = _vector_case(src_kind, counts, rows, shift, rng)
-            assert np.array_equal(got, want), (rows, shift)
-            took_vectors = used["vectors"] > before
-            assert took_vectors == (shift == 0 and (rows == 1 or n % 4 == 0)), (counts, rows, shift)
-    finally:
-        ema_cuda.lerp_kernel.cache_clear()
-        ema_cuda._lerp_chunks.cache_clear()
+        assert np.array_equal(got, want), (rows, shift)
+        took_vectors = used["vectors"] > 0
+        assert took_vectors == (shift == 0 and (rows == 1 or n % 4 == 0)), (counts, rows, shift)
 
 
 @pytest.mark.skipif(not SIM, reason="counts the simulator's Python vector loads; on a GPU: "
                                     "test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu")
-def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path(monkeypatch):
+def test_gpu_shadow_is_padded_so_every_source_takes_the_vector_path():
     """Odd tensor sizes would shift every later shadow segment off 16-byte alignment: on a GPU
     each source's shadow (and each row) starts aligned, the views still show the sources'
     shapes, and the update equals the CPU's packed shadow (simulator only: the vector loads are
-    counted through a Python closure, issue 37, B2)."""
+    watched where the simulator runs them as Python, issue 37, B2)."""
     from fastema.kernels import _cuda_hw
 
     calls = []
-    load = _cuda_hw.VECTORS["load4_u32"]
-    monkeypatch.setattr(ema_cuda, "VECTORS", {**_cuda_hw.VECTORS, "load4_u32": lambda a: (calls.append(a), load(a))[1]})
-    ema_cuda.lerp_kernel.cache_clear()
-    ema_cuda._lerp_chunks.cache_clear()
-    try:
-        rng = np.random.default_rng(5)
-        host = [rng.standard_normal(c).astype(np.float32) for c in (7, 33, 1, 64, 5)]
-        dev = [cuda.to_device(h) for h in host]
-        flat, ref = fastema.FlatShadow(dev, rows=2), fastema.FlatShadow(host, rows=2)
-        g = flat.layout.groups[0]
-        assert all(a % 16 == 0 for a in g.segments(g.buffer)) and g.n % 4 == 0 and g.n > sum(h.size for h in host)
-        for h, d in zip(host, dev):
-            h *= 3.0
-            d.copy_to_device(h)
+    rng = np.random.default_rng(5)
+    host = [rng.standard_normal(c).astype(np.float32) for c in (7, 33, 1, 64, 5)]
+    dev = [cuda.to_device(h) for h in host]
+    flat, ref = fastema.FlatShadow(dev, rows=2), fastema.FlatShadow(host, rows=2)
+    g = flat.layout.groups[0]
+    assert all(a % 16 == 0 for a in g.segments(g.buffer)) and g.n % 4 == 0 and g.n > sum(h.size for h in host)
+    for h, d in zip(host, dev):
+        h *= 3.0
+        d.copy_to_device(h)
+    loads = _cuda_hw.VECTORS["load4_u32"]
+    with watching(loads, on_call=lambda arguments: calls.append(arguments["address"]), every_thread=True):
         flat.update([0.5, 0.75])
-        ref.update([0.5, 0.75])
-        for i in range(len(host)):
-            for r in range(2):
-                assert np.array_equal(flat.view(i, r).copy_to_host(), ref.view(i, r))
-        # every source of 4 or more elements went through the vector path (its shadow and itself)
-        assert {a - a % 16 for a in calls} >= {dev_addr(d) for d, h in zip(dev, host) if h.size >= 4}
-    finally:
-        ema_cuda.lerp_kernel.cache_clear()
-        ema_cuda._lerp_chunks.cache_clear()
+    ref.update([0.5, 0.75])
+    for i in range(len(host)):
+        for r in range(2):
+            assert np.array_equal(flat.view(i, r).copy_to_host(), ref.view(i, r))
+    # every source of 4 or more elements went through the vector path (its shadow and itself)
+    assert {a - a % 16 for a in calls} >= {dev_addr(d) for d, h in zip(dev, host) if h.size >= 4}
 
 
 @pytest.mark.skipif(SIM, reason="hardware: the shipped lerp's vector accesses (the simulator's twin counts them)")

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.overrides import TorchFunctionMode  # noqa: E402
+from support.torch_calls import TorchCalls  # noqa: E402
 
 from fastema.torch import EMA, TargetNetwork  # noqa: E402
 
@@ -29,18 +29,6 @@ pytest.importorskip("numba.cuda.dispatcher")
 from testkit.fake_gpu import fake_gpu  # noqa: E402
 
 SIZES = (6, 40)
-
-
-class _TorchCalls(TorchFunctionMode):
-    """Counts the torch functions (``Tensor`` methods and properties included) called inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls[getattr(func, "__qualname__", repr(func))] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _python_calls(fn) -> collections.Counter:
@@ -68,7 +56,7 @@ def _counted(update) -> tuple[collections.Counter, collections.Counter]:
     with torch.no_grad():
         for _ in range(3):                              # binds, first launches, memos
             update()
-        mode = _TorchCalls()
+        mode = TorchCalls()
         with mode:
             update()
         return mode.calls, _python_calls(update)

@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.cuda,
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support import vectors  # noqa: E402
 from support.shipped import launch  # noqa: E402
 
-from fastema.kernels import _cuda_scan  # noqa: E402
 from fastema.kernels import cpu as ema_cpu  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
 from fastema.kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES  # noqa: E402
@@ -86,25 +86,6 @@ def scan(kind, srcs, shift):
     return bool(flag.copy_to_host()[0]), bool(cpu_flag[0]), want
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """The simulator's 16-byte vector loads, counted (as in test_cuda_vector16.py; not on a GPU)."""
-    from fastema.kernels import _cuda_hw
-
-    used = {"vectors": 0}
-    if SIM:
-        def count(fn):
-            def wrapper(*args):
-                used["vectors"] += 1
-                return fn(*args)
-            return wrapper
-
-        monkeypatch.setattr(_cuda_scan, "VECTORS", {k: count(f) for k, f in _cuda_hw.VECTORS.items()})
-    ema_cuda.nonfinite_kernel.cache_clear()
-    yield used
-    ema_cuda.nonfinite_kernel.cache_clear()
-
-
 def positions(kind, shift):
     """Source positions that probe every part of the vector path for this start: the head before the
     first 16-byte boundary, the first and last element of the first and the second vector of a thread,
@@ -120,15 +101,15 @@ def positions(kind, shift):
 
 
 @pytest.mark.parametrize("kind", [F32, BF16, F16, F64], ids=KIND_NAMES)
-def test_scan_finds_every_nonfinite_wherever_it_lies(counted, kind):
+def test_scan_finds_every_nonfinite_wherever_it_lies(kind):
     rng = np.random.default_rng(kind)
     per = 16 // ITEMSIZE[kind]
     for shift in range(per):
         srcs = finite_sources(kind, rng)
-        before = counted["vectors"]
-        assert scan(kind, srcs, shift) == (False, False, False), shift
+        with vectors.counting() as used:
+            assert scan(kind, srcs, shift) == (False, False, False), shift
         if SIM:                                  # the vector path ran, at every start (float64: never)
-            assert (counted["vectors"] > before) == (kind != F64), shift
+            assert (used["vectors"] > 0) == (kind != F64), shift
         for n, (s, j) in enumerate(positions(kind, shift)):
             poisoned = [x.copy() for x in srcs]
             poisoned[s][shift + j] = BAD[kind][n % 3]

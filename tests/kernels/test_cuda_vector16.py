@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.cuda,
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or cuda.is_available()):
     pytest.skip("needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
+from support import vectors  # noqa: E402
 from support.shipped import launch  # noqa: E402
 
 from fastema.kernels import _bits  # noqa: E402
@@ -77,41 +78,19 @@ def run_case(sk, xk, sr, counts, rows, shift, device_key, rng, base=0):
     return d_shadow.copy_to_host(), host_shadow, n
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """The simulator's 16-byte vector accesses, counted (through Python closures, which a GPU could not
-    compile: on a GPU, the count is not taken)."""
-    from fastema.kernels import _cuda_hw
-
-    used = {"vectors": 0}
-    if SIM:
-        def count(fn):
-            def wrapper(*args):
-                used["vectors"] += 1
-                return fn(*args)
-            return wrapper
-
-        monkeypatch.setattr(ema_cuda, "VECTORS", {k: count(f) for k, f in _cuda_hw.VECTORS.items()})
-    ema_cuda.lerp_kernel.cache_clear()
-    ema_cuda._lerp_chunks.cache_clear()
-    yield used
-    ema_cuda.lerp_kernel.cache_clear()
-    ema_cuda._lerp_chunks.cache_clear()
-
-
 @pytest.mark.parametrize("sk,xk,sr", CASES, ids=[f"{KIND_NAMES[s]}<-{KIND_NAMES[x]}{'-SR' * r}" for s, x, r in CASES])
-def test_16bit_shadow_vector_path_gives_the_cpu_bits(counted, sk, xk, sr):
+def test_16bit_shadow_vector_path_gives_the_cpu_bits(sk, xk, sr):
     rng = np.random.default_rng(sk * 100 + xk * 10 + sr)
     for (layout, counts), rows, shift, device_key in itertools.product(COUNTS.items(), (1, 2), (0, 1), (False, True)):
-        before = counted["vectors"]
-        got, want, n = run_case(sk, xk, sr, counts, rows, shift, device_key, rng)
+        with vectors.counting() as used:
+            got, want, n = run_case(sk, xk, sr, counts, rows, shift, device_key, rng)
         assert np.array_equal(got, want), (layout, rows, shift, device_key, np.flatnonzero(got != want)[:8])
         if SIM:                                    # the first segment is aligned whenever its source is
-            assert (counted["vectors"] > before) == (shift == 0 and (rows == 1 or n % 8 == 0)), (layout, rows, shift)
+            assert (used["vectors"] > 0) == (shift == 0 and (rows == 1 or n % 8 == 0)), (layout, rows, shift)
 
 
 @pytest.mark.parametrize("xk", [BF16, F32], ids=["bf16<-bf16-SR", "bf16<-f32-SR"])
-def test_stochastic_bits_where_a_vector_crosses_a_multiple_of_2_to_the_32(counted, xk):
+def test_stochastic_bits_where_a_vector_crosses_a_multiple_of_2_to_the_32(xk):
     """The vector path hashes the noise's first round (which sees the index's high 32 bits only) once
     for a vector's 8 lanes, and again for the lanes past a multiple of 2**32: the scalar loop's bits
     (the CPU's) for a group whose row starts just below one, in every lane."""

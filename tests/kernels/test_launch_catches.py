@@ -20,20 +20,8 @@ from fastema._launch import abi, compiler  # noqa: E402
 from fastema._launch import device_code as D  # noqa: E402
 from fastema._launch.driver import Refused  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
-from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
+from testkit.fake_driver import CompilesNothing, FakeDeviceArray, FakeDriver  # noqa: E402
 from testkit.fake_gpu import fake_gpu  # noqa: E402
-
-
-class _Compiles:
-    """A run-time compiler that compiles nothing (``("cubin", b"new", "entry", {})`` for each image)."""
-
-    name, set = "stand-in", "cu13"
-
-    def identity(self) -> str:
-        return f"stand-in {id(self)}"
-
-    def compile(self, dispatcher, types, images):
-        return {image: ("cubin", b"new", "entry", {}) for image in images}
 
 
 class _Refusing(FakeDriver):
@@ -64,7 +52,7 @@ def _kinds(driver) -> list:
 
 def test_a_refusal_of_every_image_falls_back_to_the_dispatcher_with_its_warnings(fresh):
     refusing = _Refusing()
-    with fake_gpu(refusing, torch_on_gpu=False), compiler.using(_Compiles()):
+    with fake_gpu(refusing, torch_on_gpu=False), compiler.using(CompilesNothing()):
         with pytest.warns(RuntimeWarning) as caught:
             _launch.launch("lerp", _group(), weights=(0.5,))
         with warnings.catch_warnings():

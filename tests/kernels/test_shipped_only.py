@@ -24,10 +24,12 @@ pytest.importorskip("cuda.bindings.driver")
 
 from support import shipped  # noqa: E402
 
-from fastema._launch import device_code, drivers  # noqa: E402
+from fastema._launch import compiler, config, device_code, drivers  # noqa: E402
+from fastema._launch.variants import every_variant  # noqa: E402
 from fastema.kernels import cuda as K  # noqa: E402
+from fastema.kernels._store.identity import VARIANTS  # noqa: E402
 from fastema.kernels.kinds import F32  # noqa: E402
-from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
+from testkit.fake_driver import CompilesNothing, FakeDeviceArray, FakeDriver  # noqa: E402
 
 
 def _lerp_args(weights=(np.float32(0.5),)):
@@ -89,15 +91,15 @@ def test_on_a_gpu_a_cuda_test_that_compiles_fails_unless_marked_compiles(monkeyp
     error = _run(_item("cuda"), lambda: nvvm.compile_ir("ir"))
     assert error is not None and "1 NVVM calls" in str(error)
 
-    def compile_one():                                   # as a run-time compile records it
-        device_code.COMPILES.append("lerp_kernel(0,0,0,0)[...]")
+    (_, (dispatcher, types)), = list(every_variant().items())[:1]
+    key = device_code.variant_key(VARIANTS[dispatcher], types)
 
-    compiled = len(device_code.COMPILES)                 # the hook reads what a test adds to it
-    try:
-        error = _run(_item("cuda"), compile_one)
-    finally:
-        del device_code.COMPILES[compiled:]              # this process's record as it was
-    assert error is not None and "lerp_kernel(0,0,0,0)" in str(error)
+    def compile_one():                                   # fastema's run-time compile, recorded by it
+        with config.tuned(CUDA_CACHE=False), compiler.using(CompilesNothing()):
+            assert device_code.compiled(dispatcher, types, key, (9, 0)).code == b"new"
+
+    error = _run(_item("cuda"), compile_one)
+    assert error is not None and "fastema's run-time compiles" in str(error) and key in str(error)
     marked = _item("cuda", "compiles")
     assert _run(marked, lambda: (nvvm.compile_ir("a"), nvvm.compile_ir("b"))) is None
     assert marked.user_properties == [("nvvm_calls", 2)]

@@ -2,6 +2,7 @@
 swap_, copy_to_), one graph with zero breaks under fullgraph=True, the shadow handed to the
 operator with no copy, and the averages equal to eager calls (bit for bit on the CPU) over
 steps whose decay changes (power warm-up)."""
+import contextlib
 import re
 import warnings
 
@@ -390,7 +391,7 @@ def _assert_same_state(a: tuple, b: tuple):
 # torch.compiler.disable wrappers are made at the first use inside a traced function (issue 25, second pass:
 # made at import they load torch._dynamo, 0.2 -> 1.06 s for `import fastema.torch`): "first" starts from that.
 @pytest.mark.parametrize("first", [True, False])
-def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix(first, monkeypatch):
+def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fix(first):
     import fastema.torch._face.compiled as compile_side
 
     model = _model()
@@ -409,20 +410,18 @@ def test_average_parameters_inside_compiled_code_is_eager_or_refused_with_the_fi
         with ema.average_parameters():
             return model(x)
 
-    if first:                                  # as in a process whose first block is inside compiled code
-        monkeypatch.delitem(compile_side.__dict__, "eager_block", raising=False)
-    dynamo.reset()
+    as_new = compile_side.afresh if first else contextlib.nullcontext   # as in a process whose first
+    dynamo.reset()                                                   # block is inside compiled code
     dynamo.utils.counters.clear()
-    with torch.no_grad():
+    with torch.no_grad(), as_new():
         got = torch.compile(evaluate)(x)
     assert torch.equal(got, want) and not ema.swapped
     breaks = dynamo.utils.counters["graph_break"]
     assert len(breaks) == 1 and "call it outside the compiled function" in next(iter(breaks)), breaks
     assert dynamo.utils.counters["frames"]["total"] <= 3     # nothing inside the swap was traced (2000 frames)
     dynamo.reset()
-    if first:
-        monkeypatch.delitem(compile_side.__dict__, "eager_block")
-    with pytest.raises(Exception, match=r"average_parameters\(\).*call it outside the compiled function"):
+    with pytest.raises(Exception, match=r"average_parameters\(\).*call it outside the compiled function"), \
+            as_new():
         torch.compile(evaluate, fullgraph=True)(x)
     assert not ema.swapped and all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
 
@@ -444,13 +443,13 @@ def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
     def no_disable(*a, **k):
         raise AssertionError("torch.compiler.disable called in eager code")
 
-    monkeypatch.delitem(compile_side.__dict__, "eager_block", raising=False)
     monkeypatch.setattr(torch.compiler, "disable", no_disable)
-    model = _model()
-    ema = EMA(model, 0.9)
-    ema.update()
-    with ema.average_parameters(), ema.average_parameters():
-        model(_batch(0)[0])
-    ema.swap()
-    ema.swap()
-    assert "eager_block" not in compile_side.__dict__
+    with compile_side.afresh():
+        model = _model()
+        ema = EMA(model, 0.9)
+        ema.update()
+        with ema.average_parameters(), ema.average_parameters():
+            model(_batch(0)[0])
+        ema.swap()
+        ema.swap()
+        assert "eager_block" not in compile_side.__dict__

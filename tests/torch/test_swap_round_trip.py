@@ -3,28 +3,17 @@ tensor's address once on the way in (the model side's per-step check, as ``EMA.u
 on the way back, not three or four passes (the check, then the shadow's own refresh at each swap);
 what moved is still followed, on the CPU and in the fake GPU.
 """
-import collections
 import contextlib
 import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.overrides import TorchFunctionMode  # noqa: E402
+from support.torch_calls import TorchCalls  # noqa: E402
 
 from fastema.torch import EMA  # noqa: E402
 
 FAKE = os.environ.get("NUMBA_ENABLE_CUDASIM") != "1"   # the fake GPU stands in for numba-cuda, not the simulator
-
-
-class _Calls(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls[getattr(func, "__qualname__", repr(func))] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _where(where: str):
@@ -47,22 +36,27 @@ def _net(n: int, norm: bool = False):
 WHERE = ["cpu", "fake gpu"]
 
 
+def _round_trip_calls(ema) -> dict:
+    """The torch functions an ``average_parameters()`` round trip calls, after an update and a first
+    round trip (what is made once is made)."""
+    with torch.no_grad():
+        ema.update()
+        with ema.average_parameters():
+            pass
+        mode = TorchCalls()
+        with mode, ema.average_parameters():
+            pass
+    return mode.calls
+
+
 @pytest.mark.parametrize("where", WHERE)
 def test_a_round_trip_reads_each_address_twice(where):
     """Was 3 a tensor: the model side's check on the way in, then the shadow's refresh inside each
     swap (issue 70: ``addresses`` twice a round trip, ``unchanged``, ``refresh``)."""
     with _where(where):
         for n in (6, 40):
-            ema = EMA(_net(n), 0.9)
-            with torch.no_grad():
-                ema.update()
-                with ema.average_parameters():
-                    pass
-                mode = _Calls()
-                with mode:
-                    with ema.average_parameters():
-                        pass
-            assert mode.calls["TensorBase.data_ptr"] == 2 * n, (n, dict(mode.calls))
+            calls = _round_trip_calls(EMA(_net(n), 0.9))
+            assert calls["TensorBase.data_ptr"] == 2 * n, (n, dict(calls))
 
 
 @pytest.mark.parametrize("where", WHERE)
@@ -73,16 +67,9 @@ def test_buffers_are_read_once_a_way_too(where):
         ema = EMA(net, 0.9, buffers="average")
         floating = sum(1 for _ in net.parameters()) + sum(1 for b in net.buffers() if b.is_floating_point())
         every = floating + sum(1 for b in net.buffers() if not b.is_floating_point())   # num_batches_tracked
-        with torch.no_grad():
-            ema.update()
-            with ema.average_parameters():
-                pass
-            mode = _Calls()
-            with mode:
-                with ema.average_parameters():
-                    pass
+        calls = _round_trip_calls(ema)
         # in: the model side's check of every tensor it tracks; back: the averaged and copied ones
-        assert mode.calls["TensorBase.data_ptr"] == every + floating, dict(mode.calls)
+        assert calls["TensorBase.data_ptr"] == every + floating, dict(calls)
 
 
 def test_a_tensor_moved_before_the_swap_is_followed():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -353,6 +353,20 @@ def _make_eager_block() -> Callable:
         return _EagerBlock(swap.block(row, model))
 
     return eager_block
+
+
+@contextlib.contextmanager
+def afresh() -> Iterator[None]:
+    """For the ``with`` block, as in a fresh process: ``eager_block`` not made yet (made again at
+    its first use in the block, inside a traced function); the one made before is put back after,
+    and one made in the block dropped."""
+    made = globals().pop("eager_block", None)
+    try:
+        yield
+    finally:
+        globals().pop("eager_block", None)
+        if made is not None:
+            globals()["eager_block"] = made
 
 
 def __getattr__(name: str):

@@ -1,4 +1,6 @@
 """fastema.torch.compat against the libraries it replaces."""
+import contextlib
+
 import pytest
 import torch
 from models import tied
@@ -151,15 +153,14 @@ def test_model_ema_v3_follows_replaced_parameters():
 
 
 @pytest.fixture(params=["torch", "streamed"])
-def layout_checks(request, monkeypatch):
+def layout_checks(request):
     """The layout check of a cached pairing: torch's batched C++ guard, or fastema's streamed one."""
     import fastema._backends.torch as tb
 
     if request.param == "torch" and tb._tensor_guards() is None:
         pytest.skip("this torch has no batched tensor guard that passes the self-test")
-    if request.param == "streamed":
-        monkeypatch.setattr(tb, "_tensor_guards", lambda: None)
-    return request.param
+    with tb.streamed_layout_checks() if request.param == "streamed" else contextlib.nullcontext():
+        yield request.param
 
 
 def test_model_ema_v3_follows_a_weight_transposed_in_place_as_timm_does(layout_checks):
