@@ -319,7 +319,8 @@ class Torch(Backend):
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
         if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
             return kind, _metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
-        import torch                                      # here: not on a GPU's per-update path
+        # imported here, not on a GPU's per-update path (the view above)
+        import torch
 
         flat = x.detach().reshape(-1)
         if not flat.is_contiguous():
