@@ -129,7 +129,10 @@ class Smoother:
             raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "
                              f"{self.shape} on {self._where[1]}; pass values of one framework, shape and device "
                              f"(one smoother per stream layout)")
-        w0, c = self._weights(sample_weight, y.size, where[1])      # checked before anything changes
+        if sample_weight is None:                                   # the common case, without a call
+            w0, c = SCALE, None
+        else:
+            w0, c = self._weights(sample_weight, y.size, where[1])  # checked before anything changes
         if self._where is None:
             self._alloc(where, shape)
         per_stream = c is not None

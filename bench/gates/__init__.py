@@ -11,10 +11,14 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
   ``Ir``: cachegrind's instruction count, with client requests to count only the measured region), for
   ``EMA.update()`` at 6 / 148 / 3000 tensors, ``TargetNetwork.update()``, ``FlatShadow.update()`` and
   ``ema_update_many_``, on the CPU kernels and under the fake GPU (``testkit``: fastema's
-  CUDA launch path, kernel factories and shipped code, down to the launch driver's call). One
+  CUDA launch path, kernel factories and shipped code, down to the launch driver's call); the CPU's
+  ``ema_update_`` of 16 elements against ``torch.lerp_``; on the stub driver (fastema's real cuda.core
+  driver into ``testkit``'s stub ``libcuda.so.1``) each GPU entry point of issue 70 against a bound
+  ``FlatShadow.update`` of one tensor (``scenarios.STUB``, ``scenarios.BOUNDS``). One
   valgrind process runs every scenario: imports and warm-up uninstrumented, then per scenario a
   region of N and one of 2N updates; the figure is their difference / N. Gate: within
-  ``tolerance.instructions`` (3 %) of the expectation, either way.
+  ``tolerance.instructions`` (3 %) of the expectation, either way, and each bound of
+  ``scenarios.BOUNDS`` (a scenario at most a factor times another's, in the same run).
 - ``counts``: per update, natively: kernel launches, host syncs, allocations on the device and the host,
   collectives (0 on every per-step path; a one-rank gloo group is up while counting), the bytes the
   update's kernels move, and under the fake GPU the bytes uploaded and the blocks launched. Gate: exact.
@@ -27,7 +31,9 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
   expectations of this machine's CPU family only (``record.cpu_family``: ``Intel Xeon``, ``AMD
   EPYC``; a family with none is measured and printed, not judged, and the line says how to record
   them). Gate: fails only past ``tolerance.ratio_factor`` (1.5x) times the family's ratio, and only
-  when a rerun of that scenario (twice the rounds) confirms it.
+  when a rerun of that scenario (twice the rounds) confirms it. Each baseline is run once against
+  fastema's result from the same start before it is timed, and refused where it does other work
+  (``ratios.Pair``, ``bench/suite/checked.py``).
 
 Every ``check`` and ``update`` writes its figures (commit, date, machine, versions) to
 ``bench/out/gates-STAMP.json``; ``history`` appends those not yet there to ``bench/history.jsonl`` (one

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .common import ROOT, ToolMissing, use_tree
-from .scenarios import INSTRUCTIONS, STUB, STUB_WHERE, WHERE, build, host_names, region_updates, stub_names
+from .scenarios import ARRAYS, INSTRUCTIONS, STUB, STUB_WHERE, WHERE, build, instruction_names, region_updates
 
 CLIENT_SOURCE = r"""
 #include <valgrind/callgrind.h>
@@ -173,11 +173,11 @@ def _instructions_child(names: list) -> int:
 
     assert Path(fastema.__file__).resolve().is_relative_to(ROOT), fastema.__file__
     stub = bool(os.environ.get("GATES_STUB"))
-    wanted = set(names or host_names(INSTRUCTIONS) + (stub_names() if stub else []))
+    wanted = set(names or instruction_names(stub))
     built: dict = {w: [] for w in (*WHERE, STUB_WHERE)}
 
     def make(where):
-        for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS):
+        for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS + (ARRAYS if where == "cpu" else ())):
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
                 update, _ = build(what, n, where != "cpu")

@@ -4,7 +4,9 @@ fastema and ``bench/suite/shapes.py`` are imported when a scenario is set up: ca
 :func:`~bench.gates.common.use_tree` first."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Sequence
 
 from .common import DECAY
 
@@ -25,9 +27,40 @@ SMALL_CALLS = 200
 the per-call host cost of an array function (issue 70: at most 3x ``torch.lerp_``'s)."""
 
 
-def ratio_setup(kind: str):
-    """``(fastema, baseline)``: two callables doing the same update, on the same inputs; torch on
-    one thread (fastema's one thread: ``FASTEMA_NUM_THREADS=1``, see :func:`measure_ratio`)."""
+@dataclasses.dataclass
+class Pair:
+    """fastema's update and its baseline's, with what each writes: :func:`measure_ratio` runs both once
+    from the same start and refuses the baseline where it does other work than fastema
+    (:func:`bench.suite.checked.checked`, the suite's own check) before either is timed.
+
+    ``ours`` / ``theirs``: the arrays ``fast`` / ``base`` write; ``inputs``: what they read (a result
+    in their memory is refused); ``move()``: moves the sources first (an update from a shadow equal to
+    its sources would pass a baseline that does nothing); ``once``: ``(fastema's, baseline's)`` calls
+    checked in place of ``fast`` and ``base`` where the timed call's result hides its work (the swap's
+    round trip: the check captures the parameters between the two ways)."""
+
+    fast: Callable[[], object]
+    base: Callable[[], object]
+    ours: Callable[[], Sequence]
+    theirs: Callable[[], Sequence]
+    inputs: Sequence = ()
+    move: Callable[[], object] | None = None
+    once: tuple | None = None
+
+    def check(self, name: str) -> None:
+        """Refuse (:class:`bench.suite.checked.Refused`, naming ``name``'s baseline) a baseline whose
+        result is not fastema's from the same start."""
+        from bench.suite.checked import checked
+
+        fast, base = self.once or (self.fast, self.base)
+        ours, theirs = f"{name} | fastema", f"{name} | baseline"
+        checked({ours: fast, theirs: base}, {ours: self.ours, theirs: self.theirs}, ours=ours,
+                inputs=self.inputs, move=self.move)
+
+
+def ratio_setup(kind: str) -> Pair:
+    """fastema's and its baseline's updates of the same inputs (:class:`Pair`); torch on one thread
+    (fastema's one thread: ``FASTEMA_NUM_THREADS=1``, see :func:`measure_ratio`)."""
     import torch
 
     import fastema
@@ -44,7 +77,8 @@ def ratio_setup(kind: str):
     if kind == "flat":                                # in cache: 2^24 moved 0.75-2.1 with the VM's load, 2^20 by 8%
         shadow, src = torch.randn(1 << 20, generator=g), torch.randn(1 << 20, generator=g)
         base = shadow.clone()
-        return (lambda: fastema.ema_update_(shadow, src, decay=DECAY)), (lambda: base.lerp_(src, 1 - DECAY))
+        return Pair(lambda: fastema.ema_update_(shadow, src, decay=DECAY), lambda: base.lerp_(src, 1 - DECAY),
+                    lambda: [shadow], lambda: [base], inputs=[src])
     if kind in ("gpt2", "many", "bf16"):
         from bench.suite.shapes import gpt2_small
 
@@ -58,7 +92,8 @@ def ratio_setup(kind: str):
         else:
             def base():
                 torch._foreach_lerp_(shadows, ps, 1 - DECAY)
-        return (lambda: flat.update(DECAY)), base
+        return Pair(lambda: flat.update(DECAY), base, lambda: [flat.view(i) for i in range(len(ps))],
+                    lambda: shadows, inputs=ps, move=lambda: torch._foreach_neg_(ps))
     if kind == "swap":
         model = torch.nn.Module()
         model.ps = torch.nn.ParameterList([torch.nn.Parameter(p) for p in params(many)])
@@ -66,24 +101,44 @@ def ratio_setup(kind: str):
         plist = list(model.parameters())
         shadow = [p.detach().clone() for p in plist]
         held: list = []
+        between: dict = {}                            # the parameters while swapped in, for the check
 
         def fast():
             ema.swap()
             ema.swap()
 
-        def base():                                   # torch_ema 0.3's store / copy_to / restore, written out
+        def base_in():                                # torch_ema 0.3's store / copy_to / restore, written out
             held[:] = [p.clone() for p in plist]
             for s, p in zip(shadow, plist):
                 p.data.copy_(s.data)
+
+        def base_out():
             for c, p in zip(held, plist):
                 p.data.copy_(c.data)
-        return fast, base
+
+        def base():
+            base_in()
+            base_out()
+
+        def captured(side, first, then):
+            def run():
+                first()
+                between[side] = [p.detach().clone() for p in plist]
+                then()
+            return run
+
+        def move():
+            with torch.no_grad():
+                torch._foreach_neg_(plist)            # the parameters trained away from both averages
+        return Pair(fast, base, lambda: between.pop("fastema"), lambda: between.pop("baseline"), move=move,
+                    once=(captured("fastema", ema.swap, ema.swap), captured("baseline", base_in, base_out)))
     if kind == "smooth":
         from testkit.baselines import TorchSmoother  # test_bench_smooth.py's baseline
 
         values = torch.randn(10 ** 6, generator=g)
         s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")
-        return (lambda: s.update(values)), (lambda: t.update(values))
+        return Pair(lambda: s.update(values), lambda: t.update(values), lambda: [s.ema, s.sma],
+                    lambda: list(t.read()), inputs=[values])
     if kind in ("small torch", "small numpy"):
         return _small(kind == "small numpy", g)
     raise ValueError(kind)
@@ -109,7 +164,7 @@ def _small(numpy: bool, g):
     def baseline():
         for _ in calls:
             base.lerp_(src, w)
-    return fast, baseline
+    return Pair(fast, baseline, lambda: [a], lambda: [base], inputs=[b, src])
 
 
 CLOCK = ("one thread each; a call charged its thread's CPU time where it ran on that thread "
@@ -143,11 +198,14 @@ def measure_ratio(name: str, again: bool = False, rounds: int | None = None,
     line sets before fastema is imported. The ratios run beside the valgrind process, one core
     each on a 2-core machine; with two threads a side, a load of 5 moved the wall-time ratios
     2-4x run to run. Each side's clocks and wall time are kept beside the ratio. ``setup``:
-    ``kind -> (fastema, baseline)`` (default :func:`ratio_setup`)."""
+    ``kind -> Pair`` (default :func:`ratio_setup`). The baseline is run once against fastema's result
+    first (:meth:`Pair.check`) and refused, before anything is timed, where it does other work."""
     import gc
 
     rounds = rounds or ROUNDS[RATIOS[name]] * (2 if again else 1)
-    fast, base = (setup or ratio_setup)(RATIOS[name])
+    pair = (setup or ratio_setup)(RATIOS[name])
+    pair.check(name)
+    fast, base = pair.fast, pair.base
     for fn in (fast, base, fast, base):               # compile, first touch
         fn()
     times: dict = {fast: [], base: []}
@@ -174,6 +232,6 @@ def measure_ratio(name: str, again: bool = False, rounds: int | None = None,
         out[f"{side}_ms"] = round(min(times[fn]) * 1e3, 3)
         out[f"{side}_clock"] = " and ".join(sorted(clocks[fn]))
         out[f"{side}_wall_ms"] = round(min(walls[fn]) * 1e3, 3)
-    del fast, base, times, walls, clocks
+    del fast, base, pair, times, walls, clocks
     gc.collect()
     return ratio, out

@@ -26,15 +26,19 @@ The baselines, timed in the same processes' rounds: ``foreach6`` is ``torch._for
 same 6 tensors inside ``torch.no_grad()``, as TorchRL's ``SoftUpdate`` and SB3's ``polyak_update``
 call it (the source parameters require grad); ``foreach6bare`` the same call on tensors that need no
 grad, with no context (the floor of a Python call into a torch op). Each revision's ratio of
-``target6`` to them is printed under the table.
+``target6`` to them is printed under the table. Each is first run once against the revision's
+``TargetNetwork.update`` from the same start (``bench/suite/checked.py``) and refused where it does other work.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHILD = r"""
 import contextlib, sys, time, copy
@@ -72,6 +76,19 @@ elif case.startswith("foreach"):
         def update():
             with torch.no_grad():
                 torch._foreach_lerp_(target, online, 0.005)
+    # checked once against the revision's TargetNetwork.update from the same start, with this tree's
+    # helper (bench/suite/checked.py, argv[3]): refused before it is timed where it does other work
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("checked", sys.argv[3] + "/bench/suite/checked.py")
+    checked = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checked)
+    theirs = copy.deepcopy(net).requires_grad_(False)
+    tn = TargetNetwork(net, theirs, tau=0.005)
+    def move():
+        with torch.no_grad():
+            torch._foreach_neg_(list(net.parameters()))
+    checked.checked({"fastema": tn.update, case: update}, {"fastema": lambda: list(theirs.parameters()),
+                    case: lambda: target}, ours="fastema", inputs=online, move=move)
 elif case.startswith("target"):
     update = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005).update
 else:
@@ -116,7 +133,8 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for rev, path in trees.items():
                     for c in cases:
-                        out = subprocess.run([sys.executable, "-c", CHILD, path, c], check=True, capture_output=True,
+                        out = subprocess.run([sys.executable, "-c", CHILD, path, c, ROOT], check=True,
+                                             capture_output=True,
                                              text=True, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
                                                              "PATH": "/usr/bin:/bin"}).stdout
                         times[(rev, c)].append(float(out.split()[-1]))

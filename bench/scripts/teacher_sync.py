@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.scripts.offload import proc_status as _status
+from bench.suite.checked import checked
 
 ALPHA = 0.05                     # SDPO/SDFT's teacher_update_rate; any rate costs the same
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce",
@@ -162,18 +163,25 @@ def _rank(rank: int, world: int, store: str, mib: int, calls: int, rounds: int, 
         SyncRefModelCallback.sync_target_model(policy, theirs.module, ALPHA)
 
     before = [p.ds_tensor.clone() for p in ours.module.parameters()]
-    network.update()                                       # checked once: a float32 lerp of the partitions
-    for b, p, q in zip(before, ours.module.parameters(), policy.parameters()):
-        valid = max(0, min(b.numel(), p.ds_numel - rank * b.numel()))
-        assert torch.equal(p.ds_tensor[:valid], torch.lerp(b[:valid], q.ds_tensor[:valid], ALPHA))
-        assert not torch.equal(p.ds_tensor[:valid], b[:valid])
-    spare = [p.ds_tensor.clone() for p in ours.module.parameters()]
+    spare = [b.clone() for b in before]
     online = [p.ds_tensor for p in policy.parameters()]
+    sizes = [max(0, min(b.numel(), p.ds_numel - rank * b.numel())) for b, p in zip(before, ours.module.parameters())]
 
     def floor():                                           # the same bytes lerped by torch: no check, no plan
         torch._foreach_lerp_(spare, online, ALPHA)
 
+    def valid(tensors):                                    # this rank's elements of each partition
+        return [t[:n] for t, n in zip(tensors, sizes)]
+
     methods = {"fastema": network.update, "trl": trl_sync, "torch _foreach_lerp_ (floor)": floor}
+    # each baseline once against fastema's result from the same start (the two references made alike,
+    # spare a copy of the partitions): refused before it is timed where it does other work
+    checked(methods, {"fastema": lambda: valid([p.ds_tensor for p in ours.module.parameters()]),
+                      "trl": lambda: valid([p.ds_tensor for p in theirs.module.parameters()]),
+                      "torch _foreach_lerp_ (floor)": lambda: valid(spare)}, ours="fastema", inputs=online)
+    for b, p, q, n in zip(before, ours.module.parameters(), policy.parameters(), sizes):
+        assert torch.equal(p.ds_tensor[:n], torch.lerp(b[:n], q.ds_tensor[:n], ALPHA))   # a float32 lerp
+        assert not torch.equal(p.ds_tensor[:n], b[:n])
     figures: dict = {}
     for name, fn in methods.items():
         with _counted() as c:

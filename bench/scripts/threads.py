@@ -66,6 +66,23 @@ def _timed(step) -> float:
     return time.perf_counter() - t
 
 
+def _check(emas: dict, params: list) -> None:
+    """Each baseline's step agrees with fastema's from the same start before anything is timed
+    (``bench/suite/checked.py``; refused otherwise): a first step each (the warm-up's decay is 0: a
+    copy), the weights moved, then a second step (decay 0.41), compared."""
+    from bench.suite.checked import checked
+
+    steps = {k: (lambda e=e: e.step(params)) for k, e in emas.items()}
+    for step in steps.values():
+        step()
+
+    def move():
+        with torch.no_grad():
+            torch._foreach_mul_(params, -0.5)
+    checked(steps, {k: (lambda e=e: e.shadow_params) for k, e in emas.items()}, ours="fastema", inputs=params,
+            move=move)
+
+
 def bench(name: str, threads: list[int], calls: int) -> list[str]:
     from diffusers.training_utils import EMAModel as DiffusersEMA
 
@@ -77,6 +94,7 @@ def bench(name: str, threads: list[int], calls: int) -> list[str]:
     kw = dict(decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)   # the script's EMA
     emas = {"fastema": FastEMA(params, **kw), "diffusers": DiffusersEMA(params, **kw),
             "diffusers foreach": DiffusersEMA(params, foreach=True, **kw)}
+    _check(emas, params)
     every_core = numba.config.NUMBA_NUM_THREADS
     rows = []
     for n in threads:

@@ -2,6 +2,7 @@
 that confirms a ratio, reading callgrind's dumps, the run records and the history. No valgrind, no timing."""
 import importlib
 import json
+import re
 import types
 from pathlib import Path
 
@@ -236,13 +237,65 @@ def test_a_multi_threaded_call_is_timed_on_the_wall_clock_not_the_calling_thread
         t.start()
         t.join()
 
-    def setup(kind):
-        return on_a_helper, (lambda: _busy(0.004))
+    import numpy as np
+
+    def setup(kind):                                  # no arrays written: the same (empty) result each
+        return gates.ratios.Pair(on_a_helper, lambda: _busy(0.004), lambda: [np.zeros(0)], lambda: [np.zeros(0)])
 
     name = next(iter(gates.ratios.RATIOS))
     ratio, times = gates.ratios.measure_ratio(name, rounds=3, setup=setup)
     assert times["fastema_clock"] == "wall" and times["baseline_clock"] == "thread CPU", times
     assert ratio > 0.5, times
+
+
+@pytest.mark.parametrize("wrong", ["its sources lerped into themselves", "another decay", "nothing"])
+def test_a_ratio_whose_baseline_does_other_work_is_refused_before_it_is_timed(gates, wrong):
+    """Every ratio's baseline runs once against fastema's result from the same start
+    (``bench.suite.checked``) and is refused before a round is timed: the headline's shadow made with
+    ``p.detach().float()`` (the parameter itself) once lerped each tensor into itself."""
+    import torch
+
+    import fastema
+    from bench.suite.checked import Refused
+
+    g = torch.Generator().manual_seed(0)
+    shadow, src = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    base = src if wrong == "its sources lerped into themselves" else shadow.clone()
+    weight = 0.5 if wrong == "another decay" else 1 - gates.common.DECAY
+    calls = []
+
+    def baseline():
+        calls.append(1)
+        if wrong != "nothing":
+            base.lerp_(src, weight)
+
+    def setup(kind):
+        return gates.ratios.Pair(lambda: fastema.ema_update_(shadow, src, gates.common.DECAY), baseline,
+                                 lambda: [shadow], lambda: [base], inputs=[src])
+
+    name = next(iter(gates.ratios.RATIOS))
+    with pytest.raises(Refused, match=re.escape(f"{name} | baseline: refused")):
+        gates.ratios.measure_ratio(name, rounds=3, setup=setup)
+    assert calls == [1]                               # run once, for the check; never timed
+
+
+def test_a_baseline_that_agrees_is_timed(gates):
+    import numpy as np
+    import torch
+
+    import fastema
+
+    shadow, src = torch.randn(16), torch.randn(16)
+    base = shadow.clone()
+
+    def setup(kind):
+        return gates.ratios.Pair(lambda: fastema.ema_update_(shadow, src, gates.common.DECAY),
+                                 lambda: base.lerp_(src, 1 - gates.common.DECAY), lambda: [shadow], lambda: [base],
+                                 inputs=[src])
+
+    ratio, times = gates.ratios.measure_ratio(next(iter(gates.ratios.RATIOS)), rounds=3, setup=setup)
+    assert ratio > 0 and times["rounds"] == 3
+    np.testing.assert_allclose(shadow.numpy(), base.numpy(), rtol=1e-6)   # the same update all along
 
 
 # ---------------------------------------------------------------- valgrind's output
@@ -263,8 +316,7 @@ def test_per_update_instructions_from_the_callgrind_dumps(gates):
 
 def test_the_committed_expectations_cover_every_scenario(gates):
     exp = gates.record.load_expectations()
-    assert set(exp["instructions"]) == set(gates.scenarios.host_names(gates.scenarios.INSTRUCTIONS)
-                                           + gates.scenarios.stub_names())
+    assert set(exp["instructions"]) == set(gates.scenarios.instruction_names())
     assert gates.compare.compare_bounds(gates.scenarios.BOUNDS, exp["instructions"]) == []   # issue 70's bound
     assert set(exp["counts"]) == set(gates.scenarios.host_names())
     families = exp["ratios"]                                     # {CPU family: {scenario: ratio}}

@@ -322,12 +322,9 @@ class Torch(Backend):
         return _device_of(x), dt, x.numel()
 
     def metric(self, x, what: str):
-        import torch
-
-        dev = x.device
-        if dev.type == "cuda":
-            device = f"cuda:{dev.index}"
-        elif dev.type == "cpu":
+        if x.is_cuda:                                     # (is_cuda, is_cpu: flags; device.type makes a string)
+            device = f"cuda:{x.device.index}"
+        elif x.is_cpu:
             device = _STANDS[-1].device if _STANDS else "cpu"
         else:
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
@@ -337,6 +334,9 @@ class Torch(Backend):
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
         if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
             return kind, _metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
+        # imported here, not on a GPU's per-update path (the view above)
+        import torch
+
         flat = x.detach().reshape(-1)
         if not flat.is_contiguous():
             flat = flat.contiguous()                      # a temporary: its view owns it

@@ -198,6 +198,15 @@ class Block:
         offset, st, to_values, _ = self.layout.args[i]
         st.pack_into(self.buffer, offset, *to_values(value))
 
+    def patched(self, i: int, value) -> bool:
+        """:meth:`patch` where ``value`` :meth:`fits` (True), else nothing written (False): one call a
+        changed argument on a prepared launch's path."""
+        offset, st, to_values, fits = self.layout.args[i]
+        if not fits(value):
+            return False
+        st.pack_into(self.buffer, offset, *to_values(value))
+        return True
+
     def values(self) -> list:
         """Every parameter's value as packed (what the tests read)."""
         raw = bytes(self.buffer)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import numpy as np
@@ -85,19 +86,19 @@ class _Bound:
     def _patch(self, args) -> bool:
         """Write the arguments that are new objects into the block (numbers and tuples equal to the held
         ones count as the same); False when one does not fit its place (another dtype, ndim, number type:
-        another variant, so the launch binds again). A cheap check, no numba type (:meth:`.abi.Block.fits`)."""
+        another variant, so the launch binds again). A cheap check, no numba type (:meth:`.abi.Block.patched`)."""
         block = self.block
         if len(args) != len(block.types):
             return False
         held_all = self.held
-        for i, value in enumerate(args):
-            held = held_all[i]
-            if held is value or (type(held) is type(value) and isinstance(value, (int, np.integer, tuple))
-                                 and held == value):
+        # only the places whose object is new, found at C speed (a smoother's window launch: 14
+        # arguments, one new a call, the ring slot)
+        for i in itertools.compress(range(len(args)), map(operator.is_not, args, held_all)):
+            value, held = args[i], held_all[i]
+            if type(held) is type(value) and isinstance(value, (int, np.integer, tuple)) and held == value:
                 continue
-            if not block.fits(i, value):
+            if not block.patched(i, value):
                 return False
-            block.patch(i, value)
             held_all[i] = value
         return True
 
