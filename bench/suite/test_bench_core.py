@@ -13,7 +13,7 @@ import fastema
 from bench.suite.checked import checked
 
 from .conftest import QUICK, devices, flat_check, scenario_rounds
-from .shapes import gpt2_small, many_small
+from .shapes import MANY, MANY_NAME, gpt2_small, many_small
 
 DECAY = 0.999
 SIZES = [16, 20, 24] if QUICK else [16, 18, 20, 22, 24, 26, 27, 28]
@@ -57,7 +57,7 @@ def make_params(shapes, dtype, device):
     return [torch.randn(s, device=device, generator=g).to(dtype) for s in shapes]
 
 
-SHAPES = {"gpt2-small": gpt2_small, "3000x4096": many_small}
+SHAPES = {"gpt2-small": gpt2_small, MANY_NAME: many_small}
 
 
 @pytest.mark.parametrize("device", devices())
@@ -92,7 +92,7 @@ def test_many_tensors(run, benchmark, device, impl, scenario):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema (one pass)", "torch._foreach_lerp_ x2"])
 def test_two_decays(run, benchmark, device, impl):
-    benchmark.group = f"two decays (0.999, 0.9999), 3000 x 4096 ({device})"
+    benchmark.group = f"two decays (0.999, 0.9999), {MANY} x 4096 ({device})"
     params = make_params(many_small(), torch.float32, device)
     n = sum(p.numel() for p in params)
     check = None
@@ -107,12 +107,12 @@ def test_two_decays(run, benchmark, device, impl):
             torch._foreach_lerp_(b, params, 1 - 0.9999)
         check = flat_check(impl, fn, params, a + b, rows=2, decays=(0.999, 0.9999))
     # one pass: read the weights once, read + write two shadows
-    run(fn, device, impl=impl, case="3000x4096, K=2", nbytes=20 * n, elements=n, check=check)
+    run(fn, device, impl=impl, case=f"{MANY_NAME}, K=2", nbytes=20 * n, elements=n, check=check)
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("impl", ["fastema", "torch._foreach_mul_+_foreach_add_"])
-@pytest.mark.parametrize("scenario", ["gpt2-small", "3000x4096"])
+@pytest.mark.parametrize("scenario", ["gpt2-small", MANY_NAME])
 def test_bfloat16_sources_float32_shadow(run, benchmark, device, impl, scenario):
     rounds = scenario_rounds(scenario)
     benchmark.group = f"bfloat16 sources, float32 shadow ({device})"

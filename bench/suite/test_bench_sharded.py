@@ -20,7 +20,7 @@ from bench.suite.checked import checked
 from fastema.torch import EMA
 
 from .conftest import QUICK, devices
-from .shapes import gpt2_small, many_small
+from .shapes import MANY_NAME, gpt2_small, many_small
 from .test_bench_torch import DECAY, Params
 
 
@@ -41,7 +41,7 @@ def process_group():
 
 
 SHARDED = {"148 tensors (GPT-2-small shapes / 8)": lambda: [tuple(max(1, d // 8) for d in s) for s in gpt2_small()],
-           "3000x4096": many_small}
+           MANY_NAME: many_small}
 
 
 @pytest.mark.parametrize("device", devices())

@@ -53,7 +53,7 @@ def _process(which, cache_dir):
 def test_new_process_first_update(benchmark, impl, tmp_path):
     benchmark.group = "new process: import, EMA(nn.Linear(64, 64)), first update() (cpu)"
     splits = []
-    rounds = {"fastema, first process": 1 if QUICK else 3}.get(impl, 3 if QUICK else 5)
+    rounds = 1 if QUICK else {"fastema, first process": 3}.get(impl, 5)     # quick (CI): a process each
     if impl == "fastema, second process":
         _process("fastema", tmp_path / "cache")                 # the first process on this "machine"
     counter = iter(range(rounds + 1))

@@ -15,11 +15,11 @@ import os
 import numpy as np
 import pytest
 
-from .conftest import QUICK, scenario_rounds, tf_check
-from .shapes import gpt2_small, many_small
+from .conftest import scenario_rounds, tf_check
+from .shapes import MANY_NAME, gpt2_small, many_small
 
 DECAY = 0.999
-SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}
+SCENARIOS = {"gpt2-small": gpt2_small, MANY_NAME: many_small}
 IMPLS = ["fastema.tensorflow.compat.ExponentialMovingAverage", "fastema.tensorflow.EMA.update",
          "tf.train.ExponentialMovingAverage"]
 
@@ -33,8 +33,6 @@ def test_tf_function_ema_apply(run, benchmark, impl, scenario):
     rounds = scenario_rounds(scenario, large_rounds=5)
     benchmark.group = "TensorFlow EMA apply in a tf.function, float32 variables (cpu)"
     shapes = SCENARIOS[scenario]()
-    if QUICK and scenario == "3000x4096":
-        scenario, shapes = "300x4096", many_small(count=300)
     rng = np.random.default_rng(0)
     variables = [tf.Variable(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     n = sum(int(np.prod(s)) for s in shapes)

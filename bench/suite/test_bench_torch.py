@@ -18,10 +18,10 @@ from fastema.torch import EMA
 from testkit.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 
 from .conftest import devices, ema_check, scenario_rounds
-from .shapes import gpt2_small, many_small
+from .shapes import MANY_NAME, gpt2_small, many_small
 
 DECAY = 0.999
-SCENARIOS = {"gpt2-small": gpt2_small, "3000x4096": many_small}
+SCENARIOS = {"gpt2-small": gpt2_small, MANY_NAME: many_small}
 
 
 class Params(nn.Module):

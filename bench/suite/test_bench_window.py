@@ -12,10 +12,10 @@ from bench.suite.checked import agree
 from fastema.torch import WindowAverage
 
 from .conftest import devices, scenario_rounds
-from .shapes import gpt2_small, many_small
+from .shapes import MANY_NAME, gpt2_small, many_small
 from .test_bench_torch import Params
 
-SCENARIOS = {"gpt2-small": (gpt2_small, 4), "3000x4096": (many_small, 8)}
+SCENARIOS = {"gpt2-small": (gpt2_small, 4), MANY_NAME: (many_small, 8)}
 
 
 class TorchWindow:
