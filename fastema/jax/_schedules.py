@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..schedules import (
     BEMA,
@@ -42,6 +43,22 @@ DEVICE_SCHEDULES = (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, 
 def float_dtype():
     """The dtype the schedules compute in: float64 with ``jax_enable_x64``, else float32."""
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32    # type: ignore[attr-defined]
+
+
+def _pair(x: float, f) -> tuple:
+    """``x`` as two numbers of ``f`` whose sum is ``x`` to twice the precision (``hi``, ``lo``):
+    a constant added last keeps its float64 value to the final rounding (float32: ``0.9`` is
+    ``0.9 - 2.4e-8``, half an ulp of a decay before any arithmetic)."""
+    hi = np.asarray(x, np.float64).astype(f)
+    return hi, np.asarray(float(x) - float(hi), np.float64).astype(f)
+
+
+def _opaque(*constants):
+    """``constants`` as values XLA cannot fold: its simplifier reassociates float constants
+    (``hi + (lo + x)`` became ``x + 0.9``, ``(i / total) * span`` became ``i * (span / total)``),
+    which undoes the rounding order the pairs are for. An optimization barrier keeps them apart
+    (no cost: scalars, once a step)."""
+    return jax.lax.optimization_barrier(tuple(jnp.asarray(c) for c in constants))
 
 
 def refuse_schedule(schedule) -> None:
@@ -82,13 +99,22 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return power_warmup
     if isinstance(s, (Cosine, Linear)):
         start, end, total = float(s.start), float(s.end), float(s.total_steps)
+        wide = f == jnp.float64                     # x64: the host's formula, operation for operation
+        # float32: the constant the ramp is added to as a pair, hi + (lo + ramp): rounded once, last
+        base_hi, base_lo = _pair(end if isinstance(s, Cosine) else start, f)
+        span = (0.5 * (start - end)) if isinstance(s, Cosine) else (end - start)
 
         def ramp(n, t, last, first, started):
-            i = jnp.maximum(n.astype(f) - 1.0, 0.0)
-            if isinstance(s, Cosine):
+            i = jnp.maximum(n - 1, 0).astype(f)
+            if wide and isinstance(s, Cosine):
                 v = end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * i / total))
-            else:
+            elif wide:
                 v = start + i * (end - start) / total
+            else:
+                hi, lo, sp, tot = _opaque(base_hi, base_lo, np.asarray(span, f), np.asarray(total, f))
+                r = i / tot
+                ramp = (1.0 + jnp.cos(math.pi * r)) if isinstance(s, Cosine) else r
+                v = hi + (lo + sp * ramp)
             return comp(jnp.where(n.astype(f) - 1.0 >= total, jnp.asarray(end, f), v))
         return ramp
     if isinstance(s, PiecewiseConstant):
@@ -104,12 +130,30 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return piecewise
     if isinstance(s, PowerFunction):
         def power_function(n, t, last, first, started):
-            lf, tf = last.astype(f), t.astype(f)
-            ok = (lf > 0.0) & (tf > 0.0)
-            return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0).astype(f)
+            # (last / t) ** (gamma + 1) as exp((gamma + 1) log1p(-dt / t)), dt = t - last exact in
+            # int32: the ratio near 1 rounded in float32 and raised to gamma + 1 (~8 for EDM2's
+            # sigma_rel=0.05) was 30 ulps off the host's float64; its log1p is ~1 ulp of |y|
+            ok = (last > 0) & (t > 0)
+            if f == jnp.float64:                    # x64: the host's formula
+                lf, tf = last.astype(f), t.astype(f)
+                return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0)
+            x = (t - last).astype(f) / jnp.where(ok, t, 1).astype(f)
+            hi, lo = _opaque(*_pair(float(s.gamma) + 1.0, f))       # gamma + 1 unrounded
+            y = jnp.log1p(-x)
+            return jnp.where(ok, jnp.exp(y * hi + y * lo), 0.0).astype(f)
         return power_function
     if isinstance(s, HalfLife):
-        return lambda n, t, last, first, started: jnp.exp2(-(t - last).astype(f) / float(s.half_life))
+        # exp(-dt ln2 / half_life), the constant to twice float32's precision (XLA's exp2 is exp of
+        # x * ln2 rounded: one more rounding of the exponent)
+        inv_hi, inv_lo = _pair(math.log(2.0) / float(s.half_life), f)
+
+        def half_life(n, t, last, first, started):
+            dt = (t - last).astype(f)
+            if f == jnp.float64:                    # x64: the host's formula
+                return jnp.exp2(-dt / float(s.half_life))
+            hi, lo = _opaque(inv_hi, inv_lo)
+            return jnp.exp(-(dt * hi + dt * lo))
+        return half_life
     if isinstance(s, BEMA):
         def bema(n, t, last, first, started):
             beta = bema_base(s, t, first) ** -float(s.ema_power)
