@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+import fastema.jax as fj  # noqa: E402
 from fastema.jax import _schedules  # noqa: E402
 from fastema.schedules import (  # noqa: E402
     BEMA,
@@ -86,3 +87,49 @@ def test_float32_schedule_weights_within_an_ulp_of_the_host_float64(name, t, gap
     worst = int(np.argmax(err))
     assert err[worst] <= bound, (f"{name}: {err[worst]:.2f} ulps at t={t[worst]} last={last[worst]} "
                                  f"first={first[worst]}: host d={d[worst]!r}, device 1-w={1 - got[worst]!r}")
+
+
+#: name -> (decay, options, bound in ulps): the options that fold the schedule's decay further
+FOLDED = {
+    "num_updates debias": (NumUpdates(0.9999), {"debias": True}, 1),
+    "warmup debias": (PowerWarmup(0.9999, power=0.75), {"debias": True}, 1),
+    "constant debias": (0.999, {"debias": True}, 1),
+    # compensate raises the float32 decay to update_every: its ulp of error, times update_every
+    "cosine compensate 4": (Cosine(0.9, 0.999, 10 ** 9), {"compensate": True, "update_every": 4}, 4),
+    "warmup compensate 3": (PowerWarmup(0.9999), {"compensate": True, "update_every": 3}, 3),
+}
+
+
+@pytest.mark.parametrize("start", [1, 10 ** 9])
+@pytest.mark.parametrize("name", sorted(FOLDED))
+def test_debiased_and_compensated_weights_against_the_host_plan(name, start):
+    """``debias`` (its normalisers kept in float32 on the device, float64 on the host) and
+    ``compensate`` over 1500 consecutive steps from ``start``, against the host's
+    ``debiased_weight`` / ``compensated`` in float64: debias within one ulp; compensate within
+    ``update_every`` ulps (the schedule's float32 decay raised to that power)."""
+    from fastema.schedules import Constant, compensated, debiased_weight
+
+    decay, options, bound = FOLDED[name]
+    avg = fj.ema(decay, **options)
+    state = avg.init({"w": jnp.zeros(1)})
+
+    def body(state, n):
+        w, norms = avg._weights(state, n, n)
+        return state._replace(norms=norms), jnp.asarray(w).reshape(-1)[0]
+
+    steps = np.arange(start, start + 1500)
+    _, got = jax.jit(lambda s, n: jax.lax.scan(body, s, n))(state, jnp.asarray(steps, jnp.int32))
+    got = np.asarray(got, np.float64)
+    s = Constant(decay) if isinstance(decay, float) else decay
+    norm, want, ds = 0.0, [], []
+    for n in steps:
+        d = compensated(s(int(n)), options.get("update_every", 1)) if options.get("compensate") else s(int(n))
+        w = 1.0 - d
+        if options.get("debias"):
+            w, norm = debiased_weight(d, norm)
+        want.append(w)
+        ds.append(d)
+    want, ds = np.asarray(want), np.asarray(ds)
+    err = np.abs(got - want) / np.maximum(_ulp32(ds), _ulp32(want))
+    worst = int(np.argmax(err))
+    assert err[worst] <= bound, f"{name}: {err[worst]:.2f} ulps at step {steps[worst]}: host {want[worst]!r}"
