@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..posthoc import check_folder, kept_key, profile_key, valid_run_id, write_snapshot
-from ..posthoc._meta import SnapshotMeta
+from ..posthoc import SnapshotMeta, check_folder, kept_key, profile_key, valid_run_id, write_snapshot
 from ..schedules import PowerFunction, gamma_to_sigma_rel
 from ._functional import EmaState, EmaTransform, _is_float
 
