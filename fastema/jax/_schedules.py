@@ -5,10 +5,11 @@ numbers; inside ``jax.jit`` the step is a traced int32, and the same formulas
 (``kernels/_stats.py``'s ``schedule_decay``, ``momentum_decay``) run in ``jnp``: in float64 when
 ``jax_enable_x64`` is on (the host plan's arithmetic: weights equal to the host's but where
 XLA's ``pow``/``exp2`` differ from the C library's by an ulp of float64, which rounds away in
-the float32 weight almost always), else in float32 (a weight within a few float32 ulps of the
-host's; the lerp then differs from the kernel's by that much of ``w * (x - s)``, far below an
-ulp of the average for the usual ``w``). Constant decays need no device arithmetic: their
-weights are the host's float32 numbers, baked into the compiled step.
+the float32 weight almost always), else in float32, arranged so that each weight is within one
+float32 ulp of the host's float64 (PowerFunction and HalfLife: about one, 1.02 at worst measured;
+``tests/bridges/test_jax_schedule_ulps.py``): constants added last as hi + lo pairs, the power
+function's ratio as a pair (:func:`_ratio_pair`). Constant decays need no device arithmetic:
+their weights are the host's float32 numbers, baked into the compiled step.
 
 Counters and times are int32 (steps up to 2**31 - 1); a timed schedule's times are the steps
 given to ``update(step=)`` or the calls made, as on the host.
@@ -21,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ..schedules import (
     BEMA,
@@ -59,6 +61,32 @@ def _opaque(*constants):
     which undoes the rounding order the pairs are for. An optimization barrier keeps them apart
     (no cost: scalars, once a step)."""
     return jax.lax.optimization_barrier(tuple(jnp.asarray(c) for c in constants))
+
+
+def _split12(a):
+    """float32 ``a`` as ``hi + lo``, each of at most 12 significant bits (the mantissa's low 12
+    bits masked off: exact, and no arithmetic XLA could contract)."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & np.uint32(0xFFFFF000), jnp.float32)
+    return hi, a - hi
+
+
+def _ratio_pair(num, den):
+    """``num / den`` of int32s (``0 <= num <= den``, ``den > 0``) as float32 ``(hi, lo)``,
+    ``hi + lo`` within ~2**-40 of it: ``hi`` the float32 quotient, ``lo`` its remainder over ``den``.
+    The remainder ``num - hi * den`` is Dekker's: ``den`` cut to a multiple of 256 above 2**24
+    (24 significant bits, exact in float32) and the rest, ``hi * den`` an exact pair of 12-bit
+    products (the rounded product kept apart from the subtraction by a barrier: an FMA there would
+    take the rounding twice)."""
+    f = jnp.float32
+    mask = jnp.where(den >= 2 ** 24, jnp.int32(-256), jnp.int32(-1))
+    nh, nl = (num & mask).astype(f), (num - (num & mask)).astype(f)
+    dh, dl = (den & mask).astype(f), (den - (den & mask)).astype(f)
+    hi = num.astype(f) / den.astype(f)
+    (p,) = jax.lax.optimization_barrier((hi * dh,))
+    a1, a2 = _split12(hi)
+    b1, b2 = _split12(dh)
+    e = (((a1 * b1 - p) + a1 * b2) + a2 * b1) + a2 * b2          # hi * dh - p, exactly
+    return hi, (((nh - p) - e) + (nl - hi * dl)) / den.astype(f)
 
 
 def refuse_schedule(schedule) -> None:
@@ -130,17 +158,18 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return piecewise
     if isinstance(s, PowerFunction):
         def power_function(n, t, last, first, started):
-            # (last / t) ** (gamma + 1) as exp((gamma + 1) log1p(-dt / t)), dt = t - last exact in
-            # int32: the ratio near 1 rounded in float32 and raised to gamma + 1 (~8 for EDM2's
-            # sigma_rel=0.05) was 30 ulps off the host's float64; its log1p is ~1 ulp of |y|
             ok = (last > 0) & (t > 0)
             if f == jnp.float64:                    # x64: the host's formula
                 lf, tf = last.astype(f), t.astype(f)
                 return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0)
-            x = (t - last).astype(f) / jnp.where(ok, t, 1).astype(f)
-            hi, lo = _opaque(*_pair(float(s.gamma) + 1.0, f))       # gamma + 1 unrounded
-            y = jnp.log1p(-x)
-            return jnp.where(ok, jnp.exp(y * hi + y * lo), 0.0).astype(f)
+            # float32: the ratio's rounding times gamma + 1 (~18 for EDM2's sigma_rel=0.05) was 32
+            # ulps; the ratio as a pair (hi + lo), XLA's pow of hi (within half an ulp), and the
+            # first-order terms of lo and of gamma + 1's own rounding
+            r, r_lo = _ratio_pair(last, jnp.where(ok, t, 1))
+            g, g_lo = _opaque(*_pair(float(s.gamma) + 1.0, f))
+            r = jnp.where(ok, r, 1.0)
+            p = r ** g
+            return jnp.where(ok, p + p * (g * (r_lo / r) + g_lo * jnp.log(r)), 0.0).astype(f)
         return power_function
     if isinstance(s, HalfLife):
         # exp(-dt ln2 / half_life), the constant to twice float32's precision (XLA's exp2 is exp of
