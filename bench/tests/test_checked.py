@@ -158,3 +158,19 @@ def test_the_suite_refuses_a_baseline_row_without_a_check_before_timing_it():
     checked_row(SimpleNamespace(group="g", extra_info={}), "fastema", None)     # fastema's own: no check
     with pytest.raises(Refused, match="differs"):
         checked_row(bench, "torch.lerp_", lambda: agree("torch.lerp_", lambda: [np.ones(2)], lambda: [np.zeros(2)]))
+
+
+def test_the_jax_step_rows_check_passes_the_lerp_and_refuses_one_that_averages_nothing():
+    """The JAX rows (``test_bench_jax_jit.py``): the tree_map lerp agrees with fastema's step from
+    the check's start (the average away from the parameters); a "lerp" that averages nothing is
+    refused."""
+    jax = pytest.importorskip("jax")
+    from bench.suite.test_bench_jax_jit import _check, _Row
+
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal((64,), dtype=np.float32) for _ in range(2)]
+    _check(_Row("jit tree_map lerp"), host)()
+    idle = _Row("jit tree_map lerp")
+    idle._jitted = jax.jit(lambda p, s: ([x - 1e-3 * x for x in p], s))
+    with pytest.raises(Refused, match="jit tree_map lerp.*not the same update"):
+        _check(idle, host)()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..average import HOST_ONLY_REFUSALS, EMAOptions
-from ..schedules import BEMA, Constant, compensated
+from ..schedules import BEMA, Constant
 from . import _bits, _schedules
 
 __all__ = ["EmaState", "EmaTransform", "REFUSED_IN_JIT", "ema"]
@@ -83,10 +83,9 @@ class EmaTransform:
         self.stochastic = options.rounding == "stochastic"
         self._decays = _schedules.decays(self.schedules, self.every, self.compensate)
         constant = all(type(s) is Constant for s in self.schedules) and not self.debias
-        # Constant decays: the host's weights (float64 1 - d, then float32 in the kernel), as numbers;
-        # compensated as the host plan does (d ** every in float64: 1 - d alone was every number off)
-        every = self.every if self.compensate else 1
-        self._fixed = [1.0 - compensated(float(s.decay), every) for s in self.schedules] if constant else None
+        # Constant decays: the host plan's own weights (its float64 1 - d, compensated as it does:
+        # d ** every; float32 in the kernel), as numbers; the plan is asked, never counted
+        self._fixed = [float(w) for w in plan.next().weights] if constant else None
         self._dtypes: dict = {}            # treedef -> the parameters' dtypes (see _seen)
 
     # ------------------------------------------------------------ init

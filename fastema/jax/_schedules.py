@@ -5,10 +5,11 @@ numbers; inside ``jax.jit`` the step is a traced int32, and the same formulas
 (``kernels/_stats.py``'s ``schedule_decay``, ``momentum_decay``) run in ``jnp``: in float64 when
 ``jax_enable_x64`` is on (the host plan's arithmetic: weights equal to the host's but where
 XLA's ``pow``/``exp2`` differ from the C library's by an ulp of float64, which rounds away in
-the float32 weight almost always), else in float32 (a weight within a few float32 ulps of the
-host's; the lerp then differs from the kernel's by that much of ``w * (x - s)``, far below an
-ulp of the average for the usual ``w``). Constant decays need no device arithmetic: their
-weights are the host's float32 numbers, baked into the compiled step.
+the float32 weight almost always), else in float32, arranged so that each weight is within one
+float32 ulp of the host's float64 (PowerFunction and HalfLife: about one, 1.02 at worst measured;
+``tests/bridges/test_jax_schedule_ulps.py``): constants added last as hi + lo pairs, the power
+function's ratio as a pair (:func:`_ratio_pair`). Constant decays need no device arithmetic:
+their weights are the host's float32 numbers, baked into the compiled step.
 
 Counters and times are int32 (steps up to 2**31 - 1); a timed schedule's times are the steps
 given to ``update(step=)`` or the calls made, as on the host.
@@ -20,6 +21,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from ..schedules import (
     BEMA,
@@ -42,6 +45,48 @@ DEVICE_SCHEDULES = (Constant, NumUpdates, PowerWarmup, PowerFunction, HalfLife, 
 def float_dtype():
     """The dtype the schedules compute in: float64 with ``jax_enable_x64``, else float32."""
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32    # type: ignore[attr-defined]
+
+
+def _pair(x: float, f) -> tuple:
+    """``x`` as two numbers of ``f`` whose sum is ``x`` to twice the precision (``hi``, ``lo``):
+    a constant added last keeps its float64 value to the final rounding (float32: ``0.9`` is
+    ``0.9 - 2.4e-8``, half an ulp of a decay before any arithmetic)."""
+    hi = np.asarray(x, np.float64).astype(f)
+    return hi, np.asarray(float(x) - float(hi), np.float64).astype(f)
+
+
+def _opaque(*constants):
+    """``constants`` as values XLA cannot fold: its simplifier reassociates float constants
+    (``hi + (lo + x)`` became ``x + 0.9``, ``(i / total) * span`` became ``i * (span / total)``),
+    which undoes the rounding order the pairs are for. An optimization barrier keeps them apart
+    (no cost: scalars, once a step)."""
+    return jax.lax.optimization_barrier(tuple(jnp.asarray(c) for c in constants))
+
+
+def _split12(a):
+    """float32 ``a`` as ``hi + lo``, each of at most 12 significant bits (the mantissa's low 12
+    bits masked off: exact, and no arithmetic XLA could contract)."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & np.uint32(0xFFFFF000), jnp.float32)
+    return hi, a - hi
+
+
+def _ratio_pair(num, den):
+    """``num / den`` of int32s (``0 <= num <= den``, ``den > 0``) as float32 ``(hi, lo)``,
+    ``hi + lo`` within ~2**-40 of it: ``hi`` the float32 quotient, ``lo`` its remainder over ``den``.
+    The remainder ``num - hi * den`` is Dekker's: ``den`` cut to a multiple of 256 above 2**24
+    (24 significant bits, exact in float32) and the rest, ``hi * den`` an exact pair of 12-bit
+    products (the rounded product kept apart from the subtraction by a barrier: an FMA there would
+    take the rounding twice)."""
+    f = jnp.float32
+    mask = jnp.where(den >= 2 ** 24, jnp.int32(-256), jnp.int32(-1))
+    nh, nl = (num & mask).astype(f), (num - (num & mask)).astype(f)
+    dh, dl = (den & mask).astype(f), (den - (den & mask)).astype(f)
+    hi = num.astype(f) / den.astype(f)
+    (p,) = jax.lax.optimization_barrier((hi * dh,))
+    a1, a2 = _split12(hi)
+    b1, b2 = _split12(dh)
+    e = (((a1 * b1 - p) + a1 * b2) + a2 * b1) + a2 * b2          # hi * dh - p, exactly
+    return hi, (((nh - p) - e) + (nl - hi * dl)) / den.astype(f)
 
 
 def refuse_schedule(schedule) -> None:
@@ -82,13 +127,22 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return power_warmup
     if isinstance(s, (Cosine, Linear)):
         start, end, total = float(s.start), float(s.end), float(s.total_steps)
+        wide = f == jnp.float64                     # x64: the host's formula, operation for operation
+        # float32: the constant the ramp is added to as a pair, hi + (lo + ramp): rounded once, last
+        base_hi, base_lo = _pair(end if isinstance(s, Cosine) else start, f)
+        span = (0.5 * (start - end)) if isinstance(s, Cosine) else (end - start)
 
         def ramp(n, t, last, first, started):
-            i = jnp.maximum(n.astype(f) - 1.0, 0.0)
-            if isinstance(s, Cosine):
+            i = jnp.maximum(n - 1, 0).astype(f)
+            if wide and isinstance(s, Cosine):
                 v = end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * i / total))
-            else:
+            elif wide:
                 v = start + i * (end - start) / total
+            else:
+                hi, lo, sp, tot = _opaque(base_hi, base_lo, np.asarray(span, f), np.asarray(total, f))
+                r = i / tot
+                ramp = (1.0 + jnp.cos(math.pi * r)) if isinstance(s, Cosine) else r
+                v = hi + (lo + sp * ramp)
             return comp(jnp.where(n.astype(f) - 1.0 >= total, jnp.asarray(end, f), v))
         return ramp
     if isinstance(s, PiecewiseConstant):
@@ -104,12 +158,31 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return piecewise
     if isinstance(s, PowerFunction):
         def power_function(n, t, last, first, started):
-            lf, tf = last.astype(f), t.astype(f)
-            ok = (lf > 0.0) & (tf > 0.0)
-            return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0).astype(f)
+            ok = (last > 0) & (t > 0)
+            if f == jnp.float64:                    # x64: the host's formula
+                lf, tf = last.astype(f), t.astype(f)
+                return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0)
+            # float32: the ratio's rounding times gamma + 1 (~18 for EDM2's sigma_rel=0.05) was 32
+            # ulps; the ratio as a pair (hi + lo), XLA's pow of hi (within half an ulp), and the
+            # first-order terms of lo and of gamma + 1's own rounding
+            r, r_lo = _ratio_pair(last, jnp.where(ok, t, 1))
+            g, g_lo = _opaque(*_pair(float(s.gamma) + 1.0, f))
+            r = jnp.where(ok, r, 1.0)
+            p = r ** g
+            return jnp.where(ok, p + p * (g * (r_lo / r) + g_lo * jnp.log(r)), 0.0).astype(f)
         return power_function
     if isinstance(s, HalfLife):
-        return lambda n, t, last, first, started: jnp.exp2(-(t - last).astype(f) / float(s.half_life))
+        # exp(-dt ln2 / half_life), the constant to twice float32's precision (XLA's exp2 is exp of
+        # x * ln2 rounded: one more rounding of the exponent)
+        inv_hi, inv_lo = _pair(math.log(2.0) / float(s.half_life), f)
+
+        def half_life(n, t, last, first, started):
+            dt = (t - last).astype(f)
+            if f == jnp.float64:                    # x64: the host's formula
+                return jnp.exp2(-dt / float(s.half_life))
+            hi, lo = _opaque(inv_hi, inv_lo)
+            return jnp.exp(-(dt * hi + dt * lo))
+        return half_life
     if isinstance(s, BEMA):
         def bema(n, t, last, first, started):
             beta = bema_base(s, t, first) ** -float(s.ema_power)
