@@ -201,12 +201,11 @@ CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, unsigned 
 def stub_driver_dir() -> str | None:
     """A folder holding the stub ``libcuda.so.1`` (built once per user and stub source), or None
     where no C compiler is."""
+    import hashlib
     import os
     import shutil
     import subprocess
     import tempfile
-
-    import hashlib
 
     key = hashlib.sha256(_STUB_SOURCE.encode()).hexdigest()[:12]     # a changed stub is built anew
     folder = os.path.join(tempfile.gettempdir(), f"fastema-stub-cuda-{os.getuid()}-{key}")
