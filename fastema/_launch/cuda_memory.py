@@ -167,7 +167,7 @@ class DeviceArray:
         nbytes = max(int(size) * np.dtype(dtype).itemsize, 1)
         ptr = int(check("cuMemAlloc", device.d.cuMemAlloc(nbytes)))
         owner = _Allocation()
-        weakref.finalize(owner, _free, device, ptr)
+        weakref.finalize(owner, _free, device, ptr).atexit = False   # the process's exit frees it
         return cls(ptr, size, dtype, owner, device)
 
     @classmethod
@@ -239,7 +239,7 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     nbytes = max(int(size), 1) * dtype.itemsize
     ptr = int(check("cuMemHostAlloc", d.cuMemHostAlloc(nbytes, d.CU_MEMHOSTALLOC_PORTABLE)))
     block = _PinnedBlock(ptr, nbytes)
-    weakref.finalize(block, _free_host, d, ptr)
+    weakref.finalize(block, _free_host, d, ptr).atexit = False
     out = np.asarray(block).view(dtype)
     out[:] = 0
     return out
@@ -260,7 +260,7 @@ class Event:
     def __init__(self, bindings=None):
         d = self.d = bindings if bindings is not None else _d()
         self.event = check("cuEventCreate", d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING.value))
-        weakref.finalize(self, _destroy_event, d, self.event)
+        weakref.finalize(self, _destroy_event, d, self.event).atexit = False
 
     def record(self, raw: int) -> None:
         """Recorded on the raw stream ``raw`` (0: the legacy default stream)."""

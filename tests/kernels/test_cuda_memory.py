@@ -38,7 +38,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
     uploaded table and a table rewritten through pinned staging read back equal."""
     pytest.importorskip("torch")
     out = _on_the_stub("""
-        import copy, sys
+        import copy, gc, sys
         import numpy as np
         import torch, fastema
         from fastema import _backends
@@ -62,6 +62,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
                     kwargs = dict(kwargs, device="cpu")
                 return func(*args, **kwargs)
 
+        freed = []                                          # a finalizer's error (cuMemFree, cuMemFreeHost, ...)
+        sys.unraisablehook = lambda u: freed.append(repr(u.exc_value))
+
         def imported(where):
             assert "numba.cuda" not in sys.modules, where
 
@@ -77,6 +80,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
             new = first + 100 * (k + 1)
             assert tables.point(new, "cuda:0", 77).copy_to_host().tolist() == new.tolist()
         imported("staging")
+        del table, tables                                   # device tables, pinned slots, events freed
+        gc.collect()
+        assert not freed, freed
         assert d.compute_capability(0) == (9, 0) and d.sm_count(0) == 132
         assert d.primary_context(0) == d.current_context() == 0xC0C0
         with _backends.standing_in(StandIn()), torch.no_grad():
@@ -101,6 +107,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
             for i in range(3):
                 sm.update(torch.full((4,), float(i)))
             imported("Smoother.update")
+        del ema, tn, sm
+        gc.collect()
+        assert not freed, freed
         loaded = [v for v in d.images.values() if v is not None]
         print(len(loaded) >= 4, len(loaded) == len(d.images), sorted({v.source.split("/")[1] for v in loaded}))
     """)
