@@ -265,7 +265,7 @@ class CudaCoreDriver(_Numba):
         self.core_error = _core_error()
         self._streams = functools.lru_cache(maxsize=64)(self.d.CUstream)   # a C call per launch
         self.stream = self._streams                       # type: ignore[method-assign]
-        self._devices: dict = {}
+        self._devices = {}                                # index -> cuda_memory.Device
 
     def device(self, index: int):
         """Device ``index`` (:class:`.cuda_memory.Device`: its primary context retained once)."""
