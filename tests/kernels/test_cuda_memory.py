@@ -31,6 +31,7 @@ def _on_the_stub(body: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow                                           # a fresh process importing torch (~3-8 s)
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="a process on the stub driver")
 def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
     """Every entry point on the real ``CudaCoreDriver`` (torch's CPU tensors described as on ``cuda:0``
