@@ -7,8 +7,10 @@ Used by the fake-GPU tests in ``tests/kernels/``, and outside the tests by the b
 (the gates' fake-GPU scenarios, the host-cost measurements).
 
 The stub driver (:func:`stub_driver_dir`): a ``libcuda.so.1`` whose every entry point returns
-CUDA_SUCCESS at once (``cuCtxGetCurrent`` reports :data:`STUB_CONTEXT`), so that cuda-bindings' and
-cuda.core's Python-side work runs as on a GPU, the driver's own work excepted. It must be on
+CUDA_SUCCESS at once (``cuCtxGetCurrent`` and ``cuDevicePrimaryCtxRetain`` report
+:data:`STUB_CONTEXT`), device memory being host memory (``cuMemAlloc``/``cuMemHostAlloc`` malloc, the
+copies memcpy) and device 0 an sm_90 of 132 multiprocessors, so that cuda-bindings' and cuda.core's
+Python-side work, and ``CudaCoreDriver``'s device work, runs as on a GPU, the kernels excepted. It must be on
 ``LD_LIBRARY_PATH`` when the process starts; :func:`fake_gpu` with ``stub_driver=True`` then loads
 and launches through fastema's real ``CudaCoreDriver``.
 """
@@ -146,31 +148,67 @@ def rl_mlp(hidden: int = 256, seed: int = 0):
 
 
 _STUB_SOURCE = r"""
+/* Each entry point as the CUDA driver API declares it (cuda.h; cuda-bindings looks each up by its base
+   name through cuGetProcAddress): device memory is host memory (malloc/free, copies memcpy), every
+   stream and event is done at once, the one device is an sm_90 of 132 multiprocessors whose primary
+   context is STUB_CONTEXT (always current). Every other entry point returns CUDA_SUCCESS at once. */
+#include <stdlib.h>
+#include <string.h>
 typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef int CUdevice;
+typedef void *CUcontext, *CUstream, *CUevent;
+static unsigned long long handles = 0x5100;
 static CUresult ok(void) { return 0; }
-static CUresult current(void **ctx) { *ctx = (void *)0xC0C0; return 0; }
+static CUresult current(CUcontext *ctx) { *ctx = (CUcontext)0xC0C0; return 0; }
+static CUresult mem_alloc(CUdeviceptr *p, size_t n) {
+    void *m = malloc(n ? n : 1); if (!m) return 2; *p = (CUdeviceptr)m; return 0; }
+static CUresult mem_free(CUdeviceptr p) { free((void *)p); return 0; }
+static CUresult htod(CUdeviceptr dst, const void *src, size_t n) { memcpy((void *)dst, src, n); return 0; }
+static CUresult htod_async(CUdeviceptr dst, const void *src, size_t n, CUstream s) { return htod(dst, src, n); }
+static CUresult dtoh(void *dst, CUdeviceptr src, size_t n) { memcpy(dst, (void *)src, n); return 0; }
+static CUresult dtoh_async(void *dst, CUdeviceptr src, size_t n, CUstream s) { return dtoh(dst, src, n); }
+static CUresult host_alloc(void **p, size_t n, unsigned int flags) {
+    *p = malloc(n ? n : 1); return *p ? 0 : 2; }
+static CUresult host_free(void *p) { free(p); return 0; }
+static CUresult attribute(int *value, int attrib, CUdevice dev) {
+    *value = attrib == 75 ? 9 : attrib == 76 ? 0 : attrib == 16 ? 132 : 1; return 0; }
+static CUresult device_get(CUdevice *dev, int ordinal) { *dev = ordinal; return ordinal ? 101 : 0; }
+static CUresult retain(CUcontext *ctx, CUdevice dev) { return current(ctx); }
+static CUresult pop(CUcontext *ctx) { if (ctx) *ctx = (CUcontext)0xC0C0; return 0; }
+static CUresult handle(void **h, unsigned int flags) { *h = (void *)(handles += 16); return 0; }
+CUresult cuDriverGetVersion(int *v) { *v = 13000; return 0; }
 static int same(const char *a, const char *b) {
     while (*a && *a == *b) { a++; b++; } return *a == *b; }
+static void *entry(const char *s) {
+    return same(s, "cuCtxGetCurrent") ? (void *)current : same(s, "cuDriverGetVersion") ? (void *)cuDriverGetVersion
+        : same(s, "cuMemAlloc") ? (void *)mem_alloc : same(s, "cuMemFree") ? (void *)mem_free
+        : same(s, "cuMemcpyHtoD") ? (void *)htod : same(s, "cuMemcpyHtoDAsync") ? (void *)htod_async
+        : same(s, "cuMemcpyDtoH") ? (void *)dtoh : same(s, "cuMemcpyDtoHAsync") ? (void *)dtoh_async
+        : same(s, "cuMemHostAlloc") ? (void *)host_alloc : same(s, "cuMemFreeHost") ? (void *)host_free
+        : same(s, "cuDeviceGetAttribute") ? (void *)attribute : same(s, "cuDeviceGet") ? (void *)device_get
+        : same(s, "cuDevicePrimaryCtxRetain") ? (void *)retain : same(s, "cuCtxPopCurrent") ? (void *)pop
+        : same(s, "cuStreamCreate") || same(s, "cuEventCreate") ? (void *)handle : (void *)ok; }
 CUresult cuInit(unsigned int flags) { return 0; }
-CUresult cuDriverGetVersion(int *v) { *v = 13000; return 0; }
 CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, unsigned long long flags,
                              int *status) {
-    *pfn = same(symbol, "cuCtxGetCurrent") ? (void *)current : (void *)ok;
-    if (status) *status = 1; return 0; }
+    *pfn = entry(symbol); if (status) *status = 1; return 0; }
 CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, unsigned long long flags) {
-    *pfn = same(symbol, "cuCtxGetCurrent") ? (void *)current : (void *)ok; return 0; }
+    *pfn = entry(symbol); return 0; }
 """
 
 
 def stub_driver_dir() -> str | None:
-    """A folder holding the stub ``libcuda.so.1`` (built once per user), or None where no C compiler
-    is."""
+    """A folder holding the stub ``libcuda.so.1`` (built once per user and stub source), or None
+    where no C compiler is."""
+    import hashlib
     import os
     import shutil
     import subprocess
     import tempfile
 
-    folder = os.path.join(tempfile.gettempdir(), f"fastema-stub-cuda-{os.getuid()}")
+    key = hashlib.sha256(_STUB_SOURCE.encode()).hexdigest()[:12]     # a changed stub is built anew
+    folder = os.path.join(tempfile.gettempdir(), f"fastema-stub-cuda-{os.getuid()}-{key}")
     lib = os.path.join(folder, "libcuda.so.1")
     if os.path.exists(lib):
         return folder

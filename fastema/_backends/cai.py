@@ -1,7 +1,8 @@
 """Objects with ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays): CUDA memory.
 
 fastema's own buffers for such sources are Numba device arrays; :func:`raw_view` is how any
-CUDA memory (a torch tensor's, a control array's) becomes one for a kernel, with no copy.
+CUDA memory (a torch tensor's, a control array's) becomes a device array for a kernel, with no copy
+(fastema's own, :class:`fastema._launch.cuda_memory.DeviceArray`: no numba-cuda).
 CuPy arrays are the same memory with a current stream: :class:`CuPy`.
 """
 from __future__ import annotations
@@ -20,13 +21,12 @@ NAME = "cuda"
 
 
 def raw_view(address: int, size: int, dtype, owner):
-    """A Numba device array over ``size`` elements of ``dtype`` at CUDA ``address`` (no copy,
-    no sync); ``owner`` is kept alive with it."""
-    from numba import cuda
+    """A device array over ``size`` elements of ``dtype`` at CUDA ``address`` (no copy, no sync;
+    ``__cuda_array_interface__``, which numba's dispatcher takes too); ``owner`` is kept alive with
+    it."""
+    from .._launch.cuda_memory import DeviceArray
 
-    desc = {"shape": (size,), "typestr": np.dtype(dtype).str, "data": (int(address), False),
-            "version": 3, "strides": None}
-    return cuda.from_cuda_array_interface(desc, owner=owner, sync=False)
+    return DeviceArray.view(address, size, dtype, owner)
 
 
 def _numba_array(a) -> bool:

@@ -302,8 +302,8 @@ class Torch(Backend):
         return NAME, _device_of(a)
 
     def kernel_view(self, a):
-        """A NumPy view (CPU) or a Numba device view (CUDA) of a contiguous tensor, no copy (a
-        stand-in's view inside :func:`standing_in`)."""
+        """A NumPy view (CPU) or a device view (CUDA: :func:`.cai.raw_view`) of a contiguous tensor,
+        no copy (a stand-in's view inside :func:`standing_in`)."""
         if a.device.type == "cpu":
             if _STANDS:
                 dt = np.dtype(np.uint16) if str(a.dtype) == "torch.bfloat16" else _numpy_dtype(a)   # its bits

@@ -113,8 +113,8 @@ class Driver(Protocol):
         """Device ``index``'s primary context (the one its launches run in)."""
 
     def activate(self, index: int) -> ContextManager[Any]:
-        """Device ``index``'s primary context pushed for a ``with`` block
-        (``numba.cuda.gpus[index]``)."""
+        """Device ``index``'s primary context pushed for a ``with`` block (``cuCtxPushCurrent`` and
+        ``cuCtxPopCurrent``; ``numba.cuda.gpus[index]`` in numba's dispatcher driver)."""
 
     def capturing(self, raw: int) -> bool:
         """Whether work queued on ``raw`` now would be captured into a CUDA graph rather than run

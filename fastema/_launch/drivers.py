@@ -2,18 +2,17 @@
 
 - :class:`CudaCoreDriver`, the fast path: each variant's image loaded by cuda.core (``ObjectCode``,
   ``get_kernel``) and made a function of the current context (``cuKernelGetFunction``), launched by
-  ``cuLaunchKernel`` with fastema's own parameter block; the context, capture and version queries
-  are cuda-bindings' calls.
+  ``cuLaunchKernel`` with fastema's own parameter block; the device work around the launches (the
+  context push, the primary context, the compute capability and multiprocessor count, uploads on a
+  stream of fastema's own, pinned staging and its copies, events) and the context, capture and
+  version queries are cuda-bindings' calls (:mod:`.cuda_memory`): a process that launches shipped
+  code imports no numba-cuda. Only a variant the driver refuses (:data:`.driver.REFUSALS`) goes
+  through numba's dispatcher (:meth:`_Numba.dispatch`), importing numba-cuda then.
 - :class:`DispatcherDriver`: numba's dispatcher launches every kernel (compiling it at its first
   use): the Numba CUDA simulator, ``FASTEMA_CUDA_LAUNCH=dispatcher``, or where cuda.core cannot be
-  used.
-
-Both do the device work around the launches through numba-cuda, whose device arrays fastema's tables
-are: uploads on a stream of fastema's own, pinned staging, events, the context push
-(``numba.cuda.gpus[i]``), the primary context, the compute capability, the multiprocessor count.
-numba-cuda is imported at the first of those (:func:`_numba_cuda`: on a GPU, the first table made or
-launch bound), not with this module: choosing a driver imports none of it (:func:`simulator` reads
-``NUMBA_ENABLE_CUDASIM`` itself), and loading and launching shipped code asks it nothing more.
+  used. Its device work is numba-cuda's, whose device arrays its tables are (:class:`_Numba`):
+  numba-cuda is imported at the first of it (:func:`_numba_cuda`), not with this module: choosing
+  a driver imports none of it (:func:`simulator` reads ``NUMBA_ENABLE_CUDASIM`` itself).
 
 Where cuda.core or the driver says an image cannot run here (a result of :data:`.driver.REFUSALS`),
 :meth:`CudaCoreDriver.load` raises :class:`.driver.Refused`; every other error is raised as it is.
@@ -113,8 +112,9 @@ def _numba_cuda():
 
 
 class _Numba:
-    """The device work both drivers do through numba-cuda (see the module docstring), and the
-    queries they make through cuda-bindings (none in the simulator)."""
+    """The device work :class:`DispatcherDriver` does through numba-cuda (see the module docstring),
+    the dispatch both drivers do through it, and the queries they make through cuda-bindings (none
+    in the simulator)."""
 
     name = "numba"
     loads = False
@@ -237,9 +237,9 @@ class _Numba:
 
 
 def _api_error(call: str, err):
-    from numba.cuda.cudadrv.driver import CudaAPIError
+    from .cuda_memory import api_error
 
-    return CudaAPIError(int(err), f"{call}: {err!r}")
+    return api_error(call, err)
 
 
 class DispatcherDriver(_Numba):
@@ -265,6 +265,45 @@ class CudaCoreDriver(_Numba):
         self.core_error = _core_error()
         self._streams = functools.lru_cache(maxsize=64)(self.d.CUstream)   # a C call per launch
         self.stream = self._streams                       # type: ignore[method-assign]
+        self._devices = {}                                # index -> cuda_memory.Device
+
+    def device(self, index: int):
+        """Device ``index`` (:class:`.cuda_memory.Device`: its primary context retained once)."""
+        got = self._devices.get(index)
+        if got is None:
+            from .cuda_memory import Device
+
+            got = self._devices[index] = Device(index, self.d)
+        return got
+
+    def activate(self, index: int):
+        return self.device(index)
+
+    def compute_capability(self, index: int) -> tuple[int, int]:
+        return self.device(index).compute_capability()
+
+    def _sm_count(self, index: int) -> int:
+        return self.device(index).sm_count()
+
+    def _primary_context(self, index: int) -> int:
+        return self.device(index).handle
+
+    def upload(self, array, index: int):
+        """See :meth:`.cuda_memory.Device.upload` (issue 37, C1)."""
+        return self.device(index).upload(array)
+
+    def pinned(self, size: int, dtype):
+        from .cuda_memory import pinned
+
+        return pinned(size, dtype, self.d)
+
+    def copy(self, device_array, values, raw: int) -> None:
+        device_array.copy_to_device(values, stream=raw)
+
+    def event(self):
+        from .cuda_memory import Event
+
+        return Event(self.d)
 
     @staticmethod
     def unavailable() -> str | None:
@@ -278,7 +317,7 @@ class CudaCoreDriver(_Numba):
         except ImportError as err:
             return f"{err.__class__.__name__}: {err}"
         calls = ("cuLaunchKernel", "cuCtxGetCurrent", "cuKernelGetFunction", "cuStreamIsCapturing",
-                 "cuDriverGetVersion", "CUfunction", "CUkernel", "CUstream")
+                 "cuDriverGetVersion", "CUfunction", "CUkernel", "CUstream", *_MEMORY_CALLS)
         missing = [f for f in calls if not hasattr(driver, f)]
         return f"its driver bindings lack {', '.join(missing)}" if missing else None
 
@@ -314,6 +353,13 @@ class CudaCoreDriver(_Numba):
     def clear(self) -> None:
         super().clear()
         self._streams.cache_clear()
+
+
+_MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrimaryCtxRetain", "cuCtxPushCurrent",
+                 "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemcpyHtoDAsync", "cuMemcpyDtoH",
+                 "cuMemHostAlloc", "cuMemFreeHost", "cuStreamCreate", "cuStreamSynchronize", "cuEventCreate",
+                 "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy")
+"""What of cuda-bindings :mod:`.cuda_memory` calls."""
 
 
 def _core_error() -> Any:

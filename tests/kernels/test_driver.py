@@ -203,17 +203,19 @@ def test_a_refusal_from_cuda_core_or_the_driver_is_a_refusal(result):
                                     "CUDA_ERROR_NOT_FOUND", "CUDA_ERROR_INVALID_HANDLE"])
 def test_any_other_driver_error_propagates(result):
     """Out of memory, no context, a name not in the image, a bad handle: no compile mends these, so
-    they are raised as they are (cuda.core's error, or numba-cuda's ``CudaAPIError`` for a result).
+    they are raised as they are (cuda.core's error, or ``cuda_memory.CudaDriverError`` naming the call
+    for a result).
     """
     from cuda.core._utils.cuda_utils import CUDAError
-    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    from fastema._launch.cuda_memory import CudaDriverError
 
     d = _checked()
     _ObjectCode.error = CUDAError(f"{result}: the driver's explanation")
     with pytest.raises(CUDAError, match=result):
         d.load("cubin", b"\x7fELF", "entry")
     d = _checked(cuKernelGetFunction=(getattr(bindings.CUresult, result), bindings.CUfunction(0)))
-    with pytest.raises(CudaAPIError, match=result):
+    with pytest.raises(CudaDriverError, match=f"cuKernelGetFunction failed: {result}"):
         d.load("cubin", b"\x7fELF", "entry")
 
 

@@ -7,9 +7,10 @@ the kernels are asked for by name (``fastema._launch.kernel_refs``), their argum
 (``fastema._launch.argtypes``), the driver imports numba-cuda only for the device work it does through
 it and reads ``NUMBA_ENABLE_CUDASIM`` itself.
 
-Not covered here: the device work of a real GPU (``CudaCoreDriver``'s uploads, pinned staging, events,
-context push, compute capability: numba-cuda's, which the stub process replaces by the fake GPU's). Each
-check runs in a fresh process (what it asserts is what the process imported)."""
+Here the fake GPU does the device work (uploads, pinned staging, events, context push, compute
+capability); ``CudaCoreDriver`` doing it through cuda-bindings, with no numba-cuda, on the stub driver:
+``tests/kernels/test_cuda_memory.py``. Each check runs in a fresh process (what it asserts is what the
+process imported)."""
 import os
 import subprocess
 import sys

@@ -1,0 +1,282 @@
+"""The device work around fastema's launches, through cuda-bindings alone (no numba-cuda): what
+:class:`.drivers.CudaCoreDriver` does besides loading and launching.
+
+- :class:`Device`: one GPU's primary context (retained once, ``cuDevicePrimaryCtxRetain``), pushed
+  for a ``with`` block (``cuCtxPushCurrent``/``cuCtxPopCurrent``), its attributes
+  (``cuDeviceGetAttribute``) and fastema's upload stream on it (non-blocking, made once).
+- :class:`DeviceArray`: a 1-d array of device memory as the launch path reads it
+  (``__cuda_array_interface__`` v3, ``size``/``dtype``/``shape``, contiguous slices, ``copy_to_host``,
+  ``copy_to_device``): either owning (``cuMemAlloc``, freed by ``cuMemFree`` in its device's context
+  when the last view of it goes) or a view over memory someone else owns (a torch tensor's), which it
+  keeps alive.
+- :func:`pinned`: a NumPy array over page-locked host memory (``cuMemHostAlloc``, freed by
+  ``cuMemFreeHost`` when the array goes).
+- :class:`Event`: an event without timing (``cuEventCreate``), recorded on raw stream handles.
+
+Every ``CUresult`` is checked: an error is raised as :class:`CudaDriverError`, naming the call and
+the result (``CUDA_ERROR_...``); none is ignored, but the driver's own shutdown at the interpreter's
+exit, after which there is nothing left to free.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+
+class CudaDriverError(RuntimeError):
+    """A driver call's error: ``call`` (the entry point's name), ``result`` (the ``CUresult``'s name,
+    ``CUDA_ERROR_...``) and ``code`` (its number)."""
+
+    def __init__(self, call: str, result: str, code: int):
+        super().__init__(f"fastema: the CUDA driver's {call} failed: {result} ({code})")
+        self.call, self.result, self.code = call, result, code
+
+
+def api_error(call: str, err) -> CudaDriverError:
+    """The error of ``call``'s result ``err`` (a ``CUresult``; its name, else its number)."""
+    return CudaDriverError(call, getattr(err, "name", None) or f"CUresult {int(err)}", int(err))
+
+
+def _d():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def check(call: str, result: tuple):
+    """``result``'s values after its ``CUresult`` (one: that value; none: None); raises
+    :class:`CudaDriverError` on an error."""
+    err = result[0]
+    if err:
+        raise api_error(call, err)
+    return result[1] if len(result) == 2 else (result[1:] or None)
+
+
+def _gone(err) -> bool:
+    """The driver shut down (the interpreter's exit): what it held is freed with it."""
+    return getattr(err, "name", "") == "CUDA_ERROR_DEINITIALIZED"
+
+
+class Device:
+    """Device ``index``: its primary context (retained at construction, kept for the process), pushed
+    for a ``with`` block (re-entrant: a push each), its attributes, its upload stream. ``bindings``:
+    cuda-bindings' ``driver`` module (a stand-in in tests)."""
+
+    __slots__ = ("index", "d", "device", "context", "_upload_stream", "__weakref__")
+
+    def __init__(self, index: int, bindings=None):
+        d = self.d = bindings if bindings is not None else _d()
+        check("cuInit", d.cuInit(0))
+        self.index = index
+        self.device = check("cuDeviceGet", d.cuDeviceGet(index))
+        self.context = check("cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain(self.device))
+        self._upload_stream = None
+
+    @property
+    def handle(self) -> int:
+        """The primary context's handle."""
+        return int(self.context)
+
+    def __enter__(self) -> Device:
+        check("cuCtxPushCurrent", self.d.cuCtxPushCurrent(self.context))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        check("cuCtxPopCurrent", self.d.cuCtxPopCurrent())
+
+    def attribute(self, name: str) -> int:
+        """``cuDeviceGetAttribute`` of ``CU_DEVICE_ATTRIBUTE_<name>``."""
+        d = self.d
+        return int(check("cuDeviceGetAttribute",
+                         d.cuDeviceGetAttribute(getattr(d.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}"),
+                                                self.device)))
+
+    def compute_capability(self) -> tuple[int, int]:
+        return self.attribute("COMPUTE_CAPABILITY_MAJOR"), self.attribute("COMPUTE_CAPABILITY_MINOR")
+
+    def sm_count(self) -> int:
+        return self.attribute("MULTIPROCESSOR_COUNT")
+
+    def upload_stream(self):
+        """fastema's own stream on this device, non-blocking (it waits for no other stream's work, the
+        legacy stream's included), for the construction-time uploads: made once (in this context),
+        kept for the process."""
+        if self._upload_stream is None:
+            d = self.d
+            with self:
+                self._upload_stream = check("cuStreamCreate", d.cuStreamCreate(
+                    d.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
+        return self._upload_stream
+
+    def upload(self, array) -> DeviceArray:
+        """A new device array holding ``array`` (NumPy; flattened), written when this returns: copied
+        on :meth:`upload_stream`, which is then waited for (a wait for this copy alone, which orders it
+        before every launch queued after it, on any stream: issue 37, C1)."""
+        host = np.ascontiguousarray(array).reshape(-1)
+        d = self.d
+        with self:
+            out = DeviceArray.allocate(self, host.size, host.dtype)
+            if host.nbytes:
+                stream = self.upload_stream()
+                check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(out.ptr, host.ctypes.data, host.nbytes, stream))
+                check("cuStreamSynchronize", d.cuStreamSynchronize(stream))
+        return out
+
+
+def _free(device: Device, ptr: int) -> None:
+    """``cuMemFree`` of ``ptr`` in ``device``'s context (a finalizer: raised errors are printed)."""
+    d = device.d
+    err, = d.cuCtxPushCurrent(device.context)
+    if _gone(err):
+        return
+    if err:
+        raise api_error("cuCtxPushCurrent", err)
+    try:
+        err, = d.cuMemFree(ptr)
+        if err and not _gone(err):
+            raise api_error("cuMemFree", err)
+    finally:
+        check("cuCtxPopCurrent", d.cuCtxPopCurrent())
+
+
+class _Allocation:
+    """Device memory of fastema's own, freed when the last array over it goes."""
+
+    __slots__ = ("__weakref__",)
+
+
+class DeviceArray:
+    """A 1-d array of device memory (see the module docstring): ``ptr``, ``size``, ``dtype``,
+    ``shape``, ``nbytes``; ``owner`` is what keeps the memory alive (an allocation of fastema's, a
+    tensor, None: the caller)."""
+
+    __slots__ = ("ptr", "size", "dtype", "shape", "nbytes", "owner", "device", "__cuda_array_interface__")
+
+    def __init__(self, ptr: int, size: int, dtype, owner, device: Device | None = None):
+        self.ptr, self.size, self.dtype = int(ptr), int(size), np.dtype(dtype)
+        self.shape = (self.size,)
+        self.nbytes = self.size * self.dtype.itemsize
+        self.owner, self.device = owner, device
+        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": self.dtype.str,
+                                         "data": (self.ptr, False), "strides": None, "version": 3}
+
+    @classmethod
+    def allocate(cls, device: Device, size: int, dtype) -> DeviceArray:
+        """``size`` elements of ``dtype`` (at least one byte) on ``device`` (its context current)."""
+        nbytes = max(int(size) * np.dtype(dtype).itemsize, 1)
+        ptr = int(check("cuMemAlloc", device.d.cuMemAlloc(nbytes)))
+        owner = _Allocation()
+        weakref.finalize(owner, _free, device, ptr).atexit = False   # the process's exit frees it
+        return cls(ptr, size, dtype, owner, device)
+
+    @classmethod
+    def view(cls, address: int, size: int, dtype, owner) -> DeviceArray:
+        """``size`` elements of ``dtype`` at the CUDA address ``address`` (no copy, no sync), whose
+        memory ``owner`` keeps alive (kept with the view)."""
+        return cls(address, size, dtype, owner)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"DeviceArray({self.size} x {self.dtype} at {self.ptr:#x})"
+
+    def __getitem__(self, item) -> DeviceArray:
+        """A contiguous slice (no copy)."""
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError(f"fastema: a device array takes contiguous slices only (a[i:j]), got {item!r}")
+        lo, hi, _ = item.indices(self.size)
+        hi = max(lo, hi)
+        return DeviceArray(self.ptr + lo * self.dtype.itemsize, hi - lo, self.dtype, self.owner, self.device)
+
+    def _bindings(self):
+        return self.device.d if self.device is not None else _d()
+
+    def copy_to_host(self) -> np.ndarray:
+        """A new NumPy array of its values (``cuMemcpyDtoH``: the host waits for the copy, which
+        runs after the work queued before it on the legacy stream)."""
+        out = np.empty(self.size, self.dtype)
+        if self.nbytes:
+            check("cuMemcpyDtoH", self._bindings().cuMemcpyDtoH(out.ctypes.data, self.ptr, self.nbytes))
+        return out
+
+    def copy_to_device(self, values, stream: int = 0) -> None:
+        """``values`` (NumPy, at most :attr:`size` elements of its dtype) into its start, queued on the
+        raw stream ``stream`` (``cuMemcpyHtoDAsync``: asynchronous where ``values`` is pinned; the
+        caller keeps ``values`` unchanged until the copy has run)."""
+        values = np.asarray(values)
+        if values.dtype != self.dtype or values.ndim != 1 or values.size > self.size:
+            raise ValueError(f"fastema: copy of {values.size} x {values.dtype} ({values.ndim}-d) into {self!r}")
+        if not values.flags.c_contiguous:
+            raise ValueError("fastema: a copy to the device takes a contiguous array")
+        if values.nbytes:
+            d = self._bindings()
+            check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
+                                                           d.CUstream(stream)))
+
+
+class _PinnedBlock:
+    """Page-locked host memory, as NumPy reads it (``__array_interface__``), freed when it goes."""
+
+    __slots__ = ("__array_interface__", "__weakref__")
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+def _free_host(d, ptr: int) -> None:
+    err, = d.cuMemFreeHost(ptr)
+    if err and not _gone(err):
+        raise api_error("cuMemFreeHost", err)
+
+
+def pinned(size: int, dtype, bindings=None) -> np.ndarray:
+    """A new NumPy array of ``size`` (at least 1) elements of ``dtype`` over page-locked host memory
+    (``cuMemHostAlloc``, portable: the copies of any context may read it), zeroed."""
+    d = bindings if bindings is not None else _d()
+    dtype = np.dtype(dtype)
+    nbytes = max(int(size), 1) * dtype.itemsize
+    ptr = int(check("cuMemHostAlloc", d.cuMemHostAlloc(nbytes, d.CU_MEMHOSTALLOC_PORTABLE)))
+    block = _PinnedBlock(ptr, nbytes)
+    weakref.finalize(block, _free_host, d, ptr).atexit = False
+    out = np.asarray(block).view(dtype)
+    out[:] = 0
+    return out
+
+
+def _destroy_event(d, event) -> None:
+    err, = d.cuEventDestroy(event)
+    if err and not _gone(err):
+        raise api_error("cuEventDestroy", err)
+
+
+class Event:
+    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context, destroyed
+    when it goes; recorded on raw stream handles."""
+
+    __slots__ = ("d", "event", "__weakref__")
+
+    def __init__(self, bindings=None):
+        d = self.d = bindings if bindings is not None else _d()
+        self.event = check("cuEventCreate", d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING.value))
+        weakref.finalize(self, _destroy_event, d, self.event).atexit = False
+
+    def record(self, raw: int) -> None:
+        """Recorded on the raw stream ``raw`` (0: the legacy default stream)."""
+        d = self.d
+        check("cuEventRecord", d.cuEventRecord(self.event, d.CUstream(raw)))
+
+    def query(self) -> bool:
+        """Whether the work before its record has run (``cuEventQuery``: no wait)."""
+        d = self.d
+        err, = d.cuEventQuery(self.event)
+        if err == d.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        if err:
+            raise api_error("cuEventQuery", err)
+        return True
+
+    def synchronize(self) -> None:
+        """Wait for the work before its record (``cuEventSynchronize``)."""
+        check("cuEventSynchronize", self.d.cuEventSynchronize(self.event))

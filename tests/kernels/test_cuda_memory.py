@@ -1,0 +1,175 @@
+"""``CudaCoreDriver``'s device work through cuda-bindings alone (issue 70, item 3;
+``fastema/_launch/cuda_memory.py``): on the stub driver (``testkit/fake_gpu.py``: device memory is host
+memory, the copies memcpy), with fastema's real ``CudaCoreDriver`` doing everything (no ``FakeDriver``),
+the entry points import no ``numba.cuda`` and what was uploaded reads back; a failing ``CUresult`` is
+raised naming the call and the result."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cuda.bindings")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _on_the_stub(body: str) -> str:
+    from testkit.fake_gpu import stub_driver_dir
+
+    stub = stub_driver_dir()
+    if stub is None:
+        pytest.skip("no C compiler for the stub driver")
+    environ = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        p for p in (stub, os.environ.get("LD_LIBRARY_PATH")) if p)}
+    environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True,
+                          cwd=ROOT, env=environ, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow                                           # a fresh process importing torch (~3-8 s)
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="a process on the stub driver")
+def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
+    """Every entry point on the real ``CudaCoreDriver`` (torch's CPU tensors described as on ``cuda:0``
+    by a stand-in whose views are ``cuda_memory.DeviceArray``), ``numba.cuda`` checked after each; an
+    uploaded table and a table rewritten through pinned staging read back equal."""
+    pytest.importorskip("torch")
+    out = _on_the_stub("""
+        import copy, gc, sys
+        import numpy as np
+        import torch, fastema
+        from fastema import _backends
+        from fastema._launch import cuda, cuda_memory, drivers
+        from fastema.torch import EMA, TargetNetwork
+        from testkit.fake_gpu import rl_mlp
+        from torch.overrides import TorchFunctionMode
+
+        class StandIn:                                      # torch's cuda:0: views of fastema's own type
+            device = "cuda:0"
+            def kernel_view(self, address, numel, dtype, owner):
+                return cuda_memory.DeviceArray.view(address, numel, dtype, owner)
+            @staticmethod
+            def stream():
+                return 77
+
+        class OnCpu(TorchFunctionMode):                     # TargetNetwork's own flags asked for on cuda
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if str(kwargs.get("device", "")).startswith("cuda"):
+                    kwargs = dict(kwargs, device="cpu")
+                return func(*args, **kwargs)
+
+        freed = []                                          # a finalizer's error (cuMemFree, cuMemFreeHost, ...)
+        sys.unraisablehook = lambda u: freed.append(repr(u.exc_value))
+
+        def imported(where):
+            assert "numba.cuda" not in sys.modules, where
+
+        d = drivers.current()
+        assert type(d) is drivers.CudaCoreDriver, d
+        table = d.upload(np.arange(10, dtype=np.int64) * 3, 0)
+        imported("upload")
+        assert np.array_equal(table.copy_to_host(), np.arange(10) * 3)
+        assert np.array_equal(table[2:5].copy_to_host(), [6, 9, 12])
+        first = np.array([11, 12, 13], np.int64)
+        tables = cuda.AddressTables(cuda.to_device(first, "cuda:0"), first, 1, "cuda:0")
+        for k in range(4):                                  # more rewrites than staging slots
+            new = first + 100 * (k + 1)
+            assert tables.point(new, "cuda:0", 77).copy_to_host().tolist() == new.tolist()
+        imported("staging")
+        del table, tables                                   # device tables, pinned slots, events freed
+        gc.collect()
+        assert not freed, freed
+        assert d.compute_capability(0) == (9, 0) and d.sm_count(0) == 132
+        assert d.primary_context(0) == d.current_context() == 0xC0C0
+        with _backends.standing_in(StandIn()), torch.no_grad():
+            model = rl_mlp()
+            ema = EMA(model, 0.99)
+            ema.update()
+            imported("EMA.update")
+            fastema.ema_update_(torch.randn(64), torch.randn(64), 0.9)
+            imported("ema_update_")
+            with ema.average_parameters():
+                pass
+            imported("swap")
+            next(model.parameters()).data = torch.randn_like(next(model.parameters()))
+            ema.update()                                    # a moved source: its table rewritten
+            imported("EMA.update after a source moved")
+            net = rl_mlp()
+            with OnCpu():
+                tn = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005)
+            tn.update()
+            imported("TargetNetwork.update")
+            sm = fastema.Smoother(decay=0.9, window=5)
+            for i in range(3):
+                sm.update(torch.full((4,), float(i)))
+            imported("Smoother.update")
+        del ema, tn, sm
+        gc.collect()
+        assert not freed, freed
+        loaded = [v for v in d.images.values() if v is not None]
+        print(len(loaded) >= 4, len(loaded) == len(d.images), sorted({v.source.split("/")[1] for v in loaded}))
+    """)
+    assert out.strip() == "True True ['sm_90']", out                # the shipped code, none dispatched
+
+
+class _Failing:
+    """cuda-bindings' ``driver`` with one call answering ``result`` (the others the real module's)."""
+
+    def __init__(self, call: str, result: str):
+        from cuda.bindings import driver
+
+        self._d, self._call, self._result = driver, call, getattr(driver.CUresult, result)
+
+    def __getattr__(self, name):
+        if name == self._call:
+            return lambda *a: (self._result, None)
+        return getattr(self._d, name)
+
+
+@pytest.mark.parametrize("call,result", [("cuInit", "CUDA_ERROR_NO_DEVICE"),
+                                         ("cuMemHostAlloc", "CUDA_ERROR_OUT_OF_MEMORY")])
+def test_a_failing_result_is_raised_naming_the_call(call, result):
+    from fastema._launch import cuda_memory
+
+    with pytest.raises(cuda_memory.CudaDriverError, match=f"{call} failed: {result}") as info:
+        if call == "cuInit":
+            cuda_memory.Device(0, _Failing(call, result))
+        else:
+            cuda_memory.pinned(4, np.float32, _Failing(call, result))
+    assert (info.value.call, info.value.result) == (call, result)
+
+
+def test_check_passes_the_values_on_and_raises_on_an_error():
+    from cuda.bindings import driver
+
+    from fastema._launch.cuda_memory import CudaDriverError, check
+
+    ok = driver.CUresult.CUDA_SUCCESS
+    assert check("cuA", (ok,)) is None and check("cuB", (ok, 5)) == 5 and check("cuC", (ok, 1, 2)) == (1, 2)
+    with pytest.raises(CudaDriverError, match="cuEventQuery failed: CUDA_ERROR_INVALID_HANDLE"):
+        check("cuEventQuery", (driver.CUresult.CUDA_ERROR_INVALID_HANDLE,))
+
+
+def test_a_device_array_view_reads_as_the_launch_path_reads_it():
+    """``__cuda_array_interface__`` v3, contiguous slices at their offset, the owner kept; any other
+    index refused."""
+    from fastema._launch import abi, argtypes
+    from fastema._launch.cuda_memory import DeviceArray
+
+    owner = object()
+    a = DeviceArray.view(0x10000, 10, np.float32, owner)
+    assert a.__cuda_array_interface__ == {"shape": (10,), "typestr": "<f4", "data": (0x10000, False),
+                                          "strides": None, "version": 3}
+    s = a[3:7]
+    assert (s.ptr, s.size, s.owner, len(a[8:2])) == (0x10000 + 12, 4, owner, 0)
+    assert str(argtypes.typeof(a)) == "array(float32, 1d, C)"
+    assert abi._array_values(1, s) == (0, 0, 4, 4, 0x10000 + 12, 4, 4)
+    with pytest.raises(TypeError, match="contiguous slices"):
+        a[::2]
+    with pytest.raises(TypeError, match="contiguous slices"):
+        a[3]
