@@ -63,24 +63,6 @@ def _files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-@pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
-def test_a_second_process_loads_the_kernels_from_the_cache(tmp_path):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    first = _run(env, "first")
-    files = _files(tmp_path)
-    second = _run(env, "second")
-    assert first["misses"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(first["hits"].values())
-    assert second["misses"].pop("float16") == 1 and second["hits"].pop("float16") == 0
-    assert second["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(second["misses"].values())
-    assert set(files) < set(_files(tmp_path)) and len(_files(tmp_path)) == len(files) + 4   # the float16 lerp's
-    second["out"].pop("float16")
-    assert second["out"] == first["out"]
-    assert first["out"]["serial"] == first["out"]["parallel"]
-    # one index per compiled function, each holding one entry: 3 kernels, and 2 per-chunk functions (the
-    # serial and parallel lerps' are the same variant, compiled once)
-    assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 5
-
-
 def _run_warned(env, which):
     """One CHILD run: its results, and the lines of what it printed on stderr (warnings)."""
     done = subprocess.run([sys.executable, "-c", CHILD, which], env=env, capture_output=True, text=True, timeout=300)
@@ -98,10 +80,29 @@ def _damage(path, how):
 
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory):
-    """A kernel cache filled by one process, and that process's results."""
+    """A kernel cache filled by one process on an empty folder, that process's results and the files
+    it left (each test copies the folder: the processes of one module share one first compile)."""
     root = tmp_path_factory.mktemp("populated")
     first, _ = _run_warned(dict(os.environ, NUMBA_CACHE_DIR=str(root)), "first")
-    return root, first
+    return root, first, _files(root)
+
+
+@pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
+def test_a_second_process_loads_the_kernels_from_the_cache(populated, tmp_path):
+    root, first, files = populated             # the first process, on an empty cache: the fixture's
+    shutil.copytree(root, tmp_path / "cache")
+    second = _run(dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache")), "second")
+    assert first["misses"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(first["hits"].values())
+    assert second["misses"].pop("float16") == 1 and second["hits"].pop("float16") == 0
+    assert second["hits"] == {"serial": 1, "parallel": 1, "copy": 1} and not any(second["misses"].values())
+    after = _files(tmp_path / "cache")
+    assert set(files) < set(after) and len(after) == len(files) + 4   # the float16 lerp's
+    second["out"].pop("float16")
+    assert second["out"] == first["out"]
+    assert first["out"]["serial"] == first["out"]["parallel"]
+    # one index per compiled function, each holding one entry: 3 kernels, and 2 per-chunk functions (the
+    # serial and parallel lerps' are the same variant, compiled once)
+    assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 5
 
 
 @pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
@@ -113,7 +114,7 @@ def test_a_damaged_cache_file_is_a_miss_compiled_again_and_rewritten(populated, 
     again, runs them bit for bit as before, rewrites the files and warns once, naming one; the process
     after it loads them from the cache. (Each such process died at its first update with pickle's
     UnpicklingError or EOFError, naming no file, until the cache was deleted.)"""
-    root, first = populated
+    root, first, _ = populated
     shutil.copytree(root, tmp_path / "cache")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     damaged = [os.path.join(tmp_path / "cache", f) for f in _files(tmp_path / "cache") if f.endswith(suffix)]
@@ -173,7 +174,7 @@ def test_a_cache_folder_others_can_write_is_not_read_from(populated, tmp_path, h
     from, nor written: the kernels are compiled in memory, with one warning naming the folder and the fix."""
     if how != "world-writable" and os.geteuid() != 0:
         pytest.skip("needs chown (root)")
-    root, first = populated
+    root, first, _ = populated
     cache = tmp_path / "cache"
     shutil.copytree(root, cache)
     marker = tmp_path / "planted-code-ran"
@@ -196,7 +197,7 @@ def test_a_cache_folder_others_can_write_is_not_read_from(populated, tmp_path, h
 def test_a_cache_folder_of_ones_own_in_a_sticky_shared_folder_is_used(populated, tmp_path):
     """A cache folder of the user's own inside a folder everyone may write with the sticky bit (/tmp: nobody
     can replace another's entries) is used, with no warning: a second process loads every kernel."""
-    root, first = populated
+    root, first, _ = populated
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)
@@ -269,9 +270,7 @@ def test_no_writable_cache_location_compiles_per_process_and_warns():
 
 # The CUDA kernels' descriptions, keys of their disk cache (issue #23 item 4; the cache itself runs on a
 # GPU only: tests/kernels/test_cuda_cache.py). Built, not compiled: no GPU needed.
-CUDA_CHILD = r"""
-import importlib.util as importlib_util
-import json
+CUDA_KERNELS = r"""
 from fastema.kernels import _cache, cuda as K
 from fastema.kernels.kinds import BF16, F16, F32, F64, PACK
 kernels = {"lerp f32<-bf16": K.lerp_kernel(F32, BF16, False, True),
@@ -282,21 +281,23 @@ kernels = {"lerp f32<-bf16": K.lerp_kernel(F32, BF16, False, True),
            "window": K.window_kernel(F64, F32), "plan": K.plan_kernel(), "zero": K.zero_kernel(),
            "ema": K.ema_kernel(F32, 0, True), "sma": K.sma_kernel(F64, False), "bema": K.bema_kernel(F64),
            "nonfinite": K.nonfinite_kernel(F16)}
-print(json.dumps({name: _cache.describe(k) for name, k in kernels.items()}))
+described = {name: _cache.describe(k) for name, k in kernels.items()}
 """
+CUDA_CHILD = CUDA_KERNELS + "import json\nprint(json.dumps(described))\n"
 
 
 def test_cuda_kernels_are_described_alike_in_every_process():
     """Every CUDA kernel factory's variants have a description (device functions, intrinsics and numba
-    types included) that is the same in two processes and differs between variants."""
+    types included) that is the same in two processes (this one and a fresh one: other hash seeds,
+    other object ids) and differs between variants."""
     pytest.importorskip("numba.cuda")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator's kernels are plain Python")
-    runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", CUDA_CHILD], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    here: dict = {}
+    exec(CUDA_KERNELS, here)
+    done = subprocess.run([sys.executable, "-c", CUDA_CHILD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [here["described"], json.loads(done.stdout.strip().splitlines()[-1])]
     assert runs[0] == runs[1]
     assert len(set(runs[0].values())) == len(runs[0])
     assert _cache._cuda_cache_class() is not None          # numba-cuda's internals are the ones known

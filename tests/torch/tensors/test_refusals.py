@@ -4,8 +4,8 @@ name with what to do, before anything is written, at construction and at every r
 calls (swap, update, construction) change nothing and count nothing. FlatShadow's refusals are in
 tests/array/test_flat.py.
 
-Each former crash (a segfault at 3c5c42b) runs in its own process: a regression fails the
-test instead of killing the test run."""
+The former crashes (segfaults at 3c5c42b) run in a child process (one for all of them, each case in
+its own namespace): a regression fails the tests instead of killing the test run."""
 import subprocess
 import sys
 
@@ -75,15 +75,47 @@ CASES = {
 }
 
 
+# Every case in one child, one after the other, each in its own copy of PRE's names: a case's report
+# is the lines between its "CASE" and "END" lines; a case that kills the child (a former crash come
+# back) leaves no "END" line, and fails its test and the ones after it with the child's exit status.
+ALL_CASES = """
+import traceback
+for name, body in {cases!r}:
+    print("CASE", name, flush=True)
+    try:
+        exec(body, dict(globals()))
+    except Exception:
+        print("ERROR:", traceback.format_exc())
+    print("END", name, flush=True)
+import gc; gc.collect()
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case's report (its lines of output), and the child's exit status and stderr's end."""
+    store = tmp_path_factory.mktemp("refusals") / "store"
+    script = PRE.format(store=store) + ALL_CASES.format(cases=sorted((k, v[0]) for k, v in CASES.items()))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    found = {}
+    for section in r.stdout.split("CASE ")[1:]:
+        name, _, rest = section.partition("\n")
+        if f"END {name}" in rest:
+            found[name] = rest.split(f"END {name}")[0]
+    return found, r.returncode, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_former_crashes_are_refused_in_a_subprocess(case, tmp_path):
-    body, match = CASES[case]
-    teardown = "\nimport gc; gc.collect()\ndist.barrier()\ndist.destroy_process_group()\n"
-    script = PRE.format(store=tmp_path / "store") + body + teardown
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, f"exit {r.returncode} (negative: killed by a signal)\n{r.stderr[-3000:]}"
-    out = r.stdout
-    assert "REFUSED:" in out, out + r.stderr[-2000:]
+def test_former_crashes_are_refused_in_a_subprocess(case, reports):
+    found, returncode, stderr = reports
+    assert case in found, f"the child died before case {case} ended: exit {returncode} (negative: killed by a " \
+                          f"signal)\n{stderr}"
+    assert returncode == 0, f"exit {returncode}\n{stderr}"
+    _, match = CASES[case]
+    out = found[case]
+    assert "REFUSED:" in out, out + stderr[-2000:]
     import re
     assert re.search(match, out), out
     assert "Nothing was written" in out or "Nothing was updated" in out, out
