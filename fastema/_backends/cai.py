@@ -2,7 +2,7 @@
 
 fastema's own buffers for such sources are Numba device arrays; :func:`raw_view` is how any
 CUDA memory (a torch tensor's, a control array's) becomes a device array for a kernel, with no copy
-(fastema's own, :class:`fastema._launch.cuda_memory.DeviceArray`: no numba-cuda).
+(fastema's own, :class:`fastema._device_view.DeviceView`: no numba-cuda).
 CuPy arrays are the same memory with a current stream: :class:`CuPy`.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ def raw_view(address: int, size: int, dtype, owner):
     """A device array over ``size`` elements of ``dtype`` at CUDA ``address`` (no copy, no sync;
     ``__cuda_array_interface__``, which numba's dispatcher takes too); ``owner`` is kept alive with
     it."""
-    from .._launch.cuda_memory import DeviceArray
+    from .._device_view import DeviceView
 
-    return DeviceArray.view(address, size, dtype, owner)
+    return DeviceView.view(address, size, dtype, owner)
 
 
 def _numba_array(a) -> bool:

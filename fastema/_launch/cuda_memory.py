@@ -23,6 +23,8 @@ import weakref
 
 import numpy as np
 
+from .._device_view import DeviceView
+
 
 class CudaDriverError(RuntimeError):
     """A driver call's error: ``call`` (the entry point's name), ``result`` (the ``CUresult``'s name,
@@ -146,20 +148,12 @@ class _Allocation:
     __slots__ = ("__weakref__",)
 
 
-class DeviceArray:
-    """A 1-d array of device memory (see the module docstring): ``ptr``, ``size``, ``dtype``,
-    ``shape``, ``nbytes``; ``owner`` is what keeps the memory alive (an allocation of fastema's, a
-    tensor, None: the caller)."""
+class DeviceArray(DeviceView):
+    """A 1-d array of device memory (see the module docstring and
+    :class:`fastema._device_view.DeviceView`), with the copies to and from the host; an
+    owning one (:meth:`allocate`) frees its memory when the last array over it goes."""
 
-    __slots__ = ("ptr", "size", "dtype", "shape", "nbytes", "owner", "device", "__cuda_array_interface__")
-
-    def __init__(self, ptr: int, size: int, dtype, owner, device: Device | None = None):
-        self.ptr, self.size, self.dtype = int(ptr), int(size), np.dtype(dtype)
-        self.shape = (self.size,)
-        self.nbytes = self.size * self.dtype.itemsize
-        self.owner, self.device = owner, device
-        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": self.dtype.str,
-                                         "data": (self.ptr, False), "strides": None, "version": 3}
+    __slots__ = ()
 
     @classmethod
     def allocate(cls, device: Device, size: int, dtype) -> DeviceArray:
@@ -169,26 +163,6 @@ class DeviceArray:
         owner = _Allocation()
         weakref.finalize(owner, _free, device, ptr).atexit = False   # the process's exit frees it
         return cls(ptr, size, dtype, owner, device)
-
-    @classmethod
-    def view(cls, address: int, size: int, dtype, owner) -> DeviceArray:
-        """``size`` elements of ``dtype`` at the CUDA address ``address`` (no copy, no sync), whose
-        memory ``owner`` keeps alive (kept with the view)."""
-        return cls(address, size, dtype, owner)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __repr__(self) -> str:
-        return f"DeviceArray({self.size} x {self.dtype} at {self.ptr:#x})"
-
-    def __getitem__(self, item) -> DeviceArray:
-        """A contiguous slice (no copy)."""
-        if not isinstance(item, slice) or item.step not in (None, 1):
-            raise TypeError(f"fastema: a device array takes contiguous slices only (a[i:j]), got {item!r}")
-        lo, hi, _ = item.indices(self.size)
-        hi = max(lo, hi)
-        return DeviceArray(self.ptr + lo * self.dtype.itemsize, hi - lo, self.dtype, self.owner, self.device)
 
     def _bindings(self):
         return self.device.d if self.device is not None else _d()
