@@ -15,11 +15,12 @@
 # then the background jobs' output, the files' times from the JUnit XML (the slowest first) and the
 # count of test cases; a failure of any of them fails the run here, after every one has run. Then
 #   - the CUDA tests on the real GPU when one is present,
-#   - the benchmark suite in quick mode (python -m bench.suite --quick), alone on the machine: its
-#     table is printed; timings never fail the run, errors do;
-#   - the bench gates (python -m bench.gates check, issue 53): deterministic figures (instructions per
-#     update, launches, syncs, allocations, collectives, machine code) against bench/gates.json, and
-#     same-run ratios with a wide factor; a gate that fails names its scenario and the update command;
+#   - the benchmark suite in quick mode (python -m bench.suite --quick): its table is printed; timings
+#     never fail the run, errors do; beside it, the bench gates' deterministic figures (python -m
+#     bench.gates check --only instructions,counts,sass, issue 53: instructions per update counted by
+#     valgrind, launches, syncs, allocations, collectives, machine code) against bench/gates.json;
+#   - then, alone on the machine, the gates' same-run ratios with a wide factor; a gate that fails names
+#     its scenario and the update command;
 # and each stage's time. A pytest run that collects no test exits 5, which fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -122,12 +123,26 @@ if "$py" -c "from numba import cuda; raise SystemExit(0 if cuda.is_available() e
   stage "CUDA tests on the GPU" $((SECONDS - t))
 fi
 
-echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png) $(date +%T)"
+# The gates' deterministic figures (instructions counted by valgrind, counts, machine code: none of them
+# depends on the load) are measured beside the quick benchmarks, which keep one core busy; the same-run
+# ratios, which are timings, after both, alone.
+echo "== quick benchmarks (table: bench/out/bench.md, plot: bench/out/bench.png), the deterministic gates beside them $(date +%T)"
 t=$SECONDS c=$(cpu)
-"$py" -m bench.suite --quick --out bench/out
-stage "quick benchmarks" $((SECONDS - t)) $(($(cpu) - c))
-echo "== bench gates: deterministic figures against bench/gates.json, same-run ratios (bench/README.md) $(date +%T)"
+"$py" -m bench.gates check --only instructions,counts,sass >"$work/gates.log" 2>&1 &
+gates_pid=$!
+rc_bench=0
+"$py" -m bench.suite --quick --out bench/out || rc_bench=$?
+rc_gates=0; wait "$gates_pid" || rc_gates=$?
+stage "quick benchmarks, deterministic gates beside them" $((SECONDS - t)) $(($(cpu) - c))
+echo "== bench gates: deterministic figures against bench/gates.json (measured beside the benchmarks) $(date +%T)"
+cat "$work/gates.log"
+echo "== bench gates: same-run ratios (bench/README.md) $(date +%T)"
 t=$SECONDS c=$(cpu)
-"$py" -m bench.gates check
-stage "bench gates" $((SECONDS - t)) $(($(cpu) - c))
+rc_ratios=0
+"$py" -m bench.gates check --only ratios || rc_ratios=$?
+stage "bench gates: ratios" $((SECONDS - t)) $(($(cpu) - c))
+if [ "$rc_bench" -ne 0 ] || [ "$rc_gates" -ne 0 ] || [ "$rc_ratios" -ne 0 ]; then
+  echo "failed: quick benchmarks exit $rc_bench, deterministic gates exit $rc_gates, ratio gates exit $rc_ratios" >&2
+  exit 1
+fi
 echo "== done $(date +%T)"

@@ -201,3 +201,22 @@ def test_the_static_table_renders_from_a_shipped_set(shipped, source):
     assert f"`{source}` ({static.BUILT_BY[source]})" in text
     for r in reports:
         assert f"| {r.variant.name} |" in text
+
+
+@needs_toolchain
+def test_a_disassembly_is_kept_by_the_cubins_and_the_tools_digest(tmp_path):
+    """The sass gate reads the text CI's machine-code tests made of the same cubin (one nvdisasm run
+    each): the same cubin and tool read the kept text; another cubin is disassembled afresh."""
+    from bench.gpu.sass import toolchain
+
+    cubin = S.shipped(VARIANTS[0], "cu13").code
+    cache = tmp_path / "cache"
+    first = toolchain.disassemble(cubin, tmp_path, "a", cache=cache)
+    assert "EXIT" in first and len(list(cache.iterdir())) == 1
+    kept = next(cache.iterdir())
+    kept.write_text("kept text")
+    assert toolchain.disassemble(cubin, tmp_path, "a", cache=cache) == "kept text"
+    assert toolchain.disassemble(cubin, tmp_path, "a", cache=None) == first
+    other = S.shipped(VARIANTS[1], "cu13").code
+    assert toolchain.disassemble(other, tmp_path, "b", cache=cache) not in ("kept text", first)
+    assert len(list(cache.iterdir())) == 2
