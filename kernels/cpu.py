@@ -44,6 +44,11 @@ E = bind(functools.partial(njit, inline="always"), HW)
 # numba reuses what it compiled for a serial caller of a shared inline function, and the
 # parallel loop then calls it instead of inlining it (Smoother, 10**6 streams: 5 ms -> 160 ms).
 E_PARALLEL = bind(functools.partial(njit, inline="always"), HW)
+# The copy and swap kernels (construction, store/restore, the swap: not the per-step path) call theirs
+# as functions of their own, which LLVM inlines when it links them: numba's inlining of a body takes
+# every branch of it before the kinds fold them away (a swap's chunk inlined both packings and four
+# conversions: 3 s of compile a variant, against 0.1 s), and most of CI's compile was these kernels'.
+E_CALLED = bind(lambda fn: cached(njit(nogil=True)(fn)), HW)
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
 
 
@@ -190,7 +195,7 @@ def copy_kernel(shadow_kind, src_kind, to_shadow, parallel):
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, TO = shadow_kind, src_kind, to_shadow
-    copy_at, = bodies(E, wide(SK, XK) and SK != XK, "copy_at")
+    copy_at, = bodies(E_CALLED, wide(SK, XK) and SK != XK, "copy_at")
 
     @_chunk
     def chunk(q_addr, p_addr, m):
@@ -224,7 +229,7 @@ def swap_kernel(shadow_kind, src_kind, mode, parallel):
     sptr, SB = _pointer(shadow_kind)
     xptr, XB = _pointer(src_kind)
     SK, XK, MODE = shadow_kind, src_kind, mode
-    swap_at, = bodies(E, wide(SK, XK), "swap_at")
+    swap_at, = bodies(E_CALLED, wide(SK, XK), "swap_at")
 
     @_chunk
     def chunk(q_addr, p_addr, m):

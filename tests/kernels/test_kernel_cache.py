@@ -100,9 +100,12 @@ def test_a_second_process_loads_the_kernels_from_the_cache(populated, tmp_path):
     second["out"].pop("float16")
     assert second["out"] == first["out"]
     assert first["out"]["serial"] == first["out"]["parallel"]
-    # one index per compiled function, each holding one entry: 3 kernels, and 2 per-chunk functions (the
-    # serial and parallel lerps' are the same variant, compiled once)
-    assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 5
+    # one index per compiled function, each holding one entry: 3 kernels, 2 per-chunk functions (the
+    # serial and parallel lerps' are the same variant, compiled once), and the copy's element body with
+    # the 3 it calls (cpu.E_CALLED: functions of their own, cached as the kernels are)
+    assert sum(f.endswith(".nbi") for f in files) == sum(f.endswith(".nbc") for f in files) == 9
+    bodies = {os.path.basename(f).split(".v")[0] for f in files if f.endswith(".nbi") and ".locals." not in f}
+    assert bodies == {"_elementwise.copy_at", "_elementwise.convert", "_bits.encode", "_bits.decode"}
 
 
 @pytest.mark.skipif(not _cache.SHARED, reason="this numba's cache internals are unknown: no shared cache")
@@ -118,7 +121,7 @@ def test_a_damaged_cache_file_is_a_miss_compiled_again_and_rewritten(populated, 
     shutil.copytree(root, tmp_path / "cache")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     damaged = [os.path.join(tmp_path / "cache", f) for f in _files(tmp_path / "cache") if f.endswith(suffix)]
-    assert len(damaged) == 5
+    assert len(damaged) == 9                                 # the kernels, chunks and bodies above
     for path in damaged:
         _damage(path, how)
     second, said = _run_warned(env, "first")
