@@ -137,6 +137,23 @@ class OnAGpu:
             assert self.fake.counters["host_syncs"] == before, "a host sync"
 
 
+@contextlib.contextmanager
+def cuda_factories_on_cpu() -> Iterator[None]:
+    """Tensors asked for on ``cuda`` made on the CPU (the fake GPU's stand-ins), for a constructor that
+    makes its own (``TargetNetwork``'s flags); used around construction only."""
+    from torch.overrides import TorchFunctionMode
+
+    class OnCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs = dict(kwargs, device="cpu")
+            return func(*args, **kwargs)
+
+    with OnCpu():
+        yield
+
+
 def rl_mlp(hidden: int = 256, seed: int = 0):
     """The 6-tensor RL network of the probe (three Linear layers), on the CPU."""
     import torch
@@ -200,24 +217,44 @@ CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, unsigned 
 
 def stub_driver_dir() -> str | None:
     """A folder holding the stub ``libcuda.so.1`` (built once per user and stub source), or None
-    where no C compiler is."""
+    where no C compiler is.
+
+    Several processes build it at once (CI's two test workers and the gates): each compiles into a
+    file of its own and renames it into place, so none sees a half-written library (``cc -o`` creates
+    its output at 0 bytes first). The folder is the user's own (made 0700; one that another user owns
+    or others can write is refused): the library is loaded into test processes through
+    ``LD_LIBRARY_PATH``, so whoever could plant it would run code there."""
     import hashlib
     import os
     import shutil
+    import stat
     import subprocess
     import tempfile
 
     key = hashlib.sha256(_STUB_SOURCE.encode()).hexdigest()[:12]     # a changed stub is built anew
     folder = os.path.join(tempfile.gettempdir(), f"fastema-stub-cuda-{os.getuid()}-{key}")
     lib = os.path.join(folder, "libcuda.so.1")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{folder} is not a folder of this user's that only it can write: remove it and run again "
+                           f"(the stub driver built there is loaded into the test processes)")
     if os.path.exists(lib):
         return folder
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    os.makedirs(folder, exist_ok=True)
-    src = os.path.join(folder, "stub.c")
+    src = os.path.join(folder, f"stub.{os.getpid()}.c")
+    tmp = os.path.join(folder, f"libcuda.{os.getpid()}.tmp")
     with open(src, "w") as f:
         f.write(_STUB_SOURCE)
-    done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", lib, src], capture_output=True)
-    return folder if done.returncode == 0 else None
+    try:
+        done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", tmp, src], capture_output=True)
+        if done.returncode != 0:
+            return None
+        os.replace(tmp, lib)                                # whole, at once, for every process
+    finally:
+        for leftover in (src, tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+    return folder

@@ -67,23 +67,6 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@contextlib.contextmanager
-def _cuda_factories_on_cpu():
-    """Tensors asked for on ``cuda`` made on the CPU (the fake GPU's stand-ins), for a constructor that
-    makes its own (``TargetNetwork``'s flags); used around construction only."""
-    from torch.overrides import TorchFunctionMode
-
-    class Mode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if str(kwargs.get("device", "")).startswith("cuda"):
-                kwargs = dict(kwargs, device="cpu")
-            return func(*args, **kwargs)
-
-    with Mode():
-        yield
-
-
 def build(what: str, n: int, fake: bool):
     """``(update, bytes the update's kernels move)`` for one host scenario (public names only; the bytes
     None for the stub driver's scenarios beyond :data:`HOST`, which only instructions measure)."""
@@ -93,6 +76,7 @@ def build(what: str, n: int, fake: bool):
 
     import fastema
     from fastema.torch import EMA, TargetNetwork
+    from testkit.fake_gpu import cuda_factories_on_cpu
 
     net = _net(n)
     params = [p.detach() for p in net.parameters()]
@@ -102,7 +86,7 @@ def build(what: str, n: int, fake: bool):
         return ema.update, 2 * shadow + _bytes(params)
     if what == "TargetNetwork.update":
         target = copy.deepcopy(net).requires_grad_(False)
-        with _cuda_factories_on_cpu() if fake else contextlib.nullcontext():
+        with cuda_factories_on_cpu() if fake else contextlib.nullcontext():
             tn = TargetNetwork(net, target, tau=0.005)
         return tn.update, 2 * _bytes(target.parameters()) + _bytes(params)
     if what == "FlatShadow.update":

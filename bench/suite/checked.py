@@ -102,14 +102,25 @@ def _default_rtol(arrays: Sequence) -> float:
 
 
 def agree(row: str, ours: Callable[[], Sequence], theirs: Callable[[], Sequence], *,
-          inputs: Sequence = (), rtol: float | None = None) -> str:
+          inputs: Sequence = (), rtol: float | None = None, start: Sequence | None = None) -> str:
     """Run ``ours()`` then ``theirs()`` once (each runs its update and returns the arrays it wrote,
     both from the same start) and refuse the baseline row ``row`` (:class:`Refused`) where its
     arrays overlap ``inputs`` (it wrote into what it reads), differ in number or shape, or differ
-    in value by more than ``rtol`` times the largest magnitude of fastema's result. Returns the
+    in value by more than ``rtol`` times the largest magnitude of fastema's result. ``start``
+    (float64 arrays, as they were before the update) refuses a check that cannot tell an update
+    from none: where fastema's update moved its result by no more than twice the tolerance (a 16-bit
+    average at decay 0.999 after a small move: a baseline that did nothing agreed). Returns the
     agreement, in words."""
     raw = list(ours())
     mine = [to_float64(a) for a in raw]
+    if start is not None:
+        tol = _default_rtol(raw) if rtol is None else rtol
+        moved = max((float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-30)
+                     for a, b in zip(mine, start) if a.size and a.shape == np.shape(b)), default=0.0)
+        if not moved > 2 * tol:
+            raise Refused(row, f"fastema's update moved its result by {moved:.3g} of its scale, within twice "
+                               f"the check's tolerance ({tol:.3g}): a baseline that did nothing would agree; "
+                               f"move the sources further before the check")
     got = list(theirs())
     clash = aliased(got, inputs)
     if clash:
@@ -140,12 +151,15 @@ def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
     """``fns`` (row name -> the callable to time), once every baseline row of it (:func:`is_baseline`)
     has agreed with fastema's row ``ours`` (:func:`agree`). ``results``: row name -> a callable
     returning the arrays that row's callable writes; a baseline without one is refused. ``move()``
-    runs first (it moves the sources, so the check sees an update); then ``ours``, then each
-    baseline, once each, from the same start: give each its own shadow, equal at the start."""
+    runs first (it moves the sources, so the check sees an update: far enough that fastema's result
+    moves by more than twice the tolerance, or every baseline is refused, :func:`agree`'s ``start``);
+    then ``ours``, then each baseline, once each, from the same start: give each its own shadow, equal
+    at the start."""
     missing = [n for n in fns if is_baseline(n) and n not in results]
     if missing:
         raise Refused(missing[0], "no result to check against fastema's (every baseline row is run "
                                   "once against fastema's result before it is timed)")
+    start = [to_float64(a) for a in results[ours]()]
     if move is not None:
         move()
     fns[ours]()
@@ -153,7 +167,7 @@ def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
     for name, fn in fns.items():
         if is_baseline(name):
             agree(name, lambda: reference, lambda fn=fn, name=name: (fn(), results[name]())[1],
-                  inputs=inputs, rtol=rtol)
+                  inputs=inputs, rtol=rtol, start=start)
     return fns
 
 

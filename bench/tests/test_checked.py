@@ -25,10 +25,10 @@ def _model(dtype=torch.float32):
     return nn.ParameterList([nn.Parameter(torch.randn(s).to(dtype)) for s in [(8, 4), (4,), (3, 5)]])
 
 
-def _moved(params):
+def _moved(params, by=0.1):
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn_like(p), alpha=0.1)
+            p.add_(torch.randn_like(p), alpha=by)
 
 
 def _rows(model, shadows):
@@ -110,7 +110,23 @@ def test_bfloat16_results_are_compared_at_bfloat16_precision():
         checked({"fastema EMA.update": ema.update,
                  "mixed": lambda: (torch._foreach_mul_(f32, 0.999), torch._foreach_add_(f32, params, alpha=0.001))},
                 {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()), "mixed": lambda: f32},
-                ours="fastema EMA.update", inputs=params, move=lambda: _moved(params))
+                ours="fastema EMA.update", inputs=params, move=lambda: _moved(params, by=100.0))
+
+
+@pytest.mark.parametrize("by, refused", [(0.1, "a baseline that did nothing would agree"),
+                                         (100.0, "differs from fastema's result")])
+def test_a_bfloat16_baseline_that_does_nothing_is_refused(by, refused):
+    """At bfloat16 precision (2^-6 of the scale) one update at decay 0.999 after a small move is lost in
+    the tolerance, and a baseline that did nothing agreed: the check refuses to vouch for it; after a
+    move large enough to see, the same baseline differs."""
+    model = _model(torch.bfloat16)
+    params = list(model.parameters())
+    shadows = [p.detach().clone() for p in params]
+    ema = EMA(model, 0.999)
+    with torch.no_grad(), pytest.raises(Refused, match=refused):
+        checked({"fastema EMA.update": ema.update, "nothing": lambda: None},
+                {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()), "nothing": lambda: shadows},
+                ours="fastema EMA.update", inputs=params, move=lambda: _moved(params, by=by))
 
 
 def test_numpy_arrays_and_views_that_share_memory_are_found():

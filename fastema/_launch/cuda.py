@@ -155,6 +155,7 @@ class Retired:
     def __init__(self, at_launches: bool = False, driver=None):
         self.driver = driver or current()
         self.pending: list = []               # (event, kept objects), oldest first
+        self.spare: dict = {}                 # device -> passed events, recorded again (no event made a step)
         self.at_launches = at_launches        # pruned at launches too (torch: releases are rare); else only at
                                               # the next release (JAX, TensorFlow: a release every step)
 
@@ -162,18 +163,23 @@ class Retired:
         """``kept`` held until the launches issued so far on the raw stream ``raw`` have run."""
         self.prune()
         if len(self.pending) >= config.CUDA_RETIRED_MAX:
-            self.pending.pop(0)[0].synchronize()
+            event, _, passed = self.pending.pop(0)
+            event.synchronize()
+            self.spare.setdefault(passed, []).append(event)
         d = self.driver
+        spare = self.spare.get(device)
         with d.activate(_index(device)):
-            event = d.event()
+            event = spare.pop() if spare else d.event()
             if event is None:                 # the simulator runs every launch to completion
                 return
             event.record(raw)
-        self.pending.append((event, kept))
+        self.pending.append((event, kept, device))
         if self.at_launches and self not in WAITING:
             WAITING.append(self)
 
     def prune(self) -> None:
         """Drop what sits behind passed events (event queries: no wait)."""
         while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
-            self.pending.pop(0)
+            event, _, device = self.pending.pop(0)
+            if event is not None:
+                self.spare.setdefault(device, []).append(event)

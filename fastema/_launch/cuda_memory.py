@@ -19,6 +19,7 @@ exit, after which there is nothing left to free.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import numpy as np
@@ -126,20 +127,28 @@ class Device:
         return out
 
 
-def _free(device: Device, ptr: int) -> None:
-    """``cuMemFree`` of ``ptr`` in ``device``'s context (a finalizer: raised errors are printed)."""
-    d = device.d
-    err, = d.cuCtxPushCurrent(device.context)
-    if _gone(err):
-        return
-    if err:
-        raise api_error("cuCtxPushCurrent", err)
+def _in_context(d, context, call: str, *args) -> None:
+    """``call(*args)`` with ``context`` pushed (none: as it is): a finalizer's free, which runs
+    wherever the collector runs, on a thread where no context may be current (a JAX process's
+    Python thread). Raised errors are printed; nothing is left to do once the driver shut down."""
+    if context is not None:
+        err, = d.cuCtxPushCurrent(context)
+        if _gone(err):
+            return
+        if err:
+            raise api_error("cuCtxPushCurrent", err)
     try:
-        err, = d.cuMemFree(ptr)
+        err, = getattr(d, call)(*args)
         if err and not _gone(err):
-            raise api_error("cuMemFree", err)
+            raise api_error(call, err)
     finally:
-        check("cuCtxPopCurrent", d.cuCtxPopCurrent())
+        if context is not None:
+            check("cuCtxPopCurrent", d.cuCtxPopCurrent())
+
+
+def _free(device: Device, ptr: int) -> None:
+    """``cuMemFree`` of ``ptr`` in ``device``'s context (a finalizer)."""
+    _in_context(device.d, device.context, "cuMemFree", ptr)
 
 
 class _Allocation:
@@ -172,8 +181,13 @@ class DeviceArray(DeviceView):
         runs after the work queued before it on the legacy stream)."""
         out = np.empty(self.size, self.dtype)
         if self.nbytes:
-            check("cuMemcpyDtoH", self._bindings().cuMemcpyDtoH(out.ctypes.data, self.ptr, self.nbytes))
+            with self._context():
+                check("cuMemcpyDtoH", self._bindings().cuMemcpyDtoH(out.ctypes.data, self.ptr, self.nbytes))
         return out
+
+    def _context(self):
+        """Its device's context pushed for a copy (a view of memory of unknown device: as it is)."""
+        return self.device if self.device is not None else contextlib.nullcontext()
 
     def copy_to_device(self, values, stream: int = 0) -> None:
         """``values`` (NumPy, at most :attr:`size` elements of its dtype) into its start, queued on the
@@ -186,8 +200,9 @@ class DeviceArray(DeviceView):
             raise ValueError("fastema: a copy to the device takes a contiguous array")
         if values.nbytes:
             d = self._bindings()
-            check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
-                                                           d.CUstream(stream)))
+            with self._context():
+                check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
+                                                               d.CUstream(stream)))
 
 
 class _PinnedBlock:
@@ -199,10 +214,6 @@ class _PinnedBlock:
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
 
-def _free_host(d, ptr: int) -> None:
-    err, = d.cuMemFreeHost(ptr)
-    if err and not _gone(err):
-        raise api_error("cuMemFreeHost", err)
 
 
 def pinned(size: int, dtype, bindings=None) -> np.ndarray:
@@ -212,8 +223,9 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = max(int(size), 1) * dtype.itemsize
     ptr = int(check("cuMemHostAlloc", d.cuMemHostAlloc(nbytes, d.CU_MEMHOSTALLOC_PORTABLE)))
+    context = check("cuCtxGetCurrent", d.cuCtxGetCurrent())          # freed in it, wherever that runs
     block = _PinnedBlock(ptr, nbytes)
-    weakref.finalize(block, _free_host, d, ptr).atexit = False
+    weakref.finalize(block, _in_context, d, context if int(context) else None, "cuMemFreeHost", ptr).atexit = False
     out = np.asarray(block).view(dtype)
     out[:] = 0
     return out

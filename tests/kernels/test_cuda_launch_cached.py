@@ -379,3 +379,24 @@ def test_an_ema_update_of_a_6_tensor_network_is_one_launch_with_no_context_push(
                 ema.update()
         assert [e[0] for e in fake.launches] == ["launch"] * 4         # nothing loaded again
         assert not sum(fake.pushes.values())
+
+
+def test_a_release_every_step_records_again_the_events_that_passed():
+    """JAX and TensorFlow hand new sources over every step, so every step releases the old ones
+    through an event: each release made a new event (``cuEventCreate``, and ``cuEventDestroy`` when
+    it went), a driver allocation a step. A passed event is recorded again; one not yet passed is not."""
+    from fastema._launch import cuda as launch_cuda
+
+    with fake_gpu(torch_on_gpu=False) as fake:
+        made = []
+        event = fake.event
+        fake.event = lambda: made.append(event()) or made[-1]      # this driver's events, counted
+        retired = launch_cuda.Retired(driver=fake)
+        fake.events_done = True
+        for step in range(5):
+            retired.release([step], "cuda:0", 77)
+        assert len(made) == 1 and [e[0] for e in fake.log].count("event.record") == 5
+        fake.events_done = False                                   # the GPU behind: none passed
+        for step in range(3):
+            retired.release([step], "cuda:0", 77)
+        assert len(made) == 4 and len(retired.pending) == 4

@@ -45,8 +45,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         from fastema import _backends
         from fastema._launch import cuda, cuda_memory, drivers
         from fastema.torch import EMA, TargetNetwork
-        from testkit.fake_gpu import rl_mlp
-        from torch.overrides import TorchFunctionMode
+        from testkit.fake_gpu import cuda_factories_on_cpu, rl_mlp
 
         class StandIn:                                      # torch's cuda:0: views of fastema's own type
             device = "cuda:0"
@@ -56,12 +55,6 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
             def stream():
                 return 77
 
-        class OnCpu(TorchFunctionMode):                     # TargetNetwork's own flags asked for on cuda
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if str(kwargs.get("device", "")).startswith("cuda"):
-                    kwargs = dict(kwargs, device="cpu")
-                return func(*args, **kwargs)
 
         freed = []                                          # a finalizer's error (cuMemFree, cuMemFreeHost, ...)
         sys.unraisablehook = lambda u: freed.append(repr(u.exc_value))
@@ -100,7 +93,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
             ema.update()                                    # a moved source: its table rewritten
             imported("EMA.update after a source moved")
             net = rl_mlp()
-            with OnCpu():
+            with cuda_factories_on_cpu():                # TargetNetwork's own flags asked for on cuda
                 tn = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005)
             tn.update()
             imported("TargetNetwork.update")
@@ -173,3 +166,110 @@ def test_a_device_array_view_reads_as_the_launch_path_reads_it():
         a[::2]
     with pytest.raises(TypeError, match="contiguous slices"):
         a[3]
+
+
+def test_the_stub_driver_is_built_whole_by_processes_at_once_and_only_in_a_folder_of_ones_own(tmp_path):
+    """Four processes on an empty temp folder build the stub at once: each gets the folder, and the
+    library there is whole (``cc -o`` made it at 0 bytes first, and another process loaded that: "file
+    too short"); a folder others can write, where a planted library would be loaded, is refused."""
+    import ctypes
+    import stat
+
+    if not any(os.access(os.path.join(d, c), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
+               for c in ("cc", "gcc")):
+        pytest.skip("no C compiler for the stub driver")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    probe = ("import os, sys; from testkit.fake_gpu import stub_driver_dir; d = stub_driver_dir(); "
+             "print(d, os.path.getsize(os.path.join(d, 'libcuda.so.1')))")
+    children = [subprocess.Popen([sys.executable, "-c", probe], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    said = [child.communicate(timeout=120) for child in children]
+    assert all(child.returncode == 0 for child in children), [err[-2000:] for _, err in said]
+    folders = {out.split()[0] for out, _ in said}
+    assert len(folders) == 1 and all(int(out.split()[1]) > 0 for out, _ in said), said
+    folder = folders.pop()
+    assert sorted(os.listdir(folder)) == ["libcuda.so.1"]           # no half-built files left
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    ctypes.CDLL(os.path.join(folder, "libcuda.so.1"))
+    os.chmod(folder, 0o777)                                        # others could plant a library there
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "only it can write" in done.stderr, done.stderr[-2000:]
+
+
+class _Contexts:
+    """cuda-bindings' ``driver`` answering the context, pinned-memory and copy calls with success (the
+    real ``CUresult`` and ``CUcontext`` types; every name checked against the real module), keeping
+    the stack of pushed contexts and, for each free and copy, whether a context was current then."""
+
+    def __init__(self):
+        from cuda.bindings import driver
+
+        self._d, self.stack, self.calls, self._blocks = driver, [], [], {}
+        self.ok = driver.CUresult.CUDA_SUCCESS
+        for name in ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxGetCurrent", "cuCtxPushCurrent",
+                     "cuCtxPopCurrent", "cuMemHostAlloc", "cuMemFreeHost", "cuMemcpyDtoH", "cuMemcpyHtoDAsync"):
+            assert hasattr(driver, name), name
+
+    def __getattr__(self, name):
+        return getattr(self._d, name)
+
+    def cuInit(self, flags):
+        return (self.ok,)
+
+    def cuDeviceGet(self, index):
+        return self.ok, self._d.CUdevice(index)
+
+    def cuDevicePrimaryCtxRetain(self, device):
+        return self.ok, self._d.CUcontext(0xC0C0)
+
+    def cuCtxGetCurrent(self):
+        return self.ok, self.stack[-1] if self.stack else self._d.CUcontext(0)
+
+    def cuCtxPushCurrent(self, context):
+        self.stack.append(context)
+        return (self.ok,)
+
+    def cuCtxPopCurrent(self):
+        return self.ok, self.stack.pop()
+
+    def cuMemHostAlloc(self, nbytes, flags):
+        block = np.zeros(nbytes, np.uint8)
+        self._blocks[block.ctypes.data] = block
+        return self.ok, block.ctypes.data
+
+    def _current(self, call):
+        self.calls.append((call, bool(self.stack)))
+        return (self.ok,)
+
+    def cuMemFreeHost(self, ptr):
+        self._blocks.pop(ptr)
+        return self._current("cuMemFreeHost")
+
+    def cuMemcpyDtoH(self, dst, src, nbytes):
+        return self._current("cuMemcpyDtoH")
+
+    def cuMemcpyHtoDAsync(self, dst, src, nbytes, stream):
+        return self._current("cuMemcpyHtoDAsync")
+
+
+def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
+    """A pinned block freed by the collector on a thread where no context is current (a JAX process's
+    Python thread) is freed in the context it was made in, and a device array's copies push its
+    device's context: each of these calls asks for a current context (``CUDA_ERROR_INVALID_CONTEXT``);
+    the finalizer's free ran bare and leaked the pinned slots."""
+    import gc
+
+    from fastema._launch import cuda_memory
+
+    d = _Contexts()
+    device = cuda_memory.Device(0, d)
+    with device:
+        block = cuda_memory.pinned(16, np.float32, d)
+    a = cuda_memory.DeviceArray(0x10000, 4, np.float32, object(), device)
+    assert not d.stack                                              # nothing current from here on
+    del block
+    gc.collect()
+    a.copy_to_host()
+    a.copy_to_device(np.zeros(4, np.float32), stream=0)
+    assert d.calls == [("cuMemFreeHost", True), ("cuMemcpyDtoH", True), ("cuMemcpyHtoDAsync", True)]
+    assert not d.stack and not d._blocks

@@ -93,15 +93,8 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
         import copy
         import torch, fastema
         from fastema.torch import EMA, TargetNetwork
-        from testkit.fake_gpu import fake_gpu, rl_mlp
-        from torch.overrides import TorchFunctionMode
+        from testkit.fake_gpu import cuda_factories_on_cpu, fake_gpu, rl_mlp
 
-        class OnCpu(TorchFunctionMode):                     # TargetNetwork's own flags asked for on cuda
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if str(kwargs.get("device", "")).startswith("cuda"):
-                    kwargs = dict(kwargs, device="cpu")
-                return func(*args, **kwargs)
         seen = {}
         with fake_gpu(stub_driver=True) as fake, torch.no_grad():
             model = rl_mlp()
@@ -116,7 +109,7 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
             seen["swap"] = "numba.cuda" in sys.modules
             net = rl_mlp()
             target = copy.deepcopy(net).requires_grad_(False)
-            with OnCpu():
+            with cuda_factories_on_cpu():                # TargetNetwork's own flags asked for on cuda
                 tn = TargetNetwork(net, target, tau=0.005)
             tn.update()
             seen["TargetNetwork.update"] = "numba.cuda" in sys.modules
