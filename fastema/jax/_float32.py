@@ -122,16 +122,16 @@ def exp2_neg(n, f):
     return jnp.where(n >= 120.0, jnp.zeros((), jnp.float32), v * scale)
 
 
-def half_life(half_life: float):
-    """``decay(dt)``: ``2 ** (-dt / half_life)`` of an int32 ``dt`` (0 and below: 1), within 0.53
-    ulp of float32 (``1 - d``: within one of the host's float64).
+def half_life(h: float):
+    """``decay(dt)``: ``2 ** (-dt / h)`` of an int32 ``dt`` (0 and below: 1), ``h`` the half life:
+    within 0.53 ulp of float32 (``1 - d``: within 0.77 of the host's float64).
 
-    ``y = dt * (1 / half_life)``: ``1 / half_life`` a float32 pair (to 2**-48), ``dt`` cut as in
+    ``y = dt * (1 / h)``: ``1 / h`` a float32 pair (to 2**-48), ``dt`` cut as in
     :func:`ratio_pair` (24 bits above 2**24, exact; the rest under 256); the head's product exact
     (:func:`mul12`), gridded exactly; the tail's products (under 2**-9 where ``y < 120``) rounded:
     ``y`` to 2**-31 (the sum of the remainders) + 3 * 2**-34. Before the last rounding 5 * 2**-32
     (:func:`exp2_neg`) + ``ln 2`` times that: 0.03 ulp."""
-    inv_hi, inv_lo = pair(min(1.0 / float(half_life), 2.0 ** 64))   # 2**-64 and under: d = 0 past dt 0
+    inv_hi, inv_lo = pair(min(1.0 / float(h), 2.0 ** 64))   # 2**-64 and under: d = 0 past dt 0
 
     def decay(dt):
         f = jnp.float32
