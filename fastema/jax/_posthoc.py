@@ -44,9 +44,9 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
         dtype: what the profiles are stored in: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``.
 
     Raises:
-        ValueError: a schedule that is not a PowerFunction, a bad ``run_id`` or ``dtype``, a leaf of a
-            dtype a snapshot cannot store (int4), or a folder that holds another run (nothing is
-            written).
+        ValueError: a schedule that is not a PowerFunction, a bad ``run_id`` or ``dtype``, a state
+            of another average (its row count is not ``avg``'s profile count), a leaf of a dtype a
+            snapshot cannot store (int4), or a folder that holds another run (nothing is written).
         RuntimeError: a state with no update yet.
         OverflowError: a profile beyond ``dtype``'s range (a float64 shadow beyond float32's too;
             nothing is written).
@@ -65,6 +65,7 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
     rows = len(avg.schedules)
     leaves = [(jax.tree_util.keystr(path) or "<root>", leaf)
               for path, leaf in jax.tree_util.tree_flatten_with_path(state.averages)[0]]
+    _check_rows(rows, [("norms", state.norms)] + [(name, x) for name, x in leaves if _is_float(x)])
     updates = int(state.updates)
     if updates == 0:
         raise RuntimeError("fastema.jax.snapshot() before any update: there is no profile to store yet")
@@ -96,6 +97,20 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
                         sigma_rels=[gamma_to_sigma_rel(g) for g in gammas], averaged=averaged, others=others,
                         dtype=dtype, shapes=shapes, run_id=run_id, raw=raw)
     return write_snapshot(directory, time, tensors, meta)
+
+
+def _check_rows(rows: int, arrays: list) -> None:
+    """ValueError unless every ``(name, array)``'s leading dimension is ``rows``, the average's
+    profile count: a state of another average would write one profile's values under another's
+    exponent."""
+    for name, x in arrays:
+        shape = tuple(np.shape(x))
+        if not shape or shape[0] != rows:
+            held = shape[0] if shape else 0
+            raise ValueError(f"this state holds {held} profile row(s) ({name} has shape {shape}) but the average "
+                             f"tracks {rows} profile(s): a state of another average (its profiles changed since "
+                             f"it was made?); use the average this state came from, or init a new state with "
+                             f"this one (avg.init(params))")
 
 
 def _torch_of(a: np.ndarray, name: str):

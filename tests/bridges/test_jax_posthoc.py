@@ -76,6 +76,24 @@ def test_snapshot_refusals(tmp_path):
         fj.snapshot(AVG, later, tmp_path, run_id="second")
 
 
+def test_a_state_of_another_average_is_refused_before_anything_is_written(tmp_path):
+    """A state whose row count is not the average's profile count (a run resumed from an old state
+    after its profile list changed) is refused naming both counts and the fix: never one row's
+    values written under another profile's exponent (JAX clamps an index past the last row)."""
+    params = {"w": jnp.arange(3.0)}
+    one = fj.ema([PowerFunction.of(0.05)])
+    state = jax.jit(one.update)(one.init(params), params)
+    with pytest.raises(ValueError, match=r"holds 1 profile row.*tracks 2 profile.*the average this state came from"):
+        fj.snapshot(AVG, state, tmp_path, run_id="r")
+    two = UPDATE(AVG.init(params), params)
+    with pytest.raises(ValueError, match=r"holds 2 profile row.*tracks 1 profile.*init a new state"):
+        fj.snapshot(one, two, tmp_path, run_id="r")
+    cut = two._replace(averages={"w": two.averages["w"][:1]})       # the norms agree, a leaf does not
+    with pytest.raises(ValueError, match=r"\['w'\] has shape \(1, 3\)"):
+        fj.snapshot(AVG, cut, tmp_path, run_id="r")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _x64_run(w, kept):
     avg = fj.ema([PowerFunction.of(s) for s in SIGMAS], shadow_dtype="float64")
     params = {"w": jnp.asarray(w, jnp.float64), **kept}
