@@ -7,18 +7,20 @@ its last update, into a snapshot folder in the format :mod:`fastema.posthoc` rea
 profile and averaged leaf, ``"model:{name}"`` per leaf kept as it is), so that
 ``fastema.posthoc.synthesize(folder, sigma_rel=...)`` (or ``python -m fastema posthoc``) builds
 any other profile after training. Names are the leaves' key paths (``jax.tree_util.keystr``),
-as :class:`fastema.jax.EMA` names them. Writing imports torch (the snapshot writer's, as for
-every face).
+as :class:`fastema.jax.EMA` names them. As the torch face's, each profile reaches the writer in
+its shadow dtype (cast there, refused where it overflows the stored dtype) and each leaf kept as
+it is in its own (as its bytes where safetensors has no name for it: ``add_kept``). Writing imports
+torch (the snapshot writer's, as for every face).
 """
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..posthoc import SnapshotMeta, check_folder, kept_key, profile_key, valid_run_id, write_snapshot
+from .._io.safetensors import DTYPES
+from ..posthoc import SnapshotMeta, add_kept, check_folder, profile_key, valid_run_id, write_snapshot
 from ..schedules import PowerFunction, gamma_to_sigma_rel
 from ._functional import EmaState, EmaTransform, _is_float
 
@@ -42,10 +44,12 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
         dtype: what the profiles are stored in: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``.
 
     Raises:
-        ValueError: a schedule that is not a PowerFunction, a bad ``run_id`` or ``dtype``, or a
-            folder that holds another run (nothing is written).
+        ValueError: a schedule that is not a PowerFunction, a bad ``run_id`` or ``dtype``, a state
+            of another average (its row count is not ``avg``'s profile count), a leaf of a dtype a
+            snapshot cannot store (int4), or a folder that holds another run (nothing is written).
         RuntimeError: a state with no update yet.
-        OverflowError: a profile beyond ``dtype``'s range (nothing is written).
+        OverflowError: a profile beyond ``dtype``'s range (a float64 shadow beyond float32's too;
+            nothing is written).
     """
     bad = [type(s).__name__ for s in avg.schedules if not isinstance(s, PowerFunction)]
     if bad:
@@ -58,6 +62,10 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(state)):
         raise TypeError("fastema.jax.snapshot() writes files: call it between jitted steps, on the state a step "
                         "returned, not inside jax.jit")
+    rows = len(avg.schedules)
+    leaves = [(jax.tree_util.keystr(path) or "<root>", leaf)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(state.averages)[0]]
+    _check_rows(rows, [("norms", state.norms)] + [(name, x) for name, x in leaves if _is_float(x)])
     updates = int(state.updates)
     if updates == 0:
         raise RuntimeError("fastema.jax.snapshot() before any update: there is no profile to store yet")
@@ -65,28 +73,54 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
 
     directory = os.fspath(directory)
     time = float(int(state.last_time))
-    os.makedirs(directory, exist_ok=True)
-    problem = check_folder(directory, run_id, time, writing=True, stacklevel=2)
-    if problem is not None:
-        raise ValueError(problem)
     stored = getattr(torch, dtype)
     tensors: dict = {}
     averaged, others, shapes = [], [], {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.averages)[0]:
-        name = jax.tree_util.keystr(path) or "<root>"
+    raw: dict[str, str] = {}              # leaves kept as their bytes (add_kept)
+    for name, leaf in leaves:
+        host = np.array(leaf)             # a writable copy on the host: indexed there, never clamped
         if _is_float(leaf):
             averaged.append(name)
-            shapes[name] = list(leaf.shape[1:])
-            for k in range(len(avg.schedules)):
-                row = np.array(leaf[k].astype(jnp.float32))     # a writable copy (bfloat16: none in torch.from_numpy)
-                tensors[profile_key(k, name)] = (torch.from_numpy(row), stored)
+            shapes[name] = list(host.shape[1:])
+            for k in range(rows):         # in the shadow dtype: the writer casts, refusing what overflows
+                tensors[profile_key(k, name)] = (_torch_of(host[k], name), stored)
         else:
             others.append(name)
-            shapes[name] = list(leaf.shape)
-            kept = torch.from_numpy(np.array(leaf))
-            tensors[kept_key(name)] = (kept, kept.dtype)
+            shapes[name] = list(host.shape)
+            add_kept(tensors, raw, name, _torch_of(host, name))
+    os.makedirs(directory, exist_ok=True)      # every leaf converted first: a refusal claims no folder
+    problem = check_folder(directory, run_id, time, writing=True, stacklevel=2)
+    if problem is not None:
+        raise ValueError(problem)
     gammas = [float(s.gamma) for s in avg.schedules]
     meta = SnapshotMeta(time=time, updates=updates, calls=int(state.calls), gammas=gammas,
                         sigma_rels=[gamma_to_sigma_rel(g) for g in gammas], averaged=averaged, others=others,
-                        dtype=dtype, shapes=shapes, run_id=run_id)
+                        dtype=dtype, shapes=shapes, run_id=run_id, raw=raw)
     return write_snapshot(directory, time, tensors, meta)
+
+
+def _check_rows(rows: int, arrays: list) -> None:
+    """ValueError unless every ``(name, array)``'s leading dimension is ``rows``, the average's
+    profile count: a state of another average would write one profile's values under another's
+    exponent."""
+    for name, x in arrays:
+        shape = tuple(np.shape(x))
+        if not shape or shape[0] != rows:
+            held = shape[0] if shape else 0
+            raise ValueError(f"this state holds {held} profile row(s) ({name} has shape {shape}) but the average "
+                             f"tracks {rows} profile(s): a state of another average (its profiles changed since "
+                             f"it was made?); use the average this state came from, or init a new state with "
+                             f"this one (avg.init(params))")
+
+
+def _torch_of(a: np.ndarray, name: str):
+    """``a`` as a torch tensor of the same dtype and bits (bfloat16 and float8 too, which
+    ``torch.from_numpy`` does not take); shares ``a``'s memory."""
+    import torch
+
+    dtype = getattr(torch, a.dtype.name) if a.dtype.name in DTYPES else None
+    if dtype is None:
+        raise ValueError(f"{name} is {a.dtype}, which a post-hoc snapshot cannot store; keep it out of params "
+                         f"or cast it to one of {sorted(DTYPES)}")
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return torch.from_numpy(flat).view(dtype).reshape(a.shape)

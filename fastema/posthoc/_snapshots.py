@@ -53,7 +53,7 @@ from .._io.safe_files import (
     pread_into,
     regular,
 )
-from .._io.safetensors import read_header
+from .._io.safetensors import SAFETENSORS_DTYPES, read_header
 from ._meta import (  # noqa: F401  (re-exported: the format's names, importable from here)
     FORMAT,
     LEGACY_RUN_ID,
@@ -213,6 +213,22 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
 
     atomic_write(base + ".safetensors", lambda f: stream_safetensors(f, tensors, meta, checksums="checksums"))
     return base + ".safetensors"
+
+
+def add_kept(tensors: dict, raw: dict, name: str, tensor) -> None:
+    """Put ``tensor``, kept as it is (not averaged), into a plain snapshot's ``tensors`` (for
+    :func:`write_snapshot`) as ``"model:{name}"``: in its dtype when every safetensors release reads
+    it, else (complex, uint16/32/64, float8...) as its bytes (uint8), its dtype's name in ``raw``
+    (:attr:`SnapshotMeta.raw`), which the reader views them as again. Every face's writer keeps
+    tensors through this one."""
+    import torch
+
+    key, dtype = kept_key(name), str(tensor.dtype).removeprefix("torch.")
+    if dtype in SAFETENSORS_DTYPES:
+        tensors[key] = (tensor, tensor.dtype)
+    else:
+        tensors[key] = (tensor.reshape(-1).view(torch.uint8), torch.uint8)
+        raw[key] = dtype
 
 
 # --------------------------------------------------------------------------- reading tensors

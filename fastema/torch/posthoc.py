@@ -10,12 +10,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._io.safetensors import SAFETENSORS_DTYPES
 from ..posthoc import (
     MAX_ERROR,
     SnapshotError,
     SnapshotMeta,
     SynthesisPlan,
+    add_kept,
     check_folder,
     kept_key,
     profile_key,
@@ -263,7 +263,8 @@ class PostHocEMA(EMA):
 
     def _write_snapshot(self) -> str:
         dtype = _SNAPSHOT_DTYPES[self.snapshot_dtype]
-        tensors, averaged, others, shapes, raw = {}, [], [], {}, {}
+        tensors, averaged, others, shapes = {}, [], [], {}
+        raw: dict[str, str] = {}          # kept tensors stored as their bytes (add_kept)
         overflow: list[str] = []
         sharded, specs = self.sharded, self._side.specs
         # a DCP save: the slices agree, each rank's casts made inside (what can fail on one rank)
@@ -273,14 +274,10 @@ class PostHocEMA(EMA):
                 if source is None or source not in self._avg.names:
                     kept = t.detach() if value is None else value()
                     shapes[name] = list(kept.shape)
-                    key = kept_key(name)
                     if sharded:
-                        tensors[key] = kept
-                    elif str(kept.dtype).removeprefix("torch.") in SAFETENSORS_DTYPES:
-                        tensors[key] = (kept, kept.dtype)
-                    else:  # complex, uint16, float8...: stored as its bytes
-                        tensors[key] = (kept.reshape(-1).view(torch.uint8), torch.uint8)
-                        raw[key] = str(kept.dtype).removeprefix("torch.")
+                        tensors[kept_key(name)] = kept
+                    else:  # complex, uint16, float8...: as their bytes
+                        add_kept(tensors, raw, name, kept)
                     others.append(name)
                     continue
                 averaged.append(name)

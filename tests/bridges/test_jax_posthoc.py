@@ -5,7 +5,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 import fastema.jax as fj  # noqa: E402
 from fastema import posthoc  # noqa: E402
@@ -74,3 +74,79 @@ def test_snapshot_refusals(tmp_path):
     later = UPDATE(state, params)
     with pytest.raises(ValueError, match="first"):
         fj.snapshot(AVG, later, tmp_path, run_id="second")
+
+
+def test_a_state_of_another_average_is_refused_before_anything_is_written(tmp_path):
+    """A state whose row count is not the average's profile count (a run resumed from an old state
+    after its profile list changed) is refused naming both counts and the fix: never one row's
+    values written under another profile's exponent (JAX clamps an index past the last row)."""
+    params = {"w": jnp.arange(3.0)}
+    one = fj.ema([PowerFunction.of(0.05)])
+    state = jax.jit(one.update)(one.init(params), params)
+    with pytest.raises(ValueError, match=r"holds 1 profile row.*tracks 2 profile.*the average this state came from"):
+        fj.snapshot(AVG, state, tmp_path, run_id="r")
+    two = UPDATE(AVG.init(params), params)
+    with pytest.raises(ValueError, match=r"holds 2 profile row.*tracks 1 profile.*init a new state"):
+        fj.snapshot(one, two, tmp_path, run_id="r")
+    cut = two._replace(averages={"w": two.averages["w"][:1]})       # the norms agree, a leaf does not
+    with pytest.raises(ValueError, match=r"\['w'\] has shape \(1, 3\)"):
+        fj.snapshot(AVG, cut, tmp_path, run_id="r")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _x64_run(w, kept):
+    avg = fj.ema([PowerFunction.of(s) for s in SIGMAS], shadow_dtype="float64")
+    params = {"w": jnp.asarray(w, jnp.float64), **kept}
+    state, update = avg.init(params), jax.jit(avg.update)
+    for i in range(3):
+        state = update(state, {**params, "w": params["w"] * (1 + i)})
+    return avg, state
+
+
+def test_a_float64_shadow_beyond_float32_is_refused_not_stored_as_inf(tmp_path):
+    """A float64 shadow reaches the writer as float64, so its range check refuses a value float32
+    cannot hold (as PostHocEMA does) instead of a file holding inf."""
+    with jax.enable_x64(True):
+        avg, state = _x64_run([1e300, 1.0], {})
+        assert state.averages["w"].dtype == jnp.float64
+        with pytest.raises(OverflowError, match=r"beyond the range of float32.*largest is [0-9.]+e\+300"):
+            fj.snapshot(avg, state, tmp_path, run_id="r")
+    assert not list(tmp_path.glob("snapshot-*"))
+
+
+def test_float64_rows_and_leaves_of_any_dtype_round_trip_through_fastema_posthoc(tmp_path):
+    """A float64 shadow stored as float32, and uint32 and float8 leaves (no name in every
+    safetensors release; float8 none in torch.from_numpy) kept as their bytes with a ``raw`` entry,
+    as PostHocEMA keeps them: read back, each profile is the state's row rounded to float32, each
+    leaf its value bit for bit in its dtype, and synthesising each tracked profile gives its row."""
+    kept = {"n": jnp.asarray([0, 7, 2**32 - 1], jnp.uint32), "f8": jnp.asarray([0.5, -448.0], jnp.float8_e4m3fn)}
+    with jax.enable_x64(True):
+        avg, state = _x64_run([0.1, -2.5, 3.25e10], kept)
+        rows = np.asarray(state.averages["w"])
+        path = fj.snapshot(avg, state, tmp_path, run_id="r")
+    snap, = posthoc.read_snapshots(tmp_path)
+    assert snap.path == path
+    assert snap.meta.raw == {posthoc.kept_key("['n']"): "uint32", posthoc.kept_key("['f8']"): "float8_e4m3fn"}
+    reader = posthoc.tensor_reader(snap)
+    try:
+        for k in range(len(SIGMAS)):
+            np.testing.assert_array_equal(reader(posthoc.profile_key(k, "['w']")).numpy(), rows[k].astype(np.float32))
+        n, f8 = reader(posthoc.kept_key("['n']")), reader(posthoc.kept_key("['f8']"))
+        assert n.dtype == torch.uint32 and n.tolist() == [0, 7, 2**32 - 1]
+        assert f8.dtype == torch.float8_e4m3fn and f8.float().tolist() == [0.5, -448.0]
+    finally:
+        reader.close()
+    for k, sigma in enumerate(SIGMAS):
+        out = posthoc.synthesize(tmp_path, sigma_rel=sigma)
+        np.testing.assert_allclose(out["['w']"].numpy(), rows[k], rtol=1e-6)
+        assert out["['n']"].tolist() == [0, 7, 2**32 - 1] and out["['f8']"].float().tolist() == [0.5, -448.0]
+
+
+def test_a_leaf_torch_has_no_dtype_for_is_refused_before_the_folder_is_claimed(tmp_path):
+    """An int4 leaf (a JAX dtype torch cannot hold) is a ValueError naming it and the dtypes a
+    snapshot stores, before the folder is claimed (nothing written)."""
+    params = {"w": jnp.zeros(3), "q": jnp.zeros(3, jnp.int4)}
+    state = UPDATE(AVG.init(params), params)
+    with pytest.raises(ValueError, match=r"\['q'\] is int4.*float32"):
+        fj.snapshot(AVG, state, tmp_path, run_id="r")
+    assert list(tmp_path.iterdir()) == []
