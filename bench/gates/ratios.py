@@ -46,6 +46,7 @@ class Pair:
     inputs: Sequence = ()
     move: Callable[[], object] | None = None
     once: tuple | None = None
+    before: bool = True          # ``ours()`` readable before the update (``bench.suite.checked.checked``)
 
     def check(self, name: str) -> None:
         """Refuse (:class:`bench.suite.checked.Refused`, naming ``name``'s baseline) a baseline whose
@@ -55,7 +56,7 @@ class Pair:
         fast, base = self.once or (self.fast, self.base)
         ours, theirs = f"{name} | fastema", f"{name} | baseline"
         checked({ours: fast, theirs: base}, {ours: self.ours, theirs: self.theirs}, ours=ours,
-                inputs=self.inputs, move=self.move)
+                inputs=self.inputs, move=self.move, before=self.before)
 
 
 def ratio_setup(kind: str) -> Pair:
@@ -131,14 +132,15 @@ def ratio_setup(kind: str) -> Pair:
             with torch.no_grad():
                 torch._foreach_neg_(plist)            # the parameters trained away from both averages
         return Pair(fast, base, lambda: between.pop("fastema"), lambda: between.pop("baseline"), move=move,
-                    once=(captured("fastema", ema.swap, ema.swap), captured("baseline", base_in, base_out)))
+                    once=(captured("fastema", ema.swap, ema.swap), captured("baseline", base_in, base_out)),
+                    before=False)
     if kind == "smooth":
         from testkit.baselines import TorchSmoother  # test_bench_smooth.py's baseline
 
         values = torch.randn(10 ** 6, generator=g)
         s, t = Smoother(decay=0.99, window=50), TorchSmoother(0.99, 50, 10 ** 6, "cpu")
         return Pair(lambda: s.update(values), lambda: t.update(values), lambda: [s.ema, s.sma],
-                    lambda: list(t.read()), inputs=[values])
+                    lambda: list(t.read()), inputs=[values], before=False)   # no value before the first update
     if kind in ("small torch", "small numpy"):
         return _small(kind == "small numpy", g)
     raise ValueError(kind)

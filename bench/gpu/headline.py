@@ -43,7 +43,7 @@ from bench.gpu import common as G  # noqa: E402
 from bench.gpu import measure as M  # noqa: E402
 from bench.gpu import steps as gpu_steps  # noqa: E402
 from bench.gpu.summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
-from bench.suite.checked import Refused, checked, within_ceiling  # noqa: E402
+from bench.suite.checked import Refused, checked, move_sources, within_ceiling  # noqa: E402
 
 FLAT = 10 if G.SIM else 28
 FIRST_UPDATE = r"""
@@ -110,12 +110,8 @@ def _record(rec, sc: str, impl: str, m: dict) -> None:
 
 
 def _moved(params) -> None:
-    """The sources moved once before the baselines' check (an update must show)."""
-    import torch
-
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn_like(p), alpha=0.1)
+    """The sources moved once before the baselines' check (an update must show: ``checked.move_sources``)."""
+    move_sources(params)
 
 
 def host_cost(rec, count: int, dt: str) -> None:

@@ -33,7 +33,7 @@ from bench.gpu import common as G
 from bench.gpu.measure import measure, with_bandwidth
 from bench.gpu.summary import EMA as EMA_ROW
 from bench.gpu.summary import FOREACH, HOST_COST, MIXED
-from bench.suite.checked import Refused, checked, is_baseline, within_ceiling
+from bench.suite.checked import Refused, checked, is_baseline, move_sources, within_ceiling
 from bench.suite.shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from fastema.flat import FlatShadow
 
@@ -134,10 +134,8 @@ def _model(shape_list, dtype) -> nn.Module:
 
 
 def _moved(params) -> None:
-    """The sources moved once before a check (an update must show in it)."""
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn_like(p), alpha=0.1)
+    """The sources moved once before a check (an update must show in it: ``checked.move_sources``)."""
+    move_sources(params)
 
 
 def _views(flat, count: int, rows: int = 1) -> list:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["TOLERANCE", "Refused", "agree", "aliased", "checked", "is_baseline", "to_float64",
+__all__ = ["TOLERANCE", "Refused", "agree", "aliased", "checked", "is_baseline", "move_sources", "to_float64",
            "within_ceiling"]
 
 #: how far above the same run's copy a row may read before it is refused (flagged above 1.0)
@@ -146,20 +146,35 @@ def agree(row: str, ours: Callable[[], Sequence], theirs: Callable[[], Sequence]
     return f"agrees with fastema within {worst:.2g} of scale (tolerance {tol:.2g})"
 
 
+def move_sources(params: Sequence, sixteen_bit: bool | None = None) -> None:
+    """Torch sources moved once before a check, far enough that one update at decay 0.999 shows
+    through the comparison's precision: by 0.1 N(0, 1) where the results are 32-bit, by 100 N(0, 1)
+    where they are 16-bit (compared at 2^-6 of their scale). ``sixteen_bit``: whether the results are
+    (default: whether the sources are)."""
+    import torch
+
+    if sixteen_bit is None:
+        sixteen_bit = any(p.element_size() <= 2 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=100.0 if sixteen_bit else 0.1)
+
+
 def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
-            move: Callable[[], object] | None = None, rtol: float | None = None) -> dict:
+            move: Callable[[], object] | None = None, rtol: float | None = None, before: bool = True) -> dict:
     """``fns`` (row name -> the callable to time), once every baseline row of it (:func:`is_baseline`)
     has agreed with fastema's row ``ours`` (:func:`agree`). ``results``: row name -> a callable
     returning the arrays that row's callable writes; a baseline without one is refused. ``move()``
     runs first (it moves the sources, so the check sees an update: far enough that fastema's result
     moves by more than twice the tolerance, or every baseline is refused, :func:`agree`'s ``start``);
     then ``ours``, then each baseline, once each, from the same start: give each its own shadow, equal
-    at the start."""
+    at the start. ``before=False`` where ``results[ours]`` can be read only after the update (the
+    swap's parameters while swapped in): no such refusal then."""
     missing = [n for n in fns if is_baseline(n) and n not in results]
     if missing:
         raise Refused(missing[0], "no result to check against fastema's (every baseline row is run "
                                   "once against fastema's result before it is timed)")
-    start = [to_float64(a) for a in results[ours]()]
+    start = [to_float64(a) for a in results[ours]()] if before else None
     if move is not None:
         move()
     fns[ours]()

@@ -138,19 +138,17 @@ def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
     the baseline keeps (default: all)."""
     import torch
 
-    from bench.suite.checked import checked
+    from bench.suite.checked import checked, move_sources
     from fastema.torch import EMA
 
     ref = EMA(model, decay, **ema_kw)
     params = list(model.parameters())
-    # a 16-bit average is checked at its precision (2^-6 of the scale): the sources move far enough
-    # that one update shows through it (``checked`` refuses a check that cannot tell an update from none)
-    by = 100.0 if any(v.element_size() <= 2 for v in ref.averaged_state_dict().values()) else 0.1
+    # a 16-bit average is checked at its precision: the sources move further (``move_sources``)
+    sixteen = any(v.element_size() <= 2 for v in ref.averaged_state_dict().values())
 
     def check():
+        move_sources(params, sixteen)
         with torch.no_grad():
-            for p in params:
-                p.add_(torch.randn_like(p), alpha=by)
             checked({"fastema": ref.update, impl: fn},
                     {"fastema": lambda: [v for k, v in ref.averaged_state_dict().items()
                                          if pick is None or pick(k)], impl: result},
