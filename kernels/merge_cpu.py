@@ -33,7 +33,10 @@ from .cpu import E as _E
 from .cpu import _pointer
 from .kinds import F64
 
-M = _merge.bind(functools.partial(njit, inline="always"), _E)
+# the merge's element bodies are functions of their own, which LLVM inlines when it links them (numba's
+# inlining took every branch of a body: the kinds, the rounding; kernels/cpu.py E_CALLED): a merge's
+# compile 41 s -> 27 s over tests/merge/test_merge_formats.py, its kernels within the noise (2-8 %)
+M = _merge.bind(lambda fn: _cache.cached(njit(nogil=True)(fn)), _E)
 DEPENDENCIES = _cache.DEPENDENCIES + (_merge,)
 """The modules this file's kernels depend on besides itself (the disk cache's stamp)."""
 
