@@ -58,7 +58,7 @@ class _Bound:
         self.func = None                                  # the driver handle of the bound code
         self.loaded = None                                # what keeps it loaded (driver.Loaded)
         self.held: list = []                              # per argument: the object its block values are of
-        self.block: abi.Block | None = None
+        self.block: abi.Block = None  # type: ignore[assignment]  # set with func at the first bind, read after
         self.last: tuple = ()                             # the last launch's arguments
 
     def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
