@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -118,7 +118,20 @@ VARYING = {"lerp": ("weights", "key"), "bema": ("alpha",), "plan": ("given",), "
 op's other keyword arguments (the table above) are fixed when it is prepared."""
 
 
-def prepare(op: str, group, **fixed) -> Callable[..., None]:
+class Launch(Protocol):
+    """A prepared launch of one op over one group (:func:`prepare`): the seam between the launches'
+    owners and the two targets (:mod:`.cpu`, :mod:`.cuda_bound`). Its fixed arguments are bound when
+    it is made; the group's tables are the group's (a launch reads them at each call); ``run(*varying)``
+    takes the op's :data:`VARYING` arguments, in that order."""
+
+    def __call__(self, *varying: Any) -> None:
+        """Launch on the group's device (on CUDA, on the stream current for the group's framework now)."""
+
+    def once(self, *varying: Any) -> None:
+        """The same launch made for one call only (:func:`launch`): nothing kept from it for a next call."""
+
+
+def prepare(op: str, group, **fixed) -> Launch:
     """Kernel family ``op``'s launch over ``group``, prepared once: ``run = prepare(op, group, **fixed)``
     binds every argument of the table above but the op's :data:`VARYING` ones, which ``run(*varying)``
     takes at each call (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one
@@ -129,7 +142,7 @@ def prepare(op: str, group, **fixed) -> Callable[..., None]:
     group's tables change; an empty group launches nothing."""
     t = group.tables
     if t is not None and t.chunks == 0 and op != "plan":     # the plan step reads no table
-        return _nothing_at_all
+        return _NOTHING
     if op == "lerp":                                 # host weights: the kernel's arithmetic type
         fixed["cast"] = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
     target = _cuda_bound() if is_cuda(group.device) else _cpu_target
@@ -169,7 +182,7 @@ def launch(op: str, group, **args) -> None:
         note_capture(group)
     varying = VARYING[op]
     run = prepare(op, group, **{k: v for k, v in args.items() if k not in varying})
-    run.once(*[args[k] for k in varying if k in args])      # type: ignore[attr-defined]
+    run.once(*[args[k] for k in varying if k in args])
 
 
 def note_capture(group) -> None:
@@ -230,7 +243,7 @@ def _getter_key(getter) -> tuple:
     return getattr(getter, "func", getter), getattr(getter, "args", ())
 
 
-def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Callable[..., None]:
+def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Launch:
     """``prepare("lerp", group, flag=flag, stochastic=stochastic)``: ``run(w, key=0)``, made once per
     group and flag (the per-step path of an owner whose groups stay). On the CPU the tables, the flag,
     the cast of host weights and the compiled overload are bound once (:class:`.cpu.LerpLaunch`); on
@@ -279,8 +292,18 @@ def nonfinite_launcher(group, flag) -> Callable[[], None]:
     return prepare("nonfinite", group, flag=flag)
 
 
-def _nothing_at_all(*varying) -> None:
-    return None
+class _Nothing:
+    """The launch of an empty group: nothing at all."""
+
+    __slots__ = ()
+
+    def __call__(self, *varying: Any) -> None:
+        return None
+
+    once = __call__
+
+
+_NOTHING: Launch = _Nothing()
 
 
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
