@@ -64,12 +64,53 @@ def _is_float(x) -> bool:
     return jnp.dtype(x.dtype).name in _FLOATS
 
 
+def _kind(x) -> str:
+    """What a leaf is to the average: ``"float"`` (averaged), else its dtype's kind (kept)."""
+    dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
+    if dtype.name in _FLOATS:
+        return "float"
+    return {"b": "bool", "i": "int", "u": "uint", "c": "complex"}.get(dtype.kind, dtype.name)
+
+
+def _step(step):
+    """``(n, ok)``: ``step`` as the int32 ``n`` of the schedules, and ``ok``, a traced bool where
+    ``step`` is traced (False: out of ``[0, 2**31)``, which the call then holds) or None.
+
+    A concrete step (Python, NumPy or a ``jax.Array`` that is not a tracer) is checked here: an
+    int in ``[0, 2**31)``, or ValueError. A traced one must be an integer scalar (its dtype and
+    shape are known when traced); its value is checked in its own dtype, before the int32 cast
+    (an x64 ``int64`` 2**31 wrapped to -2**31)."""
+    what = (f"step must be an int in [0, 2**31) (or a traced integer scalar), got {step!r}; pass the training "
+            f"step as an int >= 0 (a jnp.int32 inside jax.jit)")
+    if isinstance(step, jax.core.Tracer):
+        dtype = jnp.dtype(step.dtype)
+        if dtype.kind not in "iu" or step.shape != ():
+            raise ValueError(f"step must be an integer scalar, got a traced {dtype.name}{list(step.shape)}; pass "
+                             f"the training step as a jnp.int32 scalar (jnp.asarray(step, jnp.int32))")
+        ok = step <= np.asarray(2 ** 31 - 1, dtype) if jnp.iinfo(dtype).max >= 2 ** 31 else jnp.ones((), jnp.bool_)
+        if dtype.kind == "i":
+            ok = ok & (step >= 0)
+        return step.astype(jnp.int32), ok
+    if isinstance(step, (bool, np.bool_)):
+        raise ValueError(what)
+    if not isinstance(step, int):                     # NumPy and concrete JAX scalars: by their dtype
+        dtype = getattr(step, "dtype", None)
+        if dtype is None or jnp.dtype(dtype).kind not in "iu" or np.shape(step) != ():
+            raise ValueError(what)
+    if not 0 <= int(step) < 2 ** 31:
+        raise ValueError(what)
+    return jnp.asarray(int(step), jnp.int32), None
+
+
 class EmaTransform:
     """What :func:`ema` returns: ``init``, ``update``, ``average``; pure functions (``jax.jit`` them
     or call them inside a jitted step). Holds the options only, never arrays."""
 
     def __init__(self, options: EMAOptions):
         options.refuse("fastema.jax.ema()", PLACEMENT_REFUSALS)
+        dtype = options.shadow_dtype               # fastema.jax.EMA's list (FlatShadow's), by name
+        if not isinstance(dtype, str) or (dtype != "same" and dtype not in _FLOATS):
+            raise ValueError(f"shadow_dtype must be one of {sorted(_FLOATS)} or 'same', got {dtype!r}")
         if options.device_step is False:
             raise ValueError(f"fastema.jax.ema() does not take device_step=False: {REFUSED_IN_JIT['device_step']}")
         plan = options.plan()                              # the host's checks of the schedule
@@ -140,29 +181,31 @@ class EmaTransform:
     def update(self, state: EmaState, params, step=None) -> EmaState:
         """The state after one ``update()`` call with ``params`` (a pytree like ``init``'s).
 
-        ``step``: the training step (a traced or concrete int >= 0) for the schedule and the
-        rounding key, or None for the update count (timed schedules: the calls made). A call that
+        ``step``: the training step for the schedule and the rounding key, an int in ``[0,
+        2**31)``, or None for the update count (timed schedules: the calls made). A concrete one
+        (Python, NumPy, a ``jax.Array`` that is not traced: its value is read) out of range or not
+        an integer is a ValueError; a traced one must be an integer scalar, and one out of range
+        (checked in its own dtype) holds the call: nothing written, no update counted. A call that
         ``update_every`` skips writes nothing (a select: the arithmetic still runs); with
         ``skip_nonfinite`` a call whose parameters hold inf/NaN writes nothing but is counted, as
-        on every face.
+        on every face. ``params`` must be as ``init`` saw them: each leaf of the same kind (float,
+        int, uint, bool), each float leaf of the same shape (else ValueError naming the leaf).
         """
         leaves, treedef = jax.tree_util.tree_flatten(params)
         old, old_def = jax.tree_util.tree_flatten(state.averages)
         if cast(Any, treedef) != old_def:
             raise ValueError(f"params does not have the structure of the state (expected {old_def}, got "
                              f"{treedef}); init a new state for a new model")
-        for x, s in zip(leaves, old):
-            if _is_float(x) and tuple(s.shape[1:]) != tuple(jnp.shape(x)):
-                raise ValueError(f"a leaf of shape {tuple(jnp.shape(x))} meets an average of shape "
-                                 f"{tuple(s.shape[1:])}; init a new state after changing the model")
+        self._check_leaves(params, state)
         due = state.calls % self.every == 0
+        ok = None
         if step is None:
             n, t = state.updates + 1, state.calls + 1
         else:
-            if isinstance(step, (bool, np.bool_, float, np.floating)) or (
-                    isinstance(step, (int, np.integer)) and not 0 <= int(step) < 2 ** 31):
-                raise ValueError(f"step must be an int in [0, 2**31) (or a traced int32), got {step!r}")
-            n = t = jnp.asarray(step).astype(jnp.int32)
+            n, ok = _step(step)
+            t = n
+            if ok is not None:             # a traced step out of range: the call is held (no update)
+                due = due & ok
         w, norms = self._weights(state, n, t)
         started = state.updates > 0
         skip = jnp.zeros((), jnp.bool_)
@@ -174,7 +217,7 @@ class EmaTransform:
         if self.bema:
             w = jnp.stack([jnp.ones((), w.dtype), w[0], jnp.where(started, 0.0, 1.0).astype(w.dtype)])
         averages = self._fold(old, leaves, w, key, alpha)
-        if self.every > 1 or self.options.skip_nonfinite:
+        if self.every > 1 or self.options.skip_nonfinite or ok is not None:
             # a select, not lax.cond: XLA fuses it into the update and keeps the buffers in place (a
             # cond's branches copied every average); the skipped calls compute what they throw away
             write = due & ~skip
@@ -188,6 +231,23 @@ class EmaTransform:
                         jnp.where(due, norms, state.norms),
                         state.seed,
                         jnp.where(due, skip, state.skipped))
+
+    @staticmethod
+    def _check_leaves(params, state: EmaState) -> None:
+        """ValueError, naming the leaf, for a ``params`` leaf that is not what the state holds there:
+        another kind (a float leaf where the state averages an int one, or the reverse: the state
+        would change structure) or, averaged, another shape."""
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+        for (path, x), s in zip(with_paths, jax.tree_util.tree_leaves(state.averages)):
+            name = "params" + jax.tree_util.keystr(path)
+            got, held = _kind(x), _kind(s)
+            if got != held:
+                raise ValueError(f"{name} is a {got} leaf ({jnp.asarray(x).dtype}) where the state holds a {held} "
+                                 f"one ({s.dtype}); pass the leaf as init saw it (cast it back), or init a new "
+                                 f"state after changing the model")
+            if got == "float" and tuple(s.shape[1:]) != tuple(jnp.shape(x)):
+                raise ValueError(f"{name}: a leaf of shape {tuple(jnp.shape(x))} meets an average of shape "
+                                 f"{tuple(s.shape[1:])}; init a new state after changing the model")
 
     def _fold(self, averages: list, leaves: list, w, key, alpha) -> list:
         """Every floating leaf's rows lerped toward its parameter; the other leaves replaced."""
@@ -273,7 +333,8 @@ def ema(decay: float | Sequence[float] | Any = None, **options) -> EmaTransform:
             ``NumUpdates``, ``PowerWarmup``, ``PowerFunction``, ``HalfLife``, ``BEMA``, ``Cosine``,
             ``Linear``, ``PiecewiseConstant`` (the merge schedules are refused, with the reason).
         **options: the options of every fastema EMA (:class:`fastema.average.EMAOptions`):
-            ``update_every``, ``compensate``, ``debias``, ``shadow_dtype`` (default float32),
+            ``update_every``, ``compensate``, ``debias``, ``shadow_dtype`` (``"float32"``, the
+            default, ``"bfloat16"``, ``"float16"``, ``"float64"`` or ``"same"``, by name),
             ``rounding="stochastic"`` with ``seed``, ``skip_nonfinite``; :data:`REFUSED_IN_JIT`
             names the ones refused, and why.
     """

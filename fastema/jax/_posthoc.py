@@ -48,8 +48,8 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
             of another average (its row count is not ``avg``'s profile count), a leaf of a dtype a
             snapshot cannot store (int4), or a folder that holds another run (nothing is written).
         RuntimeError: a state with no update yet.
-        OverflowError: a profile beyond ``dtype``'s range (a float64 shadow beyond float32's too;
-            nothing is written).
+        OverflowError: a profile beyond ``dtype``'s range (a float64 shadow beyond float32's too),
+            before the folder is claimed: nothing is written.
     """
     bad = [type(s).__name__ for s in avg.schedules if not isinstance(s, PowerFunction)]
     if bad:
@@ -82,13 +82,14 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
         if _is_float(leaf):
             averaged.append(name)
             shapes[name] = list(host.shape[1:])
-            for k in range(rows):         # in the shadow dtype: the writer casts, refusing what overflows
-                tensors[profile_key(k, name)] = (_torch_of(host[k], name), stored)
+            for k in range(rows):         # cast here, refusing what overflows, before the folder is claimed
+                key = profile_key(k, name)
+                tensors[key] = (_stored(_torch_of(host[k], name), stored, key), stored)
         else:
             others.append(name)
             shapes[name] = list(host.shape)
             add_kept(tensors, raw, name, _torch_of(host, name))
-    os.makedirs(directory, exist_ok=True)      # every leaf converted first: a refusal claims no folder
+    os.makedirs(directory, exist_ok=True)      # every leaf converted and cast first: a refusal claims no folder
     problem = check_folder(directory, run_id, time, writing=True, stacklevel=2)
     if problem is not None:
         raise ValueError(problem)
@@ -111,6 +112,26 @@ def _check_rows(rows: int, arrays: list) -> None:
                              f"tracks {rows} profile(s): a state of another average (its profiles changed since "
                              f"it was made?); use the average this state came from, or init a new state with "
                              f"this one (avg.init(params))")
+
+
+def _stored(t, dtype, key: str):
+    """Profile ``t`` cast to the stored ``dtype`` (``t`` itself where it is of that dtype);
+    OverflowError, naming ``key``, where a finite value would be stored as inf (a float64 shadow
+    beyond float32, a float32 one beyond float16): raised before the folder is claimed."""
+    import torch
+
+    out = t.to(dtype)
+    if out.dtype == t.dtype:
+        return out
+    lost = torch.isfinite(t) & ~torch.isfinite(out)
+    if bool(lost.any()):
+        largest = float(t[lost].abs().max())
+        name = str(dtype).removeprefix("torch.")
+        raise OverflowError(f"{key} holds {int(lost.sum())} finite value(s) beyond the range of {name} "
+                            f"(+-{torch.finfo(dtype).max:g}; the largest is {largest:g}), which would be stored "
+                            f"as inf; nothing is written: store the profiles in a wider dtype= (float32 holds "
+                            f"the most) or keep the average within {name}'s range")
+    return out
 
 
 def _torch_of(a: np.ndarray, name: str):

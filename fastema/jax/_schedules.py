@@ -14,7 +14,10 @@ the weight within 0.77 (PowerFunction: ``0.54 + g / 3800`` and ``0.77 + g / 7600
 host's float32 numbers, baked into the compiled step.
 
 Counters and times are int32 (steps up to 2**31 - 1); a timed schedule's times are the steps
-given to ``update(step=)`` or the calls made, as on the host.
+given to ``update(step=)`` or the calls made, as on the host. Every decay is in ``[0, 1]`` for any
+int32 inputs, in either precision (``tests/bridges/test_jax_schedules_total.py``): a time before
+the last update's gives the timed PowerFunction and HalfLife ``d = 1`` (the average holds), and
+counts and differences that would wrap are clamped first.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         return lambda n, t, last, first, started: comp(jnp.asarray(float(s.decay), f))
     if isinstance(s, NumUpdates):
         def num_updates(n, t, last, first, started):
-            n = n.astype(f)
+            n = jnp.maximum(n, 0).astype(f)         # n in [-10, -2] gave d < 0 (the guard holds such steps)
             return comp(jnp.minimum(jnp.asarray(float(s.decay), f), (1.0 + n) / (10.0 + n)))
         return num_updates
     if isinstance(s, PowerWarmup):
@@ -95,7 +98,8 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         span = (0.5 * (start - end)) if isinstance(s, Cosine) else (end - start)
 
         def ramp(n, t, last, first, started):
-            i = jnp.maximum(n - 1, 0).astype(f)
+            n = jnp.maximum(n, 1)                   # n <= 0 reads step index 0; n - 1 of -2**31 wrapped
+            i = (n - 1).astype(f)
             if wide and isinstance(s, Cosine):
                 v = end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * i / total))
             elif wide:
@@ -122,19 +126,26 @@ def _one(schedule, every: int, compensate: bool) -> Callable:
         pf32 = None if f == jnp.float64 else _float32.power_function(float(s.gamma))
 
         def power_function(n, t, last, first, started):
+            # the first update (last 0) copies; a time before the last update's (t < last, t = 0
+            # included, which the host refuses) counts as the last's: d = 1, the average holds
             ok = (last > 0) & (t > 0)
+            safe_last, safe_t = jnp.where(ok, jnp.minimum(last, t), 1), jnp.where(ok, t, 1)
             if pf32 is None:                        # x64: the host's formula
-                lf, tf = last.astype(f), t.astype(f)
-                return jnp.where(ok, (lf / jnp.where(ok, tf, 1.0)) ** (float(s.gamma) + 1.0), 0.0)
-            return jnp.where(ok, pf32(jnp.where(ok, last, 1), jnp.where(ok, t, 1)), 0.0).astype(f)
+                d = (safe_last.astype(f) / safe_t.astype(f)) ** (float(s.gamma) + 1.0)
+            else:
+                d = pf32(safe_last, safe_t).astype(f)
+            return jnp.where(ok, d, jnp.where(last > 0, 1.0, 0.0)).astype(f)
         return power_function
     if isinstance(s, HalfLife):
         hl32 = None if f == jnp.float64 else _float32.half_life(float(s.half_life))
 
         def half_life(n, t, last, first, started):
+            # a time before the last update's: d = 1, the average holds (the maximum: a difference
+            # that wraps, past int32, from a negative time the update never stores)
+            dt = jnp.maximum(jnp.where(t > last, t - last, 0), 0)
             if hl32 is None:                        # x64: the host's formula
-                return jnp.exp2(-(t - last).astype(f) / float(s.half_life))
-            return hl32(t - last)
+                return jnp.exp2(-dt.astype(f) / float(s.half_life))
+            return hl32(dt)
         return half_life
     if isinstance(s, BEMA):
         def bema(n, t, last, first, started):

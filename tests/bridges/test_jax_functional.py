@@ -243,6 +243,45 @@ def test_bad_params_are_refused_with_the_fix():
             avg.update(state, {"w": jnp.ones(3)}, step)
 
 
+def test_a_leaf_of_another_kind_than_the_states_is_refused_by_name():
+    """J02: an int32 leaf where init saw a float32 one replaced the (1, 4) average by the integers
+    (and a float one where the state kept an int leaf was folded into it): the state changed
+    structure. Both directions, and a kept leaf of another kind, are refused naming the leaf."""
+    avg = fj.ema(0.9)
+    state = avg.init({"w": jnp.ones(4, jnp.float32), "n": jnp.int32(0), "m": jnp.zeros(2, jnp.uint8)})
+    for leaf, params in [("['w']", {"w": jnp.arange(4, dtype=jnp.int32), "n": jnp.int32(1), "m": state.averages["m"]}),
+                         ("['n']", {"w": jnp.ones(4), "n": jnp.float32(1.0), "m": state.averages["m"]}),
+                         ("['m']", {"w": jnp.ones(4), "n": jnp.int32(1), "m": jnp.zeros(2, jnp.bool_)}),
+                         ("['w']", {"w": jnp.ones(4, jnp.float8_e4m3fn), "n": jnp.int32(1), "m": state.averages["m"]})]:
+        for update in (avg.update, jax.jit(avg.update)):
+            with pytest.raises(ValueError, match=rf"params\{leaf[:2]}.*where the state holds a .*init a new state"):
+                update(state, params)
+    assert state.averages["w"].shape == (1, 4) and state.averages["w"].dtype == jnp.float32
+    kept = avg.update(state, {"w": jnp.ones(4, jnp.bfloat16), "n": jnp.int16(3), "m": jnp.ones(2, jnp.uint8)})
+    assert int(kept.averages["n"]) == 3 and kept.averages["w"].dtype == jnp.float32      # same kinds: taken
+
+
+def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():
+    """J15: ``shadow_dtype="int8"`` (bool, complex64, float8) averaged garbage (0.3 -> 0.7 gave 0.0),
+    and an unknown name failed at init with NumPy's message. fastema.jax.EMA's list, refused at
+    construction with fastema's message; the names it takes each hold the average."""
+    for name in ("int8", "bool", "complex64", "float8_e4m3fn", "foo", jnp.float32, None):
+        with pytest.raises(ValueError, match=r"shadow_dtype must be one of \['bfloat16', 'float16', 'float32', "
+                                             r"'float64'\] or 'same', got"):
+            fj.ema(0.9, shadow_dtype=name)
+        with pytest.raises(ValueError):             # the between-steps face refuses the same
+            fj.EMA({"w": jnp.zeros(2)}, 0.9, shadow_dtype=name)
+    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16), ("float16", jnp.float16),
+                        ("same", jnp.float32)):
+        avg = fj.ema(0.9, shadow_dtype=name)
+        state = avg.update(avg.init({"w": jnp.full(4, 0.3)}), {"w": jnp.full(4, 0.7)})
+        assert state.averages["w"].dtype == dtype
+        assert float(avg.average(state)["w"][0]) == pytest.approx(0.34, rel=1e-2)
+    with jax.enable_x64(True):
+        avg = fj.ema(0.9, shadow_dtype="float64")
+        assert avg.init({"w": jnp.zeros(2, jnp.float32)}).averages["w"].dtype == jnp.float64
+
+
 @pytest.mark.parametrize("size, every, ring", [(3, 1, "float32"), (4, 2, "bfloat16"), (None, 1, "float32")])
 def test_the_window_is_the_mean_of_the_last_snapshots(size, every, ring):
     """fastema.jax.window against a float64 mean of the snapshots it should hold (the parameters

@@ -109,9 +109,14 @@ def test_a_float64_shadow_beyond_float32_is_refused_not_stored_as_inf(tmp_path):
     with jax.enable_x64(True):
         avg, state = _x64_run([1e300, 1.0], {})
         assert state.averages["w"].dtype == jnp.float64
-        with pytest.raises(OverflowError, match=r"beyond the range of float32.*largest is [0-9.]+e\+300"):
+        with pytest.raises(OverflowError, match=r"0:\['w'\] holds 1 finite value.*beyond the range of float32.*"
+                                                r"largest is [0-9.]+e\+300.*nothing is written"):
             fj.snapshot(avg, state, tmp_path, run_id="r")
-    assert not list(tmp_path.glob("snapshot-*"))
+        # J13: raised before the folder is claimed: nothing in it (no .fastema-run), and another run writes
+        assert list(tmp_path.iterdir()) == []
+        fine, kept = _x64_run([1.0, 2.0], {})
+        fj.snapshot(fine, kept, tmp_path, run_id="other")
+    assert [s.run_id for s in posthoc.read_snapshots(tmp_path)] == ["other"]
 
 
 def test_float64_rows_and_leaves_of_any_dtype_round_trip_through_fastema_posthoc(tmp_path):
