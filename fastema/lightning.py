@@ -9,6 +9,9 @@
 tests with the averaged weights (swapped in place, and back afterwards), and saves the EMA
 in Lightning's checkpoints so that ``trainer.fit(ckpt_path=...)`` resumes it exactly.
 
+A ``.ckpt`` written by Lightning's own ``EMAWeightAveraging`` resumes in ``WeightEMA`` too (the
+raw weights into the model, Lightning's average and its counters into the EMA).
+
 ``MovingAverageLogs`` logs ``<metric>_ema`` and ``<metric>_sma`` of the training loss (and of
 any metric the module logs per step). The averages are kept on the device and handed to
 ``self.log`` as tensors: the callback itself never syncs; values reach the host when
@@ -31,6 +34,7 @@ except ImportError:
     except ImportError as e:                                # pragma: no cover - depends on the environment
         raise ImportError("fastema.lightning needs PyTorch Lightning (pip install 'fastema[lightning]')") from e
 
+from ._lightning_ckpt import PeerAverage, peer_state, read_peer
 from .average import EMAOptions
 from .torch import EMA
 from .torch.ema import PLACEMENT
@@ -57,6 +61,14 @@ class WeightEMA(pl.Callback):
     Checkpoints hold the raw weights as the model's ``state_dict`` and the EMA under this
     callback's state, even when saved while the EMA is swapped in. :attr:`ema` is the
     :class:`fastema.torch.EMA` (``callback.ema.save(path)`` writes the averaged weights).
+
+    ``trainer.fit(ckpt_path=...)`` also resumes a checkpoint of Lightning's ``WeightAveraging``
+    callbacks (``EMAWeightAveraging``...), whose ``state_dict`` is the average: the raw weights
+    (``current_model_state``) go into the model, the average into every row of this EMA, and its
+    counters carry over (``n_averaged`` updates, ``global_step`` calls, the last update's step), so
+    this EMA's schedule continues Lightning's average. A checkpoint holding an average this
+    callback cannot read (half of that layout, an average saved without the raw weights, an
+    unknown callback's copy of the weights) is refused by name before any step.
     """
 
     def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
@@ -67,6 +79,7 @@ class WeightEMA(pl.Callback):
         self.ema_kwargs = ema_kwargs
         self.ema: EMA = None  # type: ignore[assignment]   # made when fitting (or testing) starts
         self._pending: dict | None = None
+        self._peer: PeerAverage | None = None          # Lightning's WeightAveraging checkpoint, read when made
         self._step_seen: int | None = None
 
     def _ensure(self, pl_module) -> None:
@@ -77,9 +90,23 @@ class WeightEMA(pl.Callback):
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.ema.load_state_dict(state)
+        if self._peer is not None:
+            peer, self._peer = self._peer, None
+            self._load_peer(peer)
+
+    def _load_peer(self, peer: PeerAverage) -> None:
+        # the EMA's own state (its settings and schedules) with Lightning's average and counters in it,
+        # then the EMA's checked load: every check first, nothing written if one fails
+        template = self.ema.gathered_state_dict() if self.ema.split else self.ema.state_dict()
+        self.ema.load_state_dict(peer_state(peer, template))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._ensure(pl_module)
+        self._step_seen = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed fit restores global_step after on_fit_start: count optimizer steps from here, or the
+        # first batch of a resumed run under gradient accumulation is taken for an optimizer step
         self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -144,6 +171,26 @@ class WeightEMA(pl.Callback):
             self._pending = state_dict                       # applied when the EMA is made
         else:
             self.ema.load_state_dict(state_dict)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``...): its raw weights
+        (``current_model_state``) into the model, where Lightning has loaded its average
+        (``state_dict``), and the average and its counters into this EMA. Runs before
+        :meth:`load_state_dict`, whose own state (a checkpoint ``WeightEMA`` wrote) wins. A checkpoint
+        holding an average this callback cannot read is refused, naming what it holds."""
+        present = {cb.state_key for cb in trainer.callbacks}
+        names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in pl_module.named_buffers(remove_duplicate=False)]   # no state_dict(): no gather
+        peer = read_peer(checkpoint, self.state_key, present, names)
+        raw = checkpoint.get("current_model_state")
+        if isinstance(raw, dict):                            # Lightning loaded the average into the model
+            pl_module.load_state_dict(raw, strict=getattr(pl_module, "strict_loading", True))
+        if peer is None:
+            return
+        if self.ema is None:
+            self._peer = peer                                # read when the EMA is made (on_fit_start)
+        else:
+            self._load_peer(peer)
 
 
 class MovingAverageLogs(pl.Callback):

@@ -132,7 +132,8 @@ FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fast
                    "fastema/posthoc/_snapshots.py", "fastema/_io/dcp.py", "fastema/_io/dcp_unpickler.py",
                    "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax/",
                    "fastema/tensorflow/",
-                   "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py",
+                   "fastema/transformers.py", "fastema/_callback_files.py", "fastema/_lightning_ckpt.py",
+                   "fastema/merge/_torch_inputs.py",
                    "fastema/trl.py")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
@@ -241,8 +242,8 @@ LAYERS = (
                  "fastema.flat_window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
-    ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema._callback_files",
-                             "fastema.merge", "fastema.trl",
+    ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema._lightning_ckpt", "fastema.transformers",
+                             "fastema._callback_files", "fastema.merge", "fastema.trl",
                              "fastema.cli", "fastema.__main__", "fastema")),
 )
 

@@ -223,7 +223,7 @@ def test_the_compiled_operators_read_only_the_compiled_contract():
     assert owners and all(o.split(".")[1] in contract for o in owners), owners
 
 
-CALLBACKS = ("lightning.py", "transformers.py", "_callback_files.py")
+CALLBACKS = ("lightning.py", "_lightning_ckpt.py", "transformers.py", "_callback_files.py")
 
 
 def _private_names_of(path: pathlib.Path) -> set[str]:
