@@ -30,6 +30,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import sys
 import types
 from typing import Any
 
@@ -62,9 +63,9 @@ def _p(where: str, dist: str, checked: str, used: str, why: str, takes: tuple = 
 
 
 def _cuda_torch() -> bool:
-    import torch
-
-    return torch.version.cuda is not None
+    """A CUDA build of torch is loaded (where torch is not, nothing of fastema reaches it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.version.cuda is not None
 
 
 #: the builds a row holds on only (``Private.only``): name -> whether this is one

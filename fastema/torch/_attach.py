@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import _privates
 from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
@@ -362,7 +363,8 @@ def hooked(optimizer: Any) -> Any:
 
 
 def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    return hasattr(optimizer, "_optimizer_step_post_hooks")
+    return hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
+                                                  "_optimizer_step_post_hooks"))
 
 
 def dummy_step(optimizer: torch.optim.Optimizer) -> bool:

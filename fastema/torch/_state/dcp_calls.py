@@ -9,7 +9,8 @@ DCP's ``torch.distributed.checkpoint.state_dict`` (``get_state_dict``, ``set_sta
 go into the per-parameter entries) and ``optimizer.load_state_dict()``. The hooks cannot tell those
 from a trainer's calls by their arguments, so they ask :func:`context`: the private function of
 DCP that makes the call, found on the stack. :data:`CONTRACT` is the table of what that relies on
-(each function's parameters by name; the ``info`` class's ``full_state_dict``), drawn from
+(each function's parameters by name; the ``info`` class ``_StateDictInfo``'s ``full_state_dict``),
+drawn from
 fastema's one table of third-party private names (:mod:`fastema._privates`, with the torch
 versions checked).
 
