@@ -10,8 +10,10 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   optimizer writes anything;
 - a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
-  optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
-  the caller, :mod:`._state.dcp_calls`: read only then, §4.3); a fused optimizer's step under
+  optimizer with no state (:func:`dummy_step`, the one rule of every form of ``step``: every
+  group's lr 0 and DCP's ``_init_optim_state`` the caller, however many frames between,
+  :mod:`._state.dcp_calls`: read only then, §4.3; in a compiled step decided when it runs, by the
+  operator the traced hook leaves); a fused optimizer's step under
   ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
   the device (the flag copied into the kernels' skip flags: no host sync);
 - a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
@@ -27,7 +29,7 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
-``get_optimizer_state_dict`` asks (told by its frame, against the checked table of
+``get_optimizer_state_dict`` asks (told by :func:`~._state.dcp_calls.context`, against the table of
 :mod:`._state.dcp_calls`: a torch that changed it fails loudly), goes into the per-parameter
 entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the
 parameters' layout on the trainable parameters the optimizer steps, the record, frozen parameters
@@ -41,7 +43,9 @@ own); outside DCP its hook carries the whole copy that ``ema.gather_attached()``
 rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks of
 :mod:`fastema.transformers` and :mod:`fastema.lightning` call it when a save is due), or raises
 naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
-refused here, by name.
+refused here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run
+torch's (torchtitan's ``OptimizersContainer``: the hooks would never run,
+:func:`~._state.attach_checks.bypasses`).
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ from ._state import dcp_calls as _dcp
 from ._state.agree import Disagreement, mesh_findings, refuse_together
 from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
 
-__all__ = ["KEY", "Attachment"]
+__all__ = ["KEY", "Attachment", "dummy_step"]
 
 PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
@@ -208,7 +212,7 @@ class Attachment:
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
         call = _dcp.context(info=self.face.split)
         getter = call is not None and call.function == _dcp.GET
-        if getter and call.full_state_dict:   # read for a split average only
+        if call is not None and call.full_state_dict:   # GET's, read for a split average only
             raise ValueError(f"DCP's full_state_dict=True gathers DTensors only, not the pieces "
                              f"of this {self.kind} split over replicas (shard_replicas): save "
                              f"with the default options (dcp.save on every rank), or call "

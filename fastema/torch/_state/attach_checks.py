@@ -1,4 +1,5 @@
-"""What ``ema.attach(optimizer)`` refuses (``docs/guides/attach.md``, "What is refused"): checked at
+"""What ``ema.attach(optimizer)`` refuses (``docs/guides/attach.md``, "What is refused"; among it an
+optimizer whose state dicts bypass torch's, :func:`bypasses`): checked at
 ``attach()`` before any hook is registered, again at the first step after the model's
 registrations changed (:func:`missed`), and torch's own refusal of a load made before the average
 is checked (:func:`check_groups`)."""
@@ -13,7 +14,7 @@ import torch
 from ... import _privates
 from . import attached as _params
 
-__all__ = ["KEY", "check", "check_groups", "missed"]
+__all__ = ["KEY", "bypasses", "check", "check_groups", "missed"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 
