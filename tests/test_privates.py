@@ -26,11 +26,12 @@ PYTHON = {"_getframe", "_Unpickler", "_Unframer", "_Stop"}
 HEAVY = {"tensorflow-cpu", "keras", "peft", "transformers"}
 
 
-def _sources():
-    """``(file, its nodes)`` of every module of fastema and kernels (walked once)."""
-    for package in ("fastema", "kernels"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            yield path.relative_to(ROOT).as_posix(), list(ast.walk(ast.parse(path.read_text())))
+@functools.cache
+def _sources() -> tuple:
+    """``(file, its nodes)`` of every module of fastema and kernels (parsed and walked once)."""
+    return tuple((path.relative_to(ROOT).as_posix(), list(ast.walk(ast.parse(path.read_text()))))
+                 for package in ("fastema", "kernels")
+                 for path in sorted((ROOT / package).rglob("*.py")))
 
 
 def _third(module: str) -> bool:
@@ -70,7 +71,7 @@ def findings() -> list[tuple[str, str]]:
     """``(name, file)`` of every private name of another package the sources reach: a private
     module or name imported from one, an attribute chain on one's alias, and an attribute
     (``x._name``, ``getattr(x, "_name")``) no source of fastema defines."""
-    trees = list(_sources())
+    trees = _sources()
     defined = _defined(trees)
     out = []
     for path, nodes in trees:
