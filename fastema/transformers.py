@@ -38,6 +38,7 @@ except ImportError as e:                                    # pragma: no cover -
         from e
 
 from . import _callback_files as _files
+from . import _privates
 from ._checkpoint_format import GROUPS, load_refused, to_named
 from ._io.files import atomic_write
 from .average import EMAOptions
@@ -145,6 +146,7 @@ class EMACallback(TrainerCallback):
         trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
         if trainer_cls is None:                           # not imported: no Trainer exists (and none is loaded)
             return None, None
+        _privates.get("transformers.trainer:Trainer.train")   # the locals read below: checked once
         frame: Any = sys._getframe(2)
         trainer, resume = None, None
         try:

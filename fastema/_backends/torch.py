@@ -109,9 +109,10 @@ def refuse_foreign(t, what: str) -> None:
             _refuse_marked(t, what)
         return
     import torch
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if is_traceable_wrapper_subclass(t):
+    from .. import _privates
+
+    if _privates.get("torch.utils._python_dispatch:is_traceable_wrapper_subclass")(t):
         kind = type(t).__name__
         hint = ("its elements live in per-rank local shards (FSDP2 fully_shard, tensor parallel, "
                 "distribute_module): pass the local shard (t.to_local()), or average the whole model with "
@@ -388,9 +389,10 @@ class Torch(Backend):
             return no_stream
         if _STANDS and device == _STANDS[-1].device:
             return _STANDS[-1].stream
-        import torch
+        from .. import _privates
 
-        return functools.partial(torch._C._cuda_getCurrentRawStream, int(device.split(":")[1]))
+        return functools.partial(_privates.get("torch._C:_cuda_getCurrentRawStream"),
+                                 int(device.split(":")[1]))
 
 
 def span(t) -> tuple:
@@ -414,9 +416,13 @@ def _tensor_guards():
     those it was made with (Dynamo's ``TensorGuards``, private to torch), or None when this torch has
     none, or has one that does not tell a transposed, reshaped, retyped or restrided view of a probe
     from the probe (a fast path only: :meth:`Torch.layout_guard` falls back to its own comparison)."""
+    from .. import _privates
+
+    TensorGuards = _privates.find("torch._C._dynamo.guards:TensorGuards")
+    if TensorGuards is None:
+        return None
     try:
         import torch
-        from torch._C._dynamo.guards import TensorGuards
 
         probe, column = torch.zeros(4, 4), torch.zeros(4, 1)
         g = TensorGuards(probe, dynamic_dims_sizes=None, dynamic_dims_strides=None)

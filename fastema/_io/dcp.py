@@ -196,7 +196,10 @@ def check_dcp_metadata(path: str, md) -> None:
 
     import torch
     from torch.distributed.checkpoint import metadata as M
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from .. import _privates
+
+    _StorageInfo = _privates.get("torch.distributed.checkpoint.filesystem:_StorageInfo")
 
     def bad(what: str):
         return ValueError(f"{path!r} is not DCP metadata a snapshot holds ({what}); the snapshot is corrupt: move "

@@ -366,9 +366,9 @@ def _core_error() -> Any:
     """The exception cuda.core raises for a driver's error, whose message starts with the result's
     name (``cuda.core._utils.cuda_utils.CUDAError``, cuda.core 0.3 to 1.2: its
     ``_check_driver_error``)."""
-    from cuda.core._utils.cuda_utils import CUDAError
+    from .. import _privates
 
-    return CUDAError
+    return _privates.get("cuda.core._utils.cuda_utils:CUDAError")
 
 
 

@@ -10,8 +10,10 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   optimizer writes anything;
 - a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
-  optimizer with no state (told by every group's lr being 0 and DCP's ``_init_optim_state`` being
-  the caller, :mod:`._state.dcp_calls`: read only then, §4.3); a fused optimizer's step under
+  optimizer with no state (:func:`dummy_step`, the one rule of every form of ``step``: every
+  group's lr 0 and DCP's ``_init_optim_state`` the caller, however many frames between,
+  :mod:`._state.dcp_calls`: read only then, §4.3; in a compiled step decided when it runs, by the
+  operator the traced hook leaves); a fused optimizer's step under
   ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
   the device (the flag copied into the kernels' skip flags: no host sync);
 - a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
@@ -27,7 +29,7 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
-``get_optimizer_state_dict`` asks (told by its frame, against the checked table of
+``get_optimizer_state_dict`` asks (told by :func:`~._state.dcp_calls.context`, against the table of
 :mod:`._state.dcp_calls`: a torch that changed it fails loudly), goes into the per-parameter
 entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the
 parameters' layout on the trainable parameters the optimizer steps, the record, frozen parameters
@@ -41,7 +43,9 @@ own); outside DCP its hook carries the whole copy that ``ema.gather_attached()``
 rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks of
 :mod:`fastema.transformers` and :mod:`fastema.lightning` call it when a save is due), or raises
 naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
-refused here, by name.
+refused here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run
+torch's (torchtitan's ``OptimizersContainer``: the hooks would never run,
+:func:`~._state.attach_checks.bypasses`).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import _privates
 from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
@@ -58,7 +63,7 @@ from ._state import dcp_calls as _dcp
 from ._state.agree import Disagreement, mesh_findings, refuse_together
 from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
 
-__all__ = ["KEY", "Attachment"]
+__all__ = ["KEY", "Attachment", "dummy_step"]
 
 PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
@@ -97,6 +102,7 @@ class Attachment:
                         optimizer.register_load_state_dict_post_hook(self.loaded)]
         self.bare: list = []                     # states holding a marker alone (out at a step)
         self.marked = _params.mark(KEY, face, optimizer, self.bare)   # the live states marked (a count)
+        self.step_handle = _compile.after_steps.add(self.after_step)   # a traced step's operator
         _ATTACHED[optimizer] = self
 
     def close(self) -> None:
@@ -104,6 +110,7 @@ class Attachment:
         for h in self.handles:
             h.remove()
         _params.unmark(KEY, self.optimizer)
+        _compile.after_steps.drop(self.step_handle)    # a compiled step's operator does nothing
         if self.reseed is not None:
             self.reseed.remove()
             self.reseed = None
@@ -135,20 +142,29 @@ class Attachment:
                                f"stepped; step outside the block, or swap() back first")
 
     def stepped(self, optimizer, args, kwargs) -> None:
-        """The step post-hook: one update, unless DCP's dummy step; behind ``found_inf``."""
-        found_inf = getattr(optimizer, "found_inf", None)
+        """The step post-hook: :meth:`after_step`, decided and run when the step runs. Inside a
+        traced step (``torch.compile(optimizer.step)``) it leaves one operator in the graph that
+        runs :meth:`after_step` eagerly at each call of the compiled step: the same rule,
+        never a decision baked into the trace."""
         if torch.compiler.is_compiling():
-            if found_inf is not None:
+            if getattr(optimizer, "found_inf", None) is not None:
                 raise self.skip_refused("inside torch.compile")
-            _compile.compiled_update(self.face.compiled, None)
+            _compile.compiled_step(self.face.compiled, self.step_handle)
             return
-        if _zero_lr(optimizer) and _dcp.called_by():
+        self.after_step()
+
+    def after_step(self) -> None:
+        """One update after a step that ran, unless it was DCP's dummy step
+        (:func:`dummy_step`); behind ``found_inf``."""
+        optimizer = self.optimizer
+        if dummy_step(optimizer):
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)   # every trainable one
             return                               # DCP's state init: lr 0, nothing moved, not a step
         if len(optimizer.state) != self.marked:  # new state (the first step): marked for flatten
             self.marked = _params.mark(KEY, self.face, optimizer)
         self.gathered = None                     # a split's gathered copy: of the last state only
         self.pending = None
+        found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is None:
             self.update(None)
         else:
@@ -181,7 +197,8 @@ class Attachment:
         """The state-dict pre-hook, when DCP calls: the live keys its
         ``flatten_optimizer_state_dict=True`` rebuilds a loaded entry from (also made after the
         first step, after DCP's dummy step and after every load: ``_state.attached.mark``)."""
-        if _dcp.called_by("_get_optim_state_dict") or _dcp.called_by("_load_optim_state_dict"):
+        call = _dcp.context()
+        if call is not None and call.function in (_dcp.GET, _dcp.LOAD):
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
@@ -193,15 +210,15 @@ class Attachment:
                              f"{self.kind} keeps its state there. Rename that entry")
         flags = {PENDING: True} if self.reseed is not None else {}   # re-armed at its load
         out = _params.unmarked(KEY, state_dict)  # the live markers left out
-        frame = _dcp.frame("_get_optim_state_dict")
-        if frame is not None and self.face.split and getattr(frame.f_locals.get("info"),
-                                                             "full_state_dict", False):
+        call = _dcp.context(info=self.face.split)
+        getter = call is not None and call.function == _dcp.GET
+        if call is not None and call.full_state_dict:   # GET's, read for a split average only
             raise ValueError(f"DCP's full_state_dict=True gathers DTensors only, not the pieces "
                              f"of this {self.kind} split over replicas (shard_replicas): save "
                              f"with the default options (dcp.save on every rank), or call "
                              f"ema.gather_attached() on every rank and save "
                              f"optimizer.state_dict() (the whole average at its top-level key)")
-        if frame is not None or (self.per_param and not self.face.split):
+        if getter or (self.per_param and not self.face.split):
             return _params.per_param_state(KEY, self.face, optimizer, out, flags)
         out[KEY] = {**(self.whole() if self.face.split else self.face.state_dict()), **flags}
         return out
@@ -327,7 +344,7 @@ class Attachment:
 
     def starting_over(self, optimizer, args, kwargs) -> None:
         """The step pre-hook armed by a load without the average: start over from the weights."""
-        if _zero_lr(optimizer) and _dcp.called_by():
+        if dummy_step(optimizer):
             return
         self.reseed.remove()
         self.reseed = None
@@ -350,7 +367,20 @@ def hooked(optimizer: Any) -> Any:
 
 
 def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    return hasattr(optimizer, "_optimizer_step_post_hooks")
+    return hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
+                                                  "_optimizer_step_post_hooks"))
+
+
+def dummy_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step that runs is DCP's lr-0 dummy step: every group's lr is 0 and DCP's
+    ``_init_optim_state`` (which steps an optimizer with no state only) made the call, however
+    many frames between (wrappers of ``step``, ``torch.compile``'s runtime, a forwarding
+    optimizer). The one rule of every form of ``step``; the stack is read only where every lr is
+    0."""
+    if not _zero_lr(optimizer):
+        return False
+    call = _dcp.context()
+    return call is not None and call.function == _dcp.INIT
 
 
 def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:

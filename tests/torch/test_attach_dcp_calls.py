@@ -75,7 +75,7 @@ def test_a_torch_that_renamed_or_changed_a_function_fails_loudly_naming_its_vers
                                  rf".*detach\(\)"):
             dcp_calls.verified(module)
     with pytest.raises(dcp_calls.DCPContractBroken):   # what the hooks call, with that module
-        dcp_calls.called_by("_init_optim_state", module)
+        dcp_calls.context(module)
 
 
 def _model(seed):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Compiled", "compiled_update", "install"]
+__all__ = ["Compiled", "after_steps", "compiled_step", "compiled_update", "install"]
 
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
@@ -179,6 +179,57 @@ def compiled_update(owner: Compiled, step) -> None:
             torch.ops.fastema.refuse_update_(written, str(err), None, None)
             return
     torch.ops.fastema.update_(written, read, owner.handle, -1 if step is None else step)
+
+
+class _AfterSteps:
+    """The eager post-step bodies of attached averages (``Attachment.after_step``, held weakly),
+    by handle: what a traced optimizer step's :func:`attached_step_` runs at each call."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[int, weakref.WeakMethod] = {}
+
+    def add(self, body: Callable[[], None]) -> int:
+        handle = next(_IDS)
+        self._bodies[handle] = weakref.WeakMethod(body)      # type: ignore[arg-type]
+        return handle
+
+    def drop(self, handle: int) -> None:
+        self._bodies.pop(handle, None)
+
+    def get(self, handle: int) -> Callable[[], None] | None:
+        ref = self._bodies.get(handle)
+        return None if ref is None else ref()
+
+
+after_steps = _AfterSteps()
+
+
+def compiled_step(owner: Compiled, handle: int) -> None:
+    """An attached average's step post-hook inside a traced optimizer step (``owner``: the
+    average's :class:`Compiled`; ``handle``: its :data:`after_steps` body): one
+    :func:`attached_step_` operator in the graph, which decides and updates eagerly at each call
+    (DCP's dummy step is told when the step runs, never baked into the trace)."""
+    written, read = owner.ops["update"]
+    torch.ops.fastema.attached_step_(written, read, owner.handle, handle)
+
+
+@torch.library.custom_op("fastema::attached_step_", mutates_args=("written",))
+def attached_step_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
+                   body: int) -> None:
+    """The post-step body ``body`` of :data:`after_steps` on the average ``handle``: its update,
+    or nothing (DCP's dummy step; an average detached since the step was compiled)."""
+    owner = _owner(handle)
+    run = after_steps.get(body)
+    if run is None:
+        return
+    own_written, own_read = owner.ops["update"]
+    with _through(owner, written, read, own_written, own_read):
+        run()
+
+
+@attached_step_.register_fake
+def _(written, read, handle, body):
+    return None
 
 
 @torch.library.custom_op("fastema::swap_", mutates_args=("written",))

@@ -1,16 +1,20 @@
-"""What ``ema.attach(optimizer)`` refuses (``docs/guides/attach.md``, "What is refused"): checked at
+"""What ``ema.attach(optimizer)`` refuses (``docs/guides/attach.md``, "What is refused"; among it an
+optimizer whose state dicts bypass torch's, :func:`bypasses`): checked at
 ``attach()`` before any hook is registered, again at the first step after the model's
 registrations changed (:func:`missed`), and torch's own refusal of a load made before the average
 is checked (:func:`check_groups`)."""
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Any
 
 import torch
 
+from ... import _privates
 from . import attached as _params
 
-__all__ = ["KEY", "check", "check_groups", "missed"]
+__all__ = ["KEY", "bypasses", "check", "check_groups", "missed"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 
@@ -20,9 +24,11 @@ def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) ->
     optimizer -> its attachment)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not hasattr(optimizer, "_optimizer_step_post_hooks"):
+    if not hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
+                                                  "_optimizer_step_post_hooks")):
         raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
                         f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
+    _refuse_bypass(kind, optimizer)
     other = attached.get(optimizer)
     if other is not None:
         raise ValueError(f"this optimizer already carries an attached {other.kind}: one average "
@@ -60,11 +66,75 @@ def missed(kind: str, face: Any, optimizer: Any, when: str) -> None:
                   f"or freeze them{', or add them to the optimizer' if when else ''}")
 
 
+_STATE_DICTS = ("state_dict", "load_state_dict")
+
+
+def bypasses(cls: type) -> dict[str, type]:
+    """``{method: the class whose override of it never reaches torch.optim.Optimizer's}`` for
+    ``state_dict`` and ``load_state_dict`` (empty: both run torch's, and so its hooks). An
+    override reaches the base where its code calls ``super().<method>`` (or names a base class
+    and the method), and the next override up the MRO does too; an override that makes its own
+    form (torchtitan's ``OptimizersContainer``: DCP's getter of each optimizer it holds, flat,
+    FQN-keyed) never runs the hooks ``attach()`` registers."""
+    out = {}
+    for method in _STATE_DICTS:
+        mro = cls.__mro__
+        at = 0
+        while True:
+            owner = next((k for k in mro[at:] if method in vars(k)), None)
+            if owner is None or owner is torch.optim.Optimizer:
+                break
+            names = _names_in(vars(owner)[method])
+            bases = {k.__name__ for k in mro[mro.index(owner) + 1:]}
+            if method not in names or not ({"super"} | bases) & names:
+                out[method] = owner
+                break
+            at = mro.index(owner) + 1
+    return out
+
+
+def _names_in(fn: Any) -> set:
+    """The global and attribute names a function's code (nested code too) reads."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+    names: set = set()
+    stack = [code] if isinstance(code, types.CodeType) else []
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return names
+
+
+def _refuse_bypass(kind: str, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer whose ``state_dict`` / ``load_state_dict`` bypass torch's (and so the hooks
+    ``attach()`` registers): its checkpoints would hold no average, and a resume would start it
+    over without a word (issue 79). Refused by name, with what to use."""
+    found = bypasses(type(optimizer))
+    if not found:
+        return
+    cls = type(optimizer)
+    what = " and ".join(f"{m}() (in {k.__module__}.{k.__qualname__})" for m, k in found.items())
+    titan = cls.__module__.split(".")[0] == "torchtitan"
+    use = ("use fastema.torchtitan.EMA, which registers the average where torchtitan's "
+           "CheckpointManager saves state" if titan else
+           "attach the average to each torch optimizer it holds (one average per optimizer, of "
+           "the part it steps), or keep the average beside it (ema.update() after each step, "
+           "ema.state_dict() saved with the checkpoint; dcp.save({'ema': ema, ...})); for "
+           "torchtitan's OptimizersContainer, fastema.torchtitan.EMA")
+    raise TypeError(f"attach() does not take this {cls.__name__}: its {what} "
+                    f"{'does' if len(found) == 1 else 'do'} not run torch.optim.Optimizer's, so "
+                    f"the state-dict hooks that carry the attached {kind} would never run: its "
+                    f"checkpoints would hold no average and a resume would start the average over "
+                    f"without a word. Nothing was attached; {use}")
+
+
 def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:
     """An average made before its model was wrapped by FSDP1 (``EMA(FSDP1(model))`` is refused
     when it is made): its tensors, or the optimizer's, are FSDP1's flat-parameter pieces."""
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(getattr(t, "_fsdp_flattened", False) for t in (*sources, *stepped)):
+    flag = _privates.attribute("torch.distributed.fsdp._common_utils", "_fsdp_flattened")
+    if any(getattr(t, flag, False) for t in (*sources, *stepped)):
         raise TypeError(f"attach() does not take this {kind}: its model (or the optimizer's) is "
                         f"wrapped by FSDP1 (FullyShardedDataParallel): its parameters are "
                         f"rank-dependent pieces of flat parameters, which fastema cannot average "

@@ -18,7 +18,10 @@ average goes into ``state`` by one rule (``docs/guides/attach.md``):
   saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
   only), the copied and integer buffers (``"copied"`` / ``"int_buffers"``), and under
   ``"others"`` the rows of every averaged tensor that is no carrier (frozen parameters, averaged
-  buffers); names with ``/`` for ``.`` (DCP's flattening splits keys at dots).
+  buffers), each keyed by its index in the list of names the record holds (``"names"``, UTF-8
+  JSON in a uint8 tensor of its own size): no key is a name, so any name torch accepts (``/``,
+  digits, unicode, ...) comes back as it was, whatever DCP's flattening does to keys (it splits
+  them at dots).
 
 ``flatten_optimizer_state_dict=True`` rebuilds the loaded per-parameter state from the keys of
 the live ``optimizer.state[p]``: :func:`mark` keeps an empty ``{}`` under the key there for every
@@ -142,8 +145,28 @@ def unmarked(key: str, state_dict: dict) -> dict:
     return {**state_dict, "state": {k: v for k, v in out.items() if v}}
 
 
-def _slashed(d: dict) -> dict:
-    return {n.replace(".", "/"): v for n, v in d.items()}
+def _indexed(d: dict, names: list) -> dict:
+    """``d`` keyed by each name's index in ``names`` (appended), as a string: a key of nothing
+    but digits, the same after DCP's flattening."""
+    out = {}
+    for n, v in d.items():
+        out[str(len(names))] = v
+        names.append(n)
+    return out
+
+
+def _named(what: str, d: Any, names: Any) -> dict:
+    """:func:`_indexed` undone: ``d``'s keys back to the names they index; refuses damage."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the attached average's {what} entry is a {type(d).__name__}, not a dict "
+                         f"(damaged); nothing was loaded")
+    if not isinstance(names, list) or len(names) != len(d) or not all(
+            isinstance(k, str) and k.isdigit() and int(k) < len(names) for k in d):
+        raise ValueError(f"the attached average's {what} entry does not match the names its record "
+                         f"holds ({len(d)} entries, keys {sorted(d)[:4]}, "
+                         f"{len(names) if isinstance(names, list) else 'no'} names): damaged, or "
+                         f"saved by another fastema; nothing was loaded")
+    return {names[int(k)]: v for k, v in d.items()}
 
 
 def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
@@ -175,10 +198,12 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
             entry["meta"] = _encode({**{k: v for k, v in full.items()
                                         if k not in _PER_NAME and k not in _BUFFERS},
                                      **(flags or {})})
+            names: dict = {k: [] for k in (*_BUFFERS, *per_name)}
             for k in _BUFFERS:
-                entry[k] = _slashed(full.get(k, {}))
-            entry["others"] = {k: _slashed({n: t for n, t in v.items() if n not in own})
+                entry[k] = _indexed(full.get(k, {}), names[k])
+            entry["others"] = {k: _indexed({n: t for n, t in v.items() if n not in own}, names[k])
                                for k, v in per_name.items()}
+            entry["names"] = _text(names)
         state[index] = {**state.get(index, {}), key: entry}
     for index, p in zip(saved, order):    # DCP's strict load wants state for every trainable one
         if p.requires_grad and index not in state:
@@ -219,26 +244,19 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
                          f"records (one expected: a state dict of another model or optimizer?); "
                          f"nothing was loaded")
     holder = metas[0]
-    full = _decode(holder["meta"])
+    full = _decode(holder["meta"], "counter record")
+    names = _decode(holder["names"], "name list") if "names" in holder else {}
     others = holder.get("others", {})
     if not isinstance(others, dict):
         raise ValueError(f"the attached average's 'others' entry is a {type(others).__name__}, "
                          f"not a dict (damaged); nothing was loaded")
     for k in _PER_NAME:
         parts = {n: e[k] for n, e in found.items() if k in e}
-        rest_of = others.get(k, {})
-        if not isinstance(rest_of, dict):
-            raise ValueError(f"the attached average's 'others' {k!r} is a "
-                             f"{type(rest_of).__name__}, not a dict (damaged); nothing was loaded")
-        parts.update({n.replace("/", "."): v for n, v in rest_of.items()})
+        parts.update(_named(f"'others' {k!r}", others.get(k, {}), names.get(k, [])))
         if parts:
             full[k] = parts
     for k in _BUFFERS:
-        got = holder.get(k, {})
-        if not isinstance(got, dict):
-            raise ValueError(f"the attached average's {k!r} entry is a {type(got).__name__}, not "
-                             f"a dict (damaged); nothing was loaded")
-        full[k] = {n.replace("/", "."): v for n, v in got.items()}
+        full[k] = _named(repr(k), holder.get(k, {}), names.get(k, []))
     return full, rest_dict
 
 
@@ -263,17 +281,24 @@ def _encode(meta: dict) -> torch.Tensor:
     return out
 
 
-def _decode(t: Any) -> dict:
+def _text(names: dict) -> torch.Tensor:
+    """The names' JSON (ASCII: non-ASCII escaped) in a uint8 tensor of its own size: the same
+    size for the same names, so a fresh run's template for ``dcp.load`` holds it."""
+    data = json.dumps(names).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _decode(t: Any, what: str = "counter record") -> dict:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise TypeError(f"the attached average's counter record must be a 1-D uint8 tensor, got "
+        raise TypeError(f"the attached average's {what} must be a 1-D uint8 tensor, got "
                         f"{type(t).__name__}; nothing was loaded")
     raw = bytes(t.cpu().numpy().tobytes()).rstrip(b"\0")
     try:
         meta = json.loads(raw.decode())
     except Exception as err:                 # any failure is damage: RecursionError of deep JSON too
         why = f"{type(err).__name__}: {str(err)[:200]}"
-        raise ValueError(f"the attached average's counter record is damaged ({why}); nothing was "
+        raise ValueError(f"the attached average's {what} is damaged ({why}); nothing was "
                          f"loaded") from None
     if not isinstance(meta, dict):
-        raise ValueError("the attached average's counter record is not a dict; nothing was loaded")
+        raise ValueError(f"the attached average's {what} is not a dict; nothing was loaded")
     return meta

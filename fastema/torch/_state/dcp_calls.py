@@ -1,5 +1,5 @@
 """How an attached average tells DCP's calls from the optimizer's own (``docs/guides/attach.md``,
-"How attach() tells DCP's calls").
+"How attach() tells DCP's calls"): the one module of ``fastema/torch/`` that reads the stack.
 
 DCP's ``torch.distributed.checkpoint.state_dict`` (``get_state_dict``, ``set_state_dict``,
 ``get_optimizer_state_dict``, ``set_optimizer_state_dict``, and so ``dcp.save`` / ``dcp.load`` /
@@ -7,9 +7,18 @@ DCP's ``torch.distributed.checkpoint.state_dict`` (``get_state_dict``, ``set_sta
 ``optimizer.step()`` at lr 0 on an optimizer with no state (its dummy step, no update),
 ``optimizer.state_dict()`` (of which it keeps ``state`` and ``param_groups`` only: the average must
 go into the per-parameter entries) and ``optimizer.load_state_dict()``. The hooks cannot tell those
-from a trainer's calls by their arguments, so they look for the private function of DCP that makes
-each a few frames up: :data:`CONTRACT` is the one table of what that relies on (each function's
-parameters by name; the ``info`` class's ``full_state_dict``), written against torch 2.13.
+from a trainer's calls by their arguments, so they ask :func:`context`: the private function of
+DCP that makes the call, found on the stack. :data:`CONTRACT` is the table of what that relies on
+(each function's parameters by name; the ``info`` class ``_StateDictInfo``'s ``full_state_dict``),
+drawn from
+fastema's one table of third-party private names (:mod:`fastema._privates`, with the torch
+versions checked).
+
+One walk per hook call, to the stack's end: any number of frames may stand between DCP and the
+hook (user decorators, an LR scheduler's wrapper of ``step``, a profiler, accelerate's wrapper,
+``torch.compile``'s runtime). The innermost of DCP's functions is the caller. Its one local read
+is ``info`` of ``_get_optim_state_dict`` (its parameter in the table; read only when asked: a
+split average refuses ``full_state_dict=True``), here and nowhere else.
 
 The table is checked against the loaded module the first time a hook finds DCP loaded (and at
 ``attach()`` where it is loaded already): where torch moved, renamed or changed one of them, the
@@ -28,30 +37,31 @@ from typing import Any
 
 import torch
 
-__all__ = ["CONTRACT", "MODULE", "TESTED", "DCPContractBroken", "called_by", "check", "frame",
-           "verified"]
+from ... import _privates
+
+__all__ = ["CONTRACT", "GET", "INIT", "LOAD", "MODULE", "TESTED", "DCPContractBroken", "DcpCall",
+           "check", "context", "loaded", "verified"]
 
 MODULE = "torch.distributed.checkpoint.state_dict"
-TESTED = "2.13"            # the torch the table was written against (test_attach_dcp_calls.py)
+INIT, GET, LOAD = "_init_optim_state", "_get_optim_state_dict", "_load_optim_state_dict"
+TESTED = _privates.checked(MODULE)   # the torch versions the table was checked against
 #: what the detection relies on: a name in :data:`MODULE` -> (the parameters a function must take,
 #: or the fields a dataclass must have, by name; what fastema tells by it)
-CONTRACT: dict[str, tuple[tuple[str, ...], str]] = {
-    "_init_optim_state": (("optim",), "DCP's lr-0 dummy step (not an update)"),
-    "_get_optim_state_dict": (("optimizers", "info"),
-                              "get_state_dict / get_optimizer_state_dict (the average goes into "
-                              "the per-parameter entries)"),
-    "_load_optim_state_dict": (("optimizers", "state_dict", "info"),
-                               "set_state_dict / set_optimizer_state_dict (the live keys a "
-                               "flattened load rebuilds from)"),
-    "_StateDictInfo": (("full_state_dict",), "full_state_dict=True (refused for a split average)"),
-}
-DEPTH = 14                 # frames looked through: the hook's, torch's wrappers, DCP's caller
-_SEEN: list = []           # [(module, {function name: its code})]: the module checked last
+CONTRACT: dict[str, tuple[tuple[str, ...], str]] = _privates.contract(MODULE)
+_SEEN: list = []           # [(module, {code: function name})]: the module checked last
 
 
 class DCPContractBroken(RuntimeError):
     """torch's DCP no longer has what :data:`CONTRACT` names: an attached average cannot tell its
     calls (the message names the torch version and what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DcpCall:
+    """DCP's function that made the optimizer call a hook is in (the innermost on the stack)."""
+
+    function: str             # a function of CONTRACT: INIT, GET or LOAD
+    full_state_dict: bool     # GET's ``info.full_state_dict`` (read where asked; else False)
 
 
 def check(module: ModuleType) -> dict[str, CodeType]:
@@ -77,7 +87,7 @@ def check(module: ModuleType) -> dict[str, CodeType]:
             f"fastema's attach() tells DCP's calls by {MODULE}'s private functions, and torch "
             f"{torch.__version__} changed them: {'; '.join(broken)}. The attached average would be "
             f"dropped from DCP's checkpoints or DCP's dummy step counted as an update, so nothing "
-            f"is guessed. Use the torch fastema was tested with ({TESTED}) or a fastema that supports "
+            f"is guessed. Use a torch fastema was checked with ({TESTED}) or a fastema that supports "
             f"this torch; or detach() the average, call ema.update() after each optimizer.step() "
             f"and save ema.state_dict() beside the optimizer's (dcp.save({{'ema': ema, ...}}))")
     return codes
@@ -109,24 +119,26 @@ def loaded() -> ModuleType | None:
     return module
 
 
-def frame(what: str, module: ModuleType | None = None) -> FrameType | None:
-    """The frame of DCP's ``what`` (a function of :data:`CONTRACT`) within :data:`DEPTH` frames
-    up, or None (also where DCP is not imported). ``module``: DCP's module (default: the loaded
-    one); :class:`DCPContractBroken` where it does not hold the contract."""
+def context(module: ModuleType | None = None, *, info: bool = False) -> DcpCall | None:
+    """The DCP call the calling hook runs in: the innermost frame of a :data:`CONTRACT` function
+    on this thread's stack, walked once to its end; None where there is none (also where DCP is
+    not imported). ``info``: read ``full_state_dict`` off a GET frame's ``info``. ``module``:
+    DCP's module (default: the loaded one); :class:`DCPContractBroken` where it does not hold
+    the contract."""
     module = module if module is not None else sys.modules.get(MODULE)
     if module is None:
         return None
-    code = verified(module)[what]
+    codes = verified(module)
+    by_code = {code: name for name, code in codes.items()}
     at: FrameType | None = sys._getframe(1)
-    for _ in range(DEPTH):
-        if at is None:
-            return None
-        if at.f_code is code:
-            return at
-        at = at.f_back
-    return None
-
-
-def called_by(what: str = "_init_optim_state", module: ModuleType | None = None) -> bool:
-    """Whether DCP's ``what`` is running a few frames up (:func:`frame`)."""
-    return frame(what, module) is not None
+    try:
+        while at is not None:
+            name = by_code.get(at.f_code)
+            if name is not None:
+                full = info and name == GET and bool(
+                    getattr(at.f_locals.get("info"), "full_state_dict", False))
+                return DcpCall(name, full)
+            at = at.f_back
+        return None
+    finally:
+        del at                              # no frame kept alive by this one
