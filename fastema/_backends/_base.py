@@ -61,6 +61,12 @@ class Backend:
         """The address of ``x``'s first element."""
         raise self._unsupported("address()")
 
+    def device_of(self, x) -> str:
+        """fastema's name of the device ``x`` is on ("cpu", "cuda:N"): the one question fastema asks
+        to choose a path by where an array is (a device plan, a capture refusal), so that the adapter
+        decides it (by default: :meth:`describe`'s)."""
+        return self.describe(x, "the array").device
+
     # ------------------------------------------------------------ sources kept by a shadow
 
     def addresses(self, objs: list) -> list:
@@ -155,6 +161,11 @@ class Backend:
     def copy_from_host(self, dst, a: np.ndarray) -> None:
         """``dst[...] = a`` converted to ``dst``'s dtype, in order on the framework's stream."""
         raise self._unsupported("copy_from_host()")
+
+    def capturing(self, device: str) -> bool:
+        """Whether the framework's current stream on ``device`` is being captured into a CUDA graph
+        now (False: a framework whose captures fastema does not see)."""
+        return False
 
     def stream_getter(self, device: str) -> Callable[[], Any]:
         """A zero-argument function returning the raw handle of the framework's current CUDA
