@@ -18,11 +18,14 @@ CUDA launches, the capture refusals). What follows from that answer:
   tensors on another adapter (the CPU, an earlier fake GPU and its driver) is found for them here,
   nor what was kept here after the block.
 
-A real CUDA tensor (on a machine with a GPU) is still the real one's: asked about a device other
-than its own, it answers as fastema's torch adapter does.
+It owns every torch tensor, by type as fastema's adapter does (one lookup a call: what the gates
+measure through it is fastema's host work, not the fake's). A real CUDA tensor inside the block (a
+machine with a GPU) is refused where fastema describes it (a source, a shadow, a control array): the
+fake stands for a machine whose GPU is ``cuda:0`` with CPU tensors on it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -53,11 +56,21 @@ class FakeGpuBackend(Torch):
     def __repr__(self) -> str:
         return f"<fake GPU backend: torch's CPU tensors on {self.device}, stream {self.raw_stream}>"
 
-    def owns(self, x) -> bool:
-        return super().owns(x) and x.is_cpu     # a real CUDA tensor stays the real adapter's
-
     def device_of(self, t) -> str:
         return self.device if t.is_cpu else super().device_of(t)
+
+    def _on_the_fake(self, t, what: str) -> None:
+        if t.is_cuda:
+            raise ValueError(f"{what} is on {t.device}, a real GPU, inside testkit's fake GPU (CPU tensors on "
+                             f"{self.device}); make it on the CPU, or leave the fake_gpu() block")
+
+    def describe(self, t, what: str):
+        self._on_the_fake(t, what)
+        return super().describe(t, what)
+
+    def control(self, x, what: str, writable: bool):
+        self._on_the_fake(x, what)
+        return super().control(x, what, writable)
 
     def torch_device(self, device: str) -> str:
         return "cpu" if device == self.device else device
@@ -76,5 +89,14 @@ class FakeGpuBackend(Torch):
         return self._stream if device == self.device else super().stream_getter(device)
 
     def address_key(self, objs: list) -> tuple | None:
-        key = super().address_key(objs)
-        return None if key is None else (self.key, *key)
+        try:
+            return (self.key, *map(_data_ptr(), objs))
+        except (TypeError, RuntimeError):     # as the torch adapter's: not a tensor; one with no storage
+            return None
+
+
+@functools.cache
+def _data_ptr():
+    import torch
+
+    return torch.Tensor.data_ptr

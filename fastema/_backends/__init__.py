@@ -50,6 +50,7 @@ _BY_NAME = {"numpy": NUMPY, "torch": TORCH, "cudasim": cudasim.backend, "cuda": 
             "jax": dlpack.backend, "tensorflow": dlpack.backend, "keras": dlpack.backend, "dlpack": dlpack.backend}
 _OWN_BUFFERS = ("numpy", "torch")   # fastema's buffers for their sources are their arrays (else NumPy or Numba)
 _BY_TYPE: dict = {}             # type -> adapter, for the adapters whose ownership the type alone decides
+                                # (Backend.BY_TYPE; dropped on the way in and out of using())
 _GIVEN: list = []               # using()'s adapters, innermost last
 _order: list = list(_ORDER)     # backend_of()'s order now: the given ones (innermost first), then _ORDER
 _named: dict = dict(_BY_NAME)   # backend_named()'s table now: a given adapter stands for its framework
@@ -62,7 +63,7 @@ def backend_of(x) -> Backend | None:
         return backend
     for backend in _order:
         if backend.owns(x):
-            if (backend is NUMPY or backend is TORCH) and not _GIVEN:     # isinstance of a class: by type
+            if backend.BY_TYPE:                          # isinstance of a class: by type
                 _BY_TYPE[type(x)] = backend
             return backend
     return None

@@ -34,12 +34,15 @@ class Backend:
             alive (:meth:`addresses`, :meth:`keep_alive`, :meth:`signatures`).
         DEVICE_METRICS: :meth:`stack` keeps metric values on their device (no host transfer);
             a Python number next to such values is refused.
+        BY_TYPE: :meth:`owns` is decided by an array's type alone, so ``backend_of`` remembers
+            the adapter of a type it has seen (one dict lookup a call).
     """
 
     NAME = "?"
     HANDS_OVER = False
     STORAGE_MOVES = False
     DEVICE_METRICS = False
+    BY_TYPE = False
 
     def __repr__(self) -> str:
         return f"<fastema backend {self.NAME!r}>"

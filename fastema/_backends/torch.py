@@ -122,6 +122,7 @@ class Torch(Backend):
     NAME = NAME
     STORAGE_MOVES = True          # param.data = new swaps the storage under a Parameter
     DEVICE_METRICS = True
+    BY_TYPE = True
 
     def __init__(self):
         self._views: dict = {}
@@ -292,13 +293,16 @@ class Torch(Backend):
         return self.device_of(x), dt, x.numel()
 
     def metric(self, x, what: str):
-        if not (x.is_cpu or x.is_cuda):                   # (flags; device.type makes a string)
+        if x.is_cuda:                                     # (is_cuda, is_cpu: flags; device.type makes a string)
+            device = f"cuda:{x.device.index}"
+        elif x.is_cpu:
+            device = self.device_of(x)                    # the CPU (where the adapter says CPU tensors are)
+        else:
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no values)")
         kind = kind_of(x.dtype)
         if kind is None:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
-        device = self.device_of(x)
         if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
             return kind, self._metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
         # imported here, not on a GPU's per-update path (the view above)
