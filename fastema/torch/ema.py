@@ -72,7 +72,7 @@ class EMA(Face, TorchAverage):
         assert core is not None                      # an EMA's builder makes one
         self.shadow_dtype = core.shadow_dtype
         self._bema = core.plan.schedules[0] if core.options.is_bema else None
-        self._gpu = gpu_of(parts.shadow.sources)    # the sources' GPU (None: the CPU's), for capture queries
+        self._gpu = _gpu_of(parts.shadow.sources)    # the sources' GPU (None: the CPU's), for capture queries
         self._holds = parts.shadow.holds_interrupts   # the shadow's, read once (the per-step path)
         TorchAverage.__init__(self, parts)
 
@@ -153,7 +153,7 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
                          settings=f"{opts!r};{shadow_dtype};{rows}")
     engine = Average(opts, FORMAT, shadow, adapter=side)         # the plan, the update driver, BEMA
     if device_step is None:                              # a GPU's, unless it folds on the host
-        on_gpu = gpu_of(shadow.sources) is not None
+        on_gpu = _gpu_of(shadow.sources) is not None
         device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
     core = engine if run is None else run(engine)
     return model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
@@ -166,7 +166,7 @@ def _start_over(side: TorchModel) -> None:
     side.copy_buffers()
 
 
-def gpu_of(sources) -> str | None:
+def _gpu_of(sources) -> str | None:
     """The first GPU (fastema's name, "cuda:N") among the devices of ``sources``, or None: where a
     face takes a GPU's road (the device plan by default, the capture refusals). The adapter of the
     tensors answers (``_backends.device_of``: the fake GPU of ``testkit`` says "cuda:0" for CPU
