@@ -1,6 +1,8 @@
 """fastema's CUDA launch path on a machine without a GPU: :func:`fake_gpu`, the
 :class:`~.fake_driver.FakeDriver` given to the launch path (``fastema._launch.drivers.using``), and
-CPU torch tensors described as on ``cuda:0``. Nothing runs on a device and no tensor is written:
+the :class:`~.fake_backend.FakeGpuBackend` given to fastema's boundary (``fastema._backends.using``):
+CPU torch tensors on ``cuda:0``, so that every entry point takes the road a GPU takes (a default
+``EMA``'s device plan, the capture refusals). Nothing runs on a device and no tensor is written:
 what it measures and checks is host work.
 
 Used by the fake-GPU tests in ``tests/kernels/``, and outside the tests by the benchmark tooling
@@ -19,23 +21,23 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from .fake_driver import FakeDeviceArray, FakeDriver
+from .fake_backend import TORCH_STREAM, FakeGpuBackend  # noqa: F401  (TORCH_STREAM: the tests' name for it)
+from .fake_driver import FakeDriver
 
 STUB_CONTEXT = 0xC0C0
-TORCH_STREAM = 77
-"""The raw stream handle of torch's current stream on the fake ``cuda:0``."""
 
 
 @contextlib.contextmanager
 def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_driver: bool = False,
              **options) -> Iterator[FakeDriver]:
     """The launch path on ``driver`` (default: ``FakeDriver(**options)``) for the ``with`` block;
-    with ``torch_on_gpu``, CPU torch tensors are described as on ``cuda:0`` (their stream: raw
-    handle
-    :data:`TORCH_STREAM`). ``stub_driver``: the loads, launches and context queries are fastema's
-    real ``CudaCoreDriver``'s, into the stub driver (the process must have started with
+    with ``torch_on_gpu``, fastema's adapter of torch is a :class:`FakeGpuBackend` of ``driver``'s
+    (CPU tensors on ``cuda:0``, their stream the raw handle :data:`TORCH_STREAM`, captured while
+    ``driver.capture`` says so). ``stub_driver``: the loads, launches and context queries are
+    fastema's real ``CudaCoreDriver``'s, into the stub driver (the process must have started with
     :func:`stub_driver_dir` on ``LD_LIBRARY_PATH``)."""
     import fastema
+    from fastema import _backends
     from fastema._launch import drivers
 
     if driver is None:
@@ -44,37 +46,11 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
         driver = FakeDriver(**options)
     fastema.ops._single_tables.cache_clear()              # tables made on another driver
     try:
-        torch = _torch_on_gpu(driver) if torch_on_gpu else contextlib.nullcontext()
+        torch = _backends.using(FakeGpuBackend(driver)) if torch_on_gpu else contextlib.nullcontext()
         with drivers.using(driver), torch:
             yield driver
     finally:
         fastema.ops._single_tables.cache_clear()
-
-
-class _TorchStandIn:
-    """The fake ``cuda:0`` of fastema's torch backend (:class:`fastema._backends.torch.StandIn`):
-    CPU tensors described as there, their kernel views :class:`FakeDeviceArray` over their own
-    memory, launches on the raw stream :data:`TORCH_STREAM`."""
-
-    device = "cuda:0"
-
-    def __init__(self, driver: FakeDriver):
-        self.driver = driver
-
-    def kernel_view(self, address: int, numel: int, dtype, owner) -> FakeDeviceArray:
-        return FakeDeviceArray(numel, dtype, ptr=address, driver=self.driver)
-
-    @staticmethod
-    def stream() -> int:
-        return TORCH_STREAM
-
-
-def _torch_on_gpu(driver: FakeDriver):
-    """CPU torch tensors described as on ``cuda:0`` by fastema's torch backend, through the
-    backend's own seam (:func:`fastema._backends.standing_in`)."""
-    from fastema import _backends
-
-    return _backends.standing_in(_TorchStandIn(driver))
 
 
 def on_a_gpu_params() -> list:
@@ -94,9 +70,9 @@ def on_a_gpu_params() -> list:
 
 class OnAGpu:
     """Where a GPU test's Python runs: a GPU (``device`` "cuda"; in :meth:`no_sync` a host sync raises:
-    torch's sync debug mode), or, in CI, the fake GPU (``device`` "cpu": CPU tensors described as on
-    ``cuda:0``, the same launches with nothing run; :meth:`no_sync` checks the fake driver made no host
-    wait), so that a GPU test's calls run, and are held to the API, on every CI run (issue 70 item 6:
+    torch's sync debug mode), or, in CI, the fake GPU (``device`` "cpu": CPU tensors on ``cuda:0`` to
+    fastema, the same plans and launches with nothing run; :meth:`no_sync` checks the fake driver made
+    no host wait), so that a GPU test's calls run, and are held to the API, on every CI run (issue 70 item 6:
     a GPU-only test called ``Smoother.update(v, weight=3.0)`` for rounds after the keyword became
     ``sample_weight``). ``real``: the kernels ran, so their results can be compared."""
 

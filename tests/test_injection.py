@@ -7,7 +7,7 @@ A module that lets something vary owns how: a setter or a ``with`` block of its 
 (``fastema._launch.config.tuned``, ``drivers.using``, ``compiler.using``, ``device_code.afresh``,
 ``cpu.serial_twins``, ``kernels._store.files.set_report``, ``kernels._cache.set_trust``,
 ``kernels._cache.using`` / ``afresh``, ``torch._placement.offload_ring.pipeline``,
-``torch._placement.folds.watched``, ``_backends.streams_from``,
+``torch._placement.folds.watched``, ``_backends.streams_from``, ``_backends.using``,
 ``_backends.torch.streamed_layout_checks``, ``torch._face.compiled.afresh``); a test that needs to
 see a library function's calls watches them (``tests/support/calls.py``)."""
 from __future__ import annotations

@@ -16,7 +16,11 @@ is already in ``sys.modules``). The functions here dispatch to it:
   smoothers' values and state;
 - :func:`stream_getter`: what a launch group calls to find the framework's current CUDA stream
   (:func:`streams_from`: another reader of it for a ``with`` block);
-- :func:`standing_in`: a GPU stood in for (the fake GPU of the tests: CPU torch tensors as on it).
+- :func:`device_of`, :func:`capturing`: where an array is, and whether its framework's stream
+  there is being captured into a CUDA graph: what a face asks to choose a path by device (a
+  device plan, a capture refusal), so that the adapter answers;
+- :func:`using`: an adapter given for a ``with`` block, asked before the others and standing for
+  its framework (the fake GPU of ``testkit``: torch's CPU tensors as on ``cuda:0``).
 
 A new framework is one more :class:`Backend` subclass here and one line in :data:`_ORDER`.
 """
@@ -44,8 +48,12 @@ TORCH = torch_backend.backend
 _ORDER = (NUMPY, TORCH, cudasim.backend, dlpack.frameworks, cai.cupy, cai.backend, dlpack.backend)  # first owner wins
 _BY_NAME = {"numpy": NUMPY, "torch": TORCH, "cudasim": cudasim.backend, "cuda": cai.backend, "cupy": cai.cupy,
             "jax": dlpack.backend, "tensorflow": dlpack.backend, "keras": dlpack.backend, "dlpack": dlpack.backend}
-_OWN_BUFFERS = (NUMPY, TORCH)   # fastema's buffers for their sources are their arrays (else NumPy or Numba)
+_OWN_BUFFERS = ("numpy", "torch")   # fastema's buffers for their sources are their arrays (else NumPy or Numba)
 _BY_TYPE: dict = {}             # type -> adapter, for the adapters whose ownership the type alone decides
+                                # (Backend.BY_TYPE; dropped on the way in and out of using())
+_GIVEN: list = []               # using()'s adapters, innermost last
+_order: list = list(_ORDER)     # backend_of()'s order now: the given ones (innermost first), then _ORDER
+_named: dict = dict(_BY_NAME)   # backend_named()'s table now: a given adapter stands for its framework
 
 
 def backend_of(x) -> Backend | None:
@@ -53,17 +61,62 @@ def backend_of(x) -> Backend | None:
     backend = _BY_TYPE.get(type(x))
     if backend is not None:
         return backend
-    for backend in _ORDER:
+    for backend in _order:
         if backend.owns(x):
-            if backend is NUMPY or backend is TORCH:     # isinstance of a class: by type
+            if backend.BY_TYPE:                          # isinstance of a class: by type
                 _BY_TYPE[type(x)] = backend
             return backend
     return None
 
 
 def backend_named(framework: str) -> Backend:
-    """The adapter of a :class:`Buf`'s ``framework``."""
-    return _BY_NAME[framework]
+    """The adapter of a :class:`Buf`'s ``framework`` (inside :func:`using`, the one given for it)."""
+    return _named[framework]
+
+
+@contextlib.contextmanager
+def using(backend: Backend) -> Iterator[Backend]:
+    """``backend`` ahead of the other adapters for the ``with`` block: :func:`backend_of` asks it
+    first (what it owns is its), and it is the adapter of its framework (``backend.NAME``) wherever
+    fastema names one (:func:`backend_named`, the buffers it makes, :func:`stream_getter`,
+    :func:`capturing`). How the fake GPU of ``testkit`` is given (as ``_launch.drivers.using`` gives
+    its driver): an adapter of torch whose CPU tensors are on ``cuda:0``. What is made in the block
+    keeps what it was given (a layout group its adapter and stream getter). The type cache and the
+    stream getters kept are dropped on the way in and out; blocks nest."""
+    _GIVEN.append(backend)
+    try:
+        _given()
+        yield backend
+    finally:
+        _GIVEN.remove(backend)
+        _given()
+
+
+def _given() -> None:
+    """:func:`backend_of`'s order and :func:`backend_named`'s table made again from :data:`_GIVEN`
+    (in place), the caches of both dropped."""
+    _BY_TYPE.clear()
+    stream_getter.cache_clear()
+    _order[:] = [*reversed(_GIVEN), *_ORDER]
+    _named.clear()
+    _named.update(_BY_NAME)
+    _named.update((b.NAME, b) for b in _GIVEN)
+
+
+def device_of(x) -> str:
+    """fastema's name of the device ``x`` is on ("cpu", "cuda:N"), as its adapter says
+    (:meth:`Backend.device_of`): what a face asks to choose a path by device, so that an adapter
+    given by :func:`using` decides it."""
+    backend = backend_of(x)
+    if backend is None:
+        raise TypeError(f"fastema cannot read a {type(x).__name__}: pass an array or tensor")
+    return backend.device_of(x)
+
+
+def capturing(framework: str, device: str) -> bool:
+    """Whether ``framework``'s current stream on ``device`` is being captured into a CUDA graph now
+    (:meth:`Backend.capturing`; False on the CPU)."""
+    return device != "cpu" and _named[framework].capturing(device)
 
 
 def framework(x) -> str | None:
@@ -80,8 +133,8 @@ def _maker(framework: str, device: str) -> Backend:
     """Whose arrays fastema makes for sources of ``framework`` on ``device``: the framework's own
     where fastema allocates in it (NumPy, torch), else NumPy on the host and Numba device arrays
     on a GPU (the simulator's under ``NUMBA_ENABLE_CUDASIM``)."""
-    backend = _BY_NAME[framework]
-    if backend in _OWN_BUFFERS:
+    backend = _named[framework]
+    if framework in _OWN_BUFFERS:
         return backend
     if device == "cpu":
         return NUMPY
@@ -100,7 +153,7 @@ def stream_getter(framework: str, device: str):
     :func:`streams_from`, the one its reader gives."""
     if _STREAM_READERS:
         return _STREAM_READERS[-1](framework, device)
-    return no_stream if device == "cpu" else _BY_NAME[framework].stream_getter(device)
+    return no_stream if device == "cpu" else _named[framework].stream_getter(device)
 
 
 @contextlib.contextmanager
@@ -117,19 +170,6 @@ def streams_from(reader) -> Iterator[None]:
     finally:
         _STREAM_READERS.pop()
         stream_getter.cache_clear()
-
-
-@contextlib.contextmanager
-def standing_in(stand: torch_backend.StandIn) -> Iterator[torch_backend.StandIn]:
-    """A GPU stood in for by ``stand`` for the ``with`` block: torch tensors on the CPU are on
-    ``stand.device`` to fastema (:func:`.torch.standing_in`: the fake GPU of the tests), and the
-    stream getters kept here (:func:`stream_getter`) are dropped on the way in and out."""
-    with torch_backend.standing_in(stand):
-        stream_getter.cache_clear()
-        try:
-            yield stand
-        finally:
-            stream_getter.cache_clear()
 
 
 def describe(x, what: str) -> Buf:
@@ -308,7 +348,7 @@ def allocation(x) -> tuple[str, int, int] | None:
     anything else."""
     if is_torch(x):
         storage = x.untyped_storage()
-        return ("cpu" if x.device.type == "cpu" else str(x.device)), storage.data_ptr(), storage.nbytes()
+        return device_of(x), storage.data_ptr(), storage.nbytes()
     if isinstance(x, np.ndarray):
         base = x if x.base is None else x.base
         if isinstance(base, np.ndarray):

@@ -34,12 +34,15 @@ class Backend:
             alive (:meth:`addresses`, :meth:`keep_alive`, :meth:`signatures`).
         DEVICE_METRICS: :meth:`stack` keeps metric values on their device (no host transfer);
             a Python number next to such values is refused.
+        BY_TYPE: :meth:`owns` is decided by an array's type alone, so ``backend_of`` remembers
+            the adapter of a type it has seen (one dict lookup a call).
     """
 
     NAME = "?"
     HANDS_OVER = False
     STORAGE_MOVES = False
     DEVICE_METRICS = False
+    BY_TYPE = False
 
     def __repr__(self) -> str:
         return f"<fastema backend {self.NAME!r}>"
@@ -60,6 +63,12 @@ class Backend:
     def address(self, x) -> int:
         """The address of ``x``'s first element."""
         raise self._unsupported("address()")
+
+    def device_of(self, x) -> str:
+        """fastema's name of the device ``x`` is on ("cpu", "cuda:N"): the one question fastema asks
+        to choose a path by where an array is (a device plan, a capture refusal), so that the adapter
+        decides it (by default: :meth:`describe`'s)."""
+        return self.describe(x, "the array").device
 
     # ------------------------------------------------------------ sources kept by a shadow
 
@@ -155,6 +164,11 @@ class Backend:
     def copy_from_host(self, dst, a: np.ndarray) -> None:
         """``dst[...] = a`` converted to ``dst``'s dtype, in order on the framework's stream."""
         raise self._unsupported("copy_from_host()")
+
+    def capturing(self, device: str) -> bool:
+        """Whether the framework's current stream on ``device`` is being captured into a CUDA graph
+        now (False: a framework whose captures fastema does not see)."""
+        return False
 
     def stream_getter(self, device: str) -> Callable[[], Any]:
         """A zero-argument function returning the raw handle of the framework's current CUDA

@@ -38,6 +38,7 @@ _LAYOUT = operator.attrgetter("shape", "strides", "dtype", "flags.writeable")
 
 class NumPy(Backend):
     NAME = "numpy"
+    BY_TYPE = True
 
     def owns(self, x) -> bool:
         return isinstance(x, np.ndarray)

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import operator
 import sys
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 
@@ -23,40 +23,6 @@ _DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
-class StandIn(Protocol):
-    """A GPU stood in for on a machine without one (the fake GPU of ``tests/support``): CPU tensors
-    described, allocated, viewed and launched for as on :attr:`device` (see :func:`standing_in`)."""
-
-    device: str                                  # fastema's name of the device CPU tensors are on ("cuda:0")
-
-    def kernel_view(self, address: int, numel: int, dtype: np.dtype, owner) -> object:
-        """What a kernel is given for ``numel`` elements of ``dtype`` at ``address`` (``owner``'s)."""
-
-    def stream(self) -> int:
-        """The raw handle of the stream current on :attr:`device` now."""
-
-
-_STANDS: list = []
-
-
-@contextlib.contextmanager
-def standing_in(stand: StandIn) -> Iterator[StandIn]:
-    """For the ``with`` block, CPU torch tensors are on ``stand.device`` to fastema: described
-    (:meth:`Torch.describe`, ``control``, ``metric``, ``location``) as there, fastema's own buffers for
-    that device made on the CPU, kernel views made by ``stand.kernel_view`` and launches ordered on
-    ``stand.stream()``. Nothing runs on a device: the host work of every GPU entry point, measured and
-    tested without a GPU. The metric views kept (:data:`_VIEWS`) are made afresh on the way in and
-    out. (Entered through :func:`fastema._backends.standing_in`, which also drops the stream getters
-    the package keeps.)"""
-    _STANDS.append(stand)
-    _VIEWS.clear()
-    try:
-        yield stand
-    finally:
-        _STANDS.remove(stand)
-        _VIEWS.clear()
-
-
 _STREAMED: list = []     # streamed_layout_checks()'s blocks
 
 
@@ -70,14 +36,6 @@ def streamed_layout_checks() -> Iterator[None]:
         yield
     finally:
         _STREAMED.pop()
-
-
-def _device_of(t) -> str:
-    """fastema's name of ``t``'s device (a stand-in's for CPU tensors inside :func:`standing_in`)."""
-    dev = t.device
-    if dev.type == "cpu":
-        return _STANDS[-1].device if _STANDS else "cpu"
-    return _name(dev.type, dev.index)
 
 
 def kind_of(dtype) -> int | None:
@@ -143,27 +101,8 @@ def _refuse_marked(t, what: str) -> None:
                         f"not hold its values; pass t.resolve_neg() / t.resolve_conj(). Nothing was written.")
 
 
-_VIEWS: dict = {}
-"""``(device, address, elements, bits dtype) -> kernel view`` of metric values on a GPU, the last
-:data:`_VIEWS_KEPT`: a smoother's values are a new tensor at every update, at one of a few addresses
-(the caching allocator's), and a view made afresh each time (a Numba device array: ~20 us) is most of
-an update's host work. A kept view owns no memory: it is handed out only for a tensor the caller
-holds at that address now, in that layout and dtype (the same memory, described the same)."""
 _VIEWS_KEPT = 8
-
-
-def _metric_view(t, bits: str, device: str):
-    """The kernel view of the contiguous tensor ``t``'s elements, flat, as ``bits`` (its dtype's
-    unsigned bits, or float64), kept in :data:`_VIEWS`."""
-    key = (device, t.data_ptr(), t.numel(), bits)
-    view = _VIEWS.get(key)
-    if view is None:
-        if len(_VIEWS) >= _VIEWS_KEPT:
-            del _VIEWS[next(iter(_VIEWS))]                # the oldest
-        dtype = np.dtype(bits)
-        view = _VIEWS[key] = _STANDS[-1].kernel_view(key[1], key[2], dtype, None) if _STANDS else \
-            cai.raw_view(key[1], key[2], dtype, None)
-    return view
+"""How many kernel views of metric values a backend keeps (:meth:`Torch.metric`)."""
 
 
 def device_name(device) -> str:
@@ -176,13 +115,53 @@ def _numpy_dtype(t) -> np.dtype:
 
 
 class Torch(Backend):
+    """torch tensors on the CPU and on CUDA GPUs. Where a tensor is, for fastema, is one question
+    (:meth:`device_of`); a GPU's memory is viewed by :meth:`raw_view` and fastema's own arrays for a
+    device are made on :meth:`torch_device` (a subclass answering otherwise stands a GPU in: the fake
+    GPU of ``testkit``, given to :func:`fastema._backends.using`)."""
+
     NAME = NAME
     STORAGE_MOVES = True          # param.data = new swaps the storage under a Parameter
     DEVICE_METRICS = True
+    BY_TYPE = True
+
+    def __init__(self):
+        self._views: dict = {}
+        """``(device, address, elements, bits dtype) -> kernel view`` of metric values on a GPU, the
+        last :data:`_VIEWS_KEPT`: a smoother's values are a new tensor at every update, at one of a few
+        addresses (the caching allocator's), and a view made afresh each time (a Numba device array:
+        ~20 us) is most of an update's host work. A kept view owns no memory: it is handed out only for
+        a tensor the caller holds at that address now, in that layout and dtype (the same memory,
+        described the same)."""
 
     def owns(self, x) -> bool:
         torch = sys.modules.get("torch")
         return torch is not None and isinstance(x, torch.Tensor)
+
+    def device_of(self, t) -> str:
+        """fastema's name of ``t``'s device: "cpu", "cuda:N" (``is_cpu`` is a flag; ``device.type``
+        makes a string)."""
+        if t.is_cpu:
+            return "cpu"
+        dev = t.device
+        return _name(dev.type, dev.index)
+
+    def torch_device(self, device: str) -> str:
+        """The torch device fastema makes its own arrays for ``device`` on."""
+        return device
+
+    def raw_view(self, address: int, numel: int, dtype: np.dtype, owner):
+        """The kernels' view of ``numel`` elements of ``dtype`` at ``address`` on a GPU (``owner``'s
+        memory; None: a view kept without its owner, see :meth:`metric`)."""
+        return cai.raw_view(address, numel, dtype, owner)
+
+    def capturing(self, device: str) -> bool:
+        """torch's query: its current stream is being captured into a CUDA graph."""
+        if device == "cpu":
+            return False
+        import torch
+
+        return torch.cuda.is_current_stream_capturing()
 
     def describe(self, t, what: str) -> Buf:
         import torch
@@ -193,14 +172,10 @@ class Torch(Backend):
             raise unsupported_dtype(what, t.dtype)
         if t.layout != torch.strided:
             raise TypeError(f"{what} is a {t.layout} tensor; fastema works on dense (strided) tensors")
-        dev = t.device
-        if dev.type == "cpu":
-            device = _STANDS[-1].device if _STANDS else "cpu"
-        elif dev.type == "cuda":
-            device = f"cuda:{dev.index}"
-        else:
+        if not (t.is_cpu or t.is_cuda):
             raise ValueError(f"{what} is on {t.device}; fastema runs on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no memory: materialise the model first)")
+        device = self.device_of(t)
         contiguous = t.is_contiguous()
         order = () if contiguous else layout(t.shape, t.stride())
         if order is None:
@@ -292,25 +267,21 @@ class Torch(Backend):
     def zeros(self, device, n: int, dtype):
         import torch
 
-        if _STANDS and device == _STANDS[-1].device:
-            device = "cpu"                                    # a stand-in's device memory: the CPU's
-        return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=device)
+        return torch.zeros(n, dtype=getattr(torch, np.dtype(dtype).name), device=self.torch_device(device))
 
     def zero_(self, a) -> None:
         a.zero_()
 
     def location(self, a) -> tuple:
-        return NAME, _device_of(a)
+        return NAME, self.device_of(a)
 
     def kernel_view(self, a):
-        """A NumPy view (CPU) or a device view (CUDA: :func:`.cai.raw_view`) of a contiguous tensor,
-        no copy (a stand-in's view inside :func:`standing_in`)."""
-        if a.device.type == "cpu":
-            if _STANDS:
-                dt = np.dtype(np.uint16) if str(a.dtype) == "torch.bfloat16" else _numpy_dtype(a)   # its bits
-                return _STANDS[-1].kernel_view(a.data_ptr(), a.numel(), dt, a)
+        """A NumPy view (the CPU) or a device view (a GPU: :meth:`raw_view`) of a contiguous tensor,
+        no copy (bfloat16 as its bits, uint16, on a GPU)."""
+        if self.device_of(a) == "cpu":
             return a.detach().numpy()
-        return cai.raw_view(a.data_ptr(), a.numel(), _numpy_dtype(a), a)
+        dt = np.dtype(np.uint16) if str(a.dtype) == "torch.bfloat16" else _numpy_dtype(a)
+        return self.raw_view(a.data_ptr(), a.numel(), dt, a)
 
     def strided(self, v, shape, order):
         return v.as_strided(shape, order) if order else v.reshape(shape)
@@ -320,13 +291,13 @@ class Torch(Backend):
     def control(self, x, what: str, writable: bool):
         name = str(x.dtype).replace("torch.", "")
         dt = np.dtype(name) if name in ("float32", "float64", "int32", "int64") else name
-        return _device_of(x), dt, x.numel()
+        return self.device_of(x), dt, x.numel()
 
     def metric(self, x, what: str):
         if x.is_cuda:                                     # (is_cuda, is_cpu: flags; device.type makes a string)
             device = f"cuda:{x.device.index}"
         elif x.is_cpu:
-            device = _STANDS[-1].device if _STANDS else "cpu"
+            device = self.device_of(x)                    # the CPU (where the adapter says CPU tensors are)
         else:
             raise ValueError(f"{what} is on {x.device}; smoothers run on the CPU and on CUDA GPUs "
                              f"(a meta tensor has no values)")
@@ -334,7 +305,7 @@ class Torch(Backend):
         if kind is None:
             raise TypeError(f"{what} has dtype {x.dtype}; smoothers take floating values")
         if device != "cpu" and x.is_contiguous():         # its elements in order where it starts: no view
-            return kind, _metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
+            return kind, self._metric_view(x, _BITS[kind], device), (NAME, device), tuple(x.shape)
         # imported here, not on a GPU's per-update path (the view above)
         import torch
 
@@ -343,6 +314,18 @@ class Torch(Backend):
             flat = flat.contiguous()                      # a temporary: its view owns it
         bits = flat.view(getattr(torch, _BITS[kind]))
         return kind, self.kernel_view(bits), (NAME, device), tuple(x.shape)
+
+    def _metric_view(self, t, bits: str, device: str):
+        """The kernel view of the contiguous tensor ``t``'s elements, flat, as ``bits`` (its dtype's
+        unsigned bits, or float64), kept (see ``_views``)."""
+        views = self._views
+        key = (device, t.data_ptr(), t.numel(), bits)
+        view = views.get(key)
+        if view is None:
+            if len(views) >= _VIEWS_KEPT:
+                del views[next(iter(views))]              # the oldest
+            view = views[key] = self.raw_view(key[1], key[2], np.dtype(bits), None)
+        return view
 
     def metric_vector(self, x):
         return x.detach()
@@ -387,8 +370,6 @@ class Torch(Backend):
         """torch's current stream on ``device``: one C call per launch (~0.3 us)."""
         if device == "cpu":
             return no_stream
-        if _STANDS and device == _STANDS[-1].device:
-            return _STANDS[-1].stream
         from .. import _privates
 
         return functools.partial(_privates.get("torch._C:_cuda_getCurrentRawStream"),

@@ -53,9 +53,10 @@ import warnings
 import weakref
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from .. import _privates
+from .. import _backends, _privates
 from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
@@ -178,7 +179,7 @@ class Attachment:
         device with no host read."""
         flags = self.flags
         if not flags:
-            flags.update({d: torch.zeros(1, dtype=torch.int32, device=d) for d in self.devices})
+            flags.update({d: _backends.zeros(("torch", d), 1, np.int32) for d in self.devices})
         inf = found_inf.reshape(1)
         for flag in flags.values():
             flag.copy_(inf, non_blocking=True)

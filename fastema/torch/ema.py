@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .. import _backends
 from .._interrupts import ctrl_c_held
 from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
@@ -71,7 +72,7 @@ class EMA(Face, TorchAverage):
         assert core is not None                      # an EMA's builder makes one
         self.shadow_dtype = core.shadow_dtype
         self._bema = core.plan.schedules[0] if core.options.is_bema else None
-        self._on_gpu = any(t.device.type != "cpu" for t in parts.shadow.sources)
+        self._gpu = _gpu_of(parts.shadow.sources)    # the sources' GPU (None: the CPU's), for capture queries
         self._holds = parts.shadow.holds_interrupts   # the shadow's, read once (the per-step path)
         TorchAverage.__init__(self, parts)
 
@@ -101,8 +102,8 @@ class EMA(Face, TorchAverage):
         (``device -> int32[1]``; non-zero: nothing written there, the call counted), an attached
         step run with GradScaler's ``found_inf`` (:meth:`_skipping_update`). One frame, the
         per-step path."""
-        if self._on_gpu and self._plan_on_device is None:
-            _refuse_capture(self._avg)                    # a capture the host plan cannot replay
+        if self._gpu is not None and self._plan_on_device is None:
+            _refuse_capture(self._avg, self._gpu)         # a capture the host plan cannot replay
         steps = self._steps
         if steps is not None and not steps.new():         # DeepSpeed: a micro-step inside accumulation
             return
@@ -152,7 +153,7 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
                          settings=f"{opts!r};{shadow_dtype};{rows}")
     engine = Average(opts, FORMAT, shadow, adapter=side)         # the plan, the update driver, BEMA
     if device_step is None:                              # a GPU's, unless it folds on the host
-        on_gpu = any(t.device.type != "cpu" for t in shadow.sources)
+        on_gpu = _gpu_of(shadow.sources) is not None
         device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
     core = engine if run is None else run(engine)
     return model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
@@ -165,9 +166,22 @@ def _start_over(side: TorchModel) -> None:
     side.copy_buffers()
 
 
-def _refuse_capture(shadow) -> None:
-    """Refuse a CUDA graph capture of ``update()`` that the plan on the host cannot replay."""
-    if torch.cuda.is_current_stream_capturing():
+def _gpu_of(sources) -> str | None:
+    """The first GPU (fastema's name, "cuda:N") among the devices of ``sources``, or None: where a
+    face takes a GPU's road (the device plan by default, the capture refusals). The adapter of the
+    tensors answers (``_backends.device_of``: the fake GPU of ``testkit`` says "cuda:0" for CPU
+    tensors), so the fake takes the road a GPU takes."""
+    for t in sources:
+        device = _backends.device_of(t)
+        if device != "cpu":
+            return device
+    return None
+
+
+def _refuse_capture(shadow, device: str) -> None:
+    """Refuse a CUDA graph capture of ``update()`` (torch's current stream on ``device`` captured: its
+    adapter's query) that the plan on the host cannot replay."""
+    if _backends.capturing("torch", device):
         if shadow.host_plan_only:
             raise RuntimeError(f"EMA.update() is being captured in a CUDA graph, but this EMA "
                                f"is offloaded ({shadow.placement}): its update runs on a host "

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .. import _backends
 from .._checkpoint_format import check_header, load_refused
 from .._checks import check_rounding, stochastic_rounding
 from ..average import Average, EMAOptions, Face, check_device_state
@@ -187,11 +188,10 @@ class TargetNetwork(Face, TorchFace):
         self._reads = Agreements()                # its streams' agreements (the same on every rank)
         parts = target_parts(online, target, opts, self.exclude, buffers, rounding, device_step)
         assert isinstance(parts.side, TorchPairs)  # target_parts pairs the two networks
-        on_gpu = any(d != "cpu" for d in parts.side.devices)
         assert parts.engine is not None
-        # a host plan's update refuses a capture (torch's query: a capture needs torch's CUDA, which the
-        # fake GPU of the tests, CPU tensors standing for a GPU's, has not)
-        self._refuses_capture = on_gpu and parts.engine.device_plan is None and torch.cuda.is_available()
+        # a host plan's update on a GPU refuses a capture (the adapter's query: the fake GPU's too)
+        gpus = [d for d in parts.side.devices if d != "cpu"]
+        self._refuses_capture: str | None = gpus[0] if gpus and parts.engine.device_plan is None else None
         super().__init__(parts)
 
     # ------------------------------------------------------------ what it is
@@ -261,13 +261,13 @@ class TargetNetwork(Face, TorchFace):
         if torch.compiler.is_compiling():
             _compile.compiled_update(self.compiled, step)
             return
-        if self._refuses_capture:
-            _refuse_capture()
+        if self._refuses_capture is not None:
+            _refuse_capture(self._refuses_capture)
         self._core.update(step)
 
     def _eager_update(self, step: int | None) -> None:
-        if self._refuses_capture:
-            _refuse_capture()
+        if self._refuses_capture is not None:
+            _refuse_capture(self._refuses_capture)
         self._core.update(step)                          # the engine's driver: plan, follow, kernels, carry
 
     def hard_update(self) -> None:
@@ -432,8 +432,8 @@ def made_on_every_rank(make: Callable[[], tuple[TargetNetwork, str]], what: str)
     return network
 
 
-def _refuse_capture() -> None:
-    if torch.cuda.is_current_stream_capturing():
+def _refuse_capture(device: str) -> None:
+    if _backends.capturing("torch", device):
         raise RuntimeError("TargetNetwork.update() is being captured in a CUDA graph, but this one keeps "
                            "its schedule on the host (device_step=False): every replay would repeat this "
                            "call's tau. Make it with device_step=True (the default on a GPU).")

@@ -34,8 +34,8 @@ def _on_the_stub(body: str) -> str:
 @pytest.mark.slow                                           # a fresh process importing torch (~3-8 s)
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="a process on the stub driver")
 def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
-    """Every entry point on the real ``CudaCoreDriver`` (torch's CPU tensors described as on ``cuda:0``
-    by a stand-in whose views are ``cuda_memory.DeviceArray``), ``numba.cuda`` checked after each; an
+    """Every entry point on the real ``CudaCoreDriver`` (torch's CPU tensors on ``cuda:0`` by the fake
+    GPU's adapter, its views ``cuda_memory.DeviceArray``), ``numba.cuda`` checked after each; an
     uploaded table and a table rewritten through pinned staging read back equal."""
     pytest.importorskip("torch")
     out = _on_the_stub("""
@@ -45,16 +45,10 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         from fastema import _backends
         from fastema._launch import cuda, cuda_memory, drivers
         from fastema.torch import EMA, TargetNetwork
-        from testkit.fake_gpu import cuda_factories_on_cpu, rl_mlp
+        from testkit.fake_backend import FakeGpuBackend
+        from testkit.fake_gpu import rl_mlp
 
-        class StandIn:                                      # torch's cuda:0: views of fastema's own type
-            device = "cuda:0"
-            def kernel_view(self, address, numel, dtype, owner):
-                return cuda_memory.DeviceArray.view(address, numel, dtype, owner)
-            @staticmethod
-            def stream():
-                return 77
-
+        on_gpu = FakeGpuBackend(view=cuda_memory.DeviceArray.view)   # torch's cuda:0: views of fastema's own type
 
         freed = []                                          # a finalizer's error (cuMemFree, cuMemFreeHost, ...)
         sys.unraisablehook = lambda u: freed.append(repr(u.exc_value))
@@ -79,7 +73,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert not freed, freed
         assert d.compute_capability(0) == (9, 0) and d.sm_count(0) == 132
         assert d.primary_context(0) == d.current_context() == 0xC0C0
-        with _backends.standing_in(StandIn()), torch.no_grad():
+        with _backends.using(on_gpu), torch.no_grad():
             model = rl_mlp()
             ema = EMA(model, 0.99)
             ema.update()
@@ -93,8 +87,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
             ema.update()                                    # a moved source: its table rewritten
             imported("EMA.update after a source moved")
             net = rl_mlp()
-            with cuda_factories_on_cpu():                # TargetNetwork's own flags asked for on cuda
-                tn = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005)
+            tn = TargetNetwork(net, copy.deepcopy(net).requires_grad_(False), tau=0.005)
             tn.update()
             imported("TargetNetwork.update")
             sm = fastema.Smoother(decay=0.9, window=5)

@@ -1,8 +1,8 @@
 """Every GPU entry point besides the array functions runs in the fake GPU of ``testkit`` (issue
 70 item 1): ``Smoother.update`` / ``Tracker.update``, ``TargetNetwork`` (made, updated, hard-updated)
 and the swap (``average_parameters()``), each launching on torch's current stream with no host sync;
-and the fake GPU varies the torch backend through the backend's own seam
-(``fastema._backends.standing_in``), assigning none of its attributes (issue 72 item 4).
+and the fake GPU is an adapter of its own (``testkit.fake_backend``) given through the boundary's seam
+(``fastema._backends.using``), assigning none of fastema's attributes (issue 72 item 4, issue 80 item 4).
 """
 import collections
 import copy
@@ -23,6 +23,7 @@ import fastema  # noqa: E402
 from fastema import _backends  # noqa: E402
 from fastema._backends import torch as torch_backend  # noqa: E402
 from fastema.torch import EMA, TargetNetwork  # noqa: E402
+from testkit.fake_backend import FakeGpuBackend  # noqa: E402
 from testkit.fake_gpu import TORCH_STREAM, fake_gpu, rl_mlp  # noqa: E402
 
 
@@ -55,25 +56,32 @@ def _calls(fn) -> collections.Counter:
 
 def test_the_fake_gpu_assigns_no_attribute_of_the_torch_backend():
     """It stood in by replacing the backend class's methods and ``_backends.stream_getter`` for the
-    block (``setattr``): now through ``standing_in``, and every attribute is the one it was."""
+    block (``setattr``): now an adapter of its own given through ``_backends.using``, and every
+    attribute is the one it was."""
     cls = type(_backends.TORCH)
     before = dict(vars(cls)), dict(vars(_backends)), dict(vars(torch_backend))
     with fake_gpu(record=False):
         during = dict(vars(cls)), dict(vars(_backends)), dict(vars(torch_backend))
+        assert isinstance(_backends.backend_of(torch.zeros(3)), FakeGpuBackend)
         assert _backends.describe(torch.zeros(3), "x").device == "cuda:0"
         assert _backends.stream_getter("torch", "cuda:0")() == TORCH_STREAM
     for b, d in zip(before, during):
         assert {k for k in b if b[k] is not d.get(k)} == set()
     assert _backends.stream_getter.cache_info().currsize == 0   # the fake's getters not kept past the block
+    assert _backends.backend_of(torch.zeros(3)) is _backends.TORCH
     assert _backends.describe(torch.zeros(3), "x").device == "cpu"
 
 
-def test_standing_in_ends_however_the_block_ends():
+def test_the_fake_backend_is_given_back_however_the_block_ends():
     with pytest.raises(KeyError):
         with fake_gpu(record=False):
+            assert _backends.backend_named("torch") is not _backends.TORCH
             raise KeyError("inside")
-    assert torch_backend._STANDS == [] and torch_backend._VIEWS == {}
+    assert _backends.backend_of(torch.zeros(1)) is _backends.TORCH
+    assert _backends.backend_named("torch") is _backends.TORCH
     assert _backends.location(torch.zeros(1)) == ("torch", "cpu")
+    assert _backends.device_of(torch.zeros(1)) == "cpu"
+    assert not _backends.capturing("torch", "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -214,30 +222,25 @@ def test_the_swap_runs_in_the_fake_gpu():
         assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))   # nothing ran on a device
 
 
-def test_kernel_views_of_a_stand_in_have_the_bits_dtypes():
-    """What a stand-in is asked for: the tensor's address, elements and a NumPy dtype (bfloat16's
-    bits as uint16)."""
+def test_kernel_views_of_the_fake_backend_have_the_bits_dtypes():
+    """What the fake's view maker is asked for: the tensor's address, elements and a NumPy dtype
+    (bfloat16's bits as uint16); its device, stream and arrays are the ones it was given."""
     asked = []
 
-    class Stand:
-        device = "cuda:3"
-
-        def kernel_view(self, address, numel, dtype, owner):
-            asked.append((address, numel, np.dtype(dtype)))
-            return asked[-1]
-
-        @staticmethod
-        def stream():
-            return 5
+    def view(address, numel, dtype, owner):
+        asked.append((address, numel, np.dtype(dtype)))
+        return asked[-1]
 
     t = torch.zeros(6, dtype=torch.bfloat16)
-    with _backends.standing_in(Stand()):
-        assert _backends.TORCH.kernel_view(t) == (t.data_ptr(), 6, np.dtype(np.uint16))
-        assert _backends.TORCH.location(t) == ("torch", "cuda:3")
+    with _backends.using(FakeGpuBackend(view=view, device="cuda:3", stream=5)):
+        assert _backends.kernel_view(t) == (t.data_ptr(), 6, np.dtype(np.uint16))
+        assert _backends.location(t) == ("torch", "cuda:3")
         assert _backends.stream_getter("torch", "cuda:3")() == 5
         flag = _backends.zeros(("torch", "cuda:3"), 1, np.int32)
         assert flag.device.type == "cpu" and flag.dtype == torch.int32
-    assert _backends.TORCH.location(t) == ("torch", "cpu")
+        assert _backends.location(flag) == ("torch", "cuda:3")
+        assert not _backends.capturing("torch", "cuda:3")          # no driver: never capturing
+    assert _backends.location(t) == ("torch", "cpu")
 
 
 def test_clear_caches_after_the_fake_gpu_asks_no_other_driver_about_its_streams():

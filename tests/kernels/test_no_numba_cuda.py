@@ -93,7 +93,7 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
         import copy
         import torch, fastema
         from fastema.torch import EMA, TargetNetwork
-        from testkit.fake_gpu import cuda_factories_on_cpu, fake_gpu, rl_mlp
+        from testkit.fake_gpu import fake_gpu, rl_mlp
 
         seen = {}
         with fake_gpu(stub_driver=True) as fake, torch.no_grad():
@@ -109,8 +109,7 @@ def test_the_entry_points_on_shipped_code_import_no_numba_cuda():
             seen["swap"] = "numba.cuda" in sys.modules
             net = rl_mlp()
             target = copy.deepcopy(net).requires_grad_(False)
-            with cuda_factories_on_cpu():                # TargetNetwork's own flags asked for on cuda
-                tn = TargetNetwork(net, target, tau=0.005)
+            tn = TargetNetwork(net, target, tau=0.005)
             tn.update()
             seen["TargetNetwork.update"] = "numba.cuda" in sys.modules
             before = sum(1 for e in fake.launches if e[0] == "load")

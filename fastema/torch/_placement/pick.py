@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
 
+from ... import _backends
 from ..._shadow import AveragingShadow, WindowingShadow
 from ...flat import FlatShadow
 from ...flat_window import WindowShadow
@@ -131,7 +132,7 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
         return split_ring
     assert isinstance(rows, int)
     storage: AveragingShadow
-    if offload is not None and side.masters is not None and all(t.device.type == "cpu"
+    if offload is not None and side.masters is not None and all(_backends.device_of(t) == "cpu"
                                                                 for t in sources.values()):
         storage = HostMastersShadow(sources, rows=rows, dtype=dtype, optimizer=hook_of(side.engine))
     elif offload is not None:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ... import _backends
+
 if TYPE_CHECKING:
     from typing import TypeGuard
 
@@ -171,7 +173,7 @@ def release_gathered(params: list, what: str) -> None:
     ``GatheredParameters`` does on exit): the copies freed, the partitions unchanged, no collective.
     Refused by name, nothing released, while one is in use (inside a forward or a ``GatheredParameters``
     block): a write then would be lost or half seen."""
-    if params[0].ds_tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _backends.capturing("torch", _backends.device_of(params[0].ds_tensor)):
         raise RuntimeError(f"the update of {what}, ZeRO-3 partitioned, is being captured in a CUDA graph: its "
                            f"gathered copies are released at every update, which a replay would not do. Update it "
                            f"eagerly. Nothing was written.")

@@ -262,8 +262,9 @@ def copy_unless_flagged_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tens
 
 
 def device_name(t: torch.Tensor) -> str:
-    """``"cpu"`` or ``"cuda:N"``: the device names the skip flags are keyed by."""
-    return "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index}"
+    """``"cpu"`` or ``"cuda:N"``: the device names the skip flags are keyed by (the adapter's: the
+    groups' devices are its too)."""
+    return _backends.device_of(t)
 
 
 def disjoint_groups(a: Shadow, b: Shadow) -> None:

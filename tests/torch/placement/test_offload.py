@@ -370,7 +370,7 @@ def test_moved_weights_are_followed_through_every_windows_tables():
 def test_an_offloaded_update_refuses_graph_capture_before_counting(monkeypatch):
     model = _model()
     off = EMA(model, 0.9, offload="cpu")
-    off._on_gpu = True                                    # as for a model on a GPU
+    off._gpu = "cuda:0"                  # as for a model on a GPU (the fake GPU runs no offload: torch's streams)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="offloaded.*host thread"):
         off.update()
