@@ -242,7 +242,7 @@ LAYERS = (
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
     ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema.transformers", "fastema._callback_files",
-                             "fastema.merge", "fastema.trl",
+                             "fastema.merge", "fastema.trl", "fastema.torchtitan",
                              "fastema.cli", "fastema.__main__", "fastema")),
 )
 
