@@ -133,7 +133,7 @@ FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fast
                    "fastema/_io/safetensors.py", "fastema/keras/", "fastema/lightning.py", "fastema/jax/",
                    "fastema/tensorflow/",
                    "fastema/transformers.py", "fastema/_callback_files.py", "fastema/merge/_torch_inputs.py",
-                   "fastema/trl.py")
+                   "fastema/trl.py", "fastema/torchtitan/")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls

@@ -1,22 +1,17 @@
-"""``EMA.Config``: torchtitan's EMA configuration, field for field (main's ``EMA.Config``), checked
-at construction, plus fastema's ``shadow_dtype``."""
+"""The fields of ``EMA.Config``: torchtitan's EMA configuration, field for field (main's ``EMA.Config``),
+checked at construction, plus fastema's ``shadow_dtype`` (``EMA.Config`` adds ``build``, beside ``EMA``)."""
 from __future__ import annotations
 
 import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any
 
 from .._checks import MAX_DECAYS
 from ._keys import FIXED_DECAY_KEY_PREFIX, HALF_LIFE_KEY_PREFIX, ema_key
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ._ema import EMA
-
-__all__ = ["Config"]
+__all__ = ["ConfigFields"]
 
 SHADOW_DTYPES = ("same", "float32")
 
@@ -27,9 +22,9 @@ def _int(name: str, value: Any, least: int) -> None:
 
 
 @dataclass(kw_only=True, slots=True)
-class Config:
-    """What torchtitan's ``Optim.Config.ema`` holds (main's fields and rules), built with
-    :meth:`build`.
+class ConfigFields:
+    """What torchtitan's ``Optim.Config.ema`` holds (main's fields and rules); ``EMA.Config`` is this
+    with ``build``.
 
     Attributes:
         decays: fixed-decay copies, one per entry, each finite and in ``[0, 1)``: ``avg <- decay * avg +
@@ -99,10 +94,3 @@ class Config:
         """The checkpoint key of every copy, decays first (main's order)."""
         return ([ema_key(FIXED_DECAY_KEY_PREFIX, d) for d in self.decays]
                 + [ema_key(HALF_LIFE_KEY_PREFIX, f) for f in self.half_life_fractions])
-
-    def build(self, *, model_parts: Sequence[nn.Module],
-              layouts: Mapping[str, tuple] | None = None) -> EMA:
-        """The EMA of ``model_parts`` (see :class:`~fastema.torchtitan.EMA`)."""
-        from ._ema import EMA
-
-        return EMA(self, model_parts=model_parts, layouts=layouts)

@@ -5,32 +5,46 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..flat import FlatShadow
 from . import _state
-from ._config import Config
+from ._config import ConfigFields
 from ._keys import canonical_fqn
+from ._state import Tracked
 
-__all__ = ["EMA", "Tracked"]
+__all__ = ["EMA", "EMAConfig", "Tracked"]
 
 logger = logging.getLogger(__name__)
 
 _WIDE = (torch.float32, torch.float64)
 
 
-class Tracked(NamedTuple):
-    """One averaged tensor: its canonical name, the model's tensor (a parameter or a buffer; a
-    DTensor under FSDP2 / TP), the local tensor the shadow reads, and its global layout (``(mesh,
-    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain local
-    shard; None for a whole tensor)."""
-    fqn: str
-    tensor: torch.Tensor
-    local: torch.Tensor
-    layout: tuple | None
+@dataclass(kw_only=True, slots=True)
+class EMAConfig(ConfigFields):
+    """torchtitan main's ``EMA.Config`` (``fastema.torchtitan.EMA.Config`` is this class), built into an
+    :class:`EMA` with :meth:`build`.
+
+    Attributes:
+        decays: fixed-decay copies, each finite and in ``[0, 1)`` (key ``decay_<value>``).
+        half_life_fractions: copies of decay ``2 ** (-1 / (fraction * n))`` at the ``n``-th firing, each
+            finite and > 0 (key ``half_life_<value>``); at least one copy in all, at most 8.
+        start_step: the last step before tracking: the first firing is at ``start_step + update_every_n_steps``.
+        step_bias: added to the firing count ``n``.
+        update_every_n_steps: fire every N-th step.
+        offload_to_cpu: refused for now (the copies stay beside the parameters).
+        buffer_patterns: ``re.search`` patterns of the floating buffers averaged too.
+        shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype) or ``"float32"`` (opt-in: a
+            float32 average of bfloat16 parameters, under the same keys).
+    """
+
+    def build(self, *, model_parts: Sequence[nn.Module], layouts: Mapping[str, tuple] | None = None) -> EMA:
+        """The EMA of ``model_parts`` (see :class:`EMA`)."""
+        return EMA(self, model_parts=model_parts, layouts=layouts)
 
 
 class EMA:
@@ -67,17 +81,17 @@ class EMA:
             (FSDP2, TP) carry their own.
     """
 
-    Config = Config
+    Config = EMAConfig
 
-    def __init__(self, config: Config, *, model_parts: Sequence[nn.Module],
+    def __init__(self, config: EMAConfig, *, model_parts: Sequence[nn.Module],
                  layouts: Mapping[str, tuple] | None = None):
-        if not isinstance(config, Config):
+        if not isinstance(config, EMAConfig):
             raise TypeError(f"config must be a fastema.torchtitan.EMA.Config, got {type(config).__name__}")
         if config.offload_to_cpu:
             raise ValueError("EMA.Config.offload_to_cpu=True is not supported by fastema.torchtitan yet: its copies "
                              "stay beside the parameters. Leave offload_to_cpu False (or use fastema.torch.EMA(model, "
                              "offload='cpu') for a host-memory average)")
-        parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+        parts: list[nn.Module] = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
         if not parts or not all(isinstance(m, nn.Module) for m in parts):
             raise TypeError(f"model_parts must be a non-empty list of nn.Module, got {model_parts!r}")
         self.config = config
@@ -227,7 +241,7 @@ def _select(parts: list[nn.Module], patterns: Sequence[str], layouts: dict) -> l
     out: list[Tracked] = []
     buffers = 0
     for model in parts:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         for name, b in model.named_buffers():
             if compiled and any(p.search(name) for p in compiled):
                 if not b.is_floating_point():
@@ -242,8 +256,8 @@ def _select(parts: list[nn.Module], patterns: Sequence[str], layouts: dict) -> l
         logger.warning("EMA.Config.buffer_patterns=%s matched no buffer of any model part: check the patterns",
                        list(patterns))
     seen: dict[str, int] = {}
-    for t in out:
-        seen[t.fqn] = seen.get(t.fqn, 0) + 1
+    for tracked in out:
+        seen[tracked.fqn] = seen.get(tracked.fqn, 0) + 1
     twice = sorted(n for n, c in seen.items() if c > 1)
     if twice:
         raise ValueError(f"the model parts share the names {twice[:5]}: each tracked tensor needs its own name "

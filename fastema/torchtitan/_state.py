@@ -1,22 +1,29 @@
-"""The EMA in torchtitan's checkpoints (main's layout, ``state.<fqn>.ema_params.<key>``) and one copy
-exported to a Hugging Face folder (main's ``scripts/checkpoint_conversion/convert_ema_to_hf.py``)."""
+"""The EMA in torchtitan's checkpoints: main's layout, ``state.<fqn>.ema_params.<key>`` (DTensors of the
+parameters' layouts, the padding of padded parameters hidden), written from and read into the shadow."""
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .._io.files import atomic_write
-from .._io.safetensors import stream_safetensors
 from ._keys import canonical_fqn, flat_key
 
 if TYPE_CHECKING:
     from ..flat import FlatShadow
-    from ._ema import EMA, Tracked
 
-__all__ = ["as_global", "export_hf", "flat_state_dict", "load_flat_state_dict", "padded_params"]
+__all__ = ["Tracked", "as_global", "flat_state_dict", "load_flat_state_dict", "padded_params"]
+
+
+class Tracked(NamedTuple):
+    """One averaged tensor: its canonical name, the model's tensor (a parameter or a buffer; a
+    DTensor under FSDP2 / TP), the local tensor the shadow reads, and its global layout (``(mesh,
+    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain local
+    shard; None for a whole tensor)."""
+    fqn: str
+    tensor: torch.Tensor
+    local: torch.Tensor
+    layout: tuple | None
 
 
 def padded_params(parts: Sequence[nn.Module]) -> dict[str, Any]:
@@ -41,8 +48,11 @@ def as_global(t: Tracked, local: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
-def _pads(spec: Any, value: torch.Tensor, size: str) -> bool:
-    return spec is not None and value.ndim > spec.dim and value.shape[spec.dim] == getattr(spec, size)
+def _pads(spec: Any, value: torch.Tensor, size: str) -> Any:
+    """``spec`` when ``value`` has the padded (``"num_padded"``) or real (``"num_real"``) size along its dim."""
+    if spec is not None and value.ndim > spec.dim and value.shape[spec.dim] == getattr(spec, size):
+        return spec
+    return None
 
 
 def flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
@@ -53,7 +63,8 @@ def flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequen
         spec = padded.get(t.fqn)
         for row, key in enumerate(keys):
             value = as_global(t, shadow.view(t.fqn, row))
-            out[flat_key(t.fqn, key)] = spec.strip(value) if _pads(spec, value, "num_padded") else value
+            padding = _pads(spec, value, "num_padded")
+            out[flat_key(t.fqn, key)] = value if padding is None else padding.strip(value)
     return out
 
 
@@ -79,11 +90,12 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                 problems.append(f"{name} is missing")
                 continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                problems.append(f"{name} is {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}"
-                                f", expected a floating tensor")
+                what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                problems.append(f"{name} is {what}, expected a floating tensor")
                 continue
-            if _pads(spec, value, "num_real"):
-                value = spec.restore(value)                      # hidden padding back (zeros: never trained)
+            padding = _pads(spec, value, "num_real")
+            if padding is not None:
+                value = padding.restore(value)                   # hidden padding back (zeros: never trained)
             dst = shadow.view(t.fqn, row)
             if isinstance(value, DTensor):
                 if t.layout is None:
@@ -109,42 +121,3 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
     with torch.no_grad():
         for dst, value in writes:
             dst.copy_(value)
-
-
-def _writer() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *, sd_adapter: Any = None,
-              export_dtype: torch.dtype = torch.float32) -> str:
-    """Write copy ``key`` (default: the only one) of ``ema`` as a Hugging Face folder: the model's state
-    dict with every tracked tensor replaced by its average (the others, frozen parameters and buffers not
-    averaged, as the model holds them), through ``sd_adapter.to_hf`` when given (torchtitan's state-dict
-    adapter), in ``export_dtype``, into ``directory/model.safetensors`` (written whole or not at all).
-    On a sharded model every rank must call it (each tensor gathered in turn); rank 0 writes. Returns
-    the file's path."""
-    from torch.distributed.tensor import DTensor
-
-    row = ema.row_of(key)
-    state: dict[str, torch.Tensor] = {}
-    for model in ema.model_parts:
-        state.update(model.state_dict())
-    unmatched = sorted(t.fqn for t in ema.tracked if t.fqn not in state)
-    if unmatched:
-        raise ValueError(f"{len(unmatched)} averaged tensor(s) have no key in the model's state dict, e.g. "
-                         f"{unmatched[:3]}: exporting would write the trained weights instead of the average")
-    for t in ema.tracked:
-        state[t.fqn] = as_global(t, ema.shadow.view(t.fqn, row))
-    full = {}
-    for name, value in state.items():
-        value = value.full_tensor() if isinstance(value, DTensor) else value
-        full[name] = value.detach()
-    if sd_adapter is not None:
-        full = sd_adapter.to_hf(full)
-    path = os.path.join(os.fspath(directory), "model.safetensors")
-    if _writer():
-        os.makedirs(os.fspath(directory), exist_ok=True)
-        tensors = {n: (v, export_dtype if v.is_floating_point() else v.dtype) for n, v in full.items()}
-        atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt", "ema_key": ema.keys[row]}))
-    return path
