@@ -12,9 +12,13 @@ from __future__ import annotations
 __all__ = ["EMA_PARAMS", "FIXED_DECAY_KEY_PREFIX", "HALF_LIFE_KEY_PREFIX", "STATE_KEY", "canonical_fqn",
            "ema_key", "flat_key", "parse_ema_key"]
 
-STATE_KEY = "ema"                      # CheckpointManager(states={STATE_KEY: ema})
-EMA_PARAMS = "ema_params"              # the per-tensor state entry holding one copy per key
+#: The EMA's key among ``CheckpointManager``'s states: ``states={STATE_KEY: ema}``.
+STATE_KEY = "ema"
+#: The per-tensor state entry holding one copy per key (``state.<fqn>.ema_params.<key>``).
+EMA_PARAMS = "ema_params"
+#: The key prefix of a ``decays`` copy (``decay_0p999``).
 FIXED_DECAY_KEY_PREFIX = "decay_"
+#: The key prefix of a ``half_life_fractions`` copy (``half_life_0p05``).
 HALF_LIFE_KEY_PREFIX = "half_life_"
 _WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module",)
 
