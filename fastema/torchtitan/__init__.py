@@ -7,8 +7,8 @@ after pytorch/torchtitan#3985; the 0.3.0 release has none). :class:`EMA` takes t
 decays, and writes and reads the same checkpoint keys (``ema.state.<fqn>.ema_params.<key>`` under
 ``CheckpointManager``'s ``"ema"`` state), so a checkpoint of either resumes in the other. What it adds:
 every copy from one read of the weights in one launch per (device, dtype) group, the tensors listed
-once, an opt-in float32 average of bfloat16 weights, and a step that can sit inside a captured CUDA
-graph. Guide: ``docs/guides/torchtitan.md``.
+once, an opt-in float32 average of bfloat16 weights, a step that can sit inside a captured CUDA
+graph, and the copies offloaded to host memory through fastema's offload. Guide: ``docs/guides/torchtitan.md``.
 """
 from ._ema import EMA, EMAConfig
 from ._export import export_hf

@@ -36,8 +36,8 @@ class ConfigFields:
             ``start_step + update_every_n_steps``.
         step_bias: added to the firing count ``n`` (firings, not steps), to renumber a new phase.
         update_every_n_steps: fire every N-th trainer step.
-        offload_to_cpu: keep the copies in host memory (main's GH200 path). Refused for now: the copies
-            stay beside the parameters (see the guide).
+        offload_to_cpu: keep the copies in host memory (main's GH200 path), through fastema's offload
+            (``fastema.torch.EMA(offload="cpu")``'s host shadow, fed through two staging chunks).
         buffer_patterns: regular expressions (``re.search`` on the buffers' names) of the floating
             buffers averaged beside the trainable parameters.
         shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype, a bfloat16 parameter's in

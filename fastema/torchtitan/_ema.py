@@ -11,7 +11,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
+from ..torch._placement.offload import OffloadedShadow
 from . import _state
 from ._config import ConfigFields
 from ._keys import canonical_fqn
@@ -36,7 +38,8 @@ class EMAConfig(ConfigFields):
         start_step: the last step before tracking: the first firing is at ``start_step + update_every_n_steps``.
         step_bias: added to the firing count ``n``.
         update_every_n_steps: fire every N-th step.
-        offload_to_cpu: refused for now (the copies stay beside the parameters).
+        offload_to_cpu: keep the copies in host memory, fed through fastema's offload (``fastema.torch.EMA(
+            offload="cpu")``'s shadow: two staging chunks per device, the fold on a host thread).
         buffer_patterns: ``re.search`` patterns of the floating buffers averaged too.
         shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype) or ``"float32"`` (opt-in: a
             float32 average of bfloat16 parameters, under the same keys).
@@ -87,10 +90,6 @@ class EMA:
                  layouts: Mapping[str, tuple] | None = None):
         if not isinstance(config, EMAConfig):
             raise TypeError(f"config must be a fastema.torchtitan.EMA.Config, got {type(config).__name__}")
-        if config.offload_to_cpu:
-            raise ValueError("EMA.Config.offload_to_cpu=True is not supported by fastema.torchtitan yet: its copies "
-                             "stay beside the parameters. Leave offload_to_cpu False (or use fastema.torch.EMA(model, "
-                             "offload='cpu') for a host-memory average)")
         parts: list[nn.Module] = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
         if not parts or not all(isinstance(m, nn.Module) for m in parts):
             raise TypeError(f"model_parts must be a non-empty list of nn.Module, got {model_parts!r}")
@@ -105,8 +104,11 @@ class EMA:
         if not self.tracked:
             raise ValueError("the model parts have no trainable parameter and buffer_patterns matched no buffer: "
                              "there is nothing to average")
-        self.shadow = FlatShadow({t.fqn: t.local for t in self.tracked}, rows=len(self.keys),
-                                 dtype=config.shadow_dtype)
+        sources = {t.fqn: t.local for t in self.tracked}
+        self.offloaded = config.offload_to_cpu
+        self.shadow: Any = (OffloadedShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
+                            if self.offloaded else FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
+        self._devices = sorted({g["device"] for g in self.shadow.groups})
         self.padded = _state.padded_params(parts)
         self._fixed = [1.0 - d for d in self.decays]        # main's weight 1.0 - decay, as Python floats
         self._on_device: dict = {}                          # device step: its buffers (see _device_step)
@@ -138,11 +140,20 @@ class EMA:
             return
         n = elapsed // self.update_every_n_steps + self.step_bias
         weights = self._fixed + [1.0 - 2.0 ** (-1.0 / (f * n)) for f in self.half_life_fractions]
-        self.shadow.update(weight=weights)
+        if not self.offloaded:
+            self.shadow.update(weight=weights)
+            return
+        self.shadow.refresh()                          # the addresses checked (a moved parameter followed)
+        with ctrl_c_held():                            # every window staged, or none (a Ctrl-C waits)
+            self.shadow.update_checked({d: tuple(weights) for d in self._devices}, "nearest", 0, 0, None)
 
     def _device_step(self, step: torch.Tensor) -> None:
         """:meth:`step` worked out on the device: the buffers made at the first call, then only
         in-place and ``out=`` operations (nothing allocated, nothing read by the host)."""
+        if self.offloaded:
+            raise ValueError("step(tensor) (a captured CUDA graph's) does not go with EMA.Config.offload_to_cpu=True: "
+                             "the offloaded copies are folded on a host thread, which a graph replay would not run; "
+                             "step with the trainer's int step, outside the graph")
         bufs = self._on_device.get(step.device)
         if bufs is None:
             bufs = self._on_device[step.device] = _DeviceRule(self, step.device)

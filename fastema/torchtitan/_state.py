@@ -45,6 +45,8 @@ def as_global(t: Tracked, local: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     mesh, placements, shape, stride = t.layout
+    if local.device.type != mesh.device_type:          # an offloaded copy, handed to DCP on the mesh's device
+        local = local.to(t.local.device)
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 

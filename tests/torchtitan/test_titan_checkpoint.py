@@ -41,8 +41,8 @@ def _trained(make, steps=6):
     return model, ema
 
 
-def _ours(model):
-    return EMA.Config(**CFG).build(model_parts=[model])
+def _ours(model, offload=False):
+    return EMA.Config(**CFG, offload_to_cpu=offload).build(model_parts=[model])
 
 
 def _mains(model):
@@ -53,8 +53,9 @@ def _rows(ema: EMA) -> dict:
     return {(t.fqn, k): ema.shadow.view(t.fqn, r).clone() for t in ema.tracked for r, k in enumerate(ema.keys)}
 
 
-def test_fastemas_checkpoint_has_mains_keys_and_resumes_in_mains_ema_bit_for_bit(tmp_path):
-    _, ours = _trained(_ours)
+@pytest.mark.parametrize("offload", [False, True])
+def test_fastemas_checkpoint_has_mains_keys_and_resumes_in_mains_ema_bit_for_bit(tmp_path, offload):
+    _, ours = _trained(lambda m: _ours(m, offload))
     sd = ours.state_dict()
     assert set(sd) == {f"state.{n}.ema_params.{k}" for n in ("qkv.weight", "out.weight", "out.bias", "scale")
                        for k in KEYS}
@@ -68,12 +69,13 @@ def test_fastemas_checkpoint_has_mains_keys_and_resumes_in_mains_ema_bit_for_bit
         assert torch.equal(main.copy(key)[fqn], value), (fqn, key)      # padding rows: zeros both sides
 
 
-def test_mains_checkpoint_resumes_in_fastema_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_mains_checkpoint_resumes_in_fastema_bit_for_bit(tmp_path, offload):
     _, main = _trained(_mains)
     dcp.save({STATE_KEY: main}, checkpoint_id=str(tmp_path))
     assert "ema.state.qkv.weight.ema_params.half_life_0p25" in \
         dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
-    ours = _ours(Net())
+    ours = _ours(Net(), offload)
     dcp.load({STATE_KEY: ours}, checkpoint_id=str(tmp_path))
     for (fqn, key), value in _rows(ours).items():
         assert torch.equal(main.copy(key)[fqn], value), (fqn, key)

@@ -49,10 +49,11 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_twenty_steps_with_every_field_set_match_mains_rule_within_one_ulp(dtype):
+@pytest.mark.parametrize("dtype, offload", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_twenty_steps_with_every_field_set_match_mains_rule_within_one_ulp(dtype, offload):
+    """Every field set (offload_to_cpu too: fastema's offloaded shadow, host memory, the fold on a thread)."""
     ours_model, main_model = Net(dtype), Net(dtype)
-    ema = EMA.Config(**FIELDS).build(model_parts=[ours_model])
+    ema = EMA.Config(**FIELDS, offload_to_cpu=offload).build(model_parts=[ours_model])
     main = MainEMA([main_model], **FIELDS)
     assert ema.keys == main.keys == ["decay_0p9", "decay_0p75", "half_life_0p05", "half_life_0p5"]
     fired = 0
@@ -147,8 +148,8 @@ def test_a_bad_config_is_refused_by_name(fields, match):
 
 def test_what_build_and_step_refuse():
     m = Net()
-    with pytest.raises(ValueError, match="offload_to_cpu=True is not supported"):
-        EMA.Config(decays=[0.9], offload_to_cpu=True).build(model_parts=[m])
+    with pytest.raises(ValueError, match=r"step\(tensor\) .* does not go with EMA.Config.offload_to_cpu=True"):
+        EMA.Config(decays=[0.9], offload_to_cpu=True).build(model_parts=[m]).step(torch.ones((), dtype=torch.int64))
     with pytest.raises(ValueError, match="matched buffer 'count' of dtype torch.int64"):
         EMA.Config(decays=[0.9], buffer_patterns=["count"]).build(model_parts=[m])
     with pytest.raises(ValueError, match=r"share the names \['norm.bias'"):
