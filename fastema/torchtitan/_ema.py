@@ -13,7 +13,7 @@ from torch import nn
 
 from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
-from ..torch._placement.offload import OffloadedShadow
+from ..torch import Offload
 from . import _state
 from ._config import ConfigFields
 from ._keys import canonical_fqn
@@ -106,7 +106,7 @@ class EMA:
                              "there is nothing to average")
         sources = {t.fqn: t.local for t in self.tracked}
         self.offloaded = config.offload_to_cpu
-        self.shadow: Any = (OffloadedShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
+        self.shadow: Any = (Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
                             if self.offloaded else FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
         self._devices = sorted({g["device"] for g in self.shadow.groups})
         self.padded = _state.padded_params(parts)
