@@ -61,8 +61,9 @@ class EMA:
 
     What it tracks: every trainable parameter of every model part, and the floating buffers
     ``buffer_patterns`` match (``re.search`` on their names); each is a source of one
-    :class:`fastema.FlatShadow` of ``len(keys)`` rows (the tensors listed once, here; a parameter
-    replaced later is refused by the shadow's address check, as main refuses an untracked tensor).
+    :class:`fastema.FlatShadow` of ``len(keys)`` rows (``offload_to_cpu``: the host shadow of
+    :meth:`fastema.torch.Offload.shadow`), the tensors listed once, here (a parameter replaced later is
+    refused by the shadow's address check, as main refuses an untracked tensor).
 
     The firing rule is main's: at ``current_step``, ``elapsed = current_step - start_step``; nothing
     happens when ``elapsed <= 0`` or ``elapsed % update_every_n_steps``; else ``n = elapsed //
@@ -76,7 +77,7 @@ class EMA:
     ``Optim(enable_cuda_graph=True)``) with a step counter the graph advances.
 
     Args:
-        config: an :class:`~fastema.torchtitan.EMA.Config`.
+        config: an ``EMA.Config`` (:class:`~fastema.torchtitan.EMAConfig`).
         model_parts: the model parts (pipeline stages), as torchtitan's ``Optim`` gets them.
         layouts: for parameters held as plain local shards (torchtitan's ``spmd_types`` backend):
             ``fqn -> (mesh, placements)`` or ``(mesh, placements, global_shape)``, so the checkpoint
