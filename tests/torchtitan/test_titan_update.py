@@ -1,7 +1,7 @@
 """fastema.torchtitan.EMA's update against torchtitan main's EMA (``titan_upstream.MainEMA``, its firing
 rule and per-copy ``_foreach_lerp_`` passes on torchtitan 0.3.0's pieces): every config field set, a
 20-step run, within one ulp; the config's refusals; the device-side step (a captured graph's) equal to
-the host's; and on the fake GPU the device step's launches with no host sync."""
+the host's (on a GPU: test_titan_graph.py)."""
 import copy
 import math
 
@@ -11,42 +11,10 @@ from torch import nn
 
 pytest.importorskip("torchtitan")
 
+from titan_models import FIELDS, Net, _train_step, _ulps  # noqa: E402
 from titan_upstream import MainEMA  # noqa: E402
 
 from fastema.torchtitan import EMA, ema_key, parse_ema_key  # noqa: E402
-
-FIELDS = dict(decays=[0.9, 0.75], half_life_fractions=[0.05, 0.5], start_step=3, step_bias=2,
-              update_every_n_steps=2, buffer_patterns=[r"running_mean$"])
-
-
-class Net(nn.Module):
-    def __init__(self, dtype=torch.float32):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(8, 6).to(dtype)
-        self.norm = nn.LayerNorm(6).to(dtype)
-        self.frozen = nn.Linear(6, 2).to(dtype).requires_grad_(False)
-        self.register_buffer("running_mean", torch.zeros(6, dtype=dtype))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-
-
-def _train_step(models, step):
-    """The same deterministic change of every trainable tensor and the matched buffer of each model."""
-    with torch.no_grad():
-        for m in models:
-            trainable = [p for p in m.parameters() if p.requires_grad]
-            for i, p in enumerate(trainable):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 31 + i)).to(p.dtype))
-            m.running_mean.add_(torch.rand(6, generator=torch.Generator().manual_seed(step)).to(m.running_mean.dtype))
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """The largest distance in units of the last place between ``a`` and ``b`` (same float dtype)."""
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
-    ia, ib = a.view(bits).to(torch.int64), b.view(bits).to(torch.int64)
-    ia = torch.where(ia < 0, -(ia & (2 ** (8 * a.element_size() - 1) - 1)), ia)
-    ib = torch.where(ib < 0, -(ib & (2 ** (8 * a.element_size() - 1) - 1)), ib)
-    return int((ia - ib).abs().max())
 
 
 @pytest.mark.parametrize("dtype, offload", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
@@ -165,69 +133,3 @@ def test_what_build_and_step_refuse():
     before = ema.shadow.view("proj.weight", 0).clone()
     ema.step(0)                                        # elapsed 0: no firing
     assert torch.equal(before, ema.shadow.view("proj.weight", 0))
-
-
-def test_the_device_step_on_the_fake_gpu_launches_once_a_call_with_no_host_sync():
-    """Structurally what a captured optimizer step holds: the rule's torch operations and one launch per
-    group reading the weights and the skip flag from device memory, no host wait. (The kernels run only
-    on a real GPU; a lent GPU's check: the graph captured and replayed, docs/guides/torchtitan.md.)"""
-    pytest.importorskip("numba.cuda.dispatcher")
-    from testkit.fake_gpu import fake_gpu
-
-    with fake_gpu() as fake:
-        m = Net()
-        ema = EMA.Config(**FIELDS).build(model_parts=[m])
-        assert {g["device"] for g in ema.shadow.groups} == {"cuda:0"}
-        counter = torch.zeros((), dtype=torch.int64)
-        ema.step(counter)                              # the warm-up call makes the rule's buffers
-        before, counts = len(fake.launches), dict(fake.counters)
-        for _ in range(3):
-            counter += 1
-            ema.step(counter)
-        launched = [e for e in fake.launches[before:] if e[0] == "launch"]
-        assert len(launched) == 3 * len(ema.shadow.groups)
-        assert fake.counters["host_syncs"] == counts.get("host_syncs", 0)
-        assert fake.counters["device_allocs"] == counts.get("device_allocs", 0)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="hardware: a CUDA graph captured and replayed")
-def test_the_step_inside_a_captured_optimizer_step_replays_mains_rule():
-    """The update inside the captured step (torchtitan main's ``Optim(enable_cuda_graph=True)``): the
-    parameters' change, the device counter and ``ema.step(counter)`` captured once and replayed; the copies
-    then match an eager run stepped with the host's steps (the half-life rows' ``2 ** x`` on the device
-    within one ulp)."""
-    model = Net().cuda()
-    eager = copy.deepcopy(model)
-    ema = EMA.Config(**FIELDS).build(model_parts=[model])
-    ref = EMA.Config(**FIELDS).build(model_parts=[eager])
-    params = [p for p in model.parameters() if p.requires_grad]
-    deltas = [torch.randn_like(p) * 0.1 for p in params]
-    counter = torch.zeros((), dtype=torch.int64, device="cuda")
-
-    def body():
-        with torch.no_grad():
-            torch._foreach_add_(params, deltas)
-        counter.add_(1)
-        ema.step(counter)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):                             # torchtitan's warm-up iterations, eager
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    for _ in range(12):
-        graph.replay()
-    eager_params = [p for p in eager.parameters() if p.requires_grad]
-    for step in range(1, 16):
-        with torch.no_grad():
-            torch._foreach_add_(eager_params, deltas)
-        ref.step(step)
-    torch.cuda.synchronize()
-    for row in range(len(ema.keys)):
-        for t in ema.tracked:
-            assert _ulps(ema.shadow.view(t.fqn, row).cpu(), ref.shadow.view(t.fqn, row).cpu()) <= 1, (row, t.fqn)
