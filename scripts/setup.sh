@@ -14,6 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="torch${1:+,$1}"
+# torchtitan (fastema.torchtitan's tests): its release's requirements (datasets<4.8, wandb, torchdata...) would
+# downgrade datasets and huggingface-hub; it is installed without them, with only what the modules fastema
+# imports need (components.checkpointer, components.optimizer, distributed: spmd_types, tyro and tyro's two)
+titan=()
+if [[ ",$extras," == *",torchtitan,"* ]]; then
+  extras=$(echo ",$extras," | sed 's/,torchtitan,/,/; s/^,//; s/,$//')
+  titan=("torchtitan==0.3.0" "spmd_types==0.2.3" "tyro==1.0.17" "docstring-parser==0.18.0" "typeguard==4.6.1")
+fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
@@ -27,10 +35,14 @@ install() {
     echo "setup: $torch"
     .venv/bin/python -m uv pip install --python .venv/bin/python -c <(echo "torch==2.13.0") \
       -e ".[${extras}]" "$torch"
+    if [ ${#titan[@]} -gt 0 ]; then
+      .venv/bin/python -m uv pip install --python .venv/bin/python --no-deps "${titan[@]}"
+    fi
   else
     echo "setup: uv could not be installed; pip installs torch, then the extras"
     .venv/bin/python -m pip install --no-compile "torch==2.13.0" &&
-      .venv/bin/python -m pip install --no-compile -e ".[${extras}]"
+      .venv/bin/python -m pip install --no-compile -e ".[${extras}]" &&
+      { [ ${#titan[@]} -eq 0 ] || .venv/bin/python -m pip install --no-compile --no-deps "${titan[@]}"; }
   fi
 }
 if ! install >"$log" 2>&1; then

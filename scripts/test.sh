@@ -49,7 +49,7 @@ trap finish EXIT
 # PYTHONDONTWRITEBYTECODE (set on these machines) every process would compile again what it imports
 unset PYTHONDONTWRITEBYTECODE
 echo "== set-up $(date +%T)"
-bash scripts/setup.sh dev,cuda,bench,distributed,docs
+bash scripts/setup.sh dev,cuda,bench,distributed,docs,torchtitan
 # CUDA 12.0's ptxas, outside the venv, for the CUDA 12 set's checks (tests/kernels/test_toolchain_cu12.py)
 [ -x .toolchains/cu12-12.0/nvidia/cuda_nvcc/bin/ptxas ] || .venv/bin/python -m pip install -q --no-deps \
   --target .toolchains/cu12-12.0 nvidia-cuda-nvcc-cu12==12.0.76 || echo "set-up: no CUDA 12.0 ptxas: its checks skip"

@@ -134,7 +134,7 @@ FRAMEWORK_HOMES = ("fastema/_backends/", "fastema/torch/", "fastema/cli/", "fast
                    "fastema/tensorflow/",
                    "fastema/transformers.py", "fastema/_callback_files.py", "fastema/_lightning_ckpt.py",
                    "fastema/merge/_torch_inputs.py",
-                   "fastema/trl.py")
+                   "fastema/trl.py", "fastema/torchtitan/")
 IMPORTED_FRAMEWORKS = {"torch", "jax", "jaxlib", "tensorflow", "keras", "cupy", "lightning", "pytorch_lightning",
                        "flax", "deepspeed", "transformers", "accelerate", "peft", "trl"}
 PREDICATES = {"is_torch", "is_cupy", "is_jax", "is_tensorflow", "framework"}   # _backends' "which framework?" calls
@@ -243,7 +243,7 @@ LAYERS = (
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
     ("callbacks and tools", ("fastema.keras", "fastema.lightning", "fastema._lightning_ckpt", "fastema.transformers",
-                             "fastema._callback_files", "fastema.merge", "fastema.trl",
+                             "fastema._callback_files", "fastema.merge", "fastema.trl", "fastema.torchtitan",
                              "fastema.cli", "fastema.__main__", "fastema")),
 )
 

@@ -45,6 +45,7 @@ PUBLIC_MODULES = (
     "fastema.lightning",
     "fastema.transformers",
     "fastema.trl",
+    "fastema.torchtitan",
 )
 
 

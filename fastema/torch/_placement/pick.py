@@ -55,6 +55,12 @@ class Offload:
                              f"{self.device!r}")
         check_chunk(self.chunk)
 
+    def shadow(self, sources: dict, *, rows: int, dtype: str) -> OffloadedShadow:
+        """The host shadow this placement keeps, of ``sources`` (``name -> tensor``), ``rows`` rows of
+        ``dtype``: what ``EMA(offload=...)`` updates, for an integration that works its weights out
+        itself (``update_checked``, ``view``: ``fastema.torchtitan``'s ``offload_to_cpu``)."""
+        return OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=self.chunk)
+
 
 @dataclass(frozen=True)
 class ShardReplicas:

@@ -1,0 +1,131 @@
+"""fastema.torchtitan.EMA in torchtitan's checkpoints: main's keys (``ema.state.<fqn>.ema_params.<key>``,
+padding hidden) written through DCP and read by main's EMA (``titan_upstream.MainEMA``), main's read by
+fastema's, bit for bit; a cold start from a checkpoint without the EMA; a load that is refused writes
+nothing; one copy exported to a Hugging Face folder by key (as main's convert_ema_to_hf.py)."""
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+pytest.importorskip("torchtitan")
+
+from titan_upstream import MainEMA, PaddedLinear  # noqa: E402
+
+from fastema.torchtitan import EMA, STATE_KEY, export_hf  # noqa: E402
+
+CFG = dict(decays=[0.9], half_life_fractions=[0.25], start_step=1, buffer_patterns=["scale$"])
+KEYS = ["decay_0p9", "half_life_0p25"]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.qkv = PaddedLinear(5, num_real=6, num_padded=8)
+        self.out = nn.Linear(8, 3)
+        self.register_buffer("scale", torch.ones(3))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+def _trained(make, steps=6):
+    """A model and its EMA (``make(model)``) after ``steps`` deterministic steps (padding rows left at 0)."""
+    model = Net()
+    ema = make(model)
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            model.qkv.weight[:6].add_(0.1 * step)
+            model.out.weight.mul_(0.9).add_(0.01 * step)
+            model.out.bias.sub_(0.05)
+            model.scale.mul_(1.1)
+            ema.step(step)
+    return model, ema
+
+
+def _ours(model, offload=False):
+    return EMA.Config(**CFG, offload_to_cpu=offload).build(model_parts=[model])
+
+
+def _mains(model):
+    return MainEMA([model], **CFG)
+
+
+def _rows(ema: EMA) -> dict:
+    return {(t.fqn, k): ema.shadow.view(t.fqn, r).clone() for t in ema.tracked for r, k in enumerate(ema.keys)}
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fastemas_checkpoint_has_mains_keys_and_resumes_in_mains_ema_bit_for_bit(tmp_path, offload):
+    _, ours = _trained(lambda m: _ours(m, offload))
+    sd = ours.state_dict()
+    assert set(sd) == {f"state.{n}.ema_params.{k}" for n in ("qkv.weight", "out.weight", "out.bias", "scale")
+                       for k in KEYS}
+    assert sd["state.qkv.weight.ema_params.decay_0p9"].shape == (6, 5)      # the padding hidden
+    dcp.save({STATE_KEY: ours}, checkpoint_id=str(tmp_path))
+    keys = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    assert set(keys) == {f"ema.{k}" for k in sd}
+    main = _mains(Net())
+    dcp.load({STATE_KEY: main}, checkpoint_id=str(tmp_path))
+    for (fqn, key), value in _rows(ours).items():
+        assert torch.equal(main.copy(key)[fqn], value), (fqn, key)      # padding rows: zeros both sides
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_mains_checkpoint_resumes_in_fastema_bit_for_bit(tmp_path, offload):
+    _, main = _trained(_mains)
+    dcp.save({STATE_KEY: main}, checkpoint_id=str(tmp_path))
+    assert "ema.state.qkv.weight.ema_params.half_life_0p25" in \
+        dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    ours = _ours(Net(), offload)
+    dcp.load({STATE_KEY: ours}, checkpoint_id=str(tmp_path))
+    for (fqn, key), value in _rows(ours).items():
+        assert torch.equal(main.copy(key)[fqn], value), (fqn, key)
+
+
+def test_a_direct_load_is_checked_whole_and_an_empty_one_cold_starts():
+    _, main = _trained(_mains)
+    model, ours = _trained(_ours, steps=2)
+    before = _rows(ours)
+    state = main.state_dict()
+    bad = dict(state)
+    bad["state.out.bias.ema_params.decay_0p9"] = torch.full((3,), float("nan"))
+    del bad["state.scale.ema_params.half_life_0p25"]
+    bad["state.out.weight.ema_params.decay_0p9"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"nothing was written\): state.out.weight.ema_params.decay_0p9 has shape "
+                                         r"\(2, 2\), expected \(3, 8\); state.out.bias.ema_params.decay_0p9 holds inf "
+                                         r"or NaN; state.scale.ema_params.half_life_0p25 is missing"):
+        ours.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in _rows(ours).items())
+    ours.load_state_dict({**state, "state.other.ema_params.decay_0p5": torch.zeros(1)})   # another's key: ignored
+    assert all(torch.equal(v, main.copy(k)[n]) for (n, k), v in _rows(ours).items())
+    ours.load_state_dict({})                                                              # cold start
+    for t in ours.tracked:
+        for r in range(2):
+            assert torch.equal(ours.shadow.view(t.fqn, r), t.local)
+
+
+def test_one_copy_exported_to_a_hugging_face_folder_by_key(tmp_path):
+    """From a live EMA, and from a checkpoint main's EMA wrote (rebuilt with that key alone, loaded beside
+    the model's weights, as convert_ema_to_hf.py does)."""
+    from safetensors.torch import load_file
+
+    model, ours = _trained(_ours)
+    path = export_hf(ours, tmp_path / "live", "half_life_0p25")
+    got = load_file(path)
+    assert set(got) == set(model.state_dict())
+    for t in ours.tracked:
+        assert torch.equal(got[t.fqn], ours.shadow.view(t.fqn, 1))
+    assert torch.equal(got["steps"], model.steps)
+    with pytest.raises(ValueError, match=r"holds 2 copies \['decay_0p9', 'half_life_0p25'\]: name the one"):
+        export_hf(ours, tmp_path / "x")
+
+    trained, main = _trained(_mains)
+    dcp.save({STATE_KEY: main, **trained.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    fresh = Net()
+    one = EMA.Config(decays=[0.9], buffer_patterns=["scale$"]).build(model_parts=[fresh])
+    dcp.load({STATE_KEY: one, **fresh.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    got = load_file(export_hf(one, tmp_path / "hf", export_dtype=torch.bfloat16))
+    want = main.copy("decay_0p9")
+    for name, value in got.items():
+        expected = want.get(name, trained.state_dict()[name])
+        expected = expected.to(torch.bfloat16) if expected.is_floating_point() else expected
+        assert value.dtype == expected.dtype and torch.equal(value, expected), name
