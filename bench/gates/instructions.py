@@ -28,6 +28,13 @@ void gates_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 # addresses' alignment: a realloc'd list's copy then moved ema3000's count by 2-4 % between runs. Never
 # the rep forms: runs agree within 0.02 % even with address randomisation on.
 GLIBC_TUNABLES = "glibc.cpu.x86_rep_movsb_threshold=1000000000000:glibc.cpu.x86_rep_stosb_threshold=1000000000000"
+# Every address at or above 2^30 (issue 77, M9): CPython stores an int in 30-bit digits, and hashing or
+# comparing one of two digits costs more than one of one. Valgrind loads the interpreter at 0x108000 and
+# maps from low addresses up, so whether a tensor's data_ptr (a key of ema_update_many_'s cache, hashed
+# 296 times a call at 148 tensors) sat below 2^30 depended on how much the process had mapped before:
+# another venv's imports, the scenarios built first. fake-gpu ema_update_many_ (148) read 592k or 621k
+# (4.9 %) by that alone. Above 2^30 every address is two digits, whatever was mapped before.
+MIN_ADDRESS = 1 << 30
 
 
 def client_library() -> str:
@@ -104,15 +111,18 @@ def precompile() -> None:
 
 
 class Instructions:
-    """The valgrind process (started at once, so that other sections run beside it); :meth:`result`."""
+    """The valgrind process (started at once, so that other sections run beside it); :meth:`result`.
+    ``reserve_mib``: address space the process maps (and never touches) before its imports, as a
+    bigger install's imports would: the counts must not move with it (``bench/tests/test_gates_where.py``)."""
 
-    def __init__(self, names: list | None = None):
+    def __init__(self, names: list | None = None, reserve_mib: int = 0):
         lib = client_library()
         precompile()
         self.tmp = tempfile.mkdtemp(prefix="fastema-gates-")
         self.out = Path(self.tmp) / "callgrind.out"
         # the child is this module's __main__, run from ROOT (the cwd below): this tree's bench.gates
-        cmd = [shutil.which("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+        cmd = [shutil.which("valgrind"), f"--aspace-minaddr={MIN_ADDRESS:#x}", "--tool=callgrind",
+               "--instr-atstart=no", "--collect-atstart=no",
                "--combine-dumps=yes", f"--callgrind-out-file={self.out}", sys.executable, "-m",
                "bench.gates.instructions"] + list(names or [])
         setarch = shutil.which("setarch")
@@ -121,7 +131,7 @@ class Instructions:
         self.cmd = cmd
         self.started = time.perf_counter()
         self.log = Path(self.tmp) / "valgrind.log"     # a file, not a pipe: nothing waits on this process
-        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1")
+        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1", GATES_RESERVE_MIB=str(int(reserve_mib)))
         stub = _stub_dir()
         if stub is not None:                           # the stub driver's scenarios: on the library path at start
             env.update(LD_LIBRARY_PATH=os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")])),
@@ -158,6 +168,10 @@ def _instructions_child(names: list) -> int:
     """Runs inside valgrind (instrumentation off until every scenario is built and warm)."""
     import ctypes
     import gc
+    import mmap
+
+    reserve = int(os.environ.get("GATES_RESERVE_MIB") or 0) << 20
+    held = mmap.mmap(-1, reserve, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0) if reserve else None
 
     lib = ctypes.CDLL(os.environ["GATES_CLIENT"])
     lib.gates_dump.argtypes = [ctypes.c_char_p]
@@ -210,6 +224,7 @@ def _instructions_child(names: list) -> int:
             gc.collect()
             measure(STUB_WHERE)
     measure("cpu")
+    del held
     return 0
 
 
