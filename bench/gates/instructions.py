@@ -194,7 +194,7 @@ def _instructions_child(names: list) -> int:
         for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS + (ARRAYS if where == "cpu" else ())):
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
-                update, _ = build(what, n, where != "cpu")
+                update, _ = build(what, n, where != "cpu", stub=where == STUB_WHERE)
                 for _ in range(64):                      # past CPython's specialisation warm-up
                     update()
                 built[where].append((name, update, region_updates(n)))
