@@ -111,11 +111,9 @@ def precompile() -> None:
 
 
 class Instructions:
-    """The valgrind process (started at once, so that other sections run beside it); :meth:`result`.
-    ``reserve_mib``: address space the process maps (and never touches) before its imports, as a
-    bigger install's imports would: the counts must not move with it (``bench/tests/test_gates_where.py``)."""
+    """The valgrind process (started at once, so that other sections run beside it); :meth:`result`."""
 
-    def __init__(self, names: list | None = None, reserve_mib: int = 0):
+    def __init__(self, names: list | None = None):
         lib = client_library()
         precompile()
         self.tmp = tempfile.mkdtemp(prefix="fastema-gates-")
@@ -131,7 +129,7 @@ class Instructions:
         self.cmd = cmd
         self.started = time.perf_counter()
         self.log = Path(self.tmp) / "valgrind.log"     # a file, not a pipe: nothing waits on this process
-        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1", GATES_RESERVE_MIB=str(int(reserve_mib)))
+        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1")
         stub = _stub_dir()
         if stub is not None:                           # the stub driver's scenarios: on the library path at start
             env.update(LD_LIBRARY_PATH=os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")])),
@@ -168,10 +166,6 @@ def _instructions_child(names: list) -> int:
     """Runs inside valgrind (instrumentation off until every scenario is built and warm)."""
     import ctypes
     import gc
-    import mmap
-
-    reserve = int(os.environ.get("GATES_RESERVE_MIB") or 0) << 20
-    held = mmap.mmap(-1, reserve, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0) if reserve else None
 
     lib = ctypes.CDLL(os.environ["GATES_CLIENT"])
     lib.gates_dump.argtypes = [ctypes.c_char_p]
@@ -224,7 +218,6 @@ def _instructions_child(names: list) -> int:
             gc.collect()
             measure(STUB_WHERE)
     measure("cpu")
-    del held
     return 0
 
 
