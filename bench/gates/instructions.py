@@ -28,6 +28,13 @@ void gates_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 # addresses' alignment: a realloc'd list's copy then moved ema3000's count by 2-4 % between runs. Never
 # the rep forms: runs agree within 0.02 % even with address randomisation on.
 GLIBC_TUNABLES = "glibc.cpu.x86_rep_movsb_threshold=1000000000000:glibc.cpu.x86_rep_stosb_threshold=1000000000000"
+# Every address at or above 2^30 (issue 77, M9): CPython stores an int in 30-bit digits, and hashing or
+# comparing one of two digits costs more than one of one. Valgrind loads the interpreter at 0x108000 and
+# maps from low addresses up, so whether a tensor's data_ptr (a key of ema_update_many_'s cache, hashed
+# 296 times a call at 148 tensors) sat below 2^30 depended on how much the process had mapped before:
+# another venv's imports, the scenarios built first. fake-gpu ema_update_many_ (148) read 592k or 621k
+# (4.9 %) by that alone. Above 2^30 every address is two digits, whatever was mapped before.
+MIN_ADDRESS = 1 << 30
 
 
 def client_library() -> str:
@@ -112,7 +119,8 @@ class Instructions:
         self.tmp = tempfile.mkdtemp(prefix="fastema-gates-")
         self.out = Path(self.tmp) / "callgrind.out"
         # the child is this module's __main__, run from ROOT (the cwd below): this tree's bench.gates
-        cmd = [shutil.which("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+        cmd = [shutil.which("valgrind"), f"--aspace-minaddr={MIN_ADDRESS:#x}", "--tool=callgrind",
+               "--instr-atstart=no", "--collect-atstart=no",
                "--combine-dumps=yes", f"--callgrind-out-file={self.out}", sys.executable, "-m",
                "bench.gates.instructions"] + list(names or [])
         setarch = shutil.which("setarch")
@@ -180,7 +188,7 @@ def _instructions_child(names: list) -> int:
         for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS + (ARRAYS if where == "cpu" else ())):
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
-                update, _ = build(what, n, where != "cpu")
+                update, _ = build(what, n, where != "cpu", stub=where == STUB_WHERE)
                 for _ in range(64):                      # past CPython's specialisation warm-up
                     update()
                 built[where].append((name, update, region_updates(n)))

@@ -11,7 +11,9 @@ tensor into itself, "3830 GB/s", above the run's own device copy, and fastema re
    sources, so that a baseline which does nothing, or copies, cannot pass), its result is compared
    with fastema's in float64 (within ``rtol`` of the result's scale: a few ulps of the result's
    dtype by default), and a result that shares memory with an input (an update written into its
-   own sources) is refused. :class:`Refused` names the row.
+   own sources) or with fastema's result (a baseline reading back fastema's arrays agrees whatever it
+   does), or that the baseline's run left as it was (it compared nothing it wrote), is refused
+   (issue 77, M8). :class:`Refused` names the row.
 2. **No row above the run's copy ceiling** (:func:`within_ceiling`): the GB/s a row reports (the
    bytes it must move over its time) may not pass the device-to-device copy measured in the same
    run by more than :data:`TOLERANCE`; a row between the copy and the tolerance is flagged (a
@@ -102,15 +104,19 @@ def _default_rtol(arrays: Sequence) -> float:
 
 
 def agree(row: str, ours: Callable[[], Sequence], theirs: Callable[[], Sequence], *,
-          inputs: Sequence = (), rtol: float | None = None, start: Sequence | None = None) -> str:
+          inputs: Sequence = (), rtol: float | None = None, start: Sequence | None = None,
+          prior: Sequence | None = None) -> str:
     """Run ``ours()`` then ``theirs()`` once (each runs its update and returns the arrays it wrote,
     both from the same start) and refuse the baseline row ``row`` (:class:`Refused`) where its
-    arrays overlap ``inputs`` (it wrote into what it reads), differ in number or shape, or differ
+    arrays overlap ``inputs`` (it wrote into what it reads) or fastema's result (it reads back
+    fastema's update, whatever it did), differ in number or shape, or differ
     in value by more than ``rtol`` times the largest magnitude of fastema's result. ``start``
     (float64 arrays, as they were before the update) refuses a check that cannot tell an update
     from none: where fastema's update moved its result by no more than twice the tolerance (a 16-bit
-    average at decay 0.999 after a small move: a baseline that did nothing agreed). Returns the
-    agreement, in words."""
+    average at decay 0.999 after a small move: a baseline that did nothing agreed). ``prior``
+    (float64 arrays: the baseline's result as it was before ``theirs()`` ran) refuses a baseline
+    whose run left its result as it was: it vouches for nothing (a copy of fastema's result, arrays
+    the baseline does not write). Returns the agreement, in words."""
     raw = list(ours())
     mine = [to_float64(a) for a in raw]
     if start is not None:
@@ -126,6 +132,15 @@ def agree(row: str, ours: Callable[[], Sequence], theirs: Callable[[], Sequence]
     if clash:
         raise Refused(row, f"its result {clash[0][0]} is the memory of input {clash[0][1]} (an update "
                            f"written into its own sources; {len(clash)} such pairs): copy the shadow")
+    clash = aliased(got, raw)
+    if clash:
+        raise Refused(row, f"its result {clash[0][0]} is the memory of fastema's result {clash[0][1]} "
+                           f"({len(clash)} such pairs): it would read back fastema's update, whatever it "
+                           f"did; give the baseline a shadow of its own")
+    if prior is not None and len(prior) == len(got) and all(
+            np.array_equal(a, to_float64(b), equal_nan=True) for a, b in zip(prior, got)):
+        raise Refused(row, f"its {len(got)} result arrays are as they were before it ran: the check would "
+                           f"compare what it did not write; return the arrays the baseline writes")
     if len(got) != len(mine):
         raise Refused(row, f"{len(got)} arrays written against fastema's {len(mine)}")
     tol = _default_rtol(raw + got) if rtol is None else rtol
@@ -168,8 +183,11 @@ def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
     runs first (it moves the sources, so the check sees an update: far enough that fastema's result
     moves by more than twice the tolerance, or every baseline is refused, :func:`agree`'s ``start``);
     then ``ours``, then each baseline, once each, from the same start: give each its own shadow, equal
-    at the start. ``before=False`` where ``results[ours]`` can be read only after the update (the
-    swap's parameters while swapped in): no such refusal then."""
+    at the start. A baseline is refused too where its result shares memory with fastema's, or where
+    its run left its result as it was (read before and after it: a result that is a copy of
+    fastema's, or arrays it does not write, vouch for nothing). ``before=False`` where the results
+    can be read only after the update (the swap's parameters while swapped in, a smoother's values
+    before its first update): neither before-and-after refusal then."""
     missing = [n for n in fns if is_baseline(n) and n not in results]
     if missing:
         raise Refused(missing[0], "no result to check against fastema's (every baseline row is run "
@@ -181,8 +199,9 @@ def checked(fns: dict, results: dict, *, ours: str, inputs: Sequence = (),
     reference = list(results[ours]())
     for name, fn in fns.items():
         if is_baseline(name):
+            prior = [to_float64(a) for a in results[name]()] if before else None
             agree(name, lambda: reference, lambda fn=fn, name=name: (fn(), results[name]())[1],
-                  inputs=inputs, rtol=rtol, start=start)
+                  inputs=inputs, rtol=rtol, start=start, prior=prior)
     return fns
 
 

@@ -81,7 +81,8 @@ def test_a_baseline_computing_another_update_is_refused(wrong):
     ema = EMA(model, 0.999)
     update = {"decay": lambda: torch._foreach_lerp_(shadows, params, 0.01), "nothing": lambda: None,
               "copy": lambda: torch._foreach_copy_(shadows, params)}[wrong]
-    with torch.no_grad(), pytest.raises(Refused, match="differs from fastema's result"):
+    refused = "as they were before it ran" if wrong == "nothing" else "differs from fastema's result"
+    with torch.no_grad(), pytest.raises(Refused, match=refused):
         checked({"fastema EMA.update": ema.update, "baseline": update},
                 {"fastema EMA.update": lambda: list(ema.averaged_state_dict().values()),
                  "baseline": lambda: shadows}, ours="fastema EMA.update", inputs=params,
@@ -114,11 +115,11 @@ def test_bfloat16_results_are_compared_at_bfloat16_precision():
 
 
 @pytest.mark.parametrize("by, refused", [(0.1, "a baseline that did nothing would agree"),
-                                         (100.0, "differs from fastema's result")])
+                                         (100.0, "as they were before it ran")])
 def test_a_bfloat16_baseline_that_does_nothing_is_refused(by, refused):
     """At bfloat16 precision (2^-6 of the scale) one update at decay 0.999 after a small move is lost in
     the tolerance, and a baseline that did nothing agreed: the check refuses to vouch for it; after a
-    move large enough to see, the same baseline differs."""
+    move large enough to see, the same baseline is refused for leaving its result as it was."""
     model = _model(torch.bfloat16)
     params = list(model.parameters())
     shadows = [p.detach().clone() for p in params]
@@ -190,3 +191,48 @@ def test_the_jax_step_rows_check_passes_the_lerp_and_refuses_one_that_averages_n
     idle._jitted = jax.jit(lambda p, s: ([x - 1e-3 * x for x in p], s))
     with pytest.raises(Refused, match="jit tree_map lerp.*not the same update"):
         _check(idle, host)()
+
+
+def _many(seed=0):
+    """``ema_update_many_``'s row (issue 77, M8): its shadows, its sources, the sources' move."""
+    import fastema
+
+    g = torch.Generator().manual_seed(seed)
+    src = [torch.randn(s, generator=g) for s in [(8, 4), (4,), (3, 5)]]
+    ours = [t.clone() for t in src]
+    return ours, src, (lambda: fastema.ema_update_many_(ours, src, 0.9)), (lambda: _moved(src))
+
+
+def test_a_baseline_that_does_nothing_and_reads_back_fastemas_result_is_refused():
+    """M8's reproduction: a copy-paste slip in ``results`` (the baseline's is fastema's) vouched for
+    a row that times nothing."""
+    ours, src, update, move = _many()
+    with pytest.raises(Refused, match="torch foreach: refused") as err:
+        checked({"fastema": update, "torch foreach": lambda: None},
+                {"fastema": lambda: ours, "torch foreach": lambda: ours}, ours="fastema", inputs=src, move=move)
+    assert err.value.row == "torch foreach"
+
+
+def test_a_baseline_whose_result_is_fastemas_memory_is_refused_whatever_it_writes():
+    """It writes (fastema's arrays, a nudge within the tolerance) and reads fastema's update back:
+    refused for the shared memory, which no value check can see."""
+    ours, src, update, move = _many()
+    with pytest.raises(Refused, match=r"nudge: refused: its result 0 is the memory of fastema's result 0 "
+                                      r"\(3 such pairs\)"):
+        checked({"fastema": update, "nudge": lambda: torch._foreach_mul_(ours, 1 + 1e-6)},
+                {"fastema": lambda: ours, "nudge": lambda: ours}, ours="fastema", inputs=src, move=move)
+    with pytest.raises(Refused, match="row: refused: its result 0 is the memory of fastema's result 0"):
+        agree("row", lambda: ours, lambda: ours[:1])
+
+
+def test_a_baseline_whose_result_its_run_did_not_change_is_refused():
+    """Its result is a copy of fastema's (fresh memory, fastema's values): the baseline's run left it
+    as it was, so the check compared nothing the baseline wrote."""
+    ours, src, update, move = _many()
+    with pytest.raises(Refused, match="copied: refused: its 3 result arrays are as they were before it ran"):
+        checked({"fastema": update, "copied": lambda: None},
+                {"fastema": lambda: ours, "copied": lambda: [o.clone() for o in ours]},
+                ours="fastema", inputs=src, move=move)
+    theirs = [o.clone() for o in ours]                # the same row, its baseline written out: agrees
+    checked({"fastema": update, "foreach": lambda: torch._foreach_lerp_(theirs, src, 0.1)},
+            {"fastema": lambda: ours, "foreach": lambda: theirs}, ours="fastema", inputs=src, move=move)

@@ -50,12 +50,13 @@ class ShadowSwap:
     def exchange(self, row: int, swapping_in: bool) -> None:
         """:class:`~fastema.average.ModelSwap`'s exchange: average ``row`` in, or the raw weights
         back."""
-        if swapping_in or not self.agreement.groups(swap=True):
-            self._exchange_checked(row, swapping_in, [])
+        collective = bool(self.agreement.groups(swap=True))    # a split average's swap gathers
+        if swapping_in or not collective:
+            self._exchange_checked(row, swapping_in, [], collective)
             return
         gathering: list = []                           # a split average's way back is a collective
         try:
-            self._exchange_checked(row, swapping_in, gathering)
+            self._exchange_checked(row, swapping_in, gathering, collective)
         except Exception as err:
             if not self.side.avg.swapped:
                 raise
@@ -69,12 +70,15 @@ class ShadowSwap:
             raise RuntimeError(f"{self.agreement.kind}: the raw weights could not be restored "
                                f"({type(err).__name__}: {err}); the model {holds}. {why}") from err
 
-    def _exchange_checked(self, row: int, swapping_in: bool, gathering: list) -> None:
+    def _exchange_checked(self, row: int, swapping_in: bool, gathering: list, collective: bool) -> None:
         side = self.side
         avg, copy = side.avg, side.copy
-        read = Read("swap()", "in" if swapping_in else "back", row)
+        # split: the ranks agree before the gather; with no group to agree with, the checks alone (the
+        # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78 item 7)
+        agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row), swap=True)
+                  if collective else contextlib.nullcontext())
         try:
-            with self.agreement.agreed(read, swap=True):   # split: agreed before the gather
+            with agreed:
                 side.settle()
                 if swapping_in:
                     self.check_row(row)
