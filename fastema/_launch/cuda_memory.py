@@ -231,22 +231,18 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     return out
 
 
-def _destroy_event(d, event) -> None:
-    err, = d.cuEventDestroy(event)
-    if err and not _gone(err):
-        raise api_error("cuEventDestroy", err)
-
-
 class Event:
-    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context, destroyed
-    when it goes; recorded on raw stream handles."""
+    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context and destroyed
+    in it when it goes (``cuEventDestroy`` wants a context); recorded on raw stream handles."""
 
     __slots__ = ("d", "event", "__weakref__")
 
     def __init__(self, bindings=None):
         d = self.d = bindings if bindings is not None else _d()
         self.event = check("cuEventCreate", d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING.value))
-        weakref.finalize(self, _destroy_event, d, self.event).atexit = False
+        context = check("cuCtxGetCurrent", d.cuCtxGetCurrent())
+        weakref.finalize(self, _in_context, d, context if int(context) else None, "cuEventDestroy",
+                         self.event).atexit = False
 
     def record(self, raw: int) -> None:
         """Recorded on the raw stream ``raw`` (0: the legacy default stream)."""

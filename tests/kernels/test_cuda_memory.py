@@ -1,8 +1,8 @@
 """``CudaCoreDriver``'s device work through cuda-bindings alone (issue 70, item 3;
-``fastema/_launch/cuda_memory.py``): on the stub driver (``testkit/fake_gpu.py``: device memory is host
-memory, the copies memcpy), with fastema's real ``CudaCoreDriver`` doing everything (no ``FakeDriver``),
-the entry points import no ``numba.cuda`` and what was uploaded reads back; a failing ``CUresult`` is
-raised naming the call and the result."""
+``fastema/_launch/cuda_memory.py``): on the driver emulator (``testkit/emulator.py``: device memory is host
+memory, the copies memcpy, the driver's rules kept), with fastema's real ``CudaCoreDriver`` doing everything
+(no ``FakeDriver``), the entry points import no ``numba.cuda``, what was uploaded reads back, and no call
+broke a rule of the driver's; a failing ``CUresult`` is raised naming the call and the result."""
 import os
 import subprocess
 import sys
@@ -43,8 +43,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         import numpy as np
         import torch, fastema
         from fastema import _backends
-        from fastema._launch import cuda, cuda_memory, drivers
+        from fastema._launch import config, cuda, cuda_memory, drivers
         from fastema.torch import EMA, TargetNetwork
+        from testkit.emulator import Emulator
         from testkit.fake_gpu import cuda_factories_on_cpu, rl_mlp
 
         class StandIn:                                      # torch's cuda:0: views of fastema's own type
@@ -70,7 +71,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert np.array_equal(table[2:5].copy_to_host(), [6, 9, 12])
         first = np.array([11, 12, 13], np.int64)
         tables = cuda.AddressTables(cuda.to_device(first, "cuda:0"), first, 1, "cuda:0")
-        for k in range(4):                                  # more rewrites than staging slots
+        for k in range(config.CUDA_STAGING_SLOTS + 2):      # more rewrites than staging slots: one reused
             new = first + 100 * (k + 1)
             assert tables.point(new, "cuda:0", 77).copy_to_host().tolist() == new.tolist()
         imported("staging")
@@ -78,7 +79,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         gc.collect()
         assert not freed, freed
         assert d.compute_capability(0) == (9, 0) and d.sm_count(0) == 132
-        assert d.primary_context(0) == d.current_context() == 0xC0C0
+        assert d.current_context() == 0                     # a thread with none (torch not here)
+        with d.activate(0):
+            assert d.primary_context(0) == d.current_context() == 0xC0C0
         with _backends.standing_in(StandIn()), torch.no_grad():
             model = rl_mlp()
             ema = EMA(model, 0.99)
@@ -106,8 +109,14 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert not freed, freed
         loaded = [v for v in d.images.values() if v is not None]
         print(len(loaded) >= 4, len(loaded) == len(d.images), sorted({v.source.split("/")[1] for v in loaded}))
+        e = Emulator()                                      # no call broke a rule; a staging slot waited once
+        seen = e.counters()
+        print({k: seen[k] for k in ("no_context", "errors", "unknown_calls")}, e.depth(), seen["not_ready"] > 0,
+              seen["host_waits"] > 0, e.flags())
     """)
-    assert out.strip() == "True True ['sm_90']", out                # the shipped code, none dispatched
+    assert out.splitlines()[0] == "True True ['sm_90']", out               # the shipped code, none dispatched
+    assert out.splitlines()[1] == ("{'no_context': 0, 'errors': 0, 'unknown_calls': 0} 0 True True "
+                                   "{'stream': 1, 'event': 2, 'host_alloc': 1}"), out
 
 
 class _Failing:
