@@ -162,6 +162,7 @@ class FakeDriver:
             self.stream = real.stream           # type: ignore[method-assign]
             self.current_context = real.current_context   # type: ignore[method-assign]
             self.capturing = real.capturing     # type: ignore[method-assign]
+            self.any_capturing = real.any_capturing   # type: ignore[method-assign]
             self.primary_context = real.primary_context   # type: ignore[method-assign]
 
     def device_now(self):
@@ -212,7 +213,10 @@ class FakeDriver:
     def activate(self, index: int) -> _Push:
         return _Push(self, index)
 
-    def capturing(self, raw: int) -> bool:
+    def capturing(self, raw: int, index: int | None = None) -> bool:
+        return self.capture
+
+    def any_capturing(self, raw: int, index: int | None) -> bool:
         return self.capture
 
     def sm_count(self, index: int) -> int:

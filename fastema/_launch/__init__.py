@@ -192,9 +192,10 @@ def note_capture(group) -> None:
     cuda = _cuda()
     raw = group.current_stream()
     driver = cuda.current()
-    if cuda.WAITING:                           # released sources waiting for their events
-        cuda.prune_retired(driver, raw)
-    if group.tables is not None and driver.capturing(raw):
+    index = cuda._index(group.device)
+    if cuda.WAITING:                           # released sources waiting for their events, deferred frees
+        cuda.prune_retired(driver, raw, index)
+    if group.tables is not None and driver.capturing(raw, index):
         _CAPTURED.append(group.tables)         # a graph reads these tables at every replay: never freed
 
 

@@ -263,12 +263,12 @@ class _Contexts:
 
 def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     """A pinned block freed by the collector on a thread where no context is current (a JAX process's
-    Python thread) is freed in the context it was made in, and a device array's copies push its
-    device's context: each of these calls asks for a current context (``CUDA_ERROR_INVALID_CONTEXT``);
-    the finalizer's free ran bare and leaked the pinned slots."""
+    Python thread) is freed in the context it was made in (at the next safe point: ``cuda_frees``), and a
+    device array's copies push its device's context: each of these calls asks for a current context
+    (``CUDA_ERROR_INVALID_CONTEXT``); the finalizer's free ran bare and leaked the pinned slots."""
     import gc
 
-    from fastema._launch import cuda_memory
+    from fastema._launch import cuda_frees, cuda_memory
 
     d = _Contexts()
     device = cuda_memory.Device(0, d)
@@ -278,6 +278,8 @@ def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     assert not d.stack                                              # nothing current from here on
     del block
     gc.collect()
+    assert not d.calls                                              # deferred: nothing freed by the collector
+    cuda_frees.free_pending()
     a.copy_to_host()
     a.copy_to_device(np.zeros(4, np.float32), stream=0)
     assert d.calls == [("cuMemFreeHost", True), ("cuMemcpyDtoH", True), ("cuMemcpyHtoDAsync", True)]
