@@ -353,19 +353,25 @@ class CudaCoreDriver(_Numba):
         return Event(self.d)
 
     @staticmethod
-    def unavailable() -> str | None:
-        """Why this driver cannot run here (cuda.core, or what of cuda-bindings it calls, missing),
-        or None."""
+    def unavailable(core=None, bindings=None) -> str | None:
+        """Why this driver cannot run here, or None: cuda.core missing or older than 0.5.1 (what it
+        uses: ``ObjectCode`` and ``_utils.cuda_utils.CUDAError``; 0.3.2, which numba-cuda 0.20's ``cu13``
+        extra pins, has neither), or what of cuda-bindings it calls missing. ``core``, ``bindings``: the
+        ``cuda.core`` and cuda-bindings ``driver`` modules asked (default: the installed ones)."""
         try:
-            import cuda.core  # noqa: F401
-            from cuda.bindings import driver
-
-            _core_error()
+            if core is None:
+                import cuda.core as core
+            if bindings is None:
+                from cuda.bindings import driver as bindings
+            _core_error(core)
         except ImportError as err:
-            return f"{err.__class__.__name__}: {err}"
+            return f"{err.__class__.__name__}: {err} (fastema needs cuda-core>=0.5.1,<2: pip install 'fastema[cuda]')"
+        if not hasattr(core, "ObjectCode"):
+            return (f"cuda.core {getattr(core, '__version__', '?')} has no ObjectCode (fastema needs "
+                    f"cuda-core>=0.5.1,<2: pip install 'fastema[cuda]')")
         calls = ("cuLaunchKernel", "cuCtxGetCurrent", "cuKernelGetFunction", "cuStreamIsCapturing",
                  "cuDriverGetVersion", "CUfunction", "CUkernel", "CUstream", *_MEMORY_CALLS)
-        missing = [f for f in calls if not hasattr(driver, f)]
+        missing = [f for f in calls if not hasattr(bindings, f)]
         return f"its driver bindings lack {', '.join(missing)}" if missing else None
 
     def load(self, kind: str, code: bytes, entry: str) -> Loaded:
@@ -409,13 +415,15 @@ _MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrima
 """What of cuda-bindings :mod:`.cuda_memory` calls."""
 
 
-def _core_error() -> Any:
+def _core_error(core=None) -> Any:
     """The exception cuda.core raises for a driver's error, whose message starts with the result's
-    name (``cuda.core._utils.cuda_utils.CUDAError``, cuda.core 0.3 to 1.2: its
-    ``_check_driver_error``)."""
-    from cuda.core._utils.cuda_utils import CUDAError
+    name (``cuda.core._utils.cuda_utils.CUDAError``, its ``_check_driver_error``'s, in cuda.core 0.5.1
+    to 1.2, the range the ``cuda`` and ``cuda12`` extras pin: 0.3 and 0.4 have no ``cuda.core._utils``);
+    ImportError where ``core`` (default: ``cuda.core``) has none."""
+    import importlib
 
-    return CUDAError
+    name = "cuda.core" if core is None else core.__name__
+    return importlib.import_module(f"{name}._utils.cuda_utils").CUDAError
 
 
 
