@@ -219,6 +219,8 @@ def event_destroyed_on_a_bare_thread():
     return {"destroyed": e.calls("cuEventDestroy")}
 
 
+from testkit import gpu_scenarios                       # issue 78 item 3: what a GPU run checks first
+out["gpu_scenarios"] = gpu_scenarios.everything(gpu_scenarios.OnEmulator())
 print("RESULTS " + json.dumps(out))
 '''
 
@@ -291,3 +293,24 @@ def test_an_event_is_destroyed_in_its_context_on_a_thread_with_none(outcome):
     got = outcome["event_destroyed_on_a_bare_thread"]
     _clean(got)
     assert got["destroyed"] >= 1 and "no_context" not in got["delta"], got
+
+
+# ---------------------------------------------------------------- CUDA graphs on the emulator (issue 78 item 3)
+
+_GPU_SCENARIOS = [f"capture {name} with a collection inside" for name in (
+    "EMA.update()", "attached opt.step()", "TargetNetwork.update()", "Smoother.update()",
+    "swap (average_parameters in and out)")] + ["forked DataLoader worker collects"] + [
+    f"first {name} in a capture after a warm-up" for name in ("swap", "copy_to()", "scan_nonfinite()")]
+
+
+@pytest.mark.parametrize("name", _GPU_SCENARIOS)
+def test_what_a_gpu_run_checks_first_holds_on_the_emulator(outcome, name):
+    """``testkit.gpu_scenarios`` (``bench/gpu/contract.py`` runs them on a GPU first): each capture is not
+    invalidated by a collection inside it and its replay's launches equal the eager call's (kernel, grid,
+    block, parameter bytes); a forked worker's collection makes no driver call; a first bind inside a capture
+    is fastema's refusal, the capture still valid."""
+    got = outcome["gpu_scenarios"]
+    assert set(got) == set(_GPU_SCENARIOS), sorted(got)
+    assert got[name]["ok"], got[name]
+    if name.startswith("capture"):
+        assert got[name]["launches"] >= 1, got[name]
