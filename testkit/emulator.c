@@ -101,12 +101,15 @@ emu_refusal emu_refusals[NREFUSED];
 unsigned long long emu_refusal_seq = 0;
 
 /* ------------------------------------------------------------------ state */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int spin = 0;                      /* the state's lock: a spin lock (an uncontended pass: a few instructions) */
+static void lock_it(void) { while (__atomic_exchange_n(&spin, 1, __ATOMIC_ACQUIRE)) while (__atomic_load_n(&spin, __ATOMIC_RELAXED)) ; }
+static void release_it(void) { __atomic_store_n(&spin, 0, __ATOMIC_RELEASE); }
 static int initialized = 0, forked = 0;
-static __thread CUcontext stack[64];
-static __thread int depth = 0;
-static __thread int thread_mode = MODE_GLOBAL;
-static __thread int me_token;             /* its address names the thread */
+#define TLS static __thread __attribute__((tls_model("initial-exec")))
+TLS CUcontext stack[64];
+TLS int depth = 0;
+TLS int thread_mode = MODE_GLOBAL;
+TLS int me_token;                         /* its address names the thread */
 #define ME ((void *)&me_token)
 #define PRIMARY(d) ((CUcontext)(uintptr_t)(0xC0C0 + 0x100 * (d)))
 
@@ -134,7 +137,10 @@ typedef struct { uintptr_t ptr; size_t size; unsigned flags; int stream; unsigne
 static block_t *device_blocks, *host_blocks;
 static int ndevice, nhost, cap_device, cap_host;
 
-typedef struct { char *name; int lib, nparams; unsigned cbank, max_threads; unsigned short *offset, *size; } kernel_t;
+typedef struct {
+    char *name; int lib, nparams, ngaps; unsigned cbank, max_threads;
+    unsigned short *offset, *size; unsigned short gaps[32][2];    /* the padding between parameters: offset, bytes */
+} kernel_t;
 static kernel_t *kernels;
 static int nkernels, cap_kernels, nlibs;
 typedef struct { int kernel; CUcontext ctx; } function_t;
@@ -185,14 +191,14 @@ long long emu_calls[N_ENTRIES + 1];
 long long emu_captured_calls[N_ENTRIES + 1];  /* calls made while a capture was active anywhere */
 static int active_captures = 0;
 
-static void unlock_it(int *unused) { (void)unused; pthread_mutex_unlock(&lock); }
-static void child(void) { forked = 1; pthread_mutex_init(&lock, NULL); }
+static void unlock_it(int *unused) { (void)unused; release_it(); }
+static void child(void) { forked = 1; spin = 0; }
 static int forked_call(void) { emu_count[C_FORKED]++; return NOT_INITIALIZED; }
 
 /* Every entry: a forked child's call is counted and refused; the state is locked for the call; counted. */
 #define ENTER(name) \
     if (forked) return forked_call(); \
-    pthread_mutex_lock(&lock); \
+    lock_it(); \
     int held_ __attribute__((cleanup(unlock_it))) = 0; (void)held_; \
     emu_count[C_CALLS]++; emu_calls[I_##name]++; if (active_captures) emu_captured_calls[I_##name]++;
 #define NEED_INIT() if (!initialized) return NOT_INITIALIZED;
@@ -755,6 +761,27 @@ static CUresult e_cuLibraryLoadData(CUlibrary* library, const void* code, CUjit_
     else if (strstr((const char *)c, ".entry ") && strstr((const char *)c, ".version")) got = parse_ptx((const char *)c, lib);
     else got = -1;
     if (got <= 0) { nkernels = before; return refuse(I_cuLibraryLoadData, INVALID_IMAGE); }
+    for (int k = before; k < nkernels; k++) {                      /* the bank covers every parameter */
+        kernel_t *kk = &kernels[k];
+        unsigned sum = 0, end = 0;
+        for (int i = 0; i < kk->nparams; i++) {
+            sum += kk->size[i];
+            if (kk->offset[i] + kk->size[i] > end) end = kk->offset[i] + kk->size[i];
+        }
+        if (end > kk->cbank) kk->cbank = end;
+        (void)sum;
+        unsigned at = 0;                                           /* the gaps, in order of offset */
+        for (;;) {
+            unsigned next = kk->cbank, found = 0;
+            for (int i = 0; i < kk->nparams; i++)
+                if (kk->offset[i] >= at && kk->offset[i] <= next) { next = kk->offset[i]; found = 1; }
+            if (next > at && kk->ngaps < 32) { kk->gaps[kk->ngaps][0] = at; kk->gaps[kk->ngaps++][1] = next - at; }
+            if (!found) break;
+            unsigned size = 0;
+            for (int i = 0; i < kk->nparams; i++) if (kk->offset[i] == next && kk->size[i] > size) size = kk->size[i];
+            at = next + (size ? size : 1);
+        }
+    }
     nlibs++;
     emu_count[C_LOADS]++;
     *library = (CUlibrary)(uintptr_t)(LBASE + 8 * (uintptr_t)lib);
@@ -800,6 +827,24 @@ static CUresult e_cuKernelGetFunction(CUfunction* pFunc, CUkernel kernel) {
 }
 
 /* ------------------------------------------------------------------ launches */
+/* Each parameter copied from its own address to its offset in the bank, as the driver gathers them; 1 where each
+   address lay at its offset from the first (fastema's one buffer: then the bank is one copy from there, the same
+   bytes at every parameter's place, the gaps zeroed after). */
+static unsigned gather(unsigned char *__restrict to, void **__restrict from, const unsigned short *__restrict offs,
+                       const unsigned short *__restrict sizes, int n, unsigned bank) {
+    const unsigned char *base = (const unsigned char *)from[0] - offs[0];
+    int i = 0;
+    while (i < n && (const unsigned char *)from[i] == base + offs[i]) i++;
+    if (i == n) {
+        memcpy(to, base, bank);
+        return 1;
+    }
+    for (i = 0; i < n; i++) {
+        const unsigned char *src = from[i];
+        for (unsigned b = 0; b < sizes[i]; b++) to[offs[i] + b] = src[b];
+    }
+    return 0;
+}
 static void put(const emu_launch *r) {
     emu_launch *to = &emu_launches[emu_launch_seq % RING];
     *to = *r;
@@ -838,23 +883,12 @@ static CUresult e_cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned i
     r->stream = s->handle; r->context = (uintptr_t)cur();
     r->captured = s->status == STATUS_ACTIVE ? s->capture : 0;
     unsigned limit = kk->cbank < PARAM_BYTES ? kk->cbank : PARAM_BYTES;
-    memset(r->params, 0, limit);                                   /* the padding between parameters */
-    if (kernelParams) {                                            /* as the driver reads them: by the layout */
-        const char *first = kernelParams[0];
-        for (int i = 0; i < kk->nparams; i++) {
-            unsigned off = kk->offset[i], n = kk->size[i];
-            const char *from = kernelParams[i];
-            unsigned char *to = r->params + off;
-            if (off + n > limit) continue;
-            switch (n) {
-            case 8: { uint64_t v; memcpy(&v, from, 8); memcpy(to, &v, 8); break; }
-            case 4: { uint32_t v; memcpy(&v, from, 4); memcpy(to, &v, 4); break; }
-            case 2: { uint16_t v; memcpy(&v, from, 2); memcpy(to, &v, 2); break; }
-            case 1: *to = *from; break;
-            default: memcpy(to, from, n);
-            }
-            if (from != first + (off - kk->offset[0])) r->packed = 0;
-        }
+    if (kernelParams && kk->cbank <= PARAM_BYTES) {                /* as the driver reads them: by the layout */
+        r->packed = gather(r->params, kernelParams, kk->offset, kk->size, kk->nparams, kk->cbank);
+        for (int g = 0; g < kk->ngaps; g++)
+            for (unsigned b = 0; b < kk->gaps[g][1]; b++) r->params[kk->gaps[g][0] + b] = 0;
+    } else if (kernelParams) {                                     /* a bank over the record's room: not kept */
+        r->packed = 0;
     } else if (extra) {                                            /* extra: BUFFER_POINTER, BUFFER_SIZE, END */
         void *buffer = NULL; size_t *size = NULL; int n = 0;
         for (; n < 16 && extra[n] != 0; n += 2) {
@@ -1023,23 +1057,23 @@ int emu_kernel_layout(long long k, unsigned short *offsets, unsigned short *size
     return kernels[k].nparams;
 }
 void emu_complete_all(void) {
-    pthread_mutex_lock(&lock);
+    lock_it();
     for (int i = 0; i < nstreams; i++) complete(&streams[i], streams[i].queued);
-    pthread_mutex_unlock(&lock);
+    release_it();
 }
 unsigned long long emu_pending(unsigned long long stream) {      /* work queued on it and not done */
-    pthread_mutex_lock(&lock);
+    lock_it();
     unsigned long long n = 0;
     for (int i = 0; i < nstreams; i++)
         if (!streams[i].legacy && streams[i].handle == stream) n = streams[i].queued - streams[i].done;
-    pthread_mutex_unlock(&lock);
+    release_it();
     return n;
 }
 int emu_set_blocking(unsigned long long stream, int blocking) {  /* a stream torch made: blocking or not */
-    pthread_mutex_lock(&lock);
+    lock_it();
     int si = stream_index((CUstream)(uintptr_t)stream);
     if (si >= 0) streams[si].blocking = blocking;
-    pthread_mutex_unlock(&lock);
+    release_it();
     return si;
 }
 int emu_unknown_count(void) { return nunknown; }
