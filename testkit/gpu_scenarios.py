@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -145,12 +146,14 @@ def _garbage_collected() -> int:
     return gc.collect()
 
 
-def _entry(where, name: str, seed: int):
+def _entry(where, name: str, seed: int) -> tuple:
     """``(call, state)`` of entry ``name`` on a fresh model of ``seed`` (warmed up)."""
     import fastema
     from fastema.torch import EMA, TargetNetwork
 
     model = _model(where, seed)
+    call: Callable[[], Any]
+    state: Callable[[], list]
     if name == "EMA.update()":
         ema = EMA(model, 0.99)
         call = ema.update
@@ -176,10 +179,7 @@ def _entry(where, name: str, seed: int):
     elif name == "swap (average_parameters in and out)":
         ema = EMA(model, 0.99)
         ema.update()
-
-        def call():
-            with ema.average_parameters():
-                pass
+        call = functools.partial(_swap, ema)
         state = lambda: [p.clone() for p in model.parameters()]  # noqa: E731
     else:
         raise KeyError(name)
@@ -295,7 +295,7 @@ def _first_bind(where, warm, first) -> dict:
         said = str(err)
     after = where.counters()
     invalid = after.get("invalidations", 0) - before.get("invalidations", 0)
-    ok = bool(said) and said.startswith("fastema:") and "warm-up" in said and not invalid
+    ok = said is not None and said.startswith("fastema:") and "warm-up" in said and not invalid
     first(thing)                                           # outside: loads and runs
     return {"ok": ok, "said": (said or "")[:200], "invalidations": invalid}
 

@@ -360,9 +360,13 @@ class CudaCoreDriver(_Numba):
         ``cuda.core`` and cuda-bindings ``driver`` modules asked (default: the installed ones)."""
         try:
             if core is None:
-                import cuda.core as core
+                import cuda.core as installed
+
+                core = installed
             if bindings is None:
-                from cuda.bindings import driver as bindings
+                from cuda.bindings import driver
+
+                bindings = driver
             _core_error(core)
         except ImportError as err:
             return f"{err.__class__.__name__}: {err} (fastema needs cuda-core>=0.5.1,<2: pip install 'fastema[cuda]')"
