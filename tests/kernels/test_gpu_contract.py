@@ -305,7 +305,7 @@ _GPU_SCENARIOS = [f"capture {name} with a collection inside" for name in (
 
 @pytest.mark.parametrize("name", _GPU_SCENARIOS)
 def test_what_a_gpu_run_checks_first_holds_on_the_emulator(outcome, name):
-    """``testkit.gpu_scenarios`` (``bench/gpu/contract.py`` runs them on a GPU first): each capture is not
+    """``testkit.gpu_scenarios`` (what a GPU run checks first): each capture is not
     invalidated by a collection inside it and its replay's launches equal the eager call's (kernel, grid,
     block, parameter bytes); a forked worker's collection makes no driver call; a first bind inside a capture
     is fastema's refusal, the capture still valid."""
