@@ -200,10 +200,13 @@ class _Numba:
 
     def _capturing(self, raw: int) -> bool:
         d = self.d
-        err, status = d.cuStreamIsCapturing(d.CUstream(raw))
-        if err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
-            return True
-        return not err and status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+        err, status = d.cuStreamIsCapturing(self._stream_arg(raw))
+        if err:
+            return err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+        return status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def _stream_arg(self, raw: int):
+        return self.d.CUstream(raw)
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
         """``raw``, device ``index``'s legacy stream, then each stream launched on (:attr:`known`): a query
@@ -310,6 +313,9 @@ class CudaCoreDriver(_Numba):
         self._streams = _Streams(self.d.CUstream, self.known)
         self.stream = self._streams.__getitem__           # type: ignore[method-assign]  # a C call per launch
         self._devices = {}                                # index -> cuda_memory.Device
+
+    def _stream_arg(self, raw: int):
+        return self._streams[raw]                         # the launches' own stream objects (kept)
 
     def device(self, index: int):
         """Device ``index`` (:class:`.cuda_memory.Device`: its primary context retained once)."""
@@ -428,7 +434,6 @@ def _core_error(core=None) -> Any:
 
     name = "cuda.core" if core is None else core.__name__
     return importlib.import_module(f"{name}._utils.cuda_utils").CUDAError
-
 
 
 def _typed(core: CudaCoreDriver, numba: DispatcherDriver) -> tuple[Driver, Driver]:   # for mypy
