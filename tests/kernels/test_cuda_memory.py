@@ -113,10 +113,14 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         seen = e.counters()
         print({k: seen[k] for k in ("no_context", "errors", "unknown_calls")}, e.depth(), seen["not_ready"] > 0,
               seen["host_waits"] > 0, e.flags())
+        launches = e.launches()                             # as the driver took them: geometry, parameters
+        print(len(launches) >= 8, {(r.block, r.grid[1:], r.shared, r.packed, r.extra) for r in launches},
+              all(r.grid[0] >= 1 and r.context == 0xC0C0 for r in launches))
     """)
     assert out.splitlines()[0] == "True True ['sm_90']", out               # the shipped code, none dispatched
     assert out.splitlines()[1] == ("{'no_context': 0, 'errors': 0, 'unknown_calls': 0} 0 True True "
                                    "{'stream': 1, 'event': 2, 'host_alloc': 1}"), out
+    assert out.splitlines()[2] == "True {((256, 1, 1), (1, 1), 0, True, False)} True", out   # the bank is fastema's
 
 
 class _Failing:
