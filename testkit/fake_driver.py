@@ -98,22 +98,27 @@ class FakeEvent:
 
 
 class _Push:
-    """Device ``index``'s primary context pushed (counted) and popped."""
+    """Device ``index``'s primary context pushed (counted) and popped (on a ``real`` driver, pushed there too)."""
 
     def __init__(self, driver: FakeDriver, index: int):
         self.driver, self.index, self.saved = driver, index, 0
+        self.real = driver.real.activate(index) if driver.real is not None else None
 
     def __enter__(self):
         d = self.driver
+        if self.real is not None:
+            self.real.__enter__()
         d.pushes[self.index] = d.pushes.get(self.index, 0) + 1
         d.stack.append(self.index)
-        self.saved, d.context = d.context, PRIMARY + self.index
+        self.saved, d.context = d.context, d.primary + self.index
         return self
 
     def __exit__(self, *exc):
         d = self.driver
         d.stack.pop()
         d.context = self.saved
+        if self.real is not None:
+            self.real.__exit__(*exc)
 
 
 class FakeDriver:
@@ -121,9 +126,9 @@ class FakeDriver:
     through numba's dispatcher. ``primary_current``: device 0's primary context is current (as torch
     keeps it). ``record``: launches are appended to :attr:`launches` (off for timings).
     ``on_launch(params)``: called at each launch with the address of the parameter block. ``real``:
-    a driver whose ``load``, ``launch``, ``stream`` and ``current_context`` run instead
-    (``fastema._launch.drivers.CudaCoreDriver`` over the stub ``libcuda``: :mod:`.fake_gpu`); its
-    contexts are then ``real_primary``.
+    a driver whose ``load``, ``launch``, ``stream``, ``current_context``, capture queries, pushes and
+    device work (uploads, pinned arrays, copies, events) run too (``fastema._launch.drivers.CudaCoreDriver``
+    over the driver emulator: :mod:`.fake_gpu`); its contexts are then ``real_primary``.
 
     What it saw: :attr:`launches` (``("load", kind, entry)``, ``("launch", stream, blocks, func)``,
     ``("dispatcher", variant name, (blocks, threads, raw), args)``), :attr:`log` (``(what, device
@@ -156,6 +161,9 @@ class FakeDriver:
             self.launch = real.launch           # type: ignore[method-assign]
             self.stream = real.stream           # type: ignore[method-assign]
             self.current_context = real.current_context   # type: ignore[method-assign]
+            self.capturing = real.capturing     # type: ignore[method-assign]
+            self.any_capturing = real.any_capturing   # type: ignore[method-assign]
+            self.primary_context = real.primary_context   # type: ignore[method-assign]
 
     def device_now(self):
         return self.stack[-1] if self.stack else None
@@ -205,7 +213,10 @@ class FakeDriver:
     def activate(self, index: int) -> _Push:
         return _Push(self, index)
 
-    def capturing(self, raw: int) -> bool:
+    def capturing(self, raw: int, index: int | None = None) -> bool:
+        return self.capture
+
+    def any_capturing(self, raw: int, index: int | None) -> bool:
         return self.capture
 
     def sm_count(self, index: int) -> int:
@@ -218,8 +229,13 @@ class FakeDriver:
         return self.driver_version
 
     # ---------------------------------------------------------------- memory and events
-    def upload(self, array, index: int) -> FakeDeviceArray:
+    def upload(self, array, index: int) -> Any:
         a = np.ascontiguousarray(array)
+        if self.real is not None:
+            self.counters["device_allocs"] += 1
+            self.counters["uploaded_bytes"] += a.nbytes
+            self.counters["host_syncs"] += 1
+            return self.real.upload(a, index)
         with self.activate(index):
             self.note("to_device", f"upload-{index}")
             self.counters["device_allocs"] += 1
@@ -231,15 +247,20 @@ class FakeDriver:
 
     def pinned(self, size: int, dtype) -> np.ndarray:
         self.counters["host_allocs"] += 1
+        if self.real is not None:
+            return self.real.pinned(size, dtype)
         return np.zeros(max(size, 1), dtype)
 
     def copy(self, device_array, values, raw: int) -> None:
         self.note("copy_to_device", raw)
         self.counters["uploaded_bytes"] += values.nbytes
-        device_array.host[:len(values)] = values
+        if self.real is not None:
+            self.real.copy(device_array, values, raw)
+        else:
+            device_array.host[:len(values)] = values
 
-    def event(self) -> FakeEvent:
-        return FakeEvent(self)
+    def event(self) -> Any:
+        return self.real.event() if self.real is not None else FakeEvent(self)
 
     def clear(self) -> None:
         pass

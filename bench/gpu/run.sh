@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU plan in two commands, each one device command on a bare or a warm machine (issue 63):
 #
-#   bash bench/gpu/run.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
+#   bash bench/gpu/run.sh all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
 #
 #   all    what one GPU window must give, in this order, at most 8 minutes with its set-up:
 #          1. the versions (env.txt: the GPU's name from nvidia-smi, driver, python, torch, numba,
-#             numba-cuda, cuda-core, NVVM, cached_launch...) and the preflight bench/gpu/smoke.py
+#             numba-cuda, cuda-core, NVVM, cached_launch...), then the GPU contract on the real driver
+#             (bench/gpu/contract.py: contract.json; what the driver emulator holds fastema to in CI,
+#             testkit/gpu_scenarios.py: captures by torch.cuda.graph with a collection inside, a forked
+#             DataLoader worker, first binds after a warm-up), then the preflight bench/gpu/smoke.py
 #             (smoke.json, rewritten after each check);
 #          2. the CUDA tests (bench/gpu/cuda_tests.py: cuda-tests.log, a line a test as it ends with its
 #             result, seconds and NVVM calls; the kernels and the launch path first, the tests that
@@ -16,6 +19,10 @@
 #             lerp against a device copy, the first update of a fresh process and its NVVM calls,
 #             a GPT-2-size training step with and without the update (float32, bfloat16);
 #          then the gpu-summary line (summary.txt).
+#   targets  round 8's targets, each with its baseline and verdict (bench/gpu/targets.py: targets.json,
+#          targets.md): ema_update_ host <= 10 us, EMA.update() host <= 8 us at 6 tensors and <= 12 at 148,
+#          Smoother.update >= 1.0x torch ops, TargetNetwork.update >= 1.0x _foreach_lerp_, the swap's round
+#          trip >= 80% of a copy.
 #   rest   what a window with time left after `all` adds, in this order: the probe (bench/gpu/
 #          probe.py: probe.json, probe.md, lerp_f32.sass), the offloaded EMA's figures (bench/
 #          scripts/offload.py --gpu: offload.md), the benchmark suite's CUDA rows (python -m bench.suite
@@ -32,7 +39,7 @@
 # every part did; else the first failure's (124: a timeout; 1: a failed check or test).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: bash bench/gpu/run.sh all|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
+usage="usage: bash bench/gpu/run.sh all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
 stage=${1:?$usage}
 out=${2:?$usage}
 shift 2
@@ -46,7 +53,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$stage" in all|rest) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "$stage" in all|targets|rest) ;; *) echo "$usage" >&2; exit 2 ;; esac
 export GPU_SIMULATE=${GPU_SIMULATE:-0}
 [ "$GPU_SIMULATE" = 1 ] && sim=(--simulate)
 mkdir -p "$out"
@@ -70,14 +77,20 @@ part() {                                  # part NAME RC: the first failure is t
 
 case "$stage" in
   all)
-    timeout -k 5 30 "$PY" -m bench.gpu.versions "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 20 "$PY" -m bench.gpu.versions "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
     part versions "${PIPESTATUS[0]}"
-    timeout -k 5 50 "$PY" -m bench.gpu.smoke "$out" "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 40 "$PY" -m bench.gpu.contract "$out" "${sim[@]}" 2>&1 | tee -a "$log"
+    part "GPU contract" "${PIPESTATUS[0]}"
+    timeout -k 5 40 "$PY" -m bench.gpu.smoke "$out" "${sim[@]}" 2>&1 | tee -a "$log"
     part smoke "${PIPESTATUS[0]}"
-    timeout -k 10 215 "$PY" -m bench.gpu.cuda_tests "$out" --budget 200 "${sim[@]}" -- "${extra[@]}"
+    timeout -k 10 195 "$PY" -m bench.gpu.cuda_tests "$out" --budget 180 "${sim[@]}" -- "${extra[@]}"
     part "CUDA tests" "$?"
-    timeout -k 5 85 "$PY" -m bench.gpu.headline "$out" --budget 55 "${sim[@]}" 2>&1 | tee -a "$log"
+    timeout -k 5 80 "$PY" -m bench.gpu.headline "$out" --budget 50 "${sim[@]}" 2>&1 | tee -a "$log"
     part headline "${PIPESTATUS[0]}"
+    ;;
+  targets)
+    timeout -k 10 360 "$PY" -m bench.gpu.targets "$out" --budget 300 "${sim[@]}" 2>&1 | tee -a "$log"
+    part "round 8 targets" "${PIPESTATUS[0]}"
     ;;
   rest)
     timeout -k 10 180 "$PY" -m bench.gpu.probe "$out" --budget "${GPU_PROBE_BUDGET:-120}" \
@@ -99,8 +112,8 @@ case "$stage" in
     part "benchmark suite" "${PIPESTATUS[0]}"
     ;;
 esac
-summary=$out/summary.txt                 # all: 7 files; rest: 8 without it (the line is in run.log)
-[ "$stage" = rest ] && summary=/dev/null
+summary=$out/summary.txt                 # all: 8 files; rest: 8 without it (the line is in run.log)
+[ "$stage" = all ] || summary=/dev/null
 timeout -k 5 10 "$PY" -m bench.gpu.summary "$out" 2>>"$log" | tee "$summary" | tee -a "$log"
 say "== run.sh $stage: exit $status after ${SECONDS}s; files: $(cd "$out" && ls | tr '\n' ' ')"
 exit "$status"

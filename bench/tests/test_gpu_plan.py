@@ -1,15 +1,16 @@
-"""The GPU plan (``bench/gpu/run.sh all`` and ``rest`` and their Python parts) runs end to end without a
-GPU (issues 37 and 63).
+"""The GPU plan (``bench/gpu/run.sh all``, ``targets`` and ``rest`` and their Python parts) runs end to end
+without a GPU (issues 37, 63 and 78).
 
-GPU time is rare (15 minutes of device time a session, the machine's start included; at most 8
-files back from a command; no network there): a plan that breaks on the day wastes it. So CI runs
-both commands in the Numba CUDA simulator at tiny sizes (``--simulate``; each in a subprocess, the
-simulator being switched on before numba is imported) and checks that each writes its files as the
-device returns them, that the summary line parses, that each command's timeouts add up to one
-window's 8 minutes, that a test run stopped at its budget says so, that the numpy shim lets
-numba-cuda compile where numpy lacks ``row_stack``, that the probe's GPU-mode array adapters agree
-with the CPU kernels (on CPU tensors), and that the timing flags a host-bound run and takes the
-implementations' batches in turn. Not cuda-marked: the simulator runs inside the subprocesses.
+GPU time is rare (15 minutes of device time a session, the machine's start included; at most 8 files
+back from a command; no network there): a plan that breaks on the day wastes it. So CI runs the
+commands in the Numba CUDA simulator at tiny sizes (``--simulate``; each in a subprocess, the
+simulator being switched on before numba is imported; the GPU contract's scenarios on the driver
+emulator) and checks that each writes its files as the device returns them, that the summary line
+parses, that each command's timeouts add up to one window's 8 minutes, that a test run stopped at
+its budget says so, that the numpy shim lets numba-cuda compile where numpy lacks ``row_stack``,
+that the probe's GPU-mode array adapters agree with the CPU kernels (on CPU tensors), and that the
+timing flags a host-bound run and takes the implementations' batches in turn.
+Not cuda-marked: the simulator runs inside the subprocesses.
 """
 import importlib
 import json
@@ -24,8 +25,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GPU = ROOT / "bench" / "gpu"
-FILES = {"all": {"run.log", "env.txt", "smoke.json", "cuda-tests.log", "headline.json",
+FILES = {"all": {"run.log", "env.txt", "contract.json", "smoke.json", "cuda-tests.log", "headline.json",
                  "headline.md", "summary.txt"},
+         "targets": {"run.log", "targets.json", "targets.md"},
          "rest": {"run.log", "probe.json", "probe.md", "bench.json", "bench.md"}}
 MAX_FILES, WINDOW_S = 8, 480
 MIXED = "torch._foreach_mul_+_foreach_add_"
@@ -49,6 +51,7 @@ def runs(tmp_path_factory):
     done = {}
     for name, command, extra in (
             ("all", ["bash", str(GPU / "run.sh"), "all"], {}),
+            ("targets", ["bash", str(GPU / "run.sh"), "targets"], {}),
             ("rest", ["bash", str(GPU / "run.sh"), "rest"], {"GPU_PROBE_BUDGET": "0"}),
             ("cut", [sys.executable, "-m", "bench.gpu.cuda_tests"], {})):
         folder = base / name
@@ -126,11 +129,37 @@ def test_all_runs_in_the_simulator_and_writes_its_files(runs):
     _smoke_and_versions(folder)
     _tests_log(folder)
     _headline(folder)
+    _contract(folder)
     summary = (folder / "summary.txt").read_text().strip()
     assert summary == (folder / "headline.md").read_text().splitlines()[0]
     fields = _fields(summary)
     assert fields["cuda_tests_failed"] == "0" and fields["cuda_tests_passed"] == "2"
     assert fields["first_update_nvvm"] == "0" and fields["headline_failed"] == "0"
+
+
+def _contract(folder) -> None:
+    """The GPU contract ran first, on the driver emulator in CI: every scenario passed (or the emulator could
+    not be built: no C compiler)."""
+    data = json.loads((folder / "contract.json").read_text())
+    assert data["where"] == "emulator", data
+    checks = data["checks"]
+    if "skipped" in checks:
+        assert checks["skipped"]["ok"] is None and "C compiler" in checks["skipped"]["skipped"]
+        return
+    assert len(checks) == 9 and all(v["ok"] for v in checks.values()), checks
+
+
+def test_targets_run_in_the_simulator_with_every_figure_and_no_verdict(runs):
+    """Round 8's targets: each figure recorded with its bound; in the simulator no verdict (None), on a GPU
+    met or missed."""
+    rc, output, folder = runs["targets"]
+    assert rc == 0, output[-4000:]
+    assert FILES["targets"] <= _files(folder), output[-2000:]
+    checks = json.loads((folder / "targets.json").read_text())["checks"]
+    figures = {k: v for k, v in checks.items() if not k.startswith("row ")}
+    assert len(figures) == 8 and all(v["ok"] is None and v["value"] > 0 for v in figures.values()), checks
+    assert not [k for k, v in checks.items() if v.get("ok") is False], checks
+    assert (folder / "targets.md").read_text().count("\n| ") == 8
 
 
 def test_rest_runs_in_the_simulator_and_writes_its_files(runs):
@@ -191,7 +220,7 @@ def _fields(line: str) -> dict:
     return fields
 
 
-def test_summary_line_of_both_commands_folders_parses(runs):
+def test_summary_line_of_the_commands_folders_parses(runs):
     folders = [str(runs[s][2]) for s in ("all", "rest")]
     p = subprocess.run([sys.executable, "-m", "bench.gpu.summary", *folders], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=60)
@@ -227,7 +256,7 @@ def test_each_command_fits_one_window():
     their timeouts; output is teed, never piped through tail."""
     script, setup = (GPU / "run.sh").read_text(), (GPU / "env.sh").read_text()
     branches = _branches(script)
-    assert set(branches) == {"all", "rest"}
+    assert set(branches) == {"all", "targets", "rest"}
     tail = script[script.index("\nesac\n", script.index('case "$stage" in\n  all)')):]
     assert _seconds(setup) > 0 and _seconds(tail) > 0
     for stage, body in branches.items():
@@ -237,8 +266,8 @@ def test_each_command_fits_one_window():
         assert not re.search(r"\|\s*tail\b", text)
     assert "set -uo pipefail" in script
     budget = r"timeout -k \d+ (\d+) .*--budget \"?(?:\$\{GPU_PROBE_BUDGET:-)?(\d+)"
-    found = re.findall(budget, branches["all"] + branches["rest"])
-    assert len(found) == 3                                    # tests, headline, probe
+    found = re.findall(budget, branches["all"] + branches["targets"] + branches["rest"])
+    assert len(found) == 4                                    # tests, headline, targets, probe
     for limit, inner in found:
         assert int(inner) + 15 <= int(limit), (limit, inner)  # room to report after the budget
     tests = _module("cuda_tests")

@@ -192,9 +192,9 @@ def note_capture(group) -> None:
     cuda = _cuda()
     raw = group.current_stream()
     driver = cuda.current()
-    if cuda.WAITING:                           # released sources waiting for their events
-        cuda.prune_retired(driver, raw)
-    if group.tables is not None and driver.capturing(raw):
+    if cuda.WAITING:                           # released sources waiting for their events, deferred frees
+        cuda.prune_retired(driver, raw, cuda._index(group.device))
+    if group.tables is not None and driver.capturing(raw, None if raw else cuda._index(group.device)):
         _CAPTURED.append(group.tables)         # a graph reads these tables at every replay: never freed
 
 

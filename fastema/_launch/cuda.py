@@ -19,6 +19,7 @@ import numpy as np
 
 from . import config
 from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
+from .cuda_frees import PENDING, free_pending
 from .drivers import current, simulator, using  # noqa: F401
 
 SIMULATOR = simulator()
@@ -27,14 +28,19 @@ SIMULATOR = simulator()
 
 def capturing(device: str, raw: int) -> bool:
     """Whether work queued on the raw stream ``raw`` of ``device`` now would be captured into a CUDA
-    graph rather than run (the current driver's query: :meth:`.driver.Driver.capturing`)."""
-    return current().capturing(raw)
+    graph rather than run (the current driver's query: :meth:`.driver.Driver.capturing`; the legacy stream
+    is ``device``'s, asked in its context)."""
+    return current().capturing(raw, _index(device))
 
 
 def clear_caches() -> None:
-    """Drop the stream objects the current driver keeps (``fastema.clear_caches()``); the zero flags
-    stay (see :func:`_zero_flag`)."""
-    current().clear()
+    """Drop the stream objects the current driver keeps (``fastema.clear_caches()``) and issue the deferred
+    frees (:mod:`.cuda_frees`) where no stream it knows captures; the zero flags stay (see
+    :func:`_zero_flag`)."""
+    d = current()
+    d.clear()
+    if PENDING and not d.any_capturing(0, None):
+        free_pending()
 
 
 def to_device(a: np.ndarray, device: str, driver=None):
@@ -160,8 +166,11 @@ class Retired:
                                               # the next release (JAX, TensorFlow: a release every step)
 
     def release(self, kept, device: str, raw: int) -> None:
-        """``kept`` held until the launches issued so far on the raw stream ``raw`` have run."""
-        self.prune()
+        """``kept`` held until the launches issued so far on the raw stream ``raw`` have run (pruned first;
+        a torch holder, released rarely, not while a stream the driver knows captures: no event query is
+        permitted then)."""
+        if not (self.at_launches and self.pending and self.driver.any_capturing(raw, _index(device))):
+            self.prune()
         if len(self.pending) >= config.CUDA_RETIRED_MAX:
             event, _, passed = self.pending.pop(0)
             event.synchronize()

@@ -1,14 +1,16 @@
 """The lowest CUDA pieces of dispatch, which every other CUDA module of ``_launch`` imports: what
-built a kernel (:func:`cuda_versions`), device indices and the retired sources waiting for their
-events (:data:`WAITING`, :func:`prune_retired`; the holders are :class:`.cuda.Retired`). Sets,
-before any kernel is built, the kernel cache's key versions (the dispatcher cache switch is set
-where the kernels are first imported: :func:`.kernel_refs.kernels`). The driver calls are the
-launch driver's (:mod:`.driver`, :mod:`.drivers`)."""
+built a kernel (:func:`cuda_versions`), device indices, what waits for a safe point (:data:`WAITING`,
+:func:`prune_retired`: the retired sources of :class:`.cuda.Retired` waiting for their events, and the
+deferred frees of :mod:`.cuda_frees`) and the refusal of a code load inside a capture
+(:func:`refuse_load_during_capture`). Sets, before any kernel is built, the kernel cache's key versions (the
+dispatcher cache switch is set where the kernels are first imported: :func:`.kernel_refs.kernels`). The
+driver calls are the launch driver's (:mod:`.driver`, :mod:`.drivers`)."""
 from __future__ import annotations
 
 import functools
 
 from ..kernels import _cache as _kernel_cache
+from .cuda_frees import WAITING
 
 
 @functools.cache
@@ -44,18 +46,29 @@ def _index(device: str) -> int:
     return int(device.split(":")[1])
 
 
-WAITING: list = []
-"""The :class:`Retired` holders with objects pending; every launch looks at it (empty: one truth
-test) and prunes them once it is not empty (:func:`prune_retired`)."""
-
-
-def prune_retired(driver, raw: int) -> None:
-    """Drop the retired objects whose events have passed (:class:`Retired`). Skipped while the
-    launch stream ``raw`` is being captured (``driver``'s query): event queries are not allowed
-    during a capture."""
-    if driver.capturing(raw):
+def prune_retired(driver, raw: int, index: int | None = None) -> None:
+    """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the deferred frees
+    (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch stream ``raw``, a stream
+    ``driver`` has launched on, or device ``index``'s legacy stream is being captured
+    (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted during a capture, and
+    in global mode (torch's default) not from any thread while another captures."""
+    if driver.any_capturing(raw, index):
         return
     for r in list(WAITING):
         r.prune()
-        if not r.pending:
+        if not r.pending and r in WAITING:
             WAITING.remove(r)
+
+
+def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None:
+    """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its kernel's code
+    (its first launch, or a new variant) while a CUDA graph is being captured there or on another stream
+    ``driver`` knows: a load is not permitted during a capture (it would invalidate it). Asked before any
+    call that loads (one capture query a stream; only where code is to be loaded)."""
+    if driver.any_capturing(raw, index):
+        name = getattr(dispatcher, "name", None) or getattr(dispatcher, "__name__", repr(dispatcher))
+        raise RuntimeError(f"fastema: the first launch of CUDA kernel {name} on cuda:{index} would load its code "
+                           f"while a CUDA graph is being captured, which the driver does not permit (the capture "
+                           f"would be invalidated). Make this call once before the capture (a warm-up step: the "
+                           f"swap, copy_to() and scan_nonfinite() each launch a kernel of their own), so that "
+                           f"its code is loaded. Nothing was launched.")

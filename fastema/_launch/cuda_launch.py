@@ -32,15 +32,17 @@ def _typeof(value):
     return argtypes.typeof(value)
 
 
-def _code(driver, dispatcher, types: tuple, index: int):
+def _code(driver, dispatcher, types: tuple, index: int, raw: int = 0):
     """The variant's code loaded with ``driver`` for device ``index`` (:class:`.driver.Loaded`;
-    None: the dispatcher launches it), once per driver, variant and device (``driver.images``)."""
+    None: the dispatcher launches it), once per driver, variant and device (``driver.images``); a load
+    is refused while a capture runs (launch on the raw stream ``raw``)."""
     key = (dispatcher, types, index)
     images = driver.images
     try:
         return images[key]
     except KeyError:
         pass
+    C.refuse_load_during_capture(driver, raw, index, dispatcher)
     with driver.activate(index):                          # a binding's CUDA calls: its device (C4)
         loaded = images[key] = device_code.kernel(dispatcher, types, index, driver)
     return loaded
@@ -66,7 +68,7 @@ class _Bound:
         where an argument changed) where every argument fits it, else bound again (``dispatcher(args)``
         gives the kernel)."""
         if C.WAITING:                                     # released sources waiting for their events
-            C.prune_retired(self.driver, raw)
+            C.prune_retired(self.driver, raw, self.index)
         if self.func is not None:
             last = self.last
             if (len(args) == len(last) and all(map(operator.is_, args, last))) or self._patch(args):
@@ -116,7 +118,7 @@ class _Bound:
             except ValueError as err:                     # numba's "cannot determine Numba type"
                 raise TypeError(f"fastema: an argument of kernel {getattr(dispatcher, '__name__', dispatcher)} has "
                                 f"no numba type ({err}); this is a defect of fastema's launcher") from err
-            loaded = _code(d, dispatcher, types, self.index)
+            loaded = _code(d, dispatcher, types, self.index, raw)
         if loaded is None:
             self.func = None
             d.dispatch(kernel_refs.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)

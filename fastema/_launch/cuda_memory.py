@@ -25,40 +25,14 @@ import weakref
 import numpy as np
 
 from .._device_view import DeviceView
-
-
-class CudaDriverError(RuntimeError):
-    """A driver call's error: ``call`` (the entry point's name), ``result`` (the ``CUresult``'s name,
-    ``CUDA_ERROR_...``) and ``code`` (its number)."""
-
-    def __init__(self, call: str, result: str, code: int):
-        super().__init__(f"fastema: the CUDA driver's {call} failed: {result} ({code})")
-        self.call, self.result, self.code = call, result, code
-
-
-def api_error(call: str, err) -> CudaDriverError:
-    """The error of ``call``'s result ``err`` (a ``CUresult``; its name, else its number)."""
-    return CudaDriverError(call, getattr(err, "name", None) or f"CUresult {int(err)}", int(err))
+from .cuda_frees import defer
+from .cuda_results import CudaDriverError, _gone, api_error, check  # noqa: F401  (their home for callers)
 
 
 def _d():
     from cuda.bindings import driver
 
     return driver
-
-
-def check(call: str, result: tuple):
-    """``result``'s values after its ``CUresult`` (one: that value; none: None); raises
-    :class:`CudaDriverError` on an error."""
-    err = result[0]
-    if err:
-        raise api_error(call, err)
-    return result[1] if len(result) == 2 else (result[1:] or None)
-
-
-def _gone(err) -> bool:
-    """The driver shut down (the interpreter's exit): what it held is freed with it."""
-    return getattr(err, "name", "") == "CUDA_ERROR_DEINITIALIZED"
 
 
 class Device:
@@ -127,30 +101,6 @@ class Device:
         return out
 
 
-def _in_context(d, context, call: str, *args) -> None:
-    """``call(*args)`` with ``context`` pushed (none: as it is): a finalizer's free, which runs
-    wherever the collector runs, on a thread where no context may be current (a JAX process's
-    Python thread). Raised errors are printed; nothing is left to do once the driver shut down."""
-    if context is not None:
-        err, = d.cuCtxPushCurrent(context)
-        if _gone(err):
-            return
-        if err:
-            raise api_error("cuCtxPushCurrent", err)
-    try:
-        err, = getattr(d, call)(*args)
-        if err and not _gone(err):
-            raise api_error(call, err)
-    finally:
-        if context is not None:
-            check("cuCtxPopCurrent", d.cuCtxPopCurrent())
-
-
-def _free(device: Device, ptr: int) -> None:
-    """``cuMemFree`` of ``ptr`` in ``device``'s context (a finalizer)."""
-    _in_context(device.d, device.context, "cuMemFree", ptr)
-
-
 class _Allocation:
     """Device memory of fastema's own, freed when the last array over it goes."""
 
@@ -170,7 +120,7 @@ class DeviceArray(DeviceView):
         nbytes = max(int(size) * np.dtype(dtype).itemsize, 1)
         ptr = int(check("cuMemAlloc", device.d.cuMemAlloc(nbytes)))
         owner = _Allocation()
-        weakref.finalize(owner, _free, device, ptr).atexit = False   # the process's exit frees it
+        weakref.finalize(owner, defer, device.d, device.context, "cuMemFree", ptr).atexit = False   # the exit frees it
         return cls(ptr, size, dtype, owner, device)
 
     def _bindings(self):
@@ -203,16 +153,29 @@ class DeviceArray(DeviceView):
             with self._context():
                 check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
                                                                d.CUstream(stream)))
+                block = _pinned_block(values)
+                if block is not None:             # its free waits for this copy (cuda_frees)
+                    if not block.guard:
+                        block.guard.append(Event(d))
+                    block.guard[0].record(stream)
 
 
 class _PinnedBlock:
-    """Page-locked host memory, as NumPy reads it (``__array_interface__``), freed when it goes."""
+    """Page-locked host memory, as NumPy reads it (``__array_interface__``), freed after it goes and the last
+    copy from it (``guard``: the event recorded after that copy, in a list its free holds) has run."""
 
-    __slots__ = ("__array_interface__", "__weakref__")
+    __slots__ = ("__array_interface__", "guard", "__weakref__")
 
     def __init__(self, ptr: int, nbytes: int):
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+        self.guard: list = []
 
+
+def _pinned_block(values):
+    """The pinned block ``values`` is a view of (its ``base`` chain), or None."""
+    while values is not None and not isinstance(values, _PinnedBlock):
+        values = getattr(values, "base", None)
+    return values
 
 
 
@@ -225,28 +188,25 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     ptr = int(check("cuMemHostAlloc", d.cuMemHostAlloc(nbytes, d.CU_MEMHOSTALLOC_PORTABLE)))
     context = check("cuCtxGetCurrent", d.cuCtxGetCurrent())          # freed in it, wherever that runs
     block = _PinnedBlock(ptr, nbytes)
-    weakref.finalize(block, _in_context, d, context if int(context) else None, "cuMemFreeHost", ptr).atexit = False
+    weakref.finalize(block, defer, d, context if int(context) else None, "cuMemFreeHost", ptr,
+                     block.guard).atexit = False
     out = np.asarray(block).view(dtype)
     out[:] = 0
     return out
 
 
-def _destroy_event(d, event) -> None:
-    err, = d.cuEventDestroy(event)
-    if err and not _gone(err):
-        raise api_error("cuEventDestroy", err)
-
-
 class Event:
-    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context, destroyed
-    when it goes; recorded on raw stream handles."""
+    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context and destroyed
+    in it when it goes (``cuEventDestroy`` wants a context); recorded on raw stream handles."""
 
     __slots__ = ("d", "event", "__weakref__")
 
     def __init__(self, bindings=None):
         d = self.d = bindings if bindings is not None else _d()
         self.event = check("cuEventCreate", d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING.value))
-        weakref.finalize(self, _destroy_event, d, self.event).atexit = False
+        context = check("cuCtxGetCurrent", d.cuCtxGetCurrent())
+        weakref.finalize(self, defer, d, context if int(context) else None, "cuEventDestroy",
+                         self.event).atexit = False
 
     def record(self, raw: int) -> None:
         """Recorded on the raw stream ``raw`` (0: the legacy default stream)."""

@@ -84,13 +84,16 @@ def afresh(folder: str | None = None) -> Iterator[None]:
 
 
 def problem(name: str) -> str | None:
-    """Why shipped set ``name`` cannot be used (missing, unreadable, stale), or None."""
+    """Why shipped set ``name`` cannot be used (missing, unreadable, stale, an index JSON cannot read: one
+    nested too deeply raises RecursionError), or None."""
     try:
         S.Shipped(device_dir(), name).index
     except FileNotFoundError as err:
         return f"no shipped {name} device code ({err.filename} is missing)"
     except (OSError, ValueError) as err:
         return f"the shipped {name} device code cannot be used ({err})"
+    except RecursionError:
+        return f"the shipped {name} device code cannot be used (its index.json is nested too deeply to read)"
     return None
 
 

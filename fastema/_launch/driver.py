@@ -116,9 +116,15 @@ class Driver(Protocol):
         """Device ``index``'s primary context pushed for a ``with`` block (``cuCtxPushCurrent`` and
         ``cuCtxPopCurrent``; ``numba.cuda.gpus[index]`` in numba's dispatcher driver)."""
 
-    def capturing(self, raw: int) -> bool:
+    def capturing(self, raw: int, index: int | None = None) -> bool:
         """Whether work queued on ``raw`` now would be captured into a CUDA graph rather than run
-        (the stream captures, or another stream's capture makes the legacy stream illegal)."""
+        (the stream captures, or another stream's capture makes the legacy stream illegal). The legacy
+        stream (``raw`` 0) is device ``index``'s (asked in its context; None: the current context's)."""
+
+    def any_capturing(self, raw: int, index: int | None) -> bool:
+        """Whether ``raw``, a stream this driver has launched on, or device ``index``'s legacy stream is
+        being captured now: where event queries and frees must wait (they are not permitted during a
+        capture, in global mode from any thread)."""
 
     def sm_count(self, index: int) -> int:
         """Device ``index``'s multiprocessor count (0: unknown)."""

@@ -34,9 +34,36 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .cuda_frees import PENDING, free_pending
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
+_KNOWN_MAX = 64
+
+
+def _know(known: dict, raw: int) -> None:
+    """``raw`` among the streams launched on (the newest :data:`_KNOWN_MAX` kept)."""
+    known[raw] = None
+    if len(known) > _KNOWN_MAX:
+        del known[next(iter(known))]
+
+
+class _Streams(dict):
+    """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first launch (a
+    C-level lookup a launch after that), when it also joins ``known``; at most :data:`_KNOWN_MAX` kept."""
+
+    __slots__ = ("make", "known")
+
+    def __init__(self, make, known: dict):
+        super().__init__()
+        self.make, self.known = make, known
+
+    def __missing__(self, raw: int):
+        _know(self.known, raw)
+        if len(self) >= _KNOWN_MAX:
+            self.clear()
+        made = self[raw] = self.make(raw)
+        return made
 
 
 @contextlib.contextmanager
@@ -123,6 +150,7 @@ class _Numba:
         self.simulated = simulated
         self.zero_flags: dict = {}
         self.images: dict = {}
+        self.known: dict = {}                             # raw streams launched on (an ordered set, capped)
         self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
         self.primary_context = functools.cache(self._primary_context)
         self.sm_count = functools.cache(self._sm_count)
@@ -133,10 +161,10 @@ class _Numba:
             bindings = driver
         self.d = bindings
 
-    @staticmethod
-    def _numba_stream(raw: int):
+    def _numba_stream(self, raw: int):
         """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
         that copies on it are asynchronous: numba copies synchronously where given no stream)."""
+        _know(self.known, raw)
         return _numba_cuda().external_stream(raw) if raw else _numba_cuda().default_stream()
 
     def activate(self, index: int):
@@ -159,16 +187,35 @@ class _Numba:
         err, ctx = self.d.cuCtxGetCurrent()
         return 0 if err else int(ctx)
 
-    def capturing(self, raw: int) -> bool:
-        """One ``cuStreamIsCapturing``; False in the simulator, and where the query fails (no
-        context: nothing can be capturing)."""
+    def capturing(self, raw: int, index: int | None = None) -> bool:
+        """One ``cuStreamIsCapturing`` (the legacy stream's in device ``index``'s context, pushed where
+        another is current); False in the simulator, and where the query fails (no context: nothing can
+        be capturing)."""
         if self.simulated:
             return False
+        if not raw and index is not None and self.current_context() != self.primary_context(index):
+            with self.activate(index):
+                return self._capturing(0)
+        return self._capturing(raw)
+
+    def _capturing(self, raw: int) -> bool:
         d = self.d
-        err, status = d.cuStreamIsCapturing(d.CUstream(raw))
-        if err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+        err, status = d.cuStreamIsCapturing(self._stream_arg(raw))
+        if err:
+            return err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+        return status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def _stream_arg(self, raw: int):
+        return self.d.CUstream(raw)
+
+    def any_capturing(self, raw: int, index: int | None) -> bool:
+        """``raw``, device ``index``'s legacy stream, then each stream launched on (:attr:`known`): a query
+        each until one captures (asked only where something waits for a safe point)."""
+        if self.simulated:
+            return False
+        if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
             return True
-        return not err and status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+        return any(self._capturing(s) for s in tuple(self.known) if s and s != raw)
 
     def version(self) -> int:
         if self.simulated:
@@ -263,9 +310,12 @@ class CudaCoreDriver(_Numba):
             import cuda.core as core
         self.core = core
         self.core_error = _core_error()
-        self._streams = functools.lru_cache(maxsize=64)(self.d.CUstream)   # a C call per launch
-        self.stream = self._streams                       # type: ignore[method-assign]
+        self._streams = _Streams(self.d.CUstream, self.known)
+        self.stream = self._streams.__getitem__           # type: ignore[method-assign]  # a C call per launch
         self._devices = {}                                # index -> cuda_memory.Device
+
+    def _stream_arg(self, raw: int):
+        return self._streams[raw]                         # the launches' own stream objects (kept)
 
     def device(self, index: int):
         """Device ``index`` (:class:`.cuda_memory.Device`: its primary context retained once)."""
@@ -289,7 +339,10 @@ class CudaCoreDriver(_Numba):
         return self.device(index).handle
 
     def upload(self, array, index: int):
-        """See :meth:`.cuda_memory.Device.upload` (issue 37, C1)."""
+        """See :meth:`.cuda_memory.Device.upload` (issue 37, C1); the deferred frees issued first where no
+        known stream captures (:mod:`.cuda_frees`: tables are made, so memory is wanted)."""
+        if PENDING and not self.any_capturing(0, index):
+            free_pending()
         return self.device(index).upload(array)
 
     def pinned(self, size: int, dtype):
@@ -306,19 +359,29 @@ class CudaCoreDriver(_Numba):
         return Event(self.d)
 
     @staticmethod
-    def unavailable() -> str | None:
-        """Why this driver cannot run here (cuda.core, or what of cuda-bindings it calls, missing),
-        or None."""
+    def unavailable(core=None, bindings=None) -> str | None:
+        """Why this driver cannot run here, or None: cuda.core missing or older than 0.5.1 (what it
+        uses: ``ObjectCode`` and ``_utils.cuda_utils.CUDAError``; 0.3.2, which numba-cuda 0.20's ``cu13``
+        extra pins, has neither), or what of cuda-bindings it calls missing. ``core``, ``bindings``: the
+        ``cuda.core`` and cuda-bindings ``driver`` modules asked (default: the installed ones)."""
         try:
-            import cuda.core  # noqa: F401
-            from cuda.bindings import driver
+            if core is None:
+                import cuda.core as installed
 
-            _core_error()
+                core = installed
+            if bindings is None:
+                from cuda.bindings import driver
+
+                bindings = driver
+            _core_error(core)
         except ImportError as err:
-            return f"{err.__class__.__name__}: {err}"
+            return f"{err.__class__.__name__}: {err} (fastema needs cuda-core>=0.5.1,<2: pip install 'fastema[cuda]')"
+        if not hasattr(core, "ObjectCode"):
+            return (f"cuda.core {getattr(core, '__version__', '?')} has no ObjectCode (fastema needs "
+                    f"cuda-core>=0.5.1,<2: pip install 'fastema[cuda]')")
         calls = ("cuLaunchKernel", "cuCtxGetCurrent", "cuKernelGetFunction", "cuStreamIsCapturing",
                  "cuDriverGetVersion", "CUfunction", "CUkernel", "CUstream", *_MEMORY_CALLS)
-        missing = [f for f in calls if not hasattr(driver, f)]
+        missing = [f for f in calls if not hasattr(bindings, f)]
         return f"its driver bindings lack {', '.join(missing)}" if missing else None
 
     def load(self, kind: str, code: bytes, entry: str) -> Loaded:
@@ -352,7 +415,7 @@ class CudaCoreDriver(_Numba):
 
     def clear(self) -> None:
         super().clear()
-        self._streams.cache_clear()
+        self._streams.clear()
 
 
 _MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrimaryCtxRetain", "cuCtxPushCurrent",
@@ -362,14 +425,18 @@ _MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrima
 """What of cuda-bindings :mod:`.cuda_memory` calls."""
 
 
-def _core_error() -> Any:
+def _core_error(core=None) -> Any:
     """The exception cuda.core raises for a driver's error, whose message starts with the result's
-    name (``cuda.core._utils.cuda_utils.CUDAError``, cuda.core 0.3 to 1.2: its
-    ``_check_driver_error``)."""
+    name (``cuda.core._utils.cuda_utils.CUDAError``, its ``_check_driver_error``'s, in cuda.core 0.5.1
+    to 1.2, the range the ``cuda`` and ``cuda12`` extras pin: 0.3 and 0.4 have no ``cuda.core._utils``;
+    the private-names table's row); ImportError where ``core`` (default: ``cuda.core``) has none."""
+    import importlib
+
     from .. import _privates
 
-    return _privates.get("cuda.core._utils.cuda_utils:CUDAError")
-
+    if core is None:
+        return _privates.get("cuda.core._utils.cuda_utils:CUDAError")
+    return importlib.import_module(f"{core.__name__}._utils.cuda_utils").CUDAError
 
 
 def _typed(core: CudaCoreDriver, numba: DispatcherDriver) -> tuple[Driver, Driver]:   # for mypy

@@ -100,7 +100,10 @@ class RecordingDriver:
     def upload(self, array, index: int):
         return _Placeholder(array.dtype, array.size)
 
-    def capturing(self, raw: int) -> bool:
+    def capturing(self, raw: int, index: int | None = None) -> bool:
+        return False
+
+    def any_capturing(self, raw: int, index: int | None) -> bool:
         return False
 
     def activate(self, index: int):

@@ -102,3 +102,79 @@ def test_library_code_uses_no_numba_cuda_private_name():
         code = re.sub(r'"""(.|\n)*?"""', "", text)        # docstrings name them
         found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in private.finditer(code)]
     assert not found, found
+
+
+# ---------------------------------------------------------------- the shipped images themselves (issue 78 item 4)
+
+def _sections(elf: bytes) -> dict:
+    """``{name: bytes}`` of a 64-bit ELF's sections."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    size, count, names = struct.unpack_from("<HHH", elf, 0x3A)
+    heads = [struct.unpack_from("<IIQQQQ", elf, shoff + i * size) for i in range(count)]
+    table = heads[names][4]
+    return {elf[table + n:elf.index(b"\0", table + n)].decode(): elf[o:o + s] for n, _, _, _, o, s in heads}
+
+
+def _kparams(info: bytes) -> tuple:
+    """``([(ordinal, offset, size)], bank size)`` of a kernel's ``.nv.info.<kernel>`` attributes:
+    ``EIATTR_KPARAM_INFO`` (0x17: index, ordinal, offset, flags with the size in bits 18..31) and
+    ``EIATTR_PARAM_CBANK`` (0x0a: the bank's size in the high half); each attribute a format byte, an
+    attribute byte, then (format 4) a 2-byte length and the value, or (formats 1-3) 2 bytes."""
+    import struct
+
+    i, params, bank = 0, [], None
+    while i + 3 < len(info):
+        fmt, attr = info[i], info[i + 1]
+        i += 2
+        if fmt == 4:
+            n, = struct.unpack_from("<H", info, i)
+            value = info[i + 2:i + 2 + n]
+            i += 2 + n
+            if attr == 0x17:
+                _, ordinal, offset, word = struct.unpack_from("<IHHI", value)
+                params.append((ordinal, offset, (word >> 18) & 0x3FFF))
+            elif attr == 0x0A:
+                bank = struct.unpack_from("<IHH", value)[2]
+        elif fmt in (1, 2, 3):
+            i += 2
+        else:
+            raise ValueError(f"EIATTR format {fmt} at {i - 2}")
+    return sorted(params), bank
+
+
+@pytest.mark.parametrize("name", ["cu13", "cu12"])
+def test_every_shipped_image_declares_the_parameters_fastemas_block_lays_out(name):
+    """Every cubin of the shipped set (cu13: sm_80, sm_90, sm_100, sm_120; cu12: sm_70 to sm_120) declares,
+    for every variant the launchers ask for, the parameter count, sizes and offsets and the bank size that
+    ``abi.Layout`` packs (the driver copies each parameter from fastema's block by the image's own offsets:
+    gpu_contract.md appendix B); its PTX declares the sizes. Pure parsing of what ships, no GPU."""
+    import struct
+
+    from fastema._launch import device_code
+
+    shipped = device_code.sets().get(name)
+    if shipped is None:
+        pytest.skip(device_code.problem(name) or f"no shipped {name} set")
+    images = shipped.index["images"]
+    cubins = sorted(i for i, m in images.items() if m["kind"] == "cubin")
+    ptx = [i for i, m in images.items() if m["kind"] == "ptx"]
+    assert len(cubins) == {"cu13": 4, "cu12": 8}[name] and len(ptx) == 1, images
+    wrong = []
+    for key, (_, types) in VARIANTS.items():
+        lay = abi.layout(tuple(types))
+        sizes = [struct.calcsize(c) for c in lay.codes]
+        for image in cubins:
+            entry = device_code.entry(name, key, image)
+            assert entry is not None, (name, key, image)
+            params, bank = _kparams(_sections(entry.code)[".nv.info." + entry.name])
+            if ([o for _, o, _ in params], [s for _, _, s in params], bank) != (lay.offsets, sizes, lay.nbytes) \
+                    or [o for o, _, _ in params] != list(range(len(sizes))):
+                wrong.append((image, key, params, bank))
+        entry = device_code.entry(name, key, ptx[0])
+        text = entry.code.decode()
+        start = text.index(f".entry {entry.name}(")
+        if [int(b) // 8 for _, b in _PARAM.findall(text[start:text.index(")", start)])] != sizes:
+            wrong.append((ptx[0], key))
+    assert len(VARIANTS) >= 298 and not wrong, wrong[:3]

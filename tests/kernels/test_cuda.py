@@ -62,8 +62,11 @@ class Watching:
         self.copies.append(values.copy())
         self.inner.copy(device_array, values, raw)
 
-    def capturing(self, raw):
-        return self.inner.capturing(raw) if self.capture is None else self.capture
+    def capturing(self, raw, index=None):
+        return self.inner.capturing(raw, index) if self.capture is None else self.capture
+
+    def any_capturing(self, raw, index):
+        return self.inner.any_capturing(raw, index) if self.capture is None else self.capture
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """``CudaCoreDriver``'s device work through cuda-bindings alone (issue 70, item 3;
-``fastema/_launch/cuda_memory.py``): on the stub driver (``testkit/fake_gpu.py``: device memory is host
-memory, the copies memcpy), with fastema's real ``CudaCoreDriver`` doing everything (no ``FakeDriver``),
-the entry points import no ``numba.cuda`` and what was uploaded reads back; a failing ``CUresult`` is
-raised naming the call and the result."""
+``fastema/_launch/cuda_memory.py``): on the driver emulator (``testkit/emulator.py``: device memory is host
+memory, the copies memcpy, the driver's rules kept), with fastema's real ``CudaCoreDriver`` doing everything
+(no ``FakeDriver``), the entry points import no ``numba.cuda``, what was uploaded reads back, and no call
+broke a rule of the driver's; a failing ``CUresult`` is raised naming the call and the result."""
 import os
 import subprocess
 import sys
@@ -43,8 +43,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         import numpy as np
         import torch, fastema
         from fastema import _backends
-        from fastema._launch import cuda, cuda_memory, drivers
+        from fastema._launch import config, cuda, cuda_memory, drivers
         from fastema.torch import EMA, TargetNetwork
+        from testkit.emulator import Emulator
         from testkit.fake_backend import FakeGpuBackend
         from testkit.fake_gpu import rl_mlp
 
@@ -64,7 +65,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert np.array_equal(table[2:5].copy_to_host(), [6, 9, 12])
         first = np.array([11, 12, 13], np.int64)
         tables = cuda.AddressTables(cuda.to_device(first, "cuda:0"), first, 1, "cuda:0")
-        for k in range(4):                                  # more rewrites than staging slots
+        for k in range(config.CUDA_STAGING_SLOTS + 2):      # more rewrites than staging slots: one reused
             new = first + 100 * (k + 1)
             assert tables.point(new, "cuda:0", 77).copy_to_host().tolist() == new.tolist()
         imported("staging")
@@ -72,7 +73,9 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         gc.collect()
         assert not freed, freed
         assert d.compute_capability(0) == (9, 0) and d.sm_count(0) == 132
-        assert d.primary_context(0) == d.current_context() == 0xC0C0
+        assert d.current_context() == 0                     # a thread with none (torch not here)
+        with d.activate(0):
+            assert d.primary_context(0) == d.current_context() == 0xC0C0
         with _backends.using(on_gpu), torch.no_grad():
             model = rl_mlp()
             ema = EMA(model, 0.99)
@@ -99,8 +102,18 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert not freed, freed
         loaded = [v for v in d.images.values() if v is not None]
         print(len(loaded) >= 4, len(loaded) == len(d.images), sorted({v.source.split("/")[1] for v in loaded}))
+        e = Emulator()                                      # no call broke a rule; a staging slot waited once
+        seen = e.counters()
+        print({k: seen[k] for k in ("no_context", "errors", "unknown_calls")}, e.depth(), seen["not_ready"] > 0,
+              seen["host_waits"] > 0, e.flags())
+        launches = e.launches()                             # as the driver took them: geometry, parameters
+        print(len(launches) >= 8, {(r.block, r.grid[1:], r.shared, r.packed, r.extra) for r in launches},
+              all(r.grid[0] >= 1 and r.context == 0xC0C0 for r in launches))
     """)
-    assert out.strip() == "True True ['sm_90']", out                # the shipped code, none dispatched
+    assert out.splitlines()[0] == "True True ['sm_90']", out               # the shipped code, none dispatched
+    assert out.splitlines()[1] == ("{'no_context': 0, 'errors': 0, 'unknown_calls': 0} 0 True True "
+                                   "{'stream': 1, 'event': 2, 'host_alloc': 1}"), out
+    assert out.splitlines()[2] == "True {((256, 1, 1), (1, 1), 0, True, False)} True", out   # the bank is fastema's
 
 
 class _Failing:
@@ -247,12 +260,12 @@ class _Contexts:
 
 def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     """A pinned block freed by the collector on a thread where no context is current (a JAX process's
-    Python thread) is freed in the context it was made in, and a device array's copies push its
-    device's context: each of these calls asks for a current context (``CUDA_ERROR_INVALID_CONTEXT``);
-    the finalizer's free ran bare and leaked the pinned slots."""
+    Python thread) is freed in the context it was made in (at the next safe point: ``cuda_frees``), and a
+    device array's copies push its device's context: each of these calls asks for a current context
+    (``CUDA_ERROR_INVALID_CONTEXT``); the finalizer's free ran bare and leaked the pinned slots."""
     import gc
 
-    from fastema._launch import cuda_memory
+    from fastema._launch import cuda_frees, cuda_memory
 
     d = _Contexts()
     device = cuda_memory.Device(0, d)
@@ -262,6 +275,8 @@ def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     assert not d.stack                                              # nothing current from here on
     del block
     gc.collect()
+    assert not d.calls                                              # deferred: nothing freed by the collector
+    cuda_frees.free_pending()
     a.copy_to_host()
     a.copy_to_device(np.zeros(4, np.float32), stream=0)
     assert d.calls == [("cuMemFreeHost", True), ("cuMemcpyDtoH", True), ("cuMemcpyHtoDAsync", True)]

@@ -230,6 +230,22 @@ def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, tmp_path):
             assert D.kernel(dispatcher, types, 0).source == "compiled"
 
 
+def test_a_deeply_nested_index_is_a_damaged_set_compiled_around_with_one_warning(fresh, tmp_path):
+    """A shipped ``index.json`` nested deeper than ``json`` reads (a damaged install) raised RecursionError
+    out of every CUDA launch (issue 77, L7); it is a set that cannot be used, like any other damaged index:
+    one warning, the variant compiled."""
+    key, dispatcher, types = _one_variant()
+    for name in sorted(os.listdir(D.device_dir())):
+        (tmp_path / "device" / name).mkdir(parents=True)
+        (tmp_path / "device" / name / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    fake = FakeDriver()
+    with D.afresh(str(tmp_path / "device")), using(fake), compiler.using(Compiles()) as compiles:
+        assert "nested too deeply" in D.problem("cu13")
+        with pytest.warns(RuntimeWarning, match="cu13 device code cannot be used .*nested too deeply"):
+            assert D.kernel(dispatcher, types, 0).source == "compiled"
+        assert compiles.keys == [key]
+
+
 @pytest.mark.parametrize("result", ["CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
                                     "CUDA_ERROR_NO_BINARY_FOR_GPU"])
 def test_code_the_driver_refuses_is_compiled_with_one_warning(fresh, result):

@@ -256,3 +256,45 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     for f in ("fastema/_launch/driver.py", "fastema/_launch/drivers.py",
               "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "testkit", "tests"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"
+
+
+def _standin_core(tmp_path, name: str, utils: bool, object_code: bool):
+    """A stand-in ``cuda.core`` package ``name`` under ``tmp_path``: with or without ``_utils.cuda_utils``
+    (0.3.2 and 0.4.2 have none) and ``ObjectCode``."""
+    import importlib
+
+    root = tmp_path / name
+    (root / "_utils").mkdir(parents=True)
+    (root / "__init__.py").write_text("__version__ = '0.3.2'\n" + ("ObjectCode = object\n" if object_code else ""))
+    if utils:
+        (root / "_utils" / "__init__.py").write_text("")
+        (root / "_utils" / "cuda_utils.py").write_text("class CUDAError(Exception):\n    pass\n")
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("utils,object_code,said", [(False, True, "No module named"), (True, False, "no ObjectCode"),
+                                                    (False, False, "No module named"), (True, True, None)])
+def test_cuda_core_below_its_floor_is_said_unavailable(tmp_path, monkeypatch, utils, object_code, said):
+    """cuda.core 0.3.2 (what numba-cuda[cu13] 0.20 pins) and 0.4.2 lack ``cuda.core._utils``; one without
+    ``ObjectCode`` would crash at its first load: each is unavailable, with the floor that mends it, and the
+    process's launches go through the dispatcher with that warning; one with both is taken."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"standin_core_{int(utils)}{int(object_code)}"
+    core = _standin_core(tmp_path, name, utils, object_code)
+    why = drivers.CudaCoreDriver.unavailable(core=core, bindings=bindings)
+    if said is None:
+        assert why is None
+        assert "lack cuLaunchKernel" in drivers.CudaCoreDriver.unavailable(core=core, bindings=object())
+    else:
+        assert said in why and "cuda-core>=0.5.1,<2" in why, why
+
+
+def test_the_extras_pin_the_cuda_core_floor():
+    """numba-cuda's own floor lets cuda.core 0.3.2 in: the ``cuda`` and ``cuda12`` extras pin what fastema's
+    launches need."""
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    for extra in ("cuda", "cuda12"):
+        assert "cuda-core>=0.5.1,<2" in extras["project"]["optional-dependencies"][extra], extra
