@@ -1,10 +1,11 @@
 """The lowest CUDA pieces of dispatch, which every other CUDA module of ``_launch`` imports: what
-built a kernel (:func:`cuda_versions`), device indices, what waits for a safe point (:data:`WAITING`,
-:func:`prune_retired`: the retired sources of :class:`.cuda.Retired` waiting for their events, and the
-deferred frees of :mod:`.cuda_frees`) and the refusal of a code load inside a capture
-(:func:`refuse_load_during_capture`). Sets, before any kernel is built, the kernel cache's key versions (the
-dispatcher cache switch is set where the kernels are first imported: :func:`.kernel_refs.kernels`). The
-driver calls are the launch driver's (:mod:`.driver`, :mod:`.drivers`)."""
+built a kernel (:func:`cuda_versions`), device indices, what waits for a safe point
+(:data:`WAITING`, :func:`prune_retired`: the retired sources of :class:`.cuda.Retired` waiting for
+their events, and the deferred frees of :mod:`.cuda_frees`) and the refusal of a code load inside a
+capture (:func:`refuse_load_during_capture`). Sets, before any kernel is built, the kernel cache's
+key versions (the dispatcher cache switch is set where the kernels are first imported:
+:func:`.kernel_refs.kernels`). The driver calls are the launch driver's (:mod:`.driver`,
+:mod:`.drivers`)."""
 from __future__ import annotations
 
 import functools
@@ -47,11 +48,12 @@ def _index(device: str) -> int:
 
 
 def prune_retired(driver, raw: int, index: int | None = None) -> None:
-    """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the deferred frees
-    (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch stream ``raw``, a stream
-    ``driver`` has launched on, or device ``index``'s legacy stream is being captured
-    (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted during a capture, and
-    in global mode (torch's default) not from any thread while another captures."""
+    """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the
+    deferred frees (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch
+    stream ``raw``, a stream ``driver`` has launched on, or device ``index``'s legacy stream is
+    being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
+    during a capture, and in global mode (torch's default) not from any thread while another
+    captures."""
     if driver.any_capturing(raw, index):
         return
     for r in list(WAITING):
@@ -61,14 +63,17 @@ def prune_retired(driver, raw: int, index: int | None = None) -> None:
 
 
 def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None:
-    """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its kernel's code
-    (its first launch, or a new variant) while a CUDA graph is being captured there or on another stream
-    ``driver`` knows: a load is not permitted during a capture (it would invalidate it). Asked before any
-    call that loads (one capture query a stream; only where code is to be loaded)."""
+    """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its
+    kernel's code (its first launch, or a new variant) while a CUDA graph is being captured there or
+    on another stream ``driver`` knows: a load is not permitted during a capture (it would
+    invalidate it). Asked before any call that loads (one capture query a stream; only where code is
+    to be loaded)."""
     if driver.any_capturing(raw, index):
-        name = getattr(dispatcher, "name", None) or getattr(dispatcher, "__name__", repr(dispatcher))
-        raise RuntimeError(f"fastema: the first launch of CUDA kernel {name} on cuda:{index} would load its code "
-                           f"while a CUDA graph is being captured, which the driver does not permit (the capture "
-                           f"would be invalidated). Make this call once before the capture (a warm-up step: the "
-                           f"swap, copy_to() and scan_nonfinite() each launch a kernel of their own), so that "
-                           f"its code is loaded. Nothing was launched.")
+        name = (getattr(dispatcher, "name", None)
+                or getattr(dispatcher, "__name__", repr(dispatcher)))
+        raise RuntimeError(f"fastema: the first launch of CUDA kernel {name} on cuda:{index} would "
+                           f"load its code while a CUDA graph is being captured, which the driver "
+                           f"does not permit (the capture would be invalidated). Make this call "
+                           f"once before the capture (a warm-up step: the swap, copy_to() and "
+                           f"scan_nonfinite() each launch a kernel of their own), so that its code "
+                           f"is loaded. Nothing was launched.")

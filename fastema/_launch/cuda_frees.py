@@ -1,24 +1,27 @@
-"""Frees at a safe point: what fastema's own CUDA objects give back when they go (device memory, pinned
-blocks, events: :mod:`.cuda_memory`), issued later, where it cannot break a CUDA-graph capture or reach a
-forked child's copy of the driver.
+"""Frees at a safe point: what fastema's own CUDA objects give back when they go (device memory,
+pinned blocks, events: :mod:`.cuda_memory`), issued later, where it cannot break a CUDA-graph
+capture or reach a forked child's copy of the driver.
 
-Why: those objects go when Python's collector finds them (fastema's shadows are reference cycles: ``del
-ema`` frees nothing until a collection), on whatever thread set it off, at whatever moment, inside a user's
-``torch.cuda.graph`` capture too (torch 2.13 no longer collects before one). A free is a call the driver does
-not permit during a capture: it fails and invalidates the capture, which then fails at its end. In a forked
-child (a DataLoader worker, forked by default on Linux) the objects are the parent's and the driver's state is
-not the child's to use. numba, which fastema's device memory came from until round 8, queued its frees too.
+Why: those objects go when Python's collector finds them (fastema's shadows are reference cycles:
+``del ema`` frees nothing until a collection), on whatever thread set it off, at whatever moment,
+inside a user's ``torch.cuda.graph`` capture too (torch 2.13 no longer collects before one). A free
+is a call the driver does not permit during a capture: it fails and invalidates the capture, which
+then fails at its end. In a forked child (a DataLoader worker, forked by default on Linux) the
+objects are the parent's and the driver's state is not the child's to use. numba, which fastema's
+device memory came from until round 8, queued its frees too.
 
-- A finalizer calls :func:`defer`: the free is queued (:data:`PENDING`), no driver call; the queue's holder
-  (:data:`FREES`) joins :data:`WAITING`, the holders every launch looks at (one truth test while it is
-  empty).
-- :func:`free_pending` issues them, each in the context the object was made in (pushed: the collector may
-  run on a thread where none is current) and a pinned block only after the last copy from it has run (its
-  event waited for: the driver's own wait there is not documented). The launch path calls it where no stream
-  the launch driver knows is being captured (:meth:`.driver.Driver.any_capturing`): at a launch
-  (:func:`.cuda_base.prune_retired`), where tables are made (an upload) and at ``fastema.clear_caches()``.
-- In a forked child (``os.register_at_fork``) the queue is emptied and nothing is queued again: the child
-  frees none of the parent's objects (the parent frees its own; the child's exit drops the rest).
+- A finalizer calls :func:`defer`: the free is queued (:data:`PENDING`), no driver call; the queue's
+  holder (:data:`FREES`) joins :data:`WAITING`, the holders every launch looks at (one truth test
+  while it is empty).
+- :func:`free_pending` issues them, each in the context the object was made in (pushed: the
+  collector may run on a thread where none is current) and a pinned block only after the last copy
+  from it has run (its event waited for: the driver's own wait there is not documented). The launch
+  path calls it where no stream the launch driver knows is being captured
+  (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.cuda_base.prune_retired`), where
+  tables are made (an upload) and at ``fastema.clear_caches()``.
+- In a forked child (``os.register_at_fork``) the queue is emptied and nothing is queued again: the
+  child frees none of the parent's objects (the parent frees its own; the child's exit drops the
+  rest).
 """
 from __future__ import annotations
 
@@ -28,21 +31,24 @@ import os
 from .cuda_results import CudaDriverError, _gone, api_error, check
 
 WAITING: list = []
-"""The holders of objects waiting for a safe point, each with ``pending`` (truthy while it holds some) and
-``prune()`` (drop or free what may go now): the retired sources of :class:`.cuda.Retired` (events to pass)
-and :data:`FREES`. Every launch looks at it (empty: one truth test) and, where it is not empty and no stream
-the launch driver knows captures, prunes them (:func:`.cuda_base.prune_retired`)."""
+"""The holders of objects waiting for a safe point, each with ``pending`` (truthy while it holds
+some) and ``prune()`` (drop or free what may go now): the retired sources of :class:`.cuda.Retired`
+(events to pass) and :data:`FREES`. Every launch looks at it (empty: one truth test) and, where it
+is not empty and no stream the launch driver knows captures, prunes them
+(:func:`.cuda_base.prune_retired`)."""
 
 PENDING: collections.deque = collections.deque()
-"""``(bindings, context or None, call, handle, guard)`` of each deferred free, oldest first (``guard``: a
-pinned block's one-item list holding the event recorded after the last copy from it, or None)."""
+"""``(bindings, context or None, call, handle, guard)`` of each deferred free, oldest first
+(``guard``: a pinned block's one-item list holding the event recorded after the last copy from it,
+or None)."""
 
 _CHILD = False          # this process is a forked child: it frees nothing of its parent's
 
 
 def defer(d, context, call: str, handle, guard: list | None = None) -> None:
-    """Queue ``call(handle)`` (``cuMemFree``, ``cuMemFreeHost``, ``cuEventDestroy``) of cuda-bindings
-    ``d``, to be issued in ``context`` (None: as it is) at the next safe point: what a finalizer does."""
+    """Queue ``call(handle)`` (``cuMemFree``, ``cuMemFreeHost``, ``cuEventDestroy``) of
+    cuda-bindings ``d``, to be issued in ``context`` (None: as it is) at the next safe point: what a
+    finalizer does."""
     if _CHILD:
         return
     PENDING.append((d, context, call, handle, guard))
@@ -67,9 +73,9 @@ FREES = _Frees()
 
 
 def free_pending() -> None:
-    """Issue every deferred free now (see the module docstring): only where no stream fastema knows is being
-    captured. An error is raised once every free was tried (the driver's shutdown at the interpreter's exit is
-    none: what it held went with it)."""
+    """Issue every deferred free now (see the module docstring): only where no stream fastema knows
+    is being captured. An error is raised once every free was tried (the driver's shutdown at the
+    interpreter's exit is none: what it held went with it)."""
     first = None
     while True:
         try:
@@ -92,7 +98,7 @@ def _free(d, context, call: str, handle, guard) -> None:
         if err:
             raise api_error("cuCtxPushCurrent", err)
     try:
-        if guard and guard[0] is not None:               # the last copy from this pinned block: run first
+        if guard and guard[0] is not None:      # the last copy from this pinned block: run first
             err, = d.cuEventSynchronize(guard[0].event)
             if err and not _gone(err):
                 raise api_error("cuEventSynchronize", err)
@@ -101,7 +107,7 @@ def _free(d, context, call: str, handle, guard) -> None:
             raise api_error(call, err)
     finally:
         if guard:
-            guard.clear()                                # its event goes (and is queued in turn)
+            guard.clear()                       # its event goes (and is queued in turn)
         if context is not None:
             check("cuCtxPopCurrent", d.cuCtxPopCurrent())
 

@@ -82,9 +82,9 @@ def current() -> Driver:
 
 
 def simulator() -> bool:
-    """Whether the Numba CUDA simulator is on (``NUMBA_ENABLE_CUDASIM``), without importing numba-cuda:
-    its config's value where it is imported, else the variable as numba-cuda reads it (an integer; any
-    other value is numba-cuda's default, off)."""
+    """Whether the Numba CUDA simulator is on (``NUMBA_ENABLE_CUDASIM``), without importing
+    numba-cuda: its config's value where it is imported, else the variable as numba-cuda reads it
+    (an integer; any other value is numba-cuda's default, off)."""
     config = sys.modules.get("numba.cuda.core.config")
     if config is not None:
         return bool(config.ENABLE_CUDASIM)
@@ -150,7 +150,7 @@ class _Numba:
         self.simulated = simulated
         self.zero_flags: dict = {}
         self.images: dict = {}
-        self.known: dict = {}                             # raw streams launched on (an ordered set, capped)
+        self.known: dict = {}           # raw streams launched on (an ordered set, capped)
         self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
         self.primary_context = functools.cache(self._primary_context)
         self.sm_count = functools.cache(self._sm_count)
@@ -188,9 +188,9 @@ class _Numba:
         return 0 if err else int(ctx)
 
     def capturing(self, raw: int, index: int | None = None) -> bool:
-        """One ``cuStreamIsCapturing`` (the legacy stream's in device ``index``'s context, pushed where
-        another is current); False in the simulator, and where the query fails (no context: nothing can
-        be capturing)."""
+        """One ``cuStreamIsCapturing`` (the legacy stream's in device ``index``'s context, pushed
+        where another is current); False in the simulator, and where the query fails (no context:
+        nothing can be capturing)."""
         if self.simulated:
             return False
         if not raw and index is not None and self.current_context() != self.primary_context(index):
@@ -209,8 +209,8 @@ class _Numba:
         return self.d.CUstream(raw)
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
-        """``raw``, device ``index``'s legacy stream, then each stream launched on (:attr:`known`): a query
-        each until one captures (asked only where something waits for a safe point)."""
+        """``raw``, device ``index``'s legacy stream, then each stream launched on (:attr:`known`):
+        a query each until one captures (asked only where something waits for a safe point)."""
         if self.simulated:
             return False
         if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
@@ -311,8 +311,8 @@ class CudaCoreDriver(_Numba):
         self.core = core
         self.core_error = _core_error()
         self._streams = _Streams(self.d.CUstream, self.known)
-        self.stream = self._streams.__getitem__           # type: ignore[method-assign]  # a C call per launch
-        self._devices = {}                                # index -> cuda_memory.Device
+        self.stream = self._streams.__getitem__  # type: ignore[method-assign] # a C call per launch
+        self._devices = {}                       # index -> cuda_memory.Device
 
     def _stream_arg(self, raw: int):
         return self._streams[raw]                         # the launches' own stream objects (kept)

@@ -1,5 +1,6 @@
-"""The fields of ``EMA.Config``: torchtitan's EMA configuration, field for field (main's ``EMA.Config``),
-checked at construction, plus fastema's ``shadow_dtype`` (``EMA.Config`` adds ``build``, beside ``EMA``)."""
+"""The fields of ``EMA.Config``: torchtitan's EMA configuration, field for field (main's
+``EMA.Config``), checked at construction, plus fastema's ``shadow_dtype`` (``EMA.Config`` adds
+``build``, beside ``EMA``)."""
 from __future__ import annotations
 
 import math
@@ -23,12 +24,13 @@ def _int(name: str, value: Any, least: int) -> None:
 
 @dataclass(kw_only=True, slots=True)
 class ConfigFields:
-    """What torchtitan's ``Optim.Config.ema`` holds (main's fields and rules); ``EMA.Config`` is this
-    with ``build``.
+    """What torchtitan's ``Optim.Config.ema`` holds (main's fields and rules); ``EMA.Config`` is
+    this with ``build``.
 
     Attributes:
-        decays: fixed-decay copies, one per entry, each finite and in ``[0, 1)``: ``avg <- decay * avg +
-            (1 - decay) * param`` at every firing. Checkpointed under ``decay_<value>``.
+        decays: fixed-decay copies, one per entry, each finite and in ``[0, 1)``:
+            ``avg <- decay * avg + (1 - decay) * param`` at every firing. Checkpointed under
+            ``decay_<value>``.
         half_life_fractions: half-life copies, one per entry, each finite and > 0: at the ``n``-th
             firing ``decay = 2 ** (-1 / (fraction * n))``. Checkpointed under ``half_life_<value>``.
             At least one copy in all (at most 8: they are kept in one pass).
@@ -36,13 +38,15 @@ class ConfigFields:
             ``start_step + update_every_n_steps``.
         step_bias: added to the firing count ``n`` (firings, not steps), to renumber a new phase.
         update_every_n_steps: fire every N-th trainer step.
-        offload_to_cpu: keep the copies in host memory (main's GH200 path), through fastema's offload
-            (``fastema.torch.EMA(offload="cpu")``'s host shadow, fed through two staging chunks).
+        offload_to_cpu: keep the copies in host memory (main's GH200 path), through fastema's
+            offload (``fastema.torch.EMA(offload="cpu")``'s host shadow, fed through two staging
+            chunks).
         buffer_patterns: regular expressions (``re.search`` on the buffers' names) of the floating
             buffers averaged beside the trainable parameters.
         shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype, a bfloat16 parameter's in
-            bfloat16) or ``"float32"`` (fastema's opt-in: a float32 average of bfloat16 parameters, which
-            keeps moving where a bfloat16 copy rounds the increment away). Same checkpoint keys either way.
+            bfloat16) or ``"float32"`` (fastema's opt-in: a float32 average of bfloat16 parameters,
+            which keeps moving where a bfloat16 copy rounds the increment away). Same checkpoint
+            keys either way.
     """
 
     decays: list[float] = field(default_factory=list)
@@ -63,32 +67,39 @@ class ConfigFields:
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral):
             raise ValueError(f"EMA.Config.start_step must be an int, got {self.start_step!r}")
         if not self.decays and not self.half_life_fractions:
-            raise ValueError("EMA.Config.decays and EMA.Config.half_life_fractions are both empty, so the EMA would "
-                             "track nothing: set at least one, or leave the EMA out")
+            raise ValueError("EMA.Config.decays and EMA.Config.half_life_fractions are both empty, "
+                             "so the EMA would track nothing: set at least one, "
+                             "or leave the EMA out")
         for d in self.decays:
-            if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and 0 <= d < 1):
-                raise ValueError(f"EMA.Config.decays entry {d!r} must be finite and in [0, 1); decay=1 never "
-                                 f"updates the EMA")
+            if (isinstance(d, bool) or not isinstance(d, numbers.Real)
+                    or not (math.isfinite(d) and 0 <= d < 1)):
+                raise ValueError(f"EMA.Config.decays entry {d!r} must be finite and in [0, 1); "
+                                 f"decay=1 never updates the EMA")
         for f in self.half_life_fractions:
-            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (math.isfinite(f) and f > 0):
-                raise ValueError(f"EMA.Config.half_life_fractions entry {f!r} must be finite and greater than 0")
+            if (isinstance(f, bool) or not isinstance(f, numbers.Real)
+                    or not (math.isfinite(f) and f > 0)):
+                raise ValueError(f"EMA.Config.half_life_fractions entry {f!r} must be finite and "
+                                 f"greater than 0")
         keys = self.keys()
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
-            raise ValueError(f"EMA.Config has duplicate copies {duplicates}: each entry of decays and "
-                             f"half_life_fractions must be unique")
+            raise ValueError(f"EMA.Config has duplicate copies {duplicates}: each entry of decays "
+                             f"and half_life_fractions must be unique")
         if len(keys) > MAX_DECAYS:
-            raise ValueError(f"EMA.Config asks for {len(keys)} copies; fastema keeps at most {MAX_DECAYS} in one "
-                             f"pass: split them over two EMAs")
+            raise ValueError(f"EMA.Config asks for {len(keys)} copies; fastema keeps at most "
+                             f"{MAX_DECAYS} in one pass: split them over two EMAs")
         if not isinstance(self.offload_to_cpu, bool):
-            raise TypeError(f"EMA.Config.offload_to_cpu must be True or False, got {self.offload_to_cpu!r}")
+            raise TypeError(f"EMA.Config.offload_to_cpu must be True or False, "
+                            f"got {self.offload_to_cpu!r}")
         for p in self.buffer_patterns:
             try:
                 re.compile(p)
             except (re.error, TypeError) as err:
-                raise ValueError(f"EMA.Config.buffer_patterns entry {p!r} is not a regular expression: {err}")
+                raise ValueError(f"EMA.Config.buffer_patterns entry {p!r} is not a regular "
+                                 f"expression: {err}")
         if self.shadow_dtype not in SHADOW_DTYPES:
-            raise ValueError(f"EMA.Config.shadow_dtype must be one of {SHADOW_DTYPES}, got {self.shadow_dtype!r}")
+            raise ValueError(f"EMA.Config.shadow_dtype must be one of {SHADOW_DTYPES}, "
+                             f"got {self.shadow_dtype!r}")
 
     def keys(self) -> list[str]:
         """The checkpoint key of every copy, decays first (main's order)."""

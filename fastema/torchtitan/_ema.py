@@ -28,24 +28,27 @@ _WIDE = (torch.float32, torch.float64)
 
 @dataclass(kw_only=True, slots=True)
 class EMAConfig(ConfigFields):
-    """torchtitan main's ``EMA.Config`` (``fastema.torchtitan.EMA.Config`` is this class), built into an
-    :class:`EMA` with :meth:`build`.
+    """torchtitan main's ``EMA.Config`` (``fastema.torchtitan.EMA.Config`` is this class), built
+    into an :class:`EMA` with :meth:`build`.
 
     Attributes:
         decays: fixed-decay copies, each finite and in ``[0, 1)`` (key ``decay_<value>``).
-        half_life_fractions: copies of decay ``2 ** (-1 / (fraction * n))`` at the ``n``-th firing, each
-            finite and > 0 (key ``half_life_<value>``); at least one copy in all, at most 8.
-        start_step: the last step before tracking: the first firing is at ``start_step + update_every_n_steps``.
+        half_life_fractions: copies of decay ``2 ** (-1 / (fraction * n))`` at the ``n``-th firing,
+            each finite and > 0 (key ``half_life_<value>``); at least one copy in all, at most 8.
+        start_step: the last step before tracking: the first firing is at ``start_step +
+            update_every_n_steps``.
         step_bias: added to the firing count ``n``.
         update_every_n_steps: fire every N-th step.
-        offload_to_cpu: keep the copies in host memory, fed through fastema's offload (``fastema.torch.EMA(
-            offload="cpu")``'s shadow: two staging chunks per device, the fold on a host thread).
+        offload_to_cpu: keep the copies in host memory, fed through fastema's offload
+            (``fastema.torch.EMA(offload="cpu")``'s shadow: two staging chunks per device, the fold
+            on a host thread).
         buffer_patterns: ``re.search`` patterns of the floating buffers averaged too.
-        shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype) or ``"float32"`` (opt-in: a
-            float32 average of bfloat16 parameters, under the same keys).
+        shadow_dtype: ``"same"`` (main's: each copy in its tensor's dtype) or ``"float32"`` (opt-in:
+            a float32 average of bfloat16 parameters, under the same keys).
     """
 
-    def build(self, *, model_parts: Sequence[nn.Module], layouts: Mapping[str, tuple] | None = None) -> EMA:
+    def build(self, *, model_parts: Sequence[nn.Module],
+              layouts: Mapping[str, tuple] | None = None) -> EMA:
         """The EMA of ``model_parts`` (see :class:`EMA`)."""
         return EMA(self, model_parts=model_parts, layouts=layouts)
 
@@ -54,27 +57,28 @@ class EMA:
     """Online EMAs of a torchtitan model's weights, one copy per entry of ``Config.decays`` and
     ``Config.half_life_fractions``, as torchtitan's own ``EMA`` keeps them, with fastema's update.
 
-    Build it with ``EMA.Config(...).build(model_parts=...)`` after the model is parallelised, step it
-    with :meth:`step` after the optimizer step and the LR schedulers (``ema.step(current_step)``), and
-    hand it to ``CheckpointManager(..., states={"ema": ema})``: it is a DCP ``Stateful`` whose
-    :meth:`state_dict` holds main's keys, ``state.<fqn>.ema_params.<key>`` (DCP adds ``ema.``).
+    Build it with ``EMA.Config(...).build(model_parts=...)`` after the model is parallelised, step
+    it with :meth:`step` after the optimizer step and the LR schedulers
+    (``ema.step(current_step)``), and hand it to ``CheckpointManager(..., states={"ema": ema})``: it
+    is a DCP ``Stateful`` whose :meth:`state_dict` holds main's keys,
+    ``state.<fqn>.ema_params.<key>`` (DCP adds ``ema.``).
 
     What it tracks: every trainable parameter of every model part, and the floating buffers
     ``buffer_patterns`` match (``re.search`` on their names); each is a source of one
     :class:`fastema.FlatShadow` of ``len(keys)`` rows (``offload_to_cpu``: the host shadow of
-    :meth:`fastema.torch.Offload.shadow`), the tensors listed once, here (a parameter replaced later is
-    refused by the shadow's address check, as main refuses an untracked tensor).
+    :meth:`fastema.torch.Offload.shadow`), the tensors listed once, here (a parameter replaced later
+    is refused by the shadow's address check, as main refuses an untracked tensor).
 
     The firing rule is main's: at ``current_step``, ``elapsed = current_step - start_step``; nothing
     happens when ``elapsed <= 0`` or ``elapsed % update_every_n_steps``; else ``n = elapsed //
     update_every_n_steps + step_bias`` and copy ``k`` moves by ``avg <- avg + (1 - decay_k) (param -
-    avg)`` (torch's ``lerp``), ``decay_k = decays[k]`` or ``2 ** (-1 / (fraction * n))``. Main runs one
-    ``_foreach_lerp_`` pass per copy; here all copies move in one pass.
+    avg)`` (torch's ``lerp``), ``decay_k = decays[k]`` or ``2 ** (-1 / (fraction * n))``. Main runs
+    one ``_foreach_lerp_`` pass per copy; here all copies move in one pass.
 
-    ``current_step`` may be a one-element integer tensor on the parameters' device instead of an int:
-    the rule is then worked out on the device (no host read) and a step that does not fire writes
-    nothing (a device-side flag), so the call can sit inside a captured CUDA graph (torchtitan's
-    ``Optim(enable_cuda_graph=True)``) with a step counter the graph advances.
+    ``current_step`` may be a one-element integer tensor on the parameters' device instead of an
+    int: the rule is then worked out on the device (no host read) and a step that does not fire
+    writes nothing (a device-side flag), so the call can sit inside a captured CUDA graph
+    (torchtitan's ``Optim(enable_cuda_graph=True)``) with a step counter the graph advances.
 
     Args:
         config: an ``EMA.Config`` (:class:`~fastema.torchtitan.EMAConfig`).
@@ -90,10 +94,13 @@ class EMA:
     def __init__(self, config: EMAConfig, *, model_parts: Sequence[nn.Module],
                  layouts: Mapping[str, tuple] | None = None):
         if not isinstance(config, EMAConfig):
-            raise TypeError(f"config must be a fastema.torchtitan.EMA.Config, got {type(config).__name__}")
-        parts: list[nn.Module] = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+            raise TypeError(f"config must be a fastema.torchtitan.EMA.Config, "
+                            f"got {type(config).__name__}")
+        parts: list[nn.Module] = ([model_parts] if isinstance(model_parts, nn.Module)
+                                  else list(model_parts))
         if not parts or not all(isinstance(m, nn.Module) for m in parts):
-            raise TypeError(f"model_parts must be a non-empty list of nn.Module, got {model_parts!r}")
+            raise TypeError(f"model_parts must be a non-empty list of nn.Module, "
+                            f"got {model_parts!r}")
         self.config = config
         self.model_parts = parts
         self.keys: list[str] = config.keys()
@@ -101,23 +108,28 @@ class EMA:
         self.half_life_fractions = [float(f) for f in config.half_life_fractions]
         self.start_step, self.step_bias = int(config.start_step), int(config.step_bias)
         self.update_every_n_steps = int(config.update_every_n_steps)
-        self.tracked: tuple[Tracked, ...] = tuple(_select(parts, config.buffer_patterns, dict(layouts or {})))
+        self.tracked: tuple[Tracked, ...] = tuple(
+            _select(parts, config.buffer_patterns, dict(layouts or {})))
         if not self.tracked:
-            raise ValueError("the model parts have no trainable parameter and buffer_patterns matched no buffer: "
-                             "there is nothing to average")
+            raise ValueError("the model parts have no trainable parameter and buffer_patterns "
+                             "matched no buffer: there is nothing to average")
         sources = {t.fqn: t.local for t in self.tracked}
         self.offloaded = config.offload_to_cpu
-        self.shadow: Any = (Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
-                            if self.offloaded else FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
+        self.shadow: Any = (
+            Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
+            if self.offloaded else
+            FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
         self._devices = sorted({g["device"] for g in self.shadow.groups})
         self.padded = _state.padded_params(parts)
-        self._fixed = [1.0 - d for d in self.decays]        # main's weight 1.0 - decay, as Python floats
-        self._on_device: dict = {}                          # device step: its buffers (see _device_step)
+        # main's weight 1.0 - decay, as Python floats
+        self._fixed = [1.0 - d for d in self.decays]
+        self._on_device: dict = {}          # device step: its buffers (see _device_step)
         narrow = sorted({str(t.local.dtype) for t in self.tracked if t.local.dtype not in _WIDE})
         if narrow and config.shadow_dtype == "same":
-            logger.warning("EMA is tracking %s tensors in their own dtype (shadow_dtype='same', main's): once the "
-                           "average and the live value are close, the increment rounds away. "
-                           "EMA.Config(shadow_dtype='float32') keeps a float32 average of them.", ", ".join(narrow))
+            logger.warning("EMA is tracking %s tensors in their own dtype (shadow_dtype='same', "
+                           "main's): once the average and the live value are close, the increment "
+                           "rounds away. EMA.Config(shadow_dtype='float32') keeps a float32 "
+                           "average of them.", ", ".join(narrow))
 
     # ------------------------------------------------------------ the update
 
@@ -127,15 +139,16 @@ class EMA:
 
     @torch.no_grad()
     def step(self, current_step: int | torch.Tensor) -> None:
-        """Fire the update if ``current_step`` is a firing step (see the class). Call it with the trainer's
-        step after the optimizer step and the LR schedulers, as torchtitan's ``Optim.step`` does; or with a
-        one-element int64 tensor on the parameters' device (inside a captured CUDA graph)."""
+        """Fire the update if ``current_step`` is a firing step (see the class). Call it with the
+        trainer's step after the optimizer step and the LR schedulers, as torchtitan's
+        ``Optim.step`` does; or with a one-element int64 tensor on the parameters' device (inside a
+        captured CUDA graph)."""
         if isinstance(current_step, torch.Tensor):
             self._device_step(current_step)
             return
         if isinstance(current_step, bool) or not isinstance(current_step, int):
-            raise TypeError(f"current_step must be an int (the trainer's step) or a one-element integer tensor, "
-                            f"got {current_step!r}")
+            raise TypeError(f"current_step must be an int (the trainer's step) or a one-element "
+                            f"integer tensor, got {current_step!r}")
         elapsed = current_step - self.start_step
         if elapsed <= 0 or elapsed % self.update_every_n_steps:
             return
@@ -144,17 +157,19 @@ class EMA:
         if not self.offloaded:
             self.shadow.update(weight=weights)
             return
-        self.shadow.refresh()                          # the addresses checked (a moved parameter followed)
-        with ctrl_c_held():                            # every window staged, or none (a Ctrl-C waits)
-            self.shadow.update_checked({d: tuple(weights) for d in self._devices}, "nearest", 0, 0, None)
+        self.shadow.refresh()           # the addresses checked (a moved parameter followed)
+        with ctrl_c_held():             # every window staged, or none (a Ctrl-C waits)
+            self.shadow.update_checked({d: tuple(weights) for d in self._devices},
+                                       "nearest", 0, 0, None)
 
     def _device_step(self, step: torch.Tensor) -> None:
         """:meth:`step` worked out on the device: the buffers made at the first call, then only
         in-place and ``out=`` operations (nothing allocated, nothing read by the host)."""
         if self.offloaded:
-            raise ValueError("step(tensor) (a captured CUDA graph's) does not go with EMA.Config.offload_to_cpu=True: "
-                             "the offloaded copies are folded on a host thread, which a graph replay would not run; "
-                             "step with the trainer's int step, outside the graph")
+            raise ValueError("step(tensor) (a captured CUDA graph's) does not go with "
+                             "EMA.Config.offload_to_cpu=True: the offloaded copies are folded on a "
+                             "host thread, which a graph replay would not run; step with the "
+                             "trainer's int step, outside the graph")
         bufs = self._on_device.get(step.device)
         if bufs is None:
             bufs = self._on_device[step.device] = _DeviceRule(self, step.device)
@@ -164,36 +179,40 @@ class EMA:
     # ------------------------------------------------------------ checkpoints and reads
 
     def state_dict(self) -> dict[str, Any]:
-        """Main's layout: ``state.<fqn>.ema_params.<key>`` -> the copy, each a view of the shadow (its
-        dtype: the tensor's, or float32 with ``shadow_dtype="float32"``), a DTensor of the parameter's
-        layout on a sharded model, with the padding of padded parameters hidden. ``dcp.load`` fills these
-        views in place, then calls :meth:`load_state_dict`."""
+        """Main's layout: ``state.<fqn>.ema_params.<key>`` -> the copy, each a view of the shadow
+        (its dtype: the tensor's, or float32 with ``shadow_dtype="float32"``), a DTensor of the
+        parameter's layout on a sharded model, with the padding of padded parameters hidden.
+        ``dcp.load`` fills these views in place, then calls :meth:`load_state_dict`."""
         return _state.flat_state_dict(self.tracked, self.shadow, self.keys, self.padded)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other copies
-        are ignored, as main ignores them); every entry checked first, nothing written if one is off. An
-        empty dict (a checkpoint without the EMA) cold-starts every copy from the current weights, as
-        main does."""
+        """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
+        copies are ignored, as main ignores them); every entry checked first, nothing written if one
+        is off. An empty dict (a checkpoint without the EMA) cold-starts every copy from the current
+        weights, as main does."""
         if not state_dict:
             self.shadow.copy_from_sources()
-            logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the loaded model "
-                           "weights, which discards all EMA history", ", ".join(self.keys))
+            logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the "
+                           "loaded model weights, which discards all EMA history",
+                           ", ".join(self.keys))
             return
         _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict)
 
     def averaged_state_dict(self, key: str | None = None) -> dict[str, torch.Tensor]:
         """One copy (``key``; default: the only one) as ``fqn -> tensor`` in the tensors' dtypes and
-        layouts (DTensors on a sharded model): what ``model.load_state_dict`` takes for the tracked names."""
+        layouts (DTensors on a sharded model): what ``model.load_state_dict`` takes for the tracked
+        names."""
         row = self.row_of(key)
-        return {t.fqn: _state.as_global(t, self.shadow.view(t.fqn, row).to(t.local.dtype, copy=True))
+        return {t.fqn: _state.as_global(
+                    t, self.shadow.view(t.fqn, row).to(t.local.dtype, copy=True))
                 for t in self.tracked}
 
     def row_of(self, key: str | None) -> int:
         """The shadow row of copy ``key`` (None: the only copy)."""
         if key is None:
             if len(self.keys) != 1:
-                raise ValueError(f"this EMA holds {len(self.keys)} copies {self.keys}: name the one to read")
+                raise ValueError(f"this EMA holds {len(self.keys)} copies {self.keys}: "
+                                 f"name the one to read")
             return 0
         if key not in self.keys:
             raise ValueError(f"this EMA holds no copy {key!r}; it holds {self.keys}")
@@ -203,16 +222,18 @@ class EMA:
         """Nothing (main's EMA takes it too, for code that treats it as an optimizer)."""
 
     def __repr__(self) -> str:
-        return f"fastema.torchtitan.EMA(keys={self.keys}, tensors={len(self.tracked)}, shadow={self.shadow!r})"
+        return (f"fastema.torchtitan.EMA(keys={self.keys}, tensors={len(self.tracked)}, "
+                f"shadow={self.shadow!r})")
 
 
 class _DeviceRule:
-    """Main's firing rule on the device, into preallocated buffers: ``w32`` (the copies' weights, float32)
-    and ``skip`` (``device -> int32[1]``, non-zero where the step does not fire)."""
+    """Main's firing rule on the device, into preallocated buffers: ``w32`` (the copies' weights,
+    float32) and ``skip`` (``device -> int32[1]``, non-zero where the step does not fire)."""
 
     def __init__(self, ema: EMA, device: torch.device):
         k, h = len(ema.keys), len(ema.half_life_fractions)
-        self.start, self.every, self.bias, self.h = ema.start_step, ema.update_every_n_steps, ema.step_bias, h
+        self.start, self.every, self.bias, self.h = (ema.start_step, ema.update_every_n_steps,
+                                                     ema.step_bias, h)
         self.elapsed = torch.zeros(1, dtype=torch.int64, device=device)
         self.rest = torch.zeros(1, dtype=torch.int64, device=device)
         self.off = torch.zeros(1, dtype=torch.bool, device=device)
@@ -228,55 +249,59 @@ class _DeviceRule:
 
     def run(self, step: torch.Tensor) -> None:
         if step.numel() != 1 or step.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"a device current_step must be a one-element int64 tensor, got {step.dtype} of shape "
-                            f"{tuple(step.shape)}")
+            raise TypeError(f"a device current_step must be a one-element int64 tensor, "
+                            f"got {step.dtype} of shape {tuple(step.shape)}")
         torch.sub(step.reshape(1), self.start, out=self.elapsed)
         torch.remainder(self.elapsed, self.every, out=self.rest)
         torch.le(self.elapsed, 0, out=self.off)
         torch.ne(self.rest, 0, out=self.late)
         torch.logical_or(self.off, self.late, out=self.off)
-        self.flag.copy_(self.off)                                   # 1: this step does not fire
-        if self.h:                                                  # n = elapsed // every + bias, in float64
+        self.flag.copy_(self.off)                       # 1: this step does not fire
+        if self.h:                                      # n = elapsed // every + bias, in float64
             torch.div(self.elapsed, self.every, rounding_mode="floor", out=self.rest)
             self.n.copy_(self.rest).add_(self.bias)
             half = self.decay[len(self.decay) - self.h:]
             torch.mul(self.fractions, self.n, out=half)
             half.reciprocal_().neg_()
-            torch.pow(2.0, half, out=half)                          # 2 ** (-1 / (f * n))
-        self.w64.copy_(self.decay).neg_().add_(1.0)                 # 1 - decay, rounded once as main's
+            torch.pow(2.0, half, out=half)              # 2 ** (-1 / (f * n))
+        self.w64.copy_(self.decay).neg_().add_(1.0)     # 1 - decay, rounded once as main's
         self.w32.copy_(self.w64)
 
 
 def _select(parts: list[nn.Module], patterns: Sequence[str], layouts: dict) -> list[Tracked]:
-    """Every trainable parameter, then every buffer a pattern matches, of every part (main's order)."""
+    """Every trainable parameter, then every buffer a pattern matches, of every part
+    (main's order)."""
     compiled = [re.compile(p) for p in patterns]
     out: list[Tracked] = []
     buffers = 0
     for model in parts:
-        named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad]
         for name, b in model.named_buffers():
             if compiled and any(p.search(name) for p in compiled):
                 if not b.is_floating_point():
-                    raise ValueError(f"EMA.Config.buffer_patterns matched buffer {name!r} of dtype {b.dtype}: only "
-                                     f"floating buffers are averaged (an integer average rounded back into the "
-                                     f"buffer freezes); narrow the pattern")
+                    raise ValueError(f"EMA.Config.buffer_patterns matched buffer {name!r} of "
+                                     f"dtype {b.dtype}: only floating buffers are averaged (an "
+                                     f"integer average rounded back into the buffer freezes); "
+                                     f"narrow the pattern")
                 named.append((name, b))
                 buffers += 1
         for name, t in named:
             out.append(_tracked(canonical_fqn(name), t, layouts.pop(canonical_fqn(name), None)))
     if compiled and not buffers:
-        logger.warning("EMA.Config.buffer_patterns=%s matched no buffer of any model part: check the patterns",
-                       list(patterns))
+        logger.warning("EMA.Config.buffer_patterns=%s matched no buffer of any model part: "
+                       "check the patterns", list(patterns))
     seen: dict[str, int] = {}
     for tracked in out:
         seen[tracked.fqn] = seen.get(tracked.fqn, 0) + 1
     twice = sorted(n for n, c in seen.items() if c > 1)
     if twice:
-        raise ValueError(f"the model parts share the names {twice[:5]}: each tracked tensor needs its own name "
-                         f"(the checkpoint key state.<name>.ema_params.<key>)")
+        raise ValueError(f"the model parts share the names {twice[:5]}: each tracked tensor "
+                         f"needs its own name (the checkpoint key state.<name>.ema_params.<key>)")
     if layouts:
-        raise ValueError(f"layouts= names {sorted(layouts)[:5]}, which this EMA does not track (trainable "
-                         f"parameters and the buffers buffer_patterns match, by canonical name)")
+        raise ValueError(f"layouts= names {sorted(layouts)[:5]}, which this EMA does not track "
+                         f"(trainable parameters and the buffers buffer_patterns match, by "
+                         f"canonical name)")
     return out
 
 
@@ -288,15 +313,17 @@ def _tracked(fqn: str, t: torch.Tensor, given: tuple | None) -> Tracked:
         raise ValueError(f"{fqn!r} is complex ({t.dtype}): fastema averages real floating tensors")
     if isinstance(t, DTensor):
         if given is not None:
-            raise ValueError(f"layouts= gives a layout for {fqn!r}, a DTensor, which has its own: drop it")
+            raise ValueError(f"layouts= gives a layout for {fqn!r}, a DTensor, which has its own: "
+                             f"drop it")
         local = t.to_local().detach()
-        return Tracked(fqn, t, local, (t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())))
+        return Tracked(fqn, t, local,
+                       (t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())))
     local = t.detach()
     if given is None:
         return Tracked(fqn, t, local, None)
     if not isinstance(given, tuple) or len(given) not in (2, 3):
-        raise ValueError(f"layouts[{fqn!r}] must be (mesh, placements) or (mesh, placements, global_shape), "
-                         f"got {given!r}")
+        raise ValueError(f"layouts[{fqn!r}] must be (mesh, placements) or "
+                         f"(mesh, placements, global_shape), got {given!r}")
     mesh, placements = given[0], tuple(given[1])
     if len(given) == 3:
         shape = tuple(int(s) for s in given[2])

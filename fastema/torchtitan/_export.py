@@ -1,5 +1,5 @@
-"""One copy of a :class:`fastema.torchtitan.EMA` exported to a Hugging Face folder (as torchtitan main's
-``scripts/checkpoint_conversion/convert_ema_to_hf.py`` exports one from a checkpoint)."""
+"""One copy of a :class:`fastema.torchtitan.EMA` exported to a Hugging Face folder (as torchtitan
+main's ``scripts/checkpoint_conversion/convert_ema_to_hf.py`` exports one from a checkpoint)."""
 from __future__ import annotations
 
 import os
@@ -20,14 +20,14 @@ def _writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *, sd_adapter: Any = None,
-              export_dtype: torch.dtype = torch.float32) -> str:
-    """Write copy ``key`` (default: the only one) of ``ema`` as a Hugging Face folder: the model's state
-    dict with every tracked tensor replaced by its average (the others, frozen parameters and buffers not
-    averaged, as the model holds them), through ``sd_adapter.to_hf`` when given (torchtitan's state-dict
-    adapter), in ``export_dtype``, into ``directory/model.safetensors`` (written whole or not at all).
-    On a sharded model every rank must call it (each tensor gathered in turn); rank 0 writes. Returns
-    the file's path."""
+def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
+              sd_adapter: Any = None, export_dtype: torch.dtype = torch.float32) -> str:
+    """Write copy ``key`` (default: the only one) of ``ema`` as a Hugging Face folder: the model's
+    state dict with every tracked tensor replaced by its average (the others, frozen parameters and
+    buffers not averaged, as the model holds them), through ``sd_adapter.to_hf`` when given
+    (torchtitan's state-dict adapter), in ``export_dtype``, into ``directory/model.safetensors``
+    (written whole or not at all). On a sharded model every rank must call it (each tensor gathered
+    in turn); rank 0 writes. Returns the file's path."""
     from torch.distributed.tensor import DTensor
 
     row = ema.row_of(key)
@@ -36,8 +36,9 @@ def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
         state.update(model.state_dict())
     unmatched = sorted(t.fqn for t in ema.tracked if t.fqn not in state)
     if unmatched:
-        raise ValueError(f"{len(unmatched)} averaged tensor(s) have no key in the model's state dict, e.g. "
-                         f"{unmatched[:3]}: exporting would write the trained weights instead of the average")
+        raise ValueError(f"{len(unmatched)} averaged tensor(s) have no key in the model's state "
+                         f"dict, e.g. {unmatched[:3]}: exporting would write the trained weights "
+                         f"instead of the average")
     for t in ema.tracked:
         state[t.fqn] = as_global(t, ema.shadow.view(t.fqn, row))
     full = {}
@@ -49,6 +50,8 @@ def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
     path = os.path.join(os.fspath(directory), "model.safetensors")
     if _writer():
         os.makedirs(os.fspath(directory), exist_ok=True)
-        tensors = {n: (v, export_dtype if v.is_floating_point() else v.dtype) for n, v in full.items()}
-        atomic_write(path, lambda f: stream_safetensors(f, tensors, {"format": "pt", "ema_key": ema.keys[row]}))
+        tensors = {n: (v, export_dtype if v.is_floating_point() else v.dtype)
+                   for n, v in full.items()}
+        atomic_write(path, lambda f: stream_safetensors(
+            f, tensors, {"format": "pt", "ema_key": ema.keys[row]}))
     return path

@@ -1,5 +1,6 @@
-"""The EMA in torchtitan's checkpoints: main's layout, ``state.<fqn>.ema_params.<key>`` (DTensors of the
-parameters' layouts, the padding of padded parameters hidden), written from and read into the shadow."""
+"""The EMA in torchtitan's checkpoints: main's layout, ``state.<fqn>.ema_params.<key>`` (DTensors of
+the parameters' layouts, the padding of padded parameters hidden), written from and read into the
+shadow."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
@@ -18,8 +19,8 @@ __all__ = ["Tracked", "as_global", "flat_state_dict", "load_flat_state_dict", "p
 class Tracked(NamedTuple):
     """One averaged tensor: its canonical name, the model's tensor (a parameter or a buffer; a
     DTensor under FSDP2 / TP), the local tensor the shadow reads, and its global layout (``(mesh,
-    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain local
-    shard; None for a whole tensor)."""
+    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain
+    local shard; None for a whole tensor)."""
     fqn: str
     tensor: torch.Tensor
     local: torch.Tensor
@@ -28,7 +29,8 @@ class Tracked(NamedTuple):
 
 def padded_params(parts: Sequence[nn.Module]) -> dict[str, Any]:
     """``fqn -> padded dim spec`` of every padded parameter (a module's ``padded_params``: ``dim``,
-    ``num_padded``, ``num_real``, ``strip(t)``, ``restore(t)``), as main's ``_padded_params`` finds them."""
+    ``num_padded``, ``num_real``, ``strip(t)``, ``restore(t)``), as main's
+    ``_padded_params`` finds them."""
     out: dict[str, Any] = {}
     for model in parts:
         for module_fqn, module in model.named_modules():
@@ -38,20 +40,23 @@ def padded_params(parts: Sequence[nn.Module]) -> dict[str, Any]:
 
 
 def as_global(t: Tracked, local: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's part of ``t``'s copy) as the checkpoint holds it: itself for a whole tensor,
-    a DTensor of ``t``'s layout for a shard (no collective)."""
+    """``local`` (this rank's part of ``t``'s copy) as the checkpoint holds it: itself for a whole
+    tensor, a DTensor of ``t``'s layout for a shard (no collective)."""
     if t.layout is None:
         return local
     from torch.distributed.tensor import DTensor
 
     mesh, placements, shape, stride = t.layout
-    if local.device.type != mesh.device_type:          # an offloaded copy, handed to DCP on the mesh's device
+    # an offloaded copy, handed to DCP on the mesh's device
+    if local.device.type != mesh.device_type:
         local = local.to(t.local.device)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
 
 
 def _pads(spec: Any, value: torch.Tensor, size: str) -> Any:
-    """``spec`` when ``value`` has the padded (``"num_padded"``) or real (``"num_real"``) size along its dim."""
+    """``spec`` when ``value`` has the padded (``"num_padded"``) or real (``"num_real"``) size
+    along its dim."""
     if spec is not None and value.ndim > spec.dim and value.shape[spec.dim] == getattr(spec, size):
         return spec
     return None
@@ -71,14 +76,14 @@ def flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequen
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-            and a.device == b.device)
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
 
 
 def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
                          padded: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked, then all written
-    (an entry that already is the shadow's view, as ``dcp.load`` fills them, is not copied again)."""
+    """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked, then all written (an
+    entry that already is the shadow's view, as ``dcp.load`` fills them, is not copied again)."""
     from torch.distributed.tensor import DTensor
 
     problems: list[str] = []
@@ -97,7 +102,7 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                 continue
             padding = _pads(spec, value, "num_real")
             if padding is not None:
-                value = padding.restore(value)                   # hidden padding back (zeros: never trained)
+                value = padding.restore(value)  # hidden padding back (zeros: never trained)
             dst = shadow.view(t.fqn, row)
             if isinstance(value, DTensor):
                 if t.layout is None:
@@ -107,18 +112,20 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                     value = value.redistribute(t.layout[0], t.layout[1])
                 value = value.to_local()
             elif t.layout is not None:
-                problems.append(f"{name} is a plain tensor but {t.fqn!r} is sharded here: pass the DTensors "
-                                f"state_dict() gives (dcp.load does)")
+                problems.append(f"{name} is a plain tensor but {t.fqn!r} is sharded here: pass the "
+                                f"DTensors state_dict() gives (dcp.load does)")
                 continue
             if tuple(value.shape) != tuple(dst.shape):
-                problems.append(f"{name} has shape {tuple(value.shape)}, expected {tuple(dst.shape)}")
+                problems.append(f"{name} has shape {tuple(value.shape)}, "
+                                f"expected {tuple(dst.shape)}")
             elif not _same_memory(value, dst):
                 if not bool(torch.isfinite(value).all()):
                     problems.append(f"{name} holds inf or NaN")
                 else:
                     writes.append((dst, value))
     if problems:
-        raise ValueError(f"the EMA state was not loaded (nothing was written): {'; '.join(problems[:5])}"
+        raise ValueError(f"the EMA state was not loaded (nothing was written): "
+                         f"{'; '.join(problems[:5])}"
                          + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     with torch.no_grad():
         for dst, value in writes:
