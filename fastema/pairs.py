@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from . import _backends, _launch
 from ._backends import describe, disjoint
-from ._bound import BoundLaunches
+from ._bound import LERP, BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
 from .kernels.kinds import BF16
@@ -25,10 +25,11 @@ from .kernels.kinds import BF16
 __all__ = ["PairShadow"]
 
 
-class PairGroup:
-    """One (device, shadow dtype, source dtype) group of (shadow, source) pairs: the fields
-    :func:`fastema._launch.launch` reads (device, kinds, tables, current_stream) and the
-    framework a flag or a device plan for it is made in. Addresses only, no tensor."""
+class PairGroup(_launch.Launches):
+    """One (device, shadow dtype, source dtype) group of (shadow, source) pairs: a launch group
+    (:class:`fastema._launch.Launches`: the fields a launch reads, device, kinds, tables,
+    current_stream, and the launches it keeps) and the framework a flag or a device plan for it
+    is made in. Addresses only, no tensor."""
 
     def __init__(self, device, shadow_kind, src_kind, shadows: list, sources: list):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
@@ -37,6 +38,8 @@ class PairGroup:
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.current_stream, follow=False)
         self.size = len(shadows)
+        self.scan = self                 # what the non-finite scan walks: the sources themselves
+        self._kept: dict = {}            # the launches (Launches)
 
 
 def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = None) -> list[PairGroup]:
@@ -99,9 +102,7 @@ class PairShadow(Capabilities, BoundLaunches):
     def __init__(self, shadows: Sequence, sources: Sequence, names: tuple[list, list] | None = None, *,
                  groups: list | None = None):
         self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
-        self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
-        self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
-        self._scans: dict = {}          # group index -> (tables, flag, bound non-finite scan)
+        self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
         self.skipped: dict[str, Any] = {}
 
     @property
@@ -124,7 +125,7 @@ class PairShadow(Capabilities, BoundLaunches):
 
     def regroup(self, groups: list[PairGroup]) -> None:
         """Follow the pairs to new addresses: ``groups`` from :func:`pair_groups` over the tensors
-        as they are now (the bound launches are made again at the next update)."""
+        as they are now (their launches are prepared at the next update)."""
         self.layout = _Groups(groups)
 
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
@@ -145,14 +146,9 @@ class PairShadow(Capabilities, BoundLaunches):
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
-        lerps = self._lerps
-        for gi, g in enumerate(groups):                   # each group's launch prepared once (BoundLaunches)
+        for g in groups:                                  # each group's launch, kept by the group
             stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
-            bound = lerps.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
-                    or bound[3] is not None:
-                bound = self._bind_lerp(gi, g, stochastic, None, None)
-            bound[4](weights[g.device], key)
+            g.launch_of(LERP[stochastic])(weights[g.device], key)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, no host sync: ``device -> int32[1]`` flags
