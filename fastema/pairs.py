@@ -12,11 +12,11 @@ tables), never a tensor: the caller keeps its tensors alive and tells when they 
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Sequence
 
 from . import _backends, _launch
 from ._backends import describe, disjoint
+from ._backends.kept import KeptLRU, cheap_key
 from ._bound import LERP, BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
@@ -157,35 +157,24 @@ class PairShadow(Capabilities, BoundLaunches):
         return self.scan_groups(flags)
 
 
-# Pairs of recent ema_update_many_ calls, found by every tensor's address and kept with a check of
-# every tensor's dtype, shape and strides: a hit needs both, i.e. the same memory in the same
-# layout, so the cached storage-order walk is right for the tensors passed now. (An address is not
-# enough: a.view(3, 4).t() is a's memory in another order, which an uncached call refuses.)
-# Anything else misses and gets the full check. The key is tuples of ints (untracked by the
-# garbage collector: a key per call costs no collections) and the check compares without keeping
-# what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with no cheap
-# key (not torch) are keyed by their full descriptions and need no further check.
-_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (PairShadow, layout check or None)
-_PAIRS_MAX = 32
+# Pairs of recent ema_update_many_ calls (the one KeptLRU of _backends.kept): found by every tensor's
+# address (arrays of one framework) and kept with a check of every tensor's dtype, shape and strides: a
+# hit needs both, i.e. the same memory in the same layout, so the cached storage-order walk is right for
+# the tensors passed now. (An address is not enough: a.view(3, 4).t() is a's memory in another order,
+# which an uncached call refuses.) Anything else misses and gets the full check. The key is tuples of
+# ints (untracked by the garbage collector: a key per call costs no collections) and the check compares
+# without keeping what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with
+# no cheap key (not torch or NumPy, or of two frameworks) are keyed by their full descriptions.
+_PAIRS: KeptLRU[PairShadow] = KeptLRU(32, _launch.CHOSEN_DRIVERS)
 
 
 def _cheap_key(shadows: list, sources: list) -> tuple | None:
-    a = _backends.address_key(shadows)          # torch: data_ptr, one C-level map
-    b = _backends.address_key(sources) if a is not None else None
-    return None if b is None else (a, b)
+    return cheap_key((len(shadows),), shadows + sources)     # torch: data_ptr, one C-level map
 
 
 def _described_key(tensors) -> tuple:
     return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
                  (describe(t, "tensor") for t in tensors))
-
-
-def _hit(key: tuple, tensors: list) -> PairShadow | None:
-    entry = _PAIRS.get(key)
-    if entry is None or (entry[1] is not None and not entry[1](tensors)):
-        return None
-    _PAIRS.move_to_end(key)
-    return entry[0]
 
 
 def cached(shadows: list, sources: list) -> PairShadow | None:
@@ -194,7 +183,7 @@ def cached(shadows: list, sources: list) -> PairShadow | None:
     The drop-ins' per-step path: a hit needs no look at the pairs beyond the key and the layout
     check."""
     key = _cheap_key(shadows, sources)
-    return None if key is None else _hit(key, shadows + sources)
+    return None if key is None else _PAIRS.hit(key, shadows + sources)
 
 
 def of(shadows: list, sources: list) -> PairShadow:
@@ -202,14 +191,11 @@ def of(shadows: list, sources: list) -> PairShadow:
     tensors = shadows + sources
     cheap = _cheap_key(shadows, sources)
     key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
-    found = _hit(key, tensors)
+    found = _PAIRS.hit(key, tensors)
     if found is not None:
         return found
     made = PairShadow(shadows, sources)
-    _PAIRS[key] = (made, None if cheap is None else _backends.layout_guard(tensors))
-    while len(_PAIRS) > _PAIRS_MAX:
-        _PAIRS.popitem(last=False)
-    return made
+    return _PAIRS.keep(key, made, None if cheap is None else _backends.layout_guard(tensors))
 
 
 def clear() -> None:

@@ -35,20 +35,15 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
     :data:`TORCH_STREAM`). ``stub_driver``: the loads, launches and context queries are fastema's
     real ``CudaCoreDriver``'s, into the stub driver (the process must have started with
     :func:`stub_driver_dir` on ``LD_LIBRARY_PATH``)."""
-    import fastema
     from fastema._launch import drivers
 
     if driver is None:
         if stub_driver:
             options.update(real=drivers.CudaCoreDriver(), real_primary=STUB_CONTEXT)
         driver = FakeDriver(**options)
-    fastema.ops._single_tables.cache_clear()              # tables made on another driver
-    try:
-        torch = _torch_on_gpu(driver) if torch_on_gpu else contextlib.nullcontext()
-        with drivers.using(driver), torch:
-            yield driver
-    finally:
-        fastema.ops._single_tables.cache_clear()
+    torch = _torch_on_gpu(driver) if torch_on_gpu else contextlib.nullcontext()
+    with drivers.using(driver), torch:        # (fastema's caches are of one driver and stand-in each)
+        yield driver
 
 
 class _TorchStandIn:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..kernels import _bits
 from ..kernels.layout import chunk_table, segment_offsets
-from . import config
+from . import config, drivers
 from .cpu import merge as merge  # the merge launcher (CPU only)
 from .forked import _cuda, _cuda_bound, refuse_cuda_after_fork  # noqa: F401  (the fork check)
 from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
@@ -177,36 +177,7 @@ def stream_of(group) -> int:
     return group.current_stream() if is_cuda(group.device) else 0
 
 
-# The round-8 owners' launchers, until each owner asks its group for its launches (issue 80: they go
-# with the last of them).
-def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Launch:
-    return prepare("lerp", group, flag=flag, stochastic=stochastic)
-
-
-def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) -> Launch:
-    return prepare("plan_lerp", group, **plan, gi=gi, stochastic=stochastic)
-
-
-def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> Launch:
-    return prepare("copy", group, to_shadow=to_shadow, row_lo=row_lo, row_hi=row_hi, flag=flag)
-
-
-def plan_launcher(group, plan: dict) -> Launch:
-    return prepare("plan", group, **{k: plan[k] for k in OPS["plan"].fixed})
-
-
-def nonfinite_launcher(group, flag) -> Launch:
-    return prepare("nonfinite", group, flag=flag)
-
-
-def note_capture(group) -> None:
-    """Before a CUDA launch that no group keeps pinned (the array functions' cached launches, until
-    they keep pinned groups): retired sources pruned, and the group's tables kept for good where the
-    launch is being captured into a CUDA graph (:data:`.cuda_bound.CAPTURED`)."""
-    cuda = _cuda()
-    raw = group.current_stream()
-    driver = cuda.current()
-    if cuda.WAITING:
-        cuda.prune_retired(driver, raw)
-    if group.tables is not None and driver.capturing(raw):
-        _cuda_bound().CAPTURED.append(group.tables)
+CHOSEN_DRIVERS = drivers.CHOSEN
+"""The drivers given to :func:`.drivers.using` now, innermost last (none: the process's own,
+:func:`.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
+valid while the same one is chosen (``fastema._backends.kept``)."""

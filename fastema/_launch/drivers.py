@@ -37,6 +37,8 @@ import numpy as np
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
+CHOSEN = _STACK
+"""The drivers given to :func:`using` now, innermost last (read without a call by caches of what a driver made)."""
 
 
 @contextlib.contextmanager

@@ -34,6 +34,8 @@ def test_varying_the_docstring_and_the_dispatch_point_read_the_table():
         assert f'``"{name}"``' in op.__doc__, name
         assert not set(o.fixed) & set(o.varying), name                  # an argument is one or the other
         assert set(o.defaults) <= set(o.fixed) | set(o.varying), name
+    for alias in ("lerp_launcher", "plan_lerp_launcher", "copy_launcher", "plan_launcher", "nonfinite_launcher"):
+        assert not hasattr(_launch, alias), alias
 
 
 def test_the_variant_enumeration_calls_every_op_by_the_tables_names():
