@@ -8,7 +8,7 @@ for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -41,8 +41,10 @@ def _compilable(fn):
 
 
 class _Prepared(NamedTuple):
-    """What a call's cheap key finds again (:data:`_KEPT`): the pair group's prepared launch."""
+    """What a call's cheap key finds again (:data:`_KEPT`): the pair group's prepared launch, and the
+    framework's version bump of the arrays it writes (None: nothing to tell, a NumPy array)."""
     run: _launch.Launch
+    bump: Callable[[list], None] | None
 
 
 # The pairs' launch groups, by their descriptions (device, framework, addresses, count, kinds): a pair
@@ -83,21 +85,25 @@ def _group(shadow: Buf | None, x: Buf) -> _launch.Group:
     return g
 
 
-def _keep(key: tuple | None, arrays: list, run: _launch.Launch) -> _launch.Launch:
-    """``run`` kept under the arrays' cheap ``key`` (none: nothing kept) with their layout guard."""
+def _keep(key: tuple | None, arrays: list, run: _launch.Launch, written) -> _launch.Launch:
+    """``run`` kept under the arrays' cheap ``key`` (none: nothing kept) with their layout guard, and the
+    version bump of ``written``'s framework (every array of a cheap key is of one)."""
     if key is not None:
-        _KEPT.keep(key, _Prepared(run), _backends.layout_guard(arrays))
+        _KEPT.keep(key, _Prepared(run, _backends.version_bump(written)), _backends.layout_guard(arrays))
     return run
 
 
-def _rerun(tag: tuple, arrays: list) -> tuple:
+def _rerun(tag: tuple, arrays: list, written: int) -> tuple:
     """``(key, ran)``: ``arrays``' cheap key under ``tag``, and whether the launch kept for them (the same
-    memory in the same layout) ran now, all the call had to do."""
+    memory in the same layout) ran now, all the call had to do; then ``arrays[:written]`` are bumped
+    (the arrays it wrote: first in the list)."""
     key = cheap_key(tag, arrays)
     found = _KEPT.hit(key, arrays) if key is not None else None
     if found is None:
         return key, False
     found.run()
+    if found.bump is not None:
+        found.bump(arrays if written == 2 else [arrays[0]])
     return key, True
 
 
@@ -110,6 +116,8 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
         w = _fast_weights(decays)
         if w is not None:
             found.run(w, sr_key(seed, step) if rounding != "nearest" else 0)
+            if found.bump is not None:
+                found.bump([shadow])
             return shadow
     if rows and not 1 <= rows <= MAX_DECAYS:
         raise ValueError(f"1 to {MAX_DECAYS} decays in one pass (at most {MAX_DECAYS}), got {rows}; "
@@ -125,7 +133,8 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     if found is not None or not host:            # a hit with unusual weights; a flag or device weights
         _launch.launch("lerp", g, weights=w, flag=flag, key=sr, stochastic=stochastic)
     else:
-        _keep(key, arrays, g.launch("lerp", stochastic=stochastic))(w, sr)
+        _keep(key, arrays, g.launch("lerp", stochastic=stochastic), shadow)(w, sr)
+    _backends.bump_versions(arrays[:1])
     return shadow
 
 
@@ -202,12 +211,13 @@ def copy_(dst, src):
     Same shape and device; returns ``dst``.
     """
     arrays = [dst, src]
-    key, ran = _rerun(("copy",), arrays)
+    key, ran = _rerun(("copy",), arrays, 1)
     if ran:
         return dst
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
-    _keep(key, arrays, _group(d, x).launch("copy", to_shadow=True, row_lo=0, row_hi=1))()
+    _keep(key, arrays, _group(d, x).launch("copy", to_shadow=True, row_lo=0, row_hi=1), dst)()
+    _backends.bump_versions(arrays[:1])
     return dst
 
 
@@ -220,7 +230,7 @@ def swap_(a, b, *, lossy: bool = False):
     (:meth:`fastema.FlatShadow.swap` keeps a float32 shadow exact against bfloat16.)
     """
     arrays = [a, b]
-    key, ran = _rerun(("swap", lossy), arrays)
+    key, ran = _rerun(("swap", lossy), arrays, 2)
     if ran:
         return
     s, x = pair(a, b, "a", "b", write_b=True)
@@ -230,7 +240,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
-    _keep(key, arrays, _group(s, x).launch("swap", mode=kinds.EXCHANGE, row=0))()
+    _keep(key, arrays, _group(s, x).launch("swap", mode=kinds.EXCHANGE, row=0), a)()
+    _backends.bump_versions(arrays)
 
 
 def flag_nonfinite_(flag, src):
@@ -241,7 +252,7 @@ def flag_nonfinite_(flag, src):
     share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
     """
     arrays = [flag, src]
-    key, ran = _rerun(("nonfinite",), arrays)
+    key, ran = _rerun(("nonfinite",), arrays, 1)
     if ran:
         return flag
     x = describe(src, "src")
@@ -249,7 +260,8 @@ def flag_nonfinite_(flag, src):
     if key is None:                              # a flag view of this call: not kept
         _launch.launch("nonfinite", _group(None, x), flag=f)
     else:                                        # kept with the call's key (the flag's view in it)
-        _keep(key, arrays, _group(None, x).launch("nonfinite", flag=f))()
+        _keep(key, arrays, _group(None, x).launch("nonfinite", flag=f), flag)()
+    _backends.bump_versions(arrays[:1])
     return flag
 
 
@@ -278,4 +290,4 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     weights) is averaged once; shadows that otherwise overlap are refused. Other arguments
     as in :func:`ema_update_`.
     """
-    pairs.of(list(shadows), list(sources)).update(decay, weight=weight, rounding=rounding, seed=seed, step=step)
+    pairs.update_many(list(shadows), list(sources), decay, weight=weight, rounding=rounding, seed=seed, step=step)

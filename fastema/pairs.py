@@ -12,7 +12,7 @@ tables), never a tensor: the caller keeps its tensors alive and tells when they 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _backends, _launch
 from ._backends import describe, disjoint
@@ -158,14 +158,22 @@ class PairShadow(Capabilities, BoundLaunches):
 
 
 # Pairs of recent ema_update_many_ calls (the one KeptLRU of _backends.kept): found by every tensor's
-# address (arrays of one framework) and kept with a check of every tensor's dtype, shape and strides: a
-# hit needs both, i.e. the same memory in the same layout, so the cached storage-order walk is right for
-# the tensors passed now. (An address is not enough: a.view(3, 4).t() is a's memory in another order,
-# which an uncached call refuses.) Anything else misses and gets the full check. The key is tuples of
-# ints (untracked by the garbage collector: a key per call costs no collections) and the check compares
-# without keeping what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with
-# no cheap key (not torch or NumPy, or of two frameworks) are keyed by their full descriptions.
-_PAIRS: KeptLRU[PairShadow] = KeptLRU(32, _launch.CHOSEN_DRIVERS)
+# address (arrays of one framework) and kept with a check of every tensor's dtype, shape, strides and
+# writability: a hit needs both, i.e. the same memory in the same layout, so the cached storage-order
+# walk is right for the tensors passed now. (An address is not enough: a.view(3, 4).t() is a's memory in
+# another order, which an uncached call refuses.) Anything else misses and gets the full check. The key is
+# tuples of ints (untracked by the garbage collector: a key per call costs no collections) and the check
+# compares without keeping what it reads; the cache holds numbers only, never a tensor or a storage.
+# Arrays with no cheap key (not torch or NumPy, or of two frameworks) are keyed by their full
+# descriptions, writability and framework included: a hit passes every check a first call made.
+class _Kept(NamedTuple):
+    """A kept pair layout: its PairShadow and what bumps the shadows' versions after an update (their
+    framework's, one call; None: nothing to tell, NumPy)."""
+    pairs: PairShadow
+    bump: Callable[[list], None] | None
+
+
+_PAIRS: KeptLRU[_Kept] = KeptLRU(32, _launch.CHOSEN_DRIVERS)
 
 
 def _cheap_key(shadows: list, sources: list) -> tuple | None:
@@ -173,7 +181,7 @@ def _cheap_key(shadows: list, sources: list) -> tuple | None:
 
 
 def _described_key(tensors) -> tuple:
-    return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
+    return tuple((b.device, b.address, b.kind, b.shape, b.order, b.writable, b.framework) for b in
                  (describe(t, "tensor") for t in tensors))
 
 
@@ -183,11 +191,11 @@ def cached(shadows: list, sources: list) -> PairShadow | None:
     The drop-ins' per-step path: a hit needs no look at the pairs beyond the key and the layout
     check."""
     key = _cheap_key(shadows, sources)
-    return None if key is None else _PAIRS.hit(key, shadows + sources)
+    found = None if key is None else _PAIRS.hit(key, shadows + sources)
+    return None if found is None else found.pairs
 
 
-def of(shadows: list, sources: list) -> PairShadow:
-    """The PairShadow of these pairs: from the cache (the last 32 layouts), else checked and kept."""
+def _of(shadows: list, sources: list) -> _Kept:
     tensors = shadows + sources
     cheap = _cheap_key(shadows, sources)
     key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
@@ -195,7 +203,25 @@ def of(shadows: list, sources: list) -> PairShadow:
     if found is not None:
         return found
     made = PairShadow(shadows, sources)
-    return _PAIRS.keep(key, made, None if cheap is None else _backends.layout_guard(tensors))
+    if cheap is not None:           # arrays of one framework: its bump, one call
+        kept = _Kept(made, _backends.version_bump(shadows[0]) if shadows else None)
+        return _PAIRS.keep(key, kept, _backends.layout_guard(tensors))
+    return _PAIRS.keep(key, _Kept(made, _backends.bump_versions))       # several: each its own
+
+
+def of(shadows: list, sources: list) -> PairShadow:
+    """The PairShadow of these pairs: from the cache (the last 32 layouts), else checked and kept."""
+    return _of(shadows, sources).pairs
+
+
+def update_many(shadows: list, sources: list, decay, **options) -> None:
+    """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` through :func:`of`'s PairShadow
+    (:func:`fastema.ema_update_many_`), then the written shadows' versions bumped (torch: as
+    ``_foreach_lerp_`` bumps them)."""
+    kept = _of(shadows, sources)
+    kept.pairs.update(decay, **options)
+    if kept.bump is not None:
+        kept.bump(shadows)
 
 
 def clear() -> None:

@@ -76,7 +76,7 @@ def _calls_named(tree: ast.AST, name: str) -> list[int]:
 KEEPERS = ("fastema/_bound.py", "fastema/_chunks.py", "fastema/_layout.py", "fastema/_sources.py", "fastema/_shadow.py",
            "fastema/flat.py", "fastema/flat_window.py", "fastema/ops.py", "fastema/pairs.py", "fastema/smooth.py",
            "fastema/track.py", "fastema/_backends/kept.py", "fastema/average/", "fastema/torch/_placement/",
-           "fastema/torch/_tensors/pairs.py", "fastema/torch/target.py")
+           "fastema/torch/_tensors/pairs.py", "fastema/torch/compat/", "fastema/torch/target.py")
 
 
 def test_no_code_reads_a_kept_launch_by_position():
