@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _backends, _launch
 from ._checks import sr_key
+from ._shadow import LaunchLayout
 
 
 class _Flagged(NamedTuple):
@@ -45,7 +46,7 @@ class BoundLaunches:
     """The checked update, the non-finite scan and the copy from the sources, one launch per
     group, each prepared once per op, rounding, flag and carried plan, and kept by the group."""
 
-    layout: Any
+    layout: LaunchLayout
     rows: int
     skipped: dict
     _views: dict

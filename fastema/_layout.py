@@ -9,6 +9,7 @@ are the :class:`~fastema._sources.SourceTable`'s. The shadows (:class:`fastema.F
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from ._backends import Buf, describe, disjoint, empty
 from ._shadow import Capabilities
 from .kernels import kinds
 from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
+
+if TYPE_CHECKING:
+    from ._sources import SourceTable
 
 DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
 
@@ -259,6 +263,14 @@ class ShadowBase(Capabilities):
     ``layout`` (:class:`FlatLayout`), ``source_table`` (:class:`~fastema._sources.SourceTable`),
     ``_swap`` (:class:`SwapState`) and ``names``: a shadow is built from these, and this class
     only forwards to them."""
+
+    layout: FlatLayout
+    source_table: SourceTable
+    _swap: SwapState
+    names: list
+
+    def view(self, source: int | str, row: int | None = 0) -> Any:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.source_table)

@@ -62,6 +62,8 @@ class FlatShadow(ShadowBase, BoundLaunches):
             hold; there are no per-source views (:meth:`pieces` gives the slice).
     """
 
+    layout: FlatLayout
+
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
                  init: str = "copy", split: tuple[int, int] | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:

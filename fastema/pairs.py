@@ -38,6 +38,7 @@ class PairGroup(_launch.Launches):
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.current_stream, follow=False)
         self.size = len(shadows)
+        self.buffer = None               # the averages are the caller's tensors
         self.scan = self                 # what the non-finite scan walks: the sources themselves
         self._kept: dict = {}            # the launches (Launches)
 
@@ -76,10 +77,15 @@ def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = 
 
 
 class _Groups:
+    """A pair shadow's layout: its groups."""
+
     __slots__ = ("groups",)
 
-    def __init__(self, groups: list):
+    def __init__(self, groups: list[PairGroup]):
         self.groups = groups
+
+    def swap_exact(self) -> bool:
+        return False                     # no swap: the averages are the caller's tensors
 
 
 class PairShadow(Capabilities, BoundLaunches):
@@ -98,10 +104,12 @@ class PairShadow(Capabilities, BoundLaunches):
     """
 
     rows = 1
+    layout: _Groups
 
     def __init__(self, shadows: Sequence, sources: Sequence, names: tuple[list, list] | None = None, *,
                  groups: list | None = None):
         self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
+        self.names: list = list(names[0]) if names is not None else [f"shadows[{i}]" for i in range(len(shadows))]
         self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
         self.skipped: dict[str, Any] = {}
 
@@ -128,15 +136,26 @@ class PairShadow(Capabilities, BoundLaunches):
         as they are now (their launches are prepared at the next update)."""
         self.layout = _Groups(groups)
 
+    def view(self, source: int | str, row: int | None = 0) -> Any:
+        """Refused: the averages are the caller's own tensors (read them there)."""
+        raise TypeError("a PairShadow keeps its averages in the caller's tensors (the shadows it was given): "
+                        "read them there")
+
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
-               rounding: str = "nearest", seed: int = 0, step: int = 0,
-               bf16_stochastic: bool = False) -> None:
+               rounding: str = "nearest", seed: int = 0, step: int = 0, skip_nonfinite: bool = False,
+               sources: Any = None, bf16_stochastic: bool = False) -> None:
         """One lerp launch per group, every argument checked first; the key of the stochastic
         rounding is ``sr_key(seed, step)`` for every group (:func:`fastema.ema_update_many_`).
 
         ``bf16_stochastic=True`` (the compat drop-ins only: timm's ``stochastic_rounding=True``)
         rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
-        says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
+        says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only).
+        ``skip_nonfinite`` and ``sources`` are refused (the pairs are the caller's to follow and scan:
+        :meth:`regroup`, :meth:`scan_nonfinite` then ``update_checked``)."""
+        if skip_nonfinite or sources is not None:
+            raise TypeError("a PairShadow follows no sources of its own and scans only when asked: call regroup() "
+                            "with the moved pairs, or scan_nonfinite() and then update_checked(..., skip_if=flags); "
+                            "nothing was written")
         groups = self.layout.groups
         decays = [decay] if decay is not None and not isinstance(decay, (list, tuple)) else decay
         weights = {}

@@ -162,3 +162,25 @@ def test_duplicates_finds_no_pair_the_change_wrote_in_the_reviewed_modules():
     rows = [line for line in out.splitlines() if line.startswith("D") and any(r in line for r in REVIEWED)]
     assert not rows, out
 
+
+def _annotations(path: pathlib.Path) -> dict:
+    """``target -> annotation`` of every annotated assignment of a module (``self.x: T = ...``, ``x: T``)."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.AnnAssign):
+            out.setdefault(ast.unparse(node.target), []).append(ast.unparse(node.annotation))
+    return out
+
+
+def test_the_engines_parts_are_typed_so_mypy_follows_an_update_to_the_launch():
+    """Issue 80 item 6: the engine's shadow and adapter, and every shadow's layout, are protocols
+    (not ``Any``): mypy follows ``EMA.update()`` through ``Average`` and ``Updatable.update_checked``
+    to ``BoundLaunches`` and the ``Launch`` a group keeps."""
+    core = _annotations(FASTEMA / "average" / "_core.py")
+    assert core["self.shadow"] == ["Updatable"] and core["self.adapter"] == ["ModelAdapter | None"]
+    assert _annotations(FASTEMA / "_bound.py")["layout"] == ["LaunchLayout"]
+    assert _annotations(FASTEMA / "_shadow.py")["layout"] == ["Layout"]
+    from fastema._shadow import LaunchGroup, Updatable
+
+    assert inspect.signature(LaunchGroup.launch).return_annotation == "Launch"
+    assert isinstance(vars(Updatable)["layout"], property)          # read-only: every layout a Layout
