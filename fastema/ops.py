@@ -115,9 +115,10 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     if found is not None:
         w = _fast_weights(decays)
         if w is not None:
-            found.run(w, sr_key(seed, step) if rounding != "nearest" else 0)
-            if found.bump is not None:
-                found.bump([shadow])
+            run, bump = found
+            run(w, sr_key(seed, step) if rounding != "nearest" else 0)
+            if bump is not None:
+                bump([shadow])
             return shadow
     if rows and not 1 <= rows <= MAX_DECAYS:
         raise ValueError(f"1 to {MAX_DECAYS} decays in one pass (at most {MAX_DECAYS}), got {rows}; "

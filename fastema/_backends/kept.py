@@ -67,8 +67,8 @@ class KeptLRU(Generic[V]):
         entry = self._entries.get(key)
         if entry is None:
             return None
-        guard = entry.guard
-        return entry.value if guard is None or guard(objs) else None    # (not reordered: no bookkeeping)
+        guard, value = entry
+        return value if guard is None or guard(objs) else None          # (not reordered: no bookkeeping)
 
     def keep(self, key: tuple, value: V, guard: Callable[[list], bool] | None = None) -> V:
         """Keep ``value`` under ``key`` (``guard``: what a hit must pass besides the key; None for a
