@@ -15,6 +15,7 @@ Results against a float64 reference."""
 import numpy as np
 import pytest
 import torch
+from support.arrays import DLPackOnly
 
 import fastema
 from fastema import _launch, ops, pairs
@@ -135,21 +136,8 @@ def test_ema_update_many_takes_mixed_numpy_and_torch_pairs_as_ema_update_does(or
     assert np.array_equal(first, one)                      # the same bits as the single-pair function
 
 
-class _DLPackOnly:
-    """An array known to fastema only through DLPack (as a JAX or CuPy array is): no cheap key."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __dlpack__(self, **kwargs):
-        return self.t.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.t.__dlpack_device__()
-
-
 def test_a_shadow_made_read_only_after_a_described_call_is_refused_and_not_written():
-    a, src = np.zeros(64, np.float32), _DLPackOnly(torch.ones(64))      # no cheap key: a described one
+    a, src = np.zeros(64, np.float32), DLPackOnly(torch.ones(64))      # no cheap key: a described one
     fastema.ema_update_many_([a], [src], 0.5)
     a.flags.writeable = False
     with pytest.raises(ValueError, match=r"shadows\[0\] is read-only"):

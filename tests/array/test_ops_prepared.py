@@ -6,6 +6,7 @@ reference."""
 import numpy as np
 import pytest
 import torch
+from support.arrays import DLPackOnly
 
 import fastema
 from fastema import ops
@@ -119,22 +120,9 @@ def test_copy_swap_and_the_nonfinite_flag_hit_and_stay_right():
     assert flag.item() == 1
 
 
-class _DLPackOnly:
-    """An array known to fastema only through DLPack (as a JAX or CuPy array is): no cheap key."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __dlpack__(self, **kwargs):
-        return self.t.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.t.__dlpack_device__()
-
-
 def test_arrays_with_no_cheap_key_keep_their_launch_by_description():
     s, x = torch.zeros(8), torch.ones(8)
-    a, b = _DLPackOnly(s), _DLPackOnly(x)
+    a, b = DLPackOnly(s), DLPackOnly(x)
     for _ in range(3):
         fastema.ema_update_(a, b, 0.5)
     assert torch.equal(s, torch.full((8,), 0.875))
