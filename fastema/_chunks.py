@@ -22,7 +22,8 @@ windows (``shard_replicas``). Within a chunk every piece starts 16-byte aligned 
 kernels' vector path), packed on the CPU.
 
 Framework-free: the caller owns every buffer (chunks, host slots, host shadow rows) and passes
-their addresses; tables are made on first use and cached per (window, address).
+their addresses; each (window, address) is a launch group made on first use, which keeps its
+launches (:class:`fastema._launch.Launches`); when the sources move, the groups' tables follow.
 """
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ from .kernels.kinds import F64, ITEMSIZE
 
 __all__ = ["ChunkedSources", "Window", "cut"]
 
+# the windows' launch specs (group.launch): a chunk packed from the sources and unpacked into them,
+# a window folded into the host shadow (by stochastic rounding), BEMA's output
+_PACK = _launch.spec("copy", to_shadow=True, row_lo=0, row_hi=1)
+_UNPACK = _launch.spec("copy", to_shadow=False, row_lo=0, row_hi=1)
+_FOLD = (_launch.spec("lerp"), _launch.spec("lerp", stochastic=True))
+_BEMA = _launch.spec("bema")
+
 
 class Window(NamedTuple):
     """One window of a group's row: its pieces, each ``count`` elements of source ``slot`` (the
@@ -47,7 +55,7 @@ class Window(NamedTuple):
     gi: int
     slot: np.ndarray
     first: np.ndarray
-    count: np.ndarray
+    count: np.ndarray  # type: ignore[assignment]   # (a field, not tuple.count)
     off: np.ndarray
     col: np.ndarray
     place: np.ndarray
@@ -129,10 +137,9 @@ class ChunkedSources(FollowsSources):
             size = ITEMSIZE[g.src_kind]
             unit = 16 // size if _launch.is_cuda(g.device) else 1
             self.windows += cut(g, gi, (int(chunk_bytes) // size) // unit * unit, unit)
-        self._packs: dict = {}        # (window, chunk address, to_sources) -> (tables, bound copy)
+        self._packs: dict = {}        # (window, chunk address) -> pack group (sources <-> chunk)
         self._folds: dict = {}        # (window, slot address, rows address) -> fold group
         self._direct: dict = {}       # (window, rows address) -> fold group reading the sources in place
-        self._lerps: dict = {}        # (window, slot address or None: in place, rows address, stochastic) -> bound lerp
 
     # ------------------------------------------------------------ what the owner reads
 
@@ -163,8 +170,7 @@ class ChunkedSources(FollowsSources):
             out.append(g.tables)
             if g.scan is not g:
                 out.append(g.scan.tables)
-        out += [t for t, _ in self._packs.values()] + [g.tables for g in (*self._folds.values(),
-                                                                          *self._direct.values())]
+        out += [g.tables for g in (*self._packs.values(), *self._folds.values(), *self._direct.values())]
         return out
 
     @property
@@ -173,19 +179,16 @@ class ChunkedSources(FollowsSources):
         return self.source_table
 
     def _moved(self, gi: int, addresses: list) -> None:
-        """Group ``gi``'s sources are now at ``addresses``: the pack tables of its windows follow."""
+        """Group ``gi``'s sources are now at ``addresses``: the tables of its windows' pack and in-place
+        fold groups follow (their launches read the new ones at their next call)."""
         self._addresses[gi] = list(addresses)
-        for key, (t, _) in list(self._packs.items()):
-            i = key[0]
+        src = self.layout.groups[gi]
+        for (i, _), g in self._packs.items():
             if self.windows[i].gi == gi:
-                g = self.layout.groups[gi]
-                t = _launch.update_addresses(t, self._piece_addresses(i), g.device, g.current_stream)
-                self._packs[key] = (t, self._bind_pack(i, t, key[2]))
-        for key, g in list(self._direct.items()):
-            if self.windows[key[0]].gi == gi:             # host sources: the tables are host arrays
-                self._direct[key] = g._replace(tables=g.tables._replace(seg_addr=self._piece_addresses(key[0])))
-                for stochastic in (False, True):
-                    self._lerps.pop((key[0], None, key[1], stochastic), None)
+                g.tables = _launch.update_addresses(g.tables, self._piece_addresses(i), src.device, src.current_stream)
+        for (i, _), g in self._direct.items():
+            if self.windows[i].gi == gi:                  # host sources: the tables are host arrays
+                g.tables = g.tables._replace(seg_addr=self._piece_addresses(i))
 
     # ------------------------------------------------------------ the launches
 
@@ -195,30 +198,26 @@ class ChunkedSources(FollowsSources):
         at = np.asarray(self._addresses[w.gi], np.int64)
         return at[w.slot] + w.first * ITEMSIZE[g.src_kind]
 
-    def _bind_pack(self, i: int, t, to_sources: bool):
-        g = self.layout.groups[self.windows[i].gi]
-        group = _launch.Group(g.device, g.src_kind, g.src_kind, t, g.current_stream)
-        return _launch.copy_launcher(group, to_shadow=not to_sources, row_lo=0, row_hi=1)
-
-    def _pack_launch(self, i: int, chunk: int, to_sources: bool):
-        key = (i, chunk, to_sources)
-        hit = self._packs.get(key)
-        if hit is None:
+    def _pack_group(self, i: int, chunk: int) -> _launch.Group:
+        """Window ``i``'s pieces of the sources and the chunk at address ``chunk`` (its "shadow", of the
+        sources' kind): a launch group, made at first use."""
+        g = self._packs.get((i, chunk))
+        if g is None:
             w = self.windows[i]
-            g = self.layout.groups[w.gi]
-            t = _launch.tables(self._piece_addresses(i), w.count, chunk + w.off * ITEMSIZE[g.src_kind], g.device,
-                               g.current_stream, row_stride=w.extent, handed_over=g.backend.HANDS_OVER)
-            hit = self._packs[key] = (t, self._bind_pack(i, t, to_sources))
-        return hit[1]
+            src = self.layout.groups[w.gi]
+            t = _launch.tables(self._piece_addresses(i), w.count, chunk + w.off * ITEMSIZE[src.src_kind], src.device,
+                               src.current_stream, row_stride=w.extent, handed_over=src.backend.HANDS_OVER)
+            g = self._packs[(i, chunk)] = _launch.Group(src.device, src.src_kind, src.src_kind, t, src.current_stream)
+        return g
 
     def pack(self, i: int, chunk: int) -> None:
         """Window ``i``'s pieces of the sources -> the chunk at address ``chunk`` (on their device, in
         their dtype; on CUDA on the framework's current stream)."""
-        self._pack_launch(i, chunk, False)()
+        self._pack_group(i, chunk).launch_of(_PACK)()
 
     def unpack(self, i: int, chunk: int) -> None:
         """The sources' pieces of window ``i`` <- the chunk at address ``chunk`` (bits as they are)."""
-        self._pack_launch(i, chunk, True)()
+        self._pack_group(i, chunk).launch_of(_UNPACK)()
 
     def _fold_group(self, i: int, slot: int, rows: int):
         key = (i, slot, rows)
@@ -250,22 +249,19 @@ class ChunkedSources(FollowsSources):
         ``i``'s columns with its host copy at address ``slot`` (``weights``: one per row, host floats;
         ``key``: the group's stochastic-rounding key of this update). ``slot=None``: with the sources
         themselves, where they are (host memory; the caller keeps them still meanwhile)."""
-        bound = self._lerps.get((i, slot, rows, stochastic))
-        if bound is None:
-            g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
-            bound = self._lerps[(i, slot, rows, stochastic)] = _launch.lerp_launcher(g, stochastic=stochastic)
-        bound(weights, key)
+        g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
+        g.launch_of(_FOLD[stochastic])(weights, key)                    # kept by the window's group
 
     def copy_in(self, i: int, slot: int, rows: int, count: int) -> None:
         """Host shadow rows ``[0, count)`` of window ``i``'s columns <- its host copy at ``slot``."""
-        _launch.launch("copy", self._fold_group(i, slot, rows), to_shadow=True, row_lo=0, row_hi=count)
+        self._fold_group(i, slot, rows).launch("copy", to_shadow=True, row_lo=0, row_hi=count)()
 
     def copy_out(self, i: int, slot: int, rows: int, row: int) -> None:
         """The host copy at ``slot`` <- row ``row`` of window ``i``'s columns, rounded to the sources' dtype."""
-        _launch.launch("copy", self._fold_group(i, slot, rows), to_shadow=False, row_lo=row, row_hi=row + 1)
+        self._fold_group(i, slot, rows).launch("copy", to_shadow=False, row_lo=row, row_hi=row + 1)()
 
     def bema(self, i: int, slot: int | None, rows: int, alpha: float) -> None:
         """BEMA's output row of window ``i``'s columns (``row0 <- row1 + alpha * (row0 - row2)``; the
         host copy at ``slot`` is not read, it only names the tables a fold of the window made)."""
         g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
-        _launch.launch("bema", g, alpha=alpha)
+        g.launch_of(_BEMA)(alpha)

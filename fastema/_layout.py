@@ -9,6 +9,7 @@ are the :class:`~fastema._sources.SourceTable`'s. The shadows (:class:`fastema.F
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from ._backends import Buf, describe, disjoint, empty
 from ._shadow import Capabilities
 from .kernels import kinds
 from .kernels.kinds import BF16, F16, F32, F64, ITEMSIZE, KIND_NAMES
+
+if TYPE_CHECKING:
+    from ._sources import SourceTable
 
 DTYPES = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
 
@@ -51,23 +55,25 @@ def window(n: int, unit: int, split: tuple[int, int] | None) -> tuple[int, int]:
     return cut(r), cut(r + 1)
 
 
-class _WholeSources:
+class _WholeSources(_launch.Launches):
     """A split group seen whole, for the non-finite scan: its fields but ``tables``, which walk every
-    source entire (the scan reads the sources only). Under ``shard_replicas`` every rank scans its
-    whole replica, so every rank skips an update alike with no collective."""
+    source entire (the scan reads the sources only), and its own launches. Under ``shard_replicas``
+    every rank scans its whole replica, so every rank skips an update alike with no collective."""
 
     def __init__(self, group: "LayoutGroup", tables):
         self._group, self.tables = group, tables
+        self._kept: dict = {}
 
     def __getattr__(self, name: str):
         return getattr(self._group, name)
 
 
-class LayoutGroup:
+class LayoutGroup(_launch.Launches):
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
-    It has the fields :func:`fastema._launch.launch` reads (device, shadow_kind, src_kind,
-    tables, current_stream); ``backend`` is its sources' adapter.
+    It is a launch group (:class:`fastema._launch.Launches`: the fields a launch reads, device,
+    shadow_kind, src_kind, tables, current_stream, and the launches it keeps, which follow its
+    tables when the sources move); ``backend`` is its sources' adapter.
 
     With ``split = (rank, ranks)`` the buffer holds only this rank's slice of the group's row
     (:func:`window`), the same elements at the same places as the whole group's buffer has them
@@ -77,6 +83,7 @@ class LayoutGroup:
     def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int,
                  split: tuple[int, int] | None = None):
         first = bufs[0]
+        self._kept: dict = {}                        # its launches (Launches)
         self.members = members                       # positions in the shadow's source list
         self.device = first.device
         self.src_kind = first.kind
@@ -156,7 +163,6 @@ class FlatLayout:
         self.split = split
         self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows, split) for (_, _, sk), m in keys.items()]
         self.where = {}                                # source position -> (group, slot)
-        self.launches: dict = {}                       # (group index, op, fixed...) -> (tables, prepared launch)
         for g in self.groups:
             for slot, i in enumerate(g.members):
                 self.where[i] = (g, slot)
@@ -221,24 +227,13 @@ class FlatLayout:
         return modes
 
     def swap(self, row: int, modes: list) -> None:
-        for gi, mode in enumerate(modes):
-            self.launch(gi, "swap", mode=mode, row=row)
+        for g, mode in zip(self.groups, modes):
+            g.launch("swap", mode=mode, row=row)()
 
     def copy_out(self, row: int) -> None:
         """The sources <- shadow row ``row``."""
-        for gi in range(len(self.groups)):
-            self.launch(gi, "copy", to_shadow=False, row_lo=row, row_hi=row + 1)
-
-    def launch(self, gi: int, op: str, **fixed) -> None:
-        """Group ``gi``'s launch of ``op`` with ``fixed`` (no varying argument), prepared once
-        (:func:`fastema._launch.prepare`) and kept; prepared again only where the group's tables
-        changed (a source moved)."""
-        g = self.groups[gi]
-        key = (gi, op, *fixed.values())
-        kept = self.launches.get(key)
-        if kept is None or kept[0] is not g.tables:
-            kept = self.launches[key] = (g.tables, _launch.prepare(op, g, **fixed))
-        kept[1]()
+        for g in self.groups:
+            g.launch("copy", to_shadow=False, row_lo=row, row_hi=row + 1)()
 
 
 class SwapState:
@@ -268,6 +263,14 @@ class ShadowBase(Capabilities):
     ``layout`` (:class:`FlatLayout`), ``source_table`` (:class:`~fastema._sources.SourceTable`),
     ``_swap`` (:class:`SwapState`) and ``names``: a shadow is built from these, and this class
     only forwards to them."""
+
+    layout: FlatLayout
+    source_table: SourceTable
+    _swap: SwapState
+    names: list
+
+    def view(self, source: int | str, row: int | None = 0) -> Any:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.source_table)

@@ -36,13 +36,64 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["AveragingShadow", "Capabilities", "Shadow", "Updatable", "WindowingShadow",
-           "table_parts"]
+from ._launch import Launch
+
+__all__ = ["AveragingShadow", "Capabilities", "Group", "LaunchGroup", "LaunchLayout", "Layout", "Shadow", "Updatable",
+           "WindowingShadow", "table_parts"]
 
 
 def table_parts(*tables) -> list[tuple[str, Any]]:
     """``("tables", array)`` of every array of these launch tables (:class:`fastema._launch.Tables`)."""
     return [("tables", a) for t in tables for a in t.arrays()]
+
+
+class Group(Protocol):
+    """One (device, source dtype, shadow dtype) group of a shadow's layout, as the engine reads it
+    (its device plan, its weights per device, its memory)."""
+
+    device: str
+    shadow_kind: int
+    src_kind: int
+    framework: str
+    tables: Any                    # fastema._launch.Tables (replaced when the sources move)
+    buffer: Any                    # its shadow rows (None: the caller's tensors, a pair group)
+
+    @property
+    def scan(self) -> "Group":
+        """What the non-finite scan walks: the group itself, or its sources whole (a split group)."""
+
+
+class LaunchGroup(Group, Protocol):
+    """A group the per-step launches (:class:`fastema._bound.BoundLaunches`) launch over: a launch
+    group (:class:`fastema._launch.Launches`) that keeps its launches, which follow its tables."""
+
+    current_stream: Callable[[], int]  # the raw handle of the stream a launch goes on now
+
+    @property
+    def scan(self) -> "LaunchGroup":
+        """What the non-finite scan walks: the group itself, or its sources whole (a split group)."""
+
+    def launch(self, op: str, **fixed: Any) -> Launch: ...
+
+    def launch_of(self, spec: tuple) -> Launch: ...
+
+
+class Layout(Protocol):
+    """Where a shadow's averages live, as the engine and a face see it: its groups
+    (``fastema._layout.FlatLayout``, a pair shadow's groups, an offloaded shadow's host layout)."""
+
+    @property
+    def groups(self) -> Sequence[Group]: ...
+
+    def swap_exact(self) -> bool:
+        """True when a swap would round neither side in any group."""
+
+
+class LaunchLayout(Protocol):
+    """A layout whose groups are launch groups (:class:`fastema._bound.BoundLaunches`')."""
+
+    @property
+    def groups(self) -> Sequence[LaunchGroup]: ...
 
 
 class Capabilities:
@@ -56,7 +107,7 @@ class Capabilities:
     group: Any = None
     split_id: int | None = None
     gather_bucket: int | None = None
-    layout: Any
+    layout: Layout
 
     @property
     def exact_swap(self) -> bool:
@@ -125,18 +176,24 @@ class Updatable(Protocol):
     an :class:`~fastema.average.Average` holds (a target network's
     :class:`~fastema.pairs.PairShadow` too)."""
 
+    names: list
     rows: int
-    layout: Any
     skipped: dict
     folds_later: bool
     host_plan_only: bool
     placement: str
 
+    @property
+    def layout(self) -> Layout: ...
+
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
-               rounding: str = "nearest", seed: int = 0, step: int = 0) -> None: ...
+               rounding: str = "nearest", seed: int = 0, step: int = 0, skip_nonfinite: bool = False,
+               sources: Any = None) -> None: ...
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
-                       plan=None) -> None: ...
+                       plan=None, given: int | None = None) -> None: ...
+
+    def view(self, source: int | str, row: int | None = 0) -> Any: ...
 
     def scan_groups(self, flags: dict | None = None) -> dict: ...
 
@@ -160,13 +217,15 @@ class Shadow(Protocol):
 
     names: list
     rows: int
-    layout: Any
     in_place: bool
     host_plan_only: bool
     holds_interrupts: bool
     group: Any
     split_id: int | None
     gather_bucket: int | None
+
+    @property
+    def layout(self) -> Layout: ...
 
     @property
     def sources(self) -> list: ...

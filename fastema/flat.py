@@ -23,6 +23,9 @@ from .kernels.kinds import F64, KIND_NAMES
 __all__ = ["FlatShadow"]
 
 
+_BEMA = _launch.spec("bema")
+
+
 class FlatShadow(ShadowBase, BoundLaunches):
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
 
@@ -59,6 +62,8 @@ class FlatShadow(ShadowBase, BoundLaunches):
             hold; there are no per-source views (:meth:`pieces` gives the slice).
     """
 
+    layout: FlatLayout
+
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
                  init: str = "copy", split: tuple[int, int] | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
@@ -74,10 +79,7 @@ class FlatShadow(ShadowBase, BoundLaunches):
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows,
                                  split)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
-        self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
-        self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
-        self._scans: dict = {}          # group index -> (tables, flag, bound non-finite scan)
-        self._bemas: dict = {}          # group index -> (tables, prepared BEMA output launch)
+        self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":
@@ -174,14 +176,11 @@ class FlatShadow(ShadowBase, BoundLaunches):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
                 or not np.isfinite(alpha):
             raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-        for gi, g in enumerate(self.layout.groups):
+        for g in self.layout.groups:
             if skip_if is not None:                      # a flag: viewed afresh at every call
                 _launch.launch("bema", g, alpha=alpha, flag=self._flag_view(skip_if, g))
-                continue
-            bound = self._bemas.get(gi)                  # else the group's launch, prepared once per tables
-            if bound is None or bound[0] is not g.tables:
-                bound = self._bemas[gi] = (g.tables, _launch.prepare("bema", g))
-            bound[1](alpha)
+            else:                                        # else the group's launch, kept by the group
+                g.launch_of(_BEMA)(alpha)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, with no host sync.

@@ -23,6 +23,9 @@ __all__ = ["WindowShadow"]
 _STATE_ROWS = 3            # the mean, then the compensated sum (value, compensation)
 
 
+
+_PUSH = {kind: _launch.spec("window", ring_kind=kind) for kind in DTYPES.values()}   # by ring kind
+
 class WindowShadow(ShadowBase):
     """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.
 
@@ -55,7 +58,6 @@ class WindowShadow(ShadowBase):
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._swap = SwapState()
         self._rings = []                                # per group: (kind, (W, n) buffer, device segment table)
-        self._pushes: dict = {}                         # group index -> (tables, ring kind, prepared push)
         for g in self.layout.groups:
             zero_(g.buffer)
             kind = F64 if g.src_kind == F64 else DTYPES[ring_dtype]     # float64 stays float64
@@ -135,12 +137,8 @@ class WindowShadow(ShadowBase):
         slot, full = self.pushes % self.window, self.pushes >= self.window
         count = min(self.pushes + 1, self.window)
         recompute = slot == self.window - 1          # every W pushes: rebuild the sum from the ring
-        pushes = self._pushes
-        for gi, (g, (kind, _, addr)) in enumerate(zip(self.layout.groups, self._rings)):
-            bound = pushes.get(gi)                     # each group's launch prepared once per tables
-            if bound is None or bound[0] is not g.tables or bound[1] != kind:
-                bound = pushes[gi] = (g.tables, kind, _launch.prepare("window", g, ring_kind=kind))
-            bound[2](addr, slot, full, count, recompute)
+        for g, (kind, _, addr) in zip(self.layout.groups, self._rings):
+            g.launch_of(_PUSH[kind])(addr, slot, full, count, recompute)     # kept by the group
         self.pushes += 1
 
     def restart(self) -> None:

@@ -8,13 +8,13 @@ for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _backends, _launch, pairs
 from ._backends import Buf, describe
+from ._backends.kept import KeptLRU, cheap_key
 from ._checks import MAX_DECAYS, pair, resolve_weights, same_shape, sr_key, stochastic_rounding  # noqa: F401
 from .kernels import kinds
 
@@ -40,113 +40,85 @@ def _compilable(fn):
     return call
 
 
-@functools.lru_cache(maxsize=256)
-def _tables(device: str, framework: str, shadow_address: int, src_address: int, numel: int):
-    # A flat buffer pair is a group of one segment; cached so CUDA uploads once per pair. The
-    # table is addresses and a count only, the same for every layout and dtype: the callers check
-    # the pair's shapes and layouts (_same_shape) at every call, before the table is used.
-    return _launch.tables([src_address], [numel], [shadow_address], device,
-                          _backends.stream_getter(framework, device), follow=False)
+class _Prepared(NamedTuple):
+    """What a call's cheap key finds again (:data:`_KEPT`): the pair group's prepared launch, and the
+    framework's version bump of the arrays it writes (None: nothing to tell, a NumPy array)."""
+    run: _launch.Launch
+    bump: Callable[[list], None] | None
 
 
-class _SingleTables:
-    """The pairs' tables (:func:`_tables`, an LRU of 256 by addresses) and, cleared with them, the
-    prepared launches made over them (:data:`_PREPARED`): ``fastema.clear_caches()`` and a change of
-    launch driver drop both."""
+# The pairs' launch groups, by their descriptions (device, framework, addresses, count, kinds): a pair
+# is a group of one segment, uploaded once (CUDA) and kept with its launches (group.launch). Pinned:
+# this cache may drop a group while a CUDA graph that captured one of its launches replays, so its
+# CUDA launches keep their tables for good when captured. Only numbers and fastema's own tables.
+_GROUPS: KeptLRU[_launch.Group] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
-    def __call__(self, *key):
-        return _tables(*key)
-
-    def cache_info(self):
-        return _tables.cache_info()
-
-    def cache_clear(self) -> None:
-        _tables.cache_clear()
-        _PREPARED.clear()
-
-
-_single_tables = _SingleTables()
-
-# The array functions' prepared launches (_launch.prepare), found again by the arrays' cheap key
-# (_backends.address_key: torch's data_ptr, a NumPy array's identity) and kept with the arrays'
-# layout guard (_backends.layout_guard: dtype, shape, strides, device; the NumPy arrays themselves):
-# a hit is the same memory in the same layout, every check of the first call holding now, so it
-# launches with no description of the arrays. Numbers and weak references only, never an array.
-_PREPARED: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (layout guard, run, group)
-_PREPARED_MAX = 256
+# The array functions' prepared launches, found again by the arrays' cheap key (_backends.address_key:
+# torch's data_ptr, a NumPy array's identity; arrays of one framework) and kept with the arrays'
+# layout guard (_backends.layout_guard: dtype, shape, strides, device, writability; the NumPy arrays
+# themselves, by weak reference): a hit is the same memory in the same layout, every check of the first
+# call holding now, so it launches with no description of the arrays. Arrays with no cheap key (CuPy,
+# JAX, DLPack producers, a NumPy and a torch array together) are checked at every call and find their
+# pair's group by its description instead. Numbers, weak references and fastema's groups only.
+_KEPT: KeptLRU[_Prepared] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
 
-def _prepared(key: tuple | None, arrays: list):
-    """The kept ``(guard, run, group)`` of ``key`` when its guard passes ``arrays``, else None."""
-    entry = _PREPARED.get(key) if key is not None else None
-    if entry is None or not entry[0](arrays):
-        return None
-    if entry[2].device != "cpu":
-        _launch.note_capture(entry[2])
-    return entry
+def clear() -> None:
+    """Forget every pair's group and prepared launch (:func:`fastema.clear_caches`)."""
+    _GROUPS.clear()
+    _KEPT.clear()
 
 
-def _keep(key: tuple | None, arrays: list, bufs: tuple, group, op: str, **fixed):
-    """``_launch.prepare(op, group, **fixed)``, kept under ``key`` with the arrays' layout guard; for arrays
-    with no cheap key (``key`` None: CuPy, JAX, DLPack producers) under their descriptions ``bufs``, just
-    checked (device, address, kind, shape, layout), so that the launch is prepared once for them too."""
-    guard = None
-    if key is None:
-        key = ("described", op, *sorted(fixed.items()), *((b.device, b.address, b.kind, b.shape, b.order)
-                                                          for b in bufs))
-        entry = _PREPARED.get(key)
-        if entry is not None:
-            _PREPARED.move_to_end(key)
-            if group.device != "cpu":
-                _launch.note_capture(entry[2])
-            return entry[1]
-        guard = _described
-    run = _launch.prepare(op, group, **fixed)
-    _PREPARED[key] = (guard or _backends.layout_guard(arrays), run, group)
-    while len(_PREPARED) > _PREPARED_MAX:
-        _PREPARED.popitem(last=False)
-    if group.device != "cpu":
-        _launch.note_capture(group)
+def _group(shadow: Buf | None, x: Buf) -> _launch.Group:
+    """The launch group of one pair (``shadow`` None: the sources alone), on the stream of the
+    framework whose arrays are written (the shadow's, else the source's): from :data:`_GROUPS`, else
+    made and kept there. The table is addresses and a count only, the same for every layout: the
+    callers check the pair's shapes and layouts (``same_shape``) before they use it."""
+    out = x if shadow is None else shadow
+    key = (out.device, out.framework, 0 if shadow is None else shadow.address, x.address, x.numel,
+           None if shadow is None else shadow.kind, x.kind)
+    g = _GROUPS.hit(key, [])
+    if g is None:
+        stream = _backends.stream_getter(out.framework, out.device)
+        t = _launch.tables([x.address], [x.numel], [key[2]], x.device, stream, follow=False)
+        g = _GROUPS.keep(key, _launch.Group(out.device, key[5], x.kind, t, stream, pins=True))
+    return g
+
+
+def _keep(key: tuple | None, arrays: list, run: _launch.Launch, written) -> _launch.Launch:
+    """``run`` kept under the arrays' cheap ``key`` (none: nothing kept) with their layout guard, and the
+    version bump of ``written``'s framework (every array of a cheap key is of one)."""
+    if key is not None:
+        _KEPT.keep(key, _Prepared(run, _backends.version_bump(written)), _backends.layout_guard(arrays))
     return run
 
 
-def _described(arrays: list) -> bool:
-    """The guard of an entry kept by descriptions: never a hit by cheap key (the key says "described")."""
-    return False
-
-
-def _key(tag: tuple, arrays: list) -> tuple | None:
-    k = _backends.address_key(arrays)
-    return None if k is None else (tag, k)
-
-
-def _rerun(tag: tuple, arrays: list) -> tuple:
-    """``(key, ran)``: ``arrays``' key under ``tag`` (:func:`_key`), and whether the launch kept for
-    them (:func:`_prepared`: the same memory in the same layout) ran now, all the call had to do."""
-    key = _key(tag, arrays)
-    found = _prepared(key, arrays)
-    if found is not None:
-        found[1]()
-    return key, found is not None
-
-
-def _group(shadow: Buf | None, x: Buf, t) -> _launch.Group:
-    """The launch group of one pair (``shadow`` None: the sources alone), on the stream of the
-    framework whose arrays are written (the shadow's, else the source's)."""
-    out = x if shadow is None else shadow
-    return _launch.Group(out.device, None if shadow is None else shadow.kind, x.kind, t,
-                         _backends.stream_getter(out.framework, out.device))
+def _rerun(tag: tuple, arrays: list, written: int) -> tuple:
+    """``(key, ran)``: ``arrays``' cheap key under ``tag``, and whether the launch kept for them (the same
+    memory in the same layout) ran now, all the call had to do; then ``arrays[:written]`` are bumped
+    (the arrays it wrote: first in the list)."""
+    key = cheap_key(tag, arrays)
+    found = _KEPT.hit(key, arrays) if key is not None else None
+    if found is None:
+        return key, False
+    found.run()
+    if found.bump is not None:
+        found.bump(arrays if written == 2 else [arrays[0]])
+    return key, True
 
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     arrays = [shadow, src]
     host = skip_if is None and weights is None and decays is not None
-    key = _key(("lerp", rows, rounding), arrays) if host else None
-    found = _prepared(key, arrays)
+    key = cheap_key(("lerp", rows, rounding), arrays) if host else None
+    found = _KEPT.hit(key, arrays) if key is not None else None
     if found is not None:
         w = _fast_weights(decays)
         if w is not None:
-            found[1](w, sr_key(seed, step) if rounding != "nearest" else 0)
+            run, bump = found
+            run(w, sr_key(seed, step) if rounding != "nearest" else 0)
+            if bump is not None:
+                bump([shadow])
             return shadow
     if rows and not 1 <= rows <= MAX_DECAYS:
         raise ValueError(f"1 to {MAX_DECAYS} decays in one pass (at most {MAX_DECAYS}), got {rows}; "
@@ -158,11 +130,12 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     stochastic = stochastic_rounding(rounding, s.kind)
     sr = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
-    t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
+    g = _group(s, x)
     if found is not None or not host:            # a hit with unusual weights; a flag or device weights
-        _launch.launch("lerp", _group(s, x, t), weights=w, flag=flag, key=sr, stochastic=stochastic)
-        return shadow
-    _keep(key, arrays, (s, x), _group(s, x, t), "lerp", stochastic=stochastic)(w, sr)
+        _launch.launch("lerp", g, weights=w, flag=flag, key=sr, stochastic=stochastic)
+    else:
+        _keep(key, arrays, g.launch("lerp", stochastic=stochastic), shadow)(w, sr)
+    _backends.bump_versions(arrays[:1])
     return shadow
 
 
@@ -239,13 +212,13 @@ def copy_(dst, src):
     Same shape and device; returns ``dst``.
     """
     arrays = [dst, src]
-    key, ran = _rerun(("copy",), arrays)
+    key, ran = _rerun(("copy",), arrays, 1)
     if ran:
         return dst
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
-    t = _single_tables(x.device, d.framework, d.address, x.address, x.numel)
-    _keep(key, arrays, (d, x), _group(d, x, t), "copy", to_shadow=True, row_lo=0, row_hi=1)()
+    _keep(key, arrays, _group(d, x).launch("copy", to_shadow=True, row_lo=0, row_hi=1), dst)()
+    _backends.bump_versions(arrays[:1])
     return dst
 
 
@@ -258,7 +231,7 @@ def swap_(a, b, *, lossy: bool = False):
     (:meth:`fastema.FlatShadow.swap` keeps a float32 shadow exact against bfloat16.)
     """
     arrays = [a, b]
-    key, ran = _rerun(("swap", lossy), arrays)
+    key, ran = _rerun(("swap", lossy), arrays, 2)
     if ran:
         return
     s, x = pair(a, b, "a", "b", write_b=True)
@@ -268,8 +241,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
-    t = _single_tables(x.device, s.framework, s.address, x.address, x.numel)
-    _keep(key, arrays, (s, x), _group(s, x, t), "swap", mode=kinds.EXCHANGE, row=0)()
+    _keep(key, arrays, _group(s, x).launch("swap", mode=kinds.EXCHANGE, row=0), a)()
+    _backends.bump_versions(arrays)
 
 
 def flag_nonfinite_(flag, src):
@@ -280,16 +253,16 @@ def flag_nonfinite_(flag, src):
     share one flag. Pass it as ``skip_if=`` to skip an update. Returns ``flag``.
     """
     arrays = [flag, src]
-    key, ran = _rerun(("nonfinite",), arrays)
+    key, ran = _rerun(("nonfinite",), arrays, 1)
     if ran:
         return flag
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
-    t = _single_tables(x.device, x.framework, 0, x.address, x.numel)
-    if key is None:                              # a flag view of this call: not kept by description
-        _launch.launch("nonfinite", _group(None, x, t), flag=f)
-    else:
-        _keep(key, arrays, (x,), _group(None, x, t), "nonfinite", flag=f)()
+    if key is None:                              # a flag view of this call: not kept
+        _launch.launch("nonfinite", _group(None, x), flag=f)
+    else:                                        # kept with the call's key (the flag's view in it)
+        _keep(key, arrays, _group(None, x).launch("nonfinite", flag=f), flag)()
+    _backends.bump_versions(arrays[:1])
     return flag
 
 
@@ -318,4 +291,4 @@ def ema_update_many_(shadows: Sequence, sources: Sequence, decay: float | None =
     weights) is averaged once; shadows that otherwise overlap are refused. Other arguments
     as in :func:`ema_update_`.
     """
-    pairs.of(list(shadows), list(sources)).update(decay, weight=weight, rounding=rounding, seed=seed, step=step)
+    pairs.update_many(list(shadows), list(sources), decay, weight=weight, rounding=rounding, seed=seed, step=step)

@@ -12,12 +12,12 @@ tables), never a tensor: the caller keeps its tensors alive and tells when they 
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _backends, _launch
 from ._backends import describe, disjoint
-from ._bound import BoundLaunches
+from ._backends.kept import KeptLRU, cheap_key
+from ._bound import LERP, BoundLaunches
 from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
 from .kernels.kinds import BF16
@@ -25,10 +25,11 @@ from .kernels.kinds import BF16
 __all__ = ["PairShadow"]
 
 
-class PairGroup:
-    """One (device, shadow dtype, source dtype) group of (shadow, source) pairs: the fields
-    :func:`fastema._launch.launch` reads (device, kinds, tables, current_stream) and the
-    framework a flag or a device plan for it is made in. Addresses only, no tensor."""
+class PairGroup(_launch.Launches):
+    """One (device, shadow dtype, source dtype) group of (shadow, source) pairs: a launch group
+    (:class:`fastema._launch.Launches`: the fields a launch reads, device, kinds, tables,
+    current_stream, and the launches it keeps) and the framework a flag or a device plan for it
+    is made in. Addresses only, no tensor."""
 
     def __init__(self, device, shadow_kind, src_kind, shadows: list, sources: list):
         self.device, self.shadow_kind, self.src_kind = device, shadow_kind, src_kind
@@ -37,6 +38,9 @@ class PairGroup:
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.current_stream, follow=False)
         self.size = len(shadows)
+        self.buffer = None               # the averages are the caller's tensors
+        self.scan = self                 # what the non-finite scan walks: the sources themselves
+        self._kept: dict = {}            # the launches (Launches)
 
 
 def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = None) -> list[PairGroup]:
@@ -73,10 +77,15 @@ def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = 
 
 
 class _Groups:
+    """A pair shadow's layout: its groups."""
+
     __slots__ = ("groups",)
 
-    def __init__(self, groups: list):
+    def __init__(self, groups: list[PairGroup]):
         self.groups = groups
+
+    def swap_exact(self) -> bool:
+        return False                     # no swap: the averages are the caller's tensors
 
 
 class PairShadow(Capabilities, BoundLaunches):
@@ -95,13 +104,13 @@ class PairShadow(Capabilities, BoundLaunches):
     """
 
     rows = 1
+    layout: _Groups
 
     def __init__(self, shadows: Sequence, sources: Sequence, names: tuple[list, list] | None = None, *,
                  groups: list | None = None):
         self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
-        self._lerps: dict = {}          # group index -> (tables, stochastic, flag, carried plan, bound launch)
-        self._copies: dict = {}         # group index -> (tables, flag, bound copy launch)
-        self._scans: dict = {}          # group index -> (tables, flag, bound non-finite scan)
+        self.names: list = list(names[0]) if names is not None else [f"shadows[{i}]" for i in range(len(shadows))]
+        self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
         self.skipped: dict[str, Any] = {}
 
     @property
@@ -124,18 +133,29 @@ class PairShadow(Capabilities, BoundLaunches):
 
     def regroup(self, groups: list[PairGroup]) -> None:
         """Follow the pairs to new addresses: ``groups`` from :func:`pair_groups` over the tensors
-        as they are now (the bound launches are made again at the next update)."""
+        as they are now (their launches are prepared at the next update)."""
         self.layout = _Groups(groups)
 
+    def view(self, source: int | str, row: int | None = 0) -> Any:
+        """Refused: the averages are the caller's own tensors (read them there)."""
+        raise TypeError("a PairShadow keeps its averages in the caller's tensors (the shadows it was given): "
+                        "read them there")
+
     def update(self, decay: float | Sequence[float] | None = None, *, weight: Any = None,
-               rounding: str = "nearest", seed: int = 0, step: int = 0,
-               bf16_stochastic: bool = False) -> None:
+               rounding: str = "nearest", seed: int = 0, step: int = 0, skip_nonfinite: bool = False,
+               sources: Any = None, bf16_stochastic: bool = False) -> None:
         """One lerp launch per group, every argument checked first; the key of the stochastic
         rounding is ``sr_key(seed, step)`` for every group (:func:`fastema.ema_update_many_`).
 
         ``bf16_stochastic=True`` (the compat drop-ins only: timm's ``stochastic_rounding=True``)
         rounds the bfloat16 shadows stochastically and the others to nearest, whatever ``rounding``
-        says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only)."""
+        says; otherwise ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bfloat16 shadows only).
+        ``skip_nonfinite`` and ``sources`` are refused (the pairs are the caller's to follow and scan:
+        :meth:`regroup`, :meth:`scan_nonfinite` then ``update_checked``)."""
+        if skip_nonfinite or sources is not None:
+            raise TypeError("a PairShadow follows no sources of its own and scans only when asked: call regroup() "
+                            "with the moved pairs, or scan_nonfinite() and then update_checked(..., skip_if=flags); "
+                            "nothing was written")
         groups = self.layout.groups
         decays = [decay] if decay is not None and not isinstance(decay, (list, tuple)) else decay
         weights = {}
@@ -145,14 +165,9 @@ class PairShadow(Capabilities, BoundLaunches):
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
-        lerps = self._lerps
-        for gi, g in enumerate(groups):                   # each group's launch prepared once (BoundLaunches)
+        for g in groups:                                  # each group's launch, kept by the group
             stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
-            bound = lerps.get(gi)
-            if bound is None or bound[0] is not g.tables or bound[1] is not stochastic or bound[2] is not None \
-                    or bound[3] is not None:
-                bound = self._bind_lerp(gi, g, stochastic, None, None)
-            bound[4](weights[g.device], key)
+            g.launch_of(LERP[stochastic])(weights[g.device], key)
 
     def scan_nonfinite(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, no host sync: ``device -> int32[1]`` flags
@@ -161,35 +176,32 @@ class PairShadow(Capabilities, BoundLaunches):
         return self.scan_groups(flags)
 
 
-# Pairs of recent ema_update_many_ calls, found by every tensor's address and kept with a check of
-# every tensor's dtype, shape and strides: a hit needs both, i.e. the same memory in the same
-# layout, so the cached storage-order walk is right for the tensors passed now. (An address is not
-# enough: a.view(3, 4).t() is a's memory in another order, which an uncached call refuses.)
-# Anything else misses and gets the full check. The key is tuples of ints (untracked by the
-# garbage collector: a key per call costs no collections) and the check compares without keeping
-# what it reads; the cache holds numbers only, never a tensor or a storage. Arrays with no cheap
-# key (not torch) are keyed by their full descriptions and need no further check.
-_PAIRS: "OrderedDict[tuple, tuple]" = OrderedDict()     # key -> (PairShadow, layout check or None)
-_PAIRS_MAX = 32
+# Pairs of recent ema_update_many_ calls (the one KeptLRU of _backends.kept): found by every tensor's
+# address (arrays of one framework) and kept with a check of every tensor's dtype, shape, strides and
+# writability: a hit needs both, i.e. the same memory in the same layout, so the cached storage-order
+# walk is right for the tensors passed now. (An address is not enough: a.view(3, 4).t() is a's memory in
+# another order, which an uncached call refuses.) Anything else misses and gets the full check. The key is
+# tuples of ints (untracked by the garbage collector: a key per call costs no collections) and the check
+# compares without keeping what it reads; the cache holds numbers only, never a tensor or a storage.
+# Arrays with no cheap key (not torch or NumPy, or of two frameworks) are keyed by their full
+# descriptions, writability and framework included: a hit passes every check a first call made.
+class _Kept(NamedTuple):
+    """A kept pair layout: its PairShadow and what bumps the shadows' versions after an update (their
+    framework's, one call; None: nothing to tell, NumPy)."""
+    pairs: PairShadow
+    bump: Callable[[list], None] | None
+
+
+_PAIRS: KeptLRU[_Kept] = KeptLRU(32, _launch.CHOSEN_DRIVERS)
 
 
 def _cheap_key(shadows: list, sources: list) -> tuple | None:
-    a = _backends.address_key(shadows)          # torch: data_ptr, one C-level map
-    b = _backends.address_key(sources) if a is not None else None
-    return None if b is None else (a, b)
+    return cheap_key((len(shadows),), shadows + sources)     # torch: data_ptr, one C-level map
 
 
 def _described_key(tensors) -> tuple:
-    return tuple((b.device, b.address, b.kind, b.shape, b.order) for b in
+    return tuple((b.device, b.address, b.kind, b.shape, b.order, b.writable, b.framework) for b in
                  (describe(t, "tensor") for t in tensors))
-
-
-def _hit(key: tuple, tensors: list) -> PairShadow | None:
-    entry = _PAIRS.get(key)
-    if entry is None or (entry[1] is not None and not entry[1](tensors)):
-        return None
-    _PAIRS.move_to_end(key)
-    return entry[0]
 
 
 def cached(shadows: list, sources: list) -> PairShadow | None:
@@ -198,22 +210,37 @@ def cached(shadows: list, sources: list) -> PairShadow | None:
     The drop-ins' per-step path: a hit needs no look at the pairs beyond the key and the layout
     check."""
     key = _cheap_key(shadows, sources)
-    return None if key is None else _hit(key, shadows + sources)
+    found = None if key is None else _PAIRS.hit(key, shadows + sources)
+    return None if found is None else found.pairs
+
+
+def _of(shadows: list, sources: list) -> _Kept:
+    tensors = shadows + sources
+    cheap = _cheap_key(shadows, sources)
+    key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
+    found = _PAIRS.hit(key, tensors)
+    if found is not None:
+        return found
+    made = PairShadow(shadows, sources)
+    if cheap is not None:           # arrays of one framework: its bump, one call
+        kept = _Kept(made, _backends.version_bump(shadows[0]) if shadows else None)
+        return _PAIRS.keep(key, kept, _backends.layout_guard(tensors))
+    return _PAIRS.keep(key, _Kept(made, _backends.bump_versions))       # several: each its own
 
 
 def of(shadows: list, sources: list) -> PairShadow:
     """The PairShadow of these pairs: from the cache (the last 32 layouts), else checked and kept."""
-    tensors = shadows + sources
-    cheap = _cheap_key(shadows, sources)
-    key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
-    found = _hit(key, tensors)
-    if found is not None:
-        return found
-    made = PairShadow(shadows, sources)
-    _PAIRS[key] = (made, None if cheap is None else _backends.layout_guard(tensors))
-    while len(_PAIRS) > _PAIRS_MAX:
-        _PAIRS.popitem(last=False)
-    return made
+    return _of(shadows, sources).pairs
+
+
+def update_many(shadows: list, sources: list, decay, **options) -> None:
+    """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` through :func:`of`'s PairShadow
+    (:func:`fastema.ema_update_many_`), then the written shadows' versions bumped (torch: as
+    ``_foreach_lerp_`` bumps them)."""
+    kept = _of(shadows, sources)
+    kept.pairs.update(decay, **options)
+    if kept.bump is not None:
+        kept.bump(shadows)
 
 
 def clear() -> None:

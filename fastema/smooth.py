@@ -21,7 +21,7 @@ from .kernels import kinds
 __all__ = ["Smoother", "alpha_from"]
 
 _MODES = {"debiased": kinds.DEBIASED, "seeded": kinds.SEEDED, "zeros": kinds.ZEROS}
-_RUNS_KEPT = 4        # a smoother's prepared launches on a GPU, one per values view (see Smoother._prepare)
+_GROUPS_KEPT = 4      # a smoother's metric groups on a GPU, one per values view (see Smoother._group)
 
 # Every sample weight reaches the kernels times SCALE, so the weighted sums (the debiased EMA's
 # a = sum d^i w_i v_i and b = sum d^i w_i, the window's sums of w v and w) are kept in units of
@@ -91,11 +91,14 @@ class Smoother:
         if not has_ema and window is None:
             raise TypeError("give an EMA parameter (decay, alpha, span, halflife or com), window=, or both")
         self.mode, self.window, self.min_periods, self.nonfinite = mode, window, min_periods, nonfinite
+        skip = nonfinite == "skip"           # the launches' specs (group.launch)
+        self._ema_spec = _launch.spec("ema_streams", mode=_MODES[mode], skip=skip)
+        self._sma_spec = _launch.spec("sma_streams", skip=skip)
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
         self._where: tuple | None = None
-        self._runs: dict = {}
+        self._groups: dict = {}
         self._bound = False
         self._w0 = SCALE
 
@@ -113,7 +116,10 @@ class Smoother:
         st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
         self._state, self._where, self.shape = st, where, shape
         self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
-        self._runs = {}                          # (kind, values view) -> (ema, sma) over these views (_prepare)
+        v = self._views
+        self._ema_state = (v.get("a"), v.get("b"), None if self.alpha is None else 1.0 - self.alpha)
+        self._ring = tuple(v.get(n) for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad"))
+        self._groups = {}                        # (kind, values view) -> its metric group (_group)
         self._bound = _launch.is_cuda(where[1])  # bound launches, per values view
 
     # ------------------------------------------------------------ update / read
@@ -142,42 +148,31 @@ class Smoother:
         else:
             self._w0 = w0
         if self._bound:
-            _launch._cuda_bound()                         # refuses CUDA in a child forked after it (cached)
+            _launch.refuse_cuda_after_fork()              # a launch kept from before a fork: refused, naming spawn
         key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
-        runs = self._runs.get(key)
-        if runs is None:
-            runs = self._prepare(kind, key)
-        ema, ema_state, sma, sma_state = runs
-        if ema is not None:
-            ema(y, w0, c, per_stream, *ema_state)
-        if sma is not None:
-            sma(y, w0, c, per_stream, *sma_state, self.count % (self.window or 1))   # the ring slot last
+        group = self._groups.get(key)
+        if group is None:
+            group = self._group(key)
+        if self.alpha is not None:
+            group.launch_of(self._ema_spec)(y, w0, c, per_stream, *self._ema_state)
+        if self.window is not None:                       # the ring slot last
+            group.launch_of(self._sma_spec)(y, w0, c, per_stream, *self._ring, self.count % self.window)
         self.count += 1
 
-    def _prepare(self, kind: int, key: tuple) -> tuple:
-        """The EMA's and the SMA's launches for values of storage ``kind`` (None: not kept), kept
-        under ``key``, each with the state it reads: ``(ema, (a, b, d), sma, ring)``, called as
-        ``ema(values, w0, c, per_stream, a, b, d)`` and ``sma(values, w0, c, per_stream, *ring, slot)``
-        (``_launch.prepare``'s). On a GPU one pair per values view (the variant's code and its
-        argument block, the state's views in it; the backend keeps a view per address, and a training
-        loop's values come at a few addresses, so :data:`_RUNS_KEPT` a smoother): per update only the
-        arguments that are new objects are written into the block (the ring slot; the weight and the
-        per-stream weights when they change)."""
-        if len(self._runs) >= _RUNS_KEPT:
-            del self._runs[next(iter(self._runs))]        # the oldest
+    def _group(self, key: tuple) -> _launch.Group:
+        """The metric group of values of storage kind ``key[0]``, kept under ``key``: its EMA's and SMA's
+        launches (``group.launch``), called as ``ema(values, w0, c, per_stream, a, b, d)`` and
+        ``sma(values, w0, c, per_stream, *ring, slot)``. On a GPU one group per values view (a launch's
+        variant code and argument block, the state's views in it; the backend keeps a view per address,
+        and a training loop's values come at a few addresses, so :data:`_GROUPS_KEPT` a smoother): per
+        update only the arguments that are new objects are written into the block (the ring slot; the
+        weight and the per-stream weights when they change)."""
+        if len(self._groups) >= _GROUPS_KEPT:
+            del self._groups[next(iter(self._groups))]    # the oldest
         where = self._where
         assert where is not None                          # made after _alloc
-        group = _launch.Group(where[1], None, kind, None, _backends.stream_getter(*where))
-        skip, st = self.nonfinite == "skip", self._views
-        ema = sma = None
-        if self.alpha is not None:
-            ema = _launch.prepare("ema_streams", group, mode=_MODES[self.mode], skip=skip)
-        if self.window is not None:
-            sma = _launch.prepare("sma_streams", group, skip=skip)
-        runs = (ema, (st.get("a"), st.get("b"), None if self.alpha is None else 1.0 - self.alpha), sma,
-                tuple(st.get(n) for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")))
-        self._runs[key] = runs
-        return runs
+        group = self._groups[key] = _launch.Group(where[1], None, key[0], None, _backends.stream_getter(*where))
+        return group
 
     def _weights(self, sample_weight, k: int, device: str):
         """``(w0, per-stream weight view or None)``: the kernels weigh stream ``k``'s value by ``w0``,

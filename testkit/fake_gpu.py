@@ -38,7 +38,6 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
     the device work (uploads, pinned staging, events) are fastema's real ``CudaCoreDriver``'s, into the
     driver emulator (the process must have started with :func:`stub_driver_dir` on ``LD_LIBRARY_PATH``),
     device 0's primary context current on this thread for the block."""
-    import fastema
     from fastema import _backends
     from fastema._launch import drivers
 
@@ -48,14 +47,10 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
             real = drivers.CudaCoreDriver()
             options.update(real=real, real_primary=STUB_CONTEXT)
         driver = FakeDriver(**options)
-    fastema.ops._single_tables.cache_clear()              # tables made on another driver
-    try:
-        torch = _backends.using(FakeGpuBackend(driver)) if torch_on_gpu else contextlib.nullcontext()
-        current = real.device(0) if real is not None else contextlib.nullcontext()   # as torch keeps it
-        with drivers.using(driver), torch, current:
-            yield driver
-    finally:
-        fastema.ops._single_tables.cache_clear()
+    torch = _backends.using(FakeGpuBackend(driver)) if torch_on_gpu else contextlib.nullcontext()
+    current = real.device(0) if real is not None else contextlib.nullcontext()   # as torch keeps it
+    with drivers.using(driver), torch, current:     # (fastema's caches are of one driver and adapter each)
+        yield driver
 
 
 def on_a_gpu_params() -> list:

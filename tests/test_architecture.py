@@ -298,17 +298,20 @@ def test_only_the_dispatch_point_imports_the_kernel_modules():
     assert not bad, bad
 
 
-# Modules allowed over 450 lines, each with its reason (at most two).
+# Modules allowed over their limit, each with its reason (at most two). The limit: 440 lines in
+# fastema/ (issue 80: split before the 450-line ceiling forces it), 450 in kernels/.
 LONG_MODULES = {}
+LIMITS = {"fastema": 440, "kernels": 450}
 
 
 def test_modules_stay_under_450_lines():
     assert LONG_MODULES == {}
     files = sorted((ROOT / "fastema").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))   # fastema.kernels too
     assert any(p.parent.name == "kernels" for p in files)
-    long = {p.relative_to(ROOT).as_posix(): n for p in files if (n := len(p.read_text().splitlines())) > 450}
+    long = {p.relative_to(ROOT).as_posix(): n for p in files
+            if (n := len(p.read_text().splitlines())) > LIMITS[p.relative_to(ROOT).parts[0]]}
     unexplained = {p: n for p, n in long.items() if p not in LONG_MODULES}
-    assert not unexplained, (f"modules over 450 lines: {unexplained}; split them by concern (docs/architecture.md), "
+    assert not unexplained, (f"modules over {LIMITS}: {unexplained}; split them by concern (docs/architecture.md), "
                              f"or allow-list one in LONG_MODULES with its reason")
     stale = [p for p in LONG_MODULES if p not in long]
     assert not stale, f"LONG_MODULES lists modules that are no longer long: {stale}; remove them"

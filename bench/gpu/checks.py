@@ -357,7 +357,7 @@ def per_call_us(fn, n: int) -> float:
 
 def launch_costs(n: int = 2000) -> dict:
     """Host us per call of a ``FlatShadow.update`` of 10 tiny sources, of its group's bound lerp launch
-    (``fastema._launch.lerp_launcher``) and of numba's ``kernel[grid, block](...)`` with the same
+    (``fastema._launch.prepare("lerp", ...)``) and of numba's ``kernel[grid, block](...)`` with the same
     arguments, and whether the cached launch is in use (``cached_launch_available``)."""
     from fastema import _launch
     from fastema._launch import config, cuda_bound, drivers
@@ -372,7 +372,7 @@ def launch_costs(n: int = 2000) -> dict:
     flag = launch_cuda._zero_flag(g.device)
     cfg = k[1, config.CUDA_THREADS]
     w = (np.float32(0.1),)
-    run, w32 = _launch.lerp_launcher(g), (0.1,)           # the same weights object: the cached path's steady state
+    run, w32 = _launch.prepare("lerp", g), (0.1,)           # the same weights object: the cached path's steady state
     out = {"cached_launch": cuda_bound.cached_launch_available(),
            "FlatShadow.update, 10 tiny tensors (whole call) us": per_call_us(lambda: f.update(0.9), n),
            "the group's bound lerp launch alone us": per_call_us(lambda: run(w32), n),

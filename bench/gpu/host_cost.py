@@ -100,7 +100,7 @@ def _rows(calls: int, stub: bool, tensors: list) -> dict:
         params = [p.detach() for p in model.parameters()]
         flat = fastema.FlatShadow(params)
         g = flat.layout.groups[0]
-        run = _launch.lerp_launcher(g)
+        run = _launch.prepare("lerp", g)
         w = (np.float32(0.01),)
         out["bound lerp launch, host weights"] = _median_us(lambda: run(w), calls)
         fake.pushes.clear()

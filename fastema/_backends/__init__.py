@@ -371,6 +371,31 @@ def address_key(objs: list) -> tuple | None:
     return None if backend is None else backend.address_key(objs)
 
 
+def version_bump(x):
+    """The function that tells ``x``'s framework that fastema's kernels wrote a list of its arrays in
+    place (torch: autograd's version counters), or None where nothing is told (:meth:`Backend.version_bump`)."""
+    backend = backend_of(x)
+    return None if backend is None else backend.version_bump()
+
+
+def bump_versions(objs: list) -> None:
+    """Tell each array's framework that fastema's kernels wrote ``objs`` in place, as its own in-place
+    operations do (torch: autograd's version counters, so that a pending backward that saved one raises
+    rather than using the new values; nothing for NumPy, JAX...). One call where every array is of one
+    type (the usual case); no sync."""
+    if not objs:
+        return
+    if len(set(map(type, objs))) == 1:
+        bump = version_bump(objs[0])
+        if bump is not None:
+            bump(objs)
+        return
+    for x in objs:                                        # several frameworks: one array at a time
+        bump = version_bump(x)
+        if bump is not None:
+            bump([x])
+
+
 def layout_guard(objs: list):
     """A check that arrays at ``objs``' addresses (equal :func:`address_key`) still have their
     dtypes, shapes and strides (see :meth:`Backend.layout_guard`)."""

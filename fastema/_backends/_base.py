@@ -170,6 +170,12 @@ class Backend:
         now (False: a framework whose captures fastema does not see)."""
         return False
 
+    def version_bump(self) -> Callable[[list], None] | None:
+        """What tells this framework that fastema's kernels wrote a list of its arrays in place (one
+        call, no sync), as its own in-place operations do; None where nothing is told (a NumPy or
+        JAX array has no version)."""
+        return None
+
     def stream_getter(self, device: str) -> Callable[[], Any]:
         """A zero-argument function returning the raw handle of the framework's current CUDA
         stream on ``device`` (0: the legacy default stream), called at every launch."""

@@ -366,6 +366,12 @@ class Torch(Backend):
 
         dst.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(dst.dtype))
 
+    def version_bump(self):
+        """autograd's version counters of the tensors bumped (:func:`.versions.bump_versions`)."""
+        from .versions import bump_versions
+
+        return bump_versions()
+
     def stream_getter(self, device: str):
         """torch's current stream on ``device``: one C call per launch (~0.3 us)."""
         if device == "cpu":

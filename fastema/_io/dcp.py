@@ -47,7 +47,7 @@ def save_dcp(base: str, tensors: dict, meta: dict, decide: Callable[[str | None]
     writer's is never that old). Only fastema's names (``.snapshot-<time>.tmp``), only directories
     holding DCP's files and nothing else. ``decide(error)``: every rank joins with its error (None:
     none) and every rank raises an ``OSError`` when one has one (the ranks' agreement, injected:
-    :func:`fastema.torch._state.agree.decided`; this module makes no collective of its own)."""
+    :func:`fastema.torch._state.decisions.decided`; this module makes no collective of its own)."""
     import shutil
 
     import torch.distributed as dist

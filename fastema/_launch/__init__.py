@@ -1,58 +1,46 @@
 """The one dispatch point between fastema's Python layer and the kernels.
 
-One launch form: ``run = prepare(op, group, **fixed)`` prepares kernel family ``op`` over a group
-of sources on the group's device, from the target's table of prepare functions (:data:`.cpu.PREPARE`,
-or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first arrives), and ``run(*varying)``
-launches it (:data:`VARYING`: the arguments each call gives; the others, in the table below, are
-fixed). An owner keeps its ``run``; ``launch(op, group, **args)`` is ``prepare`` run once. A group
-is anything with the fields of :class:`Group` (``_layout.LayoutGroup`` is one). Tunables live in
-:mod:`.config`.
+One launch form: a launch group (anything with the fields of :class:`Group`, and a :class:`Launches`
+of its own: ``_layout.LayoutGroup``, ``pairs.PairGroup``, a plain :class:`Group`) prepares kernel
+family ``op`` once, ``run = group.launch(op, **fixed)``, and ``run(*varying)`` launches it. The ops
+and their fixed and varying arguments are the op table's (:mod:`.op`: :data:`.op.OPS`,
+:data:`VARYING`). A prepared launch (:class:`Launch`) reads its group's tables at every call, on both
+targets, so it never goes stale when the sources move (the owner replaces ``group.tables``); only
+its fixed arguments key it. :func:`prepare` makes one from the target's table of prepare functions
+(:data:`.cpu_bound.PREPARE`, or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first
+arrives); ``launch(op, group, **args)`` is one made for one call. Tunables live in :mod:`.config`.
 
 Dispatch names no framework: a group carries ``current_stream``, the function its backend
 gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
-its framework has current now; on CUDA every launch asks it.
+its framework has current now; on CUDA every launch asks it. A CUDA launch keeps what a graph
+capturing it reads: a one-off launch, and every launch of a group whose owner may drop its tables
+(``group.pins``: the array functions' cached pairs), keeps the tables for good when the stream it
+launches on is being captured (:mod:`.cuda_bound`).
 
 After ``os.fork()`` (docs/guides/processes.md): the child's CPU launches run the serial twins when
 the parent had started numba's OpenMP layer (:mod:`.cpu`); its CUDA launches are refused with the
-way out (the ``spawn`` start method) when the parent had launched on a GPU.
+way out (the ``spawn`` start method) when the parent had launched on a GPU
+(:func:`refuse_cuda_after_fork`).
 
-======================  ==================================================================
-op                      keyword arguments
-======================  ==================================================================
-``"lerp"``              ``weights`` (tuple or float32[K] device array), ``flag=None``,
-                        ``key=0`` (an int, or an int64[1] device array), ``stochastic=False``
-``"bema"``              ``alpha`` (a host number), ``flag=None`` (3-row shadows: BEMA's
-                        output ``row0 <- row1 + alpha * (row0 - row2)``)
-``"plan"``              ``state``, ``params``, ``decays``, ``given``, ``w32``, ``w64``, ``flag``,
-                        ``keys`` (one call of a model EMA's plan: ``kernels._stats.plan_step``;
-                        :func:`plan_lerp_launcher` makes it and a group's lerp one launch,
-                        :func:`plan_launcher` binds it alone)
-``"copy"``              ``to_shadow``, ``row_lo``, ``row_hi``, ``flag=None``
-``"swap"``              ``mode`` (``kinds.EXCHANGE/PACK/UNPACK``), ``row``
-``"nonfinite"``         ``flag`` (bound once: :func:`nonfinite_launcher`)
-``"window"``            ``ring_kind``, ``ring_addr``, ``slot``, ``full``, ``count``, ``recompute``
-``"ema_streams"``       ``values``, ``w0``, ``c``, ``per_stream``, ``a``, ``b``, ``d``, ``mode``, ``skip``
-``"sma_streams"``       ``values``, ``w0``, ``c``, ``per_stream``, ``ring_v``, ``ring_w``, ``s``,
-                        ``comp``, ``ws``, ``wcomp``, ``n``, ``bad``, ``slot``, ``skip``
-======================  ==================================================================
-
-The kernels' math and their arguments are documented in :mod:`fastema.kernels.cpu`. A checkpoint
-merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from host memory).
+A checkpoint merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from
+host memory).
 """
 from __future__ import annotations
 
-import functools
-import os
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..kernels import _bits
-from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from ..kernels.layout import chunk_table, segment_offsets
-from . import config
-from . import cpu as _cpu_target
+from . import config, drivers
 from .cpu import merge as merge  # the merge launcher (CPU only)
+from .forked import _cuda, _cuda_bound, refuse_cuda_after_fork  # noqa: F401  (the fork check)
+from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
+from .op import OPS, VARYING
+
+__all__ = ["Group", "Launch", "Launches", "OPS", "Tables", "VARYING", "launch", "merge", "prepare",
+           "refuse_cuda_after_fork", "refuse_during_capture", "spec", "tables", "update_addresses"]
 
 
 def sr_noise(key: int, index: int) -> int:
@@ -91,120 +79,6 @@ class Tables(NamedTuple):
                         "other process ema = EMA(model, ...); ema.load_state_dict(state)")
 
 
-def default_stream() -> int:
-    """The stream getter of sources without a current stream: the legacy default stream (0)."""
-    return 0
-
-
-class Group(NamedTuple):
-    """What one launch needs to know about its sources besides the op's own arguments."""
-    device: str                  # "cpu" or "cuda:N"
-    shadow_kind: int | None      # storage kind of the shadow (None for metric streams)
-    src_kind: int                # storage kind of the sources (the values, for metric streams)
-    tables: Tables | None        # None for metric streams
-    current_stream: Callable[[], int] = default_stream   # the raw handle of the stream to launch on now
-
-
-def is_cuda(device: str) -> bool:
-    return device.startswith("cuda")
-
-
-VARYING = {"lerp": ("weights", "key"), "bema": ("alpha",), "plan": ("given",), "copy": (), "swap": (),
-           "nonfinite": (), "window": ("ring_addr", "slot", "full", "count", "recompute"),
-           "ema_streams": ("values", "w0", "c", "per_stream", "a", "b", "d"),
-           "sma_streams": ("values", "w0", "c", "per_stream", "ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n",
-                           "bad", "slot")}
-"""Per op, the arguments a prepared launch takes at each call (:func:`prepare`), in that order; the
-op's other keyword arguments (the table above) are fixed when it is prepared."""
-
-
-class Launch(Protocol):
-    """A prepared launch of one op over one group (:func:`prepare`): the seam between the launches'
-    owners and the two targets (:mod:`.cpu`, :mod:`.cuda_bound`). Its fixed arguments are bound when
-    it is made; the group's tables are the group's (a launch reads them at each call); ``run(*varying)``
-    takes the op's :data:`VARYING` arguments, in that order."""
-
-    def __call__(self, *varying: Any) -> None:
-        """Launch on the group's device (on CUDA, on the stream current for the group's framework now)."""
-
-    def once(self, *varying: Any) -> None:
-        """The same launch made for one call only (:func:`launch`): nothing kept from it for a next call."""
-
-
-def prepare(op: str, group, **fixed) -> Launch:
-    """Kernel family ``op``'s launch over ``group``, prepared once: ``run = prepare(op, group, **fixed)``
-    binds every argument of the table above but the op's :data:`VARYING` ones, which ``run(*varying)``
-    takes at each call (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one
-    launch form of both targets (:data:`.cpu.PREPARE`, :data:`.cuda_bound.PREPARE`): on the CPU the
-    compiled overload's entry point after the first call; on CUDA the variant's code and one argument
-    block packed at C speed (:mod:`.abi`), an argument rewritten only where it is a new object. Runs
-    on the stream that is current for the group's framework at each call. Make a new one when the
-    group's tables change; an empty group launches nothing."""
-    t = group.tables
-    if t is not None and t.chunks == 0 and op != "plan":     # the plan step reads no table
-        return _NOTHING
-    if op == "lerp":                                 # host weights: the kernel's arithmetic type
-        fixed["cast"] = np.float64 if wide(group.shadow_kind, group.src_kind) else np.float32
-    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    run = target.PREPARE[op](group, **fixed)
-    if op == "bema":                                 # alpha: the shadow's arithmetic type
-        return _CastFirst(run, np.float64 if group.shadow_kind == F64 else np.float32)
-    return run
-
-
-class _CastFirst:
-    """A prepared launch whose first varying argument is cast to ``cast`` at each call."""
-
-    __slots__ = ("run", "cast")
-
-    def __init__(self, run, cast):
-        self.run, self.cast = run, cast
-
-    def __call__(self, first, *rest) -> None:
-        self.run(self.cast(first), *rest)
-
-    def once(self, first, *rest) -> None:
-        self.run.once(self.cast(first), *rest)
-
-
-def launch(op: str, group, **args) -> None:
-    """Run kernel family ``op`` (see the table above) over ``group`` on its device, once:
-    ``prepare(op, group, **fixed)(*varying)``.
-
-    On CUDA the launch goes on the stream that is current for the group's framework *now*
-    (``group.current_stream()``), never one remembered from an earlier call: an update inside
-    ``with torch.cuda.stream(side)`` or a ``torch.cuda.graph`` capture is ordered (or
-    captured) with the caller's other work."""
-    t = group.tables
-    if t is not None and t.chunks == 0:
-        return
-    if is_cuda(group.device):
-        note_capture(group)
-    varying = VARYING[op]
-    run = prepare(op, group, **{k: v for k, v in args.items() if k not in varying})
-    run.once(*[args[k] for k in varying if k in args])
-
-
-def note_capture(group) -> None:
-    """Before a CUDA launch that no owner keeps prepared (:func:`launch`, the array functions' cached
-    launches): retired sources pruned, and the group's tables kept for good where the launch is
-    being captured into a CUDA graph (:data:`_CAPTURED`)."""
-    cuda = _cuda()
-    raw = group.current_stream()
-    driver = cuda.current()
-    if cuda.WAITING:                           # released sources waiting for their events, deferred frees
-        cuda.prune_retired(driver, raw, cuda._index(group.device))
-    if group.tables is not None and driver.capturing(raw, None if raw else cuda._index(group.device)):
-        _CAPTURED.append(group.tables)         # a graph reads these tables at every replay: never freed
-
-
-_CAPTURED: list = []
-"""Tables a CUDA graph captured a launch of (through :func:`launch`: the array functions' cached
-pairs, a shadow's unbound launches): kept for the life of the process, so that no cache eviction or
-``fastema.clear_caches()`` frees memory a graph replay reads (issue 37, C3). The launches bound once
-(:func:`lerp_launcher` and the like) belong to their shadow, which keeps its tables."""
-
-
 def refuse_during_capture(what: str, why: str, device: str | None = None, current_stream=None) -> None:
     """RuntimeError naming ``what`` and ``why`` it cannot happen while a CUDA graph is being captured on
     the stream ``current_stream()`` names on ``device``, or, with no device, on the current stream of
@@ -241,69 +115,6 @@ another driver made tables for, a stand-in driver since gone, are not its to ans
 
 def _getter_key(getter) -> tuple:
     return getattr(getter, "func", getter), getattr(getter, "args", ())
-
-
-def lerp_launcher(group, *, flag=None, stochastic: bool = False) -> Launch:
-    """``prepare("lerp", group, flag=flag, stochastic=stochastic)``: ``run(w, key=0)``, made once per
-    group and flag (the per-step path of an owner whose groups stay). On the CPU the tables, the flag,
-    the cast of host weights and the compiled overload are bound once (:class:`.cpu.LerpLaunch`); on
-    CUDA the kept variant and one packed parameter block (:class:`.cuda_bound.LerpLaunch`). Make a new
-    one when the group changes."""
-    return prepare("lerp", group, flag=flag, stochastic=stochastic)
-
-
-def plan_lerp_launcher(group, plan: dict, gi: int, *, stochastic: bool = False) -> Callable[[int], None]:
-    """One ``update()`` call of a model EMA whose plan lives on the device, in one launch: the plan
-    kernel's step and group ``gi``'s lerp with the weights, skip flag and rounding key it writes
-    (``kernels.cpu.plan_lerp_kernel``; exact: the arrays and the shadow end as the plan kernel then
-    the lerp leave them). ``plan``: the device's plan arrays as kernel views (``state``, ``params``,
-    ``decays``, ``w32``, ``w64``, ``flag``, ``keys``, and ``done``, an int32[1] zero the CUDA kernel
-    counts its finished blocks in). Returns ``run(given)`` (``given``: the training step, -1 for
-    the update count), bound once like :func:`lerp_launcher`. The group must have elements
-    (``tables.chunks > 0``): an empty group launches nothing, so it cannot carry the plan."""
-    if group.tables.chunks == 0:
-        raise ValueError("an empty group cannot carry the plan step")
-    keys, rows = plan["keys"].size, plan["decays"].size
-    if keys > PLAN_KEYS_MAX or rows > MAX_ROWS:
-        raise ValueError(f"a plan step carried by a lerp launch takes at most {PLAN_KEYS_MAX} groups and "
-                         f"{MAX_ROWS} rows (its per-block copy), got {keys} and {rows}")
-    target = _cuda_bound() if is_cuda(group.device) else _cpu_target
-    return target.plan_lerp_launch(group, plan, gi, stochastic)
-
-
-def copy_launcher(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> Callable[[], None]:
-    """``prepare("copy", group, ...)``: ``run()`` with every argument bound once (a model average's
-    buffer copy at every update). Make a new one when the group's tables change."""
-    return prepare("copy", group, to_shadow=to_shadow, row_lo=row_lo, row_hi=row_hi, flag=flag)
-
-
-def plan_launcher(group, plan: dict) -> Callable[[int], None]:
-    """``prepare("plan", group, ...)`` with the plan arrays bound once (``plan``: the device's plan
-    arrays as kernel views, as for :func:`plan_lerp_launcher`): ``run(given)`` (the training step, -1
-    for the update count), what a device plan advances with at every call where no lerp launch carries
-    the step (issue 37, D5)."""
-    return prepare("plan", group, **{k: plan[k] for k in ("state", "params", "decays", "w32", "w64", "flag",
-                                                           "keys")})
-
-
-def nonfinite_launcher(group, flag) -> Callable[[], None]:
-    """``prepare("nonfinite", group, flag=flag)``: ``run()``, ``skip_nonfinite``'s scan at every update
-    (issue 37, D5). Make a new one when the group's tables change."""
-    return prepare("nonfinite", group, flag=flag)
-
-
-class _Nothing:
-    """The launch of an empty group: nothing at all."""
-
-    __slots__ = ()
-
-    def __call__(self, *varying: Any) -> None:
-        return None
-
-    once = __call__
-
-
-_NOTHING: Launch = _Nothing()
 
 
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
@@ -366,37 +177,7 @@ def stream_of(group) -> int:
     return group.current_stream() if is_cuda(group.device) else 0
 
 
-_FORKED_AFTER_CUDA = False      # this process was forked from one that had launched on a GPU
-
-
-@functools.cache
-def _cuda():
-    if _FORKED_AFTER_CUDA:
-        raise RuntimeError("fastema cannot launch a CUDA kernel in this process: it was forked (os.fork(), "
-                           "multiprocessing's or a DataLoader's default 'fork' start method) from a process that "
-                           "had already used CUDA, and CUDA does not survive a fork. Start the worker processes "
-                           "with the 'spawn' start method instead (multiprocessing.get_context('spawn'), "
-                           "DataLoader(multiprocessing_context='spawn')); see docs/guides/processes.md")
-    from . import cuda
-
-    return cuda
-
-
-@functools.cache
-def _cuda_bound():
-    """The bound CUDA launches (:mod:`.cuda_bound`), after :func:`_cuda`'s fork check."""
-    _cuda()
-    from . import cuda_bound
-
-    return cuda_bound
-
-
-def _after_fork_in_child() -> None:
-    global _FORKED_AFTER_CUDA
-    if _cuda.cache_info().currsize and not _cuda().SIMULATOR:    # the parent loaded the CUDA launchers
-        _FORKED_AFTER_CUDA = True
-        _cuda.cache_clear()                                       # the next CUDA launch asks again, and is refused
-        _cuda_bound.cache_clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+CHOSEN_DRIVERS = drivers.CHOSEN
+"""The drivers given to :func:`.drivers.using` now, innermost last (none: the process's own,
+:func:`.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
+valid while the same one is chosen (``fastema._backends.kept``)."""

@@ -1,5 +1,9 @@
-"""CPU launchers: one function per kernel family, ``op(group, stream, **args)`` (``stream``
-is unused on the CPU), serial or parallel by the work's size (see :mod:`.config`).
+"""The CPU target's pool: how a kernel runs, serial or parallel, and the rules around numba's threads.
+
+The prepared launches are :mod:`.cpu_bound`'s (its ``PREPARE``); each runs its kernel through
+:func:`run` (its first call, and one-off launches) or :func:`run_parallel` (a parallel entry point),
+serial or parallel by the work's size (see :mod:`.config`). Also here: the checkpoint merge's
+launch (:func:`merge`) and the smoother's host check of its weights (:func:`first_bad_weight`).
 
 A parallel kernel runs on as many threads as the user gave torch (:func:`team`, :mod:`.threads`):
 torch's count on the calling thread where torch is imported, else ``OMP_NUM_THREADS``, else numba's
@@ -38,8 +42,6 @@ import numpy as np
 from ..kernels import _cache, merge_cpu
 from ..kernels import cpu as K
 from . import config, threads
-
-_NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
 
 
 def _check_disk_cache() -> None:
@@ -134,11 +136,6 @@ def team() -> int:
     return threads.capped(n)
 
 
-def _parallel(group, rows: int) -> bool:
-    t = group.tables
-    return PARALLEL and t.n * rows >= config.CPU_SERIAL_BELOW and t.chunks > 1 and team() > 0
-
-
 def run(kernel, parallel: bool, *args) -> None:
     """Call ``kernel(*args)``: a parallel kernel after :func:`start_pool`, on :func:`team`'s threads
     and under the lock that runs fastema's parallel kernels one at a time (see the module's
@@ -152,6 +149,12 @@ def run(kernel, parallel: bool, *args) -> None:
     else:
         kernel(*args)
 
+
+def run_parallel(entry, n: int, args: tuple) -> None:
+    """A parallel kernel's entry point on ``n`` threads (``n`` from :func:`team`, the pool started),
+    under the lock that runs fastema's parallel kernels one at a time."""
+    with _one_at_a_time:
+        threads.run_on(entry, n, args)
 
 
 def _openmp_started() -> bool:
@@ -187,7 +190,7 @@ def serial_twins() -> Iterator[None]:
 
 @contextlib.contextmanager
 def kernels_from(module) -> Iterator[None]:
-    """The launchers take their kernel factories (``lerp_kernel``...) from ``module`` instead of
+    """The launches take their kernel factories (``lerp_kernel``...) from ``module`` instead of
     :mod:`fastema.kernels.cpu` for the ``with`` block (a test's wrapper that notes each kernel
     call); put back after, however it ends."""
     global K
@@ -196,236 +199,6 @@ def kernels_from(module) -> Iterator[None]:
         yield
     finally:
         K = saved
-
-
-_ZERO_KEY = np.uint32(0)
-_HOST_KEY = numba.typeof(_ZERO_KEY)
-
-
-class LerpLaunch:
-    """One group's ``"lerp"`` launch with everything but the weights and the key bound once
-    (:func:`fastema._launch.lerp_launcher`): the tables and the flag, and after the first call
-    the compiled overload's own entry point for each (serial/parallel, weights type, key type),
-    so a step calls no numba dispatcher (no per-call type resolution). A host weight tuple is
-    cast to ``cast`` once per tuple object; its type is then fixed by its length. A key held on
-    the device (an int64[1] array: a device plan's) is typed once per array object."""
-
-    __slots__ = ("_head", "_flag", "_n", "_chunks", "_kinds", "_cast", "_w_in", "_w", "_wtype", "_k_in", "_k",
-                 "_ktype", "_size", "_fns", "_calls", "_args")
-
-    def __init__(self, group, flag, stochastic: bool, cast):
-        t = group.tables
-        self._head = t.args()
-        self._flag = _NO_FLAG if flag is None else flag
-        self._n, self._chunks = t.n, t.chunks
-        self._kinds = (group.shadow_kind, group.src_kind, stochastic)
-        self._cast = cast
-        self._w_in: object = self      # no weights yet (never a weights object)
-        self._k_in: object = self      # no key yet
-        self._w: object = None
-        self._k: object = _ZERO_KEY
-        self._wtype: object = None
-        self._ktype: object = _HOST_KEY
-        self._calls: dict = {}         # (parallel, weights type, key type) -> the overload's entry point
-        self._fns: list = [None, None]     # [serial, parallel] entry points for the types now
-
-    def _weights(self, weights) -> None:
-        self._w_in = weights
-        if isinstance(weights, tuple):
-            self._w = tuple(map(self._cast, weights))
-            wtype: object = (self._cast, len(weights))
-        else:                                           # a float32[K] array: its numba type
-            self._w, wtype = weights, numba.typeof(weights)
-        self._size = self._n * len(weights) if self._chunks > 1 else -1   # -1: one work item, always serial
-        self._types(wtype, self._ktype)
-
-    def _key(self, key) -> None:
-        self._k_in = key
-        if isinstance(key, int):
-            self._k = np.uint32(key) if key else _ZERO_KEY
-            self._types(self._wtype, _HOST_KEY)
-        else:                                           # an int64[1] device array
-            self._k = key
-            self._types(self._wtype, numba.typeof(key))
-
-    def _types(self, wtype, ktype) -> None:
-        if (wtype, ktype) != (self._wtype, self._ktype):
-            self._wtype, self._ktype = wtype, ktype
-            self._fns = [self._calls.get((False, wtype, ktype)), self._calls.get((True, wtype, ktype))]
-        self._args = (*self._head, self._w, self._flag, self._k)
-
-    def __call__(self, weights, key=0) -> None:
-        if weights is not self._w_in and (type(weights) is not tuple or weights != self._w_in):
-            self._weights(weights)                      # (host weights equal to the last ones: kept)
-        if key is not self._k_in:
-            self._key(key)
-        n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0   # _parallel(group, rows)
-        par = n > 0
-        fn = self._fns[par]
-        if fn is None:                                  # the first call: the dispatcher, then its entry point
-            k = K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY)
-            run(k, par, *self._args)
-            self._fns[par] = self._calls[(par, self._wtype, self._ktype)] = _entry_point(k, self._args)
-        elif par:
-            with _one_at_a_time:
-                threads.run_on(fn, n, self._args)
-        else:
-            fn(*self._args)
-
-    def once(self, weights, key=0) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
-        self._weights(weights)
-        self._key(key)
-        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW and team() > 0
-        run(K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY), par, *self._args)
-
-
-class BoundLaunch:
-    """A launch whose arguments are bound once but for those given at each call (``run(*middle)``:
-    placed between ``head`` and ``tail``, of fixed numba types), calling the compiled overload's
-    entry point after the dispatcher's first call, per serial/parallel choice. ``kernel_of(parallel)``
-    gives the dispatcher; ``size``: the work (elements times rows) that :data:`config.CPU_SERIAL_BELOW`
-    compares, -1 for one work item (always serial)."""
-
-    __slots__ = ("_kernel_of", "_head", "_tail", "_size", "_fns")
-
-    def __init__(self, kernel_of, head: tuple, tail: tuple, size: int):
-        self._kernel_of, self._head, self._tail, self._size = kernel_of, head, tail, size
-        self._fns: list = [None, None]
-
-    def __call__(self, *middle) -> None:
-        args = (*self._head, *middle, *self._tail)
-        n = team() if PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0
-        par = n > 0
-        fn = self._fns[par]
-        if fn is None:                                  # the first call: the dispatcher, then its entry point
-            k = self._kernel_of(par)
-            run(k, par, *args)
-            self._fns[par] = _entry_point(k, args)
-        elif par:
-            with _one_at_a_time:
-                threads.run_on(fn, n, args)
-        else:
-            fn(*args)
-
-    def once(self, *middle) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
-        par = PARALLEL and self._size >= config.CPU_SERIAL_BELOW and team() > 0
-        run(self._kernel_of(par), par, *self._head, *middle, *self._tail)
-
-
-def _work(t, rows: int) -> int:
-    return t.n * rows if t.chunks > 1 else -1
-
-
-def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:
-    """``run(given)``: one ``update()`` call of a model EMA with its plan on the device, in one launch
-    (``kernels.cpu.plan_lerp_kernel``; see :func:`fastema._launch.plan_lerp_launcher`)."""
-    t = group.tables
-    kinds = (group.shadow_kind, group.src_kind, stochastic)
-    return BoundLaunch(lambda par: K.plan_lerp_kernel(*kinds, par),
-                       (*t.args(), plan["state"], plan["params"], plan["decays"]),
-                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi)),
-                       _work(t, len(plan["decays"])))
-
-
-def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> BoundLaunch:
-    """``run()``: the ``"copy"`` launch with every argument bound (see :func:`fastema._launch.copy_launcher`)."""
-    t = group.tables
-    kinds = (group.shadow_kind, group.src_kind, to_shadow)
-    return BoundLaunch(lambda par: K.copy_kernel(*kinds, par), t.args(),
-                       (row_lo, row_hi, _NO_FLAG if flag is None else flag), _work(t, row_hi - row_lo))
-
-
-def plan_launch(group, plan: dict) -> BoundLaunch:
-    """``run(given)``: a model EMA's plan step (``kernels.cpu.plan_kernel``; see
-    :func:`fastema._launch.plan_launcher`)."""
-    return BoundLaunch(lambda par: K.plan_kernel(), (plan["state"], plan["params"], plan["decays"]),
-                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"]), -1)
-
-
-def nonfinite_launch(group, flag) -> BoundLaunch:
-    """``run()``: the ``"nonfinite"`` scan with every argument bound (see
-    :func:`fastema._launch.nonfinite_launcher`)."""
-    t = group.tables
-    kind = group.src_kind
-    return BoundLaunch(lambda par: K.nonfinite_kernel(kind, par), (t.seg_addr, t.seg_offset, t.chunk_seg,
-                                                                   t.chunk_begin), (flag,), _work(t, 1))
-
-
-def _entry_point(kernel, args):
-    """The entry point of ``kernel``'s overload compiled for ``args``' types (no type resolution
-    when called), or the dispatcher itself where numba does not show one."""
-    try:
-        entry = kernel.overloads[tuple(map(numba.typeof, args))].entry_point
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return kernel
-    return entry if callable(entry) else kernel
-
-
-def _kinds(group, *more):
-    return (group.shadow_kind, group.src_kind, *more)
-
-
-def _prepare_lerp(group, *, flag=None, stochastic: bool = False, cast) -> LerpLaunch:
-    return LerpLaunch(group, flag, stochastic, cast)
-
-
-def _prepare_bema(group, *, flag=None) -> BoundLaunch:                       # run(alpha)
-    t, kind = group.tables, group.shadow_kind
-    return BoundLaunch(lambda par: K.bema_kernel(kind, par), t.args(), (_NO_FLAG if flag is None else flag,),
-                       _work(t, 3))
-
-
-def _prepare_plan(group, *, state, params, decays, w32, w64, flag, keys) -> BoundLaunch:   # run(given)
-    return plan_launch(group, {"state": state, "params": params, "decays": decays, "w32": w32, "w64": w64,
-                               "flag": flag, "keys": keys})
-
-
-def _prepare_copy(group, *, to_shadow: bool, row_lo: int, row_hi: int, flag=None) -> BoundLaunch:
-    return copy_launch(group, to_shadow, row_lo, row_hi, flag)
-
-
-def _prepare_swap(group, *, mode: int, row: int) -> BoundLaunch:
-    t, kinds = group.tables, _kinds(group, mode)
-    return BoundLaunch(lambda par: K.swap_kernel(*kinds, par), t.args(), (row,), _work(t, 1))
-
-
-def _prepare_window(group, *, ring_kind: int) -> BoundLaunch:      # run(ring_addr, slot, full, count, recompute)
-    t, src_kind = group.tables, group.src_kind
-    return BoundLaunch(lambda par: K.window_kernel(ring_kind, src_kind, par), t.args(), (), _work(t, 3))
-
-
-class _Streams:
-    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at each call
-    (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
-
-    __slots__ = ("_kernel_of",)
-
-    def __init__(self, kernel_of):
-        self._kernel_of = kernel_of
-
-    def __call__(self, values, *rest) -> None:
-        par = PARALLEL and values.size >= config.CPU_STREAMS_SERIAL_BELOW and team() > 0
-        run(self._kernel_of(par), par, values, *rest)
-
-    once = __call__
-
-
-def _prepare_ema_streams(group, *, mode: int, skip: bool) -> _Streams:   # run(values, w0, c, per_stream, a, b, d)
-    kind = group.src_kind
-    return _Streams(lambda par: K.ema_kernel(kind, mode, skip, par))
-
-
-def _prepare_sma_streams(group, *, skip: bool) -> _Streams:   # run(values, w0, c, ..., n, bad, slot)
-    kind = group.src_kind
-    return _Streams(lambda par: K.sma_kernel(kind, skip, par))
-
-
-PREPARE = {"lerp": _prepare_lerp, "bema": _prepare_bema, "plan": _prepare_plan, "copy": _prepare_copy,
-           "swap": _prepare_swap, "nonfinite": lambda group, *, flag: nonfinite_launch(group, flag),
-           "window": _prepare_window, "ema_streams": _prepare_ema_streams, "sma_streams": _prepare_sma_streams}
-"""``op -> prepare(group, **fixed)``: the CPU's launches (:func:`fastema._launch.prepare`)."""
 
 
 def first_bad_weight(c: np.ndarray) -> int:

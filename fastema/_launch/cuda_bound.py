@@ -17,8 +17,12 @@ fastema does none of that per step:
   device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
   launch is bound (:func:`.drivers.current`), which the binding keeps.
 
-A prepared launch (:class:`LerpLaunch`, :class:`BoundLaunch`; :data:`PREPARE`) keeps its block from step
-to step; a one-off :func:`fastema._launch.launch` prepares one and packs its block for that call.
+A prepared launch (:class:`LerpLaunch`, :class:`BoundLaunch`; :data:`PREPARE`, whose keyword signatures are
+the op table's, :mod:`.op`) keeps its block from step to step and reads its group's tables at every call
+(never stale when the sources move); a one-off :func:`fastema._launch.launch` prepares one and packs its
+block for that call. A launch whose owner may drop its tables (a one-off, ``group.pins``) keeps them for
+good where it launches on a stream being captured (:data:`CAPTURED`), as Warp's ``Launch`` keeps its
+module in a capturing graph.
 An argument that does not fit its place (another dtype, ndim or number type: :meth:`.abi.Block.fits`,
 no numba type) binds again. The dispatcher launches instead in the Numba CUDA simulator, under
 ``FASTEMA_CUDA_LAUNCH=dispatcher``, and where the driver refused every image of the variant
@@ -39,13 +43,26 @@ from .cuda_launch import _Bound, _typeof, cached_launch_available  # noqa: F401
 
 _ZERO_KEY = np.uint32(0)
 
+CAPTURED: list = []
+"""Tables a CUDA graph captured a launch over, where the launch's owner may drop them (a one-off
+launch, the array functions' cached pairs: ``group.pins``): kept for the life of the process, so that
+no cache eviction or ``fastema.clear_caches()`` frees memory a graph replay reads (issue 37, C3). The
+launches a shadow keeps belong to its groups, which keep their tables."""
+
+
+def _pin(launch, raw: int) -> None:
+    """Keep ``launch``'s group's tables for good where the stream ``raw`` is being captured."""
+    t = launch.group.tables
+    if t is not None and launch.driver.capturing(raw, launch.index) and not any(k is t for k in CAPTURED):
+        CAPTURED.append(t)                 # a graph reads these tables at every replay: never freed
+
 
 class LerpLaunch(_Bound):
     """One group's ``"lerp"`` launch on CUDA, bound once (see the module docstring); called as
-    ``run(weights, key=0)`` on the stream the group's framework has current at that call. ``cast``:
-    the kernel's arithmetic type for host weights."""
+    ``run(weights, key=0)`` on the stream the group's framework has current at that call, over the
+    group's tables at that call. ``cast``: the kernel's arithmetic type for host weights."""
 
-    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w")
+    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w", "pins")
 
     def __init__(self, group, flag, stochastic: bool, cast):
         super().__init__(group.device)
@@ -53,6 +70,7 @@ class LerpLaunch(_Bound):
         self.flag = C._zero_flag(group.device, self.driver) if flag is None else flag   # kept
         self.w_in: object = self                          # no host weights yet
         self.w: tuple = ()
+        self.pins = getattr(group, "pins", False)
 
     def __call__(self, weights, key=0) -> None:
         if type(weights) is tuple:
@@ -61,10 +79,17 @@ class LerpLaunch(_Bound):
             weights = self.w
         key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
         g = self.group
-        args = (*g.tables.args(), weights, self.flag, key)
-        self._launch(self._dispatcher, args, g.current_stream(), max(1, min(g.tables.chunks, config.CUDA_MAX_BLOCKS)))
+        t = g.tables
+        raw = g.current_stream()
+        if self.pins:
+            _pin(self, raw)
+        self._launch(self._dispatcher, (*t.args(), weights, self.flag, key), raw,
+                     max(1, min(t.chunks, config.CUDA_MAX_BLOCKS)))
 
-    once = __call__
+    def once(self, weights, key=0) -> None:
+        """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""
+        self.pins = True
+        self(weights, key)
 
     def _dispatcher(self, args):
         return K.lerp_kernel(self.group.shadow_kind, self.group.src_kind, self.stochastic,
@@ -86,21 +111,27 @@ class BoundLaunch(_Bound):
     ``grid`` blocks where given, else a block per chunk up to ``CUDA_MAX_BLOCKS`` and, with ``per_sm``
     (the name of a :mod:`.config` tunable), at most that many blocks per multiprocessor."""
 
-    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "grid")
+    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "grid", "pins")
 
     def __init__(self, group, dispatcher, head: tuple, tail: tuple, per_sm: str | None = None, tables_of=_TABLES,
                  grid: int | None = None):
         super().__init__(group.device)
         self.group, self.dispatcher, self.head, self.tail, self.per_sm = group, dispatcher, head, tail, per_sm
         self.tables_of, self.grid = tables_of, grid
+        self.pins = getattr(group, "pins", False)
 
     def __call__(self, *middle) -> None:
         g = self.group
         front = () if self.tables_of is None else self.tables_of(g.tables)
-        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), g.current_stream(),
-                     self.blocks(middle))
+        raw = g.current_stream()
+        if self.pins:
+            _pin(self, raw)
+        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), raw, self.blocks(middle))
 
-    once = __call__
+    def once(self, *middle) -> None:
+        """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""
+        self.pins = True
+        self(*middle)
 
     def blocks(self, middle: tuple = ()) -> int:
         if self.grid is not None:
@@ -116,37 +147,6 @@ class BoundLaunch(_Bound):
         return self.dispatcher
 
 
-def plan_launch(group, plan: dict) -> BoundLaunch:
-    """``run(given)``: the one-thread plan kernel of a model EMA's device plan (see
-    :func:`fastema._launch.plan_launcher`); ``group`` gives the device and the stream."""
-    return BoundLaunch(group, K.plan_kernel(), (plan["state"], plan["params"], plan["decays"]),
-                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"]), tables_of=None, grid=1)
-
-
-def nonfinite_launch(group, flag) -> BoundLaunch:
-    """``run()``: the scan of a group's sources for inf/NaN into ``flag`` (see
-    :func:`fastema._launch.nonfinite_launcher`)."""
-    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_scanned)
-
-
-def plan_lerp_launch(group, plan: dict, gi: int, stochastic: bool) -> BoundLaunch:
-    """``run(given)``: see :func:`fastema._launch.plan_lerp_launcher` (``kernels.cuda.plan_lerp_kernel``).
-    Its grid is capped at ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM`` blocks per multiprocessor: every
-    block's first thread runs the plan step (about 20 dependent loads and a float64 pow) before it
-    streams, so a few waves of blocks that grid-stride over the chunks pay it far less often than a
-    block per chunk (issue 37, D3)."""
-    return BoundLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
-                       (plan["state"], plan["params"], plan["decays"]),
-                       (plan["w32"], plan["w64"], plan["flag"], plan["keys"], plan["done"], np.int64(gi)),
-                       per_sm="CUDA_PLAN_LERP_BLOCKS_PER_SM")
-
-
-def copy_launch(group, to_shadow: bool, row_lo: int, row_hi: int, flag) -> BoundLaunch:
-    """``run()``: see :func:`fastema._launch.copy_launcher`."""
-    return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
-                       (row_lo, row_hi, C._zero_flag(group.device) if flag is None else flag))
-
-
 def _stream_blocks(size: int) -> int:
     return max(1, min((size + config.CUDA_THREADS - 1) // config.CUDA_THREADS, config.CUDA_STREAM_MAX_BLOCKS))
 
@@ -155,21 +155,60 @@ def _flag(group, flag):
     return C._zero_flag(group.device) if flag is None else flag
 
 
-PREPARE = {
-    "lerp": lambda group, *, flag=None, stochastic=False, cast: LerpLaunch(group, flag, stochastic, cast),
-    "bema": lambda group, *, flag=None: BoundLaunch(group, K.bema_kernel(group.shadow_kind), (),
-                                                    (_flag(group, flag),)),                      # run(alpha)
-    "plan": lambda group, *, state, params, decays, w32, w64, flag, keys: BoundLaunch(
-        group, K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), tables_of=None, grid=1),
-    "copy": lambda group, *, to_shadow, row_lo, row_hi, flag=None: copy_launch(group, to_shadow, row_lo, row_hi,
-                                                                               flag),
-    "swap": lambda group, *, mode, row: BoundLaunch(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode),
-                                                    (), (row,)),
-    "nonfinite": lambda group, *, flag: nonfinite_launch(group, flag),
-    "window": lambda group, *, ring_kind: BoundLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ()),
-    "ema_streams": lambda group, *, mode, skip: BoundLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (),
-                                                            (), tables_of=None, grid=-1),
-    "sma_streams": lambda group, *, skip: BoundLaunch(group, K.sma_kernel(group.src_kind, skip), (), (),
-                                                      tables_of=None, grid=-1),
-}
+# ------------------------------------------------------------ the prepare functions (the op table's signatures)
+
+def _lerp(group, *, flag=None, stochastic=False, cast) -> LerpLaunch:                    # run(weights, key=0)
+    return LerpLaunch(group, flag, stochastic, cast)
+
+
+def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> BoundLaunch:
+    """``run(given)``: one ``update()`` of a model EMA with its plan on the device, in one launch
+    (``kernels.cuda.plan_lerp_kernel``). Its grid is capped at ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``
+    blocks per multiprocessor: every block's first thread runs the plan step (about 20 dependent loads
+    and a float64 pow) before it streams, so a few waves of blocks that grid-stride over the chunks pay
+    it far less often than a block per chunk (issue 37, D3)."""
+    return BoundLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
+                       (state, params, decays), (w32, w64, flag, keys, done, np.int64(gi)),
+                       per_sm="CUDA_PLAN_LERP_BLOCKS_PER_SM")
+
+
+def _bema(group, *, flag=None) -> BoundLaunch:                                           # run(alpha)
+    return BoundLaunch(group, K.bema_kernel(group.shadow_kind), (), (_flag(group, flag),))
+
+
+def _plan(group, *, state, params, decays, w32, w64, flag, keys) -> BoundLaunch:
+    """``run(given)``: the one-thread plan kernel of a model EMA's device plan; ``group`` gives the
+    device and the stream."""
+    return BoundLaunch(group, K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), tables_of=None,
+                       grid=1)
+
+
+def _copy(group, *, to_shadow, row_lo, row_hi, flag=None) -> BoundLaunch:                # run()
+    return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
+                       (row_lo, row_hi, _flag(group, flag)))
+
+
+def _swap(group, *, mode, row) -> BoundLaunch:                                           # run()
+    return BoundLaunch(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode), (), (row,))
+
+
+def _nonfinite(group, *, flag) -> BoundLaunch:                                           # run()
+    """The scan of a group's sources for inf/NaN into ``flag``."""
+    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_scanned)
+
+
+def _window(group, *, ring_kind) -> BoundLaunch:               # run(ring_addr, slot, full, count, recompute)
+    return BoundLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ())
+
+
+def _ema_streams(group, *, mode, skip) -> BoundLaunch:         # run(values, w0, c, per_stream, a, b, d)
+    return BoundLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (), (), tables_of=None, grid=-1)
+
+
+def _sma_streams(group, *, skip) -> BoundLaunch:               # run(values, w0, c, per_stream, ..., n, bad, slot)
+    return BoundLaunch(group, K.sma_kernel(group.src_kind, skip), (), (), tables_of=None, grid=-1)
+
+
+PREPARE = {"lerp": _lerp, "plan_lerp": _plan_lerp, "bema": _bema, "plan": _plan, "copy": _copy, "swap": _swap,
+           "nonfinite": _nonfinite, "window": _window, "ema_streams": _ema_streams, "sma_streams": _sma_streams}
 """``op -> prepare(group, **fixed)``: the CUDA launches (:func:`fastema._launch.prepare`)."""

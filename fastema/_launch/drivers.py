@@ -64,6 +64,8 @@ class _Streams(dict):
             self.clear()
         made = self[raw] = self.make(raw)
         return made
+CHOSEN = _STACK
+"""The drivers given to :func:`using` now, innermost last (read without a call by caches of what a driver made)."""
 
 
 @contextlib.contextmanager

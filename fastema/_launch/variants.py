@@ -1,15 +1,14 @@
-"""Every CUDA kernel variant fastema's launchers can ask for, enumerated from the launchers
-themselves.
+"""Every CUDA kernel variant fastema's launches can ask for, enumerated from the launches
+themselves, op by op of the op table (:mod:`.op`).
 
 A variant is a kernel (its factory and the factory's arguments: ``kernels._store.identity.VARIANTS``) and
-the numba types of the arguments its launcher passes. :func:`every_variant` runs every launcher of
-:mod:`fastema._launch` (the per-step ones bound once, and :func:`fastema._launch.launch`'s ops) over
-the space its callers use, with placeholder device arrays of the dtypes those callers pass, and
-records what reaches the launch instead of launching (through an ordinary launch driver that
-records,
-:class:`RecordingDriver`, given to :func:`.drivers.using`): the launchers' own code picks the kernel
-and builds the arguments, so a new launcher argument or kernel choice changes the enumeration
-without a hand list.
+the numba types of the arguments its launch passes. :func:`every_variant` prepares every op of
+:data:`.op.OPS` (:func:`fastema._launch.prepare`, named by the table's fixed arguments) and calls it
+with the table's varying ones, over the space its callers use (:func:`_space`), with placeholder device
+arrays of the dtypes those callers pass, and records what reaches the launch instead of launching
+(through an ordinary launch driver that records, :class:`RecordingDriver`, given to
+:func:`.drivers.using`): the launches' own code picks the kernel and builds the arguments, so a new
+argument or kernel choice changes the enumeration without a hand list.
 
 The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions
 can ask for others, which compile at their first use, once per node: ``device_code``):
@@ -29,6 +28,7 @@ numba-cuda (its types); no GPU.
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, P
 from . import device_code
 from .device_code import variant_key
 from .driver import Driver
+from .op import OPS
 
 PAIRS = tuple((sk, xk) for sk in (F32, BF16, F16, F64) for xk in (F32, BF16, F16)) + ((F64, F64),)
 """The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64 shadow
@@ -146,48 +147,59 @@ class RecordingDriver:
         raise RuntimeError("fastema: the variant recorder launches no image")
 
 
+def _space() -> Iterator[tuple[str, Any, dict, dict]]:
+    """``(op, group, fixed, varying)`` of every launch the faces ask for (see the module docstring), each
+    op's arguments named as the op table names them (:data:`.op.OPS`)."""
+    from .. import _launch as L
+
+    P = _Placeholder
+    plan = _plan()
+    for sk, xk in PAIRS:
+        g = L.Group("cuda:0", sk, xk, _tables())
+        w = np.float64 if wide(sk, xk) else np.float32
+        for stochastic in (False, True) if sk in (BF16, F16) else (False,):
+            for rows in range(1, MAX_ROWS + 1):
+                yield "lerp", g, {"stochastic": stochastic}, {"weights": (0.5,) * rows, "key": 1 if stochastic else 0}
+            yield "lerp", g, {"stochastic": stochastic}, {"weights": P(w), "key": 0}            # the flat API
+            yield "lerp", g, {"flag": P(np.int32, 1), "stochastic": stochastic}, {"weights": P(w),
+                                                                                   "key": P(np.int64, 1)}
+            yield "plan_lerp", g, {**plan, "gi": 0, "stochastic": stochastic}, {"given": -1}
+        for to_shadow in (True, False):
+            for flag in (None, P(np.int32, 1)):
+                yield "copy", g, {"to_shadow": to_shadow, "row_lo": 0, "row_hi": 1, "flag": flag}, {}
+        yield "nonfinite", g, {"flag": P(np.int32, 1)}, {}
+        for mode in (EXCHANGE, PACK, UNPACK) if (sk, xk) == (F32, BF16) else (EXCHANGE,):
+            yield "swap", g, {"mode": mode, "row": 0}, {}
+        for flag in (None, P(np.int32, 1)):
+            yield "bema", g, {"flag": flag}, {"alpha": 0.5}
+    yield "plan", L.Group("cuda:0", F32, F32, _tables()), {k: plan[k] for k in OPS["plan"].fixed}, {"given": -1}
+    for rk, xk in _WINDOWS:
+        g = L.Group("cuda:0", F32, xk, _tables())
+        for recompute in (False, True):
+            yield "window", g, {"ring_kind": rk}, {"ring_addr": P(np.int64), "slot": 0, "full": False, "count": 1,
+                                                   "recompute": recompute}
+    for kind in (F32, F64, BF16, F16):
+        g = L.Group("cuda:0", None, kind, None)
+        y, f64, i64 = P(_BITS[kind]), P(np.float64), P(np.int64)
+        common = {"values": y, "w0": 1.0, "c": f64, "per_stream": False}
+        for skip in (False, True):
+            for mode in (DEBIASED, SEEDED, ZEROS):
+                yield "ema_streams", g, {"mode": mode, "skip": skip}, {**common, "a": f64, "b": f64, "d": 0.5}
+            yield "sma_streams", g, {"skip": skip}, {**common, "ring_v": f64, "ring_w": f64, "s": f64, "comp": f64,
+                                                     "ws": f64, "wcomp": f64, "n": i64, "bad": i64, "slot": 0}
+
+
 def every_variant() -> dict:
     """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a stable
-    order (sorted by key)."""
+    order (sorted by key): every op of the op table prepared over the space (:func:`_space`) and called
+    with its varying arguments in the table's order."""
     from .. import _launch as L
     from .drivers import using
 
     seen: dict = {}
-    P = _Placeholder
     with using(RecordingDriver(seen)):
-        for sk, xk in PAIRS:
-            g = L.Group("cuda:0", sk, xk, _tables())
-            w = np.float64 if wide(sk, xk) else np.float32
-            for stochastic in (False, True) if sk in (BF16, F16) else (False,):
-                for rows in range(1, MAX_ROWS + 1):
-                    L.lerp_launcher(g, stochastic=stochastic)((0.5,) * rows, 1 if stochastic else 0)
-                L.launch("lerp", g, weights=P(w), stochastic=stochastic)                   # the flat API
-                L.lerp_launcher(g, flag=P(np.int32, 1), stochastic=stochastic)(P(w), P(np.int64, 1))
-                L.plan_lerp_launcher(g, _plan(), 0, stochastic=stochastic)(-1)
-            for to_shadow in (True, False):
-                for flag in (None, P(np.int32, 1)):
-                    L.copy_launcher(g, to_shadow=to_shadow, row_lo=0, row_hi=1, flag=flag)()
-                L.launch("copy", g, to_shadow=to_shadow, row_lo=0, row_hi=1)
-            L.nonfinite_launcher(g, P(np.int32, 1))()
-            for mode in (EXCHANGE, PACK, UNPACK) if (sk, xk) == (F32, BF16) else (EXCHANGE,):
-                L.launch("swap", g, mode=mode, row=0)
-            L.launch("bema", g, alpha=0.5)
-            L.launch("bema", g, alpha=0.5, flag=P(np.int32, 1))
-        L.plan_launcher(L.Group("cuda:0", F32, F32, _tables()), _plan())(-1)
-        for rk, xk in _WINDOWS:
-            g = L.Group("cuda:0", F32, xk, _tables())
-            for recompute in (False, True):
-                L.launch("window", g, ring_kind=rk, ring_addr=P(np.int64), slot=0, full=False, count=1,
-                         recompute=recompute)
-        for kind in (F32, F64, BF16, F16):
-            g = L.Group("cuda:0", None, kind, None)
-            y, f64, i64 = P(_BITS[kind]), P(np.float64), P(np.int64)
-            for skip in (False, True):
-                for mode in (DEBIASED, SEEDED, ZEROS):
-                    L.launch("ema_streams", g, values=y, w0=1.0, c=f64, per_stream=False, a=f64, b=f64, d=0.5,
-                             mode=mode, skip=skip)
-                L.launch("sma_streams", g, values=y, w0=1.0, c=f64, per_stream=False, ring_v=f64, ring_w=f64,
-                         s=f64, comp=f64, ws=f64, wcomp=f64, n=i64, bad=i64, slot=0, skip=skip)
+        for op, g, fixed, varying in _space():
+            L.prepare(op, g, **fixed)(*[varying[k] for k in OPS[op].varying])
     return dict(sorted(seen.items()))
 
 

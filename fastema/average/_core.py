@@ -14,7 +14,7 @@ before anything is loaded.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -154,8 +154,8 @@ class Average:
         self.shadow_dtype, self.rounding, self.seed, self.skip_nonfinite = options.shadow()
         self.format = fmt
         self.shapes = [tuple(s) for s in shapes]
-        self.shadow: Any = shadow               # FlatShadow, PairShadow, a torch placement
-        self.adapter: Any = adapter
+        self.shadow: Updatable = shadow         # FlatShadow, PairShadow, a torch placement
+        self.adapter: ModelAdapter | None = adapter
         if self.skip_nonfinite:
             self.refuse_on_the_host("skip_nonfinite=True", "to guard its updates")
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
@@ -196,6 +196,7 @@ class Average:
         adapter = self.adapter
         plan = self.device_plan
         if plan is not None:                    # every call launches; the device skips
+            assert adapter is not None          # (plan_on_device needs one)
             adapter.begin(True)
             self.fold_on_device(step, plan)
         elif pending.due:
@@ -257,6 +258,7 @@ class Average:
         first lerp launch (``DevicePlan.carriers``), except behind a non-finite scan, which must run
         between the two. The adapter carries the rest along behind the plan's flags."""
         flags = plan.flags
+        assert self.adapter is not None, "a plan on the device goes with an adapter (plan_on_device)"
         if self.skip_nonfinite:
             plan.advance(step)
             flags = self.adapter.scan(flags)

@@ -9,7 +9,7 @@ and products in small device arrays, one set per device, and advances them with 
 one-thread kernel (``kernels._stats.plan_step``) at the start of every ``update()`` call;
 the update's kernels then read the weights, the skip flag (``update_every``) and the key
 from device memory. Where it is exact, the step rides in the first lerp launch of each
-device instead (:attr:`DevicePlan.carriers`, ``_launch.plan_lerp_launcher``): one launch
+device instead (:attr:`DevicePlan.carriers`, the ``"plan_lerp"`` launch): one launch
 where there were two. So ``EMA.update()`` captured once and replayed N times equals N eager
 calls bit for bit, and eager calls use the very same kernel.
 
@@ -165,13 +165,13 @@ class _OnDevice:
         _backends.mark_made_here(self.arrays["flag"])
         self.views = {k: _backends.kernel_view(a) for k, a in self.arrays.items()}
         self.key_views = [self.views["keys"][i:i + 1] for i in range(groups)]
-        self.step = _launch.plan_launcher(self.group, self.views)   # run(given): the plan kernel, bound once
+        self.step = self.group.launch("plan", **{k: self.views[k] for k in _launch.OPS["plan"].fixed})   # run(given)
 
 
 class DevicePlan:
     """The device side of ``plan`` for the groups of one shadow (see the module docstring)."""
 
-    def __init__(self, plan: Plan, groups: list, seed: int, also: Sequence[tuple[str, str]] = ()):
+    def __init__(self, plan: Plan, groups: Sequence, seed: int, also: Sequence[tuple[str, str]] = ()):
         """``also``: ``(framework, device)`` of launches that sit behind this plan's flags on devices
         no group of ``groups`` is on (a target network's copied buffers): those devices get the plan
         too, its kernel run there on its own, so each has a flag set at every call."""
@@ -180,6 +180,7 @@ class DevicePlan:
         for framework, device in [(g.framework, g.device) for g in groups] + list(also):
             if device not in self.devices:
                 self.devices[device] = _OnDevice(framework, device, plan.rows, len(groups), _capacity(plan.rows))
+        self._carriers: dict = {}                 # (device, gi, stochastic) -> its plan_lerp spec (carrier())
         self.carriers: dict[str, int] = {}
         """``device -> gi``: the group whose lerp launch carries the device's plan step (the first group
         there with elements, which the update launches first); a device not listed runs the plan
@@ -238,8 +239,18 @@ class DevicePlan:
         return [a for d in self.devices.values() for a in d.arrays.values()]
 
     def views(self, device: str) -> dict:
-        """The kernel views of ``device``'s plan arrays (what ``_launch.plan_lerp_launcher`` binds)."""
+        """The kernel views of ``device``'s plan arrays (what the ``"plan_lerp"`` launch binds)."""
         return self.devices[device].views
+
+    def carrier(self, device: str, gi: int, stochastic: bool) -> tuple:
+        """The spec of group ``gi``'s ``"plan_lerp"`` launch on ``device`` (the plan's step and the group's
+        lerp in one launch: ``group.launch_of(spec)``), made once per group and rounding."""
+        key = (device, gi, stochastic)
+        spec = self._carriers.get(key)
+        if spec is None:
+            spec = self._carriers[key] = _launch.spec("plan_lerp", **self.devices[device].views, gi=gi,
+                                                      stochastic=stochastic)
+        return spec
 
     @property
     def flags(self) -> dict:

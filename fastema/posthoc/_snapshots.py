@@ -199,7 +199,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     temporary directory, renamed, then the metadata ``.json`` beside it, written last by rank 0:
     readers ignore a snapshot without it. Every rank raises the same error when a rank could not
     write: ``decide(problem)``, the ranks' agreement a sharded snapshot is made with
-    (:func:`fastema.torch._state.agree.decided`). ``meta`` may be a :class:`SnapshotMeta` (written
+    (:func:`fastema.torch._state.decisions.decided`). ``meta`` may be a :class:`SnapshotMeta` (written
     through :meth:`SnapshotMeta.to_metadata`)."""
     if isinstance(meta, SnapshotMeta):
         meta = meta.to_metadata()
@@ -207,7 +207,7 @@ def write_snapshot(directory: str, time: float, tensors: dict, meta: SnapshotMet
     if sharded:
         if decide is None:
             raise TypeError("write_snapshot(sharded=True) is a collective: pass decide=, the ranks' "
-                            "agreement (fastema.torch._state.agree.decided)")
+                            "agreement (fastema.torch._state.decisions.decided)")
         return save_dcp(base, tensors, meta, decide)
     from .._io.safetensors import stream_safetensors
 

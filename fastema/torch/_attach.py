@@ -34,7 +34,7 @@ A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any av
 entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the
 parameters' layout on the trainable parameters the optimizer steps, the record, frozen parameters
 and averaged buffers on the first of them; taken out before the cast); its load agrees over the
-mesh that every rank holds the entries or none does (:func:`~._state.agree.mesh_findings`).
+mesh that every rank holds the entries or none does (:func:`~._state.decisions.mesh_findings`).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
 rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
@@ -61,8 +61,9 @@ from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
 from ._state import dcp_calls as _dcp
-from ._state.agree import Disagreement, mesh_findings, refuse_together
+from ._state.agree import Disagreement
 from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
+from ._state.decisions import mesh_findings, refuse_together
 
 __all__ = ["KEY", "Attachment", "dummy_step"]
 
@@ -323,7 +324,7 @@ class Attachment:
         """A sharded average's load: every rank of its mesh holds the average's entries, or none
         does (then every rank starts over); else, or where a rank refused its entries (``err``),
         every rank raises :class:`~._state.agree.Disagreement` (a ``ValueError``): one
-        :func:`~._state.agree.mesh_findings` over the mesh, under the process group's timeout."""
+        :func:`~._state.decisions.mesh_findings` over the mesh, under the process group's timeout."""
         groups = self.face._checkpoint.agreement.groups()
         if not groups:
             return entry

@@ -24,7 +24,8 @@ from ..posthoc import (
 )
 from ..schedules import PowerFunction, gamma_to_sigma_rel
 from ._sharding import params as _sharded
-from ._state.agree import Read, decided, findings, refuse_together
+from ._state.agree import Read
+from ._state.decisions import decided, findings, refuse_together
 from ._state.run import Run
 from ._state.slices import tensor_slices
 from ._state.stream import (

@@ -475,8 +475,8 @@ def test_clear_caches_drops_layouts_and_keeps_results():
     s, x = torch.zeros(100), torch.ones(100)
     fastema.ema_update_many_([s], [x], 0.5)
     fastema.ema_update_(s, x, 0.5)
-    assert fastema.pairs._PAIRS and fastema.ops._single_tables.cache_info().currsize
+    assert len(fastema.pairs._PAIRS) and len(fastema.ops._GROUPS) and len(fastema.ops._KEPT)
     fastema.clear_caches()
-    assert not fastema.pairs._PAIRS and fastema.ops._single_tables.cache_info().currsize == 0
+    assert not len(fastema.pairs._PAIRS) and not len(fastema.ops._GROUPS) and not len(fastema.ops._KEPT)
     fastema.ema_update_many_([s], [x], 0.5)
     assert torch.equal(s, torch.full((100,), 0.875))

@@ -6,6 +6,7 @@ reference."""
 import numpy as np
 import pytest
 import torch
+from support.arrays import DLPackOnly
 
 import fastema
 from fastema import ops
@@ -26,7 +27,7 @@ def test_a_second_call_is_a_hit_and_writes_what_torch_writes():
         fastema.ema_update_(s, x, decay)
         want.lerp_(x, 1 - decay)
         assert torch.equal(s, want), decay
-    assert len(ops._PREPARED) == 1
+    assert len(ops._KEPT) == 1
 
 
 def test_numpy_arrays_hit_by_identity_and_match_the_float64_reference():
@@ -37,10 +38,10 @@ def test_numpy_arrays_hit_by_identity_and_match_the_float64_reference():
         fastema.ema_update_(a, b, decay)
         ref = ref + (1 - decay) * (b.astype(np.float64) - ref)
     assert np.allclose(a, ref, rtol=1e-6, atol=1e-7)
-    assert len(ops._PREPARED) == 1
+    assert len(ops._KEPT) == 1
     c = b.copy()                                          # another array of the same layout: its own entry
     fastema.ema_update_(a, c, 0.5)
-    assert len(ops._PREPARED) == 2
+    assert len(ops._KEPT) == 2
 
 
 def test_a_numpy_shadow_made_read_only_is_refused_on_a_hit():
@@ -93,7 +94,7 @@ def test_the_rounding_is_part_of_the_key():
     s, x = torch.zeros(64, dtype=torch.bfloat16), torch.full((64,), 1e-3)
     fastema.ema_update_(s, x, 0.999)
     fastema.ema_update_(s, x, 0.999, rounding="stochastic", seed=1, step=2)
-    assert len(ops._PREPARED) == 2
+    assert len(ops._KEPT) == 2
     with pytest.raises(ValueError):
         fastema.ema_update_(torch.zeros(4), torch.ones(4), 0.5, rounding="stochastic")
 
@@ -119,29 +120,18 @@ def test_copy_swap_and_the_nonfinite_flag_hit_and_stay_right():
     assert flag.item() == 1
 
 
-class _DLPackOnly:
-    """An array known to fastema only through DLPack (as a JAX or CuPy array is): no cheap key."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __dlpack__(self, **kwargs):
-        return self.t.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.t.__dlpack_device__()
-
-
 def test_arrays_with_no_cheap_key_keep_their_launch_by_description():
     s, x = torch.zeros(8), torch.ones(8)
-    a, b = _DLPackOnly(s), _DLPackOnly(x)
+    a, b = DLPackOnly(s), DLPackOnly(x)
     for _ in range(3):
         fastema.ema_update_(a, b, 0.5)
     assert torch.equal(s, torch.full((8,), 0.875))
-    assert [k[0] for k in ops._PREPARED] == ["described"]
+    assert not len(ops._KEPT) and len(ops._GROUPS) == 1   # no cheap key: the pair's group, by description,
+    (g,) = [ops._GROUPS.hit(k, []) for k in ops._GROUPS.keys()]
+    assert [op for op, _ in g.prepared()] == ["lerp"]     # keeps its launch, prepared once
     n = np.zeros(8, np.float32)                           # NumPy written, torch read: no common cheap key
     fastema.ema_update_(n, x, 0.5)
     fastema.ema_update_(n, x, 0.5)
-    assert np.all(n == 0.75) and len(ops._PREPARED) == 2
+    assert np.all(n == 0.75) and len(ops._GROUPS) == 2 and not len(ops._KEPT)
     fastema.ema_update_(n[4:], x[:4], 0.5)                # another description: its own launch
-    assert np.all(n[4:] == 0.875) and np.all(n[:4] == 0.75) and len(ops._PREPARED) == 3
+    assert np.all(n[4:] == 0.875) and np.all(n[:4] == 0.75) and len(ops._GROUPS) == 3

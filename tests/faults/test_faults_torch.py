@@ -15,7 +15,7 @@ from models import mlp
 from support.calls import watching
 from torch import nn
 
-from fastema._layout import FlatLayout
+from fastema._launch import Launches
 from fastema.torch import EMA, WindowAverage
 
 
@@ -121,9 +121,9 @@ def default_sigint():
 
 @pytest.fixture
 def ctrl_c_at_the_next_swap() -> Iterator[dict]:
-    """While ``armed["now"]``, send SIGINT to this process right after the next swap launch (the first
-    of the swap's groups) returns: the default handler raises KeyboardInterrupt right there, between
-    two groups, unless the swap holds it. Disarms itself."""
+    """While ``armed["now"]``, send SIGINT to this process right after the first group of the next swap
+    hands out its swap launch: the default handler raises KeyboardInterrupt right there, inside the
+    swap, unless the swap holds it. Disarms itself."""
     armed = {"now": True}
 
     def ctrl_c_after(arguments, _):
@@ -131,7 +131,7 @@ def ctrl_c_at_the_next_swap() -> Iterator[dict]:
             armed["now"] = False
             signal.raise_signal(signal.SIGINT)
 
-    with watching(FlatLayout.launch, on_return=ctrl_c_after):            # each group's prepared launch
+    with watching(Launches.launch, on_return=ctrl_c_after):             # each group's kept launch
         yield armed
 
 

@@ -264,7 +264,7 @@ def test_clear_caches_drops_the_stream_cache_and_keeps_what_a_captured_graph_rea
     fastema.clear_caches()
     assert _launch.cuda._zero_flag("cuda:0") is flag
     assert _launch.cuda.current().numba_stream.cache_info().currsize == 0
-    assert fastema.ops._single_tables.cache_info().currsize == 0
+    assert not len(fastema.ops._GROUPS) and not len(fastema.ops._KEPT)
     fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # and launches still work after it
     assert np.array_equal(d_shadow.copy_to_host(), np.full(10, 0.75, np.float32))
 
@@ -397,7 +397,7 @@ def test_plan_kernel_matches_cpu(plan_kw):
 
 
 def test_the_bound_plan_step_and_nonfinite_scan_match_the_cpu():
-    """``plan_launcher`` / ``nonfinite_launcher`` on the device (issue 37, D5): the plan arrays as the CPU
+    """``prepare("plan", ...)`` / ``prepare("nonfinite", ...)`` on the device (issue 37, D5): the plan arrays as the CPU
     plan kernel leaves them call after call, the flag set by a NaN in the sources."""
     from fastema.average import Plan
     from fastema.average._device_plan import parameters
@@ -410,7 +410,7 @@ def test_the_bound_plan_step_and_nonfinite_scan_match_the_cpu():
                 flag=np.zeros(1, np.int32), keys=np.zeros(3, np.int64))
     dev = {name: cuda.to_device(v) for name, v in host.items()}
     dev.update(params=cuda.to_device(params), decays=cuda.to_device(decays))
-    step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None), dev)
+    step = _launch.Group("cuda:0", None, 0, None).launch("plan", **{k: dev[k] for k in _launch.OPS["plan"].fixed})
     for call in range(5):
         given = 30 if call == 2 else -1
         step(given)
@@ -421,7 +421,7 @@ def test_the_bound_plan_step_and_nonfinite_scan_match_the_cpu():
     d = [cuda.to_device(x) for x in srcs]
     flat = fastema.FlatShadow(d)
     flag = cuda.to_device(np.zeros(1, np.int32))
-    scan = _launch.nonfinite_launcher(flat.layout.groups[0], flag)
+    scan = _launch.prepare("nonfinite", flat.layout.groups[0], flag=flag)
     scan()
     assert flag.copy_to_host()[0] == 0
     srcs[1][30] = np.inf
@@ -655,17 +655,19 @@ def test_new_tables_during_a_capture_are_refused_and_a_captured_pairs_tables_are
     assert not a.copy_to_host().any()
     capture["on"] = False
     fastema.ema_update_(a, b, decay=0.5)                  # the warm-up call, outside
-    pinned = len(_launch._CAPTURED)
+    from fastema._launch.cuda_bound import CAPTURED
+
+    pinned = len(CAPTURED)
     capture["on"] = True
     fastema.ema_update_(a, b, decay=0.5)                  # captured: its tables kept from now on
-    assert len(_launch._CAPTURED) == pinned + 1
-    tables = _launch._CAPTURED[-1]
+    assert len(CAPTURED) == pinned + 1
+    tables = CAPTURED[-1]
     with pytest.raises(RuntimeError, match=r"fastema.clear_caches\(\) while a CUDA graph is being captured"):
         fastema.clear_caches()
-    assert fastema.ops._single_tables.cache_info().currsize
+    assert len(fastema.ops._GROUPS)
     capture["on"] = False
     fastema.clear_caches()
-    assert fastema.ops._single_tables.cache_info().currsize == 0 and _launch._CAPTURED[-1] is tables
+    assert not len(fastema.ops._GROUPS) and CAPTURED[-1] is tables
     assert int(tables.seg_addr.copy_to_host()[0]) == dev_addr(b)  # alive, still the pair's table
 
 

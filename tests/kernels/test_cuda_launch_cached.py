@@ -74,7 +74,7 @@ def _entry(run) -> str:
 
 
 def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
-    run = _launch.lerp_launcher(fake.group)
+    run = _launch.prepare("lerp", fake.group)
     assert isinstance(run, B.LerpLaunch)
     run((0.1,))
     assert [e[0] for e in _launches(fake)] == ["load", "launch"]
@@ -98,7 +98,7 @@ def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fak
     the address of the binding's block, the same at every call."""
     handed = []
     with fake_gpu(torch_on_gpu=False, on_launch=handed.append, record=False):
-        run = _launch.lerp_launcher(_group())
+        run = _launch.prepare("lerp", _group())
         weights = (0.1,)
         for _ in range(4):
             run(weights)
@@ -107,7 +107,7 @@ def test_the_driver_is_handed_the_packed_block_not_a_list_rebuilt_per_launch(fak
 
 
 def test_an_argument_of_another_type_binds_again(fake):
-    run = _launch.lerp_launcher(fake.group)
+    run = _launch.prepare("lerp", fake.group)
     run((0.1,))
     run((0.1,))
     weights = FakeDeviceArray(1, np.float32, ptr=0x7000)          # a device plan's: another type
@@ -123,7 +123,7 @@ def test_the_same_objects_after_another_kernel_are_marshalled_for_that_kernel(fa
     the last call must not reuse the first variant's block with the second variant's code (it binds
     again, to the code loaded already)."""
     weights = FakeDeviceArray(1, np.float32, ptr=0x7000)
-    run = _launch.lerp_launcher(fake.group)
+    run = _launch.prepare("lerp", fake.group)
     run(weights)
     run(weights)
     run((0.1,))
@@ -141,11 +141,11 @@ def _plan():
 
 
 def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
-    """``plan_lerp_launcher`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
+    """``prepare("plan_lerp", ...)`` (issue #23 item 2: the plan step in the lerp launch): the plan arrays and
     the group index bound once, the step ``given`` the only argument that changes; numba's own argument
     values, one load."""
     plan = _plan()
-    run = _launch.plan_lerp_launcher(fake.group, plan, 1)
+    run = _launch.prepare("plan_lerp", fake.group, **plan, gi=1)
     assert isinstance(run, B.BoundLaunch)
     run(-1)
     for given in (-1, -1, 12, 13, -1):
@@ -165,27 +165,27 @@ def test_the_plan_and_lerp_grid_is_capped_at_a_few_waves(monkeypatch):
     lerp keeps a block per chunk."""
     with fake_gpu(torch_on_gpu=False) as fake:
         group = _group(chunks=30000)
-        run = _launch.plan_lerp_launcher(group, _plan(), 0)
+        run = _launch.prepare("plan_lerp", group, **_plan(), gi=0)
         for given in (-1, -1):
             run(given)
         per_sm = getattr(config, "CUDA_PLAN_LERP_BLOCKS_PER_SM", 12)
         assert [e[0] for e in fake.launches] == ["load", "launch", "launch"]
         assert fake.launches[1][2] == fake.launches[-1][2] == per_sm * 132
-        lerp = _launch.lerp_launcher(group)
+        lerp = _launch.prepare("lerp", group)
         lerp((0.5,))
         lerp((0.5,))
         assert fake.launches[-1][2] == min(30000, config.CUDA_MAX_BLOCKS)
         few = _group(chunks=7)
-        small = _launch.plan_lerp_launcher(few, _plan(), 0)
+        small = _launch.prepare("plan_lerp", few, **_plan(), gi=0)
         small(-1)
         small(-1)
         assert fake.launches[-1][2] == 7
 
 
 def test_the_buffer_copy_launch_is_bound_once(fake):
-    """``copy_launcher``: a model average's buffer copy behind its plan's flag, every argument bound."""
+    """``prepare("copy", ...)``: a model average's buffer copy behind its plan's flag, every argument bound."""
     flag = FakeDeviceArray(1, np.int32, ptr=0x30000)
-    run = _launch.copy_launcher(fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
+    run = _launch.prepare("copy", fake.group, to_shadow=True, row_lo=0, row_hi=2, flag=flag)
     for _ in range(4):
         run()
     assert [e[0] for e in _launches(fake)] == ["load"] + ["launch"] * 4
@@ -193,13 +193,13 @@ def test_the_buffer_copy_launch_is_bound_once(fake):
 
 
 def test_the_plan_step_and_the_nonfinite_scan_are_bound_the_same_way(fake):
-    """D5: ``plan_launcher`` (a device plan's step where no lerp carries it: one block) and
-    ``nonfinite_launcher`` (skip_nonfinite's scan: the sources' tables only) load their code once,
+    """D5: ``prepare("plan", ...)`` (a device plan's step where no lerp carries it: one block) and
+    ``prepare("nonfinite", ...)`` (skip_nonfinite's scan: the sources' tables only) load their code once,
     then launch their packed blocks, numba's own values."""
     plan = {k: v for k, v in _plan().items() if k != "done"}
-    step = _launch.plan_launcher(_launch.Group("cuda:0", None, 0, None, lambda: 77), plan)
+    step = _launch.Group("cuda:0", None, 0, None, lambda: 77).launch("plan", **plan)
     flag = FakeDeviceArray(1, np.int32, ptr=0x40000)
-    scan = _launch.nonfinite_launcher(fake.group, flag)
+    scan = _launch.prepare("nonfinite", fake.group, flag=flag)
     for given in (-1, 5, -1):
         step(given)
         scan()
@@ -220,8 +220,8 @@ def test_no_context_push_where_the_devices_primary_context_is_current():
     for primary_current, pushes in ((True, 0), (False, 5)):
         with fake_gpu(torch_on_gpu=False, primary_current=primary_current) as fake:
             group = _group()
-            runs = [_launch.lerp_launcher(group), _launch.plan_lerp_launcher(group, _plan(), 0),
-                    _launch.copy_launcher(group, to_shadow=True, row_lo=0, row_hi=1)]
+            runs = [_launch.prepare("lerp", group), _launch.prepare("plan_lerp", group, **_plan(), gi=0),
+                    _launch.prepare("copy", group, to_shadow=True, row_lo=0, row_hi=1)]
             runs[0]((0.5,))
             runs[1](-1)
             runs[2]()
@@ -241,8 +241,8 @@ def test_every_cuda_call_of_a_group_runs_inside_its_devices_context():
                               np.array([0, 100], np.int64), np.zeros(1, np.int32), np.array([0, 100], np.int64), 100, 1)
         tables = C.upload(host, "cuda:1", slots=1)
         group = _launch.Group("cuda:1", F32, F32, tables, current_stream=lambda: 77)
-        run = _launch.lerp_launcher(group)
-        plan = _launch.plan_lerp_launcher(group, _plan(), 0)
+        run = _launch.prepare("lerp", group)
+        plan = _launch.prepare("plan_lerp", group, **_plan(), gi=0)
         for _ in range(3):
             run((0.5,))
             plan(-1)
@@ -261,7 +261,7 @@ def test_a_binding_never_goes_through_numbas_dispatcher(fake):
     from fastema.kernels import cuda as K
 
     dispatcher = K.lerp_kernel(F32, F32, False, False)
-    run = _launch.lerp_launcher(fake.group)
+    run = _launch.prepare("lerp", fake.group)
     run((0.1,))
     run((0.1,))
     assert not dispatcher.overloads                                    # numba compiled nothing
@@ -329,7 +329,7 @@ def test_where_fastemas_launch_cannot_run_every_launch_is_the_dispatchers():
     FASTEMA_CUDA_LAUNCH=dispatcher, no cuda.core) gets every launch of a binding as a dispatch, on
     the stream current at that call."""
     with config.tuned(CUDA_MAX_BLOCKS=3), fake_gpu(torch_on_gpu=False, loads=False) as fake:
-        run = _launch.lerp_launcher(_group())
+        run = _launch.prepare("lerp", _group())
         for _ in range(3):
             run((0.1,))
     shape = (3, config.CUDA_THREADS, 77)

@@ -144,7 +144,7 @@ def test_the_fake_driver_is_given_and_gives_what_the_real_calls_take():
             *(FakeDeviceArray(8, np.int64, ptr=0x1000 * i) for i in (1, 2, 3)),
             FakeDeviceArray(8, np.int32, ptr=0x5000), FakeDeviceArray(9, np.int64, ptr=0x6000), n=4096, chunks=2)
         group = _launch.Group("cuda:0", F32, F32, tables, current_stream=lambda: 77)
-        run = _launch.lerp_launcher(group)
+        run = _launch.prepare("lerp", group)
         for _ in range(2):
             run((0.5,))
         fake_context, fake_primary = fake.current_context(), fake.primary_context(0)

@@ -1,4 +1,4 @@
-"""The prepared "lerp" launch (``fastema._launch.lerp_launcher``): what a target network calls per
+"""The prepared "lerp" launch (``fastema._launch.prepare("lerp", ...)``): what a target network calls per
 step. It must write exactly what ``_launch.launch("lerp", ...)`` writes for every kind, row count,
 rounding and serial/parallel choice, follow the launch tunables and a fork's serial twins as
 ``launch`` does, and call no numba dispatcher after its first call (issue #23: no per-call type
@@ -12,6 +12,7 @@ from support.calls import watching
 from fastema import FlatShadow, _launch
 from fastema._launch import config, threads
 from fastema._launch import cpu as C
+from fastema._launch import cpu_bound as B
 from fastema.kernels import cpu as K
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -43,7 +44,7 @@ def test_writes_what_launch_writes(sizes, kinds, rows, serial_below, key, seed):
         with torch.no_grad():
             for s in sources:
                 s.add_(torch.randn(s.shape, generator=gen).to(s.dtype))
-        runs = [_launch.lerp_launcher(g, stochastic=stochastic) for g in b.layout.groups]
+        runs = [_launch.prepare("lerp", g, stochastic=stochastic) for g in b.layout.groups]
         for step in range(3):
             k = key + step if stochastic else 0
             for g in a.layout.groups:
@@ -83,7 +84,7 @@ def test_no_numba_dispatcher_after_the_first_call():
     try:
         for k in kernels.values():
             k.__class__ = counting(k)                   # every call of the dispatcher is recorded
-        run = _launch.lerp_launcher(g)
+        run = _launch.prepare("lerp", g)
         run((0.1, 0.2))
         assert len(calls) == 1                          # the first call: the dispatcher (compiles if needed)
         for w in [(0.1, 0.2)] * 4 + [(0.3, 0.4)]:       # new weights of the same type: the same entry point
@@ -108,7 +109,7 @@ def test_follows_a_forks_serial_twins_and_the_tunables():
     sources = [torch.randn(150_000), torch.randn(150_000)]      # 300k elements: over the serial threshold (256k)
     fs = FlatShadow(sources)
     (g,) = fs.layout.groups
-    run = _launch.lerp_launcher(g)
+    run = _launch.prepare("lerp", g)
     seen: list = []
     # the first call of each variant goes through C.run (the dispatcher), the later ones through the
     # kept entry point; threads.run_on runs a parallel twin
@@ -121,13 +122,13 @@ def test_follows_a_forks_serial_twins_and_the_tunables():
         with config.tuned(CPU_SERIAL_BELOW=1 << 30):     # a tunable grown after preparation
             run((0.1,))                                  # the serial entry point, reused
     assert seen == [("dispatcher", True), "parallel twin", ("dispatcher", False), "parallel twin"]
-    assert set(run._calls) == {(True, (np.float32, 1), C._HOST_KEY), (False, (np.float32, 1), C._HOST_KEY)}
+    assert set(run._calls) == {(True, (np.float32, 1), B._HOST_KEY), (False, (np.float32, 1), B._HOST_KEY)}
 
 
 def test_empty_group_launches_nothing():
     fs = FlatShadow([torch.zeros(0)])
     for g in fs.layout.groups:
-        _launch.lerp_launcher(g)((0.5,))
+        _launch.prepare("lerp", g)((0.5,))
     assert fs.view(0).numel() == 0
 
 
@@ -189,7 +190,7 @@ def test_a_model_averages_buffer_copy_is_bound_once():
 
 
 def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_writes():
-    """``plan_launcher`` and ``nonfinite_launcher`` (issue 37, D5: the per-step ``plan`` and ``nonfinite``
+    """``prepare("plan", ...)`` and ``prepare("nonfinite", ...)`` (issue 37, D5: the per-step ``plan`` and ``nonfinite``
     launches went through the dispatcher at every call, ~90 us each on the 11-22 GPU): after the first
     call no numba dispatcher, and the plan arrays and flags end as ``launch("plan"/"nonfinite")`` leaves
     them, call after call, with skipped calls (update_every) and an explicit step."""
@@ -208,7 +209,7 @@ def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_write
 
     group = _launch.Group("cpu", None, 0, None)
     bound, ref = arrays(), arrays()
-    run = _launch.plan_launcher(group, bound)
+    run = _launch.prepare("plan", group, **{k: bound[k] for k in _launch.OPS["plan"].fixed})
     calls = []
     k = K.plan_kernel()
 
@@ -233,7 +234,7 @@ def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_write
     fs = FlatShadow(sources)
     (g,) = fs.layout.groups
     flag = np.zeros(1, np.int32)
-    scan = _launch.nonfinite_launcher(g, flag)
+    scan = _launch.prepare("nonfinite", g, flag=flag)
     scan()
     assert flag[0] == 0
     with torch.no_grad():

@@ -128,8 +128,10 @@ def test_a_refused_change_found_on_the_way_in_writes_nothing():
 def test_the_swap_and_the_copy_out_are_prepared_once(where):
     """Each way's launch (and ``copy_to_sources``'s) was prepared afresh at every call (a one-off
     ``_launch.launch``: on CUDA the variant looked up and an argument block packed, per group, per way).
-    Now each group keeps its prepared launch: a second round trip prepares nothing; a source moved
-    (new tables) prepares it again, once (both ways of a same-dtype group are one exchange launch)."""
+    Now each group keeps its prepared launch: a second round trip prepares nothing; and a source moved
+    (the group's tables replaced) prepares nothing either (issue 80: a launch reads its group's tables at
+    each call), while the swap reads the moved source: the average goes into the new storage and the
+    raw weights come back."""
     from support.calls import watching
 
     from fastema import _launch
@@ -153,8 +155,12 @@ def test_the_swap_and_the_copy_out_are_prepared_once(where):
             net[0].weight.data = net[0].weight.data.clone()      # new storage: new tables
             ema.update()
             prepared.clear()
+            raw = net[0].weight.clone()
+            with ema.average_parameters():
+                inside = net[0].weight.clone()
             with ema.average_parameters():
                 pass
-            with ema.average_parameters():
-                pass
-        assert prepared == ["swap"], prepared                     # the one group's, then kept
+            after = net[0].weight.clone()
+        assert prepared == [], prepared                           # the kept launch follows the new tables
+    if where == "cpu":                                            # (the fake GPU writes nothing)
+        assert torch.equal(inside, ema.averaged_state_dict()["0.weight"]) and torch.equal(after, raw)

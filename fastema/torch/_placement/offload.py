@@ -68,6 +68,8 @@ class OffloadedShadow(FollowsSources, Capabilities):
     holds_interrupts = True       # every window staged, then counted, or none (a Ctrl-C waits)
     placement = PLACEMENT
 
+    layout: HostLayout
+
     def __init__(self, sources: dict, *, rows: int, dtype: str, chunk: int = DEFAULT_CHUNK,
                  split: tuple[int, int] | None = None):
         self.src = ChunkedSources(sources, dtype=dtype, chunk_bytes=chunk, split=split)
@@ -148,7 +150,8 @@ class OffloadedShadow(FollowsSources, Capabilities):
 
     # ------------------------------------------------------------ the pipeline
 
-    def update(self, decay=None, *, weight=None, rounding: str = "nearest", seed: int = 0, step: int = 0) -> None:
+    def update(self, decay=None, *, weight=None, rounding: str = "nearest", seed: int = 0, step: int = 0,
+               skip_nonfinite: bool = False, sources=None) -> None:
         """Refused: an offloaded shadow is updated by its face's engine (through ``update_checked``)."""
         raise TypeError("an offloaded shadow is updated through its average (fastema.torch.EMA(offload=...))")
 
@@ -156,9 +159,10 @@ class OffloadedShadow(FollowsSources, Capabilities):
         """Refused: an offloaded average takes no skip flags (``skip_nonfinite`` is refused with it)."""
         raise ValueError("an offloaded average takes no skip flags (skip_nonfinite=True)")
 
-    def update_checked(self, weights_by_device, rounding: str, seed: int, step: int, skip_if, plan=None) -> None:
+    def update_checked(self, weights_by_device, rounding: str, seed: int, step: int, skip_if, plan=None,
+                       given: int | None = None) -> None:
         """Queue the fold and stage every window (the addresses were checked by the caller)."""
-        if skip_if is not None or plan is not None:
+        if skip_if is not None or plan is not None or given is not None:
             raise ValueError("an offloaded average takes no skip flags and no device plan")
         self._raise_failed()
         self._spare = None                                        # no swap is on (updates are refused then)

@@ -109,6 +109,9 @@ class HostLayout:
                       for i, (g, slot) in source_layout.where.items()}
         self.nbytes = sum(h.buffer.nbytes for h in hosts)
 
+    def swap_exact(self) -> bool:
+        return False               # in host memory: a swap copies the average out (exact_swap)
+
     def piece(self, i: int) -> tuple:
         """``(host group, first element, elements, column)`` of source ``i``'s piece held here."""
         g, first, count, col = self.source.piece(i)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ... import _backends
+from ..._backends import versions as _versions
 from ..._shadow import Shadow
 from .._sharding import params as _sharded
 from .hooks import HOOKS, tables_changed, tables_of
@@ -216,22 +217,11 @@ def tensors_of(model: nn.Module) -> dict:
     return out
 
 
-def _version_bump():
-    """torch's version-counter bump of a list of tensors in one C call, or one tensor at a time
-    where this torch's takes one (torch < 2.5)."""
-    bump = torch.autograd.graph.increment_version
-    try:
-        bump([torch.empty(0)])
-        return getattr(torch._C, "_increment_version", bump)
-    except TypeError:
-        return lambda tensors: [bump(t) for t in tensors]
-
-
-bump_versions = _version_bump()
-"""``bump_versions(tensors)``: tell autograd that fastema's kernels wrote ``tensors`` in place, as
-torch's own in-place operations do (also under ``no_grad``): a backward through a graph that
-saved their old values raises "modified by an inplace operation" instead of using the new ones.
-No sync, no allocation (~0.03 us a tensor)."""
+bump_versions = _versions.bump_versions()
+"""``bump_versions(tensors)``: the torch backend's (:func:`fastema._backends.versions.bump_versions`):
+autograd is told that fastema's kernels wrote ``tensors`` in place, as torch's own in-place operations
+do (also under ``no_grad``): a backward through a graph that saved their old values raises "modified by
+an inplace operation" instead of using the new ones. No sync, no allocation (~0.03 us a tensor)."""
 
 
 def copy_unless_flagged_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], flags: dict | None) -> None:

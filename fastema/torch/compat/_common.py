@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...ops import cached_pairs, ema_update_many_
+from .._tensors.slots import bump_versions
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -40,6 +41,7 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
     pairs = cached_pairs(targets, sources)          # the usual step: these pairs, as last time
     if pairs is not None:
         pairs.update(weight=weight)
+        bump_versions(targets)                      # as torch's _foreach_lerp_ does
         return
     fast_t, fast_s, rest = [], [], []
     for i, (t, s) in enumerate(zip(targets, sources)):

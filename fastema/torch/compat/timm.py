@@ -8,6 +8,7 @@ expectation, other bits).
 from __future__ import annotations
 
 import copy as _copy
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -16,7 +17,20 @@ from ... import schedules as S
 from ..._backends import address_key, layout_guard
 from ...pairs import PairShadow
 from .._tensors.hooks import unsynced, unwrap, watch
+from .._tensors.slots import bump_versions
 from ._common import kernel_pair
+
+
+class _Paired(NamedTuple):
+    """The pairing of one model with the EMA copy (see ``ModelEmaV3._pairs``)."""
+    model: nn.Module
+    tensors: list                # the EMA copy's floating tensors, then the model's
+    key: tuple | None            # their addresses
+    pairs: PairShadow            # the pairs the kernels take
+    written: list                # their EMA tensors (bumped after each update)
+    copies: list                 # (EMA, model) of the other tensors
+    slow: list                   # (EMA, model) of the floating pairs torch's lerp takes
+    guard: Any                   # the tensors' layout check (None: no address key)
 
 __all__ = ["ModelEmaV3"]
 
@@ -64,7 +78,7 @@ class ModelEmaV3(nn.Module):
         self.stochastic_rounding, self.stochastic_rounding_seed = stochastic_rounding, stochastic_rounding_seed
         if dtype is not None:
             self.module.to(dtype=dtype)
-        self._cached = None          # (model, tensors, addresses, pairs, copies, slow, layout check)
+        self._cached: _Paired | None = None
         self.stale = False
         self.resync = False          # the model was wrapped in DDP after construction (see restart)
         self._updates = 0            # updates made: the stochastic-rounding counter
@@ -96,9 +110,9 @@ class ModelEmaV3(nn.Module):
         # takes another dtype, shape or layout (p.data = p.data.t(): same address, other strides).
         # Per step: one data_ptr and one batched layout check a tensor (~0.1 us), nothing kept.
         cached = self._cached
-        if cached is not None and cached[0] is model and not self.stale and cached[6] is not None and \
-                address_key(cached[1]) == cached[2] and cached[6](cached[1]):
-            return cached[3], cached[4], cached[5]
+        if cached is not None and cached.model is model and not self.stale and cached.guard is not None and \
+                address_key(cached.tensors) == cached.key and cached.guard(cached.tensors):
+            return cached.pairs, cached.written, cached.copies, cached.slow
         if self.exclude_buffers:
             ema_f, model_f = list(self.module.parameters()), list(model.parameters())
             copies = list(zip(self.module.buffers(), model.buffers()))
@@ -115,22 +129,25 @@ class ModelEmaV3(nn.Module):
             raise ValueError(f"the model has {len(model_f)} parameters but the EMA copy has {len(ema_f)}")
         fast = [kernel_pair(e, m) for e, m in zip(ema_f, model_f)]
         slow = [(e, m) for e, m, f in zip(ema_f, model_f, fast) if not f]     # torch's lerp, as timm's
-        pairs = PairShadow([e for e, f in zip(ema_f, fast) if f], [m for m, f in zip(model_f, fast) if f])
+        written = [e for e, f in zip(ema_f, fast) if f]
+        pairs = PairShadow(written, [m for m, f in zip(model_f, fast) if f])
         tensors = ema_f + model_f
         watch((unwrap(model), self.module), self)
         key = address_key(tensors)
-        self._cached = (model, tensors, key, pairs, copies, slow, None if key is None else layout_guard(tensors))
+        self._cached = _Paired(model, tensors, key, pairs, written, copies, slow,
+                               None if key is None else layout_guard(tensors))
         self.stale = False
-        return pairs, copies, slow
+        return pairs, written, copies, slow
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         if self.resync:                          # DDP broadcast rank 0's weights after construction
             self.restart(model)
-        pairs, copies, slow = self._pairs(model)
+        pairs, written, copies, slow = self._pairs(model)
         decay = self.get_decay(step)
         pairs.update(decay, seed=self.stochastic_rounding_seed, step=self._updates,
                       bf16_stochastic=self.stochastic_rounding)
+        bump_versions(written)                   # as timm's _foreach_lerp_ does
         for e, m in slow:                        # timm's per-dtype forms (rounded to nearest)
             if e.dtype == m.dtype:
                 e.lerp_(m, 1.0 - decay)

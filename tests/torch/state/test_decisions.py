@@ -1,4 +1,4 @@
-"""The ranks' decisions that are no read (``fastema/torch/_state/agree.py``: ``findings``,
+"""The ranks' decisions that are no read (``fastema/torch/_state/decisions.py``: ``findings``,
 ``refuse_together``, ``decided``; issue 72): a rank that refuses makes every rank raise the same
 error, in a refused read's words, of the type the caller's callers catch, and the next decision of
 every rank works (no rank left in a collective)."""
@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from dist import run_ranks
 
-from fastema.torch._state import agree
-from fastema.torch._state.agree import Disagreement, decided, findings, refuse_together
+from fastema.torch._state import decisions as agree
+from fastema.torch._state.agree import Disagreement
+from fastema.torch._state.decisions import decided, findings, refuse_together
 
 
 def test_refuse_together_names_the_lowest_refusing_rank_in_a_refused_reads_words():

@@ -12,6 +12,7 @@ from torch import nn
 
 from .... import schedules as S
 from ....pairs import PairShadow
+from ..._tensors.slots import bump_versions
 from .._common import lerp_pairs
 
 
@@ -75,6 +76,7 @@ def _lerp_towards(targets: list, sources: list, decay: float, cached: PairShadow
     it up already), torch's own lerp for the pairs the kernels do not take (``_common.lerp_pairs``)."""
     if cached is not None:
         cached.update(weight=1.0 - decay)
+        bump_versions(targets)                  # as ema-pytorch's _foreach_lerp_ does
     else:
         lerp_pairs(targets, sources, 1.0 - decay)
 
