@@ -17,8 +17,8 @@ their tables), never an array of the caller's. It is valid in the world it was m
 driver chosen then (the launch layer's list of the drivers given to ``drivers.using``, handed over by
 the owner: the boundary does not reach dispatch) and the adapters given then (:func:`using`: a fake
 GPU's, testkit's); in another, the cache is emptied first (a fake GPU's launches are not a CPU's, a
-stub driver's tables are not a GPU's). At most ``size`` entries, the least recently kept dropped first (a hit does not reorder
-them: it costs no bookkeeping; a key kept again becomes the newest).
+stub driver's tables are not a GPU's). At most ``size`` entries, the least recently kept dropped
+first (a hit does not reorder them: it costs no bookkeeping; a key kept again becomes the newest).
 """
 from __future__ import annotations
 
