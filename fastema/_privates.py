@@ -101,7 +101,7 @@ TABLE: tuple[Private, ...] = (
        "the layout guard's batched check (a fast path: gone, fastema compares by itself)"),
     _p("torch._C:_cuda_getCurrentRawStream", "torch", _T, "fastema/_backends/torch.py",
        "torch's current CUDA stream, one C call per launch", only="a CUDA build of torch"),
-    _p("torch._C:_increment_version", "torch", _T, "fastema/torch/_tensors/slots.py",
+    _p("torch._C:_increment_version", "torch", _T, "fastema/_backends/versions.py",
        "autograd's version bump of many tensors at once (gone: one call per tensor)"),
     _p("torch.utils._python_dispatch:is_traceable_wrapper_subclass", "torch", _T,
        "fastema/_backends/torch.py fastema/torch/_sharding/params.py",

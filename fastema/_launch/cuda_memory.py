@@ -226,3 +226,32 @@ class Event:
     def synchronize(self) -> None:
         """Wait for the work before its record (``cuEventSynchronize``)."""
         check("cuEventSynchronize", self.d.cuEventSynchronize(self.event))
+
+
+KNOWN_MAX = 64
+"""The most stream handles a driver keeps (the newest ones launched on)."""
+
+
+def know(known: dict, raw: int) -> None:
+    """``raw`` among the streams launched on (the newest :data:`KNOWN_MAX` kept)."""
+    known[raw] = None
+    if len(known) > KNOWN_MAX:
+        del known[next(iter(known))]
+
+
+class Streams(dict):
+    """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first launch (a
+    C-level lookup a launch after that), when it also joins ``known``; at most :data:`KNOWN_MAX` kept."""
+
+    __slots__ = ("make", "known")
+
+    def __init__(self, make, known: dict):
+        super().__init__()
+        self.make, self.known = make, known
+
+    def __missing__(self, raw: int):
+        know(self.known, raw)
+        if len(self) >= KNOWN_MAX:
+            self.clear()
+        made = self[raw] = self.make(raw)
+        return made

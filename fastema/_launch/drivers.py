@@ -35,35 +35,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from .cuda_frees import PENDING, free_pending
+from .cuda_memory import Streams, know
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
-_KNOWN_MAX = 64
-
-
-def _know(known: dict, raw: int) -> None:
-    """``raw`` among the streams launched on (the newest :data:`_KNOWN_MAX` kept)."""
-    known[raw] = None
-    if len(known) > _KNOWN_MAX:
-        del known[next(iter(known))]
-
-
-class _Streams(dict):
-    """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first launch (a
-    C-level lookup a launch after that), when it also joins ``known``; at most :data:`_KNOWN_MAX` kept."""
-
-    __slots__ = ("make", "known")
-
-    def __init__(self, make, known: dict):
-        super().__init__()
-        self.make, self.known = make, known
-
-    def __missing__(self, raw: int):
-        _know(self.known, raw)
-        if len(self) >= _KNOWN_MAX:
-            self.clear()
-        made = self[raw] = self.make(raw)
-        return made
 CHOSEN = _STACK
 """The drivers given to :func:`using` now, innermost last (read without a call by caches of what a driver made)."""
 
@@ -166,7 +141,7 @@ class _Numba:
     def _numba_stream(self, raw: int):
         """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
         that copies on it are asynchronous: numba copies synchronously where given no stream)."""
-        _know(self.known, raw)
+        know(self.known, raw)
         return _numba_cuda().external_stream(raw) if raw else _numba_cuda().default_stream()
 
     def activate(self, index: int):
@@ -312,7 +287,7 @@ class CudaCoreDriver(_Numba):
             import cuda.core as core
         self.core = core
         self.core_error = _core_error()
-        self._streams = _Streams(self.d.CUstream, self.known)
+        self._streams = Streams(self.d.CUstream, self.known)
         self.stream = self._streams.__getitem__  # type: ignore[method-assign] # a C call per launch
         self._devices = {}                       # index -> cuda_memory.Device
 
