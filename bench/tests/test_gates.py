@@ -315,6 +315,28 @@ def test_per_update_instructions_from_the_callgrind_dumps(gates):
                                                     "fake-gpu FlatShadow.update, 148 tensors": 100}
 
 
+def test_the_drivers_own_instructions_are_not_counted(gates):
+    """The stub scenarios' libcuda.so.1 is testkit's driver emulator: its functions' own instructions
+    (checking a launch) are the driver's, left out; what fastema's code spends, and what the emulator
+    calls (libc), are counted; a call's inclusive cost line is not a self cost."""
+    def dump(n, total, emu_self, libc_from_emu):
+        return ["part: 1", f"desc: Trigger: Client Request: stub-gpu FlatShadow.update, 1 tensors@{n}",
+                "positions: line", "events: Ir", f"summary: {total}", "",
+                "ob=(1) /usr/lib/python3.11.so", "fl=(1) ???", "fn=(1) _PyEval_EvalFrameDefault", "0 1000",
+                "cob=(2) /tmp/fastema-emulator-0-abc/libcuda.so.1", "cfn=(2) e_cuLaunchKernel",
+                "calls=1 0", f"0 {emu_self + libc_from_emu}",
+                "ob=(2)", "fl=(2) ???", "fn=(2)", f"0 {emu_self}",
+                "cob=(3) /lib/libc.so.6", "cfn=(3) memcpy", "calls=1 0", f"0 {libc_from_emu}",
+                "ob=(3)", "fn=(3)", f"+2 {libc_from_emu}", "", f"totals: {total}"]
+    text = "\n".join(["version: 1", *dump(20, 100000, 16000, 500), *dump(40, 200000, 32000, 1000)])
+    dumps = gates.instructions.parse_callgrind(text)
+    assert dumps == {"stub-gpu FlatShadow.update, 1 tensors@20": 84000,
+                     "stub-gpu FlatShadow.update, 1 tensors@40": 168000}
+    assert gates.instructions.per_update(dumps) == {"stub-gpu FlatShadow.update, 1 tensors": 4200}
+    whole = gates.instructions.parse_callgrind(text, leave_out="no such library")
+    assert gates.instructions.per_update(whole) == {"stub-gpu FlatShadow.update, 1 tensors": 5000}
+
+
 def test_the_committed_expectations_cover_every_scenario(gates):
     exp = gates.record.load_expectations()
     assert set(exp["instructions"]) == set(gates.scenarios.instruction_names())
