@@ -134,8 +134,8 @@ static event_t events[NEVENTS];
 static int nevents = 0;
 
 typedef struct { uintptr_t ptr; size_t size; unsigned flags; int stream; unsigned long long seq; } block_t;
-static block_t *device_blocks, *host_blocks;
-static int ndevice, nhost, cap_device, cap_host;
+typedef struct { block_t *b; int n, cap; } pool_t;
+static pool_t device_pool, host_pool;     /* device memory (host memory here) and pinned host blocks */
 
 typedef struct {
     char *name; int lib, nparams, ngaps; unsigned cbank, max_threads;
@@ -219,7 +219,9 @@ static CUresult need_context(int entry) {
     emu_count[C_NO_CONTEXT]++;
     return refuse(entry, INVALID_CONTEXT);
 }
-static CUresult device_ok(int entry, CUdevice d) { return d >= 0 && d < emu_devices ? OK : refuse(entry, INVALID_DEVICE); }
+static CUresult device_ok(int entry, CUdevice d) {
+    return d >= 0 && d < emu_devices ? OK : refuse(entry, INVALID_DEVICE);
+}
 
 /* ------------------------------------------------------------------ streams and capture */
 static int is_legacy(CUstream h) { uintptr_t v = (uintptr_t)h; return v == 0 || v == 1; }
@@ -373,20 +375,36 @@ static CUresult e_cuCtxSynchronize(void) {
 }
 
 /* ------------------------------------------------------------------ memory */
-static int find_block(block_t *b, int n, uintptr_t p, size_t len, int exact) {
-    for (int i = n - 1; i >= 0; i--)
+/* The block of `pool` that starts at `p` (exact), or holds [p, p + len); -1 where none does. */
+static int find_block(const pool_t *pool, uintptr_t p, size_t len, int exact) {
+    const block_t *b = pool->b;
+    for (int i = pool->n - 1; i >= 0; i--)
         if (exact ? b[i].ptr == p : (p >= b[i].ptr && p + len <= b[i].ptr + b[i].size)) return i;
     return -1;
 }
+/* A block of `bytes` recorded in `pool` (OUT_OF_MEMORY where there is none). */
+static CUresult alloc_block(int entry, pool_t *pool, size_t bytes, unsigned flags, void **out) {
+    void *m = malloc(bytes);
+    if (!m) return refuse(entry, OUT_OF_MEMORY);
+    pool->b = grow(pool->b, &pool->cap, pool->n + 1, sizeof(block_t));
+    pool->b[pool->n++] = (block_t){(uintptr_t)m, bytes, flags, -1, 0};
+    *out = m;
+    return OK;
+}
+/* The block a free names: one of `pool`'s, by its start (INVALID_VALUE where none is). */
+static CUresult freed_block(int entry, const pool_t *pool, uintptr_t p, int *i) {
+    *i = find_block(pool, p, 0, 1);
+    return *i < 0 ? refuse(entry, INVALID_VALUE) : OK;
+}
+static void drop_block(pool_t *pool, int i) { free((void *)pool->b[i].ptr); pool->b[i] = pool->b[--pool->n]; }
+
 static CUresult e_cuMemAlloc(CUdeviceptr* dptr, size_t bytesize) {
     ENTER_OUT(cuMemAlloc, dptr)
     CHECK(need_context(I_cuMemAlloc))
     UNSAFE(cuMemAlloc)
     if (!bytesize) return refuse(I_cuMemAlloc, INVALID_VALUE);
-    void *m = malloc(bytesize);
-    if (!m) return refuse(I_cuMemAlloc, OUT_OF_MEMORY);
-    device_blocks = grow(device_blocks, &cap_device, ndevice + 1, sizeof(block_t));
-    device_blocks[ndevice++] = (block_t){(uintptr_t)m, bytesize, 0, -1, 0};
+    void *m;
+    CHECK(alloc_block(I_cuMemAlloc, &device_pool, bytesize, 0, &m))
     emu_count[C_DEVICE_ALLOCS]++;
     *dptr = (CUdeviceptr)(uintptr_t)m;
     return OK;
@@ -396,10 +414,9 @@ static CUresult e_cuMemFree(CUdeviceptr dptr) {
     NEED_INIT()
     CHECK(need_context(I_cuMemFree))
     UNSAFE(cuMemFree)
-    int i = find_block(device_blocks, ndevice, (uintptr_t)dptr, 0, 1);
-    if (i < 0) return refuse(I_cuMemFree, INVALID_VALUE);
-    free((void *)device_blocks[i].ptr);
-    device_blocks[i] = device_blocks[--ndevice];
+    int i;
+    CHECK(freed_block(I_cuMemFree, &device_pool, (uintptr_t)dptr, &i))
+    drop_block(&device_pool, i);
     emu_count[C_DEVICE_FREES]++;
     return OK;
 }
@@ -408,10 +425,8 @@ static CUresult e_cuMemHostAlloc(void** pp, size_t bytesize, unsigned int Flags)
     CHECK(need_context(I_cuMemHostAlloc))
     UNSAFE(cuMemHostAlloc)
     if (!bytesize || (Flags & ~7u)) return refuse(I_cuMemHostAlloc, INVALID_VALUE);
-    void *m = malloc(bytesize);
-    if (!m) return refuse(I_cuMemHostAlloc, OUT_OF_MEMORY);
-    host_blocks = grow(host_blocks, &cap_host, nhost + 1, sizeof(block_t));
-    host_blocks[nhost++] = (block_t){(uintptr_t)m, bytesize, Flags, -1, 0};
+    void *m;
+    CHECK(alloc_block(I_cuMemHostAlloc, &host_pool, bytesize, Flags, &m))
     emu_last_flags[2] = Flags;
     emu_count[C_HOST_ALLOCS]++;
     *pp = m;
@@ -422,15 +437,14 @@ static CUresult e_cuMemFreeHost(void* p) {
     NEED_INIT()
     CHECK(need_context(I_cuMemFreeHost))
     UNSAFE(cuMemFreeHost)
-    int i = find_block(host_blocks, nhost, (uintptr_t)p, 0, 1);
-    if (i < 0) return refuse(I_cuMemFreeHost, INVALID_VALUE);
-    block_t *b = &host_blocks[i];
+    int i;
+    CHECK(freed_block(I_cuMemFreeHost, &host_pool, (uintptr_t)p, &i))
+    block_t *b = &host_pool.b[i];
     if (b->stream >= 0 && streams[b->stream].done < b->seq) {   /* a copy from it not done: the driver waits */
         emu_count[C_UNFINISHED_FREES]++;
         complete(&streams[b->stream], b->seq);
     }
-    free(p);
-    host_blocks[i] = host_blocks[--nhost];
+    drop_block(&host_pool, i);
     emu_count[C_HOST_FREES]++;
     return OK;
 }
@@ -440,7 +454,7 @@ static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h,
     NEED_INIT()
     CHECK(need_context(entry))
     if (!async) CHECK(unsafe(entry))
-    if (find_block(device_blocks, ndevice, (uintptr_t)device, n, 0) < 0) return refuse(entry, INVALID_VALUE);
+    if (find_block(&device_pool, (uintptr_t)device, n, 0) < 0) return refuse(entry, INVALID_VALUE);
     return working_stream(entry, h, si, to_device);
 }
 static CUresult copy_to_device(int entry, CUdeviceptr dst, const void* src, size_t n, CUstream h, int async) {
@@ -450,8 +464,8 @@ static CUresult copy_to_device(int entry, CUdeviceptr dst, const void* src, size
     memcpy((void *)(uintptr_t)dst, src, n);
     if (s->status == STATUS_ACTIVE) return OK;                   /* a copy node of the capture */
     s->queued++;
-    int b = find_block(host_blocks, nhost, (uintptr_t)src, n, 0);
-    if (b >= 0) { host_blocks[b].stream = si; host_blocks[b].seq = s->queued; }
+    int b = find_block(&host_pool, (uintptr_t)src, n, 0);
+    if (b >= 0) { host_pool.b[b].stream = si; host_pool.b[b].seq = s->queued; }
     if (!async) finish(s);
     emu_count[async ? C_ASYNC_COPIES : C_SYNC_COPIES]++;
     return OK;
