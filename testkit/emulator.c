@@ -134,8 +134,8 @@ static event_t events[NEVENTS];
 static int nevents = 0;
 
 typedef struct { uintptr_t ptr; size_t size; unsigned flags; int stream; unsigned long long seq; } block_t;
-static block_t *device_blocks, *host_blocks;
-static int ndevice, nhost, cap_device, cap_host;
+typedef struct { block_t *b; int n, cap; } pool_t;
+static pool_t device_pool, host_pool;     /* device memory (host memory here) and pinned host blocks */
 
 typedef struct {
     char *name; int lib, nparams, ngaps; unsigned cbank, max_threads;
@@ -162,6 +162,7 @@ static int nexecs, cap_execs;
 #define XBASE 0x48000000ULL
 #define INDEX(h, base, n) (((uintptr_t)(h) >= (base) && ((uintptr_t)(h) - (base)) % 8 == 0 \
                             && ((uintptr_t)(h) - (base)) / 8 < (uintptr_t)(n)) ? (int)(((uintptr_t)(h) - (base)) / 8) : -1)
+#define HANDLE(type, base, i) ((type)(uintptr_t)((base) + 8 * (uintptr_t)(i)))     /* INDEX's inverse */
 
 static void *grow(void *p, int *cap, int need, size_t item) {
     if (need <= *cap) return p;
@@ -202,6 +203,8 @@ static int forked_call(void) { emu_count[C_FORKED]++; return NOT_INITIALIZED; }
     int held_ __attribute__((cleanup(unlock_it))) = 0; (void)held_; \
     emu_count[C_CALLS]++; emu_calls[I_##name]++; if (active_captures) emu_captured_calls[I_##name]++;
 #define NEED_INIT() if (!initialized) return NOT_INITIALIZED;
+/* An entry with an out-parameter: written (zero) before any check, so that it is written on error too. */
+#define ENTER_OUT(name, out) ENTER(name) *(out) = 0; NEED_INIT()
 
 static CUresult refuse(int entry, CUresult r) {
     emu_refusal *x = &emu_refusals[emu_refusal_seq++ % NREFUSED];
@@ -209,16 +212,22 @@ static CUresult refuse(int entry, CUresult r) {
     emu_count[C_ERRORS]++;
     return r;
 }
+/* A check's refusal returned at once: CHECK(need_context(I_cuMemAlloc)). */
+#define CHECK(call) { CUresult e_ = (call); if (e_) return e_; }
 static CUresult need_context(int entry) {
     if (cur()) return OK;
     emu_count[C_NO_CONTEXT]++;
     return refuse(entry, INVALID_CONTEXT);
 }
+static CUresult device_ok(int entry, CUdevice d) {
+    return d >= 0 && d < emu_devices ? OK : refuse(entry, INVALID_DEVICE);
+}
 
 /* ------------------------------------------------------------------ streams and capture */
+static int is_legacy(CUstream h) { uintptr_t v = (uintptr_t)h; return v == 0 || v == 1; }
 static int stream_index(CUstream h) {
     uintptr_t v = (uintptr_t)h;
-    int legacy = v == 0 || v == 1;
+    int legacy = is_legacy(h);
     CUcontext c = cur();
     for (int i = 0; i < nstreams; i++)
         if (legacy ? (streams[i].legacy && streams[i].ctx == c) : (!streams[i].legacy && streams[i].handle == v))
@@ -230,37 +239,63 @@ static int stream_index(CUstream h) {
     return nstreams++;
 }
 
-/* A potentially unsafe call now: the captures that forbid it are invalidated; nonzero where one did. */
-static int forbidden(void) {
-    if (!active_captures || thread_mode == MODE_RELAXED) return 0;
+static void invalidate(stream_t *s) {
+    if (s->status == STATUS_ACTIVE) { s->status = STATUS_INVALIDATED; emu_count[C_INVALIDATIONS]++; }
+}
+
+/* A potentially unsafe call now: the captures that forbid it are invalidated, and it is refused where one did. */
+static CUresult unsafe(int entry) {
+    if (!active_captures || thread_mode == MODE_RELAXED) return OK;
     int hit = 0;
     for (int i = 0; i < nstreams; i++) {
         stream_t *s = &streams[i];
         if (s->status == STATUS_NONE || s->mode == MODE_RELAXED) continue;
-        if (s->thread == ME || (thread_mode == MODE_GLOBAL && s->mode == MODE_GLOBAL)) {
-            if (s->status == STATUS_ACTIVE) { s->status = STATUS_INVALIDATED; emu_count[C_INVALIDATIONS]++; }
-            hit = 1;
-        }
+        if (s->thread == ME || (thread_mode == MODE_GLOBAL && s->mode == MODE_GLOBAL)) { invalidate(s); hit = 1; }
     }
-    return hit;
+    if (!hit) return OK;
+    emu_count[C_REFUSED_IN_CAPTURE]++;
+    return refuse(entry, CAPTURE_UNSUPPORTED);
 }
-#define UNSAFE(name) if (forbidden()) { emu_count[C_REFUSED_IN_CAPTURE]++; return refuse(I_##name, CAPTURE_UNSUPPORTED); }
+#define UNSAFE(name) CHECK(unsafe(I_##name))
 
+/* A capture that makes the legacy stream of `ctx` implicit: a blocking stream of that context capturing. */
+static int blocks_legacy(const stream_t *s, CUcontext ctx) {
+    return s->status != STATUS_NONE && s->blocking && s->ctx == ctx;
+}
 /* Work queued on the legacy stream while a blocking stream of its context captures: invalidates that capture. */
 static int implicit(int si) {
     if (!active_captures || !streams[si].legacy) return 0;
     int hit = 0;
-    for (int i = 0; i < nstreams; i++) {
-        stream_t *s = &streams[i];
-        if (s->status != STATUS_NONE && s->blocking && s->ctx == streams[si].ctx) {
-            if (s->status == STATUS_ACTIVE) { s->status = STATUS_INVALIDATED; emu_count[C_INVALIDATIONS]++; }
-            hit = 1;
-        }
-    }
+    for (int i = 0; i < nstreams; i++)
+        if (blocks_legacy(&streams[i], streams[si].ctx)) { invalidate(&streams[i]); hit = 1; }
     return hit;
 }
 
+/* The stream a call names (the legacy stream: the current context's), or INVALID_HANDLE (the table is full). */
+static CUresult named_stream(int entry, CUstream h, int *si) {
+    *si = stream_index(h);
+    return *si < 0 ? refuse(entry, INVALID_HANDLE) : OK;
+}
+/* The stream a call works on: not the legacy stream while it is implicit (CAPTURE_IMPLICIT, that capture
+   invalidated); where the work may be captured, not a stream whose capture is invalidated. */
+static CUresult working_stream(int entry, CUstream h, int *si, int capturable) {
+    CHECK(named_stream(entry, h, si))
+    if (implicit(*si)) return refuse(entry, CAPTURE_IMPLICIT);
+    if (capturable && streams[*si].status == STATUS_INVALIDATED) return refuse(entry, CAPTURE_INVALIDATED);
+    return OK;
+}
+/* The legacy stream's calls need a current context (a stream made by cuStreamCreate names its own). */
+static CUresult legacy_context(int entry, CUstream h) { return is_legacy(h) ? need_context(entry) : OK; }
+
 static void complete(stream_t *s, unsigned long long upto) { if (s->done < upto) s->done = upto; }
+static void finish(stream_t *s) { complete(s, s->queued); }
+/* A query of the work up to `upto`: NOT_READY (counted) until it is done; with progress on, done after. */
+static CUresult poll(stream_t *s, unsigned long long upto) {
+    if (s->done >= upto) return OK;
+    emu_count[C_NOT_READY]++;
+    if (emu_progress) complete(s, upto);
+    return NOT_READY;
+}
 
 /* ------------------------------------------------------------------ init, devices, contexts */
 static CUresult e_cuInit(unsigned int Flags) {
@@ -276,42 +311,32 @@ static CUresult e_cuDriverGetVersion(int* driverVersion) {
     return OK;
 }
 static CUresult e_cuDeviceGet(CUdevice* device, int ordinal) {
-    ENTER(cuDeviceGet)
-    *device = 0;
-    NEED_INIT()
-    if (ordinal < 0 || ordinal >= emu_devices) return refuse(I_cuDeviceGet, INVALID_DEVICE);
+    ENTER_OUT(cuDeviceGet, device)
+    CHECK(device_ok(I_cuDeviceGet, ordinal))
     *device = ordinal;
     return OK;
 }
 static CUresult e_cuDeviceGetCount(int* count) {
-    ENTER(cuDeviceGetCount)
-    *count = 0;
-    NEED_INIT()
+    ENTER_OUT(cuDeviceGetCount, count)
     *count = emu_devices;
     return OK;
 }
 /* device 0 and 1: sm_90 with 132 multiprocessors (an H100); attributes are 1..150 */
 static CUresult e_cuDeviceGetAttribute(int* pi, CUdevice_attribute attrib, CUdevice dev) {
-    ENTER(cuDeviceGetAttribute)
-    *pi = 0;
-    NEED_INIT()
-    if (dev < 0 || dev >= emu_devices) return refuse(I_cuDeviceGetAttribute, INVALID_DEVICE);
+    ENTER_OUT(cuDeviceGetAttribute, pi)
+    CHECK(device_ok(I_cuDeviceGetAttribute, dev))
     if (attrib < 1 || attrib > 150) return refuse(I_cuDeviceGetAttribute, INVALID_VALUE);
     *pi = attrib == 75 ? 9 : attrib == 76 ? 0 : attrib == 16 ? 132 : attrib == 1 ? 1024 : 1;
     return OK;
 }
 static CUresult e_cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev) {
-    ENTER(cuDevicePrimaryCtxRetain)
-    *pctx = 0;
-    NEED_INIT()
-    if (dev < 0 || dev >= emu_devices) return refuse(I_cuDevicePrimaryCtxRetain, INVALID_DEVICE);
+    ENTER_OUT(cuDevicePrimaryCtxRetain, pctx)
+    CHECK(device_ok(I_cuDevicePrimaryCtxRetain, dev))
     *pctx = PRIMARY(dev);
     return OK;
 }
 static CUresult e_cuCtxGetCurrent(CUcontext* pctx) {
-    ENTER(cuCtxGetCurrent)
-    *pctx = 0;
-    NEED_INIT()
+    ENTER_OUT(cuCtxGetCurrent, pctx)
     *pctx = cur();
     return OK;
 }
@@ -342,30 +367,44 @@ static CUresult e_cuCtxPopCurrent(CUcontext* pctx) {
 static CUresult e_cuCtxSynchronize(void) {
     ENTER(cuCtxSynchronize)
     NEED_INIT()
-    CUresult e = need_context(I_cuCtxSynchronize); if (e) return e;
+    CHECK(need_context(I_cuCtxSynchronize))
     UNSAFE(cuCtxSynchronize)
-    for (int i = 0; i < nstreams; i++) if (streams[i].ctx == cur()) complete(&streams[i], streams[i].queued);
+    for (int i = 0; i < nstreams; i++) if (streams[i].ctx == cur()) finish(&streams[i]);
     emu_count[C_HOST_WAITS]++;
     return OK;
 }
 
 /* ------------------------------------------------------------------ memory */
-static int find_block(block_t *b, int n, uintptr_t p, size_t len, int exact) {
-    for (int i = n - 1; i >= 0; i--)
+/* The block of `pool` that starts at `p` (exact), or holds [p, p + len); -1 where none does. */
+static int find_block(const pool_t *pool, uintptr_t p, size_t len, int exact) {
+    const block_t *b = pool->b;
+    for (int i = pool->n - 1; i >= 0; i--)
         if (exact ? b[i].ptr == p : (p >= b[i].ptr && p + len <= b[i].ptr + b[i].size)) return i;
     return -1;
 }
+/* A block of `bytes` recorded in `pool` (OUT_OF_MEMORY where there is none). */
+static CUresult alloc_block(int entry, pool_t *pool, size_t bytes, unsigned flags, void **out) {
+    void *m = malloc(bytes);
+    if (!m) return refuse(entry, OUT_OF_MEMORY);
+    pool->b = grow(pool->b, &pool->cap, pool->n + 1, sizeof(block_t));
+    pool->b[pool->n++] = (block_t){(uintptr_t)m, bytes, flags, -1, 0};
+    *out = m;
+    return OK;
+}
+/* The block a free names: one of `pool`'s, by its start (INVALID_VALUE where none is). */
+static CUresult freed_block(int entry, const pool_t *pool, uintptr_t p, int *i) {
+    *i = find_block(pool, p, 0, 1);
+    return *i < 0 ? refuse(entry, INVALID_VALUE) : OK;
+}
+static void drop_block(pool_t *pool, int i) { free((void *)pool->b[i].ptr); pool->b[i] = pool->b[--pool->n]; }
+
 static CUresult e_cuMemAlloc(CUdeviceptr* dptr, size_t bytesize) {
-    ENTER(cuMemAlloc)
-    *dptr = 0;
-    NEED_INIT()
-    CUresult e = need_context(I_cuMemAlloc); if (e) return e;
+    ENTER_OUT(cuMemAlloc, dptr)
+    CHECK(need_context(I_cuMemAlloc))
     UNSAFE(cuMemAlloc)
     if (!bytesize) return refuse(I_cuMemAlloc, INVALID_VALUE);
-    void *m = malloc(bytesize);
-    if (!m) return refuse(I_cuMemAlloc, OUT_OF_MEMORY);
-    device_blocks = grow(device_blocks, &cap_device, ndevice + 1, sizeof(block_t));
-    device_blocks[ndevice++] = (block_t){(uintptr_t)m, bytesize, 0, -1, 0};
+    void *m;
+    CHECK(alloc_block(I_cuMemAlloc, &device_pool, bytesize, 0, &m))
     emu_count[C_DEVICE_ALLOCS]++;
     *dptr = (CUdeviceptr)(uintptr_t)m;
     return OK;
@@ -373,26 +412,21 @@ static CUresult e_cuMemAlloc(CUdeviceptr* dptr, size_t bytesize) {
 static CUresult e_cuMemFree(CUdeviceptr dptr) {
     ENTER(cuMemFree)
     NEED_INIT()
-    CUresult e = need_context(I_cuMemFree); if (e) return e;
+    CHECK(need_context(I_cuMemFree))
     UNSAFE(cuMemFree)
-    int i = find_block(device_blocks, ndevice, (uintptr_t)dptr, 0, 1);
-    if (i < 0) return refuse(I_cuMemFree, INVALID_VALUE);
-    free((void *)device_blocks[i].ptr);
-    device_blocks[i] = device_blocks[--ndevice];
+    int i;
+    CHECK(freed_block(I_cuMemFree, &device_pool, (uintptr_t)dptr, &i))
+    drop_block(&device_pool, i);
     emu_count[C_DEVICE_FREES]++;
     return OK;
 }
 static CUresult e_cuMemHostAlloc(void** pp, size_t bytesize, unsigned int Flags) {
-    ENTER(cuMemHostAlloc)
-    *pp = 0;
-    NEED_INIT()
-    CUresult e = need_context(I_cuMemHostAlloc); if (e) return e;
+    ENTER_OUT(cuMemHostAlloc, pp)
+    CHECK(need_context(I_cuMemHostAlloc))
     UNSAFE(cuMemHostAlloc)
     if (!bytesize || (Flags & ~7u)) return refuse(I_cuMemHostAlloc, INVALID_VALUE);
-    void *m = malloc(bytesize);
-    if (!m) return refuse(I_cuMemHostAlloc, OUT_OF_MEMORY);
-    host_blocks = grow(host_blocks, &cap_host, nhost + 1, sizeof(block_t));
-    host_blocks[nhost++] = (block_t){(uintptr_t)m, bytesize, Flags, -1, 0};
+    void *m;
+    CHECK(alloc_block(I_cuMemHostAlloc, &host_pool, bytesize, Flags, &m))
     emu_last_flags[2] = Flags;
     emu_count[C_HOST_ALLOCS]++;
     *pp = m;
@@ -401,36 +435,38 @@ static CUresult e_cuMemHostAlloc(void** pp, size_t bytesize, unsigned int Flags)
 static CUresult e_cuMemFreeHost(void* p) {
     ENTER(cuMemFreeHost)
     NEED_INIT()
-    CUresult e = need_context(I_cuMemFreeHost); if (e) return e;
+    CHECK(need_context(I_cuMemFreeHost))
     UNSAFE(cuMemFreeHost)
-    int i = find_block(host_blocks, nhost, (uintptr_t)p, 0, 1);
-    if (i < 0) return refuse(I_cuMemFreeHost, INVALID_VALUE);
-    block_t *b = &host_blocks[i];
+    int i;
+    CHECK(freed_block(I_cuMemFreeHost, &host_pool, (uintptr_t)p, &i))
+    block_t *b = &host_pool.b[i];
     if (b->stream >= 0 && streams[b->stream].done < b->seq) {   /* a copy from it not done: the driver waits */
         emu_count[C_UNFINISHED_FREES]++;
         complete(&streams[b->stream], b->seq);
     }
-    free(p);
-    host_blocks[i] = host_blocks[--nhost];
+    drop_block(&host_pool, i);
     emu_count[C_HOST_FREES]++;
     return OK;
 }
-static CUresult copy_to_device(int entry, CUdeviceptr dst, const void* src, size_t n, CUstream h, int async) {
+/* What a copy checks first: a current context; a synchronous copy is unsafe in a capture; the device range
+   lies in one allocation; the stream (a copy to the device may be captured, one to the host is not). */
+static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h, int async, int to_device, int *si) {
     NEED_INIT()
-    CUresult e = need_context(entry); if (e) return e;
-    if (!async) { if (forbidden()) { emu_count[C_REFUSED_IN_CAPTURE]++; return refuse(entry, CAPTURE_UNSUPPORTED); } }
-    if (find_block(device_blocks, ndevice, (uintptr_t)dst, n, 0) < 0) return refuse(entry, INVALID_VALUE);
-    int si = stream_index(h);
-    if (si < 0) return refuse(entry, INVALID_HANDLE);
+    CHECK(need_context(entry))
+    if (!async) CHECK(unsafe(entry))
+    if (find_block(&device_pool, (uintptr_t)device, n, 0) < 0) return refuse(entry, INVALID_VALUE);
+    return working_stream(entry, h, si, to_device);
+}
+static CUresult copy_to_device(int entry, CUdeviceptr dst, const void* src, size_t n, CUstream h, int async) {
+    int si;
+    CHECK(copy_checks(entry, dst, n, h, async, 1, &si))
     stream_t *s = &streams[si];
-    if (implicit(si)) return refuse(entry, CAPTURE_IMPLICIT);
-    if (s->status == STATUS_INVALIDATED) return refuse(entry, CAPTURE_INVALIDATED);
     memcpy((void *)(uintptr_t)dst, src, n);
     if (s->status == STATUS_ACTIVE) return OK;                   /* a copy node of the capture */
     s->queued++;
-    int b = find_block(host_blocks, nhost, (uintptr_t)src, n, 0);
-    if (b >= 0) { host_blocks[b].stream = si; host_blocks[b].seq = s->queued; }
-    if (!async) complete(s, s->queued);
+    int b = find_block(&host_pool, (uintptr_t)src, n, 0);
+    if (b >= 0) { host_pool.b[b].stream = si; host_pool.b[b].seq = s->queued; }
+    if (!async) finish(s);
     emu_count[async ? C_ASYNC_COPIES : C_SYNC_COPIES]++;
     return OK;
 }
@@ -443,15 +479,10 @@ static CUresult e_cuMemcpyHtoDAsync(CUdeviceptr dstDevice, const void* srcHost, 
     return copy_to_device(I_cuMemcpyHtoDAsync, dstDevice, srcHost, ByteCount, hStream, 1);
 }
 static CUresult copy_to_host(int entry, void* dst, CUdeviceptr src, size_t n, CUstream h, int async) {
-    NEED_INIT()
-    CUresult e = need_context(entry); if (e) return e;
-    if (!async) { if (forbidden()) { emu_count[C_REFUSED_IN_CAPTURE]++; return refuse(entry, CAPTURE_UNSUPPORTED); } }
-    if (find_block(device_blocks, ndevice, (uintptr_t)src, n, 0) < 0) return refuse(entry, INVALID_VALUE);
-    int si = stream_index(h);
-    if (si < 0) return refuse(entry, INVALID_HANDLE);
-    if (implicit(si)) return refuse(entry, CAPTURE_IMPLICIT);
+    int si;
+    CHECK(copy_checks(entry, src, n, h, async, 0, &si))
     memcpy(dst, (const void *)(uintptr_t)src, n);
-    if (!async) { complete(&streams[si], streams[si].queued); emu_count[C_HOST_WAITS]++; }
+    if (!async) { finish(&streams[si]); emu_count[C_HOST_WAITS]++; }
     emu_count[async ? C_ASYNC_COPIES : C_SYNC_COPIES]++;
     return OK;
 }
@@ -466,15 +497,13 @@ static CUresult e_cuMemcpyDtoHAsync(void* dstHost, CUdeviceptr srcDevice, size_t
 
 /* ------------------------------------------------------------------ streams */
 static CUresult e_cuStreamCreate(CUstream* phStream, unsigned int Flags) {
-    ENTER(cuStreamCreate)
-    *phStream = 0;
-    NEED_INIT()
-    CUresult e = need_context(I_cuStreamCreate); if (e) return e;
+    ENTER_OUT(cuStreamCreate, phStream)
+    CHECK(need_context(I_cuStreamCreate))
     if (Flags & ~1u) return refuse(I_cuStreamCreate, INVALID_VALUE);
     if (nstreams == NSTREAMS) return refuse(I_cuStreamCreate, OUT_OF_MEMORY);
     stream_t *s = &streams[nstreams];
     memset(s, 0, sizeof *s);
-    s->handle = SBASE + 8 * (uintptr_t)nstreams; s->ctx = cur(); s->blocking = !(Flags & 1); s->made = 1;
+    s->handle = HANDLE(uintptr_t, SBASE, nstreams); s->ctx = cur(); s->blocking = !(Flags & 1); s->made = 1;
     s->flags = Flags;
     nstreams++;
     emu_last_flags[0] = Flags;
@@ -493,13 +522,11 @@ static CUresult e_cuStreamDestroy(CUstream hStream) {
 static CUresult e_cuStreamSynchronize(CUstream hStream) {
     ENTER(cuStreamSynchronize)
     NEED_INIT()
-    uintptr_t v = (uintptr_t)hStream;
-    if (v == 0 || v == 1) { CUresult e = need_context(I_cuStreamSynchronize); if (e) return e; }
+    CHECK(legacy_context(I_cuStreamSynchronize, hStream))
     UNSAFE(cuStreamSynchronize)
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuStreamSynchronize, INVALID_HANDLE);
-    if (implicit(si)) return refuse(I_cuStreamSynchronize, CAPTURE_IMPLICIT);
-    complete(&streams[si], streams[si].queued);
+    int si;
+    CHECK(working_stream(I_cuStreamSynchronize, hStream, &si, 0))
+    finish(&streams[si]);
     emu_count[C_HOST_WAITS]++;
     return OK;
 }
@@ -507,40 +534,31 @@ static CUresult e_cuStreamQuery(CUstream hStream) {
     ENTER(cuStreamQuery)
     NEED_INIT()
     UNSAFE(cuStreamQuery)
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuStreamQuery, INVALID_HANDLE);
-    stream_t *s = &streams[si];
-    if (s->done >= s->queued) return OK;
-    emu_count[C_NOT_READY]++;
-    if (emu_progress) complete(s, s->queued);
-    return NOT_READY;
+    int si;
+    CHECK(named_stream(I_cuStreamQuery, hStream, &si))
+    return poll(&streams[si], streams[si].queued);
 }
 static CUresult e_cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus* captureStatus) {
-    ENTER(cuStreamIsCapturing)
-    *captureStatus = STATUS_NONE;
-    NEED_INIT()
-    uintptr_t v = (uintptr_t)hStream;
-    if (v == 0 || v == 1) {
-        CUresult e = need_context(I_cuStreamIsCapturing); if (e) return e;
+    ENTER_OUT(cuStreamIsCapturing, captureStatus)                   /* STATUS_NONE */
+    if (is_legacy(hStream)) {
+        CHECK(need_context(I_cuStreamIsCapturing))
         int si = stream_index(hStream);
         for (int i = 0; active_captures && i < nstreams; i++)
-            if (streams[i].status != STATUS_NONE && streams[i].blocking && streams[i].ctx == streams[si].ctx)
-                return CAPTURE_IMPLICIT;                           /* not an invalidation */
+            if (blocks_legacy(&streams[i], streams[si].ctx)) return CAPTURE_IMPLICIT;    /* not an invalidation */
         return OK;
     }
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuStreamIsCapturing, INVALID_HANDLE);
+    int si;
+    CHECK(named_stream(I_cuStreamIsCapturing, hStream, &si))
     *captureStatus = streams[si].status;
     return OK;
 }
 static CUresult e_cuStreamBeginCapture(CUstream hStream, CUstreamCaptureMode mode) {
     ENTER(cuStreamBeginCapture)
     NEED_INIT()
-    uintptr_t v = (uintptr_t)hStream;
-    if (v == 0 || v == 1) return refuse(I_cuStreamBeginCapture, CAPTURE_UNSUPPORTED);
+    if (is_legacy(hStream)) return refuse(I_cuStreamBeginCapture, CAPTURE_UNSUPPORTED);
     if (mode < MODE_GLOBAL || mode > MODE_RELAXED) return refuse(I_cuStreamBeginCapture, INVALID_VALUE);
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuStreamBeginCapture, INVALID_HANDLE);
+    int si;
+    CHECK(named_stream(I_cuStreamBeginCapture, hStream, &si))
     stream_t *s = &streams[si];
     if (s->status != STATUS_NONE) return refuse(I_cuStreamBeginCapture, ILLEGAL_STATE);
     captures = grow(captures, &cap_captures, ncaptures + 1, sizeof(capture_t));
@@ -551,11 +569,9 @@ static CUresult e_cuStreamBeginCapture(CUstream hStream, CUstreamCaptureMode mod
     return OK;
 }
 static CUresult e_cuStreamEndCapture(CUstream hStream, CUgraph* phGraph) {
-    ENTER(cuStreamEndCapture)
-    *phGraph = 0;
-    NEED_INIT()
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuStreamEndCapture, INVALID_HANDLE);
+    ENTER_OUT(cuStreamEndCapture, phGraph)
+    int si;
+    CHECK(named_stream(I_cuStreamEndCapture, hStream, &si))
     stream_t *s = &streams[si];
     if (s->status == STATUS_NONE) return refuse(I_cuStreamEndCapture, ILLEGAL_STATE);
     if (s->mode != MODE_RELAXED && s->thread != ME) return refuse(I_cuStreamEndCapture, CAPTURE_WRONG_THREAD);
@@ -564,7 +580,7 @@ static CUresult e_cuStreamEndCapture(CUstream hStream, CUgraph* phGraph) {
     active_captures--;
     captures[id - 1].ended = 1;
     if (invalidated) return refuse(I_cuStreamEndCapture, CAPTURE_INVALIDATED);
-    *phGraph = (CUgraph)(uintptr_t)(GBASE + 8 * (uintptr_t)(id - 1));
+    *phGraph = HANDLE(CUgraph, GBASE, id - 1);
     return OK;
 }
 static CUresult e_cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode* mode) {
@@ -581,25 +597,35 @@ static int event_index(CUevent h) {
     int i = INDEX(h, EBASE, nevents);
     return i >= 0 && events[i].alive ? i : -1;
 }
+/* The live event a call names, or INVALID_HANDLE. */
+static CUresult named_event(int entry, CUevent h, int *i) {
+    *i = event_index(h);
+    return *i < 0 ? refuse(entry, INVALID_HANDLE) : OK;
+}
+/* An event waited on: not one recorded in a capture (CAPTURED_EVENT). */
+static CUresult waited_event(int entry, CUevent h, event_t **ev) {
+    int i;
+    CHECK(named_event(entry, h, &i))
+    *ev = &events[i];
+    return (*ev)->captured ? refuse(entry, CAPTURED_EVENT) : OK;
+}
 static CUresult e_cuEventCreate(CUevent* phEvent, unsigned int Flags) {
-    ENTER(cuEventCreate)
-    *phEvent = 0;
-    NEED_INIT()
-    CUresult e = need_context(I_cuEventCreate); if (e) return e;
+    ENTER_OUT(cuEventCreate, phEvent)
+    CHECK(need_context(I_cuEventCreate))
     if ((Flags & ~7u) || ((Flags & 4) && !(Flags & 2))) return refuse(I_cuEventCreate, INVALID_VALUE);
     if (nevents == NEVENTS) return refuse(I_cuEventCreate, OUT_OF_MEMORY);
     events[nevents] = (event_t){1, -1, 0, 0, Flags, cur(), 0};
     emu_last_flags[1] = Flags;
     emu_count[C_EVENTS]++;
-    *phEvent = (CUevent)(uintptr_t)(EBASE + 8 * (uintptr_t)nevents++);
+    *phEvent = HANDLE(CUevent, EBASE, nevents++);
     return OK;
 }
 static CUresult e_cuEventDestroy(CUevent hEvent) {
     ENTER(cuEventDestroy)
     NEED_INIT()
-    CUresult e = need_context(I_cuEventDestroy); if (e) return e;
-    int i = event_index(hEvent);
-    if (i < 0) return refuse(I_cuEventDestroy, INVALID_HANDLE);
+    CHECK(need_context(I_cuEventDestroy))
+    int i;
+    CHECK(named_event(I_cuEventDestroy, hEvent, &i))
     events[i].alive = 0;
     emu_count[C_EVENTS_DESTROYED]++;
     return OK;
@@ -607,15 +633,11 @@ static CUresult e_cuEventDestroy(CUevent hEvent) {
 static CUresult e_cuEventRecord(CUevent hEvent, CUstream hStream) {
     ENTER(cuEventRecord)
     NEED_INIT()
-    uintptr_t v = (uintptr_t)hStream;
-    if (v == 0 || v == 1) { CUresult e = need_context(I_cuEventRecord); if (e) return e; }
-    int i = event_index(hEvent);
-    if (i < 0) return refuse(I_cuEventRecord, INVALID_HANDLE);
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuEventRecord, INVALID_HANDLE);
+    CHECK(legacy_context(I_cuEventRecord, hStream))
+    int i, si;
+    CHECK(named_event(I_cuEventRecord, hEvent, &i))
+    CHECK(working_stream(I_cuEventRecord, hStream, &si, 1))
     stream_t *s = &streams[si];
-    if (implicit(si)) return refuse(I_cuEventRecord, CAPTURE_IMPLICIT);
-    if (s->status == STATUS_INVALIDATED) return refuse(I_cuEventRecord, CAPTURE_INVALIDATED);
     event_t *ev = &events[i];
     ev->stream = si; ev->captured = s->status == STATUS_ACTIVE; ev->target = s->queued; ev->told = 0;
     return OK;
@@ -624,25 +646,16 @@ static CUresult e_cuEventQuery(CUevent hEvent) {
     ENTER(cuEventQuery)
     NEED_INIT()
     UNSAFE(cuEventQuery)
-    int i = event_index(hEvent);
-    if (i < 0) return refuse(I_cuEventQuery, INVALID_HANDLE);
-    event_t *ev = &events[i];
-    if (ev->captured) return refuse(I_cuEventQuery, CAPTURED_EVENT);
-    if (ev->stream < 0) return OK;
-    stream_t *s = &streams[ev->stream];
-    if (s->done >= ev->target) return OK;
-    emu_count[C_NOT_READY]++;
-    if (emu_progress) complete(s, ev->target);
-    return NOT_READY;
+    event_t *ev;
+    CHECK(waited_event(I_cuEventQuery, hEvent, &ev))
+    return ev->stream < 0 ? OK : poll(&streams[ev->stream], ev->target);
 }
 static CUresult e_cuEventSynchronize(CUevent hEvent) {
     ENTER(cuEventSynchronize)
     NEED_INIT()
     UNSAFE(cuEventSynchronize)
-    int i = event_index(hEvent);
-    if (i < 0) return refuse(I_cuEventSynchronize, INVALID_HANDLE);
-    event_t *ev = &events[i];
-    if (ev->captured) return refuse(I_cuEventSynchronize, CAPTURED_EVENT);
+    event_t *ev;
+    CHECK(waited_event(I_cuEventSynchronize, hEvent, &ev))
     if (ev->stream >= 0) complete(&streams[ev->stream], ev->target);
     emu_count[C_HOST_WAITS]++;
     return OK;
@@ -748,9 +761,7 @@ static CUresult e_cuLibraryLoadData(CUlibrary* library, const void* code, CUjit_
                                     void** jitOptionsValues, unsigned int numJitOptions,
                                     CUlibraryOption* libraryOptions, void** libraryOptionValues,
                                     unsigned int numLibraryOptions) {
-    ENTER(cuLibraryLoadData)
-    *library = 0;
-    NEED_INIT()
+    ENTER_OUT(cuLibraryLoadData, library)
     UNSAFE(cuLibraryLoadData)
     (void)jitOptions; (void)jitOptionsValues; (void)libraryOptions; (void)libraryOptionValues;
     if (!code || (numJitOptions && !jitOptions) || (numLibraryOptions && !libraryOptions))
@@ -784,7 +795,7 @@ static CUresult e_cuLibraryLoadData(CUlibrary* library, const void* code, CUjit_
     }
     nlibs++;
     emu_count[C_LOADS]++;
-    *library = (CUlibrary)(uintptr_t)(LBASE + 8 * (uintptr_t)lib);
+    *library = HANDLE(CUlibrary, LBASE, lib);
     return OK;
 }
 static CUresult e_cuLibraryUnload(CUlibrary library) {
@@ -794,35 +805,31 @@ static CUresult e_cuLibraryUnload(CUlibrary library) {
     return OK;
 }
 static CUresult e_cuLibraryGetKernel(CUkernel* pKernel, CUlibrary library, const char* name) {
-    ENTER(cuLibraryGetKernel)
-    *pKernel = 0;
-    NEED_INIT()
+    ENTER_OUT(cuLibraryGetKernel, pKernel)
     int lib = INDEX(library, LBASE, nlibs);
     if (lib < 0) return refuse(I_cuLibraryGetKernel, INVALID_HANDLE);
     if (!name) return refuse(I_cuLibraryGetKernel, INVALID_VALUE);
     for (int k = 0; k < nkernels; k++)
         if (kernels[k].lib == lib && strcmp(kernels[k].name, name) == 0) {
-            *pKernel = (CUkernel)(uintptr_t)(KBASE + 8 * (uintptr_t)k);
+            *pKernel = HANDLE(CUkernel, KBASE, k);
             return OK;
         }
     return refuse(I_cuLibraryGetKernel, NOT_FOUND);
 }
 static CUresult e_cuKernelGetFunction(CUfunction* pFunc, CUkernel kernel) {
-    ENTER(cuKernelGetFunction)
-    *pFunc = 0;
-    NEED_INIT()
-    CUresult e = need_context(I_cuKernelGetFunction); if (e) return e;
+    ENTER_OUT(cuKernelGetFunction, pFunc)
+    CHECK(need_context(I_cuKernelGetFunction))
     int k = INDEX(kernel, KBASE, nkernels);
     if (k < 0) return refuse(I_cuKernelGetFunction, INVALID_HANDLE);
     for (int f = 0; f < nfunctions; f++)
         if (functions[f].kernel == k && functions[f].ctx == cur()) {
-            *pFunc = (CUfunction)(uintptr_t)(FBASE + 8 * (uintptr_t)f);
+            *pFunc = HANDLE(CUfunction, FBASE, f);
             return OK;
         }
     UNSAFE(cuKernelGetFunction)                                    /* loads the kernel into the context */
     functions = grow(functions, &cap_functions, nfunctions + 1, sizeof(function_t));
     functions[nfunctions] = (function_t){k, cur()};
-    *pFunc = (CUfunction)(uintptr_t)(FBASE + 8 * (uintptr_t)nfunctions++);
+    *pFunc = HANDLE(CUfunction, FBASE, nfunctions++);
     return OK;
 }
 
@@ -850,15 +857,17 @@ static void put(const emu_launch *r) {
     *to = *r;
     to->seq = ++emu_launch_seq;
 }
+static CUresult bad_launch(CUresult r) { emu_count[C_BAD_LAUNCHES]++; return refuse(I_cuLaunchKernel, r); }
 static CUresult e_cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
                                  unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ,
                                  unsigned int sharedMemBytes, CUstream hStream, void** kernelParams, void** extra) {
     ENTER(cuLaunchKernel)
     NEED_INIT()
-    CUresult e = need_context(I_cuLaunchKernel); if (e) { emu_count[C_BAD_LAUNCHES]++; return e; }
+    CUresult e = need_context(I_cuLaunchKernel);
+    if (e) { emu_count[C_BAD_LAUNCHES]++; return e; }
     int k = -1, fi = INDEX(f, FBASE, nfunctions);
     if (fi >= 0) {
-        if (functions[fi].ctx != cur()) { emu_count[C_BAD_LAUNCHES]++; return refuse(I_cuLaunchKernel, INVALID_HANDLE); }
+        if (functions[fi].ctx != cur()) return bad_launch(INVALID_HANDLE);
         k = functions[fi].kernel;
     } else {
         k = INDEX(f, KBASE, nkernels);                             /* a CUkernel: loaded at its launch */
@@ -870,12 +879,11 @@ static CUresult e_cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned i
            || !threads || blockDimX > 1024 || blockDimY > 1024 || blockDimZ > 64 || threads > 1024
            || (kk->max_threads && threads > kk->max_threads) || sharedMemBytes > 49152
            || (kernelParams && extra) || (!kernelParams && !extra && kk->nparams)) ? INVALID_VALUE : OK;
-    if (bad) { emu_count[C_BAD_LAUNCHES]++; return refuse(I_cuLaunchKernel, bad); }
-    int si = stream_index(hStream);
-    if (si < 0) { emu_count[C_BAD_LAUNCHES]++; return refuse(I_cuLaunchKernel, INVALID_HANDLE); }
+    if (bad) return bad_launch(bad);
+    int si;
+    e = working_stream(I_cuLaunchKernel, hStream, &si, 1);
+    if (e) { if (e == INVALID_HANDLE) emu_count[C_BAD_LAUNCHES]++; return e; }    /* a capture's refusal: not counted */
     stream_t *s = &streams[si];
-    if (implicit(si)) return refuse(I_cuLaunchKernel, CAPTURE_IMPLICIT);
-    if (s->status == STATUS_INVALIDATED) return refuse(I_cuLaunchKernel, CAPTURE_INVALIDATED);
     emu_launch *r = &emu_launches[emu_launch_seq % RING];          /* written in place, counted once whole */
     r->func = (uintptr_t)f; r->kernel = k; r->grid[0] = gridDimX; r->grid[1] = gridDimY; r->grid[2] = gridDimZ;
     r->block[0] = blockDimX; r->block[1] = blockDimY; r->block[2] = blockDimZ; r->shared = sharedMemBytes;
@@ -896,10 +904,7 @@ static CUresult e_cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned i
             else if (extra[n] == (void *)2) size = extra[n + 1];
             else break;
         }
-        if (n >= 16 || extra[n] != 0 || !buffer || !size || *size != kk->cbank) {
-            emu_count[C_BAD_LAUNCHES]++;
-            return refuse(I_cuLaunchKernel, INVALID_VALUE);
-        }
+        if (n >= 16 || extra[n] != 0 || !buffer || !size || *size != kk->cbank) return bad_launch(INVALID_VALUE);
         memcpy(r->params, buffer, limit);
     }
     r->seq = ++emu_launch_seq;
@@ -917,15 +922,13 @@ static CUresult e_cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned i
 
 /* ------------------------------------------------------------------ graphs: what a capture captured, replayed */
 static CUresult e_cuGraphInstantiate(CUgraphExec* phGraphExec, CUgraph hGraph, unsigned long long flags) {
-    ENTER(cuGraphInstantiate)
-    *phGraphExec = 0;
-    NEED_INIT()
+    ENTER_OUT(cuGraphInstantiate, phGraphExec)
     int g = INDEX(hGraph, GBASE, ncaptures);
     if (g < 0 || !captures[g].ended) return refuse(I_cuGraphInstantiate, INVALID_VALUE);
     if (flags & ~0xFull) return refuse(I_cuGraphInstantiate, INVALID_VALUE);
     execs = grow(execs, &cap_execs, nexecs + 1, sizeof(int));
     execs[nexecs] = g;
-    *phGraphExec = (CUgraphExec)(uintptr_t)(XBASE + 8 * (uintptr_t)nexecs++);
+    *phGraphExec = HANDLE(CUgraphExec, XBASE, nexecs++);
     return OK;
 }
 static CUresult e_cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream) {
@@ -933,10 +936,9 @@ static CUresult e_cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream) {
     NEED_INIT()
     int x = INDEX(hGraphExec, XBASE, nexecs);
     if (x < 0 || execs[x] < 0) return refuse(I_cuGraphLaunch, INVALID_VALUE);
-    uintptr_t v = (uintptr_t)hStream;
-    if (v == 0 || v == 1) { CUresult e = need_context(I_cuGraphLaunch); if (e) return e; }
-    int si = stream_index(hStream);
-    if (si < 0) return refuse(I_cuGraphLaunch, INVALID_HANDLE);
+    CHECK(legacy_context(I_cuGraphLaunch, hStream))
+    int si;
+    CHECK(named_stream(I_cuGraphLaunch, hStream, &si))
     if (streams[si].status != STATUS_NONE) return refuse(I_cuGraphLaunch, NOT_SUPPORTED);
     capture_t *c = &captures[execs[x]];
     for (int i = 0; i < c->n; i++) {
@@ -986,15 +988,17 @@ static const char *error_name(CUresult e) {
     default: return NULL;
     }
 }
-static CUresult e_cuGetErrorName(CUresult error, const char** pStr) {
-    ENTER(cuGetErrorName)
+static CUresult named_error(CUresult error, const char** pStr) {   /* the string too is the error's name */
     *pStr = error_name(error);
     return *pStr ? OK : INVALID_VALUE;
 }
+static CUresult e_cuGetErrorName(CUresult error, const char** pStr) {
+    ENTER(cuGetErrorName)
+    return named_error(error, pStr);
+}
 static CUresult e_cuGetErrorString(CUresult error, const char** pStr) {
     ENTER(cuGetErrorString)
-    *pStr = error_name(error);
-    return *pStr ? OK : INVALID_VALUE;
+    return named_error(error, pStr);
 }
 
 /* ------------------------------------------------------------------ entry points no fastema call should reach */
@@ -1058,7 +1062,7 @@ int emu_kernel_layout(long long k, unsigned short *offsets, unsigned short *size
 }
 void emu_complete_all(void) {
     lock_it();
-    for (int i = 0; i < nstreams; i++) complete(&streams[i], streams[i].queued);
+    for (int i = 0; i < nstreams; i++) finish(&streams[i]);
     release_it();
 }
 unsigned long long emu_pending(unsigned long long stream) {      /* work queued on it and not done */

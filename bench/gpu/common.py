@@ -1,5 +1,6 @@
 """What the GPU plan's Python parts share (``bench/gpu/smoke.py``, ``bench/gpu/probe.py`` and its
-modules): the mode, arrays on the device, syncs and timers, and a record rewritten after every entry.
+modules, ``headline.py``, ``targets.py``): the mode, arrays on the device, syncs and timers, a record
+rewritten after every entry (and a budgeted plan run through it), the command line and the report.
 
 Two modes:
 
@@ -82,9 +83,47 @@ class Record:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def run_plan(self, plan, budget: float, failed_as: str = "{}", after=None) -> None:
+        """Each ``(name, fn)`` of ``plan`` in turn, through :meth:`guarded` under ``checks`` (a failure
+        named ``failed_as.format(name)``), its seconds under ``host``; one not started before ``budget``
+        seconds had passed is recorded skipped (out of time) under ``checks``. ``after()`` follows each
+        that ran."""
+        for name, fn in plan:
+            if self.elapsed() > budget:
+                self.note("checks", name, {"ok": None,
+                                           "skipped": f"out of time (the budget of {budget:.0f} s was spent)"})
+                continue
+            t0 = time.perf_counter()
+            self.guarded("checks", failed_as.format(name), fn)
+            self.data["host"][f"{name} s"] = round(time.perf_counter() - t0, 1)
+            if after is not None:
+                after()
+
 
 def failed(checks: dict) -> int:
     return sum(1 for v in checks.values() if isinstance(v, dict) and v.get("ok") is False)
+
+
+def options(argv, doc: str, name: str, budget: float, what: str):
+    """A budgeted script's command line, ``OUTDIR [--budget SECONDS] [--simulate]`` (``doc``'s first
+    paragraph its description; OUTDIR by default ``$OUT``, else ``NAME-out``; no ``what`` starts after
+    the budget), parsed; OUTDIR made."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=os.environ.get("OUT", f"{name}-out"))
+    ap.add_argument("--budget", type=float, default=budget, help=f"no {what} starts after it")
+    ap.add_argument("--simulate", action="store_true", help="the simulator, tiny sizes (CI)")
+    opts = ap.parse_args(argv)
+    os.makedirs(opts.out, exist_ok=True)
+    return opts
+
+
+def publish(path: str, text: str) -> None:
+    """A script's report: written to ``path`` and printed."""
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(text, flush=True)
 
 
 # ------------------------------------------------------------------ arrays: NumPy on the host, the device's

@@ -34,7 +34,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 if "--simulate" in sys.argv:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
@@ -260,15 +259,14 @@ def report(data: dict, out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv) -> int:
-    import argparse
+def _empty_cache() -> None:
+    import torch
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=os.environ.get("OUT", "headline-out"))
-    ap.add_argument("--budget", type=float, default=80.0, help="no figure starts after it")
-    ap.add_argument("--simulate", action="store_true", help="the simulator, tiny sizes (CI)")
-    opts = ap.parse_args(argv)
-    os.makedirs(opts.out, exist_ok=True)
+    torch.cuda.empty_cache()
+
+
+def main(argv) -> int:
+    opts = G.options(argv, __doc__, "headline", 80.0, "figure")
     sections = ["env", "checks", "timings", "steps", "first_update", "host"]
     rec = G.Record(os.path.join(opts.out, "headline.json"), sections)
     rec.data["env"]["budget_s"] = opts.budget
@@ -279,23 +277,9 @@ def main(argv) -> int:
     plan += [("first update", lambda: first_update(rec)),
              ("gpt2 step float32", lambda: steps(rec, "float32")),
              ("gpt2 step bf16", lambda: steps(rec, "bf16"))]
-    for name, fn in plan:
-        if rec.elapsed() > opts.budget:
-            why = f"out of time (the budget of {opts.budget:.0f} s was spent)"
-            rec.note("checks", name, {"ok": None, "skipped": why})
-            continue
-        t0 = time.perf_counter()
-        rec.guarded("checks", name, fn)
-        rec.data["host"][f"{name} s"] = round(time.perf_counter() - t0, 1)
-        if not G.SIM:
-            import torch
-
-            torch.cuda.empty_cache()
+    rec.run_plan(plan, opts.budget, after=None if G.SIM else _empty_cache)
     rec.note("host", "headline seconds", round(rec.elapsed(), 1))
-    text = report(rec.data, opts.out)
-    with open(os.path.join(opts.out, "headline.md"), "w") as fh:
-        fh.write(text)
-    print(text, flush=True)
+    G.publish(os.path.join(opts.out, "headline.md"), report(rec.data, opts.out))
     return 1 if G.failed(rec.data["checks"]) else 0
 
 

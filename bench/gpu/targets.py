@@ -154,32 +154,15 @@ def report(data: dict) -> str:
 
 
 def main(argv) -> int:
-    import argparse
-    import time
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=os.environ.get("OUT", "targets-out"))
-    ap.add_argument("--budget", type=float, default=270.0, help="no row starts after it")
-    ap.add_argument("--simulate", action="store_true", help="the simulator, tiny sizes (CI)")
-    opts = ap.parse_args(argv)
-    os.makedirs(opts.out, exist_ok=True)
+    opts = G.options(argv, __doc__, "targets", 270.0, "row")
     rec = G.Record(os.path.join(opts.out, "targets.json"), ["checks", "timings", "host"])
     plan = [("ema_update_", lambda: ema_update_(rec)), ("EMA.update 6", lambda: ema_host(rec, 6, 8.0)),
             ("EMA.update 148", lambda: ema_host(rec, 148, 12.0)),
             ("Smoother 1", lambda: smoother(rec, 1)), ("Smoother 10^6", lambda: smoother(rec, 10 ** 6)),
             ("TargetNetwork 6", lambda: target_network(rec, 6)), ("TargetNetwork 30", lambda: target_network(rec, 30)),
             ("swap", lambda: swap(rec))]
-    for name, fn in plan:
-        if rec.elapsed() > opts.budget:
-            rec.note("checks", name, {"ok": None, "skipped": f"out of time (the budget of {opts.budget:.0f} s)"})
-            continue
-        t0 = time.perf_counter()
-        rec.guarded("checks", f"row {name}", fn)
-        rec.data["host"][f"{name} s"] = round(time.perf_counter() - t0, 1)
-    text = report(rec.data)
-    with open(os.path.join(opts.out, "targets.md"), "w") as fh:
-        fh.write(text)
-    print(text, flush=True)
+    rec.run_plan(plan, opts.budget, failed_as="row {}")
+    G.publish(os.path.join(opts.out, "targets.md"), report(rec.data))
     return 1 if G.failed(rec.data["checks"]) else 0
 
 

@@ -176,36 +176,6 @@ def test_diffusers_EMAModel_refuses_bad_state_and_devices_and_changes_nothing():
         ema.step(net.parameters())
 
 
-@pytest.mark.filterwarnings("ignore:It is deprecated to pass a pretrained model:FutureWarning")
-def test_diffusers_EMAModel_save_and_load_pretrained(tmp_path):
-    _diffusers()
-    from diffusers import ModelMixin
-    from diffusers.configuration_utils import ConfigMixin, register_to_config
-
-    class Tiny(ModelMixin, ConfigMixin):
-        @register_to_config
-        def __init__(self, width: int = 8):
-            super().__init__()
-            self.a = nn.Linear(4, width)
-            self.b = nn.Linear(width, 1)
-
-        def forward(self, x):
-            return self.b(self.a(x).relu())
-
-    torch.manual_seed(0)
-    model = Tiny()
-    ema = compat.EMAModel(model.parameters(), decay=0.9, model_cls=Tiny, model_config=model.config)
-    for _ in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        ema.step(model.parameters())
-    ema.save_pretrained(tmp_path / "ema")
-    back = compat.EMAModel.from_pretrained(tmp_path / "ema", Tiny)
-    assert back.optimization_step == 5 and back.decay == 0.9
-    assert all(torch.equal(a, b) for a, b in zip(back.shadow_params, ema.shadow_params))
-
-
 def _transposed_midway(nets, each, steps=20):
     """The training loop, with the square weight ``nets[i][3].weight`` transposed in place of its
     storage (``p.data = p.data.t()``: same address and count, other strides) halfway."""

@@ -128,10 +128,10 @@ def test_diffusers_state_dicts_resume_in_either(tmp_path, direction):
 
 
 @pytest.mark.filterwarnings("ignore:It is deprecated to pass a pretrained model:FutureWarning")
-@pytest.mark.parametrize("direction", ["diffusers to fastema", "fastema to diffusers"])
+@pytest.mark.parametrize("direction", ["diffusers to fastema", "fastema to diffusers", "fastema to fastema"])
 def test_diffusers_save_pretrained_folders_load_in_either(tmp_path, direction):
     """``save_pretrained`` writes the averaged model and the EMA settings in its config;
-    ``EMAModel.from_pretrained(path, Model)`` of the other library reads them back."""
+    ``EMAModel.from_pretrained(path, Model)`` of the other library (or of fastema's own) reads them back."""
     _training_utils()
     from diffusers import ModelMixin
     from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -142,8 +142,8 @@ def test_diffusers_save_pretrained_folders_load_in_either(tmp_path, direction):
             super().__init__()
             self.a, self.b = nn.Linear(4, width), nn.Linear(width, 1)
 
-    classes = [_training_utils().EMAModel, compat.EMAModel]
-    first, second = classes if direction.startswith("diffusers") else classes[::-1]
+    by_name = {"diffusers": _training_utils().EMAModel, "fastema": compat.EMAModel}
+    first, second = (by_name[side] for side in direction.split(" to "))
     torch.manual_seed(0)
     model = Tiny()
     ema = first(model.parameters(), decay=0.9, update_after_step=2, model_cls=Tiny, model_config=model.config)
