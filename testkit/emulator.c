@@ -542,9 +542,9 @@ static CUresult e_cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus* c
     ENTER_OUT(cuStreamIsCapturing, captureStatus)                   /* STATUS_NONE */
     if (is_legacy(hStream)) {
         CHECK(need_context(I_cuStreamIsCapturing))
-        int si = stream_index(hStream);
+        CUcontext ctx = cur();                          /* the legacy stream's: no table entry is needed */
         for (int i = 0; active_captures && i < nstreams; i++)
-            if (blocks_legacy(&streams[i], streams[si].ctx)) return CAPTURE_IMPLICIT;    /* not an invalidation */
+            if (blocks_legacy(&streams[i], ctx)) return CAPTURE_IMPLICIT;    /* not an invalidation */
         return OK;
     }
     int si;

@@ -144,6 +144,22 @@ def test_the_capture_status_is_written_every_time():
     assert out.splitlines() == ["[0]", "[]"], out
 
 
+def test_the_legacy_streams_capture_is_answered_with_a_full_stream_table():
+    """The legacy stream's capture query read the stream table at the index a lookup returned, -1 where
+    the table was full (out of bounds: another context's answer, or none). It is the current context's."""
+    out = _run("""
+        d.cuCtxPushCurrent(ctx)
+        blocking = d.cuStreamCreate(0)[1]
+        M = d.CUstreamCaptureMode
+        assert d.cuStreamBeginCapture(blocking, M.CU_STREAM_CAPTURE_MODE_RELAXED) == (R.CUDA_SUCCESS,)
+        made = 0
+        while d.cuStreamCreate(1)[0] == R.CUDA_SUCCESS:     # until the table is full
+            made += 1
+        print(made > 0, d.cuStreamIsCapturing(d.CUstream(0))[0].name)
+    """)
+    assert out.split() == ["True", "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT"], out
+
+
 def test_a_swapped_launch_geometry_or_parameter_block_is_refused_and_a_launch_recorded_by_the_layout():
     """A kernel of the shipped cu13 sm_90 image loaded by cuda.core as fastema loads it: a launch whose block
     is over 1024 threads (grid and block swapped), or whose parameters come as ``extra`` (the two swapped), is
