@@ -119,7 +119,9 @@ class EMA:
             Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
             if self.offloaded else
             FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
-        self._devices = sorted({g["device"] for g in self.shadow.groups})
+        # the offloaded update's weights, keyed as the shadow reads them: by its layout's groups (an
+        # offloaded shadow's are host groups, "cpu"; its ``groups`` report the weights' devices)
+        self._devices = sorted({g.device for g in self.shadow.layout.groups})
         self.padded = _state.padded_params(parts)
         # main's weight 1.0 - decay, as Python floats
         self._fixed = [1.0 - d for d in self.decays]
