@@ -17,6 +17,7 @@ from ..torch import Offload
 from . import _state
 from ._config import ConfigFields
 from ._keys import canonical_fqn
+from ._layouts import given_layout
 from ._state import Tracked
 
 __all__ = ["EMA", "EMAConfig", "Tracked"]
@@ -85,8 +86,10 @@ class EMA:
         model_parts: the model parts (pipeline stages), as torchtitan's ``Optim`` gets them.
         layouts: for parameters held as plain local shards (torchtitan's ``spmd_types`` backend):
             ``fqn -> (mesh, placements)`` or ``(mesh, placements, global_shape)``, so the checkpoint
-            holds them as DTensors of that layout (DCP reshards them on load). DTensor parameters
-            (FSDP2, TP) carry their own.
+            holds them as DTensors of that layout (DCP reshards them on load); refused, by name, when
+            the local tensor is not the shard the placements (``Shard(dim)``, ``Replicate()``, one
+            per mesh dim) and the global shape give this rank. DTensor parameters (FSDP2, TP) carry
+            their own.
     """
 
     Config = EMAConfig
@@ -321,19 +324,4 @@ def _tracked(fqn: str, t: torch.Tensor, given: tuple | None) -> Tracked:
         return Tracked(fqn, t, local,
                        (t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())))
     local = t.detach()
-    if given is None:
-        return Tracked(fqn, t, local, None)
-    if not isinstance(given, tuple) or len(given) not in (2, 3):
-        raise ValueError(f"layouts[{fqn!r}] must be (mesh, placements) or "
-                         f"(mesh, placements, global_shape), got {given!r}")
-    mesh, placements = given[0], tuple(given[1])
-    if len(given) == 3:
-        shape = tuple(int(s) for s in given[2])
-    else:                                       # even shards: the global shape from the local one
-        sizes = list(local.shape)
-        for axis, p in enumerate(placements):
-            if p.is_shard():
-                sizes[p.dim] *= mesh.size(axis)
-        shape = tuple(sizes)
-    stride = tuple(torch.empty(shape, device="meta").stride())
-    return Tracked(fqn, t, local, (mesh, placements, shape, stride))
+    return Tracked(fqn, t, local, None if given is None else given_layout(fqn, local, given))
