@@ -192,9 +192,13 @@ class EMA:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
-        copies are ignored, as main ignores them); every entry checked first, nothing written if one
-        is off. An empty dict (a checkpoint without the EMA) cold-starts every copy from the current
-        weights, as main does."""
+        copies are ignored, as main ignores them); every entry checked first (there, a floating
+        tensor of its copy's shape and layout, finite), nothing written if one is off. ``dcp.load``
+        writes into the views :meth:`state_dict` gave before it calls this: those entries are
+        checked too, but they are written already, so an inf or NaN among them is refused by name
+        with the copies holding the checkpoint's values, inf and NaN included (load a checkpoint
+        whose EMA is finite, or ``load_state_dict({})``). An empty dict (a checkpoint without the
+        EMA) cold-starts every copy from the current weights, as main does."""
         if not state_dict:
             self.shadow.copy_from_sources()
             logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the "
