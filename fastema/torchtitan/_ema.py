@@ -17,6 +17,7 @@ from ..torch import Offload
 from . import _state
 from ._config import ConfigFields
 from ._keys import canonical_fqn
+from ._layouts import given_layout
 from ._state import Tracked
 
 __all__ = ["EMA", "EMAConfig", "Tracked"]
@@ -85,8 +86,10 @@ class EMA:
         model_parts: the model parts (pipeline stages), as torchtitan's ``Optim`` gets them.
         layouts: for parameters held as plain local shards (torchtitan's ``spmd_types`` backend):
             ``fqn -> (mesh, placements)`` or ``(mesh, placements, global_shape)``, so the checkpoint
-            holds them as DTensors of that layout (DCP reshards them on load). DTensor parameters
-            (FSDP2, TP) carry their own.
+            holds them as DTensors of that layout (DCP reshards them on load); refused, by name, when
+            the local tensor is not the shard the placements (``Shard(dim)``, ``Replicate()``, one
+            per mesh dim) and the global shape give this rank. DTensor parameters (FSDP2, TP) carry
+            their own.
     """
 
     Config = EMAConfig
@@ -119,7 +122,9 @@ class EMA:
             Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
             if self.offloaded else
             FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
-        self._devices = sorted({g["device"] for g in self.shadow.groups})
+        # the offloaded update's weights, keyed as the shadow reads them: by its layout's groups (an
+        # offloaded shadow's are host groups, "cpu"; its ``groups`` report the weights' devices)
+        self._devices = sorted({g.device for g in self.shadow.layout.groups})
         self.padded = _state.padded_params(parts)
         # main's weight 1.0 - decay, as Python floats
         self._fixed = [1.0 - d for d in self.decays]
@@ -187,9 +192,13 @@ class EMA:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
-        copies are ignored, as main ignores them); every entry checked first, nothing written if one
-        is off. An empty dict (a checkpoint without the EMA) cold-starts every copy from the current
-        weights, as main does."""
+        copies are ignored, as main ignores them); every entry checked first (there, a floating
+        tensor of its copy's shape and layout, finite), nothing written if one is off. ``dcp.load``
+        writes into the views :meth:`state_dict` gave before it calls this: those entries are
+        checked too, but they are written already, so an inf or NaN among them is refused by name
+        with the copies holding the checkpoint's values, inf and NaN included (load a checkpoint
+        whose EMA is finite, or ``load_state_dict({})``). An empty dict (a checkpoint without the
+        EMA) cold-starts every copy from the current weights, as main does."""
         if not state_dict:
             self.shadow.copy_from_sources()
             logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the "
@@ -319,19 +328,4 @@ def _tracked(fqn: str, t: torch.Tensor, given: tuple | None) -> Tracked:
         return Tracked(fqn, t, local,
                        (t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())))
     local = t.detach()
-    if given is None:
-        return Tracked(fqn, t, local, None)
-    if not isinstance(given, tuple) or len(given) not in (2, 3):
-        raise ValueError(f"layouts[{fqn!r}] must be (mesh, placements) or "
-                         f"(mesh, placements, global_shape), got {given!r}")
-    mesh, placements = given[0], tuple(given[1])
-    if len(given) == 3:
-        shape = tuple(int(s) for s in given[2])
-    else:                                       # even shards: the global shape from the local one
-        sizes = list(local.shape)
-        for axis, p in enumerate(placements):
-            if p.is_shard():
-                sizes[p.dim] *= mesh.size(axis)
-        shape = tuple(sizes)
-    stride = tuple(torch.empty(shape, device="meta").stride())
-    return Tracked(fqn, t, local, (mesh, placements, shape, stride))
+    return Tracked(fqn, t, local, None if given is None else given_layout(fqn, local, given))

@@ -80,13 +80,30 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.stride() == b.stride() and a.device == b.device)
 
 
+def _written_into(value: torch.Tensor, dst: torch.Tensor) -> bool:
+    """Whether the entry ``value`` is memory of ``dst``, the shadow's copy: a view :func:`flat_state_dict`
+    gave (a padded copy's stripped), which ``dcp.load`` wrote in place before the load was called."""
+    from torch.distributed.tensor import DTensor
+
+    local = value.to_local() if isinstance(value, DTensor) else value
+    return (local.device == dst.device and local.dtype == dst.dtype and local.numel() > 0
+            and local.data_ptr() == dst.data_ptr())
+
+
+def _listed(items: list[str]) -> str:
+    return "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+
+
 def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
                          padded: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked, then all written (an
-    entry that already is the shadow's view, as ``dcp.load`` fills them, is not copied again)."""
+    entry that is the shadow's view, as ``dcp.load`` fills them, is checked too, not copied again: it
+    was written before this call)."""
     from torch.distributed.tensor import DTensor
 
     problems: list[str] = []
+    in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
+    bad_in_place: list[str] = []
     writes = []
     for t in tracked:
         spec = padded.get(t.fqn)
@@ -100,10 +117,11 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                 what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
                 problems.append(f"{name} is {what}, expected a floating tensor")
                 continue
+            dst = shadow.view(t.fqn, row)
+            written = _written_into(value, dst)
             padding = _pads(spec, value, "num_real")
             if padding is not None:
                 value = padding.restore(value)  # hidden padding back (zeros: never trained)
-            dst = shadow.view(t.fqn, row)
             if isinstance(value, DTensor):
                 if t.layout is None:
                     problems.append(f"{name} is a DTensor but {t.fqn!r} is a whole tensor here")
@@ -118,15 +136,30 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             if tuple(value.shape) != tuple(dst.shape):
                 problems.append(f"{name} has shape {tuple(value.shape)}, "
                                 f"expected {tuple(dst.shape)}")
-            elif not _same_memory(value, dst):
-                if not bool(torch.isfinite(value).all()):
-                    problems.append(f"{name} holds inf or NaN")
-                else:
+                continue
+            if written:
+                in_place.append(name)
+            if bool(torch.isfinite(value).all()):
+                if not _same_memory(value, dst):    # dcp.load's views: checked, not copied again
                     writes.append((dst, value))
+            elif written:
+                bad_in_place.append(name)
+            else:
+                problems.append(f"{name} holds inf or NaN")
+    if bad_in_place:
+        raise ValueError(f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and "
+                         f"they are this EMA's copies, which dcp.load had already written in place (it "
+                         f"fills the views state_dict() gives, then calls load_state_dict): the copies "
+                         f"now hold the checkpoint's values where dcp.load wrote them, inf and NaN "
+                         f"included, and their previous values elsewhere (nothing else was written)"
+                         + (f" ({_listed(problems)})" if problems else "")
+                         + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to "
+                           "start every copy afresh from the weights")
     if problems:
-        raise ValueError(f"the EMA state was not loaded (nothing was written): "
-                         f"{'; '.join(problems[:5])}"
-                         + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        raise ValueError("the EMA state was not loaded (nothing was written"
+                         + (f"; {len(in_place)} entries are this EMA's copies, which hold what was "
+                            f"written into them before this call, as dcp.load does" if in_place else "")
+                         + f"): {_listed(problems)}")
     with torch.no_grad():
         for dst, value in writes:
             dst.copy_(value)

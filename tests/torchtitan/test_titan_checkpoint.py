@@ -103,6 +103,39 @@ def test_a_direct_load_is_checked_whole_and_an_empty_one_cold_starts():
             assert torch.equal(ours.shadow.view(t.fqn, r), t.local)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_inf_or_nan_dcp_load_wrote_in_place_is_refused_by_name_saying_the_copies_hold_it(tmp_path, offload):
+    """review 9 L-7: dcp.load fills state_dict()'s views in place, then calls load_state_dict, which skipped the
+    check for those entries. They are checked now; the error says what the copies hold (the checkpoint's
+    values, NaN included: dcp.load wrote them) and what to do."""
+    _, saved = _trained(lambda m: _ours(m, offload))
+    with torch.no_grad():
+        saved.shadow.view("out.bias", 0)[1] = float("nan")
+        saved.shadow.view("scale", 1)[0] = float("inf")
+        saved.shadow.view("qkv.weight", 0)[2, 3] = float("nan")     # padded: dcp.load fills the stripped view
+    dcp.save({STATE_KEY: saved}, checkpoint_id=str(tmp_path))
+    _, ours = _trained(lambda m: _ours(m, offload), steps=2)
+    with pytest.raises(ValueError, match=r"not loaded: state.qkv.weight.ema_params.decay_0p9; "
+                                         r"state.out.bias.ema_params.decay_0p9; "
+                                         r"state.scale.ema_params.half_life_0p25 hold inf or NaN, and they are "
+                                         r"this EMA's copies, which dcp.load had already written in place .* "
+                                         r"the copies now hold the checkpoint's values .* inf and NaN included"
+                                         r".*: load a checkpoint whose EMA is finite, or call "
+                                         r"load_state_dict\(\{\}\)"):
+        dcp.load({STATE_KEY: ours}, checkpoint_id=str(tmp_path))
+    for k, v in _rows(ours).items():                  # what the error says: the checkpoint's values
+        torch.testing.assert_close(v, _rows(saved)[k], rtol=0, atol=0, equal_nan=True)
+    ours.load_state_dict({})                           # the way out it names
+    assert all(bool(torch.isfinite(v).all()) for v in _rows(ours).values())
+    own = ours.state_dict()                            # its own views, one entry replaced: that one not written
+    own["state.out.bias.ema_params.decay_0p9"] = torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match=r"\(nothing was written; 7 entries are this EMA's copies, which hold what "
+                                         r"was written into them before this call, as dcp.load does\): "
+                                         r"state.out.bias.ema_params.decay_0p9 holds inf or NaN$"):
+        ours.load_state_dict(own)
+    assert all(bool(torch.isfinite(v).all()) for v in _rows(ours).values())
+
+
 def test_one_copy_exported_to_a_hugging_face_folder_by_key(tmp_path):
     """From a live EMA, and from a checkpoint main's EMA wrote (rebuilt with that key alone, loaded beside
     the model's weights, as convert_ema_to_hf.py does)."""

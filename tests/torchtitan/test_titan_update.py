@@ -39,6 +39,39 @@ def test_twenty_steps_with_every_field_set_match_mains_rule_within_one_ulp(dtype
     assert {t.fqn for t in ema.tracked} == {"proj.weight", "proj.bias", "norm.weight", "norm.bias", "running_mean"}
 
 
+def test_the_offloaded_update_keys_its_weights_by_the_host_shadows_groups_not_the_weights_device():
+    """review 9 H-1: an offloaded shadow's ``groups`` report the weights' device (``cuda:0`` on a GPU) and its
+    host layout, which its update reads, ``"cpu"``: the EMA keyed the weights by the first (KeyError 'cpu' at the
+    first firing on a GPU). Built on the CPU with ``groups`` reporting what they report on a GPU (a watch sets
+    the device in the dicts the property returns), so the two devices differ here too; every firing then hands
+    ``update_checked`` the host groups' devices and folds main's rule."""
+    from support.calls import watching
+
+    from fastema.torch._placement.offload import OffloadedShadow
+
+    def as_on_a_gpu(arguments, groups):
+        for g in groups or ():
+            g["device"] = "cuda:0"
+
+    ours, theirs = Net(), Net()
+    with watching(OffloadedShadow.groups.fget, on_return=as_on_a_gpu):
+        ema = EMA.Config(**FIELDS, offload_to_cpu=True).build(model_parts=[ours])
+        assert {g["device"] for g in ema.shadow.groups} == {"cuda:0"}
+    main = MainEMA([theirs], **FIELDS)
+    host = {g.device for g in ema.shadow.layout.groups}
+    assert host == {"cpu"}
+    keys: list = []
+    with watching(OffloadedShadow.update_checked, on_call=lambda a: keys.append(set(a["weights_by_device"]))):
+        for step in range(1, 8):
+            _train_step([ours, theirs], step)
+            ema.step(step)
+            main.step(step)
+    assert keys == [host] * 2                          # steps 5 and 7 fire
+    for row, key in enumerate(ema.keys):
+        for t in ema.tracked:
+            assert _ulps(ema.shadow.view(t.fqn, row), main.copy(key)[t.fqn]) <= 1, (key, t.fqn)
+
+
 def test_the_decays_are_mains_at_every_firing():
     ema = EMA.Config(**FIELDS).build(model_parts=[Net()])
     for n in (1, 2, 7, 1000):

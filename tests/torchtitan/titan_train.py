@@ -123,15 +123,17 @@ def ranked_run(rank: int, world: int, folder: str, steps: int, save_at: int, unt
     return rows(ema)
 
 
-def _local_rows(rank: int, world: int, step: int) -> torch.Tensor:
-    """This rank's rows of the global ``(6, 3)`` weight after ``step`` steps (the same on any world size)."""
-    full = torch.arange(18, dtype=torch.float32).reshape(6, 3) * 0.1 + step * 0.25 + step ** 2 * 0.01
+def _local_rows(rank: int, world: int, step: int, n: int = 6) -> torch.Tensor:
+    """This rank's rows of the global ``(n, 3)`` weight after ``step`` steps (the same on any world size;
+    ``torch.chunk``'s split, DTensor's: 5 rows on 2 ranks are 3 and 2)."""
+    full = torch.arange(3 * n, dtype=torch.float32).reshape(n, 3) * 0.1 + step * 0.25 + step ** 2 * 0.01
     return full.chunk(world, dim=0)[rank].clone()
 
 
 def spmd_save(rank: int, world: int, folder: str, steps: int) -> dict:
-    """Plain local shards with layout metadata (torchtitan's spmd_types backend): each rank's parameter
-    holds its rows of a ``(6, 3)`` weight; the EMA is told the layout; ``dcp.save``."""
+    """Plain local shards with layout metadata (torchtitan's spmd_types backend): each rank's parameters
+    hold their rows of a ``(6, 3)`` weight and of a ``(5, 3)`` one (uneven shards: its global shape given);
+    the EMA is told the layouts (checked against the shards at build); ``dcp.save``."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
@@ -140,11 +142,13 @@ def spmd_save(rank: int, world: int, folder: str, steps: int) -> dict:
     mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
     part = nn.Module()
     part.w = nn.Parameter(_local_rows(rank, world, 0))
-    layouts = {"w": (mesh, [Shard(0)])} if mesh is not None else None
+    part.u = nn.Parameter(_local_rows(rank, world, 0, 5))
+    layouts = {"w": (mesh, [Shard(0)]), "u": (mesh, [Shard(0)], (5, 3))} if mesh is not None else None
     ema = EMA.Config(decays=[0.5], half_life_fractions=[0.3]).build(model_parts=[part], layouts=layouts)
     for step in range(1, steps + 1):
         with torch.no_grad():
             part.w.copy_(_local_rows(rank, world, step))
+            part.u.copy_(_local_rows(rank, world, step, 5))
         ema.step(step)
     dcp.save({STATE_KEY: ema}, checkpoint_id=folder)
     if dist.is_initialized():
@@ -161,7 +165,8 @@ def spmd_load(rank: int, world: int, folder: str) -> dict:
     mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
     part = nn.Module()
     part.w = nn.Parameter(torch.zeros_like(_local_rows(rank, world, 0)))
-    layouts = {"w": (mesh, [Shard(0)])} if mesh is not None else None
+    part.u = nn.Parameter(torch.zeros_like(_local_rows(rank, world, 0, 5)))
+    layouts = {"w": (mesh, [Shard(0)]), "u": (mesh, [Shard(0)], (5, 3))} if mesh is not None else None
     ema = EMA.Config(decays=[0.5], half_life_fractions=[0.3]).build(model_parts=[part], layouts=layouts)
     dcp.load({STATE_KEY: ema}, checkpoint_id=folder)
     return rows(ema)
