@@ -5,11 +5,18 @@ refused every CUDA launch, with the way out (the ``spawn`` start method); CUDA d
 CUDA launches (:mod:`.cuda_bound`), and :func:`refuse_cuda_after_fork` is the check alone, for an owner
 whose kept launches would launch without asking (a smoother's). Each is cached (a C-level call once
 made), and the at-fork hook drops the caches in a child, which asks again.
+
+The rule, in one place: a child is forked after CUDA where its parent had loaded the CUDA launch
+layer (not under the simulator). There the hook also leaves the parent's CUDA objects to the parent
+(:func:`.cuda_frees.in_child_forked_after_cuda`: their deferred frees dropped, none queued again). A
+child of a process that never loaded it may use CUDA itself, and frees its own objects.
 """
 from __future__ import annotations
 
 import functools
 import os
+
+from . import cuda_frees
 
 _FORKED_AFTER_CUDA = False      # this process was forked from one that had launched on a GPU
 
@@ -51,6 +58,7 @@ def _after_fork_in_child() -> None:
         _cuda.cache_clear()                                       # the next CUDA launch asks again, and is refused
         _cuda_bound.cache_clear()
         refuse_cuda_after_fork.cache_clear()
+        cuda_frees.in_child_forked_after_cuda()                   # the parent's objects are the parent's to free
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -6,7 +6,8 @@ calls in a process that loaded ``testkit/emulator.c`` as its driver, which refus
   reference cycles), which may be inside a user's CUDA-graph capture (torch 2.13's ``torch.cuda.graph`` collects
   nothing first): they are deferred to a safe point, never issued while a stream fastema knows is capturing, and
   a pinned block is freed only after the copy from it has run;
-- a forked child (a DataLoader worker) that collects the parent's objects makes no driver call;
+- a forked child (a DataLoader worker) that collects the parent's objects makes no driver call; a child of a
+  process that had not used CUDA uses it, and frees its own objects;
 - a launch whose code is not loaded yet (a first swap, copy or scan), inside a capture, is refused by fastema
   before any call the capture forbids;
 - no event is queried while another stream fastema knows captures;
@@ -70,6 +71,37 @@ def cycle():
     other = EMA(model, 0.99)
     other.update()
     del other, model
+
+
+def in_child(fn) -> dict:
+    """``fn()`` in a forked child: its outcome, or what it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            got = fn()
+        except BaseException as err:
+            got = {"raised": f"{type(err).__name__}: {err}", "where": traceback.format_exc()[-1500:]}
+        os.write(w, json.dumps(got).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    return json.loads(os.read(r, 1 << 20).decode())
+
+
+@scenario
+def child_of_a_process_without_cuda_frees_its_own():
+    """The first scenario (nothing has used CUDA here): a forked worker uses it, and frees its own objects."""
+    def child():
+        gc.collect(); gc.disable()
+        before = dict(e.counters())
+        with fake_gpu(stub_driver=True):
+            cycle()
+            gc.collect()
+            fastema.clear_caches()                     # a safe point
+        return {k: e[k] - before[k] for k in ("device_frees", "host_frees", "forked_calls")}
+    return in_child(child)
 
 
 @scenario
@@ -262,6 +294,13 @@ def test_a_forked_child_makes_no_driver_call_when_it_collects(outcome):
     got = outcome["forked_child_collects"]
     _clean(got)
     assert got["child_calls"] == 0 and not got["child_errors"], got
+
+
+def test_a_child_of_a_process_that_had_not_used_cuda_frees_its_own_objects(outcome):
+    got = outcome["child_of_a_process_without_cuda_frees_its_own"]
+    _clean(got)
+    assert got["device_frees"] >= 5 and got["host_frees"] >= 4 and got["forked_calls"] == 0, got   # as a parent's
+
 
 
 @pytest.mark.parametrize("name,entry", [("first_swap_in_a_capture", "swap"),
