@@ -147,8 +147,6 @@ class Smoother:
             w0 = self._w0                                 # the same object: a bound launch packs nothing
         else:
             self._w0 = w0
-        if self._bound:
-            _launch.refuse_cuda_after_fork()              # a launch kept from before a fork: refused, naming spawn
         key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
         group = self._groups.get(key)
         if group is None:

@@ -24,7 +24,9 @@
      driver refuses it (a bad handle, no context, a block over 1024 threads or the kernel's own limit, a grid
      out of range, kernelParams and extra both or neither given, a malformed extra);
    - flags: of streams, events and pinned blocks, checked (unknown bits: CUDA_ERROR_INVALID_VALUE) and kept;
-   - a fork: every call from a forked child is counted and answers CUDA_ERROR_NOT_INITIALIZED;
+   - a fork: as the driver, after cuInit only (CUDA initialised before the fork): every call from such a
+     forked child (and its own children) is counted and answers CUDA_ERROR_NOT_INITIALIZED; a child of a
+     process that never called cuInit is a fresh process to the driver, its calls work;
    - cuda-bindings' loader asks cuGetProcAddress for every entry point it has: those below are the emulator's
      (each with the real prototype, cuda-bindings' cydriver.pxd: a test compares them); any other one gets a
      function that counts its name as an unknown call and answers CUDA_ERROR_NOT_SUPPORTED. */
@@ -193,7 +195,7 @@ long long emu_captured_calls[N_ENTRIES + 1];  /* calls made while a capture was 
 static int active_captures = 0;
 
 static void unlock_it(int *unused) { (void)unused; release_it(); }
-static void child(void) { forked = 1; spin = 0; }
+static void child(void) { if (initialized) forked = 1; spin = 0; }   /* CUDA initialised at the fork: refused */
 static int forked_call(void) { emu_count[C_FORKED]++; return NOT_INITIALIZED; }
 
 /* Every entry: a forked child's call is counted and refused; the state is locked for the call; counted. */

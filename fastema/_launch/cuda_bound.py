@@ -81,10 +81,10 @@ class LerpLaunch(_Bound):
         g = self.group
         t = g.tables
         raw = g.current_stream()
-        if self.pins:
-            _pin(self, raw)
         self._launch(self._dispatcher, (*t.args(), weights, self.flag, key), raw,
                      max(1, min(t.chunks, config.CUDA_MAX_BLOCKS)))
+        if self.pins:                                     # after the launch: its fork check comes first
+            _pin(self, raw)
 
     def once(self, weights, key=0) -> None:
         """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""
@@ -124,9 +124,9 @@ class BoundLaunch(_Bound):
         g = self.group
         front = () if self.tables_of is None else self.tables_of(g.tables)
         raw = g.current_stream()
-        if self.pins:
-            _pin(self, raw)
         self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), raw, self.blocks(middle))
+        if self.pins:                                     # after the launch: its fork check comes first
+            _pin(self, raw)
 
     def once(self, *middle) -> None:
         """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""

@@ -19,14 +19,15 @@ device memory came from until round 8, queued its frees too.
   path calls it where no stream the launch driver knows is being captured
   (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.cuda_base.prune_retired`), where
   tables are made (an upload) and at ``fastema.clear_caches()``.
-- In a forked child (``os.register_at_fork``) the queue is emptied and nothing is queued again: the
-  child frees none of the parent's objects (the parent frees its own; the child's exit drops the
-  rest).
+- In a child forked after CUDA (the fork rule is :mod:`.forked`'s: the parent had loaded the CUDA
+  launch layer; its at-fork hook calls :func:`in_child_forked_after_cuda`) the queue is emptied and
+  nothing is queued again: the child frees none of the parent's objects (the parent frees its own;
+  the child's exit drops the rest). A child of a process that never used CUDA may use it: it frees
+  its own objects as any process does.
 """
 from __future__ import annotations
 
 import collections
-import os
 
 from .cuda_results import CudaDriverError, _gone, api_error, check
 
@@ -42,7 +43,7 @@ PENDING: collections.deque = collections.deque()
 (``guard``: a pinned block's one-item list holding the event recorded after the last copy from it,
 or None)."""
 
-_CHILD = False          # this process is a forked child: it frees nothing of its parent's
+_CHILD = False          # this process was forked after CUDA: it frees nothing of its parent's
 
 
 def defer(d, context, call: str, handle, guard: list | None = None) -> None:
@@ -112,12 +113,11 @@ def _free(d, context, call: str, handle, guard) -> None:
             check("cuCtxPopCurrent", d.cuCtxPopCurrent())
 
 
-def _in_child() -> None:
+def in_child_forked_after_cuda() -> None:
+    """Drop the queue and queue nothing again: this process is a child forked from one that had used
+    CUDA (called by :mod:`.forked`'s at-fork hook, which holds the rule)."""
     global _CHILD
     _CHILD = True
     PENDING.clear()
     if FREES in WAITING:
         WAITING.remove(FREES)
-
-
-os.register_at_fork(after_in_child=_in_child)

@@ -10,7 +10,7 @@ import operator
 
 import numpy as np
 
-from . import abi, argtypes, config, device_code, kernel_refs
+from . import abi, argtypes, config, device_code, forked, kernel_refs
 from . import cuda_base as C
 from .drivers import current
 
@@ -66,7 +66,10 @@ class _Bound:
     def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
         """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: the bound block (patched
         where an argument changed) where every argument fits it, else bound again (``dispatcher(args)``
-        gives the kernel)."""
+        gives the kernel). Refused in a child forked after CUDA (:mod:`.forked`: a launch kept from before
+        the fork meets the refusal here, at every launch, before any driver call)."""
+        if forked.FORKED_AFTER_CUDA:                      # one module-level read per launch; no call
+            forked.refuse_cuda_after_fork()
         if C.WAITING:                                     # released sources waiting for their events
             C.prune_retired(self.driver, raw, self.index)
         if self.func is not None:

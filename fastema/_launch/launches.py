@@ -8,13 +8,15 @@ sources moved replaces ``group.tables`` and keeps them (see :mod:`fastema._launc
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from . import cpu_bound
-from .forked import _cuda_bound
+from .forked import _cuda
 from .op import OPS
 
 
@@ -196,10 +198,23 @@ def prepare(op: str, group, **fixed) -> Launch:
 
 def _target(device: str):
     """The target module of ``device``: :mod:`.cpu_bound`, or :mod:`.cuda_bound` after the package's fork
-    check (:func:`.forked._cuda_bound`: refused in a child forked after CUDA was used)."""
+    check (:func:`_cuda_bound`: refused in a child forked after CUDA was used)."""
     if not is_cuda(device):
         return cpu_bound
     return _cuda_bound()
+
+
+@functools.cache
+def _cuda_bound():
+    """The bound CUDA launches (:mod:`.cuda_bound`), after the fork check of :func:`.forked._cuda` (cached:
+    a C-level call once made; the cache is dropped in every forked child, which asks again)."""
+    _cuda()
+    from . import cuda_bound
+
+    return cuda_bound
+
+
+os.register_at_fork(after_in_child=_cuda_bound.cache_clear)
 
 
 def _check_carrier(group, fixed: dict) -> None:

@@ -159,6 +159,24 @@ SCRIPT = textwrap.dedent(r"""
     fork("failed_fold", raise_next_read)
     report["failed_fold_parent"] = raise_next_read()
 
+    # ---- a free queued in a child (the driver's bindings stood in for: a recorder)
+    class Bindings:
+        def __init__(self):
+            self.freed = []
+
+        def cuMemFree(self, handle):
+            self.freed.append(handle)
+            return (0,)
+
+    def frees():
+        from fastema._launch import cuda_frees
+        b = Bindings()
+        cuda_frees.defer(b, None, "cuMemFree", 7)
+        cuda_frees.free_pending()
+        return b.freed
+
+    fork("no_cuda", lambda: {"freed": frees()})     # nothing here has used CUDA: the child may, and frees its own
+
     # ---- CUDA in a child of a process that had launched on a GPU: refused with the way out
     fastema._launch._cuda()                         # as after a first CUDA launch (no GPU needed to load it)
 
@@ -168,7 +186,7 @@ SCRIPT = textwrap.dedent(r"""
             launch("copy", Group("cuda:0", 0, 0, fastema._launch.tables([0], [4], [0], "cpu")),
                    to_shadow=True, row_lo=0, row_hi=1)
         except RuntimeError as err:
-            return {"refused": str(err)}
+            return {"refused": str(err), "freed": frees()}
         return {"refused": None}
 
     fork("cuda", cuda_child)
@@ -206,6 +224,11 @@ def test_a_fold_error_from_before_the_fork_is_raised_at_the_next_read_in_both(re
 def test_cuda_in_a_child_of_a_process_that_used_it_is_refused_naming_spawn(report):
     refused = report["cuda"].get("refused") or ""
     assert "forked" in refused and "'spawn'" in refused, report["cuda"]
+    assert report["cuda"]["freed"] == [], report["cuda"]            # the parent's objects: the parent's to free
+
+
+def test_a_child_of_a_process_that_had_not_used_cuda_frees_what_it_queues(report):
+    assert report["no_cuda"].get("freed") == [7], report["no_cuda"]
 
 
 def test_a_child_forked_while_a_fold_ran_refuses_every_read():

@@ -1,7 +1,8 @@
 """The driver emulator (``testkit/emulator.c``, issue 78 item 1) refuses what a CUDA driver refuses, through
 cuda-bindings' real calls, each in a process that loaded it as its ``libcuda.so.1``: a call with no current
 context, a free during a capture (the capture invalidated for good; by global mode from another thread, not by
-thread-local or relaxed), a swapped launch geometry or parameter block, a call from a forked child; every
+thread-local or relaxed), a swapped launch geometry or parameter block, a call from a child forked after cuInit
+(a child of a process that never called it works, as on the driver); every
 out-parameter is written (an unwritten capture status made cuda-bindings raise ``ValueError``); events answer
 NOT_READY until their stream's work is done; a launch is recorded with the parameter bank gathered by the
 kernel's own layout, read from the shipped image. Its entry points are held to cuda-bindings' own prototypes
@@ -33,10 +34,10 @@ ctx = d.cuDevicePrimaryCtxRetain(d.cuDeviceGet(0)[1])[1]
 """
 
 
-def _run(body: str) -> str:
+def _run(body: str, prelude: str = _PRELUDE) -> str:
     if emulator.library_dir() is None:
         pytest.skip("no C compiler for the driver emulator")
-    done = emulator.run(_PRELUDE + textwrap.dedent(body))
+    done = emulator.run(prelude + textwrap.dedent(body))
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -245,6 +246,39 @@ def test_a_call_from_a_forked_child_is_counted_and_refused():
         print(os.read(r, 1000).decode(), e["forked_calls"], d.cuMemFree(p)[0].name)
     """)
     assert out.strip() == "('CUDA_ERROR_NOT_INITIALIZED', 'CUDA_ERROR_NOT_INITIALIZED', 2) 0 CUDA_SUCCESS", out
+
+
+def test_a_child_of_a_process_that_never_called_cuinit_uses_cuda_as_any_process():
+    # The driver refuses a forked child only where CUDA was initialised before the fork: a worker forked
+    # from a process that never touched CUDA initialises it and works; its own forked child is refused.
+    out = _run("""
+        import os
+        from cuda.bindings import driver as d
+        from testkit.emulator import Emulator
+        e = Emulator()
+        R = d.CUresult
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            got = [d.cuInit(0)[0].name]
+            ctx = d.cuDevicePrimaryCtxRetain(d.cuDeviceGet(0)[1])[1]
+            got.append(d.cuCtxPushCurrent(ctx)[0].name)
+            err, p = d.cuMemAlloc(8)
+            got += [err.name, d.cuMemFree(p)[0].name, e["forked_calls"]]
+            r2, w2 = os.pipe()
+            pid2 = os.fork()
+            if pid2 == 0:                                  # the child's child: CUDA was initialised at its fork
+                os.write(w2, d.cuCtxGetCurrent()[0].name.encode())
+                os._exit(0)
+            os.waitpid(pid2, 0)
+            got.append(os.read(r2, 100).decode())
+            os.write(w, repr(got).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(r, 1000).decode(), e["forked_calls"], e.calls("cuInit"))
+    """, prelude="")
+    assert out.strip() == ("['CUDA_SUCCESS', 'CUDA_SUCCESS', 'CUDA_SUCCESS', 'CUDA_SUCCESS', 0, "
+                           "'CUDA_ERROR_NOT_INITIALIZED'] 0 0"), out
 
 
 def test_a_graph_replays_what_its_capture_captured():

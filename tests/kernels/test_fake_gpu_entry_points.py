@@ -7,6 +7,7 @@ and the fake GPU is an adapter of its own (``testkit.fake_backend``) given throu
 import collections
 import copy
 import gc
+import json
 import os
 import sys
 
@@ -129,29 +130,47 @@ def test_a_smoother_under_the_fake_gpu_refuses_values_of_another_device():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_smoother_in_a_child_forked_after_cuda_is_refused_naming_spawn():
-    """Its launches are bound once, in the parent: the child's update still meets the launch path's
-    fork refusal (CUDA does not survive a fork), not the driver."""
-    with fake_gpu(record=False):
+def test_every_kept_launch_in_a_child_forked_after_cuda_is_refused_naming_spawn():
+    """Launches bound in the parent (an EMA's, a TargetNetwork's, a smoother's, ``ema_update_``'s cached
+    pair's) are called again in the child: each meets the launch path's fork refusal (CUDA does not survive
+    a fork), not the driver, and launches nothing; the parent goes on."""
+    with fake_gpu(record=True) as fake:
+        model = rl_mlp(hidden=16)
+        ema = EMA(model, 0.99)
+        target = TargetNetwork(model, copy.deepcopy(model).requires_grad_(False), tau=0.005)
         s = fastema.Smoother(decay=0.9, window=3)
-        v = torch.ones(2)
-        s.update(v)                                       # bound for v's view
+        a, x, v = torch.zeros(64), torch.ones(64), torch.ones(2)
+        calls = {"EMA.update": ema.update, "TargetNetwork.update": target.update,
+                 "Smoother.update": lambda: s.update(v), "ema_update_": lambda: fastema.ema_update_(a, x, 0.5)}
+        for call in calls.values():                       # bound, then kept
+            call()
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:                                      # the child: report, then leave at once
+            said = {}
             try:
-                s.update(v)
-                said = b"updated"
-            except RuntimeError as err:
-                said = str(err).encode()[:500]
-            os.write(write, said)
-            os._exit(0)
+                before = len(_launches(fake))
+                for name, call in calls.items():
+                    try:
+                        call()
+                        said[name] = "ran"
+                    except RuntimeError as err:
+                        said[name] = str(err)[:500]
+                said["launches"] = str(len(_launches(fake)) - before)
+                said["counts"] = str((ema.updates, target.updates, s.count))
+            finally:
+                os.write(write, json.dumps(said).encode())
+                os._exit(0)
         os.close(write)
-        said = os.read(read, 1000).decode()
+        said = json.loads(os.read(read, 1 << 16).decode())
         os.waitpid(pid, 0)
-        s.update(v)                                       # the parent goes on
-    assert "forked" in said and "'spawn'" in said, said
-    assert s.count == 2
+        for call in calls.values():                       # the parent goes on
+            call()
+    assert said.pop("launches") == "0" and said.pop("counts") == "(1, 1, 1)", said
+    assert set(said) == set(calls), said
+    for name, message in said.items():
+        assert "forked" in message and "'spawn'" in message, (name, message)
+    assert (ema.updates, target.updates, s.count) == (2, 2, 2)
 
 
 def test_tracker_update_runs_in_the_fake_gpu():

@@ -6,7 +6,9 @@ calls in a process that loaded ``testkit/emulator.c`` as its driver, which refus
   reference cycles), which may be inside a user's CUDA-graph capture (torch 2.13's ``torch.cuda.graph`` collects
   nothing first): they are deferred to a safe point, never issued while a stream fastema knows is capturing, and
   a pinned block is freed only after the copy from it has run;
-- a forked child (a DataLoader worker) that collects the parent's objects makes no driver call;
+- a forked child (a DataLoader worker) that collects the parent's objects makes no driver call; its launches
+  (kept from before the fork too) are fastema's refusal naming ``spawn``, before any driver call; a child of a
+  process that had not used CUDA uses it, and frees its own objects;
 - a launch whose code is not loaded yet (a first swap, copy or scan), inside a capture, is refused by fastema
   before any call the capture forbids;
 - no event is queried while another stream fastema knows captures;
@@ -72,6 +74,37 @@ def cycle():
     del other, model
 
 
+def in_child(fn) -> dict:
+    """``fn()`` in a forked child: its outcome, or what it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            got = fn()
+        except BaseException as err:
+            got = {"raised": f"{type(err).__name__}: {err}", "where": traceback.format_exc()[-1500:]}
+        os.write(w, json.dumps(got).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    return json.loads(os.read(r, 1 << 20).decode())
+
+
+@scenario
+def child_of_a_process_without_cuda_frees_its_own():
+    """The first scenario (nothing has used CUDA here): a forked worker uses it, and frees its own objects."""
+    def child():
+        gc.collect(); gc.disable()
+        before = dict(e.counters())
+        with fake_gpu(stub_driver=True):
+            cycle()
+            gc.collect()
+            fastema.clear_caches()                     # a safe point
+        return {k: e[k] - before[k] for k in ("device_frees", "host_frees", "forked_calls")}
+    return in_child(child)
+
+
 @scenario
 def frees_during_a_capture():
     """A collection inside a capture of EMA.update(): nothing freed then, everything at the next safe point."""
@@ -135,6 +168,36 @@ def forked_child_collects():
         gc.collect()
     gc.enable()
     return {"child_calls": child[0], "child_errors": child[1][:3]}
+
+
+@scenario
+def forked_child_launches():
+    """A child forked after CUDA use: every launch, kept from before the fork too, is fastema's refusal before
+    any driver call."""
+    gc.collect(); gc.disable()
+    with fake_gpu(stub_driver=True):
+        model = rl_mlp(hidden=16, seed=5)
+        ema = EMA(model, 0.99)
+        target = fastema.torch.TargetNetwork(model, copy.deepcopy(model).requires_grad_(False), tau=0.005)
+        s, x = torch.zeros(64), torch.ones(64)
+        for _ in range(2):
+            ema.update(); target.update(); fastema.ema_update_(s, x, 0.5)
+        calls = {"EMA.update": ema.update, "TargetNetwork.update": target.update,
+                 "ema_update_": lambda: fastema.ema_update_(s, x, 0.5)}
+
+        def child():
+            before, said = e["forked_calls"], {}
+            for name, call in calls.items():
+                try:
+                    call()
+                    said[name] = None
+                except RuntimeError as err:
+                    said[name] = str(err)
+            return {"said": said, "driver_calls": e["forked_calls"] - before, "updates": ema.updates}
+        got = in_child(child)
+        del ema, target, model
+    gc.enable()
+    return got
 
 
 def first_use(name, warm, call):
@@ -262,6 +325,22 @@ def test_a_forked_child_makes_no_driver_call_when_it_collects(outcome):
     got = outcome["forked_child_collects"]
     _clean(got)
     assert got["child_calls"] == 0 and not got["child_errors"], got
+
+
+def test_a_child_of_a_process_that_had_not_used_cuda_frees_its_own_objects(outcome):
+    got = outcome["child_of_a_process_without_cuda_frees_its_own"]
+    _clean(got)
+    assert got["device_frees"] >= 5 and got["host_frees"] >= 4 and got["forked_calls"] == 0, got   # as a parent's
+
+
+def test_every_launch_in_a_child_forked_after_cuda_is_refused_before_any_driver_call(outcome):
+    got = outcome["forked_child_launches"]
+    _clean(got)
+    said = got["said"]
+    assert set(said) == {"EMA.update", "TargetNetwork.update", "ema_update_"}, got
+    for name, message in said.items():
+        assert message and "forked" in message and "'spawn'" in message, (name, message)
+    assert got["driver_calls"] == 0 and got["updates"] == 2, got
 
 
 @pytest.mark.parametrize("name,entry", [("first_swap_in_a_capture", "swap"),
