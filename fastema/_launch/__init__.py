@@ -20,7 +20,7 @@ launches on is being captured (:mod:`.cuda_bound`).
 After ``os.fork()`` (docs/guides/processes.md): the child's CPU launches run the serial twins when
 the parent had started numba's OpenMP layer (:mod:`.cpu`); its CUDA launches, those kept from
 before the fork too, are refused with the way out (the ``spawn`` start method) when the parent had
-launched on a GPU (:mod:`.forked`, :func:`refuse_cuda_after_fork`).
+launched on a GPU (:mod:`.forked`: :func:`.forked.refuse_cuda_after_fork`).
 
 A checkpoint merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from
 host memory).
@@ -35,12 +35,12 @@ from ..kernels import _bits
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config, drivers
 from .cpu import merge as merge  # the merge launcher (CPU only)
-from .forked import _cuda, refuse_cuda_after_fork  # noqa: F401  (the fork check)
+from .forked import _cuda  # the CUDA launch layer, after the fork check
 from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
 from .op import OPS, VARYING
 
 __all__ = ["Group", "Launch", "Launches", "OPS", "Tables", "VARYING", "launch", "merge", "prepare",
-           "refuse_cuda_after_fork", "refuse_during_capture", "spec", "tables", "update_addresses"]
+           "refuse_during_capture", "spec", "tables", "update_addresses"]
 
 
 def sr_noise(key: int, index: int) -> int:
