@@ -33,6 +33,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from . import _launch
+from ._bound import LERP
 from ._layout import DTYPES, FlatLayout, parse_sources
 from ._sources import FollowsSources, SourceTable
 from .kernels.kinds import F64, ITEMSIZE
@@ -40,10 +41,9 @@ from .kernels.kinds import F64, ITEMSIZE
 __all__ = ["ChunkedSources", "Window", "cut"]
 
 # the windows' launch specs (group.launch): a chunk packed from the sources and unpacked into them,
-# a window folded into the host shadow (by stochastic rounding), BEMA's output
+# BEMA's output (a window folded into the host shadow: the per-step lerp's, _bound.LERP)
 _PACK = _launch.spec("copy", to_shadow=True, row_lo=0, row_hi=1)
 _UNPACK = _launch.spec("copy", to_shadow=False, row_lo=0, row_hi=1)
-_FOLD = (_launch.spec("lerp"), _launch.spec("lerp", stochastic=True))
 _BEMA = _launch.spec("bema")
 
 
@@ -250,7 +250,7 @@ class ChunkedSources(FollowsSources):
         ``key``: the group's stochastic-rounding key of this update). ``slot=None``: with the sources
         themselves, where they are (host memory; the caller keeps them still meanwhile)."""
         g = self._direct_group(i, rows) if slot is None else self._fold_group(i, slot, rows)
-        g.launch_of(_FOLD[stochastic])(weights, key)                    # kept by the window's group
+        g.launch_of(LERP[stochastic])(weights, key)                     # kept by the window's group
 
     def copy_in(self, i: int, slot: int, rows: int, count: int) -> None:
         """Host shadow rows ``[0, count)`` of window ``i``'s columns <- its host copy at ``slot``."""
