@@ -62,6 +62,10 @@ class Tables(NamedTuple):
     def args(self):
         return self.n, self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
+    def scanned(self) -> tuple:
+        """What a scan of the sources reads (no shadow): sources, offsets, chunks."""
+        return self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
+
     def arrays(self) -> list:
         """Every array these tables hold (on CUDA their pinned staging too), for memory accounting."""
         out = [self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin]

@@ -11,6 +11,7 @@ fork rules are :mod:`.cpu`'s).
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numba
@@ -23,15 +24,8 @@ _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is as
 _ZERO_KEY = np.uint32(0)
 _HOST_KEY = numba.typeof(_ZERO_KEY)
 
-
-def _tables(t) -> tuple:
-    """What a launch over the tables reads first: the row stride, shadows, sources, offsets, chunks."""
-    return t.args()
-
-
-def _scanned(t) -> tuple:
-    """The tables a scan of the sources reads (no shadow)."""
-    return t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin
+_TABLES = operator.methodcaller("args")         # a launch over the tables: n, shadows, sources, offsets, chunks
+_SCANNED = operator.methodcaller("scanned")     # a scan of the sources (no shadow)
 
 
 class LerpLaunch:
@@ -130,7 +124,7 @@ class BoundLaunch:
 
     __slots__ = ("_group", "_t", "_front", "_kernel_of", "_head", "_tail", "_rows", "_size", "_fns", "_tables_of")
 
-    def __init__(self, group, kernel_of, head: tuple, tail: tuple, rows: int, tables_of=_tables):
+    def __init__(self, group, kernel_of, head: tuple, tail: tuple, rows: int, tables_of=_TABLES):
         self._group, self._kernel_of, self._head, self._tail, self._rows = group, kernel_of, head, tail, rows
         self._tables_of = tables_of
         self._fns: list = [None, None]
@@ -232,7 +226,7 @@ def _swap(group, *, mode, row) -> BoundLaunch:                                  
 
 def _nonfinite(group, *, flag) -> BoundLaunch:                                           # run()
     kind = group.src_kind
-    return BoundLaunch(group, lambda par: P.K.nonfinite_kernel(kind, par), (), (flag,), 1, tables_of=_scanned)
+    return BoundLaunch(group, lambda par: P.K.nonfinite_kernel(kind, par), (), (flag,), 1, tables_of=_SCANNED)
 
 
 def _window(group, *, ring_kind) -> BoundLaunch:               # run(ring_addr, slot, full, count, recompute)

@@ -97,11 +97,7 @@ class LerpLaunch(_Bound):
 
 
 _TABLES = operator.methodcaller("args")           # a launch over the tables: n, shadows, sources, offsets, chunks
-
-
-def _scanned(t) -> tuple:
-    """The tables a scan of the sources reads (no shadow)."""
-    return t.seg_addr, t.seg_offset, t.chunk_seg, t.chunk_begin
+_SCANNED = operator.methodcaller("scanned")       # a scan of the sources (no shadow)
 
 
 class BoundLaunch(_Bound):
@@ -194,7 +190,7 @@ def _swap(group, *, mode, row) -> BoundLaunch:                                  
 
 def _nonfinite(group, *, flag) -> BoundLaunch:                                           # run()
     """The scan of a group's sources for inf/NaN into ``flag``."""
-    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_scanned)
+    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_SCANNED)
 
 
 def _window(group, *, ring_kind) -> BoundLaunch:               # run(ring_addr, slot, full, count, recompute)
