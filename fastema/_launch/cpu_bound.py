@@ -132,14 +132,14 @@ class BoundLaunch:
 
     def _follow(self, t) -> None:
         self._t = t
-        self._front = () if self._tables_of is None else (*self._tables_of(t), *self._head)
+        # what comes before ``middle``: what tables_of takes of the tables (none where None), then head
+        self._front = self._head if self._tables_of is None else (*self._tables_of(t), *self._head)
         self._size = t.n * self._rows if self._tables_of is not None and t.chunks > 1 else -1
 
     def __call__(self, *middle) -> None:
         if self._group.tables is not self._t:
             self._follow(self._group.tables)            # the sources moved: the group's new tables
-        args = (*self._front, *middle, *self._tail) if self._tables_of is not None else \
-            (*self._head, *middle, *self._tail)
+        args = (*self._front, *middle, *self._tail)
         n = P.team() if P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW else 0
         par = n > 0
         fn = self._fns[par]
@@ -156,9 +156,8 @@ class BoundLaunch:
         """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
         if self._group.tables is not self._t:
             self._follow(self._group.tables)
-        front = self._front if self._tables_of is not None else self._head
         par = P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW and P.team() > 0
-        P.run(self._kernel_of(par), par, *front, *middle, *self._tail)
+        P.run(self._kernel_of(par), par, *self._front, *middle, *self._tail)
 
 
 def _entry_point(kernel, args):
