@@ -63,32 +63,29 @@ class Launches:
     good when they launch on a stream being captured (as a one-off launch does)."""
 
     pins: bool = False
-    _kept: dict
+    _kept: dict                     # the launches kept: every group sets it to {} when it is made
 
     def launch(self, op: str, **fixed) -> Launch:
         """The group's launch of ``op`` with ``fixed`` (:data:`.op.OPS`), prepared at its first call."""
         key = (op, *fixed.items())
         try:
             return self._kept[key]
-        except (KeyError, TypeError, AttributeError):   # a first call; an array among fixed; nothing kept yet
+        except (KeyError, TypeError):                   # a first call; an array among fixed
             return self._prepared(key)
 
     def launch_of(self, spec: tuple) -> Launch:
         """:meth:`launch` of a :func:`spec` made once (an owner's per-step launch: the key itself)."""
         try:
             return self._kept[spec]
-        except (KeyError, AttributeError):
+        except KeyError:
             return self._prepared(spec)
 
     def prepared(self) -> list[tuple[str, Launch]]:
         """``(op, launch)`` of every launch this group keeps, oldest first."""
-        return [(key[0], run) for key, run in getattr(self, "_kept", {}).items()]
+        return [(key[0], run) for key, run in self._kept.items()]
 
     def _prepared(self, key: tuple) -> Launch:
-        try:
-            kept = self._kept
-        except AttributeError:
-            kept = self._kept = {}
+        kept = self._kept
         op = key[0]
         fixed = {k: v.obj if type(v) is _Same else v for k, v in key[1:]}
         try:
