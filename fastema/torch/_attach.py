@@ -56,7 +56,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import _backends, _privates
+from .. import _backends
 from ._face import compiled as _compile
 from ._state import attach_checks as _checks
 from ._state import attached as _params
@@ -362,15 +362,10 @@ def hooked(optimizer: Any) -> Any:
     and ``load_state_dict`` to the optimizer it holds as ``.optimizer`` (accelerate's
     ``AcceleratedOptimizer``, what ``accelerator.prepare`` returns) is attached through that one."""
     inner = getattr(optimizer, "optimizer", None)
-    while (isinstance(optimizer, torch.optim.Optimizer) and not _has_hooks(optimizer)
+    while (isinstance(optimizer, torch.optim.Optimizer) and not _checks.has_hooks(optimizer)
            and isinstance(inner, torch.optim.Optimizer)):
         optimizer, inner = inner, getattr(inner, "optimizer", None)
     return optimizer
-
-
-def _has_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    return hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
-                                                  "_optimizer_step_post_hooks"))
 
 
 def dummy_step(optimizer: torch.optim.Optimizer) -> bool:

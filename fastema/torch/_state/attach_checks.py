@@ -14,9 +14,16 @@ import torch
 from ... import _privates
 from . import attached as _params
 
-__all__ = ["KEY", "bypasses", "check", "check_groups", "missed"]
+__all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "missed"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
+
+
+def has_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` has torch's optimizer hooks (its ``__init__`` ran
+    ``torch.optim.Optimizer``'s): what ``attach()`` registers on."""
+    return hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
+                                                  "_optimizer_step_post_hooks"))
 
 
 def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) -> None:
@@ -24,8 +31,7 @@ def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) ->
     optimizer -> its attachment)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not hasattr(optimizer, _privates.attribute("torch.optim.optimizer:Optimizer",
-                                                  "_optimizer_step_post_hooks")):
+    if not has_hooks(optimizer):
         raise TypeError(f"this {type(optimizer).__name__} has no optimizer hooks (its __init__ did "
                         f"not run torch.optim.Optimizer's): attach() the torch optimizer it wraps")
     _refuse_bypass(kind, optimizer)
