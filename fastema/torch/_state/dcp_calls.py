@@ -48,7 +48,7 @@ TESTED = _privates.checked(MODULE)   # the torch versions the table was checked 
 #: what the detection relies on: a name in :data:`MODULE` -> (the parameters a function must take,
 #: or the fields a dataclass must have, by name; what fastema tells by it)
 CONTRACT: dict[str, tuple[tuple[str, ...], str]] = _privates.contract(MODULE)
-_SEEN: list = []           # [(module, {code: function name})]: the module checked last
+_SEEN: list = []           # [(module, {function name: its code})]: the module checked last (verified)
 
 
 class DCPContractBroken(RuntimeError):
