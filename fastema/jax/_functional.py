@@ -191,12 +191,13 @@ class EmaTransform:
         on every face. ``params`` must be as ``init`` saw them: each leaf of the same kind (float,
         int, uint, bool), each float leaf of the same shape (else ValueError naming the leaf).
         """
-        leaves, treedef = jax.tree_util.tree_flatten(params)
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [x for _, x in with_paths]
         old, old_def = jax.tree_util.tree_flatten(state.averages)
         if cast(Any, treedef) != old_def:
             raise ValueError(f"params does not have the structure of the state (expected {old_def}, got "
                              f"{treedef}); init a new state for a new model")
-        self._check_leaves(params, state)
+        self._check_leaves(with_paths, old)
         due = state.calls % self.every == 0
         ok = None
         if step is None:
@@ -233,12 +234,12 @@ class EmaTransform:
                         jnp.where(due, skip, state.skipped))
 
     @staticmethod
-    def _check_leaves(params, state: EmaState) -> None:
-        """ValueError, naming the leaf, for a ``params`` leaf that is not what the state holds there:
-        another kind (a float leaf where the state averages an int one, or the reverse: the state
-        would change structure) or, averaged, another shape."""
-        with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
-        for (path, x), s in zip(with_paths, jax.tree_util.tree_leaves(state.averages)):
+    def _check_leaves(with_paths: list, averages: list) -> None:
+        """ValueError, naming the leaf, for a ``params`` leaf (``with_paths``: ``(path, leaf)``, as
+        flattened) that is not what the state holds there (``averages``: its averages' leaves): another
+        kind (a float leaf where the state averages an int one, or the reverse: the state would
+        change structure) or, averaged, another shape."""
+        for (path, x), s in zip(with_paths, averages):
             name = "params" + jax.tree_util.keystr(path)
             got, held = _kind(x), _kind(s)
             if got != held:
