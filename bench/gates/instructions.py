@@ -85,7 +85,7 @@ def parse_callgrind(text: str, leave_out: str = DRIVER) -> dict:
     """``{dump name: instructions}`` of a callgrind file with one dump per client request: the dump's total
     less the instructions of the object whose file name ends with ``leave_out`` (its functions' own
     instructions, not those of what they call)."""
-    out, name, total, left = {}, None, 0, 0
+    out, name, left = {}, None, 0
     objects: dict = {}                 # callgrind's compressed names: "(id)" -> file name
     inside = skip = False
     for line in text.splitlines():
@@ -108,11 +108,9 @@ def parse_callgrind(text: str, leave_out: str = DRIVER) -> dict:
             name, left, inside = line[len("desc: Trigger: Client Request: "):].strip(), 0, False
         elif line.startswith("part:"):
             left, inside = 0, False
-        elif name is not None and line.startswith(("totals:", "summary:")):
-            total = int(line.split()[1])
-            if line.startswith("totals:"):
-                out[name] = total - left
-                name = None
+        elif name is not None and line.startswith("totals:"):
+            out[name] = int(line.split()[1]) - left
+            name = None
     return out
 
 
