@@ -17,9 +17,9 @@ on the driver emulator (:mod:`testkit.emulator`, under ``fake_gpu(stub_driver=Tr
   warm-up) before any call the driver forbids there, and the capture ends valid.
 
 Each returns ``{name: {"ok": bool, ...what was seen}}``. A default ``EMA`` takes the plan a GPU's tensors
-give it: on a GPU the device plan; under the fake GPU today the host plan (CPU tensors described as on
-``cuda:0``), the device plan once the fake gives the GPU's default (the scenarios hold for both: constant
-decays, no schedule, so an eager call's launch equals a replay's either way).
+give it, the device plan, on a GPU and on the fake GPU alike (CPU tensors on ``cuda:0`` to fastema:
+:mod:`testkit.fake_backend`); the scenarios would hold for a host plan too (constant decays, no schedule, so
+an eager call's launch equals a replay's either way).
 """
 from __future__ import annotations
 
