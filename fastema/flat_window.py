@@ -21,10 +21,8 @@ from .kernels.kinds import F32, F64, ITEMSIZE, KIND_NAMES
 __all__ = ["WindowShadow"]
 
 _STATE_ROWS = 3            # the mean, then the compensated sum (value, compensation)
-
-
-
 _PUSH = {kind: _launch.spec("window", ring_kind=kind) for kind in DTYPES.values()}   # by ring kind
+
 
 class WindowShadow(ShadowBase):
     """The mean of the last ``window`` snapshots of the sources, kept with one launch per push.

@@ -22,7 +22,6 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
            "MAX_DECAYS"]
 
 
-
 # Inside torch.compile the array functions go through PyTorch custom operators, which
 # fastema.torch registers here when it is imported (this module knows nothing of torch):
 # "compiling" -> torch.compiler.is_compiling, and function name -> its operator call.
