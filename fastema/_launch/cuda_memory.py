@@ -26,7 +26,7 @@ import numpy as np
 
 from .._device_view import DeviceView
 from .cuda_frees import defer
-from .cuda_results import CudaDriverError, _gone, api_error, check  # noqa: F401  (their home for callers)
+from .cuda_results import CudaDriverError, api_error, check  # noqa: F401  (CudaDriverError: for callers)
 
 
 def _d():
