@@ -3,6 +3,7 @@ checkpoint keys) over fastema's flat shadow: every copy of every tracked tensor 
 (device, dtype) group, from one read of the parameters, the tensors listed once at construction."""
 from __future__ import annotations
 
+import collections
 import logging
 import re
 from dataclasses import dataclass
@@ -296,14 +297,12 @@ def _select(parts: list[nn.Module], patterns: Sequence[str], layouts: dict) -> l
                 named.append((name, b))
                 buffers += 1
         for name, t in named:
-            out.append(_tracked(canonical_fqn(name), t, layouts.pop(canonical_fqn(name), None)))
+            fqn = canonical_fqn(name)
+            out.append(_tracked(fqn, t, layouts.pop(fqn, None)))
     if compiled and not buffers:
         logger.warning("EMA.Config.buffer_patterns=%s matched no buffer of any model part: "
                        "check the patterns", list(patterns))
-    seen: dict[str, int] = {}
-    for tracked in out:
-        seen[tracked.fqn] = seen.get(tracked.fqn, 0) + 1
-    twice = sorted(n for n, c in seen.items() if c > 1)
+    twice = sorted(n for n, c in collections.Counter(t.fqn for t in out).items() if c > 1)
     if twice:
         raise ValueError(f"the model parts share the names {twice[:5]}: each tracked tensor "
                          f"needs its own name (the checkpoint key state.<name>.ema_params.<key>)")
