@@ -67,12 +67,12 @@ enum { STATUS_NONE = 0, STATUS_ACTIVE = 1, STATUS_INVALIDATED = 2 };
 enum { C_CALLS, C_NO_CONTEXT, C_FORKED, C_REFUSED_IN_CAPTURE, C_INVALIDATIONS, C_NOT_READY, C_HOST_WAITS,
        C_UNFINISHED_FREES, C_LAUNCHES, C_CAPTURED, C_REPLAYED, C_BAD_LAUNCHES, C_UNKNOWN, C_DEVICE_ALLOCS,
        C_DEVICE_FREES, C_HOST_ALLOCS, C_HOST_FREES, C_EVENTS, C_EVENTS_DESTROYED, C_STREAMS, C_LOADS,
-       C_ASYNC_COPIES, C_SYNC_COPIES, C_ERRORS, C_COUNTERS };
+       C_ASYNC_COPIES, C_SYNC_COPIES, C_ERRORS, C_DEAD_STREAMS, C_COUNTERS };
 long long emu_count[C_COUNTERS];
 const char *emu_counter_names = "calls no_context forked_calls refused_in_capture invalidations not_ready "
     "host_waits unfinished_frees launches captured_launches replayed_launches bad_launches unknown_calls "
     "device_allocs device_frees host_allocs host_frees events events_destroyed streams library_loads "
-    "async_copies sync_copies errors";
+    "async_copies sync_copies errors dead_stream_calls";
 int emu_version = 1;
 
 #define RING 512
@@ -273,8 +273,22 @@ static int implicit(int si) {
     return hit;
 }
 
-/* The stream a call names (the legacy stream: the current context's), or INVALID_HANDLE (the table is full). */
+/* Handles of streams destroyed (cuStreamDestroy): a real driver reads freed memory through one (undefined:
+   on an H200, cuStreamIsCapturing of a stream CuPy had destroyed crashed the process). Counted and refused. */
+#define NDEAD 1024
+static uintptr_t dead[NDEAD];
+static int ndead;
+static int is_dead(CUstream h) {
+    uintptr_t v = (uintptr_t)h;
+    for (int i = 0; i < ndead; i++)
+        if (dead[i] == v) return 1;
+    return 0;
+}
+
+/* The stream a call names (the legacy stream: the current context's), or INVALID_HANDLE (the table is full,
+   or the stream was destroyed). */
 static CUresult named_stream(int entry, CUstream h, int *si) {
+    if (!is_legacy(h) && is_dead(h)) { emu_count[C_DEAD_STREAMS]++; *si = -1; return refuse(entry, INVALID_HANDLE); }
     *si = stream_index(h);
     return *si < 0 ? refuse(entry, INVALID_HANDLE) : OK;
 }
@@ -518,7 +532,11 @@ static CUresult e_cuStreamDestroy(CUstream hStream) {
     NEED_INIT()
     uintptr_t v = (uintptr_t)hStream;
     for (int i = 0; i < nstreams; i++)
-        if (streams[i].made && streams[i].handle == v) { streams[i].made = 0; streams[i].handle = 1; return OK; }
+        if (streams[i].made && streams[i].handle == v) {
+            streams[i].made = 0; streams[i].handle = 1;
+            if (ndead < NDEAD) dead[ndead++] = v;
+            return OK;
+        }
     return refuse(I_cuStreamDestroy, INVALID_HANDLE);
 }
 static CUresult e_cuStreamSynchronize(CUstream hStream) {

@@ -157,7 +157,10 @@ class FakeDriver:
         self.launches: list = []
         self.handles: dict = {}
         self.counters: collections.Counter = collections.Counter()
+        self.watched: dict = {}                 # what watch() was told (the real driver's, given one)
         if real is not None:
+            self.watched = real.watched
+            self.watch = real.watch             # type: ignore[method-assign]
             self.launch = real.launch           # type: ignore[method-assign]
             self.stream = real.stream           # type: ignore[method-assign]
             self.current_context = real.current_context   # type: ignore[method-assign]
@@ -218,6 +221,9 @@ class FakeDriver:
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
         return self.capture
+
+    def watch(self, device: str, getter) -> None:
+        self.watched.setdefault((device, getter), (device, int(device.split(":")[1]), getter))
 
     def sm_count(self, index: int) -> int:
         return self.sms

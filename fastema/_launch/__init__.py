@@ -89,11 +89,10 @@ def refuse_during_capture(what: str, why: str, device: str | None = None, curren
     any framework fastema made CUDA tables for; nothing where no capture runs (one driver query a
     stream, ``cuStreamIsCapturing``; no framework is imported for it)."""
     if device is None:
-        if not _STREAMS or not _cuda.cache_info().currsize:
+        if not _cuda.cache_info().currsize:
             return
         cuda = _cuda()
-        driver = cuda.current()          # the streams tables were made for through this driver
-        pairs = [(dev, getter) for dev, getter, made_by in _STREAMS.values() if made_by is driver]
+        pairs = [(dev, getter) for dev, _, getter in tuple(cuda.current().watched.values())]
     else:
         cuda = _cuda()
         pairs = [(device, current_stream)]
@@ -109,17 +108,6 @@ MOVED_SOURCES = ("the new addresses would be copied into the table once, at capt
                  "is reused later, so every replay would read stale addresses. Move or replace the tensors before "
                  "the capture and run one update outside it, then capture.")
 CLEARING = "it would free tables the captured launches read. Clear the caches outside the capture."
-
-_STREAMS: dict = {}
-"""``(device, getter identity, driver identity) -> (device, current-stream getter, driver)`` of every
-CUDA table made (the driver kept: its identity stays its own):
-the streams :func:`refuse_during_capture` asks the current driver about when given no device (those
-another driver made tables for, a stand-in driver since gone, are not its to answer)."""
-
-
-def _getter_key(getter) -> tuple:
-    return getattr(getter, "func", getter), getattr(getter, "args", ())
-
 
 def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=default_stream,
            follow: bool = True, row_stride: int | None = None, handed_over: bool = False, base: int = 0) -> Tables:
@@ -147,8 +135,7 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     refuse_during_capture("new kernel tables (a new array pair, shadow or average)", NEW_TABLES, device,
                           current_stream)
     cuda = _cuda()
-    driver = cuda.current()
-    _STREAMS.setdefault((device, _getter_key(current_stream), id(driver)), (device, current_stream, driver))
+    cuda.current().watch(device, current_stream)       # its current stream asked before a deferred free
     return cuda.upload(host, device, slots)
 
 

@@ -228,30 +228,23 @@ class Event:
         check("cuEventSynchronize", self.d.cuEventSynchronize(self.event))
 
 
-KNOWN_MAX = 64
-"""The most stream handles a driver keeps (the newest ones launched on)."""
-
-
-def know(known: dict, raw: int) -> None:
-    """``raw`` among the streams launched on (the newest :data:`KNOWN_MAX` kept)."""
-    known[raw] = None
-    if len(known) > KNOWN_MAX:
-        del known[next(iter(known))]
+STREAMS_MAX = 64
+"""The most stream objects a driver keeps (made again after a clear)."""
 
 
 class Streams(dict):
     """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first launch (a
-    C-level lookup a launch after that), when it also joins ``known``; at most :data:`KNOWN_MAX` kept."""
+    C-level lookup a launch after that); at most :data:`STREAMS_MAX` kept (a handle is never queried through
+    this cache: it holds the objects, not whether their streams still exist)."""
 
-    __slots__ = ("make", "known")
+    __slots__ = ("make",)
 
-    def __init__(self, make, known: dict):
+    def __init__(self, make):
         super().__init__()
-        self.make, self.known = make, known
+        self.make = make
 
     def __missing__(self, raw: int):
-        know(self.known, raw)
-        if len(self) >= KNOWN_MAX:
+        if len(self) >= STREAMS_MAX:
             self.clear()
         made = self[raw] = self.make(raw)
         return made

@@ -121,10 +121,17 @@ class Driver(Protocol):
         (the stream captures, or another stream's capture makes the legacy stream illegal). The legacy
         stream (``raw`` 0) is device ``index``'s (asked in its context; None: the current context's)."""
 
+    watched: dict
+    """``key -> (device, index, getter)`` of every :meth:`watch`: the current streams :meth:`any_capturing` asks."""
+
+    def watch(self, device: str, getter: Any) -> None:
+        """Tables were made for ``device``, launched on the stream ``getter()`` names at each call."""
+
     def any_capturing(self, raw: int, index: int | None) -> bool:
-        """Whether ``raw``, a stream this driver has launched on, or device ``index``'s legacy stream is
-        being captured now: where event queries and frees must wait (they are not permitted during a
-        capture, in global mode from any thread)."""
+        """Whether ``raw``, device ``index``'s legacy stream, or the current stream of a watched getter (and
+        its device's legacy stream) is being captured now: where event queries and frees must wait (they
+        are not permitted during a capture, in global mode from any thread). A handle that is not current
+        is never asked: its stream may have been destroyed."""
 
     def sm_count(self, index: int) -> int:
         """Device ``index``'s multiprocessor count (0: unknown)."""

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .cuda_frees import PENDING, free_pending
-from .cuda_memory import Streams, know
+from .cuda_memory import Streams
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
@@ -127,7 +127,7 @@ class _Numba:
         self.simulated = simulated
         self.zero_flags: dict = {}
         self.images: dict = {}
-        self.known: dict = {}           # raw streams launched on (an ordered set, capped)
+        self.watched: dict = {}         # (device, getter key) -> (device, index, current-stream getter)
         self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
         self.primary_context = functools.cache(self._primary_context)
         self.sm_count = functools.cache(self._sm_count)
@@ -141,7 +141,6 @@ class _Numba:
     def _numba_stream(self, raw: int):
         """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
         that copies on it are asynchronous: numba copies synchronously where given no stream)."""
-        know(self.known, raw)
         return _numba_cuda().external_stream(raw) if raw else _numba_cuda().default_stream()
 
     def activate(self, index: int):
@@ -185,14 +184,27 @@ class _Numba:
     def _stream_arg(self, raw: int):
         return self.d.CUstream(raw)
 
+    def watch(self, device: str, getter) -> None:
+        """Tables were made for ``device`` whose launches go on the stream ``getter()`` names: its current
+        stream is asked by :meth:`any_capturing` from now on (the getter kept, never a handle it gave)."""
+        key = (device, getattr(getter, "func", getter), getattr(getter, "args", ()))
+        self.watched.setdefault(key, (device, int(device.split(":")[1]), getter))
+
     def any_capturing(self, raw: int, index: int | None) -> bool:
-        """``raw``, device ``index``'s legacy stream, then each stream launched on (:attr:`known`):
-        a query each until one captures (asked only where something waits for a safe point)."""
+        """``raw``, device ``index``'s legacy stream, then the current stream (and legacy stream) of every
+        watched getter (:meth:`watch`): a query each until one captures (asked only where something waits
+        for a safe point). Only handles current now are asked: a stream launched on earlier may have been
+        destroyed since (a CuPy stream collected), and a query of a destroyed handle reads freed memory
+        (it crashed an H200 run)."""
         if self.simulated:
             return False
         if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
             return True
-        return any(self._capturing(s) for s in tuple(self.known) if s and s != raw)
+        for _, i, getter in tuple(self.watched.values()):
+            now = getter()
+            if (now != raw and self.capturing(now, i)) or (now and i != index and self.capturing(0, i)):
+                return True
+        return False
 
     def version(self) -> int:
         if self.simulated:
@@ -287,7 +299,7 @@ class CudaCoreDriver(_Numba):
             import cuda.core as core
         self.core = core
         self.core_error = _core_error()
-        self._streams = Streams(self.d.CUstream, self.known)
+        self._streams = Streams(self.d.CUstream)
         self.stream = self._streams.__getitem__  # type: ignore[method-assign] # a C call per launch
         self._devices = {}                       # index -> cuda_memory.Device
 
@@ -317,7 +329,7 @@ class CudaCoreDriver(_Numba):
 
     def upload(self, array, index: int):
         """See :meth:`.cuda_memory.Device.upload` (issue 37, C1); the deferred frees issued first where no
-        known stream captures (:mod:`.cuda_frees`: tables are made, so memory is wanted)."""
+        watched stream captures (:mod:`.cuda_frees`: tables are made, so memory is wanted)."""
         if PENDING and not self.any_capturing(0, index):
             free_pending()
         return self.device(index).upload(array)

@@ -86,6 +86,7 @@ class RecordingDriver:
 
     def __init__(self, seen: dict):
         self.seen = seen
+        self.watched: dict = {}
         self.zero_flags: dict = {}
         self.images: dict = {}
 
@@ -106,6 +107,9 @@ class RecordingDriver:
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
         return False
+
+    def watch(self, device: str, getter) -> None:
+        pass
 
     def activate(self, index: int):
         return contextlib.nullcontext()

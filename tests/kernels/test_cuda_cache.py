@@ -21,10 +21,9 @@ CHILD = r"""
 import json, time
 import numpy as np
 from numba import cuda
-from fastema import _launch
-from fastema._launch import cuda as _          # reads FASTEMA_CUDA_CACHE
+from fastema._launch import kernel_refs
 from fastema.kernels import _cuda_jit
-from fastema.kernels import cuda as K
+K = kernel_refs.kernels()                      # kernels.cuda, its dispatcher cache switched by FASTEMA_CUDA_CACHE
 from fastema.kernels.kinds import BF16, F32
 from fastema.kernels.layout import chunk_table, segment_offsets
 

@@ -232,6 +232,22 @@ def test_events_answer_not_ready_until_their_streams_work_is_done():
     assert out.split("]")[1].strip() == "1 {'stream': 1, 'event': 2, 'host_alloc': 1}", out
 
 
+def test_a_call_naming_a_destroyed_stream_is_counted_and_refused():
+    """A destroyed stream's handle points at freed driver memory: a real driver's behaviour is undefined (an
+    H200 crashed in ``cuStreamIsCapturing`` of a stream CuPy had destroyed); the emulator refuses and counts."""
+    out = _run("""
+        d.cuCtxPushCurrent(ctx)
+        s = d.cuStreamCreate(1)[1]
+        live = d.cuStreamIsCapturing(s)[0].name
+        d.cuStreamDestroy(s)
+        seen = [d.cuStreamIsCapturing(s)[0].name, d.cuStreamQuery(s)[0].name, d.cuStreamDestroy(s)[0].name]
+        legacy = d.cuStreamIsCapturing(d.CUstream(0))[0].name
+        print(live, seen, legacy, e["dead_stream_calls"])
+    """)
+    assert out.split() == ["CUDA_SUCCESS", "['CUDA_ERROR_INVALID_HANDLE',", "'CUDA_ERROR_INVALID_HANDLE',",
+                           "'CUDA_ERROR_INVALID_HANDLE']", "CUDA_SUCCESS", "2"], out
+
+
 def test_a_call_from_a_forked_child_is_counted_and_refused():
     out = _run("""
         d.cuCtxPushCurrent(ctx)

@@ -11,7 +11,8 @@ calls in a process that loaded ``testkit/emulator.c`` as its driver, which refus
   process that had not used CUDA uses it, and frees its own objects;
 - a launch whose code is not loaded yet (a first swap, copy or scan), inside a capture, is refused by fastema
   before any call the capture forbids;
-- no event is queried while another stream fastema knows captures;
+- no event is queried while the current stream of another framework fastema made tables for captures, and
+  no call names a stream destroyed after fastema launched on it (only current streams are asked);
 - the legacy stream's capture query is asked in the group's device's context;
 - an event is destroyed in its context (a finalizer on a thread with none).
 
@@ -242,11 +243,12 @@ scenario(first_use("first_scan_in_a_capture", _flat, lambda flat: flat.scan_nonf
 
 @scenario
 def query_while_another_stream_captures():
-    """A launch on stream 77 with a retired source waiting for its event, while stream 99 (one fastema launched
-    on) captures in global mode: the event is not queried, the capture stays valid."""
+    """A launch on stream 77 with a retired source waiting for its event, while stream 99 (the current stream of
+    another framework fastema made tables for) captures in global mode: the event is not queried, the capture
+    stays valid."""
     d = drivers.CudaCoreDriver()
     with drivers.using(d), d.device(0):
-        d.stream(99)                                   # fastema has launched on it
+        d.watch("cuda:0", lambda: 99)                  # tables made for a framework whose current stream is 99
         held = cuda.Retired(at_launches=True)
         held.release(object(), "cuda:0", 77)           # an event recorded on 77, not passed yet
         e.progress = 0
@@ -256,6 +258,34 @@ def query_while_another_stream_captures():
             cuda.prune_retired(d, 77)
         e.progress = 1
         return {"queries": e.calls("cuEventQuery") - queries, "still_held": len(held.pending)}
+
+
+@scenario
+def destroyed_stream_never_asked():
+    """fastema launched on a stream (a CuPy stream in a ``with`` block) that is destroyed after the block; then a
+    collection and a new shadow (an upload: deferred frees wait until no stream captures): no call names the
+    destroyed stream (an H200 crashed in ``cuStreamIsCapturing`` of one CuPy had destroyed)."""
+    from fastema import _backends
+    gc.collect(); gc.disable()
+    current = [77]
+    with fake_gpu(stub_driver=True), _backends.streams_from(lambda fw, dev: lambda: current[0]):
+        ema = EMA(rl_mlp(hidden=16, seed=6), 0.99)
+        drv = cuda.current().real                     # the fake GPU's CudaCoreDriver on the emulator
+        with drv.device(0):
+            s = int(drv.d.cuStreamCreate(1)[1])
+        current[0] = s
+        ema.update()                                   # a launch on s
+        current[0] = 77                                # the block left...
+        with drv.device(0):
+            drv.d.cuStreamDestroy(drv.d.CUstream(s))   # ...and its stream destroyed
+        cycle()
+        gc.collect()                                   # frees deferred
+        before = e["dead_stream_calls"], e["device_frees"]
+        EMA(rl_mlp(hidden=16, seed=7), 0.99).update()  # an upload: the deferred frees issued
+        fastema.clear_caches()
+        got = {"dead": e["dead_stream_calls"] - before[0], "freed": e["device_frees"] - before[1]}
+    gc.enable()
+    return got
 
 
 @scenario
@@ -360,6 +390,12 @@ def test_no_event_is_queried_while_another_known_stream_captures(outcome):
     got = outcome["query_while_another_stream_captures"]
     _clean(got)
     assert got["queries"] == 0 and got["still_held"] == 1, got
+
+
+def test_a_stream_destroyed_after_fastema_launched_on_it_is_never_asked_about(outcome):
+    got = outcome["destroyed_stream_never_asked"]
+    _clean(got)
+    assert got["dead"] == 0 and got["freed"] >= 5, got
 
 
 def test_the_legacy_streams_capture_is_asked_of_the_groups_device(outcome):
