@@ -39,7 +39,7 @@ def small_launches_in_the_simulator() -> None:
 
 
 def _add_one(x):
-    i = cuda.grid(1)                     # a module global: the simulator swaps it for its own
+    i = cuda.grid(1)  # type: ignore[call-arg]  # a module global: the simulator swaps it for its own
     if i < x.size:
         x[i] += 1.0
 
@@ -360,7 +360,7 @@ def launch_costs(n: int = 2000) -> dict:
     (``fastema._launch.prepare("lerp", ...)``) and of numba's ``kernel[grid, block](...)`` with the same
     arguments, and whether the cached launch is in use (``cached_launch_available``)."""
     from fastema import _launch
-    from fastema._launch import config, cuda_bound, drivers
+    from fastema._launch import config, cuda_bound, drivers, kernel_refs
     from fastema._launch import cuda as launch_cuda
 
     dev = [G.to_device(a) for a in G.host_arrays("float32", [16] * 10, 6)]
@@ -368,7 +368,7 @@ def launch_costs(n: int = 2000) -> dict:
     f.update(0.9)
     G.sync()
     g = f.layout.groups[0]
-    k = launch_cuda.K.lerp_kernel(g.shadow_kind, g.src_kind, False)
+    k = kernel_refs.kernels().lerp_kernel(g.shadow_kind, g.src_kind, False)
     flag = launch_cuda._zero_flag(g.device)
     cfg = k[1, config.CUDA_THREADS]
     w = (np.float32(0.1),)

@@ -77,7 +77,7 @@ def lines():
 
         yield ("cuda_runtime", cuda.runtime.get_version())
         if not sim:
-            yield ("cuda_driver_api", cuda.cudadrv.driver.driver.get_version())
+            yield ("cuda_driver_api", cuda.cudadrv.driver.driver.get_version())  # type: ignore[attr-defined]
     except Exception as e:                              # noqa: BLE001
         yield ("cuda_runtime", _why(e))
     try:
