@@ -50,7 +50,7 @@ def _index(device: str) -> int:
 def prune_retired(driver, raw: int, index: int | None = None) -> None:
     """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the
     deferred frees (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch
-    stream ``raw``, a stream ``driver`` has launched on, or device ``index``'s legacy stream is
+    stream ``raw``, device ``index``'s legacy stream or a watched framework's current stream is
     being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
     during a capture, and in global mode (torch's default) not from any thread while another
     captures."""

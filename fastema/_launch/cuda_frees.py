@@ -16,7 +16,7 @@ device memory came from until round 8, queued its frees too.
 - :func:`free_pending` issues them, each in the context the object was made in (pushed: the
   collector may run on a thread where none is current) and a pinned block only after the last copy
   from it has run (its event waited for: the driver's own wait there is not documented). The launch
-  path calls it where no stream the launch driver knows is being captured
+  path calls it where no stream the launch driver asks is being captured
   (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.cuda_base.prune_retired`), where
   tables are made (an upload) and at ``fastema.clear_caches()``.
 - In a child forked after CUDA (the fork rule is :mod:`.forked`'s: the parent had loaded the CUDA
@@ -35,7 +35,7 @@ WAITING: list = []
 """The holders of objects waiting for a safe point, each with ``pending`` (truthy while it holds
 some) and ``prune()`` (drop or free what may go now): the retired sources of :class:`.cuda.Retired`
 (events to pass) and :data:`FREES`. Every launch looks at it (empty: one truth test) and, where it
-is not empty and no stream the launch driver knows captures, prunes them
+is not empty and no stream the launch driver asks captures, prunes them
 (:func:`.cuda_base.prune_retired`)."""
 
 PENDING: collections.deque = collections.deque()
