@@ -183,8 +183,13 @@ def forked_child_launches():
         s, x = torch.zeros(64), torch.ones(64)
         for _ in range(2):
             ema.update(); target.update(); fastema.ema_update_(s, x, 0.5)
+        first = next(model.parameters())
+
+        def moved():                                   # a source moved: its table rewritten, then the launch
+            first.data = first.data.clone()
+            ema.update()
         calls = {"EMA.update": ema.update, "TargetNetwork.update": target.update,
-                 "ema_update_": lambda: fastema.ema_update_(s, x, 0.5)}
+                 "ema_update_": lambda: fastema.ema_update_(s, x, 0.5), "EMA.update, a source moved": moved}
 
         def child():
             before, said = e["forked_calls"], {}
@@ -367,7 +372,7 @@ def test_every_launch_in_a_child_forked_after_cuda_is_refused_before_any_driver_
     got = outcome["forked_child_launches"]
     _clean(got)
     said = got["said"]
-    assert set(said) == {"EMA.update", "TargetNetwork.update", "ema_update_"}, got
+    assert set(said) == {"EMA.update", "TargetNetwork.update", "ema_update_", "EMA.update, a source moved"}, got
     for name, message in said.items():
         assert message and "forked" in message and "'spawn'" in message, (name, message)
     assert got["driver_calls"] == 0 and got["updates"] == 2, got
