@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 
 from .common import ROOT, ToolMissing, use_tree
-from .scenarios import ARRAYS, INSTRUCTIONS, STUB, STUB_WHERE, WHERE, build, instruction_names, region_updates
+from .scenarios import (
+    ARRAYS,
+    INSTRUCTIONS,
+    STUB,
+    STUB_WHERE,
+    WHERE,
+    build,
+    instruction_names,
+    region_updates,
+    warm_updates,
+)
 
 CLIENT_SOURCE = r"""
 #include <valgrind/callgrind.h>
@@ -190,6 +200,24 @@ def _stub_dir() -> str | None:
     return stub_driver_dir()
 
 
+def count(name: str, update, tensors: int, lib) -> None:
+    """One scenario's regions (``tensors``: its size): :func:`~bench.gates.scenarios.warm_updates`
+    updates (instrumented, not counted: the code it shares with the scenarios counted before it is
+    specialised for its types again), then a region of N updates and one of 2N
+    (:func:`~bench.gates.scenarios.region_updates`), each dumped as ``NAME@K`` (``lib``: the client
+    requests)."""
+    for _ in range(warm_updates(tensors)):
+        update()
+    n = region_updates(tensors)
+    for k in (n, 2 * n):
+        lib.gates_zero()
+        lib.gates_toggle()
+        for _ in range(k):
+            update()
+        lib.gates_toggle()
+        lib.gates_dump(f"{name}@{k}".encode())
+
+
 def _instructions_child(names: list) -> int:
     """Runs inside valgrind (instrumentation off until every scenario is built and warm)."""
     import ctypes
@@ -219,19 +247,11 @@ def _instructions_child(names: list) -> int:
                 update, _ = build(what, n, where != "cpu", stub=where == STUB_WHERE)
                 for _ in range(64):                      # past CPython's specialisation warm-up
                     update()
-                built[where].append((name, update, region_updates(n)))
+                built[where].append((name, update, n))
 
     def measure(where):
         for name, update, n in built[where]:
-            for _ in range(3):                           # instrumented, not counted
-                update()
-            for k in (n, 2 * n):
-                lib.gates_zero()
-                lib.gates_toggle()
-                for _ in range(k):
-                    update()
-                lib.gates_toggle()
-                lib.gates_dump(f"{name}@{k}".encode())
+            count(name, update, n, lib)
 
     make("cpu")
     with G.fake_gpu(record=False):
