@@ -275,7 +275,7 @@ static int implicit(int si) {
 
 /* Handles of streams destroyed (cuStreamDestroy): a real driver reads freed memory through one (undefined:
    on an H200, cuStreamIsCapturing of a stream CuPy had destroyed crashed the process). Counted and refused. */
-#define NDEAD 1024
+#define NDEAD NSTREAMS
 static uintptr_t dead[NDEAD];
 static int ndead;
 static int is_dead(CUstream h) {
@@ -534,9 +534,10 @@ static CUresult e_cuStreamDestroy(CUstream hStream) {
     for (int i = 0; i < nstreams; i++)
         if (streams[i].made && streams[i].handle == v) {
             streams[i].made = 0; streams[i].handle = 1;
-            if (ndead < NDEAD) dead[ndead++] = v;
+            if (ndead < NDEAD) dead[ndead++] = v;     /* never full: at most NSTREAMS streams are made */
             return OK;
         }
+    if (is_dead(hStream)) emu_count[C_DEAD_STREAMS]++;
     return refuse(I_cuStreamDestroy, INVALID_HANDLE);
 }
 static CUresult e_cuStreamSynchronize(CUstream hStream) {

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fastema._launch.cuda_memory import Watched
 from fastema._launch.driver import Driver, Loaded
 
 PRIMARY = 0xC7000
@@ -157,7 +158,7 @@ class FakeDriver:
         self.launches: list = []
         self.handles: dict = {}
         self.counters: collections.Counter = collections.Counter()
-        self.watched: dict = {}                 # what watch() was told (the real driver's, given one)
+        self.watched = Watched()                # what watch() was told (the real driver's, given one)
         if real is not None:
             self.watched = real.watched
             self.watch = real.watch             # type: ignore[method-assign]
@@ -223,7 +224,7 @@ class FakeDriver:
         return self.capture
 
     def watch(self, device: str, getter) -> None:
-        self.watched.setdefault((device, getter), (device, int(device.split(":")[1]), getter))
+        self.watched.add(device, getter)
 
     def sm_count(self, index: int) -> int:
         return self.sms

@@ -92,7 +92,7 @@ def refuse_during_capture(what: str, why: str, device: str | None = None, curren
         if not _cuda.cache_info().currsize:
             return
         cuda = _cuda()
-        pairs = [(dev, getter) for dev, _, getter in tuple(cuda.current().watched.values())]
+        pairs = [(dev, getter) for dev, _, getter in cuda.current().watched.live()]
     else:
         cuda = _cuda()
         pairs = [(device, current_stream)]

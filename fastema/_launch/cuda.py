@@ -35,7 +35,7 @@ def capturing(device: str, raw: int) -> bool:
 
 def clear_caches() -> None:
     """Drop the stream objects the current driver keeps (``fastema.clear_caches()``) and issue the deferred
-    frees (:mod:`.cuda_frees`) where no stream it knows captures; the zero flags stay (see
+    frees (:mod:`.cuda_frees`) where no stream it asks captures; the zero flags stay (see
     :func:`_zero_flag`)."""
     d = current()
     d.clear()
@@ -167,7 +167,7 @@ class Retired:
 
     def release(self, kept, device: str, raw: int) -> None:
         """``kept`` held until the launches issued so far on the raw stream ``raw`` have run (pruned first;
-        a torch holder, released rarely, not while a stream the driver knows captures: no event query is
+        a torch holder, released rarely, not while a stream the driver asks captures: no event query is
         permitted then)."""
         if not (self.at_launches and self.pending and self.driver.any_capturing(raw, _index(device))):
             self.prune()

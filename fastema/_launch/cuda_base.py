@@ -53,7 +53,8 @@ def prune_retired(driver, raw: int, index: int | None = None) -> None:
     stream ``raw``, device ``index``'s legacy stream or a watched framework's current stream is
     being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
     during a capture, and in global mode (torch's default) not from any thread while another
-    captures."""
+    captures; a capture on a stream current on another thread only is not seen (only current streams
+    are asked: :meth:`.drivers.DispatcherDriver.any_capturing`)."""
     if driver.any_capturing(raw, index):
         return
     for r in list(WAITING):
@@ -65,7 +66,7 @@ def prune_retired(driver, raw: int, index: int | None = None) -> None:
 def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None:
     """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its
     kernel's code (its first launch, or a new variant) while a CUDA graph is being captured there or
-    on another stream ``driver`` knows: a load is not permitted during a capture (it would
+    on another stream ``driver`` asks: a load is not permitted during a capture (it would
     invalidate it). Asked before any call that loads (one capture query a stream; only where code is
     to be loaded)."""
     if driver.any_capturing(raw, index):

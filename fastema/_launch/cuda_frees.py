@@ -74,7 +74,7 @@ FREES = _Frees()
 
 
 def free_pending() -> None:
-    """Issue every deferred free now (see the module docstring): only where no stream fastema knows
+    """Issue every deferred free now (see the module docstring): only where no stream fastema asks
     is being captured. An error is raised once every free was tried (the driver's shutdown at the
     interpreter's exit is none: what it held went with it)."""
     first = None

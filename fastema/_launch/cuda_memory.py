@@ -20,6 +20,8 @@ exit, after which there is nothing left to free.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
 
 import numpy as np
@@ -248,3 +250,49 @@ class Streams(dict):
             self.clear()
         made = self[raw] = self.make(raw)
         return made
+
+
+class Watched:
+    """The current-stream getters CUDA tables were made with, per device (:meth:`add`), for the capture
+    check before deferred frees (:meth:`.drivers.DispatcherDriver.any_capturing`): a getter is asked for the
+    stream current *now*, never a handle kept from before (a stream launched on earlier may have been
+    destroyed since, and a query of a destroyed handle reads freed driver memory). Each getter is held
+    weakly (a bound method by :class:`weakref.WeakMethod`; one that takes no weak reference, a builtin,
+    strongly): one that nothing uses any more (a test's reader after its block, once its shadows are gone)
+    is dropped, not asked. A getter must name a live stream whenever called (a framework's current stream)."""
+
+    __slots__ = ("_kept",)
+
+    def __init__(self):
+        self._kept: dict = {}           # (device, id of the callable, partial args) -> (device, index, ref)
+
+    def add(self, device: str, getter) -> None:
+        func = getattr(getter, "func", getter)
+        key = (device, id(getattr(func, "__func__", func)), id(getattr(func, "__self__", None)),
+               getattr(getter, "args", ()))
+        kept = self._kept.get(key)
+        if kept is not None and kept[2]() is not None:
+            return
+        if inspect.ismethod(getter):
+            ref = weakref.WeakMethod(getter)
+        else:
+            try:
+                ref = weakref.ref(getter)
+            except TypeError:                          # a builtin: lives as long as its module
+                ref = functools.partial(_same, getter)
+        self._kept[key] = (device, int(device.split(":")[1]), ref)
+
+    def live(self) -> list:
+        """``(device, index, getter)`` of every getter still in use (the dropped ones forgotten)."""
+        out = []
+        for key, (device, index, ref) in tuple(self._kept.items()):
+            getter = ref()
+            if getter is None:
+                self._kept.pop(key, None)
+            else:
+                out.append((device, index, getter))
+        return out
+
+
+def _same(x):
+    return x

@@ -121,11 +121,13 @@ class Driver(Protocol):
         (the stream captures, or another stream's capture makes the legacy stream illegal). The legacy
         stream (``raw`` 0) is device ``index``'s (asked in its context; None: the current context's)."""
 
-    watched: dict
-    """``key -> (device, index, getter)`` of every :meth:`watch`: the current streams :meth:`any_capturing` asks."""
+    watched: Any
+    """:class:`.cuda_memory.Watched`: the getters :meth:`watch` was given (``live()``: those in use), whose
+    current streams :meth:`any_capturing` asks."""
 
     def watch(self, device: str, getter: Any) -> None:
-        """Tables were made for ``device``, launched on the stream ``getter()`` names at each call."""
+        """Tables were made for ``device``, launched on the stream ``getter()`` names at each call (a getter
+        must name a live stream whenever called: a framework's current stream)."""
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
         """Whether ``raw``, device ``index``'s legacy stream, or the current stream of a watched getter (and

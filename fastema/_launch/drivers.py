@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .cuda_frees import PENDING, free_pending
-from .cuda_memory import Streams
+from .cuda_memory import Streams, Watched
 from .driver import REFUSALS, Driver, Loaded, Refused
 
 _STACK: list = []
@@ -127,7 +127,7 @@ class _Numba:
         self.simulated = simulated
         self.zero_flags: dict = {}
         self.images: dict = {}
-        self.watched: dict = {}         # (device, getter key) -> (device, index, current-stream getter)
+        self.watched = Watched()        # the current-stream getters tables were made with
         self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
         self.primary_context = functools.cache(self._primary_context)
         self.sm_count = functools.cache(self._sm_count)
@@ -185,24 +185,27 @@ class _Numba:
         return self.d.CUstream(raw)
 
     def watch(self, device: str, getter) -> None:
-        """Tables were made for ``device`` whose launches go on the stream ``getter()`` names: its current
-        stream is asked by :meth:`any_capturing` from now on (the getter kept, never a handle it gave)."""
-        key = (device, getattr(getter, "func", getter), getattr(getter, "args", ()))
-        self.watched.setdefault(key, (device, int(device.split(":")[1]), getter))
+        """Tables were made for ``device`` whose launches go on the stream ``getter()`` names
+        (:class:`.cuda_memory.Watched`: its current stream asked by :meth:`any_capturing`)."""
+        self.watched.add(device, getter)
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
-        """``raw``, device ``index``'s legacy stream, then the current stream (and legacy stream) of every
-        watched getter (:meth:`watch`): a query each until one captures (asked only where something waits
-        for a safe point). Only handles current now are asked: a stream launched on earlier may have been
-        destroyed since (a CuPy stream collected), and a query of a destroyed handle reads freed memory
-        (it crashed an H200 run)."""
+        """``raw``, device ``index``'s legacy stream, then the current stream of every watched getter and
+        its device's legacy stream: a query each until one captures (asked only where something waits for
+        a safe point). Only handles current now are asked (a stream launched on earlier may have been
+        destroyed since: a query of one crashed an H200 run), so a capture on a stream current on another
+        thread only is not seen. A getter that fails counts as capturing (what waits, waits)."""
         if self.simulated:
             return False
         if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
             return True
-        for _, i, getter in tuple(self.watched.values()):
-            now = getter()
-            if (now != raw and self.capturing(now, i)) or (now and i != index and self.capturing(0, i)):
+        for _, i, getter in self.watched.live():
+            try:
+                now = getter()
+            except Exception:                          # noqa: BLE001 - any framework's failure: keep waiting
+                return True
+            if ((now, i) != (raw, index) and self.capturing(now, i)) or (now and i != index
+                                                                         and self.capturing(0, i)):
                 return True
         return False
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
 from . import device_code
+from .cuda_memory import Watched
 from .device_code import variant_key
 from .driver import Driver
 from .op import OPS
@@ -86,7 +87,7 @@ class RecordingDriver:
 
     def __init__(self, seen: dict):
         self.seen = seen
-        self.watched: dict = {}
+        self.watched = Watched()
         self.zero_flags: dict = {}
         self.images: dict = {}
 

@@ -245,7 +245,7 @@ def test_a_call_naming_a_destroyed_stream_is_counted_and_refused():
         print(live, seen, legacy, e["dead_stream_calls"])
     """)
     assert out.split() == ["CUDA_SUCCESS", "['CUDA_ERROR_INVALID_HANDLE',", "'CUDA_ERROR_INVALID_HANDLE',",
-                           "'CUDA_ERROR_INVALID_HANDLE']", "CUDA_SUCCESS", "2"], out
+                           "'CUDA_ERROR_INVALID_HANDLE']", "CUDA_SUCCESS", "3"], out
 
 
 def test_a_call_from_a_forked_child_is_counted_and_refused():
