@@ -43,12 +43,13 @@ BOUNDS = (("stub-gpu ema_update_, 1 tensors", _FLAT1, 1.5),
 in the same run (issue 70's targets: ``ema_update_`` 1.5x a bound ``FlatShadow.update`` of one tensor, a
 smoother's update 2x; on the CPU, ``ema_update_`` of 16 elements 3x ``torch.lerp_``; issue 78 item 7's:
 a ``swap()`` call at 148 tensors 1.5x ``EMA.update()``, 0.96x measured; ``TargetNetwork.update()`` at 6
-tensors 1.45x ``EMA.update()`` (1.55x until the steady state held it still), 1.36x measured at the steady state (:func:`warm_updates`; 1.27-1.48x before,
-with the scenario counted before it), where the target was 1.2x: its per-step check reads twice the
-tensors, with their layouts, and the layout check alone is 14.5k of the 24.0k above ``EMA.update()``; see
-bench/README.md, "The target network's host cost"). The swap's round trip has no
-bound of its own: its first target, 2x one ``EMA.update()``, was set at 3000 tensors (1.66x there,
-``bench/results/cpu-2026-11-27-entry-points.md``); one call of it is bounded above."""
+tensors 1.45x ``EMA.update()`` (1.55x until the steady state held it still), 1.36x measured at the
+steady state (:func:`warm_updates`; 1.27-1.48x before, with the scenario counted before it), where the
+target was 1.2x: its per-step check reads twice the tensors, with their layouts, and the layout check
+alone is 14.5k of the 24.0k above ``EMA.update()``; see bench/README.md, "The target network's host
+cost"). The swap's round trip has no bound of its own: its first target, 2x one ``EMA.update()``, was
+set at 3000 tensors (1.66x there, ``bench/results/cpu-2026-11-27-entry-points.md``); one call of it is
+bounded above."""
 
 
 def host_names(scenarios: tuple = HOST) -> list[str]:

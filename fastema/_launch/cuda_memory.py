@@ -23,6 +23,7 @@ import contextlib
 import functools
 import inspect
 import weakref
+from typing import Any, Callable
 
 import numpy as np
 
@@ -273,6 +274,7 @@ class Watched:
         kept = self._kept.get(key)
         if kept is not None and kept[2]() is not None:
             return
+        ref: Callable[[], Any]
         if inspect.ismethod(getter):
             ref = weakref.WeakMethod(getter)
         else:
