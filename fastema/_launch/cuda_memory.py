@@ -20,7 +20,6 @@ exit, after which there is nothing left to free.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import weakref
 from typing import Any, Callable
@@ -281,7 +280,7 @@ class Watched:
             try:
                 ref = weakref.ref(getter)
             except TypeError:                          # a builtin: lives as long as its module
-                ref = functools.partial(_same, getter)
+                ref = lambda: getter                   # noqa: E731
         self._kept[key] = (device, int(device.split(":")[1]), ref)
 
     def live(self) -> list:
@@ -294,7 +293,3 @@ class Watched:
             else:
                 out.append((device, index, getter))
         return out
-
-
-def _same(x):
-    return x
