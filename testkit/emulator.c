@@ -7,12 +7,17 @@
      answer CUDA_ERROR_NOT_INITIALIZED;
    - capture (cuStreamBeginCapture/EndCapture, cuThreadExchangeStreamCaptureMode): work queued on a capturing
      stream is captured, not run; the calls the driver does not permit during a capture (allocations and frees,
-     host allocations and frees, synchronous copies, stream and event synchronisation, event and stream queries,
-     library loads, cuKernelGetFunction's load) answer CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the
-     captures that forbid them, for good (global mode: a capture of any thread in global mode forbids them to
-     every thread in global mode; thread-local: to its own thread; relaxed: to nobody); the legacy stream, while
-     a blocking stream of its context captures, answers CUDA_ERROR_STREAM_CAPTURE_IMPLICIT; an invalidated
-     capture ends with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph; a graph replays what it captured;
+     host allocations and frees, stream and event synchronisation, event and stream queries) answer
+     CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the captures that forbid them, for good (global mode: a
+     capture of any thread in global mode forbids them to every thread in global mode; thread-local: to its own
+     thread; relaxed: to nobody); cuCtxSynchronize, while any stream of its context captures, in any mode and on
+     any thread, is refused the same way; the legacy stream (a synchronous copy's too), while a blocking stream of
+     its context captures, answers CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and invalidates it, in any mode; library
+     loads, cuLibraryGetKernel and cuKernelGetFunction are permitted. These rules are the real driver's as a GPU
+     answered them (testkit/driver_rules.py: 504 cases on driver 580.159, bench/results/
+     gpu-2026-11-27-h200-driver-rules.json; tests/kernels/test_emulator.py holds the emulator to that table); an
+     invalidated capture ends with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph; a graph replays what it
+     captured;
    - completion: each stream counts the work queued on it and the work done; an event answers
      CUDA_ERROR_NOT_READY until the work before its record is done. Progress (emu_set_progress): 1 (the
      default) makes that work done once a query has answered NOT_READY for it, 0 only at a synchronisation or
@@ -384,7 +389,10 @@ static CUresult e_cuCtxSynchronize(void) {
     ENTER(cuCtxSynchronize)
     NEED_INIT()
     CHECK(need_context(I_cuCtxSynchronize))
-    UNSAFE(cuCtxSynchronize)
+    int hit = 0;                                                   /* it would wait for a capturing stream */
+    for (int i = 0; i < nstreams; i++)
+        if (streams[i].status != STATUS_NONE && streams[i].ctx == cur()) { invalidate(&streams[i]); hit = 1; }
+    if (hit) { emu_count[C_REFUSED_IN_CAPTURE]++; return refuse(I_cuCtxSynchronize, CAPTURE_UNSUPPORTED); }
     for (int i = 0; i < nstreams; i++) if (streams[i].ctx == cur()) finish(&streams[i]);
     emu_count[C_HOST_WAITS]++;
     return OK;
@@ -469,7 +477,6 @@ static CUresult e_cuMemFreeHost(void* p) {
 static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h, int async, int to_device, int *si) {
     NEED_INIT()
     CHECK(need_context(entry))
-    if (!async) CHECK(unsafe(entry))
     if (find_block(&device_pool, (uintptr_t)device, n, 0) < 0) return refuse(entry, INVALID_VALUE);
     return working_stream(entry, h, si, to_device);
 }
@@ -783,7 +790,6 @@ static CUresult e_cuLibraryLoadData(CUlibrary* library, const void* code, CUjit_
                                     CUlibraryOption* libraryOptions, void** libraryOptionValues,
                                     unsigned int numLibraryOptions) {
     ENTER_OUT(cuLibraryLoadData, library)
-    UNSAFE(cuLibraryLoadData)
     (void)jitOptions; (void)jitOptionsValues; (void)libraryOptions; (void)libraryOptionValues;
     if (!code || (numJitOptions && !jitOptions) || (numLibraryOptions && !libraryOptions))
         return refuse(I_cuLibraryLoadData, INVALID_VALUE);
@@ -847,7 +853,6 @@ static CUresult e_cuKernelGetFunction(CUfunction* pFunc, CUkernel kernel) {
             *pFunc = HANDLE(CUfunction, FBASE, f);
             return OK;
         }
-    UNSAFE(cuKernelGetFunction)                                    /* loads the kernel into the context */
     functions = grow(functions, &cap_functions, nfunctions + 1, sizeof(function_t));
     functions[nfunctions] = (function_t){k, cur()};
     *pFunc = HANDLE(CUfunction, FBASE, nfunctions++);

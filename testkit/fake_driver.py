@@ -226,6 +226,9 @@ class FakeDriver:
     def watch(self, device: str, getter) -> None:
         self.watched.add(device, getter)
 
+    def relaxed(self):                                   # no capture modes here: the emulator has them
+        return contextlib.nullcontext()
+
     def sm_count(self, index: int) -> int:
         return self.sms
 

@@ -14,7 +14,11 @@ on the driver emulator (:mod:`testkit.emulator`, under ``fake_gpu(stub_driver=Tr
   (the emulator counts them), no error printed;
 - :func:`first_binds`: after a warm-up of ``update()`` only, a first swap, ``copy_to()`` and
   ``scan_nonfinite()`` inside a capture are refused by fastema (its RuntimeError, naming the kernel and the
-  warm-up) before any call the driver forbids there, and the capture ends valid.
+  warm-up) before any call the driver forbids there, and the capture ends valid;
+- :func:`other_thread_capture`: another thread begins a capture in global mode (torch's default) on a stream
+  current only there, which no check of fastema's can name, while fastema issues deferred frees at a launch:
+  the frees are done and that capture ends valid (they are issued in relaxed mode: :mod:`fastema._launch.
+  cuda_frees`; in global mode the driver refuses them and invalidates it).
 
 Each returns ``{name: {"ok": bool, ...what was seen}}``. A default ``EMA`` takes the plan a GPU's tensors
 give it, the device plan, on a GPU and on the fake GPU alike (CPU tensors on ``cuda:0`` to fastema:
@@ -305,9 +309,65 @@ def _swap(ema) -> None:
         pass
 
 
+def other_thread_capture(where) -> dict:
+    """See the module docstring."""
+    import threading
+
+    from cuda.bindings import driver as d
+
+    from fastema._launch import cuda_frees
+    from fastema.torch import EMA
+
+    name = "deferred frees while another thread captures on a stream only it names"
+    began, freed, seen = threading.Event(), threading.Event(), {}
+
+    def capture() -> None:
+        try:
+            d.cuInit(0)
+            d.cuCtxPushCurrent(d.cuDevicePrimaryCtxRetain(d.cuDeviceGet(0)[1])[1])
+            stream = d.cuStreamCreate(1)[1]
+            seen["begin"] = d.cuStreamBeginCapture(stream, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)[0].name
+        finally:
+            began.set()
+        freed.wait(60)
+        err, graph = d.cuStreamEndCapture(stream)
+        seen["end"] = err.name
+        if graph is not None:
+            d.cuGraphDestroy(graph)
+        d.cuStreamDestroy(stream)
+        d.cuCtxPopCurrent()
+
+    with where.running():
+        gc.collect()
+        gc.disable()
+        try:
+            _CYCLES[:] = [where]
+            ema = EMA(_model(where, 5), 0.99)
+            ema.update()
+            _garbage()
+            gc.collect()                                   # its frees queued, none issued yet
+            queued = len(cuda_frees.PENDING)
+            t = threading.Thread(target=capture)
+            t.start()
+            began.wait(60)
+            try:
+                ema.update()                               # a launch: fastema's safe point, the frees issued
+            finally:
+                freed.set()
+                t.join(60)
+            left = len(cuda_frees.PENDING)
+        except Exception as err:                           # the scenario's outcome, never the run's
+            return {name: {"ok": False, "raised": f"{type(err).__name__}: {err}"[:300], **seen}}
+        finally:
+            gc.enable()
+            _CYCLES.clear()
+    ok = queued > 0 and left == 0 and seen == {"begin": "CUDA_SUCCESS", "end": "CUDA_SUCCESS"}
+    return {name: {"ok": ok, "queued": queued, "left": left, **seen}}
+
+
 def everything(where) -> dict:
     """Every scenario on ``where``, the first binds first: a driver keeps a module loaded for the process, so
     after :func:`captures` (which swaps) the swap's code is loaded and its first bind in a capture needs no
     load, nothing for fastema to refuse (on an H200 it ran, the capture valid; the scenario asks for the
     refusal of a first load)."""
-    return {**first_binds(where), **captures(where), **forked_worker(where)}
+    return {**first_binds(where), **captures(where), **forked_worker(where), **other_thread_capture(where)}

@@ -7,7 +7,10 @@ driver emulator holds fastema to in CI (``testkit/gpu_scenarios.py``), on the re
    capture: not invalidated, and three replays leave what a twin's three eager calls leave, bit for bit;
 2. a DataLoader worker (``fork``) collects the parent's fastema objects: no error;
 3. a first swap, ``copy_to()`` and ``scan_nonfinite()`` inside a capture after a warm-up of ``update()``:
-   fastema's refusal (naming the kernel and the warm-up), the capture still valid.
+   fastema's refusal (naming the kernel and the warm-up), the capture still valid;
+4. deferred frees issued while another thread captures, on a stream only it names: that capture valid;
+5. the driver's capture rules (``testkit/driver_rules.py``, 504 cases) as the stored table has them (an
+   H200's, what the emulator is held to): a driver that answers otherwise needs the emulator changed.
 
     python3 -m bench.gpu.contract OUTDIR [--simulate]
 
@@ -31,10 +34,16 @@ def _write(out: str, data: dict) -> None:
 
 def run_here(where_name: str) -> dict:
     """Every scenario in this process (``"gpu"``: CUDA tensors; ``"emulator"``: on the driver emulator)."""
+    from testkit import driver_rules
     from testkit import gpu_scenarios as S
 
     where = S.OnGpu() if where_name == "gpu" else S.OnEmulator()
-    return S.everything(where)
+    checks = S.everything(where)
+    try:
+        checks["the driver's capture rules as stored"] = driver_rules.check()
+    except Exception as err:                              # the check's outcome, never the run's
+        checks["the driver's capture rules as stored"] = {"ok": False, "raised": f"{type(err).__name__}: {err}"}
+    return checks
 
 
 def _emulated(out: str) -> dict:

@@ -146,7 +146,7 @@ def _contract(folder) -> None:
     if "skipped" in checks:
         assert checks["skipped"]["ok"] is None and "C compiler" in checks["skipped"]["skipped"]
         return
-    assert len(checks) == 9 and all(v["ok"] for v in checks.values()), checks
+    assert len(checks) == 11 and all(v["ok"] for v in checks.values()), checks
 
 
 def test_targets_run_in_the_simulator_with_every_figure_and_no_verdict(runs):

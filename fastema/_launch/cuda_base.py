@@ -53,28 +53,33 @@ def prune_retired(driver, raw: int, index: int | None = None) -> None:
     stream ``raw``, device ``index``'s legacy stream or a watched framework's current stream is
     being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
     during a capture, and in global mode (torch's default) not from any thread while another
-    captures; a capture on a stream current on another thread only is not seen (only current streams
-    are asked: :meth:`.drivers.DispatcherDriver.any_capturing`)."""
+    captures. A capture on a stream current on another thread only is not seen (only current streams
+    are asked: :meth:`.drivers.DispatcherDriver.any_capturing`): the holders are pruned with this
+    thread's capture mode relaxed (:meth:`.driver.Driver.relaxed`), which leaves such a capture intact."""
     if driver.any_capturing(raw, index):
         return
-    for r in list(WAITING):
-        r.prune()
-        if not r.pending and r in WAITING:
-            WAITING.remove(r)
+    with driver.relaxed():
+        for r in list(WAITING):
+            r.prune()
+            if not r.pending and r in WAITING:
+                WAITING.remove(r)
 
 
 def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None:
     """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its
     kernel's code (its first launch, or a new variant) while a CUDA graph is being captured there or
-    on another stream ``driver`` asks: a load is not permitted during a capture (it would
-    invalidate it). Asked before any call that loads (one capture query a stream; only where code is
-    to be loaded)."""
+    on another stream ``driver`` asks. An H200's driver (580.159) permitted ``cuLibraryLoadData``,
+    ``cuLibraryGetKernel`` and ``cuKernelGetFunction`` during a capture (``testkit/driver_rules.py``);
+    drivers before it were not measured, and a refused load invalidates the capture, so fastema loads
+    none there. Asked before any call that loads (one capture query a stream; only where code is to
+    be loaded)."""
     if driver.any_capturing(raw, index):
         name = (getattr(dispatcher, "name", None)
                 or getattr(dispatcher, "__name__", repr(dispatcher)))
         raise RuntimeError(f"fastema: the first launch of CUDA kernel {name} on cuda:{index} would "
-                           f"load its code while a CUDA graph is being captured, which the driver "
-                           f"does not permit (the capture would be invalidated). Make this call "
+                           f"load its code while a CUDA graph is being captured; fastema loads no code "
+                           f"inside a capture (not every driver permits it: where one refuses, the "
+                           f"capture is invalidated). Make this call "
                            f"once before the capture (a warm-up step: the swap, copy_to() and "
                            f"scan_nonfinite() each launch a kernel of their own), so that its code "
                            f"is loaded. Nothing was launched.")

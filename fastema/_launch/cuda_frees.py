@@ -19,6 +19,12 @@ device memory came from until round 8, queued its frees too.
   path calls it where no stream the launch driver asks is being captured
   (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.cuda_base.prune_retired`), where
   tables are made (an upload) and at ``fastema.clear_caches()``.
+- Each free, and its wait, is issued with the thread's capture mode relaxed (:func:`relaxed`): a
+  capture begun in global mode (torch's default) on another thread, on a stream no check here can
+  name (current only there), is then left intact. The driver permits it: on a GPU's driver (580.159)
+  a free, a pinned free and an event wait from a thread in relaxed mode left another thread's global
+  capture valid, where the same calls in global mode were refused and invalidated it
+  (``testkit/driver_rules.py``; its table of 504 cases in ``bench/results/``).
 - In a child forked after CUDA (the fork rule is :mod:`.forked`'s: the parent had loaded the CUDA
   launch layer; its at-fork hook calls :func:`in_child_forked_after_cuda`) the queue is emptied and
   nothing is queued again: the child frees none of the parent's objects (the parent frees its own;
@@ -28,6 +34,7 @@ device memory came from until round 8, queued its frees too.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 from .cuda_results import CudaDriverError, _gone, api_error, check
 
@@ -91,6 +98,27 @@ def free_pending() -> None:
         raise first
 
 
+@contextlib.contextmanager
+def relaxed(d):
+    """The calling thread's capture mode relaxed for a ``with`` block, restored after
+    (``cuThreadExchangeStreamCaptureMode`` of cuda-bindings ``d``; None: nothing to do): the calls made
+    inside do not invalidate another thread's capture (see the module docstring). What is made inside
+    must never be captured: only frees, waits and queries of fastema's own objects are."""
+    if d is None:
+        yield
+        return
+    err, before = d.cuThreadExchangeStreamCaptureMode(d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    if _gone(err):
+        yield
+        return
+    if err:
+        raise api_error("cuThreadExchangeStreamCaptureMode", err)
+    try:
+        yield
+    finally:
+        check("cuThreadExchangeStreamCaptureMode", d.cuThreadExchangeStreamCaptureMode(before))
+
+
 def _free(d, context, call: str, handle, guard) -> None:
     if context is not None:
         err, = d.cuCtxPushCurrent(context)
@@ -99,13 +127,14 @@ def _free(d, context, call: str, handle, guard) -> None:
         if err:
             raise api_error("cuCtxPushCurrent", err)
     try:
-        if guard and guard[0] is not None:      # the last copy from this pinned block: run first
-            err, = d.cuEventSynchronize(guard[0].event)
+        with relaxed(d):
+            if guard and guard[0] is not None:      # the last copy from this pinned block: run first
+                err, = d.cuEventSynchronize(guard[0].event)
+                if err and not _gone(err):
+                    raise api_error("cuEventSynchronize", err)
+            err, = getattr(d, call)(handle)
             if err and not _gone(err):
-                raise api_error("cuEventSynchronize", err)
-        err, = getattr(d, call)(handle)
-        if err and not _gone(err):
-            raise api_error(call, err)
+                raise api_error(call, err)
     finally:
         if guard:
             guard.clear()                       # its event goes (and is queued in turn)

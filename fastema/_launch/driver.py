@@ -135,6 +135,11 @@ class Driver(Protocol):
         are not permitted during a capture, in global mode from any thread). A handle that is not current
         is never asked: its stream may have been destroyed."""
 
+    def relaxed(self) -> ContextManager[Any]:
+        """The calling thread's capture mode relaxed for a ``with`` block (``cuThreadExchangeStreamCaptureMode``),
+        restored after: the event queries and frees of a safe point, made inside, leave a capture in global
+        mode on another thread intact (:func:`.cuda_frees.relaxed`)."""
+
     def sm_count(self, index: int) -> int:
         """Device ``index``'s multiprocessor count (0: unknown)."""
 

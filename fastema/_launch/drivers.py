@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .cuda_frees import PENDING, free_pending
+from .cuda_frees import PENDING, free_pending, relaxed
 from .cuda_memory import Streams, Watched
 from .driver import REFUSALS, Driver, Loaded, Refused
 
@@ -194,7 +194,8 @@ class _Numba:
         its device's legacy stream: a query each until one captures (asked only where something waits for
         a safe point). Only handles current now are asked (a stream launched on earlier may have been
         destroyed since: a query of one crashed an H200 run), so a capture on a stream current on another
-        thread only is not seen. A getter that fails counts as capturing (what waits, waits)."""
+        thread only is not seen (what runs at a safe point runs in relaxed capture mode: :meth:`relaxed`).
+        A getter that fails counts as capturing (what waits, waits)."""
         if self.simulated:
             return False
         if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
@@ -208,6 +209,9 @@ class _Numba:
                                                                          and self.capturing(0, i)):
                 return True
         return False
+
+    def relaxed(self):
+        return relaxed(None if self.simulated else self.d)
 
     def version(self) -> int:
         if self.simulated:

@@ -112,6 +112,9 @@ class RecordingDriver:
     def watch(self, device: str, getter) -> None:
         pass
 
+    def relaxed(self):
+        return contextlib.nullcontext()
+
     def activate(self, index: int):
         return contextlib.nullcontext()
 

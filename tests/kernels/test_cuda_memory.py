@@ -212,8 +212,10 @@ class _Contexts:
 
         self._d, self.stack, self.calls, self._blocks = driver, [], [], {}
         self.ok = driver.CUresult.CUDA_SUCCESS
+        self.mode = self.mode_at_free = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
         for name in ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxGetCurrent", "cuCtxPushCurrent",
-                     "cuCtxPopCurrent", "cuMemHostAlloc", "cuMemFreeHost", "cuMemcpyDtoH", "cuMemcpyHtoDAsync"):
+                     "cuCtxPopCurrent", "cuMemHostAlloc", "cuMemFreeHost", "cuMemcpyDtoH", "cuMemcpyHtoDAsync",
+                     "cuThreadExchangeStreamCaptureMode"):
             assert hasattr(driver, name), name
 
     def __getattr__(self, name):
@@ -247,8 +249,13 @@ class _Contexts:
         self.calls.append((call, bool(self.stack)))
         return (self.ok,)
 
+    def cuThreadExchangeStreamCaptureMode(self, mode):
+        before, self.mode = self.mode, self._d.CUstreamCaptureMode(mode)
+        return self.ok, before
+
     def cuMemFreeHost(self, ptr):
         self._blocks.pop(ptr)
+        self.mode_at_free = self.mode
         return self._current("cuMemFreeHost")
 
     def cuMemcpyDtoH(self, dst, src, nbytes):
@@ -281,3 +288,5 @@ def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     a.copy_to_device(np.zeros(4, np.float32), stream=0)
     assert d.calls == [("cuMemFreeHost", True), ("cuMemcpyDtoH", True), ("cuMemcpyHtoDAsync", True)]
     assert not d.stack and not d._blocks
+    M = d.CUstreamCaptureMode                       # freed in relaxed mode (another thread's capture), restored
+    assert (d.mode_at_free, d.mode) == (M.CU_STREAM_CAPTURE_MODE_RELAXED, M.CU_STREAM_CAPTURE_MODE_GLOBAL)

@@ -454,7 +454,8 @@ def test_an_event_is_destroyed_in_its_context_on_a_thread_with_none(outcome):
 _GPU_SCENARIOS = [f"capture {name} with a collection inside" for name in (
     "EMA.update()", "attached opt.step()", "TargetNetwork.update()", "Smoother.update()",
     "swap (average_parameters in and out)")] + ["forked DataLoader worker collects"] + [
-    f"first {name} in a capture after a warm-up" for name in ("swap", "copy_to()", "scan_nonfinite()")]
+    f"first {name} in a capture after a warm-up" for name in ("swap", "copy_to()", "scan_nonfinite()")] + [
+    "deferred frees while another thread captures on a stream only it names"]
 
 
 @pytest.mark.parametrize("name", _GPU_SCENARIOS)
