@@ -67,6 +67,7 @@ def table() -> dict:
         except Exception as err:                       # a GPU run records it and goes on to the next case
             rows[key(*case)] = [f"raised {type(err).__name__}: {err}"[:200],
                                 d.cuStreamEndCapture(s if case[0] == "non-blocking" else sb)[0].name]
+            d.cuThreadExchangeStreamCaptureMode(mode["GLOBAL"])      # the next case starts as every case does
     ok(d.cuMemFree(dst))
     for host in (pinned, out):
         ok(d.cuMemFreeHost(host))

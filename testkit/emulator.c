@@ -15,7 +15,9 @@
      its context captures, answers CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and invalidates it, in any mode; library
      loads, cuLibraryGetKernel and cuKernelGetFunction are permitted. These rules are the real driver's as a GPU
      answered them (testkit/driver_rules.py: 504 cases on driver 580.159, bench/results/
-     gpu-2026-11-27-h200-driver-rules.json; tests/kernels/test_emulator.py holds the emulator to that table); an
+     gpu-2026-11-27-h200-driver-rules.json; tests/kernels/test_emulator.py holds the emulator to that table;
+     measured with pinned host buffers, one context, lazy module loading: pageable copies and other contexts
+     are ruled here by analogy, not by measurement); an
      invalidated capture ends with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph; a graph replays what it
      captured;
    - completion: each stream counts the work queued on it and the work done; an event answers
@@ -472,9 +474,10 @@ static CUresult e_cuMemFreeHost(void* p) {
     emu_count[C_HOST_FREES]++;
     return OK;
 }
-/* What a copy checks first: a current context; a synchronous copy is unsafe in a capture; the device range
-   lies in one allocation; the stream (a copy to the device may be captured, one to the host is not). */
-static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h, int async, int to_device, int *si) {
+/* What a copy checks first: a current context; the device range lies in one allocation; the stream (a copy to
+   the device may be captured, one to the host is not; a synchronous copy is on the legacy stream, refused while a
+   blocking stream of its context captures, as the driver refused it, whatever the capture modes). */
+static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h, int to_device, int *si) {
     NEED_INIT()
     CHECK(need_context(entry))
     if (find_block(&device_pool, (uintptr_t)device, n, 0) < 0) return refuse(entry, INVALID_VALUE);
@@ -482,7 +485,7 @@ static CUresult copy_checks(int entry, CUdeviceptr device, size_t n, CUstream h,
 }
 static CUresult copy_to_device(int entry, CUdeviceptr dst, const void* src, size_t n, CUstream h, int async) {
     int si;
-    CHECK(copy_checks(entry, dst, n, h, async, 1, &si))
+    CHECK(copy_checks(entry, dst, n, h, 1, &si))
     stream_t *s = &streams[si];
     memcpy((void *)(uintptr_t)dst, src, n);
     if (s->status == STATUS_ACTIVE) return OK;                   /* a copy node of the capture */
@@ -503,7 +506,7 @@ static CUresult e_cuMemcpyHtoDAsync(CUdeviceptr dstDevice, const void* srcHost, 
 }
 static CUresult copy_to_host(int entry, void* dst, CUdeviceptr src, size_t n, CUstream h, int async) {
     int si;
-    CHECK(copy_checks(entry, src, n, h, async, 0, &si))
+    CHECK(copy_checks(entry, src, n, h, 0, &si))
     memcpy(dst, (const void *)(uintptr_t)src, n);
     if (!async) { finish(&streams[si]); emu_count[C_HOST_WAITS]++; }
     emu_count[async ? C_ASYNC_COPIES : C_SYNC_COPIES]++;

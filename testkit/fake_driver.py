@@ -167,6 +167,7 @@ class FakeDriver:
             self.current_context = real.current_context   # type: ignore[method-assign]
             self.capturing = real.capturing     # type: ignore[method-assign]
             self.any_capturing = real.any_capturing   # type: ignore[method-assign]
+            self.relaxed = real.relaxed         # type: ignore[method-assign]
             self.primary_context = real.primary_context   # type: ignore[method-assign]
 
     def device_now(self):
@@ -226,7 +227,7 @@ class FakeDriver:
     def watch(self, device: str, getter) -> None:
         self.watched.add(device, getter)
 
-    def relaxed(self):                                   # no capture modes here: the emulator has them
+    def relaxed(self):                                   # no capture modes here (the real driver's, given one)
         return contextlib.nullcontext()
 
     def sm_count(self, index: int) -> int:

@@ -14,11 +14,13 @@ on the driver emulator (:mod:`testkit.emulator`, under ``fake_gpu(stub_driver=Tr
   (the emulator counts them), no error printed;
 - :func:`first_binds`: after a warm-up of ``update()`` only, a first swap, ``copy_to()`` and
   ``scan_nonfinite()`` inside a capture are refused by fastema (its RuntimeError, naming the kernel and the
-  warm-up) before any call the driver forbids there, and the capture ends valid;
+  warm-up) before anything is loaded (fastema loads no code inside a capture), and the capture ends valid;
 - :func:`other_thread_capture`: another thread begins a capture in global mode (torch's default) on a stream
-  current only there, which no check of fastema's can name, while fastema issues deferred frees at a launch:
-  the frees are done and that capture ends valid (they are issued in relaxed mode: :mod:`fastema._launch.
-  cuda_frees`; in global mode the driver refuses them and invalidates it).
+  current only there, which no check of fastema's can name, while fastema, at a launch, queries the event of a
+  retired source (a parameter moved by ``p.data = ...``) and issues deferred frees: the frees are done and
+  that capture ends valid (both are made in relaxed mode, :meth:`fastema._launch.driver.Driver.relaxed`; in
+  global mode the driver refuses them and invalidates it), and the launching thread is in global mode again
+  after.
 
 Each returns ``{name: {"ok": bool, ...what was seen}}``. A default ``EMA`` takes the plan a GPU's tensors
 give it, the device plan, on a GPU and on the fake GPU alike (CPU tensors on ``cuda:0`` to fastema:
@@ -315,7 +317,7 @@ def other_thread_capture(where) -> dict:
 
     from cuda.bindings import driver as d
 
-    from fastema._launch import cuda_frees
+    from fastema._launch import cuda_base, cuda_frees
     from fastema.torch import EMA
 
     name = "deferred frees while another thread captures on a stream only it names"
@@ -342,11 +344,16 @@ def other_thread_capture(where) -> dict:
         gc.disable()
         try:
             _CYCLES[:] = [where]
-            ema = EMA(_model(where, 5), 0.99)
+            model = _model(where, 5)
+            ema = EMA(model, 0.99)
             ema.update()
-            _garbage()
-            gc.collect()                                   # its frees queued, none issued yet
+            _garbage()                                     # another shadow's cycle, not collected yet
+            p = next(model.parameters())
+            p.data = p.data.clone()                        # moved: the next launch retires the old storage
+            ema.update()
+            gc.collect()                                   # the cycle's frees queued, none issued yet
             queued = len(cuda_frees.PENDING)
+            retired = sum(r is not cuda_frees.FREES for r in cuda_base.WAITING)
             t = threading.Thread(target=capture)
             t.start()
             began.wait(60)
@@ -356,13 +363,17 @@ def other_thread_capture(where) -> dict:
                 freed.set()
                 t.join(60)
             left = len(cuda_frees.PENDING)
+            M = d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
+            after = d.cuThreadExchangeStreamCaptureMode(M)[1].name     # this thread's mode after fastema's calls
         except Exception as err:                           # the scenario's outcome, never the run's
             return {name: {"ok": False, "raised": f"{type(err).__name__}: {err}"[:300], **seen}}
         finally:
             gc.enable()
             _CYCLES.clear()
-    ok = queued > 0 and left == 0 and seen == {"begin": "CUDA_SUCCESS", "end": "CUDA_SUCCESS"}
-    return {name: {"ok": ok, "queued": queued, "left": left, **seen}}
+    ok = (queued > 0 and retired > 0 and left == 0 and after == M.name
+          and seen == {"begin": "CUDA_SUCCESS", "end": "CUDA_SUCCESS"})
+    return {name: {"ok": ok, "queued": queued, "retired holders": retired, "left": left, "mode after": after,
+                   **seen}}
 
 
 def everything(where) -> dict:

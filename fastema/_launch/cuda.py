@@ -168,13 +168,13 @@ class Retired:
     def release(self, kept, device: str, raw: int) -> None:
         """``kept`` held until the launches issued so far on the raw stream ``raw`` have run (pruned first;
         a torch holder, released rarely, not while a stream the driver asks captures: no event query is
-        permitted then)."""
-        if not (self.at_launches and self.pending and self.driver.any_capturing(raw, _index(device))):
-            self.prune()
-        if len(self.pending) >= config.CUDA_RETIRED_MAX:
-            event, _, passed = self.pending.pop(0)
-            event.synchronize()
-            self.spare.setdefault(passed, []).append(event)
+        permitted then; its queries and wait in relaxed capture mode, :meth:`.driver.Driver.relaxed`; JAX's
+        and TensorFlow's, at every step, in the thread's own)."""
+        if self.at_launches:                  # torch: rare, in relaxed mode (a capture on another thread)
+            with self.driver.relaxed():
+                self._make_room(raw, device)
+        else:
+            self._make_room(raw, device)
         d = self.driver
         spare = self.spare.get(device)
         with d.activate(_index(device)):
@@ -185,6 +185,16 @@ class Retired:
         self.pending.append((event, kept, device))
         if self.at_launches and self not in WAITING:
             WAITING.append(self)
+
+    def _make_room(self, raw: int, device: str) -> None:
+        """Pruned (not while a stream the driver asks captures, for torch's holder), then the oldest waited
+        for where :data:`config.CUDA_RETIRED_MAX` are pending."""
+        if not (self.at_launches and self.pending and self.driver.any_capturing(raw, _index(device))):
+            self.prune()
+        if len(self.pending) >= config.CUDA_RETIRED_MAX:
+            event, _, passed = self.pending.pop(0)
+            event.synchronize()
+            self.spare.setdefault(passed, []).append(event)
 
     def prune(self) -> None:
         """Drop what sits behind passed events (event queries: no wait)."""

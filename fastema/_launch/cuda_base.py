@@ -78,8 +78,8 @@ def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None
                 or getattr(dispatcher, "__name__", repr(dispatcher)))
         raise RuntimeError(f"fastema: the first launch of CUDA kernel {name} on cuda:{index} would "
                            f"load its code while a CUDA graph is being captured; fastema loads no code "
-                           f"inside a capture (not every driver permits it: where one refuses, the "
-                           f"capture is invalidated). Make this call "
+                           f"inside a capture (a driver may refuse it, which invalidates the capture). "
+                           f"Make this call "
                            f"once before the capture (a warm-up step: the swap, copy_to() and "
                            f"scan_nonfinite() each launch a kernel of their own), so that its code "
                            f"is loaded. Nothing was launched.")

@@ -10,7 +10,7 @@ calls in a process that loaded ``testkit/emulator.c`` as its driver, which refus
   (kept from before the fork too) are fastema's refusal naming ``spawn``, before any driver call; a child of a
   process that had not used CUDA uses it, and frees its own objects;
 - a launch whose code is not loaded yet (a first swap, copy or scan), inside a capture, is refused by fastema
-  before any call the capture forbids;
+  before anything is loaded (fastema loads no code inside a capture);
 - no event is queried while the current stream of another framework fastema made tables for captures, and
   no call names a stream destroyed after fastema launched on it (only current streams are asked);
 - the legacy stream's capture query is asked in the group's device's context;
