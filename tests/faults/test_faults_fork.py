@@ -160,9 +160,16 @@ SCRIPT = textwrap.dedent(r"""
     report["failed_fold_parent"] = raise_next_read()
 
     # ---- a free queued in a child (the driver's bindings stood in for: a recorder)
-    class Bindings:
+    class Bindings:                                 # cuda-bindings' calls a free makes (results as ints)
+        class CUstreamCaptureMode:
+            CU_STREAM_CAPTURE_MODE_GLOBAL, CU_STREAM_CAPTURE_MODE_RELAXED = 0, 2
+
         def __init__(self):
-            self.freed = []
+            self.freed, self.mode = [], 0
+
+        def cuThreadExchangeStreamCaptureMode(self, mode):
+            before, self.mode = self.mode, mode
+            return 0, before
 
         def cuMemFree(self, handle):
             self.freed.append(handle)
