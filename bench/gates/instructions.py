@@ -208,7 +208,12 @@ def count(name: str, update, tensors: int, lib) -> None:
     requests)."""
     for _ in range(warm_updates(tensors)):
         update()
-    n = region_updates(tensors)
+    dump_regions(name, update, region_updates(tensors), lib)
+
+
+def dump_regions(name: str, update, n: int, lib) -> None:
+    """A region of ``n`` calls of ``update`` and one of ``2n``, each counted alone and dumped as
+    ``NAME@K`` (``lib``: the client requests; :func:`per_update` takes the difference)."""
     for k in (n, 2 * n):
         lib.gates_zero()
         lib.gates_toggle()

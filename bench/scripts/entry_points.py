@@ -120,6 +120,7 @@ def instructions(rows: list, stub: bool) -> dict:
     3000 tensors), dumped by the gates' client requests."""
     import ctypes
 
+    from bench.gates.instructions import dump_regions
     from testkit import fake_gpu as G
 
     lib = ctypes.CDLL(os.environ["GATES_CLIENT"])
@@ -137,13 +138,7 @@ def instructions(rows: list, stub: bool) -> dict:
         for name, fn, n in built:
             for _ in range(3):
                 fn()
-            for k in (n, 2 * n):
-                lib.gates_zero()
-                lib.gates_toggle()
-                for _ in range(k):
-                    fn()
-                lib.gates_toggle()
-                lib.gates_dump(f"{name}@{k}".encode())
+            dump_regions(name, fn, n, lib)
     return {}
 
 
