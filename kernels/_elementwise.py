@@ -139,15 +139,17 @@ def swap_at(q, i, p, j, shadow_kind, src_kind, mode):
     """Exchange shadow ``q[i]`` and source ``p[j]``. ``EXCHANGE`` converts both ways (exact
     when the kinds match); ``PACK``/``UNPACK`` (float32 shadow, bfloat16 source) put the
     rounded shadow into the source and keep both exactly (see ``_bits.pack_bf16``)."""
-    a = q[i]
-    b = p[j]
+    q[i], p[j] = swap_bits(q[i], p[j], shadow_kind, src_kind, mode)
+
+
+def swap_bits(a, b, shadow_kind, src_kind, mode):
+    """The stored bits ``(shadow, source)`` that :func:`swap_at` leaves of shadow bits ``a`` and
+    source bits ``b``."""
     if mode == PACK:
-        q[i], p[j] = pack_bf16(a, b)
-    elif mode == UNPACK:
-        q[i], p[j] = unpack_bf16(a, b)
-    else:
-        q[i] = convert(b, src_kind, shadow_kind)
-        p[j] = convert(a, shadow_kind, src_kind)
+        return pack_bf16(a, b)
+    if mode == UNPACK:
+        return unpack_bf16(a, b)
+    return convert(b, src_kind, shadow_kind), convert(a, shadow_kind, src_kind)
 
 
 def swap_at_wide(q, i, p, j, shadow_kind, src_kind, mode):

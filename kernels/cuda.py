@@ -11,6 +11,7 @@ import functools
 import numpy as np
 from numba import cuda
 
+from ._cuda_copy import copy_kernel, swap_kernel  # noqa: F401  (re-exported)
 from ._cuda_hw import VECTORS
 from ._cuda_hw import types as numba_types
 from ._cuda_jit import M16 as _M16
@@ -270,51 +271,6 @@ def bema_kernel(shadow_kind):
             q = sptr(shadow_addr[s], 2 * n + seg_offset[s + 1] - off)
             for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
                 bema_at(q, n, i - off, alpha, SK)
-
-    return _jit(kernel)
-
-
-@_variant
-def copy_kernel(shadow_kind, src_kind, to_shadow):
-    """See :func:`fastema.kernels.cpu.copy_kernel`."""
-    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
-    SK, XK, TO = shadow_kind, src_kind, to_shadow
-    copy_at, = bodies(E, wide(SK, XK) and SK != XK, "copy_at")
-
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row_lo, row_hi, flag):
-        if flag[0] != 0:
-            return
-        last = row_hi if TO else row_lo + 1
-        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
-            s = chunk_seg[c]
-            off = seg_offset[s]
-            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
-            q = sptr(shadow_addr[s], (last - 1) * n + seg_offset[s + 1] - off)
-            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                if TO:
-                    for k in range(row_lo, row_hi):
-                        copy_at(q, k * n + i - off, p, i - off, XK, SK)
-                else:
-                    copy_at(p, i - off, q, row_lo * n + i - off, SK, XK)
-
-    return _jit(kernel)
-
-
-@_variant
-def swap_kernel(shadow_kind, src_kind, mode):
-    """See :func:`fastema.kernels.cpu.swap_kernel`."""
-    xptr, sptr = _pointer(src_kind), _pointer(shadow_kind)
-    SK, XK, MODE = shadow_kind, src_kind, mode
-    swap_at, = bodies(E, wide(SK, XK), "swap_at")
-
-    def kernel(n, shadow_addr, seg_addr, seg_offset, chunk_seg, chunk_begin, row):
-        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
-            s = chunk_seg[c]
-            off = seg_offset[s]
-            p = xptr(seg_addr[s], seg_offset[s + 1] - off)
-            q = sptr(shadow_addr[s], row * n + seg_offset[s + 1] - off)
-            for i in range(chunk_begin[c] + cuda.threadIdx.x, chunk_begin[c + 1], cuda.blockDim.x):
-                swap_at(q, row * n + i - off, p, i - off, SK, XK, MODE)
 
     return _jit(kernel)
 

@@ -14,7 +14,7 @@ class Variant:
     """One kernel as one launcher launches it."""
     name: str                 # short, unique: the test id and the table's first column
     path: str                 # which public path launches it
-    family: str               # "lerp", "plan_lerp", "scan", "other"
+    family: str               # "lerp", "plan_lerp", "scan", "copy", "swap", "other"
     build: Callable           # () -> (dispatcher, args): the kernel and its launcher's arguments
     cap: int                  # register cap (headroom over today's count, gpu.md §1.7)
     x_bytes: int = 4          # bytes per source element read
@@ -110,6 +110,24 @@ def _scan(xk):
     return build
 
 
+def _swap(sk, xk, mode):
+    """``cuda_bound``'s swap launch: the tables and the shadow row."""
+    def build():
+        from fastema.kernels import cuda as K
+
+        return K.swap_kernel(sk, xk, mode), (*_tables().args(), 0)
+    return build
+
+
+def _copy(sk, xk, to_shadow):
+    """``cuda_bound.copy_launch``'s arguments: the tables, the rows and the flag."""
+    def build():
+        from fastema.kernels import cuda as K
+
+        return K.copy_kernel(sk, xk, to_shadow), (*_tables().args(), 0, 1, np.zeros(1, np.int32))
+    return build
+
+
 def _other(name):
     """The other per-update kernels, with the arguments their launchers pass
     (``cuda_bound.plan_launch``, ``copy_launch``; ``cuda.bema``, host weights for the float64
@@ -122,8 +140,6 @@ def _other(name):
         if name == "plan":
             return K.plan_kernel(), (p["state"], p["params"], p["decays"], 5, p["w32"], p["w64"],
                                      p["flag"], p["keys"])
-        if name == "copy":
-            return K.copy_kernel(F32, F32, True), (*t.args(), 0, 1, flag)
         if name == "bema":
             return K.bema_kernel(F32), (*t.args(), np.float32(0.5), flag)
         return K.lerp_kernel(F64, F64, False), (*t.args(), (np.float64(0.01),), flag, np.uint32(0))
@@ -132,7 +148,7 @@ def _other(name):
 
 def variants() -> list[Variant]:
     """Every per-step streaming kernel variant (issue 45 item 1)."""
-    from fastema.kernels.kinds import BF16, F16, F32
+    from fastema.kernels.kinds import BF16, EXCHANGE, F16, F32, PACK, UNPACK
 
     return [
         Variant("lerp f32<-f32", "FlatShadow.update, ema_update_, EMA (plan on the host)", "lerp",
@@ -166,8 +182,20 @@ def variants() -> list[Variant]:
         Variant("scan bf16", "skip_nonfinite, bfloat16 model", "scan", _scan(BF16), 96, x_bytes=2),
         Variant("plan", "the device plan's step where no lerp carries it (one thread)", "other",
                 _other("plan"), 96, streaming=False, traffic=(0.0, 0.0)),
-        Variant("copy f32->f32", "a model average's buffers, copied at every update", "other",
-                _other("copy"), 96, streaming=False, traffic=(4.0, 4.0)),
+        Variant("copy f32->f32", "a model average's buffers, copied at every update", "copy",
+                _copy(F32, F32, True), 96, traffic=(4.0, 4.0)),
+        Variant("copy f32<-f32", "restore (the sources from a shadow row)", "copy",
+                _copy(F32, F32, False), 96, traffic=(4.0, 4.0)),
+        Variant("copy bf16->bf16", "a bfloat16 model's buffers", "copy", _copy(BF16, BF16, True), 96,
+                traffic=(2.0, 2.0)),
+        Variant("swap f32<->f32", "swap() in and out, float32 model and shadow", "swap",
+                _swap(F32, F32, EXCHANGE), 96, traffic=(8.0, 8.0)),
+        Variant("swap bf16<->bf16", "swap(), bfloat16 model and shadow", "swap",
+                _swap(BF16, BF16, EXCHANGE), 96, traffic=(4.0, 4.0)),
+        Variant("swap f32<->bf16 pack", "swap() in, float32 shadow into a bfloat16 model", "swap",
+                _swap(F32, BF16, PACK), 96, traffic=(6.0, 6.0)),
+        Variant("swap f32<->bf16 unpack", "swap() out of a bfloat16 model", "swap",
+                _swap(F32, BF16, UNPACK), 96, traffic=(6.0, 6.0)),
         Variant("bema f32", "BEMA's output", "other", _other("bema"), 96, streaming=False,
                 traffic=(12.0, 4.0)),
         Variant("lerp f64<-f64", "float64 model and shadow", "lerp", _other("lerp64"), 96, 8, 8,
