@@ -6,7 +6,7 @@ kernels in :mod:`fastema.kernels.cuda` use only these names and run unchanged on
 """
 from numba.cuda.core import config
 
-from ._intrinsics import build, build_vectors, python_vectors, python_versions
+from ._intrinsics import build, build_pairs, build_vectors, python_vectors, python_versions
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -18,7 +18,7 @@ else:
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
-    HW = build(intrinsic, types)
+    HW = {**build(intrinsic, types), **build_pairs(intrinsic, types)}
     VECTORS = build_vectors(intrinsic, types)    # used by the kernels' skeletons, not the element bodies
 
 as_float, as_bits, fma = HW["as_float"], HW["as_bits"], HW["fma"]

@@ -18,10 +18,11 @@ import numpy as np
 from ._bits import decode, encode, encode_bf16_sr, is_nonfinite, pack_bf16, sr_noise, unpack_bf16
 from ._intrinsics import python_versions
 from ._stats import ema_step, neumaier
-from .kinds import F64, PACK, UNPACK
+from .kinds import EMA_PART, F64, PACK, SMA_PART, STREAM_SCALE, UNPACK
 
 _hw = python_versions()                       # replaced per target by _target.bind
 as_float, as_bits, fma = _hw["as_float"], _hw["as_bits"], _hw["fma"]
+load_pair, store_pair = _hw["load_pair"], _hw["store_pair"]
 
 # ---------------------------------------------------------------- loads, stores, conversion
 
@@ -306,3 +307,107 @@ def sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, 
         s[k], comp[k] = neumaier(s[k], comp[k], w * v)
         ws[k], wcomp[k] = neumaier(ws[k], wcomp[k], w)
         n[k] += 1
+
+
+# ---------------------------------------------------------------- metric streams, one launch (Smoother)
+# A stream's EMA keeps the pair (a, b) and its SMA the ring of W entries (``ring_v``, slot-major: entry
+# ``slot * K + k``), the compensated sum (s, comp) and ``n``, the finite entries in the window. Pairs are
+# interleaved (``ab[2k], ab[2k + 1]``), one 16-byte access on a GPU. Until the first ``sample_weight`` every
+# weight is STREAM_SCALE: ``ring_v`` holds ``STREAM_SCALE * v`` for every value (a non-finite one stays
+# non-finite: missing with ``skip``, else bad) and the weights' sum is ``n * STREAM_SCALE`` exactly, so
+# nothing else is kept (:func:`streams_at`). The first weighted update widens that state in place
+# (:func:`streams_widen_at`) to the weighted layout (:func:`streams_weighted_at`): ``ring_w`` (the entry's
+# weight; 0 empty or missing, -1 bad), the pair (ws, wcomp) and ``bad``.
+
+
+def streams_at(y, k, mode, d, ab, ring_v, sc, n, at, full, kind, parts, skip):
+    """Stream ``k``'s EMA and SMA (``parts``), unweighted: value ``y[k]`` pushed into ring entry ``at``,
+    evicting the entry there when ``full``. Every load comes first; the arithmetic is the weighted
+    body's with every weight STREAM_SCALE, so the sums are the same bits."""
+    v = metric_at(y, k, kind)
+    a, b, s, comp, old, m = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    if parts & EMA_PART:
+        a, b = load_pair(ab, 2 * k)
+    if parts & SMA_PART:
+        old = ring_v[at]
+        s, comp = load_pair(sc, 2 * k)
+        m = n[k]
+    finite = not (math.isnan(v) or math.isinf(v))
+    if parts & EMA_PART:                   # stored either way: no branch before the loads
+        na, nb = ema_step(a, b, v, STREAM_SCALE, d, mode)
+        if finite or not skip:
+            a, b = na, nb
+        store_pair(ab, 2 * k, a, b)
+    if parts & SMA_PART:
+        if full and old - old == 0.0:      # evict the oldest value (a finite one; else it was missing or bad)
+            s, comp = neumaier(s, comp, -old)
+            m -= 1
+        x = STREAM_SCALE * v
+        ring_v[at] = x
+        if finite:
+            s, comp = neumaier(s, comp, x)
+            m += 1
+        store_pair(sc, 2 * k, s, comp)
+        n[k] = m
+
+
+def streams_widen_at(k, size, ring_v, ring_w, wsc, n, bad, filled, skip):
+    """Stream ``k``'s unweighted SMA state (:func:`streams_at`, ``size`` streams, ``filled`` ring slots
+    holding an entry) as the weighted layout: exactly what :func:`streams_weighted_at` would have kept
+    with every weight STREAM_SCALE."""
+    m = n[k]
+    for slot in range(filled):
+        at = slot * size + k
+        x = ring_v[at]
+        if x - x == 0.0:
+            ring_w[at] = STREAM_SCALE
+        else:
+            ring_v[at] = 0.0
+            ring_w[at] = 0.0 if skip else -1.0
+    store_pair(wsc, 2 * k, m * STREAM_SCALE, 0.0)
+    bad[k] = 0 if skip else filled - m
+
+
+def streams_weighted_at(y, k, w0, c, per_stream, mode, d, ab, ring_v, sc, n, ring_w, wsc, bad, at, kind, parts,
+                        skip):
+    """Stream ``k``'s EMA and SMA (``parts``) with sample weight ``stream_weight(k, ...)``: value ``y[k]``
+    pushed into ring entry ``at``, evicting the one there. The window keeps compensated sums of ``w v``
+    and ``w``; a non-finite value is missing (``skip``) or counted in ``bad`` so the mean reads NaN
+    while it is in the window (propagate); a weight of 0 leaves the value out."""
+    v = metric_at(y, k, kind)
+    w = stream_weight(k, w0, c, per_stream)
+    a, b, s, comp, ws, wcomp, ov, ow, m, nb = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
+    if parts & EMA_PART:
+        a, b = load_pair(ab, 2 * k)
+    if parts & SMA_PART:
+        ov, ow = ring_v[at], ring_w[at]
+        s, comp = load_pair(sc, 2 * k)
+        ws, wcomp = load_pair(wsc, 2 * k)
+        m, nb = n[k], bad[k]
+    finite = not (math.isnan(v) or math.isinf(v))
+    if parts & EMA_PART:
+        na, nb = ema_step(a, b, v, w, d, mode)
+        if finite or not skip:
+            a, b = na, nb
+        store_pair(ab, 2 * k, a, b)
+    if parts & SMA_PART:
+        if ow > 0.0:                           # evict the oldest value
+            s, comp = neumaier(s, comp, -ov)
+            ws, wcomp = neumaier(ws, wcomp, -ow)
+            m -= 1
+        elif ow < 0.0:                         # a non-finite entry leaves the window
+            nb -= 1
+        if not finite or w == 0.0:
+            ring_v[at] = 0.0
+            ring_w[at] = 0.0 if (skip or w == 0.0) else -1.0
+            if not skip and w != 0.0:
+                nb += 1
+        else:
+            ring_v[at] = w * v
+            ring_w[at] = w
+            s, comp = neumaier(s, comp, w * v)
+            ws, wcomp = neumaier(ws, wcomp, w)
+            m += 1
+        store_pair(sc, 2 * k, s, comp)
+        store_pair(wsc, 2 * k, ws, wcomp)
+        n[k], bad[k] = m, nb

@@ -6,6 +6,8 @@ module (``numba.extending``/``numba.core.types`` for the CPU,
 ``as_float, as_bits, fma, u32_pointer, u16_pointer, f64_pointer``; each is one LLVM
 instruction or intrinsic call (``llvm.fma`` becomes ``vfmadd`` on the CPU and ``fma.rn``
 in PTX, so both targets round the lerp once, by name rather than by contraction).
+``load_pair, store_pair`` (an interleaved float64 pair) are :func:`build_pairs`' 16-byte
+accesses on CUDA and :func:`python_pairs`' two plain ones on the CPU.
 
 :func:`python_versions` returns the same names as plain Python with the same semantics:
 the CUDA simulator runs them, and the element bodies of :mod:`._elementwise` use them
@@ -124,6 +126,67 @@ def build_vectors(intrinsic, types) -> dict:
                 load4_u16=vector_load(types.uint16, 16, 8))
 
 
+def build_pairs(intrinsic, types) -> dict:
+    """An interleaved float64 pair as one 16-byte access, for numba-cuda: ``load_pair(a, i)`` is
+    ``(a[i], a[i + 1])`` (``ld.global.v2.f64``) and ``store_pair(a, i, x, y)`` writes them
+    (``st.global.v2.f64``). ``i`` must be even and ``a`` (1-D, contiguous, float64) start on a
+    16-byte boundary: the smoothers' state arrays, which fastema allocates (every allocator it
+    uses aligns to 256 bytes). The CPU and the simulator take :func:`python_pairs`."""
+    v2 = ir.VectorType(ir.DoubleType(), 2)
+
+    def pair_pointer(context, builder, aryty, ary, index, indexty):
+        data = context.make_array(aryty)(context, builder, ary).data
+        at = builder.gep(data, [context.cast(builder, index, indexty, types.intp)])
+        return builder.inttoptr(builder.ptrtoint(at, ir.IntType(64)), ir.PointerType(v2, addrspace=1))
+
+    def takes(a, i):
+        return isinstance(a, types.Array) and a.dtype == types.float64 and isinstance(i, types.Integer)
+
+    @intrinsic
+    def load_pair(typingctx, a, i):
+        if not takes(a, i):
+            return None
+        sig = types.UniTuple(types.float64, 2)(a, i)
+
+        def codegen(context, builder, signature, args):
+            v = builder.load(pair_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1]),
+                             align=16)
+            lanes = [builder.extract_element(v, ir.Constant(ir.IntType(32), j)) for j in range(2)]
+            return context.make_tuple(builder, signature.return_type, lanes)
+
+        return sig, codegen
+
+    @intrinsic
+    def store_pair(typingctx, a, i, x, y):
+        if not takes(a, i):
+            return None
+        sig = types.void(a, i, types.float64, types.float64)
+
+        def codegen(context, builder, signature, args):
+            v = ir.Constant(v2, ir.Undefined)
+            for j in range(2):
+                v = builder.insert_element(v, args[2 + j], ir.Constant(ir.IntType(32), j))
+            builder.store(v, pair_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1]),
+                          align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dict(load_pair=load_pair, store_pair=store_pair)
+
+
+def python_pairs() -> dict:
+    """:func:`build_pairs` as two plain accesses (the CPU compiles these; the simulator runs them)."""
+    def load_pair(a, i):
+        return a[i], a[i + 1]
+
+    def store_pair(a, i, x, y):
+        a[i] = x
+        a[i + 1] = y
+
+    return dict(load_pair=load_pair, store_pair=store_pair)
+
+
 def python_vectors() -> dict:
     """:func:`build_vectors` in plain Python, failing (as the hardware does) on a misaligned address."""
     def check(address, size):
@@ -174,4 +237,4 @@ def python_versions() -> dict:
         return typed_pointer
 
     return dict(as_float=as_float, as_bits=as_bits, fma=fma, u32_pointer=pointer(ctypes.c_uint32),
-                u16_pointer=pointer(ctypes.c_uint16), f64_pointer=pointer(ctypes.c_double))
+                u16_pointer=pointer(ctypes.c_uint16), f64_pointer=pointer(ctypes.c_double), **python_pairs())

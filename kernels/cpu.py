@@ -37,7 +37,7 @@ from numba import njit, prange
 from ._cache import cached
 from ._cpu_hw import HW
 from ._target import WINDOW, bind, bodies
-from .kinds import F32, F64, ITEMSIZE, NOISE_ROW, wide
+from .kinds import F32, F64, ITEMSIZE, NOISE_ROW, SMA_PART, wide
 
 E = bind(functools.partial(njit, inline="always"), HW)
 # Bodies inlined straight into a prange loop (the metric kernels) get dispatchers of their own:
@@ -360,6 +360,41 @@ def sma_kernel(kind, skip, parallel):
         base = slot * y.size
         for k in prange(y.size):
             sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
+
+    return _compile(kernel, parallel, refcounts=parallel)     # see _NO_REFCOUNTS
+
+
+@functools.cache
+def streams_kernel(kind, parts, skip, weighted, parallel):
+    """A smoother's update of K streams in one pass: the EMA and the SMA (``parts``: ``kinds.EMA_PART``,
+    ``SMA_PART`` or both), unweighted (``_elementwise.streams_at``) or weighted (``streams_weighted_at``,
+    after ``streams_widen_at`` when ``widen``).
+
+    Arguments (1-D, C-contiguous): ``y`` (K values), ``w0, c, per_stream`` (the weights, as above:
+    weighted only), ``mode`` (``kinds.DEBIASED``...), ``d`` (the decay), ``ab`` float64[2K] (the EMA's
+    interleaved pairs), ``ring_v`` float64[W * K], ``sc`` float64[2K] (the pairs (s, comp)), ``n``
+    int32[K], then the weighted layout's ``ring_w`` float64[W * K], ``wsc`` float64[2K] (ws, wcomp),
+    ``bad`` int32[K] (any arrays when unweighted), ``slot`` (the ring slot this value goes to),
+    ``filled`` (the ring slots holding an entry before it, ``min(count, W)``) and ``widen``.
+    Unweighted, a float64 value moves 96 bytes a stream (EMA and SMA): y 8, (a, b) 16 + 16,
+    ``ring_v`` 8 + 8, (s, comp) 16 + 16, n 4 + 4."""
+    K, P, SKIP, WEIGHTED = kind, parts, skip, weighted
+    SMA = bool(parts & SMA_PART)
+    E_ = E_PARALLEL if parallel else E
+    streams_at, weighted_at, widen_at = E_.streams_at, E_.streams_weighted_at, E_.streams_widen_at
+
+    def kernel(y, w0, c, per_stream, mode, d, ab, ring_v, sc, n, ring_w, wsc, bad, slot, filled, widen):
+        size = y.size
+        base = slot * size
+        full = filled * size == ring_v.size
+        for k in prange(size):
+            if WEIGHTED:
+                if SMA and widen:
+                    widen_at(k, size, ring_v, ring_w, wsc, n, bad, filled, SKIP)
+                weighted_at(y, k, w0, c, per_stream, mode, d, ab, ring_v, sc, n, ring_w, wsc, bad, base + k, K, P,
+                            SKIP)
+            else:
+                streams_at(y, k, mode, d, ab, ring_v, sc, n, base + k, full, K, P, SKIP)
 
     return _compile(kernel, parallel, refcounts=parallel)     # see _NO_REFCOUNTS
 

@@ -23,6 +23,7 @@ from ._cuda_jit import E
 from ._cuda_jit import jit as _jit
 from ._cuda_jit import pointer as _pointer
 from ._cuda_scan import SCAN_BOUNDS, nonfinite_kernel  # noqa: F401  (re-exported: the launchers' one module)
+from ._cuda_stream import streams_kernel  # noqa: F401  (re-exported)
 from ._store.identity import variant as _variant
 from ._target import WINDOW, bodies
 from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, NOISE_ROW, PLAN_KEYS_MAX, S_NORMS, wide

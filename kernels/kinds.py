@@ -11,6 +11,9 @@ ITEMSIZE = (4, 2, 2, 8)                      # bytes per element of each kind
 EXCHANGE, PACK, UNPACK = 0, 1, 2             # swap modes: convert both ways / float32 shadow <-> bfloat16
                                              # source, kept exactly (see _bits.pack_bf16)
 DEBIASED, SEEDED, ZEROS = 0, 1, 2            # metric EMA modes: pandas adjust=True / adjust=False / from 0
+EMA_PART, SMA_PART = 1, 2                    # what a smoother's streams kernel updates (``parts``: either or both)
+STREAM_SCALE = 2.0 ** -64                    # the smoothers' weight of one sample (fastema.smooth.SCALE): the sums
+                                             # are kept in units of it, and an unweighted stream's every weight is it
 
 # The device-side plan of a model EMA (``_stats.plan_step``): schedule kinds, and the slots
 # of its float64 parameter and state arrays.

@@ -26,7 +26,7 @@ CPU_SOURCES = ("_bits", "_stats", "_elementwise", "_intrinsics", "_target", "_cp
 """The modules every CPU kernel's code depends on besides its own file (add a new one here)."""
 
 CUDA_SOURCES = ("_bits", "_stats", "_elementwise", "_intrinsics", "_target", "_cuda_hw", "kinds",
-                "_cuda_jit", "cuda", "_cuda_scan", "_cuda_copy")
+                "_cuda_jit", "cuda", "_cuda_scan", "_cuda_stream", "_cuda_copy")
 """The modules every CUDA kernel's device code is compiled from: the CPU ones' shared bodies, the
 CUDA shims and skeletons (add a new one here). Not the launch bounds per set and architecture
 (``kernels._bounds``): each entry records its own, so an edit of that table makes stale only the

@@ -14,7 +14,7 @@ class Variant:
     """One kernel as one launcher launches it."""
     name: str                 # short, unique: the test id and the table's first column
     path: str                 # which public path launches it
-    family: str               # "lerp", "plan_lerp", "scan", "copy", "swap", "other"
+    family: str               # "lerp", "plan_lerp", "scan", "copy", "swap", "streams", "other"
     build: Callable           # () -> (dispatcher, args): the kernel and its launcher's arguments
     cap: int                  # register cap (headroom over today's count, gpu.md §1.7)
     x_bytes: int = 4          # bytes per source element read
@@ -128,6 +128,20 @@ def _copy(sk, xk, to_shadow):
     return build
 
 
+def _streams(kind, parts, weighted):
+    """The smoother's launch (``fastema.smooth``): values, ``w0, c, per_stream, mode, d``, the EMA's
+    pairs, the SMA's ring, pairs and counts, the weighted layout's, ``slot, filled, widen``."""
+    def build():
+        from fastema.kernels import cuda as K
+        from fastema.kernels.kinds import F32, F64
+
+        y = np.zeros(4, {F64: np.float64, F32: np.uint32}.get(kind, np.uint16))
+        f64, i32 = np.zeros(8), np.zeros(4, np.int32)
+        return K.streams_kernel(kind, parts, True, weighted), (y, 1.0, f64, False, 0, 0.5, f64, f64, f64, i32,
+                                                              f64, f64, i32, 0, 0, False)
+    return build
+
+
 def _other(name):
     """The other per-update kernels, with the arguments their launchers pass
     (``cuda_bound.plan_launch``, ``copy_launch``; ``cuda.bema``, host weights for the float64
@@ -148,7 +162,7 @@ def _other(name):
 
 def variants() -> list[Variant]:
     """Every per-step streaming kernel variant (issue 45 item 1)."""
-    from fastema.kernels.kinds import BF16, EXCHANGE, F16, F32, PACK, UNPACK
+    from fastema.kernels.kinds import BF16, EXCHANGE, F16, F32, F64, PACK, UNPACK
 
     return [
         Variant("lerp f32<-f32", "FlatShadow.update, ema_update_, EMA (plan on the host)", "lerp",
@@ -196,6 +210,12 @@ def variants() -> list[Variant]:
                 _swap(F32, BF16, PACK), 96, traffic=(6.0, 6.0)),
         Variant("swap f32<->bf16 unpack", "swap() out of a bfloat16 model", "swap",
                 _swap(F32, BF16, UNPACK), 96, traffic=(6.0, 6.0)),
+        Variant("streams f64", "Smoother.update (EMA and SMA, float64 values, unweighted)", "streams",
+                _streams(F64, 3, False), 96, chunked=False, traffic=(52.0, 44.0)),
+        Variant("streams f32", "as above, float32 values", "streams", _streams(F32, 3, False), 96,
+                chunked=False, traffic=(48.0, 44.0)),
+        Variant("streams f64 weighted", "Smoother.update after a sample_weight", "streams",
+                _streams(F64, 3, True), 96, chunked=False, streaming=False, traffic=(92.0, 76.0)),
         Variant("bema f32", "BEMA's output", "other", _other("bema"), 96, streaming=False,
                 traffic=(12.0, 4.0)),
         Variant("lerp f64<-f64", "float64 model and shadow", "lerp", _other("lerp64"), 96, 8, 8,
