@@ -334,9 +334,9 @@ def streams_at(y, k, mode, d, ab, ring_v, sc, n, at, full, kind, parts, skip):
         m = n[k]
     finite = not (math.isnan(v) or math.isinf(v))
     if parts & EMA_PART:                   # stored either way: no branch before the loads
-        na, nb = ema_step(a, b, v, STREAM_SCALE, d, mode)
+        a1, b1 = ema_step(a, b, v, STREAM_SCALE, d, mode)
         if finite or not skip:
-            a, b = na, nb
+            a, b = a1, b1
         store_pair(ab, 2 * k, a, b)
     if parts & SMA_PART:
         if full and old - old == 0.0:      # evict the oldest value (a finite one; else it was missing or bad)
@@ -386,9 +386,9 @@ def streams_weighted_at(y, k, w0, c, per_stream, mode, d, ab, ring_v, sc, n, rin
         m, nb = n[k], bad[k]
     finite = not (math.isnan(v) or math.isinf(v))
     if parts & EMA_PART:
-        na, nb = ema_step(a, b, v, w, d, mode)
+        a1, b1 = ema_step(a, b, v, w, d, mode)
         if finite or not skip:
-            a, b = na, nb
+            a, b = a1, b1
         store_pair(ab, 2 * k, a, b)
     if parts & SMA_PART:
         if ow > 0.0:                           # evict the oldest value
