@@ -28,26 +28,23 @@ _SR_LERP_BF16 = ("lerp_kernel(1,0,1,0)", "lerp_kernel(1,0,1,1)", "lerp_kernel(1,
 _SCANS = ("nonfinite_kernel(0)", "nonfinite_kernel(1)", "nonfinite_kernel(2)")
 
 OVERRIDES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {
-    # CUDA 12.0 (ptxas 12.0 on NVVM 12.0's PTX). The float32 fused kernel (nearest rounding) at 3
-    # blocks spills 12-20/28-36 bytes at 80 registers before sm_90: 2 blocks, 98-100 registers
+    # CUDA 12.0 (ptxas 12.0 on NVVM 12.0's PTX). The float32 fused kernel (nearest rounding) at its own
+    # 4 blocks spills on sm_70 only (24/52 bytes at 64 registers): 2 blocks there
     ("cu12", "sm_70"): {_SCAN_F32: (256, 5),                      # 48 registers, no spill
                         _PLAN_F32: (256, 2), **dict.fromkeys(_SR_PLAN, (256, 3))},   # 73-79
-    ("cu12", "sm_75"): {_PLAN_F32: (256, 2)},
-    ("cu12", "sm_80"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},   # 59; at 5 blocks 48 spill
-    ("cu12", "sm_86"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},
-    ("cu12", "sm_89"): {_SCAN_F32: (256, 4), _PLAN_F32: (256, 2)},
+    ("cu12", "sm_80"): {_SCAN_F32: (256, 4)},                     # 59; at 5 blocks 48 spill
+    ("cu12", "sm_86"): {_SCAN_F32: (256, 4)},
+    ("cu12", "sm_89"): {_SCAN_F32: (256, 4)},
     ("cu12", "sm_90"): dict.fromkeys(("plan_lerp_kernel(1,0,1)", "plan_lerp_kernel(1,2,1)"),
                                      (256, 3)),                # 80; at 4 blocks 12/12 bytes
     # Blackwell's CUDA 12 cubins (ptxas 12.8 on NVVM 12.0's PTX): at the kernels' own bounds the
     # same two SR fused kernels spill 12/12 bytes on sm_100 at 64 registers; on sm_120 every SR
-    # fused kernel (44-100 bytes), the bfloat16/float16 SR lerps (4-32 bytes at 64), the 16-bit
-    # and float32 scans (16/8 at 40) and the nearest fused kernels of float32 and float16 sources
-    # (8-48 bytes at 80)
+    # fused kernel (44-100 bytes), the bfloat16/float16 SR lerps (4-32 bytes at 64) and the 16-bit
+    # and float32 scans (16/8 at 40)
     ("cu12", "sm_100"): dict.fromkeys(("plan_lerp_kernel(1,0,1)", "plan_lerp_kernel(1,2,1)"),
                                       (256, 3)),
     ("cu12", "sm_120"): {**dict.fromkeys(_SR_PLAN + _SR_LERP_F16 + _SR_LERP_BF16, (256, 3)),
-                         **dict.fromkeys(_SCANS, (256, 4)),
-                         **dict.fromkeys((_PLAN_F32, "plan_lerp_kernel(0,2,0)"), (256, 2))},
+                         **dict.fromkeys(_SCANS, (256, 4))},
     # CUDA 13.5 (nvJitLink's LTO of NVVM 13.5's LTO-IR for cc 8.0)
     ("cu13", "sm_80"): {_SCAN_F32: (256, 4)},                     # 59; at 5 blocks 48 spill 8/4
     ("cu13", "sm_100"): {_SCAN_F32: (256, 5)},                    # 48

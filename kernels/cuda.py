@@ -28,11 +28,13 @@ from ._store.identity import variant as _variant
 from ._target import WINDOW, bodies
 from .kinds import F32, F64, ITEMSIZE, MAX_ROWS, NOISE_ROW, PLAN_KEYS_MAX, S_NORMS, wide
 
-PLAN_LERP_BOUNDS = (256, 3)
+PLAN_LERP_BOUNDS = (256, 4)
 """The launch bounds of :func:`plan_lerp_kernel` (nearest rounding): at most 256 threads a block
-(``fastema._launch.config.CUDA_THREADS``) and 3 blocks resident per multiprocessor, which holds it to 80
-registers on sm_90 (89-94 without them: 2 blocks; no spill with them). Checked on the machine code by
-``tests/kernels/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``."""
+(``fastema._launch.config.CUDA_THREADS``) and 4 blocks resident per multiprocessor, which holds it to 64
+registers (62 on sm_90, no spill; 72 and 3 blocks before :func:`_lerp_chunks` counted chunks and vectors
+in 32 bits: at 64 that spilled the chunk counter). Checked on the machine code by
+``bench/tests/test_sass.py``, with ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``; ``kernels._bounds`` lowers it
+where a toolchain spills."""
 SR_LERP_BOUNDS = (256, 4)
 """The launch bounds of the stochastic-rounding :func:`lerp_kernel` and :func:`plan_lerp_kernel`: 4 blocks
 per multiprocessor, 64 registers. The plain lerp's 8 lanes of noise hashes took 80 with device weights
@@ -205,17 +207,17 @@ def _lerp_chunks(shadow_kind, src_kind, stochastic):
         xv = cuda.local.array(8, f32)                    # two vectors of source values
         ev = cuda.local.array(8, u32)                    # and of shadow bits (registers once unrolled)
         xw = cuda.local.array(8, u32)                    # a 16-bit shadow's source words
-        for c in range(cuda.blockIdx.x, chunk_seg.size, cuda.gridDim.x):
-            s = chunk_seg[c]
-            off = seg_offset[s]
+        for c in range(np.int32(cuda.blockIdx.x), np.int32(chunk_seg.size), np.int32(cuda.gridDim.x)):
+            s = chunk_seg[c]                             # 32-bit counters (chunk_seg is int32): 8-16 registers
+            off = seg_offset[s]                          # fewer in every lerp
             lo = chunk_begin[c] - off                    # the chunk, as positions within its source
             hi = chunk_begin[c + 1] - off
             qa = shadow_addr[s]
             pa = seg_addr[s]
             start = lo
             if VEC and rows_aligned and ((qa + lo * 4) & 15) == 0 and ((pa + lo * XB) & XMASK) == 0:
-                vectors = (hi - lo) // 4
-                for v in range(cuda.threadIdx.x, vectors, 2 * step):
+                vectors = np.int32((hi - lo) // 4)
+                for v in range(np.int32(cuda.threadIdx.x), vectors, np.int32(2 * step)):
                     j0 = lo + 4 * v
                     two = v + step < vectors
                     j1 = j0 + 4 * step if two else j0    # no second vector: the first, loaded again, never stored

@@ -48,12 +48,7 @@ def reports(shipped):
 
 
 # Known shortfalls of one set only, each with its reason (strict xfail: one that starts holding fails).
-KNOWN_IN_SET = {
-    ("cu12", "plan_lerp f32<-bf16", "in_flight"):
-        "ptxas 12 with -fma=0 (the GPU rounds where the CPU rounds, issue 70 item 5) gives this fused "
-        "kernel 3 blocks of 256 a SM: 30 KiB in flight, under the 32 KiB rule (the model needs ~14 KiB); "
-        "cu13 holds it; to measure at the next GPU run",
-}
+KNOWN_IN_SET: dict = {}
 
 
 def _cases():
@@ -77,9 +72,9 @@ def test_machine_code(shipped, source, name, check):
 @needs_toolchain
 def test_fused_plan_lerp_blocks_per_sm_is_what_its_config_says(reports):
     """``CUDA_PLAN_LERP_BLOCKS_PER_SM`` caps the fused kernel's grid at whole waves of the blocks its
-    registers let reside: the launch bounds hold every fused kernel to them (3 blocks per SM, the
-    stochastic-rounding one 4), and the config's comment names each figure (it said 3 blocks at 70
-    registers while they were 89 and 94: 2 blocks)."""
+    registers let reside: the launch bounds hold every fused kernel to them (4 blocks per SM, 64
+    registers: 3 at 72-80 before issue 86), and the config's comment names each figure (it said 3
+    blocks at 70 registers while they were 89 and 94: 2 blocks)."""
     from fastema._launch import config
     from fastema.kernels import cuda as K
 
