@@ -18,9 +18,10 @@ __all__ = ["Tracked", "as_global", "flat_state_dict", "load_flat_state_dict", "p
 
 class Tracked(NamedTuple):
     """One averaged tensor: its canonical name, the model's tensor (a parameter or a buffer; a
-    DTensor under FSDP2 / TP), the local tensor the shadow reads, and its global layout (``(mesh,
-    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain
-    local shard; None for a whole tensor)."""
+    DTensor under FSDP2 / TP), the local tensor the shadow reads (the model's tensor itself, or the
+    DTensor's own local tensor, ``_local_tensor``: never an alias made here), and its global layout
+    (``(mesh, placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a
+    plain local shard; None for a whole tensor)."""
     fqn: str
     tensor: torch.Tensor
     local: torch.Tensor
