@@ -162,3 +162,26 @@ def test_one_copy_exported_to_a_hugging_face_folder_by_key(tmp_path):
         expected = want.get(name, trained.state_dict()[name])
         expected = expected.to(torch.bfloat16) if expected.is_floating_point() else expected
         assert value.dtype == expected.dtype and torch.equal(value, expected), name
+
+
+def test_a_tied_embedding_and_head_are_exported_as_the_average_under_both_names(tmp_path):
+    """Issue 85 H2: the head's weight is the embedding's (``head.weight = emb.weight``): the state dict holds
+    both names, the EMA tracks the first; both are written as the average (a2c5924 wrote the trained weights
+    under the second), as is a buffer viewing the same memory in the same layout."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.emb, m.head = nn.Embedding(8, 4), nn.Linear(4, 8, bias=False)
+    m.head.weight = m.emb.weight
+    m.register_buffer("alias", m.emb.weight.detach())
+    ema = EMA.Config(decays=[0.5]).build(model_parts=[m])
+    assert [t.fqn for t in ema.tracked] == ["emb.weight"]
+    start = m.emb.weight.detach().double().clone()
+    with torch.no_grad():
+        m.emb.weight.add_(1.0)
+    ema.step(1)
+    got = load_file(export_hf(ema, tmp_path))
+    assert set(got) == {"emb.weight", "head.weight", "alias"}
+    for name, value in got.items():
+        torch.testing.assert_close(value.double(), start + 0.5, rtol=0, atol=1e-6, msg=name)
