@@ -233,20 +233,24 @@ class EMA:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
         copies are ignored, as main ignores them); every entry checked first (there, a floating
-        tensor of its copy's shape and layout, finite), nothing written if one is off. ``dcp.load``
-        writes into the views :meth:`state_dict` gave before it calls this: those entries are
-        checked too, but they are written already, so an inf or NaN among them is refused by name
-        with the copies holding the checkpoint's values, inf and NaN included (load a checkpoint
-        whose EMA is finite, or ``load_state_dict({})``). An empty dict (a checkpoint without the
-        EMA) cold-starts every copy from the current weights, as main does."""
+        tensor of its copy's shape and layout, finite in the copy's dtype), nothing written if one
+        is off; on a sharded model the verdict is agreed over the mesh: a rank that refuses makes
+        every rank raise the same error, naming it (a ``ValueError``), never a rank left waiting in
+        its next collective. ``dcp.load`` writes into the views :meth:`state_dict` gave before it
+        calls this: those entries are checked too, but they are written already, so an inf or NaN
+        among them is refused by name with the copies holding the checkpoint's values, inf and NaN
+        included (load a checkpoint whose EMA is finite, or ``load_state_dict({})``). An empty dict
+        (a checkpoint without the EMA) cold-starts every copy from the current weights, as main
+        does (the model checked first, as at a firing)."""
         if not state_dict:
-            self._follow("load_state_dict({})")
+            _state.agreed_load(self.tracked, self._model_problem(), False)
             self.shadow.copy_from_sources()
             logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the "
                            "loaded model weights, which discards all EMA history",
                            ", ".join(self.keys))
             return
-        _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict)
+        _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict,
+                                    lambda problem: _state.agreed_load(self.tracked, problem, True))
 
     def averaged_state_dict(self, key: str | None = None) -> dict[str, torch.Tensor]:
         """One copy (``key``; default: the only one) as ``fqn -> tensor`` in the tensors' dtypes and
