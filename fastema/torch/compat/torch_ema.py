@@ -56,8 +56,9 @@ def _shadow(params: list, dtype: str = "same"):
 
 
 def _check_decay(decay, name: str) -> None:
-    """torch_ema's check of a decay (``Decay must be between 0 and 1``), which lets NaN through."""
-    if not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
+    """torch_ema's check of a decay (``Decay must be between 0 and 1``), NaN refused too (torch_ema's
+    ``decay < 0 or decay > 1`` lets it through, and its updates then write NaN)."""
+    if not isinstance(decay, numbers.Real) or not 0.0 <= float(decay) <= 1.0:
         where = "" if name == "decay" else f" ({name}: nothing was loaded)"
         raise ValueError(f"Decay must be between 0 and 1 (a float), got {decay!r}{where}")
 
