@@ -118,9 +118,8 @@ def timed(rec, mode: str) -> None:
         rec.note("host", f"{mode}: inductor counters (cudagraph skips among them)", dict(counters["inductor"]))
     sc = f"compiled step, {mode}, {TENSORS}x{SIZE} float32"
     fns = {OURS: world[OURS][0], FOREACH: world[FOREACH][0]}
-    for impl, m in M.interleaved(fns, calls=20, batches=ROUNDS).items():
-        M.record(rec, sc, impl, M.with_bandwidth(m, TENSORS * SIZE, "lerp f32"), checked=impl == FOREACH)
-    rows = rec.data["timings"][sc]
+    rows = M.record_all(rec, sc, M.interleaved(fns, calls=20, batches=ROUNDS), {k: "lerp f32" for k in fns},
+                        TENSORS * SIZE, (FOREACH,))
     value = ratio(sc, rows, OURS, FOREACH, "e2e")
     out = {"value": None if value is None else round(value, 3), "bound": 1.0, "figure": "e2e", "ok": None,
            "host_device_e2e": [ratio(sc, rows, OURS, FOREACH, f) for f in ("host", "device", "e2e")]}

@@ -94,12 +94,6 @@ def _rows(rec, scenario: str) -> dict:
     return rec.data.setdefault("timings", {}).setdefault(scenario, {})
 
 
-def _record(rec, sc: str, impl: str, m: dict, checked_rows=()) -> None:
-    """Row ``sc | impl`` recorded by ``measure.record`` (refused where it passes the run's ceiling or
-    breaks ``bench.suite.figures``' rules); ``checked_rows``: the baselines run against fastema first."""
-    M.record(rec, sc, impl, m, checked=impl in checked_rows)
-
-
 def _ratios(rec, sc: str, ours: str, base: str) -> None:
     """The baseline's host, device and e2e over fastema's, noted under ``host`` (None: invalid)."""
     rows = _rows(rec, sc)
@@ -144,8 +138,7 @@ def host_cost(rec, count: int, dt: str) -> None:
                 {f"{sc} | {k}": v for k, v in results.items()}, ours=f"{sc} | {EMA}",
                 inputs=params, move=lambda: _moved(params))
         rows = M.interleaved(fns)
-    for impl, m in rows.items():
-        _record(rec, sc, impl, M.with_bandwidth(m, n, kinds[impl]), checked_rows=(FOREACH, MIXED))
+    M.record_all(rec, sc, rows, kinds, n, (FOREACH, MIXED))
     _ratios(rec, sc, EMA, MIXED if dt == "bf16" else FOREACH)
 
 
@@ -181,9 +174,7 @@ def flat(rec) -> None:
                 ours=f"{sc} | fastema.ema_update_", inputs=[b])
         rows = M.interleaved(fns, calls=20)
     M.keep_ceiling(rec, M.ceiling(rows, n, streams))
-    for impl, m in rows.items():
-        m = M.with_bandwidth(m, n, streams.get(impl, "lerp f32"))
-        _record(rec, sc, impl, m, checked_rows=("torch.lerp_", FOREACH))
+    M.record_all(rec, sc, rows, {k: streams.get(k, "lerp f32") for k in rows}, n, ("torch.lerp_", FOREACH))
     _ratios(rec, sc, "fastema.ema_update_", "torch.lerp_")
     _ratios(rec, sc, EMA, FOREACH)
     rec.note("host", f"{sc}: % of copy (device)",

@@ -224,3 +224,20 @@ def record(rec, sc: str, impl: str, m: dict, checked: bool = False) -> dict:
     table[impl] = m
     rec.save()
     return m
+
+
+def record_all(rec, sc: str, rows: dict, kinds: dict, elements: int, checked_rows=()) -> dict:
+    """Every row of ``rows`` (:func:`interleaved`'s) through :func:`record`, its GB/s from ``kinds``
+    (impl -> :data:`BYTES` key; none: no bytes); a refusal raised once all are written down. Returns
+    the scenario's table."""
+    from bench.suite.checked import Refused
+
+    refused = None
+    for impl, m in rows.items():
+        try:
+            record(rec, sc, impl, with_bandwidth(m, elements, kinds.get(impl)), checked=impl in checked_rows)
+        except Refused as err:
+            refused = refused or err
+    if refused is not None:
+        raise refused
+    return rec.data["timings"][sc]

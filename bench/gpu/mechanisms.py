@@ -133,9 +133,8 @@ def rows(rec, side_raw: int | None, device) -> None:
                  "fastema's result is not computed, so lerp_ is unchecked and no ratio is read against it")
     G.sync()
     same = {"cuLaunchKernel through the bindings", "cuGraphLaunch of a 1-node graph"}  # the kept launch's own
-    for impl, m in M.interleaved(fns, calls=CALLS).items():
-        ok = impl in same or (lerp_checked and impl == "torch.lerp_ 16")
-        M.record(rec, "one lerp launch, 10 tensors of 16", impl, m, checked=ok)
+    M.record_all(rec, "one lerp launch, 10 tensors of 16", M.interleaved(fns, calls=CALLS), {}, 16 * 10,
+                 [*same, *(["torch.lerp_ 16"] if lerp_checked else [])])
     rec.note("env", "driver", "the driver emulator (stub libcuda.so.1)" if G.NO_DEVICE and calls else
              "the Numba CUDA simulator" if G.SIM else "the GPU's")
     rec.note("env", "cuLaunchKernel parameters", None if not calls else

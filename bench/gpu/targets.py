@@ -67,10 +67,7 @@ def _verdict(rec, target: str, value, bound: float, at_most: bool, figure: str, 
 
 
 def _timed(rec, sc: str, fns: dict, kinds: dict, elements: int, checked_rows=(), calls=None) -> dict:
-    rows = M.interleaved(fns, calls=calls)
-    for impl, m in rows.items():
-        M.record(rec, sc, impl, M.with_bandwidth(m, elements, kinds.get(impl)), checked=impl in checked_rows)
-    return rec.data["timings"][sc]
+    return M.record_all(rec, sc, M.interleaved(fns, calls=calls), kinds, elements, checked_rows)
 
 
 def _cost(rows: dict, sc: str, ours: str, base: str, figure: str):
@@ -103,9 +100,7 @@ def plan_lerp(rec) -> None:
                 ours=EMA, inputs=[b], move=lambda: move_sources([b]))
         rows = M.interleaved(fns, calls=20)
     M.keep_ceiling(rec, M.ceiling(rows, n, streams))
-    for impl, m in rows.items():
-        M.record(rec, sc, impl, M.with_bandwidth(m, n, streams.get(impl, "lerp f32")),
-                 checked=impl in ("torch.lerp_", FOREACH))
+    M.record_all(rec, sc, rows, {k: streams.get(k, "lerp f32") for k in rows}, n, ("torch.lerp_", FOREACH))
     _verdict(rec, "plan lerp (EMA.update, one 2^28 tensor) % of a copy >= 98",
              None if rec.data["timings"][sc][EMA].get("host_bound_batches") else
              rec.data["timings"][sc][EMA].get("pct_of_copy"), 98.0, False, "device", "copy (ceiling)")
