@@ -87,7 +87,9 @@ def ratio(scenario: str, rows: dict, ours: str, baseline: str, figure: str) -> f
     """The baseline's ``figure`` over fastema's (> 1: fastema takes less), both rows of ``rows``
     (``impl -> figures``), or None where either figure is invalid (a host figure that waited, a host-bound
     device time). Refused (:class:`Refused`) where the baseline is missing, was not checked against
-    fastema's result before it was timed, or was timed in another call than fastema's row (``run``)."""
+    fastema's result before it was timed, or was timed in another call than fastema's row (``run``). A
+    fastema row read against another of fastema's (``compat.PostHocEMA`` against the native one) needs no
+    check: it is no baseline (``checked.is_baseline``)."""
     name = f"{scenario} | {baseline}"
     if ours not in rows:
         raise Refused(f"{scenario} | {ours}", "not measured: no ratio")
