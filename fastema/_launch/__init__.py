@@ -33,7 +33,7 @@ import numpy as np
 
 from ..kernels import _bits
 from ..kernels.layout import chunk_table, segment_offsets
-from . import config, drivers
+from . import config
 from .cpu import merge as merge  # the merge launcher (CPU only)
 from .forked import _cuda  # the CUDA launch layer, after the fork check
 from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
@@ -168,7 +168,7 @@ def stream_of(group) -> int:
     return group.current_stream() if is_cuda(group.device) else 0
 
 
-CHOSEN_DRIVERS = drivers.CHOSEN
+CHOSEN_DRIVERS = config.DRIVERS.chosen
 """The drivers given to :func:`.drivers.using` now, innermost last (none: the process's own,
 :func:`.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
 valid while the same one is chosen (``fastema._backends.kept``)."""

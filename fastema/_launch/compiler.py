@@ -23,11 +23,11 @@ compiler); :func:`current` is the one in use at run time.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
+from .._switch import Switch
 from ..kernels import _bounds
 from ..kernels._store.entry import figures
 from ..kernels._store.identity import VARIANTS
@@ -209,27 +209,18 @@ class Cu12:
         return self.T.build_cu12(dispatcher, types, tuple(images), self.tc, self.late)
 
 
-_STACK: list = []
-
-
-@contextlib.contextmanager
-def using(compiler: Compiler) -> Iterator[Compiler]:
-    """``compiler`` compiles what the launch path compiles at run time for the ``with`` block."""
-    _STACK.append(compiler)
-    try:
-        yield compiler
-    finally:
-        _STACK.remove(compiler)
-
-
 @functools.cache
 def _default() -> Compiler:
     return NumbaCuda()
 
 
-def current() -> Compiler:
-    """The compiler in use: the innermost :func:`using`'s, else numba-cuda's."""
-    return _STACK[-1] if _STACK else _default()
+COMPILERS: Switch[Compiler] = Switch(_default)
+"""The compiler of what the launch path compiles at run time: the innermost given to :func:`using`,
+else numba-cuda's."""
+using = COMPILERS.using
+"""``using(compiler)``: ``compiler`` compiles what the launch path compiles at run time for the ``with`` block."""
+current = COMPILERS.current
+"""``current()``: the compiler in use: the innermost :func:`using`'s, else numba-cuda's."""
 
 
 def _typed(numba_cuda: NumbaCuda, cu12: Cu12) -> tuple[Compiler, Compiler]:   # mypy: both compile

@@ -25,37 +25,26 @@ launch.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from . import config
 from .cuda_frees import PENDING, free_pending, relaxed
 from .cuda_memory import Streams, Watched
 from .driver import REFUSALS, Driver, Loaded, Refused
 
-_STACK: list = []
-CHOSEN = _STACK
+DRIVERS = config.DRIVERS
+using = DRIVERS.using
+"""``using(driver)``: ``driver`` is the one the launch path takes (:func:`current`) for the ``with`` block."""
+current = DRIVERS.current
+"""``current()``: the driver the launch path takes now: the innermost :func:`using`'s, else :func:`default`."""
+CHOSEN = DRIVERS.chosen
 """The drivers given to :func:`using` now, innermost last (read without a call by caches of what a driver made)."""
-
-
-@contextlib.contextmanager
-def using(driver: Driver) -> Iterator[Driver]:
-    """``driver`` is the one the launch path takes (:func:`current`) for the ``with`` block."""
-    _STACK.append(driver)
-    try:
-        yield driver
-    finally:
-        _STACK.remove(driver)
-
-
-def current() -> Driver:
-    """The driver the launch path takes now: the innermost :func:`using`'s, else :func:`default`."""
-    return _STACK[-1] if _STACK else default()
 
 
 def simulator() -> bool:
@@ -87,6 +76,9 @@ def default() -> Driver:
                   f"through numba's dispatcher (tens to hundreds of us of host time a call; "
                   f"kernels compiled at first use)", RuntimeWarning, stacklevel=4)
     return DispatcherDriver()
+
+
+DRIVERS.default = default
 
 
 class _Event:
