@@ -186,9 +186,9 @@ def test_frameworks_are_named_only_in_the_boundary_and_the_faces():
 def test_dispatch_imports_no_framework():
     """fastema/_launch names no framework: each group carries its stream getter (from its backend)."""
     bad = []
-    for path in sorted((ROOT / "fastema" / "_launch").glob("*.py")):
-        bad += [f"fastema/_launch/{path.name}:{line} {what}"
-                for line, what in _framework_uses(path, "fastema._launch")]
+    for path in sorted((ROOT / "fastema" / "_launch").rglob("*.py")):
+        bad += [f"{path.relative_to(ROOT).as_posix()}:{line} {what}"
+                for line, what in _framework_uses(path, _package(path))]
     assert not bad, bad
 
 

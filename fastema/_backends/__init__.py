@@ -92,7 +92,7 @@ using = GIVEN.using
 """``using(backend)``: ``backend`` ahead of the other adapters for the ``with`` block: :func:`backend_of`
 asks it first (what it owns is its), and it is the adapter of its framework (``backend.NAME``) wherever
 fastema names one (:func:`backend_named`, the buffers it makes, :func:`stream_getter`,
-:func:`capturing`). How the fake GPU of ``testkit`` is given (as ``_launch.drivers.using`` gives
+:func:`capturing`). How the fake GPU of ``testkit`` is given (as ``_launch.cuda.drivers.using`` gives
 its driver): an adapter of torch whose CPU tensors are on ``cuda:0``. What is made in the block
 keeps what it was given (a layout group its adapter and stream getter). The type cache and the
 stream getters kept are dropped on the way in and out; blocks nest."""

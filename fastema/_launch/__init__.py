@@ -7,7 +7,7 @@ and their fixed and varying arguments are the op table's (:mod:`.op`: :data:`.op
 :data:`VARYING`). A prepared launch (:class:`Launch`) reads its group's tables at every call, on both
 targets, so it never goes stale when the sources move (the owner replaces ``group.tables``); only
 its fixed arguments key it. :func:`prepare` makes one from the target's table of prepare functions
-(:data:`.cpu_bound.PREPARE`, or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first
+(:data:`.cpu.launch.PREPARE`, or :data:`.cuda.launch.PREPARE`, imported when a CUDA buffer first
 arrives); ``launch(op, group, **args)`` is one made for one call. Tunables live in :mod:`.config`.
 
 Dispatch names no framework: a group carries ``current_stream``, the function its backend
@@ -15,15 +15,20 @@ gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of
 its framework has current now; on CUDA every launch asks it. A CUDA launch keeps what a graph
 capturing it reads: a one-off launch, and every launch of a group whose owner may drop its tables
 (``group.pins``: the array functions' cached pairs), keeps the tables for good when the stream it
-launches on is being captured (:mod:`.cuda_bound`).
+launches on is being captured (:mod:`.cuda.launch`).
 
 After ``os.fork()`` (docs/guides/processes.md): the child's CPU launches run the serial twins when
-the parent had started numba's OpenMP layer (:mod:`.cpu`); its CUDA launches, those kept from
+the parent had started numba's OpenMP layer (:mod:`.cpu.pool`); its CUDA launches, those kept from
 before the fork too, are refused with the way out (the ``spawn`` start method) when the parent had
-launched on a GPU (:mod:`.forked`: :func:`.forked.refuse_cuda_after_fork`).
+launched on a GPU (:mod:`.cuda.forked`: :func:`.cuda.forked.refuse_cuda_after_fork`).
 
 A checkpoint merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from
 host memory).
+
+The package is a common top (this module: the tables; :mod:`.launches`, :mod:`.op`, :mod:`.config`)
+and three wings: :mod:`.cpu` (the CPU's launches, pool and threads), :mod:`.cuda` (every CUDA
+module, none imported before a CUDA buffer arrives) and :mod:`.build` (the shipped device code's
+variants and build).
 """
 from __future__ import annotations
 
@@ -34,9 +39,8 @@ import numpy as np
 from ..kernels import _bits
 from ..kernels.layout import chunk_table, segment_offsets
 from . import config
-from .cpu import merge as merge  # the merge launcher (CPU only)
-from .forked import _cuda  # the CUDA launch layer, after the fork check
-from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
+from .cpu.pool import merge as merge  # the merge launcher (CPU only)
+from .launches import Group, Launch, Launches, _cuda, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
 from .op import OPS, VARYING
 
 __all__ = ["Group", "Launch", "Launches", "OPS", "Tables", "VARYING", "launch", "merge", "prepare",
@@ -169,6 +173,6 @@ def stream_of(group) -> int:
 
 
 CHOSEN_DRIVERS = config.DRIVERS.chosen
-"""The drivers given to :func:`.drivers.using` now, innermost last (none: the process's own,
-:func:`.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
+"""The drivers given to :func:`.cuda.drivers.using` now, innermost last (none: the process's own,
+:func:`.cuda.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
 valid while the same one is chosen (``fastema._backends.kept``)."""

@@ -15,8 +15,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
-from . import cpu_bound
-from .forked import _cuda
+from .cpu import launch as cpu_launch
 from .op import OPS
 
 
@@ -31,7 +30,7 @@ def is_cuda(device: str) -> bool:
 
 class Launch(Protocol):
     """A prepared launch of one op over one group (:meth:`Launches.launch`, :func:`prepare`): the seam
-    between the launches' owners and the two targets (:mod:`.cpu_bound`, :mod:`.cuda_bound`). Its fixed
+    between the launches' owners and the two targets (:mod:`.cpu.launch`, :mod:`.cuda.launch`). Its fixed
     arguments are bound when it is made; the group's tables are the group's (a launch reads them at each
     call); ``run(*varying)`` takes the op's :data:`VARYING` arguments, in that order."""
 
@@ -175,9 +174,9 @@ def prepare(op: str, group, **fixed) -> Launch:
     :meth:`Launches.launch`, which keeps it): ``run = prepare(op, group, **fixed)`` binds the op's
     fixed arguments (:data:`.op.OPS`), and ``run(*varying)`` takes its :data:`VARYING` ones at each call
     (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one launch form of both
-    targets (:data:`.cpu_bound.PREPARE`, :data:`.cuda_bound.PREPARE`): on the CPU the compiled
+    targets (:data:`.cpu.launch.PREPARE`, :data:`.cuda.launch.PREPARE`): on the CPU the compiled
     overload's entry point after the first call; on CUDA the variant's code and one argument block
-    packed at C speed (:mod:`.abi`), an argument rewritten only where it is a new object. Reads the
+    packed at C speed (:mod:`.cuda.abi`), an argument rewritten only where it is a new object. Reads the
     group's tables at each call, and runs on the stream that is current for the group's framework at
     each call. An empty group's launch launches nothing; ``"plan_lerp"``'s group must have elements."""
     t = group.tables
@@ -194,24 +193,34 @@ def prepare(op: str, group, **fixed) -> Launch:
 
 
 def _target(device: str):
-    """The target module of ``device``: :mod:`.cpu_bound`, or :mod:`.cuda_bound` after the package's fork
-    check (:func:`_cuda_bound`: refused in a child forked after CUDA was used)."""
+    """The target module of ``device``: :mod:`.cpu.launch`, or :mod:`.cuda.launch` after the fork check
+    (:func:`_cuda_launch`: refused in a child forked after CUDA was used)."""
     if not is_cuda(device):
-        return cpu_bound
-    return _cuda_bound()
+        return cpu_launch
+    return _cuda_launch()
 
 
 @functools.cache
-def _cuda_bound():
-    """The bound CUDA launches (:mod:`.cuda_bound`), after the fork check of :func:`.forked._cuda` (cached:
-    a C-level call once made; the cache is dropped in every forked child, which asks again)."""
+def _cuda():
+    """The CUDA launch layer's tables (:mod:`.cuda.tables`), after the fork check of :func:`.cuda.forked._cuda`
+    (cached: a C-level call once made; the cache is dropped in every forked child, which asks again).
+    Nothing under :mod:`.cuda.tables` is imported before: ``import fastema`` loads none of it."""
+    from .cuda import forked
+
+    return forked._cuda()
+
+
+@functools.cache
+def _cuda_launch():
+    """The CUDA launches (:mod:`.cuda.launch`), after the fork check of :func:`_cuda` (cached as it is)."""
     _cuda()
-    from . import cuda_bound
+    from .cuda import launch as target
 
-    return cuda_bound
+    return target
 
 
-os.register_at_fork(after_in_child=_cuda_bound.cache_clear)
+os.register_at_fork(after_in_child=_cuda.cache_clear)
+os.register_at_fork(after_in_child=_cuda_launch.cache_clear)
 
 
 def _check_carrier(group, fixed: dict) -> None:

@@ -332,7 +332,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     group's lerp (no plan kernel), and the other groups read what it wrote; behind a non-finite
     scan the plan kernel runs first, alone. Either way the averages, the counters and the keys
     equal the host plan's bit for bit, skipped calls (update_every) and stochastic rounding included."""
-    from fastema._launch import cpu_bound as C
+    from fastema._launch.cpu import launch as C
 
     counts = {"plan": 0, "fused": 0}
     fused: list = []                       # the fused launches made (the CPU's "plan_lerp" prepare function's)

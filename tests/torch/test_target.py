@@ -109,7 +109,7 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     for a, b in zip(a_tg.state_dict().values(), b_tg.state_dict().values()):
         assert torch.equal(a, b)
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
-    from fastema._launch import cpu_bound as C
+    from fastema._launch.cpu import launch as C
 
     runs = [run for op, run in dev._side.avg.groups[0].prepared() if op == "plan_lerp"]
     assert len(runs) == 1                                    # the plan step rode in the lerp launch

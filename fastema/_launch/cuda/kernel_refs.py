@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from ..kernels.kinds import wide  # plain constants and rules: no numba
+from ...kernels.kinds import wide  # plain constants and rules: no numba
 
 FACTORIES = {"lerp_kernel": 4, "plan_lerp_kernel": 3, "bema_kernel": 1, "copy_kernel": 3, "swap_kernel": 3,
              "window_kernel": 2, "plan_kernel": 0, "zero_kernel": 0, "ema_kernel": 3, "sma_kernel": 2,
@@ -42,11 +42,11 @@ def own_bounds(factory: str, numbers: tuple):
 def kernels():
     """``fastema.kernels.cuda``, imported where a dispatcher is first needed, its dispatcher cache
     switch set before (``FASTEMA_CUDA_CACHE``)."""
-    from ..kernels import _cuda_jit
-    from . import config
+    from ...kernels import _cuda_jit
+    from .. import config
 
     _cuda_jit.CACHE = config.CUDA_DISPATCHER_CACHE  # numba's own cache of the dispatcher path
-    from ..kernels import cuda
+    from ...kernels import cuda
 
     return cuda
 

@@ -5,7 +5,7 @@
   ``cuLaunchKernel`` with fastema's own parameter block; the device work around the launches (the
   context push, the primary context, the compute capability and multiprocessor count, uploads on a
   stream of fastema's own, pinned staging and its copies, events) and the context, capture and
-  version queries are cuda-bindings' calls (:mod:`.cuda_memory`): a process that launches shipped
+  version queries are cuda-bindings' calls (:mod:`.memory`): a process that launches shipped
   code imports no numba-cuda. Only a variant the driver refuses (:data:`.driver.REFUSALS`) goes
   through numba's dispatcher (:meth:`_Numba.dispatch`), importing numba-cuda then.
 - :class:`DispatcherDriver`: numba's dispatcher launches every kernel (compiling it at its first
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from . import config
-from .cuda_frees import PENDING, free_pending, relaxed
-from .cuda_memory import Streams, Watched
+from .. import config
 from .driver import REFUSALS, Driver, Loaded, Refused
+from .frees import PENDING, free_pending, relaxed
+from .memory import Streams, Watched
 
 DRIVERS = config.DRIVERS
 using = DRIVERS.using
@@ -178,7 +178,7 @@ class _Numba:
 
     def watch(self, device: str, getter) -> None:
         """Tables were made for ``device`` whose launches go on the stream ``getter()`` names
-        (:class:`.cuda_memory.Watched`: its current stream asked by :meth:`any_capturing`)."""
+        (:class:`.memory.Watched`: its current stream asked by :meth:`any_capturing`)."""
         self.watched.add(device, getter)
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
@@ -272,7 +272,7 @@ class _Numba:
 
 
 def _api_error(call: str, err):
-    from .cuda_memory import api_error
+    from .memory import api_error
 
     return api_error(call, err)
 
@@ -300,16 +300,16 @@ class CudaCoreDriver(_Numba):
         self.core_error = _core_error()
         self._streams = Streams(self.d.CUstream)
         self.stream = self._streams.__getitem__  # type: ignore[method-assign] # a C call per launch
-        self._devices = {}                       # index -> cuda_memory.Device
+        self._devices = {}                       # index -> memory.Device
 
     def _stream_arg(self, raw: int):
         return self._streams[raw]                         # the launches' own stream objects (kept)
 
     def device(self, index: int):
-        """Device ``index`` (:class:`.cuda_memory.Device`: its primary context retained once)."""
+        """Device ``index`` (:class:`.memory.Device`: its primary context retained once)."""
         got = self._devices.get(index)
         if got is None:
-            from .cuda_memory import Device
+            from .memory import Device
 
             got = self._devices[index] = Device(index, self.d)
         return got
@@ -327,14 +327,14 @@ class CudaCoreDriver(_Numba):
         return self.device(index).handle
 
     def upload(self, array, index: int):
-        """See :meth:`.cuda_memory.Device.upload` (issue 37, C1); the deferred frees issued first where no
-        watched stream captures (:mod:`.cuda_frees`: tables are made, so memory is wanted)."""
+        """See :meth:`.memory.Device.upload` (issue 37, C1); the deferred frees issued first where no
+        watched stream captures (:mod:`.frees`: tables are made, so memory is wanted)."""
         if PENDING and not self.any_capturing(0, index):
             free_pending()
         return self.device(index).upload(array)
 
     def pinned(self, size: int, dtype):
-        from .cuda_memory import pinned
+        from .memory import pinned
 
         return pinned(size, dtype, self.d)
 
@@ -342,7 +342,7 @@ class CudaCoreDriver(_Numba):
         device_array.copy_to_device(values, stream=raw)
 
     def event(self):
-        from .cuda_memory import Event
+        from .memory import Event
 
         return Event(self.d)
 
@@ -410,7 +410,7 @@ _MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrima
                  "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemcpyHtoDAsync", "cuMemcpyDtoH",
                  "cuMemHostAlloc", "cuMemFreeHost", "cuStreamCreate", "cuStreamSynchronize", "cuEventCreate",
                  "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy")
-"""What of cuda-bindings :mod:`.cuda_memory` calls."""
+"""What of cuda-bindings :mod:`.memory` calls."""
 
 
 def _core_error(core=None) -> Any:
@@ -420,7 +420,7 @@ def _core_error(core=None) -> Any:
     the private-names table's row); ImportError where ``core`` (default: ``cuda.core``) has none."""
     import importlib
 
-    from .. import _privates
+    from ... import _privates
 
     if core is None:
         return _privates.get("cuda.core._utils.cuda_utils:CUDAError")

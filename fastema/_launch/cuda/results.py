@@ -1,7 +1,7 @@
 """A cuda-bindings call's result checked: every ``CUresult`` fastema's CUDA path gets is read here, an error
 raised as :class:`CudaDriverError` naming the call and the result (``CUDA_ERROR_...``), the driver's own
 shutdown at the interpreter's exit (:func:`_gone`) told apart. Imports nothing (the lowest piece of
-:mod:`.cuda_memory` and :mod:`.cuda_frees`)."""
+:mod:`.memory` and :mod:`.frees`)."""
 from __future__ import annotations
 
 

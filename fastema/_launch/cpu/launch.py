@@ -6,8 +6,8 @@ keyword signatures are the op table's, :mod:`.op`). A launch reads its group's t
 replaced), so a launch kept by its group never goes stale when the sources move; after its first
 call it calls the compiled overload's own entry point, per serial/parallel choice, with no numba
 dispatcher (no per-call type resolution). Serial or parallel by the work's size
-(:data:`.config.CPU_SERIAL_BELOW`), on :func:`.cpu.team`'s threads (the pool, the lock and the
-fork rules are :mod:`.cpu`'s).
+(:data:`.config.CPU_SERIAL_BELOW`), on :func:`.pool.team`'s threads (the pool, the lock and the
+fork rules are :mod:`.pool`'s).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any
 import numba
 import numpy as np
 
-from . import config
-from . import cpu as P  # the pool: PARALLEL, team, run, run_parallel, and the kernel factories K
+from .. import config
+from . import pool as P  # the pool: PARALLEL, team, run, run_parallel, and the kernel factories K
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
 _ZERO_KEY = np.uint32(0)

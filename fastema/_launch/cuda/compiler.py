@@ -27,10 +27,10 @@ import functools
 import re
 from typing import Any, Protocol
 
-from .._switch import Switch
-from ..kernels import _bounds
-from ..kernels._store.entry import figures
-from ..kernels._store.identity import VARIANTS
+from ..._switch import Switch
+from ...kernels import _bounds
+from ...kernels._store.entry import figures
+from ...kernels._store.identity import VARIANTS
 
 PTX_ISA = "9.0"
 """The PTX ISA the CUDA 13 set's PTX declares where it assembles as such: CUDA 13.0's, the oldest
@@ -68,7 +68,7 @@ def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir", bounds=None):
     """The kernel's code from NVVM for compute capability ``cc``, with the dispatcher's own options,
     launch ``bounds`` and the kernels' NVVM options (``kernels._cuda_jit.NVVM``: no contraction):
     LTO-IR (bytes) or PTX (str)."""
-    from ..kernels._cuda_jit import nvvm_code
+    from ...kernels._cuda_jit import nvvm_code
 
     return nvvm_code(dispatcher, types, cc, output, bounds)
 
@@ -82,7 +82,7 @@ def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[b
     from cuda.bindings import nvjitlink as J
     from cuda.pathfinder import DynamicLibNotFoundError
 
-    from ..kernels._cuda_jit import LINK
+    from ...kernels._cuda_jit import LINK
 
     flags = [f"-arch={arch}", "-lto", *(["-ptx"] if target == "ptx" else []), *(["-verbose"] if verbose else []),
              *LINK]
@@ -152,7 +152,7 @@ class NumbaCuda:
     def identity(self) -> str:
         import importlib.metadata as md
 
-        from .cuda_base import cuda_versions
+        from .base import cuda_versions
 
         try:
             nvjitlink = md.version("nvidia-nvjitlink")
@@ -194,7 +194,7 @@ class Cu12:
     set = "cu12"
 
     def __init__(self, root: str | None = None, late: str | None = None):
-        from ..kernels import _toolchain_cu12 as T
+        from ...kernels import _toolchain_cu12 as T
 
         self.T = T
         self.tc = T.Toolchain.at(root or T.default_root())

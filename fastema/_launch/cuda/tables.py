@@ -1,6 +1,6 @@
 """The CUDA pieces of dispatch: table upload and in-place update, retirement events, the capture
-query. Every launch is prepared in :mod:`.cuda_bound` (the shipped device code, fastema's own
-argument block: :data:`.cuda_bound.PREPARE`). Every call to the GPU is the launch driver's
+query. Every launch is prepared in :mod:`.launch` (the shipped device code, fastema's own
+argument block: :data:`.launch.PREPARE`). Every call to the GPU is the launch driver's
 (:mod:`.driver`): the one :func:`.drivers.current` gives when tables are made or a launch is bound.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are allocated
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import config
-from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
-from .cuda_frees import PENDING, free_pending
+from .. import config
+from .base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
 from .drivers import current, simulator, using  # noqa: F401
+from .frees import PENDING, free_pending
 
 SIMULATOR = simulator()
 """The Numba CUDA simulator is on (fastema._launch's fork check reads it)."""
@@ -35,7 +35,7 @@ def capturing(device: str, raw: int) -> bool:
 
 def clear_caches() -> None:
     """Drop the stream objects the current driver keeps (``fastema.clear_caches()``) and issue the deferred
-    frees (:mod:`.cuda_frees`) where no stream it asks captures; the zero flags stay (see
+    frees (:mod:`.frees`) where no stream it asks captures; the zero flags stay (see
     :func:`_zero_flag`)."""
     d = current()
     d.clear()

@@ -7,7 +7,7 @@ the numba types of the arguments its launch passes. :func:`every_variant` prepar
 with the table's varying ones, over the space its callers use (:func:`_space`), with placeholder device
 arrays of the dtypes those callers pass, and records what reaches the launch instead of launching
 (through an ordinary launch driver that records, :class:`RecordingDriver`, given to
-:func:`.drivers.using`): the launches' own code picks the kernel and builds the arguments, so a new
+:func:`.cuda.drivers.using`): the launches' own code picks the kernel and builds the arguments, so a new
 argument or kernel choice changes the enumeration without a hand list.
 
 The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions
@@ -21,7 +21,7 @@ can ask for others, which compile at their first use, once per node: ``device_co
   non-finite scan; the swaps (``EXCHANGE``; ``PACK``/``UNPACK`` for float32 <- bfloat16); BEMA; the
   window push (float32 and bfloat16 rings; float64 for float64 sources); the metric smoothers.
 
-Used by the build (``python -m fastema warm --into``: what is compiled and shipped, :mod:`.build`),
+Used by the build (``python -m fastema warm --into``: what is compiled and shipped, :mod:`.store`),
 :func:`warm` (``python -m fastema warm``) and the tests that hold the shipped sets to it. Needs
 numba-cuda (its types); no GPU.
 """
@@ -32,12 +32,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
-from . import device_code
-from .cuda_memory import Watched
-from .device_code import variant_key
-from .driver import Driver
-from .op import OPS
+from ...kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
+from ..cuda import device_code
+from ..cuda.device_code import variant_key
+from ..cuda.driver import Driver
+from ..cuda.memory import Watched
+from ..op import OPS
 
 PAIRS = tuple((sk, xk) for sk in (F32, BF16, F16, F64) for xk in (F32, BF16, F16)) + ((F64, F64),)
 """The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64 shadow
@@ -64,7 +64,7 @@ class _Placeholder:
 
 
 def _tables():
-    from . import Tables
+    from .. import Tables
 
     P = _Placeholder
     return Tables(P(np.int64), P(np.int64), P(np.int64), P(np.int32), P(np.int64), n=1024, chunks=4)
@@ -77,7 +77,7 @@ def _plan() -> dict:
 
 
 class RecordingDriver:
-    """A launch driver (:class:`.driver.Driver`) that records each launch the launchers ask for into
+    """A launch driver (:class:`.cuda.driver.Driver`) that records each launch the launchers ask for into
     ``seen`` (``key -> (dispatcher, argument types)``) instead of making it: it loads no image, so
     every launch reaches :meth:`dispatch`, and touches no device (its uploads are placeholders, no
     stream captures)."""
@@ -95,7 +95,7 @@ class RecordingDriver:
                  args: tuple) -> None:
         from numba.cuda.typing.typeof import Purpose, typeof
 
-        from ..kernels._store.identity import VARIANTS
+        from ...kernels._store.identity import VARIANTS
 
         types = tuple(typeof(a, Purpose.argument) for a in args)
         self.seen.setdefault(variant_key(VARIANTS[kernel], types), (kernel, types))
@@ -158,7 +158,7 @@ class RecordingDriver:
 def _space() -> Iterator[tuple[str, Any, dict, dict]]:
     """``(op, group, fixed, varying)`` of every launch the faces ask for (see the module docstring), each
     op's arguments named as the op table names them (:data:`.op.OPS`)."""
-    from .. import _launch as L
+    from ... import _launch as L
 
     P = _Placeholder
     plan = _plan()
@@ -201,8 +201,8 @@ def every_variant() -> dict:
     """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a stable
     order (sorted by key): every op of the op table prepared over the space (:func:`_space`) and called
     with its varying arguments in the table's order."""
-    from .. import _launch as L
-    from .drivers import using
+    from ... import _launch as L
+    from ..cuda.drivers import using
 
     seen: dict = {}
     with using(RecordingDriver(seen)):

@@ -1,7 +1,7 @@
 """The lowest CUDA pieces of dispatch, which every other CUDA module of ``_launch`` imports: what
 built a kernel (:func:`cuda_versions`), device indices, what waits for a safe point
-(:data:`WAITING`, :func:`prune_retired`: the retired sources of :class:`.cuda.Retired` waiting for
-their events, and the deferred frees of :mod:`.cuda_frees`) and the refusal of a code load inside a
+(:data:`WAITING`, :func:`prune_retired`: the retired sources of :class:`.tables.Retired` waiting for
+their events, and the deferred frees of :mod:`.frees`) and the refusal of a code load inside a
 capture (:func:`refuse_load_during_capture`). Sets, before any kernel is built, the kernel cache's
 key versions (the dispatcher cache switch is set where the kernels are first imported:
 :func:`.kernel_refs.kernels`). The driver calls are the launch driver's (:mod:`.driver`,
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 
-from ..kernels import _cache as _kernel_cache
-from .cuda_frees import WAITING
+from ...kernels import _cache as _kernel_cache
+from .frees import WAITING
 
 
 @functools.cache
@@ -48,8 +48,8 @@ def _index(device: str) -> int:
 
 
 def prune_retired(driver, raw: int, index: int | None = None) -> None:
-    """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the
-    deferred frees (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch
+    """Drop the retired objects whose events have passed (:class:`.tables.Retired`) and issue the
+    deferred frees (:mod:`.frees`): the holders of :data:`WAITING`. Skipped while the launch
     stream ``raw``, device ``index``'s legacy stream or a watched framework's current stream is
     being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
     during a capture, and in global mode (torch's default) not from any thread while another

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._device_view import DeviceView
-from .cuda_frees import defer
-from .cuda_results import CudaDriverError, api_error, check  # noqa: F401  (CudaDriverError: for callers)
+from ..._device_view import DeviceView
+from .frees import defer
+from .results import CudaDriverError, api_error, check  # noqa: F401  (CudaDriverError: for callers)
 
 
 def _d():
@@ -156,7 +156,7 @@ class DeviceArray(DeviceView):
                 check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
                                                                d.CUstream(stream)))
                 block = _pinned_block(values)
-                if block is not None:             # its free waits for this copy (cuda_frees)
+                if block is not None:             # its free waits for this copy (frees)
                     if not block.guard:
                         block.guard.append(Event(d))
                     block.guard[0].record(stream)
