@@ -41,9 +41,9 @@ from ..kernels.layout import chunk_table, segment_offsets
 from . import config
 from .cpu.pool import merge as merge  # the merge launcher (CPU only)
 from .launches import Group, Launch, Launches, _cuda, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
-from .op import OPS, VARYING
+from .op import OPS, VARYING, Kernel, Spec
 
-__all__ = ["Group", "Launch", "Launches", "OPS", "Tables", "VARYING", "launch", "merge", "prepare",
+__all__ = ["Group", "Kernel", "Launch", "Launches", "OPS", "Spec", "Tables", "VARYING", "launch", "merge", "prepare",
            "refuse_during_capture", "spec", "tables", "update_addresses"]
 
 

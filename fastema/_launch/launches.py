@@ -16,7 +16,7 @@ import numpy as np
 
 from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
 from .cpu import launch as cpu_launch
-from .op import OPS
+from .op import OPS, Kernel, Spec  # noqa: F401  (Kernel: the launches' base, for callers)
 
 
 def default_stream() -> int:
@@ -66,13 +66,13 @@ class Launches:
 
     def launch(self, op: str, **fixed) -> Launch:
         """The group's launch of ``op`` with ``fixed`` (:data:`.op.OPS`), prepared at its first call."""
-        key = (op, *fixed.items())
+        key = (op, tuple(fixed.items()))                # equal to its Spec (a tuple): the same key
         try:
             return self._kept[key]
         except (KeyError, TypeError):                   # a first call; an array among fixed
-            return self._prepared(key)
+            return self._prepared(Spec(*key))
 
-    def launch_of(self, spec: tuple) -> Launch:
+    def launch_of(self, spec: Spec) -> Launch:
         """:meth:`launch` of a :func:`spec` made once (an owner's per-step launch: the key itself)."""
         try:
             return self._kept[spec]
@@ -81,16 +81,16 @@ class Launches:
 
     def prepared(self) -> list[tuple[str, Launch]]:
         """``(op, launch)`` of every launch this group keeps, oldest first."""
-        return [(key[0], run) for key, run in self._kept.items()]
+        return [(key.op, run) for key, run in self._kept.items()]
 
-    def _prepared(self, key: tuple) -> Launch:
+    def _prepared(self, key: Spec) -> Launch:
         kept = self._kept
-        op = key[0]
-        fixed = {k: v.obj if type(v) is _Same else v for k, v in key[1:]}
+        op = key.op
+        fixed = {k: v.obj if type(v) is _Same else v for k, v in key.fixed}
         try:
             hash(key)
         except TypeError:
-            key = (op, *((k, _by_value_or_identity(v)) for k, v in fixed.items()))
+            key = Spec(op, tuple((k, _by_value_or_identity(v)) for k, v in fixed.items()))
         run = kept.get(key)
         if run is None:
             slot = _slot(key)                 # a launch of other arrays in the same places: replaced
@@ -102,25 +102,27 @@ class Launches:
         return run
 
 
-def spec(op: str, **fixed) -> tuple:
-    """The key of ``op``'s launch with ``fixed``, made once by an owner for its per-step launch (asked
-    for as ``group.launch_of(spec)``), checked against the op table where it is made. An array among
-    ``fixed`` (a flag's or a plan's view, made once) is in it by identity; the spec keeps it."""
+def spec(op: str, **fixed) -> Spec:
+    """The key of ``op``'s launch with ``fixed`` (a :class:`.op.Spec`), made once by an owner for its
+    per-step launch (asked for as ``group.launch_of(spec)``), checked against the op table where it
+    is made. An array among ``fixed`` (a flag's or a plan's view, made once) is in it by identity;
+    the spec keeps it."""
     o = OPS[op]
     unknown = set(fixed) - set(o.fixed)
     if unknown:
-        raise TypeError(f"op {op!r} takes no fixed argument {sorted(unknown)} (its fixed arguments: {o.fixed})")
-    return (op, *((k, _by_value_or_identity(v)) for k, v in fixed.items()))
+        raise TypeError(f"op {op!r} takes no fixed argument {sorted(unknown)} (its fixed arguments: "
+                        f"{o.fixed})")
+    return Spec(op, tuple((k, _by_value_or_identity(v)) for k, v in fixed.items()))
 
 
 _VALUES = (type(None), bool, int, float, str, type)
 
 
-def _slot(key: tuple) -> tuple:
+def _slot(key: Spec) -> tuple:
     """A launch's key with each array (each fixed value that is not a number, a string or a type) left
     out but for its name: the launches of one slot differ in their arrays alone, and a group keeps one
     (a flag or a plan made anew replaces the launch bound to the old one, which it no longer keeps)."""
-    return tuple(item if type(item) is str or type(item[1]) in _VALUES else item[0] for item in key)
+    return (key.op, *(item if type(item[1]) in _VALUES else item[0] for item in key.fixed))
 
 
 class _Same:

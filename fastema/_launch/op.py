@@ -65,6 +65,23 @@ VARYING: dict[str, tuple[str, ...]] = {name: op.varying for name, op in OPS.item
 """Per op, the arguments a prepared launch takes at each call, in that order."""
 
 
+class Spec(NamedTuple):
+    """What an owner asks its launch group for, made once (``fastema._launch.spec``) and asked for
+    at each step (``group.launch_of(spec)``): the key of the group's launch itself."""
+    op: str                         # a name of :data:`OPS`
+    fixed: tuple                    # ``(name, value)`` of each fixed argument given; an array by identity
+
+
+class Kernel:
+    """The base of every prepared launch of both targets (``cpu.launch``: ``CpuLerp``, ``CpuLaunch``,
+    ``CpuStreams``; ``cuda.launch``: ``CudaKernel``, the base of ``CudaLerp`` and ``CudaLaunch``):
+    ``run(*varying)`` takes the op's :data:`VARYING` arguments at each call, ``run.once(*varying)``
+    launches for one call only (``fastema._launch.Launch``). It holds nothing: each target keeps
+    what its launches bind."""
+
+    __slots__ = ()
+
+
 def signature(name: str) -> dict:
     """``keyword -> default`` (:data:`REQUIRED`: none) of op ``name``'s prepare functions: its fixed
     arguments and what :func:`fastema._launch.prepare` adds (``made``)."""

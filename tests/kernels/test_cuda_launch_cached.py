@@ -75,7 +75,7 @@ def _entry(run) -> str:
 
 def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
     run = _launch.prepare("lerp", fake.group)
-    assert isinstance(run, B.LerpLaunch)
+    assert isinstance(run, B.CudaLerp)
     run((0.1,))
     assert [e[0] for e in _launches(fake)] == ["load", "launch"]
     addresses = []
@@ -146,7 +146,7 @@ def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
     values, one load."""
     plan = _plan()
     run = _launch.prepare("plan_lerp", fake.group, **plan, gi=1)
-    assert isinstance(run, B.BoundLaunch)
+    assert isinstance(run, B.CudaLaunch)
     run(-1)
     for given in (-1, -1, 12, 13, -1):
         run(given)

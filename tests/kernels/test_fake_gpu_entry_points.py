@@ -218,7 +218,7 @@ def test_a_target_network_update_types_and_packs_nothing(device_step):
                 tn.update()
             calls = _calls(lambda: (tn.update(), tn.update()))
     assert calls[abi.Block.__init__.__qualname__] == 0 and calls["_typeof"] == 0, calls
-    assert calls["BoundLaunches.update_checked"] == 2                 # the engine's bound launches
+    assert calls["StepLaunches.update_checked"] == 2                 # the engine's bound launches
 
 
 def test_the_swap_runs_in_the_fake_gpu():

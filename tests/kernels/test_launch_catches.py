@@ -2,7 +2,7 @@
 variant's code (``driver.REFUSALS``: ``device_code`` warns once and compiles, then numba's dispatcher where
 the compiled code is refused too) reaches the dispatcher; a ``TypeError`` or ``ValueError`` of fastema's
 own (an argument numba cannot type, one that is not device memory, a value the ABI cannot pack) is raised,
-never taken for "launch it through the dispatcher" (``cuda.launch._Bound._bind``'s catches were
+never taken for "launch it through the dispatcher" (``cuda.launch.CudaKernel._bind``'s catches were
 ``except TypeError``/``except ValueError`` before). Each is injected on the fake GPU."""
 import os
 import warnings

@@ -24,3 +24,18 @@ def test_importing_fastema_loads_nothing_of_the_cuda_wing():
     loaded = done.stdout.split()
     assert "fastema._launch.cpu.launch" in loaded, loaded          # the test sees what was loaded
     assert not [m for m in loaded if m.startswith(("fastema._launch.cuda", "fastema._launch.build"))], loaded
+
+
+def test_no_two_classes_of_the_launch_layer_share_a_name():
+    """One meaning per name (issue 87 item 2): ``LerpLaunch`` and ``BoundLaunch`` once named a CPU and a
+    CUDA class each; now every class defined under ``fastema/_launch`` has a name of its own."""
+    import ast
+
+    where: dict = {}
+    for path in sorted(LAUNCH.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(path.relative_to(ROOT).as_posix())
+    assert len(where) > 30, sorted(where)                           # the walk sees the wings' classes
+    shared = {name: files for name, files in where.items() if len(files) > 1}
+    assert not shared, shared

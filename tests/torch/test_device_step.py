@@ -356,7 +356,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     for d in dev._plan_on_device.devices.values():
         d.step = counted(d.step)
     with watching(C._plan_lerp, on_return=lambda _, run: fused.append(run)), \
-            watching(C.BoundLaunch.__call__, on_call=called):
+            watching(C.CpuLaunch.__call__, on_call=called):
         for step in range(7):
             with torch.no_grad():
                 for p in m.parameters():

@@ -69,7 +69,7 @@ def _plan(rows: int = 1, groups: int = 2) -> dict:
 
 
 def _lerp(sk, xk, stochastic=False, rows=1, device=False):
-    """``_launch.cuda.launch.LerpLaunch.__call__``'s arguments: host weights cast to float32 (a tuple) with a
+    """``_launch.cuda.launch.CudaLerp.__call__``'s arguments: host weights cast to float32 (a tuple) with a
     uint32 key, or the device plan's weights and a group's int64[1] key
     (``DevicePlan.weights/key``)."""
     def build():

@@ -140,7 +140,7 @@ def entry(name: str, key: str, image: str, dispatcher=None) -> E.Entry | None:
 
 
 def _bounds_now(name: str, image: str, dispatcher):
-    if isinstance(dispatcher, kernel_refs.Kernel):       # by name: its own bounds without its dispatcher
+    if isinstance(dispatcher, kernel_refs.KernelRef):       # by name: its own bounds without its dispatcher
         b = _bounds.launch_bounds(name, image, dispatcher.name, dispatcher.own_bounds)
     else:
         b = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], dispatcher.targetoptions.get("launch_bounds"))
@@ -242,7 +242,7 @@ def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
     ``kernels._store.identity.variant`` factory) or the driver refused what was compiled here too:
     the caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`)
     falls back with one warning; anything else it raises propagates."""
-    name = dispatcher.name if isinstance(dispatcher, kernel_refs.Kernel) else VARIANTS.get(dispatcher)
+    name = dispatcher.name if isinstance(dispatcher, kernel_refs.KernelRef) else VARIANTS.get(dispatcher)
     if name is None:
         return None
     if driver is None:

@@ -81,7 +81,7 @@ def default() -> Driver:
 DRIVERS.default = default
 
 
-class _Event:
+class _NumbaEvent:
     """A numba event, recorded on raw stream handles."""
 
     __slots__ = ("event", "streams")
@@ -256,7 +256,7 @@ class _Numba:
             device_array.copy_to_device(values, stream=self.numba_stream(raw))
 
     def event(self):
-        return None if self.simulated else _Event(_numba_cuda().event(timing=False), self.numba_stream)
+        return None if self.simulated else _NumbaEvent(_numba_cuda().event(timing=False), self.numba_stream)
 
     def clear(self) -> None:
         self.numba_stream.cache_clear()
@@ -342,9 +342,9 @@ class CudaCoreDriver(_Numba):
         device_array.copy_to_device(values, stream=raw)
 
     def event(self):
-        from .memory import Event
+        from .memory import BindingsEvent
 
-        return Event(self.d)
+        return BindingsEvent(self.d)
 
     @staticmethod
     def unavailable(core=None, bindings=None) -> str | None:

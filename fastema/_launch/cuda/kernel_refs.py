@@ -4,8 +4,8 @@ without importing the kernels' Python (``fastema.kernels.cuda``: numba dispatche
 A kernel factory of ``kernels.cuda`` (``lerp_kernel(shadow_kind, src_kind, stochastic, device_key)``)
 makes one numba dispatcher per arguments, named ``lerp_kernel(0,1,0,0)`` (``kernels._store.identity
 .variant``); a shipped variant is that name and its arguments' types (:mod:`.argtypes`). This module's
-factories of the same names give a :class:`Kernel` of the same name at once, and its dispatcher only
-where one is needed (:meth:`Kernel.dispatcher`: a variant not shipped, compiled here; a launch through
+factories of the same names give a :class:`KernelRef` of the same name at once, and its dispatcher only
+where one is needed (:meth:`KernelRef.dispatcher`: a variant not shipped, compiled here; a launch through
 numba's dispatcher; the build), importing ``kernels.cuda`` then. What the launch path reads of a
 dispatcher besides its name, its own launch bounds (the shipped code's bounds check), is
 :func:`own_bounds`. ``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and
@@ -51,7 +51,7 @@ def kernels():
     return cuda
 
 
-class Kernel:
+class KernelRef:
     """A variant's kernel by name (``lerp_kernel(0,1,0,0)``): equal and hashed by it."""
 
     __slots__ = ("factory", "numbers", "name", "own_bounds")
@@ -67,22 +67,22 @@ class Kernel:
         return getattr(kernels(), self.factory)(*self.numbers)
 
     def __eq__(self, other) -> bool:
-        return type(other) is Kernel and other.name == self.name
+        return type(other) is KernelRef and other.name == self.name
 
     def __hash__(self) -> int:
         return hash(self.name)
 
     def __repr__(self) -> str:
-        return f"Kernel({self.name})"
+        return f"KernelRef({self.name})"
 
 
 @functools.cache
-def _kernel(factory: str, numbers: tuple) -> Kernel:
-    return Kernel(factory, numbers)
+def _kernel(factory: str, numbers: tuple) -> KernelRef:
+    return KernelRef(factory, numbers)
 
 
 def _factory(factory: str, count: int):
-    def make(*args) -> Kernel:
+    def make(*args) -> KernelRef:
         if len(args) != count:
             raise TypeError(f"fastema: {factory} takes {count} arguments by position, got {len(args)}")
         return _kernel(factory, tuple(int(a) for a in args))
@@ -92,8 +92,8 @@ def _factory(factory: str, count: int):
 
 
 def dispatcher(kernel):
-    """The numba dispatcher of ``kernel`` (a :class:`Kernel`, or a dispatcher: itself)."""
-    return kernel.dispatcher() if type(kernel) is Kernel else kernel
+    """The numba dispatcher of ``kernel`` (a :class:`KernelRef`, or a dispatcher: itself)."""
+    return kernel.dispatcher() if type(kernel) is KernelRef else kernel
 
 
 lerp_kernel = _factory("lerp_kernel", 4)

@@ -17,7 +17,7 @@ fastema does none of that per step:
   device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
   launch is bound (:func:`.drivers.current`), which the binding keeps.
 
-A prepared launch (:class:`LerpLaunch`, :class:`BoundLaunch`; :data:`PREPARE`, whose keyword signatures are
+A prepared launch (:class:`CudaLerp`, :class:`CudaLaunch`; :data:`PREPARE`, whose keyword signatures are
 the op table's, :mod:`.op`) keeps its block from step to step and reads its group's tables at every call
 (never stale when the sources move); a one-off :func:`fastema._launch.launch` prepares one and packs its
 block for that call. A launch whose owner may drop its tables (a one-off, ``group.pins``) keeps them for
@@ -38,7 +38,8 @@ import operator
 import numpy as np
 
 from .. import config
-from . import abi, argtypes, device_code, forked, kernel_refs
+from ..op import Kernel
+from . import abi, argtypes, device_code, forked
 from . import base as C
 from . import kernel_refs as K  # the kernels by name: no numba-cuda at a launch
 from .drivers import current
@@ -78,7 +79,7 @@ def _code(driver, dispatcher, types: tuple, index: int, raw: int = 0):
     return loaded
 
 
-class _Bound:
+class CudaKernel(Kernel):
     """A kernel launch bound once (see the module docstring): the variant's loaded code and one parameter
     block, patched in place where an argument is a new object."""
 
@@ -154,7 +155,7 @@ class _Bound:
             loaded = _code(d, dispatcher, types, self.index, raw)
         if loaded is None:
             self.func = None
-            d.dispatch(kernel_refs.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)
+            d.dispatch(K.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)
             return
         block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args
@@ -179,7 +180,7 @@ def _pin(launch, raw: int) -> None:
         CAPTURED.append(t)                 # a graph reads these tables at every replay: never freed
 
 
-class LerpLaunch(_Bound):
+class CudaLerp(CudaKernel):
     """One group's ``"lerp"`` launch on CUDA, bound once (see the module docstring); called as
     ``run(weights, key=0)`` on the stream the group's framework has current at that call, over the
     group's tables at that call. ``cast``: the kernel's arithmetic type for host weights."""
@@ -222,7 +223,7 @@ _TABLES = operator.methodcaller("args")           # a launch over the tables: n,
 _SCANNED = operator.methodcaller("scanned")       # a scan of the sources (no shadow)
 
 
-class BoundLaunch(_Bound):
+class CudaLaunch(CudaKernel):
     """A launch with its arguments bound once but for those given at each call (``run(*middle)``,
     between ``head`` and ``tail``; first, what ``tables_of`` takes of the group's tables at that call,
     none where None), on the stream current at that call. ``dispatcher``: the kernel's. The grid:
@@ -275,56 +276,56 @@ def _flag(group, flag):
 
 # ------------------------------------------------------------ the prepare functions (the op table's signatures)
 
-def _lerp(group, *, flag=None, stochastic=False, cast) -> LerpLaunch:                    # run(weights, key=0)
-    return LerpLaunch(group, flag, stochastic, cast)
+def _lerp(group, *, flag=None, stochastic=False, cast) -> CudaLerp:                    # run(weights, key=0)
+    return CudaLerp(group, flag, stochastic, cast)
 
 
-def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> BoundLaunch:
+def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> CudaLaunch:
     """``run(given)``: one ``update()`` of a model EMA with its plan on the device, in one launch
     (``kernels.cuda.plan_lerp_kernel``). Its grid is capped at ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``
     blocks per multiprocessor: every block's first thread runs the plan step (about 20 dependent loads
     and a float64 pow) before it streams, so a few waves of blocks that grid-stride over the chunks pay
     it far less often than a block per chunk (issue 37, D3)."""
-    return BoundLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
+    return CudaLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
                        (state, params, decays), (w32, w64, flag, keys, done, np.int64(gi)),
                        per_sm="CUDA_PLAN_LERP_BLOCKS_PER_SM")
 
 
-def _bema(group, *, flag=None) -> BoundLaunch:                                           # run(alpha)
-    return BoundLaunch(group, K.bema_kernel(group.shadow_kind), (), (_flag(group, flag),))
+def _bema(group, *, flag=None) -> CudaLaunch:                                           # run(alpha)
+    return CudaLaunch(group, K.bema_kernel(group.shadow_kind), (), (_flag(group, flag),))
 
 
-def _plan(group, *, state, params, decays, w32, w64, flag, keys) -> BoundLaunch:
+def _plan(group, *, state, params, decays, w32, w64, flag, keys) -> CudaLaunch:
     """``run(given)``: the one-thread plan kernel of a model EMA's device plan; ``group`` gives the
     device and the stream."""
-    return BoundLaunch(group, K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), tables_of=None,
+    return CudaLaunch(group, K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), tables_of=None,
                        grid=1)
 
 
-def _copy(group, *, to_shadow, row_lo, row_hi, flag=None) -> BoundLaunch:                # run()
-    return BoundLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
+def _copy(group, *, to_shadow, row_lo, row_hi, flag=None) -> CudaLaunch:                # run()
+    return CudaLaunch(group, K.copy_kernel(group.shadow_kind, group.src_kind, to_shadow), (),
                        (row_lo, row_hi, _flag(group, flag)))
 
 
-def _swap(group, *, mode, row) -> BoundLaunch:                                           # run()
-    return BoundLaunch(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode), (), (row,))
+def _swap(group, *, mode, row) -> CudaLaunch:                                           # run()
+    return CudaLaunch(group, K.swap_kernel(group.shadow_kind, group.src_kind, mode), (), (row,))
 
 
-def _nonfinite(group, *, flag) -> BoundLaunch:                                           # run()
+def _nonfinite(group, *, flag) -> CudaLaunch:                                           # run()
     """The scan of a group's sources for inf/NaN into ``flag``."""
-    return BoundLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_SCANNED)
+    return CudaLaunch(group, K.nonfinite_kernel(group.src_kind), (), (flag,), tables_of=_SCANNED)
 
 
-def _window(group, *, ring_kind) -> BoundLaunch:               # run(ring_addr, slot, full, count, recompute)
-    return BoundLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ())
+def _window(group, *, ring_kind) -> CudaLaunch:               # run(ring_addr, slot, full, count, recompute)
+    return CudaLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ())
 
 
-def _ema_streams(group, *, mode, skip) -> BoundLaunch:         # run(values, w0, c, per_stream, a, b, d)
-    return BoundLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (), (), tables_of=None, grid=-1)
+def _ema_streams(group, *, mode, skip) -> CudaLaunch:         # run(values, w0, c, per_stream, a, b, d)
+    return CudaLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (), (), tables_of=None, grid=-1)
 
 
-def _sma_streams(group, *, skip) -> BoundLaunch:               # run(values, w0, c, per_stream, ..., n, bad, slot)
-    return BoundLaunch(group, K.sma_kernel(group.src_kind, skip), (), (), tables_of=None, grid=-1)
+def _sma_streams(group, *, skip) -> CudaLaunch:               # run(values, w0, c, per_stream, ..., n, bad, slot)
+    return CudaLaunch(group, K.sma_kernel(group.src_kind, skip), (), (), tables_of=None, grid=-1)
 
 
 PREPARE = {"lerp": _lerp, "plan_lerp": _plan_lerp, "bema": _bema, "plan": _plan, "copy": _copy, "swap": _swap,

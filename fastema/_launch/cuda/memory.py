@@ -11,7 +11,7 @@
   keeps alive.
 - :func:`pinned`: a NumPy array over page-locked host memory (``cuMemHostAlloc``, freed by
   ``cuMemFreeHost`` when the array goes).
-- :class:`Event`: an event without timing (``cuEventCreate``), recorded on raw stream handles.
+- :class:`BindingsEvent`: an event without timing (``cuEventCreate``), recorded on raw stream handles.
 
 Every ``CUresult`` is checked: an error is raised as :class:`CudaDriverError`, naming the call and
 the result (``CUDA_ERROR_...``); none is ignored, but the driver's own shutdown at the interpreter's
@@ -158,7 +158,7 @@ class DeviceArray(DeviceView):
                 block = _pinned_block(values)
                 if block is not None:             # its free waits for this copy (frees)
                     if not block.guard:
-                        block.guard.append(Event(d))
+                        block.guard.append(BindingsEvent(d))
                     block.guard[0].record(stream)
 
 
@@ -197,7 +197,7 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     return out
 
 
-class Event:
+class BindingsEvent:
     """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context and destroyed
     in it when it goes (``cuEventDestroy`` wants a context); recorded on raw stream handles."""
 
