@@ -44,6 +44,10 @@ class Launch(Protocol):
 KEPT = 64
 """The most launches one group keeps (:class:`Launches`); the oldest goes first."""
 
+SLOT_KEPT = 2
+"""The most launches of one slot a group keeps (launches whose keys differ in their arrays alone: an
+owner's two flags, alternated); a third made anew replaces the oldest of them."""
+
 
 class Launches:
     """The launches a launch group keeps: ``run = group.launch(op, **fixed)`` (every group derives
@@ -51,8 +55,9 @@ class Launches:
 
     A launch is prepared (:func:`prepare`) at the first call with its op and fixed arguments, and kept,
     keyed by the op and the fixed values: numbers by value, an array by identity (its owner passes the
-    same object each time: a flag's view made once), one launch per op and numbers (an array made anew
-    replaces the launch bound to the old one), at most :data:`KEPT` a group. It reads the group's tables
+    same object each time: a flag's view made once), at most :data:`SLOT_KEPT` per op and numbers (two
+    flags alternated keep a launch each; a third array made anew replaces the launch bound to the
+    oldest), at most :data:`KEPT` a group. It reads the group's tables
     at each call, so an owner whose sources moved replaces ``group.tables`` and keeps its launches. An
     owner's per-step launch is asked for by its :func:`spec`, made once (``group.launch_of(spec)``: the
     key itself, no keyword arguments to sort out: a few hundred instructions, against a few thousand).
@@ -93,9 +98,10 @@ class Launches:
             key = Spec(op, tuple((k, _by_value_or_identity(v)) for k, v in fixed.items()))
         run = kept.get(key)
         if run is None:
-            slot = _slot(key)                 # a launch of other arrays in the same places: replaced
-            for old in [k for k in kept if _slot(k) == slot]:
-                del kept[old]
+            slot = _slot(key)                 # the launches of other arrays in the same places
+            same = [k for k in kept if _slot(k) == slot]
+            if len(same) >= SLOT_KEPT:
+                del kept[same[0]]             # the oldest gives way
             run = kept[key] = prepare(op, self, **fixed)
             if len(kept) > KEPT:
                 del kept[next(iter(kept))]
@@ -120,8 +126,9 @@ _VALUES = (type(None), bool, int, float, str, type)
 
 def _slot(key: Spec) -> tuple:
     """A launch's key with each array (each fixed value that is not a number, a string or a type) left
-    out but for its name: the launches of one slot differ in their arrays alone, and a group keeps one
-    (a flag or a plan made anew replaces the launch bound to the old one, which it no longer keeps)."""
+    out but for its name: the launches of one slot differ in their arrays alone, and a group keeps
+    :data:`SLOT_KEPT` of them (a flag or a plan made anew replaces the launch bound to the oldest
+    array, which it no longer keeps)."""
     return (key.op, *(item if type(item[1]) in _VALUES else item[0] for item in key.fixed))
 
 
