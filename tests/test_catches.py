@@ -24,7 +24,7 @@ BROAD_CATCHES = {
     ("fastema/_backends/torch.py", "_tensor_guards"): [
         "torch's private TensorGuards probed once on known tensors: any failure or wrong answer "
         "means it is not used (owned by the torch backend)"],
-    ("fastema/_launch/cuda/drivers.py", "_Numba.any_capturing"): [
+    ("fastema/_launch/cuda/numba_driver.py", "NumbaDriver.any_capturing"): [
         "another framework's current-stream getter asked before deferred frees (CuPy's at interpreter "
         "shutdown, a test's reader): its failure is not the launch's, so it counts as capturing and the "
         "frees stay deferred until a later safe point (owned by the launch layer)"],

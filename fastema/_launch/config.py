@@ -186,9 +186,9 @@ def tuned(**values) -> Iterator[None]:
 DRIVERS: Switch[Driver] = Switch()
 """The launch driver the launch path takes: the innermost given to ``DRIVERS.using`` (the tests'
 fake GPU, the variant enumeration's recorder, a benchmark; :func:`.cuda.drivers.using`), else the
-process's own (:func:`.cuda.drivers.default`, this switch's default, set where the CUDA launch layer is
-loaded: nothing asks for a driver before). It sits here, below the CUDA modules, so that caches of
-what a driver made read ``DRIVERS.chosen`` without loading them (``fastema._backends.kept``)."""
+process's own (:func:`.cuda.drivers.default`, this switch's default, set where the CUDA launch layer
+is loaded: nothing asks for a driver before). It sits here, below the CUDA modules, so that caches
+of what a driver made read ``DRIVERS.chosen`` without loading them (``fastema._backends.kept``)."""
 
 
 _store_files.set_report(_cache_warning)

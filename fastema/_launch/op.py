@@ -73,11 +73,11 @@ class Spec(NamedTuple):
 
 
 class Kernel:
-    """The base of every prepared launch of both targets (``cpu.launch``: ``CpuLerp``, ``CpuLaunch``,
-    ``CpuStreams``; ``cuda.launch``: ``CudaKernel``, the base of ``CudaLerp`` and ``CudaLaunch``):
-    ``run(*varying)`` takes the op's :data:`VARYING` arguments at each call, ``run.once(*varying)``
-    launches for one call only (``fastema._launch.Launch``). It holds nothing: each target keeps
-    what its launches bind."""
+    """The base of every prepared launch of both targets (``cpu.launch``: ``CpuLerp``,
+    ``CpuLaunch``, ``CpuStreams``; ``cuda.launch``: ``CudaKernel``, the base of ``CudaLerp`` and
+    ``CudaLaunch``): ``run(*varying)`` takes the op's :data:`VARYING` arguments at each call,
+    ``run.once(*varying)`` launches for one call only (``fastema._launch.Launch``). It holds
+    nothing: each target keeps what its launches bind."""
 
     __slots__ = ()
 

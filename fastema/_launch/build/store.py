@@ -2,14 +2,15 @@
 (``python -m fastema warm --into kernels/device --set cu12|cu13``).
 
 Every variant the launchers ask for (:func:`.variants.every_variant`) is compiled by the set's
-compiler (:mod:`.cuda.compiler`: :class:`.cuda.compiler.NumbaCuda` for ``cu13``, :class:`.cuda.compiler.Cu12` for
-``cu12``) for every image of the set (:data:`SETS`), in spawned worker processes (a CUDA 12 worker
-activates the CUDA 12.0 toolchain before anything uses NVVM), each entry written as it is made into
-a node store beside the shipped one (``<into>/.<set>-entries``, ignored by git: a build that stops
-goes on where it stopped, and a variant whose sources, toolchain and launch bounds are unchanged is
-never compiled again), then packed into the shipped set (``kernels._store.store.write_set``), with
-what built it. The same compile and the same entry format as a run-time miss
-(:mod:`.cuda.device_code`), which writes one image into the node store.
+compiler (:mod:`.cuda.compiler`: :class:`.cuda.compiler.NumbaCuda` for ``cu13``,
+:class:`.cuda.compiler.Cu12` for ``cu12``) for every image of the set (:data:`SETS`), in spawned
+worker processes (a CUDA 12 worker activates the CUDA 12.0 toolchain before anything uses NVVM),
+each entry written as it is made into a node store beside the shipped one
+(``<into>/.<set>-entries``, ignored by git: a build that stops goes on where it stopped, and a
+variant whose sources, toolchain and launch bounds are unchanged is never compiled again), then
+packed into the shipped set (``kernels._store.store.write_set``), with what built it. The same
+compile and the same entry format as a run-time miss (:mod:`.cuda.device_code`), which writes one
+image into the node store.
 """
 from __future__ import annotations
 

@@ -108,7 +108,8 @@ class CpuLerp(Kernel):
             fn(*self._args)
 
     def once(self, weights, key=0) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked
+        up)."""
         self._weights(weights)
         self._key(key)
         par = P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW and P.team() > 0
@@ -154,7 +155,8 @@ class CpuLaunch(Kernel):
             fn(*args)
 
     def once(self, *middle) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked
+        up)."""
         if self._group.tables is not self._t:
             self._follow(self._group.tables)
         par = P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW and P.team() > 0
@@ -176,8 +178,8 @@ def _flag(flag):
 
 
 class CpuStreams(Kernel):
-    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at each call
-    (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
+    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at
+    each call (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
 
     __slots__ = ("_kernel_of",)
 

@@ -1,4 +1,5 @@
-"""The CPU target's pool: how a kernel runs, serial or parallel, and the rules around numba's threads.
+"""The CPU target's pool: how a kernel runs, serial or parallel, and the rules around numba's
+threads.
 
 The prepared launches are :mod:`.launch`'s (its ``PREPARE``); each runs its kernel through
 :func:`run` (its first call, and one-off launches) or :func:`run_parallel` (a parallel entry point),

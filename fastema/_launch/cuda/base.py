@@ -55,7 +55,8 @@ def prune_retired(driver, raw: int, index: int | None = None) -> None:
     during a capture, and in global mode (torch's default) not from any thread while another
     captures. A capture on a stream current on another thread only is not seen (only current streams
     are asked: :meth:`.drivers.DispatcherDriver.any_capturing`): the holders are pruned with this
-    thread's capture mode relaxed (:meth:`.driver.Driver.relaxed`), which leaves such a capture intact."""
+    thread's capture mode relaxed (:meth:`.driver.Driver.relaxed`), which leaves such a capture
+    intact."""
     if driver.any_capturing(raw, index):
         return
     with driver.relaxed():
@@ -69,10 +70,10 @@ def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None
     """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its
     kernel's code (its first launch, or a new variant) while a CUDA graph is being captured there or
     on another stream ``driver`` asks. An H200's driver (580.159) permitted ``cuLibraryLoadData``,
-    ``cuLibraryGetKernel`` and ``cuKernelGetFunction`` during a capture (``testkit/driver_rules.py``);
-    drivers before it were not measured, and a refused load invalidates the capture, so fastema loads
-    none there. Asked before any call that loads (one capture query a stream; only where code is to
-    be loaded)."""
+    ``cuLibraryGetKernel`` and ``cuKernelGetFunction`` during a capture
+    (``testkit/driver_rules.py``); drivers before it were not measured, and a refused load
+    invalidates the capture, so fastema loads none there. Asked before any call that loads (one
+    capture query a stream; only where code is to be loaded)."""
     if driver.any_capturing(raw, index):
         name = (getattr(dispatcher, "name", None)
                 or getattr(dispatcher, "__name__", repr(dispatcher)))

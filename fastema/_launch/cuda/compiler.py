@@ -74,11 +74,12 @@ def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir", bounds=None):
 
 
 def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[bytes, str]:
-    """``(code, info log)``: ``ltoir`` linked by nvJitLink with link-time optimisation, as numba-cuda
-    links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch`` (``"sm_XY"``), with the
-    kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides the contraction of LTO
-    code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``, which nvJitLink 13.5
-    refuses, so nvJitLink is called through its bindings). ImportError where nvJitLink is missing."""
+    """``(code, info log)``: ``ltoir`` linked by nvJitLink with link-time optimisation, as
+    numba-cuda links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch``
+    (``"sm_XY"``), with the kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides
+    the contraction of LTO code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``,
+    which nvJitLink 13.5 refuses, so nvJitLink is called through its bindings). ImportError where
+    nvJitLink is missing."""
     from cuda.bindings import nvjitlink as J
     from cuda.pathfinder import DynamicLibNotFoundError
 
@@ -218,7 +219,8 @@ COMPILERS: Switch[Compiler] = Switch(_default)
 """The compiler of what the launch path compiles at run time: the innermost given to :func:`using`,
 else numba-cuda's."""
 using = COMPILERS.using
-"""``using(compiler)``: ``compiler`` compiles what the launch path compiles at run time for the ``with`` block."""
+"""``using(compiler)``: ``compiler`` compiles what the launch path compiles at run time for the
+``with`` block."""
 current = COMPILERS.current
 """``current()``: the compiler in use: the innermost :func:`using`'s, else numba-cuda's."""
 

@@ -7,12 +7,14 @@
   stream of fastema's own, pinned staging and its copies, events) and the context, capture and
   version queries are cuda-bindings' calls (:mod:`.memory`): a process that launches shipped
   code imports no numba-cuda. Only a variant the driver refuses (:data:`.driver.REFUSALS`) goes
-  through numba's dispatcher (:meth:`_Numba.dispatch`), importing numba-cuda then.
+  through numba's dispatcher (:meth:`.numba_driver.NumbaDriver.dispatch`), importing numba-cuda
+  then.
 - :class:`DispatcherDriver`: numba's dispatcher launches every kernel (compiling it at its first
   use): the Numba CUDA simulator, ``FASTEMA_CUDA_LAUNCH=dispatcher``, or where cuda.core cannot be
-  used. Its device work is numba-cuda's, whose device arrays its tables are (:class:`_Numba`):
-  numba-cuda is imported at the first of it (:func:`_numba_cuda`), not with this module: choosing
-  a driver imports none of it (:func:`simulator` reads ``NUMBA_ENABLE_CUDASIM`` itself).
+  used. Its device work is numba-cuda's, whose device arrays its tables are
+  (:class:`.numba_driver.NumbaDriver`, the base of both): numba-cuda is imported at the first of it,
+  not with this module: choosing a driver imports none of it (:func:`simulator` reads
+  ``NUMBA_ENABLE_CUDASIM`` itself).
 
 Where cuda.core or the driver says an image cannot run here (a result of :data:`.driver.REFUSALS`),
 :meth:`CudaCoreDriver.load` raises :class:`.driver.Refused`; every other error is raised as it is.
@@ -31,20 +33,22 @@ import sys
 import warnings
 from typing import Any
 
-import numpy as np
-
 from .. import config
 from .driver import REFUSALS, Driver, Loaded, Refused
-from .frees import PENDING, free_pending, relaxed
-from .memory import Streams, Watched
+from .frees import PENDING, free_pending
+from .memory import Streams, api_error
+from .numba_driver import NumbaDriver
 
 DRIVERS = config.DRIVERS
 using = DRIVERS.using
-"""``using(driver)``: ``driver`` is the one the launch path takes (:func:`current`) for the ``with`` block."""
+"""``using(driver)``: ``driver`` is the one the launch path takes (:func:`current`) for the ``with``
+block."""
 current = DRIVERS.current
-"""``current()``: the driver the launch path takes now: the innermost :func:`using`'s, else :func:`default`."""
+"""``current()``: the driver the launch path takes now: the innermost :func:`using`'s, else
+:func:`default`."""
 CHOSEN = DRIVERS.chosen
-"""The drivers given to :func:`using` now, innermost last (read without a call by caches of what a driver made)."""
+"""The drivers given to :func:`using` now, innermost last (read without a call by caches of what a
+driver made)."""
 
 
 def simulator() -> bool:
@@ -81,210 +85,14 @@ def default() -> Driver:
 DRIVERS.default = default
 
 
-class _NumbaEvent:
-    """A numba event, recorded on raw stream handles."""
-
-    __slots__ = ("event", "streams")
-
-    def __init__(self, event, streams):
-        self.event, self.streams = event, streams
-
-    def record(self, raw: int) -> None:
-        self.event.record(self.streams(raw))
-
-    def query(self) -> bool:
-        return bool(self.event.query())
-
-    def synchronize(self) -> None:
-        self.event.synchronize()
-
-
-def _numba_cuda():
-    """``numba.cuda``, imported at the first device work done through it (an upload, a pinned array,
-    an event, a context push or query, a dispatch)."""
-    from numba import cuda
-
-    return cuda
-
-
-class _Numba:
-    """The device work :class:`DispatcherDriver` does through numba-cuda (see the module docstring),
-    the dispatch both drivers do through it, and the queries they make through cuda-bindings (none
-    in the simulator)."""
-
-    name = "numba"
-    loads = False
-
-    def __init__(self, simulated: bool = False, bindings=None):
-        self.simulated = simulated
-        self.zero_flags: dict = {}
-        self.images: dict = {}
-        self.watched = Watched()        # the current-stream getters tables were made with
-        self.numba_stream = functools.lru_cache(maxsize=64)(self._numba_stream)
-        self.primary_context = functools.cache(self._primary_context)
-        self.sm_count = functools.cache(self._sm_count)
-        self._uploads: dict = {}
-        if bindings is None and not simulated:
-            from cuda.bindings import driver
-
-            bindings = driver
-        self.d = bindings
-
-    def _numba_stream(self, raw: int):
-        """The numba stream object of ``raw`` (0: the legacy default stream, as a stream object, so
-        that copies on it are asynchronous: numba copies synchronously where given no stream)."""
-        return _numba_cuda().external_stream(raw) if raw else _numba_cuda().default_stream()
-
-    def activate(self, index: int):
-        return _numba_cuda().gpus[index]
-
-    def compute_capability(self, index: int) -> tuple[int, int]:
-        cc = tuple(_numba_cuda().gpus[index].compute_capability)
-        return int(cc[0]), int(cc[1])
-
-    def _sm_count(self, index: int) -> int:
-        return 0 if self.simulated else int(_numba_cuda().gpus[index].MULTIPROCESSOR_COUNT)
-
-    def _primary_context(self, index: int) -> int:
-        """Device ``index``'s primary context (retained once by numba; not pushed)."""
-        return 0 if self.simulated else int(_numba_cuda().gpus[index].get_primary_context().handle)
-
-    def current_context(self) -> int:
-        if self.simulated:
-            return 0
-        err, ctx = self.d.cuCtxGetCurrent()
-        return 0 if err else int(ctx)
-
-    def capturing(self, raw: int, index: int | None = None) -> bool:
-        """One ``cuStreamIsCapturing`` (the legacy stream's in device ``index``'s context, pushed
-        where another is current); False in the simulator, and where the query fails (no context:
-        nothing can be capturing)."""
-        if self.simulated:
-            return False
-        if not raw and index is not None and self.current_context() != self.primary_context(index):
-            with self.activate(index):
-                return self._capturing(0)
-        return self._capturing(raw)
-
-    def _capturing(self, raw: int) -> bool:
-        d = self.d
-        err, status = d.cuStreamIsCapturing(self._stream_arg(raw))
-        if err:
-            return err == d.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
-        return status != d.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
-
-    def _stream_arg(self, raw: int):
-        return self.d.CUstream(raw)
-
-    def watch(self, device: str, getter) -> None:
-        """Tables were made for ``device`` whose launches go on the stream ``getter()`` names
-        (:class:`.memory.Watched`: its current stream asked by :meth:`any_capturing`)."""
-        self.watched.add(device, getter)
-
-    def any_capturing(self, raw: int, index: int | None) -> bool:
-        """``raw``, device ``index``'s legacy stream, then the current stream of every watched getter and
-        its device's legacy stream: a query each until one captures (asked only where something waits for
-        a safe point). Only handles current now are asked (a stream launched on earlier may have been
-        destroyed since: a query of one crashed an H200 run), so a capture on a stream current on another
-        thread only is not seen (what runs at a safe point runs in relaxed capture mode: :meth:`relaxed`).
-        A getter that fails counts as capturing (what waits, waits)."""
-        if self.simulated:
-            return False
-        if self.capturing(raw, index) or (raw and index is not None and self.capturing(0, index)):
-            return True
-        for _, i, getter in self.watched.live():
-            try:
-                now = getter()
-            except Exception:                          # noqa: BLE001 - any framework's failure: keep waiting
-                return True
-            if ((now, i) != (raw, index) and self.capturing(now, i)) or (now and i != index
-                                                                         and self.capturing(0, i)):
-                return True
-        return False
-
-    def relaxed(self):
-        return relaxed(None if self.simulated else self.d)
-
-    def version(self) -> int:
-        if self.simulated:
-            return 0
-        err, version = self.d.cuDriverGetVersion()
-        if err:
-            raise _api_error("cuDriverGetVersion", err)
-        return int(version)
-
-    def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
-                 args: tuple) -> None:
-        with _numba_cuda().gpus[index]:
-            if self.simulated or not raw:
-                kernel[blocks, threads](*args)
-            else:
-                kernel[blocks, threads, self.numba_stream(raw)](*args)
-
-    def _upload_stream(self, index: int):
-        """A stream of fastema's own on device ``index`` (current), non-blocking (it waits for no
-        other stream's work, the legacy stream's included), for the construction-time uploads."""
-        stream = self._uploads.get(index)
-        if stream is None:
-            if self.simulated:
-                stream = _numba_cuda().stream()
-            else:
-                from numba.cuda.cudadrv.driver import binding, driver
-
-                handle = driver.cuStreamCreate(binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
-                stream = _numba_cuda().external_stream(int(handle))   # one per device and process, kept
-            self._uploads[index] = stream
-        return stream
-
-    def upload(self, array, index: int):
-        """Copied on fastema's upload stream, which is then waited for: a wait for this copy only
-        (the stream waits for nothing else), which orders it before every launch queued after it, on
-        any stream (issue 37, C1)."""
-        with _numba_cuda().gpus[index]:
-            stream = self._upload_stream(index)
-            out = _numba_cuda().to_device(np.ascontiguousarray(array), stream=stream)
-            stream.synchronize()
-            return out
-
-    def pinned(self, size: int, dtype):
-        return _numba_cuda().pinned_array(max(size, 1), dtype)
-
-    def copy(self, device_array, values, raw: int) -> None:
-        if self.simulated:                                # copies at once; no external streams
-            device_array.copy_to_device(values)
-        else:
-            device_array.copy_to_device(values, stream=self.numba_stream(raw))
-
-    def event(self):
-        return None if self.simulated else _NumbaEvent(_numba_cuda().event(timing=False), self.numba_stream)
-
-    def clear(self) -> None:
-        self.numba_stream.cache_clear()
-
-    def load(self, kind: str, code: bytes, entry: str) -> Loaded:
-        raise RuntimeError(f"fastema: {self.name} loads no image (asking it is a defect)")
-
-    def launch(self, func, blocks: int, threads: int, stream, params: int) -> None:
-        raise RuntimeError(f"fastema: {self.name} launches no image (asking it is a defect)")
-
-    def stream(self, raw: int):
-        return raw
-
-
-def _api_error(call: str, err):
-    from .memory import api_error
-
-    return api_error(call, err)
-
-
-class DispatcherDriver(_Numba):
+class DispatcherDriver(NumbaDriver):
     """numba's dispatcher launches every kernel; see the module docstring."""
 
     name = "numba's dispatcher"
     loads = False
 
 
-class CudaCoreDriver(_Numba):
+class CudaCoreDriver(NumbaDriver):
     """cuda.core and cuda-bindings: see the module docstring. ``bindings`` (cuda-bindings'
     ``driver`` module) and ``core`` (the ``cuda.core`` module) are what it calls (the tests give
     stand-ins that check the real bindings' arguments)."""
@@ -327,8 +135,8 @@ class CudaCoreDriver(_Numba):
         return self.device(index).handle
 
     def upload(self, array, index: int):
-        """See :meth:`.memory.Device.upload` (issue 37, C1); the deferred frees issued first where no
-        watched stream captures (:mod:`.frees`: tables are made, so memory is wanted)."""
+        """See :meth:`.memory.Device.upload` (issue 37, C1); the deferred frees issued first where
+        no watched stream captures (:mod:`.frees`: tables are made, so memory is wanted)."""
         if PENDING and not self.any_capturing(0, index):
             free_pending()
         return self.device(index).upload(array)
@@ -349,9 +157,10 @@ class CudaCoreDriver(_Numba):
     @staticmethod
     def unavailable(core=None, bindings=None) -> str | None:
         """Why this driver cannot run here, or None: cuda.core missing or older than 0.5.1 (what it
-        uses: ``ObjectCode`` and ``_utils.cuda_utils.CUDAError``; 0.3.2, which numba-cuda 0.20's ``cu13``
-        extra pins, has neither), or what of cuda-bindings it calls missing. ``core``, ``bindings``: the
-        ``cuda.core`` and cuda-bindings ``driver`` modules asked (default: the installed ones)."""
+        uses: ``ObjectCode`` and ``_utils.cuda_utils.CUDAError``; 0.3.2, which numba-cuda 0.20's
+        ``cu13`` extra pins, has neither), or what of cuda-bindings it calls missing. ``core``,
+        ``bindings``: the ``cuda.core`` and cuda-bindings ``driver`` modules asked (default: the
+        installed ones)."""
         try:
             if core is None:
                 import cuda.core as installed
@@ -393,13 +202,13 @@ class CudaCoreDriver(_Numba):
         if err:
             if err.name in REFUSALS:
                 raise Refused(err.name, "cuKernelGetFunction")
-            raise _api_error("cuKernelGetFunction", err)
+            raise api_error("cuKernelGetFunction", err)
         return Loaded(func, k, kind)
 
     def launch(self, func, blocks: int, threads: int, stream, params: int) -> None:
         err, = self.d.cuLaunchKernel(func, blocks, 1, 1, threads, 1, 1, 0, stream, params, 0)
         if err:
-            raise _api_error("cuLaunchKernel", err)
+            raise api_error("cuLaunchKernel", err)
 
     def clear(self) -> None:
         super().clear()
@@ -415,9 +224,10 @@ _MEMORY_CALLS = ("cuInit", "cuDeviceGet", "cuDeviceGetAttribute", "cuDevicePrima
 
 def _core_error(core=None) -> Any:
     """The exception cuda.core raises for a driver's error, whose message starts with the result's
-    name (``cuda.core._utils.cuda_utils.CUDAError``, its ``_check_driver_error``'s, in cuda.core 0.5.1
-    to 1.2, the range the ``cuda`` and ``cuda12`` extras pin: 0.3 and 0.4 have no ``cuda.core._utils``;
-    the private-names table's row); ImportError where ``core`` (default: ``cuda.core``) has none."""
+    name (``cuda.core._utils.cuda_utils.CUDAError``, its ``_check_driver_error``'s, in cuda.core
+    0.5.1 to 1.2, the range the ``cuda`` and ``cuda12`` extras pin: 0.3 and 0.4 have no
+    ``cuda.core._utils``; the private-names table's row); ImportError where ``core`` (default:
+    ``cuda.core``) has none."""
     import importlib
 
     from ... import _privates

@@ -40,9 +40,9 @@ from .results import CudaDriverError, _gone, api_error, check
 
 WAITING: list = []
 """The holders of objects waiting for a safe point, each with ``pending`` (truthy while it holds
-some) and ``prune()`` (drop or free what may go now): the retired sources of :class:`.tables.Retired`
-(events to pass) and :data:`FREES`. Every launch looks at it (empty: one truth test) and, where it
-is not empty and no stream the launch driver asks captures, prunes them
+some) and ``prune()`` (drop or free what may go now): the retired sources of
+:class:`.tables.Retired` (events to pass) and :data:`FREES`. Every launch looks at it (empty: one
+truth test) and, where it is not empty and no stream the launch driver asks captures, prunes them
 (:func:`.base.prune_retired`)."""
 
 PENDING: collections.deque = collections.deque()
@@ -101,9 +101,9 @@ def free_pending() -> None:
 @contextlib.contextmanager
 def relaxed(d):
     """The calling thread's capture mode relaxed for a ``with`` block, restored after
-    (``cuThreadExchangeStreamCaptureMode`` of cuda-bindings ``d``; None: nothing to do): the calls made
-    inside do not invalidate another thread's capture (see the module docstring). What is made inside
-    must never be captured: only frees, waits and queries of fastema's own objects are."""
+    (``cuThreadExchangeStreamCaptureMode`` of cuda-bindings ``d``; None: nothing to do): the calls
+    made inside do not invalidate another thread's capture (see the module docstring). What is made
+    inside must never be captured: only frees, waits and queries of fastema's own objects are."""
     if d is None:
         yield
         return

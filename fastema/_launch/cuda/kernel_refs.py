@@ -1,15 +1,17 @@
-"""The CUDA kernels the launchers ask for, by name: the variants of the shipped code found and loaded
-without importing the kernels' Python (``fastema.kernels.cuda``: numba dispatchers, numba-cuda).
+"""The CUDA kernels the launchers ask for, by name: the variants of the shipped code found and
+loaded without importing the kernels' Python (``fastema.kernels.cuda``: numba dispatchers,
+numba-cuda).
 
-A kernel factory of ``kernels.cuda`` (``lerp_kernel(shadow_kind, src_kind, stochastic, device_key)``)
-makes one numba dispatcher per arguments, named ``lerp_kernel(0,1,0,0)`` (``kernels._store.identity
-.variant``); a shipped variant is that name and its arguments' types (:mod:`.argtypes`). This module's
-factories of the same names give a :class:`KernelRef` of the same name at once, and its dispatcher only
-where one is needed (:meth:`KernelRef.dispatcher`: a variant not shipped, compiled here; a launch through
-numba's dispatcher; the build), importing ``kernels.cuda`` then. What the launch path reads of a
-dispatcher besides its name, its own launch bounds (the shipped code's bounds check), is
-:func:`own_bounds`. ``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and
-:func:`own_bounds` to ``kernels.cuda``'s for every shipped variant.
+A kernel factory of ``kernels.cuda`` (``lerp_kernel(shadow_kind, src_kind, stochastic,
+device_key)``) makes one numba dispatcher per arguments, named ``lerp_kernel(0,1,0,0)``
+(``kernels._store.identity .variant``); a shipped variant is that name and its arguments' types
+(:mod:`.argtypes`). This module's factories of the same names give a :class:`KernelRef` of the same
+name at once, and its dispatcher only where one is needed (:meth:`KernelRef.dispatcher`: a variant
+not shipped, compiled here; a launch through numba's dispatcher; the build), importing
+``kernels.cuda`` then. What the launch path reads of a dispatcher besides its name, its own launch
+bounds (the shipped code's bounds check), is :func:`own_bounds`.
+``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and :func:`own_bounds` to
+``kernels.cuda``'s for every shipped variant.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ _SR_LERP, _PLAN_LERP, _SCAN = (256, 4), (256, 3), (256, 6)   # kernels.cuda's SR
 
 
 def own_bounds(factory: str, numbers: tuple):
-    """The launch bounds ``kernels.cuda``'s factory gives its dispatcher (``targetoptions``), or None."""
+    """The launch bounds ``kernels.cuda``'s factory gives its dispatcher (``targetoptions``), or
+    None."""
     if factory == "lerp_kernel":
         return _SR_LERP if numbers[2] else None
     if factory == "plan_lerp_kernel":                # a float64 one (wide) has none
@@ -62,8 +65,9 @@ class KernelRef:
         self.own_bounds = own_bounds(factory, numbers)
 
     def dispatcher(self):
-        """``kernels.cuda``'s dispatcher of this kernel (see the module docstring): the factory's, asked
-        each time (it keeps what it made until ``fastema.clear_caches()`` or a test clears it)."""
+        """``kernels.cuda``'s dispatcher of this kernel (see the module docstring): the factory's,
+        asked each time (it keeps what it made until ``fastema.clear_caches()`` or a test clears
+        it)."""
         return getattr(kernels(), self.factory)(*self.numbers)
 
     def __eq__(self, other) -> bool:

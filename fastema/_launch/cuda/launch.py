@@ -1,34 +1,35 @@
-"""Every CUDA launch: fastema's own device code and argument block, and the launches bound once per group.
+"""Every CUDA launch: fastema's own device code and argument block, and the launches bound once per
+group.
 
-numba-cuda's dispatcher, at every launch, types the arguments, picks the compiled overload (compiling
-it through NVVM at its first use, in every process) and marshals every argument, then cuda.core packs
-them into a new parameter block and launches (measured on an H100: 170-590 us of host time per update).
-fastema does none of that per step:
+numba-cuda's dispatcher, at every launch, types the arguments, picks the compiled overload
+(compiling it through NVVM at its first use, in every process) and marshals every argument, then
+cuda.core packs them into a new parameter block and launches (measured on an H100: 170-590 us of
+host time per update). fastema does none of that per step:
 
-- the kernel's code is the shipped cubin or PTX of its variant (:mod:`.device_code`: loaded by cuda.core,
-  no NVVM; a variant not shipped is compiled once per node into a cache), found once per binding by the
-  kernel's factory name and the arguments' numba types (numba-cuda's public ``typeof``);
-- the arguments are packed by fastema's own ABI (:mod:`.abi`, numba's array ABI written once) into one
-  parameter block per binding; per step only an argument that is a new object (host weights, a
+- the kernel's code is the shipped cubin or PTX of its variant (:mod:`.device_code`: loaded by
+  cuda.core, no NVVM; a variant not shipped is compiled once per node into a cache), found once per
+  binding by the kernel's factory name and the arguments' numba types (numba-cuda's public
+  ``typeof``);
+- the arguments are packed by fastema's own ABI (:mod:`.abi`, numba's array ABI written once) into
+  one parameter block per binding; per step only an argument that is a new object (host weights, a
   stochastic-rounding key) is packed again, in place (D2);
 - the launch is ``cuLaunchKernel`` with the block's address, with no context push and pop where the
-  device's primary context is current already (one ``cuCtxGetCurrent``; torch keeps it current), else
-  inside ``cuda.gpus[device]`` (D1). Every CUDA call of a binding (loading the code) runs inside its
-  device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one current when the
-  launch is bound (:func:`.drivers.current`), which the binding keeps.
+  device's primary context is current already (one ``cuCtxGetCurrent``; torch keeps it current),
+  else inside ``cuda.gpus[device]`` (D1). Every CUDA call of a binding (loading the code) runs
+  inside its device's context (C4). Each call is the launch driver's (:mod:`.driver`), the one
+  current when the launch is bound (:func:`.drivers.current`), which the binding keeps.
 
-A prepared launch (:class:`CudaLerp`, :class:`CudaLaunch`; :data:`PREPARE`, whose keyword signatures are
-the op table's, :mod:`.op`) keeps its block from step to step and reads its group's tables at every call
-(never stale when the sources move); a one-off :func:`fastema._launch.launch` prepares one and packs its
-block for that call. A launch whose owner may drop its tables (a one-off, ``group.pins``) keeps them for
-good where it launches on a stream being captured (:data:`CAPTURED`), as Warp's ``Launch`` keeps its
-module in a capturing graph.
-An argument that does not fit its place (another dtype, ndim or number type: :meth:`.abi.Block.fits`,
-no numba type) binds again. The dispatcher launches instead in the Numba CUDA simulator, under
-``FASTEMA_CUDA_LAUNCH=dispatcher``, and where the driver refused every image of the variant
-(:data:`.driver.REFUSALS`); an argument that is not device memory is refused
-(:class:`.abi.NotDeviceMemory`), never copied over. No numba-cuda private name is used: numba-cuda's
-version does not decide the fast path.
+A prepared launch (:class:`CudaLerp`, :class:`CudaLaunch`; :data:`PREPARE`, whose keyword signatures
+are the op table's, :mod:`.op`) keeps its block from step to step and reads its group's tables at
+every call (never stale when the sources move); a one-off :func:`fastema._launch.launch` prepares
+one and packs its block for that call. A launch whose owner may drop its tables (a one-off,
+``group.pins``) keeps them for good where it launches on a stream being captured (:data:`CAPTURED`),
+as Warp's ``Launch`` keeps its module in a capturing graph. An argument that does not fit its place
+(another dtype, ndim or number type: :meth:`.abi.Block.fits`, no numba type) binds again. The
+dispatcher launches instead in the Numba CUDA simulator, under ``FASTEMA_CUDA_LAUNCH=dispatcher``,
+and where the driver refused every image of the variant (:data:`.driver.REFUSALS`); an argument that
+is not device memory is refused (:class:`.abi.NotDeviceMemory`), never copied over. No numba-cuda
+private name is used: numba-cuda's version does not decide the fast path.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def _typeof(value):
 
 def _code(driver, dispatcher, types: tuple, index: int, raw: int = 0):
     """The variant's code loaded with ``driver`` for device ``index`` (:class:`.driver.Loaded`;
-    None: the dispatcher launches it), once per driver, variant and device (``driver.images``); a load
-    is refused while a capture runs (launch on the raw stream ``raw``)."""
+    None: the dispatcher launches it), once per driver, variant and device (``driver.images``); a
+    load is refused while a capture runs (launch on the raw stream ``raw``)."""
     key = (dispatcher, types, index)
     images = driver.images
     try:
@@ -80,8 +81,8 @@ def _code(driver, dispatcher, types: tuple, index: int, raw: int = 0):
 
 
 class CudaKernel(Kernel):
-    """A kernel launch bound once (see the module docstring): the variant's loaded code and one parameter
-    block, patched in place where an argument is a new object."""
+    """A kernel launch bound once (see the module docstring): the variant's loaded code and one
+    parameter block, patched in place where an argument is a new object."""
 
     __slots__ = ("device", "index", "driver", "func", "loaded", "held", "block", "last")
 
@@ -95,10 +96,11 @@ class CudaKernel(Kernel):
         self.last: tuple = ()                             # the last launch's arguments
 
     def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
-        """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: the bound block (patched
-        where an argument changed) where every argument fits it, else bound again (``dispatcher(args)``
-        gives the kernel). Refused in a child forked after CUDA (:mod:`.forked`: a launch kept from before
-        the fork meets the refusal here, at every launch, before any driver call)."""
+        """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: the bound block
+        (patched where an argument changed) where every argument fits it, else bound again
+        (``dispatcher(args)`` gives the kernel). Refused in a child forked after CUDA
+        (:mod:`.forked`: a launch kept from before the fork meets the refusal here, at every launch,
+        before any driver call)."""
         if forked.FORKED_AFTER_CUDA:                      # one module-level read per launch; no call
             forked.refuse_cuda_after_fork()
         if C.WAITING:                                     # released sources waiting for their events
@@ -120,9 +122,10 @@ class CudaKernel(Kernel):
                 d.launch(self.func, blocks, config.CUDA_THREADS, d.stream(raw), self.block.address)
 
     def _patch(self, args) -> bool:
-        """Write the arguments that are new objects into the block (numbers and tuples equal to the held
-        ones count as the same); False when one does not fit its place (another dtype, ndim, number type:
-        another variant, so the launch binds again). A cheap check, no numba type (:meth:`.abi.Block.patched`)."""
+        """Write the arguments that are new objects into the block (numbers and tuples equal to the
+        held ones count as the same); False when one does not fit its place (another dtype, ndim,
+        number type: another variant, so the launch binds again). A cheap check, no numba type
+        (:meth:`.abi.Block.patched`)."""
         block = self.block
         if len(args) != len(block.types):
             return False
@@ -139,11 +142,12 @@ class CudaKernel(Kernel):
         return True
 
     def _bind(self, dispatcher, args, raw: int, blocks: int) -> None:
-        """Find the variant's code (:func:`_code`), pack the block and launch; through the dispatcher where
-        the driver launches no image of fastema's (the simulator), or where it refused every image of this
-        variant (:data:`.driver.REFUSALS`: ``device_code`` warned once, and compiled here where it could).
-        Nothing else falls back: an argument numba cannot type, one that is not device memory
-        (:class:`.abi.NotDeviceMemory`) or has no kernel ABI is fastema's defect, and raised."""
+        """Find the variant's code (:func:`_code`), pack the block and launch; through the
+        dispatcher where the driver launches no image of fastema's (the simulator), or where it
+        refused every image of this variant (:data:`.driver.REFUSALS`: ``device_code`` warned once,
+        and compiled here where it could). Nothing else falls back: an argument numba cannot type,
+        one that is not device memory (:class:`.abi.NotDeviceMemory`) or has no kernel ABI is
+        fastema's defect, and raised."""
         d = self.driver
         loaded = None
         if d.loads:
@@ -168,9 +172,9 @@ _ZERO_KEY = np.uint32(0)
 
 CAPTURED: list = []
 """Tables a CUDA graph captured a launch over, where the launch's owner may drop them (a one-off
-launch, the array functions' cached pairs: ``group.pins``): kept for the life of the process, so that
-no cache eviction or ``fastema.clear_caches()`` frees memory a graph replay reads (issue 37, C3). The
-launches a shadow keeps belong to its groups, which keep their tables."""
+launch, the array functions' cached pairs: ``group.pins``): kept for the life of the process, so
+that no cache eviction or ``fastema.clear_caches()`` frees memory a graph replay reads (issue 37,
+C3). The launches a shadow keeps belong to its groups, which keep their tables."""
 
 
 def _pin(launch, raw: int) -> None:
@@ -210,7 +214,8 @@ class CudaLerp(CudaKernel):
             _pin(self, raw)
 
     def once(self, weights, key=0) -> None:
-        """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""
+        """One launch, its tables kept for good where it is captured (no owner keeps them for
+        it)."""
         self.pins = True
         self(weights, key)
 
@@ -225,10 +230,11 @@ _SCANNED = operator.methodcaller("scanned")       # a scan of the sources (no sh
 
 class CudaLaunch(CudaKernel):
     """A launch with its arguments bound once but for those given at each call (``run(*middle)``,
-    between ``head`` and ``tail``; first, what ``tables_of`` takes of the group's tables at that call,
-    none where None), on the stream current at that call. ``dispatcher``: the kernel's. The grid:
-    ``grid`` blocks where given, else a block per chunk up to ``CUDA_MAX_BLOCKS`` and, with ``per_sm``
-    (the name of a :mod:`.config` tunable), at most that many blocks per multiprocessor."""
+    between ``head`` and ``tail``; first, what ``tables_of`` takes of the group's tables at that
+    call, none where None), on the stream current at that call. ``dispatcher``: the kernel's. The
+    grid: ``grid`` blocks where given, else a block per chunk up to ``CUDA_MAX_BLOCKS`` and, with
+    ``per_sm`` (the name of a :mod:`.config` tunable), at most that many blocks per
+    multiprocessor."""
 
     __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "grid", "pins")
 
@@ -248,7 +254,8 @@ class CudaLaunch(CudaKernel):
             _pin(self, raw)
 
     def once(self, *middle) -> None:
-        """One launch, its tables kept for good where it is captured (no owner keeps them for it)."""
+        """One launch, its tables kept for good where it is captured (no owner keeps them for
+        it)."""
         self.pins = True
         self(*middle)
 
@@ -282,10 +289,11 @@ def _lerp(group, *, flag=None, stochastic=False, cast) -> CudaLerp:             
 
 def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> CudaLaunch:
     """``run(given)``: one ``update()`` of a model EMA with its plan on the device, in one launch
-    (``kernels.cuda.plan_lerp_kernel``). Its grid is capped at ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM``
-    blocks per multiprocessor: every block's first thread runs the plan step (about 20 dependent loads
-    and a float64 pow) before it streams, so a few waves of blocks that grid-stride over the chunks pay
-    it far less often than a block per chunk (issue 37, D3)."""
+    (``kernels.cuda.plan_lerp_kernel``). Its grid is capped at
+    ``config.CUDA_PLAN_LERP_BLOCKS_PER_SM`` blocks per multiprocessor: every block's first thread
+    runs the plan step (about 20 dependent loads and a float64 pow) before it streams, so a few
+    waves of blocks that grid-stride over the chunks pay it far less often than a block per chunk
+    (issue 37, D3)."""
     return CudaLaunch(group, K.plan_lerp_kernel(group.shadow_kind, group.src_kind, stochastic),
                        (state, params, decays), (w32, w64, flag, keys, done, np.int64(gi)),
                        per_sm="CUDA_PLAN_LERP_BLOCKS_PER_SM")
