@@ -156,7 +156,7 @@ TABLE: tuple[Private, ...] = (
        "torch.save's archive (gone: torch.save)"),
     # ---- cuda.core, transformers, peft, safetensors
     _p("cuda.core._utils.cuda_utils:CUDAError", "cuda-core", "0.3 - 1.2.2",
-       "fastema/_launch/drivers.py", "the error cuda.core raises for a driver's result"),
+       "fastema/_launch/cuda/drivers.py", "the error cuda.core raises for a driver's result"),
     _p("transformers.trainer:Trainer.train", "transformers", "5.23", "fastema/transformers.py",
        "EMACallback finds its Trainer and train()'s resume_from_checkpoint on the frames of "
        "transformers' methods (their locals self and resume_from_checkpoint)",

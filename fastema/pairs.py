@@ -4,7 +4,7 @@
 here the shadows are the caller's tensors (a target network's parameters, a drop-in's
 ``shadow_params``), so what remains is the pairs, checked once and grouped per (device, shadow
 dtype, source dtype), and the same per-step launches as a flat shadow's
-(:class:`fastema._bound.BoundLaunches`: the checked update, the non-finite scan, the copy).
+(:class:`fastema._steps.StepLaunches`: the checked update, the non-finite scan, the copy).
 
 :func:`fastema.ema_update_many_` is a one-shot PairShadow, found again by address in the pair
 cache (:func:`of`, :func:`cached`) at its next call. A PairShadow holds addresses (launch
@@ -17,9 +17,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 from . import _backends, _launch
 from ._backends import describe, disjoint
 from ._backends.kept import KeptLRU, cheap_key
-from ._bound import LERP, BoundLaunches
 from ._checks import check_written, moded, pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
+from ._steps import LERP, StepLaunches
 from .kernels.kinds import BF16
 
 __all__ = ["PairShadow"]
@@ -88,7 +88,7 @@ class _Groups:
         return False                     # no swap: the averages are the caller's tensors
 
 
-class PairShadow(Capabilities, BoundLaunches):
+class PairShadow(Capabilities, StepLaunches):
     """Averages kept in the caller's tensors: ``shadows[i] <- lerp(shadows[i], sources[i], w)``.
 
     One launch per (device, shadow dtype, source dtype) group, computed as ``torch.lerp`` does
@@ -110,7 +110,7 @@ class PairShadow(Capabilities, BoundLaunches):
                  groups: list | None = None):
         self.layout = _Groups(pair_groups(list(shadows), list(sources), names) if groups is None else groups)
         self.names: list = list(names[0]) if names is not None else [f"shadows[{i}]" for i in range(len(shadows))]
-        self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
+        self._views: dict = {}          # the made-here flags' kernel views (StepLaunches)
         self.skipped: dict[str, Any] = {}
 
     @property

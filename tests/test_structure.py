@@ -580,13 +580,19 @@ def load_flat_state_dict(state):
 FASTEMA_WIDE_SHARE = 0.09
 
 
-def test_fastema_lines_over_100_characters_stay_below_nine_percent():
-    counts = [_wide(p) for p in _py("fastema")]
+LAUNCH_WIDE_SHARE = 0.08
+"""The same share for fastema/_launch/ (issue 87 item 5: 10.8% at round 10, cuda_bound.py's 27.6%)."""
+
+
+@pytest.mark.parametrize("package, share, least", [("fastema", FASTEMA_WIDE_SHARE, 20000),
+                                                    ("fastema/_launch", LAUNCH_WIDE_SHARE, 3000)])
+def test_lines_over_100_characters_stay_below_their_share(package, share, least):
+    counts = [_wide(p) for p in _py(package)]
     wide, total = map(sum, zip(*counts))
-    assert total > 20000, total
-    assert wide < FASTEMA_WIDE_SHARE * total, (
-        f"fastema/: {wide} of {total} non-blank lines ({wide / total:.2%}) are over 100 characters, "
-        f"not below {FASTEMA_WIDE_SHARE:.0%}: wrap the new ones (docs/architecture.md, rules)")
+    assert total > least, total
+    assert wide < share * total, (
+        f"{package}/: {wide} of {total} non-blank lines ({wide / total:.2%}) are over 100 characters, "
+        f"not below {share:.0%}: wrap the new ones (docs/architecture.md, rules)")
 
 
 # ------------------------------------------------------------ the tests stand alone

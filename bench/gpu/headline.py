@@ -66,7 +66,7 @@ if not sim:
 import torch
 from torch import nn
 from fastema.torch import EMA
-from fastema._launch import device_code, drivers
+from fastema._launch.cuda import device_code, drivers
 from bench.suite.shapes import gpt2_small
 dev = "cpu" if sim else "cuda"
 shapes = [(4, 4)] * 148 if sim else gpt2_small()
