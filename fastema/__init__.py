@@ -45,7 +45,7 @@ def clear_caches() -> None:
     _launch.refuse_during_capture("fastema.clear_caches()", _launch.CLEARING)
     pairs.clear()
     ops.clear()
-    cuda = sys.modules.get(f"{__name__}._launch.cuda")
+    cuda = sys.modules.get(f"{__name__}._launch.cuda.tables")
     if cuda is not None:
         cuda.clear_caches()
 

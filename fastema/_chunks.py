@@ -33,15 +33,15 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from . import _launch
-from ._bound import LERP
 from ._layout import DTYPES, FlatLayout, parse_sources
 from ._sources import FollowsSources, SourceTable
+from ._steps import LERP
 from .kernels.kinds import F64, ITEMSIZE
 
 __all__ = ["ChunkedSources", "Window", "cut"]
 
 # the windows' launch specs (group.launch): a chunk packed from the sources and unpacked into them,
-# BEMA's output (a window folded into the host shadow: the per-step lerp's, _bound.LERP)
+# BEMA's output (a window folded into the host shadow: the per-step lerp's, _steps.LERP)
 _PACK = _launch.spec("copy", to_shadow=True, row_lo=0, row_hi=1)
 _UNPACK = _launch.spec("copy", to_shadow=False, row_lo=0, row_hi=1)
 _BEMA = _launch.spec("bema")

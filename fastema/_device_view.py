@@ -2,7 +2,7 @@
 ``dtype``, ``shape``, ``nbytes``, ``__cuda_array_interface__`` (v3; numba's dispatcher takes it too),
 contiguous slices. A description only: it makes no driver call, so the boundary that describes a
 framework's arrays (:func:`.cai.raw_view`) holds no launch code; the device memory fastema allocates
-and copies is :class:`fastema._launch.cuda_memory.DeviceArray`, a view that can also copy."""
+and copies is :class:`fastema._launch.cuda.memory.DeviceArray`, a view that can also copy."""
 from __future__ import annotations
 
 from typing import Any

@@ -103,6 +103,15 @@ TABLE: tuple[Private, ...] = (
        "torch's current CUDA stream, one C call per launch", only="a CUDA build of torch"),
     _p("torch._C:_increment_version", "torch", _T, "fastema/_backends/versions.py",
        "autograd's version bump of many tensors at once (gone: one call per tensor)"),
+    _p("torch._C._autograd:_get_creation_meta", "torch", _T, "fastema/_backends/versions.py",
+       "how a view that requires grad was made: torch's in-place refusal of it, matched by the "
+       "array functions (gone: PrivateNameMoved at such a call)"),
+    _p("torch:Tensor", "torch", _T, "fastema/_backends/versions.py",
+       "whether a tensor that requires grad is a view (torch's in-place refusal, matched)",
+       attr="_is_view"),
+    _p("torch:Tensor", "torch", _T, "fastema/_backends/versions.py",
+       "the leaf a view that requires grad was made from (torch's in-place refusal, matched)",
+       attr="_base"),
     _p("torch.utils._python_dispatch:is_traceable_wrapper_subclass", "torch", _T,
        "fastema/_backends/torch.py fastema/torch/_sharding/params.py",
        "tells a tensor subclass that wraps others (refused by name)"),
@@ -147,7 +156,7 @@ TABLE: tuple[Private, ...] = (
        "torch.save's archive (gone: torch.save)"),
     # ---- cuda.core, transformers, peft, safetensors
     _p("cuda.core._utils.cuda_utils:CUDAError", "cuda-core", "0.3 - 1.2.2",
-       "fastema/_launch/drivers.py", "the error cuda.core raises for a driver's result"),
+       "fastema/_launch/cuda/drivers.py", "the error cuda.core raises for a driver's result"),
     _p("transformers.trainer:Trainer.train", "transformers", "5.23", "fastema/transformers.py",
        "EMACallback finds its Trainer and train()'s resume_from_checkpoint on the frames of "
        "transformers' methods (their locals self and resume_from_checkpoint)",

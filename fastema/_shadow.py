@@ -36,10 +36,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, runtime_checkable
 
-from ._launch import Launch
+from ._launch import Launch, Spec
 
-__all__ = ["AveragingShadow", "Capabilities", "Group", "LaunchGroup", "LaunchLayout", "Layout", "Shadow", "Updatable",
-           "WindowingShadow", "table_parts"]
+__all__ = ["AveragingShadow", "Capabilities", "LaunchGroup", "LaunchLayout", "Layout", "Shadow", "ShadowGroup",
+           "Updatable", "WindowingShadow", "table_parts"]
 
 
 def table_parts(*tables) -> list[tuple[str, Any]]:
@@ -47,7 +47,7 @@ def table_parts(*tables) -> list[tuple[str, Any]]:
     return [("tables", a) for t in tables for a in t.arrays()]
 
 
-class Group(Protocol):
+class ShadowGroup(Protocol):
     """One (device, source dtype, shadow dtype) group of a shadow's layout, as the engine reads it
     (its device plan, its weights per device, its memory)."""
 
@@ -59,12 +59,12 @@ class Group(Protocol):
     buffer: Any                    # its shadow rows (None: the caller's tensors, a pair group)
 
     @property
-    def scan(self) -> "Group":
+    def scan(self) -> "ShadowGroup":
         """What the non-finite scan walks: the group itself, or its sources whole (a split group)."""
 
 
-class LaunchGroup(Group, Protocol):
-    """A group the per-step launches (:class:`fastema._bound.BoundLaunches`) launch over: a launch
+class LaunchGroup(ShadowGroup, Protocol):
+    """A group the per-step launches (:class:`fastema._steps.StepLaunches`) launch over: a launch
     group (:class:`fastema._launch.Launches`) that keeps its launches, which follow its tables."""
 
     current_stream: Callable[[], int]  # the raw handle of the stream a launch goes on now
@@ -75,7 +75,7 @@ class LaunchGroup(Group, Protocol):
 
     def launch(self, op: str, **fixed: Any) -> Launch: ...
 
-    def launch_of(self, spec: tuple) -> Launch: ...
+    def launch_of(self, spec: Spec) -> Launch: ...
 
 
 class Layout(Protocol):
@@ -83,14 +83,14 @@ class Layout(Protocol):
     (``fastema._layout.FlatLayout``, a pair shadow's groups, an offloaded shadow's host layout)."""
 
     @property
-    def groups(self) -> Sequence[Group]: ...
+    def groups(self) -> Sequence[ShadowGroup]: ...
 
     def swap_exact(self) -> bool:
         """True when a swap would round neither side in any group."""
 
 
 class LaunchLayout(Protocol):
-    """A layout whose groups are launch groups (:class:`fastema._bound.BoundLaunches`')."""
+    """A layout whose groups are launch groups (:class:`fastema._steps.StepLaunches`')."""
 
     @property
     def groups(self) -> Sequence[LaunchGroup]: ...

@@ -14,10 +14,10 @@ import numpy as np
 
 from . import _launch
 from ._backends import zero_
-from ._bound import BoundLaunches
 from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
 from ._sources import SourceTable
+from ._steps import StepLaunches
 from .kernels.kinds import F64, KIND_NAMES
 
 __all__ = ["FlatShadow"]
@@ -26,7 +26,7 @@ __all__ = ["FlatShadow"]
 _BEMA = _launch.spec("bema")
 
 
-class FlatShadow(ShadowBase, BoundLaunches):
+class FlatShadow(ShadowBase, StepLaunches):
     """K shadow copies of a list of tensors in one flat buffer per (device, dtype) group.
 
     The shadow is owned by fastema; the sources stay where their framework keeps them.
@@ -79,7 +79,7 @@ class FlatShadow(ShadowBase, BoundLaunches):
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows,
                                  split)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
-        self._views: dict = {}          # the made-here flags' kernel views (BoundLaunches)
+        self._views: dict = {}          # the made-here flags' kernel views (StepLaunches)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
         if init == "copy":

@@ -15,7 +15,7 @@ import numpy as np
 from . import _backends, _launch
 from ._checkpoint_format import check_header, load_refused
 from ._interrupts import ctrl_c_held
-from ._launch.cpu import first_bad_weight
+from ._launch.cpu.pool import first_bad_weight
 from .kernels import kinds
 
 __all__ = ["Smoother", "alpha_from"]

@@ -11,7 +11,7 @@ makes. Fewer blocks per SM lift the register cap (64K registers over 256 threads
 ``config`` (``CUDA_PLAN_LERP_BLOCKS_PER_SM``) only become more waves.
 
 Keys: ``(set, arch)``, set ``"cu12"`` (:mod:`._toolchain_cu12`) or ``"cu13"`` (NVVM and nvJitLink
-13.5: ``fastema._launch.compiler.NumbaCuda``), arch ``"sm_XY"`` or the PTX's ``"compute_XY"``; in each, a
+13.5: ``fastema._launch.cuda.compiler.NumbaCuda``), arch ``"sm_XY"`` or the PTX's ``"compute_XY"``; in each, a
 kernel's name (``kernels._store.identity.VARIANTS``, every variant of that kernel) to its bounds. Found
 with ``ptxas -v`` and nvJitLink's log; ``tests/kernels/test_toolchain_cu12.py`` holds every entry to
 a kernel that exists, to 256 threads and to fewer blocks than the kernel's own.

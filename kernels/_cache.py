@@ -373,7 +373,7 @@ def _attach(dispatcher, cls, *dependencies: tuple) -> None:
 
 CUDA_VERSIONS = None
 """A function giving ``(name, version)`` pairs every CUDA kernel's cache key holds besides numba-cuda's
-magic tuple (numba-cuda, cuda-core, NVVM and the driver: :func:`fastema._launch.cuda.cuda_versions`);
+magic tuple (numba-cuda, cuda-core, NVVM and the driver: :func:`fastema._launch.cuda.tables.cuda_versions`);
 given by fastema's launch layer through :func:`set_cuda_versions` before any kernel is built (this
 package reads no package metadata). None: a key of ``("unknown",)``, so nothing compiled by a known
 set of versions is loaded."""

@@ -1,5 +1,5 @@
 """What the library's tests and the benchmark tooling share, and neither owns: the fake GPU
-(:mod:`.fake_driver`, a launch driver held to ``fastema._launch.driver.Driver``; :mod:`.fake_backend`,
+(:mod:`.fake_driver`, a launch driver held to ``fastema._launch.cuda.driver.Driver``; :mod:`.fake_backend`,
 fastema's torch adapter with CPU tensors on ``cuda:0``; :mod:`.fake_gpu`, fastema on both, taking the
 road a GPU takes, and the stub ``libcuda.so.1``) and the baselines, libraries
 fastema replaces written out where they cannot be installed (:mod:`.baselines`).

@@ -1,6 +1,6 @@
 """torch's CPU tensors as on a GPU: :class:`FakeGpuBackend`, an adapter of fastema's boundary
 (``fastema._backends``) that fastema takes for torch inside ``fastema._backends.using(...)``, as the
-launch path takes the :class:`~.fake_driver.FakeDriver` inside ``fastema._launch.drivers.using``.
+launch path takes the :class:`~.fake_driver.FakeDriver` inside ``fastema._launch.cuda.drivers.using``.
 :func:`.fake_gpu.fake_gpu` gives both.
 
 It is fastema's own torch adapter (``fastema._backends.torch.Torch``: every check and refusal of a

@@ -1,8 +1,8 @@
 """A GPU on the host for fastema's CUDA launch path: :class:`FakeDriver`, a launch driver
-(``fastema._launch.driver.Driver``: mypy holds it to that protocol) that records what the launch
+(``fastema._launch.cuda.driver.Driver``: mypy holds it to that protocol) that records what the launch
 path asks of it and runs nothing on a device.
 
-It stands for :class:`fastema._launch.drivers.CudaCoreDriver` on an sm_90 GPU under a CUDA 13
+It stands for :class:`fastema._launch.cuda.drivers.CudaCoreDriver` on an sm_90 GPU under a CUDA 13
 driver: ``load`` records the image fastema's real store hands it (the shipped code: nothing is faked
 above the driver) and gives a ``CUfunction`` handle; ``launch`` records the launch; ``dispatch``
 records what would have gone through numba's dispatcher; its context, stream and function handles
@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fastema._launch.cuda_memory import Watched
-from fastema._launch.driver import Driver, Loaded
+from fastema._launch.cuda.driver import Driver, Loaded
+from fastema._launch.cuda.memory import Watched
 
 PRIMARY = 0xC7000
 """Device ``i``'s primary context is ``PRIMARY + i``."""
@@ -128,7 +128,7 @@ class FakeDriver:
     keeps it). ``record``: launches are appended to :attr:`launches` (off for timings).
     ``on_launch(params)``: called at each launch with the address of the parameter block. ``real``:
     a driver whose ``load``, ``launch``, ``stream``, ``current_context``, capture queries, pushes and
-    device work (uploads, pinned arrays, copies, events) run too (``fastema._launch.drivers.CudaCoreDriver``
+    device work (uploads, pinned arrays, copies, events) run too (``fastema._launch.cuda.drivers.CudaCoreDriver``
     over the driver emulator: :mod:`.fake_gpu`); its contexts are then ``real_primary``.
 
     What it saw: :attr:`launches` (``("load", kind, entry)``, ``("launch", stream, blocks, func)``,
@@ -290,10 +290,10 @@ def numba_marshalling() -> Iterator[Any]:
     """numba-cuda's own ``_Kernel._prepare_args`` for fake device arrays (its ``wrap_arg`` left them
     as they are) in the ``with`` block: yields ``params(types, args)``, the values numba-cuda 0.30
     hands cuda.core for a launch with ``args`` of numba ``types`` (what fastema's own ABI is held
-    to). ``types`` may be fastema's own (``fastema._launch.argtypes``): numba's stand-ins are used."""
+    to). ``types`` may be fastema's own (``fastema._launch.cuda.argtypes``): numba's stand-ins are used."""
     from numba.cuda import dispatcher as D
 
-    from fastema._launch.argtypes import as_numba
+    from fastema._launch.cuda.argtypes import as_numba
 
     kernel = types.SimpleNamespace(extensions=[], debug=False, cooperative=False)
     kernel._prepare_args = types.MethodType(D._Kernel._prepare_args, kernel)   # tuples recurse
@@ -315,7 +315,7 @@ def numba_marshalling() -> Iterator[Any]:
 
 
 class CompilesNothing:
-    """A run-time compiler (``fastema._launch.compiler.Compiler``, given to ``compiler.using``) that
+    """A run-time compiler (``fastema._launch.cuda.compiler.Compiler``, given to ``compiler.using``) that
     compiles nothing: each call gives ``("cubin", b"new", "entry", {})`` for each image, and the
     launch layer records it as a compile of its own (``device_code.COMPILES``)."""
 

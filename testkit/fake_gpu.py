@@ -1,5 +1,5 @@
 """fastema's CUDA launch path on a machine without a GPU: :func:`fake_gpu`, the
-:class:`~.fake_driver.FakeDriver` given to the launch path (``fastema._launch.drivers.using``), and
+:class:`~.fake_driver.FakeDriver` given to the launch path (``fastema._launch.cuda.drivers.using``), and
 the :class:`~.fake_backend.FakeGpuBackend` given to fastema's boundary (``fastema._backends.using``):
 CPU torch tensors on ``cuda:0``, so that every entry point takes the road a GPU takes (a default
 ``EMA``'s device plan, the capture refusals). Nothing runs on a device and no tensor is written:
@@ -39,7 +39,7 @@ def fake_gpu(driver: FakeDriver | None = None, torch_on_gpu: bool = True, stub_d
     driver emulator (the process must have started with :func:`stub_driver_dir` on ``LD_LIBRARY_PATH``),
     device 0's primary context current on this thread for the block."""
     from fastema import _backends
-    from fastema._launch import drivers
+    from fastema._launch.cuda import drivers
 
     real = None
     if driver is None:

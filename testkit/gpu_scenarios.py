@@ -18,7 +18,7 @@ on the driver emulator (:mod:`testkit.emulator`, under ``fake_gpu(stub_driver=Tr
 - :func:`other_thread_capture`: another thread begins a capture in global mode (torch's default) on a stream
   current only there, which no check of fastema's can name, while fastema, at a launch, queries the event of a
   retired source (a parameter moved by ``p.data = ...``) and issues deferred frees: the frees are done and
-  that capture ends valid (both are made in relaxed mode, :meth:`fastema._launch.driver.Driver.relaxed`; in
+  that capture ends valid (both are made in relaxed mode, :meth:`fastema._launch.cuda.driver.Driver.relaxed`; in
   global mode the driver refuses them and invalidates it), and the launching thread is in global mode again
   after.
 
@@ -317,7 +317,7 @@ def other_thread_capture(where) -> dict:
 
     from cuda.bindings import driver as d
 
-    from fastema._launch import cuda_base, cuda_frees
+    from fastema._launch.cuda import base, frees
     from fastema.torch import EMA
 
     name = "deferred frees while another thread captures on a stream only it names"
@@ -352,8 +352,8 @@ def other_thread_capture(where) -> dict:
             p.data = p.data.clone()                        # moved: the next launch retires the old storage
             ema.update()
             gc.collect()                                   # the cycle's frees queued, none issued yet
-            queued = len(cuda_frees.PENDING)
-            retired = sum(r is not cuda_frees.FREES for r in cuda_base.WAITING)
+            queued = len(frees.PENDING)
+            retired = sum(r is not frees.FREES for r in base.WAITING)
             t = threading.Thread(target=capture)
             t.start()
             began.wait(60)
@@ -362,7 +362,7 @@ def other_thread_capture(where) -> dict:
             finally:
                 freed.set()
                 t.join(60)
-            left = len(cuda_frees.PENDING)
+            left = len(frees.PENDING)
             M = d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
             after = d.cuThreadExchangeStreamCaptureMode(M)[1].name     # this thread's mode after fastema's calls
         except Exception as err:                           # the scenario's outcome, never the run's

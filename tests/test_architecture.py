@@ -186,9 +186,9 @@ def test_frameworks_are_named_only_in_the_boundary_and_the_faces():
 def test_dispatch_imports_no_framework():
     """fastema/_launch names no framework: each group carries its stream getter (from its backend)."""
     bad = []
-    for path in sorted((ROOT / "fastema" / "_launch").glob("*.py")):
-        bad += [f"fastema/_launch/{path.name}:{line} {what}"
-                for line, what in _framework_uses(path, "fastema._launch")]
+    for path in sorted((ROOT / "fastema" / "_launch").rglob("*.py")):
+        bad += [f"{path.relative_to(ROOT).as_posix()}:{line} {what}"
+                for line, what in _framework_uses(path, _package(path))]
     assert not bad, bad
 
 
@@ -234,10 +234,10 @@ def test_the_model_average_engine_imports_no_framework():
 LAYERS = (
     ("kernels", ("fastema.kernels",)),
     ("leaves", ("fastema._io", "fastema._interrupts", "fastema._checkpoint_format", "fastema.schedules",
-                "fastema._placement_options", "fastema._device_view", "fastema._privates")),
+                "fastema._placement_options", "fastema._device_view", "fastema._privates", "fastema._switch")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
-    ("shadows", ("fastema._checks", "fastema._bound", "fastema._chunks", "fastema._layout", "fastema._sources",
+    ("shadows", ("fastema._checks", "fastema._steps", "fastema._chunks", "fastema._layout", "fastema._sources",
                  "fastema._shadow", "fastema.flat",
                  "fastema.flat_window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),

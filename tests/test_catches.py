@@ -15,7 +15,7 @@ _BROAD = ("Exception", "BaseException")
 # re-raising, in source order. The rule fails on one not listed and on a listed one that is gone.
 BROAD_CATCHES = {
     # -- swallowed, each with what is done instead
-    ("fastema/_launch/compiler.py", "lowered"): [
+    ("fastema/_launch/cuda/compiler.py", "lowered"): [
         "the ISA probe at build: any failure of the lowering or the link means this toolchain cannot "
         "make the newer ISA, and the PTX it was given ships instead (owned by the launch layer)"],
     ("fastema/_backends/torch.py", "Torch.layout_guard"): [
@@ -24,7 +24,7 @@ BROAD_CATCHES = {
     ("fastema/_backends/torch.py", "_tensor_guards"): [
         "torch's private TensorGuards probed once on known tensors: any failure or wrong answer "
         "means it is not used (owned by the torch backend)"],
-    ("fastema/_launch/drivers.py", "_Numba.any_capturing"): [
+    ("fastema/_launch/cuda/numba_driver.py", "NumbaDriver.any_capturing"): [
         "another framework's current-stream getter asked before deferred frees (CuPy's at interpreter "
         "shutdown, a test's reader): its failure is not the launch's, so it counts as capturing and the "
         "frees stay deferred until a later safe point (owned by the launch layer)"],
@@ -43,7 +43,7 @@ BROAD_CATCHES = {
         "save after the compile overwrites it (an OSError, the file gone meanwhile, re-raised "
         "before, is numba's own miss)"],
     # -- handed on: kept and raised later in another place
-    ("fastema/_launch/cpu.py", "start_pool.start"): [
+    ("fastema/_launch/cpu/pool.py", "start_pool.start"): [
         "the pool starter's thread: whatever it raised is raised in the caller's thread"],
     ("fastema/merge/_core.py", "_close"): [
         "every input closes; the first error is raised after all"],
@@ -61,6 +61,10 @@ BROAD_CATCHES = {
     ("fastema/cli/warm.py", "_warm_cuda"): [
         "numba's own compile of the missing variants: any failure is the exit status 1 with its "
         "type and message, and the CUDA check to run (a command line's last word)"],
+    ("fastema/torch/_state/attach_checks.py", "_refuse_dropping"): [
+        "the user's optimizer's state_dict() override, called once at attach() to check that it "
+        "keeps the average's entry: whatever it raises (a state not consolidated yet) becomes the "
+        "RuntimeError naming the call and what to do, the error its cause; nothing attached"],
     ("fastema/torch/_state/attached.py", "_decode"): [
         "the attached average's counter record decoded from a checkpoint: any failure of json.loads "
         "(RecursionError of a deeply nested record too) is damage, a ValueError on every rank"],

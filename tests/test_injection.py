@@ -25,7 +25,7 @@ STILL_PATCHED: dict = {}
 """(test file, the dotted name it replaces) -> who owns the seam that replaces the patch."""
 
 ASSIGNED_ELSEWHERE = {
-    ("fastema/_launch/kernel_refs.py", "_cuda_jit.CACHE"):
+    ("fastema/_launch/cuda/kernel_refs.py", "_cuda_jit.CACHE"):
         "kernels/_cuda_jit.py is part of the shipped device code's identity (kernels/_store/"
         "identity.py's CUDA_SOURCES): a setter there means rebuilding both shipped sets; "
         "add it at the next rebuild",
@@ -315,17 +315,17 @@ def test_the_rules_see_what_they_forbid():
     assert got[:1] == ["_store_files.REPORT"] and len(got) == 10, got
     tests = ("import fastema._launch\nfrom fastema import _launch\n"
              "from fastema._launch import cpu as C\n"
-             "B = pytest.importorskip('fastema._launch.cuda_bound')\n"
+             "B = pytest.importorskip('fastema._launch.cuda.launch')\n"
              "monkeypatch.setattr(_launch.config, 'CUDA_CHUNK', 16)\n"
              "monkeypatch.setattr(fastema._launch, 'launch', f)\nmonkeypatch.setattr(C, 'run', f)\n"
-             "monkeypatch.setattr(B, 'X', 1)\nmonkeypatch.setattr('fastema._launch.cpu.run', f)\n"
+             "monkeypatch.setattr(B, 'X', 1)\nmonkeypatch.setattr('fastema._launch.cpu.pool.run', f)\n"
              "mock.patch('fastema._launch.launch')\nC.K = 1\n"
              "monkeypatch.setattr(torch, 'manual_seed', f)\nfrom fastema.kernels import _cache\n"
              "monkeypatch.setattr(_cache, 'TRUST', None)\n"
              "monkeypatch.setitem(C.__dict__, 'run', f)\nmonkeypatch.setitem(vars(B), 'X', 1)\n"
              "mock.patch.dict(_launch.config.__dict__, {'A': 1})\n"
-             "mock.patch.dict('fastema._launch.cpu.__dict__', {})\nvars(C)['K'] = 2\n"
-             "C.__dict__.update(K=3)\nmonkeypatch.delitem(_launch.cpu.TABLE, 'x')\n"
+             "mock.patch.dict('fastema._launch.cpu.pool.__dict__', {})\nvars(C)['K'] = 2\n"
+             "C.__dict__.update(K=3)\nmonkeypatch.delitem(_launch.cpu.pool.TABLE, 'x')\n"
              "monkeypatch.setitem(sys.modules, 'x', None)\nvars(_cache)['TRUST'] = None\n"
              "monkeypatch.setitem(_cache.__dict__, 'TRUST', None)\n")
     assert len(list(_launch_patches(tests))) == 14, list(_launch_patches(tests))

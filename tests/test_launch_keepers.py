@@ -73,7 +73,7 @@ def _calls_named(tree: ast.AST, name: str) -> list[int]:
 
 # Where launches and what keeps them (groups, shadows, pair caches) are kept and used: the shadows' layer,
 # the LRU, the engine, the torch face's placements and pairs, and the drop-ins (their pair caches).
-KEEPERS = ("fastema/_bound.py", "fastema/_chunks.py", "fastema/_layout.py", "fastema/_sources.py", "fastema/_shadow.py",
+KEEPERS = ("fastema/_steps.py", "fastema/_chunks.py", "fastema/_layout.py", "fastema/_sources.py", "fastema/_shadow.py",
            "fastema/flat.py", "fastema/flat_window.py", "fastema/ops.py", "fastema/pairs.py", "fastema/smooth.py",
            "fastema/track.py", "fastema/_backends/kept.py", "fastema/average/", "fastema/torch/_placement/",
            "fastema/torch/_tensors/pairs.py", "fastema/torch/compat/", "fastema/torch/target.py")
@@ -145,7 +145,7 @@ def test_prepare_and_a_groups_launch_return_a_launch():
     assert {"__call__", "once"} <= set(vars(_launch.Launch))
 
 
-REVIEWED = ("fastema/_bound.py", "fastema/flat.py", "fastema/flat_window.py", "fastema/_layout.py",
+REVIEWED = ("fastema/_steps.py", "fastema/flat.py", "fastema/flat_window.py", "fastema/_layout.py",
             "fastema/_chunks.py", "fastema/ops.py", "fastema/pairs.py", "fastema/smooth.py", "fastema/_launch/",
             "fastema/_backends/kept.py")
 
@@ -175,10 +175,10 @@ def _annotations(path: pathlib.Path) -> dict:
 def test_the_engines_parts_are_typed_so_mypy_follows_an_update_to_the_launch():
     """Issue 80 item 6: the engine's shadow and adapter, and every shadow's layout, are protocols
     (not ``Any``): mypy follows ``EMA.update()`` through ``Average`` and ``Updatable.update_checked``
-    to ``BoundLaunches`` and the ``Launch`` a group keeps."""
+    to ``StepLaunches`` and the ``Launch`` a group keeps."""
     core = _annotations(FASTEMA / "average" / "_core.py")
     assert core["self.shadow"] == ["Updatable"] and core["self.adapter"] == ["ModelAdapter | None"]
-    assert _annotations(FASTEMA / "_bound.py")["layout"] == ["LaunchLayout"]
+    assert _annotations(FASTEMA / "_steps.py")["layout"] == ["LaunchLayout"]
     assert _annotations(FASTEMA / "_shadow.py")["layout"] == ["Layout"]
     from fastema._shadow import LaunchGroup, Updatable
 

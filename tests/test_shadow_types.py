@@ -33,7 +33,7 @@ def _without(source: str, cls: str, method: str) -> str:
 
 
 #: the engine, the shadow classes it is handed and their bases (the rest is skipped)
-MODULES = ["fastema/_shadow.py", "fastema/_layout.py", "fastema/_bound.py", "fastema/flat.py",
+MODULES = ["fastema/_shadow.py", "fastema/_layout.py", "fastema/_steps.py", "fastema/flat.py",
            "fastema/average/_core.py"]
 
 

@@ -114,7 +114,7 @@ def test_wheel_holds_every_package_and_module(built):
     missing = sorted(_tree_modules() - names)
     assert not missing, f"modules of the tree missing from the wheel: {missing}"
     assert "fastema/py.typed" in names
-    from fastema._launch.build import SETS
+    from fastema._launch.build.store import SETS
 
     shipped = {f"fastema/kernels/device/{s}/{n}" for s, spec in SETS.items()
                for n in ["index.json"] + [f"{i}.xz" for i in spec["images"]]}
@@ -164,7 +164,7 @@ for name in modules:
         out["skipped"][name] = e.name
 
 if importlib.util.find_spec("numba.cuda"):              # the shipped device code, found and whole
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     assert device_code.device_dir().startswith(venv + os.sep), device_code.device_dir()
     for name, shipped in device_code.sets().items():     # one entry of every image of every set

@@ -360,8 +360,10 @@ def launch_costs(n: int = 2000) -> dict:
     (``fastema._launch.prepare("lerp", ...)``) and of numba's ``kernel[grid, block](...)`` with the same
     arguments, and whether the cached launch is in use (``cached_launch_available``)."""
     from fastema import _launch
-    from fastema._launch import config, cuda_bound, drivers, kernel_refs
-    from fastema._launch import cuda as launch_cuda
+    from fastema._launch import config
+    from fastema._launch.cuda import drivers, kernel_refs
+    from fastema._launch.cuda import tables as launch_cuda
+    from fastema._launch.cuda.launch import cached_launch_available
 
     dev = [G.to_device(a) for a in G.host_arrays("float32", [16] * 10, 6)]
     f = FlatShadow(dev)
@@ -373,7 +375,7 @@ def launch_costs(n: int = 2000) -> dict:
     cfg = k[1, config.CUDA_THREADS]
     w = (np.float32(0.1),)
     run, w32 = _launch.prepare("lerp", g), (0.1,)           # the same weights object: the cached path's steady state
-    out = {"cached_launch": cuda_bound.cached_launch_available(),
+    out = {"cached_launch": cached_launch_available(),
            "FlatShadow.update, 10 tiny tensors (whole call) us": per_call_us(lambda: f.update(0.9), n),
            "the group's bound lerp launch alone us": per_call_us(lambda: run(w32), n),
            "numba kernel[grid, block](...) of the same kernel us":

@@ -9,7 +9,7 @@ are measured twice:
 
 - **no driver**: the fake driver's launch is a no-op: fastema's own Python per launch;
 - **stub driver**: the loads, the launch and the context query are fastema's real cuda.core driver's
-  (``fastema._launch.drivers.CudaCoreDriver``) into a stub ``libcuda.so.1`` that returns at once
+  (``fastema._launch.cuda.drivers.CudaCoreDriver``) into a stub ``libcuda.so.1`` that returns at once
   (built with the C compiler, run in a child process with it on ``LD_LIBRARY_PATH``): everything on
   the host but the driver's own work, about 1.5-2 us a launch on a GPU, which comes on top in both
   columns. Context pushes are the fake's

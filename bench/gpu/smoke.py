@@ -4,7 +4,7 @@ biggest unknowns before the tests and the probe spend their minutes. One line ea
 rewritten after each:
 
 1. a kernel compiles and launches (a plain numba kernel, then fastema's ``ema_update_``);
-2. ``fastema._launch.cuda_bound.cached_launch_available()`` (False: every launch goes through numba's
+2. ``fastema._launch.cuda.launch.cached_launch_available()`` (False: every launch goes through numba's
    dispatcher, and every host time of the probe is the dispatcher's);
 3. ``FlatShadow.update`` of 3 odd-sized tensors on the GPU equals the CPU kernel bit for bit;
 4. an update under a side stream is ordered after that stream's writes;
@@ -39,8 +39,8 @@ def main(argv) -> int:
     rec.check("1 compile and launch", C.compile_and_launch)
 
     def cached():
-        from fastema._launch import cuda_bound
-        rec.note("host", "2 cached_launch_available", cuda_bound.cached_launch_available())
+        from fastema._launch.cuda.launch import cached_launch_available
+        rec.note("host", "2 cached_launch_available", cached_launch_available())
 
     rec.guarded("host", "2 cached_launch_available", cached)
     sizes = [7, 33, 65] if G.SIM else [7, 4097, 65541]
@@ -61,7 +61,7 @@ def main(argv) -> int:
     rec.check("6 host returned while the GPU was busy (FlatShadow.update)", busy)
 
     def shipped():                                        # issue 54: what the launches above loaded
-        from fastema._launch import device_code, drivers
+        from fastema._launch.cuda import device_code, drivers
         driver = drivers.current()
         sources = sorted({str(getattr(v, "source", None)) for v in driver.images.values()})
         shipped_for = "simulator" if G.SIM else device_code.choose(driver.version(), driver.compute_capability(0))
@@ -77,9 +77,9 @@ def main(argv) -> int:
             return rec.note("host", "2c every variant loads", "simulator")
         import time
 
-        from fastema._launch import device_code, drivers
-        from fastema._launch.driver import Refused
-        from fastema._launch.variants import every_variant as variants
+        from fastema._launch.build.variants import every_variant as variants
+        from fastema._launch.cuda import device_code, drivers
+        from fastema._launch.cuda.driver import Refused
         driver = drivers.current()
         t, cc, counts, refused = time.perf_counter(), driver.compute_capability(0), {}, []
         chosen = device_code.choose(driver.version(), cc)

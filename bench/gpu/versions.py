@@ -91,10 +91,10 @@ def lines():
         yield ("torch_cuda", _why(e))
     try:
         import fastema
-        from fastema._launch import cuda_bound
+        from fastema._launch.cuda.launch import cached_launch_available
 
         yield from [("fastema_from", os.path.dirname(fastema.__file__)),
-                ("cached_launch", cuda_bound.cached_launch_available())]
+                ("cached_launch", cached_launch_available())]
     except Exception as e:                              # noqa: BLE001
         yield ("cached_launch", _why(e))
 

@@ -72,9 +72,9 @@ def first_update(model: str) -> dict:
 def compile_seconds(keys: list) -> list:
     """``[(key, seconds)]``: each variant compiled as numba-cuda compiles it at a first launch on an sm_90
     device (NVVM to LTO-IR, nvJitLink with link-time optimisation: the run-time compiler,
-    ``fastema._launch.compiler.current()``, which this exercises)."""
-    from fastema._launch import compiler
-    from fastema._launch.variants import every_variant
+    ``fastema._launch.cuda.compiler.current()``, which this exercises)."""
+    from fastema._launch.build.variants import every_variant
+    from fastema._launch.cuda import compiler
 
     variants, out = every_variant(), []
     for key in keys:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     index = device_code.sets()["cu13"].index
     by_entry = {device_code.entry("cu13", k, "sm_90").name: k for k in index["variants"]}

@@ -14,7 +14,7 @@ rounds (min and max beside it) and the difference. No GPU: the CPU kernels' host
 Cases ``gpuemaN`` and ``gpuskipN`` (``skip_nonfinite=True``) time ``EMA.update()`` on CUDA's launch
 path with each revision's own fake GPU (``testkit``, before it ``tests/support``: a launch driver
 that launches nothing, no device; see ``bench/gpu/host_cost.py``): fastema's host work per update.
-Only revisions that have the launch driver (``fastema/_launch/driver.py`` and a ``fake_gpu.py``,
+Only revisions that have the launch driver (``fastema/_launch/cuda/driver.py`` and a ``fake_gpu.py``,
 issue 60) can
 be compared so: an older revision's fake GPU replaced names of its ``_launch`` modules, so its
 figures measured another fake; its child fails with ``ModuleNotFoundError`` rather than time

@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .._switch import Switch
 from ..kernels.kinds import F64
 from . import _buf, cai, cudasim, dlpack
 from . import numpy as np_backend
@@ -51,7 +52,6 @@ _BY_NAME = {"numpy": NUMPY, "torch": TORCH, "cudasim": cudasim.backend, "cuda": 
 _OWN_BUFFERS = ("numpy", "torch")   # fastema's buffers for their sources are their arrays (else NumPy or Numba)
 _BY_TYPE: dict = {}             # type -> adapter, for the adapters whose ownership the type alone decides
                                 # (Backend.BY_TYPE; dropped on the way in and out of using())
-_GIVEN: list = []               # using()'s adapters, innermost last
 _order: list = list(_ORDER)     # backend_of()'s order now: the given ones (innermost first), then _ORDER
 _named: dict = dict(_BY_NAME)   # backend_named()'s table now: a given adapter stands for its framework
 
@@ -74,33 +74,28 @@ def backend_named(framework: str) -> Backend:
     return _named[framework]
 
 
-@contextlib.contextmanager
-def using(backend: Backend) -> Iterator[Backend]:
-    """``backend`` ahead of the other adapters for the ``with`` block: :func:`backend_of` asks it
-    first (what it owns is its), and it is the adapter of its framework (``backend.NAME``) wherever
-    fastema names one (:func:`backend_named`, the buffers it makes, :func:`stream_getter`,
-    :func:`capturing`). How the fake GPU of ``testkit`` is given (as ``_launch.drivers.using`` gives
-    its driver): an adapter of torch whose CPU tensors are on ``cuda:0``. What is made in the block
-    keeps what it was given (a layout group its adapter and stream getter). The type cache and the
-    stream getters kept are dropped on the way in and out; blocks nest."""
-    _GIVEN.append(backend)
-    try:
-        _given()
-        yield backend
-    finally:
-        _GIVEN.remove(backend)
-        _given()
-
-
 def _given() -> None:
-    """:func:`backend_of`'s order and :func:`backend_named`'s table made again from :data:`_GIVEN`
+    """:func:`backend_of`'s order and :func:`backend_named`'s table made again from :data:`GIVEN`
     (in place), the caches of both dropped."""
+    given = GIVEN.chosen
     _BY_TYPE.clear()
     stream_getter.cache_clear()
-    _order[:] = [*reversed(_GIVEN), *_ORDER]
+    _order[:] = [*reversed(given), *_ORDER]
     _named.clear()
     _named.update(_BY_NAME)
-    _named.update((b.NAME, b) for b in _GIVEN)
+    _named.update((b.NAME, b) for b in given)
+
+
+GIVEN: Switch[Backend] = Switch(changed=_given)
+"""The adapters given to :func:`using`, innermost last (``GIVEN.chosen``)."""
+using = GIVEN.using
+"""``using(backend)``: ``backend`` ahead of the other adapters for the ``with`` block: :func:`backend_of`
+asks it first (what it owns is its), and it is the adapter of its framework (``backend.NAME``) wherever
+fastema names one (:func:`backend_named`, the buffers it makes, :func:`stream_getter`,
+:func:`capturing`). How the fake GPU of ``testkit`` is given (as ``_launch.cuda.drivers.using`` gives
+its driver): an adapter of torch whose CPU tensors are on ``cuda:0``. What is made in the block
+keeps what it was given (a layout group its adapter and stream getter). The type cache and the
+stream getters kept are dropped on the way in and out; blocks nest."""
 
 
 def device_of(x) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
-from . import _GIVEN, address_key
+from . import GIVEN, address_key
 
 V = TypeVar("V")
 
@@ -51,7 +51,7 @@ class KeptLRU(Generic[V]):
     def __init__(self, size: int, chosen_drivers: list):
         self.size = size
         self._entries: OrderedDict = OrderedDict()        # key -> _Entry
-        self._drivers, self._given = chosen_drivers, _GIVEN
+        self._drivers, self._given = chosen_drivers, GIVEN.chosen
         self._driver: Any = None                          # the world the entries were made in
         self._adapter: Any = None
         self._elsewhere = False                           # made under a chosen driver or a given adapter

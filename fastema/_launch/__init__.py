@@ -4,26 +4,32 @@ One launch form: a launch group (anything with the fields of :class:`Group`, and
 of its own: ``_layout.LayoutGroup``, ``pairs.PairGroup``, a plain :class:`Group`) prepares kernel
 family ``op`` once, ``run = group.launch(op, **fixed)``, and ``run(*varying)`` launches it. The ops
 and their fixed and varying arguments are the op table's (:mod:`.op`: :data:`.op.OPS`,
-:data:`VARYING`). A prepared launch (:class:`Launch`) reads its group's tables at every call, on both
-targets, so it never goes stale when the sources move (the owner replaces ``group.tables``); only
-its fixed arguments key it. :func:`prepare` makes one from the target's table of prepare functions
-(:data:`.cpu_bound.PREPARE`, or :data:`.cuda_bound.PREPARE`, imported when a CUDA buffer first
-arrives); ``launch(op, group, **args)`` is one made for one call. Tunables live in :mod:`.config`.
+:data:`VARYING`). A prepared launch (:class:`Launch`) reads its group's tables at every call, on
+both targets, so it never goes stale when the sources move (the owner replaces ``group.tables``);
+only its fixed arguments key it. :func:`prepare` makes one from the target's table of prepare
+functions (:data:`.cpu.launch.PREPARE`, or :data:`.cuda.launch.PREPARE`, imported when a CUDA buffer
+first arrives); ``launch(op, group, **args)`` is one made for one call. Tunables live in
+:mod:`.config`.
 
 Dispatch names no framework: a group carries ``current_stream``, the function its backend
 gave it (:func:`fastema._backends.stream_getter`) that returns the raw handle of the stream
 its framework has current now; on CUDA every launch asks it. A CUDA launch keeps what a graph
 capturing it reads: a one-off launch, and every launch of a group whose owner may drop its tables
 (``group.pins``: the array functions' cached pairs), keeps the tables for good when the stream it
-launches on is being captured (:mod:`.cuda_bound`).
+launches on is being captured (:mod:`.cuda.launch`).
 
 After ``os.fork()`` (docs/guides/processes.md): the child's CPU launches run the serial twins when
-the parent had started numba's OpenMP layer (:mod:`.cpu`); its CUDA launches, those kept from
+the parent had started numba's OpenMP layer (:mod:`.cpu.pool`); its CUDA launches, those kept from
 before the fork too, are refused with the way out (the ``spawn`` start method) when the parent had
-launched on a GPU (:mod:`.forked`: :func:`.forked.refuse_cuda_after_fork`).
+launched on a GPU (:mod:`.cuda.forked`: :func:`.cuda.forked.refuse_cuda_after_fork`).
 
 A checkpoint merge's weighted sums go through :func:`merge` (CPU: the merge reads its inputs from
 host memory).
+
+The package is a common top (this module: the tables; :mod:`.launches`, :mod:`.op`, :mod:`.config`)
+and three wings: :mod:`.cpu` (the CPU's launches, pool and threads), :mod:`.cuda` (every CUDA
+module, none imported before a CUDA buffer arrives) and :mod:`.build` (the shipped device code's
+variants and build).
 """
 from __future__ import annotations
 
@@ -33,13 +39,12 @@ import numpy as np
 
 from ..kernels import _bits
 from ..kernels.layout import chunk_table, segment_offsets
-from . import config, drivers
-from .cpu import merge as merge  # the merge launcher (CPU only)
-from .forked import _cuda  # the CUDA launch layer, after the fork check
-from .launches import Group, Launch, Launches, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
-from .op import OPS, VARYING
+from . import config
+from .cpu.pool import merge as merge  # the merge launcher (CPU only)
+from .launches import Group, Launch, Launches, _cuda, default_stream, is_cuda, launch, prepare, spec  # noqa: F401
+from .op import OPS, VARYING, Kernel, Spec
 
-__all__ = ["Group", "Launch", "Launches", "OPS", "Tables", "VARYING", "launch", "merge", "prepare",
+__all__ = ["Group", "Kernel", "Launch", "Launches", "OPS", "Spec", "Tables", "VARYING", "launch", "merge", "prepare",
            "refuse_during_capture", "spec", "tables", "update_addresses"]
 
 
@@ -67,7 +72,8 @@ class Tables(NamedTuple):
         return self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin
 
     def arrays(self) -> list:
-        """Every array these tables hold (on CUDA their pinned staging too), for memory accounting."""
+        """Every array these tables hold (on CUDA their pinned staging too), for memory
+        accounting."""
         out = [self.shadow_addr, self.seg_addr, self.seg_offset, self.chunk_seg, self.chunk_begin]
         if self.staging is not None:
             out += list(vars(self.staging).values())        # the caller keeps the arrays among them
@@ -84,10 +90,10 @@ class Tables(NamedTuple):
 
 
 def refuse_during_capture(what: str, why: str, device: str | None = None, current_stream=None) -> None:
-    """RuntimeError naming ``what`` and ``why`` it cannot happen while a CUDA graph is being captured on
-    the stream ``current_stream()`` names on ``device``, or, with no device, on the current stream of
-    any framework fastema made CUDA tables for; nothing where no capture runs (one driver query a
-    stream, ``cuStreamIsCapturing``; no framework is imported for it)."""
+    """RuntimeError naming ``what`` and ``why`` it cannot happen while a CUDA graph is being
+    captured on the stream ``current_stream()`` names on ``device``, or, with no device, on the
+    current stream of any framework fastema made CUDA tables for; nothing where no capture runs (one
+    driver query a stream, ``cuStreamIsCapturing``; no framework is imported for it)."""
     if device is None:
         if not _cuda.cache_info().currsize:
             return
@@ -121,7 +127,8 @@ def tables(src_addresses, counts, shadow_addresses, device: str, current_stream=
     ``base``: where the first source starts in the whole row (a shadow holding a slice of it: the
     segments keep their places, which key stochastic rounding's noise).
     On CUDA the tables are written when this returns (they may be read by a launch on any stream),
-    and refused while a CUDA graph is being captured on that stream (:func:`refuse_during_capture`)."""
+    and refused while a CUDA graph is being captured on that stream
+    (:func:`refuse_during_capture`)."""
     seg_offset = segment_offsets(counts) + np.int64(base)
     chunk = config.CUDA_CHUNK if is_cuda(device) else config.CPU_CHUNK
     chunk_seg, chunk_begin = chunk_table(seg_offset, chunk)
@@ -168,7 +175,7 @@ def stream_of(group) -> int:
     return group.current_stream() if is_cuda(group.device) else 0
 
 
-CHOSEN_DRIVERS = drivers.CHOSEN
-"""The drivers given to :func:`.drivers.using` now, innermost last (none: the process's own,
-:func:`.drivers.default`): the tables and launches made now are the last one's, so a cache of them is
-valid while the same one is chosen (``fastema._backends.kept``)."""
+CHOSEN_DRIVERS = config.DRIVERS.chosen
+"""The drivers given to :func:`.cuda.drivers.using` now, innermost last (none: the process's own,
+:func:`.cuda.drivers.default`): the tables and launches made now are the last one's, so a cache of
+them is valid while the same one is chosen (``fastema._backends.kept``)."""

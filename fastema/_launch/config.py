@@ -1,18 +1,26 @@
 """Launch tunables, all host side: the launchers read them at every call and pass them to
 the kernels as arguments (numba freezes globals at compile time), so tests and ``python -m
-fastema warm`` can shrink them for a ``with`` block (:func:`tuned`).
+fastema warm`` can shrink them for a ``with`` block (:func:`tuned`); and the launch driver chosen
+(:data:`DRIVERS`), for a ``with`` block too.
 
 Also what the kernels' disk cache (:mod:`fastema.kernels._cache`) trusts and how it reports what
 it found: set here, when fastema's launch layer is imported, before any kernel is built."""
+from __future__ import annotations
+
 import contextlib
 import functools
 import os
 import stat
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from .._switch import Switch
 from ..kernels import _cache as _kernel_cache
 from ..kernels._store import files as _store_files
+
+if TYPE_CHECKING:
+    from .cuda.driver import Driver
 
 CPU_CHUNK = 1 << 14          # elements per CPU work item (64 KiB of float32: the source stays in L2 across rows)
 CPU_SERIAL_BELOW = 1 << 18   # total elements below which the serial kernel runs: 2 threads pay off from about
@@ -77,7 +85,7 @@ def thread_count(name: str, value: str, instead: str) -> int | None:
 CPU_THREADS = thread_count("FASTEMA_NUM_THREADS", os.environ.get("FASTEMA_NUM_THREADS", ""),
                            "the CPU kernels follow torch's thread count (else OMP_NUM_THREADS)")
 """Threads of every parallel CPU kernel; None: follow torch's count, else OMP_NUM_THREADS, else
-numba's (:func:`fastema._launch.cpu.team`)."""
+numba's (:func:`fastema._launch.cpu.pool.team`)."""
 
 
 def _cache_warning(message: str) -> None:
@@ -173,6 +181,14 @@ def tuned(**values) -> Iterator[None]:
         yield
     finally:
         own.update(saved)
+
+
+DRIVERS: Switch[Driver] = Switch()
+"""The launch driver the launch path takes: the innermost given to ``DRIVERS.using`` (the tests'
+fake GPU, the variant enumeration's recorder, a benchmark; :func:`.cuda.drivers.using`), else the
+process's own (:func:`.cuda.drivers.default`, this switch's default, set where the CUDA launch layer
+is loaded: nothing asks for a driver before). It sits here, below the CUDA modules, so that caches
+of what a driver made read ``DRIVERS.chosen`` without loading them (``fastema._backends.kept``)."""
 
 
 _store_files.set_report(_cache_warning)

@@ -1,10 +1,11 @@
-"""Launch groups and their launches: what an owner asks for (:meth:`Launches.launch`), what makes one
-(:func:`prepare`, from the two targets' tables), and a launch made for one call (:func:`launch`).
+"""Launch groups and their launches: what an owner asks for (:meth:`Launches.launch`), what makes
+one (:func:`prepare`, from the two targets' tables), and a launch made for one call
+(:func:`launch`).
 
 A launch group is anything with the fields of :class:`Group` and a :class:`Launches` of its own
-(``_layout.LayoutGroup``, ``pairs.PairGroup``, a plain :class:`Group`). It keeps its launches, keyed by
-op and fixed values (:data:`.op.OPS`); each reads the group's tables at every call, so an owner whose
-sources moved replaces ``group.tables`` and keeps them (see :mod:`fastema._launch`).
+(``_layout.LayoutGroup``, ``pairs.PairGroup``, a plain :class:`Group`). It keeps its launches, keyed
+by op and fixed values (:data:`.op.OPS`); each reads the group's tables at every call, so an owner
+whose sources moved replaces ``group.tables`` and keeps them (see :mod:`fastema._launch`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..kernels.kinds import F64, MAX_ROWS, PLAN_KEYS_MAX, wide
-from . import cpu_bound
-from .forked import _cuda
-from .op import OPS
+from .cpu import launch as cpu_launch
+from .op import OPS, Kernel, Spec  # noqa: F401  (Kernel: the launches' base, for callers)
 
 
 def default_stream() -> int:
@@ -30,51 +30,61 @@ def is_cuda(device: str) -> bool:
 
 
 class Launch(Protocol):
-    """A prepared launch of one op over one group (:meth:`Launches.launch`, :func:`prepare`): the seam
-    between the launches' owners and the two targets (:mod:`.cpu_bound`, :mod:`.cuda_bound`). Its fixed
-    arguments are bound when it is made; the group's tables are the group's (a launch reads them at each
-    call); ``run(*varying)`` takes the op's :data:`VARYING` arguments, in that order."""
+    """A prepared launch of one op over one group (:meth:`Launches.launch`, :func:`prepare`): the
+    seam between the launches' owners and the two targets (:mod:`.cpu.launch`, :mod:`.cuda.launch`).
+    Its fixed arguments are bound when it is made; the group's tables are the group's (a launch
+    reads them at each call); ``run(*varying)`` takes the op's :data:`VARYING` arguments, in that
+    order."""
 
     def __call__(self, *varying: Any) -> None:
-        """Launch on the group's device (on CUDA, on the stream current for the group's framework now)."""
+        """Launch on the group's device (on CUDA, on the stream current for the group's framework
+        now)."""
 
     def once(self, *varying: Any) -> None:
-        """The same launch made for one call only (:func:`launch`): nothing kept from it for a next call."""
+        """The same launch made for one call only (:func:`launch`): nothing kept from it for a next
+        call."""
 
 
 KEPT = 64
 """The most launches one group keeps (:class:`Launches`); the oldest goes first."""
+
+SLOT_KEPT = 2
+"""The most launches of one slot a group keeps (launches whose keys differ in their arrays alone: an
+owner's two flags, alternated); a third made anew replaces the oldest of them."""
 
 
 class Launches:
     """The launches a launch group keeps: ``run = group.launch(op, **fixed)`` (every group derives
     from this class: ``_layout.LayoutGroup``, ``pairs.PairGroup``, :class:`Group`).
 
-    A launch is prepared (:func:`prepare`) at the first call with its op and fixed arguments, and kept,
-    keyed by the op and the fixed values: numbers by value, an array by identity (its owner passes the
-    same object each time: a flag's view made once), one launch per op and numbers (an array made anew
-    replaces the launch bound to the old one), at most :data:`KEPT` a group. It reads the group's tables
-    at each call, so an owner whose sources moved replaces ``group.tables`` and keeps its launches. An
-    owner's per-step launch is asked for by its :func:`spec`, made once (``group.launch_of(spec)``: the
-    key itself, no keyword arguments to sort out: a few hundred instructions, against a few thousand).
+    A launch is prepared (:func:`prepare`) at the first call with its op and fixed arguments, and
+    kept, keyed by the op and the fixed values: numbers by value, an array by identity (its owner
+    passes the same object each time: a flag's view made once), at most :data:`SLOT_KEPT` per op and
+    numbers (two flags alternated keep a launch each; a third array made anew replaces the launch
+    bound to the oldest), at most :data:`KEPT` a group. It reads the group's tables at each call, so
+    an owner whose sources moved replaces ``group.tables`` and keeps its launches. An owner's
+    per-step launch is asked for by its :func:`spec`, made once (``group.launch_of(spec)``: the key
+    itself, no keyword arguments to sort out: a few hundred instructions, against a few thousand).
 
-    ``pins``: the owner may drop the group, and with it the tables, while a CUDA graph that captured one
-    of its launches still replays (the array functions' cache): its CUDA launches keep the tables for
-    good when they launch on a stream being captured (as a one-off launch does)."""
+    ``pins``: the owner may drop the group, and with it the tables, while a CUDA graph that captured
+    one of its launches still replays (the array functions' cache): its CUDA launches keep the
+    tables for good when they launch on a stream being captured (as a one-off launch does)."""
 
     pins: bool = False
     _kept: dict                     # the launches kept: every group sets it to {} when it is made
 
     def launch(self, op: str, **fixed) -> Launch:
-        """The group's launch of ``op`` with ``fixed`` (:data:`.op.OPS`), prepared at its first call."""
-        key = (op, *fixed.items())
+        """The group's launch of ``op`` with ``fixed`` (:data:`.op.OPS`), prepared at its first
+        call."""
+        key = (op, tuple(fixed.items()))                # equal to its Spec (a tuple): the same key
         try:
             return self._kept[key]
         except (KeyError, TypeError):                   # a first call; an array among fixed
-            return self._prepared(key)
+            return self._prepared(Spec(*key))
 
-    def launch_of(self, spec: tuple) -> Launch:
-        """:meth:`launch` of a :func:`spec` made once (an owner's per-step launch: the key itself)."""
+    def launch_of(self, spec: Spec) -> Launch:
+        """:meth:`launch` of a :func:`spec` made once (an owner's per-step launch: the key
+        itself)."""
         try:
             return self._kept[spec]
         except KeyError:
@@ -82,50 +92,55 @@ class Launches:
 
     def prepared(self) -> list[tuple[str, Launch]]:
         """``(op, launch)`` of every launch this group keeps, oldest first."""
-        return [(key[0], run) for key, run in self._kept.items()]
+        return [(key.op, run) for key, run in self._kept.items()]
 
-    def _prepared(self, key: tuple) -> Launch:
+    def _prepared(self, key: Spec) -> Launch:
         kept = self._kept
-        op = key[0]
-        fixed = {k: v.obj if type(v) is _Same else v for k, v in key[1:]}
+        op = key.op
+        fixed = {k: v.obj if type(v) is _Same else v for k, v in key.fixed}
         try:
             hash(key)
         except TypeError:
-            key = (op, *((k, _by_value_or_identity(v)) for k, v in fixed.items()))
+            key = Spec(op, tuple((k, _by_value_or_identity(v)) for k, v in fixed.items()))
         run = kept.get(key)
         if run is None:
-            slot = _slot(key)                 # a launch of other arrays in the same places: replaced
-            for old in [k for k in kept if _slot(k) == slot]:
-                del kept[old]
+            slot = _slot(key)                 # the launches of other arrays in the same places
+            same = [k for k in kept if _slot(k) == slot]
+            if len(same) >= SLOT_KEPT:
+                del kept[same[0]]             # the oldest gives way
             run = kept[key] = prepare(op, self, **fixed)
             if len(kept) > KEPT:
                 del kept[next(iter(kept))]
         return run
 
 
-def spec(op: str, **fixed) -> tuple:
-    """The key of ``op``'s launch with ``fixed``, made once by an owner for its per-step launch (asked
-    for as ``group.launch_of(spec)``), checked against the op table where it is made. An array among
-    ``fixed`` (a flag's or a plan's view, made once) is in it by identity; the spec keeps it."""
+def spec(op: str, **fixed) -> Spec:
+    """The key of ``op``'s launch with ``fixed`` (a :class:`.op.Spec`), made once by an owner for
+    its per-step launch (asked for as ``group.launch_of(spec)``), checked against the op table where
+    it is made. An array among ``fixed`` (a flag's or a plan's view, made once) is in it by
+    identity; the spec keeps it."""
     o = OPS[op]
     unknown = set(fixed) - set(o.fixed)
     if unknown:
-        raise TypeError(f"op {op!r} takes no fixed argument {sorted(unknown)} (its fixed arguments: {o.fixed})")
-    return (op, *((k, _by_value_or_identity(v)) for k, v in fixed.items()))
+        raise TypeError(f"op {op!r} takes no fixed argument {sorted(unknown)} (its fixed arguments: "
+                        f"{o.fixed})")
+    return Spec(op, tuple((k, _by_value_or_identity(v)) for k, v in fixed.items()))
 
 
 _VALUES = (type(None), bool, int, float, str, type)
 
 
-def _slot(key: tuple) -> tuple:
-    """A launch's key with each array (each fixed value that is not a number, a string or a type) left
-    out but for its name: the launches of one slot differ in their arrays alone, and a group keeps one
-    (a flag or a plan made anew replaces the launch bound to the old one, which it no longer keeps)."""
-    return tuple(item if type(item) is str or type(item[1]) in _VALUES else item[0] for item in key)
+def _slot(key: Spec) -> tuple:
+    """A launch's key with each array (each fixed value that is not a number, a string or a type)
+    left out but for its name: the launches of one slot differ in their arrays alone, and a group
+    keeps :data:`SLOT_KEPT` of them (a flag or a plan made anew replaces the launch bound to the
+    oldest array, which it no longer keeps)."""
+    return (key.op, *(item if type(item[1]) in _VALUES else item[0] for item in key.fixed))
 
 
 class _Same:
-    """An array among a launch's fixed arguments, in its key: the very object (its launch keeps it)."""
+    """An array among a launch's fixed arguments, in its key: the very object (its launch keeps
+    it)."""
 
     __slots__ = ("obj",)
 
@@ -149,9 +164,9 @@ def _by_value_or_identity(value):
 
 class Group(Launches):
     """What one launch needs to know about its sources besides the op's own arguments, as a group
-    of its own (the smoother's metric streams, a device plan, an offloaded window, an array function's
-    pair) that keeps its launches (:class:`Launches`). ``tables`` may be replaced (moved sources): the
-    launches follow."""
+    of its own (the smoother's metric streams, a device plan, an offloaded window, an array
+    function's pair) that keeps its launches (:class:`Launches`). ``tables`` may be replaced (moved
+    sources): the launches follow."""
 
     __slots__ = ("device", "shadow_kind", "src_kind", "tables", "current_stream", "pins", "_kept")
 
@@ -173,13 +188,14 @@ class Group(Launches):
 def prepare(op: str, group, **fixed) -> Launch:
     """Kernel family ``op``'s launch over ``group``, prepared once (an owner asks its group,
     :meth:`Launches.launch`, which keeps it): ``run = prepare(op, group, **fixed)`` binds the op's
-    fixed arguments (:data:`.op.OPS`), and ``run(*varying)`` takes its :data:`VARYING` ones at each call
-    (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one launch form of both
-    targets (:data:`.cpu_bound.PREPARE`, :data:`.cuda_bound.PREPARE`): on the CPU the compiled
-    overload's entry point after the first call; on CUDA the variant's code and one argument block
-    packed at C speed (:mod:`.abi`), an argument rewritten only where it is a new object. Reads the
-    group's tables at each call, and runs on the stream that is current for the group's framework at
-    each call. An empty group's launch launches nothing; ``"plan_lerp"``'s group must have elements."""
+    fixed arguments (:data:`.op.OPS`), and ``run(*varying)`` takes its :data:`VARYING` ones at each
+    call (``run(weights, key=0)`` for ``"lerp"``, ``run()`` for ``"copy"``). The one launch form of
+    both targets (:data:`.cpu.launch.PREPARE`, :data:`.cuda.launch.PREPARE`): on the CPU the
+    compiled overload's entry point after the first call; on CUDA the variant's code and one
+    argument block packed at C speed (:mod:`.cuda.abi`), an argument rewritten only where it is a
+    new object. Reads the group's tables at each call, and runs on the stream that is current for
+    the group's framework at each call. An empty group's launch launches nothing; ``"plan_lerp"``'s
+    group must have elements."""
     t = group.tables
     if op == "plan_lerp":
         _check_carrier(group, fixed)
@@ -194,24 +210,36 @@ def prepare(op: str, group, **fixed) -> Launch:
 
 
 def _target(device: str):
-    """The target module of ``device``: :mod:`.cpu_bound`, or :mod:`.cuda_bound` after the package's fork
-    check (:func:`_cuda_bound`: refused in a child forked after CUDA was used)."""
+    """The target module of ``device``: :mod:`.cpu.launch`, or :mod:`.cuda.launch` after the fork
+    check (:func:`_cuda_launch`: refused in a child forked after CUDA was used)."""
     if not is_cuda(device):
-        return cpu_bound
-    return _cuda_bound()
+        return cpu_launch
+    return _cuda_launch()
 
 
 @functools.cache
-def _cuda_bound():
-    """The bound CUDA launches (:mod:`.cuda_bound`), after the fork check of :func:`.forked._cuda` (cached:
-    a C-level call once made; the cache is dropped in every forked child, which asks again)."""
+def _cuda():
+    """The CUDA launch layer's tables (:mod:`.cuda.tables`), after the fork check of
+    :func:`.cuda.forked._cuda` (cached: a C-level call once made; the cache is dropped in every
+    forked child, which asks again). Nothing under :mod:`.cuda.tables` is imported before: ``import
+    fastema`` loads none of it."""
+    from .cuda import forked
+
+    return forked._cuda()
+
+
+@functools.cache
+def _cuda_launch():
+    """The CUDA launches (:mod:`.cuda.launch`), after the fork check of :func:`_cuda` (cached as it
+    is)."""
     _cuda()
-    from . import cuda_bound
+    from .cuda import launch as target
 
-    return cuda_bound
+    return target
 
 
-os.register_at_fork(after_in_child=_cuda_bound.cache_clear)
+os.register_at_fork(after_in_child=_cuda.cache_clear)
+os.register_at_fork(after_in_child=_cuda_launch.cache_clear)
 
 
 def _check_carrier(group, fixed: dict) -> None:
@@ -241,8 +269,8 @@ class _CastFirst:
 
 
 def launch(op: str, group, **args) -> None:
-    """Run kernel family ``op`` (:data:`.op.OPS`) over ``group`` on its device, once (a launch no owner
-    keeps: a caller's flag viewed afresh, device weights of one call): ``prepare(op, group,
+    """Run kernel family ``op`` (:data:`.op.OPS`) over ``group`` on its device, once (a launch no
+    owner keeps: a caller's flag viewed afresh, device weights of one call): ``prepare(op, group,
     **fixed).once(*varying)``.
 
     On CUDA the launch goes on the stream that is current for the group's framework *now*

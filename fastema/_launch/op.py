@@ -5,7 +5,7 @@ An op's arguments are of two sorts. Its *fixed* ones are bound when a launch is 
 ``run(*varying)`` takes at each call, in that order. :data:`OPS` spells both per op; from it come
 :data:`VARYING`, the table below (appended to this docstring at import), both targets' ``PREPARE``
 tables' keyword signatures (held to it by ``tests/kernels/test_op_table.py``) and the variant
-enumeration (:mod:`.variants`, which calls every op by these names). ``made``: keywords
+enumeration (:mod:`.build.variants`, which calls every op by these names). ``made``: keywords
 :func:`fastema._launch.prepare` adds itself (the kernel's arithmetic type of host weights), never
 given by a caller. Defaults are the keyword defaults of the prepare functions and of a launch.
 
@@ -63,6 +63,23 @@ OPS: dict[str, Op] = {
 
 VARYING: dict[str, tuple[str, ...]] = {name: op.varying for name, op in OPS.items()}
 """Per op, the arguments a prepared launch takes at each call, in that order."""
+
+
+class Spec(NamedTuple):
+    """What an owner asks its launch group for, made once (``fastema._launch.spec``) and asked for
+    at each step (``group.launch_of(spec)``): the key of the group's launch itself."""
+    op: str                         # a name of :data:`OPS`
+    fixed: tuple                    # ``(name, value)`` of each fixed argument given; an array by identity
+
+
+class Kernel:
+    """The base of every prepared launch of both targets (``cpu.launch``: ``CpuLerp``,
+    ``CpuLaunch``, ``CpuStreams``; ``cuda.launch``: ``CudaKernel``, the base of ``CudaLerp`` and
+    ``CudaLaunch``): ``run(*varying)`` takes the op's :data:`VARYING` arguments at each call,
+    ``run.once(*varying)`` launches for one call only (``fastema._launch.Launch``). It holds
+    nothing: each target keeps what its launches bind."""
+
+    __slots__ = ()
 
 
 def signature(name: str) -> dict:

@@ -242,7 +242,7 @@ class DevicePlan:
         """The kernel views of ``device``'s plan arrays (what the ``"plan_lerp"`` launch binds)."""
         return self.devices[device].views
 
-    def carrier(self, device: str, gi: int, stochastic: bool) -> tuple:
+    def carrier(self, device: str, gi: int, stochastic: bool) -> _launch.Spec:
         """The spec of group ``gi``'s ``"plan_lerp"`` launch on ``device`` (the plan's step and the group's
         lerp in one launch: ``group.launch_of(spec)``), made once per group and rounding."""
         key = (device, gi, stochastic)

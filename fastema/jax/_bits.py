@@ -56,7 +56,7 @@ def seed_words(seed: int) -> np.ndarray:
 
 def group_seed(words, group: int):
     """The 32-bit key word of the kernels' group ``group`` (the ``group``-th (source dtype, shadow dtype)
-    pair met): fastema keys group ``gi`` with ``seed + (gi << 32)`` (``fastema._bound``), folded as
+    pair met): fastema keys group ``gi`` with ``seed + (gi << 32)`` (``fastema._steps``), folded as
     ``sr_key`` folds it, ``low ^ high``."""
     return words[0] ^ (words[1] + np.uint32(group))
 

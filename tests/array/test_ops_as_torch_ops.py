@@ -189,7 +189,7 @@ def test_after_a_fake_gpu_block_the_same_cpu_tensors_are_updated():
 
 def test_the_caches_forget_what_another_launch_driver_made():
     pytest.importorskip("numba.cuda.dispatcher")
-    from fastema._launch import drivers
+    from fastema._launch.cuda import drivers
     from testkit.fake_driver import FakeDriver
 
     s, x = torch.zeros(8), torch.ones(8)

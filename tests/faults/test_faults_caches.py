@@ -4,7 +4,7 @@
   a read-only one: EROFS, EACCES) or locked (a lock held too long, a lock folder that fails the
   trust rule, a planted symbolic link) leaves the kernel compiled in memory: the update runs, with
   one warning a process naming the folder and the fix; the CPU kernels' numba cache and the CUDA
-  run-time cache (``fastema._launch.device_code``) alike. Before, the CPU cache's failed save
+  run-time cache (``fastema._launch.cuda.device_code``) alike. Before, the CPU cache's failed save
   raised OSError from the first ``update()``.
 - The node-local folder ``<temp>/fastema-<uid>`` is used only when it is the user's own, not a
   symbolic link, and writable by nobody else; else one warning names it and says why (the CPU
@@ -31,7 +31,7 @@ import warnings
 import pytest
 
 from fastema._launch import config
-from fastema._launch import device_code as D
+from fastema._launch.cuda import device_code as D
 from fastema.kernels import _cache, _cache_node
 from fastema.kernels._store import files
 
@@ -65,7 +65,7 @@ from numba.core import caching
 caching.InTreeCacheLocator.from_function = classmethod(lambda cls, py_func, py_file: None)
 import numpy as np
 import fastema
-from fastema._launch import device_code as D
+from fastema._launch.cuda import device_code as D
 from fastema.kernels._store import files
 
 sys.path.insert(0, sys.argv[1])
@@ -111,7 +111,7 @@ with warnings.catch_warnings(record=True) as caught:
     hold_elsewhere(index)
     out["g"], out["g_saved"] = tiny.g(1), os.path.exists(index)
     if sys.argv[2] == "cuda":
-        from fastema._launch import compiler
+        from fastema._launch.cuda import compiler
         from fastema.kernels._store import store as S
 
         class Stand:                            # NVVM's place (none in CI)
@@ -297,7 +297,8 @@ import json, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import fastema
-    from fastema._launch import config, threads
+    from fastema._launch import config
+    from fastema._launch.cpu import threads
 print(json.dumps({"threads": config.CPU_THREADS, "omp": threads._OMP,
                   "cuda_cache": config.CUDA_CACHE, "dispatcher_cache": config.CUDA_DISPATCHER_CACHE,
                   "warned": [str(w.message) for w in caught

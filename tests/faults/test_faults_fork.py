@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(r"""
                     out = child()
                 except BaseException as err:
                     out = {"error": f"{type(err).__name__}: {err}"}
-                out["parallel"] = getattr(fastema._launch.cpu, "PARALLEL", None)
+                out["parallel"] = getattr(fastema._launch.cpu.pool, "PARALLEL", None)
                 os.write(w, json.dumps(out).encode())
             finally:
                 os._exit(0)
@@ -176,10 +176,10 @@ SCRIPT = textwrap.dedent(r"""
             return (0,)
 
     def frees():
-        from fastema._launch import cuda_frees
+        from fastema._launch.cuda import frees as deferred
         b = Bindings()
-        cuda_frees.defer(b, None, "cuMemFree", 7)
-        cuda_frees.free_pending()
+        deferred.defer(b, None, "cuMemFree", 7)
+        deferred.free_pending()
         return b.freed
 
     fork("no_cuda", lambda: {"freed": frees()})     # nothing here has used CUDA: the child may, and frees its own

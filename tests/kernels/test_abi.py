@@ -1,6 +1,6 @@
-"""fastema's own kernel argument ABI (``fastema._launch.abi``, issue 54 item 2) against numba-cuda's.
+"""fastema's own kernel argument ABI (``fastema._launch.cuda.abi``, issue 54 item 2) against numba-cuda's.
 
-For every variant the launchers ask for (``fastema._launch.variants.every_variant``), arguments of the
+For every variant the launchers ask for (``fastema._launch.build.variants.every_variant``), arguments of the
 variant's numba types are packed by fastema (``abi.Block``) and by numba-cuda 0.30's own
 ``_Kernel._prepare_args`` followed by cuda.core's ``ParamHolder`` (what numba-cuda's launch hands the
 driver): the two blocks must hold the same parameters, value for value, in the same C types, byte for
@@ -20,8 +20,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda.dispatcher")
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
-from fastema._launch import abi  # noqa: E402
-from fastema._launch.variants import every_variant  # noqa: E402
+from fastema._launch.build.variants import every_variant  # noqa: E402
+from fastema._launch.cuda import abi  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ _PARAM = re.compile(r"\.param\s+\.([a-z]+)(\d+)\s+\S+_param_\d+")
 
 def _ptx_parameter_sizes(key: str) -> list:
     """The byte size of each parameter the shipped PTX of variant ``key`` declares (``.param .u64 ...``)."""
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     entry = device_code.entry("cu13", key, "compute_80")
     assert entry is not None, device_code.problem("cu13") or f"not shipped: {key}"
@@ -97,8 +97,8 @@ def test_library_code_uses_no_numba_cuda_private_name():
     found = []
     for path in list((ROOT / "fastema").rglob("*.py")) + list((ROOT / "kernels").glob("*.py")):
         text = path.read_text()
-        if "numba.cuda" not in text and "cuda_bound" not in path.name and "device_code" not in path.name:
-            continue                                      # the CPU dispatcher's overloads (cpu.py) are numba's own
+        if "numba.cuda" not in text and "_launch/cuda/" not in path.as_posix():
+            continue                                      # the CPU dispatcher's overloads (cpu/) are numba's own
         code = re.sub(r'"""(.|\n)*?"""', "", text)        # docstrings name them
         found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in private.finditer(code)]
     assert not found, found
@@ -152,7 +152,7 @@ def test_every_shipped_image_declares_the_parameters_fastemas_block_lays_out(nam
     gpu_contract.md appendix B); its PTX declares the sizes. Pure parsing of what ships, no GPU."""
     import struct
 
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     shipped = device_code.sets().get(name)
     if shipped is None:

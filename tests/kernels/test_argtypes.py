@@ -1,4 +1,4 @@
-"""``fastema._launch.argtypes.typeof`` against numba-cuda's ``typeof(value, Purpose.argument)``, value
+"""``fastema._launch.cuda.argtypes.typeof`` against numba-cuda's ``typeof(value, Purpose.argument)``, value
 by value: the name (the variant's key in the shipped code's index, which the build makes with numba's)
 and the numba type it stands for (what the fallback compiler is given)."""
 import numpy as np
@@ -9,7 +9,7 @@ pytest.importorskip("numba.cuda")
 from numba.cuda.typing.typeof import Purpose  # noqa: E402
 from numba.cuda.typing.typeof import typeof as numba_typeof  # noqa: E402
 
-from fastema._launch import abi, argtypes  # noqa: E402
+from fastema._launch.cuda import abi, argtypes  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray  # noqa: E402
 
 

@@ -8,7 +8,7 @@ every parallel-size update ran on numba's full pool (one thread per core) whatev
 Each case runs in a fresh process (numba's pool starts once per process, and the settings are read
 at import), with ``NUMBA_NUM_THREADS=3`` so that numba's own count differs from the 1 and 2 the
 user sets, whatever the machine. The process replaces the kernel factories that
-``fastema._launch.cpu`` calls with ones whose kernels note, at each call, which twin ran and the
+``fastema._launch.cpu.pool`` calls with ones whose kernels note, at each call, which twin ran and the
 calling thread's numba thread count then: the count numba's parallel region reads for its team
 (numba's own parallel launch calls ``get_num_threads()`` on the launching thread).
 """
@@ -36,13 +36,13 @@ if case["torch"]:
     torch.set_num_threads(case["torch"])
 import numba
 import fastema
-from fastema._launch import cpu as C
+from fastema._launch.cpu import pool as C
 
 seen = []                                          # [factory, parallel twin, numba threads at the call, thread]
 
 
 class Spy:
-    # fastema._launch.cpu's view of fastema.kernels.cpu: every kernel it builds notes its calls
+    # fastema._launch.cpu.pool's view of fastema.kernels.cpu: every kernel it builds notes its calls
     def __init__(self, module):
         self._module = module
 

@@ -72,7 +72,7 @@ class Watching:
 @pytest.fixture
 def watched():
     """A :class:`Watching` driver given to the launch path for the test."""
-    from fastema._launch import drivers
+    from fastema._launch.cuda import drivers
 
     with drivers.using(Watching(drivers.current())) as w:
         yield w
@@ -260,10 +260,10 @@ def test_clear_caches_drops_the_stream_cache_and_keeps_what_a_captured_graph_rea
     the tables of a call made during a capture (issue 37, C3)."""
     d_shadow, d_src = cuda.to_device(np.zeros(10, np.float32)), cuda.to_device(np.ones(10, np.float32))
     fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # a zero flag made for the device
-    flag = _launch.cuda._zero_flag("cuda:0")
+    flag = _launch.cuda.tables._zero_flag("cuda:0")
     fastema.clear_caches()
-    assert _launch.cuda._zero_flag("cuda:0") is flag
-    assert _launch.cuda.current().numba_stream.cache_info().currsize == 0
+    assert _launch.cuda.tables._zero_flag("cuda:0") is flag
+    assert _launch.cuda.tables.current().numba_stream.cache_info().currsize == 0
     assert not len(fastema.ops._GROUPS) and not len(fastema.ops._KEPT)
     fastema.ema_update_(d_shadow, d_src, decay=0.5)                 # and launches still work after it
     assert np.array_equal(d_shadow.copy_to_host(), np.full(10, 0.75, np.float32))
@@ -572,7 +572,7 @@ def test_vector_path_on_a_gpu_has_16_byte_accesses_and_matches_cpu(src_kind):
     source loads in its shipped PTX (read, not compiled), and equals the CPU kernel bit for bit on
     aligned and misaligned cases alike; a FlatShadow's padded shadow starts every source 16-byte
     aligned and its update equals the CPU's (issue 37, B2)."""
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     rng = np.random.default_rng(11)
     for counts, rows, shift in VECTOR_CASES:
@@ -656,7 +656,7 @@ def test_new_tables_during_a_capture_are_refused_and_a_captured_pairs_tables_are
     assert not a.copy_to_host().any()
     capture["on"] = False
     fastema.ema_update_(a, b, decay=0.5)                  # the warm-up call, outside
-    from fastema._launch.cuda_bound import CAPTURED
+    from fastema._launch.cuda.launch import CAPTURED
 
     pinned = len(CAPTURED)
     capture["on"] = True

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, time
 import numpy as np
 from numba import cuda
-from fastema._launch import kernel_refs
+from fastema._launch.cuda import kernel_refs
 from fastema.kernels import _cuda_jit
 K = kernel_refs.kernels()                      # kernels.cuda, its dispatcher cache switched by FASTEMA_CUDA_CACHE
 from fastema.kernels.kinds import BF16, F32

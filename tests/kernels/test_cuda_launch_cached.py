@@ -1,8 +1,8 @@
-"""The CUDA launches bound once (``fastema._launch.cuda_bound``, issue 23 item 1, issue 37 D1-D3,
+"""The CUDA launches bound once (``fastema._launch.cuda.launch``, issue 23 item 1, issue 37 D1-D3,
 C4, C7, issue 54 item 2), on the CPU with the fake GPU of ``testkit`` (a launch driver,
 ``FakeDriver``, under fastema's real kernel factories and shipped device code): the first call loads
-the variant's device code (the shipped sm_90 code: ``fastema._launch.device_code``) and packs one
-parameter block with fastema's own ABI (``fastema._launch.abi``), patched in place where an argument
+the variant's device code (the shipped sm_90 code: ``fastema._launch.cuda.device_code``) and packs one
+parameter block with fastema's own ABI (``fastema._launch.cuda.abi``), patched in place where an argument
 changed, byte for byte what cuda.core's ``ParamHolder`` packs for numba-cuda's own ``_prepare_args``
 values. No call reaches numba's dispatcher; a variant's code is loaded again only when an argument's
 numba type changes to one not loaded yet; no context push where the device's primary context is
@@ -22,8 +22,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":      # the simulator has no _K
     pytest.skip("the fake launcher stands in for the real numba-cuda, not the simulator", allow_module_level=True)
 
 pytest.importorskip("numba.cuda.dispatcher")
-B = pytest.importorskip("fastema._launch.cuda_bound")
-C = B.C
+B = pytest.importorskip("fastema._launch.cuda.launch")
+from fastema._launch.cuda import tables as C  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
 from testkit.fake_gpu import fake_gpu, rl_mlp  # noqa: E402
 
@@ -75,7 +75,7 @@ def _entry(run) -> str:
 
 def test_first_call_loads_the_code_then_one_block_packed_once_and_patched(fake):
     run = _launch.prepare("lerp", fake.group)
-    assert isinstance(run, B.LerpLaunch)
+    assert isinstance(run, B.CudaLerp)
     run((0.1,))
     assert [e[0] for e in _launches(fake)] == ["load", "launch"]
     addresses = []
@@ -146,7 +146,7 @@ def test_the_plan_and_lerp_launch_is_bound_the_same_way(fake):
     values, one load."""
     plan = _plan()
     run = _launch.prepare("plan_lerp", fake.group, **plan, gi=1)
-    assert isinstance(run, B.BoundLaunch)
+    assert isinstance(run, B.CudaLaunch)
     run(-1)
     for given in (-1, -1, 12, 13, -1):
         run(given)
@@ -346,7 +346,7 @@ def test_numba_cudas_version_does_not_decide_the_fast_path(monkeypatch):
     import sys
     import warnings
 
-    from fastema._launch import drivers
+    from fastema._launch.cuda import drivers
 
     real = md.version
     monkeypatch.setattr(md, "version", lambda name: "0.99.0" if name == "numba-cuda" else real(name))
@@ -385,7 +385,7 @@ def test_a_release_every_step_records_again_the_events_that_passed():
     """JAX and TensorFlow hand new sources over every step, so every step releases the old ones
     through an event: each release made a new event (``cuEventCreate``, and ``cuEventDestroy`` when
     it went), a driver allocation a step. A passed event is recorded again; one not yet passed is not."""
-    from fastema._launch import cuda as launch_cuda
+    from fastema._launch.cuda import tables as launch_cuda
 
     with fake_gpu(torch_on_gpu=False) as fake:
         made = []

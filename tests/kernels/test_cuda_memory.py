@@ -1,5 +1,5 @@
 """``CudaCoreDriver``'s device work through cuda-bindings alone (issue 70, item 3;
-``fastema/_launch/cuda_memory.py``): on the driver emulator (``testkit/emulator.py``: device memory is host
+``fastema/_launch/cuda/memory.py``): on the driver emulator (``testkit/emulator.py``: device memory is host
 memory, the copies memcpy, the driver's rules kept), with fastema's real ``CudaCoreDriver`` doing everything
 (no ``FakeDriver``), the entry points import no ``numba.cuda``, what was uploaded reads back, and no call
 broke a rule of the driver's; a failing ``CUresult`` is raised naming the call and the result."""
@@ -35,7 +35,7 @@ def _on_the_stub(body: str) -> str:
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="a process on the stub driver")
 def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
     """Every entry point on the real ``CudaCoreDriver`` (torch's CPU tensors on ``cuda:0`` by the fake
-    GPU's adapter, its views ``cuda_memory.DeviceArray``), ``numba.cuda`` checked after each; an
+    GPU's adapter, its views ``memory.DeviceArray``), ``numba.cuda`` checked after each; an
     uploaded table and a table rewritten through pinned staging read back equal."""
     pytest.importorskip("torch")
     out = _on_the_stub("""
@@ -43,13 +43,15 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         import numpy as np
         import torch, fastema
         from fastema import _backends
-        from fastema._launch import config, cuda, cuda_memory, drivers
+        from fastema._launch import config
+        from fastema._launch.cuda import drivers, memory
+        from fastema._launch.cuda import tables as launch_tables
         from fastema.torch import EMA, TargetNetwork
         from testkit.emulator import Emulator
         from testkit.fake_backend import FakeGpuBackend
         from testkit.fake_gpu import rl_mlp
 
-        on_gpu = FakeGpuBackend(view=cuda_memory.DeviceArray.view)   # torch's cuda:0: views of fastema's own type
+        on_gpu = FakeGpuBackend(view=memory.DeviceArray.view)   # torch's cuda:0: views of fastema's own type
 
         freed = []                                          # a finalizer's error (cuMemFree, cuMemFreeHost, ...)
         sys.unraisablehook = lambda u: freed.append(repr(u.exc_value))
@@ -64,7 +66,7 @@ def test_the_real_driver_uploads_stages_and_launches_without_numba_cuda():
         assert np.array_equal(table.copy_to_host(), np.arange(10) * 3)
         assert np.array_equal(table[2:5].copy_to_host(), [6, 9, 12])
         first = np.array([11, 12, 13], np.int64)
-        tables = cuda.AddressTables(cuda.to_device(first, "cuda:0"), first, 1, "cuda:0")
+        tables = launch_tables.AddressTables(launch_tables.to_device(first, "cuda:0"), first, 1, "cuda:0")
         for k in range(config.CUDA_STAGING_SLOTS + 2):      # more rewrites than staging slots: one reused
             new = first + 100 * (k + 1)
             assert tables.point(new, "cuda:0", 77).copy_to_host().tolist() == new.tolist()
@@ -133,20 +135,20 @@ class _Failing:
 @pytest.mark.parametrize("call,result", [("cuInit", "CUDA_ERROR_NO_DEVICE"),
                                          ("cuMemHostAlloc", "CUDA_ERROR_OUT_OF_MEMORY")])
 def test_a_failing_result_is_raised_naming_the_call(call, result):
-    from fastema._launch import cuda_memory
+    from fastema._launch.cuda import memory
 
-    with pytest.raises(cuda_memory.CudaDriverError, match=f"{call} failed: {result}") as info:
+    with pytest.raises(memory.CudaDriverError, match=f"{call} failed: {result}") as info:
         if call == "cuInit":
-            cuda_memory.Device(0, _Failing(call, result))
+            memory.Device(0, _Failing(call, result))
         else:
-            cuda_memory.pinned(4, np.float32, _Failing(call, result))
+            memory.pinned(4, np.float32, _Failing(call, result))
     assert (info.value.call, info.value.result) == (call, result)
 
 
 def test_check_passes_the_values_on_and_raises_on_an_error():
     from cuda.bindings import driver
 
-    from fastema._launch.cuda_memory import CudaDriverError, check
+    from fastema._launch.cuda.memory import CudaDriverError, check
 
     ok = driver.CUresult.CUDA_SUCCESS
     assert check("cuA", (ok,)) is None and check("cuB", (ok, 5)) == 5 and check("cuC", (ok, 1, 2)) == (1, 2)
@@ -157,8 +159,8 @@ def test_check_passes_the_values_on_and_raises_on_an_error():
 def test_a_device_array_view_reads_as_the_launch_path_reads_it():
     """``__cuda_array_interface__`` v3, contiguous slices at their offset, the owner kept; any other
     index refused."""
-    from fastema._launch import abi, argtypes
-    from fastema._launch.cuda_memory import DeviceArray
+    from fastema._launch.cuda import abi, argtypes
+    from fastema._launch.cuda.memory import DeviceArray
 
     owner = object()
     a = DeviceArray.view(0x10000, 10, np.float32, owner)
@@ -267,23 +269,23 @@ class _Contexts:
 
 def test_frees_and_copies_run_in_a_context_wherever_no_context_is_current():
     """A pinned block freed by the collector on a thread where no context is current (a JAX process's
-    Python thread) is freed in the context it was made in (at the next safe point: ``cuda_frees``), and a
+    Python thread) is freed in the context it was made in (at the next safe point: ``frees``), and a
     device array's copies push its device's context: each of these calls asks for a current context
     (``CUDA_ERROR_INVALID_CONTEXT``); the finalizer's free ran bare and leaked the pinned slots."""
     import gc
 
-    from fastema._launch import cuda_frees, cuda_memory
+    from fastema._launch.cuda import frees, memory
 
     d = _Contexts()
-    device = cuda_memory.Device(0, d)
+    device = memory.Device(0, d)
     with device:
-        block = cuda_memory.pinned(16, np.float32, d)
-    a = cuda_memory.DeviceArray(0x10000, 4, np.float32, object(), device)
+        block = memory.pinned(16, np.float32, d)
+    a = memory.DeviceArray(0x10000, 4, np.float32, object(), device)
     assert not d.stack                                              # nothing current from here on
     del block
     gc.collect()
     assert not d.calls                                              # deferred: nothing freed by the collector
-    cuda_frees.free_pending()
+    frees.free_pending()
     a.copy_to_host()
     a.copy_to_device(np.zeros(4, np.float32), stream=0)
     assert d.calls == [("cuMemFreeHost", True), ("cuMemcpyDtoH", True), ("cuMemcpyHtoDAsync", True)]

@@ -1,4 +1,4 @@
-"""The launch drivers (``fastema._launch.driver``, ``drivers``) held to what they stand for, without
+"""The launch drivers (``fastema._launch.cuda.driver``, ``drivers``) held to what they stand for, without
 a GPU.
 
 - fastema's own calls into cuda-bindings (``CudaCoreDriver``: load, launch, the context, capture and
@@ -26,8 +26,9 @@ bindings = pytest.importorskip("cuda.bindings.driver")
 pytest.importorskip("cuda.core")
 
 from fastema import _launch  # noqa: E402
-from fastema._launch import driver as api  # noqa: E402
-from fastema._launch import drivers, variants  # noqa: E402
+from fastema._launch.build import variants  # noqa: E402
+from fastema._launch.cuda import driver as api  # noqa: E402
+from fastema._launch.cuda import drivers  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
 from testkit.fake_gpu import fake_gpu  # noqa: E402
@@ -165,7 +166,7 @@ def test_the_fake_driver_is_given_and_gives_what_the_real_calls_take():
 
 def _shipped_sm90(entry: str) -> bytes:
     """The shipped sm_90 code of the variant whose entry is ``entry``."""
-    from fastema._launch import device_code
+    from fastema._launch.cuda import device_code
 
     for key in device_code.sets()["cu13"].index["variants"]:
         found = device_code.entry("cu13", key, "sm_90")
@@ -203,12 +204,12 @@ def test_a_refusal_from_cuda_core_or_the_driver_is_a_refusal(result):
                                     "CUDA_ERROR_NOT_FOUND", "CUDA_ERROR_INVALID_HANDLE"])
 def test_any_other_driver_error_propagates(result):
     """Out of memory, no context, a name not in the image, a bad handle: no compile mends these, so
-    they are raised as they are (cuda.core's error, or ``cuda_memory.CudaDriverError`` naming the call
+    they are raised as they are (cuda.core's error, or ``memory.CudaDriverError`` naming the call
     for a result).
     """
     from cuda.core._utils.cuda_utils import CUDAError
 
-    from fastema._launch.cuda_memory import CudaDriverError
+    from fastema._launch.cuda.memory import CudaDriverError
 
     d = _checked()
     _ObjectCode.error = CUDAError(f"{result}: the driver's explanation")
@@ -253,8 +254,8 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     tomllib = pytest.importorskip("tomllib")
     root = pathlib.Path(__file__).resolve().parents[2]
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
-    for f in ("fastema/_launch/driver.py", "fastema/_launch/drivers.py",
-              "fastema/_launch/variants.py", "fastema/_launch/compiler.py", "testkit", "tests"):
+    for f in ("fastema/_launch/cuda/driver.py", "fastema/_launch/cuda/drivers.py",
+              "fastema/_launch/build/variants.py", "fastema/_launch/cuda/compiler.py", "testkit", "tests"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"
 
 

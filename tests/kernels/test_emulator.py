@@ -191,8 +191,8 @@ def test_a_swapped_launch_geometry_or_parameter_block_is_refused_and_a_launch_re
     out = _run("""
         import numpy as np
         from cuda.core import ObjectCode
-        from fastema._launch import abi, device_code
-        from fastema._launch.cuda_memory import DeviceArray
+        from fastema._launch.cuda import abi, device_code
+        from fastema._launch.cuda.memory import DeviceArray
         d.cuCtxPushCurrent(ctx)
         index = device_code.sets()["cu13"].index
         key = sorted(k for k in index["variants"] if k.startswith("nonfinite_kernel"))[0]
@@ -203,7 +203,7 @@ def test_a_swapped_launch_geometry_or_parameter_block_is_refused_and_a_launch_re
             if hasattr(t, "ndim"):
                 return DeviceArray.view(0x7F0000001000, 5, np.dtype(str(t.dtype)), None)
             return np.dtype(str(t)).type(3)
-        from fastema._launch.variants import every_variant
+        from fastema._launch.build.variants import every_variant
         _, types = every_variant()[key]
         block = abi.Block(types, tuple(value(t) for t in types))
         S = d.CUstream(77)
@@ -377,7 +377,7 @@ def test_every_driver_call_fastema_makes_is_emulated():
     cuda.core makes to load a kernel, is an entry point of the emulator's: a new call it does not know fails
     here (and at run time answers CUDA_ERROR_NOT_SUPPORTED, counted as an unknown call)."""
     called = set()
-    for path in (ROOT / "fastema" / "_launch").glob("*.py"):
+    for path in (ROOT / "fastema" / "_launch").rglob("*.py"):
         text = path.read_text()
         called |= set(re.findall(r"\bd\.(cu[A-Z]\w+)\(", text)) | set(re.findall(r"\"(cu[A-Z][A-Za-z]+)\"", text))
     called |= {"cuLibraryLoadData", "cuLibraryGetKernel"}

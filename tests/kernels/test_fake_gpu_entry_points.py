@@ -108,7 +108,7 @@ def test_a_smoother_binds_its_launches_once():
     view (the backend keeps a view per address): per update no block is packed, no kernel view made
     and no numba type made (the ring slot, an int that changes at every update, is checked against
     its bound C type by the block itself)."""
-    from fastema._launch import abi
+    from fastema._launch.cuda import abi
 
     with fake_gpu(record=False):
         s = fastema.Smoother(decay=0.9, window=50)
@@ -208,7 +208,7 @@ def test_target_network_runs_in_the_fake_gpu(device_step):
 def test_a_target_network_update_types_and_packs_nothing(device_step):
     """The target network's launches are bound once (the engine's, as ``EMA.update()``'s): per update
     no numba type is made and no argument block packed."""
-    from fastema._launch import abi
+    from fastema._launch.cuda import abi
 
     with fake_gpu(record=False):
         online = rl_mlp()
@@ -218,7 +218,7 @@ def test_a_target_network_update_types_and_packs_nothing(device_step):
                 tn.update()
             calls = _calls(lambda: (tn.update(), tn.update()))
     assert calls[abi.Block.__init__.__qualname__] == 0 and calls["_typeof"] == 0, calls
-    assert calls["BoundLaunches.update_checked"] == 2                 # the engine's bound launches
+    assert calls["StepLaunches.update_checked"] == 2                 # the engine's bound launches
 
 
 def test_the_swap_runs_in_the_fake_gpu():

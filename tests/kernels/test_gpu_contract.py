@@ -38,7 +38,8 @@ SCENARIOS = r'''
 import contextlib, copy, gc, json, os, sys, threading, traceback
 import numpy as np
 import torch, fastema
-from fastema._launch import cuda, cuda_memory, drivers
+from fastema._launch.cuda import drivers, memory  # noqa: F401  (memory: its arrays' finalizers)
+from fastema._launch.cuda import tables as launch_tables
 from fastema.torch import EMA
 from testkit import graphs
 from testkit.emulator import Emulator
@@ -255,13 +256,13 @@ def query_while_another_stream_captures():
     with drivers.using(d), d.device(0):
         getter = lambda: 99                            # noqa: E731 - a framework's: its current stream is 99
         d.watch("cuda:0", getter)                      # (held weakly: kept alive here, as a shadow's group does)
-        held = cuda.Retired(at_launches=True)
+        held = launch_tables.Retired(at_launches=True)
         held.release(object(), "cuda:0", 77)           # an event recorded on 77, not passed yet
         e.progress = 0
         queries = e.calls("cuEventQuery")
         g = graphs.CUDAGraph()
         with graphs.graph(g, stream=99):
-            cuda.prune_retired(d, 77)
+            launch_tables.prune_retired(d, 77)
         e.progress = 1
         got = {"queries": e.calls("cuEventQuery") - queries, "still_held": len(held.pending)}
         del getter
@@ -278,7 +279,7 @@ def destroyed_stream_never_asked():
     current = [77]
     with fake_gpu(stub_driver=True), _backends.streams_from(lambda fw, dev: lambda: current[0]):
         ema = EMA(rl_mlp(hidden=16, seed=6), 0.99)
-        drv = cuda.current().real                     # the fake GPU's CudaCoreDriver on the emulator
+        drv = launch_tables.current().real                     # the fake GPU's CudaCoreDriver on the emulator
         with drv.device(0):
             s = int(drv.d.cuStreamCreate(1)[1])
         current[0] = s
@@ -303,7 +304,7 @@ def reader_left_naming_a_destroyed_stream():
     from fastema import _backends
     gc.collect(); gc.disable()
     with fake_gpu(stub_driver=True):
-        drv = cuda.current().real
+        drv = launch_tables.current().real
         with drv.device(0):
             s = int(drv.d.cuStreamCreate(1)[1])
         with _backends.streams_from(lambda fw, dev: lambda: s):
@@ -330,7 +331,7 @@ def legacy_stream_asked_in_the_groups_context():
         s = d.d.cuStreamCreate(0)[1]                   # blocking
         g = graphs.CUDAGraph()
         with graphs.graph(g, stream=int(s)), d.device(1):
-            return {"cuda:0": cuda.capturing("cuda:0", 0), "cuda:1": cuda.capturing("cuda:1", 0)}
+            return {"cuda:0": launch_tables.capturing("cuda:0", 0), "cuda:1": launch_tables.capturing("cuda:1", 0)}
 
 
 @scenario
@@ -341,7 +342,7 @@ def event_destroyed_on_a_bare_thread():
     with d.device(0):
         holder = [d.event()]
     before = e.calls("cuEventDestroy")
-    t = threading.Thread(target=lambda: (holder.clear(), gc.collect(), cuda.free_pending()))
+    t = threading.Thread(target=lambda: (holder.clear(), gc.collect(), launch_tables.free_pending()))
     t.start(); t.join()
     return {"destroyed": e.calls("cuEventDestroy") - before}
 

@@ -256,7 +256,7 @@ def test_no_writable_cache_location_compiles_per_process_and_warns():
 
     from numba import njit
 
-    from fastema._launch import cpu as launch_cpu
+    from fastema._launch.cpu import pool as launch_cpu
 
     with _cache.afresh(), _cache.using(cache_class=NoLocation):
         jitted = _cache.cached(njit(kernel))
@@ -337,7 +337,7 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
     """numba versions its cache index by numba's own version only, and numba-cuda's magic tuple is NVRTC's
     version and the compute capability: after an upgrade of numba-cuda (or of NVVM, cuda-core or the
     driver) with the same numba and NVRTC, a kernel compiled by the old one was loaded (issue 37, C6).
-    The key now holds all four versions (fastema._launch.cuda.cuda_versions, set when the CUDA
+    The key now holds all four versions (fastema._launch.cuda.tables.cuda_versions, set when the CUDA
     launchers load) besides the magic tuple: a change of any of them, or of the GPU, is a miss."""
     pytest.importorskip("numba.cuda")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -347,7 +347,7 @@ def test_the_cuda_cache_key_holds_numba_cuda_cuda_core_nvvm_and_driver_versions(
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     from numba import cuda
 
-    from fastema._launch import cuda as launch_cuda
+    from fastema._launch.cuda import tables as launch_cuda
     from fastema.kernels import _cuda_jit
     from fastema.kernels import cuda as K
     from fastema.kernels.kinds import BF16, F32
@@ -378,7 +378,7 @@ def test_fastema_cuda_cache_turns_the_cuda_kernel_cache_on(tmp_path):
     pytest.importorskip("numba.cuda")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator has no kernel cache")
-    child = ("from fastema._launch import kernel_refs; K = kernel_refs.kernels(); "
+    child = ("from fastema._launch.cuda import kernel_refs; K = kernel_refs.kernels(); "
              "from fastema.kernels.kinds import F32; print(type(K.lerp_kernel(F32, F32, False)._cache).__name__)")
     names = []
     for value in ("1", "0"):

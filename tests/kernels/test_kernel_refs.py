@@ -1,4 +1,4 @@
-"""``fastema._launch.kernel_refs`` held to ``fastema.kernels.cuda``: the factories it names and the
+"""``fastema._launch.cuda.kernel_refs`` held to ``fastema.kernels.cuda``: the factories it names and the
 number of arguments each takes, and, for every variant of the shipped code (both sets' indexes), the
 name its :class:`Kernel` has, its own launch bounds and its dispatcher equal the real factory's."""
 import inspect
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("numba.cuda")
 
-from fastema._launch import device_code, kernel_refs  # noqa: E402
+from fastema._launch.cuda import device_code, kernel_refs  # noqa: E402
 from fastema.kernels import cuda as K  # noqa: E402
 from fastema.kernels._store.identity import VARIANTS  # noqa: E402
 

@@ -2,7 +2,7 @@
 variant's code (``driver.REFUSALS``: ``device_code`` warns once and compiles, then numba's dispatcher where
 the compiled code is refused too) reaches the dispatcher; a ``TypeError`` or ``ValueError`` of fastema's
 own (an argument numba cannot type, one that is not device memory, a value the ABI cannot pack) is raised,
-never taken for "launch it through the dispatcher" (``cuda_launch._Bound._bind``'s catches were
+never taken for "launch it through the dispatcher" (``cuda.launch.CudaKernel._bind``'s catches were
 ``except TypeError``/``except ValueError`` before). Each is injected on the fake GPU."""
 import os
 import warnings
@@ -16,9 +16,9 @@ pytest.importorskip("numba.cuda")
 pytest.importorskip("cuda.core")
 
 from fastema import _launch  # noqa: E402
-from fastema._launch import abi, compiler  # noqa: E402
-from fastema._launch import device_code as D  # noqa: E402
-from fastema._launch.driver import Refused  # noqa: E402
+from fastema._launch.cuda import abi, compiler  # noqa: E402
+from fastema._launch.cuda import device_code as D  # noqa: E402
+from fastema._launch.cuda.driver import Refused  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
 from testkit.fake_driver import CompilesNothing, FakeDeviceArray, FakeDriver  # noqa: E402
 from testkit.fake_gpu import fake_gpu  # noqa: E402

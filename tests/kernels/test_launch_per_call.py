@@ -49,8 +49,9 @@ def _forbidden(seen: list) -> list:
             bad.append((kind, where, name))                          # numba's typing of an argument
         elif "ctypes" in where:
             bad.append((kind, where, name))                          # a ctypes object or call
-        elif kind == "py" and where.endswith(os.path.join("_launch", "abi.py")) and name not in ("patch", "patched") \
-                and name not in ("fits", "_scalar", "<lambda>", "to_values", "_f16", "_array_values"):
+        elif kind == "py" and where.endswith(os.path.join("_launch", "cuda", "abi.py")) \
+                and name not in ("patch", "patched", "fits", "_scalar", "<lambda>", "to_values", "_f16",
+                                 "_array_values"):
             bad.append((kind, where, name))                          # a new block or layout
     return bad
 

@@ -3,8 +3,8 @@ the stub driver (``testkit/fake_gpu.py``, ``stub_driver=True``: fastema's real `
 over a ``libcuda`` that does nothing) imports no ``numba.cuda`` through ``EMA.update()``,
 ``fastema.ema_update_``, the swap (``average_parameters()`` in and out), ``TargetNetwork.update``,
 ``Smoother.update`` and ``Tracker.update``:
-the kernels are asked for by name (``fastema._launch.kernel_refs``), their arguments typed without numba
-(``fastema._launch.argtypes``), the driver imports numba-cuda only for the device work it does through
+the kernels are asked for by name (``fastema._launch.cuda.kernel_refs``), their arguments typed without numba
+(``fastema._launch.cuda.argtypes``), the driver imports numba-cuda only for the device work it does through
 it and reads ``NUMBA_ENABLE_CUDASIM`` itself.
 
 Here the fake GPU does the device work (uploads, pinned staging, events, context push, compute
@@ -61,7 +61,7 @@ def test_choosing_the_driver_and_the_stub_driver_import_no_numba_cuda():
     out = _run("""
         import torch, fastema
         from fastema.torch import EMA
-        from fastema._launch import drivers
+        from fastema._launch.cuda import drivers
         from testkit.fake_gpu import fake_gpu
         assert not drivers.simulator()
         assert type(drivers.default()).__name__ == "CudaCoreDriver", drivers.default()
@@ -77,7 +77,7 @@ def test_the_simulator_switch_reads_as_numba_cuda_reads_it(value):
     """:func:`drivers.simulator` before numba-cuda is imported equals numba-cuda's own
     ``ENABLE_CUDASIM`` after (an integer; anything else off)."""
     out = _run("""
-        from fastema._launch import drivers
+        from fastema._launch.cuda import drivers
         before = drivers.simulator()
         assert "numba.cuda" not in sys.modules
         from numba.cuda.core import config

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 
 from fastema import _launch
-from fastema._launch import cpu_bound, op
+from fastema._launch import op
+from fastema._launch.cpu import launch as cpu_launch
 from fastema.kernels.kinds import DEBIASED, EXCHANGE, F32
 
 pytest.importorskip("numba.cuda")
-from fastema._launch import cuda_bound, variants  # noqa: E402  (numba-cuda's types; no GPU)
+from fastema._launch.build import variants  # noqa: E402  (numba-cuda's types; no GPU)
+from fastema._launch.cuda import launch as cuda_target  # noqa: E402  (numba-cuda's types; no GPU)
 
 
-@pytest.mark.parametrize("table", [cpu_bound.PREPARE, cuda_bound.PREPARE], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("table", [cpu_launch.PREPARE, cuda_target.PREPARE], ids=["cpu", "cuda"])
 def test_both_prepare_tables_take_the_op_tables_keywords(table):
     assert set(table) == set(op.OPS)
     for name, prepare in table.items():

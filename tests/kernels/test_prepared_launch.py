@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from support.calls import watching
 
 from fastema import FlatShadow, _launch
-from fastema._launch import config, threads
-from fastema._launch import cpu as C
-from fastema._launch import cpu_bound as B
+from fastema._launch import config
+from fastema._launch.cpu import launch as B
+from fastema._launch.cpu import pool as C
+from fastema._launch.cpu import threads
 from fastema.kernels import cpu as K
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

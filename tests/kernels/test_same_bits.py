@@ -93,7 +93,7 @@ def _contracting_kernel():
 
 
 def test_the_build_contracts_no_multiply_and_add():
-    """The compiler of the shipped code and of a run-time miss (``fastema._launch.compiler``: NVVM to
+    """The compiler of the shipped code and of a run-time miss (``fastema._launch.cuda.compiler``: NVVM to
     LTO-IR, nvJitLink) makes a kernel's ``a * b + c`` a rounded multiply and a rounded add, as the
     CPU does, and keeps the FMA a kernel writes: one ``fma.rn.f64``, every multiply and add ``.rn``
     (which ptxas never fuses). Fails on the code of before (nvJitLink's default ``-fma=1``: two
@@ -101,7 +101,7 @@ def test_the_build_contracts_no_multiply_and_add():
     pytest.importorskip("cuda.bindings.nvjitlink")
     from numba.cuda import types as T
 
-    from fastema._launch import compiler
+    from fastema._launch.cuda import compiler
 
     dispatcher = _contracting_kernel()
     sig = (T.float64[::1], T.float64[::1])
@@ -122,7 +122,7 @@ def test_without_nvjitlink_the_compiler_gives_nvvms_ptx_contracting_nothing(monk
     from cuda.pathfinder import DynamicLibNotFoundError
     from numba.cuda import types as T
 
-    from fastema._launch import compiler
+    from fastema._launch.cuda import compiler
     from fastema.kernels._store.identity import variant
 
     def missing(*args):

@@ -10,8 +10,8 @@ import pytest
 
 from fastema import ema_update_
 from fastema._launch import config
-from fastema._launch import cpu as C
-from fastema._launch import device_code as D
+from fastema._launch.cpu import pool as C
+from fastema._launch.cuda import device_code as D
 from fastema.kernels import cpu as K
 
 

@@ -4,7 +4,7 @@ marked ``compiles`` (issue 63 item 2).
 On a GPU, a kernel launched through numba's dispatcher (``kernel[blocks, threads](...)``) is
 compiled by NVVM at its first launch in each process: seconds a variant (a 16-bit-shadow lerp up
 to 15 s), which made the CUDA tests of the 2026-11-26 H100 run take minutes. fastema ships every
-variant its launchers ask for, compiled (``fastema._launch.device_code``); the tests use that code:
+variant its launchers ask for, compiled (``fastema._launch.cuda.device_code``); the tests use that code:
 
 - :func:`launch`: a kernel variant launched by a test as the launch path launches it, through the
   current launch driver: on a GPU its shipped code, loaded (never compiled), with fastema's own
@@ -76,7 +76,7 @@ def _check(kernel, args) -> tuple:
     key = variant_of(kernel, types)
     if key not in shipped_keys():
         raise AssertionError(f"{key} is not a shipped variant, so a GPU would compile it: pass the "
-                             f"argument types fastema's launchers pass (fastema._launch.variants), "
+                             f"argument types fastema's launchers pass (fastema._launch.build.variants), "
                              f"or mark the test compiles")
     return types, key
 
@@ -84,8 +84,8 @@ def _check(kernel, args) -> tuple:
 def launch(kernel, blocks: int, threads: int, *args, raw: int = 0) -> None:
     """``kernel[blocks, threads](*args)`` on device 0's raw stream ``raw``, as fastema's launch
     path launches it (see the module docstring): a shipped variant, device arrays only."""
-    from fastema._launch import abi, device_code, drivers
-    from fastema._launch.cuda_launch import _code
+    from fastema._launch.cuda import abi, device_code, drivers
+    from fastema._launch.cuda.launch import _code
 
     types, key = _check(kernel, args)
     driver = drivers.current()
@@ -147,7 +147,7 @@ def pytest_runtest_call(item):
         return (yield)
     compiles = item.get_closest_marker("compiles") is not None
     if SIMULATOR:
-        from fastema._launch import drivers
+        from fastema._launch.cuda import drivers
 
         with drivers.using(ShippedOnly(drivers.current())) as guard:
             result = yield
@@ -158,7 +158,7 @@ def pytest_runtest_call(item):
         return result
     try:
         _count_nvvm()
-        from fastema._launch import device_code
+        from fastema._launch.cuda import device_code
     except ImportError:                                   # no numba-cuda: the test skips itself
         return (yield)
     nvvm, runtime = _NVVM[0], len(device_code.COMPILES)

@@ -332,7 +332,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     group's lerp (no plan kernel), and the other groups read what it wrote; behind a non-finite
     scan the plan kernel runs first, alone. Either way the averages, the counters and the keys
     equal the host plan's bit for bit, skipped calls (update_every) and stochastic rounding included."""
-    from fastema._launch import cpu_bound as C
+    from fastema._launch.cpu import launch as C
 
     counts = {"plan": 0, "fused": 0}
     fused: list = []                       # the fused launches made (the CPU's "plan_lerp" prepare function's)
@@ -356,7 +356,7 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     for d in dev._plan_on_device.devices.values():
         d.step = counted(d.step)
     with watching(C._plan_lerp, on_return=lambda _, run: fused.append(run)), \
-            watching(C.BoundLaunch.__call__, on_call=called):
+            watching(C.CpuLaunch.__call__, on_call=called):
         for step in range(7):
             with torch.no_grad():
                 for p in m.parameters():

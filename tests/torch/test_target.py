@@ -109,11 +109,11 @@ def test_device_step_on_the_cpu_equals_the_host_plan():
     for a, b in zip(a_tg.state_dict().values(), b_tg.state_dict().values()):
         assert torch.equal(a, b)
     assert dev.state_dict()["plan"] == host.state_dict()["plan"]
-    from fastema._launch import cpu_bound as C
+    from fastema._launch.cpu import launch as C
 
     runs = [run for op, run in dev._side.avg.groups[0].prepared() if op == "plan_lerp"]
     assert len(runs) == 1                                    # the plan step rode in the lerp launch
-    assert isinstance(runs[0], C.BoundLaunch) and runs[0]._kernel_of(False).py_func.__qualname__.startswith("plan_lerp")
+    assert isinstance(runs[0], C.CpuLaunch) and runs[0]._kernel_of(False).py_func.__qualname__.startswith("plan_lerp")
 
 
 def test_momentum_schedule_object():

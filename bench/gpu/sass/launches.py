@@ -69,7 +69,7 @@ def _plan(rows: int = 1, groups: int = 2) -> dict:
 
 
 def _lerp(sk, xk, stochastic=False, rows=1, device=False):
-    """``cuda_bound.LerpLaunch.__call__``'s arguments: host weights cast to float32 (a tuple) with a
+    """``_launch.cuda.launch.CudaLerp.__call__``'s arguments: host weights cast to float32 (a tuple) with a
     uint32 key, or the device plan's weights and a group's int64[1] key
     (``DevicePlan.weights/key``)."""
     def build():
@@ -87,7 +87,7 @@ def _lerp(sk, xk, stochastic=False, rows=1, device=False):
 
 
 def _plan_lerp(sk, xk, stochastic=False, rows=1):
-    """``cuda_bound.plan_lerp_launch``'s arguments: head (state, params, decays), ``given`` (a
+    """``_launch.cuda.launch._plan_lerp``'s arguments: head (state, params, decays), ``given`` (a
     Python int), tail (w32, w64, flag, keys, done, np.int64(gi))."""
     def build():
         from fastema.kernels import cuda as K
@@ -100,7 +100,7 @@ def _plan_lerp(sk, xk, stochastic=False, rows=1):
 
 
 def _scan(xk):
-    """``cuda_bound.nonfinite_launch``'s arguments: the source tables and the flag."""
+    """``_launch.cuda.launch._nonfinite``'s arguments: the source tables and the flag."""
     def build():
         from fastema.kernels import cuda as K
 
@@ -144,7 +144,7 @@ def _streams(kind, parts, weighted):
 
 def _other(name):
     """The other per-update kernels, with the arguments their launchers pass
-    (``cuda_bound.plan_launch``, ``copy_launch``; ``cuda.bema``, host weights for the float64
+    (``_launch.cuda.launch._plan``, ``_copy``; ``_bema``, host weights for the float64
     lerp)."""
     def build():
         from fastema.kernels import cuda as K

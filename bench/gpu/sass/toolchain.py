@@ -29,7 +29,7 @@ def toolchain_problem(source: str = "cu13") -> str | None:
     if nvdisasm() is None:
         return "needs nvdisasm: pip install nvidia-cuda-nvdisasm (the cuda extra)"
     try:
-        from fastema._launch import device_code
+        from fastema._launch.cuda import device_code
 
         return device_code.problem(source)
     except ImportError as err:

@@ -1,14 +1,15 @@
 """Every CUDA kernel variant fastema's launches can ask for, enumerated from the launches
 themselves, op by op of the op table (:mod:`.op`).
 
-A variant is a kernel (its factory and the factory's arguments: ``kernels._store.identity.VARIANTS``) and
-the numba types of the arguments its launch passes. :func:`every_variant` prepares every op of
-:data:`.op.OPS` (:func:`fastema._launch.prepare`, named by the table's fixed arguments) and calls it
-with the table's varying ones, over the space its callers use (:func:`_space`), with placeholder device
-arrays of the dtypes those callers pass, and records what reaches the launch instead of launching
-(through an ordinary launch driver that records, :class:`RecordingDriver`, given to
-:func:`.drivers.using`): the launches' own code picks the kernel and builds the arguments, so a new
-argument or kernel choice changes the enumeration without a hand list.
+A variant is a kernel (its factory and the factory's arguments:
+``kernels._store.identity.VARIANTS``) and the numba types of the arguments its launch passes.
+:func:`every_variant` prepares every op of :data:`.op.OPS` (:func:`fastema._launch.prepare`, named
+by the table's fixed arguments) and calls it with the table's varying ones, over the space its
+callers use (:func:`_space`), with placeholder device arrays of the dtypes those callers pass, and
+records what reaches the launch instead of launching (through an ordinary launch driver that
+records, :class:`RecordingDriver`, given to :func:`.cuda.drivers.using`): the launches' own code
+picks the kernel and builds the arguments, so a new argument or kernel choice changes the
+enumeration without a hand list.
 
 The space (the storage-kind pairs and modes the faces ask for; the ``fastema.ops`` array functions
 can ask for others, which compile at their first use, once per node: ``device_code``):
@@ -21,7 +22,7 @@ can ask for others, which compile at their first use, once per node: ``device_co
   non-finite scan; the swaps (``EXCHANGE``; ``PACK``/``UNPACK`` for float32 <- bfloat16); BEMA; the
   window push (float32 and bfloat16 rings; float64 for float64 sources); the metric smoothers.
 
-Used by the build (``python -m fastema warm --into``: what is compiled and shipped, :mod:`.build`),
+Used by the build (``python -m fastema warm --into``: what is compiled and shipped, :mod:`.store`),
 :func:`warm` (``python -m fastema warm``) and the tests that hold the shipped sets to it. Needs
 numba-cuda (its types); no GPU.
 """
@@ -32,17 +33,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
-from . import device_code
-from .cuda_memory import Watched
-from .device_code import variant_key
-from .driver import Driver
-from .op import OPS
+from ...kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
+from ..cuda import device_code
+from ..cuda.device_code import variant_key
+from ..cuda.driver import Driver
+from ..cuda.memory import Watched
+from ..op import OPS
 
 PAIRS = tuple((sk, xk) for sk in (F32, BF16, F16, F64) for xk in (F32, BF16, F16)) + ((F64, F64),)
-"""The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64 shadow
-(``shadow_dtype``, ``"same"``) of 32- and 16-bit sources; float64 sources keep float64 shadows. A source's
-own kind is also the offload pack's chunk (the buffer copy of a pair of one kind)."""
+"""The (shadow, source) storage kinds the faces ask for: a float32, bfloat16, float16 or float64
+shadow (``shadow_dtype``, ``"same"``) of 32- and 16-bit sources; float64 sources keep float64
+shadows. A source's own kind is also the offload pack's chunk (the buffer copy of a pair of one
+kind)."""
 _BITS = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}   # a metric value's kernel view
 _WINDOWS = ((F32, F32), (F32, BF16), (F32, F16), (BF16, F32), (BF16, BF16), (BF16, F16), (F64, F64))   # ring, source
 
@@ -64,7 +66,7 @@ class _Placeholder:
 
 
 def _tables():
-    from . import Tables
+    from .. import Tables
 
     P = _Placeholder
     return Tables(P(np.int64), P(np.int64), P(np.int64), P(np.int32), P(np.int64), n=1024, chunks=4)
@@ -77,10 +79,10 @@ def _plan() -> dict:
 
 
 class RecordingDriver:
-    """A launch driver (:class:`.driver.Driver`) that records each launch the launchers ask for into
-    ``seen`` (``key -> (dispatcher, argument types)``) instead of making it: it loads no image, so
-    every launch reaches :meth:`dispatch`, and touches no device (its uploads are placeholders, no
-    stream captures)."""
+    """A launch driver (:class:`.cuda.driver.Driver`) that records each launch the launchers ask for
+    into ``seen`` (``key -> (dispatcher, argument types)``) instead of making it: it loads no image,
+    so every launch reaches :meth:`dispatch`, and touches no device (its uploads are placeholders,
+    no stream captures)."""
 
     name = "recorder"
     loads = False
@@ -95,7 +97,7 @@ class RecordingDriver:
                  args: tuple) -> None:
         from numba.cuda.typing.typeof import Purpose, typeof
 
-        from ..kernels._store.identity import VARIANTS
+        from ...kernels._store.identity import VARIANTS
 
         types = tuple(typeof(a, Purpose.argument) for a in args)
         self.seen.setdefault(variant_key(VARIANTS[kernel], types), (kernel, types))
@@ -156,9 +158,9 @@ class RecordingDriver:
 
 
 def _space() -> Iterator[tuple[str, Any, dict, dict]]:
-    """``(op, group, fixed, varying)`` of every launch the faces ask for (see the module docstring), each
-    op's arguments named as the op table names them (:data:`.op.OPS`)."""
-    from .. import _launch as L
+    """``(op, group, fixed, varying)`` of every launch the faces ask for (see the module docstring),
+    each op's arguments named as the op table names them (:data:`.op.OPS`)."""
+    from ... import _launch as L
 
     P = _Placeholder
     plan = _plan()
@@ -198,11 +200,11 @@ def _space() -> Iterator[tuple[str, Any, dict, dict]]:
 
 
 def every_variant() -> dict:
-    """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a stable
-    order (sorted by key): every op of the op table prepared over the space (:func:`_space`) and called
-    with its varying arguments in the table's order."""
-    from .. import _launch as L
-    from .drivers import using
+    """``key -> (dispatcher, argument types)`` of every variant (see the module docstring), in a
+    stable order (sorted by key): every op of the op table prepared over the space (:func:`_space`)
+    and called with its varying arguments in the table's order."""
+    from ... import _launch as L
+    from ..cuda.drivers import using
 
     seen: dict = {}
     with using(RecordingDriver(seen)):
@@ -212,11 +214,11 @@ def every_variant() -> dict:
 
 
 def warm() -> list:
-    """Load every variant on every visible GPU (``python -m fastema warm``): its shipped code where the
-    driver takes it, else compiled into the cache (a variant not shipped for the GPU's architecture, code
-    the driver refuses); ``[(what, seconds)]`` of what was compiled (nothing where no GPU is visible).
-    RuntimeError, saying what to do, where nothing compiled could be kept (the cache off or its folder
-    refused)."""
+    """Load every variant on every visible GPU (``python -m fastema warm``): its shipped code where
+    the driver takes it, else compiled into the cache (a variant not shipped for the GPU's
+    architecture, code the driver refuses); ``[(what, seconds)]`` of what was compiled (nothing
+    where no GPU is visible). RuntimeError, saying what to do, where nothing compiled could be kept
+    (the cache off or its folder refused)."""
     import time
 
     from numba import cuda

@@ -1,5 +1,5 @@
 """Frees at a safe point: what fastema's own CUDA objects give back when they go (device memory,
-pinned blocks, events: :mod:`.cuda_memory`), issued later, where it cannot break a CUDA-graph
+pinned blocks, events: :mod:`.memory`), issued later, where it cannot break a CUDA-graph
 capture or reach a forked child's copy of the driver.
 
 Why: those objects go when Python's collector finds them (fastema's shadows are reference cycles:
@@ -17,7 +17,7 @@ device memory came from until round 8, queued its frees too.
   collector may run on a thread where none is current) and a pinned block only after the last copy
   from it has run (its event waited for: the driver's own wait there is not documented). The launch
   path calls it where no stream the launch driver asks is being captured
-  (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.cuda_base.prune_retired`), where
+  (:meth:`.driver.Driver.any_capturing`): at a launch (:func:`.base.prune_retired`), where
   tables are made (an upload) and at ``fastema.clear_caches()``.
 - Each free, and its wait, is issued with the thread's capture mode relaxed (:func:`relaxed`): a
   capture begun in global mode (torch's default) on another thread, on a stream no check here can
@@ -36,14 +36,14 @@ from __future__ import annotations
 import collections
 import contextlib
 
-from .cuda_results import CudaDriverError, _gone, api_error, check
+from .results import CudaDriverError, _gone, api_error, check
 
 WAITING: list = []
 """The holders of objects waiting for a safe point, each with ``pending`` (truthy while it holds
-some) and ``prune()`` (drop or free what may go now): the retired sources of :class:`.cuda.Retired`
-(events to pass) and :data:`FREES`. Every launch looks at it (empty: one truth test) and, where it
-is not empty and no stream the launch driver asks captures, prunes them
-(:func:`.cuda_base.prune_retired`)."""
+some) and ``prune()`` (drop or free what may go now): the retired sources of
+:class:`.tables.Retired` (events to pass) and :data:`FREES`. Every launch looks at it (empty: one
+truth test) and, where it is not empty and no stream the launch driver asks captures, prunes them
+(:func:`.base.prune_retired`)."""
 
 PENDING: collections.deque = collections.deque()
 """``(bindings, context or None, call, handle, guard)`` of each deferred free, oldest first
@@ -101,9 +101,9 @@ def free_pending() -> None:
 @contextlib.contextmanager
 def relaxed(d):
     """The calling thread's capture mode relaxed for a ``with`` block, restored after
-    (``cuThreadExchangeStreamCaptureMode`` of cuda-bindings ``d``; None: nothing to do): the calls made
-    inside do not invalidate another thread's capture (see the module docstring). What is made inside
-    must never be captured: only frees, waits and queries of fastema's own objects are."""
+    (``cuThreadExchangeStreamCaptureMode`` of cuda-bindings ``d``; None: nothing to do): the calls
+    made inside do not invalidate another thread's capture (see the module docstring). What is made
+    inside must never be captured: only frees, waits and queries of fastema's own objects are."""
     if d is None:
         yield
         return

@@ -1,13 +1,13 @@
-"""A cuda-bindings call's result checked: every ``CUresult`` fastema's CUDA path gets is read here, an error
-raised as :class:`CudaDriverError` naming the call and the result (``CUDA_ERROR_...``), the driver's own
-shutdown at the interpreter's exit (:func:`_gone`) told apart. Imports nothing (the lowest piece of
-:mod:`.cuda_memory` and :mod:`.cuda_frees`)."""
+"""A cuda-bindings call's result checked: every ``CUresult`` fastema's CUDA path gets is read here,
+an error raised as :class:`CudaDriverError` naming the call and the result (``CUDA_ERROR_...``), the
+driver's own shutdown at the interpreter's exit (:func:`_gone`) told apart. Imports nothing (the
+lowest piece of :mod:`.memory` and :mod:`.frees`)."""
 from __future__ import annotations
 
 
 class CudaDriverError(RuntimeError):
-    """A driver call's error: ``call`` (the entry point's name), ``result`` (the ``CUresult``'s name,
-    ``CUDA_ERROR_...``) and ``code`` (its number)."""
+    """A driver call's error: ``call`` (the entry point's name), ``result`` (the ``CUresult``'s
+    name, ``CUDA_ERROR_...``) and ``code`` (its number)."""
 
     def __init__(self, call: str, result: str, code: int):
         super().__init__(f"fastema: the CUDA driver's {call} failed: {result} ({code})")

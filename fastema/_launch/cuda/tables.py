@@ -1,6 +1,6 @@
 """The CUDA pieces of dispatch: table upload and in-place update, retirement events, the capture
-query. Every launch is prepared in :mod:`.cuda_bound` (the shipped device code, fastema's own
-argument block: :data:`.cuda_bound.PREPARE`). Every call to the GPU is the launch driver's
+query. Every launch is prepared in :mod:`.launch` (the shipped device code, fastema's own
+argument block: :data:`.launch.PREPARE`). Every call to the GPU is the launch driver's
 (:mod:`.driver`): the one :func:`.drivers.current` gives when tables are made or a launch is bound.
 
 Nothing on a per-step path allocates, frees or copies from pageable memory: tables are allocated
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import config
-from .cuda_base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
-from .cuda_frees import PENDING, free_pending
+from .. import config
+from .base import WAITING, _index, cuda_versions, prune_retired  # noqa: F401
 from .drivers import current, simulator, using  # noqa: F401
+from .frees import PENDING, free_pending
 
 SIMULATOR = simulator()
 """The Numba CUDA simulator is on (fastema._launch's fork check reads it)."""
@@ -28,14 +28,14 @@ SIMULATOR = simulator()
 
 def capturing(device: str, raw: int) -> bool:
     """Whether work queued on the raw stream ``raw`` of ``device`` now would be captured into a CUDA
-    graph rather than run (the current driver's query: :meth:`.driver.Driver.capturing`; the legacy stream
-    is ``device``'s, asked in its context)."""
+    graph rather than run (the current driver's query: :meth:`.driver.Driver.capturing`; the legacy
+    stream is ``device``'s, asked in its context)."""
     return current().capturing(raw, _index(device))
 
 
 def clear_caches() -> None:
-    """Drop the stream objects the current driver keeps (``fastema.clear_caches()``) and issue the deferred
-    frees (:mod:`.cuda_frees`) where no stream it asks captures; the zero flags stay (see
+    """Drop the stream objects the current driver keeps (``fastema.clear_caches()``) and issue the
+    deferred frees (:mod:`.frees`) where no stream it asks captures; the zero flags stay (see
     :func:`_zero_flag`)."""
     d = current()
     d.clear()
@@ -150,8 +150,8 @@ class Retired:
     release records an event on the launch stream, and what sits behind a passed event is
     dropped, without waiting, at the next release or (``at_launches``: a torch storage, released
     rarely) at the first fastema launch after it has passed (:func:`prune_retired`), so a released
-    storage is not kept longer than that. Only past ``config.CUDA_RETIRED_MAX`` pending releases (the GPU that far
-    behind the host) does the host wait for the oldest.
+    storage is not kept longer than that. Only past ``config.CUDA_RETIRED_MAX`` pending releases
+    (the GPU that far behind the host) does the host wait for the oldest.
 
     Why: a source replaced under fastema (``param.data = new``, a new JAX array every step) is
     freed by its framework's allocator on the stream it was allocated on, which knows nothing of
@@ -166,10 +166,11 @@ class Retired:
                                               # the next release (JAX, TensorFlow: a release every step)
 
     def release(self, kept, device: str, raw: int) -> None:
-        """``kept`` held until the launches issued so far on the raw stream ``raw`` have run (pruned first;
-        a torch holder, released rarely, not while a stream the driver asks captures: no event query is
-        permitted then; its queries and wait in relaxed capture mode, :meth:`.driver.Driver.relaxed`; JAX's
-        and TensorFlow's, at every step, in the thread's own)."""
+        """``kept`` held until the launches issued so far on the raw stream ``raw`` have run (pruned
+        first; a torch holder, released rarely, not while a stream the driver asks captures: no
+        event query is permitted then; its queries and wait in relaxed capture mode,
+        :meth:`.driver.Driver.relaxed`; JAX's and TensorFlow's, at every step, in the thread's
+        own)."""
         if self.at_launches:                  # torch: rare, in relaxed mode (a capture on another thread)
             with self.driver.relaxed():
                 self._make_room(raw, device)
@@ -187,8 +188,8 @@ class Retired:
             WAITING.append(self)
 
     def _make_room(self, raw: int, device: str) -> None:
-        """Pruned (not while a stream the driver asks captures, for torch's holder), then the oldest waited
-        for where :data:`config.CUDA_RETIRED_MAX` are pending."""
+        """Pruned (not while a stream the driver asks captures, for torch's holder), then the oldest
+        waited for where :data:`config.CUDA_RETIRED_MAX` are pending."""
         if not (self.at_launches and self.pending and self.driver.any_capturing(raw, _index(device))):
             self.prune()
         if len(self.pending) >= config.CUDA_RETIRED_MAX:

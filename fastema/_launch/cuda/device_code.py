@@ -5,8 +5,8 @@ The store (``kernels._store``) holds the code: two compiled sets are shipped und
 ``kernels/device/`` (``cu13``: built by NVVM and nvJitLink 13.5, cubins for sm_80, sm_90, sm_100,
 sm_120 and PTX for compute_80 at ISA 9.0; ``cu12``: built by NVVM 12.0 and ptxas 12.0, cubins for
 sm_70 to sm_90, sm_100 and sm_120 by ptxas 12.8, and PTX for compute_70 at ISA 8.0:
-``fastema._launch.build``), then the node store holds what was compiled here. :func:`kernel` finds
-a variant's code for a device in that order:
+``fastema._launch.build.store``), then the node store holds what was compiled here. :func:`kernel`
+finds a variant's code for a device in that order:
 
 - the shipped set and image ``kernels._store.store.choose`` picks for the driver's CUDA version
   (``Driver.version()``) and the device's compute capability: a CUDA 12 driver reads only the
@@ -37,12 +37,13 @@ import os
 import warnings
 from collections.abc import Iterator
 
-from ..kernels import _bounds
-from ..kernels._store import entry as E
-from ..kernels._store import files
-from ..kernels._store import store as S
-from ..kernels._store.identity import VARIANTS, variant_key
-from . import argtypes, compiler, config, kernel_refs
+from ...kernels import _bounds
+from ...kernels._store import entry as E
+from ...kernels._store import files
+from ...kernels._store import store as S
+from ...kernels._store.identity import VARIANTS, variant_key
+from .. import config
+from . import argtypes, compiler, kernel_refs
 from .driver import Loaded, Refused
 
 _WARNED: set = set()
@@ -84,8 +85,8 @@ def afresh(folder: str | None = None) -> Iterator[None]:
 
 
 def problem(name: str) -> str | None:
-    """Why shipped set ``name`` cannot be used (missing, unreadable, stale, an index JSON cannot read: one
-    nested too deeply raises RecursionError), or None."""
+    """Why shipped set ``name`` cannot be used (missing, unreadable, stale, an index JSON cannot
+    read: one nested too deeply raises RecursionError), or None."""
     try:
         S.Shipped(device_dir(), name).index
     except FileNotFoundError as err:
@@ -139,7 +140,7 @@ def entry(name: str, key: str, image: str, dispatcher=None) -> E.Entry | None:
 
 
 def _bounds_now(name: str, image: str, dispatcher):
-    if isinstance(dispatcher, kernel_refs.Kernel):       # by name: its own bounds without its dispatcher
+    if isinstance(dispatcher, kernel_refs.KernelRef):       # by name: its own bounds without its dispatcher
         b = _bounds.launch_bounds(name, image, dispatcher.name, dispatcher.own_bounds)
     else:
         b = _bounds.launch_bounds(name, image, VARIANTS[dispatcher], dispatcher.targetoptions.get("launch_bounds"))
@@ -241,7 +242,7 @@ def kernel(dispatcher, types, index: int, driver=None) -> Loaded | None:
     ``kernels._store.identity.variant`` factory) or the driver refused what was compiled here too:
     the caller launches through the dispatcher. A driver's refusal (:class:`.driver.Refused`)
     falls back with one warning; anything else it raises propagates."""
-    name = dispatcher.name if isinstance(dispatcher, kernel_refs.Kernel) else VARIANTS.get(dispatcher)
+    name = dispatcher.name if isinstance(dispatcher, kernel_refs.KernelRef) else VARIANTS.get(dispatcher)
     if name is None:
         return None
     if driver is None:

@@ -5,13 +5,14 @@
   for a ``with`` block (``cuCtxPushCurrent``/``cuCtxPopCurrent``), its attributes
   (``cuDeviceGetAttribute``) and fastema's upload stream on it (non-blocking, made once).
 - :class:`DeviceArray`: a 1-d array of device memory as the launch path reads it
-  (``__cuda_array_interface__`` v3, ``size``/``dtype``/``shape``, contiguous slices, ``copy_to_host``,
-  ``copy_to_device``): either owning (``cuMemAlloc``, freed by ``cuMemFree`` in its device's context
-  when the last view of it goes) or a view over memory someone else owns (a torch tensor's), which it
-  keeps alive.
+  (``__cuda_array_interface__`` v3, ``size``/``dtype``/``shape``, contiguous slices,
+  ``copy_to_host``, ``copy_to_device``): either owning (``cuMemAlloc``, freed by ``cuMemFree`` in
+  its device's context when the last view of it goes) or a view over memory someone else owns (a
+  torch tensor's), which it keeps alive.
 - :func:`pinned`: a NumPy array over page-locked host memory (``cuMemHostAlloc``, freed by
   ``cuMemFreeHost`` when the array goes).
-- :class:`Event`: an event without timing (``cuEventCreate``), recorded on raw stream handles.
+- :class:`BindingsEvent`: an event without timing (``cuEventCreate``), recorded on raw stream
+  handles.
 
 Every ``CUresult`` is checked: an error is raised as :class:`CudaDriverError`, naming the call and
 the result (``CUDA_ERROR_...``); none is ignored, but the driver's own shutdown at the interpreter's
@@ -26,9 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._device_view import DeviceView
-from .cuda_frees import defer
-from .cuda_results import CudaDriverError, api_error, check  # noqa: F401  (CudaDriverError: for callers)
+from ..._device_view import DeviceView
+from .frees import defer
+from .results import CudaDriverError, api_error, check  # noqa: F401  (CudaDriverError: for callers)
 
 
 def _d():
@@ -38,9 +39,9 @@ def _d():
 
 
 class Device:
-    """Device ``index``: its primary context (retained at construction, kept for the process), pushed
-    for a ``with`` block (re-entrant: a push each), its attributes, its upload stream. ``bindings``:
-    cuda-bindings' ``driver`` module (a stand-in in tests)."""
+    """Device ``index``: its primary context (retained at construction, kept for the process),
+    pushed for a ``with`` block (re-entrant: a push each), its attributes, its upload stream.
+    ``bindings``: cuda-bindings' ``driver`` module (a stand-in in tests)."""
 
     __slots__ = ("index", "d", "device", "context", "_upload_stream", "__weakref__")
 
@@ -78,9 +79,9 @@ class Device:
         return self.attribute("MULTIPROCESSOR_COUNT")
 
     def upload_stream(self):
-        """fastema's own stream on this device, non-blocking (it waits for no other stream's work, the
-        legacy stream's included), for the construction-time uploads: made once (in this context),
-        kept for the process."""
+        """fastema's own stream on this device, non-blocking (it waits for no other stream's work,
+        the legacy stream's included), for the construction-time uploads: made once (in this
+        context), kept for the process."""
         if self._upload_stream is None:
             d = self.d
             with self:
@@ -89,9 +90,9 @@ class Device:
         return self._upload_stream
 
     def upload(self, array) -> DeviceArray:
-        """A new device array holding ``array`` (NumPy; flattened), written when this returns: copied
-        on :meth:`upload_stream`, which is then waited for (a wait for this copy alone, which orders it
-        before every launch queued after it, on any stream: issue 37, C1)."""
+        """A new device array holding ``array`` (NumPy; flattened), written when this returns:
+        copied on :meth:`upload_stream`, which is then waited for (a wait for this copy alone, which
+        orders it before every launch queued after it, on any stream: issue 37, C1)."""
         host = np.ascontiguousarray(array).reshape(-1)
         d = self.d
         with self:
@@ -118,7 +119,8 @@ class DeviceArray(DeviceView):
 
     @classmethod
     def allocate(cls, device: Device, size: int, dtype) -> DeviceArray:
-        """``size`` elements of ``dtype`` (at least one byte) on ``device`` (its context current)."""
+        """``size`` elements of ``dtype`` (at least one byte) on ``device`` (its context
+        current)."""
         nbytes = max(int(size) * np.dtype(dtype).itemsize, 1)
         ptr = int(check("cuMemAlloc", device.d.cuMemAlloc(nbytes)))
         owner = _Allocation()
@@ -142,9 +144,9 @@ class DeviceArray(DeviceView):
         return self.device if self.device is not None else contextlib.nullcontext()
 
     def copy_to_device(self, values, stream: int = 0) -> None:
-        """``values`` (NumPy, at most :attr:`size` elements of its dtype) into its start, queued on the
-        raw stream ``stream`` (``cuMemcpyHtoDAsync``: asynchronous where ``values`` is pinned; the
-        caller keeps ``values`` unchanged until the copy has run)."""
+        """``values`` (NumPy, at most :attr:`size` elements of its dtype) into its start, queued on
+        the raw stream ``stream`` (``cuMemcpyHtoDAsync``: asynchronous where ``values`` is pinned;
+        the caller keeps ``values`` unchanged until the copy has run)."""
         values = np.asarray(values)
         if values.dtype != self.dtype or values.ndim != 1 or values.size > self.size:
             raise ValueError(f"fastema: copy of {values.size} x {values.dtype} ({values.ndim}-d) into {self!r}")
@@ -156,15 +158,16 @@ class DeviceArray(DeviceView):
                 check("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync(self.ptr, values.ctypes.data, values.nbytes,
                                                                d.CUstream(stream)))
                 block = _pinned_block(values)
-                if block is not None:             # its free waits for this copy (cuda_frees)
+                if block is not None:             # its free waits for this copy (frees)
                     if not block.guard:
-                        block.guard.append(Event(d))
+                        block.guard.append(BindingsEvent(d))
                     block.guard[0].record(stream)
 
 
 class _PinnedBlock:
-    """Page-locked host memory, as NumPy reads it (``__array_interface__``), freed after it goes and the last
-    copy from it (``guard``: the event recorded after that copy, in a list its free holds) has run."""
+    """Page-locked host memory, as NumPy reads it (``__array_interface__``), freed after it goes and
+    the last copy from it (``guard``: the event recorded after that copy, in a list its free holds)
+    has run."""
 
     __slots__ = ("__array_interface__", "guard", "__weakref__")
 
@@ -197,9 +200,10 @@ def pinned(size: int, dtype, bindings=None) -> np.ndarray:
     return out
 
 
-class Event:
-    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context and destroyed
-    in it when it goes (``cuEventDestroy`` wants a context); recorded on raw stream handles."""
+class BindingsEvent:
+    """An event without timing (``CU_EVENT_DISABLE_TIMING``), made in the current context and
+    destroyed in it when it goes (``cuEventDestroy`` wants a context); recorded on raw stream
+    handles."""
 
     __slots__ = ("d", "event", "__weakref__")
 
@@ -235,9 +239,10 @@ STREAMS_MAX = 64
 
 
 class Streams(dict):
-    """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first launch (a
-    C-level lookup a launch after that); at most :data:`STREAMS_MAX` kept (a handle is never queried through
-    this cache: it holds the objects, not whether their streams still exist)."""
+    """``raw -> make(raw)``, the stream object of each raw handle launched on, made at its first
+    launch (a C-level lookup a launch after that); at most :data:`STREAMS_MAX` kept (a handle is
+    never queried through this cache: it holds the objects, not whether their streams still
+    exist)."""
 
     __slots__ = ("make",)
 
@@ -253,13 +258,14 @@ class Streams(dict):
 
 
 class Watched:
-    """The current-stream getters CUDA tables were made with, per device (:meth:`add`), for the capture
-    check before deferred frees (:meth:`.drivers.DispatcherDriver.any_capturing`): a getter is asked for the
-    stream current *now*, never a handle kept from before (a stream launched on earlier may have been
-    destroyed since, and a query of a destroyed handle reads freed driver memory). Each getter is held
-    weakly (a bound method by :class:`weakref.WeakMethod`; one that takes no weak reference, a builtin,
-    strongly): one that nothing uses any more (a test's reader after its block, once its shadows are gone)
-    is dropped, not asked. A getter must name a live stream whenever called (a framework's current stream)."""
+    """The current-stream getters CUDA tables were made with, per device (:meth:`add`), for the
+    capture check before deferred frees (:meth:`.drivers.DispatcherDriver.any_capturing`): a getter
+    is asked for the stream current *now*, never a handle kept from before (a stream launched on
+    earlier may have been destroyed since, and a query of a destroyed handle reads freed driver
+    memory). Each getter is held weakly (a bound method by :class:`weakref.WeakMethod`; one that
+    takes no weak reference, a builtin, strongly): one that nothing uses any more (a test's reader
+    after its block, once its shadows are gone) is dropped, not asked. A getter must name a live
+    stream whenever called (a framework's current stream)."""
 
     __slots__ = ("_kept",)
 

@@ -6,8 +6,8 @@ keyword signatures are the op table's, :mod:`.op`). A launch reads its group's t
 replaced), so a launch kept by its group never goes stale when the sources move; after its first
 call it calls the compiled overload's own entry point, per serial/parallel choice, with no numba
 dispatcher (no per-call type resolution). Serial or parallel by the work's size
-(:data:`.config.CPU_SERIAL_BELOW`), on :func:`.cpu.team`'s threads (the pool, the lock and the
-fork rules are :mod:`.cpu`'s).
+(:data:`.config.CPU_SERIAL_BELOW`), on :func:`.pool.team`'s threads (the pool, the lock and the
+fork rules are :mod:`.pool`'s).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import Any
 import numba
 import numpy as np
 
-from . import config
-from . import cpu as P  # the pool: PARALLEL, team, run, run_parallel, and the kernel factories K
+from .. import config
+from ..op import Kernel
+from . import pool as P  # the pool: PARALLEL, team, run, run_parallel, and the kernel factories K
 
 _NO_FLAG = np.zeros(1, np.int32)     # never written: passed when no guard is asked for
 _ZERO_KEY = np.uint32(0)
@@ -28,7 +29,7 @@ _TABLES = operator.methodcaller("args")         # a launch over the tables: n, s
 _SCANNED = operator.methodcaller("scanned")     # a scan of the sources (no shadow)
 
 
-class LerpLaunch:
+class CpuLerp(Kernel):
     """One group's ``"lerp"`` launch with everything but the weights and the key bound once: the
     flag, the kinds, and after the first call the compiled overload's own entry point for each
     (serial/parallel, weights type, key type). The tables are the group's at each call. A host
@@ -107,14 +108,15 @@ class LerpLaunch:
             fn(*self._args)
 
     def once(self, weights, key=0) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked
+        up)."""
         self._weights(weights)
         self._key(key)
         par = P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW and P.team() > 0
         P.run(P.K.lerp_kernel(*self._kinds, par, self._ktype is not _HOST_KEY), par, *self._args)
 
 
-class BoundLaunch:
+class CpuLaunch(Kernel):
     """A launch whose arguments are bound once but for those given at each call (``run(*middle)``,
     between ``head`` and ``tail``, of fixed numba types; first, what ``tables_of`` takes of the
     group's tables, none where None), calling the compiled overload's entry point after the
@@ -153,7 +155,8 @@ class BoundLaunch:
             fn(*args)
 
     def once(self, *middle) -> None:
-        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked up)."""
+        """One launch through the dispatcher (:func:`fastema._launch.launch`: no entry point looked
+        up)."""
         if self._group.tables is not self._t:
             self._follow(self._group.tables)
         par = P.PARALLEL and self._size >= config.CPU_SERIAL_BELOW and P.team() > 0
@@ -174,9 +177,9 @@ def _flag(flag):
     return _NO_FLAG if flag is None else flag
 
 
-class _Streams:
-    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at each call
-    (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
+class CpuStreams(Kernel):
+    """A metric-streams launch (``run(values, ...)``): serial or parallel by the values' size at
+    each call (:data:`config.CPU_STREAMS_SERIAL_BELOW`), through the kernel's dispatcher."""
 
     __slots__ = ("_kernel_of",)
 
@@ -192,55 +195,55 @@ class _Streams:
 
 # ------------------------------------------------------------ the prepare functions (the op table's signatures)
 
-def _lerp(group, *, flag=None, stochastic=False, cast) -> LerpLaunch:                    # run(weights, key=0)
-    return LerpLaunch(group, flag, stochastic, cast)
+def _lerp(group, *, flag=None, stochastic=False, cast) -> CpuLerp:                    # run(weights, key=0)
+    return CpuLerp(group, flag, stochastic, cast)
 
 
-def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> BoundLaunch:
+def _plan_lerp(group, *, state, params, decays, w32, w64, flag, keys, done, gi, stochastic=False) -> CpuLaunch:
     kinds = (group.shadow_kind, group.src_kind, stochastic)                           # run(given)
-    return BoundLaunch(group, lambda par: P.K.plan_lerp_kernel(*kinds, par), (state, params, decays),
+    return CpuLaunch(group, lambda par: P.K.plan_lerp_kernel(*kinds, par), (state, params, decays),
                        (w32, w64, flag, keys, done, np.int64(gi)), len(decays))
 
 
-def _bema(group, *, flag=None) -> BoundLaunch:                                           # run(alpha)
+def _bema(group, *, flag=None) -> CpuLaunch:                                           # run(alpha)
     kind = group.shadow_kind
-    return BoundLaunch(group, lambda par: P.K.bema_kernel(kind, par), (), (_flag(flag),), 3)
+    return CpuLaunch(group, lambda par: P.K.bema_kernel(kind, par), (), (_flag(flag),), 3)
 
 
-def _plan(group, *, state, params, decays, w32, w64, flag, keys) -> BoundLaunch:        # run(given)
-    return BoundLaunch(group, lambda par: P.K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), 1,
+def _plan(group, *, state, params, decays, w32, w64, flag, keys) -> CpuLaunch:        # run(given)
+    return CpuLaunch(group, lambda par: P.K.plan_kernel(), (state, params, decays), (w32, w64, flag, keys), 1,
                        tables_of=None)
 
 
-def _copy(group, *, to_shadow, row_lo, row_hi, flag=None) -> BoundLaunch:                # run()
+def _copy(group, *, to_shadow, row_lo, row_hi, flag=None) -> CpuLaunch:                # run()
     kinds = (group.shadow_kind, group.src_kind, to_shadow)
-    return BoundLaunch(group, lambda par: P.K.copy_kernel(*kinds, par), (), (row_lo, row_hi, _flag(flag)),
+    return CpuLaunch(group, lambda par: P.K.copy_kernel(*kinds, par), (), (row_lo, row_hi, _flag(flag)),
                        row_hi - row_lo)
 
 
-def _swap(group, *, mode, row) -> BoundLaunch:                                           # run()
+def _swap(group, *, mode, row) -> CpuLaunch:                                           # run()
     kinds = (group.shadow_kind, group.src_kind, mode)
-    return BoundLaunch(group, lambda par: P.K.swap_kernel(*kinds, par), (), (row,), 1)
+    return CpuLaunch(group, lambda par: P.K.swap_kernel(*kinds, par), (), (row,), 1)
 
 
-def _nonfinite(group, *, flag) -> BoundLaunch:                                           # run()
+def _nonfinite(group, *, flag) -> CpuLaunch:                                           # run()
     kind = group.src_kind
-    return BoundLaunch(group, lambda par: P.K.nonfinite_kernel(kind, par), (), (flag,), 1, tables_of=_SCANNED)
+    return CpuLaunch(group, lambda par: P.K.nonfinite_kernel(kind, par), (), (flag,), 1, tables_of=_SCANNED)
 
 
-def _window(group, *, ring_kind) -> BoundLaunch:               # run(ring_addr, slot, full, count, recompute)
+def _window(group, *, ring_kind) -> CpuLaunch:               # run(ring_addr, slot, full, count, recompute)
     src_kind = group.src_kind
-    return BoundLaunch(group, lambda par: P.K.window_kernel(ring_kind, src_kind, par), (), (), 3)
+    return CpuLaunch(group, lambda par: P.K.window_kernel(ring_kind, src_kind, par), (), (), 3)
 
 
-def _ema_streams(group, *, mode, skip) -> _Streams:            # run(values, w0, c, per_stream, a, b, d)
+def _ema_streams(group, *, mode, skip) -> CpuStreams:            # run(values, w0, c, per_stream, a, b, d)
     kind = group.src_kind
-    return _Streams(lambda par: P.K.ema_kernel(kind, mode, skip, par))
+    return CpuStreams(lambda par: P.K.ema_kernel(kind, mode, skip, par))
 
 
-def _sma_streams(group, *, skip) -> _Streams:                  # run(values, w0, c, per_stream, ..., n, bad, slot)
+def _sma_streams(group, *, skip) -> CpuStreams:                  # run(values, w0, c, per_stream, ..., n, bad, slot)
     kind = group.src_kind
-    return _Streams(lambda par: P.K.sma_kernel(kind, skip, par))
+    return CpuStreams(lambda par: P.K.sma_kernel(kind, skip, par))
 
 
 PREPARE = {"lerp": _lerp, "plan_lerp": _plan_lerp, "bema": _bema, "plan": _plan, "copy": _copy, "swap": _swap,

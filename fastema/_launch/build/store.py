@@ -2,14 +2,15 @@
 (``python -m fastema warm --into kernels/device --set cu12|cu13``).
 
 Every variant the launchers ask for (:func:`.variants.every_variant`) is compiled by the set's
-compiler (:mod:`.compiler`: :class:`.compiler.NumbaCuda` for ``cu13``, :class:`.compiler.Cu12` for
-``cu12``) for every image of the set (:data:`SETS`), in spawned worker processes (a CUDA 12 worker
-activates the CUDA 12.0 toolchain before anything uses NVVM), each entry written as it is made into
-a node store beside the shipped one (``<into>/.<set>-entries``, ignored by git: a build that stops
-goes on where it stopped, and a variant whose sources, toolchain and launch bounds are unchanged is
-never compiled again), then packed into the shipped set (``kernels._store.store.write_set``), with
-what built it. The same compile and the same entry format as a run-time miss
-(:mod:`.device_code`), which writes one image into the node store.
+compiler (:mod:`.cuda.compiler`: :class:`.cuda.compiler.NumbaCuda` for ``cu13``,
+:class:`.cuda.compiler.Cu12` for ``cu12``) for every image of the set (:data:`SETS`), in spawned
+worker processes (a CUDA 12 worker activates the CUDA 12.0 toolchain before anything uses NVVM),
+each entry written as it is made into a node store beside the shipped one
+(``<into>/.<set>-entries``, ignored by git: a build that stops goes on where it stopped, and a
+variant whose sources, toolchain and launch bounds are unchanged is never compiled again), then
+packed into the shipped set (``kernels._store.store.write_set``), with what built it. The same
+compile and the same entry format as a run-time miss (:mod:`.cuda.device_code`), which writes one
+image into the node store.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import os
 import time
 from typing import Any
 
-from ..kernels import _bounds
-from ..kernels._store import entry as E
-from ..kernels._store import store as S
-from ..kernels._store.files import write_whole
-from ..kernels._store.identity import VARIANTS
+from ...kernels import _bounds
+from ...kernels._store import entry as E
+from ...kernels._store import store as S
+from ...kernels._store.files import write_whole
+from ...kernels._store.identity import VARIANTS
 
 SETS: dict[str, dict[str, Any]] = {
     "cu13": {"driver": 13000, "images": {"sm_80": 13000, "sm_90": 13000, "sm_100": 13000,
@@ -39,7 +40,7 @@ set's Blackwell cubins are assembled by ptxas 12.8, the first to know them."""
 def compiler_of(name: str, cu12_roots: tuple = (None, None)):
     """The compiler of set ``name`` (the CUDA 12 one's toolchains under ``cu12_roots``, default
     ``.toolchains/cu12-12.0`` and ``-12.8``)."""
-    from . import compiler
+    from ..cuda import compiler
 
     if name == "cu12":
         return compiler.Cu12(*cu12_roots)
@@ -51,7 +52,7 @@ def compiler_of(name: str, cu12_roots: tuple = (None, None)):
 def _start(name: str, cu12_roots: tuple) -> None:
     """A worker's start: the CUDA 12 toolchain loaded before anything uses NVVM."""
     if name == "cu12":
-        from ..kernels import _toolchain_cu12 as T
+        from ...kernels import _toolchain_cu12 as T
 
         T.activate(compiler_of(name, cu12_roots).tc)
 
@@ -101,7 +102,7 @@ def build(into: str, name: str, images=None, jobs: int = 1, say=print,
           cu12_roots: tuple = (None, None)) -> dict:
     """Fill compiled set ``name`` of the shipped store at ``into`` (see the module docstring) for
     ``images`` (default: every image of the set); returns its index."""
-    from ..kernels import _toolchain_cu12 as T
+    from ...kernels import _toolchain_cu12 as T
     from .variants import every_variant
 
     spec = SETS[name]

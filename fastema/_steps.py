@@ -1,4 +1,4 @@
-"""BoundLaunches: the per-step launches of a shadow made of launch groups, each kept by its group.
+"""StepLaunches: the per-step launches of a shadow made of launch groups, each kept by its group.
 
 :class:`fastema.FlatShadow` (fastema's own flat buffers) and :class:`fastema.pairs.PairShadow`
 (the caller's tensors, paired) differ in where the average lives, not in how an update runs:
@@ -26,9 +26,9 @@ class _Flagged(NamedTuple):
     """A flag fastema made (``_backends.made_here``), viewed once, and the specs of the launches
     behind it (``group.launch_of``): the lerp's (nearest, stochastic), the scan's, the copy's."""
     flag: Any
-    lerp: tuple
-    scan: tuple
-    copy: tuple
+    lerp: tuple[_launch.Spec, _launch.Spec]
+    scan: _launch.Spec
+    copy: _launch.Spec
 
 
 _VIEWS_KEPT = 8       # flags viewed a shadow (one a device a plan or scan; a few more where they change)
@@ -38,11 +38,11 @@ LERP = (_launch.spec("lerp"), _launch.spec("lerp", stochastic=True))
 
 
 @functools.lru_cache(maxsize=None)
-def _copy_in(rows: int) -> tuple:
+def _copy_in(rows: int) -> _launch.Spec:
     return _launch.spec("copy", to_shadow=True, row_lo=0, row_hi=rows)
 
 
-class BoundLaunches:
+class StepLaunches:
     """The checked update, the non-finite scan and the copy from the sources, one launch per
     group, each prepared once per op, rounding, flag and carried plan, and kept by the group."""
 

@@ -1,21 +1,23 @@
-"""The CUDA kernels the launchers ask for, by name: the variants of the shipped code found and loaded
-without importing the kernels' Python (``fastema.kernels.cuda``: numba dispatchers, numba-cuda).
+"""The CUDA kernels the launchers ask for, by name: the variants of the shipped code found and
+loaded without importing the kernels' Python (``fastema.kernels.cuda``: numba dispatchers,
+numba-cuda).
 
-A kernel factory of ``kernels.cuda`` (``lerp_kernel(shadow_kind, src_kind, stochastic, device_key)``)
-makes one numba dispatcher per arguments, named ``lerp_kernel(0,1,0,0)`` (``kernels._store.identity
-.variant``); a shipped variant is that name and its arguments' types (:mod:`.argtypes`). This module's
-factories of the same names give a :class:`Kernel` of the same name at once, and its dispatcher only
-where one is needed (:meth:`Kernel.dispatcher`: a variant not shipped, compiled here; a launch through
-numba's dispatcher; the build), importing ``kernels.cuda`` then. What the launch path reads of a
-dispatcher besides its name, its own launch bounds (the shipped code's bounds check), is
-:func:`own_bounds`. ``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and
-:func:`own_bounds` to ``kernels.cuda``'s for every shipped variant.
+A kernel factory of ``kernels.cuda`` (``lerp_kernel(shadow_kind, src_kind, stochastic,
+device_key)``) makes one numba dispatcher per arguments, named ``lerp_kernel(0,1,0,0)``
+(``kernels._store.identity .variant``); a shipped variant is that name and its arguments' types
+(:mod:`.argtypes`). This module's factories of the same names give a :class:`KernelRef` of the same
+name at once, and its dispatcher only where one is needed (:meth:`KernelRef.dispatcher`: a variant
+not shipped, compiled here; a launch through numba's dispatcher; the build), importing
+``kernels.cuda`` then. What the launch path reads of a dispatcher besides its name, its own launch
+bounds (the shipped code's bounds check), is :func:`own_bounds`.
+``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and :func:`own_bounds` to
+``kernels.cuda``'s for every shipped variant.
 """
 from __future__ import annotations
 
 import functools
 
-from ..kernels.kinds import wide  # plain constants and rules: no numba
+from ...kernels.kinds import wide  # plain constants and rules: no numba
 
 FACTORIES = {"lerp_kernel": 4, "plan_lerp_kernel": 3, "bema_kernel": 1, "copy_kernel": 3, "swap_kernel": 3,
              "window_kernel": 2, "plan_kernel": 0, "zero_kernel": 0, "ema_kernel": 3, "sma_kernel": 2,
@@ -28,7 +30,8 @@ _SR_LERP, _PLAN_LERP, _SCAN = (256, 4), (256, 3), (256, 6)   # kernels.cuda's SR
 
 
 def own_bounds(factory: str, numbers: tuple):
-    """The launch bounds ``kernels.cuda``'s factory gives its dispatcher (``targetoptions``), or None."""
+    """The launch bounds ``kernels.cuda``'s factory gives its dispatcher (``targetoptions``), or
+    None."""
     if factory == "lerp_kernel":
         return _SR_LERP if numbers[2] else None
     if factory == "plan_lerp_kernel":                # a float64 one (wide) has none
@@ -42,16 +45,16 @@ def own_bounds(factory: str, numbers: tuple):
 def kernels():
     """``fastema.kernels.cuda``, imported where a dispatcher is first needed, its dispatcher cache
     switch set before (``FASTEMA_CUDA_CACHE``)."""
-    from ..kernels import _cuda_jit
-    from . import config
+    from ...kernels import _cuda_jit
+    from .. import config
 
     _cuda_jit.CACHE = config.CUDA_DISPATCHER_CACHE  # numba's own cache of the dispatcher path
-    from ..kernels import cuda
+    from ...kernels import cuda
 
     return cuda
 
 
-class Kernel:
+class KernelRef:
     """A variant's kernel by name (``lerp_kernel(0,1,0,0)``): equal and hashed by it."""
 
     __slots__ = ("factory", "numbers", "name", "own_bounds")
@@ -62,27 +65,28 @@ class Kernel:
         self.own_bounds = own_bounds(factory, numbers)
 
     def dispatcher(self):
-        """``kernels.cuda``'s dispatcher of this kernel (see the module docstring): the factory's, asked
-        each time (it keeps what it made until ``fastema.clear_caches()`` or a test clears it)."""
+        """``kernels.cuda``'s dispatcher of this kernel (see the module docstring): the factory's,
+        asked each time (it keeps what it made until ``fastema.clear_caches()`` or a test clears
+        it)."""
         return getattr(kernels(), self.factory)(*self.numbers)
 
     def __eq__(self, other) -> bool:
-        return type(other) is Kernel and other.name == self.name
+        return type(other) is KernelRef and other.name == self.name
 
     def __hash__(self) -> int:
         return hash(self.name)
 
     def __repr__(self) -> str:
-        return f"Kernel({self.name})"
+        return f"KernelRef({self.name})"
 
 
 @functools.cache
-def _kernel(factory: str, numbers: tuple) -> Kernel:
-    return Kernel(factory, numbers)
+def _kernel(factory: str, numbers: tuple) -> KernelRef:
+    return KernelRef(factory, numbers)
 
 
 def _factory(factory: str, count: int):
-    def make(*args) -> Kernel:
+    def make(*args) -> KernelRef:
         if len(args) != count:
             raise TypeError(f"fastema: {factory} takes {count} arguments by position, got {len(args)}")
         return _kernel(factory, tuple(int(a) for a in args))
@@ -92,8 +96,8 @@ def _factory(factory: str, count: int):
 
 
 def dispatcher(kernel):
-    """The numba dispatcher of ``kernel`` (a :class:`Kernel`, or a dispatcher: itself)."""
-    return kernel.dispatcher() if type(kernel) is Kernel else kernel
+    """The numba dispatcher of ``kernel`` (a :class:`KernelRef`, or a dispatcher: itself)."""
+    return kernel.dispatcher() if type(kernel) is KernelRef else kernel
 
 
 lerp_kernel = _factory("lerp_kernel", 4)

@@ -1,7 +1,7 @@
 """The lowest CUDA pieces of dispatch, which every other CUDA module of ``_launch`` imports: what
 built a kernel (:func:`cuda_versions`), device indices, what waits for a safe point
-(:data:`WAITING`, :func:`prune_retired`: the retired sources of :class:`.cuda.Retired` waiting for
-their events, and the deferred frees of :mod:`.cuda_frees`) and the refusal of a code load inside a
+(:data:`WAITING`, :func:`prune_retired`: the retired sources of :class:`.tables.Retired` waiting for
+their events, and the deferred frees of :mod:`.frees`) and the refusal of a code load inside a
 capture (:func:`refuse_load_during_capture`). Sets, before any kernel is built, the kernel cache's
 key versions (the dispatcher cache switch is set where the kernels are first imported:
 :func:`.kernel_refs.kernels`). The driver calls are the launch driver's (:mod:`.driver`,
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 
-from ..kernels import _cache as _kernel_cache
-from .cuda_frees import WAITING
+from ...kernels import _cache as _kernel_cache
+from .frees import WAITING
 
 
 @functools.cache
@@ -48,14 +48,15 @@ def _index(device: str) -> int:
 
 
 def prune_retired(driver, raw: int, index: int | None = None) -> None:
-    """Drop the retired objects whose events have passed (:class:`.cuda.Retired`) and issue the
-    deferred frees (:mod:`.cuda_frees`): the holders of :data:`WAITING`. Skipped while the launch
+    """Drop the retired objects whose events have passed (:class:`.tables.Retired`) and issue the
+    deferred frees (:mod:`.frees`): the holders of :data:`WAITING`. Skipped while the launch
     stream ``raw``, device ``index``'s legacy stream or a watched framework's current stream is
     being captured (:meth:`.driver.Driver.any_capturing`): event queries and frees are not permitted
     during a capture, and in global mode (torch's default) not from any thread while another
     captures. A capture on a stream current on another thread only is not seen (only current streams
     are asked: :meth:`.drivers.DispatcherDriver.any_capturing`): the holders are pruned with this
-    thread's capture mode relaxed (:meth:`.driver.Driver.relaxed`), which leaves such a capture intact."""
+    thread's capture mode relaxed (:meth:`.driver.Driver.relaxed`), which leaves such a capture
+    intact."""
     if driver.any_capturing(raw, index):
         return
     with driver.relaxed():
@@ -69,10 +70,10 @@ def refuse_load_during_capture(driver, raw: int, index: int, dispatcher) -> None
     """RuntimeError where a launch on the raw stream ``raw`` of device ``index`` must load its
     kernel's code (its first launch, or a new variant) while a CUDA graph is being captured there or
     on another stream ``driver`` asks. An H200's driver (580.159) permitted ``cuLibraryLoadData``,
-    ``cuLibraryGetKernel`` and ``cuKernelGetFunction`` during a capture (``testkit/driver_rules.py``);
-    drivers before it were not measured, and a refused load invalidates the capture, so fastema loads
-    none there. Asked before any call that loads (one capture query a stream; only where code is to
-    be loaded)."""
+    ``cuLibraryGetKernel`` and ``cuKernelGetFunction`` during a capture
+    (``testkit/driver_rules.py``); drivers before it were not measured, and a refused load
+    invalidates the capture, so fastema loads none there. Asked before any call that loads (one
+    capture query a stream; only where code is to be loaded)."""
     if driver.any_capturing(raw, index):
         name = (getattr(dispatcher, "name", None)
                 or getattr(dispatcher, "__name__", repr(dispatcher)))

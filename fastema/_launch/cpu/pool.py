@@ -1,6 +1,7 @@
-"""The CPU target's pool: how a kernel runs, serial or parallel, and the rules around numba's threads.
+"""The CPU target's pool: how a kernel runs, serial or parallel, and the rules around numba's
+threads.
 
-The prepared launches are :mod:`.cpu_bound`'s (its ``PREPARE``); each runs its kernel through
+The prepared launches are :mod:`.launch`'s (its ``PREPARE``); each runs its kernel through
 :func:`run` (its first call, and one-off launches) or :func:`run_parallel` (a parallel entry point),
 serial or parallel by the work's size (see :mod:`.config`). Also here: the checkpoint merge's
 launch (:func:`merge`) and the smoother's host check of its weights (:func:`first_bad_weight`).
@@ -39,9 +40,10 @@ from collections.abc import Iterator
 import numba
 import numpy as np
 
-from ..kernels import _cache, merge_cpu
-from ..kernels import cpu as K
-from . import config, threads
+from ...kernels import _cache, merge_cpu
+from ...kernels import cpu as K
+from .. import config
+from . import threads
 
 
 def _check_disk_cache() -> None:

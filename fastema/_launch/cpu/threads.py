@@ -9,12 +9,13 @@ cores (a diffusers UNet's step was 4-5x slower than diffusers' own loop). A laun
    calling thread, what ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` gave torch, read at every
    launch, so a change between two updates holds from the second;
 3. ``OMP_NUM_THREADS`` (the first of a nested list), read at import as OpenMP runtimes read it;
-4. numba's own count on the calling thread (the launcher reads it: :func:`fastema._launch.cpu.team`).
+4. numba's own count on the calling thread (the launcher reads it:
+   :func:`fastema._launch.cpu.pool.team`).
 
 At most ``NUMBA_NUM_THREADS`` (the threads numba starts); one thread runs the serial twin. numba's
 parallel regions take their team size from the calling thread's numba count, so :func:`run_on` sets
-it for the launch and puts the caller's back: ``numba.get_num_threads()`` and torch's count stay what
-the user set. Host cost: ~0.1 us to choose, ~1.5 us more where the count differs from numba's.
+it for the launch and puts the caller's back: ``numba.get_num_threads()`` and torch's count stay
+what the user set. Host cost: ~0.1 us to choose, ~1.5 us more where the count differs from numba's.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import numba
 
-from . import config
+from .. import config
 
 __all__ = ["capped", "chosen", "run_on"]
 
@@ -61,7 +62,8 @@ def chosen() -> int:
 
 
 def capped(n: int) -> int:
-    """``n`` threads as a launch takes them: at most ``NUMBA_NUM_THREADS``; 0 (the serial twin) for one."""
+    """``n`` threads as a launch takes them: at most ``NUMBA_NUM_THREADS``; 0 (the serial twin) for
+    one."""
     n = min(n, _MOST)
     return n if n > 1 else 0
 

@@ -1,14 +1,15 @@
 """What fastema's CUDA launch path asks of a GPU, as one interface: :class:`Driver`.
 
-The launch path (:mod:`.cuda`, :mod:`.cuda_launch`, :mod:`.device_code`) makes no driver call of its
+The launch path (:mod:`.tables`, :mod:`.launch`, :mod:`.device_code`) makes no driver call of its
 own: it asks the driver it was given (:func:`.drivers.current` when a launch is bound, or a table
 made) to load a variant's image, launch it, say which context is current and whether a stream is
 being captured, and to do the device work around the launches (uploads, pinned staging, events). The
 implementations: :class:`.drivers.CudaCoreDriver` (cuda.core and cuda-bindings: the fast path),
 :class:`.drivers.DispatcherDriver` (numba's dispatcher: the fallback and the Numba CUDA simulator),
-:class:`.variants.RecordingDriver` (records the variants the launchers ask for, launches nothing:
-``python -m fastema warm`` and the build) and the tests' ``FakeDriver`` (``tests/support``), a GPU
-on the host that is held to this interface by mypy and to cuda-bindings' signatures by a test.
+:class:`.build.variants.RecordingDriver` (records the variants the launchers ask for, launches
+nothing: ``python -m fastema warm`` and the build) and the tests' ``FakeDriver``
+(``tests/support``), a GPU on the host that is held to this interface by mypy and to cuda-bindings'
+signatures by a test.
 
 A driver's refusal of an image (:class:`Refused`) is the one error the launch path falls back on:
 the driver's own results that mean "this image cannot run here" (:data:`REFUSALS`). Anything else a
@@ -118,27 +119,29 @@ class Driver(Protocol):
 
     def capturing(self, raw: int, index: int | None = None) -> bool:
         """Whether work queued on ``raw`` now would be captured into a CUDA graph rather than run
-        (the stream captures, or another stream's capture makes the legacy stream illegal). The legacy
-        stream (``raw`` 0) is device ``index``'s (asked in its context; None: the current context's)."""
+        (the stream captures, or another stream's capture makes the legacy stream illegal). The
+        legacy stream (``raw`` 0) is device ``index``'s (asked in its context; None: the current
+        context's)."""
 
     watched: Any
-    """:class:`.cuda_memory.Watched`: the getters :meth:`watch` was given (``live()``: those in use), whose
-    current streams :meth:`any_capturing` asks."""
+    """:class:`.memory.Watched`: the getters :meth:`watch` was given (``live()``: those in use),
+    whose current streams :meth:`any_capturing` asks."""
 
     def watch(self, device: str, getter: Any) -> None:
-        """Tables were made for ``device``, launched on the stream ``getter()`` names at each call (a getter
-        must name a live stream whenever called: a framework's current stream)."""
+        """Tables were made for ``device``, launched on the stream ``getter()`` names at each call
+        (a getter must name a live stream whenever called: a framework's current stream)."""
 
     def any_capturing(self, raw: int, index: int | None) -> bool:
-        """Whether ``raw``, device ``index``'s legacy stream, or the current stream of a watched getter (and
-        its device's legacy stream) is being captured now: where event queries and frees must wait (they
-        are not permitted during a capture, in global mode from any thread). A handle that is not current
-        is never asked: its stream may have been destroyed."""
+        """Whether ``raw``, device ``index``'s legacy stream, or the current stream of a watched
+        getter (and its device's legacy stream) is being captured now: where event queries and frees
+        must wait (they are not permitted during a capture, in global mode from any thread). A
+        handle that is not current is never asked: its stream may have been destroyed."""
 
     def relaxed(self) -> ContextManager[Any]:
-        """The calling thread's capture mode relaxed for a ``with`` block (``cuThreadExchangeStreamCaptureMode``),
-        restored after: the event queries and frees of a safe point, made inside, leave a capture in global
-        mode on another thread intact (:func:`.cuda_frees.relaxed`)."""
+        """The calling thread's capture mode relaxed for a ``with`` block
+        (``cuThreadExchangeStreamCaptureMode``), restored after: the event queries and frees of a
+        safe point, made inside, leave a capture in global mode on another thread intact
+        (:func:`.frees.relaxed`)."""
 
     def sm_count(self, index: int) -> int:
         """Device ``index``'s multiprocessor count (0: unknown)."""

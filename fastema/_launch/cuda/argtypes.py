@@ -1,14 +1,15 @@
 """The type of a CUDA kernel argument as numba-cuda's ``typeof`` gives it, read without numba-cuda.
 
 A launch is bound once per variant: the variant's name in the shipped code's index is its kernel and
-its arguments' numba types (``lerp_kernel(0,1,0,0)[array(int64, 1d, C), ..., UniTuple(float32 x 2)]``,
-``kernels._store.identity.variant_key``) and its argument block's layout follows them (:mod:`.abi`).
-:func:`typeof` gives the same types for what fastema's launchers pass (Python and NumPy scalars, tuples
-of them, device arrays described by ``__cuda_array_interface__``) as small objects with numba's names,
-so that finding and loading shipped code needs no numba-cuda; anything else (and a device array of
-numba's own) is typed by numba-cuda itself. :func:`as_numba` gives numba's type objects where numba-cuda
-compiles a variant (the fallback compiler). ``tests/kernels/test_argtypes.py`` holds :func:`typeof` to
-numba-cuda's ``typeof(value, Purpose.argument)``, value by value.
+its arguments' numba types (``lerp_kernel(0,1,0,0)[array(int64, 1d, C), ..., UniTuple(float32 x
+2)]``, ``kernels._store.identity.variant_key``) and its argument block's layout follows them
+(:mod:`.abi`). :func:`typeof` gives the same types for what fastema's launchers pass (Python and
+NumPy scalars, tuples of them, device arrays described by ``__cuda_array_interface__``) as small
+objects with numba's names, so that finding and loading shipped code needs no numba-cuda; anything
+else (and a device array of numba's own) is typed by numba-cuda itself. :func:`as_numba` gives
+numba's type objects where numba-cuda compiles a variant (the fallback compiler).
+``tests/kernels/test_argtypes.py`` holds :func:`typeof` to numba-cuda's ``typeof(value,
+Purpose.argument)``, value by value.
 """
 from __future__ import annotations
 

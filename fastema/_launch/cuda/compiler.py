@@ -23,14 +23,14 @@ compiler); :func:`current` is the one in use at run time.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
-from ..kernels import _bounds
-from ..kernels._store.entry import figures
-from ..kernels._store.identity import VARIANTS
+from ..._switch import Switch
+from ...kernels import _bounds
+from ...kernels._store.entry import figures
+from ...kernels._store.identity import VARIANTS
 
 PTX_ISA = "9.0"
 """The PTX ISA the CUDA 13 set's PTX declares where it assembles as such: CUDA 13.0's, the oldest
@@ -68,21 +68,22 @@ def nvvm(dispatcher, types, cc: tuple, output: str = "ltoir", bounds=None):
     """The kernel's code from NVVM for compute capability ``cc``, with the dispatcher's own options,
     launch ``bounds`` and the kernels' NVVM options (``kernels._cuda_jit.NVVM``: no contraction):
     LTO-IR (bytes) or PTX (str)."""
-    from ..kernels._cuda_jit import nvvm_code
+    from ...kernels._cuda_jit import nvvm_code
 
     return nvvm_code(dispatcher, types, cc, output, bounds)
 
 
 def link(ltoir: bytes, target: str, arch: str, verbose: bool = False) -> tuple[bytes, str]:
-    """``(code, info log)``: ``ltoir`` linked by nvJitLink with link-time optimisation, as numba-cuda
-    links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch`` (``"sm_XY"``), with the
-    kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides the contraction of LTO
-    code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``, which nvJitLink 13.5
-    refuses, so nvJitLink is called through its bindings). ImportError where nvJitLink is missing."""
+    """``(code, info log)``: ``ltoir`` linked by nvJitLink with link-time optimisation, as
+    numba-cuda links at a launch, into ``target`` (``"cubin"`` or ``"ptx"``) for ``arch``
+    (``"sm_XY"``), with the kernels' flags (``kernels._cuda_jit.LINK``: ``-fma=0``, which decides
+    the contraction of LTO code; cuda.core's ``LinkerOptions(fma=False)`` writes ``-fma=false``,
+    which nvJitLink 13.5 refuses, so nvJitLink is called through its bindings). ImportError where
+    nvJitLink is missing."""
     from cuda.bindings import nvjitlink as J
     from cuda.pathfinder import DynamicLibNotFoundError
 
-    from ..kernels._cuda_jit import LINK
+    from ...kernels._cuda_jit import LINK
 
     flags = [f"-arch={arch}", "-lto", *(["-ptx"] if target == "ptx" else []), *(["-verbose"] if verbose else []),
              *LINK]
@@ -152,7 +153,7 @@ class NumbaCuda:
     def identity(self) -> str:
         import importlib.metadata as md
 
-        from .cuda_base import cuda_versions
+        from .base import cuda_versions
 
         try:
             nvjitlink = md.version("nvidia-nvjitlink")
@@ -194,7 +195,7 @@ class Cu12:
     set = "cu12"
 
     def __init__(self, root: str | None = None, late: str | None = None):
-        from ..kernels import _toolchain_cu12 as T
+        from ...kernels import _toolchain_cu12 as T
 
         self.T = T
         self.tc = T.Toolchain.at(root or T.default_root())
@@ -209,27 +210,19 @@ class Cu12:
         return self.T.build_cu12(dispatcher, types, tuple(images), self.tc, self.late)
 
 
-_STACK: list = []
-
-
-@contextlib.contextmanager
-def using(compiler: Compiler) -> Iterator[Compiler]:
-    """``compiler`` compiles what the launch path compiles at run time for the ``with`` block."""
-    _STACK.append(compiler)
-    try:
-        yield compiler
-    finally:
-        _STACK.remove(compiler)
-
-
 @functools.cache
 def _default() -> Compiler:
     return NumbaCuda()
 
 
-def current() -> Compiler:
-    """The compiler in use: the innermost :func:`using`'s, else numba-cuda's."""
-    return _STACK[-1] if _STACK else _default()
+COMPILERS: Switch[Compiler] = Switch(_default)
+"""The compiler of what the launch path compiles at run time: the innermost given to :func:`using`,
+else numba-cuda's."""
+using = COMPILERS.using
+"""``using(compiler)``: ``compiler`` compiles what the launch path compiles at run time for the
+``with`` block."""
+current = COMPILERS.current
+"""``current()``: the compiler in use: the innermost :func:`using`'s, else numba-cuda's."""
 
 
 def _typed(numba_cuda: NumbaCuda, cu12: Cu12) -> tuple[Compiler, Compiler]:   # mypy: both compile

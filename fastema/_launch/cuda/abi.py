@@ -1,8 +1,8 @@
 """The argument ABI of numba-cuda kernels, written once: what fastema packs for ``cuLaunchKernel``.
 
-A kernel compiled by numba-cuda takes each argument flattened into kernel parameters by its numba type
-(numba-cuda 0.30's ``_Kernel._prepare_args``; ``tests/kernels/test_abi.py`` holds this module to it,
-byte for byte, for every shipped variant):
+A kernel compiled by numba-cuda takes each argument flattened into kernel parameters by its numba
+type (numba-cuda 0.30's ``_Kernel._prepare_args``; ``tests/kernels/test_abi.py`` holds this module
+to it, byte for byte, for every shipped variant):
 
 ==========================  =====================================================================
 numba type                  parameters (each in the C type cuda.core's ``ParamHolder`` gives it)
@@ -17,14 +17,15 @@ numba type                  parameters (each in the C type cuda.core's ``ParamHo
 ==========================  =====================================================================
 
 An array argument must be device memory: an object with ``__cuda_array_interface__`` (a numba device
-array, a torch or CuPy tensor). Anything else is refused (:class:`NotDeviceMemory`), so no host address
-reaches a kernel.
+array, a torch or CuPy tensor). Anything else is refused (:class:`NotDeviceMemory`), so no host
+address reaches a kernel.
 
-The layout of a kernel's parameters (:class:`Layout`: each parameter's C type and offset in one buffer,
-each argument's ``struct.Struct`` at its offset, and what a later value of the argument must be to fit
-it) is computed once per variant (its numba types). :class:`Block` holds one launch's parameters in one
-preallocated buffer and the array of their addresses that ``cuLaunchKernel`` reads; :meth:`Block.patch`
-rewrites one argument at C speed (``Struct.pack_into``): no numba type and no ctypes object per call.
+The layout of a kernel's parameters (:class:`Layout`: each parameter's C type and offset in one
+buffer, each argument's ``struct.Struct`` at its offset, and what a later value of the argument must
+be to fit it) is computed once per variant (its numba types). :class:`Block` holds one launch's
+parameters in one preallocated buffer and the array of their addresses that ``cuLaunchKernel``
+reads; :meth:`Block.patch` rewrites one argument at C speed (``Struct.pack_into``): no numba type
+and no ctypes object per call.
 """
 from __future__ import annotations
 
@@ -85,9 +86,9 @@ def _f16(v) -> tuple:
 
 
 def _plan(ty) -> tuple:
-    """``(codes, to_values, fits)`` of one argument of numba type ``ty``: its parameters' struct codes,
-    the function from a value to their values, and the check a later value must pass to take its place
-    (same type: the same parameters)."""
+    """``(codes, to_values, fits)`` of one argument of numba type ``ty``: its parameters' struct
+    codes, the function from a value to their values, and the check a later value must pass to take
+    its place (same type: the same parameters)."""
     name = getattr(ty, "name", str(ty))
     if hasattr(ty, "ndim") and hasattr(ty, "layout"):     # types.Array
         ndim = ty.ndim
@@ -130,10 +131,10 @@ def _c_strides(cai, itemsize: int) -> bool:
 
 
 class Layout:
-    """Where each parameter of a kernel of numba ``types`` lives in one buffer (natural alignment), and
-    per argument its ``struct.Struct`` (from its first parameter's offset, with the padding between),
-    its values' function and the check a later value passes to fit it: computed once per variant
-    (:func:`layout`)."""
+    """Where each parameter of a kernel of numba ``types`` lives in one buffer (natural alignment),
+    and per argument its ``struct.Struct`` (from its first parameter's offset, with the padding
+    between), its values' function and the check a later value passes to fit it: computed once per
+    variant (:func:`layout`)."""
 
     __slots__ = ("types", "codes", "offsets", "nbytes", "args")
 
@@ -199,8 +200,8 @@ class Block:
         st.pack_into(self.buffer, offset, *to_values(value))
 
     def patched(self, i: int, value) -> bool:
-        """:meth:`patch` where ``value`` :meth:`fits` (True), else nothing written (False): one call a
-        changed argument on a prepared launch's path."""
+        """:meth:`patch` where ``value`` :meth:`fits` (True), else nothing written (False): one call
+        a changed argument on a prepared launch's path."""
         offset, st, to_values, fits = self.layout.args[i]
         if not fits(value):
             return False
