@@ -29,10 +29,19 @@ _GROUPS_KEPT = 4      # a smoother's metric groups on a GPU, one per values view
 # are the same numbers bit for bit; but a sum can no longer overflow float64 unless window *
 # sample_weight (SMA) or sample_weight / (1 - decay) (EMA) passes 2**64: two values of 1.7e308
 # average to 1.7e308, not inf (and an overflowed window sum stayed inf/NaN for good). Products
-# |w v| below 2**64 * 2.2e-308 (~4e-289) lose precision as subnormals. Checkpoint version 2 holds
-# the scaled sums; version 1 (unscaled) is converted when loaded.
-SCALE = 2.0 ** -64
-_SCALED = ("a", "b", "ring_v", "ring_w", "s", "comp", "ws", "wcomp")   # a and b in mode "debiased" only
+# |w v| below 2**64 * 2.2e-308 (~4e-289) lose precision as subnormals.
+SCALE = kinds.STREAM_SCALE
+VERSION = 3
+"""The checkpoint version :meth:`Smoother.state_dict` writes. 3: the state of one fused kernel
+(``kernels.cpu.streams_kernel``): pairs interleaved (``ab``: the EMA's (a, b); ``sc``: the window's
+compensated sum (s, comp); ``wsc``: its weights' (ws, wcomp)), int32 counts, and until the first
+``sample_weight`` no weights at all (``ring_v``, ``sc`` and ``n``: every weight is SCALE, a non-finite
+value stays in ``ring_v``); then also ``ring_w``, ``wsc`` and ``bad``. 2: ``a, b, ring_v, ring_w,
+s, comp, ws, wcomp`` float64 and ``n, bad`` int64, in units of SCALE; 1: the same unscaled. Both are
+converted when loaded (to the weighted layout, which holds everything they held)."""
+_V2_SCALED = ("a", "b", "ring_v", "ring_w", "s", "comp", "ws", "wcomp")   # version 1's unscaled sums
+_V2_PAIRS = {"ab": ("a", "b"), "sc": ("s", "comp"), "wsc": ("ws", "wcomp")}
+_INT32 = ("n", "bad")
 
 
 def alpha_from(*, decay=None, alpha=None, span=None, halflife=None, com=None) -> float:
@@ -91,36 +100,61 @@ class Smoother:
         if not has_ema and window is None:
             raise TypeError("give an EMA parameter (decay, alpha, span, halflife or com), window=, or both")
         self.mode, self.window, self.min_periods, self.nonfinite = mode, window, min_periods, nonfinite
-        skip = nonfinite == "skip"           # the launches' specs (group.launch)
-        self._ema_spec = _launch.spec("ema_streams", mode=_MODES[mode], skip=skip)
-        self._sma_spec = _launch.spec("sma_streams", skip=skip)
+        skip = nonfinite == "skip"
+        self._parts = (kinds.EMA_PART if has_ema else 0) | (kinds.SMA_PART if window is not None else 0)
+        self._specs = {w: _launch.spec("streams", parts=self._parts, skip=skip, weighted=w) for w in (False, True)}
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
         self._where: tuple | None = None
         self._groups: dict = {}
         self._bound = False
+        self._weighted = False                   # the weighted layout (kept from the first sample_weight on)
         self._w0 = SCALE
+        self._decay = 0.0 if self.alpha is None else 1.0 - self.alpha
 
     # ------------------------------------------------------------ state
 
-    def _alloc(self, where, shape):
-        k = int(np.prod(shape)) if shape else 1
-        sizes = {}
-        if self.alpha is not None:
-            sizes.update(a=k, b=k)
+    def _sizes(self, k: int, weighted: bool) -> dict:
+        """``name -> (size, dtype)`` of the state of ``k`` streams in the unweighted or weighted layout
+        (:data:`VERSION`)."""
+        f64, i32 = np.float64, np.int32
+        sizes = {"ab": (2 * k, f64)} if self.alpha is not None else {}
         if self.window is not None:
-            sizes.update(ring_v=self.window * k, ring_w=self.window * k, s=k, comp=k, ws=k, wcomp=k)
-        ints = {"n": k, "bad": k} if self.window is not None else {}
-        st = {n: _backends.zeros(where, m, np.float64) for n, m in sizes.items()}
-        st.update({n: _backends.zeros(where, m, np.int64) for n, m in ints.items()})
-        self._state, self._where, self.shape = st, where, shape
+            sizes.update(ring_v=(self.window * k, f64), sc=(2 * k, f64), n=(k, i32))
+            if weighted:
+                sizes.update(ring_w=(self.window * k, f64), wsc=(2 * k, f64), bad=(k, i32))
+        return sizes
+
+    def _alloc(self, where, shape, weighted: bool = False):
+        k = int(np.prod(shape)) if shape else 1
+        st = {n: _backends.zeros(where, m, dt) for n, (m, dt) in self._sizes(k, weighted).items()}
+        self._state, self._where, self.shape, self._weighted = st, where, shape, weighted
         self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
-        v = self._views
-        self._ema_state = (v.get("a"), v.get("b"), None if self.alpha is None else 1.0 - self.alpha)
-        self._ring = tuple(v.get(n) for n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad"))
         self._groups = {}                        # (kind, values view) -> its metric group (_group)
         self._bound = _launch.is_cuda(where[1])  # bound launches, per values view
+        self._pack()
+
+    def _pack(self):
+        """The launch's state arguments (``ab, ring_v, sc, n, ring_w, wsc, bad``): this layout's views,
+        a stand-in of the same type for each it does not keep (never read)."""
+        v = self._views
+        if "f64" not in v:                       # 1-element stand-ins, made once
+            v["f64"] = _backends.kernel_view(_backends.zeros(self._where, 1, np.float64))
+            v["i32"] = _backends.kernel_view(_backends.zeros(self._where, 1, np.int32))
+        self._args = tuple(v.get(n, v["i32" if n in _INT32 else "f64"])
+                           for n in ("ab", "ring_v", "sc", "n", "ring_w", "wsc", "bad"))
+
+    def _widen(self):
+        """The weighted layout's arrays added (zeros): the next launch widens the state into them
+        (``kernels.cpu.streams_kernel``'s ``widen``). Once, at the first weighted update."""
+        k = int(np.prod(self.shape)) if self.shape else 1
+        for n, (m, dt) in self._sizes(k, True).items():
+            if n not in self._state:
+                self._state[n] = _backends.zeros(self._where, m, dt)
+                self._views[n] = _backends.kernel_view(self._state[n])
+        self._weighted = True
+        self._pack()
 
     # ------------------------------------------------------------ update / read
 
@@ -142,7 +176,11 @@ class Smoother:
         if self._where is None:
             self._alloc(where, shape)
         per_stream = c is not None
-        c = self._dummy() if c is None else c
+        widen = False
+        if not self._weighted and (per_stream or w0 != SCALE):
+            self._widen()                                 # the first weighted update: once
+            widen = self.window is not None
+        c = self._views["f64"] if c is None else c
         if w0 == self._w0:
             w0 = self._w0                                 # the same object: a bound launch packs nothing
         else:
@@ -151,11 +189,11 @@ class Smoother:
         group = self._groups.get(key)
         if group is None:
             group = self._group(key)
-        if self.alpha is not None:
-            group.launch_of(self._ema_spec)(y, w0, c, per_stream, *self._ema_state)
-        if self.window is not None:                       # the ring slot last
-            group.launch_of(self._sma_spec)(y, w0, c, per_stream, *self._ring, self.count % self.window)
-        self.count += 1
+        window = self.window or 1
+        count = self.count
+        group.launch_of(self._specs[self._weighted])(y, w0, c, per_stream, _MODES[self.mode], self._decay,
+                                                     *self._args, count % window, min(count, window), widen)
+        self.count = count + 1
 
     def _group(self, key: tuple) -> _launch.Group:
         """The metric group of values of storage kind ``key[0]``, kept under ``key``: its EMA's and SMA's
@@ -193,16 +231,13 @@ class Smoother:
                              f"finite number >= 0 ({bad} of {k} are not); nothing was updated")
         return SCALE, c
 
-    def _dummy(self):
-        return next(iter(self._views.values()))           # any float64 array on the device: never read
-
     @property
     def ema(self):
         """The EMA of every stream, shaped like the values (NaN where a stream has no value yet)."""
         if self.alpha is None:
             raise AttributeError("this smoother keeps no EMA (give decay, alpha, span, halflife or com)")
         self._started()
-        a, b = self._state["a"], self._state["b"]
+        a, b = self._state["ab"][0::2], self._state["ab"][1::2]
         if self.mode == "zeros":
             out = a * 1.0
         else:
@@ -217,8 +252,16 @@ class Smoother:
             raise AttributeError("this smoother keeps no SMA (give window=)")
         self._started()
         st = self._state
-        ok = (st["n"] >= self.min_periods) & (st["bad"] == 0)
-        mean = (st["s"] + st["comp"]) / _nonzero(st["ws"] + st["wcomp"])
+        n = st["n"]
+        if self._weighted:
+            ok = (n >= self.min_periods) & (st["bad"] == 0)
+            weights = st["wsc"][0::2] + st["wsc"][1::2]
+        else:                                    # every weight SCALE: their sum n * SCALE, exactly
+            weights = _float64(n) * SCALE
+            ok = n >= self.min_periods
+            if self.nonfinite == "propagate":    # each entry finite or bad: none bad when n counts them all
+                ok = ok & (n == min(self.count, self.window))
+        mean = (st["sc"][0::2] + st["sc"][1::2]) / _nonzero(weights)
         return _where(ok, mean, math.nan).reshape(self.shape)
 
     def _started(self):
@@ -231,16 +274,16 @@ class Smoother:
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """The smoother's settings, update count and state arrays (the weighted sums in units of
-        :data:`SCALE`: version 2)."""
-        return {"format": "fastema.Smoother", "version": 2, "alpha": self.alpha, "mode": self.mode,
+        """The smoother's settings, update count and state arrays (version :data:`VERSION`: the weighted
+        sums in units of :data:`SCALE`, the weighted layout's arrays once a ``sample_weight`` came)."""
+        return {"format": "fastema.Smoother", "version": VERSION, "alpha": self.alpha, "mode": self.mode,
                 "window": self.window, "min_periods": self.min_periods, "nonfinite": self.nonfinite,
                 "count": self.count, "shape": self.shape, "state": dict(self._state)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (version 2; version 1, written by earlier releases with
-        unscaled sums, is converted); everything is checked first and nothing changes on error."""
-        check_header(state, "fastema.Smoother", (1, 2), "pass what Smoother.state_dict() returned")
+        """Restore :meth:`state_dict` (version 3; versions 1 and 2, written by earlier releases, are
+        converted: see :data:`VERSION`); everything is checked first and nothing changes on error."""
+        check_header(state, "fastema.Smoother", (1, 2, VERSION), "pass what Smoother.state_dict() returned")
         missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
         if missing:
             raise load_refused(f"Smoother checkpoint has no {missing}.")
@@ -253,22 +296,54 @@ class Smoother:
             raise load_refused(f"Smoother checkpoint count must be an int >= 0, got {count!r}.")
         if not isinstance(saved, dict) or not saved:
             raise load_refused("Smoother checkpoint state must be a dict of arrays.")
-        before = (self._state, self._where, self.shape, self.__dict__.get("_views"))
-        if self._where is None:
-            like = next(iter(saved.values()))
-            self._alloc(_backends.location(like), tuple(state["shape"]) if state["shape"] is not None else ())
-        if set(saved) != set(self._state) or any(
-                tuple(saved[n].shape) != tuple(a.shape) for n, a in self._state.items()):
-            self._state, self._where, self.shape = before[:3]
-            if before[3] is not None:
-                self._views = before[3]
+        where = self._where or _backends.location(next(iter(saved.values())))
+        shape = self.shape if self._where is not None else \
+            (tuple(state["shape"]) if state["shape"] is not None else ())
+        if state["version"] < VERSION:
+            saved = _from_version_2(saved, state["version"], self.mode)
+        k = int(np.prod(shape)) if shape else 1
+        weighted = "ring_w" in saved or (self.window is None and self._weighted)
+        sizes = self._sizes(k, weighted)
+        if set(saved) != set(sizes) or any(tuple(saved[n].shape) != (m,) for n, (m, _) in sizes.items()):
             raise load_refused("checkpoint smoother state does not match this smoother's streams.")
+        old = self.__dict__.copy()
+        try:
+            self._alloc(where, shape, weighted)
+        except BaseException:
+            self.__dict__.update(old)
+            raise
         with ctrl_c_held():                      # a Ctrl-C here is raised once every stream and the count are in
             for n, a in self._state.items():
                 a[...] = saved[n]
-                if state["version"] == 1 and n in _SCALED and (n not in ("a", "b") or self.mode == "debiased"):
-                    a *= SCALE                   # exact: a power of two
             self.count = count
+
+
+def _from_version_2(saved: dict, version: int, mode: str) -> dict:
+    """A version 1 or 2 checkpoint's state (:data:`VERSION`) in version 3's weighted layout, as NumPy
+    arrays: version 1's sums scaled, the pairs interleaved, the counts int32. Refused where a name is
+    unknown."""
+    unknown = set(saved) - set(_V2_SCALED) - set(_INT32)
+    if unknown:
+        raise load_refused(f"Smoother checkpoint version {version} has unknown arrays {sorted(unknown)}.")
+    host = {n: _backends.to_host(a) if _backends.backend_of(a) is not None else np.asarray(a)
+            for n, a in saved.items()}
+    if version == 1:
+        for n in _V2_SCALED:
+            if n in host and (n not in ("a", "b") or mode == "debiased"):
+                host[n] = host[n] * SCALE        # exact: a power of two
+    out = {n: host[n] for n in ("ring_v", "ring_w") if n in host}
+    for pair, (x, y) in _V2_PAIRS.items():
+        if x in host and y in host and host[x].shape == host[y].shape:
+            out[pair] = np.stack([host[x], host[y]], axis=-1).reshape(-1)
+        elif x in host or y in host:
+            out[pair] = np.zeros(0)              # refused by the sizes' check
+    out.update({n: host[n].astype(np.int32) for n in _INT32 if n in host})
+    return out
+
+
+def _float64(x):
+    """An integer array as float64 (NumPy or torch)."""
+    return x.double() if hasattr(x, "double") else x.astype(np.float64)
 
 
 def _nonzero(x):

@@ -270,45 +270,6 @@ def stream_weight(k, w0, c, per_stream):
     return x * w0 if good_weight(x) else 0.0
 
 
-def ema_stream_at(y, k, w0, c, per_stream, a, b, d, kind, mode, skip):
-    """EMA update of stream ``k`` (``_stats.ema_step``) with sample weight
-    ``stream_weight(k, ...)``; with ``skip``, a non-finite value leaves the stream untouched."""
-    v = metric_at(y, k, kind)
-    w = stream_weight(k, w0, c, per_stream)
-    if skip and (math.isnan(v) or math.isinf(v)):
-        return
-    a[k], b[k] = ema_step(a[k], b[k], v, w, d, mode)
-
-
-def sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, kind, skip):
-    """Push value ``k`` (weight ``stream_weight(k, ...)``) into its window, evicting ring entry ``base + k``.
-
-    The window keeps compensated sums of ``w * v`` and ``w``; ``n`` counts the finite
-    entries. A non-finite value is missing (``skip``) or counted in ``bad`` so the mean
-    reads NaN while it is in the window (propagate).
-    """
-    ov, ow = ring_v[base + k], ring_w[base + k]
-    if ow > 0.0:                           # evict the oldest value
-        s[k], comp[k] = neumaier(s[k], comp[k], -ov)
-        ws[k], wcomp[k] = neumaier(ws[k], wcomp[k], -ow)
-        n[k] -= 1
-    elif ow < 0.0:                         # a non-finite entry leaves the window
-        bad[k] -= 1
-    v = metric_at(y, k, kind)
-    w = stream_weight(k, w0, c, per_stream)
-    if math.isnan(v) or math.isinf(v) or w == 0.0:
-        ring_v[base + k] = 0.0
-        ring_w[base + k] = 0.0 if (skip or w == 0.0) else -1.0
-        if not skip and w != 0.0:
-            bad[k] += 1
-    else:
-        ring_v[base + k] = w * v
-        ring_w[base + k] = w
-        s[k], comp[k] = neumaier(s[k], comp[k], w * v)
-        ws[k], wcomp[k] = neumaier(ws[k], wcomp[k], w)
-        n[k] += 1
-
-
 # ---------------------------------------------------------------- metric streams, one launch (Smoother)
 # A stream's EMA keeps the pair (a, b) and its SMA the ring of W entries (``ring_v``, slot-major: entry
 # ``slot * K + k``), the compensated sum (s, comp) and ``n``, the finite entries in the window. Pairs are

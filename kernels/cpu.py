@@ -332,36 +332,7 @@ def window_kernel(ring_kind, src_kind, parallel):
 # ---------------------------------------------------------------- metric smoothers (K streams)
 # Arguments (1-D, C-contiguous): y: K values, float64 or the bits of a narrower ``kind``;
 # w0, c, per_stream: the sample weight, the float ``w0``, or ``c[k] * w0`` (c float64[K], a
-# NaN, inf or negative c[k] counting as 0) when ``per_stream``. EMA: a, b float64[K].
-# SMA: ring_v, ring_w float64[W * K] (slot-major), s, comp, ws, wcomp float64[K], n, bad int64[K],
-# ``slot`` the ring position to overwrite.
-
-
-@functools.cache
-def ema_kernel(kind, mode, skip, parallel):
-    """EMA update of K streams (``_elementwise.ema_stream_at``)."""
-    K, M, SKIP = kind, mode, skip
-    ema_stream_at = (E_PARALLEL if parallel else E).ema_stream_at
-
-    def kernel(y, w0, c, per_stream, a, b, d):
-        for k in prange(y.size):
-            ema_stream_at(y, k, w0, c, per_stream, a, b, d, K, M, SKIP)
-
-    return _compile(kernel, parallel, refcounts=parallel)     # see _NO_REFCOUNTS
-
-
-@functools.cache
-def sma_kernel(kind, skip, parallel):
-    """Push one value per stream into a window of W slots (``_elementwise.sma_push_at``)."""
-    K, SKIP = kind, skip
-    sma_push_at = (E_PARALLEL if parallel else E).sma_push_at
-
-    def kernel(y, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot):
-        base = slot * y.size
-        for k in prange(y.size):
-            sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
-
-    return _compile(kernel, parallel, refcounts=parallel)     # see _NO_REFCOUNTS
+# NaN, inf or negative c[k] counting as 0) when ``per_stream``.
 
 
 @functools.cache

@@ -332,33 +332,3 @@ def zero_kernel():
             a[i] = 0
 
     return _jit(kernel)
-
-
-# ---------------------------------------------------------------- metric smoothers: see cpu.py
-
-
-@_variant
-def ema_kernel(kind, mode, skip):
-    """See :func:`fastema.kernels.cpu.ema_kernel` (grid-stride over streams)."""
-    K, M, SKIP = kind, mode, skip
-    ema_stream_at = E.ema_stream_at
-
-    def kernel(y, w0, c, per_stream, a, b, d):
-        for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-            ema_stream_at(y, k, w0, c, per_stream, a, b, d, K, M, SKIP)
-
-    return _jit(kernel)
-
-
-@_variant
-def sma_kernel(kind, skip):
-    """See :func:`fastema.kernels.cpu.sma_kernel` (grid-stride over streams)."""
-    K, SKIP = kind, skip
-    sma_push_at = E.sma_push_at
-
-    def kernel(y, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, slot):
-        base = slot * y.size
-        for k in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-            sma_push_at(y, k, w0, c, per_stream, ring_v, ring_w, s, comp, ws, wcomp, n, bad, base, K, SKIP)
-
-    return _jit(kernel)

@@ -16,6 +16,15 @@ from testkit.baselines import TorchSmoother
 
 from .conftest import devices
 
+BYTES = {"fastema": 92, "torch ops": 217}
+"""What each side moves a stream per update (float32 values, EMA and SMA), each charged its own.
+fastema, one launch (``kernels.cpu.streams_kernel``, no sample weights): the value 4, the EMA's pair
+(a, b) 16 + 16, the ring entry 8 + 8, the pair (s, comp) 16 + 16, the count 4 + 4. The torch ops
+(``testkit.baselines.TorchSmoother.update``, one kernel each, read + written): ``v.double()`` 4 + 8,
+``isfinite`` 8 + 1, ``zeros_like`` 8, ``where`` 17 + 8, ``d * num`` 8 + 8, ``+ v0`` 16 + 8, ``where``
+17 + 8, ``d * den`` 8 + 8, ``+ 1`` 8 + 8, ``where`` 17 + 8, ``ring[i] = v0`` 8 + 8, ``ok.double()``
+1 + 8, ``valid[i] = ...`` 8 + 8."""
+
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("k", [1, 10 ** 6])
@@ -33,9 +42,8 @@ def test_smoother_update(run, benchmark, device, k, impl):
         ref = Smoother(decay=0.99, window=50)
         check = lambda: _agree(impl, lambda v: ref.update(v), lambda: [ref.ema, ref.sma], fn, t.read,  # noqa: E731
                                values)
-    # no bytes counted: each implementation moves its own (fastema's two kernels about 152 B a stream of
-    # float32 values, the torch ops another layout; gpu_speed.md section 7.3): a shared count would misstate both
-    run(fn, device, impl=impl, case=f"K={k}", nbytes=0, elements=k,
+    # each side charged the bytes it moves (BYTES), not a shared count (gpu_speed.md section 7.3)
+    run(fn, device, impl=impl, case=f"K={k}", nbytes=BYTES[impl] * k if k > 1 else 0, elements=k,
         rounds=100 if k == 1 else 10, check=check)
 
 

@@ -32,10 +32,10 @@ CPU_STREAMS_SERIAL_BELOW = 1 << 16   # metric streams below which the smoother k
 CUDA_CHUNK = 1 << 12         # elements per CUDA block iteration
 CUDA_THREADS = 256
 CUDA_MAX_BLOCKS = 1 << 15    # grid-stride over chunks beyond this
-CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multiprocessor: 4 waves of the 3 blocks per
-                                    # SM its launch bounds allow on sm_90 (kernels.cuda.PLAN_LERP_BOUNDS: <= 80
-                                    # registers), 3 waves of the 4 blocks per SM of the stochastic-rounding one
-                                    # (SR_LERP_BOUNDS: <= 64); each block pays the plan step once.
+CUDA_PLAN_LERP_BLOCKS_PER_SM = 12   # the fused plan + lerp's grid cap per multiprocessor: 3 waves of the 4 blocks per
+                                    # SM its launch bounds allow on sm_90 (kernels.cuda.PLAN_LERP_BOUNDS and, with
+                                    # stochastic rounding, SR_LERP_BOUNDS: <= 64 registers); each block pays the
+                                    # plan step once.
                                     # bench/tests/test_sass.py checks the figures against the linked machine code
 CUDA_STREAM_MAX_BLOCKS = 4096   # metric streams: grid-stride beyond this many blocks
 CUDA_STAGING_SLOTS = 4       # pinned slots per device table for in-place address rewrites

@@ -52,12 +52,13 @@ OPS: dict[str, Op] = {
     "nonfinite": Op(("flag",), (), {}, "``flag`` (set where a source holds inf or NaN)"),
     "window": Op(("ring_kind",), ("ring_addr", "slot", "full", "count", "recompute"), {},
                  "``ring_kind``, ``ring_addr``, ``slot``, ``full``, ``count``, ``recompute``"),
-    "ema_streams": Op(("mode", "skip"), ("values", "w0", "c", "per_stream", "a", "b", "d"), {},
-                      "``values``, ``w0``, ``c``, ``per_stream``, ``a``, ``b``, ``d``, ``mode``, ``skip``"),
-    "sma_streams": Op(("skip",), ("values", "w0", "c", "per_stream", "ring_v", "ring_w", "s", "comp", "ws", "wcomp",
-                                  "n", "bad", "slot"), {},
-                      "``values``, ``w0``, ``c``, ``per_stream``, ``ring_v``, ``ring_w``, ``s``, ``comp``, ``ws``, "
-                      "``wcomp``, ``n``, ``bad``, ``slot``, ``skip``"),
+    "streams": Op(("parts", "skip", "weighted"),
+                  ("values", "w0", "c", "per_stream", "mode", "d", "ab", "ring_v", "sc", "n", "ring_w", "wsc", "bad",
+                   "slot", "filled", "widen"), {},
+                  "a smoother's update of K metric streams in one launch (``kernels.cpu.streams_kernel``): "
+                  "``values``, ``w0``, ``c``, ``per_stream``, ``mode``, ``d``, the state (``ab``, ``ring_v``, "
+                  "``sc``, ``n``; weighted: ``ring_w``, ``wsc``, ``bad``), ``slot``, ``filled``, ``widen``; "
+                  "``parts``, ``skip``, ``weighted``"),
 }
 """``op -> Op``: every kernel family a launch group can prepare."""
 

@@ -1,6 +1,8 @@
 """fastema.Smoother against pandas, TensorBoard's formula and closed forms."""
+import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -252,26 +254,100 @@ def test_the_debiased_ema_of_values_near_the_float64_maximum_is_finite():
     np.testing.assert_allclose(ema, ref, rtol=1e-14)
 
 
-def test_a_version_1_checkpoint_of_unscaled_sums_resumes_exactly():
-    # the sums are kept in units of 2**-64 since L5 (checkpoint version 2); version 1 is converted
-    rng = np.random.default_rng(4)
-    ys, cs = rng.standard_normal(20), rng.integers(1, 9, 20).astype(float)
-    for kw in (dict(span=4, window=5), dict(alpha=0.3, mode="seeded", window=3), dict(decay=0.5, mode="zeros")):
-        a = Smoother(**kw)
-        for y, c in zip(ys[:8], cs[:8]):
-            a.update(np.array([y]), sample_weight=c)
-        state = a.state_dict()
-        debiased = a.mode == "debiased"
-        old = {n: (v * 2.0 ** 64 if n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp") or
-                   (n in ("a", "b") and debiased) else v.copy()) for n, v in state["state"].items()}
-        b = Smoother(**kw)
-        b.load_state_dict({**state, "version": 1, "state": old})
-        for y, c in zip(ys[8:], cs[8:]):
-            a.update(np.array([y]), sample_weight=c)
-            b.update(np.array([y]), sample_weight=c)
+V2 = pathlib.Path(__file__).parent / "data" / "smoother-v2.npz"
+
+
+def _v2_cases():
+    """The version 2 checkpoints of ``data/make_smoother_v2.py`` (written by a2c5924's Smoother): per case,
+    ``(kwargs, state dict, [(values, weight, {"ema": ..., "sma": ...}) ...])``."""
+    d = np.load(V2)
+    meta = json.loads(str(d["cases"]))
+    for name, kw in meta["cases"].items():
+        header = json.loads(str(d[f"{name}/header"]))
+        prefix = f"{name}/state/"
+        state = {**header, "state": {k[len(prefix):]: d[k] for k in d.files if k.startswith(prefix)}}
+        weights = [d[f"{name}/weight/{i}"] if f"{name}/weight/{i}" in d.files else None for i in range(meta["after"])]
+        weights = [float(w) if w is not None and w.ndim == 0 else w for w in weights]    # a float, or per stream
+        steps = [(d[f"{name}/values/{i}"], weights[i],
+                  {kind: d[f"{name}/{kind}/{i}"] for kind in ("ema", "sma") if f"{name}/{kind}/{i}" in d.files})
+                 for i in range(meta["after"])]
+        yield name, kw, state, steps
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_version_2_or_1_checkpoint_resumes_with_the_bits_it_had(version):
+    # checkpoint version 3 (one kernel, pairs interleaved, int32 counts, no weights until the first
+    # sample_weight); versions 2 (a2c5924's, committed as written) and 1 (its sums unscaled: before L5)
+    # are converted when loaded and go on with the very bits the smoother that wrote them read
+    for name, kw, state, steps in _v2_cases():
+        if version == 1:
+            debiased = kw.get("mode", "debiased") == "debiased"
+            state = {**state, "version": 1, "state": {
+                n: v * 2.0 ** 64 if n in ("ring_v", "ring_w", "s", "comp", "ws", "wcomp") or
+                (n in ("a", "b") and debiased) else v for n, v in state["state"].items()}}
+        s = Smoother(**kw)
+        s.load_state_dict(state)
+        assert s.count == state["count"] and s.state_dict()["version"] == 3
+        for i, (v, w, want) in enumerate(steps):
+            s.update(v, sample_weight=w)
+            for kind, x in want.items():
+                assert np.array_equal(getattr(s, kind), x, equal_nan=True), (name, version, i, kind)
+    bad = next(_v2_cases())[2]
+    with pytest.raises(ValueError, match=r"unknown arrays \['x'\].*Nothing was loaded"):
+        Smoother(span=4, window=5).load_state_dict({**bad, "state": {**bad["state"], "x": np.zeros(3)}})
+    with pytest.raises(ValueError, match="does not match"):
+        Smoother(span=4, window=5).load_state_dict({**bad, "state": {k: v for k, v in bad["state"].items()
+                                                                      if k != "ring_w"}})
+
+
+def test_no_weights_are_kept_until_the_first_sample_weight():
+    # the unweighted layout (issue 86 item 4): ring_v, (s, comp) and an int32 n, 96 bytes a stream per
+    # update with the EMA; the weights' arrays come with the first sample_weight other than 1
+    s = Smoother(span=4, window=3)
+    for v in ([1.0, 2.0], [3.0, np.nan]):
+        s.update(np.array(v))
+    s.update(np.array([1.0, 1.0]), sample_weight=1.0)                  # a weight of 1 is every weight
+    st = s.state_dict()["state"]
+    assert sorted(st) == ["ab", "n", "ring_v", "sc"] and st["n"].dtype == np.int32
+    s.update(np.array([5.0, 6.0]), sample_weight=np.array([1.0, 2.0]))
+    assert sorted(s.state_dict()["state"]) == ["ab", "bad", "n", "ring_v", "ring_w", "sc", "wsc"]
+    again = Smoother(span=4, window=3)
+    again.load_state_dict(s.state_dict())
+    assert again._weighted and np.array_equal(again.sma, s.sma)
+
+
+@given(values=SERIES, window=st.integers(1, 6), first=st.integers(0, 60), skip=st.booleans(),
+       mode=st.sampled_from(["debiased", "seeded", "zeros"]))
+def test_unweighted_streams_read_the_bits_of_weights_of_one(values, window, first, skip, mode):
+    # every weight 1 from update ``first`` on (the state widened there) against no weights at all
+    kw = dict(alpha=0.3, mode=mode, window=window, nonfinite="skip" if skip else "propagate")
+    plain, weighted = Smoother(**kw), Smoother(**kw)
+    ones = np.ones(2)
+    for i, v in enumerate(values):
+        y = np.array([v, -2.0 * v])
+        plain.update(y)
+        weighted.update(y, sample_weight=ones if i >= first else None)
         for kind in ("ema", "sma"):
-            if getattr(a, "alpha" if kind == "ema" else "window") is not None:
-                assert np.array_equal(getattr(a, kind), getattr(b, kind)), (kw, kind)
+            assert np.array_equal(getattr(plain, kind), getattr(weighted, kind), equal_nan=True), (i, kind)
+    assert weighted._weighted == (first < len(values)) and not plain._weighted
+
+
+def test_a_checkpoint_of_either_layout_loads_into_a_smoother_of_the_other():
+    rng = np.random.default_rng(5)
+    plain, weighted = Smoother(span=3, window=4), Smoother(span=3, window=4)
+    for _ in range(6):
+        y = rng.standard_normal(3)
+        plain.update(y)
+        weighted.update(y, sample_weight=np.ones(3))
+    for src, dst in ((plain, weighted), (weighted, plain)):
+        copy = Smoother(span=3, window=4)
+        copy.load_state_dict(dst.state_dict())                         # allocated in dst's layout
+        copy.load_state_dict(src.state_dict())                         # then src's
+        assert copy._weighted == src._weighted and copy.count == src.count
+        y = rng.standard_normal(3)
+        copy.update(y)
+        src.update(y)
+        assert np.array_equal(copy.ema, src.ema) and np.array_equal(copy.sma, src.sma)
 
 
 ON_A_GPU = on_a_gpu_params()
@@ -360,7 +436,7 @@ def test_per_stream_weights_on_the_device_are_scaled_and_checked_in_the_kernel()
     # 2c, on the device (the Numba CUDA simulator in CI, run as its own process): Numba device
     # arrays of per-stream weights were refused (fastema scaled them with array operations); the
     # kernel scales them now and counts a NaN, inf or negative weight as 0, with the same sums
-    # (checkpoint version 2) as a CPU smoother given those weights as 0
+    # (checkpoint version 3) as a CPU smoother given those weights as 0
     from numba import cuda
 
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -377,7 +453,7 @@ def test_per_stream_weights_on_the_device_are_scaled_and_checked_in_the_kernel()
             dev.update(to_device(y), sample_weight=to_device(c))
             host.update(y, sample_weight=np.where(np.isfinite(c) & (c >= 0), c, 0.0))
         a, b = dev.state_dict(), host.state_dict()
-        assert a["version"] == b["version"] == 2 and a["count"] == b["count"] == len(vals)
+        assert a["version"] == b["version"] == 3 and a["count"] == b["count"] == len(vals)
         for name, x in b["state"].items():
             got = a["state"][name]
             got = got.cpu().numpy() if torch.is_tensor(got) else \

@@ -890,43 +890,6 @@ def test_torch_ema_captured_once_and_replayed_equals_eager_calls(kw):
             assert torch.equal(a[part][name], t), (part, name)
 
 
-@pytest.mark.parametrize("kind", [F32, BF16, 3])             # 3: float64 values
-@pytest.mark.parametrize("skip", [True, False])
-def test_smoother_kernels_match_cpu(kind, skip):
-    from fastema.kernels import cpu as smooth_cpu
-    from fastema.kernels import cuda as smooth_cuda
-    from fastema.kernels import kinds as _smooth
-
-    rng = np.random.default_rng(9)
-    k, window = 37, 4
-    cpu = {n: np.zeros(k) for n in ("a", "b", "s", "comp", "ws", "wcomp")}
-    cpu.update(ring_v=np.zeros(window * k), ring_w=np.zeros(window * k), n=np.zeros(k, np.int64),
-               bad=np.zeros(k, np.int64))
-    dev = {n: cuda.to_device(v) for n, v in cpu.items()}
-    weights = rng.integers(1, 5, k).astype(np.float64)
-    for step in range(7):
-        vals = rng.standard_normal(k)
-        vals[step] = np.nan
-        if kind == 3:
-            y = vals
-        elif kind == F32:
-            y = vals.astype(np.float32).view(np.uint32)
-        else:
-            y = np.array([_bits.encode(b, BF16) for b in vals.astype(np.float32).view(np.uint32)], np.uint16)
-        per_stream = step % 2 == 1
-        mode = _smooth.DEBIASED
-        smooth_cpu.ema_kernel(kind, mode, skip, False)(y, 2.0, weights, per_stream, cpu["a"], cpu["b"], 0.8)
-        launch(smooth_cuda.ema_kernel(kind, mode, skip), 2, 8, cuda.to_device(y), 2.0,
-               cuda.to_device(weights), per_stream, dev["a"], dev["b"], 0.8)
-        args = ("ring_v", "ring_w", "s", "comp", "ws", "wcomp", "n", "bad")
-        smooth_cpu.sma_kernel(kind, skip, False)(y, 2.0, weights, per_stream, *[cpu[n] for n in args],
-                                                 step % window)
-        launch(smooth_cuda.sma_kernel(kind, skip), 2, 8, cuda.to_device(y), 2.0,
-               cuda.to_device(weights), per_stream, *[dev[n] for n in args], step % window)
-    for n, v in cpu.items():
-        np.testing.assert_allclose(dev[n].copy_to_host(), v, rtol=1e-15, atol=0, err_msg=n)
-
-
 @pytest.mark.parametrize("ring_kind", [F32, BF16])
 def test_window_kernel_matches_cpu(ring_kind):
     rng = np.random.default_rng(11)

@@ -87,23 +87,26 @@ def test_bema_compiles(sk):
 @pytest.mark.parametrize("sk,xk,mode", [(F32, F32, ema_cpu.EXCHANGE), (F32, BF16, ema_cpu.PACK),
                                         (F32, BF16, ema_cpu.UNPACK), (F16, F32, ema_cpu.EXCHANGE)])
 def test_swap_copy_nonfinite_compile(sk, xk, mode):
-    compile_(ema_cuda.swap_kernel(sk, xk, mode), TABLES + (T.int64,))
+    """The swaps and copies by 16-byte vectors (and element by element: the tails)."""
+    ptx = compile_(ema_cuda.swap_kernel(sk, xk, mode), TABLES + (T.int64,))
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
     for to_shadow in (True, False):
-        compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64, A(T.int32)))
+        ptx = compile_(ema_cuda.copy_kernel(sk, xk, to_shadow), TABLES + (T.int64, T.int64, A(T.int32)))
+        assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
     compile_(ema_cuda.nonfinite_kernel(xk), TABLES[2:] + (A(T.int32),))
 
 
 @pytest.mark.parametrize("kind", [F32, BF16, 3])                 # 3: float64 metric values
 def test_smoother_kernels_compile(kind):
     from fastema.kernels import cuda as smooth_cuda
-    from fastema.kernels import kinds as _smooth
 
     y = A(T.float64 if kind == 3 else T.uint32 if kind == F32 else T.uint16)
-    f64 = A(T.float64)
-    for mode in (_smooth.DEBIASED, _smooth.SEEDED, _smooth.ZEROS):
-        compile_(smooth_cuda.ema_kernel(kind, mode, True), (y, T.float64, f64, T.boolean, f64, f64, T.float64))
-    compile_(smooth_cuda.sma_kernel(kind, False),
-             (y, T.float64, f64, T.boolean) + (f64,) * 6 + (A(T.int64), A(T.int64), T.int64))
+    f64, i32 = A(T.float64), A(T.int32)
+    for parts, weighted in ((3, False), (3, True), (1, False), (2, True)):
+        ptx = compile_(smooth_cuda.streams_kernel(kind, parts, True, weighted),
+                       (y, T.float64, f64, T.boolean, T.int64, T.float64, f64, f64, f64, i32, f64, f64, i32,
+                        T.int64, T.int64, T.boolean))
+        assert "ld.global.v2.f64" in ptx and "st.global.v2.f64" in ptx     # the pairs, one access each
 
 
 @pytest.mark.parametrize("ring_kind", [F32, BF16])

@@ -282,7 +282,8 @@ kernels = {"lerp f32<-bf16": K.lerp_kernel(F32, BF16, False, True),
            "plan+lerp f64": K.plan_lerp_kernel(F64, F64, False), "copy": K.copy_kernel(F32, BF16, True),
            "copy back": K.copy_kernel(F32, BF16, False), "swap": K.swap_kernel(F32, BF16, PACK),
            "window": K.window_kernel(F64, F32), "plan": K.plan_kernel(), "zero": K.zero_kernel(),
-           "ema": K.ema_kernel(F32, 0, True), "sma": K.sma_kernel(F64, False), "bema": K.bema_kernel(F64),
+           "streams": K.streams_kernel(F32, 3, True, False), "streams weighted": K.streams_kernel(F64, 2, False, True),
+           "bema": K.bema_kernel(F64),
            "nonfinite": K.nonfinite_kernel(F16)}
 described = {name: _cache.describe(k) for name, k in kernels.items()}
 """

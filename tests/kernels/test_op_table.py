@@ -11,7 +11,7 @@ import pytest
 from fastema import _launch
 from fastema._launch import op
 from fastema._launch.cpu import launch as cpu_launch
-from fastema.kernels.kinds import DEBIASED, EXCHANGE, F32
+from fastema.kernels.kinds import DEBIASED, EMA_PART, EXCHANGE, F32, SMA_PART
 
 pytest.importorskip("numba.cuda")
 from fastema._launch.build import variants  # noqa: E402  (numba-cuda's types; no GPU)
@@ -68,22 +68,21 @@ def test_every_op_prepares_a_launch_on_the_cpu_that_runs_and_runs_once():
     shadow, src = np.zeros((3, 16), np.float32), np.arange(16, dtype=np.float32)
     t = _launch.tables([src.ctypes.data], [16], [shadow.ctypes.data], "cpu", row_stride=16)
     g = _launch.Group("cpu", F32, F32, t)
-    f64, i64 = np.zeros(4), np.zeros(4, np.int64)
+    f64, i32 = np.zeros(4), np.zeros(4, np.int32)
     ring = np.zeros((4, 16), np.float32)
     plan = _plan_arrays()
     fixed = {"lerp": {}, "plan_lerp": {**plan, "gi": 0}, "bema": {}, "plan": {k: plan[k] for k in op.OPS["plan"].fixed},
              "copy": {"to_shadow": True, "row_lo": 0, "row_hi": 3}, "swap": {"mode": EXCHANGE, "row": 1},
              "nonfinite": {"flag": np.zeros(1, np.int32)}, "window": {"ring_kind": F32},
-             "ema_streams": {"mode": DEBIASED, "skip": True}, "sma_streams": {"skip": True}}
+             "streams": {"parts": EMA_PART | SMA_PART, "skip": True, "weighted": True}}
     values = np.ones(4, np.float32).view(np.uint32)
     varying = {"lerp": ((0.5,),), "plan_lerp": (-1,), "bema": (0.5,), "plan": (-1,), "copy": (), "swap": (),
                "nonfinite": (), "window": (np.array([ring.ctypes.data], np.int64), 0, False, 1, False),
-               "ema_streams": (values, 1.0, f64, False, f64, f64.copy(), 0.5),
-               "sma_streams": (values, 1.0, f64, False, np.zeros(16), np.zeros(16), f64.copy(), f64.copy(), f64.copy(),
-                               f64.copy(), i64, i64.copy(), 0)}
+               "streams": (values, 1.0, f64, False, DEBIASED, 0.5, np.zeros(8), np.zeros(16), np.zeros(8), i32,
+                           np.zeros(16), np.zeros(8), i32.copy(), 0, 0, True)}
     assert set(fixed) == set(varying) == set(op.OPS)
     metric = _launch.Group("cpu", None, F32, None)
-    groups = {"ema_streams": metric, "sma_streams": metric, "plan": _launch.Group("cpu", None, 0, None)}
+    groups = {"streams": metric, "plan": _launch.Group("cpu", None, 0, None)}
     for name in op.OPS:
         run = _launch.prepare(name, groups.get(name, g), **fixed[name])
         assert callable(run) and callable(run.once), name

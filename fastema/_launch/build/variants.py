@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ...kernels.kinds import BF16, DEBIASED, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SEEDED, UNPACK, ZEROS, wide
+from ...kernels.kinds import BF16, EMA_PART, EXCHANGE, F16, F32, F64, MAX_ROWS, PACK, SMA_PART, UNPACK, wide
 from ..cuda import device_code
 from ..cuda.device_code import variant_key
 from ..cuda.driver import Driver
@@ -190,13 +190,14 @@ def _space() -> Iterator[tuple[str, Any, dict, dict]]:
                                                    "recompute": recompute}
     for kind in (F32, F64, BF16, F16):
         g = L.Group("cuda:0", None, kind, None)
-        y, f64, i64 = P(_BITS[kind]), P(np.float64), P(np.int64)
-        common = {"values": y, "w0": 1.0, "c": f64, "per_stream": False}
-        for skip in (False, True):
-            for mode in (DEBIASED, SEEDED, ZEROS):
-                yield "ema_streams", g, {"mode": mode, "skip": skip}, {**common, "a": f64, "b": f64, "d": 0.5}
-            yield "sma_streams", g, {"skip": skip}, {**common, "ring_v": f64, "ring_w": f64, "s": f64, "comp": f64,
-                                                     "ws": f64, "wcomp": f64, "n": i64, "bad": i64, "slot": 0}
+        f64, i32 = P(np.float64), P(np.int32)
+        varying = {"values": P(_BITS[kind]), "w0": 1.0, "c": f64, "per_stream": False, "mode": 0, "d": 0.5,
+                   "ab": f64, "ring_v": f64, "sc": f64, "n": i32, "ring_w": f64, "wsc": f64, "bad": i32,
+                   "slot": 0, "filled": 0, "widen": False}
+        for parts in (EMA_PART, SMA_PART, EMA_PART | SMA_PART):
+            for skip in (False, True):
+                for weighted in (False, True):
+                    yield "streams", g, {"parts": parts, "skip": skip, "weighted": weighted}, varying
 
 
 def every_variant() -> dict:

@@ -236,16 +236,11 @@ def _window(group, *, ring_kind) -> CpuLaunch:               # run(ring_addr, sl
     return CpuLaunch(group, lambda par: P.K.window_kernel(ring_kind, src_kind, par), (), (), 3)
 
 
-def _ema_streams(group, *, mode, skip) -> CpuStreams:            # run(values, w0, c, per_stream, a, b, d)
+def _streams(group, *, parts, skip, weighted) -> CpuStreams:  # run(values, w0, c, ..., slot, filled, widen)
     kind = group.src_kind
-    return CpuStreams(lambda par: P.K.ema_kernel(kind, mode, skip, par))
-
-
-def _sma_streams(group, *, skip) -> CpuStreams:                  # run(values, w0, c, per_stream, ..., n, bad, slot)
-    kind = group.src_kind
-    return CpuStreams(lambda par: P.K.sma_kernel(kind, skip, par))
+    return CpuStreams(lambda par: P.K.streams_kernel(kind, parts, skip, weighted, par))
 
 
 PREPARE = {"lerp": _lerp, "plan_lerp": _plan_lerp, "bema": _bema, "plan": _plan, "copy": _copy, "swap": _swap,
-           "nonfinite": _nonfinite, "window": _window, "ema_streams": _ema_streams, "sma_streams": _sma_streams}
+           "nonfinite": _nonfinite, "window": _window, "streams": _streams}
 """``op -> prepare(group, **fixed)``: the CPU's launches (:func:`fastema._launch.prepare`)."""

@@ -205,7 +205,7 @@ def kernels_from(module) -> Iterator[None]:
 
 def first_bad_weight(c: np.ndarray) -> int:
     """The index of the first per-stream sample weight in the host array ``c`` that
-    :func:`ema_streams` / :func:`sma_streams` would count as 0 (NaN, inf, negative), or -1: the
+    the smoother's kernel (``kernels.cpu.streams_kernel``) would count as 0 (NaN, inf, negative), or -1: the
     smoother refuses such an update on the host before anything changes (~0.2 us)."""
     return int(K.bad_weight_kernel()(c))
 

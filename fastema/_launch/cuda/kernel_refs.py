@@ -20,12 +20,12 @@ import functools
 from ...kernels.kinds import wide  # plain constants and rules: no numba
 
 FACTORIES = {"lerp_kernel": 4, "plan_lerp_kernel": 3, "bema_kernel": 1, "copy_kernel": 3, "swap_kernel": 3,
-             "window_kernel": 2, "plan_kernel": 0, "zero_kernel": 0, "ema_kernel": 3, "sma_kernel": 2,
+             "window_kernel": 2, "plan_kernel": 0, "zero_kernel": 0, "streams_kernel": 4,
              "nonfinite_kernel": 1}
 """``kernels.cuda``'s variant factories and how many arguments each takes (the launchers give them
 all, by position)."""
 
-_SR_LERP, _PLAN_LERP, _SCAN = (256, 4), (256, 3), (256, 6)   # kernels.cuda's SR_LERP_BOUNDS, PLAN_LERP_BOUNDS,
+_SR_LERP, _PLAN_LERP, _SCAN = (256, 4), (256, 4), (256, 6)   # kernels.cuda's SR_LERP_BOUNDS, PLAN_LERP_BOUNDS,
                                                              # _cuda_scan's SCAN_BOUNDS
 
 
@@ -108,6 +108,5 @@ swap_kernel = _factory("swap_kernel", 3)
 window_kernel = _factory("window_kernel", 2)
 plan_kernel = _factory("plan_kernel", 0)
 zero_kernel = _factory("zero_kernel", 0)
-ema_kernel = _factory("ema_kernel", 3)
-sma_kernel = _factory("sma_kernel", 2)
+streams_kernel = _factory("streams_kernel", 4)
 nonfinite_kernel = _factory("nonfinite_kernel", 1)

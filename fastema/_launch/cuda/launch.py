@@ -328,14 +328,11 @@ def _window(group, *, ring_kind) -> CudaLaunch:               # run(ring_addr, s
     return CudaLaunch(group, K.window_kernel(ring_kind, group.src_kind), (), ())
 
 
-def _ema_streams(group, *, mode, skip) -> CudaLaunch:         # run(values, w0, c, per_stream, a, b, d)
-    return CudaLaunch(group, K.ema_kernel(group.src_kind, mode, skip), (), (), tables_of=None, grid=-1)
-
-
-def _sma_streams(group, *, skip) -> CudaLaunch:               # run(values, w0, c, per_stream, ..., n, bad, slot)
-    return CudaLaunch(group, K.sma_kernel(group.src_kind, skip), (), (), tables_of=None, grid=-1)
+def _streams(group, *, parts, skip, weighted) -> CudaLaunch:   # run(values, w0, c, ..., slot, filled, widen)
+    return CudaLaunch(group, K.streams_kernel(group.src_kind, parts, skip, weighted), (), (), tables_of=None,
+                      grid=-1)
 
 
 PREPARE = {"lerp": _lerp, "plan_lerp": _plan_lerp, "bema": _bema, "plan": _plan, "copy": _copy, "swap": _swap,
-           "nonfinite": _nonfinite, "window": _window, "ema_streams": _ema_streams, "sma_streams": _sma_streams}
+           "nonfinite": _nonfinite, "window": _window, "streams": _streams}
 """``op -> prepare(group, **fixed)``: the CUDA launches (:func:`fastema._launch.prepare`)."""
