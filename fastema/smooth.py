@@ -118,8 +118,8 @@ class Smoother:
     def _sizes(self, k: int, weighted: bool) -> dict:
         """``name -> (size, dtype)`` of the state of ``k`` streams in the unweighted or weighted layout
         (:data:`VERSION`)."""
-        f64, i32 = np.float64, np.int32
-        sizes = {"ab": (2 * k, f64)} if self.alpha is not None else {}
+        f64, i32 = np.dtype(np.float64), np.dtype(np.int32)
+        sizes: dict[str, tuple[int, np.dtype]] = {"ab": (2 * k, f64)} if self.alpha is not None else {}
         if self.window is not None:
             sizes.update(ring_v=(self.window * k, f64), sc=(2 * k, f64), n=(k, i32))
             if weighted:
