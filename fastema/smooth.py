@@ -35,11 +35,11 @@ VERSION = 3
 """The checkpoint version :meth:`Smoother.state_dict` writes. 3: the state of one fused kernel
 (``kernels.cpu.streams_kernel``): pairs interleaved (``ab``: the EMA's (a, b); ``sc``: the window's
 compensated sum (s, comp); ``wsc``: its weights' (ws, wcomp)), int32 counts, and until the first
-``sample_weight`` no weights at all (``ring_v``, ``sc`` and ``n``: every weight is SCALE, a non-finite
-value stays in ``ring_v``); then also ``ring_w``, ``wsc`` and ``bad``. 2: ``a, b, ring_v, ring_w,
+``sample_weight`` no weights at all (``ring_v``, ``sc`` and ``n``: every weight is SCALE, a
+non-finite value stays in ``ring_v``); then also ``ring_w``, ``wsc`` and ``bad``. 2: ``a, b, ring_v, ring_w,
 s, comp, ws, wcomp`` float64 and ``n, bad`` int64, in units of SCALE; 1: the same unscaled. Both are
 converted when loaded (to the weighted layout, which holds everything they held)."""
-_V2_SCALED = ("a", "b", "ring_v", "ring_w", "s", "comp", "ws", "wcomp")   # version 1's unscaled sums
+_V2_SCALED = ("a", "b", "ring_v", "ring_w", "s", "comp", "ws", "wcomp")   # version 1: unscaled
 _V2_PAIRS = {"ab": ("a", "b"), "sc": ("s", "comp"), "wsc": ("ws", "wcomp")}
 _INT32 = ("n", "bad")
 
@@ -101,25 +101,28 @@ class Smoother:
             raise TypeError("give an EMA parameter (decay, alpha, span, halflife or com), window=, or both")
         self.mode, self.window, self.min_periods, self.nonfinite = mode, window, min_periods, nonfinite
         skip = nonfinite == "skip"
-        self._parts = (kinds.EMA_PART if has_ema else 0) | (kinds.SMA_PART if window is not None else 0)
-        self._specs = {w: _launch.spec("streams", parts=self._parts, skip=skip, weighted=w) for w in (False, True)}
+        parts = (kinds.EMA_PART if has_ema else 0) | (kinds.SMA_PART if window is not None else 0)
+        self._specs = {w: _launch.spec("streams", parts=parts, skip=skip, weighted=w)
+                       for w in (False, True)}
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
         self._where: tuple | None = None
         self._groups: dict = {}
         self._bound = False
-        self._weighted = False                   # the weighted layout (kept from the first sample_weight on)
+        self._weighted = False                   # the weighted layout (from the first sample_weight on)
         self._w0 = SCALE
         self._decay = 0.0 if self.alpha is None else 1.0 - self.alpha
 
     # ------------------------------------------------------------ state
 
     def _sizes(self, k: int, weighted: bool) -> dict:
-        """``name -> (size, dtype)`` of the state of ``k`` streams in the unweighted or weighted layout
-        (:data:`VERSION`)."""
+        """``name -> (size, dtype)`` of the state of ``k`` streams in the unweighted or weighted
+        layout (:data:`VERSION`)."""
         f64, i32 = np.dtype(np.float64), np.dtype(np.int32)
-        sizes: dict[str, tuple[int, np.dtype]] = {"ab": (2 * k, f64)} if self.alpha is not None else {}
+        sizes: dict[str, tuple[int, np.dtype]] = {}
+        if self.alpha is not None:
+            sizes["ab"] = (2 * k, f64)
         if self.window is not None:
             sizes.update(ring_v=(self.window * k, f64), sc=(2 * k, f64), n=(k, i32))
             if weighted:
@@ -136,8 +139,8 @@ class Smoother:
         self._pack()
 
     def _pack(self):
-        """The launch's state arguments (``ab, ring_v, sc, n, ring_w, wsc, bad``): this layout's views,
-        a stand-in of the same type for each it does not keep (never read)."""
+        """The launch's state arguments (``ab, ring_v, sc, n, ring_w, wsc, bad``): this layout's
+        views, a stand-in of the same type for each it does not keep (never read)."""
         v = self._views
         if "f64" not in v:                       # 1-element stand-ins, made once
             v["f64"] = _backends.kernel_view(_backends.zeros(self._where, 1, np.float64))
@@ -191,8 +194,9 @@ class Smoother:
             group = self._group(key)
         window = self.window or 1
         count = self.count
-        group.launch_of(self._specs[self._weighted])(y, w0, c, per_stream, _MODES[self.mode], self._decay,
-                                                     *self._args, count % window, min(count, window), widen)
+        launch = group.launch_of(self._specs[self._weighted])
+        launch(y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args, count % window,
+               min(count, window), widen)
         self.count = count + 1
 
     def _group(self, key: tuple) -> _launch.Group:
