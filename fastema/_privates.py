@@ -132,7 +132,8 @@ TABLE: tuple[Private, ...] = (
     _p("torch.distributed.tensor._utils:compute_local_shape_and_global_offset", "torch", _T,
        "fastema/torch/_state/slices.py", "a local shard's offset in the whole tensor",
        ("global_shape", "mesh", "placements")),
-    _p("torch.distributed.tensor:DTensor", "torch", _T, "fastema/torch/_sharding/params.py",
+    _p("torch.distributed.tensor:DTensor", "torch", _T, "fastema/torch/_sharding/params.py "
+       "fastema/torchtitan/_ema.py fastema/torchtitan/_export.py",
        "the local shard without a dispatch (gone: to_local())", attr="_local_tensor"),
     _p("torch.distributed.fsdp._common_utils", "torch", _T,
        "fastema/_backends/torch.py fastema/torch/_state/attach_checks.py",
@@ -147,7 +148,8 @@ TABLE: tuple[Private, ...] = (
        "fastema/torch/_tensors/hooks.py fastema/torch/_tensors/selection.py "
        "fastema/torch/_tensors/slots.py", "a module's own parameters", attr="_parameters"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/hooks.py "
-       "fastema/torch/_tensors/slots.py", "a module's own submodules", attr="_modules"),
+       "fastema/torch/_tensors/slots.py fastema/torchtitan/_held.py", "a module's own submodules",
+       attr="_modules"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/slots.py",
        "a module's buffers left out of its state dict", attr="_non_persistent_buffers_set"),
     _p("torch.serialization:_save", "torch", _T, "fastema/_io/safetensors.py",
