@@ -69,8 +69,8 @@ class _WholeSources(_launch.Launches):
 
 
 class _OwnRows(_WholeSources):
-    """A group's own buffer seen as the sources, for the scan of the averages (:meth:`FlatShadow.scan_rows`):
-    its tables walk the buffer, its elements are of the shadow's kind."""
+    """A group's own buffer seen as the sources, for the scan of the averages
+    (:meth:`fastema.FlatShadow.scan_rows`): its tables walk the buffer, of the shadow's kind."""
 
     def __init__(self, group: "LayoutGroup", tables):
         super().__init__(group, tables)
@@ -123,13 +123,13 @@ class LayoutGroup(_launch.Launches):
         packed = np.concatenate([[0], np.cumsum(counts)[:-1]])
         base = int(packed[self.pieces[0]] + self.piece_first[0]) if len(self.pieces) else 0
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
-        if pad > 1:                      # the padding zeroed once (nothing writes it later), so a scan
-            _backends.zero_(self.buffer)  # of the whole buffer finds only the averages' inf/NaN
+        if pad > 1:                      # the padding zeroed once (nothing writes it later): a
+            _backends.zero_(self.buffer)  # scan of the whole buffer finds the averages' inf/NaN
         self.tables = _launch.tables(self.piece_addresses([b.address for b in bufs]), self.piece_count,
                                      self.segments(self.buffer), self.device, self.current_stream,
                                      row_stride=self.n, handed_over=self.backend.HANDS_OVER, base=base)
         self.scan: LayoutGroup | _WholeSources = self                # what the non-finite scan walks
-        self._own: _OwnRows | None = None                          # own_rows, made at its first scan
+        self._own: _OwnRows | None = None                          # own_rows, made at a first scan
         if self.split:                                             # every source whole: every rank decides alike
             self.scan = _WholeSources(self, _launch.tables([b.address for b in bufs], self.counts,
                                                            np.zeros(len(bufs), np.int64), self.device,
@@ -142,8 +142,9 @@ class LayoutGroup(_launch.Launches):
         padding is zero), with launches of its own; made at the first such scan."""
         if self._own is None:
             b = describe(self.buffer, "buffer")
-            self._own = _OwnRows(self, _launch.tables([b.address], [b.numel], np.zeros(1, np.int64),
-                                                      self.device, self.current_stream, follow=False))
+            tables = _launch.tables([b.address], [b.numel], np.zeros(1, np.int64), self.device,
+                                    self.current_stream, follow=False)
+            self._own = _OwnRows(self, tables)
         return self._own
 
     def piece_addresses(self, addresses: list) -> list:

@@ -73,9 +73,9 @@ class WeightEMA(pl.Callback):
     unknown callback's copy of the weights) is refused by name before any step.
 
     An average that inf or NaN reached (a run with ``skip_nonfinite`` off, an older checkpoint) is
-    named in a warning at every save, and refused by the validation and test swaps and by a resume,
-    naming its tensors: ``WeightEMA(allow_nonfinite=True)`` resumes it, then :meth:`repair_nonfinite`
-    resets those tensors from the live weights.
+    named in a warning at every save, and refused by the validation and test swaps and by a
+    resume, naming its tensors: ``WeightEMA(allow_nonfinite=True)`` resumes it, then
+    :meth:`repair_nonfinite` resets those tensors from the live weights.
     """
 
     def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True,
@@ -117,7 +117,8 @@ class WeightEMA(pl.Callback):
         names (:meth:`fastema.torch.EMA.repair_nonfinite`); e.g. from ``on_train_start`` after a
         resume with ``allow_nonfinite=True``."""
         if self.ema is None:
-            raise RuntimeError("WeightEMA has no EMA yet: it is made when fitting (or testing) starts")
+            raise RuntimeError("WeightEMA has no EMA yet: it is made when fitting (or testing) "
+                               "starts")
         return self.ema.repair_nonfinite()
 
     def on_fit_start(self, trainer, pl_module) -> None:

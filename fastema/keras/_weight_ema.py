@@ -85,8 +85,8 @@ class WeightEMA(keras.callbacks.Callback):
     model's weights (``allow_nonfinite=True`` resumes it first).
     """
 
-    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True, write_at_end: bool = False,
-                 allow_nonfinite: bool = False, **ema_kwargs):
+    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True,
+                 write_at_end: bool = False, allow_nonfinite: bool = False, **ema_kwargs):
         super().__init__()
         if not isinstance(allow_nonfinite, bool):
             raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
@@ -95,11 +95,11 @@ class WeightEMA(keras.callbacks.Callback):
             decay = None
             warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
                           "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning, stacklevel=2)
-        _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         if allow_nonfinite and keras.backend.backend() != "torch":
-            raise ValueError(f"allow_nonfinite=True goes with the torch backend's average (its swap, "
-                             f"write_at_end and resume refuse inf or NaN); this Keras runs on "
-                             f"{keras.backend.backend()!r}")
+            raise ValueError(f"allow_nonfinite=True goes with the torch backend's average (its "
+                             f"swap, write_at_end and resume refuse inf or NaN); this Keras runs "
+                             f"on {keras.backend.backend()!r}")
+        _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.allow_nonfinite = allow_nonfinite
         self.ema_kwargs = ema_kwargs
@@ -159,7 +159,7 @@ class WeightEMA(keras.callbacks.Callback):
         kwargs = dict(self.ema_kwargs)
         kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(_escape(n) for n in frozen)
         ema = EMA(model, self.decay, **kwargs)
-        ema.allow_nonfinite = self.allow_nonfinite              # its resume, its swaps, write_at_end
+        ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
         return ema
 
     def on_train_begin(self, logs=None):
@@ -215,9 +215,9 @@ class WeightEMA(keras.callbacks.Callback):
         if self.ema is None:
             raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
         if keras.backend.backend() != "torch":
-            raise TypeError(f"WeightEMA.repair_nonfinite() repairs the torch backend's average; this "
-                            f"Keras runs on {keras.backend.backend()!r}: load a state_dict() whose "
-                            f"averages are finite instead")
+            raise TypeError(f"WeightEMA.repair_nonfinite() repairs the torch backend's average; "
+                            f"this Keras runs on {keras.backend.backend()!r}: load a state_dict() "
+                            f"whose averages are finite instead")
         return self.ema.repair_nonfinite()
 
     def load_state_dict(self, state: dict) -> None:

@@ -79,11 +79,11 @@ class ShadowSwap:
         side = self.side
         avg, copy = side.avg, side.copy
         # split: the ranks agree before the gather; with no group to agree with, the checks alone (the
-        # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78 item 7).
-        # A swap in checks the average for inf or NaN: a sharded one's ranks agree on it too
+        # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78
+        # item 7). A swap in checks the average for inf or NaN: a sharded one's ranks agree on it
         checked = swapping_in and self.nonfinite.checking
-        agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row), swap=True,
-                                        checked=checked)
+        read = Read("swap()", "in" if swapping_in else "back", row)
+        agreed = (self.agreement.agreed(read, swap=True, checked=checked)
                   if collective or checked else contextlib.nullcontext())
         try:
             with agreed:

@@ -63,7 +63,7 @@ class TorchAverage(TorchFace):
         ``save()``, ``iter_weights()``...) and a load of an average holding inf or NaN raise, naming
         its tensors (on every rank of a split or sharded one); True: they go on (a load warns). A
         call's ``allow_nonfinite=`` decides for itself (None: this); set this for a load another
-        library makes (``dcp.load``, ``optimizer.load_state_dict``). See :meth:`repair_nonfinite`."""
+        library makes (``dcp.load``, an optimizer's load); see :meth:`repair_nonfinite`."""
         return self._checkpoint.nonfinite.allowed
 
     @allow_nonfinite.setter
@@ -434,7 +434,7 @@ class TorchAverage(TorchFace):
 
 
 def _skipping(face: TorchAverage):
-    """The face's update behind device-side skip flags (``_skipping_update``), where the class of its
-    eager update defines one (a subclass changing the update, PostHocEMA's snapshots, has none)."""
+    """The face's update behind device-side skip flags (``_skipping_update``), where the class of
+    its eager update defines one (a subclass changing the update, PostHocEMA's snapshots: none)."""
     klass = next(k for k in type(face).__mro__ if "_eager_update" in vars(k))
     return face._skipping_update if "_skipping_update" in vars(klass) else None   # type: ignore

@@ -234,5 +234,6 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
         ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
-    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement, nonfinite=nonfinite)
+    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement,
+                                 nonfinite=nonfinite)
     return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)

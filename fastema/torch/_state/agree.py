@@ -358,7 +358,8 @@ class Agreement:
         this average's :class:`Sequence`). No exchange where the read makes no collective
         (``gathers`` False, or no group), unless ``checked``: the block checks what each rank holds
         (an average holding inf or NaN, :mod:`.nonfinite`), so a sharded average's ranks agree over
-        its mesh even where the read gathers nothing. ``differs``: what differing stamp digests mean."""
+        its mesh even where the read gathers nothing. ``differs``: what differing stamp digests
+        mean."""
         mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
         groups = self.groups(swap) if gathers else []
         if checked and not groups:

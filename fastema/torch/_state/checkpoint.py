@@ -259,10 +259,10 @@ class TorchCheckpoint:
             if "split_id" in state and self.side.avg.split_id is not None:
                 self.side.avg.split_id = int(state["split_id"])
         if poisoned:
-            warnings.warn(f"{self.kind}.load_state_dict(): the average loaded holds inf or NaN in "
-                          f"{named(poisoned)} (allow_nonfinite): exports, swaps and copy_to() refuse it "
-                          f"until repair_nonfinite() resets those tensors from the live weights",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.kind}.load_state_dict(): the average loaded holds inf or NaN "
+                          f"in {named(poisoned)} (allow_nonfinite): exports, swaps and copy_to() "
+                          f"refuse it until repair_nonfinite() resets those tensors from the live "
+                          f"weights", RuntimeWarning, stacklevel=3)
 
     def join_refusing(self, err: BaseException) -> None:
         """This rank cannot read what it would load (its file is missing or damaged): join the load's
@@ -345,10 +345,11 @@ class TorchCheckpoint:
                 problems.append(held)
             else:
                 raise load_refused(
-                    f"this {kind} checkpoint's {held}. To load it all the same and repair it, pass "
-                    f"allow_nonfinite=True (or set ema.allow_nonfinite = True before a load another "
-                    f"library makes: dcp.load, optimizer.load_state_dict, a callback's resume), then "
-                    f"call repair_nonfinite(), which resets those tensors from the live weights.")
+                    f"this {kind} checkpoint's {held}. To load it all the same and repair it, "
+                    f"pass allow_nonfinite=True (or set ema.allow_nonfinite = True before a load "
+                    f"another library makes: dcp.load, optimizer.load_state_dict, a callback's "
+                    f"resume), then call repair_nonfinite(), which resets those tensors from the "
+                    f"live weights.")
         refuse_load(kind, problems, " this model")
         return loads, poisoned
 

@@ -6,14 +6,14 @@ inf or NaN all the same (loaded from a checkpoint, or updated with the guard off
 (``lerp`` keeps a NaN). :class:`NonFinite` is one model average's watch over it:
 
 - :meth:`NonFinite.local` finds the tensors (and rows) holding inf or NaN on this rank with the
-  non-finite scan (:func:`fastema.flag_nonfinite_`): one launch per group over its whole buffer,
-  then, only where a group's flag is set, one per tensor and row; one host read per device for
-  each pass. A scan runs at a save, an export, a swap in, a copy-out or a repair, never in
-  ``update()``;
+  non-finite scan: one launch per group over its whole buffer (the shadow's own, kept:
+  ``scan_rows``; else :func:`fastema.flag_nonfinite_`), then, only where a group's flag is set, one
+  per tensor and row; one host read per device for each pass. A scan runs at a save, an export, a
+  swap in, a copy-out or a repair, never in ``update()``;
 - :meth:`NonFinite.refuse` raises, naming them, where the average would be shipped or evaluated,
   unless allowed (:attr:`NonFinite.allowed`: ``ema.allow_nonfinite``, or a call's
-  ``allow_nonfinite=``, :meth:`NonFinite.allowing`). Called inside the read's agreement: on a split or
-  sharded average one rank's refusal is every rank's (:mod:`.agree`);
+  ``allow_nonfinite=``, :meth:`NonFinite.allowing`). Called inside the read's agreement: on a
+  split or sharded average one rank's refusal is every rank's (:mod:`.agree`);
 - :meth:`NonFinite.saved` names them at a save (a warning; the checkpoint records them);
 - :meth:`NonFinite.repair` resets each (tensor, row) found from the live weights, in place on the
   average's device; a split or sharded average's ranks agree on the tensors first
@@ -35,7 +35,7 @@ from .decisions import mesh_findings, refuse_together
 
 __all__ = ["NonFinite", "RECORD", "named"]
 
-RECORD = "nonfinite"      # the checkpoint's field: the averaged tensors holding inf or NaN when it was saved
+RECORD = "nonfinite"      # the checkpoint's field: the averaged tensors holding inf or NaN
 _SHOWN = 8                # tensors a message names (then how many more)
 
 
@@ -44,7 +44,9 @@ def named(names: Sequence[str], found: dict | None = None) -> str:
     then how many more."""
     def one(n: str) -> str:
         rows = None if found is None else found[n]
-        return repr(n) if not rows else f"{n!r} (row{'s' * (len(rows) > 1)} {', '.join(map(str, rows))})"
+        if not rows:
+            return repr(n)
+        return f"{n!r} (row{'s' * (len(rows) > 1)} {', '.join(map(str, rows))})"
 
     shown = ", ".join(one(n) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
@@ -73,7 +75,7 @@ class NonFinite:
 
     @contextlib.contextmanager
     def allowing(self, allow: bool | None) -> Iterator[None]:
-        """The block's checks pass (``allow`` True), or check (False); None: as :attr:`allowed` says."""
+        """The block's checks pass (``allow`` True) or check (False); None: :attr:`allowed` says."""
         if allow is not None and not isinstance(allow, bool):
             raise TypeError(f"allow_nonfinite must be True, False or None, got {allow!r}")
         before, self._allow = self._allow, allow
@@ -114,7 +116,7 @@ class NonFinite:
                         flag = self._flags[g.device] = _backends.new_flag(g)
                 _backends.zero_(flag)
                 flags[g.device] = flag
-        if not avg.scan_rows(flags):                   # its own launches, kept; else the array function's
+        if not avg.scan_rows(flags):                   # its own kept launches, else ops
             for g in avg.layout.groups:
                 if g.buffer is not None and g.buffer.numel():
                     flag_nonfinite_(flags[g.device], g.buffer)     # the whole buffer, every row
@@ -136,8 +138,8 @@ class NonFinite:
             marks = _backends.zeros((g.framework, g.device), len(items), np.int32)
             for k, (_, _, view) in enumerate(items):
                 flag_nonfinite_(marks[k:k + 1], view)      # one launch a tensor and row
-            for k in np.flatnonzero(_backends.to_host(marks)):
-                pos, r, _ = items[k]
+            for hit_at in np.flatnonzero(_backends.to_host(marks)).tolist():
+                pos, r, _ = items[hit_at]
                 found.setdefault(pos, []).append(r)
         return {avg.names[p]: sorted(found[p]) for p in sorted(found)}
 
@@ -153,10 +155,10 @@ class NonFinite:
         if found:
             which = "the average" if self.side.avg.rows == 1 else f"average {row}"
             raise ValueError(
-                f"{self.kind}.{what}: {which} holds inf or NaN in {named(list(found))}: it would hand "
-                f"out a model that computes NaN. Call repair_nonfinite() to reset those tensors from "
-                f"the live weights, or pass allow_nonfinite=True (or set ema.allow_nonfinite = True) "
-                f"to use it as it is. Nothing was written.")
+                f"{self.kind}.{what}: {which} holds inf or NaN in {named(list(found))}: it "
+                f"would hand out a model that computes NaN. Call repair_nonfinite() to reset those "
+                f"tensors from the live weights, or pass allow_nonfinite=True (or set "
+                f"ema.allow_nonfinite = True) to use it as it is. Nothing was written.")
 
     def saved(self, gathered: bool = False) -> list[str]:
         """The averaged tensors holding inf or NaN in any row, named in a warning: what a checkpoint
@@ -165,25 +167,26 @@ class NonFinite:
         every rank's, agreed)."""
         found = self.local()
         if gathered and self.agreement.groups():
-            found = _union(mesh_findings(found, self.agreement.groups()).values(), self.side.avg.names)
+            every = mesh_findings(found, self.agreement.groups())
+            found = _union(every.values(), self.side.avg.names)
         if found:
             warnings.warn(
                 f"{self.kind}.state_dict(): the average holds inf or NaN in "
                 f"{named(list(found), found if self.side.avg.rows > 1 else None)}. The "
-                f"checkpoint keeps it as it is (its '{RECORD}' entry names them); exports, swaps and "
-                f"copy_to() refuse it until repair_nonfinite() resets those tensors from the live "
-                f"weights (skip_nonfinite=True keeps a bad step out of the average)", RuntimeWarning,
-                stacklevel=4)
+                f"checkpoint keeps it as it is (its '{RECORD}' entry names them); exports, swaps "
+                f"and copy_to() refuse it until repair_nonfinite() resets those tensors from the "
+                f"live weights (skip_nonfinite=True keeps a bad step out of the average)",
+                RuntimeWarning, stacklevel=4)
         return list(found)
 
     # ------------------------------------------------------------ the repair
 
     def repair(self, swap: Any) -> list[str]:
-        """Reset every (tensor, row) holding inf or NaN from the live weights (rounded to the shadow's
-        dtype), in place on the average's device; return the tensors reset. Refused while ``swap``
-        (the swap state) has the average in the model. A sharded or split average's ranks agree
-        first (a collective): every rank resets its part of the same tensors and returns the same
-        names."""
+        """Reset every (tensor, row) holding inf or NaN from the live weights (rounded to the
+        shadow's dtype), in place on the average's device; return the tensors reset. Refused while
+        ``swap`` (the swap state) has the average in the model. A sharded or split average's ranks
+        agree first (a collective): every rank resets its part of the same tensors and returns the
+        same names."""
         side, groups = self.side, self.agreement.groups()
         try:
             swap.refuse("repair_nonfinite()")
@@ -198,7 +201,8 @@ class NonFinite:
         if groups:
             every = mesh_findings((mine, None), groups, waiting="every rank of the average calls "
                                                                 "repair_nonfinite() together")
-            refuse_together(f"{self.kind}.repair_nonfinite()", {r: e for r, (_, e) in every.items()})
+            refused = {r: e for r, (_, e) in every.items()}
+            refuse_together(f"{self.kind}.repair_nonfinite()", refused)
             mine = _union([found for found, _ in every.values()], side.avg.names)
         self._write(mine)
         return list(mine)
