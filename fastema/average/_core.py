@@ -344,7 +344,8 @@ class Average:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
         ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
         through pickle, ``np.savez``, orbax or flax serialization. Averages holding inf or NaN are
-        named in a warning and listed under ``"nonfinite"`` (information: a load checks them)."""
+        named in a warning and listed under ``"nonfinite"`` (information: a load checks them; a
+        finite average's state has no such entry)."""
         averaged = {name: _backends.to_host(self.shadow.view(i, None))
                     for i, name in enumerate(self.names)}
         bad = [n for n, a in averaged.items() if not np.all(np.isfinite(a.astype(np.float32)))]
@@ -356,7 +357,7 @@ class Average:
                           f"(skip_nonfinite=True keeps a bad step out of the average)",
                           RuntimeWarning, stacklevel=2)
         return {"format": self.format, "version": self.version, **self.plan_state(),
-                "averaged": averaged, "nonfinite": bad}
+                "averaged": averaged, **({"nonfinite": bad} if bad else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and

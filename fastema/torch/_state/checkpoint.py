@@ -29,6 +29,7 @@ from .._sharding import params as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp
+from .dcp_calls import loading
 from .entries import global_shape, local_part, staged
 from .nonfinite import RECORD, NonFinite, named
 from .slices import full_entry
@@ -230,7 +231,9 @@ class TorchCheckpoint:
             }
         if avg.split_id is not None:
             state["split_id"] = self.agreement.split_id  # which split run the slices are of
-        state[RECORD] = self.nonfinite.saved(gathered)   # information, never loaded (a warning)
+        poisoned = self.nonfinite.saved(gathered)        # named in a warning; information, never loaded
+        if poisoned and not loading():                   # (a finite average's checkpoint: as it was;
+            state[RECORD] = poisoned                     # dcp.load's template: no key to miss)
         if gathered:
             for key in ("averaged", "ring"):
                 if isinstance(state.get(key), dict):
