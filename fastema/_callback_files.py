@@ -2,7 +2,8 @@
 folder (``STATE_FILE``, a replicated average), or one a rank (``fastema_ema-rank<r>-of-<world>.safetensors``,
 a sharded average; a split one records the flat range of each tensor it holds, so that any world
 size resumes from them). Safetensors, read without code execution; a JSON header of the EMA's
-counters and settings, the same in every rank's file of one save."""
+counters and settings, the same in every rank's file of one save. Each file is opened by
+:func:`_safe_open`: a FIFO, device or folder named like one is refused by name, never opened."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ import re
 import torch
 
 from ._checkpoint_format import GROUPS, from_named, load_refused
+from ._io.safe_files import regular
 from .torch import SplitEntry
 
 __all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "parted", "read", "resharded"]
@@ -31,8 +33,6 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
     or a replicated average's single file (full tensors, which a split average cuts). Anything
     else (FSDP2 or ZeRO-3 shards of another world size) is refused, naming the files. ``template``:
     ``ema.state_dict()``, made on every rank before any file is read."""
-    from safetensors import safe_open
-
     found = sorted(n for n in os.listdir(folder) if n.startswith("fastema_ema"))
     template = template if template is not None else ema.state_dict()   # (a collective with ZeRO-1/2 masters)
     split = any(isinstance(v, SplitEntry) for g in GROUPS for v in template.get(g, {}).values())
@@ -53,7 +53,7 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
     _one_save(files)
     state = read(files[0])                       # the header, and the entries every rank holds whole
     with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(safe_open(p, framework="pt")) for p in files]
+        opened = [stack.enter_context(_safe_open(p)) for p in files]
         found_ranges = [_ranges(f, p) for f, p in zip(opened, files)]
         ranges = [r for r in found_ranges if r is not None]
         if len(ranges) != len(found_ranges):
@@ -87,12 +87,21 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
                     state[group][name] = local.reshape(value.shape)
     return state
 
+
+def _safe_open(path: str):
+    """safetensors' ``safe_open`` of the callback's file ``path``, a regular file: a FIFO, device
+    or folder named like one is refused by name (:func:`~fastema._io.safe_files.regular`) before
+    safetensors opens it (it takes a path only, and would block on a FIFO)."""
+    from safetensors import safe_open
+
+    regular(path)
+    return safe_open(path, framework="pt")
+
+
 def read(path: str) -> dict:
     """The EMA state in the callback's file ``path``, not yet checked against an EMA (a
     ``ValueError`` naming the file when it is not one the callback wrote)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
+    with _safe_open(path) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not an EMACallback state file (format {meta.get('format')!r}); "
@@ -113,11 +122,9 @@ def _one_save(files: list) -> None:
     """Refuse per-rank files that are not of one save: every rank's header (the counters, the split's
     run id) must be the same. A folder re-saved where one rank failed, or written by two runs, holds
     files of two steps, whose slices would resume at different steps."""
-    from safetensors import safe_open
-
     heads = []
     for p in files:
-        with safe_open(p, framework="pt") as f:
+        with _safe_open(p) as f:
             heads.append((f.metadata() or {}).get("ema"))
     odd = [p for p, h in zip(files, heads) if h != heads[0]]
     if odd:

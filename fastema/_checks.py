@@ -12,8 +12,8 @@ from ._backends import READ_ONLY_HINTS, Buf, describe, layout, overlaps
 from ._launch import sr_noise
 from .kernels.kinds import KIND_NAMES, MAX_ROWS
 
-__all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "pair", "resolve_weights", "same_shape", "shadow_problems",
-           "sr_key", "stochastic_rounding"]
+__all__ = ["MAX_DECAYS", "check_rounding", "check_seed", "check_written", "moded", "pair", "resolve_weights",
+           "same_shape", "shadow_problems", "sr_key", "stochastic_rounding", "written_refusal"]
 
 #: The most averages (shadow rows) one launch updates: the kernels keep one weight per row in registers.
 MAX_DECAYS = MAX_ROWS
@@ -109,6 +109,32 @@ def pair(a, b, a_name: str, b_name: str, write_b: bool = False) -> tuple[Buf, Bu
     if overlaps(s, x):
         raise ValueError(f"{a_name} and {b_name} share memory; give the shadow a buffer of its own")
     return s, x
+
+
+def check_written(arrays: Sequence, names: Sequence) -> None:
+    """Refuse what each array's framework refuses to write in place now, as its own in-place ops
+    do (torch, as ``lerp_``: a leaf that requires grad in grad mode, an inference tensor outside
+    inference mode): a ``RuntimeError`` in its words, with the fix. What is read is never refused."""
+    why = written_refusal(arrays, names)
+    if why is not None:
+        raise RuntimeError(why)
+
+
+def written_refusal(arrays: Sequence, names: Sequence) -> str | None:
+    """:func:`check_written`'s message, or None where every array may be written now."""
+    for x, name in zip(arrays, names):
+        backend = _backends.backend_of(x)
+        why = None if backend is None else backend.inplace_refusal(x, name)
+        if why is not None:
+            return why
+    return None
+
+
+def moded(x) -> bool:
+    """Whether :func:`check_written` of ``x`` may say otherwise under other framework modes (torch:
+    grad mode, inference mode) while ``x``'s layout guard holds: a cache rechecks it at a hit."""
+    backend = _backends.backend_of(x)
+    return backend is not None and backend.inplace_moded(x)
 
 
 def same_shape(s: Buf, x: Buf, expected: tuple, a_name: str, b_name: str):

@@ -156,7 +156,11 @@ def peer_state(peer: PeerAverage, template: dict) -> dict:
     ``averaged``, the raw weights in ``copied`` and ``int_buffers`` (what fastema copies), and the
     counters carried: ``updates`` = ``n_averaged``, ``calls`` = ``global_step`` (so ``update_every``
     keeps its phase), the last update's time = ``latest_update_step`` (timed schedules), the
-    average's total weight 1 (``debias=True`` continues it unbiased)."""
+    average's total weight 1 (``debias=True`` continues it unbiased). Saved before its first update
+    (``n_averaged`` 0: a start after a warm-up), the peer holds no average yet: its ``state_dict`` is
+    the weights the run started from (``AveragedModel``'s untouched copy, which Lightning's callback
+    overwrites at its first update), so the average starts at the raw weights, as a fresh
+    ``WeightEMA`` starts at the weights it is given."""
     kinds = [s.get("kind") for s in template["schedules"]]
     for kind in kinds:
         if kind in HISTORY:
@@ -166,7 +170,8 @@ def peer_state(peer: PeerAverage, template: dict) -> dict:
                           f"NumUpdates, HalfLife, PowerFunction)", RAW)
     state = dict(template)
     problems = []
-    for key, source, stacked in (("averaged", peer.average, True), ("copied", peer.raw, False),
+    average = peer.average if peer.updates else peer.raw
+    for key, source, stacked in (("averaged", average, True), ("copied", peer.raw, False),
                                  ("int_buffers", peer.raw, False)):
         wanted = template.get(key) or {}
         out = {}
@@ -175,7 +180,7 @@ def peer_state(peer: PeerAverage, template: dict) -> dict:
             shape = tuple(mine.shape[1:] if stacked else mine.shape)
             if not isinstance(value, torch.Tensor):
                 problems.append(f"{name!r} is not in its "
-                                f"{'state_dict' if stacked else 'current_model_state'}")
+                                f"{'state_dict' if source is peer.average else 'current_model_state'}")
             elif tuple(value.shape) != shape:
                 problems.append(f"{name!r} has shape {tuple(value.shape)} there, "
                                 f"this model {shape}")

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from . import _backends, _launch, pairs
+from . import _backends, _checks, _launch, pairs
 from ._backends import Buf, describe
 from ._backends.kept import KeptLRU, cheap_key
 from ._checks import MAX_DECAYS, pair, resolve_weights, same_shape, sr_key, stochastic_rounding  # noqa: F401
@@ -84,12 +84,27 @@ def _group(shadow: Buf | None, x: Buf) -> _launch.Group:
     return g
 
 
-def _keep(key: tuple | None, arrays: list, run: _launch.Launch, written) -> _launch.Launch:
+def _keep(key: tuple | None, arrays: list, run: _launch.Launch, written: int = 1) -> _launch.Launch:
     """``run`` kept under the arrays' cheap ``key`` (none: nothing kept) with their layout guard, and the
-    version bump of ``written``'s framework (every array of a cheap key is of one)."""
+    version bump of their framework (every array of a cheap key is of one). Where the framework's
+    refusal of an in-place write of ``arrays[:written]`` depends on its modes (torch: a tensor that
+    requires grad, an inference tensor, or inference mode on now), the guard rechecks it: a hit in a
+    mode that refuses them is a miss, refused by the first call's checks."""
     if key is not None:
-        _KEPT.keep(key, _Prepared(run, _backends.version_bump(written)), _backends.layout_guard(arrays))
+        guard = _backends.layout_guard(arrays)
+        if any(map(_checks.moded, arrays[:written])):
+            guard = functools.partial(_rechecked, guard, written)
+        _KEPT.keep(key, _Prepared(run, _backends.version_bump(arrays[0])), guard)
     return run
+
+
+_UNNAMED = ("", "")
+
+
+def _rechecked(guard, written: int, arrays: list) -> bool:
+    """``guard`` passes ``arrays``, and their framework writes ``arrays[:written]`` in place now (else a
+    miss: the first call's checks refuse it, by name)."""
+    return guard(arrays) and _checks.written_refusal(arrays[:written], _UNNAMED) is None
 
 
 def _rerun(tag: tuple, arrays: list, written: int) -> tuple:
@@ -124,6 +139,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
                          f"split them over several shadows")
     s, x = pair(shadow, src, "shadow", "src")
     same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
+    _checks.check_written([shadow], ["shadow"])
     rows = rows or 1
     w = resolve_weights(decays, weights, rows, s.device)
     stochastic = stochastic_rounding(rounding, s.kind)
@@ -133,7 +149,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     if found is not None or not host:            # a hit with unusual weights; a flag or device weights
         _launch.launch("lerp", g, weights=w, flag=flag, key=sr, stochastic=stochastic)
     else:
-        _keep(key, arrays, g.launch("lerp", stochastic=stochastic), shadow)(w, sr)
+        _keep(key, arrays, g.launch("lerp", stochastic=stochastic))(w, sr)
     _backends.bump_versions(arrays[:1])
     return shadow
 
@@ -216,7 +232,8 @@ def copy_(dst, src):
         return dst
     d, x = pair(dst, src, "dst", "src")
     same_shape(d, x, x.shape, "dst", "src")
-    _keep(key, arrays, _group(d, x).launch("copy", to_shadow=True, row_lo=0, row_hi=1), dst)()
+    _checks.check_written([dst], ["dst"])
+    _keep(key, arrays, _group(d, x).launch("copy", to_shadow=True, row_lo=0, row_hi=1))()
     _backends.bump_versions(arrays[:1])
     return dst
 
@@ -240,7 +257,8 @@ def swap_(a, b, *, lossy: bool = False):
             f"a is {s.dtype_name} and b is {x.dtype_name}: exchanging them rounds values and cannot "
             f"be undone; pass lossy=True to accept that, or keep the shadow in a fastema.FlatShadow, "
             f"whose swap() is exact for a float32 shadow and bfloat16 sources")
-    _keep(key, arrays, _group(s, x).launch("swap", mode=kinds.EXCHANGE, row=0), a)()
+    _checks.check_written(arrays, ["a", "b"])
+    _keep(key, arrays, _group(s, x).launch("swap", mode=kinds.EXCHANGE, row=0), 2)()
     _backends.bump_versions(arrays)
 
 
@@ -257,10 +275,11 @@ def flag_nonfinite_(flag, src):
         return flag
     x = describe(src, "src")
     f = _backends.control_view(flag, "flag", np.int32, 1, x.device, writable=True)
+    _checks.check_written([flag], ["flag"])
     if key is None:                              # a flag view of this call: not kept
         _launch.launch("nonfinite", _group(None, x), flag=f)
     else:                                        # kept with the call's key (the flag's view in it)
-        _keep(key, arrays, _group(None, x).launch("nonfinite", flag=f), flag)()
+        _keep(key, arrays, _group(None, x).launch("nonfinite", flag=f))()
     _backends.bump_versions(arrays[:1])
     return flag
 

@@ -18,7 +18,7 @@ from . import _backends, _launch
 from ._backends import describe, disjoint
 from ._backends.kept import KeptLRU, cheap_key
 from ._bound import LERP, BoundLaunches
-from ._checks import pair, resolve_weights, same_shape, sr_key, stochastic_rounding
+from ._checks import check_written, moded, pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
 from .kernels.kinds import BF16
 
@@ -186,10 +186,15 @@ class PairShadow(Capabilities, BoundLaunches):
 # Arrays with no cheap key (not torch or NumPy, or of two frameworks) are keyed by their full
 # descriptions, writability and framework included: a hit passes every check a first call made.
 class _Kept(NamedTuple):
-    """A kept pair layout: its PairShadow and what bumps the shadows' versions after an update (their
-    framework's, one call; None: nothing to tell, NumPy)."""
+    """A kept pair layout: its PairShadow, what bumps the shadows' versions after an update (their
+    framework's, one call; None: nothing to tell, NumPy), and the shadows :func:`update_many` checks
+    again at every call: those whose framework's refusal of an in-place write depends on its modes
+    (torch: grad mode, inference mode; every shadow, for a described key, which holds no
+    ``requires_grad``). Only they can be refused: the others passed the first call's check, and the
+    layout guard holds what it read."""
     pairs: PairShadow
     bump: Callable[[list], None] | None
+    recheck: tuple = ()
 
 
 _PAIRS: KeptLRU[_Kept] = KeptLRU(32, _launch.CHOSEN_DRIVERS)
@@ -223,9 +228,11 @@ def _of(shadows: list, sources: list) -> _Kept:
         return found
     made = PairShadow(shadows, sources)
     if cheap is not None:           # arrays of one framework: its bump, one call
-        kept = _Kept(made, _backends.version_bump(shadows[0]) if shadows else None)
+        recheck = tuple(i for i, s in enumerate(shadows) if moded(s))
+        kept = _Kept(made, _backends.version_bump(shadows[0]) if shadows else None, recheck)
         return _PAIRS.keep(key, kept, _backends.layout_guard(tensors))
-    return _PAIRS.keep(key, _Kept(made, _backends.bump_versions))       # several: each its own
+    every = tuple(range(len(shadows)))
+    return _PAIRS.keep(key, _Kept(made, _backends.bump_versions, every))   # several: each its own
 
 
 def of(shadows: list, sources: list) -> PairShadow:
@@ -238,6 +245,8 @@ def update_many(shadows: list, sources: list, decay, **options) -> None:
     (:func:`fastema.ema_update_many_`), then the written shadows' versions bumped (torch: as
     ``_foreach_lerp_`` bumps them)."""
     kept = _of(shadows, sources)
+    if kept.recheck:                # what the framework refuses to write in place now (as lerp_)
+        check_written([shadows[i] for i in kept.recheck], [f"shadows[{i}]" for i in kept.recheck])
     kept.pairs.update(decay, **options)
     if kept.bump is not None:
         kept.bump(shadows)

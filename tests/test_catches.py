@@ -61,6 +61,10 @@ BROAD_CATCHES = {
     ("fastema/cli/warm.py", "_warm_cuda"): [
         "numba's own compile of the missing variants: any failure is the exit status 1 with its "
         "type and message, and the CUDA check to run (a command line's last word)"],
+    ("fastema/torch/_state/attach_checks.py", "_refuse_dropping"): [
+        "the user's optimizer's state_dict() override, called once at attach() to check that it "
+        "keeps the average's entry: whatever it raises (a state not consolidated yet) becomes the "
+        "RuntimeError naming the call and what to do, the error its cause; nothing attached"],
     ("fastema/torch/_state/attached.py", "_decode"): [
         "the attached average's counter record decoded from a checkpoint: any failure of json.loads "
         "(RecursionError of a deeply nested record too) is damage, a ValueError on every rank"],

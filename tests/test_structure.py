@@ -498,6 +498,80 @@ dist.get_rank()
         ("all_reduce", 8), ("barrier", 4), ("broadcast_object_list", 5)]
 
 
+# The loads of faces whose state may be sharded over a mesh, held to the agreement from their code
+# (issue 85 item 3: "every collective read or load agreed over its group"): package -> the load's entry
+# points. fastema.torch's loads agree through its checkpoint side (test_every_collective_read_passes_its_kind
+# _to_the_agreement); fastema.torchtitan's EMA, a DCP Stateful of DTensors, through decisions.py.
+AGREED_LOADS = {"fastema/torchtitan": ("load_state_dict",)}
+AGREEMENT_CALLS = {"agree", "agreed", "findings", "mesh_findings", "refuse_together", "decided"}
+
+
+def _unagreed_refusals(trees: dict, entries: tuple) -> tuple[list[str], list[str]]:
+    """``(refusals, verdicts)`` on the load path: every function of ``trees`` reachable by name from
+    ``entries`` (calls by name or as an attribute, lambdas included); a ``raise`` in one that calls no
+    function of the agreement (``AGREEMENT_CALLS``) is a refusal this rank would make alone, a
+    function that calls one is a verdict (its ``raise`` is the no-mesh branch's, or after it)."""
+    functions: dict[str, list] = {}
+    for where, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.setdefault(node.name, []).append((where, node))
+    refusals, verdicts, seen, todo = [], [], set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for where, fn in functions.get(name, []):
+            called = {c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in ast.walk(fn)
+                      if isinstance(c, ast.Call) and isinstance(c.func, (ast.Name, ast.Attribute))}
+            if called & AGREEMENT_CALLS:
+                verdicts.append(f"{where}:{fn.name}")
+            else:
+                refusals += [f"{where}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, ast.Raise)]
+            todo += sorted(c for c in called if c in functions)
+    return sorted(refusals), sorted(verdicts)
+
+
+def _trees(package: str) -> dict:
+    return {p.relative_to(ROOT).as_posix(): ast.parse(p.read_text()) for p in _py(*package.split("/"))}
+
+
+def test_every_load_of_a_sharded_face_refuses_through_the_agreement():
+    """A rank that refuses a load alone leaves the others in their next collective until the process
+    group's timeout (issue 85 M1): on the load path of each face of ``AGREED_LOADS`` nothing raises but
+    the verdict, which agrees over the mesh first (``mesh_findings``, ``refuse_together``)."""
+    for package, entries in AGREED_LOADS.items():
+        refusals, verdicts = _unagreed_refusals(_trees(package), entries)
+        assert not refusals, (f"{package}: a load refuses on this rank alone at {refusals}: hand the "
+                              f"reason to the load's verdict, which agrees over the mesh")
+        assert verdicts, f"{package}: its load reaches no agreement ({AGREEMENT_CALLS})"
+
+
+def test_the_load_rule_sees_a_refusal_made_alone():
+    """The rule's eyes: a2c5924's torchtitan load (a ValueError on the refusing rank, no agreement), and a
+    refusal planted on today's load path before its verdict."""
+    old = {"m.py": ast.parse("""
+class EMA:
+    def load_state_dict(self, state_dict):
+        load_flat_state_dict(state_dict)
+
+def load_flat_state_dict(state):
+    if problems:
+        raise ValueError("the EMA state was not loaded")
+""")}
+    assert _unagreed_refusals(old, ("load_state_dict",)) == (["m.py:8"], [])
+    trees = _trees("fastema/torchtitan")
+    text = (ROOT / "fastema" / "torchtitan" / "_state.py").read_text()
+    verdict = "    verdict(_refusal(problems, in_place, bad_in_place))\n"
+    assert text.count(verdict) == 1
+    trees["fastema/torchtitan/_state.py"] = ast.parse(text.replace(
+        verdict, "    if problems:\n        raise ValueError(problems)\n" + verdict))
+    refusals, verdicts = _unagreed_refusals(trees, ("load_state_dict",))
+    assert len(refusals) == 1 and refusals[0].startswith("fastema/torchtitan/_state.py:")
+    assert verdicts == ["fastema/torchtitan/_state.py:agreed_load"]
+
+
 # ------------------------------------------------------------ ordinary width
 
 # The share of fastema/'s non-blank lines over 100 characters (issue 72: 10.1% at round 8's start;

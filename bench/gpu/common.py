@@ -25,6 +25,9 @@ import time
 import traceback
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+NO_DEVICE = SIM or os.environ.get("FASTEMA_BENCH_NO_DEVICE") == "1"
+"""No torch CUDA: the simulator, or the driver emulator under the fake GPU (``bench/gpu/mechanisms.py``'s
+stub mode): syncs and sleeps do nothing, events read the host clock."""
 
 
 class Skip(Exception):
@@ -211,7 +214,7 @@ _CYCLES_PER_MS: list = []
 
 
 def sync() -> None:
-    if not SIM:
+    if not NO_DEVICE:
         import torch
 
         torch.cuda.synchronize()
@@ -219,7 +222,7 @@ def sync() -> None:
 
 def cycles_per_ms() -> int:
     """``torch.cuda._sleep`` cycles per millisecond on this GPU (measured once; 0 in the simulator)."""
-    if SIM:
+    if NO_DEVICE:
         return 0
     if not _CYCLES_PER_MS:
         import torch
@@ -236,7 +239,7 @@ def cycles_per_ms() -> int:
 
 def gpu_busy(ms: float) -> None:
     """Keep the current stream busy for about ``ms`` milliseconds (nothing in the simulator)."""
-    if not SIM and ms > 0:
+    if not NO_DEVICE and ms > 0:
         import torch
 
         torch.cuda._sleep(int(cycles_per_ms() * ms))
@@ -244,7 +247,7 @@ def gpu_busy(ms: float) -> None:
 
 def gpu_idle() -> bool:
     """True when the current stream has run everything queued on it (always in the simulator)."""
-    if SIM:
+    if NO_DEVICE:
         return True
     import torch
 
@@ -252,7 +255,8 @@ def gpu_idle() -> bool:
 
 
 class _ClockEvent:
-    """A stand-in for ``torch.cuda.Event(enable_timing=True)`` in the simulator: the host clock."""
+    """A stand-in for ``torch.cuda.Event(enable_timing=True)`` without a device: the host clock. Its
+    :meth:`query` says False: no GPU ran dry behind the host, none caught up with it (``measure``)."""
 
     def __init__(self):
         self.t = None
@@ -261,7 +265,7 @@ class _ClockEvent:
         self.t = time.perf_counter()
 
     def query(self) -> bool:
-        return True
+        return False
 
     def synchronize(self) -> None:
         pass
@@ -271,7 +275,7 @@ class _ClockEvent:
 
 
 def event():
-    if SIM:
+    if NO_DEVICE:
         return _ClockEvent()
     import torch
 

@@ -5,8 +5,10 @@ in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
     python3 -m bench.gpu.headline OUTDIR [--budget SECONDS] [--simulate]
 
 1. a flat 2^28-element float32 lerp (``ema_update_``, ``FlatShadow.update``, ``EMA.update``,
-   ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy: GB/s and % of the copy; first,
-   because that copy is the run's ceiling, which no later row may pass (``bench/suite/checked.py``);
+   ``torch.lerp_``, ``torch._foreach_lerp_``) against a device copy and an in-place ``add_`` (a
+   lerp's 2:1 traffic): GB/s and % of the copy, by device time; first, because those streams set
+   the run's ceiling (their fastest round by CUDA events), which no later row may pass
+   (``bench/suite/checked.py``);
 2. ``EMA.update()`` against ``torch._foreach_lerp_`` at 6 (the RL network), 148 (GPT-2 small) and
    3000 (3000 x 4096) float32 tensors, and against ``_foreach_mul_`` + ``_foreach_add_`` at 148
    bfloat16 tensors into a float32 shadow: host submit time, device time, one call and a sync
@@ -19,8 +21,11 @@ in turn (the third part of ``bash bench/gpu/run.sh all``, issue 63):
 
 Every baseline is run once against fastema's result from the same inputs before it is timed, and
 refused (a failed check naming the row) where it differs or writes into its own sources; a row
-whose GB/s passes the run's copy by more than 10% is refused, one within it flagged
-(``bench/suite/checked.py``, issue 70 item 7: the 2026-11-26 baseline that lerped each tensor into itself).
+whose GB/s passes the run's device-time ceiling is refused, one above the copy but within it flagged
+(``bench/suite/checked.py``, issue 70 item 7: the 2026-11-26 baseline that lerped each tensor into
+itself). Host, device and end-to-end figures stay in their own columns, each median with its
+min-max; a host figure taken while the host waited for the GPU reads ``invalid``; a ratio is read
+only against a checked baseline of the same interleaved call (``bench/suite/figures.py``, issue 86).
 
 ``OUTDIR/headline.json`` is rewritten after every figure (a run cut at its limit keeps what it
 measured; the scenario and implementation names are the probe's, so ``bench/gpu/summary.py``
@@ -42,7 +47,8 @@ from bench.gpu import common as G  # noqa: E402
 from bench.gpu import measure as M  # noqa: E402
 from bench.gpu import steps as gpu_steps  # noqa: E402
 from bench.gpu.summary import EMA, FOREACH, HOST_COST, MIXED, read_env, summary_line  # noqa: E402
-from bench.suite.checked import Refused, checked, move_sources, within_ceiling  # noqa: E402
+from bench.suite.checked import checked, move_sources  # noqa: E402
+from bench.suite.figures import FIGURES, ratio, table  # noqa: E402
 
 FLAT = 10 if G.SIM else 28
 FIRST_UPDATE = r"""
@@ -88,24 +94,11 @@ def _rows(rec, scenario: str) -> dict:
     return rec.data.setdefault("timings", {}).setdefault(scenario, {})
 
 
-def _ceiling(rec) -> float | None:
-    """The run's device copy in GB/s (``flat``, measured first), which no row may pass; none in the
-    simulator (the CPU's caches: a torch copy is no ceiling there, ``bench/suite/checked.py``)."""
-    return None if G.SIM else rec.data["env"].get("copy_GBps")
-
-
-def _record(rec, sc: str, impl: str, m: dict) -> None:
-    """Row ``sc | impl`` recorded, refused (``bench.suite.checked.Refused``, raised after it is written
-    down as refused) where its GB/s passes the run's copy ceiling by more than the tolerance."""
-    try:
-        flag = within_ceiling(f"{sc} | {impl}", m.get("device_GBps"), _ceiling(rec))
-    except Refused as err:
-        _rows(rec, sc)[impl] = {"refused": str(err)}
-        rec.save()
-        raise
-    if flag:
-        m["above_copy"] = flag
-    _rows(rec, sc)[impl] = m
+def _ratios(rec, sc: str, ours: str, base: str) -> None:
+    """The baseline's host, device and e2e over fastema's, noted under ``host`` (None: invalid)."""
+    rows = _rows(rec, sc)
+    rec.note("host", f"{sc}: {base} / {ours} (host, device, e2e)",
+             [None if (r := ratio(sc, rows, ours, base, f)) is None else round(r, 3) for f in FIGURES])
 
 
 def _moved(params) -> None:
@@ -145,10 +138,8 @@ def host_cost(rec, count: int, dt: str) -> None:
                 {f"{sc} | {k}": v for k, v in results.items()}, ours=f"{sc} | {EMA}",
                 inputs=params, move=lambda: _moved(params))
         rows = M.interleaved(fns)
-    for impl, m in rows.items():
-        _record(rec, sc, impl, M.with_bandwidth(m, n, kinds[impl]))
-    rec.note("host", f"{sc}: host us, fastema / baseline",
-             [round(m["host_us"], 1) for m in rows.values()])
+    M.record_all(rec, sc, rows, kinds, n, (FOREACH, MIXED))
+    _ratios(rec, sc, EMA, MIXED if dt == "bf16" else FOREACH)
 
 
 def flat(rec) -> None:
@@ -163,13 +154,14 @@ def flat(rec) -> None:
     from fastema.torch import EMA as Ema
 
     n = 1 << FLAT
-    a, b, c = (torch.randn(n, device=G.torch_device()) for _ in range(3))
+    a, b, c, d, e = (torch.randn(n, device=G.torch_device()) for _ in range(5))
     a1, a2 = a.clone(), a.clone()
     flat_shadow = FlatShadow([b])
     one = nn.Module()
     one.w = nn.Parameter(b, requires_grad=False)              # the same storage as b
     ema = Ema(one, 0.999)
-    fns = {"copy (ceiling)": lambda: c.copy_(a),
+    streams = {"copy (ceiling)": "copy", "add_ (ceiling)": "add_ f32"}
+    fns = {"copy (ceiling)": lambda: c.copy_(a), "add_ (ceiling)": lambda: d.add_(e),
            "fastema.ema_update_": lambda: fastema.ema_update_(a, b, decay=0.999),
            "fastema FlatShadow.update": lambda: flat_shadow.update(0.999), EMA: ema.update,
            "torch.lerp_": lambda: a1.lerp_(b, 0.001),
@@ -181,13 +173,11 @@ def flat(rec) -> None:
                  f"{sc} | {FOREACH}": lambda: [a2]},
                 ours=f"{sc} | fastema.ema_update_", inputs=[b])
         rows = M.interleaved(fns, calls=20)
-    copy = M.with_bandwidth(rows["copy (ceiling)"], n, "copy")["device_GBps"] or 0
-    rec.data["env"]["copy_GBps"] = copy or None
-    for impl, m in rows.items():
-        m = M.with_bandwidth(m, n, "copy" if impl.startswith("copy") else "lerp f32")
-        m["pct_of_copy"] = 100 * m["device_GBps"] / copy if copy and m["device_GBps"] else None
-        _record(rec, sc, impl, m)
-    rec.note("host", f"{sc}: % of copy",
+    M.keep_ceiling(rec, M.ceiling(rows, n, streams))
+    M.record_all(rec, sc, rows, {k: streams.get(k, "lerp f32") for k in rows}, n, ("torch.lerp_", FOREACH))
+    _ratios(rec, sc, "fastema.ema_update_", "torch.lerp_")
+    _ratios(rec, sc, EMA, FOREACH)
+    rec.note("host", f"{sc}: % of copy (device)",
              {k: round(v.get("pct_of_copy") or 0, 1) for k, v in _rows(rec, sc).items()})
 
 
@@ -237,21 +227,10 @@ def report(data: dict, out: str) -> str:
     env = dict(data.get("env", {}), **read_env(_read(os.path.join(out, "env.txt")) or ""))
     line = summary_line(data.get("timings", {}), {}, str(data["env"].get("gpu", "")),
                         _read(os.path.join(out, "cuda-tests.log")), env, headline=data)
-    lines = [line, "", "| scenario | impl | calls | host us | device us | host-bound | e2e us | "
-                       "GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|"]
-    for sc, impls in data.get("timings", {}).items():
-        for impl, m in impls.items():
-            if "refused" in m:
-                lines.append(f"| {sc} | {impl} | - | {m['refused']} | | | | | |")
-                continue
-
-            def f(k, fmt="{:.1f}", m=m):
-                return fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "-"
-
-            lines.append(f"| {sc} | {impl} | {m.get('calls')} | {f('host_us')} | "
-                         f"{f('device_us')} | {m.get('host_bound_batches')}/{m.get('batches')} | "
-                         f"{f('e2e_us')} | {f('device_GBps', '{:.0f}')} | "
-                         f"{f('pct_of_copy', '{:.0f}')}{' (!)' if m.get('above_copy') else ''} |")
+    c = data.get("env", {}).get("ceiling")
+    lines = [line, "", "Ceiling (CUDA events at the largest size): " + (
+        f"{c['GBps']:.0f} GB/s ({c['source']}'s fastest round); the copy {c['copy_GBps']:.0f} GB/s (median)"
+        if c else "none (no device: the simulator)"), "", table(data.get("timings", {}))]
     for section in ("steps", "first_update", "checks", "host"):
         if data.get(section):
             lines += ["", f"| {section} | value |", "|---|---|"]

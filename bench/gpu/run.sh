@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The GPU plan in two commands, each one device command on a bare or a warm machine (issue 63):
+# The GPU plan, each command one device command on a bare or a warm machine (issues 63 and 86):
 #
-#   bash bench/gpu/run.sh all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
+#   bash bench/gpu/run.sh speed|all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]
 #
+#   speed  issue 86's GPU run (item 7), first whenever a GPU is lent, one window: the compiled step
+#          (bench/gpu/compiled.py: compiled.json, compiled.md, compiled-trace.json.gz: 21 batches
+#          against the foreach step, a torch.profiler trace of 10 steps, mode="reduce-overhead"
+#          replayed against eager), the launch mechanisms side by side (bench/gpu/mechanisms.py:
+#          mechanisms.json, mechanisms.md: the kept launch, raw cuLaunchKernel, a 1-node graph's
+#          cuGraphLaunch, torch lerp_), then each target of issue 86 items 3-4 against its same-run
+#          checked baseline with its verdict (bench/gpu/targets.py: targets.json, targets.md);
 #   all    what one GPU window must give, in this order, at most 8 minutes with its set-up:
 #          1. the versions (env.txt: the GPU's name from nvidia-smi, driver, python, torch, numba,
 #             numba-cuda, cuda-core, NVVM, cached_launch...), then the GPU contract on the real driver
@@ -19,10 +26,7 @@
 #             lerp against a device copy, the first update of a fresh process and its NVVM calls,
 #             a GPT-2-size training step with and without the update (float32, bfloat16);
 #          then the gpu-summary line (summary.txt).
-#   targets  round 8's targets, each with its baseline and verdict (bench/gpu/targets.py: targets.json,
-#          targets.md): ema_update_ host <= 10 us, EMA.update() host <= 8 us at 6 tensors and <= 12 at 148,
-#          Smoother.update >= 1.0x torch ops, TargetNetwork.update >= 1.0x _foreach_lerp_, the swap's round
-#          trip >= 80% of a copy.
+#   targets  issue 86's targets alone (bench/gpu/targets.py, a longer budget: targets.json, targets.md).
 #   rest   what a window with time left after `all` adds, in this order: the probe (bench/gpu/
 #          probe.py: probe.json, probe.md, lerp_f32.sass), the offloaded EMA's figures (bench/
 #          scripts/offload.py --gpu: offload.md), the benchmark suite's CUDA rows (python -m bench.suite
@@ -39,7 +43,7 @@
 # every part did; else the first failure's (124: a timeout; 1: a failed check or test).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: bash bench/gpu/run.sh all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
+usage="usage: bash bench/gpu/run.sh speed|all|targets|rest OUTDIR [--quick] [--simulate] [-- EXTRA ARGS]"
 stage=${1:?$usage}
 out=${2:?$usage}
 shift 2
@@ -53,7 +57,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$stage" in all|targets|rest) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "$stage" in speed|all|targets|rest) ;; *) echo "$usage" >&2; exit 2 ;; esac
 export GPU_SIMULATE=${GPU_SIMULATE:-0}
 [ "$GPU_SIMULATE" = 1 ] && sim=(--simulate)
 mkdir -p "$out"
@@ -76,6 +80,14 @@ part() {                                  # part NAME RC: the first failure is t
 }
 
 case "$stage" in
+  speed)
+    timeout -k 10 170 "$PY" -m bench.gpu.compiled "$out" --budget 130 "${sim[@]}" 2>&1 | tee -a "$log"
+    part "compiled step" "${PIPESTATUS[0]}"
+    timeout -k 5 60 "$PY" -m bench.gpu.mechanisms "$out" "${sim[@]}" 2>&1 | tee -a "$log"
+    part "launch mechanisms" "${PIPESTATUS[0]}"
+    timeout -k 10 150 "$PY" -m bench.gpu.targets "$out" --budget 110 "${sim[@]}" 2>&1 | tee -a "$log"
+    part "issue 86 targets" "${PIPESTATUS[0]}"
+    ;;
   all)
     timeout -k 5 20 "$PY" -m bench.gpu.versions "$out/env.txt" "${sim[@]}" 2>&1 | tee -a "$log"
     part versions "${PIPESTATUS[0]}"
@@ -90,7 +102,7 @@ case "$stage" in
     ;;
   targets)
     timeout -k 10 360 "$PY" -m bench.gpu.targets "$out" --budget 300 "${sim[@]}" 2>&1 | tee -a "$log"
-    part "round 8 targets" "${PIPESTATUS[0]}"
+    part "issue 86 targets" "${PIPESTATUS[0]}"
     ;;
   rest)
     timeout -k 10 180 "$PY" -m bench.gpu.probe "$out" --budget "${GPU_PROBE_BUDGET:-120}" \
@@ -104,7 +116,7 @@ case "$stage" in
       part offload "${PIPESTATUS[0]}"
     fi
     select=(-k cuda --quick)
-    if [ "$GPU_SIMULATE" = 1 ]; then          # CI: no CUDA rows without a GPU; four tiny CPU rows
+    if [ "$GPU_SIMULATE" = 1 ]; then          # CI: no CUDA rows without a GPU; five tiny CPU rows
       select=(-k "test_flat_float32 and cpu and 16" --quick)
     fi
     timeout -k 10 110 "$PY" -m bench.suite --out "$out" "${select[@]}" "${extra[@]}" 2>&1 \

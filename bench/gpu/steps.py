@@ -13,7 +13,9 @@ of a float32 shadow for float32 weights; for bfloat16 weights timm's mixed updat
 ``_foreach_mul_`` + ``_foreach_add_`` into float32 copies), checked once against fastema's result
 before the steps (``bench/suite/checked.py``). Per way: the step's time (a sync after
 each step; the median over the rounds), the update's device time inside the step (CUDA events
-around it) and its host time. The update's cost in a step is ``step + update - step alone``; the
+around it) and its host time (None where the GPU had run the step's work before an update returned: the
+host may have waited for it; ``update_host_waited`` such updates), each with its min and max. The
+update's cost in a step is ``step + update - step alone``; the
 ratio of the baseline's to fastema's is the end-to-end figure the ``gpu-summary`` line names
 ``step_gpt2_*_vs_foreach`` (> 1: fastema's update costs the step less).
 """
@@ -27,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.gpu import common as G
+from bench.suite.figures import spread
 
 SIZES = {"gpu": dict(vocab=50257, ctx=1024, d=768, layers=12, heads=12, batch=4, seq=256),
          "sim": dict(vocab=64, ctx=16, d=8, layers=1, heads=2, batch=2, seq=8)}
@@ -124,9 +127,10 @@ def step_row(dtype, rounds: int = 7, steps: int = 4) -> dict:
                 t0 = time.perf_counter()
                 update()
                 host = time.perf_counter() - t0
+                waited = a.query()                         # the step's work had run: the GPU caught up
                 b.record()
                 if log is not None:
-                    log.append((a, b, host))
+                    log.append((a, b, host, waited))
 
     for update in ways.values():                           # warm: allocations, first launches
         for _ in range(1 if G.SIM else 2):
@@ -149,9 +153,14 @@ def step_row(dtype, rounds: int = 7, steps: int = 4) -> dict:
         row = {"step_ms": statistics.median(s) * 1e3, "step_ms_min": min(s) * 1e3,
                "step_ms_max": max(s) * 1e3}
         if marks[name]:
-            row["update_device_us"] = statistics.median(a.elapsed_time(b) * 1e3
-                                                        for a, b, _ in marks[name])
-            row["update_host_us"] = statistics.median(h * 1e6 for _, _, h in marks[name])
-            row["update_in_step_us"] = (statistics.median(s) - alone) * 1e6
+            dev = spread([a.elapsed_time(b) * 1e-3 for a, b, _, _ in marks[name]])
+            host = spread([h for _, _, h, _ in marks[name]])
+            waited = sum(bool(w) for *_, w in marks[name])
+            row.update(update_device_us=dev["median"], update_device_us_min=dev["min"],
+                       update_device_us_max=dev["max"], update_host_waited=waited,
+                       update_host_us=None if waited else host["median"],
+                       update_host_us_min=None if waited else host["min"],
+                       update_host_us_max=None if waited else host["max"],
+                       update_in_step_us=(statistics.median(s) - alone) * 1e6)
         out[name] = row
     return out

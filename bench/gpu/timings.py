@@ -11,14 +11,17 @@
 - ``models``: GPT-2 small and 3000 x 4096 through ``FlatShadow``: float32, two decays, bfloat16 weights
   into a float32 shadow, a bfloat16 shadow with stochastic rounding, against torch's ways and timm's.
 
-See ``bench/gpu/measure.py`` for what each figure means. Two slow baselines ask fewer calls a batch than
-200: the per-tensor ``lerp_`` loop at 3000 tensors (10: 3000 launches a call) and timm's stochastic
-path (20: about 5 ms a call on an H100); each row's ``calls`` says what was used. A row started after
-the probe's time budget is recorded ``{"skipped": "out of time ..."}``; a row that raises is a failed
-check ``timing S | I``.
+See ``bench/gpu/measure.py`` for what each figure means. The rows of a scenario are timed together,
+their batches in turn (``measure.interleaved``, :meth:`Rows.group`). Two slow baselines ask fewer calls a
+batch than 200: the per-tensor ``lerp_`` loop at 3000 tensors (10: 3000 launches a call) and timm's
+stochastic path (20: about 5 ms a call on an H100); each row's ``calls`` says what was used. A scenario
+started after the probe's time budget is recorded ``{"skipped": "out of time ..."}``; one that raises is a
+failed check ``timing S``.
 Every baseline is run once against fastema's result from the same inputs before it is timed, and
-no row may pass the run's copy ceiling (measured first, ``Rows.ceiling``) by more than 10%
-(``bench/suite/checked.py``): a refused row is recorded ``{"refused": ...}`` and its check fails.
+no row may pass the run's device-time ceiling (a copy and an ``add_`` at 2^28 by CUDA events, measured
+first, ``Rows.ceiling``; ``bench/suite/checked.py``), nor print a host figure that waited for the GPU or a
+median without its spread (``bench/suite/figures.py``): a refused row is recorded ``{"refused": ...}`` and
+its check fails.
 In the simulator the rows run on the CPU at tiny sizes (plumbing only).
 """
 from __future__ import annotations
@@ -30,10 +33,11 @@ from torch import nn
 
 import fastema
 from bench.gpu import common as G
-from bench.gpu.measure import measure, with_bandwidth
+from bench.gpu import measure as M
+from bench.gpu.measure import with_bandwidth
 from bench.gpu.summary import EMA as EMA_ROW
 from bench.gpu.summary import FOREACH, HOST_COST, MIXED
-from bench.suite.checked import Refused, checked, is_baseline, move_sources, within_ceiling
+from bench.suite.checked import Refused, checked, is_baseline, move_sources
 from bench.suite.shapes import RL_TAU, gpt2_small, many_small, rl_networks
 from fastema.flat import FlatShadow
 
@@ -41,12 +45,13 @@ DEV = G.torch_device()
 
 
 class Rows:
-    """Writes each timing into ``rec`` (section ``timings``: scenario -> implementation -> figures).
+    """Writes each scenario's timings into ``rec`` (section ``timings``: scenario -> implementation ->
+    figures), its rows timed together (:meth:`group`).
 
     A baseline row (``bench.suite.checked.is_baseline``) is timed only after :meth:`agree` has run it once
-    against fastema's result from the same inputs, and no row may pass the run's copy ceiling
-    (:meth:`ceiling`, measured first) by more than ``bench.suite.checked.TOLERANCE``: else the row is
-    recorded ``{"refused": ...}`` and its check fails, naming it."""
+    against fastema's result from the same inputs (it is then ``checked``), and no row may pass the
+    run's device-time ceiling (:meth:`ceiling`, measured first) or break ``bench.suite.figures``' rules:
+    else the row is recorded ``{"refused": ...}`` and its check fails, naming it."""
 
     def __init__(self, rec, budget_s: float, quick: bool):
         self.rec, self.budget_s, self.quick = rec, budget_s, quick
@@ -55,20 +60,18 @@ class Rows:
     def out_of_time(self) -> bool:
         return self.rec.elapsed() > self.budget_s
 
-    @property
-    def copy_gbps(self) -> float | None:
-        """The run's copy ceiling; none in the simulator (a CPU copy is no ceiling: caches)."""
-        return None if G.SIM else self.rec.data["env"].get("copy_GBps")
-
     def ceiling(self) -> None:
-        """The run's device copy (2^28 float32, 2^10 in the simulator), ``env.copy_GBps``: the
-        ceiling of every row; not measured where no row has time left to run."""
+        """The run's ceiling: a copy and an in-place ``add_`` of 2^28 float32 (2^10 in the simulator,
+        where none is kept: a CPU copy is no ceiling), by CUDA events (``measure.ceiling``);
+        ``env.copy_GBps`` the copy's median. Not measured where no row has time left to run."""
         if self.out_of_time():
             return
         n = 1 << (10 if G.SIM else 28)
-        src, dst = torch.randn(n, device=DEV), torch.empty(n, device=DEV)
-        m = with_bandwidth(measure(lambda: dst.copy_(src), calls=20), n, "copy")
-        self.rec.note("env", "copy_GBps", m["device_GBps"])
+        src, dst, a, b = (torch.randn(n, device=DEV) for _ in range(4))
+        streams = {"copy (ceiling)": "copy", "add_ (ceiling)": "add_ f32"}
+        rows = M.interleaved({"copy (ceiling)": lambda: dst.copy_(src), "add_ (ceiling)": lambda: a.add_(b)},
+                             calls=20)
+        M.keep_ceiling(self.rec, M.ceiling(rows, n, streams))
         _empty_cache()
 
     def agree(self, scenario: str, fns: dict, results: dict, ours: str, inputs=(), move=None,
@@ -82,38 +85,42 @@ class Rows:
                 ours=name + ours, inputs=inputs, move=move, rtol=rtol)
         self.agreed |= {(scenario, k) for k in fns if is_baseline(k)}
 
-    def __call__(self, scenario: str, impl: str, elements: int, kind: str | None, fn, factory=False,
-                 **kw) -> None:
-        """Time ``fn`` (``factory``: ``fn()`` makes it, inside the guard) as ``scenario | impl``."""
+    def group(self, scenario: str, entries: list) -> None:
+        """Time the rows ``entries`` (``(impl, elements, kind, fn)``, or with a fifth item, the calls a
+        batch that row asks) together, their batches in turn (``measure.interleaved``)."""
         table = self.rec.data.setdefault("timings", {}).setdefault(scenario, {})
         if self.out_of_time():
-            table[impl] = {"skipped": f"out of time (the probe's budget of {self.budget_s:.0f} s was spent)"}
+            for impl, *_ in entries:
+                table[impl] = {"skipped": f"out of time (the probe's budget of {self.budget_s:.0f} s was spent)"}
             self.rec.save()
-            print(f"[timing] {scenario} | {impl}: skipped, out of time", flush=True)
+            print(f"[timing] {scenario}: skipped, out of time", flush=True)
             return
 
         def run():
-            if is_baseline(impl) and (scenario, impl) not in self.agreed:
-                table[impl] = {"refused": "not checked against fastema's result before it was timed"}
-                self.rec.save()
-                raise Refused(f"{scenario} | {impl}", table[impl]["refused"])
+            for impl, *_ in entries:
+                if is_baseline(impl) and (scenario, impl) not in self.agreed:
+                    table[impl] = {"refused": "not checked against fastema's result before it was timed"}
+                    self.rec.save()
+                    raise Refused(f"{scenario} | {impl}", table[impl]["refused"])
             t0 = time.perf_counter()
-            m = with_bandwidth(measure(fn() if factory else fn, **kw), elements, kind)
-            m["s"] = round(time.perf_counter() - t0, 2)
-            try:
-                flag = within_ceiling(f"{scenario} | {impl}", m.get("device_GBps"), self.copy_gbps)
-            except Refused as err:
-                table[impl] = {"refused": str(err)}
-                self.rec.save()
-                raise
-            if flag:
-                m["above_copy"] = flag
-            table[impl] = m
-            self.rec.save()
-            print(f"[timing] {scenario} | {impl}: " + ", ".join(
-                f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items() if v is not None),
-                flush=True)
-        self.rec.guarded("checks", f"timing {scenario} | {impl}", run)
+            rows = M.interleaved({e[0]: e[3] for e in entries},
+                                 calls={e[0]: e[4] for e in entries if len(e) > 4})
+            seconds = round(time.perf_counter() - t0, 2)
+            refused = None
+            for impl, elements, kind, *_ in entries:
+                m = with_bandwidth(rows[impl], elements, kind)
+                m["s"] = seconds
+                try:
+                    M.record(self.rec, scenario, impl, m, checked=(scenario, impl) in self.agreed)
+                except Refused as err:
+                    refused = refused or err
+                    continue
+                print(f"[timing] {scenario} | {impl}: " + ", ".join(
+                    f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()
+                    if v is not None and k != "device_s"), flush=True)
+            if refused is not None:
+                raise refused
+        self.rec.guarded("checks", f"timing {scenario}", run)
 
 
 def shapes(count: int) -> list:
@@ -168,17 +175,15 @@ def _host_cost(rows: Rows, count: int, dt: str) -> None:
         rows.agree(sc, {EMA_ROW: ema.update, base: baseline},
                    {EMA_ROW: lambda: list(ema.averaged_state_dict().values()), base: lambda: shadows},
                    EMA_ROW, inputs=params, move=lambda: _moved(params))
-    rows(sc, EMA_ROW, n, ours, ema.update)
+    entries = [(EMA_ROW, n, ours, ema.update)]
     if count != 3000 and dt == "float32" and not G.SIM:       # issue 23 item 2: the plan in the lerp launch
-        def apart():
-            ema = EMA(model, 0.999, device_step=True)
-            ema._plan_on_device.carriers = {}                 # the plan kernel launched on its own, as before
-            return ema.update
-        rows(sc, "fastema EMA.update, plan kernel apart", n, ours, apart, factory=True)
+        apart = EMA(model, 0.999, device_step=True)
+        apart._plan_on_device.carriers = {}                   # the plan kernel launched on its own, as before
+        entries.append(("fastema EMA.update, plan kernel apart", n, ours, apart.update))
     flat = FlatShadow(params)
-    rows(sc, "fastema FlatShadow.update", n, ours, lambda: flat.update(0.999))
+    entries += [("fastema FlatShadow.update", n, ours, lambda: flat.update(0.999)), (base, n, kind, baseline)]
     with torch.no_grad():
-        rows(sc, base, n, kind, baseline)
+        rows.group(sc, entries)
 
 
 def _target_network(rows: Rows) -> None:
@@ -195,9 +200,9 @@ def _target_network(rows: Rows) -> None:
                         FOREACH: lambda: torch._foreach_lerp_(pt, po, RL_TAU)},
                    {"fastema TargetNetwork.update": lambda: list(target.parameters()), FOREACH: lambda: pt},
                    "fastema TargetNetwork.update", inputs=po, move=lambda: _moved(po))   # target == online
-    rows(sc, "fastema TargetNetwork.update", n, "lerp f32", tn.update)
     with torch.no_grad():
-        rows(sc, FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(pt, po, RL_TAU))
+        rows.group(sc, [("fastema TargetNetwork.update", n, "lerp f32", tn.update),
+                        (FOREACH, n, "lerp f32", lambda: torch._foreach_lerp_(pt, po, RL_TAU))])
 
 
 def _each(rows: Rows, name: str, fn, *args) -> None:
@@ -234,15 +239,14 @@ def _flat(rows: Rows, p2: int) -> None:
                     "torch.lerp_": lerp, "torch._foreach_lerp_": foreach},
                {"fastema.ema_update_": lambda: [a], "torch.lerp_": lambda: [a1],
                 "torch._foreach_lerp_": lambda: [a2]}, "fastema.ema_update_", inputs=[b])
-    rows(sc, "copy (ceiling)", n, "copy", lambda: c.copy_(a))
-    rows(sc, "fastema.ema_update_", n, "lerp f32", lambda: fastema.ema_update_(a, b, decay=0.999))
     flat = FlatShadow([b])
-    rows(sc, "fastema FlatShadow.update", n, "lerp f32", lambda: flat.update(0.999))
     one = nn.Module()
     one.w = nn.Parameter(b, requires_grad=False)              # the same storage as b
-    rows(sc, "fastema EMA.update", n, "lerp f32", EMA(one, 0.999).update)
-    rows(sc, "torch.lerp_", n, "lerp f32", lerp)
-    rows(sc, "torch._foreach_lerp_", n, "lerp f32", foreach)
+    rows.group(sc, [("copy (ceiling)", n, "copy", lambda: c.copy_(a)),
+                    ("fastema.ema_update_", n, "lerp f32", lambda: fastema.ema_update_(a, b, decay=0.999)),
+                    ("fastema FlatShadow.update", n, "lerp f32", lambda: flat.update(0.999)),
+                    ("fastema EMA.update", n, "lerp f32", EMA(one, 0.999).update),
+                    ("torch.lerp_", n, "lerp f32", lerp), ("torch._foreach_lerp_", n, "lerp f32", foreach)])
 
 
 def flat_sweep(rows: Rows) -> None:
@@ -269,11 +273,10 @@ def _float32_model(rows: Rows, name: str, shape_list) -> None:
                {"fastema FlatShadow.update": lambda: _views(flat, len(params)),
                 "torch._foreach_lerp_": lambda: shadows, "per-tensor lerp_": lambda: looped},
                "fastema FlatShadow.update", inputs=params, move=lambda: _moved(params))
-    rows(sc, "fastema FlatShadow.update", n, "lerp f32", lambda: flat.update(0.999))
-    rows(sc, "torch._foreach_lerp_", n, "lerp f32", foreach)
+    rows.group(sc, [("fastema FlatShadow.update", n, "lerp f32", lambda: flat.update(0.999)),
+                    ("torch._foreach_lerp_", n, "lerp f32", foreach),
+                    *([("per-tensor lerp_", n, "lerp f32", loop, 10)] if slow else [])])
     if name == "3000x4096":
-        if slow:
-            rows(sc, "per-tensor lerp_", n, "lerp f32", loop, calls=10)
         flat2 = FlatShadow(params, rows=2)
         s1, s2 = [p.clone() for p in params], [p.clone() for p in params]     # one shadow a decay
         two = lambda: (torch._foreach_lerp_(s1, params, 0.001), torch._foreach_lerp_(s2, params, 1e-4))  # noqa: E731
@@ -282,8 +285,8 @@ def _float32_model(rows: Rows, name: str, shape_list) -> None:
                    {"fastema rows=2": lambda: _views(flat2, len(params), 2),
                     "torch._foreach_lerp_ x2": lambda: s1 + s2},
                    "fastema rows=2", inputs=params, move=lambda: _moved(params))
-        rows(f"{name} K=2", "fastema rows=2", n, "lerp f32 K=2", lambda: flat2.update([0.999, 0.9999]))
-        rows(f"{name} K=2", "torch._foreach_lerp_ x2", n, "foreach lerp f32 x2", two)
+        rows.group(f"{name} K=2", [("fastema rows=2", n, "lerp f32 K=2", lambda: flat2.update([0.999, 0.9999])),
+                                   ("torch._foreach_lerp_ x2", n, "foreach lerp f32 x2", two)])
     t0 = time.perf_counter()
     for _ in range(200):
         flat.refresh()
@@ -303,8 +306,8 @@ def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
     rows.agree(sc, {"fastema": lambda: fl.update(0.999), mixed: timm_mixed},
                {"fastema": lambda: _views(fl, len(bf)), mixed: lambda: f32}, "fastema", inputs=bf,
                move=lambda: _moved(bf))
-    rows(sc, "fastema", n, "lerp bf16->f32", lambda: fl.update(0.999))
-    rows(sc, mixed, n, "mul+add bf16->f32", timm_mixed)
+    rows.group(sc, [("fastema", n, "lerp bf16->f32", lambda: fl.update(0.999)),
+                    (mixed, n, "mul+add bf16->f32", timm_mixed)])
     sr = FlatShadow(bf, dtype="bfloat16")
     ema_bf = [p.clone() for p in bf]
     step = [0]
@@ -319,10 +322,9 @@ def _bfloat16_model(rows: Rows, name: str, shape_list) -> None:
         rows.agree(sc, {"fastema": sr_update, timm_sr: lambda: timm_bfloat16_stochastic_update(ema_bf, bf, 0.999)},
                    {"fastema": lambda: _views(sr, len(bf)), timm_sr: lambda: ema_bf}, "fastema", inputs=bf,
                    move=lambda: _moved(bf))
-    rows(sc, "fastema", n, "lerp bf16 shadow", sr_update)
-    if not rows.quick:
-        rows(sc, timm_sr, n, "timm stochastic bf16",
-             lambda: timm_bfloat16_stochastic_update(ema_bf, bf, 0.999), calls=20)
+    rows.group(sc, [("fastema", n, "lerp bf16 shadow", sr_update),
+                    *([(timm_sr, n, "timm stochastic bf16",
+                        lambda: timm_bfloat16_stochastic_update(ema_bf, bf, 0.999), 20)] if not rows.quick else [])])
 
 
 def models(rows: Rows) -> None:

@@ -5,11 +5,13 @@ from the repository's root; it is not part of the wheel. One command runs it and
 ``--out`` (default ``bench/out``):
 
 - ``bench.json``: pytest-benchmark's raw results;
-- ``bench.md``: per scenario and implementation the median time, GB/s, the share of the
-  machine's copy bandwidth measured in the same run (the ceiling), and fastema's speed-up
-  against each baseline of the same run. A GPU row above that ceiling by more than 10% is
-  refused (the command fails), one within it flagged ``(!)``; a baseline the scenario did not
-  check against fastema's result before timing it says so (``bench/suite/checked.py``);
+- ``bench.md``: per scenario and implementation the end-to-end time (a call and a sync) and, on a
+  GPU, the device time (CUDA events), each a median with its min-max, in columns of their own; GB/s
+  of each; on a GPU the share of the run's device-time ceiling (the fastest round of the copy and
+  the in-place ``add_`` at the largest size: ``bench/suite/checked.py``), a row above it refused (the
+  command fails), one above the copy flagged ``(!)``; and each baseline's speed-up, read from its
+  rounds and those of fastema's checked update taken in turn with them (``conftest.time_rounds``):
+  a baseline without them reads no speed-up;
 - ``bench.png``: time against size, log-log, of the flat float32 sweep: the constant
   per-call overhead is the flat part on the left, the bandwidth the slope on the right.
 
@@ -24,11 +26,12 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 from collections import defaultdict
 
-from bench.suite.checked import Refused, within_ceiling
+from bench.suite.checked import Ceiling, Refused, device_ceiling, within_ceiling
 from fastema.cli import parse
 
 __all__ = ["main", "report"]
@@ -42,47 +45,78 @@ def suite_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent
 
 
+def _per_call(values, calls: int) -> list | None:
+    return [v / calls for v in values] if values else None
+
+
 def load(path) -> tuple[dict, dict, list]:
-    """(raw data, {(group, case): {impl: stats}}, the (group, case) keys in run order)."""
+    """(raw data, {(group, case): {impl: stats}}, the (group, case) keys in run order); times per call."""
     with open(path) as f:
         data = json.load(f)
     rows: dict = defaultdict(dict)
     order = []
     for b in data["benchmarks"]:
-        info = b["extra_info"]
+        info, stats = b["extra_info"], b["stats"]
         key = (b["group"], info["case"])
         if key not in rows:
             order.append(key)
-        rows[key][info["impl"]] = dict(median=b["stats"]["median"], min=b["stats"]["min"],
-                                       bytes=info.get("bytes") or 0, elements=info.get("elements"),
-                                       device=info.get("device", "cpu"), checked=info.get("checked"))
+        calls = info.get("calls") or 1
+        pair = info.get("pair") or {}
+        rows[key][info["impl"]] = dict(
+            median=stats["median"] / calls, min=stats["min"] / calls, max=stats.get("max", stats["min"]) / calls,
+            bytes=info.get("bytes") or 0, elements=info.get("elements"), device=info.get("device", "cpu"),
+            checked=info.get("checked"), e2e_s=_per_call(info.get("e2e_s"), calls),
+            device_s=_per_call(info.get("device_s"), calls),
+            pair_e2e_s=_per_call(pair.get("e2e_s"), calls), pair_device_s=_per_call(pair.get("device_s"), calls))
     return data, rows, order
 
 
-def ceilings(rows) -> dict[str, float]:
-    """The copy bandwidth (bytes/s) per device: the ceiling row with the most bytes moved."""
-    best: dict[str, tuple[int, float]] = {}
+def _is_ceiling(impl: str) -> bool:
+    return impl.startswith("copy") or impl.endswith("(ceiling)")
+
+
+def ceilings(rows) -> dict[str, Ceiling | str]:
+    """Per GPU device the run's ceiling (``checked.device_ceiling``): the ceiling streams of the case with
+    the most elements, by their device times; where they have none (a run before device times were
+    kept: end-to-end figures), why there is no ceiling. A CPU's copy is no ceiling (caches, threads:
+    lerps at 150-600% of it in the 2026-11-22 CPU table): none."""
+    best: dict[str, dict] = {}
     for impls in rows.values():
-        st = impls.get(CEILING)
-        if st and st["bytes"] and st["bytes"] > best.get(st["device"], (0, 0.0))[0]:
-            best[st["device"]] = (st["bytes"], st["bytes"] / st["median"])
-    return {dev: bw for dev, (_, bw) in best.items()}
-
-
-def _within(row: str, bw: float | None, ceiling: float | None, device: str) -> str | None:
-    """``bench.suite.checked.within_ceiling`` for a GPU row (bytes/s); a CPU's copy is no ceiling (caches,
-    threads: lerps at 150-600% of it in the 2026-11-22 CPU table)."""
-    if device == "cpu" or not bw or not ceiling:
-        return None
-    return within_ceiling(row, bw / 1e9, ceiling / 1e9)
+        streams = {i: st for i, st in impls.items() if _is_ceiling(i) and st["bytes"] and st["device"] != "cpu"}
+        if not streams:
+            continue
+        st = next(iter(streams.values()))
+        if (st["elements"] or 0) > (best.get(st["device"], {}).get("_n") or -1):
+            best[st["device"]] = {"_n": st["elements"] or 0, **streams}
+    out: dict[str, Ceiling | str] = {}
+    for dev, found in best.items():
+        n = found.pop("_n")
+        timed = all(st["device_s"] for st in found.values())
+        try:
+            out[dev] = device_ceiling({i: (st["bytes"], st["device_s"] if timed else [st["median"]] * 2)
+                                       for i, st in found.items()}, elements=n, timing="device" if timed else "e2e")
+        except Refused as err:
+            out[dev] = err.why
+    return out
 
 
 def fmt_time(s: float) -> str:
     return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
-def _ours(impls: dict):
-    return next((st for impl, st in impls.items() if impl.startswith("fastema")), None)
+def _spread(values) -> str:
+    if not values:
+        return "-"
+    return f"{fmt_time(statistics.median(values))} ({fmt_time(min(values))}-{fmt_time(max(values))})"
+
+
+def _speedup(st: dict, figure: str) -> str:
+    """The baseline's ``figure`` over fastema's checked update's, both from the rounds they took in
+    turn; none without them (``pair_*``)."""
+    mine, ours = st.get(f"{figure}_s"), st.get(f"pair_{figure}_s")
+    if not mine or not ours:
+        return "-" if figure == "device" and not mine else "no fastema timed in its rounds"
+    return f"{statistics.median(mine) / statistics.median(ours):.2f}x"
 
 
 def machine_line(data) -> str:
@@ -100,29 +134,35 @@ def machine_line(data) -> str:
 def table(data, rows, order) -> str:
     ceil = ceilings(rows)
     lines = [machine_line(data), ""]
-    if ceil:
-        lines += ["Copy ceiling (device-to-device copy in this run, bytes read + written): " +
-                  ", ".join(f"{d} {bw / 1e9:.0f} GB/s" for d, bw in ceil.items()), ""]
-    lines += ["| scenario | case | implementation | median | GB/s | % of copy | fastema speed-up |",
-              "|---|---|---|---|---|---|---|"]
+    for dev, c in ceil.items():
+        lines += [f"Ceiling ({dev}): " + (f"{c.GBps:.0f} GB/s, the fastest round of {c.source} by device time at "
+                                          f"{c.elements} elements; the copy {c.copy_GBps:.0f} GB/s (median)"
+                                          if isinstance(c, Ceiling) else f"none: {c}"), ""]
+    lines += ["e2e: a call and a sync; device: CUDA events around the call (a GPU); each median (min-max) of the "
+              "row's rounds. Speed-up: the baseline's time over fastema's checked update's, their rounds taken "
+              "in turn.", "",
+              "| scenario | case | implementation | e2e | device | e2e GB/s | device GB/s | % of copy (device) "
+              "| speed-up e2e | speed-up device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for group, case in order:
-        impls = rows[(group, case)]
-        ours = _ours(impls)
-        for impl, st in impls.items():
-            bw = st["bytes"] / st["median"] if st["bytes"] else None
+        for impl, st in rows[(group, case)].items():
+            dev_s = st["device_s"]
+            gbs = st["bytes"] / st["median"] if st["bytes"] else None
+            dev_gbs = st["bytes"] / statistics.median(dev_s) / 1e9 if st["bytes"] and dev_s else None
+            c = ceil.get(st["device"])
+            c = c if isinstance(c, Ceiling) else None
             try:
-                flag = _within(f"{group} | {case} | {impl}", bw, ceil.get(st["device"]), st["device"])
+                flag = within_ceiling(f"{group} | {case} | {impl}", dev_gbs, c)
             except Refused as err:
-                lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {REFUSED}{err.why} | - | |")
+                lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {REFUSED}{err.why} "
+                             f"| | | | | |")
                 continue
-            gbs = f"{bw / 1e9:.1f}" if bw else "-"
-            pct = f"{100 * bw / ceil[st['device']]:.0f}%" if bw and st["device"] in ceil else "-"
-            pct += " (!)" if flag else ""
-            speed = "" if impl.startswith("fastema") or impl == CEILING or ours is None \
-                else f"{st['median'] / ours['median']:.2f}x"
-            if speed and st.get("checked") is False:
-                speed += " (not checked against fastema)"
-            lines.append(f"| {group} | {case} | {impl} | {fmt_time(st['median'])} | {gbs} | {pct} | {speed} |")
+            e2e = _spread(st["e2e_s"]) if st["e2e_s"] else \
+                f"{fmt_time(st['median'])} ({fmt_time(st['min'])}-{fmt_time(st['max'])})"
+            pct = f"{100 * dev_gbs / c.copy_GBps:.0f}%" + (" (!)" if flag else "") if dev_gbs and c else "-"
+            base = not impl.startswith("fastema") and not _is_ceiling(impl)
+            lines.append(f"| {group} | {case} | {impl} | {e2e} | {_spread(dev_s)} | "
+                         f"{f'{gbs / 1e9:.1f}' if gbs else '-'} | {f'{dev_gbs:.1f}' if dev_gbs else '-'} | {pct} | "
+                         f"{_speedup(st, 'e2e') if base else ''} | {_speedup(st, 'device') if base else ''} |")
     return "\n".join(lines) + "\n"
 
 

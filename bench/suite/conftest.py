@@ -1,15 +1,18 @@
 """Benchmark helpers: steady-state timing (compile excluded), synchronised devices.
 
 Each benchmark records in ``extra_info`` the scenario ``case``, the implementation
-``impl`` and the bytes one call must move; ``python -m bench.suite`` turns the JSON into
-GB/s and speed-ups against the baselines measured in the same run.
-``FASTEMA_BENCH_QUICK=1`` keeps sizes and rounds small (CI).
+``impl`` and the bytes one call must move; on a GPU each round's device time too (CUDA events
+around the call, ``device_s``), and for a baseline fastema's checked update timed in the same
+rounds, one fastema round before each of the baseline's (``pair``: its e2e and device seconds).
+``python -m bench.suite`` turns the JSON into GB/s, the share of the run's device-time ceiling and
+speed-ups read from those shared rounds. ``FASTEMA_BENCH_QUICK=1`` keeps sizes and rounds small (CI).
 """
 import os
+import time
 
 import pytest
 
-from bench.suite.checked import Refused, is_baseline
+from bench.suite.checked import Refused, is_baseline, take_reference
 
 QUICK = os.environ.get("FASTEMA_BENCH_QUICK") == "1"
 
@@ -77,30 +80,74 @@ def _sb3_logs_in_tmp(tmp_path_factory):
         os.environ["SB3_LOGDIR"] = old
 
 
+class _Rounds:
+    """One row's rounds: e2e seconds (a call and a sync) and, on a GPU, device seconds (CUDA events around
+    the call)."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device = fn, device
+        self.e2e: list = []
+        self.dev: list = []
+        self.events = None
+        if device == "cuda":
+            import torch
+
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+
+    def __call__(self) -> None:
+        t0 = time.perf_counter()
+        if self.events is None:
+            self.fn()
+            sync(self.device)
+        else:
+            start, end = self.events
+            start.record()
+            self.fn()
+            end.record()
+            end.synchronize()
+            self.dev.append(start.elapsed_time(end) * 1e-3)
+        self.e2e.append(time.perf_counter() - t0)
+
+    def last(self, rounds: int) -> dict:
+        return {"e2e_s": self.e2e[-rounds:], "device_s": self.dev[-rounds:]}
+
+
 @pytest.fixture
 def run(benchmark):
     """``run(fn, device, impl=..., case=..., nbytes=..., rounds=..., check=...)``: for a baseline,
     ``check()`` first (``bench.suite.checked.checked``: the baseline run once against fastema's result
-    from the same inputs; a baseline without one is refused; ``reference=True``:
-    a row that computes no average, a training step alone); then warm up and time ``fn``."""
+    from the same inputs; a baseline without one is refused, and so is one whose check kept no fastema
+    update, ``checked.take_reference``; ``reference=True``: a row that computes no average, a training
+    step alone); then warm up and time ``fn``, a baseline's rounds each after one of fastema's checked
+    update (timed apart, ``extra_info["pair"]``); on a GPU each round's device time too."""
 
     def _run(fn, device, *, impl, case, nbytes, rounds=None, elements=None, check=None, reference=False):
-        def timed():
-            fn()
-            sync(device)
-
-        if not reference:                    # reference: a row that is no average (the step alone)
-            checked_row(benchmark, impl, check)
-
-        timed()                      # compile / allocate outside the timing
-        timed()
-        if rounds is None:
-            rounds = 5 if QUICK else 20
+        ours = None if reference else checked_row(benchmark, impl, check)
         benchmark.extra_info.update(impl=impl, case=case, bytes=nbytes, device=device,
                                     elements=elements)
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        time_rounds(benchmark, fn, ours, device, 5 if QUICK else 20 if rounds is None else rounds)
 
     return _run
+
+
+def time_rounds(benchmark, fn, ours, device: str, rounds: int, calls: int = 1, warm: int = 2) -> None:
+    """Time ``fn`` (``calls`` calls of the row: the figures are per call) for ``rounds`` rounds, each after
+    a round of fastema's checked update ``ours`` (None: none, fastema's own row), after ``warm`` rounds
+    outside the timing; the rounds' device times (a GPU) and ``ours``'s (``pair``) into ``extra_info``."""
+    loop = fn if calls == 1 else (lambda: [fn() for _ in range(calls)])
+    timed = _Rounds(loop, device)
+    pair = None if ours is None else _Rounds(ours if calls == 1 else (lambda: [ours() for _ in range(calls)]), device)
+    for _ in range(warm):                    # compile / allocate outside the timing
+        timed()
+        if pair is not None:
+            pair()
+    benchmark.pedantic(timed, setup=pair, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["calls"] = calls
+    benchmark.extra_info["e2e_s"] = timed.last(rounds)["e2e_s"]
+    if device == "cuda":
+        benchmark.extra_info["device_s"] = timed.last(rounds)["device_s"]
+    if pair is not None:
+        benchmark.extra_info["pair"] = pair.last(rounds)
 
 
 def flat_check(impl, fn, params, outputs, *, rows=1, decays=(0.999,), dtype=None):
@@ -156,17 +203,27 @@ def ema_check(impl, fn, result, model, decay=0.999, pick=None, **ema_kw):
     return check
 
 
-def checked_row(benchmark, impl, check) -> None:
+def checked_row(benchmark, impl, check):
     """A baseline ``impl`` run once against fastema's result by ``check()`` before it is timed
     (``bench/suite/checked.py``): a ``Refused`` fails the benchmark, naming the row, and so does a
-    baseline without a check; ``extra_info["checked"]`` records it. Nothing for fastema's own rows
-    and the copy."""
-    if is_baseline(impl):
-        if check is None:
-            raise Refused(f"{benchmark.group} | {impl}", "no check against fastema's result (check=): every "
-                                                          "baseline is run once against it before it is timed")
-        check()
-        benchmark.extra_info["checked"] = True
+    baseline without a check, or one whose check kept no fastema update to time in its rounds
+    (``checked.take_reference``); ``extra_info["checked"]`` records it. Returns that update (None for
+    fastema's own rows and the ceilings)."""
+    if not is_baseline(impl):
+        return None
+    row = f"{benchmark.group} | {impl}"
+    if check is None:
+        raise Refused(row, "no check against fastema's result (check=): every baseline is run once against it "
+                           "before it is timed")
+    take_reference()                         # nothing left from another row
+    check()
+    benchmark.extra_info["checked"] = True
+    ours = take_reference()
+    if ours is None:
+        raise Refused(row, "its check kept no fastema update (checked.checked keeps its own; a check calling "
+                           "agree() names it with checked.same_work): a baseline is timed in the same rounds "
+                           "as fastema's checked update, never against a row timed apart")
+    return ours
 
 
 def target_check(impl, fn, online, target_params, tau):

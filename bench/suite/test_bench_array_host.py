@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastema
-from bench.suite.checked import agree
+from bench.suite.checked import agree, same_work
 
 from .conftest import QUICK
 
@@ -43,8 +43,11 @@ def test_small_array_host_cost(run, benchmark, impl):
 
         fn = {"fastema (torch)": torch_side, "fastema (NumPy)": numpy_side, "torch.lerp_": baseline}[impl]
         mine = shadow.clone()                      # fastema's 200 calls from the baseline's start
-        check = lambda: agree(impl, lambda: [(torch_side_of(mine, src, DECAY, calls), mine)[1]],  # noqa: E731
-                              lambda: [(baseline(), shadow)[1]], inputs=[src])
+        def check():
+            agree(impl, lambda: [(torch_side_of(mine, src, DECAY, calls), mine)[1]],
+                  lambda: [(baseline(), shadow)[1]], inputs=[src])
+            same_work(lambda: torch_side_of(mine, src, DECAY, calls))      # timed in the baseline's rounds
+
         run(fn, "cpu", impl=impl, case="16 elements x200", nbytes=12 * 16 * CALLS, elements=16 * CALLS,
             rounds=5 if QUICK else 30, check=check)
         assert np.isfinite(a).all()

@@ -1,7 +1,7 @@
 """Core kernels against what users run today: torch.lerp_, torch._foreach_*.
 
-Scenarios: flat float32 sweep (with the device's copy bandwidth, the ceiling, in the same
-run); GPT-2-small shapes and 3000 tensors of 4096; two decays in one pass; bfloat16 sources
+Scenarios: flat float32 sweep (with a copy and an in-place ``add_``, whose device time sets the run's
+ceiling on a GPU); GPT-2-small shapes and 3000 tensors of 4096; two decays in one pass; bfloat16 sources
 into a float32 shadow; the per-update host cost (address check) of FlatShadow. Every baseline is
 run once against fastema's result from the same inputs before it is timed (``check=``,
 ``bench/suite/checked.py``).
@@ -31,7 +31,7 @@ def flat_pair(n, device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("n", FLAT_CASES, ids=case_name)
-@pytest.mark.parametrize("impl", ["fastema", "torch.lerp_", "torch._foreach_lerp_", "copy (ceiling)"])
+@pytest.mark.parametrize("impl", ["fastema", "torch.lerp_", "torch._foreach_lerp_", "copy (ceiling)", "add_ (ceiling)"])
 def test_flat_float32(run, benchmark, device, n, impl):
     benchmark.group = f"flat float32 ({device})"
     shadow, src = flat_pair(n, device)
@@ -40,6 +40,7 @@ def test_flat_float32(run, benchmark, device, n, impl):
         "torch.lerp_": lambda: shadow.lerp_(src, 1 - DECAY),
         "torch._foreach_lerp_": lambda: torch._foreach_lerp_([shadow], [src], 1 - DECAY),
         "copy (ceiling)": lambda: shadow.copy_(src),
+        "add_ (ceiling)": lambda: shadow.add_(src),               # a lerp's traffic (2 reads, 1 write)
     }[impl]
     rounds = 3 if n >= 2 ** 26 and QUICK else (8 if n >= 2 ** 26 else None)
     check = None
@@ -47,7 +48,8 @@ def test_flat_float32(run, benchmark, device, n, impl):
         mine = shadow.clone()
         check = lambda: checked({"fastema": lambda: fastema.ema_update_(mine, src, decay=DECAY), impl: fn},  # noqa: E731
                                 {"fastema": lambda: [mine], impl: lambda: [shadow]}, ours="fastema", inputs=[src])
-    # the copy moves 8 B/element (read + write): its GB/s is the machine's bandwidth ceiling
+    # the copy moves 8 B/element (read + write), add_ 12 (a lerp's 2:1): on a GPU their fastest round by
+    # device time at the largest size is the run's ceiling (``bench/suite/checked.py``)
     run(fn, device, impl=impl, case=case_name(n), nbytes=(8 if impl == "copy (ceiling)" else 12) * n, elements=n,
         rounds=rounds, check=check)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from bench.suite.checked import checked
 
-from .conftest import QUICK, checked_row, target_check
+from .conftest import QUICK, checked_row, target_check, time_rounds
 from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
@@ -32,11 +32,9 @@ _networks = rl_networks
 
 
 def _time(benchmark, fn, impl, scenario, n, tensors, check=None):
-    checked_row(benchmark, impl, check)
-    for _ in range(3):
-        fn()                                           # compile / allocate / cache outside the timing
+    ours = checked_row(benchmark, impl, check)         # a baseline: fastema's checked update, in its rounds
     benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cpu", elements=n, tensors=tensors)
-    benchmark.pedantic(fn, rounds=5 if QUICK else 30, iterations=20, warmup_rounds=2)
+    time_rounds(benchmark, fn, ours, "cpu", 5 if QUICK else 30, calls=20, warm=3)
 
 
 @pytest.mark.parametrize("impl", ["fastema compat.polyak_update", "fastema compat.polyak_update (lists)",

@@ -27,7 +27,7 @@ Each baseline is run once against ``TargetNetwork`` of the same start before it 
 import pytest
 import torch
 
-from .conftest import QUICK, checked_row, devices, sync, target_check
+from .conftest import QUICK, checked_row, devices, sync, target_check, time_rounds
 from .shapes import RL_SCENARIOS, RL_TAU, rl_networks
 
 TAU, SCENARIOS = RL_TAU, RL_SCENARIOS
@@ -69,13 +69,12 @@ def test_target_soft_update(benchmark, impl, scenario, device):
     def fn():
         update()
         sync(device)                                   # on a GPU: end to end, synchronised per call
-    checked_row(benchmark, impl, None if impl.startswith("fastema") else
-                target_check(impl, update, online, target_params, TAU))
-    for _ in range(3):
-        fn()                                           # compile / allocate outside the timing
+    ours = checked_row(benchmark, impl, None if impl.startswith("fastema") else
+                       target_check(impl, update, online, target_params, TAU))
     benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device=device, elements=n,
                                 tensors=len(params))
-    benchmark.pedantic(fn, rounds=5 if QUICK else 30, iterations=20, warmup_rounds=2)
+    pair = None if ours is None else (lambda: (ours(), sync(device)))
+    time_rounds(benchmark, fn, pair, device, 5 if QUICK else 30, calls=20, warm=3)
 
 
 @pytest.mark.skipif("cuda" not in devices(), reason="needs a CUDA GPU")
@@ -86,9 +85,23 @@ def test_graphed_learner_step_cuda(benchmark, impl, scenario):
     """A TD3-style critic step (forward, backward, capturable Adam) replayed from a CUDA graph, with
     the target update captured inside it (the device plan advances tau at each replay) against the
     same graph with the update called eagerly after each replay: the gain of capturing it."""
+    benchmark.group = "graphed learner step with the target update (cuda)"
+    fn, critic, tn, target_params = _graphed(scenario, impl)
+    ours = checked_row(benchmark, impl, None if impl.startswith("fastema") else
+                       target_check(impl, fn.after, critic, target_params, TAU))
+    if ours is not None:                        # the pair: fastema's update captured in a graph of its own
+        ours = _graphed(scenario, "fastema TargetNetwork inside the graph")[0]
+    n = sum(p.numel() for p in critic.parameters())
+    benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cuda", elements=n,
+                                tensors=len(target_params))
+    time_rounds(benchmark, fn, ours, "cuda", 5 if QUICK else 30, calls=20, warm=1)
+
+
+def _graphed(scenario, impl):
+    """``(fn, critic, tn, target params)``: a learner step of ``impl`` replayed from a CUDA graph, with
+    ``fn.after`` the update called after each replay (None: captured inside)."""
     from fastema.torch import TargetNetwork
 
-    benchmark.group = "graphed learner step with the target update (cuda)"
     critic, critic_target = _networks(SCENARIOS[scenario], "cuda")
     params, target_params = list(critic.parameters()), list(critic_target.parameters())
     tn = TargetNetwork(critic, critic_target, tau=TAU)
@@ -129,10 +142,5 @@ def test_graphed_learner_step_cuda(benchmark, impl, scenario):
         if after is not None:
             after()
         torch.cuda.synchronize()
-    checked_row(benchmark, impl, None if impl.startswith("fastema") else
-                target_check(impl, after, critic, target_params, TAU))
-    fn()
-    n = sum(p.numel() for p in params)
-    benchmark.extra_info.update(impl=impl, case=scenario, bytes=12 * n, device="cuda", elements=n,
-                                tensors=len(params))
-    benchmark.pedantic(fn, rounds=5 if QUICK else 30, iterations=20, warmup_rounds=2)
+    fn.after = after
+    return fn, critic, tn, target_params

@@ -1,19 +1,20 @@
 """fastema.torch.EMA.update against the model EMAs users run today (issue #3).
 
-Baselines in the same run: torch.optim.swa_utils.AveragedModel with torch's
-get_ema_multi_avg_fn (the foreach path), timm ModelEmaV3's arithmetic and its bfloat16
-stochastic-rounding path (testkit/baselines.py), and the torch_ema and ema-pytorch packages
-(per-tensor loops). Also: swapping the EMA in and out for evaluation against torch_ema's
-store / copy_to / restore. Each baseline update is run once against fastema's EMA of the same start
-before it is timed (``check=``, ``bench/suite/checked.py``); the swap's baseline swaps the same average in
-and out beside fastema's swap.
+Baselines in the same run: torch's own foreach ops (``_foreach_lerp_``; for bfloat16 weights into a
+float32 shadow ``_foreach_mul_`` + ``_foreach_add_``: every EMA group has its foreach row, issue 86),
+torch.optim.swa_utils.AveragedModel with torch's get_ema_multi_avg_fn (the foreach path), timm
+ModelEmaV3's arithmetic and its bfloat16 stochastic-rounding path (testkit/baselines.py; no foreach op
+rounds stochastically), and the torch_ema and ema-pytorch packages (per-tensor loops). Also: swapping
+the EMA in and out for evaluation against torch_ema's store / copy_to / restore. Each baseline update
+is run once against fastema's EMA of the same start before it is timed (``check=``,
+``bench/suite/checked.py``); the swap's baseline swaps the same average in and out beside fastema's swap.
 """
 import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.suite.checked import agree, checked
+from bench.suite.checked import agree, checked, same_work
 from fastema.torch import EMA
 from testkit.baselines import TimmModelEmaV3Reference, timm_bfloat16_stochastic_update
 
@@ -39,6 +40,18 @@ def updater(impl, model, shadow_dtype):
     if impl == "fastema":
         ema = EMA(model, DECAY, shadow_dtype=shadow_dtype)
         return ema.update, None
+    if impl in ("torch._foreach_lerp_", "torch._foreach_mul_+_foreach_add_"):   # torch's own foreach ops
+        params = list(model.parameters())
+        shadows = [p.detach().to(torch.float32 if shadow_dtype == "float32" else p.dtype, copy=True) for p in params]
+
+        def fn():
+            with torch.no_grad():
+                if impl == "torch._foreach_lerp_":
+                    torch._foreach_lerp_(shadows, params, 1 - DECAY)
+                else:                                    # a float32 shadow of bfloat16 weights: no mixed lerp
+                    torch._foreach_mul_(shadows, DECAY)
+                    torch._foreach_add_(shadows, params, alpha=1 - DECAY)
+        return fn, ema_check(impl, fn, lambda: shadows, model, DECAY, **kw)
     if impl == "AveragedModel(foreach)":
         avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
         avg.update_parameters(model)                    # the first call copies; time the EMA calls
@@ -63,7 +76,8 @@ def updater(impl, model, shadow_dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("impl", ["fastema", "AveragedModel(foreach)", "timm ModelEmaV3", "torch_ema", "ema-pytorch"])
+@pytest.mark.parametrize("impl", ["fastema", "torch._foreach_lerp_", "AveragedModel(foreach)", "timm ModelEmaV3",
+                                  "torch_ema", "ema-pytorch"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_model_ema_float32(run, benchmark, device, impl, scenario):
     rounds = scenario_rounds(scenario)
@@ -75,7 +89,7 @@ def test_model_ema_float32(run, benchmark, device, impl, scenario):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("impl", ["fastema", "timm ModelEmaV3"])
+@pytest.mark.parametrize("impl", ["fastema", "torch._foreach_mul_+_foreach_add_", "timm ModelEmaV3"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_model_ema_bfloat16_model_float32_shadow(run, benchmark, device, impl, scenario):
     rounds = scenario_rounds(scenario)
@@ -213,4 +227,5 @@ def _swap_check(impl, model, theirs):
             theirs.update()
         agree(impl, lambda: round_trip(ours.swap, ours.swap),
               lambda: round_trip(lambda: (theirs.store(), theirs.copy_to()), theirs.restore))
+        same_work(lambda: (ours.swap(), ours.swap()))
     return check

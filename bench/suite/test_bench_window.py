@@ -8,7 +8,7 @@ the same mean before it is timed (``bench/suite/checked.py``).
 import pytest
 import torch
 
-from bench.suite.checked import agree
+from bench.suite.checked import agree, same_work
 from fastema.torch import WindowAverage
 
 from .conftest import devices, scenario_rounds
@@ -80,4 +80,5 @@ def _check(impl, model, params, window, base):
     def check():
         agree(impl, lambda: (pushes(ref.update), list(ref.averaged_state_dict().values()))[1],
               lambda: (pushes(base.push), [s / window for s in base.sums])[1], inputs=params)
+        same_work(lambda: [ref.update() for _ in range(window)])          # W pushes, as the rows time
     return check

@@ -6,9 +6,16 @@ import pytest
 from bench.suite import __main__ as bench
 
 
-def result(group, case, impl, median, nbytes, elements=None, device="cpu"):
-    return {"group": group, "stats": {"median": median, "min": median},
-            "extra_info": {"case": case, "impl": impl, "bytes": nbytes, "elements": elements, "device": device}}
+def result(group, case, impl, median, nbytes, elements=None, device="cpu", pair=None, device_s=None):
+    """A pytest-benchmark entry as ``conftest.time_rounds`` writes it: rounds ``median`` x (0.9, 1, 1.2); a
+    baseline's ``pair`` (fastema's rounds taken in turn with it), a GPU row's ``device_s``."""
+    rounds = [0.9 * median, median, 1.2 * median]
+    info = {"case": case, "impl": impl, "bytes": nbytes, "elements": elements, "device": device, "e2e_s": rounds}
+    if pair is not None:
+        info["pair"] = {"e2e_s": [pair] * 3, "device_s": [pair] * 3 if device_s else []}
+    if device_s is not None:
+        info["device_s"] = device_s
+    return {"group": group, "stats": {"median": median, "min": min(rounds), "max": max(rounds)}, "extra_info": info}
 
 
 @pytest.fixture
@@ -18,30 +25,36 @@ def results(tmp_path):
                                                                  "gpu": "TestGPU"},
             "benchmarks": [
                 result(g, "2^20", "fastema", 2e-3, 12 * 2 ** 20, 2 ** 20),
-                result(g, "2^20", "torch.lerp_", 3e-3, 12 * 2 ** 20, 2 ** 20),
+                result(g, "2^20", "torch.lerp_", 3e-3, 12 * 2 ** 20, 2 ** 20, pair=1.5e-3),
                 result(g, "2^20", "copy (ceiling)", 1e-3, 8 * 2 ** 20, 2 ** 20),
-                result(g, "2^24", "fastema", 1.0, 12 * 2 ** 24, 2 ** 24),
-                result(g, "2^24", "copy (ceiling)", 0.5, 8 * 2 ** 24, 2 ** 24),   # the ceiling: most bytes
                 result("two decays", "K=2", "fastema (one pass)", 1e-3, 0),
-                result("two decays", "K=2", "torch x2", 4e-3, 0),
+                result("two decays", "K=2", "torch x2", 4e-3, 0, pair=1e-3),
+                result("two decays", "K=2", "torch x2 apart", 4e-3, 0),
             ]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
     return path
 
 
-def test_table_has_speedups_and_share_of_the_copy_ceiling(results, tmp_path):
+def _cells(text: str) -> set:
+    return {tuple(c.strip() for c in ln.split("|")[1:-1]) for ln in text.splitlines() if ln.startswith("| ")}
+
+
+def test_table_keeps_e2e_apart_with_spreads_and_reads_speedups_from_shared_rounds(results, tmp_path):
+    """A CPU run: each median with its min-max, e2e GB/s; no "% of copy" (a CPU copy is no ceiling, and
+    there is no device time); a baseline's speed-up from the rounds fastema's checked update took in
+    turn with it (3.0 ms against 1.5 ms: 2.00x, not the fastema row's 2.0 ms), none without them."""
     text = bench.report(results, tmp_path / "out")
-    ceiling = 8 * 2 ** 24 / 0.5
-    assert f"cpu {ceiling / 1e9:.0f} GB/s" in text
-    assert "TestCPU, 2 cores; GPU: TestGPU" in text
-    lines = {tuple(c.strip() for c in ln.split("|")[1:-1]) for ln in text.splitlines() if ln.startswith("| ")}
+    assert "TestCPU, 2 cores; GPU: TestGPU" in text and "Ceiling" not in text
+    lines = _cells(text)
     fast = 12 * 2 ** 20 / 2e-3
-    assert ("flat float32 (cpu)", "2^20", "fastema", "2.000 ms", f"{fast / 1e9:.1f}",
-            f"{100 * fast / ceiling:.0f}%", "") in lines
-    assert ("flat float32 (cpu)", "2^20", "torch.lerp_", "3.000 ms", f"{12 * 2 ** 20 / 3e-3 / 1e9:.1f}",
-            f"{100 * 12 * 2 ** 20 / 3e-3 / ceiling:.0f}%", "1.50x") in lines
-    assert ("two decays", "K=2", "torch x2", "4.000 ms", "-", "-", "4.00x") in lines   # 'fastema ...' is ours
+    assert ("flat float32 (cpu)", "2^20", "fastema", "2.000 ms (1.800 ms-2.400 ms)", "-", f"{fast / 1e9:.1f}", "-",
+            "-", "", "") in lines
+    assert ("flat float32 (cpu)", "2^20", "torch.lerp_", "3.000 ms (2.700 ms-3.600 ms)", "-",
+            f"{12 * 2 ** 20 / 3e-3 / 1e9:.1f}", "-", "-", "2.00x", "-") in lines
+    assert ("two decays", "K=2", "torch x2", "4.000 ms (3.600 ms-4.800 ms)", "-", "-", "-", "-", "4.00x", "-") in lines
+    apart = [r for r in lines if r[2] == "torch x2 apart"][0]
+    assert apart[-2] == "no fastema timed in its rounds"                 # the broken input: a row timed apart
     assert any(r[2] == "copy (ceiling)" and r[-1] == "" for r in lines)
     assert (tmp_path / "out" / "bench.md").read_text() == text
 
@@ -54,7 +67,7 @@ def test_plot_is_written(results, tmp_path):
 
 def test_report_command_and_errors(results, tmp_path, capsys):
     assert bench.main(["--report", str(results), "--out", str(tmp_path / "r")]) == 0
-    assert "fastema speed-up" in capsys.readouterr().out
+    assert "| speed-up e2e | speed-up device |" in capsys.readouterr().out
     assert bench.main(["--report", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
 
@@ -170,44 +183,58 @@ def test_gpu_summary_rebuilds_the_line_from_the_stage_folders(tmp_path, capsys):
     assert s.main([]) == 2
 
 
-def test_a_gpu_row_above_the_copy_ceiling_is_refused_and_the_command_fails(tmp_path, capsys):
-    """Issue 70 item 7: the 2026-11-26 headline's baseline read 127% of the run's copy. In the suite
-    such a GPU row is refused in the table and ``python -m bench.suite`` fails; 106% (a read-heavy
-    lerp beside a copy, the 2026-11-26 suite's 2^24 row) is flagged; a CPU row is not held to a
-    torch copy (caches); a baseline run without a check says so."""
-    g = "flat float32 (cuda)"
-    n = 2 ** 24
-    copy = 8 * n / 57.1e-6                                      # 2351 GB/s
+def _gpu_run(tmp_path, rows):
     data = {"datetime": "2026-11-26T22:24:25", "machine_info": {"cpu": {"brand_raw": "X", "count": 2}},
-            "benchmarks": [
-                result(g, "2^24", "fastema", 211e-6, 12 * n, n, "cuda"),
-                result(g, "2^24", "torch.lerp_", 12 * n / (1.06 * copy), 12 * n, n, "cuda"),
-                result(g, "2^24", "copy (ceiling)", 57.1e-6, 8 * n, n, "cuda"),
-                result("many (cuda)", "gpt2", "fastema", 514e-6, 12 * n, n, "cuda"),
-                result("many (cuda)", "gpt2", "torch._foreach_lerp_", 12 * n / (1.27 * copy), 12 * n, n, "cuda"),
-                result("flat float32 (cpu)", "2^16", "torch.lerp_", 1e-6, 12 * 2 ** 16, 2 ** 16),
-                result("flat float32 (cpu)", "2^16", "copy (ceiling)", 1e-3, 8 * 2 ** 16, 2 ** 16),
-            ]}
-    data["benchmarks"][1]["extra_info"]["checked"] = True
-    data["benchmarks"][4]["extra_info"]["checked"] = False
+            "benchmarks": rows}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_gpu_row_above_the_device_time_ceiling_is_refused_and_the_command_fails(tmp_path, capsys):
+    """Issue 86 item 1: the ceiling is the fastest round, by CUDA events, of the copy and the in-place
+    ``add_`` at the largest size (the 2^24 copy here, not 2^20's); "% of copy" divides by the copy's
+    median device time. A row above the ceiling is refused and ``python -m bench.suite`` fails (the
+    2026-11-26 headline's baseline at 127% of the copy); one above the copy but within the ceiling (a
+    read-heavy stream) is flagged; a CPU row is held to no torch copy."""
+    g, n, small = "flat float32 (cuda)", 2 ** 24, 2 ** 20
+    copy_s = 8 * n / 2351e9                                      # 2351 GB/s by device time
+    add_best = 12 * n / 2500e9                                   # add_'s fastest round: 2500 GB/s, the ceiling
+
+    def gpu(case, impl, nbytes, elements, dev, pair=None):
+        return result(g, case, impl, 1.5 * dev, nbytes, elements, "cuda", pair=pair,
+                      device_s=[0.99 * dev, dev, 1.1 * dev])
+    rows = [gpu("2^20", "copy (ceiling)", 8 * small, small, 8 * small / 4000e9),    # a smaller size: not the ceiling
+            gpu("2^24", "fastema", 12 * n, n, 211e-6),
+            gpu("2^24", "torch.lerp_", 12 * n, n, 12 * n / (1.06 * 2351e9), pair=211e-6),
+            gpu("2^24", "copy (ceiling)", 8 * n, n, copy_s),
+            result(g, "2^24", "add_ (ceiling)", 1e-3, 12 * n, n, "cuda", device_s=[add_best, 1.02 * add_best]),
+            result("many (cuda)", "gpt2", "fastema", 600e-6, 12 * n, n, "cuda", device_s=[514e-6] * 3),
+            result("many (cuda)", "gpt2", "torch._foreach_lerp_", 1e-3, 12 * n, n, "cuda", pair=514e-6,
+                   device_s=[12 * n / (1.27 * 2351e9)] * 3),
+            result("flat float32 (cpu)", "2^16", "torch.lerp_", 1e-6, 12 * 2 ** 16, 2 ** 16, pair=1e-6),
+            result("flat float32 (cpu)", "2^16", "copy (ceiling)", 1e-3, 8 * 2 ** 16, 2 ** 16)]
+    path = _gpu_run(tmp_path, rows)
     text = bench.report(path, tmp_path / "out")
+    assert "Ceiling (cuda): 2500 GB/s, the fastest round of add_ (ceiling) by device time at 16777216 elements; " \
+           "the copy 2351 GB/s (median)" in text
     lerp = [ln for ln in text.splitlines() if "(cuda) | 2^24 | torch.lerp_" in ln][0]
-    assert "106% (!)" in lerp and "not checked" not in lerp
+    assert "| 106% (!) |" in lerp                                     # above the copy, within the ceiling
     refused = [ln for ln in text.splitlines() if "torch._foreach_lerp_" in ln][0]
-    assert f"{bench.REFUSED}many (cuda) | gpt2 | torch._foreach_lerp_: refused: " not in refused    # the why only
-    assert bench.REFUSED + "2985 GB/s is 127% of this run's copy ceiling (2351 GB/s)" in refused
+    assert bench.REFUSED + "2986 GB/s is 119.4% of this run's ceiling (2500 GB/s" in refused
     cpu = [ln for ln in text.splitlines() if "(cpu) | 2^16 | torch.lerp_" in ln][0]
-    assert "refused" not in cpu and "(!)" not in cpu
+    assert "refused" not in cpu and "(!)" not in cpu and "| - | 786.4 | - | - | 1.00x | - |" in cpu
     assert bench.main(["--report", str(path), "--out", str(tmp_path / "again")]) == 1
     assert "refused in the table" in capsys.readouterr().err
 
 
-def test_a_baseline_timed_without_a_check_says_so_in_the_table(tmp_path):
-    data = {"datetime": "2026-11-26T22:24:25", "machine_info": {},
-            "benchmarks": [result("g", "c", "fastema", 1e-3, 0), result("g", "c", "timm", 2e-3, 0)]}
-    data["benchmarks"][1]["extra_info"]["checked"] = False
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(data))
-    assert "| g | c | timm | 2.000 ms | - | - | 2.00x (not checked against fastema) |" in bench.report(path, tmp_path)
+def test_an_end_to_end_gpu_ceiling_is_no_ceiling(tmp_path):
+    """The suite before issue 86: the copy timed as a call and a sync, no device time (2885 GB/s at 2^24 on the
+    H200 against 4262 by device time, every "% of copy" about 1.5x too high). Such a run reads no ceiling and
+    no "% of copy"; a row that would pass it is not judged against it."""
+    n = 2 ** 24
+    path = _gpu_run(tmp_path, [result("flat (cuda)", "2^24", "copy (ceiling)", 46.5e-6, 8 * n, n, "cuda"),
+                               result("flat (cuda)", "2^24", "torch.lerp_", 15e-6, 12 * n, n, "cuda", pair=20e-6)])
+    text = bench.report(path, tmp_path / "out")
+    assert "Ceiling (cuda): none: a e2e time is no ceiling" in text
+    assert "%" not in text.split("| torch.lerp_ |")[1].splitlines()[0] and bench.REFUSED not in text

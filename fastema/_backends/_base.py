@@ -176,6 +176,16 @@ class Backend:
         JAX array has no version)."""
         return None
 
+    def inplace_refusal(self, x, what: str) -> str | None:
+        """Why this framework refuses an in-place write of ``x`` now (torch: autograd's and
+        inference mode's rules), in its words with the fix; None where it writes it."""
+        return None
+
+    def inplace_moded(self, x) -> bool:
+        """Whether :meth:`inplace_refusal` of ``x`` may change with the framework's modes (torch:
+        grad mode, inference mode) while ``x``'s :meth:`layout_guard` holds."""
+        return False
+
     def stream_getter(self, device: str) -> Callable[[], Any]:
         """A zero-argument function returning the raw handle of the framework's current CUDA
         stream on ``device`` (0: the legacy default stream), called at every launch."""

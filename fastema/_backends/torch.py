@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
-from . import cai
+from . import cai, versions
 from ._base import Backend, no_stream
 from ._buf import Buf, layout, not_dense, unsupported_dtype
 from ._buf import device_name as _name
@@ -21,6 +21,7 @@ _KINDS: dict = {}
 _BITS = {F32: "uint32", BF16: "uint16", F16: "uint16", F64: "float64"}
 _DTYPE_SHAPE = operator.attrgetter("dtype", "shape")
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_GRAD = operator.attrgetter("requires_grad")
 
 
 _STREAMED: list = []     # streamed_layout_checks()'s blocks
@@ -227,10 +228,11 @@ class Torch(Backend):
         """A check that tensors at ``objs``' addresses still have ``objs``' types, dtypes, shapes and
         strides now (an address alone is not enough: ``a.view(3, 4).t()`` is ``a``'s memory in another
         order, ``a.view(3, 4)`` another shape of the same elements). It is torch's own batched C++
-        check of dtype, shape, strides, device and dispatch keys when this torch has one that passes a
-        self-test (~0.05 us a tensor); else (or when that one says no, e.g. under another
-        ``inference_mode``) the comparison streams each tensor's values against numbers kept here,
-        freeing every temporary at once (~0.2 us a tensor). No tensor is kept."""
+        check of dtype, shape, strides, device, ``requires_grad`` and dispatch keys (an inference
+        tensor's are not a normal one's) when this torch has one that passes a self-test (~0.05 us a
+        tensor); else (or when that one says no, e.g. under another ``inference_mode``) the
+        comparison streams each tensor's values, ``requires_grad`` and ``is_inference()`` too, against
+        numbers kept here, freeing every temporary at once (~0.2 us a tensor). No tensor is kept."""
         T = _tensor()
         n = len(objs)
         types, dtypes = tuple(map(type, objs)), tuple(map(_DTYPE, objs))
@@ -239,6 +241,7 @@ class Torch(Backend):
 
         devices = tuple(map(T.get_device, objs))           # -1: the CPU
         lazy = any(map(T.is_neg, objs)) or any(map(T.is_conj, objs))   # never cached: describe() refuses them
+        autograd = tuple(map(_GRAD, objs)), tuple(map(T.is_inference, objs))   # what torch's in-place rules read
 
         def same(ts: list) -> bool:
             return (len(ts) == n and not lazy and all(map(operator.is_, map(type, ts), types))
@@ -246,7 +249,8 @@ class Torch(Backend):
                     and all(map(operator.eq, map(T.stride, ts), strides))
                     and all(map(operator.eq, map(_SHAPE, ts), shapes))
                     and all(map(operator.eq, map(T.get_device, ts), devices))
-                    and not any(map(T.is_neg, ts)) and not any(map(T.is_conj, ts)))   # lazy negation/conjugate
+                    and not any(map(T.is_neg, ts)) and not any(map(T.is_conj, ts))   # lazy negation/conjugate
+                    and (tuple(map(_GRAD, ts)), tuple(map(T.is_inference, ts))) == autograd)
 
         guards = None if _STREAMED else _tensor_guards()
         if guards is None:
@@ -368,9 +372,14 @@ class Torch(Backend):
 
     def version_bump(self):
         """autograd's version counters of the tensors bumped (:func:`.versions.bump_versions`)."""
-        from .versions import bump_versions
+        return versions.bump_versions()
 
-        return bump_versions()
+    def inplace_refusal(self, x, what: str) -> str | None:
+        """torch's refusal of an in-place write of ``x`` now (:func:`.versions.refusal`)."""
+        return versions.refusal(x, what)
+
+    def inplace_moded(self, x) -> bool:
+        return versions.moded(x)
 
     def stream_getter(self, device: str):
         """torch's current stream on ``device``: one C call per launch (~0.3 us)."""

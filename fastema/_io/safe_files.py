@@ -16,8 +16,8 @@ import stat
 from collections.abc import Iterator
 
 __all__ = ["FileRefused", "few", "first_line", "fits", "memory_available", "not_regular", "open_problem",
-           "open_regular", "os_problem", "out_of_memory", "pread_into", "regular", "resident",
-           "root_error"]
+           "open_regular", "os_problem", "out_of_memory", "pread_into", "regular", "regular_fd",
+           "resident", "root_error"]
 
 
 class FileRefused(ValueError):
@@ -83,19 +83,32 @@ def open_problem(path: str, what: str, err: OSError) -> str:
             f"open files (`ulimit -n`) or merge fewer inputs")
 
 
-def open_regular(path: str, follow: bool = True):
+def open_regular(path: str, follow: bool = True, what: str | None = None):
     """``open(path, "rb")`` of a regular file, checked on the open file itself (opened without
     blocking, so a FIFO swapped in after a check cannot hang the reader either); ``follow=False``:
-    a symbolic link is not followed (OSError ELOOP)."""
+    a symbolic link is not followed (OSError ELOOP). ``what``: the input it is read for, named by
+    the refusal (:func:`not_regular`). The one road by which fastema opens a file to read it
+    (``tests/test_file_reads.py``); ``torch.load`` reads the file object it returns."""
+    fd = regular_fd(path, follow, what)
+    try:
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def regular_fd(path: str, follow: bool = True, what: str | None = None) -> int:
+    """:func:`open_regular`'s descriptor (the caller closes it), for a reader of descriptors
+    (``pread``)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise not_regular(path, st.st_mode)
+            raise not_regular(path, st.st_mode, what)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return fd
     except BaseException:
         os.close(fd)
         raise

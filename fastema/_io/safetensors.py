@@ -23,7 +23,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, NamedTuple
 
-from .safe_files import FileRefused, os_problem, pread_into, regular
+from .safe_files import FileRefused, open_regular, os_problem, pread_into, regular
 
 if TYPE_CHECKING:
     import torch
@@ -316,7 +316,7 @@ def read_header(path: str, label: str, fd: int | None = None) -> Header:
     if fd is None:
         regular(path, label)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, what=label) as f:
                 return read_header(path, label, f.fileno())
         except OSError as err:
             raise FileRefused(os_problem(path, label, err)) from None

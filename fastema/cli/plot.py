@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from .._io.safe_files import open_regular
 from ..smooth import Smoother
 from ..track import _ema_kwargs
 from . import Parser, image_path, integer, number, parse, writable
@@ -27,7 +28,7 @@ __all__ = ["main"]
 
 def read_log(path: str, column: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, values, name) of one column of a CSV log, or of a plain list of numbers."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:           # a FIFO or device named as the log: refused by name
         raw = f.read()
     try:
         text = raw.decode("utf-8-sig")

@@ -18,6 +18,7 @@ In the file, under the attribute's name: ``header``, the JSON of every average (
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ import keras
 import numpy as np
 
 from .._checkpoint_format import from_parts, load_refused, to_parts
+from .._io.safe_files import open_regular, regular
 from ._entries import _damage, _Live, _named_state, _problems, _structural_state, _to_numpy
 
 # the model's attribute: the file's group of the average
@@ -262,25 +264,26 @@ def _decode(store, source: str = "the file") -> list[dict]:
     return out
 
 
-def _open_store(filepath):
-    """Keras's reader of the weights of a ``.keras`` or ``.weights.h5`` file (closed by the
-    caller)."""
+def _open_store(path: str, stack: contextlib.ExitStack):
+    """Keras's reader of the weights of a ``.keras`` or ``.weights.h5`` file (closed with
+    ``stack``), a regular file: a FIFO, device or folder named like one is refused by name, never
+    opened (the ``.keras`` archive is read from :func:`~fastema._io.safe_files.open_regular`'s
+    file; Keras's ``H5IOStore`` takes a path only, checked by ``regular()`` first)."""
     import zipfile
 
     from keras.src.saving import saving_lib
 
-    path = os.fspath(filepath)
     if path.endswith(".keras"):
-        archive = zipfile.ZipFile(path, "r")
-        try:
-            return saving_lib.H5IOStore(saving_lib._VARS_FNAME_H5, archive=archive, mode="r"), archive
-        except BaseException:
-            archive.close()
-            raise
-    if path.endswith(".weights.h5"):
-        return saving_lib.H5IOStore(path, mode="r"), None
-    raise ValueError(f"{path!r} is neither a .keras file nor a .weights.h5 file; pass what "
-                     "model.save() or model.save_weights() wrote")
+        archive = stack.enter_context(zipfile.ZipFile(stack.enter_context(open_regular(path)), "r"))
+        store = saving_lib.H5IOStore(saving_lib._VARS_FNAME_H5, archive=archive, mode="r")
+    elif path.endswith(".weights.h5"):
+        regular(path)
+        store = saving_lib.H5IOStore(path, mode="r")
+    else:
+        raise ValueError(f"{path!r} is neither a .keras file nor a .weights.h5 file; pass what "
+                         "model.save() or model.save_weights() wrote")
+    stack.callback(store.close)
+    return store
 
 
 def _read_averages(filepath) -> list[dict] | None:
@@ -291,14 +294,9 @@ def _read_averages(filepath) -> list[dict] | None:
 
     path = os.fspath(filepath)
     try:
-        store, archive = _open_store(path)
-        try:
-            entry = store.get(_ATTR)
+        with contextlib.ExitStack() as stack:
+            entry = _open_store(path, stack).get(_ATTR)
             return _decode(entry, repr(path)) if len(entry.keys()) else None
-        finally:
-            store.close()
-            if archive is not None:
-                archive.close()
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:

@@ -9,6 +9,7 @@ import time
 import zlib
 from typing import Callable, Sequence
 
+from .._io.safe_files import open_regular
 from .._io.safetensors import SafetensorsWriter
 from ._engine import Engine
 from ._inputs import open_input
@@ -238,7 +239,7 @@ def _verify(target: Output, written: dict, items: dict) -> None:
         if list(entries) != list(names):
             raise MergeError(f"verify: the output {file!r} holds {sorted(entries)[:5]}..., the plan "
                              f"{sorted(names)[:5]}...")
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path) as f:
             for n in names:
                 e, it = entries[n], items[n]
                 if (e.dtype, tuple(e.shape)) != (it.out_dtype, tuple(it.shape)):

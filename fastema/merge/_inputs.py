@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .._io.safe_files import os_problem, regular
+from .._io.safe_files import open_regular, os_problem, regular
 from ._safetensors_input import INDEX, SafetensorsSource, hf_folder, meta_step, trainer_step
 from ._source import Entry, MergeError, Source, refused, step_from_name
 
@@ -48,7 +48,7 @@ def open_input(path, index: int, *, read: str = "pread", optimizer: bool = False
         with refused():
             regular(path, label)
     try:
-        with open(path, "rb") as f:
+        with refused(), open_regular(path, what=label) as f:
             magic = f.read(9)
     except OSError as err:
         raise MergeError(os_problem(path, label, err)) from None

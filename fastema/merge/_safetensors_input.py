@@ -27,7 +27,7 @@ import threading
 
 import numpy as np
 
-from .._io.safe_files import os_problem, pread_into, regular
+from .._io.safe_files import open_regular, os_problem, pread_into, regular, regular_fd
 from .._io.safetensors import ITEMSIZE, file_label, read_header
 from ._source import (
     DONTNEED,
@@ -89,7 +89,8 @@ class _File:
     def open(self, name: str) -> int:
         """A new descriptor of this file, checked to be the one its header was read from."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            with refused():
+                fd = regular_fd(self.path, what=self.label)
         except OSError as err:
             raise MergeError(os_problem(self.path, self.label, err)) from None
         try:
@@ -237,7 +238,7 @@ def hf_folder(path: str, label: str, read: str) -> Source | None:
         with refused():
             regular(index, label)
         try:
-            with open(index, "rb") as f:
+            with refused(), open_regular(index, what=label) as f:
                 text = f.read(64 << 20)
         except OSError as err:
             raise MergeError(os_problem(index, label, err)) from None
@@ -277,7 +278,7 @@ def trainer_step(folder: str, label: str) -> int | None:
     if not os.path.isfile(path):
         return step_from_name(folder)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:           # a FIFO swapped in since isfile(): refused (ValueError)
             step = json.loads(f.read(256 << 20).decode("utf-8")).get("global_step")
         return int(step) if isinstance(step, int) and not isinstance(step, bool) else step_from_name(folder)
     except (OSError, ValueError, AttributeError, UnicodeDecodeError):

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io.safe_files import os_problem, regular
+from .._io.safe_files import open_regular, os_problem, regular
 from .._io.safetensors import ITEMSIZE
 from ._source import (
     DONTNEED,
@@ -76,7 +76,7 @@ class TorchFileSource(Source):
         with refused():
             regular(path, label)
         try:
-            with open(path, "rb") as f:
+            with refused(), open_regular(path, what=label) as f:
                 magic = f.read(4)
         except OSError as err:
             raise MergeError(os_problem(path, label, err)) from None

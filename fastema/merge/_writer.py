@@ -17,6 +17,7 @@ import stat
 
 from .._io import files
 from .._io.files import Staging
+from .._io.safe_files import FileRefused, open_regular
 from ._source import MergeError
 
 __all__ = ["Output", "copy_small", "free_bytes", "small_files"]
@@ -72,12 +73,13 @@ def copy_small(src: str, dst: str) -> str:
     returns why not ("" when copied): it changed into a link, or something not a regular file,
     or grew past :data:`SMALL`, since it was listed."""
     try:
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        f = open_regular(src, follow=False)
+    except FileRefused:
+        return "changed since it was listed (no longer a small regular file)"
     except OSError as err:
         return f"changed since it was listed: {err.strerror or err}"
-    with open(fd, "rb", buffering=0) as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > SMALL:
+    with f:
+        if os.fstat(f.fileno()).st_size > SMALL:
             return "changed since it was listed (no longer a small regular file)"
         with open(dst, "xb") as out:
             shutil.copyfileobj(f, out)

@@ -23,6 +23,7 @@ answer, each importing only those listed before it:
 from ._attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
+from ._state.decisions import mesh_findings, refuse_together  # noqa: F401
 from ._state.slices import SplitEntry
 from ._state.stream import WeightMeta
 from ._tensors.hooks import HOOKS as _HOOKS  # noqa: F401
@@ -40,4 +41,5 @@ __all__ = ["ATTACH_KEY", "EMA", "Offload", "PostHocEMA", "ShardReplicas", "Split
            "WeightMeta", "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
-# _HOOKS, the installed registration hooks (tests).
+# mesh_findings and refuse_together, the ranks' decisions (fastema.torchtitan's loads agree through
+# them, as attach()'s do); _HOOKS, the installed registration hooks (tests).

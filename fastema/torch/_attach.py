@@ -45,7 +45,9 @@ rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks 
 naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
 refused here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run
 torch's (torchtitan's ``OptimizersContainer``: the hooks would never run,
-:func:`~._state.attach_checks.bypasses`).
+:func:`~._state.attach_checks.bypasses`), and one whose ``state_dict`` runs torch's but drops the
+average's entry (one ``state_dict()`` call at attach, with a stand-in for the average, where an
+override outside torch runs: :func:`~._state.attach_checks.overrides`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fields of ``EMA.Config``: torchtitan's EMA configuration, field for field (main's
-``EMA.Config``), checked at construction, plus fastema's ``shadow_dtype`` (``EMA.Config`` adds
-``build``, beside ``EMA``)."""
+``EMA.Config``), checked at construction and again when an ``EMA`` is built of it (a field changed
+in between), plus fastema's ``shadow_dtype`` (``EMA.Config`` adds ``build``, beside ``EMA``)."""
 from __future__ import annotations
 
 import math

@@ -17,6 +17,7 @@ from ..flat import FlatShadow
 from ..torch import Offload
 from . import _state
 from ._config import ConfigFields
+from ._held import Held
 from ._keys import canonical_fqn
 from ._layouts import given_layout
 from ._state import Tracked
@@ -51,7 +52,7 @@ class EMAConfig(ConfigFields):
 
     def build(self, *, model_parts: Sequence[nn.Module],
               layouts: Mapping[str, tuple] | None = None) -> EMA:
-        """The EMA of ``model_parts`` (see :class:`EMA`)."""
+        """The EMA of ``model_parts`` (see :class:`EMA`); the fields are checked again here."""
         return EMA(self, model_parts=model_parts, layouts=layouts)
 
 
@@ -68,8 +69,13 @@ class EMA:
     What it tracks: every trainable parameter of every model part, and the floating buffers
     ``buffer_patterns`` match (``re.search`` on their names); each is a source of one
     :class:`fastema.FlatShadow` of ``len(keys)`` rows (``offload_to_cpu``: the host shadow of
-    :meth:`fastema.torch.Offload.shadow`), the tensors listed once, here (a parameter replaced later
-    is refused by the shadow's address check, as main refuses an untracked tensor).
+    :meth:`fastema.torch.Offload.shadow`), the tensors listed once, here. The sources are the
+    model's own tensors (the parameters and buffers themselves; a DTensor's own local tensor), so
+    ``p.data = ...`` is followed by the shadow's address check, and a DTensor's new local tensor
+    (FSDP2 re-pads it) at the next firing. A tracked name that holds another object later (a new
+    ``nn.Parameter``, a re-assigned buffer), another dtype (``model.to(torch.float64)``) or nothing
+    is refused by name at the next :meth:`step` (and by a cold-start load), writing nothing: build
+    a new EMA of the changed model.
 
     The firing rule is main's: at ``current_step``, ``elapsed = current_step - start_step``; nothing
     happens when ``elapsed <= 0`` or ``elapsed % update_every_n_steps``; else ``n = elapsed //
@@ -105,6 +111,7 @@ class EMA:
         if not parts or not all(isinstance(m, nn.Module) for m in parts):
             raise TypeError(f"model_parts must be a non-empty list of nn.Module, "
                             f"got {model_parts!r}")
+        config.__post_init__()              # a config changed since it was made is checked again
         self.config = config
         self.model_parts = parts
         self.keys: list[str] = config.keys()
@@ -123,6 +130,7 @@ class EMA:
             Offload().shadow(sources, rows=len(self.keys), dtype=config.shadow_dtype)
             if self.offloaded else
             FlatShadow(sources, rows=len(self.keys), dtype=config.shadow_dtype))
+        self.held = Held(parts, self.tracked)     # where the model holds them (checked at firings)
         # the offloaded update's weights, keyed as the shadow reads them: by its layout's groups (an
         # offloaded shadow's are host groups, "cpu"; its ``groups`` report the weights' devices)
         self._devices = sorted({g.device for g in self.shadow.layout.groups})
@@ -159,6 +167,7 @@ class EMA:
         if elapsed <= 0 or elapsed % self.update_every_n_steps:
             return
         n = elapsed // self.update_every_n_steps + self.step_bias
+        self._follow("step()")
         weights = self._fixed + [1.0 - 2.0 ** (-1.0 / (f * n)) for f in self.half_life_fractions]
         if not self.offloaded:
             self.shadow.update(weight=weights)
@@ -176,11 +185,41 @@ class EMA:
                              "EMA.Config.offload_to_cpu=True: the offloaded copies are folded on a "
                              "host thread, which a graph replay would not run; step with the "
                              "trainer's int step, outside the graph")
+        self._follow("step()")
         bufs = self._on_device.get(step.device)
         if bufs is None:
             bufs = self._on_device[step.device] = _DeviceRule(self, step.device)
         bufs.run(step)
         self.shadow.update(weight=bufs.w32, skip_if=bufs.skip)
+
+    def _follow(self, what: str) -> None:
+        """Before the model is read: refuse, by name, a tracked tensor the model no longer holds
+        (see the class); follow DTensors' new local tensors."""
+        problem = self._model_problem()
+        if problem is not None:
+            raise ValueError(f"EMA.{what}: {problem}. Nothing was updated.")
+
+    def _model_problem(self) -> str | None:
+        """What the model no longer holds of the tracked tensors (None: it holds them all; the
+        DTensors' new local tensors followed): one lookup and a few identities per tensor while
+        nothing changed (:meth:`Held.unchanged <fastema.torchtitan._held.Held.unchanged>`)."""
+        held = self.held
+        if held.unchanged():
+            return None
+        held.reshard()                      # FSDP2 modules left unsharded: their slots hold copies
+        if held.unchanged():
+            return None
+        problems, tracked = held.changes(self.model_parts, self.tracked)
+        if problems:
+            listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                                if len(problems) > 3 else "")
+            return (f"{listed}. Build a new EMA of the model as it is (EMA.Config(...).build("
+                    f"model_parts=...)), or keep the tracked tensors (write into them: "
+                    f"p.data = ..., p.copy_(...))")
+        self.shadow.rebind({t.fqn: t.local for t in tracked})   # checked: dtype, shape, device
+        self.tracked = tuple(tracked)
+        self.held = Held(self.model_parts, self.tracked)
+        return None
 
     # ------------------------------------------------------------ checkpoints and reads
 
@@ -194,19 +233,24 @@ class EMA:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
         copies are ignored, as main ignores them); every entry checked first (there, a floating
-        tensor of its copy's shape and layout, finite), nothing written if one is off. ``dcp.load``
-        writes into the views :meth:`state_dict` gave before it calls this: those entries are
-        checked too, but they are written already, so an inf or NaN among them is refused by name
-        with the copies holding the checkpoint's values, inf and NaN included (load a checkpoint
-        whose EMA is finite, or ``load_state_dict({})``). An empty dict (a checkpoint without the
-        EMA) cold-starts every copy from the current weights, as main does."""
+        tensor of its copy's shape and layout, finite in the copy's dtype), nothing written if one
+        is off; on a sharded model the verdict is agreed over the mesh: a rank that refuses makes
+        every rank raise the same error, naming it (a ``ValueError``), never a rank left waiting in
+        its next collective. ``dcp.load`` writes into the views :meth:`state_dict` gave before it
+        calls this: those entries are checked too, but they are written already, so an inf or NaN
+        among them is refused by name with the copies holding the checkpoint's values, inf and NaN
+        included (load a checkpoint whose EMA is finite, or ``load_state_dict({})``). An empty dict
+        (a checkpoint without the EMA) cold-starts every copy from the current weights, as main
+        does (the model checked first, as at a firing)."""
         if not state_dict:
+            _state.agreed_load(self.tracked, self._model_problem(), False)
             self.shadow.copy_from_sources()
             logger.warning("EMA state was not restored; cold-starting every EMA copy (%s) from the "
                            "loaded model weights, which discards all EMA history",
                            ", ".join(self.keys))
             return
-        _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict)
+        _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict,
+                                    lambda problem: _state.agreed_load(self.tracked, problem, True))
 
     def averaged_state_dict(self, key: str | None = None) -> dict[str, torch.Tensor]:
         """One copy (``key``; default: the only one) as ``fqn -> tensor`` in the tensors' dtypes and
@@ -323,8 +367,8 @@ def _tracked(fqn: str, t: torch.Tensor, given: tuple | None) -> Tracked:
         if given is not None:
             raise ValueError(f"layouts= gives a layout for {fqn!r}, a DTensor, which has its own: "
                              f"drop it")
-        local = t.to_local().detach()
-        return Tracked(fqn, t, local,
+        # the DTensor's own local tensor (to_local() makes a view of it), followed at every firing
+        return Tracked(fqn, t, t._local_tensor,
                        (t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())))
-    local = t.detach()
-    return Tracked(fqn, t, local, None if given is None else given_layout(fqn, local, given))
+    # the parameter or buffer itself: the shadow follows its .data
+    return Tracked(fqn, t, t, None if given is None else given_layout(fqn, t, given))

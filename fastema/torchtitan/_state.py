@@ -3,24 +3,27 @@ the parameters' layouts, the padding of padded parameters hidden), written from 
 shadow."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from ..torch import mesh_findings, refuse_together
 from ._keys import canonical_fqn, flat_key
 
 if TYPE_CHECKING:
     from ..flat import FlatShadow
 
-__all__ = ["Tracked", "as_global", "flat_state_dict", "load_flat_state_dict", "padded_params"]
+__all__ = ["Tracked", "agreed_load", "as_global", "flat_state_dict", "load_flat_state_dict",
+           "mesh_groups", "padded_params"]
 
 
 class Tracked(NamedTuple):
     """One averaged tensor: its canonical name, the model's tensor (a parameter or a buffer; a
-    DTensor under FSDP2 / TP), the local tensor the shadow reads, and its global layout (``(mesh,
-    placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a plain
-    local shard; None for a whole tensor)."""
+    DTensor under FSDP2 / TP), the local tensor the shadow reads (the model's tensor itself, or the
+    DTensor's own local tensor, ``_local_tensor``: never an alias made here), and its global layout
+    (``(mesh, placements, shape, stride)``: a DTensor's own, or the one given in ``layouts=`` for a
+    plain local shard; None for a whole tensor)."""
     fqn: str
     tensor: torch.Tensor
     local: torch.Tensor
@@ -95,16 +98,19 @@ def _listed(items: list[str]) -> str:
 
 
 def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
-                         padded: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked, then all written (an
-    entry that is the shadow's view, as ``dcp.load`` fills them, is checked too, not copied again: it
-    was written before this call)."""
+                         padded: Mapping[str, Any], state: Mapping[str, Any],
+                         verdict: Callable[[str | None], None]) -> None:
+    """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked on this rank (no
+    collective: a DTensor entry's local piece, in the copy's dtype), ``verdict(problem)`` (raises on
+    every rank of the mesh when one refused: :func:`agreed_load`), then every entry written (an
+    entry that is the shadow's view, as ``dcp.load`` fills them, is checked too, not copied again:
+    it was written before this call)."""
     from torch.distributed.tensor import DTensor
 
     problems: list[str] = []
     in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
     bad_in_place: list[str] = []
-    writes = []
+    ready = []
     for t in tracked:
         spec = padded.get(t.fqn)
         for row, key in enumerate(keys):
@@ -120,46 +126,106 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             dst = shadow.view(t.fqn, row)
             written = _written_into(value, dst)
             padding = _pads(spec, value, "num_real")
+            shape = list(value.shape)       # with the hidden padding back (zeros: never trained)
             if padding is not None:
-                value = padding.restore(value)  # hidden padding back (zeros: never trained)
+                shape[padding.dim] = padding.num_padded
             if isinstance(value, DTensor):
                 if t.layout is None:
                     problems.append(f"{name} is a DTensor but {t.fqn!r} is a whole tensor here")
                     continue
-                if tuple(value.placements) != t.layout[1]:
-                    value = value.redistribute(t.layout[0], t.layout[1])
-                value = value.to_local()
+                expected, local = tuple(t.layout[2]), value.to_local()
             elif t.layout is not None:
                 problems.append(f"{name} is a plain tensor but {t.fqn!r} is sharded here: pass the "
                                 f"DTensors state_dict() gives (dcp.load does)")
                 continue
-            if tuple(value.shape) != tuple(dst.shape):
-                problems.append(f"{name} has shape {tuple(value.shape)}, "
-                                f"expected {tuple(dst.shape)}")
+            else:
+                expected, local = tuple(dst.shape), value
+            if tuple(shape) != expected:
+                problems.append(f"{name} has shape {tuple(shape)}, expected {expected}")
                 continue
             if written:
                 in_place.append(name)
-            if bool(torch.isfinite(value).all()):
-                if not _same_memory(value, dst):    # dcp.load's views: checked, not copied again
-                    writes.append((dst, value))
+            # finite in the copy's dtype: a float64 1e300 lands in a float32 copy as inf
+            if bool(torch.isfinite(local.to(dst.dtype)).all()):
+                ready.append((t.layout, dst, value, padding))
             elif written:
                 bad_in_place.append(name)
+            elif bool(torch.isfinite(local).all()):
+                problems.append(f"{name} holds values beyond {dst.dtype}'s range (its copy's "
+                                f"dtype), which would land as inf")
             else:
                 problems.append(f"{name} holds inf or NaN")
+    verdict(_refusal(problems, in_place, bad_in_place))
+    with torch.no_grad():                       # every rank's entries passed: the same on each
+        for layout, dst, value, padding in ready:
+            if padding is not None:
+                value = padding.restore(value)
+            if isinstance(value, DTensor) and layout is not None:     # (checked: it has one)
+                if tuple(value.placements) != layout[1]:
+                    value = value.redistribute(layout[0], layout[1])
+                value = value.to_local()
+            if not _same_memory(value, dst):    # dcp.load's views: checked, not copied again
+                dst.copy_(value)
+
+
+def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str]) -> str | None:
+    """What this rank refuses the load for (None: nothing)."""
     if bad_in_place:
-        raise ValueError(f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and "
-                         f"they are this EMA's copies, which dcp.load had already written in place (it "
-                         f"fills the views state_dict() gives, then calls load_state_dict): the copies "
-                         f"now hold the checkpoint's values where dcp.load wrote them, inf and NaN "
-                         f"included, and their previous values elsewhere (nothing else was written)"
-                         + (f" ({_listed(problems)})" if problems else "")
-                         + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to "
-                           "start every copy afresh from the weights")
+        return (f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and they "
+                f"are this EMA's copies, which dcp.load had already written in place (it fills the "
+                f"views state_dict() gives, then calls load_state_dict): the copies now hold the "
+                f"checkpoint's values where dcp.load wrote them, inf and NaN included, and their "
+                f"previous values elsewhere (nothing else was written)"
+                + (f" ({_listed(problems)})" if problems else "")
+                + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to start "
+                  "every copy afresh from the weights")
     if problems:
-        raise ValueError("the EMA state was not loaded (nothing was written"
-                         + (f"; {len(in_place)} entries are this EMA's copies, which hold what was "
-                            f"written into them before this call, as dcp.load does" if in_place else "")
-                         + f"): {_listed(problems)}")
-    with torch.no_grad():
-        for dst, value in writes:
-            dst.copy_(value)
+        return ("the EMA state was not loaded (nothing was written"
+                + (f"; {len(in_place)} entries are this EMA's copies, which hold what was written "
+                   f"into them before this call, as dcp.load does" if in_place else "")
+                + f"): {_listed(problems)}")
+    return None
+
+
+def mesh_groups(tracked: Sequence[Tracked]) -> list:
+    """``(process group, device type)`` of every dimension of the meshes the tracked tensors are
+    laid out over (DTensors', ``layouts=``'), each once; empty without a process group."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return []
+    groups: list = []
+    for t in tracked:
+        if t.layout is None:
+            continue
+        mesh = t.layout[0]
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            if all(group is not g for g, _ in groups):
+                groups.append((group, mesh.device_type))
+    return groups
+
+
+def agreed_load(tracked: Sequence[Tracked], problem: str | None, present: bool) -> None:
+    """The verdict of a load, agreed over the tracked tensors' mesh (one
+    :func:`fastema.torch.mesh_findings` of every rank's ``(present, problem)``, under the process
+    group's timeout): a rank that refuses (``problem``) makes every rank raise the same
+    ``Disagreement`` (a ``ValueError``) naming it, as do ranks of which some load the EMA's entries
+    and others none (``present``); never a rank left in its next collective. Without a mesh:
+    ``ValueError(problem)``."""
+    groups = mesh_groups(tracked)
+    if not groups:
+        if problem is not None:
+            raise ValueError(problem)
+        return
+    what = "fastema.torchtitan.EMA.load_state_dict()"
+    found = mesh_findings((present, problem), groups, waiting=(
+        f"{what}: every rank of the EMA's mesh must load it (dcp.load calls it on every rank); "
+        f"nothing was loaded here"))
+    refuse_together(what, {rank: f[1] for rank, f in found.items()})
+    loading = [rank for rank, f in found.items() if f[0]]
+    if loading and len(loading) < len(found):
+        empty = [rank for rank in found if rank not in loading]
+        refuse_together(what, {empty[0]: (
+            f"its state dict holds no EMA entry (a cold start) while ranks {loading} load the "
+            f"EMA's entries (global ranks): the ranks load different checkpoints. Load one on "
+            f"every rank; nothing was loaded, on every rank")})

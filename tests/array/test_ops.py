@@ -465,7 +465,8 @@ def test_layout_cache_keeps_no_model_alive():
         m = nn.Linear(3200, 3200)                      # 40 MiB of weights, twice with the EMA copy
         ema = ModelEmaV3(m, decay=0.9)
         ema.update(m)
-        fastema.ema_update_many_(list(ema.module.parameters()), list(m.parameters()), 0.5)
+        with torch.no_grad():                          # its copy's parameters require grad
+            fastema.ema_update_many_(list(ema.module.parameters()), list(m.parameters()), 0.5)
         del m, ema
         gc.collect()
     assert _rss_mib() - before < 150

@@ -185,6 +185,26 @@ def test_switching_carries_the_counters_into_fastemas_own_schedule(tmp_path, cas
     assert ours.ema.calls == 20
 
 
+def test_a_checkpoint_saved_before_lightnings_first_update_starts_the_average_at_the_raw_weights(tmp_path):
+    """H3 (issue 85): EMAWeightAveraging(update_starting_at_step=10) saved at step 10 holds n_averaged 0
+    and, as its 'state_dict', AveragedModel's untouched copy of the weights at step 0. Lightning's own
+    callback resumed from it copies the weights at its first update (step 11): its average never holds
+    step 0's weights. WeightEMA(0.9) took them as its average (every update then mixed them in); it
+    now starts at the raw weights, as a fresh WeightEMA does: the average is the raw weights at step
+    10 folded with 0.9 over steps 11-20, float64 by hand."""
+    ckpt, before = first_run(tmp_path, EMAWeightAveraging(decay=0.9, update_starting_at_step=10))
+    saved = torch.load(ckpt, weights_only=False)
+    assert int(saved["averaging_state"]["n_averaged"]) == 0
+    stay_cb, ours = EMAWeightAveraging(decay=0.9, update_starting_at_step=10), WeightEMA(0.9, buffers="average")
+    _, _, stay = fit(tmp_path / "stay", [stay_cb], 2, ckpt)
+    _, _, moved = fit(tmp_path / "moved", [ours], 2, ckpt)
+    assert all(torch.equal(moved[20][n], stay[20][n]) for n in stay[20])       # the same raw weights
+    lightning = by_hand(moved[11], moved, {s: 0.9 for s in range(12, 21)})    # its first update copies
+    close(lightnings(stay_cb), lightning, skip=(COUNTER,), rtol=0, atol=2e-6)
+    assert (ours.ema.updates, ours.ema.calls) == (10, 20)
+    close(fastemas(ours), by_hand(before[10], moved, {s: 0.9 for s in range(11, 21)}))
+
+
 def test_a_checkpoint_with_both_averages_resumes_the_raw_weights_and_fastemas_own(tmp_path):
     """Both callbacks on, then WeightEMA alone: the model gets the raw weights (the checkpoint's
     ``state_dict`` is Lightning's average) and WeightEMA its own state, bit for bit the run that

@@ -162,3 +162,47 @@ def test_one_copy_exported_to_a_hugging_face_folder_by_key(tmp_path):
         expected = want.get(name, trained.state_dict()[name])
         expected = expected.to(torch.bfloat16) if expected.is_floating_point() else expected
         assert value.dtype == expected.dtype and torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("copy_dtype, entry", [(torch.float32, torch.full((3,), 1e300, dtype=torch.float64)),
+                                               (torch.float16, torch.full((3,), 1e5, dtype=torch.float32))])
+def test_a_load_checks_finiteness_in_the_copys_dtype(copy_dtype, entry):
+    """Issue 85 M4: an entry finite in its own dtype but beyond the copy's range (float64 1e300 into a float32
+    copy, float32 1e5 into a float16 one) landed as inf; it is refused by name, nothing written. An entry of
+    another dtype that fits loads, rounded once as ``copy_`` rounds."""
+    model = nn.Linear(2, 3).to(copy_dtype)
+    ema = EMA.Config(decays=[0.5]).build(model_parts=[model])
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    state["state.bias.ema_params.decay_0p5"] = entry
+    with pytest.raises(ValueError, match=rf"nothing was written\): state.bias.ema_params.decay_0p5 holds values "
+                                         rf"beyond {copy_dtype}'s range \(its copy's dtype\), which would land as "
+                                         rf"inf$"):
+        ema.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
+    fits = torch.tensor([0.1, -2.5, 3e3], dtype=entry.dtype)
+    ema.load_state_dict({**state, "state.bias.ema_params.decay_0p5": fits})
+    assert torch.equal(ema.shadow.view("bias", 0), fits.to(copy_dtype))
+
+
+def test_a_tied_embedding_and_head_are_exported_as_the_average_under_both_names(tmp_path):
+    """Issue 85 H2: the head's weight is the embedding's (``head.weight = emb.weight``): the state dict holds
+    both names, the EMA tracks the first; both are written as the average (a2c5924 wrote the trained weights
+    under the second), as is a buffer viewing the same memory in the same layout."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.emb, m.head = nn.Embedding(8, 4), nn.Linear(4, 8, bias=False)
+    m.head.weight = m.emb.weight
+    m.register_buffer("alias", m.emb.weight.detach())
+    ema = EMA.Config(decays=[0.5]).build(model_parts=[m])
+    assert [t.fqn for t in ema.tracked] == ["emb.weight"]
+    start = m.emb.weight.detach().double().clone()
+    with torch.no_grad():
+        m.emb.weight.add_(1.0)
+    ema.step(1)
+    got = load_file(export_hf(ema, tmp_path))
+    assert set(got) == {"emb.weight", "head.weight", "alias"}
+    for name, value in got.items():
+        torch.testing.assert_close(value.double(), start + 0.5, rtol=0, atol=1e-6, msg=name)

@@ -57,3 +57,28 @@ def test_plain_local_shards_with_their_layout_are_written_and_read_across_world_
     back = run_ranks(titan_train.spmd_load, tmp_path / "l2", 2, str(tmp_path / "one"))
     _equal(back[0], whole)
     _equal(back[1], whole)
+
+
+def test_fsdp2_a_load_one_rank_refuses_is_refused_on_every_rank_and_a_new_local_shard_is_followed(tmp_path):
+    """Issue 85 M1: a NaN in rank 1's shard alone was refused on rank 1 only (rank 0 went on into its next
+    collective and waited for the process group's timeout); the load's verdict is agreed over the mesh now: the
+    same error on both ranks, naming rank 1, nothing written on either; so is a cold start on one rank beside a
+    load on the other. H1: the shadow reads each DTensor's own local tensor, and a new one is followed;
+    export_hf of the sharded copies."""
+    ranks = run_ranks(titan_train.fsdp2_loads, tmp_path, 2, str(tmp_path / "hf"), pg_timeout=60.0)
+    nan = ("Disagreement: fastema.torchtitan.EMA.load_state_dict() refused on rank 1 (its global rank), so on "
+           "every rank: the EMA state was not loaded (nothing was written): state.norm.weight.ema_params."
+           "decay_0p5 holds inf or NaN")
+    assert [r["nan"] for r in ranks] == [nan, nan]
+    cold = ("Disagreement: fastema.torchtitan.EMA.load_state_dict() refused on rank 0 (its global rank), so on "
+            "every rank: its state dict holds no EMA entry (a cold start) while ranks [1] load the EMA's entries")
+    assert [r["cold"][:len(cold)] for r in ranks] == [cold, cold]
+    for r in ranks:
+        assert bool(r["own"].all()) and bool(r["kept"].all()) and bool(r["followed"])
+        torch.testing.assert_close(r["moved"], torch.full_like(r["moved"], 4.0), rtol=0, atol=1e-5)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))      # the averages, gathered
+    assert {f"state.{n}.ema_params.decay_0p5" for n in exported} == set(ranks[0]["rows"])
+    for name, value in exported.items():
+        assert torch.equal(value, ranks[0]["rows"][f"state.{name}.ema_params.decay_0p5"]), name

@@ -166,3 +166,17 @@ def test_what_build_and_step_refuse():
     before = ema.shadow.view("proj.weight", 0).clone()
     ema.step(0)                                        # elapsed 0: no firing
     assert torch.equal(before, ema.shadow.view("proj.weight", 0))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.decays.append(1.0), r"decays entry 1.0 must be finite and in \[0, 1\); decay=1 never updates"),
+    (lambda c: setattr(c, "update_every_n_steps", 0), "update_every_n_steps must be an int >= 1, got 0"),
+    (lambda c: setattr(c, "decays", [0.9, 0.9]), r"duplicate copies \['decay_0p9'\]"),
+])
+def test_a_config_changed_after_construction_is_checked_again_at_build(change, match):
+    """Issue 85 L1: the config is a mutable dataclass, checked at construction; changed after it, it built a
+    copy that never moves, a ZeroDivisionError at the first firing, or two rows under one key."""
+    cfg = EMA.Config(decays=[0.9])
+    change(cfg)
+    with pytest.raises(ValueError, match=match):
+        cfg.build(model_parts=[Net()])

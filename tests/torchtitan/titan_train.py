@@ -170,3 +170,46 @@ def spmd_load(rank: int, world: int, folder: str) -> dict:
     ema = EMA.Config(decays=[0.5], half_life_fractions=[0.3]).build(model_parts=[part], layouts=layouts)
     dcp.load({STATE_KEY: ema}, checkpoint_id=folder)
     return rows(ema)
+
+
+def fsdp2_loads(rank: int, world: int, folder: str) -> dict:
+    """FSDP2 on this world's ranks, issue 85 M1 and H1: a state dict finite but in rank 1's shard, loaded on
+    every rank (then a cold start on rank 0 alone beside a load on the others): what each rank raises, the
+    copies after (gathered); whether the shadow reads the DTensors' own local tensors; a local tensor
+    replaced (as FSDP2's ``reset_sharded_param`` does) and trained: the copy after a firing; the copies
+    exported to ``folder`` (every rank gathers, rank 0 writes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema.torchtitan import export_hf
+
+    model = Tiny()
+    for layer in model.layers.values():
+        fully_shard(layer)
+    fully_shard(model)
+    ema = EMA.Config(decays=[0.5]).build(model_parts=[model])
+    out: dict = {"own": torch.tensor([s is t.tensor._local_tensor for s, t in zip(ema.shadow.sources, ema.tracked)])}
+    before = rows(ema)
+    clean = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+    state = {k: v.clone() for k, v in clean.items()}
+    if rank == 1:
+        with torch.no_grad():
+            state["state.norm.weight.ema_params.decay_0p5"].to_local()[0] = float("nan")
+    for case, given in (("nan", state), ("cold", {} if rank == 0 else clean)):
+        try:
+            ema.load_state_dict(given)
+            out[case] = ""
+        except ValueError as err:
+            out[case] = f"{type(err).__name__}: {err}"
+    after = rows(ema)
+    out["kept"] = torch.tensor([torch.equal(after[k], before[k]) for k in before])
+    p = model.tok_embeddings.weight
+    with torch.no_grad():
+        p._local_tensor = p._local_tensor.clone()
+        p._local_tensor.add_(8)
+    ema.step(1)
+    out["rows"] = rows(ema)
+    out["moved"] = (out["rows"]["state.tok_embeddings.weight.ema_params.decay_0p5"]
+                    - before["state.tok_embeddings.weight.ema_params.decay_0p5"])
+    out["followed"] = torch.tensor(ema.shadow.sources[0] is p._local_tensor)
+    export_hf(ema, folder)
+    return out

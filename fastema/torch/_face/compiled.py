@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..._backends.versions import traced_leaves as _leaves
+
 __all__ = ["Compiled", "after_steps", "compiled_step", "compiled_update", "install"]
 
 _OWNERS: dict[int, weakref.ref] = {}
@@ -275,10 +277,8 @@ def _weight(weight):
 
 
 def _weight_back(floats, tensor, single: bool):
-    if tensor is not None:
+    if tensor is not None or floats is None:
         return tensor
-    if floats is None:
-        return None
     return floats[0] if single else floats
 
 
@@ -334,6 +334,7 @@ array_swap_.register_fake(lambda a, b, lossy: None)
 
 
 def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", seed=0, step=0, skip_if=None):
+    _leaves([shadow], ["shadow"])
     floats, tensor = _weight(weight)
     torch.ops.fastema.array_ema_update_(shadow, src, None if decay is None else [float(decay)], floats, tensor,
                                         False, rounding, seed, step, skip_if)
@@ -342,6 +343,7 @@ def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", se
 
 def _ema_update_multi_(shadow, src, decays=None, *, weights=None, rounding="nearest", seed=0, step=0,
                        skip_if=None):
+    _leaves([shadow], ["shadow"])
     floats, tensor = _weight(weights)
     torch.ops.fastema.array_ema_update_(shadow, src, None if decays is None else [float(d) for d in decays],
                                         floats, tensor, True, rounding, seed, step, skip_if)
@@ -349,17 +351,20 @@ def _ema_update_multi_(shadow, src, decays=None, *, weights=None, rounding="near
 
 
 def _ema_update_many_(shadows, sources, decay=None, *, weight=None, rounding="nearest", seed=0, step=0):
+    _leaves(list(shadows), [f"shadows[{i}]" for i in range(len(shadows))])
     floats, tensor = _weight(weight)
     torch.ops.fastema.array_ema_update_many_(list(shadows), list(sources), None if decay is None else float(decay),
                                              floats, tensor, rounding, seed, step)
 
 
 def _copy_(dst, src):
+    _leaves([dst], ["dst"])
     torch.ops.fastema.array_copy_(dst, src)
     return dst
 
 
 def _swap_(a, b, *, lossy=False):
+    _leaves([a, b], ["a", "b"])
     torch.ops.fastema.array_swap_(a, b, lossy)
 
 

@@ -14,7 +14,7 @@ import torch
 from ... import _privates
 from . import attached as _params
 
-__all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "missed"]
+__all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "missed", "overrides"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 
@@ -55,6 +55,7 @@ def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) ->
         raise ValueError(f"the optimizer steps none of the tensors this {kind} averages: attach "
                          f"it to the optimizer of its model")
     missed(kind, face, optimizer, "")
+    _refuse_dropping(kind, face, optimizer)
 
 
 def missed(kind: str, face: Any, optimizer: Any, when: str) -> None:
@@ -133,6 +134,80 @@ def _refuse_bypass(kind: str, optimizer: torch.optim.Optimizer) -> None:
                     f"the state-dict hooks that carry the attached {kind} would never run: its "
                     f"checkpoints would hold no average and a resume would start the average over "
                     f"without a word. Nothing was attached; {use}")
+
+
+def overrides(optimizer: torch.optim.Optimizer) -> list:
+    """The overrides of ``state_dict`` that run before torch.optim.Optimizer's, none of torch's own:
+    the instance's, then each class's below torch.optim.Optimizer in the MRO. Where there is none,
+    torch's returns what the hooks return, and the post-hook ``attach()`` registers last puts the
+    average in it."""
+    mro = type(optimizer).__mro__
+    below = mro[:mro.index(torch.optim.Optimizer)] if torch.optim.Optimizer in mro else mro
+    found = [k for k in below if "state_dict" in vars(k) and k.__module__.split(".")[0] != "torch"]
+    return (["the instance's"] if "state_dict" in vars(optimizer) else []) + found
+
+
+_PROBE = {"fastema: attach()'s check": True}   # stands for the average in the one state_dict() call
+
+
+def _refuse_dropping(kind: str, face: Any, optimizer: torch.optim.Optimizer) -> None:
+    """An override of ``state_dict`` that runs torch's (and so the hooks) but drops the entry the
+    average rides (``{"state": ..., "param_groups": ...}`` of ``super().state_dict()``): its
+    checkpoints would hold no average, and a resume would start it over with one warning. Checked
+    by one ``optimizer.state_dict()`` with a stand-in of a few bytes where the average goes (the
+    top-level key, or for a sharded average the per-parameter entries): no tensor of the average
+    copied, nothing gathered, the optimizer's state untouched; only where an override outside
+    torch runs (torch's own keep every entry: ``ZeroRedundancyOptimizer``'s, which needs a
+    collective ``consolidate_state_dict()`` first, is never called)."""
+    found = overrides(optimizer)
+    if not found:
+        return
+    per_param = face.sharded and not face.split
+    placed: list = []
+
+    def probe(opt: Any, state_dict: dict) -> dict:
+        if not per_param:
+            placed.append(KEY)
+            return {**state_dict, KEY: _PROBE}
+        return _params.probed(KEY, face, opt, state_dict, _PROBE, placed)
+
+    k = found[0]
+    owner = k if isinstance(k, str) else f"in {k.__module__}.{k.__qualname__}"
+    handle = optimizer.register_state_dict_post_hook(probe)
+    try:
+        out = optimizer.state_dict()
+    except Exception as err:     # the override's own failure (a state not consolidated yet, ...)
+        raise RuntimeError(
+            f"attach() calls this {type(optimizer).__name__}'s state_dict() ({owner}) once, to "
+            f"check that it keeps the entry the attached {kind} rides, and it raised "
+            f"{type(err).__name__}: {str(err)[:300]}. Nothing was attached; attach where its "
+            f"state_dict() works (after its consolidate_state_dict() on every rank, for a "
+            f"ZeroRedundancyOptimizer subclass), or keep the average beside the optimizer") from err
+    finally:
+        handle.remove()
+    if not placed or _kept(out, per_param):
+        return                     # (no trainable parameter to ride: the save itself says so)
+    where = ("per-parameter 'state' entries that carry" if per_param else
+             f"top-level {KEY!r} entry that carries")
+    keeps = f"keys {sorted(map(str, out))[:6]}" if isinstance(out, dict) else type(out).__name__
+    raise TypeError(
+        f"attach() does not take this {type(optimizer).__name__}: its state_dict() ({owner}) "
+        f"runs torch.optim.Optimizer's but drops the {where} the attached {kind} "
+        f"(it returns {keeps}), so its checkpoints would hold no average and a resume would "
+        f"start the average over. Nothing was attached; return every entry of "
+        f"super().state_dict() (add yours to it), or keep the average beside the optimizer "
+        f"(ema.update() after each step, ema.state_dict() saved with the checkpoint)")
+
+
+def _kept(out: Any, per_param: bool) -> bool:
+    """Whether ``state_dict()``'s output still holds the stand-in where the average goes."""
+    if not isinstance(out, dict):
+        return False
+    if not per_param:
+        return out.get(KEY) == _PROBE
+    state = out.get("state")
+    return isinstance(state, dict) and any(
+        isinstance(v, dict) and v.get(KEY) == _PROBE for v in state.values())
 
 
 def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) -> None:

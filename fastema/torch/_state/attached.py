@@ -42,8 +42,8 @@ import torch
 from .._tensors.hooks import unwrap
 from .nonfinite import RECORD
 
-__all__ = ["META_BYTES", "mark", "per_param_state", "refusal", "split_entries", "tracked",
-           "unmark", "unmarked"]
+__all__ = ["META_BYTES", "mark", "per_param_state", "probed", "refusal", "split_entries",
+           "tracked", "unmark", "unmarked"]
 
 META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (a fixed size)
 _PER_NAME = ("averaged", "ring")     # a face's state_dict() entries keyed by tracked tensor name
@@ -209,6 +209,22 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for index, p in zip(saved, order):    # DCP's strict load wants state for every trainable one
         if p.requires_grad and index not in state:
             state[index] = {}             # (a stateless optimizer's, beside the carriers' entries)
+    return {**state_dict, "state": state}
+
+
+def probed(key: str, face: Any, optimizer: torch.optim.Optimizer, state_dict: dict, stand_in: Any,
+           placed: list) -> dict:
+    """The state dict with ``stand_in`` where :func:`per_param_state` puts the average (under
+    ``key`` in each carrier's entry; new dicts, nothing of the average read): what ``attach()``
+    checks an optimizer's ``state_dict()`` keeps. Appends each carrier's index to ``placed``."""
+    carriers = _carriers(face, optimizer)
+    order = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    state = dict(state_dict["state"])
+    for index, p in zip(saved, order):
+        if id(p) in carriers:
+            state[index] = {**state.get(index, {}), key: stand_in}
+            placed.append(index)
     return {**state_dict, "state": state}
 
 

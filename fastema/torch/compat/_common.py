@@ -58,7 +58,8 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
         else:
             rest.append((t, s))
     if fast_t:
-        ema_update_many_(fast_t, fast_s, weight=weight)   # caches the layout: the next step is a hit
+        with torch.no_grad():                       # as the originals write (their hit path: none)
+            ema_update_many_(fast_t, fast_s, weight=weight)   # caches the layout: the next step hits
     if rest:
         with torch.no_grad():
             for t, s in rest:

@@ -3,7 +3,7 @@
 Deviations (documented on the class): the update is ``torch.lerp`` (one rounding) where diffusers
 computes ``s - (1 - d) * (s - p)`` (two), so the two agree to float32 rounding, not bit for bit;
 a shadow on another device than its parameter is refused at ``step`` with the fix;
-``load_state_dict`` checks everything before changing anything.
+``load_state_dict`` checks everything before changing anything, the settings' ranges too.
 """
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ class EMAModel:
     Numbers: diffusers computes ``s - (1 - d) * (s - p)`` (two float32 roundings); fastema
     computes ``torch.lerp`` (one rounding), so the two agree to float32 rounding (a relative
     ~1e-7 per update), not bit for bit. A shadow on another device than its parameter is
-    refused at ``step`` with the fix (diffusers fails inside torch).
+    refused at ``step`` with the fix (diffusers fails inside torch). ``load_state_dict`` checks
+    the settings' ranges as the constructor does (``decay`` and ``min_decay`` in [0, 1],
+    ``inv_gamma`` and ``power`` finite and > 0, ``update_after_step`` and ``optimization_step``
+    ints >= 0) and refuses one out of range by name before anything changes: diffusers checks
+    types only, and then clamps to ``min_decay 2.0`` (an average that extrapolates) or divides
+    by ``inv_gamma 0`` at a later ``step``.
     """
 
     def __init__(self, parameters, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
@@ -155,6 +160,14 @@ class EMAModel:
         for key, kind in checks.items():
             if not isinstance(new[key], kind):
                 raise ValueError(f"Invalid {key}")
+        try:                                      # the constructor's ranges, whatever the warm-up
+            S.check_power_args(*(new[k] for k in ("decay", "min_decay", "inv_gamma", "power",
+                                                  "update_after_step")))
+            S.check_count("optimization_step", new["optimization_step"])
+        except ValueError as err:
+            raise ValueError(f"load_state_dict: the state dict's {err}; nothing was loaded (a "
+                             f"damaged checkpoint, or settings diffusers' step would fail or "
+                             f"misbehave on)") from None
         shadow = state_dict.get("shadow_params")
         if shadow is not None:
             if not isinstance(shadow, list):

@@ -2,12 +2,14 @@
 
 Deviations (documented on the class): the parameters are kept alive (the kernels read them by
 address; torch_ema holds weak references); ``to(device)`` must name the parameters' device;
-``load_state_dict`` refuses mismatched shapes before loading anything.
+``load_state_dict`` refuses mismatched shapes, a NaN ``decay`` and a negative ``num_updates``
+before loading anything.
 """
 from __future__ import annotations
 
 import contextlib
 import copy as _copy
+import numbers
 import weakref
 from typing import Iterable
 
@@ -53,6 +55,14 @@ def _shadow(params: list, dtype: str = "same"):
     return FlatShadow(params, dtype=dtype)
 
 
+def _check_decay(decay, name: str) -> None:
+    """torch_ema's check of a decay (``Decay must be between 0 and 1``), NaN refused too (torch_ema's
+    ``decay < 0 or decay > 1`` lets it through, and its updates then write NaN)."""
+    if not isinstance(decay, numbers.Real) or not 0.0 <= float(decay) <= 1.0:
+        where = "" if name == "decay" else f" ({name}: nothing was loaded)"
+        raise ValueError(f"Decay must be between 0 and 1 (a float), got {decay!r}{where}")
+
+
 class ExponentialMovingAverage:
     """torch_ema's ``ExponentialMovingAverage(parameters, decay, use_num_updates=True)``.
 
@@ -69,15 +79,18 @@ class ExponentialMovingAverage:
     class keeps them alive (torch_ema holds weak references and raises once they are
     collected); ``to(device)`` must name the parameters' device (the shadow lives beside
     them); ``load_state_dict`` refuses a state dict whose shapes do not match these
-    parameters, before anything is loaded (torch_ema fails later, in ``copy_to``).
+    parameters, before anything is loaded (torch_ema fails later, in ``copy_to``). A NaN
+    ``decay`` (here and in a state dict) and a negative ``num_updates`` are refused by name:
+    torch_ema takes them, and its updates then write NaN into the average (``min(nan, ...)``
+    is NaN) or use a decay below 0 (``(1 + n) / (10 + n)`` for ``n < 0``), which fastema's
+    update refuses.
 
     No parameters, or meta parameters (no memory), are taken as torch_ema takes them: the
     shadow is then torch_ema's own list of clones, computed as torch_ema computes it.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], decay: float, use_num_updates: bool = True):
-        if decay < 0.0 or decay > 1.0:
-            raise ValueError("Decay must be between 0 and 1")
+        _check_decay(decay, "decay")
         params = [p for p in parameters]
         self.decay = decay
         self.num_updates = 0 if use_num_updates else None
@@ -207,11 +220,13 @@ class ExponentialMovingAverage:
         """torch_ema's format; everything is checked before anything is loaded."""
         state_dict = _copy.copy(state_dict)
         decay = state_dict["decay"]
-        if decay < 0.0 or decay > 1.0:
-            raise ValueError("Decay must be between 0 and 1")
+        _check_decay(decay, "state_dict['decay']")
         num_updates = state_dict["num_updates"]
         if num_updates is not None and not isinstance(num_updates, int):
             raise ValueError("Invalid num_updates")
+        if num_updates is not None and num_updates < 0:
+            raise ValueError(f"state_dict['num_updates'] is {num_updates}, expected None or an int >= 0 "
+                             f"(the updates made): a damaged checkpoint; nothing was loaded")
         shadow = state_dict["shadow_params"]
         if not isinstance(shadow, list) or not all(isinstance(p, torch.Tensor) for p in shadow):
             raise ValueError("shadow_params must be a list of tensors")

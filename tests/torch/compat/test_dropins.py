@@ -1,6 +1,8 @@
 """The ema-pytorch (``EMA``, ``KarrasEMA``, ``PostHocEMA``) and diffusers (``EMAModel``) drop-ins
 of ``fastema.torch.compat`` against the packages themselves, over real training loops."""
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -108,6 +110,72 @@ def test_post_hoc_ema_equals_the_original_checkpoints_and_synthesis(tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
     with pytest.raises(ValueError, match="less than the max timestep"):
         ours.synthesize_ema_model(sigma_rel=0.1, step=101)
+
+
+class _Unblock(threading.Thread):
+    """Opens a FIFO's write end whenever a reader waits on it (non-blocking: only then does it
+    succeed) and closes it, so that the reader reads an empty file: a reader that opens the FIFO
+    fails the test instead of hanging it (a blocked ``open`` releases the GIL). ``opened``: it did."""
+
+    def __init__(self, fifo):
+        super().__init__(daemon=True)
+        self.fifo, self.done, self.opened = str(fifo), threading.Event(), False
+
+    def run(self):
+        while not self.done.wait(0.02):
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+                self.opened = True
+            except OSError:                                  # ENXIO: no reader has it open
+                pass
+
+
+@pytest.mark.parametrize("stray", ["notes.pt", "7.6.pt", "fifo 0.9.pt", "folder 0.9.pt"])
+def test_post_hoc_synthesis_refuses_a_stray_in_its_folder_by_name_and_never_opens_a_fifo(tmp_path, stray):
+    """M2, L4 (issue 85): a FIFO named like a checkpoint hung synthesize_ema_model (torch.load of every
+    ``*.pt``; ema-pytorch's too); a stray ``notes.pt`` raised a bare ``int()`` error naming no file
+    (ema-pytorch's too), an index past the profiles an IndexError. Each is refused naming the file and
+    what the folder must hold, before any checkpoint is read; the FIFO is never opened. Refused as
+    ema-pytorch refuses it (it reads every ``*.pt`` too), not skipped; without it the folder synthesises."""
+    net = _net()
+    ours = compat.PostHocEMA(net, sigma_rels=(0.05, 0.15), checkpoint_every_num_steps="manual",
+                             checkpoint_folder=str(tmp_path / "run"), update_every=1)
+    for _ in range(2):
+        for _ in range(3):
+            ours.update()
+        ours.checkpoint()
+    kind, _, name = stray.rpartition(" ")
+    victim = tmp_path / "run" / name
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "folder":
+        victim.mkdir()
+    else:
+        torch.save({"notes": torch.zeros(1)}, victim)
+    theirs = ema_pytorch.PostHocEMA(_net(), sigma_rels=(0.05, 0.15), checkpoint_every_num_steps=10,
+                                    checkpoint_folder=str(tmp_path / "run"), update_every=1)
+    if not kind:                                             # ema-pytorch refuses it too, naming no file
+        with pytest.raises((ValueError, IndexError)) as bare:
+            theirs.synthesize_ema_model(sigma_rel=0.1)
+        assert name not in str(bare.value)
+    why = {"notes.pt": "its name is not", "7.6.pt": "its index 7 is not one of this PostHocEMA's 2 profiles"}
+    match = (rf"{name}' is a FIFO \(named pipe\), not a regular file" if kind == "fifo" else
+             rf"{name}' is a directory, not a regular file" if kind == "folder" else
+             rf"{name}' is not a checkpoint of this PostHocEMA \({why[name]}.*must hold only .*"
+             rf"index}}\.{{step}}\.pt with index 0 to 1; move it out")
+    unblock = _Unblock(victim)
+    unblock.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            ours.synthesize_ema_model(sigma_rel=0.1)
+    finally:
+        unblock.done.set()
+        unblock.join()
+    assert not unblock.opened
+    (victim.rmdir if kind == "folder" else victim.unlink)()
+    got, want = ours.synthesize_ema_model(sigma_rel=0.1), theirs.synthesize_ema_model(sigma_rel=0.1)
+    for (k, x), (_, y) in zip(got.ema_model.state_dict().items(), want.ema_model.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
 
 # --------------------------------------------------------------------------- diffusers

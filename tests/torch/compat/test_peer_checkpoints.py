@@ -156,3 +156,57 @@ def test_diffusers_save_pretrained_folders_load_in_either(tmp_path, direction):
     back = second.from_pretrained(tmp_path / "ema", Tiny)
     assert type(back) is second and (back.optimization_step, back.decay, back.update_after_step) == (5, 0.9, 2)
     _equal(back.shadow_params, ema.shadow_params)
+
+
+# ------------------------------------------------------------------ settings out of range, refused at load
+
+OUT_OF_RANGE = {
+    "torch_ema decay NaN": ("torch_ema", dict(decay=float("nan")), r"Decay must be between 0 and 1.*nan.*"
+                            r"state_dict\['decay'\]: nothing was loaded"),
+    "torch_ema num_updates -3": ("torch_ema", dict(num_updates=-3), r"state_dict\['num_updates'\] is -3.*nothing"),
+    "diffusers min_decay 2.0": ("diffusers", dict(min_decay=2.0, optimization_step=5),
+                                r"state dict's min_decay must be .*2\.0.*nothing"),
+    "diffusers inv_gamma 0": ("diffusers", dict(use_ema_warmup=True, inv_gamma=0, optimization_step=5),
+                              r"state dict's inv_gamma must be .*> 0, got 0; nothing was loaded"),
+}
+
+
+def _upstream_then_ours(peer):
+    if peer == "torch_ema":
+        module = pytest.importorskip("torch_ema")
+        return module.ExponentialMovingAverage, compat.ExponentialMovingAverage, "update"
+    return _training_utils().EMAModel, compat.EMAModel, "step"
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE)
+def test_peer_settings_out_of_range_are_refused_at_load_by_name_with_nothing_changed(case):
+    """L3 (issue 85): a torch_ema or diffusers state dict whose settings are out of range loaded (as the
+    originals load it: they check types only) and failed at a later step (fastema's update refuses a decay
+    out of [0, 1]). The original's first steps on it fail or write an average no decay in [0, 1] gives:
+    NaN, or an extrapolation; the drop-in refuses it at load, by name, and keeps what it had."""
+    peer, change, match = OUT_OF_RANGE[case]
+    upstream, dropin, step = _upstream_then_ours(peer)
+    net = mlp(3, 4, 1)
+    theirs = upstream(net.parameters(), decay=0.9)
+    bad = {**theirs.state_dict(), **change}
+    theirs.load_state_dict(bad)                       # the original takes it ...
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    old = [t.clone() for t in theirs.shadow_params]
+    try:                                              # ... and its first step fails or leaves the segment
+        getattr(theirs, step)(net.parameters())       # between the average and the weights (NaN, extrapolated)
+        assert not all(((n >= torch.minimum(o, p) - 1e-6) & (n <= torch.maximum(o, p) + 1e-6)).all()
+                       for n, o, p in zip(theirs.shadow_params, old, net.parameters()))
+    except ZeroDivisionError:
+        pass
+    ours = dropin(net.parameters(), decay=0.9)
+    getattr(ours, step)(net.parameters())
+    before = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in ours.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        ours.load_state_dict({**ours.state_dict(), **change})
+    after = ours.state_dict()
+    for key, value in before.items():
+        if isinstance(value, list):
+            _equal(value, after[key])
+        else:
+            assert value == after[key], key

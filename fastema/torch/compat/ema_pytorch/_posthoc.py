@@ -1,7 +1,11 @@
 """ema-pytorch's ``PostHocEMA``: several ``KarrasEMA``, their checkpoint files, and the synthesis
-of another profile from them (EDM2's least squares)."""
+of another profile from them (EDM2's least squares). The checkpoints are read through the one
+regular-file reader (``fastema._io.safe_files``): a FIFO, device or folder named like one is
+refused by name, never opened."""
 from __future__ import annotations
 
+import pathlib
+import re
 import typing
 
 import numpy as np
@@ -9,8 +13,24 @@ import torch
 from torch import nn
 
 from .... import schedules as S
+from ...._io.safe_files import FileRefused, open_regular, regular
 from ._base import AssertionValueError
 from ._model import KarrasEMA
+
+_NAME = re.compile(r"([0-9]+)\.([0-9]+)")          # {index}.{step}, as checkpoint() names a file
+
+
+def _checkpoint_name(path: pathlib.Path, profiles: int) -> tuple[int, int]:
+    """(profile index, step) of a checkpoint file of a :class:`PostHocEMA` with ``profiles``
+    profiles, from its name; :class:`FileRefused` naming it when it is not one."""
+    found = _NAME.fullmatch(path.stem)
+    if found is None or int(found.group(1)) >= profiles:
+        why = "its name is not {index}.{step}.pt" if found is None else \
+            f"its index {int(found.group(1))} is not one of this PostHocEMA's {profiles} profiles"
+        raise FileRefused(f"{str(path)!r} is not a checkpoint of this PostHocEMA ({why}): its folder must "
+                          f"hold only the files checkpoint() writes, {{index}}.{{step}}.pt with index 0 to "
+                          f"{profiles - 1}; move it out of the folder")
+    return int(found.group(1)), int(found.group(2))
 
 
 class PostHocEMA(nn.Module):
@@ -22,8 +42,14 @@ class PostHocEMA(nn.Module):
 
     Differences: updates use the exact Delta-t profile (see :class:`KarrasEMA`; ema-pytorch's
     profiles are off when ``update_every > 1``, its default being 100); checkpoints are written
-    atomically. :class:`fastema.torch.PostHocEMA` is the fast native version (every profile in
-    one pass, safetensors snapshots, a residual check).
+    atomically. ``synthesize_ema_model`` reads every ``*.pt`` of the folder, as ema-pytorch does,
+    and refuses by name, before reading any, one that is not a checkpoint this ``PostHocEMA``
+    wrote: a name other than ``{index}.{step}.pt`` (``notes.pt``; ema-pytorch raises a bare
+    ``int()`` error) or an index past its profiles (ema-pytorch: an ``IndexError``), and a FIFO,
+    device or folder (ema-pytorch's ``torch.load`` blocks on a FIFO for ever). Refused, not
+    skipped: ema-pytorch reads every ``*.pt`` too, so skipping would synthesise the same folder
+    from other files than ema-pytorch does, without a word. :class:`fastema.torch.PostHocEMA` is
+    the fast native version (every profile in one pass, safetensors snapshots, a residual check).
     """
 
     def __init__(self, model: nn.Module, ema_model=None, sigma_rels: tuple | None = None, gammas: tuple | None = None,
@@ -44,8 +70,6 @@ class PostHocEMA(nn.Module):
         self.num_ema_models = len(gammas)
         self._model = [model]
         self.ema_models = nn.ModuleList([KarrasEMA(model, ema_model=ema_model, gamma=g, **kwargs) for g in gammas])
-        import pathlib
-
         self.checkpoint_folder = pathlib.Path(checkpoint_folder)
         self.checkpoint_folder.mkdir(exist_ok=True, parents=True)
         self.checkpoint_every_num_steps = checkpoint_every_num_steps
@@ -97,7 +121,9 @@ class PostHocEMA(nn.Module):
         files = sorted(self.checkpoint_folder.glob("*.pt"))
         if not files:
             raise FileNotFoundError(f"no checkpoints in {self.checkpoint_folder}: call update() or checkpoint() first")
-        idx, steps = zip(*(map(int, f.stem.split(".")) for f in files))
+        idx, steps = zip(*(_checkpoint_name(f, self.num_ema_models) for f in files))
+        for f in files:                   # a FIFO, device or folder named like one: refused, nothing read
+            regular(str(f))
         last = max(steps)
         step = last if step is None else step
         if step > last:
@@ -113,7 +139,8 @@ class PostHocEMA(nn.Module):
         synthesized = KarrasEMA(self.model, ema_model=self.maybe_ema_model, gamma=gamma, **self.ema_kwargs)
         scratch = KarrasEMA(self.model, ema_model=self.maybe_ema_model, gamma=gamma, **self.ema_kwargs)
         for n, (f, w) in enumerate(zip(files, weights)):
-            scratch.load_state_dict(torch.load(str(f), weights_only=True))
+            with open_regular(str(f)) as opened:
+                scratch.load_state_dict(torch.load(opened, weights_only=True))
             with torch.no_grad():
                 pairs = zip(scratch.iter_all_ema_params_and_buffers(), synthesized.iter_all_ema_params_and_buffers())
                 for c, s in pairs:
