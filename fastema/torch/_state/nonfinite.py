@@ -33,7 +33,7 @@ from ...ops import flag_nonfinite_
 from .._placement.gather import flat
 from .decisions import mesh_findings, refuse_together
 
-__all__ = ["NonFinite", "RECORD", "named"]
+__all__ = ["NonFinite", "RECORD", "named", "reset", "scan"]
 
 RECORD = "nonfinite"      # the checkpoint's field: the averaged tensors holding inf or NaN
 _SHOWN = 8                # tensors a message names (then how many more)
@@ -102,46 +102,8 @@ class NonFinite:
 
     def local(self, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
         """``name -> shadow rows`` holding inf or NaN in this rank's part of the average (``rows``:
-        the rows looked at; None: every shadow row, the state rows of BEMA too), in the average's
-        order. Device work and one host read per device a pass; nothing is written but the flags."""
-        avg = self.side.avg
-        avg.join()                                     # an offloaded average's folds first
-        rows = list(range(avg.rows)) if rows is None else list(rows)
-        flags: dict = {}
-        for g in avg.layout.groups:
-            if g.device not in flags:
-                flag = self._flags.get(g.device)
-                if flag is None:                       # kept: never an inference tensor
-                    with torch.inference_mode(False):
-                        flag = self._flags[g.device] = _backends.new_flag(g)
-                _backends.zero_(flag)
-                flags[g.device] = flag
-        if not avg.scan_rows(flags):                   # its own kept launches, else ops
-            for g in avg.layout.groups:
-                if g.buffer is not None and g.buffer.numel():
-                    flag_nonfinite_(flags[g.device], g.buffer)     # the whole buffer, every row
-        hit = {d for d, f in flags.items() if _backends.to_host(f)[0]}
-        suspects = []
-        for g in avg.layout.groups:
-            if g.device in hit:
-                suspects += [(g, pos) for pos in g.members]
-        if not suspects:
-            return {}
-        where: dict = {}                               # group -> [(position, row, view)]
-        for g, pos in suspects:
-            for r in rows:
-                view = avg.view(pos, r)
-                if view.numel():
-                    where.setdefault(g, []).append((pos, r, view))
-        found: dict[int, list[int]] = {}
-        for g, items in where.items():
-            marks = _backends.zeros((g.framework, g.device), len(items), np.int32)
-            for k, (_, _, view) in enumerate(items):
-                flag_nonfinite_(marks[k:k + 1], view)      # one launch a tensor and row
-            for hit_at in np.flatnonzero(_backends.to_host(marks)).tolist():
-                pos, r, _ = items[hit_at]
-                found.setdefault(pos, []).append(r)
-        return {avg.names[p]: sorted(found[p]) for p in sorted(found)}
+        the rows looked at; None: every shadow row, the state rows of BEMA too): :func:`scan`."""
+        return scan(self.side.avg, self._flags, rows)
 
     # ------------------------------------------------------------ where it is shipped or evaluated
 
@@ -204,23 +166,9 @@ class NonFinite:
             refused = {r: e for r, (_, e) in every.items()}
             refuse_together(f"{self.kind}.repair_nonfinite()", refused)
             mine = _union([found for found, _ in every.values()], side.avg.names)
-        self._write(mine)
+        reset(side.avg, mine)
         return list(mine)
 
-    def _write(self, found: dict[str, list[int]]) -> None:
-        avg = self.side.avg
-        split = avg.group is not None                 # this rank keeps a piece of each tensor
-        with torch.no_grad():
-            for name, rows in found.items():
-                pos = avg.names.index(name)
-                live = avg.sources[pos]
-                if split:
-                    _, first, count, _ = avg.layout.piece(pos)
-                    if not count:
-                        continue
-                    live = flat(live)[first:first + count]
-                for r in rows:
-                    avg.view(pos, r).copy_(live)
 
 
 def _union(founds, names: list) -> dict[str, list[int]]:
@@ -230,3 +178,67 @@ def _union(founds, names: list) -> dict[str, list[int]]:
         for n, rows in found.items():
             union.setdefault(n, set()).update(rows)
     return {n: sorted(union[n]) for n in names if n in union}
+
+
+def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """``name -> rows`` of the shadow ``avg`` (this rank's part of it) holding inf or NaN, in its
+    order (``rows``: the rows looked at; None: every row). One launch a group over its whole
+    buffer (:meth:`~fastema.FlatShadow.scan_rows`, else :func:`fastema.flag_nonfinite_`), one host
+    read a device; where a group's flag is set, one launch a tensor and row and one more read.
+    ``kept``: ``device -> flag``, the first pass's flags, made here once. Nothing is written but
+    the flags."""
+    avg.join()                                     # an offloaded average's folds first
+    rows = list(range(avg.rows)) if rows is None else list(rows)
+    flags: dict = {}
+    for g in avg.layout.groups:
+        if g.device not in flags:
+            flag = kept.get(g.device)
+            if flag is None:                       # kept: never an inference tensor
+                with torch.inference_mode(False):
+                    flag = kept[g.device] = _backends.new_flag(g)
+            _backends.zero_(flag)
+            flags[g.device] = flag
+    if not avg.scan_rows(flags):                   # its own kept launches, else ops
+        for g in avg.layout.groups:
+            if g.buffer is not None and g.buffer.numel():
+                flag_nonfinite_(flags[g.device], g.buffer)     # the whole buffer, every row
+    hit = {d for d, f in flags.items() if _backends.to_host(f)[0]}
+    suspects = []
+    for g in avg.layout.groups:
+        if g.device in hit:
+            suspects += [(g, pos) for pos in g.members]
+    if not suspects:
+        return {}
+    where: dict = {}                               # group -> [(position, row, view)]
+    for g, pos in suspects:
+        for r in rows:
+            view = avg.view(pos, r)
+            if view.numel():
+                where.setdefault(g, []).append((pos, r, view))
+    found: dict[int, list[int]] = {}
+    for g, items in where.items():
+        marks = _backends.zeros((g.framework, g.device), len(items), np.int32)
+        for k, (_, _, view) in enumerate(items):
+            flag_nonfinite_(marks[k:k + 1], view)      # one launch a tensor and row
+        for hit_at in np.flatnonzero(_backends.to_host(marks)).tolist():
+            pos, r, _ = items[hit_at]
+            found.setdefault(pos, []).append(r)
+    return {avg.names[p]: sorted(found[p]) for p in sorted(found)}
+
+
+def reset(avg: Any, found: dict[str, list[int]]) -> None:
+    """Rows ``found`` (``name -> rows``) of the shadow ``avg`` <- their sources (the live
+    weights, this rank's piece of them where ``avg`` is split), rounded to the shadow's dtype, on
+    its device."""
+    split = avg.group is not None                 # this rank keeps a piece of each tensor
+    with torch.no_grad():
+        for name, rows in found.items():
+            pos = avg.names.index(name)
+            live = avg.sources[pos]
+            if split:
+                _, first, count, _ = avg.layout.piece(pos)
+                if not count:
+                    continue
+                live = flat(live)[first:first + count]
+            for r in rows:
+                avg.view(pos, r).copy_(live)
