@@ -269,8 +269,9 @@ class EMA:
                            ", ".join(self.keys))
             return
         allow = self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-        if not isinstance(allow, bool):
-            raise TypeError(f"allow_nonfinite must be True, False or None, got {allow_nonfinite!r}")
+        if not isinstance(allow, bool):                  # refused on every rank alike
+            _state.agreed_load(self.tracked, f"allow_nonfinite must be True, False or None, got "
+                                             f"{allow_nonfinite!r}", True)
         poisoned = _state.load_flat_state_dict(
             self.tracked, self.shadow, self.keys, self.padded, state_dict,
             lambda problem: _state.agreed_load(self.tracked, problem, True), allow)

@@ -7,13 +7,12 @@ same tensors, the same error); a save makes no collective (each rank names its o
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..torch import dcp_loading, mesh_findings, refuse_together, reset_nonfinite, scan_nonfinite
 from ._state import mesh_groups
 
-if TYPE_CHECKING:
-    from ._ema import EMA
+EMA = Any                 # a fastema.torchtitan.EMA (its module imports this one)
 
 __all__ = ["RECORD", "found", "named", "record", "refuse", "repair"]
 
