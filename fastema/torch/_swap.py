@@ -82,9 +82,10 @@ class ShadowSwap:
         # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78
         # item 7). A swap in checks the average for inf or NaN: a sharded one's ranks agree on it
         checked = swapping_in and self.nonfinite.checking
-        read = Read("swap()", "in" if swapping_in else "back", row)
-        agreed = (self.agreement.agreed(read, swap=True, checked=checked)
-                  if collective or checked else contextlib.nullcontext())
+        agrees = collective or (checked and bool(self.agreement.groups()))    # sharded: its mesh
+        agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row),
+                                        swap=True, checked=checked)
+                  if agrees else contextlib.nullcontext())
         try:
             with agreed:
                 side.settle()

@@ -196,13 +196,13 @@ def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None) -> dict[str, l
             if flag is None:                       # kept: never an inference tensor
                 with torch.inference_mode(False):
                     flag = kept[g.device] = _backends.new_flag(g)
-            _backends.zero_(flag)
+            flag.zero_()                               # (a torch tensor: the torch face's)
             flags[g.device] = flag
     if not avg.scan_rows(flags):                   # its own kept launches, else ops
         for g in avg.layout.groups:
             if g.buffer is not None and g.buffer.numel():
                 flag_nonfinite_(flags[g.device], g.buffer)     # the whole buffer, every row
-    hit = {d for d, f in flags.items() if _backends.to_host(f)[0]}
+    hit = {d for d, f in flags.items() if f.item()}   # one host read a device
     suspects = []
     for g in avg.layout.groups:
         if g.device in hit:
