@@ -1,4 +1,4 @@
-"""What shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
+"""Live: what shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
 CPU.
 
     .venv/bin/python -m bench.scripts.device_code [--out FILE.md]
