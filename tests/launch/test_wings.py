@@ -27,8 +27,9 @@ def test_importing_fastema_loads_nothing_of_the_cuda_wing():
 
 
 def test_no_two_classes_of_the_launch_layer_share_a_name():
-    """One meaning per name (issue 87 item 2): ``LerpLaunch`` and ``BoundLaunch`` once named a CPU and a
-    CUDA class each; now every class defined under ``fastema/_launch`` has a name of its own."""
+    """One meaning per name (issue 87 item 2): two class names once named a CPU and a CUDA class
+    each (the lerp's launch and the others'); now every class defined under ``fastema/_launch`` has a
+    name of its own."""
     import ast
 
     where: dict = {}
