@@ -73,8 +73,8 @@ def compile_seconds(keys: list) -> list:
     """``[(key, seconds)]``: each variant compiled as numba-cuda compiles it at a first launch on an sm_90
     device (NVVM to LTO-IR, nvJitLink with link-time optimisation: the run-time compiler,
     ``fastema._launch.cuda.compiler.current()``, which this exercises)."""
-    from fastema._launch.build.variants import every_variant
     from fastema._launch.cuda import compiler
+    from fastema._launch.shipped.variants import every_variant
 
     variants, out = every_variant(), []
     for key in keys:
