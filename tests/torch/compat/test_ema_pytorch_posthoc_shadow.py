@@ -81,7 +81,7 @@ def _reach(change, e, refs_e, both):
     """Make ``change`` to profile ``e`` of the PostHocEMA and to its twin ``refs_e``."""
     for x in (e, refs_e):
         if change == "update_every":
-            x.update_every = 2
+            x.update_every = 3
         elif change == "frozen":
             x.frozen = True
         elif change == "own update":
@@ -105,9 +105,10 @@ def test_a_profile_reached_into_updates_as_the_karras_emas_do(tmp_path, change, 
     """A profile changed (its cadence, frozen, its own update() or step, its copy in float64, an
     average replaced, a name added to the profiles' shared set): the next update decides again,
     each profile on its own (``alone``) or on a new shadow, bit for bit the separate KarrasEMA
-    changed alike; put back, the profiles share one shadow again."""
-    ph, refs, ours, ref = _made(tmp_path, 1, ref_kw=dict(ignore_names=set()), ignore_names=set())
-    _loop(ph, refs, ours, ref, 10)
+    changed alike; put back, the profiles share one shadow again. ``update_every=2``, changed
+    before a call that only counts: the change is seen at the next due update."""
+    ph, refs, ours, ref = _made(tmp_path, 2, ref_kw=dict(ignore_names=set()), ignore_names=set())
+    _loop(ph, refs, ours, ref, 11)
     assert _one_shadow(ph)
     _reach(change, ph.ema_models[1], refs[1], ph.ema_models[0].ignore_names)
     if change == "name added":
@@ -118,7 +119,7 @@ def test_a_profile_reached_into_updates_as_the_karras_emas_do(tmp_path, change, 
     _same(ph, refs)
     if change in ("update_every", "frozen"):
         for x in (ph.ema_models[1], refs[1]):
-            x.update_every, x.frozen = 1, False
+            x.update_every, x.frozen = 2, False
         _loop(ph, refs, ours, ref, 5, seed=3)
         assert _one_shadow(ph)
         _same(ph, refs)

@@ -23,6 +23,7 @@ if typing.TYPE_CHECKING:
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
 _COUNTERS = KarrasEMA._counters
+_EVERY = operator.attrgetter("update_every")
 
 
 def _settings(e) -> tuple:
@@ -75,6 +76,7 @@ class Watch:
         self.owner_list = owner.ema_models
         self.ems = ems
         self.settings = list(map(_settings, ems))
+        self.everys = list(map(_EVERY, ems))
         self.agreed = self._agree()
         self.stale = False
         self.slots = Slots((owner.model,), entries, self)
@@ -91,18 +93,19 @@ class Watch:
         return not counters or counters.count(counters[0]) == len(counters)
 
     def holds(self, owner: "PostHocEMA") -> bool:
-        """The per-step check: the same profiles in the owner, of the same settings, counters that
-        agree as they did, and where this call reads the tensors (:meth:`reads`) every tracked
-        tensor where it was (addresses)."""
+        """The per-step check: the same profiles in the owner, of the same ``update_every``, with
+        counters that agree as they did, and where this call reads the tensors (:meth:`reads`) of
+        the same settings, every tracked tensor where it was (addresses)."""
         ems, mine = self.ems, self.owner_list
         if owner._modules.get("ema_models") is not mine or len(mine._modules) != len(ems) or \
                 not all(map(operator.is_, mine._modules.values(), ems)):
             return False
-        if list(map(_settings, ems)) != self.settings or self._agree() != self.agreed:
+        if list(map(_EVERY, ems)) != self.everys or self._agree() != self.agreed:
             return False
-        if not self.reads():
+        if not self.reads():                     # a call that only counts: its cadence is enough
             return not self.stale
-        if self.stale or not self.mine.unchanged(False):
+        if self.stale or list(map(_settings, ems)) != self.settings or \
+                not self.mine.unchanged(False):
             return False
         return self.slots.unchanged(False) or self.follow()
 
