@@ -17,13 +17,20 @@ from ..._tensors.hooks import watch
 from ..._tensors.slots import DATA_PTR, Slots
 from ._model import KarrasEMA
 
-if typing.TYPE_CHECKING:
-    from ._posthoc import PostHocEMA
-
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
 _COUNTERS = KarrasEMA._counters
 _EVERY = operator.attrgetter("update_every")
+
+
+class Owner(typing.Protocol):
+    """What a decision reads of the ``PostHocEMA`` it is made for (its module imports this one)."""
+
+    ema_models: nn.ModuleList
+    _modules: dict
+
+    @property
+    def model(self) -> nn.Module: ...
 
 
 def _settings(e) -> tuple:
@@ -71,7 +78,7 @@ class Watch:
     profiles', from ``entries`` and ``their_entries``). ``stale``: set by torch's registration
     hooks on the model or the owner's modules. Its :meth:`update` runs each profile on its own."""
 
-    def __init__(self, owner: "PostHocEMA", ems: list, entries: typing.Sequence = (),
+    def __init__(self, owner: Owner, ems: list, entries: typing.Sequence = (),
                  their_entries: typing.Sequence = ()):
         self.owner_list = owner.ema_models
         self.ems = ems
@@ -92,7 +99,7 @@ class Watch:
         counters = self.counters = list(map(_COUNTERS, self.ems))
         return not counters or counters.count(counters[0]) == len(counters)
 
-    def holds(self, owner: "PostHocEMA") -> bool:
+    def holds(self, owner: Owner) -> bool:
         """The per-step check: the same profiles in the owner, of the same ``update_every``, with
         counters that agree as they did, and where this call reads the tensors (:meth:`reads`) of
         the same settings, every tracked tensor where it was (addresses)."""
@@ -118,7 +125,7 @@ class Watch:
         made again)."""
         return False
 
-    def update(self, owner: "PostHocEMA") -> None:
+    def update(self, owner: Owner) -> None:
         """Each profile on its own (ema-pytorch's way)."""
         for e in owner.ema_models:
             typing.cast(KarrasEMA, e).update()
@@ -131,7 +138,7 @@ class Shared(Watch):
     ``copied``: the same of ``param_or_buffer_names_no_ema`` (copied at each due update). The
     step buffers are re-pointed at one tensor of K steps (one ``add_`` a call)."""
 
-    def __init__(self, owner: "PostHocEMA", ems: list, entries: list, their_entries: list,
+    def __init__(self, owner: Owner, ems: list, entries: list, their_entries: list,
                  lerped: list, copied: list, shadow: FlatShadow):
         with torch.no_grad():
             for name, _, ms in lerped:
@@ -174,7 +181,7 @@ class Shared(Watch):
         self.slots.record()
         return True
 
-    def update(self, owner: "PostHocEMA") -> None:
+    def update(self, owner: Owner) -> None:
         """Every profile's ``KarrasEMA.update()``, bit for bit, from the host mirrors
         :meth:`holds` read: the steps advanced (one ``add_``; the buffers' version counters stay
         as the mirrors saw them), a due update's first copy, the copied names, then one lerp
@@ -199,7 +206,7 @@ class Shared(Watch):
         self.shadow.update_checked({d: w for d in self.devices}, "nearest", 0, 0, None)
 
 
-def decide(owner: "PostHocEMA") -> Watch:
+def decide(owner: Owner) -> Watch:
     """``owner``'s (a ``PostHocEMA``'s) profiles on one shadow (:class:`Shared`) where they agree:
     every profile a ``KarrasEMA`` of the owner's model, none frozen, of one ``update_every``,
     names, flags and counters, each with an ``ema_model`` of its own holding the same names and
