@@ -237,7 +237,7 @@ LAYERS = (
                 "fastema._placement_options", "fastema._device_view", "fastema._privates", "fastema._switch")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
-    ("shadows", ("fastema._checks", "fastema._steps", "fastema._chunks", "fastema._layout", "fastema._sources",
+    ("shadows", ("fastema._checks", "fastema._nonfinite", "fastema._steps", "fastema._chunks", "fastema._layout", "fastema._sources",
                  "fastema._shadow", "fastema.flat",
                  "fastema.flat_window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
