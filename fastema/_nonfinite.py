@@ -1,10 +1,10 @@
 """An average that inf or NaN reached, in every face's words (``docs/guides/nonfinite.md``): found
 in a shadow on its device (:func:`scan`), named (:func:`named`), refused where it would be handed
 out as a model (:func:`refusal`), and, where a load is refused for it, the way to load it all the
-same and repair it (:func:`load_advice`). One wording for each of these rules, whatever the face
-(the torch faces, torchtitan's, the JAX and TensorFlow faces, Keras's files): each face decides
-when; the words and the scan are here. Framework-free: the shadow's own arrays, through the
-boundary.
+same and repair it (:func:`held`, :func:`load_advice`). One wording for each of these rules,
+whatever the face (the torch faces, torchtitan's, the JAX and TensorFlow faces, Keras's files):
+each face decides when; the words and the scan are here. Framework-free: the shadow's own
+arrays, through the boundary.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 from . import _backends
 from .ops import flag_nonfinite_
 
-__all__ = ["RECORD", "finite_as", "load_advice", "named", "refusal", "scan"]
+__all__ = ["RECORD", "finite_as", "held", "load_advice", "named", "refusal", "scan"]
 
-RECORD = "nonfinite"      # a checkpoint's entry: the averaged tensors holding inf or NaN (information)
+RECORD = "nonfinite"      # a checkpoint's entry: the averaged tensors holding inf or NaN (info)
 _SHOWN = 8                # tensors a message names (then how many more)
 
 
@@ -36,11 +36,23 @@ def named(names: Sequence[str], found: dict | None = None) -> str:
 
 def refusal(call: str, which: str, names: Sequence[str]) -> str:
     """The refusal of ``call`` (``"fastema.torch.EMA.swap()"``), which would hand out ``which``
-    (``"the average"``, ``"copy 'decay_0p9'"``) as a model while it holds inf or NaN in ``names``."""
+    (``"the average"``, ``"copy 'decay_0p9'"``) as a model while it holds inf or NaN in
+    ``names``."""
     return (f"{call}: {which} holds inf or NaN in {named(names)}: it would hand out a model that "
-            f"computes NaN. Call repair_nonfinite() to reset those tensors from the live weights, or "
-            f"pass allow_nonfinite=True (or set ema.allow_nonfinite = True) to use it as it is. "
+            f"computes NaN. Call repair_nonfinite() to reset those tensors from the live weights, "
+            f"or pass allow_nonfinite=True (or set ema.allow_nonfinite = True) to use it as it is. "
             f"Nothing was written.")
+
+
+def held(names: Sequence[str], beyond: dict[str, str]) -> str:
+    """What a checkpoint's averaged ``names`` hold, for a refused load: inf or NaN, and, for those
+    of ``beyond`` (``name -> the average's dtype``), finite in the checkpoint but not once
+    converted."""
+    out = f"averaged {named(names)} hold{'s' * (len(names) == 1)} inf or NaN"
+    if beyond:
+        out += (f" as it lands ({named(list(beyond))} finite in the checkpoint but past the range "
+                f"of the average's {', '.join(sorted(set(beyond.values())))}: inf once converted)")
+    return out
 
 
 def load_advice(setting: str) -> str:
@@ -64,7 +76,8 @@ def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None,
     order (``rows``: the rows looked at; None: every row, BEMA's state rows too). One launch a group
     over its whole buffer (its own, kept: ``avg.scan_rows``; else :func:`fastema.flag_nonfinite_`),
     one host read a device; where a group's flag is set, one launch a tensor and row and one more
-    read. ``kept``: ``device -> flag``, the first pass's flags, made here once (``new_flag(group)``).
+    read. ``kept``: ``device -> flag``, the first pass's flags, made here once
+    (``new_flag(group)``).
     Nothing is written but the flags. At a save, an export, a swap in, a repair: never per step."""
     avg.join()                                     # an offloaded average's folds first
     rows = list(range(avg.rows)) if rows is None else list(rows)

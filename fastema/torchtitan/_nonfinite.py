@@ -42,7 +42,8 @@ def refuse(ema: EMA, what: str, row: int, allow: bool | None) -> None:
         return
     bad = found(ema, [row])
     if bad:
-        raise ValueError(refusal(f"fastema.torchtitan.{what}", f"copy {ema.keys[row]!r}", list(bad)))
+        raise ValueError(refusal(f"fastema.torchtitan.{what}", f"copy {ema.keys[row]!r}",
+                                 list(bad)))
 
 
 def record(ema: EMA) -> list[str]:

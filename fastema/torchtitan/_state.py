@@ -113,7 +113,7 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
     in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
     bad_in_place: list[str] = []
     poisoned: list[str] = []                    # loaded all the same (allow)
-    refused = 0                                 # problems that are inf or NaN (allow would load them)
+    refused = 0                                 # problems that are inf or NaN (allow loads them)
     ready = []
     for t in tracked:
         spec = padded.get(t.fqn)

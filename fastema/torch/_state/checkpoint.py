@@ -25,7 +25,7 @@ from ..._checkpoint_format import check_header, load_refused, refuse_load
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
 from ..._io.safetensors import stream_safetensors, stream_torch_save
-from ..._nonfinite import load_advice
+from ..._nonfinite import held, load_advice
 from .._sharding import params as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
@@ -285,7 +285,7 @@ class TorchCheckpoint:
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
         poisoned: list[str] = []                     # averaged entries holding inf or NaN
-        beyond: dict[str, str] = {}                  # of those, the finite ones past the average's dtype
+        beyond: dict[str, str] = {}                  # of those, finite but past the average's dtype
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
 
@@ -347,15 +347,11 @@ class TorchCheckpoint:
             problems.append(f"split_id must be an int, got {split_id!r}")
         self.core.check_plan_state(state, problems)
         if poisoned and self.nonfinite.checking:
-            held = f"averaged {named(poisoned)} hold{'s' * (len(poisoned) == 1)} inf or NaN"
-            if beyond:                               # finite in their dtype, not in the average's
-                held += (f" as it lands ({named(list(beyond))} finite in the checkpoint but past "
-                         f"the range of the average's {', '.join(sorted(set(beyond.values())))}: "
-                         f"inf once converted)")
+            what = held(poisoned, beyond)
             if problems:                             # refused for more than that
-                problems.append(held)
+                problems.append(what)
             else:
-                raise load_refused(f"this {kind} checkpoint's {held}. " + load_advice(
+                raise load_refused(f"this {kind} checkpoint's {what}. " + load_advice(
                     "or set ema.allow_nonfinite = True before a load another library makes: "
                     "dcp.load, optimizer.load_state_dict, a callback's resume"))
         refuse_load(kind, problems, " this model")

@@ -48,7 +48,7 @@ class NonFinite:
         self.kind = agreement.kind
         self.allowed = False                 # ema.allow_nonfinite: every check passes
         self._allow: bool | None = None      # a call's allow_nonfinite= (allowing())
-        self._call: str | None = None        # the call a refusal names, where not its own (entering())
+        self._call: str | None = None        # the call a refusal names, not its own (entering())
         self._flags: dict = {}               # device -> the first pass's int32[1] flag, made once
 
     def allow(self, value: bool) -> None:
