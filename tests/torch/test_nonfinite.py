@@ -6,8 +6,8 @@ live weights in the shadow's dtype, every other tensor and row is untouched bit 
 is planted by an update with the guard off, by a load, and by a real training loop (attached);
 ``update()`` and an attached ``opt.step()`` make no scan and no host read."""
 import io
-import re
 import os
+import re
 import warnings
 
 import pytest
