@@ -563,7 +563,7 @@ def load_flat_state_dict(state):
     assert _unagreed_refusals(old, ("load_state_dict",)) == (["m.py:8"], [])
     trees = _trees("fastema/torchtitan")
     text = (ROOT / "fastema" / "torchtitan" / "_state.py").read_text()
-    verdict = "    verdict(_refusal(problems, in_place, bad_in_place))\n"
+    verdict = "    verdict(_refusal(problems, in_place, bad_in_place, refused))\n"
     assert text.count(verdict) == 1
     trees["fastema/torchtitan/_state.py"] = ast.parse(text.replace(
         verdict, "    if problems:\n        raise ValueError(problems)\n" + verdict))

@@ -9,20 +9,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Sequence
 
+from .._nonfinite import RECORD, named, refusal
 from ..torch import dcp_loading, mesh_findings, refuse_together, reset_nonfinite, scan_nonfinite
 from ._state import mesh_groups
 
 EMA = Any                 # a fastema.torchtitan.EMA (its module imports this one)
 
 __all__ = ["RECORD", "found", "named", "record", "refuse", "repair"]
-
-RECORD = "nonfinite"      # the state dict's entry: the tracked names whose copies hold inf or NaN
-
-
-def named(names: Sequence[str]) -> str:
-    """The first few names, then how many more."""
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    return ", ".join(map(repr, names[:8])) + more
 
 
 def found(ema: EMA, rows: Sequence[int] | None = None, agree: bool = True) -> dict[str, list[int]]:
@@ -49,10 +42,8 @@ def refuse(ema: EMA, what: str, row: int, allow: bool | None) -> None:
         return
     bad = found(ema, [row])
     if bad:
-        raise ValueError(f"fastema.torchtitan.{what}: copy {ema.keys[row]!r} holds inf or NaN in "
-                         f"{named(list(bad))}: it would hand out a model that computes NaN. Call "
-                         f"ema.repair_nonfinite() to reset those tensors from the live weights, or "
-                         f"pass allow_nonfinite=True to use it as it is. Nothing was written.")
+        raise ValueError(refusal(f"fastema.torchtitan.{what}", f"copy {ema.keys[row]!r}",
+                                 list(bad)))
 
 
 def record(ema: EMA) -> list[str]:
