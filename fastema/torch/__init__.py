@@ -20,7 +20,7 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
-from ._attach import KEY as _ATTACH_KEY
+from ._face.attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
 from ._state.dcp_calls import loading as dcp_loading  # noqa: F401

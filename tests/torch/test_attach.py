@@ -1,4 +1,4 @@
-"""``ema.attach(optimizer)`` (fastema.torch._attach): every real step updates once, against the
+"""``ema.attach(optimizer)`` (fastema.torch._face.attach): every real step updates once, against the
 same average updated by hand and a float64 reference; GradScaler's skipped steps (non-fused:
 step() not run; fused: run with found_inf set) and DCP's lr-0 dummy step do not update; the
 optimizer's state dict carries the whole average (weights_only) and resumes a float32 average of
