@@ -640,6 +640,17 @@ def test_lines_over_100_characters_stay_below_their_share(package, share, least)
         f"not below {share:.0%}: wrap the new ones (docs/architecture.md, rules)")
 
 
+# ------------------------------------------------------------ the tests shaped like the code
+
+
+def test_the_attach_tests_sit_in_their_folder():
+    """Issue 87 item 6: the tests of ``ema.attach(optimizer)`` in ``tests/torch/attach/`` (as attach
+    sits in ``fastema/torch/_face/attach.py``), none at ``tests/torch/``'s root."""
+    torch_tests = ROOT / "tests" / "torch"
+    assert not sorted(p.name for p in torch_tests.glob("test_attach*.py"))
+    assert len(list((torch_tests / "attach").glob("test_attach*.py"))) >= 15
+
+
 # ------------------------------------------------------------ the tests stand alone
 
 

@@ -279,7 +279,7 @@ def test_the_guides_example_runs():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "attach.md").read_text()
+    text = (pathlib.Path(__file__).parents[3] / "docs" / "guides" / "attach.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     exec(compile(block, "guides/attach.md", "exec"), {})
 
