@@ -620,9 +620,10 @@ def load_flat_state_dict(state):
 # ------------------------------------------------------------ ordinary width
 
 # The share of fastema/'s non-blank lines over 100 characters (issue 72: 10.1% at round 8's start;
-# 8.6% once engines.py, dcp_unpickler.py and _tensors/model.py were split to ordinary width).
+# 8.6% once engines.py, dcp_unpickler.py and _tensors/model.py were split to ordinary width; issue
+# 87 item 5: 8.78% at round 10, under 8% once _launch/ and the split modules were wrapped).
 # Stricter than test_lines_stop_widening's 11%, which holds kernels/ too.
-FASTEMA_WIDE_SHARE = 0.09
+FASTEMA_WIDE_SHARE = 0.08
 
 
 LAUNCH_WIDE_SHARE = 0.08
