@@ -212,7 +212,7 @@ class Average:
         launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
         call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
         None when the shadow follows them itself), called only when the call updates. ``skip_if``:
-        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._attach`):
+        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`):
         where one is set the call writes nothing on its device, but is counted; with the plan on
         the host only."""
         if skip_if is not None and self.device_plan is not None:

@@ -10,7 +10,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from .._nonfinite import RECORD, named, refusal
-from ..torch import dcp_loading, mesh_findings, refuse_together, reset_nonfinite, scan_nonfinite
+from ..torch import dcp_loading, found_together, mesh_findings, reset_nonfinite, scan_nonfinite
 from ._state import mesh_groups
 
 EMA = Any                 # a fastema.torchtitan.EMA (its module imports this one)
@@ -63,24 +63,13 @@ def record(ema: EMA) -> list[str]:
 
 def repair(ema: EMA, follow: Callable[[], None]) -> list[str]:
     """See :meth:`fastema.torchtitan.EMA.repair_nonfinite` (``follow``: its check of the model)."""
-    groups = mesh_groups(ema.tracked)
-    try:
+    def find() -> dict:
         follow()
-        mine = found(ema, agree=False)
-    except Exception as err:
-        if not groups:
-            raise
-        mesh_findings(({}, f"{type(err).__name__}: {err}"), groups)
-        raise
-    if groups:
-        every = mesh_findings((mine, None), groups, waiting="every rank of the EMA's mesh calls "
-                                                            "repair_nonfinite() together")
-        refuse_together("fastema.torchtitan.EMA.repair_nonfinite()",
-                        {rank: e for rank, (_, e) in every.items()})
-        union: dict[str, Any] = {}
-        for theirs, _ in every.values():
-            for n, r in theirs.items():
-                union.setdefault(n, set()).update(r)
-        mine = {t.fqn: sorted(union[t.fqn]) for t in ema.tracked if t.fqn in union}
+        return found(ema, agree=False)
+
+    mine = found_together(find, mesh_groups(ema.tracked),
+                          "fastema.torchtitan.EMA.repair_nonfinite()",
+                          "every rank of the EMA's mesh calls repair_nonfinite() together",
+                          [t.fqn for t in ema.tracked])
     reset_nonfinite(ema.shadow, mine)
     return list(mine)

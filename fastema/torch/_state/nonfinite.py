@@ -30,7 +30,7 @@ import torch
 from ... import _backends, _nonfinite
 from ..._nonfinite import RECORD, named, refusal
 from .._placement.gather import flat
-from .decisions import mesh_findings, refuse_together
+from .decisions import found_together, joined, mesh_findings
 
 __all__ = ["NonFinite", "RECORD", "named", "reset", "scan"]
 
@@ -116,7 +116,7 @@ class NonFinite:
         found = self.local()
         if gathered and self.agreement.groups():
             every = mesh_findings(found, self.agreement.groups())
-            found = _union(every.values(), self.side.avg.names)
+            found = joined(every.values(), self.side.avg.names)
         if found:
             warnings.warn(
                 f"{self.kind}.state_dict(): the average holds inf or NaN in "
@@ -135,35 +135,20 @@ class NonFinite:
         ``swap`` (the swap state) has the average in the model. A sharded or split average's ranks
         agree first (a collective): every rank resets its part of the same tensors and returns the
         same names."""
-        side, groups = self.side, self.agreement.groups()
-        try:
+        side = self.side
+
+        def find() -> dict[str, list[int]]:
             swap.refuse("repair_nonfinite()")
             side.settle()
             side.follow()                             # the live weights where they are now
-            mine: dict[str, list[int]] = self.local()
-        except Exception as err:
-            if not groups:
-                raise
-            mesh_findings(({}, f"{type(err).__name__}: {err}"), groups)
-            raise
-        if groups:
-            every = mesh_findings((mine, None), groups, waiting="every rank of the average calls "
-                                                                "repair_nonfinite() together")
-            refused = {r: e for r, (_, e) in every.items()}
-            refuse_together(f"{self.kind}.repair_nonfinite()", refused)
-            mine = _union([found for found, _ in every.values()], side.avg.names)
+            return self.local()
+
+        mine = found_together(find, self.agreement.groups(), f"{self.kind}.repair_nonfinite()",
+                              "every rank of the average calls repair_nonfinite() together",
+                              side.avg.names)
         reset(side.avg, mine)
         return list(mine)
 
-
-
-def _union(founds, names: list) -> dict[str, list[int]]:
-    """Every rank's ``name -> rows`` in one, in the average's order (``names``)."""
-    union: dict[str, set] = {}
-    for found in founds:
-        for n, rows in found.items():
-            union.setdefault(n, set()).update(rows)
-    return {n: sorted(union[n]) for n in names if n in union}
 
 
 def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
