@@ -11,6 +11,7 @@ import typing
 import torch
 from torch import nn
 
+from ...._backends import device_of
 from ....flat import FlatShadow
 from ....schedules import PowerFunction
 from ..._tensors.hooks import watch
@@ -64,10 +65,11 @@ def _own_storage(view: torch.Tensor) -> torch.Tensor:
 
 def _rowable(c: torch.Tensor, m: torch.Tensor) -> bool:
     """Whether the average ``m`` of ``c`` can be a row of a same-dtype shadow of ``c``: plain
-    strided tensors of one kernel dtype, device (CPU or CUDA), shape and strides."""
+    strided tensors of one kernel dtype, device (CPU or CUDA, as the adapter says), shape and
+    strides."""
     return (type(c) in _PLAIN and type(m) in _PLAIN and c.dtype == m.dtype
             and c.dtype in _KERNEL_DTYPES and c.device == m.device
-            and c.device.type in ("cpu", "cuda") and c.shape == m.shape
+            and device_of(c).partition(":")[0] in ("cpu", "cuda") and c.shape == m.shape
             and c.stride() == m.stride() and c.layout == m.layout == torch.strided)
 
 
