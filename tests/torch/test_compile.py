@@ -80,6 +80,30 @@ def test_opcheck_passes_for_every_operator():
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_the_operators_bump_the_autograd_versions_of_what_they_write():
+    """The operators are registered with torch.library.Library, without custom_op's Python layers
+    (issue 86): each kernel bumps the autograd version of every tensor it writes, as custom_op's
+    ADInplaceOrView kernel did, so a tensor saved for backward and then written by an operator makes
+    backward raise instead of using the new values."""
+    ema = EMA(_model(), 0.9)
+    handle = ema.compiled.handle
+    written, read = ema.compiled.ops["update"]
+    factor = torch.ones(8, requires_grad=True)
+    loss = (factor * written[0][0, :8]).sum()           # saves the shadow's first elements for backward
+    versions = [t._version for t in written]
+    torch.ops.fastema.update_(written, read, handle, -1)
+    assert all(t._version > v for t, v in zip(written, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    for op, args in (("swap", lambda w, r: (w, handle, 0)), ("swap", lambda w, r: (w, handle, 0)),
+                     ("copy_to", lambda w, r: (w, r, handle, 0))):
+        written, read = ema.compiled.ops[op]
+        versions = [t._version for t in written]
+        with torch.no_grad():
+            getattr(torch.ops.fastema, f"{op}_")(*args(written, read))
+        assert all(t._version > v for t, v in zip(written, versions)), op
+
+
 def test_forward_and_update_compiled_fullgraph_equal_eager():
     """Step shape (a): forward + loss (with grad) and ema.update() in the compiled function;
     backward and optimizer.step() outside it."""
