@@ -153,8 +153,9 @@ def _manual_sgd_step(model, ema, x, y):
 def test_whole_update_under_no_grad_compiled_fullgraph_equal_eager(device_step):
     from torch._inductor.utils import run_and_get_code
 
-    ma, ea, eb = _two(device_step=device_step)
-    mb, ec, _ = _two(device_step=device_step)           # and a whole eager run, within 1 ulp
+    kw = dict(device_step=device_step, skip_nonfinite=device_step)   # the operator, with the device plan's
+    ma, ea, eb = _two(**kw)                             # arrays (the plain case is written in the graph: below)
+    mb, ec, _ = _two(**kw)                              # and a whole eager run, within 1 ulp
     compiled = torch.compile(_manual_sgd_step, fullgraph=True)
     dynamo.reset()
     code = None
@@ -477,3 +478,86 @@ def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
         ema.swap()
         ema.swap()
         assert "eager_block" not in compile_side.__dict__
+
+
+# issue 86 item 2: the plain case (the plan on the device, shadows in their sources' dtype, nearest rounding)
+# written in the compiled graph, fused by Inductor with the parameter update: no kernel, no operator of its own
+
+def _kernels(code: str) -> tuple[int, list[str]]:
+    """The generated module's kernels (their definitions) and the operators its call() calls."""
+    body = code.split("def call(")[-1]
+    return len(re.findall(r"^\w+ = async_compile\.", code, re.M)), re.findall(r"torch\.ops\.[\w.]+", body)
+
+
+def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
+    """The compiled step with ema.update() has the kernels of the same step with torch._foreach_lerp_ over
+    shadows of its own, and calls no operator (it called fastema::update_, which ran the eager update)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model()
+    params = list(model.parameters())
+    ema = EMA(model, 0.9, device_step=True)
+    direction = [torch.full_like(p, 0.01) for p in params]
+    shadows = [p.detach().clone() for p in params]
+
+    def with_ema():
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            ema.update()
+
+    def with_foreach():
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            torch._foreach_lerp_(shadows, params, 0.1)
+
+    dynamo.reset()
+    codes = [run_and_get_code(torch.compile(fn, fullgraph=True))[1] for fn in (with_ema, with_foreach)]
+    ours, theirs = ("\n".join(c) for c in codes)
+    assert _kernels(ours) == _kernels(theirs) == (1, []), (_kernels(ours), _kernels(theirs))
+    assert "fastema" not in ours
+    assert ema.updates == 1                             # counted in the graph
+
+
+def _ulps(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x.abs(), torch.tensor(float("inf"))) - x.abs()
+
+
+def test_the_plain_update_in_the_graph_counts_as_eager_and_is_within_one_rounding():
+    """Warm-up schedules of two rows, BatchNorm statistics copied, the plan on the device: the graph
+    advances the device plan's counters and decays (no recompilation as they change), the host plan reads
+    them back (updates, calls, decay, state_dict), and each step is the eager one's within one rounding
+    of the product (Inductor's C++ lerp rounds w * (x - s) before adding; torch's and fastema's use an FMA);
+    an eager update after the compiled ones goes on from them."""
+    model = _model().append(nn.BatchNorm1d(4))
+    ea, eb = EMA(model, WARMUPS, device_step=True), EMA(model, WARMUPS, device_step=True)
+    compiled = torch.compile(_manual_sgd_step, fullgraph=True)
+    dynamo.reset()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    decays = set()
+    for i in range(5):
+        with torch.no_grad():
+            model[3].running_mean.add_(0.5)             # a copied buffer that moves
+        eb.load_state_dict(ea.state_dict())             # the same start
+        before = {k: v.clone() for k, v in ea.state_dict()["averaged"].items()}
+        weights = [1 - d for d in eb.decay]
+        compiled(model, ea, *_batch(i))
+        eb.update()
+        assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay) == (i + 1, i + 1, eb.decay)
+        decays.add(tuple(eb.decay))
+        sa, sb = ea.state_dict(), eb.state_dict()
+        assert {k: v for k, v in sa.items() if k not in ("averaged", "copied", "int_buffers")} == \
+            {k: v for k, v in sb.items() if k not in ("averaged", "copied", "int_buffers")}
+        for part in ("copied", "int_buffers"):
+            assert all(torch.equal(sa[part][k], sb[part][k]) for k in sb[part]), part
+        sources = dict(model.named_parameters())
+        for k, got in sa["averaged"].items():
+            want = sb["averaged"][k]
+            for r, w in enumerate(weights):
+                product = (torch.tensor(w, dtype=torch.float32) * (sources[k] - before[k][r])).detach()
+                bound = _ulps(product) + _ulps(want[r])
+                assert torch.all((got[r] - want[r]).abs() <= bound), (k, r, i)
+    assert len(decays) == 5                             # the warm-up moved the decay at every step
+    assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    ea.update()                                         # eager after compiled: from the device's counts
+    eb.update()
+    assert (ea.updates, ea.calls) == (eb.updates, eb.calls) == (6, 6)

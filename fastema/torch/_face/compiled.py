@@ -59,14 +59,17 @@ class Compiled:
         eager_copy_to: the eager ``copy_to(row)`` into the tracked model (None: the face writes no
             model: a target network).
         swap: the swap state (:class:`fastema.average.ModelSwap`: ``swap.swap(row)``), or None.
+        lowered: the update written in the graph where it is the plain case
+            (:class:`fastema.torch._face.lowered.Lowered`: ``lowered.trace()``), or None.
     """
 
     def __init__(self, ops: Callable[[], dict], eager_update: Callable[[int | None], None],
                  read_from: Callable[[list], Callable[[], None]], *,
-                 eager_copy_to: Callable[[int], None] | None = None, swap: Any = None):
+                 eager_copy_to: Callable[[int], None] | None = None, swap: Any = None,
+                 lowered: Any = None):
         self._ops = ops
         self.eager_update, self.read_from = eager_update, read_from
-        self.eager_copy_to, self.swap = eager_copy_to, swap
+        self.eager_copy_to, self.swap, self.lowered = eager_copy_to, swap, lowered
         self.handle = next(_IDS)
         handle = self.handle
         _OWNERS[handle] = weakref.ref(self, lambda _: _OWNERS.pop(handle, None))
@@ -135,10 +138,6 @@ _LIB = torch.library.Library("fastema", "FRAGMENT")
 _bump = torch.autograd.graph.increment_version
 
 
-def _nothing(*args) -> None:
-    return None
-
-
 def _operator(schema: str) -> Callable[[Callable], Callable]:
     """Define ``fastema::<schema>`` with the decorated function as its kernel and a fake that
     returns nothing (every operator writes in place and returns nothing)."""
@@ -146,7 +145,7 @@ def _operator(schema: str) -> Callable[[Callable], Callable]:
         name = schema.split("(", 1)[0]
         _LIB.define(schema)
         _LIB.impl(name, kernel, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"fastema::{name}", _nothing, lib=_LIB)
+        torch.library.register_fake(f"fastema::{name}", lambda *args: None, lib=_LIB)
         return kernel
     return register
 
@@ -179,13 +178,17 @@ def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tens
 
 
 def compiled_update(owner: Compiled, step) -> None:
-    """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): one
-    :func:`update_` operator in the graph,
-    or, for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
-    graph runs (nothing is updated or counted). A tensor step is refused, in compiled code as in
-    eager: its value is on its device, and the schedule would read it on the host at every call."""
+    """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): an
+    EMA's plain case written in the graph (``owner.lowered``, :mod:`.lowered`), else one
+    :func:`update_` operator, or, for a ``step`` eager refuses, one :func:`refuse_update_` that
+    raises eager's error when the graph runs (nothing is updated or counted). A tensor step is
+    refused, in compiled code as in eager: its value is on its device, and the schedule would read
+    it on the host at every call."""
     from ...schedules import check_step
 
+    lowered = owner.lowered
+    if step is None and lowered is not None and lowered.trace():     # the plain case: in the graph
+        return
     written, read = owner.ops["update"]
     if isinstance(step, (torch.Tensor, float)):          # traced values: their repr is known only at run time
         tensor = step if isinstance(step, torch.Tensor) else None

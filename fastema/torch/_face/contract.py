@@ -23,13 +23,14 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import torch
 
 from ..._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
-from ...average import Average, Cadence, DevicePlan, ModelSwap
+from ...average import Average, Cadence, DevicePlan, ModelSwap, Plan
 from .._state.agree import Agreement
 from .._state.checkpoint import CheckpointCore, TorchCheckpoint
 from .._state.peft import announce
 from .._swap import ShadowSwap
 from .._tensors.model import TorchModel, static
 from .compiled import Compiled
+from .lowered import Lowered
 
 __all__ = ["CheckpointSide", "Engine", "FaceParts", "FaceSide", "ModelParts", "Restart", "TorchFace",
            "model_parts"]
@@ -52,6 +53,8 @@ class Engine(Protocol):
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None: ...
 
+    def plan_now(self) -> Plan: ...
+
 
 class CheckpointSide(Protocol):
     """A face's checkpoint side (a model average's
@@ -72,7 +75,9 @@ class FaceParts(NamedTuple):
     :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, a target network's counters);
     ``swap``: the swap and copy-out (:class:`~fastema.torch._swap.ShadowSwap`; None for a target
     network, which writes no model); ``cadence``: counts ``update()`` calls; ``ops``: the compiled
-    operators' lists (see :class:`~fastema.torch._face.compiled.Compiled`)."""
+    operators' lists (see :class:`~fastema.torch._face.compiled.Compiled`); ``lowered``: the
+    update written in a compiled graph (:class:`~fastema.torch._face.lowered.Lowered`; an EMA's,
+    or None)."""
 
     side: FaceSide
     shadow: Shadow | Updatable
@@ -81,6 +86,7 @@ class FaceParts(NamedTuple):
     swap: ShadowSwap | None
     cadence: Cadence
     ops: Callable[[], dict]
+    lowered: Lowered | None = None
 
 
 class ModelParts(NamedTuple):
@@ -98,6 +104,7 @@ class ModelParts(NamedTuple):
     swap: ShadowSwap
     cadence: Cadence
     ops: Callable[[], dict]
+    lowered: Lowered | None = None
 
 
 class Parts(Protocol):
@@ -125,6 +132,9 @@ class Parts(Protocol):
     @property
     def ops(self) -> Callable[[], dict]: ...
 
+    @property
+    def lowered(self) -> Lowered | None: ...
+
 
 class TorchFace:
     """The one base of fastema's torch faces: it takes the :class:`FaceParts` its builder made
@@ -151,11 +161,13 @@ class TorchFace:
         self.cadence = parts.cadence                     # counts update() calls
         self.compiled = Compiled(parts.ops, self._eager_update, parts.side.read_from,
                                  eager_copy_to=None if parts.swap is None else parts.swap.copy_to,
-                                 swap=self._swap)
+                                 swap=self._swap, lowered=parts.lowered)
 
     @property
     def calls(self) -> int:
         """``update()`` calls so far, skipped ones included."""
+        if self._core is not None:
+            self._core.plan_now()                        # counted on the device by compiled steps
         return self.cadence.calls
 
     def __copy__(self):
@@ -211,26 +223,32 @@ class _WithWritten:
 def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
                 engine: Average | None, core: CheckpointCore, fmt: str, cadence: Cadence,
                 start_over: Callable[[], None], *,
-                device_step: bool = False) -> ModelParts:
+                device_step: bool = False, lowered: bool = False) -> ModelParts:
     """The parts of a model average, once its builder has made ``side`` (not attached yet), its
     ``shadow`` and its ``engine`` (or None) with ``core``, what its checkpoint keeps besides the
     tensors: the agreement, the swap and copy-out, the restart after a DDP wrap
     (``start_over``), the side attached to all of them, the plan put on the device
     (``device_step``: every kernel compiled and loaded now), the checkpoint side (``fmt``) and the
-    compiled operators' lists (the device plan's arrays are written by every update too)."""
+    compiled operators' lists (the device plan's arrays are written by every update too; with
+    ``lowered``, an EMA's update, the plain case written in the graph: :mod:`.lowered`)."""
     kind = side.kind
     agreement = Agreement(side, kind, lambda: cadence.calls)
     swap = ShadowSwap(side, agreement, core.check_row)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
                 restart=Restart(cadence, swap, start_over))
     ops: Callable[[], dict] = _WithWritten(side, [])
+    in_graph = None
     if device_step:
         assert engine is not None                       # a window average has no device plan
         engine.plan_on_device()
         assert engine.device_plan is not None
         plan = engine.device_plan.tensors()
+        if lowered:
+            in_graph = Lowered(side, engine, swap.state)
+            side.lowering = in_graph.refresh              # told whenever the lists are made again
+            in_graph.refresh()
         ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
     checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
-    return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)
+    return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops, in_graph)
