@@ -522,42 +522,116 @@ def _ulps(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x.abs(), torch.tensor(float("inf"))) - x.abs()
 
 
-def test_the_plain_update_in_the_graph_counts_as_eager_and_is_within_one_rounding():
-    """Warm-up schedules of two rows, BatchNorm statistics copied, the plan on the device: the graph
-    advances the device plan's counters and decays (no recompilation as they change), the host plan reads
-    them back (updates, calls, decay, state_dict), and each step is the eager one's within one rounding
-    of the product (Inductor's C++ lerp rounds w * (x - s) before adding; torch's and fastema's use an FMA);
-    an eager update after the compiled ones goes on from them."""
+def _steps_within_one_rounding(steps: int, **how) -> str:
+    """``steps`` compiled steps (``torch.compile(..., **how)``) of an EMA in the plain case: warm-up
+    schedules of two rows, BatchNorm statistics copied, the plan on the device. Each step starts from the
+    state of an eager EMA and must be its update within one rounding of the product (Inductor's C++ lerp
+    rounds w * (x - s) before adding; torch's and fastema's use an FMA), the counters, decays and
+    state_dict read back equal; the graph advances the decay without recompiling (an error if it did);
+    an eager update after the compiled ones goes on from them. Returns the first call's generated code."""
+    from torch._inductor.utils import run_and_get_code
+
     model = _model().append(nn.BatchNorm1d(4))
     ea, eb = EMA(model, WARMUPS, device_step=True), EMA(model, WARMUPS, device_step=True)
-    compiled = torch.compile(_manual_sgd_step, fullgraph=True)
+    compiled = torch.compile(_manual_sgd_step, fullgraph=True, **how)
     dynamo.reset()
     graphs = dynamo.utils.counters["stats"]["unique_graphs"]
-    decays = set()
-    for i in range(5):
-        with torch.no_grad():
-            model[3].running_mean.add_(0.5)             # a copied buffer that moves
-        eb.load_state_dict(ea.state_dict())             # the same start
-        before = {k: v.clone() for k, v in ea.state_dict()["averaged"].items()}
-        weights = [1 - d for d in eb.decay]
-        compiled(model, ea, *_batch(i))
-        eb.update()
-        assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay) == (i + 1, i + 1, eb.decay)
-        decays.add(tuple(eb.decay))
-        sa, sb = ea.state_dict(), eb.state_dict()
-        assert {k: v for k, v in sa.items() if k not in ("averaged", "copied", "int_buffers")} == \
-            {k: v for k, v in sb.items() if k not in ("averaged", "copied", "int_buffers")}
-        for part in ("copied", "int_buffers"):
-            assert all(torch.equal(sa[part][k], sb[part][k]) for k in sb[part]), part
-        sources = dict(model.named_parameters())
-        for k, got in sa["averaged"].items():
-            want = sb["averaged"][k]
-            for r, w in enumerate(weights):
-                product = (torch.tensor(w, dtype=torch.float32) * (sources[k] - before[k][r])).detach()
-                bound = _ulps(product) + _ulps(want[r])
-                assert torch.all((got[r] - want[r]).abs() <= bound), (k, r, i)
-    assert len(decays) == 5                             # the warm-up moved the decay at every step
+    decays, code = set(), ""
+    with dynamo.config.patch(error_on_recompile=True):
+        for i in range(steps):
+            with torch.no_grad():
+                model[3].running_mean.add_(0.5)         # a copied buffer that moves
+            eb.load_state_dict(ea.state_dict())         # the same start
+            before = {k: v.clone() for k, v in ea.state_dict()["averaged"].items()}
+            weights = [1 - d for d in eb.decay]
+            if i == 0:
+                code = "\n".join(run_and_get_code(compiled, model, ea, *_batch(i))[1])
+            else:
+                compiled(model, ea, *_batch(i))
+            eb.update()
+            assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay)
+            assert ea.updates == i + 1
+            decays.add(tuple(eb.decay))
+            sa, sb = ea.state_dict(), eb.state_dict()
+            counts = ("averaged", "copied", "int_buffers")
+            assert {k: v for k, v in sa.items() if k not in counts} == \
+                {k: v for k, v in sb.items() if k not in counts}
+            for part in ("copied", "int_buffers"):
+                assert all(torch.equal(sa[part][k], sb[part][k]) for k in sb[part]), part
+            sources = dict(model.named_parameters())
+            for k, got in sa["averaged"].items():
+                want = sb["averaged"][k]
+                for r, w in enumerate(weights):
+                    product = (torch.tensor(w, dtype=torch.float32) * (sources[k] - before[k][r])).detach()
+                    bound = _ulps(product) + _ulps(want[r])
+                    assert torch.all((got[r] - want[r]).abs() <= bound), (k, r, i)
+    assert len(decays) == steps                         # the warm-up moved the decay at every step
     assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     ea.update()                                         # eager after compiled: from the device's counts
     eb.update()
-    assert (ea.updates, ea.calls) == (eb.updates, eb.calls) == (6, 6)
+    assert (ea.updates, ea.calls) == (eb.updates, eb.calls) == (steps + 1, steps + 1)
+    assert "fastema" not in code and _kernels(code)[1] == []     # the warm-up's decay in the graph too
+    return code
+
+
+def test_the_plain_update_in_the_graph_counts_as_eager_and_is_within_one_rounding():
+    _steps_within_one_rounding(5)
+
+
+def test_the_plain_update_under_reduce_overhead_replays_as_eager_on_the_cpu():
+    """mode="reduce-overhead": the same steps. On the CPU Inductor records no CUDA graph (it counts a
+    cudagraph skip, the CPU device) and runs the code it generated: this runs the mode's Python path
+    only; the CUDA graph's capture and replays are tested on a GPU (tests/kernels/test_cuda.py,
+    test_the_plain_update_written_in_a_reduce_overhead_graph_replays_equal_eager)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _steps_within_one_rounding(3, mode="reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] >= 1
+
+
+def _traced(fn, *args) -> set[str]:
+    """The functions Dynamo's graph of ``fn(*args)`` calls (no Inductor: the graph as traced)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    ops = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)         # by their qualified names
+    return {str(t) if isinstance(t, ops) else getattr(t, "__name__", str(t))
+            for t in (n.target for g in graphs for n in g.graph.nodes if n.op == "call_function")}
+
+
+SPECIAL = {"skip_nonfinite": dict(skip_nonfinite=True),
+           "update_every": dict(update_every=2),
+           "bfloat16 model, float32 shadow": dict(dtype=torch.bfloat16),
+           "stochastic rounding": dict(dtype=torch.bfloat16, shadow_dtype="bfloat16", rounding="stochastic"),
+           "the plan on the host": dict(device_step=False),
+           "step=": dict(step=3)}
+
+
+def test_the_special_cases_stay_on_the_operator_and_equal_eager():
+    """Each case but the plain one goes through fastema::update_ (fastema's kernels, the eager update),
+    equal to eager bit for bit; the plain case is foreach operations and no operator of fastema's, equal
+    to eager where torch's lerp runs the graph (no Inductor: Dynamo's graphs, run as they are)."""
+    for name, kw in {"plain": {}, **SPECIAL}.items():
+        kw = {"device_step": True, **kw}
+        dtype, step = kw.pop("dtype", torch.float32), kw.pop("step", None)
+        model = _model().to(dtype)
+        ea, eb = EMA(model, 0.9, **kw), EMA(model, 0.9, **kw)
+
+        def fn():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.25)
+                ea.update(step)
+
+        called = _traced(fn)
+        eb.update(step)
+        plain = name == "plain"
+        foreach = any(c.startswith("_foreach_") for c in called)     # Dynamo's lerp: sub then addcmul
+        assert ("fastema.update_" in called, foreach) == (not plain, plain), (name, called)
+        _assert_same(ea, eb)
