@@ -14,7 +14,7 @@ from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
 from ._face import compiled as _compile
 from ._face.average import TorchAverage
-from ._face.contract import ModelParts, model_parts
+from ._face.contract import ModelParts, model_parts, with_lowered
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
 from ._tensors.model import TorchModel
@@ -158,9 +158,9 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
         on_gpu = _gpu_of(shadow.sources) is not None
         device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
     core = engine if run is None else run(engine)
-    return model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
-                       functools.partial(_start_over, side), device_step=device_step,
-                       lowered=lowered)
+    parts = model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
+                        functools.partial(_start_over, side), device_step=device_step)
+    return with_lowered(parts) if lowered else parts
 
 
 def _updates_as_ema(cls: type) -> bool:

@@ -33,7 +33,7 @@ from .compiled import Compiled
 from .lowered import Lowered
 
 __all__ = ["CheckpointSide", "Engine", "FaceParts", "FaceSide", "ModelParts", "Restart", "TorchFace",
-           "model_parts"]
+           "model_parts", "with_lowered"]
 
 
 class FaceSide(Protocol):
@@ -223,32 +223,39 @@ class _WithWritten:
 def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
                 engine: Average | None, core: CheckpointCore, fmt: str, cadence: Cadence,
                 start_over: Callable[[], None], *,
-                device_step: bool = False, lowered: bool = False) -> ModelParts:
+                device_step: bool = False) -> ModelParts:
     """The parts of a model average, once its builder has made ``side`` (not attached yet), its
     ``shadow`` and its ``engine`` (or None) with ``core``, what its checkpoint keeps besides the
     tensors: the agreement, the swap and copy-out, the restart after a DDP wrap
     (``start_over``), the side attached to all of them, the plan put on the device
     (``device_step``: every kernel compiled and loaded now), the checkpoint side (``fmt``) and the
-    compiled operators' lists (the device plan's arrays are written by every update too; with
-    ``lowered``, an EMA's update, the plain case written in the graph: :mod:`.lowered`)."""
+    compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
     agreement = Agreement(side, kind, lambda: cadence.calls)
     swap = ShadowSwap(side, agreement, core.check_row)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
                 restart=Restart(cadence, swap, start_over))
     ops: Callable[[], dict] = _WithWritten(side, [])
-    in_graph = None
     if device_step:
         assert engine is not None                       # a window average has no device plan
         engine.plan_on_device()
         assert engine.device_plan is not None
         plan = engine.device_plan.tensors()
-        if lowered:
-            in_graph = Lowered(side, engine, swap.state)
-            side.lowering = in_graph.refresh              # told whenever the lists are made again
-            in_graph.refresh()
         ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
     checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
-    return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops, in_graph)
+    return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)
+
+
+def with_lowered(parts: ModelParts) -> ModelParts:
+    """``parts`` (an EMA's: its update is the face's own) with the plain case's update written in a
+    compiled graph (:class:`~fastema.torch._face.lowered.Lowered`) where the plan is on the device,
+    its lists made now and again whenever the operators' lists are; else ``parts`` as they are."""
+    engine = parts.engine
+    if engine is None or engine.device_plan is None:
+        return parts
+    lowered = Lowered(parts.side, engine, parts.swap.state)
+    parts.side.lowering = lowered.refresh               # told whenever the lists are made again
+    lowered.refresh()
+    return parts._replace(lowered=lowered)
