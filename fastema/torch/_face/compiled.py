@@ -1,6 +1,5 @@
-"""fastema's in-place model-average operations as PyTorch operators (``fastema::update_`` and the
-others, registered with ``torch.library.Library``), for ``torch.compile``, and the compiled-step
-contract of a torch face (:class:`Compiled`, what ``face.compiled`` is).
+"""fastema's in-place model-average operations as PyTorch operators (``torch.library.Library``),
+for ``torch.compile``, and the compiled-step contract of a torch face (``face.compiled``).
 
 Dynamo cannot trace numba's dispatcher (nor the address checks, which read ``data_ptr()``), so
 inside a compiled function :meth:`EMA.update`, :meth:`EMA.swap` and :meth:`EMA.copy_to` call
@@ -127,12 +126,9 @@ def _through(owner: Compiled, written: list, read: list, own_written: list, own_
 
 
 # ---------------------------------------------------------------- the operators' registration
-# torch.library.Library define + impl: no custom_op Python layers (its Autograd and ADInplaceOrView
-# kernels, aliasing check, defaults and redispatch boxed both tensor lists again at every call: the
-# compiled step ran at 0.42x the same step with _foreach_lerp_ in the graph on the CPU, issue 86).
-# One kernel for every backend (CompositeExplicitAutograd), a fake for tracing; each kernel bumps
-# the autograd versions of what it writes, as custom_op's ADInplaceOrView kernel did (a tensor
-# saved for backward and then written makes backward raise).
+# Library define + impl, not custom_op, whose Python layers boxed both tensor lists again at every
+# call (issue 86). One kernel for every backend, a fake for tracing; each kernel bumps the autograd
+# versions of what it writes, as custom_op's did (a tensor saved for backward then written raises).
 
 _LIB = torch.library.Library("fastema", "FRAGMENT")
 _bump = torch.autograd.graph.increment_version
@@ -179,11 +175,10 @@ def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tens
 
 def compiled_update(owner: Compiled, step) -> None:
     """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): an
-    EMA's plain case written in the graph (``owner.lowered``, :mod:`.lowered`), else one
-    :func:`update_` operator, or, for a ``step`` eager refuses, one :func:`refuse_update_` that
-    raises eager's error when the graph runs (nothing is updated or counted). A tensor step is
-    refused, in compiled code as in eager: its value is on its device, and the schedule would read
-    it on the host at every call."""
+    EMA's plain case written in the graph (:mod:`.lowered`), else one :func:`update_` operator, or,
+    for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
+    graph runs (nothing updated or counted). A tensor step is refused, compiled as in eager: its
+    value is on its device, and the schedule would read it on the host at every call."""
     from ...schedules import check_step
 
     lowered = owner.lowered
