@@ -12,7 +12,7 @@ import torch._dynamo as dynamo
 from models import mlp
 from torch import nn
 
-from fastema.schedules import PowerWarmup
+from fastema.schedules import HalfLife, NumUpdates, PowerFunction, PowerWarmup
 from fastema.torch import EMA
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -635,3 +635,39 @@ def test_the_special_cases_stay_on_the_operator_and_equal_eager():
         foreach = any(c.startswith("_foreach_") for c in called)     # Dynamo's lerp: sub then addcmul
         assert ("fastema.update_" in called, foreach) == (not plain, plain), (name, called)
         _assert_same(ea, eb)
+
+
+@pytest.mark.parametrize("decay, debias", [(NumUpdates(0.999), False), (PowerFunction(7.0), False),
+                                           (HalfLife(3.0), False), (0.9, True),
+                                           (PowerWarmup(0.99, update_after_step=2, warmup=False), True)],
+                         ids=["num_updates", "power_function", "half_life", "debias", "warm-up off, debias"])
+def test_each_schedule_the_graph_advances_updates_as_eager(decay, debias):
+    """The decay formulas written in the graph (the plan kernel's, in float64 tensor operations): four steps
+    of Dynamo's graph (no Inductor), each from an eager EMA's state, within one rounding of its update (the
+    graph's lerp is sub then addcmul), the counters and the host's decay read back equal; no operator."""
+    model = _model()
+    ea, eb = (EMA(model, decay, debias=debias, device_step=True) for _ in range(2))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(ea.update, backend=backend, fullgraph=True)
+    dynamo.reset()
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.5).add_(0.25)                 # away from both averages
+        eb.load_state_dict(ea.state_dict())
+        before = {k: v.clone() for k, v in eb.state_dict()["averaged"].items()}
+        step()
+        eb.update()
+        assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay) == (i + 1, i + 1, eb.decay)
+        sa, sb = ea.state_dict()["averaged"], eb.state_dict()["averaged"]
+        for k, p in model.named_parameters():
+            bound = 2 * (_ulps(p - before[k][0]) + _ulps(sb[k][0]))
+            assert torch.all((sa[k] - sb[k]).abs() <= bound), (k, i)
+            assert not torch.equal(sb[k], before[k])    # the update moved it
+    assert len(graphs) == 1
+    assert not any("fastema" in str(n.target) for n in graphs[0].graph.nodes)

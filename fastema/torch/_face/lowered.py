@@ -125,15 +125,16 @@ class Lowered:
         if kind is None:
             return False
         rows = [_row(kind, s) for s in plan.schedules]
-        weights = {device: _advance(counters, kind, rows, plan.debias)
-                   for device, counters in self.plans.items()}
         sources, views, n = self.sources, self.views, self.n
-        for dtype, device, row, start, stop in self.runs:
-            w = weights[device][row]
-            torch._foreach_lerp_(views[row * n + start:row * n + stop], sources[start:stop],
-                                 w if isinstance(w, float) else w.to(dtype))
-        if self.copies:
-            torch._foreach_copy_(self.copies, sources[n:])
+        with torch.no_grad():                   # as the eager update: the weights may require grad
+            weights = {device: _advance(counters, kind, rows, plan.debias)
+                       for device, counters in self.plans.items()}
+            for dtype, device, row, start, stop in self.runs:
+                w = weights[device][row]
+                torch._foreach_lerp_(views[row * n + start:row * n + stop], sources[start:stop],
+                                     w if isinstance(w, float) else w.to(dtype))
+            if self.copies:
+                torch._foreach_copy_(self.copies, sources[n:])
         return _this.in_graph(self.device_plan)             # run while tracing, not at every call
 
 
