@@ -366,6 +366,8 @@ class Engine:
     device_plan = None
     def update(self, step: int | None = None, read: Any = None, skip_if: dict | None = None) -> None:
         pass
+    def plan_now(self) -> Any:
+        pass
 
 class Checkpoint:
     def state_dict(self) -> dict:
@@ -380,6 +382,8 @@ class NoRead:
 class NoUpdate:
     device_plan = None
     def step(self) -> None:
+        pass
+    def plan_now(self) -> Any:
         pass
 
 class NoStateDict:

@@ -42,18 +42,20 @@ class Face:
 
     @property
     def plan(self) -> Plan:
-        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
-        return self._core.plan
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no
+        device read (but one after compiled steps advanced the plan in the graph:
+        :meth:`Average.plan_now`)."""
+        return self._core.plan_now()
 
     @property
     def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        return self._core.plan.decay
+        """The decay(s) the next ``update()`` will use: Python floats (read as :attr:`plan` is)."""
+        return self._core.plan_now().decay
 
     @property
     def updates(self) -> int:
         """Updates made (calls skipped by ``update_every`` not counted)."""
-        return self._core.plan.updates
+        return self._core.plan_now().updates
 
     @property
     def rows(self) -> int:
@@ -215,11 +217,13 @@ class Average:
         ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`):
         where one is set the call writes nothing on its device, but is counted; with the plan on
         the host only."""
-        if skip_if is not None and self.device_plan is not None:
-            raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
+        plan = self.device_plan
+        if plan is not None and (skip_if is not None or plan.in_graph):
+            if skip_if is not None:
+                raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
+            plan.read_into(self.plan)          # compiled steps may have advanced the device's alone
         pending = self.plan.next(step)         # checks step; records nothing yet
         adapter = self.adapter
-        plan = self.device_plan
         if plan is not None:                    # every call launches; the device skips
             assert adapter is not None          # (plan_on_device needs one)
             adapter.begin(True)
@@ -232,6 +236,15 @@ class Average:
         elif adapter is not None:
             adapter.begin(False)
         self.plan.done(pending)
+
+    def plan_now(self) -> Plan:
+        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
+        advance them in the graph alone (:attr:`DevicePlan.in_graph`); else as it is, no device
+        read."""
+        device = self.device_plan
+        if device is not None and device.in_graph:
+            device.read_into(self.plan)
+        return self.plan
 
     def fold(self, pending: Pending, sources: Sequence | None = None, skip_if: dict | None = None) -> None:
         """The update :meth:`fastema.average.Plan.next` described, from ``sources`` (None: as
