@@ -42,9 +42,8 @@ class Face:
 
     @property
     def plan(self) -> Plan:
-        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no
-        device read (but one after compiled steps advanced the plan in the graph:
-        :meth:`Average.plan_now`)."""
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device
+        read but after compiled steps advanced them in the graph (:meth:`Average.plan_now`)."""
         return self._core.plan_now()
 
     @property
