@@ -6,7 +6,7 @@ It stands for :class:`fastema._launch.cuda.drivers.CudaCoreDriver` on an sm_90 G
 driver: ``load`` records the image fastema's real store hands it (the shipped code: nothing is faked
 above the driver) and gives a ``CUfunction`` handle; ``launch`` records the launch; ``dispatch``
 records what would have gone through numba's dispatcher; its context, stream and function handles
-are of the types cuda-bindings takes (``tests/kernels/test_fake_driver.py`` calls the real bindings'
+are of the types cuda-bindings takes (``tests/launch/test_driver.py`` calls the real bindings'
 argument checks with them). Device memory is :class:`FakeDeviceArray` (host memory behind a fake
 address, typed by numba as a device array); every call that would touch a device is logged with the
 device whose context is current (:meth:`FakeDriver.activate` counts the pushes).

@@ -581,7 +581,7 @@ FASTEMA_WIDE_SHARE = 0.09
 
 
 LAUNCH_WIDE_SHARE = 0.08
-"""The same share for fastema/_launch/ (issue 87 item 5: 10.8% at round 10, cuda_bound.py's 27.6%)."""
+"""The same share for fastema/_launch/ (issue 87 item 5: 10.8% at round 10, its widest module 27.6%)."""
 
 
 @pytest.mark.parametrize("package, share, least", [("fastema", FASTEMA_WIDE_SHARE, 20000),

@@ -46,8 +46,8 @@ a ``swap()`` call at 148 tensors 1.5x ``EMA.update()``, 0.96x measured; ``Target
 tensors 1.45x ``EMA.update()`` (1.55x until the steady state held it still), 1.36x measured at the
 steady state (:func:`warm_updates`; 1.27-1.48x before, with the scenario counted before it), where the
 target was 1.2x: its per-step check reads twice the tensors, with their layouts, and the layout check
-alone is 14.5k of the 24.0k above ``EMA.update()``; see bench/README.md, "The target network's host
-cost"). The swap's round trip has no bound of its own: its first target, 2x one ``EMA.update()``, was
+alone is 14.5k of the 24.0k above ``EMA.update()``; see bench/results/LOG.md, "The target network's
+host cost"). The swap's round trip has no bound of its own: its first target, 2x one ``EMA.update()``, was
 set at 3000 tensors (1.66x there, ``bench/results/cpu-2026-11-27-entry-points.md``); one call of it is
 bounded above."""
 CAPS = (("stub-gpu kept launch, 1 tensors", 20_000),)

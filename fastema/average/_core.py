@@ -14,6 +14,7 @@ before anything is loaded.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -342,9 +343,21 @@ class Average:
     def state_dict(self) -> dict:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
         ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
-        through pickle, ``np.savez``, orbax or flax serialization."""
+        through pickle, ``np.savez``, orbax or flax serialization. Averages holding inf or NaN are
+        named in a warning and listed under ``"nonfinite"`` (information: a load checks them; a
+        finite average's state has no such entry)."""
+        averaged = {name: _backends.to_host(self.shadow.view(i, None))
+                    for i, name in enumerate(self.names)}
+        bad = [n for n, a in averaged.items() if not np.all(np.isfinite(a.astype(np.float32)))]
+        if bad:
+            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            warnings.warn(f"{self.format}.state_dict(): the average holds inf or NaN in "
+                          f"{', '.join(bad[:8])}{more}; the checkpoint keeps it as it is (its "
+                          f"'nonfinite' entry names them), and a load refuses it "
+                          f"(skip_nonfinite=True keeps a bad step out of the average)",
+                          RuntimeWarning, stacklevel=2)
         return {"format": self.format, "version": self.version, **self.plan_state(),
-                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}}
+                "averaged": averaged, **({"nonfinite": bad} if bad else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and

@@ -53,6 +53,8 @@ class WeightEMA(keras.callbacks.Callback):
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
+        allow_nonfinite: on the torch backend, resume, swap in and write into the model an average
+            holding inf or NaN (False: refused, naming its tensors; see :meth:`repair_nonfinite`).
         **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
             ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
             same on every backend; the torch backend also takes the model selection
@@ -76,17 +78,30 @@ class WeightEMA(keras.callbacks.Callback):
     (its options must match the saved ones; a :meth:`load_state_dict` of one's own takes
     precedence). ``model.load_weights`` into a model whose ``WeightEMA`` has started loads
     the average into it too. :func:`averaged_weights` reads the average without a callback.
+
+    **An average that inf or NaN reached** (``skip_nonfinite`` off, an older file) is named in a
+    warning whenever it is saved. On the torch backend the validation swap, ``write_at_end`` and a
+    resume refuse it, naming its tensors, until :meth:`repair_nonfinite` resets them from the
+    model's weights (``allow_nonfinite=True`` resumes it first).
     """
 
-    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
+    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True,
+                 write_at_end: bool = False, allow_nonfinite: bool = False, **ema_kwargs):
         super().__init__()
+        if not isinstance(allow_nonfinite, bool):
+            raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
         options, selection = EMAOptions.split(ema_kwargs)
         if decay is _DEFAULT:
             decay = None
             warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
                           "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning, stacklevel=2)
+        if allow_nonfinite and keras.backend.backend() != "torch":
+            raise ValueError(f"allow_nonfinite=True goes with the torch backend's average (its "
+                             f"swap, write_at_end and resume refuse inf or NaN); this Keras runs "
+                             f"on {keras.backend.backend()!r}")
         _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
+        self.allow_nonfinite = allow_nonfinite
         self.ema_kwargs = ema_kwargs
         self.ema: Any = None                                 # made when fit starts
         self._owner = None
@@ -143,7 +158,9 @@ class WeightEMA(keras.callbacks.Callback):
         frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
         kwargs = dict(self.ema_kwargs)
         kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(_escape(n) for n in frozen)
-        return EMA(model, self.decay, **kwargs)
+        ema = EMA(model, self.decay, **kwargs)
+        ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
+        return ema
 
     def on_train_begin(self, logs=None):
         if self.ema is None:
@@ -191,6 +208,17 @@ class WeightEMA(keras.callbacks.Callback):
         if self.ema is None:
             raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
         return self.ema.state_dict()
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset the averaged tensors holding inf or NaN from the model's weights and return their
+        names (:meth:`fastema.torch.EMA.repair_nonfinite`): the torch backend's average."""
+        if self.ema is None:
+            raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
+        if keras.backend.backend() != "torch":
+            raise TypeError(f"WeightEMA.repair_nonfinite() repairs the torch backend's average; "
+                            f"this Keras runs on {keras.backend.backend()!r}: load a state_dict() "
+                            f"whose averages are finite instead")
+        return self.ema.repair_nonfinite()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; before the first ``fit`` it is applied when the EMA is made."""

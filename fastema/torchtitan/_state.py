@@ -99,17 +99,19 @@ def _listed(items: list[str]) -> str:
 
 def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
                          padded: Mapping[str, Any], state: Mapping[str, Any],
-                         verdict: Callable[[str | None], None]) -> None:
+                         verdict: Callable[[str | None], None], allow: bool = False) -> list[str]:
     """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked on this rank (no
     collective: a DTensor entry's local piece, in the copy's dtype), ``verdict(problem)`` (raises on
     every rank of the mesh when one refused: :func:`agreed_load`), then every entry written (an
     entry that is the shadow's view, as ``dcp.load`` fills them, is checked too, not copied again:
-    it was written before this call)."""
+    it was written before this call). ``allow``: entries holding inf or NaN in the copy's dtype
+    load too; returns their keys."""
     from torch.distributed.tensor import DTensor
 
     problems: list[str] = []
     in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
     bad_in_place: list[str] = []
+    poisoned: list[str] = []                    # loaded all the same (allow)
     ready = []
     for t in tracked:
         spec = padded.get(t.fqn)
@@ -146,8 +148,10 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             if written:
                 in_place.append(name)
             # finite in the copy's dtype: a float64 1e300 lands in a float32 copy as inf
-            if bool(torch.isfinite(local.to(dst.dtype)).all()):
+            if bool(torch.isfinite(local.to(dst.dtype)).all()) or allow:
                 ready.append((t.layout, dst, value, padding))
+                if allow and not bool(torch.isfinite(local.to(dst.dtype)).all()):
+                    poisoned.append(name)
             elif written:
                 bad_in_place.append(name)
             elif bool(torch.isfinite(local).all()):
@@ -166,6 +170,7 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                 value = value.to_local()
             if not _same_memory(value, dst):    # dcp.load's views: checked, not copied again
                 dst.copy_(value)
+    return poisoned
 
 
 def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str]) -> str | None:

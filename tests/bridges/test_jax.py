@@ -188,6 +188,19 @@ def test_corrupt_checkpoints_are_refused_and_change_nothing():
     assert after["updates"] == before["updates"]
 
 
+def test_an_average_that_nan_reached_is_named_at_every_save():
+    """Issue 85 item 2: an update with the guard off takes a NaN into the average; every save warns,
+    naming the leaf, and records it; the record survives pickle, and a load still refuses the NaN."""
+    ema = EMA({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, 0.9)
+    assert "nonfinite" not in ema.state_dict()
+    ema.update({"w": jnp.ones((2, 3)), "b": jnp.array([0.0, np.nan, 0.0])})
+    with pytest.warns(RuntimeWarning, match=re.escape("holds inf or NaN in ['b']; the checkpoint")):
+        state = ema.state_dict()
+    assert pickle.loads(pickle.dumps(state))["nonfinite"] == ["['b']"]
+    with pytest.raises(ValueError, match=r"\['b'\] holds inf or NaN"):
+        EMA({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, 0.9).load_state_dict(state)
+
+
 def test_bad_inputs_get_clear_errors_and_change_nothing():
     p = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
     ema = EMA(p, 0.9)

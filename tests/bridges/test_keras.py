@@ -170,6 +170,53 @@ def test_weight_ema_written_at_end_and_resumed_from_state():
         np.testing.assert_array_equal(second.ema.averaged_state_dict()[k].numpy(), v.numpy())
 
 
+class _Diverge(keras.callbacks.Callback):
+    """A NaN in the last layer's bias at batch ``at``, read by the EMA's update of that batch alone
+    (``undo``, a callback after the EMA's, puts it back): with the guard off the average keeps it."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.undo = keras.callbacks.LambdaCallback(on_train_batch_end=self.put_back)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at:
+            bias = self.model.layers[-1].bias
+            self.kept = bias.numpy().copy()
+            bias.assign(np.full_like(self.kept, np.nan))
+
+    def put_back(self, batch, logs=None):
+        if batch == self.at:
+            self.model.layers[-1].bias.assign(self.kept)
+
+
+def test_a_poisoned_average_is_refused_at_the_end_of_fit_and_by_a_resume_until_repaired(monkeypatch):
+    x, y = data(48)
+    model = make_model(optimizer="sgd")
+    cb, diverge = WeightEMA(decay=0.8, write_at_end=True), _Diverge(at=1)
+    with pytest.raises(ValueError, match=r"copy_to\(\): the average holds inf or NaN in '.*bias'.*repair_nonfinite"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[diverge, cb, diverge.undo])
+    raw = model.get_weights()
+    assert all(np.isfinite(w).all() for w in raw)      # the write at the end refused: the raw weights kept
+    with pytest.warns(RuntimeWarning, match="bias"):
+        state = copy.deepcopy(cb.state_dict())
+    assert len(state["nonfinite"]) == 1 and state["nonfinite"][0].endswith("bias")
+    refused = WeightEMA(decay=0.8)
+    refused.load_state_dict(state)
+    with pytest.raises(ValueError, match="holds inf or NaN.*allow_nonfinite=True"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[refused])
+    resumed = WeightEMA(decay=0.8, allow_nonfinite=True)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="allow_nonfinite"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[resumed])
+    assert resumed.repair_nonfinite() == state["nonfinite"]
+    resumed.ema.copy_to()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="allow_nonfinite=True goes with the torch backend.*'jax'"):
+        WeightEMA(0.8, allow_nonfinite=True)
+
+
 def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
     cb = WeightEMA()
     with pytest.raises(RuntimeError, match="no EMA yet"):

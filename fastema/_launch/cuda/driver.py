@@ -6,7 +6,7 @@ made) to load a variant's image, launch it, say which context is current and whe
 being captured, and to do the device work around the launches (uploads, pinned staging, events). The
 implementations: :class:`.drivers.CudaCoreDriver` (cuda.core and cuda-bindings: the fast path),
 :class:`.drivers.DispatcherDriver` (numba's dispatcher: the fallback and the Numba CUDA simulator),
-:class:`.build.variants.RecordingDriver` (records the variants the launchers ask for, launches
+:class:`.shipped.variants.RecordingDriver` (records the variants the launchers ask for, launches
 nothing: ``python -m fastema warm`` and the build) and the tests' ``FakeDriver``
 (``tests/support``), a GPU on the host that is held to this interface by mypy and to cuda-bindings'
 signatures by a test.

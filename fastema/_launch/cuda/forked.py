@@ -8,7 +8,7 @@ inherits the flag. This module is loaded with that layer (``fastema._launch.laun
 imports it), so a process that never loaded it has no hook. There, at the fork (the at-fork hook):
 
 - every CUDA launch is refused (:func:`refuse_cuda_after_fork`): :func:`_cuda` (which imports the
-  launch layer; ``launches._cuda`` and ``launches._cuda_launch``, whose caches are dropped in the
+  launch layer; ``launches._cuda`` and ``launches._cuda_target``, whose caches are dropped in the
   child too, ask it) asks again and is refused, and a launch kept from before the fork reads the
   flag at each launch (:data:`FORKED`, read by :class:`.launch.CudaKernel`: one module-level read,
   no call);

@@ -26,6 +26,7 @@ from ..._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
 from ...average import Average, Cadence, DevicePlan, ModelSwap
 from .._state.agree import Agreement
 from .._state.checkpoint import CheckpointCore, TorchCheckpoint
+from .._state.nonfinite import NonFinite
 from .._state.peft import announce
 from .._swap import ShadowSwap
 from .._tensors.model import TorchModel, static
@@ -220,7 +221,8 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
     agreement = Agreement(side, kind, lambda: cadence.calls)
-    swap = ShadowSwap(side, agreement, core.check_row)
+    nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
+    swap = ShadowSwap(side, agreement, core.check_row, nonfinite)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
                 restart=Restart(cadence, swap, start_over))
     ops: Callable[[], dict] = _WithWritten(side, [])
@@ -232,5 +234,6 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
         ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
-    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
+    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement,
+                                 nonfinite=nonfinite)
     return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)

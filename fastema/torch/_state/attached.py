@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from .._tensors.hooks import unwrap
+from .nonfinite import RECORD
 
 __all__ = ["META_BYTES", "mark", "per_param_state", "probed", "refusal", "split_entries",
            "tracked", "unmark", "unmarked"]
@@ -195,9 +196,9 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for i, (index, name) in enumerate(pairs):
         entry: dict = {k: v[name] for k, v in per_name.items() if name in v}
         if i == 0:
-            entry["meta"] = _encode({**{k: v for k, v in full.items()
-                                        if k not in _PER_NAME and k not in _BUFFERS},
-                                     **(flags or {})})
+            entry["meta"] = _encode(_fitted({**{k: v for k, v in full.items()
+                                                if k not in _PER_NAME and k not in _BUFFERS},
+                                             **(flags or {})}))
             names: dict = {k: [] for k in (*_BUFFERS, *per_name)}
             for k in _BUFFERS:
                 entry[k] = _indexed(full.get(k, {}), names[k])
@@ -274,6 +275,15 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for k in _BUFFERS:
         full[k] = _named(repr(k), holder.get(k, {}), names.get(k, []))
     return full, rest_dict
+
+
+def _fitted(meta: dict) -> dict:
+    """``meta`` whose list of tensors holding inf or NaN (information, never loaded) is cut to its
+    first names where the whole list would not fit :data:`META_BYTES`: a save keeps the rest."""
+    names = meta.get(RECORD)
+    if isinstance(names, list) and len(json.dumps(meta).encode()) > META_BYTES:
+        return {**meta, RECORD: names[:8] + [f"... and {len(names) - 8} more"]}
+    return meta
 
 
 def _encode(meta: dict) -> torch.Tensor:

@@ -26,9 +26,9 @@ bindings = pytest.importorskip("cuda.bindings.driver")
 pytest.importorskip("cuda.core")
 
 from fastema import _launch  # noqa: E402
-from fastema._launch.build import variants  # noqa: E402
 from fastema._launch.cuda import driver as api  # noqa: E402
 from fastema._launch.cuda import drivers  # noqa: E402
+from fastema._launch.shipped import variants  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
 from testkit.fake_gpu import fake_gpu  # noqa: E402
@@ -270,7 +270,7 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     root = pathlib.Path(__file__).resolve().parents[2]
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     for f in ("fastema/_launch/cuda/driver.py", "fastema/_launch/cuda/drivers.py",
-              "fastema/_launch/build/variants.py", "fastema/_launch/cuda/compiler.py", "testkit", "tests"):
+              "fastema/_launch/shipped/variants.py", "fastema/_launch/cuda/compiler.py", "testkit", "tests"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"
 
 
