@@ -162,6 +162,14 @@ class CudaKernel(Kernel):
             d.launch(self.func, self.grid, self.threads, d.stream(raw), self.address)
 
     def _go(self, raw: int, blocks: int) -> None:
+        if self.calls:                                    # the driver's own calls, bound (_keep)
+            err, ctx = self.context()
+            if not err and ctx == self.primary:
+                err, = self.cu_launch(self.func, blocks, 1, 1, config.CUDA_THREADS, 1, 1, 0,
+                                      self.streams[raw], self.block.address, 0)
+                if err:
+                    raise api_error("cuLaunchKernel", err)
+                return
         d = self.driver
         if d.current_context() == d.primary_context(self.index):
             d.launch(self.func, blocks, config.CUDA_THREADS, d.stream(raw), self.block.address)
