@@ -200,7 +200,7 @@ class FakeDriver:
     def stream(self, raw: int):
         return raw
 
-    def launcher(self, index: int) -> Launcher:
+    def launcher(self, index: int) -> Launcher | None:
         """A kept launch's calls, with cuda-bindings' signatures, through this driver's own methods
         (each looked up at the call: a test that replaces one sees the kept launches use it)."""
         def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra) -> tuple:

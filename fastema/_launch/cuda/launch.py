@@ -119,8 +119,11 @@ class CudaKernel(Kernel):
         self.last: tuple = ()                             # the last launch's arguments
         self.tables: object = _UNKEPT                     # the kept launch's: nothing kept yet
         self.epoch = self.grid = self.threads = self.address = 0
-        self.calls: Any = None                            # the driver's Launcher (False: none)
-        self.cu_launch = self.context = self.primary = self.streams = None   # its fields, once kept
+        self.calls: bool | None = None                    # whether the driver gives a Launcher
+        self.cu_launch: Any = None                        # its fields, once kept
+        self.context: Any = None
+        self.primary: Any = None
+        self.streams: Any = None
 
     def _launch(self, dispatcher, args, raw: int, blocks: int) -> bool:
         """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: the bound block
@@ -145,12 +148,12 @@ class CudaKernel(Kernel):
         """After a launch through the block: keep what the next launch over the same ``tables``
         needs (the subclass keeps its own arguments), where the driver gives its calls
         (:meth:`.driver.Driver.launcher`)."""
-        calls = self.calls
-        if calls is None:
-            calls = self.calls = self.driver.launcher(self.index) or False
-            if calls:
-                self.cu_launch, self.context, self.primary, self.streams = calls
-        if calls:
+        if self.calls is None:
+            got = self.driver.launcher(self.index)
+            self.calls = got is not None
+            if got is not None:
+                self.cu_launch, self.context, self.primary, self.streams = got
+        if self.calls:
             self.epoch, self.grid, self.threads = EPOCH[0], blocks, config.CUDA_THREADS
             self.address = self.block.address
             self.tables = tables
