@@ -124,7 +124,8 @@ TABLE: tuple[Private, ...] = (
        attr="_version"),
     _p("torch:_foreach_copy_", "torch", _T,
        "fastema/torch/_tensors/slots.py fastema/torch/compat/ema_pytorch/_pytree.py "
-       "fastema/torch/compat/torchrl.py", "many copies in one call"),
+       "fastema/torch/compat/ema_pytorch/_shared.py fastema/torch/compat/torchrl.py",
+       "many copies in one call"),
     _p("torch:_foreach_lerp_", "torch", _T, "fastema/torch/compat/swa_utils.py",
        "the drop-in's fallback update, as torch's swa_utils makes it"),
     _p("torch.distributed.tensor.placement_types:_StridedShard", "torch", _T,
@@ -148,8 +149,8 @@ TABLE: tuple[Private, ...] = (
        "fastema/torch/_tensors/hooks.py fastema/torch/_tensors/selection.py "
        "fastema/torch/_tensors/slots.py", "a module's own parameters", attr="_parameters"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/hooks.py "
-       "fastema/torch/_tensors/slots.py fastema/torchtitan/_held.py", "a module's own submodules",
-       attr="_modules"),
+       "fastema/torch/_tensors/slots.py fastema/torchtitan/_held.py "
+       "fastema/torch/compat/ema_pytorch/_shared.py", "a module's own submodules", attr="_modules"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/slots.py",
        "a module's buffers left out of its state dict", attr="_non_persistent_buffers_set"),
     _p("torch.serialization:_save", "torch", _T, "fastema/_io/safetensors.py",

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 
 from ..average import EMAOptions
-from ._entries import _named_state
+from ._entries import _named_state, refuse_poisoned
 from ._jax import _JaxModelEMA
 from ._saving import _detach, _saved_averages
 
@@ -53,8 +53,9 @@ class WeightEMA(keras.callbacks.Callback):
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
-        allow_nonfinite: on the torch backend, resume, swap in and write into the model an average
-            holding inf or NaN (False: refused, naming its tensors; see :meth:`repair_nonfinite`).
+        allow_nonfinite: resume, swap in and write into the model an average holding inf or NaN
+            (False: refused, naming its tensors; see :meth:`repair_nonfinite`); a
+            ``model.load_weights`` into this callback loads one too.
         **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
             ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
             same on every backend; the torch backend also takes the model selection
@@ -80,9 +81,10 @@ class WeightEMA(keras.callbacks.Callback):
     the average into it too. :func:`averaged_weights` reads the average without a callback.
 
     **An average that inf or NaN reached** (``skip_nonfinite`` off, an older file) is named in a
-    warning whenever it is saved. On the torch backend the validation swap, ``write_at_end`` and a
-    resume refuse it, naming its tensors, until :meth:`repair_nonfinite` resets them from the
-    model's weights (``allow_nonfinite=True`` resumes it first).
+    warning whenever it is saved. The validation swap, ``write_at_end``, a resume and the readers of
+    the model's files refuse it, naming its tensors, until :meth:`repair_nonfinite` resets them from
+    the model's weights (``allow_nonfinite=True`` here, and to :func:`load_model` /
+    :func:`load_average`, loads it first), on every backend.
     """
 
     def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True,
@@ -95,10 +97,6 @@ class WeightEMA(keras.callbacks.Callback):
             decay = None
             warnings.warn("fastema.keras.WeightEMA's default decay is now 0.9999, as every fastema EMA's (it was "
                           "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning, stacklevel=2)
-        if allow_nonfinite and keras.backend.backend() != "torch":
-            raise ValueError(f"allow_nonfinite=True goes with the torch backend's average (its "
-                             f"swap, write_at_end and resume refuse inf or NaN); this Keras runs "
-                             f"on {keras.backend.backend()!r}")
         _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
         self.allow_nonfinite = allow_nonfinite
@@ -126,11 +124,13 @@ class WeightEMA(keras.callbacks.Callback):
         saved = _saved_averages(self.model, create=True)
         slot = len(saved.this_fit())
         from_file = saved.pending[slot] if slot < len(saved.pending) else None
+        ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
         self.ema = ema
         try:
             if self._pending is not None:
                 ema.load_state_dict(self._pending)
             elif from_file is not None:
+                refuse_poisoned(from_file, self.allow_nonfinite)
                 try:
                     ema.load_state_dict(_named_state(self, from_file))
                 except ValueError as e:
@@ -158,9 +158,7 @@ class WeightEMA(keras.callbacks.Callback):
         frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
         kwargs = dict(self.ema_kwargs)
         kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(_escape(n) for n in frozen)
-        ema = EMA(model, self.decay, **kwargs)
-        ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
-        return ema
+        return EMA(model, self.decay, **kwargs)
 
     def on_train_begin(self, logs=None):
         if self.ema is None:
@@ -210,14 +208,12 @@ class WeightEMA(keras.callbacks.Callback):
         return self.ema.state_dict()
 
     def repair_nonfinite(self) -> list[str]:
-        """Reset the averaged tensors holding inf or NaN from the model's weights and return their
-        names (:meth:`fastema.torch.EMA.repair_nonfinite`): the torch backend's average."""
+        """Reset each averaged tensor (and row) holding inf or NaN from the model's weights, on
+        every backend, every other one left bit for bit, and return their names (the torch backend:
+        :meth:`fastema.torch.EMA.repair_nonfinite`; TensorFlow and JAX: the trainable variables,
+        ``fit``'s newest ones on JAX); e.g. after a resume with ``allow_nonfinite=True``."""
         if self.ema is None:
             raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
-        if keras.backend.backend() != "torch":
-            raise TypeError(f"WeightEMA.repair_nonfinite() repairs the torch backend's average; "
-                            f"this Keras runs on {keras.backend.backend()!r}: load a state_dict() "
-                            f"whose averages are finite instead")
         return self.ema.repair_nonfinite()
 
     def load_state_dict(self, state: dict) -> None:

@@ -9,20 +9,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Sequence
 
-from ..torch import dcp_loading, mesh_findings, refuse_together, reset_nonfinite, scan_nonfinite
+from .._nonfinite import RECORD, named, refusal
+from ..torch import dcp_loading, found_together, mesh_findings, reset_nonfinite, scan_nonfinite
 from ._state import mesh_groups
 
 EMA = Any                 # a fastema.torchtitan.EMA (its module imports this one)
 
 __all__ = ["RECORD", "found", "named", "record", "refuse", "repair"]
-
-RECORD = "nonfinite"      # the state dict's entry: the tracked names whose copies hold inf or NaN
-
-
-def named(names: Sequence[str]) -> str:
-    """The first few names, then how many more."""
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    return ", ".join(map(repr, names[:8])) + more
 
 
 def found(ema: EMA, rows: Sequence[int] | None = None, agree: bool = True) -> dict[str, list[int]]:
@@ -49,10 +42,8 @@ def refuse(ema: EMA, what: str, row: int, allow: bool | None) -> None:
         return
     bad = found(ema, [row])
     if bad:
-        raise ValueError(f"fastema.torchtitan.{what}: copy {ema.keys[row]!r} holds inf or NaN in "
-                         f"{named(list(bad))}: it would hand out a model that computes NaN. Call "
-                         f"ema.repair_nonfinite() to reset those tensors from the live weights, or "
-                         f"pass allow_nonfinite=True to use it as it is. Nothing was written.")
+        raise ValueError(refusal(f"fastema.torchtitan.{what}", f"copy {ema.keys[row]!r}",
+                                 list(bad)))
 
 
 def record(ema: EMA) -> list[str]:
@@ -72,24 +63,13 @@ def record(ema: EMA) -> list[str]:
 
 def repair(ema: EMA, follow: Callable[[], None]) -> list[str]:
     """See :meth:`fastema.torchtitan.EMA.repair_nonfinite` (``follow``: its check of the model)."""
-    groups = mesh_groups(ema.tracked)
-    try:
+    def find() -> dict:
         follow()
-        mine = found(ema, agree=False)
-    except Exception as err:
-        if not groups:
-            raise
-        mesh_findings(({}, f"{type(err).__name__}: {err}"), groups)
-        raise
-    if groups:
-        every = mesh_findings((mine, None), groups, waiting="every rank of the EMA's mesh calls "
-                                                            "repair_nonfinite() together")
-        refuse_together("fastema.torchtitan.EMA.repair_nonfinite()",
-                        {rank: e for rank, (_, e) in every.items()})
-        union: dict[str, Any] = {}
-        for theirs, _ in every.values():
-            for n, r in theirs.items():
-                union.setdefault(n, set()).update(r)
-        mine = {t.fqn: sorted(union[t.fqn]) for t in ema.tracked if t.fqn in union}
+        return found(ema, agree=False)
+
+    mine = found_together(find, mesh_groups(ema.tracked),
+                          "fastema.torchtitan.EMA.repair_nonfinite()",
+                          "every rank of the EMA's mesh calls repair_nonfinite() together",
+                          [t.fqn for t in ema.tracked])
     reset_nonfinite(ema.shadow, mine)
     return list(mine)

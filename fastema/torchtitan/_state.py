@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from .._nonfinite import load_advice
 from ..torch import mesh_findings, refuse_together
 from ._keys import canonical_fqn, flat_key
 
@@ -112,6 +113,7 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
     in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
     bad_in_place: list[str] = []
     poisoned: list[str] = []                    # loaded all the same (allow)
+    refused = 0                                 # problems that are inf or NaN (allow loads them)
     ready = []
     for t in tracked:
         spec = padded.get(t.fqn)
@@ -157,9 +159,11 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             elif bool(torch.isfinite(local).all()):
                 problems.append(f"{name} holds values beyond {dst.dtype}'s range (its copy's "
                                 f"dtype), which would land as inf")
+                refused += 1
             else:
                 problems.append(f"{name} holds inf or NaN")
-    verdict(_refusal(problems, in_place, bad_in_place))
+                refused += 1
+    verdict(_refusal(problems, in_place, bad_in_place, refused))
     with torch.no_grad():                       # every rank's entries passed: the same on each
         for layout, dst, value, padding in ready:
             if padding is not None:
@@ -173,23 +177,30 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
     return poisoned
 
 
-def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str]) -> str | None:
-    """What this rank refuses the load for (None: nothing)."""
+def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str],
+             nonfinite: int = 0) -> str | None:
+    """What this rank refuses the load for (None: nothing); where inf or NaN is all it refuses
+    (``nonfinite``: of ``problems``), how to load it all the same and repair it."""
     if bad_in_place:
-        return (f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and they "
-                f"are this EMA's copies, which dcp.load had already written in place (it fills the "
-                f"views state_dict() gives, then calls load_state_dict): the copies now hold the "
-                f"checkpoint's values where dcp.load wrote them, inf and NaN included, and their "
-                f"previous values elsewhere (nothing else was written)"
-                + (f" ({_listed(problems)})" if problems else "")
-                + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to start "
-                  "every copy afresh from the weights")
-    if problems:
-        return ("the EMA state was not loaded (nothing was written"
-                + (f"; {len(in_place)} entries are this EMA's copies, which hold what was written "
-                   f"into them before this call, as dcp.load does" if in_place else "")
-                + f"): {_listed(problems)}")
-    return None
+        why = (f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and they "
+               f"are this EMA's copies, which dcp.load had already written in place (it fills the "
+               f"views state_dict() gives, then calls load_state_dict): the copies now hold the "
+               f"checkpoint's values where dcp.load wrote them, inf and NaN included, and their "
+               f"previous values elsewhere (nothing else was written)"
+               + (f" ({_listed(problems)})" if problems else "")
+               + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to start "
+                 "every copy afresh from the weights")
+    elif problems:
+        why = ("the EMA state was not loaded (nothing was written"
+               + (f"; {len(in_place)} entries are this EMA's copies, which hold what was written "
+                  f"into them before this call, as dcp.load does" if in_place else "")
+               + f"): {_listed(problems)}")
+    else:
+        return None
+    if nonfinite < len(problems):
+        return why
+    return why + ". " + load_advice("or set ema.allow_nonfinite = True before a load another "
+                                    "library makes: dcp.load, torchtitan's CheckpointManager")
 
 
 def mesh_groups(tracked: Sequence[Tracked]) -> list:

@@ -7,6 +7,7 @@ is planted by an update with the guard off, by a load, and by a real training lo
 ``update()`` and an attached ``opt.step()`` make no scan and no host read."""
 import io
 import os
+import re
 import warnings
 
 import pytest
@@ -309,13 +310,12 @@ def test_a_nan_on_one_rank_is_refused_on_every_rank_and_the_repair_is_agreed(tmp
 
 def test_the_guide_example_runs(capsys):
     import pathlib
-    import re
 
     text = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "nonfinite.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     exec(compile(block, "nonfinite.md", "exec"), {})
     out = capsys.readouterr().out
-    assert out.count("['0.bias']") == 2 and "EMA.swap(): the average holds inf or NaN in '0.bias'" in out
+    assert out.count("['0.bias']") == 2 and "EMA.average_parameters(): the average holds inf or NaN in '0.bias'" in out
 
 
 def test_a_poisoned_average_rolls_back_to_a_finite_dcp_checkpoint(tmp_path):
@@ -336,3 +336,39 @@ def test_a_poisoned_average_rolls_back_to_a_finite_dcp_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "nonfinite" not in ema.state_dict()
+
+
+@pytest.mark.parametrize("shadow, entry", [("float32", torch.full((3,), 1e300, dtype=torch.float64)),
+                                           ("float16", torch.full((3,), 1e5))])
+def test_a_load_checks_finiteness_as_the_value_lands_in_the_average(shadow, entry):
+    """An entry finite in its own dtype but past the average's (float64 1e300 into a float32 average,
+    float32 1e5 into a float16 one) landed as inf, unnamed: it is refused by name as what it is, nothing
+    written, with the way to load it and repair it; allowed, it loads with the warning."""
+    ema = EMA(model(), 0.9, shadow_dtype=shadow)
+    state = ema.state_dict()
+    state["averaged"]["2.bias"] = entry.reshape(1, 3)
+    before = bits(ema)
+    with pytest.raises(ValueError, match=r"checkpoint's averaged '2.bias' holds inf or NaN as it lands "
+                                         rf"\('2.bias' finite in the checkpoint but past the range of the "
+                                         rf"average's {shadow}: inf once converted\)\. To load it all the "
+                                         r"same and repair it, pass allow_nonfinite=True .*repair_nonfinite"):
+        ema.load_state_dict(state)
+    assert all(torch.equal(before[n], t) for n, t in bits(ema).items())
+    with pytest.warns(RuntimeWarning, match="'2.bias' \\(allow_nonfinite\\)"):
+        ema.load_state_dict(state, allow_nonfinite=True)
+    assert ema.repair_nonfinite() == ["2.bias"]
+
+
+def test_a_refusal_names_the_call_the_user_made():
+    """A refused average_parameters() said swap() (the call it makes inside)."""
+    m = model()
+    ema = EMA(m, 0.9)
+    with torch.no_grad():
+        m[0].bias[0] = NAN
+    ema.update()
+    for call, refused in (("average_parameters()", lambda: ema.average_parameters().__enter__()),
+                          ("swap()", ema.swap), ("copy_to()", ema.copy_to)):
+        with pytest.raises(ValueError, match=rf"^EMA\.{re.escape(call)}: the average holds inf or NaN in "
+                                             r"'0.bias'"):
+            refused()
+        assert not ema.swapped

@@ -71,7 +71,9 @@ def test_a_load_of_a_nan_copy_is_refused_unless_allowed_and_a_rollback_loads_int
         state = {k: v for k, v in ema.state_dict().items() if k != "nonfinite"}
     _, fresh = _trained(_ours, steps=2)
     kept = _rows(fresh)
-    with pytest.raises(ValueError, match="out.bias.ema_params.decay_0p9 holds inf or NaN"):
+    with pytest.raises(ValueError, match=r"out.bias.ema_params.half_life_0p25 holds inf or NaN\. To load it all the "
+                                         r"same and repair it, pass allow_nonfinite=True .*then call "
+                                         r"repair_nonfinite\(\)"):
         fresh.load_state_dict(state)
     assert all(torch.equal(kept[k], v) for k, v in _rows(fresh).items())
     with caplog.at_level(logging.WARNING, "fastema.torchtitan._ema"):

@@ -90,7 +90,7 @@ class TorchAverage(TorchFace):
 
     # ------------------------------------------------------------ attached to an optimizer
 
-    _attachment = None                          # attach(optimizer): its hooks (fastema.torch._attach)
+    _attachment = None                          # attach(optimizer): its hooks (_face/attach.py)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Update this average after every ``optimizer.step()`` and keep it in the optimizer's
@@ -112,15 +112,15 @@ class TorchAverage(TorchFace):
         before the save (the ``GatherAttached`` callbacks), else ``optimizer.state_dict()``
         raises. Refused: ZeRO partitions, a second average on one optimizer, an average of
         trainable parameters the optimizer does not step. See the attach guide."""
-        from .._attach import Attachment, skip_refusal
+        from .attach import Attachment, Joined, skip_refusal
 
         if self._attachment is not None:
             raise ValueError(f"this {type(self).__name__} is attached to an optimizer already: detach() "
                              f"it first. For two optimizers (one per model part), make one average of "
                              f"each part and attach each to its optimizer")
         groups = [g for s in (self._avg, self._copy) if s is not None for g in s.layout.groups]
-        skipping = _skipping(self)
-        self._attachment = Attachment(self, optimizer, update=self._eager_update, skipping=skipping,
+        skipping, joined = _skipping(self), Joined(self, self._side, self._avg, self._checkpoint)
+        self._attachment = Attachment(joined, optimizer, compiled=self.compiled, skipping=skipping,
                                       restart=self._side.on_restart, sources=list(self._avg.sources),
                                       devices=sorted({g.device for g in groups}),
                                       cannot_skip=skip_refusal(skipping, self._core, self._avg))

@@ -25,6 +25,7 @@ from ..._checkpoint_format import check_header, load_refused, refuse_load
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
 from ..._io.safetensors import stream_safetensors, stream_torch_save
+from ..._nonfinite import held, load_advice
 from .._sharding import params as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
@@ -284,6 +285,7 @@ class TorchCheckpoint:
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
         poisoned: list[str] = []                     # averaged entries holding inf or NaN
+        beyond: dict[str, str] = {}                  # of those, finite but past the average's dtype
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
 
@@ -332,8 +334,10 @@ class TorchCheckpoint:
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
                 else:
-                    if finite and not bool(torch.isfinite(value).all()):
+                    if finite and not _lands_finite(value, dst.dtype):
                         poisoned.append(n)
+                        if bool(torch.isfinite(value).all()):  # finite in its own dtype
+                            beyond[n] = str(dst.dtype).replace("torch.", "")
                     loads.append((dst, value))
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -343,16 +347,13 @@ class TorchCheckpoint:
             problems.append(f"split_id must be an int, got {split_id!r}")
         self.core.check_plan_state(state, problems)
         if poisoned and self.nonfinite.checking:
-            held = f"averaged {named(poisoned)} hold{'s' * (len(poisoned) == 1)} inf or NaN"
+            what = held(poisoned, beyond)
             if problems:                             # refused for more than that
-                problems.append(held)
+                problems.append(what)
             else:
-                raise load_refused(
-                    f"this {kind} checkpoint's {held}. To load it all the same and repair it, "
-                    f"pass allow_nonfinite=True (or set ema.allow_nonfinite = True before a load "
-                    f"another library makes: dcp.load, optimizer.load_state_dict, a callback's "
-                    f"resume), then call repair_nonfinite(), which resets those tensors from the "
-                    f"live weights.")
+                raise load_refused(f"this {kind} checkpoint's {what}. " + load_advice(
+                    "or set ema.allow_nonfinite = True before a load another library makes: "
+                    "dcp.load, optimizer.load_state_dict, a callback's resume"))
         refuse_load(kind, problems, " this model")
         return loads, poisoned
 
@@ -385,3 +386,10 @@ class TorchCheckpoint:
         self.nonfinite.refuse("save()", row)
         write()
 
+
+def _lands_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is finite as it lands in the average (``dtype``: a float64 1e300 lands in a
+    float32 average as inf, a float32 1e5 in a float16 one). A load: one host read an entry."""
+    if value.dtype != dtype and value.is_floating_point():
+        value = value.to(dtype)
+    return bool(torch.isfinite(value).all())

@@ -25,31 +25,14 @@ import contextlib
 import warnings
 from typing import Any, ContextManager, Iterator, Sequence
 
-import numpy as np
 import torch
 
-from ... import _backends
-from ...ops import flag_nonfinite_
+from ... import _backends, _nonfinite
+from ..._nonfinite import RECORD, named, refusal
 from .._placement.gather import flat
-from .decisions import mesh_findings, refuse_together
+from .decisions import found_together, joined, mesh_findings
 
 __all__ = ["NonFinite", "RECORD", "named", "reset", "scan"]
-
-RECORD = "nonfinite"      # the checkpoint's field: the averaged tensors holding inf or NaN
-_SHOWN = 8                # tensors a message names (then how many more)
-
-
-def named(names: Sequence[str], found: dict | None = None) -> str:
-    """``names`` for a message: the first few (with their rows from ``found``, ``name -> rows``),
-    then how many more."""
-    def one(n: str) -> str:
-        rows = None if found is None else found[n]
-        if not rows:
-            return repr(n)
-        return f"{n!r} (row{'s' * (len(rows) > 1)} {', '.join(map(str, rows))})"
-
-    shown = ", ".join(one(n) for n in names[:_SHOWN])
-    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
 class NonFinite:
@@ -65,6 +48,7 @@ class NonFinite:
         self.kind = agreement.kind
         self.allowed = False                 # ema.allow_nonfinite: every check passes
         self._allow: bool | None = None      # a call's allow_nonfinite= (allowing())
+        self._call: str | None = None        # the call a refusal names, not its own (entering())
         self._flags: dict = {}               # device -> the first pass's int32[1] flag, made once
 
     def allow(self, value: bool) -> None:
@@ -85,12 +69,18 @@ class NonFinite:
             self._allow = before
 
     @contextlib.contextmanager
-    def entering(self, block: ContextManager, allow: bool | None) -> Iterator[Any]:
+    def entering(self, block: ContextManager, allow: bool | None,
+                 call: str = "average_parameters()") -> Iterator[Any]:
         """``block`` (an evaluation block, :meth:`fastema.average.ModelSwap.block`) entered as
-        :meth:`allowing` ``allow`` says (its swap in checks), left as it leaves."""
+        :meth:`allowing` ``allow`` says (its swap in checks; a refusal names ``call``, the one the
+        user made), left as it leaves."""
         with contextlib.ExitStack() as stack:
-            with self.allowing(allow):
-                value = stack.enter_context(block)
+            before, self._call = self._call, call
+            try:
+                with self.allowing(allow):
+                    value = stack.enter_context(block)
+            finally:
+                self._call = before
             yield value
 
     @property
@@ -116,11 +106,7 @@ class NonFinite:
         found = self.local([row])
         if found:
             which = "the average" if self.side.avg.rows == 1 else f"average {row}"
-            raise ValueError(
-                f"{self.kind}.{what}: {which} holds inf or NaN in {named(list(found))}: it "
-                f"would hand out a model that computes NaN. Call repair_nonfinite() to reset those "
-                f"tensors from the live weights, or pass allow_nonfinite=True (or set "
-                f"ema.allow_nonfinite = True) to use it as it is. Nothing was written.")
+            raise ValueError(refusal(f"{self.kind}.{self._call or what}", which, list(found)))
 
     def saved(self, gathered: bool = False) -> list[str]:
         """The averaged tensors holding inf or NaN in any row, named in a warning: what a checkpoint
@@ -130,7 +116,7 @@ class NonFinite:
         found = self.local()
         if gathered and self.agreement.groups():
             every = mesh_findings(found, self.agreement.groups())
-            found = _union(every.values(), self.side.avg.names)
+            found = joined(every.values(), self.side.avg.names)
         if found:
             warnings.warn(
                 f"{self.kind}.state_dict(): the average holds inf or NaN in "
@@ -149,81 +135,31 @@ class NonFinite:
         ``swap`` (the swap state) has the average in the model. A sharded or split average's ranks
         agree first (a collective): every rank resets its part of the same tensors and returns the
         same names."""
-        side, groups = self.side, self.agreement.groups()
-        try:
+        side = self.side
+
+        def find() -> dict[str, list[int]]:
             swap.refuse("repair_nonfinite()")
             side.settle()
             side.follow()                             # the live weights where they are now
-            mine: dict[str, list[int]] = self.local()
-        except Exception as err:
-            if not groups:
-                raise
-            mesh_findings(({}, f"{type(err).__name__}: {err}"), groups)
-            raise
-        if groups:
-            every = mesh_findings((mine, None), groups, waiting="every rank of the average calls "
-                                                                "repair_nonfinite() together")
-            refused = {r: e for r, (_, e) in every.items()}
-            refuse_together(f"{self.kind}.repair_nonfinite()", refused)
-            mine = _union([found for found, _ in every.values()], side.avg.names)
+            return self.local()
+
+        mine = found_together(find, self.agreement.groups(), f"{self.kind}.repair_nonfinite()",
+                              "every rank of the average calls repair_nonfinite() together",
+                              side.avg.names)
         reset(side.avg, mine)
         return list(mine)
 
 
 
-def _union(founds, names: list) -> dict[str, list[int]]:
-    """Every rank's ``name -> rows`` in one, in the average's order (``names``)."""
-    union: dict[str, set] = {}
-    for found in founds:
-        for n, rows in found.items():
-            union.setdefault(n, set()).update(rows)
-    return {n: sorted(union[n]) for n in names if n in union}
-
-
 def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
-    """``name -> rows`` of the shadow ``avg`` (this rank's part of it) holding inf or NaN, in its
-    order (``rows``: the rows looked at; None: every row). One launch a group over its whole
-    buffer (:meth:`~fastema.FlatShadow.scan_rows`, else :func:`fastema.flag_nonfinite_`), one host
-    read a device; where a group's flag is set, one launch a tensor and row and one more read.
-    ``kept``: ``device -> flag``, the first pass's flags, made here once. Nothing is written but
-    the flags."""
-    avg.join()                                     # an offloaded average's folds first
-    rows = list(range(avg.rows)) if rows is None else list(rows)
-    flags: dict = {}
-    for g in avg.layout.groups:
-        if g.device not in flags:
-            flag = kept.get(g.device)
-            if flag is None:                       # kept: never an inference tensor
-                with torch.inference_mode(False):
-                    flag = kept[g.device] = _backends.new_flag(g)
-            flag.zero_()                               # (a torch tensor: the torch face's)
-            flags[g.device] = flag
-    if not avg.scan_rows(flags):                   # its own kept launches, else ops
-        for g in avg.layout.groups:
-            if g.buffer is not None and g.buffer.numel():
-                flag_nonfinite_(flags[g.device], g.buffer)     # the whole buffer, every row
-    hit = {d for d, f in flags.items() if f.item()}   # one host read a device
-    suspects = []
-    for g in avg.layout.groups:
-        if g.device in hit:
-            suspects += [(g, pos) for pos in g.members]
-    if not suspects:
-        return {}
-    where: dict = {}                               # group -> [(position, row, view)]
-    for g, pos in suspects:
-        for r in rows:
-            view = avg.view(pos, r)
-            if view.numel():
-                where.setdefault(g, []).append((pos, r, view))
-    found: dict[int, list[int]] = {}
-    for g, items in where.items():
-        marks = _backends.zeros((g.framework, g.device), len(items), np.int32)
-        for k, (_, _, view) in enumerate(items):
-            flag_nonfinite_(marks[k:k + 1], view)      # one launch a tensor and row
-        for hit_at in np.flatnonzero(_backends.to_host(marks)).tolist():
-            pos, r, _ = items[hit_at]
-            found.setdefault(pos, []).append(r)
-    return {avg.names[p]: sorted(found[p]) for p in sorted(found)}
+    """:func:`fastema._nonfinite.scan` of a torch face's shadow (its flags never inference
+    tensors: made outside inference mode)."""
+    return _nonfinite.scan(avg, kept, rows, _new_flag)
+
+
+def _new_flag(group: Any) -> Any:
+    with torch.inference_mode(False):
+        return _backends.new_flag(group)
 
 
 def reset(avg: Any, found: dict[str, list[int]]) -> None:
