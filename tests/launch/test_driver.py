@@ -133,6 +133,21 @@ def test_fastemas_calls_pass_cuda_bindings_own_argument_checks():
 
 
 @needs_no_driver
+def test_a_kept_launchs_calls_are_cuda_bindings_own():
+    """What a kept launch calls itself (``CudaCoreDriver.launcher``, issue 86 item 3: one frame
+    around the driver's two calls) passes the real bindings' argument checks with the arguments the
+    kept launch gives them; the primary context compares with ``cuCtxGetCurrent``'s by value."""
+    d = _checked(cuInit=(SUCCESS,), cuDeviceGet=(SUCCESS, bindings.CUdevice(0)),
+                 cuDevicePrimaryCtxRetain=(SUCCESS, bindings.CUcontext(0xC7)))
+    calls = d.launcher(0)
+    err, ctx = calls.context()
+    assert not err and ctx == calls.primary and ctx != bindings.CUcontext(0xC8)
+    assert calls.streams[77] is d.stream(77)
+    err, = calls.launch(bindings.CUfunction(0xF00), 3, 1, 1, 256, 1, 1, 0, calls.streams[77], 0x1000, 0)
+    assert not err and [name for name, _ in d.d.calls][-2:] == ["cuCtxGetCurrent", "cuLaunchKernel"]
+
+
+@needs_no_driver
 def test_the_fake_driver_is_given_and_gives_what_the_real_calls_take():
     """A fake-GPU run's loads and launches, as the fake driver saw them, handed to the cuda.core
     driver's real calls (cuda.core's ``ObjectCode`` for the code, cuda-bindings' checks for the
