@@ -103,6 +103,13 @@ class NonFinite:
         :attr:`checking`. Called inside the read's agreement (every rank raises with it)."""
         if not self.checking:
             return
+        for g in self.side.avg.layout.groups:       # the scan's host read would end a capture
+            if _backends.capturing(g.framework, g.device):
+                raise RuntimeError(
+                    f"fastema: {self.kind}.{self._call or what} checks the average for inf or NaN "
+                    f"(a scan and a host read), which the CUDA graph capture on {g.device}'s current "
+                    f"stream forbids: call it outside the capture (a warm-up step first), or pass "
+                    f"allow_nonfinite=True to skip the check. Nothing was changed.")
         found = self.local([row])
         if found:
             which = "the average" if self.side.avg.rows == 1 else f"average {row}"
