@@ -68,6 +68,15 @@ class _WholeSources(_launch.Launches):
         return getattr(self._group, name)
 
 
+class _OwnRows(_WholeSources):
+    """A group's own buffer seen as the sources, for the scan of the averages
+    (:meth:`fastema.FlatShadow.scan_rows`): its tables walk the buffer, of the shadow's kind."""
+
+    def __init__(self, group: "LayoutGroup", tables):
+        super().__init__(group, tables)
+        self.src_kind = group.shadow_kind
+
+
 class LayoutGroup(_launch.Launches):
     """Sources of one (device, source dtype, shadow dtype) and their flat shadow buffer.
 
@@ -114,15 +123,29 @@ class LayoutGroup(_launch.Launches):
         packed = np.concatenate([[0], np.cumsum(counts)[:-1]])
         base = int(packed[self.pieces[0]] + self.piece_first[0]) if len(self.pieces) else 0
         self.buffer = empty(first, shadow_kind, (rows, self.n))   # owned by fastema
+        if pad > 1:                      # the padding zeroed once (nothing writes it later): a
+            _backends.zero_(self.buffer)  # scan of the whole buffer finds the averages' inf/NaN
         self.tables = _launch.tables(self.piece_addresses([b.address for b in bufs]), self.piece_count,
                                      self.segments(self.buffer), self.device, self.current_stream,
                                      row_stride=self.n, handed_over=self.backend.HANDS_OVER, base=base)
         self.scan: LayoutGroup | _WholeSources = self                # what the non-finite scan walks
+        self._own: _OwnRows | None = None                          # own_rows, made at a first scan
         if self.split:                                             # every source whole: every rank decides alike
             self.scan = _WholeSources(self, _launch.tables([b.address for b in bufs], self.counts,
                                                            np.zeros(len(bufs), np.int64), self.device,
                                                            self.current_stream, row_stride=1,
                                                            handed_over=self.backend.HANDS_OVER))
+
+    @property
+    def own_rows(self) -> "_OwnRows":
+        """What a scan of this group's averages walks: its buffer, every row, as one segment (the
+        padding is zero), with launches of its own; made at the first such scan."""
+        if self._own is None:
+            b = describe(self.buffer, "buffer")
+            tables = _launch.tables([b.address], [b.numel], np.zeros(1, np.int64), self.device,
+                                    self.current_stream, follow=False)
+            self._own = _OwnRows(self, tables)
+        return self._own
 
     def piece_addresses(self, addresses: list) -> list:
         """The addresses of the pieces held here, from the sources' (each source's own in a whole group)."""

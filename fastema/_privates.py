@@ -124,7 +124,8 @@ TABLE: tuple[Private, ...] = (
        attr="_version"),
     _p("torch:_foreach_copy_", "torch", _T,
        "fastema/torch/_tensors/slots.py fastema/torch/compat/ema_pytorch/_pytree.py "
-       "fastema/torch/compat/torchrl.py", "many copies in one call"),
+       "fastema/torch/compat/ema_pytorch/_shared.py fastema/torch/compat/torchrl.py",
+       "many copies in one call"),
     _p("torch:_foreach_lerp_", "torch", _T, "fastema/torch/compat/swa_utils.py",
        "the drop-in's fallback update, as torch's swa_utils makes it"),
     _p("torch.distributed.tensor.placement_types:_StridedShard", "torch", _T,
@@ -132,7 +133,8 @@ TABLE: tuple[Private, ...] = (
     _p("torch.distributed.tensor._utils:compute_local_shape_and_global_offset", "torch", _T,
        "fastema/torch/_state/slices.py", "a local shard's offset in the whole tensor",
        ("global_shape", "mesh", "placements")),
-    _p("torch.distributed.tensor:DTensor", "torch", _T, "fastema/torch/_sharding/params.py",
+    _p("torch.distributed.tensor:DTensor", "torch", _T, "fastema/torch/_sharding/params.py "
+       "fastema/torchtitan/_ema.py fastema/torchtitan/_export.py",
        "the local shard without a dispatch (gone: to_local())", attr="_local_tensor"),
     _p("torch.distributed.fsdp._common_utils", "torch", _T,
        "fastema/_backends/torch.py fastema/torch/_state/attach_checks.py",
@@ -147,7 +149,8 @@ TABLE: tuple[Private, ...] = (
        "fastema/torch/_tensors/hooks.py fastema/torch/_tensors/selection.py "
        "fastema/torch/_tensors/slots.py", "a module's own parameters", attr="_parameters"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/hooks.py "
-       "fastema/torch/_tensors/slots.py", "a module's own submodules", attr="_modules"),
+       "fastema/torch/_tensors/slots.py fastema/torchtitan/_held.py "
+       "fastema/torch/compat/ema_pytorch/_shared.py", "a module's own submodules", attr="_modules"),
     _p("torch.nn:Module", "torch", _T, "fastema/torch/_tensors/slots.py",
        "a module's buffers left out of its state dict", attr="_non_persistent_buffers_set"),
     _p("torch.serialization:_save", "torch", _T, "fastema/_io/safetensors.py",

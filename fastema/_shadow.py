@@ -26,6 +26,9 @@ attribute declared here, never a ``getattr`` probe, and never read off its class
 - ``in_place``: the folds read the sources where they are (host masters): the face says so.
 - ``group`` / ``split_id``: the process group of a shadow split over replicas (its reads are
   collectives over it) and the split's run id; None for a whole shadow.
+- ``scan_rows(flags)``: the non-finite scan of the averages themselves, every row, one kept launch
+  a group (an average that inf or NaN reached: found at a save, swap or export); False where the
+  shadow keeps none (a face then scans its views);
 - ``parts()``: every allocation the shadow holds, ``(part, array)``, for a face's ``memory()``;
   ``written()``: the buffers an update writes (what ``torch.compile``'s functionalization must
   see); ``backup()``: a backup of the sources for a swap that would round; ``reserve()`` /
@@ -144,6 +147,12 @@ class Capabilities:
     def release(self) -> None:
         """Free what :meth:`reserve` allocated for a read not made; nothing by default."""
 
+    def scan_rows(self, flags: dict) -> bool:
+        """Set ``flags[device]`` (an int32[1] flag fastema made, zeroed by the caller) where a row
+        of this shadow holds inf or NaN, on the device, no host read: one kept launch a group over
+        its whole buffer. False, nothing launched, where the shadow keeps no such scan (default)."""
+        return False
+
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's correction of row 0 (a shadow of one row: refused)."""
         raise TypeError(f"{type(self).__name__} keeps no BEMA rows")
@@ -257,6 +266,8 @@ class Shadow(Protocol):
     def reserve(self, row: int, swap: bool) -> None: ...
 
     def release(self) -> None: ...
+
+    def scan_rows(self, flags: dict) -> bool: ...
 
     def check_row(self, row: int) -> None: ...
 

@@ -192,6 +192,15 @@ class FlatShadow(ShadowBase, StepLaunches):
         self.refresh()
         return self.scan_groups(flags)
 
+    def scan_rows(self, flags: dict) -> bool:
+        """Set ``flags[device]`` (an int32[1] flag fastema made, zeroed by the caller) where a row
+        of this shadow holds inf or NaN (every row, BEMA's state rows too), on the device, no host
+        read: one launch a group over its whole buffer (its padding is zero), kept. True."""
+        for g in self.layout.groups:
+            if g.n:
+                g.own_rows.launch_of(self._flagged(flags[g.device], g).scan)()
+        return True
+
     def copy_from_sources(self, *, skip_if: Mapping | None = None) -> None:
         """Every shadow row <- the sources (rounded to the shadow dtype); nothing is copied on a
         device whose ``skip_if`` flag (see :meth:`scan_nonfinite`) is set."""

@@ -52,6 +52,8 @@ class WeightEMA(pl.Callback):
             of :mod:`fastema.schedules` (``decay=`` of :class:`fastema.average.EMAOptions`).
         validate_with_ema: swap the EMA in for validation (and back after it).
         test_with_ema: swap the EMA in for ``trainer.test`` / ``trainer.predict``.
+        allow_nonfinite: resume, swap in and evaluate an average holding inf or NaN (False: refused,
+            naming its tensors; see :meth:`repair_nonfinite`).
         **ema_kwargs: the rest of :class:`fastema.torch.EMA` (``update_every=``,
             ``shadow_dtype=``, ``exclude=``, ``shard_replicas=True`` under the
             DDP strategy ...).
@@ -69,10 +71,19 @@ class WeightEMA(pl.Callback):
     this EMA's schedule continues Lightning's average. A checkpoint holding an average this
     callback cannot read (half of that layout, an average saved without the raw weights, an
     unknown callback's copy of the weights) is refused by name before any step.
+
+    An average that inf or NaN reached (a run with ``skip_nonfinite`` off, an older checkpoint) is
+    named in a warning at every save, and refused by the validation and test swaps and by a
+    resume, naming its tensors: ``WeightEMA(allow_nonfinite=True)`` resumes it, then
+    :meth:`repair_nonfinite` resets those tensors from the live weights.
     """
 
-    def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True, **ema_kwargs):
+    def __init__(self, decay=None, *, validate_with_ema: bool = True, test_with_ema: bool = True,
+                 allow_nonfinite: bool = False, **ema_kwargs):
         super().__init__()
+        if not isinstance(allow_nonfinite, bool):
+            raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        self.allow_nonfinite = allow_nonfinite
         placement = {k: v for k, v in ema_kwargs.items() if k in PLACEMENT}   # the torch face's own
         EMAOptions.of(decay, **EMAOptions.split({k: v for k, v in ema_kwargs.items() if k not in placement})[0])
         self.decay, self.validate_with_ema, self.test_with_ema = decay, validate_with_ema, test_with_ema
@@ -85,6 +96,7 @@ class WeightEMA(pl.Callback):
     def _ensure(self, pl_module) -> None:
         if self.ema is None:
             self.ema = EMA(pl_module, self.decay, **self.ema_kwargs)
+            self.ema.allow_nonfinite = self.allow_nonfinite      # its resume below, its swaps
         elif self.ema.model is not pl_module:
             raise RuntimeError("this WeightEMA follows another LightningModule; make one callback per model")
         if self._pending is not None:
@@ -99,6 +111,15 @@ class WeightEMA(pl.Callback):
         # then the EMA's checked load: every check first, nothing written if one fails
         template = self.ema.gathered_state_dict() if self.ema.split else self.ema.state_dict()
         self.ema.load_state_dict(peer_state(peer, template))
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset the averaged tensors holding inf or NaN from the model's weights, and return their
+        names (:meth:`fastema.torch.EMA.repair_nonfinite`); e.g. from ``on_train_start`` after a
+        resume with ``allow_nonfinite=True``."""
+        if self.ema is None:
+            raise RuntimeError("WeightEMA has no EMA yet: it is made when fitting (or testing) "
+                               "starts")
+        return self.ema.repair_nonfinite()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._ensure(pl_module)

@@ -61,11 +61,22 @@ _GROUPS: KeptLRU[_launch.Group] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 # pair's group by its description instead. Numbers, weak references and fastema's groups only.
 _KEPT: KeptLRU[_Prepared] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
+# ema_update_'s pairs that the framework's own op updates with fastema's bits (torch's lerp_ of
+# a pair of one dtype, nearest rounding: _backends/torch_lerp.py), by the two objects' identities,
+# each kept with its guard (the same types, layouts, autograd flags and addresses): the op, where
+# the decay is a Python float in (0.5, 1] (torch's FMA branch, w < 0.5: above it the CPU's
+# scalar tail gives a zero's other sign, tests/array/test_lerp_zero_sign.py). Kept after a first
+# call's every check, where no stand-in driver or adapter is given.
+_ROADS: KeptLRU[Callable] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
+_ROAD_TYPES: set = set()                   # the shadows' types a road was kept for: others skip _ROADS
+_CHOSEN, _GIVEN = _launch.CHOSEN_DRIVERS, _backends.GIVEN.chosen   # stand-ins given: no road
+
 
 def clear() -> None:
     """Forget every pair's group and prepared launch (:func:`fastema.clear_caches`)."""
     _GROUPS.clear()
     _KEPT.clear()
+    _ROADS.clear()
 
 
 def _group(shadow: Buf | None, x: Buf) -> _launch.Group:
@@ -140,7 +151,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     s, x = pair(shadow, src, "shadow", "src")
     same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
     _checks.check_written([shadow], ["shadow"])
-    rows = rows or 1
+    single, rows = not rows, rows or 1
     w = resolve_weights(decays, weights, rows, s.device)
     stochastic = stochastic_rounding(rounding, s.kind)
     sr = sr_key(seed, step) if stochastic else 0
@@ -150,6 +161,11 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
         _launch.launch("lerp", g, weights=w, flag=flag, key=sr, stochastic=stochastic)
     else:
         _keep(key, arrays, g.launch("lerp", stochastic=stochastic))(w, sr)
+        if single and not stochastic and not _CHOSEN and not _GIVEN:
+            road = _backends.backend_of(shadow).lerp_road(shadow, src)
+            if road is not None:
+                _ROADS.keep((id(shadow), id(src)), *road)
+                _ROAD_TYPES.add(shadow.__class__)
     _backends.bump_versions(arrays[:1])
     return shadow
 
@@ -175,6 +191,13 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     for bit on the CPU. bfloat16/float16 values are widened exactly and the result is
     rounded to nearest even (or stochastically).
 
+    A torch pair of one dtype with a Python float ``decay`` above 0.5, nearest rounding and
+    no ``weight`` or ``skip_if`` is updated by torch's own ``shadow.lerp_(src, 1 - decay)``
+    from its second call on (after the first call's checks, while the same two tensors keep
+    their layout, autograd flags and memory), which gives the kernel's bits
+    (``tests/array/test_ops_torch_road.py``) at torch's own cost: on a GPU, no launch of
+    fastema's. On the CPU only where torch runs its AVX2 or AVX-512 kernels.
+
     Args:
         shadow: float32, bfloat16 or float16 array or tensor, updated in place.
         src: the new values: same shape and device, any of the three dtypes.
@@ -193,6 +216,13 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
+    if (shadow.__class__ in _ROAD_TYPES and decay.__class__ is float and 0.5 < decay <= 1.0
+            and weight is None and skip_if is None and rounding == "nearest" and not _CHOSEN
+            and not _GIVEN):                       # torch's lerp_ where it gives these bits
+        lerp = _ROADS.hit((id(shadow), id(src)), [shadow, src])
+        if lerp is not None:
+            lerp(shadow, src, 1.0 - decay)
+            return shadow
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
                    skip_if)
 

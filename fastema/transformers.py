@@ -89,6 +89,8 @@ class EMACallback(TrainerCallback):
             ``"error"`` (default: ``FileNotFoundError`` before training goes on, nothing changed) or
             ``"restart"`` (a warning, and a new EMA of the resumed weights: for adding the callback
             to a run that had none).
+        allow_nonfinite: resume, evaluate with and export an average holding inf or NaN (False:
+            refused, naming its tensors; see :meth:`repair_nonfinite`).
         **ema_options: the rest of :class:`fastema.torch.EMA` (``update_every=``,
             ``shadow_dtype=``, ``exclude=`` ...). They
             are checked here: an unknown name is a ``TypeError`` listing the options, a bad value
@@ -112,10 +114,17 @@ class EMACallback(TrainerCallback):
     finds it once per ``train()`` call among its callers (the Trainer method that fires the event),
     reading the variables of transformers' own methods only (so that nothing a caller deletes is
     kept alive).
+
+    An average that inf or NaN reached (``skip_nonfinite`` off, an older checkpoint) is named in a
+    warning at every ``on_save`` (and in the file's header), and refused, naming its tensors, by a
+    resume, by ``eval_with_ema``'s swap and by the ``save_ema_model`` export, until
+    :meth:`repair_nonfinite` resets those tensors from the model's weights
+    (``EMACallback(allow_nonfinite=True)`` resumes it first).
     """
 
     def __init__(self, decay: float | Sequence[float] | None = None, *, eval_with_ema: bool = False,
-                 save_ema_model: str | os.PathLike | None = None, missing_state: str = "error", **ema_options: Any):
+                 save_ema_model: str | os.PathLike | None = None, missing_state: str = "error",
+                 allow_nonfinite: bool = False, **ema_options: Any):
         known = _ema_options()
         unknown = sorted(set(ema_options) - set(known))
         if unknown:
@@ -127,6 +136,9 @@ class EMACallback(TrainerCallback):
             raise TypeError(f"save_ema_model must be a directory path or None, got {save_ema_model!r}")
         if missing_state not in ("error", "restart"):
             raise ValueError(f"missing_state must be 'error' or 'restart', got {missing_state!r}")
+        if not isinstance(allow_nonfinite, bool):
+            raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        self.allow_nonfinite = allow_nonfinite
         self.decay, self.eval_with_ema, self.missing_state = decay, eval_with_ema, missing_state
         self.save_ema_model = None if save_ema_model is None else os.fspath(save_ema_model)
         self.ema_options = dict(ema_options)
@@ -214,6 +226,7 @@ class EMACallback(TrainerCallback):
         wrapped = getattr(trainer, "model_wrapped", None)
         source = wrapped if type(wrapped).__name__ == "DeepSpeedEngine" and unwrap(wrapped) is inner else model
         ema = EMA(source, self.decay, **self.ema_options)
+        ema.allow_nonfinite = self.allow_nonfinite        # its resume, evaluation and export
         if folder is not None:
             self._load(ema, folder)                       # refused: the callback keeps what it had
         elif isinstance(self.decay, BEMA):
@@ -221,6 +234,13 @@ class EMACallback(TrainerCallback):
             # counts optimizer steps from there; BEMA's first update is that copy
             ema.update(step=state.global_step)
         self.ema = ema
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset the averaged tensors holding inf or NaN from the model's weights, and return their
+        names (:meth:`fastema.torch.EMA.repair_nonfinite`; on every rank of a sharded average)."""
+        if self.ema is None:
+            raise RuntimeError("EMACallback has no EMA yet: it is made when training begins")
+        return self.ema.repair_nonfinite()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.ema is None:

@@ -2,7 +2,7 @@
 (``python -m testkit.driver_rules OUT.json``; a GPU run's contract asks it too, ``bench/gpu/contract.py``) or the
 driver emulator (``testkit/emulator.c``, through :func:`testkit.emulator.run`). The GPU's table is stored
 (:data:`REFERENCE`: an H200, driver 580.159) and the emulator must answer every case the same
-(``tests/kernels/test_emulator.py``): that is what holds the emulator to the driver.
+(``tests/launch/test_emulator.py``): that is what holds the emulator to the driver.
 
 Each case begins a capture on a blocking or a non-blocking stream (a pinned-to-device copy inside), then makes
 one call a capture may forbid, on the capturing thread or another one, with that thread's capture mode set by

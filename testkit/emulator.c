@@ -15,7 +15,7 @@
      its context captures, answers CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and invalidates it, in any mode; library
      loads, cuLibraryGetKernel and cuKernelGetFunction are permitted. These rules are the real driver's as a GPU
      answered them (testkit/driver_rules.py: 504 cases on driver 580.159, bench/results/
-     gpu-2026-11-27-h200-driver-rules.json; tests/kernels/test_emulator.py holds the emulator to that table;
+     gpu-2026-11-27-h200-driver-rules.json; tests/launch/test_emulator.py holds the emulator to that table;
      measured with pinned host buffers, one context, lazy module loading: pageable copies and other contexts
      are ruled here by analogy, not by measurement); an
      invalidated capture ends with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph; a graph replays what it

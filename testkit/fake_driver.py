@@ -6,7 +6,7 @@ It stands for :class:`fastema._launch.cuda.drivers.CudaCoreDriver` on an sm_90 G
 driver: ``load`` records the image fastema's real store hands it (the shipped code: nothing is faked
 above the driver) and gives a ``CUfunction`` handle; ``launch`` records the launch; ``dispatch``
 records what would have gone through numba's dispatcher; its context, stream and function handles
-are of the types cuda-bindings takes (``tests/kernels/test_fake_driver.py`` calls the real bindings'
+are of the types cuda-bindings takes (``tests/launch/test_driver.py`` calls the real bindings'
 argument checks with them). Device memory is :class:`FakeDeviceArray` (host memory behind a fake
 address, typed by numba as a device array); every call that would touch a device is logged with the
 device whose context is current (:meth:`FakeDriver.activate` counts the pushes).
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fastema._launch.cuda.driver import Driver, Loaded
+from fastema._launch.cuda.driver import Driver, Launcher, Loaded
 from fastema._launch.cuda.memory import Watched
 
 PRIMARY = 0xC7000
@@ -169,6 +169,7 @@ class FakeDriver:
             self.any_capturing = real.any_capturing   # type: ignore[method-assign]
             self.relaxed = real.relaxed         # type: ignore[method-assign]
             self.primary_context = real.primary_context   # type: ignore[method-assign]
+            self.launcher = real.launcher       # type: ignore[method-assign]
 
     def device_now(self):
         return self.stack[-1] if self.stack else None
@@ -198,6 +199,16 @@ class FakeDriver:
 
     def stream(self, raw: int):
         return raw
+
+    def launcher(self, index: int) -> Launcher | None:
+        """A kept launch's calls, with cuda-bindings' signatures, through this driver's own methods
+        (each looked up at the call: a test that replaces one sees the kept launches use it)."""
+        def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra) -> tuple:
+            assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0)
+            self.launch(func, gx, bx, stream, params)
+            return (0,)
+
+        return Launcher(launch, lambda: (0, self.current_context()), self.primary_context(index), _Streams(self))
 
     def dispatch(self, kernel, index: int, raw: int, blocks: int, threads: int,
                  args: tuple) -> None:
@@ -275,6 +286,18 @@ class FakeDriver:
 
     def clear(self) -> None:
         pass
+
+
+class _Streams:
+    """A fake driver's stream objects, as a kept launch reads them (``streams[raw]``)."""
+
+    __slots__ = ("driver",)
+
+    def __init__(self, driver: FakeDriver):
+        self.driver = driver
+
+    def __getitem__(self, raw: int):
+        return self.driver.stream(raw)
 
 
 def _itself(value):

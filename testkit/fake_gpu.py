@@ -5,7 +5,7 @@ CPU torch tensors on ``cuda:0``, so that every entry point takes the road a GPU 
 ``EMA``'s device plan, the capture refusals). Nothing runs on a device and no tensor is written:
 what it measures and checks is host work.
 
-Used by the fake-GPU tests in ``tests/kernels/``, and outside the tests by the benchmark tooling
+Used by the fake-GPU tests in ``tests/launch/``, and outside the tests by the benchmark tooling
 (the gates' fake-GPU scenarios, the host-cost measurements).
 
 The stub driver (:func:`stub_driver_dir`) is the driver emulator (:mod:`testkit.emulator`: a

@@ -237,8 +237,8 @@ LAYERS = (
                 "fastema._placement_options", "fastema._device_view", "fastema._privates", "fastema._switch")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
-    ("shadows", ("fastema._checks", "fastema._steps", "fastema._chunks", "fastema._layout", "fastema._sources",
-                 "fastema._shadow", "fastema.flat",
+    ("shadows", ("fastema._checks", "fastema._nonfinite", "fastema._steps", "fastema._chunks", "fastema._layout",
+                 "fastema._sources", "fastema._shadow", "fastema.flat",
                  "fastema.flat_window", "fastema.ops", "fastema.pairs", "fastema.smooth", "fastema.track")),
     ("engine", ("fastema.average",)),
     ("faces", ("fastema.torch", "fastema.jax", "fastema.tensorflow", "fastema.posthoc")),
@@ -366,6 +366,8 @@ class Engine:
     device_plan = None
     def update(self, step: int | None = None, read: Any = None, skip_if: dict | None = None) -> None:
         pass
+    def plan_now(self) -> Any:
+        pass
 
 class Checkpoint:
     def state_dict(self) -> dict:
@@ -380,6 +382,8 @@ class NoRead:
 class NoUpdate:
     device_plan = None
     def step(self) -> None:
+        pass
+    def plan_now(self) -> Any:
         pass
 
 class NoStateDict:

@@ -213,12 +213,12 @@ def test_a_moved_name_fails_loudly_naming_it_the_files_and_the_versions():
     checked = next(r.checked for r in _privates.TABLE if r.dist == "torch")
     installed = _privates._version("torch")
     row = _privates.Private("torch.optim.optimizer:Optimizer", "torch", checked,
-                            ("fastema/torch/_attach.py",), "the hooks", attr="_gone_hooks")
+                            ("fastema/torch/_face/attach.py",), "the hooks", attr="_gone_hooks")
     gone = _privates.Private("torch._C:_no_such_name", "torch", checked,
                              ("fastema/_backends/torch.py",), "a fast path")
     with pytest.raises(_privates.PrivateNameMoved,
                        match=r"torch\.optim\.optimizer\.Optimizer no longer uses the attribute "
-                             r"'_gone_hooks' \(used by fastema/torch/_attach\.py: the hooks; "
+                             r"'_gone_hooks' \(used by fastema/torch/_face/attach\.py: the hooks; "
                              rf"checked with torch {re.escape(checked)}, installed "
                              rf"{re.escape(installed)}\); torch\._C\._no_such_name is gone "
                              r".*Install a version"):

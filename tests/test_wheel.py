@@ -114,7 +114,7 @@ def test_wheel_holds_every_package_and_module(built):
     missing = sorted(_tree_modules() - names)
     assert not missing, f"modules of the tree missing from the wheel: {missing}"
     assert "fastema/py.typed" in names
-    from fastema._launch.build.store import SETS
+    from fastema._launch.shipped.store import SETS
 
     shipped = {f"fastema/kernels/device/{s}/{n}" for s, spec in SETS.items()
                for n in ["index.json"] + [f"{i}.xz" for i in spec["images"]]}

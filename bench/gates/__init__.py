@@ -15,12 +15,14 @@ Run from the repository root. SECTIONS is a comma list of :data:`~bench.gates.co
   ``ema_update_`` of 16 elements against ``torch.lerp_``; on the stub driver (fastema's real cuda.core
   driver into ``testkit``'s stub ``libcuda.so.1``) each GPU entry point of issue 70 against a bound
   ``FlatShadow.update`` of one tensor, and (issue 78 item 7) a ``swap()`` and ``TargetNetwork.update``
-  against ``EMA.update`` (``scenarios.STUB``, ``scenarios.BOUNDS``). One valgrind process runs every
+  against ``EMA.update``, and (issue 86 item 3) a kept launch alone (``scenarios.STUB``,
+  ``scenarios.BOUNDS``, ``scenarios.CAPS``). One valgrind process runs every
   scenario, with nothing mapped below 2^30 (issue 77, M9: ``instructions.MIN_ADDRESS``): imports and
   warm-up uninstrumented, then per scenario a region of N and one of 2N updates; the figure is their
   difference / N. Gate: within
-  ``tolerance.instructions`` (3 %) of the expectation, either way, and each bound of
-  ``scenarios.BOUNDS`` (a scenario at most a factor times another's, in the same run).
+  ``tolerance.instructions`` (3 %) of the expectation, either way, each bound of
+  ``scenarios.BOUNDS`` (a scenario at most a factor times another's, in the same run) and each cap of
+  ``scenarios.CAPS`` (a scenario at most so many instructions).
 - ``counts``: per update, natively: kernel launches, host syncs, allocations on the device and the host,
   collectives (0 on every per-step path; a one-rank gloo group is up while counting), the bytes the
   update's kernels move, and under the fake GPU the bytes uploaded and the blocks launched. Gate: exact.

@@ -22,7 +22,15 @@ from .common import (
     ToolMissing,
     use_tree,
 )
-from .compare import compare_bounds, compare_exact, compare_instructions, fmt, ratio_gate, unjudged_family
+from .compare import (
+    compare_bounds,
+    compare_caps,
+    compare_exact,
+    compare_instructions,
+    fmt,
+    ratio_gate,
+    unjudged_family,
+)
 from .counts import measure_counts
 from .history import append_history, plot_history, read_history
 from .instructions import Instructions
@@ -37,7 +45,7 @@ from .record import (
     write_record,
 )
 from .sass import measure_sass
-from .scenarios import BOUNDS
+from .scenarios import BOUNDS, CAPS
 
 ABOUT = ("fastema's performance gates (bench/gates/, issue 53): expected figures per scenario; "
          "the ratios one set per CPU family (bench.gates.record.cpu_family), judged only on a "
@@ -142,6 +150,7 @@ def cmd_check(args) -> int:
     if "instructions" in figures:
         failures += compare_instructions(exp.get("instructions", {}), figures["instructions"], itol)
         failures += compare_bounds(BOUNDS, figures["instructions"])
+        failures += compare_caps(CAPS, figures["instructions"])
     for section in ("counts", "sass"):
         if section in figures:
             failures += compare_exact(section, exp.get(section, {}), figures[section])

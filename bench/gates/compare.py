@@ -66,7 +66,19 @@ def compare_bounds(bounds: tuple, measured: dict) -> list[Failure]:
                                "not measured", "the scenario or its reference did not run"))
         elif m > factor * r:
             out.append(Failure("instructions", name, f"instructions per update / {ref}'s", f"<= {factor}",
-                               round(m / r, 3), "the bound of issue 70"))
+                               round(m / r, 3), "the bound of issue 70 (scenarios.BOUNDS)"))
+    return out
+
+
+def compare_caps(caps: tuple, measured: dict) -> list[Failure]:
+    """A failure for each ``(scenario, most)`` of ``caps`` whose scenario took more than ``most``
+    instructions per update in this run, or did not run."""
+    out = []
+    for name, most in caps:
+        m = measured.get(name)
+        if m is None or m > most:
+            out.append(Failure("instructions", name, "instructions per update", f"<= {most:,}",
+                               "not measured" if m is None else m, "the cap of issue 86 (scenarios.CAPS)"))
     return out
 
 

@@ -19,9 +19,10 @@ RATIOS = {
     "smoother, 10^6 streams: Smoother.update / torch ops": "smooth",
     "16 elements, torch (x200): ema_update_ / torch.lerp_": "small torch",
     "16 elements, NumPy (x200): ema_update_ / torch.lerp_": "small numpy",
+    "compiled step, 30 x 4096 float32 (x20): ema.update() / torch._foreach_lerp_ in the graph": "compile",
 }
 ROUNDS = {"flat": 31, "gpt2": 7, "bf16": 11, "many": 15, "swap": 11, "smooth": 7, "small torch": 31,
-          "small numpy": 31}   # by a call's cost
+          "small numpy": 31, "compile": 21}   # by a call's cost
 SMALL_CALLS = 200
 """The "small" scenarios time a loop of this many calls (one call, ~2-10 us, is near the clocks' own cost):
 the per-call host cost of an array function (issue 70: at most 3x ``torch.lerp_``'s)."""
@@ -143,6 +144,8 @@ def ratio_setup(kind: str) -> Pair:
                     lambda: list(t.read()), inputs=[values], before=False)   # no value before the first update
     if kind in ("small torch", "small numpy"):
         return _small(kind == "small numpy", g)
+    if kind == "compile":
+        return _compiled(g)
     raise ValueError(kind)
 
 
@@ -167,6 +170,59 @@ def _small(numpy: bool, g):
         for _ in calls:
             base.lerp_(src, w)
     return Pair(fast, baseline, lambda: [a], lambda: [base], inputs=[b, src])
+
+
+COMPILED_CALLS = 20
+"""The compiled-step scenario times a loop of this many calls a round (one call, ~0.2-0.3 ms on the CPU)."""
+
+
+def _compiled(g):
+    """``torch.compile(step, fullgraph=True)`` of a parameter update (``_foreach_add_``) then the EMA's,
+    30 x 4096 float32 (``bench/suite/test_bench_compile.py``'s quick scenario), each side its own
+    parameters from the same start: ``ema.update()`` with the plan on the device (its plain case is
+    written in the graph: issue 86, item 2) against ``torch._foreach_lerp_`` over shadows of its own.
+    Both are compiled here (Inductor's C++: tens of seconds on 2 cores, its cache kept between runs)."""
+    import torch
+
+    from fastema.torch import EMA
+
+    shapes = [(4096,)] * 30
+    ps = [torch.randn(s, generator=g) for s in shapes]
+    model = torch.nn.Module()
+    model.ps = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in ps])
+    ours = list(model.parameters())
+    theirs = [p.clone() for p in ps]
+    shadows = [p.clone() for p in ps]
+    direction = [torch.full_like(p, 1e-6) for p in ps]
+    ema = EMA(model, DECAY, device_step=True)
+    calls = range(COMPILED_CALLS)
+
+    @torch.compile(fullgraph=True)
+    def with_ema():
+        with torch.no_grad():
+            torch._foreach_add_(ours, direction)
+            ema.update()
+
+    @torch.compile(fullgraph=True)
+    def with_foreach():
+        with torch.no_grad():
+            torch._foreach_add_(theirs, direction)
+            torch._foreach_lerp_(shadows, theirs, 1 - DECAY)
+
+    def fast():
+        for _ in calls:
+            with_ema()
+
+    def base():
+        for _ in calls:
+            with_foreach()
+
+    def move():                                       # both sides' parameters, away from their averages
+        with torch.no_grad():
+            torch._foreach_neg_(ours)
+            torch._foreach_neg_(theirs)
+    return Pair(fast, base, lambda: list(ema.averaged_state_dict().values()), lambda: shadows,
+                inputs=ours + theirs, move=move, once=(with_ema, with_foreach))
 
 
 CLOCK = ("one thread each; a call charged its thread's CPU time where it ran on that thread "

@@ -77,9 +77,9 @@ def main(argv) -> int:
             return rec.note("host", "2c every variant loads", "simulator")
         import time
 
-        from fastema._launch.build.variants import every_variant as variants
         from fastema._launch.cuda import device_code, drivers
         from fastema._launch.cuda.driver import Refused
+        from fastema._launch.shipped.variants import every_variant as variants
         driver = drivers.current()
         t, cc, counts, refused = time.perf_counter(), driver.compute_capability(0), {}, []
         chosen = device_code.choose(driver.version(), cc)

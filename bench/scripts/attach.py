@@ -1,11 +1,11 @@
-"""The optimizer checkpoint with and without an attached average (issue 61 item 5): the size of
+"""Live: the optimizer checkpoint with and without an attached average (issue 61 item 5): the size of
 ``torch.save(optimizer.state_dict())`` and the time of ``optimizer.state_dict()`` + ``torch.save``
 to a file, for AdamW over a bfloat16 model with and without ``EMA(model,
 shadow_dtype="float32").attach(optimizer)``, on the CPU.
 
     python -m bench.scripts.attach [--mib 16,64,256] [--reps 5]
 
-Not a timed test: figures for bench/README.md. Method: the model is bfloat16 ``Linear`` weights of
+Not a timed test: figures for bench/results/LOG.md. Method: the model is bfloat16 ``Linear`` weights of
 ``--mib`` MiB in all (4 MiB each), AdamW stepped twice (its state made: two moments in the
 parameters' dtype, 4 B an element); the two optimizers (one plain, one with the average
 attached) are saved alternately ``--reps`` times each into a temporary folder (each file written,

@@ -1,4 +1,4 @@
-"""Cold start of the CPU kernels (issue 54 items 3, 4 and 6): one compile per node, and ``fastema warm``.
+"""Live: cold start of the CPU kernels (issue 54 items 3, 4 and 6): one compile per node, and ``fastema warm``.
 
     python -m bench.scripts.coldstart [--procs 8] [--rounds 1] [--out bench/results/cpu-DATE-coldstart.md]
 

@@ -1,4 +1,4 @@
-"""What shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
+"""Live: what shipping the CUDA device code saves a GPU user's process (issue 54 item 6), measured on this
 CPU.
 
     .venv/bin/python -m bench.scripts.device_code [--out FILE.md]
@@ -73,8 +73,8 @@ def compile_seconds(keys: list) -> list:
     """``[(key, seconds)]``: each variant compiled as numba-cuda compiles it at a first launch on an sm_90
     device (NVVM to LTO-IR, nvJitLink with link-time optimisation: the run-time compiler,
     ``fastema._launch.cuda.compiler.current()``, which this exercises)."""
-    from fastema._launch.build.variants import every_variant
     from fastema._launch.cuda import compiler
+    from fastema._launch.shipped.variants import every_variant
 
     variants, out = every_variant(), []
     for key in keys:

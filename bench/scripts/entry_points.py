@@ -1,4 +1,4 @@
-"""Host cost of the GPU entry points other than the array functions, without a GPU (issue 70 items 1-3).
+"""Live: host cost of the GPU entry points other than the array functions, without a GPU (issue 70 items 1-3).
 
     python -m bench.scripts.entry_points [--calls N] [--stub | --cpu] [--instructions] [--rows "A;B"]
 

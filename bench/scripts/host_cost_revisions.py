@@ -1,4 +1,4 @@
-"""Host us per update of two revisions, in one run: the structure step's speed check (issue 35 item 7).
+"""Live: host us per update of two revisions, in one run (first for the structure step of issue 35 item 7).
 
     python -m bench.scripts.host_cost_revisions BASE [HEAD] [--rounds 5]
         [--cases target6,ema6,ema148,ema3000,foreach6]
@@ -123,43 +123,45 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cases = args.cases.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        for rev in (args.base, args.head):
-            path = f"{tmp}/{len(trees)}"
-            subprocess.run(["git", "worktree", "add", "-f", "--detach", path, rev], check=True, capture_output=True)
-            trees[rev] = path
+        trees = {}                        # "base" / "head" -> its worktree: a revision against itself too
         try:
-            times: dict = {(rev, c): [] for rev in trees for c in cases}
+            for side, rev in (("base", args.base), ("head", args.head)):
+                path = f"{tmp}/{side}"
+                subprocess.run(["git", "worktree", "add", "-f", "--detach", path, rev], check=True,
+                               capture_output=True)
+                trees[side] = path
+            times: dict = {(side, c): [] for side in trees for c in cases}
             for _ in range(args.rounds):
-                for rev, path in trees.items():
+                for side, path in trees.items():
                     for c in cases:
                         out = subprocess.run([sys.executable, "-c", CHILD, path, c, ROOT], check=True,
                                              capture_output=True,
                                              text=True, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
                                                              "PATH": "/usr/bin:/bin"}).stdout
-                        times[(rev, c)].append(float(out.split()[-1]))
+                        times[(side, c)].append(float(out.split()[-1]))
         finally:
             for path in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", path], capture_output=True)
+    names = {"base": args.base, "head": args.head}
     print(f"| case | {args.base} (us) | {args.head} (us) | difference |")
     print("|---|---|---|---|")
     for c in cases:
-        a, b = (statistics.median(times[(rev, c)]) for rev in trees)
-        spread = " / ".join(f"{min(times[(rev, c)]):.2f}-{max(times[(rev, c)]):.2f}" for rev in trees)
+        a, b = (statistics.median(times[(side, c)]) for side in trees)
+        spread = " / ".join(f"{min(times[(side, c)]):.2f}-{max(times[(side, c)]):.2f}" for side in trees)
         print(f"| {c} | {a:.2f} | {b:.2f} | {b - a:+.2f} (ranges {spread}) |")
     for prefix in ("ema", "gpuema", "gpuskip"):      # fixed us + us per tensor, fitted over the sizes given
         sizes = sorted((int("".join(ch for ch in c if ch.isdigit())), c) for c in cases
                        if c.rstrip("0123456789") == prefix)
         if len(sizes) >= 2:
-            for rev in trees:
-                fixed, per = fit([(n, statistics.median(times[(rev, c)])) for n, c in sizes])
-                print(f"{prefix} {rev}: {fixed:.2f} us + {per:.4f} us a tensor (line through "
+            for side in trees:
+                fixed, per = fit([(n, statistics.median(times[(side, c)])) for n, c in sizes])
+                print(f"{prefix} {names[side]}: {fixed:.2f} us + {per:.4f} us a tensor (line through "
                       f"{', '.join(str(n) for n, _ in sizes)} tensors)")
     for base in ("foreach6", "foreach6bare"):
         if "target6" in cases and base in cases:
-            ratios = [statistics.median(times[(rev, "target6")]) / statistics.median(times[(rev, base)])
-                      for rev in trees]
-            print(f"\ntarget6 / {base}: " + ", ".join(f"{rev} {r:.2f}x" for rev, r in zip(trees, ratios)))
+            ratios = [statistics.median(times[(side, "target6")]) / statistics.median(times[(side, base)])
+                      for side in trees]
+            print(f"\ntarget6 / {base}: " + ", ".join(f"{names[side]} {r:.2f}x" for side, r in zip(trees, ratios)))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The average inside a jitted JAX training step (issue 71), interleaved call by call: the rows of
+"""Live: the average inside a jitted JAX training step (issue 71), interleaved call by call: the rows of
 ``bench/suite/test_bench_jax_jit.py`` (the same ``_Row`` objects, checked there) timed in one
 process, order alternating, so a loaded machine slows every row alike.
 

@@ -1,4 +1,4 @@
-"""Checkpoint merging against plain file I/O and a naive load-everything-and-sum loop (issue 36 item 8).
+"""Live: checkpoint merging against plain file I/O and a naive load-everything-and-sum loop (issue 36 item 8).
 
     .venv/bin/python -m bench.scripts.merge             # 4 inputs of 1 GiB, float32 and bfloat16 (needs ~11 GB of disk)
     .venv/bin/python -m bench.scripts.merge --small     # 4 inputs of 64 MiB (CI size, seconds)

@@ -1,4 +1,4 @@
-"""Offload through two staging chunks (issue 44 item 6): ``EMA(model, offload=Offload(chunk=C))``
+"""Live: offload through two staging chunks (issue 44 item 6): ``EMA(model, offload=Offload(chunk=C))``
 against a plain ``EMA(model)`` in the same run, on the CPU, for float32 models of several sizes and several
 chunk sizes; the host fold's GB/s against this machine's streaming bandwidth (measured in the same run);
 and the memory each average adds.

@@ -1,6 +1,11 @@
-"""Post-hoc snapshot reads (issue 64, H5): fastema's ``pread`` reader against the memory-mapped
-read it replaced (safetensors' ``safe_open`` + ``get_tensor``, which died of SIGBUS when a snapshot
-was truncated while it was read), same run, same snapshots, interleaved.
+"""Historical: post-hoc snapshot reads for issue 64, H5 (its figures: 2026-11-26, at 3c79a29).
+
+fastema's ``pread`` reader against the memory-mapped read it replaced (safetensors' ``safe_open`` +
+``get_tensor``, which died of SIGBUS when a snapshot was truncated while it was read), same run,
+same snapshots, interleaved. It still runs against today's reader (``--small``: seconds), but what
+it was written to answer, what ``pread`` costs against the old map, is settled
+(``bench/results/cpu-2026-11-26-posthoc-read.md``, ``docs/benchmarks.md``); the map's side is code
+fastema no longer has (:class:`MmapReader` below).
 
     .venv/bin/python -m bench.scripts.posthoc_read              # 256 MiB model, 4 snapshots
     .venv/bin/python -m bench.scripts.posthoc_read --small      # a 64 MiB model (seconds)

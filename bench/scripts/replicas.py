@@ -1,4 +1,4 @@
-"""The average split over replicas (issue 43 item 8): per-rank shadow bytes and update time, split
+"""Live: the average split over replicas (issue 43 item 8): per-rank shadow bytes and update time, split
 against unsplit in the same run, the swap's gather, and a state dict's time and peak memory.
 
     python -m bench.scripts.replicas [--mib 64] [--ranks 1,2,4] [--calls 20] [--out bench/results/...md]

@@ -1,4 +1,4 @@
-"""The average streamed out (issue 52 item 3): the extra host memory while ``iter_weights()`` streams a
+"""Live: the average streamed out (issue 52 item 3): the extra host memory while ``iter_weights()`` streams a
 split average on 4 gloo ranks, against ``full_state_dict()``, and the bound it keeps (one bucket plus
 the largest tensor).
 

@@ -1,4 +1,4 @@
-"""A reference / teacher sync under DeepSpeed ZeRO-3 (issue 52 item 2): fastema's shard-local sync
+"""Live: a reference / teacher sync under DeepSpeed ZeRO-3 (issue 52 item 2): fastema's shard-local sync
 (``TargetNetwork.update()``, what ``fastema.trl.RefSyncCallback`` runs) against TRL's
 ``SyncRefModelCallback.sync_target_model`` (its ZeRO-3 path: every parameter of both models gathered
 with ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``, the sync on rank 0, a broadcast back

@@ -1,4 +1,4 @@
-"""The EMA step of diffusers' UNet at the user's thread count (reliability review T2): fastema's
+"""Live: the EMA step of diffusers' UNet at the user's thread count (reliability review T2): fastema's
 diffusers drop-in against diffusers' own ``EMAModel``, both at ``torch.set_num_threads(n)``.
 
     python -m bench.scripts.threads [--models small,big] [--threads 1,2] [--calls 200,15] [--load 0]

@@ -71,3 +71,73 @@ def _check(impl, model, theirs, folder):
         checked({"fastema": ours.update, impl: theirs.update},
                 {"fastema": lambda: weights(ours), impl: lambda: weights(theirs)}, ours="fastema", inputs=params)
     return check
+
+
+#: the compat row's cases: GPT-2-small's 148 tensors (each dimension / 4 in quick mode) and a small model
+COMPAT_CASES = ("gpt2-small", "mlp 6 tensors")
+
+
+def _compat_model(case, device):
+    if case == "gpt2-small":
+        return Params(shapes(), torch.float32, device)
+    return Params([(256, 256), (256,), (256, 256), (256,), (1, 256), (1,)], torch.float32, device)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", COMPAT_CASES)
+@pytest.mark.parametrize("impl", ["fastema compat.PostHocEMA", "native PostHocEMA (fastema.torch)"])
+def test_compat_posthoc_update_against_native(run, benchmark, device, case, impl, tmp_path):
+    """ema-pytorch's drop-in ``compat.PostHocEMA`` (its two profiles on one shadow where they agree,
+    issue 86 item 4; target on a GPU: at most 1.3x the native update) against the native
+    ``fastema.torch.PostHocEMA`` as the same-run baseline, K = 2, ``update_every=1``, no checkpoint.
+    The native face runs at the drop-in's times (``update(step=s + 2)`` at its call ``s``: ema-pytorch's
+    ``KarrasEMA`` counts from 2), so both hold the same averages from the same inputs, which the
+    baseline's check compares before it is timed. bytes: as the group above (20 B an element)."""
+    benchmark.group = f"compat.PostHocEMA.update against the native PostHocEMA, K=2, float32 ({device})"
+    model = _compat_model(case, device)
+    n = sum(p.numel() for p in model.parameters())
+    if impl.startswith("fastema"):
+        from fastema.torch.compat import PostHocEMA
+
+        ours = PostHocEMA(model, sigma_rels=SIGMA_RELS, update_every=1, checkpoint_every_num_steps="manual",
+                          checkpoint_folder=str(tmp_path))
+        ours.update()                            # the first call copies the weights
+        fn, check = ours.update, None
+    else:
+        fn, check = _native(model, str(tmp_path))
+    label = case + (" / 4" if QUICK and case == "gpt2-small" else "")
+    run(fn, device, impl=impl, case=label, nbytes=20 * n, elements=n, check=check)
+
+
+def _native(model, folder):
+    """The native face's update at the drop-in's times, and its check: the drop-in and the native
+    face made now from the same weights, each updated once (both copy), then the weights move and
+    each updates once; the two profiles' averages must agree (``bench/suite/checked.py``)."""
+    import itertools
+
+    from fastema.torch import PostHocEMA
+    from fastema.torch.compat import PostHocEMA as Compat
+
+    native = PostHocEMA(model, SIGMA_RELS, snapshot_every=None, path=folder + "/native")
+    times = itertools.count(2)
+
+    def update():
+        native.update(step=next(times))
+
+    ours = Compat(model, sigma_rels=SIGMA_RELS, update_every=1, checkpoint_every_num_steps="manual",
+                  checkpoint_folder=folder + "/compat")
+    ours.update()
+    update()
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def check():
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.1)
+        checked({"fastema": ours.update, "native PostHocEMA": update},
+                {"fastema": lambda: [p for e in ours.ema_models for p in e.ema_model.parameters()],
+                 "native PostHocEMA": lambda: [native.averaged_state_dict(row=k)[n] for k in range(2)
+                                               for n in names]},
+                ours="fastema", inputs=params)
+    return update, check

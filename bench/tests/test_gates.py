@@ -63,6 +63,15 @@ def test_a_bound_between_two_scenarios_of_one_run(gates):
     assert f.measured == "not measured"
 
 
+def test_a_cap_on_one_scenario(gates):
+    caps = (("a", 20_000),)
+    assert gates.compare.compare_caps(caps, {"a": 20_000}) == []
+    [f] = gates.compare.compare_caps(caps, {"a": 20_001})
+    assert f.measured == 20_001 and f.expected == "<= 20,000" and "issue 86" in f.message()
+    [f] = gates.compare.compare_caps(caps, {"b": 1})
+    assert f.measured == "not measured"
+
+
 def test_counts_are_exact(gates):
     exp = {"cpu EMA.update, 6 tensors": {"launches": 1, "host_syncs": 0, "collectives": 0}}
     assert gates.compare.compare_exact("counts", exp, json.loads(json.dumps(exp))) == []
@@ -341,6 +350,7 @@ def test_the_committed_expectations_cover_every_scenario(gates):
     exp = gates.record.load_expectations()
     assert set(exp["instructions"]) == set(gates.scenarios.instruction_names())
     assert gates.compare.compare_bounds(gates.scenarios.BOUNDS, exp["instructions"]) == []   # issue 70's bound
+    assert gates.compare.compare_caps(gates.scenarios.CAPS, exp["instructions"]) == []       # issue 86's cap
     assert set(exp["counts"]) == set(gates.scenarios.host_names())
     families = exp["ratios"]                                     # {CPU family: {scenario: ratio}}
     assert set().union(*families.values()) == set(gates.ratios.RATIOS)      # each judged somewhere

@@ -134,8 +134,8 @@ def test_every_link_into_bench_exists():
     assert not missing, missing
 
 
-def test_bench_readme_blocks_compile_and_its_links_exist():
-    page = BENCH / "README.md"
+@pytest.mark.parametrize("page", [BENCH / "README.md", BENCH / "results" / "LOG.md"], ids=lambda p: p.name)
+def test_bench_readme_blocks_compile_and_its_links_exist(page):
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
         compile(textwrap.dedent(block), f"{page.name} block {i}", "exec")
     for target in LINK.findall(page.read_text()):
@@ -162,6 +162,36 @@ def test_the_library_command_line_points_at_the_suite_and_the_suite_runs(capsys)
 
 
 SCRIPTS = sorted(p.stem for p in (BENCH / "scripts").glob("*.py") if p.stem != "__init__")
+
+
+def _section(text: str, heading: str) -> str:
+    """The Markdown section under ``heading`` (a line ``## heading``), to the next ``## ``."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_each_script_is_marked_live_or_historical_and_listed_where_it_belongs():
+    """Issue 87 item 6: a script's docstring says in its first line whether it is live (it runs
+    against today's code and answers a current question: listed in bench/README.md, "Scripts") or
+    historical (the record of one issue's figures: listed in bench/results/LOG.md, "Historical
+    scripts", with the issue and the date or commit of its figures in that first line)."""
+    readme = _section((BENCH / "README.md").read_text(), "Scripts")
+    log = _section((BENCH / "results" / "LOG.md").read_text(), "Historical scripts")
+    bad = []
+    for name in SCRIPTS:
+        first = ast.get_docstring(ast.parse((BENCH / "scripts" / f"{name}.py").read_text())).splitlines()[0]
+        if first.startswith("Live: "):
+            if f"| `{name}` |" not in readme:
+                bad.append(f"{name}: live, but not in bench/README.md's Scripts table")
+        elif first.startswith("Historical: "):
+            if not re.search(r"issue \d+", first) or not re.search(r"\d{4}-\d\d-\d\d|\b[0-9a-f]{7,40}\b", first):
+                bad.append(f"{name}: historical, but its first line names no issue and date or commit")
+            if f"bench/scripts/{name}.py" not in log:
+                bad.append(f"{name}: historical, but not in bench/results/LOG.md's Historical scripts")
+        else:
+            bad.append(f"{name}: its docstring's first line says neither 'Live: ' nor 'Historical: '")
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -186,6 +186,12 @@ class Backend:
         grad mode, inference mode) while ``x``'s :meth:`layout_guard` holds."""
         return False
 
+    def lerp_road(self, s, x) -> tuple[Callable, Callable] | None:
+        """``(lerp, same)`` where the framework's own op updates the checked pair ``s`` (written)
+        from ``x`` with fastema's bits at nearest rounding for a weight below 0.5:
+        ``lerp(s, x, w)``, while ``same([s, x])`` holds (torch: :mod:`.torch_lerp`); else None."""
+        return None
+
     def stream_getter(self, device: str) -> Callable[[], Any]:
         """A zero-argument function returning the raw handle of the framework's current CUDA
         stream on ``device`` (0: the legacy default stream), called at every launch."""

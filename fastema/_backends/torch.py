@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..kernels.kinds import BF16, F16, F32, F64
-from . import cai, versions
+from . import cai, torch_lerp, versions
 from ._base import Backend, no_stream
 from ._buf import Buf, layout, not_dense, unsupported_dtype
 from ._buf import device_name as _name
@@ -380,6 +380,10 @@ class Torch(Backend):
 
     def inplace_moded(self, x) -> bool:
         return versions.moded(x)
+
+    def lerp_road(self, s, x):
+        """torch's own ``lerp_`` for the pair where it gives fastema's bits (:mod:`.torch_lerp`)."""
+        return torch_lerp.road(s, x, None if _STREAMED else _tensor_guards())
 
     def stream_getter(self, device: str):
         """torch's current stream on ``device``: one C call per launch (~0.3 us)."""

@@ -28,7 +28,7 @@ host memory).
 
 The package is a common top (this module: the tables; :mod:`.launches`, :mod:`.op`, :mod:`.config`)
 and three wings: :mod:`.cpu` (the CPU's launches, pool and threads), :mod:`.cuda` (every CUDA
-module, none imported before a CUDA buffer arrives) and :mod:`.build` (the shipped device code's
+module, none imported before a CUDA buffer arrives) and :mod:`.shipped` (the shipped device code's
 variants and build).
 """
 from __future__ import annotations

@@ -177,10 +177,18 @@ def tuned(**values) -> Iterator[None]:
     own = globals()
     saved = {name: own[name] for name in values}
     own.update(values)
+    EPOCH[0] += 1
     try:
         yield
     finally:
         own.update(saved)
+        EPOCH[0] += 1
+
+
+EPOCH = [0]
+"""Counts the changes of the tunables (:func:`tuned`, entering and leaving its block): a launch that
+keeps what it read of them (a kept CUDA launch's grid and block size) reads them again where this
+moved (one read of a list kept by identity, bound where it is imported)."""
 
 
 DRIVERS: Switch[Driver] = Switch()

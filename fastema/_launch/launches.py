@@ -211,10 +211,10 @@ def prepare(op: str, group, **fixed) -> Launch:
 
 def _target(device: str):
     """The target module of ``device``: :mod:`.cpu.launch`, or :mod:`.cuda.launch` after the fork
-    check (:func:`_cuda_launch`: refused in a child forked after CUDA was used)."""
+    check (:func:`_cuda_target`: refused in a child forked after CUDA was used)."""
     if not is_cuda(device):
         return cpu_launch
-    return _cuda_launch()
+    return _cuda_target()
 
 
 @functools.cache
@@ -229,7 +229,7 @@ def _cuda():
 
 
 @functools.cache
-def _cuda_launch():
+def _cuda_target():
     """The CUDA launches (:mod:`.cuda.launch`), after the fork check of :func:`_cuda` (cached as it
     is)."""
     _cuda()
@@ -239,7 +239,7 @@ def _cuda_launch():
 
 
 os.register_at_fork(after_in_child=_cuda.cache_clear)
-os.register_at_fork(after_in_child=_cuda_launch.cache_clear)
+os.register_at_fork(after_in_child=_cuda_target.cache_clear)
 
 
 def _check_carrier(group, fixed: dict) -> None:

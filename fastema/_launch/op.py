@@ -4,8 +4,8 @@ An op's arguments are of two sorts. Its *fixed* ones are bound when a launch is 
 (``group.launch(op, **fixed)``, :func:`fastema._launch.prepare`); its *varying* ones are what
 ``run(*varying)`` takes at each call, in that order. :data:`OPS` spells both per op; from it come
 :data:`VARYING`, the table below (appended to this docstring at import), both targets' ``PREPARE``
-tables' keyword signatures (held to it by ``tests/kernels/test_op_table.py``) and the variant
-enumeration (:mod:`.build.variants`, which calls every op by these names). ``made``: keywords
+tables' keyword signatures (held to it by ``tests/launch/test_op_table.py``) and the variant
+enumeration (:mod:`.shipped.variants`, which calls every op by these names). ``made``: keywords
 :func:`fastema._launch.prepare` adds itself (the kernel's arithmetic type of host weights), never
 given by a caller. Defaults are the keyword defaults of the prepare functions and of a launch.
 

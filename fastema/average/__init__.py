@@ -9,13 +9,15 @@ imports a framework (a test checks the imports). This ``__init__`` is the packag
 modules are plumbing: ``_options`` (:class:`EMAOptions`, each option's text written once and
 :func:`document`), ``_plan`` (:class:`Plan`, :class:`Cadence`), ``_device_plan`` (the plan in
 device memory), ``_swap`` (:class:`ModelSwap`), ``_core`` (:class:`Average`, the one update driver
-and checkpoint of a model EMA; :class:`Face`; :class:`ModelAdapter`). See docs/architecture.md.
+and checkpoint of a model EMA; :class:`Face`; :class:`ModelAdapter`), ``_nonfinite`` (an average
+that inf or NaN reached: refused, repaired, checked at a load). See docs/architecture.md.
 """
 from __future__ import annotations
 
 from ._core import Average as Average
 from ._core import Face as Face
 from ._core import FaceMemory as FaceMemory
+from ._core import FaceNonFinite as FaceNonFinite
 from ._core import ModelAdapter as ModelAdapter
 from ._device_plan import DevicePlan as DevicePlan
 from ._device_plan import check_state as check_device_state  # noqa: F401  (TargetNetwork's checkpoint check)

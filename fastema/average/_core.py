@@ -24,6 +24,7 @@ from .._checks import resolve_weights, shadow_problems, stochastic_rounding
 from .._interrupts import ctrl_c_held
 from .._shadow import Updatable
 from ..flat import FlatShadow
+from . import _nonfinite
 from ._device_plan import DevicePlan
 from ._device_plan import check_state as check_device_state
 from ._options import EMAOptions
@@ -41,18 +42,19 @@ class Face:
 
     @property
     def plan(self) -> Plan:
-        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device read."""
-        return self._core.plan
+        """The schedule and the counters (:class:`fastema.average.Plan`): Python numbers, no device
+        read but after compiled steps advanced them in the graph (:meth:`Average.plan_now`)."""
+        return self._core.plan_now()
 
     @property
     def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats, no device read."""
-        return self._core.plan.decay
+        """The decay(s) the next ``update()`` will use: Python floats (read as :attr:`plan` is)."""
+        return self._core.plan_now().decay
 
     @property
     def updates(self) -> int:
         """Updates made (calls skipped by ``update_every`` not counted)."""
-        return self._core.plan.updates
+        return self._core.plan_now().updates
 
     @property
     def rows(self) -> int:
@@ -100,6 +102,28 @@ class FaceMemory:
     def nbytes(self) -> int:
         """Bytes this average holds on every device together (see :meth:`memory`)."""
         return sum(self.memory().values())
+
+
+class FaceNonFinite:
+    """``allow_nonfinite``, the setting of a face whose average is an :class:`Average`'s (the JAX
+    and TensorFlow faces, Keras's JAX average); the torch faces keep their own."""
+
+    _core: "Average"
+
+    @property
+    def allow_nonfinite(self) -> bool:
+        """Whether an average holding inf or NaN is handed out (a swap in, ``copy_to()``, a read of
+        the average) and loaded (with a warning) without a call's own ``allow_nonfinite=``: the
+        default of every such call, and what a load another library makes reads (a checkpoint's
+        restore, a callback's resume). False: refused, naming the tensors; see
+        ``repair_nonfinite()`` and ``docs/guides/nonfinite.md``."""
+        return self._core.allow_nonfinite
+
+    @allow_nonfinite.setter
+    def allow_nonfinite(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"allow_nonfinite must be True or False, got {value!r}")
+        self._core.allow_nonfinite = value
 
 
 class ModelAdapter(Protocol):
@@ -161,6 +185,8 @@ class Average:
         self._weights_memo: tuple | None = None    # (groups, weights, rounding, weights_by_device's answer)
         self._bema = options.is_bema            # the options are frozen
         self.device_plan: DevicePlan | None = None   # see plan_on_device()
+        self.allow_nonfinite = False            # inf or NaN handed out and loaded (_nonfinite)
+        self.nonfinite_flags: dict = {}         # the non-finite scan's flags, by device, made once
 
     @classmethod
     def of_sources(cls, options: EMAOptions, sources: Mapping, shapes: Sequence, fmt: str) -> "Average":
@@ -187,14 +213,16 @@ class Average:
         launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
         call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
         None when the shadow follows them itself), called only when the call updates. ``skip_if``:
-        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._attach`):
+        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`):
         where one is set the call writes nothing on its device, but is counted; with the plan on
         the host only."""
-        if skip_if is not None and self.device_plan is not None:
-            raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
+        plan = self.device_plan
+        if plan is not None and (skip_if is not None or plan.in_graph):
+            if skip_if is not None:
+                raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
+            plan.read_into(self.plan)          # compiled steps may have advanced the device's alone
         pending = self.plan.next(step)         # checks step; records nothing yet
         adapter = self.adapter
-        plan = self.device_plan
         if plan is not None:                    # every call launches; the device skips
             assert adapter is not None          # (plan_on_device needs one)
             adapter.begin(True)
@@ -207,6 +235,15 @@ class Average:
         elif adapter is not None:
             adapter.begin(False)
         self.plan.done(pending)
+
+    def plan_now(self) -> Plan:
+        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
+        advance them in the graph alone (:attr:`DevicePlan.in_graph`); else as it is, no device
+        read."""
+        device = self.device_plan
+        if device is not None and device.in_graph:
+            device.read_into(self.plan)
+        return self.plan
 
     def fold(self, pending: Pending, sources: Sequence | None = None, skip_if: dict | None = None) -> None:
         """The update :meth:`fastema.average.Plan.next` described, from ``sources`` (None: as
@@ -292,6 +329,17 @@ class Average:
         self.fold_on_device(None, scratch)
         self.shadow.skipped = {}
 
+    def refuse_nonfinite(self, what: str, row: int, allow: bool | None = None) -> None:
+        """ValueError naming the tensors of average ``row`` holding inf or NaN, where the face's
+        ``what`` (``"swap()"``...) would hand it out as a model, unless allowed (``allow``, None:
+        :attr:`allow_nonfinite`): one scan on the shadow's devices (:mod:`._nonfinite`)."""
+        _nonfinite.refuse(self, what, row, allow)
+
+    def repair_nonfinite(self, live: Sequence) -> list[str]:
+        """Every (tensor, row) holding inf or NaN <- ``live`` (the model's arrays in source order),
+        rounded to the shadow's dtype; returns the names reset (:mod:`._nonfinite`)."""
+        return _nonfinite.repair(self, live)
+
     def view(self, slot: int, row: int = 0):
         """Average ``row`` of source ``slot``, a view of the shadow in its dtype."""
         self.check_row(row)
@@ -342,13 +390,20 @@ class Average:
     def state_dict(self) -> dict:
         """Everything needed to resume: every shadow row of every source keyed by name (NumPy copies,
         ``(shadow rows, *shape)``), the counters and the settings. Plain Python and NumPy: it goes
-        through pickle, ``np.savez``, orbax or flax serialization."""
+        through pickle, ``np.savez``, orbax or flax serialization. Averages holding inf or NaN are
+        named in a warning and listed under ``"nonfinite"`` (information: a load checks them; a
+        finite average's state has no such entry)."""
+        averaged = {name: _backends.to_host(self.shadow.view(i, None))
+                    for i, name in enumerate(self.names)}
+        bad = _nonfinite.saved(self, averaged)          # in the shadow's own dtype
         return {"format": self.format, "version": self.version, **self.plan_state(),
-                "averaged": {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}}
+                "averaged": averaged, **({"nonfinite": bad} if bad else {})}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, allow_nonfinite: bool | None = None) -> None:
         """Restore :meth:`state_dict`: format, version, plan, every array's shape, dtype and
-        finiteness are checked first; nothing changes if anything is off."""
+        finiteness (as it lands in the shadow's dtype) are checked first; nothing changes if
+        anything is off. Averages holding inf or NaN load where allowed (``allow_nonfinite``, None:
+        :attr:`allow_nonfinite`), with a warning."""
         check_header(state, self.format, self.version, "pass what EMA.state_dict() returned")
         problems: list[str] = []
         self.check_plan_state(state, problems)
@@ -372,12 +427,14 @@ class Average:
                 problems.append(f"{n} has shape {a.shape}, expected {expected}")
             elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
                 problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
-            elif not np.all(np.isfinite(a.astype(np.float32))):
-                problems.append(f"{n} holds inf or NaN")
-            arrays[slot] = a
+            else:
+                arrays[slot] = a
+        poisoned = _nonfinite.checked_load(self, arrays, problems, allow_nonfinite)
         refuse_load(self.format, problems)
         with ctrl_c_held():                     # a Ctrl-C here is raised once every row and the plan are in
             for slot, a in arrays.items():
                 for r in range(self.shadow.rows):
                     _backends.copy_from_host(self.shadow.view(slot, r), np.asarray(a[r]))
             self.load_plan_state(state)
+        if poisoned:
+            _nonfinite.warn_loaded(self, poisoned)

@@ -15,7 +15,9 @@ calls bit for bit, and eager calls use the very same kernel.
 
 The host Plan still advances on eager calls (no device read); after graph replays it lags
 the device, and :meth:`DevicePlan.read_into` (one sync, done by ``state_dict()``) brings it
-up to date.
+up to date. A compiled step may also advance the plan itself, in the graph (``torch.compile``'s
+plain case: :func:`formula` says which plans can, :attr:`DevicePlan.in_graph` that one does): from
+then on every read of the host plan's counters reads the device's first.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ from ..schedules import (
 from ..schedules import WSM as WSMSchedule
 from ._plan import Plan
 
-__all__ = ["DevicePlan", "check_state", "parameters"]
+__all__ = ["DevicePlan", "check_state", "formula", "parameters"]
 
 _SCHEDULE_KINDS = {Constant: CONSTANT, NumUpdates: NUM_UPDATES, PowerWarmup: POWER_WARMUP,
                    PowerFunction: POWER_FUNCTION, HalfLife: HALF_LIFE, Cosine: COSINE, Linear: LINEAR,
@@ -146,6 +148,31 @@ def check_state(plan: Plan, state: dict, seed: int, problems: list) -> None:
         problems.append(str(err))
 
 
+IN_GRAPH = {CONSTANT: "constant", NUM_UPDATES: "num_updates", POWER_WARMUP: "power_warmup",
+            POWER_FUNCTION: "power_function", HALF_LIFE: "half_life"}
+"""The schedule kinds whose decay a compiled graph computes itself (``plan_step``'s formulas of
+the update count and the time, in float64): the others (momentum tables, merge schedules) need
+the kernel."""
+STATE = {"calls": S_CALLS, "updates": S_UPDATES, "last": S_LAST, "norms": S_NORMS}
+"""Where ``plan_step`` keeps each counter in ``state`` (the normalisers from ``"norms"`` on)."""
+PARAMS = {"min_decay": P_MIN_DECAY, "inv_gamma": P_INV_GAMMA, "power": P_POWER, "after": P_AFTER,
+          "warmup": P_WARMUP}
+"""Where ``parameters`` puts a warm-up's numbers in the ``params`` array."""
+
+
+def formula(plan: Plan) -> str | None:
+    """The name (:data:`IN_GRAPH`) of ``plan``'s schedule where a compiled graph can advance it
+    as the plan kernel does (every call due: ``update_every=1``; one schedule kind), else None.
+    Plain Python: Dynamo traces it (its reads of the plan are the compiled graph's guards)."""
+    if plan.update_every != 1:
+        return None
+    first = plan.schedules[0]
+    kind = _SCHEDULE_KINDS.get(type(first))
+    if kind not in IN_GRAPH or any(type(s) is not type(first) for s in plan.schedules):
+        return None
+    return IN_GRAPH[kind]
+
+
 def _capacity(rows: int) -> int:
     """The parameter array's size: the shared parameters and the largest tables of ``rows`` momentum
     schedules, so a checkpoint's schedules load into the array a captured graph reads."""
@@ -171,6 +198,9 @@ class _OnDevice:
 class DevicePlan:
     """The device side of ``plan`` for the groups of one shadow (see the module docstring)."""
 
+    STATE = STATE                   # where the plan kernel keeps each counter (a graph's reads)
+    formula = staticmethod(formula)
+
     def __init__(self, plan: Plan, groups: Sequence, seed: int, also: Sequence[tuple[str, str]] = ()):
         """``also``: ``(framework, device)`` of launches that sit behind this plan's flags on devices
         no group of ``groups`` is on (a target network's copied buffers): those devices get the plan
@@ -192,6 +222,10 @@ class DevicePlan:
         self._flags = {device: d.arrays["flag"] for device, d in self.devices.items()}
         self.flag_views = {device: d.views["flag"] for device, d in self.devices.items()}
         """``device -> the kernels' view of its flag`` (the same dict every call, as :attr:`flags`)."""
+        self.in_graph = False
+        """True once a compiled graph advances the plan on the device itself (see
+        :func:`formula`; set while tracing): the host plan's counters are then read from the
+        device (:meth:`read_into`) before every use."""
         self.load(plan, seed)
 
     def load(self, plan: Plan, seed: int) -> None:
@@ -207,8 +241,12 @@ class DevicePlan:
 
     def read_into(self, plan: Plan) -> None:
         """Set the host plan's counters and normalisers from the device (one sync): after CUDA
-        graph replays the device is ahead of the host."""
+        graph replays, or compiled steps that advanced the plan in the graph (:attr:`in_graph`:
+        every call of theirs was due and counted by its call: the first update's time is the call
+        after the host's last), the device is ahead of the host."""
         state = _backends.to_host(next(iter(self.devices.values())).arrays["state"])
+        if self.in_graph and plan.first_time is None and state[S_UPDATES] > plan.updates:
+            plan.first_time = float(plan.cadence.calls + 1)      # a graph's first: the next call
         plan.cadence.calls, plan.updates = int(state[S_CALLS]), int(state[S_UPDATES])
         plan.last_time = float(state[S_LAST])
         plan.norms = [float(x) for x in state[S_NORMS:]]

@@ -13,10 +13,10 @@ dtypes only. Every kernel numba compiles is counted at numba's compile event (a 
 the cache is not).
 
 Where a CUDA GPU is visible, the CUDA variants not shipped for it are compiled too, into this node's
-store (``fastema._launch.build.variants.warm``).
+store (``fastema._launch.shipped.variants.warm``).
 
 ``--into DIR --set cu12|cu13`` fills a compiled set of a shipped store instead (the build of
-``kernels/device``: ``fastema._launch.build.store``), for every image of the set or those of ``--arch``;
+``kernels/device``: ``fastema._launch.shipped.store``), for every image of the set or those of ``--arch``;
 no GPU is needed, only the set's toolchain (CONTRIBUTING.md).
 """
 from __future__ import annotations
@@ -69,11 +69,11 @@ def _parser() -> Parser:
 
 
 def _build(args) -> int:
-    """``--into``: one compiled set of the shipped store (``fastema._launch.build.store``)."""
+    """``--into``: one compiled set of the shipped store (``fastema._launch.shipped.store``)."""
     if not args.set:
         print(f"{PROG}: error: --into needs --set cu12 or --set cu13", file=sys.stderr)
         return 2
-    from fastema._launch.build.store import build
+    from fastema._launch.shipped.store import build
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()] if args.arch else None
     try:
@@ -257,7 +257,8 @@ def _why_not_cached(warned: list) -> str:
 
 
 def _warm_cuda(say) -> int:
-    """The CUDA variants not shipped for the visible GPU (``fastema._launch.build.variants.warm``); the exit status."""
+    """The CUDA variants not shipped for the visible GPU (``fastema._launch.shipped.variants.warm``);
+    the exit status."""
     try:
         from numba import cuda
 
@@ -267,7 +268,7 @@ def _warm_cuda(say) -> int:
     if not visible:
         say("CUDA: no GPU visible, nothing to compile")
         return 0
-    from fastema._launch.build.variants import warm
+    from fastema._launch.shipped.variants import warm
     t = time.perf_counter()
     try:
         compiled = warm()

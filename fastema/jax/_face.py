@@ -25,7 +25,15 @@ import jax
 import jax.numpy as jnp
 
 from .. import _backends
-from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, document
+from ..average import (
+    HOST_ONLY_REFUSALS,
+    Average,
+    EMAOptions,
+    Face,
+    FaceMemory,
+    FaceNonFinite,
+    document,
+)
 
 __all__ = ["EMA"]
 
@@ -85,7 +93,7 @@ def _shard_arrays(x, plan: list) -> list:
 REFUSED = HOST_ONLY_REFUSALS
 
 
-class EMA(Face, FaceMemory):
+class EMA(Face, FaceMemory, FaceNonFinite):
     """Exponential moving average of a pytree of JAX arrays (parameters, batch statistics).
 
     Floating leaves (float32, bfloat16, float16) are averaged; other leaves (integer
@@ -255,12 +263,14 @@ class EMA(Face, FaceMemory):
                                  f"{x.sharding}; make a new EMA after moving the model. Nothing was updated.")
         return leaves
 
-    def shadow(self, row: int = 0):
+    def shadow(self, row: int = 0, *, allow_nonfinite: bool | None = None):
         """The average as a new pytree: the structure, shapes, dtypes and shardings of ``params``.
 
         Floating leaves are copies of the shadow, rounded to their dtype; other leaves are
         copies of the values of the last ``update()`` (so donating what this returns to a jitted
-        step deletes nothing the EMA keeps).
+        step deletes nothing the EMA keeps). An average holding inf or NaN is refused, naming its
+        leaves, unless allowed (``allow_nonfinite``, None: :attr:`allow_nonfinite`); see
+        :meth:`repair_nonfinite`.
         """
         self._core.check_row(row)
         if not self._on_cpu:
@@ -270,6 +280,7 @@ class EMA(Face, FaceMemory):
             from numba import cuda
 
             cuda.default_stream().synchronize()
+        self._core.refuse_nonfinite("shadow()", row, allow_nonfinite)
         out = [None if kept is None else _copy(kept[1]) for kept in self._others]
         for i in self._float:
             shape, dtype, sharding = self._specs[i]
@@ -289,9 +300,21 @@ class EMA(Face, FaceMemory):
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
         return self._core.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
-        self._core.load_state_dict(state)
+    def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is
+        off. An average holding inf or NaN is refused, naming its leaves, unless allowed
+        (``allow_nonfinite``, None: :attr:`allow_nonfinite`): then loaded with a warning, for
+        :meth:`repair_nonfinite`."""
+        self._core.load_state_dict(state, allow_nonfinite)
+
+    def repair_nonfinite(self, params) -> list[str]:
+        """Reset every averaged leaf (and row) holding inf or NaN from ``params`` (the live
+        parameters, a pytree like the one the EMA was made with), rounded to the shadow's dtype;
+        every other leaf and row left bit for bit. Returns the names reset (a sharded leaf's
+        shards by ``#shard``). Not inside ``jax.jit``."""
+        leaves = self._match(params)
+        live = [a for i in self._float for a in self._sources_of(i, leaves[i])]
+        return self._core.repair_nonfinite(live)
 
     def __repr__(self) -> str:
         return (f"fastema.jax.EMA(decay={self.decay}, updates={self.updates}, leaves={len(self._others)}, "

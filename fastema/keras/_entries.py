@@ -10,18 +10,21 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
-from .._checkpoint_format import GROUPS
+from .._checkpoint_format import GROUPS, load_refused
 from .._checks import MAX_DECAYS, shadow_problems
+from .._nonfinite import finite_as, load_advice, named
 from ..average import Plan
 
 
 class _Live(Protocol):
     """What the file side reads of a live ``WeightEMA`` (:mod:`fastema.keras._weight_ema`): the model it
-    follows, its EMA (None before ``fit`` starts) and whether a ``fit`` of it has started."""
+    follows, its EMA (None before ``fit`` starts), whether a ``fit`` of it has started and whether
+    it takes an average holding inf or NaN."""
 
     model: Any
     ema: Any
     _fitting: bool
+    allow_nonfinite: bool
 
 
 def _structural_keys(callback: _Live, state: dict) -> dict[str, str]:
@@ -96,7 +99,7 @@ def _torch_int16():
 def _damage(entry: dict, place: int) -> list[str]:
     """What the EMA's own checkpoint checks find in a saved average before any EMA is made: its plan
     state (``Plan.check_state``, with as many decays as it saved), rounding and seed
-    (``shadow_problems``), non-finite averages (refused by ``load_state_dict`` with the same words)."""
+    (``shadow_problems``). Averages holding inf or NaN are :func:`poisoned`'s."""
     problems: list[str] = []
     n = len(entry["schedules"]) if isinstance(entry.get("schedules"), list) else 0
     if 1 <= n <= MAX_DECAYS:
@@ -104,12 +107,42 @@ def _damage(entry: dict, place: int) -> list[str]:
     else:
         problems.append(f"{n} schedules, for 1 to {MAX_DECAYS} averages")
     problems += shadow_problems(str(entry.get("shadow_dtype")), entry.get("rounding"), entry.get("seed"))
-    averaged = entry.get("averaged")
-    for key, a in sorted(averaged.items() if isinstance(averaged, dict) else (), key=lambda kv: _natural(kv[0])):
-        a = np.asarray(a)
-        if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and not np.all(np.isfinite(a.astype(np.float32))):
-            problems.append(f"{key} holds inf or NaN")
     return [f"average {place}: {p}" for p in problems]
+
+
+def poisoned(entry: dict, row: int | None = None) -> list[str]:
+    """The keys of a saved average's arrays holding inf or NaN as they land in its shadow's dtype
+    (``row``: that row only; None: every row), in the model's order."""
+    averaged = entry.get("averaged")
+    dtype = _shadow_dtype(entry.get("shadow_dtype"))
+    out = []
+    for key, a in sorted(averaged.items() if isinstance(averaged, dict) else (), key=lambda kv: _natural(kv[0])):
+        a = np.asarray(_to_numpy(a))
+        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+            if not finite_as(a if row is None or not a.ndim else a[row], dtype or a.dtype):
+                out.append(key)
+    return out
+
+
+def _shadow_dtype(name: Any) -> Any:
+    """The NumPy dtype of a saved ``shadow_dtype`` (None: ``"same"``, the arrays' own)."""
+    if name in ("float32", "float16", "float64"):
+        return np.dtype(name)
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return None
+
+
+def refuse_poisoned(entry: dict, allow: bool,
+                    what: str = "the average saved with this model") -> None:
+    """ValueError naming the arrays of ``entry`` holding inf or NaN, unless ``allow``; with the way
+    to load it all the same (``WeightEMA(allow_nonfinite=True)``) and repair it."""
+    bad = [] if allow else poisoned(entry)
+    if bad:
+        raise load_refused(f"fastema.keras.WeightEMA: {what} holds inf or NaN in {named(bad)}. "
+                           + load_advice("to WeightEMA, which resumes it when fit starts"))
 
 
 def _problems(model, entry: dict, place: int) -> list[str]:

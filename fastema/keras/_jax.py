@@ -12,7 +12,7 @@ renames them fails there, not in a user's fit.
 """
 from __future__ import annotations
 
-from ..average import Face, ModelSwap
+from ..average import Face, FaceNonFinite, ModelSwap
 
 __all__ = ["metric_values", "sync", "trainable_values"]
 
@@ -41,7 +41,7 @@ def sync(model) -> None:
         sync_()
 
 
-class _JaxModelEMA(Face):
+class _JaxModelEMA(Face, FaceNonFinite):
     """fastema.jax.EMA over a Keras model's trainable variables on the JAX backend, with the
     swap the callback needs. During ``fit`` the newest weights live in the trainer's state
     (``model._jax_state``), not in the variables, and are read from there."""
@@ -69,6 +69,8 @@ class _JaxModelEMA(Face):
         self.inner.update(self._current())
 
     def swap(self) -> None:
+        if not self._swap.swapped:                             # a swap in: refused for inf or NaN
+            self._core.refuse_nonfinite("swap()", 0)
         self._swap.swap(0)
 
     def _exchange(self, row: int, into_model: bool) -> None:
@@ -78,18 +80,24 @@ class _JaxModelEMA(Face):
         sync(self.model)
         if into_model:
             self._raw = [v.value for v in self.variables]      # JAX arrays are immutable: an exact stash
-            values = self.inner.shadow()
+            values = self.inner.shadow(allow_nonfinite=True)   # (checked by swap())
         else:
             values, self._raw = self._raw, None
         for v, a in zip(self.variables, values):
             v.assign(a)
 
     def copy_to(self) -> None:
-        for v, a in zip(self.variables, self.inner.shadow()):
+        self._core.refuse_nonfinite("copy_to()", 0)
+        for v, a in zip(self.variables, self.inner.shadow(allow_nonfinite=True)):
             v.assign(a)
+
+    def repair_nonfinite(self) -> list[str]:
+        """The averaged variables holding inf or NaN <- their newest weights; the names reset."""
+        self._swap.refuse("repair_nonfinite()")
+        return self.inner.repair_nonfinite(self._current())
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
+    def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
+        self.inner.load_state_dict(state, allow_nonfinite=allow_nonfinite)

@@ -31,7 +31,16 @@ import numpy as np
 
 from .._checkpoint_format import from_parts, load_refused, to_parts
 from .._io.safe_files import open_regular, regular
-from ._entries import _damage, _Live, _named_state, _problems, _structural_state, _to_numpy
+from .._nonfinite import load_advice, named, refusal
+from ._entries import (
+    _damage,
+    _Live,
+    _named_state,
+    _problems,
+    _structural_state,
+    _to_numpy,
+    poisoned,
+)
 
 # the model's attribute: the file's group of the average
 _ATTR = "_fastema_weight_ema"
@@ -137,7 +146,8 @@ class _SavedAverages(_KerasSaveable):
                               "saved without a WeightEMA); the callback's average is "
                               "unchanged", RuntimeWarning, stacklevel=2)
             return
-        self.load(_decode(store), "the file")
+        allow = bool(self.callbacks) and all(cb.allow_nonfinite for cb in self.callbacks)
+        self.load(_decode(store, allow=allow), "the file")
 
     def load(self, entries: list[dict], source: str) -> None:
         """``entries`` into the live callbacks (checked first; all load or none), or kept as pending
@@ -221,9 +231,10 @@ def _detach(model) -> None:
             del vars(model)[name]
 
 
-def _decode(store, source: str = "the file") -> list[dict]:
+def _decode(store, source: str = "the file", allow: bool = False) -> list[dict]:
     """The entries of a saved header, their arrays read from ``store``; refused when it is not one,
-    or when the EMA's own checks that need no model find it damaged (:func:`_damage`)."""
+    or when the EMA's own checks that need no model find it damaged (:func:`_damage`), or holding
+    inf or NaN unless ``allow`` (``allow_nonfinite``)."""
     keys = set(store.keys())
 
     def bad(why: str):
@@ -259,8 +270,15 @@ def _decode(store, source: str = "the file") -> list[dict]:
 
     out = [{**from_parts(e, fetch, missing), "backend": header.get("backend")} for e in entries]
     damage = [p for i, e in enumerate(out) for p in _damage(e, i)]
+    nonfinite = [f"average {i}: {k} holds inf or NaN"
+                 for i, e in enumerate(out) for k in poisoned(e)]
     if damage:
-        raise bad("; ".join(damage[:6]))
+        raise bad("; ".join((damage + nonfinite)[:6]))
+    if nonfinite and not allow:
+        raise load_refused(f"the WeightEMA average in {source} holds inf or NaN ("
+                           + "; ".join(nonfinite[:6]) + "). " + load_advice(
+                               "to load_model or load_average; WeightEMA(allow_nonfinite=True) "
+                               "for a model.load_weights into it"))
     return out
 
 
@@ -286,17 +304,19 @@ def _open_store(path: str, stack: contextlib.ExitStack):
     return store
 
 
-def _read_averages(filepath) -> list[dict] | None:
+def _read_averages(filepath, allow: bool = False) -> list[dict] | None:
     """The averages saved in ``filepath``, or None when it holds none; ValueError naming the file
     when Keras cannot read it (truncated, empty, another format: as Keras's load_model) or its
-    average is damaged."""
+    average is damaged, or holds inf or NaN unless ``allow`` (then read with a warning)."""
     import zipfile
 
     path = os.fspath(filepath)
+    if not isinstance(allow, bool):
+        raise TypeError(f"allow_nonfinite must be True or False, got {allow!r}")
     try:
         with contextlib.ExitStack() as stack:
             entry = _open_store(path, stack).get(_ATTR)
-            return _decode(entry, repr(path)) if len(entry.keys()) else None
+            entries = _decode(entry, repr(path), allow) if len(entry.keys()) else None
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:
@@ -304,9 +324,16 @@ def _read_averages(filepath) -> list[dict] | None:
         raise load_refused(f"{path!r} is not a {kind} file Keras can read ({type(err).__name__}: "
                            f"{err}): it is truncated, empty or of another format; pass a file "
                            "model.save() or model.save_weights() wrote.") from err
+    bad = [k for e in entries or () for k in poisoned(e)]
+    if bad:
+        warnings.warn(f"fastema.keras: the WeightEMA average in {path!r} holds inf or NaN in "
+                      f"{named(bad)} (allow_nonfinite): read as it is; a WeightEMA made "
+                      f"with allow_nonfinite=True resumes it, then its repair_nonfinite() resets "
+                      f"those tensors from the model's weights", RuntimeWarning, stacklevel=3)
+    return entries
 
 
-def load_average(model, filepath: str | os.PathLike) -> None:
+def load_average(model, filepath: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
     """Put the ``WeightEMA`` average(s) saved in ``filepath`` on ``model``.
 
     ``filepath`` is a ``.keras`` file (``model.save``, ``ModelCheckpoint``) or a ``.weights.h5``
@@ -316,13 +343,17 @@ def load_average(model, filepath: str | os.PathLike) -> None:
     :func:`averaged_weights` reads it. Only the average is read: the model's weights and optimizer
     are left as they are (``keras.saving.load_model`` / ``model.load_weights`` load those).
 
+    An average holding inf or NaN is refused, naming its arrays, unless ``allow_nonfinite=True``
+    (then read with a warning: a ``WeightEMA(allow_nonfinite=True)`` resumes it, and its
+    ``repair_nonfinite()`` resets those tensors from the model's weights).
+
     Raises:
         ValueError: the file is not one Keras can read (truncated, empty, another format), or holds
-            no average, a damaged one (non-finite arrays, an unreadable schedule state), or one that
-            does not fit the model (another architecture, another backend, another number of
-            ``WeightEMA`` callbacks): nothing is changed then.
+            no average, a damaged one (an unreadable schedule state), one holding inf or NaN (unless
+            allowed), or one that does not fit the model (another architecture, another backend,
+            another number of ``WeightEMA`` callbacks): nothing is changed then.
     """
-    entries = _read_averages(filepath)
+    entries = _read_averages(filepath, allow_nonfinite)
     if entries is None:
         raise ValueError(f"{os.fspath(filepath)!r} holds no WeightEMA average (it was saved from a "
                          "model that had none); nothing to load")
@@ -338,7 +369,7 @@ def load_average(model, filepath: str | os.PathLike) -> None:
 
 
 def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool = True, safe_mode: bool = True,
-               **kwargs):
+               *, allow_nonfinite: bool = False, **kwargs):
     """``keras.saving.load_model`` that also restores the ``WeightEMA`` average saved with the
     model.
 
@@ -346,13 +377,15 @@ def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool =
     the next ``fit`` resumes from it, bit for bit (give it the same options), and
     :func:`averaged_weights` reads it for evaluation or export. The average needs no
     ``custom_objects`` and survives ``compile=False`` (Keras's ``use_ema`` average, an optimizer
-    variable, does not). The arguments are Keras's.
+    variable, does not). The arguments are Keras's, but ``allow_nonfinite``: read an average holding
+    inf or NaN (with a warning; see :func:`load_average`).
 
     Raises:
         ValueError: the file is not one Keras can read, or its average is unreadable or damaged
-            (non-finite arrays, an unreadable schedule state): Keras's model is not built then.
+            (an unreadable schedule state), or holds inf or NaN (unless allowed): Keras's model is
+            not built then.
     """
-    entries = _read_averages(filepath)                    # refused before Keras builds anything
+    entries = _read_averages(filepath, allow_nonfinite)   # refused before Keras builds anything
     model = keras.saving.load_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode,
                                     **kwargs)
     if entries is not None:
@@ -360,15 +393,16 @@ def load_model(filepath: str | os.PathLike, custom_objects=None, compile: bool =
     return model
 
 
-def averaged_weights(model, index: int = 0) -> list[np.ndarray]:
+def averaged_weights(model, index: int = 0, *, allow_nonfinite: bool = False) -> list[np.ndarray]:
     """The average of ``model``'s ``index``-th ``WeightEMA``, one NumPy array per variable of
     ``model.trainable_variables`` (in their dtypes): from the live callback, or as loaded by
     :func:`load_model` / :func:`load_average`. A variable the EMA does not average (torch's
     ``exclude=``) has its current value. Put it into the model for evaluation or export with
-    ``for v, a in zip(model.trainable_variables, averaged_weights(model)): v.assign(a)``.
+    ``for v, a in zip(model.trainable_variables, averaged_weights(model)): v.assign(a)``. An
+    average holding inf or NaN is refused, naming its arrays, unless ``allow_nonfinite=True``.
 
     Raises:
-        ValueError: the model carries no such average.
+        ValueError: the model carries no such average, or it holds inf or NaN (unless allowed).
     """
     holder = vars(model).get(_ATTR)
     entries = holder.entries() if holder is not None else []
@@ -376,6 +410,9 @@ def averaged_weights(model, index: int = 0) -> list[np.ndarray]:
         raise ValueError(f"this model carries {len(entries)} WeightEMA average(s), so none at "
                          f"index {index}; run fit with a WeightEMA callback, or load one with "
                          "fastema.keras.load_model / load_average")
+    bad = [] if allow_nonfinite else poisoned(entries[index], row=0)
+    if bad:
+        raise ValueError(refusal("fastema.keras.averaged_weights()", f"average {index}", bad))
     averaged = entries[index]["averaged"]
     out = []
     for i, v in enumerate(model.trainable_variables):

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 
 from ..average import EMAOptions
-from ._entries import _named_state
+from ._entries import _named_state, refuse_poisoned
 from ._jax import _JaxModelEMA
 from ._saving import _detach, _saved_averages
 
@@ -53,6 +53,9 @@ class WeightEMA(keras.callbacks.Callback):
         validate_with_ema: swap the EMA in for the validation inside ``fit`` (and back after).
         write_at_end: write the EMA into the model when ``fit`` ends (Keras's ``use_ema``
             default); otherwise the model keeps its raw weights and :attr:`ema` has the average.
+        allow_nonfinite: resume, swap in and write into the model an average holding inf or NaN
+            (False: refused, naming its tensors; see :meth:`repair_nonfinite`); a
+            ``model.load_weights`` into this callback loads one too.
         **ema_kwargs: the options of the backend's EMA (:class:`fastema.average.EMAOptions`:
             ``debias=``, ``update_every=``, ``shadow_dtype=``...), the
             same on every backend; the torch backend also takes the model selection
@@ -76,10 +79,19 @@ class WeightEMA(keras.callbacks.Callback):
     (its options must match the saved ones; a :meth:`load_state_dict` of one's own takes
     precedence). ``model.load_weights`` into a model whose ``WeightEMA`` has started loads
     the average into it too. :func:`averaged_weights` reads the average without a callback.
+
+    **An average that inf or NaN reached** (``skip_nonfinite`` off, an older file) is named in a
+    warning whenever it is saved. The validation swap, ``write_at_end``, a resume and the readers of
+    the model's files refuse it, naming its tensors, until :meth:`repair_nonfinite` resets them from
+    the model's weights (``allow_nonfinite=True`` here, and to :func:`load_model` /
+    :func:`load_average`, loads it first), on every backend.
     """
 
-    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True, write_at_end: bool = False, **ema_kwargs):
+    def __init__(self, decay=_DEFAULT, *, validate_with_ema: bool = True,
+                 write_at_end: bool = False, allow_nonfinite: bool = False, **ema_kwargs):
         super().__init__()
+        if not isinstance(allow_nonfinite, bool):
+            raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
         options, selection = EMAOptions.split(ema_kwargs)
         if decay is _DEFAULT:
             decay = None
@@ -87,6 +99,7 @@ class WeightEMA(keras.callbacks.Callback):
                           "0.999 before 0.2); pass decay=0.999 to keep the old average", FutureWarning, stacklevel=2)
         _check_for_backend(EMAOptions.of(decay, **options), selection)   # refused now, not when fit starts
         self.decay, self.validate_with_ema, self.write_at_end = decay, validate_with_ema, write_at_end
+        self.allow_nonfinite = allow_nonfinite
         self.ema_kwargs = ema_kwargs
         self.ema: Any = None                                 # made when fit starts
         self._owner = None
@@ -111,11 +124,13 @@ class WeightEMA(keras.callbacks.Callback):
         saved = _saved_averages(self.model, create=True)
         slot = len(saved.this_fit())
         from_file = saved.pending[slot] if slot < len(saved.pending) else None
+        ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
         self.ema = ema
         try:
             if self._pending is not None:
                 ema.load_state_dict(self._pending)
             elif from_file is not None:
+                refuse_poisoned(from_file, self.allow_nonfinite)
                 try:
                     ema.load_state_dict(_named_state(self, from_file))
                 except ValueError as e:
@@ -191,6 +206,15 @@ class WeightEMA(keras.callbacks.Callback):
         if self.ema is None:
             raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
         return self.ema.state_dict()
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset each averaged tensor (and row) holding inf or NaN from the model's weights, on
+        every backend, every other one left bit for bit, and return their names (the torch backend:
+        :meth:`fastema.torch.EMA.repair_nonfinite`; TensorFlow and JAX: the trainable variables,
+        ``fit``'s newest ones on JAX); e.g. after a resume with ``allow_nonfinite=True``."""
+        if self.ema is None:
+            raise RuntimeError("WeightEMA has no EMA yet: it is made when fit() starts")
+        return self.ema.repair_nonfinite()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; before the first ``fit`` it is applied when the EMA is made."""

@@ -17,7 +17,15 @@ import numpy as np
 import tensorflow as tf
 
 from .._backends import to_host
-from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, ModelSwap
+from ..average import (
+    HOST_ONLY_REFUSALS,
+    Average,
+    EMAOptions,
+    Face,
+    FaceMemory,
+    FaceNonFinite,
+    ModelSwap,
+)
 from . import _checkpoint
 
 __all__ = ["EMA", "REFUSED"]
@@ -89,7 +97,7 @@ class _Runtime:
         self.error: BaseException | None = None     # the exception the last graph update raised
 
 
-class EMA(tf.Module, Face, FaceMemory):
+class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
     """Exponential moving average of ``tf.Variable`` objects, a ``tf.Module``.
 
     Args:
@@ -246,28 +254,42 @@ class EMA(tf.Module, Face, FaceMemory):
                 raise err from None
             raise
 
-    def averages(self, row: int = 0) -> list:
-        """The average as new tensors in the variables' dtypes (rounded to nearest), in variable order."""
+    def averages(self, row: int = 0, *, allow_nonfinite: bool | None = None) -> list:
+        """The average as new tensors in the variables' dtypes (rounded to nearest), in variable
+        order. An average holding inf or NaN is refused, naming its variables, unless allowed
+        (``allow_nonfinite``, None: :attr:`allow_nonfinite`; see :meth:`repair_nonfinite`)."""
         _eager("averages()")
         self._core.check_row(row)
+        self._core.refuse_nonfinite("averages()", row, allow_nonfinite)
+        return self._averages(row)
+
+    def _averages(self, row: int) -> list:
         out = []
         for i, (shape, dtype) in enumerate(self._specs):
             with tf.device(self._rt.variables[i].device):          # to_host copies: TF may alias NumPy memory
                 out.append(tf.cast(tf.constant(to_host(self._core.view(i, row))), dtype))
         return out
 
-    def swap(self, row: int = 0) -> None:
+    def swap(self, row: int = 0, *, allow_nonfinite: bool | None = None) -> None:
         """Assign average ``row`` to the variables; call again to put their own values back.
 
         The variables' values are kept as TensorFlow tensors while swapped (a variable read
-        is a snapshot: later assigns do not change it), so the swap back is bit for bit.
+        is a snapshot: later assigns do not change it), so the swap back is bit for bit. An
+        average holding inf or NaN is not swapped in unless allowed (as :meth:`averages`).
         """
         _eager("swap()")
+        self._checked_in("swap()", row, allow_nonfinite)
         self._swap.swap(row)
+
+    def _checked_in(self, what: str, row: int, allow: bool | None) -> None:
+        """A swap in of ``row`` refused for inf or NaN (nothing while an average is in)."""
+        if not self._swap.swapped:
+            self._core.check_row(row)
+            self._core.refuse_nonfinite(what, row, allow)
 
     def _exchange(self, row: int, into_model: bool) -> None:
         if into_model:
-            averages = self.averages(row)
+            averages = self._averages(row)
             self._rt.raw = [v.value() for v in self._rt.variables]
             for v, a in zip(self._rt.variables, averages):
                 v.assign(a)
@@ -276,18 +298,32 @@ class EMA(tf.Module, Face, FaceMemory):
                 v.assign(raw)
             self._rt.raw = None
 
-    def average_parameters(self, row: int = 0) -> ContextManager[None]:
+    def average_parameters(self, row: int = 0, *,
+                           allow_nonfinite: bool | None = None) -> ContextManager[None]:
         """``with ema.average_parameters(): evaluate()``: the average in, the variables' values back on exit.
-        Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in."""
+        Re-entrant: inside a block (or after ``swap()``) of the same row it leaves the weights in.
+        An average holding inf or NaN is refused as by :meth:`swap`."""
         _eager("average_parameters()")
+        self._checked_in("average_parameters()", row, allow_nonfinite)
         return self._swap.block(row)
 
-    def copy_to(self, row: int = 0) -> None:
-        """Assign average ``row`` to the variables for good (e.g. when training ends)."""
+    def copy_to(self, row: int = 0, *, allow_nonfinite: bool | None = None) -> None:
+        """Assign average ``row`` to the variables for good (e.g. when training ends); refused for
+        inf or NaN as :meth:`swap`."""
         _eager("copy_to()")
         self._not_swapped("copy_to()")
-        for v, a in zip(self._rt.variables, self.averages(row)):
+        self._core.check_row(row)
+        self._core.refuse_nonfinite("copy_to()", row, allow_nonfinite)
+        for v, a in zip(self._rt.variables, self._averages(row)):
             v.assign(a)
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset every averaged variable (and row) holding inf or NaN from the variable's value now
+        (rounded to the shadow's dtype), every other one left bit for bit; returns the names reset.
+        Refused while an average is swapped in (the variables hold it then)."""
+        _eager("repair_nonfinite()")
+        self._not_swapped("repair_nonfinite()")
+        return self._core.repair_nonfinite([v.numpy() for v in self._rt.variables])
 
     def _not_swapped(self, what: str) -> None:
         self._swap.refuse(what)
@@ -301,11 +337,14 @@ class EMA(tf.Module, Face, FaceMemory):
         self._not_swapped("state_dict()")
         return self._core.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is off."""
+    def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
+        """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is
+        off. An average holding inf or NaN is refused unless allowed (``allow_nonfinite``, None:
+        :attr:`allow_nonfinite`, which a checkpoint's restore reads): then loaded with a warning,
+        for :meth:`repair_nonfinite`."""
         _eager("load_state_dict()")
         self._not_swapped("load_state_dict()")
-        self._core.load_state_dict(state)
+        self._core.load_state_dict(state, allow_nonfinite)
 
     def _serialize_to_tensors(self) -> dict:
         """TensorFlow's checkpoint hook: the ``state`` JSON and the ``shadow`` bytes

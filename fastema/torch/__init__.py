@@ -20,10 +20,13 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
-from ._attach import KEY as _ATTACH_KEY
+from ._face.attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401
-from ._state.decisions import mesh_findings, refuse_together  # noqa: F401
+from ._state.dcp_calls import loading as dcp_loading  # noqa: F401
+from ._state.decisions import found_together, mesh_findings, refuse_together  # noqa: F401
+from ._state.nonfinite import reset as reset_nonfinite  # noqa: F401
+from ._state.nonfinite import scan as scan_nonfinite  # noqa: F401
 from ._state.slices import SplitEntry
 from ._state.stream import WeightMeta
 from ._tensors.hooks import HOOKS as _HOOKS  # noqa: F401
@@ -41,5 +44,8 @@ __all__ = ["ATTACH_KEY", "EMA", "Offload", "PostHocEMA", "ShardReplicas", "Split
            "WeightMeta", "WindowAverage", "normalize_name", "registration_hooks", "unwrap"]
 
 # Kept importable from fastema.torch (not public): FORMAT and VERSION, the EMA checkpoint's schema;
-# mesh_findings and refuse_together, the ranks' decisions (fastema.torchtitan's loads agree through
-# them, as attach()'s do); _HOOKS, the installed registration hooks (tests).
+# mesh_findings, refuse_together and found_together, the ranks' decisions (fastema.torchtitan's
+# loads and repairs agree through them, as attach()'s and the torch faces' do); scan_nonfinite,
+# reset_nonfinite and dcp_loading, a shadow's inf/NaN found and reset and dcp.load's template told
+# (fastema.torchtitan's repair_nonfinite and saves); _HOOKS, the installed registration hooks
+# (tests).

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .._interrupts import ctrl_c_held
 from ..average import ModelSwap
 from ._state.agree import Agreement, Read
+from ._state.nonfinite import NonFinite
 from ._tensors.model import TorchModel
 from ._tensors.slots import bump_versions
 
@@ -33,13 +34,17 @@ class ShadowSwap:
         side: the model side (its shadows, the model's tensors, settling and following them).
         agreement: the average's agreement (a split average's swap and copy-out are collectives).
         check_row: refuses a row the face does not show (its engine's, or a window's).
+        nonfinite: the average's non-finite watch: a swap in and a copy-out refuse an average
+            holding inf or NaN (:class:`~fastema.torch._state.nonfinite.NonFinite`), on every rank.
 
     ``state`` is the swap state (:class:`fastema.average.ModelSwap`: ``swap(row)``, the evaluation
     block, the refusals while the average is in); ``backup`` the raw weights of a swap that would
     round (None until the first such swap)."""
 
-    def __init__(self, side: TorchModel, agreement: Agreement, check_row: Callable[[int], None]):
+    def __init__(self, side: TorchModel, agreement: Agreement, check_row: Callable[[int], None],
+                 nonfinite: NonFinite):
         self.side, self.agreement, self.check_row = side, agreement, check_row
+        self.nonfinite = nonfinite
         self.backup: Any = None        # a lossy swap's raw weights (float16 models): backup()
         self.state = ModelSwap(self.exchange, _WHILE_IN, held=self.held)
 
@@ -74,15 +79,20 @@ class ShadowSwap:
         side = self.side
         avg, copy = side.avg, side.copy
         # split: the ranks agree before the gather; with no group to agree with, the checks alone (the
-        # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78 item 7)
-        agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row), swap=True)
-                  if collective else contextlib.nullcontext())
+        # agreement's block is then only its own cost: a fifth of a swap's fixed cost, issue 78
+        # item 7). A swap in checks the average for inf or NaN: a sharded one's ranks agree on it
+        checked = swapping_in and self.nonfinite.checking
+        agrees = collective or (checked and bool(self.agreement.groups()))    # sharded: its mesh
+        agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row),
+                                        swap=True, checked=checked)
+                  if agrees else contextlib.nullcontext())
         try:
             with agreed:
                 side.settle()
                 if swapping_in:
                     self.check_row(row)
                     side.follow()                      # every tensor's address: the one pass of a swap in
+                    self.nonfinite.refuse("swap()", row)
                 lossy = not avg.exact_swap             # see fastema._shadow.Capabilities
                 if not lossy:
                     avg.swap_modes()
@@ -139,11 +149,13 @@ class ShadowSwap:
         side = self.side
         avg, copy = side.avg, side.copy
         try:
-            with self.agreement.agreed(Read("copy_to()", row=row), swap=True):
+            with self.agreement.agreed(Read("copy_to()", row=row), swap=True,
+                                       checked=self.nonfinite.checking):
                 self.check_row(row)
                 self.state.refuse("copy_to()")
                 side.settle()
                 side.follow()
+                self.nonfinite.refuse("copy_to()", row)
                 if copy is not None:                   # the averaged group checks itself
                     copy.check_sources()
                 avg.reserve(row, False)                # a split average's buckets

@@ -14,7 +14,7 @@ from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
 from ._face import compiled as _compile
 from ._face.average import TorchAverage
-from ._face.contract import ModelParts, model_parts
+from ._face.contract import ModelParts, model_parts, with_lowered
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
 from ._tensors.model import TorchModel
@@ -64,7 +64,7 @@ class EMA(Face, TorchAverage):
             compensate=compensate, debias=debias, shadow_dtype=shadow_dtype, rounding=rounding,
             seed=seed, buffers=buffers, exclude=exclude, copy=copy, skip_nonfinite=skip_nonfinite,
             device_step=device_step, offload=offload, trainable_only=trainable_only,
-            shard_replicas=shard_replicas))
+            shard_replicas=shard_replicas, lowered=_updates_as_ema(type(self))))
 
     def _from_parts(self, parts: ModelParts) -> None:
         """The EMA's own fields, read off its parts, then the face (see :class:`TorchFace`)."""
@@ -136,12 +136,14 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
               rounding: str = "nearest", seed: int = 0, buffers: str = "copy",
               exclude: Sequence[str] = (), copy: Sequence[str] = (), skip_nonfinite: bool = False,
               device_step: bool | None = None, offload: str | Offload | None = None,
-              trainable_only: bool | None = None, shard_replicas: Any = False) -> ModelParts:
+              trainable_only: bool | None = None, shard_replicas: Any = False,
+              lowered: bool = False) -> ModelParts:
     """The builder of an :class:`EMA` (and a :class:`~fastema.torch.PostHocEMA`): its arguments
     checked, then its parts in one direction: the model side, its shadow (the picker), the engine
     over both, and the rest (:func:`~fastema.torch._face.contract.model_parts`). ``kind`` names the face;
     ``run(engine)``: what the checkpoint keeps besides the tensors (default: the engine's plan and
-    counters; a post-hoc run adds its id)."""
+    counters; a post-hoc run adds its id); ``lowered``: the plain case's update may be written in a
+    compiled graph (:class:`EMA`'s own update, :func:`_updates_as_ema`)."""
     placement = Placement.of(offload, shard_replicas)
     opts = EMAOptions(decay, update_every=update_every, compensate=compensate, debias=debias,
                       shadow_dtype=shadow_dtype, rounding=rounding, seed=seed,
@@ -156,8 +158,16 @@ def ema_parts(model: nn.Module, decay: Any = None, *, kind: str,
         on_gpu = _gpu_of(shadow.sources) is not None
         device_step = on_gpu and not shadow.host_plan_only and not opts.is_bema
     core = engine if run is None else run(engine)
-    return model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
-                       functools.partial(_start_over, side), device_step=device_step)
+    parts = model_parts(side, shadow, engine, core, FORMAT, engine.plan.cadence,
+                        functools.partial(_start_over, side), device_step=device_step)
+    return with_lowered(parts) if lowered else parts
+
+
+def _updates_as_ema(cls: type) -> bool:
+    """True where ``cls``'s update is :class:`EMA`'s own (not a subclass's that adds to it, as
+    PostHocEMA's snapshots): its plain case may be written in a compiled graph
+    (``_face/lowered``)."""
+    return next(k for k in cls.__mro__ if "_eager_update" in vars(k)) is EMA
 
 
 def _start_over(side: TorchModel) -> None:

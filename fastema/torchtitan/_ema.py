@@ -15,7 +15,7 @@ from torch import nn
 from .._interrupts import ctrl_c_held
 from ..flat import FlatShadow
 from ..torch import Offload
-from . import _state
+from . import _nonfinite, _state
 from ._config import ConfigFields
 from ._held import Held
 from ._keys import canonical_fqn
@@ -138,6 +138,8 @@ class EMA:
         # main's weight 1.0 - decay, as Python floats
         self._fixed = [1.0 - d for d in self.decays]
         self._on_device: dict = {}          # device step: its buffers (see _device_step)
+        self.allow_nonfinite = False        # loads and exports of copies holding inf or NaN refused
+        self.nonfinite_flags: dict = {}     # the scan of the copies' flags, by device (_nonfinite)
         narrow = sorted({str(t.local.dtype) for t in self.tracked if t.local.dtype not in _WIDE})
         if narrow and config.shadow_dtype == "same":
             logger.warning("EMA is tracking %s tensors in their own dtype (shadow_dtype='same', "
@@ -227,10 +229,25 @@ class EMA:
         """Main's layout: ``state.<fqn>.ema_params.<key>`` -> the copy, each a view of the shadow
         (its dtype: the tensor's, or float32 with ``shadow_dtype="float32"``), a DTensor of the
         parameter's layout on a sharded model, with the padding of padded parameters hidden.
-        ``dcp.load`` fills these views in place, then calls :meth:`load_state_dict`."""
-        return _state.flat_state_dict(self.tracked, self.shadow, self.keys, self.padded)
+        ``dcp.load`` fills these views in place, then calls :meth:`load_state_dict`. Copies
+        holding inf or NaN are named in a warning and listed under ``"nonfinite"`` (information,
+        never loaded; no such entry for a finite EMA, nor in the template ``dcp.load`` fills)."""
+        out = _state.flat_state_dict(self.tracked, self.shadow, self.keys, self.padded)
+        poisoned = _nonfinite.record(self)
+        if poisoned:
+            out[_nonfinite.RECORD] = poisoned
+        return out
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def repair_nonfinite(self) -> list[str]:
+        """Reset every copy of every tracked tensor holding inf or NaN from the tensor's live
+        weights (rounded to the copy's dtype; the model checked first, as at a firing), in place
+        where the copies live; every other copy and tensor left bit for bit. Returns the names
+        reset. On a sharded model a collective: every rank calls it, the ranks agree on the
+        tensors, each resets its local shard of them and returns the same names."""
+        return _nonfinite.repair(self, lambda: self._follow("repair_nonfinite()"))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *,
+                        allow_nonfinite: bool | None = None) -> None:
         """Load main's layout (what :meth:`state_dict` or torchtitan's own EMA wrote; keys of other
         copies are ignored, as main ignores them); every entry checked first (there, a floating
         tensor of its copy's shape and layout, finite in the copy's dtype), nothing written if one
@@ -241,7 +258,9 @@ class EMA:
         among them is refused by name with the copies holding the checkpoint's values, inf and NaN
         included (load a checkpoint whose EMA is finite, or ``load_state_dict({})``). An empty dict
         (a checkpoint without the EMA) cold-starts every copy from the current weights, as main
-        does (the model checked first, as at a firing)."""
+        does (the model checked first, as at a firing). ``allow_nonfinite=True`` (None:
+        ``ema.allow_nonfinite``, which ``dcp.load`` reads) loads copies holding inf or NaN, with a
+        warning naming them: :meth:`repair_nonfinite` resets them."""
         if not state_dict:
             _state.agreed_load(self.tracked, self._model_problem(), False)
             self.shadow.copy_from_sources()
@@ -249,14 +268,26 @@ class EMA:
                            "loaded model weights, which discards all EMA history",
                            ", ".join(self.keys))
             return
-        _state.load_flat_state_dict(self.tracked, self.shadow, self.keys, self.padded, state_dict,
-                                    lambda problem: _state.agreed_load(self.tracked, problem, True))
+        allow = self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
+        if not isinstance(allow, bool):                  # refused on every rank alike
+            _state.agreed_load(self.tracked, f"allow_nonfinite must be True, False or None, got "
+                                             f"{allow_nonfinite!r}", True)
+        poisoned = _state.load_flat_state_dict(
+            self.tracked, self.shadow, self.keys, self.padded, state_dict,
+            lambda problem: _state.agreed_load(self.tracked, problem, True), allow)
+        if poisoned:
+            logger.warning("EMA state loaded with %s holding inf or NaN (allow_nonfinite): "
+                           "export_hf() refuses them until ema.repair_nonfinite() resets those "
+                           "tensors from the live weights", _nonfinite.named(poisoned))
 
-    def averaged_state_dict(self, key: str | None = None) -> dict[str, torch.Tensor]:
+    def averaged_state_dict(self, key: str | None = None, *,
+                            allow_nonfinite: bool | None = None) -> dict[str, torch.Tensor]:
         """One copy (``key``; default: the only one) as ``fqn -> tensor`` in the tensors' dtypes and
         layouts (DTensors on a sharded model): what ``model.load_state_dict`` takes for the tracked
-        names."""
+        names. A copy holding inf or NaN is refused by name unless ``allow_nonfinite`` (None:
+        ``ema.allow_nonfinite``); on a sharded model the ranks agree on it (a collective)."""
         row = self.row_of(key)
+        _nonfinite.refuse(self, "EMA.averaged_state_dict()", row, allow_nonfinite)
         return {t.fqn: _state.as_global(
                     t, self.shadow.view(t.fqn, row).to(t.local.dtype, copy=True))
                 for t in self.tracked}

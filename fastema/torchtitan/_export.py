@@ -9,6 +9,7 @@ import torch
 
 from .._io.files import atomic_write
 from .._io.safetensors import stream_safetensors
+from . import _nonfinite
 from ._ema import EMA
 from ._state import Tracked, as_global
 
@@ -32,7 +33,8 @@ def _memory(t: torch.Tensor) -> tuple | None:
 
 
 def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
-              sd_adapter: Any = None, export_dtype: torch.dtype = torch.float32) -> str:
+              sd_adapter: Any = None, export_dtype: torch.dtype = torch.float32,
+              allow_nonfinite: bool | None = None) -> str:
     """Write copy ``key`` (default: the only one) of ``ema`` as a Hugging Face folder: the model's
     state dict with every tracked tensor replaced by its average under every name it has (a tied
     embedding and head: both names, the same average; an entry is the tracked tensor when it is
@@ -40,10 +42,13 @@ def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
     parameters and buffers not averaged) as the model holds them, through ``sd_adapter.to_hf`` when
     given (torchtitan's state-dict adapter), in ``export_dtype``, into
     ``directory/model.safetensors`` (written whole or not at all). On a sharded model every rank
-    must call it (each tensor gathered in turn); rank 0 writes. Returns the file's path."""
+    must call it (each tensor gathered in turn); rank 0 writes. Returns the file's path. A copy
+    holding inf or NaN (on any rank) is refused by name on every rank, nothing written, unless
+    ``allow_nonfinite`` (None: ``ema.allow_nonfinite``): see :meth:`EMA.repair_nonfinite`."""
     from torch.distributed.tensor import DTensor
 
     row = ema.row_of(key)
+    _nonfinite.refuse(ema, "export_hf()", row, allow_nonfinite)
     state: dict[str, torch.Tensor] = {}
     for model in ema.model_parts:
         state.update(model.state_dict(keep_vars=True))      # the tensors themselves: ties seen

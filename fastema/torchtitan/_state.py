@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from .._nonfinite import load_advice
 from ..torch import mesh_findings, refuse_together
 from ._keys import canonical_fqn, flat_key
 
@@ -99,17 +100,20 @@ def _listed(items: list[str]) -> str:
 
 def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: Sequence[str],
                          padded: Mapping[str, Any], state: Mapping[str, Any],
-                         verdict: Callable[[str | None], None]) -> None:
+                         verdict: Callable[[str | None], None], allow: bool = False) -> list[str]:
     """See :meth:`fastema.torchtitan.EMA.load_state_dict`: every entry checked on this rank (no
     collective: a DTensor entry's local piece, in the copy's dtype), ``verdict(problem)`` (raises on
     every rank of the mesh when one refused: :func:`agreed_load`), then every entry written (an
     entry that is the shadow's view, as ``dcp.load`` fills them, is checked too, not copied again:
-    it was written before this call)."""
+    it was written before this call). ``allow``: entries holding inf or NaN in the copy's dtype
+    load too; returns their keys."""
     from torch.distributed.tensor import DTensor
 
     problems: list[str] = []
     in_place: list[str] = []                    # entries dcp.load wrote into the shadow's own views
     bad_in_place: list[str] = []
+    poisoned: list[str] = []                    # loaded all the same (allow)
+    refused = 0                                 # problems that are inf or NaN (allow loads them)
     ready = []
     for t in tracked:
         spec = padded.get(t.fqn)
@@ -146,16 +150,20 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             if written:
                 in_place.append(name)
             # finite in the copy's dtype: a float64 1e300 lands in a float32 copy as inf
-            if bool(torch.isfinite(local.to(dst.dtype)).all()):
+            if bool(torch.isfinite(local.to(dst.dtype)).all()) or allow:
                 ready.append((t.layout, dst, value, padding))
+                if allow and not bool(torch.isfinite(local.to(dst.dtype)).all()):
+                    poisoned.append(name)
             elif written:
                 bad_in_place.append(name)
             elif bool(torch.isfinite(local).all()):
                 problems.append(f"{name} holds values beyond {dst.dtype}'s range (its copy's "
                                 f"dtype), which would land as inf")
+                refused += 1
             else:
                 problems.append(f"{name} holds inf or NaN")
-    verdict(_refusal(problems, in_place, bad_in_place))
+                refused += 1
+    verdict(_refusal(problems, in_place, bad_in_place, refused))
     with torch.no_grad():                       # every rank's entries passed: the same on each
         for layout, dst, value, padding in ready:
             if padding is not None:
@@ -166,25 +174,33 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
                 value = value.to_local()
             if not _same_memory(value, dst):    # dcp.load's views: checked, not copied again
                 dst.copy_(value)
+    return poisoned
 
 
-def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str]) -> str | None:
-    """What this rank refuses the load for (None: nothing)."""
+def _refusal(problems: list[str], in_place: list[str], bad_in_place: list[str],
+             nonfinite: int = 0) -> str | None:
+    """What this rank refuses the load for (None: nothing); where inf or NaN is all it refuses
+    (``nonfinite``: of ``problems``), how to load it all the same and repair it."""
     if bad_in_place:
-        return (f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and they "
-                f"are this EMA's copies, which dcp.load had already written in place (it fills the "
-                f"views state_dict() gives, then calls load_state_dict): the copies now hold the "
-                f"checkpoint's values where dcp.load wrote them, inf and NaN included, and their "
-                f"previous values elsewhere (nothing else was written)"
-                + (f" ({_listed(problems)})" if problems else "")
-                + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to start "
-                  "every copy afresh from the weights")
-    if problems:
-        return ("the EMA state was not loaded (nothing was written"
-                + (f"; {len(in_place)} entries are this EMA's copies, which hold what was written "
-                   f"into them before this call, as dcp.load does" if in_place else "")
-                + f"): {_listed(problems)}")
-    return None
+        why = (f"the EMA state was not loaded: {_listed(bad_in_place)} hold inf or NaN, and they "
+               f"are this EMA's copies, which dcp.load had already written in place (it fills the "
+               f"views state_dict() gives, then calls load_state_dict): the copies now hold the "
+               f"checkpoint's values where dcp.load wrote them, inf and NaN included, and their "
+               f"previous values elsewhere (nothing else was written)"
+               + (f" ({_listed(problems)})" if problems else "")
+               + ": load a checkpoint whose EMA is finite, or call load_state_dict({}) to start "
+                 "every copy afresh from the weights")
+    elif problems:
+        why = ("the EMA state was not loaded (nothing was written"
+               + (f"; {len(in_place)} entries are this EMA's copies, which hold what was written "
+                  f"into them before this call, as dcp.load does" if in_place else "")
+               + f"): {_listed(problems)}")
+    else:
+        return None
+    if nonfinite < len(problems):
+        return why
+    return why + ". " + load_advice("or set ema.allow_nonfinite = True before a load another "
+                                    "library makes: dcp.load, torchtitan's CheckpointManager")
 
 
 def mesh_groups(tracked: Sequence[Tracked]) -> list:

@@ -188,6 +188,68 @@ def test_corrupt_checkpoints_are_refused_and_change_nothing():
     assert after["updates"] == before["updates"]
 
 
+def test_an_average_that_nan_reached_is_named_at_every_save():
+    """Issue 85 item 2: an update with the guard off takes a NaN into the average; every save warns,
+    naming the leaf, and records it; the record survives pickle, and a load still refuses the NaN."""
+    ema = EMA({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, 0.9)
+    assert "nonfinite" not in ema.state_dict()
+    ema.update({"w": jnp.ones((2, 3)), "b": jnp.array([0.0, np.nan, 0.0])})
+    with pytest.warns(RuntimeWarning, match=re.escape("""holds inf or NaN in "['b']". The checkpoint""")):
+        state = ema.state_dict()
+    assert pickle.loads(pickle.dumps(state))["nonfinite"] == ["['b']"]
+    with pytest.raises(ValueError, match=r"\['b'\]\" holds inf or NaN"):
+        EMA({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, 0.9).load_state_dict(state)
+
+
+def test_an_average_that_nan_reached_is_refused_until_repaired_and_loads_only_when_allowed():
+    """Issue 85 item 2 on the JAX face: shadow() (what ships the average) refuses it by name unless
+    allowed; a load refuses it offering allow_nonfinite=True then repair_nonfinite(); allowed, it loads
+    with a warning; repair_nonfinite(params) resets the poisoned leaf from the live parameters (rounded to
+    the shadow's dtype), every other leaf and row bit for bit."""
+    live = {"w": jnp.full((2, 3), 2.0), "b": jnp.array([0.5, 1.5, -2.5])}
+    ema = EMA({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, [0.9, 0.5])
+    ema.update({"w": jnp.ones((2, 3)), "b": jnp.array([0.0, np.nan, 0.0])})
+    with pytest.warns(RuntimeWarning):
+        state = ema.state_dict()
+    with pytest.raises(ValueError, match=r"^fastema\.jax\.EMA\.shadow\(\): average 1 holds inf or NaN in "
+                                         r"\"\['b'\]\".*repair_nonfinite\(\).*allow_nonfinite=True"):
+        ema.shadow(1)
+    assert np.isnan(np.asarray(ema.shadow(1, allow_nonfinite=True)["b"])).any()
+    fresh = EMA(live, [0.9, 0.5])
+    with pytest.raises(ValueError, match=r"checkpoint's averaged \"\['b'\]\" holds inf or NaN\. "
+                                         r"To load it all the same and repair it, pass allow_nonfinite=True"):
+        fresh.load_state_dict(state)
+    assert fresh.updates == 0
+    with pytest.warns(RuntimeWarning, match=r"loaded holds inf or NaN.*allow_nonfinite"):
+        fresh.load_state_dict(state, allow_nonfinite=True)
+    assert fresh.repair_nonfinite(live) == ["['b']"]
+    repaired = fresh.state_dict()["averaged"]
+    np.testing.assert_array_equal(repaired["['b']"], np.stack([np.asarray(live["b"])] * 2))
+    np.testing.assert_array_equal(repaired["['w']"], state["averaged"]["['w']"])      # bit for bit
+    assert fresh.repair_nonfinite(live) == []
+
+
+@pytest.mark.parametrize("dtype, shadow, value, past", [
+    (jnp.float32, "float32", np.float64(1e300), "float32"),  # float64 1e300 into a float32 average: inf
+    (jnp.float16, "same", np.float32(1e5), "float16"),       # float32 1e5 into a float16 average: inf
+    (jnp.float32, "float64", np.float64(1e300), None),       # a float64 average holds it
+])
+def test_a_load_checks_finiteness_in_the_averages_dtype(dtype, shadow, value, past):
+    """The engine checked np.isfinite(a.astype(float32)): a float16 average took inf from a float32 1e5,
+    and a float64 average's own 1e300 was refused."""
+    ema = EMA({"b": jnp.zeros(3, dtype)}, 0.9, shadow_dtype=shadow)
+    state = ema.state_dict()
+    state["averaged"]["['b']"] = np.full((1, 3), value, type(value))
+    if past is None:
+        ema.load_state_dict(state)
+        assert ema.state_dict()["averaged"]["['b']"][0, 0] == value
+    else:
+        with pytest.raises(ValueError, match=r"averaged \"\['b'\]\" holds inf or NaN as it lands \(\"\['b'\]\" finite "
+                                             rf"in the checkpoint but past the range of the average's {past}: inf "
+                                             r"once converted\)\. To load it all the same and repair it"):
+            ema.load_state_dict(state)
+
+
 def test_bad_inputs_get_clear_errors_and_change_nothing():
     p = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
     ema = EMA(p, 0.9)

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+from support.schedules import device_decays, ulp, ulps  # noqa: E402
+
 import fastema.jax as fj  # noqa: E402
-from fastema.jax import _schedules  # noqa: E402
 from fastema.schedules import (  # noqa: E402
     BEMA,
     Cosine,
@@ -50,14 +51,8 @@ _DEVICE: dict = {}
 def _device(name):
     """The device's float32 weights ``1 - d`` of ``CASES[name]`` for arrays of (n, t, last, first)."""
     if name not in _DEVICE:
-        s = CASES[name][0]
-        one = _schedules.decays([s], 1, False)
-        _DEVICE[name] = jax.jit(jax.vmap(lambda n, t, last, first: 1.0 - one(n, t, last, first, jnp.bool_(True))[0]))
+        _DEVICE[name] = device_decays(CASES[name][0], weights=True)
     return _DEVICE[name]
-
-
-def _ulp32(x):
-    return np.spacing(np.abs(np.asarray(x, np.float64)).astype(np.float32)).astype(np.float64)
 
 
 steps = st.lists(st.one_of(st.integers(1, 5000), st.integers(1, TOP),
@@ -85,7 +80,7 @@ def test_float32_schedule_weights_within_an_ulp_of_the_host_float64(name, t, gap
         d = np.array([s.between(int(a), int(b), int(c)) for a, b, c in zip(first, last, t)])
     else:
         d = np.array([s(int(k)) for k in t])
-    err = np.abs(got - (1.0 - d)) / np.maximum(_ulp32(d), _ulp32(1.0 - d))
+    err = ulps(got, 1.0 - d, d, 1.0 - d, dtype=np.float32)
     worst = int(np.argmax(err))
     assert err[worst] <= bound, (f"{name}: {err[worst]:.2f} ulps at t={t[worst]} last={last[worst]} "
                                  f"first={first[worst]}: host d={d[worst]!r}, device 1-w={1 - got[worst]!r}")
@@ -132,7 +127,7 @@ def test_debiased_and_compensated_weights_against_the_host_plan(name, start):
         want.append(w)
         ds.append(d)
     want, ds = np.asarray(want), np.asarray(ds)
-    err = np.abs(got - want) / np.maximum(_ulp32(ds), _ulp32(want))
+    err = ulps(got, want, ds, want, dtype=np.float32)
     worst = int(np.argmax(err))
     assert err[worst] <= bound, f"{name}: {err[worst]:.2f} ulps at step {steps[worst]}: host {want[worst]!r}"
 
@@ -179,11 +174,10 @@ def test_power_function_and_half_life_within_one_ulp_over_a_scan(name):
     ``pow`` of the ratio's head plus first-order terms reached 0.99."""
     s = SCANNED[name]
     t, last = _scan_times(s)
-    one = _schedules.decays([s], 1, False)
-    fn = jax.jit(jax.vmap(lambda t, last: 1.0 - one(t, t, last, last, jnp.bool_(True))[0]))
-    got = np.asarray(fn(jnp.asarray(t, jnp.int32), jnp.asarray(last, jnp.int32)), np.float64)
+    t32, last32 = jnp.asarray(t, jnp.int32), jnp.asarray(last, jnp.int32)
+    got = np.asarray(device_decays(s, weights=True)(t32, t32, last32, last32), np.float64)
     d = np.array([s.between(None, int(a), int(b)) for a, b in zip(last, t)])
-    err = np.abs(got - (1.0 - d)) / np.maximum(_ulp32(d), _ulp32(1.0 - d))
+    err = ulps(got, 1.0 - d, d, 1.0 - d, dtype=np.float32)
     worst = int(np.argmax(err))
     assert np.all((last >= 0) & (last < t) & (t <= TOP))
     assert np.mean(np.abs(d - 0.5) < 0.25) > 0.05        # the scan does reach d about 1/2
@@ -201,8 +195,8 @@ def test_half_life_and_power_function_edges():
     last = np.array([TOP, TOP - 1, 0, 1, 4, 2 ** 24 + 3, 1, 2, 6, 2 ** 30], np.int64)
     fwd = last <= t
     for s in (HalfLife(1e-30), HalfLife(7e8), HalfLife(3.0), PowerFunction(0.001), PowerFunction(200.0)):
-        one = jax.jit(jax.vmap(lambda t, last, s=s: _schedules.decays([s], 1, False)(t, t, last, last, True)[0]))
-        got = np.asarray(one(jnp.asarray(t, jnp.int32), jnp.asarray(last, jnp.int32)), np.float64)
+        t32, last32 = jnp.asarray(t, jnp.int32), jnp.asarray(last, jnp.int32)
+        got = np.asarray(device_decays(s)(t32, t32, last32, last32), np.float64)
         d = np.array([s.between(None, int(a), int(b)) for a, b in zip(last[fwd], t[fwd])])
-        assert np.all(np.abs(got[fwd] - d) <= 0.55 * _ulp32(d) + 2.0 ** -126), (s, got, d)
+        assert np.all(np.abs(got[fwd] - d) <= 0.55 * ulp(d, np.float32) + 2.0 ** -126), (s, got, d)
         np.testing.assert_array_equal(got[~fwd], 1.0)

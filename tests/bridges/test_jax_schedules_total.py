@@ -19,8 +19,9 @@ from hypothesis.extra import numpy as hnp
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+from support.schedules import device_decays  # noqa: E402
+
 import fastema.jax as fj  # noqa: E402
-from fastema.jax import _schedules  # noqa: E402
 from fastema.schedules import (  # noqa: E402
     BEMA,
     Constant,
@@ -33,7 +34,7 @@ from fastema.schedules import (  # noqa: E402
     PowerWarmup,
 )
 
-#: every schedule the device computes (``_schedules.DEVICE_SCHEDULES``), a few forms each
+#: every schedule the device computes (``fastema.jax._schedules.DEVICE_SCHEDULES``), a few forms each
 SCHEDULES = {
     "constant": Constant(0.9), "num_updates": NumUpdates(0.99),
     "warmup": PowerWarmup(0.999, min_decay=0.1, update_after_step=3),
@@ -57,8 +58,7 @@ def _decays(name: str, x64: bool):
     key = (name, x64)
     if key not in _DECAYS:
         with jax.enable_x64(x64):
-            one = _schedules.decays([SCHEDULES[name]], 1, False)
-            _DECAYS[key] = jax.jit(jax.vmap(lambda n, t, last, first: one(n, t, last, first, jnp.bool_(True))[0]))
+            _DECAYS[key] = device_decays(SCHEDULES[name])
     return _DECAYS[key]
 
 

@@ -170,6 +170,155 @@ def test_weight_ema_written_at_end_and_resumed_from_state():
         np.testing.assert_array_equal(second.ema.averaged_state_dict()[k].numpy(), v.numpy())
 
 
+class _Diverge(keras.callbacks.Callback):
+    """A NaN in the last layer's bias at batch ``at``, read by the EMA's update of that batch alone
+    (``undo``, a callback after the EMA's, puts it back): with the guard off the average keeps it."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.undo = keras.callbacks.LambdaCallback(on_train_batch_end=self.put_back)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at:
+            bias = self.model.layers[-1].bias
+            self.kept = bias.numpy().copy()
+            bias.assign(np.full_like(self.kept, np.nan))
+
+    def put_back(self, batch, logs=None):
+        if batch == self.at:
+            self.model.layers[-1].bias.assign(self.kept)
+
+
+def test_a_poisoned_average_is_refused_at_the_end_of_fit_and_by_a_resume_until_repaired():
+    x, y = data(48)
+    model = make_model(optimizer="sgd")
+    cb, diverge = WeightEMA(decay=0.8, write_at_end=True), _Diverge(at=1)
+    with pytest.raises(ValueError, match=r"copy_to\(\): the average holds inf or NaN in '.*bias'.*repair_nonfinite"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[diverge, cb, diverge.undo])
+    raw = model.get_weights()
+    assert all(np.isfinite(w).all() for w in raw)      # the write at the end refused: the raw weights kept
+    with pytest.warns(RuntimeWarning, match="bias"):
+        state = copy.deepcopy(cb.state_dict())
+    assert len(state["nonfinite"]) == 1 and state["nonfinite"][0].endswith("bias")
+    refused = WeightEMA(decay=0.8)
+    refused.load_state_dict(state)
+    with pytest.raises(ValueError, match="holds inf or NaN.*allow_nonfinite=True"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[refused])
+    resumed = WeightEMA(decay=0.8, allow_nonfinite=True)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="allow_nonfinite"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[resumed])
+    assert resumed.repair_nonfinite() == state["nonfinite"]
+    resumed.ema.copy_to()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+# An average NaN reached, on every backend (the torch one in-process, the others in their backend's
+# subprocess): planted through a load allowed, refused by the validation swap, write_at_end, a resume and the
+# file readers (each offering allow_nonfinite=True, then repair_nonfinite()), repaired from the live weights.
+POISONED = r"""
+import json, tempfile, warnings
+import keras, numpy as np
+import fastema.keras._entries as fe
+import fastema.keras._saving as fk
+from fastema.keras import WeightEMA, averaged_weights, load_average
+from models import keras_data, keras_model
+_tmp = tempfile.TemporaryDirectory()
+x, y = keras_data(16)
+out = {}
+
+def message(f):
+    try:
+        f()
+    except ValueError as e:
+        return str(e)
+    return None
+
+def fit(model, cb):                                    # the callback's begin and end: no step traced
+    model.fit(x, y, batch_size=16, epochs=0, shuffle=False, verbose=0, callbacks=[cb])
+
+model, first = keras_model(optimizer="sgd", metrics=()), WeightEMA(0.8)
+fit(model, first)
+state = first.state_dict()
+name = next(n for n, s in fe._structural_keys(first, state).items() if s == "trainable/0")
+for key, a in state["averaged"].items():                # an average apart from the weights
+    a = fe._to_numpy(a) + 0.25
+    if key == name:
+        a.reshape(-1)[1] = np.nan
+    state["averaged"][key] = fe._to_backend(a)
+refused = WeightEMA(0.8)
+refused.load_state_dict(state)
+out["resume"] = message(lambda: fit(model, refused))
+cb = WeightEMA(0.8, allow_nonfinite=True)
+cb.load_state_dict(state)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fit(model, cb)                                     # resumed with a warning
+out["resume_warned"] = any("allow_nonfinite" in str(w.message) for w in caught)
+cb.ema.allow_nonfinite = False
+out["swap"] = message(cb.ema.swap)                     # what the validation swap calls
+cb.write_at_end = True
+out["write_at_end"] = message(lambda: fit(model, cb))
+out["raw_finite"] = all(bool(np.isfinite(w).all()) for w in model.get_weights())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model.save(f"{_tmp.name}/m.keras")
+out["save_warned"] = any("inf or NaN" in str(w.message) for w in caught)
+fresh = keras_model(optimizer="sgd", metrics=())
+out["file"] = message(lambda: load_average(fresh, f"{_tmp.name}/m.keras"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    load_average(fresh, f"{_tmp.name}/m.keras", allow_nonfinite=True)
+out["file_warned"] = any("allow_nonfinite" in str(w.message) for w in caught)
+out["averaged_weights"] = message(lambda: averaged_weights(fresh))
+out["allowed_weights_nan"] = bool(np.isnan(averaged_weights(fresh, allow_nonfinite=True)[0]).any())
+out["from_file"] = message(lambda: fit(fresh, WeightEMA(0.8)))
+kept = [fe._to_numpy(a).copy() for a in fk._structural_state(cb)["averaged"].values()]
+out["repaired"] = cb.repair_nonfinite() == [name]
+after = fk._structural_state(cb)["averaged"]
+live = np.asarray(keras.ops.convert_to_numpy(model.trainable_variables[0]))
+out["repaired_rows"] = bool(np.array_equal(fe._to_numpy(after["trainable/0"])[0], live))
+out["others_kept"] = all(np.array_equal(fe._to_numpy(a), k) for (key, a), k in zip(after.items(), kept)
+                         if key != "trainable/0")
+cb.ema.swap()
+cb.ema.swap()
+fit(model, cb)                                         # the swap and write_at_end go through now
+out["written_finite"] = all(bool(np.isfinite(w).all()) for w in model.get_weights())
+_tmp.cleanup()
+print(json.dumps(out))
+"""
+
+
+script("POISONED", POISONED, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_an_average_nan_reached_is_refused_loaded_when_allowed_and_repaired_on_every_backend(backend, capsys):
+    """Issue 85 item 2 on Keras's three backends: a resume, the validation swap, write_at_end, the file
+    readers (load_average, averaged_weights, a WeightEMA resuming from the file) refuse it by name, each
+    offering the road that loads it (allow_nonfinite=True) and repair_nonfinite(); on TensorFlow and JAX the
+    swap and write_at_end let it in, there was no repair_nonfinite() and no way to load the file."""
+    if backend == "torch":
+        exec(compile(POISONED, "POISONED", "exec"), {"__name__": "__main__"})
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        pytest.importorskip(backend)
+        res = run_on(backend, "POISONED")
+    advice = "To load it all the same and repair it, pass allow_nonfinite=True"
+    assert advice in res["resume"] and "holds inf or NaN" in res["resume"]
+    for key in ("resume_warned", "raw_finite", "save_warned", "file_warned", "allowed_weights_nan", "repaired",
+                "repaired_rows", "others_kept", "written_finite"):
+        assert res[key] is True, key
+    assert re.search(r"swap\(\): the average holds inf or NaN in .*repair_nonfinite", res["swap"])
+    assert re.search(r"copy_to\(\): the average holds inf or NaN in .*repair_nonfinite", res["write_at_end"])
+    assert re.search(r"m\.keras' holds inf or NaN \(average 0: trainable/0 holds inf or NaN\)\. " + advice,
+                     res["file"])
+    assert re.search(r"averaged_weights\(\): average 0 holds inf or NaN in 'trainable/0'", res["averaged_weights"])
+    assert re.search(r"the average saved with this model holds inf or NaN in 'trainable/0'\. " + advice,
+                     res["from_file"])
+
+
 def test_weight_ema_refuses_another_model_and_other_backends(monkeypatch):
     cb = WeightEMA()
     with pytest.raises(RuntimeError, match="no EMA yet"):
@@ -768,7 +917,9 @@ def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path):
             fk.load_average(fresh, path)
         assert fk._ATTR not in vars(fresh)
     before = cb.ema.state_dict()
-    with pytest.raises(ValueError, match="the WeightEMA average in the file is unreadable.*holds inf or NaN"):
+    with pytest.raises(ValueError, match=r"the WeightEMA average in the file holds inf or NaN \(average 0: "
+                                         r"trainable/0 holds inf or NaN; .*\)\. To load it all the same and repair "
+                                         r"it, pass allow_nonfinite=True"):
         model.load_weights(tmp_path / "nan.weights.h5")          # into the live callback: refused, kept
     after = cb.ema.state_dict()
     assert after["updates"] == before["updates"] == 2

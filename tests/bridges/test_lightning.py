@@ -374,3 +374,50 @@ def test_ddp_fit_resumes_an_attached_average_split_over_the_ranks_bit_for_bit(tm
     held = (4, 10, 19)                                      # each rank's bytes differ: its pieces
     same = [[v for i, v in enumerate(f) if i not in held] for f in found]
     assert same[0][1:] == same[1][1:]                       # the rest the same on both ranks
+
+
+class Diverge(pl.Callback):
+    """A NaN in a weight at optimizer step ``at``, read by the EMA's update of that step alone (put back
+    by the module's own hook, which runs after the callbacks'): the average keeps it (guard off)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            self.kept = pl_module.net[0].bias.detach().clone()
+            with torch.no_grad():
+                pl_module.net[0].bias[0] = float("nan")
+            pl_module.diverged = self
+
+
+class Healing(Regressor):
+    diverged = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.diverged is not None:
+            with torch.no_grad():
+                self.net[0].bias.copy_(self.diverged.kept)
+            self.diverged = None
+
+
+def test_a_poisoned_average_is_refused_by_the_validation_swap_and_the_resume_until_repaired(tmp_path):
+    short = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    cb = WeightEMA(decay=0.8)
+    with pytest.raises(ValueError, match=r"swap\(\): the average holds inf or NaN in 'net.0.bias'.*repair_nonfinite"):
+        trainer(tmp_path, [Diverge(at=2), cb], **short).fit(Healing(), loader(), loader(8))
+    assert not cb.ema.swapped
+    with pytest.warns(RuntimeWarning, match="'net.0.bias'"):
+        state = cb.state_dict()                        # what Lightning's checkpoint holds of it
+    assert state["nonfinite"] == ["net.0.bias"]
+    refused = WeightEMA(decay=0.8)
+    refused.load_state_dict(state)
+    with pytest.raises(ValueError, match="'net.0.bias' holds inf or NaN.*allow_nonfinite=True"):
+        trainer(tmp_path, [refused], **short).fit(Regressor(), loader(), loader(8))
+    resumed = WeightEMA(decay=0.8, allow_nonfinite=True, validate_with_ema=False)
+    resumed.load_state_dict(state)
+    model = Regressor()
+    with pytest.warns(RuntimeWarning, match="allow_nonfinite"):
+        trainer(tmp_path, [resumed], **short).fit(model, loader(), loader(8))
+    assert resumed.repair_nonfinite() == ["net.0.bias"]
+    assert torch.equal(resumed.ema.averaged_state_dict()["net.0.bias"], model.net[0].bias)

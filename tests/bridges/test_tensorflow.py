@@ -3,9 +3,11 @@ training loop against a float64 reference, mixed precision, exact swaps, checkpo
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -601,3 +603,46 @@ def test_async_checkpoint_saves_the_ema_as_it_was_when_saved(tmp_path):
         assert fresh.state_dict()["averaged"][n].tobytes() == saved["averaged"][n].tobytes()
     for a, b in zip(fresh_averages, saved_averages):
         assert a.numpy().tobytes() == b.tobytes()
+
+
+def test_an_average_that_nan_reached_is_refused_until_repaired_and_restored_only_when_allowed(tmp_path):
+    """Issue 85 item 2 on the TensorFlow face: averages(), swap(), average_parameters() and copy_to() refuse
+    it by name (nothing written) unless allowed; a checkpoint's restore refuses it offering
+    allow_nonfinite=True then repair_nonfinite() (ema.allow_nonfinite: the restore reads it); repaired from
+    the variables' values, every other variable and row bit for bit."""
+    model = MLP()
+    ema = EMA(model, [0.9, 0.5])
+    good = model.b1.numpy().copy()
+    model.b1.assign(np.full(32, np.nan, np.float32))
+    ema.update()
+    model.b1.assign(good)
+    raw = [v.numpy().copy() for v in ema.variables]
+    calls = {"averages()": ema.averages, "swap()": ema.swap, "average_parameters()": lambda: ema.average_parameters(),
+             "copy_to()": ema.copy_to}
+    for call, refused in calls.items():
+        with pytest.raises(ValueError, match=rf"^fastema\.tensorflow\.EMA\.{re.escape(call)}: average 0 holds inf "
+                                             r"or NaN in 'b1:0'.*repair_nonfinite\(\).*Nothing was written"):
+            refused()
+    assert not ema.swapped and all(np.array_equal(v.numpy(), r) for v, r in zip(ema.variables, raw))
+    with ema.average_parameters(1, allow_nonfinite=True):
+        assert np.isnan(model.b1.numpy()).all()
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(ema=ema), str(tmp_path), max_to_keep=1)
+    with pytest.warns(RuntimeWarning, match="'b1:0'"):
+        manager.save()
+    fresh = EMA(MLP(seed=3), [0.9, 0.5])
+    with pytest.raises(ValueError, match=r"checkpoint's averaged 'b1:0' holds inf or NaN\. To load it "
+                                         r"all the same and repair it"):
+        tf.train.Checkpoint(ema=fresh).restore(manager.latest_checkpoint)
+    fresh.allow_nonfinite = True
+    with pytest.warns(RuntimeWarning, match="loaded holds inf or NaN in 'b1:0'"):
+        tf.train.Checkpoint(ema=fresh).restore(manager.latest_checkpoint)
+    fresh.allow_nonfinite = False
+    assert fresh.repair_nonfinite() == ["b1:0"]
+    after = fresh.state_dict()["averaged"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = ema.state_dict()["averaged"]
+    for name, rows in after.items():
+        expected = np.stack([fresh.variables[fresh.names.index(name)].numpy()] * 2) if name == "b1:0" else saved[name]
+        np.testing.assert_array_equal(rows, expected)
+    fresh.copy_to()

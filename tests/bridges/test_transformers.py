@@ -634,3 +634,62 @@ def test_damaged_flat_ranges_of_a_split_file_are_refused_by_name(tmp_path, piece
     save_file({"averaged/w": torch.zeros(1, 4)}, path, metadata={"pieces": '{"averaged/w": [2, 4]}'})
     with safe_open(path, framework="pt") as f:
         assert _ranges(f, path) == {"averaged/w": [2, 4]}
+
+
+class Diverge(TrainerCallback):
+    """A NaN in a weight at step ``at`` that only the EMA's update of that step reads (``undo``, a
+    callback after the EMA's, puts the weight back): with ``skip_nonfinite`` off the average keeps it."""
+
+    def __init__(self, at):
+        self.at, self.kept = at, None
+        self.undo = TrainerCallback()
+        self.undo.on_step_end = self.put_back
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.at:
+            self.weight = model.transformer.wte.weight
+            with torch.no_grad():
+                self.kept = self.weight[0, 0].clone()
+                self.weight[0, 0] = float("nan")
+
+    def put_back(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                self.weight[0, 0] = self.kept
+
+
+class Repair(TrainerCallback):
+    def __init__(self, ema_cb):
+        self.ema_cb, self.repaired = ema_cb, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.repaired = self.ema_cb.repair_nonfinite()
+
+
+def test_a_poisoned_average_is_named_at_save_refused_at_the_export_and_resume_and_repaired(tmp_path):
+    """The callback's whole road with a NaN in the average (issue 85 item 2): every save names it (a
+    warning, the file's header), the end-of-training export and the resume refuse it by name, the
+    resume with allow_nonfinite=True takes it, and repair_nonfinite() resets it from the weights."""
+    from fastema._callback_files import read
+
+    def trainer(cbs, out, steps=4):
+        return Trainer(model=tiny_gpt2(), args=arguments(tmp_path / out, max_steps=steps, save_strategy="steps",
+                                                         save_steps=4), train_dataset=Tokens(64, 0), callbacks=cbs)
+
+    ema_cb = EMACallback(decay=0.9, save_ema_model=str(tmp_path / "ema"))
+    with pytest.warns(RuntimeWarning, match="'transformer.wte.weight'"), \
+            pytest.raises(ValueError, match=r"inf or NaN in 'transformer.wte.weight'.*repair_nonfinite"):
+        diverge = Diverge(at=2)
+        trainer([diverge, ema_cb, diverge.undo], "a").train()
+    assert not (tmp_path / "ema").exists()             # the export refused: nothing written
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    assert read(str(ckpt / STATE_FILE))["nonfinite"] == ["transformer.wte.weight"]
+    with pytest.raises(ValueError, match="'transformer.wte.weight' holds inf or NaN.*allow_nonfinite=True"):
+        trainer([EMACallback(decay=0.9)], "b").train(resume_from_checkpoint=str(ckpt))
+    resumed = EMACallback(decay=0.9, allow_nonfinite=True, save_ema_model=str(tmp_path / "ema"))
+    repair = Repair(resumed)
+    with pytest.warns(RuntimeWarning, match="allow_nonfinite"):
+        trainer([resumed, repair], "c").train(resume_from_checkpoint=str(ckpt))   # one more step
+    assert repair.repaired == ["transformer.wte.weight"]
+    saved = GPT2LMHeadModel.from_pretrained(str(tmp_path / "ema"))
+    assert all(torch.isfinite(p).all() for p in saved.parameters())

@@ -1066,3 +1066,50 @@ def test_reduce_overhead_really_captures_and_replays_a_cuda_graph():
     assert (a["updates"], a["calls"]) == (b["updates"], b["calls"]) == (6, 6)
     for k in a["averaged"]:
         assert torch.equal(a["averaged"][k], b["averaged"][k]), k
+
+
+@pytest.mark.compiles
+@pytest.mark.skipif(SIM, reason="hardware: torch.compile's reduce-overhead records CUDA graphs")
+def test_the_plain_update_written_in_a_reduce_overhead_graph_replays_equal_eager():
+    """The plain case (float32 model and shadow, nearest rounding, the plan on the GPU: issue 86 item 2)
+    is written in the compiled graph: no fastema operator in the generated code; the step is recorded
+    into a CUDA graph (no cudagraph skip) and replayed, the device plan's counters and warm-up decays
+    advanced at every replay. Inductor's CUDA lerp is one FMA, as torch's eager lerp_ and fastema's
+    kernel: the average equals an eager EMA of the same weights bit for bit, and the counters read back
+    from the device (updates, calls, state_dict) equal eager's."""
+    import torch
+    from torch import nn
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda()
+    decays = [PowerWarmup(0.99), PowerWarmup(0.9)]
+    inside, eager = EMA(model, decays), EMA(model, decays)
+    params = list(model.parameters())
+
+    def step(direction):
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            inside.update()
+
+    counters.clear()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    code = ""
+    for i in range(8):
+        direction = [torch.full_like(p, 0.01 * (i % 3 + 1)) for p in params]
+        if i == 0:
+            code = "\n".join(run_and_get_code(compiled, direction)[1])
+        else:
+            compiled(direction)
+        eager.update()
+    torch.cuda.synchronize()
+    assert "fastema" not in code and "torch.ops." not in code.split("def call(")[-1]
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert (inside.updates, inside.calls, inside.decay) == (eager.updates, eager.calls, eager.decay)
+    a, b = inside.state_dict(), eager.state_dict()
+    assert (a["updates"], a["calls"]) == (b["updates"], b["calls"]) == (8, 8)
+    for k in a["averaged"]:
+        assert torch.equal(a["averaged"][k], b["averaged"][k]), k

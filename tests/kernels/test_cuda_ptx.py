@@ -17,8 +17,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda")
 from numba.cuda import types as T  # noqa: E402
 
-from fastema._launch.build.variants import variant_key  # noqa: E402
 from fastema._launch.cuda import device_code  # noqa: E402
+from fastema._launch.shipped.variants import variant_key  # noqa: E402
 from fastema.kernels import cuda as ema_cuda  # noqa: E402
 from fastema.kernels import kinds as ema_cpu
 from fastema.kernels._bits import BF16, F16, F32  # noqa: E402

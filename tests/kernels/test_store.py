@@ -81,7 +81,7 @@ def test_a_written_set_reads_back_and_a_stale_one_is_refused(tmp_path):
 
 
 def _sets():
-    from fastema._launch.build.store import SETS
+    from fastema._launch.shipped.store import SETS
 
     return {name: {"driver": spec["driver"], "images": {i: {"driver": d} for i, d in spec["images"].items()}}
             for name, spec in SETS.items()}

@@ -124,7 +124,7 @@ def _own_bounds() -> dict:
     pytest.importorskip("numba.cuda")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("the simulator's kernels take no launch bounds")
-    from fastema._launch.build.variants import every_variant
+    from fastema._launch.shipped.variants import every_variant
     from fastema.kernels._store.identity import VARIANTS
 
     return {VARIANTS[d]: d.targetoptions.get("launch_bounds") for d, _ in every_variant().values()}
@@ -189,7 +189,7 @@ import json, sys
 from fastema.kernels import _toolchain_cu12 as T
 tc = T.Toolchain.at(sys.argv[1])
 T.activate(tc)
-from fastema._launch.build.variants import every_variant
+from fastema._launch.shipped.variants import every_variant
 variants = every_variant()
 key = next(k for k in variants if k.startswith("nonfinite_kernel(3)"))
 got = T.build_cu12(*variants[key], ("compute_70",) + T.CUBINS, tc=tc)
@@ -265,7 +265,7 @@ def _cu12():
 def _sample(keys) -> list:
     """One variant of every kernel family (``lerp_kernel``, ``copy_kernel``, ...) and of every
     kernel that has launch bounds of its own or in the CUDA 12 table, the smallest PTX of each."""
-    from fastema._launch.build.variants import every_variant
+    from fastema._launch.shipped.variants import every_variant
     from fastema.kernels._store.identity import VARIANTS
 
     variants = every_variant()

@@ -1,5 +1,5 @@
 """``fastema/_launch`` is a common top and three wings (issue 87 item 1): the top holds at most six
-modules, the CPU, CUDA and build wings hold the rest, and ``import fastema`` loads no module of the
+modules, the CPU, CUDA and shipped-code wings hold the rest, and ``import fastema`` loads no module of the
 CUDA wing (it is imported at the first CUDA buffer, after the fork check)."""
 import pathlib
 import subprocess
@@ -13,7 +13,7 @@ def test_the_top_holds_at_most_six_modules_and_the_three_wings():
     top = sorted(p.name for p in LAUNCH.glob("*.py"))
     assert len(top) <= 6, top
     wings = sorted(p.name for p in LAUNCH.iterdir() if p.is_dir() and (p / "__init__.py").exists())
-    assert wings == ["build", "cpu", "cuda"], wings
+    assert wings == ["cpu", "cuda", "shipped"], wings
 
 
 def test_importing_fastema_loads_nothing_of_the_cuda_wing():
@@ -23,12 +23,13 @@ def test_importing_fastema_loads_nothing_of_the_cuda_wing():
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = done.stdout.split()
     assert "fastema._launch.cpu.launch" in loaded, loaded          # the test sees what was loaded
-    assert not [m for m in loaded if m.startswith(("fastema._launch.cuda", "fastema._launch.build"))], loaded
+    assert not [m for m in loaded if m.startswith(("fastema._launch.cuda", "fastema._launch.shipped"))], loaded
 
 
 def test_no_two_classes_of_the_launch_layer_share_a_name():
-    """One meaning per name (issue 87 item 2): ``LerpLaunch`` and ``BoundLaunch`` once named a CPU and a
-    CUDA class each; now every class defined under ``fastema/_launch`` has a name of its own."""
+    """One meaning per name (issue 87 item 2): two class names once named a CPU and a CUDA class
+    each (the lerp's launch and the others'); now every class defined under ``fastema/_launch`` has a
+    name of its own."""
     import ast
 
     where: dict = {}

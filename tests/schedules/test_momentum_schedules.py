@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from models import assert_same_averages
 from models import device_step_model as model
 from reference import assert_cuda_plan_kernel_equals_the_cpu_one
+from support.schedules import ulps
 from torch import nn
 
 from fastema.average import EMAOptions, Plan
@@ -75,10 +76,6 @@ def ijepa_momentum_scheduler(ema, ipe, num_epochs, ipe_scale=1.0):
     """facebookresearch/ijepa src/train.py's momentum_scheduler."""
     return (ema[0] + i * (ema[1] - ema[0]) / (ipe * num_epochs * ipe_scale)
             for i in range(int(ipe * num_epochs * ipe_scale) + 1))
-
-
-def ulps(a, b) -> float:
-    return abs(a - b) / math.ulp(max(abs(a), abs(b), 1e-300))
 
 
 # ---------------------------------------------------------------- the schedules

@@ -76,7 +76,7 @@ def _check(kernel, args) -> tuple:
     key = variant_of(kernel, types)
     if key not in shipped_keys():
         raise AssertionError(f"{key} is not a shipped variant, so a GPU would compile it: pass the "
-                             f"argument types fastema's launchers pass (fastema._launch.build.variants), "
+                             f"argument types fastema's launchers pass (fastema._launch.shipped.variants), "
                              f"or mark the test compiles")
     return types, key
 

@@ -12,7 +12,7 @@ import torch._dynamo as dynamo
 from models import mlp
 from torch import nn
 
-from fastema.schedules import PowerWarmup
+from fastema.schedules import HalfLife, NumUpdates, PowerFunction, PowerWarmup
 from fastema.torch import EMA
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -80,6 +80,30 @@ def test_opcheck_passes_for_every_operator():
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_the_operators_bump_the_autograd_versions_of_what_they_write():
+    """The operators are registered with torch.library.Library, without custom_op's Python layers
+    (issue 86): each kernel bumps the autograd version of every tensor it writes, as custom_op's
+    ADInplaceOrView kernel did, so a tensor saved for backward and then written by an operator makes
+    backward raise instead of using the new values."""
+    ema = EMA(_model(), 0.9)
+    handle = ema.compiled.handle
+    written, read = ema.compiled.ops["update"]
+    factor = torch.ones(8, requires_grad=True)
+    loss = (factor * written[0][0, :8]).sum()           # saves the shadow's first elements for backward
+    versions = [t._version for t in written]
+    torch.ops.fastema.update_(written, read, handle, -1)
+    assert all(t._version > v for t, v in zip(written, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    for op, args in (("swap", lambda w, r: (w, handle, 0)), ("swap", lambda w, r: (w, handle, 0)),
+                     ("copy_to", lambda w, r: (w, r, handle, 0))):
+        written, read = ema.compiled.ops[op]
+        versions = [t._version for t in written]
+        with torch.no_grad():
+            getattr(torch.ops.fastema, f"{op}_")(*args(written, read))
+        assert all(t._version > v for t, v in zip(written, versions)), op
+
+
 def test_forward_and_update_compiled_fullgraph_equal_eager():
     """Step shape (a): forward + loss (with grad) and ema.update() in the compiled function;
     backward and optimizer.step() outside it."""
@@ -129,8 +153,9 @@ def _manual_sgd_step(model, ema, x, y):
 def test_whole_update_under_no_grad_compiled_fullgraph_equal_eager(device_step):
     from torch._inductor.utils import run_and_get_code
 
-    ma, ea, eb = _two(device_step=device_step)
-    mb, ec, _ = _two(device_step=device_step)           # and a whole eager run, within 1 ulp
+    kw = dict(device_step=device_step, skip_nonfinite=device_step)   # the operator, with the device plan's
+    ma, ea, eb = _two(**kw)                             # arrays (the plain case is written in the graph: below)
+    mb, ec, _ = _two(**kw)                              # and a whole eager run, within 1 ulp
     compiled = torch.compile(_manual_sgd_step, fullgraph=True)
     dynamo.reset()
     code = None
@@ -453,3 +478,196 @@ def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
         ema.swap()
         ema.swap()
         assert "eager_block" not in compile_side.__dict__
+
+
+# issue 86 item 2: the plain case (the plan on the device, shadows in their sources' dtype, nearest rounding)
+# written in the compiled graph, fused by Inductor with the parameter update: no kernel, no operator of its own
+
+def _kernels(code: str) -> tuple[int, list[str]]:
+    """The generated module's kernels (their definitions) and the operators its call() calls."""
+    body = code.split("def call(")[-1]
+    return len(re.findall(r"^\w+ = async_compile\.", code, re.M)), re.findall(r"torch\.ops\.[\w.]+", body)
+
+
+def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
+    """The compiled step with ema.update() has the kernels of the same step with torch._foreach_lerp_ over
+    shadows of its own, and calls no operator (it called fastema::update_, which ran the eager update)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model()
+    params = list(model.parameters())
+    ema = EMA(model, 0.9, device_step=True)
+    direction = [torch.full_like(p, 0.01) for p in params]
+    shadows = [p.detach().clone() for p in params]
+
+    def with_ema():
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            ema.update()
+
+    def with_foreach():
+        with torch.no_grad():
+            torch._foreach_add_(params, direction)
+            torch._foreach_lerp_(shadows, params, 0.1)
+
+    dynamo.reset()
+    codes = [run_and_get_code(torch.compile(fn, fullgraph=True))[1] for fn in (with_ema, with_foreach)]
+    ours, theirs = ("\n".join(c) for c in codes)
+    assert _kernels(ours) == _kernels(theirs) == (1, []), (_kernels(ours), _kernels(theirs))
+    assert "fastema" not in ours
+    assert ema.updates == 1                             # counted in the graph
+
+
+def _ulps(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x.abs(), torch.tensor(float("inf"))) - x.abs()
+
+
+def _steps_within_one_rounding(steps: int, **how) -> str:
+    """``steps`` compiled steps (``torch.compile(..., **how)``) of an EMA in the plain case: warm-up
+    schedules of two rows, BatchNorm statistics copied, the plan on the device. Each step starts from the
+    state of an eager EMA and must be its update within one rounding of the product (Inductor's C++ lerp
+    rounds w * (x - s) before adding; torch's and fastema's use an FMA), the counters, decays and
+    state_dict read back equal; the graph advances the decay without recompiling (an error if it did);
+    an eager update after the compiled ones goes on from them. Returns the first call's generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model().append(nn.BatchNorm1d(4))
+    ea, eb = EMA(model, WARMUPS, device_step=True), EMA(model, WARMUPS, device_step=True)
+    compiled = torch.compile(_manual_sgd_step, fullgraph=True, **how)
+    dynamo.reset()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    decays, code = set(), ""
+    with dynamo.config.patch(error_on_recompile=True):
+        for i in range(steps):
+            with torch.no_grad():
+                model[3].running_mean.add_(0.5)         # a copied buffer that moves
+            eb.load_state_dict(ea.state_dict())         # the same start
+            before = {k: v.clone() for k, v in ea.state_dict()["averaged"].items()}
+            weights = [1 - d for d in eb.decay]
+            if i == 0:
+                code = "\n".join(run_and_get_code(compiled, model, ea, *_batch(i))[1])
+            else:
+                compiled(model, ea, *_batch(i))
+            eb.update()
+            assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay)
+            assert ea.updates == i + 1
+            decays.add(tuple(eb.decay))
+            sa, sb = ea.state_dict(), eb.state_dict()
+            counts = ("averaged", "copied", "int_buffers")
+            assert {k: v for k, v in sa.items() if k not in counts} == \
+                {k: v for k, v in sb.items() if k not in counts}
+            for part in ("copied", "int_buffers"):
+                assert all(torch.equal(sa[part][k], sb[part][k]) for k in sb[part]), part
+            sources = dict(model.named_parameters())
+            for k, got in sa["averaged"].items():
+                want = sb["averaged"][k]
+                for r, w in enumerate(weights):
+                    product = (torch.tensor(w, dtype=torch.float32) * (sources[k] - before[k][r])).detach()
+                    bound = _ulps(product) + _ulps(want[r])
+                    assert torch.all((got[r] - want[r]).abs() <= bound), (k, r, i)
+    assert len(decays) == steps                         # the warm-up moved the decay at every step
+    assert dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    ea.update()                                         # eager after compiled: from the device's counts
+    eb.update()
+    assert (ea.updates, ea.calls) == (eb.updates, eb.calls) == (steps + 1, steps + 1)
+    assert "fastema" not in code and _kernels(code)[1] == []     # the warm-up's decay in the graph too
+    return code
+
+
+def test_the_plain_update_in_the_graph_counts_as_eager_and_is_within_one_rounding():
+    _steps_within_one_rounding(5)
+
+
+def test_the_plain_update_under_reduce_overhead_replays_as_eager_on_the_cpu():
+    """mode="reduce-overhead": the same steps. On the CPU Inductor records no CUDA graph (it counts a
+    cudagraph skip, the CPU device) and runs the code it generated: this runs the mode's Python path
+    only; the CUDA graph's capture and replays are tested on a GPU (tests/kernels/test_cuda.py,
+    test_the_plain_update_written_in_a_reduce_overhead_graph_replays_equal_eager)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _steps_within_one_rounding(3, mode="reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] >= 1
+
+
+def _traced(fn, *args) -> set[str]:
+    """The functions Dynamo's graph of ``fn(*args)`` calls (no Inductor: the graph as traced)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    ops = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)         # by their qualified names
+    return {str(t) if isinstance(t, ops) else getattr(t, "__name__", str(t))
+            for t in (n.target for g in graphs for n in g.graph.nodes if n.op == "call_function")}
+
+
+SPECIAL = {"skip_nonfinite": dict(skip_nonfinite=True),
+           "update_every": dict(update_every=2),
+           "bfloat16 model, float32 shadow": dict(dtype=torch.bfloat16),
+           "stochastic rounding": dict(dtype=torch.bfloat16, shadow_dtype="bfloat16", rounding="stochastic"),
+           "the plan on the host": dict(device_step=False),
+           "step=": dict(step=3)}
+
+
+def test_the_special_cases_stay_on_the_operator_and_equal_eager():
+    """Each case but the plain one goes through fastema::update_ (fastema's kernels, the eager update),
+    equal to eager bit for bit; the plain case is foreach operations and no operator of fastema's, equal
+    to eager where torch's lerp runs the graph (no Inductor: Dynamo's graphs, run as they are)."""
+    for name, kw in {"plain": {}, **SPECIAL}.items():
+        kw = {"device_step": True, **kw}
+        dtype, step = kw.pop("dtype", torch.float32), kw.pop("step", None)
+        model = _model().to(dtype)
+        ea, eb = EMA(model, 0.9, **kw), EMA(model, 0.9, **kw)
+
+        def fn():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.25)
+                ea.update(step)
+
+        called = _traced(fn)
+        eb.update(step)
+        plain = name == "plain"
+        foreach = any(c.startswith("_foreach_") for c in called)     # Dynamo's lerp: sub then addcmul
+        assert ("fastema.update_" in called, foreach) == (not plain, plain), (name, called)
+        _assert_same(ea, eb)
+
+
+@pytest.mark.parametrize("decay, debias", [(NumUpdates(0.999), False), (PowerFunction(7.0), False),
+                                           (HalfLife(3.0), False), (0.9, True),
+                                           (PowerWarmup(0.99, update_after_step=2, warmup=False), True)],
+                         ids=["num_updates", "power_function", "half_life", "debias", "warm-up off, debias"])
+def test_each_schedule_the_graph_advances_updates_as_eager(decay, debias):
+    """The decay formulas written in the graph (the plan kernel's, in float64 tensor operations): four steps
+    of Dynamo's graph (no Inductor), each from an eager EMA's state, within one rounding of its update (the
+    graph's lerp is sub then addcmul), the counters and the host's decay read back equal; no operator."""
+    model = _model()
+    ea, eb = (EMA(model, decay, debias=debias, device_step=True) for _ in range(2))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(ea.update, backend=backend, fullgraph=True)
+    dynamo.reset()
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.5).add_(0.25)                 # away from both averages
+        eb.load_state_dict(ea.state_dict())
+        before = {k: v.clone() for k, v in eb.state_dict()["averaged"].items()}
+        step()
+        eb.update()
+        assert (ea.updates, ea.calls, ea.decay) == (eb.updates, eb.calls, eb.decay) == (i + 1, i + 1, eb.decay)
+        sa, sb = ea.state_dict()["averaged"], eb.state_dict()["averaged"]
+        for k, p in model.named_parameters():
+            bound = 2 * (_ulps(p - before[k][0]) + _ulps(sb[k][0]))
+            assert torch.all((sa[k] - sb[k]).abs() <= bound), (k, i)
+            assert not torch.equal(sb[k], before[k])    # the update moved it
+    assert len(graphs) == 1
+    assert not any("fastema" in str(n.target) for n in graphs[0].graph.nodes)

@@ -2,6 +2,8 @@
 padding hidden) written through DCP and read by main's EMA (``titan_upstream.MainEMA``), main's read by
 fastema's, bit for bit; a cold start from a checkpoint without the EMA; a load that is refused writes
 nothing; one copy exported to a Hugging Face folder by key (as main's convert_ema_to_hf.py)."""
+import re
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,6 +28,11 @@ class Net(nn.Module):
         self.register_buffer("scale", torch.ones(3))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
+
+# a load refused for inf or NaN alone says how to load it all the same and repair it: the torch face's words
+ADVICE = re.escape("To load it all the same and repair it, pass allow_nonfinite=True (or set ema.allow_nonfinite = "
+                   "True before a load another library makes: dcp.load, torchtitan's CheckpointManager), then "
+                   "call repair_nonfinite(), which resets those tensors from the live weights.") + "$"
 
 def _trained(make, steps=6):
     """A model and its EMA (``make(model)``) after ``steps`` deterministic steps (padding rows left at 0)."""
@@ -121,7 +128,8 @@ def test_an_inf_or_nan_dcp_load_wrote_in_place_is_refused_by_name_saying_the_cop
                                          r"this EMA's copies, which dcp.load had already written in place .* "
                                          r"the copies now hold the checkpoint's values .* inf and NaN included"
                                          r".*: load a checkpoint whose EMA is finite, or call "
-                                         r"load_state_dict\(\{\}\)"):
+                                         r"load_state_dict\(\{\}\) to start every copy afresh from the weights\. "
+                                         + ADVICE):
         dcp.load({STATE_KEY: ours}, checkpoint_id=str(tmp_path))
     for k, v in _rows(ours).items():                  # what the error says: the checkpoint's values
         torch.testing.assert_close(v, _rows(saved)[k], rtol=0, atol=0, equal_nan=True)
@@ -131,7 +139,7 @@ def test_an_inf_or_nan_dcp_load_wrote_in_place_is_refused_by_name_saying_the_cop
     own["state.out.bias.ema_params.decay_0p9"] = torch.full((3,), float("nan"))
     with pytest.raises(ValueError, match=r"\(nothing was written; 7 entries are this EMA's copies, which hold what "
                                          r"was written into them before this call, as dcp.load does\): "
-                                         r"state.out.bias.ema_params.decay_0p9 holds inf or NaN$"):
+                                         r"state.out.bias.ema_params.decay_0p9 holds inf or NaN\. " + ADVICE):
         ours.load_state_dict(own)
     assert all(bool(torch.isfinite(v).all()) for v in _rows(ours).values())
 
@@ -177,7 +185,7 @@ def test_a_load_checks_finiteness_in_the_copys_dtype(copy_dtype, entry):
     state["state.bias.ema_params.decay_0p5"] = entry
     with pytest.raises(ValueError, match=rf"nothing was written\): state.bias.ema_params.decay_0p5 holds values "
                                          rf"beyond {copy_dtype}'s range \(its copy's dtype\), which would land as "
-                                         rf"inf$"):
+                                         rf"inf\. " + ADVICE):
         ema.load_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
     fits = torch.tensor([0.1, -2.5, 3e3], dtype=entry.dtype)

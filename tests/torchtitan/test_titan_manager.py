@@ -68,7 +68,9 @@ def test_fsdp2_a_load_one_rank_refuses_is_refused_on_every_rank_and_a_new_local_
     ranks = run_ranks(titan_train.fsdp2_loads, tmp_path, 2, str(tmp_path / "hf"), pg_timeout=60.0)
     nan = ("Disagreement: fastema.torchtitan.EMA.load_state_dict() refused on rank 1 (its global rank), so on "
            "every rank: the EMA state was not loaded (nothing was written): state.norm.weight.ema_params."
-           "decay_0p5 holds inf or NaN")
+           "decay_0p5 holds inf or NaN. To load it all the same and repair it, pass allow_nonfinite=True (or set "
+           "ema.allow_nonfinite = True before a load another library makes: dcp.load, torchtitan's "
+           "CheckpointManager), then call repair_nonfinite(), which resets those tensors from the live weights.")
     assert [r["nan"] for r in ranks] == [nan, nan]
     cold = ("Disagreement: fastema.torchtitan.EMA.load_state_dict() refused on rank 0 (its global rank), so on "
             "every rank: its state dict holds no EMA entry (a cold start) while ranks [1] load the EMA's entries")

@@ -50,8 +50,8 @@ def shipped(variant: Variant, source: str = "cu13"):
     shipped set ``source`` (``"cu13"``, ``"cu12"``: what a user's H100 runs under a CUDA 13 or 12
     driver), checked whole; LookupError naming what is missing where it is not shipped (or
     stale)."""
-    from fastema._launch.build.variants import variant_key
     from fastema._launch.cuda import device_code
+    from fastema._launch.shipped.variants import variant_key
     from fastema.kernels._store.identity import VARIANTS
 
     problem = device_code.problem(source)

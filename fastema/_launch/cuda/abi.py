@@ -1,7 +1,7 @@
 """The argument ABI of numba-cuda kernels, written once: what fastema packs for ``cuLaunchKernel``.
 
 A kernel compiled by numba-cuda takes each argument flattened into kernel parameters by its numba
-type (numba-cuda 0.30's ``_Kernel._prepare_args``; ``tests/kernels/test_abi.py`` holds this module
+type (numba-cuda 0.30's ``_Kernel._prepare_args``; ``tests/launch/test_abi.py`` holds this module
 to it, byte for byte, for every shipped variant):
 
 ==========================  =====================================================================

@@ -8,7 +8,7 @@ NumPy scalars, tuples of them, device arrays described by ``__cuda_array_interfa
 objects with numba's names, so that finding and loading shipped code needs no numba-cuda; anything
 else (and a device array of numba's own) is typed by numba-cuda itself. :func:`as_numba` gives
 numba's type objects where numba-cuda compiles a variant (the fallback compiler).
-``tests/kernels/test_argtypes.py`` holds :func:`typeof` to numba-cuda's ``typeof(value,
+``tests/launch/test_argtypes.py`` holds :func:`typeof` to numba-cuda's ``typeof(value,
 Purpose.argument)``, value by value.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ The store (``kernels._store``) holds the code: two compiled sets are shipped und
 ``kernels/device/`` (``cu13``: built by NVVM and nvJitLink 13.5, cubins for sm_80, sm_90, sm_100,
 sm_120 and PTX for compute_80 at ISA 9.0; ``cu12``: built by NVVM 12.0 and ptxas 12.0, cubins for
 sm_70 to sm_90, sm_100 and sm_120 by ptxas 12.8, and PTX for compute_70 at ISA 8.0:
-``fastema._launch.build.store``), then the node store holds what was compiled here. :func:`kernel`
+``fastema._launch.shipped.store``), then the node store holds what was compiled here. :func:`kernel`
 finds a variant's code for a device in that order:
 
 - the shipped set and image ``kernels._store.store.choose`` picks for the driver's CUDA version

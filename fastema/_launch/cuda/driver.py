@@ -6,7 +6,7 @@ made) to load a variant's image, launch it, say which context is current and whe
 being captured, and to do the device work around the launches (uploads, pinned staging, events). The
 implementations: :class:`.drivers.CudaCoreDriver` (cuda.core and cuda-bindings: the fast path),
 :class:`.drivers.DispatcherDriver` (numba's dispatcher: the fallback and the Numba CUDA simulator),
-:class:`.build.variants.RecordingDriver` (records the variants the launchers ask for, launches
+:class:`.shipped.variants.RecordingDriver` (records the variants the launchers ask for, launches
 nothing: ``python -m fastema warm`` and the build) and the tests' ``FakeDriver``
 (``tests/support``), a GPU on the host that is held to this interface by mypy and to cuda-bindings'
 signatures by a test.
@@ -18,7 +18,7 @@ was) and propagates.
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, NamedTuple, Protocol
 
 REFUSALS = frozenset({
     "CUDA_ERROR_NO_BINARY_FOR_GPU",         # no image in it for this GPU's architecture
@@ -54,6 +54,23 @@ class Loaded:
 
     def __init__(self, func: Any, kernel: Any, source: str):
         self.func, self.kernel, self.source = func, kernel, source
+
+
+class Launcher(NamedTuple):
+    """What a kept launch on one device calls itself, bound once (:meth:`Driver.launcher`): the
+    driver's own functions, with cuda-bindings' signatures, and what they are compared with. A kept
+    launch is then one Python frame: ``err, ctx = context()``; where ``ctx == primary``,
+    ``err, = launch(func, blocks, 1, 1, threads, 1, 1, 0, streams[raw], params, 0)``."""
+    launch: Any
+    """``cuLaunchKernel``'s signature: ``(func, gx, gy, gz, bx, by, bz, shared bytes, stream,
+    parameter block address, extra) -> (CUresult,)``."""
+    context: Any
+    """``cuCtxGetCurrent``'s: ``() -> (CUresult, context)``."""
+    primary: Any
+    """The device's primary context, as :attr:`context` gives it (``==`` compares them)."""
+    streams: Any
+    """``raw handle -> the stream object`` :attr:`launch` takes: a mapping, read ``streams[raw]``,
+    kept for good (:meth:`Driver.clear` empties it in place)."""
 
 
 class Event(Protocol):
@@ -100,6 +117,11 @@ class Driver(Protocol):
 
     def stream(self, raw: int) -> Any:
         """The stream :meth:`launch` takes for the raw handle ``raw``."""
+
+    def launcher(self, index: int) -> Launcher | None:
+        """What a kept launch on device ``index`` calls itself (:class:`Launcher`: the same calls
+        :meth:`launch`, :meth:`current_context` and :meth:`stream` make, bound once), or None where
+        every launch must go through :meth:`launch` (a driver that loads no image)."""
 
     def dispatch(self, kernel: Any, index: int, raw: int, blocks: int, threads: int,
                  args: tuple) -> None:

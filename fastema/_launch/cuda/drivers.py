@@ -34,7 +34,7 @@ import warnings
 from typing import Any
 
 from .. import config
-from .driver import REFUSALS, Driver, Loaded, Refused
+from .driver import REFUSALS, Driver, Launcher, Loaded, Refused
 from .frees import PENDING, free_pending
 from .memory import Streams, api_error
 from .numba_driver import NumbaDriver
@@ -209,6 +209,13 @@ class CudaCoreDriver(NumbaDriver):
         err, = self.d.cuLaunchKernel(func, blocks, 1, 1, threads, 1, 1, 0, stream, params, 0)
         if err:
             raise api_error("cuLaunchKernel", err)
+
+    def launcher(self, index: int) -> Launcher:
+        """cuda-bindings' ``cuLaunchKernel`` and ``cuCtxGetCurrent``, device ``index``'s primary
+        context as a ``CUcontext`` (compared by value) and this driver's stream objects."""
+        d = self.d
+        primary = d.CUcontext(self.primary_context(index))
+        return Launcher(d.cuLaunchKernel, d.cuCtxGetCurrent, primary, self._streams)
 
     def clear(self) -> None:
         super().clear()

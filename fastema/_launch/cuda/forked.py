@@ -8,9 +8,10 @@ inherits the flag. This module is loaded with that layer (``fastema._launch.laun
 imports it), so a process that never loaded it has no hook. There, at the fork (the at-fork hook):
 
 - every CUDA launch is refused (:func:`refuse_cuda_after_fork`): :func:`_cuda` (which imports the
-  launch layer; ``launches._cuda`` and ``launches._cuda_launch``, whose caches are dropped in the
+  launch layer; ``launches._cuda`` and ``launches._cuda_target``, whose caches are dropped in the
   child too, ask it) asks again and is refused, and a launch kept from before the fork reads the
-  flag at each launch (:meth:`.launch.CudaKernel._launch`: one module-level read, no call);
+  flag at each launch (:data:`FORKED`, read by :class:`.launch.CudaKernel`: one module-level read,
+  no call);
 - the parent's CUDA objects are left to the parent (:func:`.frees.in_child_forked_after_cuda`:
   their deferred frees dropped, none queued again).
 
@@ -27,6 +28,11 @@ from . import frees
 FORKED_AFTER_CUDA = False
 """This process was forked from one that had launched on a GPU (set by the at-fork hook, in the
 child)."""
+
+FORKED: list = []
+"""Not empty where :data:`FORKED_AFTER_CUDA` is set (the same hook fills it): the flag a kept
+launch reads, one module-level read of its own (:class:`.launch.CudaKernel`), bound where it is
+imported."""
 
 
 def refuse_cuda_after_fork() -> None:
@@ -56,6 +62,7 @@ def _after_fork_in_child() -> None:
     global FORKED_AFTER_CUDA
     if _cuda.cache_info().currsize and not _cuda().SIMULATOR:   # the parent loaded the launchers
         FORKED_AFTER_CUDA = True
+        FORKED.append(True)                      # (a kept launch's flag, the same list everywhere)
         _cuda.cache_clear()                      # the next CUDA launch asks again, and is refused
         frees.in_child_forked_after_cuda()       # the parent's objects are the parent's to free
 

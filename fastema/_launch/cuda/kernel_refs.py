@@ -10,7 +10,7 @@ name at once, and its dispatcher only where one is needed (:meth:`KernelRef.disp
 not shipped, compiled here; a launch through numba's dispatcher; the build), importing
 ``kernels.cuda`` then. What the launch path reads of a dispatcher besides its name, its own launch
 bounds (the shipped code's bounds check), is :func:`own_bounds`.
-``tests/kernels/test_kernel_refs.py`` holds the factories' parameters and :func:`own_bounds` to
+``tests/launch/test_kernel_refs.py`` holds the factories' parameters and :func:`own_bounds` to
 ``kernels.cuda``'s for every shipped variant.
 """
 from __future__ import annotations

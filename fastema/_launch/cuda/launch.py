@@ -22,8 +22,12 @@ host time per update). fastema does none of that per step:
 A prepared launch (:class:`CudaLerp`, :class:`CudaLaunch`; :data:`PREPARE`, whose keyword signatures
 are the op table's, :mod:`.op`) keeps its block from step to step and reads its group's tables at
 every call (never stale when the sources move); a one-off :func:`fastema._launch.launch` prepares
-one and packs its block for that call. A launch whose owner may drop its tables (a one-off,
-``group.pins``) keeps them for good where it launches on a stream being captured (:data:`CAPTURED`),
+one and packs its block for that call. Where the tables and its own arguments are the objects its
+block was packed from, a prepared launch is one Python frame around the driver's own two calls
+(``cuCtxGetCurrent``, ``cuLaunchKernel``, bound once: :meth:`.driver.Driver.launcher`; issue 86
+item 3), everything else the path checks read as module-level flags (:class:`CudaKernel`). A
+launch whose owner may drop its tables (a one-off, ``group.pins``) keeps them for good where it
+launches on a stream being captured (:data:`CAPTURED`),
 as Warp's ``Launch`` keeps its module in a capturing graph. An argument that does not fit its place
 (another dtype, ndim or number type: :meth:`.abi.Block.fits`, no numba type) binds again. The
 dispatcher launches instead in the Numba CUDA simulator, under ``FASTEMA_CUDA_LAUNCH=dispatcher``,
@@ -35,16 +39,23 @@ from __future__ import annotations
 
 import itertools
 import operator
+from typing import Any
 
 import numpy as np
 
 from .. import config
+from ..config import EPOCH
 from ..op import Kernel
 from . import abi, argtypes, device_code, forked
 from . import base as C
 from . import kernel_refs as K  # the kernels by name: no numba-cuda at a launch
 from .drivers import current
+from .forked import FORKED
+from .frees import WAITING
+from .results import api_error
 from .tables import _zero_flag
+
+_UNKEPT = object()                                  # a kept launch's tables before anything is kept
 
 
 def cached_launch_available() -> bool:
@@ -82,9 +93,21 @@ def _code(driver, dispatcher, types: tuple, index: int, raw: int = 0):
 
 class CudaKernel(Kernel):
     """A kernel launch bound once (see the module docstring): the variant's loaded code and one
-    parameter block, patched in place where an argument is a new object."""
+    parameter block, patched in place where an argument is a new object.
 
-    __slots__ = ("device", "index", "driver", "func", "loaded", "held", "block", "last")
+    Kept: after a launch through the block, what the next one needs if nothing moved, in this
+    object (:meth:`_keep`): the driver's own calls bound once (:meth:`.driver.Driver.launcher`), the
+    function handle, the block's address, the grid and block size, and the objects the block was
+    packed from (the group's tables, and the subclass's own: the weights and key, or the call's
+    middle arguments). A subclass's ``__call__`` launches in its own frame where those are the held
+    ones, the tunables did not move (:data:`.config.EPOCH`), no holder waits for a safe point
+    (:data:`.frees.WAITING`) and the process was not forked after CUDA (:data:`.forked.FORKED`);
+    anything else takes :meth:`_launch`, which refuses, prunes, patches or binds again as it must,
+    and keeps again."""
+
+    __slots__ = ("device", "index", "driver", "func", "loaded", "held", "block", "last", "tables",
+                 "epoch", "grid", "threads", "address", "calls", "cu_launch", "context", "primary",
+                 "streams")
 
     def __init__(self, device: str):
         self.device, self.index = device, C._index(device)
@@ -94,26 +117,62 @@ class CudaKernel(Kernel):
         self.held: list = []                              # per argument: the object its block values are of
         self.block: abi.Block = None  # type: ignore[assignment]  # set with func at the first bind, read after
         self.last: tuple = ()                             # the last launch's arguments
+        self.tables: object = _UNKEPT                     # the kept launch's: nothing kept yet
+        self.epoch = self.grid = self.threads = self.address = 0
+        self.calls: bool | None = None                    # whether the driver gives a Launcher
+        self.cu_launch: Any = None                        # its fields, once kept
+        self.context: Any = None
+        self.primary: Any = None
+        self.streams: Any = None
 
-    def _launch(self, dispatcher, args, raw: int, blocks: int) -> None:
+    def _launch(self, dispatcher, args, raw: int, blocks: int) -> bool:
         """Launch ``dispatcher``'s kernel with ``args`` on the raw stream ``raw``: the bound block
         (patched where an argument changed) where every argument fits it, else bound again
-        (``dispatcher(args)`` gives the kernel). Refused in a child forked after CUDA
-        (:mod:`.forked`: a launch kept from before the fork meets the refusal here, at every launch,
-        before any driver call)."""
-        if forked.FORKED_AFTER_CUDA:                      # one module-level read per launch; no call
+        (``dispatcher(args)`` gives the kernel); True where it launched through the block (what the
+        caller may keep: :meth:`_keep`). Refused in a child forked after CUDA (:mod:`.forked`: a
+        launch kept from before the fork meets the refusal here, before any driver call)."""
+        self.tables = _UNKEPT                             # kept again by the caller, once launched
+        if forked.FORKED_AFTER_CUDA:
             forked.refuse_cuda_after_fork()
-        if C.WAITING:                                     # released sources waiting for their events
+        if WAITING:                                       # released sources waiting for events
             C.prune_retired(self.driver, raw, self.index)
         if self.func is not None:
             last = self.last
             if (len(args) == len(last) and all(map(operator.is_, args, last))) or self._patch(args):
                 self.last = args
                 self._go(raw, blocks)
-                return
-        self._bind(dispatcher(args), args, raw, blocks)
+                return True
+        return self._bind(dispatcher(args), args, raw, blocks)
+
+    def _keep(self, tables, blocks: int) -> None:
+        """After a launch through the block: keep what the next launch over the same ``tables``
+        needs (the subclass keeps its own arguments), where the driver gives its calls
+        (:meth:`.driver.Driver.launcher`)."""
+        if self.calls is None:
+            got = self.driver.launcher(self.index)
+            self.calls = got is not None
+            if got is not None:
+                self.cu_launch, self.context, self.primary, self.streams = got
+        if self.calls:
+            self.epoch, self.grid, self.threads = EPOCH[0], blocks, config.CUDA_THREADS
+            self.address = self.block.address
+            self.tables = tables
+
+    def _pushed(self, raw: int) -> None:
+        """A kept launch where the device's primary context is not current: pushed for it."""
+        d = self.driver
+        with d.activate(self.index):
+            d.launch(self.func, self.grid, self.threads, d.stream(raw), self.address)
 
     def _go(self, raw: int, blocks: int) -> None:
+        if self.calls:                                    # the driver's own calls, bound (_keep)
+            err, ctx = self.context()
+            if not err and ctx == self.primary:
+                err, = self.cu_launch(self.func, blocks, 1, 1, config.CUDA_THREADS, 1, 1, 0,
+                                      self.streams[raw], self.block.address, 0)
+                if err:
+                    raise api_error("cuLaunchKernel", err)
+                return
         d = self.driver
         if d.current_context() == d.primary_context(self.index):
             d.launch(self.func, blocks, config.CUDA_THREADS, d.stream(raw), self.block.address)
@@ -141,7 +200,7 @@ class CudaKernel(Kernel):
             held_all[i] = value
         return True
 
-    def _bind(self, dispatcher, args, raw: int, blocks: int) -> None:
+    def _bind(self, dispatcher, args, raw: int, blocks: int) -> bool:
         """Find the variant's code (:func:`_code`), pack the block and launch; through the
         dispatcher where the driver launches no image of fastema's (the simulator), or where it
         refused every image of this variant (:data:`.driver.REFUSALS`: ``device_code`` warned once,
@@ -160,10 +219,11 @@ class CudaKernel(Kernel):
         if loaded is None:
             self.func = None
             d.dispatch(K.dispatcher(dispatcher), self.index, raw, blocks, config.CUDA_THREADS, args)
-            return
+            return False
         block = abi.Block(types, args)
         self.func, self.loaded, self.block, self.held, self.last = loaded.func, loaded, block, list(args), args
         self._go(raw, blocks)
+        return True
 
 
 # ---------------------------------------------------------------- the prepared launches
@@ -187,9 +247,10 @@ def _pin(launch, raw: int) -> None:
 class CudaLerp(CudaKernel):
     """One group's ``"lerp"`` launch on CUDA, bound once (see the module docstring); called as
     ``run(weights, key=0)`` on the stream the group's framework has current at that call, over the
-    group's tables at that call. ``cast``: the kernel's arithmetic type for host weights."""
+    group's tables at that call. ``cast``: the kernel's arithmetic type for host weights. Kept (see
+    :class:`CudaKernel`): the tables, the weights (the cast tuple) and the key given."""
 
-    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w", "pins")
+    __slots__ = ("group", "flag", "stochastic", "cast", "w_in", "w", "pins", "kept_w", "kept_key")
 
     def __init__(self, group, flag, stochastic: bool, cast):
         super().__init__(group.device)
@@ -198,18 +259,32 @@ class CudaLerp(CudaKernel):
         self.w_in: object = self                          # no host weights yet
         self.w: tuple = ()
         self.pins = getattr(group, "pins", False)
+        self.kept_w = self.kept_key = _UNKEPT
 
     def __call__(self, weights, key=0) -> None:
-        if type(weights) is tuple:
+        if weights.__class__ is tuple:
             if weights is not self.w_in and weights != self.w_in:
                 self.w_in, self.w = weights, tuple(map(self.cast, weights))
             weights = self.w
-        key = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
         g = self.group
         t = g.tables
         raw = g.current_stream()
-        self._launch(self._dispatcher, (*t.args(), weights, self.flag, key), raw,
-                     max(1, min(t.chunks, config.CUDA_MAX_BLOCKS)))
+        if (t is self.tables and weights is self.kept_w and key is self.kept_key
+                and self.epoch == EPOCH[0] and not FORKED and not WAITING):   # kept: this frame
+            err, ctx = self.context()
+            if err or ctx != self.primary:
+                self._pushed(raw)
+            else:
+                err, = self.cu_launch(self.func, self.grid, 1, 1, self.threads, 1, 1, 0,
+                                      self.streams[raw], self.address, 0)
+                if err:
+                    raise api_error("cuLaunchKernel", err)
+        else:
+            blocks = max(1, min(t.chunks, config.CUDA_MAX_BLOCKS))
+            k = key if not isinstance(key, int) else (np.uint32(key) if key else _ZERO_KEY)
+            if self._launch(self._dispatcher, (*t.args(), weights, self.flag, k), raw, blocks):
+                self.kept_w, self.kept_key = weights, key
+                self._keep(t, blocks)
         if self.pins:                                     # after the launch: its fork check comes first
             _pin(self, raw)
 
@@ -236,20 +311,39 @@ class CudaLaunch(CudaKernel):
     ``per_sm`` (the name of a :mod:`.config` tunable), at most that many blocks per
     multiprocessor."""
 
-    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "grid", "pins")
+    __slots__ = ("group", "dispatcher", "head", "tail", "per_sm", "tables_of", "size", "pins",
+                 "kept")
 
     def __init__(self, group, dispatcher, head: tuple, tail: tuple, per_sm: str | None = None, tables_of=_TABLES,
                  grid: int | None = None):
         super().__init__(group.device)
         self.group, self.dispatcher, self.head, self.tail, self.per_sm = group, dispatcher, head, tail, per_sm
-        self.tables_of, self.grid = tables_of, grid
+        self.tables_of, self.size = tables_of, grid
         self.pins = getattr(group, "pins", False)
+        self.kept: tuple = ()                             # the kept launch's middle arguments
 
     def __call__(self, *middle) -> None:
         g = self.group
-        front = () if self.tables_of is None else self.tables_of(g.tables)
+        t = g.tables
+        kept = self.kept
         raw = g.current_stream()
-        self._launch(self._dispatcher, (*front, *self.head, *middle, *self.tail), raw, self.blocks(middle))
+        if (t is self.tables and len(middle) == len(kept) and all(map(operator.is_, middle, kept))
+                and self.epoch == EPOCH[0] and not FORKED and not WAITING):   # kept: see CudaLerp
+            err, ctx = self.context()
+            if err or ctx != self.primary:
+                self._pushed(raw)
+            else:
+                err, = self.cu_launch(self.func, self.grid, 1, 1, self.threads, 1, 1, 0,
+                                      self.streams[raw], self.address, 0)
+                if err:
+                    raise api_error("cuLaunchKernel", err)
+        else:
+            front = () if self.tables_of is None else self.tables_of(t)
+            blocks = self.blocks(middle)
+            args = (*front, *self.head, *middle, *self.tail)
+            if self._launch(self._dispatcher, args, raw, blocks):
+                self.kept = middle
+                self._keep(t, blocks)
         if self.pins:                                     # after the launch: its fork check comes first
             _pin(self, raw)
 
@@ -260,8 +354,8 @@ class CudaLaunch(CudaKernel):
         self(*middle)
 
     def blocks(self, middle: tuple = ()) -> int:
-        if self.grid is not None:
-            return self.grid if self.grid > 0 else _stream_blocks(middle[0].size)   # -1: by the values' size
+        if self.size is not None:
+            return self.size if self.size > 0 else _stream_blocks(middle[0].size)   # -1: by size
         blocks = max(1, min(self.group.tables.chunks, config.CUDA_MAX_BLOCKS))   # a rank may hold no element
         if self.per_sm is not None:
             cap = getattr(config, self.per_sm) * self.driver.sm_count(self.index)

@@ -207,3 +207,6 @@ class NumbaDriver:
 
     def stream(self, raw: int):
         return raw
+
+    def launcher(self, index: int):
+        return None                                       # it launches no image of fastema's

@@ -58,6 +58,29 @@ class TorchAverage(TorchFace):
         return self._swap.swapped
 
     @property
+    def allow_nonfinite(self) -> bool:
+        """False (default): a swap in, ``copy_to()``, the exports (``averaged_state_dict()``,
+        ``save()``, ``iter_weights()``...) and a load of an average holding inf or NaN raise, naming
+        its tensors (on every rank of a split or sharded one); True: they go on (a load warns). A
+        call's ``allow_nonfinite=`` decides for itself (None: this); set this for a load another
+        library makes (``dcp.load``, an optimizer's load); see :meth:`repair_nonfinite`."""
+        return self._checkpoint.nonfinite.allowed
+
+    @allow_nonfinite.setter
+    def allow_nonfinite(self, value: bool) -> None:
+        self._checkpoint.nonfinite.allow(value)
+
+    def repair_nonfinite(self) -> list[str]:
+        """Reset every averaged tensor holding inf or NaN from the live weights; return their names.
+        Each row holding one (several decays, BEMA's state rows) gets the model's weights, rounded
+        to the shadow's dtype, on its device; every other tensor and row is left bit for bit. Found
+        by the non-finite scan on the device (a launch a group, then one a tensor where a group
+        holds one; a host read a device). ``state_dict()`` warns of such tensors and records them
+        (``"nonfinite"``). Refused while swapped in. On a split or sharded average a collective:
+        every rank calls it and resets its part of the same tensors."""
+        return self._checkpoint.nonfinite.repair(self._swap)
+
+    @property
     def split(self) -> bool:
         """True when the average is split over replicas (``shard_replicas``): its swap, ``copy_to``
         and whole reads gather it, a collective every rank of the replica group joins, and
@@ -67,7 +90,7 @@ class TorchAverage(TorchFace):
 
     # ------------------------------------------------------------ attached to an optimizer
 
-    _attachment = None                          # attach(optimizer): its hooks (fastema.torch._attach)
+    _attachment = None                          # attach(optimizer): its hooks (_face/attach.py)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Update this average after every ``optimizer.step()`` and keep it in the optimizer's
@@ -89,15 +112,15 @@ class TorchAverage(TorchFace):
         before the save (the ``GatherAttached`` callbacks), else ``optimizer.state_dict()``
         raises. Refused: ZeRO partitions, a second average on one optimizer, an average of
         trainable parameters the optimizer does not step. See the attach guide."""
-        from .._attach import Attachment, skip_refusal
+        from .attach import Attachment, Joined, skip_refusal
 
         if self._attachment is not None:
             raise ValueError(f"this {type(self).__name__} is attached to an optimizer already: detach() "
                              f"it first. For two optimizers (one per model part), make one average of "
                              f"each part and attach each to its optimizer")
         groups = [g for s in (self._avg, self._copy) if s is not None for g in s.layout.groups]
-        skipping = _skipping(self)
-        self._attachment = Attachment(self, optimizer, update=self._eager_update, skipping=skipping,
+        skipping, joined = _skipping(self), Joined(self, self._side, self._avg, self._checkpoint)
+        self._attachment = Attachment(joined, optimizer, compiled=self.compiled, skipping=skipping,
                                       restart=self._side.on_restart, sources=list(self._avg.sources),
                                       devices=sorted({g.device for g in groups}),
                                       cannot_skip=skip_refusal(skipping, self._core, self._avg))
@@ -128,54 +151,63 @@ class TorchAverage(TorchFace):
 
     # ------------------------------------------------------------ swap and copy-out
 
-    def swap(self, row: int = 0) -> None:
+    def swap(self, row: int = 0, *, allow_nonfinite: bool | None = None) -> None:
         """Put average ``row`` into the model in place; call again to put the raw weights back.
 
         In place with no model-sized temporary when the shadow keeps an exact swap
         (equal dtypes, or float32 shadow and bfloat16 weights). float16 weights with a
         float32 shadow are backed up once instead (a float16-sized buffer), so the
         float32 average is never rounded. Every tensor is checked before the first one is
-        written, so a refused swap leaves the model and the averages as they were.
+        written, so a refused swap leaves the model and the averages as they were; an average
+        holding inf or NaN is refused (:attr:`allow_nonfinite`; inside ``torch.compile`` the
+        setting decides).
         """
         if torch.compiler.is_compiling():
             compiled = self.compiled
             torch.ops.fastema.swap_(compiled.ops["swap"][0], compiled.handle, row)
             return
-        self._swap.swap(row)
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            self._swap.swap(row)
 
-    def average_parameters(self, row: int = 0) -> ContextManager[nn.Module]:
+    def average_parameters(self, row: int = 0, *,
+                           allow_nonfinite: bool | None = None) -> ContextManager[nn.Module]:
         """``with ema.average_parameters(): evaluate(model)``: EMA weights in, raw weights back on exit
         (also when the block raises). Re-entrant: inside a block (or after ``swap()``) of the same
         row it leaves the weights as they are, and the outer one swaps back. Yields the model.
 
         Not inside ``torch.compile``: with ``fullgraph=True`` it is refused with that reason (a graph
-        break otherwise, the block then runs eagerly). Call it around the compiled function."""
+        break otherwise, the block then runs eagerly). Call it around the compiled function. An
+        average holding inf or NaN is refused as by :meth:`swap`."""
         if torch.compiler.is_compiling():         # traced: made eager there (torch._dynamo is loaded by then)
             return _compile.eager_block(self._swap, row, self.model)
-        return self._swap.block(row, self.model)
+        return self._checkpoint.nonfinite.entering(self._swap.block(row, self.model),
+                                                   allow_nonfinite)
 
-    def copy_to(self, model: nn.Module | None = None, row: int = 0) -> None:
+    def copy_to(self, model: nn.Module | None = None, row: int = 0, *,
+                allow_nonfinite: bool | None = None) -> None:
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
 
         Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
-        are looked through); anything else raises before a tensor is written. The tensors written
-        get their autograd version bumped, as by torch's ``copy_``: a backward through a graph
-        that saved the old weights raises.
+        are looked through); anything else raises before a tensor is written, and so does an
+        average holding inf or NaN (:attr:`allow_nonfinite`). The tensors written get their
+        autograd version bumped, as by torch's ``copy_``: a backward through a graph that saved the
+        old weights raises.
         """
         if (model is None or model is self.model) and torch.compiler.is_compiling():
             written, read = self.compiled.ops["copy_to"]
             torch.ops.fastema.copy_to_(written, read, self.compiled.handle, row)
             return
         if model is None or model is self.model:
-            self._swapper.copy_to(row)
+            with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+                self._swapper.copy_to(row)
             return
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         target = unwrap(model)
         if self.sharded and not any(map(_sharded.is_dtensor, target.parameters())):
-            state = self.full_state_dict(row)          # sharded average into a plain model: collective
+            state = self.full_state_dict(row, allow_nonfinite=allow_nonfinite)   # collective
         else:
-            state = self.averaged_state_dict(row)
+            state = self.averaged_state_dict(row, allow_nonfinite=allow_nonfinite)
         theirs = target.state_dict(keep_vars=True)
         missing = [k for k in theirs if k not in state]
         extra = [k for k in state if k not in theirs]
@@ -234,13 +266,17 @@ class TorchAverage(TorchFace):
 
     # ------------------------------------------------------------ export and checkpoints (the checkpoint side)
 
-    def averaged_state_dict(self, row: int = 0) -> dict[str, torch.Tensor]:
+    def averaged_state_dict(self, row: int = 0, *,
+                            allow_nonfinite: bool | None = None) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
         DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
-        of a tied or aliased tensor gets its average."""
-        return self._checkpoint.averaged_state_dict(row)
+        of a tied or aliased tensor gets its average. An average holding inf or NaN is refused
+        (:attr:`allow_nonfinite`; on a sharded average the ranks agree on it: a collective)."""
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            return self._checkpoint.averaged_state_dict(row)
 
-    def full_state_dict(self, row: int = 0, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, row: int = 0, rank0_only: bool = False, *,
+                        allow_nonfinite: bool | None = None) -> dict[str, torch.Tensor]:
         """:meth:`averaged_state_dict` with full tensors: what an unsharded model's ``load_state_dict``
         takes. On a sharded average this is a collective (every rank must call it): each tensor is
         gathered in turn (``DTensor.full_tensor()``; split over replicas: a ``ShardReplicas(bucket=)`` at a
@@ -248,8 +284,10 @@ class TorchAverage(TorchFace):
         ``rank0_only=True``: only the first rank of the average's group keeps them (its mesh's
         first rank; global rank 0 for an average over every rank), the other ranks get ``{}``. On a split
         or sharded average the ranks agree first: a rank that skipped an ``update()`` or refuses makes
-        every rank raise (see the large-models guide)."""
-        return self._checkpoint.full_state_dict(row, rank0_only)
+        every rank raise (see the large-models guide). An average holding inf or NaN is refused
+        (:attr:`allow_nonfinite`)."""
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            return self._checkpoint.full_state_dict(row, rank0_only)
 
     def iter_weights(self, row: int = 0, *, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
                      to: Ranks = "all") -> Stream:
@@ -329,9 +367,13 @@ class TorchAverage(TorchFace):
         average's DTensors)."""
         return self._checkpoint.state_dict(gathered=True)
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off."""
-        self._checkpoint.load_state_dict(state, strict)
+    def load_state_dict(self, state: dict, strict: bool = True, *,
+                        allow_nonfinite: bool | None = None) -> None:
+        """Restore :meth:`state_dict`: checks everything first, changes nothing if anything is off.
+        An average holding inf or NaN is refused, naming its tensors, unless allowed
+        (:attr:`allow_nonfinite`: then loaded with a warning; see :meth:`repair_nonfinite`)."""
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            self._checkpoint.load_state_dict(state, strict)
 
     def refuse_on_every_rank(self, err: BaseException) -> None:
         """This rank cannot read the state it would load (its file is missing or damaged: ``err``)
@@ -341,7 +383,8 @@ class TorchAverage(TorchFace):
         ``ValueError``) and load nothing."""
         self._checkpoint.join_refusing(err)
 
-    def save(self, path: str | os.PathLike, row: int = 0) -> None:
+    def save(self, path: str | os.PathLike, row: int = 0, *,
+             allow_nonfinite: bool | None = None) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
 
         ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor is
@@ -353,12 +396,15 @@ class TorchAverage(TorchFace):
         the next save to the same path. On a sharded average it is a collective: every rank gathers the
         full tensors one at a time (see :meth:`full_state_dict`), the first rank of the average's group
         (global rank 0 for an average over every rank) keeps host copies of
-        them (the full model in its host memory) and writes the file.
+        them (the full model in its host memory) and writes the file. An average holding inf or NaN
+        is refused (:attr:`allow_nonfinite`).
         """
-        self._checkpoint.save(path, row)
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            self._checkpoint.save(path, row)
 
     def export_peft(self, directory: str | os.PathLike, row: int = 0, *, adapter_name: str | None = None,
-                    save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
+                    save_embedding_layers: bool | Literal["auto"] = "auto",
+                    allow_nonfinite: bool | None = None) -> None:
         """Write the averaged adapter in PEFT's own format, for ``PeftModel.from_pretrained(base, directory)``.
 
         ``directory/adapter_model.safetensors`` holds average ``row`` of the adapter's tensors under
@@ -374,22 +420,21 @@ class TorchAverage(TorchFace):
             adapter_name: the adapter to write; default the active one.
             save_embedding_layers: as in ``PeftModel.save_pretrained`` (``"auto"``: embedding layers
                 only when the adapter targets them).
+            allow_nonfinite: write an average holding inf or NaN (None: :attr:`allow_nonfinite`).
 
         Raises:
             TypeError: the model is not a PEFT model (nothing is written).
             ValueError: the adapter is unknown, or this average does not hold every tensor of it
-                (made with it frozen, or ``exclude=``-d); nothing is written.
+                (made with it frozen, or ``exclude=``-d), or holds inf or NaN; nothing is written.
             ImportError: peft is not installed.
         """
-        export_peft(self._checkpoint, directory, row, adapter_name=adapter_name,
-                    save_embedding_layers=save_embedding_layers)
+        with self._checkpoint.nonfinite.allowing(allow_nonfinite):
+            export_peft(self._checkpoint, directory, row, adapter_name=adapter_name,
+                        save_embedding_layers=save_embedding_layers)
 
 
 def _skipping(face: TorchAverage):
     """The face's update behind device-side skip flags (``_skipping_update``), where the class of
-    its eager update defines one (a subclass that changes the update, PostHocEMA's snapshots, has
-    none until it says how a skipped step goes), else None."""
-    for klass in type(face).__mro__:
-        if "_eager_update" in vars(klass):
-            return face._skipping_update if "_skipping_update" in vars(klass) else None   # type: ignore
-    return None
+    its eager update defines one (a subclass changing the update, PostHocEMA's snapshots: none)."""
+    klass = next(k for k in type(face).__mro__ if "_eager_update" in vars(k))
+    return face._skipping_update if "_skipping_update" in vars(klass) else None   # type: ignore

@@ -1,5 +1,5 @@
-"""fastema's in-place model-average operations as PyTorch custom operators, for ``torch.compile``,
-and the compiled-step contract of a torch face (:class:`Compiled`, what ``face.compiled`` is).
+"""fastema's in-place model-average operations as PyTorch operators (``torch.library.Library``),
+for ``torch.compile``, and the compiled-step contract of a torch face (``face.compiled``).
 
 Dynamo cannot trace numba's dispatcher (nor the address checks, which read ``data_ptr()``), so
 inside a compiled function :meth:`EMA.update`, :meth:`EMA.swap` and :meth:`EMA.copy_to` call
@@ -60,14 +60,17 @@ class Compiled:
         eager_copy_to: the eager ``copy_to(row)`` into the tracked model (None: the face writes no
             model: a target network).
         swap: the swap state (:class:`fastema.average.ModelSwap`: ``swap.swap(row)``), or None.
+        lowered: the update written in the graph where it is the plain case
+            (:class:`fastema.torch._face.lowered.Lowered`: ``lowered.trace()``), or None.
     """
 
     def __init__(self, ops: Callable[[], dict], eager_update: Callable[[int | None], None],
                  read_from: Callable[[list], Callable[[], None]], *,
-                 eager_copy_to: Callable[[int], None] | None = None, swap: Any = None):
+                 eager_copy_to: Callable[[int], None] | None = None, swap: Any = None,
+                 lowered: Any = None):
         self._ops = ops
         self.eager_update, self.read_from = eager_update, read_from
-        self.eager_copy_to, self.swap = eager_copy_to, swap
+        self.eager_copy_to, self.swap, self.lowered = eager_copy_to, swap, lowered
         self.handle = next(_IDS)
         handle = self.handle
         _OWNERS[handle] = weakref.ref(self, lambda _: _OWNERS.pop(handle, None))
@@ -124,21 +127,39 @@ def _through(owner: Compiled, written: list, read: list, own_written: list, own_
                 o.copy_(b)
 
 
-@torch.library.custom_op("fastema::update_", mutates_args=("written",))
+# ---------------------------------------------------------------- the operators' registration
+# Library define + impl, not custom_op, whose Python layers boxed both tensor lists again at every
+# call (issue 86). One kernel for every backend, a fake for tracing; each kernel bumps the autograd
+# versions of what it writes, as custom_op's did (a tensor saved for backward then written raises).
+
+_LIB = torch.library.Library("fastema", "FRAGMENT")
+_bump = torch.autograd.graph.increment_version
+
+
+def _operator(schema: str) -> Callable[[Callable], Callable]:
+    """Define ``fastema::<schema>`` with the decorated function as its kernel and a fake that
+    returns nothing (every operator writes in place and returns nothing)."""
+    def register(kernel: Callable) -> Callable:
+        name = schema.split("(", 1)[0]
+        _LIB.define(schema)
+        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"fastema::{name}", lambda *args: None, lib=_LIB)
+        return kernel
+    return register
+
+
+@_operator("update_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt step) -> ()")
 def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, step: int) -> None:
     """One ``update()`` of the average ``handle`` (``step < 0``: no explicit step)."""
     owner = _owner(handle)
     own_written, own_read = owner.ops["update"]
     with _through(owner, written, read, own_written, own_read):
         owner.eager_update(None if step < 0 else step)
+    _bump(written)
 
 
-@update_.register_fake
-def _(written, read, handle, step):
-    return None
-
-
-@torch.library.custom_op("fastema::refuse_update_", mutates_args=("written",))
+@_operator("refuse_update_(Tensor(a0!)[] written, str message, Tensor? tensor, float? number) "
+           "-> ()")
 def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tensor | None,
                    number: float | None) -> None:
     """A bad ``step`` given to ``update()`` in compiled code, refused when the graph runs with the
@@ -154,19 +175,17 @@ def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tens
     raise ValueError(message or "step must be an int >= 0")
 
 
-@refuse_update_.register_fake
-def _(written, message, tensor, number):
-    return None
-
-
 def compiled_update(owner: Compiled, step) -> None:
-    """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): one
-    :func:`update_` operator in the graph,
-    or, for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
-    graph runs (nothing is updated or counted). A tensor step is refused, in compiled code as in
-    eager: its value is on its device, and the schedule would read it on the host at every call."""
+    """A face's ``update(step)`` inside a traced function (``owner``: its :class:`Compiled`): an
+    EMA's plain case written in the graph (:mod:`.lowered`), else one :func:`update_` operator, or,
+    for a ``step`` eager refuses, one :func:`refuse_update_` that raises eager's error when the
+    graph runs (nothing updated or counted). A tensor step is refused, compiled as in eager: its
+    value is on its device, and the schedule would read it on the host at every call."""
     from ...schedules import check_step
 
+    lowered = owner.lowered
+    if step is None and lowered is not None and lowered.trace():     # the plain case: in the graph
+        return
     written, read = owner.ops["update"]
     if isinstance(step, (torch.Tensor, float)):          # traced values: their repr is known only at run time
         tensor = step if isinstance(step, torch.Tensor) else None
@@ -215,7 +234,7 @@ def compiled_step(owner: Compiled, handle: int) -> None:
     torch.ops.fastema.attached_step_(written, read, owner.handle, handle)
 
 
-@torch.library.custom_op("fastema::attached_step_", mutates_args=("written",))
+@_operator("attached_step_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt body) -> ()")
 def attached_step_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
                    body: int) -> None:
     """The post-step body ``body`` of :data:`after_steps` on the average ``handle``: its update,
@@ -227,28 +246,20 @@ def attached_step_(written: list[torch.Tensor], read: list[torch.Tensor], handle
     own_written, own_read = owner.ops["update"]
     with _through(owner, written, read, own_written, own_read):
         run()
+    _bump(written)
 
 
-@attached_step_.register_fake
-def _(written, read, handle, body):
-    return None
-
-
-@torch.library.custom_op("fastema::swap_", mutates_args=("written",))
+@_operator("swap_(Tensor(a0!)[] written, SymInt handle, SymInt row) -> ()")
 def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     """``swap(row)`` of the average ``handle``: average ``row`` in, or the raw weights back."""
     owner = _owner(handle)
     own_written, _ = owner.ops["swap"]
     with _through(owner, written, [], own_written, []):
         owner.swap.swap(row)
+    _bump(written)
 
 
-@swap_.register_fake
-def _(written, handle, row):
-    return None
-
-
-@torch.library.custom_op("fastema::copy_to_", mutates_args=("written",))
+@_operator("copy_to_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt row) -> ()")
 def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, row: int) -> None:
     """``copy_to()`` of the average ``handle``: average ``row`` into the model it tracks."""
     owner = _owner(handle)
@@ -256,11 +267,7 @@ def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
     assert owner.eager_copy_to is not None          # "copy_to" is listed by a face that has it
     with _through(owner, written, read, own_written, own_read, reads_sources=False):
         owner.eager_copy_to(row)
-
-
-@copy_to_.register_fake
-def _(written, read, handle, row):
-    return None
+    _bump(written)
 
 
 # ---------------------------------------------------------------- the array-level functions
@@ -282,7 +289,9 @@ def _weight_back(floats, tensor, single: bool):
     return floats[0] if single else floats
 
 
-@torch.library.custom_op("fastema::array_ema_update_", mutates_args=("shadow",))
+@_operator("array_ema_update_(Tensor(a0!) shadow, Tensor src, float[]? decays, "
+           "float[]? weight_floats, Tensor? weight_tensor, bool multi, str rounding, SymInt seed, "
+           "SymInt step, Tensor? skip_if) -> ()")
 def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[float] | None,
                       weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, multi: bool,
                       rounding: str, seed: int, step: int, skip_if: torch.Tensor | None) -> None:
@@ -295,12 +304,12 @@ def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[floa
         ops.ema_update_.eager(shadow, src, None if decays is None else decays[0],
                               weight=_weight_back(weight_floats, weight_tensor, True), rounding=rounding,
                               seed=seed, step=step, skip_if=skip_if)
+    _bump(shadow)
 
 
-array_ema_update_.register_fake(lambda *args: None)
-
-
-@torch.library.custom_op("fastema::array_ema_update_many_", mutates_args=("shadows",))
+@_operator("array_ema_update_many_(Tensor(a0!)[] shadows, Tensor[] sources, float? decay, "
+           "float[]? weight_floats, Tensor? weight_tensor, str rounding, SymInt seed, SymInt step) "
+           "-> ()")
 def array_ema_update_many_(shadows: list[torch.Tensor], sources: list[torch.Tensor], decay: float | None,
                            weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, rounding: str,
                            seed: int, step: int) -> None:
@@ -308,29 +317,23 @@ def array_ema_update_many_(shadows: list[torch.Tensor], sources: list[torch.Tens
 
     ops.ema_update_many_.eager(shadows, sources, decay, weight=_weight_back(weight_floats, weight_tensor, True),
                                rounding=rounding, seed=seed, step=step)
+    _bump(shadows)
 
 
-array_ema_update_many_.register_fake(lambda *args: None)
-
-
-@torch.library.custom_op("fastema::array_copy_", mutates_args=("dst",))
+@_operator("array_copy_(Tensor(a0!) dst, Tensor src) -> ()")
 def array_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
     from ... import ops
 
     ops.copy_.eager(dst, src)
+    _bump(dst)
 
 
-array_copy_.register_fake(lambda dst, src: None)
-
-
-@torch.library.custom_op("fastema::array_swap_", mutates_args=("a", "b"))
+@_operator("array_swap_(Tensor(a0!) a, Tensor(a1!) b, bool lossy) -> ()")
 def array_swap_(a: torch.Tensor, b: torch.Tensor, lossy: bool) -> None:
     from ... import ops
 
     ops.swap_.eager(a, b, lossy=lossy)
-
-
-array_swap_.register_fake(lambda a, b, lossy: None)
+    _bump([a, b])
 
 
 def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", seed=0, step=0, skip_if=None):

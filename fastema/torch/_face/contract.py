@@ -23,16 +23,18 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import torch
 
 from ..._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
-from ...average import Average, Cadence, DevicePlan, ModelSwap
+from ...average import Average, Cadence, DevicePlan, ModelSwap, Plan
 from .._state.agree import Agreement
 from .._state.checkpoint import CheckpointCore, TorchCheckpoint
+from .._state.nonfinite import NonFinite
 from .._state.peft import announce
 from .._swap import ShadowSwap
 from .._tensors.model import TorchModel, static
 from .compiled import Compiled
+from .lowered import Lowered
 
 __all__ = ["CheckpointSide", "Engine", "FaceParts", "FaceSide", "ModelParts", "Restart", "TorchFace",
-           "model_parts"]
+           "model_parts", "with_lowered"]
 
 
 class FaceSide(Protocol):
@@ -51,6 +53,8 @@ class Engine(Protocol):
 
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None: ...
+
+    def plan_now(self) -> Plan: ...
 
 
 class CheckpointSide(Protocol):
@@ -72,7 +76,9 @@ class FaceParts(NamedTuple):
     :class:`~fastema.torch._state.checkpoint.TorchCheckpoint`, a target network's counters);
     ``swap``: the swap and copy-out (:class:`~fastema.torch._swap.ShadowSwap`; None for a target
     network, which writes no model); ``cadence``: counts ``update()`` calls; ``ops``: the compiled
-    operators' lists (see :class:`~fastema.torch._face.compiled.Compiled`)."""
+    operators' lists (see :class:`~fastema.torch._face.compiled.Compiled`); ``lowered``: the
+    update written in a compiled graph (:class:`~fastema.torch._face.lowered.Lowered`; an EMA's,
+    or None)."""
 
     side: FaceSide
     shadow: Shadow | Updatable
@@ -81,6 +87,7 @@ class FaceParts(NamedTuple):
     swap: ShadowSwap | None
     cadence: Cadence
     ops: Callable[[], dict]
+    lowered: Lowered | None = None
 
 
 class ModelParts(NamedTuple):
@@ -98,6 +105,7 @@ class ModelParts(NamedTuple):
     swap: ShadowSwap
     cadence: Cadence
     ops: Callable[[], dict]
+    lowered: Lowered | None = None
 
 
 class Parts(Protocol):
@@ -125,6 +133,9 @@ class Parts(Protocol):
     @property
     def ops(self) -> Callable[[], dict]: ...
 
+    @property
+    def lowered(self) -> Lowered | None: ...
+
 
 class TorchFace:
     """The one base of fastema's torch faces: it takes the :class:`FaceParts` its builder made
@@ -151,11 +162,13 @@ class TorchFace:
         self.cadence = parts.cadence                     # counts update() calls
         self.compiled = Compiled(parts.ops, self._eager_update, parts.side.read_from,
                                  eager_copy_to=None if parts.swap is None else parts.swap.copy_to,
-                                 swap=self._swap)
+                                 swap=self._swap, lowered=parts.lowered)
 
     @property
     def calls(self) -> int:
         """``update()`` calls so far, skipped ones included."""
+        if self._core is not None:
+            self._core.plan_now()                        # counted on the device by compiled steps
         return self.cadence.calls
 
     def __copy__(self):
@@ -220,7 +233,8 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
     agreement = Agreement(side, kind, lambda: cadence.calls)
-    swap = ShadowSwap(side, agreement, core.check_row)
+    nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
+    swap = ShadowSwap(side, agreement, core.check_row, nonfinite)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
                 restart=Restart(cadence, swap, start_over))
     ops: Callable[[], dict] = _WithWritten(side, [])
@@ -232,5 +246,19 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
         ops = _WithWritten(side, [t for t in plan if isinstance(t, torch.Tensor)])
     if side.defaulted:
         announce(kind, shadow)                   # trainable_only=None on PEFT: what is averaged
-    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement)
+    checkpoint = TorchCheckpoint(side, core, fmt, swap=swap.state, agreement=agreement,
+                                 nonfinite=nonfinite)
     return ModelParts(side, shadow, engine, checkpoint, swap, cadence, ops)
+
+
+def with_lowered(parts: ModelParts) -> ModelParts:
+    """``parts`` (an EMA's: its update is the face's own) with the plain case's update written in a
+    compiled graph (:class:`~fastema.torch._face.lowered.Lowered`) where the plan is on the device,
+    its lists made now and again whenever the operators' lists are; else ``parts`` as they are."""
+    engine = parts.engine
+    if engine is None or engine.device_plan is None:
+        return parts
+    lowered = Lowered(parts.side, engine, parts.swap.state)
+    parts.side.lowering = lowered.refresh               # told whenever the lists are made again
+    lowered.refresh()
+    return parts._replace(lowered=lowered)

@@ -222,6 +222,7 @@ class Split(FollowsSources):
     backup: Stored[Callable[[], Any]] = Stored()
     update: Stored[Callable[..., None]] = Stored()        # (decay, *, weight, rounding, seed, step)
     scan_groups: Stored[Callable[..., dict]] = Stored()
+    scan_rows: Stored[Callable[[dict], bool]] = Stored()
     bias_correct: Stored[Callable[..., None]] = Stored()  # (alpha, *, skip_if)
     copy_from_sources: Stored[Callable[..., None]] = Stored()
     copy_from_sources_checked: Stored[Callable[..., None]] = Stored()

@@ -351,14 +351,19 @@ class Agreement:
         return groups
 
     def agreed(self, read: Read, *, swap: bool = False, gathers: bool = True,
-               stamp: Stamp | None = None, differs: str | None = None):
+               stamp: Stamp | None = None, differs: str | None = None, checked: bool = False):
         """A block of ``read``'s checks and allocations after which every rank of :meth:`groups`
         agrees: a rank whose block raises makes every rank refuse at once, and ranks making other
         reads or whose stamps differ (a rank skipped an ``update()``) refuse alike (:func:`agreed`,
         this average's :class:`Sequence`). No exchange where the read makes no collective
-        (``gathers`` False, or no group). ``differs``: what differing stamp digests mean."""
+        (``gathers`` False, or no group), unless ``checked``: the block checks what each rank holds
+        (an average holding inf or NaN, :mod:`.nonfinite`), so a sharded average's ranks agree over
+        its mesh even where the read gathers nothing. ``differs``: what differing stamp digests
+        mean."""
         mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
         groups = self.groups(swap) if gathers else []
+        if checked and not groups:
+            groups = self.groups()
         return agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
 
     @property

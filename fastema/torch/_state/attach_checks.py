@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ... import _privates
 from . import attached as _params
+from .attached import Attachable
 
-__all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "missed", "overrides"]
+__all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "hooked", "missed", "overrides",
+           "skip_refusal"]
 
 KEY = "fastema"                     # the optimizer state dict's top-level key of the average
 
@@ -26,7 +28,19 @@ def has_hooks(optimizer: torch.optim.Optimizer) -> bool:
                                                   "_optimizer_step_post_hooks"))
 
 
-def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) -> None:
+def hooked(optimizer: Any) -> Any:
+    """The optimizer whose hooks run: a wrapper that subclasses ``torch.optim.Optimizer`` without
+    running its ``__init__`` (so without hooks of its own) and forwards ``step``, ``state_dict``
+    and ``load_state_dict`` to the optimizer it holds as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, what ``accelerator.prepare`` returns) is attached through that one."""
+    inner = getattr(optimizer, "optimizer", None)
+    while (isinstance(optimizer, torch.optim.Optimizer) and not has_hooks(optimizer)
+           and isinstance(inner, torch.optim.Optimizer)):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return optimizer
+
+
+def check(kind: str, face: Attachable, optimizer: Any, sources: list, attached: Any) -> None:
     """Refuse what an attachment cannot carry, before any hook is registered (``attached``:
     optimizer -> its attachment)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -58,7 +72,7 @@ def check(kind: str, face: Any, optimizer: Any, sources: list, attached: Any) ->
     _refuse_dropping(kind, face, optimizer)
 
 
-def missed(kind: str, face: Any, optimizer: Any, when: str) -> None:
+def missed(kind: str, face: Attachable, optimizer: Any, when: str) -> None:
     """attach()'s rule, checked at attach and at the first step after the model's registrations
     changed: every trainable parameter the average tracks is stepped by this optimizer."""
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -150,7 +164,7 @@ def overrides(optimizer: torch.optim.Optimizer) -> list:
 _PROBE = {"fastema: attach()'s check": True}   # stands for the average in the one state_dict() call
 
 
-def _refuse_dropping(kind: str, face: Any, optimizer: torch.optim.Optimizer) -> None:
+def _refuse_dropping(kind: str, face: Attachable, optimizer: torch.optim.Optimizer) -> None:
     """An override of ``state_dict`` that runs torch's (and so the hooks) but drops the entry the
     average rides (``{"state": ..., "param_groups": ...}`` of ``super().state_dict()``): its
     checkpoints would hold no average, and a resume would start it over with one warning. Checked
@@ -233,3 +247,16 @@ def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
         raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
                          "of optimizer's group")
+
+
+def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:
+    """Why a face cannot take GradScaler's ``found_inf`` as a device-side skip flag, or None."""
+    if core is None or skipping is None:
+        return "its update takes no device-side skip flag"
+    if core.device_plan is not None:
+        return "device_step=True: its plan steps on the device; make it with device_step=False"
+    if shadow.host_plan_only:
+        return "its folds run on a host thread (offload)"
+    if core.plan.debias or core.options.is_bema:
+        return "debias or BEMA: its normalisers would count a skipped step"
+    return None

@@ -8,11 +8,11 @@ optimizer's state dict, and at load only the state of ``requires_grad`` paramete
 average goes into ``state`` by one rule (``docs/guides/attach.md``):
 
 - the *carriers* (:func:`_carriers`) are the trainable averaged parameters the optimizer steps;
-  each carrier's entry holds, under :data:`~fastema.torch._attach.KEY`, its part of the average's
-  :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies laid out as
-  the parameter is, shape and stride given, so DCP reshards them to any world size or mesh; plain
-  tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each rank's
-  pieces, for an average split over replicas);
+  each carrier's entry holds, under :data:`~fastema.torch._face.attach.KEY`, its part of the
+  average's :meth:`state_dict` (``{"averaged": DTensor, "ring": DTensor}``: float32 host copies
+  laid out as the parameter is, shape and stride given, so DCP reshards them to any world size or
+  mesh; plain tensors for an unsharded average; :class:`~fastema.torch.SplitEntry` values, each
+  rank's pieces, for an average split over replicas);
 - the first carrier's entry also holds ``"meta"``: the average's counters, settings and flags as
   UTF-8 JSON in a fixed-size uint8 tensor (:data:`META_BYTES`: DCP loads into tensors of the
   saved size, and ``flatten_optimizer_state_dict=True`` takes tensors, ints, floats and dicts
@@ -35,36 +35,77 @@ from __future__ import annotations
 
 import json
 from itertools import chain
-from typing import Any
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 import torch
+from torch import nn
 
+from .._sharding.params import Spec
 from .._tensors.hooks import unwrap
+from .agree import Agreement
+from .nonfinite import RECORD
 
-__all__ = ["META_BYTES", "mark", "per_param_state", "probed", "refusal", "split_entries",
-           "tracked", "unmark", "unmarked"]
+__all__ = ["META_BYTES", "Attachable", "Face", "mark", "per_param_state", "probed", "refusal",
+           "split_entries", "tracked", "unmark", "unmarked"]
+
+
+class Face(Protocol):
+    """What an attachment reads of a torch model average's public surface
+    (:class:`~fastema.torch._face.average.TorchAverage` is one)."""
+
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def sharded(self) -> bool: ...
+    @property
+    def split(self) -> bool: ...
+    @property
+    def swapped(self) -> bool: ...
+    @property
+    def source(self) -> str: ...
+    def state_dict(self) -> dict: ...
+    def gathered_state_dict(self) -> dict: ...
+
+
+class Attachable(Face, Protocol):
+    """The average an attachment joins, as the attachment (:mod:`fastema.torch._face.attach`),
+    this module and :mod:`.attach_checks` read it: its public surface (:class:`Face`) and what its
+    ``attach()`` hands over of its parts (:class:`~fastema.torch._face.attach.Joined`), never a
+    private name of a face."""
+
+    @property
+    def kind(self) -> str: ...                       # the face's class name, in every message
+    @property
+    def names(self) -> Collection[str]: ...          # the names of the tensors it averages
+    @property
+    def specs(self) -> Mapping[str, Spec]: ...       # a sharded one's: name -> its layout
+    @property
+    def stale(self) -> bool: ...                     # the model's registrations changed since
+    @property
+    def agreement(self) -> Agreement: ...            # its ranks' agreement (calls(), groups())
+    def checked_load(self, state: dict) -> Callable[[], None]: ...
 
 META_BYTES = 1 << 16                 # the counters and settings' JSON, zero-padded (a fixed size)
 _PER_NAME = ("averaged", "ring")     # a face's state_dict() entries keyed by tracked tensor name
 _BUFFERS = ("copied", "int_buffers")
 
 
-def refusal(face: Any) -> str | None:
+def refusal(face: Attachable) -> str | None:
     """Why a sharded face cannot take the per-parameter form (None: it can)."""
-    for spec in face._side.specs.values():
+    for spec in face.specs.values():
         split = spec.slices or spec.replica_dim is not None     # shard_replicas: SplitEntry pieces
         if spec.valid is not None or (spec.pieces is not None and not split):
             return "of DeepSpeed ZeRO partitions or masters (no DTensor layout DCP can reshard)"
     return None
 
 
-def tracked(face: Any) -> dict:
+def tracked(face: Attachable) -> dict:
     """name -> the model's parameter (a DTensor) of every parameter the face averages."""
-    names = set(face._avg.names)
+    names = set(face.names)
     return {n: p for n, p in unwrap(face.model).named_parameters() if n in names}
 
 
-def _names(face: Any, optimizer: torch.optim.Optimizer) -> dict:
+def _names(face: Attachable, optimizer: torch.optim.Optimizer) -> dict:
     """id(parameter) -> the name the face tracks it under, for the optimizer's averaged
     parameters."""
     by_id = {id(p): n for n, p in tracked(face).items()}
@@ -72,7 +113,7 @@ def _names(face: Any, optimizer: torch.optim.Optimizer) -> dict:
             if id(p) in by_id}
 
 
-def _carriers(face: Any, optimizer: torch.optim.Optimizer) -> dict:
+def _carriers(face: Attachable, optimizer: torch.optim.Optimizer) -> dict:
     """id(parameter) -> name of the averaged parameters whose entries carry their own rows: the
     trainable ones the optimizer steps (DCP keeps state for ``requires_grad`` parameters only)."""
     names = _names(face, optimizer)
@@ -80,7 +121,8 @@ def _carriers(face: Any, optimizer: torch.optim.Optimizer) -> dict:
             if id(p) in names and p.requires_grad}
 
 
-def mark(key: str, face: Any, optimizer: torch.optim.Optimizer, bare: list | None = None) -> int:
+def mark(key: str, face: Attachable, optimizer: torch.optim.Optimizer,
+         bare: list | None = None) -> int:
     """An empty entry under ``key`` in the live state of every carrier (:func:`_carriers`) that
     has state, or that has a gradient and no state (the optimizer keeps none for it: plain SGD,
     or after DCP's dummy step, which gives every trainable parameter a gradient): what DCP's
@@ -169,7 +211,7 @@ def _named(what: str, d: Any, names: Any) -> dict:
     return {names[int(k)]: v for k, v in d.items()}
 
 
-def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
+def per_param_state(key: str, face: Attachable, optimizer: torch.optim.Optimizer,
                     state_dict: dict, flags: dict | None = None) -> dict:
     """The optimizer's state dict with the average in its per-parameter entries (a new dict:
     the optimizer's own per-parameter dicts, which ``state_dict()`` shares, are not written).
@@ -195,9 +237,9 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for i, (index, name) in enumerate(pairs):
         entry: dict = {k: v[name] for k, v in per_name.items() if name in v}
         if i == 0:
-            entry["meta"] = _encode({**{k: v for k, v in full.items()
-                                        if k not in _PER_NAME and k not in _BUFFERS},
-                                     **(flags or {})})
+            entry["meta"] = _encode(_fitted({**{k: v for k, v in full.items()
+                                                if k not in _PER_NAME and k not in _BUFFERS},
+                                             **(flags or {})}))
             names: dict = {k: [] for k in (*_BUFFERS, *per_name)}
             for k in _BUFFERS:
                 entry[k] = _indexed(full.get(k, {}), names[k])
@@ -211,8 +253,8 @@ def per_param_state(key: str, face: Any, optimizer: torch.optim.Optimizer,
     return {**state_dict, "state": state}
 
 
-def probed(key: str, face: Any, optimizer: torch.optim.Optimizer, state_dict: dict, stand_in: Any,
-           placed: list) -> dict:
+def probed(key: str, face: Attachable, optimizer: torch.optim.Optimizer, state_dict: dict,
+           stand_in: Any, placed: list) -> dict:
     """The state dict with ``stand_in`` where :func:`per_param_state` puts the average (under
     ``key`` in each carrier's entry; new dicts, nothing of the average read): what ``attach()``
     checks an optimizer's ``state_dict()`` keeps. Appends each carrier's index to ``placed``."""
@@ -227,7 +269,7 @@ def probed(key: str, face: Any, optimizer: torch.optim.Optimizer, state_dict: di
     return {**state_dict, "state": state}
 
 
-def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
+def split_entries(key: str, face: Attachable, optimizer: torch.optim.Optimizer,
                   state_dict: dict) -> tuple[dict | None, dict]:
     """``(the face's state_dict() rebuilt from the per-parameter entries or None where there are
     none, the state dict without them)``. Refuses a partial set of entries by name."""
@@ -274,6 +316,15 @@ def split_entries(key: str, face: Any, optimizer: torch.optim.Optimizer,
     for k in _BUFFERS:
         full[k] = _named(repr(k), holder.get(k, {}), names.get(k, []))
     return full, rest_dict
+
+
+def _fitted(meta: dict) -> dict:
+    """``meta`` whose list of tensors holding inf or NaN (information, never loaded) is cut to its
+    first names where the whole list would not fit :data:`META_BYTES`: a save keeps the rest."""
+    names = meta.get(RECORD)
+    if isinstance(names, list) and len(json.dumps(meta).encode()) > META_BYTES:
+        return {**meta, RECORD: names[:8] + [f"... and {len(names) - 8} more"]}
+    return meta
 
 
 def _encode(meta: dict) -> torch.Tensor:

@@ -15,20 +15,24 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
-from ..._checkpoint_format import check_header, refuse_load
+from ..._checkpoint_format import check_header, load_refused, refuse_load
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
 from ..._io.safetensors import stream_safetensors, stream_torch_save
+from ..._nonfinite import held, load_advice
 from .._sharding import params as _sharded
 from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp
+from .dcp_calls import loading
 from .entries import global_shape, local_part, staged
+from .nonfinite import RECORD, NonFinite, named
 from .slices import full_entry
 
 if TYPE_CHECKING:
@@ -66,12 +70,14 @@ class TorchCheckpoint:
         agreement: the average's agreement (:class:`~fastema.torch._state.agree.Agreement`: the
             groups a read spans, the block every rank agrees in, the face's name, ``update()``
             calls), shared with its swaps and copy-outs.
+        nonfinite: the average's non-finite watch (:class:`~.nonfinite.NonFinite`), shared with
+            its swaps and copy-outs: every read that hands the average out refuses inf or NaN.
     """
 
     def __init__(self, side: TorchModel, core: CheckpointCore, fmt: str, *, swap: ModelSwap,
-                 agreement: Agreement):
+                 agreement: Agreement, nonfinite: NonFinite):
         self.side, self.core, self.format, self.swap = side, core, fmt, swap
-        self.agreement, self.kind = agreement, agreement.kind
+        self.agreement, self.kind, self.nonfinite = agreement, agreement.kind, nonfinite
 
     def writer(self) -> bool:
         """Whether this rank writes a gathered average (``save()``) and keeps it (``rank0_only``): the
@@ -101,9 +107,11 @@ class TorchCheckpoint:
         of a tied or aliased tensor gets its average."""
         specs = self.side.specs
         gathers = any(s.pieces is not None for s in specs.values())     # split or ZeRO-1/2: pieces gathered
-        with self.agreement.agreed(Read("averaged_state_dict()", row=row), gathers=gathers):
+        with self.agreement.agreed(Read("averaged_state_dict()", row=row), gathers=gathers,
+                                   checked=self.nonfinite.checking):
             self.swap.refuse("averaged_state_dict()")
             entries = self.entries(row)
+            self.nonfinite.refuse("averaged_state_dict()", row)
         out = {}
         for name, t, source, value in entries:
             if source is None:
@@ -224,6 +232,9 @@ class TorchCheckpoint:
             }
         if avg.split_id is not None:
             state["split_id"] = self.agreement.split_id  # which split run the slices are of
+        poisoned = self.nonfinite.saved(gathered)        # named in a warning; information, never loaded
+        if poisoned and not loading():                   # (a finite average's checkpoint: as it was;
+            state[RECORD] = poisoned                     # dcp.load's template: no key to miss)
         if gathered:
             for key in ("averaged", "ring"):
                 if isinstance(state.get(key), dict):
@@ -236,19 +247,26 @@ class TorchCheckpoint:
 
     def checked_load(self, state: dict, strict: bool = True) -> Callable[[], None]:
         """Every check of :meth:`load_state_dict` (on every rank, agreed); returns what writes it
-        (an attached average's load: checked before torch loads the optimizer, written after)."""
+        (an attached average's load: checked before torch loads the optimizer, written after). An
+        average holding inf or NaN is refused unless allowed (``allow_nonfinite``), then loaded with
+        a warning naming its tensors."""
         read = Read("load_state_dict()")
         with self.agreement.agreed(read, stamp=load_stamp(state)):   # all load, or none
-            loads = self._checked_loads(state, strict)
-        return lambda: self._write(state, loads)
+            loads, poisoned = self._checked_loads(state, strict)
+        return lambda: self._write(state, loads, poisoned)
 
-    def _write(self, state: dict, loads: list) -> None:
+    def _write(self, state: dict, loads: list, poisoned: list) -> None:
         with ctrl_c_held(), torch.no_grad():         # every check passed on every rank: now write all of it
             for dst, value in loads:                 # (a Ctrl-C is raised after the counters, not between two
                 dst.copy_(value)                     # tensors: on a GPU this is a host-to-device copy of it all)
             self.core.load_plan_state(state)         # the counters ("calls" too) and the face's own state
             if "split_id" in state and self.side.avg.split_id is not None:
                 self.side.avg.split_id = int(state["split_id"])
+        if poisoned:
+            warnings.warn(f"{self.kind}.load_state_dict(): the average loaded holds inf or NaN "
+                          f"in {named(poisoned)} (allow_nonfinite): exports, swaps and copy_to() "
+                          f"refuse it until repair_nonfinite() resets those tensors from the live "
+                          f"weights", RuntimeWarning, stacklevel=3)
 
     def join_refusing(self, err: BaseException) -> None:
         """This rank cannot read what it would load (its file is missing or damaged): join the load's
@@ -256,15 +274,18 @@ class TorchCheckpoint:
         with self.agreement.agreed(Read("load_state_dict()")):
             raise err
 
-    def _checked_loads(self, state: dict, strict: bool) -> list:
+    def _checked_loads(self, state: dict, strict: bool) -> tuple[list, list]:
         """Every check of :meth:`load_state_dict` on this rank: the ``(destination, value)`` pairs to
-        write, or the refusal naming every problem."""
+        write and the averaged entries holding inf or NaN (allowed), or the refusal naming every
+        problem."""
         kind = self.kind
         check_header(state, self.format, (1, VERSION), f"a model checkpoint goes to model.load_state_dict, a "
                                                        f"{kind} checkpoint ({kind}.state_dict()) here")
         self.swap.refuse("load_state_dict()")
         problems = []
         loads = []                                   # (destination view, value), written only if all is well
+        poisoned: list[str] = []                     # averaged entries holding inf or NaN
+        beyond: dict[str, str] = {}                  # of those, finite but past the average's dtype
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
 
@@ -312,9 +333,11 @@ class TorchCheckpoint:
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
-                elif finite and not bool(torch.isfinite(value).all()):
-                    problems.append(f"{key} {n!r} holds inf or NaN")
                 else:
+                    if finite and not _lands_finite(value, dst.dtype):
+                        poisoned.append(n)
+                        if bool(torch.isfinite(value).all()):  # finite in its own dtype
+                            beyond[n] = str(dst.dtype).replace("torch.", "")
                     loads.append((dst, value))
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -323,8 +346,16 @@ class TorchCheckpoint:
         if isinstance(split_id, bool) or not isinstance(split_id, int):
             problems.append(f"split_id must be an int, got {split_id!r}")
         self.core.check_plan_state(state, problems)
+        if poisoned and self.nonfinite.checking:
+            what = held(poisoned, beyond)
+            if problems:                             # refused for more than that
+                problems.append(what)
+            else:
+                raise load_refused(f"this {kind} checkpoint's {what}. " + load_advice(
+                    "or set ema.allow_nonfinite = True before a load another library makes: "
+                    "dcp.load, optimizer.load_state_dict, a callback's resume"))
         refuse_load(kind, problems, " this model")
-        return loads
+        return loads, poisoned
 
     def save(self, path: str | os.PathLike, row: int = 0) -> None:
         """See ``TorchAverage.save``: the averaged weights as a model checkpoint, streamed, atomically."""
@@ -352,5 +383,13 @@ class TorchCheckpoint:
         self.swap.refuse("save()")
         tensors.update({name: (t.detach() if value is None else value(), t.dtype)
                         for name, t, _, value in self.entries(row)})
+        self.nonfinite.refuse("save()", row)
         write()
 
+
+def _lands_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is finite as it lands in the average (``dtype``: a float64 1e300 lands in a
+    float32 average as inf, a float32 1e5 in a float16 one). A load: one host read an entry."""
+    if value.dtype != dtype and value.is_floating_point():
+        value = value.to(dtype)
+    return bool(torch.isfinite(value).all())

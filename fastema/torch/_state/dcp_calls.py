@@ -39,8 +39,8 @@ import torch
 
 from ... import _privates
 
-__all__ = ["CONTRACT", "GET", "INIT", "LOAD", "MODULE", "TESTED", "DCPContractBroken", "DcpCall",
-           "check", "context", "loaded", "verified"]
+__all__ = ["CONTRACT", "GET", "INIT", "LOAD", "LOADER", "MODULE", "TESTED", "DCPContractBroken",
+           "DcpCall", "check", "context", "loaded", "loading", "verified"]
 
 MODULE = "torch.distributed.checkpoint.state_dict"
 INIT, GET, LOAD = "_init_optim_state", "_get_optim_state_dict", "_load_optim_state_dict"
@@ -117,6 +117,26 @@ def loaded() -> ModuleType | None:
     if module is not None:
         verified(module)
     return module
+
+
+LOADER = "torch.distributed.checkpoint.state_dict_loader"    # dcp.load's module (public)
+
+
+def loading() -> bool:
+    """Whether DCP's loader (``dcp.load``, in :data:`LOADER`) makes the calling ``state_dict()``
+    call: the template it fills, whose every key the checkpoint must hold. The stack walked once
+    (each frame's module name), no local read."""
+    if LOADER not in sys.modules:
+        return False
+    at: FrameType | None = sys._getframe(1)
+    try:
+        while at is not None:
+            if at.f_globals.get("__name__") == LOADER:
+                return True
+            at = at.f_back
+        return False
+    finally:
+        del at
 
 
 def context(module: ModuleType | None = None, *, info: bool = False) -> DcpCall | None:

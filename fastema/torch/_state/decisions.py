@@ -14,11 +14,12 @@ joins means, it says so when that wait ends (:func:`timed_out`). No other module
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .agree import Disagreement
 
-__all__ = ["decided", "findings", "mesh_findings", "refuse_together", "timed_out"]
+__all__ = ["decided", "findings", "found_together", "joined", "mesh_findings", "refuse_together",
+           "timed_out"]
 
 
 def findings(mine: object, group=None, waiting: str | None = None) -> list:
@@ -44,6 +45,35 @@ def mesh_findings(mine: object, groups: list, waiting: str | None = None) -> dic
         for theirs in findings(known, group, waiting):
             known.update(theirs)
     return dict(sorted(known.items()))
+
+
+def found_together(find: Callable[[], dict], groups: list, what: str, waiting: str,
+                   names: Sequence[str]) -> dict[str, list[int]]:
+    """``find()`` (this rank's ``name -> rows``, of inf or NaN to repair) made on every rank of the
+    mesh of ``groups`` together: a rank whose ``find()`` raised makes every rank raise (its own
+    error there, a ``Disagreement`` naming ``what`` and its reason on the others), and every rank
+    gets every rank's rows, joined, in ``names``' order. Empty ``groups``: ``find()``'s own."""
+    try:
+        mine = find()
+    except Exception as err:
+        if not groups:
+            raise
+        mesh_findings(({}, f"{type(err).__name__}: {err}"), groups)
+        raise
+    if not groups:
+        return mine
+    every = mesh_findings((mine, None), groups, waiting=waiting)
+    refuse_together(what, {rank: e for rank, (_, e) in every.items()})
+    return joined([theirs for theirs, _ in every.values()], names)
+
+
+def joined(founds: Iterable[dict], names: Sequence[str]) -> dict[str, list[int]]:
+    """Every rank's ``name -> rows`` in one, in the average's order (``names``)."""
+    union: dict[str, set] = {}
+    for found in founds:
+        for n, rows in found.items():
+            union.setdefault(n, set()).update(rows)
+    return {n: sorted(union[n]) for n in names if n in union}
 
 
 @contextlib.contextmanager

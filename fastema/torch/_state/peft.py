@@ -82,6 +82,7 @@ def export_peft(checkpoint: TorchCheckpoint, directory: str | os.PathLike, row: 
         raise ValueError(f"adapter_name={name!r} is not one of the model's adapters {sorted(configs)}; "
                          f"nothing was written")
     entries = checkpoint.entries(row)                      # checks the row and the model's tensors
+    checkpoint.nonfinite.refuse("export_peft()", row)
     own = {n: t.detach() for n, t, _, _ in entries}          # a distinct object per name: PEFT's picks, by id
     by_id = {id(t): n for n, t in own.items()}
     picked = get_peft_model_state_dict(inner, state_dict=own, adapter_name=name,

@@ -168,6 +168,7 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         box.append(check_stream(dtype, bucket_bytes, to))
         ckpt.swap.refuse(what)
         entries = ckpt.entries(row)
+        ckpt.nonfinite.refuse(what, row)               # inf or NaN: refused on every rank (agreed)
         items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
         reads = BucketReads(items, bucket_bytes)
         reads.reserve()                                # its buckets' buffer: a refusal if it fails

@@ -111,6 +111,8 @@ class TorchModel(Followed):
         self.stale = False
         self.slots = self._slots(inner)
         self.ops: dict = {}                             # the compiled operators' lists (attach)
+        # told when the lists are made: the face's update written in a graph (_face/lowered)
+        self.lowering: Callable[[], None] | None = None
         watch((inner,), self)
 
     def attach(self, shadow: AveragingShadow | WindowingShadow, *, check: Callable[[], None],
@@ -332,15 +334,19 @@ class TorchModel(Followed):
     def op_lists(self) -> dict:
         """``op -> (tensors it writes, tensors it reads)`` for the compiled operators
         (``_compile``): every tensor an eager call touches, so functionalization sees each write.
-        Made when the tensors change (construction, rebind), never while tracing."""
+        Made when the tensors change (construction, rebind), never while tracing; :attr:`lowering`
+        is told then."""
         avg, copy = self.avg, self.copy
         shadows = avg.written() + (copy.written() if copy is not None else [])
         sources = list(avg.sources) + (list(copy.sources) if copy is not None else [])
         ints = list(self.int_buffers.values())
         owned = static(shadows + [d for _, d in ints])
-        return {"update": (owned, sources + [s for s, _ in ints]),
-                "swap": (shadows + sources, []),
-                "copy_to": (sources, shadows)}
+        lists = {"update": (owned, sources + [s for s, _ in ints]),
+                 "swap": (shadows + sources, []),
+                 "copy_to": (sources, shadows)}
+        if self.lowering is not None:
+            self.lowering()
+        return lists
 
     def read_from(self, read: list) -> Callable[[], None]:
         """Read the sources from ``read`` (in :meth:`op_lists` order) until the returned function

@@ -16,7 +16,8 @@ catches ema-pytorch's.
 
 One private module per concern: ``_base`` (the counters, the warm-up, the average step and
 ema-pytorch's helpers, shared by the three families), ``_model`` (``EMA``, ``KarrasEMA``),
-``_posthoc`` (``PostHocEMA``), ``_pytree`` (``EMAPytree``), ``_wrapper`` (``EMAModuleWrapper``).
+``_posthoc`` (``PostHocEMA``), ``_shared`` (``PostHocEMA``'s agreeing profiles on one shadow),
+``_pytree`` (``EMAPytree``), ``_wrapper`` (``EMAModuleWrapper``).
 """
 from ._base import AssertionRuntimeError, AssertionTypeError, AssertionValueError, _inplace_copy, _inplace_lerp
 from ._model import EMA, KarrasEMA

@@ -103,7 +103,8 @@ class _Counters(nn.Module):
         """Which ``step`` / ``initted`` tensors the module holds and their version counters: host
         integers that every in-place write bumps (``ema.step.zero_()``, ``initted.fill_(False)``,
         a load), so a change is seen without reading the device."""
-        step, initted = self._buffer("step"), self._buffer("initted")
+        buffers = typing.cast("dict[str, torch.Tensor]", self._buffers)   # (the per-update path:
+        step, initted = buffers["step"], buffers["initted"]                 # no call per buffer)
         try:
             return step, initted, step._version, initted._version
         except RuntimeError:                     # inference tensors keep no version: read every time

@@ -16,6 +16,7 @@ from .... import schedules as S
 from ...._io.safe_files import FileRefused, open_regular, regular
 from ._base import AssertionValueError
 from ._model import KarrasEMA
+from ._shared import Watch, decide
 
 _NAME = re.compile(r"([0-9]+)\.([0-9]+)")          # {index}.{step}, as checkpoint() names a file
 
@@ -49,7 +50,28 @@ class PostHocEMA(nn.Module):
     device or folder (ema-pytorch's ``torch.load`` blocks on a FIFO for ever). Refused, not
     skipped: ema-pytorch reads every ``*.pt`` too, so skipping would synthesise the same folder
     from other files than ema-pytorch does, without a word. :class:`fastema.torch.PostHocEMA` is
-    the fast native version (every profile in one pass, safetensors snapshots, a residual check).
+    the native version (safetensors snapshots, a residual check, one shadow always).
+
+    **One shadow where the profiles agree.** Where every profile is a :class:`KarrasEMA` of the
+    model, none frozen, of one ``update_every``, name sets and flags, with its counters (``step``,
+    ``initted``) at one value and an ``ema_model`` of its own, and every averaged tensor and its
+    averages are of one float dtype (float32, bfloat16, float16, float64), device, shape and
+    strides, the K profiles are the K rows of one :class:`fastema.FlatShadow` updated in one pass
+    (one launch per (device, dtype) group), bit for bit the K ``KarrasEMA`` updates. Each
+    ``ema_models[k]`` stays an ``nn.Module`` whose averaged tensors are views of row ``k``, each
+    with a storage of its own (an ``ema_model`` saved alone holds its own tensors, as
+    ema-pytorch's), and the ``step`` buffers views of one tensor that one ``add_`` advances;
+    checkpoints, ``state_dict()``, loads and synthesis read and write those views. Every update
+    checks that nothing of this changed: the profiles, their settings and counters, and at a due
+    update the address of every tracked tensor of the model and of each ``ema_model`` (K + 1
+    times the native face's per-tensor check). Where something did (an ``ema_model`` moved with
+    ``.to()`` or one of its tensors replaced too), the next update decides again, the values
+    kept: on a new shadow where the profiles agree, and each profile on its own, as ema-pytorch's
+    do, where they do not: a profile's ``update_every``, ``frozen`` or name sets changed, one
+    profile's own ``update()`` or ``step`` write, an ``ema_model`` in another dtype or on another
+    device than the model, ``ema_model=`` one module (every profile then averages it, as in
+    ema-pytorch), complex tensors. A pickled or deep-copied ``PostHocEMA`` makes its shadow again
+    at its first update.
     """
 
     def __init__(self, model: nn.Module, ema_model=None, sigma_rels: tuple | None = None, gammas: tuple | None = None,
@@ -75,6 +97,16 @@ class PostHocEMA(nn.Module):
         self.checkpoint_every_num_steps = checkpoint_every_num_steps
         self.checkpoint_dtype = checkpoint_dtype
         self.ema_kwargs = kwargs
+        self._shared: Watch | None = None        # the profiles on one shadow, or why not (decide)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_shared"] = None          # this process's shadow and launch tables: made again
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_shared", None)  # a PostHocEMA pickled before it had one
 
     @property
     def model(self):
@@ -97,8 +129,10 @@ class PostHocEMA(nn.Module):
             e.copy_params_from_ema_to_model()
 
     def update(self):
-        for e in self.ema_models:
-            e.update()
+        shared = self._shared
+        if shared is None or not shared.holds(self):
+            shared = self._shared = decide(self)
+        shared.update(self)
         if self.checkpoint_every_num_steps == "manual":
             return
         if self.ema_models[0]._counters()[0] % self.checkpoint_every_num_steps == 0:

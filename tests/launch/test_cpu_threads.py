@@ -153,29 +153,30 @@ def test_torch_threads_are_the_parallel_team_and_numbas_count_stays(numba):
     assert out["torch"] == 1 and out["numba"] == (numba or 3), out   # the user's counts, as they set them
 
 
-@pytest.mark.parametrize("omp, team", [("1", None), ("2", 2)])
-def test_omp_num_threads_without_torch(omp, team):
-    out = run_case("numpy", env={"OMP_NUM_THREADS": omp})
-    assert not out["torch_imported"], out
-    calls = launches(out)
+def assert_team(out: dict, calls: list, team: int | None) -> None:
+    """The launches ``calls`` of the run ``out`` ran serially (``team`` None: no thread layer
+    loaded), or in parallel on a team of ``team`` threads of numba's 3."""
     if team is None:
         assert calls and not any(par for _, par, _, _ in calls) and out["layer"] is None, out
     else:
         assert any(par for _, par, _, _ in calls), calls
         assert all(threads == team for _, par, threads, _ in calls if par), calls
         assert out["numba"] == 3, out
+
+
+@pytest.mark.parametrize("omp, team", [("1", None), ("2", 2)])
+def test_omp_num_threads_without_torch(omp, team):
+    out = run_case("numpy", env={"OMP_NUM_THREADS": omp})
+    assert not out["torch_imported"], out
+    calls = launches(out)
+    assert_team(out, calls, team)
 
 
 @pytest.mark.parametrize("override, torch, team", [("1", 2, None), ("2", 1, 2)])
 def test_fastema_num_threads_wins(override, torch, team):
     out = run_case("EMA", torch=torch, env={"FASTEMA_NUM_THREADS": override, "OMP_NUM_THREADS": "3"})
     calls = launches(out, "small")
-    if team is None:
-        assert calls and not any(par for _, par, _, _ in calls) and out["layer"] is None, out
-    else:
-        assert any(par for _, par, _, _ in calls), calls
-        assert all(threads == team for _, par, threads, _ in calls if par), calls
-        assert out["numba"] == 3, out
+    assert_team(out, calls, team)
     assert out["torch"] == torch, out
 
 

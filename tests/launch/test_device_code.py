@@ -1,7 +1,7 @@
 """The device code fastema ships (``kernels/device``, ``fastema._launch.cuda.device_code``; issues 54 and 60).
 
 - The shipped sets are complete and current: built from these kernel sources for exactly the variants
-  the launchers ask for (``fastema._launch.build.variants``), every image of each set, each entry with the
+  the launchers ask for (``fastema._launch.shipped.variants``), every image of each set, each entry with the
   launch bounds ``kernels/_bounds.py`` gives it; the failure names the build (CONTRIBUTING.md).
 - A fresh process's first update on the fake GPU makes no NVVM call and no numba front-end compile,
   under a CUDA 12.0 and a CUDA 13.0 driver, on sm_75 and sm_90: every variant it binds is the shipped
@@ -28,11 +28,11 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda")
 pytest.importorskip("cuda.core")
 
-from fastema._launch.build.variants import every_variant  # noqa: E402
 from fastema._launch.cuda import compiler  # noqa: E402
 from fastema._launch.cuda import device_code as D  # noqa: E402
 from fastema._launch.cuda.driver import Refused  # noqa: E402
 from fastema._launch.cuda.drivers import using  # noqa: E402
+from fastema._launch.shipped.variants import every_variant  # noqa: E402
 from testkit.fake_driver import FakeDriver  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_the_shipped_device_code_is_complete_and_current():
 
 
 def test_the_sets_are_the_ones_docs_install_names():
-    from fastema._launch.build.store import SETS
+    from fastema._launch.shipped.store import SETS
 
     for name, shipped in D.sets().items():
         index = shipped.index
@@ -332,7 +332,7 @@ COMPILE = r"""
 import json, os, sys, time
 from fastema._launch.cuda import compiler
 from fastema._launch.cuda import device_code as D
-from fastema._launch.build.variants import every_variant
+from fastema._launch.shipped.variants import every_variant
 
 class Slow:                              # NVVM's seconds, without NVVM: CI compiles no CUDA kernel
     name = "slow"

@@ -12,8 +12,8 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
   optimizer with no state (:func:`dummy_step`, the one rule of every form of ``step``: every
   group's lr 0 and DCP's ``_init_optim_state`` the caller, however many frames between,
-  :mod:`._state.dcp_calls`: read only then, §4.3; in a compiled step decided when it runs, by the
-  operator the traced hook leaves); a fused optimizer's step under
+  :mod:`fastema.torch._state.dcp_calls`: read only then, §4.3; in a compiled step decided when
+  it runs, by the operator the traced hook leaves); a fused optimizer's step under
   ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
   the device (the flag copied into the kernels' skip flags: no host sync);
 - a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
@@ -29,12 +29,13 @@ torch's own hooks (``../shared/design/optimizer.md`` §4.2):
   weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
-``get_optimizer_state_dict`` asks (told by :func:`~._state.dcp_calls.context`, against the table of
-:mod:`._state.dcp_calls`: a torch that changed it fails loudly), goes into the per-parameter
-entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule: DTensors of the
-parameters' layout on the trainable parameters the optimizer steps, the record, frozen parameters
-and averaged buffers on the first of them; taken out before the cast); its load agrees over the
-mesh that every rank holds the entries or none does (:func:`~._state.decisions.mesh_findings`).
+``get_optimizer_state_dict`` asks (told by :func:`~fastema.torch._state.dcp_calls.context`,
+against the table of :mod:`fastema.torch._state.dcp_calls`: a torch that changed it fails
+loudly), goes into the per-parameter entries instead, which DCP keeps
+(:mod:`fastema.torch._state.attached`, its rule: DTensors of the parameters' layout on the
+trainable parameters the optimizer steps, the record, frozen parameters and averaged buffers on
+the first of them; taken out before the cast); its load agrees over the mesh that every rank
+holds the entries or none does (:func:`~fastema.torch._state.decisions.mesh_findings`).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
 rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
@@ -45,9 +46,10 @@ rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks 
 naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
 refused here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run
 torch's (torchtitan's ``OptimizersContainer``: the hooks would never run,
-:func:`~._state.attach_checks.bypasses`), and one whose ``state_dict`` runs torch's but drops the
-average's entry (one ``state_dict()`` call at attach, with a stand-in for the average, where an
-override outside torch runs: :func:`~._state.attach_checks.overrides`).
+:func:`~fastema.torch._state.attach_checks.bypasses`), and one whose ``state_dict`` runs
+torch's but drops the average's entry (one ``state_dict()`` call at attach, with a stand-in for
+the average, where an override outside torch runs:
+:func:`~fastema.torch._state.attach_checks.overrides`).
 """
 from __future__ import annotations
 
@@ -58,16 +60,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import _backends
-from ._face import compiled as _compile
-from ._state import attach_checks as _checks
-from ._state import attached as _params
-from ._state import dcp_calls as _dcp
-from ._state.agree import Disagreement
-from ._state.attach_checks import KEY  # the optimizer state dict's top-level key of the average
-from ._state.decisions import mesh_findings, refuse_together
+from ... import _backends
+from ..._shadow import Shadow
+from .._state import attach_checks as _checks
+from .._state import attached as _params
+from .._state import dcp_calls as _dcp
+from .._state.agree import Disagreement
+from .._state.attach_checks import KEY, hooked, skip_refusal  # KEY: the state dict's key of it
+from .._state.attached import Attachable, Face
+from .._state.checkpoint import TorchCheckpoint
+from .._state.decisions import mesh_findings, refuse_together
+from .._tensors.model import TorchModel
+from . import compiled as _compile
+from .compiled import Compiled
 
-__all__ = ["KEY", "Attachment", "dummy_step"]
+__all__ = ["KEY", "Attachment", "Joined", "dummy_step", "skip_refusal"]
 
 PENDING = "start_over_pending"      # in an entry saved while a start-over waited: re-armed at load
 
@@ -75,23 +82,62 @@ _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Attachment]" = (
     weakref.WeakKeyDictionary())
 
 
+class Joined:
+    """A torch model average as its attachment reads it (:class:`~fastema.torch._state.attached.
+    Attachable`): its public surface (``face``) and the parts its ``attach()`` hands over, the
+    same objects for the face's life, read at each use: the model side (``specs``, ``stale``),
+    the shadow (``names``) and the checkpoint side (``agreement``, ``checked_load``)."""
+
+    def __init__(self, face: Face, side: TorchModel, shadow: Shadow, checkpoint: TorchCheckpoint):
+        self.kind, self.face, self.side, self.shadow = type(face).__name__, face, side, shadow
+        self.model, self.specs, self.agreement = face.model, side.specs, checkpoint.agreement
+        self.checked_load = checkpoint.checked_load
+        self.state_dict, self.gathered_state_dict = face.state_dict, face.gathered_state_dict
+
+    @property
+    def names(self) -> list:
+        return self.shadow.names
+
+    @property
+    def stale(self) -> bool:
+        return self.side.stale
+
+    @property
+    def sharded(self) -> bool:
+        return self.face.sharded
+
+    @property
+    def split(self) -> bool:
+        return self.face.split
+
+    @property
+    def swapped(self) -> bool:
+        return self.face.swapped
+
+    @property
+    def source(self) -> str:
+        return self.face.source
+
+
 class Attachment:
-    """One average joined to one optimizer (see the module). Made by the face's ``attach()``, which
-    hands over what the hooks call: ``update(step)`` (the face's eager update), ``skipping(flags)``
-    (its update behind device-side skip flags, or None),
+    """One average (:class:`~fastema.torch._state.attached.Attachable`) joined to one optimizer
+    (see the module). Made by the face's ``attach()``, which hands over what the hooks call:
+    ``compiled`` (the face's compiled-step contract: its eager update, and what a traced step's
+    operator runs), ``skipping(flags)`` (its update behind device-side skip flags, or None),
     ``restart()`` (start over from the weights; False when the average already holds updates),
     ``devices`` (where its shadows are: one skip flag each), and ``cannot_skip`` (None, or why
     this face cannot take a device-side skip flag)."""
 
-    def __init__(self, face: Any, optimizer: torch.optim.Optimizer, *, update: Callable[..., None],
+    def __init__(self, face: Attachable, optimizer: torch.optim.Optimizer, *, compiled: Compiled,
                  skipping: Callable[[dict], None] | None, restart: Callable[[], bool],
                  sources: list, devices: list, cannot_skip: str | None):
-        kind = type(face).__name__
+        kind = face.kind
         optimizer = hooked(optimizer)
         _checks.check(kind, face, optimizer, sources, _ATTACHED)
         _dcp.loaded()                            # DCP imported: what the hooks tell it by, checked
         self.kind, self.face, self.optimizer = kind, face, optimizer
-        self.update, self.skipping, self.restart = update, skipping, restart
+        self.compiled, self.update = compiled, compiled.eager_update
+        self.skipping, self.restart = skipping, restart
         self.devices, self.cannot_skip = devices, cannot_skip
         self.flags: dict = {}                    # device -> int32[1], made at the first fused skip
         self.reseed: Any = None                  # the step pre-hook of a pending start-over
@@ -137,7 +183,7 @@ class Attachment:
             return
         if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
             self.marked = -1                     # marked again after the step
-        if self.face._side.stale:                # a registration since: attach()'s rule again
+        if self.face.stale:                # a registration since: attach()'s rule again
             _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
         if self.face.swapped:
             raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() "
@@ -153,7 +199,7 @@ class Attachment:
         if torch.compiler.is_compiling():
             if getattr(optimizer, "found_inf", None) is not None:
                 raise self.skip_refused("inside torch.compile")
-            _compile.compiled_step(self.face.compiled, self.step_handle)
+            _compile.compiled_step(self.compiled, self.step_handle)
             return
         self.after_step()
 
@@ -208,7 +254,8 @@ class Attachment:
     def saving(self, optimizer, state_dict: dict) -> dict:
         """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
         for a sharded average and for DCP's ``get_optimizer_state_dict`` (which keeps only
-        ``state`` and ``param_groups``), in the per-parameter entries (:mod:`._state.attached`)."""
+        ``state`` and ``param_groups``), in the per-parameter entries
+        (:mod:`fastema.torch._state.attached`)."""
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
@@ -236,7 +283,7 @@ class Attachment:
         self.gathered = (self.calls(), self.face.gathered_state_dict())
 
     def calls(self) -> int:
-        return int(self.face._checkpoint.agreement.calls())
+        return int(self.face.agreement.calls())
 
     def whole(self) -> dict:
         """A split average's gathered copy, made by :meth:`gather` at this state; else the error
@@ -283,7 +330,7 @@ class Attachment:
         if entry is None:
             self.pending = self.arm_restart
             return rest
-        commit = self.face._checkpoint.checked_load(
+        commit = self.face.checked_load(
             {k: v for k, v in entry.items() if k != PENDING})
 
         def write() -> None:
@@ -325,9 +372,10 @@ class Attachment:
     def agree_present(self, entry: dict | None, err: BaseException | None = None) -> dict | None:
         """A sharded average's load: every rank of its mesh holds the average's entries, or none
         does (then every rank starts over); else, or where a rank refused its entries (``err``),
-        every rank raises :class:`~._state.agree.Disagreement` (a ``ValueError``): one
-        :func:`~._state.decisions.mesh_findings` over the mesh, under the process group's timeout."""
-        groups = self.face._checkpoint.agreement.groups()
+        every rank raises :class:`~fastema.torch._state.agree.Disagreement` (a ``ValueError``):
+        one :func:`~fastema.torch._state.decisions.mesh_findings` over the mesh, under the process
+        group's timeout."""
+        groups = self.face.agreement.groups()
         if not groups:
             return entry
         what = f"optimizer.load_state_dict() of the attached {self.kind}"
@@ -358,18 +406,6 @@ class Attachment:
                           f"weights", UserWarning, stacklevel=2)
 
 
-def hooked(optimizer: Any) -> Any:
-    """The optimizer whose hooks run: a wrapper that subclasses ``torch.optim.Optimizer`` without
-    running its ``__init__`` (so without hooks of its own) and forwards ``step``, ``state_dict``
-    and ``load_state_dict`` to the optimizer it holds as ``.optimizer`` (accelerate's
-    ``AcceleratedOptimizer``, what ``accelerator.prepare`` returns) is attached through that one."""
-    inner = getattr(optimizer, "optimizer", None)
-    while (isinstance(optimizer, torch.optim.Optimizer) and not _checks.has_hooks(optimizer)
-           and isinstance(inner, torch.optim.Optimizer)):
-        optimizer, inner = inner, getattr(inner, "optimizer", None)
-    return optimizer
-
-
 def dummy_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the step that runs is DCP's lr-0 dummy step: every group's lr is 0 and DCP's
     ``_init_optim_state`` (which steps an optimizer with no state only) made the call, however
@@ -393,16 +429,3 @@ def _zero_lr(optimizer: torch.optim.Optimizer) -> bool:
         elif lr != 0:
             return False
     return True
-
-
-def skip_refusal(skipping: Callable | None, core: Any, shadow: Any) -> str | None:
-    """Why a face cannot take GradScaler's ``found_inf`` as a device-side skip flag, or None."""
-    if core is None or skipping is None:
-        return "its update takes no device-side skip flag"
-    if core.device_plan is not None:
-        return "device_step=True: its plan steps on the device; make it with device_step=False"
-    if shadow.host_plan_only:
-        return "its folds run on a host thread (offload)"
-    if core.plan.debias or core.options.is_bema:
-        return "debias or BEMA: its normalisers would count a skipped step"
-    return None

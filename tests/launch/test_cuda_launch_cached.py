@@ -400,3 +400,65 @@ def test_a_release_every_step_records_again_the_events_that_passed():
         for step in range(3):
             retired.release([step], "cuda:0", 77)
         assert len(made) == 4 and len(retired.pending) == 4
+
+
+def _fastema_frames(fn) -> list:
+    """The qualified names of fastema's Python frames ``fn()`` runs."""
+    import sys
+
+    here = os.sep + "fastema" + os.sep
+    seen: list = []
+
+    def profile(frame, event, arg):
+        if event == "call" and here in frame.f_code.co_filename:
+            seen.append(frame.f_code.co_qualname)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_a_kept_launch_is_one_python_frame_around_the_drivers_two_calls(fake):
+    """Issue 86 item 3: a kept launch went through 7 Python frames (the argument tuple, the tables'
+    ``args()``, ``_launch``, ``_go``, the driver's ``current_context`` and ``launch``) before its two
+    driver calls, as much host time as torch's whole ``lerp_`` on an H200. Now, where the tables and
+    its arguments are the ones its block was packed from, it is its own ``__call__`` alone, making the
+    driver's calls bound once; the launches are the same (block, stream, grid)."""
+    run = _launch.prepare("lerp", fake.group)
+    plan = _plan()
+    step = _launch.prepare("plan_lerp", fake.group, **plan, gi=1)
+    w = (0.1,)
+    for _ in range(2):
+        run(w)
+        step(-1)
+    before = list(fake.launches)
+    assert _fastema_frames(lambda: run(w)) == ["CudaLerp.__call__"]
+    assert _fastema_frames(lambda: step(-1)) == ["CudaLaunch.__call__"]
+    assert fake.launches[len(before):] == before[-2:]                   # the same two launches again
+    assert_packed_like_cuda_core(run.block.address, run,
+                                 (*fake.group.tables.args(), (np.float32(0.1),), fake.flag, np.uint32(0)))
+
+
+def test_a_kept_launch_packs_again_where_its_tables_weights_or_tunables_moved(fake):
+    """What a kept launch holds is dropped where it moved: new tables (moved sources: the owner
+    replaces ``group.tables``), other weights, another key, the tunables (``config.tuned``)."""
+    run = _launch.prepare("lerp", fake.group)
+    w = (0.1,)
+    run(w)
+    run(w)
+    moved = fake.group.tables._replace(seg_addr=FakeDeviceArray(8, np.int64, ptr=0x9000))
+    fake.group.tables = moved
+    run(w)
+    assert run.block.values()[12] == 0x9000                                 # the sources' table's address
+    for weights, key in (((0.25,), 0), ((0.25,), 5), ((0.25,), 5)):
+        run(weights, key)
+        assert_packed_like_cuda_core(run.block.address, run, (*moved.args(), (np.float32(weights[0]),), fake.flag,
+                                                              np.uint32(key)))
+    with config.tuned(CUDA_MAX_BLOCKS=2):
+        run((0.25,), 5)
+        assert fake.launches[-1][2] == 2
+    run((0.25,), 5)
+    assert fake.launches[-1][2] == 3

@@ -14,8 +14,8 @@ from fastema._launch.cpu import launch as cpu_launch
 from fastema.kernels.kinds import DEBIASED, EMA_PART, EXCHANGE, F32, SMA_PART
 
 pytest.importorskip("numba.cuda")
-from fastema._launch.build import variants  # noqa: E402  (numba-cuda's types; no GPU)
 from fastema._launch.cuda import launch as cuda_target  # noqa: E402  (numba-cuda's types; no GPU)
+from fastema._launch.shipped import variants  # noqa: E402  (numba-cuda's types; no GPU)
 
 
 @pytest.mark.parametrize("table", [cpu_launch.PREPARE, cuda_target.PREPARE], ids=["cpu", "cuda"])

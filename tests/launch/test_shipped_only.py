@@ -25,8 +25,8 @@ pytest.importorskip("cuda.bindings.driver")
 from support import shipped  # noqa: E402
 
 from fastema._launch import config  # noqa: E402
-from fastema._launch.build.variants import every_variant  # noqa: E402
 from fastema._launch.cuda import compiler, device_code, drivers  # noqa: E402
+from fastema._launch.shipped.variants import every_variant  # noqa: E402
 from fastema.kernels import cuda as K  # noqa: E402
 from fastema.kernels._store.identity import VARIANTS  # noqa: E402
 from fastema.kernels.kinds import F32  # noqa: E402

@@ -203,7 +203,7 @@ def test_a_swapped_launch_geometry_or_parameter_block_is_refused_and_a_launch_re
             if hasattr(t, "ndim"):
                 return DeviceArray.view(0x7F0000001000, 5, np.dtype(str(t.dtype)), None)
             return np.dtype(str(t)).type(3)
-        from fastema._launch.build.variants import every_variant
+        from fastema._launch.shipped.variants import every_variant
         _, types = every_variant()[key]
         block = abi.Block(types, tuple(value(t) for t in types))
         S = d.CUstream(77)

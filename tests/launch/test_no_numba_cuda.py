@@ -9,7 +9,7 @@ it and reads ``NUMBA_ENABLE_CUDASIM`` itself.
 
 Here the fake GPU does the device work (uploads, pinned staging, events, context push, compute
 capability); ``CudaCoreDriver`` doing it through cuda-bindings, with no numba-cuda, on the stub driver:
-``tests/kernels/test_cuda_memory.py``. Each check runs in a fresh process (what it asserts is what the
+``tests/launch/test_cuda_memory.py``. Each check runs in a fresh process (what it asserts is what the
 process imported)."""
 import os
 import subprocess

@@ -3,6 +3,8 @@ step. It must write exactly what ``_launch.launch("lerp", ...)`` writes for ever
 rounding and serial/parallel choice, follow the launch tunables and a fork's serial twins as
 ``launch`` does, and call no numba dispatcher after its first call (issue #23: no per-call type
 resolution on the per-step path)."""
+import contextlib
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -17,6 +19,23 @@ from fastema._launch.cpu import threads
 from fastema.kernels import cpu as K
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def counted(kernel, calls: list):
+    """For the ``with`` block, each call of the numba dispatcher ``kernel`` appends to ``calls`` (its
+    class swapped for a counting subclass, put back after)."""
+    class Counting(type(kernel)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    original = type(kernel)
+    kernel.__class__ = Counting
+    try:
+        yield
+    finally:
+        kernel.__class__ = original
 
 
 def _sources(sizes, dtype, seed):
@@ -167,24 +186,14 @@ def test_a_model_averages_buffer_copy_is_bound_once():
     dev, host = EMA(m, decay=0.9, device_step=True), EMA(m, decay=0.9, device_step=False)
     (g,) = dev._copy.layout.groups
     k = K.copy_kernel(g.shadow_kind, g.src_kind, True, False)
-    calls = []
-
-    class Counting(type(k)):
-        def __call__(self, *args, **kwargs):
-            calls.append(1)
-            return super().__call__(*args, **kwargs)
-
-    original = type(k)
-    try:
-        k.__class__ = Counting
+    calls: list = []
+    with counted(k, calls):
         for step in range(5):
             with torch.no_grad():
                 m[1].running_mean.add_(1.0)
             m(torch.randn(8, 4))
             dev.update()
             host.update()
-    finally:
-        k.__class__ = original
     assert len(calls) <= 1, "a per-step buffer copy went through the numba dispatcher"
     for name, t in host.state_dict()["copied"].items():
         assert torch.equal(dev.state_dict()["copied"][name], t), name
@@ -211,17 +220,8 @@ def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_write
     group = _launch.Group("cpu", None, 0, None)
     bound, ref = arrays(), arrays()
     run = _launch.prepare("plan", group, **{k: bound[k] for k in _launch.OPS["plan"].fixed})
-    calls = []
-    k = K.plan_kernel()
-
-    class Counting(type(k)):
-        def __call__(self, *args, **kwargs):
-            calls.append(1)
-            return super().__call__(*args, **kwargs)
-
-    original = type(k)
-    try:
-        k.__class__ = Counting
+    calls: list = []
+    with counted(K.plan_kernel(), calls):
         for call in range(6):
             given = 50 + call if call == 3 else -1
             run(given)
@@ -229,8 +229,6 @@ def test_the_plan_step_and_the_nonfinite_scan_bound_once_write_what_launch_write
             for name in ref:
                 assert np.array_equal(bound[name], ref[name]), (call, name)
         assert len(calls) == 1 + 6                      # run's first call, then launch() every call
-    finally:
-        k.__class__ = original
     sources = [torch.randn(40_000), torch.randn(300)]
     fs = FlatShadow(sources)
     (g,) = fs.layout.groups

@@ -6,7 +6,7 @@ DCP and the hook: the base looked 14 frames up only), wrapped by an LR scheduler
 wrappers, or reached through a forwarding optimizer (accelerate's ``AcceleratedOptimizer``) with
 other step hooks around. Each form's run with a ``get_state_dict`` before the first step ends bit
 for bit as its run without one (``update_every=2``: a counted dummy step shifts the phase). The
-rule is ``_attach.dummy_step``: every lr 0 and DCP's ``_init_optim_state`` on the stack
+rule is ``_face.attach.dummy_step``: every lr 0 and DCP's ``_init_optim_state`` on the stack
 (``_state/dcp_calls.context``, one walk to the stack's end), decided when the step runs."""
 import functools
 import sys

@@ -26,9 +26,9 @@ bindings = pytest.importorskip("cuda.bindings.driver")
 pytest.importorskip("cuda.core")
 
 from fastema import _launch  # noqa: E402
-from fastema._launch.build import variants  # noqa: E402
 from fastema._launch.cuda import driver as api  # noqa: E402
 from fastema._launch.cuda import drivers  # noqa: E402
+from fastema._launch.shipped import variants  # noqa: E402
 from fastema.kernels._bits import F32  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, FakeDriver  # noqa: E402
 from testkit.fake_gpu import fake_gpu  # noqa: E402
@@ -130,6 +130,21 @@ def test_fastemas_calls_pass_cuda_bindings_own_argument_checks():
                                                    "cuStreamIsCapturing", "cuDriverGetVersion"]
     none = _checked(cuCtxGetCurrent=(SUCCESS, bindings.CUcontext(0)))
     assert int(none.load("ptx", b".version 8.0", "entry").func) == 0xBEEF   # no context: the kernel
+
+
+@needs_no_driver
+def test_a_kept_launchs_calls_are_cuda_bindings_own():
+    """What a kept launch calls itself (``CudaCoreDriver.launcher``, issue 86 item 3: one frame
+    around the driver's two calls) passes the real bindings' argument checks with the arguments the
+    kept launch gives them; the primary context compares with ``cuCtxGetCurrent``'s by value."""
+    d = _checked(cuInit=(SUCCESS,), cuDeviceGet=(SUCCESS, bindings.CUdevice(0)),
+                 cuDevicePrimaryCtxRetain=(SUCCESS, bindings.CUcontext(0xC7)))
+    calls = d.launcher(0)
+    err, ctx = calls.context()
+    assert not err and ctx == calls.primary and ctx != bindings.CUcontext(0xC8)
+    assert calls.streams[77] is d.stream(77)
+    err, = calls.launch(bindings.CUfunction(0xF00), 3, 1, 1, 256, 1, 1, 0, calls.streams[77], 0x1000, 0)
+    assert not err and [name for name, _ in d.d.calls][-2:] == ["cuCtxGetCurrent", "cuLaunchKernel"]
 
 
 @needs_no_driver
@@ -255,7 +270,7 @@ def test_mypy_holds_the_drivers_and_the_fake_to_the_protocol():
     root = pathlib.Path(__file__).resolve().parents[2]
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     for f in ("fastema/_launch/cuda/driver.py", "fastema/_launch/cuda/drivers.py",
-              "fastema/_launch/build/variants.py", "fastema/_launch/cuda/compiler.py", "testkit", "tests"):
+              "fastema/_launch/shipped/variants.py", "fastema/_launch/cuda/compiler.py", "testkit", "tests"):
         assert f in files, f"pyproject's [tool.mypy] files must name {f}"
 
 

@@ -83,8 +83,9 @@ PHYSICAL = {
     "fastema/torch/_placement/gather.py": (3, "the wire device and dtype of a collective (NCCL or gloo)"),
     "fastema/torch/_state/checkpoint.py": (1, "a meta tensor (no memory)"),
     "fastema/torch/_tensors/slots.py": (1, "a meta tensor (no memory)"),
-    "fastema/torch/_attach.py": (1, "DCP's dummy step: a learning rate read on the host without a sync"),
+    "fastema/torch/_face/attach.py": (1, "DCP's dummy step: a learning rate read on the host without a sync"),
     "fastema/torch/_tensors/model.py": (3, "FSDP2's CPU offload copies, torch.compile's cudagraph trees"),
+    "fastema/torchtitan/_export.py": (1, "a meta tensor (no memory)"),
     "fastema/torchtitan/_state.py": (1, "an offloaded copy handed to DCP on its mesh's device (torch's collectives)"),
 }
 

@@ -1,6 +1,6 @@
 """fastema's own kernel argument ABI (``fastema._launch.cuda.abi``, issue 54 item 2) against numba-cuda's.
 
-For every variant the launchers ask for (``fastema._launch.build.variants.every_variant``), arguments of the
+For every variant the launchers ask for (``fastema._launch.shipped.variants.every_variant``), arguments of the
 variant's numba types are packed by fastema (``abi.Block``) and by numba-cuda 0.30's own
 ``_Kernel._prepare_args`` followed by cuda.core's ``ParamHolder`` (what numba-cuda's launch hands the
 driver): the two blocks must hold the same parameters, value for value, in the same C types, byte for
@@ -20,8 +20,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 pytest.importorskip("numba.cuda.dispatcher")
 ParamHolder = pytest.importorskip("cuda.core._kernel_arg_handler").ParamHolder
 
-from fastema._launch.build.variants import every_variant  # noqa: E402
 from fastema._launch.cuda import abi  # noqa: E402
+from fastema._launch.shipped.variants import every_variant  # noqa: E402
 from testkit.fake_driver import FakeDeviceArray, numba_marshalling  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -408,7 +408,7 @@ def test_every_launch_in_a_child_forked_after_cuda_is_refused_before_any_driver_
     assert got["driver_calls"] == 0 and got["updates"] == 2, got
 
 
-@pytest.mark.parametrize("name,entry", [("first_swap_in_a_capture", "swap"),
+@pytest.mark.parametrize("name,entry", [("first_swap_in_a_capture", "average_parameters"),
                                         ("first_copy_to_in_a_capture", "copy"),
                                         ("first_scan_in_a_capture", "nonfinite")])
 def test_a_first_launch_in_a_capture_is_refused_before_any_load(outcome, name, entry):

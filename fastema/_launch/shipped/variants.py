@@ -138,6 +138,9 @@ class RecordingDriver:
     def stream(self, raw: int):
         return raw
 
+    def launcher(self, index: int):
+        return None
+
     def pinned(self, size: int, dtype):
         return np.zeros(max(size, 1), dtype)
 

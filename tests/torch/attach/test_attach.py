@@ -1,4 +1,4 @@
-"""``ema.attach(optimizer)`` (fastema.torch._attach): every real step updates once, against the
+"""``ema.attach(optimizer)`` (fastema.torch._face.attach): every real step updates once, against the
 same average updated by hand and a float64 reference; GradScaler's skipped steps (non-fused:
 step() not run; fused: run with found_inf set) and DCP's lr-0 dummy step do not update; the
 optimizer's state dict carries the whole average (weights_only) and resumes a float32 average of
@@ -279,7 +279,7 @@ def test_the_guides_example_runs():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[2] / "docs" / "guides" / "attach.md").read_text()
+    text = (pathlib.Path(__file__).parents[3] / "docs" / "guides" / "attach.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     exec(compile(block, "guides/attach.md", "exec"), {})
 

@@ -1,0 +1,73 @@
+"""torch's own ``lerp_`` for the one pair it updates with fastema's bits (issue 86 items 3 and 5).
+
+``ema_update_(shadow, src, decay)`` of a dense pair of one float dtype with nearest rounding is
+``shadow.lerp_(src, 1 - decay)``: fastema's kernels compute torch's lerp (``kernels/_elementwise``
+``lerp32``: from ``shadow`` with one FMA where ``|w| < 0.5``, else from ``src``; in float32 for
+bfloat16 and float16, widened exactly and rounded to nearest even; float64 in float64), so both give
+the same bits where ``w < 0.5`` (a decay above 0.5: ``fastema.ops._ROADS``; from 0.5 up torch's CPU
+scalar tail may give a zero result's other sign, ``tests/array/test_lerp_zero_sign.py``), on the
+CPU where torch's kernels are its AVX2 or AVX-512 ones (their scalar tails contract to an FMA too;
+the default build's may not). torch's op then costs what it costs: no
+launch group, no parameter block, no stream read, no capture query.
+
+A pair gets the road at its first call, after fastema's every check passed and its own kernel
+wrote it (:func:`road`); a later call takes it where its guard holds: the same two tensor
+objects (the cache's key) with the same type, dtype, shape, strides, device, ``requires_grad`` and
+dispatch keys (torch's batched C++ check, Dynamo's ``TensorGuards``, as the layout guard of
+:mod:`.torch` uses it) at the same addresses. Anything else is fastema's full call, which checks
+again and says what is wrong in its own words. A source that requires grad is read with grad mode
+off for the op (fastema's kernel records nothing either)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+
+@functools.cache
+def _calls() -> tuple:
+    """``(lerp, lerp with grad mode off)``, bound once."""
+    import torch
+
+    lerp_, grad_on, set_grad = torch.Tensor.lerp_, torch.is_grad_enabled, torch._C._set_grad_enabled
+
+    def quiet(s, x, w) -> None:
+        if not grad_on():
+            lerp_(s, x, w)
+            return
+        set_grad(False)
+        try:
+            lerp_(s, x, w)
+        finally:
+            set_grad(True)
+    return lerp_, quiet
+
+
+@functools.cache
+def _fma_on_cpu() -> bool:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def road(s, x, guards: Any) -> tuple[Callable, Callable] | None:
+    """``(lerp, same)``: the road of a pair that fastema's checks passed (``s`` written, ``x``
+    read; ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), the call
+    ``lerp(s, x, w)`` and its guard ``same([s, x])``; or None where torch's op would not give
+    fastema's bits or its checks might say otherwise later (two dtypes, a tensor subclass, a shadow
+    whose in-place write torch's modes may refuse, a CPU kernel of torch's without FMA)."""
+    import torch
+
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if (guards is None or s.dtype is not x.dtype or type(s) not in plain or type(x) not in plain
+            or s.requires_grad or s.is_inference() or torch.is_inference_mode_enabled()
+            or (s.is_cpu and not _fma_on_cpu())):
+        return None
+    check = guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+    ptr = torch.Tensor.data_ptr
+    addresses = (ptr(s), ptr(x))
+
+    def same(pair: list) -> bool:
+        a, b = pair
+        return check(a, b) and (ptr(a), ptr(b)) == addresses
+    lerp, quiet = _calls()
+    return (quiet if x.requires_grad else lerp), same

@@ -1,0 +1,223 @@
+"""A model EMA's update written in the compiled graph itself (``torch.compile``'s plain case),
+so that Inductor fuses it with the parameter update: no operator call, no kernel of fastema's.
+
+The plain case: an :class:`~fastema.torch.EMA` (not a subclass that adds to the update) with the
+plan on the device (``device_step``), every shadow in its source's dtype, float32 or float64,
+nearest rounding, no ``skip_nonfinite``, ``update_every=1``, a schedule
+:meth:`fastema.average.DevicePlan.formula` names (a constant decay, ``NumUpdates``,
+``PowerWarmup``, ``PowerFunction``, ``HalfLife``; ``debias`` too), a whole shadow on the sources'
+devices (no offload, split, masters or sharded parameters), no ``step=``, the model as the average
+last followed it (no swap in, no restart or registration pending). :meth:`Lowered.trace` then
+writes, in the traced function, the plan kernel's step (``kernels._stats.plan_step``) in float64
+tensor operations on the device plan's counters (the decay, the debiased weight), and
+``torch._foreach_lerp_(shadow views, sources, weight)`` for each row, the weight a 0-d tensor of
+the graph (a constant decay: a constant of the graph; never a Python number read at each call: no
+recompilation as it changes, no host sync), then copies the copied buffers. Every tensor it writes
+is a graph input of its own, a view made with the operators' lists (the shadow's views alias its
+flat buffer without overlapping one another), so Inductor writes them in place: no copy, no
+allocation, and on the CPU no kernel of its own (the whole step is one C++ kernel, as the same
+step with ``_foreach_lerp_``).
+
+Anything else goes through the ``fastema::update_`` operator, which runs the eager update: the
+special cases (stochastic rounding, ``skip_nonfinite``, mixed dtypes, ``update_every``, momentum
+and merge schedules, BEMA, a placement) and a model changed since its lists were made (the
+registration hooks mark it stale; with them removed, ``fastema.torch.registration_hooks(False)``,
+a tensor registered on the model after the last eager update is seen at the next eager one). The
+host plan is not advanced in the graph: once a graph advances it (set while tracing), every read of
+the counters (``ema.updates``, ``calls``, ``decay``, ``plan``, ``state_dict()``, an eager update)
+reads the device's first (:meth:`fastema.average.Average.plan_now`: on a GPU a sync).
+
+Rounding: Inductor computes ``torch.lerp`` as torch's decomposition, ``coeff * (end - start) +
+base``; its CUDA code makes that one FMA (``addcmul``), as torch's eager ``lerp_`` and fastema's
+kernels do: the same bits; its C++ rounds the product first: within one rounding of the eager
+update. The decay's float64 formulas are the plan kernel's; ``pow`` may differ from the kernel's in
+the last bit of the float64 (a warm-up's decay).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...average import DevicePlan, ModelSwap
+from .._tensors.model import TorchModel, static
+
+__all__ = ["Lowered"]
+
+_WIDTHS = (torch.float32, torch.float64)         # the dtypes whose lerp takes a weight of their own
+
+
+class Lowered:
+    """A model EMA's update as the graph writes it (:meth:`trace`), one per face
+    (``face.compiled.lowered``), its lists made again (:meth:`refresh`) with the operators' lists
+    (construction, a followed model), never while tracing. Flat lists, each tensor one graph input
+    reached by one short path (a tensor reached by two costs Dynamo an aliasing guard in Python at
+    every call):
+
+    - ``sources``: the averaged tensors, then the copied and integer buffers (the model's);
+    - ``views``: every shadow view, row by row; ``runs``: ``(dtype, device, row, start, stop)``,
+      the views ``[row * n + start, row * n + stop)`` of the sources ``[start, stop)`` (one dtype,
+      one device);
+    - ``copies``: the copied and integer buffers' destinations (the sources after the ``n``
+      averaged);
+    - ``plans``: per device, views of the plan's counters ``(calls, updates, last, norms)``.
+
+    ``ready`` is False where the average is not the plain case (see the module docstring; what may
+    change between calls, the options and the schedule, is read while tracing)."""
+
+    def __init__(self, side: TorchModel, engine: Any, swap: ModelSwap):
+        self.side, self.engine, self.swap = side, engine, swap
+        self.device_plan: DevicePlan = engine.device_plan
+        self.plans = {}
+        for device, d in self.device_plan.devices.items():
+            state = d.arrays["state"]
+            at = DevicePlan.STATE
+            counters = [state[at[k]:at[k] + 1] for k in ("calls", "updates", "last")]
+            self.plans[device] = static(counters + [state[at["norms"]:]])
+        self.ready, self.n = False, 0
+        self.sources: list = []
+        self.views: list = []
+        self.runs: list = []
+        self.copies: list = []
+
+    def refresh(self) -> None:
+        """Make the lists again from the side's current tensors (see the class)."""
+        side, shadow, plan = self.side, self.side.avg, self.device_plan
+        self.ready = False
+        placed = shadow.folds_later or shadow.host_plan_only or shadow.in_place \
+            or shadow.group is not None or shadow.layout.split is not None
+        sharded = side.local_shards or side.masters is not None or side.fsdp or side.zero3
+        if placed or sharded or side.steps is not None or self.engine.options.is_bema:
+            return
+        sources = list(shadow.sources)
+        devices = [_plan_device(plan, s.device) for s in sources]
+        if None in devices or any(s.dtype not in _WIDTHS for s in sources):
+            return
+        views, runs = [], []
+        for row in range(shadow.rows):
+            start = 0
+            for i, src in enumerate(sources):
+                view = shadow.view(i, row)
+                if (view.dtype, view.shape, view.stride()) != (src.dtype, src.shape, src.stride()):
+                    return
+                views.append(view)
+                key = (src.dtype, devices[i])
+                if i + 1 == len(sources) or (sources[i + 1].dtype, devices[i + 1]) != key:
+                    runs.append((src.dtype, devices[i], row, start, i + 1))
+                    start = i + 1
+        copy, ints = side.copy, list(side.int_buffers.values())
+        dsts = [copy.view(i) for i in range(len(copy.sources))] if copy is not None else []
+        self.n, self.views, self.runs = len(sources), static(views), runs
+        copied = list(copy.sources) if copy is not None else []
+        self.sources = sources + copied + [s for s, _ in ints]
+        self.copies = static(dsts + [d for _, d in ints])
+        self.ready = True
+
+    def trace(self) -> bool:
+        """In a traced function: the update written into the graph (True), or nothing (False: the
+        caller puts the operator in instead). What it reads is the compiled code's guards."""
+        engine, side = self.engine, self.side
+        if not self.ready or engine.skip_nonfinite or engine.rounding != "nearest" or side.resync \
+                or side.stale or self.swap.swapped:
+            return False
+        plan = engine.plan
+        kind = DevicePlan.formula(plan)
+        if kind is None:
+            return False
+        rows = [_row(kind, s) for s in plan.schedules]
+        sources, views, n = self.sources, self.views, self.n
+        with torch.no_grad():                   # as the eager update: the weights may require grad
+            weights = {device: _advance(counters, kind, rows, plan.debias)
+                       for device, counters in self.plans.items()}
+            for dtype, device, row, start, stop in self.runs:
+                w = weights[device][row]
+                torch._foreach_lerp_(views[row * n + start:row * n + stop], sources[start:stop],
+                                     w if isinstance(w, float) else w.to(dtype))
+            if self.copies:
+                torch._foreach_copy_(self.copies, sources[n:])
+        return _this.in_graph(self.device_plan)             # run while tracing, not at every call
+
+
+def _in_graph(device_plan: DevicePlan) -> bool:
+    """Mark ``device_plan`` advanced in a graph from now on (:attr:`DevicePlan.in_graph`); run once
+    while tracing (``torch.compiler.assume_constant_result``: a Python side effect would be replayed
+    after every call, about 20 us on the CPU)."""
+    device_plan.in_graph = True
+    return True
+
+
+def _row(kind: str, schedule) -> tuple:
+    """A row's schedule as Python numbers (the compiled code's constants, guarded): its decay, gamma
+    or half-life (the plan kernel's ``decays[i]``), then a warm-up's shared parameters."""
+    if kind == "power_function":
+        return (float(schedule.gamma),)
+    if kind == "half_life":
+        return (float(schedule.half_life),)
+    if kind == "power_warmup":
+        return (float(schedule.decay), float(schedule.min_decay), float(schedule.inv_gamma),
+                float(schedule.power), float(schedule.update_after_step), bool(schedule.warmup))
+    return (float(schedule.decay),)
+
+
+def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
+    """The plan kernel's step (``kernels._stats.plan_step``, a due call with no ``step=``) on one
+    device's counters, in the graph, advanced in place; returns each row's weight: a Python float
+    where it is one (a constant decay, not debiased: the lerp's constant), else a float64 tensor."""
+    calls, updates, last, norms = counters
+    n = updates[0] + 1.0
+    t = calls[0] + 1.0
+    out, new_norms = [], []
+    for i, row in enumerate(rows):
+        d = _decay(kind, row, n, last[0], t)
+        if debias:
+            c = d * norms[i] + (1.0 - d)
+            out.append(torch.where(c == 0.0, 1.0, (1.0 - d) / c))
+            new_norms.append(c)
+        else:
+            out.append(1.0 - d)
+    if debias:
+        norms.copy_(torch.stack(new_norms))
+    calls.copy_(t)
+    updates.copy_(n)
+    last.copy_(t)
+    return out
+
+
+def _decay(kind: str, row: tuple, n, last, t):
+    """``kernels._stats.schedule_decay`` of one row, in float64 tensor operations (a constant: its
+    Python float)."""
+    decay = row[0]
+    if kind == "constant":
+        return decay
+    if kind == "num_updates":
+        return torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+    if kind == "power_function":
+        return torch.where((last <= 0.0) | (t <= 0.0), 0.0, torch.pow(last / t, decay + 1.0))
+    if kind == "half_life":
+        return torch.pow(2.0, -(t - last) / decay)
+    _, min_decay, inv_gamma, power, after, warmup = row                  # power_warmup
+    s = torch.clamp(n - after - 1.0, min=0.0)
+    value = 1.0 - torch.pow(1.0 + s / inv_gamma, -power) if warmup else torch.full_like(s, decay)
+    value = torch.clamp(torch.clamp(value, max=decay), min=min_decay) if warmup else value
+    return torch.where(s <= 0.0, 0.0, value)
+
+
+def _plan_device(device_plan: DevicePlan, device: torch.device) -> str | None:
+    """The device plan's name of the torch device ``device`` (None: no plan there)."""
+    for name, d in device_plan.devices.items():
+        if d.arrays["state"].device == device:
+            return name
+    return None
+
+
+def __getattr__(name: str):
+    # ``in_graph`` is made at its first use, inside a traced function (Dynamo reads a module
+    # attribute missing from its __dict__ with getattr, so this runs for real): torch.compiler's
+    # decorators import torch._dynamo, never at import (as compiled.eager_block)
+    if name == "in_graph":
+        made = globals()["in_graph"] = torch.compiler.assume_constant_result(_in_graph)
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+from . import lowered as _this  # noqa: E402  (itself: in_graph, read through the module)
