@@ -21,7 +21,7 @@ DEPENDENCIES = (_bits, _stats, _elementwise, _intrinsics, _target, _cuda_hw, kin
 pointers and masks too."""
 CACHE = False
 """Kernels built from now on by numba's dispatcher are cached on disk (:func:`._cache.cached_cuda`): set by
-``fastema._launch.cuda`` from FASTEMA_CUDA_CACHE=1. Only the dispatcher path uses it (the Numba CUDA
+``fastema._launch.cuda.kernel_refs`` from FASTEMA_CUDA_CACHE=1. Only the dispatcher path uses it (the Numba CUDA
 simulator has none; ``FASTEMA_CUDA_LAUNCH=dispatcher``): every other launch runs the shipped device code,
 or code compiled once per node into fastema's own cache (``fastema._launch.cuda.device_code``)."""
 
