@@ -101,6 +101,8 @@ def _run(rank, world):
 
 
 def test_zero_offload_masters_are_folded_in_place_on_the_host(tmp_path):
-    for r in run_ranks(_run, tmp_path / "run", 2, timeout=400):
+    # A world of its own: after other tests in a long-lived world, rank 1's average of '0.bias' held
+    # NaN in CI (twice; never in a fresh world nor after the other sharding tests): not explained yet
+    for r in run_ranks(_run, tmp_path / "run", 2, timeout=400, fresh=True):
         failed = [k for k, v in r.items() if not bool(v)]
         assert not failed, failed
