@@ -8,7 +8,7 @@ arrays, through the boundary.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,13 +71,16 @@ def finite_as(a: np.ndarray, dtype: Any) -> bool:
 
 
 def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None,
-         new_flag: Callable[[Any], Any] = _backends.new_flag) -> dict[str, list[int]]:
+         new_flag: Callable[[Any], Any] = _backends.new_flag,
+         valid: Mapping[str, int] | None = None) -> dict[str, list[int]]:
     """``name -> rows`` of the shadow ``avg`` (this rank's part of it) holding inf or NaN, in its
     order (``rows``: the rows looked at; None: every row, BEMA's state rows too). One launch a group
     over its whole buffer (its own, kept: ``avg.scan_rows``; else :func:`fastema.flag_nonfinite_`),
     one host read a device; where a group's flag is set, one launch a tensor and row and one more
     read. ``kept``: ``device -> flag``, the first pass's flags, made here once
-    (``new_flag(group)``).
+    (``new_flag(group)``). ``valid``: ``name -> the elements of its last dimension that hold
+    values`` (a ZeRO-3 partition's, before its padding: memory DeepSpeed never writes, which may
+    hold a NaN no one computes with): the rest is never named.
     Nothing is written but the flags. At a save, an export, a swap in, a repair: never per step."""
     avg.join()                                     # an offloaded average's folds first
     rows = list(range(avg.rows)) if rows is None else list(rows)
@@ -101,6 +104,8 @@ def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None,
         for pos in g.members:
             for r in rows:
                 view = avg.view(pos, r)
+                if valid is not None and avg.names[pos] in valid:
+                    view = view[..., :valid[avg.names[pos]]]
                 if _size(view):
                     where.setdefault(g, []).append((pos, r, view))
     found: dict[int, list[int]] = {}

@@ -124,10 +124,14 @@ TABLE: tuple[Private, ...] = (
        attr="_version"),
     _p("torch:_foreach_copy_", "torch", _T,
        "fastema/torch/_tensors/slots.py fastema/torch/compat/ema_pytorch/_pytree.py "
-       "fastema/torch/compat/ema_pytorch/_shared.py fastema/torch/compat/torchrl.py",
-       "many copies in one call"),
-    _p("torch:_foreach_lerp_", "torch", _T, "fastema/torch/compat/swa_utils.py",
-       "the drop-in's fallback update, as torch's swa_utils makes it"),
+       "fastema/torch/compat/ema_pytorch/_shared.py fastema/torch/compat/torchrl.py "
+       "fastema/torch/_face/lowered.py", "many copies in one call"),
+    _p("torch:_foreach_lerp_", "torch", _T,
+       "fastema/torch/compat/swa_utils.py fastema/torch/_face/lowered.py",
+       "the drop-in's fallback update, as torch's swa_utils makes it; the update lowered into a "
+       "compiled graph, which Inductor fuses"),
+    _p("torch._C:_set_grad_enabled", "torch", _T, "fastema/_backends/torch_lerp.py",
+       "grad mode switched off around torch's lerp_ without torch.no_grad's Python frames"),
     _p("torch.distributed.tensor.placement_types:_StridedShard", "torch", _T,
        "fastema/torch/_sharding/params.py", "FSDP2 + tensor parallel's placement, averaged as Shard"),
     _p("torch.distributed.tensor._utils:compute_local_shape_and_global_offset", "torch", _T,

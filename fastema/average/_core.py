@@ -210,23 +210,23 @@ class Average:
         """One ``update()`` call of every face: the plan says what it does (``step`` checked first;
         nothing is recorded when a check refuses the call); the adapter, when there is one, checks
         and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
-        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips), else a due
-        call folds (:meth:`fold`) from ``read()`` (the model's current tensors in source order, or
-        None when the shadow follows them itself), called only when the call updates. ``skip_if``:
+        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled
+        steps, the host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from
+        ``read()`` (the model's tensors, or None), called only when the call updates. ``skip_if``:
         ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`):
         where one is set the call writes nothing on its device, but is counted; with the plan on
         the host only."""
         plan = self.device_plan
-        if plan is not None and (skip_if is not None or plan.in_graph):
-            if skip_if is not None:
-                raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
-            plan.read_into(self.plan)          # compiled steps may have advanced the device's alone
+        if plan is not None and skip_if is not None:
+            raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
         pending = self.plan.next(step)         # checks step; records nothing yet
         adapter = self.adapter
         if plan is not None:                    # every call launches; the device skips
             assert adapter is not None          # (plan_on_device needs one)
             adapter.begin(True)
             self.fold_on_device(step, plan)
+            if plan.in_graph:                   # counted on the device alone, as compiled steps are: no
+                return                          # read back per step (plan_now() reads where it is read)
         elif pending.due:
             if adapter is not None:
                 adapter.begin(True)             # addresses checked (or refused) here

@@ -92,8 +92,10 @@ class NonFinite:
 
     def local(self, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
         """``name -> shadow rows`` holding inf or NaN in this rank's part of the average (``rows``:
-        the rows looked at; None: every shadow row, the state rows of BEMA too): :func:`scan`."""
-        return scan(self.side.avg, self._flags, rows)
+        the rows looked at; None: every shadow row, the state rows of BEMA too): :func:`scan`, a
+        ZeRO-3 partition's padding left out."""
+        valid = {n: s.valid for n, s in self.side.specs.items() if s.valid is not None}
+        return scan(self.side.avg, self._flags, rows, valid)
 
     # ------------------------------------------------------------ where it is shipped or evaluated
 
@@ -158,10 +160,11 @@ class NonFinite:
 
 
 
-def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None) -> dict[str, list[int]]:
+def scan(avg: Any, kept: dict, rows: Sequence[int] | None = None,
+         valid: dict[str, int] | None = None) -> dict[str, list[int]]:
     """:func:`fastema._nonfinite.scan` of a torch face's shadow (its flags never inference
     tensors: made outside inference mode)."""
-    return _nonfinite.scan(avg, kept, rows, _new_flag)
+    return _nonfinite.scan(avg, kept, rows, _new_flag, valid)
 
 
 def _new_flag(group: Any) -> Any:

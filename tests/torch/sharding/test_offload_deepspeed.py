@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import deepspeed_on_cpu, run_ranks
-from test_deepspeed_masters import DECAYS, SOURCES, _masters, _model, _step
+from test_deepspeed_masters import DECAYS, SOURCES, _masters, _model, _step, poison_padding
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                  reason="needs deepspeed (pip install 'fastema[distributed]')"),
@@ -37,6 +37,7 @@ def _case(rank, world, stage, out):
     from fastema.torch._placement.host_masters import HostMastersShadow
 
     engine = _engine(rank, world, stage)
+    out[f"{stage}/poisoned"] = torch.tensor(poison_padding(engine) > 0 or stage != 3 or rank == 0)
     ema, plain = EMA(engine, list(DECAYS), offload="cpu"), EMA(engine, list(DECAYS))
     out[f"{stage}/source"] = torch.tensor(ema.source == SOURCES[stage] + "-in-host-memory"
                                           and plain.source == SOURCES[stage])
