@@ -44,6 +44,25 @@ def parse_sources(sources) -> tuple[list[str], list, list]:
     return names, tensors, bufs
 
 
+def valid_counts(names: list[str], bufs: list[Buf], valid: Mapping[str, int] | None) -> list[int] | None:
+    """Each source's elements that hold values, from ``valid`` (``name -> count``; a source not
+    named: all of them): a padded source's first ``count`` elements (a ZeRO-3 partition's, before
+    the padding DeepSpeed never writes), the rest averaged but never scanned for inf/NaN."""
+    if not valid:
+        return None
+    unknown = sorted(set(map(str, valid)) - set(names))
+    if unknown:
+        raise ValueError(f"valid names {unknown}, which are not sources: give counts of the sources' names")
+    counts = [b.numel for b in bufs]
+    out = []
+    for name, numel in zip(names, counts):
+        v = valid.get(name, numel)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= numel:
+            raise ValueError(f"valid[{name!r}] must be an int from 0 to its {numel} elements, got {v!r}")
+        out.append(int(v))
+    return out
+
+
 def window(n: int, unit: int, split: tuple[int, int] | None) -> tuple[int, int]:
     """The slice ``[lo, hi)`` of a row of ``n`` elements that rank ``r`` of ``w`` holds (``split = (r,
     w)``; None: all of it): contiguous, its bounds multiples of ``unit`` (16 bytes of the shadow) but
@@ -56,9 +75,11 @@ def window(n: int, unit: int, split: tuple[int, int] | None) -> tuple[int, int]:
 
 
 class _WholeSources(_launch.Launches):
-    """A split group seen whole, for the non-finite scan: its fields but ``tables``, which walk every
-    source entire (the scan reads the sources only), and its own launches. Under ``shard_replicas``
-    every rank scans its whole replica, so every rank skips an update alike with no collective."""
+    """A group's sources as the non-finite scan walks them: its fields but ``tables``, which walk
+    every source's values entire (the scan reads the sources only), and its own launches. Under
+    ``shard_replicas`` every rank scans its whole replica, so every rank skips an update alike with
+    no collective; a source with padding (``valid``: a ZeRO-3 partition's tail, memory DeepSpeed
+    never writes) is walked up to its padding only."""
 
     def __init__(self, group: "LayoutGroup", tables):
         self._group, self.tables = group, tables
@@ -90,7 +111,7 @@ class LayoutGroup(_launch.Launches):
     by their place in the whole group (stochastic rounding draws the whole shadow's bits)."""
 
     def __init__(self, members: list[int], bufs: list[Buf], shadow_kind: int, rows: int,
-                 split: tuple[int, int] | None = None):
+                 split: tuple[int, int] | None = None, valid: list[int] | None = None):
         first = bufs[0]
         self._kept: dict = {}                        # its launches (Launches)
         self.members = members                       # positions in the shadow's source list
@@ -130,8 +151,9 @@ class LayoutGroup(_launch.Launches):
                                      row_stride=self.n, handed_over=self.backend.HANDS_OVER, base=base)
         self.scan: LayoutGroup | _WholeSources = self                # what the non-finite scan walks
         self._own: _OwnRows | None = None                          # own_rows, made at a first scan
-        if self.split:                                             # every source whole: every rank decides alike
-            self.scan = _WholeSources(self, _launch.tables([b.address for b in bufs], self.counts,
+        self.valid = self.counts if valid is None else valid       # each source's elements that hold values
+        if self.split or self.valid != self.counts:                # sources whole, padding left out
+            self.scan = _WholeSources(self, _launch.tables([b.address for b in bufs], self.valid,
                                                            np.zeros(len(bufs), np.int64), self.device,
                                                            self.current_stream, row_stride=1,
                                                            handed_over=self.backend.HANDS_OVER))
@@ -178,13 +200,15 @@ class LayoutGroup(_launch.Launches):
 class FlatLayout:
     """The groups of a list of described sources, each with a ``(rows, n)`` shadow buffer."""
 
-    def __init__(self, bufs: list[Buf], shadow_kind_of, rows: int, split: tuple[int, int] | None = None):
+    def __init__(self, bufs: list[Buf], shadow_kind_of, rows: int, split: tuple[int, int] | None = None,
+                 valid: list[int] | None = None):
         keys: dict[tuple, list[int]] = {}
         for i, b in enumerate(bufs):
             keys.setdefault((b.device, b.kind, shadow_kind_of(b)), []).append(i)
         self.rows = rows
         self.split = split
-        self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows, split) for (_, _, sk), m in keys.items()]
+        self.groups = [LayoutGroup(m, [bufs[i] for i in m], sk, rows, split,
+                                   None if valid is None else [valid[i] for i in m]) for (_, _, sk), m in keys.items()]
         self.where = {}                                # source position -> (group, slot)
         for g in self.groups:
             for slot, i in enumerate(g.members):

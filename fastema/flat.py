@@ -15,7 +15,7 @@ import numpy as np
 from . import _launch
 from ._backends import zero_
 from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
-from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
+from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources, valid_counts
 from ._sources import SourceTable
 from ._steps import StepLaunches
 from .kernels.kinds import F64, KIND_NAMES
@@ -60,12 +60,17 @@ class FlatShadow(ShadowBase, StepLaunches):
             replicas that hold the same sources (``fastema.torch.EMA(shard_replicas=...)``).
             Updates fold the slice alone and give its elements the bits the whole shadow would
             hold; there are no per-source views (:meth:`pieces` gives the slice).
+        valid: ``name -> count`` for padded sources: only a source's first ``count`` elements
+            hold values (a DeepSpeed ZeRO-3 partition's, before its padding, which DeepSpeed
+            never writes). The padding is averaged like the rest, but :meth:`scan_groups` (the
+            per-step inf/NaN check) never reads it.
     """
 
     layout: FlatLayout
 
     def __init__(self, sources: Sequence | Mapping, *, rows: int = 1, dtype: str = "float32",
-                 init: str = "copy", split: tuple[int, int] | None = None):
+                 init: str = "copy", split: tuple[int, int] | None = None,
+                 valid: Mapping[str, int] | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_DECAYS:
             raise ValueError(f"rows must be an int from 1 to {MAX_DECAYS}, got {rows!r}")
         if dtype != "same" and dtype not in DTYPES:
@@ -77,7 +82,7 @@ class FlatShadow(ShadowBase, StepLaunches):
         self.names = names
         self.rows = rows
         self.layout = FlatLayout(bufs, lambda b: b.kind if dtype == "same" or b.kind == F64 else DTYPES[dtype], rows,
-                                 split)
+                                 split, valid_counts(names, bufs, valid))
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._views: dict = {}          # the made-here flags' kernel views (StepLaunches)
         self._swap = SwapState()

@@ -1,4 +1,6 @@
 """FlatShadow: many tensors per launch, views, swap, stale addresses, a real training loop."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -187,6 +189,63 @@ def test_skip_nonfinite_keeps_the_shadow():
     src[1][123] = 0.0
     flat.update(0.5, skip_nonfinite=True)
     assert flat.skipped["cpu"].item() == 0
+
+
+def test_skip_nonfinite_reads_no_padding_past_valid():
+    """``valid=``: a padded source's tail (a ZeRO-3 partition's, which DeepSpeed never writes) is
+    averaged but never scanned: a NaN there skips nothing; one in the values does, also after the
+    source moved (the scan's tables follow it). Found in round 10: the per-step scan read the padding."""
+    src = {"a": torch.randn(37), "b": torch.randn(20, dtype=torch.bfloat16), "c": torch.randn(5)}
+    src["a"][30:] = float("nan")                       # the padding
+    flat = fastema.FlatShadow(src, valid={"a": 30, "c": 0})
+    src["c"][:] = float("inf")                         # all padding
+    expect = flat.views()["a"][:30].double() * 0.5 + src["a"][:30].double() * 0.5
+    flat.update(0.5, skip_nonfinite=True)
+    assert flat.skipped["cpu"].item() == 0
+    torch.testing.assert_close(flat.views()["a"][:30].double(), expect, rtol=1e-6, atol=1e-7)
+    src["a"][29] = float("nan")                        # a value
+    before = {n: v.clone() for n, v in flat.views().items()}
+    flat.update(0.5, skip_nonfinite=True)
+    assert flat.skipped["cpu"].item() == 1
+    for n, v in flat.views().items():                  # nothing moved (the padding's NaN neither)
+        torch.testing.assert_close(v, before[n], rtol=0, atol=0, equal_nan=True)
+    moved = src["a"].clone()                           # a new address: the scan follows it
+    moved[29] = 0.0
+    flat.update(0.5, skip_nonfinite=True, sources={**src, "a": moved})
+    assert flat.skipped["cpu"].item() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                    reason="needs a CUDA GPU or NUMBA_ENABLE_CUDASIM=1")
+def test_the_gpu_scan_reads_no_padding_past_valid():
+    """The GPU layout (16-byte padded shadow, a source with no values) scans each source up to ``valid``."""
+    from numba import cuda
+
+    from fastema._launch import config
+
+    a = np.random.default_rng(0).standard_normal(37).astype(np.float32)
+    a[30:] = np.nan
+    src = {"a": cuda.to_device(a), "b": cuda.to_device(np.ones(9, np.float16)),
+           "c": cuda.to_device(np.full(5, np.inf, np.float32))}
+    with config.tuned(CUDA_THREADS=32):                # the simulator runs every thread in Python
+        flat = fastema.FlatShadow(src, valid={"a": 30, "c": 0})
+        for poisoned, skipped in ((None, 0), (29, 1)):
+            if poisoned is not None:
+                a[poisoned] = np.nan
+                src["a"].copy_to_device(a)
+            flat.update(0.5, skip_nonfinite=True)
+            flag = next(iter(flat.skipped.values()))
+            assert int(flag.copy_to_host()[0]) == skipped, poisoned
+
+
+@pytest.mark.parametrize("valid, match", [({"z": 1}, "not sources"), ({"a": 38}, "from 0 to its 37"),
+                                          ({"a": -1}, "from 0 to"), ({"a": 2.0}, "an int"), ({"a": True}, "an int")])
+def test_valid_refuses_what_is_not_a_count_of_a_source(valid, match):
+    with pytest.raises(ValueError, match=match):
+        fastema.FlatShadow({"a": torch.zeros(37)}, valid=valid)
+    with pytest.raises(ValueError, match=match):
+        fastema.WindowShadow({"a": torch.zeros(37)}, 3, valid=valid)
 
 
 def test_numpy_sources():

@@ -129,8 +129,9 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
                                                                  wanted.bucket)   # one collective
     part = None if found is None else split_of(found.group)
     sources = side.averaged
+    valid = {n: s.valid for n, s in side.specs.items() if s.valid is not None and n in sources}   # ZeRO-3
     if window is not None:
-        ring = WindowShadow(sources, window.size, ring_dtype=window.ring_dtype, split=part)
+        ring = WindowShadow(sources, window.size, ring_dtype=window.ring_dtype, split=part, valid=valid)
         if found is None:
             return ring
         split_ring = SplitWindow(ring, found.group, found.bucket, found.run)
@@ -144,7 +145,7 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
     elif offload is not None:
         storage = OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=offload.chunk, split=part)
     else:
-        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part)
+        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=valid)
     if found is None:
         return storage
     split = Split(storage, found.group, found.bucket, found.run)

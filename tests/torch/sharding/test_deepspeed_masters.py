@@ -317,3 +317,28 @@ def test_deepspeed_gradient_accumulation_updates_once_per_optimizer_step(tmp_pat
             rest = k[len("shadow/"):]
             assert torch.equal(v, r[f"ref32/{rest}"]), k
             torch.testing.assert_close(v.double(), r[f"ref64/{rest}"], rtol=4e-7, atol=1e-8)
+
+
+def _skip_run(rank, world):
+    from fastema.torch import EMA
+
+    engine = _engine(rank, world, 3)
+    poisoned = poison_padding(engine)
+    ema = EMA(engine, list(DECAYS), skip_nonfinite=True)
+    before = {n: getattr(v, "_local_tensor", v).clone() for n, v in ema.state_dict()["averaged"].items()}
+    for step in range(3):
+        _step(engine, rank, step)
+        ema.update()
+    after = {n: getattr(v, "_local_tensor", v) for n, v in ema.state_dict()["averaged"].items()}
+    return {"poisoned": torch.tensor(poisoned), "updates": torch.tensor(ema.updates),
+            "moved": torch.tensor(all(not torch.equal(after[n], before[n]) for n in after if after[n].numel()))}
+
+
+def test_skip_nonfinite_looks_at_no_zero3_padding(tmp_path):
+    """``skip_nonfinite=True``'s per-step scan reads only the parameters' own elements: a NaN in a ZeRO-3
+    partition's padding (rank 1's, DeepSpeed never writes it) skipped every update of that rank, silently,
+    while rank 0 averaged (found in round 10, session 3)."""
+    r0, r1 = run_ranks(_skip_run, tmp_path / "run", 2, timeout=300)
+    assert r1["poisoned"] > 0
+    for r in (r0, r1):
+        assert r["updates"].item() == 3 and r["moved"], {k: v.tolist() for k, v in r.items()}
