@@ -50,6 +50,7 @@ class StepLaunches:
     rows: int
     skipped: dict
     _views: dict
+    _plan_kept: tuple | None = None     # (plan, groups, stochastic, its launches): update_checked's
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
                        plan=None, given: int | None = None) -> None:
@@ -71,12 +72,18 @@ class StepLaunches:
             for gi, g in enumerate(self.layout.groups):
                 g.launch_of(lerp)(weights_by_device[g.device], sr_key(seed + (gi << 32), step) if stochastic else 0)
             return
-        assert given is None or (plan is not None and skip_if is plan.flags), "a carried plan step: its own flags"
+        if given is not None:                           # the device plan's call: its launches kept
+            kept = self._plan_kept
+            if kept is None or kept[0] is not plan or kept[1] is not self.layout.groups or kept[2] != stochastic:
+                kept = self._plan_kept = (plan, self.layout.groups, stochastic, self._plan_launches(plan, stochastic))
+            for run, args in kept[3]:
+                if args is None:
+                    run(given)
+                else:
+                    run(*args)
+            return
         for gi, g in enumerate(self.layout.groups):
             flag = None if skip_if is None else skip_if.get(g.device)
-            if plan is not None and given is not None and plan.carriers.get(g.device) == gi:
-                g.launch_of(plan.carrier(g.device, gi, stochastic))(given)
-                continue
             if plan is not None:
                 weights, key = plan.weights(g), plan.key(gi, g)
             else:
@@ -89,6 +96,23 @@ class StepLaunches:
             else:                                               # a flag fastema did not make: viewed afresh
                 _launch.launch("lerp", g, weights=weights, flag=self._flag_view(skip_if, g), key=key,
                                stochastic=stochastic)
+
+    def _plan_launches(self, plan, stochastic: bool) -> list:
+        """``(launch, arguments)`` of each group for a call of ``plan`` (a
+        :class:`~fastema.average._device_plan.DevicePlan`) behind its own flags, kept by
+        :meth:`update_checked` while the plan, the groups and the rounding are the same (a kept
+        launch reads its group's tables at each call: moved sources change nothing here).
+        ``arguments`` None: the carrier's, whose one argument is the call's plan step."""
+        out: list = []
+        for gi, g in enumerate(self.layout.groups):
+            if plan.carriers.get(g.device) == gi:
+                out.append((g.launch_of(plan.carrier(g.device, gi, stochastic)), None))
+                continue
+            flag = plan.flags.get(g.device)
+            assert flag is None or _backends.made_here(flag), "a plan's own flags"
+            run = g.launch_of(LERP[stochastic] if flag is None else self._flagged(flag, g).lerp[stochastic])
+            out.append((run, (plan.weights(g), plan.key(gi, g))))
+        return out
 
     def scan_groups(self, flags: dict | None = None) -> dict:
         """Scan every source for inf/NaN on its device, with no host sync (the addresses current).

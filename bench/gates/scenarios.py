@@ -38,7 +38,7 @@ BOUNDS = (("stub-gpu ema_update_, 1 tensors", _FLAT1, 1.5),
           ("stub-gpu Smoother.update K=1, 1 tensors", _FLAT1, 2.6),
           ("stub-gpu Smoother.update K=10^5, 1 tensors", _FLAT1, 2.6),
           ("stub-gpu swap(), 148 tensors", "stub-gpu EMA.update, 148 tensors", 1.5),
-          ("stub-gpu TargetNetwork.update, 6 tensors", "stub-gpu EMA.update, 6 tensors", 1.55))
+          ("stub-gpu TargetNetwork.update, 6 tensors", "stub-gpu EMA.update, 6 tensors", 1.65))
 """``(scenario, reference, factor)``: the scenario's instructions at most ``factor`` times the reference's,
 in the same run (issue 70's targets: ``ema_update_`` 1.5x a bound ``FlatShadow.update`` of one tensor, a
 smoother's update 2x; on the CPU, ``ema_update_`` of 16 elements 3x ``torch.lerp_``; issue 78 item 7's:
@@ -54,7 +54,10 @@ arguments it keeps (``FlatShadow.update`` 42.7k -> 29.4k, ``EMA.update()`` at 6 
 ``TargetNetwork.update()`` 89.4k -> 72.4k) but less off the smoother's (80.6k -> 74.8k: its two launches
 patch moving arguments), so the same absolute costs read as larger factors: the smoother's bound 2.0x ->
 2.6x (2.54x measured), the target network's 1.45x -> 1.55x (1.49x): bounds of the same run, to be
-read again when the smoother's launches keep theirs."""
+read again when the smoother's launches keep theirs. The device plan's kept launches (issue 86 item 3's
+steady step: each group's launch kept with the plan, no per-call spec, flag or carrier lookup) took the
+same ~7.6k off both (``EMA.update()`` at 6 tensors 48.6k -> 40.9k, ``TargetNetwork.update()`` 72.4k ->
+64.8k): the target network's 23.9k above it unchanged, its bound 1.55x -> 1.65x (1.58x)."""
 CAPS = (("stub-gpu kept launch, 1 tensors", 20_000),)
 """``(scenario, most)``: the scenario's instructions per call at most ``most`` in every run (issue 86 item 3:
 a kept CUDA launch below 20k instructions on the stub driver)."""

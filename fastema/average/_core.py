@@ -290,10 +290,9 @@ class Average:
 
     def fold_on_device(self, step: int | None, plan) -> None:
         """The launches of one ``update()`` call with the plan on the device (``plan``, a
-        :class:`~fastema.average._device_plan.DevicePlan`): what a CUDA graph captures and replays (no
-        host value of the call is baked into it but ``step``). The plan step rides in each device's
-        first lerp launch (``DevicePlan.carriers``), except behind a non-finite scan, which must run
-        between the two. The adapter carries the rest along behind the plan's flags."""
+        :class:`~fastema.average._device_plan.DevicePlan`): what a CUDA graph replays (no host value but
+        ``step`` baked in). The plan step rides in each device's first lerp launch (``DevicePlan.carriers``),
+        but behind a non-finite scan (run between the two). The adapter carries the rest behind the flags."""
         flags = plan.flags
         assert self.adapter is not None, "a plan on the device goes with an adapter (plan_on_device)"
         if self.skip_nonfinite:
@@ -301,7 +300,8 @@ class Average:
             flags = self.adapter.scan(flags)
             self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan)
         else:
-            plan.advance(step, carried=True)    # the devices no lerp launch carries it for
+            if plan.uncarried:                  # the devices no lerp launch carries it for
+                plan.advance(step, carried=True)
             self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
                                        given=-1 if step is None else step)
         self.adapter.carry(flags)

@@ -219,7 +219,12 @@ class DevicePlan:
             for gi, g in enumerate(groups):
                 if g.tables.chunks and g.device not in self.carriers:
                     self.carriers[g.device] = gi
-        self._flags = {device: d.arrays["flag"] for device, d in self.devices.items()}
+        self.uncarried = [device for device in self.devices if device not in self.carriers]
+        """The devices whose plan kernel runs on its own (:meth:`advance` with ``carried``)."""
+        self.flags = {device: d.arrays["flag"] for device, d in self.devices.items()}
+        """``device -> int32[1]`` skip flags (framework arrays), set by :meth:`advance` on a call
+        that ``update_every`` skips; a non-finite scan may add to them. The same dict every call
+        (not to be changed)."""
         self.flag_views = {device: d.views["flag"] for device, d in self.devices.items()}
         """``device -> the kernels' view of its flag`` (the same dict every call, as :attr:`flags`)."""
         self.in_graph = False
@@ -266,10 +271,9 @@ class DevicePlan:
         """One ``update()`` call: the plan kernel on every device (no host sync); with ``carried``,
         only on the devices no lerp launch carries the step for (:attr:`carriers`)."""
         given = -1 if step is None else step
-        for device, d in self.devices.items():
-            if carried and device in self.carriers:
-                continue
-            d.step(given)
+        devices = self.devices
+        for device in self.uncarried if carried else devices:
+            devices[device].step(given)
 
     def tensors(self) -> list:
         """The plan's arrays on every device, as the framework made them (a compiled operator's
@@ -289,13 +293,6 @@ class DevicePlan:
             spec = self._carriers[key] = _launch.spec("plan_lerp", **self.devices[device].views, gi=gi,
                                                       stochastic=stochastic)
         return spec
-
-    @property
-    def flags(self) -> dict:
-        """``device -> int32[1]`` skip flags (framework arrays), set by :meth:`advance` on a call
-        that ``update_every`` skips; a non-finite scan may add to them. The same dict every call
-        (not to be changed)."""
-        return self._flags
 
     def weights(self, g) -> object:
         """The weights array the kernels of group ``g`` read (float64 for a float64 kernel)."""

@@ -368,6 +368,31 @@ def test_the_plan_step_rides_in_the_first_lerp_launch(guarded):
     assert host.updates == 4
 
 
+def test_the_steady_step_binds_its_launches_once_a_plan_and_follows_moved_sources():
+    """Issue 86 item 3's steady step: the launches of an update with the plan on the device are bound
+    once per plan, groups and rounding (not looked up per call), read the group's tables at each call
+    (a parameter given new memory is followed) and equal the host plan's bits; a shadow with new groups
+    binds them again."""
+    from fastema._steps import StepLaunches
+
+    bound: list = []
+    m = _Mixed()
+    kw = dict(decay=[PowerWarmup(0.9), PowerWarmup(0.99)], update_every=2, seed=3)
+    dev, host = EMA(m, **kw, device_step=True), EMA(m, **kw, device_step=False)
+    with watching(StepLaunches._plan_launches, on_call=lambda a: bound.append(a["plan"])):
+        for step in range(6):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p))
+            if step == 3:
+                m.a.weight.data = m.a.weight.data.clone()       # new memory, same layout
+            dev.update()
+            host.update()
+    assert bound == [dev._plan_on_device]                       # once (construction warmed a scratch plan's)
+    assert dev._avg._plan_kept[0] is dev._plan_on_device and dev._avg._plan_kept[1] is dev._avg.layout.groups
+    assert_same_averages(dev, host)
+
+
 def test_integer_buffers_behind_a_flag_take_one_where_each_and_one_foreach_copy():
     """The copied integer buffers (BatchNorm counters, a bool mask, complex copies) of a guarded or
     device-planned update: every pair copied when the flag is clear, none when it is set, the others
