@@ -181,7 +181,6 @@ def _fast_weights(decays) -> tuple | None:
     return tuple(out)
 
 
-@_compilable
 def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
                 rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
     """Exponential moving average in place: ``shadow <- decay * shadow + (1 - decay) * src``.
@@ -216,6 +215,9 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
+    if COMPILED and COMPILED["compiling"]():      # _compilable's wrapper, inlined: the per-step path
+        return COMPILED["ema_update_"](shadow, src, decay, weight=weight, rounding=rounding, seed=seed, step=step,
+                                       skip_if=skip_if)
     if (shadow.__class__ in _ROAD_TYPES and decay.__class__ is float and 0.5 < decay <= 1.0
             and weight is None and skip_if is None and rounding == "nearest" and not _CHOSEN
             and not _GIVEN):                       # torch's lerp_ where it gives these bits
@@ -225,6 +227,13 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
             return shadow
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
                    skip_if)
+
+
+def ema_update_eager(shadow, src, decay: float | None = None, *, weight: Any = None,
+                     rounding: str = "nearest", seed: int = 0, step: int = 0, skip_if: Any = None):
+    """:func:`ema_update_` as its operator runs it inside compiled code: fastema's kernel, no
+    compile check and no torch road (the other array functions' ``.eager``)."""
+    return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step, skip_if)
 
 
 @_compilable

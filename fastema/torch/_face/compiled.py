@@ -301,9 +301,9 @@ def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[floa
         ops.ema_update_multi_.eager(shadow, src, decays, weights=_weight_back(weight_floats, weight_tensor, False),
                                     rounding=rounding, seed=seed, step=step, skip_if=skip_if)
     else:
-        ops.ema_update_.eager(shadow, src, None if decays is None else decays[0],
-                              weight=_weight_back(weight_floats, weight_tensor, True), rounding=rounding,
-                              seed=seed, step=step, skip_if=skip_if)
+        ops.ema_update_eager(shadow, src, None if decays is None else decays[0],
+                             weight=_weight_back(weight_floats, weight_tensor, True), rounding=rounding,
+                             seed=seed, step=step, skip_if=skip_if)
     _bump(shadow)
 
 
