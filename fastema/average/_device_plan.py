@@ -166,11 +166,14 @@ def formula(plan: Plan) -> str | None:
     Plain Python: Dynamo traces it (its reads of the plan are the compiled graph's guards)."""
     if plan.update_every != 1:
         return None
-    first = plan.schedules[0]
-    kind = _SCHEDULE_KINDS.get(type(first))
-    if kind not in IN_GRAPH or any(type(s) is not type(first) for s in plan.schedules):
-        return None
-    return IN_GRAPH[kind]
+    first = type(plan.schedules[0])
+    for cls, name in _IN_GRAPH_TYPES:             # not a dict keyed by type: Dynamo checks such a
+        if first is cls:                          # dict's keys in Python at every call
+            return None if any(type(s) is not first for s in plan.schedules) else name
+    return None
+
+
+_IN_GRAPH_TYPES = tuple((cls, IN_GRAPH[kind]) for cls, kind in _SCHEDULE_KINDS.items() if kind in IN_GRAPH)
 
 
 def _capacity(rows: int) -> int:

@@ -578,6 +578,42 @@ def _steps_within_one_rounding(steps: int, **how) -> str:
     return code
 
 
+_HELD: dict = {}          # the guards test's EMA and parameters, read as a script's globals are
+
+
+def _global_step():
+    with torch.no_grad():
+        torch._foreach_add_(_HELD["params"], 1e-3)
+        _HELD["ema"].update()
+
+
+def test_the_plain_updates_guards_in_python_are_the_parameters_and_modules_only(caplog):
+    """What Dynamo checks in Python at every call of a compiled step with the plain update (its C++
+    guards are cheaper): each parameter the step and the EMA both read is one object (one check each)
+    and a few module identities; the schedule's kind is not looked up in a dict keyed by type (its
+    keys were listed in Python at every call where the EMA is a global: round 10, session 4)."""
+    import logging
+
+    m = nn.Linear(4, 4)
+    _HELD.update(ema=EMA(m, 0.9, device_step=True), params=list(m.parameters()))
+    step = torch.compile(_global_step, fullgraph=True)
+    torch._logging.set_logs(guards=True)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="torch._dynamo.guards.__guards"):
+            step()
+    finally:
+        torch._logging.set_logs()
+        _HELD.clear()
+    text = "\n".join(r.getMessage() for r in caplog.records if "__guards" in r.name)
+    python = text.partition("Python shape guard function")[2].partition("return guard")[0]
+    checks = re.findall(r"if not \((.*)\):", python)
+    assert checks, text[-2000:]
+    parameters = [c for c in checks if re.fullmatch(r"_var\d+\[\d+\] is _var\d+\[\d+\]", c)]
+    assert len(parameters) == 2, checks                    # the weight and the bias
+    rest = [c for c in checks if c not in parameters]
+    assert len(rest) <= 5 and not any("dict.keys" in c for c in rest), rest
+
+
 def test_the_plain_update_in_the_graph_counts_as_eager_and_is_within_one_rounding():
     _steps_within_one_rounding(5)
 
