@@ -166,9 +166,10 @@ class _SavedAverages(_KerasSaveable):
                     cb.ema.load_state_dict(state)
                     done += 1
             except BaseException:
-                # the ones already loaded, as they were
+                # the ones already loaded, as they were, bit for bit: an inf or NaN they held too
+                # (refusing it would hide the error raised and keep the file's average)
                 for cb, state in zip(self.callbacks[:done], before):
-                    cb.ema.load_state_dict(state)
+                    cb.ema.load_state_dict(state, allow_nonfinite=True)
                 raise
             self.pending = list(entries)                    # and for new WeightEMAs of the next fit
             return

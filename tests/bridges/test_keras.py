@@ -1002,3 +1002,32 @@ def test_a_superscript_index_in_a_saved_key_sorts_by_name():
 
     assert _natural("trainable/²") == ("trainable", -1, "²")
     assert _natural("trainable/3") == ("trainable", 3)
+
+
+def test_a_refused_load_puts_back_an_average_that_held_nan(tmp_path):
+    """A load into several WeightEMAs is all or none: where a later callback refuses its average, the ones
+    already loaded get back what they held, bit for bit, inf/NaN included (a diverged average with
+    allow_nonfinite=False), and the refusal is the later callback's own (the rollback was refused
+    instead, hiding it and leaving the first callback with the file's average: round 10, session 4)."""
+    import torch
+
+    import fastema.keras._saving as fk
+
+    x, y = data(32)
+    model, a, b = make_model(), WeightEMA(0.9), WeightEMA(0.5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[a, b])
+    other, c = make_model(), WeightEMA([0.9, 0.99])
+    other.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[c])
+    saved = fk._saved_averages(model)
+    entries = [saved.entries()[0], fk._saved_averages(other).entries()[0]]    # the second: two decays
+    state = a.ema.state_dict()
+    name = next(iter(state["averaged"]))
+    state["averaged"][name] = state["averaged"][name].clone()
+    state["averaged"][name].view(-1)[0] = float("nan")            # a diverged average, as it is
+    a.ema.load_state_dict(state, allow_nonfinite=True)
+    held = {k: v.clone() for k, v in a.ema.state_dict()["averaged"].items()}
+    with pytest.raises(ValueError, match="decay"):
+        saved.load(entries, "the file")
+    after = a.ema.state_dict()["averaged"]
+    for k, v in held.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
