@@ -48,9 +48,15 @@ def valid_counts(names: list[str], bufs: list[Buf], valid: Mapping[str, int] | N
     """Each source's elements that hold values, from ``valid`` (``name -> count``; a source not
     named: all of them): a padded source's first ``count`` elements (a ZeRO-3 partition's, before
     the padding DeepSpeed never writes), the rest averaged but never scanned for inf/NaN."""
+    if valid is None:
+        return None
+    if not isinstance(valid, Mapping):
+        raise TypeError(f"valid must be a mapping name -> count of a padded source's values, got "
+                        f"{type(valid).__name__}")
+    valid = {str(k): v for k, v in valid.items()}             # names as the sources' (a list's: "0", "1"...)
     if not valid:
         return None
-    unknown = sorted(set(map(str, valid)) - set(names))
+    unknown = sorted(set(valid) - set(names))
     if unknown:
         raise ValueError(f"valid names {unknown}, which are not sources: give counts of the sources' names")
     counts = [b.numel for b in bufs]

@@ -50,7 +50,7 @@ class StepLaunches:
     rows: int
     skipped: dict
     _views: dict
-    _plan_kept: tuple | None = None     # (plan, groups, stochastic, its launches): update_checked's
+    _plan_kept: tuple | None = None     # (plan, groups, stochastic, carriers, its launches): update_checked's
 
     def update_checked(self, weights_by_device: dict | None, rounding: str, seed: int, step: int, skip_if,
                        plan=None, given: int | None = None) -> None:
@@ -58,9 +58,10 @@ class StepLaunches:
         (the model averages check the addresses themselves, in one pass with the model's own
         tensors). ``weights_by_device``: :func:`fastema._checks.resolve_weights` per device; or
         ``plan``, a :class:`fastema.average._device_plan.DevicePlan` whose device arrays hold the
-        weights and the rounding keys (``seed`` and ``step`` unused). ``given`` (with ``plan``):
-        this call's plan step (the training step, -1 for the update count) rides in the first
-        launch of each device the plan lists in ``carriers`` (one ``"plan_lerp"`` launch for the
+        weights and the rounding keys (``seed`` and ``step`` unused). ``given`` (with ``plan``, and
+        ``skip_if`` the plan's own ``flags``: the launches are bound to them once, ``skip_if`` not
+        read again): this call's plan step (the training step, -1 for the update count) rides in the
+        first launch of each device the plan lists in ``carriers`` (one ``"plan_lerp"`` launch for the
         plan and that group's lerp); None: the plan was advanced already. Group ``gi``'s
         stochastic-rounding key is ``sr_key(seed + (gi << 32), step)``. A flag is bound only when
         fastema made it (``_backends.made_here``: a scan's, a plan's), others are viewed at every
@@ -74,9 +75,11 @@ class StepLaunches:
             return
         if given is not None:                           # the device plan's call: its launches kept
             kept = self._plan_kept
-            if kept is None or kept[0] is not plan or kept[1] is not self.layout.groups or kept[2] != stochastic:
-                kept = self._plan_kept = (plan, self.layout.groups, stochastic, self._plan_launches(plan, stochastic))
-            for run, args in kept[3]:
+            if (kept is None or kept[0] is not plan or kept[1] is not self.layout.groups or kept[2] != stochastic
+                    or kept[3] is not plan.carriers):
+                kept = self._plan_kept = (plan, self.layout.groups, stochastic, plan.carriers,
+                                          self._plan_launches(plan, stochastic))
+            for run, args in kept[4]:
                 if args is None:
                     run(given)
                 else:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import _launch
 from ._backends import describe, empty, zero_
-from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources, valid_counts
+from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources
 from ._shadow import table_parts
 from ._sources import SourceTable
 from .flat import FlatShadow
@@ -37,14 +37,13 @@ class WindowShadow(ShadowBase):
     ``split=(rank, ranks)`` keeps only this rank's slice of every group's row, of the ring and of
     the sums alike (as :class:`fastema.FlatShadow`'s ``split``): the views are then this rank's
     pieces, 1-D, and the sources are written only through a face that gathers the mean
-    (``fastema.torch.WindowAverage(shard_replicas=...)``). ``valid``: padded sources' values (as
-    :class:`fastema.FlatShadow`'s).
+    (``fastema.torch.WindowAverage(shard_replicas=...)``).
     """
 
     rows = 1               # one average: the window mean
 
     def __init__(self, sources: Sequence | Mapping, window: int, *, ring_dtype: str = "float32",
-                 split: tuple[int, int] | None = None, valid: Mapping[str, int] | None = None):
+                 split: tuple[int, int] | None = None):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         if ring_dtype not in ("float32", "bfloat16"):
@@ -53,8 +52,7 @@ class WindowShadow(ShadowBase):
         names, tensors, bufs = parse_sources(sources)
         self.names = names
         self.window, self.ring_dtype, self.pushes = window, ring_dtype, 0
-        self.layout = FlatLayout(bufs, lambda b: F64 if b.kind == F64 else F32, _STATE_ROWS, split,
-                                 valid_counts(names, bufs, valid))
+        self.layout = FlatLayout(bufs, lambda b: F64 if b.kind == F64 else F32, _STATE_ROWS, split)
         self.source_table = SourceTable(names, tensors, self.layout, bufs)
         self._swap = SwapState()
         self._rings = []                                # per group: (kind, (W, n) buffer, device segment table)

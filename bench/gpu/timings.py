@@ -178,7 +178,7 @@ def _host_cost(rows: Rows, count: int, dt: str) -> None:
     entries = [(EMA_ROW, n, ours, ema.update)]
     if count != 3000 and dt == "float32" and not G.SIM:       # issue 23 item 2: the plan in the lerp launch
         apart = EMA(model, 0.999, device_step=True)
-        apart._plan_on_device.carriers = {}                   # the plan kernel launched on its own, as before
+        apart._plan_on_device.apart()                         # the plan kernel launched on its own, as before
         entries.append(("fastema EMA.update, plan kernel apart", n, ours, apart.update))
     flat = FlatShadow(params)
     entries += [("fastema FlatShadow.update", n, ours, lambda: flat.update(0.999)), (base, n, kind, baseline)]

@@ -270,6 +270,13 @@ class DevicePlan:
             _backends.copy_from_host(d.arrays["params"], params)
             _backends.copy_from_host(d.arrays["state"], state)
 
+    def apart(self) -> None:
+        """No lerp launch carries the plan step from now on: the plan kernel runs on its own on
+        every device (the layout before issue 23 item 2, kept for the benchmark that compares the
+        two). ``carriers`` is a new dict: the kept launches (``StepLaunches``) are made again."""
+        self.carriers = {}
+        self.uncarried = list(self.devices)
+
     def advance(self, step: int | None, carried: bool = False) -> None:
         """One ``update()`` call: the plan kernel on every device (no host sync); with ``carried``,
         only on the devices no lerp launch carries the step for (:attr:`carriers`)."""

@@ -240,12 +240,22 @@ def test_the_gpu_scan_reads_no_padding_past_valid():
 
 
 @pytest.mark.parametrize("valid, match", [({"z": 1}, "not sources"), ({"a": 38}, "from 0 to its 37"),
-                                          ({"a": -1}, "from 0 to"), ({"a": 2.0}, "an int"), ({"a": True}, "an int")])
+                                          ({"a": -1}, "from 0 to"), ({"a": 2.0}, "an int"), ({"a": True}, "an int"),
+                                          ([30], "a mapping name -> count")])
 def test_valid_refuses_what_is_not_a_count_of_a_source(valid, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TypeError if isinstance(valid, list) else ValueError, match=match):
         fastema.FlatShadow({"a": torch.zeros(37)}, valid=valid)
-    with pytest.raises(ValueError, match=match):
-        fastema.WindowShadow({"a": torch.zeros(37)}, 3, valid=valid)
+
+
+def test_valid_names_a_list_of_sources_by_position():
+    """A list's sources are named "0", "1"...: ``valid={1: n}`` names the second (an int key was
+    read as no name at all, and the padding scanned: round 10, session 4)."""
+    src = [torch.zeros(4), torch.zeros(10)]
+    src[1][6:] = float("nan")
+    for valid in ({1: 6}, {"1": 6}):
+        flat = fastema.FlatShadow(src, valid=valid)
+        flat.update(0.5, skip_nonfinite=True)
+        assert flat.skipped["cpu"].item() == 0, valid
 
 
 def test_numpy_sources():

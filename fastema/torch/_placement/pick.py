@@ -129,9 +129,8 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
                                                                  wanted.bucket)   # one collective
     part = None if found is None else split_of(found.group)
     sources = side.averaged
-    valid = {n: s.valid for n, s in side.specs.items() if s.valid is not None and n in sources}   # ZeRO-3
     if window is not None:
-        ring = WindowShadow(sources, window.size, ring_dtype=window.ring_dtype, split=part, valid=valid)
+        ring = WindowShadow(sources, window.size, ring_dtype=window.ring_dtype, split=part)
         if found is None:
             return ring
         split_ring = SplitWindow(ring, found.group, found.bucket, found.run)
@@ -144,7 +143,8 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
         storage = HostMastersShadow(sources, rows=rows, dtype=dtype, optimizer=hook_of(side.engine))
     elif offload is not None:
         storage = OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=offload.chunk, split=part)
-    else:
+    else:                                          # a ZeRO-3 partition scanned up to its padding
+        valid = {n: s.valid for n, s in side.specs.items() if s.valid is not None and n in sources}
         storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=valid)
     if found is None:
         return storage

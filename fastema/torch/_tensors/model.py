@@ -105,7 +105,8 @@ class TorchModel(Followed):
         # name -> tensor: what the face's shadow is made of
         self.averaged = averaged
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
-        self.copy = FlatShadow(copied, dtype="same") if copied else None
+        padded = {n: s.valid for n, s in self.specs.items() if s.valid is not None and n in copied}   # ZeRO-3
+        self.copy = FlatShadow(copied, dtype="same", valid=padded) if copied else None
         self.avg: Any = None                            # the face's shadow of averaged (attach)
         # set by torch's registration hooks (see Followed)
         self.stale = False

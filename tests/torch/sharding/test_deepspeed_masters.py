@@ -324,7 +324,7 @@ def _skip_run(rank, world):
 
     engine = _engine(rank, world, 3)
     poisoned = poison_padding(engine)
-    ema = EMA(engine, list(DECAYS), skip_nonfinite=True)
+    ema = EMA(engine, list(DECAYS), skip_nonfinite=True, copy=["0.bias"])     # a copied partition's padding too
     before = {n: getattr(v, "_local_tensor", v).clone() for n, v in ema.state_dict()["averaged"].items()}
     for step in range(3):
         _step(engine, rank, step)
@@ -337,7 +337,8 @@ def _skip_run(rank, world):
 def test_skip_nonfinite_looks_at_no_zero3_padding(tmp_path):
     """``skip_nonfinite=True``'s per-step scan reads only the parameters' own elements: a NaN in a ZeRO-3
     partition's padding (rank 1's, DeepSpeed never writes it) skipped every update of that rank, silently,
-    while rank 0 averaged (found in round 10, session 3)."""
+    while rank 0 averaged (found in round 10, session 3); so did a NaN in a copied (``copy=``) partition's
+    padding (session 4's review)."""
     r0, r1 = run_ranks(_skip_run, tmp_path / "run", 2, timeout=300)
     assert r1["poisoned"] > 0
     for r in (r0, r1):
