@@ -373,7 +373,7 @@ def test_the_steady_step_binds_its_launches_once_a_plan_and_follows_moved_source
     once per plan, groups, rounding and carriers (not looked up per call), read the group's tables at
     each call (a parameter given new memory is followed) and equal the host plan's bits; a plan made
     to run its kernel apart (``DevicePlan.apart``, the benchmark's comparison) binds them again and
-    runs its kernel at every call (the kept launches ignored the change: bench/gpu/timings.py's row
+    runs its kernel at every call (the kept launches ignored the change: the GPU benchmark's row
     then ran no plan kernel, review of round 10, session 4)."""
     from fastema._steps import StepLaunches
 
