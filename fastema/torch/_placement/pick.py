@@ -144,8 +144,7 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
     elif offload is not None:
         storage = OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=offload.chunk, split=part)
     else:                                          # a ZeRO-3 partition scanned up to its padding
-        valid = {n: s.valid for n, s in side.specs.items() if s.valid is not None and n in sources}
-        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=valid)
+        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=side.padded(sources))
     if found is None:
         return storage
     split = Split(storage, found.group, found.bucket, found.run)

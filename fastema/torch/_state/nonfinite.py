@@ -94,8 +94,7 @@ class NonFinite:
         """``name -> shadow rows`` holding inf or NaN in this rank's part of the average (``rows``:
         the rows looked at; None: every shadow row, the state rows of BEMA too): :func:`scan`, a
         ZeRO-3 partition's padding left out."""
-        valid = {n: s.valid for n, s in self.side.specs.items() if s.valid is not None}
-        return scan(self.side.avg, self._flags, rows, valid)
+        return scan(self.side.avg, self._flags, rows, self.side.padded())
 
     # ------------------------------------------------------------ where it is shipped or evaluated
 

@@ -105,8 +105,7 @@ class TorchModel(Followed):
         # name -> tensor: what the face's shadow is made of
         self.averaged = averaged
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
-        padded = {n: s.valid for n, s in self.specs.items() if s.valid is not None and n in copied}   # ZeRO-3
-        self.copy = FlatShadow(copied, dtype="same", valid=padded) if copied else None
+        self.copy = FlatShadow(copied, dtype="same", valid=self.padded(copied)) if copied else None
         self.avg: Any = None                            # the face's shadow of averaged (attach)
         # set by torch's registration hooks (see Followed)
         self.stale = False
@@ -131,6 +130,11 @@ class TorchModel(Followed):
         self.check, self.on_restart = check, restart
         self.slots.record()
         self.ops = self.op_lists()
+
+    def padded(self, names=None) -> dict[str, int]:
+        """``name -> values`` of each ZeRO-3 partition among ``names`` (None: every one): the elements
+        before its padding, which DeepSpeed never writes (``FlatShadow(valid=)``, the scans)."""
+        return {n: s.valid for n, s in self.specs.items() if s.valid is not None and (names is None or n in names)}
 
     def split(self, specs: dict) -> None:
         """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every
