@@ -164,7 +164,7 @@ def formula(plan: Plan) -> str | None:
     """The name (:data:`IN_GRAPH`) of ``plan``'s schedule where a compiled graph can advance it
     as the plan kernel does (every call due: ``update_every=1``; one schedule kind), else None.
     Plain Python: Dynamo traces it (its reads of the plan are the compiled graph's guards)."""
-    if plan.update_every != 1:
+    if plan.cadence.every != 1:                   # update_every (not the property: 5 guards fewer)
         return None
     first = type(plan.schedules[0])
     for cls, name in _IN_GRAPH_TYPES:             # not a dict keyed by type: Dynamo checks such a

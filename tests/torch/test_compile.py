@@ -483,15 +483,19 @@ def test_import_and_eager_blocks_do_not_load_dynamo(monkeypatch):
 # issue 86 item 2: the plain case (the plan on the device, shadows in their sources' dtype, nearest rounding)
 # written in the compiled graph, fused by Inductor with the parameter update: no kernel, no operator of its own
 
-def _kernels(code: str) -> tuple[int, list[str]]:
-    """The generated module's kernels (their definitions) and the operators its call() calls."""
+def _kernels(code: str) -> tuple[int, list[str], int]:
+    """The generated module's kernels (their definitions), the operators its call() calls and the buffers
+    it allocates at every call."""
     body = code.split("def call(")[-1]
-    return len(re.findall(r"^\w+ = async_compile\.", code, re.M)), re.findall(r"torch\.ops\.[\w.]+", body)
+    return (len(re.findall(r"^\w+ = async_compile\.", code, re.M)), re.findall(r"torch\.ops\.[\w.]+", body),
+            len(re.findall(r"= empty_strided_\w+\(", body)))
 
 
 def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
     """The compiled step with ema.update() has the kernels of the same step with torch._foreach_lerp_ over
-    shadows of its own, and calls no operator (it called fastema::update_, which ran the eager update)."""
+    shadows of its own, calls no operator (it called fastema::update_, which ran the eager update) and
+    allocates nothing at a call (the counters advanced in their own inputs, in place: one tensor of them
+    read and written in the graph took a buffer a call)."""
     from torch._inductor.utils import run_and_get_code
 
     model = _model()
@@ -513,7 +517,7 @@ def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
     dynamo.reset()
     codes = [run_and_get_code(torch.compile(fn, fullgraph=True))[1] for fn in (with_ema, with_foreach)]
     ours, theirs = ("\n".join(c) for c in codes)
-    assert _kernels(ours) == _kernels(theirs) == (1, []), (_kernels(ours), _kernels(theirs))
+    assert _kernels(ours) == _kernels(theirs) == (1, [], 0), (_kernels(ours), _kernels(theirs))
     assert "fastema" not in ours
     assert ema.updates == 1                             # counted in the graph
 
