@@ -16,6 +16,7 @@ from pathlib import Path
 from .common import ROOT, ToolMissing, use_tree
 from .scenarios import (
     ARRAYS,
+    COMPILED,
     INSTRUCTIONS,
     STUB,
     STUB_WHERE,
@@ -246,7 +247,7 @@ def _instructions_child(names: list) -> int:
     built: dict = {w: [] for w in (*WHERE, STUB_WHERE)}
 
     def make(where):
-        for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS + (ARRAYS if where == "cpu" else ())):
+        for what, n in (STUB if where == STUB_WHERE else INSTRUCTIONS + (ARRAYS + COMPILED if where == "cpu" else ())):
             name = f"{where} {what}, {n} tensors"
             if name in wanted:
                 update, _ = build(what, n, where != "cpu", stub=where == STUB_WHERE)

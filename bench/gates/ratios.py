@@ -177,37 +177,16 @@ COMPILED_CALLS = 20
 
 
 def _compiled(g):
-    """``torch.compile(step, fullgraph=True)`` of a parameter update (``_foreach_add_``) then the EMA's,
-    30 x 4096 float32 (``bench/suite/test_bench_compile.py``'s quick scenario), each side its own
-    parameters from the same start: ``ema.update()`` with the plan on the device (its plain case is
-    written in the graph: issue 86, item 2) against ``torch._foreach_lerp_`` over shadows of its own.
-    Both are compiled here (Inductor's C++: tens of seconds on 2 cores, its cache kept between runs)."""
+    """The compiled step (:func:`bench.gates.scenarios.compiled_steps`), :data:`COMPILED_CALLS` calls a
+    round a side. Both are compiled here (Inductor's C++: tens of seconds on 2 cores, its cache kept
+    between runs)."""
     import torch
 
-    from fastema.torch import EMA
+    from .scenarios import compiled_steps
 
-    shapes = [(4096,)] * 30
-    ps = [torch.randn(s, generator=g) for s in shapes]
-    model = torch.nn.Module()
-    model.ps = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in ps])
-    ours = list(model.parameters())
-    theirs = [p.clone() for p in ps]
-    shadows = [p.clone() for p in ps]
-    direction = [torch.full_like(p, 1e-6) for p in ps]
-    ema = EMA(model, DECAY, device_step=True)
+    steps = compiled_steps(g)
+    with_ema, with_foreach, ours, theirs = steps.with_ema, steps.with_foreach, steps.ours, steps.theirs
     calls = range(COMPILED_CALLS)
-
-    @torch.compile(fullgraph=True)
-    def with_ema():
-        with torch.no_grad():
-            torch._foreach_add_(ours, direction)
-            ema.update()
-
-    @torch.compile(fullgraph=True)
-    def with_foreach():
-        with torch.no_grad():
-            torch._foreach_add_(theirs, direction)
-            torch._foreach_lerp_(shadows, theirs, 1 - DECAY)
 
     def fast():
         for _ in calls:
@@ -221,7 +200,7 @@ def _compiled(g):
         with torch.no_grad():
             torch._foreach_neg_(ours)
             torch._foreach_neg_(theirs)
-    return Pair(fast, base, lambda: list(ema.averaged_state_dict().values()), lambda: shadows,
+    return Pair(fast, base, lambda: list(steps.ema.averaged_state_dict().values()), lambda: steps.shadows,
                 inputs=ours + theirs, move=move, once=(with_ema, with_foreach))
 
 

@@ -19,6 +19,10 @@ WHERE = ("cpu", "fake-gpu")
 # torch.lerp_'s on a tensor (issue 70: at most 3x torch.lerp_'s host time; the ratio gate
 # "16 elements, ..." times the same calls)
 ARRAYS = (("ema_update_", 1), ("ema_update_ NumPy", 1), ("torch.lerp_", 1))
+# instructions only, on the CPU: the ratio gate's compiled step (issue 86 items 2 and 5: fastema's plain
+# update written in Inductor's graph against torch._foreach_lerp_ in it), each call of the compiled
+# function counted, its compilation done before the counting starts (outside the instrumentation)
+COMPILED = (("compiled step", 30), ("compiled foreach step", 30))
 # instructions only, on the stub driver (fastema's real CudaCoreDriver into a libcuda.so.1 that returns at once:
 # testkit/fake_gpu.py): each GPU entry point's launches against a bound one (issue 70). The smoother's
 # value tensors: one stream and 10^5 (its instructions do not grow with the streams; 10^6 would hold
@@ -38,7 +42,8 @@ BOUNDS = (("stub-gpu ema_update_, 1 tensors", _FLAT1, 1.5),
           ("stub-gpu Smoother.update K=1, 1 tensors", _FLAT1, 2.6),
           ("stub-gpu Smoother.update K=10^5, 1 tensors", _FLAT1, 2.6),
           ("stub-gpu swap(), 148 tensors", "stub-gpu EMA.update, 148 tensors", 1.5),
-          ("stub-gpu TargetNetwork.update, 6 tensors", "stub-gpu EMA.update, 6 tensors", 1.65))
+          ("stub-gpu TargetNetwork.update, 6 tensors", "stub-gpu EMA.update, 6 tensors", 1.65),
+          ("cpu compiled step, 30 tensors", "cpu compiled foreach step, 30 tensors", 1.08))
 """``(scenario, reference, factor)``: the scenario's instructions at most ``factor`` times the reference's,
 in the same run (issue 70's targets: ``ema_update_`` 1.5x a bound ``FlatShadow.update`` of one tensor, a
 smoother's update 2x; on the CPU, ``ema_update_`` of 16 elements 3x ``torch.lerp_``; issue 78 item 7's:
@@ -57,7 +62,10 @@ patch moving arguments), so the same absolute costs read as larger factors: the 
 read again when the smoother's launches keep theirs. The device plan's kept launches (issue 86 item 3's
 steady step: each group's launch kept with the plan, no per-call spec, flag or carrier lookup) took the
 same ~7.6k off both (``EMA.update()`` at 6 tensors 48.6k -> 40.9k, ``TargetNetwork.update()`` 72.4k ->
-64.8k): the target network's 23.9k above it unchanged, its bound 1.55x -> 1.65x (1.58x)."""
+64.8k): the target network's 23.9k above it unchanged, its bound 1.55x -> 1.65x (1.58x). The compiled
+step (issue 86 item 2's target: at least 1.0x the same step with ``torch._foreach_lerp_`` in the graph,
+timed by the ratio gate) counted: 1.05x its instructions, the guards of the EMA's state and the counters
+the graph advances (bench/results/LOG.md); bound 1.08x."""
 CAPS = (("stub-gpu kept launch, 1 tensors", 20_000),)
 """``(scenario, most)``: the scenario's instructions per call at most ``most`` in every run (issue 86 item 3:
 a kept CUDA launch below 20k instructions on the stub driver)."""
@@ -73,7 +81,7 @@ def stub_names() -> list[str]:
 
 def instruction_names(stub: bool = True) -> list[str]:
     """Every scenario the instructions section measures (the stub driver's where it is built)."""
-    return (host_names(INSTRUCTIONS) + [f"cpu {what}, {n} tensors" for what, n in ARRAYS]
+    return (host_names(INSTRUCTIONS) + [f"cpu {what}, {n} tensors" for what, n in ARRAYS + COMPILED]
             + (stub_names() if stub else []))
 
 
@@ -149,6 +157,11 @@ def build(what: str, n: int, fake: bool, stub: bool = False):
             with ema.average_parameters():
                 pass
         return round_trip, None
+    if what in ("compiled step", "compiled foreach step"):
+        import torch
+
+        steps = compiled_steps(torch.Generator().manual_seed(0), n)
+        return (steps.with_ema if what == "compiled step" else steps.with_foreach), None
     if what == "ema_update_many_":
         shadows = [p.clone() for p in params]
         return (lambda: fastema.ema_update_many_(shadows, params, DECAY)), 3 * _bytes(params)
@@ -164,6 +177,43 @@ def build(what: str, n: int, fake: bool, stub: bool = False):
             ema.update()
         return by_hand, 2 * shadow + _bytes(params)
     raise ValueError(what)
+
+
+def compiled_steps(g, n: int = 30):
+    """The compiled step of issue 86 item 2 (the ratio gate's "compiled step", :data:`COMPILED`):
+    ``torch.compile(fullgraph=True)`` of a parameter update (``_foreach_add_``) then the EMA's, ``n`` x
+    4096 float32 (``bench/suite/test_bench_compile.py``'s quick scenario), each side its own parameters
+    from the same start (``g``: their generator): ``with_ema`` calls ``ema.update()`` with the plan on the
+    device (its plain case is written in the graph), ``with_foreach`` ``torch._foreach_lerp_`` over
+    shadows of its own. Compiled at their first call (Inductor's C++: tens of seconds on 2 cores)."""
+    import types
+
+    import torch
+
+    from fastema.torch import EMA
+
+    ps = [torch.randn((4096,), generator=g) for _ in range(n)]
+    model = torch.nn.Module()
+    model.ps = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in ps])
+    ours = list(model.parameters())
+    theirs = [p.clone() for p in ps]
+    shadows = [p.clone() for p in ps]
+    direction = [torch.full_like(p, 1e-6) for p in ps]
+    ema = EMA(model, DECAY, device_step=True)
+
+    @torch.compile(fullgraph=True)
+    def with_ema():
+        with torch.no_grad():
+            torch._foreach_add_(ours, direction)
+            ema.update()
+
+    @torch.compile(fullgraph=True)
+    def with_foreach():
+        with torch.no_grad():
+            torch._foreach_add_(theirs, direction)
+            torch._foreach_lerp_(shadows, theirs, 1 - DECAY)
+    return types.SimpleNamespace(with_ema=with_ema, with_foreach=with_foreach, ema=ema, ours=ours,
+                                 theirs=theirs, shadows=shadows)
 
 
 def _no_op_optimizer(net):
