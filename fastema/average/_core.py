@@ -211,15 +211,16 @@ class Average:
         nothing is recorded when a check refuses the call); the adapter, when there is one, checks
         and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
         launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled
-        steps, the host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from
-        ``read()`` (the model's tensors, or None), called only when the call updates. ``skip_if``:
-        ``device -> int32[1]`` flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`):
-        where one is set the call writes nothing on its device, but is counted; with the plan on
-        the host only."""
+        steps the host's counts wait for :meth:`plan_now`, read first for a ``step``: a step is checked
+        against the device's last time), else a due call folds (:meth:`fold`) from ``read()`` (the
+        model's tensors, or None), called only when the call updates. ``skip_if``: ``device -> int32[1]``
+        flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`): where one is set the
+        call writes nothing on its device, but is counted; with the plan on the host only."""
         plan = self.device_plan
         if plan is not None and skip_if is not None:
             raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
-        pending = self.plan.next(step)         # checks step; records nothing yet
+        pending = (self.plan_now() if step is not None and plan is not None and plan.in_graph
+                   else self.plan).next(step)   # checks step (after compiled steps, on the device's counts)
         adapter = self.adapter
         if plan is not None:                    # every call launches; the device skips
             assert adapter is not None          # (plan_on_device needs one)
@@ -393,8 +394,7 @@ class Average:
         through pickle, ``np.savez``, orbax or flax serialization. Averages holding inf or NaN are
         named in a warning and listed under ``"nonfinite"`` (information: a load checks them; a
         finite average's state has no such entry)."""
-        averaged = {name: _backends.to_host(self.shadow.view(i, None))
-                    for i, name in enumerate(self.names)}
+        averaged = {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}
         bad = _nonfinite.saved(self, averaged)          # in the shadow's own dtype
         return {"format": self.format, "version": self.version, **self.plan_state(),
                 "averaged": averaged, **({"nonfinite": bad} if bad else {})}

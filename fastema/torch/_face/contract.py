@@ -185,13 +185,13 @@ class Restart:
     """What a DDP wrap after construction does to a model average (its side's restart, see
     :attr:`~fastema.torch._tensors.model.TorchModel.resync`): start the averages over from the
     model's weights (``start_over()``), unless something but the construction went into them (an
-    ``update()`` call, counted by ``cadence``, or a swap in); then False."""
+    ``update()`` call, ``calls()``, or a swap in); then False."""
 
-    def __init__(self, cadence: Cadence, swap: ShadowSwap, start_over: Callable[[], None]):
-        self.cadence, self.swap, self.start_over = cadence, swap, start_over
+    def __init__(self, calls: Callable[[], int], swap: ShadowSwap, start_over: Callable[[], None]):
+        self.calls, self.swap, self.start_over = calls, swap, start_over
 
     def __call__(self) -> bool:
-        if self.cadence.calls or self.swap.state.swapped:
+        if self.calls() or self.swap.state.swapped:
             return False
         self.start_over()
         return True
@@ -232,11 +232,18 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     (``device_step``: every kernel compiled and loaded now), the checkpoint side (``fmt``) and the
     compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
-    agreement = Agreement(side, kind, lambda: cadence.calls)
+
+    def calls() -> int:
+        """``update()`` calls so far: the device's count where compiled steps counted them in the
+        graph alone (:meth:`Average.plan_now`: a sync there; reads, never the per-step path)."""
+        if engine is not None:
+            engine.plan_now()
+        return cadence.calls
+    agreement = Agreement(side, kind, calls)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
     swap = ShadowSwap(side, agreement, core.check_row, nonfinite)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),
-                restart=Restart(cadence, swap, start_over))
+                restart=Restart(calls, swap, start_over))
     ops: Callable[[], dict] = _WithWritten(side, [])
     if device_step:
         assert engine is not None                       # a window average has no device plan

@@ -1,0 +1,105 @@
+"""The host's counters after compiled steps that advanced the plan in the graph alone (the plain case,
+``DevicePlan.in_graph``): every reader of the update count or the last update's time reads the device's
+first (``Average.plan_now()``), so a step before the last update's time is refused, a DDP wrap keeps an
+average already updated, and a stream of the average notices a compiled update made while it is read."""
+import datetime
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from models import mlp
+from torch import nn
+
+from fastema.schedules import HalfLife, PowerFunction
+from fastema.torch import EMA
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _model(seed=0):
+    return mlp(8, 16, 4, seed=seed)
+
+def _compiled_plain_steps(model, ema, n):
+    """``n`` steps of a function compiled with ``fullgraph=True`` (Dynamo's graph, no Inductor) that moves
+    every parameter and calls ``ema.update()``: the plain case, counted on the device alone (``in_graph``);
+    nothing of the EMA is read between them."""
+    params = list(model.parameters())
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(params, 1.0)
+            ema.update()
+
+    dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for _ in range(n):
+        compiled()
+    assert ema._core.device_plan.in_graph
+
+
+@pytest.mark.parametrize("decay", [PowerFunction(7.0), HalfLife(3.0)], ids=["power_function", "half_life"])
+def test_a_step_before_the_last_update_is_refused_after_compiled_steps(decay):
+    """A schedule over training time refuses ``update(step=)`` before the last update's time (an eager EMA
+    does, naming it). After compiled steps that advanced the plan in the graph alone, the eager call checks
+    the step against the host's counters, never read back from the device (time 0): the step is accepted,
+    and the plan kernel computes a decay above 1 from the device's last time (the average leaves the
+    weights: a negative weight)."""
+    model = _model()
+    ema = EMA(model, decay, device_step=True)
+    _compiled_plain_steps(model, ema, 5)
+    with pytest.raises(ValueError, match="before the last update's time"):
+        ema.update(step=2)
+
+
+def test_a_ddp_wrap_after_compiled_steps_keeps_the_averages(tmp_path):
+    """A DDP wrap after construction restarts an average from the model's weights only while nothing but the
+    construction went into it (``Restart``: no update call yet); an average already updated is kept (and a
+    warning says the ranks may differ). After compiled steps counted in the graph alone, the host's call count
+    is still 0: the wrap's first forward starts the average over, silently throwing the updates away, while
+    ``updates`` still reads 3."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, twin_model = _model(), _model()               # the same weights; the twin updated eagerly
+    ema, twin = EMA(model, 0.5, device_step=True), EMA(twin_model, 0.5, device_step=True)
+    _compiled_plain_steps(model, ema, 3)
+    twin_params = list(twin_model.parameters())
+    for _ in range(3):
+        with torch.no_grad():
+            torch._foreach_add_(twin_params, 1.0)
+        twin.update()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        DDP(model)(torch.randn(2, 8))                    # the wrap's first forward: the restart
+        DDP(twin_model)(torch.randn(2, 8))
+    finally:
+        dist.destroy_process_group()
+    assert ema.updates == twin.updates == 3
+    got, want = ema.averaged_state_dict(), twin.averaged_state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def test_an_iter_weights_stream_refuses_an_update_compiled_while_it_is_read():
+    """``iter_weights()`` refuses to go on once the average changed under it (an ``update()`` between two
+    tensors: the tensors yielded so far are of the earlier state), as an eager update shows. It compares the
+    host's call count, which a compiled step counted in the graph alone does not advance: the stream yields
+    the earlier state's first tensor and the later state's others, with no error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ema = EMA(model, 0.5, device_step=True)
+    params = list(model.parameters())
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(params, 1.0)
+            ema.update()
+
+    for run in (step, torch.compile(step, backend="eager", fullgraph=True)):
+        dynamo.reset()
+        run()
+        stream = ema.iter_weights(bucket_bytes=16)
+        next(stream)
+        run()                                            # the average changes while it is read
+        with pytest.raises(RuntimeError, match="changed while it was streamed"):
+            list(stream)
