@@ -237,12 +237,12 @@ class Average:
             adapter.begin(False)
         self.plan.done(pending)
 
-    def plan_now(self) -> Plan:
-        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
-        advance them in the graph alone (:attr:`DevicePlan.in_graph`); else as it is, no device
-        read."""
+    def plan_now(self, replayed: bool = False) -> Plan:
+        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps advance
+        them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever it is there (CUDA
+        graph replays too: reads that must see every update, off the per-step path); else no device read."""
         device = self.device_plan
-        if device is not None and device.in_graph:
+        if device is not None and (device.in_graph or replayed):
             device.read_into(self.plan)
         return self.plan
 

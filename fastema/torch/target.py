@@ -297,8 +297,10 @@ class TargetNetwork(Face, TorchFace):
         0 (one average);
         ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
         bucketed)."""
-        return target_stream(self.target, lambda: self.calls, row, dtype, bucket_bytes, to,
-                             self._reads, version=lambda: (self.calls, self._copies))
+        def calls() -> int:             # the device's count (CUDA graph replays count there alone)
+            return self._core.plan_now(replayed=True).calls
+        return target_stream(self.target, calls, row, dtype, bucket_bytes, to, self._reads,
+                             version=lambda: (calls(), self._copies))
 
     def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone

@@ -234,10 +234,11 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     kind = side.kind
 
     def calls() -> int:
-        """``update()`` calls so far: the device's count where compiled steps counted them in the
-        graph alone (:meth:`Average.plan_now`: a sync there; reads, never the per-step path)."""
+        """``update()`` calls so far: with the plan on the device, the device's count (compiled steps
+        and CUDA graph replays count there alone; :meth:`Average.plan_now`: a sync on a GPU, for the
+        reads that must see every update, never the per-step path)."""
         if engine is not None:
-            engine.plan_now()
+            engine.plan_now(replayed=True)
         return cadence.calls
     agreement = Agreement(side, kind, calls)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
