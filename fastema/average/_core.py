@@ -207,20 +207,20 @@ class Average:
 
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None:
-        """One ``update()`` call of every face: the plan says what it does (``step`` checked first;
-        nothing is recorded when a check refuses the call); the adapter, when there is one, checks
-        and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
-        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled
-        steps the host's counts wait for :meth:`plan_now`, read first for a ``step``: a step is checked
-        against the device's last time), else a due call folds (:meth:`fold`) from ``read()`` (the
-        model's tensors, or None), called only when the call updates. ``skip_if``: ``device -> int32[1]``
-        flags (an optimizer's ``found_inf``, see :mod:`fastema.torch._face.attach`): where one is set the
-        call writes nothing on its device, but is counted; with the plan on the host only."""
+        """One ``update()`` call of every face: the plan says what it does (``step`` checked first,
+        after compiled steps against the device's counters; nothing is recorded when a check refuses
+        the call); the adapter, when there is one, checks and follows the model
+        (:meth:`ModelAdapter.begin`); with the plan on the device every call launches
+        (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled steps
+        the host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from
+        ``read()`` (the model's tensors, or None), called only when the call updates. ``skip_if``:
+        ``device -> int32[1]`` flags (``found_inf``, :mod:`fastema.torch._face.attach`): where one
+        is set the call writes nothing on its device, but is counted; host plan only."""
         plan = self.device_plan
         if plan is not None and skip_if is not None:
             raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
-        pending = (self.plan_now() if step is not None and plan is not None and plan.in_graph
-                   else self.plan).next(step)   # checks step (after compiled steps, on the device's counts)
+        now = step is not None and plan is not None and plan.in_graph      # the device's last time
+        pending = (self.plan_now() if now else self.plan).next(step)    # checks; records nothing
         adapter = self.adapter
         if plan is not None:                    # every call launches; the device skips
             assert adapter is not None          # (plan_on_device needs one)
@@ -238,9 +238,9 @@ class Average:
         self.plan.done(pending)
 
     def plan_now(self, replayed: bool = False) -> Plan:
-        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps advance
-        them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever it is there (CUDA
-        graph replays too: reads that must see every update, off the per-step path); else no device read."""
+        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
+        advance them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever the
+        plan is there (CUDA graph replays advance it alone: for reads, never in a step)."""
         device = self.device_plan
         if device is not None and (device.in_graph or replayed):
             device.read_into(self.plan)
@@ -351,8 +351,7 @@ class Average:
     def plan_state(self) -> dict:
         """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them
         (with the plan on the device, its counts: replayed graphs advanced the device only)."""
-        if self.device_plan is not None:
-            self.device_plan.read_into(self.plan)
+        self.plan_now(replayed=True)
         return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
     def check_plan_state(self, state: dict, problems: list) -> None:
@@ -394,7 +393,8 @@ class Average:
         through pickle, ``np.savez``, orbax or flax serialization. Averages holding inf or NaN are
         named in a warning and listed under ``"nonfinite"`` (information: a load checks them; a
         finite average's state has no such entry)."""
-        averaged = {name: _backends.to_host(self.shadow.view(i, None)) for i, name in enumerate(self.names)}
+        averaged = {name: _backends.to_host(self.shadow.view(i, None))
+                    for i, name in enumerate(self.names)}
         bad = _nonfinite.saved(self, averaged)          # in the shadow's own dtype
         return {"format": self.format, "version": self.version, **self.plan_state(),
                 "averaged": averaged, **({"nonfinite": bad} if bad else {})}

@@ -228,7 +228,7 @@ class PostHocEMA(EMA):
                 counted); a snapshot stays due, written at the next ``update()``.
         """
         self._swap.refuse("snapshot()")
-        self._core.plan_now(replayed=True)      # CUDA graph replays counted on the device alone: their time
+        self._core.plan_now(replayed=True)      # the time CUDA graph replays counted on the device
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
         self._check_folder(writing=True, stacklevel=2)

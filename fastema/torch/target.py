@@ -297,10 +297,10 @@ class TargetNetwork(Face, TorchFace):
         0 (one average);
         ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
         bucketed)."""
-        def calls() -> int:             # the device's count (CUDA graph replays count there alone)
-            return self._core.plan_now(replayed=True).calls
+        def calls(replayed: bool = False) -> int:      # replayed: the device's (CUDA graph replays)
+            return self._core.plan_now(replayed=replayed).calls
         return target_stream(self.target, calls, row, dtype, bucket_bytes, to, self._reads,
-                             version=lambda: (calls(), self._copies))
+                             version=lambda replayed=False: (calls(replayed), self._copies))
 
     def weights_metadata(self, row: int = 0, *, dtype: torch.dtype | None = None) -> list[WeightMeta]:
         """``WeightMeta(name, dtype, shape)`` of what :meth:`iter_weights` yields, from the target alone

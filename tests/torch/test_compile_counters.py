@@ -98,6 +98,7 @@ def test_an_iter_weights_stream_refuses_an_update_compiled_while_it_is_read():
     for run in (step, torch.compile(step, backend="eager", fullgraph=True)):
         dynamo.reset()
         run()
+        assert ema._core.device_plan.in_graph == (run is not step)      # the compiled one counts on the device
         stream = ema.iter_weights(bucket_bytes=16)
         next(stream)
         run()                                            # the average changes while it is read

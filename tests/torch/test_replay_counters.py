@@ -1,9 +1,9 @@
 """The host's counters after CUDA graph replays of a captured ``update()`` with the plan on the device: a
 replay runs the update's launches and no Python, so the device plan advances and the host's does not
 (``ema.updates`` and ``ema.calls`` count eager calls, as documented). The reads that must see every update
-read the device's counters first (``Average.plan_now(replayed=True)``: one sync on a GPU, off the per-step
-path): a stream of the average refuses to go on through a replayed update, and a PostHocEMA snapshot taken
-between replays is stamped with the device's time.
+read the device's counters (``Average.plan_now(replayed=True)``: one sync on a GPU, off the per-step path):
+a stream of the average reads them at its start and after its last tensor, so a replay while it streamed is
+refused there, and a PostHocEMA snapshot taken between replays is stamped with the device's time.
 
 The CPU cannot capture: a replay is emulated by running exactly the launches a capture records,
 ``Average.fold_on_device(None, device_plan)`` (the plan kernel, the lerps, the copies), on a CPU average
@@ -32,9 +32,10 @@ def _replay(face, n, params):
 
 
 def test_an_ema_stream_refuses_an_update_replayed_while_it_is_read():
-    """A replay between two tensors of ``iter_weights()`` changes the average under the stream: refused as an
-    eager update there is ('changed while it was streamed'), not the earlier state's first tensor and the
-    later state's others (it compared the host's call count, which a replay does not advance)."""
+    """A replay between two tensors of ``iter_weights()`` changes the average under the stream: refused
+    ('changed while it was streamed') after the last tensor, where the stream reads the device's count again
+    (it compared the host's, which a replay does not advance: the earlier state's first tensor and the later
+    state's others, no error)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     ema = EMA(model, 0.5, device_step=True)
     ema.update()                                       # the warm-up (or the capture's own call)

@@ -282,8 +282,8 @@ class Attachment:
         self.gathered = None                     # the old copy freed before the new one is made
         self.gathered = (self.calls(), self.face.gathered_state_dict())
 
-    def calls(self) -> int:
-        return int(self.face.agreement.calls())
+    def calls(self) -> int:                      # the device's (CUDA graph replays count there)
+        return int(self.face.agreement.calls(True))
 
     def whole(self) -> dict:
         """A split average's gathered copy, made by :meth:`gather` at this state; else the error

@@ -54,7 +54,7 @@ class Engine(Protocol):
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None: ...
 
-    def plan_now(self) -> Plan: ...
+    def plan_now(self, replayed: bool = False) -> Plan: ...
 
 
 class CheckpointSide(Protocol):
@@ -233,12 +233,12 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
 
-    def calls() -> int:
-        """``update()`` calls so far: with the plan on the device, the device's count (compiled steps
-        and CUDA graph replays count there alone; :meth:`Average.plan_now`: a sync on a GPU, for the
-        reads that must see every update, never the per-step path)."""
+    def calls(replayed: bool = False) -> int:
+        """``update()`` calls so far: the device's count where compiled steps counted them there
+        alone, or, ``replayed``, wherever the plan is on the device (CUDA graph replays too; a sync
+        on a GPU: :meth:`Average.plan_now`, for reads, never in a step)."""
         if engine is not None:
-            engine.plan_now(replayed=True)
+            engine.plan_now(replayed=replayed)
         return cadence.calls
     agreement = Agreement(side, kind, calls)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired

@@ -118,7 +118,7 @@ class Lowered:
         caller puts the operator in instead). What it reads is the compiled code's guards."""
         engine, side = self.engine, self.side
         if not self.ready or engine.skip_nonfinite or engine.rounding != "nearest" or side.resync \
-                or side.stale or self.swap.row is not None:    # swapped (not the property: 5 guards fewer)
+                or side.stale or self.swap.row is not None:    # swapped (its property: more guards)
             return False
         plan = engine.plan
         kind = DevicePlan.formula(plan)

@@ -144,7 +144,8 @@ def make_shadow(side, rows: int | Window, dtype: str, placement: Placement, *, k
     elif offload is not None:
         storage = OffloadedShadow(sources, rows=rows, dtype=dtype, chunk=offload.chunk, split=part)
     else:                                          # a ZeRO-3 partition scanned up to its padding
-        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=side.padded(sources))
+        valid = side.padded(sources)
+        storage = FlatShadow(sources, rows=rows, dtype=dtype, split=part, valid=valid)
     if found is None:
         return storage
     split = Split(storage, found.group, found.bucket, found.run)

@@ -316,10 +316,11 @@ class Agreement:
     Args:
         side: the model side (its shadow's replica group, its sharded tensors' meshes).
         kind: the face's class name (every read's owner, in the messages).
-        calls: ``update()`` calls so far (what every rank must agree on before a read gathers).
+        calls: ``update()`` calls so far (what every rank must agree on before a read gathers);
+            ``calls(True)``: the device's count (one sync on a GPU: CUDA graph replays count there).
     """
 
-    def __init__(self, side, kind: str, calls: Callable[[], int]):
+    def __init__(self, side, kind: str, calls: Callable[..., int]):
         self.side, self.kind, self.calls = side, kind, calls
         self.sequence = Sequence()          # the agreements made, alike on every rank
 

@@ -172,10 +172,10 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
         reads = BucketReads(items, bucket_bytes)
         reads.reserve()                                # its buckets' buffer: a refusal if it fails
-    calls = agreement.calls()
+    calls = agreement.calls(True)                # the device's, once (CUDA graph replays count it)
 
-    def unchanged() -> None:
-        if agreement.calls() != calls or ckpt.swap.swapped:
+    def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
+        if agreement.calls(last) != calls or ckpt.swap.swapped:
             raise RuntimeError(f"{ckpt.kind}.{what}: the average changed while it was streamed (update() or swap() "
                                f"was called after iter_weights() began); the tensors yielded so far are of the "
                                f"earlier state. Consume a stream whole between two updates (on every rank), then "
@@ -235,6 +235,7 @@ def _stream(items: list, receivers, reads: BucketReads, unchanged, collective: b
             if out is not None:
                 yield items[k].name, out
                 out = None                      # the consumer holds it, the stream does not
+        unchanged(True)                         # a CUDA graph replayed meanwhile: the device knows
     except GeneratorExit:                       # closed at a yield: entry k was read whole
         if collective:
             _rest(items, reads, k + 1, unchanged)
@@ -311,14 +312,15 @@ def target_meta(target, row: int, dtype) -> list[WeightMeta]:
     return [WeightMeta(n, _wire(t.dtype, dtype), _shape(t)) for n, t, _, _ in _target_entries(target)]
 
 
-def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_bytes: int, to,
+def target_stream(target, calls: Callable[..., int], row: int, dtype, bucket_bytes: int, to,
                   sequence: Sequence, what: str = "TargetNetwork.iter_weights()",
-                  version: Callable[[], Any] | None = None) -> _Closable:
+                  version: Callable[..., Any] | None = None) -> _Closable:
     """The target network's tensors streamed (see the module): each a fresh copy; a sharded one
     (DTensor) gathered with one ``full_tensor()``, a ZeRO-3 one with DeepSpeed's
     ``GatheredParameters``, collectives every rank of the group joins after the ranks agree
     (``sequence``: the target's agreements so far). ``version``: what changes with every write of
-    the target (default: ``calls``), which the ranks agree on too."""
+    the target (default: ``calls``), which the ranks agree on too; both read the device's count
+    given True (CUDA graph replays count there alone: at the stream's start and end only)."""
     import torch.distributed as dist
 
     entries = _target_entries(target)
@@ -342,10 +344,10 @@ def target_stream(target, calls: Callable[[], int], row: int, dtype, bucket_byte
     items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
              for n, t, _, _ in entries]
     version = version or calls
-    first = version()
+    first = version(True)                        # the device's, once (CUDA graph replays count it)
 
-    def unchanged() -> None:
-        if version() != first:
+    def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
+        if version(last) != first:
             raise RuntimeError(f"{what}: the target changed while it was streamed (update() or hard_update() was "
                                f"called after iter_weights() began); the tensors yielded so far are of the earlier "
                                f"state. Consume a stream whole between two updates (on every rank), then start a "

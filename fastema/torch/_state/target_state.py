@@ -29,10 +29,8 @@ class TargetState:
         return dict(zip(("averaged", "copied", "integer"), (list(n) for n in self.pairs.sel.names)))
 
     def state_dict(self) -> dict:
-        engine = self.engine
-        if engine.device_plan is not None:
-            engine.device_plan.read_into(engine.plan)  # replayed graphs advanced the device only
-        return {"format": FORMAT, "version": VERSION, "plan": engine.plan.state(),
+        plan = self.engine.plan_now(replayed=True)     # replayed graphs advanced the device only
+        return {"format": FORMAT, "version": VERSION, "plan": plan.state(),
                 "names": self.names}
 
     def load_state_dict(self, state: dict) -> None:

@@ -132,9 +132,11 @@ class TorchModel(Followed):
         self.ops = self.op_lists()
 
     def padded(self, names=None) -> dict[str, int]:
-        """``name -> values`` of each ZeRO-3 partition among ``names`` (None: every one): the elements
-        before its padding, which DeepSpeed never writes (``FlatShadow(valid=)``, the scans)."""
-        return {n: s.valid for n, s in self.specs.items() if s.valid is not None and (names is None or n in names)}
+        """``name -> values`` of each ZeRO-3 partition among ``names`` (None: every one): the
+        elements before its padding, which DeepSpeed never writes (``FlatShadow(valid=)``,
+        the scans)."""
+        return {n: s.valid for n, s in self.specs.items()
+                if s.valid is not None and (names is None or n in names)}
 
     def split(self, specs: dict) -> None:
         """The averaged tensors are split over replicas: ``specs`` (``name -> Spec`` with every
