@@ -104,3 +104,28 @@ def test_an_iter_weights_stream_refuses_an_update_compiled_while_it_is_read():
         run()                                            # the average changes while it is read
         with pytest.raises(RuntimeError, match="changed while it was streamed"):
             list(stream)
+
+
+def test_a_stream_reads_the_device_at_its_start_and_end_only(monkeypatch):
+    """After compiled steps (the counts on the device alone), ``iter_weights()`` reads the device's counters
+    twice, at its start and after its last tensor (a sync each on a GPU), not before every tensor (it did:
+    a sync a tensor), and still refuses a compiled update made while it streamed (above)."""
+    from fastema.average import DevicePlan
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])       # 8 tensors
+    ema = EMA(model, 0.5, device_step=True)
+    params = list(model.parameters())
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(params, 1.0)
+            ema.update()
+
+    dynamo.reset()
+    torch.compile(step, backend="eager", fullgraph=True)()
+    assert ema._core.device_plan.in_graph
+    reads = []
+    real = DevicePlan.read_into
+    monkeypatch.setattr(DevicePlan, "read_into", lambda self, plan: (reads.append(1), real(self, plan))[1])
+    names = [n for n, _ in ema.iter_weights(bucket_bytes=16)]
+    assert len(names) == 8 and len(reads) == 2, (names, len(reads))

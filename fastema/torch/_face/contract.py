@@ -233,11 +233,12 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     compiled operators' lists (the device plan's arrays are written by every update too)."""
     kind = side.kind
 
-    def calls(replayed: bool = False) -> int:
+    def calls(replayed: bool | None = False) -> int:
         """``update()`` calls so far: the device's count where compiled steps counted them there
         alone, or, ``replayed``, wherever the plan is on the device (CUDA graph replays too; a sync
-        on a GPU: :meth:`Average.plan_now`, for reads, never in a step)."""
-        if engine is not None:
+        on a GPU: :meth:`Average.plan_now`, for reads, never in a step); ``replayed=None``: the
+        host's count as it is (a stream's check between its two reads of the device)."""
+        if engine is not None and replayed is not None:
             engine.plan_now(replayed=replayed)
         return cadence.calls
     agreement = Agreement(side, kind, calls)

@@ -317,7 +317,8 @@ class Agreement:
         side: the model side (its shadow's replica group, its sharded tensors' meshes).
         kind: the face's class name (every read's owner, in the messages).
         calls: ``update()`` calls so far (what every rank must agree on before a read gathers);
-            ``calls(True)``: the device's count (one sync on a GPU: CUDA graph replays count there).
+            ``calls(True)``: the device's count (one sync on a GPU: CUDA graph replays count there);
+            ``calls(None)``: the host's as it is.
     """
 
     def __init__(self, side, kind: str, calls: Callable[..., int]):

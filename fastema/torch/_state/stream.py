@@ -160,9 +160,10 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         bucket_bytes = ckpt.side.avg.gather_bucket or DEFAULT_BUCKET     # a split's own, declared
     box: list = []
     agreement = ckpt.agreement
-    stamp = None if whole else Stamp(agreement.calls(), agreement.split_id,
+    stamp = None if whole else Stamp(agreement.calls(None), agreement.split_id,      # the host's
                                      _digest(row, dtype, bucket_bytes, to))
     with agreement.agreed(read, stamp=stamp, differs=_DIFFERS):
+        calls = agreement.calls(True)          # the device's, once (CUDA graph replays count it)
         if check is not None:
             check()                                    # the caller's argument checks: inside, never a hang
         box.append(check_stream(dtype, bucket_bytes, to))
@@ -172,10 +173,9 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
         items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
         reads = BucketReads(items, bucket_bytes)
         reads.reserve()                                # its buckets' buffer: a refusal if it fails
-    calls = agreement.calls(True)                # the device's, once (CUDA graph replays count it)
 
     def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
-        if agreement.calls(last) != calls or ckpt.swap.swapped:
+        if agreement.calls(True if last else None) != calls or ckpt.swap.swapped:
             raise RuntimeError(f"{ckpt.kind}.{what}: the average changed while it was streamed (update() or swap() "
                                f"was called after iter_weights() began); the tensors yielded so far are of the "
                                f"earlier state. Consume a stream whole between two updates (on every rank), then "
@@ -320,7 +320,8 @@ def target_stream(target, calls: Callable[..., int], row: int, dtype, bucket_byt
     ``GatheredParameters``, collectives every rank of the group joins after the ranks agree
     (``sequence``: the target's agreements so far). ``version``: what changes with every write of
     the target (default: ``calls``), which the ranks agree on too; both read the device's count
-    given True (CUDA graph replays count there alone: at the stream's start and end only)."""
+    given True (CUDA graph replays count there alone: at the stream's start and end only), the
+    host's as it is given None (between)."""
     import torch.distributed as dist
 
     entries = _target_entries(target)
@@ -347,7 +348,7 @@ def target_stream(target, calls: Callable[..., int], row: int, dtype, bucket_byt
     first = version(True)                        # the device's, once (CUDA graph replays count it)
 
     def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
-        if version(last) != first:
+        if version(True if last else None) != first:
             raise RuntimeError(f"{what}: the target changed while it was streamed (update() or hard_update() was "
                                f"called after iter_weights() began); the tensors yielded so far are of the earlier "
                                f"state. Consume a stream whole between two updates (on every rank), then start a "
