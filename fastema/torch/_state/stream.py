@@ -342,10 +342,10 @@ def target_stream(target, calls: Callable[..., int], row: int, dtype, bucket_byt
     with agreed(groups, read, stamp, sequence, _DIFFERS if version is None else _TARGET_DIFFERS):
         _one_row(row)
         box.append(check_stream(dtype, bucket_bytes, to))
+        version = version or calls
+        first = version(True)                  # the device's, once (CUDA graph replays count it)
     items = [_Item(n, t, None, None, _wire(t.dtype, dtype), None, _sharded.local_tensor(t).device)
              for n, t, _, _ in entries]
-    version = version or calls
-    first = version(True)                        # the device's, once (CUDA graph replays count it)
 
     def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
         if version(True if last else None) != first:
