@@ -114,16 +114,7 @@ def test_a_stream_reads_the_device_at_its_start_and_end_only(monkeypatch):
 
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])       # 8 tensors
     ema = EMA(model, 0.5, device_step=True)
-    params = list(model.parameters())
-
-    def step():
-        with torch.no_grad():
-            torch._foreach_add_(params, 1.0)
-            ema.update()
-
-    dynamo.reset()
-    torch.compile(step, backend="eager", fullgraph=True)()
-    assert ema._core.device_plan.in_graph
+    _compiled_plain_steps(model, ema, 1)
     reads = []
     real = DevicePlan.read_into
     monkeypatch.setattr(DevicePlan, "read_into", lambda self, plan: (reads.append(1), real(self, plan))[1])
