@@ -3,6 +3,7 @@
 first (``Average.plan_now()``), so a step before the last update's time is refused, a DDP wrap keeps an
 average already updated, and a stream of the average notices a compiled update made while it is read."""
 import datetime
+import sys
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_an_iter_weights_stream_refuses_an_update_compiled_while_it_is_read():
             list(stream)
 
 
-def test_a_stream_reads_the_device_at_its_start_and_end_only(monkeypatch):
+def test_a_stream_reads_the_device_at_its_start_and_end_only():
     """After compiled steps (the counts on the device alone), ``iter_weights()`` reads the device's counters
     twice, at its start and after its last tensor (a sync each on a GPU), not before every tensor (it did:
     a sync a tensor), and still refuses a compiled update made while it streamed (above)."""
@@ -116,7 +117,14 @@ def test_a_stream_reads_the_device_at_its_start_and_end_only(monkeypatch):
     ema = EMA(model, 0.5, device_step=True)
     _compiled_plain_steps(model, ema, 1)
     reads = []
-    real = DevicePlan.read_into
-    monkeypatch.setattr(DevicePlan, "read_into", lambda self, plan: (reads.append(1), real(self, plan))[1])
-    names = [n for n, _ in ema.iter_weights(bucket_bytes=16)]
+    watched = DevicePlan.read_into.__code__
+
+    def watch(frame, event, arg):                      # observes the calls (no name of fastema replaced)
+        if event == "call" and frame.f_code is watched:
+            reads.append(1)
+    sys.setprofile(watch)
+    try:
+        names = [n for n, _ in ema.iter_weights(bucket_bytes=16)]
+    finally:
+        sys.setprofile(None)
     assert len(names) == 8 and len(reads) == 2, (names, len(reads))
