@@ -229,7 +229,7 @@ def test_sigterm_sighup_or_ctrl_c_mid_merge_removes_the_temporary_folder_and_exi
             time.sleep(0.01)
         assert leftovers(tmp_path), "the merge never made its temporary folder"
         p.send_signal(sig)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=120)            # a loaded 2-core CI machine once took over 30 s
     finally:
         p.kill()
         p.wait()
