@@ -366,7 +366,7 @@ class Engine:
     device_plan = None
     def update(self, step: int | None = None, read: Any = None, skip_if: dict | None = None) -> None:
         pass
-    def plan_now(self, replayed: bool = False) -> Any:
+    def plan_now(self, replayed: bool | None = False) -> Any:
         pass
 
 class Checkpoint:
@@ -383,7 +383,7 @@ class NoUpdate:
     device_plan = None
     def step(self) -> None:
         pass
-    def plan_now(self, replayed: bool = False) -> Any:
+    def plan_now(self, replayed: bool | None = False) -> Any:
         pass
 
 class NoStateDict:

@@ -237,12 +237,12 @@ class Average:
             adapter.begin(False)
         self.plan.done(pending)
 
-    def plan_now(self, replayed: bool = False) -> Plan:
+    def plan_now(self, replayed: bool | None = False) -> Plan:
         """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
-        advance them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever the
-        plan is there (CUDA graph replays advance it alone: for reads, never in a step)."""
+        advance them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever
+        the plan is there (replays: for reads, never in a step); ``None``: the host's as they are."""
         device = self.device_plan
-        if device is not None and (device.in_graph or replayed):
+        if device is not None and replayed is not None and (device.in_graph or replayed):
             device.read_into(self.plan)
         return self.plan
 

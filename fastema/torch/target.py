@@ -298,8 +298,7 @@ class TargetNetwork(Face, TorchFace):
         ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
         bucketed)."""
         def calls(replayed: bool | None = False) -> int:     # as the EMA's (contract.model_parts)
-            core = self._core
-            return (core.plan if replayed is None else core.plan_now(replayed=replayed)).calls
+            return self._core.plan_now(replayed).calls
         return target_stream(self.target, calls, row, dtype, bucket_bytes, to, self._reads,
                              version=lambda replayed=False: (calls(replayed), self._copies))
 

@@ -54,7 +54,7 @@ class Engine(Protocol):
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None: ...
 
-    def plan_now(self, replayed: bool = False) -> Plan: ...
+    def plan_now(self, replayed: bool | None = False) -> Plan: ...
 
 
 class CheckpointSide(Protocol):
@@ -238,9 +238,7 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
         alone, or, ``replayed``, wherever the plan is on the device (CUDA graph replays too; a sync
         on a GPU: :meth:`Average.plan_now`, for reads, never in a step); ``replayed=None``: the
         host's count as it is (a stream's check between its two reads of the device)."""
-        if engine is not None and replayed is not None:
-            engine.plan_now(replayed=replayed)
-        return cadence.calls
+        return cadence.calls if engine is None else engine.plan_now(replayed).calls
     agreement = Agreement(side, kind, calls)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
     swap = ShadowSwap(side, agreement, core.check_row, nonfinite)
