@@ -177,11 +177,20 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
     def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
         if agreement.calls(True if last else None) != calls or ckpt.swap.swapped:
             raise RuntimeError(f"{ckpt.kind}.{what}: the average changed while it was streamed (update() or swap() "
-                               f"was called after iter_weights() began); the tensors yielded so far are of the "
-                               f"earlier state. Consume a stream whole between two updates (on every rank), then "
-                               f"start a new one")
+                               f"was called after iter_weights() began); {_yielded(last)}")
 
     return _primed(items, box[0], reads, unchanged, bool(agreement.groups()))
+
+
+def _yielded(last: bool) -> str:
+    """What a stream that saw a change had yielded, and what to do: the earlier state where an eager
+    call is seen at the next tensor; a mix where the device's count is read after the last one
+    (compiled steps and CUDA graph replays advance it alone)."""
+    yielded = ("the tensors yielded may mix the earlier and the later state (a compiled update or "
+               "a CUDA graph replay is seen after the last tensor): discard them" if last else
+               "the tensors yielded so far are of the earlier state")
+    return (f"{yielded}. Consume a stream whole between two updates (on every rank), then start "
+            f"a new one")
 
 
 def _items(ckpt: TorchCheckpoint, entries: list, dtype, whole: bool) -> list[_Item]:
@@ -350,9 +359,7 @@ def target_stream(target, calls: Callable[..., int], row: int, dtype, bucket_byt
     def unchanged(last: bool = False) -> None:   # the device's again after the last entry only
         if version(True if last else None) != first:
             raise RuntimeError(f"{what}: the target changed while it was streamed (update() or hard_update() was "
-                               f"called after iter_weights() began); the tensors yielded so far are of the earlier "
-                               f"state. Consume a stream whole between two updates (on every rank), then start a "
-                               f"new one")
+                               f"called after iter_weights() began); {_yielded(last)}")
 
     return _primed(items, box[0], BucketReads(items, bucket_bytes), unchanged, bool(groups))
 
