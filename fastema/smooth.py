@@ -104,6 +104,13 @@ class Smoother:
         parts = (kinds.EMA_PART if has_ema else 0) | (kinds.SMA_PART if window is not None else 0)
         self._specs = {w: _launch.spec("streams", parts=parts, skip=skip, weighted=w)
                        for w in (False, True)}
+        self._decay = 0.0 if self.alpha is None else 1.0 - self.alpha
+        self._forget()
+
+    # ------------------------------------------------------------ state
+
+    def _forget(self) -> None:
+        """No values yet: the state is made where the first values live."""
         self.count = 0                           # updates so far (host counter: the ring position)
         self.shape: tuple | None = None
         self._state: dict[str, Any] = {}
@@ -112,9 +119,6 @@ class Smoother:
         self._bound = False
         self._weighted = False                   # the weighted layout (from the first sample_weight on)
         self._w0 = SCALE
-        self._decay = 0.0 if self.alpha is None else 1.0 - self.alpha
-
-    # ------------------------------------------------------------ state
 
     def _sizes(self, k: int, weighted: bool) -> dict:
         """``name -> (size, dtype)`` of the state of ``k`` streams in the unweighted or weighted
@@ -129,11 +133,16 @@ class Smoother:
                 sizes.update(ring_w=(self.window * k, f64), wsc=(2 * k, f64), bad=(k, i32))
         return sizes
 
-    def _alloc(self, where, shape, weighted: bool = False):
+    def _alloc(self, where, shape, weighted: bool = False, st: dict | None = None):
+        """The state of ``shape``'s streams in ``where``: zeros, or ``st`` (a load's, made
+        there)."""
         k = int(np.prod(shape)) if shape else 1
-        st = {n: _backends.zeros(where, m, dt) for n, (m, dt) in self._sizes(k, weighted).items()}
+        if st is None:
+            sizes = self._sizes(k, weighted)
+            st = {n: _backends.zeros(where, m, dt) for n, (m, dt) in sizes.items()}
+        views = {n: _backends.kernel_view(a) for n, a in st.items()}        # fixed: made once
         self._state, self._where, self.shape, self._weighted = st, where, shape, weighted
-        self._views = {n: _backends.kernel_view(a) for n, a in st.items()}   # fixed: made once
+        self._views = views
         self._groups = {}                        # (kind, values view) -> its metric group (_group)
         self._bound = _launch.is_cuda(where[1])  # bound launches, per values view
         self._pack()
@@ -148,15 +157,23 @@ class Smoother:
         self._args = tuple(v.get(n, v["i32" if n in _INT32 else "f64"])
                            for n in ("ab", "ring_v", "sc", "n", "ring_w", "wsc", "bad"))
 
-    def _widen(self):
+    def _widen(self, weighted: bool = True):
         """The weighted layout's arrays added (zeros): the next launch widens the state into them
-        (``kernels.cpu.streams_kernel``'s ``widen``). Once, at the first weighted update."""
-        k = int(np.prod(self.shape)) if self.shape else 1
+        (``kernels.cpu.streams_kernel``'s ``widen``). Once, at the first weighted update; undone
+        (``weighted=False``) where that launch fails."""
+        k, where = int(np.prod(self.shape)) if self.shape else 1, self._where
+        assert where is not None                          # made after _alloc
+        narrow = self._sizes(k, False)
         for n, (m, dt) in self._sizes(k, True).items():
-            if n not in self._state:
-                self._state[n] = _backends.zeros(self._where, m, dt)
+            if n in narrow:
+                continue
+            if weighted:
+                self._state[n] = _backends.zeros(where, m, dt)
                 self._views[n] = _backends.kernel_view(self._state[n])
-        self._weighted = True
+            else:
+                self._state.pop(n, None)
+                self._views.pop(n, None)
+        self._weighted = weighted
         self._pack()
 
     # ------------------------------------------------------------ update / read
@@ -179,10 +196,10 @@ class Smoother:
         if self._where is None:
             self._alloc(where, shape)
         per_stream = c is not None
-        widen = False
+        widen = widened = False
         if not self._weighted and (per_stream or w0 != SCALE):
             self._widen()                                 # the first weighted update: once
-            widen = self.window is not None
+            widen, widened = self.window is not None, True
         c = self._views["f64"] if c is None else c
         if w0 == self._w0:
             w0 = self._w0                                 # the same object: a bound launch packs nothing
@@ -194,9 +211,14 @@ class Smoother:
             group = self._group(key)
         window = self.window or 1
         count = self.count
-        launch = group.launch_of(self._specs[self._weighted])
-        launch(y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args, count % window,
-               min(count, window), widen)
+        try:                                     # (a variant's kernel is compiled at its first)
+            launch = group.launch_of(self._specs[self._weighted])
+            launch(y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args,
+                   count % window, min(count, window), widen)
+        except BaseException:
+            if widened:                                   # the layout as it was: nothing changed
+                self._widen(False)
+            raise
         self.count = count + 1
 
     def _group(self, key: tuple) -> _launch.Group:
@@ -286,51 +308,78 @@ class Smoother:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (version 3; versions 1 and 2, written by earlier releases, are
-        converted: see :data:`VERSION`); everything is checked first and nothing changes on error."""
+        converted: see :data:`VERSION`), from arrays of any framework (made where this smoother's
+        state lives, or where the checkpoint's was for one with no values yet); a checkpoint of a
+        smoother with no values makes this one start over. Everything is checked and converted
+        first: nothing changes on error."""
         check_header(state, "fastema.Smoother", (1, 2, VERSION), "pass what Smoother.state_dict() returned")
-        missing = [k for k in ("alpha", "mode", "window", "count", "shape", "state") if k not in state]
+        missing = [k for k in ("alpha", "mode", "window", "nonfinite", "count", "shape", "state")
+                   if k not in state]
         if missing:
             raise load_refused(f"Smoother checkpoint has no {missing}.")
-        mine = (self.alpha, self.mode, self.window)
-        theirs = (state["alpha"], state["mode"], state["window"])
+        mine = (self.alpha, self.mode, self.window, self.nonfinite)
+        theirs = (state["alpha"], state["mode"], state["window"], state["nonfinite"])
         if mine != theirs:
-            raise ValueError(f"checkpoint smoother has (alpha, mode, window) = {theirs}, this one {mine}")
+            raise ValueError(f"checkpoint smoother has (alpha, mode, window, nonfinite) = "
+                             f"{theirs}, this one {mine}")
         count, saved = state["count"], state["state"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise load_refused(f"Smoother checkpoint count must be an int >= 0, got {count!r}.")
-        if not isinstance(saved, dict) or not saved:
+        if not isinstance(saved, dict) or (not saved and (count or state["shape"] is not None)):
             raise load_refused("Smoother checkpoint state must be a dict of arrays.")
+        if not saved:                            # no values yet (its state_dict before an update)
+            self._forget()
+            return
         where = self._where or _backends.location(next(iter(saved.values())))
         shape = self.shape if self._where is not None else \
             (tuple(state["shape"]) if state["shape"] is not None else ())
+        host = _on_host(saved)
         if state["version"] < VERSION:
-            saved = _from_version_2(saved, state["version"], self.mode)
+            host = _from_version_2(host, state["version"], self.mode)
         k = int(np.prod(shape)) if shape else 1
-        weighted = "ring_w" in saved or (self.window is None and self._weighted)
+        weighted = "ring_w" in host or (self.window is None and self._weighted)
         sizes = self._sizes(k, weighted)
-        if set(saved) != set(sizes) or any(tuple(saved[n].shape) != (m,) for n, (m, _) in sizes.items()):
+        if set(host) != set(sizes) or any(host[n].shape != (m,) for n, (m, _) in sizes.items()):
             raise load_refused("checkpoint smoother state does not match this smoother's streams.")
+        wrong = [n for n, (_, dt) in sizes.items()
+                 if not np.can_cast(host[n].dtype, dt, "same_kind")]
+        if wrong:
+            raise load_refused(f"Smoother checkpoint arrays {wrong} are not of their dtypes "
+                               f"({', '.join(str(sizes[n][1]) for n in wrong)}).")
+        made = {n: _backends.zeros(where, m, dt) for n, (m, dt) in sizes.items()}
+        for n, a in made.items():
+            _backends.copy_from_host(a, host[n])
         old = self.__dict__.copy()
-        try:
-            self._alloc(where, shape, weighted)
-        except BaseException:
-            self.__dict__.update(old)
-            raise
         with ctrl_c_held():                      # a Ctrl-C here is raised once every stream and the count are in
-            for n, a in self._state.items():
-                a[...] = saved[n]
+            try:
+                self._alloc(where, shape, weighted, made)
+            except BaseException:
+                self.__dict__.update(old)
+                raise
             self.count = count
 
 
-def _from_version_2(saved: dict, version: int, mode: str) -> dict:
-    """A version 1 or 2 checkpoint's state (:data:`VERSION`) in version 3's weighted layout, as NumPy
-    arrays: version 1's sums scaled, the pairs interleaved, the counts int32. Refused where a name is
-    unknown."""
-    unknown = set(saved) - set(_V2_SCALED) - set(_INT32)
+def _on_host(saved: dict) -> dict:
+    """A checkpoint's arrays (NumPy, torch, CuPy, Numba's, or anything NumPy reads) as NumPy arrays,
+    flat, or a load refusal naming the first that is none."""
+    host = {}
+    for n, a in saved.items():
+        try:
+            host[n] = np.asarray(_backends.to_host(a) if _backends.backend_of(a) is not None else a)
+        except (TypeError, ValueError) as e:
+            raise load_refused(f"Smoother checkpoint array {n!r} is not an array of numbers "
+                               f"({e}).") from e
+    return host
+
+
+def _from_version_2(host: dict, version: int, mode: str) -> dict:
+    """A version 1 or 2 checkpoint's state (:data:`VERSION`, NumPy arrays) in version 3's weighted
+    layout: version 1's sums scaled, the pairs interleaved, the counts int32. Refused where a name
+    is unknown."""
+    unknown = set(host) - set(_V2_SCALED) - set(_INT32)
     if unknown:
         raise load_refused(f"Smoother checkpoint version {version} has unknown arrays {sorted(unknown)}.")
-    host = {n: _backends.to_host(a) if _backends.backend_of(a) is not None else np.asarray(a)
-            for n, a in saved.items()}
+    host = dict(host)
     if version == 1:
         for n in _V2_SCALED:
             if n in host and (n not in ("a", "b") or mode == "debiased"):

@@ -459,37 +459,3 @@ def test_per_stream_weights_on_the_device_are_scaled_and_checked_in_the_kernel()
             got = got.cpu().numpy() if torch.is_tensor(got) else \
                 got.copy_to_host() if hasattr(got, "copy_to_host") else np.asarray(got)
             np.testing.assert_array_equal(got, x, err_msg=f"{kw} {name}")
-
-
-def test_a_ctrl_c_during_a_load_is_raised_once_every_stream_and_the_count_are_in():
-    # The first array written raises SIGINT as it is read: the load goes on to the end (every
-    # stream and the count), then the KeyboardInterrupt comes
-    import signal
-
-    src = Smoother(decay=0.9, window=3)
-    for v in ([1.0, 2.0], [3.0, 5.0], [4.0, -1.0]):
-        src.update(np.array(v))
-    state = src.state_dict()
-
-    class InterruptsWhenRead:
-        def __init__(self, a):
-            self.a, self.shape = a, a.shape
-
-        def __array__(self, dtype=None, copy=None):
-            signal.raise_signal(signal.SIGINT)
-            return self.a
-
-    first = next(iter(state["state"]))
-    planted = {**state, "state": {**state["state"], first: InterruptsWhenRead(state["state"][first])}}
-    dst = Smoother(decay=0.9, window=3)
-    dst.update(np.array([0.0, 0.0]))
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            dst.load_state_dict(planted)
-    finally:
-        signal.signal(signal.SIGINT, old)
-    assert dst.count == src.count
-    for n, a in src._state.items():
-        assert np.array_equal(dst._state[n], a, equal_nan=True), n
-    np.testing.assert_array_equal(dst.ema, src.ema)
