@@ -134,12 +134,12 @@ def _rerun(tag: tuple, arrays: list, written: int) -> tuple:
 
 def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     arrays = [shadow, src]
-    host = skip_if is None and weights is None and decays is not None
+    host = skip_if is None and weights is None and decays is not None and rounding.__class__ is str
     key = cheap_key(("lerp", rows, rounding), arrays) if host else None
     found = _KEPT.hit(key, arrays) if key is not None else None
     if found is not None:
         w = _fast_weights(decays)
-        if w is not None:
+        if w:                                    # (no decay: the full check says what is wrong)
             run, bump = found
             run(w, sr_key(seed, step) if rounding != "nearest" else 0)
             if bump is not None:
@@ -190,8 +190,9 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     for bit on the CPU. bfloat16/float16 values are widened exactly and the result is
     rounded to nearest even (or stochastically).
 
-    A torch pair of one dtype with a Python float ``decay`` above 0.5, nearest rounding and
-    no ``weight`` or ``skip_if`` is updated by torch's own ``shadow.lerp_(src, 1 - decay)``
+    A float32 or float64 torch pair (one dtype) with a Python float ``decay`` above 0.5,
+    nearest rounding and no ``weight`` or ``skip_if`` is updated by torch's own
+    ``shadow.lerp_(src, 1 - decay)``
     from its second call on (after the first call's checks, while the same two tensors keep
     their layout, autograd flags and memory), which gives the kernel's bits
     (``tests/array/test_ops_torch_road.py``) at torch's own cost: on a GPU, no launch of

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _backends, _launch
-from ._backends import describe, disjoint
+from ._backends import describe, disjoint, first_shared
 from ._backends.kept import KeptLRU, cheap_key
 from ._checks import check_written, moded, pair, resolve_weights, same_shape, sr_key, stochastic_rounding
 from ._shadow import Capabilities, table_parts
@@ -55,7 +55,7 @@ def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = 
         names = ([f"shadows[{i}]" for i in range(len(shadows))], [f"sources[{i}]" for i in range(len(sources))])
     groups: dict = {}
     seen: dict = {}
-    kept, kept_names = [], []
+    kept, kept_names, read, read_names = [], [], [], []
     for i, (a, b) in enumerate(zip(shadows, sources)):
         s, x = pair(a, b, names[0][i], names[1][i])
         same_shape(s, x, x.shape, names[0][i], names[1][i])
@@ -69,10 +69,19 @@ def pair_groups(shadows: list, sources: list, names: tuple[list, list] | None = 
         seen[key] = (i, x)
         kept.append(s)
         kept_names.append(names[0][i])
+        read.append((x.device, x.address, x.nbytes))
+        read_names.append(names[1][i])
         groups.setdefault((s.device, s.kind, x.kind), ([], []))
         groups[(s.device, s.kind, x.kind)][0].append(s)
         groups[(s.device, s.kind, x.kind)][1].append(x)
     disjoint(kept, kept_names)
+    shared = first_shared([(s.device, s.address, s.nbytes) for s in kept], read)
+    if shared is not None:                            # its own source: refused by pair()
+        i, j = shared
+        raise ValueError(f"{kept_names[i]} shares memory with {read_names[j]}, another pair's "
+                         f"source, which the update reads while it writes {kept_names[i]} (the "
+                         f"result would depend on their order); average into a tensor no pair "
+                         f"reads. Nothing was written.")
     return [PairGroup(dev, sk, xk, ss, xs) for (dev, sk, xk), (ss, xs) in groups.items()]
 
 

@@ -1,22 +1,26 @@
 """torch's own ``lerp_`` for the one pair it updates with fastema's bits (issue 86 items 3 and 5).
 
-``ema_update_(shadow, src, decay)`` of a dense pair of one float dtype with nearest rounding is
+``ema_update_(shadow, src, decay)`` of a dense float32 or float64 pair with nearest rounding is
 ``shadow.lerp_(src, 1 - decay)``: fastema's kernels compute torch's lerp (``kernels/_elementwise``
-``lerp32``: from ``shadow`` with one FMA where ``|w| < 0.5``, else from ``src``; in float32 for
-bfloat16 and float16, widened exactly and rounded to nearest even; float64 in float64), so both give
-the same bits where ``w < 0.5`` (a decay above 0.5: ``fastema.ops._ROADS``; from 0.5 up torch's CPU
-scalar tail may give a zero result's other sign, ``tests/array/test_lerp_zero_sign.py``), on the
-CPU where torch's kernels are its AVX2 or AVX-512 ones (their scalar tails contract to an FMA too;
-the default build's may not). torch's op then costs what it costs: no
-launch group, no parameter block, no stream read, no capture query.
+``lerp32``: from ``shadow`` with one FMA where ``|w| < 0.5``, else from ``src``; float64 in
+float64), so both give the same bits where ``w < 0.5`` (a decay above 0.5:
+``fastema.ops._ROADS``; from 0.5 up torch's CPU scalar tail may give a zero result's other sign,
+``tests/array/test_lerp_zero_sign.py``), on the CPU where torch's kernels are its AVX2 or AVX-512
+ones (their scalar tails contract to an FMA too; the default build's may not). torch's op then
+costs what it costs: no launch group, no parameter block, no stream read, no capture query. Not
+for bfloat16 or float16:
+the kernels compute those in float32 too, but write every NaN as one quiet NaN, where torch's op
+writes other bits (``0xffff`` from its vector path, a NaN input's own payload).
 
-A pair gets the road at its first call, after fastema's every check passed and its own kernel
-wrote it (:func:`road`); a later call takes it where its guard holds: the same two tensor
-objects (the cache's key) with the same type, dtype, shape, strides, device, ``requires_grad`` and
-dispatch keys (torch's batched C++ check, Dynamo's ``TensorGuards``, as the layout guard of
-:mod:`.torch` uses it) at the same addresses. Anything else is fastema's full call, which checks
-again and says what is wrong in its own words. A source that requires grad is read with grad mode
-off for the op (fastema's kernel records nothing either)."""
+A pair gets the road at its first call, after fastema's every check passed and its own kernel wrote
+it (:func:`road`); a later call takes it where its guard holds: the same two tensor objects (the
+cache's key) with the same type, dtype, shape, strides, device, ``requires_grad`` and dispatch keys
+(torch's batched C++ check, Dynamo's ``TensorGuards``, as the layout guard of :mod:`.torch` uses it)
+at the same addresses (not the storage's bytes: a storage resized in place under its tensor, to
+fewer bytes and back at its address, is refused by the full call, and written past its end by this
+road and by torch's own ops, which do not look either). Anything else is fastema's full call, which
+checks again and says what is wrong in its own words. A source that requires grad is read with grad
+mode off for the op (fastema's kernel records nothing either)."""
 from __future__ import annotations
 
 import functools
@@ -50,15 +54,17 @@ def _fma_on_cpu() -> bool:
 
 
 def road(s, x, guards: Any) -> tuple[Callable, Callable] | None:
-    """``(lerp, same)``: the road of a pair that fastema's checks passed (``s`` written, ``x``
-    read; ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), the call
+    """``(lerp, same)``: the road of a pair that fastema's checks passed (``s`` written, ``x`` read;
+    ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), the call
     ``lerp(s, x, w)`` and its guard ``same([s, x])``; or None where torch's op would not give
-    fastema's bits or its checks might say otherwise later (two dtypes, a tensor subclass, a shadow
-    whose in-place write torch's modes may refuse, a CPU kernel of torch's without FMA)."""
+    fastema's bits or its checks might say otherwise later (two dtypes, bfloat16 or float16, whose
+    NaNs torch's op writes with other bits, a tensor subclass, a shadow whose in-place write torch's
+    modes may refuse, a CPU kernel of torch's without FMA)."""
     import torch
 
     plain = (torch.Tensor, torch.nn.Parameter)
-    if (guards is None or s.dtype is not x.dtype or type(s) not in plain or type(x) not in plain
+    if (guards is None or s.dtype is not x.dtype or s.dtype not in (torch.float32, torch.float64)
+            or type(s) not in plain or type(x) not in plain
             or s.requires_grad or s.is_inference() or torch.is_inference_mode_enabled()
             or (s.is_cpu and not _fma_on_cpu())):
         return None

@@ -67,7 +67,8 @@ def test_the_road_gives_the_kernels_bits(dtype, n):
     fastema.ema_update_(ref, x, weight=1.0 - 0.9)
     for i, decay in enumerate(_schedule()):
         x.add_(0.5 if i % 2 else -0.25)
-        assert _road_taken(s, x, decay) == (decay > 0.5)     # w < 0.5: torch's FMA branch
+        road = decay > 0.5 and dtype in (torch.float32, torch.float64)   # w < 0.5: torch's FMA branch
+        assert _road_taken(s, x, decay) == road
         fastema.ema_update_(ref, x, weight=1.0 - decay)
         assert torch.equal(s.view(BITS[dtype]), ref.view(BITS[dtype])), (dtype, n, decay)
 
@@ -112,3 +113,20 @@ def test_no_road_for_two_dtypes():
     kept = len(ops._ROADS)
     fastema.ema_update_(s, x, 0.9)
     assert not _road_taken(s, x, 0.9) and len(ops._ROADS) == kept
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 64])
+def test_no_road_for_half_precision_whose_nans_torch_writes_with_other_bits(dtype, n):
+    # torch's lerp_ wrote a bfloat16 NaN as 0xffff from its vector path (the kernel: 0x7fc0) and a
+    # float16 inf + w * (1 - inf) as 0xfe00 (the kernel: 0x7e00): a pair seen before (the road)
+    # and a fresh one (the kernel) gave two results from the same call
+    for start in (float("nan"), float("inf")):
+        seen, fresh = torch.full((n,), start, dtype=dtype), torch.full((n,), start, dtype=dtype)
+        x = torch.ones(n, dtype=dtype)
+        fastema.ema_update_(seen, x, 0.9)
+        fastema.ema_update_(fresh, x, 0.9)                    # its first call: fastema's kernel
+        assert not _road_taken(seen, x, 0.9)
+        fresh2 = fresh.clone()
+        fastema.ema_update_(fresh2, x, 0.9)
+        assert torch.equal(seen.view(BITS[dtype]), fresh2.view(BITS[dtype])), (dtype, start)
