@@ -200,3 +200,33 @@ def _saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("make", ["posthoc", "karras", "ema"])
+def test_a_tracked_tensor_removed_from_the_model_is_refused_before_anything_changes(tmp_path, make):
+    # The per-profile update (where the profiles no longer agree) paired the model's and the EMA copy's
+    # tracked tensors by position over parameters and buffers together: with '0.bias' removed, the
+    # BatchNorm's running_mean (100) was averaged into the copy's '1.bias' (99.93, ema-pytorch: 0)
+    net = _net()
+    if make == "posthoc":
+        avg = compat.PostHocEMA(net, sigma_rels=SIGMAS, update_every=1, checkpoint_every_num_steps="manual",
+                                checkpoint_folder=str(tmp_path / "ph"))
+        copies = [e.ema_model for e in avg.ema_models]
+    elif make == "karras":
+        avg = compat.KarrasEMA(net, gamma=6.94, update_every=1)
+        copies = [avg.ema_model]
+    else:
+        avg = compat.EMA(net, beta=0.9, update_after_step=0, update_every=1)
+        avg.update()
+        copies = [avg.ema_model]
+    avg.update()
+    before = [{k: v.clone() for k, v in c.state_dict().items()} for c in copies]
+    steps = [int(s) for c in (avg.ema_models if make == "posthoc" else [avg]) for s in [c.step]]
+    net[0].bias = None
+    with torch.no_grad():
+        net[1].running_mean.fill_(100.0)
+    with pytest.raises(RuntimeError, match=r"\['0.bias'\] in one of them only"):
+        avg.update()
+    for c, b in zip(copies, before):
+        assert all(torch.equal(v, b[k]) for k, v in c.state_dict().items())
+    assert steps == [int(s) for c in (avg.ema_models if make == "posthoc" else [avg]) for s in [c.step]]

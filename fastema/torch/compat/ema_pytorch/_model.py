@@ -78,12 +78,25 @@ class _EmaPytorchBase(_Counters):
     def _tensors(self, model):
         return list(self.get_params_iter(model)) + list(self.get_buffers_iter(model))
 
+    def _paired(self, a_model, b_model) -> list:
+        """``(name, a, b)`` of the tracked tensors of both models, paired by name (ema-pytorch pairs
+        them by position: a tensor removed from one model since shifts every pair after it), or a
+        RuntimeError naming what one of them lacks."""
+        a, b = self._tensors(a_model), dict(self._tensors(b_model))
+        if len(a) != len(b) or any(n not in b for n, _ in a):
+            names = {n for n, _ in a}
+            gone = sorted((names ^ set(b)))
+            raise RuntimeError(f"the model and its EMA copy no longer hold the same tracked tensors "
+                               f"({gone} in one of them only: removed or added since the EMA was "
+                               f"made); make the EMA again from the model as it is now")
+        return [(n, t, b[n]) for n, t in a]
+
     def _skipped(self, name: str) -> bool:
         return name in self.ignore_names or any(name.startswith(p) for p in self.ignore_startswith_names)
 
     @torch.no_grad()
     def _copy_all(self, dst_model, src_model) -> None:
-        for (_, d), (_, s) in zip(self._tensors(dst_model), self._tensors(src_model)):
+        for _, d, s in self._paired(dst_model, src_model):
             d.data.copy_(s.data if d.device == s.device else s.data.to(d.device))
 
     def copy_params_from_model_to_ema(self):
@@ -106,7 +119,7 @@ class _EmaPytorchBase(_Counters):
             if here != there:
                 ma_model.to(there)
         lerp_t, lerp_s = [], []
-        for (name, c), (_, m) in zip(self._tensors(current_model), self._tensors(ma_model)):
+        for name, c, m in self._paired(current_model, ma_model):
             if self._skipped(name):
                 continue
             if name in self.param_or_buffer_names_no_ema:
@@ -197,6 +210,8 @@ class EMA(_EmaPytorchBase, _Warmup):
         return out
 
     def update(self):
+        if self.ema_model is not None:
+            self._paired(self.model, self.ema_model)        # refused before the step counts
         step = self._advance()
         phase = self._phase(step)
         if phase == "init" or self.ema_model is None:          # (a lazy EMA that loaded initted=True too)
@@ -268,6 +283,8 @@ class KarrasEMA(_EmaPytorchBase):
         return S.PowerFunction(self.gamma).between(None, t - self.update_every, t)
 
     def update(self):
+        if self.ema_model is not None:
+            self._paired(self.model, self.ema_model)        # refused before the step counts
         step = self._advance()
         if step % self.update_every != 0:
             return
