@@ -197,26 +197,27 @@ class Smoother:
             self._alloc(where, shape)
         per_stream = c is not None
         widen = widened = False
-        if not self._weighted and (per_stream or w0 != SCALE):
-            self._widen()                                 # the first weighted update: once
-            widen, widened = self.window is not None, True
-        c = self._views["f64"] if c is None else c
-        if w0 == self._w0:
-            w0 = self._w0                                 # the same object: a bound launch packs nothing
-        else:
-            self._w0 = w0
-        key = (kind, id(y) if self._bound else None)      # on a GPU: per values view (kept per address)
-        group = self._groups.get(key)
-        if group is None:
-            group = self._group(key)
-        window = self.window or 1
-        count = self.count
-        try:                                     # (a variant's kernel is compiled at its first)
-            launch = group.launch_of(self._specs[self._weighted])
+        try:                                     # a failure here leaves the layout as it was
+            if not self._weighted and (per_stream or w0 != SCALE):
+                widened = True
+                self._widen()                             # the first weighted update: once
+                widen = self.window is not None
+            c = self._views["f64"] if c is None else c
+            if w0 == self._w0:
+                w0 = self._w0                         # the same object: a bound launch packs none
+            else:
+                self._w0 = w0
+            key = (kind, id(y) if self._bound else None)  # on a GPU: per values view (by address)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._group(key)
+            window = self.window or 1
+            count = self.count
+            launch = group.launch_of(self._specs[self._weighted])  # (compiled at a variant's first)
             launch(y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args,
                    count % window, min(count, window), widen)
         except BaseException:
-            if widened:                                   # the layout as it was: nothing changed
+            if widened:
                 self._widen(False)
             raise
         self.count = count + 1
