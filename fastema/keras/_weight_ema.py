@@ -185,14 +185,13 @@ class WeightEMA(keras.callbacks.Callback):
             self.ema.swap()
 
     def on_test_end(self, logs=None):
-        if self._fitting and self.ema.swapped:
-            self.ema.swap()
+        if self._fitting:
+            _swap_back(self)
 
     def on_train_end(self, logs=None):
         self._fitting = False
         _unguard_evaluate(self.model)
-        if self.ema.swapped:                                 # validation was cut short
-            self.ema.swap()
+        _swap_back(self)                                     # validation was cut short
         if self.write_at_end:
             self.ema.copy_to()
 
@@ -262,6 +261,19 @@ def _guard_evaluate(callback: WeightEMA) -> None:
 
     evaluate._fastema_callbacks = owners                    # type: ignore[attr-defined]
     object.__setattr__(model, "evaluate", evaluate)         # not through Keras's or torch's attribute tracking
+
+
+def _swap_back(callback: WeightEMA) -> None:
+    """Every WeightEMA of ``callback``'s ``fit`` whose average is in the model swapped back, the
+    last one swapped in first. Keras calls ``on_test_begin`` and ``on_test_end`` both in the
+    callbacks' order: a second WeightEMA swapped in over the first one's average holds that
+    average as its raw weights, and swapping the first one back first left it in the model (and
+    each one's shadow with the other's weights)."""
+    holder = _saved_averages(callback.model)
+    fitting = holder.this_fit() if holder is not None else []
+    for cb in reversed(fitting if callback in fitting else fitting + [callback]):
+        if cb.ema is not None and cb.ema.swapped:
+            cb.ema.swap()
 
 
 def _unguard_evaluate(model) -> None:

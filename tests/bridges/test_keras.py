@@ -141,6 +141,30 @@ def test_weight_ema_validates_with_the_average_and_restores_the_raw_weights():
     np.testing.assert_array_equal(averaged[key].numpy(), bn.numpy())
 
 
+def test_two_weight_emas_swap_back_the_last_swapped_in_first():
+    # Keras calls on_test_begin and on_test_end both in the callbacks' order: the second WeightEMA
+    # held the first one's average as its raw weights, the first swapped back first, and training went
+    # on from the first's average (each shadow then held the other's weights)
+    x, y = data(96)
+    model = make_model(batchnorm=False)
+    probe = keras_probe()
+    a, b = WeightEMA(decay=0.5), WeightEMA(decay=0.9)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=data(32, seed=1),
+              callbacks=[a, b, probe])
+    for epoch in range(2):
+        for got, raw in zip(probe.epoch_end[epoch], probe.steps[6 * (epoch + 1) - 1]):
+            np.testing.assert_array_equal(got, raw)                 # raw weights back, bit for bit
+        expected = naive_ema(probe.initial, probe.steps[:6 * (epoch + 1)], 0.9)
+        for got, ref in zip(probe.validated[epoch], expected):      # the last one swapped in
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    for cb, decay in ((a, 0.5), (b, 0.9)):
+        averaged = cb.ema.averaged_state_dict()
+        got = [averaged[[k for k in averaged if k.endswith("." + v.path)][0]].numpy()
+               for v in model.trainable_variables]
+        for g, ref in zip(got, naive_ema(probe.initial, probe.steps, decay)):
+            np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_weight_ema_written_at_end_and_resumed_from_state():
     x, y = data(64)
     model = make_model(optimizer="sgd")
