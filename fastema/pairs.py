@@ -225,7 +225,11 @@ def cached(shadows: list, sources: list) -> PairShadow | None:
     check."""
     key = _cheap_key(shadows, sources)
     found = None if key is None else _PAIRS.hit(key, shadows + sources)
-    return None if found is None else found.pairs
+    if found is None:
+        return None
+    if found.recheck:               # what the framework refuses to write in place now (as lerp_)
+        check_written([shadows[i] for i in found.recheck], [f"shadows[{i}]" for i in found.recheck])
+    return found.pairs
 
 
 def _of(shadows: list, sources: list) -> _Kept:

@@ -267,8 +267,10 @@ class TargetNetwork(Face, TorchFace):
 
     def hard_update(self) -> None:
         """``target <- online`` exactly (every averaged and copied tensor; DQN's periodic copy,
-        TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced."""
-        self._copies += 1
+        TorchRL's ``HardUpdate``). Not counted as an update; the schedule is not advanced. A
+        refused call (a changed network) copies and counts nothing."""
+        self._side.follow()                 # refused here: a rank that retries counts its copy once
+        self._copies += 1                   # counted before the copy: a stream sees one that fails
         self._side.copy_all()
 
     # ------------------------------------------------------------ checkpoints

@@ -718,3 +718,28 @@ def test_what_an_ema_keeps_in_a_shadow_of_its_own_is_refused_by_name(kw, words):
     TargetNetwork(online, target, tau=0.5, debias=False, offload=None)   # "off" is no refusal
     for k, v in before.items():
         assert torch.equal(target.state_dict()[k], v)
+
+
+def test_a_refused_hard_update_copies_and_counts_nothing():
+    # hard_update() counted its copy before the networks' check refused it: a stream begun before
+    # it then refused as if the target had changed (and under sharding a rank that was refused and
+    # retried counted two copies against the others' one: every rank's iter_weights() disagreed)
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    target = copy.deepcopy(online).requires_grad_(False)
+    tn = TargetNetwork(online, target, tau=0.5)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    stream = tn.iter_weights()
+    next(stream)
+    online.append(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="networks changed"):
+        tn.hard_update()
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    assert len(list(stream)) == 3                       # the stream goes on: nothing changed
+    del online[2]
+    tn.hard_update()
+    with pytest.raises(RuntimeError, match="changed while it was streamed"):
+        stream = tn.iter_weights()
+        next(stream)
+        tn.hard_update()
+        list(stream)

@@ -38,7 +38,8 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
     kernels take it), to refuse a call."""
     if not targets:
         return
-    pairs = cached_pairs(targets, sources)          # the usual step: these pairs, as last time
+    with torch.no_grad():                           # (its recheck of the targets: as written)
+        pairs = cached_pairs(targets, sources)      # the usual step: these pairs, as last time
     if pairs is not None:
         pairs.update(weight=weight)
         bump_versions(targets)                      # as torch's _foreach_lerp_ does

@@ -79,7 +79,11 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
       ``torch.lerp_`` gives), where SB3 rounds ``target * (1 - tau)`` and then adds
       ``tau * param``; results agree to float32 rounding (a few ulp), not bit for bit.
       ``tau=1`` (SB3's hard copy of the batch-norm statistics) gives the parameters bit for bit
-      and ``tau=0`` the target, as SB3's does.
+      and ``tau=0`` the target, as SB3's does, for finite values (a lerp of an inf gives NaN
+      there: ``tau=1`` makes an online inf NaN, ``tau=0`` a target inf; SB3 keeps the inf).
+    - A target that torch refuses to write in place (an inference tensor, made under
+      ``torch.inference_mode()``) is refused at every call, as ``lerp_`` refuses it; SB3 writes
+      its ``.data``.
     - Every check runs before any tensor is written: a refused call changes nothing, where
       SB3 has updated the pairs before the one ``zip(strict=True)`` stops at.
     - A pair listed twice (a tied weight) is averaged once; SB3 averages it twice.

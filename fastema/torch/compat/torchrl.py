@@ -72,7 +72,10 @@ class SoftUpdate(_SoftUpdate):
             sources, targets = self._pending
         finally:
             del self._pending
-        lerp_pairs(targets, sources, 1 - self.eps)
+        w = 1 - self.eps
+        if isinstance(w, torch.Tensor) and (w.device.type == "cpu" or w.dtype != torch.float32):
+            w = float(w) if w.device.type == "cpu" else w.float()   # a GPU weight: float32
+        lerp_pairs(targets, sources, w)
 
 
 class HardUpdate(_HardUpdate):
