@@ -1055,3 +1055,23 @@ def test_a_refused_load_puts_back_an_average_that_held_nan(tmp_path):
     after = a.ema.state_dict()["averaged"]
     for k, v in held.items():
         torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("other", [dict(decay=0.5), dict(decay=0.8, shadow_dtype="float64")])
+def test_a_saved_average_of_other_options_is_refused_when_fit_starts(tmp_path, other):
+    # the EMA's own load_state_dict takes the decays from the state: a WeightEMA(0.5) resumed an average
+    # saved with 0.8 and ran at 0.8 (keras.md: refused when fit starts, naming the difference)
+    import fastema.keras
+
+    x, y = data(32)
+    model = make_model(batchnorm=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[WeightEMA(decay=0.8)])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = fastema.keras.load_model(path)
+    cb = WeightEMA(**other)
+    with pytest.raises(ValueError, match="does not fit this callback.*saved with (decays|a float32 shadow)"):
+        loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    same = WeightEMA(decay=0.8)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[same])   # the average stayed
+    assert same.ema.updates == 4
