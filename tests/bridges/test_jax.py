@@ -188,6 +188,21 @@ def test_corrupt_checkpoints_are_refused_and_change_nothing():
     assert after["updates"] == before["updates"]
 
 
+def test_a_checkpoint_of_another_shadow_dtype_is_refused_and_changes_nothing():
+    # a float32 shadow's state loaded into a bfloat16 one was rounded into it without a word
+    # (fastema.tensorflow.EMA refuses it; jax.md lists another dtype among what is refused)
+    p = {"w": jnp.asarray([1.0, 3.0], jnp.float32)}
+    src = EMA(p, 0.9)
+    src.update({"w": jnp.asarray([1.00123, 2.99987], jnp.float32)})
+    dst = EMA(p, 0.9, shadow_dtype="bfloat16")
+    before = dst.state_dict()
+    with pytest.raises(ValueError, match=r"a float32 shadow, this EMA a bfloat16 one \(shadow_dtype=\)"):
+        dst.load_state_dict(src.state_dict())
+    after = dst.state_dict()
+    assert after["updates"] == before["updates"] == 0
+    np.testing.assert_array_equal(after["averaged"]["['w']"], before["averaged"]["['w']"])
+
+
 def test_an_average_that_nan_reached_is_named_at_every_save():
     """Issue 85 item 2: an update with the guard off takes a NaN into the average; every save warns,
     naming the leaf, and records it; the record survives pickle, and a load still refuses the NaN."""
