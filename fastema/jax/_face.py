@@ -307,7 +307,7 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         (``allow_nonfinite``, None: :attr:`allow_nonfinite`): then loaded with a warning, for
         :meth:`repair_nonfinite`."""
         saved = state.get("shadow_dtype") if isinstance(state, dict) else None
-        if saved is not None and str(saved) != str(self._core.shadow_dtype):   # (was rounded into it)
+        if saved is not None and str(saved) != str(self._core.shadow_dtype):   # (rounded into it)
             refuse_load("fastema.jax.EMA", [f"it has a {saved} shadow, this EMA a "
                                             f"{self._core.shadow_dtype} one (shadow_dtype=)"])
         self._core.load_state_dict(state, allow_nonfinite)
