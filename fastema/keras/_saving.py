@@ -194,15 +194,17 @@ def _saved_averages(model, create: bool = False) -> _SavedAverages:
     return holder
 
 
-_SAVES = ("save", "save_weights")
+_SAVES = ("save", "save_weights", "load_weights")
 
 
 def _guard_saves(model) -> None:
     """``model.save`` and ``model.save_weights`` refuse while an average is swapped in before Keras
     opens the file: Keras opens it for writing (truncating the file already there) before it walks
     the model, so a refusal from inside its walk (:meth:`_SavedAverages.entries`) would leave the
-    user's previous file destroyed. Instance attributes, bound methods (a deep copy of the model
-    binds its own), that call the class's method; :func:`_detach` removes them."""
+    user's previous file destroyed. ``model.load_weights`` into a model with live callbacks puts
+    the weights back when it raises: Keras loads every layer before it raises what the average's
+    hook refused. Instance attributes, bound methods (a deep copy of the model binds its own),
+    that call the class's method; :func:`_detach` removes them."""
     for name in _SAVES:
         method = getattr(type(model), name, None)
         # none, or someone else's (or ours already)
@@ -210,11 +212,17 @@ def _guard_saves(model) -> None:
             continue
 
         @functools.wraps(method)
-        def save(self, *args, _method=method, **kwargs):
+        def save(self, *args, _method=method, _load=name == "load_weights", **kwargs):
             holder = vars(self).get(_ATTR)
-            if holder is not None:
+            if holder is not None and not _load:
                 holder.refuse_swapped()
-            return _method(self, *args, **kwargs)
+            kept = self.get_weights() if _load and holder is not None and holder.callbacks else None
+            try:
+                return _method(self, *args, **kwargs)
+            except BaseException:
+                if kept is not None:                      # refused: nothing changed
+                    self.set_weights(kept)
+                raise
 
         save._fastema_save_guard = True                   # type: ignore[attr-defined]
         object.__setattr__(model, name, types.MethodType(save, model))

@@ -1075,3 +1075,22 @@ def test_a_saved_average_of_other_options_is_refused_when_fit_starts(tmp_path, o
     same = WeightEMA(decay=0.8)
     loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[same])   # the average stayed
     assert same.ema.updates == 4
+
+
+def test_a_refused_load_weights_leaves_the_weights_as_they_were(tmp_path):
+    # the average's hook refuses a file of 2 averages into a model with 1 WeightEMA, but Keras loads every
+    # layer before it raises what a hook refused: the model held the file's weights, the callback its own
+    x, y = data(32)
+    src = make_model(batchnorm=False)
+    src.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+            callbacks=[WeightEMA(decay=0.8), WeightEMA(decay=0.9)])
+    path = str(tmp_path / "m.weights.h5")
+    src.save_weights(path)
+    dst = make_model(batchnorm=False)
+    x2, y2 = data(32, seed=1)
+    dst.fit(x2, y2, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[WeightEMA(decay=0.8)])
+    before = [v.numpy().copy() for v in dst.weights]
+    assert not all(np.array_equal(a, v.numpy()) for a, v in zip(before, src.weights))
+    with pytest.raises(ValueError, match="holds 2 WeightEMA average"):
+        dst.load_weights(path)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, dst.weights))
