@@ -25,6 +25,7 @@ class _Live(Protocol):
     ema: Any
     _fitting: bool
     allow_nonfinite: bool
+    averaged_variables: list      # TensorFlow and JAX: the variables the EMA averages, in its order
 
 
 def _structural_keys(callback: _Live, state: dict) -> dict[str, str]:
@@ -38,8 +39,11 @@ def _structural_keys(callback: _Live, state: dict) -> dict[str, str]:
         named = {n for g in GROUPS for n in (state.get(g) or {})}      # (torch lists a parameter under aliases)
         return {n: index[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
                 if id(p) in index and n in named}
-    # TensorFlow and JAX: the EMA runs over model.trainable_variables, in that order
-    return {n: f"trainable/{i}" for i, n in enumerate(state.get("averaged", {}))}
+    # TensorFlow and JAX: the EMA runs over the trainable variables of its first fit, in that order;
+    # by identity against those of now (a layer frozen since: its average is not a trainable one's)
+    now = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    return {n: f"trainable/{now[id(v)]}" if id(v) in now else "name:" + n
+            for n, v in zip(state.get("averaged", {}), callback.averaged_variables)}
 
 
 def _structural_state(callback: _Live) -> dict:

@@ -105,9 +105,11 @@ class WeightEMA(keras.callbacks.Callback):
         self._owner = None
         self._pending: dict | None = None
         self._fitting = False
+        self.averaged_variables: list = []       # what the EMA averages (TensorFlow, JAX): _entries
 
     def _make(self):
         backend = keras.backend.backend()
+        self.averaged_variables = list(self.model.trainable_variables)
         if backend == "torch":
             ema = self._torch_ema()
         elif backend == "tensorflow":
