@@ -55,7 +55,9 @@ class TargetNetwork(Face, TorchFace):
     SB3 and TorchRL say ``tau``, DINO, BYOL and MoCo say ``momentum``: give either. One kernel
     launch per (device, dtype) group of (target, online) pairs, on torch's current stream, with
     no host sync; computed as ``target.lerp_(online, tau)`` in float32 (float64 for float64
-    tensors), so a float32 target equals ``torch._foreach_lerp_`` bit for bit on the CPU.
+    tensors), so a float32 target equals ``torch._foreach_lerp_`` bit for bit on the CPU (the
+    weight is ``1 - momentum``: with ``tau`` given, ``1 - (1 - tau)``, which a float64 target
+    can tell from ``tau`` in its last bits).
 
     It differs from :class:`EMA` only in where the average lives: an :class:`EMA` owns its
     shadow (flat buffers that it swaps into the model, exports, offloads, keeps several decays
