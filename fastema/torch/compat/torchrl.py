@@ -20,6 +20,7 @@ except ImportError as err:        # pragma: no cover - the rl extra is missing
 
 import torch
 
+from ..._backends import device_of
 from ._common import lerp_pairs
 
 __all__ = ["SoftUpdate", "HardUpdate"]
@@ -73,8 +74,9 @@ class SoftUpdate(_SoftUpdate):
         finally:
             del self._pending
         w = 1 - self.eps
-        if isinstance(w, torch.Tensor) and (w.device.type == "cpu" or w.dtype != torch.float32):
-            w = float(w) if w.device.type == "cpu" else w.float()   # a GPU weight: float32
+        where = device_of(w) if isinstance(w, torch.Tensor) else None
+        if where is not None and (where == "cpu" or w.dtype != torch.float32):
+            w = float(w) if where == "cpu" else w.float()           # a GPU weight: float32
         lerp_pairs(targets, sources, w)
 
 
