@@ -8,9 +8,8 @@ float64), so both give the same bits where ``w < 0.5`` (a decay above 0.5:
 ``tests/array/test_lerp_zero_sign.py``), on the CPU where torch's kernels are its AVX2 or AVX-512
 ones (their scalar tails contract to an FMA too; the default build's may not). torch's op then
 costs what it costs: no launch group, no parameter block, no stream read, no capture query. Not
-for bfloat16 or float16:
-the kernels compute those in float32 too, but write every NaN as one quiet NaN, where torch's op
-writes other bits (``0xffff`` from its vector path, a NaN input's own payload).
+for bfloat16 or float16: the kernels compute those in float32 too, but write every NaN as one quiet
+NaN, where torch's op writes other bits (``0xffff`` from its vector path, a NaN input's payload).
 
 A pair gets the road at its first call, after fastema's every check passed and its own kernel wrote
 it (:func:`road`); a later call takes it where its guard holds: the same two tensor objects (the

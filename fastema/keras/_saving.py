@@ -194,7 +194,7 @@ def _saved_averages(model, create: bool = False) -> _SavedAverages:
     return holder
 
 
-_SAVES = ("save", "save_weights", "load_weights")
+_GUARDED = ("save", "save_weights", "load_weights")
 
 
 def _guard_saves(model) -> None:
@@ -205,14 +205,14 @@ def _guard_saves(model) -> None:
     the weights back when it raises: Keras loads every layer before it raises what the average's
     hook refused. Instance attributes, bound methods (a deep copy of the model binds its own),
     that call the class's method; :func:`_detach` removes them."""
-    for name in _SAVES:
+    for name in _GUARDED:
         method = getattr(type(model), name, None)
         # none, or someone else's (or ours already)
         if method is None or name in vars(model):
             continue
 
         @functools.wraps(method)
-        def save(self, *args, _method=method, _load=name == "load_weights", **kwargs):
+        def guarded(self, *args, _method=method, _load=name == "load_weights", **kwargs):
             holder = vars(self).get(_ATTR)
             if holder is not None and not _load:
                 holder.refuse_swapped()
@@ -224,8 +224,8 @@ def _guard_saves(model) -> None:
                     self.set_weights(kept)
                 raise
 
-        save._fastema_save_guard = True                   # type: ignore[attr-defined]
-        object.__setattr__(model, name, types.MethodType(save, model))
+        guarded._fastema_save_guard = True                # type: ignore[attr-defined]
+        object.__setattr__(model, name, types.MethodType(guarded, model))
 
 
 def _model_of(holder: _SavedAverages):
@@ -235,7 +235,7 @@ def _model_of(holder: _SavedAverages):
 
 def _detach(model) -> None:
     vars(model).pop(_ATTR, None)
-    for name in _SAVES:
+    for name in _GUARDED:
         if getattr(getattr(vars(model).get(name), "__func__", None), "_fastema_save_guard", False):
             del vars(model)[name]
 
