@@ -62,12 +62,14 @@ _GROUPS: KeptLRU[_launch.Group] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 _KEPT: KeptLRU[_Prepared] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
 # ema_update_'s pairs that the framework's own op updates with fastema's bits (torch's lerp_ of
-# a pair of one dtype, nearest rounding: _backends/torch_lerp.py), by the two objects' identities,
-# each kept with its guard (the same types, layouts, autograd flags and addresses): the op, where
-# the decay is a Python float in (0.5, 1] (torch's FMA branch, w < 0.5: above it the CPU's
-# scalar tail gives a zero's other sign, tests/array/test_lerp_zero_sign.py). Kept after a first
-# call's every check, where no stand-in driver or adapter is given.
+# a pair of one dtype, nearest rounding: _backends/torch_lerp.py), by the shadow object's identity,
+# each a road that checks its own guard (both tensors' types, layouts, autograd flags and addresses)
+# before it writes: the op, where the decay is a Python float in (0.5, 1] (torch's FMA branch, w < 0.5:
+# above it the CPU's scalar tail gives a zero's other sign, tests/array/test_lerp_zero_sign.py). Kept
+# after a first call's every check, where no stand-in driver or adapter is given, and read only there
+# (_ROAD: the entry as kept, one C call).
 _ROADS: KeptLRU[Callable] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
+_ROAD = _ROADS.entry
 _ROAD_TYPES: set = set()                   # the shadows' types a road was kept for: others skip _ROADS
 _CHOSEN, _GIVEN = _launch.CHOSEN_DRIVERS, _backends.GIVEN.chosen   # stand-ins given: no road
 
@@ -164,7 +166,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
         if single and not stochastic and not _CHOSEN and not _GIVEN:
             road = _backends.backend_of(shadow).lerp_road(shadow, src)
             if road is not None:
-                _ROADS.keep((id(shadow), id(src)), *road)
+                _ROADS.keep(id(shadow), road)
                 _ROAD_TYPES.add(shadow.__class__)
     _backends.bump_versions(arrays[:1])
     return shadow
@@ -222,9 +224,8 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     if (shadow.__class__ in _ROAD_TYPES and decay.__class__ is float and 0.5 < decay <= 1.0
             and weight is None and skip_if is None and rounding == "nearest" and not _CHOSEN
             and not _GIVEN):                       # torch's lerp_ where it gives these bits
-        lerp = _ROADS.hit((id(shadow), id(src)), [shadow, src])
-        if lerp is not None:
-            lerp(shadow, src, 1.0 - decay)
+        road = _ROAD(id(shadow))
+        if road is not None and road.value(shadow, src, 1.0 - decay):
             return shadow
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
                    skip_if)

@@ -186,10 +186,11 @@ class Backend:
         grad mode, inference mode) while ``x``'s :meth:`layout_guard` holds."""
         return False
 
-    def lerp_road(self, s, x) -> tuple[Callable, Callable] | None:
-        """``(lerp, same)`` where the framework's own op updates the checked pair ``s`` (written)
-        from ``x`` with fastema's bits at nearest rounding for a weight below 0.5:
-        ``lerp(s, x, w)``, while ``same([s, x])`` holds (torch: :mod:`.torch_lerp`); else None."""
+    def lerp_road(self, s, x) -> Callable[[Any, Any, float], bool] | None:
+        """``road(s, x, w)`` where the framework's own op updates the checked pair ``s`` (written)
+        from ``x`` with fastema's bits at nearest rounding for a weight below 0.5: it writes and
+        says True while its guard holds (the same layouts and memory), else writes nothing and says
+        False (torch: :mod:`.torch_lerp`); None: no road."""
         return None
 
     def stream_getter(self, device: str) -> Callable[[], Any]:

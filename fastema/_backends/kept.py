@@ -23,7 +23,7 @@ first (a hit does not reorder them: it costs no bookkeeping; a key kept again be
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Generic, NamedTuple, TypeVar
+from typing import Any, Callable, Generic, Hashable, NamedTuple, TypeVar
 
 from . import GIVEN, address_key
 
@@ -46,11 +46,15 @@ class KeptLRU(Generic[V]):
     """A bounded cache of ``key -> value``, each kept with a guard (see the module docstring). ``chosen_drivers``:
     the launch layer's list of the drivers given to ``drivers.using``, innermost last."""
 
-    __slots__ = ("size", "_entries", "_drivers", "_given", "_driver", "_adapter", "_elsewhere")
+    __slots__ = ("size", "_entries", "entry", "_drivers", "_given", "_driver", "_adapter", "_elsewhere")
 
     def __init__(self, size: int, chosen_drivers: list):
         self.size = size
         self._entries: OrderedDict = OrderedDict()        # key -> _Entry
+        # The entry under a key as kept, or None: one C call, no guard called and no world checked, for
+        # a caller that keeps and reads only where no stand-in is chosen and whose values check
+        # themselves (ops' roads: torch's lerp_, whatever the driver)
+        self.entry: Callable[[Hashable], _Entry | None] = self._entries.get
         self._drivers, self._given = chosen_drivers, GIVEN.chosen
         self._driver: Any = None                          # the world the entries were made in
         self._adapter: Any = None
@@ -69,7 +73,7 @@ class KeptLRU(Generic[V]):
         guard, value = entry
         return value if guard is None or guard(objs) else None          # (not reordered: no bookkeeping)
 
-    def keep(self, key: tuple, value: V, guard: Callable[[list], bool] | None = None) -> V:
+    def keep(self, key: Hashable, value: V, guard: Callable[[list], bool] | None = None) -> V:
         """Keep ``value`` under ``key`` (``guard``: what a hit must pass besides the key; None for a
         described key, which says it all); the oldest entries go beyond ``size``."""
         d, s = self._drivers, self._given

@@ -11,15 +11,20 @@ costs what it costs: no launch group, no parameter block, no stream read, no cap
 for bfloat16 or float16: the kernels compute those in float32 too, but write every NaN as one quiet
 NaN, where torch's op writes other bits (``0xffff`` from its vector path, a NaN input's payload).
 
-A pair gets the road at its first call, after fastema's every check passed and its own kernel wrote
-it (:func:`road`); a later call takes it where its guard holds: the same two tensor objects (the
-cache's key) with the same type, dtype, shape, strides, device, ``requires_grad`` and dispatch keys
-(torch's batched C++ check, Dynamo's ``TensorGuards``, as the layout guard of :mod:`.torch` uses it)
-at the same addresses (not the storage's bytes: a storage resized in place under its tensor, to
-fewer bytes and back at its address, is refused by the full call, and written past its end by this
-road and by torch's own ops, which do not look either). Anything else is fastema's full call, which
-checks again and says what is wrong in its own words. A source that requires grad is read with grad
-mode off for the op (fastema's kernel records nothing either)."""
+A shadow gets the road at its first call, after fastema's every check passed and its own kernel
+wrote the pair (:func:`road`); a later call with that shadow object (the cache's key) takes it where
+its guard holds: both tensors with the type, dtype, shape, strides, device, ``requires_grad`` and
+dispatch keys of that first pair (torch's batched C++ check, Dynamo's ``TensorGuards``, as the layout
+guard of :mod:`.torch` uses it) at its addresses (other objects of that memory and layout too, a
+view made anew each step: the same call; not the storage's bytes: a storage resized in place under
+its tensor, to fewer bytes and back at its address, is refused by the full call, and written past its
+end by this road and by torch's own ops, which do not look either). Anything else is fastema's full
+call, which checks again and says what is wrong in its own words. The road is one frame, the guard
+then the op: ``ema_update_`` of 16 float32 elements on the CPU counts about 1.7x the instructions of
+``lerp_`` alone (the gates' figures), where a Python function that calls ``lerp_`` and checks
+nothing is 1.1x; the guard is most of the rest (its C++ check of two tensors about 2.9K, the two
+addresses 1.9K, against ``lerp_``'s 13.5K), then ``torch.compiler.is_compiling`` (1K). A source that
+requires grad is read with grad mode off for the op (fastema's kernel records nothing either)."""
 from __future__ import annotations
 
 import functools
@@ -52,13 +57,13 @@ def _fma_on_cpu() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def road(s, x, guards: Any) -> tuple[Callable, Callable] | None:
-    """``(lerp, same)``: the road of a pair that fastema's checks passed (``s`` written, ``x`` read;
-    ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), the call
-    ``lerp(s, x, w)`` and its guard ``same([s, x])``; or None where torch's op would not give
-    fastema's bits or its checks might say otherwise later (two dtypes, bfloat16 or float16, whose
-    NaNs torch's op writes with other bits, a tensor subclass, a shadow whose in-place write torch's
-    modes may refuse, a CPU kernel of torch's without FMA)."""
+def road(s, x, guards: Any) -> Callable[[Any, Any, float], bool] | None:
+    """``go(s, x, w)``: the road of a pair that fastema's checks passed (``s`` written, ``x`` read;
+    ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), which writes
+    ``lerp(s, x, w)`` and says True where its guard holds, else writes nothing and says False; or
+    None where torch's op would not give fastema's bits or its checks might say otherwise later (two
+    dtypes, bfloat16 or float16, whose NaNs torch's op writes with other bits, a tensor subclass, a
+    shadow whose in-place write torch's modes may refuse, a CPU kernel of torch's without FMA)."""
     import torch
 
     plain = (torch.Tensor, torch.nn.Parameter)
@@ -69,10 +74,12 @@ def road(s, x, guards: Any) -> tuple[Callable, Callable] | None:
         return None
     check = guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
     ptr = torch.Tensor.data_ptr
-    addresses = (ptr(s), ptr(x))
+    at_s, at_x = ptr(s), ptr(x)
+    lerp = _calls()[1 if x.requires_grad else 0]
 
-    def same(pair: list) -> bool:
-        a, b = pair
-        return check(a, b) and (ptr(a), ptr(b)) == addresses
-    lerp, quiet = _calls()
-    return (quiet if x.requires_grad else lerp), same
+    def go(a, b, w: float) -> bool:
+        if check(a, b) and ptr(a) == at_s and ptr(b) == at_x:
+            lerp(a, b, w)
+            return True
+        return False
+    return go

@@ -130,3 +130,25 @@ def test_no_road_for_half_precision_whose_nans_torch_writes_with_other_bits(dtyp
         fresh2 = fresh.clone()
         fastema.ema_update_(fresh2, x, 0.9)
         assert torch.equal(seen.view(BITS[dtype]), fresh2.view(BITS[dtype])), (dtype, start)
+
+
+def test_a_source_view_made_anew_each_step_takes_the_road():
+    """The road is found by the shadow and guarded by both tensors' layouts and memory, so a source
+    that is a new view of the same memory at each call (``p.view(-1)``, ``p.detach()``) takes it, and
+    a shadow updated from two sources in turn keeps every bit of the kernel's (the road of the one
+    seen last; the other's calls take the kernel's kept launch)."""
+    p = torch.randn(4, 4)
+    s, ref = torch.zeros(16), torch.zeros(16)
+    fastema.ema_update_(s, p.view(-1), 0.9)
+    fastema.ema_update_(ref, p.view(-1), weight=1.0 - 0.9)
+    views = [p.view(-1) for _ in range(3)]          # held: three objects, three identities
+    for v in views:
+        assert _road_taken(s, v, 0.9)
+        fastema.ema_update_(ref, v, weight=1.0 - 0.9)
+    assert torch.equal(s, ref)
+    q = torch.randn(16)
+    for i in range(4):
+        src = q if i % 2 else p.view(-1)
+        fastema.ema_update_(s, src, 0.75)
+        fastema.ema_update_(ref, src, weight=1.0 - 0.75)
+        assert torch.equal(s.view(torch.int32), ref.view(torch.int32)), i
