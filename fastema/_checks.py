@@ -3,7 +3,7 @@ one wording per rule, and the limits (:data:`MAX_DECAYS`) spelled once."""
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,6 +43,27 @@ def shadow_problems(shadow_dtype: str, rounding, seed) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     return problems
+
+
+# (saved, shadow): every value held exactly
+_EXACT = {("float16", "float32"), ("float16", "float64"), ("bfloat16", "float32"),
+          ("bfloat16", "float64"), ("float32", "float64")}
+
+
+def load_dtype_problem(name: str, saved: Any, shadow: Any, resumed: Any) -> str | None:
+    """Why an average saved as ``saved`` does not load into a shadow of dtype ``shadow`` (NumPy's,
+    JAX's or torch's dtypes), or None. ``resumed``: whether the file was written with another
+    ``shadow_dtype`` than this EMA's: then an average its shadow would round is refused (a resume
+    with another shadow dtype, which every face refuses), and one it holds exactly (the same dtype,
+    a wider one, a ``"same"`` shadow of that dtype) loads. Arrays of another dtype in a state of
+    this EMA's own setting are converted, their finiteness checked as they land."""
+    a, b = (str(getattr(d, "name", d)).replace("torch.", "") for d in (saved, shadow))
+    if not a.startswith("float") and a != "bfloat16":
+        return f"{name} has dtype {a}, expected a floating dtype"
+    if resumed and a != b and (a, b) not in _EXACT:
+        return (f"{name} was saved as {a}, this EMA keeps it as {b} (shadow_dtype=), which would "
+                f"round it: make the EMA with the shadow dtype it was saved with")
+    return None
 
 
 def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:

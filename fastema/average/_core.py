@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _backends
 from .._checkpoint_format import check_header, refuse_load
-from .._checks import resolve_weights, shadow_problems, stochastic_rounding
+from .._checks import load_dtype_problem, resolve_weights, shadow_problems, stochastic_rounding
 from .._interrupts import ctrl_c_held
 from .._shadow import Updatable
 from ..flat import FlatShadow
@@ -349,8 +349,7 @@ class Average:
     # ------------------------------------------------------------ checkpoints
 
     def plan_state(self) -> dict:
-        """The plan's counters and the shadow settings, as every checkpoint of a model EMA keeps them
-        (with the plan on the device, its counts: replayed graphs advanced the device only)."""
+        """The plan's counters (read off the device where it counts) and the shadow settings."""
         self.plan_now(replayed=True)
         return {**self.plan.state(), "shadow_dtype": self.shadow_dtype, "rounding": self.rounding, "seed": self.seed}
 
@@ -417,7 +416,7 @@ class Average:
             problems.append(f"missing {missing[:5]}")
         if extra:
             problems.append(f"unexpected {extra[:5]}")
-        arrays = {}
+        arrays, other = {}, state.get("shadow_dtype", self.shadow_dtype) != self.shadow_dtype
         for slot, (n, shape) in enumerate(zip(self.names, self.shapes)):
             if n not in saved:
                 continue
@@ -425,8 +424,8 @@ class Average:
             expected = (self.shadow.rows, *shape)
             if a.shape != expected:
                 problems.append(f"{n} has shape {a.shape}, expected {expected}")
-            elif a.dtype.kind != "f" and a.dtype.name != "bfloat16":
-                problems.append(f"{n} has dtype {a.dtype}, expected a floating dtype")
+            elif wrong := load_dtype_problem(n, a.dtype, self.shadow.view(slot, 0).dtype, other):
+                problems.append(wrong)
             else:
                 arrays[slot] = a
         poisoned = _nonfinite.checked_load(self, arrays, problems, allow_nonfinite)

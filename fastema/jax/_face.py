@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from .. import _backends
-from .._checkpoint_format import refuse_load
 from ..average import (
     HOST_ONLY_REFUSALS,
     Average,
@@ -306,10 +305,6 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         off. An average holding inf or NaN is refused, naming its leaves, unless allowed
         (``allow_nonfinite``, None: :attr:`allow_nonfinite`): then loaded with a warning, for
         :meth:`repair_nonfinite`."""
-        saved = state.get("shadow_dtype") if isinstance(state, dict) else None
-        if saved is not None and str(saved) != str(self._core.shadow_dtype):   # (rounded into it)
-            refuse_load("fastema.jax.EMA", [f"it has a {saved} shadow, this EMA a "
-                                            f"{self._core.shadow_dtype} one (shadow_dtype=)"])
         self._core.load_state_dict(state, allow_nonfinite)
 
     def repair_nonfinite(self, params) -> list[str]:

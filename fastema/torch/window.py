@@ -123,6 +123,8 @@ class _Counts:
     """What a window average's checkpoint keeps besides the model side's tensors (the checkpoint
     side's core): the calls, the snapshots taken, the settings, and the ring (``window=W``)."""
 
+    shadow_dtype = "float32"                    # the mean's row (a window's checkpoint names none)
+
     def __init__(self, side: TorchModel, window: int | None, ring_dtype: str, cadence: Cadence):
         self.side, self.window, self.ring_dtype, self.cadence = side, window, ring_dtype, cadence
         self.snapshots = 1                      # snapshots taken (the construction is the first)

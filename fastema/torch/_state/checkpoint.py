@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..._checkpoint_format import check_header, load_refused, refuse_load
+from ..._checks import load_dtype_problem
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
 from ..._io.safetensors import stream_safetensors, stream_torch_save
@@ -48,7 +49,10 @@ VERSION = 2                                  # 2: sharded averages saved as DTen
 class CheckpointCore(Protocol):
     """What a face keeps in its checkpoint besides the model side's tensors: the engine
     (:class:`~fastema.average.Average`: its plan and counters) or a window's counts and ring.
-    ``plan_state()`` holds ``"calls"`` (``update()`` calls so far), which ``load_plan_state`` loads."""
+    ``plan_state()`` holds ``"calls"`` (``update()`` calls so far), which ``load_plan_state`` loads.
+    ``shadow_dtype``: the averages' setting (a file written with another is not rounded into them)."""
+
+    shadow_dtype: str
 
     def check_row(self, row: int) -> None: ...
 
@@ -288,6 +292,7 @@ class TorchCheckpoint:
         beyond: dict[str, str] = {}                  # of those, finite but past the average's dtype
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
+        other = state.get("shadow_dtype", self.core.shadow_dtype) != self.core.shadow_dtype
 
         def copied_view(n: str) -> torch.Tensor:
             assert copied is not None                # asked of its names only
@@ -333,6 +338,9 @@ class TorchCheckpoint:
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
+                elif finite and (wrong := load_dtype_problem(f"{key} {n!r}", value.dtype, dst.dtype,
+                                                             other)):  # rounded into another shadow
+                    problems.append(wrong)
                 else:
                     if finite and not _lands_finite(value, dst.dtype):
                         poisoned.append(n)

@@ -31,6 +31,7 @@ class Run:
 
     def __init__(self, core: Average, given: tuple):
         self.core, self.given = core, given
+        self.shadow_dtype = core.shadow_dtype     # its averages' setting (CheckpointCore)
         self.id = uuid.uuid4().hex
         self.checked = False
         self.due: tuple | None = None            # (time, updates) of a snapshot due, not written
