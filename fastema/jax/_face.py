@@ -23,8 +23,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _backends
+from .._checkpoint_format import refuse_load
 from ..average import (
     HOST_ONLY_REFUSALS,
     Average,
@@ -297,15 +299,45 @@ class EMA(Face, FaceMemory, FaceNonFinite):
 
     def state_dict(self) -> dict:
         """Everything needed to resume: averages keyed by leaf path (NumPy copies, shape
-        ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`)."""
-        return self._core.state_dict()
+        ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`),
+        and under ``"kept"`` the leaves that are not averaged (integer counters: NumPy copies of
+        their values at the last update, what :meth:`shadow` returns for them)."""
+        kept = {self.names[i]: np.asarray(k[1])
+                for i, k in enumerate(self._others) if k is not None}
+        return {**self._core.state_dict(), "kept": kept}
 
     def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is
         off. An average holding inf or NaN is refused, naming its leaves, unless allowed
         (``allow_nonfinite``, None: :attr:`allow_nonfinite`): then loaded with a warning, for
-        :meth:`repair_nonfinite`."""
+        :meth:`repair_nonfinite`. The leaves that are not averaged take the state's ``"kept"``
+        values (a state without them, written before they were kept, leaves them as they are)."""
+        kept = state.get("kept") if isinstance(state, dict) else None
+        others = self._others if kept is None else self._kept_others(kept)
         self._core.load_state_dict(state, allow_nonfinite)
+        self._others = others
+
+    def _kept_others(self, kept) -> list:
+        """The leaves that are not averaged, as :meth:`_keep_others` holds them, from a state's
+        ``"kept"`` (``leaf path -> array`` of each one's shape and dtype); refused, naming what is
+        off, before anything is loaded."""
+        names = [self.names[i] for i, k in enumerate(self._others) if k is not None]
+        if not isinstance(kept, dict) or sorted(kept) != sorted(names):
+            held = sorted(kept) if isinstance(kept, dict) else kept
+            refuse_load("fastema.jax.EMA", [f"'kept' holds {held!r}, this EMA's leaves that are "
+                                            f"not averaged are {names}"])
+        out: list = [None] * len(self._others)
+        for i, k in enumerate(self._others):
+            if k is not None:
+                shape, dtype, sharding = self._specs[i]
+                a = np.asarray(kept[self.names[i]])
+                if a.shape != tuple(shape) or a.dtype != dtype:
+                    refuse_load("fastema.jax.EMA", [f"'kept' {self.names[i]} is {a.dtype}"
+                                                    f"{list(a.shape)}, expected {np.dtype(dtype)}"
+                                                    f"{list(shape)}"])
+                x = jax.device_put(a, sharding)
+                out[i] = (_ref(x), x)          # a reference that only this copy matches
+        return out
 
     def repair_nonfinite(self, params) -> list[str]:
         """Reset every averaged leaf (and row) holding inf or NaN from ``params`` (the live

@@ -535,3 +535,31 @@ def test_an_array_sharded_over_devices_is_averaged_shard_by_shard():
     assert res["shardings_0"] and res["shardings_1"] and res["equal"]
     assert res["close_0"] < 0.05 and res["close_1"] < 0.05
     assert "was on" in res["moved"] and "Nothing was updated" in res["moved"]
+
+
+def test_a_resume_gives_back_the_leaves_that_are_not_averaged():
+    # shadow() of a resumed EMA gave the integer leaves' values at construction (step 0) until the
+    # next update: the checkpoint kept the averages only
+    p = {"w": jnp.asarray([1.0, 3.0], jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+    src = EMA(p, 0.9)
+    for i in range(1, 4):
+        src.update({"w": p["w"] + i, "step": jnp.asarray(i, jnp.int32)})
+    state = src.state_dict()
+    dst = EMA(p, 0.9)
+    dst.load_state_dict(state)
+    for k, v in src.shadow().items():
+        np.testing.assert_array_equal(dst.shadow()[k], v)
+        assert dst.shadow()[k].dtype == v.dtype
+    dst.update({"w": p["w"] + 4, "step": jnp.asarray(4, jnp.int32)})
+    assert int(dst.shadow()["step"]) == 4
+    old = {k: v for k, v in state.items() if k != "kept"}      # written before the leaves were kept
+    fresh = EMA(p, 0.9)
+    fresh.load_state_dict(old)
+    assert int(fresh.shadow()["step"]) == 0 and fresh.updates == 3
+    refusals = (({"['step']": np.asarray(3, np.int64)}, r"'kept' \['step'\] is int64\[\], expect"),
+                ({}, r"'kept' holds \[\], this EMA's leaves that are not averaged are \[\"\['step"))
+    for bad, match in refusals:
+        other = EMA(p, 0.9)
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict({**state, "kept": bad})
+        assert other.updates == 0 and int(other.shadow()["step"]) == 0
