@@ -60,6 +60,7 @@ class WindowShadow(ShadowBase):
             zero_(g.buffer)
             kind = F64 if g.src_kind == F64 else DTYPES[ring_dtype]     # float64 stays float64
             ring = empty(describe(g.buffer, "shadow"), kind, (window, g.n))
+            zero_(ring)                                 # slots not pushed yet: zeros, saved
             addr = _launch.tables([0] * len(g.counts), g.counts, g.segments(ring), g.device, g.current_stream,
                                    follow=False).shadow_addr
             self._rings.append((kind, ring, addr))

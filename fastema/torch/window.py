@@ -12,7 +12,7 @@ from ..average import Cadence, document
 from ._face.average import TorchAverage
 from ._face.contract import model_parts
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
-from ._state.entries import global_shape, local_part, staged
+from ._state.entries import global_shape, lands_finite, local_part, staged
 from ._tensors.hooks import match_names
 from ._tensors.model import TorchModel
 from ._tensors.selection import SELECTION_DOCS, Selection
@@ -127,6 +127,7 @@ class _Counts:
 
     def __init__(self, side: TorchModel, window: int | None, ring_dtype: str, cadence: Cadence):
         self.side, self.window, self.ring_dtype, self.cadence = side, window, ring_dtype, cadence
+        self._ring: dict = {}                   # a load's ring parts, checked, till written
         self.snapshots = 1                      # snapshots taken (the construction is the first)
 
     def check_row(self, row: int) -> None:
@@ -161,23 +162,50 @@ class _Counts:
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 problems.append(f"{key} must be an int >= {least}, got {v!r}")
         if self.window is not None:
-            avg = self.side.avg
-            ring = state.get("ring")
-            matched = match_names(ring, avg.names)[0] if isinstance(ring, dict) else {}
-            for n in avg.names:
-                v = matched.get(n)
-                want = global_shape(self.side, n, avg.ring_view(n), True)      # no collective
-                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
-                    problems.append(f"ring {n!r} missing or of another shape")
+            if not problems and state["pushes"] != state["snapshots"]:     # each snapshot is a push
+                problems.append(f"pushes {state['pushes']!r} and snapshots {state['snapshots']!r} "
+                                f"differ")
+            self._ring = self._checked_ring(state, problems)
+
+    def _checked_ring(self, state: dict, problems: list) -> dict:
+        """This rank's part of each ring entry of ``state``, checked before anything is written: a
+        floating tensor with values, of the ring's shape, finite as it lands in the ring's dtype
+        where its average is (a snapshot holding inf or NaN makes the running sum so until the
+        window rebuilds it: a finite average beside it is a damaged checkpoint)."""
+        avg, side, parts = self.side.avg, self.side, {}
+        ring, saved = state.get("ring"), state.get("averaged")
+        matched = match_names(ring, avg.names)[0] if isinstance(ring, dict) else {}
+        averaged = match_names(saved, avg.names)[0] if isinstance(saved, dict) else {}
+        pushes = state.get("pushes")
+        filled = min(pushes, avg.window) if isinstance(pushes, int) else avg.window  # pushed: 0..
+        for n in avg.names:
+            v, dst = matched.get(n), avg.ring_view(n)
+            want = global_shape(side, n, dst, True)             # no collective
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
+                problems.append(f"ring {n!r} missing or of another shape")
+            elif v.device.type == "meta" or not v.is_floating_point():
+                problems.append(f"ring {n!r} is a {v.dtype} tensor on {v.device.type}, expected "
+                                f"one holding floating values")
+            else:
+                try:
+                    parts[n] = part = local_part(side, n, v, dst, True)
+                    mean, rows = averaged.get(n), avg.state_view(n)
+                    if not lands_finite(part[:filled], dst.dtype) and \
+                            isinstance(mean, torch.Tensor) and \
+                            lands_finite(local_part(side, n, mean, rows, True), mean.dtype):
+                        problems.append(f"ring {n!r} holds inf or NaN (as it lands in "
+                                        f"{self.ring_dtype}) where its average is finite: a "
+                                        f"damaged checkpoint")
+                except ValueError as e:              # a refusal, as the averages' (checkpoint.py)
+                    problems.append(f"ring {n!r}: {e}")
+        return parts
 
     def load_plan_state(self, state: dict) -> None:
         self.cadence.calls, self.cadence.every = int(state["calls"]), int(state["every"])
         self.snapshots = int(state["snapshots"])
         if self.window is not None:
-            avg = self.side.avg
-            ring = match_names(state["ring"], avg.names)[0]
+            avg, parts, self._ring = self.side.avg, self._ring, {}
             with torch.no_grad():
                 for n in avg.names:
-                    dst = avg.ring_view(n)
-                    dst.copy_(local_part(self.side, n, ring[n], dst, True))
+                    avg.ring_view(n).copy_(parts[n])       # checked by check_plan_state
             avg.pushes = int(state["pushes"])

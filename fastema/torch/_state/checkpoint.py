@@ -32,7 +32,7 @@ from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp
 from .dcp_calls import loading
-from .entries import global_shape, local_part, staged
+from .entries import global_shape, lands_finite, local_part, staged
 from .nonfinite import RECORD, NonFinite, named
 from .slices import full_entry
 
@@ -342,7 +342,7 @@ class TorchCheckpoint:
                                                              other)):  # rounded into another shadow
                     problems.append(wrong)
                 else:
-                    if finite and not _lands_finite(value, dst.dtype):
+                    if finite and not lands_finite(value, dst.dtype):
                         poisoned.append(n)
                         if bool(torch.isfinite(value).all()):  # finite in its own dtype
                             beyond[n] = str(dst.dtype).replace("torch.", "")
@@ -393,11 +393,3 @@ class TorchCheckpoint:
                         for name, t, _, value in self.entries(row)})
         self.nonfinite.refuse("save()", row)
         write()
-
-
-def _lands_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``value`` is finite as it lands in the average (``dtype``: a float64 1e300 lands in a
-    float32 average as inf, a float32 1e5 in a float16 one). A load: one host read an entry."""
-    if value.dtype != dtype and value.is_floating_point():
-        value = value.to(dtype)
-    return bool(torch.isfinite(value).all())

@@ -80,3 +80,11 @@ def local_part(side: TorchModel, name: str, value: torch.Tensor, dst: torch.Tens
     if spec.slices and isinstance(value, SplitEntry):  # a split average's own checkpoint entry
         return piece_of_slices(value, spec)
     return _sharded.piece_of(value, spec)
+
+
+def lands_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is finite as it lands in the average (``dtype``: a float64 1e300 lands in a
+    float32 average as inf, a float32 1e5 in a float16 one). A load: one host read an entry."""
+    if value.dtype != dtype and value.is_floating_point():
+        value = value.to(dtype)
+    return bool(torch.isfinite(value).all())

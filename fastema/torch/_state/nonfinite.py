@@ -29,6 +29,7 @@ import torch
 
 from ... import _backends, _nonfinite
 from ..._nonfinite import RECORD, named, refusal
+from ...flat_window import WindowShadow
 from .._placement.gather import flat
 from .decisions import found_together, joined, mesh_findings
 
@@ -187,3 +188,19 @@ def reset(avg: Any, found: dict[str, list[int]]) -> None:
                 live = flat(live)[first:first + count]
             for r in rows:
                 avg.view(pos, r).copy_(live)
+            if isinstance(avg, WindowShadow):
+                _refill(avg, pos, live)
+
+
+def _refill(avg: WindowShadow, pos: int, live: torch.Tensor) -> None:
+    """A window's tensor ``pos`` started over from ``live``: its mean alone is not enough, its
+    running sum and the snapshots in its ring keep the inf or NaN, and the next pushes brought it
+    back. Every slot of the ring holds ``live`` as stored, the sum the snapshots in the window
+    times that (no compensation), the mean that: the window as if ``live`` had been pushed each
+    time."""
+    ring, state = avg.ring_view(pos), avg.state_view(pos)
+    ring.copy_(live.reshape(ring.shape[1:]).unsqueeze(0).expand_as(ring))
+    stored = ring[0].to(state.dtype)
+    state[0].copy_(stored)
+    state[1].copy_(stored * min(avg.pushes, avg.window))
+    state[2].zero_()
