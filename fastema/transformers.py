@@ -207,6 +207,14 @@ class EMACallback(TrainerCallback):
             raise RuntimeError("EMACallback.on_train_begin was called without the model; it is a "
                                "transformers.Trainer callback: pass it in Trainer(callbacks=[...])")
         trainer, resume = self._find_trainer()
+        handler = trainer.callback_handler.callbacks if trainer is not None else []
+        saves = getattr(args.save_strategy, "value", args.save_strategy) != "no" or resume is not None
+        if saves and sum(isinstance(cb, EMACallback) for cb in handler) > 1:
+            raise ValueError("one EMACallback per Trainer that saves: each writes its EMA to "
+                             "fastema_ema.safetensors in the checkpoint folder, so a second one's "
+                             "file takes the first's place (and, at a resume, its decay); average "
+                             "several decays with one, EMACallback(decay=[0.999, 0.9999]) (the "
+                             "first is the one evaluated)")
         if self.eval_with_ema:
             if trainer is None:
                 raise RuntimeError("EMACallback(eval_with_ema=True) could not find the transformers.Trainer that "

@@ -372,6 +372,26 @@ def test_a_lora_model_averages_and_exports_only_its_adapters(tmp_path):
         assert torch.equal(loaded[n], averaged[n]) and not torch.equal(p, averaged[n]), n
 
 
+def test_a_second_emacallback_is_refused_before_training(tmp_path):
+    """Two EMACallbacks wrote one fastema_ema.safetensors: the second's took the first's place, and
+    at a resume the first callback took the second's average and decay without a word. Refused when
+    training begins, before a step, with the one-callback way to keep several decays (a Trainer that
+    saves nothing takes several: test_bema_equals_trl_bemacallback_on_the_same_run)."""
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    two = [EMACallback(decay=0.9), EMACallback(decay=0.99)]
+    saving = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = Trainer(model=model, args=saving, train_dataset=Tokens(8, 0), callbacks=two)
+    with pytest.raises(ValueError, match=r"one EMACallback per Trainer that saves.*decay=\[0.99"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(pathlib.Path(tmp_path).glob("checkpoint-*"))
+    one = EMACallback(decay=[0.9, 0.99])                  # the way it names: both decays, one file
+    Trainer(model=model, args=arguments(tmp_path / "one", max_steps=2), train_dataset=Tokens(8, 0),
+            callbacks=[one]).train()
+    assert one.ema.updates == 2 and list(one.ema.decay) == [0.9, 0.99]
+
+
 def test_bad_options_are_refused_at_construction():
     with pytest.raises(TypeError, match=r"unknown EMA option\(s\) \['decya'\]; the options are update_every, .*"
                                         r"trainable_only"):
