@@ -208,7 +208,8 @@ class EMACallback(TrainerCallback):
                                "transformers.Trainer callback: pass it in Trainer(callbacks=[...])")
         trainer, resume = self._find_trainer()
         handler = trainer.callback_handler.callbacks if trainer is not None else []
-        saves = getattr(args.save_strategy, "value", args.save_strategy) != "no" or resume is not None
+        strategy = args.save_strategy
+        saves = resume is not None or getattr(strategy, "value", strategy) != "no"
         if saves and sum(isinstance(cb, EMACallback) for cb in handler) > 1:
             raise ValueError("one EMACallback per Trainer that saves: each writes its EMA to "
                              "fastema_ema.safetensors in the checkpoint folder, so a second one's "
