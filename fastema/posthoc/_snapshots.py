@@ -132,6 +132,11 @@ def snapshot_at(directory: str, name: str) -> Snapshot | None:
             raise ValueError(f"{path!r} is a safetensors file, but its metadata says kind {m.kind!r}")
     else:
         return None
+    own = f"snapshot-{stamp(m.time)}{os.path.splitext(name)[1]}"
+    if name != own:                               # a writer at that time would replace it
+        raise ValueError(f"{path!r} holds the snapshot of time {m.time:g} (its metadata), whose "
+                         f"name is {own!r}: was it renamed? Give it its name back, or move it out "
+                         f"of the folder")
     return Snapshot(data, m.time, m.updates, m.gammas, m.averaged, m.others, m.kind, m.shapes, m.run_id, m)
 
 

@@ -187,7 +187,7 @@ class PostHocEMA(EMA):
         before = self.plan.updates
         super()._eager_update(step)
         n = self.plan.updates
-        if n == before or not writes:
+        if n == before or not writes or self.plan.last_time <= 0:   # time 0: see snapshot()
             return
         if self._run.due is None:
             self._run.due = (self.plan.last_time, n)
@@ -231,6 +231,11 @@ class PostHocEMA(EMA):
         self._core.plan_now(replayed=True)      # the time CUDA graph replays counted on the device
         if self.plan.updates == 0:
             raise RuntimeError("PostHocEMA.snapshot() before any update(): there is no profile to store yet")
+        if self.plan.last_time <= 0:             # the cadence's writes skip it too
+            raise RuntimeError("PostHocEMA.snapshot() at time 0 (the last update(step=0)): every "
+                               "profile of time 0 is the weights it began from, which synthesis "
+                               "cannot use (a stored profile's time is > 0); take it after an update "
+                               "at a later step")
         self._check_folder(writing=True, stacklevel=2)
         return self._write(applied=False)
 

@@ -546,3 +546,43 @@ def test_every_command_line_option_has_help_and_its_default(capsys):
         text = " ".join(blocks[option].split()[2:])
         assert len(text) > 20 and "default" in text, (option, blocks[option])
     assert "(default: 0.05)" in " ".join(blocks["--max-error"].split())
+
+
+def test_no_snapshot_at_time_0(tmp_path):
+    """A loop passing its global step from 0 wrote a snapshot of time 0 (snapshot_every=1, or
+    snapshot() after the first update), and every synthesis of the folder was refused from then on
+    without naming the file: the cadence skips time 0, and snapshot() there says why it cannot."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    ph = PostHocEMA(m, sigma_rels=(0.05, 0.1), snapshot_every=1, path=str(tmp_path / "a"))
+    ph.update(step=0)
+    with pytest.raises(RuntimeError, match=r"snapshot\(\) at time 0 .*after an update at a later"):
+        ph.snapshot()
+    for step in range(1, 40):
+        with torch.no_grad():
+            m.weight.add_(0.01)
+        ph.update(step=step)
+    names = sorted(p.name for p in (tmp_path / "a").glob("snapshot-*"))
+    assert len(names) == 39 and not any(n.startswith("snapshot-000000000000.") for n in names)
+    assert ph.synthesize(0.07).solution.error < 1e-2
+
+
+def test_a_renamed_snapshot_is_refused_not_overwritten(tmp_path):
+    """A snapshot renamed to the name of a time still to come (snapshot-…40 holding time 10) was
+    replaced by the writer at time 40 without a word, and time 10 was lost: a file whose name is
+    not its time's is refused by name, before the update that would write over it."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    folder = tmp_path / "s"
+    ph = PostHocEMA(m, sigma_rels=(0.05, 0.1), snapshot_every=10, path=str(folder))
+    for step in range(1, 36):
+        ph.update(step=step)
+    (folder / "snapshot-000000000010.safetensors").rename(folder / "snapshot-000000000040"
+                                                                    ".safetensors")
+    kept = (folder / "snapshot-000000000040.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"snapshot-000000000040.safetensors' holds the snapshot of "
+                                         r"time 10 \(its metadata\), whose name is 'snapshot-0+10"):
+        for step in range(36, 41):
+            ph.update(step=step)
+    assert ph.updates == 39                                   # the update that would write: refused
+    assert (folder / "snapshot-000000000040.safetensors").read_bytes() == kept
