@@ -325,7 +325,8 @@ class Attachment:
         elif entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "
                           f"attach(), or by an older fastema): the attached {self.kind} starts "
-                          f"over from the model's weights at the next optimizer step",
+                          f"over from the model's weights at the next optimizer step, unless it "
+                          f"holds updates made in this process (then it is kept as it is)",
                           UserWarning, stacklevel=3)
         if entry is None:
             self.pending = self.arm_restart

@@ -3,6 +3,7 @@ same average updated by hand and a float64 reference; GradScaler's skipped steps
 step() not run; fused: run with found_inf set) and DCP's lr-0 dummy step do not update; the
 optimizer's state dict carries the whole average (weights_only) and resumes a float32 average of
 bfloat16 weights bit for bit; an old checkpoint starts over with one warning; the refusals."""
+import copy
 import warnings
 
 import pytest
@@ -314,3 +315,26 @@ def test_a_fused_skip_leaves_the_copied_buffers_too():
     scaler.update()
     assert not torch.equal(model[1].running_mean, copied["1.running_mean"])
     assert all(torch.equal(v, ema.state_dict()["copied"][k]) for k, v in copied.items())
+
+
+def test_an_entryless_load_mid_run_keeps_the_average_and_says_so():
+    """An optimizer state without the entry loaded mid-run into an attached EMA with updates: the load
+    warned that the average starts over, then the next step kept it with a second warning saying the
+    opposite (review of round 10). The first warning now says which: kept where this process updated
+    it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before_attach = copy.deepcopy(opt.state_dict())
+    ema = EMA(model, decay=0.9).attach(opt)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(UserWarning, match=r"holds no 'fastema' entry.*unless it holds updates made in "
+                                         r"this process \(then it is kept as it is\)"):
+        opt.load_state_dict(before_attach)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(UserWarning, match="kept as it is, not started over"):
+        opt.step()
+    assert ema.updates == 4
