@@ -2,13 +2,14 @@
 ``AveragedModel(model, multi_avg_fn=...)`` (and so Lightning's weight-averaging callbacks).
 
 Deviations: none in the arithmetic of the float32 / bfloat16 / float16 groups; float64, complex
-and integer groups keep torch's own arithmetic.
+and integer groups keep torch's own arithmetic, and so do the pairs the kernels do not take (a
+weight laid out unlike its copy, meta tensors: ``_common.lerp_pairs``).
 """
 from __future__ import annotations
 
 import torch
 
-from ...ops import ema_update_many_
+from ._common import lerp_pairs
 
 __all__ = ["get_ema_multi_avg_fn"]
 
@@ -24,7 +25,10 @@ def get_ema_multi_avg_fn(decay: float = 0.999):
         # AveragedModel groups by (device, dtype); fastema takes the float32/bfloat16/float16
         # groups, anything else (float64, integer buffers) gets torch's own arithmetic.
         if ema_param_list[0].dtype in (torch.float32, torch.bfloat16, torch.float16):
-            ema_update_many_(ema_param_list, current_param_list, decay)
+            # torch's own lerp for the pairs the kernels do not take (a weight laid out unlike its
+            # copy, channels_last after the copy was made; meta tensors), as the other drop-ins
+            lerp_pairs(ema_param_list, current_param_list, 1 - decay,
+                       names=("ema_param_list", "current_param_list"))
         elif torch.is_floating_point(ema_param_list[0]) or torch.is_complex(ema_param_list[0]):
             torch._foreach_lerp_(ema_param_list, current_param_list, 1 - decay)
         else:

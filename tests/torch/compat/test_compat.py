@@ -1,5 +1,6 @@
 """fastema.torch.compat against the libraries it replaces."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -380,3 +381,30 @@ def test_tied_weights_in_model_ema_v3_are_averaged_once_and_deterministically():
         assert torch.equal(ema.module.emb.weight, ref)
         assert ema.module.head.weight is ema.module.emb.weight
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("change", ["channels_last", "transposed"])
+def test_multi_avg_fn_takes_what_torch_takes_after_the_model_changed_layout(change):
+    """``get_ema_multi_avg_fn`` refused a model moved to channels_last after its AveragedModel was
+    made, and a weight transposed in place (``p.data = p.data.t()``): "laid out differently". As
+    the other drop-ins, the pairs the kernels do not take get torch's own lerp: the result is
+    torch's get_ema_multi_avg_fn's, bit for bit."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4))
+    averaged = []
+    for fn in (compat.get_ema_multi_avg_fn(0.9), torch_multi_avg_fn(0.9)):
+        model = copy.deepcopy(base)
+        avg = AveragedModel(model, multi_avg_fn=fn)
+        if change == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        else:
+            model[1].weight.data = model[1].weight.data.t()
+        torch.manual_seed(1)                          # the same steps on both sides
+        for _ in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            avg.update_parameters(model)
+        averaged.append(avg.module.state_dict())
+    for k, v in averaged[1].items():
+        assert torch.equal(averaged[0][k], v), k
