@@ -58,8 +58,8 @@ class Run:
         if run_id is not None and not valid_run_id(run_id):
             problems.append(f"run_id must be the id of a PostHocEMA run, got {run_id!r}")
         saved = state.get("schedules")
-        if not isinstance(saved, list) or len(saved) != self.core.plan.rows:
-            return                                        # the plan names a count that differs
+        if not isinstance(saved, list) or not saved:
+            return                                        # the plan says what is wrong
         kinds = [s.get("kind") if isinstance(s, dict) else None for s in saved]
         mine = [round(s, 4) for s in self.sigma_rels]
         if any(k != "power_function" for k in kinds):
@@ -73,7 +73,8 @@ class Run:
             theirs = [float(s["gamma"]) for s in saved]
         except (KeyError, TypeError, ValueError):
             return                                        # the plan reports an unreadable schedule
-        if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(theirs, self.gammas)):
+        if len(theirs) != len(self.gammas) or \
+                any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(theirs, self.gammas)):
             widths: list = []
             try:
                 widths = [round(gamma_to_sigma_rel(g), 4) for g in theirs]
