@@ -593,9 +593,9 @@ def test_a_checkpoint_of_another_number_of_profiles_names_both_widths(tmp_path):
     # shapes and decay counts only
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
-    two = PostHocEMA(m, sigma_rels=(0.05, 0.1), path=str(tmp_path / "a"))
+    two = PostHocEMA(m, sigma_rels=(0.05, 0.1), snapshot_every=10, path=str(tmp_path / "a"))
     two.update(step=1)
-    three = PostHocEMA(m, sigma_rels=(0.05, 0.1, 0.15), path=str(tmp_path / "b"))
+    three = PostHocEMA(m, sigma_rels=(0.05, 0.1, 0.15), snapshot_every=10, path=str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"its profiles are sigma_rels=\[0.05, 0.1\] .*tracks "
                                          r"sigma_rels=\[0.05, 0.1, 0.15\].*sigma_rels=\(0.05, 0.1\)"):
         three.load_state_dict(two.state_dict())
