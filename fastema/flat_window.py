@@ -145,6 +145,8 @@ class WindowShadow(ShadowBase):
         self._swap.refuse("restart()")
         for g in self.layout.groups:
             zero_(g.buffer)
+        for _, ring, _ in self._rings:                  # the slots not pushed again: zeros, saved
+            zero_(ring)
         self.pushes = 0
         self.push()
 

@@ -302,9 +302,15 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         ``(rows, *shape)``), counters and settings (:meth:`fastema.average.Average.state_dict`),
         and under ``"kept"`` the leaves that are not averaged (integer counters: NumPy copies of
         their values at the last update, what :meth:`shadow` returns for them)."""
-        kept = {self.names[i]: np.asarray(k[1])
-                for i, k in enumerate(self._others) if k is not None}
+        kept = {self.names[i]: np.asarray(self._others[i][1]) for i in self._kept()}
         return {**self._core.state_dict(), "kept": kept}
+
+    def _kept(self) -> list[int]:
+        """The leaves a state keeps under ``"kept"``: those not averaged, but typed PRNG keys
+        (``jax.random.key``: no NumPy array holds one; a load leaves them as they are)."""
+        key = jax.dtypes.prng_key
+        return [i for i, k in enumerate(self._others)
+                if k is not None and not jax.dtypes.issubdtype(self._specs[i][1], key)]
 
     def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
         """Restore :meth:`state_dict`; checks everything first and changes nothing if anything is
@@ -321,22 +327,22 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         """The leaves that are not averaged, as :meth:`_keep_others` holds them, from a state's
         ``"kept"`` (``leaf path -> array`` of each one's shape and dtype); refused, naming what is
         off, before anything is loaded."""
-        names = [self.names[i] for i, k in enumerate(self._others) if k is not None]
+        mine = self._kept()
+        names = [self.names[i] for i in mine]
         if not isinstance(kept, dict) or sorted(kept) != sorted(names):
             held = sorted(kept) if isinstance(kept, dict) else kept
             refuse_load("fastema.jax.EMA", [f"'kept' holds {held!r}, this EMA's leaves that are "
                                             f"not averaged are {names}"])
-        out: list = [None] * len(self._others)
-        for i, k in enumerate(self._others):
-            if k is not None:
-                shape, dtype, sharding = self._specs[i]
-                a = np.asarray(kept[self.names[i]])
-                if a.shape != tuple(shape) or a.dtype != dtype:
-                    refuse_load("fastema.jax.EMA", [f"'kept' {self.names[i]} is {a.dtype}"
-                                                    f"{list(a.shape)}, expected {np.dtype(dtype)}"
-                                                    f"{list(shape)}"])
-                x = jax.device_put(a, sharding)
-                out[i] = (_ref(x), x)          # a reference that only this copy matches
+        out: list = list(self._others)                 # typed keys: as they are
+        for i in mine:
+            shape, dtype, sharding = self._specs[i]
+            a = np.asarray(kept[self.names[i]])
+            if a.shape != tuple(shape) or a.dtype != dtype:
+                refuse_load("fastema.jax.EMA", [f"'kept' {self.names[i]} is {a.dtype}"
+                                                f"{list(a.shape)}, expected {np.dtype(dtype)}"
+                                                f"{list(shape)}"])
+            x = jax.device_put(a, sharding)
+            out[i] = (_ref(x), x)              # a reference that only this copy matches
         return out
 
     def repair_nonfinite(self, params) -> list[str]:

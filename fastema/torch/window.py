@@ -177,7 +177,8 @@ class _Counts:
         matched = match_names(ring, avg.names)[0] if isinstance(ring, dict) else {}
         averaged = match_names(saved, avg.names)[0] if isinstance(saved, dict) else {}
         pushes = state.get("pushes")
-        filled = min(pushes, avg.window) if isinstance(pushes, int) else avg.window  # pushed: 0..
+        window = cast(int, self.window)                 # (a ring: a window's)
+        filled = min(pushes, window) if isinstance(pushes, int) else window   # slots 0.. pushed
         for n in avg.names:
             v, dst = matched.get(n), avg.ring_view(n)
             want = global_shape(side, n, dst, True)             # no collective

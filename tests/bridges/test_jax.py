@@ -563,3 +563,18 @@ def test_a_resume_gives_back_the_leaves_that_are_not_averaged():
         with pytest.raises(ValueError, match=match):
             other.load_state_dict({**state, "kept": bad})
         assert other.updates == 0 and int(other.shadow()["step"]) == 0
+
+
+def test_a_typed_prng_key_leaf_saves_and_loads():
+    # state_dict() raised TypeError once it kept the leaves that are not averaged: no NumPy array
+    # holds a typed key (jax.random.key); it is left as it is at a load, as before
+    p = {"w": jnp.ones(3), "rng": jax.random.key(0), "step": jnp.asarray(0, jnp.int32)}
+    src = EMA(p, 0.9)
+    src.update({"w": jnp.full(3, 2.0), "rng": jax.random.key(1), "step": jnp.asarray(1, jnp.int32)})
+    state = src.state_dict()
+    assert sorted(state["kept"]) == ["['step']"]
+    dst = EMA(p, 0.9)
+    dst.load_state_dict(state)
+    out = dst.shadow()
+    assert int(out["step"]) == 1 and out["rng"].dtype == p["rng"].dtype
+    np.testing.assert_array_equal(out["w"], src.shadow()["w"])

@@ -29,7 +29,7 @@ import torch
 
 from ... import _backends, _nonfinite
 from ..._nonfinite import RECORD, named, refusal
-from ...flat_window import WindowShadow
+from ..._shadow import WindowingShadow
 from .._placement.gather import flat
 from .decisions import found_together, joined, mesh_findings
 
@@ -188,19 +188,21 @@ def reset(avg: Any, found: dict[str, list[int]]) -> None:
                 live = flat(live)[first:first + count]
             for r in rows:
                 avg.view(pos, r).copy_(live)
-            if isinstance(avg, WindowShadow):
+            if isinstance(avg, WindowingShadow):        # a window's, or one split over replicas
                 _refill(avg, pos, live)
 
 
-def _refill(avg: WindowShadow, pos: int, live: torch.Tensor) -> None:
+def _refill(avg: WindowingShadow, pos: int, live: torch.Tensor) -> None:
     """A window's tensor ``pos`` started over from ``live``: its mean alone is not enough, its
     running sum and the snapshots in its ring keep the inf or NaN, and the next pushes brought it
     back. Every slot of the ring holds ``live`` as stored, the sum the snapshots in the window
     times that (no compensation), the mean that: the window as if ``live`` had been pushed each
     time."""
     ring, state = avg.ring_view(pos), avg.state_view(pos)
-    ring.copy_(live.reshape(ring.shape[1:]).unsqueeze(0).expand_as(ring))
+    count = min(avg.pushes, ring.shape[0])          # the slots pushed, 0.. (ring: (window, ...))
+    pushed = ring[:count]
+    pushed.copy_(live.reshape(ring.shape[1:]).unsqueeze(0).expand_as(pushed))
     stored = ring[0].to(state.dtype)
     state[0].copy_(stored)
-    state[1].copy_(stored * min(avg.pushes, avg.window))
+    state[1].copy_(stored * count)
     state[2].zero_()
