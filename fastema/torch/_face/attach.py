@@ -320,7 +320,9 @@ class Attachment:
             warnings.warn(f"the optimizer state dict's {KEY!r} entry was saved while the attached "
                           f"{self.kind} waited to start over (a checkpoint without the average "
                           f"had been loaded, and no step made since): it starts over from the "
-                          f"model's weights at the next optimizer step", UserWarning, stacklevel=3)
+                          f"model's weights at the next optimizer step, unless it holds updates "
+                          f"made in this process (then it is kept as it is)", UserWarning,
+                          stacklevel=3)
             entry = None
         elif entry is None:
             warnings.warn(f"the optimizer state dict holds no {KEY!r} entry (saved before "

@@ -293,6 +293,14 @@ class TorchCheckpoint:
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
         other = state.get("shadow_dtype", self.core.shadow_dtype) != self.core.shadow_dtype
+        setting = state.get("shadow_dtype")
+
+        def written(value: torch.Tensor, dst: torch.Tensor):
+            """The dtype an average was saved in: its file's setting where it names one (dcp.load
+            hands over the values converted into this EMA's own state_dict(), its dtype), else the
+            value's; a float64 average's is float64 under any setting."""
+            named = setting in ("float32", "bfloat16", "float16") and dst.dtype != torch.float64
+            return setting if named else value.dtype
 
         def copied_view(n: str) -> torch.Tensor:
             assert copied is not None                # asked of its names only
@@ -338,8 +346,8 @@ class TorchCheckpoint:
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
-                elif finite and (wrong := load_dtype_problem(f"{key} {n!r}", value.dtype, dst.dtype,
-                                                             other)):  # rounded into another shadow
+                elif finite and (wrong := load_dtype_problem(f"{key} {n!r}", written(value, dst),
+                                                             dst.dtype, other)):  # rounded into it
                     problems.append(wrong)
                 else:
                     if finite and not lands_finite(value, dst.dtype):

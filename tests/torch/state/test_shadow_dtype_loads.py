@@ -56,3 +56,27 @@ def test_a_float64_source_keeps_a_float64_shadow_whatever_the_setting():
     dst = EMA(model, decay=0.9, shadow_dtype="bfloat16")
     dst.load_state_dict(src.state_dict())
     assert torch.equal(dst.state_dict()["averaged"]["weight"], src.state_dict()["averaged"]["weight"])
+
+
+def test_a_dcp_load_is_refused_by_the_files_setting(tmp_path):
+    # dcp.load fills the host copies this EMA's state_dict() hands out, in its own dtype: the values
+    # reach load_state_dict already rounded, and the file's shadow_dtype is what tells (review)
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    src = _trained(torch.nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # (one process: no process group)
+        dcp.save({"ema": src}, checkpoint_id=str(tmp_path))
+        dst = EMA(torch.nn.Linear(4, 3), decay=0.9, shadow_dtype="bfloat16")
+        before = dst.state_dict()["averaged"]["weight"].clone()
+        with pytest.raises(ValueError, match=r"saved as float32, this EMA keeps it as bfloat16"):
+            dcp.load({"ema": dst}, checkpoint_id=str(tmp_path))
+        assert dst.updates == 0
+        after = dst.state_dict()["averaged"]["weight"]
+        assert torch.equal(after.view(torch.int16), before.view(torch.int16))
+        wide = EMA(torch.nn.Linear(4, 3), decay=0.9, shadow_dtype="float64")
+        dcp.load({"ema": wide}, checkpoint_id=str(tmp_path))       # a wider shadow: exact
+    saved = src.state_dict()["averaged"]["weight"]
+    assert torch.equal(wide.state_dict()["averaged"]["weight"], saved.double())
