@@ -184,9 +184,10 @@ class _Counts:
             want = global_shape(side, n, dst, True)             # no collective
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want):
                 problems.append(f"ring {n!r} missing or of another shape")
-            elif v.device.type == "meta" or not v.is_floating_point():
-                problems.append(f"ring {n!r} is a {v.dtype} tensor on {v.device.type}, expected "
-                                f"one holding floating values")
+            elif v.is_meta or not v.is_floating_point():
+                meta = "meta " if v.is_meta else ""
+                problems.append(f"ring {n!r} is a {meta}tensor of {v.dtype}, expected one holding "
+                                f"floating values")
             else:
                 try:
                     parts[n] = part = local_part(side, n, v, dst, True)

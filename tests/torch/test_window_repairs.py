@@ -38,13 +38,13 @@ def _same(a: tuple, b: tuple) -> bool:
 
 @pytest.mark.parametrize("damage, match", [
     (lambda sd: sd["ring"].__setitem__("0.bias", torch.empty(sd["ring"]["0.bias"].shape, device="meta")),
-     r"ring '0.bias' is a torch.float32 tensor on meta"),
+     r"ring '0.bias' is a meta tensor of torch.float32"),
     (lambda sd: sd["ring"]["0.weight"].view(-1).__setitem__(0, float("nan")),
      r"ring '0.weight' holds inf or NaN \(as it lands in float32\) where its average is finite"),
     (lambda sd: sd["ring"].__setitem__("0.weight", sd["ring"]["0.weight"].double().fill_(1e300)),
      r"ring '0.weight' holds inf or NaN \(as it lands in float32\)"),
     (lambda sd: sd["ring"].__setitem__("0.bias", sd["ring"]["0.bias"].to(torch.complex64)),
-     r"ring '0.bias' is a torch.complex64 tensor"),
+     r"ring '0.bias' is a tensor of torch.complex64"),
     (lambda sd: sd.__setitem__("pushes", 1), r"pushes 1 and snapshots 5 differ"),
 ])
 def test_a_damaged_ring_or_count_is_refused_and_nothing_changes(damage, match):
