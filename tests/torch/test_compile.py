@@ -495,7 +495,9 @@ def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
     """The compiled step with ema.update() has the kernels of the same step with torch._foreach_lerp_ over
     shadows of its own, calls no operator (it called fastema::update_, which ran the eager update) and
     allocates nothing at a call (the counters advanced in their own inputs, in place: one tensor of them
-    read and written in the graph took a buffer a call)."""
+    read and written in the graph took a buffer a call). Its inputs are the other step's and two views
+    of the device plan's counters (calls and updates in one): each input costs every call its guard and
+    its size check (~7k instructions on the CPU), and the three counters were three inputs."""
     from torch._inductor.utils import run_and_get_code
 
     model = _model()
@@ -518,6 +520,9 @@ def test_the_plain_update_adds_no_kernel_and_no_operator_to_the_compiled_step():
     codes = [run_and_get_code(torch.compile(fn, fullgraph=True))[1] for fn in (with_ema, with_foreach)]
     ours, theirs = ("\n".join(c) for c in codes)
     assert _kernels(ours) == _kernels(theirs) == (1, [], 0), (_kernels(ours), _kernels(theirs))
+    inputs = [len(re.findall(r"\barg\d+_1\b", c.split("def call(")[-1].partition("= args")[0]))
+              for c in (ours, theirs)]
+    assert inputs == [inputs[1] + 2, 3 * len(params)], inputs
     assert "fastema" not in ours
     assert ema.updates == 1                             # counted in the graph
 

@@ -60,7 +60,9 @@ class Lowered:
       one device);
     - ``copies``: the copied and integer buffers' destinations (the sources after the ``n``
       averaged);
-    - ``plans``: per device, views of the plan's counters ``(calls, updates, last, norms)``.
+    - ``plans``: per device, views of the plan's counters ``(calls and updates, last, norms)``:
+      calls and updates one view, both advanced by one (each tensor input costs the compiled
+      step ~7k instructions at every call: its guard and its size check).
 
     ``ready`` is False where the average is not the plain case (see the module docstring; what may
     change between calls, the options and the schedule, is read while tracing)."""
@@ -72,7 +74,8 @@ class Lowered:
         for device, d in self.device_plan.devices.items():
             state = d.arrays["state"]
             at = DevicePlan.STATE
-            counters = [state[at[k]:at[k] + 1] for k in ("calls", "updates", "last")]
+            assert at["updates"] == at["calls"] + 1, "calls and updates read as one view"
+            counters = [state[at["calls"]:at["updates"] + 1], state[at["last"]:at["last"] + 1]]
             self.plans[device] = static(counters + [state[at["norms"]:]])
         self.ready, self.n = False, 0
         self.sources: list = []
@@ -163,9 +166,9 @@ def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
     """The plan kernel's step (``kernels._stats.plan_step``, a due call with no ``step=``) on one
     device's counters, in the graph, advanced in place; returns each row's weight: a Python float
     where it is one (a constant decay, not debiased: the lerp's constant), else a float64 tensor."""
-    calls, updates, last, norms = counters
-    n = updates[0] + 1.0
-    t = calls[0] + 1.0
+    calls_updates, last, norms = counters
+    t = calls_updates[0] + 1.0
+    n = calls_updates[1] + 1.0
     out, new_norms = [], []
     for i, row in enumerate(rows):
         d = _decay(kind, row, n, last[0], t)
@@ -177,8 +180,7 @@ def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
             out.append(1.0 - d)
     if debias:
         norms.copy_(torch.stack(new_norms))
-    calls.copy_(t)
-    updates.copy_(n)
+    calls_updates.add_(1.0)
     last.copy_(t)
     return out
 
