@@ -50,13 +50,15 @@ _EXACT = {("float16", "float32"), ("float16", "float64"), ("bfloat16", "float32"
           ("bfloat16", "float64"), ("float32", "float64")}
 
 
-def load_dtype_problem(name: str, saved: Any, shadow: Any, resumed: Any) -> str | None:
+def load_dtype_problem(name: str, saved: Any, shadow: Any, state: dict, setting: Any) -> str | None:
     """Why an average saved as ``saved`` does not load into a shadow of dtype ``shadow`` (NumPy's,
-    JAX's or torch's dtypes), or None. ``resumed``: whether the file was written with another
-    ``shadow_dtype`` than this EMA's: then an average its shadow would round is refused (a resume
-    with another shadow dtype, which every face refuses), and one it holds exactly (the same dtype,
-    a wider one, a ``"same"`` shadow of that dtype) loads. Arrays of another dtype in a state of
-    this EMA's own setting are converted, their finiteness checked as they land."""
+    JAX's or torch's dtypes), or None. Where the state was written with another ``shadow_dtype``
+    than this EMA's ``setting`` (its ``"shadow_dtype"`` entry; none: the same), an average its
+    shadow would round is refused (a resume with another shadow dtype, which every face refuses),
+    and one it holds exactly (the same dtype, a wider one, a ``"same"`` shadow of that dtype)
+    loads. Arrays of another dtype in a state of this EMA's own setting are converted, their
+    finiteness checked as they land."""
+    resumed = state.get("shadow_dtype", setting) != setting
     a, b = (str(getattr(d, "name", d)).replace("torch.", "") for d in (saved, shadow))
     if not a.startswith("float") and a != "bfloat16":
         return f"{name} has dtype {a}, expected a floating dtype"

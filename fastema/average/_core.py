@@ -416,7 +416,7 @@ class Average:
             problems.append(f"missing {missing[:5]}")
         if extra:
             problems.append(f"unexpected {extra[:5]}")
-        arrays, other = {}, state.get("shadow_dtype", self.shadow_dtype) != self.shadow_dtype
+        arrays = {}
         for slot, (n, shape) in enumerate(zip(self.names, self.shapes)):
             if n not in saved:
                 continue
@@ -424,7 +424,8 @@ class Average:
             expected = (self.shadow.rows, *shape)
             if a.shape != expected:
                 problems.append(f"{n} has shape {a.shape}, expected {expected}")
-            elif wrong := load_dtype_problem(n, a.dtype, self.shadow.view(slot, 0).dtype, other):
+            elif wrong := load_dtype_problem(n, a.dtype, self.shadow.view(slot, 0).dtype, state,
+                                              self.shadow_dtype):
                 problems.append(wrong)
             else:
                 arrays[slot] = a

@@ -292,7 +292,6 @@ class TorchCheckpoint:
         beyond: dict[str, str] = {}                  # of those, finite but past the average's dtype
         side = self.side
         avg, copied, ints = side.avg, side.copy, side.int_buffers
-        other = state.get("shadow_dtype", self.core.shadow_dtype) != self.core.shadow_dtype
         setting = state.get("shadow_dtype")
 
         def written(value: torch.Tensor, dst: torch.Tensor):
@@ -346,8 +345,8 @@ class TorchCheckpoint:
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
-                elif finite and (wrong := load_dtype_problem(f"{key} {n!r}", written(value, dst),
-                                                             dst.dtype, other)):  # rounded into it
+                elif finite and (wrong := load_dtype_problem(     # rounded into it
+                        f"{key} {n!r}", written(value, dst), dst.dtype, state, self.core.shadow_dtype)):
                     problems.append(wrong)
                 else:
                     if finite and not lands_finite(value, dst.dtype):
