@@ -39,7 +39,14 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
         return snaps
     if isinstance(time, bool) or not isinstance(time, numbers.Real) or not math.isfinite(time):
         raise ValueError(f"time must be a finite number, got {time!r}")
-    return [s for s in snaps if s.time <= float(time)] or snaps
+    chosen = [s for s in snaps if s.time <= float(time)]
+    later = sorted({s.time for s in snaps if s.time > float(time)})
+    if chosen and later and (before := max(s.time for s in chosen)) < float(time):
+        raise ValueError(f"time={time!r} falls between the snapshots at {before:g} and {later[0]:g}: a "
+                         f"profile is combined from the snapshots up to its time, and the last of them "
+                         f"must be at that time. Ask for a snapshot's time, such as {before:g} or "
+                         f"{later[0]:g}")
+    return chosen or snaps
 
 
 class SynthesisPlan:

@@ -2,10 +2,12 @@
 the snapshots that :mod:`fastema.posthoc` synthesises other profiles from."""
 from __future__ import annotations
 
+import difflib
 import errno as _errno
 import functools
+import inspect
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +46,10 @@ from .ema import EMA, ema_parts
 __all__ = ["PostHocEMA"]
 
 _SNAPSHOT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_OPTIONS = set(inspect.signature(ema_parts).parameters) - {"model", "decay", "kind", "run", "lowered"}
+"""The keywords :class:`PostHocEMA` hands to the EMA it is (``ema_parts``'s public options)."""
 
 
 class PostHocEMA(EMA):
@@ -118,8 +124,16 @@ class PostHocEMA(EMA):
             raise TypeError("PostHocEMA takes no offload=: it keeps its profiles on the weights' "
                             "device. For an average held in host memory, use "
                             "EMA(model, decay, offload='cpu')")
+        if unknown := sorted(set(kwargs) - _OPTIONS):
+            near = difflib.get_close_matches(unknown[0], sorted(_OPTIONS | {"snapshot_every", "path"}), 1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(f"PostHocEMA() got an unexpected keyword argument {unknown[0]!r}{hint}")
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
+        if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
+            raise TypeError(f"sigma_rels must be a number or a sequence of numbers (the profiles' "
+                            f"widths, such as (0.05, 0.10)), got {type(sigma_rels).__name__} "
+                            f"{sigma_rels!r}")
         sigma_rels = tuple(sigma_rels)
         if len(set(sigma_rels)) != len(sigma_rels):
             raise ValueError(f"sigma_rels must differ from each other, got {sigma_rels}")
@@ -128,6 +142,9 @@ class PostHocEMA(EMA):
             raise ValueError(f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}")
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"path={os.fspath(path)!r} is a file: PostHocEMA writes its "
+                                     f"snapshots into a folder (made if missing); pass a folder's path")
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)

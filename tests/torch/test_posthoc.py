@@ -1,5 +1,6 @@
 """Post-hoc EMA (issue #16), first part: the power-function profile's width <-> exponent
 (Karras et al. 2024, EDM2, Eqs. 123 and 126), against the closed form and the paper's values."""
+import functools
 import math
 from fractions import Fraction
 
@@ -340,6 +341,39 @@ def test_synthesis_of_a_tracked_profile_returns_that_profile(tmp_path):
         for k, v in ph.averaged_state_dict(row).items():
             if v.is_floating_point():
                 torch.testing.assert_close(got[k], v.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_time_between_two_snapshots_is_refused_naming_them(tmp_path):
+    """A profile at a time is combined from the snapshots up to it, and the last of them must be at
+    that time: between two snapshots the refusal names both (it said the time was after the last
+    snapshot, the range being the snapshots before the time)."""
+    net = _net()
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=50, path=tmp_path)
+    _train(net, 150, ph)
+    for synthesize in (ph.synthesize, functools.partial(posthoc.synthesize, tmp_path)):
+        with pytest.raises(ValueError, match="between the snapshots at 50 and 100.*such as 50 or 100"):
+            synthesize(0.07, time=75)
+    assert ph.synthesize(0.07, time=100, max_error=1.0).solution.time == 100
+
+
+def test_the_constructor_refuses_what_it_cannot_take_by_name(tmp_path):
+    """A width given as a string, a misspelt keyword and a path that is a file: each refused by
+    name before anything is made (they read "must differ from each other, got ('0', '.', '0',
+    '5')", "ema_parts() got an unexpected keyword argument" and a bare FileExistsError)."""
+    net = _net()
+    with pytest.raises(TypeError, match="sigma_rels must be a number or a sequence.*str '0.05'"):
+        PostHocEMA(net, "0.05", snapshot_every=10, path=tmp_path / "a")
+    with pytest.raises(TypeError, match=r"PostHocEMA\(\) got an unexpected keyword argument "
+                                        r"'updte_every' \(did you mean 'update_every'\?\)"):
+        PostHocEMA(net, snapshot_every=10, path=tmp_path / "b", updte_every=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kind'"):
+        PostHocEMA(net, snapshot_every=10, path=tmp_path / "c", kind="EMA")
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="is a file: PostHocEMA writes its snapshots into a folder"):
+        PostHocEMA(net, snapshot_every=10, path=file)
+    assert file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
