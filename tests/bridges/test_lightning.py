@@ -115,6 +115,20 @@ def test_ema_follows_optimizer_steps_and_is_used_for_validation(tmp_path):
     assert all(torch.equal(before[n], w) for n, w in weights(model).items())
 
 
+def test_a_second_weight_ema_is_refused_when_the_trainer_is_made_and_two_decays_go_in_one(tmp_path):
+    """As lightning.md says: Lightning refuses a second WeightEMA when the Trainer is made (one
+    state key: a resume could not tell them apart, and their validation swaps would cross); the
+    decays go in one callback, each a row of its average, the first evaluated."""
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `WeightEMA`"):
+        trainer(tmp_path, [WeightEMA(decay=0.9), WeightEMA(decay=0.99)])
+    cb = WeightEMA(decay=[0.9, 0.99])
+    model = Regressor()
+    trainer(tmp_path, [cb], max_epochs=1).fit(model, loader())
+    assert cb.ema.decay == [0.9, 0.99]
+    rows = [cb.ema.averaged_state_dict(row) for row in (0, 1)]
+    assert not torch.equal(rows[0]["net.0.weight"], rows[1]["net.0.weight"])
+
+
 def test_power_function_profile_through_the_callback(tmp_path):
     """WeightEMA(decay=PowerFunction.of(sigma_rel)): the EMA follows the optimizer steps with the exact
     power-function weights; a constant decay beside the profile (another kind of schedule) is refused
