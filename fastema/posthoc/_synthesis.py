@@ -42,10 +42,10 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
     chosen = [s for s in snaps if s.time <= float(time)]
     later = sorted({s.time for s in snaps if s.time > float(time)})
     if chosen and later and (before := max(s.time for s in chosen)) < float(time):
-        raise ValueError(f"time={time!r} falls between the snapshots at {before:g} and {later[0]:g}: a "
-                         f"profile is combined from the snapshots up to its time, and the last of them "
-                         f"must be at that time. Ask for a snapshot's time, such as {before:g} or "
-                         f"{later[0]:g}")
+        raise ValueError(f"time={time!r} falls between the snapshots at {before:g} and "
+                         f"{later[0]:g}: a profile is combined from the snapshots up to its "
+                         f"time, and the last of them must be at that time. Ask for a "
+                         f"snapshot's time, such as {before:g} or {later[0]:g}")
     return chosen or snaps
 
 

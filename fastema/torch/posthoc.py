@@ -48,7 +48,8 @@ __all__ = ["PostHocEMA"]
 _SNAPSHOT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_OPTIONS = set(inspect.signature(ema_parts).parameters) - {"model", "decay", "kind", "run", "lowered"}
+_OPTIONS = set(inspect.signature(ema_parts).parameters) - {"model", "decay", "kind", "run",
+                                                          "lowered"}
 """The keywords :class:`PostHocEMA` hands to the EMA it is (``ema_parts``'s public options)."""
 
 
@@ -125,7 +126,8 @@ class PostHocEMA(EMA):
                             "device. For an average held in host memory, use "
                             "EMA(model, decay, offload='cpu')")
         if unknown := sorted(set(kwargs) - _OPTIONS):
-            near = difflib.get_close_matches(unknown[0], sorted(_OPTIONS | {"snapshot_every", "path"}), 1)
+            names = sorted(_OPTIONS | {"snapshot_every", "path"})
+            near = difflib.get_close_matches(unknown[0], names, 1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(f"PostHocEMA() got an unexpected keyword argument {unknown[0]!r}{hint}")
         if isinstance(sigma_rels, (int, float)):
@@ -143,8 +145,9 @@ class PostHocEMA(EMA):
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"snapshot_dtype must be one of {sorted(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}")
         if os.path.exists(path) and not os.path.isdir(path):
-            raise NotADirectoryError(f"path={os.fspath(path)!r} is a file: PostHocEMA writes its "
-                                     f"snapshots into a folder (made if missing); pass a folder's path")
+            raise NotADirectoryError(f"path={os.fspath(path)!r} is a file: PostHocEMA writes "
+                                     f"its snapshots into a folder (made if missing); pass a "
+                                     f"folder's path")
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = snapshot_dtype
         self.path = os.fspath(path)

@@ -351,7 +351,8 @@ def test_a_time_between_two_snapshots_is_refused_naming_them(tmp_path):
     ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=50, path=tmp_path)
     _train(net, 150, ph)
     for synthesize in (ph.synthesize, functools.partial(posthoc.synthesize, tmp_path)):
-        with pytest.raises(ValueError, match="between the snapshots at 50 and 100.*such as 50 or 100"):
+        with pytest.raises(ValueError, match="between the snapshots at 50 and 100.*such as 50 or "
+                                             "100"):
             synthesize(0.07, time=75)
     assert ph.synthesize(0.07, time=100, max_error=1.0).solution.time == 100
 
@@ -370,7 +371,8 @@ def test_the_constructor_refuses_what_it_cannot_take_by_name(tmp_path):
         PostHocEMA(net, snapshot_every=10, path=tmp_path / "c", kind="EMA")
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    with pytest.raises(NotADirectoryError, match="is a file: PostHocEMA writes its snapshots into a folder"):
+    with pytest.raises(NotADirectoryError, match="is a file: PostHocEMA writes its snapshots into "
+                                                 "a folder"):
         PostHocEMA(net, snapshot_every=10, path=file)
     assert file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

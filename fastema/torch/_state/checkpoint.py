@@ -346,7 +346,8 @@ class TorchCheckpoint:
                 elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
                 elif finite and (wrong := load_dtype_problem(     # rounded into it
-                        f"{key} {n!r}", written(value, dst), dst.dtype, state, self.core.shadow_dtype)):
+                        f"{key} {n!r}", written(value, dst), dst.dtype, state,
+                        self.core.shadow_dtype)):
                     problems.append(wrong)
                 else:
                     if finite and not lands_finite(value, dst.dtype):
