@@ -42,10 +42,11 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
     chosen = [s for s in snaps if s.time <= float(time)]
     later = sorted({s.time for s in snaps if s.time > float(time)})
     if chosen and later and (before := max(s.time for s in chosen)) < float(time):
-        raise ValueError(f"time={time!r} falls between the snapshots at {before:g} and "
-                         f"{later[0]:g}: a profile is combined from the snapshots up to its "
-                         f"time, and the last of them must be at that time. Ask for a "
-                         f"snapshot's time, such as {before:g} or {later[0]:g}")
+        before, after = (f"{t:.17g}" for t in (before, later[0]))    # exact: one to pass back
+        raise ValueError(f"time={time!r} falls between the snapshots at {before} and {after}: a "
+                         f"profile is combined from the snapshots up to its time, and the last of "
+                         f"them must be at that time. Ask for a snapshot's time, such as {before} "
+                         f"or {after}")
     return chosen or snaps
 
 

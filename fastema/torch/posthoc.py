@@ -6,6 +6,7 @@ import difflib
 import errno as _errno
 import functools
 import inspect
+import numbers
 import os
 from typing import Iterable, Sequence
 
@@ -126,11 +127,12 @@ class PostHocEMA(EMA):
                             "device. For an average held in host memory, use "
                             "EMA(model, decay, offload='cpu')")
         if unknown := sorted(set(kwargs) - _OPTIONS):
-            names = sorted(_OPTIONS | {"snapshot_every", "path"})
+            names = sorted(_OPTIONS - {"offload"} | {"sigma_rels", "snapshot_every", "path",
+                                                      "snapshot_dtype"})
             near = difflib.get_close_matches(unknown[0], names, 1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(f"PostHocEMA() got an unexpected keyword argument {unknown[0]!r}{hint}")
-        if isinstance(sigma_rels, (int, float)):
+        if isinstance(sigma_rels, numbers.Real):
             sigma_rels = (sigma_rels,)
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
             raise TypeError(f"sigma_rels must be a number or a sequence of numbers (the profiles' "

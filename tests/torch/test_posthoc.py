@@ -367,6 +367,9 @@ def test_the_constructor_refuses_what_it_cannot_take_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"PostHocEMA\(\) got an unexpected keyword argument "
                                         r"'updte_every' \(did you mean 'update_every'\?\)"):
         PostHocEMA(net, snapshot_every=10, path=tmp_path / "b", updte_every=2)
+    for wrong, meant in (("sigma_rel", "sigma_rels"), ("snapshot_dtyp", "snapshot_dtype")):
+        with pytest.raises(TypeError, match=f"'{wrong}' \\(did you mean '{meant}'\\?\\)"):
+            PostHocEMA(net, snapshot_every=10, path=tmp_path / "b", **{wrong: 0.1})
     with pytest.raises(TypeError, match="unexpected keyword argument 'kind'"):
         PostHocEMA(net, snapshot_every=10, path=tmp_path / "c", kind="EMA")
     file = tmp_path / "notes.txt"
@@ -376,6 +379,8 @@ def test_the_constructor_refuses_what_it_cannot_take_by_name(tmp_path):
         PostHocEMA(net, snapshot_every=10, path=file)
     assert file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    one = PostHocEMA(net, np.float32(0.05), snapshot_every=10, path=tmp_path / "d")  # NumPy's
+    assert one.sigma_rels == (pytest.approx(0.05),)
 
 
 def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
