@@ -42,11 +42,10 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
     chosen = [s for s in snaps if s.time <= float(time)]
     later = sorted({s.time for s in snaps if s.time > float(time)})
     if chosen and later and (before := max(s.time for s in chosen)) < float(time):
-        before, after = (f"{t:.17g}" for t in (before, later[0]))    # exact: one to pass back
-        raise ValueError(f"time={time!r} falls between the snapshots at {before} and {after}: a "
-                         f"profile is combined from the snapshots up to its time, and the last of "
-                         f"them must be at that time. Ask for a snapshot's time, such as {before} "
-                         f"or {after}")
+        a, b = (f"{t:.17g}" for t in (before, later[0]))     # exact: a time to pass back
+        raise ValueError(f"time={time!r} falls between the snapshots at {a} and {b}: a profile "
+                         f"is combined from the snapshots up to its time, and the last of them "
+                         f"must be at that time. Ask for a snapshot's time, such as {a} or {b}")
     return chosen or snaps
 
 

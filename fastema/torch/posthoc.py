@@ -133,7 +133,7 @@ class PostHocEMA(EMA):
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(f"PostHocEMA() got an unexpected keyword argument {unknown[0]!r}{hint}")
         if isinstance(sigma_rels, numbers.Real):
-            sigma_rels = (sigma_rels,)
+            sigma_rels = (float(sigma_rels),)
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
             raise TypeError(f"sigma_rels must be a number or a sequence of numbers (the profiles' "
                             f"widths, such as (0.05, 0.10)), got {type(sigma_rels).__name__} "
