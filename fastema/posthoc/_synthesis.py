@@ -40,9 +40,9 @@ def _up_to(snaps: list[Snapshot], time) -> list[Snapshot]:
     if isinstance(time, bool) or not isinstance(time, numbers.Real) or not math.isfinite(time):
         raise ValueError(f"time must be a finite number, got {time!r}")
     chosen = [s for s in snaps if s.time <= float(time)]
-    later = sorted({s.time for s in snaps if s.time > float(time)})
-    if chosen and later and (before := max(s.time for s in chosen)) < float(time):
-        a, b = (f"{t:.17g}" for t in (before, later[0]))     # exact: a time to pass back
+    later = min((s.time for s in snaps if s.time > float(time)), default=None)
+    if chosen and later is not None and (before := max(s.time for s in chosen)) < float(time):
+        a, b = (f"{t:.17g}" for t in (before, later))     # exact: a time to pass back
         raise ValueError(f"time={time!r} falls between the snapshots at {a} and {b}: a profile "
                          f"is combined from the snapshots up to its time, and the last of them "
                          f"must be at that time. Ask for a snapshot's time, such as {a} or {b}")
