@@ -85,6 +85,38 @@ def child_env(**extra) -> dict:
     return env
 
 
+def compiler_env(folder: str, flags: set | None = None) -> dict:
+    """Inductor's environment inside the valgrind process (its compiled steps): a cache of its own in
+    ``folder``, and, on an x86-64 CPU with AVX2, C++ built for ``x86-64-v3``, not ``-march=native``.
+
+    Under valgrind Inductor reads the CPU through valgrind's CPUID, which hides AVX-512, so it writes
+    8-wide AVX2 loops; gcc, run outside valgrind, reads the real CPU. On an AVX-512 CPU (a Zen 5 EPYC,
+    2026-11-28) that gave (1) a kernel valgrind 3.19 cannot decode (EVEX-encoded instructions:
+    ``Unrecognised instruction``, SIGILL), and (2) through torch's shared FX graph cache, whose key does
+    not hold the vector ISA, those AVX2-width loops handed to the next ordinary process, which built
+    them with AVX-512 flags: each 8-element step stored 16 floats, past the end of every tensor (the
+    ratio gate's compiled step wrote wrong averages, then crashed). ``flags``: /proc/cpuinfo's (read
+    here when None)."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor")}
+    if flags is None:
+        flags = cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "bmi2"} <= flags:
+        env["TORCHINDUCTOR_CPP_MARCH"] = "x86-64-v3"
+    return env
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (/proc/cpuinfo's first ``flags`` line; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 DRIVER = "libcuda.so.1"
 """The CUDA driver's library, which the stub scenarios load (testkit's driver emulator): its own instructions
 are the driver's work, not fastema's host work, and are not counted (what the emulator checks at a launch, a
@@ -168,7 +200,7 @@ class Instructions:
         self.cmd = cmd
         self.started = time.perf_counter()
         self.log = Path(self.tmp) / "valgrind.log"     # a file, not a pipe: nothing waits on this process
-        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1")
+        env = child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1", **compiler_env(self.tmp))
         stub = _stub_dir()
         if stub is not None:                           # the stub driver's scenarios: on the library path at start
             env.update(LD_LIBRARY_PATH=os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")])),
