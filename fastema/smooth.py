@@ -181,9 +181,13 @@ class Smoother:
     def update(self, values, sample_weight=None) -> None:
         """Add one value per stream (``values`` of the smoother's shape), with an optional
         ``sample_weight`` (a float, or one float64 weight per stream on the values' device), e.g.
-        the batch size: finite and >= 0 (0 leaves the value out). A bad weight is refused before
-        anything changes; per-stream weights on a GPU, which only a host sync could look at, are
-        checked on the device instead, where a NaN, inf or negative one counts as 0."""
+        the batch size: finite and >= 0. A weight of 0 leaves the value out: the EMA stays as it
+        was (as for a skipped value: no decay, and a NaN of weight 0 is no NaN), and in the window
+        the update takes its place with no weight. The debiased EMA and the SMA are weighted; the
+        ``"seeded"`` and ``"zeros"`` EMAs take each value of a positive weight as one step. A bad
+        weight is refused before anything changes; per-stream weights on a GPU, which only a host
+        sync could look at, are checked on the device instead, where a NaN, inf or negative one
+        counts as 0."""
         kind, y, where, shape = _backends.metric_values(values, "values")
         if self._where is not None and (where != self._where or shape != self.shape):
             raise ValueError(f"values are {where[0]} {shape} on {where[1]} but this smoother holds {self._where[0]} "

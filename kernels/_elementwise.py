@@ -334,7 +334,9 @@ def streams_weighted_at(y, k, w0, c, per_stream, mode, d, ab, ring_v, sc, n, rin
     """Stream ``k``'s EMA and SMA (``parts``) with sample weight ``stream_weight(k, ...)``: value ``y[k]``
     pushed into ring entry ``at``, evicting the one there. The window keeps compensated sums of ``w v``
     and ``w``; a non-finite value is missing (``skip``) or counted in ``bad`` so the mean reads NaN
-    while it is in the window (propagate); a weight of 0 leaves the value out."""
+    while it is in the window (propagate); a weight of 0 leaves the value out: of the EMA as a skipped
+    value is (the pair as it was: no decay, no seed, a NaN of weight 0 no NaN), of the window's sums
+    while its entry takes its place in the window."""
     v = metric_at(y, k, kind)
     w = stream_weight(k, w0, c, per_stream)
     a, b, s, comp, ws, wcomp, ov, ow, m, nb = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
@@ -348,7 +350,7 @@ def streams_weighted_at(y, k, w0, c, per_stream, mode, d, ab, ring_v, sc, n, rin
     finite = not (math.isnan(v) or math.isinf(v))
     if parts & EMA_PART:
         a1, b1 = ema_step(a, b, v, w, d, mode)
-        if finite or not skip:
+        if w != 0.0 and (finite or not skip):
             a, b = a1, b1
         store_pair(ab, 2 * k, a, b)
     if parts & SMA_PART:
