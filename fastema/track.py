@@ -130,7 +130,9 @@ class Tracker:
 
         Returns the smoothed values as host floats every ``every`` updates (one transfer),
         else None (always None with ``every=None``). ``sample_weight`` weighs this update (e.g.
-        its sample count) in both averages.
+        its sample count) as :meth:`Smoother.update` does: in the debiased EMA and the SMA (the
+        ``"seeded"`` and ``"zeros"`` EMAs take a value of a positive weight as one step); a weight
+        of 0 leaves the value out.
         """
         self.smoother.update(self._stack(values, named), sample_weight)
         if self.every is not None and self.smoother.count % self.every == 0:
