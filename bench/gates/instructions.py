@@ -85,32 +85,34 @@ def child_env(**extra) -> dict:
     return env
 
 
-X86_64_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",    # v3
-                       "cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3", "pni"})         # v2
-"""/proc/cpuinfo's names of what ``-march=x86-64-v3`` builds for (gcc's x86-64 levels v2 and v3)."""
+X86_64_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe",   # v3
+                       "xsave", "cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3",
+                       "pni"})                                                           # v2
+"""/proc/cpuinfo's names of what ``-march=x86-64-v3`` builds for (gcc's levels v2 and v3)."""
 
 
 def compiler_env(folder: str, flags: set | None = None, compiler_takes=None) -> dict:
-    """Inductor's environment inside the valgrind process (its compiled steps): a cache of its own in
-    ``folder``, and, on x86-64, C++ built for ``x86-64-v3`` (where the CPU has all of it and the
-    compiler knows it: gcc 11, clang 12), else for ``x86-64`` (Inductor adds its AVX2 flags where it
-    writes AVX2 loops), never ``-march=native``.
+    """Inductor's environment inside the valgrind process (its compiled steps): a cache of its
+    own in ``folder``, and, on x86-64, C++ built for ``x86-64-v3`` (where the CPU has all of it
+    and the compiler knows it: gcc 11, clang 12), else for ``x86-64`` (Inductor adds its AVX2
+    flags where it writes AVX2 loops), never ``-march=native``.
 
-    Under valgrind Inductor reads the CPU through valgrind's CPUID, which hides AVX-512, so it writes
-    8-wide AVX2 loops; gcc, run outside valgrind, reads the real CPU. On an AVX-512 CPU (a Zen 5 EPYC,
-    2026-11-28) that gave (1) a kernel valgrind 3.19 cannot decode (EVEX-encoded instructions:
-    ``Unrecognised instruction``, SIGILL), and (2) through torch's shared FX graph cache, whose key does
-    not hold the vector ISA, those AVX2-width loops handed to the next ordinary process, which built
-    them with AVX-512 flags: each 8-element step stored 16 floats, past the end of every tensor (the
-    ratio gate's compiled step wrote wrong averages, then crashed). ``flags``: /proc/cpuinfo's (read
-    here when None); ``compiler_takes(march)``: whether Inductor's C++ compiler takes ``-march=``
-    that (default :func:`march_taken`)."""
+    Under valgrind Inductor reads the CPU through valgrind's CPUID, which hides AVX-512, so it
+    writes 8-wide AVX2 loops; gcc, run outside valgrind, reads the real CPU. On an AVX-512 CPU
+    (a Zen 5 EPYC, 2026-11-28) that gave (1) a kernel valgrind 3.19 cannot decode (EVEX-encoded
+    instructions: ``Unrecognised instruction``, SIGILL), and (2) through torch's shared FX graph
+    cache, whose key does not hold the vector ISA, those AVX2-width loops handed to the next
+    ordinary process, which built them with AVX-512 flags: each 8-element step stored 16
+    floats, past the end of every tensor (the ratio gate's compiled step wrote wrong averages,
+    then crashed). ``flags``: /proc/cpuinfo's (read here when None); ``compiler_takes(march)``:
+    whether Inductor's C++ compiler takes ``-march=`` that (default :func:`march_taken`)."""
     env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor")}
     if platform.machine() not in ("x86_64", "AMD64"):
         return env
     flags = cpu_flags() if flags is None else flags
     takes = compiler_takes or march_taken
-    env["TORCHINDUCTOR_CPP_MARCH"] = "x86-64-v3" if X86_64_V3 <= flags and takes("x86-64-v3") else "x86-64"
+    v3 = X86_64_V3 <= flags and takes("x86-64-v3")
+    env["TORCHINDUCTOR_CPP_MARCH"] = "x86-64-v3" if v3 else "x86-64"
     return env
 
 
@@ -119,8 +121,8 @@ def march_taken(march: str) -> bool:
     ``march``."""
     cxx = os.environ.get("CXX") or "g++"
     try:
-        done = subprocess.run([cxx, f"-march={march}", "-x", "c++", "-c", os.devnull, "-o", os.devnull],
-                              capture_output=True, timeout=60)
+        done = subprocess.run([cxx, f"-march={march}", "-x", "c++", "-c", os.devnull,
+                               "-o", os.devnull], capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -139,8 +141,8 @@ def cpu_flags() -> set:
 
 
 def valgrind_env(lib: str, folder: str) -> dict:
-    """The valgrind process's environment: :func:`child_env`, the client requests' library ``lib``, and
-    :func:`compiler_env` in ``folder`` (the run's own)."""
+    """The valgrind process's environment: :func:`child_env`, the client requests' library
+    ``lib``, and :func:`compiler_env` in ``folder`` (the run's own)."""
     return child_env(GATES_CLIENT=lib, PYTHONDONTWRITEBYTECODE="1", **compiler_env(folder))
 
 

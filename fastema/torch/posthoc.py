@@ -127,7 +127,8 @@ class PostHocEMA(EMA):
                             "device. For an average held in host memory, use "
                             "EMA(model, decay, offload='cpu')")
         if unknown := sorted(set(kwargs) - _OPTIONS):
-            own = set(inspect.signature(PostHocEMA.__init__).parameters) - {"self", "model", "kwargs"}
+            own = set(inspect.signature(PostHocEMA.__init__).parameters)
+            own -= {"self", "model", "kwargs"}
             names = sorted(_OPTIONS - {"offload"} | own)
             near = difflib.get_close_matches(unknown[0], names, 1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""

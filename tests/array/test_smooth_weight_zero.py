@@ -1,8 +1,9 @@
-"""A sample weight of 0 leaves the value out of the Smoother's EMA as a skipped value is (round 10's
-known limits, fixed with the device code's next build): before, the debiased EMA decayed its sums at
-every weight-0 update (into float64's subnormals after ~7,000 at span 20, then NaN), a NaN of weight 0
-made the EMA NaN under ``propagate``, and the seeded and zeros EMAs took a weight-0 value as a step
-(the seeded one as its seed). The window still counts the update as a place (pandas' ``rolling``)."""
+"""A sample weight of 0 leaves the value out of the Smoother's EMA as a skipped value is (round
+10's known limits, fixed with the device code's next build): before, the debiased EMA decayed its
+sums at every weight-0 update (into float64's subnormals after ~7,000 at span 20, then NaN), a NaN
+of weight 0 made the EMA NaN under ``propagate``, and the seeded and zeros EMAs took a weight-0
+value as a step (the seeded one as its seed). The window still counts the update as a place
+(pandas' ``rolling``)."""
 import math
 
 import numpy as np
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from fastema.smooth import Smoother
 
 VALUES = st.one_of(st.floats(-1e3, 1e3), st.sampled_from([math.nan, math.inf, -math.inf]))
-STEPS = st.lists(st.tuples(VALUES, st.sampled_from([0.0, 0.0, 1.0, 2.0, 3.0])), min_size=1, max_size=40)
+WEIGHTS = st.sampled_from([0.0, 0.0, 1.0, 2.0, 3.0])
+STEPS = st.lists(st.tuples(VALUES, WEIGHTS), min_size=1, max_size=40)
 
 
 def ema_of(smoother, steps, per_stream):
@@ -44,7 +46,7 @@ def test_an_update_of_weight_0_leaves_the_ema_as_it_was(steps, mode, skip, per_s
             last = float(ref.ema[0])
         want.append(last)
     for i, (g, x) in enumerate(zip(got, want)):
-        if x is None:                          # nothing kept yet: what a smoother reads before a value
+        if x is None:                          # nothing kept yet: what a smoother reads first
             assert (g == 0.0) if mode == "zeros" else math.isnan(g), (i, g)
         else:
             assert g == x or (math.isnan(g) and math.isnan(x)), (i, g, x)
@@ -79,7 +81,8 @@ def test_twenty_thousand_updates_of_weight_0_leave_the_debiased_ema_readable():
     assert np.isnan(s.sma).all()               # four places of no weight: no value in the window
     s.update(np.array([6.0, 9.0]), sample_weight=1.0)
     d = 1 - 2 / 21
-    want = [(d * d * 2 + d * 4 + 6) / (d * d + d + 1), (d * d * 3 * 5 + d * 7 + 9) / (d * d * 3 + d + 1)]
+    want = [(d * d * 2 + d * 4 + 6) / (d * d + d + 1),
+            (d * d * 3 * 5 + d * 7 + 9) / (d * d * 3 + d + 1)]
     np.testing.assert_allclose(s.ema, want, rtol=1e-13)
     assert s.sma.tolist() == [6.0, 9.0]
 
@@ -92,7 +95,7 @@ def test_a_nan_of_weight_0_does_not_poison_the_ema_under_propagate(mode):
     before = s.ema[0]
     s.update(np.array([math.nan, 3.0]), sample_weight=np.array([0.0, 2.0]))
     assert s.ema[0] == before and not math.isnan(s.ema[1]) and s.sma[0] == 1.0
-    s.update(np.array([math.nan, 3.0]), sample_weight=np.array([1.0, 2.0]))   # a NaN of weight 1 still is
+    s.update(np.array([math.nan, 3.0]), sample_weight=np.array([1.0, 2.0]))   # weight 1: NaN
     assert math.isnan(s.ema[0])
 
 
@@ -100,6 +103,6 @@ def test_a_nan_of_weight_0_does_not_poison_the_ema_under_propagate(mode):
 def test_the_seeded_and_zeros_emas_skip_a_value_of_weight_0(mode):
     s = Smoother(decay=0.5, mode=mode)
     s.update(np.array([8.0]), sample_weight=0.0)                       # no seed
-    s.update(np.array([4.0]), sample_weight=5.0)                       # one step, whatever its weight
+    s.update(np.array([4.0]), sample_weight=5.0)          # one step, whatever its weight
     s.update(np.array([100.0]), sample_weight=0.0)
     assert s.ema[0] == (4.0 if mode == "seeded" else 2.0)

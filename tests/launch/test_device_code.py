@@ -216,7 +216,8 @@ def test_an_edited_kernel_source_never_loads_the_shipped_code(fresh, tmp_path):
     makes every variant compile (one warning per set naming the rebuild), never load the shipped
     code. The shipped indexes copied, each with another digest (the store read from the copy)."""
     key, dispatcher, types = _one_variant()
-    for name in sorted(n for n in os.listdir(D.device_dir()) if not n.startswith(".")):  # a build's .entries
+    shipped = (n for n in os.listdir(D.device_dir()) if not n.startswith("."))  # not .cu13-entries
+    for name in sorted(shipped):
         index = json.loads(open(os.path.join(D.device_dir(), name, "index.json")).read())
         (tmp_path / "device" / name).mkdir(parents=True)
         (tmp_path / "device" / name / "index.json").write_text(json.dumps({**index, "sources": "0" * 64}))
