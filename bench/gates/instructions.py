@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .common import ROOT, ToolMissing, use_tree
+from .record import cpu_flags
 from .scenarios import (
     ARRAYS,
     COMPILED,
@@ -126,18 +127,6 @@ def march_taken(march: str) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
-
-
-def cpu_flags() -> set:
-    """The CPU's feature flags (/proc/cpuinfo's first ``flags`` line; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
 
 
 def valgrind_env(lib: str, folder: str) -> dict:

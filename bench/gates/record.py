@@ -37,6 +37,11 @@ def _field(cpuinfo: str, key: str) -> str:
     return ""
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set:
+    """The CPU's feature flags (/proc/cpuinfo's first ``flags`` line; empty where there is none)."""
+    return set(_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
+
+
 _VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon",
             "CentaurHauls": "Centaur"}
 _NOT_BRANDS = {"intel", "amd", "cpu", "processor", "genuine", "authentic"}
